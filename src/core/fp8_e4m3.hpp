@@ -17,8 +17,10 @@ inline constexpr float kE4m3Max = 448.0f;
 DSV4_HD float e4m3_to_float(uint8_t code) {
   const uint32_t magnitude = code & 0x7Fu;
   const float value = bits_to_float(magnitude << 20) * 0x1p120f;
-  const float finite_or_nan = magnitude == 0x7Fu ? bits_to_float(0x7FC00000u) : value;
-  return bits_to_float(float_to_bits(finite_or_nan) | (uint32_t(code & 0x80u) << 24));
+  // S.1111.111 is NaN: OR-ing a quiet NaN's exponent and top mantissa bit in (rather than selecting) keeps the
+  // loop body free of control flow.
+  const uint32_t nan_bits = (0u - uint32_t(magnitude == 0x7Fu)) & 0x7FC00000u;
+  return bits_to_float(float_to_bits(value) | nan_bits | (uint32_t(code & 0x80u) << 24));
 }
 
 // Round to nearest, ties to even; magnitudes beyond 448 (and ±inf) saturate to ±448; NaN -> 0x7F. -0 keeps its sign.
