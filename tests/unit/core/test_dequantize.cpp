@@ -88,9 +88,10 @@ struct FormatCase {
   WeightFormat format;
   ScaleType scale_type;
 };
-const FormatCase kFormats[] = {{WeightFormat::F32, ScaleType::NONE},          {WeightFormat::BF16, ScaleType::NONE},
-                               {WeightFormat::FP8_BLOCK128, ScaleType::E8M0}, {WeightFormat::FP8_BLOCK128, ScaleType::F32},
-                               {WeightFormat::MXFP4, ScaleType::E8M0},        {WeightFormat::NVFP4, ScaleType::E4M3}};
+const FormatCase kFormats[] = {
+    {WeightFormat::F32, ScaleType::NONE},          {WeightFormat::BF16, ScaleType::NONE},
+    {WeightFormat::FP8_BLOCK128, ScaleType::E8M0}, {WeightFormat::FP8_BLOCK128, ScaleType::F32},
+    {WeightFormat::MXFP4, ScaleType::E8M0},        {WeightFormat::NVFP4, ScaleType::E4M3}};
 
 std::string describe(const FormatCase& c, Shape shape) {
   return std::string(to_string(c.format)) + "/" + std::string(to_string(c.scale_type)) + " [" +

@@ -194,7 +194,8 @@ TEST(E8m0, CeilIsTheSmallestPowerAtLeastX) {
   std::vector<float> probes;
   for (uint32_t code = 0; code < 255; ++code) {
     const float power = e8m0_to_float(uint8_t(code));
-    probes.insert(probes.end(), {power, std::nextafter(power, 0.0f), std::nextafter(power, std::numeric_limits<float>::infinity()), power * 1.5f});
+    const float above = std::nextafter(power, std::numeric_limits<float>::infinity());
+    probes.insert(probes.end(), {power, std::nextafter(power, 0.0f), above, power * 1.5f});
   }
   for (int i = 0; i < 50000; ++i) {
     const float x = bits_to_float(rng() & 0x7FFFFFFFu);
