@@ -317,6 +317,10 @@ void SafetensorsFile::parse() {
   header_bytes_ = static_cast<size_t>(header_length);
 
   const uint8_t* header_begin = base_ + 8;
+  // nlohmann's parser stops at a NUL as if the input ended, which would let bytes after it go unchecked.
+  if (const void* nul = std::memchr(header_begin, 0, header_bytes_)) {
+    fail(path_, ": header holds a NUL byte at header offset ", static_cast<const uint8_t*>(nul) - header_begin);
+  }
   const json header = parse_header_json(path_, header_begin, header_begin + header_bytes_);
   check(header.is_object(), path_, ": header is a JSON ", header.type_name(), ", expected an object");
 

@@ -22,9 +22,13 @@ std::map<std::string, std::string> read_weight_map(const fs::path& index_path) {
   check(in.good(), index, ": cannot open");
   std::ostringstream text;
   text << in.rdbuf();
+  const std::string content = text.str();
+  // nlohmann's parser takes a NUL for the end of input; refuse it rather than ignore what follows.
+  const size_t nul = content.find('\0');
+  if (nul != std::string::npos) fail(index, ": holds a NUL byte at offset ", nul);
   nlohmann::json root;
   try {
-    root = nlohmann::json::parse(text.str());
+    root = nlohmann::json::parse(content);
   } catch (const nlohmann::json::exception& e) {
     fail(index, ": not valid JSON: ", e.what());
   }
