@@ -75,15 +75,16 @@ constexpr int kReferenceWeightBlock = 128;
 // Keys that only one spelling uses; `compress_ratios` is shared by the release and inference spellings.
 constexpr std::array<std::string_view, 3> kReleaseOnlyKeys = {"compress_ratios", "num_hash_layers", "rope_scaling"};
 constexpr std::array<std::string_view, 7> kHuggingFaceOnlyKeys = {
-    "layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor",
-    "compress_rate_csa", "compress_rate_hca"};
+    "layer_types",           "mlp_layer_types",   "compress_rates",   "rope_parameters",
+    "partial_rotary_factor", "compress_rate_csa", "compress_rate_hca"};
 constexpr std::array<std::string_view, 14> kInferenceOnlyKeys = {
-    "dim", "n_layers", "n_heads", "moe_inter_dim", "n_activated_experts", "route_scale", "score_func",
-    "window_size", "norm_eps", "rope_factor", "original_seq_len", "rope_head_dim", "n_hash_layers", "n_mtp_layers"};
+    "dim",           "n_layers",    "n_heads",  "moe_inter_dim", "n_activated_experts", "route_scale",
+    "score_func",    "window_size", "norm_eps", "rope_factor",   "original_seq_len",    "rope_head_dim",
+    "n_hash_layers", "n_mtp_layers"};
 // Keys of the release and HuggingFace spellings that an inference config never has.
-constexpr std::array<std::string_view, 6> kTransformersKeys = {
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "sliding_window", "num_experts_per_tok",
-    "moe_intermediate_size"};
+constexpr std::array<std::string_view, 6> kTransformersKeys = {"hidden_size",         "num_hidden_layers",
+                                                               "num_attention_heads", "sliding_window",
+                                                               "num_experts_per_tok", "moe_intermediate_size"};
 
 // How each ModelConfig field is spelled in the three formats, so that validation errors name the key the user sees.
 struct FieldSpelling {
@@ -122,8 +123,7 @@ constexpr std::array<FieldSpelling, 32> kFieldSpellings = {{
     {"mhc.eps", "hc_eps", "hc_eps", "hc_eps"},
     {"rms_norm_eps", "rms_norm_eps", "rms_norm_eps", "norm_eps"},
     {"num_mtp_layers", "num_nextn_predict_layers", "num_nextn_predict_layers", "n_mtp_layers"},
-    {"weight_quantization", "quantization_config.weight_block_size", "quantization_config.weight_block_size",
-     "dtype"},
+    {"weight_quantization", "quantization_config.weight_block_size", "quantization_config.weight_block_size", "dtype"},
 }};
 
 // The key under which `engine_name` appears in a file of the given spelling (engine_name itself if not listed).
@@ -139,9 +139,7 @@ std::string_view spelled(std::string_view engine_name, ConfigSpelling spelling) 
   return engine_name;
 }
 
-std::string indexed(std::string_view key, size_t index) {
-  return std::string(key) + "[" + std::to_string(index) + "]";
-}
+std::string indexed(std::string_view key, size_t index) { return std::string(key) + "[" + std::to_string(index) + "]"; }
 
 std::string_view json_type_name(const json& value) {
   if (value.is_number_integer()) return "integer";
@@ -257,7 +255,8 @@ class FieldReader {
         fail_field(key, "is out of range: ", value.dump());
       return static_cast<int64_t>(value.get<uint64_t>());
     }
-    if (!value.is_number_integer()) fail_field(key, "must be an integer, got ", json_type_name(value), " ", value.dump());
+    if (!value.is_number_integer())
+      fail_field(key, "must be an integer, got ", json_type_name(value), " ", value.dump());
     return value.get<int64_t>();
   }
   int narrow(std::string_view key, int64_t value) const {
@@ -288,7 +287,8 @@ ConfigSpelling detect_spelling(const json& config, std::string_view origin) {
   const auto transformers_key = first_present(config, kTransformersKeys);
   // compress_ratios is shared by the release and inference spellings, so only the other release keys tell them apart.
   const auto release_key = first_present(config, kReleaseOnlyKeys);
-  const auto release_exclusive_key = first_present(config, std::array<std::string_view, 2>{"num_hash_layers", "rope_scaling"});
+  const auto release_exclusive_key =
+      first_present(config, std::array<std::string_view, 2>{"num_hash_layers", "rope_scaling"});
   if (inference_key) {
     if (const auto other = transformers_key ? transformers_key : hf_key ? hf_key : release_exclusive_key)
       fail(origin, ": mixes config spellings: '", *inference_key, "' (DeepSeek inference) and '", *other,
@@ -300,8 +300,9 @@ ConfigSpelling detect_spelling(const json& config, std::string_view origin) {
          "' (HuggingFace); use one spelling per file");
   if (hf_key) return ConfigSpelling::HuggingFace;
   if (release_key) return ConfigSpelling::DeepSeekRelease;
-  fail(origin, ": cannot tell the config spelling: none of 'compress_ratios' (DeepSeek release), 'layer_types' "
-               "(HuggingFace) or 'n_layers' (DeepSeek inference) is present");
+  fail(origin,
+       ": cannot tell the config spelling: none of 'compress_ratios' (DeepSeek release), 'layer_types' "
+       "(HuggingFace) or 'n_layers' (DeepSeek inference) is present");
 }
 
 // model_type / architectures, where present, must name DeepSeek-V4.
@@ -384,12 +385,15 @@ std::optional<YarnScaling> parse_yarn_block(const FieldReader& block) {
   if (type != "yarn")
     block.fail_field(type_key, "is '", type, "': unsupported RoPE scaling (DeepSeek-V4 uses 'yarn' or none)");
   // DeepSeek-V4 applies no YaRN attention scale; HuggingFace pins it to 1 explicitly.
-  if (const auto attention_factor = block.optional_number("attention_factor"); attention_factor && *attention_factor != 1.0)
-    block.fail_field("attention_factor", "is ", *attention_factor, ": DeepSeek-V4 applies no YaRN attention scale (expected 1.0)");
-  return YarnScaling{.factor = block.require_number("factor", "YaRN parameters"),
-                     .original_max_position = block.require_int64("original_max_position_embeddings", "YaRN parameters"),
-                     .beta_fast = block.number_or("beta_fast", 32.0),
-                     .beta_slow = block.number_or("beta_slow", 1.0)};
+  if (const auto attention_factor = block.optional_number("attention_factor");
+      attention_factor && *attention_factor != 1.0)
+    block.fail_field("attention_factor", "is ", *attention_factor,
+                     ": DeepSeek-V4 applies no YaRN attention scale (expected 1.0)");
+  return YarnScaling{
+      .factor = block.require_number("factor", "YaRN parameters"),
+      .original_max_position = block.require_int64("original_max_position_embeddings", "YaRN parameters"),
+      .beta_fast = block.number_or("beta_fast", 32.0),
+      .beta_slow = block.number_or("beta_slow", 1.0)};
 }
 
 // Release and inference spellings: per-layer ratios; entries past num_layers belong to the MTP layers, which are
@@ -572,8 +576,8 @@ void read_huggingface(ModelConfig& config, const FieldReader& reader) {
   if (factor) {
     const double exact = *factor * config.head_dim;
     if (!(exact > 0) || std::abs(exact - std::round(exact)) > 1e-6)
-      reader.fail_field("partial_rotary_factor", "is ", *factor, ": head_dim ", config.head_dim, " x factor = ",
-                        exact, " is not a whole positive number of dims");
+      reader.fail_field("partial_rotary_factor", "is ", *factor, ": head_dim ", config.head_dim, " x factor = ", exact,
+                        " is not a whole positive number of dims");
     config.rope_head_dim = static_cast<int>(std::lround(exact));
     if (rope_dims && *rope_dims != config.rope_head_dim)
       reader.fail_field("qk_rope_head_dim", "is ", *rope_dims, " but partial_rotary_factor x head_dim is ",
@@ -599,7 +603,8 @@ void read_huggingface(ModelConfig& config, const FieldReader& reader) {
       for (const auto* block : {&*main, &*compress})
         if (const auto f = block->optional_number("partial_rotary_factor");
             f && std::abs(*f * config.head_dim - config.rope_head_dim) > 1e-6)
-          block->fail_field("partial_rotary_factor", "is ", *f, " but the model's RoPE dims are ", config.rope_head_dim);
+          block->fail_field("partial_rotary_factor", "is ", *f, " but the model's RoPE dims are ",
+                            config.rope_head_dim);
       config.yarn = parse_yarn_block(*compress);
     } else {
       config.yarn = parse_yarn_block(*parameters);
@@ -642,8 +647,8 @@ void read_inference(ModelConfig& config, const FieldReader& reader) {
   if (reader.has("max_position_embeddings")) {
     config.max_position_embeddings = reader.require_int64("max_position_embeddings", spelling_name);
   } else if (config.yarn) {
-    config.max_position_embeddings =
-        static_cast<int64_t>(std::llround(static_cast<double>(config.yarn->original_max_position) * config.yarn->factor));
+    config.max_position_embeddings = static_cast<int64_t>(
+        std::llround(static_cast<double>(config.yarn->original_max_position) * config.yarn->factor));
   } else {
     config.max_position_embeddings = reader.require_int64("max_seq_len", spelling_name);
   }
@@ -745,8 +750,8 @@ void ModelConfig::validate() const {
   require_positive(max_position_embeddings, "max_position_embeddings");
   require(num_heads % o_groups == 0, "o_groups", "is ", o_groups, ": '", key("num_heads"), "' (", num_heads,
           ") must be divisible by it");
-  require(rope_head_dim > 0 && rope_head_dim <= head_dim && rope_head_dim % 2 == 0, "rope_head_dim",
-          "gives ", rope_head_dim, " RoPE dims (expected even, > 0 and <= head_dim ", head_dim, ")");
+  require(rope_head_dim > 0 && rope_head_dim <= head_dim && rope_head_dim % 2 == 0, "rope_head_dim", "gives ",
+          rope_head_dim, " RoPE dims (expected even, > 0 and <= head_dim ", head_dim, ")");
 
   const auto layer_count = static_cast<size_t>(num_layers);
   require(layer_kinds.size() == layer_count, "layer_kinds", "gives ", layer_kinds.size(), " layer kinds for ",
@@ -758,8 +763,7 @@ void ModelConfig::validate() const {
   for (size_t layer = 0; layer < layer_count; ++layer) {
     const int ratio = compress_ratios[layer];
     if (layer_kinds[layer] == LayerKind::SlidingWindow)
-      require(ratio == 0, "compress_ratios", "gives layer ", layer, " (sliding-window) ratio ", ratio,
-              " (expected 0)");
+      require(ratio == 0, "compress_ratios", "gives layer ", layer, " (sliding-window) ratio ", ratio, " (expected 0)");
     else
       require(ratio >= 2, "compress_ratios", "gives layer ", layer, " (", to_string(layer_kinds[layer]), ") ratio ",
               ratio, " (expected >= 2)");
@@ -767,7 +771,8 @@ void ModelConfig::validate() const {
 
   const bool has_csa = num_layers_of_kind(LayerKind::CompressedSparse) > 0;
   if (has_csa) {
-    require(indexer.num_heads > 0, "index_n_heads", "is ", indexer.num_heads, " (expected > 0: CSA layers need an indexer)");
+    require(indexer.num_heads > 0, "index_n_heads", "is ", indexer.num_heads,
+            " (expected > 0: CSA layers need an indexer)");
     require(indexer.head_dim >= rope_head_dim && indexer.head_dim > 0, "index_head_dim", "is ", indexer.head_dim,
             " (expected > 0 and >= the ", rope_head_dim, " RoPE dims)");
     require(indexer.topk > 0, "index_topk", "is ", indexer.topk, " (expected > 0: CSA layers need an indexer)");
@@ -785,8 +790,8 @@ void ModelConfig::validate() const {
   }
 
   require_positive(moe.num_routed_experts, "moe.num_routed_experts");
-  require(moe.experts_per_token > 0 && moe.experts_per_token <= moe.num_routed_experts, "moe.experts_per_token",
-          "is ", moe.experts_per_token, " (expected 1..", moe.num_routed_experts, ", the number of routed experts)");
+  require(moe.experts_per_token > 0 && moe.experts_per_token <= moe.num_routed_experts, "moe.experts_per_token", "is ",
+          moe.experts_per_token, " (expected 1..", moe.num_routed_experts, ", the number of routed experts)");
   require(moe.num_shared_experts >= 0, "moe.num_shared_experts", "is ", moe.num_shared_experts, " (expected >= 0)");
   require_positive(moe.intermediate_size, "moe.intermediate_size");
   require_positive(moe.routed_scaling_factor, "moe.routed_scaling_factor");
@@ -833,11 +838,11 @@ int ModelConfig::num_layers_of_kind(LayerKind kind) const {
 
 bool ModelConfig::operator==(const ModelConfig& other) const {
   const auto model_fields = [](const ModelConfig& c) {
-    return std::tie(c.hidden_size, c.num_layers, c.vocab_size, c.num_heads, c.head_dim, c.rope_head_dim,
-                    c.q_lora_rank, c.o_groups, c.o_lora_rank, c.window_size, c.layer_kinds, c.compress_ratios,
-                    c.hash_routed, c.rope_theta, c.compress_rope_theta, c.yarn, c.max_position_embeddings, c.indexer,
-                    c.moe, c.mhc, c.rms_norm_eps, c.num_mtp_layers, c.bos_token_id, c.eos_token_ids,
-                    c.tie_word_embeddings, c.weight_quantization, c.expert_dtype);
+    return std::tie(c.hidden_size, c.num_layers, c.vocab_size, c.num_heads, c.head_dim, c.rope_head_dim, c.q_lora_rank,
+                    c.o_groups, c.o_lora_rank, c.window_size, c.layer_kinds, c.compress_ratios, c.hash_routed,
+                    c.rope_theta, c.compress_rope_theta, c.yarn, c.max_position_embeddings, c.indexer, c.moe, c.mhc,
+                    c.rms_norm_eps, c.num_mtp_layers, c.bos_token_id, c.eos_token_ids, c.tie_word_embeddings,
+                    c.weight_quantization, c.expert_dtype);
   };
   return model_fields(*this) == model_fields(other);
 }
@@ -849,17 +854,19 @@ json ModelConfig::summary_json() const {
   for (int layer = 0; layer < std::ssize(hash_routed); ++layer)
     if (hash_routed[layer]) hash_layers.push_back(layer);
 
-  json rope = {{"rope_head_dim", rope_head_dim}, {"rope_theta", rope_theta}, {"compress_rope_theta", compress_rope_theta}};
+  json rope = {
+      {"rope_head_dim", rope_head_dim}, {"rope_theta", rope_theta}, {"compress_rope_theta", compress_rope_theta}};
   rope["yarn"] = yarn ? json{{"factor", yarn->factor},
                              {"original_max_position", yarn->original_max_position},
                              {"beta_fast", yarn->beta_fast},
                              {"beta_slow", yarn->beta_slow}}
                       : json(nullptr);
   json quantization = {
-      {"weights", weight_quantization ? json{{"format", "fp8_e4m3"},
-                                              {"block", {weight_quantization->block_rows, weight_quantization->block_cols}},
-                                              {"scale_format", to_string(weight_quantization->scale_format)}}
-                                       : json("unquantized")},
+      {"weights", weight_quantization
+                      ? json{{"format", "fp8_e4m3"},
+                             {"block", {weight_quantization->block_rows, weight_quantization->block_cols}},
+                             {"scale_format", to_string(weight_quantization->scale_format)}}
+                      : json("unquantized")},
       {"experts", expert_dtype ? json(to_string(*expert_dtype)) : json(nullptr)}};
 
   return {

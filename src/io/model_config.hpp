@@ -65,7 +65,7 @@ struct MoeConfig {
   int intermediate_size = 0;  // of each routed and each shared expert
   RouterScoring scoring = RouterScoring::SqrtSoftplus;
   double routed_scaling_factor = 1.0;
-  double swiglu_limit = 0.0;  // 0 = no clamp
+  double swiglu_limit = 0.0;   // 0 = no clamp
   bool norm_topk_prob = true;  // renormalise the selected experts' scores to sum 1
   bool operator==(const MoeConfig&) const = default;
 };
@@ -154,7 +154,7 @@ struct ModelConfig {
   int heads_per_group() const { return num_heads / o_groups; }
   int64_t o_group_input_dim() const { return int64_t{heads_per_group()} * head_dim; }  // columns of wo_a
   int64_t o_proj_dim() const { return int64_t{o_groups} * o_lora_rank; }               // rows of wo_a
-  int64_t hc_dim() const { return int64_t{mhc.hc_mult} * hidden_size; }               // flattened streams
+  int64_t hc_dim() const { return int64_t{mhc.hc_mult} * hidden_size; }                // flattened streams
 
   bool operator==(const ModelConfig& other) const;
 };

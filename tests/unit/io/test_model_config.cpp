@@ -60,8 +60,9 @@ void expect_error_after(const std::string& fixture, const std::function<void(jso
 void expect_layer_schedule(const ModelConfig& config, LayerKind first_two) {
   ASSERT_EQ(config.layer_kinds.size(), static_cast<size_t>(config.num_layers));
   for (int layer = 0; layer < config.num_layers; ++layer) {
-    const LayerKind expected = layer < 2 ? first_two : layer % 2 == 0 ? LayerKind::CompressedSparse
-                                                                      : LayerKind::HeavilyCompressed;
+    const LayerKind expected = layer < 2        ? first_two
+                               : layer % 2 == 0 ? LayerKind::CompressedSparse
+                                                : LayerKind::HeavilyCompressed;
     const int ratio = expected == LayerKind::SlidingWindow ? 0 : expected == LayerKind::CompressedSparse ? 4 : 128;
     EXPECT_EQ(config.layer_kind(layer), expected) << "layer " << layer;
     EXPECT_EQ(config.compress_ratio(layer), ratio) << "layer " << layer;
@@ -84,7 +85,8 @@ void expect_common_v4_values(const ModelConfig& config) {
   EXPECT_EQ(config.rope_theta, 10000.0);
   EXPECT_EQ(config.compress_rope_theta, 160000.0);
   ASSERT_TRUE(config.yarn.has_value());
-  EXPECT_EQ(*config.yarn, (dsv4::YarnScaling{.factor = 16, .original_max_position = 65536, .beta_fast = 32, .beta_slow = 1}));
+  EXPECT_EQ(*config.yarn,
+            (dsv4::YarnScaling{.factor = 16, .original_max_position = 65536, .beta_fast = 32, .beta_slow = 1}));
   EXPECT_EQ(config.max_position_embeddings, 1048576);
   EXPECT_EQ(config.indexer.num_heads, 64);
   EXPECT_EQ(config.indexer.head_dim, 128);
@@ -231,14 +233,15 @@ TEST(ModelConfig, HuggingFaceNonDefaultCompressRates) {
   const ModelConfig config = load("tiny_huggingface_custom_rates.json");
   EXPECT_EQ(config.source_format, ConfigSpelling::HuggingFace);
   EXPECT_EQ(config.layer_kinds, (std::vector<LayerKind>{LayerKind::SlidingWindow, LayerKind::CompressedSparse,
-                                                         LayerKind::HeavilyCompressed, LayerKind::CompressedSparse}));
+                                                        LayerKind::HeavilyCompressed, LayerKind::CompressedSparse}));
   EXPECT_EQ(config.compress_ratios, (std::vector<int>{0, 8, 32, 8}));
   EXPECT_EQ(config.hash_routed, (std::vector<bool>{true, false, false, false}));
   EXPECT_TRUE(config.has_indexer(1));
   EXPECT_FALSE(config.has_indexer(2));
   EXPECT_EQ(config.rope_head_dim, 16);
   EXPECT_EQ(config.compress_rope_theta, 40000.0);
-  EXPECT_EQ(config.yarn, (dsv4::YarnScaling{.factor = 4, .original_max_position = 1024, .beta_fast = 32, .beta_slow = 1}));
+  EXPECT_EQ(config.yarn,
+            (dsv4::YarnScaling{.factor = 4, .original_max_position = 1024, .beta_fast = 32, .beta_slow = 1}));
   EXPECT_EQ(config.moe.scoring, RouterScoring::Sigmoid);
   EXPECT_EQ(config.eos_token_ids, (std::vector<int>{1, 2}));
   EXPECT_EQ(config.num_mtp_layers, 0);
@@ -260,7 +263,7 @@ TEST(ModelConfig, InferenceNonDefaultCompressRatios) {
   EXPECT_EQ(config.source_format, ConfigSpelling::DeepSeekInference);
   // Only ratio 4 builds an indexer in DeepSeek's reference; any other non-zero ratio is heavily compressed.
   EXPECT_EQ(config.layer_kinds, (std::vector<LayerKind>{LayerKind::SlidingWindow, LayerKind::CompressedSparse,
-                                                         LayerKind::HeavilyCompressed, LayerKind::HeavilyCompressed}));
+                                                        LayerKind::HeavilyCompressed, LayerKind::HeavilyCompressed}));
   EXPECT_EQ(config.compress_ratios, (std::vector<int>{0, 4, 16, 2}));
   EXPECT_EQ(config.hash_routed, (std::vector<bool>{true, false, false, false}));
   EXPECT_FALSE(config.yarn.has_value());
@@ -302,7 +305,8 @@ TEST(ModelConfig, FromDirPrefersConfigJsonThenInference) {
 }
 
 TEST(ModelConfig, FileErrorsNameThePath) {
-  const auto path = std::filesystem::temp_directory_path() / ("dsv4_bad_config_" + std::to_string(::getpid()) + ".json");
+  const auto path =
+      std::filesystem::temp_directory_path() / ("dsv4_bad_config_" + std::to_string(::getpid()) + ".json");
   std::ofstream(path) << "{\"hidden_size\": 4096,";
   try {
     ModelConfig::from_file(path);
@@ -412,13 +416,21 @@ TEST(ModelConfig, EachBadFieldIsNamed) {
       {release, [](json& c) { c["rope_scaling"]["factor"] = 0.5; }, {"'rope_scaling.factor'"}},
       {release, [](json& c) { c["rope_scaling"]["beta_fast"] = 0.5; }, {"'rope_scaling.beta_fast'"}},
       {inference, [](json& c) { c.erase("rope_factor"); }, {"missing required field 'rope_factor'"}},
-      {inference, [](json& c) { c["original_seq_len"] = 0; c.erase("max_seq_len"); }, {"'max_seq_len'"}},
-      {hf, [](json& c) { c["rope_parameters"]["compress"]["attention_factor"] = 1.277; },
+      {inference,
+       [](json& c) {
+         c["original_seq_len"] = 0;
+         c.erase("max_seq_len");
+       },
+       {"'max_seq_len'"}},
+      {hf,
+       [](json& c) { c["rope_parameters"]["compress"]["attention_factor"] = 1.277; },
        {"'rope_parameters.compress.attention_factor'"}},
-      {hf, [](json& c) { c["rope_parameters"]["main"]["rope_theta"] = 5000.0; },
+      {hf,
+       [](json& c) { c["rope_parameters"]["main"]["rope_theta"] = 5000.0; },
        {"'rope_parameters.main.rope_theta'", "'rope_theta'"}},
       {hf, [](json& c) { c["rope_parameters"]["main"]["rope_type"] = "yarn"; }, {"'rope_parameters.main.rope_type'"}},
-      {hf, [](json& c) { c["rope_parameters"]["compress"]["partial_rotary_factor"] = 0.25; },
+      {hf,
+       [](json& c) { c["rope_parameters"]["compress"]["partial_rotary_factor"] = 0.25; },
        {"'rope_parameters.compress.partial_rotary_factor'"}},
       {hf, [](json& c) { c["rope_parameters"].erase("main"); }, {"'rope_parameters.main'"}},
       // mHC, norms, token ids.
@@ -432,15 +444,21 @@ TEST(ModelConfig, EachBadFieldIsNamed) {
       {release, [](json& c) { c["eos_token_id"] = json::array(); }, {"'eos_token_id'", "empty"}},
       {release, [](json& c) { c["bos_token_id"] = -1; }, {"'bos_token_id'"}},
       // Storage formats.
-      {release, [](json& c) { c["quantization_config"]["quant_method"] = "awq"; },
+      {release,
+       [](json& c) { c["quantization_config"]["quant_method"] = "awq"; },
        {"'quantization_config.quant_method'", "awq"}},
       {release, [](json& c) { c["quantization_config"]["fmt"] = "e5m2"; }, {"'quantization_config.fmt'"}},
       {release, [](json& c) { c["quantization_config"]["scale_fmt"] = "e5m2"; }, {"'quantization_config.scale_fmt'"}},
-      {release, [](json& c) { c["quantization_config"]["weight_block_size"] = {128}; },
+      {release,
+       [](json& c) { c["quantization_config"]["weight_block_size"] = {128}; },
        {"'quantization_config.weight_block_size'"}},
-      {release, [](json& c) { c["quantization_config"]["weight_block_size"] = {128, 0}; },
+      {release,
+       [](json& c) {
+         c["quantization_config"]["weight_block_size"] = {128, 0};
+       },
        {"'quantization_config.weight_block_size'", "positive"}},
-      {release, [](json& c) { c["quantization_config"]["expert_dtype"] = "fp8"; },
+      {release,
+       [](json& c) { c["quantization_config"]["expert_dtype"] = "fp8"; },
        {"'quantization_config.expert_dtype'", "fp4"}},
       {release, [](json& c) { c["expert_dtype"] = "int4"; }, {"'expert_dtype'", "int4"}},
       {inference, [](json& c) { c["dtype"] = "int8"; }, {"'dtype'", "int8"}},
