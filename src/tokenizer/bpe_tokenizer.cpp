@@ -16,6 +16,7 @@
 #include <mutex>
 #include <sstream>
 #include <unordered_map>
+#include <utility>
 
 namespace dsv4 {
 namespace {
@@ -277,6 +278,56 @@ uint64_t pair_key(int32_t left, int32_t right) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
 }
 
+// Merge rules keyed by the pair of token ids: open addressing with linear probing, because the merge loop does
+// one lookup per candidate pair and std::unordered_map's node chasing costs several cache misses per lookup.
+class MergeTable {
+ public:
+  void reserve(std::size_t count) {
+    std::size_t capacity = 16;
+    while (capacity < 2 * count) capacity *= 2;
+    if (capacity > slots_.size()) rehash(capacity);
+  }
+
+  void insert_or_assign(uint64_t key, MergeRule rule) {
+    if (2 * (size_ + 1) > slots_.size()) rehash(std::max<std::size_t>(16, 2 * slots_.size()));
+    Slot& slot = slots_[probe(key)];
+    if (slot.key == kEmptyKey) ++size_;
+    slot = {key, rule};
+  }
+
+  const MergeRule* find(uint64_t key) const {
+    if (slots_.empty()) return nullptr;
+    const Slot& slot = slots_[probe(key)];
+    return slot.key == key ? &slot.rule : nullptr;
+  }
+
+ private:
+  // Token ids are below 2^24, so no real pair has this key.
+  static constexpr uint64_t kEmptyKey = ~uint64_t{0};
+  struct Slot {
+    uint64_t key = kEmptyKey;
+    MergeRule rule{};
+  };
+
+  // Index of the slot holding `key`, or of the empty slot where it would go.
+  std::size_t probe(uint64_t key) const {
+    const std::size_t mask = slots_.size() - 1;
+    std::size_t idx = static_cast<std::size_t>((key * 0x9E3779B97F4A7C15ULL) >> 32) & mask;
+    while (slots_[idx].key != key && slots_[idx].key != kEmptyKey) idx = (idx + 1) & mask;
+    return idx;
+  }
+
+  void rehash(std::size_t capacity) {
+    std::vector<Slot> old = std::exchange(slots_, std::vector<Slot>(capacity));
+    for (const Slot& slot : old) {
+      if (slot.key != kEmptyKey) slots_[probe(slot.key)] = slot;
+    }
+  }
+
+  std::vector<Slot> slots_;
+  std::size_t size_ = 0;
+};
+
 struct StringHash {
   using is_transparent = void;
   std::size_t operator()(std::string_view text) const { return std::hash<std::string_view>{}(text); }
@@ -313,7 +364,7 @@ struct Tokenizer::Impl {
 
   std::vector<std::unique_ptr<SplitRegex>> splits;
   std::array<int32_t, 256> byte_token{};  // id of each byte's single-character token, -1 if the vocab lacks it
-  std::unordered_map<uint64_t, MergeRule> merges;
+  MergeTable merges;
   bool ignore_merges = false;
 
   std::vector<int32_t> prefix_ids;  // what encode_prompt puts before and after the text
@@ -421,7 +472,7 @@ void Tokenizer::Impl::load_model(const Json& model) {
     check(merged_it != vocab.end(), "model.merges[", rank, "]: the merged token \"", left + right,
           "\" is not in model.vocab");
     // A repeated pair keeps its last rank, as HF's merge map does.
-    merges[pair_key(left_it->second, right_it->second)] = {static_cast<int32_t>(rank), merged_it->second};
+    merges.insert_or_assign(pair_key(left_it->second, right_it->second), {static_cast<int32_t>(rank), merged_it->second});
   }
 }
 
@@ -616,8 +667,26 @@ void Tokenizer::Impl::encode_piece(std::string_view piece, std::vector<int32_t>&
 // BPE on one piece: start from one symbol per byte and repeatedly apply the lowest-rank merge among adjacent
 // symbols (leftmost on ties), using a linked list over the symbols and a min-heap of candidate pairs.
 void Tokenizer::Impl::merge_piece(std::string_view piece, std::vector<int32_t>& out) const {
+  struct Candidate {
+    int32_t rank;
+    int32_t left_idx;
+    bool operator>(const Candidate& other) const {
+      return rank != other.rank ? rank > other.rank : left_idx > other.left_idx;
+    }
+  };
+  // Per-thread scratch: a cache miss then costs no allocation beyond the result.
+  struct Scratch {
+    std::vector<int32_t> symbol;
+    std::vector<int32_t> next;
+    std::vector<int32_t> prev;
+    std::vector<uint8_t> removed;
+    std::vector<Candidate> heap;
+  };
+  thread_local Scratch scratch;
+
   const std::size_t count = piece.size();
-  std::vector<int32_t> symbol(count);
+  std::vector<int32_t>& symbol = scratch.symbol;
+  symbol.resize(count);
   for (std::size_t i = 0; i < count; ++i) {
     const auto byte = static_cast<unsigned char>(piece[i]);
     symbol[i] = byte_token[byte];
@@ -642,30 +711,27 @@ void Tokenizer::Impl::merge_piece(std::string_view piece, std::vector<int32_t>& 
     }
   }
 
-  std::vector<int32_t> next(count);
-  std::vector<int32_t> prev(count);
+  std::vector<int32_t>& next = scratch.next;
+  std::vector<int32_t>& prev = scratch.prev;
+  next.resize(count);
+  prev.resize(count);
   for (std::size_t i = 0; i < count; ++i) {
     next[i] = i + 1 < count ? static_cast<int32_t>(i + 1) : -1;
     prev[i] = static_cast<int32_t>(i) - 1;
   }
-  struct Candidate {
-    int32_t rank;
-    int32_t left_idx;
-    bool operator>(const Candidate& other) const {
-      return rank != other.rank ? rank > other.rank : left_idx > other.left_idx;
-    }
-  };
-  std::vector<Candidate> heap;
+  std::vector<Candidate>& heap = scratch.heap;
+  heap.clear();
   const auto push_candidate = [&](int32_t left_idx) {
     if (left_idx < 0 || next[left_idx] < 0) return;
-    const auto it = merges.find(pair_key(symbol[left_idx], symbol[next[left_idx]]));
-    if (it == merges.end()) return;
-    heap.push_back({it->second.rank, left_idx});
+    const MergeRule* rule = merges.find(pair_key(symbol[left_idx], symbol[next[left_idx]]));
+    if (rule == nullptr) return;
+    heap.push_back({rule->rank, left_idx});
     std::push_heap(heap.begin(), heap.end(), std::greater<>{});
   };
   for (std::size_t i = 0; i + 1 < count; ++i) push_candidate(static_cast<int32_t>(i));
 
-  std::vector<uint8_t> removed(count, 0);
+  std::vector<uint8_t>& removed = scratch.removed;
+  removed.assign(count, 0);
   while (!heap.empty()) {
     std::pop_heap(heap.begin(), heap.end(), std::greater<>{});
     const Candidate candidate = heap.back();
@@ -674,9 +740,9 @@ void Tokenizer::Impl::merge_piece(std::string_view piece, std::vector<int32_t>& 
     const int32_t right_idx = next[left_idx];
     // Stale when either side was merged away since the candidate was pushed.
     if (removed[left_idx] || right_idx < 0) continue;
-    const auto it = merges.find(pair_key(symbol[left_idx], symbol[right_idx]));
-    if (it == merges.end() || it->second.rank != candidate.rank) continue;
-    symbol[left_idx] = it->second.merged_id;
+    const MergeRule* rule = merges.find(pair_key(symbol[left_idx], symbol[right_idx]));
+    if (rule == nullptr || rule->rank != candidate.rank) continue;
+    symbol[left_idx] = rule->merged_id;
     removed[right_idx] = 1;
     next[left_idx] = next[right_idx];
     if (next[left_idx] >= 0) prev[next[left_idx]] = left_idx;

@@ -229,7 +229,10 @@ bool ChatStreamParser::step_after_tool_calls(bool at_end) {
     return true;
   }
   constexpr std::array<std::string_view, 2> expected = {tok::END_OF_SENTENCE, tok::TOOL_CALLS_START};
-  if (!at_end && is_marker_prefix(pending_, expected)) return false;
+  if (is_marker_prefix(pending_, expected)) {
+    if (at_end) pending_.clear();  // a tag cut off by the end of the text
+    return false;
+  }
   note("text after the tool-call block was kept as content");
   state_ = State::Content;
   return true;
@@ -264,7 +267,10 @@ bool ChatStreamParser::step_tool_calls_block(bool at_end) {
     end_of_sentence("the completion ended inside the tool-call block");
     return true;
   }
-  if (!at_end && is_marker_prefix(pending_, TOOL_CALLS_BLOCK_TAGS)) return false;
+  if (is_marker_prefix(pending_, TOOL_CALLS_BLOCK_TAGS)) {
+    if (at_end) pending_.clear();  // a tag cut off by the end of the text
+    return false;
+  }
   return skip_unexpected_text(at_end);
 }
 
@@ -273,14 +279,22 @@ bool ChatStreamParser::step_invoke(ChatStreamDelta& delta, bool at_end) {
   pending_.erase(0, spaces);
   if (pending_.empty()) return false;
   if (pending_.starts_with(tok::PARAMETER_START)) {
-    const size_t value_end = pending_.find(tok::PARAMETER_END, tok::PARAMETER_START.size());
-    const size_t sentence_end = pending_.find(tok::END_OF_SENTENCE, tok::PARAMETER_START.size());
+    // Long values arrive over many deltas: resume the search where the last one stopped.
+    const size_t scan_from = std::max(tok::PARAMETER_START.size(), parameter_scanned_);
+    const size_t value_end = pending_.find(tok::PARAMETER_END, scan_from);
+    const size_t sentence_end = pending_.find(tok::END_OF_SENTENCE, scan_from);
     if (sentence_end != std::string::npos && (value_end == std::string::npos || sentence_end < value_end)) {
       pending_.erase(0, sentence_end + tok::END_OF_SENTENCE.size());
+      parameter_scanned_ = 0;
       end_of_sentence("the completion ended inside a tool-call parameter");
       return true;
     }
-    if (value_end == std::string::npos) return false;
+    if (value_end == std::string::npos) {
+      const size_t longest_marker = std::max(tok::PARAMETER_END.size(), tok::END_OF_SENTENCE.size());
+      parameter_scanned_ = std::max(scan_from, pending_.size() - std::min(pending_.size(), longest_marker - 1));
+      return false;
+    }
+    parameter_scanned_ = 0;
     const ParameterTag parameter = split_parameter(
         std::string_view(pending_).substr(tok::PARAMETER_START.size(), value_end - tok::PARAMETER_START.size()));
     add_parameter(parameter.name, parameter.string_flag, parameter.value);
@@ -305,7 +319,10 @@ bool ChatStreamParser::step_invoke(ChatStreamDelta& delta, bool at_end) {
     end_of_sentence("the completion ended inside a tool call");
     return true;
   }
-  if (!at_end && is_marker_prefix(pending_, INVOKE_TAGS)) return false;
+  if (is_marker_prefix(pending_, INVOKE_TAGS)) {
+    if (at_end) pending_.clear();  // a tag cut off by the end of the text
+    return false;
+  }
   return skip_unexpected_text(at_end);
 }
 

@@ -20,6 +20,8 @@ namespace dsv4 {
 struct ToolCall {
   std::string name;
   std::string arguments;  // a JSON object as text, e.g. {"location": "Beijing", "days": 3}
+
+  bool operator==(const ToolCall&) const = default;
 };
 
 struct ParsedCompletion {
@@ -83,6 +85,8 @@ class ChatStreamParser {
 
   State state_;
   std::string pending_;  // received text not yet consumed
+  // While a parameter value is incomplete: how far into pending_ its end has been searched for.
+  size_t parameter_scanned_ = 0;
   // The invoke being read.
   std::string invoke_name_;
   bool invoke_named_ = false;
