@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "backends/cpu/vector_math.hpp"
-#include "core/dequantize.hpp"
+#include "backends/cpu/weight_decode.hpp"
 #include "core/error.hpp"
 #include "core/thread_pool.hpp"
 
@@ -27,7 +27,8 @@ struct ProjectionShape {
 
 void check_weight(const QuantizedMatrix& w, const char* op) {
   check(w.rows > 0 && w.cols > 0, op, ": weight has an empty shape [", w.rows, ", ", w.cols, "]");
-  check(w.data != nullptr, op, ": weight (", to_string(w.format), " [", w.rows, ", ", w.cols, "]) has no data");
+  // Once per call, so the tile decoders can skip per-tile validation.
+  w.check_layout(op);
 }
 
 void project(const QuantizedMatrix& w, const ProjectionShape& s, const float* x, int64_t T, float* y) {
@@ -42,7 +43,7 @@ void project(const QuantizedMatrix& w, const ProjectionShape& s, const float* x,
     // Reused across calls so the hot loop never allocates.
     thread_local std::vector<float> tile;
     if (static_cast<int64_t>(tile.size()) < rows * s.k_len) tile.resize(rows * s.k_len);
-    dequantize_rows(w, row_begin, row_begin + rows, tile.data());
+    decode_weight_rows(w, row_begin, row_begin + rows, tile.data());
     matmul_tile(tile.data(), rows, s.k_len, x + group * s.k_len, s.x_stride, T, y + row_begin, s.y_stride);
   });
 }

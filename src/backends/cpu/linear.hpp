@@ -1,7 +1,7 @@
 // Quantized linear layers: y = x Wᵀ for a weight in any stored format (F32, BF16, FP8_BLOCK128, MXFP4, NVFP4).
 // Dispatch contract: the weight is dequantized one tile of rows at a time into a per-thread fp32 scratch buffer
-// (core/dequantize.hpp) and multiplied with all T tokens before the next tile, so each call reads the weight once;
-// tiles are spread over the thread pool. Accumulation is fp32. The reference also quantizes activations to fp8 per
+// (weight_decode.hpp: AVX2 decoders, else core/dequantize.hpp) and multiplied with all T tokens before the next
+// tile, so each call reads the weight once; tiles are spread over the thread pool. Accumulation is fp32. The reference also quantizes activations to fp8 per
 // 1×128 block before its linear layers; that is a kernel choice (dsv4-model.md §3.5) and is not done here.
 #pragma once
 
