@@ -11,12 +11,17 @@ namespace dsv4 {
 
 inline constexpr float kE2m1Max = 6.0f;
 
-// Branch-free, same trick as e4m3: the 3 magnitude bits at the top of a float's exponent and mantissa, times 2^126
-// (exact), give the e2m1 value including its subnormal 0.5. Nibble 0x8 is -0.
+// Branch-free and free of float subnormals, as e4m3_to_float: codes 2..7 are the float with the exponent
+// re-biased from 1 to 127 by an integer add; codes 0 and 1 (0 and 0.5) come from 1.m - 1. Nibble 0x8 is -0.
 DSV4_HD float e2m1_to_float(uint8_t nibble) {
   const uint32_t magnitude = nibble & 0x7u;
-  const float value = bits_to_float(magnitude << 22) * 0x1p126f;
-  return bits_to_float(float_to_bits(value) | (uint32_t(nibble & 0x8u) << 28));
+  const float normal = bits_to_float((magnitude << 22) + (126u << 23));
+  const float subnormal = bits_to_float(0x3F800000u | ((magnitude & 0x1u) << 22)) - 1.0f;
+  // Select with a mask rather than ?: , which the vectoriser does not always if-convert.
+  const uint32_t subnormal_mask = 0u - uint32_t(magnitude < 0x2u);
+  const uint32_t value_bits =
+      (float_to_bits(subnormal) & subnormal_mask) | (float_to_bits(normal) & ~subnormal_mask);
+  return bits_to_float(value_bits | (uint32_t(nibble & 0x8u) << 28));
 }
 
 // Round to nearest, ties to even (the tie points 0.25, 0.75, ... go to the code with mantissa bit 0); magnitudes
@@ -47,28 +52,21 @@ DSV4_HD void decode_e2m1_scaled(const uint8_t* packed, int64_t count, float fact
   if (count & 1) out[count - 1] = e2m1_to_float(uint8_t(packed[pairs] & 0xFu)) * factor;
 }
 
-// Decodes a packed row of `cols` values with one factor per kBlockSize values (factor_of_block(b) for block b):
-// full blocks run a loop of constant trip count, which the compiler unrolls and vectorises; a partial last block
-// goes through decode_e2m1_scaled.
+// Decodes a packed row of `cols` values with one factor per kBlockSize values (factor_of_block(b) for block b).
+// Two passes over the (cache-resident) row: one long decode loop, then one multiply loop of constant trip count
+// per block; each vectorises on its own, where a fused loop of 8 or 16 bytes per block does not reliably.
 template <int64_t kBlockSize, typename BlockFactor>
 DSV4_HD void decode_e2m1_row(const uint8_t* packed, int64_t cols, BlockFactor factor_of_block, float* out) {
   static_assert(kBlockSize % 2 == 0, "fp4 blocks must cover whole bytes");
+  decode_e2m1_scaled(packed, cols, 1.0f, out);
   const int64_t full_blocks = cols / kBlockSize;
   for (int64_t b = 0; b < full_blocks; ++b) {
     const float factor = factor_of_block(b);
-    const uint8_t* block_bytes = packed + b * (kBlockSize / 2);
     float* block_out = out + b * kBlockSize;
-    for (int64_t j = 0; j < kBlockSize / 2; ++j) {
-      const uint8_t byte = block_bytes[j];
-      block_out[2 * j] = e2m1_to_float(uint8_t(byte & 0xFu)) * factor;
-      block_out[2 * j + 1] = e2m1_to_float(uint8_t(byte >> 4)) * factor;
-    }
+    for (int64_t i = 0; i < kBlockSize; ++i) block_out[i] *= factor;
   }
-  const int64_t tail = cols - full_blocks * kBlockSize;
-  if (tail > 0) {
-    decode_e2m1_scaled(packed + full_blocks * (kBlockSize / 2), tail, factor_of_block(full_blocks),
-                       out + full_blocks * kBlockSize);
-  }
+  const float tail_factor = full_blocks * kBlockSize < cols ? factor_of_block(full_blocks) : 1.0f;
+  for (int64_t k = full_blocks * kBlockSize; k < cols; ++k) out[k] *= tail_factor;
 }
 
 // Encodes x[0, count) / divisor into the packed row starting at an even k; an odd count leaves the last high

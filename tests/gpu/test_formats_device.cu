@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -11,7 +12,10 @@
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
+#include "core/fp8_block.hpp"
 #include "core/fp8_e4m3.hpp"
+#include "core/mxfp4.hpp"
+#include "core/nvfp4.hpp"
 
 namespace dsv4 {
 namespace {
@@ -53,6 +57,17 @@ __global__ void encode_floats(const float* inputs, int count, uint16_t* bf16, ui
   e4m3[i] = float_to_e4m3(x);
   e2m1[i] = float_to_e2m1(x);
   e8m0[i] = float_to_e8m0_ceil(x < 0 ? -x : x);
+}
+
+// Block-scale rules of the codecs, which the CUDA quantizers (fp8 KV cache, fp4 indexer) share with the host.
+__global__ void block_scales(const float* amaxes, int count, float global, uint8_t* fp8_e8m0, uint32_t* fp8_f32,
+                             uint8_t* mxfp4, uint8_t* nvfp4) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  fp8_e8m0[i] = fp8_e8m0_scale_for_amax(amaxes[i]);
+  fp8_f32[i] = float_to_bits(fp8_f32_scale_for_amax(amaxes[i]));
+  mxfp4[i] = mxfp4_scale_for_amax(amaxes[i]);
+  nvfp4[i] = nvfp4_scale_for_amax(amaxes[i], global);
 }
 
 bool have_device() {
@@ -130,6 +145,41 @@ TEST(FormatsDevice, EncodersMatchTheHostOnRandomAndTieValues) {
     ASSERT_EQ(e8m0[i], float_to_e8m0_ceil(x < 0 ? -x : x)) << "e8m0 of " << x;
     ASSERT_EQ(bf16[i], float_to_bf16(x)) << "bf16 of " << x;
     ASSERT_EQ(bf16_decoded[i], float_to_bits(bf16_to_float(bf16[i]))) << "bf16 decode of " << x;
+  }
+}
+
+TEST(FormatsDevice, BlockScaleRulesMatchTheHost) {
+  if (!have_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<float> amaxes = {0.0f, 1e-5f, 1e-4f, 6.0f, 448.0f, 2688.0f, 1e30f, bits_to_float(1u)};
+  std::mt19937 rng(29);
+  std::uniform_real_distribution<float> log_amax(-30.0f, 30.0f);
+  while (amaxes.size() < 4096) amaxes.push_back(std::exp2(log_amax(rng)));
+  const int count = int(amaxes.size());
+  const float global = 0x1p-7f * 1.37f;
+
+  float* device_amaxes = nullptr;
+  uint8_t* device_out = nullptr;  // f32 scale bits (4 bytes each), then e8m0, mxfp4 and nvfp4 codes
+  ASSERT_CUDA(cudaMalloc(&device_amaxes, count * sizeof(float)));
+  ASSERT_CUDA(cudaMalloc(&device_out, 7 * size_t(count)));
+  ASSERT_CUDA(cudaMemcpy(device_amaxes, amaxes.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+  auto* device_f32 = reinterpret_cast<uint32_t*>(device_out);
+  uint8_t* device_codes = device_out + 4 * size_t(count);
+  block_scales<<<(count + 255) / 256, 256>>>(device_amaxes, count, global, device_codes, device_f32,
+                                             device_codes + count, device_codes + 2 * count);
+  ASSERT_CUDA(cudaGetLastError());
+  std::vector<uint8_t> out(7 * size_t(count));
+  ASSERT_CUDA(cudaMemcpy(out.data(), device_out, out.size(), cudaMemcpyDeviceToHost));
+  ASSERT_CUDA(cudaFree(device_amaxes));
+  ASSERT_CUDA(cudaFree(device_out));
+
+  const auto* f32 = reinterpret_cast<const uint32_t*>(out.data());
+  const uint8_t* codes = out.data() + 4 * size_t(count);
+  for (int i = 0; i < count; ++i) {
+    const float amax = amaxes[i];
+    ASSERT_EQ(f32[i], float_to_bits(fp8_f32_scale_for_amax(amax))) << "fp8 f32 scale for " << amax;
+    ASSERT_EQ(codes[i], fp8_e8m0_scale_for_amax(amax)) << "fp8 e8m0 scale for " << amax;
+    ASSERT_EQ(codes[count + i], mxfp4_scale_for_amax(amax)) << "mxfp4 scale for " << amax;
+    ASSERT_EQ(codes[2 * count + i], nvfp4_scale_for_amax(amax, global)) << "nvfp4 scale for " << amax;
   }
 }
 
