@@ -191,7 +191,8 @@ void append_python_json(std::string& out, const ordered_json& value) {
       break;
     }
     case ordered_json::value_t::binary:
-    case ordered_json::value_t::discarded: fail("dump_json_like_python: binary/discarded JSON values have no text form");
+    case ordered_json::value_t::discarded:
+      fail("dump_json_like_python: binary/discarded JSON values have no text form");
   }
 }
 
@@ -214,7 +215,7 @@ struct ToolCallToEncode {
 
 struct Message {
   Role role = Role::User;
-  std::string content;
+  std::string content;          // all roles but user
   std::vector<UserPart> parts;  // user turns only
   std::string reasoning;
   std::vector<ToolCallToEncode> tool_calls;
@@ -229,8 +230,8 @@ std::string read_text_field(const ordered_json& message, const char* field, size
   const auto it = message.find(field);
   if (it == message.end() || it->is_null()) return {};
   if (it->is_string()) return it->get<std::string>();
-  check(it->is_array(), "chat message ", index, ": '", field, "' must be a string, null or an array of text parts, got ",
-        it->type_name());
+  check(it->is_array(), "chat message ", index, ": '", field,
+        "' must be a string, null or an array of text parts, got ", it->type_name());
   std::string joined;
   for (size_t part_idx = 0; part_idx < it->size(); ++part_idx) {
     const auto& part = (*it)[part_idx];
@@ -279,16 +280,15 @@ ordered_json read_tool_arguments(const ordered_json& arguments, size_t index, si
 }
 
 std::vector<ToolCallToEncode> read_tool_calls(const ordered_json& tool_calls, size_t index) {
-  check(tool_calls.is_array(), "chat message ", index, ": 'tool_calls' must be an array, got ",
-        tool_calls.type_name());
+  check(tool_calls.is_array(), "chat message ", index, ": 'tool_calls' must be an array, got ", tool_calls.type_name());
   std::vector<ToolCallToEncode> calls;
   for (size_t call_idx = 0; call_idx < tool_calls.size(); ++call_idx) {
     const auto& call = tool_calls[call_idx];
     check(call.is_object() && call.contains("function") && call["function"].is_object(), "chat message ", index,
           ": tool_calls[", call_idx, "] must have a 'function' object");
     const auto& function = call["function"];
-    check(function.contains("name") && function["name"].is_string(), "chat message ", index, ": tool_calls[",
-          call_idx, "].function.name must be a string");
+    check(function.contains("name") && function["name"].is_string(), "chat message ", index, ": tool_calls[", call_idx,
+          "].function.name must be a string");
     check(function.contains("arguments"), "chat message ", index, ": tool_calls[", call_idx,
           "].function.arguments is missing");
     ToolCallToEncode encoded;
@@ -314,11 +314,10 @@ Role parse_role(std::string_view role, size_t index) {
        "' (expected system, user, assistant, tool, developer or latest_reminder)");
 }
 
-void check_only_on(const ordered_json& message, const char* field, bool allowed, std::string_view role,
-                   size_t index) {
+void check_only_on(const ordered_json& message, const char* field, bool allowed, std::string_view role, size_t index) {
   const auto it = message.find(field);
-  check(allowed || it == message.end() || it->is_null(), "chat message ", index, ": '", field,
-        "' is not allowed on a ", role, " message");
+  check(allowed || it == message.end() || it->is_null(), "chat message ", index, ": '", field, "' is not allowed on a ",
+        role, " message");
 }
 
 // Validates the messages and converts them, merging `tool` messages (and consecutive user messages) into user
@@ -332,8 +331,7 @@ std::vector<Message> normalize_messages(const ordered_json& messages) {
   for (size_t index = 0; index < messages.size(); ++index) {
     const auto& source = messages[index];
     check(source.is_object(), "chat message ", index, ": must be an object, got ", source.type_name());
-    check(source.contains("role") && source["role"].is_string(), "chat message ", index,
-          ": 'role' must be a string");
+    check(source.contains("role") && source["role"].is_string(), "chat message ", index, ": 'role' must be a string");
     const std::string role_name = source["role"].get<std::string>();
     const bool is_tool = role_name == "tool";
     const Role role = is_tool ? Role::User : parse_role(role_name, index);
@@ -358,13 +356,13 @@ std::vector<Message> normalize_messages(const ordered_json& messages) {
       check(calling_assistant.has_value(), "chat message ", index,
             ": tool message without a preceding assistant message with tool_calls");
       const std::vector<ToolCallToEncode>& calls = merged[*calling_assistant].tool_calls;
-      UserPart part{.is_tool_result = true, .text = std::move(content),
+      UserPart part{.is_tool_result = true,
+                    .text = std::move(content),
                     .tool_call_id = read_optional_string(source, "tool_call_id", index).value_or("")};
       const bool calls_have_ids =
           std::any_of(calls.begin(), calls.end(), [](const ToolCallToEncode& call) { return !call.id.empty(); });
-      const bool id_matches = std::any_of(calls.begin(), calls.end(), [&](const ToolCallToEncode& call) {
-        return call.id == part.tool_call_id;
-      });
+      const bool id_matches = std::any_of(calls.begin(), calls.end(),
+                                          [&](const ToolCallToEncode& call) { return call.id == part.tool_call_id; });
       check(part.tool_call_id.empty() || !calls_have_ids || id_matches, "chat message ", index, ": tool_call_id '",
             part.tool_call_id, "' matches no tool call of the preceding assistant message");
       if (!merged.empty() && merged.back().role == Role::User) {
@@ -379,7 +377,7 @@ std::vector<Message> normalize_messages(const ordered_json& messages) {
     }
 
     if (role == Role::User) {
-      UserPart part{.is_tool_result = false, .text = content, .tool_call_id = {}};
+      UserPart part{.is_tool_result = false, .text = std::move(content), .tool_call_id = {}};
       // Like the reference, a user message continues the previous user turn unless that turn ends in a task.
       if (!merged.empty() && merged.back().role == Role::User && !merged.back().task) {
         merged.back().parts.push_back(std::move(part));
@@ -387,7 +385,6 @@ std::vector<Message> normalize_messages(const ordered_json& messages) {
       }
       Message turn;
       turn.role = Role::User;
-      turn.content = std::move(content);
       turn.parts.push_back(std::move(part));
       turn.task = std::move(task);
       turn.without_eos = without_eos;
@@ -567,8 +564,7 @@ void render_message(std::string& out, const RenderContext& context, size_t index
       // A task's answer carries no thinking. An earlier turn whose reasoning was dropped has no `</think>` here:
       // its turn was opened with `<｜Assistant｜></think>`.
       const bool answers_task = index > 0 && context.messages[index - 1].task.has_value();
-      const bool keeps_thinking =
-          !context.drop_thinking || static_cast<std::ptrdiff_t>(index) > context.last_user;
+      const bool keeps_thinking = !context.drop_thinking || static_cast<std::ptrdiff_t>(index) > context.last_user;
       if (context.thinking && !answers_task && keeps_thinking) {
         out += message.reasoning;
         out += tok::THINK_END;
@@ -597,8 +593,8 @@ void render_message(std::string& out, const RenderContext& context, size_t index
   } else if (message.role == Role::User || message.role == Role::Developer) {
     out += tok::ASSISTANT;
     // Thinking opens only in the turn being answered now, or in every turn when earlier thinking is kept.
-    const bool opens_thinking = context.thinking && (!context.drop_thinking ||
-                                                     static_cast<std::ptrdiff_t>(index) >= context.last_user);
+    const bool opens_thinking =
+        context.thinking && (!context.drop_thinking || static_cast<std::ptrdiff_t>(index) >= context.last_user);
     out += opens_thinking ? tok::THINK_START : tok::THINK_END;
   }
 }

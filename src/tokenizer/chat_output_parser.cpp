@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <array>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
-
-#include <nlohmann/json.hpp>
 
 namespace dsv4 {
 namespace {
@@ -105,7 +104,8 @@ struct ParameterTag {
 ParameterTag split_parameter(std::string_view text) {
   size_t flag_at = std::string_view::npos;
   std::string_view flag_pattern;
-  for (const std::string_view pattern : {std::string_view("\" string=\"true\">"), std::string_view("\" string=\"false\">")}) {
+  for (const std::string_view pattern :
+       {std::string_view("\" string=\"true\">"), std::string_view("\" string=\"false\">")}) {
     const size_t at = text.find(pattern);
     if (at < flag_at) {
       flag_at = at;

@@ -2,7 +2,8 @@
 // streaming.
 //
 // A completion (the text generated after the prompt of chat_encoding.hpp) reads, in thinking mode,
-//   reasoning `</think>` content [`\n\n<｜DSML｜tool_calls>` …DSML invokes… `</｜DSML｜tool_calls>`] [`<｜end▁of▁sentence｜>`]
+//   reasoning `</think>` content [`\n\n<｜DSML｜tool_calls>` …DSML invokes… `</｜DSML｜tool_calls>`]
+//   [`<｜end▁of▁sentence｜>`]
 // and the same without `reasoning </think>` in chat mode (the prompt already closed the thinking).
 // The parser never throws: malformed or truncated output yields what could be recovered plus a note in
 // `problems`; a tool call is reported only once its `</｜DSML｜invoke>` (or the closing of the block) was seen.

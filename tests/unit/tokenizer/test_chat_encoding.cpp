@@ -1,5 +1,3 @@
-#include "tokenizer/chat_encoding.hpp"
-
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -8,6 +6,7 @@
 #include <string>
 
 #include "core/error.hpp"
+#include "tokenizer/chat_encoding.hpp"
 
 namespace dsv4 {
 namespace {
@@ -103,11 +102,11 @@ TEST(DumpJsonLikePython, StringEscapes) {
 
 TEST(DumpJsonLikePython, FloatsUsePythonRepr) {
   const std::pair<double, const char*> cases[] = {
-      {0.0, "0.0"},          {-0.0, "-0.0"},       {1.0, "1.0"},
-      {0.1, "0.1"},          {-3.25, "-3.25"},     {1e15, "1000000000000000.0"},
-      {1e16, "1e+16"},       {1.5e16, "1.5e+16"},  {123456789.125, "123456789.125"},
-      {1e-4, "0.0001"},      {1e-5, "1e-05"},      {1.25e-7, "1.25e-07"},
-      {2.5e-300, "2.5e-300"}, {5e-324, "5e-324"}, {1.7976931348623157e308, "1.7976931348623157e+308"},
+      {0.0, "0.0"},           {-0.0, "-0.0"},      {1.0, "1.0"},
+      {0.1, "0.1"},           {-3.25, "-3.25"},    {1e15, "1000000000000000.0"},
+      {1e16, "1e+16"},        {1.5e16, "1.5e+16"}, {123456789.125, "123456789.125"},
+      {1e-4, "0.0001"},       {1e-5, "1e-05"},     {1.25e-7, "1.25e-07"},
+      {2.5e-300, "2.5e-300"}, {5e-324, "5e-324"},  {1.7976931348623157e308, "1.7976931348623157e+308"},
   };
   for (const auto& [value, expected] : cases) EXPECT_EQ(dump_json_like_python(ordered_json(value)), expected);
 }
@@ -198,7 +197,8 @@ TEST(ChatEncoding, TaskTokens) {
   // action opens the assistant turn; thinking mode writes <think> before the task token.
   const ordered_json action = ordered_json::parse(R"([{"role": "user", "content": "q", "task": "action"}])");
   EXPECT_EQ(encode_chat(action), BOS + USER + "q" + ASSISTANT + THINK + "<｜action｜>");
-  EXPECT_EQ(encode_chat(action, mode_options(ChatMode::Chat)), BOS + USER + "q" + ASSISTANT + END_THINK + "<｜action｜>");
+  EXPECT_EQ(encode_chat(action, mode_options(ChatMode::Chat)),
+            BOS + USER + "q" + ASSISTANT + END_THINK + "<｜action｜>");
   for (const char* task : {"query", "authority", "domain", "read_url"}) {
     ordered_json messages = ordered_json::parse(R"([{"role": "user", "content": "x"}])");
     messages[0]["task"] = task;
@@ -317,8 +317,11 @@ TEST(ChatEncodingRequest, ToolsGoToTheFirstSystemMessageOrANewOne) {
   EXPECT_TRUE(appended.starts_with(BOS + "<｜latest_reminder｜>rS\n\n## Tools\n")) << appended;
 
   expect_error([] { encode_chat_request(ordered_json::array()); }, {"chat request"});
-  expect_error([] { encode_chat_request(ordered_json{{"messages", ordered_json::array()}, {"tools", 3}}); },
-               {"'tools' must be an array"});
+  expect_error(
+      [] {
+        encode_chat_request(ordered_json{{"messages", ordered_json::array()}, {"tools", 3}});
+      },
+      {"'tools' must be an array"});
 }
 
 // ---- Malformed input -------------------------------------------------------------------------------------------
@@ -351,8 +354,7 @@ TEST(ChatEncodingErrors, NameTheMessageAndTheProblem) {
   fails(R"([{"role": "user", "content": "a", "reasoning_content": "r"}])", {"chat message 0", "reasoning_content"});
   fails(R"([{"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}])",
         {"chat message 0", "tool_calls[0].function.name"});
-  fails(R"([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}])",
-        {"chat message 0", "arguments"});
+  fails(R"([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}])", {"chat message 0", "arguments"});
   fails(R"([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}])",
         {"chat message 0", "JSON object"});
   fails(R"([{"role": "system", "content": "s", "tools": [{"name": "bare"}]}])", {"chat message 0", "tools[0]"});

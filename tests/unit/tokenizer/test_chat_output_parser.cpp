@@ -1,5 +1,3 @@
-#include "tokenizer/chat_output_parser.hpp"
-
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -8,6 +6,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "tokenizer/chat_output_parser.hpp"
 
 namespace dsv4 {
 
@@ -127,8 +127,7 @@ TEST(ParseCompletion, RoundTripsAnEncodedAssistantTurn) {
     EXPECT_EQ(parsed.content, "On it:\n");
     ASSERT_EQ(parsed.tool_calls.size(), 2U);
     EXPECT_EQ(parsed.tool_calls[0].name, "search");
-    EXPECT_EQ(parsed.tool_calls[0].arguments,
-              messages[1]["tool_calls"][0]["function"]["arguments"].get<std::string>());
+    EXPECT_EQ(parsed.tool_calls[0].arguments, messages[1]["tool_calls"][0]["function"]["arguments"].get<std::string>());
     EXPECT_EQ(parsed.tool_calls[1].arguments, R"({"id": -1.5, "note": null})");
     EXPECT_TRUE(parsed.problems.empty());
     EXPECT_TRUE(parsed.finished);
@@ -212,8 +211,7 @@ TEST(ParseCompletion, MalformedParametersAreRecoveredAndReported) {
 
 TEST(ParseCompletion, MalformedBlockStructure) {
   // Missing </think>: the tool block still ends the reasoning.
-  ParsedCompletion parsed =
-      parse_completion("thinking" + tool_calls_block(invoke("f", "")) + EOS, ChatMode::Thinking);
+  ParsedCompletion parsed = parse_completion("thinking" + tool_calls_block(invoke("f", "")) + EOS, ChatMode::Thinking);
   EXPECT_EQ(parsed.reasoning_content, "thinking");
   EXPECT_EQ(parsed.tool_calls.size(), 1U);
   EXPECT_EQ(parsed.problems.size(), 1U);
@@ -228,8 +226,8 @@ TEST(ParseCompletion, MalformedBlockStructure) {
   EXPECT_TRUE(parsed.finished);
 
   // Text after the block is kept as content; text after the end of sentence is ignored.
-  parsed = parse_completion("</think>A" + tool_calls_block(invoke("f", "")) + "\nB" + EOS + "ignored",
-                            ChatMode::Thinking);
+  parsed =
+      parse_completion("</think>A" + tool_calls_block(invoke("f", "")) + "\nB" + EOS + "ignored", ChatMode::Thinking);
   EXPECT_EQ(parsed.content, "AB");
   EXPECT_EQ(parsed.tool_calls.size(), 1U);
   EXPECT_EQ(parsed.problems.size(), 2U);
@@ -258,7 +256,7 @@ TEST(ChatStreamParser, HoldsBackOnlyPossibleMarkerStarts) {
   EXPECT_EQ(parser.feed("s is not it<").reasoning_content, "</this is not it");
   ChatStreamDelta delta = parser.feed("/think>Answer\n");
   EXPECT_EQ(delta.reasoning_content, "");  // the held-back "<" was the start of </think>
-  EXPECT_EQ(delta.content, "Answer");  // "\n" may start "\n\n<｜DSML｜tool_calls>"
+  EXPECT_EQ(delta.content, "Answer");      // "\n" may start "\n\n<｜DSML｜tool_calls>"
   EXPECT_EQ(parser.feed("\nmore ").content, "\n\nmore ");
   // A UTF-8 character split across deltas is released whole.
   EXPECT_EQ(parser.feed("\xE4\xB8").content, "");
@@ -283,9 +281,10 @@ TEST(ChatStreamParser, EmitsEachToolCallWhenItCloses) {
 }
 
 TEST(ChatStreamParser, AnySplitGivesTheOneShotResult) {
-  const std::string calls = tool_calls_block(
-      invoke("search", parameter("q", true, "世界 </think> \n\n<｜DSML｜tool_calls>") + parameter("n", false, "[1, 2]")) +
-      invoke("f", parameter("bad", false, "nope") + "junk"));
+  const std::string calls =
+      tool_calls_block(invoke("search", parameter("q", true, "世界 </think> \n\n<｜DSML｜tool_calls>") +
+                                            parameter("n", false, "[1, 2]")) +
+                       invoke("f", parameter("bad", false, "nope") + "junk"));
   const std::vector<std::pair<std::string, ChatMode>> completions = {
       {"r\n\n<think>é</think>c\n\n" + calls + EOS + "tail", ChatMode::Thinking},
       {"reasoning only, cut", ChatMode::Thinking},
@@ -321,12 +320,34 @@ TEST(ChatStreamParser, LongParameterValueStreamsInLinearTime) {
 
 TEST(ChatStreamParser, RandomMarkupSoupIsSplitInvariant) {
   // Texts assembled from markers, pieces of markers and plain text, so that every state meets every input.
-  const std::vector<std::string> fragments = {
-      "</think>", "<think>", "</thi", "\n", "\n\n", " ", "text", "世", "\"", ">", "<", "｜",
-      EOS, "<｜end▁of", "<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>", "<｜DSML｜", "</｜DSML｜",
-      "<｜DSML｜invoke name=\"f\">", "<｜DSML｜invoke", "</｜DSML｜invoke>", " name=\"p\"", " string=\"true\">",
-      " string=\"false\">", "<｜DSML｜parameter name=\"k\" string=\"false\">", "</｜DSML｜parameter>", "[1, 2]",
-      "<｜DSML｜parameter"};
+  const std::vector<std::string> fragments = {"</think>",
+                                              "<think>",
+                                              "</thi",
+                                              "\n",
+                                              "\n\n",
+                                              " ",
+                                              "text",
+                                              "世",
+                                              "\"",
+                                              ">",
+                                              "<",
+                                              "｜",
+                                              EOS,
+                                              "<｜end▁of",
+                                              "<｜DSML｜tool_calls>",
+                                              "</｜DSML｜tool_calls>",
+                                              "<｜DSML｜",
+                                              "</｜DSML｜",
+                                              "<｜DSML｜invoke name=\"f\">",
+                                              "<｜DSML｜invoke",
+                                              "</｜DSML｜invoke>",
+                                              " name=\"p\"",
+                                              " string=\"true\">",
+                                              " string=\"false\">",
+                                              "<｜DSML｜parameter name=\"k\" string=\"false\">",
+                                              "</｜DSML｜parameter>",
+                                              "[1, 2]",
+                                              "<｜DSML｜parameter"};
   std::mt19937 rng(7);
   for (int trial = 0; trial < 300; ++trial) {
     std::string text;
