@@ -52,8 +52,9 @@ struct ChatStreamDelta {
 
 // Incremental parser: feed text deltas as they are detokenized (any split, even inside a UTF-8 character or a
 // marker); it holds back only a tail that may still become a marker (`</think>`, `\n\n<｜DSML｜tool_calls>`,
-// `<｜end▁of▁sentence｜>`) and the inside of a tool-call block until each call completes. The concatenated deltas
-// and result() equal parse_completion() of the concatenated text, however the text was split.
+// `<｜end▁of▁sentence｜>`), an incomplete UTF-8 character, and the inside of a tool-call block until each call
+// completes. The concatenated deltas and result() equal parse_completion() of the concatenated text, however the
+// text was split.
 class ChatStreamParser {
  public:
   explicit ChatStreamParser(ChatMode mode);
