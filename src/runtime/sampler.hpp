@@ -1,0 +1,134 @@
+// Next-token sampling with the parameters of the OpenAI / vLLM / llama.cpp APIs.
+//
+// One Sampler per sequence (it owns that sequence's random stream). sample() runs these steps in this order,
+// which is vLLM's order for the logit adjustments and llama.cpp's order for the truncation filters:
+//   1. logit_bias        logit[t] += bias[t]                                   (OpenAI; vLLM applies it first too)
+//   2. repetition        over the distinct tokens of prompt + generated (CTRL, as vLLM):
+//                        logit > 0 ? logit / r : logit * r
+//   3. frequency         logit[t] -= frequency_penalty * count[t]             (counts over generated tokens only,
+//   4. presence          logit[t] -= presence_penalty * (count[t] > 0)         OpenAI's formula, vLLM's order)
+//   5. temperature == 0  greedy: argmax of the adjusted logits, ties go to the lowest token id; 6-10 are skipped
+//   6. temperature       p[t] ∝ exp((logit[t] - max_logit) / temperature)
+//   7. top_k             keep the k most probable tokens (exactly k: ties go to the lower token id)
+//   8. top_p             nucleus over the probabilities renormalised after top_k: keep the smallest prefix of the
+//                        tokens sorted by probability whose mass reaches top_p (a token stays when the mass ranked
+//                        strictly above it is < top_p); the most probable token always stays
+//   9. min_p             keep tokens with p[t] >= min_p * max_t p[t]
+//  10. draw              one uniform double from the sequence's xoshiro256** stream, inverse CDF over the survivors
+// "Sorted by probability" means descending probability with ties broken by the lower token id, so every filter keeps
+// a prefix of one fixed order and the result never depends on the sort algorithm. vLLM applies min_p before top_k /
+// top_p; we follow llama.cpp, where min_p comes last (it is relative to the maximum, so renormalisation after
+// top_k / top_p does not move its threshold).
+//
+// Determinism: the same seed, parameters and logits give the same tokens with any standard library. The exponential
+// is our own routine (no libm), so the probabilities are bit-identical wherever the compiler emits no FMA for it:
+// true for x86-64 builds without -march flags (the AVX2 clone omits FMA on purpose). Where a*b+c may be fused
+// (-march=native, aarch64), build with -ffp-contract=off to keep the same bits.
+//
+// Cost per token (vocabulary V): a few vectorised passes over V (scan, exponentials, block sums) and, for top_k /
+// top_p, one or two scalar passes. Nothing sorts the vocabulary: top_k / top_p first try the tokens within a factor
+// 2^-10 of the most probable one; when those are too few, a weight histogram bounds the candidates. top_k then uses
+// nth_element; top_p keeps whole histogram buckets and finds the exact cut in the boundary bucket by repeated
+// halving with nth_element, so even a flat distribution costs O(V).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "runtime/random.hpp"
+
+namespace dsv4 {
+
+// Defaults match the OpenAI API: sampling at temperature 1 with every filter and penalty off.
+struct SamplingParams {
+  float temperature = 1.0f;         // >= 0; 0 selects greedy decoding
+  float top_p = 1.0f;               // (0, 1]; 1 = off
+  int32_t top_k = 0;                // >= 0; 0 = off
+  float min_p = 0.0f;               // [0, 1]; 0 = off
+  float repetition_penalty = 1.0f;  // > 0; 1 = off; > 1 discourages tokens already in prompt or output
+  float presence_penalty = 0.0f;    // [-2, 2] (OpenAI range); 0 = off
+  float frequency_penalty = 0.0f;   // [-2, 2] (OpenAI range); 0 = off
+  std::map<int32_t, float> logit_bias;  // token id -> bias in [-100, 100] (OpenAI range)
+  std::optional<uint64_t> seed;         // none: a nondeterministic seed
+  std::vector<std::string> stop;        // stop strings (see StopStringMatcher in stop_condition.hpp)
+  std::vector<int32_t> stop_token_ids;  // generation ends after any of these (in addition to the model's EOS)
+  std::optional<int32_t> max_tokens;    // >= 1; none: until the context is full
+};
+
+// Throws dsv4::Error naming the first parameter that is out of range or NaN, or a logit_bias / stop token id outside
+// [0, vocab_size). Sampler's constructor calls it; servers may call it early to reject a request.
+void validate(const SamplingParams& params, int32_t vocab_size);
+
+struct TokenProbability {
+  int32_t token = 0;
+  double probability = 0.0;
+};
+
+class Sampler {
+ public:
+  Sampler(SamplingParams params, int32_t vocab_size);
+
+  // Picks the next token. `logits` (size vocab_size) is adjusted in place: on return it holds the logits after
+  // logit_bias and the penalties (steps 1-4), before temperature. prompt_ids / generated_ids feed the penalties and
+  // are only read when a penalty is on. Throws dsv4::Error when a logit is NaN or +inf (naming the token id), when
+  // every logit is -inf, or when a token id is outside the vocabulary.
+  int32_t sample(std::span<float> logits, std::span<const int32_t> prompt_ids,
+                 std::span<const int32_t> generated_ids);
+
+  // The distribution sample() would draw from, without drawing: the surviving tokens, most probable first (ties:
+  // lower id first), probabilities summing to 1. For tests, logprobs and debugging; it sorts every survivor.
+  std::vector<TokenProbability> distribution(std::span<float> logits, std::span<const int32_t> prompt_ids,
+                                             std::span<const int32_t> generated_ids);
+
+  const SamplingParams& params() const { return params_; }
+  int32_t vocab_size() const { return vocab_size_; }
+
+ private:
+  struct Candidate {
+    int32_t token;
+    float weight;  // exp((logit - max_logit) / temperature), in (0, 1]
+  };
+
+  // Steps 1-4 with input checks; returns the largest adjusted logit.
+  float adjust_logits(std::span<float> logits, std::span<const int32_t> prompt_ids,
+                      std::span<const int32_t> generated_ids);
+  void apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> prompt_ids,
+                                std::span<const int32_t> generated_ids);
+  void apply_frequency_presence_penalties(std::span<float> logits, std::span<const int32_t> generated_ids);
+  // Steps 6-9: fills weights_ and, unless no filter is on (returns false), candidates_ with the survivors.
+  bool select_candidates(std::span<const float> logits, float max_logit);
+  // Appends the tokens with weight >= lower (and > 0) to candidates_, in token id order; returns their weight sum.
+  double gather(float lower);
+  // Appends to candidates_ the tokens of `pool` that survive top_p, given the mass ranked above the whole pool and
+  // the nucleus mass `target`; keeps the pool's order.
+  void append_nucleus(std::vector<Candidate>& pool, double mass_above, double target);
+  // Counts (and with_mass: sums) the weights per weight bucket into bucket_counts_ / bucket_mass_[0, kBuckets).
+  void build_histogram(bool with_mass);
+  int32_t draw_from_all_tokens();
+  int32_t draw_from_candidates();
+
+  SamplingParams params_;
+  int32_t vocab_size_;
+  bool top_k_on_;
+  bool top_p_on_;
+  bool min_p_on_;
+  Xoshiro256 rng_;
+  // Scratch reused across calls so a token costs no allocation.
+  std::vector<float> weights_;           // [vocab]
+  std::vector<double> block_mass_;       // [ceil(vocab / kBlock)]: weight sums of consecutive token blocks
+  std::vector<Candidate> candidates_;
+  std::vector<Candidate> nucleus_pool_;         // top_p: the candidates among which the nucleus ends
+  std::vector<Candidate> pool_scratch_;
+  std::vector<uint32_t> bucket_counts_;         // weight histogram (see sampler.cpp), interleaved copies
+  std::vector<double> bucket_mass_;
+  std::vector<uint32_t> seen_epoch_;     // [vocab]: == epoch_ when the token was seen by the repetition penalty
+  uint32_t epoch_ = 0;
+  std::vector<int32_t> output_counts_;   // [vocab]: generated-token counts, zeroed again after each use
+  std::vector<int32_t> counted_tokens_;  // the tokens whose output_counts_ are nonzero
+};
+
+}  // namespace dsv4
