@@ -42,16 +42,23 @@ constexpr std::array<DTypeInfo, 22> kDTypeTable = {{
     {DType::BF16, "BF16", 16},
     {DType::F32, "F32", 32},
     {DType::F64, "F64", 64},
-    {DType::C64, "C64", 64},
     {DType::F8_E4M3, "F8_E4M3", 8},
     {DType::F8_E5M2, "F8_E5M2", 8},
-    {DType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
-    {DType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 8},
     {DType::F8_E8M0, "F8_E8M0", 8},
+    {DType::F4, "F4", 4},
     {DType::F6_E2M3, "F6_E2M3", 6},
     {DType::F6_E3M2, "F6_E3M2", 6},
-    {DType::F4, "F4", 4},
+    {DType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
+    {DType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 8},
+    {DType::C64, "C64", 64},
 }};
+// The table is indexed by the enum value.
+static_assert([] {
+  for (size_t i = 0; i < kDTypeTable.size(); ++i) {
+    if (static_cast<size_t>(kDTypeTable[i].dtype) != i) return false;
+  }
+  return true;
+}());
 
 constexpr std::array<DType, kDTypeTable.size()> kAllDTypes = [] {
   std::array<DType, kDTypeTable.size()> all{};
@@ -61,7 +68,7 @@ constexpr std::array<DType, kDTypeTable.size()> kAllDTypes = [] {
 
 const DTypeInfo& info_of(DType dtype) {
   const auto index = static_cast<size_t>(dtype);
-  check(index < kDTypeTable.size() && kDTypeTable[index].dtype == dtype, "invalid DType value ", index);
+  check(index < kDTypeTable.size(), "invalid DType value ", index);
   return kDTypeTable[index];
 }
 

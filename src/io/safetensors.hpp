@@ -33,15 +33,15 @@ enum class DType : uint8_t {
   BF16,
   F32,
   F64,
-  C64,  // complex64: two f32
   F8_E4M3,
   F8_E5M2,
-  F8_E4M3FNUZ,
-  F8_E5M2FNUZ,
   F8_E8M0,  // power-of-two scale byte: 2^(b - 127)
+  F4,       // e2m1
   F6_E2M3,
   F6_E3M2,
-  F4,  // e2m1
+  F8_E4M3FNUZ,
+  F8_E5M2FNUZ,
+  C64,  // complex64: two f32
 };
 
 // The spelling used in safetensors headers ("BF16", "F8_E4M3", ...).

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -175,7 +176,7 @@ TEST_F(SafetensorsTest, WriterRoundTripKeepsEveryTensorAndAlignsData) {
     EXPECT_EQ(view->bytes, payloads[i].size());
     EXPECT_EQ(view->numel(), std::accumulate(specs[i].shape.begin(), specs[i].shape.end(), int64_t{1},
                                              std::multiplies<int64_t>()));
-    EXPECT_EQ(std::memcmp(view->data, payloads[i].data(), view->bytes), 0) << specs[i].name;
+    EXPECT_TRUE(std::equal(payloads[i].begin(), payloads[i].end(), view->data)) << specs[i].name;
     // The mapping is page aligned and the header padded to 8, so byte-or-wider tensors land on their element size.
     const size_t element_bytes = std::max<size_t>(1, dtype_bits(view->dtype) / 8);
     if (dtype_bits(view->dtype) >= 8) {
@@ -192,7 +193,7 @@ TEST_F(SafetensorsTest, WriterRoundTripKeepsEveryTensorAndAlignsData) {
     const TensorView* mapped = file->find(view.name);
     ASSERT_NE(mapped, nullptr);
     EXPECT_EQ(view.file, "memory");
-    EXPECT_EQ(std::memcmp(view.data, mapped->data, view.bytes), 0);
+    EXPECT_TRUE(std::equal(view.data, view.data + view.bytes, mapped->data)) << view.name;
   }
 }
 

@@ -81,7 +81,7 @@ class TensorStoreTest : public ::testing::Test {
       EXPECT_EQ(view->dtype, spec.dtype) << spec.name;
       EXPECT_EQ(view->shape, spec.shape) << spec.name;
       ASSERT_EQ(view->bytes, spec.bytes.size()) << spec.name;
-      EXPECT_EQ(std::memcmp(view->data, spec.bytes.data(), view->bytes), 0) << spec.name;
+      EXPECT_TRUE(std::equal(spec.bytes.begin(), spec.bytes.end(), view->data)) << spec.name;
       total += spec.bytes.size();
     }
     EXPECT_EQ(store.total_bytes(), total);
@@ -201,7 +201,7 @@ TEST_F(TensorStoreTest, KeepaliveOutlivesTheStoreAndFeedsTheWriterWithoutCopies)
   // The store is gone; its shard mappings live on through the keepalives.
   const auto expected = std::find_if(specs.begin(), specs.end(), [&](const TensorSpec& spec) { return spec.name == view->name; });
   ASSERT_NE(expected, specs.end());
-  EXPECT_EQ(std::memcmp(view->data, expected->bytes.data(), view->bytes), 0);
+  EXPECT_TRUE(std::equal(expected->bytes.begin(), expected->bytes.end(), view->data));
   rewriter.write((dir_ / "rewritten.safetensors").string());
   expect_holds_exactly(TensorStore::open((dir_ / "rewritten.safetensors").string()), specs);
 }
