@@ -23,16 +23,16 @@ namespace {
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 // Tokens per block_mass_ entry: the full-vocabulary draw finds its block first, then walks at most one block.
 constexpr size_t kBlock = 256;
-// Weight histogram for top_k / top_p: a weight in (0, 1] falls in bucket (bits(1.0f) - bits(w)) >> kBucketShift, i.e.
+// Weight histogram for top_p: a weight in (0, 1] falls in bucket (bits(1.0f) - bits(w)) >> kBucketShift, i.e.
 // by exponent and top 3 mantissa bits (buckets 9% wide, most probable first). Bucket kBuckets - 1 holds weight 0.
 constexpr uint32_t kOneBits = 0x3F800000u;
 constexpr int kBucketShift = 20;
 constexpr size_t kBuckets = (kOneBits >> kBucketShift) + 1;
-// Tokens with at least this weight (within 6.9 / temperature of the top logit) are tried first for top_k / top_p.
+// Tokens with at least this weight (within 6.9 * temperature of the top logit) are tried first for top_p.
 constexpr float kLikelyWeight = 0x1.0p-10f;
-// A nucleus search sorts its last range once it is this small.
+// A nucleus search sorts its last range once it is this small; top_k's buffer holds at least this many extra.
 constexpr size_t kNucleusSortSize = 1024;
-// Interleaved copies of the histogram, so consecutive tokens in one bucket do not wait on each other's increment.
+// Interleaved copies of the histogram, so consecutive tokens in one bucket do not wait on each other's addition.
 constexpr size_t kHistogramCopies = 4;
 
 size_t weight_bucket(float weight) {
@@ -179,10 +179,7 @@ Sampler::Sampler(SamplingParams params, int32_t vocab_size)
       rng_(params_.seed ? *params_.seed : nondeterministic_seed()),
       weights_(static_cast<size_t>(vocab_size)),
       block_mass_((static_cast<size_t>(vocab_size) + kBlock - 1) / kBlock) {
-  if (top_k_on_ || top_p_on_) {
-    bucket_counts_.resize(kHistogramCopies * kBuckets);
-    bucket_mass_.resize(kHistogramCopies * kBuckets);
-  }
+  if (top_p_on_ && !top_k_on_) bucket_mass_.resize(kHistogramCopies * kBuckets);
   if (params_.repetition_penalty != 1.0f) seen_epoch_.assign(static_cast<size_t>(vocab_size), 0);
   if (params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f) {
     output_counts_.assign(static_cast<size_t>(vocab_size), 0);
@@ -259,24 +256,38 @@ double Sampler::gather(float lower) {
   return mass;
 }
 
-void Sampler::build_histogram(bool with_mass) {
-  std::fill(bucket_counts_.begin(), bucket_counts_.end(), 0u);
-  if (with_mass) std::fill(bucket_mass_.begin(), bucket_mass_.end(), 0.0);
-  const size_t count = weights_.size();
-  const float* weights = weights_.data();
-  uint32_t* counts = bucket_counts_.data();
-  double* masses = bucket_mass_.data();
-  for (size_t token = 0; token < count; ++token) {
-    const size_t slot = (token % kHistogramCopies) * kBuckets + weight_bucket(weights[token]);
-    ++counts[slot];
-    if (with_mass) masses[slot] += weights[token];
+void Sampler::build_mass_histogram() {
+  std::fill(bucket_mass_.begin(), bucket_mass_.end(), 0.0);
+  for (size_t token = 0; token < weights_.size(); ++token) {
+    bucket_mass_[(token % kHistogramCopies) * kBuckets + weight_bucket(weights_[token])] += weights_[token];
   }
   for (size_t copy = 1; copy < kHistogramCopies; ++copy) {
-    for (size_t bucket = 0; bucket < kBuckets; ++bucket) {
-      counts[bucket] += counts[copy * kBuckets + bucket];
-      if (with_mass) masses[bucket] += masses[copy * kBuckets + bucket];
+    for (size_t bucket = 0; bucket < kBuckets; ++bucket) bucket_mass_[bucket] += bucket_mass_[copy * kBuckets + bucket];
+  }
+}
+
+void Sampler::select_top_k(size_t top_k, float floor) {
+  // One pass with a rising bar: candidates collect in a buffer; when it is full, nth_element keeps the best top_k
+  // and the bar becomes the k-th weight. Later tokens have higher ids, so one equal to the bar ranks below it.
+  const size_t capacity = top_k + std::max(top_k, kNucleusSortSize);
+  const auto keep_best = [this, top_k] {
+    std::nth_element(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(top_k - 1),
+                     candidates_.end(), ranks_before<Candidate, Candidate>);
+    candidates_.resize(top_k);
+  };
+  float bar = floor;
+  bool bar_admits_equal = true;
+  for (int32_t token = 0; token < vocab_size_; ++token) {
+    const float weight = weights_[token];
+    if (!(weight > bar || (bar_admits_equal && weight == bar && weight > 0.0f))) continue;
+    candidates_.push_back({token, weight});
+    if (candidates_.size() == capacity) {
+      keep_best();
+      bar = candidates_[top_k - 1].weight;
+      bar_admits_equal = false;
     }
   }
+  if (candidates_.size() > top_k) keep_best();
 }
 
 void Sampler::append_nucleus(std::vector<Candidate>& pool, double mass_above, double target) {
@@ -326,29 +337,11 @@ bool Sampler::select_candidates(std::span<const float> logits, float max_logit) 
     gather(min_p);
     return true;
   }
-  // Every filter keeps a prefix of the probability order. First try the tokens near the top (cheap, and usually
-  // enough); otherwise a weight histogram bounds the prefix, so only the tokens above a threshold are selected from.
-  const float likely_floor = std::max(kLikelyWeight, top_k_on_ && top_p_on_ ? 0.0f : min_p);
-  const double likely_mass = gather(likely_floor);
-  const bool all_survivors_gathered = likely_floor <= min_p;
-
+  // Every filter keeps a prefix of the probability order, so no path sorts the vocabulary.
   if (top_k_on_) {
     const auto top_k = static_cast<size_t>(params_.top_k);
-    if (candidates_.size() < top_k && !(all_survivors_gathered && !top_p_on_)) {
-      build_histogram(false);
-      size_t boundary = 0;
-      for (size_t counted = 0; boundary + 1 < kBuckets; ++boundary) {
-        counted += bucket_counts_[boundary];
-        if (counted >= top_k) break;
-      }
-      candidates_.clear();
-      gather(top_p_on_ ? bucket_floor(boundary) : std::max(bucket_floor(boundary), min_p));
-    }
-    if (candidates_.size() > top_k) {
-      std::nth_element(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(top_k - 1),
-                       candidates_.end(), ranks_before<Candidate, Candidate>);
-      candidates_.resize(top_k);
-    }
+    // With top_p on, its reference mass is that of the whole top_k set, so min_p must not cut the selection.
+    select_top_k(top_k, top_p_on_ ? 0.0f : min_p);
     std::sort(candidates_.begin(), candidates_.end(), ranks_before<Candidate, Candidate>);
     if (top_p_on_) {
       double top_k_mass = 0.0;
@@ -359,18 +352,21 @@ bool Sampler::select_candidates(std::span<const float> logits, float max_logit) 
       while (keep < candidates_.size() && mass_above < target) mass_above += candidates_[keep++].weight;
       candidates_.resize(keep);
     }
-  } else if (top_p_on_) {
+  } else {
     double total_mass = 0.0;
     for (const double mass : block_mass_) total_mass += mass;
     const double target = static_cast<double>(params_.top_p) * total_mass;
+    // First the tokens near the top: cheap, and usually they hold the nucleus.
+    const float likely_floor = std::max(kLikelyWeight, min_p);
+    const double likely_mass = gather(likely_floor);
     nucleus_pool_.swap(candidates_);
     candidates_.clear();
-    if (likely_mass >= target || all_survivors_gathered) {
+    if (likely_mass >= target || likely_floor <= min_p) {
       append_nucleus(nucleus_pool_, 0.0, target);
     } else {
       // Buckets above the one where the mass crosses top_p survive whole (less than top_p lies above any of their
       // tokens), buckets below it do not, and only the boundary bucket is searched for the exact cut.
-      build_histogram(true);
+      build_mass_histogram();
       size_t boundary = 0;
       double mass_above_boundary = 0.0;
       for (; boundary + 1 < kBuckets; ++boundary) {

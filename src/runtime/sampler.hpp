@@ -26,10 +26,10 @@
 // (-march=native, aarch64), build with -ffp-contract=off to keep the same bits.
 //
 // Cost per token (vocabulary V): a few vectorised passes over V (scan, exponentials, block sums) and, for top_k /
-// top_p, one or two scalar passes. Nothing sorts the vocabulary: top_k / top_p first try the tokens within a factor
-// 2^-10 of the most probable one; when those are too few, a weight histogram bounds the candidates. top_k then uses
-// nth_element; top_p keeps whole histogram buckets and finds the exact cut in the boundary bucket by repeated
-// halving with nth_element, so even a flat distribution costs O(V).
+// top_p, one or two scalar passes. Nothing sorts the vocabulary: top_k keeps a buffer of candidates above a rising
+// bar (nth_element when full); top_p first tries the tokens within a factor 2^-10 of the most probable one, else a
+// weight histogram keeps whole buckets, and the exact cut is found by repeated halving with nth_element, so even a
+// flat distribution costs O(V).
 #pragma once
 
 #include <cstdint>
@@ -106,8 +106,10 @@ class Sampler {
   // Appends to candidates_ the tokens of `pool` that survive top_p, given the mass ranked above the whole pool and
   // the nucleus mass `target`; keeps the pool's order.
   void append_nucleus(std::vector<Candidate>& pool, double mass_above, double target);
-  // Counts (and with_mass: sums) the weights per weight bucket into bucket_counts_ / bucket_mass_[0, kBuckets).
-  void build_histogram(bool with_mass);
+  // Sums the weights per weight bucket into bucket_mass_[0, kBuckets).
+  void build_mass_histogram();
+  // Fills candidates_ with the top_k best-ranked tokens of weight >= floor (fewer if fewer qualify), unordered.
+  void select_top_k(size_t top_k, float floor);
   int32_t draw_from_all_tokens();
   int32_t draw_from_candidates();
 
@@ -123,8 +125,7 @@ class Sampler {
   std::vector<Candidate> candidates_;
   std::vector<Candidate> nucleus_pool_;         // top_p: the candidates among which the nucleus ends
   std::vector<Candidate> pool_scratch_;
-  std::vector<uint32_t> bucket_counts_;         // weight histogram (see sampler.cpp), interleaved copies
-  std::vector<double> bucket_mass_;
+  std::vector<double> bucket_mass_;             // top_p: weight histogram (see sampler.cpp), interleaved copies
   std::vector<uint32_t> seen_epoch_;     // [vocab]: == epoch_ when the token was seen by the repetition penalty
   uint32_t epoch_ = 0;
   std::vector<int32_t> output_counts_;   // [vocab]: generated-token counts, zeroed again after each use
