@@ -1,0 +1,130 @@
+#include "runtime/engine.hpp"
+
+#include "core/error.hpp"
+#include "tokenizer/streaming_decoder.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+
+namespace dsv4 {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+Engine::Engine(const EngineOptions& options) : options_(options) {
+  const auto start = std::chrono::steady_clock::now();
+  if (options.progress) std::fprintf(stderr, "loading %s ...\n", options.model_dir.c_str());
+  checkpoint_ = load_checkpoint(options.model_dir);
+  checkpoint_.require_loadable();
+  const std::filesystem::path tokenizer_file = std::filesystem::path(options.model_dir) / "tokenizer.json";
+  if (std::filesystem::exists(tokenizer_file)) tokenizer_.emplace(Tokenizer::from_file(tokenizer_file));
+  backend_ = std::make_unique<cpu::CpuBackend>(checkpoint_.config, options.numerics);
+  model_ = std::make_unique<Dsv4Model>(checkpoint_.config, checkpoint_.weights, *backend_);
+
+  eos_ids_ = checkpoint_.config.eos_token_ids;
+  if (tokenizer_ && tokenizer_->has_eos()) eos_ids_.push_back(tokenizer_->eos_id());
+  std::sort(eos_ids_.begin(), eos_ids_.end());
+  eos_ids_.erase(std::unique(eos_ids_.begin(), eos_ids_.end()), eos_ids_.end());
+  check(options.prefill_chunk > 0, "prefill chunk must be positive, got ", options.prefill_chunk);
+  if (options.progress)
+    std::fprintf(stderr, "loaded %s weights (%.1f MiB, %s layout) on the %s backend in %.2f s\n",
+                 std::string(to_string(options.numerics)).c_str(), double(checkpoint_.weight_bytes()) / (1 << 20),
+                 checkpoint_.layout.c_str(), std::string(backend_->name()).c_str(), seconds_since(start));
+}
+
+const Tokenizer& Engine::tokenizer() const {
+  check(tokenizer_.has_value(), "checkpoint ", options_.model_dir, " has no tokenizer.json: text in and out needs one");
+  return *tokenizer_;
+}
+
+void Engine::reset() {
+  sequence_.reset();
+  sequence_ids_.clear();
+}
+
+GenerationResult Engine::generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                                  const TextCallback& on_text, const std::atomic<bool>* cancel) {
+  const Tokenizer& tok = tokenizer();
+  const int64_t context = config().max_position_embeddings;
+  check(!prompt.empty(), "the prompt is empty");
+  check(int64_t(prompt.size()) < context, "the prompt has ", prompt.size(), " tokens; the model's context is ",
+        context, " tokens");
+  validate(params, config().vocab_size);
+
+  GenerationResult result;
+  result.prompt_tokens = int64_t(prompt.size());
+  // Reuse the sequence when the prompt continues it (the compressor state cannot be rewound, so a prompt that
+  // diverges anywhere starts over).
+  const bool continues = sequence_ && sequence_ids_.size() < prompt.size() &&
+                         std::equal(sequence_ids_.begin(), sequence_ids_.end(), prompt.begin());
+  if (!continues) {
+    sequence_ = model_->new_sequence();
+    sequence_ids_.clear();
+  }
+
+  const auto prefill_start = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  for (size_t at = sequence_ids_.size(); at < prompt.size();) {
+    const size_t n = std::min<size_t>(size_t(options_.prefill_chunk), prompt.size() - at);
+    model_->forward(*sequence_, std::span(prompt).subspan(at, n), LogitRows::Last, logits);
+    sequence_ids_.insert(sequence_ids_.end(), prompt.begin() + int64_t(at), prompt.begin() + int64_t(at + n));
+    result.prefilled_tokens += int64_t(n);
+    at += n;
+  }
+  result.prefill_seconds = seconds_since(prefill_start);
+
+  std::vector<int32_t> stop_ids = params.stop_token_ids;
+  stop_ids.insert(stop_ids.end(), eos_ids_.begin(), eos_ids_.end());
+  std::sort(stop_ids.begin(), stop_ids.end());
+  const StopCondition stop(stop_ids, params.max_tokens);
+  StopStringMatcher stop_strings(params.stop);
+  StreamingDecoder decoder(tok);
+  Sampler sampler(params, config().vocab_size);
+  auto emit = [&](const std::string& text) {
+    if (text.empty()) return;
+    result.text += text;
+    if (on_text) on_text(text);
+  };
+
+  const auto decode_start = std::chrono::steady_clock::now();
+  std::optional<FinishReason> finish;
+  while (!finish) {
+    if (cancel && cancel->load()) {
+      finish = FinishReason::Abort;
+      break;
+    }
+    const int32_t token = sampler.sample(logits, prompt, result.tokens);
+    result.tokens.push_back(token);
+    // A stop token ends the text without being shown; any other token is text first.
+    if (!std::binary_search(stop_ids.begin(), stop_ids.end(), token)) {
+      StopStringMatcher::Output out = stop_strings.push(decoder.push(token));
+      emit(out.text);
+      if (out.matched_stop) finish = FinishReason::Stop;
+    }
+    if (!finish) finish = stop.check(token, int64_t(result.tokens.size()));
+    if (!finish && int64_t(sequence_ids_.size()) + 1 >= context) finish = FinishReason::Length;
+    if (finish) break;
+    model_->forward(*sequence_, std::span(&token, 1), LogitRows::Last, logits);
+    sequence_ids_.push_back(token);
+  }
+  // The last sampled token was never run, so sequence_ids_ ends before it: a next prompt that contains it still
+  // continues the sequence.
+  if (!stop_strings.matched()) {
+    StopStringMatcher::Output out = stop_strings.push(decoder.finish());
+    emit(out.text);
+    if (out.matched_stop) finish = FinishReason::Stop;
+    else emit(stop_strings.flush());
+  }
+  result.finish = *finish;
+  result.decode_seconds = seconds_since(decode_start);
+  return result;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,73 @@
+// A loaded model ready to run: checkpoint weights, tokenizer, backend and forward pass, plus the generation loop
+// (prefill in chunks, then one token per step, sampling, stop conditions, UTF-8-safe streaming). The CLI's generate,
+// chat and logits commands, and later the server, sit on top of it.
+#pragma once
+
+#include "backends/cpu/cpu_backend.hpp"
+#include "model/checkpoint_loader.hpp"
+#include "model/dsv4_model.hpp"
+#include "runtime/sampler.hpp"
+#include "runtime/stop_condition.hpp"
+#include "tokenizer/bpe_tokenizer.hpp"
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace dsv4 {
+
+struct EngineOptions {
+  std::string model_dir;
+  NumericsMode numerics = NumericsMode::Exact;
+  int64_t prefill_chunk = 512;  // tokens per prefill call: bounds the activation memory of a long prompt
+  bool progress = true;         // load progress on stderr
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;  // generated ids, the stop token included when one ended the generation
+  std::string text;             // the streamed text (stop string removed)
+  FinishReason finish = FinishReason::Length;
+  int64_t prompt_tokens = 0;      // tokens of the prompt
+  int64_t prefilled_tokens = 0;   // of those, run this time (the rest were reused from the previous call)
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+};
+
+// Called with each piece of text as soon as it is final (complete UTF-8, not part of a stop string).
+using TextCallback = std::function<void(std::string_view text)>;
+
+class Engine {
+ public:
+  explicit Engine(const EngineOptions& options);
+
+  const ModelConfig& config() const { return checkpoint_.config; }
+  const LoadedCheckpoint& checkpoint() const { return checkpoint_; }
+  Dsv4Model& model() { return *model_; }
+  bool has_tokenizer() const { return tokenizer_.has_value(); }
+  // dsv4::Error when the checkpoint directory has no tokenizer.json.
+  const Tokenizer& tokenizer() const;
+  // The model's end-of-sequence ids (config and tokenizer) that always end a generation.
+  const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
+
+  // Generates after `prompt`. When the prompt extends the previous call's prompt + output (a chat turn), only the
+  // new tokens are prefilled; otherwise the sequence starts afresh. `cancel` (may be null) stops it at the next
+  // token with FinishReason::Abort. Throws dsv4::Error for an empty prompt or one that leaves no room in the context.
+  GenerationResult generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                            const TextCallback& on_text, const std::atomic<bool>* cancel = nullptr);
+  // Forgets the reusable sequence.
+  void reset();
+
+ private:
+  EngineOptions options_;
+  LoadedCheckpoint checkpoint_;
+  std::optional<Tokenizer> tokenizer_;
+  std::unique_ptr<cpu::CpuBackend> backend_;
+  std::unique_ptr<Dsv4Model> model_;
+  std::vector<int32_t> eos_ids_;
+  std::unique_ptr<SequenceCache> sequence_;
+  std::vector<int32_t> sequence_ids_;  // the tokens the sequence holds
+};
+
+}  // namespace dsv4
