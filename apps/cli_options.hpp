@@ -15,12 +15,14 @@ struct EngineCli {
   EngineOptions engine;
   std::string numerics = "exact";
 
-  void add_to(CLI::App& sub) {
+  // with_prefill_chunk: false for commands that choose their own chunking (logits --chunk).
+  void add_to(CLI::App& sub, bool with_prefill_chunk = true) {
     sub.add_option("-m,--model", engine.model_dir, "Checkpoint directory (config.json, safetensors, tokenizer.json)")
         ->required();
     sub.add_option("--mode", numerics, "Numerics: exact (matches transformers) or reference (DeepSeek's rounding)")
         ->capture_default_str();
-    sub.add_option("--prefill-chunk", engine.prefill_chunk, "Prompt tokens per prefill step")->capture_default_str();
+    if (with_prefill_chunk)
+      sub.add_option("--prefill-chunk", engine.prefill_chunk, "Prompt tokens per prefill step")->capture_default_str();
   }
   EngineOptions options() const {
     EngineOptions o = engine;

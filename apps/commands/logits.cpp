@@ -1,11 +1,8 @@
 // dsv4 logits: run the model on given token ids and write every position's logits (the debugging tool for
 // comparing against other implementations).
-#include "backends/cpu/cpu_backend.hpp"
+#include "cli_options.hpp"
 #include "command_registry.hpp"
-#include "core/error.hpp"
 #include "io/npy.hpp"
-#include "model/checkpoint_loader.hpp"
-#include "model/dsv4_model.hpp"
 
 #include <algorithm>
 #include <cstdio>
@@ -36,22 +33,20 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 }
 
 struct LogitsOptions {
-  std::string model_dir, tokens, mode = "exact", out;
+  EngineCli engine;
+  std::string tokens, out;
   int64_t chunk = 0;
   int top = 5;
 };
 
 int run_logits(const LogitsOptions& o) {
-  const std::optional<NumericsMode> mode = parse_numerics_mode(o.mode);
-  check(mode.has_value(), "--mode: '", o.mode, "' is not a numerics mode (exact or reference)");
   check(o.chunk >= 0, "--chunk must be positive");
   const std::vector<int32_t> ids = parse_ids(o.tokens);
-
-  LoadedCheckpoint ckpt = load_checkpoint(o.model_dir);
-  ckpt.require_loadable();
-  cpu::CpuBackend backend(ckpt.config, *mode);
-  Dsv4Model model(ckpt.config, ckpt.weights, backend);
-  const int64_t vocab = ckpt.config.vocab_size, T = int64_t(ids.size());
+  EngineOptions options = o.engine.options();
+  options.progress = false;
+  Engine engine(options);
+  Dsv4Model& model = engine.model();
+  const int64_t vocab = engine.config().vocab_size, T = int64_t(ids.size());
   const int64_t chunk = o.chunk > 0 ? o.chunk : T;
 
   auto sequence = model.new_sequence();
@@ -87,10 +82,8 @@ const CommandRegistration registration{{
     "Run the model on token ids and print the top logits per position, or write them all as .npy",
     [](CLI::App& sub) -> std::function<int()> {
       auto o = std::make_shared<LogitsOptions>();
-      sub.add_option("-m,--model", o->model_dir, "Checkpoint directory")->required();
+      o->engine.add_to(sub, false);
       sub.add_option("--tokens", o->tokens, "Comma-separated token ids, e.g. 0,1234,56")->required();
-      sub.add_option("--mode", o->mode, "Numerics: exact (matches transformers) or reference (DeepSeek's rounding)")
-          ->capture_default_str();
       sub.add_option("--chunk", o->chunk, "Prefill in chunks of this many tokens (0 = one call)");
       sub.add_option("--out", o->out, "Write float32 logits [T, vocab] to this .npy file");
       sub.add_option("--top", o->top, "Logits shown per position without --out")->capture_default_str();
