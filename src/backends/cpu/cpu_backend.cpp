@@ -171,11 +171,11 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
                       cache.index_keys);
       const int64_t keys = int64_t(cache.index_keys.size()) / ID;
       if (reference && keys > keys_before) round_indexer_reference(&cache.index_keys[size_t(keys_before * ID)],
-                                                                   (keys - keys_before) * ID / 128);
+                                                                   keys - keys_before, ID);
       std::vector<float> qi(size_t(T * IH * ID)), head_weights(size_t(T * IH));
       cpu::linear(ix.wq_b, qr.data(), T, qi.data());
       apply_rope(rope, qi.data(), positions.data(), {T, IH, ID, false});
-      if (reference) round_indexer_reference(qi.data(), T * IH * ID / 128);
+      if (reference) round_indexer_reference(qi.data(), T * IH, ID);
       cpu::linear(ix.weights_proj, x, T, head_weights.data());
       compressed_slots = c.indexer.topk;
       compressed_index.assign(size_t(T * compressed_slots), -1);

@@ -14,7 +14,6 @@ namespace dsv4::cpu {
 
 namespace {
 
-constexpr int64_t kHadamardSize = 128;
 constexpr int64_t kKvFp8Block = 64;
 constexpr int64_t kIndexerFp4Block = 32;
 
@@ -59,10 +58,11 @@ void round_fp4_blocks_ue8m0(float* x, int64_t n, int64_t block) {
   }
 }
 
-void hadamard_transform_128(float* x) {
-  // In-place fast Walsh–Hadamard butterflies give H x in Sylvester order; then the 1/√128 normalisation.
-  for (int64_t half = 1; half < kHadamardSize; half *= 2) {
-    for (int64_t base = 0; base < kHadamardSize; base += 2 * half) {
+void hadamard_transform(float* x, int64_t n) {
+  check(n > 0 && (n & (n - 1)) == 0, "hadamard_transform: size ", n, " is not a power of two");
+  // In-place fast Walsh–Hadamard butterflies give H x in Sylvester order; then the 1/√n normalisation.
+  for (int64_t half = 1; half < n; half *= 2) {
+    for (int64_t base = 0; base < n; base += 2 * half) {
       for (int64_t i = base; i < base + half; ++i) {
         const float a = x[i];
         const float b = x[i + half];
@@ -71,8 +71,8 @@ void hadamard_transform_128(float* x) {
       }
     }
   }
-  const float norm = 1.0f / std::sqrt(static_cast<float>(kHadamardSize));
-  for (int64_t i = 0; i < kHadamardSize; ++i) x[i] *= norm;
+  const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+  for (int64_t i = 0; i < n; ++i) x[i] *= norm;
 }
 
 void round_kv_reference(float* kv, int64_t rows, int64_t head_dim, int64_t rope_dim) {
@@ -86,13 +86,13 @@ void round_kv_reference(float* kv, int64_t rows, int64_t head_dim, int64_t rope_
   }
 }
 
-void round_indexer_reference(float* x, int64_t rows) {
+void round_indexer_reference(float* x, int64_t rows, int64_t head_dim) {
   check(rows >= 0, "round_indexer_reference: negative row count ", rows);
   for (int64_t r = 0; r < rows; ++r) {
-    float* v = x + r * kHadamardSize;
-    hadamard_transform_128(v);
-    round_to_bf16_inplace(v, kHadamardSize);
-    round_fp4_blocks_ue8m0(v, kHadamardSize, kIndexerFp4Block);
+    float* v = x + r * head_dim;
+    hadamard_transform(v, head_dim);
+    round_to_bf16_inplace(v, head_dim);
+    round_fp4_blocks_ue8m0(v, head_dim, kIndexerFp4Block);
   }
 }
 

@@ -159,7 +159,7 @@ TEST(Hadamard128, RowsFollowSylvesterOrder) {
   for (int j = 0; j < 128; ++j) {
     std::vector<float> e(128, 0.0f);
     e[j] = 1.0f;
-    hadamard_transform_128(e.data());
+    hadamard_transform(e.data(), 128);
     for (int i = 0; i < 128; ++i) {
       const double expected = (std::popcount(unsigned(i & j)) % 2 == 0 ? 1.0 : -1.0) * norm;
       ASSERT_NEAR(e[i], expected, 1e-7) << "H[" << i << "][" << j << "]";
@@ -170,15 +170,31 @@ TEST(Hadamard128, RowsFollowSylvesterOrder) {
 TEST(Hadamard128, OrthogonalAndSelfInverse) {
   auto x = random_vector(128, 3);
   const auto original = x;
-  hadamard_transform_128(x.data());
+  hadamard_transform(x.data(), 128);
   double before = 0, after = 0;
   for (int i = 0; i < 128; ++i) {
     before += double(original[i]) * original[i];
     after += double(x[i]) * x[i];
   }
   EXPECT_NEAR(after, before, 1e-5 * before);
-  hadamard_transform_128(x.data());
+  hadamard_transform(x.data(), 128);
   EXPECT_LT(testing::max_abs_diff(x.data(), original.data(), 128), 1e-6);
+}
+
+// The tiny test models' indexer heads are smaller: the rotation is the Hadamard of their length.
+TEST(Hadamard, OtherPowersOfTwo) {
+  for (int n : {1, 2, 32, 64}) {
+    for (int j = 0; j < n; ++j) {
+      std::vector<float> e(n, 0.0f);
+      e[j] = 1.0f;
+      hadamard_transform(e.data(), n);
+      for (int i = 0; i < n; ++i)
+        ASSERT_NEAR(e[i], (std::popcount(unsigned(i & j)) % 2 == 0 ? 1.0 : -1.0) / std::sqrt(double(n)), 1e-7);
+    }
+  }
+  float x[48] = {};
+  EXPECT_THROW(hadamard_transform(x, 48), Error);
+  EXPECT_THROW(hadamard_transform(x, 0), Error);
 }
 
 TEST(ReferenceRounding, KvVectorLayout) {
@@ -197,10 +213,10 @@ TEST(ReferenceRounding, KvVectorLayout) {
 TEST(ReferenceRounding, IndexerVectorIsHadamardThenBf16ThenFp4) {
   auto x = random_vector(2 * 128, 5, -2.0f, 2.0f);
   auto expected = x;
-  round_indexer_reference(x.data(), 2);
+  round_indexer_reference(x.data(), 2, 128);
   for (int r = 0; r < 2; ++r) {
     float* e = expected.data() + r * 128;
-    hadamard_transform_128(e);
+    hadamard_transform(e, 128);
     for (int i = 0; i < 128; ++i) e[i] = round_to_bf16(e[i]);
     round_fp4_blocks_ue8m0(e, 128, 32);
   }
