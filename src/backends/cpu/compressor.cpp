@@ -51,18 +51,19 @@ void pool_channels(const PoolSource& first, const PoolSource& second, int64_t ch
 
 }  // namespace
 
-CompressorState::CompressorState(int64_t ratio, int64_t head_dim) : ratio_(ratio), head_dim_(head_dim) {
+CompressorState::CompressorState(int64_t ratio, int64_t head_dim, bool overlapping)
+    : ratio_(ratio), head_dim_(head_dim), overlapping_(overlapping) {
   check(ratio > 0 && head_dim > 0, "CompressorState: bad ratio ", ratio, " or head_dim ", head_dim);
   reset();
 }
 
 void CompressorState::reset() {
-  const int64_t width = ratio_ == 4 ? 2 * head_dim_ : head_dim_;
+  const int64_t width = overlapping_ ? 2 * head_dim_ : head_dim_;
   tokens_seen_ = 0;
   entries_emitted_ = 0;
   window_kv_.assign(ratio_ * width, 0.0f);
   window_score_.assign(ratio_ * width, kMinusInfinity);
-  if (ratio_ == 4) {
+  if (overlapping_) {
     previous_kv_.assign(ratio_ * head_dim_, 0.0f);
     previous_score_.assign(ratio_ * head_dim_, kMinusInfinity);
   }
@@ -72,8 +73,9 @@ int64_t compressor_pool(const CompressorParams& p, const CompressorWeights& w, c
                         CompressorState& state, const float* kv, const float* gate, int64_t T,
                         std::vector<float>& entries) {
   check_params(p, rope);
-  check(state.ratio_ == p.ratio && state.head_dim_ == p.head_dim, "compressor: state was made for ratio ",
-        state.ratio_, " head_dim ", state.head_dim_, ", params say ratio ", p.ratio, " head_dim ", p.head_dim);
+  check(state.ratio_ == p.ratio && state.head_dim_ == p.head_dim && state.overlapping_ == p.overlapping,
+        "compressor: state was made for ratio ", state.ratio_, " head_dim ", state.head_dim_, " overlapping ",
+        state.overlapping_, ", params say ratio ", p.ratio, " head_dim ", p.head_dim, " overlapping ", p.overlapping);
   check(w.ape != nullptr && w.norm != nullptr, "compressor: ape and norm weights are required");
   check(T >= 0, "compressor: negative token count ", T);
   const int64_t c = p.head_dim;
@@ -96,7 +98,7 @@ int64_t compressor_pool(const CompressorParams& p, const CompressorWeights& w, c
     const size_t entry_offset = entries.size();
     entries.resize(entry_offset + c);
     float* entry = entries.data() + entry_offset;
-    if (p.overlapping()) {
+    if (p.overlapping) {
       // Slots: (A, ZA) of the previous window, then (B, ZB) of this one (the second halves, columns c..2c).
       pool_channels({state.previous_kv_.data(), state.previous_score_.data(), m, c},
                     {state.window_kv_.data() + c, state.window_score_.data() + c, m, width}, c, entry);

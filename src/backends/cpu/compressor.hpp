@@ -19,12 +19,14 @@ namespace dsv4::cpu {
 struct CompressorParams {
   int64_t hidden = 0;     // d
   int64_t head_dim = 0;   // c: 512 for the main compressor, 128 for the indexer's
-  int64_t ratio = 0;      // m: 4 (CSA, overlapping) or e.g. 128 (HCA)
+  int64_t ratio = 0;      // m: 4 on CSA layers, e.g. 128 on HCA layers
+  // CSA layers pool overlapping windows (two series per token); HCA layers do not. The layer kind decides, not the
+  // ratio: a config may give CSA another rate (transformers' compress_rates).
+  bool overlapping = false;
   float norm_eps = 1e-6f;
   bool round_pooled_to_bf16 = false;  // DeepSeek's norm(bf16(C_w)); false keeps fp32 (HuggingFace)
 
-  bool overlapping() const { return ratio == 4; }
-  int64_t projection_width() const { return overlapping() ? 2 * head_dim : head_dim; }  // coff·c
+  int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }  // coff·c
 };
 
 struct CompressorWeights {
@@ -37,7 +39,7 @@ struct CompressorWeights {
 // What one sequence's compressor (one layer, main or indexer) carries between calls.
 class CompressorState {
  public:
-  CompressorState(int64_t ratio, int64_t head_dim);
+  CompressorState(int64_t ratio, int64_t head_dim, bool overlapping);
 
   int64_t tokens_seen() const { return tokens_seen_; }          // absolute position of the next token
   int64_t entries_emitted() const { return entries_emitted_; }  // compressed entries produced so far
@@ -48,6 +50,7 @@ class CompressorState {
                                  CompressorState&, const float*, const float*, int64_t, std::vector<float>&);
   int64_t ratio_;
   int64_t head_dim_;
+  bool overlapping_;
   int64_t tokens_seen_ = 0;
   int64_t entries_emitted_ = 0;
   // The current incomplete window, slot = position mod ratio: [ratio, coff·c] values and gate scores (ape added).

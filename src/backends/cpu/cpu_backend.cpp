@@ -71,8 +71,10 @@ std::unique_ptr<SequenceCache> CpuBackend::new_sequence() {
   for (int i = 0; i < config_.num_layers; ++i) {
     LayerCache& layer = cache->layers[size_t(i)];
     layer.ring.assign(size_t(config_.window_size) * config_.head_dim, 0.0f);
-    if (config_.has_compressor(i)) layer.compressor.emplace(config_.compress_ratio(i), config_.head_dim);
-    if (config_.has_indexer(i)) layer.index_compressor.emplace(config_.compress_ratio(i), config_.indexer.head_dim);
+    // CSA layers pool overlapping windows, in the main compressor and the indexer's.
+    const bool csa = config_.layer_kind(i) == LayerKind::CompressedSparse;
+    if (config_.has_compressor(i)) layer.compressor.emplace(config_.compress_ratio(i), config_.head_dim, csa);
+    if (csa) layer.index_compressor.emplace(config_.compress_ratio(i), config_.indexer.head_dim, true);
   }
   return cache;
 }
@@ -155,7 +157,8 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
   std::vector<int32_t> compressed_index;
   if (w.compressor) {
     const int64_t before = int64_t(cache.compressed.size()) / D;
-    CompressorParams params{d, D, ratio, float(c.rms_norm_eps), reference};
+    const bool csa = w.indexer.has_value();
+    CompressorParams params{d, D, ratio, csa, float(c.rms_norm_eps), reference};
     compressor_step(params, compressor_weights(*w.compressor), rope, *cache.compressor, x, T, cache.compressed);
     const int64_t entries = int64_t(cache.compressed.size()) / D;
     if (reference && entries > before) round_kv_reference(&cache.compressed[size_t(before * D)], entries - before, D,
@@ -166,7 +169,7 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
       const IndexerWeights& ix = *w.indexer;
       const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
       const int64_t keys_before = int64_t(cache.index_keys.size()) / ID;
-      CompressorParams key_params{d, ID, ratio, float(c.rms_norm_eps), reference};
+      CompressorParams key_params{d, ID, ratio, true, float(c.rms_norm_eps), reference};
       compressor_step(key_params, compressor_weights(ix.compressor), rope, *cache.index_compressor, x, T,
                       cache.index_keys);
       const int64_t keys = int64_t(cache.index_keys.size()) / ID;
