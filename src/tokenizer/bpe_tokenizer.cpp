@@ -403,10 +403,11 @@ struct Tokenizer::Impl {
   void load_post_processor(const Json& post_processor, const std::string& path);
   void load_config(const Json& config, const std::string& config_origin);
 
-  void encode_text(std::string_view text, std::vector<pcre2_match_data*>& match_data,
-                   std::vector<int32_t>& out) const;
+  // Runs splits[split_idx..] over `piece` (each split on every piece of the one before, as HF's Sequence does)
+  // and appends the BPE ids of the final pieces. match_data[i] is this call's PCRE2 scratch for splits[i].
   void split_from(std::string_view piece, std::size_t split_idx, std::vector<pcre2_match_data*>& match_data,
                   std::vector<int32_t>& out) const;
+  // BPE of one final piece, through the cache.
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
   void merge_piece(std::string_view piece, std::vector<int32_t>& out) const;
 };
@@ -622,12 +623,6 @@ void Tokenizer::Impl::load_config(const Json& config, const std::string& config_
       suffix_ids.push_back(*eos);
     }
   }
-}
-
-void Tokenizer::Impl::encode_text(std::string_view text, std::vector<pcre2_match_data*>& match_data,
-                                  std::vector<int32_t>& out) const {
-  if (text.empty()) return;
-  split_from(text, 0, match_data, out);
 }
 
 void Tokenizer::Impl::split_from(std::string_view piece, std::size_t split_idx,
@@ -849,7 +844,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool allow_special
     if (segment.token_id >= 0) {
       ids.push_back(segment.token_id);
     } else {
-      impl.encode_text(segment.text, match_data, ids);
+      impl.split_from(segment.text, 0, match_data, ids);
     }
   }
   return ids;
