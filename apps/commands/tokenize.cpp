@@ -5,6 +5,7 @@
 #include "command_registry.hpp"
 #include "core/error.hpp"
 #include "tokenizer/bpe_tokenizer.hpp"
+#include "tokenizer/chat_encoding.hpp"
 #include "tokenizer/utf8.hpp"
 
 #include <nlohmann/json.hpp>
@@ -40,10 +41,12 @@ Tokenizer load_tokenizer(const TokenizerSource& source) {
   return Tokenizer::from_file(source.model_dir.empty() ? source.tokenizer_file : source.model_dir);
 }
 
-// What to tokenize. A --chat MESSAGES.json option belongs here: one more source of text for encode_input.
+// What to tokenize: text, a file, or a chat (messages encoded with the DSV4 chat format first).
 struct TokenizeInput {
   std::string text;
   std::string file;  // "-" reads standard input
+  std::string chat;  // a JSON file: a list of messages, or {"messages": [...], "tools": [...]}
+  std::string chat_mode = "thinking";
   bool has_text = false;
   bool add_bos = false;
   bool no_special = false;
@@ -58,8 +61,26 @@ std::string read_input_file(const std::string& path) {
   return std::move(contents).str();
 }
 
+// The prompt string of a --chat file.
+std::string encode_chat_file(const TokenizeInput& input) {
+  ChatEncodeOptions options;
+  check(input.chat_mode == "thinking" || input.chat_mode == "chat", "--mode: '", input.chat_mode,
+        "' is not a chat mode (thinking or chat)");
+  options.mode = input.chat_mode == "thinking" ? ChatMode::Thinking : ChatMode::Chat;
+  nlohmann::ordered_json messages;
+  try {
+    messages = nlohmann::ordered_json::parse(read_input_file(input.chat));
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("--chat ", input.chat, ": not valid JSON: ", e.what());
+  }
+  if (messages.is_object()) return encode_chat_request(messages, options);
+  check(messages.is_array(), "--chat ", input.chat, ": expected a list of messages or {\"messages\": [...]}");
+  return encode_chat(messages, options);
+}
+
 std::vector<int32_t> encode_input(const Tokenizer& tokenizer, const TokenizeInput& input) {
-  check(input.has_text || !input.file.empty(), "nothing to tokenize: pass --text T or --file F");
+  if (!input.chat.empty()) return tokenizer.encode(encode_chat_file(input));
+  check(input.has_text || !input.file.empty(), "nothing to tokenize: pass --text T, --file F or --chat F");
   const std::string text = input.has_text ? input.text : read_input_file(input.file);
   utf8::validate(text, input.has_text ? std::string("--text") : "--file " + input.file);
   const bool allow_special = !input.no_special;
@@ -69,13 +90,17 @@ std::vector<int32_t> encode_input(const Tokenizer& tokenizer, const TokenizeInpu
 int run_tokenize(const TokenizerSource& source, const TokenizeInput& input, bool as_json) {
   const Tokenizer tokenizer = load_tokenizer(source);
   const std::vector<int32_t> ids = encode_input(tokenizer, input);
+  // A chat prints the prompt text it encoded: what the model sees, special tokens spelled out.
+  const std::string prompt = input.chat.empty() ? std::string() : encode_chat_file(input);
   if (as_json) {
     nlohmann::json tokens = nlohmann::json::array();
     for (const int32_t id : ids) tokens.push_back(tokenizer.id_to_token(id));
-    const nlohmann::json out = {{"count", ids.size()}, {"ids", ids}, {"tokens", tokens}};
+    nlohmann::json out = {{"count", ids.size()}, {"ids", ids}, {"tokens", tokens}};
+    if (!input.chat.empty()) out["prompt"] = prompt;
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
+  if (!input.chat.empty()) std::printf("%s\n\n", prompt.c_str());
   std::string line;
   for (const int32_t id : ids) line += (line.empty() ? "" : ",") + std::to_string(id);
   std::printf("%s\n", line.c_str());
@@ -119,7 +144,11 @@ const CommandRegistration tokenize_registration{{
       add_tokenizer_options(sub, *source);
       CLI::Option* text = sub.add_option("--text", input->text, "Text to tokenize");
       CLI::Option* file = sub.add_option("--file", input->file, "File to tokenize ('-' reads standard input)");
+      CLI::Option* chat = sub.add_option("--chat", input->chat,
+                                         "Chat messages (JSON list, or {\"messages\", \"tools\"}) to encode and tokenize");
+      sub.add_option("--mode", input->chat_mode, "Chat mode for --chat: thinking or chat")->capture_default_str();
       text->excludes(file);
+      chat->excludes(text)->excludes(file);
       sub.add_flag("--json", *as_json, "Print a JSON object with the ids and the token strings");
       sub.add_flag("--bos", input->add_bos, "Add what the tokenizer puts around a prompt (BOS for DeepSeek)");
       sub.add_flag("--no-special", input->no_special, "Treat special-token text as plain text");
