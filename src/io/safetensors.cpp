@@ -106,38 +106,66 @@ std::string known_dtype_list() {
   return list;
 }
 
-// Parses the header JSON, rejecting duplicate keys (nlohmann would silently keep the last one, hiding a second
-// tensor of the same name) and nesting deeper than any valid header, before the DOM for it is built.
-json parse_header_json(const std::string& path, const uint8_t* first, const uint8_t* last) {
-  struct OpenObject {
-    std::set<std::string> keys;
-  };
-  std::vector<OpenObject> open_objects;
-  auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        check(depth <= kMaxJsonDepth, path, ": header nests JSON deeper than a safetensors header can");
-        if (event == json::parse_event_t::object_start) open_objects.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        open_objects.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const auto& key = parsed.get_ref<const std::string&>();
-        if (!open_objects.back().keys.insert(key).second) {
-          if (open_objects.size() == 1) fail(path, ": duplicate tensor name '", key, "' in the header");
-          fail(path, ": duplicate key '", key, "' inside a header entry");
-        }
-        break;
-      }
-      default:
-        break;
+// A first, streaming pass over the header: reports syntax errors, duplicate keys (a DOM parse would silently keep the
+// last one, hiding a second tensor of the same name) and nesting deeper than any valid header, before a DOM is built.
+// nlohmann's callback parser would do the same in one pass but rescans the parent object at every object end, which
+// is quadratic in the tensor count.
+class HeaderStructureCheck final : public nlohmann::json_sax<json> {
+ public:
+  explicit HeaderStructureCheck(const std::string& path) : path_(path) {}
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    enter();
+    keys_of_open_objects_.emplace_back();
+    return true;
+  }
+  bool key(string_t& key) override {
+    if (!keys_of_open_objects_.back().insert(key).second) {
+      if (keys_of_open_objects_.size() == 1) fail(path_, ": duplicate tensor name '", key, "' in the header");
+      fail(path_, ": duplicate key '", key, "' inside a header entry");
     }
     return true;
-  };
+  }
+  bool end_object() override {
+    keys_of_open_objects_.pop_back();
+    --open_containers_;
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    enter();
+    return true;
+  }
+  bool end_array() override {
+    --open_containers_;
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const json::exception& error) override {
+    fail(path_, ": header is not valid JSON: ", error.what());
+  }
+
+ private:
+  void enter() {
+    check(open_containers_ <= kMaxJsonDepth, path_, ": header nests JSON deeper than a safetensors header can");
+    ++open_containers_;
+  }
+
+  const std::string& path_;
+  int open_containers_ = 0;
+  std::vector<std::set<std::string>> keys_of_open_objects_;
+};
+
+json parse_header_json(const std::string& path, const uint8_t* first, const uint8_t* last) {
+  HeaderStructureCheck structure(path);
+  json::sax_parse(first, last, &structure);
   try {
-    return json::parse(first, last, on_event);
+    return json::parse(first, last);
   } catch (const json::exception& e) {
     fail(path, ": header is not valid JSON: ", e.what());
   }

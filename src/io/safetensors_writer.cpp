@@ -122,21 +122,25 @@ void SafetensorsWriter::write_file(const std::string& path, const std::vector<co
     return a_bits != b_bits ? a_bits > b_bits : a->name < b->name;
   });
 
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata_.empty()) header["__metadata__"] = metadata_;
-  size_t offset = 0;
-  for (const PendingTensor* tensor : ordered) {
-    header[tensor->name] = {{"dtype", std::string(to_string(tensor->dtype))},
-                            {"shape", tensor->shape},
-                            {"data_offsets", {offset, offset + tensor->bytes}}};
-    offset += tensor->bytes;
-  }
-  std::string header_text;
+  // Assembled by hand in offset order: nlohmann's ordered_json looks keys up linearly, quadratic in the tensor count.
+  // Its dump() still escapes each name and throws on invalid UTF-8.
+  std::string header_text = "{";
   try {
-    header_text = header.dump();
+    if (!metadata_.empty()) header_text += "\"__metadata__\":" + nlohmann::json(metadata_).dump();
+    size_t offset = 0;
+    for (const PendingTensor* tensor : ordered) {
+      if (header_text.size() > 1) header_text += ',';
+      header_text += nlohmann::json(tensor->name).dump();
+      header_text += ":{\"dtype\":\"";
+      header_text += to_string(tensor->dtype);
+      header_text += "\",\"shape\":" + nlohmann::json(tensor->shape).dump();
+      header_text += ",\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(offset + tensor->bytes) + "]}";
+      offset += tensor->bytes;
+    }
   } catch (const nlohmann::json::exception& e) {
     fail(path, ": cannot encode the header (tensor names and metadata must be UTF-8): ", e.what());
   }
+  header_text += '}';
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
 
   uint8_t length_field[8];

@@ -1,5 +1,4 @@
 // SafetensorsFile and SafetensorsWriter: dtype table, round trips, and one crafted file per rejected input.
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -194,6 +193,29 @@ TEST_F(SafetensorsTest, WriterRoundTripKeepsEveryTensorAndAlignsData) {
     ASSERT_NE(mapped, nullptr);
     EXPECT_EQ(view.file, "memory");
     EXPECT_TRUE(std::equal(view.data, view.data + view.bytes, mapped->data)) << view.name;
+  }
+}
+
+// Real shards hold thousands of entries; header handling must stay linear (a quadratic step took minutes here).
+TEST_F(SafetensorsTest, ManyTensorsRoundTrip) {
+  constexpr int kTensors = 20000;
+  SafetensorsWriter writer;
+  for (int i = 0; i < kTensors; ++i) {
+    const uint16_t value = static_cast<uint16_t>(i);
+    writer.add("layers." + std::to_string(i / 256) + ".ffn.experts." + std::to_string(i % 256) + ".w1.weight",
+               DType::BF16, {1}, &value, sizeof(value));
+  }
+  const std::string path = (dir_ / "many.safetensors").string();
+  writer.write(path);
+  const auto file = SafetensorsFile::open(path);
+  ASSERT_EQ(file->tensors().size(), static_cast<size_t>(kTensors));
+  for (int i = 0; i < kTensors; i += 997) {
+    const TensorView* view = file->find("layers." + std::to_string(i / 256) + ".ffn.experts." +
+                                        std::to_string(i % 256) + ".w1.weight");
+    ASSERT_NE(view, nullptr) << i;
+    uint16_t value = 0;
+    std::memcpy(&value, view->data, sizeof(value));
+    EXPECT_EQ(value, i);
   }
 }
 
