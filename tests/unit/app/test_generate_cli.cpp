@@ -1,38 +1,17 @@
 // `dsv4 generate` and `dsv4 chat` end to end on a golden tiny model with a tiny tokenizer.
+#include "support/cli_runner.hpp"
 #include "support/tiny_checkpoint.hpp"
 #include "support/tiny_tokenizer.hpp"
 
 #include <gtest/gtest.h>
 
-#include <cstdio>
-#include <fstream>
-#include <sys/wait.h>
+#include <filesystem>
 
 namespace fs = std::filesystem;
+using dsv4::testing::CliResult;
+using dsv4::testing::run_cli;
 
 namespace {
-
-struct Result {
-  int exit_code;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-Result run(const std::string& args, const std::string& stdin_text = "") {
-  const fs::path in = fs::temp_directory_path() / ("dsv4-cli-in-" + std::to_string(::getpid()));
-  const fs::path err = fs::temp_directory_path() / ("dsv4-cli-err-" + std::to_string(::getpid()));
-  std::ofstream(in) << stdin_text;
-  FILE* pipe = popen((std::string(DSV4_BINARY) + " " + args + " <" + in.string() + " 2>" + err.string()).c_str(), "r");
-  std::string out;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
-  const int status = pclose(pipe);
-  std::ifstream e(err);
-  std::string err_text((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
-  fs::remove(in);
-  fs::remove(err);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out, err_text};
-}
 
 class GenerateCli : public ::testing::Test {
  protected:
@@ -48,39 +27,40 @@ class GenerateCli : public ::testing::Test {
 }  // namespace
 
 TEST_F(GenerateCli, StreamsTextAndReportsSpeed) {
-  const Result a = run("generate " + model() + " -p 'hello world' -n 12 --seed 4");
+  const CliResult a = run_cli("generate " + model() + " -p 'hello world' -n 12 --seed 4");
   ASSERT_EQ(a.exit_code, 0) << a.err;
   EXPECT_FALSE(a.out.empty());
   EXPECT_NE(a.err.find("generated"), std::string::npos) << a.err;
   EXPECT_NE(a.err.find("tok/s"), std::string::npos) << a.err;
   // Same seed, same text; raw and chat prompts differ in length.
-  EXPECT_EQ(run("generate " + model() + " -p 'hello world' -n 12 --seed 4").out, a.out);
+  EXPECT_EQ(run_cli("generate " + model() + " -p 'hello world' -n 12 --seed 4").out, a.out);
   // Raw: BOS and the text's tokens, without the chat template around them.
-  const Result raw = run("generate " + model() + " -p 'hello world' -n 4 --raw --temp 0");
+  const CliResult raw = run_cli("generate " + model() + " -p 'hello world' -n 4 --raw --temp 0");
   ASSERT_EQ(raw.exit_code, 0) << raw.err;
   EXPECT_NE(raw.err.find("[prompt 8 tokens"), std::string::npos) << raw.err;
   EXPECT_NE(a.err.find("[prompt 11 tokens"), std::string::npos) << a.err;
-  const Result think = run("generate " + model() + " -p 'hello world' -n 4 --think --temp 0");
+  const CliResult think = run_cli("generate " + model() + " -p 'hello world' -n 4 --think --temp 0");
   EXPECT_EQ(think.exit_code, 0) << think.err;
 }
 
 TEST_F(GenerateCli, BadInputFailsWithAMessage) {
-  Result r = run("generate " + model() + " -p ''");
+  CliResult r = run_cli("generate " + model() + " -p ''");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("empty"), std::string::npos) << r.err;
-  r = run("generate " + model() + " -p hi --temp -1");
+  r = run_cli("generate " + model() + " -p hi --temp -1");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("temperature"), std::string::npos) << r.err;
-  r = run("generate " + model() + " -p \"$(printf '\\377\\376')\"");
+  r = run_cli("generate " + model() + " -p \"$(printf '\\377\\376')\"");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("UTF-8"), std::string::npos) << r.err;
-  r = run("generate -m " + (fs::path(DSV4_SOURCE_DIR) / "tests/golden/flash_like").string() + " -p hi");
+  r = run_cli("generate -m " + (fs::path(DSV4_SOURCE_DIR) / "tests/golden/flash_like").string() + " -p hi");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("tokenizer.json"), std::string::npos) << r.err;
 }
 
 TEST_F(GenerateCli, ChatKeepsGoingUntilQuit) {
-  const Result r = run("chat " + model() + " -n 6 --temp 0", "hello\n/think on\nwhy?\n/think maybe\n/reset\n/nope\nhi\n/quit\n");
+  const CliResult r =
+      run_cli("chat " + model() + " -n 6 --temp 0", "hello\n/think on\nwhy?\n/think maybe\n/reset\n/nope\nhi\n/quit\n");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("(thinking on)"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("(history cleared)"), std::string::npos) << r.out;
@@ -91,5 +71,5 @@ TEST_F(GenerateCli, ChatKeepsGoingUntilQuit) {
   for (size_t at = 0; (at = r.err.find("[prompt ", at)) != std::string::npos; ++at) ++turns;
   EXPECT_EQ(turns, 3u) << r.err;
   // End of input also ends the chat.
-  EXPECT_EQ(run("chat " + model() + " -n 2", "hello\n").exit_code, 0);
+  EXPECT_EQ(run_cli("chat " + model() + " -n 2", "hello\n").exit_code, 0);
 }

@@ -1,4 +1,5 @@
 // `dsv4 tokenize --chat`: the four golden DSV4 chat cases come out as the reference prompt text and its token ids.
+#include "support/cli_runner.hpp"
 #include "support/tiny_checkpoint.hpp"
 #include "support/tiny_tokenizer.hpp"
 #include "tokenizer/bpe_tokenizer.hpp"
@@ -6,23 +7,14 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <sys/wait.h>
 
 namespace fs = std::filesystem;
+using dsv4::testing::CliResult;
+using dsv4::testing::run_cli;
 
 namespace {
-
-int run(const std::string& args, std::string& out) {
-  FILE* pipe = popen((std::string(DSV4_BINARY) + " " + args + " 2>&1").c_str(), "r");
-  out.clear();
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) out.append(buffer, n);
-  const int status = pclose(pipe);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 std::string read_file(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -41,13 +33,10 @@ TEST(TokenizeChatCli, GoldenChatCases) {
     const fs::path input = shared / ("data/chat-encoding/input_" + std::to_string(n) + ".json");
     const std::string expected = read_file(shared / ("data/chat-encoding/output_" + std::to_string(n) + ".txt"));
     const std::string mode = n == 4 ? "chat" : "thinking";
-    std::string out;
-    ASSERT_EQ(run("tokenize --tokenizer " + tokenizer.string() + " --chat " + input.string() + " --mode " + mode +
-                      " --json",
-                  out),
-              0)
-        << out;
-    const nlohmann::json result = nlohmann::json::parse(out);
+    const CliResult r = run_cli("tokenize --tokenizer " + tokenizer.string() + " --chat " + input.string() +
+                                " --mode " + mode + " --json");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const nlohmann::json result = nlohmann::json::parse(r.out);
     EXPECT_EQ(result["prompt"].get<std::string>(), expected);
 
     // The ids are those of the prompt text itself.
@@ -60,14 +49,16 @@ TEST(TokenizeChatCli, BadChatFiles) {
   dsv4::testing::write_tiny_tokenizer(dir.path());
   const fs::path tokenizer = dir / "tokenizer.json";
   const fs::path bad = dir / "chat.json";
-  std::string out;
   for (const auto& [content, message] : {std::pair{"[{\"role\": \"bogus\"}]", "unknown role 'bogus'"},
                                          std::pair{"{not json", "not valid JSON"},
                                          std::pair{"42", "expected a list of messages"}}) {
     std::ofstream(bad) << content;
-    EXPECT_EQ(run("tokenize --tokenizer " + tokenizer.string() + " --chat " + bad.string(), out), 1);
-    EXPECT_NE(out.find(message), std::string::npos) << out;
+    const CliResult r = run_cli("tokenize --tokenizer " + tokenizer.string() + " --chat " + bad.string());
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find(message), std::string::npos) << r.text();
   }
-  EXPECT_EQ(run("tokenize --tokenizer " + tokenizer.string() + " --chat " + bad.string() + " --mode fast", out), 1);
-  EXPECT_NE(out.find("thinking or chat"), std::string::npos) << out;
+  const CliResult r =
+      run_cli("tokenize --tokenizer " + tokenizer.string() + " --chat " + bad.string() + " --mode fast");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("thinking or chat"), std::string::npos) << r.text();
 }

@@ -1,32 +1,18 @@
 // `dsv4 tokenize` and `dsv4 detokenize` end to end: the built binary on a small tokenizer written here.
+#include "support/cli_runner.hpp"
+
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
-#include <sys/wait.h>
 
 namespace {
 
-struct Result {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
-
-Result run(const std::string& args) {
-  const std::string command = std::string(DSV4_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (!pipe) return {-1, "popen failed"};
-  std::string output;
-  std::array<char, 4096> buffer;
-  while (size_t n = fread(buffer.data(), 1, buffer.size(), pipe)) output.append(buffer.data(), n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
+using dsv4::testing::CliResult;
+using dsv4::testing::run_cli;
 
 // A byte-level BPE folder: id b is byte b, "hi" = 256 (merge "h i"), "<s>" = 257 (special, BOS).
 class TokenizeCli : public ::testing::Test {
@@ -67,73 +53,73 @@ class TokenizeCli : public ::testing::Test {
 };
 
 TEST_F(TokenizeCli, PrintsIdsForTextAndFiles) {
-  Result result = run("tokenize --tokenizer " + path("tokenizer.json") + " --text 'hi hi'");
-  EXPECT_EQ(result.exit_code, 0) << result.output;
-  EXPECT_EQ(result.output, "256,32,256\n");
+  CliResult result = run_cli("tokenize --tokenizer " + path("tokenizer.json") + " --text 'hi hi'");
+  EXPECT_EQ(result.exit_code, 0) << result.text();
+  EXPECT_EQ(result.out, "256,32,256\n");
 
-  result = run("tokenize -m " + path() + " --text hi --bos");
-  EXPECT_EQ(result.output, "257,256\n");
+  result = run_cli("tokenize -m " + path() + " --text hi --bos");
+  EXPECT_EQ(result.out, "257,256\n");
 
   write("prompt.txt", "<s>hi\n");
-  result = run("tokenize -m " + path() + " --file " + path("prompt.txt"));
-  EXPECT_EQ(result.output, "257,256,10\n");
-  result = run("tokenize -m " + path() + " --file " + path("prompt.txt") + " --no-special");
-  EXPECT_EQ(result.output, "60,115,62,256,10\n");
+  result = run_cli("tokenize -m " + path() + " --file " + path("prompt.txt"));
+  EXPECT_EQ(result.out, "257,256,10\n");
+  result = run_cli("tokenize -m " + path() + " --file " + path("prompt.txt") + " --no-special");
+  EXPECT_EQ(result.out, "60,115,62,256,10\n");
 
-  result = run("tokenize -m " + path() + " --text 'hi!' --json");
-  ASSERT_EQ(result.exit_code, 0) << result.output;
-  const nlohmann::json json = nlohmann::json::parse(result.output);
+  result = run_cli("tokenize -m " + path() + " --text 'hi!' --json");
+  ASSERT_EQ(result.exit_code, 0) << result.text();
+  const nlohmann::json json = nlohmann::json::parse(result.out);
   EXPECT_EQ(json["ids"], nlohmann::json({256, 33}));
   EXPECT_EQ(json["tokens"], nlohmann::json({"hi", "!"}));
   EXPECT_EQ(json["count"], 2);
 }
 
 TEST_F(TokenizeCli, DetokenizePrintsText) {
-  Result result = run("detokenize -m " + path() + " --ids 257,256,32,33");
-  EXPECT_EQ(result.exit_code, 0) << result.output;
-  EXPECT_EQ(result.output, "<s>hi !\n");
-  result = run("detokenize -m " + path() + " --ids '257 256' --skip-special");
-  EXPECT_EQ(result.output, "hi\n");
+  CliResult result = run_cli("detokenize -m " + path() + " --ids 257,256,32,33");
+  EXPECT_EQ(result.exit_code, 0) << result.text();
+  EXPECT_EQ(result.out, "<s>hi !\n");
+  result = run_cli("detokenize -m " + path() + " --ids '257 256' --skip-special");
+  EXPECT_EQ(result.out, "hi\n");
   // Half of "é" shows as U+FFFD rather than as a broken byte.
-  result = run("detokenize -m " + path() + " --ids 104,195");
-  EXPECT_EQ(result.output, "h\xEF\xBF\xBD\n");
+  result = run_cli("detokenize -m " + path() + " --ids 104,195");
+  EXPECT_EQ(result.out, "h\xEF\xBF\xBD\n");
 }
 
 TEST_F(TokenizeCli, BadInputFailsWithItsCause) {
-  Result result = run("detokenize -m " + path() + " --ids 1,258");
+  CliResult result = run_cli("detokenize -m " + path() + " --ids 1,258");
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("token id 258 is out of range"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("token id 258 is out of range"), std::string::npos) << result.text();
 
-  result = run("detokenize -m " + path() + " --ids 1,two");
+  result = run_cli("detokenize -m " + path() + " --ids 1,two");
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("'two' is not a token id"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("'two' is not a token id"), std::string::npos) << result.text();
 
   write("bad.txt", "ok\xC3(");
-  result = run("tokenize -m " + path() + " --file " + path("bad.txt"));
+  result = run_cli("tokenize -m " + path() + " --file " + path("bad.txt"));
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("invalid UTF-8 at byte offset 2 (0xC3)"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("invalid UTF-8 at byte offset 2 (0xC3)"), std::string::npos) << result.text();
 
-  result = run("tokenize --tokenizer " + path("missing.json") + " --text hi");
+  result = run_cli("tokenize --tokenizer " + path("missing.json") + " --text hi");
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("tokenizer file not found"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("tokenizer file not found"), std::string::npos) << result.text();
 
-  result = run("tokenize --text hi");
+  result = run_cli("tokenize --text hi");
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("no tokenizer given"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("no tokenizer given"), std::string::npos) << result.text();
 
-  result = run("tokenize -m " + path());
+  result = run_cli("tokenize -m " + path());
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("nothing to tokenize"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("nothing to tokenize"), std::string::npos) << result.text();
 
-  result = run("tokenize -m " + path() + " --text hi --file x");
+  result = run_cli("tokenize -m " + path() + " --text hi --file x");
   EXPECT_NE(result.exit_code, 0);
   EXPECT_NE(result.exit_code, 1) << "a usage error, reported by the option parser";
 
   tokenizer_json_["normalizer"] = {{"type", "NFKC"}};
   write("tokenizer.json", tokenizer_json_.dump());
-  result = run("tokenize -m " + path() + " --text hi");
+  result = run_cli("tokenize -m " + path() + " --text hi");
   EXPECT_EQ(result.exit_code, 1);
-  EXPECT_NE(result.output.find("normalizer.type 'NFKC' is not supported"), std::string::npos) << result.output;
+  EXPECT_NE(result.text().find("normalizer.type 'NFKC' is not supported"), std::string::npos) << result.text();
 }
 
 }  // namespace
