@@ -2,6 +2,8 @@
 // configs say, the 256 bytes, the DSV4 chat special tokens, and merges of common letter pairs to fill the rest.
 #pragma once
 
+#include "support/byte_level.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -9,21 +11,6 @@
 #include <string>
 
 namespace dsv4::testing {
-
-// The GPT-2 byte alphabet: printable bytes stand for themselves, the others map to code points from U+0100.
-inline std::string byte_level_spelling(unsigned char byte) {
-  int code = byte, extra = 0x100;
-  for (int b = 0; b < 256; ++b) {
-    const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
-    if (b == byte) {
-      code = printable ? b : extra;
-      break;
-    }
-    if (!printable) ++extra;
-  }
-  if (code < 0x80) return std::string(1, char(code));
-  return {char(0xC0 | (code >> 6)), char(0x80 | (code & 0x3F))};
-}
 
 inline void write_tiny_tokenizer(const std::filesystem::path& dir, int vocab_size = 512) {
   using Json = nlohmann::json;

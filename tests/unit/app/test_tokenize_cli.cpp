@@ -1,4 +1,5 @@
 // `dsv4 tokenize` and `dsv4 detokenize` end to end: the built binary on a small tokenizer written here.
+#include "support/byte_level.hpp"
 #include "support/cli_runner.hpp"
 
 #include <gtest/gtest.h>
@@ -21,15 +22,7 @@ class TokenizeCli : public ::testing::Test {
     dir_ = std::filesystem::temp_directory_path() / ("dsv4-tokenize-cli-" + std::to_string(std::random_device{}()));
     std::filesystem::create_directories(dir_);
     nlohmann::json vocab = nlohmann::json::object();
-    int extra = 0x100;
-    for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-      const int cp = printable ? b : extra++;
-      const std::string spelling = cp < 0x80 ? std::string(1, static_cast<char>(cp))
-                                             : std::string{static_cast<char>(0xC0 | (cp >> 6)),
-                                                           static_cast<char>(0x80 | (cp & 0x3F))};
-      vocab[spelling] = b;
-    }
+    for (int b = 0; b < 256; ++b) vocab[dsv4::testing::byte_level_spelling(static_cast<unsigned char>(b))] = b;
     vocab["hi"] = 256;
     tokenizer_json_ = {
         {"added_tokens", {{{"id", 257}, {"content", "<s>"}, {"special", true}, {"normalized", false}}}},

@@ -3,6 +3,7 @@
 #include "tokenizer/bpe_tokenizer.hpp"
 
 #include "core/error.hpp"
+#include "support/byte_level.hpp"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -23,26 +24,11 @@ using Json = nlohmann::json;
 using Ids = std::vector<int32_t>;
 using Merges = std::vector<std::pair<std::string, std::string>>;
 
-// GPT-2 byte alphabet, written independently of the implementation: printable Latin-1 maps to itself, the other
-// 68 bytes to U+0100.. in byte order.
-std::string byte_spelling(unsigned char byte) {
-  static const std::vector<std::string> table = [] {
-    std::vector<std::string> spellings(256);
-    int extra = 0x100;
-    for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-      const int cp = printable ? b : extra++;
-      spellings[b] = cp < 0x80 ? std::string(1, static_cast<char>(cp))
-                               : std::string{static_cast<char>(0xC0 | (cp >> 6)), static_cast<char>(0x80 | (cp & 0x3F))};
-    }
-    return spellings;
-  }();
-  return table[byte];
-}
+using dsv4::testing::byte_level_spelling;
 
 std::string spell(std::string_view bytes) {
   std::string out;
-  for (const char c : bytes) out += byte_spelling(static_cast<unsigned char>(c));
+  for (const char c : bytes) out += byte_level_spelling(static_cast<unsigned char>(c));
   return out;
 }
 
@@ -56,7 +42,7 @@ struct SmallTokenizer {
                           bool merges_as_pairs = false) {
     Json vocab = Json::object();
     for (int b = 0; b < 256; ++b) {
-      vocab[byte_spelling(static_cast<unsigned char>(b))] = b;
+      vocab[byte_level_spelling(static_cast<unsigned char>(b))] = b;
       ids[std::string(1, static_cast<char>(b))] = b;
     }
     Json merge_list = Json::array();
@@ -153,8 +139,8 @@ TEST(BpeTokenizer, EveryByteRoundTrips) {
   for (int b = 0; b < 256; ++b) {
     const std::string bytes(1, static_cast<char>(b));
     EXPECT_EQ(tokenizer.token_bytes(b), bytes);
-    EXPECT_EQ(tokenizer.id_to_token(b), byte_spelling(static_cast<unsigned char>(b)));
-    EXPECT_EQ(tokenizer.token_to_id(byte_spelling(static_cast<unsigned char>(b))), b);
+    EXPECT_EQ(tokenizer.id_to_token(b), byte_level_spelling(static_cast<unsigned char>(b)));
+    EXPECT_EQ(tokenizer.token_to_id(byte_level_spelling(static_cast<unsigned char>(b))), b);
   }
   EXPECT_EQ(tokenizer.encode("é"), (Ids{0xC3, 0xA9}));
   EXPECT_EQ(tokenizer.decode(Ids{0xC3, 0xA9}), "é");
@@ -324,7 +310,7 @@ TEST(BpeTokenizer, BadIdsAreErrorsNotCrashes) {
 
 TEST(BpeTokenizer, MissingByteTokenIsAnError) {
   SmallTokenizer small;
-  small.json["model"]["vocab"].erase(byte_spelling('z'));
+  small.json["model"]["vocab"].erase(byte_level_spelling('z'));
   const dsv4::Tokenizer tokenizer = small.build();
   EXPECT_EQ(tokenizer.encode("ab"), (Ids{'a', 'b'}));
   EXPECT_NE(error_of([&] { (void)tokenizer.encode("az"); }).find("byte 0x7A has no token"), std::string::npos);
