@@ -6,7 +6,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 
 namespace dsv4 {
 
@@ -38,16 +37,25 @@ NpyArray read_npy_f32(const std::string& path) {
   check(bool(in), path, ": truncated header");
   check(header.find("'descr': '<f4'") != std::string::npos, path, ": not little-endian float32 (header ", header, ")");
   check(header.find("'fortran_order': False") != std::string::npos, path, ": Fortran order is not supported");
-  std::smatch match;
-  check(std::regex_search(header, match, std::regex(R"('shape':\s*\(([^)]*)\))")), path, ": no shape in header");
+  // 'shape': (d0, d1, ...): the integers between the parentheses.
+  const size_t key = header.find("'shape'");
+  const size_t open = header.find('(', key), close = header.find(')', open);
+  check(key != std::string::npos && open != std::string::npos && close != std::string::npos, path,
+        ": no shape in header");
   NpyArray array;
   int64_t count = 1;
-  const std::string dims = match[1];
-  const std::regex number(R"(\d+)");
-  for (std::sregex_iterator it(dims.begin(), dims.end(), number), end; it != end; ++it) {
-    array.shape.push_back(std::stoll(it->str()));
-    count *= array.shape.back();
+  for (size_t i = open + 1; i < close;) {
+    if (header[i] < '0' || header[i] > '9') {
+      ++i;
+      continue;
+    }
+    int64_t extent = 0;
+    for (; i < close && header[i] >= '0' && header[i] <= '9'; ++i) extent = extent * 10 + (header[i] - '0');
+    check(extent < (int64_t(1) << 40), path, ": shape extent too large");
+    array.shape.push_back(extent);
+    count *= extent;
   }
+  check(count < (int64_t(1) << 34), path, ": too many values");
   array.values.resize(size_t(count));
   in.read(reinterpret_cast<char*>(array.values.data()), std::streamsize(count * 4));
   check(bool(in), path, ": holds fewer than the ", count, " values its header declares");
