@@ -19,9 +19,12 @@
 #include "core/fp8_e4m3.hpp"
 #include "core/mxfp4.hpp"
 #include "core/nvfp4.hpp"
+#include "support/expect_error.hpp"
 
 namespace dsv4 {
 namespace {
+
+using testing::expect_error;
 
 struct Shape {
   int64_t rows, cols;
@@ -227,30 +230,21 @@ TEST(BlockCodecs, RequantizingDequantizedValuesIsStable) {
   }
 }
 
-void expect_error_mentioning(const std::function<void()>& action, const std::string& needle) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find(needle), std::string::npos) << error.what();
-  }
-}
-
 TEST(BlockCodecs, RejectBadInput) {
   std::vector<float> values(2 * 40, 1.0f);
   values[40 + 7] = NAN;
-  expect_error_mentioning([&] { quantize_mxfp4(values.data(), 2, 40); },
+  expect_error([&] { quantize_mxfp4(values.data(), 2, 40); },
                           "quantize mxfp4: non-finite input nan at row 1, col 7");
-  expect_error_mentioning([&] { quantize_nvfp4(values.data(), 2, 40); }, "row 1, col 7");
-  expect_error_mentioning([&] { quantize_fp8_block128(values.data(), 2, 40, ScaleType::F32); }, "row 1, col 7");
+  expect_error([&] { quantize_nvfp4(values.data(), 2, 40); }, "row 1, col 7");
+  expect_error([&] { quantize_fp8_block128(values.data(), 2, 40, ScaleType::F32); }, "row 1, col 7");
   values[40 + 7] = -INFINITY;
-  expect_error_mentioning([&] { quantize_nvfp4(values.data(), 2, 40); }, "non-finite input -inf");
-  expect_error_mentioning([&] { quantize_fp8_block128(values.data(), 2, 40, ScaleType::E4M3); },
+  expect_error([&] { quantize_nvfp4(values.data(), 2, 40); }, "non-finite input -inf");
+  expect_error([&] { quantize_fp8_block128(values.data(), 2, 40, ScaleType::E4M3); },
                           "scale type must be e8m0 or f32, not e4m3");
-  expect_error_mentioning([&] { quantize_mxfp4(nullptr, 2, 40); }, "null input");
-  expect_error_mentioning([&] { quantize_mxfp4(values.data(), -2, 40); }, "negative shape");
+  expect_error([&] { quantize_mxfp4(nullptr, 2, 40); }, "null input");
+  expect_error([&] { quantize_mxfp4(values.data(), -2, 40); }, "negative shape");
   const OwnedQuantizedMatrix nv = quantize_nvfp4(values.data(), 1, 40);
-  expect_error_mentioning([&] { mxfp4_to_nvfp4(nv.matrix); }, "mxfp4 -> nvfp4: matrix is nvfp4");
+  expect_error([&] { mxfp4_to_nvfp4(nv.matrix); }, "mxfp4 -> nvfp4: matrix is nvfp4");
 }
 
 // ---- MXFP4 -> NVFP4 ----
@@ -412,7 +406,7 @@ TEST(Mxfp4ToNvfp4, NanScaleIsAnError) {
   OwnedQuantizedMatrix mx = allocate_quantized_matrix(WeightFormat::MXFP4, 2, 64, ScaleType::E8M0);
   std::fill(mx.storage->scales.begin(), mx.storage->scales.end(), uint8_t(127));
   mx.storage->scales[3] = kE8m0Nan;
-  expect_error_mentioning([&] { mxfp4_to_nvfp4(mx.matrix); }, "NaN e8m0 scale at row 1, mxfp4 block 1");
+  expect_error([&] { mxfp4_to_nvfp4(mx.matrix); }, "NaN e8m0 scale at row 1, mxfp4 block 1");
 }
 
 }  // namespace

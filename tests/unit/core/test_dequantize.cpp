@@ -17,9 +17,12 @@
 #include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 #include "core/quantized_matrix.hpp"
+#include "support/expect_error.hpp"
 
 namespace dsv4 {
 namespace {
+
+using testing::expect_error;
 
 struct Shape {
   int64_t rows, cols;
@@ -146,46 +149,37 @@ TEST(Dequantize, EmptyMatricesGiveNothing) {
   }
 }
 
-void expect_error_mentioning(const std::function<void()>& action, const std::string& needle) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find(needle), std::string::npos) << error.what();
-  }
-}
-
 TEST(Dequantize, RejectsInconsistentInput) {
   std::mt19937 rng(5);
   const OwnedQuantizedMatrix owned = random_matrix(WeightFormat::MXFP4, ScaleType::E8M0, {4, 64}, rng);
   std::vector<float> out(4 * 64);
-  expect_error_mentioning([&] { dequantize_rows(owned.matrix, 2, 5, out.data()); }, "row range [2, 5)");
-  expect_error_mentioning([&] { dequantize_rows(owned.matrix, 3, 2, out.data()); }, "row range [3, 2)");
-  expect_error_mentioning([&] { dequantize_rows(owned.matrix, -1, 2, out.data()); }, "row range [-1, 2)");
-  expect_error_mentioning([&] { dequantize_rows(owned.matrix, 0, 1, nullptr); }, "null output");
+  expect_error([&] { dequantize_rows(owned.matrix, 2, 5, out.data()); }, "row range [2, 5)");
+  expect_error([&] { dequantize_rows(owned.matrix, 3, 2, out.data()); }, "row range [3, 2)");
+  expect_error([&] { dequantize_rows(owned.matrix, -1, 2, out.data()); }, "row range [-1, 2)");
+  expect_error([&] { dequantize_rows(owned.matrix, 0, 1, nullptr); }, "null output");
 
   QuantizedMatrix no_scales = owned.matrix;
   no_scales.scales = nullptr;
-  expect_error_mentioning([&] { dequantize(no_scales); }, "mxfp4 matrix [4, 64] has no scales");
+  expect_error([&] { dequantize(no_scales); }, "mxfp4 matrix [4, 64] has no scales");
   QuantizedMatrix no_data = owned.matrix;
   no_data.data = nullptr;
-  expect_error_mentioning([&] { dequantize(no_data); }, "has no data");
+  expect_error([&] { dequantize(no_data); }, "has no data");
   QuantizedMatrix wrong_scale_type = owned.matrix;
   wrong_scale_type.scale_type = ScaleType::E4M3;
-  expect_error_mentioning([&] { dequantize(wrong_scale_type); }, "mxfp4 matrix cannot have e4m3 scales");
+  expect_error([&] { dequantize(wrong_scale_type); }, "mxfp4 matrix cannot have e4m3 scales");
   QuantizedMatrix negative = owned.matrix;
   negative.rows = -4;
-  expect_error_mentioning([&] { dequantize(negative); }, "negative shape");
+  expect_error([&] { dequantize(negative); }, "negative shape");
 
   const OwnedQuantizedMatrix nvfp4 = random_matrix(WeightFormat::NVFP4, ScaleType::E4M3, {2, 32}, rng);
   QuantizedMatrix bad_global = nvfp4.matrix;
   bad_global.global_scale = std::numeric_limits<float>::quiet_NaN();
-  expect_error_mentioning([&] { dequantize(bad_global); }, "nvfp4 global scale");
+  expect_error([&] { dequantize(bad_global); }, "nvfp4 global scale");
   bad_global.global_scale = 0.0f;
-  expect_error_mentioning([&] { dequantize(bad_global); }, "nvfp4 global scale");
+  expect_error([&] { dequantize(bad_global); }, "nvfp4 global scale");
   QuantizedMatrix bad_format = nvfp4.matrix;
   bad_format.format = WeightFormat(42);
-  expect_error_mentioning([&] { dequantize(bad_format); }, "unknown weight format 42");
+  expect_error([&] { dequantize(bad_format); }, "unknown weight format 42");
 }
 
 TEST(QuantizedMatrixLayout, SizesFollowTheFormats) {

@@ -11,22 +11,15 @@
 #include "core/error.hpp"
 #include "runtime/random.hpp"
 #include "runtime/sampler.hpp"
+#include "support/expect_error.hpp"
 
 namespace dsv4 {
 namespace {
 
+using testing::expect_error;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int32_t kDeepSeekVocab = 129280;
-
-void expect_error_naming(const std::function<void()>& action, const std::string& expected) {
-  try {
-    action();
-    ADD_FAILURE() << "no error; expected one naming '" << expected << "'";
-  } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find(expected), std::string::npos)
-        << "message '" << error.what() << "' does not name '" << expected << "'";
-  }
-}
 
 std::vector<float> log_of(const std::vector<double>& probabilities) {
   std::vector<float> logits;
@@ -76,7 +69,7 @@ TEST(SamplingParams, BadValuesNameTheParameter) {
   const auto expect_rejected = [](const std::function<void(SamplingParams&)>& edit, const std::string& name) {
     SamplingParams params;
     edit(params);
-    expect_error_naming([&] { Sampler(params, 100); }, name);
+    expect_error([&] { Sampler(params, 100); }, name);
   };
   expect_rejected([](SamplingParams& p) { p.temperature = -0.5f; }, "temperature");
   expect_rejected([&](SamplingParams& p) { p.temperature = nan; }, "temperature");
@@ -100,19 +93,19 @@ TEST(SamplingParams, BadValuesNameTheParameter) {
   expect_rejected([](SamplingParams& p) { p.stop = {"ok", ""}; }, "stop[1]");
   expect_rejected([](SamplingParams& p) { p.stop_token_ids = {5, 100}; }, "stop_token_ids[1]");
   expect_rejected([](SamplingParams& p) { p.max_tokens = 0; }, "max_tokens");
-  expect_error_naming([] { Sampler(SamplingParams{}, 0); }, "vocabulary size");
+  expect_error([] { Sampler(SamplingParams{}, 0); }, "vocabulary size");
 }
 
 TEST(Sampler, BadLogitsNameTheToken) {
   Sampler sampler(with_seed(1), 6);
   std::vector<float> logits = {0, 1, 2, std::numeric_limits<float>::quiet_NaN(), 0, 0};
-  expect_error_naming([&] { sampler.sample(logits, {}, {}); }, "token 3 is NaN");
+  expect_error([&] { sampler.sample(logits, {}, {}); }, "token 3 is NaN");
   logits = {0, 1, 2, 3, 4, INFINITY};
-  expect_error_naming([&] { sampler.sample(logits, {}, {}); }, "token 5 is +inf");
+  expect_error([&] { sampler.sample(logits, {}, {}); }, "token 5 is +inf");
   logits.assign(6, kNegInf);
-  expect_error_naming([&] { sampler.sample(logits, {}, {}); }, "every logit is -inf");
+  expect_error([&] { sampler.sample(logits, {}, {}); }, "every logit is -inf");
   logits.assign(5, 0.0f);
-  expect_error_naming([&] { sampler.sample(logits, {}, {}); }, "expected the vocabulary size 6");
+  expect_error([&] { sampler.sample(logits, {}, {}); }, "expected the vocabulary size 6");
 }
 
 TEST(Sampler, BadTokenIdsNameTheirPosition) {
@@ -123,8 +116,8 @@ TEST(Sampler, BadTokenIdsNameTheirPosition) {
   std::vector<float> logits(4, 0.0f);
   const std::vector<int32_t> prompt = {0, 7};
   const std::vector<int32_t> generated = {1, 2, -1};
-  expect_error_naming([&] { sampler.sample(logits, prompt, {}); }, "prompt_ids[1] = 7");
-  expect_error_naming([&] { sampler.sample(logits, {}, generated); }, "generated_ids[2] = -1");
+  expect_error([&] { sampler.sample(logits, prompt, {}); }, "prompt_ids[1] = 7");
+  expect_error([&] { sampler.sample(logits, {}, generated); }, "generated_ids[2] = -1");
   // The rejected calls left no counts behind: a clean call applies exactly one frequency penalty.
   const std::vector<int32_t> one = {1};
   logits.assign(4, 0.0f);

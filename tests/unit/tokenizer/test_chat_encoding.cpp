@@ -7,9 +7,12 @@
 
 #include "core/error.hpp"
 #include "tokenizer/chat_encoding.hpp"
+#include "support/expect_error.hpp"
 
 namespace dsv4 {
 namespace {
+
+using testing::expect_error;
 
 using nlohmann::ordered_json;
 namespace tok = chat_tokens;
@@ -34,20 +37,6 @@ ChatEncodeOptions mode_options(ChatMode mode) {
   ChatEncodeOptions options;
   options.mode = mode;
   return options;
-}
-
-// Runs `body` and expects a dsv4::Error whose message contains every fragment.
-template <typename Body>
-void expect_error(Body&& body, std::initializer_list<std::string_view> fragments) {
-  try {
-    body();
-    ADD_FAILURE() << "expected dsv4::Error";
-  } catch (const Error& error) {
-    for (const std::string_view fragment : fragments) {
-      EXPECT_NE(std::string(error.what()).find(fragment), std::string::npos)
-          << "message '" << error.what() << "' lacks '" << fragment << "'";
-    }
-  }
 }
 
 // ---- Golden cases from DeepSeek's reference test suite ---------------------------------------------------------
