@@ -37,7 +37,8 @@ class TinyModel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TinyModel, GreedyContinuationsMatchPyTorch) {
   Engine engine = load(GetParam());
-  for (const auto& c : reference()["greedy"]["cases"]) {
+  const nlohmann::json ref = reference();
+  for (const auto& c : ref["greedy"]["cases"]) {
     const std::vector<int32_t> prompt = c["prompt_ids"].get<std::vector<int32_t>>();
     const std::vector<int32_t> expected = c["continuation_ids"].get<std::vector<int32_t>>();
     SCOPED_TRACE(c["prompt"].get<std::string>());
