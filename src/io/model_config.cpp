@@ -339,13 +339,17 @@ std::optional<ExpertDtype> parse_expert_dtype(const FieldReader& reader) {
 }
 
 // `quantization_config` of the release and HuggingFace spellings: block-scaled fp8 for non-expert weights.
+// NVIDIA ModelOpt exports say quant_method 'modelopt' and describe their formats in hf_quant_config.json; their
+// tensors (dtypes and scale tensors) tell the loader each weight's format, so the config states none.
 std::optional<WeightQuantization> parse_quantization_config(const FieldReader& reader,
                                                             std::optional<ExpertDtype>& expert_dtype) {
   const auto quant = reader.optional_object("quantization_config");
   if (!quant) return std::nullopt;
   const std::string method = quant->optional_string("quant_method").value_or("");
+  if (method == "modelopt") return std::nullopt;
   if (method != "fp8")
-    quant->fail_field("quant_method", "is '", method, "': unsupported weight quantization (expected 'fp8')");
+    quant->fail_field("quant_method", "is '", method,
+                      "': unsupported weight quantization (expected 'fp8' or 'modelopt')");
   if (const auto fmt = quant->optional_string("fmt"); fmt && *fmt != "e4m3")
     quant->fail_field("fmt", "is '", *fmt, "': unsupported fp8 format (expected 'e4m3')");
   WeightQuantization quantization{.block_rows = kReferenceWeightBlock, .block_cols = kReferenceWeightBlock};

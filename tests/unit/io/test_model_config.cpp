@@ -285,6 +285,15 @@ TEST(ModelConfig, InferenceBaseCheckpointHasFp32Scales) {
   EXPECT_FALSE(base.expert_dtype.has_value());
 }
 
+// NVIDIA's NVFP4 exports: the formats live in the tensors (and hf_quant_config.json), not in config.json.
+TEST(ModelConfig, ModelOptQuantizationLeavesFormatsToTheTensors) {
+  json config = read_fixture("flash_release_config.json");
+  config["quantization_config"] = {{"quant_method", "modelopt"}, {"quant_algo", "NVFP4"}};
+  const ModelConfig nvfp4 = ModelConfig::from_json(config, "nvfp4.json");
+  EXPECT_FALSE(nvfp4.weight_quantization.has_value());
+  EXPECT_EQ(nvfp4.num_layers, 43);
+}
+
 TEST(ModelConfig, FromDirPrefersConfigJsonThenInference) {
   const auto dir = std::filesystem::temp_directory_path() / ("dsv4_model_config_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
