@@ -82,7 +82,10 @@ inline SlotValues seeded_slot_values(uint64_t seed, int num_experts) {
 // Writes the tiny model into `dir` in `layout`; returns its config.
 inline ModelConfig write_tiny_checkpoint(const std::filesystem::path& dir, CheckpointLayout layout,
                                          size_t max_shard_bytes = 0, uint64_t seed = 1) {
-  const nlohmann::json json = tiny_release_config_json();
+  nlohmann::json json = tiny_release_config_json();
+  // ModelOpt exports name their method in config.json and leave the formats to the tensors.
+  if (layout == CheckpointLayout::ModelOptNvfp4)
+    json["quantization_config"] = {{"quant_method", "modelopt"}, {"quant_algo", "NVFP4"}};
   const ModelConfig config = ModelConfig::from_json(json, "tiny config");
   CheckpointWriteOptions options;
   options.layout = layout;

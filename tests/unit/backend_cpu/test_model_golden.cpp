@@ -1,7 +1,9 @@
 // The whole CPU model against HuggingFace transformers' DeepseekV4ForCausalLM (fp32) on the golden fixtures of
 // tests/golden (scripts/make_golden.py), and prefill/decode/chunking invariance.
 #include "backends/cpu/cpu_backend.hpp"
+#include "core/nvfp4.hpp"
 #include "io/npy.hpp"
+#include "io/safetensors_writer.hpp"
 #include "model/checkpoint_loader.hpp"
 #include "model/dsv4_model.hpp"
 
@@ -121,6 +123,56 @@ TEST_P(GoldenFixture, AnySplitOfTheSequenceGivesTheSameLogits) {
       EXPECT_LE(max_relative_difference(one_shot, split), 1e-5f) << "first chunk " << chunks[0];
     }
   }
+}
+
+// The release fixtures with their MXFP4 experts re-encoded as ModelOpt NVFP4 (a scale rewrite of the same e2m1
+// payload): the loader takes the NVFP4 layout and the logits stay those of the dequantized weights.
+TEST(GoldenNvfp4, Mxfp4ExpertsRewrittenAsNvfp4GiveTheSameLogits) {
+  int converted = 0;
+  for (const std::string& name : fixtures()) {
+    if (!name.ends_with("-release")) continue;
+    ++converted;
+    SCOPED_TRACE(name);
+    const fs::path source = kGolden / name;
+    const fs::path dir = fs::temp_directory_path() / ("dsv4-nvfp4-" + name + "-" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    {
+      const LoadedCheckpoint release = load_checkpoint(source.string());
+      SafetensorsWriter writer;
+      std::vector<Mxfp4ToNvfp4Result> keep;
+      for (const TensorView* t : release.store.all()) {
+        const bool expert = t->name.find(".ffn.experts.") != std::string::npos;
+        if (expert && t->name.ends_with(".scale")) continue;
+        if (!expert) {
+          writer.add(t->name, t->dtype, t->shape, t->data, t->bytes, release.store.keepalive(*t));
+          continue;
+        }
+        // layers.L.ffn.experts.E.wN.weight: find the loaded MXFP4 matrix of that slot.
+        const int layer = std::stoi(t->name.substr(7));
+        const size_t e_at = t->name.find(".experts.") + 9;
+        const int expert_index = std::stoi(t->name.substr(e_at));
+        const char w = t->name[t->name.find(".w", e_at) + 2];
+        const ExpertWeights& ew = release.weights.layers[size_t(layer)].ffn.experts[size_t(expert_index)];
+        const QuantizedMatrix& mx = w == '1' ? ew.w1 : w == '2' ? ew.w2 : ew.w3;
+        ASSERT_EQ(mx.format, WeightFormat::MXFP4);
+        keep.push_back(mxfp4_to_nvfp4(mx));
+        const QuantizedMatrix& nv = keep.back().nvfp4.matrix;
+        EXPECT_TRUE(keep.back().inexact_blocks.empty()) << t->name;
+        const std::string base = t->name.substr(0, t->name.size() - 7);
+        writer.add(t->name, DType::U8, {nv.rows, (nv.cols + 1) / 2}, nv.data, nv.data_bytes());
+        writer.add(base + ".weight_scale", DType::F8_E4M3, {nv.rows, (nv.cols + 15) / 16}, nv.scales, nv.scale_bytes());
+        writer.add(base + ".weight_scale_2", DType::F32, {}, &nv.global_scale, 4);
+      }
+      writer.write((dir / "model.safetensors").string());
+      for (const char* file : {"config.json", "tokens.json"}) fs::copy_file(source / file, dir / file);
+      for (const auto& entry : fs::directory_iterator(source))
+        if (entry.path().extension() == ".npy") fs::copy_file(entry.path(), dir / entry.path().filename());
+    }
+    EXPECT_EQ(load_checkpoint(dir.string()).layout, "ModelOpt NVFP4");
+    expect_matches_golden(dir);
+    fs::remove_all(dir);
+  }
+  EXPECT_EQ(converted, 3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenFixture, ::testing::ValuesIn(fixtures()),
