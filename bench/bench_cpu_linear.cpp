@@ -5,6 +5,7 @@
 // Arg: T (tokens per call). Threads: DSV4_THREADS or all cores.
 #include <benchmark/benchmark.h>
 
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -62,6 +63,20 @@ void BM_LinearMxfp4ExpertW1(benchmark::State& state) {
   run(state, matrices);
 }
 
+// The floor for the GEMV numbers: memcpy of 256 MiB, bytes read + written per second (the same convention as the
+// GPU copy-bandwidth floors in bench/NOTES.md).
+void BM_CopyBandwidth(benchmark::State& state) {
+  static std::vector<char> src(size_t(256) << 20, 1), dst(size_t(256) << 20);
+  size_t bytes = 0;
+  for (auto _ : state) {
+    std::memcpy(dst.data(), src.data(), src.size());
+    benchmark::DoNotOptimize(dst.data());
+    bytes += 2 * src.size();
+  }
+  state.counters["GB/s"] = benchmark::Counter(static_cast<double>(bytes) / 1e9, benchmark::Counter::kIsRate);
+}
+
+BENCHMARK(BM_CopyBandwidth)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LinearFp8WoB)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LinearMxfp4ExpertW1)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 
