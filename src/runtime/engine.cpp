@@ -51,6 +51,16 @@ void Engine::reset() {
 
 GenerationResult Engine::generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                   const TextCallback& on_text, const std::atomic<bool>* cancel) {
+  try {
+    return run_generation(prompt, params, on_text, cancel);
+  } catch (...) {
+    reset();  // a call that failed midway may have left tokens in some layers of the cache: never reuse it
+    throw;
+  }
+}
+
+GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                                        const TextCallback& on_text, const std::atomic<bool>* cancel) {
   const Tokenizer& tok = tokenizer();
   const int64_t context = config().max_position_embeddings;
   check(!prompt.empty(), "the prompt is empty");

@@ -60,6 +60,9 @@ class Engine {
   void reset();
 
  private:
+  GenerationResult run_generation(const std::vector<int32_t>& prompt, const SamplingParams& params,
+                                  const TextCallback& on_text, const std::atomic<bool>* cancel);
+
   EngineOptions options_;
   LoadedCheckpoint checkpoint_;
   std::optional<Tokenizer> tokenizer_;

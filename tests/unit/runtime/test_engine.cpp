@@ -108,6 +108,11 @@ TEST_F(EngineTest, StopsCancellationAndErrors) {
   EXPECT_EQ(engine.generate(prompt, greedy(16), nullptr, &cancel).finish, FinishReason::Abort);
 
   EXPECT_THROW(engine.generate({}, greedy(4), nullptr), Error);
+  // A callback that throws mid-generation leaves no half-filled cache behind: the next call runs from scratch.
+  EXPECT_THROW(engine.generate(prompt, greedy(8), [](std::string_view) { throw Error("client went away"); }), Error);
+  const GenerationResult again = engine.generate(prompt, greedy(16), nullptr);
+  EXPECT_EQ(again.prefilled_tokens, int64_t(prompt.size()));
+  EXPECT_EQ(again.tokens, full.tokens);
   SamplingParams bad = greedy(4);
   bad.top_p = 2;
   EXPECT_THROW(engine.generate(prompt, bad, nullptr), Error);
