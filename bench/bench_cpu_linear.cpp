@@ -54,6 +54,18 @@ void BM_LinearFp8WoB(benchmark::State& state) {
   run(state, matrices);
 }
 
+// Same-run baseline: the wo_b matrix as plain fp32 (4× the bytes, no decode), through the same tiled GEMV.
+void BM_LinearF32WoBBaseline(benchmark::State& state) {
+  static const std::vector<dsv4::OwnedQuantizedMatrix> matrices = [] {
+    const std::vector<float> values = random_weights(4096, 8192, 1);
+    dsv4::OwnedQuantizedMatrix m = dsv4::allocate_quantized_matrix(dsv4::WeightFormat::F32, 4096, 8192,
+                                                                   dsv4::ScaleType::NONE);
+    std::memcpy(m.storage->data.data(), values.data(), values.size() * sizeof(float));
+    return std::vector<dsv4::OwnedQuantizedMatrix>{m};
+  }();
+  run(state, matrices);
+}
+
 void BM_LinearMxfp4ExpertW1(benchmark::State& state) {
   static const std::vector<dsv4::OwnedQuantizedMatrix> matrices = [] {
     std::vector<dsv4::OwnedQuantizedMatrix> m;
@@ -78,6 +90,7 @@ void BM_CopyBandwidth(benchmark::State& state) {
 
 BENCHMARK(BM_CopyBandwidth)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LinearFp8WoB)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_LinearF32WoBBaseline)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_LinearMxfp4ExpertW1)->Arg(1)->Arg(4)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
