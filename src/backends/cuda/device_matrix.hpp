@@ -1,0 +1,75 @@
+// Device-resident buffers: DeviceBuffer owns one cudaMalloc allocation (activations, outputs, scratch), and
+// DeviceMatrix is a QuantizedMatrix copied to the device (data + scales) that kernels read through a
+// DeviceMatrixView. Plain cudaMalloc, never managed memory; every failure names the buffer and the operation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "core/quantized_matrix.hpp"
+
+namespace dsv4::cuda {
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  // `what` names the buffer in error messages ("x", "expert 3 w1 data").
+  DeviceBuffer(size_t bytes, std::string_view what);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  size_t bytes() const { return bytes_; }
+  const std::string& name() const { return name_; }
+  void* data() { return data_; }
+  const void* data() const { return data_; }
+  template <class T>
+  T* as() { return static_cast<T*>(data_); }
+  template <class T>
+  const T* as() const { return static_cast<const T*>(data_); }
+
+  // Synchronous copies of exactly `bytes` bytes starting at the buffer's beginning; throw when bytes > size.
+  void upload(const void* host, size_t bytes);
+  void download(void* host, size_t bytes) const;
+  // Every byte set to `value` (asynchronously on the default stream's order).
+  void fill_bytes(uint8_t value);
+
+ private:
+  void release() noexcept;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  std::string name_;
+};
+
+// What a kernel needs to read a quantized weight on the device; plain data, passed by value into launches.
+struct DeviceMatrixView {
+  WeightFormat format = WeightFormat::F32;
+  ScaleType scale_type = ScaleType::NONE;
+  int64_t rows = 0;  // N
+  int64_t cols = 0;  // K
+  const uint8_t* data = nullptr;
+  const uint8_t* scales = nullptr;  // null for F32 / BF16
+  float global_scale = 1.0f;        // NVFP4 only
+  size_t data_row_bytes = 0;        // bytes from one row of data to the next
+  int64_t scales_per_row = 0;       // scale entries per row (per 128-row band for FP8_BLOCK128)
+  size_t stored_bytes = 0;          // data + scales: what one pass over the matrix reads
+};
+
+class DeviceMatrix {
+ public:
+  // Checks the host layout (naming `what`) and copies data and scales to the device.
+  DeviceMatrix(const QuantizedMatrix& host, std::string_view what);
+
+  const DeviceMatrixView& view() const { return view_; }
+
+ private:
+  DeviceBuffer data_;
+  DeviceBuffer scales_;
+  DeviceMatrixView view_;
+};
+
+}  // namespace dsv4::cuda
