@@ -40,6 +40,15 @@ class CpuSequenceCache final : public SequenceCache {
   int layers_done = 0;  // layers that stored the current call's tokens; length_ advances after the last one
 };
 
+// The mHC projection as fp32 values: the stored bytes themselves when they are aligned fp32 (every known layout
+// stores them so), else a decoded copy held in `scratch`.
+const float* mhc_fn(const QuantizedMatrix& fn, std::vector<float>& scratch) {
+  if (fn.format == WeightFormat::F32 && reinterpret_cast<uintptr_t>(fn.data) % alignof(float) == 0)
+    return reinterpret_cast<const float*>(fn.data);
+  scratch = dequantize(fn);
+  return scratch.data();
+}
+
 MhcParams mhc_params(const ModelConfig& c, int64_t T) {
   return {T, c.hidden_size, c.mhc.hc_mult, c.mhc.sinkhorn_iters, float(c.mhc.eps), float(c.rms_norm_eps)};
 }
@@ -85,8 +94,8 @@ void CpuBackend::embed(const QuantizedMatrix& table, const int32_t* ids, int64_t
 
 void CpuBackend::hc_pre(const HyperConnectionWeights& w, const float* X, int64_t T, float* y, float* post,
                         float* comb) {
-  const std::vector<float> fn = dequantize(w.fn);
-  cpu::hc_pre({fn.data(), w.base.data(), w.scale.data()}, X, mhc_params(config_, T), y, post, comb);
+  std::vector<float> scratch;
+  cpu::hc_pre({mhc_fn(w.fn, scratch), w.base.data(), w.scale.data()}, X, mhc_params(config_, T), y, post, comb);
   if (numerics_ == NumericsMode::Reference) round_to_bf16_inplace(y, T * config_.hidden_size);
 }
 
@@ -96,8 +105,8 @@ void CpuBackend::hc_post(const float* out, const float* X, const float* post, co
 }
 
 void CpuBackend::hc_head(const HyperConnectionWeights& w, const float* X, int64_t T, float* h) {
-  const std::vector<float> fn = dequantize(w.fn);
-  cpu::hc_head({fn.data(), w.base.data(), w.scale.data()}, X, mhc_params(config_, T), h);
+  std::vector<float> scratch;
+  cpu::hc_head({mhc_fn(w.fn, scratch), w.base.data(), w.scale.data()}, X, mhc_params(config_, T), h);
   if (numerics_ == NumericsMode::Reference) round_to_bf16_inplace(h, T * config_.hidden_size);
 }
 
@@ -231,11 +240,10 @@ void CpuBackend::moe(const dsv4::MoeWeights& w, const float* u, const int32_t* t
   std::vector<cpu::ExpertWeights> experts;
   experts.reserve(w.experts.size());
   for (const dsv4::ExpertWeights& e : w.experts) experts.push_back({&e.w1, &e.w2, &e.w3});
-  std::vector<int64_t> tid2eid(w.tid2eid.begin(), w.tid2eid.end());
   cpu::MoeWeights weights;
   weights.gate = &w.gate;
   weights.gate_bias = w.gate_bias.empty() ? nullptr : w.gate_bias.data();
-  weights.tid2eid = tid2eid.empty() ? nullptr : tid2eid.data();
+  weights.tid2eid = w.tid2eid.empty() ? nullptr : w.tid2eid.data();
   weights.vocab = c.vocab_size;
   weights.experts = experts.data();
   weights.shared = {&w.shared.w1, &w.shared.w2, &w.shared.w3};

@@ -29,7 +29,7 @@ struct ExpertWeights {
 struct MoeWeights {
   const QuantizedMatrix* gate = nullptr;  // [E, d] router (bf16 in the release)
   const float* gate_bias = nullptr;       // [E] selection bias; nullptr on hash layers
-  const int64_t* tid2eid = nullptr;       // [vocab, top_k] hash routing table; nullptr on scored layers
+  const int32_t* tid2eid = nullptr;       // [vocab, top_k] hash routing table; nullptr on scored layers
   int64_t vocab = 0;                      // rows of tid2eid
   const ExpertWeights* experts = nullptr; // [E]
   ExpertWeights shared;                   // the shared expert (weight 1)

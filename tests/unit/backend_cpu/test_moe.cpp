@@ -30,7 +30,7 @@ class MoeTest : public ::testing::Test {
   std::vector<ExpertWeights> experts;
   ExpertWeights shared;
   OwnedQuantizedMatrix gate;
-  std::vector<int64_t> tid2eid;
+  std::vector<int32_t> tid2eid;
   std::vector<float> u = random_vector(T * d, 3, -2.0f, 2.0f);
   std::vector<int32_t> tokens = {0, 3, 9, 3, 7};
 
@@ -52,7 +52,7 @@ class MoeTest : public ::testing::Test {
     shared = add_expert(naive_shared, 999);
     gate = testing::f32_matrix(gate_values, E, d);
     for (int64_t t = 0; t < vocab; ++t)
-      for (int64_t k = 0; k < K; ++k) tid2eid.push_back((t * 5 + k * 3) % E);
+      for (int64_t k = 0; k < K; ++k) tid2eid.push_back(int32_t((t * 5 + k * 3) % E));
   }
 
   MoeWeights weights(bool hashed) const {
