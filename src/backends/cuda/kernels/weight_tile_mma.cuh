@@ -1,0 +1,317 @@
+// The warp-level building block of the decode-path linear layers: one warp multiplies a 16-row tile of a stored
+// weight (BF16, FP8_BLOCK128, MXFP4, NVFP4) with up to 64 tokens of bf16 activations on the tensor cores
+// (mma.sync m16n8k16, the WEIGHT on the M side, tokens on N), dequantising the weight to bf16 in registers.
+//
+// Contract (for every user of this header: quantized_linear, the MoE expert GEMMs):
+// - Weight: a DeviceMatrixView [rows, cols] whose rows start 16-byte aligned and whose cols is a multiple of the
+//   format's load granularity TileFormatTraits<F>::kValuesPerLoad (8 BF16, 16 FP8, 32 fp4): one lane reads 16
+//   contiguous stored bytes per row per step. FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128
+//   (check_quantized_linear_scales in quantized_linear.hpp says why and refuses others at upload time).
+// - A warp tile is rows [row0, row0 + 16) with row0 a multiple of 16 and row0 < rows; rows past the matrix re-read
+//   the last row (their results are finite garbage and must not be stored).
+// - The k range [k_begin, k_end): k_begin a multiple of kTileKAlignment (128: the FP8 block and the fp4 step),
+//   k_end - k_begin a multiple of kValuesPerLoad, k_end <= cols.
+// - x tile in shared memory: bf16 [padded_tokens][row_stride], padded_tokens = 8·NT, row_stride =
+//   x_tile_row_stride(k_end - k_begin) elements; column 0 is x[:, k_begin]. It must be filled by stage_x_tile<F>
+//   (the same F) for exactly that k range: it stores each row PERMUTED (see NOTES) and zero-fills padding tokens
+//   and the k tail up to the next multiple of 128 (the MMA reads them: they must be finite). Any number of warps
+//   may read one staged tile (different row0) after a __syncthreads.
+// - Accumulators: acc[nt][i] is the mma D fragment of token tile nt, with g = lane / 4, t = lane % 4:
+//   acc[nt][0] = (row0 + g, token 8·nt + 2t), acc[nt][1] = (row0 + g, token 8·nt + 2t + 1),
+//   acc[nt][2] = (row0 + g + 8, token 8·nt + 2t), acc[nt][3] = (row0 + g + 8, token 8·nt + 2t + 1).
+//   weight_tile_mma ADDS to them (fp32), so a caller may run several k ranges into one accumulator. The result
+//   still has to be multiplied by weight_tile_output_scale<F>(w) (NVFP4's global scale and a power of two, below).
+//
+// NOTES:
+// - k order inside an MMA is free as long as A and B agree. Each lane streams 16 contiguous bytes of each of its two
+//   rows (g, g + 8) per step; the four lanes of a group (t = 0..3) cover 4 × 16 contiguous bytes of a row. The
+//   decode emits bf16 pairs in the order its shifts make cheapest, and stage_x_tile puts x in that same order, so
+//   each lane's B fragments for two MMAs are one conflict-free 16-byte shared load.
+// - Dequantisation is exact (no rounding): the e2m1 or e4m3 bits are placed into a bf16 (e2m1 value × 2^-126, the
+//   0.5 code a bf16 subnormal; e4m3 value × 2^-120) and one bf16x2 multiply applies a power-of-two-exact factor:
+//   MXFP4 2^(e-127) · 2^126 (a normal bf16 for codes <= 128); NVFP4 e4m3 scale · 2^118 (always normal, the missing
+//   2^8 goes into the output scale); FP8 2^120, with the 128×128 block scale applied to fp32 partial sums per block.
+//   e2m1 × e4m3 has at most 6 significant bits, e2m1 × 2^e and e4m3 at most 4: all exact in bf16's 8.
+// - Stored x order: within every aligned chunk of 8 k, the chunk is permuted (fp4: 0 4 1 5 2 6 3 7, fp8:
+//   0 2 1 3 4 6 5 7, bf16: identity); within every 4·kValuesPerLoad-wide step the chunks are transposed from
+//   [lane t][chunk i of the lane] to [i][t], so the 4 lanes of a group read 64 contiguous bytes. The row stride is
+//   64 bytes more than a multiple of 128, so the two token rows of a quarter-warp fall in different banks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/ptx/mma.cuh"
+#include "core/e8m0.hpp"
+
+namespace dsv4::cuda::tile {
+
+enum class TileFormat { BF16, FP8_BLOCK128, MXFP4, NVFP4 };
+
+inline constexpr int kWarpSize = 32;
+inline constexpr int kTileRows = 16;          // weight rows per warp tile (the MMA's M)
+inline constexpr int kTokensPerMma = 8;       // tokens per token tile (the MMA's N)
+inline constexpr int kMaxTokenTiles = 8;      // NT <= 8: up to 64 tokens
+inline constexpr int64_t kTileKAlignment = 128;
+inline constexpr int kXChunk = 8;             // bf16 values per 16-byte chunk of x
+
+template <TileFormat F>
+struct TileFormatTraits;
+template <>
+struct TileFormatTraits<TileFormat::BF16> {
+  static constexpr int kValuesPerLoad = 8;
+};
+template <>
+struct TileFormatTraits<TileFormat::FP8_BLOCK128> {
+  static constexpr int kValuesPerLoad = 16;
+};
+template <>
+struct TileFormatTraits<TileFormat::MXFP4> {
+  static constexpr int kValuesPerLoad = 32;
+};
+template <>
+struct TileFormatTraits<TileFormat::NVFP4> {
+  static constexpr int kValuesPerLoad = 32;
+};
+
+// Shared-memory row stride (bf16 elements) of an x tile covering k_count inputs.
+__host__ __device__ constexpr int x_tile_row_stride(int64_t k_count) {
+  return int((k_count + kTileKAlignment - 1) / kTileKAlignment * kTileKAlignment) + 32;
+}
+
+// Bytes of an x tile for 8·token_tiles tokens × k_count inputs.
+__host__ __device__ constexpr size_t x_tile_bytes(int token_tiles, int64_t k_count) {
+  return size_t(token_tiles) * kTokensPerMma * size_t(x_tile_row_stride(k_count)) * 2;
+}
+
+namespace detail {
+
+// Chunk c of a row (8 k each) → its position in the staged row (the [t][i] → [i][t] transpose of NOTES).
+template <TileFormat F>
+__device__ __forceinline__ int staged_chunk_index(int c) {
+  constexpr int kChunksPerLane = TileFormatTraits<F>::kValuesPerLoad / kXChunk;
+  constexpr int kChunksPerStep = 4 * kChunksPerLane;
+  const int step = c / kChunksPerStep, within = c % kChunksPerStep;
+  return step * kChunksPerStep + (within % kChunksPerLane) * 4 + within / kChunksPerLane;
+}
+
+// The 8 bf16 of one chunk in the order the decode of that format emits them.
+template <TileFormat F>
+__device__ __forceinline__ uint4 permute_chunk(uint4 v) {
+  if constexpr (F == TileFormat::MXFP4 || F == TileFormat::NVFP4) {
+    // x0 x4 x1 x5 x2 x6 x3 x7: nibble pairs (j, j + 4) share a bf16x2.
+    return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                      __byte_perm(v.y, v.w, 0x7632));
+  } else if constexpr (F == TileFormat::FP8_BLOCK128) {
+    // x0 x2 x1 x3 x4 x6 x5 x7: byte pairs (0, 2) and (1, 3) of a word share a bf16x2.
+    return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632), __byte_perm(v.z, v.w, 0x5410),
+                      __byte_perm(v.z, v.w, 0x7632));
+  } else {
+    return v;
+  }
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  const __nv_bfloat162 product =
+      __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&product);
+}
+
+// Nibbles j and j + 4 of a word of e2m1 → bf16x2 (value × 2^-126): magnitude bits to 6..8, sign to 15.
+template <int J>
+__device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word) {
+  constexpr int kMagnitudeShift = 6 - 4 * J, kSignShift = 12 - 4 * J;
+  const uint32_t magnitude = kMagnitudeShift >= 0 ? word << kMagnitudeShift : word >> -kMagnitudeShift;
+  return (magnitude & 0x01C001C0u) | ((word << kSignShift) & 0x80008000u);
+}
+
+// Bytes (0, 2) (H = 0) or (1, 3) (H = 1) of a word of e4m3 → bf16x2 (value × 2^-120): magnitude to 4..10, sign to 15.
+template <int H>
+__device__ __forceinline__ uint32_t e4m3_pair_bits(uint32_t word) {
+  if constexpr (H == 0)
+    return ((word << 4) & 0x07F007F0u) | ((word << 8) & 0x80008000u);
+  else
+    return ((word >> 4) & 0x07F007F0u) | (word & 0x80008000u);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// bf16x2 factor (f, f) for an MXFP4 e8m0 code: 2^(code - 127) · 2^126 has exponent field code + 126.
+__device__ __forceinline__ uint32_t mxfp4_factor(uint32_t code) { return ((code + 126u) << 7) * 0x00010001u; }
+
+// bf16x2 factors for two NVFP4 e4m3 scale codes: e4m3 · 2^118 (exact, normal for every finite code).
+__device__ __forceinline__ void nvfp4_factors(uint16_t codes, uint32_t& factor0, uint32_t& factor1) {
+  const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes), __NV_E4M3);
+  const float2 scale = __half22float2(__half2(raw));
+  const __nv_bfloat162 f0 = __float2bfloat162_rn(scale.x * 0x1p118f);
+  const __nv_bfloat162 f1 = __float2bfloat162_rn(scale.y * 0x1p118f);
+  factor0 = *reinterpret_cast<const uint32_t*>(&f0);
+  factor1 = *reinterpret_cast<const uint32_t*>(&f1);
+}
+
+// One lane's 16 stored bytes of one row → bf16 pairs in MMA order: pairs[2m] is a0 (or a1) of MMA m of the step,
+// pairs[2m + 1] is a2 (or a3). `factors` are the bf16x2 scale factors (fp4: MXFP4 one, NVFP4 one per 16 values).
+template <TileFormat F>
+__device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t factor0, uint32_t factor1,
+                                                 uint32_t (&pairs)[TileFormatTraits<F>::kValuesPerLoad / 2]) {
+  if constexpr (F == TileFormat::BF16) {
+    pairs[0] = raw.x, pairs[1] = raw.y, pairs[2] = raw.z, pairs[3] = raw.w;
+  } else if constexpr (F == TileFormat::FP8_BLOCK128) {
+    constexpr uint32_t kTwoPow120 = 0x7B807B80u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t word = word_of(raw, i);
+      pairs[2 * i] = bf16x2_mul(e4m3_pair_bits<0>(word), kTwoPow120);
+      pairs[2 * i + 1] = bf16x2_mul(e4m3_pair_bits<1>(word), kTwoPow120);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t word = word_of(raw, i);
+      const uint32_t factor = (F == TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
+      pairs[4 * i + 0] = bf16x2_mul(e2m1_pair_bits<0>(word), factor);
+      pairs[4 * i + 1] = bf16x2_mul(e2m1_pair_bits<1>(word), factor);
+      pairs[4 * i + 2] = bf16x2_mul(e2m1_pair_bits<2>(word), factor);
+      pairs[4 * i + 3] = bf16x2_mul(e2m1_pair_bits<3>(word), factor);
+    }
+  }
+}
+
+}  // namespace detail
+
+// Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (layout in the contract), zero-filling
+// tokens [tokens, 8·token_tiles) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin]
+// (16-byte aligned: k_begin and the row stride multiples of 8), so callers can gather rows (MoE token lists).
+// k_count must be a multiple of 8. Called by `thread_count` threads of the CTA with distinct thread_idx; the
+// caller synchronises before and after.
+template <TileFormat F, class RowOf>
+__device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int token_tiles, int64_t k_count,
+                                             __nv_bfloat16* tile, int thread_idx, int thread_count) {
+  const int row_stride = x_tile_row_stride(k_count);
+  const int chunks_per_row = (row_stride - 32) / kXChunk;
+  const int valid_chunks = int(k_count / kXChunk);
+  const int padded_tokens = token_tiles * kTokensPerMma;
+  for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
+    const int t = i / chunks_per_row, c = i % chunks_per_row;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (t < tokens && c < valid_chunks) v = __ldg(reinterpret_cast<const uint4*>(row_of(t)) + c);
+    *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
+        detail::permute_chunk<F>(v);
+  }
+}
+
+// Factor the accumulators still need (see NOTES): NVFP4 global scale · 2^8, 1 otherwise.
+template <TileFormat F>
+__device__ __forceinline__ float weight_tile_output_scale(const DeviceMatrixView& w) {
+  if constexpr (F == TileFormat::NVFP4)
+    return w.global_scale * 256.0f;
+  else
+    return 1.0f;
+}
+
+// acc += W[row0 .. row0 + 16, k_begin .. k_end) · x_tile (k_end - k_begin) × (8·NT tokens); see the contract.
+// The calling warp must be converged (mma.sync).
+template <TileFormat F, int NT>
+__device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
+                                                int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
+  static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
+  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
+  constexpr int kStepK = 4 * kValues;              // k per step: 4 lanes × 16 bytes of a row
+  constexpr int kMmasPerStep = kValues / 4;        // 4 values per lane per row per MMA
+  constexpr int kUnroll = 4;                       // steps whose loads are in flight together
+  constexpr bool kFp8 = F == TileFormat::FP8_BLOCK128;
+
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const int row_stride = x_tile_row_stride(k_end - k_begin);
+  const int64_t rows[2] = {min(row0 + g, w.rows - 1), min(row0 + g + 8, w.rows - 1)};
+  const uint8_t* row_data[2] = {w.data + rows[0] * int64_t(w.data_row_bytes),
+                                w.data + rows[1] * int64_t(w.data_row_bytes)};
+  // Lane (g, t) reads token g of each token tile, chunk t of each group of four (the transposed order).
+  const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
+  const bool fp32_scales = kFp8 && w.scale_type == ScaleType::F32;
+  const uint8_t* fp8_scale_row = kFp8 ? w.scales + (row0 / 128) * w.scales_per_row * (fp32_scales ? 4 : 1) : nullptr;
+
+  float block_acc[NT][4];  // FP8: sums of one 128-wide scale block before its scale is applied
+  if constexpr (kFp8) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) block_acc[nt][0] = block_acc[nt][1] = block_acc[nt][2] = block_acc[nt][3] = 0.0f;
+  }
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kUnroll * kStepK) {
+    uint4 raw[kUnroll][2];
+    uint32_t factors[kUnroll][2][2];
+    float block_scale[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + u * kStepK + t * kValues;  // this lane's first k of step u
+      const bool valid = k < k_end;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        raw[u][r] = valid ? ptx::load_streaming_16B(row_data[r] + k * 16 / kValues)
+                          : make_uint4(0, 0, 0, 0);
+        factors[u][r][0] = factors[u][r][1] = 0;
+        if constexpr (F == TileFormat::MXFP4) {
+          if (valid) factors[u][r][0] = detail::mxfp4_factor(__ldg(w.scales + rows[r] * w.scales_per_row + k / 32));
+        } else if constexpr (F == TileFormat::NVFP4) {
+          if (valid)
+            detail::nvfp4_factors(
+                __ldg(reinterpret_cast<const uint16_t*>(w.scales + rows[r] * w.scales_per_row + k / 16)),
+                factors[u][r][0], factors[u][r][1]);
+        }
+      }
+      if constexpr (kFp8) {
+        const int64_t step_k = k0 + u * kStepK;
+        const int64_t block = min(step_k, k_end - 1) / 128;
+        block_scale[u] = fp32_scales ? __ldg(reinterpret_cast<const float*>(fp8_scale_row) + block)
+                                     : e8m0_to_float(__ldg(fp8_scale_row + block));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t step_k = k0 + u * kStepK;
+      if (step_k >= k_end) break;
+      uint32_t pairs[2][kValues / 2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) detail::decode_row_bytes<F>(raw[u][r], factors[u][r][0], factors[u][r][1], pairs[r]);
+      const __nv_bfloat16* x_step = x_lane + (step_k - k_begin);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int chunk = 0; chunk < kMmasPerStep / 2; ++chunk) {
+          // Two MMAs' B fragments: chunk `chunk` of this lane, transposed order (4 lanes × 8 values apart).
+          const uint4 b = *reinterpret_cast<const uint4*>(x_step + nt * kTokensPerMma * row_stride + chunk * 32);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int m = 2 * chunk + half;
+            const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
+            const uint32_t b0 = half == 0 ? b.x : b.z, b1 = half == 0 ? b.y : b.w;
+            if constexpr (kFp8)
+              ptx::mma_m16n8k16_bf16_f32(block_acc[nt], a, b0, b1);
+            else
+              ptx::mma_m16n8k16_bf16_f32(acc[nt], a, b0, b1);
+          }
+        }
+      }
+      if constexpr (kFp8) {
+        // Apply the block's scale when the step ends a 128-wide block or the range.
+        if ((step_k + kStepK) % 128 == 0 || step_k + kStepK >= k_end) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc[nt][i] = fmaf(block_acc[nt][i], block_scale[u], acc[nt][i]);
+              block_acc[nt][i] = 0.0f;
+            }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace dsv4::cuda::tile
