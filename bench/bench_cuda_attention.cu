@@ -1,0 +1,299 @@
+// Sparse MQA attention decode on the GPU: run_sparse_attention over the fp8 KV cache (584-byte entries, D 512) for
+// V4-Flash (H 64) and V4-Pro (H 128) shapes, batch 1/8/64/256 × context 4K/64K/1M, in the CSA layout (128 window +
+// 512 top-k entries per query) and the HCA layout (128 window + context/128 entries). Each query belongs to its own
+// sequence with its own pages. Reported per case: µs per call (L2 flushed before every call), KV bytes read / time
+// against the same-run device copy bandwidth, and a straightforward baseline measured in the same run (one CTA per
+// (query, head), plain loads, scalar dot products) with its speed-up. Cases whose cache exceeds 24 GiB are skipped.
+// Usage: bench_cuda_attention [--json PATH]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/sparse_attention.hpp"
+#include "backends/cuda/kv_cache.hpp"
+#include "core/bf16.hpp"
+#include "core/e8m0.hpp"
+#include "core/fp8_e4m3.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kHeadDim = 512, kRopeDim = 64, kWindow = 128, kTopK = 512, kPageRows = 64;
+constexpr int kBaselineThreads = 128;  // 4 dims per thread
+
+// Baseline: one CTA per (query, head); every entry is read and decoded by every head's CTA, scores by a block
+// reduction, online softmax in fp32, then the sink and the inverse RoPE.
+__global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __grid_constant__ SparseAttentionParams p) {
+  __shared__ float partial[kBaselineThreads / 32];
+  const int64_t t = blockIdx.x / p.heads;
+  const int h = int(blockIdx.x % p.heads);
+  const KvCacheView& cache = p.cache;
+  const KvEntryLayout& layout = cache.layout;
+  const int d0 = threadIdx.x * 4;
+  const float* q = static_cast<const float*>(p.q) + (t * p.heads + h) * kHeadDim + d0;
+  float o[4] = {0, 0, 0, 0}, m = -INFINITY, l = 0;
+  const int slots = p.window_slots + p.compressed_slots;
+  for (int s = 0; s < slots; ++s) {
+    const bool window = s < p.window_slots;
+    const int32_t row = window ? p.window_index[t * p.window_slots + s]
+                               : p.compressed_index[t * p.compressed_slots + s - p.window_slots];
+    if (row < 0) continue;
+    const int32_t* pages = cache.pages_of(p.sequence_slots[t], p.layer, window ? KvArray::Window : KvArray::Compressed);
+    const uint8_t* entry = cache.entry_address(cache.physical_entry(pages, row));
+    float v[4];
+    for (int i = 0; i < 4; ++i) {
+      const int d = d0 + i;
+      v[i] = d < layout.nope_dim
+                 ? e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize])
+                 : bf16_to_float(reinterpret_cast<const uint16_t*>(entry + layout.rope_offset)[d - layout.nope_dim]);
+    }
+    float dot = q[0] * v[0] + q[1] * v[1] + q[2] * v[2] + q[3] * v[3];
+    for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, offset);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+    __syncthreads();
+    const float score = (partial[0] + partial[1] + partial[2] + partial[3]) * p.softmax_scale;
+    const float new_m = fmaxf(m, score), alpha = expf(m - new_m), w = expf(score - new_m);
+    l = l * alpha + w;
+    for (int i = 0; i < 4; ++i) o[i] = o[i] * alpha + w * v[i];
+    m = new_m;
+  }
+  const float den = l + (p.attn_sink != nullptr && m != -INFINITY ? expf(p.attn_sink[h] - m) : 0.0f);
+  const float inv = l > 0 ? 1.0f / den : 0.0f;
+  for (int i = 0; i < 4; i += 2) {
+    float x0 = o[i] * inv, x1 = o[i + 1] * inv;
+    const int d = d0 + i;
+    if (d >= layout.nope_dim) {
+      const float angle = float(p.positions[t]) * p.rope_frequencies[(d - layout.nope_dim) / 2];
+      float sn, cs;
+      sincosf(angle, &sn, &cs);
+      const float a = x0, b = x1;
+      x0 = a * cs + b * sn;
+      x1 = -a * sn + b * cs;
+    }
+    static_cast<float*>(p.out)[(t * p.heads + h) * kHeadDim + d] = x0;
+    static_cast<float*>(p.out)[(t * p.heads + h) * kHeadDim + d + 1] = x1;
+  }
+}
+
+// Median milliseconds of `body` over `iterations` calls, each after an L2 flush (a 256 MiB memset).
+template <class Body>
+double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  body();  // warm-up
+  std::vector<float> times;
+  for (int i = 0; i < iterations; ++i) {
+    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, flush_bytes));
+    DSV4_CUDA_CHECK(cudaEventRecord(start));
+    body();
+    DSV4_CUDA_CHECK(cudaEventRecord(stop));
+    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+double copy_bandwidth_gbps() {
+  const size_t bytes = size_t(1) << 30;
+  DeviceBuffer a(bytes, "copy source"), b(bytes, "copy destination");
+  a.fill_bytes(1);
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  DSV4_CUDA_CHECK(cudaMemcpy(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
+  DSV4_CUDA_CHECK(cudaEventRecord(start));
+  constexpr int kCopies = 10;
+  for (int i = 0; i < kCopies; ++i) DSV4_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
+  DSV4_CUDA_CHECK(cudaEventRecord(stop));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  return 2.0 * double(bytes) * kCopies / (double(ms) * 1e-3) / 1e9;  // read + write
+}
+
+struct Result {
+  std::string model, layout;
+  int heads, batch, splits;
+  int64_t context, slots;
+  double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
+};
+
+Result run_case(const char* model, int heads, bool csa, int batch, int64_t context, double copy_gbps, int sms,
+                void* flush, size_t flush_bytes, std::mt19937& rng) {
+  const int64_t compressed_rows = csa ? context / 4 : context / 128;
+  const int compressed_slots = csa ? kTopK : int(compressed_rows);
+  KvCache cache({.format = KvEntryFormat::Fp8Reference, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1,
+                 .max_sequences = batch, .window_capacity = kWindow, .max_compressed_rows = compressed_rows,
+                 .page_rows = kPageRows,
+                 .pages = int64_t(batch) * ((compressed_rows + kPageRows - 1) / kPageRows + kWindow / kPageRows)});
+  for (int b = 0; b < batch; ++b) {
+    cache.add_sequence();
+    cache.ensure_rows(b, 0, KvArray::Window, kWindow);
+    cache.ensure_rows(b, 0, KvArray::Compressed, compressed_rows);
+  }
+  cache.upload_page_table(nullptr);
+  const KvCacheView view = cache.view();
+  // Valid entries with mid-sized values: e4m3 0x30 = 0.5, scale byte 0x7F = 1, bf16 0x3F00 = 0.5.
+  DSV4_CUDA_CHECK(cudaMemset(view.pool, 0x30, size_t(cache.config().pages) * kPageRows * view.layout.entry_bytes));
+
+  std::vector<int32_t> slots(static_cast<size_t>(batch)), window_index(static_cast<size_t>(batch) * kWindow),
+      compressed_index(static_cast<size_t>(batch) * compressed_slots);
+  std::vector<int64_t> positions(static_cast<size_t>(batch), context - 1);
+  for (int b = 0; b < batch; ++b) {
+    slots[size_t(b)] = b;
+    for (int w = 0; w < kWindow; ++w) window_index[size_t(b) * kWindow + w] = int32_t((context - kWindow + w) % kWindow);
+    for (int s = 0; s < compressed_slots; ++s)
+      compressed_index[size_t(b) * compressed_slots + s] = csa ? int32_t(rng() % compressed_rows) : s;
+  }
+  std::vector<float> q(static_cast<size_t>(batch) * heads * kHeadDim), sink(static_cast<size_t>(heads), 0.5f), freq(kRopeDim / 2);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : q) v = normal(rng);
+  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
+  const auto upload = [](const auto& host, const char* what) {
+    DeviceBuffer d(host.size() * sizeof(host[0]), what);
+    d.upload(host.data(), d.bytes());
+    return d;
+  };
+  DeviceBuffer d_slots = upload(slots, "slots"), d_window = upload(window_index, "window index"),
+               d_compressed = upload(compressed_index, "compressed index"), d_pos = upload(positions, "positions"),
+               d_q = upload(q, "q"), d_sink = upload(sink, "sink"), d_freq = upload(freq, "frequencies");
+  const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
+  DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
+  const int64_t total_slots = kWindow + compressed_slots;
+  const int splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
+                         "workspace");
+  SparseAttentionParams p{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
+                          .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
+                          .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
+                          .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                          .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                          .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
+                          .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
+                          .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  SparseAttentionParams b = p;
+  b.out = baseline_out.data();
+  const double baseline_ms = median_ms(batch >= 64 ? 3 : 5, flush, flush_bytes, [&] {
+    baseline_attention<<<unsigned(batch * heads), kBaselineThreads>>>(b);
+    DSV4_CUDA_CHECK_LAUNCH("baseline attention");
+  });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> x(out_bytes / 4), y(out_bytes / 4);
+  out.download(x.data(), out_bytes);
+  baseline_out.download(y.data(), out_bytes);
+  double diff = 0;
+  for (size_t i = 0; i < x.size(); ++i) diff = std::max(diff, double(std::fabs(x[i] - y[i])));
+  if (!std::isfinite(diff)) diff = 1e30;
+
+  Result r;
+  r.model = model;
+  r.layout = csa ? "csa" : "hca";
+  r.heads = heads;
+  r.batch = batch;
+  r.splits = splits;
+  r.context = context;
+  r.slots = total_slots;
+  r.us = ms * 1e3;
+  r.kv_bytes = double(batch) * double(total_slots) * view.layout.entry_bytes;
+  r.gbps = r.kv_bytes / (ms * 1e-3) / 1e9;
+  r.percent_of_copy = 100.0 * r.gbps / copy_gbps;
+  r.baseline_us = baseline_ms * 1e3;
+  r.max_abs_diff = diff;
+  return r;
+}
+
+int run(int argc, char** argv) {
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) json_path = argv[++i];
+  }
+  const std::vector<DeviceInfo> devices = list_devices();
+  if (devices.empty()) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 1;
+  }
+  const DeviceInfo& device = devices[0];
+  const double copy_gbps = copy_bandwidth_gbps();
+  std::printf("%s, %d SMs; device copy bandwidth (read + write) %.0f GB/s\n", device.name.c_str(),
+              device.multiprocessors, copy_gbps);
+  const size_t flush_bytes = size_t(256) << 20;
+  DeviceBuffer flush(flush_bytes, "L2 flush");
+  std::mt19937 rng(7);
+  std::vector<Result> results;
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %12s %8s %10s\n", "model", "kind", "batch", "context", "slots",
+              "splits", "us", "GB/s", "%copy", "baseline us", "speedup", "max|diff|");
+  for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
+    for (const bool csa : {true, false})
+      for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
+        for (const int batch : {1, 8, 64, 256}) {
+          const int64_t rows = csa ? context / 4 : context / 128;
+          const double cache_bytes = double(batch) * double(rows + kWindow) * 584.0;
+          if (cache_bytes > 24.0 * (1u << 30)) {
+            std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, csa ? "csa" : "hca", batch,
+                        static_cast<long long>(context), cache_bytes / (1u << 30));
+            continue;
+          }
+          const Result r = run_case(model, heads, csa, batch, context, copy_gbps, device.multiprocessors,
+                                    flush.data(), flush_bytes, rng);
+          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %12.1f %7.1fx %10.2e\n", r.model.c_str(),
+                      r.layout.c_str(), r.batch, static_cast<long long>(r.context), static_cast<long long>(r.slots),
+                      r.splits, r.us, r.gbps, r.percent_of_copy, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff);
+          std::fflush(stdout);
+          results.push_back(r);
+        }
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "cannot write %s\n", json_path.c_str());
+      return 1;
+    }
+    std::fprintf(f, "{\n  \"benchmark\": \"bench_cuda_attention\",\n  \"card\": \"%s\",\n  \"sms\": %d,\n",
+                 device.name.c_str(), device.multiprocessors);
+    std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": 584,\n  \"cases\": [\n", copy_gbps);
+    for (size_t i = 0; i < results.size(); ++i) {
+      const Result& r = results[i];
+      std::fprintf(f,
+                   "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
+                   "\"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"kv_bytes\": %.0f, \"gbps\": %.1f, "
+                   "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g}%s\n",
+                   r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
+                   static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
+                   r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, i + 1 < results.size() ? "," : "");
+    }
+    std::fprintf(f, "  ]\n}\n");
+    std::fclose(f);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  try {
+    return dsv4::cuda::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_attention: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,43 @@
+// Fused "RMSNorm(kv_norm) → RoPE at the entry's position → quantise → insert" for new KV vectors
+// (dsv4-model.md §3.1, §3.2, §3.5): fp32 [rows, D] in, one stored entry per row written into the paged KV cache.
+//
+// Dispatch contract:
+// - Each row goes to (sequence_slots[r], layer, array, dest_rows[r]); that row's page must be allocated
+//   (KvCache::ensure_rows) and the page table uploaded before the launch runs; rows must be distinct.
+// - Math in fp32 like cpu::rms_norm and cpu::RopeTable::rotate; the mean square is summed in another order, so
+//   results may differ from the CPU's in the last bits. Bf16 caches store the rounded-to-nearest bf16 of the result;
+//   Fp8Reference caches store exactly what cpu::round_kv_reference keeps (same scale rule and e4m3 rounding, from
+//   the same host/device codecs).
+// - Asynchronous on `stream`; no allocation, no synchronisation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "backends/cuda/kv_cache.hpp"
+
+namespace dsv4::cuda {
+
+struct KvInsertParams {
+  KvCacheView cache;
+  KvArray array = KvArray::Window;
+  int layer = 0;
+  int64_t rows = 0;                         // new entries
+  const float* x = nullptr;                 // device fp32 [rows, head_dim]
+  const float* norm_weight = nullptr;       // device fp32 [head_dim] (kv_norm or the compressor's norm)
+  float eps = 1e-6f;
+  bool round_input_to_bf16 = false;         // compressor entries: the reference normalises bf16(C_w)
+  const float* rope_frequencies = nullptr;  // device fp32 [rope_dim / 2] (RopeTable::frequencies); null = no RoPE
+  const int32_t* sequence_slots = nullptr;  // device [rows]
+  const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_frequencies)
+  const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array
+  cudaStream_t stream = nullptr;
+};
+
+// Throws (naming the field at fault) unless run_kv_insert supports the call.
+void check_kv_insert_params(const KvInsertParams& params);
+
+void run_kv_insert(const KvInsertParams& params);
+
+}  // namespace dsv4::cuda

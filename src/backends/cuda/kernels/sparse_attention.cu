@@ -1,0 +1,141 @@
+#include "backends/cuda/kernels/sparse_attention.cuh"
+
+#include <algorithm>
+#include <limits>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+
+namespace {
+
+using namespace sparse_attention_detail;
+
+// Shared memory one SM offers to a CTA on Hopper (227 KB of the 228 KB).
+constexpr int kSharedMemoryPerSm = 227 * 1024;
+
+// 16-head tiles per CTA: all 64 heads of a block share each loaded entry; fewer heads use fewer warps.
+int head_tiles_for(int heads) {
+  const int tiles = (heads + 15) / 16;
+  return tiles >= 3 ? 4 : tiles;
+}
+
+int head_blocks_for(int heads) { return (heads + 16 * head_tiles_for(heads) - 1) / (16 * head_tiles_for(heads)); }
+
+bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
+
+template <int kHeadDim, int kHeadTiles, bool kFp8>
+void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int head_blocks) {
+  const auto kernel = sparse_attention_kernel<kHeadDim, kHeadTiles, kFp8>;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.total));
+  const int64_t ctas = p.tokens * head_blocks * p.splits;
+  kernel<<<unsigned(ctas), TileConfig<kHeadDim, kHeadTiles>::kThreads, size_t(plan.total), p.stream>>>(p, plan,
+                                                                                                      head_blocks);
+  DSV4_CUDA_CHECK_LAUNCH("sparse_attention");
+}
+
+template <int kHeadDim>
+void dispatch_tiles(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int head_tiles, int head_blocks) {
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  switch (head_tiles * 2 + (fp8 ? 1 : 0)) {
+    case 2: return launch<kHeadDim, 1, false>(p, plan, head_blocks);
+    case 3: return launch<kHeadDim, 1, true>(p, plan, head_blocks);
+    case 4: return launch<kHeadDim, 2, false>(p, plan, head_blocks);
+    case 5: return launch<kHeadDim, 2, true>(p, plan, head_blocks);
+    case 8: return launch<kHeadDim, 4, false>(p, plan, head_blocks);
+    case 9: return launch<kHeadDim, 4, true>(p, plan, head_blocks);
+    default: fail("sparse_attention: no kernel for ", head_tiles, " head tiles");
+  }
+}
+
+}  // namespace
+
+int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
+                                   int multiprocessors) {
+  check(tokens >= 0 && heads > 0 && supported_head_dim(head_dim) && slots >= 0 && multiprocessors > 0,
+        "choose_sparse_attention_splits: bad shape tokens=", tokens, " heads=", heads, " head_dim=", head_dim,
+        " slots=", slots, " multiprocessors=", multiprocessors);
+  const int64_t tiles = (slots + kTile - 1) / kTile;
+  const int64_t ctas_per_split = tokens * head_blocks_for(heads);
+  if (tiles <= 1 || ctas_per_split == 0) return 1;
+  // Entry layout only matters for the shared-memory size, which sets how many CTAs share an SM.
+  const KvEntryLayout layout = KvEntryLayout::make(format, head_dim, 0);
+  const int smem = make_shared_memory_plan(head_dim, head_tiles_for(heads), layout).total;
+  const int64_t slots_per_wave = int64_t(multiprocessors) * std::max(1, kSharedMemoryPerSm / smem);
+  // Cost in tile-times: the waves each CTA's tiles take, plus about two tiles for the prologue, the epilogue and
+  // the merge pass that any split > 1 adds.
+  int best = 1;
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
+    const int64_t waves = (ctas_per_split * s + slots_per_wave - 1) / slots_per_wave;
+    const double cost = double(waves) * double((tiles + s - 1) / s + 1) + (s > 1 ? 2.0 : 0.0);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = s;
+    }
+  }
+  return best;
+}
+
+size_t sparse_attention_workspace_bytes(int64_t tokens, int heads, int head_dim, int splits) {
+  if (splits <= 1) return 0;
+  // Partial outputs [splits, T, H, D] fp32, then their (max, sum) pairs [splits, T, H].
+  return size_t(splits) * size_t(tokens) * size_t(heads) * (size_t(head_dim) + 2) * sizeof(float);
+}
+
+void check_sparse_attention_params(const SparseAttentionParams& p) {
+  const KvEntryLayout& layout = p.cache.layout;
+  const int d = layout.head_dim;
+  check(p.cache.pool != nullptr && p.cache.page_table != nullptr, "sparse_attention: the KV cache view is empty");
+  check(supported_head_dim(d), "sparse_attention: head_dim ", d, " is not one of 64, 128, 256, 512");
+  check(p.layer >= 0 && p.layer < p.cache.layers, "sparse_attention: layer ", p.layer, " outside [0, ",
+        p.cache.layers, ")");
+  check(p.tokens >= 0 && p.heads > 0, "sparse_attention: bad shape tokens=", p.tokens, " heads=", p.heads);
+  check(p.window_slots >= 0 && p.compressed_slots >= 0, "sparse_attention: negative slot count (window ",
+        p.window_slots, ", compressed ", p.compressed_slots, ")");
+  check(p.splits >= 1 && p.splits <= kSparseAttentionMaxSplits, "sparse_attention: splits ", p.splits,
+        " outside [1, ", kSparseAttentionMaxSplits, "]");
+  check(int64_t(p.tokens) * head_blocks_for(p.heads) * p.splits < (int64_t(1) << 31),
+        "sparse_attention: too many CTAs for one launch (tokens ", p.tokens, ")");
+  if (p.tokens == 0) return;
+  check(p.q != nullptr && p.out != nullptr && p.sequence_slots != nullptr, "sparse_attention: q, out and "
+        "sequence_slots are required");
+  check(reinterpret_cast<uintptr_t>(p.q) % 16 == 0, "sparse_attention: q must be 16-byte aligned");
+  check(reinterpret_cast<uintptr_t>(p.out) % 8 == 0, "sparse_attention: out must be 8-byte aligned");
+  check(p.window_slots == 0 || p.window_index != nullptr, "sparse_attention: window_slots ", p.window_slots,
+        " without window_index");
+  check(p.compressed_slots == 0 || p.compressed_index != nullptr, "sparse_attention: compressed_slots ",
+        p.compressed_slots, " without compressed_index");
+  check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
+        "sparse_attention: the inverse RoPE needs positions and a cache rope_dim > 0");
+  const size_t needed = sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
+  check(p.workspace_bytes >= needed && (needed == 0 || p.workspace != nullptr), "sparse_attention: ", p.splits,
+        " splits need ", needed, " bytes of workspace, got ", p.workspace_bytes);
+  check(reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0, "sparse_attention: workspace must be 16-byte aligned");
+}
+
+void run_sparse_attention(const SparseAttentionParams& p) {
+  check_sparse_attention_params(p);
+  if (p.tokens == 0) return;
+  const int d = p.cache.layout.head_dim;
+  const int head_tiles = head_tiles_for(p.heads);
+  const int head_blocks = head_blocks_for(p.heads);
+  const SharedMemoryPlan plan = make_shared_memory_plan(d, head_tiles, p.cache.layout);
+  check(plan.total <= kSharedMemoryPerSm, "sparse_attention: ", plan.total, " bytes of shared memory for head_dim ",
+        d, " exceed the SM's ", kSharedMemoryPerSm);
+  switch (d) {
+    case 64: dispatch_tiles<64>(p, plan, head_tiles, head_blocks); break;
+    case 128: dispatch_tiles<128>(p, plan, head_tiles, head_blocks); break;
+    case 256: dispatch_tiles<256>(p, plan, head_tiles, head_blocks); break;
+    case 512: dispatch_tiles<512>(p, plan, head_tiles, head_blocks); break;
+    default: fail("sparse_attention: head_dim ", d, " unsupported");
+  }
+  if (p.splits > 1) {
+    sparse_attention_combine_kernel<<<unsigned(p.tokens * p.heads), kCombineThreads, 0, p.stream>>>(
+        p, d, p.cache.layout.nope_dim);
+    DSV4_CUDA_CHECK_LAUNCH("sparse_attention combine");
+  }
+}
+
+}  // namespace dsv4::cuda

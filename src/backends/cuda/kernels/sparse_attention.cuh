@@ -1,0 +1,497 @@
+// Device code of the sparse MQA attention with sink (sparse_attention.hpp).
+//
+// One CTA = one query × one block of 16·kHeadTiles heads × one split of the query's slot list. Warp w owns the
+// 16 heads of head tile (w % kHeadTiles) and the dims [ds·kWarpDims, (ds+1)·kWarpDims) of split ds = w / kHeadTiles
+// (two dim halves for D = 512, so that the 16 × 256 fp32 output accumulator fits in 128 registers per thread).
+// Per tile of 32 entries:
+//   1. the entries arrive by cp.async (8-byte chunks for fp8 entries, whose 584-byte stride is only 8-aligned;
+//      16-byte chunks for bf16 entries), issued two tiles ahead into a 3-stage ring; an unused slot is zero-filled,
+//      so that its (masked) weight 0 never meets a NaN;
+//   2. fp8 entries are dequantised to a bf16 tile (e4m3 · 2^k is exact in bf16);
+//   3. S = Q Kᵀ with mma.sync m16n8k16 (each warp over its dim range; the two halves' partial scores are summed
+//      through shared memory in a fixed order, so both warps of a head tile hold identical scores);
+//   4. online softmax in the log2 domain; P is rounded to bf16 once and the row sums add the rounded values, so the
+//      weights the PV product applies are exactly the ones normalised;
+//   5. O += P V with mma.sync (V = K read transposed by ldmatrix.trans).
+// Physical entry numbers (index list → page table) are looked up 256 slots at a time, all threads in parallel, so
+// the dependent index and page-table loads stall once per 8 tiles instead of once per tile.
+// NOTES: row strides in shared memory are D + 8 bf16 (16 bytes of pad) so that the 8 rows an ldmatrix reads fall
+// on distinct bank groups.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/kernels/sparse_attention.hpp"
+#include "core/e8m0.hpp"
+
+namespace dsv4::cuda::sparse_attention_detail {
+
+inline constexpr int kTile = kSparseAttentionTileEntries;
+inline constexpr int kStages = 3;
+inline constexpr int kResolveSlots = 256;
+inline constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kHeadDim, int kHeadTiles>
+struct TileConfig {
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256 || kHeadDim == 512,
+                "head_dim must be 64, 128, 256 or 512");
+  static_assert(kHeadTiles == 1 || kHeadTiles == 2 || kHeadTiles == 4, "1, 2 or 4 tiles of 16 heads per CTA");
+  static constexpr int kDimSplits = kHeadDim == 512 ? 2 : 1;
+  static constexpr int kWarps = kHeadTiles * kDimSplits;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpDims = kHeadDim / kDimSplits;
+  static constexpr int kHeadsPerCta = 16 * kHeadTiles;
+  static constexpr int kRowStride = kHeadDim + 8;  // bf16 elements per shared-memory row
+};
+
+// Byte offsets of the dynamic shared memory; the same function sizes the launch.
+struct SharedMemoryPlan {
+  int q = 0;                // bf16 [heads per CTA][row stride]
+  int tile = 0;             // bf16 [kTile][row stride], the dequantised fp8 tile (fp8 only)
+  int raw = 0;              // kStages × raw_stage_bytes: entries as loaded
+  int raw_stage_bytes = 0;
+  int raw_stride = 0;       // bytes per entry in a raw stage
+  int exchange = 0;         // fp32 [warps][16][32]: partial scores of the dim halves
+  int phys = 0;             // int32 [kResolveSlots]: physical entry per slot, −1 = unused
+  int valid = 0;            // int32 [kStages][kTile]
+  int total = 0;
+};
+
+inline int align16(int x) { return (x + 15) / 16 * 16; }
+
+inline SharedMemoryPlan make_shared_memory_plan(int head_dim, int head_tiles, const KvEntryLayout& layout) {
+  const int dim_splits = head_dim == 512 ? 2 : 1;
+  const int row_bytes = (head_dim + 8) * 2;
+  const bool fp8 = layout.format == KvEntryFormat::Fp8Reference;
+  SharedMemoryPlan plan;
+  int offset = 0;
+  plan.q = offset;
+  offset += align16(16 * head_tiles * row_bytes);
+  plan.tile = offset;
+  offset += fp8 ? align16(kTile * row_bytes) : 0;
+  plan.raw_stride = fp8 ? layout.entry_bytes : row_bytes;
+  plan.raw_stage_bytes = align16(kTile * plan.raw_stride);
+  plan.raw = offset;
+  offset += kStages * plan.raw_stage_bytes;
+  plan.exchange = offset;
+  offset += dim_splits > 1 ? head_tiles * dim_splits * 16 * 32 * 4 : 0;
+  plan.phys = offset;
+  offset += kResolveSlots * 4;
+  plan.valid = offset;
+  offset += kStages * kTile * 4;
+  plan.total = offset;
+  return plan;
+}
+
+// ---- PTX wrappers (PTX ISA: ldmatrix §9.7.9.21, mma m16n8k16 §9.7.14.5, cp.async §9.7.9.25) ----
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// d += a · b for one 16×8×16 bf16 tile, fp32 accumulation.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copies `Bytes` (8 or 16) global bytes to shared memory, or zero-fills them when !valid.
+template <int Bytes>
+__device__ __forceinline__ void cp_async_or_zero(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? Bytes : 0;
+  if constexpr (Bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Two e4m3 codes → two bf16 values times a power-of-two scale (exact: ≤ 4 significant bits).
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+  return pack_bf16x2(f.x * scale, f.y * scale);
+}
+
+// ---- the attention kernel ----
+
+template <int kHeadDim, int kHeadTiles, bool kFp8>
+__global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
+    sparse_attention_kernel(const __grid_constant__ SparseAttentionParams p, const SharedMemoryPlan plan,
+                            const int head_blocks) {
+  using Config = TileConfig<kHeadDim, kHeadTiles>;
+  constexpr int kThreads = Config::kThreads;
+  constexpr int kWarpDims = Config::kWarpDims;
+  constexpr int kRowStride = Config::kRowStride;
+  constexpr int kRowBytes = kRowStride * 2;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __nv_bfloat16* q_tile = reinterpret_cast<__nv_bfloat16*>(smem + plan.q);
+  int32_t* phys_of_slot = reinterpret_cast<int32_t*>(smem + plan.phys);
+  int32_t* slot_valid = reinterpret_cast<int32_t*>(smem + plan.valid);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int head_tile = warp % kHeadTiles, dim_split = warp / kHeadTiles;
+  const int dim_begin = dim_split * kWarpDims;
+  int64_t flat = blockIdx.x;
+  const int head_block = int(flat % head_blocks);
+  flat /= head_blocks;
+  const int split = int(flat % p.splits);
+  const int64_t t = flat / p.splits;
+  const int head_base = head_block * Config::kHeadsPerCta;
+  const KvCacheView& cache = p.cache;
+  const KvEntryLayout& layout = cache.layout;
+
+  // Q of this head block, bf16 in shared memory; heads past H are zero.
+  for (int i = tid; i < Config::kHeadsPerCta * kHeadDim / 8; i += kThreads) {
+    const int r = i / (kHeadDim / 8), d = (i % (kHeadDim / 8)) * 8;
+    const int h = head_base + r;
+    uint4 packed = make_uint4(0, 0, 0, 0);
+    if (h < p.heads) {
+      const int64_t offset = (t * p.heads + h) * kHeadDim + d;
+      if (p.q_dtype == AttentionDtype::Bf16) {
+        packed = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + offset);
+      } else {
+        const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset);
+        const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset + 4);
+        packed = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                            pack_bf16x2(hi.z, hi.w));
+      }
+    }
+    *reinterpret_cast<uint4*>(q_tile + r * kRowStride + d) = packed;
+  }
+
+  // This split's slots [range_begin, range_end) of the query's window ∪ compressed list.
+  const int64_t total_slots = int64_t(p.window_slots) + p.compressed_slots;
+  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
+  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
+  const int64_t range_begin = split * tiles_per_split * kTile;
+  const int64_t range_end = min(total_slots, range_begin + tiles_per_split * kTile);
+  const int num_tiles = range_end > range_begin ? int((range_end - range_begin + kTile - 1) / kTile) : 0;
+  const int sequence_slot = p.sequence_slots[t];
+
+  // Physical entries of the slots [range_begin + first, +kResolveSlots).
+  const auto resolve_slots = [&](int64_t first) {
+    for (int i = tid; i < kResolveSlots; i += kThreads) {
+      const int64_t s = range_begin + first + i;
+      int32_t phys = -1;
+      if (s < range_end) {
+        const bool window = s < p.window_slots;
+        const int32_t row = window ? p.window_index[t * p.window_slots + s]
+                                   : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
+        if (row >= 0 && (row >> cache.page_shift) < cache.max_pages_per_array) {
+          const int32_t* pages =
+              cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed);
+          if (pages[row >> cache.page_shift] >= 0) phys = int32_t(cache.physical_entry(pages, row));
+        }
+      }
+      phys_of_slot[i] = phys;
+    }
+  };
+
+  // Starts the copies of tile j into its ring stage (one commit group per call, empty past the last tile).
+  const auto issue_tile = [&](int j) {
+    if (j < num_tiles) {
+      const int stage = j % kStages;
+      const int base = (j * kTile) % kResolveSlots;
+      uint8_t* raw = smem + plan.raw + stage * plan.raw_stage_bytes;
+      if (tid < kTile) slot_valid[stage * kTile + tid] = phys_of_slot[base + tid] >= 0;
+      constexpr int kChunkBytes = kFp8 ? 8 : 16;
+      const int chunks = (kFp8 ? layout.entry_bytes : kHeadDim * 2) / kChunkBytes;
+      for (int c = tid; c < kTile * chunks; c += kThreads) {
+        const int n = c / chunks, k = c - n * chunks;
+        const int32_t phys = phys_of_slot[base + n];
+        const uint8_t* src = phys >= 0 ? cache.entry_address(phys) + k * kChunkBytes : cache.pool;
+        cp_async_or_zero<kChunkBytes>(shared_address(raw + n * plan.raw_stride + k * kChunkBytes), src, phys >= 0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float o_acc[kWarpDims / 8][4];
+#pragma unroll
+  for (int j = 0; j < kWarpDims / 8; ++j) o_acc[j][0] = o_acc[j][1] = o_acc[j][2] = o_acc[j][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, log2 domain
+  float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  // ldmatrix lane addresses (see the fragment layouts of mma.m16n8k16).
+  const int g = lane / 4, c = lane % 4;
+  const uint32_t q_lane =
+      shared_address(q_tile + (head_tile * 16 + (lane % 8) + 8 * ((lane / 8) % 2)) * kRowStride + 8 * (lane / 16));
+  const int k_lane_offset = ((lane % 8) + 8 * (lane / 16)) * kRowBytes + 8 * ((lane / 8) % 2) * 2;
+  const int v_lane_offset = ((lane % 8) + 8 * ((lane / 8) % 2)) * kRowBytes + 8 * (lane / 16) * 2;
+
+  resolve_slots(0);
+  __syncthreads();
+  issue_tile(0);
+  issue_tile(1);
+
+  for (int i = 0; i < num_tiles; ++i) {
+    const int stage = i % kStages;
+    cp_async_wait<1>();
+    const bool any_valid = __syncthreads_or(tid < kTile && slot_valid[stage * kTile + tid]) != 0;
+    const int next = i + 2;
+    if (next < num_tiles && (next * kTile) % kResolveSlots == 0) {
+      resolve_slots(int64_t(next) * kTile);
+      __syncthreads();
+    }
+    issue_tile(next);
+    if (!any_valid) continue;
+
+    uint8_t* raw = smem + plan.raw + stage * plan.raw_stage_bytes;
+    const uint8_t* kv_tile = raw;
+    if constexpr (kFp8) {
+      __nv_bfloat16* tile = reinterpret_cast<__nv_bfloat16*>(smem + plan.tile);
+      const int nope_groups = layout.nope_dim / 8, groups = nope_groups + layout.rope_dim / 4;
+      for (int x = tid; x < kTile * groups; x += kThreads) {
+        const int n = x / groups, group = x - n * groups;
+        const uint8_t* entry = raw + n * layout.entry_bytes;
+        __nv_bfloat16* row = tile + n * kRowStride;
+        if (group < nope_groups) {
+          const uint2 codes = *reinterpret_cast<const uint2*>(entry + 8 * group);
+          const float scale = e8m0_to_float(entry[layout.scale_offset + 8 * group / kKvFp8BlockSize]);
+          const uint4 values = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                                          e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                                          e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                                          e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+          *reinterpret_cast<uint4*>(row + 8 * group) = values;
+        } else {
+          const int r = group - nope_groups;
+          *reinterpret_cast<uint2*>(row + layout.nope_dim + 4 * r) =
+              *reinterpret_cast<const uint2*>(entry + layout.rope_offset + 8 * r);
+        }
+      }
+      __syncthreads();
+      kv_tile = reinterpret_cast<const uint8_t*>(tile);
+    }
+    const uint32_t kv_base = shared_address(kv_tile);
+
+    // S = Q Kᵀ over this warp's dims.
+    float s_acc[kTile / 8][4];
+#pragma unroll
+    for (int j = 0; j < kTile / 8; ++j) s_acc[j][0] = s_acc[j][1] = s_acc[j][2] = s_acc[j][3] = 0.0f;
+#pragma unroll 4
+    for (int kk = 0; kk < kWarpDims; kk += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, q_lane + (dim_begin + kk) * 2);
+#pragma unroll
+      for (int nb = 0; nb < kTile / 16; ++nb) {
+        uint32_t b[4];
+        ldmatrix_x4(b, kv_base + nb * 16 * kRowBytes + k_lane_offset + (dim_begin + kk) * 2);
+        mma_bf16_16816(s_acc[2 * nb], a, b[0], b[1]);
+        mma_bf16_16816(s_acc[2 * nb + 1], a, b[2], b[3]);
+      }
+    }
+    if constexpr (Config::kDimSplits > 1) {
+      float* exchange = reinterpret_cast<float*>(smem + plan.exchange);
+#pragma unroll
+      for (int j = 0; j < kTile / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) exchange[(warp * 16 + j * 4 + e) * 32 + lane] = s_acc[j][e];
+      __syncthreads();
+      const float* half0 = exchange + (head_tile * 16) * 32;
+      const float* half1 = exchange + ((kHeadTiles + head_tile) * 16) * 32;
+#pragma unroll
+      for (int j = 0; j < kTile / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s_acc[j][e] = half0[(j * 4 + e) * 32 + lane] + half1[(j * 4 + e) * 32 + lane];
+    }
+
+    // Online softmax (log2 domain); unused slots score −inf.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kTile / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = slot_valid[stage * kTile + 8 * j + 2 * c + (e % 2)] != 0;
+        s_acc[j][e] = valid ? s_acc[j][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s_acc[j][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
+      const float reference = new_max == -INFINITY ? 0.0f : new_max;
+      alpha[r] = exp2f(row_max[r] - reference);
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+    uint32_t p_frag[kTile / 16][4];
+#pragma unroll
+    for (int j = 0; j < kTile / 8; ++j) {
+      float w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float reference = row_max[e / 2] == -INFINITY ? 0.0f : row_max[e / 2];
+        w[e] = __bfloat162float(__float2bfloat16_rn(exp2f(s_acc[j][e] - reference)));
+        row_sum[e / 2] += w[e];
+      }
+      p_frag[j / 2][(j % 2) * 2 + 0] = pack_bf16x2(w[0], w[1]);
+      p_frag[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(w[2], w[3]);
+    }
+#pragma unroll
+    for (int j = 0; j < kWarpDims / 8; ++j) {
+      o_acc[j][0] *= alpha[0];
+      o_acc[j][1] *= alpha[0];
+      o_acc[j][2] *= alpha[1];
+      o_acc[j][3] *= alpha[1];
+    }
+
+    // O += P V over this warp's dims.
+#pragma unroll
+    for (int ks = 0; ks < kTile / 16; ++ks) {
+#pragma unroll
+      for (int np = 0; np < kWarpDims / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, kv_base + ks * 16 * kRowBytes + v_lane_offset + (dim_begin + np * 16) * 2);
+        mma_bf16_16816(o_acc[2 * np], p_frag[ks], b[0], b[1]);
+        mma_bf16_16816(o_acc[2 * np + 1], p_frag[ks], b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  }
+  const int head[2] = {head_base + head_tile * 16 + g, head_base + head_tile * 16 + g + 8};
+
+  if (p.splits > 1) {
+    // Unnormalised partial output and its (max, sum); sparse_attention_combine_kernel merges the splits.
+    float* partial_out = static_cast<float*>(p.workspace);
+    float2* partial_stats = reinterpret_cast<float2*>(partial_out + int64_t(p.splits) * p.tokens * p.heads * kHeadDim);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (head[r] >= p.heads) continue;
+      const int64_t row = (int64_t(split) * p.tokens + t) * p.heads + head[r];
+      if (dim_split == 0 && c == 0) partial_stats[row] = make_float2(row_max[r], row_sum[r]);
+#pragma unroll
+      for (int j = 0; j < kWarpDims / 8; ++j)
+        *reinterpret_cast<float2*>(partial_out + row * kHeadDim + dim_begin + 8 * j + 2 * c) =
+            make_float2(o_acc[j][2 * r], o_acc[j][2 * r + 1]);
+    }
+    return;
+  }
+
+  float inverse_denominator[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float denominator = row_sum[r];
+    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
+      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
+    // A query with no entries gets a zero output whatever its sink.
+    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
+  }
+  const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
+#pragma unroll
+  for (int j = 0; j < kWarpDims / 8; ++j) {
+    const int dim = dim_begin + 8 * j + 2 * c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[j][e] * inverse_denominator[e / 2];
+    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim) {
+      const RopeFactors f = rope_factors(position, p.rope_frequencies[(dim - layout.nope_dim) / 2]);
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (head[r] >= p.heads) continue;
+      const int64_t offset = (t * p.heads + head[r]) * kHeadDim + dim;
+      if (p.out_dtype == AttentionDtype::F32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+}
+
+// ---- the split merge ----
+
+inline constexpr int kCombineThreads = 128;
+
+// One CTA per (query, head): weights 2^(m_s − M) per split, the sink once in the denominator, inverse RoPE, store.
+__global__ void __launch_bounds__(kCombineThreads)
+    sparse_attention_combine_kernel(const __grid_constant__ SparseAttentionParams p, const int head_dim,
+                                    const int nope_dim) {
+  __shared__ float split_weight[kSparseAttentionMaxSplits];
+  __shared__ float inverse_denominator;
+  const int64_t th = blockIdx.x;
+  const int64_t t = th / p.heads;
+  const int h = int(th % p.heads);
+  const float* partial_out = static_cast<const float*>(p.workspace);
+  const float2* partial_stats =
+      reinterpret_cast<const float2*>(partial_out + int64_t(p.splits) * p.tokens * p.heads * head_dim);
+  const int64_t split_stride = p.tokens * p.heads;
+  if (threadIdx.x == 0) {
+    float m = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, partial_stats[s * split_stride + th].x);
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float2 stats = partial_stats[s * split_stride + th];
+      split_weight[s] = stats.x == -INFINITY ? 0.0f : exp2f(stats.x - m);
+      sum += stats.y * split_weight[s];
+    }
+    float denominator = sum;
+    if (p.attn_sink != nullptr && m != -INFINITY) denominator += exp2f(p.attn_sink[h] * kLog2e - m);
+    inverse_denominator = sum > 0.0f ? 1.0f / denominator : 0.0f;
+  }
+  __syncthreads();
+  const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
+  for (int pair = threadIdx.x; pair < head_dim / 2; pair += kCombineThreads) {
+    const int dim = 2 * pair;
+    float x0 = 0.0f, x1 = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float2 o = *reinterpret_cast<const float2*>(partial_out + (s * split_stride + th) * head_dim + dim);
+      x0 += split_weight[s] * o.x;
+      x1 += split_weight[s] * o.y;
+    }
+    x0 *= inverse_denominator;
+    x1 *= inverse_denominator;
+    if (p.rope_frequencies != nullptr && dim >= nope_dim)
+      rope_rotate_pair(x0, x1, rope_factors(position, p.rope_frequencies[(dim - nope_dim) / 2]), true);
+    const int64_t offset = th * head_dim + dim;
+    if (p.out_dtype == AttentionDtype::F32)
+      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(x0, x1);
+    else
+      *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(x0, x1);
+  }
+}
+
+}  // namespace dsv4::cuda::sparse_attention_detail

@@ -1,0 +1,72 @@
+// Sparse multi-query attention with a sink on the paged KV cache (dsv4-model.md §3.4; the CPU reference is
+// cpu::sparse_attention). Per query t: the entries named by its window slots (logical window-ring rows) and its
+// compressed slots (logical compressed rows) of sequence slot sequence_slots[t], −1 = unused slot; one softmax over
+// all of them with the per-head sink in the denominator; the output's last rope_dim dims rotated back by −θ at the
+// query's position. K = V is one shared head, so a CTA serves 16, 32 or 64 heads of one query from each entry it
+// loads (mma.sync bf16 for QKᵀ and PV, fp32 accumulation, online softmax); a query's slot list is split across CTAs
+// when tokens × head blocks would not fill the GPU, and a second kernel merges the splits with a log-sum-exp
+// combine where the sink joins once.
+//
+// Dispatch contract:
+// - head_dim ∈ {64, 128, 256, 512} (the cache's), any heads ≥ 1, tokens ≥ 0 (decode: one query per sequence, or
+//   several; prefill: every token of a chunk, each with its own index lists — the same kernel).
+// - q: fp32 or bf16 [T, H, D], 16-byte aligned; it is rounded to bf16 (the MMA input). Entries are bf16 already
+//   (or fp8 + e8m0 dequantised exactly to bf16). The scores, softmax and PV accumulate in fp32.
+// - Indices name rows whose pages are allocated and uploaded (KvCache::ensure_rows, upload_page_table); a row
+//   outside the array's pages is treated as an unused slot (the kernel never reads outside the pool).
+// - workspace: sparse_attention_workspace_bytes(...) bytes of device scratch when splits > 1 (else may be null).
+// - Asynchronous on `stream`; no allocation, no synchronisation (graph-capturable).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "backends/cuda/kv_cache.hpp"
+
+namespace dsv4::cuda {
+
+enum class AttentionDtype : uint8_t { F32, Bf16 };
+
+// Entries per KV tile of the attention kernel: the unit of the split heuristic.
+inline constexpr int kSparseAttentionTileEntries = 32;
+inline constexpr int kSparseAttentionMaxSplits = 64;
+
+struct SparseAttentionParams {
+  KvCacheView cache;
+  int layer = 0;
+  int64_t tokens = 0;                       // T queries
+  int heads = 0;                            // H
+  float softmax_scale = 0.0f;               // D^-0.5
+  const void* q = nullptr;                  // device [T, H, D] in q_dtype
+  AttentionDtype q_dtype = AttentionDtype::F32;
+  const float* attn_sink = nullptr;         // device [H]; null = no sink
+  const int32_t* sequence_slots = nullptr;  // device [T]: the KV cache slot of each query
+  const int64_t* positions = nullptr;       // device [T]: query positions (for the inverse RoPE)
+  const float* rope_frequencies = nullptr;  // device [rope_dim / 2]; null = leave the output unrotated
+  const int32_t* window_index = nullptr;    // device [T, window_slots]: window-ring rows, −1 = unused
+  int window_slots = 0;
+  const int32_t* compressed_index = nullptr;  // device [T, compressed_slots]: compressed rows, −1 = unused
+  int compressed_slots = 0;
+  void* out = nullptr;                      // device [T, H, D] in out_dtype
+  AttentionDtype out_dtype = AttentionDtype::F32;
+  int splits = 1;                           // CTAs per (query, head block); choose_sparse_attention_splits
+  void* workspace = nullptr;                // device scratch for splits > 1
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost; 1 when one split
+// already fills the GPU.
+int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
+                                   int multiprocessors);
+
+size_t sparse_attention_workspace_bytes(int64_t tokens, int heads, int head_dim, int splits);
+
+// Throws (naming the shape, pointer or field at fault) unless run_sparse_attention supports the call.
+void check_sparse_attention_params(const SparseAttentionParams& params);
+
+void run_sparse_attention(const SparseAttentionParams& params);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,289 @@
+// The paged device KV cache and its fused insert against the CPU ops: the page allocator's bookkeeping and errors;
+// run_kv_insert (RMSNorm → RoPE → quantise → insert) against cpu::rms_norm + cpu::apply_rope (+ round_kv_reference
+// for the fp8 layout) for the V4 shape (D 512, rope 64) and a tiny one (D 64, rope 16, a partial fp8 block), window
+// rows that wrap the ring, compressed rows with the bf16 pre-rounding, several sequences; the pool is poisoned
+// before each run and every stored byte of every touched entry is checked.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/reference_rounding.hpp"
+#include "backends/cpu/rms_norm.hpp"
+#include "backends/cpu/rope.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/kv_insert.hpp"
+#include "backends/cuda/kv_cache.hpp"
+#include "core/bf16.hpp"
+#include "core/e8m0.hpp"
+#include "core/fp8_e4m3.hpp"
+#include "support/expect_error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+bool has_device() { return !list_devices().empty(); }
+
+template <class T>
+DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
+  DeviceBuffer buffer(std::max<size_t>(1, host.size()) * sizeof(T), what);
+  buffer.upload(host.data(), host.size() * sizeof(T));
+  return buffer;
+}
+
+TEST(KvEntryLayout, FpEightLayoutOfTheModelsAndOddShapes) {
+  const KvEntryLayout v4 = KvEntryLayout::make(KvEntryFormat::Fp8Reference, 512, 64);
+  EXPECT_EQ(v4.entry_bytes, 584);
+  EXPECT_EQ(v4.rope_offset, 448);
+  EXPECT_EQ(v4.scale_offset, 576);
+  EXPECT_EQ(v4.scale_blocks, 7);
+  const KvEntryLayout tiny = KvEntryLayout::make(KvEntryFormat::Fp8Reference, 64, 16);
+  EXPECT_EQ(tiny.scale_blocks, 1);              // 48 fp8 values: one partial block
+  EXPECT_EQ(tiny.entry_bytes, 88);              // 48 + 32 + 1, padded to 8
+  EXPECT_EQ(KvEntryLayout::make(KvEntryFormat::Bf16, 512, 64).entry_bytes, 1024);
+  testing::expect_error([] { KvEntryLayout::make(KvEntryFormat::Fp8Reference, 64, 12); }, "fp8 part");
+  testing::expect_error([] { KvEntryLayout::make(KvEntryFormat::Bf16, 60, 16); }, "head_dim 60");
+  testing::expect_error([] { KvEntryLayout::make(KvEntryFormat::Bf16, 64, 6); }, "rope_dim 6");
+}
+
+TEST(KvCache, AllocatesPagesOnDemandAndFreesThemWithTheSequence) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  KvCache cache({.format = KvEntryFormat::Bf16, .head_dim = 64, .rope_dim = 16, .layers = 2, .max_sequences = 2,
+                 .window_capacity = 40, .max_compressed_rows = 100, .page_rows = 16, .pages = 12});
+  const int a = cache.add_sequence(), b = cache.add_sequence();
+  EXPECT_NE(a, b);
+  testing::expect_error([&] { cache.add_sequence(); }, "all 2 sequence slots");
+  cache.ensure_rows(a, 1, KvArray::Window, 40);  // 3 pages
+  EXPECT_EQ(cache.backed_rows(a, 1, KvArray::Window), 40);
+  EXPECT_EQ(cache.free_pages(), 9);
+  cache.ensure_rows(a, 1, KvArray::Window, 10);  // already backed
+  EXPECT_EQ(cache.free_pages(), 9);
+  cache.ensure_rows(b, 0, KvArray::Compressed, 33);  // 3 pages
+  cache.ensure_rows(b, 0, KvArray::Compressed, 64);  // +1
+  EXPECT_EQ(cache.free_pages(), 5);
+  EXPECT_EQ(cache.backed_rows(b, 0, KvArray::Compressed), 64);
+  testing::expect_error([&] { cache.ensure_rows(a, 0, KvArray::Window, 41); }, "exceed its capacity of 40");
+  testing::expect_error([&] { cache.ensure_rows(a, 0, KvArray::Compressed, 100); }, "5 free pages, 7 needed");
+  EXPECT_EQ(cache.free_pages(), 5);  // a failed request changes nothing
+  testing::expect_error([&] { cache.ensure_rows(a, 2, KvArray::Window, 1); }, "layer 2");
+  cache.release_sequence(b);
+  EXPECT_EQ(cache.free_pages(), 9);
+  testing::expect_error([&] { cache.ensure_rows(b, 0, KvArray::Window, 1); }, "slot 1 is not in use");
+  EXPECT_EQ(cache.add_sequence(), b);
+  EXPECT_EQ(cache.backed_rows(b, 0, KvArray::Compressed), 0);
+  cache.release_sequence(a);
+  EXPECT_EQ(cache.free_pages(), 12);
+
+  // The uploaded device table agrees with the host bookkeeping.
+  cache.ensure_rows(b, 1, KvArray::Compressed, 20);
+  cache.upload_page_table(nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const KvCacheView view = cache.view();
+  std::vector<int32_t> table(static_cast<size_t>(2 * 2 * 2 * view.max_pages_per_array));
+  ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  int allocated = 0;
+  for (const int32_t page : table) allocated += page >= 0 ? 1 : 0;
+  EXPECT_EQ(allocated, 2);
+  const int32_t* row = &table[size_t(((b * 2 + 1) * 2 + 1) * view.max_pages_per_array)];
+  EXPECT_GE(row[0], 0);
+  EXPECT_GE(row[1], 0);
+  EXPECT_EQ(row[2], -1);
+}
+
+struct InsertCase {
+  KvEntryFormat format;
+  int head_dim, rope_dim;
+  KvArray array;
+  bool round_input;
+  int64_t rows;
+};
+
+// Decodes one stored entry to fp32 (the values a kernel reads).
+std::vector<float> decode_entry(const KvEntryLayout& layout, const uint8_t* entry) {
+  std::vector<float> v(static_cast<size_t>(layout.head_dim));
+  if (layout.format == KvEntryFormat::Bf16) {
+    for (int d = 0; d < layout.head_dim; ++d) {
+      uint16_t bits;
+      std::memcpy(&bits, entry + 2 * d, 2);
+      v[size_t(d)] = bf16_to_float(bits);
+    }
+    return v;
+  }
+  for (int d = 0; d < layout.nope_dim; ++d)
+    v[size_t(d)] = e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize]);
+  for (int d = 0; d < layout.rope_dim; ++d) {
+    uint16_t bits;
+    std::memcpy(&bits, entry + layout.rope_offset + 2 * d, 2);
+    v[size_t(layout.nope_dim + d)] = bf16_to_float(bits);
+  }
+  return v;
+}
+
+// True when fp32 noise in x (relative 1e-5) could move its fp8 rounding: x/s near an e4m3 rounding midpoint, or the
+// block's amax/448 near a power of two (the scale's ceil boundary).
+bool near_fp8_boundary(float x, float amax) {
+  const float ratio = std::max(amax, 1e-4f) / kE4m3Max;
+  const float log2_ratio = std::log2(ratio);
+  if (std::fabs(log2_ratio - std::round(log2_ratio)) < 2e-5f) return true;
+  const float scale = e8m0_to_float(float_to_e8m0_ceil(ratio));
+  const float q = x / scale;
+  const float lo = e4m3_to_float(float_to_e4m3(q * (1 - 2e-5f))), hi = e4m3_to_float(float_to_e4m3(q * (1 + 2e-5f)));
+  return lo != hi;
+}
+
+void check_insert(const InsertCase& c, uint32_t seed) {
+  SCOPED_TRACE(std::string(to_string(c.format)) + " D=" + std::to_string(c.head_dim) + " rope=" +
+               std::to_string(c.rope_dim) + (c.array == KvArray::Window ? " window" : " compressed") +
+               " rows=" + std::to_string(c.rows));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int D = c.head_dim;
+  constexpr int kLayers = 3, kLayer = 1, kSequences = 3;
+  const int64_t capacity = 24;  // window ring rows; positions up to 100 wrap it several times
+  KvCache cache({.format = c.format, .head_dim = D, .rope_dim = c.rope_dim, .layers = kLayers,
+                 .max_sequences = kSequences, .window_capacity = capacity, .max_compressed_rows = 64, .page_rows = 8,
+                 .pages = 80});
+  for (int s = 0; s < kSequences; ++s) ASSERT_EQ(cache.add_sequence(), s);
+  // Interleave allocations so consecutive logical pages are not consecutive physical pages.
+  for (int s = kSequences - 1; s >= 0; --s) cache.ensure_rows(s, kLayer, c.array, c.array == KvArray::Window ? capacity : 64);
+  cache.upload_page_table(nullptr);
+
+  // Rows: distinct (sequence, destination) pairs; window rows are position mod capacity.
+  std::vector<int32_t> slots(static_cast<size_t>(c.rows)), dest(static_cast<size_t>(c.rows));
+  std::vector<int64_t> positions(static_cast<size_t>(c.rows));
+  std::vector<std::vector<bool>> used(kSequences, std::vector<bool>(64, false));
+  for (int64_t r = 0; r < c.rows; ++r) {
+    while (true) {
+      const int s = int(rng() % kSequences);
+      const int64_t position = int64_t(rng() % 100);
+      const int64_t row = c.array == KvArray::Window ? position % capacity : int64_t(rng() % 64);
+      if (used[size_t(s)][size_t(row)]) continue;
+      used[size_t(s)][size_t(row)] = true;
+      slots[size_t(r)] = s;
+      dest[size_t(r)] = int32_t(row);
+      positions[size_t(r)] = c.array == KvArray::Window ? position : row * 4;
+      break;
+    }
+  }
+  std::vector<float> x(static_cast<size_t>(c.rows * D)), weight(static_cast<size_t>(D));
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const float magnitude = std::ldexp(1.0f, int(rng() % 9) - 4);  // different rows, different scales
+    for (int d = 0; d < D; ++d) x[size_t(r * D + d)] = normal(rng) * magnitude;
+  }
+  for (float& w : weight) w = round_to_bf16(0.5f + 0.25f * normal(rng));
+  const cpu::RopeTable rope(160000.0, c.rope_dim, cpu::YarnScaling{16.0, 65536, 32.0, 1.0});
+
+  // CPU: (bf16 rounding) → RMSNorm → RoPE (→ reference rounding).
+  std::vector<float> expected = x;
+  if (c.round_input)
+    for (float& v : expected) v = round_to_bf16(v);
+  cpu::rms_norm(expected.data(), weight.data(), expected.data(), {c.rows, D, 1e-6f});
+  cpu::apply_rope(rope, expected.data(), positions.data(), {c.rows, 1, D, false});
+  std::vector<float> rounded = expected;
+  if (c.format == KvEntryFormat::Fp8Reference) cpu::round_kv_reference(rounded.data(), c.rows, D, c.rope_dim);
+
+  const KvCacheView view = cache.view();
+  const size_t pool_bytes = size_t(80) * 8 * view.layout.entry_bytes;
+  ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
+  DeviceBuffer d_x = to_device(x, "x"), d_w = to_device(weight, "weight"), d_slots = to_device(slots, "slots"),
+               d_dest = to_device(dest, "dest"), d_pos = to_device(positions, "positions"),
+               d_freq = to_device(rope.frequencies(), "frequencies");
+  run_kv_insert({.cache = view, .array = c.array, .layer = kLayer, .rows = c.rows, .x = d_x.as<float>(),
+                 .norm_weight = d_w.as<float>(), .eps = 1e-6f, .round_input_to_bf16 = c.round_input,
+                 .rope_frequencies = d_freq.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
+                 .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> pool(pool_bytes);
+  ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  std::vector<int32_t> table(static_cast<size_t>(kSequences * kLayers * 2 * view.max_pages_per_array));
+  ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+
+  int failures = 0, boundary_cases = 0;
+  std::vector<bool> written(pool_bytes / size_t(view.layout.entry_bytes), false);
+  for (int64_t r = 0; r < c.rows && failures < 10; ++r) {
+    const int32_t* pages = &table[size_t(((slots[size_t(r)] * kLayers + kLayer) * 2 + int(c.array)) *
+                                         view.max_pages_per_array)];
+    const int64_t physical = int64_t(pages[dest[size_t(r)] / 8]) * 8 + dest[size_t(r)] % 8;
+    written[size_t(physical)] = true;
+    const uint8_t* entry = &pool[size_t(physical * view.layout.entry_bytes)];
+    const std::vector<float> got = decode_entry(view.layout, entry);
+    for (int d = 0; d < D && failures < 10; ++d) {
+      const float want = rounded[size_t(r * D + d)], fp32 = expected[size_t(r * D + d)];
+      const float v = got[size_t(d)];
+      bool ok;
+      if (c.format == KvEntryFormat::Bf16 || d >= view.layout.nope_dim) {
+        // bf16 storage of a value whose fp32 sum order differs from the CPU's: at most one bf16 step apart.
+        ok = std::isfinite(v) && std::fabs(v - fp32) <= std::ldexp(std::fabs(fp32), -8) + 1e-30f;
+      } else {
+        // fp8: bit-equal to round_kv_reference unless fp32 noise sits on a rounding boundary.
+        const int block = d / kKvFp8BlockSize;
+        float amax = 0;
+        for (int k = block * kKvFp8BlockSize; k < std::min((block + 1) * kKvFp8BlockSize, view.layout.nope_dim); ++k)
+          amax = std::max(amax, std::fabs(expected[size_t(r * D + k)]));
+        ok = v == want;
+        if (!ok && near_fp8_boundary(fp32, amax)) {
+          ++boundary_cases;
+          ok = true;
+        }
+      }
+      if (!ok) {
+        ++failures;
+        ADD_FAILURE() << "row " << r << " dim " << d << ": stored " << v << ", expected " << want << " (fp32 "
+                      << fp32 << ")";
+      }
+    }
+    if (c.format == KvEntryFormat::Fp8Reference) {
+      for (int b = view.layout.scale_offset + view.layout.scale_blocks; b < view.layout.entry_bytes; ++b)
+        EXPECT_EQ(entry[b], 0) << "pad byte " << b << " of row " << r;
+    }
+  }
+  EXPECT_LE(boundary_cases, 2) << "too many fp8 boundary cases to be fp32 noise";
+  // Nothing else in the pool was touched.
+  for (size_t e = 0; e < written.size(); ++e) {
+    if (written[e]) continue;
+    const uint8_t* entry = &pool[e * size_t(view.layout.entry_bytes)];
+    ASSERT_TRUE(std::all_of(entry, entry + view.layout.entry_bytes, [](uint8_t b) { return b == 0xFF; }))
+        << "physical entry " << e << " was written";
+  }
+}
+
+TEST(KvInsert, MatchesCpuNormRopeAndReferenceRounding) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1;
+  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
+    for (const auto [D, rope] : {std::pair{512, 64}, std::pair{64, 16}, std::pair{128, 64}}) {
+      check_insert({format, D, rope, KvArray::Window, false, 1}, seed++);
+      check_insert({format, D, rope, KvArray::Window, false, 37}, seed++);
+      check_insert({format, D, rope, KvArray::Compressed, true, 50}, seed++);
+    }
+}
+
+TEST(KvInsert, RefusesBadCalls) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  KvCache cache({.format = KvEntryFormat::Bf16, .head_dim = 64, .rope_dim = 16, .layers = 1, .max_sequences = 1,
+                 .window_capacity = 8, .page_rows = 8, .pages = 1});
+  DeviceBuffer buffer(4096, "scratch");
+  const KvInsertParams good{.cache = cache.view(), .rows = 1, .x = buffer.as<float>(),
+                            .norm_weight = buffer.as<float>(), .sequence_slots = buffer.as<int32_t>(),
+                            .dest_rows = buffer.as<int32_t>()};
+  KvInsertParams p = good;
+  p.layer = 1;
+  testing::expect_error([&] { run_kv_insert(p); }, "layer 1");
+  p = good;
+  p.norm_weight = nullptr;
+  testing::expect_error([&] { run_kv_insert(p); }, "norm_weight");
+  p = good;
+  p.rope_frequencies = buffer.as<float>();
+  testing::expect_error([&] { run_kv_insert(p); }, "positions");
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
