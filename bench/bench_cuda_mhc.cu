@@ -1,0 +1,337 @@
+// mHC, RMSNorm and embedding kernels on the GPU at T ∈ {1, 8, 64, 256, 4096} for V4-Flash (d 4096) and V4-Pro
+// (d 7168), n = 4: µs per launch, bytes moved (each input read once, each output written once) / time, and that as
+// a share of the same-run copy bandwidth (cudaMemcpy D2D of 1 GiB, read + write counted). Same-run baseline for
+// hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
+// Sinkhorn and collapse (two launches, X read twice). Inputs rotate over enough copies to exceed three times the L2,
+// so every launch streams from HBM like a layer's own weights and activations do.
+// Usage: bench_cuda_mhc [--json PATH]
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/embedding.hpp"
+#include "backends/cuda/kernels/mhc.hpp"
+#include "backends/cuda/kernels/rms_norm.hpp"
+#include "core/bf16.hpp"
+#include "core/error.hpp"
+#include "core/quantized_matrix.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+#define BENCH_CUBLAS_CHECK(call)                                                              \
+  do {                                                                                        \
+    const cublasStatus_t status_ = (call);                                                    \
+    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
+  } while (0)
+
+constexpr int kN = kMhcStreams;
+constexpr int kSiteRows = (2 + kN) * kN;
+constexpr int kSinkhornIters = 20;
+constexpr float kEps = 1e-6f;
+
+template <class Body>
+double time_ms(int iterations, Body&& body) {
+  for (int i = 0; i < 3; ++i) body(i);
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  DSV4_CUDA_CHECK(cudaEventRecord(start));
+  for (int i = 0; i < iterations; ++i) body(i);
+  DSV4_CUDA_CHECK(cudaEventRecord(stop));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  return double(ms) / iterations;
+}
+
+double copy_bandwidth_gbps() {
+  constexpr size_t kBytes = size_t(1) << 30;
+  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
+  src.fill_bytes(1);
+  const double ms = time_ms(10, [&](int) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
+  });
+  return 2.0 * double(kBytes) / (ms * 1e6);
+}
+
+// Uniform values with the given mean and standard deviation from a xorshift generator: the 4096-token sets hold
+// hundreds of millions of floats, too many for std::normal_distribution in a benchmark that must stay short.
+DeviceBuffer random_buffer(size_t floats, float sigma, float mean, std::mt19937& rng, const char* what) {
+  uint32_t state = rng() | 1u;
+  const float half_width = sigma * std::sqrt(3.0f);
+  std::vector<float> host(floats);
+  for (float& v : host) {
+    state ^= state << 13;
+    state ^= state >> 17;
+    state ^= state << 5;
+    v = mean + half_width * (float(state >> 8) * 0x1p-23f - 1.0f);
+  }
+  DeviceBuffer buffer(floats * sizeof(float), what);
+  buffer.upload(host.data(), floats * sizeof(float));
+  return buffer;
+}
+
+// Baseline second stage of hc_pre / hc_head: one CTA per token reads mixes (from cuBLAS) and X, computes the norm,
+// the sigmoids, Sinkhorn (thread 0, serially) and the collapse.
+template <bool kHead>
+__global__ void baseline_finish_kernel(const float* X, const float* mixes, const float* base, const float* scale,
+                                       int hidden, float* y, float* post, float* comb) {
+  constexpr int kRows = kHead ? kN : kSiteRows;
+  __shared__ float partial[256];
+  __shared__ float pre[kN];
+  const int64_t t = blockIdx.x;
+  const float* x = X + t * kN * hidden;
+  float sum = 0;
+  for (int i = threadIdx.x; i < kN * hidden; i += blockDim.x) sum += x[i] * x[i];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0;
+    for (int i = 0; i < int(blockDim.x); ++i) total += partial[i];
+    const float inv_rms = 1.0f / sqrtf(total / float(kN * hidden) + kEps);
+    const float* m = mixes + t * kRows;
+    for (int k = 0; k < kN; ++k) pre[k] = 1.0f / (1.0f + expf(-(m[k] * inv_rms * scale[0] + base[k]))) + kEps;
+    if constexpr (!kHead) {
+      for (int k = 0; k < kN; ++k)
+        post[t * kN + k] = 2.0f / (1.0f + expf(-(m[kN + k] * inv_rms * scale[1] + base[kN + k])));
+      float c[kN][kN];
+      for (int j = 0; j < kN; ++j) {
+        float row_max = -INFINITY;
+        for (int k = 0; k < kN; ++k) {
+          c[j][k] = m[2 * kN + j * kN + k] * inv_rms * scale[2] + base[2 * kN + j * kN + k];
+          row_max = fmaxf(row_max, c[j][k]);
+        }
+        float s = 0;
+        for (int k = 0; k < kN; ++k) s += (c[j][k] = expf(c[j][k] - row_max));
+        for (int k = 0; k < kN; ++k) c[j][k] = c[j][k] / s + kEps;
+      }
+      for (int it = 0; it < kSinkhornIters; ++it) {
+        if (it > 0)
+          for (int j = 0; j < kN; ++j) {
+            float s = 0;
+            for (int k = 0; k < kN; ++k) s += c[j][k];
+            for (int k = 0; k < kN; ++k) c[j][k] /= s + kEps;
+          }
+        for (int k = 0; k < kN; ++k) {
+          float s = 0;
+          for (int j = 0; j < kN; ++j) s += c[j][k];
+          for (int j = 0; j < kN; ++j) c[j][k] /= s + kEps;
+        }
+      }
+      for (int j = 0; j < kN; ++j)
+        for (int k = 0; k < kN; ++k) comb[(t * kN + j) * kN + k] = c[j][k];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = 0;
+    for (int k = 0; k < kN; ++k) v += pre[k] * x[k * hidden + i];
+    y[t * hidden + i] = v;
+  }
+}
+
+// One rotation set: the inputs and outputs of one launch of every kernel at (T, d).
+struct Set {
+  DeviceBuffer X, fn, head_fn, out, y, post, comb, mixes;
+  DeviceBuffer ids;
+};
+
+struct Row {
+  std::string kernel, model;
+  int64_t hidden, tokens;
+  double us, bytes, gbps, percent_of_copy, baseline_us;
+};
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  using namespace dsv4;
+  using namespace dsv4::cuda;
+  std::string json_path = "bench_cuda_mhc.json";
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
+      json_path = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH]\n");
+      return 2;
+    }
+  }
+  try {
+    const std::vector<DeviceInfo> devices = list_devices();
+    if (devices.empty()) {
+      std::fprintf(stderr, "bench_cuda_mhc: no CUDA device\n");
+      return 1;
+    }
+    const DeviceInfo& device = devices.front();
+    const double copy_gbps = copy_bandwidth_gbps();
+    std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
+                device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
+    cublasHandle_t cublas;
+    BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+    std::mt19937 rng(42);
+    std::vector<Row> table;
+    constexpr int64_t kVocab = 16384;
+
+    const std::pair<const char*, int64_t> models[] = {{"V4-Flash", 4096}, {"V4-Pro", 7168}};
+    for (const auto& [model, d] : models) {
+      // Shared small parameters and the embedding table (rows touched per launch: T, so no rotation needed).
+      const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
+      const std::vector<float> scale_host = {0.8f, 1.1f, 1.5f};
+      DeviceBuffer scale(3 * sizeof(float), "scale");
+      scale.upload(scale_host.data(), 3 * sizeof(float));
+      const DeviceBuffer norm_weight = random_buffer(size_t(d), 0.1f, 1.0f, rng, "norm weight");
+      OwnedQuantizedMatrix embed_host = allocate_quantized_matrix(WeightFormat::BF16, kVocab, d, ScaleType::NONE);
+      for (size_t i = 0; i < embed_host.storage->data.size(); i += 2) {
+        const uint16_t bits = float_to_bf16(float(int(rng() % 2001) - 1000) * 1e-3f);
+        std::memcpy(&embed_host.storage->data[i], &bits, 2);
+      }
+      const DeviceMatrix embed_table(embed_host.matrix, "embedding table");
+
+      for (const int64_t T : {int64_t(1), int64_t(8), int64_t(64), int64_t(256), int64_t(4096)}) {
+        const int64_t flat = kN * d;
+        const size_t set_bytes = size_t(T * flat + kSiteRows * flat + T * d) * sizeof(float);
+        const int copies = int(std::clamp<size_t>((3 * device.l2_bytes + set_bytes - 1) / set_bytes, 2, 64));
+        std::vector<Set> sets;
+        for (int c = 0; c < copies; ++c) {
+          Set s;
+          s.X = random_buffer(size_t(T * flat), 1.0f, 0.0f, rng, "X");
+          s.fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
+          s.head_fn = random_buffer(size_t(kN * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "head fn");
+          s.out = random_buffer(size_t(T * d), 1.0f, 0.0f, rng, "out");
+          s.y = DeviceBuffer(size_t(T * d) * sizeof(float), "y");
+          s.post = random_buffer(size_t(T * kN), 0.3f, 1.0f, rng, "post");
+          s.comb = random_buffer(size_t(T * kN * kN), 0.05f, 0.25f, rng, "comb");
+          s.mixes = DeviceBuffer(size_t(T * kSiteRows) * sizeof(float), "mixes");
+          std::vector<int32_t> ids(static_cast<size_t>(T));
+          for (int32_t& id : ids) id = int32_t(rng() % kVocab);
+          s.ids = DeviceBuffer(ids.size() * sizeof(int32_t), "ids");
+          s.ids.upload(ids.data(), ids.size() * sizeof(int32_t));
+          sets.push_back(std::move(s));
+        }
+        const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
+        DeviceBuffer workspace(workspace_bytes, "mhc workspace");
+        workspace.fill_bytes(0);
+        const int iterations = T >= 4096 ? 30 : 200;
+        const auto set = [&](int i) -> Set& { return sets[size_t(i % copies)]; };
+        const auto record = [&](const char* kernel, double ms, double bytes, double baseline_ms) {
+          const double gbps = bytes / (ms * 1e6);
+          table.push_back({kernel, model, d, T, ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps, baseline_ms * 1e3});
+        };
+        const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
+
+        const auto hc_pre = [&](int i) {
+          Set& s = set(i);
+          run_hc_pre({.X = s.X.as<float>(), .fn = s.fn.as<float>(), .base = base.as<float>(),
+                      .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
+                      .y = s.y.as<float>(), .post = s.post.as<float>(), .comb = s.comb.as<float>(),
+                      .workspace = workspace.data(), .workspace_bytes = workspace_bytes});
+        };
+        const auto pre_baseline = [&](int i) {
+          Set& s = set(i);
+          const float alpha = 1.0f, beta = 0.0f;
+          BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kSiteRows, int(T), int(flat), &alpha,
+                                         s.fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
+                                         s.mixes.as<float>(), kSiteRows));
+          baseline_finish_kernel<false><<<unsigned(T), 256>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
+                                                              scale.as<float>(), int(d), s.y.as<float>(),
+                                                              s.post.as<float>(), s.comb.as<float>());
+          DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
+        };
+        record("hc_pre", time_ms(iterations, hc_pre),
+               x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4,
+               time_ms(iterations, pre_baseline));
+
+        const auto hc_head = [&](int i) {
+          Set& s = set(i);
+          run_hc_head({.X = s.X.as<float>(), .fn = s.head_fn.as<float>(), .base = base.as<float>(),
+                       .scale = scale.as<float>(), .tokens = T, .hidden = d, .h = s.y.as<float>(),
+                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes});
+        };
+        const auto head_baseline = [&](int i) {
+          Set& s = set(i);
+          const float alpha = 1.0f, beta = 0.0f;
+          BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kN, int(T), int(flat), &alpha,
+                                         s.head_fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
+                                         s.mixes.as<float>(), kN));
+          baseline_finish_kernel<true><<<unsigned(T), 256>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
+                                                             scale.as<float>(), int(d), s.y.as<float>(), nullptr,
+                                                             nullptr);
+          DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
+        };
+        record("hc_head", time_ms(iterations, hc_head), x_bytes + double(kN * flat) * 4 + td_bytes,
+               time_ms(iterations, head_baseline));
+
+        const auto hc_post = [&](int i) {
+          Set& s = set(i);
+          run_hc_post({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
+                       .comb = s.comb.as<float>(), .tokens = T, .hidden = d, .X_out = s.X.as<float>()});
+        };
+        record("hc_post (in place)", time_ms(iterations, hc_post),
+               td_bytes + 2 * x_bytes + double(T * (kN + kN * kN)) * 4, 0.0);
+
+        const auto rms = [&](int i) {
+          Set& s = set(i);
+          run_rms_norm({.x = s.out.as<float>(), .weight = norm_weight.as<float>(), .rows = T, .width = d,
+                        .y = s.y.as<float>()});
+        };
+        record("rms_norm", time_ms(iterations, rms), 2 * td_bytes + double(d) * 4, 0.0);
+
+        const auto embedding = [&](int i) {
+          Set& s = set(i);
+          run_embedding({.table = embed_table.view(), .ids = s.ids.as<int32_t>(), .tokens = T, .streams = kN,
+                         .X = s.X.as<float>()});
+        };
+        record("embedding (bf16 → 4 streams)", time_ms(iterations, embedding), double(T * d) * 2 + x_bytes, 0.0);
+      }
+    }
+    BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+
+    std::printf("| kernel | model | T | µs | MB moved | GB/s | %% of copy | baseline µs | speed-up |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    for (const Row& r : table) {
+      std::printf("| %s | %s | %lld | %.1f | %.2f | %.0f | %.0f |", r.kernel.c_str(), r.model.c_str(),
+                  (long long)r.tokens, r.us, r.bytes / 1e6, r.gbps, r.percent_of_copy);
+      if (r.baseline_us > 0)
+        std::printf(" %.1f | %.2f× |\n", r.baseline_us, r.baseline_us / r.us);
+      else
+        std::printf(" – | – |\n");
+    }
+
+    FILE* out = std::fopen(json_path.c_str(), "w");
+    check(out != nullptr, "bench_cuda_mhc: cannot write ", json_path);
+    std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_mhc\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
+                 device.name.c_str(), device.multiprocessors);
+    std::fprintf(out, "  \"copy_bandwidth_gbps\": %.1f,\n  \"results\": [\n", copy_gbps);
+    for (size_t i = 0; i < table.size(); ++i) {
+      const Row& r = table[i];
+      std::fprintf(out,
+                   "    {\"kernel\": \"%s\", \"model\": \"%s\", \"hidden\": %lld, \"tokens\": %lld, \"us\": %.2f, "
+                   "\"bytes\": %.0f, \"gbps\": %.1f, \"percent_of_copy\": %.1f, \"baseline_us\": %s}%s\n",
+                   r.kernel.c_str(), r.model.c_str(), (long long)r.hidden, (long long)r.tokens, r.us, r.bytes, r.gbps,
+                   r.percent_of_copy, r.baseline_us > 0 ? std::to_string(r.baseline_us).c_str() : "null",
+                   i + 1 < table.size() ? "," : "");
+    }
+    std::fprintf(out, "  ]\n}\n");
+    std::fclose(out);
+    std::printf("wrote %s\n", json_path.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_mhc: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,106 @@
+// Manifold-constrained hyper-connections on the GPU (dsv4-model.md §2; CPU reference: backends/cpu/mhc.hpp):
+// hc_pre and hc_head are one launch each (norm + projection + Sinkhorn + collapse), hc_post one launch.
+//
+// Dispatch contract:
+// - n = 4 streams (hc_mult of every DSV4 model) and hidden d a multiple of 4 (16-byte vectors); anything else is
+//   refused with an error naming the field. All activations fp32, 16-byte aligned; fn/base/scale fp32 on the device.
+// - hc_pre / hc_head split each token tile over d-slices across CTAs (the projection reads fn once per tile and X
+//   once); a CTA waits until every slice of its tile has published its partial sums, then reduces them in a fixed
+//   order (deterministic: bit-identical across runs) and collapses its own slice, still in shared memory. The wait
+//   needs every slice CTA of a tile resident at once: the launcher checks that against the occupancy of the card.
+// - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync); every
+//   completed launch leaves its counters at zero again, so the buffer is reused without re-zeroing (graph-capturable).
+//   One workspace serves one launch at a time (not two streams concurrently). A workspace sized for T tokens serves
+//   any launch with fewer tokens.
+// - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
+//   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops.
+// - Asynchronous on `stream`; no allocation, no host synchronisation.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+inline constexpr int kMhcStreams = 4;
+
+// hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
+struct HcPreParams {
+  const float* X = nullptr;      // [tokens, n, hidden]
+  const float* fn = nullptr;     // [(2+n)·n, n·hidden]
+  const float* base = nullptr;   // [(2+n)·n]
+  const float* scale = nullptr;  // [3]: pre, post, comb
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int streams = kMhcStreams;
+  int sinkhorn_iters = 20;
+  float hc_eps = 1e-6f;
+  float norm_eps = 1e-6f;
+  bool round_to_bf16 = false;      // Reference numerics: y rounded to bf16 (both outputs)
+  float* y = nullptr;              // [tokens, hidden] fp32; may be null when y_bf16 is set
+  __nv_bfloat16* y_bf16 = nullptr; // optional [tokens, hidden]: y for the next linear layer
+  float* post = nullptr;           // [tokens, n]
+  float* comb = nullptr;           // [tokens, n, n]
+  void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// hc_head: X [T, n, d] -> h [T, d] = Σ_k (sigmoid(m_k·scale + base_k) + hc_eps)·X_k.
+struct HcHeadParams {
+  const float* X = nullptr;      // [tokens, n, hidden]
+  const float* fn = nullptr;     // [n, n·hidden]
+  const float* base = nullptr;   // [n]
+  const float* scale = nullptr;  // [1]
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int streams = kMhcStreams;
+  float hc_eps = 1e-6f;
+  float norm_eps = 1e-6f;
+  bool round_to_bf16 = false;
+  float* h = nullptr;              // [tokens, hidden] fp32; may be null when h_bf16 is set
+  __nv_bfloat16* h_bf16 = nullptr; // optional [tokens, hidden]
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// hc_post: X_out[k] = post_k·out + Σ_j comb[j][k]·X[j]. X_out may alias X exactly (in place); no other overlap.
+struct HcPostParams {
+  const float* out = nullptr;   // [tokens, hidden]: the sub-block's output
+  const float* X = nullptr;     // [tokens, n, hidden]
+  const float* post = nullptr;  // [tokens, n]
+  const float* comb = nullptr;  // [tokens, n, n]
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int streams = kMhcStreams;
+  bool round_to_bf16 = false;   // Reference numerics: the residual streams are kept in bf16
+  float* X_out = nullptr;       // [tokens, n, hidden]
+  cudaStream_t stream = nullptr;
+};
+
+// How hc_pre / hc_head cover [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
+struct HcProjectionConfig {
+  int token_tile = 0;      // 8 (T <= 8) or 32
+  int slice_dims = 0;      // 32, 64 or 128
+  int64_t token_tiles = 0;
+  int64_t slices = 0;      // CTAs per token tile (must be resident together)
+  size_t smem_bytes = 0;
+};
+
+HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors);
+size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors);
+
+// Throw (naming the field at fault) unless the launch is supported.
+void check_hc_pre_params(const HcPreParams& params);
+void check_hc_head_params(const HcHeadParams& params);
+void check_hc_post_params(const HcPostParams& params);
+
+void run_hc_pre(const HcPreParams& params);
+void run_hc_head(const HcHeadParams& params);
+void run_hc_post(const HcPostParams& params);
+
+}  // namespace dsv4::cuda

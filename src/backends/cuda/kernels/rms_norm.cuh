@@ -1,0 +1,76 @@
+// Kernel behind run_rms_norm (rms_norm.hpp holds the contract).
+//
+// NOTES:
+// - A group of kGroupThreads threads owns a row: 32 (a warp, 8 rows per CTA) for widths up to 1024, 256 (the CTA)
+//   beyond. Thread g holds elements g, g + kGroupThreads, … in registers: consecutive lanes touch consecutive
+//   floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
+// - The sum of squares is a butterfly within the warp, then (CTA groups) the 8 warp sums added in warp order by
+//   every thread: deterministic.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "core/bf16.hpp"
+
+namespace dsv4::cuda::rms {
+
+inline constexpr int kThreads = 256;
+inline constexpr int kValuesPerThread = 32;
+inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+struct RmsNormArgs {
+  const float* x;
+  const float* weight;
+  int64_t rows;
+  int width;
+  float eps;
+  bool round_to_bf16;
+  float* y;
+  __nv_bfloat16* y_bf16;
+};
+
+template <int kGroupThreads>
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
+  static_assert(kGroupThreads == 32 || kGroupThreads == kThreads, "a row is owned by a warp or by the CTA");
+  constexpr int kGroupsPerCta = kThreads / kGroupThreads;
+  __shared__ float warp_sums[kThreads / 32];
+  const int group = threadIdx.x / kGroupThreads, member = threadIdx.x % kGroupThreads;
+  const int64_t row = int64_t(blockIdx.x) * kGroupsPerCta + group;
+  // Rows past the end still take part in the reduction's shuffles (warp groups never span two rows).
+  const bool active = row < args.rows;
+  const float* x = args.x + row * args.width;
+  float values[kValuesPerThread];
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kValuesPerThread; ++j) {
+    const int i = member + j * kGroupThreads;
+    values[j] = active && i < args.width ? x[i] : 0.0f;
+    sum = fmaf(values[j], values[j], sum);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  if constexpr (kGroupThreads == kThreads) {
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
+  }
+  if (!active) return;
+  const float inv_rms = 1.0f / sqrtf(sum / float(args.width) + args.eps);
+#pragma unroll
+  for (int j = 0; j < kValuesPerThread; ++j) {
+    const int i = member + j * kGroupThreads;
+    if (i >= args.width) break;
+    float value = values[j] * inv_rms;
+    if (args.weight != nullptr) value *= __ldg(args.weight + i);
+    if (args.round_to_bf16) value = round_to_bf16(value);
+    const int64_t offset = row * args.width + i;
+    if (args.y != nullptr) args.y[offset] = value;
+    if (args.y_bf16 != nullptr) args.y_bf16[offset] = __float2bfloat16_rn(value);
+  }
+}
+
+}  // namespace dsv4::cuda::rms

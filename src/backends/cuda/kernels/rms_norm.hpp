@@ -1,0 +1,39 @@
+// RMSNorm on the GPU (CPU reference: backends/cpu/rms_norm.hpp): y = x · rsqrt(mean(x²) + eps) · w, fp32 math.
+// One op for every norm of the model: attn_norm / ffn_norm / the final norm over d, q_norm over q_lora, kv_norm over
+// D, and the weightless per-head q norm (rows = T·H, width = D, weight null).
+//
+// Dispatch contract:
+// - x fp32 [rows, width] row-major; width 1..kRmsNormMaxWidth (any value, no alignment needed). A warp per row up to
+//   1024 values, a CTA per row beyond; the row stays in registers, so x is read once and y may alias x.
+// - Outputs: y fp32 and/or y_bf16 (at least one); round_to_bf16 stores y rounded to bf16 in the fp32 buffer too
+//   (Reference numerics).
+// - Asynchronous on `stream`; no allocation, no host synchronisation.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+inline constexpr int64_t kRmsNormMaxWidth = 8192;
+
+struct RmsNormParams {
+  const float* x = nullptr;        // [rows, width]
+  const float* weight = nullptr;   // [width], or null for the weightless form
+  int64_t rows = 0;
+  int64_t width = 0;
+  float eps = 1e-6f;
+  bool round_to_bf16 = false;
+  float* y = nullptr;              // [rows, width]; may alias x; may be null when y_bf16 is set
+  __nv_bfloat16* y_bf16 = nullptr; // optional [rows, width]
+  cudaStream_t stream = nullptr;
+};
+
+// Throws (naming the field at fault) unless run_rms_norm supports the call.
+void check_rms_norm_params(const RmsNormParams& params);
+
+void run_rms_norm(const RmsNormParams& params);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,417 @@
+// The CUDA mHC kernels (hc_pre, hc_head, hc_post) against dsv4::cpu's mhc ops: V4-Flash (d 4096) and V4-Pro
+// (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300} (partial token tiles, every
+// slice width the launcher picks), both numerics modes, hc_post in place and out of place. Fresh random inputs per
+// case, outputs poisoned with NaN plus a guard region past their end, every element checked. hc_pre and hc_head run
+// twice on one workspace without re-zeroing it: the counters must re-arm and the result must be bit-identical.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/bf16_rounding.hpp"
+#include "backends/cpu/mhc.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/mhc.hpp"
+#include "core/bf16.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kN = kMhcStreams;
+constexpr int kSiteRows = (2 + kN) * kN;
+constexpr size_t kGuardFloats = 64;
+constexpr float kHcEps = 1e-6f, kNormEps = 1e-6f;
+constexpr int kSinkhornIters = 20;
+
+bool has_device() { return !list_devices().empty(); }
+
+DeviceBuffer upload(const std::vector<float>& host, const char* what) {
+  DeviceBuffer buffer(host.size() * sizeof(float), what);
+  buffer.upload(host.data(), host.size() * sizeof(float));
+  return buffer;
+}
+
+// A device output of `floats` values plus a guard region, every byte 0xFF (NaN).
+DeviceBuffer poisoned(size_t floats, const char* what) {
+  DeviceBuffer buffer((floats + kGuardFloats) * sizeof(float), what);
+  buffer.fill_bytes(0xFF);
+  return buffer;
+}
+
+std::vector<float> download(const DeviceBuffer& buffer, size_t floats) {
+  std::vector<float> host(floats + kGuardFloats);
+  buffer.download(host.data(), host.size() * sizeof(float));
+  for (size_t i = floats; i < host.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &host[i], sizeof bits);
+    EXPECT_EQ(bits, 0xFFFFFFFFu) << buffer.name() << ": write past the end at float " << i;
+  }
+  host.resize(floats);
+  return host;
+}
+
+float bf16_ulp(float magnitude) {
+  const int exponent = magnitude > 0 ? std::ilogb(magnitude) : -126;
+  return std::ldexp(1.0f, std::max(exponent, -126) - 7);
+}
+
+// Compares every element; tolerance(i) bounds |actual − expected|. NaN never passes. At most 8 reports.
+template <class Tolerance>
+void expect_close(const std::vector<float>& actual, const std::vector<float>& expected, Tolerance tolerance,
+                  const std::string& what, int64_t row_length) {
+  ASSERT_EQ(actual.size(), expected.size());
+  int failures = 0;
+  double max_error = 0.0;
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double error = std::fabs(double(actual[i]) - double(expected[i]));
+    const double limit = tolerance(i);
+    if (!(error <= limit) && ++failures <= 8)
+      ADD_FAILURE() << what << "[" << i / size_t(row_length) << ", " << i % size_t(row_length) << "] = " << actual[i]
+                    << ", expected " << expected[i] << ", tolerance " << limit;
+    if (!(error <= max_error)) max_error = error;  // NaN sticks
+  }
+  EXPECT_EQ(failures, 0) << what << ": " << failures << " of " << actual.size()
+                         << " elements out of tolerance; largest error " << max_error;
+}
+
+void expect_bf16_exact(const std::vector<float>& values, const std::string& what) {
+  for (size_t i = 0; i < values.size(); ++i)
+    if (round_to_bf16(values[i]) != values[i] || std::isnan(values[i])) {
+      ADD_FAILURE() << what << "[" << i << "] = " << values[i] << " is not a bf16 value";
+      return;
+    }
+}
+
+void expect_bf16_of(const DeviceBuffer& bf16, const std::vector<float>& fp32, const std::string& what) {
+  std::vector<uint16_t> bits(fp32.size());
+  bf16.download(bits.data(), bits.size() * sizeof(uint16_t));
+  for (size_t i = 0; i < fp32.size(); ++i)
+    if (bits[i] != float_to_bf16(fp32[i])) {
+      ADD_FAILURE() << what << "[" << i << "] = bf16 0x" << std::hex << bits[i] << ", fp32 output " << std::dec
+                    << fp32[i];
+      return;
+    }
+}
+
+struct Inputs {
+  std::vector<float> X, fn, base, scale;
+};
+
+// X with per-token magnitudes spread over 2^±3; fn sized so the mixes are O(1) (what the sigmoids and Sinkhorn see
+// in the model), so every output is sensitive to the projection.
+Inputs random_inputs(int64_t T, int64_t d, int rows, int scales, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Inputs in;
+  const int64_t flat = kN * d;
+  in.X.resize(size_t(T * flat));
+  for (int64_t t = 0; t < T; ++t) {
+    const float magnitude = std::ldexp(1.0f, int(rng() % 7) - 3);
+    for (int64_t i = 0; i < flat; ++i) in.X[size_t(t * flat + i)] = normal(rng) * magnitude;
+  }
+  in.fn.resize(size_t(rows * flat));
+  const float fn_sigma = 2.0f / std::sqrt(float(flat));
+  for (float& v : in.fn) v = normal(rng) * fn_sigma;
+  in.base.resize(size_t(rows));
+  for (float& v : in.base) v = normal(rng) * 0.5f;
+  const float scale_values[3] = {0.8f, 1.1f, 1.5f};
+  in.scale.assign(scale_values, scale_values + scales);
+  return in;
+}
+
+// Per token and projection row: Σ|fn_r · x| · inv_rms, the magnitude that bounds the GPU's summation-order error
+// of the mix (computed in double).
+std::vector<double> mix_magnitudes(const Inputs& in, int64_t T, int64_t d, int rows) {
+  const int64_t flat = kN * d;
+  std::vector<double> magnitude(size_t(T * rows));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = &in.X[size_t(t * flat)];
+    double squares = 0;
+    for (int64_t i = 0; i < flat; ++i) squares += double(x[i]) * x[i];
+    const double inv_rms = 1.0 / std::sqrt(squares / double(flat) + kNormEps);
+    for (int r = 0; r < rows; ++r) {
+      double sum = 0;
+      for (int64_t i = 0; i < flat; ++i) sum += std::fabs(double(in.fn[size_t(r * flat + i)]) * x[i]);
+      magnitude[size_t(t * rows + r)] = sum * inv_rms;
+    }
+  }
+  return magnitude;
+}
+
+// A mix may differ from the CPU's by fp32 rounding in another summation order: bounded by 64 ulps of its magnitude.
+constexpr double kMixRelativeError = 64 * 6e-8;
+
+std::string case_name(const char* op, int64_t T, int64_t d, bool round) {
+  return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact");
+}
+
+void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed) {
+  SCOPED_TRACE(case_name("hc_pre", T, d, round));
+  const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
+  const int64_t flat = kN * d;
+
+  std::vector<float> y_ref(size_t(T * d)), post_ref(size_t(T * kN)), comb_ref(size_t(T * kN * kN));
+  const cpu::MhcParams cpu_params{T, d, kN, kSinkhornIters, kHcEps, kNormEps};
+  cpu::hc_pre({in.fn.data(), in.base.data(), in.scale.data()}, in.X.data(), cpu_params, y_ref.data(),
+              post_ref.data(), comb_ref.data());
+  std::vector<float> y_unrounded = y_ref;
+  if (round) cpu::round_to_bf16_inplace(y_ref.data(), int64_t(y_ref.size()));
+  const std::vector<double> magnitude = mix_magnitudes(in, T, d, kSiteRows);
+
+  const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
+                     scale = upload(in.scale, "scale");
+  const int sms = list_devices().front().multiprocessors;
+  const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, sms);
+  DeviceBuffer workspace(workspace_bytes, "hc_pre workspace");
+  workspace.fill_bytes(0);
+
+  std::vector<float> first_y;
+  for (int run = 0; run < 2; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    DeviceBuffer y = poisoned(size_t(T * d), "y"), post = poisoned(size_t(T * kN), "post"),
+                 comb = poisoned(size_t(T * kN * kN), "comb");
+    DeviceBuffer y_bf16(size_t(T * d) * sizeof(uint16_t) + 16, "y_bf16");
+    y_bf16.fill_bytes(0xFF);
+    run_hc_pre({.X = X.as<float>(),
+                .fn = fn.as<float>(),
+                .base = base.as<float>(),
+                .scale = scale.as<float>(),
+                .tokens = T,
+                .hidden = d,
+                .sinkhorn_iters = kSinkhornIters,
+                .hc_eps = kHcEps,
+                .norm_eps = kNormEps,
+                .round_to_bf16 = round,
+                .y = y.as<float>(),
+                .y_bf16 = y_bf16.as<__nv_bfloat16>(),
+                .post = post.as<float>(),
+                .comb = comb.as<float>(),
+                .workspace = workspace.data(),
+                .workspace_bytes = workspace_bytes});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> y_gpu = download(y, size_t(T * d));
+    const std::vector<float> post_gpu = download(post, size_t(T * kN));
+    const std::vector<float> comb_gpu = download(comb, size_t(T * kN * kN));
+
+    // y = Σ pre_k X_k: each pre_k moves by at most sigmoid' (≤ 1/4) · scale · the mix error.
+    expect_close(y_gpu, y_ref, [&](size_t e) {
+      const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
+      double bound = 0;
+      for (int k = 0; k < kN; ++k) {
+        const double x = std::fabs(in.X[size_t(t * flat + k * d + i)]);
+        bound += x * (0.25 * in.scale[0] * kMixRelativeError * magnitude[size_t(t * kSiteRows + k)] + 8e-7);
+      }
+      // Reference mode: a value next to a bf16 rounding boundary may round the other way.
+      if (round) bound += bf16_ulp(std::fabs(y_unrounded[e]) + float(bound));
+      return bound + 1e-30;
+    }, "y", d);
+    if (round) expect_bf16_exact(y_gpu, "y");
+    expect_bf16_of(y_bf16, y_gpu, "y_bf16");
+    expect_close(post_gpu, post_ref, [&](size_t e) {
+      const int64_t t = int64_t(e) / kN, k = int64_t(e) % kN;
+      return 2 * 0.25 * in.scale[1] * kMixRelativeError * magnitude[size_t(t * kSiteRows + kN + k)] + 1e-6;
+    }, "post", kN);
+    // Sinkhorn moves a comb entry by about the logit error; 40 normalisations add a few ulps each.
+    expect_close(comb_gpu, comb_ref, [&](size_t e) {
+      const int64_t t = int64_t(e) / (kN * kN);
+      double logit_error = 0;
+      for (int r = 2 * kN; r < kSiteRows; ++r)
+        logit_error = std::max(logit_error, in.scale[2] * kMixRelativeError * magnitude[size_t(t * kSiteRows + r)]);
+      return 2 * logit_error + 1e-5;
+    }, "comb", kN * kN);
+
+    if (run == 0) {
+      first_y = y_gpu;
+    } else {
+      EXPECT_EQ(std::memcmp(first_y.data(), y_gpu.data(), y_gpu.size() * sizeof(float)), 0)
+          << "the second launch on the same workspace differs from the first";
+    }
+  }
+}
+
+void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed) {
+  SCOPED_TRACE(case_name("hc_head", T, d, round));
+  const Inputs in = random_inputs(T, d, kN, 1, seed);
+  const int64_t flat = kN * d;
+  std::vector<float> h_ref(size_t(T * d));
+  const cpu::MhcParams cpu_params{T, d, kN, kSinkhornIters, kHcEps, kNormEps};
+  cpu::hc_head({in.fn.data(), in.base.data(), in.scale.data()}, in.X.data(), cpu_params, h_ref.data());
+  std::vector<float> h_unrounded = h_ref;
+  if (round) cpu::round_to_bf16_inplace(h_ref.data(), int64_t(h_ref.size()));
+  const std::vector<double> magnitude = mix_magnitudes(in, T, d, kN);
+
+  const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
+                     scale = upload(in.scale, "scale");
+  const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, list_devices().front().multiprocessors);
+  DeviceBuffer workspace(workspace_bytes, "hc_head workspace");
+  workspace.fill_bytes(0);
+  std::vector<float> first_h;
+  for (int run = 0; run < 2; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    DeviceBuffer h = poisoned(size_t(T * d), "h");
+    run_hc_head({.X = X.as<float>(),
+                 .fn = fn.as<float>(),
+                 .base = base.as<float>(),
+                 .scale = scale.as<float>(),
+                 .tokens = T,
+                 .hidden = d,
+                 .hc_eps = kHcEps,
+                 .norm_eps = kNormEps,
+                 .round_to_bf16 = round,
+                 .h = h.as<float>(),
+                 .workspace = workspace.data(),
+                 .workspace_bytes = workspace_bytes});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> h_gpu = download(h, size_t(T * d));
+    expect_close(h_gpu, h_ref, [&](size_t e) {
+      const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
+      double bound = 0;
+      for (int k = 0; k < kN; ++k)
+        bound += std::fabs(in.X[size_t(t * flat + k * d + i)]) *
+                 (0.25 * in.scale[0] * kMixRelativeError * magnitude[size_t(t * kN + k)] + 8e-7);
+      if (round) bound += bf16_ulp(std::fabs(h_unrounded[e]) + float(bound));
+      return bound + 1e-30;
+    }, "h", d);
+    if (round) expect_bf16_exact(h_gpu, "h");
+    if (run == 0)
+      first_h = h_gpu;
+    else
+      EXPECT_EQ(std::memcmp(first_h.data(), h_gpu.data(), h_gpu.size() * sizeof(float)), 0)
+          << "the second launch on the same workspace differs from the first";
+  }
+}
+
+void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t seed) {
+  SCOPED_TRACE(case_name("hc_post", T, d, round) + (in_place ? " in place" : ""));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<float> out(size_t(T * d)), X(size_t(T * kN * d)), post(size_t(T * kN)), comb(size_t(T * kN * kN));
+  for (float& v : out) v = normal(rng);
+  for (float& v : X) v = normal(rng) * 4.0f;
+  for (float& v : post) v = 2.0f * uniform(rng);
+  for (float& v : comb) v = uniform(rng);
+  std::vector<float> expected(X.size());
+  cpu::hc_post(out.data(), X.data(), post.data(), comb.data(), {T, d, kN, kSinkhornIters, kHcEps, kNormEps},
+               expected.data());
+  const std::vector<float> unrounded = expected;
+  if (round) cpu::round_to_bf16_inplace(expected.data(), int64_t(expected.size()));
+
+  const DeviceBuffer out_d = upload(out, "out"), post_d = upload(post, "post"), comb_d = upload(comb, "comb");
+  DeviceBuffer X_d = poisoned(X.size(), "X");
+  X_d.upload(X.data(), X.size() * sizeof(float));
+  DeviceBuffer X_out_d = poisoned(X.size(), "X_out");
+  float* X_out = in_place ? X_d.as<float>() : X_out_d.as<float>();
+  run_hc_post({.out = out_d.as<float>(),
+               .X = X_d.as<float>(),
+               .post = post_d.as<float>(),
+               .comb = comb_d.as<float>(),
+               .tokens = T,
+               .hidden = d,
+               .round_to_bf16 = round,
+               .X_out = X_out});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> actual = download(in_place ? X_d : X_out_d, X.size());
+  if (!in_place) EXPECT_EQ(download(X_d, X.size()), X) << "X changed although X_out is another buffer";
+  // Same operation order as the CPU; only a contracted vs separate multiply-add may differ: a few ulps of the terms.
+  expect_close(actual, expected, [&](size_t e) {
+    const int64_t t = int64_t(e) / (kN * d), k = (int64_t(e) / d) % kN, i = int64_t(e) % d;
+    double terms = std::fabs(post[size_t(t * kN + k)] * out[size_t(t * d + i)]);
+    for (int j = 0; j < kN; ++j)
+      terms += std::fabs(comb[size_t((t * kN + j) * kN + k)] * X[size_t((t * kN + j) * d + i)]);
+    double bound = 4 * 6e-8 * terms;
+    if (round) bound += bf16_ulp(std::fabs(unrounded[e]) + float(bound));
+    return bound + 1e-30;
+  }, "X_out", d);
+  if (round) expect_bf16_exact(actual, "X_out");
+}
+
+const int64_t kTokenCounts[] = {1, 5, 64, 300};
+const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
+
+TEST(MhcGpu, HcPreMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1;
+  for (const int64_t d : kHiddenSizes)
+    for (const int64_t T : kTokenCounts)
+      for (const bool round : {false, true}) check_hc_pre(T, d, round, seed++);
+}
+
+TEST(MhcGpu, HcHeadMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 100;
+  for (const int64_t d : kHiddenSizes)
+    for (const int64_t T : kTokenCounts)
+      for (const bool round : {false, true}) check_hc_head(T, d, round, seed++);
+}
+
+TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 200;
+  for (const int64_t d : kHiddenSizes)
+    for (const int64_t T : kTokenCounts)
+      for (const bool round : {false, true})
+        for (const bool in_place : {false, true}) check_hc_post(T, d, round, in_place, seed++);
+}
+
+void expect_error_containing(const std::function<void()>& action, const std::string& needle) {
+  try {
+    action();
+    ADD_FAILURE() << "expected an error containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(MhcGpu, RefusesUnsupportedCallsNamingTheProblem) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t T = 2, d = 64;
+  DeviceBuffer X(T * kN * d * 4, "X"), fn(kSiteRows * kN * d * 4, "fn"), base(kSiteRows * 4, "base"),
+      scale(16, "scale"), y(T * d * 4, "y"), post(T * kN * 4, "post"), comb(T * kN * kN * 4, "comb");
+  const size_t bytes = hc_projection_workspace_bytes(T, d, list_devices().front().multiprocessors);
+  DeviceBuffer workspace(bytes, "workspace");
+  const HcPreParams good{.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(),
+                         .scale = scale.as<float>(), .tokens = T, .hidden = d, .y = y.as<float>(),
+                         .post = post.as<float>(), .comb = comb.as<float>(), .workspace = workspace.data(),
+                         .workspace_bytes = bytes};
+  HcPreParams p = good;
+  p.streams = 2;
+  expect_error_containing([&] { run_hc_pre(p); }, "2 streams");
+  p = good;
+  p.hidden = 62;
+  expect_error_containing([&] { run_hc_pre(p); }, "hidden size 62");
+  p = good;
+  p.workspace_bytes = bytes - 4;
+  expect_error_containing([&] { run_hc_pre(p); }, "hc_projection_workspace_bytes");
+  p = good;
+  p.y = X.as<float>();
+  expect_error_containing([&] { run_hc_pre(p); }, "overlaps X");
+  p = good;
+  p.X = X.as<float>() + 1;
+  expect_error_containing([&] { run_hc_pre(p); }, "16-byte aligned");
+  p = good;
+  p.sinkhorn_iters = 0;
+  expect_error_containing([&] { run_hc_pre(p); }, "sinkhorn_iters");
+
+  const HcPostParams post_good{.out = y.as<float>(), .X = X.as<float>(), .post = post.as<float>(),
+                               .comb = comb.as<float>(), .tokens = T, .hidden = d, .X_out = X.as<float>()};
+  HcPostParams q = post_good;
+  q.X_out = X.as<float>() + 4;
+  expect_error_containing([&] { run_hc_post(q); }, "X_out must be X itself");
+  q = post_good;
+  q.comb = nullptr;
+  expect_error_containing([&] { run_hc_post(q); }, "null comb");
+}
+
+}  // namespace
+}  // namespace dsv4::cuda

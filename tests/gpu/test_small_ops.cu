@@ -1,0 +1,270 @@
+// The CUDA RMSNorm and embedding kernels against the CPU ops. RMSNorm: every width the model normalises (d 4096 /
+// 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
+// {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes. Embedding: BF16, F32 and
+// FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
+// against the CPU decode. Outputs poisoned with NaN plus a guard region; every element checked.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backends/cpu/bf16_rounding.hpp"
+#include "backends/cpu/rms_norm.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/embedding.hpp"
+#include "backends/cuda/kernels/rms_norm.hpp"
+#include "core/bf16.hpp"
+#include "core/dequantize.hpp"
+#include "core/error.hpp"
+#include "core/fp8_block.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr size_t kGuardFloats = 64;
+
+bool has_device() { return !list_devices().empty(); }
+
+DeviceBuffer poisoned(size_t floats, const char* what) {
+  DeviceBuffer buffer((floats + kGuardFloats) * sizeof(float), what);
+  buffer.fill_bytes(0xFF);
+  return buffer;
+}
+
+std::vector<float> download(const DeviceBuffer& buffer, size_t floats) {
+  std::vector<float> host(floats + kGuardFloats);
+  buffer.download(host.data(), host.size() * sizeof(float));
+  for (size_t i = floats; i < host.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &host[i], sizeof bits);
+    EXPECT_EQ(bits, 0xFFFFFFFFu) << buffer.name() << ": write past the end at float " << i;
+  }
+  host.resize(floats);
+  return host;
+}
+
+float bf16_ulp(float magnitude) {
+  const int exponent = magnitude > 0 ? std::ilogb(magnitude) : -126;
+  return std::ldexp(1.0f, std::max(exponent, -126) - 7);
+}
+
+void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place, bool round, uint32_t seed) {
+  SCOPED_TRACE("rms_norm rows=" + std::to_string(rows) + " width=" + std::to_string(width) +
+               (with_weight ? " weighted" : " weightless") + (in_place ? " in place" : "") +
+               (round ? " reference" : " exact"));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(size_t(rows * width)), weight(static_cast<size_t>(width));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float magnitude = std::ldexp(1.0f, int(rng() % 9) - 4);
+    for (int64_t i = 0; i < width; ++i) x[size_t(r * width + i)] = normal(rng) * magnitude;
+  }
+  for (float& w : weight) w = 1.0f + 0.2f * normal(rng);
+  std::vector<float> expected(x.size());
+  cpu::rms_norm(x.data(), with_weight ? weight.data() : nullptr, expected.data(), {rows, width, 1e-6f});
+  const std::vector<float> unrounded = expected;
+  if (round) cpu::round_to_bf16_inplace(expected.data(), int64_t(expected.size()));
+
+  DeviceBuffer x_d = poisoned(x.size(), "x"), y_d = poisoned(x.size(), "y"), w_d(weight.size() * 4, "weight");
+  x_d.upload(x.data(), x.size() * sizeof(float));
+  w_d.upload(weight.data(), weight.size() * sizeof(float));
+  DeviceBuffer y_bf16(x.size() * 2 + 16, "y_bf16");
+  y_bf16.fill_bytes(0xFF);
+  DeviceBuffer& y_target = in_place ? x_d : y_d;
+  run_rms_norm({.x = x_d.as<float>(),
+                .weight = with_weight ? w_d.as<float>() : nullptr,
+                .rows = rows,
+                .width = width,
+                .eps = 1e-6f,
+                .round_to_bf16 = round,
+                .y = y_target.as<float>(),
+                .y_bf16 = y_bf16.as<__nv_bfloat16>()});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> y = download(y_target, x.size());
+  std::vector<uint16_t> bf16(x.size());
+  y_bf16.download(bf16.data(), bf16.size() * 2);
+  int failures = 0;
+  for (size_t e = 0; e < y.size() && failures < 8; ++e) {
+    // y = x · inv_rms · w: only inv_rms's sum of squares runs in another order, a relative error of a few ulps.
+    double tolerance = 1e-5 * std::fabs(unrounded[e]);
+    if (round) tolerance += bf16_ulp(std::fabs(unrounded[e]) * 1.00001f);
+    const bool ok = std::fabs(double(y[e]) - expected[e]) <= tolerance && (!round || round_to_bf16(y[e]) == y[e]) &&
+                    bf16[e] == float_to_bf16(y[e]);
+    if (!ok) {
+      ++failures;
+      ADD_FAILURE() << "y[" << e / size_t(width) << ", " << e % size_t(width) << "] = " << y[e] << " (bf16 0x"
+                    << std::hex << bf16[e] << std::dec << "), expected " << expected[e] << ", tolerance "
+                    << tolerance;
+    }
+  }
+}
+
+TEST(SmallOpsGpu, RmsNormMatchesCpuForModelAndOddWidths) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1;
+  for (const int64_t width : {4096, 7168, 1024, 1536, 512, 7, 96, 1025, 8192})
+    for (const int64_t rows : {1, 5, 64, 300})
+      for (const bool round : {false, true}) {
+        const bool in_place = seed % 2 == 1;  // alternate so every width runs both ways
+        check_rms_norm(rows, width, true, in_place, round, seed++);
+      }
+}
+
+TEST(SmallOpsGpu, RmsNormPerHeadWithoutWeight) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // q's per-head norm: T·H rows of D = 512 (Flash H 64, Pro H 128), no weight; and the tiny models' 64.
+  check_rms_norm(5 * 64, 512, false, true, false, 50);
+  check_rms_norm(64 * 128, 512, false, false, true, 51);
+  check_rms_norm(3 * 4, 64, false, true, false, 52);
+}
+
+enum class TableKind { BF16, F32, FP8_E8M0, FP8_F32 };
+
+OwnedQuantizedMatrix make_table(TableKind kind, int64_t vocab, int64_t hidden, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(size_t(vocab * hidden));
+  for (int64_t r = 0; r < vocab; ++r) {
+    const float magnitude = std::ldexp(1.0f, int(rng() % 9) - 4);
+    for (int64_t i = 0; i < hidden; ++i) values[size_t(r * hidden + i)] = normal(rng) * magnitude;
+  }
+  switch (kind) {
+    case TableKind::FP8_E8M0: return quantize_fp8_block128(values.data(), vocab, hidden, ScaleType::E8M0);
+    case TableKind::FP8_F32: return quantize_fp8_block128(values.data(), vocab, hidden, ScaleType::F32);
+    case TableKind::BF16: {
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::BF16, vocab, hidden, ScaleType::NONE);
+      for (size_t i = 0; i < values.size(); ++i) {
+        const uint16_t bits = float_to_bf16(values[i]);
+        std::memcpy(&m.storage->data[i * 2], &bits, 2);
+      }
+      return m;
+    }
+    case TableKind::F32: {
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::F32, vocab, hidden, ScaleType::NONE);
+      std::memcpy(m.storage->data.data(), values.data(), values.size() * sizeof(float));
+      return m;
+    }
+  }
+  fail("test: unknown table kind");
+}
+
+const char* kind_name(TableKind kind) {
+  switch (kind) {
+    case TableKind::BF16: return "BF16";
+    case TableKind::F32: return "F32";
+    case TableKind::FP8_E8M0: return "FP8_BLOCK128/e8m0";
+    case TableKind::FP8_F32: return "FP8_BLOCK128/f32";
+  }
+  return "?";
+}
+
+void check_embedding(TableKind kind, int64_t vocab, int64_t hidden, int64_t T, int streams, bool round,
+                     uint32_t seed) {
+  SCOPED_TRACE(std::string("embedding ") + kind_name(kind) + " [" + std::to_string(vocab) + ", " +
+               std::to_string(hidden) + "] T=" + std::to_string(T) + " streams=" + std::to_string(streams) +
+               (round ? " reference" : " exact"));
+  std::mt19937 rng(seed);
+  const OwnedQuantizedMatrix table = make_table(kind, vocab, hidden, rng);
+  std::vector<int32_t> ids(static_cast<size_t>(T));
+  for (int32_t& id : ids) id = int32_t(rng() % uint32_t(vocab));
+  ids[0] = int32_t(vocab - 1);  // the last row sits in the partial 128-row scale band
+  check_embedding_ids(ids.data(), T, vocab);
+
+  std::vector<float> expected(size_t(T * streams * hidden)), row(static_cast<size_t>(hidden));
+  for (int64_t t = 0; t < T; ++t) {
+    dequantize_rows(table.matrix, ids[size_t(t)], ids[size_t(t)] + 1, row.data());
+    if (round) cpu::round_to_bf16_inplace(row.data(), hidden);
+    for (int k = 0; k < streams; ++k)
+      std::memcpy(&expected[size_t((t * streams + k) * hidden)], row.data(), size_t(hidden) * sizeof(float));
+  }
+
+  const DeviceMatrix table_d(table.matrix, "embedding table");
+  DeviceBuffer ids_d(ids.size() * sizeof(int32_t), "ids");
+  ids_d.upload(ids.data(), ids.size() * sizeof(int32_t));
+  DeviceBuffer X = poisoned(expected.size(), "X");
+  run_embedding({.table = table_d.view(),
+                 .ids = ids_d.as<int32_t>(),
+                 .tokens = T,
+                 .streams = streams,
+                 .round_to_bf16 = round,
+                 .X = X.as<float>()});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> actual = download(X, expected.size());
+  // Both sides decode exactly (e4m3 · scale is one rounding, the same on both): bit-identical.
+  for (size_t e = 0; e < actual.size(); ++e)
+    if (std::memcmp(&actual[e], &expected[e], sizeof(float)) != 0) {
+      const size_t per_token = size_t(streams * hidden);
+      FAIL() << "X[t=" << e / per_token << ", stream " << (e % per_token) / size_t(hidden) << ", "
+             << e % size_t(hidden) << "] = " << actual[e] << ", expected " << expected[e];
+    }
+}
+
+TEST(SmallOpsGpu, EmbeddingMatchesCpuDecodeForEveryTableFormat) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 300;
+  for (const TableKind kind : {TableKind::BF16, TableKind::F32, TableKind::FP8_E8M0, TableKind::FP8_F32})
+    for (const auto& [vocab, hidden] : {std::pair<int64_t, int64_t>{1000, 4096}, {300, 7168}, {129, 260}, {5, 7}})
+      for (const int64_t T : {1, 5, 64, 300})
+        for (const bool round : {false, true}) check_embedding(kind, vocab, hidden, T, 4, round, seed++);
+  check_embedding(TableKind::FP8_E8M0, 1000, 4096, 5, 1, false, seed++);
+}
+
+TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOnTheHost) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(7);
+  const OwnedQuantizedMatrix table = make_table(TableKind::BF16, 10, 64, rng);
+  const std::vector<int32_t> ids = {3, 10, -1};
+  try {
+    check_embedding_ids(ids.data(), 3, 10);
+    ADD_FAILURE() << "check_embedding_ids accepted id 10 of a 10-row table";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 10 at position 1"), std::string::npos) << e.what();
+  }
+  const DeviceMatrix table_d(table.matrix, "table");
+  DeviceBuffer ids_d(ids.size() * 4, "ids");
+  ids_d.upload(ids.data(), ids.size() * 4);
+  DeviceBuffer X = poisoned(3 * 64, "X");
+  X.fill_bytes(0);
+  run_embedding({.table = table_d.view(), .ids = ids_d.as<int32_t>(), .tokens = 3, .streams = 1, .X = X.as<float>()});
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> out(3 * 64);
+  X.download(out.data(), out.size() * 4);
+  for (int i = 0; i < 64; ++i) {
+    ASSERT_TRUE(std::isfinite(out[size_t(i)])) << "row of the valid id 3";
+    ASSERT_TRUE(std::isnan(out[size_t(64 + i)])) << "row of id 10";
+    ASSERT_TRUE(std::isnan(out[size_t(128 + i)])) << "row of id -1";
+  }
+}
+
+TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  DeviceBuffer x(64 * 4, "x"), y(64 * 4, "y");
+  const auto expect_error = [](const auto& action, const std::string& needle) {
+    try {
+      action();
+      ADD_FAILURE() << "expected an error containing '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 1, .width = 8193, .y = y.as<float>()}); },
+               "width 8193");
+  expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 1, .width = 16}); }, "no output");
+  expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 2, .width = 16, .y = x.as<float>() + 4}); },
+               "y must be x itself");
+  const OwnedQuantizedMatrix nv = allocate_quantized_matrix(WeightFormat::MXFP4, 8, 64, ScaleType::E8M0);
+  const DeviceMatrix nv_d(nv.matrix, "mxfp4 table");
+  expect_error([&] { run_embedding({.table = nv_d.view(), .ids = x.as<int32_t>(), .tokens = 1, .X = y.as<float>()}); },
+               "table format MXFP4");
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
