@@ -1,0 +1,231 @@
+// MoE sub-block benchmark on the GPU: run_moe for V4-Flash (E 256, d 4096, I 2048, top 6) and V4-Pro (E 384,
+// d 7168, I 3072) layers of synthetic weights generated on the device (MXFP4 routed experts, FP8 shared expert,
+// bf16 router, scored routing through a random router and bias, so tokens spread over the experts roughly
+// uniformly), T ∈ {1, 4, 16, 64, 256, 4096}.
+// Each call is a CUDA graph of the whole sub-block (which also checks that it captures). Calls rotate over several
+// layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
+// Reported per T: time per call, the bytes of the experts actually touched (routed, counted from the routing of each
+// input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth (cudaMemcpy D2D
+// of 1 GiB, read + write), TFLOP/s of the expert GEMMs, and the kernel launches in the graph.
+// Usage: bench_cuda_moe [--json PATH]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/moe.hpp"
+#include "backends/cuda/moe_weights.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+struct Model {
+  const char* name;
+  MoeConfig config;
+  int layers;  // rotated so that more than the L2 is touched between two uses of one layer
+};
+
+struct Result {
+  std::string model;
+  int tokens = 0;
+  double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
+  size_t launches = 0;
+};
+
+double copy_bandwidth_gbps(cudaStream_t stream) {
+  constexpr size_t kBytes = size_t(1) << 30;
+  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
+  src.fill_bytes(1);
+  for (int i = 0; i < 3; ++i)
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  constexpr int kIterations = 10;
+  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < kIterations; ++i)
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
+  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  return 2.0 * double(kBytes) * kIterations / (double(ms) * 1e6);
+}
+
+size_t expert_bytes(const MoeExpertView& e) { return e.w1.stored_bytes + e.w3.stored_bytes + e.w2.stored_bytes; }
+
+// One rotation slot: a layer, an input, the captured graph, and what its routing touches.
+struct Slot {
+  int layer = 0;
+  DeviceBuffer u, workspace;
+  cudaGraphExec_t graph = nullptr;
+  double touched_bytes = 0;
+  int experts_touched = 0;
+};
+
+std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, double copy_gbps,
+                                cudaStream_t stream) {
+  const MoeConfig& c = model.config;
+  std::vector<DeviceMoeWeights> layers;
+  for (int l = 0; l < model.layers; ++l)
+    layers.push_back(DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{}, 1000 + uint64_t(l)));
+  std::vector<Result> results;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const int T : token_counts) {
+    constexpr int kSlots = 8;
+    const size_t workspace_bytes = moe_workspace_bytes(c, T);
+    DeviceBuffer out(size_t(T) * size_t(c.hidden) * sizeof(float), "out");
+    std::vector<Slot> slots(kSlots);
+    std::vector<float> u(size_t(T) * size_t(c.hidden));
+    size_t launches = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      Slot& slot = slots[size_t(s)];
+      slot.layer = s % model.layers;
+      for (float& v : u) v = normal(rng);
+      slot.u = DeviceBuffer(u.size() * sizeof(float), "u");
+      slot.u.upload(u.data(), u.size() * sizeof(float));
+      slot.workspace = DeviceBuffer(workspace_bytes, "moe workspace");
+      prepare_moe_workspace(slot.workspace.data(), workspace_bytes, stream);
+      const MoeRunParams params{.u = slot.u.as<float>(),
+                                .out = out.as<float>(),
+                                .tokens = T,
+                                .workspace = slot.workspace.data(),
+                                .workspace_bytes = workspace_bytes,
+                                .stream = stream};
+      const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
+      run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
+      cudaGraph_t graph;
+      DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      run_moe(weights, params);
+      DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+      size_t nodes = 0;
+      DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+      launches = nodes;
+      DSV4_CUDA_CHECK(cudaGraphInstantiate(&slot.graph, graph, 0));
+      DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+      DSV4_CUDA_CHECK(cudaGraphLaunch(slot.graph, stream));
+      check_moe_status(params);
+      // What this input's routing touches.
+      const MoeWorkspaceView view = moe_workspace_view(c, T, slot.workspace.data());
+      std::vector<int32_t> ids(size_t(T) * size_t(c.top_k));
+      DSV4_CUDA_CHECK(cudaMemcpy(ids.data(), view.expert_ids, ids.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+      const std::set<int32_t> touched(ids.begin(), ids.end());
+      slot.experts_touched = int(touched.size());
+      slot.touched_bytes = double(expert_bytes(weights.experts().back()));  // the shared expert
+      for (const int32_t e : touched) slot.touched_bytes += double(expert_bytes(weights.experts()[size_t(e)]));
+    }
+    const int iterations = T >= 1024 ? 4 : 25;
+    for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
+    cudaEvent_t start, stop;
+    DSV4_CUDA_CHECK(cudaEventCreate(&start));
+    DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+    DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < iterations; ++i)
+      for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
+    DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
+    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    DSV4_CUDA_CHECK(cudaEventDestroy(start));
+    DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+
+    Result r{.model = model.name, .tokens = T, .launches = launches};
+    r.us = double(ms) * 1e3 / (iterations * kSlots);
+    for (const Slot& slot : slots) {
+      r.touched_bytes += slot.touched_bytes / kSlots;
+      r.experts_touched += double(slot.experts_touched) / kSlots;
+      DSV4_CUDA_CHECK(cudaGraphExecDestroy(slot.graph));
+    }
+    r.gbps = r.touched_bytes / (r.us * 1e3);
+    r.copy_share = r.gbps / copy_gbps;
+    const double rows = double(T) * double(c.top_k + 1);
+    r.tflops = 2.0 * rows * 3.0 * double(c.hidden) * double(c.intermediate) / (r.us * 1e6);
+    std::printf("%-6s T = %5d: %9.1f us  %6.1f experts + shared touched  %8.1f MB  %7.0f GB/s  %5.1f %% of copy  "
+                "%6.1f TFLOP/s  %zu launches\n",
+                model.name, T, r.us, r.experts_touched, r.touched_bytes / 1e6, r.gbps, 100.0 * r.copy_share,
+                r.tflops, r.launches);
+    results.push_back(r);
+  }
+  return results;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  using namespace dsv4;
+  using namespace dsv4::cuda;
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
+      json_path = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH]\n");
+      return 2;
+    }
+  }
+  try {
+    const std::vector<DeviceInfo> devices = list_devices();
+    if (devices.empty()) {
+      std::fprintf(stderr, "bench_cuda_moe: no CUDA device\n");
+      return 1;
+    }
+    const DeviceInfo& device = devices.front();
+    cudaStream_t stream;
+    DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const double copy_gbps = copy_bandwidth_gbps(stream);
+    std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
+                device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
+    const std::vector<int> token_counts = {1, 4, 16, 64, 256, 4096};
+    const Model models[] = {
+        {"flash", MoeConfig{.hidden = 4096, .intermediate = 2048, .experts = 256, .top_k = 6,
+                            .routed_scaling_factor = 1.5f, .swiglu_limit = 10.0f}, 4},
+        {"pro", MoeConfig{.hidden = 7168, .intermediate = 3072, .experts = 384, .top_k = 6,
+                          .routed_scaling_factor = 2.5f, .swiglu_limit = 10.0f}, 2},
+    };
+    std::vector<Result> results;
+    for (const Model& model : models) {
+      const std::vector<Result> r = bench_model(model, token_counts, copy_gbps, stream);
+      results.insert(results.end(), r.begin(), r.end());
+    }
+    DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+    if (!json_path.empty()) {
+      FILE* out = std::fopen(json_path.c_str(), "w");
+      check(out != nullptr, "bench_cuda_moe: cannot write ", json_path);
+      std::fprintf(out,
+                   "{\n  \"benchmark\": \"bench_cuda_moe\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n"
+                   "  \"copy_gbps\": %.1f,\n  \"weights\": \"MXFP4 routed, FP8 shared, bf16 router, scored\",\n"
+                   "  \"results\": [\n",
+                   device.name.c_str(), device.multiprocessors, copy_gbps);
+      for (size_t i = 0; i < results.size(); ++i) {
+        const Result& r = results[i];
+        std::fprintf(out,
+                     "    {\"model\": \"%s\", \"tokens\": %d, \"us\": %.2f, \"experts_touched\": %.2f, "
+                     "\"touched_bytes\": %.0f, \"gbps\": %.1f, \"copy_share\": %.4f, \"tflops\": %.2f, "
+                     "\"launches\": %zu}%s\n",
+                     r.model.c_str(), r.tokens, r.us, r.experts_touched, r.touched_bytes, r.gbps, r.copy_share,
+                     r.tflops, r.launches, i + 1 < results.size() ? "," : "");
+      }
+      std::fprintf(out, "  ]\n}\n");
+      std::fclose(out);
+      std::printf("wrote %s\n", json_path.c_str());
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_moe: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

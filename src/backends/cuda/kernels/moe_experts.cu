@@ -1,0 +1,74 @@
+#include "backends/cuda/kernels/moe_experts.hpp"
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/moe_experts.cuh"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+bool supported_format(WeightFormat f) {
+  return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4 || f == WeightFormat::FP8_BLOCK128 ||
+         f == WeightFormat::BF16;
+}
+
+int max_dynamic_smem() {
+  int device = 0, bytes = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+template <moe::ExpertGemm G>
+void launch(const MoeExpertGemmParams& p, const char* name) {
+  check_moe_expert_gemm_params(p);
+  using Shape = moe::ExpertGemmShape<G>;
+  const bool gate_up = G == moe::ExpertGemm::GATE_UP;
+  const moe::ExpertGemmArgs args{
+      .experts = p.experts,
+      .k_total = gate_up ? p.hidden : p.intermediate,
+      .n_total = gate_up ? p.intermediate : p.hidden,
+      .swiglu_limit = p.swiglu_limit,
+      .x = gate_up ? p.u_bf16 : p.h,
+      .row_tokens = p.row_tokens,
+      .work_items = p.work_items,
+      .work_item_count = p.work_item_count,
+      .h = p.h,
+      .down = p.down,
+  };
+  const size_t smem = moe::expert_gemm_smem_bytes<G>(args.k_total);
+  check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
+        " bytes of shared memory per CTA, beyond this device's limit");
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(smem)));
+  const dim3 grid(unsigned(args.n_total / (Shape::kBands * tile::kTileRows)), unsigned(p.max_work_items));
+  moe::moe_expert_gemm_kernel<G><<<grid, moe::kExpertThreads, smem, p.stream>>>(args);
+  DSV4_CUDA_CHECK_LAUNCH(name);
+}
+
+}  // namespace
+
+void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
+  for (const WeightFormat f : {p.routed_format, p.shared_format})
+    check(supported_format(f), "moe expert GEMM: expert format ", to_string(f),
+          " is not supported (MXFP4, NVFP4, FP8_BLOCK128, BF16)");
+  check(p.experts_count >= 1, "moe expert GEMM: ", p.experts_count, " experts");
+  constexpr int kAlign = int(tile::kTileKAlignment);
+  check(p.hidden > 0 && p.hidden % kAlign == 0 && p.intermediate > 0 && p.intermediate % kAlign == 0,
+        "moe expert GEMM: hidden (", p.hidden, ") and intermediate (", p.intermediate, ") sizes must be positive ",
+        "multiples of ", kAlign);
+  check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
+        " work items exceed one launch's grid (fewer tokens per call)");
+  check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,
+        "moe expert GEMM: a null device pointer among experts, u_bf16, row_tokens, work items, h, down");
+  check(reinterpret_cast<uintptr_t>(p.u_bf16) % 16 == 0 && reinterpret_cast<uintptr_t>(p.h) % 16 == 0,
+        "moe expert GEMM: u_bf16 and h must be 16-byte aligned");
+}
+
+void run_moe_gate_up(const MoeExpertGemmParams& p) {
+  launch<moe::ExpertGemm::GATE_UP>(p, "moe_expert_gemm_kernel<gate_up>");
+}
+
+void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p, "moe_expert_gemm_kernel<down>"); }
+
+}  // namespace dsv4::cuda

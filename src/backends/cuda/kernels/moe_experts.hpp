@@ -1,0 +1,52 @@
+// Grouped expert GEMMs of the MoE (dsv4-model.md §4), one launch each over every touched expert plus the shared
+// expert (expert id E), driven by the work items that moe_routing wrote on the device:
+// - gate/up: h[row, :] = silu(min(w1 · u[token(row)], limit)) · clamp(w3 · u[token(row)], ±limit), rounded to bf16;
+// - down:    down[row, :] = w2 · h[row, :] in fp32.
+// A CTA owns a band of weight rows of one work item's expert and loops over the item's rows (tokens) in tiles, so
+// each weight byte is fetched from memory once per item; the grid is sized for the worst case
+// (moe_max_work_items) and CTAs past *work_item_count exit, so the launches need no host knowledge of the routing.
+//
+// Dispatch contract: asynchronous on `stream`, no allocation, no synchronisation (graph-capturable). Weights
+// MXFP4, NVFP4, FP8_BLOCK128 (e8m0 scales) or BF16 with the view's format read per expert on the device (routed and
+// shared experts may differ); d and I multiples of 128; activations bf16, accumulation fp32.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "backends/cuda/kernels/moe_routing.hpp"
+
+namespace dsv4::cuda {
+
+struct MoeExpertView;  // moe_weights.hpp
+
+// Rows (tokens) per work item: an item's rows are served by one CTA per weight-row band.
+inline constexpr int kMoeRowsPerWorkItem = 64;
+
+struct MoeExpertGemmParams {
+  const MoeExpertView* experts = nullptr;  // device [E + 1]; [E] is the shared expert
+  WeightFormat routed_format = WeightFormat::MXFP4;  // host copies of the formats, checked before launching
+  WeightFormat shared_format = WeightFormat::FP8_BLOCK128;
+  int experts_count = 0;                   // E
+  int hidden = 0;                          // d
+  int intermediate = 0;                    // I
+  float swiglu_limit = 10.0f;
+  const __nv_bfloat16* u_bf16 = nullptr;   // [T, d]
+  const int32_t* row_tokens = nullptr;     // [rows]: the token of each expert-sorted row
+  const MoeWorkItem* work_items = nullptr; // [max_work_items]
+  const int32_t* work_item_count = nullptr;
+  int max_work_items = 0;
+  __nv_bfloat16* h = nullptr;              // [rows, I]
+  float* down = nullptr;                   // [rows, d]
+  cudaStream_t stream = nullptr;
+};
+
+// Throws naming the field or format at fault unless the grouped GEMMs support the call.
+void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
+
+void run_moe_gate_up(const MoeExpertGemmParams& params);
+void run_moe_down(const MoeExpertGemmParams& params);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,273 @@
+// Device code behind run_moe_routing (moe_routing.hpp holds the contract).
+//
+// NOTES:
+// - Router GEMV: one warp per router row and 8 tokens; lanes stride K in 8-value vectors (16-byte bf16 loads, two
+//   for fp32), u comes from L1/L2 (T·d·4 bytes, read by every warp). Memory bound at small T: E·d·2 bytes.
+// - Scoring/top-k: one warp per token; lane l holds experts l, l + 32, ... (E ≤ 512 → 16 per lane, constant-indexed
+//   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
+//   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
+//   CPU reference.
+// - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
+//   counts, one warp's scan, then a stable scatter by one warp (__match_any_sync gives each slot its rank among the
+//   lanes of its chunk that chose the same expert), so the row order is a function of the routing alone.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backends/cuda/kernels/moe_routing.hpp"
+
+namespace dsv4::cuda::moe {
+
+inline constexpr int kWarpSize = 32;
+inline constexpr int kRouterWarpsPerCta = 8;
+inline constexpr int kRouterTokensPerCta = 8;
+inline constexpr int kRouterVector = 8;  // router values per lane per step
+inline constexpr int kSelectWarpsPerCta = 8;
+inline constexpr int kMaxExpertsPerLane = 16;  // kMoeMaxExperts / 32
+
+struct RouterLogitsArgs {
+  const uint8_t* router;  // [E, d] BF16 or F32
+  const float* u;         // [T, d]
+  float* logits;          // [T, E]
+  __nv_bfloat16* u_bf16;  // [T, d]
+  int tokens, experts, hidden;
+};
+
+template <bool kBf16>
+__device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, float (&w)[kRouterVector]) {
+  if constexpr (kBf16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + size_t(k) * 2));
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[2 * i] = __uint_as_float(words[i] << 16);
+      w[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
+    }
+  } else {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(row + size_t(k) * 4));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(row + size_t(k) * 4) + 1);
+    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+  }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterLogitsArgs a) {
+  const int token_begin = blockIdx.y * kRouterTokensPerCta;
+  const int token_count = min(kRouterTokensPerCta, a.tokens - token_begin);
+  if (blockIdx.x == 0) {
+    // One row block converts this CTA's tokens of u for the expert GEMMs.
+    const int quads = token_count * a.hidden / 4;
+    for (int i = threadIdx.x; i < quads; i += blockDim.x) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(a.u + size_t(token_begin) * a.hidden) + i);
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16 + size_t(token_begin) * a.hidden) + 2 * i;
+      dst[0] = __floats2bfloat162_rn(v.x, v.y);
+      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+  }
+  const int lane = threadIdx.x % kWarpSize;
+  const int expert = blockIdx.x * kRouterWarpsPerCta + threadIdx.x / kWarpSize;
+  if (expert >= a.experts) return;
+  const uint8_t* row = a.router + size_t(expert) * a.hidden * (kBf16 ? 2 : 4);
+  float acc[kRouterTokensPerCta] = {};
+  for (int k = lane * kRouterVector; k < a.hidden; k += kWarpSize * kRouterVector) {
+    float w[kRouterVector];
+    load_router_vector<kBf16>(row, k, w);
+#pragma unroll
+    for (int t = 0; t < kRouterTokensPerCta; ++t) {
+      if (t >= token_count) break;
+      const float4* x = reinterpret_cast<const float4*>(a.u + size_t(token_begin + t) * a.hidden + k);
+      const float4 x0 = __ldg(x), x1 = __ldg(x + 1);
+      acc[t] = fmaf(w[0], x0.x, acc[t]);
+      acc[t] = fmaf(w[1], x0.y, acc[t]);
+      acc[t] = fmaf(w[2], x0.z, acc[t]);
+      acc[t] = fmaf(w[3], x0.w, acc[t]);
+      acc[t] = fmaf(w[4], x1.x, acc[t]);
+      acc[t] = fmaf(w[5], x1.y, acc[t]);
+      acc[t] = fmaf(w[6], x1.z, acc[t]);
+      acc[t] = fmaf(w[7], x1.w, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kRouterTokensPerCta; ++t) {
+    float sum = acc[t];
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (lane == t && t < token_count) a.logits[size_t(token_begin + t) * a.experts + expert] = sum;
+  }
+}
+
+struct RouteArgs {
+  const float* logits;     // [T, E]
+  const float* bias;       // [E] or nullptr
+  const int32_t* tid2eid;  // [vocab, top_k] or nullptr
+  int64_t vocab;
+  const int32_t* token_ids;
+  int tokens, experts, top_k, rows_per_item;
+  float routed_scaling_factor;
+  MoeRoutingBuffers out;
+};
+
+__device__ __forceinline__ float sqrt_softplus(float v) {
+  // log1p(exp(v)) without overflow for large v, as the CPU reference.
+  return sqrtf(v > 20.0f ? v : log1pf(expf(v)));
+}
+
+// Whether (v, e) ranks above (best, best_e): higher value, ties to the lower expert index.
+__device__ __forceinline__ bool ranks_above(float v, int e, float best, int best_e) {
+  return v > best || (v == best && e < best_e);
+}
+
+// Routes token `t` with the calling warp: writes expert_ids / expert_weights [t, :].
+__device__ void route_token(const RouteArgs& a, int t, int lane) {
+  float s[kMaxExpertsPerLane], biased[kMaxExpertsPerLane];
+#pragma unroll
+  for (int i = 0; i < kMaxExpertsPerLane; ++i) {
+    const int e = lane + i * kWarpSize;
+    s[i] = 0.0f;
+    biased[i] = -INFINITY;
+    if (e < a.experts) {
+      s[i] = sqrt_softplus(a.logits[size_t(t) * a.experts + e]);
+      const float b = s[i] + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
+      biased[i] = isnan(b) ? -INFINITY : b;
+    }
+  }
+  // Lane k < top_k ends up holding the k-th choice.
+  int my_id = 0;
+  float my_s = 0.0f;
+  if (a.tid2eid != nullptr) {
+    int32_t token = __ldg(a.token_ids + t);
+    if (token < 0 || token >= a.vocab) {
+      if (lane == 0) atomicCAS(a.out.status, 0, t + 1);
+      token = 0;
+    }
+    for (int k = 0; k < a.top_k; ++k) {
+      const int id = __ldg(a.tid2eid + size_t(token) * a.top_k + k);
+      float owned = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxExpertsPerLane; ++i)
+        if (i == id / kWarpSize) owned = s[i];
+      const float chosen = __shfl_sync(0xFFFFFFFFu, owned, id % kWarpSize);
+      if (lane == k) my_id = id, my_s = chosen;
+    }
+  } else {
+    uint32_t taken = 0;  // bit i: expert lane + 32 i already chosen
+    for (int k = 0; k < a.top_k; ++k) {
+      float best = -INFINITY, best_s = 0.0f;
+      int best_e = 0x7FFFFFFF;
+#pragma unroll
+      for (int i = 0; i < kMaxExpertsPerLane; ++i) {
+        const int e = lane + i * kWarpSize;
+        if (e < a.experts && !(taken >> i & 1u) && ranks_above(biased[i], e, best, best_e))
+          best = biased[i], best_e = e, best_s = s[i];
+      }
+#pragma unroll
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+        const float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
+        const int other_e = __shfl_xor_sync(0xFFFFFFFFu, best_e, offset);
+        const float other_s = __shfl_xor_sync(0xFFFFFFFFu, best_s, offset);
+        if (ranks_above(other, other_e, best, best_e)) best = other, best_e = other_e, best_s = other_s;
+      }
+      if (lane == best_e % kWarpSize) taken |= 1u << (best_e / kWarpSize);
+      if (lane == k) my_id = best_e, my_s = best_s;
+    }
+  }
+  // The bias only selects; the weights come from the unbiased scores, summed in k order.
+  float sum = 0.0f;
+  for (int k = 0; k < a.top_k; ++k) sum += __shfl_sync(0xFFFFFFFFu, my_s, k);
+  if (lane < a.top_k) {
+    a.out.expert_ids[size_t(t) * a.top_k + lane] = my_id;
+    a.out.expert_weights[size_t(t) * a.top_k + lane] = my_s / sum * a.routed_scaling_factor;
+  }
+}
+
+// Exclusive scans of counts[0..n) and of ceil(counts / R) by one warp: offsets[0..n] and item_offsets[0..n].
+__device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, int* offsets, int* item_offsets,
+                                 int lane) {
+  const int per_lane = (n + kWarpSize - 1) / kWarpSize;
+  const int begin = min(n, lane * per_lane), end = min(n, begin + per_lane);
+  int rows = 0, items = 0;
+  for (int e = begin; e < end; ++e) rows += counts[e], items += (counts[e] + rows_per_item - 1) / rows_per_item;
+  int rows_before = rows, items_before = items;  // inclusive scan, then made exclusive
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int r = __shfl_up_sync(0xFFFFFFFFu, rows_before, offset);
+    const int i = __shfl_up_sync(0xFFFFFFFFu, items_before, offset);
+    if (lane >= offset) rows_before += r, items_before += i;
+  }
+  rows_before -= rows;
+  items_before -= items;
+  for (int e = begin; e < end; ++e) {
+    offsets[e] = rows_before;
+    item_offsets[e] = items_before;
+    rows_before += counts[e];
+    items_before += (counts[e] + rows_per_item - 1) / rows_per_item;
+  }
+  if (lane == kWarpSize - 1) offsets[n] = rows_before, item_offsets[n] = items_before;
+}
+
+// The last CTA's work: bucket the T·top_k slots (plus the shared expert's T rows) by expert.
+__device__ void bucket_slots(const RouteArgs& a) {
+  __shared__ int counts[kMoeMaxExperts + 1];
+  __shared__ int offsets[kMoeMaxExperts + 2];
+  __shared__ int item_offsets[kMoeMaxExperts + 2];
+  const int lane = threadIdx.x % kWarpSize, warp_idx = threadIdx.x / kWarpSize;
+  const int slots = a.tokens * a.top_k, experts = a.experts;
+  for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = e < experts ? 0 : a.tokens;
+  __syncthreads();
+  for (int s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&counts[__ldcg(a.out.expert_ids + s)], 1);
+  __syncthreads();
+  if (warp_idx == 0) warp_scan_counts(counts, experts + 1, a.rows_per_item, offsets, item_offsets, lane);
+  __syncthreads();
+  if (warp_idx == 0) {
+    // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor.
+    for (int e = lane; e < experts; e += kWarpSize) counts[e] = offsets[e];
+    __syncwarp();
+    for (int chunk = 0; chunk < slots; chunk += kWarpSize) {
+      const int s = chunk + lane;
+      const int e = s < slots ? __ldcg(a.out.expert_ids + s) : -1 - lane;
+      const unsigned same = __match_any_sync(0xFFFFFFFFu, e);
+      if (s < slots) {
+        const int row = counts[e] + __popc(same & ((1u << lane) - 1u));
+        a.out.row_tokens[row] = s / a.top_k;
+        a.out.slot_rows[s] = row;
+      }
+      __syncwarp();
+      if (s < slots && lane == __ffs(same) - 1) counts[e] += __popc(same);
+      __syncwarp();
+    }
+  } else {
+    const int helper = threadIdx.x - kWarpSize, helpers = blockDim.x - kWarpSize;
+    for (int e = helper; e <= experts + 1; e += helpers) a.out.expert_offsets[e] = offsets[e];
+    for (int t = helper; t < a.tokens; t += helpers) a.out.row_tokens[slots + t] = t;
+    if (helper == 0) *a.out.work_item_count = item_offsets[experts + 1];
+    for (int e = helper; e <= experts; e += helpers) {
+      const int rows = offsets[e + 1] - offsets[e];
+      for (int j = 0; j * a.rows_per_item < rows; ++j)
+        a.out.work_items[item_offsets[e] + j] = MoeWorkItem{
+            .expert = e,
+            .row_begin = offsets[e] + j * a.rows_per_item,
+            .row_count = min(a.rows_per_item, rows - j * a.rows_per_item),
+        };
+    }
+  }
+  if (threadIdx.x == 0) *a.out.finished_ctas = 0;  // every other CTA has counted itself already
+}
+
+__global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
+  if (t < a.tokens) route_token(a, t, lane);
+  // Publish this CTA's routes, then the last CTA to arrive buckets everything.
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) is_last = atomicAdd(a.out.finished_ctas, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  bucket_slots(a);
+}
+
+}  // namespace dsv4::cuda::moe

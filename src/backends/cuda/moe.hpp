@@ -1,0 +1,67 @@
+// The MoE sub-block on the GPU (dsv4-model.md §4), the same function as dsv4::cpu::moe_forward:
+//   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
+//
+// Dispatch contract:
+// - Five launches, all on params.stream, no host round-trip, no allocation, no synchronisation, so the sub-block can
+//   be captured in a CUDA graph: router GEMV (+ u → bf16), scoring/top-k (or hash) + bucketing, grouped gate/up GEMM
+//   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches are
+//   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit.
+// - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
+//   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
+//   result is deterministic run to run).
+// - Expert weights MXFP4, NVFP4, FP8_BLOCK128 (e8m0 scales) or BF16; routed and shared experts may differ in format.
+// - Any T >= 1, experts with no token included.
+// - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 256 bytes hold
+//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one
+//   workspace serves any number of calls and any T up to the one it was sized for.
+// - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "backends/cuda/moe_weights.hpp"
+
+namespace dsv4::cuda {
+
+inline constexpr int kMoeLaunches = 5;
+
+struct MoeRunParams {
+  const float* u = nullptr;            // device, fp32 [T, d], 16-byte aligned
+  const int32_t* token_ids = nullptr;  // device, [T]; needed on hash layers, else may be null
+  float* out = nullptr;                // device, fp32 [T, d]; must not alias u or the workspace
+  int tokens = 0;                      // T
+  void* workspace = nullptr;           // device, moe_workspace_bytes(config, T) bytes
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);
+
+// Zeroes the workspace's counters (asynchronously on `stream`); once per workspace.
+void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// Throws naming the field at fault unless run_moe supports the call.
+void check_moe_params(const DeviceMoeWeights& weights, const MoeRunParams& params);
+
+void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& params);
+
+// Synchronises params.stream; throws naming the position of a token whose id lay outside the hash table in a call
+// since the last check (and clears the record).
+void check_moe_status(const MoeRunParams& params);
+
+// Where the last call's routing sits in the workspace (device pointers; tests and tools): expert ids and weights
+// [T, top_k], the SwiGLU output h [T·top_k + T, I] bf16 and the down outputs [T·top_k + T, d] fp32 by expert-sorted
+// row, and the row of every slot [T·top_k] (the shared expert's row of token t is T·top_k + t).
+struct MoeWorkspaceView {
+  const int32_t* expert_ids = nullptr;
+  const float* expert_weights = nullptr;
+  const uint16_t* h_bf16 = nullptr;
+  const float* down = nullptr;
+  const int32_t* slot_rows = nullptr;
+};
+MoeWorkspaceView moe_workspace_view(const MoeConfig& config, int64_t tokens, const void* workspace);
+
+}  // namespace dsv4::cuda

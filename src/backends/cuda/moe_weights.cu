@@ -1,0 +1,339 @@
+#include "backends/cuda/moe_weights.hpp"
+
+#include <algorithm>
+#include <string>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "core/bf16.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+
+void check_moe_config(const MoeConfig& c) {
+  check(c.hidden > 0 && c.intermediate > 0, "moe: hidden (", c.hidden, ") and intermediate (", c.intermediate,
+        ") sizes must be positive");
+  check(c.experts > 0 && c.experts <= kMoeMaxExperts, "moe: ", c.experts, " routed experts; the CUDA MoE takes 1 to ",
+        kMoeMaxExperts);
+  check(c.top_k >= 1 && c.top_k <= c.experts && c.top_k <= 32, "moe: top_k = ", c.top_k, " must lie in [1, min(",
+        c.experts, " experts, 32)]");
+  check(c.swiglu_limit > 0.0f, "moe: swiglu_limit must be positive, got ", c.swiglu_limit);
+}
+
+namespace {
+
+// Every region starts on a 256-byte boundary: the kernels read 16-byte vectors, and whole cache lines keep
+// one matrix's bytes apart from the next.
+constexpr size_t kArenaAlignment = 256;
+
+struct MatrixPlacement {
+  QuantizedMatrix meta;  // format, shape, scale type, global scale (data pointers unused)
+  size_t data_offset = 0, scales_offset = 0;
+};
+
+class ArenaPlan {
+ public:
+  size_t reserve(size_t bytes) {
+    const size_t offset = (total_ + kArenaAlignment - 1) / kArenaAlignment * kArenaAlignment;
+    total_ = offset + bytes;
+    return offset;
+  }
+  MatrixPlacement place(const QuantizedMatrix& m) {
+    MatrixPlacement p{.meta = m};
+    p.meta.data = nullptr;
+    p.meta.scales = nullptr;
+    p.meta.keepalive = nullptr;
+    p.data_offset = reserve(m.data_bytes());
+    p.scales_offset = reserve(m.scale_bytes());
+    return p;
+  }
+  size_t total() const { return std::max<size_t>(total_, 1); }
+
+ private:
+  size_t total_ = 0;
+};
+
+DeviceMatrixView make_view(const MatrixPlacement& p, uint8_t* base) {
+  const QuantizedMatrix& m = p.meta;
+  return DeviceMatrixView{
+      .format = m.format,
+      .scale_type = m.scale_type,
+      .rows = m.rows,
+      .cols = m.cols,
+      .data = base + p.data_offset,
+      .scales = m.scale_bytes() > 0 ? base + p.scales_offset : nullptr,
+      .global_scale = m.global_scale,
+      .data_row_bytes = m.data_row_bytes(),
+      .scales_per_row = m.scales_per_row(),
+      .stored_bytes = m.stored_bytes(),
+  };
+}
+
+void copy_to(uint8_t* base, size_t offset, const void* host, size_t bytes, const std::string& what) {
+  check(bytes == 0 || host != nullptr, "moe: ", what, " has no host bytes");
+  if (bytes > 0) DSV4_CUDA_CHECK(cudaMemcpy(base + offset, host, bytes, cudaMemcpyHostToDevice));
+}
+
+bool expert_format_supported(WeightFormat f) {
+  return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4 || f == WeightFormat::FP8_BLOCK128 ||
+         f == WeightFormat::BF16;
+}
+
+// The tensor-core dequantisation (weight_tile_mma.cuh) is exact for MXFP4 scale codes <= 128 only (scales <= 2;
+// a larger code overflows its bf16 factor), so larger ones are refused here, naming the first.
+void check_mxfp4_scale_range(const QuantizedMatrix& m, const std::string& what) {
+  if (m.format != WeightFormat::MXFP4) return;
+  const size_t count = m.scale_bytes();
+  for (size_t i = 0; i < count; ++i)
+    check(m.scales[i] <= 128, "moe: ", what, " MXFP4 scale code ", int(m.scales[i]), " at row ",
+          i / size_t(m.scales_per_row()), ", block ", i % size_t(m.scales_per_row()),
+          " is beyond the tensor-core path's range (codes <= 128, scales <= 2)");
+}
+
+// The three matrices of one expert: [I, d], [I, d], [d, I] in one of the expert formats, all three alike.
+void check_expert(const ExpertWeights& e, const MoeConfig& c, const std::string& what) {
+  const struct {
+    const QuantizedMatrix& m;
+    const char* name;
+    int64_t rows, cols;
+  } parts[] = {{e.w1, "w1", c.intermediate, c.hidden}, {e.w3, "w3", c.intermediate, c.hidden},
+               {e.w2, "w2", c.hidden, c.intermediate}};
+  for (const auto& part : parts) {
+    const std::string name = what + " " + part.name;
+    part.m.check_layout(name);
+    check(part.m.rows == part.rows && part.m.cols == part.cols, "moe: ", name, " must be [", part.rows, ", ",
+          part.cols, "], got [", part.m.rows, ", ", part.m.cols, "]");
+    check(expert_format_supported(part.m.format), "moe: ", name, " is ", to_string(part.m.format),
+          "; the CUDA MoE takes MXFP4, NVFP4, FP8_BLOCK128 or BF16 experts");
+    check(part.m.format == e.w1.format && part.m.scale_type == e.w1.scale_type, "moe: ", name, " is ",
+          to_string(part.m.format), "/", to_string(part.m.scale_type), " but ", what, " w1 is ",
+          to_string(e.w1.format), "/", to_string(e.w1.scale_type), "; an expert's matrices must share one format");
+    check_mxfp4_scale_range(part.m, name);
+  }
+}
+
+struct ExpertPlacement {
+  MatrixPlacement w1, w3, w2;
+};
+
+// ---- synthetic weights -------------------------------------------------------------------------------------
+
+enum class RandomCode : uint8_t { ANY_BYTE, E4M3, E8M0_WEIGHT_SCALE, E4M3_WEIGHT_SCALE, BF16_WEIGHT, F32_WEIGHT,
+                                  F32_BIAS, EXPERT_ID };
+
+__device__ uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Uniform in [-1, 1).
+__device__ float uniform_signed(uint64_t bits) { return float(int64_t(bits >> 40) - (int64_t(1) << 23)) * 0x1p-23f; }
+
+// Fills `count` elements of the given kind. Scales are chosen so that a 4096-long dot product of the weights with
+// O(1) activations stays O(1..10): the SwiGLU clamp is exercised without saturating everything.
+__global__ void fill_random_kernel(uint8_t* bytes, size_t count, uint64_t seed, RandomCode code, int32_t experts,
+                                   int32_t top_k) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull));
+    switch (code) {
+      case RandomCode::ANY_BYTE: bytes[i] = uint8_t(r); break;
+      case RandomCode::E4M3: {
+        const uint8_t b = uint8_t(r);
+        bytes[i] = (b & 0x7F) == 0x7F ? uint8_t(b ^ 1) : b;  // 0x7F / 0xFF are NaN
+        break;
+      }
+      case RandomCode::E8M0_WEIGHT_SCALE: bytes[i] = uint8_t(119 + r % 3); break;  // 2^-8 .. 2^-6
+      case RandomCode::E4M3_WEIGHT_SCALE: bytes[i] = uint8_t(0x30 + r % 16); break;  // 0.125 .. 0.23
+      case RandomCode::BF16_WEIGHT:
+        reinterpret_cast<uint16_t*>(bytes)[i] = float_to_bf16(uniform_signed(r) * 0.03f);
+        break;
+      case RandomCode::F32_WEIGHT: reinterpret_cast<float*>(bytes)[i] = uniform_signed(r) * 0.03f; break;
+      case RandomCode::F32_BIAS: reinterpret_cast<float*>(bytes)[i] = uniform_signed(r) * 0.1f; break;
+      case RandomCode::EXPERT_ID: {
+        // Row t holds top_k distinct experts spaced E / top_k apart from a random start.
+        const size_t row = i / size_t(top_k), k = i % size_t(top_k);
+        const uint64_t start = splitmix64(seed ^ row) % uint64_t(experts);
+        reinterpret_cast<int32_t*>(bytes)[i] = int32_t((start + k * uint64_t(experts / top_k)) % uint64_t(experts));
+        break;
+      }
+    }
+  }
+}
+
+void fill_random(uint8_t* bytes, size_t count, uint64_t seed, RandomCode code, const MoeConfig& c) {
+  if (count == 0) return;
+  const unsigned blocks = unsigned(std::min<size_t>((count + 255) / 256, 4096));
+  fill_random_kernel<<<blocks, 256>>>(bytes, count, seed, code, int32_t(c.experts), int32_t(c.top_k));
+  DSV4_CUDA_CHECK_LAUNCH("moe synthetic weights: fill_random_kernel");
+}
+
+void fill_random_matrix(const DeviceMatrixView& v, uint64_t seed, const MoeConfig& c) {
+  auto* data = const_cast<uint8_t*>(v.data);
+  auto* scales = const_cast<uint8_t*>(v.scales);
+  const size_t elements = size_t(v.rows) * size_t(v.cols);
+  switch (v.format) {
+    case WeightFormat::F32: fill_random(data, elements, seed, RandomCode::F32_WEIGHT, c); return;
+    case WeightFormat::BF16: fill_random(data, elements, seed, RandomCode::BF16_WEIGHT, c); return;
+    case WeightFormat::FP8_BLOCK128:
+      fill_random(data, size_t(v.rows) * v.data_row_bytes, seed, RandomCode::E4M3, c);
+      fill_random(scales, size_t((v.rows + 127) / 128) * size_t(v.scales_per_row), seed + 1,
+                  RandomCode::E8M0_WEIGHT_SCALE, c);
+      return;
+    case WeightFormat::MXFP4:
+      fill_random(data, size_t(v.rows) * v.data_row_bytes, seed, RandomCode::ANY_BYTE, c);
+      fill_random(scales, size_t(v.rows) * size_t(v.scales_per_row), seed + 1, RandomCode::E8M0_WEIGHT_SCALE, c);
+      return;
+    case WeightFormat::NVFP4:
+      fill_random(data, size_t(v.rows) * v.data_row_bytes, seed, RandomCode::ANY_BYTE, c);
+      fill_random(scales, size_t(v.rows) * size_t(v.scales_per_row), seed + 1, RandomCode::E4M3_WEIGHT_SCALE, c);
+      return;
+  }
+}
+
+QuantizedMatrix shape_only(WeightFormat format, int64_t rows, int64_t cols) {
+  QuantizedMatrix m;
+  m.format = format;
+  m.rows = rows;
+  m.cols = cols;
+  m.scale_type = format == WeightFormat::NVFP4                                          ? ScaleType::E4M3
+                 : format == WeightFormat::MXFP4 || format == WeightFormat::FP8_BLOCK128 ? ScaleType::E8M0
+                                                                                         : ScaleType::NONE;
+  m.global_scale = format == WeightFormat::NVFP4 ? 0.05f : 1.0f;
+  return m;
+}
+
+}  // namespace
+
+DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& config, std::string_view what,
+                                   DeviceAllocator* pool)
+    : config_(config) {
+  const std::string layer(what);
+  check_moe_config(config);
+  const int64_t E = config.experts, d = config.hidden;
+  host.gate.check_layout(layer + " router");
+  check(host.gate.format == WeightFormat::BF16 || host.gate.format == WeightFormat::F32, "moe: ", layer,
+        " router is ", to_string(host.gate.format), "; the CUDA router takes BF16 or F32");
+  check(host.gate.rows == E && host.gate.cols == d, "moe: ", layer, " router must be [", E, ", ", d, "], got [",
+        host.gate.rows, ", ", host.gate.cols, "]");
+  check(int64_t(host.experts.size()) == E, "moe: ", layer, " has ", host.experts.size(), " routed experts, config says ",
+        E);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string name = layer + " expert " + std::to_string(e);
+    check_expert(host.experts[size_t(e)], config, name);
+    const QuantizedMatrix& first = host.experts.front().w1;
+    const QuantizedMatrix& mine = host.experts[size_t(e)].w1;
+    check(mine.format == first.format && mine.scale_type == first.scale_type, "moe: ", name, " is ",
+          to_string(mine.format), "/", to_string(mine.scale_type), " but ", layer, " expert 0 is ",
+          to_string(first.format), "/", to_string(first.scale_type), "; all routed experts must share one format");
+  }
+  check_expert(host.shared, config, layer + " shared expert");
+  const bool hashed = !host.tid2eid.empty();
+  if (hashed) {
+    check(host.tid2eid.size() % size_t(config.top_k) == 0, "moe: ", layer, " tid2eid holds ", host.tid2eid.size(),
+          " entries, not a whole number of rows of top_k = ", config.top_k);
+    for (size_t i = 0; i < host.tid2eid.size(); ++i)
+      check(host.tid2eid[i] >= 0 && host.tid2eid[i] < E, "moe: ", layer, " tid2eid[", i / size_t(config.top_k), "][",
+            i % size_t(config.top_k), "] = ", host.tid2eid[i], " is not an expert index below ", E);
+    vocab_ = int64_t(host.tid2eid.size()) / config.top_k;
+  } else {
+    check(host.gate_bias.empty() || int64_t(host.gate_bias.size()) == E, "moe: ", layer, " gate bias holds ",
+          host.gate_bias.size(), " values, expected ", E);
+  }
+
+  ArenaPlan plan;
+  const MatrixPlacement router = plan.place(host.gate);
+  std::vector<ExpertPlacement> placements;
+  placements.reserve(size_t(E) + 1);
+  for (int64_t e = 0; e <= E; ++e) {
+    const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;
+    placements.push_back({plan.place(x.w1), plan.place(x.w3), plan.place(x.w2)});
+  }
+  const bool has_bias = !hashed && !host.gate_bias.empty();
+  const size_t bias_offset = plan.reserve(has_bias ? host.gate_bias.size() * sizeof(float) : 0);
+  const size_t tid2eid_offset = plan.reserve(hashed ? host.tid2eid.size() * sizeof(int32_t) : 0);
+
+  arena_ = pool != nullptr ? DeviceBuffer(*pool, plan.total(), layer + " weights")
+                           : DeviceBuffer(plan.total(), layer + " weights");
+  auto* base = arena_.as<uint8_t>();
+  auto upload = [&](const MatrixPlacement& p, const QuantizedMatrix& m, const std::string& name) {
+    copy_to(base, p.data_offset, m.data, m.data_bytes(), name + " data");
+    copy_to(base, p.scales_offset, m.scales, m.scale_bytes(), name + " scales");
+  };
+  upload(router, host.gate, layer + " router");
+  router_ = make_view(router, base);
+  host_views_.reserve(size_t(E) + 1);
+  for (int64_t e = 0; e <= E; ++e) {
+    const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;
+    const std::string name = e < E ? layer + " expert " + std::to_string(e) : layer + " shared expert";
+    const ExpertPlacement& p = placements[size_t(e)];
+    upload(p.w1, x.w1, name + " w1");
+    upload(p.w3, x.w3, name + " w3");
+    upload(p.w2, x.w2, name + " w2");
+    host_views_.push_back({make_view(p.w1, base), make_view(p.w3, base), make_view(p.w2, base)});
+  }
+  if (has_bias) {
+    copy_to(base, bias_offset, host.gate_bias.data(), host.gate_bias.size() * sizeof(float), layer + " gate bias");
+    bias_ = reinterpret_cast<const float*>(base + bias_offset);
+  }
+  if (hashed) {
+    copy_to(base, tid2eid_offset, host.tid2eid.data(), host.tid2eid.size() * sizeof(int32_t), layer + " tid2eid");
+    tid2eid_ = reinterpret_cast<const int32_t*>(base + tid2eid_offset);
+  }
+  publish_views(layer);
+}
+
+DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeSyntheticSpec& spec, uint64_t seed) {
+  check_moe_config(config);
+  check(spec.router_format == WeightFormat::BF16 || spec.router_format == WeightFormat::F32,
+        "moe synthetic weights: router format ", to_string(spec.router_format), " is not BF16 or F32");
+  check(expert_format_supported(spec.routed_format) && expert_format_supported(spec.shared_format),
+        "moe synthetic weights: expert formats ", to_string(spec.routed_format), " / ", to_string(spec.shared_format),
+        " are not among MXFP4, NVFP4, FP8_BLOCK128, BF16");
+  check(!spec.hashed || spec.vocab > 0, "moe synthetic weights: hash routing needs a vocab, got ", spec.vocab);
+  const int64_t E = config.experts, d = config.hidden, I = config.intermediate;
+
+  DeviceMoeWeights w;
+  w.config_ = config;
+  ArenaPlan plan;
+  const MatrixPlacement router = plan.place(shape_only(spec.router_format, E, d));
+  std::vector<ExpertPlacement> placements;
+  for (int64_t e = 0; e <= E; ++e) {
+    const WeightFormat f = e < E ? spec.routed_format : spec.shared_format;
+    placements.push_back({plan.place(shape_only(f, I, d)), plan.place(shape_only(f, I, d)),
+                          plan.place(shape_only(f, d, I))});
+  }
+  const size_t bias_offset = plan.reserve(spec.hashed ? 0 : size_t(E) * sizeof(float));
+  const size_t tid2eid_offset = plan.reserve(spec.hashed ? size_t(spec.vocab * config.top_k) * sizeof(int32_t) : 0);
+  w.arena_ = DeviceBuffer(plan.total(), "synthetic moe weights");
+  auto* base = w.arena_.as<uint8_t>();
+
+  w.router_ = make_view(router, base);
+  fill_random_matrix(w.router_, seed, config);
+  for (int64_t e = 0; e <= E; ++e) {
+    const ExpertPlacement& p = placements[size_t(e)];
+    w.host_views_.push_back({make_view(p.w1, base), make_view(p.w3, base), make_view(p.w2, base)});
+    const uint64_t expert_seed = seed + 16 * uint64_t(e + 1);
+    fill_random_matrix(w.host_views_.back().w1, expert_seed, config);
+    fill_random_matrix(w.host_views_.back().w3, expert_seed + 4, config);
+    fill_random_matrix(w.host_views_.back().w2, expert_seed + 8, config);
+  }
+  if (spec.hashed) {
+    w.vocab_ = spec.vocab;
+    fill_random(base + tid2eid_offset, size_t(spec.vocab * config.top_k), seed + 3, RandomCode::EXPERT_ID, config);
+    w.tid2eid_ = reinterpret_cast<const int32_t*>(base + tid2eid_offset);
+  } else {
+    fill_random(base + bias_offset, size_t(E), seed + 5, RandomCode::F32_BIAS, config);
+    w.bias_ = reinterpret_cast<const float*>(base + bias_offset);
+  }
+  w.publish_views("synthetic moe");
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  return w;
+}
+
+void DeviceMoeWeights::publish_views(std::string_view what) {
+  device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), std::string(what) + " expert views");
+  device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
+}
+
+}  // namespace dsv4::cuda

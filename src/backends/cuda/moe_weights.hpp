@@ -1,0 +1,88 @@
+// One MoE layer's weights on the device (dsv4-model.md §4): the router, its selection bias or hash table, every
+// routed expert's w1/w3/w2 and the shared expert, all in one device allocation, plus a device array of the experts'
+// DeviceMatrixViews so that kernels pick an expert by id without the host (the routing decides on the device).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_routing.hpp"
+#include "model/model_weights.hpp"
+
+namespace dsv4::cuda {
+
+// The layer's hyper-parameters (config.json); the same for every MoE layer of a model.
+struct MoeConfig {
+  int64_t hidden = 0;        // d
+  int64_t intermediate = 0;  // I (moe_intermediate_size), routed and shared
+  int64_t experts = 0;       // E (n_routed_experts)
+  int64_t top_k = 6;         // num_experts_per_tok
+  float routed_scaling_factor = 1.0f;
+  float swiglu_limit = 10.0f;
+};
+
+// Throws naming the field unless the config is usable (positive sizes, 1 <= top_k <= experts <= kMoeMaxExperts).
+void check_moe_config(const MoeConfig& config);
+
+// One expert's three matrices. Index E of the device array is the shared expert.
+struct MoeExpertView {
+  DeviceMatrixView w1;  // gate [I, d]
+  DeviceMatrixView w3;  // up   [I, d]
+  DeviceMatrixView w2;  // down [d, I]
+};
+
+// What a synthetic layer is made of (benchmarks): formats only, the bytes are random valid codes.
+struct MoeSyntheticSpec {
+  WeightFormat router_format = WeightFormat::BF16;  // BF16 or F32
+  WeightFormat routed_format = WeightFormat::MXFP4;
+  WeightFormat shared_format = WeightFormat::FP8_BLOCK128;
+  bool hashed = false;  // hash routing (tid2eid of `vocab` rows) instead of a selection bias
+  int64_t vocab = 0;
+};
+
+class DeviceMoeWeights {
+ public:
+  // Checks the host layer against `config` (every routed expert must share one format, scale type and the shapes
+  // [I, d] / [I, d] / [d, I]; the error names the expert otherwise) and uploads it into one allocation (from
+  // `pool` when given). `what` names the layer in errors ("layer 3 ffn").
+  DeviceMoeWeights(const MoeWeights& host, const MoeConfig& config, std::string_view what,
+                   DeviceAllocator* pool = nullptr);
+
+  // A layer of random weights generated on the device (no host copy of the experts): valid codes of each format
+  // with scales that keep activations O(1); a random router and bias, or a random hash table. Deterministic in seed.
+  static DeviceMoeWeights synthetic(const MoeConfig& config, const MoeSyntheticSpec& spec, uint64_t seed);
+
+  const MoeConfig& config() const { return config_; }
+  const DeviceMatrixView& router() const { return router_; }
+  const float* bias() const { return bias_; }        // [E] on the device; nullptr on hash layers
+  const int32_t* tid2eid() const { return tid2eid_; }  // [vocab, top_k] on the device; nullptr on scored layers
+  int64_t vocab() const { return vocab_; }
+  bool hashed() const { return tid2eid_ != nullptr; }
+  // [E + 1] views on the device; [E] is the shared expert.
+  const MoeExpertView* device_experts() const { return device_views_.as<MoeExpertView>(); }
+  // The same views on the host (byte accounting, launch checks).
+  const std::vector<MoeExpertView>& experts() const { return host_views_; }
+  WeightFormat routed_format() const { return host_views_.front().w1.format; }
+  WeightFormat shared_format() const { return host_views_.back().w1.format; }
+
+  DeviceMoeWeights(DeviceMoeWeights&&) noexcept = default;
+  DeviceMoeWeights& operator=(DeviceMoeWeights&&) noexcept = default;
+
+ private:
+  DeviceMoeWeights() = default;
+  void publish_views(std::string_view what);
+
+  MoeConfig config_;
+  DeviceBuffer arena_;         // every matrix's data and scales, the bias and the hash table
+  DeviceBuffer device_views_;  // MoeExpertView[E + 1]
+  DeviceMatrixView router_;
+  const float* bias_ = nullptr;
+  const int32_t* tid2eid_ = nullptr;
+  int64_t vocab_ = 0;
+  std::vector<MoeExpertView> host_views_;
+};
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,507 @@
+// The CUDA MoE sub-block (run_moe) against dsv4::cpu::moe_forward and the CPU ops it is built from: d = 4096,
+// I = 2048, E = 32, top 6; routed experts MXFP4, NVFP4, FP8 (shared expert FP8, as in the release) and BF16; scored
+// routing with a bias and hash routing; T ∈ {1, 3, 17, 64, 300}; experts with no token, every token on one expert.
+// Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
+// past the output) before each run, every element checked, NaN never passes.
+//
+// What the GPU rounds, and the tolerances that follow:
+// - u: the expert GEMMs read it as bf16. The test draws u bf16-representable, so that rounding is exact and the CPU
+//   reference sees the same u (the router reads u in fp32 on both sides).
+// - h = SwiGLU(w1 u, w3 u) is stored as bf16 between the two GEMMs (the CPU keeps fp32): checked per element
+//   against the CPU's h within 2^-8·|h| (half an ulp is 2^-9) plus the fp32-order term below.
+// - Every sum is fp32 in another order than the CPU's: bounded by 3e-5 · Σ|w|·|x| (tensor-core accumulation of
+//   bf16 products in fp32 blocks; the bound is ~10× the typical error and far below any indexing or scale bug).
+// - The routing (ids, weights), the expert-sorted row of every slot, each expert's down output (w2 applied to the
+//   GPU's own h) and the combine are checked tightly on their own, so the end-to-end comparison with
+//   cpu::moe_forward only has to absorb the h rounding: 2^-8 · Σ_k w_k Σ_j |w2_ij|·|h_kj| + the fp32 term.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/linear.hpp"
+#include "backends/cpu/moe.hpp"
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/moe.hpp"
+#include "backends/cuda/moe_weights.hpp"
+#include "core/bf16.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int64_t kHidden = 4096, kIntermediate = 2048, kExperts = 32, kTopK = 6, kVocab = 1000;
+constexpr float kScaling = 1.5f, kLimit = 10.0f;
+constexpr double kOrderTolerance = 3e-5;        // fp32 summation in another order, relative to Σ|terms|
+constexpr double kHRounding = 1.0 / 256.0;      // h stored as bf16: 2^-8 relative (twice the half-ulp)
+
+MoeConfig test_config() {
+  return MoeConfig{.hidden = kHidden,
+                   .intermediate = kIntermediate,
+                   .experts = kExperts,
+                   .top_k = kTopK,
+                   .routed_scaling_factor = kScaling,
+                   .swiglu_limit = kLimit};
+}
+
+cpu::MoeParams cpu_params(int64_t tokens) {
+  return cpu::MoeParams{.tokens = tokens,
+                        .hidden = kHidden,
+                        .intermediate = kIntermediate,
+                        .experts = kExperts,
+                        .top_k = kTopK,
+                        .routed_scaling_factor = kScaling,
+                        .swiglu_limit = kLimit};
+}
+
+// Random stored weights whose dot product with a unit-variance input has a standard deviation near `output_std`:
+// valid codes of the format (no e4m3 NaN), per-block scales varying by ±1 binade so the scale handling matters.
+OwnedQuantizedMatrix random_weight(WeightFormat format, int64_t rows, int64_t cols, double output_std,
+                                   std::mt19937_64& rng) {
+  const double per_weight_std = output_std / std::sqrt(double(cols));
+  switch (format) {
+    case WeightFormat::MXFP4:
+    case WeightFormat::NVFP4: {
+      const bool nv = format == WeightFormat::NVFP4;
+      constexpr double kCodeRms = 2.93;  // rms of e2m1 over its 16 codes
+      const double scale = per_weight_std / kCodeRms;
+      const float global = nv ? float(scale / 1.1) : 1.0f;  // e4m3 block codes 0x30..0x3F average ≈ 1.1
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(format, rows, cols, nv ? ScaleType::E4M3 : ScaleType::E8M0,
+                                                         global);
+      for (size_t i = 0; i < m.storage->data.size(); i += 8) {
+        const uint64_t r = rng();
+        std::memcpy(m.storage->data.data() + i, &r, std::min<size_t>(8, m.storage->data.size() - i));
+      }
+      const int exponent = int(std::lround(std::log2(scale)));
+      for (uint8_t& s : m.storage->scales)
+        s = nv ? uint8_t(0x30 + rng() % 16) : uint8_t(127 + exponent + int(rng() % 3) - 1);
+      return m;
+    }
+    case WeightFormat::FP8_BLOCK128: {
+      // Codes with exponent field 5..9: |value| in [0.25, 3.75], rms ≈ 1.6.
+      const int exponent = int(std::lround(std::log2(per_weight_std / 1.6)));
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(format, rows, cols, ScaleType::E8M0);
+      std::vector<uint8_t>& data = m.storage->data;
+      for (size_t i = 0; i < data.size(); i += 8) {
+        const uint64_t r = rng();
+        for (size_t j = 0; j < 8 && i + j < data.size(); ++j) {
+          const uint32_t b = uint32_t(r >> (8 * j)) & 0xFF;
+          data[i + j] = uint8_t((b & 0x80) | ((5 + ((b >> 3) & 15) % 5) << 3) | (b & 7));
+        }
+      }
+      for (uint8_t& s : m.storage->scales) s = uint8_t(127 + exponent + int(rng() % 3) - 1);
+      return m;
+    }
+    case WeightFormat::BF16: {
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(format, rows, cols, ScaleType::NONE);
+      // Uniform in ±√3·std (the same variance), four values per draw.
+      const float half_width = float(per_weight_std * std::sqrt(3.0));
+      auto* values = reinterpret_cast<uint16_t*>(m.storage->data.data());
+      for (int64_t i = 0; i < rows * cols; i += 4) {
+        const uint64_t r = rng();
+        for (int64_t j = 0; j < 4 && i + j < rows * cols; ++j)
+          values[i + j] = float_to_bf16((float((r >> (16 * j)) & 0xFFFF) / 32767.5f - 1.0f) * half_width);
+      }
+      return m;
+    }
+    default: fail("test_moe: no random weights for ", to_string(format));
+  }
+}
+
+// |W|: the same matrix with every sign bit cleared (scales are positive), for Σ|w|·|x| bounds through cpu::linear.
+OwnedQuantizedMatrix absolute(const QuantizedMatrix& w) {
+  OwnedQuantizedMatrix m = allocate_quantized_matrix(w.format, w.rows, w.cols, w.scale_type, w.global_scale);
+  std::memcpy(m.storage->data.data(), w.data, w.data_bytes());
+  std::memcpy(m.storage->scales.data(), w.scales, w.scale_bytes());
+  uint8_t* data = m.storage->data.data();
+  for (size_t i = 0; i < w.data_bytes(); ++i) {
+    switch (w.format) {
+      case WeightFormat::MXFP4:
+      case WeightFormat::NVFP4: data[i] &= 0x77; break;         // both nibbles' sign bits
+      case WeightFormat::FP8_BLOCK128: data[i] &= 0x7F; break;
+      case WeightFormat::BF16: if (i % 2 == 1) data[i] &= 0x7F; break;  // little-endian high byte
+      default: fail("test_moe: no |W| for ", to_string(w.format));
+    }
+  }
+  return m;
+}
+
+// The expert weights of one format (routed) plus an FP8 shared expert, and |w2| of each for the bounds.
+struct ExpertSet {
+  std::vector<ExpertWeights> experts;
+  ExpertWeights shared;
+  std::vector<OwnedQuantizedMatrix> abs_w2;  // [E + 1], [E] = shared
+};
+
+ExpertWeights random_expert(WeightFormat format, std::mt19937_64& rng) {
+  // w1/w3 outputs ≈ N(0, 6²): a fair share beyond ±10 exercises the clamps; w2 keeps the output O(1).
+  return ExpertWeights{.w1 = random_weight(format, kIntermediate, kHidden, 6.0, rng).matrix,
+                       .w2 = random_weight(format, kHidden, kIntermediate, 0.1, rng).matrix,
+                       .w3 = random_weight(format, kIntermediate, kHidden, 6.0, rng).matrix};
+}
+
+ExpertSet make_experts(WeightFormat routed_format, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  ExpertSet set;
+  for (int64_t e = 0; e < kExperts; ++e) set.experts.push_back(random_expert(routed_format, rng));
+  set.shared = random_expert(routed_format == WeightFormat::BF16 ? WeightFormat::BF16 : WeightFormat::FP8_BLOCK128,
+                             rng);
+  for (int64_t e = 0; e <= kExperts; ++e)
+    set.abs_w2.push_back(absolute(e < kExperts ? set.experts[size_t(e)].w2 : set.shared.w2));
+  return set;
+}
+
+enum class Routing { SCORED, HASH };
+
+struct Layer {
+  MoeWeights model;
+  OwnedQuantizedMatrix router;
+  std::vector<cpu::ExpertWeights> cpu_experts;
+  cpu::MoeWeights cpu;
+};
+
+// Builds the layer around `experts` (shared, not copied: QuantizedMatrix borrows the bytes).
+void make_layer(Layer& layer, const ExpertSet& experts, Routing routing, uint64_t seed,
+                const std::function<void(std::vector<float>& bias, std::vector<int32_t>& tid2eid)>& adjust) {
+  std::mt19937_64 rng(seed);
+  layer.router = random_weight(WeightFormat::BF16, kExperts, kHidden, 2.0, rng);
+  layer.model.gate = layer.router.matrix;
+  layer.model.experts = experts.experts;
+  layer.model.shared = experts.shared;
+  layer.model.gate_bias.clear();
+  layer.model.tid2eid.clear();
+  if (routing == Routing::SCORED) {
+    std::normal_distribution<float> normal(0.0f, 0.1f);
+    for (int64_t e = 0; e < kExperts; ++e) layer.model.gate_bias.push_back(normal(rng));
+  } else {
+    for (int64_t v = 0; v < kVocab; ++v) {
+      std::vector<int32_t> ids(kExperts);
+      for (int32_t e = 0; e < kExperts; ++e) ids[size_t(e)] = e;
+      std::shuffle(ids.begin(), ids.end(), rng);
+      layer.model.tid2eid.insert(layer.model.tid2eid.end(), ids.begin(), ids.begin() + kTopK);
+    }
+  }
+  adjust(layer.model.gate_bias, layer.model.tid2eid);
+  layer.cpu_experts.clear();
+  for (const ExpertWeights& e : layer.model.experts) layer.cpu_experts.push_back({&e.w1, &e.w2, &e.w3});
+  layer.cpu = cpu::MoeWeights{
+      .gate = &layer.model.gate,
+      .gate_bias = layer.model.gate_bias.empty() ? nullptr : layer.model.gate_bias.data(),
+      .tid2eid = layer.model.tid2eid.empty() ? nullptr : layer.model.tid2eid.data(),
+      .vocab = layer.model.tid2eid.empty() ? 0 : kVocab,
+      .experts = layer.cpu_experts.data(),
+      .shared = {&layer.model.shared.w1, &layer.model.shared.w2, &layer.model.shared.w3},
+  };
+}
+
+// Biased scores of one token in double; true when the top_k + 1 best are each at least `margin` apart (no
+// near-tie can flip the GPU's choice or order against the CPU's).
+bool clear_top_k(const Layer& layer, const float* u, double margin) {
+  std::vector<float> logits(kExperts);
+  cpu::linear(layer.model.gate, u, 1, logits.data());
+  std::vector<double> biased(kExperts);
+  for (int64_t e = 0; e < kExperts; ++e) {
+    const double v = logits[size_t(e)];
+    const double s = std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));
+    biased[size_t(e)] = s + (layer.model.gate_bias.empty() ? 0.0 : layer.model.gate_bias[size_t(e)]);
+  }
+  std::sort(biased.begin(), biased.end(), std::greater<>());
+  for (int64_t k = 0; k < kTopK; ++k)
+    if (biased[size_t(k)] - biased[size_t(k + 1)] < margin) return false;
+  return true;
+}
+
+float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+template <class T>
+std::vector<T> download(const T* device, size_t count) {
+  std::vector<T> host(count);
+  DSV4_CUDA_CHECK(cudaMemcpy(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost));
+  return host;
+}
+
+bool close(double actual, double expected, double tolerance) {
+  return std::isfinite(actual) && std::fabs(actual - expected) <= tolerance;
+}
+
+// Runs one case and checks every stage; `failures` caps the messages per case.
+void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
+                uint64_t seed,
+                const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of) {
+  SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> u(size_t(T * kHidden));
+  std::vector<int32_t> tokens(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = u.data() + t * kHidden;
+    do {
+      for (int64_t j = 0; j < kHidden; ++j) row[j] = round_to_bf16(normal(rng));  // see the header comment
+    } while (layer.cpu.tid2eid == nullptr && !clear_top_k(layer, row, 1e-3));
+    tokens[size_t(t)] = token_of(t, rng);
+  }
+
+  // GPU run on poisoned buffers.
+  const MoeConfig config = test_config();
+  const size_t out_floats = size_t(T * kHidden), guard_floats = 64;
+  DeviceBuffer d_u(u.size() * sizeof(float), "u"), d_tokens(tokens.size() * sizeof(int32_t), "token ids");
+  DeviceBuffer d_out((out_floats + guard_floats) * sizeof(float), "out");
+  const size_t workspace_bytes = moe_workspace_bytes(config, T);
+  DeviceBuffer workspace(workspace_bytes, "moe workspace");
+  d_u.upload(u.data(), u.size() * sizeof(float));
+  d_tokens.upload(tokens.data(), tokens.size() * sizeof(int32_t));
+  d_out.fill_bytes(0xFF);
+  workspace.fill_bytes(0xFF);
+  prepare_moe_workspace(workspace.data(), workspace_bytes, nullptr);
+  const MoeRunParams params{.u = d_u.as<float>(),
+                            .token_ids = d_tokens.as<int32_t>(),
+                            .out = d_out.as<float>(),
+                            .tokens = int(T),
+                            .workspace = workspace.data(),
+                            .workspace_bytes = workspace_bytes};
+  run_moe(device_weights, params);
+  check_moe_status(params);
+  const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
+  const size_t slots = size_t(T * kTopK), rows = slots + size_t(T);
+  const std::vector<float> out = download(d_out.as<float>(), out_floats + guard_floats);
+  const std::vector<int32_t> ids = download(view.expert_ids, slots);
+  const std::vector<float> weights = download(view.expert_weights, slots);
+  const std::vector<int32_t> slot_rows = download(view.slot_rows, slots);
+  const std::vector<uint16_t> h_bits = download(view.h_bf16, rows * kIntermediate);
+  const std::vector<float> down = download(view.down, rows * kHidden);
+
+  // Routing: exact ids (inputs have no near-ties), weights to fp32 rounding.
+  std::vector<int32_t> ref_ids(slots);
+  std::vector<float> ref_weights(slots);
+  cpu::moe_route(layer.cpu, cpu_params(T), u.data(), tokens.data(), ref_ids.data(), ref_weights.data());
+  for (size_t s = 0; s < slots; ++s) {
+    ASSERT_EQ(ids[s], ref_ids[s]) << "expert id of token " << s / kTopK << " choice " << s % kTopK;
+    ASSERT_TRUE(close(weights[s], ref_weights[s], 1e-5 * std::fabs(ref_weights[s])))
+        << "weight of token " << s / kTopK << " choice " << s % kTopK << ": " << weights[s] << " vs "
+        << ref_weights[s];
+  }
+  // Bucketing: a stable counting sort by expert id, the shared expert's rows after all routed ones.
+  std::vector<std::vector<size_t>> slots_of(kExperts);
+  for (size_t s = 0; s < slots; ++s) slots_of[size_t(ref_ids[s])].push_back(s);
+  std::vector<std::vector<int64_t>> rows_of(kExperts + 1), tokens_of(kExperts + 1);
+  for (int64_t e = 0, row = 0; e < kExperts; ++e)
+    for (const size_t s : slots_of[size_t(e)]) {
+      ASSERT_EQ(slot_rows[s], row) << "row of slot " << s << " (expert " << e << ")";
+      rows_of[size_t(e)].push_back(row++);
+      tokens_of[size_t(e)].push_back(int64_t(s / kTopK));
+    }
+  for (int64_t t = 0; t < T; ++t) rows_of[kExperts].push_back(int64_t(slots) + t), tokens_of[kExperts].push_back(t);
+
+  // Per expert: h against the CPU's SwiGLU, and the down output against cpu::linear(w2) on the GPU's own h.
+  std::vector<float> abs_w2_h(rows * kHidden);  // Σ_j |w2_ij|·|h_j| per row, for the end-to-end bound
+  int failures = 0;
+  for (int64_t e = 0; e <= kExperts; ++e) {
+    const auto& my_rows = rows_of[size_t(e)];
+    if (my_rows.empty()) continue;
+    const ExpertWeights& w = e < kExperts ? layer.model.experts[size_t(e)] : layer.model.shared;
+    const int64_t n = int64_t(my_rows.size());
+    std::vector<float> x(size_t(n * kHidden)), ones(size_t(kHidden), 1.0f);
+    float u_max = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* src = u.data() + tokens_of[size_t(e)][size_t(i)] * kHidden;
+      std::copy_n(src, kHidden, x.data() + i * kHidden);
+      for (int64_t j = 0; j < kHidden; ++j) u_max = std::max(u_max, std::fabs(src[j]));
+    }
+    std::vector<float> gate(size_t(n * kIntermediate)), up(gate.size()), l1_w1(static_cast<size_t>(kIntermediate)),
+        l1_w3(static_cast<size_t>(kIntermediate));
+    cpu::linear(w.w1, x.data(), n, gate.data());
+    cpu::linear(w.w3, x.data(), n, up.data());
+    const OwnedQuantizedMatrix abs_w1 = absolute(w.w1), abs_w3 = absolute(w.w3);
+    cpu::linear(abs_w1.matrix, ones.data(), 1, l1_w1.data());
+    cpu::linear(abs_w3.matrix, ones.data(), 1, l1_w3.data());
+    std::vector<float> h_gpu(size_t(n * kIntermediate));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < kIntermediate; ++j) {
+        const size_t at = size_t(i * kIntermediate + j);
+        const float g = std::min(gate[at], kLimit), v = std::clamp(up[at], -kLimit, kLimit);
+        const double expected = double(silu(g)) * v;
+        const float actual = bf16_to_float(h_bits[size_t(my_rows[size_t(i)]) * kIntermediate + j]);
+        h_gpu[at] = actual;
+        // fp32 order term: |Δg| ≤ ε Σ|w1||u| moves h by ≤ 1.1 |v| |Δg| (silu' ≤ 1.1); |Δv| moves it by |silu(g)|.
+        const double order = kOrderTolerance * u_max * (1.1 * std::fabs(v) * l1_w1[j] + std::fabs(silu(g)) * l1_w3[j]);
+        if (!close(actual, expected, kHRounding * std::fabs(expected) + order) && failures++ < 10)
+          ADD_FAILURE() << "h of expert " << e << " token " << tokens_of[size_t(e)][size_t(i)] << " [" << j
+                        << "] = " << actual << ", CPU " << expected;
+      }
+    std::vector<float> ref_down(size_t(n * kHidden)), bound(size_t(n * kHidden)), abs_h(h_gpu.size());
+    for (size_t i = 0; i < h_gpu.size(); ++i) abs_h[i] = std::fabs(h_gpu[i]);
+    cpu::linear(w.w2, h_gpu.data(), n, ref_down.data());
+    cpu::linear(experts.abs_w2[size_t(e)].matrix, abs_h.data(), n, bound.data());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < kHidden; ++j) {
+        const size_t at = size_t(i * kHidden + j), row = size_t(my_rows[size_t(i)]);
+        abs_w2_h[row * kHidden + j] = bound[at];
+        const float actual = down[row * kHidden + j];
+        if (!close(actual, ref_down[at], kOrderTolerance * bound[at] + 1e-30) && failures++ < 10)
+          ADD_FAILURE() << "down of expert " << e << " token " << tokens_of[size_t(e)][size_t(i)] << " [" << j
+                        << "] = " << actual << ", CPU " << ref_down[at] << " (bound " << bound[at] << ")";
+      }
+  }
+  ASSERT_EQ(failures, 0);
+
+  // End to end: the combine of the GPU's own down rows (same order, exact fma), and cpu::moe_forward.
+  std::vector<float> reference(out_floats);
+  cpu::moe_forward(layer.cpu, cpu_params(T), u.data(), tokens.data(), reference.data());
+  for (int64_t t = 0; t < T && failures < 10; ++t)
+    for (int64_t j = 0; j < kHidden; ++j) {
+      const size_t shared_row = slots + size_t(t);
+      float combined = down[shared_row * kHidden + j];
+      double magnitude = abs_w2_h[shared_row * kHidden + j];
+      for (int64_t k = 0; k < kTopK; ++k) {
+        const size_t s = size_t(t * kTopK + k), row = size_t(slot_rows[s]);
+        combined = std::fma(weights[s], down[row * kHidden + j], combined);
+        magnitude += double(weights[s]) * abs_w2_h[row * kHidden + j];
+      }
+      const size_t at = size_t(t * kHidden + j);
+      const double tolerance = (kHRounding + kOrderTolerance) * magnitude + 1e-30;
+      if (!close(out[at], combined, 1e-6 * std::fabs(combined) + 1e-30) && failures++ < 10)
+        ADD_FAILURE() << "out[" << t << ", " << j << "] = " << out[at] << ", combine of the GPU rows " << combined;
+      if (!close(out[at], reference[at], tolerance) && failures++ < 10)
+        ADD_FAILURE() << "out[" << t << ", " << j << "] = " << out[at] << ", cpu::moe_forward " << reference[at]
+                      << ", tolerance " << tolerance;
+    }
+  for (size_t i = out_floats; i < out.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &out[i], sizeof bits);
+    ASSERT_EQ(bits, 0xFFFFFFFFu) << "write past the end of out at float " << i;
+  }
+}
+
+bool has_device() { return !list_devices().empty(); }
+
+int32_t random_token(int64_t, std::mt19937_64& rng) { return int32_t(rng() % kVocab); }
+
+void keep_routing(std::vector<float>&, std::vector<int32_t>&) {}
+
+class MoeFormats : public ::testing::TestWithParam<WeightFormat> {};
+
+TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const WeightFormat format = GetParam();
+  const ExpertSet experts = make_experts(format, 100 + uint64_t(format));
+  uint64_t seed = 1000 * uint64_t(format);
+  for (const Routing routing : {Routing::SCORED, Routing::HASH}) {
+    SCOPED_TRACE(std::string(to_string(format)) + (routing == Routing::SCORED ? " scored" : " hash"));
+    Layer layer;
+    make_layer(layer, experts, routing, seed++, keep_routing);
+    const DeviceMoeWeights device_weights(layer.model, test_config(), "test layer");
+    for (const int64_t T : {1, 3, 17, 64, 300}) check_case(layer, experts, device_weights, T, seed++, random_token);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ExpertFormats, MoeFormats,
+                         ::testing::Values(WeightFormat::MXFP4, WeightFormat::NVFP4, WeightFormat::FP8_BLOCK128,
+                                           WeightFormat::BF16),
+                         [](const ::testing::TestParamInfo<WeightFormat>& info) {
+                           return std::string(to_string(info.param));
+                         });
+
+// One MXFP4 expert set shared by the tests below, made on first use (after the device check).
+class MoeRoutingExtremes : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!has_device()) GTEST_SKIP() << "no CUDA device";
+    static const ExpertSet experts = make_experts(WeightFormat::MXFP4, 7);
+    experts_ = &experts;
+  }
+  const ExpertSet* experts_ = nullptr;
+};
+
+TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
+  // Hash rows drawn from experts 0, 3, ..., 30 only: 21 experts (among them the last) get no token at any T.
+  Layer layer;
+  make_layer(layer, *experts_, Routing::HASH, 11, [](std::vector<float>&, std::vector<int32_t>& tid2eid) {
+    for (size_t i = 0; i < tid2eid.size(); ++i) tid2eid[i] = int32_t((i % kTopK + 2 * (i / kTopK)) % 11 * 3);
+  });
+  const DeviceMoeWeights device_weights(layer.model, test_config(), "sparse layer");
+  for (const int64_t T : {1, 5, 64}) check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_token);
+}
+
+TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
+  {
+    // Scored: a bias of +100 puts the last expert first for every token (300 rows: several work items).
+    Layer layer;
+    make_layer(layer, *experts_, Routing::SCORED, 12,
+               [](std::vector<float>& bias, std::vector<int32_t>&) { bias.back() = 100.0f; });
+    const DeviceMoeWeights device_weights(layer.model, test_config(), "biased layer");
+    check_case(layer, *experts_, device_weights, 300, 60, random_token);
+  }
+  {
+    // Hash: every token has the same id, so all of them pick the same six experts.
+    Layer layer;
+    make_layer(layer, *experts_, Routing::HASH, 13, keep_routing);
+    const DeviceMoeWeights device_weights(layer.model, test_config(), "hash layer");
+    check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); });
+  }
+}
+
+template <class Action>
+void expect_error_containing(Action&& action, const std::string& needle) {
+  try {
+    action();
+    ADD_FAILURE() << "expected an error containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {
+  Layer layer;
+  make_layer(layer, *experts_, Routing::HASH, 14, keep_routing);
+  {
+    std::mt19937_64 rng(1);
+    MoeWeights mixed = layer.model;
+    mixed.experts[5] = random_expert(WeightFormat::NVFP4, rng);
+    expect_error_containing([&] { DeviceMoeWeights(mixed, test_config(), "mixed layer"); }, "expert 5");
+    MoeWeights short_table = layer.model;
+    short_table.tid2eid[7] = int32_t(kExperts);
+    expect_error_containing([&] { DeviceMoeWeights(short_table, test_config(), "bad table"); }, "tid2eid[1][1]");
+  }
+  const DeviceMoeWeights device_weights(layer.model, test_config(), "hash layer");
+  const int T = 3;
+  const std::vector<int32_t> tokens = {5, int32_t(kVocab) + 9, 7};
+  std::vector<float> u(size_t(T * kHidden), 0.5f);
+  DeviceBuffer d_u(u.size() * sizeof(float), "u"), d_tokens(tokens.size() * sizeof(int32_t), "token ids"),
+      d_out(u.size() * sizeof(float), "out");
+  d_u.upload(u.data(), u.size() * sizeof(float));
+  d_tokens.upload(tokens.data(), tokens.size() * sizeof(int32_t));
+  const size_t bytes = moe_workspace_bytes(test_config(), T);
+  DeviceBuffer workspace(bytes, "workspace");
+  prepare_moe_workspace(workspace.data(), bytes, nullptr);
+  MoeRunParams params{.u = d_u.as<float>(),
+                      .token_ids = d_tokens.as<int32_t>(),
+                      .out = d_out.as<float>(),
+                      .tokens = T,
+                      .workspace = workspace.data(),
+                      .workspace_bytes = bytes};
+  run_moe(device_weights, params);
+  expect_error_containing([&] { check_moe_status(params); }, "token id 1009 at position 1");
+  check_moe_status(params);  // the record was cleared
+  MoeRunParams small = params;
+  small.workspace_bytes = bytes - 1;
+  expect_error_containing([&] { run_moe(device_weights, small); }, "moe_workspace_bytes");
+  MoeRunParams no_tokens = params;
+  no_tokens.token_ids = nullptr;
+  expect_error_containing([&] { run_moe(device_weights, no_tokens); }, "needs token ids");
+  MoeRunParams aliased = params;
+  aliased.out = const_cast<float*>(params.u);
+  expect_error_containing([&] { run_moe(device_weights, aliased); }, "alias");
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
