@@ -1,0 +1,269 @@
+// Decode-path linear layer benchmark on the GPU: run_quantized_linear for the V4-Flash and V4-Pro projection and
+// expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 64}, against two same-run references:
+// the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
+// (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
+// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM.
+// Usage: bench_cuda_linear [--json PATH] [--quick]   (--quick: Flash shapes and T ∈ {1, 16} only)
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/quantized_linear.hpp"
+#include "core/bf16.hpp"
+#include "core/quantized_matrix.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+#define BENCH_CUBLAS_CHECK(call)                                                              \
+  do {                                                                                        \
+    const cublasStatus_t status_ = (call);                                                    \
+    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
+  } while (0)
+
+struct Shape {
+  const char* model;
+  const char* name;
+  int64_t rows, cols;  // N × K (K per group for the grouped wo_a)
+  int groups;
+};
+
+// Milliseconds per call of `body(i)` averaged over `iterations` calls after a warm-up.
+template <class Body>
+double time_ms(int iterations, Body&& body) {
+  for (int i = 0; i < 3; ++i) body(i);
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  DSV4_CUDA_CHECK(cudaEventRecord(start));
+  for (int i = 0; i < iterations; ++i) body(i);
+  DSV4_CUDA_CHECK(cudaEventRecord(stop));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  return double(ms) / iterations;
+}
+
+// splitmix64: fast enough to fill gigabytes of random weights on the host.
+struct FastRandom {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+};
+
+// Random stored bytes with valid codes: no e4m3 NaN in fp8 data or NVFP4 scales, scales near realistic weights
+// (MXFP4 codes 116..123, within the tensor-core range), bf16 weights of magnitude ~2^-6.
+OwnedQuantizedMatrix random_matrix(WeightFormat format, int64_t rows, int64_t cols, FastRandom& rng) {
+  const ScaleType scale_type = format == WeightFormat::NVFP4  ? ScaleType::E4M3
+                               : format == WeightFormat::BF16 ? ScaleType::NONE
+                                                              : ScaleType::E8M0;
+  OwnedQuantizedMatrix m = allocate_quantized_matrix(format, rows, cols, scale_type, 0.01f);
+  std::vector<uint8_t>& data = m.storage->data;
+  for (size_t i = 0; i < data.size(); i += 8) {
+    const uint64_t bits = rng.next();
+    std::memcpy(data.data() + i, &bits, std::min<size_t>(8, data.size() - i));
+  }
+  if (format == WeightFormat::FP8_BLOCK128)
+    for (uint8_t& b : data)
+      if ((b & 0x7F) == 0x7F) b ^= 1;
+  if (format == WeightFormat::BF16) {
+    auto* values = reinterpret_cast<uint16_t*>(data.data());
+    for (size_t i = 0; i < data.size() / 2; ++i) values[i] = uint16_t((values[i] & 0x807F) | 0x3C00);
+  }
+  for (uint8_t& s : m.storage->scales)
+    s = format == WeightFormat::NVFP4 ? uint8_t(0x30 + rng.next() % 16) : uint8_t(116 + rng.next() % 8);
+  return m;
+}
+
+int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
+  return int(std::max<size_t>(2, (3 * l2_bytes + bytes - 1) / bytes));
+}
+
+double copy_bandwidth_gbps() {
+  constexpr size_t kBytes = size_t(1) << 30;
+  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
+  src.fill_bytes(1);
+  const double ms = time_ms(10, [&](int) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
+  });
+  return 2.0 * double(kBytes) / (ms * 1e6);
+}
+
+struct Row {
+  std::string model, shape, format;
+  int64_t rows, cols;
+  int groups, tokens, k_splits;
+  double us, gbps, percent_of_copy, cublas_us, speedup;
+};
+
+// cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
+void cublas_linear(cublasHandle_t handle, const Shape& s, const void* w, const void* x, float* y, int tokens) {
+  const float alpha = 1.0f, beta = 0.0f;
+  const int64_t rows_per_group = s.rows / s.groups;
+  if (s.groups == 1) {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(s.rows), tokens, int(s.cols), &alpha, w,
+                                    CUDA_R_16BF, int(s.cols), x, CUDA_R_16BF, int(s.cols), &beta, y, CUDA_R_32F,
+                                    int(s.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  } else {
+    BENCH_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        handle, CUBLAS_OP_T, CUBLAS_OP_N, int(rows_per_group), tokens, int(s.cols), &alpha, w, CUDA_R_16BF,
+        int(s.cols), rows_per_group * s.cols, x, CUDA_R_16BF, int(s.groups * s.cols), s.cols, &beta, y, CUDA_R_32F,
+        int(s.rows), rows_per_group, s.groups, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  using namespace dsv4;
+  using namespace dsv4::cuda;
+  std::string json_path = "bench_cuda_linear.json";
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--json" && i + 1 < argc) {
+      json_path = argv[++i];
+    } else if (arg == "--quick") {
+      quick = true;
+    } else {
+      std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick]\n");
+      return 2;
+    }
+  }
+  try {
+    const std::vector<DeviceInfo> devices = list_devices();
+    if (devices.empty()) {
+      std::fprintf(stderr, "bench_cuda_linear: no CUDA device\n");
+      return 1;
+    }
+    const DeviceInfo& device = devices.front();
+    const double copy_gbps = copy_bandwidth_gbps();
+    std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
+                device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
+
+    cublasHandle_t cublas;
+    BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+    FastRandom rng{42};
+    std::vector<Shape> shapes = {{"flash", "wq_a", 1024, 4096, 1},    {"flash", "wq_b", 32768, 1024, 1},
+                                 {"flash", "wkv", 512, 4096, 1},      {"flash", "wo_a", 8192, 4096, 8},
+                                 {"flash", "wo_b", 4096, 8192, 1},    {"flash", "expert_w1", 2048, 4096, 1},
+                                 {"flash", "expert_w2", 4096, 2048, 1}};
+    if (!quick)
+      shapes.insert(shapes.end(), {{"pro", "wq_a", 1536, 7168, 1},
+                                   {"pro", "wq_b", 65536, 1536, 1},
+                                   {"pro", "wkv", 512, 7168, 1},
+                                   {"pro", "wo_a", 16384, 4096, 16},
+                                   {"pro", "wo_b", 7168, 16384, 1},
+                                   {"pro", "expert_w1", 3072, 7168, 1},
+                                   {"pro", "expert_w2", 7168, 3072, 1}});
+    const WeightFormat formats[] = {WeightFormat::BF16, WeightFormat::FP8_BLOCK128, WeightFormat::MXFP4,
+                                    WeightFormat::NVFP4};
+    const std::vector<int> token_counts = quick ? std::vector<int>{1, 16} : std::vector<int>{1, 4, 8, 16, 64};
+    constexpr int kIterations = 100;
+    std::vector<Row> table;
+
+    for (const Shape& shape : shapes) {
+      const int64_t x_cols = shape.groups * shape.cols;
+      const size_t bf16_bytes = size_t(shape.rows * shape.cols) * 2;
+      DeviceBuffer x(size_t(64 * x_cols) * 2, "x bf16"), y(size_t(64 * shape.rows) * 4, "y");
+      {
+        std::vector<uint16_t> x_host(size_t(64 * x_cols));
+        for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
+        x.upload(x_host.data(), x_host.size() * 2);
+      }
+      // Same-run cuBLAS bf16 reference, once per shape and T.
+      std::vector<double> cublas_us(65, 0.0);
+      {
+        const OwnedQuantizedMatrix bf16_host = random_matrix(WeightFormat::BF16, shape.rows, shape.cols, rng);
+        const int copies = copies_beyond_l2(bf16_bytes, device.l2_bytes);
+        std::vector<DeviceMatrix> weights;
+        for (int c = 0; c < copies; ++c) weights.emplace_back(bf16_host.matrix, "cuBLAS bf16 weight copy");
+        for (const int tokens : token_counts)
+          cublas_us[size_t(tokens)] = 1e3 * time_ms(kIterations, [&](int i) {
+                                        cublas_linear(cublas, shape, weights[size_t(i % copies)].view().data,
+                                                      x.data(), y.as<float>(), tokens);
+                                      });
+      }
+
+      for (const WeightFormat format : formats) {
+        const OwnedQuantizedMatrix host = random_matrix(format, shape.rows, shape.cols, rng);
+        const size_t stored = host.matrix.stored_bytes();
+        const int copies = copies_beyond_l2(stored, device.l2_bytes);
+        std::vector<DeviceMatrix> weights;
+        for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
+        for (const int tokens : token_counts) {
+          const QuantizedLinearConfig config =
+              choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
+          DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
+          workspace.fill_bytes(0);
+          const double ms = time_ms(kIterations, [&](int i) {
+            run_quantized_linear({.weight = weights[size_t(i % copies)].view(),
+                                  .x = x.as<__nv_bfloat16>(),
+                                  .x_row_stride = x_cols,
+                                  .y = y.as<float>(),
+                                  .y_row_stride = shape.rows,
+                                  .tokens = tokens,
+                                  .groups = shape.groups,
+                                  .workspace = workspace.data(),
+                                  .workspace_bytes = workspace.bytes(),
+                                  .stream = nullptr});
+          });
+          const double gbps = double(stored) / (ms * 1e6);
+          table.push_back({shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols,
+                           shape.groups, tokens, config.k_splits, ms * 1e3, gbps, 100.0 * gbps / copy_gbps,
+                           cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3)});
+        }
+      }
+    }
+    BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+
+    std::printf("| model | shape | format | N × K (G) | T | split-K | µs | GB/s (stored) | %% of copy | "
+                "cuBLAS bf16 µs | speed-up |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const Row& r : table)
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %.1f | %.0f | %.0f | %.1f | %.2f× |\n", r.model.c_str(),
+                  r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups, r.tokens,
+                  r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup);
+
+    FILE* out = std::fopen(json_path.c_str(), "w");
+    check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
+    std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_linear\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
+                 device.name.c_str(), device.multiprocessors);
+    std::fprintf(out, "  \"copy_bandwidth_gbps\": %.1f,\n  \"iterations\": %d,\n  \"results\": [\n", copy_gbps,
+                 kIterations);
+    for (size_t i = 0; i < table.size(); ++i) {
+      const Row& r = table[i];
+      std::fprintf(out,
+                   "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
+                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"us\": %.2f, \"stored_gbps\": %.1f, "
+                   "\"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, \"speedup_vs_cublas\": %.3f}%s\n",
+                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
+                   r.tokens, r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                   i + 1 < table.size() ? "," : "");
+    }
+    std::fprintf(out, "  ]\n}\n");
+    std::fclose(out);
+    std::printf("wrote %s\n", json_path.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_linear: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,217 @@
+#include "backends/cuda/kernels/quantized_linear.hpp"
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/quantized_linear.cuh"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+using tile::TileFormat;
+
+constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+constexpr int64_t ceil_div(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
+
+TileFormat tile_format_of(const DeviceMatrixView& w) {
+  switch (w.format) {
+    case WeightFormat::BF16: return TileFormat::BF16;
+    case WeightFormat::FP8_BLOCK128: return TileFormat::FP8_BLOCK128;
+    case WeightFormat::MXFP4: return TileFormat::MXFP4;
+    case WeightFormat::NVFP4: return TileFormat::NVFP4;
+    default:
+      fail("quantized_linear: weight [", w.rows, ", ", w.cols, "] is ", to_string(w.format),
+           "; supported formats are BF16, FP8_BLOCK128, MXFP4 and NVFP4");
+  }
+}
+
+// k per 16-byte load of one row (the K granularity).
+int64_t values_per_load(TileFormat format) {
+  switch (format) {
+    case TileFormat::BF16: return tile::TileFormatTraits<TileFormat::BF16>::kValuesPerLoad;
+    case TileFormat::FP8_BLOCK128: return tile::TileFormatTraits<TileFormat::FP8_BLOCK128>::kValuesPerLoad;
+    case TileFormat::MXFP4: return tile::TileFormatTraits<TileFormat::MXFP4>::kValuesPerLoad;
+    case TileFormat::NVFP4: return tile::TileFormatTraits<TileFormat::NVFP4>::kValuesPerLoad;
+  }
+  fail("quantized_linear: unknown tile format");
+}
+
+void check_shape(const DeviceMatrixView& w, int tokens, int groups) {
+  const TileFormat format = tile_format_of(w);
+  const int64_t granularity = values_per_load(format);
+  check(w.rows > 0 && w.cols > 0, "quantized_linear: weight [", w.rows, ", ", w.cols, "] (", to_string(w.format),
+        ") must have at least one row and one column");
+  check(w.cols % granularity == 0, "quantized_linear: K = ", w.cols, " of weight [", w.rows, ", ", w.cols, "] (",
+        to_string(w.format), ") must be a multiple of ", granularity, " (one 16-byte load per row)");
+  check(tokens >= 1 && tokens <= kLinearMaxTokens, "quantized_linear: ", tokens, " tokens; the decode path takes 1 to ",
+        kLinearMaxTokens);
+  check(groups >= 1, "quantized_linear: group count ", groups, " must be at least 1");
+  if (groups > 1)
+    check(w.rows % groups == 0 && (w.rows / groups) % linear::kRowsPerCta == 0, "quantized_linear: weight [", w.rows,
+          ", ", w.cols, "] in ", groups, " groups: N / G must be a whole multiple of ", linear::kRowsPerCta,
+          " rows (one CTA)");
+  const ScaleType expected_scales = format == TileFormat::NVFP4 ? ScaleType::E4M3 : ScaleType::E8M0;
+  if (format == TileFormat::FP8_BLOCK128)
+    check(w.scale_type == ScaleType::E8M0 || w.scale_type == ScaleType::F32, "quantized_linear: FP8_BLOCK128 weight [",
+          w.rows, ", ", w.cols, "] has ", to_string(w.scale_type), " scales; e8m0 or f32 expected");
+  else if (format != TileFormat::BF16)
+    check(w.scale_type == expected_scales, "quantized_linear: ", to_string(w.format), " weight [", w.rows, ", ",
+          w.cols, "] has ", to_string(w.scale_type), " scales; ", to_string(expected_scales), " expected");
+}
+
+int current_multiprocessors() {
+  int device = 0, count = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+template <TileFormat F>
+void launch_for_token_tiles(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                            cudaStream_t stream) {
+  const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
+  const dim3 block(linear::kThreadsPerCta);
+  // One instantiation per token-tile count: NT sizes the accumulators of each warp.
+  switch (config.token_tiles) {
+    case 1: linear::quantized_linear_kernel<F, 1><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 2: linear::quantized_linear_kernel<F, 2><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 4: linear::quantized_linear_kernel<F, 4><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 8: linear::quantized_linear_kernel<F, 8><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
+  }
+  DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
+}
+
+// The workspace starts with one split-K ticket per row block, padded so the partial sums start 256-byte aligned.
+size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks * int64_t(sizeof(uint32_t)), 256)); }
+
+bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  const auto* a0 = static_cast<const char*>(a);
+  const auto* b0 = static_cast<const char*>(b);
+  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
+}  // namespace
+
+QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
+                                                     int multiprocessors) {
+  check_shape(weight, tokens, groups);
+  const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
+  QuantizedLinearConfig config;
+  config.rows_per_cta = linear::kRowsPerCta;
+  config.row_blocks = ceil_div(weight.rows, linear::kRowsPerCta);
+  const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
+  config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
+
+  // About four 4-warp CTAs per SM keep enough weight bytes in flight (each lane has 4 steps × 2 rows × 16 B of
+  // loads outstanding). Shapes with fewer row blocks are split along K (rounding the split count down: a second
+  // wave of splits costs a reduction for little gain), but never into slices shorter than one unrolled batch of
+  // steps per warp (shorter slices spend their time staging x and reducing, not streaming weights).
+  const int64_t wanted_ctas = 4 * int64_t(std::max(multiprocessors, 1));
+  const int64_t min_split_k = round_up(4 * step_k, tile::kTileKAlignment);
+  const int64_t splits =
+      std::max<int64_t>(1, std::min(wanted_ctas / config.row_blocks, weight.cols / min_split_k));
+  config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
+  config.k_splits = int(ceil_div(weight.cols, config.split_k));
+
+  // The x tile fits 32 KiB up to 16 tokens (several CTAs per SM), 48 KiB beyond (no opt-in needed).
+  const size_t smem_budget = config.token_tiles <= 2 ? 32 * 1024 : 48 * 1024;
+  const int64_t max_chunk_k =
+      std::max<int64_t>(tile::kTileKAlignment,
+                        (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
+                            tile::kTileKAlignment * tile::kTileKAlignment);
+  const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
+  config.chunk_k = round_up(ceil_div(config.split_k, chunks), tile::kTileKAlignment);
+  config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
+
+  check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
+        weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
+  if (config.k_splits > 1) {
+    config.ticket_bytes = ticket_area_bytes(config.row_blocks);
+    config.workspace_bytes =
+        config.ticket_bytes + size_t(config.k_splits) * size_t(tokens) * size_t(weight.rows) * sizeof(float);
+  }
+  return config;
+}
+
+size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
+  return choose_quantized_linear_config(weight, tokens, groups, current_multiprocessors()).workspace_bytes;
+}
+
+void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view what) {
+  host.check_layout(what);
+  if (host.format != WeightFormat::MXFP4) return;
+  const int64_t blocks_per_row = host.scales_per_row();
+  for (int64_t r = 0; r < host.rows; ++r)
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const uint8_t code = host.scales[r * blocks_per_row + b];
+      check(code <= 128, what, ": MXFP4 scale code ", int(code), " (2^", int(code) - 127, ") at row ", r,
+            ", block ", b, " is beyond the tensor-core path's range (codes <= 128, scales <= 2: the bf16 factor ",
+            "2^(code - 1) would overflow)");
+    }
+}
+
+void check_quantized_linear_params(const QuantizedLinearParams& params) {
+  const DeviceMatrixView& w = params.weight;
+  const QuantizedLinearConfig config =
+      choose_quantized_linear_config(w, params.tokens, params.groups, current_multiprocessors());
+  const int64_t x_cols = int64_t(params.groups) * w.cols;
+  check(w.data != nullptr && (w.format == WeightFormat::BF16 || w.scales != nullptr), "quantized_linear: weight [",
+        w.rows, ", ", w.cols, "] has no device data or scales");
+  check(reinterpret_cast<uintptr_t>(w.data) % 16 == 0 && w.data_row_bytes % 16 == 0, "quantized_linear: weight [",
+        w.rows, ", ", w.cols, "] rows must start 16-byte aligned (data ", static_cast<const void*>(w.data),
+        ", row bytes ", w.data_row_bytes, ")");
+  check(w.format != WeightFormat::NVFP4 || w.scales_per_row % 2 == 0, "quantized_linear: NVFP4 weight [", w.rows,
+        ", ", w.cols, "] needs an even number of scales per row");
+  check(params.x != nullptr && params.y != nullptr, "quantized_linear: null ", params.x == nullptr ? "x" : "y");
+  check(reinterpret_cast<uintptr_t>(params.x) % 16 == 0, "quantized_linear: x must be 16-byte aligned");
+  check(params.x_row_stride >= x_cols && params.x_row_stride % 8 == 0, "quantized_linear: x row stride ",
+        params.x_row_stride, " must be a multiple of 8 and at least ", x_cols, " (groups × K)");
+  check(params.y_row_stride >= w.rows, "quantized_linear: y row stride ", params.y_row_stride, " is below N = ",
+        w.rows);
+  if (config.workspace_bytes > 0) {
+    check(params.workspace != nullptr && params.workspace_bytes >= config.workspace_bytes,
+          "quantized_linear: weight [", w.rows, ", ", w.cols, "] at ", params.tokens, " tokens splits K ",
+          config.k_splits, " ways and needs a workspace of ", config.workspace_bytes, " bytes (have ",
+          params.workspace == nullptr ? size_t(0) : params.workspace_bytes, ")");
+    check(reinterpret_cast<uintptr_t>(params.workspace) % 16 == 0,
+          "quantized_linear: the workspace must be 16-byte aligned");
+  }
+  const size_t x_bytes = (size_t(params.tokens - 1) * size_t(params.x_row_stride) + size_t(x_cols)) * 2;
+  const size_t y_bytes = (size_t(params.tokens - 1) * size_t(params.y_row_stride) + size_t(w.rows)) * sizeof(float);
+  check(!ranges_overlap(params.y, y_bytes, params.x, x_bytes), "quantized_linear: y must not overlap x");
+  check(config.workspace_bytes == 0 ||
+            !ranges_overlap(params.y, y_bytes, params.workspace, config.workspace_bytes),
+        "quantized_linear: y must not overlap the workspace");
+}
+
+void run_quantized_linear(const QuantizedLinearParams& params) {
+  check_quantized_linear_params(params);
+  const DeviceMatrixView& w = params.weight;
+  const QuantizedLinearConfig config =
+      choose_quantized_linear_config(w, params.tokens, params.groups, current_multiprocessors());
+  auto* workspace = static_cast<uint8_t*>(params.workspace);
+  const linear::LinearKernelArgs args{
+      .weight = w,
+      .x = params.x,
+      .x_row_stride = params.x_row_stride,
+      .y = params.y,
+      .y_row_stride = params.y_row_stride,
+      .tokens = params.tokens,
+      .rows_per_group = w.rows / params.groups,
+      .k_splits = config.k_splits,
+      .split_k = config.split_k,
+      .chunk_k = config.chunk_k,
+      .tickets = config.k_splits > 1 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
+      .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
+  };
+  switch (tile_format_of(w)) {
+    case TileFormat::BF16: launch_for_token_tiles<TileFormat::BF16>(args, config, params.stream); break;
+    case TileFormat::FP8_BLOCK128: launch_for_token_tiles<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
+    case TileFormat::MXFP4: launch_for_token_tiles<TileFormat::MXFP4>(args, config, params.stream); break;
+    case TileFormat::NVFP4: launch_for_token_tiles<TileFormat::NVFP4>(args, config, params.stream); break;
+  }
+}
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,112 @@
+// The kernel behind run_quantized_linear (quantized_linear.hpp holds the contract).
+//
+// NOTES:
+// - One CTA = 4 warps = 64 consecutive weight rows (one 16-row tile per warp) × one split of K. The x slice is
+//   staged once per chunk into shared memory (weight_tile_mma.cuh's permuted order) and shared by the 4 warps;
+//   weights stream from HBM once, straight into registers (no shared-memory round trip).
+// - Split-K reduction without a memset or fp32 atomics: each CTA stores its unscaled partial tile to the workspace,
+//   fences, and takes a ticket; the CTA that draws the last ticket of its row block sums the partials in split
+//   order (a fixed order, so the result does not depend on which CTA finishes last) and resets the ticket.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
+
+namespace dsv4::cuda::linear {
+
+inline constexpr int kWarpsPerCta = 4;
+inline constexpr int kRowsPerCta = kWarpsPerCta * tile::kTileRows;
+inline constexpr int kThreadsPerCta = kWarpsPerCta * tile::kWarpSize;
+
+struct LinearKernelArgs {
+  DeviceMatrixView weight;
+  const __nv_bfloat16* x;
+  int64_t x_row_stride;
+  float* y;
+  int64_t y_row_stride;
+  int tokens;
+  int64_t rows_per_group;  // N / G (N when not grouped)
+  int k_splits;
+  int64_t split_k;
+  int64_t chunk_k;
+  uint32_t* tickets;  // [row_blocks], split-K only
+  float* partials;    // [k_splits][tokens][N], split-K only
+};
+
+// Register caps that still let the x tile's shared memory decide occupancy (4 CTAs per SM up to 16 tokens); they
+// also keep ptxas from its own choice of cap, which spilled for FP8.
+template <int NT>
+inline constexpr int kMinCtasPerSm = NT <= 2 ? 4 : NT == 4 ? 3 : 2;
+
+template <tile::TileFormat F, int NT>
+__global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<NT>) quantized_linear_kernel(const LinearKernelArgs args) {
+  extern __shared__ uint4 x_tile_storage[];
+  __shared__ bool is_last_split;
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
+
+  const DeviceMatrixView& w = args.weight;
+  const int64_t row_block = blockIdx.x;
+  const int split = int(blockIdx.y);
+  const int64_t cta_row0 = row_block * kRowsPerCta;
+  const int warp_idx = int(threadIdx.x) / tile::kWarpSize, lane = int(threadIdx.x) % tile::kWarpSize;
+  const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
+  // A CTA lies in one group (N/G is a multiple of kRowsPerCta), whose x columns start at g·K.
+  const __nv_bfloat16* x_group = args.x + (cta_row0 / args.rows_per_group) * w.cols;
+  const int64_t split_begin = int64_t(split) * args.split_k;
+  const int64_t split_end = min(w.cols, split_begin + args.split_k);
+
+  float acc[NT][4] = {};
+  for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
+    const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
+    if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
+    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens, NT,
+                          chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+    __syncthreads();
+    if (row0 < w.rows) tile::weight_tile_mma<F, NT>(w, row0, chunk_begin, chunk_end, x_tile, acc);
+  }
+
+  const float output_scale = tile::weight_tile_output_scale<F>(w);
+  const int g = lane / 4, t = lane % 4;
+  // Fragment element i of token tile nt sits at (row0 + g + 8·(i / 2), token 8·nt + 2t + i % 2).
+  auto for_each_fragment_element = [&](auto&& body) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = row0 + g + 8 * (i / 2);
+        const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
+        if (row < w.rows && token < args.tokens) body(row, token, acc[nt][i]);
+      }
+  };
+
+  if (args.k_splits == 1) {
+    for_each_fragment_element(
+        [&](int64_t row, int token, float value) { args.y[token * args.y_row_stride + row] = value * output_scale; });
+    return;
+  }
+
+  float* partial = args.partials + int64_t(split) * args.tokens * w.rows;
+  for_each_fragment_element([&](int64_t row, int token, float value) { partial[token * w.rows + row] = value; });
+  __threadfence();  // partials visible device-wide before the ticket says so
+  __syncthreads();
+  if (threadIdx.x == 0) is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
+  __syncthreads();
+  if (!is_last_split) return;
+  __threadfence();
+  const int64_t cta_rows = min(int64_t(kRowsPerCta), w.rows - cta_row0);
+  for (int64_t i = threadIdx.x; i < cta_rows * args.tokens; i += kThreadsPerCta) {
+    const int token = int(i / cta_rows);
+    const int64_t row = cta_row0 + i % cta_rows;
+    const float* column = args.partials + token * w.rows + row;
+    float sum = 0.0f;
+    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
+    args.y[token * args.y_row_stride + row] = sum * output_scale;
+  }
+  if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
+}
+
+}  // namespace dsv4::cuda::linear

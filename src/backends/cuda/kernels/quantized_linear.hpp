@@ -1,0 +1,81 @@
+// Decode-path quantized linear layer on Hopper tensor cores: y[T, N] = x[T, K] · Wᵀ for T = 1..64 tokens, W stored
+// as BF16, FP8_BLOCK128 (e8m0 or fp32 scales), MXFP4 or NVFP4 on the device, dequantised exactly to bf16 in
+// registers, bf16 mma.sync with fp32 accumulation (weight_tile_mma.cuh holds the warp-level block and its NOTES).
+//
+// Dispatch contract:
+// - x is bf16 [T, groups·K] with a row stride of x_row_stride elements (a multiple of 8; x 16-byte aligned);
+//   y is fp32 [T, N] with a row stride of y_row_stride elements (>= N). y must not overlap x or the workspace.
+// - K (the matrix's cols) must be a multiple of the 16-byte load: 8 (BF16), 16 (FP8), 32 (MXFP4, NVFP4); partial FP8
+//   scale blocks (K % 128 != 0) are handled. MXFP4 scale codes must be <= 128 (check_quantized_linear_scales).
+// - groups > 1 is the grouped output projection (wo_a): the matrix is G independent blocks of N/G rows, and
+//   y[t, g·(N/G) + r] = Σ_k W[g·(N/G) + r, k] · x[t, g·K + k]. N/G must be a multiple of 64 (one CTA's rows).
+// - Split-K: when the shape has too few 64-row CTAs for the GPU (choose_quantized_linear_config), K is split over
+//   CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each row block (an atomic ticket
+//   in the workspace) adds them in split order, so results are deterministic, and resets its ticket to 0. The
+//   workspace (quantized_linear_workspace_bytes) must be zero-filled ONCE when allocated and may then be reused
+//   by any number of launches on one stream (never by two launches running concurrently).
+// - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
+//   is refused with an error naming the shape, format or pointer; there is no fallback path.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "backends/cuda/device_matrix.hpp"
+
+namespace dsv4::cuda {
+
+inline constexpr int kLinearMaxTokens = 64;
+
+struct QuantizedLinearParams {
+  DeviceMatrixView weight;             // [N, K] on the device
+  const __nv_bfloat16* x = nullptr;    // device, bf16 [tokens, groups·K]
+  int64_t x_row_stride = 0;            // elements between token rows of x (>= groups·K, a multiple of 8)
+  float* y = nullptr;                  // device, fp32 [tokens, N]
+  int64_t y_row_stride = 0;            // elements between token rows of y (>= N)
+  int tokens = 1;                      // T, 1..kLinearMaxTokens
+  int groups = 1;                      // G: 1, or the block count of a grouped projection
+  void* workspace = nullptr;           // split-K partial sums + tickets; may be null when the size query says 0
+  size_t workspace_bytes = 0;          // bytes available at `workspace`
+  cudaStream_t stream = nullptr;
+};
+
+// How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
+// split_k inputs, each slice walked in chunks of chunk_k inputs (the x tile staged in shared memory per chunk).
+struct QuantizedLinearConfig {
+  int rows_per_cta = 0;
+  int64_t row_blocks = 0;   // CTAs along N
+  int k_splits = 0;         // CTAs along K (> 1: split-K through the workspace)
+  int64_t split_k = 0;      // inputs per split, a multiple of 128
+  int64_t chunk_k = 0;      // inputs per staged x tile, a multiple of 128
+  int token_tiles = 0;      // 8-token MMA tiles per warp (1, 2, 4 or 8)
+  size_t smem_bytes = 0;    // dynamic shared memory of one CTA
+  size_t workspace_bytes = 0;  // 0 without split-K
+  size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
+};
+
+// The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
+// the problem) on what run_quantized_linear refuses.
+QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
+                                                     int multiprocessors);
+
+// Workspace run_quantized_linear needs for this call on the current device (0 when no split-K).
+size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
+
+// Throws, naming the matrix `what` and the first offending block, unless every scale of the host matrix is in the
+// range the tensor-core dequantisation is exact for: MXFP4 e8m0 codes <= 128 (scales <= 2; larger ones make the
+// bf16 factor 2^(e-1) overflow, and the products e2m1 · 2^(e-127) could exceed bf16's range). Call it when
+// uploading weights that will run through run_quantized_linear (or the MoE kernels built on weight_tile_mma.cuh).
+void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view what);
+
+// Throws (naming the format, shape, token count, stride or pointer at fault) unless run_quantized_linear supports
+// the call on the current device.
+void check_quantized_linear_params(const QuantizedLinearParams& params);
+
+void run_quantized_linear(const QuantizedLinearParams& params);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,459 @@
+// The tensor-core decode linear layer (run_quantized_linear) against dsv4::cpu::linear / grouped_linear: every
+// format × T ∈ {1, 3, 8, 16, 17, 64} × V4-Flash and V4-Pro projection and expert shapes, the grouped wo_a, odd N and
+// K; fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
+// poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
+// every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
+// leaves its tickets zero, and unsupported calls are refused with a message naming the problem.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cpu/linear.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/quantized_linear.hpp"
+#include "core/bf16.hpp"
+#include "core/dequantize.hpp"
+#include "core/e2m1.hpp"
+#include "core/e8m0.hpp"
+#include "core/error.hpp"
+#include "core/fp8_block.hpp"
+#include "core/fp8_e4m3.hpp"
+#include "core/mxfp4.hpp"
+#include "core/nvfp4.hpp"
+#include "support/expect_error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+bool has_device() { return !list_devices().empty(); }
+
+enum class TestFormat { BF16, FP8_E8M0, FP8_F32, MXFP4, NVFP4 };
+constexpr TestFormat kAllFormats[] = {TestFormat::BF16, TestFormat::FP8_E8M0, TestFormat::FP8_F32, TestFormat::MXFP4,
+                                      TestFormat::NVFP4};
+constexpr int kTokenCounts[] = {1, 3, 8, 16, 17, 64};
+
+const char* name_of(TestFormat f) {
+  switch (f) {
+    case TestFormat::BF16: return "BF16";
+    case TestFormat::FP8_E8M0: return "FP8_BLOCK128/e8m0";
+    case TestFormat::FP8_F32: return "FP8_BLOCK128/f32";
+    case TestFormat::MXFP4: return "MXFP4";
+    case TestFormat::NVFP4: return "NVFP4";
+  }
+  return "?";
+}
+
+// Cheapest K granularity of the format (16 bytes of a row).
+int64_t granularity(TestFormat f) {
+  return f == TestFormat::BF16 ? 8 : (f == TestFormat::MXFP4 || f == TestFormat::NVFP4) ? 32 : 16;
+}
+
+OwnedQuantizedMatrix quantize(TestFormat format, const std::vector<float>& values, int64_t rows, int64_t cols) {
+  switch (format) {
+    case TestFormat::BF16: {
+      OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::BF16, rows, cols, ScaleType::NONE);
+      auto* out = reinterpret_cast<uint16_t*>(m.storage->data.data());
+      for (size_t i = 0; i < values.size(); ++i) out[i] = float_to_bf16(values[i]);
+      return m;
+    }
+    case TestFormat::FP8_E8M0: return quantize_fp8_block128(values.data(), rows, cols, ScaleType::E8M0);
+    case TestFormat::FP8_F32: return quantize_fp8_block128(values.data(), rows, cols, ScaleType::F32);
+    case TestFormat::MXFP4: return quantize_mxfp4(values.data(), rows, cols);
+    case TestFormat::NVFP4: return quantize_nvfp4(values.data(), rows, cols);
+  }
+  fail("test: unknown format");
+}
+
+struct LinearCase {
+  TestFormat format;
+  int64_t rows, cols;  // the matrix: N × K (K per group when grouped)
+  int groups = 1;
+  int x_pad = 0, y_pad = 0;  // extra elements per row of x and y (strided views)
+};
+
+std::string describe(const LinearCase& c, int tokens) {
+  return std::string(name_of(c.format)) + " [" + std::to_string(c.rows) + ", " + std::to_string(c.cols) + "] G=" +
+         std::to_string(c.groups) + " T=" + std::to_string(tokens);
+}
+
+// Device output of run_quantized_linear, y rows of y_stride floats (gaps and a guard region poisoned beforehand).
+struct DeviceRun {
+  std::vector<float> y;
+  int64_t y_stride;
+};
+
+constexpr size_t kGuardFloats = 64;
+
+DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
+                        int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace) {
+  DeviceBuffer x(x_bf16.size() * 2, "x");
+  x.upload(x_bf16.data(), x_bf16.size() * 2);
+  const size_t y_floats = size_t(tokens) * size_t(y_stride);
+  DeviceBuffer y((y_floats + kGuardFloats) * sizeof(float), "y");
+  y.fill_bytes(0xFF);  // every float a NaN
+  run_quantized_linear({.weight = weight.view(),
+                        .x = x.as<__nv_bfloat16>(),
+                        .x_row_stride = x_stride,
+                        .y = y.as<float>(),
+                        .y_row_stride = y_stride,
+                        .tokens = tokens,
+                        .groups = groups,
+                        .workspace = workspace.data(),
+                        .workspace_bytes = workspace.bytes(),
+                        .stream = nullptr});
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  DeviceRun run{std::vector<float>(y_floats + kGuardFloats), y_stride};
+  y.download(run.y.data(), run.y.size() * sizeof(float));
+  return run;
+}
+
+DeviceBuffer zeroed_workspace(const DeviceMatrixView& weight, int tokens, int groups) {
+  DeviceBuffer workspace(quantized_linear_workspace_bytes(weight, tokens, groups), "linear workspace");
+  workspace.fill_bytes(0);  // the tickets start at zero once, at allocation
+  return workspace;
+}
+
+bool is_poison(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits == 0xFFFFFFFFu;
+}
+
+// Checks every case of one matrix for all token counts; the weights are quantized once.
+void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(size_t(c.rows * c.cols));
+  // Per-row magnitudes 2^-12 .. 2^-2 (weights of real layers are ~0.02): the scale blocks differ, and MXFP4 scale
+  // codes stay within the supported range.
+  for (int64_t n = 0; n < c.rows; ++n) {
+    const float row_scale = std::ldexp(1.0f, -int(rng() % 11) - 2);
+    for (int64_t k = 0; k < c.cols; ++k) values[size_t(n * c.cols + k)] = normal(rng) * row_scale;
+  }
+  const OwnedQuantizedMatrix host = quantize(c.format, values, c.rows, c.cols);
+  check_quantized_linear_scales(host.matrix, "test weight");
+  // |W| as an F32 matrix: Σ|w·x| per output bounds the rounding of any summation order.
+  const std::vector<float> dequantized = dequantize(host.matrix);
+  OwnedQuantizedMatrix magnitude_matrix = allocate_quantized_matrix(WeightFormat::F32, c.rows, c.cols, ScaleType::NONE);
+  auto* magnitudes = reinterpret_cast<float*>(magnitude_matrix.storage->data.data());
+  for (size_t i = 0; i < dequantized.size(); ++i) magnitudes[i] = std::fabs(dequantized[i]);
+  const DeviceMatrix weight(host.matrix, "linear test weight");
+
+  const int64_t x_cols = c.groups * c.cols, x_stride = x_cols + c.x_pad, y_stride = c.rows + c.y_pad;
+  for (const int tokens : token_counts) {
+    SCOPED_TRACE(describe(c, tokens));
+    std::vector<uint16_t> x_bf16(size_t(tokens * x_stride), float_to_bf16(NAN));  // the stride gap is NaN
+    std::vector<float> x(size_t(tokens * x_cols)), x_abs(x.size());
+    for (int t = 0; t < tokens; ++t)
+      for (int64_t k = 0; k < x_cols; ++k) {
+        const uint16_t bits = float_to_bf16(normal(rng));
+        x_bf16[size_t(t * x_stride + k)] = bits;
+        x[size_t(t * x_cols + k)] = bf16_to_float(bits);  // the CPU sees the same rounded activations
+        x_abs[size_t(t * x_cols + k)] = std::fabs(bf16_to_float(bits));
+      }
+    std::vector<float> reference(size_t(tokens * c.rows)), bound(reference.size());
+    if (c.groups == 1) {
+      cpu::linear(host.matrix, x.data(), tokens, reference.data());
+      cpu::linear(magnitude_matrix.matrix, x_abs.data(), tokens, bound.data());
+    } else {
+      cpu::grouped_linear(host.matrix, c.groups, x.data(), tokens, reference.data());
+      cpu::grouped_linear(magnitude_matrix.matrix, c.groups, x_abs.data(), tokens, bound.data());
+    }
+
+    DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
+    const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace);
+    // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
+    // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
+    // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
+    // e4m3 scale × global and FP8/f32 the per-element scale rounding (each 2^-24 relative).
+    const double terms = double(c.cols) / 16.0 + 64.0;
+    int failures = 0;
+    double max_error_ratio = 0.0;
+    for (int t = 0; t < tokens; ++t)
+      for (int64_t n = 0; n < c.rows; ++n) {
+        const size_t i = size_t(t * c.rows + n);
+        const float got = run.y[size_t(t * y_stride + n)];
+        const double tolerance = terms * 0x1p-22 * bound[i] + 1e-30;
+        const double error = std::fabs(double(got) - reference[i]);
+        const bool ok = std::isfinite(got) && error <= tolerance;
+        if (std::isfinite(got)) max_error_ratio = std::max(max_error_ratio, error / tolerance);
+        if (!ok && ++failures <= 8)
+          ADD_FAILURE() << "y[t=" << t << ", n=" << n << "] = " << got << ", reference " << reference[i]
+                        << ", tolerance " << tolerance;
+      }
+    EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
+    for (int t = 0; t < tokens; ++t)
+      for (int64_t n = c.rows; n < y_stride; ++n)
+        ASSERT_TRUE(is_poison(run.y[size_t(t * y_stride + n)])) << "write into the y stride gap at t=" << t << " n=" << n;
+    for (size_t i = size_t(tokens) * size_t(y_stride); i < run.y.size(); ++i)
+      ASSERT_TRUE(is_poison(run.y[i])) << "write past the end of y at float " << i;
+    if (failures > 0) std::printf("  %s: max error / tolerance %.3g\n", describe(c, tokens).c_str(), max_error_ratio);
+  }
+}
+
+std::vector<int> all_token_counts() { return {std::begin(kTokenCounts), std::end(kTokenCounts)}; }
+
+TEST(QuantizedLinear, OddShapesEveryFormatAndTokenCount) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1;
+  for (const TestFormat format : kAllFormats) {
+    // N = 1, 17, 300 (not multiples of the 16-row warp tile or 64-row CTA), K a multiple of the format's load but
+    // not of the 128-wide tile or FP8 block, long K with few rows (split-K), and strided x / y.
+    std::vector<LinearCase> cases = {{format, 1, 128},           {format, 17, 416},  {format, 300, 4096},
+                                     {format, 17, 4096, 1, 8, 3}, {format, 1, 4096}, {format, 300, 416, 1, 16, 1},
+                                     {format, 129, 8192}};
+    if (granularity(format) < 32) cases.push_back({format, 130, 4112});  // K % 32 = 16
+    if (granularity(format) < 16) cases.push_back({format, 65, 200});    // K % 16 = 8
+    for (const LinearCase& c : cases) check_against_cpu(c, all_token_counts(), seed++);
+  }
+}
+
+TEST(QuantizedLinear, EveryTokenCountFromOneToSixtyFour) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<int> tokens(64);
+  for (int t = 1; t <= 64; ++t) tokens[size_t(t - 1)] = t;
+  check_against_cpu({TestFormat::NVFP4, 80, 1024}, tokens, 500);
+  check_against_cpu({TestFormat::FP8_E8M0, 80, 1024}, tokens, 501);
+}
+
+TEST(QuantizedLinear, FlashShapes) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // wq_a, wq_b, wkv, wo_b, expert w1/w3 and w2 of V4-Flash (d 4096, q_lora 1024, H·D 32768, G·o_lora 8192, I 2048).
+  const std::pair<int64_t, int64_t> shapes[] = {{1024, 4096}, {32768, 1024}, {512, 4096},
+                                                {4096, 8192}, {2048, 4096},  {4096, 2048}};
+  uint32_t seed = 100;
+  for (const TestFormat format : kAllFormats)
+    for (const auto& [rows, cols] : shapes) check_against_cpu({format, rows, cols}, all_token_counts(), seed++);
+}
+
+TEST(QuantizedLinear, ProShapes) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // V4-Pro (d 7168, q_lora 1536, H·D 65536, G·o_lora 16384, I 3072) in the release formats (fp8 attention, fp4
+  // experts; the host-side reference of these shapes is the slow part) at the token counts that change the tiling.
+  const std::vector<int> tokens = {1, 16, 17, 64};
+  uint32_t seed = 200;
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1536, 7168}, {65536, 1536}, {512, 7168}, {7168, 16384}})
+    check_against_cpu({TestFormat::FP8_E8M0, rows, cols}, tokens, seed++);
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{3072, 7168}, {7168, 3072}}) {
+    check_against_cpu({TestFormat::MXFP4, rows, cols}, tokens, seed++);
+    check_against_cpu({TestFormat::NVFP4, rows, cols}, tokens, seed++);
+  }
+}
+
+TEST(QuantizedLinear, GroupedOutputProjection) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 300;
+  // Flash wo_a: [8 · 1024, 4096] in G = 8 groups, x = [T, 8 · 4096]; every format.
+  for (const TestFormat format : kAllFormats) check_against_cpu({format, 8 * 1024, 4096, 8}, all_token_counts(), seed++);
+  // Pro wo_a: G = 16; and a small grouped case with strided x and y.
+  check_against_cpu({TestFormat::FP8_E8M0, 16 * 1024, 4096, 16}, {1, 16, 64}, seed++);
+  check_against_cpu({TestFormat::MXFP4, 3 * 64, 416, 3, 24, 5}, all_token_counts(), seed++);
+}
+
+// One-hot activations: token t of pass p is e_(64p + t), so y[t, n] = W[n, 64p + t] exactly: W as the kernel sees
+// it is compared with `expected` ([rows, cols] row-major) element by element, exactly (NaN never passes).
+// `tolerance(n, k)` > 0 relaxes an element to an absolute bound (fp32 subnormal products may flush).
+template <class Tolerance>
+void expect_dequantised_exactly(const QuantizedMatrix& host, const std::vector<float>& expected, Tolerance tolerance) {
+  const DeviceMatrix weight(host, "exactness weight");
+  constexpr int kTokens = 64;
+  const int64_t rows = host.rows, cols = host.cols;
+  DeviceBuffer workspace = zeroed_workspace(weight.view(), kTokens, 1);
+  int failures = 0;
+  for (int64_t pass = 0; pass * kTokens < cols; ++pass) {
+    std::vector<uint16_t> x(size_t(kTokens * cols), 0);
+    for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t) x[size_t(t * cols + pass * kTokens + t)] = 0x3F80;
+    const DeviceRun run = run_on_device(weight, x, cols, rows, kTokens, 1, workspace);
+    for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t)
+      for (int64_t n = 0; n < rows; ++n) {
+        const int64_t k = pass * kTokens + t;
+        const float want = expected[size_t(n * cols + k)], got = run.y[size_t(t * rows + n)];
+        const double slack = tolerance(n, k);
+        // == also accepts ±0 for ±0: a sum of zero products has no defined sign.
+        const bool ok = slack > 0 ? std::fabs(double(got) - want) <= slack : got == want;
+        if (!ok && ++failures <= 8)
+          ADD_FAILURE() << "W[" << n << ", " << k << "] came out as " << got << ", expected " << want;
+      }
+  }
+  EXPECT_EQ(failures, 0) << failures << " inexact weights";
+}
+
+TEST(QuantizedLinear, DequantisesEveryCodeAndScaleExactly) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  {
+    SCOPED_TRACE("MXFP4: every e2m1 code × every e8m0 scale code 0..128 at every position of a 128-wide step");
+    constexpr int64_t kRows = 129, kCols = 128;
+    OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::MXFP4, kRows, kCols, ScaleType::E8M0);
+    std::vector<float> expected(size_t(kRows * kCols));
+    for (int64_t n = 0; n < kRows; ++n) {
+      for (int64_t b = 0; b < kCols / 32; ++b) m.storage->scales[size_t(n * (kCols / 32) + b)] = uint8_t(n);
+      for (int64_t k = 0; k < kCols; ++k) {
+        const uint8_t code = uint8_t((k + n + k / 16) % 16);
+        m.storage->data[size_t(n * (kCols / 2) + k / 2)] |= uint8_t(code << (4 * (k % 2)));
+        expected[size_t(n * kCols + k)] = e2m1_to_float(code) * e8m0_to_float(uint8_t(n));
+      }
+    }
+    check_quantized_linear_scales(m.matrix, "mxfp4 exactness");
+    // Codes 0 and 1 (scales 2^-127, 2^-126) make bf16 subnormal weights whose fp32 products the tensor cores may
+    // flush; every larger code is exact.
+    expect_dequantised_exactly(m.matrix, expected, [](int64_t n, int64_t) { return n < 2 ? 0x1p-125 : 0.0; });
+  }
+  for (const float global : {1.0f, 0.5f}) {
+    SCOPED_TRACE("NVFP4: every e2m1 code × every finite non-negative e4m3 scale, global " + std::to_string(global));
+    constexpr int64_t kRows = 127, kCols = 256;
+    OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::NVFP4, kRows, kCols, ScaleType::E4M3, global);
+    std::vector<float> expected(size_t(kRows * kCols));
+    for (int64_t n = 0; n < kRows; ++n) {
+      for (int64_t b = 0; b < kCols / 16; ++b) m.storage->scales[size_t(n * (kCols / 16) + b)] = uint8_t(n);
+      for (int64_t k = 0; k < kCols; ++k) {
+        const uint8_t code = uint8_t((k * 7 + n) % 16);
+        m.storage->data[size_t(n * (kCols / 2) + k / 2)] |= uint8_t(code << (4 * (k % 2)));
+        expected[size_t(n * kCols + k)] = e2m1_to_float(code) * (e4m3_to_float(uint8_t(n)) * global);
+      }
+    }
+    expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; });
+  }
+  {
+    SCOPED_TRACE("FP8_BLOCK128: every e4m3 code × every e8m0 scale code 0..254");
+    // 2 row bands × 128 k blocks = 256 scale entries; every 128 × 128 block holds every finite e4m3 code.
+    constexpr int64_t kRows = 256, kCols = 128 * 128;
+    OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::FP8_BLOCK128, kRows, kCols, ScaleType::E8M0);
+    std::vector<float> expected(size_t(kRows * kCols));
+    for (int64_t band = 0; band < 2; ++band)
+      for (int64_t b = 0; b < 128; ++b) m.storage->scales[size_t(band * 128 + b)] = uint8_t(std::min<int64_t>(band * 128 + b, 254));
+    for (int64_t n = 0; n < kRows; ++n)
+      for (int64_t k = 0; k < kCols; ++k) {
+        uint8_t code = uint8_t((n * 131 + k) % 256);
+        if ((code & 0x7F) == 0x7F) code = 0;  // e4m3 NaN codes are not weights
+        m.storage->data[size_t(n * kCols + k)] = code;
+        expected[size_t(n * kCols + k)] =
+            e4m3_to_float(code) * e8m0_to_float(m.storage->scales[size_t((n / 128) * 128 + k / 128)]);
+      }
+    expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; });
+  }
+  {
+    SCOPED_TRACE("FP8_BLOCK128 with f32 scales");
+    constexpr int64_t kRows = 128, kCols = 512;
+    OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::FP8_BLOCK128, kRows, kCols, ScaleType::F32);
+    const float scales[] = {1.0f / 448.0f, 3.3e-5f, 0.0123f, 7.5f};
+    std::memcpy(m.storage->scales.data(), scales, sizeof scales);
+    std::vector<float> expected(size_t(kRows * kCols));
+    for (int64_t n = 0; n < kRows; ++n)
+      for (int64_t k = 0; k < kCols; ++k) {
+        uint8_t code = uint8_t((n * 37 + k) % 256);
+        if ((code & 0x7F) == 0x7F) code = 0;
+        m.storage->data[size_t(n * kCols + k)] = code;
+        expected[size_t(n * kCols + k)] = e4m3_to_float(code) * scales[k / 128];
+      }
+    expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; });
+  }
+  {
+    SCOPED_TRACE("BF16: finite bit patterns pass through");
+    constexpr int64_t kRows = 64, kCols = 128;
+    OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::BF16, kRows, kCols, ScaleType::NONE);
+    auto* bits = reinterpret_cast<uint16_t*>(m.storage->data.data());
+    std::vector<float> expected(size_t(kRows * kCols));
+    std::mt19937 rng(7);
+    for (size_t i = 0; i < expected.size(); ++i) {
+      uint16_t b = uint16_t(rng());
+      if ((b & 0x7F80) == 0x7F80 || (b & 0x7F80) == 0) b &= 0xBFFF;  // no inf/NaN, no subnormals
+      if ((b & 0x7F80) == 0) b |= 0x0080;
+      bits[i] = b;
+      expected[i] = bf16_to_float(b);
+    }
+    expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; });
+  }
+}
+
+TEST(QuantizedLinear, SplitKIsDeterministicAndLeavesTicketsZero) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int multiprocessors = list_devices().front().multiprocessors;
+  for (const TestFormat format : {TestFormat::MXFP4, TestFormat::FP8_E8M0}) {
+    constexpr int64_t kRows = 2048, kCols = 4096;
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal(0.0f, 0.05f);
+    std::vector<float> values(size_t(kRows * kCols));
+    for (float& v : values) v = normal(rng);
+    const OwnedQuantizedMatrix host = quantize(format, values, kRows, kCols);
+    const DeviceMatrix weight(host.matrix, "split-K weight");
+    for (const int tokens : {1, 17}) {
+      SCOPED_TRACE(std::string(name_of(format)) + " T=" + std::to_string(tokens));
+      const QuantizedLinearConfig config = choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors);
+      ASSERT_GT(config.k_splits, 1) << "the case must exercise split-K";
+      std::vector<uint16_t> x(size_t(tokens * kCols));
+      for (uint16_t& v : x) v = float_to_bf16(normal(rng) * 20.0f);
+      DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
+      const DeviceRun first = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace);
+      const DeviceRun second = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace);
+      ASSERT_EQ(std::memcmp(first.y.data(), second.y.data(), first.y.size() * sizeof(float)), 0)
+          << "split-K results differ between two runs";
+      std::vector<uint32_t> tickets(config.ticket_bytes / sizeof(uint32_t));
+      workspace.download(tickets.data(), config.ticket_bytes);
+      for (size_t i = 0; i < tickets.size(); ++i) ASSERT_EQ(tickets[i], 0u) << "ticket " << i << " left non-zero";
+    }
+  }
+}
+
+TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<float> values(64 * 256, 0.5f);
+  const OwnedQuantizedMatrix mx = quantize_mxfp4(values.data(), 64, 256);
+  const DeviceMatrix mx_device(mx.matrix, "mxfp4");
+  const OwnedQuantizedMatrix f32 = allocate_quantized_matrix(WeightFormat::F32, 64, 256, ScaleType::NONE);
+  const DeviceMatrix f32_device(f32.matrix, "f32");
+  DeviceBuffer x(65 * 256 * 2, "x"), y(65 * 64 * sizeof(float), "y");
+  const QuantizedLinearParams good{.weight = mx_device.view(),
+                                   .x = x.as<__nv_bfloat16>(),
+                                   .x_row_stride = 256,
+                                   .y = y.as<float>(),
+                                   .y_row_stride = 64,
+                                   .tokens = 1};
+  using testing::expect_error;
+  auto run_with = [](QuantizedLinearParams p) { return [p] { run_quantized_linear(p); }; };
+  QuantizedLinearParams p = good;
+  p.tokens = 65;
+  expect_error(run_with(p), "65 tokens");
+  p = good;
+  p.weight = f32_device.view();
+  expect_error(run_with(p), {"is f32", "supported formats"});
+  p = good;
+  p.weight.cols = 240;  // a view whose K is not a whole number of 16-byte fp4 loads
+  expect_error(run_with(p), "K = 240 of weight [64, 240]");
+  p = good;
+  p.y = reinterpret_cast<float*>(const_cast<__nv_bfloat16*>(p.x) + 8);
+  expect_error(run_with(p), "overlap x");
+  p = good;
+  p.x = p.x + 1;
+  expect_error(run_with(p), "16-byte aligned");
+  p = good;
+  p.x_row_stride = 200;
+  expect_error(run_with(p), "x row stride 200");
+  p = good;
+  p.y_row_stride = 63;
+  expect_error(run_with(p), "y row stride 63");
+  p = good;
+  p.groups = 2;  // 32 rows per group: not whole CTAs
+  expect_error(run_with(p), "N / G must be a whole multiple of 64");
+  p = good;
+  p.tokens = 64;
+  p.x_row_stride = 4096;
+  p.weight.cols = 4096;  // few row blocks, long K: split-K, which needs a workspace
+  p.weight.data_row_bytes = 2048;
+  expect_error(run_with(p), "needs a workspace");
+
+  OwnedQuantizedMatrix big_scale = quantize_mxfp4(values.data(), 64, 256);
+  big_scale.storage->scales[3 * 8 + 5] = 129;
+  expect_error([&] { check_quantized_linear_scales(big_scale.matrix, "layer 3 expert 7 w1"); },
+               {"layer 3 expert 7 w1", "scale code 129", "row 3, block 5"});
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
