@@ -1,0 +1,94 @@
+#include "backends/cuda/kernels/compressor.hpp"
+
+#include <algorithm>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/compressor.cuh"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
+
+const char* rounding_name(CompressorStoredRounding rounding) {
+  switch (rounding) {
+    case CompressorStoredRounding::None: return "None";
+    case CompressorStoredRounding::KvFp8: return "KvFp8";
+    case CompressorStoredRounding::IndexerFp4: return "IndexerFp4";
+  }
+  return "?";
+}
+
+bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+
+}  // namespace
+
+void check_compressor_params(const CompressorParams& p) {
+  check(p.head_dim > 0 && p.head_dim % 2 == 0 && p.head_dim <= kMaxHeadDim, "compressor: head_dim ", p.head_dim,
+        " must be even and at most ", kMaxHeadDim);
+  check(p.ratio > 0 && p.tokens >= 0 && p.start_position >= 0, "compressor: bad ratio ", p.ratio, ", tokens ",
+        p.tokens, " or start_position ", p.start_position);
+  check(p.rope_dim >= 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "compressor: rope_dim ", p.rope_dim,
+        " must be even and within head_dim ", p.head_dim);
+  check(p.rope_dim == 0 || p.rope_frequencies != nullptr, "compressor: rope_frequencies are required");
+  const CompressorStateView& s = p.state;
+  check(s.ratio == p.ratio && s.head_dim == p.head_dim && s.overlapping == p.overlapping,
+        "compressor: state was made for ratio ", s.ratio, " head_dim ", s.head_dim, " overlapping ", s.overlapping,
+        ", params say ratio ", p.ratio, " head_dim ", p.head_dim, " overlapping ", p.overlapping);
+  check(s.window_kv != nullptr && s.window_score != nullptr && s.finished_ctas != nullptr &&
+            (!p.overlapping || (s.previous_kv != nullptr && s.previous_score != nullptr)),
+        "compressor: the state has no device storage");
+  check(p.ape != nullptr && p.norm_weight != nullptr, "compressor: ape and norm weights are required");
+  check(p.tokens == 0 || (p.kv != nullptr && p.gate != nullptr), "compressor: kv and gate are required");
+  check(aligned8(p.kv) && aligned8(p.gate) && aligned8(p.ape), "compressor: kv, gate and ape must be 8-byte aligned");
+  check((p.entries == nullptr) != (p.entries_bf16 == nullptr) ||
+            compressor_entries_emitted(p.start_position, p.tokens, p.ratio) == 0,
+        "compressor: give exactly one of entries (fp32) and entries_bf16");
+  check(aligned8(p.entries), "compressor: entries must be 8-byte aligned");
+  check(p.stored_rounding != CompressorStoredRounding::IndexerFp4 ||
+            (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128),
+        "compressor: stored rounding ", rounding_name(p.stored_rounding), " needs head_dim 32, 64 or 128, got ",
+        p.head_dim);
+}
+
+void run_compressor(const CompressorParams& p) {
+  check_compressor_params(p);
+  const int64_t emitted = compressor_entries_emitted(p.start_position, p.tokens, p.ratio);
+  if (p.tokens == 0) return;
+  check(emitted < (int64_t(1) << 31), "compressor: ", emitted, " entries exceed the grid limit");
+  const int c = int(p.head_dim);
+  const int pairs_padded = (c / 2 + 31) / 32 * 32;
+  const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
+  int groups = 1;
+  while (2 * groups * pairs_padded <= compressor::kMaxThreads && 2 * groups <= slots) groups *= 2;
+  const compressor::PoolArgs args{.c = c,
+                                  .ratio = p.ratio,
+                                  .overlapping = p.overlapping,
+                                  .norm_eps = p.norm_eps,
+                                  .round_pooled_to_bf16 = p.round_pooled_to_bf16,
+                                  .stored_rounding = p.stored_rounding,
+                                  .kv = p.kv,
+                                  .gate = p.gate,
+                                  .tokens = p.tokens,
+                                  .start_position = p.start_position,
+                                  .ape = p.ape,
+                                  .norm_weight = p.norm_weight,
+                                  .rope_frequencies = p.rope_frequencies,
+                                  .rope_dim = int(p.rope_dim),
+                                  .state = p.state,
+                                  .entries = p.entries,
+                                  .entries_bf16 = p.entries_bf16,
+                                  .emitted = emitted,
+                                  .pairs_padded = pairs_padded,
+                                  .groups = groups};
+  const size_t smem = compressor::pool_smem_bytes(c, groups);
+  if (smem > 48 * 1024)
+    DSV4_CUDA_CHECK(
+        cudaFuncSetAttribute(compressor::compressor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const auto grid = unsigned(std::max<int64_t>(emitted, 1));
+  compressor::compressor_kernel<<<grid, unsigned(pairs_padded * groups), smem, p.stream>>>(args);
+  DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
+}
+
+}  // namespace dsv4::cuda

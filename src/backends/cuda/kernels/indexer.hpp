@@ -1,0 +1,57 @@
+// Lightning indexer on the GPU (dsv4-model.md §3.3): the query preparation and the scores of dsv4::cpu::indexer_scores;
+// the top-k that follows is top_k.hpp.
+//
+// Dispatch contract:
+// - run_indexer_prepare turns fp32 vectors [rows, head_dim] (indexer q heads, or new indexer keys) into the bf16
+//   operands of the scores: optional RoPE on the last rope_dim dims at each token's position, then in reference
+//   numerics round_indexer_reference (Hadamard of head_dim, bf16, fp4 e2m1 with a ue8m0 scale per 32 — every result
+//   is exactly a bf16), in exact numerics a plain round to bf16. head_dim 32, 64 or 128.
+// - run_indexer_scores: scores[t, j] = Σ_h (w[t,h] · head_dim^-0.5 · heads^-0.5) · ReLU(q[t,h] · K[j]) for the keys a
+//   query at positions[t] sees (j < min(key_count, (positions[t] + 1) div ratio)), −inf for the others; q and K bf16
+//   on the tensor cores (mma.sync m16n8k16), fp32 accumulation. heads a multiple of 8 up to 128, head_dim 32/64/128.
+//   Columns key_count .. score_stride of a row are not written.
+// - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+struct IndexerPrepareParams {
+  const float* input = nullptr;        // device fp32 [tokens, heads, head_dim]
+  __nv_bfloat16* output = nullptr;     // device bf16 [tokens, heads, head_dim]; may not alias input
+  int64_t tokens = 0;                  // rows = tokens · heads
+  int64_t heads = 1;                   // vectors per token (index heads for q, 1 for keys)
+  int64_t head_dim = 128;
+  const int64_t* positions = nullptr;  // device [tokens]; needed with rope_frequencies
+  const float* rope_frequencies = nullptr;  // device [rope_dim / 2] (RopeTable::frequencies()); null: no RoPE
+  int64_t rope_dim = 0;
+  bool reference_rounding = false;     // Hadamard + bf16 + fp4/32 (reference numerics) instead of plain bf16
+  cudaStream_t stream = nullptr;
+};
+
+void check_indexer_prepare_params(const IndexerPrepareParams& params);
+void run_indexer_prepare(const IndexerPrepareParams& params);
+
+struct IndexerScoresParams {
+  const __nv_bfloat16* q = nullptr;      // device [tokens, heads, head_dim], 16-byte aligned (run_indexer_prepare)
+  const float* head_weights = nullptr;   // device [tokens, heads]: weights_proj · x, not yet scaled
+  const __nv_bfloat16* keys = nullptr;   // device [key_count, head_dim], 16-byte aligned
+  int64_t key_count = 0;
+  const int64_t* positions = nullptr;    // device [tokens] absolute positions
+  int64_t tokens = 0;
+  int64_t heads = 64;
+  int64_t head_dim = 128;
+  int64_t ratio = 4;                     // key j covers tokens up to ratio·(j+1) − 1
+  float* scores = nullptr;               // device [tokens, score_stride]
+  int64_t score_stride = 0;              // ≥ key_count
+  cudaStream_t stream = nullptr;
+};
+
+void check_indexer_scores_params(const IndexerScoresParams& params);
+void run_indexer_scores(const IndexerScoresParams& params);
+
+}  // namespace dsv4::cuda

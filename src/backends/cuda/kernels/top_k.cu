@@ -1,0 +1,110 @@
+#include "backends/cuda/kernels/top_k.hpp"
+
+#include <algorithm>
+#include <mutex>
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/top_k.cuh"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+struct DeviceLimits {
+  int multiprocessors = 0;
+  int split_ctas_per_sm = 0;  // resident split-mode CTAs per SM
+};
+
+DeviceLimits query_device_limits(int device) {
+  DeviceLimits limits;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(topk::top_k_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(topk::kSplitSmemBytes)));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(topk::top_k_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(topk::kSingleSmemBytes)));
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&limits.split_ctas_per_sm, topk::top_k_kernel<true>,
+                                                                topk::kThreads, topk::kSplitSmemBytes));
+  return limits;
+}
+
+// Queried once per device: the launch path stays free of attribute calls (they would dominate a 10 µs step).
+DeviceLimits device_limits() {
+  constexpr int kMaxDevices = 64;
+  static std::once_flag once[kMaxDevices];
+  static DeviceLimits limits[kMaxDevices];
+  int device = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  check(device >= 0 && device < kMaxDevices, "top_k: device index ", device, " out of range");
+  std::call_once(once[device], [&] { limits[device] = query_device_limits(device); });
+  return limits[device];
+}
+
+}  // namespace
+
+size_t top_k_workspace_bytes(int queries) {
+  return queries <= kTopKMaxSplitQueries ? size_t(std::max(queries, 0)) * sizeof(topk::QueryWorkspace) : 0;
+}
+
+int top_k_ctas_per_query(int queries, int64_t candidates) {
+  if (queries <= 0 || queries > kTopKMaxSplitQueries) return 1;
+  const DeviceLimits limits = device_limits();
+  // Every CTA of a split query must be resident at once (they wait for each other at the pass barriers).
+  const int64_t resident = int64_t(limits.split_ctas_per_sm) * limits.multiprocessors;
+  const int64_t wanted = (candidates + topk::kMinCandidatesPerCta - 1) / topk::kMinCandidatesPerCta;
+  return int(std::clamp<int64_t>(std::min(wanted, resident / queries), 1, 65535));
+}
+
+void check_top_k_params(const TopKParams& p) {
+  check(p.queries >= 0 && p.candidates >= 0 && p.k >= 0, "top_k: bad parameters queries=", p.queries,
+        " candidates=", p.candidates, " k=", p.k);
+  check(p.k <= kTopKMax, "top_k: k = ", p.k, " exceeds the supported maximum ", kTopKMax);
+  check(p.candidates < (int64_t(1) << 31), "top_k: ", p.candidates, " candidates exceed int32 indices");
+  check(p.row_stride >= p.candidates, "top_k: row_stride ", p.row_stride, " < candidates ", p.candidates);
+  check(p.positions == nullptr || p.ratio > 0, "top_k: ratio ", p.ratio, " must be positive");
+  if (p.queries == 0) return;
+  check(p.counts != nullptr && (p.k == 0 || p.selected != nullptr), "top_k: selected and counts are required");
+  check(p.candidates == 0 || p.scores != nullptr, "top_k: scores are required");
+  check(p.queries <= 65535 * 32, "top_k: ", p.queries, " queries exceed the launch limit");
+}
+
+void run_top_k(const TopKParams& p) {
+  check_top_k_params(p);
+  if (p.queries == 0) return;
+  const int ctas = top_k_ctas_per_query(p.queries, p.candidates);
+  topk::TopKArgs args{.scores = p.scores,
+                      .row_stride = p.row_stride,
+                      .candidates = p.candidates,
+                      .k = p.k,
+                      .positions = p.positions,
+                      .ratio = p.ratio,
+                      .selected = p.selected,
+                      .counts = p.counts,
+                      .nan_flag = p.nan_flag,
+                      .workspace = nullptr,
+                      .ctas_per_query = ctas};
+  if (ctas == 1) {
+    device_limits();  // raises the kernel's shared-memory limit once per device
+    topk::top_k_kernel<false><<<unsigned(p.queries), topk::kThreads, topk::kSingleSmemBytes, p.stream>>>(args);
+    DSV4_CUDA_CHECK_LAUNCH("top_k_kernel (one CTA per query)");
+    return;
+  }
+  const size_t needed = top_k_workspace_bytes(p.queries);
+  check(p.workspace != nullptr && p.workspace_bytes >= needed, "top_k: ", p.queries, " queries need a workspace of ",
+        needed, " bytes (top_k_workspace_bytes), got ", p.workspace_bytes);
+  args.workspace = static_cast<topk::QueryWorkspace*>(p.workspace);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(p.queries * ctas));
+  config.blockDim = dim3(topk::kThreads);
+  config.dynamicSmemBytes = topk::kSplitSmemBytes;
+  config.stream = p.stream;
+  // Cooperative: the runtime guarantees (or refuses) co-residency of all CTAs, which the pass barriers rely on.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeCooperative;
+  attribute.val.cooperative = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, topk::top_k_kernel<true>, args));
+  DSV4_CUDA_CHECK_LAUNCH("top_k_kernel (split over CTAs)");
+}
+
+}  // namespace dsv4::cuda

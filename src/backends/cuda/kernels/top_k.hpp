@@ -1,0 +1,56 @@
+// Top-k of indexer scores on the GPU: dsv4::cpu::select_top_k for every query in one launch.
+//
+// Dispatch contract:
+// - Query t considers scores[t, 0 .. visible_t) with visible_t = min(candidates, (positions[t] + 1) div ratio), or
+//   all `candidates` when positions is null. It writes the indices of the min(k, visible_t) largest, by score
+//   descending and ties to the lower index (exactly select_top_k's order; −0 equals +0), to selected[t, 0 .. count)
+//   and −1 to the rest of the row of k; counts[t] = min(k, visible_t). k ≤ kTopKMax, candidates < 2^31.
+// - NaN scores: the CPU reference throws; here a NaN among a query's visible scores sets *nan_flag to 1 (it is never
+//   cleared by the kernel: the caller zeroes it once and checks it after the step, e.g. with the step's other
+//   results) and that score is left out of the selection.
+// - Method: radix select over 64-bit keys (order-preserving fp32 bits, then the inverted index, so every key is
+//   unique and ties resolve to the lower index) with 11-bit digits; each pass histograms the keys still matching
+//   the chosen prefix, until the boundary bin holds few enough keys to sort; then one CTA sorts the chosen and the
+//   boundary keys in shared memory (bitonic) and writes the first k. When few queries share the GPU (queries ≤
+//   kTopKMaxSplitQueries) each query is split over several CTAs that meet at grid barriers (cooperative launch, so
+//   all are resident); the passes' histograms and lists then live in `workspace`. Otherwise one CTA per query.
+// - workspace: top_k_workspace_bytes(queries) bytes, zero-filled once before the first launch (cudaMemset); every
+//   launch leaves it zeroed again. A launch that faults leaves it undefined: zero it again.
+// - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dsv4::cuda {
+
+inline constexpr int kTopKMax = 2048;
+inline constexpr int kTopKMaxSplitQueries = 64;
+
+struct TopKParams {
+  const float* scores = nullptr;        // device [queries, row_stride]
+  int64_t row_stride = 0;               // elements from one query's scores to the next, ≥ candidates
+  int64_t candidates = 0;               // scores per query (key_count)
+  int queries = 0;                      // T
+  int k = 512;                          // 0 .. kTopKMax
+  const int64_t* positions = nullptr;   // device [queries] or null (everything visible)
+  int64_t ratio = 4;                    // the visibility rule's compression ratio (with positions)
+  int32_t* selected = nullptr;          // device [queries, k]
+  int32_t* counts = nullptr;            // device [queries]
+  int32_t* nan_flag = nullptr;          // device, one int: set to 1 when a visible score is NaN
+  void* workspace = nullptr;            // device, top_k_workspace_bytes(queries), zeroed once
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+size_t top_k_workspace_bytes(int queries);
+
+// CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query).
+int top_k_ctas_per_query(int queries, int64_t candidates);
+
+void check_top_k_params(const TopKParams& params);
+void run_top_k(const TopKParams& params);
+
+}  // namespace dsv4::cuda
