@@ -1,0 +1,377 @@
+// Compressor, lightning-indexer scores and top-k on the GPU, each against its floor and a straightforward baseline in
+// the same run (device named in the output):
+// - compressor step (run_compressor) for the V4-Flash compressors (CSA main c 512 ratio 4, CSA indexer c 128, HCA
+//   c 512 ratio 128) at decode (a step that only stores its token, and one that completes a window) and for a
+//   4096-token prefill chunk; floor = its bytes (projections read, state read/written, entries written) over the
+//   same-run copy bandwidth; L2 flushed before every call.
+// - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1 and 8
+//   queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
+//   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]). L2 flushed before every call.
+// - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many
+//   ties) and on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full
+//   CUB segmented radix sort of (score, index) pairs. Scores are L2-resident, as right after the indexer.
+// Usage: bench_cuda_indexer [--json PATH]
+#include <cub/device/device_segmented_radix_sort.cuh>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/compressor_state.hpp"
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/kernels/indexer.hpp"
+#include "backends/cuda/kernels/top_k.hpp"
+#include "core/bf16.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+#define BENCH_CUBLAS_CHECK(call)                                                              \
+  do {                                                                                        \
+    const cublasStatus_t status_ = (call);                                                    \
+    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
+  } while (0)
+
+struct Flush {
+  DeviceBuffer buffer{size_t(256) << 20, "L2 flush"};
+  void operator()(int i) { DSV4_CUDA_CHECK(cudaMemsetAsync(buffer.data(), i & 0xFF, buffer.bytes())); }
+};
+
+// Median milliseconds of `body` over `iterations` calls; `flush` (if given) runs before each, outside the timing.
+template <class Body>
+double median_ms(int iterations, Flush* flush, Body&& body) {
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  body();
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> times;
+  for (int i = 0; i < iterations; ++i) {
+    if (flush != nullptr) (*flush)(i);
+    DSV4_CUDA_CHECK(cudaEventRecord(start));
+    body();
+    DSV4_CUDA_CHECK(cudaEventRecord(stop));
+    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(times.begin(), times.end());
+  return double(times[times.size() / 2]);
+}
+
+double copy_bandwidth_gbps() {
+  constexpr size_t kBytes = size_t(1) << 30;
+  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
+  src.fill_bytes(1);
+  const double ms = median_ms(10, nullptr, [&] {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
+  });
+  return 2.0 * double(kBytes) / (ms * 1e6);
+}
+
+// bf16 tensor rate of cuBLAS on a 4096³ GEMM (TFLOP/s), the compute floor's yardstick.
+double cublas_bf16_tflops(cublasHandle_t handle) {
+  constexpr int n = 4096;
+  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
+  a.fill_bytes(0x3C);
+  b.fill_bytes(0x3C);
+  const float alpha = 1.0f, beta = 0.0f;
+  const double ms = median_ms(10, nullptr, [&] {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n,
+                                    b.data(), CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+  });
+  return 2.0 * n * double(n) * n / (ms * 1e9);
+}
+
+struct Row {
+  std::string op, variant;
+  double us = 0, floor_us = 0, baseline_us = 0;
+  double bytes = 0, flops = 0;
+  std::string note;
+};
+
+std::vector<float> normal_floats(size_t n, float stddev, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+template <class T>
+DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
+  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
+  buffer.upload(host.data(), host.size() * sizeof(T));
+  return buffer;
+}
+
+// ------------------------------------------------------------------------------------------------- compressor
+
+void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlapping, CompressorStoredRounding rounding,
+                      double copy_gbps, Flush& flush, std::mt19937& rng, std::vector<Row>& rows) {
+  const int64_t width = overlapping ? 2 * c : c;
+  constexpr int64_t kPrefill = 4096;
+  // RoPE frequencies θ^(−2i/64) (the YaRN shaping does not change the cost).
+  std::vector<float> frequencies(32);
+  for (int i = 0; i < 32; ++i) frequencies[size_t(i)] = float(std::pow(160000.0, -2.0 * i / 64.0));
+  DeviceBuffer kv = to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "kv");
+  DeviceBuffer gate = to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "gate");
+  DeviceBuffer ape = to_device(normal_floats(size_t(ratio * width), 1.0f, rng), "ape");
+  DeviceBuffer norm = to_device(std::vector<float>(size_t(c), 1.0f), "norm");
+  DeviceBuffer freq = to_device(frequencies, "frequencies");
+  DeviceBuffer entries(size_t(kPrefill) * size_t(c) * 4, "entries");
+  DeviceCompressorState state(ratio, c, overlapping);
+  auto params = [&](int64_t start, int64_t tokens) {
+    return CompressorParams{.head_dim = c,
+                            .ratio = ratio,
+                            .overlapping = overlapping,
+                            .round_pooled_to_bf16 = rounding != CompressorStoredRounding::None,
+                            .stored_rounding = rounding,
+                            .kv = kv.as<float>(),
+                            .gate = gate.as<float>(),
+                            .tokens = tokens,
+                            .start_position = start,
+                            .ape = ape.as<float>(),
+                            .norm_weight = norm.as<float>(),
+                            .rope_frequencies = freq.as<float>(),
+                            .rope_dim = 64,
+                            .state = state.view(),
+                            .entries = entries.as<float>()};
+  };
+  // Fill the state once (a prefill from 0); the timed steps then rewrite it at fixed positions.
+  run_compressor(params(0, kPrefill));
+  const double slot_bytes = double(width) * 8;  // kv + score of one token
+  const double entry_bytes = double(c) * 4;
+  struct Step {
+    const char* variant;
+    int64_t start, tokens;
+    double bytes;
+  };
+  const double window_bytes = double(ratio) * slot_bytes + (overlapping ? double(ratio * c) * 8 : 0.0);
+  const Step steps[] = {
+      // Decode, mid-window: read the token's projections and ape, store one slot.
+      {"decode, stores its token", kPrefill + 1, 1, 2.0 * slot_bytes},
+      // Decode, completing a window: the stored window (+ CSA's previous halves) in, one entry out.
+      {"decode, completes a window", kPrefill + ratio - 1, 1, window_bytes + slot_bytes + entry_bytes},
+      // Prefill chunk: projections in, entries out, the last window's slots stored.
+      {"prefill chunk of 4096", 0, kPrefill,
+       double(kPrefill) * slot_bytes + double(kPrefill / ratio) * entry_bytes + window_bytes}};
+  for (const Step& s : steps) {
+    const double ms = median_ms(50, &flush, [&] { run_compressor(params(s.start, s.tokens)); });
+    rows.push_back({std::string("compressor ") + name, s.variant, ms * 1e3, s.bytes / (copy_gbps * 1e3), 0.0,
+                    s.bytes, 0.0, ""});
+  }
+}
+
+// --------------------------------------------------------------------------------------------- indexer + top-k
+
+void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, Flush& flush,
+                             cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows) {
+  constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
+  constexpr int kTopK = 512;
+  const int64_t keys = context / kRatio;
+  const std::string shape = std::to_string(context / 1024) + "K context (" + std::to_string(keys) + " keys), T=" +
+                            std::to_string(tokens);
+  // Reference-mode operands: Hadamard + fp4-rounded on the device (bf16 holds them exactly), as the model stores them.
+  auto rounded_bf16 = [&](int64_t rows, const char* what) {
+    DeviceBuffer values = to_device(normal_floats(size_t(rows * kHeadDim), 1.0f, rng), what);
+    DeviceBuffer out(size_t(rows * kHeadDim) * 2, what);
+    run_indexer_prepare({.input = values.as<float>(),
+                         .output = out.as<__nv_bfloat16>(),
+                         .tokens = rows,
+                         .heads = 1,
+                         .head_dim = kHeadDim,
+                         .reference_rounding = true});
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    return out;
+  };
+  DeviceBuffer key_source = rounded_bf16(keys, "keys");
+  DeviceBuffer q = rounded_bf16(tokens * kHeads, "q");
+  std::vector<int64_t> positions(static_cast<size_t>(tokens));
+  for (int t = 0; t < tokens; ++t) positions[size_t(t)] = context - tokens + t;
+
+  const size_t key_bytes = key_source.bytes();
+  const int copies = int(std::max<size_t>(2, (size_t(200) << 20) / key_bytes + 1));
+  std::vector<DeviceBuffer> key_copies;
+  for (int i = 0; i < copies; ++i) {
+    key_copies.emplace_back(key_bytes, "keys");
+    DSV4_CUDA_CHECK(cudaMemcpy(key_copies.back().data(), key_source.data(), key_bytes, cudaMemcpyDeviceToDevice));
+  }
+  DeviceBuffer weights = to_device(normal_floats(size_t(tokens * kHeads), 1.0f, rng), "w");
+  DeviceBuffer d_positions = to_device(positions, "positions");
+  DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
+
+  int rotation = 0;
+  auto scores_params = [&] {
+    return IndexerScoresParams{.q = q.as<__nv_bfloat16>(),
+                               .head_weights = weights.as<float>(),
+                               .keys = key_copies[size_t(rotation++ % copies)].as<__nv_bfloat16>(),
+                               .key_count = keys,
+                               .positions = d_positions.as<int64_t>(),
+                               .tokens = tokens,
+                               .heads = kHeads,
+                               .head_dim = kHeadDim,
+                               .ratio = kRatio,
+                               .scores = scores.as<float>(),
+                               .score_stride = keys};
+  };
+  const double score_ms = median_ms(30, &flush, [&] { run_indexer_scores(scores_params()); });
+  // Baseline: the dots alone, keys [keys, 128] × q^T → [keys, heads·T] fp32, one cuBLAS bf16 GEMM.
+  DeviceBuffer dots(size_t(keys) * size_t(kHeads * tokens) * 4, "dots");
+  const float alpha = 1.0f, beta = 0.0f;
+  const double gemm_ms = median_ms(30, &flush, [&] {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(keys), int(kHeads * tokens), int(kHeadDim),
+                                    &alpha, key_copies[size_t(rotation++ % copies)].data(), CUDA_R_16BF,
+                                    int(kHeadDim), q.data(), CUDA_R_16BF, int(kHeadDim), &beta, dots.data(),
+                                    CUDA_R_32F, int(keys), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  });
+  const double score_bytes = double(key_bytes) + double(tokens) * keys * 4 + double(q.bytes());
+  const double score_flops = 2.0 * tokens * double(keys) * kHeads * kHeadDim;
+  const double score_floor_us =
+      std::max(score_bytes / (copy_gbps * 1e3), score_flops / (gemm_tflops * 1e6));
+  rows.push_back({"indexer scores", shape, score_ms * 1e3, score_floor_us, gemm_ms * 1e3, score_bytes, score_flops,
+                  "baseline: cuBLAS bf16 GEMM of the dots only"});
+
+  // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
+  DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");
+  workspace.fill_bytes(0);
+  DeviceBuffer selected(size_t(tokens) * kTopK * 4, "selected"), counts(size_t(tokens) * 4, "counts"),
+      nan_flag(4, "nan flag");
+  nan_flag.fill_bytes(0);
+  // CUB baseline buffers: full segmented descending sort of (score, index).
+  DeviceBuffer sorted_scores(scores.bytes(), "sorted scores"), indices(size_t(tokens) * size_t(keys) * 4, "indices"),
+      sorted_indices(indices.bytes(), "sorted indices");
+  std::vector<int32_t> host_indices(size_t(tokens) * size_t(keys)), offsets(size_t(tokens) + 1);
+  for (int t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < keys; ++j) host_indices[size_t(t * keys + j)] = int32_t(j);
+  for (int t = 0; t <= tokens; ++t) offsets[size_t(t)] = int32_t(t * keys);
+  indices.upload(host_indices.data(), indices.bytes());
+  DeviceBuffer d_offsets = to_device(offsets, "offsets");
+  size_t temp_bytes = 0;
+  DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+      nullptr, temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
+      sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(), d_offsets.as<int32_t>() + 1));
+  DeviceBuffer temp(std::max<size_t>(temp_bytes, 16), "cub temp");
+
+  for (const bool indexer_scores : {true, false}) {
+    if (!indexer_scores) {
+      std::vector<float> distinct = normal_floats(size_t(tokens) * size_t(keys), 100.0f, rng);
+      scores.upload(distinct.data(), scores.bytes());
+    } else {
+      run_indexer_scores(scores_params());
+    }
+    const double top_k_ms = median_ms(100, nullptr, [&] {
+      run_top_k({.scores = scores.as<float>(),
+                 .row_stride = keys,
+                 .candidates = keys,
+                 .queries = tokens,
+                 .k = kTopK,
+                 .positions = d_positions.as<int64_t>(),
+                 .ratio = kRatio,
+                 .selected = selected.as<int32_t>(),
+                 .counts = counts.as<int32_t>(),
+                 .nan_flag = nan_flag.as<int32_t>(),
+                 .workspace = workspace.data(),
+                 .workspace_bytes = workspace.bytes()});
+    });
+    const double sort_ms = median_ms(20, nullptr, [&] {
+      DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
+          temp.data(), temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
+          sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(),
+          d_offsets.as<int32_t>() + 1));
+    });
+    const double bytes = double(tokens) * keys * 4;
+    rows.push_back({"top-k 512", shape + (indexer_scores ? ", indexer scores" : ", distinct scores"), top_k_ms * 1e3,
+                    bytes / (copy_gbps * 1e3), sort_ms * 1e3, bytes, 0.0,
+                    "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
+                        "; baseline: CUB segmented radix sort (full)"});
+  }
+  int32_t flag = 0;
+  nan_flag.download(&flag, 4);
+  check(flag == 0, "bench: top-k saw a NaN score");
+}
+
+int run(int argc, char** argv) {
+  std::string json_path;
+  for (int i = 1; i < argc; ++i)
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) json_path = argv[++i];
+  const std::vector<DeviceInfo> devices = list_devices();
+  if (devices.empty()) {
+    std::fprintf(stderr, "bench_cuda_indexer: no CUDA device\n");
+    return 1;
+  }
+  const DeviceInfo& device = devices.front();
+  cublasHandle_t cublas;
+  BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+  const double copy_gbps = copy_bandwidth_gbps();
+  const double gemm_tflops = cublas_bf16_tflops(cublas);
+  std::printf("device: %s (%d SMs); copy bandwidth %.0f GB/s; cuBLAS bf16 GEMM 4096^3 %.0f TFLOP/s\n",
+              device.name.c_str(), device.multiprocessors, copy_gbps, gemm_tflops);
+  Flush flush;
+  std::mt19937 rng(42);
+  std::vector<Row> rows;
+  bench_compressor("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, copy_gbps, flush, rng, rows);
+  bench_compressor("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, copy_gbps, flush, rng,
+                   rows);
+  bench_compressor("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, copy_gbps, flush, rng, rows);
+  for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
+    for (const int tokens : {1, 8})
+      bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, flush, cublas, rng, rows);
+  BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+
+  std::printf("| op | case | µs | floor µs | %% of floor | baseline µs | × baseline | note |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const Row& r : rows)
+    std::printf("| %s | %s | %.2f | %.2f | %.0f %% | %s | %s | %s |\n", r.op.c_str(), r.variant.c_str(), r.us,
+                r.floor_us, 100.0 * r.floor_us / r.us,
+                r.baseline_us > 0 ? std::to_string(r.baseline_us).substr(0, 7).c_str() : "-",
+                r.baseline_us > 0 ? (std::to_string(r.baseline_us / r.us).substr(0, 5) + "×").c_str() : "-",
+                r.note.c_str());
+  if (!json_path.empty()) {
+    FILE* out = std::fopen(json_path.c_str(), "w");
+    check(out != nullptr, "bench_cuda_indexer: cannot write ", json_path);
+    std::fprintf(out,
+                 "{\n  \"benchmark\": \"bench_cuda_indexer\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n"
+                 "  \"copy_bandwidth_gbps\": %.1f,\n  \"cublas_bf16_tflops\": %.1f,\n  \"results\": [\n",
+                 device.name.c_str(), device.multiprocessors, copy_gbps, gemm_tflops);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::fprintf(out,
+                   "    {\"op\": \"%s\", \"case\": \"%s\", \"us\": %.3f, \"floor_us\": %.3f, \"percent_of_floor\": %.1f, "
+                   "\"baseline_us\": %.3f, \"bytes\": %.0f, \"flops\": %.0f, \"note\": \"%s\"}%s\n",
+                   r.op.c_str(), r.variant.c_str(), r.us, r.floor_us, 100.0 * r.floor_us / r.us, r.baseline_us,
+                   r.bytes, r.flops, r.note.c_str(), i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(out, "  ]\n}\n");
+    std::fclose(out);
+    std::printf("wrote %s\n", json_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  try {
+    return dsv4::cuda::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_indexer: %s\n", e.what());
+    return 1;
+  }
+}
