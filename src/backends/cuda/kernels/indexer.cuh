@@ -101,15 +101,19 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(Pre
   if (args.rope_frequencies != nullptr) {
     const int64_t position = args.positions[row / args.heads];
     const int rope_begin = kHeadDim - args.rope_dim;
+    float original[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) original[i] = v[i];
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int dim = kPerLane * lane + i;
       // Pairs (2j, 2j+1) are in one lane when it holds ≥ 2 values; with one value per lane the partner is lane ^ 1.
-      const float partner = kPerLane >= 2 ? v[i ^ 1] : __shfl_xor_sync(kFullMask, v[i], 1);
+      const float partner = kPerLane >= 2 ? original[i ^ 1] : __shfl_xor_sync(kFullMask, original[i], 1);
       if (dim >= rope_begin) {
         const float2 cs = rope_cos_sin(position, args.rope_frequencies[(dim - rope_begin) / 2]);
         const bool even = (dim & 1) == 0;
-        const float2 rotated = even ? rope_rotate_pair(v[i], partner, cs) : rope_rotate_pair(partner, v[i], cs);
+        const float2 rotated =
+            even ? rope_rotate_pair(original[i], partner, cs) : rope_rotate_pair(partner, original[i], cs);
         v[i] = even ? rotated.x : rotated.y;
       }
     }
