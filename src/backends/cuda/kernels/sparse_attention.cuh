@@ -27,6 +27,7 @@
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
+#include "backends/cuda/ptx/mma.cuh"
 #include "core/e8m0.hpp"
 
 namespace dsv4::cuda::sparse_attention_detail {
@@ -88,7 +89,7 @@ inline SharedMemoryPlan make_shared_memory_plan(int head_dim, int head_tiles, co
   return plan;
 }
 
-// ---- PTX wrappers (PTX ISA: ldmatrix §9.7.9.21, mma m16n8k16 §9.7.14.5, cp.async §9.7.9.25) ----
+// ---- PTX wrappers not yet in ptx/ (PTX ISA: ldmatrix §9.7.9.21, cp.async §9.7.9.25); the MMA is ptx/mma.cuh's ----
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -104,15 +105,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
-}
-
-// d += a · b for one 16×8×16 bf16 tile, fp32 accumulation.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Copies `Bytes` (8 or 16) global bytes to shared memory, or zero-fills them when !valid.
@@ -171,25 +163,6 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
   const int head_base = head_block * Config::kHeadsPerCta;
   const KvCacheView& cache = p.cache;
   const KvEntryLayout& layout = cache.layout;
-
-  // Q of this head block, bf16 in shared memory; heads past H are zero.
-  for (int i = tid; i < Config::kHeadsPerCta * kHeadDim / 8; i += kThreads) {
-    const int r = i / (kHeadDim / 8), d = (i % (kHeadDim / 8)) * 8;
-    const int h = head_base + r;
-    uint4 packed = make_uint4(0, 0, 0, 0);
-    if (h < p.heads) {
-      const int64_t offset = (t * p.heads + h) * kHeadDim + d;
-      if (p.q_dtype == AttentionDtype::Bf16) {
-        packed = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + offset);
-      } else {
-        const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset);
-        const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset + 4);
-        packed = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
-                            pack_bf16x2(hi.z, hi.w));
-      }
-    }
-    *reinterpret_cast<uint4*>(q_tile + r * kRowStride + d) = packed;
-  }
 
   // This split's slots [range_begin, range_end) of the query's window ∪ compressed list.
   const int64_t total_slots = int64_t(p.window_slots) + p.compressed_slots;
@@ -257,6 +230,42 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
   issue_tile(0);
   issue_tile(1);
 
+  // Q of this head block, bf16 in shared memory (heads past H zero), loaded while the first tiles are in flight:
+  // batches of independent 16-byte loads, all issued before any store, so their latencies overlap.
+  {
+    constexpr int kVectorsPerThread = Config::kHeadsPerCta * kHeadDim / 8 / kThreads;
+    constexpr int kBatch = kVectorsPerThread < 4 ? kVectorsPerThread : 4;
+    static_assert(kVectorsPerThread % kBatch == 0, "Q vectors split evenly over the threads");
+#pragma unroll
+    for (int first = 0; first < kVectorsPerThread; first += kBatch) {
+      float4 lo[kBatch], hi[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = (first + b) * kThreads + tid;
+        const int h = head_base + i / (kHeadDim / 8);
+        const int64_t offset = (t * p.heads + h) * kHeadDim + (i % (kHeadDim / 8)) * 8;
+        lo[b] = hi[b] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (h >= p.heads) continue;
+        if (p.q_dtype == AttentionDtype::Bf16) {
+          lo[b] = *reinterpret_cast<const float4*>(static_cast<const __nv_bfloat16*>(p.q) + offset);
+        } else {
+          lo[b] = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset);
+          hi[b] = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset + 4);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int i = (first + b) * kThreads + tid;
+        // Bf16 q: lo holds the 8 bf16 values as raw bits.
+        const uint4 packed = p.q_dtype == AttentionDtype::Bf16
+                                 ? *reinterpret_cast<const uint4*>(&lo[b])
+                                 : make_uint4(pack_bf16x2(lo[b].x, lo[b].y), pack_bf16x2(lo[b].z, lo[b].w),
+                                              pack_bf16x2(hi[b].x, hi[b].y), pack_bf16x2(hi[b].z, hi[b].w));
+        *reinterpret_cast<uint4*>(q_tile + (i / (kHeadDim / 8)) * kRowStride + (i % (kHeadDim / 8)) * 8) = packed;
+      }
+    }
+  }
+
   for (int i = 0; i < num_tiles; ++i) {
     const int stage = i % kStages;
     cp_async_wait<1>();
@@ -309,8 +318,8 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
       for (int nb = 0; nb < kTile / 16; ++nb) {
         uint32_t b[4];
         ldmatrix_x4(b, kv_base + nb * 16 * kRowBytes + k_lane_offset + (dim_begin + kk) * 2);
-        mma_bf16_16816(s_acc[2 * nb], a, b[0], b[1]);
-        mma_bf16_16816(s_acc[2 * nb + 1], a, b[2], b[3]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * nb], a, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * nb + 1], a, b[2], b[3]);
       }
     }
     if constexpr (Config::kDimSplits > 1) {
@@ -378,8 +387,8 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
       for (int np = 0; np < kWarpDims / 16; ++np) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, kv_base + ks * 16 * kRowBytes + v_lane_offset + (dim_begin + np * 16) * 2);
-        mma_bf16_16816(o_acc[2 * np], p_frag[ks], b[0], b[1]);
-        mma_bf16_16816(o_acc[2 * np + 1], p_frag[ks], b[2], b[3]);
+        ptx::mma_m16n8k16_bf16_f32(o_acc[2 * np], p_frag[ks], b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(o_acc[2 * np + 1], p_frag[ks], b[2], b[3]);
       }
     }
   }
