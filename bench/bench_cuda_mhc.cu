@@ -41,15 +41,16 @@ constexpr int kSiteRows = (2 + kN) * kN;
 constexpr int kSinkhornIters = 20;
 constexpr float kEps = 1e-6f;
 
+// Milliseconds per call of `body(i)` on `stream`, averaged over `iterations` calls after a warm-up.
 template <class Body>
-double time_ms(int iterations, Body&& body) {
+double time_ms(cudaStream_t stream, int iterations, Body&& body) {
   for (int i = 0; i < 3; ++i) body(i);
   cudaEvent_t start, stop;
   DSV4_CUDA_CHECK(cudaEventCreate(&start));
   DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start));
+  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
   for (int i = 0; i < iterations; ++i) body(i);
-  DSV4_CUDA_CHECK(cudaEventRecord(stop));
+  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
   DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
   float ms = 0;
   DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
@@ -58,11 +59,29 @@ double time_ms(int iterations, Body&& body) {
   return double(ms) / iterations;
 }
 
+// The same with `launches` calls captured once into a CUDA graph and the graph replayed: the device time per call
+// without the host's launch overhead (how the engine's decode step runs), and a check that the launch captures.
+template <class Body>
+double graph_time_ms(cudaStream_t stream, int launches, Body&& body) {
+  for (int i = 0; i < 3; ++i) body(i);  // first-call setup (attributes, occupancy) stays outside the capture
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < launches; ++i) body(i);
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  constexpr int kReplays = 5;
+  const double ms = time_ms(stream, kReplays, [&](int) { DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return ms / launches;
+}
+
 double copy_bandwidth_gbps() {
   constexpr size_t kBytes = size_t(1) << 30;
   DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
   src.fill_bytes(1);
-  const double ms = time_ms(10, [&](int) {
+  const double ms = time_ms(nullptr, 10, [&](int) {
     DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
   });
   return 2.0 * double(kBytes) / (ms * 1e6);
@@ -153,7 +172,7 @@ struct Set {
 struct Row {
   std::string kernel, model;
   int64_t hidden, tokens;
-  double us, bytes, gbps, percent_of_copy, baseline_us;
+  double us, graph_us, bytes, gbps, percent_of_copy, baseline_us;
 };
 
 }  // namespace
@@ -181,8 +200,11 @@ int main(int argc, char** argv) {
     const double copy_gbps = copy_bandwidth_gbps();
     std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
                 device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
+    cudaStream_t stream;
+    DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     cublasHandle_t cublas;
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+    BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));
     std::mt19937 rng(42);
     std::vector<Row> table;
     constexpr int64_t kVocab = 16384;
@@ -228,9 +250,13 @@ int main(int argc, char** argv) {
         workspace.fill_bytes(0);
         const int iterations = T >= 4096 ? 30 : 200;
         const auto set = [&](int i) -> Set& { return sets[size_t(i % copies)]; };
-        const auto record = [&](const char* kernel, double ms, double bytes, double baseline_ms) {
-          const double gbps = bytes / (ms * 1e6);
-          table.push_back({kernel, model, d, T, ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps, baseline_ms * 1e3});
+        // Bandwidth from the graph time: the device's own time per launch.
+        const auto record = [&](const char* kernel, const auto& body, double bytes, double baseline_ms) {
+          const double ms = time_ms(stream, iterations, body);
+          const double graph_ms = graph_time_ms(stream, std::min(iterations, 20), body);
+          const double gbps = bytes / (graph_ms * 1e6);
+          table.push_back({kernel, model, d, T, ms * 1e3, graph_ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps,
+                           baseline_ms * 1e3});
         };
         const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
 
@@ -239,7 +265,7 @@ int main(int argc, char** argv) {
           run_hc_pre({.X = s.X.as<float>(), .fn = s.fn.as<float>(), .base = base.as<float>(),
                       .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
                       .y = s.y.as<float>(), .post = s.post.as<float>(), .comb = s.comb.as<float>(),
-                      .workspace = workspace.data(), .workspace_bytes = workspace_bytes});
+                      .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
         };
         const auto pre_baseline = [&](int i) {
           Set& s = set(i);
@@ -247,20 +273,20 @@ int main(int argc, char** argv) {
           BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kSiteRows, int(T), int(flat), &alpha,
                                          s.fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
                                          s.mixes.as<float>(), kSiteRows));
-          baseline_finish_kernel<false><<<unsigned(T), 256>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
+          baseline_finish_kernel<false><<<unsigned(T), 256, 0, stream>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
                                                               scale.as<float>(), int(d), s.y.as<float>(),
                                                               s.post.as<float>(), s.comb.as<float>());
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
-        record("hc_pre", time_ms(iterations, hc_pre),
+        record("hc_pre", hc_pre,
                x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4,
-               time_ms(iterations, pre_baseline));
+               time_ms(stream, iterations, pre_baseline));
 
         const auto hc_head = [&](int i) {
           Set& s = set(i);
           run_hc_head({.X = s.X.as<float>(), .fn = s.head_fn.as<float>(), .base = base.as<float>(),
                        .scale = scale.as<float>(), .tokens = T, .hidden = d, .h = s.y.as<float>(),
-                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes});
+                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
         };
         const auto head_baseline = [&](int i) {
           Set& s = set(i);
@@ -268,44 +294,47 @@ int main(int argc, char** argv) {
           BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kN, int(T), int(flat), &alpha,
                                          s.head_fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
                                          s.mixes.as<float>(), kN));
-          baseline_finish_kernel<true><<<unsigned(T), 256>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
+          baseline_finish_kernel<true><<<unsigned(T), 256, 0, stream>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
                                                              scale.as<float>(), int(d), s.y.as<float>(), nullptr,
                                                              nullptr);
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
-        record("hc_head", time_ms(iterations, hc_head), x_bytes + double(kN * flat) * 4 + td_bytes,
-               time_ms(iterations, head_baseline));
+        record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
+               time_ms(stream, iterations, head_baseline));
 
         const auto hc_post = [&](int i) {
           Set& s = set(i);
           run_hc_post({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
-                       .comb = s.comb.as<float>(), .tokens = T, .hidden = d, .X_out = s.X.as<float>()});
+                       .comb = s.comb.as<float>(), .tokens = T, .hidden = d, .X_out = s.X.as<float>(),
+                       .stream = stream});
         };
-        record("hc_post (in place)", time_ms(iterations, hc_post),
+        record("hc_post (in place)", hc_post,
                td_bytes + 2 * x_bytes + double(T * (kN + kN * kN)) * 4, 0.0);
 
         const auto rms = [&](int i) {
           Set& s = set(i);
           run_rms_norm({.x = s.out.as<float>(), .weight = norm_weight.as<float>(), .rows = T, .width = d,
-                        .y = s.y.as<float>()});
+                        .y = s.y.as<float>(), .stream = stream});
         };
-        record("rms_norm", time_ms(iterations, rms), 2 * td_bytes + double(d) * 4, 0.0);
+        record("rms_norm", rms, 2 * td_bytes + double(d) * 4, 0.0);
 
         const auto embedding = [&](int i) {
           Set& s = set(i);
           run_embedding({.table = embed_table.view(), .ids = s.ids.as<int32_t>(), .tokens = T, .streams = kN,
-                         .X = s.X.as<float>()});
+                         .X = s.X.as<float>(), .stream = stream});
         };
-        record("embedding (bf16 → 4 streams)", time_ms(iterations, embedding), double(T * d) * 2 + x_bytes, 0.0);
+        record("embedding (bf16 → 4 streams)", embedding, double(T * d) * 2 + x_bytes, 0.0);
       }
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+    DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 
-    std::printf("| kernel | model | T | µs | MB moved | GB/s | %% of copy | baseline µs | speed-up |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| kernel | model | T | µs (stream) | µs (graph) | MB moved | GB/s (graph) | %% of copy | "
+                "baseline µs (stream) | speed-up (stream) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table) {
-      std::printf("| %s | %s | %lld | %.1f | %.2f | %.0f | %.0f |", r.kernel.c_str(), r.model.c_str(),
-                  (long long)r.tokens, r.us, r.bytes / 1e6, r.gbps, r.percent_of_copy);
+      std::printf("| %s | %s | %lld | %.1f | %.1f | %.2f | %.0f | %.0f |", r.kernel.c_str(), r.model.c_str(),
+                  (long long)r.tokens, r.us, r.graph_us, r.bytes / 1e6, r.gbps, r.percent_of_copy);
       if (r.baseline_us > 0)
         std::printf(" %.1f | %.2f× |\n", r.baseline_us, r.baseline_us / r.us);
       else
@@ -321,8 +350,9 @@ int main(int argc, char** argv) {
       const Row& r = table[i];
       std::fprintf(out,
                    "    {\"kernel\": \"%s\", \"model\": \"%s\", \"hidden\": %lld, \"tokens\": %lld, \"us\": %.2f, "
+                   "\"graph_us\": %.2f, "
                    "\"bytes\": %.0f, \"gbps\": %.1f, \"percent_of_copy\": %.1f, \"baseline_us\": %s}%s\n",
-                   r.kernel.c_str(), r.model.c_str(), (long long)r.hidden, (long long)r.tokens, r.us, r.bytes, r.gbps,
+                   r.kernel.c_str(), r.model.c_str(), (long long)r.hidden, (long long)r.tokens, r.us, r.graph_us, r.bytes, r.gbps,
                    r.percent_of_copy, r.baseline_us > 0 ? std::to_string(r.baseline_us).c_str() : "null",
                    i + 1 < table.size() ? "," : "");
     }

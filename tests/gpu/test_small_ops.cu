@@ -263,7 +263,7 @@ TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
   const OwnedQuantizedMatrix nv = allocate_quantized_matrix(WeightFormat::MXFP4, 8, 64, ScaleType::E8M0);
   const DeviceMatrix nv_d(nv.matrix, "mxfp4 table");
   expect_error([&] { run_embedding({.table = nv_d.view(), .ids = x.as<int32_t>(), .tokens = 1, .X = y.as<float>()}); },
-               "table format MXFP4");
+               "table format mxfp4");
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/mhc.cuh"
@@ -59,13 +61,39 @@ void check_projection(const char* op, const float* X, const float* fn, const flo
   check(aligned16(workspace), op, ": workspace must be 16-byte aligned");
 }
 
+// CTAs of `kernel` resident per SM with `smem_bytes` of dynamic shared memory, after raising the kernel's shared
+// memory limits on the current device. Cached per (kernel, device, size): the attribute and occupancy queries cost
+// microseconds of host time, more than a decode-sized launch.
+int prepare_resident_ctas(const void* kernel, size_t smem_bytes) {
+  struct Entry {
+    const void* kernel;
+    int device;
+    size_t smem_bytes;
+    int resident;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  for (const Entry& e : cache)
+    if (e.kernel == kernel && e.device == device && e.smem_bytes == smem_bytes) return e.resident;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+  // The whole unified L1/shared array as shared memory: the occupancy the wait between CTAs relies on, and the
+  // latency hiding of several CTAs per SM.
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
+  int resident = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, mhc::kThreads, smem_bytes));
+  cache.push_back({kernel, device, smem_bytes, resident});
+  return resident;
+}
+
 template <bool kHead, int kTokensPerThread>
 void launch_projection(mhc::ProjectionArgs args, const HcProjectionConfig& config, int multiprocessors,
                        cudaStream_t stream, const char* op) {
   const auto kernel = mhc::hc_projection_kernel<kHead, kTokensPerThread>;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.smem_bytes)));
-  int resident = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, mhc::kThreads, config.smem_bytes));
+  const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), config.smem_bytes);
   // The CTAs of one token tile wait for each other: all of them must fit on the card at once.
   check(int64_t(resident) * multiprocessors >= config.slices, op, ": ", config.slices,
         " CTAs per token tile cannot be resident together (", resident, " per SM × ", multiprocessors, " SMs)");
@@ -86,7 +114,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   if (config.token_tile == 8)
     launch_projection<kHead, 1>(args, config, multiprocessors, stream, op);
   else
-    launch_projection<kHead, 4>(args, config, multiprocessors, stream, op);
+    launch_projection<kHead, 2>(args, config, multiprocessors, stream, op);
 }
 
 }  // namespace
@@ -95,8 +123,9 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   check(tokens >= 0 && hidden > 0 && hidden % 4 == 0, "hc projection: bad shape tokens=", tokens,
         " hidden=", hidden);
   HcProjectionConfig config;
-  // Decode batches of up to 8 tokens waste less of the 4-tokens-per-thread register tile with 8-token tiles.
-  config.token_tile = tokens <= 8 ? 8 : 32;
+  // 16-token tiles keep a CTA at 45 KB of shared memory (4 per SM: their load, compute and wait phases overlap)
+  // while fn, re-read from L2 per tile, stays below 1.5× the X bytes; decode batches of up to 8 use 8-token tiles.
+  config.token_tile = tokens <= 8 ? 8 : 16;
   config.token_tiles = ceil_div(tokens, config.token_tile);
   // Narrow slices give few tokens enough CTAs to stream fn from every SM; wide slices keep the per-CTA reduction
   // over the slices (each CTA reads 5·token_tile partials per slice) small against the X it owns.

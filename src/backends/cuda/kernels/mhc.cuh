@@ -2,14 +2,14 @@
 //
 // NOTES:
 // - hc_pre's cost is the projection m[T, R] = X[T, n·d] · fnᵀ (R = 24 rows, 4 for hc_head): 24 FMAs per X value,
-//   so it is done on CUDA cores with register tiles (4 tokens × 6 rows per thread) and fp32 accumulation, the
+//   so it is done on CUDA cores with register tiles (2 tokens × 6 rows per thread) and fp32 accumulation, the
 //   precision of the reference. Each CTA owns one (token tile, d-slice) work item: it stages the slice of X (all 4
 //   streams) in shared memory, reads the matching columns of fn through L1 (the 8 lanes of a row group share each
 //   load), and publishes per-slice partial sums [Σx², m_0 … m_{R-1}] × tokens to the workspace.
 // - The collapse y = Σ_k pre_k·X_k needs the whole token reduced first. Instead of a second launch (and a second
 //   pass over X from HBM), every CTA of a tile waits on an arrival counter, sums the 5 partial rows it needs
 //   (Σx² and the pre rows) over the slices in slice order — deterministic — and collapses its own slice straight
-//   from shared memory. Post/comb (Sinkhorn) are spread one token per warp over the CTAs of the tile.
+//   from shared memory. Post/comb (Sinkhorn) of the tile's tokens are dealt round-robin over its CTAs.
 // - Work items come from an atomic ticket, not blockIdx, so a CTA only ever waits for items already handed out
 //   to running CTAs or to be handed out next; with every slice CTA of a tile resident at once (checked by the
 //   launcher) this cannot deadlock. The last CTA to leave resets the counters for the next launch.
@@ -71,6 +71,27 @@ __device__ inline unsigned load_acquire(const unsigned* address) {
   return value;
 }
 
+// Lanes per item when `items` partial sums are reduced over the slices by one CTA in one pass: the largest power
+// of two up to a warp that fits (more lanes, fewer dependent L2 round trips per lane).
+__device__ inline int slice_sum_group(int items) {
+  int group = 32;
+  while (group > 1 && group * items > kThreads) group >>= 1;
+  return group;
+}
+
+// Σ over the slices of element `index` of each slice's partial block, by `group` aligned lanes: lane `part` adds
+// slices part, part + group, … in order, then a butterfly. The partition depends only on (slices, group), so every
+// CTA of a tile (and every run) gets the same bits. All lanes of the warp must call it (the butterfly shuffles);
+// lanes with nothing to add pass slices = 0.
+__device__ inline float sum_over_slices(const float* partials, int64_t stride, int slices, int index, int part,
+                                        int group) {
+  float sum = 0.0f;
+#pragma unroll 8
+  for (int s = part; s < slices; s += group) sum += __ldcg(partials + s * stride + index);
+  for (int offset = group / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  return sum;
+}
+
 // Doubly stochastic 4×4 from logits held by lanes 0..15 (lane = 4·j + k); lanes 16..31 compute a copy on junk.
 __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
@@ -94,7 +115,7 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
 }
 
 template <bool kHead, int kTokensPerThread>
-__global__ void __launch_bounds__(kThreads) hc_projection_kernel(const ProjectionArgs args) {
+__global__ void __launch_bounds__(kThreads, 3) hc_projection_kernel(const ProjectionArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kRowsPerThread = kRows / 4;
   constexpr int kTile = 8 * kTokensPerThread;
@@ -200,53 +221,64 @@ __global__ void __launch_bounds__(kThreads) hc_projection_kernel(const Projectio
     }
     tile_partials[slice * partial_stride + p] = value;
   }
-  __threadfence();
   __syncthreads();
 
   unsigned* arrive = args.counters + kCounterHeader + 2 * tile;
   unsigned* depart = arrive + 1;
   if (tid == 0) {
+    // One fence after the barrier publishes the whole CTA's partials (fences are cumulative), as grid sync does.
+    __threadfence();
     atomicAdd(arrive, 1u);
     while (load_acquire(arrive) < unsigned(slices)) __nanosleep(32);
   }
   __syncthreads();
 
-  // Σx² and the pre rows over all slices, in slice order (rows 0..n of the partial layout).
-  for (int p = tid; p < (kStreams + 1) * kTile; p += kThreads) {
-    float sum = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < slices; ++s) sum += __ldcg(tile_partials + s * partial_stride + p);
-    reduced_s[p / kTile][p % kTile] = sum;
+  // Σx² and the pre rows (rows 0..n of the partial layout) of the tile's valid tokens, summed over the slices.
+  {
+    const int items = (kStreams + 1) * valid_tokens;
+    const int group = slice_sum_group(items);
+    const int item = tid / group, part = tid % group;
+    const bool active = item < items;
+    const int row = active ? item / valid_tokens : 0, t = active ? item % valid_tokens : 0;
+    const float sum =
+        sum_over_slices(tile_partials, partial_stride, active ? slices : 0, row * kTile + t, part, group);
+    if (active && part == 0) reduced_s[row][t] = sum;
   }
   __syncthreads();
-  if (tid < kTile) inv_rms_s[tid] = 1.0f / sqrtf(reduced_s[0][tid] / float(flat) + args.norm_eps);
+  if (tid < valid_tokens) inv_rms_s[tid] = 1.0f / sqrtf(reduced_s[0][tid] / float(flat) + args.norm_eps);
   __syncthreads();
-  if (tid < kTile * kStreams) {
+  if (tid < valid_tokens * kStreams) {
     const int t = tid / kStreams, k = tid % kStreams;
     const float mix = reduced_s[1 + k][t] * inv_rms_s[t];
     pre_s[t][k] = sigmoid(mix * args.scale[0] + args.base[k]) + args.hc_eps;
   }
 
   if constexpr (!kHead) {
-    // post and comb: one token per warp, the tile's tokens dealt round-robin over its slices' CTAs.
-    for (int t = slice + warp * slices; t < valid_tokens; t += kWarps * slices) {
-      // Lane l < 20 reduces projection row n + l (post rows, then comb rows).
-      float mix = 0.0f;
-      if (lane < kRows - kStreams) {
-        const float* column = tile_partials + (1 + kStreams + lane) * kTile + t;
-        float sum = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < slices; ++s) sum += __ldcg(column + s * partial_stride);
-        mix = sum * inv_rms_s[t];
+    // post and comb of the tile's tokens, dealt round-robin over its slices' CTAs: 8 threads per projection row
+    // reduce the slices, then warp 0 applies the sigmoids and Sinkhorn.
+    constexpr int kMixRows = kRows - kStreams;  // post rows, then comb rows
+    constexpr int kMixGroup = 8;
+    static_assert(kMixRows * kMixGroup <= kThreads, "one pass of the CTA reduces every post/comb row");
+    __shared__ float mix_s[kMixRows];
+    for (int t = slice; t < valid_tokens; t += slices) {
+      const int item = tid / kMixGroup, part = tid % kMixGroup;
+      const bool active = item < kMixRows;
+      const float sum = sum_over_slices(tile_partials, partial_stride, active ? slices : 0,
+                                        (1 + kStreams + (active ? item : 0)) * kTile + t, part, kMixGroup);
+      if (active && part == 0) mix_s[item] = sum * inv_rms_s[t];
+      __syncthreads();
+      if (warp == 0) {
+        if (lane < kStreams)
+          args.post[(t0 + t) * kStreams + lane] =
+              2.0f * sigmoid(mix_s[lane] * args.scale[1] + args.base[kStreams + lane]);
+        // lane = 4·j + k of lanes 0..15 holds comb[j][k].
+        const float logit = lane < kStreams * kStreams
+                                ? mix_s[kStreams + lane] * args.scale[2] + args.base[2 * kStreams + lane]
+                                : 0.0f;
+        const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
+        if (lane < kStreams * kStreams) args.comb[(t0 + t) * kStreams * kStreams + lane] = comb;
       }
-      if (lane < kStreams)
-        args.post[(t0 + t) * kStreams + lane] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + lane]);
-      // Comb logits move to lanes 0..15 so that the Sinkhorn butterflies line up with rows and columns.
-      const float comb_mix = __shfl_sync(kFullMask, mix, (lane + kStreams) & 31);
-      const float logit =
-          lane < kStreams * kStreams ? comb_mix * args.scale[2] + args.base[2 * kStreams + lane] : 0.0f;
-      const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
-      if (lane < kStreams * kStreams) args.comb[(t0 + t) * kStreams * kStreams + lane] = comb;
+      __syncthreads();
     }
   }
   __syncthreads();

@@ -84,7 +84,7 @@ struct HcPostParams {
 
 // How hc_pre / hc_head cover [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
 struct HcProjectionConfig {
-  int token_tile = 0;      // 8 (T <= 8) or 32
+  int token_tile = 0;      // 8 (T <= 8) or 16
   int slice_dims = 0;      // 32, 64 or 128
   int64_t token_tiles = 0;
   int64_t slices = 0;      // CTAs per token tile (must be resident together)
