@@ -152,10 +152,10 @@ double check_case(const WeightKind& kind, const TestWeight& weight, int64_t toke
   std::vector<float> y(y_floats);
   device_y.download(y.data(), y_floats * sizeof(float));
 
-  // Summation order only: fp32 accumulation over K terms in another order (tensor-core k16 partial sums). The f32
-  // scaled FP8 weight is additionally rounded to bf16 once per element (relative 2^-8 at most, double rounding
-  // included).
-  const double relative = 1e-4 + (kind.format == WeightFormat::FP8_BLOCK128 && kind.scale_type == ScaleType::F32
+  // Summation order only: fp32 accumulation over K terms in another order (tensor-core k16 partial sums); seen up
+  // to 1e-6 of Σ|w·x| at K = 8192. The f32-scaled FP8 weight is additionally rounded to bf16 once per element
+  // (relative 2^-8 at most, double rounding included).
+  const double relative = 1e-5 + (kind.format == WeightFormat::FP8_BLOCK128 && kind.scale_type == ScaleType::F32
                                       ? std::ldexp(1.0, -8)
                                       : 0.0);
   double worst = 0.0;

@@ -4,24 +4,29 @@
 // - warpgroup 0, the producer: one thread streams k-tiles of 64 through a ring of kStages shared-memory slots with
 //   TMA (the activation tile, bf16 in the 128B swizzle, and the weight tile's stored bytes), each slot guarded by a
 //   `full` mbarrier (TMA transaction bytes) and an `empty` mbarrier (one arrival per consumer warpgroup);
-// - warpgroups 1 and 2, the consumers: each owns 64 weight rows. It dequantises its rows of a k-tile into a bf16
-//   tile in the 128B swizzle (the wgmma A operand; exact, see below), then issues wgmma m64nTk16 with the weight on
-//   the M side and the tokens on the N side, accumulating in fp32 registers. BF16 weights skip the dequantisation:
-//   TMA already wrote the A operand.
+// - warpgroups 1 and 2, the consumers: each owns 64 weight rows and issues wgmma m64nTk16 with the weight on the M
+//   side and the tokens on the N side (B = the activation tile in shared memory), accumulating in fp32 registers.
+//   Quantized weights are dequantised straight into the wgmma A fragment in registers (the register-A form of
+//   wgmma): no bf16 copy of the weight tile goes through shared memory, whose bandwidth the activation tile already
+//   uses up. BF16 weights are the A operand as TMA loaded them.
 //
 // NOTES:
-// - Overlap: a consumer issues the wgmma of k-tile i, waits until only that group is in flight (so k-tile i-1's
-//   slot and dequantised buffer are free), releases slot i-1 and dequantises k-tile i+1 into the other of its two
-//   buffers while the tensor core works on i.
+// - Overlap (quantized weights): within a warpgroup a k-tile's wgmma must complete before the next fragment is
+//   written (ptxas serialises every wgmma of a kernel in which ordinary instructions write a wgmma input register
+//   while an earlier wgmma is in flight, warning C7513). So the two consumer warpgroups ping-pong: one warpgroup of
+//   m64n256 keeps all four tensor cores of the SM busy, and while consumer c's wgmma runs, the other dequantises
+//   its next k-tile and then waits for its turn (two named barriers hand the turn over when a k-tile's wgmma is
+//   done). BF16 weights (no fragment to write) keep one wgmma group in flight while waiting for the next slot.
+//   Block scales are loaded one k-tile ahead.
+// - A fragment (per warp, m16k16 like mma.sync): lane = 4g + q holds rows g and g+8 of the warp's 16 rows, at k pairs
+//   16s + 2q and 16s + 8 + 2q for the k16 step s. In fp4 storage such a pair is one byte (byte 8s + q or 8s + 4 + q
+//   of the row's 32), so a lane takes byte q of each of the row's eight words; in fp8 it is one halfword.
 // - Exactness: e2m1 · e8m0 and e2m1 · e4m3 need at most 6 significant bits and e4m3 · e8m0 at most 4; bf16 has 8,
 //   so those products are exact and the GEMM differs from an fp32 reference only in summation order. An f32 block
 //   scale (FP8_BLOCK128 with F32 scales) makes the product inexact: it is rounded once to bf16.
 // - e2m1 → bf16 uses two byte-permute lookups (the low and high bytes of the eight magnitudes' bf16 codes) and
 //   moves the sign bits into place: no float arithmetic, no subnormal intermediate. Then one bf16x2 multiply by
 //   the block scale.
-// - The dequantiser thread owns half a row of the 64-wide k-tile (32 values) and writes four 16-byte chunks;
-//   eight consecutive lanes cover four rows × both halves, so after the swizzle their chunks fall in eight
-//   distinct bank groups.
 // - Epilogue: the accumulator fragment of m64nN holds, per thread, rows lane/4 (+8) of its warp's 16 and token
 //   pairs 2·(lane%4) + 8j; each store instruction of a warp writes four full 32-byte sectors.
 #pragma once
@@ -84,21 +89,16 @@ struct SharedLayout {
   static constexpr int kXStageBytes = kBlockTokens * kTileRowBytes;
   static constexpr int kWStageBytes = kBlockRows * WeightTraits<W>::kStoredRowBytes;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes;
-  static constexpr int kDequantTileBytes = kWarpgroupRows * kTileRowBytes;
-  // Two buffers per consumer warpgroup (dequantise k-tile i+1 while the tensor core reads k-tile i).
-  static constexpr int kDequantBytes = WeightTraits<W>::kDequantise ? 2 * 2 * kDequantTileBytes : 0;
   static constexpr int kAlignmentSlack = 1024;  // the dynamic shared memory base is rounded up to 1024
   static constexpr int kBarrierBytes = 2 * kMaxStages * 8;
-  static constexpr int kStagesThatFit =
-      (kSharedMemoryLimit - kAlignmentSlack - kBarrierBytes - kDequantBytes) / kStageBytes;
+  static constexpr int kStagesThatFit = (kSharedMemoryLimit - kAlignmentSlack - kBarrierBytes) / kStageBytes;
   static constexpr int kStages = kStagesThatFit < kMaxStages ? kStagesThatFit : kMaxStages;
   static_assert(kStages >= 2, "the ring needs two slots");
   static_assert(kWStageBytes % 1024 == 0 && kXStageBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
 
   static constexpr int kXOffset = 0;
   static constexpr int kWOffset = kXOffset + kStages * kXStageBytes;
-  static constexpr int kDequantOffset = kWOffset + kStages * kWStageBytes;
-  static constexpr int kBarrierOffset = kDequantOffset + kDequantBytes;
+  static constexpr int kBarrierOffset = kWOffset + kStages * kWStageBytes;
   static constexpr int kTotalBytes = kBarrierOffset + kBarrierBytes + kAlignmentSlack;
 };
 
@@ -159,62 +159,94 @@ __device__ __forceinline__ void e4m3x4_to_bf16x4(uint32_t codes, float scale, ui
   out23 = pack_bf16x2(hi.x * scale, hi.y * scale);
 }
 
-__device__ __forceinline__ void store_chunk(uint8_t* tile, int row, int chunk, const uint32_t (&words)[4]) {
-  *reinterpret_cast<uint4*>(tile + row * kTileRowBytes + ((chunk ^ (row & 7)) << 4)) =
-      make_uint4(words[0], words[1], words[2], words[3]);
+// Byte q of each of four words, in word order.
+__device__ __forceinline__ uint32_t gather_byte(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3,
+                                               uint32_t pair_selector) {
+  return __byte_perm(__byte_perm(w0, w1, pair_selector), __byte_perm(w2, w3, pair_selector), 0x5410);
 }
 
-// One consumer thread's share of a k-tile: half `half` (32 values) of row `row` of the warpgroup's 64 rows, read
-// from the stored tile `stored` and written dequantised into `tile` (bf16, 128B swizzle).
+// Where this lane's A fragment comes from: rows g and g+8 of its warp's 16 (g = lane / 4), k pairs at q = lane % 4.
+struct FragmentSite {
+  int local_row;        // row g within the warpgroup's 64
+  int64_t scale_rows[2];  // global rows g and g+8, clamped to N - 1 (rows past N are zero-filled by TMA)
+  int q;
+};
+
+// The block-scale bits one k-tile of this lane's two rows needs (loaded a k-tile ahead of their use).
 template <GemmWeight W>
-__device__ __forceinline__ void dequantise_half_row(const GemmKernelArgs& args, const uint8_t* stored, uint8_t* tile,
-                                                    int row, int half, int global_row, int k_tile) {
-  constexpr int kStored = WeightTraits<W>::kStoredRowBytes;
-  // Rows past N are zero-filled by TMA; their scales are read from the last row, which exists.
-  const int64_t scale_row = global_row < args.rows ? global_row : args.rows - 1;
-  if constexpr (W == GemmWeight::MXFP4 || W == GemmWeight::NVFP4) {
-    const uint4 packed = *reinterpret_cast<const uint4*>(stored + row * kStored + half * 16);
-    uint32_t factors[2];
-    if constexpr (W == GemmWeight::MXFP4) {
-      const uint8_t code = __ldg(args.scales + scale_row * args.scales_per_row + k_tile * 2 + half);
-      factors[0] = factors[1] = broadcast_bf16x2(e8m0_to_float(code));
-    } else {
-      const uint16_t codes = __ldg(reinterpret_cast<const uint16_t*>(args.scales + scale_row * args.scales_per_row +
-                                                                     k_tile * 4 + half * 2));
-      const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes), __NV_E4M3)));
-      factors[0] = broadcast_bf16x2(f.x);
-      factors[1] = broadcast_bf16x2(f.y);
-    }
-    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+__device__ __forceinline__ void load_scale_bits(const GemmKernelArgs& args, const FragmentSite& site, int k_tile,
+                                                uint32_t (&bits)[2]) {
+  if constexpr (W == GemmWeight::MXFP4) {  // two e8m0 codes: k 0-31 and 32-63
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      uint32_t values[4];
-      e2m1x8_to_bf16x8(words[i], values);
+    for (int r = 0; r < 2; ++r)
+      bits[r] = __ldg(reinterpret_cast<const uint16_t*>(args.scales + site.scale_rows[r] * args.scales_per_row +
+                                                        k_tile * 2));
+  } else if constexpr (W == GemmWeight::NVFP4) {  // four e4m3 codes, one per k16 step
 #pragma unroll
-      for (int j = 0; j < 4; ++j) values[j] = mul_bf16x2(values[j], factors[i / 2]);
-      store_chunk(tile, row, 4 * half + i, values);
-    }
-  } else {
-    const int64_t band = int64_t(blockIdx.x) * kBlockRows / 128;
-    const int64_t scale_index = band * args.scales_per_row + k_tile / 2;
-    float scale;
+    for (int r = 0; r < 2; ++r)
+      bits[r] = __ldg(reinterpret_cast<const uint32_t*>(args.scales + site.scale_rows[r] * args.scales_per_row +
+                                                        k_tile * 4));
+  } else {  // one scale for the CTA's 128-row band and this k-tile's 128-wide block
+    const int64_t index = int64_t(blockIdx.x) * kBlockRows / 128 * args.scales_per_row + k_tile / 2;
     if constexpr (W == GemmWeight::FP8_E8M0)
-      scale = e8m0_to_float(__ldg(args.scales + scale_index));
+      bits[0] = __ldg(args.scales + index);
     else
-      scale = __ldg(reinterpret_cast<const float*>(args.scales) + scale_index);
-    // Rows 2r and 2r+1 read their two 16-byte pieces in opposite orders: conflict-free within eight lanes.
-    const int first = (row >> 1) & 1;
+      bits[0] = __ldg(reinterpret_cast<const uint32_t*>(args.scales) + index);
+    bits[1] = bits[0];
+  }
+}
+
+// This lane's A fragment of a k-tile: a[4s + r] = (row g + 8r, k pair 16s + 2q), a[4s + 2 + r] = (row g + 8r,
+// k pair 16s + 8 + 2q), dequantised from the warpgroup's stored rows.
+template <GemmWeight W>
+__device__ __forceinline__ void dequantise_fragment(const uint8_t* stored, const FragmentSite& site,
+                                                    const uint32_t (&scale_bits)[2], uint32_t (&a)[16]) {
+  constexpr int kStored = WeightTraits<W>::kStoredRowBytes;
 #pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int piece = p ^ first;
-      const uint4 codes = *reinterpret_cast<const uint4*>(stored + row * kStored + half * 32 + piece * 16);
-      uint32_t low[4], high[4];
-      e4m3x4_to_bf16x4(codes.x, scale, low[0], low[1]);
-      e4m3x4_to_bf16x4(codes.y, scale, low[2], low[3]);
-      e4m3x4_to_bf16x4(codes.z, scale, high[0], high[1]);
-      e4m3x4_to_bf16x4(codes.w, scale, high[2], high[3]);
-      store_chunk(tile, row, 4 * half + 2 * piece, low);
-      store_chunk(tile, row, 4 * half + 2 * piece + 1, high);
+  for (int r = 0; r < 2; ++r) {
+    const uint8_t* row = stored + (site.local_row + 8 * r) * kStored;
+    if constexpr (W == GemmWeight::MXFP4 || W == GemmWeight::NVFP4) {
+      const uint4 lo = *reinterpret_cast<const uint4*>(row);
+      const uint4 hi = *reinterpret_cast<const uint4*>(row + 16);
+      const uint32_t pair_selector = uint32_t(site.q) | (uint32_t(site.q + 4) << 4);
+      // Byte j of codes[h] holds the k pair of step 2h + j/2, at +8 when j is odd.
+      const uint32_t codes[2] = {gather_byte(lo.x, lo.y, lo.z, lo.w, pair_selector),
+                                 gather_byte(hi.x, hi.y, hi.z, hi.w, pair_selector)};
+      uint32_t factors[4];
+      if constexpr (W == GemmWeight::MXFP4) {
+        factors[0] = factors[1] = broadcast_bf16x2(e8m0_to_float(uint8_t(scale_bits[r])));
+        factors[2] = factors[3] = broadcast_bf16x2(e8m0_to_float(uint8_t(scale_bits[r] >> 8)));
+      } else {
+        const float2 f01 =
+            __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(scale_bits[r]), __NV_E4M3)));
+        const float2 f23 = __half22float2(
+            __half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(scale_bits[r] >> 16), __NV_E4M3)));
+        factors[0] = broadcast_bf16x2(f01.x);
+        factors[1] = broadcast_bf16x2(f01.y);
+        factors[2] = broadcast_bf16x2(f23.x);
+        factors[3] = broadcast_bf16x2(f23.y);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t values[4];
+        e2m1x8_to_bf16x8(codes[h], values);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int step = 2 * h + j / 2;
+          a[4 * step + 2 * (j % 2) + r] = mul_bf16x2(values[j], factors[step]);
+        }
+      }
+    } else {
+      const float scale = W == GemmWeight::FP8_E8M0 ? e8m0_to_float(uint8_t(scale_bits[r]))
+                                                    : __uint_as_float(scale_bits[r]);
+      // The halfword at byte 16s + 2q is in word 4s + q/2; its partner at +8 bytes in word 4s + 2 + q/2.
+      const auto* words = reinterpret_cast<const uint32_t*>(row) + site.q / 2;
+      const uint32_t half_selector = site.q % 2 == 0 ? 0x5410u : 0x7632u;
+#pragma unroll
+      for (int step = 0; step < 4; ++step) {
+        const uint32_t pairs = __byte_perm(words[4 * step], words[4 * step + 2], half_selector);
+        e4m3x4_to_bf16x4(pairs, scale, a[4 * step + r], a[4 * step + 2 + r]);
+      }
     }
   }
 }
@@ -228,6 +260,19 @@ __device__ __forceinline__ void wgmma_k_tile(float (&acc)[kBlockTokens / 2], uin
       sm90::wgmma_m64n256k16_bf16(acc, a, b, 1);
     else
       sm90::wgmma_m64n128k16_bf16(acc, a, b, 1);
+  }
+}
+
+template <int kBlockTokens>
+__device__ __forceinline__ void wgmma_k_tile_rs(float (&acc)[kBlockTokens / 2], const uint32_t (&a)[16],
+                                                uint64_t b_desc) {
+#pragma unroll
+  for (int k = 0; k < kBlockK / 16; ++k) {
+    const uint64_t b = sm90::advance_descriptor(b_desc, k * 32);
+    if constexpr (kBlockTokens == 256)
+      sm90::wgmma_m64n256k16_bf16_rs(acc, a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3], b, 1);
+    else
+      sm90::wgmma_m64n128k16_bf16_rs(acc, a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3], b, 1);
   }
 }
 
@@ -304,32 +349,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (k_tile > 0) release((k_tile - 1) % kStages);
     }
   } else {
-    uint8_t* dequant_tiles = shared + Layout::kDequantOffset + consumer * 2 * Layout::kDequantTileBytes;
-    const int row = thread / 2, half = thread % 2;
-    const int global_row = cta_row + consumer * kWarpgroupRows + row;
-    auto dequantise = [&](int k_tile) {
-      const int slot = k_tile % kStages;
-      sm90::mbarrier_wait(&full[slot], (k_tile / kStages) & 1);
-      const uint8_t* stored = w_tiles + slot * Layout::kWStageBytes +
-                              consumer * kWarpgroupRows * Traits::kStoredRowBytes;
-      dequantise_half_row<W>(args, stored, dequant_tiles + (k_tile % 2) * Layout::kDequantTileBytes, row, half,
-                             global_row, k_tile);
-      sm90::fence_proxy_async_shared();
-      sm90::named_barrier_sync<kWarpgroupThreads>(1 + consumer);
-    };
-    dequantise(0);
+    const int warp = thread / 32, lane = thread % 32;
+    FragmentSite site;
+    site.local_row = warp * 16 + lane / 4;
+    site.q = lane % 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = int64_t(cta_row) + consumer * kWarpgroupRows + site.local_row + 8 * r;
+      site.scale_rows[r] = row < args.rows ? row : args.rows - 1;
+    }
+    uint32_t fragment[16];
+    uint32_t scale_bits[2];
+    load_scale_bits<W>(args, site, 0, scale_bits);
+    // Ping-pong (see NOTES): consumer c waits at barrier kTurn + c for its turn on the tensor cores and hands the
+    // turn over once its k-tile is done. Consumer 1 starts by handing consumer 0 the first turn.
+    constexpr int kTurn = 1;
+    if (consumer == 1) sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 0);
     for (int k_tile = 0; k_tile < args.k_tiles; ++k_tile) {
       const int slot = k_tile % kStages;
-      const uint64_t a_desc =
-          sm90::make_sw128_k_major_descriptor(dequant_tiles + (k_tile % 2) * Layout::kDequantTileBytes);
+      sm90::mbarrier_wait(&full[slot], (k_tile / kStages) & 1);
+      dequantise_fragment<W>(w_tiles + slot * Layout::kWStageBytes + consumer * kWarpgroupRows * Traits::kStoredRowBytes,
+                             site, scale_bits, fragment);
+      if (k_tile + 1 < args.k_tiles) load_scale_bits<W>(args, site, k_tile + 1, scale_bits);
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kTurn + consumer);
       sm90::fence_operand(acc);
       sm90::wgmma_fence();
-      wgmma_k_tile<kBlockTokens>(acc, a_desc, x_descriptor(slot));
+      wgmma_k_tile_rs<kBlockTokens>(acc, fragment, x_descriptor(slot));
       sm90::wgmma_commit_group();
-      sm90::wgmma_wait_group<1>();
+      // The fragment registers are rewritten next: wait for the whole group (see NOTES).
+      sm90::wgmma_wait_group<0>();
       sm90::fence_operand(acc);
-      if (k_tile > 0) release((k_tile - 1) % kStages);
-      if (k_tile + 1 < args.k_tiles) dequantise(k_tile + 1);
+      sm90::fence_operand(fragment);
+      release(slot);
+      // Consumer 0's last hand-over meets consumer 1's last turn; consumer 1's would be left dangling.
+      if (consumer == 0 || k_tile + 1 < args.k_tiles)
+        sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 1 - consumer);
     }
   }
   sm90::wgmma_wait_group<0>();
