@@ -1,0 +1,65 @@
+// The DeepSeek-V4 forward pass on one GPU (dsv4-model.md §2), the same function as Dsv4Model over the CPU backend:
+// weights resident in their stored formats, the paged KV cache, the compressor and indexer state of every sequence
+// on the device, and every op a kernel of src/backends/cuda/kernels. A call runs a sequence's next tokens (a prefill
+// chunk or one decode token) with no host synchronisation until the logits are copied back.
+//
+// Numerics: activations between ops are fp32; the inputs of linear layers are rounded to bf16 (the tensor cores'
+// operand type), KV entries are bf16 (exact mode) or DeepSeek's fp8 layout (reference mode), the indexer keys bf16.
+// Matrices stored as F32 (HuggingFace-layout fixtures) are held as BF16 on the device, with a warning.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/weight_upload.hpp"
+#include "io/model_config.hpp"
+#include "model/dsv4_model.hpp"
+#include "model/model_weights.hpp"
+#include "model/numerics_mode.hpp"
+
+namespace dsv4::cuda {
+
+struct CudaModelOptions {
+  std::string device = "cuda";                 // "cuda" or "cuda:N"
+  NumericsMode numerics = NumericsMode::Exact;
+  int max_sequences = 1;                       // sequences that may hold KV state at once
+  int64_t max_context = 4096;                  // tokens per sequence the KV cache and indexer buffers hold
+  int64_t max_step_tokens = 512;               // tokens per kernel pass; longer calls run in chunks of this
+  UploadProgress progress;                     // weight upload progress (optional)
+};
+
+class CudaModel {
+ public:
+  // Uploads the weights (borrowed only during construction) and sizes every buffer. Throws naming what does not fit
+  // or what a kernel does not support before any step runs.
+  CudaModel(const ModelConfig& config, const ModelWeights& weights, const CudaModelOptions& options);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const;
+  const CudaModelOptions& options() const;
+  // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB, workspace ..."
+  std::string describe() const;
+
+  // A sequence slot with empty state; throws when all max_sequences are in use.
+  int add_sequence();
+  // Frees the slot's KV pages and state.
+  void release_sequence(int slot);
+  // Tokens the slot holds (the position of its next token).
+  int64_t length(int slot) const;
+
+  // Runs `ids` at the slot's next positions; fp32 logits [rows, vocab] for every position (All) or the last (Last).
+  // Throws for an empty call, an id outside the vocabulary, or a sequence past max_context, leaving the slot as it
+  // was; an error while the kernels run (a fault, NaN scores) releases the slot, whose state is then undefined.
+  void forward(int slot, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,37 @@
+// The per-query entry lists that sparse attention reads (dsv4-model.md §3.4), built on the device from positions so a
+// decode step needs no host work per token:
+//  - window: query at position p sees the KV vectors of positions max(0, p − window + 1) … p, stored in the paged
+//    window ring at row position mod ring_rows; slots for positions before 0 are −1.
+//  - visible compressed entries (HCA layers): entries 0 … min(entries, (p + 1) div ratio) − 1, the rest −1.
+// (CSA layers take their compressed lists from the indexer's top-k instead.)
+// Asynchronous on `stream`; no allocation, no synchronisation.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace dsv4::cuda {
+
+struct WindowIndexParams {
+  const int64_t* positions = nullptr;  // device [tokens]
+  int64_t tokens = 0;
+  int window = 0;                      // slots per query (the model's sliding window)
+  int64_t ring_rows = 0;               // rows of the window ring (≥ window)
+  int32_t* index = nullptr;            // device [tokens, window]
+  cudaStream_t stream = nullptr;
+};
+
+struct VisibleEntriesIndexParams {
+  const int64_t* positions = nullptr;  // device [tokens]
+  int64_t tokens = 0;
+  int64_t entries = 0;                 // compressed entries stored (slots per query)
+  int64_t ratio = 0;                   // the layer's compression ratio
+  int32_t* index = nullptr;            // device [tokens, entries]
+  cudaStream_t stream = nullptr;
+};
+
+void run_window_index(const WindowIndexParams& params);
+void run_visible_entries_index(const VisibleEntriesIndexParams& params);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,174 @@
+// The whole model on the GPU (CudaModel) against the CPU model (Dsv4Model over CpuBackend) on the golden fixtures
+// and the embedded tiny models: logits of a prefill, of chunked prefill and of token-by-token decode, in both
+// numerics modes, and greedy continuations token for token.
+#include "backends/cpu/cpu_backend.hpp"
+#include "backends/cuda/cuda_model.hpp"
+#include "backends/cuda/device.hpp"
+#include "core/error.hpp"
+#include "model/checkpoint_loader.hpp"
+#include "model/dsv4_model.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+using namespace dsv4;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Relative to the largest CPU logit of the row. The GPU rounds the inputs of every linear layer to bf16 (and the KV
+// entries and indexer keys in exact mode, and F32-stored weights), so rows differ by a few bf16 roundings that pass
+// through the layers: 2e-3 of the logit range is the issue's bound for bf16 paths.
+constexpr float kTolerance = 2e-3f;
+
+struct Fixture {
+  LoadedCheckpoint ckpt;
+  explicit Fixture(const fs::path& dir) : ckpt(load_checkpoint(dir.string())) { ckpt.require_loadable(); }
+};
+
+std::vector<float> cpu_logits(const Fixture& f, NumericsMode mode, const std::vector<int32_t>& tokens) {
+  cpu::CpuBackend backend(f.ckpt.config, mode);
+  Dsv4Model model(f.ckpt.config, f.ckpt.weights, backend);
+  auto seq = model.new_sequence();
+  std::vector<float> logits;
+  model.forward(*seq, tokens, LogitRows::All, logits);
+  return logits;
+}
+
+// The GPU logits of `tokens` fed in chunks of `chunk` tokens (cycled), every row.
+std::vector<float> gpu_logits(cuda::CudaModel& model, const std::vector<int32_t>& tokens, int64_t chunk) {
+  const int slot = model.add_sequence();
+  std::vector<float> all, part;
+  for (size_t at = 0; at < tokens.size(); at += size_t(chunk)) {
+    const size_t n = std::min(size_t(chunk), tokens.size() - at);
+    model.forward(slot, std::span(tokens).subspan(at, n), LogitRows::All, part);
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  model.release_sequence(slot);
+  return all;
+}
+
+// Worst row error relative to the row's largest |CPU logit|; every GPU value must be finite.
+float worst_relative_error(const std::vector<float>& want, const std::vector<float>& got, int64_t vocab) {
+  EXPECT_EQ(want.size(), got.size());
+  float worst = 0;
+  for (size_t r = 0; r * size_t(vocab) < std::min(want.size(), got.size()); ++r) {
+    float max_abs = 0, max_diff = 0;
+    for (int64_t v = 0; v < vocab; ++v) {
+      const float w = want[r * size_t(vocab) + size_t(v)], g = got[r * size_t(vocab) + size_t(v)];
+      if (!std::isfinite(g)) {
+        ADD_FAILURE() << "row " << r << " token " << v << " is " << g;
+        return INFINITY;
+      }
+      max_abs = std::max(max_abs, std::abs(w));
+      max_diff = std::max(max_diff, std::abs(w - g));
+    }
+    worst = std::max(worst, max_diff / max_abs);
+  }
+  return worst;
+}
+
+std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
+  std::vector<int32_t> tokens(static_cast<size_t>(count));
+  for (int32_t& t : tokens) t = pick(rng);
+  return tokens;
+}
+
+bool have_gpu() { return !cuda::list_devices().empty(); }
+
+class CudaModelMatchesCpu : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const fs::path dir = fs::path(DSV4_SOURCE_DIR) / GetParam();
+  const Fixture f(dir);
+  const int64_t vocab = f.ckpt.config.vocab_size;
+  // Long enough to fill windows, wrap the ring and complete compressed entries of every ratio the fixtures use.
+  const std::vector<int32_t> tokens = random_tokens(150, vocab, 7);
+  for (NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
+    SCOPED_TRACE(std::string(to_string(mode)));
+    const std::vector<float> want = cpu_logits(f, mode, tokens);
+    cuda::CudaModelOptions options;
+    options.numerics = mode;
+    options.max_context = 256;
+    options.max_step_tokens = 96;  // the 150-token prefill runs as 96 + 54: the chunking inside forward
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+    for (int64_t chunk : {int64_t(150), int64_t(7), int64_t(1)}) {
+      const float error = worst_relative_error(want, gpu_logits(model, tokens, chunk), vocab);
+      EXPECT_LE(error, kTolerance) << "chunks of " << chunk;
+      std::printf("%s %s chunks of %lld: max |Δ| / max |logit| = %.3g\n", GetParam().c_str(),
+                  std::string(to_string(mode)).c_str(), static_cast<long long>(chunk), error);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu,
+                         ::testing::Values("tests/golden/flash_like", "tests/golden/flash_like-release",
+                                           "tests/golden/pro_like", "tests/golden/pro_like-release",
+                                           "tests/golden/odd_sizes", "tests/golden/odd_sizes-release",
+                                           "models/tiny-fortunes", "models/tiny-fortunes-nvfp4"),
+                         [](const auto& info) {
+                           std::string name = fs::path(info.param).filename().string();
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+// Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's.
+TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (const char* name : {"models/tiny-fortunes", "models/tiny-fortunes-nvfp4"}) {
+    SCOPED_TRACE(name);
+    const Fixture f(fs::path(DSV4_SOURCE_DIR) / name);
+    const std::vector<int32_t> prompt = random_tokens(12, f.ckpt.config.vocab_size, 3);
+    auto argmax = [](const std::vector<float>& row) {
+      return int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+    };
+    cpu::CpuBackend backend(f.ckpt.config, NumericsMode::Exact);
+    Dsv4Model cpu_model(f.ckpt.config, f.ckpt.weights, backend);
+    auto seq = cpu_model.new_sequence();
+    cuda::CudaModel gpu_model(f.ckpt.config, f.ckpt.weights, {});
+    const int slot = gpu_model.add_sequence();
+    std::vector<float> cpu_row, gpu_row;
+    cpu_model.forward(*seq, prompt, LogitRows::Last, cpu_row);
+    gpu_model.forward(slot, prompt, LogitRows::Last, gpu_row);
+    for (int step = 0; step < 64; ++step) {
+      const int32_t want = argmax(cpu_row), got = argmax(gpu_row);
+      ASSERT_EQ(want, got) << "step " << step;
+      cpu_model.forward(*seq, std::span(&want, 1), LogitRows::Last, cpu_row);
+      gpu_model.forward(slot, std::span(&got, 1), LogitRows::Last, gpu_row);
+    }
+  }
+}
+
+TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f(fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes");
+  cuda::CudaModelOptions options;
+  options.max_context = 32;
+  cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+  const int slot = model.add_sequence();
+  std::vector<float> logits;
+  const std::vector<int32_t> bad_id = {1, f.ckpt.config.vocab_size};
+  EXPECT_THROW(model.forward(slot, bad_id, LogitRows::Last, logits), Error);
+  EXPECT_THROW(model.forward(slot, {}, LogitRows::Last, logits), Error);
+  const std::vector<int32_t> too_long(40, 1);
+  EXPECT_THROW(model.forward(slot, too_long, LogitRows::Last, logits), Error);
+  EXPECT_EQ(model.length(slot), 0);
+  const std::vector<int32_t> ok = {1, 2, 3};
+  model.forward(slot, ok, LogitRows::Last, logits);
+  EXPECT_EQ(model.length(slot), 3);
+  EXPECT_EQ(logits.size(), size_t(f.ckpt.config.vocab_size));
+  EXPECT_THROW(model.add_sequence(), Error);  // max_sequences 1
+  model.release_sequence(slot);
+  EXPECT_THROW(model.length(slot), Error);
+}
+
+}  // namespace
