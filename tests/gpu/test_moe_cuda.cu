@@ -141,6 +141,7 @@ struct ExpertSet {
   std::vector<ExpertWeights> experts;
   ExpertWeights shared;
   std::vector<OwnedQuantizedMatrix> abs_w2;  // [E + 1], [E] = shared
+  std::vector<std::vector<float>> l1_w1, l1_w3;  // [E + 1][I]: Σ_j |w_ij| per row, for the fp32-order bound of h
 };
 
 ExpertWeights random_expert(WeightFormat format, std::mt19937_64& rng) {
@@ -156,8 +157,18 @@ ExpertSet make_experts(WeightFormat routed_format, uint64_t seed) {
   for (int64_t e = 0; e < kExperts; ++e) set.experts.push_back(random_expert(routed_format, rng));
   set.shared = random_expert(routed_format == WeightFormat::BF16 ? WeightFormat::BF16 : WeightFormat::FP8_BLOCK128,
                              rng);
-  for (int64_t e = 0; e <= kExperts; ++e)
-    set.abs_w2.push_back(absolute(e < kExperts ? set.experts[size_t(e)].w2 : set.shared.w2));
+  const std::vector<float> ones(static_cast<size_t>(kHidden), 1.0f);
+  auto row_l1 = [&](const QuantizedMatrix& w) {
+    std::vector<float> l1(static_cast<size_t>(w.rows));
+    cpu::linear(absolute(w).matrix, ones.data(), 1, l1.data());
+    return l1;
+  };
+  for (int64_t e = 0; e <= kExperts; ++e) {
+    const ExpertWeights& x = e < kExperts ? set.experts[size_t(e)] : set.shared;
+    set.abs_w2.push_back(absolute(x.w2));
+    set.l1_w1.push_back(row_l1(x.w1));
+    set.l1_w3.push_back(row_l1(x.w3));
+  }
   return set;
 }
 
@@ -310,20 +321,18 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
     if (my_rows.empty()) continue;
     const ExpertWeights& w = e < kExperts ? layer.model.experts[size_t(e)] : layer.model.shared;
     const int64_t n = int64_t(my_rows.size());
-    std::vector<float> x(size_t(n * kHidden)), ones(size_t(kHidden), 1.0f);
+    std::vector<float> x(size_t(n * kHidden));
     float u_max = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
       const float* src = u.data() + tokens_of[size_t(e)][size_t(i)] * kHidden;
       std::copy_n(src, kHidden, x.data() + i * kHidden);
       for (int64_t j = 0; j < kHidden; ++j) u_max = std::max(u_max, std::fabs(src[j]));
     }
-    std::vector<float> gate(size_t(n * kIntermediate)), up(gate.size()), l1_w1(static_cast<size_t>(kIntermediate)),
-        l1_w3(static_cast<size_t>(kIntermediate));
+    std::vector<float> gate(size_t(n * kIntermediate)), up(gate.size());
+    const std::vector<float>& l1_w1 = experts.l1_w1[size_t(e)];
+    const std::vector<float>& l1_w3 = experts.l1_w3[size_t(e)];
     cpu::linear(w.w1, x.data(), n, gate.data());
     cpu::linear(w.w3, x.data(), n, up.data());
-    const OwnedQuantizedMatrix abs_w1 = absolute(w.w1), abs_w3 = absolute(w.w3);
-    cpu::linear(abs_w1.matrix, ones.data(), 1, l1_w1.data());
-    cpu::linear(abs_w3.matrix, ones.data(), 1, l1_w3.data());
     std::vector<float> h_gpu(size_t(n * kIntermediate));
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < kIntermediate; ++j) {
@@ -333,7 +342,8 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
         const float actual = bf16_to_float(h_bits[size_t(my_rows[size_t(i)]) * kIntermediate + j]);
         h_gpu[at] = actual;
         // fp32 order term: |Δg| ≤ ε Σ|w1||u| moves h by ≤ 1.1 |v| |Δg| (silu' ≤ 1.1); |Δv| moves it by |silu(g)|.
-        const double order = kOrderTolerance * u_max * (1.1 * std::fabs(v) * l1_w1[j] + std::fabs(silu(g)) * l1_w3[j]);
+        const double order =
+            kOrderTolerance * u_max * (1.1 * std::fabs(v) * l1_w1[size_t(j)] + std::fabs(silu(g)) * l1_w3[size_t(j)]);
         if (!close(actual, expected, kHRounding * std::fabs(expected) + order) && failures++ < 10)
           ADD_FAILURE() << "h of expert " << e << " token " << tokens_of[size_t(e)][size_t(i)] << " [" << j
                         << "] = " << actual << ", CPU " << expected;

@@ -84,6 +84,11 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   const MoeConfig& c = weights.config();
   const WorkspaceLayout l = workspace_layout(c, p.tokens);
   void* ws = p.workspace;
+  int stage = 0;
+  auto mark_stage = [&] {
+    if (p.stage_events != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.stage_events[stage++], p.stream));
+  };
+  mark_stage();
 
   const MoeRoutingBuffers routing{
       .logits = at<float>(ws, l.logits),
@@ -112,6 +117,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .out = routing,
       .stream = p.stream,
   });
+  mark_stage();
 
   const MoeExpertGemmParams gemm{
       .experts = weights.device_experts(),
@@ -131,7 +137,9 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .stream = p.stream,
   };
   run_moe_gate_up(gemm);
+  mark_stage();
   run_moe_down(gemm);
+  mark_stage();
 
   run_moe_combine({
       .down = gemm.down,
@@ -143,6 +151,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .hidden = int(c.hidden),
       .stream = p.stream,
   });
+  mark_stage();
 }
 
 void check_moe_status(const MoeRunParams& p) {

@@ -27,6 +27,8 @@
 namespace dsv4::cuda {
 
 inline constexpr int kMoeLaunches = 5;
+// Stages that MoeRunParams::stage_events brackets: routing (2 launches), gate/up, down, combine.
+inline constexpr int kMoeStages = 4;
 
 struct MoeRunParams {
   const float* u = nullptr;            // device, fp32 [T, d], 16-byte aligned
@@ -36,6 +38,8 @@ struct MoeRunParams {
   void* workspace = nullptr;           // device, moe_workspace_bytes(config, T) bytes
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+  // Optional (benchmarks): kMoeStages + 1 events recorded on the stream before the first stage and after each.
+  const cudaEvent_t* stage_events = nullptr;
 };
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);

@@ -22,7 +22,6 @@ int max_dynamic_smem() {
 template <moe::ExpertGemm G>
 void launch(const MoeExpertGemmParams& p, const char* name) {
   check_moe_expert_gemm_params(p);
-  using Shape = moe::ExpertGemmShape<G>;
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
   const moe::ExpertGemmArgs args{
       .experts = p.experts,
@@ -41,7 +40,7 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
         " bytes of shared memory per CTA, beyond this device's limit");
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(smem)));
-  const dim3 grid(unsigned(args.n_total / (Shape::kBands * tile::kTileRows)), unsigned(p.max_work_items));
+  const dim3 grid(unsigned(args.n_total / moe::kCtaRows<G>), unsigned(p.max_work_items));
   moe::moe_expert_gemm_kernel<G><<<grid, moe::kExpertThreads, smem, p.stream>>>(args);
   DSV4_CUDA_CHECK_LAUNCH(name);
 }

@@ -1,16 +1,19 @@
 // Device code behind run_moe_gate_up / run_moe_down (moe_experts.hpp holds the contract), built on the warp tile
-// of weight_tile_mma.cuh (16 weight rows × 8 tokens on mma.sync, weight dequantised exactly in registers).
+// of weight_tile_mma.cuh (16 weight rows × 8·NT tokens on mma.sync, weight dequantised exactly in registers).
 //
 // NOTES:
-// - CTA = kBands × kSplits warps over one work item: kBands bands of 16 weight rows, K split kSplits ways in whole
-//   128-wide blocks. Splitting K inside the CTA keeps many loads in flight per 16-row band (the decode case has
-//   1–8 tokens per expert, so there is little else to parallelise) and the partial sums meet in shared memory, so
-//   the nonlinear SwiGLU can sit in the epilogue, and their order (split 0, 1, ...) is fixed: deterministic.
-// - Each split stages its own x tile (the item's next 8 rows over the split's k range) with stage_x_tile; the
-//   bands of a split share it. Tiles of all splits together hold 8 tokens × K bf16, the largest shared-memory user.
-// - The expert's format is read from its view on the device and picked by a switch that is uniform per CTA, so the
-//   shared expert (FP8 in the release) rides in the same launch as routed MXFP4/NVFP4 experts.
-// - An item's rows are served 8 at a time; after the first group the CTA's weight slice is an L2 hit.
+// - A CTA of 8 warps serves one work item on a band of weight rows: gate/up: 4 bands of 16 rows, warps 0–3 on w1
+//   and warps 4–7 on w3 of the same rows (their loads are in flight together; the SwiGLU pairs them through shared
+//   memory); down: 8 bands of 16 rows of w2. Each warp covers the whole K, so no partial sums cross warps.
+// - x (the item's rows of u, or of h) is staged per K chunk for 8·NT tokens by stage_x_tile; the chunk is as large
+//   as ~72 KB of shared memory allows (the whole K of V4-Flash for one token tile), so small items stage once and
+//   each warp streams its weight rows over one long k range (weight_tile_mma keeps the next batch in flight).
+// - Items of up to 8 rows (decode: 1–2 tokens per routed expert) run with one token tile; larger ones (the shared
+//   expert, prefill) with four (32 rows per pass), so one weight decode serves 32 tokens. The switch is uniform
+//   per CTA, as is the one over the expert's weight format (the shared expert is FP8 in the release while routed
+//   experts are MXFP4/NVFP4: both ride in the same launch).
+// - Before staging x, each warp asks L2 for the start of its weight rows (bulk prefetch), so the first loads of the
+//   MMA loop find them there instead of waiting behind the staging.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,21 +28,16 @@ namespace dsv4::cuda::moe {
 
 enum class ExpertGemm { GATE_UP, DOWN };
 
-template <ExpertGemm G>
-struct ExpertGemmShape;
-template <>
-struct ExpertGemmShape<ExpertGemm::GATE_UP> {
-  static constexpr int kBands = 1, kSplits = 8;  // K = d: 512 per split on V4-Flash
-};
-template <>
-struct ExpertGemmShape<ExpertGemm::DOWN> {
-  static constexpr int kBands = 2, kSplits = 4;  // K = I: 512 per split on V4-Flash
-};
-
 inline constexpr int kExpertWarps = 8;
 inline constexpr int kExpertThreads = kExpertWarps * tile::kWarpSize;
-inline constexpr int kGroupTokens = tile::kTokensPerMma;  // rows of an item per pass (NT = 1)
-inline constexpr int kTileOutputs = tile::kTileRows * kGroupTokens;  // 128 accumulators per warp tile
+inline constexpr int kSmallTokenTiles = 1;  // items of <= 8 rows
+inline constexpr int kLargeTokenTiles = 2;  // larger items, 32 rows per pass
+inline constexpr size_t kXTileBudget = 72 * 1024;  // shared memory for one x chunk: three CTAs fit an SM
+inline constexpr int kPrefetchBytesPerRow = 512;   // first bytes of each weight row requested ahead of the MMAs
+
+// Weight rows one CTA covers.
+template <ExpertGemm G>
+inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? kExpertWarps / 2 : kExpertWarps) * tile::kTileRows;
 
 struct ExpertGemmArgs {
   const MoeExpertView* experts;
@@ -54,104 +52,146 @@ struct ExpertGemmArgs {
   float* down;       // down output [rows, d]
 };
 
-// The k range of split s: whole 128-blocks, the remainder spread over the first splits.
-__host__ __device__ inline void split_k_range(int k_total, int split, int splits, int& k_begin, int& k_end) {
+// The widest K chunk (a multiple of 128) whose x tile of 8·token_tiles rows fits kXTileBudget, and the number of
+// chunks K then splits into (equal-sized up to whole 128-blocks).
+__host__ __device__ constexpr int max_chunk_k(int token_tiles) {
+  return int((kXTileBudget / (2 * tile::kTokensPerMma * size_t(token_tiles)) - 32) / tile::kTileKAlignment *
+             tile::kTileKAlignment);
+}
+__host__ __device__ constexpr int chunk_count(int k_total, int token_tiles) {
+  return (k_total + max_chunk_k(token_tiles) - 1) / max_chunk_k(token_tiles);
+}
+__host__ __device__ inline void chunk_range(int k_total, int chunk, int chunks, int& k_begin, int& k_end) {
   const int blocks = k_total / int(tile::kTileKAlignment);
-  const int base = blocks / splits, extra = blocks % splits;
-  const int first = split * base + min(split, extra);
-  k_begin = first * int(tile::kTileKAlignment);
-  k_end = k_begin + (base + (split < extra ? 1 : 0)) * int(tile::kTileKAlignment);
+  const int base = blocks / chunks, extra = blocks % chunks;
+  k_begin = (chunk * base + min(chunk, extra)) * int(tile::kTileKAlignment);
+  k_end = k_begin + (base + (chunk < extra ? 1 : 0)) * int(tile::kTileKAlignment);
 }
 
-// Bytes of one split's x tile slot (the widest split's tile).
-__host__ __device__ inline size_t x_slot_bytes(int k_total, int splits) {
-  const int blocks = k_total / int(tile::kTileKAlignment);
-  return tile::x_tile_bytes(1, int64_t((blocks + splits - 1) / splits) * tile::kTileKAlignment);
+// Shared memory of one CTA: the x chunk of either path, then (gate/up) the w3 results handed to the w1 warps.
+__host__ __device__ inline size_t x_chunk_bytes(int k_total, int token_tiles) {
+  const int chunks = chunk_count(k_total, token_tiles);
+  const int widest = (k_total / int(tile::kTileKAlignment) + chunks - 1) / chunks * int(tile::kTileKAlignment);
+  return tile::x_tile_bytes(token_tiles, widest);
 }
-
-// Shared memory of one CTA: the x tiles, reused for the partial sums once every warp's MMAs are done.
+__host__ __device__ inline size_t exchange_offset(int k_total) {
+  const size_t a = x_chunk_bytes(k_total, kSmallTokenTiles), b = x_chunk_bytes(k_total, kLargeTokenTiles);
+  return ((a > b ? a : b) + 15) / 16 * 16;
+}
 template <ExpertGemm G>
 __host__ __device__ inline size_t expert_gemm_smem_bytes(int k_total) {
-  using Shape = ExpertGemmShape<G>;
-  const size_t tiles = size_t(Shape::kSplits) * x_slot_bytes(k_total, Shape::kSplits);
-  const size_t partials = size_t(kExpertWarps) * 2 * kTileOutputs * sizeof(float);
-  return tiles > partials ? tiles : partials;
+  // w3 results of the 4 up-projection warps: [warp][16 rows][8·kLargeTokenTiles tokens] fp32.
+  const size_t exchange = G == ExpertGemm::GATE_UP
+                              ? size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles * 4
+                              : 0;
+  return exchange_offset(k_total) + exchange;
+}
+
+// PTX ISA "cp.async.bulk.prefetch.L2": asks L2 to fetch [address, address + bytes) without waiting (16-byte aligned
+// address, bytes a multiple of 16).
+__device__ __forceinline__ void prefetch_l2_bulk(const void* address, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
+}
+
+// Lanes 0..15 of the warp ask for the first bytes of rows row0 + lane over [k_begin, k_end).
+template <tile::TileFormat F>
+__device__ __forceinline__ void prefetch_rows(const DeviceMatrixView& w, int64_t row0, int k_begin, int k_end,
+                                              int lane) {
+  if (lane >= tile::kTileRows) return;
+  constexpr int kBytesPer128 = F == tile::TileFormat::BF16 ? 256 : F == tile::TileFormat::FP8_BLOCK128 ? 128 : 64;
+  const int64_t row = min(row0 + lane, w.rows - 1);
+  const int bytes = min(kPrefetchBytesPerRow, (k_end - k_begin) / 128 * kBytesPer128);
+  prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + int64_t(k_begin) / 128 * kBytesPer128, uint32_t(bytes));
 }
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
-template <tile::TileFormat F, ExpertGemm G>
-__device__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert, const MoeWorkItem& item,
-                              uint8_t* smem) {
-  using Shape = ExpertGemmShape<G>;
+// One pass over up to 8·NT rows of an item starting at row_base.
+template <tile::TileFormat F, ExpertGemm G, int NT>
+__device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base, int tokens,
+                         uint8_t* smem) {
+  constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
-  const int band = warp_idx / Shape::kSplits, split = warp_idx % Shape::kSplits;
-  const int64_t row0 = (int64_t(blockIdx.x) * Shape::kBands + band) * tile::kTileRows;
-  const size_t slot_bytes = x_slot_bytes(a.k_total, Shape::kSplits);
-  int k_begin, k_end;
-  split_k_range(a.k_total, split, Shape::kSplits, k_begin, k_end);
-  const auto* my_tile = reinterpret_cast<const __nv_bfloat16*>(smem + split * slot_bytes);
-  auto* partials = reinterpret_cast<float*>(smem);  // [warp][matrix][16 rows][8 tokens]
-  const DeviceMatrixView& first = G == ExpertGemm::GATE_UP ? expert.w1 : expert.w2;
-  const float output_scale = tile::weight_tile_output_scale<F>(first);
-  const float output_scale3 = tile::weight_tile_output_scale<F>(expert.w3);
+  // Gate/up: warps w and w + 4 share a band, on w1 and w3; down: one band per warp.
+  const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
+  const int band = kGateUp ? warp_idx % (kExpertWarps / 2) : warp_idx;
+  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + band * tile::kTileRows;
+  const DeviceMatrixView w = kGateUp ? (up_warp ? expert.w3 : expert.w1) : expert.w2;  // a copy: no stack
+  auto* x_chunk = reinterpret_cast<__nv_bfloat16*>(smem);
+  const int chunks = chunk_count(a.k_total, NT);
 
-  for (int group = 0; group < item.row_count; group += kGroupTokens) {
-    const int tokens = min(kGroupTokens, item.row_count - group);
-    const int row_base = item.row_begin + group;
-    __syncthreads();  // the previous group's partial sums are consumed
-    for (int s = 0; s < Shape::kSplits; ++s) {
-      int s_begin, s_end;
-      split_k_range(a.k_total, s, Shape::kSplits, s_begin, s_end);
-      if (s_end == s_begin) continue;
-      auto row_of = [&](int t) {
-        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_base + t) : row_base + t;
-        return a.x + source_row * a.k_total + s_begin;
-      };
-      tile::stage_x_tile<F>(row_of, tokens, 1, s_end - s_begin,
-                            reinterpret_cast<__nv_bfloat16*>(smem + s * slot_bytes), threadIdx.x, kExpertThreads);
+  float acc[NT][4] = {};
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    int k_begin, k_end;
+    chunk_range(a.k_total, chunk, chunks, k_begin, k_end);
+    prefetch_rows<F>(w, row0, k_begin, k_end, lane);
+    __syncthreads();  // the previous chunk (or pass) is done with the x tile and the exchange
+    auto row_of = [&](int t) {
+      const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
+      return a.x + source_row * a.k_total + k_begin;
+    };
+    tile::stage_x_tile<F>(row_of, tokens, NT, k_end - k_begin, x_chunk, threadIdx.x, kExpertThreads);
+    __syncthreads();
+    tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_chunk, acc);
+  }
+
+  // Accumulator (nt, i) holds row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i).
+  const int g = lane / 4, t = lane % 4;
+  const float scale = tile::weight_tile_output_scale<F>(w);
+  if constexpr (kGateUp) {
+    float* exchange = reinterpret_cast<float*>(smem + exchange_offset(a.k_total)) +
+                      band * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles;
+    auto at = [](int nt, int i, int g_, int t_) {
+      return (g_ + (i >= 2 ? 8 : 0)) * tile::kTokensPerMma * kLargeTokenTiles + nt * tile::kTokensPerMma + 2 * t_ +
+             (i & 1);
+    };
+    if (up_warp) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) exchange[at(nt, i, g, t)] = acc[nt][i] * scale;
     }
     __syncthreads();
-    float acc[2][1][4] = {};
-    if (k_end > k_begin) {
-      tile::weight_tile_mma<F, 1>(first, row0, k_begin, k_end, my_tile, acc[0]);
-      if constexpr (G == ExpertGemm::GATE_UP) tile::weight_tile_mma<F, 1>(expert.w3, row0, k_begin, k_end, my_tile, acc[1]);
-    }
-    __syncthreads();  // every warp is done reading the x tiles: reuse them for the partial sums
-    const int g = lane / 4, t = lane % 4;
-    constexpr int kMatrices = G == ExpertGemm::GATE_UP ? 2 : 1;
+    if (!up_warp) {
 #pragma unroll
-    for (int m = 0; m < kMatrices; ++m) {
-      float* mine = partials + (warp_idx * 2 + m) * kTileOutputs;
-      mine[g * kGroupTokens + 2 * t] = acc[m][0][0];
-      mine[g * kGroupTokens + 2 * t + 1] = acc[m][0][1];
-      mine[(g + 8) * kGroupTokens + 2 * t] = acc[m][0][2];
-      mine[(g + 8) * kGroupTokens + 2 * t + 1] = acc[m][0][3];
-    }
-    __syncthreads();
-    for (int o = threadIdx.x; o < Shape::kBands * kTileOutputs; o += kExpertThreads) {
-      const int o_band = o / kTileOutputs, within = o % kTileOutputs;
-      const int r = within / kGroupTokens, token = within % kGroupTokens;
-      if (token >= tokens) continue;
-      const int64_t n = (int64_t(blockIdx.x) * Shape::kBands + o_band) * tile::kTileRows + r;
-      float sums[2] = {0.0f, 0.0f};
-      for (int s = 0; s < Shape::kSplits; ++s)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int m = 0; m < kMatrices; ++m) sums[m] += partials[((o_band * Shape::kSplits + s) * 2 + m) * kTileOutputs + within];
-      const int64_t row = row_base + token;
-      if constexpr (G == ExpertGemm::GATE_UP) {
-        const float gate = fminf(sums[0] * output_scale, a.swiglu_limit);
-        const float up = fminf(fmaxf(sums[1] * output_scale3, -a.swiglu_limit), a.swiglu_limit);
-        a.h[row * a.n_total + n] = __float2bfloat16_rn(silu(gate) * up);
-      } else {
-        a.down[row * a.n_total + n] = sums[0] * output_scale;
+        for (int i = 0; i < 4; ++i) {
+          const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
+          if (token >= tokens) continue;
+          const float gate = fminf(acc[nt][i] * scale, a.swiglu_limit);
+          const float up = fminf(fmaxf(exchange[at(nt, i, g, t)], -a.swiglu_limit), a.swiglu_limit);
+          const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+          a.h[int64_t(row_base + token) * a.n_total + n] = __float2bfloat16_rn(silu(gate) * up);
+        }
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
+        if (token >= tokens) continue;
+        const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+        a.down[int64_t(row_base + token) * a.n_total + n] = acc[nt][i] * scale;
       }
-    }
   }
 }
 
+template <tile::TileFormat F, ExpertGemm G>
+__device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert, const MoeWorkItem& item,
+                              uint8_t* smem) {
+  if (item.row_count <= kSmallTokenTiles * tile::kTokensPerMma) {
+    run_pass<F, G, kSmallTokenTiles>(a, expert, item.row_begin, item.row_count, smem);
+    return;
+  }
+  constexpr int kPassRows = kLargeTokenTiles * tile::kTokensPerMma;
+  for (int first = 0; first < item.row_count; first += kPassRows)
+    run_pass<F, G, kLargeTokenTiles>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first), smem);
+}
+
 template <ExpertGemm G>
-__global__ void __launch_bounds__(kExpertThreads) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
+__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   if (int(blockIdx.y) >= __ldg(a.work_item_count)) return;  // the grid covers the worst case
   const MoeWorkItem item = a.work_items[blockIdx.y];

@@ -7,6 +7,16 @@
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
+namespace {
+
+int current_multiprocessors() {
+  int device = 0, count = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+}  // namespace
 
 int64_t moe_max_work_items(int64_t tokens, int64_t experts, int64_t top_k, int64_t rows_per_item) {
   check(tokens >= 0 && experts > 0 && top_k > 0 && rows_per_item > 0, "moe: bad work-item bound arguments tokens=",
@@ -22,8 +32,8 @@ void check_moe_routing_params(const MoeRoutingParams& p) {
         to_string(r.format), "; BF16 or F32 expected");
   check(r.rows >= 1 && r.rows <= kMoeMaxExperts, "moe routing: router has ", r.rows, " rows (experts); 1 to ",
         kMoeMaxExperts, " supported");
-  check(r.cols > 0 && r.cols % moe::kRouterVector == 0, "moe routing: hidden size ", r.cols,
-        " must be a positive multiple of ", moe::kRouterVector);
+  check(r.cols > 0 && r.cols % moe::kRouterVector == 0 && r.cols <= 12288, "moe routing: hidden size ", r.cols,
+        " must be a positive multiple of ", moe::kRouterVector, " up to 12288 (u of 4 tokens in shared memory)");
   check(r.data != nullptr, "moe routing: router has no device data");
   check(p.tokens >= 1, "moe routing: ", p.tokens, " tokens; at least 1 expected");
   check(p.top_k >= 1 && p.top_k <= std::min<int64_t>(r.rows, moe::kWarpSize), "moe routing: top_k = ", p.top_k,
@@ -43,6 +53,13 @@ void check_moe_routing_params(const MoeRoutingParams& p) {
 void run_moe_routing(const MoeRoutingParams& p) {
   check_moe_routing_params(p);
   const int experts = int(p.router.rows), hidden = int(p.router.cols);
+  // Tokens per CTA: the next power of two of T up to the maximum (u staged in shared memory per chunk).
+  const int chunk_tokens = p.tokens >= 4 ? 4 : p.tokens >= 2 ? 2 : 1;
+  const int chunks = (p.tokens + chunk_tokens - 1) / chunk_tokens;
+  // Enough CTAs to spread the router over the SMs (4 per SM), never fewer than one warp's row per CTA.
+  const int row_groups = (experts + moe::kRouterWarpsPerCta - 1) / moe::kRouterWarpsPerCta;
+  const int row_blocks = std::clamp((4 * current_multiprocessors() + chunks - 1) / chunks, 1, row_groups);
+  const int rows_per_cta = (row_groups + row_blocks - 1) / row_blocks * moe::kRouterWarpsPerCta;
   const moe::RouterLogitsArgs logits_args{
       .router = p.router.data,
       .u = p.u,
@@ -51,15 +68,25 @@ void run_moe_routing(const MoeRoutingParams& p) {
       .tokens = p.tokens,
       .experts = experts,
       .hidden = hidden,
+      .rows_per_cta = rows_per_cta,
   };
-  const dim3 logits_grid(unsigned((experts + moe::kRouterWarpsPerCta - 1) / moe::kRouterWarpsPerCta),
-                         unsigned((p.tokens + moe::kRouterTokensPerCta - 1) / moe::kRouterTokensPerCta));
-  check(logits_grid.y <= 65535, "moe routing: ", p.tokens, " tokens exceed the router launch's grid limit");
+  const dim3 logits_grid(unsigned((experts + rows_per_cta - 1) / rows_per_cta), unsigned(chunks));
+  check(chunks <= 65535, "moe routing: ", p.tokens, " tokens exceed the router launch's grid limit");
+  const size_t smem = size_t(chunk_tokens) * size_t(hidden) * sizeof(float);
   constexpr unsigned kRouterThreads = moe::kRouterWarpsPerCta * moe::kWarpSize;
-  if (p.router.format == WeightFormat::BF16)
-    moe::moe_router_logits_kernel<true><<<logits_grid, kRouterThreads, 0, p.stream>>>(logits_args);
-  else
-    moe::moe_router_logits_kernel<false><<<logits_grid, kRouterThreads, 0, p.stream>>>(logits_args);
+  const bool bf16 = p.router.format == WeightFormat::BF16;
+  auto launch = [&](auto kernel) {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<logits_grid, kRouterThreads, smem, p.stream>>>(logits_args);
+  };
+  switch (chunk_tokens * 2 + (bf16 ? 1 : 0)) {
+    case 2: launch(moe::moe_router_logits_kernel<false, 1>); break;
+    case 3: launch(moe::moe_router_logits_kernel<true, 1>); break;
+    case 4: launch(moe::moe_router_logits_kernel<false, 2>); break;
+    case 5: launch(moe::moe_router_logits_kernel<true, 2>); break;
+    case 8: launch(moe::moe_router_logits_kernel<false, 4>); break;
+    default: launch(moe::moe_router_logits_kernel<true, 4>); break;
+  }
   DSV4_CUDA_CHECK_LAUNCH("moe_router_logits_kernel");
 
   const moe::RouteArgs route_args{

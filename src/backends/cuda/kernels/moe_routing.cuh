@@ -1,8 +1,10 @@
 // Device code behind run_moe_routing (moe_routing.hpp holds the contract).
 //
 // NOTES:
-// - Router GEMV: one warp per router row and 8 tokens; lanes stride K in 8-value vectors (16-byte bf16 loads, two
-//   for fp32), u comes from L1/L2 (T·d·4 bytes, read by every warp). Memory bound at small T: E·d·2 bytes.
+// - Router GEMV: a CTA stages up to 4 tokens of u (fp32) in shared memory, then its warps take router rows, lanes
+//   striding K in 8-value vectors (16-byte bf16 loads, two for fp32) with 8 loads in flight each. Small T: many
+//   CTAs of 8 rows, so the E·d·2 router bytes stream over many SMs; large T: a CTA covers all rows of its tokens
+//   (u staged once per token chunk).
 // - Scoring/top-k: one warp per token; lane l holds experts l, l + 32, ... (E ≤ 512 → 16 per lane, constant-indexed
 //   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
 //   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
@@ -22,8 +24,9 @@ namespace dsv4::cuda::moe {
 
 inline constexpr int kWarpSize = 32;
 inline constexpr int kRouterWarpsPerCta = 8;
-inline constexpr int kRouterTokensPerCta = 8;
-inline constexpr int kRouterVector = 8;  // router values per lane per step
+inline constexpr int kRouterMaxTokensPerCta = 4;
+inline constexpr int kRouterVector = 8;  // router values per lane per load
+inline constexpr int kRouterBatch = 8;   // loads per lane in flight before the first use
 inline constexpr int kSelectWarpsPerCta = 8;
 inline constexpr int kMaxExpertsPerLane = 16;  // kMoeMaxExperts / 32
 
@@ -33,6 +36,7 @@ struct RouterLogitsArgs {
   float* logits;          // [T, E]
   __nv_bfloat16* u_bf16;  // [T, d]
   int tokens, experts, hidden;
+  int rows_per_cta;       // a multiple of kRouterWarpsPerCta
 };
 
 template <bool kBf16>
@@ -52,49 +56,67 @@ __device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, fl
   }
 }
 
-template <bool kBf16>
+// Grid: (row blocks, token chunks of kTokens). The chunk's u is staged in shared memory (fp32, zero past the last
+// token), then each warp takes rows of the block with kRouterBatch loads per lane in flight.
+template <bool kBf16, int kTokens>
 __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterLogitsArgs a) {
-  const int token_begin = blockIdx.y * kRouterTokensPerCta;
-  const int token_count = min(kRouterTokensPerCta, a.tokens - token_begin);
-  if (blockIdx.x == 0) {
-    // One row block converts this CTA's tokens of u for the expert GEMMs.
-    const int quads = token_count * a.hidden / 4;
-    for (int i = threadIdx.x; i < quads; i += blockDim.x) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(a.u + size_t(token_begin) * a.hidden) + i);
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16 + size_t(token_begin) * a.hidden) + 2 * i;
-      dst[0] = __floats2bfloat162_rn(v.x, v.y);
-      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+  extern __shared__ float4 u_tile[];  // [kTokens][d / 4]
+  const int token_begin = blockIdx.y * kTokens;
+  const int token_count = min(kTokens, a.tokens - token_begin);
+  const int quads_per_token = a.hidden / 4;
+  for (int i = threadIdx.x; i < kTokens * quads_per_token; i += blockDim.x) {
+    const int t = i / quads_per_token;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (t < token_count) {
+      v = __ldg(reinterpret_cast<const float4*>(a.u + size_t(token_begin) * a.hidden) + i);
+      if (blockIdx.x == 0) {
+        // One row block converts the chunk's u for the expert GEMMs.
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16 + size_t(token_begin) * a.hidden) + 2 * i;
+        dst[0] = __floats2bfloat162_rn(v.x, v.y);
+        dst[1] = __floats2bfloat162_rn(v.z, v.w);
+      }
     }
+    u_tile[i] = v;
   }
+  __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
-  const int expert = blockIdx.x * kRouterWarpsPerCta + threadIdx.x / kWarpSize;
-  if (expert >= a.experts) return;
-  const uint8_t* row = a.router + size_t(expert) * a.hidden * (kBf16 ? 2 : 4);
-  float acc[kRouterTokensPerCta] = {};
-  for (int k = lane * kRouterVector; k < a.hidden; k += kWarpSize * kRouterVector) {
-    float w[kRouterVector];
-    load_router_vector<kBf16>(row, k, w);
+  const int row_end = min(a.experts, int(blockIdx.x + 1) * a.rows_per_cta);
+  for (int expert = blockIdx.x * a.rows_per_cta + threadIdx.x / kWarpSize; expert < row_end;
+       expert += kRouterWarpsPerCta) {
+    const uint8_t* row = a.router + size_t(expert) * a.hidden * (kBf16 ? 2 : 4);
+    float acc[kTokens] = {};
+    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kRouterBatch) {
+      float w[kRouterBatch][kRouterVector];
 #pragma unroll
-    for (int t = 0; t < kRouterTokensPerCta; ++t) {
-      if (t >= token_count) break;
-      const float4* x = reinterpret_cast<const float4*>(a.u + size_t(token_begin + t) * a.hidden + k);
-      const float4 x0 = __ldg(x), x1 = __ldg(x + 1);
-      acc[t] = fmaf(w[0], x0.x, acc[t]);
-      acc[t] = fmaf(w[1], x0.y, acc[t]);
-      acc[t] = fmaf(w[2], x0.z, acc[t]);
-      acc[t] = fmaf(w[3], x0.w, acc[t]);
-      acc[t] = fmaf(w[4], x1.x, acc[t]);
-      acc[t] = fmaf(w[5], x1.y, acc[t]);
-      acc[t] = fmaf(w[6], x1.z, acc[t]);
-      acc[t] = fmaf(w[7], x1.w, acc[t]);
+      for (int b = 0; b < kRouterBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k < a.hidden) load_router_vector<kBf16>(row, k, w[b]);
+      }
+#pragma unroll
+      for (int b = 0; b < kRouterBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k >= a.hidden) break;
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) {
+          const float4 x0 = u_tile[t * quads_per_token + k / 4], x1 = u_tile[t * quads_per_token + k / 4 + 1];
+          acc[t] = fmaf(w[b][0], x0.x, acc[t]);
+          acc[t] = fmaf(w[b][1], x0.y, acc[t]);
+          acc[t] = fmaf(w[b][2], x0.z, acc[t]);
+          acc[t] = fmaf(w[b][3], x0.w, acc[t]);
+          acc[t] = fmaf(w[b][4], x1.x, acc[t]);
+          acc[t] = fmaf(w[b][5], x1.y, acc[t]);
+          acc[t] = fmaf(w[b][6], x1.z, acc[t]);
+          acc[t] = fmaf(w[b][7], x1.w, acc[t]);
+        }
+      }
     }
-  }
 #pragma unroll
-  for (int t = 0; t < kRouterTokensPerCta; ++t) {
-    float sum = acc[t];
+    for (int t = 0; t < kTokens; ++t) {
+      float sum = acc[t];
 #pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-    if (lane == t && t < token_count) a.logits[size_t(token_begin + t) * a.experts + expert] = sum;
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+      if (lane == t && t < token_count) a.logits[size_t(token_begin + t) * a.experts + expert] = sum;
+    }
   }
 }
 
@@ -182,9 +204,10 @@ __device__ void route_token(const RouteArgs& a, int t, int lane) {
   }
 }
 
-// Exclusive scans of counts[0..n) and of ceil(counts / R) by one warp: offsets[0..n] and item_offsets[0..n].
-__device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, int* offsets, int* item_offsets,
-                                 int lane) {
+// Exclusive scans of counts[0..n) and of ceil(counts / R) by one warp: offsets[0..n] and item_offsets[0..n], the
+// latter starting at first_item.
+__device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, int first_item, int* offsets,
+                                 int* item_offsets, int lane) {
   const int per_lane = (n + kWarpSize - 1) / kWarpSize;
   const int begin = min(n, lane * per_lane), end = min(n, begin + per_lane);
   int rows = 0, items = 0;
@@ -197,7 +220,7 @@ __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, in
     if (lane >= offset) rows_before += r, items_before += i;
   }
   rows_before -= rows;
-  items_before -= items;
+  items_before += first_item - items;
   for (int e = begin; e < end; ++e) {
     offsets[e] = rows_before;
     item_offsets[e] = items_before;
@@ -207,18 +230,20 @@ __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, in
   if (lane == kWarpSize - 1) offsets[n] = rows_before, item_offsets[n] = items_before;
 }
 
-// The last CTA's work: bucket the T·top_k slots (plus the shared expert's T rows) by expert.
+// The last CTA's work: bucket the T·top_k slots by expert; the shared expert's T rows follow the routed rows, and
+// its work items come first (it is the largest expert, so its CTAs should start earliest).
 __device__ void bucket_slots(const RouteArgs& a) {
-  __shared__ int counts[kMoeMaxExperts + 1];
-  __shared__ int offsets[kMoeMaxExperts + 2];
-  __shared__ int item_offsets[kMoeMaxExperts + 2];
+  __shared__ int counts[kMoeMaxExperts];
+  __shared__ int offsets[kMoeMaxExperts + 1];
+  __shared__ int item_offsets[kMoeMaxExperts + 1];
   const int lane = threadIdx.x % kWarpSize, warp_idx = threadIdx.x / kWarpSize;
   const int slots = a.tokens * a.top_k, experts = a.experts;
-  for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = e < experts ? 0 : a.tokens;
+  const int shared_items = (a.tokens + a.rows_per_item - 1) / a.rows_per_item;
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) counts[e] = 0;
   __syncthreads();
   for (int s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&counts[__ldcg(a.out.expert_ids + s)], 1);
   __syncthreads();
-  if (warp_idx == 0) warp_scan_counts(counts, experts + 1, a.rows_per_item, offsets, item_offsets, lane);
+  if (warp_idx == 0) warp_scan_counts(counts, experts, a.rows_per_item, shared_items, offsets, item_offsets, lane);
   __syncthreads();
   if (warp_idx == 0) {
     // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor.
@@ -239,10 +264,19 @@ __device__ void bucket_slots(const RouteArgs& a) {
     }
   } else {
     const int helper = threadIdx.x - kWarpSize, helpers = blockDim.x - kWarpSize;
-    for (int e = helper; e <= experts + 1; e += helpers) a.out.expert_offsets[e] = offsets[e];
+    for (int e = helper; e <= experts; e += helpers) a.out.expert_offsets[e] = offsets[e];
+    if (helper == 0) {
+      a.out.expert_offsets[experts + 1] = slots + a.tokens;
+      *a.out.work_item_count = item_offsets[experts];
+    }
     for (int t = helper; t < a.tokens; t += helpers) a.out.row_tokens[slots + t] = t;
-    if (helper == 0) *a.out.work_item_count = item_offsets[experts + 1];
-    for (int e = helper; e <= experts; e += helpers) {
+    for (int j = helper; j < shared_items; j += helpers)
+      a.out.work_items[j] = MoeWorkItem{
+          .expert = experts,
+          .row_begin = slots + j * a.rows_per_item,
+          .row_count = min(a.rows_per_item, a.tokens - j * a.rows_per_item),
+      };
+    for (int e = helper; e < experts; e += helpers) {
       const int rows = offsets[e + 1] - offsets[e];
       for (int j = 0; j * a.rows_per_item < rows; ++j)
         a.out.work_items[item_offsets[e] + j] = MoeWorkItem{
