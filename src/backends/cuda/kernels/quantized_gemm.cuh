@@ -15,8 +15,8 @@
 //   written (ptxas serialises every wgmma of a kernel in which ordinary instructions write a wgmma input register
 //   while an earlier wgmma is in flight, warning C7513). So the two consumer warpgroups ping-pong: one warpgroup of
 //   m64n256 keeps all four tensor cores of the SM busy, and while consumer c's wgmma runs, the other dequantises
-//   its next k-tile and then waits for its turn (two named barriers hand the turn over when a k-tile's wgmma is
-//   done). BF16 weights (no fragment to write) keep one wgmma group in flight while waiting for the next slot.
+//   its next k-tile and then waits for its turn to issue (two named barriers hand the turn over when a k-tile's
+//   wgmma is issued, so the next one queues behind it). BF16 weights (no fragment to write) keep one wgmma group in flight while waiting for the next slot.
 //   Block scales are loaded one k-tile ahead.
 // - A fragment (per warp, m16k16 like mma.sync): lane = 4g + q holds rows g and g+8 of the warp's 16 rows, at k pairs
 //   16s + 2q and 16s + 8 + 2q for the k16 step s. In fp4 storage such a pair is one byte (byte 8s + q or 8s + 4 + q
@@ -150,13 +150,29 @@ __device__ __forceinline__ void e2m1x8_to_bf16x8(uint32_t codes, uint32_t (&out)
   }
 }
 
-// Four e4m3 codes (byte i is k = i) times `scale` → two bf16x2 words.
-__device__ __forceinline__ void e4m3x4_to_bf16x4(uint32_t codes, float scale, uint32_t& out01, uint32_t& out23) {
-  const float2 lo = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes), __NV_E4M3)));
-  const float2 hi =
-      __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes >> 16), __NV_E4M3)));
-  out01 = pack_bf16x2(lo.x * scale, lo.y * scale);
-  out23 = pack_bf16x2(hi.x * scale, hi.y * scale);
+// Two e4m3 codes, the low bytes of the 16-bit lanes of `lanes`, → bf16x2 of their values × 2^-120, exactly: the
+// exponent and mantissa bits move into bf16's (e4m3 subnormals become bf16 subnormals, which bf16 arithmetic keeps;
+// it has no flush-to-zero). Integer work on the full-rate pipes, where the hardware e4m3 → f16 → f32 → bf16
+// conversions queue on the slower conversion unit. The NaN code 0x7F (never written by the quantizer) decodes as
+// a finite value.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2_times_2_pow_minus_120(uint32_t lanes) {
+  return ((lanes & 0x007F007Fu) << 4) | ((lanes & 0x00800080u) << 8);
+}
+
+inline constexpr uint32_t kBf16x2TwoPow120 = 0x7B807B80u;  // bf16 2^120 in both halves
+
+// (values × 2^-120) · 2^120 · scale → bf16x2. An e8m0 scale multiplies exactly in bf16; an f32 scale goes through
+// fp32 so that the product is rounded once.
+template <GemmWeight W>
+__device__ __forceinline__ uint32_t scale_e4m3_pair(uint32_t scaled_bits, uint32_t scale_bf16x2, float scale) {
+  if constexpr (W == GemmWeight::FP8_E8M0) {
+    return mul_bf16x2(mul_bf16x2(scaled_bits, kBf16x2TwoPow120), scale_bf16x2);
+  } else {
+    constexpr float kTwoPow120 = 1.329227995784916e36f;
+    const float lo = __uint_as_float(scaled_bits << 16) * kTwoPow120;
+    const float hi = __uint_as_float(scaled_bits & 0xFFFF0000u) * kTwoPow120;
+    return pack_bf16x2(lo * scale, hi * scale);
+  }
 }
 
 // Byte q of each of four words, in word order.
@@ -239,13 +255,18 @@ __device__ __forceinline__ void dequantise_fragment(const uint8_t* stored, const
     } else {
       const float scale = W == GemmWeight::FP8_E8M0 ? e8m0_to_float(uint8_t(scale_bits[r]))
                                                     : __uint_as_float(scale_bits[r]);
-      // The halfword at byte 16s + 2q is in word 4s + q/2; its partner at +8 bytes in word 4s + 2 + q/2.
+      const uint32_t scale_bf16x2 = W == GemmWeight::FP8_E8M0 ? broadcast_bf16x2(scale) : 0u;
+      // The pair at byte 16s + 2q is halfword q%2 of word 4s + q/2; its partner at +8 bytes is in word 4s + 2 + q/2.
+      // The selector spreads the pair's two bytes into the low bytes of two 16-bit lanes.
       const auto* words = reinterpret_cast<const uint32_t*>(row) + site.q / 2;
-      const uint32_t half_selector = site.q % 2 == 0 ? 0x5410u : 0x7632u;
+      const uint32_t lane_selector = site.q % 2 == 0 ? 0x4140u : 0x4342u;
 #pragma unroll
       for (int step = 0; step < 4; ++step) {
-        const uint32_t pairs = __byte_perm(words[4 * step], words[4 * step + 2], half_selector);
-        e4m3x4_to_bf16x4(pairs, scale, a[4 * step + r], a[4 * step + 2 + r]);
+        const uint32_t low_k = __byte_perm(words[4 * step], 0, lane_selector);
+        const uint32_t high_k = __byte_perm(words[4 * step + 2], 0, lane_selector);
+        a[4 * step + r] = scale_e4m3_pair<W>(e4m3x2_to_bf16x2_times_2_pow_minus_120(low_k), scale_bf16x2, scale);
+        a[4 * step + 2 + r] =
+            scale_e4m3_pair<W>(e4m3x2_to_bf16x2_times_2_pow_minus_120(high_k), scale_bf16x2, scale);
       }
     }
   }
@@ -376,14 +397,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::wgmma_fence();
       wgmma_k_tile_rs<kBlockTokens>(acc, fragment, x_descriptor(slot));
       sm90::wgmma_commit_group();
+      // Hand the turn over as soon as this k-tile is issued: the other warpgroup's wgmma queues behind it and the
+      // tensor cores never drain between turns. Consumer 0's last hand-over meets consumer 1's last turn;
+      // consumer 1's would be left dangling.
+      if (consumer == 0 || k_tile + 1 < args.k_tiles)
+        sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 1 - consumer);
       // The fragment registers are rewritten next: wait for the whole group (see NOTES).
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(acc);
       sm90::fence_operand(fragment);
       release(slot);
-      // Consumer 0's last hand-over meets consumer 1's last turn; consumer 1's would be left dangling.
-      if (consumer == 0 || k_tile + 1 < args.k_tiles)
-        sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 1 - consumer);
     }
   }
   sm90::wgmma_wait_group<0>();
