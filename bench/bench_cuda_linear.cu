@@ -2,7 +2,8 @@
 // expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 64}, against two same-run references:
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
-// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM.
+// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case also
+// times the load batch size (steps per batch, weight_tile_mma.cuh) that the default config does not pick.
 // Usage: bench_cuda_linear [--json PATH] [--quick]   (--quick: Flash shapes and T ∈ {1, 16} only)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -108,8 +109,10 @@ double copy_bandwidth_gbps() {
 struct Row {
   std::string model, shape, format;
   int64_t rows, cols;
-  int groups, tokens, k_splits;
+  int groups, tokens, k_splits, batch_steps;
   double us, gbps, percent_of_copy, cublas_us, speedup;
+  int other_batch_steps;  // the load batch the default config does not use, timed for comparison
+  double other_us;
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -209,38 +212,47 @@ int main(int argc, char** argv) {
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
         for (const int tokens : token_counts) {
+          const auto time_config = [&](const QuantizedLinearConfig& config) {
+            DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
+            workspace.fill_bytes(0);
+            return time_ms(kIterations, [&](int i) {
+              run_quantized_linear({.weight = weights[size_t(i % copies)].view(),
+                                    .x = x.as<__nv_bfloat16>(),
+                                    .x_row_stride = x_cols,
+                                    .y = y.as<float>(),
+                                    .y_row_stride = shape.rows,
+                                    .tokens = tokens,
+                                    .groups = shape.groups,
+                                    .workspace = workspace.data(),
+                                    .workspace_bytes = workspace.bytes(),
+                                    .stream = nullptr},
+                                   config);
+            });
+          };
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
-          DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
-          workspace.fill_bytes(0);
-          const double ms = time_ms(kIterations, [&](int i) {
-            run_quantized_linear({.weight = weights[size_t(i % copies)].view(),
-                                  .x = x.as<__nv_bfloat16>(),
-                                  .x_row_stride = x_cols,
-                                  .y = y.as<float>(),
-                                  .y_row_stride = shape.rows,
-                                  .tokens = tokens,
-                                  .groups = shape.groups,
-                                  .workspace = workspace.data(),
-                                  .workspace_bytes = workspace.bytes(),
-                                  .stream = nullptr});
-          });
+          const int other_steps = config.batch_steps == 4 ? 2 : 4;
+          const double ms = time_config(config);
+          const double other_ms = time_config(choose_quantized_linear_config(
+              weights[0].view(), tokens, shape.groups, device.multiprocessors, other_steps));
           const double gbps = double(stored) / (ms * 1e6);
           table.push_back({shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols,
-                           shape.groups, tokens, config.k_splits, ms * 1e3, gbps, 100.0 * gbps / copy_gbps,
-                           cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3)});
+                           shape.groups, tokens, config.k_splits, config.batch_steps, ms * 1e3, gbps,
+                           100.0 * gbps / copy_gbps, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3),
+                           other_steps, other_ms * 1e3});
         }
       }
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
 
     std::printf("| model | shape | format | N × K (G) | T | split-K | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "cuBLAS bf16 µs | speed-up | other load batch: steps, µs |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %.1f | %.0f | %.0f | %.1f | %.2f× |\n", r.model.c_str(),
-                  r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups, r.tokens,
-                  r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup);
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %.1f | %.0f | %.0f | %.1f | %.2f× | %d: %.1f |\n",
+                  r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
+                  r.tokens, r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup, r.other_batch_steps,
+                  r.other_us);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -252,11 +264,12 @@ int main(int argc, char** argv) {
       const Row& r = table[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"us\": %.2f, \"stored_gbps\": %.1f, "
-                   "\"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, \"speedup_vs_cublas\": %.3f}%s\n",
+                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"batch_steps\": %d, \"us\": %.2f, "
+                   "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
+                   "\"speedup_vs_cublas\": %.3f, \"other_batch_steps\": %d, \"other_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                   i + 1 < table.size() ? "," : "");
+                   r.tokens, r.k_splits, r.batch_steps, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                   r.other_batch_steps, r.other_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

@@ -3,11 +3,13 @@
 // K; fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
 // poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
 // every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
-// leaves its tickets zero, and unsupported calls are refused with a message naming the problem.
+// leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Both load batch
+// sizes (2 and 4 steps) run every CPU comparison.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -92,31 +94,42 @@ struct DeviceRun {
 
 constexpr size_t kGuardFloats = 64;
 
+// batch_steps 0 runs the default config, 2 or 4 the config with that load batch.
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
-                        int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace) {
+                        int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace, int batch_steps = 0) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
   DeviceBuffer y((y_floats + kGuardFloats) * sizeof(float), "y");
   y.fill_bytes(0xFF);  // every float a NaN
-  run_quantized_linear({.weight = weight.view(),
-                        .x = x.as<__nv_bfloat16>(),
-                        .x_row_stride = x_stride,
-                        .y = y.as<float>(),
-                        .y_row_stride = y_stride,
-                        .tokens = tokens,
-                        .groups = groups,
-                        .workspace = workspace.data(),
-                        .workspace_bytes = workspace.bytes(),
-                        .stream = nullptr});
+  const QuantizedLinearParams params{.weight = weight.view(),
+                                     .x = x.as<__nv_bfloat16>(),
+                                     .x_row_stride = x_stride,
+                                     .y = y.as<float>(),
+                                     .y_row_stride = y_stride,
+                                     .tokens = tokens,
+                                     .groups = groups,
+                                     .workspace = workspace.data(),
+                                     .workspace_bytes = workspace.bytes(),
+                                     .stream = nullptr};
+  if (batch_steps == 0)
+    run_quantized_linear(params);
+  else
+    run_quantized_linear(params, choose_quantized_linear_config(weight.view(), tokens, groups,
+                                                                list_devices().front().multiprocessors, batch_steps));
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   DeviceRun run{std::vector<float>(y_floats + kGuardFloats), y_stride};
   y.download(run.y.data(), run.y.size() * sizeof(float));
   return run;
 }
 
+// Large enough for the config of either load batch size.
 DeviceBuffer zeroed_workspace(const DeviceMatrixView& weight, int tokens, int groups) {
-  DeviceBuffer workspace(quantized_linear_workspace_bytes(weight, tokens, groups), "linear workspace");
+  const int multiprocessors = list_devices().front().multiprocessors;
+  size_t bytes = quantized_linear_workspace_bytes(weight, tokens, groups);
+  for (const int steps : {2, 4})
+    bytes = std::max(bytes, choose_quantized_linear_config(weight, tokens, groups, multiprocessors, steps).workspace_bytes);
+  DeviceBuffer workspace(bytes, "linear workspace");
   workspace.fill_bytes(0);  // the tickets start at zero once, at allocation
   return workspace;
 }
@@ -169,33 +182,36 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
     }
 
     DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
-    const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace);
-    // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
-    // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
-    // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
-    // e4m3 scale × global and FP8/f32 the per-element scale rounding (each 2^-24 relative).
-    const double terms = double(c.cols) / 16.0 + 64.0;
-    int failures = 0;
-    double max_error_ratio = 0.0;
-    for (int t = 0; t < tokens; ++t)
-      for (int64_t n = 0; n < c.rows; ++n) {
-        const size_t i = size_t(t * c.rows + n);
-        const float got = run.y[size_t(t * y_stride + n)];
-        const double tolerance = terms * 0x1p-22 * bound[i] + 1e-30;
-        const double error = std::fabs(double(got) - reference[i]);
-        const bool ok = std::isfinite(got) && error <= tolerance;
-        if (std::isfinite(got)) max_error_ratio = std::max(max_error_ratio, error / tolerance);
-        if (!ok && ++failures <= 8)
-          ADD_FAILURE() << "y[t=" << t << ", n=" << n << "] = " << got << ", reference " << reference[i]
-                        << ", tolerance " << tolerance;
-      }
-    EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
-    for (int t = 0; t < tokens; ++t)
-      for (int64_t n = c.rows; n < y_stride; ++n)
-        ASSERT_TRUE(is_poison(run.y[size_t(t * y_stride + n)])) << "write into the y stride gap at t=" << t << " n=" << n;
-    for (size_t i = size_t(tokens) * size_t(y_stride); i < run.y.size(); ++i)
-      ASSERT_TRUE(is_poison(run.y[i])) << "write past the end of y at float " << i;
-    if (failures > 0) std::printf("  %s: max error / tolerance %.3g\n", describe(c, tokens).c_str(), max_error_ratio);
+    for (const int batch_steps : {2, 4}) {
+      SCOPED_TRACE("load batch of " + std::to_string(batch_steps) + " steps");
+      const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, batch_steps);
+      // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
+      // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
+      // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
+      // e4m3 scale × global and FP8/f32 the per-element scale rounding (each 2^-24 relative).
+      const double terms = double(c.cols) / 16.0 + 64.0;
+      int failures = 0;
+      double max_error_ratio = 0.0;
+      for (int t = 0; t < tokens; ++t)
+        for (int64_t n = 0; n < c.rows; ++n) {
+          const size_t i = size_t(t * c.rows + n);
+          const float got = run.y[size_t(t * y_stride + n)];
+          const double tolerance = terms * 0x1p-22 * bound[i] + 1e-30;
+          const double error = std::fabs(double(got) - reference[i]);
+          const bool ok = std::isfinite(got) && error <= tolerance;
+          if (std::isfinite(got)) max_error_ratio = std::max(max_error_ratio, error / tolerance);
+          if (!ok && ++failures <= 8)
+            ADD_FAILURE() << "y[t=" << t << ", n=" << n << "] = " << got << ", reference " << reference[i]
+                          << ", tolerance " << tolerance;
+        }
+      EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
+      for (int t = 0; t < tokens; ++t)
+        for (int64_t n = c.rows; n < y_stride; ++n)
+          ASSERT_TRUE(is_poison(run.y[size_t(t * y_stride + n)])) << "write into the y stride gap at t=" << t << " n=" << n;
+      for (size_t i = size_t(tokens) * size_t(y_stride); i < run.y.size(); ++i)
+        ASSERT_TRUE(is_poison(run.y[i])) << "write past the end of y at float " << i;
+      if (failures > 0) std::printf("  %s: max error / tolerance %.3g\n", describe(c, tokens).c_str(), max_error_ratio);
+    }
   }
 }
 
@@ -453,6 +469,12 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   big_scale.storage->scales[3 * 8 + 5] = 129;
   expect_error([&] { check_quantized_linear_scales(big_scale.matrix, "layer 3 expert 7 w1"); },
                {"layer 3 expert 7 w1", "scale code 129", "row 3, block 5"});
+
+  QuantizedLinearConfig other =
+      choose_quantized_linear_config(good.weight, 1, 1, list_devices().front().multiprocessors, 2);
+  other.chunk_k += 128;
+  expect_error([&] { run_quantized_linear(good, other); }, "is not the one choose_quantized_linear_config gives");
+  expect_error([&] { (void)choose_quantized_linear_config(good.weight, 1, 1, 132, 3); }, "3 steps per load batch");
 }
 
 }  // namespace

@@ -11,6 +11,9 @@ namespace {
 
 using tile::TileFormat;
 
+// Steps per load batch when the caller does not choose (see weight_tile_mma.cuh).
+constexpr int kDefaultBatchSteps = 4;
+
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 constexpr int64_t ceil_div(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
 
@@ -67,24 +70,40 @@ int current_multiprocessors() {
   return count;
 }
 
-template <TileFormat F>
+template <TileFormat F, int S>
 void launch_for_token_tiles(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
   const dim3 block(linear::kThreadsPerCta);
   // One instantiation per token-tile count: NT sizes the accumulators of each warp.
   switch (config.token_tiles) {
-    case 1: linear::quantized_linear_kernel<F, 1><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 2: linear::quantized_linear_kernel<F, 2><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 4: linear::quantized_linear_kernel<F, 4><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 8: linear::quantized_linear_kernel<F, 8><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 1: linear::quantized_linear_kernel<F, 1, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 2: linear::quantized_linear_kernel<F, 2, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 4: linear::quantized_linear_kernel<F, 4, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 8: linear::quantized_linear_kernel<F, 8, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
+template <TileFormat F>
+void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                       cudaStream_t stream) {
+  if (config.batch_steps == 2)
+    launch_for_token_tiles<F, 2>(args, config, stream);
+  else
+    launch_for_token_tiles<F, 4>(args, config, stream);
+}
+
 // The workspace starts with one split-K ticket per row block, padded so the partial sums start 256-byte aligned.
 size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks * int64_t(sizeof(uint32_t)), 256)); }
+
+bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b) {
+  return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
+         a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
+         a.batch_steps == b.batch_steps && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
+         a.ticket_bytes == b.ticket_bytes;
+}
 
 bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* a0 = static_cast<const char*>(a);
@@ -95,28 +114,39 @@ bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
 }  // namespace
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
-                                                     int multiprocessors) {
+                                                     int multiprocessors, int batch_steps) {
   check_shape(weight, tokens, groups);
+  check(batch_steps == 0 || batch_steps == 2 || batch_steps == 4, "quantized_linear: ", batch_steps,
+        " steps per load batch; 2 or 4 (or 0 for the default)");
   const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
   config.row_blocks = ceil_div(weight.rows, linear::kRowsPerCta);
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
+  config.batch_steps = batch_steps != 0 ? batch_steps : kDefaultBatchSteps;
 
-  // About four 4-warp CTAs per SM keep enough weight bytes in flight (each lane has 4 steps × 2 rows × 16 B of
-  // loads outstanding). Shapes with fewer row blocks are split along K (rounding the split count down: a second
-  // wave of splits costs a reduction for little gain), but never into slices shorter than one unrolled batch of
-  // steps per warp (shorter slices spend their time staging x and reducing, not streaming weights).
-  const int64_t wanted_ctas = 4 * int64_t(std::max(multiprocessors, 1));
-  const int64_t min_split_k = round_up(4 * step_k, tile::kTileKAlignment);
-  const int64_t splits =
-      std::max<int64_t>(1, std::min(wanted_ctas / config.row_blocks, weight.cols / min_split_k));
+  // Split K so that the CTAs fill whole waves of the resident slots (SMs × CTAs per SM at this register use): a
+  // partial last wave leaves most SMs without loads in flight. Among split counts, the one with the fullest waves
+  // wins (ties: fewer splits, less reduction); slices never get shorter than one batch of steps per warp
+  // (shorter ones would spend their time staging x and reducing, not streaming weights).
+  const int64_t slots =
+      int64_t(std::max(multiprocessors, 1)) * linear::min_ctas_per_sm(config.token_tiles, config.batch_steps);
+  const int64_t min_split_k = round_up(config.batch_steps * step_k, tile::kTileKAlignment);
+  const int64_t max_splits = std::max<int64_t>(1, std::min(weight.cols / min_split_k, 4 * slots));
+  int64_t splits = 1;
+  double best_fill = 0.0;
+  for (int64_t candidate = 1; candidate <= max_splits; ++candidate) {
+    const int64_t actual = ceil_div(weight.cols, round_up(ceil_div(weight.cols, candidate), tile::kTileKAlignment));
+    const int64_t ctas = config.row_blocks * actual;
+    const double fill = double(ctas) / double(ceil_div(ctas, slots) * slots);
+    if (fill > best_fill + 0.02) best_fill = fill, splits = actual;
+  }
   config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
   config.k_splits = int(ceil_div(weight.cols, config.split_k));
 
-  // The x tile fits 32 KiB up to 16 tokens (several CTAs per SM), 48 KiB beyond (no opt-in needed).
-  const size_t smem_budget = config.token_tiles <= 2 ? 32 * 1024 : 48 * 1024;
+  // 48 KiB of x tile (no opt-in needed) lets the register-limited 2 or 3 CTAs per SM fit.
+  constexpr size_t smem_budget = 48 * 1024;
   const int64_t max_chunk_k =
       std::max<int64_t>(tile::kTileKAlignment,
                         (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
@@ -152,10 +182,11 @@ void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view
     }
 }
 
-void check_quantized_linear_params(const QuantizedLinearParams& params) {
+namespace {
+
+// The pointer, stride and workspace checks of check_quantized_linear_params for an already chosen config.
+void check_params_for_config(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
-  const QuantizedLinearConfig config =
-      choose_quantized_linear_config(w, params.tokens, params.groups, current_multiprocessors());
   const int64_t x_cols = int64_t(params.groups) * w.cols;
   check(w.data != nullptr && (w.format == WeightFormat::BF16 || w.scales != nullptr), "quantized_linear: weight [",
         w.rows, ", ", w.cols, "] has no device data or scales");
@@ -186,11 +217,26 @@ void check_quantized_linear_params(const QuantizedLinearParams& params) {
         "quantized_linear: y must not overlap the workspace");
 }
 
+}  // namespace
+
+void check_quantized_linear_params(const QuantizedLinearParams& params) {
+  check_params_for_config(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
+                                                                 current_multiprocessors()));
+}
+
 void run_quantized_linear(const QuantizedLinearParams& params) {
-  check_quantized_linear_params(params);
+  run_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
+                                                              current_multiprocessors()));
+}
+
+void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
-  const QuantizedLinearConfig config =
-      choose_quantized_linear_config(w, params.tokens, params.groups, current_multiprocessors());
+  const QuantizedLinearConfig expected = choose_quantized_linear_config(
+      w, params.tokens, params.groups, current_multiprocessors(), config.batch_steps);
+  check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
+        ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
+        config.batch_steps, " steps per load batch on this device");
+  check_params_for_config(params, config);
   auto* workspace = static_cast<uint8_t*>(params.workspace);
   const linear::LinearKernelArgs args{
       .weight = w,
@@ -207,10 +253,10 @@ void run_quantized_linear(const QuantizedLinearParams& params) {
       .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
   };
   switch (tile_format_of(w)) {
-    case TileFormat::BF16: launch_for_token_tiles<TileFormat::BF16>(args, config, params.stream); break;
-    case TileFormat::FP8_BLOCK128: launch_for_token_tiles<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
-    case TileFormat::MXFP4: launch_for_token_tiles<TileFormat::MXFP4>(args, config, params.stream); break;
-    case TileFormat::NVFP4: launch_for_token_tiles<TileFormat::NVFP4>(args, config, params.stream); break;
+    case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
+    case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
+    case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, params.stream); break;
+    case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, params.stream); break;
   }
 }
 

@@ -37,13 +37,15 @@ struct LinearKernelArgs {
   float* partials;    // [k_splits][tokens][N], split-K only
 };
 
-// Register caps that still let the x tile's shared memory decide occupancy (4 CTAs per SM up to 16 tokens); they
-// also keep ptxas from its own choice of cap, which spilled for FP8.
-template <int NT>
-inline constexpr int kMinCtasPerSm = NT <= 2 ? 4 : NT == 4 ? 3 : 2;
+// Register caps (65536 / (128 · CTAs)) that fit what NT token tiles and S steps per load batch need without
+// spilling (from ptxas -v); stated explicitly because ptxas's own choice of cap spilled.
+constexpr int min_ctas_per_sm(int token_tiles, int batch_steps) {
+  if (batch_steps == 2) return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2;
+  return token_tiles <= 2 ? 3 : 2;
+}
 
-template <tile::TileFormat F, int NT>
-__global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<NT>) quantized_linear_kernel(const LinearKernelArgs args) {
+template <tile::TileFormat F, int NT, int S>
+__global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT, S)) quantized_linear_kernel(const LinearKernelArgs args) {
   extern __shared__ uint4 x_tile_storage[];
   __shared__ bool is_last_split;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
@@ -62,11 +64,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, kMinCtasPerSm<NT>) quantized_l
   float acc[NT][4] = {};
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
+    if (row0 < w.rows) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps the staging
     if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
     tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens, NT,
                           chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
     __syncthreads();
-    if (row0 < w.rows) tile::weight_tile_mma<F, NT>(w, row0, chunk_begin, chunk_end, x_tile, acc);
+    if (row0 < w.rows) tile::weight_tile_mma<F, NT, S>(w, row0, chunk_begin, chunk_end, x_tile, acc);
   }
 
   const float output_scale = tile::weight_tile_output_scale<F>(w);

@@ -53,15 +53,17 @@ struct QuantizedLinearConfig {
   int64_t split_k = 0;      // inputs per split, a multiple of 128
   int64_t chunk_k = 0;      // inputs per staged x tile, a multiple of 128
   int token_tiles = 0;      // 8-token MMA tiles per warp (1, 2, 4 or 8)
+  int batch_steps = 0;      // weight load batch of each warp: 2 or 4 steps of 16 bytes per lane and row
   size_t smem_bytes = 0;    // dynamic shared memory of one CTA
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
-// the problem) on what run_quantized_linear refuses.
+// the problem) on what run_quantized_linear refuses. batch_steps 0 takes the default load batch, 2 or 4 forces one
+// (the rest of the tiling follows from it).
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
-                                                     int multiprocessors);
+                                                     int multiprocessors, int batch_steps = 0);
 
 // Workspace run_quantized_linear needs for this call on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
@@ -77,5 +79,8 @@ void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view
 void check_quantized_linear_params(const QuantizedLinearParams& params);
 
 void run_quantized_linear(const QuantizedLinearParams& params);
+// The same with a config from choose_quantized_linear_config for this call on this device (benchmarks compare load
+// batch sizes this way); any other config is refused.
+void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 }  // namespace dsv4::cuda

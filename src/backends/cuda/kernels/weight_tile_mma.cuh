@@ -36,6 +36,9 @@
 //   0 2 1 3 4 6 5 7, bf16: identity); within every 4·kValuesPerLoad-wide step the chunks are transposed from
 //   [lane t][chunk i of the lane] to [i][t], so the 4 lanes of a group read 64 contiguous bytes. The row stride is
 //   64 bytes more than a multiple of 128, so the two token rows of a quarter-warp fall in different banks.
+// - Latency: loads are issued a batch of S steps at a time (2·S × 16 bytes per lane), and the next batch is in
+//   flight while the current one is decoded and multiplied. With few token tiles the MMAs rotate over 4 / NT independent
+//   accumulators (consecutive mma.sync into one accumulator serialise on its latency).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -215,70 +218,140 @@ __device__ __forceinline__ float weight_tile_output_scale(const DeviceMatrixView
     return 1.0f;
 }
 
+namespace detail {
+
+// One lane's loads for S steps: 16 bytes of each of its two rows per step, plus the scales they need.
+template <TileFormat F, int S>
+struct WeightBatch {
+  uint4 raw[S][2];
+  uint32_t scale_codes[S][2];  // fp4, per row: the e8m0 code (MXFP4) or two e4m3 codes (NVFP4)
+  float block_scale[S];        // FP8: the 128×128 block scale of each step
+};
+
+// Where one lane's loads of a warp tile come from.
+struct LaneRows {
+  const uint8_t* data[2];  // rows g and g + 8 (clamped to the matrix)
+  int64_t rows[2];
+  const uint8_t* fp8_scales;  // FP8: the scale row of the tile's 128-row band
+  bool fp32_scales;
+};
+
+template <TileFormat F>
+__device__ __forceinline__ LaneRows lane_rows(const DeviceMatrixView& w, int64_t row0) {
+  const int g = (threadIdx.x % kWarpSize) / 4;
+  LaneRows lane;
+  lane.rows[0] = min(row0 + g, w.rows - 1);
+  lane.rows[1] = min(row0 + g + 8, w.rows - 1);
+  lane.data[0] = w.data + lane.rows[0] * int64_t(w.data_row_bytes);
+  lane.data[1] = w.data + lane.rows[1] * int64_t(w.data_row_bytes);
+  lane.fp32_scales = F == TileFormat::FP8_BLOCK128 && w.scale_type == ScaleType::F32;
+  lane.fp8_scales = F == TileFormat::FP8_BLOCK128
+                        ? w.scales + (row0 / 128) * w.scales_per_row * (lane.fp32_scales ? 4 : 1)
+                        : nullptr;
+  return lane;
+}
+
+// Issues the loads of the batch whose first step starts at k0 (steps past k_end load nothing).
+template <TileFormat F, int S>
+__device__ __forceinline__ void load_batch(const DeviceMatrixView& w, const LaneRows& lane, int64_t k0, int64_t k_end,
+                                           WeightBatch<F, S>& batch) {
+  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
+  constexpr int kStepK = 4 * kValues;
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int u = 0; u < S; ++u) {
+    const int64_t k = k0 + u * kStepK + t * kValues;  // this lane's first k of step u
+    const bool valid = k < k_end;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      batch.raw[u][r] = valid ? ptx::load_streaming_16B(lane.data[r] + k * 16 / kValues) : make_uint4(0, 0, 0, 0);
+      // Codes of steps past k_end stay 0: finite factors for the zero weights there.
+      batch.scale_codes[u][r] = 0;
+      if constexpr (F == TileFormat::MXFP4) {
+        if (valid) batch.scale_codes[u][r] = __ldg(w.scales + lane.rows[r] * w.scales_per_row + k / 32);
+      } else if constexpr (F == TileFormat::NVFP4) {
+        if (valid)
+          batch.scale_codes[u][r] =
+              __ldg(reinterpret_cast<const uint16_t*>(w.scales + lane.rows[r] * w.scales_per_row + k / 16));
+      }
+    }
+    if constexpr (F == TileFormat::FP8_BLOCK128) {
+      const int64_t block = min(k0 + u * kStepK, k_end - 1) / 128;
+      batch.block_scale[u] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales) + block)
+                                              : e8m0_to_float(__ldg(lane.fp8_scales + block));
+    }
+  }
+}
+
+}  // namespace detail
+
+// Optional: asks L2 to fetch the first bytes weight_tile_mma will stream for this warp tile and k range, so a caller
+// can overlap that latency with staging x (call it before stage_x_tile; it changes no state a result depends on).
+template <TileFormat F>
+__device__ __forceinline__ void prefetch_weight_tile(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
+                                                     int64_t k_end) {
+  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
+  constexpr int kStepK = 4 * kValues;
+  constexpr int kPrefetchSteps = 8;  // what the first load batches of weight_tile_mma read
+  const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int u = 0; u < kPrefetchSteps; ++u) {
+    const int64_t k = k_begin + u * kStepK + t * kValues;
+    if (k < k_end) {
+      ptx::prefetch_l2(lane.data[0] + k * 16 / kValues);
+      ptx::prefetch_l2(lane.data[1] + k * 16 / kValues);
+    }
+  }
+}
+
 // acc += W[row0 .. row0 + 16, k_begin .. k_end) · x_tile (k_end - k_begin) × (8·NT tokens); see the contract.
-// The calling warp must be converged (mma.sync).
-template <TileFormat F, int NT>
+// The calling warp must be converged (mma.sync). S = steps per load batch (2 or 4): each lane has S to 2·S steps
+// of 2 × 16 bytes in flight; 4 needs ~40 more registers per thread than 2 (about 150 at NT = 1 instead of 110).
+template <TileFormat F, int NT, int S = 2>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
                                                 int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
   static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
   constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
   constexpr int kStepK = 4 * kValues;              // k per step: 4 lanes × 16 bytes of a row
   constexpr int kMmasPerStep = kValues / 4;        // 4 values per lane per row per MMA
-  constexpr int kUnroll = 4;                       // steps whose loads are in flight together
+  static_assert(S == 2 || S == 4, "2 or 4 steps per load batch");
+  constexpr int kBatchK = S * kStepK;
   constexpr bool kFp8 = F == TileFormat::FP8_BLOCK128;
+  // Independent accumulator chains: back-to-back MMAs into one accumulator wait for each other, so few token tiles
+  // rotate over several partial sums (added at the end).
+  constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const int lane_idx = threadIdx.x % kWarpSize, g = lane_idx / 4, t = lane_idx % 4;
   const int row_stride = x_tile_row_stride(k_end - k_begin);
-  const int64_t rows[2] = {min(row0 + g, w.rows - 1), min(row0 + g + 8, w.rows - 1)};
-  const uint8_t* row_data[2] = {w.data + rows[0] * int64_t(w.data_row_bytes),
-                                w.data + rows[1] * int64_t(w.data_row_bytes)};
+  const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
   // Lane (g, t) reads token g of each token tile, chunk t of each group of four (the transposed order).
   const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
-  const bool fp32_scales = kFp8 && w.scale_type == ScaleType::F32;
-  const uint8_t* fp8_scale_row = kFp8 ? w.scales + (row0 / 128) * w.scales_per_row * (fp32_scales ? 4 : 1) : nullptr;
 
-  float block_acc[NT][4];  // FP8: sums of one 128-wide scale block before its scale is applied
-  if constexpr (kFp8) {
+  float sums[kChains][NT][4];  // FP8: sums of the current 128-wide scale block; else partial sums of acc
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) block_acc[nt][0] = block_acc[nt][1] = block_acc[nt][2] = block_acc[nt][3] = 0.0f;
-  }
+  for (int c = 0; c < kChains; ++c)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sums[c][nt][0] = sums[c][nt][1] = sums[c][nt][2] = sums[c][nt][3] = 0.0f;
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kUnroll * kStepK) {
-    uint4 raw[kUnroll][2];
-    uint32_t factors[kUnroll][2][2];
-    float block_scale[kUnroll];
+  // Software pipeline: the next batch's loads are in flight while this one is decoded and multiplied.
+  detail::WeightBatch<F, S> batch;
+  detail::load_batch<F, S>(w, lane, k_begin, k_end, batch);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBatchK) {
+    detail::WeightBatch<F, S> next;
+    if (k0 + kBatchK < k_end) detail::load_batch<F, S>(w, lane, k0 + kBatchK, k_end, next);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + u * kStepK + t * kValues;  // this lane's first k of step u
-      const bool valid = k < k_end;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        raw[u][r] = valid ? ptx::load_streaming_16B(row_data[r] + k * 16 / kValues)
-                          : make_uint4(0, 0, 0, 0);
-        factors[u][r][0] = factors[u][r][1] = 0;
-        if constexpr (F == TileFormat::MXFP4) {
-          if (valid) factors[u][r][0] = detail::mxfp4_factor(__ldg(w.scales + rows[r] * w.scales_per_row + k / 32));
-        } else if constexpr (F == TileFormat::NVFP4) {
-          if (valid)
-            detail::nvfp4_factors(
-                __ldg(reinterpret_cast<const uint16_t*>(w.scales + rows[r] * w.scales_per_row + k / 16)),
-                factors[u][r][0], factors[u][r][1]);
-        }
-      }
-      if constexpr (kFp8) {
-        const int64_t step_k = k0 + u * kStepK;
-        const int64_t block = min(step_k, k_end - 1) / 128;
-        block_scale[u] = fp32_scales ? __ldg(reinterpret_cast<const float*>(fp8_scale_row) + block)
-                                     : e8m0_to_float(__ldg(fp8_scale_row + block));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < S; ++u) {
       const int64_t step_k = k0 + u * kStepK;
       if (step_k >= k_end) break;
       uint32_t pairs[2][kValues / 2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) detail::decode_row_bytes<F>(raw[u][r], factors[u][r][0], factors[u][r][1], pairs[r]);
+      for (int r = 0; r < 2; ++r) {
+        uint32_t factor0 = 0, factor1 = 0;
+        if constexpr (F == TileFormat::MXFP4) factor0 = detail::mxfp4_factor(batch.scale_codes[u][r]);
+        if constexpr (F == TileFormat::NVFP4) detail::nvfp4_factors(uint16_t(batch.scale_codes[u][r]), factor0, factor1);
+        detail::decode_row_bytes<F>(batch.raw[u][r], factor0, factor1, pairs[r]);
+      }
       const __nv_bfloat16* x_step = x_lane + (step_k - k_begin);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -290,11 +363,7 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
           for (int half = 0; half < 2; ++half) {
             const int m = 2 * chunk + half;
             const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
-            const uint32_t b0 = half == 0 ? b.x : b.z, b1 = half == 0 ? b.y : b.w;
-            if constexpr (kFp8)
-              ptx::mma_m16n8k16_bf16_f32(block_acc[nt], a, b0, b1);
-            else
-              ptx::mma_m16n8k16_bf16_f32(acc[nt], a, b0, b1);
+            ptx::mma_m16n8k16_bf16_f32(sums[m % kChains][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
           }
         }
       }
@@ -305,12 +374,26 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              acc[nt][i] = fmaf(block_acc[nt][i], block_scale[u], acc[nt][i]);
-              block_acc[nt][i] = 0.0f;
+              float block_sum = 0.0f;
+#pragma unroll
+              for (int c = 0; c < kChains; ++c) {
+                block_sum += sums[c][nt][i];
+                sums[c][nt][i] = 0.0f;
+              }
+              acc[nt][i] = fmaf(block_sum, batch.block_scale[u], acc[nt][i]);
             }
         }
       }
     }
+    batch = next;
+  }
+  if constexpr (!kFp8) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < kChains; ++c) acc[nt][i] += sums[c][nt][i];
   }
 }
 

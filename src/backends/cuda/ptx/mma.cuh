@@ -30,4 +30,9 @@ __device__ __forceinline__ uint4 load_streaming_16B(const void* address) {
   return v;
 }
 
+// Asks L2 to fetch the line holding `address` without waiting for it (PTX ISA "prefetch", .global.L2).
+__device__ __forceinline__ void prefetch_l2(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+}
+
 }  // namespace dsv4::cuda::ptx
