@@ -13,21 +13,10 @@ namespace dsv4::cuda {
 
 namespace {
 
-// Reading the mmapped checkpoint into pinned memory runs at page-fault and memcpy speed per thread; several threads
-// keep the staging side ahead of the PCIe copy. Below this size one thread is faster than waking the pool.
-constexpr size_t kParallelCopyChunk = size_t(2) << 20;
-
-void parallel_memcpy(uint8_t* destination, const uint8_t* source, size_t bytes) {
-  if (bytes < 2 * kParallelCopyChunk) {
-    std::memcpy(destination, source, bytes);
-    return;
-  }
-  const int64_t chunks = int64_t((bytes + kParallelCopyChunk - 1) / kParallelCopyChunk);
-  ThreadPool::global().parallel_for(0, chunks, [&](int64_t chunk) {
-    const size_t begin = size_t(chunk) * kParallelCopyChunk;
-    std::memcpy(destination + begin, source + begin, std::min(kParallelCopyChunk, bytes - begin));
-  });
-}
+// Reading the mmapped checkpoint into pinned memory runs at page-fault and memcpy speed per thread, far below the
+// PCIe rate, so a staging buffer is filled by all host threads at once, in chunks of at least this size (smaller
+// ones cost more to hand out than to copy).
+constexpr size_t kMinStagingChunk = size_t(256) << 10;
 
 size_t aligned(size_t bytes) {
   return (bytes + DeviceAllocator::kAlignment - 1) / DeviceAllocator::kAlignment * DeviceAllocator::kAlignment;
@@ -207,13 +196,13 @@ void StagedUploader::copy(void* device, const void* host, size_t bytes, std::str
   while (bytes > 0) {
     StagingBuffer& buffer = buffers_[current_];
     const size_t n = std::min(bytes, staging_bytes_ - buffer.used);
-    parallel_memcpy(buffer.host + buffer.used, source, n);
-    // One transfer for consecutive staged bytes headed for consecutive device bytes (a large tensor's pieces).
+    // One piece (and one transfer) for bytes that continue the previous piece on both sides.
     Piece* last = buffer.pieces.empty() ? nullptr : &buffer.pieces.back();
-    if (last != nullptr && last->staging_offset + last->bytes == buffer.used && last->device + last->bytes == destination)
+    if (last != nullptr && last->staging_offset + last->bytes == buffer.used && last->host + last->bytes == source &&
+        last->device + last->bytes == destination)
       last->bytes += n;
     else
-      buffer.pieces.push_back({buffer.used, destination, n});
+      buffer.pieces.push_back({buffer.used, source, destination, n});
     buffer.used += n;
     destination += n;
     source += n;
@@ -222,9 +211,35 @@ void StagedUploader::copy(void* device, const void* host, size_t bytes, std::str
   }
 }
 
+void StagedUploader::stage(StagingBuffer& buffer) const {
+  const std::vector<Piece>& pieces = buffer.pieces;
+  // Copies the part of the pieces that falls in [begin, end) of the buffer; pieces are sorted by staging offset.
+  const auto copy_range = [&](size_t begin, size_t end) {
+    auto piece = std::upper_bound(pieces.begin(), pieces.end(), begin,
+                                  [](size_t offset, const Piece& p) { return offset < p.staging_offset; });
+    for (--piece; piece != pieces.end() && piece->staging_offset < end; ++piece) {
+      const size_t lo = std::max(begin, piece->staging_offset);
+      const size_t hi = std::min(end, piece->staging_offset + piece->bytes);
+      if (lo < hi) std::memcpy(buffer.host + lo, piece->host + (lo - piece->staging_offset), hi - lo);
+    }
+  };
+  ThreadPool& pool = ThreadPool::global();
+  const int64_t chunks = std::clamp<int64_t>(int64_t(buffer.used / kMinStagingChunk), 1, 4 * int64_t(pool.size()));
+  if (chunks == 1) {
+    copy_range(0, buffer.used);
+    return;
+  }
+  const size_t chunk_bytes = (buffer.used + size_t(chunks) - 1) / size_t(chunks);
+  pool.parallel_for(0, chunks, [&](int64_t chunk) {
+    const size_t begin = size_t(chunk) * chunk_bytes;
+    copy_range(begin, std::min(buffer.used, begin + chunk_bytes));
+  });
+}
+
 void StagedUploader::send_current() {
   StagingBuffer& buffer = buffers_[current_];
   if (buffer.used == 0) return;
+  stage(buffer);
   for (const Piece& piece : buffer.pieces)
     DSV4_CUDA_CHECK(cudaMemcpyAsync(piece.device, buffer.host + piece.staging_offset, piece.bytes,
                                     cudaMemcpyHostToDevice, stream_));
@@ -233,7 +248,7 @@ void StagedUploader::send_current() {
   buffer.used = 0;
   buffer.pieces.clear();
   current_ ^= 1;
-  // The other buffer is refilled next: its previous transfer must be done first.
+  // The other buffer is laid out and filled next: its previous transfer must be done first.
   wait_for(buffers_[current_]);
 }
 

@@ -24,9 +24,10 @@ namespace dsv4::cuda {
 // Bytes done and the total, called from the uploading thread.
 using UploadProgress = std::function<void(size_t done, size_t total)>;
 
-// Host-to-device copies through two pinned staging buffers: copy() fills one buffer (in parallel host threads, from
-// pageable or mmapped memory) while the previous buffer's cudaMemcpyAsync runs on `stream`. Small copies share a
-// buffer; large ones span several. Destinations must stay valid until finish() returns.
+// Host-to-device copies through two pinned staging buffers: copy() lays pieces out in the current buffer; when it is
+// full, all host threads copy the whole buffer's pieces in (from pageable or mmapped memory: page faults in
+// parallel), and its cudaMemcpyAsync runs on `stream` while the other buffer is filled. Small pieces share a buffer;
+// large ones span several. Sources and destinations must stay valid until finish() returns.
 class StagedUploader {
  public:
   static constexpr size_t kDefaultStagingBytes = size_t(64) << 20;
@@ -40,7 +41,7 @@ class StagedUploader {
   StagedUploader(const StagedUploader&) = delete;
   StagedUploader& operator=(const StagedUploader&) = delete;
 
-  // Queues `bytes` from `host` to `device`; returns once the bytes are staged (the transfer may still run). `what`
+  // Queues `bytes` from `host` to `device` (read and sent when their staging buffer fills, or by finish()). `what`
   // names the tensor in errors.
   void copy(void* device, const void* host, size_t bytes, std::string_view what);
   // Sends what is staged and waits until every transfer has completed; progress then reports the total.
@@ -50,6 +51,7 @@ class StagedUploader {
  private:
   struct Piece {
     size_t staging_offset;
+    const uint8_t* host;
     uint8_t* device;
     size_t bytes;
   };
@@ -61,6 +63,7 @@ class StagedUploader {
     size_t in_flight = 0;        // bytes of the last send not yet known to be complete
   };
 
+  void stage(StagingBuffer& buffer) const;
   void send_current();
   void wait_for(StagingBuffer& buffer);
   void release() noexcept;
