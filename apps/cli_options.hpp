@@ -21,6 +21,11 @@ struct EngineCli {
         ->required();
     sub.add_option("--mode", numerics, "Numerics: exact (matches transformers) or reference (DeepSeek's rounding)")
         ->capture_default_str();
+    sub.add_option("--device", engine.device, "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+        ->capture_default_str();
+    sub.add_option("--ctx", engine.max_context,
+                   "Tokens a sequence may hold (0 = the model's context on the CPU, up to 8192 on a GPU)")
+        ->capture_default_str();
     if (with_prefill_chunk)
       sub.add_option("--prefill-chunk", engine.prefill_chunk, "Prompt tokens per prefill step")->capture_default_str();
   }

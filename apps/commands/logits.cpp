@@ -45,7 +45,7 @@ int run_logits(const LogitsOptions& o) {
   EngineOptions options = o.engine.options();
   options.progress = false;
   Engine engine(options);
-  Dsv4Model& model = engine.model();
+  LanguageModel& model = engine.model();
   const int64_t vocab = engine.config().vocab_size, T = int64_t(ids.size());
   const int64_t chunk = o.chunk > 0 ? o.chunk : T;
 

@@ -5,6 +5,7 @@
 
 #include "io/model_config.hpp"
 #include "model/backend.hpp"
+#include "model/language_model.hpp"
 #include "model/model_weights.hpp"
 
 #include <span>
@@ -12,21 +13,17 @@
 
 namespace dsv4 {
 
-// Which positions of a call get logits.
-enum class LogitRows { All, Last };
-
-class Dsv4Model {
+class Dsv4Model final : public LanguageModel {
  public:
   // Borrows all three; they must outlive the model.
   Dsv4Model(const ModelConfig& config, const ModelWeights& weights, Backend& backend);
 
-  std::unique_ptr<SequenceCache> new_sequence() { return backend_.new_sequence(); }
-
-  // Runs `ids` at the sequence's next positions and writes fp32 logits [rows, vocab] (rows = ids.size() or 1).
-  // Throws dsv4::Error for an empty call, an id outside the vocabulary or a sequence past the context length.
-  void forward(SequenceCache& sequence, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits);
-
-  const ModelConfig& config() const { return config_; }
+  std::unique_ptr<SequenceCache> new_sequence() override { return backend_.new_sequence(); }
+  void forward(SequenceCache& sequence, std::span<const int32_t> ids, LogitRows rows,
+               std::vector<float>& logits) override;
+  const ModelConfig& config() const override { return config_; }
+  std::string device() const override { return std::string(backend_.name()); }
+  int64_t context_length() const override { return config_.max_position_embeddings; }
 
  private:
   const ModelConfig& config_;

@@ -1,5 +1,12 @@
 #include "runtime/engine.hpp"
 
+#include "model/dsv4_model.hpp"
+#if DSV4_HAVE_CUDA
+#include "backends/cuda/cuda_language_model.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/upload_progress.hpp"
+#endif
+
 #include "core/error.hpp"
 #include "tokenizer/streaming_decoder.hpp"
 
@@ -25,8 +32,7 @@ Engine::Engine(const EngineOptions& options) : options_(options) {
   checkpoint_.require_loadable();
   const std::filesystem::path tokenizer_file = std::filesystem::path(options.model_dir) / "tokenizer.json";
   if (std::filesystem::exists(tokenizer_file)) tokenizer_.emplace(Tokenizer::from_file(tokenizer_file));
-  backend_ = std::make_unique<cpu::CpuBackend>(checkpoint_.config, options.numerics);
-  model_ = std::make_unique<Dsv4Model>(checkpoint_.config, checkpoint_.weights, *backend_);
+  model_ = make_model(options);
 
   eos_ids_ = checkpoint_.config.eos_token_ids;
   if (tokenizer_ && tokenizer_->has_eos()) eos_ids_.push_back(tokenizer_->eos_id());
@@ -36,7 +42,41 @@ Engine::Engine(const EngineOptions& options) : options_(options) {
   if (options.progress)
     std::fprintf(stderr, "loaded %s weights (%.1f MiB, %s layout) on the %s backend in %.2f s\n",
                  std::string(to_string(options.numerics)).c_str(), double(checkpoint_.weight_bytes()) / (1 << 20),
-                 checkpoint_.layout.c_str(), std::string(backend_->name()).c_str(), seconds_since(start));
+                 checkpoint_.layout.c_str(), model_->device().c_str(), seconds_since(start));
+}
+
+std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) {
+  const ModelConfig& config = checkpoint_.config;
+  check(options.max_context >= 0, "--ctx must not be negative, got ", options.max_context);
+  std::string device = options.device;
+#if DSV4_HAVE_CUDA
+  if (device == "auto") device = cuda::list_devices().empty() ? "cpu" : "cuda";
+#else
+  if (device == "auto") device = "cpu";
+#endif
+  if (device == "cpu") {
+    check(options.max_context == 0 || options.max_context <= config.max_position_embeddings, "--ctx ",
+          options.max_context, " exceeds the model's context of ", config.max_position_embeddings, " tokens");
+    backend_ = std::make_unique<cpu::CpuBackend>(config, options.numerics);
+    return std::make_unique<Dsv4Model>(config, checkpoint_.weights, *backend_);
+  }
+  check(device == "cuda" || device.starts_with("cuda:"), "--device: '", device,
+        "' is not a device (cpu, cuda, cuda:N or auto)");
+#if DSV4_HAVE_CUDA
+  cuda::CudaModelOptions gpu;
+  gpu.device = device;
+  gpu.numerics = options.numerics;
+  gpu.max_context = options.max_context > 0 ? options.max_context
+                                            : std::min<int64_t>(config.max_position_embeddings, 8192);
+  check(gpu.max_context <= config.max_position_embeddings, "--ctx ", gpu.max_context,
+        " exceeds the model's context of ", config.max_position_embeddings, " tokens");
+  gpu.max_step_tokens = std::min<int64_t>(options.prefill_chunk, 4096);
+  std::optional<cuda::UploadProgressBar> bar;  // outlives the upload, which the constructor runs
+  if (options.progress) gpu.progress = bar.emplace("uploading weights").callback();
+  return std::make_unique<cuda::CudaLanguageModel>(config, checkpoint_.weights, gpu);
+#else
+  fail("--device ", device, ": this build has no CUDA backend (configure with the cuda preset)");
+#endif
 }
 
 const Tokenizer& Engine::tokenizer() const {
@@ -62,7 +102,7 @@ GenerationResult Engine::generate(const std::vector<int32_t>& prompt, const Samp
 GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                         const TextCallback& on_text, const std::atomic<bool>* cancel) {
   const Tokenizer& tok = tokenizer();
-  const int64_t context = config().max_position_embeddings;
+  const int64_t context = model_->context_length();
   check(!prompt.empty(), "the prompt is empty");
   check(int64_t(prompt.size()) < context, "the prompt has ", prompt.size(), " tokens; the model's context is ",
         context, " tokens");

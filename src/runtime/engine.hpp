@@ -5,7 +5,7 @@
 
 #include "backends/cpu/cpu_backend.hpp"
 #include "model/checkpoint_loader.hpp"
-#include "model/dsv4_model.hpp"
+#include "model/language_model.hpp"
 #include "runtime/sampler.hpp"
 #include "runtime/stop_condition.hpp"
 #include "tokenizer/bpe_tokenizer.hpp"
@@ -23,6 +23,11 @@ struct EngineOptions {
   NumericsMode numerics = NumericsMode::Exact;
   int64_t prefill_chunk = 512;  // tokens per prefill call: bounds the activation memory of a long prompt
   bool progress = true;         // load progress on stderr
+  // "cpu", "cuda" / "cuda:N", or "auto": the first GPU when this build has the CUDA backend and one is present.
+  std::string device = "auto";
+  // Tokens a sequence may hold; 0 = the model's context on the CPU, min(model's, 8192) on a GPU (whose KV cache and
+  // indexer buffers are sized for it up front).
+  int64_t max_context = 0;
 };
 
 struct GenerationResult {
@@ -44,7 +49,7 @@ class Engine {
 
   const ModelConfig& config() const { return checkpoint_.config; }
   const LoadedCheckpoint& checkpoint() const { return checkpoint_; }
-  Dsv4Model& model() { return *model_; }
+  LanguageModel& model() { return *model_; }
   bool has_tokenizer() const { return tokenizer_.has_value(); }
   // dsv4::Error when the checkpoint directory has no tokenizer.json.
   const Tokenizer& tokenizer() const;
@@ -60,14 +65,15 @@ class Engine {
   void reset();
 
  private:
+  std::unique_ptr<LanguageModel> make_model(const EngineOptions& options);
   GenerationResult run_generation(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                   const TextCallback& on_text, const std::atomic<bool>* cancel);
 
   EngineOptions options_;
   LoadedCheckpoint checkpoint_;
   std::optional<Tokenizer> tokenizer_;
-  std::unique_ptr<cpu::CpuBackend> backend_;
-  std::unique_ptr<Dsv4Model> model_;
+  std::unique_ptr<cpu::CpuBackend> backend_;  // the CPU path only
+  std::unique_ptr<LanguageModel> model_;
   std::vector<int32_t> eos_ids_;
   std::unique_ptr<SequenceCache> sequence_;
   std::vector<int32_t> sequence_ids_;  // the tokens the sequence holds

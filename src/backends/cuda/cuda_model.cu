@@ -36,6 +36,9 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
+constexpr int64_t kFreeSlot = -1;
+constexpr int64_t kFailedSlot = -2;  // a step failed on the device: refuses steps until released
+
 // A BF16 copy of an F32 matrix: the GPU linear kernels read BF16, FP8 and FP4 weights only.
 OwnedQuantizedMatrix to_bf16_matrix(const QuantizedMatrix& m) {
   OwnedQuantizedMatrix out = allocate_quantized_matrix(WeightFormat::BF16, m.rows, m.cols, ScaleType::NONE);
@@ -310,7 +313,7 @@ struct CudaModel::Impl {
     prepare_moe_workspace(moe_workspace, moe_workspace_size, stream);
 
     DSV4_CUDA_CHECK(cudaHostAlloc(&staging, staging_bytes(), cudaHostAllocDefault));
-    slot_length.assign(size_t(o.max_sequences), -1);
+    slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
@@ -610,7 +613,7 @@ struct CudaModel::Impl {
   void* moe_workspace = nullptr;
   void* top_k_workspace = nullptr;
   uint8_t* staging = nullptr;  // pinned: the step's per-token inputs
-  std::vector<int64_t> slot_length;  // −1 = free slot
+  std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot
 };
 
 CudaModel::CudaModel(const ModelConfig& config, const ModelWeights& weights, const CudaModelOptions& options)
@@ -628,6 +631,8 @@ std::string CudaModel::describe() const {
 }
 
 int CudaModel::add_sequence() {
+  check(std::count(impl_->slot_length.begin(), impl_->slot_length.end(), kFreeSlot) > 0, "CUDA model: all ",
+        impl_->options.max_sequences, " sequence slots are in use (--parallel / max_sequences)");
   const int slot = impl_->kv_cache->add_sequence();
   impl_->reset_slot_state(slot);
   impl_->slot_length[size_t(slot)] = 0;
@@ -635,15 +640,17 @@ int CudaModel::add_sequence() {
 }
 
 void CudaModel::release_sequence(int slot) {
-  check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] >= 0,
+  check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] != kFreeSlot,
         "CUDA model: sequence slot ", slot, " is not in use");
   impl_->kv_cache->release_sequence(slot);
-  impl_->slot_length[size_t(slot)] = -1;
+  impl_->slot_length[size_t(slot)] = kFreeSlot;
 }
 
 int64_t CudaModel::length(int slot) const {
-  check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] >= 0,
+  check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] != kFreeSlot,
         "CUDA model: sequence slot ", slot, " is not in use");
+  check(impl_->slot_length[size_t(slot)] != kFailedSlot, "CUDA model: sequence slot ", slot,
+        " failed in an earlier step; release it");
   return impl_->slot_length[size_t(slot)];
 }
 
@@ -671,9 +678,8 @@ void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, 
       }
     }
   } catch (...) {
-    // A failed step leaves the slot's device state undefined: the slot is released.
-    m.kv_cache->release_sequence(slot);
-    m.slot_length[size_t(slot)] = -1;
+    // A failed step leaves the slot's device state undefined: it refuses further steps until released.
+    m.slot_length[size_t(slot)] = kFailedSlot;
     throw;
   }
 }

@@ -47,14 +47,14 @@ class CudaModel {
 
   // A sequence slot with empty state; throws when all max_sequences are in use.
   int add_sequence();
-  // Frees the slot's KV pages and state.
+  // Frees the slot's KV pages and state (also a slot whose step failed).
   void release_sequence(int slot);
   // Tokens the slot holds (the position of its next token).
   int64_t length(int slot) const;
 
   // Runs `ids` at the slot's next positions; fp32 logits [rows, vocab] for every position (All) or the last (Last).
   // Throws for an empty call, an id outside the vocabulary, or a sequence past max_context, leaving the slot as it
-  // was; an error while the kernels run (a fault, NaN scores) releases the slot, whose state is then undefined.
+  // was; after an error while the kernels run (NaN scores, a fault) the slot refuses steps until released.
   void forward(int slot, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits);
 
  private:

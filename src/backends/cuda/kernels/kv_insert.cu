@@ -12,9 +12,8 @@ void check_kv_insert_params(const KvInsertParams& p) {
         " outside (0, ", 2 * kKvInsertMaxThreads, "]");
   check(p.layer >= 0 && p.layer < p.cache.layers, "kv_insert: layer ", p.layer, " outside [0, ", p.cache.layers, ")");
   check(p.rows >= 0 && p.rows < (int64_t(1) << 31), "kv_insert: row count ", p.rows, " out of range");
-  check(p.rows == 0 || (p.x != nullptr && p.norm_weight != nullptr && p.sequence_slots != nullptr &&
-                        p.dest_rows != nullptr),
-        "kv_insert: x, norm_weight, sequence_slots and dest_rows are required");
+  check(p.rows == 0 || (p.x != nullptr && p.sequence_slots != nullptr && p.dest_rows != nullptr),
+        "kv_insert: x, sequence_slots and dest_rows are required");
   check(p.rope_frequencies == nullptr || layout.rope_dim > 0, "kv_insert: rope_frequencies given but rope_dim is 0");
   check(p.rope_frequencies == nullptr || p.rows == 0 || p.positions != nullptr,
         "kv_insert: RoPE needs the positions");

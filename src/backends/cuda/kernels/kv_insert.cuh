@@ -44,11 +44,13 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
       x1 = round_to_bf16(x1);
     }
   }
-  const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
-  const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
-  if (active) {
-    x0 = x0 * inv_rms * p.norm_weight[dim];
-    x1 = x1 * inv_rms * p.norm_weight[dim + 1];
+  if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
+    const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
+    const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
+    if (active) {
+      x0 = x0 * inv_rms * p.norm_weight[dim];
+      x1 = x1 * inv_rms * p.norm_weight[dim + 1];
+    }
   }
   const int rope_pair = pair - layout.nope_dim / 2;
   if (active && p.rope_frequencies != nullptr && rope_pair >= 0)

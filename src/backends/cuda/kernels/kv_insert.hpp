@@ -25,7 +25,8 @@ struct KvInsertParams {
   int layer = 0;
   int64_t rows = 0;                         // new entries
   const float* x = nullptr;                 // device fp32 [rows, head_dim]
-  const float* norm_weight = nullptr;       // device fp32 [head_dim] (kv_norm or the compressor's norm)
+  const float* norm_weight = nullptr;       // device fp32 [head_dim] (kv_norm); null = store x as it is (entries
+                                            // the compressor already normalised and rotated)
   float eps = 1e-6f;
   bool round_input_to_bf16 = false;         // compressor entries: the reference normalises bf16(C_w)
   const float* rope_frequencies = nullptr;  // device fp32 [rope_dim / 2] (RopeTable::frequencies); null = no RoPE
