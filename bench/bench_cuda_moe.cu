@@ -148,7 +148,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     cudaEvent_t stage_events[kMoeStages + 1];
     for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventCreate(&e));
     double stage_us[kMoeStages] = {};
-    const int stage_runs = T >= 1024 ? 2 : 5;
+    const int stage_runs = T >= 1024 ? 1 : 3;
     for (int i = 0; i < stage_runs; ++i)
       for (Slot& slot : slots) {
         const MoeRunParams params{.u = slot.u.as<float>(),

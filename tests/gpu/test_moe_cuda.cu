@@ -40,26 +40,30 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int64_t kHidden = 4096, kIntermediate = 2048, kExperts = 32, kTopK = 6, kVocab = 1000;
+struct Shape {
+  int64_t hidden, intermediate, experts, top_k, vocab;
+};
+// V4-Flash sizes with fewer experts (the CPU reference holds every expert on the host).
+constexpr Shape kFlashLike{.hidden = 4096, .intermediate = 2048, .experts = 32, .top_k = 6, .vocab = 1000};
 constexpr float kScaling = 1.5f, kLimit = 10.0f;
 constexpr double kOrderTolerance = 3e-5;        // fp32 summation in another order, relative to Σ|terms|
 constexpr double kHRounding = 1.0 / 256.0;      // h stored as bf16: 2^-8 relative (twice the half-ulp)
 
-MoeConfig test_config() {
-  return MoeConfig{.hidden = kHidden,
-                   .intermediate = kIntermediate,
-                   .experts = kExperts,
-                   .top_k = kTopK,
+MoeConfig test_config(const Shape& S) {
+  return MoeConfig{.hidden = S.hidden,
+                   .intermediate = S.intermediate,
+                   .experts = S.experts,
+                   .top_k = S.top_k,
                    .routed_scaling_factor = kScaling,
                    .swiglu_limit = kLimit};
 }
 
-cpu::MoeParams cpu_params(int64_t tokens) {
+cpu::MoeParams cpu_params(const Shape& S, int64_t tokens) {
   return cpu::MoeParams{.tokens = tokens,
-                        .hidden = kHidden,
-                        .intermediate = kIntermediate,
-                        .experts = kExperts,
-                        .top_k = kTopK,
+                        .hidden = S.hidden,
+                        .intermediate = S.intermediate,
+                        .experts = S.experts,
+                        .top_k = S.top_k,
                         .routed_scaling_factor = kScaling,
                         .swiglu_limit = kLimit};
 }
@@ -138,33 +142,34 @@ OwnedQuantizedMatrix absolute(const QuantizedMatrix& w) {
 
 // The expert weights of one format (routed) plus an FP8 shared expert, and |w2| of each for the bounds.
 struct ExpertSet {
+  Shape shape;
   std::vector<ExpertWeights> experts;
   ExpertWeights shared;
   std::vector<OwnedQuantizedMatrix> abs_w2;  // [E + 1], [E] = shared
   std::vector<std::vector<float>> l1_w1, l1_w3;  // [E + 1][I]: Σ_j |w_ij| per row, for the fp32-order bound of h
 };
 
-ExpertWeights random_expert(WeightFormat format, std::mt19937_64& rng) {
+ExpertWeights random_expert(WeightFormat format, const Shape& S, std::mt19937_64& rng) {
   // w1/w3 outputs ≈ N(0, 6²): a fair share beyond ±10 exercises the clamps; w2 keeps the output O(1).
-  return ExpertWeights{.w1 = random_weight(format, kIntermediate, kHidden, 6.0, rng).matrix,
-                       .w2 = random_weight(format, kHidden, kIntermediate, 0.1, rng).matrix,
-                       .w3 = random_weight(format, kIntermediate, kHidden, 6.0, rng).matrix};
+  return ExpertWeights{.w1 = random_weight(format, S.intermediate, S.hidden, 6.0, rng).matrix,
+                       .w2 = random_weight(format, S.hidden, S.intermediate, 0.1, rng).matrix,
+                       .w3 = random_weight(format, S.intermediate, S.hidden, 6.0, rng).matrix};
 }
 
-ExpertSet make_experts(WeightFormat routed_format, uint64_t seed) {
+ExpertSet make_experts(WeightFormat routed_format, const Shape& S, uint64_t seed) {
   std::mt19937_64 rng(seed);
-  ExpertSet set;
-  for (int64_t e = 0; e < kExperts; ++e) set.experts.push_back(random_expert(routed_format, rng));
+  ExpertSet set{.shape = S};
+  for (int64_t e = 0; e < S.experts; ++e) set.experts.push_back(random_expert(routed_format, S, rng));
   set.shared = random_expert(routed_format == WeightFormat::BF16 ? WeightFormat::BF16 : WeightFormat::FP8_BLOCK128,
-                             rng);
-  const std::vector<float> ones(static_cast<size_t>(kHidden), 1.0f);
+                             S, rng);
+  const std::vector<float> ones(static_cast<size_t>(S.hidden), 1.0f);
   auto row_l1 = [&](const QuantizedMatrix& w) {
     std::vector<float> l1(static_cast<size_t>(w.rows));
     cpu::linear(absolute(w).matrix, ones.data(), 1, l1.data());
     return l1;
   };
-  for (int64_t e = 0; e <= kExperts; ++e) {
-    const ExpertWeights& x = e < kExperts ? set.experts[size_t(e)] : set.shared;
+  for (int64_t e = 0; e <= S.experts; ++e) {
+    const ExpertWeights& x = e < S.experts ? set.experts[size_t(e)] : set.shared;
     set.abs_w2.push_back(absolute(x.w2));
     set.l1_w1.push_back(row_l1(x.w1));
     set.l1_w3.push_back(row_l1(x.w3));
@@ -175,6 +180,7 @@ ExpertSet make_experts(WeightFormat routed_format, uint64_t seed) {
 enum class Routing { SCORED, HASH };
 
 struct Layer {
+  Shape shape;
   MoeWeights model;
   OwnedQuantizedMatrix router;
   std::vector<cpu::ExpertWeights> cpu_experts;
@@ -184,8 +190,10 @@ struct Layer {
 // Builds the layer around `experts` (shared, not copied: QuantizedMatrix borrows the bytes).
 void make_layer(Layer& layer, const ExpertSet& experts, Routing routing, uint64_t seed,
                 const std::function<void(std::vector<float>& bias, std::vector<int32_t>& tid2eid)>& adjust) {
+  const Shape& S = experts.shape;
+  layer.shape = S;
   std::mt19937_64 rng(seed);
-  layer.router = random_weight(WeightFormat::BF16, kExperts, kHidden, 2.0, rng);
+  layer.router = random_weight(WeightFormat::BF16, S.experts, S.hidden, 2.0, rng);
   layer.model.gate = layer.router.matrix;
   layer.model.experts = experts.experts;
   layer.model.shared = experts.shared;
@@ -193,13 +201,13 @@ void make_layer(Layer& layer, const ExpertSet& experts, Routing routing, uint64_
   layer.model.tid2eid.clear();
   if (routing == Routing::SCORED) {
     std::normal_distribution<float> normal(0.0f, 0.1f);
-    for (int64_t e = 0; e < kExperts; ++e) layer.model.gate_bias.push_back(normal(rng));
+    for (int64_t e = 0; e < S.experts; ++e) layer.model.gate_bias.push_back(normal(rng));
   } else {
-    for (int64_t v = 0; v < kVocab; ++v) {
-      std::vector<int32_t> ids(kExperts);
-      for (int32_t e = 0; e < kExperts; ++e) ids[size_t(e)] = e;
+    for (int64_t v = 0; v < S.vocab; ++v) {
+      std::vector<int32_t> ids(S.experts);
+      for (int32_t e = 0; e < S.experts; ++e) ids[size_t(e)] = e;
       std::shuffle(ids.begin(), ids.end(), rng);
-      layer.model.tid2eid.insert(layer.model.tid2eid.end(), ids.begin(), ids.begin() + kTopK);
+      layer.model.tid2eid.insert(layer.model.tid2eid.end(), ids.begin(), ids.begin() + S.top_k);
     }
   }
   adjust(layer.model.gate_bias, layer.model.tid2eid);
@@ -209,7 +217,7 @@ void make_layer(Layer& layer, const ExpertSet& experts, Routing routing, uint64_
       .gate = &layer.model.gate,
       .gate_bias = layer.model.gate_bias.empty() ? nullptr : layer.model.gate_bias.data(),
       .tid2eid = layer.model.tid2eid.empty() ? nullptr : layer.model.tid2eid.data(),
-      .vocab = layer.model.tid2eid.empty() ? 0 : kVocab,
+      .vocab = layer.model.tid2eid.empty() ? 0 : S.vocab,
       .experts = layer.cpu_experts.data(),
       .shared = {&layer.model.shared.w1, &layer.model.shared.w2, &layer.model.shared.w3},
   };
@@ -218,16 +226,17 @@ void make_layer(Layer& layer, const ExpertSet& experts, Routing routing, uint64_
 // Biased scores of one token in double; true when the top_k + 1 best are each at least `margin` apart (no
 // near-tie can flip the GPU's choice or order against the CPU's).
 bool clear_top_k(const Layer& layer, const float* u, double margin) {
-  std::vector<float> logits(kExperts);
+  const Shape& S = layer.shape;
+  std::vector<float> logits(S.experts);
   cpu::linear(layer.model.gate, u, 1, logits.data());
-  std::vector<double> biased(kExperts);
-  for (int64_t e = 0; e < kExperts; ++e) {
+  std::vector<double> biased(S.experts);
+  for (int64_t e = 0; e < S.experts; ++e) {
     const double v = logits[size_t(e)];
     const double s = std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));
     biased[size_t(e)] = s + (layer.model.gate_bias.empty() ? 0.0 : layer.model.gate_bias[size_t(e)]);
   }
   std::sort(biased.begin(), biased.end(), std::greater<>());
-  for (int64_t k = 0; k < kTopK; ++k)
+  for (int64_t k = 0; k < S.top_k; ++k)
     if (biased[size_t(k)] - biased[size_t(k + 1)] < margin) return false;
   return true;
 }
@@ -250,21 +259,22 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
                 uint64_t seed,
                 const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of) {
   SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed));
+  const Shape& S = layer.shape;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> u(size_t(T * kHidden));
+  std::vector<float> u(size_t(T * S.hidden));
   std::vector<int32_t> tokens(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) {
-    float* row = u.data() + t * kHidden;
+    float* row = u.data() + t * S.hidden;
     do {
-      for (int64_t j = 0; j < kHidden; ++j) row[j] = round_to_bf16(normal(rng));  // see the header comment
+      for (int64_t j = 0; j < S.hidden; ++j) row[j] = round_to_bf16(normal(rng));  // see the header comment
     } while (layer.cpu.tid2eid == nullptr && !clear_top_k(layer, row, 1e-3));
     tokens[size_t(t)] = token_of(t, rng);
   }
 
   // GPU run on poisoned buffers.
-  const MoeConfig config = test_config();
-  const size_t out_floats = size_t(T * kHidden), guard_floats = 64;
+  const MoeConfig config = test_config(S);
+  const size_t out_floats = size_t(T * S.hidden), guard_floats = 64;
   DeviceBuffer d_u(u.size() * sizeof(float), "u"), d_tokens(tokens.size() * sizeof(int32_t), "token ids");
   DeviceBuffer d_out((out_floats + guard_floats) * sizeof(float), "out");
   const size_t workspace_bytes = moe_workspace_bytes(config, T);
@@ -283,63 +293,63 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
   run_moe(device_weights, params);
   check_moe_status(params);
   const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
-  const size_t slots = size_t(T * kTopK), rows = slots + size_t(T);
+  const size_t slots = size_t(T * S.top_k), rows = slots + size_t(T);
   const std::vector<float> out = download(d_out.as<float>(), out_floats + guard_floats);
   const std::vector<int32_t> ids = download(view.expert_ids, slots);
   const std::vector<float> weights = download(view.expert_weights, slots);
   const std::vector<int32_t> slot_rows = download(view.slot_rows, slots);
-  const std::vector<uint16_t> h_bits = download(view.h_bf16, rows * kIntermediate);
-  const std::vector<float> down = download(view.down, rows * kHidden);
+  const std::vector<uint16_t> h_bits = download(view.h_bf16, rows * S.intermediate);
+  const std::vector<float> down = download(view.down, rows * S.hidden);
 
   // Routing: exact ids (inputs have no near-ties), weights to fp32 rounding.
   std::vector<int32_t> ref_ids(slots);
   std::vector<float> ref_weights(slots);
-  cpu::moe_route(layer.cpu, cpu_params(T), u.data(), tokens.data(), ref_ids.data(), ref_weights.data());
+  cpu::moe_route(layer.cpu, cpu_params(S, T), u.data(), tokens.data(), ref_ids.data(), ref_weights.data());
   for (size_t s = 0; s < slots; ++s) {
-    ASSERT_EQ(ids[s], ref_ids[s]) << "expert id of token " << s / kTopK << " choice " << s % kTopK;
+    ASSERT_EQ(ids[s], ref_ids[s]) << "expert id of token " << s / S.top_k << " choice " << s % S.top_k;
     ASSERT_TRUE(close(weights[s], ref_weights[s], 1e-5 * std::fabs(ref_weights[s])))
-        << "weight of token " << s / kTopK << " choice " << s % kTopK << ": " << weights[s] << " vs "
+        << "weight of token " << s / S.top_k << " choice " << s % S.top_k << ": " << weights[s] << " vs "
         << ref_weights[s];
   }
   // Bucketing: a stable counting sort by expert id, the shared expert's rows after all routed ones.
-  std::vector<std::vector<size_t>> slots_of(kExperts);
+  std::vector<std::vector<size_t>> slots_of(S.experts);
   for (size_t s = 0; s < slots; ++s) slots_of[size_t(ref_ids[s])].push_back(s);
-  std::vector<std::vector<int64_t>> rows_of(kExperts + 1), tokens_of(kExperts + 1);
-  for (int64_t e = 0, row = 0; e < kExperts; ++e)
+  std::vector<std::vector<int64_t>> rows_of(S.experts + 1), tokens_of(S.experts + 1);
+  for (int64_t e = 0, row = 0; e < S.experts; ++e)
     for (const size_t s : slots_of[size_t(e)]) {
       ASSERT_EQ(slot_rows[s], row) << "row of slot " << s << " (expert " << e << ")";
       rows_of[size_t(e)].push_back(row++);
-      tokens_of[size_t(e)].push_back(int64_t(s / kTopK));
+      tokens_of[size_t(e)].push_back(int64_t(s / S.top_k));
     }
-  for (int64_t t = 0; t < T; ++t) rows_of[kExperts].push_back(int64_t(slots) + t), tokens_of[kExperts].push_back(t);
+  for (int64_t t = 0; t < T; ++t) rows_of[S.experts].push_back(int64_t(slots) + t), tokens_of[S.experts].push_back(t);
 
   // Per expert: h against the CPU's SwiGLU, and the down output against cpu::linear(w2) on the GPU's own h.
-  std::vector<float> abs_w2_h(rows * kHidden);  // Σ_j |w2_ij|·|h_j| per row, for the end-to-end bound
+  std::vector<float> abs_w2_h(rows * S.hidden);  // Σ_j |w2_ij|·|h_j| per row, for the end-to-end bound
   int failures = 0;
-  for (int64_t e = 0; e <= kExperts; ++e) {
+  for (int64_t e = 0; e <= S.experts; ++e) {
     const auto& my_rows = rows_of[size_t(e)];
     if (my_rows.empty()) continue;
-    const ExpertWeights& w = e < kExperts ? layer.model.experts[size_t(e)] : layer.model.shared;
+    const ExpertWeights& w = e < S.experts ? layer.model.experts[size_t(e)] : layer.model.shared;
     const int64_t n = int64_t(my_rows.size());
-    std::vector<float> x(size_t(n * kHidden));
+    std::vector<float> x(size_t(n * S.hidden));
     float u_max = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      const float* src = u.data() + tokens_of[size_t(e)][size_t(i)] * kHidden;
-      std::copy_n(src, kHidden, x.data() + i * kHidden);
-      for (int64_t j = 0; j < kHidden; ++j) u_max = std::max(u_max, std::fabs(src[j]));
+      const float* src = u.data() + tokens_of[size_t(e)][size_t(i)] * S.hidden;
+      std::copy_n(src, S.hidden, x.data() + i * S.hidden);
+      for (int64_t j = 0; j < S.hidden; ++j) u_max = std::max(u_max, std::fabs(src[j]));
     }
-    std::vector<float> gate(size_t(n * kIntermediate)), up(gate.size());
+    std::vector<float> gate(size_t(n * S.intermediate)), up(gate.size());
     const std::vector<float>& l1_w1 = experts.l1_w1[size_t(e)];
     const std::vector<float>& l1_w3 = experts.l1_w3[size_t(e)];
     cpu::linear(w.w1, x.data(), n, gate.data());
     cpu::linear(w.w3, x.data(), n, up.data());
-    std::vector<float> h_gpu(size_t(n * kIntermediate));
+    std::vector<float> h_gpu(size_t(n * S.intermediate));
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < kIntermediate; ++j) {
-        const size_t at = size_t(i * kIntermediate + j);
+      for (int64_t j = 0; j < S.intermediate; ++j) {
+        const size_t at = size_t(i * S.intermediate + j);
         const float g = std::min(gate[at], kLimit), v = std::clamp(up[at], -kLimit, kLimit);
         const double expected = double(silu(g)) * v;
-        const float actual = bf16_to_float(h_bits[size_t(my_rows[size_t(i)]) * kIntermediate + j]);
+        const float actual = bf16_to_float(h_bits[size_t(my_rows[size_t(i)]) * S.intermediate + j]);
         h_gpu[at] = actual;
         // fp32 order term: |Δg| ≤ ε Σ|w1||u| moves h by ≤ 1.1 |v| |Δg| (silu' ≤ 1.1); |Δv| moves it by |silu(g)|.
         const double order =
@@ -348,15 +358,15 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
           ADD_FAILURE() << "h of expert " << e << " token " << tokens_of[size_t(e)][size_t(i)] << " [" << j
                         << "] = " << actual << ", CPU " << expected;
       }
-    std::vector<float> ref_down(size_t(n * kHidden)), bound(size_t(n * kHidden)), abs_h(h_gpu.size());
+    std::vector<float> ref_down(size_t(n * S.hidden)), bound(size_t(n * S.hidden)), abs_h(h_gpu.size());
     for (size_t i = 0; i < h_gpu.size(); ++i) abs_h[i] = std::fabs(h_gpu[i]);
     cpu::linear(w.w2, h_gpu.data(), n, ref_down.data());
     cpu::linear(experts.abs_w2[size_t(e)].matrix, abs_h.data(), n, bound.data());
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < kHidden; ++j) {
-        const size_t at = size_t(i * kHidden + j), row = size_t(my_rows[size_t(i)]);
-        abs_w2_h[row * kHidden + j] = bound[at];
-        const float actual = down[row * kHidden + j];
+      for (int64_t j = 0; j < S.hidden; ++j) {
+        const size_t at = size_t(i * S.hidden + j), row = size_t(my_rows[size_t(i)]);
+        abs_w2_h[row * S.hidden + j] = bound[at];
+        const float actual = down[row * S.hidden + j];
         if (!close(actual, ref_down[at], kOrderTolerance * bound[at] + 1e-30) && failures++ < 10)
           ADD_FAILURE() << "down of expert " << e << " token " << tokens_of[size_t(e)][size_t(i)] << " [" << j
                         << "] = " << actual << ", CPU " << ref_down[at] << " (bound " << bound[at] << ")";
@@ -366,18 +376,18 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
 
   // End to end: the combine of the GPU's own down rows (same order, exact fma), and cpu::moe_forward.
   std::vector<float> reference(out_floats);
-  cpu::moe_forward(layer.cpu, cpu_params(T), u.data(), tokens.data(), reference.data());
+  cpu::moe_forward(layer.cpu, cpu_params(S, T), u.data(), tokens.data(), reference.data());
   for (int64_t t = 0; t < T && failures < 10; ++t)
-    for (int64_t j = 0; j < kHidden; ++j) {
+    for (int64_t j = 0; j < S.hidden; ++j) {
       const size_t shared_row = slots + size_t(t);
-      float combined = down[shared_row * kHidden + j];
-      double magnitude = abs_w2_h[shared_row * kHidden + j];
-      for (int64_t k = 0; k < kTopK; ++k) {
-        const size_t s = size_t(t * kTopK + k), row = size_t(slot_rows[s]);
-        combined = std::fma(weights[s], down[row * kHidden + j], combined);
-        magnitude += double(weights[s]) * abs_w2_h[row * kHidden + j];
+      float combined = down[shared_row * S.hidden + j];
+      double magnitude = abs_w2_h[shared_row * S.hidden + j];
+      for (int64_t k = 0; k < S.top_k; ++k) {
+        const size_t s = size_t(t * S.top_k + k), row = size_t(slot_rows[s]);
+        combined = std::fma(weights[s], down[row * S.hidden + j], combined);
+        magnitude += double(weights[s]) * abs_w2_h[row * S.hidden + j];
       }
-      const size_t at = size_t(t * kHidden + j);
+      const size_t at = size_t(t * S.hidden + j);
       const double tolerance = (kHRounding + kOrderTolerance) * magnitude + 1e-30;
       if (!close(out[at], combined, 1e-6 * std::fabs(combined) + 1e-30) && failures++ < 10)
         ADD_FAILURE() << "out[" << t << ", " << j << "] = " << out[at] << ", combine of the GPU rows " << combined;
@@ -394,7 +404,9 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
 
 bool has_device() { return !list_devices().empty(); }
 
-int32_t random_token(int64_t, std::mt19937_64& rng) { return int32_t(rng() % kVocab); }
+std::function<int32_t(int64_t, std::mt19937_64&)> random_tokens(const Shape& S) {
+  return [vocab = S.vocab](int64_t, std::mt19937_64& rng) { return int32_t(rng() % uint64_t(vocab)); };
+}
 
 void keep_routing(std::vector<float>&, std::vector<int32_t>&) {}
 
@@ -403,14 +415,15 @@ class MoeFormats : public ::testing::TestWithParam<WeightFormat> {};
 TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const WeightFormat format = GetParam();
-  const ExpertSet experts = make_experts(format, 100 + uint64_t(format));
+  const ExpertSet experts = make_experts(format, kFlashLike, 100 + uint64_t(format));
   uint64_t seed = 1000 * uint64_t(format);
   for (const Routing routing : {Routing::SCORED, Routing::HASH}) {
     SCOPED_TRACE(std::string(to_string(format)) + (routing == Routing::SCORED ? " scored" : " hash"));
     Layer layer;
     make_layer(layer, experts, routing, seed++, keep_routing);
-    const DeviceMoeWeights device_weights(layer.model, test_config(), "test layer");
-    for (const int64_t T : {1, 3, 17, 64, 300}) check_case(layer, experts, device_weights, T, seed++, random_token);
+    const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "test layer");
+    for (const int64_t T : {1, 3, 17, 64, 300})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike));
   }
 }
 
@@ -421,12 +434,78 @@ INSTANTIATE_TEST_SUITE_P(ExpertFormats, MoeFormats,
                            return std::string(to_string(info.param));
                          });
 
+TEST(MoeTinyShapes, TestModelSizesWithKTailsAndPartialRowBands) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // The golden fixtures' and tiny-fortunes' sizes: K below or not a multiple of 128, fewer rows than a CTA band.
+  const Shape shapes[] = {{.hidden = 64, .intermediate = 32, .experts = 4, .top_k = 2, .vocab = 50},
+                          {.hidden = 96, .intermediate = 32, .experts = 6, .top_k = 2, .vocab = 50},
+                          {.hidden = 128, .intermediate = 64, .experts = 8, .top_k = 2, .vocab = 50}};
+  uint64_t seed = 5000;
+  for (const Shape& shape : shapes)
+    for (const WeightFormat format :
+         {WeightFormat::MXFP4, WeightFormat::NVFP4, WeightFormat::FP8_BLOCK128, WeightFormat::BF16}) {
+      SCOPED_TRACE(std::string(to_string(format)) + " d = " + std::to_string(shape.hidden) + " I = " +
+                   std::to_string(shape.intermediate) + " E = " + std::to_string(shape.experts));
+      const ExpertSet experts = make_experts(format, shape, seed++);
+      for (const Routing routing : {Routing::SCORED, Routing::HASH}) {
+        Layer layer;
+        make_layer(layer, experts, routing, seed++, keep_routing);
+        const DeviceMoeWeights device_weights(layer.model, test_config(shape), "tiny layer");
+        for (const int64_t T : {1, 5, 40}) check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
+      }
+    }
+}
+
+TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const Shape shape{.hidden = 128, .intermediate = 64, .experts = 8, .top_k = 2, .vocab = 50};
+  const ExpertSet experts = make_experts(WeightFormat::MXFP4, shape, 77);
+  Layer layer;
+  make_layer(layer, experts, Routing::SCORED, 78, keep_routing);
+  device_weights::Moe uploaded;
+  uploaded.gate = DeviceMatrix(layer.model.gate, "router");
+  DeviceBuffer bias(layer.model.gate_bias.size() * sizeof(float), "bias");
+  bias.upload(layer.model.gate_bias.data(), layer.model.gate_bias.size() * sizeof(float));
+  uploaded.gate_bias = DeviceArray<float>(std::move(bias), int64_t(layer.model.gate_bias.size()));
+  auto upload_expert = [](const ExpertWeights& e) {
+    return device_weights::Expert{.w1 = DeviceMatrix(e.w1, "w1"), .w2 = DeviceMatrix(e.w2, "w2"),
+                                  .w3 = DeviceMatrix(e.w3, "w3")};
+  };
+  for (const ExpertWeights& e : layer.model.experts) uploaded.experts.push_back(upload_expert(e));
+  uploaded.shared = upload_expert(layer.model.shared);
+  const DeviceMoeWeights borrowed(uploaded, test_config(shape), "borrowed layer");
+  const DeviceMoeWeights own(layer.model, test_config(shape), "own layer");
+  check_case(layer, experts, borrowed, 9, 79, random_tokens(shape));
+
+  // Same inputs through both: bit-identical outputs (the kernels are deterministic).
+  const int T = 9;
+  std::vector<float> u(size_t(T * shape.hidden));
+  std::mt19937_64 rng(80);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : u) v = normal(rng);
+  DeviceBuffer d_u(u.size() * sizeof(float), "u");
+  d_u.upload(u.data(), u.size() * sizeof(float));
+  const size_t bytes = moe_workspace_bytes(test_config(shape), T);
+  std::vector<std::vector<float>> outs;
+  for (const DeviceMoeWeights* weights : {&borrowed, &own}) {
+    DeviceBuffer workspace(bytes, "workspace"), out(u.size() * sizeof(float), "out");
+    prepare_moe_workspace(workspace.data(), bytes, nullptr);
+    run_moe(*weights, {.u = d_u.as<float>(),
+                       .out = out.as<float>(),
+                       .tokens = T,
+                       .workspace = workspace.data(),
+                       .workspace_bytes = bytes});
+    outs.push_back(download(out.as<float>(), u.size()));
+  }
+  ASSERT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * sizeof(float)), 0);
+}
+
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
 class MoeRoutingExtremes : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!has_device()) GTEST_SKIP() << "no CUDA device";
-    static const ExpertSet experts = make_experts(WeightFormat::MXFP4, 7);
+    static const ExpertSet experts = make_experts(WeightFormat::MXFP4, kFlashLike, 7);
     experts_ = &experts;
   }
   const ExpertSet* experts_ = nullptr;
@@ -436,10 +515,12 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   // Hash rows drawn from experts 0, 3, ..., 30 only: 21 experts (among them the last) get no token at any T.
   Layer layer;
   make_layer(layer, *experts_, Routing::HASH, 11, [](std::vector<float>&, std::vector<int32_t>& tid2eid) {
-    for (size_t i = 0; i < tid2eid.size(); ++i) tid2eid[i] = int32_t((i % kTopK + 2 * (i / kTopK)) % 11 * 3);
+    const size_t k = size_t(kFlashLike.top_k);
+    for (size_t i = 0; i < tid2eid.size(); ++i) tid2eid[i] = int32_t((i % k + 2 * (i / k)) % 11 * 3);
   });
-  const DeviceMoeWeights device_weights(layer.model, test_config(), "sparse layer");
-  for (const int64_t T : {1, 5, 64}) check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_token);
+  const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
+  for (const int64_t T : {1, 5, 64})
+    check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike));
 }
 
 TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
@@ -448,14 +529,14 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
     Layer layer;
     make_layer(layer, *experts_, Routing::SCORED, 12,
                [](std::vector<float>& bias, std::vector<int32_t>&) { bias.back() = 100.0f; });
-    const DeviceMoeWeights device_weights(layer.model, test_config(), "biased layer");
-    check_case(layer, *experts_, device_weights, 300, 60, random_token);
+    const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "biased layer");
+    check_case(layer, *experts_, device_weights, 300, 60, random_tokens(kFlashLike));
   }
   {
     // Hash: every token has the same id, so all of them pick the same six experts.
     Layer layer;
     make_layer(layer, *experts_, Routing::HASH, 13, keep_routing);
-    const DeviceMoeWeights device_weights(layer.model, test_config(), "hash layer");
+    const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "hash layer");
     check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); });
   }
 }
@@ -471,26 +552,33 @@ void expect_error_containing(Action&& action, const std::string& needle) {
 }
 
 TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {
+  const Shape& S = kFlashLike;
   Layer layer;
   make_layer(layer, *experts_, Routing::HASH, 14, keep_routing);
   {
     std::mt19937_64 rng(1);
     MoeWeights mixed = layer.model;
-    mixed.experts[5] = random_expert(WeightFormat::NVFP4, rng);
-    expect_error_containing([&] { DeviceMoeWeights(mixed, test_config(), "mixed layer"); }, "expert 5");
+    mixed.experts[5] = random_expert(WeightFormat::NVFP4, S, rng);
+    expect_error_containing([&] { DeviceMoeWeights(mixed, test_config(S), "mixed layer"); }, "expert 5");
     MoeWeights short_table = layer.model;
-    short_table.tid2eid[7] = int32_t(kExperts);
-    expect_error_containing([&] { DeviceMoeWeights(short_table, test_config(), "bad table"); }, "tid2eid[1][1]");
+    short_table.tid2eid[7] = int32_t(S.experts);
+    expect_error_containing([&] { DeviceMoeWeights(short_table, test_config(S), "bad table"); }, "tid2eid[1][1]");
+    MoeWeights big_scale = layer.model;
+    OwnedQuantizedMatrix w3 = absolute(big_scale.experts[2].w3);  // a copy whose bytes this test may change
+    w3.storage->scales[3 * size_t(w3.matrix.scales_per_row()) + 5] = 130;
+    big_scale.experts[2].w3 = w3.matrix;
+    expect_error_containing([&] { DeviceMoeWeights(big_scale, test_config(S), "scaled layer"); },
+                            "expert 2 w3 MXFP4 scale code 130 at row 3, block 5");
   }
-  const DeviceMoeWeights device_weights(layer.model, test_config(), "hash layer");
+  const DeviceMoeWeights device_weights(layer.model, test_config(S), "hash layer");
   const int T = 3;
-  const std::vector<int32_t> tokens = {5, int32_t(kVocab) + 9, 7};
-  std::vector<float> u(size_t(T * kHidden), 0.5f);
+  const std::vector<int32_t> tokens = {5, int32_t(S.vocab) + 9, 7};
+  std::vector<float> u(size_t(T * S.hidden), 0.5f);
   DeviceBuffer d_u(u.size() * sizeof(float), "u"), d_tokens(tokens.size() * sizeof(int32_t), "token ids"),
       d_out(u.size() * sizeof(float), "out");
   d_u.upload(u.data(), u.size() * sizeof(float));
   d_tokens.upload(tokens.data(), tokens.size() * sizeof(int32_t));
-  const size_t bytes = moe_workspace_bytes(test_config(), T);
+  const size_t bytes = moe_workspace_bytes(test_config(S), T);
   DeviceBuffer workspace(bytes, "workspace");
   prepare_moe_workspace(workspace.data(), bytes, nullptr);
   MoeRunParams params{.u = d_u.as<float>(),

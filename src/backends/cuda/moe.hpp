@@ -9,7 +9,8 @@
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
-// - Expert weights MXFP4, NVFP4, FP8_BLOCK128 (e8m0 scales) or BF16; routed and shared experts may differ in format.
+// - Expert weights MXFP4, NVFP4, FP8_BLOCK128 (e8m0 or fp32 scales) or BF16; routed and shared experts may differ in
+//   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
 // - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 256 bytes hold
 //   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one

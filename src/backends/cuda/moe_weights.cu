@@ -4,6 +4,7 @@
 #include <string>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
@@ -59,8 +60,8 @@ DeviceMatrixView make_view(const MatrixPlacement& p, uint8_t* base) {
       .scale_type = m.scale_type,
       .rows = m.rows,
       .cols = m.cols,
-      .data = base + p.data_offset,
-      .scales = m.scale_bytes() > 0 ? base + p.scales_offset : nullptr,
+      .data = base != nullptr ? base + p.data_offset : nullptr,
+      .scales = base != nullptr && m.scale_bytes() > 0 ? base + p.scales_offset : nullptr,
       .global_scale = m.global_scale,
       .data_row_bytes = m.data_row_bytes(),
       .scales_per_row = m.scales_per_row(),
@@ -78,36 +79,71 @@ bool expert_format_supported(WeightFormat f) {
          f == WeightFormat::BF16;
 }
 
-// The tensor-core dequantisation (weight_tile_mma.cuh) is exact for MXFP4 scale codes <= 128 only (scales <= 2;
-// a larger code overflows its bf16 factor), so larger ones are refused here, naming the first.
-void check_mxfp4_scale_range(const QuantizedMatrix& m, const std::string& what) {
-  if (m.format != WeightFormat::MXFP4) return;
-  const size_t count = m.scale_bytes();
-  for (size_t i = 0; i < count; ++i)
-    check(m.scales[i] <= 128, "moe: ", what, " MXFP4 scale code ", int(m.scales[i]), " at row ",
-          i / size_t(m.scales_per_row()), ", block ", i % size_t(m.scales_per_row()),
-          " is beyond the tensor-core path's range (codes <= 128, scales <= 2)");
+const char* const kMatrixNames[3] = {"w1", "w3", "w2"};  // MoeExpertView order
+
+// One expert's three views: [I, d], [I, d], [d, I], one supported format and scale type for all three.
+void check_expert(const MoeExpertView& v, const MoeConfig& c, const std::string& what) {
+  const DeviceMatrixView* parts[3] = {&v.w1, &v.w3, &v.w2};
+  for (int m = 0; m < 3; ++m) {
+    const DeviceMatrixView& w = *parts[m];
+    const bool down = m == 2;
+    const int64_t rows = down ? c.hidden : c.intermediate, cols = down ? c.intermediate : c.hidden;
+    const std::string name = what + " " + kMatrixNames[m];
+    check(w.rows == rows && w.cols == cols, "moe: ", name, " must be [", rows, ", ", cols, "], got [", w.rows, ", ",
+          w.cols, "]");
+    check(expert_format_supported(w.format), "moe: ", name, " is ", to_string(w.format),
+          "; the CUDA MoE takes MXFP4, NVFP4, FP8_BLOCK128 or BF16 experts");
+    check(w.format == v.w1.format && w.scale_type == v.w1.scale_type, "moe: ", name, " is ", to_string(w.format), "/",
+          to_string(w.scale_type), " but ", what, " w1 is ", to_string(v.w1.format), "/", to_string(v.w1.scale_type),
+          "; an expert's matrices must share one format");
+    const int64_t granule = moe_expert_k_granularity(w.format);
+    check(w.cols % granule == 0, "moe: ", name, " has K = ", w.cols, "; ", to_string(w.format),
+          " experts need a multiple of ", granule, " (one 16-byte load of stored weights)");
+  }
 }
 
-// The three matrices of one expert: [I, d], [I, d], [d, I] in one of the expert formats, all three alike.
-void check_expert(const ExpertWeights& e, const MoeConfig& c, const std::string& what) {
-  const struct {
-    const QuantizedMatrix& m;
-    const char* name;
-    int64_t rows, cols;
-  } parts[] = {{e.w1, "w1", c.intermediate, c.hidden}, {e.w3, "w3", c.intermediate, c.hidden},
-               {e.w2, "w2", c.hidden, c.intermediate}};
-  for (const auto& part : parts) {
-    const std::string name = what + " " + part.name;
-    part.m.check_layout(name);
-    check(part.m.rows == part.rows && part.m.cols == part.cols, "moe: ", name, " must be [", part.rows, ", ",
-          part.cols, "], got [", part.m.rows, ", ", part.m.cols, "]");
-    check(expert_format_supported(part.m.format), "moe: ", name, " is ", to_string(part.m.format),
-          "; the CUDA MoE takes MXFP4, NVFP4, FP8_BLOCK128 or BF16 experts");
-    check(part.m.format == e.w1.format && part.m.scale_type == e.w1.scale_type, "moe: ", name, " is ",
-          to_string(part.m.format), "/", to_string(part.m.scale_type), " but ", what, " w1 is ",
-          to_string(e.w1.format), "/", to_string(e.w1.scale_type), "; an expert's matrices must share one format");
-    check_mxfp4_scale_range(part.m, name);
+// Every routed expert like expert 0 and each expert well-formed; the router BF16/F32 [E, d].
+void check_layer(const DeviceMatrixView& router, const std::vector<MoeExpertView>& views, const MoeConfig& c,
+                 const std::string& layer) {
+  check(router.format == WeightFormat::BF16 || router.format == WeightFormat::F32, "moe: ", layer, " router is ",
+        to_string(router.format), "; the CUDA router takes BF16 or F32");
+  check(router.rows == c.experts && router.cols == c.hidden, "moe: ", layer, " router must be [", c.experts, ", ",
+        c.hidden, "], got [", router.rows, ", ", router.cols, "]");
+  check(int64_t(views.size()) == c.experts + 1, "moe: ", layer, " has ", int64_t(views.size()) - 1,
+        " routed experts, config says ", c.experts);
+  for (int64_t e = 0; e < c.experts; ++e) {
+    const std::string name = layer + " expert " + std::to_string(e);
+    check_expert(views[size_t(e)], c, name);
+    const DeviceMatrixView& first = views.front().w1;
+    const DeviceMatrixView& mine = views[size_t(e)].w1;
+    check(mine.format == first.format && mine.scale_type == first.scale_type, "moe: ", name, " is ",
+          to_string(mine.format), "/", to_string(mine.scale_type), " but ", layer, " expert 0 is ",
+          to_string(first.format), "/", to_string(first.scale_type), "; all routed experts must share one format");
+  }
+  check_expert(views.back(), c, layer + " shared expert");
+}
+
+// Device-side checks of what the kernels would otherwise trust: MXFP4 scale codes <= 128 (weight_tile_mma.cuh's
+// exact dequantisation; larger scales overflow its bf16 factor) and hash-table entries that are expert indices.
+// Each records the first offender as an atomic minimum of (matrix << 40 | position), or of the table index.
+constexpr unsigned long long kNoOffender = ~0ull;
+
+__global__ void validate_layer_kernel(const MoeExpertView* views, int matrices, const int32_t* tid2eid,
+                                      int64_t tid2eid_count, int32_t experts, unsigned long long* first_offender) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  const size_t first = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+  if (int(blockIdx.y) < matrices) {
+    const MoeExpertView& v = views[blockIdx.y / 3];
+    const int which = blockIdx.y % 3;
+    const DeviceMatrixView& w = which == 0 ? v.w1 : which == 1 ? v.w3 : v.w2;
+    if (w.format != WeightFormat::MXFP4) return;
+    const size_t count = size_t(w.rows) * size_t(w.scales_per_row);
+    for (size_t i = first; i < count; i += stride)
+      if (w.scales[i] > 128)
+        atomicMin(&first_offender[0], (static_cast<unsigned long long>(blockIdx.y) << 40) | i);
+  } else {
+    for (size_t i = first; i < size_t(tid2eid_count); i += stride)
+      if (tid2eid[i] < 0 || tid2eid[i] >= experts) atomicMin(&first_offender[1], static_cast<unsigned long long>(i));
   }
 }
 
@@ -210,35 +246,16 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
     : config_(config) {
   const std::string layer(what);
   check_moe_config(config);
-  const int64_t E = config.experts, d = config.hidden;
-  host.gate.check_layout(layer + " router");
-  check(host.gate.format == WeightFormat::BF16 || host.gate.format == WeightFormat::F32, "moe: ", layer,
-        " router is ", to_string(host.gate.format), "; the CUDA router takes BF16 or F32");
-  check(host.gate.rows == E && host.gate.cols == d, "moe: ", layer, " router must be [", E, ", ", d, "], got [",
-        host.gate.rows, ", ", host.gate.cols, "]");
+  const int64_t E = config.experts;
   check(int64_t(host.experts.size()) == E, "moe: ", layer, " has ", host.experts.size(), " routed experts, config says ",
         E);
-  for (int64_t e = 0; e < E; ++e) {
-    const std::string name = layer + " expert " + std::to_string(e);
-    check_expert(host.experts[size_t(e)], config, name);
-    const QuantizedMatrix& first = host.experts.front().w1;
-    const QuantizedMatrix& mine = host.experts[size_t(e)].w1;
-    check(mine.format == first.format && mine.scale_type == first.scale_type, "moe: ", name, " is ",
-          to_string(mine.format), "/", to_string(mine.scale_type), " but ", layer, " expert 0 is ",
-          to_string(first.format), "/", to_string(first.scale_type), "; all routed experts must share one format");
-  }
-  check_expert(host.shared, config, layer + " shared expert");
-  const bool hashed = !host.tid2eid.empty();
-  if (hashed) {
-    check(host.tid2eid.size() % size_t(config.top_k) == 0, "moe: ", layer, " tid2eid holds ", host.tid2eid.size(),
-          " entries, not a whole number of rows of top_k = ", config.top_k);
-    for (size_t i = 0; i < host.tid2eid.size(); ++i)
-      check(host.tid2eid[i] >= 0 && host.tid2eid[i] < E, "moe: ", layer, " tid2eid[", i / size_t(config.top_k), "][",
-            i % size_t(config.top_k), "] = ", host.tid2eid[i], " is not an expert index below ", E);
-    vocab_ = int64_t(host.tid2eid.size()) / config.top_k;
-  } else {
-    check(host.gate_bias.empty() || int64_t(host.gate_bias.size()) == E, "moe: ", layer, " gate bias holds ",
-          host.gate_bias.size(), " values, expected ", E);
+  host.gate.check_layout(layer + " router");
+  for (int64_t e = 0; e <= E; ++e) {
+    const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;
+    const std::string name = e < E ? layer + " expert " + std::to_string(e) : layer + " shared expert";
+    x.w1.check_layout(name + " w1");
+    x.w3.check_layout(name + " w3");
+    x.w2.check_layout(name + " w2");
   }
 
   ArenaPlan plan;
@@ -249,7 +266,15 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
     const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;
     placements.push_back({plan.place(x.w1), plan.place(x.w3), plan.place(x.w2)});
   }
+  // Shapes and formats are checked on the views before anything is allocated.
+  router_ = make_view(router, nullptr);
+  for (const ExpertPlacement& p : placements)
+    host_views_.push_back({make_view(p.w1, nullptr), make_view(p.w3, nullptr), make_view(p.w2, nullptr)});
+  check_layer(router_, host_views_, config, layer);
+  const bool hashed = !host.tid2eid.empty();
   const bool has_bias = !hashed && !host.gate_bias.empty();
+  check_routing_tables(hashed ? int64_t(host.tid2eid.size()) : 0, has_bias ? int64_t(host.gate_bias.size()) : 0,
+                       layer);
   const size_t bias_offset = plan.reserve(has_bias ? host.gate_bias.size() * sizeof(float) : 0);
   const size_t tid2eid_offset = plan.reserve(hashed ? host.tid2eid.size() * sizeof(int32_t) : 0);
 
@@ -262,7 +287,6 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
   };
   upload(router, host.gate, layer + " router");
   router_ = make_view(router, base);
-  host_views_.reserve(size_t(E) + 1);
   for (int64_t e = 0; e <= E; ++e) {
     const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;
     const std::string name = e < E ? layer + " expert " + std::to_string(e) : layer + " shared expert";
@@ -270,7 +294,7 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
     upload(p.w1, x.w1, name + " w1");
     upload(p.w3, x.w3, name + " w3");
     upload(p.w2, x.w2, name + " w2");
-    host_views_.push_back({make_view(p.w1, base), make_view(p.w3, base), make_view(p.w2, base)});
+    host_views_[size_t(e)] = {make_view(p.w1, base), make_view(p.w3, base), make_view(p.w2, base)};
   }
   if (has_bias) {
     copy_to(base, bias_offset, host.gate_bias.data(), host.gate_bias.size() * sizeof(float), layer + " gate bias");
@@ -279,8 +303,42 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
   if (hashed) {
     copy_to(base, tid2eid_offset, host.tid2eid.data(), host.tid2eid.size() * sizeof(int32_t), layer + " tid2eid");
     tid2eid_ = reinterpret_cast<const int32_t*>(base + tid2eid_offset);
+    vocab_ = int64_t(host.tid2eid.size()) / config.top_k;
   }
   publish_views(layer);
+}
+
+DeviceMoeWeights::DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config,
+                                   std::string_view what)
+    : config_(config) {
+  const std::string layer(what);
+  check_moe_config(config);
+  const int64_t E = config.experts;
+  check(int64_t(uploaded.experts.size()) == E, "moe: ", layer, " has ", uploaded.experts.size(),
+        " routed experts, config says ", E);
+  router_ = uploaded.gate.view();
+  for (int64_t e = 0; e <= E; ++e) {
+    const device_weights::Expert& x = e < E ? uploaded.experts[size_t(e)] : uploaded.shared;
+    host_views_.push_back({x.w1.view(), x.w3.view(), x.w2.view()});
+  }
+  check_layer(router_, host_views_, config, layer);
+  const bool hashed = !uploaded.tid2eid.empty();
+  const bool has_bias = !hashed && !uploaded.gate_bias.empty();
+  check_routing_tables(hashed ? uploaded.tid2eid.size() : 0, has_bias ? uploaded.gate_bias.size() : 0, layer);
+  if (has_bias) bias_ = uploaded.gate_bias.data();
+  if (hashed) {
+    tid2eid_ = uploaded.tid2eid.data();
+    vocab_ = uploaded.tid2eid.size() / config.top_k;
+  }
+  publish_views(layer);
+}
+
+void DeviceMoeWeights::check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries,
+                                            const std::string& layer) const {
+  check(tid2eid_entries % config_.top_k == 0, "moe: ", layer, " tid2eid holds ", tid2eid_entries,
+        " entries, not a whole number of rows of top_k = ", config_.top_k);
+  check(bias_entries == 0 || bias_entries == config_.experts, "moe: ", layer, " gate bias holds ", bias_entries,
+        " values, expected ", config_.experts);
 }
 
 DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeSyntheticSpec& spec, uint64_t seed) {
@@ -292,6 +350,8 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
         " are not among MXFP4, NVFP4, FP8_BLOCK128, BF16");
   check(!spec.hashed || spec.vocab > 0, "moe synthetic weights: hash routing needs a vocab, got ", spec.vocab);
   const int64_t E = config.experts, d = config.hidden, I = config.intermediate;
+  check(!spec.hashed || spec.vocab <= (int64_t(1) << 31) / config.top_k, "moe synthetic weights: vocab ", spec.vocab,
+        " too large");
 
   DeviceMoeWeights w;
   w.config_ = config;
@@ -326,14 +386,44 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
     fill_random(base + bias_offset, size_t(E), seed + 5, RandomCode::F32_BIAS, config);
     w.bias_ = reinterpret_cast<const float*>(base + bias_offset);
   }
+  check_layer(w.router_, w.host_views_, config, "synthetic moe");
   w.publish_views("synthetic moe");
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   return w;
 }
 
-void DeviceMoeWeights::publish_views(std::string_view what) {
-  device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), std::string(what) + " expert views");
+void DeviceMoeWeights::publish_views(const std::string& what) {
+  device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), what + " expert views");
   device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
+
+  DeviceBuffer offenders(2 * sizeof(unsigned long long), what + " validation");
+  offenders.fill_bytes(0xFF);
+  const int matrices = 3 * int(host_views_.size());
+  const int64_t table = tid2eid_ != nullptr ? vocab_ * config_.top_k : 0;
+  validate_layer_kernel<<<dim3(16, unsigned(matrices + 1)), 256>>>(device_views_.as<MoeExpertView>(), matrices,
+                                                                    tid2eid_, table, int32_t(config_.experts),
+                                                                    offenders.as<unsigned long long>());
+  DSV4_CUDA_CHECK_LAUNCH("moe validate_layer_kernel");
+  unsigned long long first[2];
+  offenders.download(first, sizeof first);
+  if (first[0] != kNoOffender) {
+    const int matrix = int(first[0] >> 40);
+    const size_t position = size_t(first[0] & ((1ull << 40) - 1));
+    const int64_t e = matrix / 3;
+    const MoeExpertView& v = host_views_[size_t(e)];
+    const DeviceMatrixView& w = matrix % 3 == 0 ? v.w1 : matrix % 3 == 1 ? v.w3 : v.w2;
+    uint8_t code = 0;
+    DSV4_CUDA_CHECK(cudaMemcpy(&code, w.scales + position, 1, cudaMemcpyDeviceToHost));
+    fail("moe: ", what, e < config_.experts ? " expert " + std::to_string(e) : std::string(" shared expert"), " ",
+         kMatrixNames[matrix % 3], " MXFP4 scale code ", int(code), " at row ", position / size_t(w.scales_per_row),
+         ", block ", position % size_t(w.scales_per_row),
+         " is beyond the tensor-core path's range (codes <= 128, scales <= 2)");
+  }
+  if (first[1] != kNoOffender) {
+    int32_t id = 0;
+    DSV4_CUDA_CHECK(cudaMemcpy(&id, tid2eid_ + first[1], sizeof id, cudaMemcpyDeviceToHost));
+    fail("moe: ", what, " tid2eid[", first[1] / uint64_t(config_.top_k), "][", first[1] % uint64_t(config_.top_k),
+         "] = ", id, " is not an expert index below ", config_.experts);
+  }
 }
 
 }  // namespace dsv4::cuda

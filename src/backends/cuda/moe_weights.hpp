@@ -1,6 +1,7 @@
 // One MoE layer's weights on the device (dsv4-model.md §4): the router, its selection bias or hash table, every
-// routed expert's w1/w3/w2 and the shared expert, all in one device allocation, plus a device array of the experts'
-// DeviceMatrixViews so that kernels pick an expert by id without the host (the routing decides on the device).
+// routed expert's w1/w3/w2 and the shared expert (uploaded here in one allocation, or borrowed from the model's
+// upload), plus a device array of the experts' DeviceMatrixViews so that kernels pick an expert by id without the
+// host (the routing decides on the device).
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,7 @@
 
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/weight_upload.hpp"
 #include "model/model_weights.hpp"
 
 namespace dsv4::cuda {
@@ -51,6 +53,10 @@ class DeviceMoeWeights {
   DeviceMoeWeights(const MoeWeights& host, const MoeConfig& config, std::string_view what,
                    DeviceAllocator* pool = nullptr);
 
+  // Borrows a layer already on the device (upload_model_weights), with the same checks, and publishes only the
+  // table of views; `uploaded` must outlive this object.
+  DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
+
   // A layer of random weights generated on the device (no host copy of the experts): valid codes of each format
   // with scales that keep activations O(1); a random router and bias, or a random hash table. Deterministic in seed.
   static DeviceMoeWeights synthetic(const MoeConfig& config, const MoeSyntheticSpec& spec, uint64_t seed);
@@ -73,10 +79,14 @@ class DeviceMoeWeights {
 
  private:
   DeviceMoeWeights() = default;
-  void publish_views(std::string_view what);
+  void check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries, const std::string& layer) const;
+  // Uploads the view table, then checks on the device what the kernels trust (MXFP4 scale range, hash-table
+  // entries); throws naming the first offender.
+  void publish_views(const std::string& what);
 
   MoeConfig config_;
-  DeviceBuffer arena_;         // every matrix's data and scales, the bias and the hash table
+  DeviceBuffer arena_;         // owned storage: every matrix's data and scales, the bias, the hash table (empty when
+                               // the layer is borrowed)
   DeviceBuffer device_views_;  // MoeExpertView[E + 1]
   DeviceMatrixView router_;
   const float* bias_ = nullptr;

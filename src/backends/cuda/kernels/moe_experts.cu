@@ -7,11 +7,6 @@
 namespace dsv4::cuda {
 namespace {
 
-bool supported_format(WeightFormat f) {
-  return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4 || f == WeightFormat::FP8_BLOCK128 ||
-         f == WeightFormat::BF16;
-}
-
 int max_dynamic_smem() {
   int device = 0, bytes = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
@@ -40,22 +35,32 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
         " bytes of shared memory per CTA, beyond this device's limit");
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(smem)));
-  const dim3 grid(unsigned(args.n_total / moe::kCtaRows<G>), unsigned(p.max_work_items));
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   moe::moe_expert_gemm_kernel<G><<<grid, moe::kExpertThreads, smem, p.stream>>>(args);
   DSV4_CUDA_CHECK_LAUNCH(name);
 }
 
 }  // namespace
 
+int64_t moe_expert_k_granularity(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::BF16: return tile::TileFormatTraits<tile::TileFormat::BF16>::kValuesPerLoad;
+    case WeightFormat::FP8_BLOCK128: return tile::TileFormatTraits<tile::TileFormat::FP8_BLOCK128>::kValuesPerLoad;
+    case WeightFormat::MXFP4: return tile::TileFormatTraits<tile::TileFormat::MXFP4>::kValuesPerLoad;
+    case WeightFormat::NVFP4: return tile::TileFormatTraits<tile::TileFormat::NVFP4>::kValuesPerLoad;
+    default: fail("moe expert GEMM: expert format ", to_string(format), " is not supported (MXFP4, NVFP4, ",
+                  "FP8_BLOCK128, BF16)");
+  }
+}
+
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
-  for (const WeightFormat f : {p.routed_format, p.shared_format})
-    check(supported_format(f), "moe expert GEMM: expert format ", to_string(f),
-          " is not supported (MXFP4, NVFP4, FP8_BLOCK128, BF16)");
   check(p.experts_count >= 1, "moe expert GEMM: ", p.experts_count, " experts");
-  constexpr int kAlign = int(tile::kTileKAlignment);
-  check(p.hidden > 0 && p.hidden % kAlign == 0 && p.intermediate > 0 && p.intermediate % kAlign == 0,
-        "moe expert GEMM: hidden (", p.hidden, ") and intermediate (", p.intermediate, ") sizes must be positive ",
-        "multiples of ", kAlign);
+  for (const WeightFormat f : {p.routed_format, p.shared_format}) {
+    const int64_t granule = moe_expert_k_granularity(f);
+    check(p.hidden > 0 && p.hidden % granule == 0 && p.intermediate > 0 && p.intermediate % granule == 0,
+          "moe expert GEMM: hidden (", p.hidden, ") and intermediate (", p.intermediate, ") sizes must be positive ",
+          "multiples of ", granule, " for ", to_string(f), " experts");
+  }
   check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
         " work items exceed one launch's grid (fewer tokens per call)");
   check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,

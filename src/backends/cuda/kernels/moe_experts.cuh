@@ -53,25 +53,30 @@ struct ExpertGemmArgs {
 };
 
 // The widest K chunk (a multiple of 128) whose x tile of 8·token_tiles rows fits kXTileBudget, and the number of
-// chunks K then splits into (equal-sized up to whole 128-blocks).
+// chunks K then splits into: whole 128-blocks spread evenly, the last chunk ending at K (which only has to be a
+// multiple of the format's load granularity).
 __host__ __device__ constexpr int max_chunk_k(int token_tiles) {
   return int((kXTileBudget / (2 * tile::kTokensPerMma * size_t(token_tiles)) - 32) / tile::kTileKAlignment *
              tile::kTileKAlignment);
 }
+__host__ __device__ constexpr int k_blocks(int k_total) {
+  return (k_total + int(tile::kTileKAlignment) - 1) / int(tile::kTileKAlignment);
+}
 __host__ __device__ constexpr int chunk_count(int k_total, int token_tiles) {
-  return (k_total + max_chunk_k(token_tiles) - 1) / max_chunk_k(token_tiles);
+  return (k_blocks(k_total) + max_chunk_k(token_tiles) / int(tile::kTileKAlignment) - 1) /
+         (max_chunk_k(token_tiles) / int(tile::kTileKAlignment));
 }
 __host__ __device__ inline void chunk_range(int k_total, int chunk, int chunks, int& k_begin, int& k_end) {
-  const int blocks = k_total / int(tile::kTileKAlignment);
+  const int blocks = k_blocks(k_total);
   const int base = blocks / chunks, extra = blocks % chunks;
   k_begin = (chunk * base + min(chunk, extra)) * int(tile::kTileKAlignment);
-  k_end = k_begin + (base + (chunk < extra ? 1 : 0)) * int(tile::kTileKAlignment);
+  k_end = min(k_total, k_begin + (base + (chunk < extra ? 1 : 0)) * int(tile::kTileKAlignment));
 }
 
 // Shared memory of one CTA: the x chunk of either path, then (gate/up) the w3 results handed to the w1 warps.
 __host__ __device__ inline size_t x_chunk_bytes(int k_total, int token_tiles) {
   const int chunks = chunk_count(k_total, token_tiles);
-  const int widest = (k_total / int(tile::kTileKAlignment) + chunks - 1) / chunks * int(tile::kTileKAlignment);
+  const int widest = (k_blocks(k_total) + chunks - 1) / chunks * int(tile::kTileKAlignment);
   return tile::x_tile_bytes(token_tiles, widest);
 }
 __host__ __device__ inline size_t exchange_offset(int k_total) {
@@ -98,10 +103,12 @@ template <tile::TileFormat F>
 __device__ __forceinline__ void prefetch_rows(const DeviceMatrixView& w, int64_t row0, int k_begin, int k_end,
                                               int lane) {
   if (lane >= tile::kTileRows) return;
-  constexpr int kBytesPer128 = F == tile::TileFormat::BF16 ? 256 : F == tile::TileFormat::FP8_BLOCK128 ? 128 : 64;
+  // Stored bytes per 2 values; k ranges are multiples of the load granularity, so byte counts are multiples of 16.
+  constexpr int kBytesPer2 = F == tile::TileFormat::BF16 ? 4 : F == tile::TileFormat::FP8_BLOCK128 ? 2 : 1;
   const int64_t row = min(row0 + lane, w.rows - 1);
-  const int bytes = min(kPrefetchBytesPerRow, (k_end - k_begin) / 128 * kBytesPer128);
-  prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + int64_t(k_begin) / 128 * kBytesPer128, uint32_t(bytes));
+  const int bytes = min(kPrefetchBytesPerRow, (k_end - k_begin) / 2 * kBytesPer2);
+  if (bytes > 0)
+    prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + int64_t(k_begin) / 2 * kBytesPer2, uint32_t(bytes));
 }
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -120,11 +127,13 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
   auto* x_chunk = reinterpret_cast<__nv_bfloat16*>(smem);
   const int chunks = chunk_count(a.k_total, NT);
 
+  // Warps whose band lies past the last row (tails of small models) stage x and meet the barriers, nothing else.
+  const bool has_rows = row0 < a.n_total;
   float acc[NT][4] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
     int k_begin, k_end;
     chunk_range(a.k_total, chunk, chunks, k_begin, k_end);
-    prefetch_rows<F>(w, row0, k_begin, k_end, lane);
+    if (has_rows) prefetch_rows<F>(w, row0, k_begin, k_end, lane);
     __syncthreads();  // the previous chunk (or pass) is done with the x tile and the exchange
     auto row_of = [&](int t) {
       const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
@@ -132,7 +141,7 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
     };
     tile::stage_x_tile<F>(row_of, tokens, NT, k_end - k_begin, x_chunk, threadIdx.x, kExpertThreads);
     __syncthreads();
-    tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_chunk, acc);
+    if (has_rows) tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_chunk, acc);
   }
 
   // Accumulator (nt, i) holds row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i).
@@ -158,10 +167,10 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
-          if (token >= tokens) continue;
+          const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+          if (token >= tokens || n >= a.n_total) continue;
           const float gate = fminf(acc[nt][i] * scale, a.swiglu_limit);
           const float up = fminf(fmaxf(exchange[at(nt, i, g, t)], -a.swiglu_limit), a.swiglu_limit);
-          const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
           a.h[int64_t(row_base + token) * a.n_total + n] = __float2bfloat16_rn(silu(gate) * up);
         }
     }
@@ -171,8 +180,8 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
-        if (token >= tokens) continue;
         const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+        if (token >= tokens || n >= a.n_total) continue;
         a.down[int64_t(row_base + token) * a.n_total + n] = acc[nt][i] * scale;
       }
   }

@@ -7,8 +7,9 @@
 // (moe_max_work_items) and CTAs past *work_item_count exit, so the launches need no host knowledge of the routing.
 //
 // Dispatch contract: asynchronous on `stream`, no allocation, no synchronisation (graph-capturable). Weights
-// MXFP4, NVFP4, FP8_BLOCK128 (e8m0 scales) or BF16 with the view's format read per expert on the device (routed and
-// shared experts may differ); d and I multiples of 128; activations bf16, accumulation fp32.
+// MXFP4, NVFP4, FP8_BLOCK128 (e8m0 or fp32 scales) or BF16 with the view's format read per expert on the device
+// (routed and shared experts may differ); d and I any multiples of moe_expert_k_granularity of both formats (32 for
+// fp4: tiny test models included); activations bf16, accumulation fp32.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,9 @@ struct MoeExpertGemmParams {
   float* down = nullptr;                   // [rows, d]
   cudaStream_t stream = nullptr;
 };
+
+// K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
+int64_t moe_expert_k_granularity(WeightFormat format);
 
 // Throws naming the field or format at fault unless the grouped GEMMs support the call.
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
