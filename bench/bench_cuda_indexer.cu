@@ -3,13 +3,15 @@
 // - compressor step (run_compressor) for the V4-Flash compressors (CSA main c 512 ratio 4, CSA indexer c 128, HCA
 //   c 512 ratio 128) at decode (a step that only stores its token, and one that completes a window) and for a
 //   4096-token prefill chunk; floor = its bytes (projections read, state read/written, entries written) over the
-//   same-run copy bandwidth; L2 flushed before every call.
+//   same-run copy bandwidth; projections rotate over copies beyond the L2.
 // - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1 and 8
 //   queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
-//   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]). L2 flushed before every call.
+//   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many
 //   ties) and on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full
 //   CUB segmented radix sort of (score, index) pairs. Scores are L2-resident, as right after the indexer.
+// Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
+// no host launch cost. The cuBLAS/CUB baselines are timed the same way.
 // Usage: bench_cuda_indexer [--json PATH]
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -44,14 +46,49 @@ namespace {
     if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
   } while (0)
 
-struct Flush {
-  DeviceBuffer buffer{size_t(256) << 20, "L2 flush"};
-  void operator()(int i) { DSV4_CUDA_CHECK(cudaMemsetAsync(buffer.data(), i & 0xFF, buffer.bytes())); }
-};
-
-// Median milliseconds of `body` over `iterations` calls; `flush` (if given) runs before each, outside the timing.
+// GPU microseconds per call of body(stream): `reps` calls captured in one CUDA graph, as a decode step runs them, and
+// the graph replayed between two events, so no host launch cost is counted. Returns −1 if the calls cannot be
+// captured (the row then says n/a).
 template <class Body>
-double median_ms(int iterations, Flush* flush, Body&& body) {
+double graph_us(cudaStream_t stream, int reps, Body&& body) {
+  body(stream);
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  try {
+    DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    for (int r = 0; r < reps; ++r) body(stream);
+    DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  } catch (const std::exception& e) {
+    cudaStreamEndCapture(stream, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    std::fprintf(stderr, "graph capture failed: %s\n", e.what());
+    return -1.0;
+  }
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  constexpr int kReplays = 5;
+  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < kReplays; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return double(ms) * 1e3 / (kReplays * reps);
+}
+
+// Median milliseconds of single calls (events around each), for the device-wide yardsticks (copy, GEMM).
+template <class Body>
+double median_ms(int iterations, Body&& body) {
   cudaEvent_t start, stop;
   DSV4_CUDA_CHECK(cudaEventCreate(&start));
   DSV4_CUDA_CHECK(cudaEventCreate(&stop));
@@ -59,7 +96,6 @@ double median_ms(int iterations, Flush* flush, Body&& body) {
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> times;
   for (int i = 0; i < iterations; ++i) {
-    if (flush != nullptr) (*flush)(i);
     DSV4_CUDA_CHECK(cudaEventRecord(start));
     body();
     DSV4_CUDA_CHECK(cudaEventRecord(stop));
@@ -78,7 +114,7 @@ double copy_bandwidth_gbps() {
   constexpr size_t kBytes = size_t(1) << 30;
   DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
   src.fill_bytes(1);
-  const double ms = median_ms(10, nullptr, [&] {
+  const double ms = median_ms(10, [&] {
     DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
   });
   return 2.0 * double(kBytes) / (ms * 1e6);
@@ -91,7 +127,7 @@ double cublas_bf16_tflops(cublasHandle_t handle) {
   a.fill_bytes(0x3C);
   b.fill_bytes(0x3C);
   const float alpha = 1.0f, beta = 0.0f;
-  const double ms = median_ms(10, nullptr, [&] {
+  const double ms = median_ms(10, [&] {
     BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n,
                                     b.data(), CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT));
@@ -123,27 +159,34 @@ DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
 // ------------------------------------------------------------------------------------------------- compressor
 
 void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlapping, CompressorStoredRounding rounding,
-                      double copy_gbps, Flush& flush, std::mt19937& rng, std::vector<Row>& rows) {
+                      double copy_gbps, cudaStream_t stream, std::mt19937& rng, std::vector<Row>& rows) {
   const int64_t width = overlapping ? 2 * c : c;
   constexpr int64_t kPrefill = 4096;
   // RoPE frequencies θ^(−2i/64) (the YaRN shaping does not change the cost).
   std::vector<float> frequencies(32);
   for (int i = 0; i < 32; ++i) frequencies[size_t(i)] = float(std::pow(160000.0, -2.0 * i / 64.0));
-  DeviceBuffer kv = to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "kv");
-  DeviceBuffer gate = to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "gate");
+  // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM.
+  constexpr int kCopies = 4;
+  std::vector<DeviceBuffer> kv, gate;
+  for (int i = 0; i < kCopies; ++i) {
+    kv.push_back(to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "kv"));
+    gate.push_back(to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "gate"));
+  }
+  int rotation = 0;
   DeviceBuffer ape = to_device(normal_floats(size_t(ratio * width), 1.0f, rng), "ape");
   DeviceBuffer norm = to_device(std::vector<float>(size_t(c), 1.0f), "norm");
   DeviceBuffer freq = to_device(frequencies, "frequencies");
   DeviceBuffer entries(size_t(kPrefill) * size_t(c) * 4, "entries");
   DeviceCompressorState state(ratio, c, overlapping);
-  auto params = [&](int64_t start, int64_t tokens) {
+  auto params = [&](int64_t start, int64_t tokens, cudaStream_t on) {
+    const int copy = rotation++ % kCopies;
     return CompressorParams{.head_dim = c,
                             .ratio = ratio,
                             .overlapping = overlapping,
                             .round_pooled_to_bf16 = rounding != CompressorStoredRounding::None,
                             .stored_rounding = rounding,
-                            .kv = kv.as<float>(),
-                            .gate = gate.as<float>(),
+                            .kv = kv[size_t(copy)].as<float>(),
+                            .gate = gate[size_t(copy)].as<float>(),
                             .tokens = tokens,
                             .start_position = start,
                             .ape = ape.as<float>(),
@@ -151,10 +194,11 @@ void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlappi
                             .rope_frequencies = freq.as<float>(),
                             .rope_dim = 64,
                             .state = state.view(),
-                            .entries = entries.as<float>()};
+                            .entries = entries.as<float>(),
+                            .stream = on};
   };
   // Fill the state once (a prefill from 0); the timed steps then rewrite it at fixed positions.
-  run_compressor(params(0, kPrefill));
+  run_compressor(params(0, kPrefill, stream));
   const double slot_bytes = double(width) * 8;  // kv + score of one token
   const double entry_bytes = double(c) * 4;
   struct Step {
@@ -172,15 +216,15 @@ void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlappi
       {"prefill chunk of 4096", 0, kPrefill,
        double(kPrefill) * slot_bytes + double(kPrefill / ratio) * entry_bytes + window_bytes}};
   for (const Step& s : steps) {
-    const double ms = median_ms(50, &flush, [&] { run_compressor(params(s.start, s.tokens)); });
-    rows.push_back({std::string("compressor ") + name, s.variant, ms * 1e3, s.bytes / (copy_gbps * 1e3), 0.0,
-                    s.bytes, 0.0, ""});
+    const double us = graph_us(stream, 20, [&](cudaStream_t on) { run_compressor(params(s.start, s.tokens, on)); });
+    rows.push_back({std::string("compressor ") + name, s.variant, us, s.bytes / (copy_gbps * 1e3), 0.0, s.bytes, 0.0,
+                    ""});
   }
 }
 
 // --------------------------------------------------------------------------------------------- indexer + top-k
 
-void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, Flush& flush,
+void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, cudaStream_t stream,
                              cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows) {
   constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
   constexpr int kTopK = 512;
@@ -217,7 +261,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  auto scores_params = [&] {
+  auto scores_params = [&](cudaStream_t on) {
     return IndexerScoresParams{.q = q.as<__nv_bfloat16>(),
                                .head_weights = weights.as<float>(),
                                .keys = key_copies[size_t(rotation++ % copies)].as<__nv_bfloat16>(),
@@ -228,13 +272,15 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                                .head_dim = kHeadDim,
                                .ratio = kRatio,
                                .scores = scores.as<float>(),
-                               .score_stride = keys};
+                               .score_stride = keys,
+                               .stream = on};
   };
-  const double score_ms = median_ms(30, &flush, [&] { run_indexer_scores(scores_params()); });
+  const double score_us = graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on)); });
   // Baseline: the dots alone, keys [keys, 128] × q^T → [keys, heads·T] fp32, one cuBLAS bf16 GEMM.
   DeviceBuffer dots(size_t(keys) * size_t(kHeads * tokens) * 4, "dots");
   const float alpha = 1.0f, beta = 0.0f;
-  const double gemm_ms = median_ms(30, &flush, [&] {
+  BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));
+  const double gemm_us = graph_us(stream, 20, [&](cudaStream_t) {
     BENCH_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(keys), int(kHeads * tokens), int(kHeadDim),
                                     &alpha, key_copies[size_t(rotation++ % copies)].data(), CUDA_R_16BF,
                                     int(kHeadDim), q.data(), CUDA_R_16BF, int(kHeadDim), &beta, dots.data(),
@@ -244,7 +290,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   const double score_flops = 2.0 * tokens * double(keys) * kHeads * kHeadDim;
   const double score_floor_us =
       std::max(score_bytes / (copy_gbps * 1e3), score_flops / (gemm_tflops * 1e6));
-  rows.push_back({"indexer scores", shape, score_ms * 1e3, score_floor_us, gemm_ms * 1e3, score_bytes, score_flops,
+  rows.push_back({"indexer scores", shape, score_us, score_floor_us, gemm_us, score_bytes, score_flops,
                   "baseline: cuBLAS bf16 GEMM of the dots only"});
 
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
@@ -273,9 +319,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       std::vector<float> distinct = normal_floats(size_t(tokens) * size_t(keys), 100.0f, rng);
       scores.upload(distinct.data(), scores.bytes());
     } else {
-      run_indexer_scores(scores_params());
+      run_indexer_scores(scores_params(stream));
     }
-    const double top_k_ms = median_ms(100, nullptr, [&] {
+    const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) {
       run_top_k({.scores = scores.as<float>(),
                  .row_stride = keys,
                  .candidates = keys,
@@ -287,17 +333,18 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                  .counts = counts.as<int32_t>(),
                  .nan_flag = nan_flag.as<int32_t>(),
                  .workspace = workspace.data(),
-                 .workspace_bytes = workspace.bytes()});
+                 .workspace_bytes = workspace.bytes(),
+                 .stream = on});
     });
-    const double sort_ms = median_ms(20, nullptr, [&] {
+    const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
           temp.data(), temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
           sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(),
-          d_offsets.as<int32_t>() + 1));
+          d_offsets.as<int32_t>() + 1, 0, 32, on));
     });
     const double bytes = double(tokens) * keys * 4;
-    rows.push_back({"top-k 512", shape + (indexer_scores ? ", indexer scores" : ", distinct scores"), top_k_ms * 1e3,
-                    bytes / (copy_gbps * 1e3), sort_ms * 1e3, bytes, 0.0,
+    rows.push_back({"top-k 512", shape + (indexer_scores ? ", indexer scores" : ", distinct scores"), top_k_us,
+                    bytes / (copy_gbps * 1e3), sort_us, bytes, 0.0,
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
   }
@@ -322,17 +369,19 @@ int run(int argc, char** argv) {
   const double gemm_tflops = cublas_bf16_tflops(cublas);
   std::printf("device: %s (%d SMs); copy bandwidth %.0f GB/s; cuBLAS bf16 GEMM 4096^3 %.0f TFLOP/s\n",
               device.name.c_str(), device.multiprocessors, copy_gbps, gemm_tflops);
-  Flush flush;
+  cudaStream_t stream;
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(42);
   std::vector<Row> rows;
-  bench_compressor("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, copy_gbps, flush, rng, rows);
-  bench_compressor("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, copy_gbps, flush, rng,
+  bench_compressor("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
+  bench_compressor("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, copy_gbps, stream, rng,
                    rows);
-  bench_compressor("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, copy_gbps, flush, rng, rows);
+  bench_compressor("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
   for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
     for (const int tokens : {1, 8})
-      bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, flush, cublas, rng, rows);
+      bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+  DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 
   std::printf("| op | case | µs | floor µs | %% of floor | baseline µs | × baseline | note |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");

@@ -178,6 +178,12 @@ const CompressorCase kCases[] = {
     {"HCA c=512 reference fp8", 512, 128, false, 64, 389, CompressorStoredRounding::KvFp8, true, false},
     {"CSA odd c=96 rope 32", 96, 4, true, 32, 30, CompressorStoredRounding::None, false, false},
     {"HCA c=64 ratio 8 fp4", 64, 8, false, 16, 43, CompressorStoredRounding::IndexerFp4, false, false},
+    // The golden fixtures' shapes: head_dim 64 with rope 16 (an fp8 block of 48 channels), indexer c = 32.
+    {"CSA golden c=64 rope 16 reference fp8", 64, 4, true, 16, 37, CompressorStoredRounding::KvFp8, true, false},
+    {"CSA golden indexer c=32 reference fp4", 32, 4, true, 16, 37, CompressorStoredRounding::IndexerFp4, true, true},
+    {"HCA golden c=64 ratio 16 exact", 64, 16, false, 16, 70, CompressorStoredRounding::None, false, false},
+    // A cluster of two CTAs per entry (128 channels = two fp8 blocks).
+    {"HCA c=128 ratio 128 reference fp8", 128, 128, false, 64, 300, CompressorStoredRounding::KvFp8, true, false},
 };
 
 TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {

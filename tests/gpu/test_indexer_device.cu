@@ -119,6 +119,7 @@ TEST(IndexerPrepare, MatchesRopeAndReferenceRoundingBitForBit) {
     check_prepare(5, 64, 128, 0, reference, seed++);   // no RoPE
     check_prepare(4, 8, 64, 32, reference, seed++);
     check_prepare(7, 3, 32, 16, reference, seed++);
+    check_prepare(6, 12, 32, 16, reference, seed++);  // the golden fixtures' indexer: 12 heads × 32, rope 16
   }
 }
 
@@ -237,6 +238,10 @@ TEST(IndexerScores, MatchesCpuScoresWithVisibility) {
     check_scores({2, 8, 64, 129, 4, reference}, seed++);     // small test-model shapes
     check_scores({5, 16, 32, 40, 128, reference}, seed++);   // HCA-like ratio
     check_scores({2, 128, 128, 64, 4, reference}, seed++);   // the most heads
+    check_scores({3, 12, 32, 50, 4, reference}, seed++);     // golden fixtures: 12 index heads × 32 (padded to 16)
+    check_scores({2, 16, 32, 17, 4, reference}, seed++);     // golden fixtures: 16 × 32
+    check_scores({5, 1, 64, 70, 4, reference}, seed++);      // one head
+    check_scores({4, 5, 128, 90, 4, reference}, seed++);     // a partial n-tile in the real head size
   }
 }
 

@@ -10,6 +10,10 @@ namespace dsv4::cuda {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
+constexpr int kMaxClusterCtas = 8;  // the portable cluster size
+constexpr int64_t kWantedCtas = 256;  // about two per SM: below this, entries are split over clusters
+// Slot groups per channel: enough loads in flight for a 128-slot window, few enough partials to merge.
+constexpr int kMaxGroups = 16;
 
 const char* rounding_name(CompressorStoredRounding rounding) {
   switch (rounding) {
@@ -58,10 +62,17 @@ void run_compressor(const CompressorParams& p) {
   if (p.tokens == 0) return;
   check(emitted < (int64_t(1) << 31), "compressor: ", emitted, " entries exceed the grid limit");
   const int c = int(p.head_dim);
-  const int pairs_padded = (c / 2 + 31) / 32 * 32;
+  // Split an entry's channels over a cluster when entries are too few to fill the GPU (decode, HCA prefill): up to
+  // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding needs the whole vector in one CTA.
+  int cluster = 1;
+  if (emitted > 0 && p.stored_rounding != CompressorStoredRounding::IndexerFp4)
+    while (cluster < kMaxClusterCtas && emitted * cluster < kWantedCtas && c % (2 * cluster * 64) == 0) cluster *= 2;
+  const int channels = c / cluster;
+  const int pairs_padded = (channels / 2 + 31) / 32 * 32;
   const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
   int groups = 1;
-  while (2 * groups * pairs_padded <= compressor::kMaxThreads && 2 * groups <= slots) groups *= 2;
+  while (2 * groups * pairs_padded <= compressor::kMaxThreads && 2 * groups <= slots && groups < kMaxGroups)
+    groups *= 2;
   const compressor::PoolArgs args{.c = c,
                                   .ratio = p.ratio,
                                   .overlapping = p.overlapping,
@@ -80,14 +91,27 @@ void run_compressor(const CompressorParams& p) {
                                   .entries = p.entries,
                                   .entries_bf16 = p.entries_bf16,
                                   .emitted = emitted,
+                                  .cluster_ctas = cluster,
+                                  .channels_per_cta = channels,
                                   .pairs_padded = pairs_padded,
                                   .groups = groups};
-  const size_t smem = compressor::pool_smem_bytes(c, groups);
+  const size_t smem = compressor::pool_smem_bytes(channels, groups);
   if (smem > 48 * 1024)
     DSV4_CUDA_CHECK(
         cudaFuncSetAttribute(compressor::compressor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const auto grid = unsigned(std::max<int64_t>(emitted, 1));
-  compressor::compressor_kernel<<<grid, unsigned(pairs_padded * groups), smem, p.stream>>>(args);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(std::max<int64_t>(emitted, 1) * cluster));
+  config.blockDim = dim3(unsigned(pairs_padded * groups));
+  config.dynamicSmemBytes = smem;
+  config.stream = p.stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = unsigned(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, compressor::compressor_kernel, args));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 

@@ -11,9 +11,13 @@
 // - The state update must not race with the CTAs still reading the state, so the CTA that finishes last (ticket in
 //   the state, after a fence) writes it: CSA's previous halves first (they may come from the old window slots), then
 //   the new incomplete window's slots.
+// - Few entries (decode, HCA) would leave most SMs idle and one SM streaming a whole 128-slot window, so an entry's
+//   channels are split over a cluster of CTAs (slices of whole 64-channel fp8 blocks); the RMSNorm's sum of squares
+//   is then added over the cluster through distributed shared memory, in rank order (the same sum in every CTA).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -22,7 +26,7 @@
 #include "backends/cuda/compressor_state.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
-#include "backends/cuda/kernels/rope_angles.cuh"
+#include "backends/cuda/kernels/rope.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -51,12 +55,14 @@ struct PoolArgs {
   float* entries;
   __nv_bfloat16* entries_bf16;
   int64_t emitted;
-  int pairs_padded;  // threads per slot group (c / 2 rounded up to 32)
-  int groups;        // slot groups
+  int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
+  int channels_per_cta;
+  int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
+  int groups;            // slot groups
 };
 
-// Shared memory: per group and channel the partial (max, denominator, numerator), then one entry of c floats.
-inline size_t pool_smem_bytes(int c, int groups) { return (size_t(3) * groups * c + c) * sizeof(float); }
+// Shared memory: per group and channel the partial (max, denominator, numerator), then the CTA's channels of one entry.
+inline size_t pool_smem_bytes(int channels, int groups) { return (size_t(3) * groups * channels + channels) * sizeof(float); }
 
 struct SlotValue {
   float2 value;
@@ -162,18 +168,20 @@ __device__ void update_state(const PoolArgs& a) {
 
 __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
   extern __shared__ __align__(16) float smem[];
-  const int c = a.c;
+  const int c = a.c, channels = a.channels_per_cta;
   float* part_max = smem;
-  float* part_den = part_max + a.groups * c;
-  float* part_num = part_den + a.groups * c;
-  float* entry_row = part_num + a.groups * c;
+  float* part_den = part_max + a.groups * channels;
+  float* part_num = part_den + a.groups * channels;
+  float* entry_row = part_num + a.groups * channels;
   __shared__ float warp_partials[32];
+  __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
 
   const int pair = threadIdx.x % a.pairs_padded, group = threadIdx.x / a.pairs_padded;
-  const bool active = 2 * pair < c;
-  const bool emitting = blockIdx.x < a.emitted;
-  const int64_t w = a.start_position / a.ratio + blockIdx.x;
+  const bool active = 2 * pair < channels;
+  const bool emitting = blockIdx.x / a.cluster_ctas < a.emitted;
+  const int64_t w = a.start_position / a.ratio + blockIdx.x / a.cluster_ctas;
+  const int channel = int(blockIdx.x % a.cluster_ctas) * channels + 2 * pair;  // this thread's first channel
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
 
   if (emitting && active) {
@@ -184,17 +192,17 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
       const int64_t q = a.overlapping ? (first_half ? (w - 1) * a.ratio + s : w * a.ratio + (s - a.ratio))
                                       : w * a.ratio + s;
       if (q < 0) continue;
-      const int column = 2 * pair + (a.overlapping && !first_half ? c : 0);
-      const SlotValue slot = load_slot(a, q, column);
+      const SlotValue slot = load_slot(a, q, channel + (a.overlapping && !first_half ? c : 0));
       channel0.add(slot.value.x, slot.score.x);
       channel1.add(slot.value.y, slot.score.y);
     }
-    part_max[group * c + 2 * pair] = channel0.max;
-    part_max[group * c + 2 * pair + 1] = channel1.max;
-    part_den[group * c + 2 * pair] = channel0.denominator;
-    part_den[group * c + 2 * pair + 1] = channel1.denominator;
-    part_num[group * c + 2 * pair] = channel0.numerator;
-    part_num[group * c + 2 * pair + 1] = channel1.numerator;
+    const int local = group * channels + 2 * pair;
+    part_max[local] = channel0.max;
+    part_max[local + 1] = channel1.max;
+    part_den[local] = channel0.denominator;
+    part_den[local + 1] = channel1.denominator;
+    part_num[local] = channel0.numerator;
+    part_num[local + 1] = channel1.numerator;
   }
   __syncthreads();
 
@@ -204,49 +212,59 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
     if (owner) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int channel = 2 * pair + j;
+        const int local = 2 * pair + j;
         float m = kNegativeInfinity;
-        for (int g = 0; g < a.groups; ++g) m = fmaxf(m, part_max[g * c + channel]);
+        for (int g = 0; g < a.groups; ++g) m = fmaxf(m, part_max[g * channels + local]);
         float den = 0.0f, num = 0.0f;
         for (int g = 0; g < a.groups; ++g) {
-          const float gm = part_max[g * c + channel];
+          const float gm = part_max[g * channels + local];
           if (gm == kNegativeInfinity) continue;
           const float scale = expf(gm - m);
-          den += part_den[g * c + channel] * scale;
-          num += part_num[g * c + channel] * scale;
+          den += part_den[g * channels + local] * scale;
+          num += part_num[g * channels + local] * scale;
         }
         v[j] = num / den;
         if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
       }
     }
-    // RMSNorm over the c channels of group 0 (warps 0 .. pairs_padded / 32 − 1).
+    // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the cluster's CTAs.
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
     if (group == 0 && lane == 0) warp_partials[warp] = square_sum;
     __syncthreads();
+    if (threadIdx.x == 0) {
+      float cta_sum = 0.0f;
+      for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
+      cta_square_sum = cta_sum;
+    }
     float total = 0.0f;
-    for (int i = 0; i < a.pairs_padded / 32; ++i) total += warp_partials[i];
+    if (a.cluster_ctas > 1) {
+      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      cluster.sync();
+      for (int r = 0; r < a.cluster_ctas; ++r) total += *cluster.map_shared_rank(&cta_square_sum, r);
+      cluster.sync();  // no CTA leaves (freeing its shared memory) while another still reads it
+    } else {
+      __syncthreads();
+      total = cta_square_sum;
+    }
     const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
     if (owner) {
-      v[0] = v[0] * inv_rms * a.norm_weight[2 * pair];
-      v[1] = v[1] * inv_rms * a.norm_weight[2 * pair + 1];
+      v[0] = v[0] * inv_rms * a.norm_weight[channel];
+      v[1] = v[1] * inv_rms * a.norm_weight[channel + 1];
       const int rope_begin = c - a.rope_dim;
-      if (2 * pair >= rope_begin) {
-        const float2 cs = rope_cos_sin(w * a.ratio, a.rope_frequencies[(2 * pair - rope_begin) / 2]);
-        const float2 rotated = rope_rotate_pair(v[0], v[1], cs);
-        v[0] = rotated.x;
-        v[1] = rotated.y;
-      }
+      if (channel >= rope_begin)
+        rope_rotate_pair(v[0], v[1], rope_factors(w * a.ratio, a.rope_frequencies[(channel - rope_begin) / 2]), false);
     }
     if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
       // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
-      const bool nope = owner && 2 * pair < c - a.rope_dim;
+      const bool nope = owner && channel < c - a.rope_dim;
       const float amax = warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f);
       const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] / scale)) * scale) : round_to_bf16(v[j]);
     } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4) {
+      // The whole vector is in this CTA (no cluster split with this rounding).
       if (owner) {
         entry_row[2 * pair] = v[0];
         entry_row[2 * pair + 1] = v[1];
@@ -266,7 +284,7 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
       }
     }
     if (owner) {
-      const int64_t offset = int64_t(blockIdx.x) * c + 2 * pair;
+      const int64_t offset = (blockIdx.x / a.cluster_ctas) * int64_t(c) + channel;
       if (a.entries != nullptr) {
         *reinterpret_cast<float2*>(a.entries + offset) = make_float2(v[0], v[1]);
       } else {

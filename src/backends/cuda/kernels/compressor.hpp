@@ -11,7 +11,8 @@
 //   RMSNorm with the weight, RoPE on the last rope_dim dims at position ratio·w, then the stored rounding:
 //   KvFp8 = round_kv_reference (fp8 e4m3 per 64 of the non-rope dims, bf16 rope dims), IndexerFp4 =
 //   round_indexer_reference (Hadamard, bf16, fp4 per 32; head_dim 32/64/128), None = as pooled (exact numerics).
-// - One launch: one CTA per emitted entry (at least one); the CTA that finishes last updates the state.
+// - One launch: one CTA per emitted entry, or a cluster of up to 8 CTAs per entry when entries are few (decode, HCA
+//   prefill); at least one CTA. The CTA that finishes last updates the state.
 // - head_dim even and ≤ 2048; asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 //   Steps of one state must be stream-ordered (each reads what the previous wrote).
 #pragma once

@@ -101,8 +101,7 @@ void run_indexer_prepare(const IndexerPrepareParams& p) {
 
 void check_indexer_scores_params(const IndexerScoresParams& p) {
   check(supported_head_dim(p.head_dim), "indexer_scores: head_dim ", p.head_dim, " is not supported (32, 64, 128)");
-  check(p.heads > 0 && p.heads % 8 == 0 && p.heads <= 128, "indexer_scores: heads ", p.heads,
-        " must be a multiple of 8 up to 128 (one MMA n-tile is 8 heads)");
+  check(p.heads > 0 && p.heads <= 128, "indexer_scores: heads ", p.heads, " must be 1 to 128");
   check(p.tokens >= 0 && p.key_count >= 0 && p.ratio > 0, "indexer_scores: bad parameters tokens=", p.tokens,
         " key_count=", p.key_count, " ratio=", p.ratio);
   check(p.key_count < (int64_t(1) << 31), "indexer_scores: key_count ", p.key_count, " exceeds int32 indices");

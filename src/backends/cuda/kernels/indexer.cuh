@@ -2,14 +2,17 @@
 // compressor's epilogue for new indexer keys), the query preparation kernel and the score kernel.
 //
 // NOTES (scores):
-// - The score kernel puts keys on the MMA's M side (16 keys per m-tile) and heads on N (8 per n-tile), so the head sum
-//   Σ_h w_h·ReLU(·) is a sum along a fragment row: per thread over its 2 columns × n-tiles, then over the 4 lanes of
-//   a quad. A warp owns 32 keys (2 m-tiles) and all heads.
+// - The score kernel puts keys on the MMA's M side (16 keys per m-tile) and heads on N (8 per n-tile, padded with
+//   zero heads), so the head sum Σ_h w_h·ReLU(·) is a sum along a fragment row: per thread over its 2 columns ×
+//   n-tiles, then over the 4 lanes of a quad. A warp owns one 16-key tile at a time and all heads, and loads its next
+//   tile into registers before multiplying the current one.
 // - The dot product's reduction order over head_dim is free, so both operands use the same permutation of it: a
 //   lane's 16-byte load of a key row (8 consecutive dims) is directly its A fragment for two k16 steps, and the query
 //   fragments in shared memory use the identical map. Key rows therefore stream from global memory with coalesced
 //   16-byte loads, all of a warp tile in flight before the first MMA, and no shared-memory staging of keys.
 // - Query fragments sit in shared memory in fragment order ([query][n-tile][dim pair][lane] uint4): conflict-free.
+// - The fp32 sum over head_dim runs in two chains (even and odd k16 steps) added at the end of each n-tile: the
+//   MMAs of one chain are then never back to back.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,7 +20,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "backends/cuda/kernels/rope_angles.cuh"
+#include "backends/cuda/kernels/rope.cuh"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
@@ -110,11 +113,10 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(Pre
       // Pairs (2j, 2j+1) are in one lane when it holds ≥ 2 values; with one value per lane the partner is lane ^ 1.
       const float partner = kPerLane >= 2 ? original[i ^ 1] : __shfl_xor_sync(kFullMask, original[i], 1);
       if (dim >= rope_begin) {
-        const float2 cs = rope_cos_sin(position, args.rope_frequencies[(dim - rope_begin) / 2]);
         const bool even = (dim & 1) == 0;
-        const float2 rotated =
-            even ? rope_rotate_pair(original[i], partner, cs) : rope_rotate_pair(partner, original[i], cs);
-        v[i] = even ? rotated.x : rotated.y;
+        float x0 = even ? original[i] : partner, x1 = even ? partner : original[i];
+        rope_rotate_pair(x0, x1, rope_factors(position, args.rope_frequencies[(dim - rope_begin) / 2]), false);
+        v[i] = even ? x0 : x1;
       }
     }
   }
@@ -141,7 +143,7 @@ struct ScoresArgs {
 
 inline constexpr int kScoreWarps = 8;
 inline constexpr int kScoreCtasPerSm = 2;  // the register budget of __launch_bounds__ below
-inline constexpr int kKeysPerWarpTile = 32;  // two m16 tiles
+inline constexpr int kKeysPerWarpTile = 16;  // one m16 tile
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -152,9 +154,28 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Heads padded to whole n-tiles of 8 (the padding heads have zero q and zero weight).
+__host__ __device__ inline int padded_heads(int heads) { return (heads + 7) / 8 * 8; }
+
 // Shared memory: query fragments, then the scaled head weights, then each query's visible key count.
 inline size_t scores_smem_bytes(int queries_per_cta, int heads, int head_dim) {
-  return size_t(queries_per_cta) * (size_t(heads) * size_t(head_dim) * 2 + size_t(heads) * 4 + 8);
+  const size_t padded = size_t(padded_heads(heads));
+  return size_t(queries_per_cta) * (padded * size_t(head_dim) * 2 + padded * 4 + 8);
+}
+
+// Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
+template <int kDimPairs>
+__device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __nv_bfloat16* keys, int64_t key0,
+                                              int64_t rows, int group, int quad) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t row = key0 + 8 * half + group;
+#pragma unroll
+    for (int pair = 0; pair < kDimPairs; ++pair)
+      a[half][pair] = row < rows ? __ldg(reinterpret_cast<const uint4*>(keys + row * (kDimPairs * 32) + 32 * pair +
+                                                                         8 * quad))
+                                 : make_uint4(0, 0, 0, 0);
+  }
 }
 
 template <int kHeadDim>
@@ -162,11 +183,12 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
   constexpr int kDimPairs = kHeadDim / 32;  // 32 dims = two k16 steps = one 16-byte load per fragment row
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int n_tiles = args.heads / 8;
+  const int heads = padded_heads(args.heads);
+  const int n_tiles = heads / 8;
   const int group_size = args.queries_per_cta;
   uint4* q_frag = reinterpret_cast<uint4*>(smem_raw);
   float* weights = reinterpret_cast<float*>(q_frag + size_t(group_size) * n_tiles * kDimPairs * 32);
-  int64_t* visible = reinterpret_cast<int64_t*>(weights + group_size * args.heads);
+  int64_t* visible = reinterpret_cast<int64_t*>(weights + group_size * heads);
 
   const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
@@ -175,11 +197,17 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     const int lane = e & 31, pair = (e >> 5) % kDimPairs, n_tile = (e >> 5) / kDimPairs % n_tiles;
     const int query = (e >> 5) / kDimPairs / n_tiles;
     const int head = 8 * n_tile + (lane >> 2);
-    q_frag[e] = *reinterpret_cast<const uint4*>(args.q + ((first_query + query) * args.heads + head) * kHeadDim +
-                                                32 * pair + 8 * (lane & 3));
+    q_frag[e] = head < args.heads
+                    ? *reinterpret_cast<const uint4*>(args.q + ((first_query + query) * args.heads + head) * kHeadDim +
+                                                      32 * pair + 8 * (lane & 3))
+                    : make_uint4(0, 0, 0, 0);
   }
-  for (int e = threadIdx.x; e < queries * args.heads; e += blockDim.x)
-    weights[e] = args.head_weights[first_query * args.heads + e] * args.weight_scale;
+  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
+    const int query = e / heads, head = e % heads;
+    weights[e] = head < args.heads
+                     ? args.head_weights[(first_query + query) * args.heads + head] * args.weight_scale
+                     : 0.0f;
+  }
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -188,62 +216,50 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
 
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
   const int64_t tiles = (args.key_count + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
-  for (int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5); tile < tiles;
-       tile += int64_t(gridDim.x) * kScoreWarps) {
+  const int64_t step = int64_t(gridDim.x) * kScoreWarps;
+  // Software pipeline: the next tile's keys are in flight while the current one is multiplied.
+  uint4 a[2][kDimPairs], next[2][kDimPairs];
+  int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+  load_key_tile<kDimPairs>(a, args.keys, tile * kKeysPerWarpTile, max_visible, group, quad);
+  for (; tile < tiles; tile += step) {
     const int64_t key0 = tile * kKeysPerWarpTile;
-    // a[m-tile][row half][dim pair]: row key0 + 16·m + 8·half + group, dims 32·pair + 8·quad .. +8.
-    uint4 a[2][2][kDimPairs];
-#pragma unroll
-    for (int m = 0; m < 2; ++m)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = key0 + 16 * m + 8 * half + group;
-#pragma unroll
-        for (int pair = 0; pair < kDimPairs; ++pair)
-          a[m][half][pair] = row < max_visible ? __ldg(reinterpret_cast<const uint4*>(args.keys + row * kHeadDim +
-                                                                                       32 * pair + 8 * quad))
-                                               : make_uint4(0, 0, 0, 0);
-      }
-    // The row this lane stores after the quad reduction: (m-tile, half) = (quad >> 1, quad & 1).
-    const int64_t out_row = key0 + 16 * (quad >> 1) + 8 * (quad & 1) + group;
+    load_key_tile<kDimPairs>(next, args.keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
+    // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
+    const int64_t out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
       float* out = args.scores + (first_query + query) * args.score_stride;
       const int64_t query_visible = visible[query];
-      float result = kNegativeInfinity;
+      float result = -std::numeric_limits<float>::infinity();
       if (key0 < query_visible) {
-        float sum[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        float sum[2] = {0.0f, 0.0f};
         const uint4* b_frag = q_frag + size_t(query) * n_tiles * kDimPairs * 32 + lane;
-        const float* w = weights + query * args.heads + 2 * quad;
+        const float* w = weights + query * heads + 2 * quad;
         for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
           float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
           for (int pair = 0; pair < kDimPairs; ++pair) {
             const uint4 b = b_frag[(n_tile * kDimPairs + pair) * 32];
-#pragma unroll
-            for (int m = 0; m < 2; ++m) {
-              mma_bf16_16816(acc[m], a[m][0][pair].x, a[m][1][pair].x, a[m][0][pair].y, a[m][1][pair].y, b.x, b.y);
-              mma_bf16_16816(acc[m], a[m][0][pair].z, a[m][1][pair].z, a[m][0][pair].w, a[m][1][pair].w, b.z, b.w);
-            }
+            // Two accumulator chains (one per k16 step) so consecutive MMAs are independent; summed below.
+            mma_bf16_16816(acc[0], a[0][pair].x, a[1][pair].x, a[0][pair].y, a[1][pair].y, b.x, b.y);
+            mma_bf16_16816(acc[1], a[0][pair].z, a[1][pair].z, a[0][pair].w, a[1][pair].w, b.z, b.w);
           }
           const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
-#pragma unroll
-          for (int m = 0; m < 2; ++m) {
-            sum[m][0] += w0 * fmaxf(acc[m][0], 0.0f) + w1 * fmaxf(acc[m][1], 0.0f);
-            sum[m][1] += w0 * fmaxf(acc[m][2], 0.0f) + w1 * fmaxf(acc[m][3], 0.0f);
-          }
+          sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
+          sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
         }
 #pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            sum[m][half] += __shfl_xor_sync(kFullMask, sum[m][half], 1);
-            sum[m][half] += __shfl_xor_sync(kFullMask, sum[m][half], 2);
-          }
-        const float mine = quad == 0 ? sum[0][0] : quad == 1 ? sum[0][1] : quad == 2 ? sum[1][0] : sum[1][1];
-        if (out_row < query_visible) result = mine;
+        for (int half = 0; half < 2; ++half) {
+          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
+          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
+        }
+        if (out_row < query_visible) result = (quad & 1) ? sum[1] : sum[0];
       }
-      if (out_row < args.key_count) out[out_row] = result;
+      if (quad < 2 && out_row < args.key_count) out[out_row] = result;
     }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int pair = 0; pair < kDimPairs; ++pair) a[half][pair] = next[half][pair];
   }
 }
 

@@ -8,7 +8,7 @@
 //   is exactly a bf16), in exact numerics a plain round to bf16. head_dim 32, 64 or 128.
 // - run_indexer_scores: scores[t, j] = Σ_h (w[t,h] · head_dim^-0.5 · heads^-0.5) · ReLU(q[t,h] · K[j]) for the keys a
 //   query at positions[t] sees (j < min(key_count, (positions[t] + 1) div ratio)), −inf for the others; q and K bf16
-//   on the tensor cores (mma.sync m16n8k16), fp32 accumulation. heads a multiple of 8 up to 128, head_dim 32/64/128.
+//   on the tensor cores (mma.sync m16n8k16), fp32 accumulation. heads 1 to 128, head_dim 32/64/128.
 //   Columns key_count .. score_stride of a row are not written.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once

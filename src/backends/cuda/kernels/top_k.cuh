@@ -10,7 +10,7 @@
 // - Global histograms and lists are read with ld.global.cg (L2): other CTAs wrote them through L2 atomics and
 //   stores, and this SM's L1 may hold an older copy from an earlier pass.
 // - The final CTA of a query (the last to finish, by ticket) sorts the chosen keys and the boundary bin's keys
-//   together (≤ kSortCapacity) with a shared-memory bitonic sort and writes the first k.
+//   together (≤ max(2k, kSmallSort) ≤ kSortCapacity) with a shared-memory bitonic sort and writes the first k.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,8 @@ namespace dsv4::cuda::topk {
 inline constexpr int kThreads = 512;
 inline constexpr int kDigitBits = 11;
 inline constexpr int kBins = 1 << kDigitBits;
-inline constexpr int kSortCapacity = 8192;
+inline constexpr int kSortCapacity = 8192;  // ≥ 2 · kTopKMax
+inline constexpr int kSmallSort = 2048;
 inline constexpr int64_t kMinCandidatesPerCta = 2048;
 
 // What one query's CTAs share (global memory when split over CTAs, shared memory with one CTA per query).
@@ -187,7 +188,9 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
   const int64_t per_cta = (visible + ctas - 1) / ctas;
   const int64_t begin = part * per_cta;
   const int64_t end = min(visible, begin + per_cta);
-  const uint32_t boundary_capacity = uint32_t(kSortCapacity - k);
+  // Passes go on until the chosen and the boundary keys together fit a small final sort (its cost grows as
+  // n log² n); the last pass fixes all 64 bits, leaving one boundary key.
+  const uint32_t sort_target = uint32_t(min(kSortCapacity, max(2 * k, kSmallSort)));
 
   uint64_t prefix = 0;
   int consumed = 0;  // key bits fixed by the passes so far
@@ -222,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
       prefix = (prefix << width) | boundary.bin;
       consumed += width;
       remaining -= boundary.above;
-      if (boundary.size <= boundary_capacity) break;
+      if (uint32_t(k) - remaining + boundary.size <= sort_target) break;
     }
   }
 
