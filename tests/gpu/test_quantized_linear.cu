@@ -1,6 +1,6 @@
 // The tensor-core decode linear layer (run_quantized_linear) against dsv4::cpu::linear / grouped_linear: every
 // format × T ∈ {1, 3, 8, 16, 17, 64} × V4-Flash and V4-Pro projection and expert shapes, the grouped wo_a, odd N and
-// K; fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
+// K, the tiny test models' shapes (rows that are not 16-byte aligned); fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
 // poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
 // every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
 // leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Both load batch
@@ -51,11 +51,6 @@ const char* name_of(TestFormat f) {
     case TestFormat::NVFP4: return "NVFP4";
   }
   return "?";
-}
-
-// Cheapest K granularity of the format (16 bytes of a row).
-int64_t granularity(TestFormat f) {
-  return f == TestFormat::BF16 ? 8 : (f == TestFormat::MXFP4 || f == TestFormat::NVFP4) ? 32 : 16;
 }
 
 OwnedQuantizedMatrix quantize(TestFormat format, const std::vector<float>& values, int64_t rows, int64_t cols) {
@@ -223,13 +218,33 @@ TEST(QuantizedLinear, OddShapesEveryFormatAndTokenCount) {
   for (const TestFormat format : kAllFormats) {
     // N = 1, 17, 300 (not multiples of the 16-row warp tile or 64-row CTA), K a multiple of the format's load but
     // not of the 128-wide tile or FP8 block, long K with few rows (split-K), and strided x / y.
-    std::vector<LinearCase> cases = {{format, 1, 128},           {format, 17, 416},  {format, 300, 4096},
-                                     {format, 17, 4096, 1, 8, 3}, {format, 1, 4096}, {format, 300, 416, 1, 16, 1},
-                                     {format, 129, 8192}};
-    if (granularity(format) < 32) cases.push_back({format, 130, 4112});  // K % 32 = 16
-    if (granularity(format) < 16) cases.push_back({format, 65, 200});    // K % 16 = 8
+    // K % 32 = 16 and K % 16 = 8 (16-byte rows only for some formats: the bytewise path for the others), x rows
+    // that are not 16-byte aligned (x_pad 3, 1).
+    const std::vector<LinearCase> cases = {
+        {format, 1, 128},    {format, 17, 416},          {format, 300, 4096}, {format, 17, 4096, 1, 8, 3},
+        {format, 1, 4096},   {format, 300, 416, 1, 16, 1}, {format, 129, 8192}, {format, 130, 4112},
+        {format, 65, 200},   {format, 40, 4096, 1, 3, 0}, {format, 33, 136, 1, 1, 2}};
     for (const LinearCase& c : cases) check_against_cpu(c, all_token_counts(), seed++);
   }
+}
+
+TEST(QuantizedLinear, TinyModelShapes) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // The golden fixtures and the tiny trained model (d 64/96/128, q_lora 32/48/96, o_lora 16/24/64, G 1/2/4, I 32/64,
+  // head_dim 64): rows of 12 to 48 bytes (not 16-byte aligned for most formats), K below one load (1, 7, 24), groups
+  // of 16 and 24 rows, and unaligned x rows.
+  // {N, K, G, x_pad}: the format is filled in below.
+  const LinearCase shapes[] = {
+      {TestFormat::BF16, 32, 64},          {TestFormat::BF16, 48, 96},     {TestFormat::BF16, 256, 32},
+      {TestFormat::BF16, 64, 24},          {TestFormat::BF16, 32, 128, 2}, {TestFormat::BF16, 96, 64, 4},
+      {TestFormat::BF16, 96, 48, 2, 1, 0}, {TestFormat::BF16, 5, 1},       {TestFormat::BF16, 9, 7, 1, 1, 1},
+      {TestFormat::BF16, 128, 256, 2},     {TestFormat::BF16, 64, 128},    {TestFormat::BF16, 128, 64}};
+  uint32_t seed = 600;
+  for (const TestFormat format : kAllFormats)
+    for (LinearCase c : shapes) {
+      c.format = format;
+      check_against_cpu(c, {1, 3, 17}, seed++);
+    }
 }
 
 TEST(QuantizedLinear, EveryTokenCountFromOneToSixtyFour) {
@@ -441,23 +456,20 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   p.weight = f32_device.view();
   expect_error(run_with(p), {"is f32", "supported formats"});
   p = good;
-  p.weight.cols = 240;  // a view whose K is not a whole number of 16-byte fp4 loads
-  expect_error(run_with(p), "K = 240 of weight [64, 240]");
-  p = good;
   p.y = reinterpret_cast<float*>(const_cast<__nv_bfloat16*>(p.x) + 8);
   expect_error(run_with(p), "overlap x");
   p = good;
-  p.x = p.x + 1;
-  expect_error(run_with(p), "16-byte aligned");
+  p.x = reinterpret_cast<const __nv_bfloat16*>(reinterpret_cast<const char*>(p.x) + 1);
+  expect_error(run_with(p), "2-byte");
   p = good;
   p.x_row_stride = 200;
-  expect_error(run_with(p), "x row stride 200");
+  expect_error(run_with(p), "x row stride 200 is below 256");
   p = good;
   p.y_row_stride = 63;
   expect_error(run_with(p), "y row stride 63");
   p = good;
-  p.groups = 2;  // 32 rows per group: not whole CTAs
-  expect_error(run_with(p), "N / G must be a whole multiple of 64");
+  p.groups = 3;
+  expect_error(run_with(p), "does not split into 3 groups");
   p = good;
   p.tokens = 64;
   p.x_row_stride = 4096;

@@ -29,7 +29,7 @@ TileFormat tile_format_of(const DeviceMatrixView& w) {
   }
 }
 
-// k per 16-byte load of one row (the K granularity).
+// k per 16-byte load of one row.
 int64_t values_per_load(TileFormat format) {
   switch (format) {
     case TileFormat::BF16: return tile::TileFormatTraits<TileFormat::BF16>::kValuesPerLoad;
@@ -42,18 +42,13 @@ int64_t values_per_load(TileFormat format) {
 
 void check_shape(const DeviceMatrixView& w, int tokens, int groups) {
   const TileFormat format = tile_format_of(w);
-  const int64_t granularity = values_per_load(format);
   check(w.rows > 0 && w.cols > 0, "quantized_linear: weight [", w.rows, ", ", w.cols, "] (", to_string(w.format),
         ") must have at least one row and one column");
-  check(w.cols % granularity == 0, "quantized_linear: K = ", w.cols, " of weight [", w.rows, ", ", w.cols, "] (",
-        to_string(w.format), ") must be a multiple of ", granularity, " (one 16-byte load per row)");
   check(tokens >= 1 && tokens <= kLinearMaxTokens, "quantized_linear: ", tokens, " tokens; the decode path takes 1 to ",
         kLinearMaxTokens);
   check(groups >= 1, "quantized_linear: group count ", groups, " must be at least 1");
-  if (groups > 1)
-    check(w.rows % groups == 0 && (w.rows / groups) % linear::kRowsPerCta == 0, "quantized_linear: weight [", w.rows,
-          ", ", w.cols, "] in ", groups, " groups: N / G must be a whole multiple of ", linear::kRowsPerCta,
-          " rows (one CTA)");
+  check(w.rows % groups == 0, "quantized_linear: weight [", w.rows, ", ", w.cols, "] does not split into ", groups,
+        " groups of equal row count");
   const ScaleType expected_scales = format == TileFormat::NVFP4 ? ScaleType::E4M3 : ScaleType::E8M0;
   if (format == TileFormat::FP8_BLOCK128)
     check(w.scale_type == ScaleType::E8M0 || w.scale_type == ScaleType::F32, "quantized_linear: FP8_BLOCK128 weight [",
@@ -121,7 +116,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
-  config.row_blocks = ceil_div(weight.rows, linear::kRowsPerCta);
+  config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
   config.batch_steps = batch_steps != 0 ? batch_steps : kDefaultBatchSteps;
@@ -190,15 +185,13 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
   const int64_t x_cols = int64_t(params.groups) * w.cols;
   check(w.data != nullptr && (w.format == WeightFormat::BF16 || w.scales != nullptr), "quantized_linear: weight [",
         w.rows, ", ", w.cols, "] has no device data or scales");
-  check(reinterpret_cast<uintptr_t>(w.data) % 16 == 0 && w.data_row_bytes % 16 == 0, "quantized_linear: weight [",
-        w.rows, ", ", w.cols, "] rows must start 16-byte aligned (data ", static_cast<const void*>(w.data),
-        ", row bytes ", w.data_row_bytes, ")");
-  check(w.format != WeightFormat::NVFP4 || w.scales_per_row % 2 == 0, "quantized_linear: NVFP4 weight [", w.rows,
-        ", ", w.cols, "] needs an even number of scales per row");
+  check(w.scale_type != ScaleType::F32 || reinterpret_cast<uintptr_t>(w.scales) % 4 == 0,
+        "quantized_linear: the f32 scales of weight [", w.rows, ", ", w.cols, "] must be 4-byte aligned");
   check(params.x != nullptr && params.y != nullptr, "quantized_linear: null ", params.x == nullptr ? "x" : "y");
-  check(reinterpret_cast<uintptr_t>(params.x) % 16 == 0, "quantized_linear: x must be 16-byte aligned");
-  check(params.x_row_stride >= x_cols && params.x_row_stride % 8 == 0, "quantized_linear: x row stride ",
-        params.x_row_stride, " must be a multiple of 8 and at least ", x_cols, " (groups × K)");
+  check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(params.y) % 4 == 0,
+        "quantized_linear: x (bf16) must be 2-byte and y (fp32) 4-byte aligned");
+  check(params.x_row_stride >= x_cols, "quantized_linear: x row stride ", params.x_row_stride, " is below ", x_cols,
+        " (groups × K)");
   check(params.y_row_stride >= w.rows, "quantized_linear: y row stride ", params.y_row_stride, " is below N = ",
         w.rows);
   if (config.workspace_bytes > 0) {
@@ -224,19 +217,12 @@ void check_quantized_linear_params(const QuantizedLinearParams& params) {
                                                                  current_multiprocessors()));
 }
 
-void run_quantized_linear(const QuantizedLinearParams& params) {
-  run_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
-                                                              current_multiprocessors()));
-}
+namespace {
 
-void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
-  const DeviceMatrixView& w = params.weight;
-  const QuantizedLinearConfig expected = choose_quantized_linear_config(
-      w, params.tokens, params.groups, current_multiprocessors(), config.batch_steps);
-  check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
-        ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
-        config.batch_steps, " steps per load batch on this device");
+// Launches with a config already known to belong to this call (checked by the callers).
+void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   check_params_for_config(params, config);
+  const DeviceMatrixView& w = params.weight;
   auto* workspace = static_cast<uint8_t*>(params.workspace);
   const linear::LinearKernelArgs args{
       .weight = w,
@@ -246,6 +232,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
       .y_row_stride = params.y_row_stride,
       .tokens = params.tokens,
       .rows_per_group = w.rows / params.groups,
+      .row_blocks_per_group = config.row_blocks / params.groups,
       .k_splits = config.k_splits,
       .split_k = config.split_k,
       .chunk_k = config.chunk_k,
@@ -258,6 +245,23 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
     case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, params.stream); break;
     case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, params.stream); break;
   }
+}
+
+}  // namespace
+
+void run_quantized_linear(const QuantizedLinearParams& params) {
+  launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
+                                                                 current_multiprocessors()));
+}
+
+void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
+  const DeviceMatrixView& w = params.weight;
+  const QuantizedLinearConfig expected = choose_quantized_linear_config(
+      w, params.tokens, params.groups, current_multiprocessors(), config.batch_steps);
+  check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
+        ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
+        config.batch_steps, " steps per load batch on this device");
+  launch_quantized_linear(params, config);
 }
 
 }  // namespace dsv4::cuda

@@ -29,7 +29,8 @@ struct LinearKernelArgs {
   float* y;
   int64_t y_row_stride;
   int tokens;
-  int64_t rows_per_group;  // N / G (N when not grouped)
+  int64_t rows_per_group;        // N / G (N when not grouped)
+  int64_t row_blocks_per_group;  // CTAs along the rows of one group
   int k_splits;
   int64_t split_k;
   int64_t chunk_k;
@@ -53,23 +54,25 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT, S)) quanti
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
-  const int64_t cta_row0 = row_block * kRowsPerCta;
+  // A CTA covers up to 64 rows of one group, whose x columns start at g·K.
+  const int64_t group = row_block / args.row_blocks_per_group;
+  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
+  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize, lane = int(threadIdx.x) % tile::kWarpSize;
   const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
-  // A CTA lies in one group (N/G is a multiple of kRowsPerCta), whose x columns start at g·K.
-  const __nv_bfloat16* x_group = args.x + (cta_row0 / args.rows_per_group) * w.cols;
+  const __nv_bfloat16* x_group = args.x + group * w.cols;
   const int64_t split_begin = int64_t(split) * args.split_k;
   const int64_t split_end = min(w.cols, split_begin + args.split_k);
 
   float acc[NT][4] = {};
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
-    if (row0 < w.rows) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps the staging
+    if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps staging
     if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
     tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens, NT,
                           chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
     __syncthreads();
-    if (row0 < w.rows) tile::weight_tile_mma<F, NT, S>(w, row0, chunk_begin, chunk_end, x_tile, acc);
+    if (row0 < cta_row_end) tile::weight_tile_mma<F, NT, S>(w, row0, chunk_begin, chunk_end, x_tile, acc);
   }
 
   const float output_scale = tile::weight_tile_output_scale<F>(w);
@@ -82,7 +85,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT, S)) quanti
       for (int i = 0; i < 4; ++i) {
         const int64_t row = row0 + g + 8 * (i / 2);
         const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
-        if (row < w.rows && token < args.tokens) body(row, token, acc[nt][i]);
+        if (row < cta_row_end && token < args.tokens) body(row, token, acc[nt][i]);
       }
   };
 
@@ -100,7 +103,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT, S)) quanti
   __syncthreads();
   if (!is_last_split) return;
   __threadfence();
-  const int64_t cta_rows = min(int64_t(kRowsPerCta), w.rows - cta_row0);
+  const int64_t cta_rows = cta_row_end - cta_row0;
   for (int64_t i = threadIdx.x; i < cta_rows * args.tokens; i += kThreadsPerCta) {
     const int token = int(i / cta_rows);
     const int64_t row = cta_row0 + i % cta_rows;

@@ -3,12 +3,14 @@
 // registers, bf16 mma.sync with fp32 accumulation (weight_tile_mma.cuh holds the warp-level block and its NOTES).
 //
 // Dispatch contract:
-// - x is bf16 [T, groups·K] with a row stride of x_row_stride elements (a multiple of 8; x 16-byte aligned);
-//   y is fp32 [T, N] with a row stride of y_row_stride elements (>= N). y must not overlap x or the workspace.
-// - K (the matrix's cols) must be a multiple of the 16-byte load: 8 (BF16), 16 (FP8), 32 (MXFP4, NVFP4); partial FP8
-//   scale blocks (K % 128 != 0) are handled. MXFP4 scale codes must be <= 128 (check_quantized_linear_scales).
+// - x is bf16 [T, groups·K] with a row stride of x_row_stride elements (>= groups·K); y is fp32 [T, N] with a row
+//   stride of y_row_stride elements (>= N). y must not overlap x or the workspace. Rows of x that are 16-byte
+//   aligned (stride a multiple of 8) are staged 16 bytes at a time, others element by element.
+// - Any N and K >= 1. The fast path needs weight rows that start 16-byte aligned (every DSV4 shape: K a multiple of
+//   8 / 16 / 32 for BF16 / FP8 / fp4); other rows (tiny test models) are read bytewise. Partial scale blocks are
+//   handled. MXFP4 scale codes must be <= 128 (check_quantized_linear_scales).
 // - groups > 1 is the grouped output projection (wo_a): the matrix is G independent blocks of N/G rows, and
-//   y[t, g·(N/G) + r] = Σ_k W[g·(N/G) + r, k] · x[t, g·K + k]. N/G must be a multiple of 64 (one CTA's rows).
+//   y[t, g·(N/G) + r] = Σ_k W[g·(N/G) + r, k] · x[t, g·K + k]. N must be a multiple of G.
 // - Split-K: when the shape has too few 64-row CTAs for the GPU (choose_quantized_linear_config), K is split over
 //   CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each row block (an atomic ticket
 //   in the workspace) adds them in split order, so results are deterministic, and resets its ticket to 0. The
@@ -34,7 +36,7 @@ inline constexpr int kLinearMaxTokens = 64;
 struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
   const __nv_bfloat16* x = nullptr;    // device, bf16 [tokens, groups·K]
-  int64_t x_row_stride = 0;            // elements between token rows of x (>= groups·K, a multiple of 8)
+  int64_t x_row_stride = 0;            // elements between token rows of x (>= groups·K; a multiple of 8 is fastest)
   float* y = nullptr;                  // device, fp32 [tokens, N]
   int64_t y_row_stride = 0;            // elements between token rows of y (>= N)
   int tokens = 1;                      // T, 1..kLinearMaxTokens

@@ -3,15 +3,16 @@
 // (mma.sync m16n8k16, the WEIGHT on the M side, tokens on N), dequantising the weight to bf16 in registers.
 //
 // Contract (for every user of this header: quantized_linear, the MoE expert GEMMs):
-// - Weight: a DeviceMatrixView [rows, cols] whose rows start 16-byte aligned and whose cols is a multiple of the
-//   format's load granularity TileFormatTraits<F>::kValuesPerLoad (8 BF16, 16 FP8, 32 fp4): one lane reads 16
-//   contiguous stored bytes per row per step. FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128
-//   (check_quantized_linear_scales in quantized_linear.hpp says why and refuses others at upload time).
-// - A warp tile is rows [row0, row0 + 16) with row0 a multiple of 16 and row0 < rows; rows past the matrix re-read
-//   the last row (their results are finite garbage and must not be stored).
+// - Weight: any DeviceMatrixView [rows, cols] in the host layout. One lane reads 16 contiguous stored bytes per row
+//   per step: the fast path when the data pointer and data_row_bytes are multiples of 16 (every DSV4 shape);
+//   otherwise (tiny test models: K = 24, 48, ...) the same bytes are gathered bytewise within the row (a uniform
+//   branch). FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128 (check_quantized_linear_scales in
+//   quantized_linear.hpp says why and refuses others at upload time).
+// - A warp tile is rows [row0, row0 + 16) with 0 <= row0 < rows (any alignment); rows past the matrix re-read the
+//   last row (their results are finite garbage and must not be stored).
 // - The k range [k_begin, k_end): k_begin a multiple of kTileKAlignment (128: the FP8 block and the fp4 step),
-//   k_end - k_begin a multiple of kValuesPerLoad, k_end <= cols.
-// - x tile in shared memory: bf16 [padded_tokens][row_stride], padded_tokens = 8·NT, row_stride =
+//   k_end <= cols.
+// - x tile in shared memory (16-byte aligned): bf16 [padded_tokens][row_stride], padded_tokens = 8·NT, row_stride =
 //   x_tile_row_stride(k_end - k_begin) elements; column 0 is x[:, k_begin]. It must be filled by stage_x_tile<F>
 //   (the same F) for exactly that k range: it stores each row PERMUTED (see NOTES) and zero-fills padding tokens
 //   and the k tail up to the next multiple of 128 (the MMA reads them: they must be finite). Any number of warps
@@ -189,21 +190,33 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
 }  // namespace detail
 
 // Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (layout in the contract), zero-filling
-// tokens [tokens, 8·token_tiles) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin]
-// (16-byte aligned: k_begin and the row stride multiples of 8), so callers can gather rows (MoE token lists).
-// k_count must be a multiple of 8. Called by `thread_count` threads of the CTA with distinct thread_idx; the
-// caller synchronises before and after.
+// tokens [tokens, 8·token_tiles) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin], so
+// callers can gather rows (MoE token lists). Rows whose address is 16-byte aligned are copied 16 bytes at a time,
+// others (and a k_count that is not a multiple of 8) element by element. Called by `thread_count` threads of the
+// CTA with distinct thread_idx; the caller synchronises before and after.
 template <TileFormat F, class RowOf>
 __device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int token_tiles, int64_t k_count,
                                              __nv_bfloat16* tile, int thread_idx, int thread_count) {
   const int row_stride = x_tile_row_stride(k_count);
   const int chunks_per_row = (row_stride - 32) / kXChunk;
-  const int valid_chunks = int(k_count / kXChunk);
   const int padded_tokens = token_tiles * kTokensPerMma;
   for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
     const int t = i / chunks_per_row, c = i % chunks_per_row;
+    const int64_t k = int64_t(c) * kXChunk;
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (t < tokens && c < valid_chunks) v = __ldg(reinterpret_cast<const uint4*>(row_of(t)) + c);
+    if (t < tokens && k < k_count) {
+      const __nv_bfloat16* source = row_of(t) + k;
+      if (k + kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
+        v = __ldg(reinterpret_cast<const uint4*>(source));
+      } else {
+        uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < kXChunk; ++e)
+          if (k + e < k_count)
+            words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
+        v = make_uint4(words[0], words[1], words[2], words[3]);
+      }
+    }
     *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
         detail::permute_chunk<F>(v);
   }
@@ -225,30 +238,45 @@ template <TileFormat F, int S>
 struct WeightBatch {
   uint4 raw[S][2];
   uint32_t scale_codes[S][2];  // fp4, per row: the e8m0 code (MXFP4) or two e4m3 codes (NVFP4)
-  float block_scale[S];        // FP8: the 128×128 block scale of each step
+  float block_scale[S][2];     // FP8: the 128×128 block scale of each step, per row
 };
 
 // Where one lane's loads of a warp tile come from.
 struct LaneRows {
   const uint8_t* data[2];  // rows g and g + 8 (clamped to the matrix)
   int64_t rows[2];
-  const uint8_t* fp8_scales;  // FP8: the scale row of the tile's 128-row band
+  const uint8_t* fp8_scales[2];  // FP8: the scale row of each row's 128-row band
   bool fp32_scales;
+  bool aligned;            // 16-byte loads possible (uniform over the matrix)
+  int64_t row_data_bytes;  // stored bytes of a row holding values (the bytewise path reads no further)
 };
 
 template <TileFormat F>
 __device__ __forceinline__ LaneRows lane_rows(const DeviceMatrixView& w, int64_t row0) {
   const int g = (threadIdx.x % kWarpSize) / 4;
   LaneRows lane;
-  lane.rows[0] = min(row0 + g, w.rows - 1);
-  lane.rows[1] = min(row0 + g + 8, w.rows - 1);
-  lane.data[0] = w.data + lane.rows[0] * int64_t(w.data_row_bytes);
-  lane.data[1] = w.data + lane.rows[1] * int64_t(w.data_row_bytes);
   lane.fp32_scales = F == TileFormat::FP8_BLOCK128 && w.scale_type == ScaleType::F32;
-  lane.fp8_scales = F == TileFormat::FP8_BLOCK128
-                        ? w.scales + (row0 / 128) * w.scales_per_row * (lane.fp32_scales ? 4 : 1)
-                        : nullptr;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lane.rows[r] = min(row0 + g + 8 * r, w.rows - 1);
+    lane.data[r] = w.data + lane.rows[r] * int64_t(w.data_row_bytes);
+    lane.fp8_scales[r] = F == TileFormat::FP8_BLOCK128
+                             ? w.scales + (lane.rows[r] / 128) * w.scales_per_row * (lane.fp32_scales ? 4 : 1)
+                             : nullptr;
+  }
+  lane.aligned = (reinterpret_cast<uintptr_t>(w.data) | w.data_row_bytes) % 16 == 0;
+  lane.row_data_bytes = (w.cols * 16 + TileFormatTraits<F>::kValuesPerLoad - 1) / TileFormatTraits<F>::kValuesPerLoad;
   return lane;
+}
+
+// The 16 stored bytes at `offset` of a row, zero past its data: one vector load on the fast path, else bytewise.
+__device__ __forceinline__ uint4 load_row_bytes(const uint8_t* row, int64_t offset, const LaneRows& lane) {
+  if (lane.aligned) return ptx::load_streaming_16B(row + offset);
+  uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    if (offset + i < lane.row_data_bytes) words[i / 4] |= uint32_t(__ldg(row + offset + i)) << (8 * (i % 4));
+  return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 // Issues the loads of the batch whose first step starts at k0 (steps past k_end load nothing).
@@ -264,21 +292,26 @@ __device__ __forceinline__ void load_batch(const DeviceMatrixView& w, const Lane
     const bool valid = k < k_end;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      batch.raw[u][r] = valid ? ptx::load_streaming_16B(lane.data[r] + k * 16 / kValues) : make_uint4(0, 0, 0, 0);
+      batch.raw[u][r] = valid ? load_row_bytes(lane.data[r], k * 16 / kValues, lane) : make_uint4(0, 0, 0, 0);
       // Codes of steps past k_end stay 0: finite factors for the zero weights there.
       batch.scale_codes[u][r] = 0;
+      const uint8_t* row_scales = w.scales + lane.rows[r] * w.scales_per_row;
       if constexpr (F == TileFormat::MXFP4) {
-        if (valid) batch.scale_codes[u][r] = __ldg(w.scales + lane.rows[r] * w.scales_per_row + k / 32);
+        if (valid) batch.scale_codes[u][r] = __ldg(row_scales + k / 32);
       } else if constexpr (F == TileFormat::NVFP4) {
+        // The lane's two 16-value blocks; the second may lie past the row's last block (its values are zero).
         if (valid)
           batch.scale_codes[u][r] =
-              __ldg(reinterpret_cast<const uint16_t*>(w.scales + lane.rows[r] * w.scales_per_row + k / 16));
+              lane.aligned && w.scales_per_row % 2 == 0
+                  ? __ldg(reinterpret_cast<const uint16_t*>(row_scales + k / 16))
+                  : uint32_t(__ldg(row_scales + k / 16)) |
+                        (k / 16 + 1 < w.scales_per_row ? uint32_t(__ldg(row_scales + k / 16 + 1)) << 8 : 0u);
       }
-    }
-    if constexpr (F == TileFormat::FP8_BLOCK128) {
-      const int64_t block = min(k0 + u * kStepK, k_end - 1) / 128;
-      batch.block_scale[u] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales) + block)
-                                              : e8m0_to_float(__ldg(lane.fp8_scales + block));
+      if constexpr (F == TileFormat::FP8_BLOCK128) {
+        const int64_t block = min(k0 + u * kStepK, k_end - 1) / 128;
+        batch.block_scale[u][r] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales[r]) + block)
+                                                   : e8m0_to_float(__ldg(lane.fp8_scales[r] + block));
+      }
     }
   }
 }
@@ -380,7 +413,7 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
                 block_sum += sums[c][nt][i];
                 sums[c][nt][i] = 0.0f;
               }
-              acc[nt][i] = fmaf(block_sum, batch.block_scale[u], acc[nt][i]);
+              acc[nt][i] = fmaf(block_sum, batch.block_scale[u][i / 2], acc[nt][i]);  // i / 2: row g or g + 8
             }
         }
       }
