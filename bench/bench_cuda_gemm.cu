@@ -202,7 +202,8 @@ int main(int argc, char** argv) {
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
 
-    std::printf("| model | shape | N × K | T | format | tile T | µs | TFLOP/s | cuBLAS bf16 µs | %% of cuBLAS | %% of peak |\n");
+    std::printf("| model | shape | N × K | T | format | tile T | µs | TFLOP/s | cuBLAS bf16 µs | %% of cuBLAS "
+                "| %% of peak |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
       std::printf("| %s | %s | %lld × %lld | %lld | %s | %d | %.1f | %.0f | %.1f | %.0f | %.0f |\n", r.model.c_str(),

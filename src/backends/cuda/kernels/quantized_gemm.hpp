@@ -1,7 +1,7 @@
 // Prefill GEMM for quantized weights on Hopper tensor cores: y[T, N] = x[T, K] · Wᵀ, x bf16, y fp32, W stored as
 // BF16, FP8_BLOCK128 (e8m0 or f32 scales), MXFP4 or NVFP4 on the device. W4A16 / W8A16: the weight is dequantised to
-// bf16 in shared memory and multiplied with bf16 wgmma, fp32 accumulation (TMA + mbarrier ring, one producer warp,
-// two consumer warpgroups; quantized_gemm.cuh).
+// bf16 in registers (the wgmma A fragment) and multiplied with bf16 wgmma, fp32 accumulation (TMA + mbarrier ring,
+// one producer warp, two consumer warpgroups; quantized_gemm.cuh).
 //
 // Dispatch contract:
 // - Meant for prefill (T ≥ 65; tuned for hundreds to thousands of tokens) but correct for any T ≥ 1. Any N ≥ 1.
