@@ -3,7 +3,7 @@
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
 // Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case also
-// times the load batch size (steps per batch, weight_tile_mma.cuh) that the default config does not pick.
+// times the weight pipeline (registers or shared-memory ring, weight_tile_mma.cuh) that the default does not pick.
 // Usage: bench_cuda_linear [--json PATH] [--quick]   (--quick: Flash shapes and T ∈ {1, 16} only)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -92,6 +92,10 @@ OwnedQuantizedMatrix random_matrix(WeightFormat format, int64_t rows, int64_t co
   return m;
 }
 
+const char* pipeline_name(WeightPipeline pipeline) {
+  return pipeline == WeightPipeline::SHARED_RING ? "ring" : pipeline == WeightPipeline::REGISTERS ? "registers" : "auto";
+}
+
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
   return int(std::max<size_t>(2, (3 * l2_bytes + bytes - 1) / bytes));
 }
@@ -109,9 +113,10 @@ double copy_bandwidth_gbps() {
 struct Row {
   std::string model, shape, format;
   int64_t rows, cols;
-  int groups, tokens, k_splits, batch_steps;
+  int groups, tokens, k_splits;
+  std::string pipeline;
   double us, gbps, percent_of_copy, cublas_us, speedup;
-  int other_batch_steps;  // the load batch the default config does not use, timed for comparison
+  std::string other_pipeline;  // the weight pipeline the default config does not use, timed for comparison
   double other_us;
 };
 
@@ -231,28 +236,29 @@ int main(int argc, char** argv) {
           };
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
-          const int other_steps = config.batch_steps == 4 ? 2 : 4;
+          const WeightPipeline other = config.pipeline == WeightPipeline::SHARED_RING ? WeightPipeline::REGISTERS
+                                                                                      : WeightPipeline::SHARED_RING;
           const double ms = time_config(config);
-          const double other_ms = time_config(choose_quantized_linear_config(
-              weights[0].view(), tokens, shape.groups, device.multiprocessors, other_steps));
+          const double other_ms = time_config(
+              choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors, other));
           const double gbps = double(stored) / (ms * 1e6);
           table.push_back({shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols,
-                           shape.groups, tokens, config.k_splits, config.batch_steps, ms * 1e3, gbps,
+                           shape.groups, tokens, config.k_splits, pipeline_name(config.pipeline), ms * 1e3, gbps,
                            100.0 * gbps / copy_gbps, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3),
-                           other_steps, other_ms * 1e3});
+                           pipeline_name(other), other_ms * 1e3});
         }
       }
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
 
-    std::printf("| model | shape | format | N × K (G) | T | split-K | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | other load batch: steps, µs |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| model | shape | format | N × K (G) | T | split-K | pipeline | µs | GB/s (stored) | %% of copy | "
+                "cuBLAS bf16 µs | speed-up | other pipeline µs |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %.1f | %.0f | %.0f | %.1f | %.2f× | %d: %.1f |\n",
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %s %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                  r.tokens, r.k_splits, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup, r.other_batch_steps,
-                  r.other_us);
+                  r.tokens, r.k_splits, r.pipeline.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                  r.other_pipeline.c_str(), r.other_us);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -264,12 +270,12 @@ int main(int argc, char** argv) {
       const Row& r = table[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"batch_steps\": %d, \"us\": %.2f, "
+                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"pipeline\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
-                   "\"speedup_vs_cublas\": %.3f, \"other_batch_steps\": %d, \"other_us\": %.2f}%s\n",
+                   "\"speedup_vs_cublas\": %.3f, \"other_pipeline\": \"%s\", \"other_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.batch_steps, r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                   r.other_batch_steps, r.other_us, i + 1 < table.size() ? "," : "");
+                   r.tokens, r.k_splits, r.pipeline.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                   r.other_pipeline.c_str(), r.other_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

@@ -11,8 +11,10 @@ namespace {
 
 using tile::TileFormat;
 
-// Steps per load batch when the caller does not choose (see weight_tile_mma.cuh).
-constexpr int kDefaultBatchSteps = 4;
+// The pipeline AUTO picks where both work (16-byte aligned rows, up to kRingMaxTokenTiles token tiles: with more,
+// the ring's shared memory would squeeze the x tile).
+constexpr WeightPipeline kDefaultAlignedPipeline = WeightPipeline::SHARED_RING;
+constexpr int kRingMaxTokenTiles = 2;
 
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 constexpr int64_t ceil_div(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
@@ -65,17 +67,17 @@ int current_multiprocessors() {
   return count;
 }
 
-template <TileFormat F, int S>
+template <TileFormat F, WeightPipeline P>
 void launch_for_token_tiles(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
   const dim3 block(linear::kThreadsPerCta);
   // One instantiation per token-tile count: NT sizes the accumulators of each warp.
   switch (config.token_tiles) {
-    case 1: linear::quantized_linear_kernel<F, 1, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 2: linear::quantized_linear_kernel<F, 2, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 4: linear::quantized_linear_kernel<F, 4, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 8: linear::quantized_linear_kernel<F, 8, S><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 1: linear::quantized_linear_kernel<F, 1, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 2: linear::quantized_linear_kernel<F, 2, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 4: linear::quantized_linear_kernel<F, 4, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 8: linear::quantized_linear_kernel<F, 8, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
@@ -84,10 +86,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
 template <TileFormat F>
 void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                        cudaStream_t stream) {
-  if (config.batch_steps == 2)
-    launch_for_token_tiles<F, 2>(args, config, stream);
+  if (config.pipeline == WeightPipeline::SHARED_RING)
+    launch_for_token_tiles<F, WeightPipeline::SHARED_RING>(args, config, stream);
   else
-    launch_for_token_tiles<F, 4>(args, config, stream);
+    launch_for_token_tiles<F, WeightPipeline::REGISTERS>(args, config, stream);
 }
 
 // The workspace starts with one split-K ticket per row block, padded so the partial sums start 256-byte aligned.
@@ -96,7 +98,7 @@ size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks
 bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b) {
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
-         a.batch_steps == b.batch_steps && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
+         a.pipeline == b.pipeline && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
          a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -109,46 +111,42 @@ bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
 }  // namespace
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
-                                                     int multiprocessors, int batch_steps) {
+                                                     int multiprocessors, WeightPipeline pipeline) {
   check_shape(weight, tokens, groups);
-  check(batch_steps == 0 || batch_steps == 2 || batch_steps == 4, "quantized_linear: ", batch_steps,
-        " steps per load batch; 2 or 4 (or 0 for the default)");
+  check(pipeline != WeightPipeline::SHARED_RING || tile::weight_ring_supported(weight), "quantized_linear: weight [",
+        weight.rows, ", ", weight.cols, "] has rows that are not 16-byte aligned; the shared-memory ring pipeline ",
+        "cannot stream them");
   const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
-  config.batch_steps = batch_steps != 0 ? batch_steps : kDefaultBatchSteps;
+  config.pipeline = pipeline != WeightPipeline::AUTO ? pipeline
+                    : tile::weight_ring_supported(weight) && config.token_tiles <= kRingMaxTokenTiles
+                        ? kDefaultAlignedPipeline
+                        : WeightPipeline::REGISTERS;
 
-  // Split K so that the CTAs fill whole waves of the resident slots (SMs × CTAs per SM at this register use): a
-  // partial last wave leaves most SMs without loads in flight. Among split counts, the one with the fullest waves
-  // wins (ties: fewer splits, less reduction); slices never get shorter than one batch of steps per warp
-  // (shorter ones would spend their time staging x and reducing, not streaming weights).
-  const int64_t slots =
-      int64_t(std::max(multiprocessors, 1)) * linear::min_ctas_per_sm(config.token_tiles, config.batch_steps);
-  const int64_t min_split_k = round_up(config.batch_steps * step_k, tile::kTileKAlignment);
-  const int64_t max_splits = std::max<int64_t>(1, std::min(weight.cols / min_split_k, 4 * slots));
-  int64_t splits = 1;
-  double best_fill = 0.0;
-  for (int64_t candidate = 1; candidate <= max_splits; ++candidate) {
-    const int64_t actual = ceil_div(weight.cols, round_up(ceil_div(weight.cols, candidate), tile::kTileKAlignment));
-    const int64_t ctas = config.row_blocks * actual;
-    const double fill = double(ctas) / double(ceil_div(ctas, slots) * slots);
-    if (fill > best_fill + 0.02) best_fill = fill, splits = actual;
-  }
+  // Split K only while the row blocks alone leave resident CTA slots (SMs × CTAs per SM at this register use)
+  // empty, and never into slices shorter than two steps per warp (shorter ones spend their time staging x and
+  // reducing, not streaming weights). Splitting further to round up a partial last wave measured slower (H200).
+  const int64_t slots = int64_t(std::max(multiprocessors, 1)) * linear::min_ctas_per_sm(config.token_tiles);
+  const int64_t min_split_k = round_up(2 * step_k, tile::kTileKAlignment);
+  const int64_t splits =
+      std::max<int64_t>(1, std::min(slots / config.row_blocks, weight.cols / min_split_k));
   config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
   config.k_splits = int(ceil_div(weight.cols, config.split_k));
 
-  // 48 KiB of x tile (no opt-in needed) lets the register-limited 2 or 3 CTAs per SM fit.
-  constexpr size_t smem_budget = 48 * 1024;
+  // 48 KiB per CTA (no opt-in needed) for the weight rings and the x tile lets the register-limited CTAs per SM fit.
+  const size_t ring_bytes = config.pipeline == WeightPipeline::SHARED_RING ? linear::kRingBytesPerCta : 0;
+  const size_t smem_budget = 48 * 1024 - ring_bytes;
   const int64_t max_chunk_k =
       std::max<int64_t>(tile::kTileKAlignment,
                         (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
                             tile::kTileKAlignment * tile::kTileKAlignment);
   const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
   config.chunk_k = round_up(ceil_div(config.split_k, chunks), tile::kTileKAlignment);
-  config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
+  config.smem_bytes = ring_bytes + tile::x_tile_bytes(config.token_tiles, config.chunk_k);
 
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
@@ -257,10 +255,10 @@ void run_quantized_linear(const QuantizedLinearParams& params) {
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
-      w, params.tokens, params.groups, current_multiprocessors(), config.batch_steps);
+      w, params.tokens, params.groups, current_multiprocessors(), config.pipeline);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
-        config.batch_steps, " steps per load batch on this device");
+        "its pipeline on this device");
   launch_quantized_linear(params, config);
 }
 

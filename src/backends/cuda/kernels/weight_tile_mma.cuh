@@ -37,8 +37,9 @@
 //   0 2 1 3 4 6 5 7, bf16: identity); within every 4·kValuesPerLoad-wide step the chunks are transposed from
 //   [lane t][chunk i of the lane] to [i][t], so the 4 lanes of a group read 64 contiguous bytes. The row stride is
 //   64 bytes more than a multiple of 128, so the two token rows of a quarter-warp fall in different banks.
-// - Latency: loads are issued a batch of S steps at a time (2·S × 16 bytes per lane), and the next batch is in
-//   flight while the current one is decoded and multiplied. With few token tiles the MMAs rotate over 4 / NT independent
+// - Latency: weight_tile_mma issues loads a batch of S steps at a time (2·S × 16 bytes per lane, in registers) and
+//   keeps the next batch in flight while the current one is decoded and multiplied; weight_tile_mma_ring streams
+//   through a per-warp ring in shared memory instead (cp.async), so more steps fly without costing registers. With few token tiles the MMAs rotate over 4 / NT independent
 //   accumulators (consecutive mma.sync into one accumulator serialise on its latency).
 #pragma once
 
@@ -338,34 +339,110 @@ __device__ __forceinline__ void prefetch_weight_tile(const DeviceMatrixView& w, 
   }
 }
 
+namespace detail {
+
+// Independent accumulator chains: back-to-back MMAs into one accumulator wait for each other, so few token tiles
+// rotate over several partial sums (added at the end).
+template <int NT>
+inline constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
+
+// One step of a warp tile: decodes the lane's 16 bytes of each row (with their scale codes) and runs the MMAs
+// against the staged x of that step. FP8 sums go to the block's partial sums, which are scaled into acc when
+// `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile).
+template <TileFormat F, int NT>
+__device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint32_t (&scale_codes)[2],
+                                              const float (&block_scale)[2], bool ends_block,
+                                              const __nv_bfloat16* x_step, int row_stride,
+                                              float (&sums)[kChains<NT>][NT][4], float (&acc)[NT][4]) {
+  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
+  constexpr int kMmasPerStep = kValues / 4;  // 4 values per lane per row per MMA
+  uint32_t pairs[2][kValues / 2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    uint32_t factor0 = 0, factor1 = 0;
+    if constexpr (F == TileFormat::MXFP4) factor0 = mxfp4_factor(scale_codes[r]);
+    if constexpr (F == TileFormat::NVFP4) nvfp4_factors(uint16_t(scale_codes[r]), factor0, factor1);
+    decode_row_bytes<F>(raw[r], factor0, factor1, pairs[r]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int chunk = 0; chunk < kMmasPerStep / 2; ++chunk) {
+      // Two MMAs' B fragments: chunk `chunk` of this lane, transposed order (4 lanes × 8 values apart).
+      const uint4 b = *reinterpret_cast<const uint4*>(x_step + nt * kTokensPerMma * row_stride + chunk * 32);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int m = 2 * chunk + half;
+        const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
+        ptx::mma_m16n8k16_bf16_f32(sums[m % kChains<NT>][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
+      }
+    }
+  }
+  if constexpr (F == TileFormat::FP8_BLOCK128) {
+    if (ends_block) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float block_sum = 0.0f;
+#pragma unroll
+          for (int c = 0; c < kChains<NT>; ++c) {
+            block_sum += sums[c][nt][i];
+            sums[c][nt][i] = 0.0f;
+          }
+          acc[nt][i] = fmaf(block_sum, block_scale[i / 2], acc[nt][i]);  // i / 2: row g or g + 8
+        }
+    }
+  }
+}
+
+template <TileFormat F, int NT>
+__device__ __forceinline__ void clear_sums(float (&sums)[kChains<NT>][NT][4]) {
+#pragma unroll
+  for (int c = 0; c < kChains<NT>; ++c)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sums[c][nt][0] = sums[c][nt][1] = sums[c][nt][2] = sums[c][nt][3] = 0.0f;
+}
+
+template <TileFormat F, int NT>
+__device__ __forceinline__ void finish_tile(const float (&sums)[kChains<NT>][NT][4], float (&acc)[NT][4]) {
+  if constexpr (F != TileFormat::FP8_BLOCK128) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < kChains<NT>; ++c) acc[nt][i] += sums[c][nt][i];
+  }
+}
+
+// Whether the step starting at step_k closes an FP8 scale block (or the range).
+template <TileFormat F>
+__device__ __forceinline__ bool step_ends_block(int64_t step_k, int64_t k_end) {
+  constexpr int kStepK = 4 * TileFormatTraits<F>::kValuesPerLoad;
+  return (step_k + kStepK) % 128 == 0 || step_k + kStepK >= k_end;
+}
+
+}  // namespace detail
+
 // acc += W[row0 .. row0 + 16, k_begin .. k_end) · x_tile (k_end - k_begin) × (8·NT tokens); see the contract.
 // The calling warp must be converged (mma.sync). S = steps per load batch (2 or 4): each lane has S to 2·S steps
-// of 2 × 16 bytes in flight; 4 needs ~40 more registers per thread than 2 (about 150 at NT = 1 instead of 110).
+// of 2 × 16 bytes in flight, in registers; 4 needs ~40 more registers per thread than 2.
 template <TileFormat F, int NT, int S = 2>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
                                                 int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
   static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
-  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
-  constexpr int kStepK = 4 * kValues;              // k per step: 4 lanes × 16 bytes of a row
-  constexpr int kMmasPerStep = kValues / 4;        // 4 values per lane per row per MMA
   static_assert(S == 2 || S == 4, "2 or 4 steps per load batch");
+  constexpr int kStepK = 4 * TileFormatTraits<F>::kValuesPerLoad;  // k per step: 4 lanes × 16 bytes of a row
   constexpr int kBatchK = S * kStepK;
-  constexpr bool kFp8 = F == TileFormat::FP8_BLOCK128;
-  // Independent accumulator chains: back-to-back MMAs into one accumulator wait for each other, so few token tiles
-  // rotate over several partial sums (added at the end).
-  constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 
   const int lane_idx = threadIdx.x % kWarpSize, g = lane_idx / 4, t = lane_idx % 4;
   const int row_stride = x_tile_row_stride(k_end - k_begin);
   const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
   // Lane (g, t) reads token g of each token tile, chunk t of each group of four (the transposed order).
   const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
-
-  float sums[kChains][NT][4];  // FP8: sums of the current 128-wide scale block; else partial sums of acc
-#pragma unroll
-  for (int c = 0; c < kChains; ++c)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) sums[c][nt][0] = sums[c][nt][1] = sums[c][nt][2] = sums[c][nt][3] = 0.0f;
+  float sums[detail::kChains<NT>][NT][4];  // FP8: sums of the current 128-wide scale block; else partial sums
+  detail::clear_sums<F, NT>(sums);
 
   // Software pipeline: the next batch's loads are in flight while this one is decoded and multiplied.
   detail::WeightBatch<F, S> batch;
@@ -377,57 +454,97 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
     for (int u = 0; u < S; ++u) {
       const int64_t step_k = k0 + u * kStepK;
       if (step_k >= k_end) break;
-      uint32_t pairs[2][kValues / 2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        uint32_t factor0 = 0, factor1 = 0;
-        if constexpr (F == TileFormat::MXFP4) factor0 = detail::mxfp4_factor(batch.scale_codes[u][r]);
-        if constexpr (F == TileFormat::NVFP4) detail::nvfp4_factors(uint16_t(batch.scale_codes[u][r]), factor0, factor1);
-        detail::decode_row_bytes<F>(batch.raw[u][r], factor0, factor1, pairs[r]);
-      }
-      const __nv_bfloat16* x_step = x_lane + (step_k - k_begin);
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int chunk = 0; chunk < kMmasPerStep / 2; ++chunk) {
-          // Two MMAs' B fragments: chunk `chunk` of this lane, transposed order (4 lanes × 8 values apart).
-          const uint4 b = *reinterpret_cast<const uint4*>(x_step + nt * kTokensPerMma * row_stride + chunk * 32);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int m = 2 * chunk + half;
-            const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
-            ptx::mma_m16n8k16_bf16_f32(sums[m % kChains][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
-          }
-        }
-      }
-      if constexpr (kFp8) {
-        // Apply the block's scale when the step ends a 128-wide block or the range.
-        if ((step_k + kStepK) % 128 == 0 || step_k + kStepK >= k_end) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              float block_sum = 0.0f;
-#pragma unroll
-              for (int c = 0; c < kChains; ++c) {
-                block_sum += sums[c][nt][i];
-                sums[c][nt][i] = 0.0f;
-              }
-              acc[nt][i] = fmaf(block_sum, batch.block_scale[u][i / 2], acc[nt][i]);  // i / 2: row g or g + 8
-            }
-        }
-      }
+      detail::multiply_step<F, NT>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
+                                   detail::step_ends_block<F>(step_k, k_end), x_lane + (step_k - k_begin), row_stride,
+                                   sums, acc);
     }
     batch = next;
   }
-  if constexpr (!kFp8) {
+  detail::finish_tile<F, NT>(sums, acc);
+}
+
+// Shared memory one warp needs for weight_tile_mma_ring with `stages` steps in flight: 2 rows × 32 lanes × 16 bytes
+// per step.
+__host__ __device__ constexpr size_t weight_ring_bytes(int stages) { return size_t(stages) * 2 * kWarpSize * 16; }
+
+// Whether weight_tile_mma_ring can stream this matrix: 16-byte aligned rows (cp.async reads 16 aligned bytes).
+__host__ __device__ inline bool weight_ring_supported(const DeviceMatrixView& w) {
+  return (reinterpret_cast<uintptr_t>(w.data) | w.data_row_bytes) % 16 == 0;
+}
+
+// The same product as weight_tile_mma, with the weight bytes streamed through a ring of `kStages` steps in shared
+// memory (cp.async, 16 bytes per lane and row, L1 bypassed) instead of registers: kStages - 1 steps stay in flight
+// while one is decoded, at no register cost. `ring` is this warp's own weight_ring_bytes(kStages) bytes (16-byte
+// aligned; each lane only reads back what it copied, so warps need no barrier); the matrix must satisfy
+// weight_ring_supported. The scales of a step are prefetched to L1 when its copy is issued.
+template <TileFormat F, int NT, int kStages>
+__device__ __forceinline__ void weight_tile_mma_ring(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
+                                                     int64_t k_end, const __nv_bfloat16* x_tile, uint4* ring,
+                                                     float (&acc)[NT][4]) {
+  static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
+  static_assert(kStages >= 2, "at least one step in flight");
+  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
+  constexpr int kStepK = 4 * kValues;
+
+  const int lane_idx = threadIdx.x % kWarpSize, g = lane_idx / 4, t = lane_idx % 4;
+  const int row_stride = x_tile_row_stride(k_end - k_begin);
+  const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
+  const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
+  const int64_t steps = (k_end - k_begin + kStepK - 1) / kStepK;
+  const uint8_t* row_scales[2] = {w.scales + lane.rows[0] * w.scales_per_row,
+                                  w.scales + lane.rows[1] * w.scales_per_row};
+  float sums[detail::kChains<NT>][NT][4];
+  detail::clear_sums<F, NT>(sums);
+
+  // Copies step `step` into its ring slot (zeros for lanes past k_end) and commits one group, empty past the range.
+  const auto issue = [&](int64_t step) {
+    if (step < steps) {
+      const int slot = int(step % kStages);
+      const int64_t k = k_begin + step * kStepK + t * kValues;
+      const bool valid = k < k_end;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int r = 0; r < 2; ++r) {
+        ptx::cp_async_16B_zero_fill(ring + (slot * 2 + r) * kWarpSize + lane_idx,
+                                    valid ? lane.data[r] + k * 16 / kValues : lane.data[r], valid);
+        if constexpr (F == TileFormat::MXFP4) {
+          if (valid) ptx::prefetch_l1(row_scales[r] + k / 32);
+        } else if constexpr (F == TileFormat::NVFP4) {
+          if (valid) ptx::prefetch_l1(row_scales[r] + k / 16);
+        } else if constexpr (F == TileFormat::FP8_BLOCK128) {
+          if (valid) ptx::prefetch_l1(lane.fp8_scales[r] + (k / 128) * (lane.fp32_scales ? 4 : 1));
+        }
+      }
+    }
+    ptx::cp_async_commit_group();
+  };
+
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  for (int64_t step = 0; step < steps; ++step) {
+    ptx::cp_async_wait_group<kStages - 2>();  // this step's copies have landed
+    const int slot = int(step % kStages);
+    const uint4 raw[2] = {ring[(slot * 2) * kWarpSize + lane_idx], ring[(slot * 2 + 1) * kWarpSize + lane_idx]};
+    issue(step + kStages - 1);  // into the slot read in the previous step
+    const int64_t step_k = k_begin + step * kStepK;
+    const int64_t k = step_k + t * kValues;
+    uint32_t scale_codes[2] = {0, 0};
+    float block_scale[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int c = 0; c < kChains; ++c) acc[nt][i] += sums[c][nt][i];
+    for (int r = 0; r < 2; ++r) {
+      if constexpr (F == TileFormat::MXFP4) {
+        if (k < k_end) scale_codes[r] = __ldg(row_scales[r] + k / 32);
+      } else if constexpr (F == TileFormat::NVFP4) {
+        if (k < k_end) scale_codes[r] = __ldg(reinterpret_cast<const uint16_t*>(row_scales[r] + k / 16));
+      } else if constexpr (F == TileFormat::FP8_BLOCK128) {
+        block_scale[r] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales[r]) + step_k / 128)
+                                          : e8m0_to_float(__ldg(lane.fp8_scales[r] + step_k / 128));
+      }
+    }
+    detail::multiply_step<F, NT>(raw, scale_codes, block_scale, detail::step_ends_block<F>(step_k, k_end),
+                                 x_lane + (step_k - k_begin), row_stride, sums, acc);
   }
+  ptx::cp_async_wait_group<0>();  // nothing may still write the ring when the caller reuses it
+  detail::finish_tile<F, NT>(sums, acc);
 }
 
 }  // namespace dsv4::cuda::tile
