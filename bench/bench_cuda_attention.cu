@@ -3,8 +3,13 @@
 // 512 top-k entries per query) and the HCA layout (128 window + context/128 entries). Each query belongs to its own
 // sequence with its own pages. Reported per case: µs per call (L2 flushed before every call), KV bytes read / time
 // against the same-run device copy bandwidth, and a straightforward baseline measured in the same run (one CTA per
-// (query, head), plain loads, scalar dot products) with its speed-up. Cases whose cache exceeds 24 GiB are skipped.
+// (query, head), plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on the same
+// data (caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped.
+// Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
+// slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
+// same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
 // Usage: bench_cuda_attention [--json PATH]
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -23,6 +28,7 @@
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
+#include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 
 namespace dsv4::cuda {
@@ -135,7 +141,31 @@ struct Result {
   int heads, batch, splits;
   int64_t context, slots;
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
+  double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
 };
+
+// The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
+// kernel (the wgmma kernel's 16-aligned entry spans need pages of ≥ 2 entries): the previous kernel, same run.
+// Entries hold the same bytes (the pool is filled uniformly); logical rows and indices are unchanged.
+double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& config, void* flush,
+                          size_t flush_bytes) {
+  KvCacheConfig one = config;
+  one.page_rows = 1;
+  one.pages = config.pages * config.page_rows;
+  KvCache cache(one);
+  for (int b = 0; b < config.max_sequences; ++b) {
+    cache.add_sequence();
+    cache.ensure_rows(b, 0, KvArray::Window, config.window_capacity);
+    cache.ensure_rows(b, 0, KvArray::Compressed, config.max_compressed_rows);
+  }
+  cache.upload_page_table(nullptr);
+  DSV4_CUDA_CHECK(cudaMemset(cache.view().pool, 0x30, size_t(one.pages) * cache.layout().entry_bytes));
+  SparseAttentionParams q = p;
+  q.cache = cache.view();
+  const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(q); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  return ms;
+}
 
 Result run_case(const char* model, int heads, bool csa, int batch, int64_t context, double copy_gbps, int sms,
                 void* flush, size_t flush_bytes, std::mt19937& rng) {
@@ -191,6 +221,9 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
                           .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
                           .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  const double cache_bytes = double(cache.config().pages) * kPageRows * view.layout.entry_bytes;
+  const double mma_sync_ms =
+      cache_bytes <= double(size_t(4) << 30) ? mma_sync_kernel_ms(p, cache.config(), flush, flush_bytes) : 0.0;
   SparseAttentionParams b = p;
   b.out = baseline_out.data();
   const double baseline_ms = median_ms(batch >= 64 ? 3 : 5, flush, flush_bytes, [&] {
@@ -219,6 +252,113 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   r.percent_of_copy = 100.0 * r.gbps / copy_gbps;
   r.baseline_us = baseline_ms * 1e3;
   r.max_abs_diff = diff;
+  r.mma_sync_us = mma_sync_ms * 1e3;
+  return r;
+}
+
+// bf16 tensor rate of cuBLAS on a 4096³ GEMM (bf16 in, fp32 accumulate), in TFLOP/s.
+double cublas_bf16_tflops(void* flush, size_t flush_bytes) {
+  constexpr int n = 4096;
+  cublasHandle_t handle = nullptr;
+  check(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS, "cublasCreate failed");
+  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
+  a.fill_bytes(0x3C);
+  b.fill_bytes(0x3C);
+  const float alpha = 1.0f, beta = 0.0f;
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  const double ms = median_ms(10, flush, flush_bytes, [&] {
+    status = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
+                          CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  });
+  cublasDestroy(handle);
+  check(status == CUBLAS_STATUS_SUCCESS, "cublasGemmEx failed");
+  return 2.0 * n * double(n) * n / (ms * 1e9);
+}
+
+struct PrefillResult {
+  std::string model, format;
+  int heads;
+  int64_t context, tokens, slots;
+  int splits;
+  double us, tflops, percent_of_cublas, percent_of_peak;
+};
+
+// One prefill chunk of kPrefillTokens queries ending at `context`: window slots = the 128 ring rows up to each
+// query, compressed slots = 512 random visible rows (context / 4 compressed entries, causal: row < (pos + 1) / 4).
+PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat format, int64_t context,
+                               double cublas_tflops, double peak_tflops, int sms, void* flush, size_t flush_bytes,
+                               std::mt19937& rng) {
+  constexpr int64_t kPrefillTokens = 4096;
+  const int64_t capacity = 8192;  // ring rows: the window plus the chunk
+  const int64_t compressed_rows = context / 4;
+  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = 1,
+                 .window_capacity = capacity, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
+                 .pages = (compressed_rows + capacity) / kPageRows});
+  cache.add_sequence();
+  cache.ensure_rows(0, 0, KvArray::Window, capacity);
+  cache.ensure_rows(0, 0, KvArray::Compressed, compressed_rows);
+  cache.upload_page_table(nullptr);
+  const KvCacheView view = cache.view();
+  // fp8: e4m3 0x30 = 0.5, scale 0x7F = 1, bf16 0x3030 ≈ 6.4e-10; bf16 entries: 0x3030 everywhere. Finite either way.
+  DSV4_CUDA_CHECK(cudaMemset(view.pool, 0x30, size_t(cache.config().pages) * kPageRows * view.layout.entry_bytes));
+
+  const int64_t T = kPrefillTokens;
+  std::vector<int32_t> slots(size_t(T), 0), window_index(size_t(T) * kWindow), compressed_index(size_t(T) * kTopK);
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  int64_t valid_slots = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pos = context - T + t;
+    positions[size_t(t)] = pos;
+    for (int w = 0; w < kWindow; ++w) {
+      const int64_t p = pos - (kWindow - 1) + w;
+      window_index[size_t(t * kWindow + w)] = p >= 0 ? int32_t(p % capacity) : -1;
+      valid_slots += p >= 0;
+    }
+    const int64_t visible = (pos + 1) / 4;
+    for (int s = 0; s < kTopK; ++s) {
+      const bool used = s < visible;
+      compressed_index[size_t(t * kTopK + s)] = used ? int32_t(rng() % uint64_t(visible)) : -1;
+      valid_slots += used;
+    }
+  }
+  std::vector<float> q(size_t(T) * heads * kHeadDim), sink(size_t(heads), 0.5f), freq(kRopeDim / 2);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : q) v = normal(rng);
+  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
+  const auto upload = [](const auto& host, const char* what) {
+    DeviceBuffer d(host.size() * sizeof(host[0]), what);
+    d.upload(host.data(), d.bytes());
+    return d;
+  };
+  DeviceBuffer d_slots = upload(slots, "slots"), d_window = upload(window_index, "window index"),
+               d_compressed = upload(compressed_index, "compressed index"), d_pos = upload(positions, "positions"),
+               d_q = upload(q, "q"), d_sink = upload(sink, "sink"), d_freq = upload(freq, "frequencies");
+  DeviceBuffer out(size_t(T) * heads * kHeadDim * 2, "out");
+  const int splits = choose_sparse_attention_splits(T, heads, kHeadDim, format, kWindow + kTopK, sms);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, heads, kHeadDim, splits)),
+                         "workspace");
+  // The whole-model runner's prefill call: fp32 q in, bf16 out (the next linear layer's input).
+  const SparseAttentionParams p{.cache = view, .layer = 0, .tokens = T, .heads = heads,
+                                .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
+                                .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
+                                .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                                .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                                .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
+                                .compressed_slots = kTopK, .out = out.data(), .out_dtype = AttentionDtype::Bf16,
+                                .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  PrefillResult r;
+  r.model = model;
+  r.format = to_string(format);
+  r.heads = heads;
+  r.context = context;
+  r.tokens = T;
+  r.slots = kWindow + kTopK;
+  r.splits = splits;
+  r.us = ms * 1e3;
+  r.tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (ms * 1e9);
+  r.percent_of_cublas = 100.0 * r.tflops / cublas_tflops;
+  r.percent_of_peak = 100.0 * r.tflops / peak_tflops;
   return r;
 }
 
@@ -240,8 +380,8 @@ int run(int argc, char** argv) {
   DeviceBuffer flush(flush_bytes, "L2 flush");
   std::mt19937 rng(7);
   std::vector<Result> results;
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %12s %8s %10s\n", "model", "kind", "batch", "context", "slots",
-              "splits", "us", "GB/s", "%copy", "baseline us", "speedup", "max|diff|");
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %12s %8s %10s %12s\n", "model", "kind", "batch", "context",
+              "slots", "splits", "us", "GB/s", "%copy", "baseline us", "speedup", "max|diff|", "mma.sync us");
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const bool csa : {true, false})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
@@ -255,12 +395,34 @@ int run(int argc, char** argv) {
           }
           const Result r = run_case(model, heads, csa, batch, context, copy_gbps, device.multiprocessors,
                                     flush.data(), flush_bytes, rng);
-          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %12.1f %7.1fx %10.2e\n", r.model.c_str(),
-                      r.layout.c_str(), r.batch, static_cast<long long>(r.context), static_cast<long long>(r.slots),
-                      r.splits, r.us, r.gbps, r.percent_of_copy, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff);
+          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %12.1f %7.1fx %10.2e %12.1f\n",
+                      r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
+                      static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.baseline_us,
+                      r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us);
           std::fflush(stdout);
           results.push_back(r);
         }
+  int clock_khz = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
+  const double peak_tflops = 4096.0 * device.multiprocessors * clock_khz * 1e3 / 1e12;
+  const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
+  std::printf("\nprefill (4096 queries, CSA 128 + 512 slots): cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f "
+              "TFLOP/s (%d MHz)\n",
+              cublas_tflops, peak_tflops, clock_khz / 1000);
+  std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s\n", "model", "entries", "context", "splits", "us", "TFLOP/s",
+              "%cublas", "%peak");
+  std::vector<PrefillResult> prefill;
+  for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
+    for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
+      for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
+        const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
+                                                 device.multiprocessors, flush.data(), flush_bytes, rng);
+        std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%%\n", r.model.c_str(), r.format.c_str(),
+                    static_cast<long long>(r.context), r.splits, r.us, r.tflops, r.percent_of_cublas,
+                    r.percent_of_peak);
+        std::fflush(stdout);
+        prefill.push_back(r);
+      }
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (f == nullptr) {
@@ -275,10 +437,24 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"kv_bytes\": %.0f, \"gbps\": %.1f, "
-                   "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g}%s\n",
+                   "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
+                   "\"mma_sync_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
-                   r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, i + 1 < results.size() ? "," : "");
+                   r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us,
+                   i + 1 < results.size() ? "," : "");
+    }
+    std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
+                 cublas_tflops, peak_tflops);
+    for (size_t i = 0; i < prefill.size(); ++i) {
+      const PrefillResult& r = prefill[i];
+      std::fprintf(f,
+                   "    {\"model\": \"%s\", \"entries\": \"%s\", \"heads\": %d, \"context\": %lld, "
+                   "\"tokens\": %lld, \"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"tflops\": %.1f, "
+                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f}%s\n",
+                   r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
+                   static_cast<long long>(r.tokens), static_cast<long long>(r.slots), r.splits, r.us, r.tflops,
+                   r.percent_of_cublas, r.percent_of_peak, i + 1 < prefill.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -77,6 +77,7 @@ struct AttentionCase {
   int splits;                   // 0 = choose_sparse_attention_splits
   AttentionDtype q_dtype = AttentionDtype::F32, out_dtype = AttentionDtype::F32;
   bool empty_query = false;     // add a query whose slots are all −1
+  int page_rows = 16;           // KV cache entries per page
 };
 
 void check_attention(const AttentionCase& c, uint32_t seed) {
@@ -84,11 +85,12 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int D = c.head_dim, H = c.heads, S = int(c.lengths.size());
-  constexpr int kLayers = 2, kLayer = 1, kPageRows = 16;
+  constexpr int kLayers = 2, kLayer = 1;
+  const int page_rows = c.page_rows;
   const int64_t max_compressed = 1024;
   KvCache cache({.format = c.format, .head_dim = D, .rope_dim = c.rope_dim, .layers = kLayers, .max_sequences = S,
-                 .window_capacity = c.window_capacity, .max_compressed_rows = max_compressed, .page_rows = kPageRows,
-                 .pages = 2 * S * (max_compressed + c.window_capacity) / kPageRows + 8});
+                 .window_capacity = c.window_capacity, .max_compressed_rows = max_compressed, .page_rows = page_rows,
+                 .pages = 2 * S * (max_compressed + c.window_capacity) / page_rows + 8});
   const KvEntryLayout& layout = cache.layout();
 
   // Host copies of every logical row: window rows of sequence s at s·capacity + row, compressed at s·max + row.
@@ -118,7 +120,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
   const auto upload_row = [&](int s, KvArray array, int64_t row, const float* values) {
     const int32_t* pages = &table[size_t(((s * kLayers + kLayer) * 2 + int(array)) * view.max_pages_per_array)];
-    const int64_t physical = int64_t(pages[row / kPageRows]) * kPageRows + row % kPageRows;
+    const int64_t physical = int64_t(pages[row / page_rows]) * page_rows + row % page_rows;
     encode_entry(layout, values, entry.data());
     ASSERT_EQ(cudaMemcpy(view.pool + physical * layout.entry_bytes, entry.data(), entry.size(), cudaMemcpyHostToDevice),
               cudaSuccess);
@@ -315,6 +317,22 @@ TEST(SparseAttention, TinyHeadDimsOddHeadCountsAndEmptyQueries) {
                     seed++);
     check_attention({"d512 h5", format, 512, 64, 5, 16, 16, 33, {64, 1}, 1, 3, AttentionDtype::F32,
                      AttentionDtype::F32, true},
+                    seed++);
+  }
+}
+
+// head_dim 512 with more than 32 heads takes the wgmma kernel: a padded head block (48 of 64 heads), partial tiles,
+// bf16 q and output; and its fallback to the mma.sync kernel for fp8 entries on 1-entry pages.
+TEST(SparseAttention, WideHeadBlocksAndOneEntryPages) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 40;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+    check_attention({"d512 h48", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, 0, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++);
+    check_attention({"d512 h96 3 splits", format, 512, 64, 96, 128, 128, 200, {1000}, 1, 3}, seed++);
+    check_attention({"d512 h64 1-entry pages", format, 512, 64, 64, 16, 16, 40, {200, 50}, 1, 0,
+                     AttentionDtype::F32, AttentionDtype::F32, false, 1},
                     seed++);
   }
 }

@@ -49,6 +49,36 @@ void dispatch_tiles(const SparseAttentionParams& p, const SharedMemoryPlan& plan
   }
 }
 
+// The second pass of a split call: merges the splits' partial outputs.
+void launch_combine(const SparseAttentionParams& p) {
+  if (p.splits <= 1) return;
+  sparse_attention_combine_kernel<<<unsigned(p.tokens * p.heads), kCombineThreads, 0, p.stream>>>(
+      p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
+  DSV4_CUDA_CHECK_LAUNCH("sparse_attention combine");
+}
+
+// The wgmma kernel serves head_dim 512 with more than 32 heads (blocks of 64, padded); fp8 entries in DeepSeek's
+// 584-byte layout on pages of at least 2 entries (its 16-aligned entry spans stay on the page).
+bool use_d512_kernel(const SparseAttentionParams& p) {
+  const KvEntryLayout& layout = p.cache.layout;
+  if (layout.head_dim != kD512HeadDim || p.heads <= 32) return false;
+  if (layout.format == KvEntryFormat::Bf16) return true;
+  return layout.nope_dim == kFp8NopeDim && layout.rope_offset == kFp8RopeOffset &&
+         layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && p.cache.page_shift >= 1;
+}
+
+template <bool kFp8>
+void launch_d512(const SparseAttentionParams& p) {
+  constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
+  static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
+  const int64_t ctas = p.tokens * head_blocks * p.splits;
+  kernel<<<unsigned(ctas), kD512Threads, size_t(kBytes), p.stream>>>(p, head_blocks);
+  DSV4_CUDA_CHECK_LAUNCH("sparse_attention (head_dim 512, wgmma)");
+}
+
 }  // namespace
 
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
@@ -119,6 +149,14 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   check_sparse_attention_params(p);
   if (p.tokens == 0) return;
   const int d = p.cache.layout.head_dim;
+  if (use_d512_kernel(p)) {
+    if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
+      launch_d512<true>(p);
+    else
+      launch_d512<false>(p);
+    launch_combine(p);
+    return;
+  }
   const int head_tiles = head_tiles_for(p.heads);
   const int head_blocks = head_blocks_for(p.heads);
   const SharedMemoryPlan plan = make_shared_memory_plan(d, head_tiles, p.cache.layout);
@@ -131,11 +169,7 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     case 512: dispatch_tiles<512>(p, plan, head_tiles, head_blocks); break;
     default: fail("sparse_attention: head_dim ", d, " unsupported");
   }
-  if (p.splits > 1) {
-    sparse_attention_combine_kernel<<<unsigned(p.tokens * p.heads), kCombineThreads, 0, p.stream>>>(
-        p, d, p.cache.layout.nope_dim);
-    DSV4_CUDA_CHECK_LAUNCH("sparse_attention combine");
-  }
+  launch_combine(p);
 }
 
 }  // namespace dsv4::cuda

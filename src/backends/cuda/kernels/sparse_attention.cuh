@@ -1,6 +1,9 @@
-// Device code of the sparse MQA attention with sink (sparse_attention.hpp).
+// Device code of the sparse MQA attention with sink (sparse_attention.hpp). Two kernels:
+// - head_dim 512 with more than 32 heads (the DSV4 models): sparse_attention_d512_kernel below, warp-specialised,
+//   bulk copies + wgmma (its own notes);
+// - every other shape (the tests' tiny models, few heads): the mma.sync kernel described here.
 //
-// One CTA = one query × one block of 16·kHeadTiles heads × one split of the query's slot list. Warp w owns the
+// mma.sync kernel: one CTA = one query × one block of 16·kHeadTiles heads × one split of the query's slot list. Warp w owns the
 // 16 heads of head tile (w % kHeadTiles) and the dims [ds·kWarpDims, (ds+1)·kWarpDims) of split ds = w / kHeadTiles
 // (two dim halves for D = 512, so that the 16 × 256 fp32 output accumulator fits in 128 registers per thread).
 // Per tile of 32 entries:
@@ -27,7 +30,11 @@
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
+#include "backends/cuda/ptx/cp_async.cuh"
+#include "backends/cuda/ptx/ldmatrix.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/wgmma.cuh"
 #include "core/e8m0.hpp"
 
 namespace dsv4::cuda::sparse_attention_detail {
@@ -89,40 +96,12 @@ inline SharedMemoryPlan make_shared_memory_plan(int head_dim, int head_tiles, co
   return plan;
 }
 
-// ---- PTX wrappers not yet in ptx/ (PTX ISA: ldmatrix §9.7.9.21, cp.async §9.7.9.25); the MMA is ptx/mma.cuh's ----
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// Copies `Bytes` (8 or 16) global bytes to shared memory, or zero-fills them when !valid.
-template <int Bytes>
-__device__ __forceinline__ void cp_async_or_zero(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? Bytes : 0;
-  if constexpr (Bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int Pending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
-}
+using ptx::cp_async_commit;
+using ptx::cp_async_or_zero;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::ldmatrix_x4_trans;
+using ptx::shared_address;
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -448,6 +427,499 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
       else
         *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
     }
+  }
+}
+
+// ---- the head_dim 512 kernel: a producer warpgroup and two wgmma consumer warpgroups ----
+//
+// One CTA = one query × 64 heads × one split of the query's slot list, 384 threads:
+// - warpgroup 0, the producer: warp 0 resolves the physical entries of a tile's 32 slots (one lane each, a tile
+//   ahead, so the dependent index and page-table loads overlap the previous tile) and fetches each entry with one
+//   bulk copy into a ring of raw stages (completion on an mbarrier); then all four warps expand a raw stage into a
+//   bf16 KV stage in the 128B-swizzled layout wgmma reads (fp8 entries dequantised exactly: e4m3 · 2^k needs ≤ 4
+//   significant bits), zeros for unused slots so that their weight 0 never meets a NaN;
+// - warpgroups 1 and 2, the consumers: consumer c owns dims [256c, 256c + 256) of Q and of the output. Per tile:
+//   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), the two partial scores summed through shared
+//   memory in a fixed order (both consumers hold identical S), online softmax in registers, then
+//   O_c += P V_c with wgmma m64n256k16 (P from registers, V = the same KV stage read N-major).
+// So every entry crosses the SM once, is dequantised once, and feeds all 64 heads per wgmma; the old kernel's
+// per-head-tile re-reads of K and V through ldmatrix are gone.
+//
+// NOTES:
+// - A 584-byte fp8 entry is only 8-byte aligned; the copy engine needs 16. Each entry is fetched as the 592-byte
+//   16-aligned span that holds it (starting 8 bytes early for odd entry numbers, ending 8 bytes late for even ones).
+//   Both neighbours lie on the same page when pages hold ≥ 2 entries (pages are page_rows-aligned runs of entries),
+//   so the span never leaves allocated memory; run_sparse_attention takes the old kernel for 1-entry pages.
+// - Swizzled layout (ptx/wgmma.cuh): a 64-dim block of R rows is R × 128 bytes; the 16-byte chunk c of row r sits at
+//   chunk c ^ (r % 8). Q: 8 blocks of 64 heads; a KV stage: 8 blocks of 32 entries. For PV the same bytes are the
+//   N-major B operand: K = entries (8-row groups 1024 bytes apart, the stride-dimension offset), N = dims (64-dim
+//   blocks kKvBlockBytes apart, the leading-dimension offset).
+// - Two KV stages: the producer fills stage (j + 1) % 2 while the consumers use stage j % 2. Exchange buffers
+//   alternate with the tile too, so one named barrier per tile orders the partial scores.
+
+inline constexpr int kD512HeadDim = 512;
+inline constexpr int kD512Heads = 64;  // one wgmma M
+inline constexpr int kWarpgroupThreads = 128;
+inline constexpr int kD512Threads = 3 * kWarpgroupThreads;
+inline constexpr int kD512ProducerRegisters = 72;
+inline constexpr int kD512ConsumerRegisters = 216;
+inline constexpr int kDimBlocks = 8;                         // 64-dim blocks (one 128-byte swizzle row each)
+inline constexpr int kQBlockBytes = kD512Heads * 128;        // 8 KB
+inline constexpr int kKvBlockBytes = kTile * 128;            // 4 KB
+inline constexpr int kKvStageBytes = kDimBlocks * kKvBlockBytes;
+inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry as a 16-aligned span
+inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
+inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
+static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
+              "register budget of one SM");
+
+template <bool kFp8>
+struct D512Layout {
+  static constexpr int kRawStages = kFp8 ? 3 : 2;
+  static constexpr int kRawEntryBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
+  static constexpr int kRawStageBytes = kTile * kRawEntryBytes;
+  static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16;  // per buffer: [consumer][4][thread][4]
+  static constexpr int kQ = 0;
+  static constexpr int kKv = kQ + kDimBlocks * kQBlockBytes;
+  static constexpr int kRaw = kKv + 2 * kKvStageBytes;
+  static constexpr int kExchange = kRaw + kRawStages * kRawStageBytes;
+  static constexpr int kPhys = kExchange + 2 * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
+  static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [2][kTile]
+  static constexpr int kBarriers = kValid + 2 * kTile * 4;           // raw_full[kRawStages], kv_full[2], kv_empty[2]
+  static constexpr int kBytes = kBarriers + (kRawStages + 4) * 8;
+  static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
+  static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
+};
+
+// Descriptor of an N-major bf16 B operand in the 128B swizzle: rows of 64 N values (128 bytes), 8-row groups along K
+// 1024 bytes apart, 64-wide N blocks `n_block_bytes` apart (PTX ISA "Matrix Descriptor Format", MN-major).
+__device__ __forceinline__ uint64_t make_sw128_n_major_descriptor(const void* tile, uint32_t n_block_bytes) {
+  constexpr uint64_t kStrideByteOffset = 1024 >> 4;
+  constexpr uint64_t kSwizzle128B = 1;
+  return uint64_t((shared_address(tile) & 0x3FFFF) >> 4) | (uint64_t(n_block_bytes >> 4) << 16) |
+         (kStrideByteOffset << 32) | (kSwizzle128B << 62);
+}
+
+// D[64 × 32] (+)= A[64 × 16] · B[32 × 16]ᵀ, bf16 → fp32, A and B K-major in shared memory (128B swizzle).
+__device__ __forceinline__ void wgmma_m64n32k16_bf16_ss(float (&d)[16], uint64_t a_desc, uint64_t b_desc,
+                                                        int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p_acc, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// D[64 × 256] (+)= A[64 × 16] · B[16 × 256], bf16 → fp32, A from registers (each warp's m16k16 fragment, as for
+// mma.sync) and B N-major in shared memory (imm-trans-b = 1): B's rows are K, each holding 256 contiguous N values in
+// 64-wide 128B-swizzled blocks.
+__device__ __forceinline__ void wgmma_m64n256k16_bf16_rs_n_major_b(float (&d)[128], const uint32_t (&a)[4],
+                                                                   uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, "
+      "%104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+      "}, {%128, %129, %130, %131}, %132, p_acc, 1, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// The slot range [range_begin, range_end) of split `split` of query t's window ∪ compressed list, in whole tiles.
+struct SlotRange {
+  int64_t begin = 0, end = 0;
+  int tiles = 0;
+};
+
+__device__ __forceinline__ SlotRange split_slot_range(const SparseAttentionParams& p, int split) {
+  const int64_t total_slots = int64_t(p.window_slots) + p.compressed_slots;
+  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
+  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
+  SlotRange range;
+  range.begin = split * tiles_per_split * kTile;
+  range.end = min(total_slots, range.begin + tiles_per_split * kTile);
+  range.tiles = range.end > range.begin ? int((range.end - range.begin + kTile - 1) / kTile) : 0;
+  return range;
+}
+
+// Physical entry of slot `s` of query t (−1: unused slot, or a row outside its array's pages).
+__device__ __forceinline__ int32_t resolve_slot(const SparseAttentionParams& p, int64_t t, int sequence_slot,
+                                                int64_t s) {
+  const KvCacheView& cache = p.cache;
+  const bool window = s < p.window_slots;
+  const int32_t row = window ? p.window_index[t * p.window_slots + s]
+                             : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
+  const int32_t* pages = cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed);
+  return pages[row >> cache.page_shift] >= 0 ? int32_t(cache.physical_entry(pages, row)) : -1;
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                             const SlotRange& range) {
+  using L = D512Layout<kFp8>;
+  constexpr int R = L::kRawStages;
+  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
+  uint64_t* raw_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+  uint64_t* kv_full = raw_full + R;
+  uint64_t* kv_empty = kv_full + 2;
+  int32_t* raw_phys = reinterpret_cast<int32_t*>(smem + L::kPhys);
+  int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
+
+  // Warp 0 only: lane l owns slot l of every tile.
+  const int sequence_slot = warp == 0 && range.tiles > 0 ? p.sequence_slots[t] : 0;
+  const auto resolve = [&](int j) -> int32_t {
+    const int64_t s = range.begin + int64_t(j) * kTile + lane;
+    return j < range.tiles && s < range.end ? resolve_slot(p, t, sequence_slot, s) : -1;
+  };
+  const auto issue = [&](int j, int32_t phys) {
+    const int r = j % R;
+    raw_phys[r * kTile + lane] = phys;
+    const unsigned valid = __ballot_sync(0xFFFFFFFFu, phys >= 0);
+    if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
+    __syncwarp();
+    if (phys >= 0) {
+      const uint8_t* src = p.cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
+      ptx::cp_async_bulk_global_to_shared(
+          shared_address(smem + L::kRaw + r * L::kRawStageBytes + lane * L::kRawEntryBytes), src, L::kRawEntryBytes,
+          shared_address(&raw_full[r]));
+    }
+  };
+
+  int32_t next_phys = -1;
+  if (warp == 0) {
+    for (int j = 0; j < R && j < range.tiles; ++j) issue(j, resolve(j));
+    next_phys = resolve(R);
+  }
+  sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
+
+  for (int j = 0; j < range.tiles; ++j) {
+    const int r = j % R, stage = j % 2;
+    sm90::mbarrier_wait(&raw_full[r], (j / R) & 1);
+    sm90::mbarrier_wait(&kv_empty[stage], ((j / 2) & 1) ^ 1);
+    const uint8_t* raw = smem + L::kRaw + r * L::kRawStageBytes;
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes;
+    if (thread < kTile) tile_valid[stage * kTile + thread] = raw_phys[r * kTile + thread] >= 0;
+    // 16-byte chunk `chunk` (8 dims) of block b of entry n per lane; a warp writes four whole 128-byte rows.
+#pragma unroll 4
+    for (int i = 0; i < kTile * kDimBlocks / 16; ++i) {
+      const int row_block = (i * 4 + warp) * 4 + lane / 8;
+      const int n = row_block % kTile, b = row_block / kTile, chunk = lane % 8;
+      const int32_t phys = raw_phys[r * kTile + n];
+      uint4 out = make_uint4(0, 0, 0, 0);
+      if (phys >= 0) {
+        if constexpr (kFp8) {
+          const uint8_t* entry = raw + n * kFp8SpanBytes + (phys & 1) * 8;
+          if (b < kFp8NopeDim / 64) {
+            const uint2 codes = *reinterpret_cast<const uint2*>(entry + 64 * b + 8 * chunk);
+            const float scale = e8m0_to_float(entry[kFp8ScaleOffset + b]);
+            out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+          } else {
+            // The bf16 rope dims are only 8-byte aligned in the span.
+            const uint2 lo = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk);
+            const uint2 hi = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk + 8);
+            out = make_uint4(lo.x, lo.y, hi.x, hi.y);
+          }
+        } else {
+          out = *reinterpret_cast<const uint4*>(raw + n * L::kRawEntryBytes + b * 128 + chunk * 16);
+        }
+      }
+      *reinterpret_cast<uint4*>(kv + b * kKvBlockBytes + n * 128 + ((chunk ^ (n % 8)) * 16)) = out;
+    }
+    sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
+    sm90::mbarrier_arrive(&kv_full[stage]);
+    // Raw stage r is read; refill it with tile j + R.
+    sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
+    if (warp == 0 && j + R < range.tiles) {
+      issue(j + R, next_phys);
+      next_phys = resolve(j + R + 1);
+    }
+  }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
+                                             int head_base, const SlotRange& range) {
+  using L = D512Layout<kFp8>;
+  const int consumer = threadIdx.x / kWarpgroupThreads - 1;
+  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
+  const int g = lane / 4, c = lane % 4;
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
+  uint64_t* kv_empty = kv_full + 2;
+  const int32_t* tile_valid = reinterpret_cast<const int32_t*>(smem + L::kValid);
+  uint8_t* q_tile = smem + L::kQ;
+  const int dim_base = consumer * (kD512HeadDim / 2);
+
+  // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero); batches of independent loads.
+  {
+    constexpr int kChunks = kD512Heads * (kD512HeadDim / 2) / 8 / kWarpgroupThreads;  // 16 per thread
+    constexpr int kBatch = 8;
+#pragma unroll
+    for (int first = 0; first < kChunks; first += kBatch) {
+      uint4 packed[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int x = (first + i) * kWarpgroupThreads + thread;
+        const int h = x / 32, dim = dim_base + 8 * (x % 32);
+        const int64_t offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
+        packed[i] = make_uint4(0, 0, 0, 0);
+        if (head_base + h >= p.heads) continue;
+        if (p.q_dtype == AttentionDtype::Bf16) {
+          packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + offset);
+        } else {
+          const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset);
+          const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset + 4);
+          packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                                 pack_bf16x2(hi.z, hi.w));
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int x = (first + i) * kWarpgroupThreads + thread;
+        const int h = x / 32, dim = dim_base + 8 * (x % 32);
+        const int b = dim / 64, chunk = (dim % 64) / 8;
+        *reinterpret_cast<uint4*>(q_tile + b * kQBlockBytes + h * 128 + ((chunk ^ (h % 8)) * 16)) = packed[i];
+      }
+    }
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+  }
+  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
+
+  float o_acc[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o_acc[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp's 16 heads, log2 domain
+  float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  for (int j = 0; j < range.tiles; ++j) {
+    const int stage = j % 2;
+    sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
+
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
+    float s_acc[16];
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 16; ++kk)
+      wgmma_m64n32k16_bf16_ss(s_acc, sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
+                              sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
+                              kk > 0);
+    sm90::wgmma_commit_group();
+    sm90::wgmma_wait_group<0>();
+    sm90::fence_operand(s_acc);
+
+    // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+    float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      mine[e * kWarpgroupThreads + thread] =
+          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    const float4* part0 = reinterpret_cast<const float4*>(exchange);
+    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
+      s_acc[4 * e] = a.x + b.x;
+      s_acc[4 * e + 1] = a.y + b.y;
+      s_acc[4 * e + 2] = a.z + b.z;
+      s_acc[4 * e + 3] = a.w + b.w;
+    }
+
+    // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = tile_valid[stage * kTile + 8 * n + 2 * c + (e % 2)] != 0;
+        s_acc[4 * n + e] = valid ? s_acc[4 * n + e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s_acc[4 * n + e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
+      const float reference = new_max == -INFINITY ? 0.0f : new_max;
+      alpha[r] = exp2f(row_max[r] - reference);
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+    // P rounded to bf16 once; the row sums add the rounded weights, so PV applies exactly the normalised weights.
+    uint32_t p_frag[kTile / 16][4];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) {
+      float w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float reference = row_max[e / 2] == -INFINITY ? 0.0f : row_max[e / 2];
+        w[e] = __bfloat162float(__float2bfloat16_rn(exp2f(s_acc[4 * n + e] - reference)));
+        row_sum[e / 2] += w[e];
+      }
+      p_frag[n / 2][(n % 2) * 2 + 0] = pack_bf16x2(w[0], w[1]);
+      p_frag[n / 2][(n % 2) * 2 + 1] = pack_bf16x2(w[2], w[3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
+
+    // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kTile / 16; ++ks)
+      wgmma_m64n256k16_bf16_rs_n_major_b(o_acc, p_frag[ks],
+                                         make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes), 1);
+    sm90::wgmma_commit_group();
+    sm90::wgmma_wait_group<0>();
+    sm90::fence_operand(o_acc);
+    if (thread == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  }
+  const int head[2] = {head_base + warp * 16 + g, head_base + warp * 16 + g + 8};
+
+  if (p.splits > 1) {
+    // Unnormalised partial output and its (max, sum); sparse_attention_combine_kernel merges the splits.
+    float* partial_out = static_cast<float*>(p.workspace);
+    float2* partial_stats =
+        reinterpret_cast<float2*>(partial_out + int64_t(p.splits) * p.tokens * p.heads * kD512HeadDim);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (head[r] >= p.heads) continue;
+      const int64_t row = (int64_t(split) * p.tokens + t) * p.heads + head[r];
+      if (consumer == 0 && c == 0) partial_stats[row] = make_float2(row_max[r], row_sum[r]);
+#pragma unroll
+      for (int n = 0; n < 32; ++n)
+        *reinterpret_cast<float2*>(partial_out + row * kD512HeadDim + dim_base + 8 * n + 2 * c) =
+            make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+    }
+    return;
+  }
+
+  float inverse_denominator[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float denominator = row_sum[r];
+    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
+      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
+    // A query with no entries gets a zero output whatever its sink.
+    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
+  }
+  const KvEntryLayout& layout = p.cache.layout;
+  const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    const int dim = dim_base + 8 * n + 2 * c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
+    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim) {
+      const RopeFactors f = rope_factors(position, p.rope_frequencies[(dim - layout.nope_dim) / 2]);
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (head[r] >= p.heads) continue;
+      const int64_t offset = (t * p.heads + head[r]) * kD512HeadDim + dim;
+      if (p.out_dtype == AttentionDtype::F32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kD512Threads, 1)
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
+  using L = D512Layout<kFp8>;
+  extern __shared__ uint8_t smem_unaligned[];
+  // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages.
+  uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
+  int64_t flat = blockIdx.x;
+  const int head_block = int(flat % head_blocks);
+  flat /= head_blocks;
+  const int split = int(flat % p.splits);
+  const int64_t t = flat / p.splits;
+  const SlotRange range = split_slot_range(p, split);
+
+  if (threadIdx.x == 0) {
+    uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+    for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 1);
+    for (int s = 0; s < 2; ++s) {
+      sm90::mbarrier_init(&barriers[L::kRawStages + s], kWarpgroupThreads);  // kv_full: every producer thread
+      sm90::mbarrier_init(&barriers[L::kRawStages + 2 + s], 2);              // kv_empty: one per consumer
+    }
+    sm90::fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kWarpgroupThreads) {
+    sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
+    d512_produce<kFp8>(p, smem, t, range);
+  } else {
+    sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
+    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range);
   }
 }
 

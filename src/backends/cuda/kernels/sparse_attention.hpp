@@ -3,9 +3,10 @@
 // compressed slots (logical compressed rows) of sequence slot sequence_slots[t], −1 = unused slot; one softmax over
 // all of them with the per-head sink in the denominator; the output's last rope_dim dims rotated back by −θ at the
 // query's position. K = V is one shared head, so a CTA serves 16, 32 or 64 heads of one query from each entry it
-// loads (mma.sync bf16 for QKᵀ and PV, fp32 accumulation, online softmax); a query's slot list is split across CTAs
-// when tokens × head blocks would not fill the GPU, and a second kernel merges the splits with a log-sum-exp
-// combine where the sink joins once.
+// loads (head_dim 512 with > 32 heads: a producer warpgroup gathers entries with bulk copies and expands them to
+// bf16 once, two consumer warpgroups run wgmma over 64 heads; other shapes: mma.sync; fp32 accumulation, online
+// softmax); a query's slot list is split across CTAs when tokens × head blocks would not fill the GPU, and a second
+// kernel merges the splits with a log-sum-exp combine where the sink joins once.
 //
 // Dispatch contract:
 // - head_dim ∈ {64, 128, 256, 512} (the cache's), any heads ≥ 1, tokens ≥ 0 (decode: one query per sequence, or
