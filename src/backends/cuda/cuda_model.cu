@@ -202,8 +202,8 @@ struct CudaModel::Impl {
       }
     }
 
-    // Weights: F32 linear matrices as BF16, then one upload; the MoE layers also as DeviceMoeWeights (their
-    // grouped kernels address experts through a device table).
+    // Weights: F32 linear matrices as BF16, then one upload; each MoE layer's experts are also published as a
+    // device table of views (DeviceMoeWeights borrows the upload), which its grouped kernels index by expert id.
     std::vector<OwnedQuantizedMatrix> converted;
     const ModelWeights w = gpu_linear_formats(host, converted);
     WeightUploadOptions upload;
@@ -212,8 +212,8 @@ struct CudaModel::Impl {
     moe_config = {d, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
                   float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
     for (int i = 0; i < L; ++i)
-      moe.push_back(std::make_unique<DeviceMoeWeights>(w.layers[size_t(i)].ffn, moe_config,
-                                                       "layer " + std::to_string(i) + " ffn", &pool));
+      moe.push_back(std::make_unique<DeviceMoeWeights>(weights.layers[size_t(i)].ffn, moe_config,
+                                                       "layer " + std::to_string(i) + " ffn"));
 
     kv_cache = std::make_unique<KvCache>(kv);
     layers.resize(size_t(L));
