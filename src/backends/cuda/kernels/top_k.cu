@@ -42,7 +42,7 @@ DeviceLimits device_limits() {
 }  // namespace
 
 size_t top_k_workspace_bytes(int queries) {
-  return queries <= kTopKMaxSplitQueries ? size_t(std::max(queries, 0)) * sizeof(topk::QueryWorkspace) : 0;
+  return size_t(std::clamp(queries, 0, kTopKMaxSplitQueries)) * sizeof(topk::QueryWorkspace);
 }
 
 int top_k_ctas_per_query(int queries, int64_t candidates) {

@@ -15,7 +15,8 @@
 //   kTopKMaxSplitQueries) each query is split over several CTAs that meet at grid barriers (cooperative launch, so
 //   all are resident); the passes' histograms and lists then live in `workspace`. Otherwise one CTA per query.
 // - workspace: top_k_workspace_bytes(queries) bytes, zero-filled once before the first launch (cudaMemset); every
-//   launch leaves it zeroed again. A launch that faults leaves it undefined: zero it again.
+//   launch leaves it zeroed again. A launch that faults leaves it undefined: zero it again. A workspace sized for
+//   the largest step serves every smaller one (it covers min(queries, kTopKMaxSplitQueries) split queries).
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 #pragma once
 
