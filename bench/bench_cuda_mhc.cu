@@ -245,6 +245,11 @@ int main(int argc, char** argv) {
           s.ids.upload(ids.data(), ids.size() * sizeof(int32_t));
           sets.push_back(std::move(s));
         }
+        const HcProjectionConfig config = choose_hc_projection_config(T, d, device.multiprocessors);
+        std::printf("%s T=%lld: hc_pre/hc_head in %lld slices of %d dims × %lld tiles of %d tokens, %d threads "
+                    "per CTA\n",
+                    model, (long long)T, (long long)config.slices, config.slice_dims, (long long)config.token_tiles,
+                    config.token_tile, config.threads);
         const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
         DeviceBuffer workspace(workspace_bytes, "mhc workspace");
         workspace.fill_bytes(0);

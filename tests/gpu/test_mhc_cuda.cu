@@ -1,8 +1,10 @@
 // The CUDA mHC kernels (hc_pre, hc_head, hc_post) against dsv4::cpu's mhc ops: V4-Flash (d 4096) and V4-Pro
-// (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300} (partial token tiles, every
-// slice width the launcher picks), both numerics modes, hc_post in place and out of place. Fresh random inputs per
-// case, outputs poisoned with NaN plus a guard region past their end, every element checked. hc_pre and hc_head run
-// twice on one workspace without re-zeroing it: the counters must re-arm and the result must be bit-identical.
+// (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300, 1000} (partial token tiles,
+// every slice width the launcher picks; at 1000 each persistent CTA walks more tiles than it has pipeline stages),
+// both numerics modes, hc_post in place and out of place. Fresh random inputs per case, outputs poisoned with NaN
+// plus a guard region past their end, every element checked. hc_pre and hc_head run twice on one workspace without
+// re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
+// hc_pre and hc_head launches of different sizes (different slice widths, so different scratch layouts).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -151,11 +153,25 @@ std::vector<double> mix_magnitudes(const Inputs& in, int64_t T, int64_t d, int r
 // A mix may differ from the CPU's by fp32 rounding in another summation order: bounded by 64 ulps of its magnitude.
 constexpr double kMixRelativeError = 64 * 6e-8;
 
+// A zero-filled workspace sized for `tokens` tokens of width d (it serves every launch with fewer tokens).
+struct Workspace {
+  DeviceBuffer buffer;
+  size_t bytes = 0;
+};
+
+Workspace zeroed_workspace(int64_t tokens, int64_t d, const char* what) {
+  const size_t bytes = hc_projection_workspace_bytes(tokens, d, list_devices().front().multiprocessors);
+  Workspace workspace{DeviceBuffer(bytes, what), bytes};
+  workspace.buffer.fill_bytes(0);
+  return workspace;
+}
+
 std::string case_name(const char* op, int64_t T, int64_t d, bool round) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact");
 }
 
-void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed) {
+// `shared` (optional): a workspace used by earlier launches, not re-zeroed.
+void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* shared = nullptr) {
   SCOPED_TRACE(case_name("hc_pre", T, d, round));
   const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
   const int64_t flat = kN * d;
@@ -170,10 +186,9 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed) {
 
   const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
                      scale = upload(in.scale, "scale");
-  const int sms = list_devices().front().multiprocessors;
-  const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, sms);
-  DeviceBuffer workspace(workspace_bytes, "hc_pre workspace");
-  workspace.fill_bytes(0);
+  Workspace own;
+  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_pre workspace");
+  Workspace& workspace = shared != nullptr ? *shared : own;
 
   std::vector<float> first_y;
   for (int run = 0; run < 2; ++run) {
@@ -196,8 +211,8 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed) {
                 .y_bf16 = y_bf16.as<__nv_bfloat16>(),
                 .post = post.as<float>(),
                 .comb = comb.as<float>(),
-                .workspace = workspace.data(),
-                .workspace_bytes = workspace_bytes});
+                .workspace = workspace.buffer.data(),
+                .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> y_gpu = download(y, size_t(T * d));
     const std::vector<float> post_gpu = download(post, size_t(T * kN));
@@ -239,7 +254,7 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed) {
   }
 }
 
-void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed) {
+void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* shared = nullptr) {
   SCOPED_TRACE(case_name("hc_head", T, d, round));
   const Inputs in = random_inputs(T, d, kN, 1, seed);
   const int64_t flat = kN * d;
@@ -252,9 +267,9 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed) {
 
   const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
                      scale = upload(in.scale, "scale");
-  const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, list_devices().front().multiprocessors);
-  DeviceBuffer workspace(workspace_bytes, "hc_head workspace");
-  workspace.fill_bytes(0);
+  Workspace own;
+  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_head workspace");
+  Workspace& workspace = shared != nullptr ? *shared : own;
   std::vector<float> first_h;
   for (int run = 0; run < 2; ++run) {
     SCOPED_TRACE("run " + std::to_string(run));
@@ -269,8 +284,8 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed) {
                  .norm_eps = kNormEps,
                  .round_to_bf16 = round,
                  .h = h.as<float>(),
-                 .workspace = workspace.data(),
-                 .workspace_bytes = workspace_bytes});
+                 .workspace = workspace.buffer.data(),
+                 .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> h_gpu = download(h, size_t(T * d));
     expect_close(h_gpu, h_ref, [&](size_t e) {
@@ -336,7 +351,7 @@ void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t see
   if (round) expect_bf16_exact(actual, "X_out");
 }
 
-const int64_t kTokenCounts[] = {1, 5, 64, 300};
+const int64_t kTokenCounts[] = {1, 5, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
 TEST(MhcGpu, HcPreMatchesCpu) {
@@ -362,6 +377,17 @@ TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
     for (const int64_t T : kTokenCounts)
       for (const bool round : {false, true})
         for (const bool in_place : {false, true}) check_hc_post(T, d, round, in_place, seed++);
+}
+
+TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t d = 4096;
+  Workspace workspace = zeroed_workspace(600, d, "shared mHC workspace");
+  uint32_t seed = 300;
+  for (const int64_t T : {600, 1, 64, 600, 5, 1}) {
+    check_hc_pre(T, d, false, seed++, &workspace);
+    check_hc_head(T, d, false, seed++, &workspace);
+  }
 }
 
 void expect_error_containing(const std::function<void()>& action, const std::string& needle) {

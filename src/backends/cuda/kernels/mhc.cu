@@ -11,11 +11,12 @@
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kMaxPartialRows = mhc::kProjectionRows<false> + 1;
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+bool aligned16(const void* p) { return aligned(p, 16); }
 
 bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* pa = static_cast<const char*>(a);
@@ -37,8 +38,21 @@ void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {
   check(hidden <= (int64_t(1) << 24), op, ": hidden size ", hidden, " is beyond the supported 2^24");
 }
 
-size_t counter_bytes(int64_t token_tiles) {
-  return size_t(ceil_div(int64_t(mhc::kCounterHeader + 2 * token_tiles) * 4, 256) * 256);
+// The widest slice (fewest partial sums to reduce, fn held by fewer CTAs) that still gives about every SM a CTA.
+int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+  for (const int dims : {128, 64})
+    if (ceil_div(hidden, dims) * token_tiles * 4 >= int64_t(multiprocessors) * 3) return dims;
+  return 32;
+}
+
+// Workspace back region of one launch: the mixes kept for Sinkhorn, then the slices' partial sums.
+size_t mix_bytes(int64_t token_tiles) {
+  return align256(size_t(token_tiles) * mhc::kTileTokens * mhc::kMixRows * sizeof(float));
+}
+size_t back_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+  const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
+  return mix_bytes(token_tiles) +
+         size_t(token_tiles * slices) * mhc::kPartialRows<false> * mhc::kTileTokens * sizeof(float);
 }
 
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
@@ -50,6 +64,8 @@ void check_projection(const char* op, const float* X, const float* fn, const flo
         X == nullptr ? "X" : fn == nullptr ? "fn" : base == nullptr ? "base" : "scale");
   check(aligned16(X) && aligned16(fn), op, ": ", aligned16(X) ? "fn" : "X", " must be 16-byte aligned");
   check(out != nullptr || out_bf16 != nullptr, op, ": no output (both the fp32 and the bf16 pointer are null)");
+  check(out == nullptr || aligned16(out), op, ": the fp32 output must be 16-byte aligned");
+  check(out_bf16 == nullptr || aligned(out_bf16, 8), op, ": the bf16 output must be 8-byte aligned");
   const size_t x_bytes = size_t(tokens) * size_t(streams) * size_t(hidden) * sizeof(float);
   const size_t out_elements = size_t(tokens) * size_t(hidden);
   check(out == nullptr || !overlaps(out, out_elements * 4, X, x_bytes), op, ": the fp32 output overlaps X");
@@ -62,13 +78,12 @@ void check_projection(const char* op, const float* X, const float* fn, const flo
 }
 
 // CTAs of `kernel` resident per SM with `smem_bytes` of dynamic shared memory, after raising the kernel's shared
-// memory limits on the current device. Cached per (kernel, device, size): the attribute and occupancy queries cost
+// memory limits on the current device. Cached per (kernel, device): the attribute and occupancy queries cost
 // microseconds of host time, more than a decode-sized launch.
-int prepare_resident_ctas(const void* kernel, size_t smem_bytes) {
+int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   struct Entry {
     const void* kernel;
     int device;
-    size_t smem_bytes;
     int resident;
   };
   static std::mutex mutex;
@@ -77,44 +92,53 @@ int prepare_resident_ctas(const void* kernel, size_t smem_bytes) {
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard lock(mutex);
   for (const Entry& e : cache)
-    if (e.kernel == kernel && e.device == device && e.smem_bytes == smem_bytes) return e.resident;
+    if (e.kernel == kernel && e.device == device) return e.resident;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
-  // The whole unified L1/shared array as shared memory: the occupancy the wait between CTAs relies on, and the
-  // latency hiding of several CTAs per SM.
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        int(cudaSharedmemCarveoutMaxShared)));
   int resident = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, mhc::kThreads, smem_bytes));
-  cache.push_back({kernel, device, smem_bytes, resident});
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem_bytes));
+  cache.push_back({kernel, device, resident});
   return resident;
 }
 
-template <bool kHead, int kTokensPerThread>
-void launch_projection(mhc::ProjectionArgs args, const HcProjectionConfig& config, int multiprocessors,
-                       cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kTokensPerThread>;
-  const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), config.smem_bytes);
-  // The CTAs of one token tile wait for each other: all of them must fit on the card at once.
-  check(int64_t(resident) * multiprocessors >= config.slices, op, ": ", config.slices,
-        " CTAs per token tile cannot be resident together (", resident, " per SM × ", multiprocessors, " SMs)");
-  const int64_t ctas = config.token_tiles * config.slices;
-  check(ctas <= 0x7FFFFFFF, op, ": ", ctas, " CTAs exceed the launch limit");
-  kernel<<<unsigned(ctas), mhc::kThreads, config.smem_bytes, stream>>>(args);
+template <bool kHead, int kSliceDims>
+void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
+  const auto kernel = mhc::hc_projection_kernel<kHead, kSliceDims>;
+  constexpr int kThreads = mhc::projection_threads(kSliceDims);
+  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>);
+  const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
+  // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
+  // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
+  const int64_t capacity = int64_t(resident) * multiprocessors;
+  check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
+        resident, " per SM × ", multiprocessors, " SMs)");
+  args.groups = int(std::min<int64_t>(args.tiles, capacity / args.slices));
+  kernel<<<unsigned(args.groups) * unsigned(args.slices), kThreads, kSmem, stream>>>(args);
   DSV4_CUDA_CHECK_LAUNCH(op);
 }
 
 template <bool kHead>
-void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op) {
+void run_projection(mhc::ProjectionArgs args, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                    const char* op) {
   const int multiprocessors = current_multiprocessors();
   const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors);
-  args.slice_dims = config.slice_dims;
+  check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
   args.slices = int(config.slices);
-  args.counters = static_cast<unsigned*>(workspace);
-  args.partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + counter_bytes(config.token_tiles));
-  if (config.token_tile == 8)
-    launch_projection<kHead, 1>(args, config, multiprocessors, stream, op);
-  else
-    launch_projection<kHead, 2>(args, config, multiprocessors, stream, op);
+  args.tiles = int(config.token_tiles);
+  // Front (header and per-tile records) from the start, the launch's scratch floats at the end: launches of any
+  // size on one workspace never see each other's floats where they expect counters or tagged words.
+  auto* base = static_cast<unsigned char*>(workspace);
+  args.records = base;
+  const uintptr_t back = (reinterpret_cast<uintptr_t>(base) + workspace_bytes -
+                          back_bytes(config.token_tiles, args.hidden, multiprocessors)) & ~uintptr_t(255);
+  args.mixes = reinterpret_cast<float*>(back);
+  args.partials = reinterpret_cast<float*>(back + mix_bytes(config.token_tiles));
+  switch (config.slice_dims) {
+    case 128: launch_projection<kHead, 128>(args, multiprocessors, stream, op); break;
+    case 64: launch_projection<kHead, 64>(args, multiprocessors, stream, op); break;
+    default: launch_projection<kHead, 32>(args, multiprocessors, stream, op); break;
+  }
 }
 
 }  // namespace
@@ -123,30 +147,29 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   check(tokens >= 0 && hidden > 0 && hidden % 4 == 0, "hc projection: bad shape tokens=", tokens,
         " hidden=", hidden);
   HcProjectionConfig config;
-  // 16-token tiles keep a CTA at 45 KB of shared memory (4 per SM: their load, compute and wait phases overlap)
-  // while fn, re-read from L2 per tile, stays below 1.5× the X bytes; decode batches of up to 8 use 8-token tiles.
-  config.token_tile = tokens <= 8 ? 8 : 16;
-  config.token_tiles = ceil_div(tokens, config.token_tile);
-  // Narrow slices give few tokens enough CTAs to stream fn from every SM; wide slices keep the per-CTA reduction
-  // over the slices (each CTA reads 5·token_tile partials per slice) small against the X it owns.
-  config.slice_dims = 128;
-  for (const int dims : {32, 64, 128}) {
-    if (config.token_tiles * ceil_div(hidden, dims) <= int64_t(multiprocessors) * 5 / 4) {
-      config.slice_dims = dims;
-      break;
-    }
-  }
+  config.token_tile = mhc::kTileTokens;
+  config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
+  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors);
   config.slices = ceil_div(hidden, config.slice_dims);
-  config.smem_bytes = size_t(mhc::projection_smem_floats(config.token_tile, config.slice_dims,
-                                                         mhc::kProjectionRows<false>)) * sizeof(float);
+  config.threads = mhc::projection_threads(config.slice_dims);
+  config.smem_bytes = size_t(mhc::projection_smem_bytes(config.slice_dims, mhc::kPartialRows<false>));
   return config;
 }
 
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors) {
-  const HcProjectionConfig config = choose_hc_projection_config(tokens, hidden, multiprocessors);
-  const size_t partials =
-      size_t(config.token_tiles * config.slices) * kMaxPartialRows * size_t(config.token_tile) * sizeof(float);
-  return counter_bytes(config.token_tiles) + partials;
+  const int64_t tiles = std::max<int64_t>(ceil_div(tokens, mhc::kTileTokens), 1);
+  // The back region must also fit every smaller launch (narrower slices, more of them): the largest over the tile
+  // counts up to `tiles`. Slices only widen as tiles grow, and at the widest the size grows with the tiles.
+  size_t back = 0;
+  for (int64_t t = 1; t <= tiles; ++t) {
+    if (choose_slice_dims(t, hidden, multiprocessors) == 128) {
+      back = std::max(back, back_bytes(tiles, hidden, multiprocessors));
+      break;
+    }
+    back = std::max(back, back_bytes(t, hidden, multiprocessors));
+  }
+  const size_t front = align256(mhc::kHeaderBytes + size_t(tiles) * mhc::kTileRecordBytes);
+  return front + back + 256;  // + the alignment of the back region's start
 }
 
 void check_hc_pre_params(const HcPreParams& p) {
@@ -197,7 +220,7 @@ void run_hc_pre(const HcPreParams& p) {
   args.y_bf16 = p.y_bf16;
   args.post = p.post;
   args.comb = p.comb;
-  run_projection<false>(args, p.workspace, p.stream, "hc_pre");
+  run_projection<false>(args, p.workspace, p.workspace_bytes, p.stream, "hc_pre");
 }
 
 void run_hc_head(const HcHeadParams& p) {
@@ -216,16 +239,16 @@ void run_hc_head(const HcHeadParams& p) {
   args.round_to_bf16 = p.round_to_bf16;
   args.y = p.h;
   args.y_bf16 = p.h_bf16;
-  run_projection<true>(args, p.workspace, p.stream, "hc_head");
+  run_projection<true>(args, p.workspace, p.workspace_bytes, p.stream, "hc_head");
 }
 
 void run_hc_post(const HcPostParams& p) {
   check_hc_post_params(p);
   if (p.tokens == 0) return;
   const int64_t vectors = p.tokens * (p.hidden / 4);
-  const int64_t blocks = ceil_div(vectors, mhc::kThreads);
+  const int64_t blocks = ceil_div(vectors, mhc::kPostThreads);
   check(blocks <= 0x7FFFFFFF, "hc_post: ", p.tokens, " tokens × ", p.hidden, " exceed the launch limit");
-  mhc::hc_post_kernel<<<unsigned(blocks), mhc::kThreads, 0, p.stream>>>(p.out, p.X, p.post, p.comb, p.tokens,
+  mhc::hc_post_kernel<<<unsigned(blocks), mhc::kPostThreads, 0, p.stream>>>(p.out, p.X, p.post, p.comb, p.tokens,
                                                                        int(p.hidden), p.round_to_bf16, p.X_out);
   DSV4_CUDA_CHECK_LAUNCH("hc_post");
 }

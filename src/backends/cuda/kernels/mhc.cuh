@@ -1,21 +1,29 @@
 // Kernels behind run_hc_pre / run_hc_head / run_hc_post (mhc.hpp holds the contract).
 //
 // NOTES:
-// - hc_pre's cost is the projection m[T, R] = X[T, n·d] · fnᵀ (R = 24 rows, 4 for hc_head): 24 FMAs per X value,
-//   so it is done on CUDA cores with register tiles (2 tokens × 6 rows per thread) and fp32 accumulation, the
-//   precision of the reference. Each CTA owns one (token tile, d-slice) work item: it stages the slice of X (all 4
-//   streams) in shared memory, reads the matching columns of fn through L1 (the 8 lanes of a row group share each
-//   load), and publishes per-slice partial sums [Σx², m_0 … m_{R-1}] × tokens to the workspace.
-// - The collapse y = Σ_k pre_k·X_k needs the whole token reduced first. Instead of a second launch (and a second
-//   pass over X from HBM), every CTA of a tile waits on an arrival counter, sums the 5 partial rows it needs
-//   (Σx² and the pre rows) over the slices in slice order — deterministic — and collapses its own slice straight
-//   from shared memory. Post/comb (Sinkhorn) of the tile's tokens are dealt round-robin over its CTAs.
-// - Work items come from an atomic ticket, not blockIdx, so a CTA only ever waits for items already handed out
-//   to running CTAs or to be handed out next; with every slice CTA of a tile resident at once (checked by the
-//   launcher) this cannot deadlock. The last CTA to leave resets the counters for the next launch.
-// - xs rows are padded by 4 floats: the 8 token rows a warp reads at one column land 4 banks apart
-//   (conflict-free float4 loads); lanes of the same token group read the same address (broadcast).
-// - Sinkhorn on 4×4: lane = 4·j + k of lanes 0..15 holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
+// - hc_pre's cost is the projection m[T, R] = X[T, n·d] · fnᵀ (R = 24 rows, 4 for hc_head), a skinny GEMM of 24
+//   MACs per X value: as fp32 FMAs that is as long as streaming X itself, so it runs on the tensor cores in 3xTF32
+//   (x = big + small, both tf32; big·big + big·small + small·big keeps ≈ 2⁻²² of each product, fp32-class, against
+//   the tests' 64-ulp budget). Per warp the K chains are 32 columns long; warps, slices and tokens are summed in
+//   fp32 in a fixed order, so reruns are bit-identical.
+// - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams and keeps its columns of fn
+//   in registers as MMA B fragments (split once), then walks the token tiles g, g + G, … of 16 tokens. X tiles
+//   stream in through bulk copies (cp.async.bulk) kStages deep, so HBM reads run ahead of the math.
+// - The collapse y = Σ_k pre_k·X_k needs each token's full projection. Every CTA publishes its slice's partial sums
+//   [Σx², m_0 … m_{R-1}] × 16 tokens and bumps the tile's arrival counter; one CTA per tile (slice j mod S for the
+//   group's j-th tile, so the work rotates) reduces the slices in slice order one iteration later and publishes pre
+//   per token; every CTA collapses its still-staged slice of that tile one iteration after that. Software
+//   pipelining over the tiles: projection of tile j, reduction of tile j − 1, collapse of tile j − 2, so no CTA
+//   waits for another's work of the same iteration.
+// - pre travels as 64-bit words (value, launch tag), written and polled with single-copy-atomic accesses: a reader
+//   needs no flag and no acquire, and nothing has to be reset. The tag is the workspace's launch epoch + 1; the last
+//   CTA to finish advances the epoch. The readers' and the reducer's first polls are issued before the projection
+//   so their latency hides behind it.
+// - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop by each
+//   tile's reducer from the mixes it stored, two tokens per warp.
+// - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
+//   banks apart (conflict-free).
+// - Sinkhorn on 4×4: lane = 4·j + k of a half-warp holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
 //   xor-4/8. Divisions are IEEE (no fast math), like the CPU reference.
 #pragma once
 
@@ -23,19 +31,39 @@
 
 #include <cstdint>
 
+#include "backends/cuda/ptx/mbarrier.cuh"
 #include "core/bf16.hpp"
 
 namespace dsv4::cuda::mhc {
 
 inline constexpr int kStreams = 4;
-inline constexpr int kThreads = 256;
-inline constexpr int kWarps = kThreads / 32;
-inline constexpr int kRowPad = 4;          // floats of padding per staged token row
-inline constexpr int kCounterHeader = 2;   // ticket, finished; then (arrive, depart) per token tile
+inline constexpr int kTileTokens = 16;  // one m16 MMA tile
+inline constexpr int kStages = 5;       // staged X tiles: 2 awaiting reduction/collapse, the rest in flight
+inline constexpr int kRowPad = 16;      // floats of padding per staged token row
+inline constexpr int kPostThreads = 256;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+
+// Workspace front: a header (launch epoch, finished-CTA counter), then one record per token tile (tagged pre
+// values, arrival counter). Its layout depends on the tile index only, so launches of any size agree on it.
+inline constexpr int kHeaderBytes = 256;
+inline constexpr int kTileRecordBytes = 576;  // 16 × 4 tagged pre words (512 B), the arrival counter, padding
+inline constexpr int kArriveOffset = kTileTokens * kStreams * 8;
 
 template <bool kHead>
 inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStreams;
+template <bool kHead>
+inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
+inline constexpr int kMixRows = kProjectionRows<false> - kStreams;  // post then comb mixes, kept for Sinkhorn
+
+// One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap.
+__host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
+__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims) { return 128 / slice_dims; }
+__host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
+
+__host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows) {
+  return (kStages * kTileTokens * staged_row_floats(slice_dims) +
+          projection_threads(slice_dims) / 32 * partial_rows * kTileTokens) * 4;
+}
 
 struct ProjectionArgs {
   const float* X;
@@ -44,8 +72,9 @@ struct ProjectionArgs {
   const float* scale;
   int64_t tokens;
   int hidden;
-  int slice_dims;       // DS: a multiple of 32
-  int slices;           // CTAs per token tile
+  int slices;   // S: CTAs per token tile
+  int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
+  int tiles;
   int sinkhorn_iters;
   float hc_eps;
   float norm_eps;
@@ -54,45 +83,71 @@ struct ProjectionArgs {
   __nv_bfloat16* y_bf16;
   float* post;
   float* comb;
-  unsigned* counters;   // [kCounterHeader + 2·tiles]
-  float* partials;      // [tiles][slices][R + 1][token_tile]
+  unsigned char* records;  // workspace front: header + per-tile records
+  float* mixes;            // [tiles][16][kMixRows] (hc_pre)
+  float* partials;         // [tiles][S][partial rows][16]
 };
-
-// Shared-memory floats beyond the static arrays: the staged X slice and the cross-warp reduction buffer.
-__host__ __device__ inline int projection_smem_floats(int token_tile, int slice_dims, int rows) {
-  return token_tile * (kStreams * slice_dims + kRowPad) + kWarps * token_tile * rows;
-}
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-__device__ inline unsigned load_acquire(const unsigned* address) {
+__device__ inline unsigned load_relaxed_u32(const unsigned* address) {
   unsigned value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address));
   return value;
 }
 
-// Lanes per item when `items` partial sums are reduced over the slices by one CTA in one pass: the largest power
-// of two up to a warp that fits (more lanes, fewer dependent L2 round trips per lane).
-__device__ inline int slice_sum_group(int items) {
+__device__ inline unsigned long long load_relaxed_u64(const unsigned long long* address) {
+  unsigned long long value;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address));
+  return value;
+}
+
+__device__ inline void store_relaxed_u64(unsigned long long* address, unsigned long long value) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+// Round to nearest tf32 (the low 13 bits of the result are zero).
+__device__ inline uint32_t to_tf32(float x) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
+  return bits;
+}
+
+// x ≈ big + small with both tf32: big keeps the top 11 significant bits, small (exact x − big, rounded) the next 11.
+__device__ inline void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - __uint_as_float(big));
+}
+
+// D += A·B on the tensor cores, tf32 inputs, fp32 accumulators (PTX "mma.m16n8k8" .tf32). With g = lane / 4 and
+// t = lane % 4: a = A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; b = B[t][g], B[t+4][g];
+// d = D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1].
+__device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Bulk copy global → shared completing on `barrier` (PTX "cp.async.bulk"); bytes a multiple of 16.
+__device__ inline void bulk_copy_to_shared(void* shared_dst, const void* global_src, uint32_t bytes,
+                                           uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst))),
+      "l"(global_src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier)))
+      : "memory");
+}
+
+// Lanes per item when `items` sums over the slices share `threads` threads in one pass: the largest power of two up
+// to a warp that fits (more lanes, fewer dependent L2 round trips per lane).
+__device__ inline int slice_sum_group(int items, int threads) {
   int group = 32;
-  while (group > 1 && group * items > kThreads) group >>= 1;
+  while (group > 1 && group * items > threads) group >>= 1;
   return group;
 }
 
-// Σ over the slices of element `index` of each slice's partial block, by `group` aligned lanes: lane `part` adds
-// slices part, part + group, … in order, then a butterfly. The partition depends only on (slices, group), so every
-// CTA of a tile (and every run) gets the same bits. All lanes of the warp must call it (the butterfly shuffles);
-// lanes with nothing to add pass slices = 0.
-__device__ inline float sum_over_slices(const float* partials, int64_t stride, int slices, int index, int part,
-                                        int group) {
-  float sum = 0.0f;
-#pragma unroll 8
-  for (int s = part; s < slices; s += group) sum += __ldcg(partials + s * stride + index);
-  for (int offset = group / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  return sum;
-}
-
-// Doubly stochastic 4×4 from logits held by lanes 0..15 (lane = 4·j + k); lanes 16..31 compute a copy on junk.
+// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k).
 __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
   row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
@@ -114,208 +169,300 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   return v;
 }
 
-template <bool kHead, int kTokensPerThread>
-__global__ void __launch_bounds__(kThreads, 3) hc_projection_kernel(const ProjectionArgs args) {
+template <bool kHead, int kSliceDims>
+__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims))
+    hc_projection_kernel(const ProjectionArgs args) {
+  constexpr int kThreads = projection_threads(kSliceDims);
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kWarpsPerStream = kSliceDims / 32;
   constexpr int kRows = kProjectionRows<kHead>;
-  constexpr int kRowsPerThread = kRows / 4;
-  constexpr int kTile = 8 * kTokensPerThread;
-  constexpr int kPartialRows = kRows + 1;  // row 0: Σx² of the slice; rows 1..R: the projections
-  static_assert(kRows % 4 == 0, "rows are spread over 4 row groups of lanes");
-  static_assert(kThreads % kTile == 0 && kThreads / kTile <= 32, "Σx² groups must fit a warp");
+  constexpr int kPartial = kPartialRows<kHead>;
+  constexpr int kNTiles = (kRows + 7) / 8;  // 8-row MMA column tiles covering the projection rows
+  constexpr int kLdx = staged_row_floats(kSliceDims);
+  constexpr int kStageFloats = kTileTokens * kLdx;
+  constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
+  static_assert(kSliceDims % 32 == 0 && kSliceDims <= 128, "a warp covers 32 columns of one stream");
+  static_assert(kThreads == kTileTokens * kSliceDims / 4, "the collapse gives each thread one 4-dim vector");
 
   extern __shared__ float4 dynamic_smem[];
-  __shared__ float sum_squares_s[kTile];
-  __shared__ float reduced_s[kStreams + 1][kTile];  // Σx² and the pre projections, summed over the slices
-  __shared__ float pre_s[kTile][kStreams];
-  __shared__ float inv_rms_s[kTile];
-  __shared__ unsigned ticket_s;
+  float* const stages = reinterpret_cast<float*>(dynamic_smem);  // [kStages][16][kLdx]
+  float* const warp_sums = stages + kStages * kStageFloats;      // [kWarps][kPartial][16]
+  __shared__ uint64_t full[kStages];
+  __shared__ float reduced_s[kPartial][kTileTokens];
+  __shared__ float pre_s[kTileTokens][kStreams];
+  __shared__ unsigned tag_s;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid == 0) ticket_s = atomicAdd(&args.counters[0], 1u);
-  __syncthreads();
-  const int slices = args.slices;
-  const int64_t tile = ticket_s / unsigned(slices);
-  const int slice = int(ticket_s % unsigned(slices));
-  const int64_t t0 = tile * kTile;
-  const int valid_tokens = int(args.tokens - t0 < kTile ? args.tokens - t0 : kTile);
+  const int slices = args.slices, groups = args.groups;
+  const int slice = int(blockIdx.x % unsigned(slices)), group = int(blockIdx.x / unsigned(slices));
+  const int count = (args.tiles - group + groups - 1) / groups;  // ≥ 1: the launcher keeps groups ≤ tiles
   const int d = args.hidden;
   const int64_t flat = int64_t(kStreams) * d;
-  const int ds = args.slice_dims;
-  const int i0 = slice * ds;
-  const int width = min(ds, d - i0);
-  const int ldx = kStreams * ds + kRowPad;
-  float* xs = reinterpret_cast<float*>(dynamic_smem);  // [kTile][ldx]: column s·ds + i = stream s, dim i0 + i
-  float* red = xs + kTile * ldx;                       // [kWarps][kTile][kRows]
+  const int i0 = slice * kSliceDims;
+  const int width = min(kSliceDims, d - i0);
+  unsigned* const header = reinterpret_cast<unsigned*>(args.records);  // [0] launch epoch, [1] finished CTAs
 
-  // Stage X[t0 + t][s][i0 .. i0 + width) for every stream; zeros past the tile's tokens and the slice's width.
-  const int vectors_per_row = ds / 4;
-  const int vectors = kTile * kStreams * vectors_per_row;
-#pragma unroll 4
-  for (int v = tid; v < vectors; v += kThreads) {
-    const int t = v / (kStreams * vectors_per_row);
-    const int rest = v - t * kStreams * vectors_per_row;
-    const int s = rest / vectors_per_row;
-    const int i = (rest - s * vectors_per_row) * 4;
-    float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (t < valid_tokens && i < width)
-      value = __ldg(reinterpret_cast<const float4*>(args.X + ((t0 + t) * kStreams + s) * d + i0 + i));
-    *reinterpret_cast<float4*>(xs + t * ldx + s * ds + i) = value;
+  const auto tile_of = [&](int j) { return int64_t(group) + int64_t(j) * groups; };
+  const auto valid_of = [&](int j) {
+    return int(min(int64_t(kTileTokens), args.tokens - tile_of(j) * kTileTokens));
+  };
+  const auto record_of = [&](int j) { return args.records + kHeaderBytes + tile_of(j) * kTileRecordBytes; };
+
+  // Zeros stay in the columns past the slice's width (no copy writes there) and make every staged value finite.
+  for (int v = tid; v < kStages * kStageFloats / 4; v += kThreads) dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (tid == 0) {
+    for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], 1);
+    sm90::fence_mbarrier_init();
+    tag_s = load_relaxed_u32(header) + 1u;
   }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros land before the copies beside them
   __syncthreads();
+  const unsigned tag = tag_s;
 
-  {  // Σx² per token over the slice: kThreads / kTile consecutive threads per token.
-    constexpr int kGroup = kThreads / kTile;
-    const int t = tid / kGroup, part = tid % kGroup;
-    float sum = 0.0f;
-    for (int c = part; c < kStreams * ds; c += kGroup) sum = fmaf(xs[t * ldx + c], xs[t * ldx + c], sum);
-#pragma unroll
-    for (int offset = kGroup / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-    if (part == 0) sum_squares_s[t] = sum;
-  }
+  // Warp 0 stages the CTA's j-th tile: one bulk copy per (token, stream) row of the slice.
+  const auto load_tile = [&](int j) {
+    const int b = j % kStages;
+    const int64_t t0 = tile_of(j) * kTileTokens;
+    const int valid = valid_of(j);
+    if (lane == 0) sm90::mbarrier_arrive_expect_tx(&full[b], uint32_t(valid * kStreams * width * 4));
+    __syncwarp();
+    for (int r = lane; r < valid * kStreams; r += 32) {
+      const int t = r / kStreams, s = r % kStreams;
+      bulk_copy_to_shared(stages + b * kStageFloats + t * kLdx + s * kSliceDims,
+                          args.X + ((t0 + t) * kStreams + s) * d + i0, uint32_t(width * 4), &full[b]);
+    }
+  };
+  if (warp == 0)
+    for (int j = 0; j < min(count, kStages); ++j) load_tile(j);
 
-  {  // Projection: warp w covers dims [(w & 1)·ds/2, +ds/2) of stream w / 2; lane = (token group, row group).
-    const int token_group = lane >> 2, row_group = lane & 3;
-    const int s = warp >> 1;
-    const int i_begin = (warp & 1) * (ds / 2);
-    const int i_end = min(i_begin + ds / 2, width);
-    const float* fn_columns = args.fn + int64_t(s) * d + i0;
-    float acc[kTokensPerThread][kRowsPerThread] = {};
-#pragma unroll 2
-    for (int i = i_begin; i < i_end; i += 4) {
-      float4 x[kTokensPerThread];
+  // This warp's 32 columns of fn for the B fragments. Thread (g, t4) takes columns 16p + 4·t4 .. +3 of rows
+  // 8·nt + g: k-step (p, h) maps logical k = t4 to column 16p + 4·t4 + 2h and k = t4 + 4 to the next one, so one
+  // 16-byte load feeds two k-steps (the A side uses the same permutation). Kept unsplit (24 registers, not 48):
+  // re-splitting per tile is cheap ALU work, and the split pair would push the kernel past its 128 registers.
+  const int g = lane >> 2, t4 = lane & 3;
+  const int stream = warp / kWarpsPerStream;
+  const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
+  float fn_frag[2][kNTiles][4];
 #pragma unroll
-      for (int j = 0; j < kTokensPerThread; ++j)
-        x[j] = *reinterpret_cast<const float4*>(xs + (token_group + 8 * j) * ldx + s * ds + i);
+  for (int p = 0; p < 2; ++p)
 #pragma unroll
-      for (int q = 0; q < kRowsPerThread; ++q) {
-        const float4 f = __ldg(reinterpret_cast<const float4*>(fn_columns + (row_group + 4 * q) * flat + i));
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      const int row = 8 * nt + g, column = column0 + 16 * p;
+      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < kRows && column < width)
+        f = __ldg(reinterpret_cast<const float4*>(args.fn + row * flat + int64_t(stream) * d + i0 + column));
+      fn_frag[p][nt][0] = f.x;
+      fn_frag[p][nt][1] = f.y;
+      fn_frag[p][nt][2] = f.z;
+      fn_frag[p][nt][3] = f.w;
+    }
+
+  // Iteration j: project tile j, reduce tile j − 1 (its reducer only), collapse tile j − 2.
+  for (int j = 0; j < count + 2; ++j) {
+    const int jr = j - 1, jc = j - 2;
+    const bool reducer = jr >= 0 && jr < count && jr % slices == slice;
+    const bool pre_reader = jc >= 0 && tid < kStreams * valid_of(jc);
+    unsigned long long pre_word = 0;
+    unsigned arrivals = 0;
+    if (pre_reader) pre_word = load_relaxed_u64(reinterpret_cast<const unsigned long long*>(record_of(jc)) + tid);
+    if (reducer && tid == 0)
+      arrivals = load_relaxed_u32(reinterpret_cast<const unsigned*>(record_of(jr) + kArriveOffset));
+
+    if (j < count) {
+      const int b = j % kStages;
+      sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+      const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
+      float acc[kNTiles][4] = {};
+      float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
 #pragma unroll
-        for (int j = 0; j < kTokensPerThread; ++j) {
-          acc[j][q] = fmaf(x[j].x, f.x, acc[j][q]);
-          acc[j][q] = fmaf(x[j].y, f.y, acc[j][q]);
-          acc[j][q] = fmaf(x[j].z, f.z, acc[j][q]);
-          acc[j][q] = fmaf(x[j].w, f.w, acc[j][q]);
+      for (int p = 0; p < 2; ++p) {
+        const float4 lo = *reinterpret_cast<const float4*>(xw + g * kLdx + 16 * p);
+        const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * kLdx + 16 * p);
+        const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
+        uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          squares_lo = fmaf(x_lo[q], x_lo[q], squares_lo);
+          squares_hi = fmaf(x_hi[q], x_hi[q], squares_hi);
+          split_tf32(x_lo[q], lo_big[q], lo_small[q]);
+          split_tf32(x_hi[q], hi_big[q], hi_small[q]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
+          const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+            uint32_t b_big[2], b_small[2];
+            split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
+            split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
+            // The two correction terms first, while the sum is small.
+            mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
+            mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
+            mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
+          }
+        }
+      }
+      squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
+      squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
+      squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
+      squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
+      float* const mine = warp_sums + warp * kPartialFloats;
+      if (t4 == 0) {
+        mine[g] = squares_lo;
+        mine[g + 8] = squares_hi;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 8 * nt + 2 * t4 + (e & 1);
+          if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
+        }
+      __syncthreads();
+      // Publish the slice's partials (warps summed in order), then arrive once for the whole CTA: the fence after
+      // the barrier orders every thread's stores before the counter (fences are cumulative).
+      float* const out = args.partials + (tile_of(j) * slices + slice) * kPartialFloats;
+      for (int item = tid; item < kPartialFloats; item += kThreads) {
+        float sum = warp_sums[item];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
+        out[item] = sum;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        __threadfence();
+        atomicAdd(reinterpret_cast<unsigned*>(record_of(j) + kArriveOffset), 1u);
+      }
+    }
+
+    if (reducer) {
+      const int valid = valid_of(jr);
+      if (tid == 0) {
+        unsigned* const arrive = reinterpret_cast<unsigned*>(record_of(jr) + kArriveOffset);
+        while (arrivals < unsigned(slices)) {
+          __nanosleep(64);
+          arrivals = load_relaxed_u32(arrive);
+        }
+        __threadfence();  // acquire: every slice's partials are visible after the barrier below
+        *arrive = 0;      // every slice has arrived: re-armed for the next launch
+      }
+      __syncthreads();
+      {  // Σ over the slices in slice order, `lanes` lanes per (row, token) item.
+        const int items = kPartial * valid;
+        const int lanes = slice_sum_group(items, kThreads);
+        const float* tile_partials = args.partials + tile_of(jr) * slices * kPartialFloats;
+        for (int first = 0; first < items; first += kThreads / lanes) {
+          const int item = first + tid / lanes, part = tid % lanes;
+          const bool active = item < items;
+          const int row = active ? item / valid : 0, t = active ? item % valid : 0;
+          const float* source = tile_partials + row * kTileTokens + t;
+          float sum = 0.f;
+          if (active) {
+#pragma unroll 16
+            for (int s = part; s < slices; s += lanes) sum += __ldcg(source + int64_t(s) * kPartialFloats);
+          }
+          for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+          if (active && part == 0) reduced_s[row][t] = sum;
+        }
+      }
+      __syncthreads();
+      if (tid < kStreams * valid) {
+        const int t = tid / kStreams, k = tid % kStreams;
+        const float inv_rms = 1.0f / sqrtf(reduced_s[0][t] / float(flat) + args.norm_eps);
+        const float pre = sigmoid(reduced_s[1 + k][t] * inv_rms * args.scale[0] + args.base[k]) + args.hc_eps;
+        store_relaxed_u64(reinterpret_cast<unsigned long long*>(record_of(jr)) + tid,
+                          (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(pre));
+      }
+      if constexpr (!kHead) {
+        for (int e = tid; e < kMixRows * valid; e += kThreads) {
+          const int t = e / kMixRows, r = e % kMixRows;
+          const float inv_rms = 1.0f / sqrtf(reduced_s[0][t] / float(flat) + args.norm_eps);
+          args.mixes[(tile_of(jr) * kTileTokens + t) * kMixRows + r] = reduced_s[1 + kStreams + r][t] * inv_rms;
         }
       }
     }
-#pragma unroll
-    for (int j = 0; j < kTokensPerThread; ++j)
-#pragma unroll
-      for (int q = 0; q < kRowsPerThread; ++q)
-        red[(warp * kTile + token_group + 8 * j) * kRows + row_group + 4 * q] = acc[j][q];
-  }
-  __syncthreads();
 
-  // Publish this slice's partial sums: [kPartialRows][kTile], warps summed in order.
-  const int64_t partial_stride = int64_t(kPartialRows) * kTile;
-  float* tile_partials = args.partials + tile * slices * partial_stride;
-  for (int p = tid; p < kPartialRows * kTile; p += kThreads) {
-    const int row = p / kTile, t = p % kTile;
-    float value;
-    if (row == 0) {
-      value = sum_squares_s[t];
-    } else {
-      value = 0.0f;
+    if (jc >= 0) {
+      // Collapse the staged slice of tile j − 2: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
+      const int valid = valid_of(jc);
+      if (pre_reader) {
+        const auto* word = reinterpret_cast<const unsigned long long*>(record_of(jc)) + tid;
+        while (unsigned(pre_word >> 32) != tag) {
+          __nanosleep(32);
+          pre_word = load_relaxed_u64(word);
+        }
+        pre_s[tid / kStreams][tid % kStreams] = __uint_as_float(unsigned(pre_word));
+      }
+      __syncthreads();
+      constexpr int kVectorsPerRow = kSliceDims / 4;
+      const int t = tid / kVectorsPerRow, i = (tid % kVectorsPerRow) * 4;
+      if (t < valid && i < width) {
+        const float* x = stages + (jc % kStages) * kStageFloats + t * kLdx + i;
+        float4 value = *reinterpret_cast<const float4*>(x);
+        const float p0 = pre_s[t][0];
+        value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) value += red[(w * kTile + t) * kRows + row - 1];
+        for (int k = 1; k < kStreams; ++k) {
+          const float4 xk = *reinterpret_cast<const float4*>(x + k * kSliceDims);
+          const float pk = pre_s[t][k];
+          value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
+                              fmaf(pk, xk.w, value.w));
+        }
+        if (args.round_to_bf16)
+          value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
+                              round_to_bf16(value.w));
+        const int64_t offset = (tile_of(jc) * kTileTokens + t) * d + i0 + i;
+        if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
+        if (args.y_bf16 != nullptr) {
+          const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
+          const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
+          uint2 packed;
+          packed.x = *reinterpret_cast<const uint32_t*>(&low);
+          packed.y = *reinterpret_cast<const uint32_t*>(&high);
+          *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
+        }
+      }
+      __syncthreads();  // the stage is free: refill it
+      if (warp == 0 && jc + kStages < count) load_tile(jc + kStages);
     }
-    tile_partials[slice * partial_stride + p] = value;
-  }
-  __syncthreads();
-
-  unsigned* arrive = args.counters + kCounterHeader + 2 * tile;
-  unsigned* depart = arrive + 1;
-  if (tid == 0) {
-    // One fence after the barrier publishes the whole CTA's partials (fences are cumulative), as grid sync does.
-    __threadfence();
-    atomicAdd(arrive, 1u);
-    while (load_acquire(arrive) < unsigned(slices)) __nanosleep(32);
-  }
-  __syncthreads();
-
-  // Σx² and the pre rows (rows 0..n of the partial layout) of the tile's valid tokens, summed over the slices.
-  {
-    const int items = (kStreams + 1) * valid_tokens;
-    const int group = slice_sum_group(items);
-    const int item = tid / group, part = tid % group;
-    const bool active = item < items;
-    const int row = active ? item / valid_tokens : 0, t = active ? item % valid_tokens : 0;
-    const float sum =
-        sum_over_slices(tile_partials, partial_stride, active ? slices : 0, row * kTile + t, part, group);
-    if (active && part == 0) reduced_s[row][t] = sum;
-  }
-  __syncthreads();
-  if (tid < valid_tokens) inv_rms_s[tid] = 1.0f / sqrtf(reduced_s[0][tid] / float(flat) + args.norm_eps);
-  __syncthreads();
-  if (tid < valid_tokens * kStreams) {
-    const int t = tid / kStreams, k = tid % kStreams;
-    const float mix = reduced_s[1 + k][t] * inv_rms_s[t];
-    pre_s[t][k] = sigmoid(mix * args.scale[0] + args.base[k]) + args.hc_eps;
   }
 
   if constexpr (!kHead) {
-    // post and comb of the tile's tokens, dealt round-robin over its slices' CTAs: 8 threads per projection row
-    // reduce the slices, then warp 0 applies the sigmoids and Sinkhorn.
-    constexpr int kMixRows = kRows - kStreams;  // post rows, then comb rows
-    constexpr int kMixGroup = 8;
-    static_assert(kMixRows * kMixGroup <= kThreads, "one pass of the CTA reduces every post/comb row");
-    __shared__ float mix_s[kMixRows];
-    for (int t = slice; t < valid_tokens; t += slices) {
-      const int item = tid / kMixGroup, part = tid % kMixGroup;
-      const bool active = item < kMixRows;
-      const float sum = sum_over_slices(tile_partials, partial_stride, active ? slices : 0,
-                                        (1 + kStreams + (active ? item : 0)) * kTile + t, part, kMixGroup);
-      if (active && part == 0) mix_s[item] = sum * inv_rms_s[t];
-      __syncthreads();
-      if (warp == 0) {
-        if (lane < kStreams)
-          args.post[(t0 + t) * kStreams + lane] =
-              2.0f * sigmoid(mix_s[lane] * args.scale[1] + args.base[kStreams + lane]);
-        // lane = 4·j + k of lanes 0..15 holds comb[j][k].
-        const float logit = lane < kStreams * kStreams
-                                ? mix_s[kStreams + lane] * args.scale[2] + args.base[2 * kStreams + lane]
-                                : 0.0f;
-        const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
-        if (lane < kStreams * kStreams) args.comb[(t0 + t) * kStreams * kStreams + lane] = comb;
-      }
-      __syncthreads();
+    // post and comb of the tokens of the tiles this CTA reduced, two tokens per warp (a half-warp each).
+    const int reduced_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
+    const int pairs = reduced_tiles * kTileTokens;
+    const int half = lane >> 4, l = lane & 15;
+    for (int first = 0; first < pairs; first += 2 * kWarps) {
+      const int pair = first + 2 * warp + half;
+      const int jt = slice + (pair / kTileTokens) * slices, t = pair % kTileTokens;
+      const bool active = pair < pairs && t < valid_of(jt);
+      const int64_t token = tile_of(jt) * kTileTokens + t;
+      const float* mix = args.mixes + token * kMixRows;
+      if (active && l < kStreams)
+        args.post[token * kStreams + l] = 2.0f * sigmoid(__ldcg(mix + l) * args.scale[1] + args.base[kStreams + l]);
+      const float logit =
+          active ? __ldcg(mix + kStreams + l) * args.scale[2] + args.base[2 * kStreams + l] : 0.0f;
+      const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
+      if (active) args.comb[token * kStreams * kStreams + l] = comb;
     }
   }
+
   __syncthreads();
-  // Every read of the tile's partials is done: the last CTA out re-arms the tile's counters.
-  if (tid == 0 && atomicAdd(depart, 1u) == unsigned(slices) - 1) {
-    *arrive = 0;
-    *depart = 0;
-  }
-
-  // Collapse this slice: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from shared memory.
-  for (int p = tid; p < kTile * ds; p += kThreads) {
-    const int t = p / ds, i = p % ds;
-    if (t >= valid_tokens || i >= width) continue;
-    const float* x = xs + t * ldx + i;
-    float value = pre_s[t][0] * x[0];
-#pragma unroll
-    for (int k = 1; k < kStreams; ++k) value = fmaf(pre_s[t][k], x[k * ds], value);
-    if (args.round_to_bf16) value = round_to_bf16(value);
-    const int64_t offset = (t0 + t) * d + i0 + i;
-    if (args.y != nullptr) args.y[offset] = value;
-    if (args.y_bf16 != nullptr) args.y_bf16[offset] = __float2bfloat16_rn(value);
-  }
-
-  if (tid == 0 && atomicAdd(&args.counters[1], 1u) == gridDim.x - 1) {
-    args.counters[0] = 0;
-    args.counters[1] = 0;
+  if (tid == 0 && atomicAdd(header + 1, 1u) == gridDim.x - 1) {
+    header[1] = 0;
+    header[0] = tag;  // the next launch tags its words one higher
   }
 }
 
 // X_out[t][k][i] = post[t][k]·out[t][i] + Σ_j comb[t][j][k]·X[t][j][i]; one thread per 4 consecutive i of a token.
 // Every X value a thread reads is read before it writes, and no other thread touches those positions, so X_out
 // may be X itself.
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kPostThreads)
     hc_post_kernel(const float* out, const float* X, const float* post, const float* comb, int64_t tokens,
                    int hidden, bool round_output, float* X_out) {
   const int vectors_per_token = hidden / 4;
-  const int64_t v = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t v = int64_t(blockIdx.x) * kPostThreads + threadIdx.x;
   if (v >= tokens * vectors_per_token) return;
   const int64_t t = v / vectors_per_token;
   const int i = int(v - t * vectors_per_token) * 4;

@@ -3,15 +3,19 @@
 //
 // Dispatch contract:
 // - n = 4 streams (hc_mult of every DSV4 model) and hidden d a multiple of 4 (16-byte vectors); anything else is
-//   refused with an error naming the field. All activations fp32, 16-byte aligned; fn/base/scale fp32 on the device.
-// - hc_pre / hc_head split each token tile over d-slices across CTAs (the projection reads fn once per tile and X
-//   once); a CTA waits until every slice of its tile has published its partial sums, then reduces them in a fixed
-//   order (deterministic: bit-identical across runs) and collapses its own slice, still in shared memory. The wait
-//   needs every slice CTA of a tile resident at once: the launcher checks that against the occupancy of the card.
-// - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync); every
-//   completed launch leaves its counters at zero again, so the buffer is reused without re-zeroing (graph-capturable).
-//   One workspace serves one launch at a time (not two streams concurrently). A workspace sized for T tokens serves
-//   any launch with fewer tokens.
+//   refused with an error naming the field. All activations fp32, 16-byte aligned (bf16 outputs 8-byte aligned);
+//   fn/base/scale fp32 on the device.
+// - hc_pre / hc_head run persistent CTAs: each owns a d-slice (all n streams) with its columns of fn held in
+//   registers, and walks its group's token tiles (16 tokens) with the X tiles streamed in several stages ahead.
+//   The projection runs on the tensor cores in 3xTF32 (fp32-class accuracy). Each tile's slices publish partial
+//   sums; one CTA per tile reduces them in slice order (deterministic: bit-identical across runs) and publishes pre;
+//   every CTA collapses its own slice, still in shared memory. The CTAs of a tile wait for each other: the launcher
+//   sizes the grid to what the card holds at once.
+// - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync); a launch
+//   leaves its counters re-armed (and advances a launch epoch kept in the workspace), so the buffer is reused
+//   without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two streams
+//   concurrently), always with the same workspace_bytes. A workspace sized for T tokens serves any launch with
+//   fewer tokens, hc_pre and hc_head alike.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
 //   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops.
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
@@ -84,10 +88,11 @@ struct HcPostParams {
 
 // How hc_pre / hc_head cover [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
 struct HcProjectionConfig {
-  int token_tile = 0;      // 8 (T <= 8) or 16
-  int slice_dims = 0;      // 32, 64 or 128
+  int token_tile = 0;      // 16
+  int slice_dims = 0;      // 32, 64 or 128: the widest that still gives about every SM a CTA
   int64_t token_tiles = 0;
   int64_t slices = 0;      // CTAs per token tile (must be resident together)
+  int threads = 0;         // per CTA: a warp per 32 of the slice's n·slice_dims columns
   size_t smem_bytes = 0;
 };
 
