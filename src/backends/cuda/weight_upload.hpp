@@ -30,7 +30,8 @@ using UploadProgress = std::function<void(size_t done, size_t total)>;
 // large ones span several. Sources and destinations must stay valid until finish() returns.
 class StagedUploader {
  public:
-  static constexpr size_t kDefaultStagingBytes = size_t(64) << 20;
+  // bench_cuda_upload on an H200 host: 16-64 MiB all reach 96-98 % of pinned cudaMemcpy, 8 MiB 38 %, 128 MiB 81 %.
+  static constexpr size_t kDefaultStagingBytes = size_t(32) << 20;
 
   // `total_bytes` is what the copies will add up to (the progress total; finish() checks it). Each staging buffer
   // takes min(staging_bytes, total_bytes) of pinned host memory.
