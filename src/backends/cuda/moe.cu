@@ -116,6 +116,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .rows_per_item = kMoeRowsPerWorkItem,
       .out = routing,
       .stream = p.stream,
+      .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
   });
   mark_stage();
 

@@ -5,7 +5,9 @@
 // - Five launches, all on params.stream, no host round-trip, no allocation, no synchronisation, so the sub-block can
 //   be captured in a CUDA graph: router GEMV (+ u → bf16), scoring/top-k (or hash) + bucketing, grouped gate/up GEMM
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches are
-//   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit.
+//   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are chained
+//   with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the shared
+//   expert's weights are fetched into L2 during the routing) and wait for its results before reading them.
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
@@ -28,8 +30,8 @@
 namespace dsv4::cuda {
 
 inline constexpr int kMoeLaunches = 5;
-// Stages that MoeRunParams::stage_events brackets: routing (2 launches), gate/up, down, combine.
-inline constexpr int kMoeStages = 4;
+// Stages that MoeRunParams::stage_events brackets: router GEMV, scoring + bucketing, gate/up, down, combine.
+inline constexpr int kMoeStages = kMoeLaunches;
 
 struct MoeRunParams {
   const float* u = nullptr;            // device, fp32 [T, d], 16-byte aligned

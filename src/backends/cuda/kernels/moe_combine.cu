@@ -34,8 +34,8 @@ void run_moe_combine(const MoeCombineParams& p) {
                               .top_k = p.top_k,
                               .hidden = p.hidden};
   const dim3 grid(unsigned((p.hidden / 4 + moe::kCombineThreads - 1) / moe::kCombineThreads), unsigned(std::min(p.tokens, 65535)));
-  moe::moe_combine_kernel<<<grid, moe::kCombineThreads, 0, p.stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH("moe_combine_kernel");
+  moe::launch_chained(moe::moe_combine_kernel, grid, dim3(moe::kCombineThreads), 0, p.stream, args,
+                      "moe_combine_kernel");
 }
 
 }  // namespace dsv4::cuda

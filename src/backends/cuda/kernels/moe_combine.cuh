@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/moe_launch.cuh"
+
 namespace dsv4::cuda::moe {
 
 inline constexpr int kCombineThreads = 256;
@@ -21,6 +23,7 @@ struct CombineArgs {
 __global__ void __launch_bounds__(kCombineThreads) moe_combine_kernel(const CombineArgs a) {
   __shared__ int32_t rows[kCombineMaxTopK];
   __shared__ float weights[kCombineMaxTopK];
+  wait_for_prior_grids();  // the down outputs and the routing
   const int quad = blockIdx.x * blockDim.x + threadIdx.x;
   for (int t = blockIdx.y; t < a.tokens; t += gridDim.y) {
     __syncthreads();  // the previous token's rows are read

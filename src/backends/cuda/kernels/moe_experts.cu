@@ -20,6 +20,7 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
   const moe::ExpertGemmArgs args{
       .experts = p.experts,
+      .shared_expert = p.experts_count,
       .k_total = gate_up ? p.hidden : p.intermediate,
       .n_total = gate_up ? p.intermediate : p.hidden,
       .swiglu_limit = p.swiglu_limit,
@@ -30,14 +31,13 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
       .h = p.h,
       .down = p.down,
   };
-  const size_t smem = moe::expert_gemm_smem_bytes<G>(args.k_total);
+  const size_t smem = moe::kExpertGemmSmemBytes<G>;
   check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
         " bytes of shared memory per CTA, beyond this device's limit");
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(smem)));
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
-  moe::moe_expert_gemm_kernel<G><<<grid, moe::kExpertThreads, smem, p.stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH(name);
+  moe::launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
 }  // namespace

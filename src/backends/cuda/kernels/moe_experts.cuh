@@ -5,15 +5,25 @@
 // - A CTA of 8 warps serves one work item on a band of weight rows: gate/up: 4 bands of 16 rows, warps 0–3 on w1
 //   and warps 4–7 on w3 of the same rows (their loads are in flight together; the SwiGLU pairs them through shared
 //   memory); down: 8 bands of 16 rows of w2. Each warp covers the whole K, so no partial sums cross warps.
-// - x (the item's rows of u, or of h) is staged per K chunk for 8·NT tokens by stage_x_tile; the chunk is as large
-//   as ~72 KB of shared memory allows (the whole K of V4-Flash for one token tile), so small items stage once and
-//   each warp streams its weight rows over one long k range (weight_tile_mma keeps the next batch in flight).
+// - x (the item's rows of u, or of h) is staged per K chunk for 8·NT tokens by stage_x_tile, as one x tile per
+//   sub-range of 512 stored bytes per weight row (1024 k of fp4, 512 of FP8, 256 of BF16); a chunk holds as many
+//   sub-ranges as 160 KB of shared memory allows (the whole K of V4-Flash and V4-Pro for one token tile), so small
+//   items stage once.
+// - One CTA per SM: weight_tile_mma's fp4 path with two batches in flight needs more than 128 registers per thread
+//   (capping it there spills), so each SM runs 8 warps with up to 255 registers; the L2 prefetches below, not the
+//   warp count, keep HBM busy.
+// - Each warp streams its 16 rows sub-range by sub-range (one weight_tile_mma call each, which keeps its next load
+//   batch in flight) and asks L2 for the rows of the sub-range two ahead (one bulk prefetch per row), so the MMA
+//   loop's loads hit L2: a warp's own pipeline is too shallow to cover HBM latency, and at decode sizes there are
+//   not enough warps to make up for it. Outstanding prefetches stay at 2 × 8 KB per warp (< 30 MB for a whole
+//   V4-Flash decode wave), within L2.
+// - The kernels are chained with programmatic dependent launch (moe_launch.cuh): the CTAs of the first work item
+//   (the shared expert's, whose weights do not depend on the routing) start fetching their weight bands into L2
+//   while the routing is still running.
 // - Items of up to 8 rows (decode: 1–2 tokens per routed expert) run with one token tile; larger ones (the shared
 //   expert, prefill) with four (32 rows per pass), so one weight decode serves 32 tokens. The switch is uniform
 //   per CTA, as is the one over the expert's weight format (the shared expert is FP8 in the release while routed
 //   experts are MXFP4/NVFP4: both ride in the same launch).
-// - Before staging x, each warp asks L2 for the start of its weight rows (bulk prefetch), so the first loads of the
-//   MMA loop find them there instead of waiting behind the staging.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +31,7 @@
 #include <cstdint>
 
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe_weights.hpp"
 
@@ -31,16 +42,35 @@ enum class ExpertGemm { GATE_UP, DOWN };
 inline constexpr int kExpertWarps = 8;
 inline constexpr int kExpertThreads = kExpertWarps * tile::kWarpSize;
 inline constexpr int kSmallTokenTiles = 1;  // items of <= 8 rows
-inline constexpr int kLargeTokenTiles = 2;  // larger items, 32 rows per pass
-inline constexpr size_t kXTileBudget = 72 * 1024;  // shared memory for one x chunk: three CTAs fit an SM
-inline constexpr int kPrefetchBytesPerRow = 512;   // first bytes of each weight row requested ahead of the MMAs
+inline constexpr int kLargeTokenTiles = 4;  // larger items, 32 rows per pass
+inline constexpr size_t kXTileBudget = 160 * 1024;  // x tiles of one chunk (one CTA per SM, see NOTES)
+inline constexpr int kSubRangeBytes = 512;         // stored bytes of one weight row per sub-range
+inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from L2 ahead of the MMAs
 
 // Weight rows one CTA covers.
 template <ExpertGemm G>
 inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? kExpertWarps / 2 : kExpertWarps) * tile::kTileRows;
 
+// Stored bytes per two values of a format, and the k extent of a sub-range.
+template <tile::TileFormat F>
+inline constexpr int kBytesPer2 = F == tile::TileFormat::BF16 ? 4 : F == tile::TileFormat::FP8_BLOCK128 ? 2 : 1;
+template <tile::TileFormat F>
+inline constexpr int kSubK = kSubRangeBytes * 2 / kBytesPer2<F>;
+// Sub-ranges whose x tiles of 8·NT rows fit the budget together.
+template <tile::TileFormat F, int NT>
+inline constexpr int kSubsPerChunk = int(kXTileBudget / tile::x_tile_bytes(NT, kSubK<F>));
+static_assert(kSubsPerChunk<tile::TileFormat::MXFP4, kLargeTokenTiles> >= 1, "one sub-range must fit the budget");
+
+// Shared memory of one CTA: the x tiles, then (gate/up) the w3 results handed to the w1 warps,
+// [warp][16 rows][8·kLargeTokenTiles tokens] fp32.
+inline constexpr size_t kExchangeBytes =
+    size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles * sizeof(float);
+template <ExpertGemm G>
+inline constexpr size_t kExpertGemmSmemBytes = kXTileBudget + (G == ExpertGemm::GATE_UP ? kExchangeBytes : 0);
+
 struct ExpertGemmArgs {
   const MoeExpertView* experts;
+  int shared_expert;  // E: index of the shared expert's views
   int k_total;  // d (gate/up) or I (down)
   int n_total;  // I (gate/up) or d (down): weight rows
   float swiglu_limit;
@@ -52,66 +82,79 @@ struct ExpertGemmArgs {
   float* down;       // down output [rows, d]
 };
 
-// The widest K chunk (a multiple of 128) whose x tile of 8·token_tiles rows fits kXTileBudget, and the number of
-// chunks K then splits into: whole 128-blocks spread evenly, the last chunk ending at K (which only has to be a
-// multiple of the format's load granularity).
-__host__ __device__ constexpr int max_chunk_k(int token_tiles) {
-  return int((kXTileBudget / (2 * tile::kTokensPerMma * size_t(token_tiles)) - 32) / tile::kTileKAlignment *
-             tile::kTileKAlignment);
-}
-__host__ __device__ constexpr int k_blocks(int k_total) {
-  return (k_total + int(tile::kTileKAlignment) - 1) / int(tile::kTileKAlignment);
-}
-__host__ __device__ constexpr int chunk_count(int k_total, int token_tiles) {
-  return (k_blocks(k_total) + max_chunk_k(token_tiles) / int(tile::kTileKAlignment) - 1) /
-         (max_chunk_k(token_tiles) / int(tile::kTileKAlignment));
-}
-__host__ __device__ inline void chunk_range(int k_total, int chunk, int chunks, int& k_begin, int& k_end) {
-  const int blocks = k_blocks(k_total);
-  const int base = blocks / chunks, extra = blocks % chunks;
-  k_begin = (chunk * base + min(chunk, extra)) * int(tile::kTileKAlignment);
-  k_end = min(k_total, k_begin + (base + (chunk < extra ? 1 : 0)) * int(tile::kTileKAlignment));
-}
-
-// Shared memory of one CTA: the x chunk of either path, then (gate/up) the w3 results handed to the w1 warps.
-__host__ __device__ inline size_t x_chunk_bytes(int k_total, int token_tiles) {
-  const int chunks = chunk_count(k_total, token_tiles);
-  const int widest = (k_blocks(k_total) + chunks - 1) / chunks * int(tile::kTileKAlignment);
-  return tile::x_tile_bytes(token_tiles, widest);
-}
-__host__ __device__ inline size_t exchange_offset(int k_total) {
-  const size_t a = x_chunk_bytes(k_total, kSmallTokenTiles), b = x_chunk_bytes(k_total, kLargeTokenTiles);
-  return ((a > b ? a : b) + 15) / 16 * 16;
-}
-template <ExpertGemm G>
-__host__ __device__ inline size_t expert_gemm_smem_bytes(int k_total) {
-  // w3 results of the 4 up-projection warps: [warp][16 rows][8·kLargeTokenTiles tokens] fp32.
-  const size_t exchange = G == ExpertGemm::GATE_UP
-                              ? size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles * 4
-                              : 0;
-  return exchange_offset(k_total) + exchange;
-}
-
 // PTX ISA "cp.async.bulk.prefetch.L2": asks L2 to fetch [address, address + bytes) without waiting (16-byte aligned
 // address, bytes a multiple of 16).
 __device__ __forceinline__ void prefetch_l2_bulk(const void* address, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
 }
 
-// Lanes 0..15 of the warp ask for the first bytes of rows row0 + lane over [k_begin, k_end).
+// PTX ISA "prefetch": asks L2 for the line holding `address`.
+__device__ __forceinline__ void prefetch_l2_line(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+}
+
+// What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
+// sub-range; k ranges are multiples of the load granularity, so byte counts are multiples of 16), lanes 16..31 the
+// line holding that row's fp4 scales (FP8 scales are per 128×128 block: few, and shared by the band's rows).
+struct LanePrefetch {
+  const uint8_t* base = nullptr;  // null: nothing to ask for
+  int row_bytes = 0;              // bytes of the row's data (data lanes)
+  int scale_bytes_per_sub = 0;    // scale lanes: bytes of scales per sub-range
+};
+
 template <tile::TileFormat F>
-__device__ __forceinline__ void prefetch_rows(const DeviceMatrixView& w, int64_t row0, int k_begin, int k_end,
-                                              int lane) {
-  if (lane >= tile::kTileRows) return;
-  // Stored bytes per 2 values; k ranges are multiples of the load granularity, so byte counts are multiples of 16.
-  constexpr int kBytesPer2 = F == tile::TileFormat::BF16 ? 4 : F == tile::TileFormat::FP8_BLOCK128 ? 2 : 1;
-  const int64_t row = min(row0 + lane, w.rows - 1);
-  const int bytes = min(kPrefetchBytesPerRow, (k_end - k_begin) / 2 * kBytesPer2);
-  if (bytes > 0)
-    prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + int64_t(k_begin) / 2 * kBytesPer2, uint32_t(bytes));
+__device__ __forceinline__ LanePrefetch lane_prefetch(const DeviceMatrixView& w, int64_t row0, int k_total, int lane) {
+  LanePrefetch p;
+  const int64_t row = min(row0 + lane % tile::kTileRows, w.rows - 1);
+  if (lane < tile::kTileRows) {
+    p.base = w.data + row * int64_t(w.data_row_bytes);
+    p.row_bytes = k_total / 2 * kBytesPer2<F>;
+  } else if constexpr (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4) {
+    p.base = w.scales + row * w.scales_per_row;
+    p.scale_bytes_per_sub = kSubK<F> / (F == tile::TileFormat::MXFP4 ? 32 : 16);
+  }
+  return p;
+}
+
+template <tile::TileFormat F>
+__device__ __forceinline__ void prefetch_sub_range(const LanePrefetch& p, int sub) {
+  if (p.base == nullptr) return;
+  if (p.row_bytes > 0) {
+    const int offset = sub * kSubRangeBytes;
+    if (offset < p.row_bytes)
+      prefetch_l2_bulk(p.base + offset, uint32_t(min(kSubRangeBytes, p.row_bytes - offset)));
+  } else {
+    prefetch_l2_line(p.base + sub * p.scale_bytes_per_sub);
+  }
 }
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// The warp's band within the CTA and its matrix: gate/up: warps w and w + 4 share a band, on w1 and w3 (the SwiGLU
+// pairs them); down: one band of w2 per warp.
+template <ExpertGemm G>
+__device__ __forceinline__ int warp_band() {
+  const int warp_idx = threadIdx.x / tile::kWarpSize;
+  return G == ExpertGemm::GATE_UP ? warp_idx % (kExpertWarps / 2) : warp_idx;
+}
+template <ExpertGemm G>
+__device__ __forceinline__ const DeviceMatrixView& warp_matrix(const MoeExpertView& expert) {
+  if constexpr (G == ExpertGemm::GATE_UP)
+    return threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? expert.w3 : expert.w1;
+  else
+    return expert.w2;
+}
+
+// Before the routing is known (programmatic launch, ahead of wait_for_prior_grids): the CTAs of the first work item,
+// always the shared expert's, ask L2 for their whole weight band, which only depends on the weights.
+template <tile::TileFormat F, ExpertGemm G>
+__device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, const MoeExpertView& expert) {
+  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  if (row0 >= a.n_total) return;
+  const LanePrefetch prefetch = lane_prefetch<F>(warp_matrix<G>(expert), row0, a.k_total, threadIdx.x % 32);
+  const int subs = (a.k_total + kSubK<F> - 1) / kSubK<F>;
+  for (int sub = 0; sub < subs; ++sub) prefetch_sub_range<F>(prefetch, sub);
+}
 
 // One pass over up to 8·NT rows of an item starting at row_base.
 template <tile::TileFormat F, ExpertGemm G, int NT>
@@ -119,36 +162,48 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
                          uint8_t* smem) {
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
-  // Gate/up: warps w and w + 4 share a band, on w1 and w3; down: one band per warp.
   const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
-  const int band = kGateUp ? warp_idx % (kExpertWarps / 2) : warp_idx;
+  const int band = warp_band<G>();
   const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + band * tile::kTileRows;
-  const DeviceMatrixView w = kGateUp ? (up_warp ? expert.w3 : expert.w1) : expert.w2;  // a copy: no stack
-  auto* x_chunk = reinterpret_cast<__nv_bfloat16*>(smem);
-  const int chunks = chunk_count(a.k_total, NT);
-
+  const DeviceMatrixView w = warp_matrix<G>(expert);  // a copy: no stack
+  auto* x_tiles = reinterpret_cast<__nv_bfloat16*>(smem);
+  constexpr int kSubs = kSubsPerChunk<F, NT>;
+  constexpr size_t kTileElements = tile::x_tile_bytes(NT, kSubK<F>) / sizeof(__nv_bfloat16);
+  const int subs = (a.k_total + kSubK<F> - 1) / kSubK<F>;
   // Warps whose band lies past the last row (tails of small models) stage x and meet the barriers, nothing else.
   const bool has_rows = row0 < a.n_total;
+  LanePrefetch prefetch;
+  if (has_rows) prefetch = lane_prefetch<F>(w, row0, a.k_total, lane);
+  for (int sub = 0; sub < kPrefetchDistance; ++sub) prefetch_sub_range<F>(prefetch, sub);
+
   float acc[NT][4] = {};
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    int k_begin, k_end;
-    chunk_range(a.k_total, chunk, chunks, k_begin, k_end);
-    if (has_rows) prefetch_rows<F>(w, row0, k_begin, k_end, lane);
-    __syncthreads();  // the previous chunk (or pass) is done with the x tile and the exchange
-    auto row_of = [&](int t) {
-      const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
-      return a.x + source_row * a.k_total + k_begin;
-    };
-    tile::stage_x_tile<F>(row_of, tokens, NT, k_end - k_begin, x_chunk, threadIdx.x, kExpertThreads);
+  for (int first = 0; first < subs; first += kSubs) {
+    const int last = min(subs, first + kSubs);
+    __syncthreads();  // the previous chunk (or pass) is done with the x tiles and the exchange
+    for (int sub = first; sub < last; ++sub) {
+      const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
+      auto row_of = [&](int t) {
+        const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
+        return a.x + source_row * a.k_total + k_begin;
+      };
+      tile::stage_x_tile<F>(row_of, tokens, NT, k_end - k_begin, x_tiles + (sub - first) * kTileElements,
+                            threadIdx.x, kExpertThreads);
+    }
     __syncthreads();
-    if (has_rows) tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_chunk, acc);
+    if (has_rows) {
+      for (int sub = first; sub < last; ++sub) {
+        prefetch_sub_range<F>(prefetch, sub + kPrefetchDistance);
+        const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
+        tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
+      }
+    }
   }
 
   // Accumulator (nt, i) holds row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i).
   const int g = lane / 4, t = lane % 4;
   const float scale = tile::weight_tile_output_scale<F>(w);
   if constexpr (kGateUp) {
-    float* exchange = reinterpret_cast<float*>(smem + exchange_offset(a.k_total)) +
+    float* exchange = reinterpret_cast<float*>(smem + kXTileBudget) +
                       band * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles;
     auto at = [](int nt, int i, int g_, int t_) {
       return (g_ + (i >= 2 ? 8 : 0)) * tile::kTokensPerMma * kLargeTokenTiles + nt * tile::kTokensPerMma + 2 * t_ +
@@ -200,8 +255,20 @@ __device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const Moe
 }
 
 template <ExpertGemm G>
-__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
+__global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
+  if (blockIdx.y == 0) {
+    const MoeExpertView& shared = a.experts[a.shared_expert];
+    switch (shared.w1.format) {
+      case WeightFormat::MXFP4: prefetch_shared_band<tile::TileFormat::MXFP4, G>(a, shared); break;
+      case WeightFormat::NVFP4: prefetch_shared_band<tile::TileFormat::NVFP4, G>(a, shared); break;
+      case WeightFormat::FP8_BLOCK128: prefetch_shared_band<tile::TileFormat::FP8_BLOCK128, G>(a, shared); break;
+      case WeightFormat::BF16: prefetch_shared_band<tile::TileFormat::BF16, G>(a, shared); break;
+      default: break;
+    }
+  }
+  wait_for_prior_grids();  // the work items, x and (down) h come from the previous kernels
+  allow_dependents();
   if (int(blockIdx.y) >= __ldg(a.work_item_count)) return;  // the grid covers the worst case
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];

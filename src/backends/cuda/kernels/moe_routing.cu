@@ -77,7 +77,8 @@ void run_moe_routing(const MoeRoutingParams& p) {
   const bool bf16 = p.router.format == WeightFormat::BF16;
   auto launch = [&](auto kernel) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<logits_grid, kRouterThreads, smem, p.stream>>>(logits_args);
+    moe::launch_chained(kernel, logits_grid, dim3(kRouterThreads), smem, p.stream, logits_args,
+                        "moe_router_logits_kernel");
   };
   switch (chunk_tokens * 2 + (bf16 ? 1 : 0)) {
     case 2: launch(moe::moe_router_logits_kernel<false, 1>); break;
@@ -87,7 +88,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
     case 8: launch(moe::moe_router_logits_kernel<false, 4>); break;
     default: launch(moe::moe_router_logits_kernel<true, 4>); break;
   }
-  DSV4_CUDA_CHECK_LAUNCH("moe_router_logits_kernel");
+  if (p.after_logits != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.after_logits, p.stream));
 
   const moe::RouteArgs route_args{
       .logits = p.out.logits,
@@ -103,9 +104,8 @@ void run_moe_routing(const MoeRoutingParams& p) {
       .out = p.out,
   };
   const unsigned route_ctas = unsigned((p.tokens + moe::kSelectWarpsPerCta - 1) / moe::kSelectWarpsPerCta);
-  moe::moe_route_and_bucket_kernel<<<route_ctas, moe::kSelectWarpsPerCta * moe::kWarpSize, 0, p.stream>>>(
-      route_args);
-  DSV4_CUDA_CHECK_LAUNCH("moe_route_and_bucket_kernel");
+  moe::launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
+                      0, p.stream, route_args, "moe_route_and_bucket_kernel");
 }
 
 }  // namespace dsv4::cuda

@@ -9,6 +9,8 @@
 //   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
 //   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
 //   CPU reference.
+// - Both kernels are chained with programmatic dependent launch (moe_launch.cuh): each waits for its predecessor's
+//   writes first, then lets the next kernel's CTAs be scheduled.
 // - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
 //   counts, one warp's scan, then a stable scatter by one warp (__match_any_sync gives each slot its rank among the
 //   lanes of its chunk that chose the same expert), so the row order is a function of the routing alone.
@@ -18,6 +20,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/moe_routing.hpp"
 
 namespace dsv4::cuda::moe {
@@ -61,6 +64,8 @@ __device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, fl
 template <bool kBf16, int kTokens>
 __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterLogitsArgs a) {
   extern __shared__ float4 u_tile[];  // [kTokens][d / 4]
+  wait_for_prior_grids();  // u comes from the previous operation
+  allow_dependents();
   const int token_begin = blockIdx.y * kTokens;
   const int token_count = min(kTokens, a.tokens - token_begin);
   const int quads_per_token = a.hidden / 4;
@@ -290,6 +295,8 @@ __device__ void bucket_slots(const RouteArgs& a) {
 }
 
 __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
+  wait_for_prior_grids();  // the logits
+  allow_dependents();
   const int lane = threadIdx.x % kWarpSize;
   const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
   if (t < a.tokens) route_token(a, t, lane);

@@ -65,6 +65,7 @@ struct MoeRoutingParams {
   int rows_per_item = 0;               // R, the grouped GEMMs' rows per work item
   MoeRoutingBuffers out;
   cudaStream_t stream = nullptr;
+  cudaEvent_t after_logits = nullptr;  // optional (benchmarks): recorded between the two launches
 };
 
 // Throws naming the field at fault unless run_moe_routing supports the call.
