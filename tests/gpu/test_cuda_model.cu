@@ -84,6 +84,9 @@ float report(const std::string& what, const std::vector<float>& errors) {
     std::printf(", first row over the bound %zu (%.3g); rows %zu..:", row, *first_bad, row);
     for (size_t r = row; r < std::min(errors.size(), row + 8); ++r) std::printf(" %.2g", errors[r]);
   }
+  std::printf("\n  rows over 10x the bound:");
+  for (size_t r = 0; r < errors.size(); ++r)
+    if (!(errors[r] <= 10 * kTolerance)) std::printf(" %zu:%.2g", r, errors[r]);
   std::printf("\n");
   return worst;
 }
@@ -132,6 +135,37 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu,
                            std::replace(name.begin(), name.end(), '-', '_');
                            return name;
                          });
+
+// The model cut after each of its layers (the same cut on the CPU): where the GPU starts to differ tells which layer
+// kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.
+TEST(CudaModel, EveryPrefixOfLayersMatchesTheCpu) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f(fs::path(DSV4_SOURCE_DIR) / "tests/golden/flash_like-release");
+  const std::vector<int32_t> tokens = random_tokens(150, f.ckpt.config.vocab_size, 7);
+  for (int layers = 1; layers <= f.ckpt.config.num_layers; ++layers) {
+    ModelConfig config = f.ckpt.config;
+    config.num_layers = layers;
+    config.layer_kinds.resize(size_t(layers));
+    config.compress_ratios.resize(size_t(layers));
+    config.hash_routed.resize(size_t(layers));
+    ModelWeights weights = f.ckpt.weights;
+    weights.layers.resize(size_t(layers));
+    cpu::CpuBackend backend(config, NumericsMode::Exact);
+    Dsv4Model cpu_model(config, weights, backend);
+    auto seq = cpu_model.new_sequence();
+    std::vector<float> want;
+    cpu_model.forward(*seq, tokens, LogitRows::All, want);
+    cuda::CudaModelOptions options;
+    options.max_context = 256;
+    options.max_step_tokens = 96;
+    cuda::CudaModel model(config, weights, options);
+    const std::string what = "first " + std::to_string(layers) + " layers (last: " +
+                             std::string(to_string(config.layer_kinds.back())) + ", ratio " +
+                             std::to_string(config.compress_ratios.back()) +
+                             (config.hash_routed.back() ? ", hash MoE)" : ", scored MoE)");
+    EXPECT_LE(report(what, row_errors(want, gpu_logits(model, tokens, 150), config.vocab_size)), kTolerance) << what;
+  }
+}
 
 // Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's.
 TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
