@@ -3,7 +3,7 @@
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
 // Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case also
-// times the weight pipeline (registers or shared-memory ring, weight_tile_mma.cuh) that the default does not pick.
+// times the generic load path (weight_tile_mma.cuh) next to the default aligned one.
 // Usage: bench_cuda_linear [--json PATH] [--quick]   (--quick: Flash shapes and T ∈ {1, 16} only)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -92,8 +92,8 @@ OwnedQuantizedMatrix random_matrix(WeightFormat format, int64_t rows, int64_t co
   return m;
 }
 
-const char* pipeline_name(WeightPipeline pipeline) {
-  return pipeline == WeightPipeline::SHARED_RING ? "ring" : pipeline == WeightPipeline::REGISTERS ? "registers" : "auto";
+const char* load_path_name(WeightLoadPath path) {
+  return path == WeightLoadPath::ALIGNED ? "aligned" : path == WeightLoadPath::GENERIC ? "generic" : "auto";
 }
 
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
@@ -114,9 +114,9 @@ struct Row {
   std::string model, shape, format;
   int64_t rows, cols;
   int groups, tokens, k_splits;
-  std::string pipeline;
+  std::string load_path;
   double us, gbps, percent_of_copy, cublas_us, speedup;
-  std::string other_pipeline;  // the weight pipeline the default config does not use, timed for comparison
+  std::string other_load_path;  // the generic load path, timed for comparison with the default (aligned)
   double other_us;
 };
 
@@ -236,29 +236,29 @@ int main(int argc, char** argv) {
           };
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
-          const WeightPipeline other = config.pipeline == WeightPipeline::SHARED_RING ? WeightPipeline::REGISTERS
-                                                                                      : WeightPipeline::SHARED_RING;
+          const WeightLoadPath other =
+              config.load_path == WeightLoadPath::ALIGNED ? WeightLoadPath::GENERIC : WeightLoadPath::ALIGNED;
           const double ms = time_config(config);
           const double other_ms = time_config(
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors, other));
           const double gbps = double(stored) / (ms * 1e6);
           table.push_back({shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols,
-                           shape.groups, tokens, config.k_splits, pipeline_name(config.pipeline), ms * 1e3, gbps,
+                           shape.groups, tokens, config.k_splits, load_path_name(config.load_path), ms * 1e3, gbps,
                            100.0 * gbps / copy_gbps, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3),
-                           pipeline_name(other), other_ms * 1e3});
+                           load_path_name(other), other_ms * 1e3});
         }
       }
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
 
-    std::printf("| model | shape | format | N × K (G) | T | split-K | pipeline | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | other pipeline µs |\n");
+    std::printf("| model | shape | format | N × K (G) | T | split-K | load path | µs | GB/s (stored) | %% of copy | "
+                "cuBLAS bf16 µs | speed-up | other load path µs |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %s %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                  r.tokens, r.k_splits, r.pipeline.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                  r.other_pipeline.c_str(), r.other_us);
+                  r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                  r.other_load_path.c_str(), r.other_us);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -270,12 +270,12 @@ int main(int argc, char** argv) {
       const Row& r = table[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"pipeline\": \"%s\", \"us\": %.2f, "
+                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
-                   "\"speedup_vs_cublas\": %.3f, \"other_pipeline\": \"%s\", \"other_us\": %.2f}%s\n",
+                   "\"speedup_vs_cublas\": %.3f, \"other_load_path\": \"%s\", \"other_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.pipeline.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                   r.other_pipeline.c_str(), r.other_us, i + 1 < table.size() ? "," : "");
+                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
+                   r.other_load_path.c_str(), r.other_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

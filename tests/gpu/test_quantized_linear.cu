@@ -3,8 +3,8 @@
 // K, the tiny test models' shapes (rows that are not 16-byte aligned); fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
 // poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
 // every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
-// leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every CPU comparison
-// runs through both weight pipelines (registers, shared-memory ring) where the rows allow the ring.
+// leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every comparison runs
+// through both load paths (aligned fast path, generic) where the layout allows the aligned one.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -90,10 +90,10 @@ struct DeviceRun {
 
 constexpr size_t kGuardFloats = 64;
 
-// AUTO runs the default config, the other values the config with that weight pipeline.
+// AUTO runs the default config, the other values the config with that load path.
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
-                        WeightPipeline pipeline = WeightPipeline::AUTO) {
+                        WeightLoadPath load_path = WeightLoadPath::AUTO) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -109,30 +109,31 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
                                      .stream = nullptr};
-  if (pipeline == WeightPipeline::AUTO)
+  if (load_path == WeightLoadPath::AUTO)
     run_quantized_linear(params);
   else
     run_quantized_linear(params, choose_quantized_linear_config(weight.view(), tokens, groups,
-                                                                list_devices().front().multiprocessors, pipeline));
+                                                                list_devices().front().multiprocessors, load_path));
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   DeviceRun run{std::vector<float>(y_floats + kGuardFloats), y_stride};
   y.download(run.y.data(), run.y.size() * sizeof(float));
   return run;
 }
 
-// The weight pipelines this matrix can run through.
-std::vector<WeightPipeline> pipelines_for(const DeviceMatrixView& weight) {
-  if (!tile::weight_ring_supported(weight)) return {WeightPipeline::REGISTERS};
-  return {WeightPipeline::REGISTERS, WeightPipeline::SHARED_RING};
+// The load paths this matrix can run through: GENERIC always, ALIGNED where rows and group tiles allow it.
+std::vector<WeightLoadPath> load_paths_for(const DeviceMatrixView& weight, int groups) {
+  if (!tile::weight_rows_aligned(weight) || (weight.rows / groups) % tile::kTileRows != 0)
+    return {WeightLoadPath::GENERIC};
+  return {WeightLoadPath::GENERIC, WeightLoadPath::ALIGNED};
 }
 
-// Large enough for the config of every pipeline.
+// Large enough for the config of every load path.
 DeviceBuffer zeroed_workspace(const DeviceMatrixView& weight, int tokens, int groups) {
   const int multiprocessors = list_devices().front().multiprocessors;
   size_t bytes = quantized_linear_workspace_bytes(weight, tokens, groups);
-  for (const WeightPipeline pipeline : pipelines_for(weight))
+  for (const WeightLoadPath path : load_paths_for(weight, groups))
     bytes = std::max(bytes,
-                     choose_quantized_linear_config(weight, tokens, groups, multiprocessors, pipeline).workspace_bytes);
+                     choose_quantized_linear_config(weight, tokens, groups, multiprocessors, path).workspace_bytes);
   DeviceBuffer workspace(bytes, "linear workspace");
   workspace.fill_bytes(0);  // the tickets start at zero once, at allocation
   return workspace;
@@ -186,9 +187,9 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
     }
 
     DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
-    for (const WeightPipeline pipeline : pipelines_for(weight.view())) {
-      SCOPED_TRACE(pipeline == WeightPipeline::SHARED_RING ? "shared-memory ring pipeline" : "register pipeline");
-      const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, pipeline);
+    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups)) {
+      SCOPED_TRACE(path == WeightLoadPath::ALIGNED ? "aligned load path" : "generic load path");
+      const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path);
       // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
       // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
       // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
@@ -308,11 +309,11 @@ void expect_dequantised_exactly(const QuantizedMatrix& host, const std::vector<f
   const int64_t rows = host.rows, cols = host.cols;
   DeviceBuffer workspace = zeroed_workspace(weight.view(), kTokens, 1);
   int failures = 0;
-  for (const WeightPipeline pipeline : pipelines_for(weight.view())) {
+  for (const WeightLoadPath path : load_paths_for(weight.view(), 1)) {
     for (int64_t pass = 0; pass * kTokens < cols; ++pass) {
       std::vector<uint16_t> x(size_t(kTokens * cols), 0);
       for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t) x[size_t(t * cols + pass * kTokens + t)] = 0x3F80;
-      const DeviceRun run = run_on_device(weight, x, cols, rows, kTokens, 1, workspace, pipeline);
+      const DeviceRun run = run_on_device(weight, x, cols, rows, kTokens, 1, workspace, path);
       for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t)
         for (int64_t n = 0; n < rows; ++n) {
           const int64_t k = pass * kTokens + t;
@@ -494,14 +495,16 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
                {"layer 3 expert 7 w1", "scale code 129", "row 3, block 5"});
 
   QuantizedLinearConfig other = choose_quantized_linear_config(good.weight, 1, 1, list_devices().front().multiprocessors,
-                                                               WeightPipeline::REGISTERS);
+                                                               WeightLoadPath::GENERIC);
   other.chunk_k += 128;
   expect_error([&] { run_quantized_linear(good, other); }, "is not the one choose_quantized_linear_config gives");
   DeviceMatrixView unaligned = good.weight;
   unaligned.cols = 200;  // rows of 100 bytes
   unaligned.data_row_bytes = 100;
-  expect_error([&] { (void)choose_quantized_linear_config(unaligned, 1, 1, 132, WeightPipeline::SHARED_RING); },
+  expect_error([&] { (void)choose_quantized_linear_config(unaligned, 1, 1, 132, WeightLoadPath::ALIGNED); },
                "not 16-byte aligned");
+  expect_error([&] { (void)choose_quantized_linear_config(good.weight, 1, 8, 132, WeightLoadPath::ALIGNED); },
+               "not whole 16-row tiles");  // 8 groups of 8 rows
 }
 
 }  // namespace

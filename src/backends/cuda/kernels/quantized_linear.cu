@@ -11,10 +11,6 @@ namespace {
 
 using tile::TileFormat;
 
-// The pipeline AUTO picks where both work (16-byte aligned rows, up to kRingMaxTokenTiles token tiles: with more,
-// the ring's shared memory would squeeze the x tile).
-constexpr WeightPipeline kDefaultAlignedPipeline = WeightPipeline::SHARED_RING;
-constexpr int kRingMaxTokenTiles = 2;
 
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 constexpr int64_t ceil_div(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
@@ -67,17 +63,17 @@ int current_multiprocessors() {
   return count;
 }
 
-template <TileFormat F, WeightPipeline P>
+template <TileFormat F, bool kAlignedTiles>
 void launch_for_token_tiles(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
   const dim3 block(linear::kThreadsPerCta);
   // One instantiation per token-tile count: NT sizes the accumulators of each warp.
   switch (config.token_tiles) {
-    case 1: linear::quantized_linear_kernel<F, 1, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 2: linear::quantized_linear_kernel<F, 2, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 4: linear::quantized_linear_kernel<F, 4, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
-    case 8: linear::quantized_linear_kernel<F, 8, P><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 1: linear::quantized_linear_kernel<F, 1, kAlignedTiles><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 2: linear::quantized_linear_kernel<F, 2, kAlignedTiles><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 4: linear::quantized_linear_kernel<F, 4, kAlignedTiles><<<grid, block, config.smem_bytes, stream>>>(args); break;
+    case 8: linear::quantized_linear_kernel<F, 8, kAlignedTiles><<<grid, block, config.smem_bytes, stream>>>(args); break;
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
@@ -86,10 +82,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
 template <TileFormat F>
 void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                        cudaStream_t stream) {
-  if (config.pipeline == WeightPipeline::SHARED_RING)
-    launch_for_token_tiles<F, WeightPipeline::SHARED_RING>(args, config, stream);
+  if (config.load_path == WeightLoadPath::ALIGNED)
+    launch_for_token_tiles<F, true>(args, config, stream);
   else
-    launch_for_token_tiles<F, WeightPipeline::REGISTERS>(args, config, stream);
+    launch_for_token_tiles<F, false>(args, config, stream);
 }
 
 // The workspace starts with one split-K ticket per row block, padded so the partial sums start 256-byte aligned.
@@ -98,7 +94,7 @@ size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks
 bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b) {
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
-         a.pipeline == b.pipeline && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
+         a.load_path == b.load_path && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
          a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -111,21 +107,22 @@ bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
 }  // namespace
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
-                                                     int multiprocessors, WeightPipeline pipeline) {
+                                                     int multiprocessors, WeightLoadPath load_path) {
   check_shape(weight, tokens, groups);
-  check(pipeline != WeightPipeline::SHARED_RING || tile::weight_ring_supported(weight), "quantized_linear: weight [",
-        weight.rows, ", ", weight.cols, "] has rows that are not 16-byte aligned; the shared-memory ring pipeline ",
-        "cannot stream them");
+  // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
+  const bool aligned_possible = tile::weight_rows_aligned(weight) && (weight.rows / groups) % tile::kTileRows == 0;
+  check(load_path != WeightLoadPath::ALIGNED || aligned_possible, "quantized_linear: weight [", weight.rows, ", ",
+        weight.cols, "] in ", groups, " group(s) has rows that are not 16-byte aligned or groups that are not whole ",
+        "16-row tiles; the aligned load path cannot read it");
   const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
-  config.pipeline = pipeline != WeightPipeline::AUTO ? pipeline
-                    : tile::weight_ring_supported(weight) && config.token_tiles <= kRingMaxTokenTiles
-                        ? kDefaultAlignedPipeline
-                        : WeightPipeline::REGISTERS;
+  config.load_path = load_path != WeightLoadPath::AUTO ? load_path
+                     : aligned_possible                 ? WeightLoadPath::ALIGNED
+                                                        : WeightLoadPath::GENERIC;
 
   // Split K only while the row blocks alone leave resident CTA slots (SMs × CTAs per SM at this register use)
   // empty, and never into slices shorter than two steps per warp (shorter ones spend their time staging x and
@@ -137,16 +134,15 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
   config.k_splits = int(ceil_div(weight.cols, config.split_k));
 
-  // 48 KiB per CTA (no opt-in needed) for the weight rings and the x tile lets the register-limited CTAs per SM fit.
-  const size_t ring_bytes = config.pipeline == WeightPipeline::SHARED_RING ? linear::kRingBytesPerCta : 0;
-  const size_t smem_budget = 48 * 1024 - ring_bytes;
+  // 48 KiB of x tile (no opt-in needed) lets the register-limited CTAs per SM fit.
+  constexpr size_t smem_budget = 48 * 1024;
   const int64_t max_chunk_k =
       std::max<int64_t>(tile::kTileKAlignment,
                         (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
                             tile::kTileKAlignment * tile::kTileKAlignment);
   const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
   config.chunk_k = round_up(ceil_div(config.split_k, chunks), tile::kTileKAlignment);
-  config.smem_bytes = ring_bytes + tile::x_tile_bytes(config.token_tiles, config.chunk_k);
+  config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
 
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
@@ -255,10 +251,10 @@ void run_quantized_linear(const QuantizedLinearParams& params) {
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
-      w, params.tokens, params.groups, current_multiprocessors(), config.pipeline);
+      w, params.tokens, params.groups, current_multiprocessors(), config.load_path);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
-        "its pipeline on this device");
+        "its load path on this device");
   launch_quantized_linear(params, config);
 }
 

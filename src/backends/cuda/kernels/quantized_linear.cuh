@@ -3,7 +3,7 @@
 // NOTES:
 // - One CTA = 4 warps = 64 consecutive weight rows (one 16-row tile per warp) × one split of K. The x slice is
 //   staged once per chunk into shared memory (weight_tile_mma.cuh's permuted order) and shared by the 4 warps;
-//   weights stream from HBM once, into registers (REGISTERS) or each warp's cp.async ring (SHARED_RING).
+//   weights stream from HBM once, straight into registers (no shared-memory round trip).
 // - Split-K reduction without a memset or fp32 atomics: each CTA stores its unscaled partial tile to the workspace,
 //   fences, and takes a ticket; the CTA that draws the last ticket of its row block sums the partials in split
 //   order (a fixed order, so the result does not depend on which CTA finishes last) and resets the ticket.
@@ -22,8 +22,6 @@ namespace dsv4::cuda::linear {
 inline constexpr int kWarpsPerCta = 4;
 inline constexpr int kRowsPerCta = kWarpsPerCta * tile::kTileRows;
 inline constexpr int kThreadsPerCta = kWarpsPerCta * tile::kWarpSize;
-inline constexpr int kRingStages = 6;  // SHARED_RING: steps per warp ring (5 in flight while one is multiplied)
-inline constexpr size_t kRingBytesPerCta = kWarpsPerCta * tile::weight_ring_bytes(kRingStages);
 
 struct LinearKernelArgs {
   DeviceMatrixView weight;
@@ -41,17 +39,15 @@ struct LinearKernelArgs {
   float* partials;    // [k_splits][tokens][N], split-K only
 };
 
-// Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v) in either
-// pipeline; stated explicitly because ptxas's own choice of cap spilled.
+// Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
+// explicitly because ptxas's own choice of cap spilled.
 constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2; }
 
-template <tile::TileFormat F, int NT, WeightPipeline P>
+template <tile::TileFormat F, int NT, bool kAlignedTiles>
 __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized_linear_kernel(const LinearKernelArgs args) {
-  // Dynamic shared memory: the warps' weight rings (SHARED_RING), then the x tile.
-  extern __shared__ uint4 smem[];
+  extern __shared__ uint4 x_tile_storage[];
   __shared__ bool is_last_split;
-  constexpr bool kRing = P == WeightPipeline::SHARED_RING;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + (kRing ? kRingBytesPerCta / 16 : 0));
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
 
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
@@ -74,14 +70,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
     tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens, NT,
                           chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
     __syncthreads();
-    if (row0 < cta_row_end) {
-      if constexpr (kRing)
-        tile::weight_tile_mma_ring<F, NT, kRingStages>(
-            w, row0, chunk_begin, chunk_end, x_tile,
-            smem + warp_idx * tile::weight_ring_bytes(kRingStages) / 16, acc);
-      else
-        tile::weight_tile_mma<F, NT>(w, row0, chunk_begin, chunk_end, x_tile, acc);
-    }
+    if (row0 < cta_row_end)
+      tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
   }
 
   const float output_scale = tile::weight_tile_output_scale<F>(w);

@@ -33,9 +33,10 @@ namespace dsv4::cuda {
 
 inline constexpr int kLinearMaxTokens = 64;
 
-// How each warp keeps weight bytes in flight (weight_tile_mma.cuh): a double-buffered batch of 2 steps in registers,
-// or a ring of steps in shared memory filled by cp.async (16-byte aligned rows only). AUTO lets the chooser pick.
-enum class WeightPipeline : uint8_t { AUTO, REGISTERS, SHARED_RING };
+// How the warps read weight rows (weight_tile_mma.cuh): ALIGNED, plain 16-byte loads and one FP8 block scale per
+// 16-row tile, for 16-byte aligned rows in groups of whole 16-row tiles (every DSV4 shape); GENERIC, any layout
+// (bytewise where rows are not aligned, FP8 scales per row). AUTO takes ALIGNED where it applies.
+enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC };
 
 struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
@@ -59,18 +60,18 @@ struct QuantizedLinearConfig {
   int64_t split_k = 0;      // inputs per split, a multiple of 128
   int64_t chunk_k = 0;      // inputs per staged x tile, a multiple of 128
   int token_tiles = 0;      // 8-token MMA tiles per warp (1, 2, 4 or 8)
-  WeightPipeline pipeline = WeightPipeline::AUTO;  // never AUTO in a chosen config
+  WeightLoadPath load_path = WeightLoadPath::AUTO;  // never AUTO in a chosen config
   size_t smem_bytes = 0;    // dynamic shared memory of one CTA
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
-// the problem) on what run_quantized_linear refuses. `pipeline` other than AUTO forces that weight pipeline (the rest
-// of the tiling follows from it); SHARED_RING is refused for rows that are not 16-byte aligned.
+// the problem) on what run_quantized_linear refuses. `load_path` other than AUTO forces that path; ALIGNED is refused
+// where it does not apply.
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
-                                                     WeightPipeline pipeline = WeightPipeline::AUTO);
+                                                     WeightLoadPath load_path = WeightLoadPath::AUTO);
 
 // Workspace run_quantized_linear needs for this call on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
@@ -86,8 +87,8 @@ void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view
 void check_quantized_linear_params(const QuantizedLinearParams& params);
 
 void run_quantized_linear(const QuantizedLinearParams& params);
-// The same with a config from choose_quantized_linear_config for this call on this device (benchmarks compare the
-// weight pipelines this way); any other config is refused.
+// The same with a config from choose_quantized_linear_config for this call on this device (tests and benchmarks
+// compare the load paths this way); any other config is refused.
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 }  // namespace dsv4::cuda

@@ -4,9 +4,10 @@
 //
 // Contract (for every user of this header: quantized_linear, the MoE expert GEMMs):
 // - Weight: any DeviceMatrixView [rows, cols] in the host layout. One lane reads 16 contiguous stored bytes per row
-//   per step: the fast path when the data pointer and data_row_bytes are multiples of 16 (every DSV4 shape);
-//   otherwise (tiny test models: K = 24, 48, ...) the same bytes are gathered bytewise within the row (a uniform
-//   branch). FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128 (check_quantized_linear_scales in
+//   per step. kAlignedTile = true is the fast path, for callers that guarantee weight_rows_aligned(w) (every DSV4
+//   shape) and row0 % 16 == 0: plain 16-byte loads and one FP8 block scale per tile. kAlignedTile = false takes any
+//   layout (tiny test models: K = 24, 48, ...; tiles across 128-row bands): rows that are not 16-byte aligned are
+//   gathered bytewise (a uniform branch), FP8 scales are read per row. FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128 (check_quantized_linear_scales in
 //   quantized_linear.hpp says why and refuses others at upload time).
 // - A warp tile is rows [row0, row0 + 16) with 0 <= row0 < rows (any alignment); rows past the matrix re-read the
 //   last row (their results are finite garbage and must not be stored).
@@ -37,9 +38,9 @@
 //   0 2 1 3 4 6 5 7, bf16: identity); within every 4·kValuesPerLoad-wide step the chunks are transposed from
 //   [lane t][chunk i of the lane] to [i][t], so the 4 lanes of a group read 64 contiguous bytes. The row stride is
 //   64 bytes more than a multiple of 128, so the two token rows of a quarter-warp fall in different banks.
-// - Latency: weight_tile_mma issues loads a batch of S steps at a time (2·S × 16 bytes per lane, in registers) and
-//   keeps the next batch in flight while the current one is decoded and multiplied; weight_tile_mma_ring streams
-//   through a per-warp ring in shared memory instead (cp.async), so more steps fly without costing registers. With few token tiles the MMAs rotate over 4 / NT independent
+// - Latency: loads are issued a batch of S steps at a time (2·S × 16 bytes per lane, in registers), and the next
+//   batch is in flight while the current one is decoded and multiplied. (A per-warp cp.async ring in shared memory
+//   instead measured 20-50 % slower on an H200: a wait and a shared round trip per step.) With few token tiles the MMAs rotate over 4 / NT independent
 //   accumulators (consecutive mma.sync into one accumulator serialise on its latency).
 #pragma once
 
@@ -86,6 +87,11 @@ struct TileFormatTraits<TileFormat::NVFP4> {
 // Shared-memory row stride (bf16 elements) of an x tile covering k_count inputs.
 __host__ __device__ constexpr int x_tile_row_stride(int64_t k_count) {
   return int((k_count + kTileKAlignment - 1) / kTileKAlignment * kTileKAlignment) + 32;
+}
+
+// Whether the rows of `w` start 16-byte aligned (data pointer and row pitch), as weight_tile_mma's fast path needs.
+__host__ __device__ inline bool weight_rows_aligned(const DeviceMatrixView& w) {
+  return (reinterpret_cast<uintptr_t>(w.data) | w.data_row_bytes) % 16 == 0;
 }
 
 // Bytes of an x tile for 8·token_tiles tokens × k_count inputs.
@@ -265,14 +271,15 @@ __device__ __forceinline__ LaneRows lane_rows(const DeviceMatrixView& w, int64_t
                              ? w.scales + (lane.rows[r] / 128) * w.scales_per_row * (lane.fp32_scales ? 4 : 1)
                              : nullptr;
   }
-  lane.aligned = (reinterpret_cast<uintptr_t>(w.data) | w.data_row_bytes) % 16 == 0;
+  lane.aligned = tile::weight_rows_aligned(w);
   lane.row_data_bytes = (w.cols * 16 + TileFormatTraits<F>::kValuesPerLoad - 1) / TileFormatTraits<F>::kValuesPerLoad;
   return lane;
 }
 
-// The 16 stored bytes at `offset` of a row, zero past its data: one vector load on the fast path, else bytewise.
+// The 16 stored bytes at `offset` of a row, zero past its data: one vector load when aligned, else bytewise.
+template <bool kAlignedTile>
 __device__ __forceinline__ uint4 load_row_bytes(const uint8_t* row, int64_t offset, const LaneRows& lane) {
-  if (lane.aligned) return ptx::load_streaming_16B(row + offset);
+  if (kAlignedTile || lane.aligned) return ptx::load_streaming_16B(row + offset);
   uint32_t words[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int i = 0; i < 16; ++i)
@@ -281,7 +288,7 @@ __device__ __forceinline__ uint4 load_row_bytes(const uint8_t* row, int64_t offs
 }
 
 // Issues the loads of the batch whose first step starts at k0 (steps past k_end load nothing).
-template <TileFormat F, int S>
+template <TileFormat F, int S, bool kAlignedTile>
 __device__ __forceinline__ void load_batch(const DeviceMatrixView& w, const LaneRows& lane, int64_t k0, int64_t k_end,
                                            WeightBatch<F, S>& batch) {
   constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
@@ -293,7 +300,8 @@ __device__ __forceinline__ void load_batch(const DeviceMatrixView& w, const Lane
     const bool valid = k < k_end;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      batch.raw[u][r] = valid ? load_row_bytes(lane.data[r], k * 16 / kValues, lane) : make_uint4(0, 0, 0, 0);
+      batch.raw[u][r] =
+          valid ? load_row_bytes<kAlignedTile>(lane.data[r], k * 16 / kValues, lane) : make_uint4(0, 0, 0, 0);
       // Codes of steps past k_end stay 0: finite factors for the zero weights there.
       batch.scale_codes[u][r] = 0;
       const uint8_t* row_scales = w.scales + lane.rows[r] * w.scales_per_row;
@@ -303,15 +311,21 @@ __device__ __forceinline__ void load_batch(const DeviceMatrixView& w, const Lane
         // The lane's two 16-value blocks; the second may lie past the row's last block (its values are zero).
         if (valid)
           batch.scale_codes[u][r] =
-              lane.aligned && w.scales_per_row % 2 == 0
+              kAlignedTile || (lane.aligned && w.scales_per_row % 2 == 0)
                   ? __ldg(reinterpret_cast<const uint16_t*>(row_scales + k / 16))
                   : uint32_t(__ldg(row_scales + k / 16)) |
                         (k / 16 + 1 < w.scales_per_row ? uint32_t(__ldg(row_scales + k / 16 + 1)) << 8 : 0u);
       }
+      // FP8: an aligned tile lies in one 128-row band, whose scale serves both rows.
       if constexpr (F == TileFormat::FP8_BLOCK128) {
-        const int64_t block = min(k0 + u * kStepK, k_end - 1) / 128;
-        batch.block_scale[u][r] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales[r]) + block)
-                                                   : e8m0_to_float(__ldg(lane.fp8_scales[r] + block));
+        if (!kAlignedTile || r == 0) {
+          const int64_t block = min(k0 + u * kStepK, k_end - 1) / 128;
+          batch.block_scale[u][r] = lane.fp32_scales
+                                        ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales[r]) + block)
+                                        : e8m0_to_float(__ldg(lane.fp8_scales[r] + block));
+        } else {
+          batch.block_scale[u][1] = batch.block_scale[u][0];
+        }
       }
     }
   }
@@ -427,8 +441,9 @@ __device__ __forceinline__ bool step_ends_block(int64_t step_k, int64_t k_end) {
 
 // acc += W[row0 .. row0 + 16, k_begin .. k_end) · x_tile (k_end - k_begin) × (8·NT tokens); see the contract.
 // The calling warp must be converged (mma.sync). S = steps per load batch (2 or 4): each lane has S to 2·S steps
-// of 2 × 16 bytes in flight, in registers; 4 needs ~40 more registers per thread than 2.
-template <TileFormat F, int NT, int S = 2>
+// of 2 × 16 bytes in flight, in registers; 4 needs ~40 more registers per thread than 2. kAlignedTile: see the
+// contract (the caller's promise of aligned rows and row0 % 16 == 0).
+template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
                                                 int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
   static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
@@ -446,10 +461,10 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
 
   // Software pipeline: the next batch's loads are in flight while this one is decoded and multiplied.
   detail::WeightBatch<F, S> batch;
-  detail::load_batch<F, S>(w, lane, k_begin, k_end, batch);
+  detail::load_batch<F, S, kAlignedTile>(w, lane, k_begin, k_end, batch);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBatchK) {
     detail::WeightBatch<F, S> next;
-    if (k0 + kBatchK < k_end) detail::load_batch<F, S>(w, lane, k0 + kBatchK, k_end, next);
+    if (k0 + kBatchK < k_end) detail::load_batch<F, S, kAlignedTile>(w, lane, k0 + kBatchK, k_end, next);
 #pragma unroll
     for (int u = 0; u < S; ++u) {
       const int64_t step_k = k0 + u * kStepK;
@@ -460,90 +475,6 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
     }
     batch = next;
   }
-  detail::finish_tile<F, NT>(sums, acc);
-}
-
-// Shared memory one warp needs for weight_tile_mma_ring with `stages` steps in flight: 2 rows × 32 lanes × 16 bytes
-// per step.
-__host__ __device__ constexpr size_t weight_ring_bytes(int stages) { return size_t(stages) * 2 * kWarpSize * 16; }
-
-// Whether weight_tile_mma_ring can stream this matrix: 16-byte aligned rows (cp.async reads 16 aligned bytes).
-__host__ __device__ inline bool weight_ring_supported(const DeviceMatrixView& w) {
-  return (reinterpret_cast<uintptr_t>(w.data) | w.data_row_bytes) % 16 == 0;
-}
-
-// The same product as weight_tile_mma, with the weight bytes streamed through a ring of `kStages` steps in shared
-// memory (cp.async, 16 bytes per lane and row, L1 bypassed) instead of registers: kStages - 1 steps stay in flight
-// while one is decoded, at no register cost. `ring` is this warp's own weight_ring_bytes(kStages) bytes (16-byte
-// aligned; each lane only reads back what it copied, so warps need no barrier); the matrix must satisfy
-// weight_ring_supported. The scales of a step are prefetched to L1 when its copy is issued.
-template <TileFormat F, int NT, int kStages>
-__device__ __forceinline__ void weight_tile_mma_ring(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
-                                                     int64_t k_end, const __nv_bfloat16* x_tile, uint4* ring,
-                                                     float (&acc)[NT][4]) {
-  static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
-  static_assert(kStages >= 2, "at least one step in flight");
-  constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
-  constexpr int kStepK = 4 * kValues;
-
-  const int lane_idx = threadIdx.x % kWarpSize, g = lane_idx / 4, t = lane_idx % 4;
-  const int row_stride = x_tile_row_stride(k_end - k_begin);
-  const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
-  const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
-  const int64_t steps = (k_end - k_begin + kStepK - 1) / kStepK;
-  const uint8_t* row_scales[2] = {w.scales + lane.rows[0] * w.scales_per_row,
-                                  w.scales + lane.rows[1] * w.scales_per_row};
-  float sums[detail::kChains<NT>][NT][4];
-  detail::clear_sums<F, NT>(sums);
-
-  // Copies step `step` into its ring slot (zeros for lanes past k_end) and commits one group, empty past the range.
-  const auto issue = [&](int64_t step) {
-    if (step < steps) {
-      const int slot = int(step % kStages);
-      const int64_t k = k_begin + step * kStepK + t * kValues;
-      const bool valid = k < k_end;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        ptx::cp_async_16B_zero_fill(ring + (slot * 2 + r) * kWarpSize + lane_idx,
-                                    valid ? lane.data[r] + k * 16 / kValues : lane.data[r], valid);
-        if constexpr (F == TileFormat::MXFP4) {
-          if (valid) ptx::prefetch_l1(row_scales[r] + k / 32);
-        } else if constexpr (F == TileFormat::NVFP4) {
-          if (valid) ptx::prefetch_l1(row_scales[r] + k / 16);
-        } else if constexpr (F == TileFormat::FP8_BLOCK128) {
-          if (valid) ptx::prefetch_l1(lane.fp8_scales[r] + (k / 128) * (lane.fp32_scales ? 4 : 1));
-        }
-      }
-    }
-    ptx::cp_async_commit_group();
-  };
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
-  for (int64_t step = 0; step < steps; ++step) {
-    ptx::cp_async_wait_group<kStages - 2>();  // this step's copies have landed
-    const int slot = int(step % kStages);
-    const uint4 raw[2] = {ring[(slot * 2) * kWarpSize + lane_idx], ring[(slot * 2 + 1) * kWarpSize + lane_idx]};
-    issue(step + kStages - 1);  // into the slot read in the previous step
-    const int64_t step_k = k_begin + step * kStepK;
-    const int64_t k = step_k + t * kValues;
-    uint32_t scale_codes[2] = {0, 0};
-    float block_scale[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if constexpr (F == TileFormat::MXFP4) {
-        if (k < k_end) scale_codes[r] = __ldg(row_scales[r] + k / 32);
-      } else if constexpr (F == TileFormat::NVFP4) {
-        if (k < k_end) scale_codes[r] = __ldg(reinterpret_cast<const uint16_t*>(row_scales[r] + k / 16));
-      } else if constexpr (F == TileFormat::FP8_BLOCK128) {
-        block_scale[r] = lane.fp32_scales ? __ldg(reinterpret_cast<const float*>(lane.fp8_scales[r]) + step_k / 128)
-                                          : e8m0_to_float(__ldg(lane.fp8_scales[r] + step_k / 128));
-      }
-    }
-    detail::multiply_step<F, NT>(raw, scale_codes, block_scale, detail::step_ends_block<F>(step_k, k_end),
-                                 x_lane + (step_k - k_begin), row_stride, sums, acc);
-  }
-  ptx::cp_async_wait_group<0>();  // nothing may still write the ring when the caller reuses it
   detail::finish_tile<F, NT>(sums, acc);
 }
 

@@ -1,4 +1,4 @@
-// Warp-level tensor-core MMA and the global loads and copies that feed it, one inline-asm wrapper each (PTX ISA 8.x).
+// Warp-level tensor-core MMA and the global loads that feed it, one inline-asm wrapper each (PTX ISA 8.x).
 #pragma once
 
 #include <cstdint>
@@ -28,30 +28,6 @@ __device__ __forceinline__ uint4 load_streaming_16B(const void* address) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(address));
   return v;
-}
-
-// Asks L1 to fetch the line holding `address` without waiting for it (PTX ISA "prefetch", .global.L1).
-__device__ __forceinline__ void prefetch_l1(const void* address) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(address));
-}
-
-// 16 bytes global → shared without registers, L1 bypassed (PTX ISA "cp.async", .cg); when `copy` is false the
-// destination is zero-filled and nothing is read (src-size 0).
-__device__ __forceinline__ void cp_async_16B_zero_fill(void* shared_destination, const void* global_source,
-                                                       bool copy) {
-  const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination), "l"(global_source),
-               "r"(copy ? 16 : 0)
-               : "memory");
-}
-
-// Closes the group of cp.async issued by this thread since the last commit (PTX ISA "cp.async.commit_group").
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most `kPending` of this thread's committed cp.async groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait_group() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // Asks L2 to fetch the line holding `address` without waiting for it (PTX ISA "prefetch", .global.L2).
