@@ -13,8 +13,6 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 bool aligned16(const void* p) { return aligned(p, 16); }
 
@@ -45,14 +43,13 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
   return 32;
 }
 
-// Workspace back region of one launch: the mixes kept for Sinkhorn, then the slices' partial sums.
-size_t mix_bytes(int64_t token_tiles) {
-  return align256(size_t(token_tiles) * mhc::kTileTokens * mhc::kMixRows * sizeof(float));
-}
-size_t back_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+// Workspace: the header, the tiles' summed rows, then the slices' partial sums (tagged 8-byte words; hc_head uses
+// the same strides, with fewer rows filled).
+constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
+
+size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
   const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
-  return mix_bytes(token_tiles) +
-         size_t(token_tiles * slices) * mhc::kPartialRows<false> * mhc::kTileTokens * sizeof(float);
+  return size_t(token_tiles * slices) * kTileWords * 8;
 }
 
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
@@ -119,21 +116,16 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
 }
 
 template <bool kHead>
-void run_projection(mhc::ProjectionArgs args, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                    const char* op) {
+void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op) {
   const int multiprocessors = current_multiprocessors();
   const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors);
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
   args.slices = int(config.slices);
   args.tiles = int(config.token_tiles);
-  // Front (header and per-tile records) from the start, the launch's scratch floats at the end: launches of any
-  // size on one workspace never see each other's floats where they expect counters or tagged words.
   auto* base = static_cast<unsigned char*>(workspace);
-  args.records = base;
-  const uintptr_t back = (reinterpret_cast<uintptr_t>(base) + workspace_bytes -
-                          back_bytes(config.token_tiles, args.hidden, multiprocessors)) & ~uintptr_t(255);
-  args.mixes = reinterpret_cast<float*>(back);
-  args.partials = reinterpret_cast<float*>(back + mix_bytes(config.token_tiles));
+  args.header = reinterpret_cast<unsigned*>(base);
+  args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
+  args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
   switch (config.slice_dims) {
     case 128: launch_projection<kHead, 128>(args, multiprocessors, stream, op); break;
     case 64: launch_projection<kHead, 64>(args, multiprocessors, stream, op); break;
@@ -158,18 +150,17 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
 
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors) {
   const int64_t tiles = std::max<int64_t>(ceil_div(tokens, mhc::kTileTokens), 1);
-  // The back region must also fit every smaller launch (narrower slices, more of them): the largest over the tile
+  // The partial sums must also fit every smaller launch (narrower slices, more of them): the largest over the tile
   // counts up to `tiles`. Slices only widen as tiles grow, and at the widest the size grows with the tiles.
-  size_t back = 0;
+  size_t partials = 0;
   for (int64_t t = 1; t <= tiles; ++t) {
     if (choose_slice_dims(t, hidden, multiprocessors) == 128) {
-      back = std::max(back, back_bytes(tiles, hidden, multiprocessors));
+      partials = std::max(partials, partial_bytes(tiles, hidden, multiprocessors));
       break;
     }
-    back = std::max(back, back_bytes(t, hidden, multiprocessors));
+    partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
-  const size_t front = align256(mhc::kHeaderBytes + size_t(tiles) * mhc::kTileRecordBytes);
-  return front + back + 256;  // + the alignment of the back region's start
+  return mhc::kHeaderBytes + size_t(tiles) * kTileWords * 8 + partials;
 }
 
 void check_hc_pre_params(const HcPreParams& p) {
@@ -220,7 +211,7 @@ void run_hc_pre(const HcPreParams& p) {
   args.y_bf16 = p.y_bf16;
   args.post = p.post;
   args.comb = p.comb;
-  run_projection<false>(args, p.workspace, p.workspace_bytes, p.stream, "hc_pre");
+  run_projection<false>(args, p.workspace, p.stream, "hc_pre");
 }
 
 void run_hc_head(const HcHeadParams& p) {
@@ -239,7 +230,7 @@ void run_hc_head(const HcHeadParams& p) {
   args.round_to_bf16 = p.round_to_bf16;
   args.y = p.h;
   args.y_bf16 = p.h_bf16;
-  run_projection<true>(args, p.workspace, p.workspace_bytes, p.stream, "hc_head");
+  run_projection<true>(args, p.workspace, p.stream, "hc_head");
 }
 
 void run_hc_post(const HcPostParams& p) {

@@ -10,17 +10,17 @@
 //   in registers as MMA B fragments (split once), then walks the token tiles g, g + G, … of 16 tokens. X tiles
 //   stream in through bulk copies (cp.async.bulk) kStages deep, so HBM reads run ahead of the math.
 // - The collapse y = Σ_k pre_k·X_k needs each token's full projection. Every CTA publishes its slice's partial sums
-//   [Σx², m_0 … m_{R-1}] × 16 tokens and bumps the tile's arrival counter; one CTA per tile (slice j mod S for the
-//   group's j-th tile, so the work rotates) reduces the slices in slice order one iteration later and publishes pre
-//   per token; every CTA collapses its still-staged slice of that tile one iteration after that. Software
-//   pipelining over the tiles: projection of tile j, reduction of tile j − 1, collapse of tile j − 2, so no CTA
-//   waits for another's work of the same iteration.
-// - pre travels as 64-bit words (value, launch tag), written and polled with single-copy-atomic accesses: a reader
-//   needs no flag and no acquire, and nothing has to be reset. The tag is the workspace's launch epoch + 1; the last
-//   CTA to finish advances the epoch. The readers' and the reducer's first polls are issued before the projection
-//   so their latency hides behind it.
-// - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop by each
-//   tile's reducer from the mixes it stored, two tokens per warp.
+//   [Σx², m_0 … m_{R-1}] × 16 tokens; the sums over the slices are spread over the tile's CTAs (item i of the tile's
+//   rows × tokens by slice i mod S, one warp per item, slices in a fixed order then a butterfly: deterministic); every
+//   CTA then reads the Σx² and pre rows of its tile and collapses its still-staged slice. Software pipelining over
+//   the tiles: projection of tile j, sums of tile j − 1 (or j − 2), collapse of tile j − 2 (or j − 3), as deep as
+//   the staged tiles allow, so no CTA waits for another's work of the same or the previous iteration.
+// - Every value one CTA hands another is a 64-bit word (value, launch tag) written and read with single-copy-atomic
+//   relaxed accesses: a reader checks the tag and needs no counter, fence or flag, and nothing has to be reset. The
+//   tag is the workspace's launch epoch + 1; the last CTA to finish advances the epoch. Reads are issued before the
+//   projection and checked after it, so their latency hides behind it; a stale tag is re-read.
+// - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
+//   of tile j by slice j mod S, two tokens per warp.
 // - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
 //   banks apart (conflict-free).
 // - Sinkhorn on 4×4: lane = 4·j + k of a half-warp holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
@@ -38,31 +38,46 @@ namespace dsv4::cuda::mhc {
 
 inline constexpr int kStreams = 4;
 inline constexpr int kTileTokens = 16;  // one m16 MMA tile
-inline constexpr int kStages = 5;       // staged X tiles: 2 awaiting reduction/collapse, the rest in flight
 inline constexpr int kRowPad = 16;      // floats of padding per staged token row
 inline constexpr int kPostThreads = 256;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
-// Workspace front: a header (launch epoch, finished-CTA counter), then one record per token tile (tagged pre
-// values, arrival counter). Its layout depends on the tile index only, so launches of any size agree on it.
+// Workspace: a header (launch epoch, finished-CTA counter), then tagged words only: the tiles' summed rows
+// [tiles][kPartialRows][16], then the slices' partial sums [tiles][S][partial rows][16]. Launches of other sizes
+// place these differently, but every word there is always a tagged word, and stale tags never match.
 inline constexpr int kHeaderBytes = 256;
-inline constexpr int kTileRecordBytes = 576;  // 16 × 4 tagged pre words (512 B), the arrival counter, padding
-inline constexpr int kArriveOffset = kTileTokens * kStreams * 8;
+inline constexpr int kMaxSliceWords = 4;  // slices per lane when a warp sums one item (S ≤ 128 in one pass)
 
 template <bool kHead>
 inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStreams;
 template <bool kHead>
 inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
-inline constexpr int kMixRows = kProjectionRows<false> - kStreams;  // post then comb mixes, kept for Sinkhorn
 
 // One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap.
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims) { return 128 / slice_dims; }
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
 
+__host__ __device__ constexpr int stage_bytes(int slice_dims) {
+  return kTileTokens * staged_row_floats(slice_dims) * 4;
+}
+__host__ __device__ constexpr int warp_sums_bytes(int slice_dims, int partial_rows) {
+  return projection_threads(slice_dims) / 32 * partial_rows * kTileTokens * 4;
+}
+
+// Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
+// driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
+__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows) {
+  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims) - 1024 - 512;
+  const int fit = (budget - warp_sums_bytes(slice_dims, partial_rows)) / stage_bytes(slice_dims);
+  const int capped = fit < 6 ? fit : 6;
+  return capped * stage_bytes(slice_dims) + warp_sums_bytes(slice_dims, partial_rows) <= 227 * 1024 ? capped
+                                                                                                  : capped - 1;
+}
+
 __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows) {
-  return (kStages * kTileTokens * staged_row_floats(slice_dims) +
-          projection_threads(slice_dims) / 32 * partial_rows * kTileTokens) * 4;
+  return projection_stages(slice_dims, partial_rows) * stage_bytes(slice_dims) +
+         warp_sums_bytes(slice_dims, partial_rows);
 }
 
 struct ProjectionArgs {
@@ -83,9 +98,9 @@ struct ProjectionArgs {
   __nv_bfloat16* y_bf16;
   float* post;
   float* comb;
-  unsigned char* records;  // workspace front: header + per-tile records
-  float* mixes;            // [tiles][16][kMixRows] (hc_pre)
-  float* partials;         // [tiles][S][partial rows][16]
+  unsigned* header;                // [0] launch epoch, [1] finished CTAs
+  unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
+  unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -104,6 +119,20 @@ __device__ inline unsigned long long load_relaxed_u64(const unsigned long long* 
 
 __device__ inline void store_relaxed_u64(unsigned long long* address, unsigned long long value) {
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+__device__ inline unsigned long long tagged(float value, unsigned tag) {
+  return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(value);
+}
+
+// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden); re-read until the
+// writer's store has landed.
+__device__ inline float tagged_value(unsigned long long word, const unsigned long long* address, unsigned tag) {
+  while (unsigned(word >> 32) != tag) {
+    __nanosleep(32);
+    word = load_relaxed_u64(address);
+  }
+  return __uint_as_float(unsigned(word));
 }
 
 // Round to nearest tf32 (the low 13 bits of the result are zero).
@@ -139,12 +168,12 @@ __device__ inline void bulk_copy_to_shared(void* shared_dst, const void* global_
       : "memory");
 }
 
-// Lanes per item when `items` sums over the slices share `threads` threads in one pass: the largest power of two up
-// to a warp that fits (more lanes, fewer dependent L2 round trips per lane).
-__device__ inline int slice_sum_group(int items, int threads) {
-  int group = 32;
-  while (group > 1 && group * items > threads) group >>= 1;
-  return group;
+// Lanes that sum one item over `slices` slices: the smallest power of two ≥ slices, at most a warp. Depends on the
+// slice count only, so the summation order (lane-strided slices, then a butterfly) is fixed.
+__device__ inline int slice_sum_lanes(int slices) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < slices) lanes <<= 1;
+  return lanes;
 }
 
 // Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k).
@@ -181,6 +210,12 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kLdx = staged_row_floats(kSliceDims);
   constexpr int kStageFloats = kTileTokens * kLdx;
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
+  constexpr int kStages = projection_stages(kSliceDims, kPartial);
+  // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
+  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
+  constexpr int kCollapseLag = kStages - 3;
+  constexpr int kSumLag = kCollapseLag - 1;
+  static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims % 32 == 0 && kSliceDims <= 128, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kSliceDims / 4, "the collapse gives each thread one 4-dim vector");
 
@@ -188,7 +223,6 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   float* const stages = reinterpret_cast<float*>(dynamic_smem);  // [kStages][16][kLdx]
   float* const warp_sums = stages + kStages * kStageFloats;      // [kWarps][kPartial][16]
   __shared__ uint64_t full[kStages];
-  __shared__ float reduced_s[kPartial][kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
   __shared__ unsigned tag_s;
 
@@ -200,20 +234,20 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const int64_t flat = int64_t(kStreams) * d;
   const int i0 = slice * kSliceDims;
   const int width = min(kSliceDims, d - i0);
-  unsigned* const header = reinterpret_cast<unsigned*>(args.records);  // [0] launch epoch, [1] finished CTAs
 
   const auto tile_of = [&](int j) { return int64_t(group) + int64_t(j) * groups; };
   const auto valid_of = [&](int j) {
     return int(min(int64_t(kTileTokens), args.tokens - tile_of(j) * kTileTokens));
   };
-  const auto record_of = [&](int j) { return args.records + kHeaderBytes + tile_of(j) * kTileRecordBytes; };
+  const auto sums_of = [&](int j) { return args.sums + tile_of(j) * kPartialFloats; };  // [kPartial][16]
+  const auto partials_of = [&](int j) { return args.partials + tile_of(j) * slices * kPartialFloats; };
 
   // Zeros stay in the columns past the slice's width (no copy writes there) and make every staged value finite.
   for (int v = tid; v < kStages * kStageFloats / 4; v += kThreads) dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (tid == 0) {
     for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], 1);
     sm90::fence_mbarrier_init();
-    tag_s = load_relaxed_u32(header) + 1u;
+    tag_s = load_relaxed_u32(args.header) + 1u;
   }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros land before the copies beside them
   __syncthreads();
@@ -257,16 +291,58 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
       fn_frag[p][nt][3] = f.w;
     }
 
-  // Iteration j: project tile j, reduce tile j − 1 (its reducer only), collapse tile j − 2.
-  for (int j = 0; j < count + 2; ++j) {
-    const int jr = j - 1, jc = j - 2;
-    const bool reducer = jr >= 0 && jr < count && jr % slices == slice;
+  // Sums over the slices: item i (row i / v, token i % v of a tile's kPartial·v) belongs to slice i mod S; `lanes`
+  // aligned lanes per item, lane `part` taking slices part, part + lanes, … (kMaxSliceWords of them read early).
+  const int lanes = slice_sum_lanes(slices);
+  const int items_per_pass = kThreads / lanes;
+  const int part = tid % lanes;
+  const auto sum_item_of = [&](int j, int pass) { return slice + (pass * items_per_pass + tid / lanes) * slices; };
+  const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
+    const int v = valid_of(j), item = sum_item_of(j, pass);
+    if (item >= kPartial * v) return;
+    const unsigned long long* source = partials_of(j) + (item / v) * kTileTokens + item % v;
+#pragma unroll
+    for (int w = 0; w < kMaxSliceWords; ++w)
+      if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
+  };
+  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords]) {
+    const int v = valid_of(j), item = sum_item_of(j, pass);
+    const bool active = item < kPartial * v;
+    const int row = active ? item / v : 0, t = active ? item % v : 0;
+    const unsigned long long* source = partials_of(j) + row * kTileTokens + t;
+    float sum = 0.f;
+    if (active) {
+#pragma unroll
+      for (int w = 0; w < kMaxSliceWords; ++w) {
+        const int s = part + w * lanes;
+        if (s < slices) sum += tagged_value(words[w], source + s * kPartialFloats, tag);
+      }
+      for (int s = part + kMaxSliceWords * lanes; s < slices; s += lanes)
+        sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
+    }
+    for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    if (active && part == 0) store_relaxed_u64(sums_of(j) + row * kTileTokens + t, tagged(sum, tag));
+  };
+  const auto sum_passes = [&](int j) {
+    const int items = kPartial * valid_of(j);
+    const int mine = slice < items ? (items - slice + slices - 1) / slices : 0;
+    return (mine + items_per_pass - 1) / items_per_pass;
+  };
+
+  // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
+  for (int j = 0; j < count + kCollapseLag; ++j) {
+    const int jr = j - kSumLag, jc = j - kCollapseLag;
+    const int passes = jr >= 0 && jr < count ? sum_passes(jr) : 0;
+    unsigned long long words[kMaxSliceWords] = {};
+    if (passes > 0) load_slice_words(jr, 0, words);
+    // The collapse's Σx² and pre sums: thread 4·t + k reads token t's Σx² and row 1 + k.
     const bool pre_reader = jc >= 0 && tid < kStreams * valid_of(jc);
-    unsigned long long pre_word = 0;
-    unsigned arrivals = 0;
-    if (pre_reader) pre_word = load_relaxed_u64(reinterpret_cast<const unsigned long long*>(record_of(jc)) + tid);
-    if (reducer && tid == 0)
-      arrivals = load_relaxed_u32(reinterpret_cast<const unsigned*>(record_of(jr) + kArriveOffset));
+    const int pre_t = tid / kStreams, pre_k = tid % kStreams;
+    unsigned long long squares_word = 0, mix_word = 0;
+    if (pre_reader) {
+      squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
+      mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+    }
 
     if (j < count) {
       const int b = j % kStages;
@@ -320,79 +396,30 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
           if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
         }
       __syncthreads();
-      // Publish the slice's partials (warps summed in order), then arrive once for the whole CTA: the fence after
-      // the barrier orders every thread's stores before the counter (fences are cumulative).
-      float* const out = args.partials + (tile_of(j) * slices + slice) * kPartialFloats;
+      // Publish the slice's partials, warps summed in order.
+      unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
       for (int item = tid; item < kPartialFloats; item += kThreads) {
         float sum = warp_sums[item];
 #pragma unroll
         for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
-        out[item] = sum;
+        store_relaxed_u64(out + item, tagged(sum, tag));
       }
-      __syncthreads();
-      if (tid == 0) {
-        __threadfence();
-        atomicAdd(reinterpret_cast<unsigned*>(record_of(j) + kArriveOffset), 1u);
-      }
+      __syncthreads();  // warp_sums is free for the next projection
     }
 
-    if (reducer) {
-      const int valid = valid_of(jr);
-      if (tid == 0) {
-        unsigned* const arrive = reinterpret_cast<unsigned*>(record_of(jr) + kArriveOffset);
-        while (arrivals < unsigned(slices)) {
-          __nanosleep(64);
-          arrivals = load_relaxed_u32(arrive);
-        }
-        __threadfence();  // acquire: every slice's partials are visible after the barrier below
-        *arrive = 0;      // every slice has arrived: re-armed for the next launch
-      }
-      __syncthreads();
-      {  // Σ over the slices in slice order, `lanes` lanes per (row, token) item.
-        const int items = kPartial * valid;
-        const int lanes = slice_sum_group(items, kThreads);
-        const float* tile_partials = args.partials + tile_of(jr) * slices * kPartialFloats;
-        for (int first = 0; first < items; first += kThreads / lanes) {
-          const int item = first + tid / lanes, part = tid % lanes;
-          const bool active = item < items;
-          const int row = active ? item / valid : 0, t = active ? item % valid : 0;
-          const float* source = tile_partials + row * kTileTokens + t;
-          float sum = 0.f;
-          if (active) {
-#pragma unroll 16
-            for (int s = part; s < slices; s += lanes) sum += __ldcg(source + int64_t(s) * kPartialFloats);
-          }
-          for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-          if (active && part == 0) reduced_s[row][t] = sum;
-        }
-      }
-      __syncthreads();
-      if (tid < kStreams * valid) {
-        const int t = tid / kStreams, k = tid % kStreams;
-        const float inv_rms = 1.0f / sqrtf(reduced_s[0][t] / float(flat) + args.norm_eps);
-        const float pre = sigmoid(reduced_s[1 + k][t] * inv_rms * args.scale[0] + args.base[k]) + args.hc_eps;
-        store_relaxed_u64(reinterpret_cast<unsigned long long*>(record_of(jr)) + tid,
-                          (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(pre));
-      }
-      if constexpr (!kHead) {
-        for (int e = tid; e < kMixRows * valid; e += kThreads) {
-          const int t = e / kMixRows, r = e % kMixRows;
-          const float inv_rms = 1.0f / sqrtf(reduced_s[0][t] / float(flat) + args.norm_eps);
-          args.mixes[(tile_of(jr) * kTileTokens + t) * kMixRows + r] = reduced_s[1 + kStreams + r][t] * inv_rms;
-        }
-      }
+    for (int pass = 0; pass < passes; ++pass) {
+      if (pass > 0) load_slice_words(jr, pass, words);
+      sum_slices(jr, pass, words);
     }
 
     if (jc >= 0) {
-      // Collapse the staged slice of tile j − 2: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
+      // Collapse the staged slice of tile jc: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
       const int valid = valid_of(jc);
       if (pre_reader) {
-        const auto* word = reinterpret_cast<const unsigned long long*>(record_of(jc)) + tid;
-        while (unsigned(pre_word >> 32) != tag) {
-          __nanosleep(32);
-          pre_word = load_relaxed_u64(word);
-        }
-        pre_s[tid / kStreams][tid % kStreams] = __uint_as_float(unsigned(pre_word));
+        const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
+        const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
+        const float inv_rms = 1.0f / sqrtf(squares / float(flat) + args.norm_eps);
+        pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
       }
       __syncthreads();
       constexpr int kVectorsPerRow = kSliceDims / 4;
@@ -423,35 +450,45 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
           *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
         }
       }
-      __syncthreads();  // the stage is free: refill it
+      __syncthreads();  // the stage and pre_s are free: refill the stage
       if (warp == 0 && jc + kStages < count) load_tile(jc + kStages);
     }
   }
 
   if constexpr (!kHead) {
-    // post and comb of the tokens of the tiles this CTA reduced, two tokens per warp (a half-warp each).
-    const int reduced_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
-    const int pairs = reduced_tiles * kTileTokens;
+    // post and comb of the tokens of tile j (j mod S = this slice), two tokens per warp (a half-warp each):
+    // lane l of a half takes comb[l / 4][l % 4], lanes 0..3 also post[l].
+    const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
+    const int pairs = owned_tiles * kTileTokens;
     const int half = lane >> 4, l = lane & 15;
     for (int first = 0; first < pairs; first += 2 * kWarps) {
       const int pair = first + 2 * warp + half;
       const int jt = slice + (pair / kTileTokens) * slices, t = pair % kTileTokens;
       const bool active = pair < pairs && t < valid_of(jt);
-      const int64_t token = tile_of(jt) * kTileTokens + t;
-      const float* mix = args.mixes + token * kMixRows;
-      if (active && l < kStreams)
-        args.post[token * kStreams + l] = 2.0f * sigmoid(__ldcg(mix + l) * args.scale[1] + args.base[kStreams + l]);
-      const float logit =
-          active ? __ldcg(mix + kStreams + l) * args.scale[2] + args.base[2 * kStreams + l] : 0.0f;
+      float logit = 0.0f;
+      if (active) {
+        const unsigned long long* sums = sums_of(jt) + t;
+        const float squares = tagged_value(load_relaxed_u64(sums), sums, tag);
+        const float inv_rms = 1.0f / sqrtf(squares / float(flat) + args.norm_eps);
+        const int64_t token = tile_of(jt) * kTileTokens + t;
+        if (l < kStreams) {
+          const unsigned long long* word = sums + (1 + kStreams + l) * kTileTokens;
+          const float mix = tagged_value(load_relaxed_u64(word), word, tag) * inv_rms;
+          args.post[token * kStreams + l] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + l]);
+        }
+        const unsigned long long* word = sums + (1 + 2 * kStreams + l) * kTileTokens;
+        const float mix = tagged_value(load_relaxed_u64(word), word, tag) * inv_rms;
+        logit = mix * args.scale[2] + args.base[2 * kStreams + l];
+      }
       const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
-      if (active) args.comb[token * kStreams * kStreams + l] = comb;
+      if (active) args.comb[(tile_of(jt) * kTileTokens + t) * kStreams * kStreams + l] = comb;
     }
   }
 
   __syncthreads();
-  if (tid == 0 && atomicAdd(header + 1, 1u) == gridDim.x - 1) {
-    header[1] = 0;
-    header[0] = tag;  // the next launch tags its words one higher
+  if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
+    args.header[1] = 0;
+    args.header[0] = tag;  // the next launch tags its words one higher
   }
 }
 
