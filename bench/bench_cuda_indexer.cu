@@ -348,9 +348,56 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
   }
+  // The same selection with one CTA per query (no split, no barrier, ordinary launch): how much of the split
+  // path's time is its synchronisation.
+  if (tokens == 1) {
+    const double single_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_top_k({.scores = scores.as<float>(),
+                 .row_stride = keys,
+                 .candidates = keys,
+                 .queries = tokens,
+                 .k = kTopK,
+                 .positions = d_positions.as<int64_t>(),
+                 .ratio = kRatio,
+                 .selected = selected.as<int32_t>(),
+                 .counts = counts.as<int32_t>(),
+                 .nan_flag = nan_flag.as<int32_t>(),
+                 .workspace = workspace.data(),
+                 .workspace_bytes = workspace.bytes(),
+                 .max_ctas_per_query = 1,
+                 .stream = on});
+    });
+    const double bytes = double(tokens) * keys * 4;
+    rows.push_back({"top-k 512", shape + ", distinct scores, one CTA per query", single_us, bytes / (copy_gbps * 1e3),
+                    0.0, bytes, 0.0, "diagnostic: the split path's synchronisation cost"});
+  }
   int32_t flag = 0;
   nan_flag.download(&flag, 4);
   check(flag == 0, "bench: top-k saw a NaN score");
+}
+
+__global__ void empty_kernel(int* sink) {
+  if (sink != nullptr && threadIdx.x == 0) *sink = int(blockIdx.x);
+}
+
+// Launch cost of an empty 128 × 512 grid in a graph, ordinary and cooperative (top-k's split path is cooperative).
+void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
+  for (const bool cooperative : {false, true}) {
+    const double us = graph_us(stream, 20, [&](cudaStream_t on) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(128);
+      config.blockDim = dim3(512);
+      config.stream = on;
+      cudaLaunchAttribute attribute{};
+      attribute.id = cudaLaunchAttributeCooperative;
+      attribute.val.cooperative = cooperative ? 1 : 0;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, empty_kernel, static_cast<int*>(nullptr)));
+    });
+    rows.push_back({"empty kernel 128×512", cooperative ? "cooperative launch" : "ordinary launch", us, 0.0, 0.0, 0.0,
+                    0.0, "diagnostic: launch cost inside a graph"});
+  }
 }
 
 int run(int argc, char** argv) {
@@ -373,6 +420,7 @@ int run(int argc, char** argv) {
   DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(42);
   std::vector<Row> rows;
+  bench_launch(stream, rows);
   bench_compressor("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
   bench_compressor("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, copy_gbps, stream, rng,
                    rows);
@@ -387,7 +435,7 @@ int run(int argc, char** argv) {
   std::printf("|---|---|---|---|---|---|---|---|\n");
   for (const Row& r : rows)
     std::printf("| %s | %s | %.2f | %.2f | %.0f %% | %s | %s | %s |\n", r.op.c_str(), r.variant.c_str(), r.us,
-                r.floor_us, 100.0 * r.floor_us / r.us,
+                r.floor_us, r.us > 0 ? 100.0 * r.floor_us / r.us : 0.0,
                 r.baseline_us > 0 ? std::to_string(r.baseline_us).substr(0, 7).c_str() : "-",
                 r.baseline_us > 0 ? (std::to_string(r.baseline_us / r.us).substr(0, 5) + "×").c_str() : "-",
                 r.note.c_str());
@@ -403,7 +451,7 @@ int run(int argc, char** argv) {
       std::fprintf(out,
                    "    {\"op\": \"%s\", \"case\": \"%s\", \"us\": %.3f, \"floor_us\": %.3f, \"percent_of_floor\": %.1f, "
                    "\"baseline_us\": %.3f, \"bytes\": %.0f, \"flops\": %.0f, \"note\": \"%s\"}%s\n",
-                   r.op.c_str(), r.variant.c_str(), r.us, r.floor_us, 100.0 * r.floor_us / r.us, r.baseline_us,
+                   r.op.c_str(), r.variant.c_str(), r.us, r.floor_us, r.us > 0 ? 100.0 * r.floor_us / r.us : 0.0, r.baseline_us,
                    r.bytes, r.flops, r.note.c_str(), i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");

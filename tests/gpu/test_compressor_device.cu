@@ -182,6 +182,9 @@ const CompressorCase kCases[] = {
     {"CSA golden c=64 rope 16 reference fp8", 64, 4, true, 16, 37, CompressorStoredRounding::KvFp8, true, false},
     {"CSA golden indexer c=32 reference fp4", 32, 4, true, 16, 37, CompressorStoredRounding::IndexerFp4, true, true},
     {"HCA golden c=64 ratio 16 exact", 64, 16, false, 16, 70, CompressorStoredRounding::None, false, false},
+    // Prefill chunks of ≥ 256 entries (narrow CTAs, no cluster) in one pass.
+    {"CSA main c=512 long exact", 512, 4, true, 64, 1100, CompressorStoredRounding::None, false, false},
+    {"CSA indexer c=128 long reference fp4", 128, 4, true, 64, 1030, CompressorStoredRounding::IndexerFp4, true, true},
     // A cluster of two CTAs per entry (128 channels = two fp8 blocks).
     {"HCA c=128 ratio 128 reference fp8", 128, 128, false, 64, 300, CompressorStoredRounding::KvFp8, true, false},
 };

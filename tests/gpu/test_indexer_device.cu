@@ -291,13 +291,14 @@ struct TopKCase {
   int k;
   Distribution distribution;
   bool with_positions;
+  int max_ctas_per_query = 0;
 };
 
 void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
   SCOPED_TRACE("top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
                " k=" + std::to_string(c.k) + " " + distribution_name(c.distribution) +
                (c.with_positions ? " with positions" : "") +
-               " ctas/query=" + std::to_string(top_k_ctas_per_query(c.queries, c.candidates)));
+               " ctas/query=" + std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query)));
   std::mt19937 rng(seed);
   const int64_t stride = c.candidates + 3;
   const std::vector<float> scores = make_scores(c.distribution, size_t(c.queries * stride), rng);
@@ -331,7 +332,8 @@ void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
              .counts = d_counts.as<int32_t>(),
              .nan_flag = d_flag.as<int32_t>(),
              .workspace = workspace.data(),
-             .workspace_bytes = workspace.bytes()});
+             .workspace_bytes = workspace.bytes(),
+             .max_ctas_per_query = c.max_ctas_per_query});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<int32_t> selected = from_device<int32_t>(d_selected, size_t(c.queries) * k_alloc + 16);
   const std::vector<int32_t> counts = from_device<int32_t>(d_counts, size_t(c.queries));
@@ -395,6 +397,9 @@ TEST_F(TopKTest, OddSizesAndSmallK) {
     for (const int64_t n : {int64_t(1), int64_t(13), int64_t(4099), int64_t(100003)})
       check_top_k({2, n, k, Distribution::Distinct, true}, workspace_, seed++);
   check_top_k({1, 262144, 2048, Distribution::FewValues, false}, workspace_, seed++);
+  // A capped split: one CTA for the whole 262,144 (the path of large batches) and an odd count of CTAs.
+  check_top_k({1, 262144, 512, Distribution::Concentrated, false, 1}, workspace_, seed++);
+  check_top_k({2, 262144, 512, Distribution::Distinct, true, 3}, workspace_, seed++);
 }
 
 TEST_F(TopKTest, RepeatedLaunchesReuseTheWorkspace) {

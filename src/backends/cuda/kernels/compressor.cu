@@ -14,6 +14,7 @@ constexpr int kMaxClusterCtas = 8;  // the portable cluster size
 constexpr int64_t kWantedCtas = 256;  // about two per SM: below this, entries are split over clusters
 // Slot groups per channel: enough loads in flight for a 128-slot window, few enough partials to merge.
 constexpr int kMaxGroups = 16;
+constexpr int kManyEntriesThreads = 256;
 
 const char* rounding_name(CompressorStoredRounding rounding) {
   switch (rounding) {
@@ -70,9 +71,10 @@ void run_compressor(const CompressorParams& p) {
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
   const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
+  // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
+  const int max_threads = cluster == 1 && emitted >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;
-  while (2 * groups * pairs_padded <= compressor::kMaxThreads && 2 * groups <= slots && groups < kMaxGroups)
-    groups *= 2;
+  while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
   const compressor::PoolArgs args{.c = c,
                                   .ratio = p.ratio,
                                   .overlapping = p.overlapping,

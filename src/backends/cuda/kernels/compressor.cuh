@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
 
   if (emitting && active) {
     OnlineSoftmax channel0, channel1;
+#pragma unroll 4
     for (int s = group; s < slots; s += a.groups) {
       // CSA: slots [0, m) are window w−1's first halves, [m, 2m) window w's second halves.
       const bool first_half = a.overlapping && s < a.ratio;

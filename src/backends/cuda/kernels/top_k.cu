@@ -45,13 +45,14 @@ size_t top_k_workspace_bytes(int queries) {
   return size_t(std::clamp(queries, 0, kTopKMaxSplitQueries)) * sizeof(topk::QueryWorkspace);
 }
 
-int top_k_ctas_per_query(int queries, int64_t candidates) {
-  if (queries <= 0 || queries > kTopKMaxSplitQueries) return 1;
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query) {
+  if (queries <= 0 || queries > kTopKMaxSplitQueries || max_ctas_per_query == 1) return 1;
   const DeviceLimits limits = device_limits();
   // Every CTA of a split query must be resident at once (they wait for each other at the pass barriers).
   const int64_t resident = int64_t(limits.split_ctas_per_sm) * limits.multiprocessors;
   const int64_t wanted = (candidates + topk::kMinCandidatesPerCta - 1) / topk::kMinCandidatesPerCta;
-  return int(std::clamp<int64_t>(std::min(wanted, resident / queries), 1, 65535));
+  const int64_t cap = max_ctas_per_query > 0 ? max_ctas_per_query : 65535;
+  return int(std::clamp<int64_t>(std::min({wanted, resident / queries, cap}), 1, 65535));
 }
 
 void check_top_k_params(const TopKParams& p) {
@@ -65,12 +66,13 @@ void check_top_k_params(const TopKParams& p) {
   check(p.counts != nullptr && (p.k == 0 || p.selected != nullptr), "top_k: selected and counts are required");
   check(p.candidates == 0 || p.scores != nullptr, "top_k: scores are required");
   check(p.queries <= 65535 * 32, "top_k: ", p.queries, " queries exceed the launch limit");
+  check(p.max_ctas_per_query >= 0, "top_k: negative max_ctas_per_query ", p.max_ctas_per_query);
 }
 
 void run_top_k(const TopKParams& p) {
   check_top_k_params(p);
   if (p.queries == 0) return;
-  const int ctas = top_k_ctas_per_query(p.queries, p.candidates);
+  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query);
   topk::TopKArgs args{.scores = p.scores,
                       .row_stride = p.row_stride,
                       .candidates = p.candidates,

@@ -24,7 +24,7 @@ inline constexpr int kDigitBits = 11;
 inline constexpr int kBins = 1 << kDigitBits;
 inline constexpr int kSortCapacity = 8192;  // ≥ 2 · kTopKMax
 inline constexpr int kSmallSort = 2048;
-inline constexpr int64_t kMinCandidatesPerCta = 2048;
+inline constexpr int64_t kMinCandidatesPerCta = 4096;
 
 // What one query's CTAs share (global memory when split over CTAs, shared memory with one CTA per query).
 struct QueryWorkspace {
@@ -140,6 +140,20 @@ __device__ BoundaryBin choose_boundary_bin(const uint32_t* histogram, bool globa
   return chosen;
 }
 
+// Appends `key` to list[] where `take`, one atomic per warp: the counter is shared by every CTA of the query, and
+// one atomic per key would serialise on its address.
+__device__ __forceinline__ void append_warp_aggregated(bool take, uint64_t key, uint32_t* count, uint64_t* list) {
+  const unsigned active = __activemask();
+  const unsigned takers = __ballot_sync(active, take);
+  if (takers == 0) return;
+  const int lane = threadIdx.x & 31;
+  const int leader = __ffs(takers) - 1;
+  uint32_t base = 0;
+  if (lane == leader) base = atomicAdd(count, uint32_t(__popc(takers)));
+  base = __shfl_sync(active, base, leader);
+  if (take) list[base + __popc(takers & ((1u << lane) - 1u))] = key;
+}
+
 // Descending bitonic sort of keys[0, n), n a power of two.
 __device__ void bitonic_sort_descending(uint64_t* keys, int n) {
   for (int size = 2; size <= n; size *= 2) {
@@ -237,11 +251,8 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
     const uint64_t key = sort_key(x, uint32_t(i));
     const uint64_t top = consumed == 0 ? 1 : key >> (64 - consumed);
     const uint64_t fixed = consumed == 0 ? 0 : prefix;
-    if (top > fixed) {
-      ws->chosen[atomicAdd(&ws->chosen_count, 1u)] = key;
-    } else if (top == fixed) {
-      ws->boundary[atomicAdd(&ws->boundary_count, 1u)] = key;
-    }
+    append_warp_aggregated(top > fixed, key, &ws->chosen_count, ws->chosen);
+    append_warp_aggregated(top == fixed, key, &ws->boundary_count, ws->boundary);
   }
   if (saw_nan && args.nan_flag != nullptr) atomicExch(args.nan_flag, 1);
 

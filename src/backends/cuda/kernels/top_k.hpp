@@ -43,13 +43,14 @@ struct TopKParams {
   int32_t* nan_flag = nullptr;          // device, one int: set to 1 when a visible score is NaN
   void* workspace = nullptr;            // device, top_k_workspace_bytes(queries), zeroed once
   size_t workspace_bytes = 0;
+  int max_ctas_per_query = 0;           // caps the split over CTAs (e.g. to leave SMs to other work); 0 = no cap
   cudaStream_t stream = nullptr;
 };
 
 size_t top_k_workspace_bytes(int queries);
 
 // CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query).
-int top_k_ctas_per_query(int queries, int64_t candidates);
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0);
 
 void check_top_k_params(const TopKParams& params);
 void run_top_k(const TopKParams& params);
