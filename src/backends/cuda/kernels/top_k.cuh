@@ -24,6 +24,7 @@ inline constexpr int kDigitBits = 11;
 inline constexpr int kBins = 1 << kDigitBits;
 inline constexpr int kSortCapacity = 8192;  // ≥ 2 · kTopKMax
 inline constexpr int kSmallSort = 2048;
+inline constexpr int kScanUnroll = 4;  // scores loaded per thread before use: loads in flight, not one at a time
 inline constexpr int64_t kMinCandidatesPerCta = 4096;
 
 // What one query's CTAs share (global memory when split over CTAs, shared memory with one CTA per query).
@@ -159,7 +160,7 @@ __device__ void bitonic_sort_descending(uint64_t* keys, int n) {
   for (int size = 2; size <= n; size *= 2) {
     for (int stride = size / 2; stride > 0; stride /= 2) {
       for (int i = threadIdx.x; i < n / 2; i += kThreads) {
-        const int lo = 2 * stride * (i / stride) + (i % stride);
+        const int lo = 2 * i - (i & (stride - 1));  // 2·stride·(i div stride) + i mod stride (stride a power of 2)
         const int hi = lo + stride;
         const bool descending = (lo & size) == 0;
         const uint64_t a = keys[lo], b = keys[hi];
@@ -224,10 +225,20 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
       }
       __syncthreads();
       const uint32_t digit_mask = (1u << width) - 1u;
-      for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-        const uint64_t key = sort_key(row[i], uint32_t(i));
-        if (consumed > 0 && (key >> (64 - consumed)) != prefix) continue;
-        atomicAdd(&target[uint32_t(key >> shift) & digit_mask], 1u);
+      for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
+        float x[kScanUnroll];
+#pragma unroll
+        for (int u = 0; u < kScanUnroll; ++u) {
+          const int64_t i = base + u * kThreads;
+          x[u] = i < end ? row[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < kScanUnroll; ++u) {
+          const int64_t i = base + u * kThreads;
+          const uint64_t key = sort_key(x[u], uint32_t(i));
+          if (i < end && (consumed == 0 || (key >> (64 - consumed)) == prefix))
+            atomicAdd(&target[uint32_t(key >> shift) & digit_mask], 1u);
+        }
       }
       if (kSplit) {
         __syncthreads();
@@ -245,14 +256,24 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
 
   // Collect: keys above the prefix are chosen; keys in the boundary bin wait for the final sort.
   bool saw_nan = false;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float x = row[i];
-    saw_nan |= isnan(x);
-    const uint64_t key = sort_key(x, uint32_t(i));
-    const uint64_t top = consumed == 0 ? 1 : key >> (64 - consumed);
-    const uint64_t fixed = consumed == 0 ? 0 : prefix;
-    append_warp_aggregated(top > fixed, key, &ws->chosen_count, ws->chosen);
-    append_warp_aggregated(top == fixed, key, &ws->boundary_count, ws->boundary);
+  for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
+    float x[kScanUnroll];
+#pragma unroll
+    for (int u = 0; u < kScanUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      x[u] = i < end ? row[i] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kScanUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      const bool in_range = i < end;
+      saw_nan |= in_range && isnan(x[u]);
+      const uint64_t key = sort_key(x[u], uint32_t(i));
+      const uint64_t top = consumed == 0 ? 1 : key >> (64 - consumed);
+      const uint64_t fixed = consumed == 0 ? 0 : prefix;
+      append_warp_aggregated(in_range && top > fixed, key, &ws->chosen_count, ws->chosen);
+      append_warp_aggregated(in_range && top == fixed, key, &ws->boundary_count, ws->boundary);
+    }
   }
   if (saw_nan && args.nan_flag != nullptr) atomicExch(args.nan_flag, 1);
 
