@@ -363,11 +363,11 @@ inline constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 // One step of a warp tile: decodes the lane's 16 bytes of each row (with their scale codes) and runs the MMAs
 // against the staged x of that step. FP8 sums go to the block's partial sums, which are scaled into acc when
 // `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile).
-template <TileFormat F, int NT>
+template <TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint32_t (&scale_codes)[2],
                                               const float (&block_scale)[2], bool ends_block,
-                                              const __nv_bfloat16* x_step, int row_stride,
-                                              float (&sums)[kChains<NT>][NT][4], float (&acc)[NT][4]) {
+                                              const __nv_bfloat16* x_step, int row_stride, float (&sums)[C][NT][4],
+                                              float (&acc)[NT][4]) {
   constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
   constexpr int kMmasPerStep = kValues / 4;  // 4 values per lane per row per MMA
   uint32_t pairs[2][kValues / 2];
@@ -388,7 +388,7 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
       for (int half = 0; half < 2; ++half) {
         const int m = 2 * chunk + half;
         const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
-        ptx::mma_m16n8k16_bf16_f32(sums[m % kChains<NT>][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
+        ptx::mma_m16n8k16_bf16_f32(sums[m % C][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
       }
     }
   }
@@ -400,7 +400,7 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
         for (int i = 0; i < 4; ++i) {
           float block_sum = 0.0f;
 #pragma unroll
-          for (int c = 0; c < kChains<NT>; ++c) {
+          for (int c = 0; c < C; ++c) {
             block_sum += sums[c][nt][i];
             sums[c][nt][i] = 0.0f;
           }
@@ -410,23 +410,23 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
   }
 }
 
-template <TileFormat F, int NT>
-__device__ __forceinline__ void clear_sums(float (&sums)[kChains<NT>][NT][4]) {
+template <int NT, int C>
+__device__ __forceinline__ void clear_sums(float (&sums)[C][NT][4]) {
 #pragma unroll
-  for (int c = 0; c < kChains<NT>; ++c)
+  for (int c = 0; c < C; ++c)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) sums[c][nt][0] = sums[c][nt][1] = sums[c][nt][2] = sums[c][nt][3] = 0.0f;
 }
 
-template <TileFormat F, int NT>
-__device__ __forceinline__ void finish_tile(const float (&sums)[kChains<NT>][NT][4], float (&acc)[NT][4]) {
+template <TileFormat F, int NT, int C>
+__device__ __forceinline__ void finish_tile(const float (&sums)[C][NT][4], float (&acc)[NT][4]) {
   if constexpr (F != TileFormat::FP8_BLOCK128) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int c = 0; c < kChains<NT>; ++c) acc[nt][i] += sums[c][nt][i];
+        for (int c = 0; c < C; ++c) acc[nt][i] += sums[c][nt][i];
   }
 }
 
@@ -442,8 +442,10 @@ __device__ __forceinline__ bool step_ends_block(int64_t step_k, int64_t k_end) {
 // acc += W[row0 .. row0 + 16, k_begin .. k_end) · x_tile (k_end - k_begin) × (8·NT tokens); see the contract.
 // The calling warp must be converged (mma.sync). S = steps per load batch (2 or 4): each lane has S to 2·S steps
 // of 2 × 16 bytes in flight, in registers; 4 needs ~40 more registers per thread than 2. kAlignedTile: see the
-// contract (the caller's promise of aligned rows and row0 % 16 == 0).
-template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false>
+// contract (the caller's promise of aligned rows and row0 % 16 == 0). C = independent accumulator chains: the
+// default hides the MMA latency at few token tiles; C = 1 saves 4·NT·(default - 1) registers for callers that are
+// register bound (e.g. two products per warp).
+template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false, int C = detail::kChains<NT>>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
                                                 int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
   static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
@@ -456,8 +458,9 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
   const detail::LaneRows lane = detail::lane_rows<F>(w, row0);
   // Lane (g, t) reads token g of each token tile, chunk t of each group of four (the transposed order).
   const __nv_bfloat16* x_lane = x_tile + g * row_stride + t * kXChunk;
-  float sums[detail::kChains<NT>][NT][4];  // FP8: sums of the current 128-wide scale block; else partial sums
-  detail::clear_sums<F, NT>(sums);
+  static_assert(C >= 1, "at least one accumulator chain");
+  float sums[C][NT][4];  // FP8: sums of the current 128-wide scale block; else partial sums
+  detail::clear_sums<NT, C>(sums);
 
   // Software pipeline: the next batch's loads are in flight while this one is decoded and multiplied.
   detail::WeightBatch<F, S> batch;
@@ -469,13 +472,13 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
     for (int u = 0; u < S; ++u) {
       const int64_t step_k = k0 + u * kStepK;
       if (step_k >= k_end) break;
-      detail::multiply_step<F, NT>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
+      detail::multiply_step<F, NT, C>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
                                    detail::step_ends_block<F>(step_k, k_end), x_lane + (step_k - k_begin), row_stride,
                                    sums, acc);
     }
     batch = next;
   }
-  detail::finish_tile<F, NT>(sums, acc);
+  detail::finish_tile<F, NT, C>(sums, acc);
 }
 
 }  // namespace dsv4::cuda::tile
