@@ -141,6 +141,7 @@ struct Result {
   int heads, batch, splits;
   int64_t context, slots;
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
+  double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
 };
 
@@ -250,6 +251,10 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   r.kv_bytes = double(batch) * double(total_slots) * view.layout.entry_bytes;
   r.gbps = r.kv_bytes / (ms * 1e-3) / 1e9;
   r.percent_of_copy = 100.0 * r.gbps / copy_gbps;
+  const double per_query_head = double(batch) * heads;
+  r.total_bytes = r.kv_bytes + per_query_head * kHeadDim * 4 * 2 +
+                  (splits > 1 ? 2.0 * splits * per_query_head * (kHeadDim + 2) * 4 : 0.0);
+  r.percent_total = 100.0 * r.total_bytes / (ms * 1e-3) / 1e9 / copy_gbps;
   r.baseline_us = baseline_ms * 1e3;
   r.max_abs_diff = diff;
   r.mma_sync_us = mma_sync_ms * 1e3;
@@ -380,8 +385,10 @@ int run(int argc, char** argv) {
   DeviceBuffer flush(flush_bytes, "L2 flush");
   std::mt19937 rng(7);
   std::vector<Result> results;
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %12s %8s %10s %12s\n", "model", "kind", "batch", "context",
-              "slots", "splits", "us", "GB/s", "%copy", "baseline us", "speedup", "max|diff|", "mma.sync us");
+  std::printf("GB/s and %%copy count KV bytes; %%total adds q read, output written and split partials\n");
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %12s %8s %10s %12s\n", "model", "kind", "batch",
+              "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "baseline us", "speedup", "max|diff|",
+              "mma.sync us");
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const bool csa : {true, false})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
@@ -395,10 +402,10 @@ int run(int argc, char** argv) {
           }
           const Result r = run_case(model, heads, csa, batch, context, copy_gbps, device.multiprocessors,
                                     flush.data(), flush_bytes, rng);
-          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %12.1f %7.1fx %10.2e %12.1f\n",
+          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %12.1f %7.1fx %10.2e %12.1f\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
-                      static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.baseline_us,
-                      r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us);
+                      static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
+                      r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us);
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -438,11 +445,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"kv_bytes\": %.0f, \"gbps\": %.1f, "
                    "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
-                   "\"mma_sync_us\": %.2f}%s\n",
+                   "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
-                   r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us,
-                   i + 1 < results.size() ? "," : "");
+                   r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
+                   r.percent_total, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

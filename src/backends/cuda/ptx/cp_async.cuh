@@ -1,8 +1,7 @@
 // Asynchronous global → shared copies (PTX ISA "cp.async" and "cp.async.bulk").
 // - cp.async (sm_80+): per-thread 8- or 16-byte copies tracked by commit groups;
 // - cp.async.bulk (sm_90): one thread moves a contiguous block (16-byte aligned address and size, a multiple of 16)
-//   with the copy engine; completion adds its bytes to an mbarrier's transaction count (see ptx/mbarrier.cuh); the
-//   prefetch form only warms L2.
+//   with the copy engine; completion adds its bytes to an mbarrier's transaction count (see ptx/mbarrier.cuh).
 #pragma once
 
 #include <cstdint>
@@ -36,12 +35,6 @@ __device__ __forceinline__ void cp_async_bulk_global_to_shared(uint32_t shared_d
                    shared_dst),
                "l"(src), "r"(bytes), "r"(barrier)
                : "memory");
-}
-
-// Asks L2 to fetch `bytes` from global `src` (16-byte aligned, a multiple of 16) without waiting or using shared
-// memory.
-__device__ __forceinline__ void cp_async_bulk_prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
 }
 
 }  // namespace dsv4::cuda::ptx
