@@ -16,6 +16,7 @@
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/kv_insert.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
+#include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/rope_apply.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
@@ -49,13 +50,19 @@ OwnedQuantizedMatrix to_bf16_matrix(const QuantizedMatrix& m) {
 }
 
 // The host weights with every F32 matrix that feeds a linear kernel replaced by its BF16 rounding (the owners are
-// kept in `owned`). The mHC projections, the embedding and the router keep F32: their kernels read it.
+// kept in `owned`), after checking every such matrix's scales. The mHC projections, the embedding and the router keep F32: their kernels read it.
 ModelWeights gpu_linear_formats(const ModelWeights& host, std::vector<OwnedQuantizedMatrix>& owned) {
   ModelWeights w = host;
-  auto convert = [&](QuantizedMatrix& m) {
+  auto to_bf16 = [&](QuantizedMatrix& m) {
     if (m.format != WeightFormat::F32 || m.rows == 0) return;
     owned.push_back(to_bf16_matrix(m));
     m = owned.back().matrix;
+  };
+  // Dense matrices also get their scales checked against the range the tensor-core dequantisation is exact for
+  // (MXFP4 codes <= 128); the experts' are checked on the device when their MoE layer is built.
+  auto convert = [&](QuantizedMatrix& m) {
+    if (m.rows > 0) check_quantized_linear_scales(m, "a linear-layer matrix");
+    to_bf16(m);
   };
   auto convert_compressor = [&](CompressorWeights& c) {
     convert(c.wkv);
@@ -71,8 +78,8 @@ ModelWeights gpu_linear_formats(const ModelWeights& host, std::vector<OwnedQuant
       convert_compressor(a.indexer->compressor);
     }
     for (ExpertWeights& e : b.ffn.experts)
-      for (QuantizedMatrix* m : {&e.w1, &e.w2, &e.w3}) convert(*m);
-    for (QuantizedMatrix* m : {&b.ffn.shared.w1, &b.ffn.shared.w2, &b.ffn.shared.w3}) convert(*m);
+      for (QuantizedMatrix* m : {&e.w1, &e.w2, &e.w3}) to_bf16(*m);
+    for (QuantizedMatrix* m : {&b.ffn.shared.w1, &b.ffn.shared.w2, &b.ffn.shared.w3}) to_bf16(*m);
   };
   convert(w.head);
   for (BlockWeights& b : w.layers) convert_block(b);
