@@ -7,15 +7,15 @@
 //   fn/base/scale fp32 on the device.
 // - hc_pre / hc_head run persistent CTAs: each owns a d-slice (all n streams) with its columns of fn held in
 //   registers, and walks its group's token tiles (16 tokens) with the X tiles streamed in several stages ahead.
-//   The projection runs on the tensor cores in 3xTF32 (fp32-class accuracy). Each tile's slices publish partial
-//   sums; one CTA per tile reduces them in slice order (deterministic: bit-identical across runs) and publishes pre;
-//   every CTA collapses its own slice, still in shared memory. The CTAs of a tile wait for each other: the launcher
-//   sizes the grid to what the card holds at once.
-// - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync); a launch
-//   leaves its counters re-armed (and advances a launch epoch kept in the workspace), so the buffer is reused
-//   without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two streams
-//   concurrently), always with the same workspace_bytes. A workspace sized for T tokens serves any launch with
-//   fewer tokens, hc_pre and hc_head alike.
+//   The projection runs on the tensor cores in 3xTF32 (fp32-class accuracy). The slices' partial sums of a tile are
+//   summed in slice order by the tile's CTAs (deterministic: bit-identical across runs); every CTA then collapses
+//   its own slice, still in shared memory. The CTAs of a tile wait for each other: the launcher sizes the grid to
+//   what the card holds at once.
+// - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync). The CTAs
+//   hand each other values tagged with a launch epoch kept in the workspace (advanced by every launch), so the
+//   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
+//   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre and hc_head
+//   alike.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
 //   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops.
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
