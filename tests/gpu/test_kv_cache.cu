@@ -104,6 +104,7 @@ struct InsertCase {
   KvArray array;
   bool round_input;
   int64_t rows;
+  bool store_as_is = false;  // no norm weight and no RoPE: entries the compressor already normalised and rotated
 };
 
 // Decodes one stored entry to fp32 (the values a kernel reads).
@@ -185,8 +186,10 @@ void check_insert(const InsertCase& c, uint32_t seed) {
   std::vector<float> expected = x;
   if (c.round_input)
     for (float& v : expected) v = round_to_bf16(v);
-  cpu::rms_norm(expected.data(), weight.data(), expected.data(), {c.rows, D, 1e-6f});
-  cpu::apply_rope(rope, expected.data(), positions.data(), {c.rows, 1, D, false});
+  if (!c.store_as_is) {
+    cpu::rms_norm(expected.data(), weight.data(), expected.data(), {c.rows, D, 1e-6f});
+    cpu::apply_rope(rope, expected.data(), positions.data(), {c.rows, 1, D, false});
+  }
   std::vector<float> rounded = expected;
   if (c.format == KvEntryFormat::Fp8Reference) cpu::round_kv_reference(rounded.data(), c.rows, D, c.rope_dim);
 
@@ -197,8 +200,10 @@ void check_insert(const InsertCase& c, uint32_t seed) {
                d_dest = to_device(dest, "dest"), d_pos = to_device(positions, "positions"),
                d_freq = to_device(rope.frequencies(), "frequencies");
   run_kv_insert({.cache = view, .array = c.array, .layer = kLayer, .rows = c.rows, .x = d_x.as<float>(),
-                 .norm_weight = d_w.as<float>(), .eps = 1e-6f, .round_input_to_bf16 = c.round_input,
-                 .rope_frequencies = d_freq.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
+                 .norm_weight = c.store_as_is ? nullptr : d_w.as<float>(), .eps = 1e-6f,
+                 .round_input_to_bf16 = c.round_input,
+                 .rope_frequencies = c.store_as_is ? nullptr : d_freq.as<float>(),
+                 .sequence_slots = d_slots.as<int32_t>(),
                  .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> pool(pool_bytes);
@@ -255,7 +260,7 @@ void check_insert(const InsertCase& c, uint32_t seed) {
   }
 }
 
-TEST(KvInsert, MatchesCpuNormRopeAndReferenceRounding) {
+TEST(KvInsert, MatchesCpuNormRopeAndReferenceRoundingOrStoresAsIs) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1;
   for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
@@ -263,6 +268,7 @@ TEST(KvInsert, MatchesCpuNormRopeAndReferenceRounding) {
       check_insert({format, D, rope, KvArray::Window, false, 1}, seed++);
       check_insert({format, D, rope, KvArray::Window, false, 37}, seed++);
       check_insert({format, D, rope, KvArray::Compressed, true, 50}, seed++);
+      check_insert({format, D, rope, KvArray::Compressed, false, 20, true}, seed++);
     }
 }
 
@@ -278,8 +284,8 @@ TEST(KvInsert, RefusesBadCalls) {
   p.layer = 1;
   testing::expect_error([&] { run_kv_insert(p); }, "layer 1");
   p = good;
-  p.norm_weight = nullptr;
-  testing::expect_error([&] { run_kv_insert(p); }, "norm_weight");
+  p.dest_rows = nullptr;
+  testing::expect_error([&] { run_kv_insert(p); }, "dest_rows");
   p = good;
   p.rope_frequencies = buffer.as<float>();
   testing::expect_error([&] { run_kv_insert(p); }, "positions");
