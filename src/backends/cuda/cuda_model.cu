@@ -109,6 +109,29 @@ T* advance(void*& cursor, int64_t count) {
   return p;
 }
 
+// Device bytes of every sequence slot's state (about: allocation rounding aside): the KV page pool and its table,
+// the compressor states (main and indexer) and the indexer keys, as the constructor sizes them.
+size_t sequence_state_bytes(const ModelConfig& c, const KvCacheConfig& kv, int64_t max_context) {
+  const KvEntryLayout layout = KvEntryLayout::make(kv.format, kv.head_dim, kv.rope_dim);
+  size_t bytes = size_t(kv.pages) * size_t(kv.page_rows) * size_t(layout.entry_bytes);
+  const int64_t table_rows = std::max(kv.window_capacity, kv.max_compressed_rows) / kv.page_rows + 1;
+  bytes += size_t(kv.max_sequences) * size_t(kv.layers) * 2 * size_t(table_rows) * sizeof(int32_t);
+  auto compressor_state = [](int64_t ratio, int64_t head_dim, bool overlapping) {
+    const int64_t width = (overlapping ? 2 : 1) * head_dim;
+    return size_t(ratio * width * 2 + (overlapping ? ratio * head_dim * 2 : 0)) * sizeof(float) + 256;
+  };
+  for (int i = 0; i < c.num_layers; ++i) {
+    if (!c.has_compressor(i)) continue;
+    const int64_t ratio = c.compress_ratio(i);
+    size_t per_sequence = compressor_state(ratio, c.head_dim, c.has_indexer(i));
+    if (c.has_indexer(i))
+      per_sequence += compressor_state(ratio, c.indexer.head_dim, true) +
+                      size_t(max_context / ratio) * size_t(c.indexer.head_dim) * 2;  // bf16 keys
+    bytes += per_sequence * size_t(kv.max_sequences);
+  }
+  return bytes;
+}
+
 }  // namespace
 
 struct CudaModel::Impl {
@@ -215,6 +238,15 @@ struct CudaModel::Impl {
     const ModelWeights w = gpu_linear_formats(host, converted);
     WeightUploadOptions upload;
     upload.progress = o.progress;
+    // The sequences' state is allocated after the weights: the upload keeps room for it, so a context or sequence
+    // count that does not fit is refused before the (long) upload starts, not after it.
+    upload.keep_free_bytes = sequence_state_bytes(c, kv, o.max_context);
+    const size_t weight_bytes = plan_weight_upload(w).device_bytes;
+    const DeviceMemoryInfo memory = context.memory();
+    check(weight_bytes + upload.keep_free_bytes <= memory.free_bytes, "the model needs ", format_bytes(weight_bytes),
+          " of weights plus ", format_bytes(upload.keep_free_bytes), " for the KV cache and state of ",
+          o.max_sequences, " sequence(s) of up to ", o.max_context, " tokens, but ", context.describe(),
+          " has ", format_bytes(memory.free_bytes), " free: lower --ctx, or use a larger GPU");
     weights = upload_model_weights(w, pool, context.copy_stream(), upload);
     moe_config = {d, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
                   float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
