@@ -1,8 +1,7 @@
 #include "backends/cuda/cuda_model.hpp"
 
 #include <algorithm>
-#include <cstring>
-#include <map>
+#include <cmath>
 #include <optional>
 
 #include "backends/cpu/rope.hpp"
@@ -671,7 +670,7 @@ std::string CudaModel::describe() const {
 
 int CudaModel::add_sequence() {
   check(std::count(impl_->slot_length.begin(), impl_->slot_length.end(), kFreeSlot) > 0, "CUDA model: all ",
-        impl_->options.max_sequences, " sequence slots are in use (--parallel / max_sequences)");
+        impl_->options.max_sequences, " sequence slots (max_sequences) are in use");
   const int slot = impl_->kv_cache->add_sequence();
   impl_->reset_slot_state(slot);
   impl_->slot_length[size_t(slot)] = 0;
