@@ -31,6 +31,8 @@
 #include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
 
@@ -114,26 +116,6 @@ double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
   DSV4_CUDA_CHECK(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
-}
-
-double copy_bandwidth_gbps() {
-  const size_t bytes = size_t(1) << 30;
-  DeviceBuffer a(bytes, "copy source"), b(bytes, "copy destination");
-  a.fill_bytes(1);
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaMemcpy(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
-  DSV4_CUDA_CHECK(cudaEventRecord(start));
-  constexpr int kCopies = 10;
-  for (int i = 0; i < kCopies; ++i) DSV4_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
-  DSV4_CUDA_CHECK(cudaEventRecord(stop));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
-  return 2.0 * double(bytes) * kCopies / (double(ms) * 1e-3) / 1e9;  // read + write
 }
 
 struct Result {

@@ -21,14 +21,10 @@
 #include "core/bf16.hpp"
 #include "core/quantized_matrix.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
-
-#define BENCH_CUBLAS_CHECK(call)                                                              \
-  do {                                                                                        \
-    const cublasStatus_t status_ = (call);                                                    \
-    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
-  } while (0)
 
 struct Shape {
   const char* model;

@@ -37,14 +37,10 @@
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
-
-#define BENCH_CUBLAS_CHECK(call)                                                              \
-  do {                                                                                        \
-    const cublasStatus_t status_ = (call);                                                    \
-    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
-  } while (0)
 
 // GPU microseconds per call of body(stream): `reps` calls captured in one CUDA graph, as a decode step runs them, and
 // the graph replayed between two events, so no host launch cost is counted. Returns −1 if the calls cannot be
@@ -108,16 +104,6 @@ double median_ms(int iterations, Body&& body) {
   DSV4_CUDA_CHECK(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return double(times[times.size() / 2]);
-}
-
-double copy_bandwidth_gbps() {
-  constexpr size_t kBytes = size_t(1) << 30;
-  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
-  src.fill_bytes(1);
-  const double ms = median_ms(10, [&] {
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
-  });
-  return 2.0 * double(kBytes) / (ms * 1e6);
 }
 
 // bf16 tensor rate of cuBLAS on a 4096³ GEMM (TFLOP/s), the compute floor's yardstick.

@@ -23,14 +23,10 @@
 #include "core/bf16.hpp"
 #include "core/quantized_matrix.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
-
-#define BENCH_CUBLAS_CHECK(call)                                                              \
-  do {                                                                                        \
-    const cublasStatus_t status_ = (call);                                                    \
-    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
-  } while (0)
 
 struct Shape {
   const char* model;
@@ -98,16 +94,6 @@ const char* load_path_name(WeightLoadPath path) {
 
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
   return int(std::max<size_t>(2, (3 * l2_bytes + bytes - 1) / bytes));
-}
-
-double copy_bandwidth_gbps() {
-  constexpr size_t kBytes = size_t(1) << 30;
-  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
-  src.fill_bytes(1);
-  const double ms = time_ms(10, [&](int) {
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
-  });
-  return 2.0 * double(kBytes) / (ms * 1e6);
 }
 
 struct Row {

@@ -27,14 +27,10 @@
 #include "core/error.hpp"
 #include "core/quantized_matrix.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
-
-#define BENCH_CUBLAS_CHECK(call)                                                              \
-  do {                                                                                        \
-    const cublasStatus_t status_ = (call);                                                    \
-    if (status_ != CUBLAS_STATUS_SUCCESS) fail("cuBLAS error ", int(status_), " in ", #call); \
-  } while (0)
 
 constexpr int kN = kMhcStreams;
 constexpr int kSiteRows = (2 + kN) * kN;
@@ -75,16 +71,6 @@ double graph_time_ms(cudaStream_t stream, int launches, Body&& body) {
   DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
   DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
   return ms / launches;
-}
-
-double copy_bandwidth_gbps() {
-  constexpr size_t kBytes = size_t(1) << 30;
-  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
-  src.fill_bytes(1);
-  const double ms = time_ms(nullptr, 10, [&](int) {
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice));
-  });
-  return 2.0 * double(kBytes) / (ms * 1e6);
 }
 
 // Uniform values with the given mean and standard deviation from a xorshift generator: the 4096-token sets hold

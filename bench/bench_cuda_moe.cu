@@ -27,6 +27,8 @@
 #include "backends/cuda/moe_weights.hpp"
 #include "core/error.hpp"
 
+#include "cuda_bench_support.hpp"
+
 namespace dsv4::cuda {
 namespace {
 
@@ -43,28 +45,6 @@ struct Result {
   double stage_us[kMoeStages] = {};  // router, scoring + bucketing, gate/up, down, combine (serialised stream launches)
   size_t launches = 0;
 };
-
-double copy_bandwidth_gbps(cudaStream_t stream) {
-  constexpr size_t kBytes = size_t(1) << 30;
-  DeviceBuffer src(kBytes, "copy source"), dst(kBytes, "copy destination");
-  src.fill_bytes(1);
-  for (int i = 0; i < 3; ++i)
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  constexpr int kIterations = 10;
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < kIterations; ++i)
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
-  return 2.0 * double(kBytes) * kIterations / (double(ms) * 1e6);
-}
 
 // Keeps the stream busy for `cycles` SM clocks, so that the launches queued behind it start back to back.
 __global__ void hold_stream_kernel(long long cycles) {
