@@ -174,6 +174,17 @@ __device__ void bitonic_sort_descending(uint64_t* keys, int n) {
   }
 }
 
+// The kScanUnroll scores a thread handles from `base` (CTA-strided), all loads issued before any is used; 0 past
+// the end of the row.
+__device__ __forceinline__ void load_score_batch(const float* row, int64_t base, int64_t end,
+                                                 float (&x)[kScanUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kScanUnroll; ++u) {
+    const int64_t i = base + u * kThreads;
+    x[u] = i < end ? row[i] : 0.0f;
+  }
+}
+
 template <bool kSplit>
 __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -227,11 +238,7 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
       const uint32_t digit_mask = (1u << width) - 1u;
       for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
         float x[kScanUnroll];
-#pragma unroll
-        for (int u = 0; u < kScanUnroll; ++u) {
-          const int64_t i = base + u * kThreads;
-          x[u] = i < end ? row[i] : 0.0f;
-        }
+        load_score_batch(row, base, end, x);
 #pragma unroll
         for (int u = 0; u < kScanUnroll; ++u) {
           const int64_t i = base + u * kThreads;
@@ -258,11 +265,7 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
   bool saw_nan = false;
   for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
     float x[kScanUnroll];
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      x[u] = i < end ? row[i] : 0.0f;
-    }
+    load_score_batch(row, base, end, x);
 #pragma unroll
     for (int u = 0; u < kScanUnroll; ++u) {
       const int64_t i = base + u * kThreads;
