@@ -26,18 +26,10 @@
 #include "backends/cuda/kernels/compressor.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-bool has_device() { return !list_devices().empty(); }
-
-template <class T>
-DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
-  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
-  if (!host.empty()) buffer.upload(host.data(), host.size() * sizeof(T));
-  return buffer;
-}
 
 struct CompressorCase {
   const char* name;

@@ -27,20 +27,12 @@
 #include "backends/cuda/kernels/top_k.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-bool has_device() { return !list_devices().empty(); }
-
-template <class T>
-DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
-  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
-  if (!host.empty()) buffer.upload(host.data(), host.size() * sizeof(T));
-  return buffer;
-}
 
 template <class T>
 std::vector<T> from_device(const DeviceBuffer& buffer, size_t count) {

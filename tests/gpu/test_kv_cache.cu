@@ -26,18 +26,10 @@
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
 #include "support/expect_error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-bool has_device() { return !list_devices().empty(); }
-
-template <class T>
-DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
-  DeviceBuffer buffer(std::max<size_t>(1, host.size()) * sizeof(T), what);
-  buffer.upload(host.data(), host.size() * sizeof(T));
-  return buffer;
-}
 
 TEST(KvEntryLayout, FpEightLayoutOfTheModelsAndOddShapes) {
   const KvEntryLayout v4 = KvEntryLayout::make(KvEntryFormat::Fp8Reference, 512, 64);

@@ -25,47 +25,15 @@
 #include "backends/cuda/kernels/mhc.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
 
 constexpr int kN = kMhcStreams;
 constexpr int kSiteRows = (2 + kN) * kN;
-constexpr size_t kGuardFloats = 64;
 constexpr float kHcEps = 1e-6f, kNormEps = 1e-6f;
 constexpr int kSinkhornIters = 20;
-
-bool has_device() { return !list_devices().empty(); }
-
-DeviceBuffer upload(const std::vector<float>& host, const char* what) {
-  DeviceBuffer buffer(host.size() * sizeof(float), what);
-  buffer.upload(host.data(), host.size() * sizeof(float));
-  return buffer;
-}
-
-// A device output of `floats` values plus a guard region, every byte 0xFF (NaN).
-DeviceBuffer poisoned(size_t floats, const char* what) {
-  DeviceBuffer buffer((floats + kGuardFloats) * sizeof(float), what);
-  buffer.fill_bytes(0xFF);
-  return buffer;
-}
-
-std::vector<float> download(const DeviceBuffer& buffer, size_t floats) {
-  std::vector<float> host(floats + kGuardFloats);
-  buffer.download(host.data(), host.size() * sizeof(float));
-  for (size_t i = floats; i < host.size(); ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &host[i], sizeof bits);
-    EXPECT_EQ(bits, 0xFFFFFFFFu) << buffer.name() << ": write past the end at float " << i;
-  }
-  host.resize(floats);
-  return host;
-}
-
-float bf16_ulp(float magnitude) {
-  const int exponent = magnitude > 0 ? std::ilogb(magnitude) : -126;
-  return std::ldexp(1.0f, std::max(exponent, -126) - 7);
-}
 
 // Compares every element; tolerance(i) bounds |actual − expected|. NaN never passes. At most 8 reports.
 template <class Tolerance>
@@ -184,8 +152,8 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
   if (round) cpu::round_to_bf16_inplace(y_ref.data(), int64_t(y_ref.size()));
   const std::vector<double> magnitude = mix_magnitudes(in, T, d, kSiteRows);
 
-  const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
-                     scale = upload(in.scale, "scale");
+  const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
+                     scale = to_device(in.scale, "scale");
   Workspace own;
   if (shared == nullptr) own = zeroed_workspace(T, d, "hc_pre workspace");
   Workspace& workspace = shared != nullptr ? *shared : own;
@@ -265,8 +233,8 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* s
   if (round) cpu::round_to_bf16_inplace(h_ref.data(), int64_t(h_ref.size()));
   const std::vector<double> magnitude = mix_magnitudes(in, T, d, kN);
 
-  const DeviceBuffer X = upload(in.X, "X"), fn = upload(in.fn, "fn"), base = upload(in.base, "base"),
-                     scale = upload(in.scale, "scale");
+  const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
+                     scale = to_device(in.scale, "scale");
   Workspace own;
   if (shared == nullptr) own = zeroed_workspace(T, d, "hc_head workspace");
   Workspace& workspace = shared != nullptr ? *shared : own;
@@ -322,7 +290,7 @@ void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t see
   const std::vector<float> unrounded = expected;
   if (round) cpu::round_to_bf16_inplace(expected.data(), int64_t(expected.size()));
 
-  const DeviceBuffer out_d = upload(out, "out"), post_d = upload(post, "post"), comb_d = upload(comb, "comb");
+  const DeviceBuffer out_d = to_device(out, "out"), post_d = to_device(post, "post"), comb_d = to_device(comb, "comb");
   DeviceBuffer X_d = poisoned(X.size(), "X");
   X_d.upload(X.data(), X.size() * sizeof(float));
   DeviceBuffer X_out_d = poisoned(X.size(), "X_out");

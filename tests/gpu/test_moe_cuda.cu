@@ -36,6 +36,7 @@
 #include "backends/cuda/moe_weights.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -401,8 +402,6 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
     ASSERT_EQ(bits, 0xFFFFFFFFu) << "write past the end of out at float " << i;
   }
 }
-
-bool has_device() { return !list_devices().empty(); }
 
 std::function<int32_t(int64_t, std::mt19937_64&)> random_tokens(const Shape& S) {
   return [vocab = S.vocab](int64_t, std::mt19937_64& rng) { return int32_t(rng() % uint64_t(vocab)); };

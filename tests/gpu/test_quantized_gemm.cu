@@ -27,11 +27,10 @@
 #include "core/fp8_block.hpp"
 #include "core/mxfp4.hpp"
 #include "core/nvfp4.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-bool has_device() { return !list_devices().empty(); }
 
 struct WeightKind {
   WeightFormat format;

@@ -32,11 +32,10 @@
 #include "core/mxfp4.hpp"
 #include "core/nvfp4.hpp"
 #include "support/expect_error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-bool has_device() { return !list_devices().empty(); }
 
 enum class TestFormat { BF16, FP8_E8M0, FP8_F32, MXFP4, NVFP4 };
 constexpr TestFormat kAllFormats[] = {TestFormat::BF16, TestFormat::FP8_E8M0, TestFormat::FP8_F32, TestFormat::MXFP4,
@@ -88,7 +87,6 @@ struct DeviceRun {
   int64_t y_stride;
 };
 
-constexpr size_t kGuardFloats = 64;
 
 // AUTO runs the default config, the other values the config with that load path.
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,

@@ -26,36 +26,10 @@
 #include "core/dequantize.hpp"
 #include "core/error.hpp"
 #include "core/fp8_block.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-constexpr size_t kGuardFloats = 64;
-
-bool has_device() { return !list_devices().empty(); }
-
-DeviceBuffer poisoned(size_t floats, const char* what) {
-  DeviceBuffer buffer((floats + kGuardFloats) * sizeof(float), what);
-  buffer.fill_bytes(0xFF);
-  return buffer;
-}
-
-std::vector<float> download(const DeviceBuffer& buffer, size_t floats) {
-  std::vector<float> host(floats + kGuardFloats);
-  buffer.download(host.data(), host.size() * sizeof(float));
-  for (size_t i = floats; i < host.size(); ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &host[i], sizeof bits);
-    EXPECT_EQ(bits, 0xFFFFFFFFu) << buffer.name() << ": write past the end at float " << i;
-  }
-  host.resize(floats);
-  return host;
-}
-
-float bf16_ulp(float magnitude) {
-  const int exponent = magnitude > 0 ? std::ilogb(magnitude) : -126;
-  return std::ldexp(1.0f, std::max(exponent, -126) - 7);
-}
 
 void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place, bool round, uint32_t seed) {
   SCOPED_TRACE("rms_norm rows=" + std::to_string(rows) + " width=" + std::to_string(width) +

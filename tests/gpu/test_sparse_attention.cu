@@ -29,18 +29,10 @@
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
 #include "support/expect_error.hpp"
+#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-bool has_device() { return !list_devices().empty(); }
-
-template <class T>
-DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
-  DeviceBuffer buffer(std::max<size_t>(1, host.size()) * sizeof(T), what);
-  buffer.upload(host.data(), host.size() * sizeof(T));
-  return buffer;
-}
 
 // Stores `values` (already representable: bf16, or round_kv_reference output for fp8) in the entry layout.
 void encode_entry(const KvEntryLayout& layout, const float* values, uint8_t* entry) {
