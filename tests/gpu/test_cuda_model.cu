@@ -3,18 +3,16 @@
 // numerics modes, and greedy continuations token for token.
 #include "backends/cpu/cpu_backend.hpp"
 #include "backends/cuda/cuda_model.hpp"
-#include "backends/cuda/device.hpp"
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
 #include "model/dsv4_model.hpp"
+#include "support/device_buffers.hpp"
 
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <random>
 
 using namespace dsv4;
@@ -113,12 +111,10 @@ std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, uint32_t seed) 
   return tokens;
 }
 
-bool have_gpu() { return !cuda::list_devices().empty(); }
-
 class CudaModelMatchesCpu : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const fs::path dir = fs::path(DSV4_SOURCE_DIR) / GetParam();
   const Fixture f(dir);
   const int64_t vocab = f.ckpt.config.vocab_size;
@@ -154,7 +150,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu,
 // The model cut after each of its layers (the same cut on the CPU): where the GPU starts to differ tells which layer
 // kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.
 TEST(CudaModel, EveryPrefixOfLayersMatchesTheCpu) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const Fixture f(fs::path(DSV4_SOURCE_DIR) / "tests/golden/flash_like-release");
   const std::vector<int32_t> tokens = random_tokens(150, f.ckpt.config.vocab_size, 7);
   for (int layers = 1; layers <= f.ckpt.config.num_layers; ++layers) {
@@ -186,7 +182,7 @@ TEST(CudaModel, EveryPrefixOfLayersMatchesTheCpu) {
 
 // Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's.
 TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   for (const char* name : {"models/tiny-fortunes", "models/tiny-fortunes-nvfp4"}) {
     SCOPED_TRACE(name);
     const Fixture f(fs::path(DSV4_SOURCE_DIR) / name);
@@ -212,7 +208,7 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
 }
 
 TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const Fixture f(fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes");
   cuda::CudaModelOptions options;
   options.max_context = 32;
