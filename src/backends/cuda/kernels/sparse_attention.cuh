@@ -679,9 +679,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk)
-      sm90::wgmma_m64n32k16_bf16_ss(s_acc, sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
-                              sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
-                              kk > 0);
+      sm90::wgmma_m64n32k16_bf16_ss(s_acc,
+                                    sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
+                                    sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
+                                    kk > 0);
     sm90::wgmma_commit_group();
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
