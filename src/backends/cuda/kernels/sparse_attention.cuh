@@ -116,6 +116,47 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale
   return pack_bf16x2(f.x * scale, f.y * scale);
 }
 
+// One tile's online-softmax step for a thread's mma score fragment: s[4n + e] is the score of entry 8n + 2c + e % 2
+// for row g + 8 (e / 2) of the thread's 16-row block, in log2 units after scale_log2; entries whose `valid` flag is 0
+// score −inf. Updates the running row max and sum, gives the factor that rescales the old accumulators of each row,
+// and P as the bf16 A fragments of the PV product. P is rounded to bf16 once and the row sums add the rounded weights,
+// so PV applies exactly the weights that are normalised.
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
+                                                    float scale_log2, float (&row_max)[2], float (&row_sum)[2],
+                                                    float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
+      tile_max[e / 2] = fmaxf(tile_max[e / 2], s[4 * n + e]);
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
+    const float new_max = fmaxf(row_max[r], tile_max[r]);
+    // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
+    const float reference = new_max == -INFINITY ? 0.0f : new_max;
+    alpha[r] = exp2f(row_max[r] - reference);
+    row_max[r] = new_max;
+    row_sum[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int n = 0; n < kTile / 8; ++n) {
+    float w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float reference = row_max[e / 2] == -INFINITY ? 0.0f : row_max[e / 2];
+      w[e] = __bfloat162float(__float2bfloat16_rn(exp2f(s[4 * n + e] - reference)));
+      row_sum[e / 2] += w[e];
+    }
+    p_frag[n / 2][(n % 2) * 2 + 0] = pack_bf16x2(w[0], w[1]);
+    p_frag[n / 2][(n % 2) * 2 + 1] = pack_bf16x2(w[2], w[3]);
+  }
+}
+
 // ---- the attention kernel ----
 
 template <int kHeadDim, int kHeadTiles, bool kFp8>
@@ -318,40 +359,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
     }
 
     // Online softmax (log2 domain); unused slots score −inf.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kTile / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = slot_valid[stage * kTile + 8 * j + 2 * c + (e % 2)] != 0;
-        s_acc[j][e] = valid ? s_acc[j][e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s_acc[j][e]);
-      }
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
-      const float reference = new_max == -INFINITY ? 0.0f : new_max;
-      alpha[r] = exp2f(row_max[r] - reference);
-      row_max[r] = new_max;
-      row_sum[r] *= alpha[r];
-    }
     uint32_t p_frag[kTile / 16][4];
-#pragma unroll
-    for (int j = 0; j < kTile / 8; ++j) {
-      float w[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float reference = row_max[e / 2] == -INFINITY ? 0.0f : row_max[e / 2];
-        w[e] = __bfloat162float(__float2bfloat16_rn(exp2f(s_acc[j][e] - reference)));
-        row_sum[e / 2] += w[e];
-      }
-      p_frag[j / 2][(j % 2) * 2 + 0] = pack_bf16x2(w[0], w[1]);
-      p_frag[j / 2][(j % 2) * 2 + 1] = pack_bf16x2(w[2], w[3]);
-    }
+    online_softmax_tile(reinterpret_cast<float(&)[kTile / 2]>(s_acc), slot_valid + stage * kTile, c, scale_log2,
+                        row_max, row_sum, alpha, p_frag);
 #pragma unroll
     for (int j = 0; j < kWarpDims / 8; ++j) {
       o_acc[j][0] *= alpha[0];
@@ -707,41 +718,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = tile_valid[stage * kTile + 8 * n + 2 * c + (e % 2)] != 0;
-        s_acc[4 * n + e] = valid ? s_acc[4 * n + e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s_acc[4 * n + e]);
-      }
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-      const float new_max = fmaxf(row_max[r], tile_max[r]);
-      // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
-      const float reference = new_max == -INFINITY ? 0.0f : new_max;
-      alpha[r] = exp2f(row_max[r] - reference);
-      row_max[r] = new_max;
-      row_sum[r] *= alpha[r];
-    }
-    // P rounded to bf16 once; the row sums add the rounded weights, so PV applies exactly the normalised weights.
     uint32_t p_frag[kTile / 16][4];
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n) {
-      float w[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float reference = row_max[e / 2] == -INFINITY ? 0.0f : row_max[e / 2];
-        w[e] = __bfloat162float(__float2bfloat16_rn(exp2f(s_acc[4 * n + e] - reference)));
-        row_sum[e / 2] += w[e];
-      }
-      p_frag[n / 2][(n % 2) * 2 + 0] = pack_bf16x2(w[0], w[1]);
-      p_frag[n / 2][(n % 2) * 2 + 1] = pack_bf16x2(w[2], w[3]);
-    }
+    online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
 #pragma unroll
     for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
 
