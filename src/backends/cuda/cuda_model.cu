@@ -179,7 +179,8 @@ struct CudaModel::Impl {
     int32_t* nan_flag;
   };
 
-  Impl(const ModelConfig& c, const ModelWeights& host, const CudaModelOptions& o)
+  // Exactly one of `host` (uploaded here) and `device` (weights already on the device, moved in) is given.
+  Impl(const ModelConfig& c, const ModelWeights* host, DeviceModelWeights* device, const CudaModelOptions& o)
       : config(c), options(o), context(DeviceContext::open(o.device)), pool(context.index()) {
     check(o.max_sequences >= 1 && o.max_context >= 1 && o.max_step_tokens >= 1, "CUDA model: max_sequences ",
           o.max_sequences, ", max_context ", o.max_context, ", max_step_tokens ", o.max_step_tokens,
@@ -233,20 +234,31 @@ struct CudaModel::Impl {
 
     // Weights: F32 linear matrices as BF16, then one upload; each MoE layer's experts are also published as a
     // device table of views (DeviceMoeWeights borrows the upload), which its grouped kernels index by expert id.
-    std::vector<OwnedQuantizedMatrix> converted;
-    const ModelWeights w = gpu_linear_formats(host, converted);
-    WeightUploadOptions upload;
-    upload.progress = o.progress;
     // The sequences' state is allocated after the weights: the upload keeps room for it, so a context or sequence
     // count that does not fit is refused before the (long) upload starts, not after it.
-    upload.keep_free_bytes = sequence_state_bytes(c, kv, o.max_context);
-    const size_t weight_bytes = plan_weight_upload(w).device_bytes;
+    const size_t state_bytes = sequence_state_bytes(c, kv, o.max_context);
     const DeviceMemoryInfo memory = context.memory();
-    check(weight_bytes + upload.keep_free_bytes <= memory.free_bytes, "the model needs ", format_bytes(weight_bytes),
-          " of weights plus ", format_bytes(upload.keep_free_bytes), " for the KV cache and state of ",
-          o.max_sequences, " sequence(s) of up to ", o.max_context, " tokens, but ", context.describe(),
-          " has ", format_bytes(memory.free_bytes), " free: lower --ctx, or use a larger GPU");
-    weights = upload_model_weights(w, pool, context.copy_stream(), upload);
+    if (host != nullptr) {
+      std::vector<OwnedQuantizedMatrix> converted;
+      const ModelWeights w = gpu_linear_formats(*host, converted);
+      WeightUploadOptions upload;
+      upload.progress = o.progress;
+      upload.keep_free_bytes = state_bytes;
+      const size_t weight_bytes = plan_weight_upload(w).device_bytes;
+      check(weight_bytes + state_bytes <= memory.free_bytes, "the model needs ", format_bytes(weight_bytes),
+            " of weights plus ", format_bytes(state_bytes), " for the KV cache and state of ", o.max_sequences,
+            " sequence(s) of up to ", o.max_context, " tokens, but ", context.describe(), " has ",
+            format_bytes(memory.free_bytes), " free: lower --ctx, or use a larger GPU");
+      weights = upload_model_weights(w, pool, context.copy_stream(), upload);
+    } else {
+      check(state_bytes <= memory.free_bytes, "the model's weights are on the device; the KV cache and state of ",
+            o.max_sequences, " sequence(s) of up to ", o.max_context, " tokens need ", format_bytes(state_bytes),
+            ", but ", context.describe(), " has ", format_bytes(memory.free_bytes),
+            " free: lower --ctx or the sequence count");
+      weights = std::move(*device);
+      check(weights.layers.size() == size_t(L), "CUDA model: the device weights have ", weights.layers.size(),
+            " layers, the config ", L);
+    }
     moe_config = {d, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
                   float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
     for (int i = 0; i < L; ++i)
@@ -350,6 +362,7 @@ struct CudaModel::Impl {
     DSV4_CUDA_CHECK(cudaMemsetAsync(scratch_buffer.data(), 0, bytes, stream));
     prepare_moe_workspace(moe_workspace, moe_workspace_size, stream);
 
+    decode_logits = DeviceBuffer(size_t(o.max_sequences) * size_t(c.vocab_size) * sizeof(float), "decode logits");
     DSV4_CUDA_CHECK(cudaHostAlloc(&staging, staging_bytes(), cudaHostAllocDefault));
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -627,7 +640,7 @@ struct CudaModel::Impl {
     slot_length[size_t(slot)] = p0 + T;
   }
 
-  const ModelConfig& config;
+  const ModelConfig config;
   CudaModelOptions options;
   DeviceContext context;
   DeviceAllocator pool;
@@ -644,6 +657,7 @@ struct CudaModel::Impl {
   size_t attention_workspace_bytes = 0, linear_workspace = 0, hc_workspace_bytes = 0, moe_workspace_size = 0,
          top_k_workspace_size = 0;
   DeviceBuffer scratch_buffer;
+  DeviceBuffer decode_logits;  // [max_sequences, vocab]
   Scratch scratch{};
   void* attention_workspace = nullptr;
   void* linear_ws = nullptr;
@@ -655,7 +669,10 @@ struct CudaModel::Impl {
 };
 
 CudaModel::CudaModel(const ModelConfig& config, const ModelWeights& weights, const CudaModelOptions& options)
-    : impl_(std::make_unique<Impl>(config, weights, options)) {}
+    : impl_(std::make_unique<Impl>(config, &weights, nullptr, options)) {}
+
+CudaModel::CudaModel(const ModelConfig& config, DeviceModelWeights&& weights, const CudaModelOptions& options)
+    : impl_(std::make_unique<Impl>(config, nullptr, &weights, options)) {}
 
 CudaModel::~CudaModel() = default;
 
@@ -721,5 +738,35 @@ void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, 
     throw;
   }
 }
+
+}  // namespace dsv4::cuda
+
+namespace dsv4::cuda {
+
+void CudaModel::decode(std::span<const int> slots, std::span<const int32_t> ids, std::vector<float>& logits) {
+  Impl& m = *impl_;
+  check(slots.size() == ids.size() && !slots.empty(), "decode: ", slots.size(), " slots for ", ids.size(), " ids");
+  const int64_t vocab = m.config.vocab_size;
+  logits.resize(slots.size() * size_t(vocab));
+  std::vector<float> row;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    forward(slots[i], ids.subspan(i, 1), LogitRows::Last, row);
+    std::copy(row.begin(), row.end(), logits.begin() + std::ptrdiff_t(i * size_t(vocab)));
+  }
+}
+
+const float* CudaModel::decode_on_device(std::span<const int> slots, std::span<const int32_t> ids) {
+  Impl& m = *impl_;
+  check(slots.size() <= size_t(m.options.max_sequences), "decode_on_device: ", slots.size(),
+        " sequences exceed max_sequences ", m.options.max_sequences);
+  std::vector<float> logits;
+  decode(slots, ids, logits);
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(m.decode_logits.data(), logits.data(), logits.size() * sizeof(float),
+                                  cudaMemcpyHostToDevice, m.stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  return m.decode_logits.as<float>();
+}
+
+cudaStream_t CudaModel::stream() const { return impl_->stream; }
 
 }  // namespace dsv4::cuda

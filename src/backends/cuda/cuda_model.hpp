@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
 #include "backends/cuda/weight_upload.hpp"
 #include "io/model_config.hpp"
 #include "model/dsv4_model.hpp"
@@ -36,6 +38,9 @@ class CudaModel {
   // Uploads the weights (borrowed only during construction) and sizes every buffer. Throws naming what does not fit
   // or what a kernel does not support before any step runs.
   CudaModel(const ModelConfig& config, const ModelWeights& weights, const CudaModelOptions& options);
+  // A model over weights already on the device (e.g. synthetic benchmark weights built there), taken over; the
+  // memory check then covers the sequences' state and the step buffers only.
+  CudaModel(const ModelConfig& config, DeviceModelWeights&& weights, const CudaModelOptions& options);
   ~CudaModel();
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;
@@ -56,6 +61,16 @@ class CudaModel {
   // Throws for an empty call, an id outside the vocabulary, or a sequence past max_context, leaving the slot as it
   // was; after an error while the kernels run (NaN scores, a fault) the slot refuses steps until released.
   void forward(int slot, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits);
+
+  // One decode step of several sequences: ids[i] is the next token of slot slots[i] (slots distinct, each in use);
+  // fp32 logits [n, vocab], row i for slots[i]. Throws like forward, before any slot changes; a failure while the
+  // kernels run marks every slot of the step failed.
+  void decode(std::span<const int> slots, std::span<const int32_t> ids, std::vector<float>& logits);
+  // The same step leaving the logits [n, vocab] fp32 in device memory, valid until the next call. The caller may run
+  // its own kernels on stream() to read them.
+  const float* decode_on_device(std::span<const int> slots, std::span<const int32_t> ids);
+  // The stream every step runs on.
+  cudaStream_t stream() const;
 
  private:
   struct Impl;
