@@ -2,11 +2,18 @@
 
 namespace dsv4 {
 
-std::string_view to_string(NumericsMode mode) { return mode == NumericsMode::Exact ? "exact" : "reference"; }
+std::string_view to_string(NumericsMode mode) {
+  switch (mode) {
+    case NumericsMode::Exact: return "exact";
+    case NumericsMode::Reference: return "reference";
+    case NumericsMode::GpuBf16: return "gpu-bf16";
+  }
+  return "unknown";
+}
 
 std::optional<NumericsMode> parse_numerics_mode(std::string_view text) {
-  if (text == "exact") return NumericsMode::Exact;
-  if (text == "reference") return NumericsMode::Reference;
+  for (NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference, NumericsMode::GpuBf16})
+    if (text == to_string(mode)) return mode;
   return std::nullopt;
 }
 

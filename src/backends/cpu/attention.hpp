@@ -17,6 +17,11 @@ struct SparseAttentionParams {
   float softmax_scale = 0.0f;    // D^-0.5
   int64_t window_slots = 0;      // entries per query in window_index (128 for the real models)
   int64_t compressed_slots = 0;  // entries per query in compressed_index (0 on SWA layers)
+  // 0: exact softmax weights. n > 0: the weights as the CUDA kernel forms them (GpuBf16 numerics): the slot list
+  // (window slots, then compressed slots, unused ones included) is walked in tiles of n slots with a running max m
+  // over the tiles so far, each weight is bf16(exp(s − m)) and the denominator sums the rounded weights. (The
+  // kernel's split of long lists over several CTAs, each with its own running max, is not reproduced.)
+  int64_t bf16_weight_tile = 0;
 };
 
 struct SparseAttentionInputs {

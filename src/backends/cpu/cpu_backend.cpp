@@ -9,6 +9,7 @@
 #include "backends/cpu/moe.hpp"
 #include "backends/cpu/reference_rounding.hpp"
 #include "backends/cpu/rms_norm.hpp"
+#include "core/bf16.hpp"
 #include "core/dequantize.hpp"
 #include "core/error.hpp"
 
@@ -58,9 +59,9 @@ std::optional<YarnScaling> yarn_of(const ModelConfig& c) {
   return YarnScaling{c.yarn->factor, c.yarn->original_max_position, c.yarn->beta_fast, c.yarn->beta_slow};
 }
 
-cpu::CompressorWeights compressor_weights(const dsv4::CompressorWeights& w) {
-  return {&w.wkv, &w.wgate, w.ape.data(), w.norm.data()};
-}
+// The CUDA sparse-attention kernel's tile of entries (kSparseAttentionTileEntries): the unit of its running max,
+// which GpuBf16 numerics reproduces when rounding the softmax weights.
+constexpr int64_t kGpuAttentionTile = 32;
 
 }  // namespace
 
@@ -86,6 +87,25 @@ std::unique_ptr<SequenceCache> CpuBackend::new_sequence() {
     if (csa) layer.index_compressor.emplace(config_.compress_ratio(i), config_.indexer.head_dim, true);
   }
   return cache;
+}
+
+const QuantizedMatrix& CpuBackend::linear_weight(const QuantizedMatrix& w) {
+  if (!gpu_bf16() || w.format != WeightFormat::F32) return w;
+  auto [it, added] = bf16_weights_.try_emplace(w.data);
+  if (added) {
+    it->second = allocate_quantized_matrix(WeightFormat::BF16, w.rows, w.cols, ScaleType::NONE);
+    const std::vector<float> values = dequantize(w);
+    auto* bits = reinterpret_cast<uint16_t*>(it->second.storage->data.data());
+    for (size_t i = 0; i < values.size(); ++i) bits[i] = float_to_bf16(values[i]);
+  }
+  return it->second.matrix;
+}
+
+const float* CpuBackend::linear_input(const float* x, int64_t n, std::vector<float>& scratch) const {
+  if (!gpu_bf16()) return x;
+  scratch.assign(x, x + n);
+  round_to_bf16_inplace(scratch.data(), n);
+  return scratch.data();
 }
 
 void CpuBackend::embed(const QuantizedMatrix& table, const int32_t* ids, int64_t T, float* out) {
@@ -114,7 +134,10 @@ void CpuBackend::rms_norm(const float* x, const std::vector<float>& weight, int6
   cpu::rms_norm(x, weight.data(), y, {rows, int64_t(weight.size()), float(config_.rms_norm_eps)});
 }
 
-void CpuBackend::linear(const QuantizedMatrix& w, const float* x, int64_t T, float* y) { cpu::linear(w, x, T, y); }
+void CpuBackend::linear(const QuantizedMatrix& w, const float* x, int64_t T, float* y) {
+  std::vector<float> x_rounded;
+  cpu::linear(linear_weight(w), linear_input(x, T * w.cols, x_rounded), T, y);
+}
 
 void CpuBackend::round_residual(float* x, int64_t n) {
   if (numerics_ == NumericsMode::Reference) round_to_bf16_inplace(x, n);
@@ -126,26 +149,38 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
   LayerCache& cache = seq.layers[size_t(layer)];
   const ModelConfig& c = config_;
   const RopeTable& rope = rope_[size_t(layer)];
-  const bool reference = numerics_ == NumericsMode::Reference;
+  const bool reference = numerics_ == NumericsMode::Reference, gpu = gpu_bf16();
   const int64_t d = c.hidden_size, H = c.num_heads, D = c.head_dim, W = c.window_size;
+  // GpuBf16: rounds to bf16 where the CUDA kernels do (their linear inputs and stored vectors); else a no-op.
+  auto round_like_gpu = [gpu](float* v, int64_t n) {
+    if (gpu) round_to_bf16_inplace(v, n);
+  };
+  auto compressor_weights = [&](const dsv4::CompressorWeights& cw) {
+    return cpu::CompressorWeights{&linear_weight(cw.wkv), &linear_weight(cw.wgate), cw.ape.data(), cw.norm.data()};
+  };
+  std::vector<float> x_rounded;
+  x = linear_input(x, T * d, x_rounded);
   const int64_t p0 = seq.length_;
   std::vector<int64_t> positions(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) positions[size_t(t)] = p0 + t;
 
   // Queries: q = per-head-normalised (wq_b · q_norm(wq_a · x)), rotated. qr also feeds the indexer.
   std::vector<float> qr(size_t(T * c.q_lora_rank)), q(size_t(T * H * D));
-  cpu::linear(w.wq_a, x, T, qr.data());
+  cpu::linear(linear_weight(w.wq_a), x, T, qr.data());
   cpu::rms_norm(qr.data(), w.q_norm.data(), qr.data(), {T, c.q_lora_rank, float(c.rms_norm_eps)});
-  cpu::linear(w.wq_b, qr.data(), T, q.data());
+  round_like_gpu(qr.data(), T * c.q_lora_rank);
+  cpu::linear(linear_weight(w.wq_b), qr.data(), T, q.data());
   cpu::rms_norm(q.data(), nullptr, q.data(), {T * H, D, float(c.rms_norm_eps)});
   apply_rope(rope, q.data(), positions.data(), {T, H, D, false});
+  round_like_gpu(q.data(), T * H * D);  // the attention kernel's MMA operand
 
   // The single K = V head of the new tokens, rounded as the reference stores it.
   std::vector<float> kv(size_t(T * D));
-  cpu::linear(w.wkv, x, T, kv.data());
+  cpu::linear(linear_weight(w.wkv), x, T, kv.data());
   cpu::rms_norm(kv.data(), w.kv_norm.data(), kv.data(), {T, D, float(c.rms_norm_eps)});
   apply_rope(rope, kv.data(), positions.data(), {T, 1, D, false});
   if (reference) round_kv_reference(kv.data(), T, D, c.rope_head_dim);
+  round_like_gpu(kv.data(), T * D);  // the GPU's bf16 KV cache
 
   // Window rows: the ring's tokens still in reach of the first query, then the new tokens.
   const int64_t first_window = std::max<int64_t>(0, p0 - (W - 1));
@@ -172,6 +207,7 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
     const int64_t entries = int64_t(cache.compressed.size()) / D;
     if (reference && entries > before) round_kv_reference(&cache.compressed[size_t(before * D)], entries - before, D,
                                                           c.rope_head_dim);
+    round_like_gpu(&cache.compressed[size_t(before * D)], (entries - before) * D);
 
     if (w.indexer) {
       // CSA: the lightning indexer picks top-k of the visible entries.
@@ -184,11 +220,13 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
       const int64_t keys = int64_t(cache.index_keys.size()) / ID;
       if (reference && keys > keys_before) round_indexer_reference(&cache.index_keys[size_t(keys_before * ID)],
                                                                    keys - keys_before, ID);
+      round_like_gpu(&cache.index_keys[size_t(keys_before * ID)], (keys - keys_before) * ID);
       std::vector<float> qi(size_t(T * IH * ID)), head_weights(size_t(T * IH));
-      cpu::linear(ix.wq_b, qr.data(), T, qi.data());
+      cpu::linear(linear_weight(ix.wq_b), qr.data(), T, qi.data());
       apply_rope(rope, qi.data(), positions.data(), {T, IH, ID, false});
       if (reference) round_indexer_reference(qi.data(), T * IH, ID);
-      cpu::linear(ix.weights_proj, x, T, head_weights.data());
+      round_like_gpu(qi.data(), T * IH * ID);
+      cpu::linear(linear_weight(ix.weights_proj), x, T, head_weights.data());
       compressed_slots = c.indexer.topk;
       compressed_index.assign(size_t(T * compressed_slots), -1);
       std::vector<int32_t> counts(static_cast<size_t>(T));
@@ -220,12 +258,15 @@ void CpuBackend::attention(int layer, const dsv4::AttentionWeights& w, SequenceC
   inputs.compressed_index = compressed_slots ? compressed_index.data() : nullptr;
   inputs.positions = positions.data();
   inputs.rope = &rope;
-  sparse_attention(inputs, {T, H, D, 1.0f / std::sqrt(float(D)), W, compressed_slots}, o.data());
+  sparse_attention(inputs, {T, H, D, 1.0f / std::sqrt(float(D)), W, compressed_slots, gpu ? kGpuAttentionTile : 0},
+                   o.data());
+  round_like_gpu(o.data(), T * H * D);
 
   // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
   std::vector<float> z(size_t(T * c.o_proj_dim()));
-  grouped_linear(w.wo_a, c.o_groups, o.data(), T, z.data());
-  cpu::linear(w.wo_b, z.data(), T, out);
+  grouped_linear(linear_weight(w.wo_a), c.o_groups, o.data(), T, z.data());
+  round_like_gpu(z.data(), T * c.o_proj_dim());
+  cpu::linear(linear_weight(w.wo_b), z.data(), T, out);
 
   for (int64_t t = std::max<int64_t>(0, T - W); t < T; ++t)
     std::copy_n(&kv[size_t(t * D)], D, &cache.ring[size_t(((p0 + t) % W) * D)]);
@@ -239,16 +280,17 @@ void CpuBackend::moe(const dsv4::MoeWeights& w, const float* u, const int32_t* t
   const ModelConfig& c = config_;
   std::vector<cpu::ExpertWeights> experts;
   experts.reserve(w.experts.size());
-  for (const dsv4::ExpertWeights& e : w.experts) experts.push_back({&e.w1, &e.w2, &e.w3});
+  for (const dsv4::ExpertWeights& e : w.experts)
+    experts.push_back({&linear_weight(e.w1), &linear_weight(e.w2), &linear_weight(e.w3)});
   cpu::MoeWeights weights;
   weights.gate = &w.gate;
   weights.gate_bias = w.gate_bias.empty() ? nullptr : w.gate_bias.data();
   weights.tid2eid = w.tid2eid.empty() ? nullptr : w.tid2eid.data();
   weights.vocab = c.vocab_size;
   weights.experts = experts.data();
-  weights.shared = {&w.shared.w1, &w.shared.w2, &w.shared.w3};
+  weights.shared = {&linear_weight(w.shared.w1), &linear_weight(w.shared.w2), &linear_weight(w.shared.w3)};
   MoeParams params{T, c.hidden_size, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
-                   float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
+                   float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit), gpu_bf16()};
   moe_forward(weights, params, u, token_ids, out);
 }
 

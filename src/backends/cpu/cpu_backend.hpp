@@ -1,11 +1,14 @@
 // The CPU backend: the model's operations composed from the fp32 reference ops of this folder. It is both the
 // numerical reference for every other backend and a usable engine (threaded over the cores, vectorised GEMV).
+// In GpuBf16 numerics it rounds where the CUDA kernels round (numerics_mode.hpp), so that the GPU can be tested
+// against it to fp32 summation order.
 #pragma once
 
 #include "backends/cpu/rope.hpp"
 #include "io/model_config.hpp"
 #include "model/backend.hpp"
 
+#include <unordered_map>
 #include <vector>
 
 namespace dsv4::cpu {
@@ -32,8 +35,16 @@ class CpuBackend final : public Backend {
   void round_residual(float* x, int64_t n) override;
 
  private:
+  bool gpu_bf16() const { return numerics_ == NumericsMode::GpuBf16; }
+  // The matrix a linear layer multiplies with: in GpuBf16 numerics an F32 matrix is replaced by its bf16 rounding
+  // (the GPU's linear kernels read BF16, FP8 and FP4), made once and kept in bf16_weights_.
+  const QuantizedMatrix& linear_weight(const QuantizedMatrix& w);
+  // x [n] as a linear layer's input: in GpuBf16 numerics a copy in `scratch` rounded to bf16, else x itself.
+  const float* linear_input(const float* x, int64_t n, std::vector<float>& scratch) const;
+
   const ModelConfig& config_;
   NumericsMode numerics_;
+  std::unordered_map<const uint8_t*, OwnedQuantizedMatrix> bf16_weights_;  // by the F32 matrix's data
   std::vector<RopeTable> rope_;  // one table per layer: θ 10000 on SWA layers, compress θ + YaRN elsewhere
 };
 

@@ -5,7 +5,9 @@
 #include <numeric>
 #include <vector>
 
+#include "backends/cpu/bf16_rounding.hpp"
 #include "backends/cpu/linear.hpp"
+#include "core/bf16.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cpu {
@@ -77,7 +79,7 @@ void swiglu_expert(const ExpertWeights& expert, const MoeParams& p, const float*
   for (size_t i = 0; i < gate.size(); ++i) {
     const float g = std::min(gate[i], p.swiglu_limit);
     const float v = std::clamp(up[i], -p.swiglu_limit, p.swiglu_limit);
-    gate[i] = silu(g) * v;
+    gate[i] = p.bf16_expert_inputs ? round_to_bf16(silu(g) * v) : silu(g) * v;
   }
   linear(*expert.w2, gate.data(), T, out);
 }
@@ -88,6 +90,12 @@ void moe_forward(const MoeWeights& w, const MoeParams& p, const float* u, const 
   std::vector<int32_t> ids(p.tokens * p.top_k);
   std::vector<float> route_weights(p.tokens * p.top_k);
   moe_route(w, p, u, token_ids, ids.data(), route_weights.data());
+  std::vector<float> u_bf16;
+  if (p.bf16_expert_inputs) {
+    u_bf16.assign(u, u + p.tokens * d);
+    round_to_bf16_inplace(u_bf16.data(), int64_t(u_bf16.size()));
+    u = u_bf16.data();
+  }
 
   // The shared expert initialises the output; each routed expert then runs once on all the tokens routed to it,
   // so its weights are read once per call.

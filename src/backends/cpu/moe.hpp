@@ -1,6 +1,6 @@
 // Mixture of experts (dsv4-model.md §4): sqrt-softplus router with a selection-only bias (or token-id hash
 // routing on the first layers), top-k routed experts with clamped SwiGLU, plus one always-on shared expert.
-// All math and the accumulation of routed outputs are fp32.
+// All math and the accumulation of routed outputs are fp32 (bf16_expert_inputs: the CUDA experts' roundings).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +17,9 @@ struct MoeParams {
   int64_t top_k = 6;         // num_experts_per_tok
   float routed_scaling_factor = 1.0f;
   float swiglu_limit = 10.0f;
+  // GpuBf16 numerics: the expert GEMMs read u and the SwiGLU output h rounded to bf16, as the CUDA kernels do (the
+  // router still reads u in fp32).
+  bool bf16_expert_inputs = false;
 };
 
 // expert(u) = w2 @ (silu(min(w1 @ u, limit)) · clamp(w3 @ u, −limit, limit)).
