@@ -264,14 +264,34 @@ def run_prefill(model, tokens) -> None:
     model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
-def run_decode(model, first_tokens, steps: int) -> None:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    tokens = first_tokens
+def decode_steps(model, cache, tokens, steps: int):
     for _ in range(steps):
         logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits
         tokens = logits[:, -1].argmax(dim=-1, keepdim=True)  # greedy, stays on the device: no host sync here
+    return tokens
+
+
+def run_decode(model, first_tokens, steps: int) -> None:
+    from transformers import DynamicCache
+
+    decode_steps(model, DynamicCache(config=model.config), first_tokens, steps)
+
+
+def count_decode_kernels(model, first_tokens, device, warm_steps: int, counted_steps: int) -> float:
+    """Device activities (kernels, memcpy, memset) per decode step, averaged over `counted_steps` steps taken
+    after `warm_steps`: one CSA compression window, since a step that closes a window does more work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    tokens = decode_steps(model, cache, first_tokens, warm_steps)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        decode_steps(model, cache, tokens, counted_steps)
+        synchronize(device)
+    device_events = sum(1 for event in profiler.events() if event.device_type == DeviceType.CUDA)
+    return device_events / counted_steps
 
 
 def measure(name: str, kind: str, batch: int, tokens: int, repetitions: int, device, body) -> dict:
@@ -464,6 +484,19 @@ def main(argv: list[str]) -> int:
                                      lambda first=first: run_decode(model, first, args.gen))
                 results.append(result)
                 print(f"# {describe(result)}", flush=True)
+        kernels_per_step = None
+        if device.type == "cuda":
+            rates = getattr(config, "compress_rates", None) or {}
+            window = max(1, int(rates.get("compressed_sparse_attention", 4)))
+            first = torch.randint(0, config.vocab_size, (1, 1), generator=generator, device=device)
+            try:
+                kernels_per_step = count_decode_kernels(model, first, device, warm_steps=2 * window,
+                                                        counted_steps=window)
+            except RuntimeError as error:  # e.g. no CUPTI: the timings above stand without the count
+                notes.append(f"kernel count unavailable: torch.profiler failed: {error}")
+            else:
+                print(f"# batch-1 decode: {kernels_per_step:.0f} device activities (kernels, memcpy, memset) per "
+                      f"step, {kernels_per_step / layers:.0f} per layer (embedding, final norm, lm_head included)")
 
     report = {
         "benchmark": "hf_eager_baseline",
@@ -494,6 +527,9 @@ def main(argv: list[str]) -> int:
         "build_seconds": build_seconds,
         "repetitions": args.repetitions,
         "results": results,
+        # Batch-1 decode, from torch.profiler; per layer = per step / layers (embedding, head and sampling included).
+        "device_activities_per_decode_step": kernels_per_step,
+        "device_activities_per_decode_step_per_layer": None if kernels_per_step is None else kernels_per_step / layers,
         # Each test's peak includes the resident weights; the largest is the run's peak (None on the CPU).
         "peak_memory_bytes": max((result["peak_memory_bytes"] for result in results
                                   if result.get("peak_memory_bytes") is not None), default=None),
