@@ -1,9 +1,10 @@
 // Synthetic device weights (benchmarks): for V4-Flash cut to 4 layers (SWA, SWA, CSA, HCA; hash and scored routing)
 // in each expert format, every tensor has the name, shape and format the checkpoint loader expects (weight_slots),
-// the plan equals the pool memory taken, the MoE layers pass the device checks uploaded layers pass, values have the
-// documented ranges (matrices of unit-ish gain, finite after dequantisation); generation is deterministic per seed;
-// and a forward pass at Flash and Pro widths (prefill past an HCA window, then decode steps fed back through the
-// device argmax) gives finite, non-degenerate logits, identical for two models of one seed.
+// the plan equals the pool memory taken, the decode byte count adds up, the MoE layers pass the device checks
+// uploaded layers pass, values have the documented ranges (matrices of unit-ish gain, finite after dequantisation);
+// generation is deterministic per seed; and a forward pass at Flash and Pro widths (prefill past an HCA window, then
+// decode steps fed back through the device argmax) gives finite, non-degenerate logits, identical for two models of
+// one seed.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -188,6 +189,31 @@ TEST(SyntheticWeights, LayoutMatchesTheCheckpointSlotsInEveryExpertFormat) {
     }
     EXPECT_EQ(mismatches, 0);
     for (const auto& [name, tensor] : tensors) EXPECT_TRUE(seen.count(name)) << "unexpected tensor " << name;
+
+    // Decode bytes: every tensor of a layer once, except the routed experts (top_k of them) and the hash table (one
+    // row); outside the layers the head, norm, hc_head and one embedding row.
+    const DecodeStepWeightBytes step = decode_step_weight_bytes(config, w);
+    ASSERT_EQ(step.layer_bytes.size(), 4u);
+    const int64_t k = config.moe.experts_per_token;
+    std::vector<size_t> want_layers(4);
+    size_t want_model = size_t(config.hidden_size) * 2;
+    for (const auto& [name, tensor] : tensors) {
+      const size_t bytes = tensor.matrix ? tensor.matrix->stored_bytes : size_t(tensor.count) * 4;
+      if (name == "embed.weight") continue;
+      if (!name.starts_with("layers.")) {
+        want_model += bytes;
+        continue;
+      }
+      const size_t layer = std::stoul(name.substr(7));
+      if (name.find(".ffn.experts.") != std::string::npos)
+        want_layers[layer] += name.find(".ffn.experts.0.") != std::string::npos ? bytes * size_t(k) : 0;
+      else if (name.ends_with("tid2eid"))
+        want_layers[layer] += size_t(k) * 4;
+      else
+        want_layers[layer] += bytes;
+    }
+    EXPECT_EQ(step.model_bytes, want_model);
+    for (size_t i = 0; i < 4; ++i) EXPECT_EQ(step.layer_bytes[i], want_layers[i]) << "layer " << i;
 
     // The device checks an uploaded MoE layer passes (expert shapes and formats, MXFP4 scale range, hash entries).
     const MoeConfig moe{config.hidden_size, config.moe.intermediate_size, config.moe.num_routed_experts,

@@ -373,7 +373,13 @@ DeviceModelWeights make_synthetic_weights(const ModelConfig& config, WeightForma
   return weights;
 }
 
-size_t decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeights& w) {
+size_t DecodeStepWeightBytes::total_bytes() const {
+  size_t total = model_bytes;
+  for (size_t b : layer_bytes) total += b;
+  return total;
+}
+
+DecodeStepWeightBytes decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeights& w) {
   auto array_bytes = [](const auto& a) { return size_t(a.size()) * sizeof(*a.data()); };
   auto hc = [&](const device_weights::HyperConnection& h) {
     return h.fn.view().stored_bytes + array_bytes(h.base) + array_bytes(h.scale);
@@ -384,10 +390,11 @@ size_t decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeig
   auto expert = [](const device_weights::Expert& e) {
     return e.w1.view().stored_bytes + e.w2.view().stored_bytes + e.w3.view().stored_bytes;
   };
-  size_t bytes = w.head.view().stored_bytes + w.embed.view().data_row_bytes + array_bytes(w.norm) + hc(w.hc_head);
+  DecodeStepWeightBytes out;
+  out.model_bytes = w.head.view().stored_bytes + w.embed.view().data_row_bytes + array_bytes(w.norm) + hc(w.hc_head);
   for (const device_weights::Block& b : w.layers) {
     const device_weights::Attention& a = b.attn;
-    bytes += array_bytes(b.attn_norm) + array_bytes(b.ffn_norm) + hc(b.hc_attn) + hc(b.hc_ffn);
+    size_t bytes = array_bytes(b.attn_norm) + array_bytes(b.ffn_norm) + hc(b.hc_attn) + hc(b.hc_ffn);
     for (const DeviceMatrix* m : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) bytes += m->view().stored_bytes;
     bytes += array_bytes(a.q_norm) + array_bytes(a.kv_norm) + array_bytes(a.sink);
     if (a.compressor) bytes += compressor(*a.compressor);
@@ -398,8 +405,9 @@ size_t decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeig
     const size_t top_k = size_t(config.moe.experts_per_token);
     bytes += f.gate.view().stored_bytes + array_bytes(f.gate_bias) + (f.tid2eid.empty() ? 0 : top_k * 4) +
              expert(f.shared) + (f.experts.empty() ? 0 : top_k * expert(f.experts.front()));
+    out.layer_bytes.push_back(bytes);
   }
-  return bytes;
+  return out;
 }
 
 }  // namespace dsv4::cuda

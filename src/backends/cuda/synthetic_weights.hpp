@@ -43,9 +43,15 @@ SyntheticWeightsPlan plan_synthetic_weights(const ModelConfig& config, WeightFor
 DeviceModelWeights make_synthetic_weights(const ModelConfig& config, WeightFormat expert_format, DeviceAllocator& pool,
                                           uint64_t seed, cudaStream_t stream);
 
-// Bytes of `weights` that one decode step of one token reads (the batch-1 weight-bandwidth floor): the head, the
-// final norm and hc_head, one embedding row, and per layer every dense matrix and vector (attention, compressor,
-// indexer, router, shared expert, mHC, norms), top_k routed experts and the token's hash-table row.
-size_t decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeights& weights);
+// Bytes of `weights` that one decode step of one token reads (the batch-1 weight-bandwidth floor): outside the layers
+// the head, the final norm, hc_head and one embedding row; per layer every dense matrix and vector (attention,
+// compressor, indexer, router, shared expert, mHC, norms), top_k routed experts and the token's hash-table row.
+struct DecodeStepWeightBytes {
+  size_t model_bytes = 0;
+  std::vector<size_t> layer_bytes;
+  size_t total_bytes() const;
+};
+
+DecodeStepWeightBytes decode_step_weight_bytes(const ModelConfig& config, const DeviceModelWeights& weights);
 
 }  // namespace dsv4::cuda
