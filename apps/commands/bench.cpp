@@ -1,0 +1,653 @@
+// dsv4 bench: llama-bench style throughput of the whole model. Prefill (ppN: N prompt tokens into a fresh sequence)
+// and greedy decode (tgN @ bB: N steps of B fresh sequences, one token each per step, the next tokens chosen by the
+// argmax of the step's logits) in tokens/s, mean ± standard deviation over repetitions after one warm-up run.
+//   dsv4 bench -m DIR      a checkpoint, on the CPU (through the runtime's LanguageModel) or the GPU (CudaModel);
+//   dsv4 bench e2e         synthetic weights generated on the GPU at V4-Flash / V4-Pro widths (or a config file),
+//                          as many layers as fit, with the per-layer cost extrapolated to the full depth.
+#include "cli_options.hpp"
+#include "command_registry.hpp"
+#include "core/error.hpp"
+#include "core/quantized_matrix.hpp"
+#include "io/builtin_configs.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#if DSV4_HAVE_CUDA
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "../../bench/cuda_bench_support.hpp"
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/cuda_model.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_context.hpp"
+#include "backends/cuda/kernels/argmax.hpp"
+#include "backends/cuda/linear_dispatch.hpp"
+#include "backends/cuda/synthetic_weights.hpp"
+#include "model/checkpoint_loader.hpp"
+#endif
+
+namespace dsv4::app {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// What to measure, shared by both forms of the command.
+struct BenchPlan {
+  std::vector<int64_t> prompts = {512};
+  int64_t generate = 128;
+  std::vector<int64_t> batches = {1};
+  int reps = 3;
+  std::string json_path;
+  uint64_t seed = 1;
+
+  void add_to(CLI::App& sub, const char* prompts_help, const char* batches_help) {
+    sub.add_option("-p,--n-prompt", prompts, prompts_help)->delimiter(',')->capture_default_str();
+    sub.add_option("-n,--n-gen", generate, "Decode steps per tgN test (0 = no decode test)")->capture_default_str();
+    sub.add_option("-b,--batch", batches, batches_help)->delimiter(',')->capture_default_str();
+    sub.add_option("-r,--repetitions", reps, "Timed repetitions of each test (after one warm-up run)")
+        ->capture_default_str();
+    sub.add_option("--json", json_path, "Also write the results as JSON to this file");
+    sub.add_option("--seed", seed, "Seed of the random prompt and first tokens (and of synthetic weights)")
+        ->capture_default_str();
+  }
+  void validate() const {
+    for (int64_t p : prompts) check(p >= 0, "-p: prompt length ", p, " must not be negative");
+    check(generate >= 0, "-n: ", generate, " decode steps must not be negative");
+    for (int64_t b : batches) check(b >= 1, "-b: batch ", b, " must be at least 1");
+    check(reps >= 1, "-r: ", reps, " repetitions must be at least 1");
+    check(std::any_of(prompts.begin(), prompts.end(), [](int64_t p) { return p > 0; }) || generate > 0,
+          "nothing to measure: every -p is 0 and -n is 0");
+  }
+  std::vector<int64_t> prompt_tests() const {
+    std::vector<int64_t> out;
+    for (int64_t p : prompts)
+      if (p > 0) out.push_back(p);
+    return out;
+  }
+  std::vector<int64_t> decode_batches() const { return generate > 0 ? batches : std::vector<int64_t>{}; }
+};
+
+// One row of the table: a test's timed repetitions.
+struct TestResult {
+  std::string test;     // "pp512", "tg128"
+  int64_t batch = 1;
+  int64_t tokens = 0;   // tokens per repetition (prompt tokens, or steps × batch)
+  std::vector<double> seconds;
+  // Synthetic runs: the same test at the model's full depth, from the per-layer cost (an extrapolation).
+  std::optional<double> extrapolated_tps;
+  std::optional<double> layer_ms;  // per layer, per call (prefill) or per step (decode)
+  std::optional<double> fixed_ms;  // outside the layers, per step (head, argmax); decode only
+
+  std::vector<double> tps() const {
+    std::vector<double> out;
+    for (double s : seconds) out.push_back(double(tokens) / s);
+    return out;
+  }
+  double mean_tps() const {
+    const std::vector<double> v = tps();
+    return std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+  }
+  double stddev_tps() const {
+    const std::vector<double> v = tps();
+    if (v.size() < 2) return 0.0;
+    const double mean = mean_tps();
+    double sum = 0;
+    for (double x : v) sum += (x - mean) * (x - mean);
+    return std::sqrt(sum / double(v.size() - 1));
+  }
+  double mean_seconds() const { return std::accumulate(seconds.begin(), seconds.end(), 0.0) / double(seconds.size()); }
+};
+
+std::string test_name(const char* kind, int64_t tokens, int64_t batch) {
+  return std::string(kind) + std::to_string(tokens) + (batch > 1 ? " @ b" + std::to_string(batch) : "");
+}
+
+// What a benchmark runs on. prefill() and decode() return wall seconds, the device work included.
+class BenchRunner {
+ public:
+  virtual ~BenchRunner() = default;
+  // Prefills `ids` into a fresh sequence (logits of the last position only), then frees it.
+  virtual double prefill(std::span<const int32_t> ids) = 0;
+  // `steps` greedy decode steps of first.size() fresh sequences started from `first`, then frees them.
+  virtual double decode(std::span<const int32_t> first, int64_t steps) = 0;
+};
+
+int32_t host_argmax(std::span<const float> row) {
+  // The lowest id holding the maximum, as the sampler's greedy path.
+  return int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+}
+
+// Batch 1 through the runtime's model interface (the CPU backend, or the GPU through CudaLanguageModel).
+class LanguageModelRunner final : public BenchRunner {
+ public:
+  LanguageModelRunner(LanguageModel& model, int64_t prefill_chunk) : model_(model), chunk_(prefill_chunk) {}
+
+  double prefill(std::span<const int32_t> ids) override {
+    auto sequence = model_.new_sequence();
+    const Clock::time_point start = Clock::now();
+    for (size_t at = 0; at < ids.size(); at += size_t(chunk_))
+      model_.forward(*sequence, ids.subspan(at, std::min(ids.size() - at, size_t(chunk_))), LogitRows::Last, logits_);
+    return seconds_since(start);
+  }
+  double decode(std::span<const int32_t> first, int64_t steps) override {
+    check(first.size() == 1, "-b ", first.size(), ": batched decode needs the GPU (--device cuda)");
+    auto sequence = model_.new_sequence();
+    int32_t token = first[0];
+    const Clock::time_point start = Clock::now();
+    for (int64_t s = 0; s < steps; ++s) {
+      model_.forward(*sequence, std::span<const int32_t>(&token, 1), LogitRows::Last, logits_);
+      token = host_argmax(logits_);
+    }
+    return seconds_since(start);
+  }
+
+ private:
+  LanguageModel& model_;
+  int64_t chunk_;
+  std::vector<float> logits_;
+};
+
+std::vector<int32_t> random_ids(int64_t count, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
+  std::vector<int32_t> ids(static_cast<size_t>(count));
+  for (int32_t& id : ids) id = pick(rng);
+  return ids;
+}
+
+// One warm-up run (a short one: first-call costs such as lazy initialisation and cold caches), then the repetitions.
+TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, const BenchPlan& plan) {
+  TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}};
+  runner.prefill(random_ids(std::min<int64_t>(prompt, 64), vocab, plan.seed + 99));
+  for (int rep = 0; rep < plan.reps; ++rep)
+    r.seconds.push_back(runner.prefill(random_ids(prompt, vocab, plan.seed + uint64_t(rep))));
+  return r;
+}
+
+TestResult measure_decode(BenchRunner& runner, int64_t batch, int64_t vocab, const BenchPlan& plan) {
+  TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}};
+  runner.decode(random_ids(batch, vocab, plan.seed + 99), 2);
+  for (int rep = 0; rep < plan.reps; ++rep)
+    r.seconds.push_back(runner.decode(random_ids(batch, vocab, plan.seed + uint64_t(rep)), plan.generate));
+  return r;
+}
+
+// What the report says about the run besides the rows.
+struct BenchReport {
+  std::string model;        // "flash", "pro", a config path or a checkpoint directory
+  std::string device;       // "cpu" or the GPU's description
+  nlohmann::json device_json;
+  int layers = 0;
+  int full_layers = 0;      // the model's depth (synthetic runs measure `layers` of them)
+  std::string format;       // expert format (synthetic) or "checkpoint"
+  std::string layer_kinds;  // describe_layer_kinds of the measured layers
+  std::vector<TestResult> results;
+  nlohmann::json extra = nlohmann::json::object();  // GPU figures: bandwidth floor, memory, launches
+  std::vector<std::string> notes;                    // printed under the table
+};
+
+void print_report(const BenchReport& r) {
+  const bool extrapolated = std::any_of(r.results.begin(), r.results.end(),
+                                        [](const TestResult& t) { return t.extrapolated_tps.has_value(); });
+  std::printf("device: %s\n", r.device.c_str());
+  std::printf("model: %s, %s\n\n", r.model.c_str(), r.layer_kinds.c_str());
+  std::printf("| model | layers | format | test | t/s |%s\n", extrapolated ? " extrapolated t/s |" : "");
+  std::printf("| ----- | -----: | ------ | ---: | --: |%s\n", extrapolated ? " --: |" : "");
+  for (const TestResult& t : r.results) {
+    std::printf("| %s | %d | %s | %s | %.2f ± %.2f |", r.model.c_str(), r.layers, r.format.c_str(), t.test.c_str(),
+                t.mean_tps(), t.stddev_tps());
+    if (extrapolated) {
+      if (t.extrapolated_tps)
+        std::printf(" %.2f (%d layers) |", *t.extrapolated_tps, r.full_layers);
+      else
+        std::printf(" - |");
+    }
+    std::printf("\n");
+  }
+  if (!r.notes.empty()) std::printf("\n");
+  for (const std::string& note : r.notes) std::printf("%s\n", note.c_str());
+}
+
+void write_json(const BenchReport& r, const std::string& path) {
+  nlohmann::json results = nlohmann::json::array();
+  for (const TestResult& t : r.results) {
+    nlohmann::json row = {{"test", t.test},          {"batch", t.batch},
+                          {"tokens", t.tokens},      {"seconds", t.seconds},
+                          {"tokens_per_second", t.tps()}, {"mean_tps", t.mean_tps()},
+                          {"stddev_tps", t.stddev_tps()}};
+    if (t.extrapolated_tps) row["extrapolated_tps"] = *t.extrapolated_tps;
+    if (t.layer_ms) row["layer_ms"] = *t.layer_ms;
+    if (t.fixed_ms) row["fixed_ms"] = *t.fixed_ms;
+    results.push_back(row);
+  }
+  nlohmann::json out = {{"model", r.model},   {"device", r.device_json}, {"layers", r.layers},
+                        {"full_layers", r.full_layers}, {"format", r.format},
+                        {"layer_kinds", r.layer_kinds}, {"results", results}};
+  for (const auto& [key, value] : r.extra.items()) out[key] = value;
+  std::ofstream file(path);
+  check(file.good(), "--json: cannot write '", path, "'");
+  file << out.dump(2) << "\n";
+  check(file.good(), "--json: writing '", path, "' failed");
+}
+
+WeightFormat parse_expert_format(const std::string& name) {
+  if (name == "nvfp4") return WeightFormat::NVFP4;
+  if (name == "mxfp4") return WeightFormat::MXFP4;
+  if (name == "fp8") return WeightFormat::FP8_BLOCK128;
+  fail("--format: '", name, "' is not an expert format (nvfp4, mxfp4 or fp8)");
+}
+
+std::string resolve_device(const std::string& device) {
+#if DSV4_HAVE_CUDA
+  if (device == "auto") return cuda::list_devices().empty() ? "cpu" : "cuda";
+#else
+  if (device == "auto") return "cpu";
+#endif
+  check(device == "cpu" || device == "cuda" || device.starts_with("cuda:"), "--device: '", device,
+        "' is not a device (cpu, cuda, cuda:N or auto)");
+  return device;
+}
+
+#if DSV4_HAVE_CUDA
+
+// Batch 1 and batched steps on a CudaModel; the next tokens come from the device argmax, so only the ids (4 bytes
+// per sequence) cross to the host between steps.
+class CudaModelRunner final : public BenchRunner {
+ public:
+  explicit CudaModelRunner(cuda::CudaModel& model)
+      : model_(model),
+        ids_(size_t(model.options().max_sequences) * sizeof(int32_t), "bench next ids"),
+        nan_flag_(sizeof(int32_t), "bench NaN flag") {
+    nan_flag_.fill_bytes(0);
+  }
+
+  double prefill(std::span<const int32_t> ids) override {
+    const int slot = model_.add_sequence();
+    const Clock::time_point start = Clock::now();
+    try {
+      model_.forward(slot, ids, LogitRows::Last, logits_);
+    } catch (...) {
+      model_.release_sequence(slot);
+      throw;
+    }
+    const double seconds = seconds_since(start);
+    model_.release_sequence(slot);
+    return seconds;
+  }
+
+  double decode(std::span<const int32_t> first, int64_t steps) override {
+    std::vector<int> slots;
+    try {
+      for (size_t i = 0; i < first.size(); ++i) slots.push_back(model_.add_sequence());
+      std::vector<int32_t> tokens(first.begin(), first.end());
+      const Clock::time_point start = Clock::now();
+      for (int64_t s = 0; s < steps; ++s) {
+        cuda::ArgmaxParams a;
+        a.logits = model_.decode_on_device(slots, tokens);
+        a.rows = int64_t(tokens.size()), a.vocab = model_.config().vocab_size, a.row_stride = a.vocab;
+        a.ids = ids_.as<int32_t>(), a.nan_flag = nan_flag_.as<int32_t>(), a.stream = model_.stream();
+        cuda::run_argmax(a);
+        DSV4_CUDA_CHECK(cudaMemcpyAsync(tokens.data(), ids_.data(), tokens.size() * sizeof(int32_t),
+                                        cudaMemcpyDeviceToHost, model_.stream()));
+        DSV4_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
+      }
+      const double seconds = seconds_since(start);
+      int32_t nan = 0;
+      nan_flag_.download(&nan, sizeof nan);
+      check(nan == 0, "bench: a decode step produced NaN logits");
+      for (int slot : slots) model_.release_sequence(slot);
+      return seconds;
+    } catch (...) {
+      for (int slot : slots) model_.release_sequence(slot);
+      throw;
+    }
+  }
+
+ private:
+  cuda::CudaModel& model_;
+  cuda::DeviceBuffer ids_, nan_flag_;
+  std::vector<float> logits_;
+};
+
+// Tests grouped by the model buffers they need: prefill runs one sequence of the longest prompt; each decode batch
+// its own sequence count at a short context (the KV cache is sized for sequences × context up front).
+struct ModelShape {
+  int sequences = 1;
+  int64_t context = 0;
+  int64_t step_tokens = 0;
+  std::vector<int64_t> prompts;  // prefill tests of this shape
+  int64_t batch = 0;             // decode test of this shape (0 = none)
+};
+
+std::vector<ModelShape> model_shapes(const BenchPlan& plan) {
+  std::vector<ModelShape> shapes;
+  const std::vector<int64_t> prompts = plan.prompt_tests();
+  if (!prompts.empty()) {
+    const int64_t longest = *std::max_element(prompts.begin(), prompts.end());
+    shapes.push_back({1, longest, 512, prompts, 0});
+  }
+  for (int64_t b : plan.decode_batches())
+    shapes.push_back({int(b), plan.generate + 2, std::max<int64_t>(b, 16), {}, b});
+  return shapes;
+}
+
+cuda::CudaModelOptions model_options(const std::string& device, NumericsMode numerics, const ModelShape& shape) {
+  cuda::CudaModelOptions o;
+  o.device = device;
+  o.numerics = numerics;
+  o.max_sequences = shape.sequences;
+  o.max_context = shape.context;
+  o.max_step_tokens = std::min<int64_t>(shape.step_tokens, 4096);
+  return o;
+}
+
+double used_gib(const cuda::DeviceMemoryInfo& m) { return double(m.total_bytes - m.free_bytes) / double(1 << 30); }
+
+// Seconds per call of the head's linear layer and the argmax for `batch` rows: the per-step cost outside the layers
+// (the final norm and hc_head are a few KB).
+double head_seconds(const cuda::DeviceMatrixView& head, int64_t batch, cudaStream_t stream) {
+  const int64_t d = head.cols, vocab = head.rows;
+  cuda::DeviceBuffer x(size_t(batch * d) * 2, "bench head input"), y(size_t(batch * vocab) * 4, "bench logits");
+  cuda::DeviceBuffer ids(size_t(batch) * 4, "bench head ids");
+  cuda::DeviceBuffer workspace(std::max<size_t>(cuda::linear_workspace_bytes(head), 16), "bench head workspace");
+  x.fill_bytes(0x3C);  // bf16 0x3C3C ≈ 0.0115: any finite input times the same weights
+  workspace.fill_bytes(0);
+  cuda::LinearCall call;
+  call.weight = head, call.what = "head", call.x = x.as<__nv_bfloat16>(), call.x_row_stride = d;
+  call.y = y.as<float>(), call.y_row_stride = vocab, call.tokens = batch, call.workspace = workspace.data();
+  call.workspace_bytes = workspace.bytes(), call.stream = stream;
+  cuda::ArgmaxParams a;
+  a.logits = y.as<float>(), a.rows = batch, a.vocab = vocab, a.row_stride = vocab, a.ids = ids.as<int32_t>();
+  a.stream = stream;
+  constexpr int kWarmup = 3, kIterations = 20;
+  for (int i = 0; i < kWarmup; ++i) cuda::run_linear(call), cuda::run_argmax(a);
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < kIterations; ++i) cuda::run_linear(call), cuda::run_argmax(a);
+  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  return double(ms) / 1e3 / kIterations;
+}
+
+// Device bytes of a sequence's state per layer kind at `context` tokens, for choosing how many layers fit (the
+// model checks the exact figure itself): window ring and compressed entries of bf16 K=V vectors, the indexer keys,
+// plus a margin for the compressor states. Returns bytes for `sequences` sequences of the first `layers` layers.
+size_t state_estimate(const ModelConfig& c, int layers, int sequences, int64_t context, int64_t step_tokens) {
+  size_t per_sequence = 0;
+  const size_t entry = size_t(c.head_dim) * 2;
+  for (int i = 0; i < layers; ++i) {
+    per_sequence += size_t(c.window_size + step_tokens + 64) * entry;
+    if (c.has_compressor(i)) per_sequence += size_t(context / c.compress_ratio(i) + 64) * entry;
+    if (c.has_indexer(i)) per_sequence += size_t(context / c.compress_ratio(i)) * size_t(c.indexer.head_dim) * 2;
+    if (c.has_compressor(i)) per_sequence += size_t(c.compress_ratio(i)) * size_t(c.head_dim) * 64;
+  }
+  return per_sequence * size_t(sequences);
+}
+
+// Step buffers (activations, logits, workspaces) and the allocator's slack, beyond the weights and the state.
+constexpr size_t kScratchReserve = size_t(3) << 30;
+
+struct E2eOptions {
+  std::string config = "flash";
+  int layers = 0;  // 0 = as many as fit
+  std::string format = "nvfp4";
+  std::string device = "cuda";
+};
+
+int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
+  plan.validate();
+  const ModelConfig full = resolve_model_config(o.config);
+  const WeightFormat format = parse_expert_format(o.format);
+  cuda::check_synthetic_expert_format(format);
+  if (o.layers != 0) first_layers(full, o.layers);  // range check before touching the GPU
+  check(!cuda::list_devices().empty(), "bench e2e needs a GPU: no CUDA device is visible");
+  const std::string device = resolve_device(o.device == "auto" ? "cuda" : o.device);
+  check(device != "cpu", "bench e2e runs on the GPU only (--device cuda or cuda:N)");
+  const cuda::DeviceContext context = cuda::DeviceContext::open(device);
+  const double copy_gbps = cuda::copy_bandwidth_gbps(context.compute_stream());
+  const std::vector<ModelShape> shapes = model_shapes(plan);
+
+  // Layers: what the user asked, or as many as fit next to the most demanding shape's state and the step buffers.
+  const cuda::SyntheticWeightsPlan weights_plan = cuda::plan_synthetic_weights(full, format);
+  const size_t free_bytes = context.memory().free_bytes;
+  auto needed = [&](int layers) {
+    size_t bytes = weights_plan.model_bytes + kScratchReserve, state = 0;
+    for (int i = 0; i < layers; ++i) bytes += weights_plan.layer_bytes[size_t(i)];
+    for (const ModelShape& s : shapes)
+      state = std::max(state, state_estimate(full, layers, s.sequences, s.context, s.step_tokens));
+    return bytes + state;
+  };
+  int fit = 0;
+  while (fit < full.num_layers && needed(fit + 1) <= free_bytes) ++fit;
+  check(fit >= 1 || o.layers != 0, "bench e2e: not even one layer of ", o.config, " (", o.format,
+        " experts) fits: it needs about ", cuda::format_bytes(needed(1)), " and ", context.describe(), " has ",
+        cuda::format_bytes(free_bytes), " free");
+  check(o.layers <= fit, "bench e2e: --layers ", o.layers, " of ", o.config, " (", o.format, " experts) needs about ",
+        cuda::format_bytes(needed(o.layers)), " (weights, KV state, step buffers) but ", context.describe(), " has ",
+        cuda::format_bytes(free_bytes), " free; at most ", fit, " layers fit");
+  const int layers = o.layers != 0 ? o.layers : fit;
+  const ModelConfig config = first_layers(full, layers);
+  std::fprintf(stderr, "bench e2e: %s with %s (%s experts); the full model has %d layers\n", o.config.c_str(),
+               describe_layer_kinds(config).c_str(), o.format.c_str(), full.num_layers);
+
+  BenchReport report;
+  report.model = o.config;
+  report.device = context.describe();
+  report.device_json = nlohmann::json::parse(context.json());
+  report.layers = layers;
+  report.full_layers = full.num_layers;
+  report.format = o.format;
+  report.layer_kinds = describe_layer_kinds(config);
+  report.extra["copy_bandwidth_gbps"] = copy_gbps;
+  report.extra["extrapolation"] =
+      "per-layer cost of the measured layers x the full layer count + the cost outside the layers (decode: head "
+      "linear and argmax timed alone); an estimate, not a measurement";
+  double peak_used = 0;
+  nlohmann::json memory = nlohmann::json::array();
+
+  for (const ModelShape& shape : shapes) {
+    cuda::DeviceAllocator pool(context.index());
+    cuda::DeviceModelWeights weights =
+        cuda::make_synthetic_weights(config, format, pool, plan.seed, context.compute_stream());
+    const cuda::DecodeStepWeightBytes step_bytes = cuda::decode_step_weight_bytes(config, weights);
+    const double fixed = shape.batch > 0 ? head_seconds(weights.head.view(), shape.batch, context.compute_stream()) : 0;
+    cuda::CudaModel model(config, std::move(weights), model_options(device, NumericsMode::Exact, shape));
+    CudaModelRunner runner(model);
+    for (int64_t p : shape.prompts) {
+      TestResult t = measure_prefill(runner, p, config.vocab_size, plan);
+      const double per_layer = t.mean_seconds() / layers;
+      t.layer_ms = per_layer * 1e3;
+      t.extrapolated_tps = double(p) / (per_layer * full.num_layers);
+      report.results.push_back(std::move(t));
+    }
+    if (shape.batch > 0) {
+      TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
+      const double step = t.mean_seconds() / double(plan.generate);
+      const double per_layer = std::max(0.0, step - fixed) / layers;
+      t.layer_ms = per_layer * 1e3;
+      t.fixed_ms = fixed * 1e3;
+      t.extrapolated_tps = double(shape.batch) / (fixed + per_layer * full.num_layers);
+      if (shape.batch == 1) {
+        // Batch 1: the weights a step reads over the step time, against the measured copy bandwidth.
+        const double bytes = double(step_bytes.total_bytes());
+        const double mean_layer = double(step_bytes.total_bytes() - step_bytes.model_bytes) / layers;
+        const double full_bytes = double(step_bytes.model_bytes) + mean_layer * full.num_layers;
+        const double full_step = fixed + per_layer * full.num_layers;
+        report.extra["decode_b1_weight_bytes"] = step_bytes.total_bytes();
+        report.extra["decode_b1_weight_gbps"] = bytes / step / 1e9;
+        report.extra["decode_b1_floor_fraction"] = bytes / step / 1e9 / copy_gbps;
+        report.extra["decode_b1_floor_fraction_extrapolated"] = full_bytes / full_step / 1e9 / copy_gbps;
+        report.notes.push_back(
+            "tg @ b1 weight bandwidth: " + cuda::format_bytes(step_bytes.total_bytes()) + " of weights per step in " +
+            std::to_string(step * 1e3) + " ms = " + std::to_string(bytes / step / 1e9) + " GB/s, " +
+            std::to_string(100.0 * bytes / step / 1e9 / copy_gbps) + " % of the measured copy bandwidth (" +
+            std::to_string(copy_gbps) + " GB/s); extrapolated to " + std::to_string(full.num_layers) + " layers (" +
+            cuda::format_bytes(size_t(full_bytes)) + "/step): " +
+            std::to_string(100.0 * full_bytes / full_step / 1e9 / copy_gbps) + " %");
+      }
+      report.results.push_back(std::move(t));
+    }
+    const double used = used_gib(context.memory());
+    peak_used = std::max(peak_used, used);
+    memory.push_back({{"sequences", shape.sequences}, {"context", shape.context}, {"gpu_memory_used_gib", used}});
+  }
+  report.extra["gpu_memory"] = memory;
+  report.extra["gpu_memory_used_gib"] = peak_used;
+  report.extra["kernel_launches_per_layer_per_decode_step"] = nullptr;
+  report.notes.push_back("GPU memory used (whole device, peak over the test groups): " + std::to_string(peak_used) +
+                         " GiB");
+  report.notes.push_back("kernel launches per layer per decode step: not measured (CudaModel exposes no captured "
+                         "decode graph yet)");
+  report.notes.push_back("extrapolated t/s: per-layer cost of the " + std::to_string(layers) +
+                         " measured layers x " + std::to_string(full.num_layers) +
+                         " layers + the cost outside the layers; an extrapolation, not a measurement");
+  print_report(report);
+  if (!plan.json_path.empty()) write_json(report, plan.json_path);
+  return 0;
+}
+
+// A checkpoint on the GPU: CudaModel built once per test group from the loaded weights.
+void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const BenchPlan& plan, BenchReport& report) {
+  const EngineOptions options = cli.options();
+  const LoadedCheckpoint checkpoint = load_checkpoint(options.model_dir);
+  checkpoint.require_loadable();
+  const ModelConfig& config = checkpoint.config;
+  const cuda::DeviceContext context = cuda::DeviceContext::open(device);
+  report.layers = report.full_layers = config.num_layers;
+  report.layer_kinds = describe_layer_kinds(config);
+  report.device = context.describe();
+  report.device_json = nlohmann::json::parse(context.json());
+  double peak_used = 0;
+  for (const ModelShape& shape : model_shapes(plan)) {
+    cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
+    CudaModelRunner runner(model);
+    for (int64_t p : shape.prompts) report.results.push_back(measure_prefill(runner, p, config.vocab_size, plan));
+    if (shape.batch > 0) report.results.push_back(measure_decode(runner, shape.batch, config.vocab_size, plan));
+    peak_used = std::max(peak_used, used_gib(context.memory()));
+  }
+  report.extra["gpu_memory_used_gib"] = peak_used;
+  report.notes.push_back("GPU memory used (whole device, peak over the test groups): " + std::to_string(peak_used) +
+                         " GiB");
+}
+
+#endif  // DSV4_HAVE_CUDA
+
+int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
+  check(!cli.engine.model_dir.empty(), "bench: -m DIR (a checkpoint) is required, or use 'dsv4 bench e2e'");
+  plan.validate();
+  const std::string device = resolve_device(cli.engine.device);
+  BenchReport report;
+  report.model = std::filesystem::path(cli.engine.model_dir).filename().string();
+  if (report.model.empty()) report.model = cli.engine.model_dir;
+  report.format = "checkpoint";
+  if (device == "cpu") {
+    EngineOptions options = cli.options();
+    options.device = "cpu";
+    options.progress = false;
+    const int64_t longest = plan.prompt_tests().empty() ? 0 : *std::max_element(plan.prompts.begin(),
+                                                                                   plan.prompts.end());
+    for (int64_t b : plan.decode_batches())
+      check(b == 1, "-b ", b, ": batched decode needs the GPU (--device cuda); the CPU measures batch 1");
+    Engine engine(options);
+    check(longest + plan.generate <= engine.model().context_length(), "bench: ", longest, " prompt tokens or ",
+          plan.generate, " decode steps exceed the model's context of ", engine.model().context_length());
+    LanguageModelRunner runner(engine.model(), options.prefill_chunk);
+    for (int64_t p : plan.prompt_tests())
+      report.results.push_back(measure_prefill(runner, p, engine.config().vocab_size, plan));
+    for (int64_t b : plan.decode_batches())
+      report.results.push_back(measure_decode(runner, b, engine.config().vocab_size, plan));
+    report.device = engine.model().device();
+    report.device_json = {{"name", "cpu"}};
+    report.layers = report.full_layers = engine.config().num_layers;
+    report.layer_kinds = describe_layer_kinds(engine.config());
+  } else {
+#if DSV4_HAVE_CUDA
+    run_checkpoint_cuda(device, cli, plan, report);
+#else
+    fail("--device ", device, ": this build has no CUDA backend (configure with the cuda preset)");
+#endif
+  }
+  print_report(report);
+  if (!plan.json_path.empty()) write_json(report, plan.json_path);
+  return 0;
+}
+
+struct BenchOptions {
+  EngineCli engine;
+  BenchPlan plan;
+  BenchPlan e2e_plan;
+  std::string config = "flash";
+  int layers = 0;
+  std::string format = "nvfp4";
+  std::string e2e_device = "cuda";
+};
+
+const CommandRegistration registration{{
+    "bench",
+    "Measure prefill and decode tokens/s (llama-bench style) on a checkpoint, or 'bench e2e' on synthetic weights",
+    [](CLI::App& sub) -> std::function<int()> {
+      auto o = std::make_shared<BenchOptions>();
+      sub.add_option("-m,--model", o->engine.engine.model_dir,
+                     "Checkpoint directory (config.json, safetensors, tokenizer.json)");
+      sub.add_option("--mode", o->engine.numerics, "Numerics: exact or reference")->capture_default_str();
+      sub.add_option("--device", o->engine.engine.device, "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+          ->capture_default_str();
+      sub.add_option("--prefill-chunk", o->engine.engine.prefill_chunk, "Prompt tokens per prefill call (CPU)")
+          ->capture_default_str();
+      o->plan.add_to(sub, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
+                     "Decode batch sizes, comma-separated (above 1: GPU only)");
+
+      CLI::App* e2e = sub.add_subcommand(
+          "e2e", "Synthetic weights generated on the GPU at a model's real widths: as many layers as fit, per-layer "
+                 "cost extrapolated to the full depth");
+      e2e->add_option("--config", o->config, "flash, pro, or a config.json path / checkpoint directory")
+          ->capture_default_str();
+      e2e->add_option("--layers", o->layers, "Main layers to build (0 = as many as fit)")->capture_default_str();
+      e2e->add_option("--format", o->format, "Routed expert format: nvfp4, mxfp4 or fp8")->capture_default_str();
+      e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
+      o->e2e_plan.prompts = {512, 4096};
+      o->e2e_plan.batches = {1, 8, 64};
+      o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
+                         "Decode batch sizes, comma-separated");
+      return [o, e2e] {
+        if (!e2e->parsed()) return run_checkpoint(o->engine, o->plan);
+        check(o->engine.engine.model_dir.empty(), "bench e2e builds synthetic weights; -m does not apply");
+        check(o->layers >= 0, "--layers: ", o->layers, " must not be negative (0 = as many as fit)");
+#if DSV4_HAVE_CUDA
+        return run_e2e({o->config, o->layers, o->format, o->e2e_device}, o->e2e_plan);
+#else
+        // Check what can be checked without a GPU first, so a typo is reported as such.
+        const ModelConfig full = resolve_model_config(o->config);
+        if (o->layers != 0) first_layers(full, o->layers);
+        parse_expert_format(o->format);
+        fail("bench e2e needs the CUDA build (configure with the cuda preset) and a GPU");
+#endif
+      };
+    },
+}};
+
+}  // namespace
+}  // namespace dsv4::app

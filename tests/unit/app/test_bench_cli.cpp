@@ -1,0 +1,115 @@
+// `dsv4 bench` end to end: on the tiny checkpoint (CPU) the llama-bench style table and the JSON hold one row per
+// test with positive rates and one timing per repetition; bad options fail with a message naming the option; `bench
+// e2e` without a GPU says what it needs, and (where a GPU is present) runs on a small config's synthetic weights.
+#include "support/cli_runner.hpp"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#if DSV4_HAVE_CUDA
+#include "backends/cuda/device.hpp"
+#endif
+
+namespace fs = std::filesystem;
+using dsv4::testing::CliResult;
+using dsv4::testing::run_cli;
+
+namespace {
+
+const fs::path kTiny = fs::path(DSV4_SOURCE_DIR) / "models" / "tiny-fortunes";
+
+bool gpu_present() {
+#if DSV4_HAVE_CUDA
+  return !dsv4::cuda::list_devices().empty();
+#else
+  return false;
+#endif
+}
+
+// The rate of the table row whose test column is `test`, or -1 when there is no such row.
+double row_rate(const std::string& out, const std::string& test) {
+  const std::string key = "| " + test + " | ";
+  const size_t at = out.find(key);
+  if (at == std::string::npos) return -1;
+  return std::stod(out.substr(at + key.size()));
+}
+
+void expect_failure(const std::string& args, const std::string& message) {
+  const CliResult r = run_cli(args);
+  EXPECT_EQ(r.exit_code, 1) << args << "\n" << r.text();
+  EXPECT_NE(r.err.find(message), std::string::npos) << args << "\n" << r.text();
+}
+
+TEST(BenchCli, PrintsATableOfPrefillAndDecodeRates) {
+  const CliResult r = run_cli("bench -m " + kTiny.string() + " -p 16 -n 8 -r 1 --device cpu");
+  ASSERT_EQ(r.exit_code, 0) << r.text();
+  EXPECT_NE(r.out.find("| model | layers | format | test | t/s |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| tiny-fortunes | 4 | checkpoint | pp16 | "), std::string::npos) << r.out;
+  EXPECT_GT(row_rate(r.out, "pp16"), 0.0) << r.out;
+  EXPECT_GT(row_rate(r.out, "tg8"), 0.0) << r.out;
+  EXPECT_NE(r.out.find("1 SWA, 2 CSA, 1 HCA"), std::string::npos) << r.out;
+}
+
+TEST(BenchCli, WritesOneJsonRowPerTestWithEveryRepetition) {
+  const fs::path out = fs::temp_directory_path() / ("dsv4-bench-" + std::to_string(::getpid()) + ".json");
+  const CliResult r =
+      run_cli("bench -m " + kTiny.string() + " -p 8,24 -n 4 -r 2 --device cpu --json " + out.string());
+  ASSERT_EQ(r.exit_code, 0) << r.text();
+  std::ifstream file(out);
+  const nlohmann::json j = nlohmann::json::parse(file);
+  fs::remove(out);
+  EXPECT_EQ(j["model"], "tiny-fortunes");
+  EXPECT_EQ(j["layers"], 4);
+  EXPECT_EQ(j["device"]["name"], "cpu");
+  ASSERT_EQ(j["results"].size(), 3u) << j.dump(2);
+  const char* tests[] = {"pp8", "pp24", "tg4"};
+  const int tokens[] = {8, 24, 4};
+  for (size_t i = 0; i < 3; ++i) {
+    const nlohmann::json& row = j["results"][i];
+    EXPECT_EQ(row["test"], tests[i]);
+    EXPECT_EQ(row["batch"], 1);
+    EXPECT_EQ(row["tokens"], tokens[i]);
+    ASSERT_EQ(row["seconds"].size(), 2u);
+    for (const auto& s : row["seconds"]) EXPECT_GT(s.get<double>(), 0.0);
+    const double mean = (row["tokens_per_second"][0].get<double>() + row["tokens_per_second"][1].get<double>()) / 2;
+    EXPECT_NEAR(row["mean_tps"].get<double>(), mean, 1e-9 * mean);
+    EXPECT_GE(row["stddev_tps"].get<double>(), 0.0);
+    EXPECT_FALSE(row.contains("extrapolated_tps"));
+  }
+}
+
+TEST(BenchCli, RejectsBadOptions) {
+  const std::string tiny = kTiny.string();
+  expect_failure("bench e2e --config flush", "--config: 'flush' is neither a built-in model config");
+  expect_failure("bench e2e --format int4", "--format: 'int4' is not an expert format (nvfp4, mxfp4 or fp8)");
+  expect_failure("bench e2e --config pro --layers 62", "--layers: 62 is not in [1, 61]");
+  expect_failure("bench e2e --layers -1", "--layers: -1 must not be negative");
+  expect_failure("bench", "-m DIR (a checkpoint) is required");
+  expect_failure("bench -m " + tiny + " --device cpu -b 1,4", "-b 4: batched decode needs the GPU");
+  expect_failure("bench -m " + tiny + " --device cpu -r 0", "-r: 0 repetitions must be at least 1");
+  expect_failure("bench -m " + tiny + " --device cpu -p 0 -n 0", "nothing to measure");
+  expect_failure("bench -m " + tiny + " --device tpu", "--device: 'tpu' is not a device");
+}
+
+TEST(BenchCli, E2eSaysItNeedsAGpu) {
+  if (gpu_present()) GTEST_SKIP() << "a GPU is present: bench e2e runs (see E2eRunsOnSyntheticWeights)";
+  expect_failure("bench e2e --config flash --format mxfp4 --layers 2", "bench e2e needs ");
+}
+
+TEST(BenchCli, E2eRunsOnSyntheticWeights) {
+  if (!gpu_present()) GTEST_SKIP() << "no GPU";
+  const CliResult r =
+      run_cli("bench e2e --config " + kTiny.string() + " --layers 2 --format nvfp4 -p 32 -n 4 -b 1,2 -r 1");
+  ASSERT_EQ(r.exit_code, 0) << r.text();
+  EXPECT_GT(row_rate(r.out, "pp32"), 0.0) << r.out;
+  EXPECT_GT(row_rate(r.out, "tg4"), 0.0) << r.out;
+  EXPECT_GT(row_rate(r.out, "tg4 @ b2"), 0.0) << r.out;
+  EXPECT_NE(r.out.find("extrapolated t/s"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("(4 layers)"), std::string::npos) << r.out;
+}
+
+}  // namespace
