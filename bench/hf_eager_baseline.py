@@ -168,13 +168,13 @@ def meta_model_sizes(config) -> tuple[int, list[int]]:
 
 def prefill_activation_bytes(config, length: int) -> int:
     """Rough peak of one eager prefill: HF's eager attention materialises full [H, P, P_kv] bf16 score tensors
-    (matmul, +mask, cat with the sink column, -max, softmax: ~5 live copies; CSA layers add P / rate compressed
-    keys) and the CSA indexer fp32 [P, index_heads, P / rate] scores (~3 copies). Sizes the headroom only; the
-    measured peaks are in the JSON."""
+    (CSA layers add P / rate compressed keys), about 3 alive at once, and the CSA indexer about 2 fp32
+    [P, index_heads, P / rate] score tensors. Sizes the headroom only (V4-Flash pp4096 on an H200: estimate
+    9.4 GiB, measured 8.1 GiB above the weights); the measured peaks are in the JSON."""
     rates = getattr(config, "compress_rates", None) or {}
     csa_rate = max(1, int(rates.get("compressed_sparse_attention", 4)))
-    scores = 5 * config.num_attention_heads * length * (length + length // csa_rate) * 2
-    indexer = 3 * length * config.index_n_heads * (length // csa_rate) * 4
+    scores = 3 * config.num_attention_heads * length * (length + length // csa_rate) * 2
+    indexer = 2 * length * config.index_n_heads * (length // csa_rate) * 4
     return scores + indexer
 
 
@@ -454,11 +454,17 @@ def main(argv: list[str]) -> int:
                  "each step feeds back the greedy argmax without a host sync")
 
     weight_bytes = module_bytes(model)
+    # Guards against a transformers version that leaves from_config weights uninitialised (all-equal router
+    # scores would send every token to the same experts and flatter the MoE timings). One expert: no big copy.
+    routed_experts_std = float(model.model.layers[0].mlp.experts.gate_up_proj[-1].float().std())
+    if not routed_experts_std > 0.0:
+        sys.exit(f"error: the routed experts were not randomly initialised (std {routed_experts_std})")
     parameters = sum(parameter.numel() for parameter in model.parameters())
     attn_implementation = model.config._attn_implementation
     experts_implementation = model.config._experts_implementation
     print(f"# built {format_count(parameters)} parameters ({weight_bytes / GIB:.2f} GiB) in {build_seconds:.1f} s; "
-          f"attention {attn_implementation}, experts {experts_implementation}; layer kinds "
+          f"routed-expert weight std {routed_experts_std:.4f}; attention {attn_implementation}, experts "
+          f"{experts_implementation}; layer kinds "
           f"{list(zip(config.layer_types, config.mlp_layer_types))}")
 
     results = []
