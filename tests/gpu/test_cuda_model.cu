@@ -1,6 +1,7 @@
 // The whole model on the GPU (CudaModel) against the CPU model (Dsv4Model over CpuBackend) on the golden fixtures
-// and the embedded tiny models: logits of a prefill, of chunked prefill and of token-by-token decode, in both
-// numerics modes, and greedy continuations token for token.
+// and the embedded tiny models: logits of a prefill, of chunked prefill and of token-by-token decode (the GPU's exact
+// mode against the CPU's GpuBf16 numerics within 2e-3 on every row, and against the plain numerics more loosely),
+// every prefix of the layers, and greedy continuations token for token.
 #include "backends/cpu/cpu_backend.hpp"
 #include "backends/cuda/cuda_model.hpp"
 #include "core/error.hpp"
@@ -20,31 +21,35 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Errors are per row, relative to the row's largest |CPU logit|. The GPU rounds the inputs of every linear layer to
-// bf16 (and, in exact mode, the KV entries and indexer keys; F32-stored fixture weights too), which the CPU does not:
-// measured on an H200 this gives 0.3-0.8 % at rows whose attention selects the same entries (a model cut after its
-// sliding-window layer stays under 0.6 % on every row). Where the indexer's top-k or a reference-mode rounding
-// (fp4 q, fp8 KV, bf16 residual) lands on the other side of a boundary, a row differs by more, as any
-// implementation with different rounding would. So the bounds are on the distribution of row errors; the greedy
-// test of the trained model below compares tokens exactly.
+// Errors are per row: the largest |GPU − CPU| relative to the row's largest |CPU logit|.
+// Against the CPU model in GpuBf16 numerics, which rounds to bf16 exactly where the GPU's exact mode does (linear
+// inputs, F32 weights, KV entries, indexer q and keys, attention q, softmax weights and output, the experts' inputs),
+// what remains is fp32 summation order and the rare bf16 rounding it flips: issue 7 asks ≤ 2e-3 on every row.
+constexpr float kTolerance = 2e-3f;
+
+// Against the plain CPU numerics the GPU's roundings are not reproduced: measured on an H200, 0.3-0.9 % at a typical
+// row; where the indexer's top-k or a reference-mode rounding (fp4 q, fp8 KV, bf16 residual) lands on the other side
+// of a boundary, a row differs by more, as any implementation with different rounding would. So those bounds are on
+// the distribution of row errors (a broken op moves most rows by O(1)).
 struct RowBounds {
-  float median;      // the typical row
-  float p90;         // 90 % of rows
-  float worst;       // every row (catches a broken op, which moves most rows by O(1))
+  float median;  // the typical row
+  float p90;     // 90 % of rows
+  float worst;   // every row
 };
+constexpr RowBounds kGpuBf16Bounds{kTolerance, kTolerance, kTolerance};
 constexpr RowBounds kExactBounds{1e-2f, 3e-2f, 0.6f};
 constexpr RowBounds kReferenceBounds{5e-2f, 2e-1f, 0.7f};
-// Printed: rows over this are listed.
-constexpr float kTolerance = 2e-3f;
 
 struct Fixture {
   LoadedCheckpoint ckpt;
   explicit Fixture(const fs::path& dir) : ckpt(load_checkpoint(dir.string())) { ckpt.require_loadable(); }
 };
 
-std::vector<float> cpu_logits(const Fixture& f, NumericsMode mode, const std::vector<int32_t>& tokens) {
-  cpu::CpuBackend backend(f.ckpt.config, mode);
-  Dsv4Model model(f.ckpt.config, f.ckpt.weights, backend);
+// The CPU logits of every row of `tokens` (one prefill).
+std::vector<float> cpu_logits(const ModelConfig& config, const ModelWeights& weights, NumericsMode mode,
+                              const std::vector<int32_t>& tokens) {
+  cpu::CpuBackend backend(config, mode);
+  Dsv4Model model(config, weights, backend);
   auto seq = model.new_sequence();
   std::vector<float> logits;
   model.forward(*seq, tokens, LogitRows::All, logits);
@@ -64,39 +69,65 @@ std::vector<float> gpu_logits(cuda::CudaModel& model, const std::vector<int32_t>
   return all;
 }
 
+struct RowError {
+  float relative = 0;   // max |GPU − CPU| / max |CPU|
+  int64_t token = 0;    // where the largest difference is
+  float want = 0, got = 0;
+  bool same_argmax = true;
+};
+
 // Per row: the largest |GPU − CPU| relative to the row's largest |CPU logit|; a non-finite GPU value fails the test.
-std::vector<float> row_errors(const std::vector<float>& want, const std::vector<float>& got, int64_t vocab) {
+std::vector<RowError> row_errors(const std::vector<float>& want, const std::vector<float>& got, int64_t vocab) {
   EXPECT_EQ(want.size(), got.size());
-  std::vector<float> errors;
+  std::vector<RowError> errors;
   for (size_t r = 0; (r + 1) * size_t(vocab) <= std::min(want.size(), got.size()); ++r) {
+    const float* w = &want[r * size_t(vocab)];
+    const float* g = &got[r * size_t(vocab)];
+    RowError e;
     float max_abs = 0, max_diff = 0;
     for (int64_t v = 0; v < vocab; ++v) {
-      const float w = want[r * size_t(vocab) + size_t(v)], g = got[r * size_t(vocab) + size_t(v)];
-      if (!std::isfinite(g)) {
-        ADD_FAILURE() << "row " << r << " token " << v << " is " << g;
+      if (!std::isfinite(g[v])) {
+        ADD_FAILURE() << "row " << r << " token " << v << " is " << g[v];
         max_diff = INFINITY;
       }
-      max_abs = std::max(max_abs, std::abs(w));
-      max_diff = std::max(max_diff, std::abs(w - g));
+      max_abs = std::max(max_abs, std::abs(w[v]));
+      if (!(std::abs(w[v] - g[v]) <= max_diff)) {
+        max_diff = std::abs(w[v] - g[v]);
+        e.token = v, e.want = w[v], e.got = g[v];
+      }
     }
-    errors.push_back(max_diff / max_abs);
+    e.relative = max_diff / max_abs;
+    e.same_argmax = std::max_element(w, w + vocab) - w == std::max_element(g, g + vocab) - g;
+    errors.push_back(e);
   }
   return errors;
 }
 
-float quantile(std::vector<float> errors, double q) {
+float quantile(const std::vector<RowError>& errors, double q) {
   if (errors.empty()) return 0.0f;
-  std::sort(errors.begin(), errors.end());
-  return errors[size_t(q * double(errors.size() - 1))];
+  std::vector<float> sorted;
+  for (const RowError& e : errors) sorted.push_back(e.relative);
+  std::sort(sorted.begin(), sorted.end());
+  return sorted[size_t(q * double(sorted.size() - 1))];
 }
 
-// Prints the distribution of row errors and the rows far over the bound, then checks it against `bounds`.
-void expect_rows_within(const std::string& what, const std::vector<float>& errors, RowBounds bounds) {
+constexpr int kListedRows = 16;
+
+// Prints the distribution of row errors and the first rows over `listed` (row: error, token, CPU → GPU value; * where the
+// argmax differs), then checks it against `bounds`.
+void expect_rows_within(const std::string& what, const std::vector<RowError>& errors, RowBounds bounds,
+                        float listed) {
   const float median = quantile(errors, 0.5), p90 = quantile(errors, 0.9), worst = quantile(errors, 1.0);
   std::printf("%s: row error median %.3g, 90th percentile %.3g, max %.3g; rows over %g:", what.c_str(), median, p90,
-              worst, 10 * kTolerance);
-  for (size_t r = 0; r < errors.size(); ++r)
-    if (!(errors[r] <= 10 * kTolerance)) std::printf(" %zu:%.2g", r, errors[r]);
+              worst, listed);
+  int over = 0;
+  for (size_t r = 0; r < errors.size(); ++r) {
+    const RowError& e = errors[r];
+    if (!(e.relative <= listed) && ++over <= kListedRows)
+      std::printf(" %zu:%.2g(t%lld %.4g->%.4g)%s", r, e.relative, static_cast<long long>(e.token), e.want, e.got,
+                  e.same_argmax ? "" : "*");
+  }
+  if (over > kListedRows) std::printf(" ... %d rows in all", over);
   std::printf("\n");
   EXPECT_LE(median, bounds.median) << what;
   EXPECT_LE(p90, bounds.p90) << what;
@@ -111,47 +142,62 @@ std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, uint32_t seed) 
   return tokens;
 }
 
+// Every golden fixture (F32 weights, and the release formats) and both tiny models.
+const auto kFixtures = ::testing::Values("tests/golden/flash_like", "tests/golden/flash_like-release",
+                                         "tests/golden/pro_like", "tests/golden/pro_like-release",
+                                         "tests/golden/odd_sizes", "tests/golden/odd_sizes-release",
+                                         "models/tiny-fortunes", "models/tiny-fortunes-nvfp4");
+
+std::string fixture_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string name = fs::path(info.param).filename().string();
+  std::replace(name.begin(), name.end(), '-', '_');
+  return name;
+}
+
 class CudaModelMatchesCpu : public ::testing::TestWithParam<std::string> {};
 
+// The GPU's exact mode against the CPU in GpuBf16 numerics (every row ≤ kTolerance) and, looser, in Exact numerics;
+// the GPU's reference mode against the CPU's.
 TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const fs::path dir = fs::path(DSV4_SOURCE_DIR) / GetParam();
   const Fixture f(dir);
-  const int64_t vocab = f.ckpt.config.vocab_size;
+  const ModelConfig& config = f.ckpt.config;
+  const int64_t vocab = config.vocab_size;
   // Long enough to fill windows, wrap the ring and complete compressed entries of every ratio the fixtures use.
   const std::vector<int32_t> tokens = random_tokens(150, vocab, 7);
   for (NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
     SCOPED_TRACE(std::string(to_string(mode)));
-    const std::vector<float> want = cpu_logits(f, mode, tokens);
+    const bool exact = mode == NumericsMode::Exact;
+    const std::vector<float> like_gpu =
+        exact ? cpu_logits(config, f.ckpt.weights, NumericsMode::GpuBf16, tokens) : std::vector<float>{};
+    const std::vector<float> plain = cpu_logits(config, f.ckpt.weights, mode, tokens);
     cuda::CudaModelOptions options;
     options.numerics = mode;
     options.max_context = 256;
     options.max_step_tokens = 96;  // the 150-token prefill runs as 96 + 54: the chunking inside forward
-    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+    cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(7), int64_t(1)}) {
-      const std::string what = GetParam() + " " + std::string(to_string(mode)) + " chunks of " + std::to_string(chunk);
-      expect_rows_within(what, row_errors(want, gpu_logits(model, tokens, chunk), vocab),
-                         mode == NumericsMode::Exact ? kExactBounds : kReferenceBounds);
+      const std::string what = GetParam() + " GPU " + std::string(to_string(mode)) + ", chunks of " +
+                               std::to_string(chunk) + ", against the CPU in ";
+      const std::vector<float> got = gpu_logits(model, tokens, chunk);
+      if (exact)
+        expect_rows_within(what + "gpu-bf16", row_errors(like_gpu, got, vocab), kGpuBf16Bounds, kTolerance);
+      expect_rows_within(what + std::string(to_string(mode)), row_errors(plain, got, vocab),
+                         exact ? kExactBounds : kReferenceBounds, 10 * kTolerance);
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu,
-                         ::testing::Values("tests/golden/flash_like", "tests/golden/flash_like-release",
-                                           "tests/golden/pro_like", "tests/golden/pro_like-release",
-                                           "tests/golden/odd_sizes", "tests/golden/odd_sizes-release",
-                                           "models/tiny-fortunes", "models/tiny-fortunes-nvfp4"),
-                         [](const auto& info) {
-                           std::string name = fs::path(info.param).filename().string();
-                           std::replace(name.begin(), name.end(), '-', '_');
-                           return name;
-                         });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu, kFixtures, fixture_name);
 
-// The model cut after each of its layers (the same cut on the CPU): where the GPU starts to differ tells which layer
-// kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.
-TEST(CudaModel, EveryPrefixOfLayersMatchesTheCpu) {
+// The model cut after each of its layers (the same cut on the CPU, GpuBf16 numerics): where the GPU starts to differ
+// tells which layer kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.
+class CudaModelLayerPrefixes : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaModelLayerPrefixes, EveryPrefixOfLayersMatchesTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f(fs::path(DSV4_SOURCE_DIR) / "tests/golden/flash_like-release");
+  const Fixture f(fs::path(DSV4_SOURCE_DIR) / GetParam());
   const std::vector<int32_t> tokens = random_tokens(150, f.ckpt.config.vocab_size, 7);
   for (int layers = 1; layers <= f.ckpt.config.num_layers; ++layers) {
     ModelConfig config = f.ckpt.config;
@@ -161,26 +207,24 @@ TEST(CudaModel, EveryPrefixOfLayersMatchesTheCpu) {
     config.hash_routed.resize(size_t(layers));
     ModelWeights weights = f.ckpt.weights;
     weights.layers.resize(size_t(layers));
-    cpu::CpuBackend backend(config, NumericsMode::Exact);
-    Dsv4Model cpu_model(config, weights, backend);
-    auto seq = cpu_model.new_sequence();
-    std::vector<float> want;
-    cpu_model.forward(*seq, tokens, LogitRows::All, want);
+    const std::vector<float> want = cpu_logits(config, weights, NumericsMode::GpuBf16, tokens);
     cuda::CudaModelOptions options;
     options.max_context = 256;
     options.max_step_tokens = 96;
     cuda::CudaModel model(config, weights, options);
-    const std::string what = "first " + std::to_string(layers) + " layers (last: " +
+    const std::string what = GetParam() + " first " + std::to_string(layers) + " layers (last: " +
                              std::string(to_string(config.layer_kinds.back())) + ", ratio " +
                              std::to_string(config.compress_ratios.back()) +
                              (config.hash_routed.back() ? ", hash MoE)" : ", scored MoE)");
-    // The sliding-window layer alone selects the same entries on every row: every row within the typical bound.
-    const RowBounds bounds = layers == 1 ? RowBounds{1e-2f, 1e-2f, 1e-2f} : kExactBounds;
-    expect_rows_within(what, row_errors(want, gpu_logits(model, tokens, 150), config.vocab_size), bounds);
+    expect_rows_within(what, row_errors(want, gpu_logits(model, tokens, 150), config.vocab_size), kGpuBf16Bounds,
+                       kTolerance);
   }
 }
 
-// Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's.
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelLayerPrefixes, kFixtures, fixture_name);
+
+// Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's in both Exact and
+// GpuBf16 numerics.
 TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   for (const char* name : {"models/tiny-fortunes", "models/tiny-fortunes-nvfp4"}) {
@@ -190,18 +234,24 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
     auto argmax = [](const std::vector<float>& row) {
       return int32_t(std::max_element(row.begin(), row.end()) - row.begin());
     };
-    cpu::CpuBackend backend(f.ckpt.config, NumericsMode::Exact);
-    Dsv4Model cpu_model(f.ckpt.config, f.ckpt.weights, backend);
-    auto seq = cpu_model.new_sequence();
+    cpu::CpuBackend exact_backend(f.ckpt.config, NumericsMode::Exact);
+    cpu::CpuBackend like_gpu_backend(f.ckpt.config, NumericsMode::GpuBf16);
+    Dsv4Model exact_model(f.ckpt.config, f.ckpt.weights, exact_backend);
+    Dsv4Model like_gpu_model(f.ckpt.config, f.ckpt.weights, like_gpu_backend);
+    auto exact_seq = exact_model.new_sequence();
+    auto like_gpu_seq = like_gpu_model.new_sequence();
     cuda::CudaModel gpu_model(f.ckpt.config, f.ckpt.weights, {});
     const int slot = gpu_model.add_sequence();
-    std::vector<float> cpu_row, gpu_row;
-    cpu_model.forward(*seq, prompt, LogitRows::Last, cpu_row);
+    std::vector<float> exact_row, like_gpu_row, gpu_row;
+    exact_model.forward(*exact_seq, prompt, LogitRows::Last, exact_row);
+    like_gpu_model.forward(*like_gpu_seq, prompt, LogitRows::Last, like_gpu_row);
     gpu_model.forward(slot, prompt, LogitRows::Last, gpu_row);
     for (int step = 0; step < 64; ++step) {
-      const int32_t want = argmax(cpu_row), got = argmax(gpu_row);
-      ASSERT_EQ(want, got) << "step " << step;
-      cpu_model.forward(*seq, std::span(&want, 1), LogitRows::Last, cpu_row);
+      const int32_t want = argmax(exact_row), got = argmax(gpu_row);
+      ASSERT_EQ(want, got) << "step " << step << " (CPU exact against the GPU)";
+      ASSERT_EQ(argmax(like_gpu_row), got) << "step " << step << " (CPU gpu-bf16 against the GPU)";
+      exact_model.forward(*exact_seq, std::span(&want, 1), LogitRows::Last, exact_row);
+      like_gpu_model.forward(*like_gpu_seq, std::span(&want, 1), LogitRows::Last, like_gpu_row);
       gpu_model.forward(slot, std::span(&got, 1), LogitRows::Last, gpu_row);
     }
   }
