@@ -30,7 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "../../bench/cuda_bench_support.hpp"
+#include "backends/cuda/copy_bandwidth.hpp"
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/cuda_model.hpp"
 #include "backends/cuda/device.hpp"
@@ -427,7 +427,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   const std::string device = resolve_device(o.device == "auto" ? "cuda" : o.device);
   check(device != "cpu", "bench e2e runs on the GPU only (--device cuda or cuda:N)");
   const cuda::DeviceContext context = cuda::DeviceContext::open(device);
-  const double copy_gbps = cuda::copy_bandwidth_gbps(context.compute_stream());
+  const double copy_gbps = cuda::measure_copy_bandwidth_gbps(context.compute_stream());
   const std::vector<ModelShape> shapes = model_shapes(plan);
 
   // Layers: what the user asked, or as many as fit next to the most demanding shape's state and the step buffers.
