@@ -2,7 +2,8 @@
 // (d 7168), n = 4: µs per launch, bytes moved (each input read once, each output written once) / time, and that as
 // a share of the same-run copy bandwidth (cudaMemcpy D2D of 1 GiB, read + write counted). Same-run baseline for
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
-// Sinkhorn and collapse (two launches, X read twice). Inputs rotate over enough copies to exceed three times the L2,
+// Sinkhorn and collapse (two launches, X read twice); for the fused hc_post_pre: run_hc_post then run_hc_pre (two
+// launches, X read twice and written once). Inputs rotate over enough copies to exceed three times the L2,
 // so every launch streams from HBM like a layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH]
 #include <cublas_v2.h>
@@ -151,7 +152,7 @@ __global__ void baseline_finish_kernel(const float* X, const float* mixes, const
 
 // One rotation set: the inputs and outputs of one launch of every kernel at (T, d).
 struct Set {
-  DeviceBuffer X, fn, head_fn, out, y, post, comb, mixes;
+  DeviceBuffer X, fn, head_fn, out, y, post, comb, next_post, next_comb, mixes;
   DeviceBuffer ids;
 };
 
@@ -224,6 +225,8 @@ int main(int argc, char** argv) {
           s.y = DeviceBuffer(size_t(T * d) * sizeof(float), "y");
           s.post = random_buffer(size_t(T * kN), 0.3f, 1.0f, rng, "post");
           s.comb = random_buffer(size_t(T * kN * kN), 0.05f, 0.25f, rng, "comb");
+          s.next_post = DeviceBuffer(size_t(T * kN) * sizeof(float), "next post");
+          s.next_comb = DeviceBuffer(size_t(T * kN * kN) * sizeof(float), "next comb");
           s.mixes = DeviceBuffer(size_t(T * kSiteRows) * sizeof(float), "mixes");
           std::vector<int32_t> ids(static_cast<size_t>(T));
           for (int32_t& id : ids) id = int32_t(rng() % kVocab);
@@ -231,11 +234,14 @@ int main(int argc, char** argv) {
           s.ids.upload(ids.data(), ids.size() * sizeof(int32_t));
           sets.push_back(std::move(s));
         }
-        const HcProjectionConfig config = choose_hc_projection_config(T, d, device.multiprocessors);
-        std::printf("%s T=%lld: hc_pre/hc_head in %lld slices of %d dims × %lld tiles of %d tokens, %d threads "
-                    "per CTA\n",
-                    model, (long long)T, (long long)config.slices, config.slice_dims, (long long)config.token_tiles,
-                    config.token_tile, config.threads);
+        for (const bool fused : {false, true}) {
+          const HcProjectionConfig config = choose_hc_projection_config(T, d, device.multiprocessors, fused);
+          std::printf("%s T=%lld: %s in %lld slices of %d dims × %lld tiles of %d tokens, %d threads and %d X "
+                      "stages per CTA\n",
+                      model, (long long)T, fused ? "hc_post_pre" : "hc_pre/hc_head", (long long)config.slices,
+                      config.slice_dims, (long long)config.token_tiles, config.token_tile, config.threads,
+                      config.stages);
+        }
         const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
         DeviceBuffer workspace(workspace_bytes, "mhc workspace");
         workspace.fill_bytes(0);
@@ -264,14 +270,39 @@ int main(int argc, char** argv) {
           BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kSiteRows, int(T), int(flat), &alpha,
                                          s.fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
                                          s.mixes.as<float>(), kSiteRows));
-          baseline_finish_kernel<false><<<unsigned(T), 256, 0, stream>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
-                                                              scale.as<float>(), int(d), s.y.as<float>(),
-                                                              s.post.as<float>(), s.comb.as<float>());
+          baseline_finish_kernel<false><<<unsigned(T), 256, 0, stream>>>(
+              s.X.as<float>(), s.mixes.as<float>(), base.as<float>(), scale.as<float>(), int(d), s.y.as<float>(),
+              s.post.as<float>(), s.comb.as<float>());
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
         record("hc_pre", hc_pre,
                x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4,
                time_ms(stream, iterations, pre_baseline));
+
+        const auto hc_post_then_pre = [&](int i) {
+          Set& s = set(i);
+          run_hc_post({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
+                       .comb = s.comb.as<float>(), .tokens = T, .hidden = d, .X_out = s.X.as<float>(),
+                       .stream = stream});
+          run_hc_pre({.X = s.X.as<float>(), .fn = s.fn.as<float>(), .base = base.as<float>(),
+                      .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
+                      .y = s.y.as<float>(), .post = s.next_post.as<float>(), .comb = s.next_comb.as<float>(),
+                      .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
+        };
+        const auto hc_post_pre = [&](int i) {
+          Set& s = set(i);
+          run_hc_post_pre({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
+                           .comb = s.comb.as<float>(), .X_out = s.X.as<float>(), .next_fn = s.fn.as<float>(),
+                           .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T,
+                           .hidden = d, .sinkhorn_iters = kSinkhornIters, .y = s.y.as<float>(),
+                           .next_post = s.next_post.as<float>(), .next_comb = s.next_comb.as<float>(),
+                           .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
+        };
+        // Read: out, X, post/comb, fn; written: X, y, the next post/comb.
+        const double mix_bytes = double(T * (kN + kN * kN)) * 4;
+        record("hc_post_pre (fused, in place)", hc_post_pre,
+               td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes,
+               time_ms(stream, iterations, hc_post_then_pre));
 
         const auto hc_head = [&](int i) {
           Set& s = set(i);
@@ -285,9 +316,9 @@ int main(int argc, char** argv) {
           BENCH_CUBLAS_CHECK(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, kN, int(T), int(flat), &alpha,
                                          s.head_fn.as<float>(), int(flat), s.X.as<float>(), int(flat), &beta,
                                          s.mixes.as<float>(), kN));
-          baseline_finish_kernel<true><<<unsigned(T), 256, 0, stream>>>(s.X.as<float>(), s.mixes.as<float>(), base.as<float>(),
-                                                             scale.as<float>(), int(d), s.y.as<float>(), nullptr,
-                                                             nullptr);
+          baseline_finish_kernel<true><<<unsigned(T), 256, 0, stream>>>(
+              s.X.as<float>(), s.mixes.as<float>(), base.as<float>(), scale.as<float>(), int(d), s.y.as<float>(),
+              nullptr, nullptr);
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
@@ -343,9 +374,9 @@ int main(int argc, char** argv) {
                    "    {\"kernel\": \"%s\", \"model\": \"%s\", \"hidden\": %lld, \"tokens\": %lld, \"us\": %.2f, "
                    "\"graph_us\": %.2f, "
                    "\"bytes\": %.0f, \"gbps\": %.1f, \"percent_of_copy\": %.1f, \"baseline_us\": %s}%s\n",
-                   r.kernel.c_str(), r.model.c_str(), (long long)r.hidden, (long long)r.tokens, r.us, r.graph_us, r.bytes, r.gbps,
-                   r.percent_of_copy, r.baseline_us > 0 ? std::to_string(r.baseline_us).c_str() : "null",
-                   i + 1 < table.size() ? "," : "");
+                   r.kernel.c_str(), r.model.c_str(), (long long)r.hidden, (long long)r.tokens, r.us, r.graph_us,
+                   r.bytes, r.gbps, r.percent_of_copy,
+                   r.baseline_us > 0 ? std::to_string(r.baseline_us).c_str() : "null", i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

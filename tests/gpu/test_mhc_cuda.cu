@@ -1,10 +1,13 @@
-// The CUDA mHC kernels (hc_pre, hc_head, hc_post) against dsv4::cpu's mhc ops: V4-Flash (d 4096) and V4-Pro
-// (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300, 1000} (partial token tiles,
-// every slice width the launcher picks; at 1000 each persistent CTA walks more tiles than it has pipeline stages),
-// both numerics modes, hc_post in place and out of place. Fresh random inputs per case, outputs poisoned with NaN
-// plus a guard region past their end, every element checked. hc_pre and hc_head run twice on one workspace without
+// The CUDA mHC kernels (hc_pre, hc_head, hc_post, the fused hc_post_pre) against dsv4::cpu's mhc ops: V4-Flash
+// (d 4096) and V4-Pro (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300, 1000} (partial
+// token tiles, every slice width the launcher picks; at 1000 each persistent CTA walks more tiles than it has
+// pipeline stages), both numerics modes, hc_post and hc_post_pre in place and out of place. Fresh random inputs per
+// case, outputs poisoned with NaN plus a guard region past their end, every element checked. hc_post_pre is checked
+// as the CPU's hc_post followed by its hc_pre on the GPU's updated residual (so a bf16 rounding of X_out that lands
+// on the other side of a boundary does not count twice). The projection kernels run twice on one workspace without
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
-// hc_pre and hc_head launches of different sizes (different slice widths, so different scratch layouts).
+// hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
+// layouts).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -138,20 +141,62 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact");
 }
 
+// The CPU's hc_pre of in.X and the magnitudes that bound the GPU's error.
+struct PreReference {
+  std::vector<float> y, y_unrounded, post, comb;
+  std::vector<double> magnitude;
+};
+
+PreReference hc_pre_reference(const Inputs& in, int64_t T, int64_t d, bool round) {
+  PreReference ref{std::vector<float>(size_t(T * d)), {}, std::vector<float>(size_t(T * kN)),
+                   std::vector<float>(size_t(T * kN * kN)), mix_magnitudes(in, T, d, kSiteRows)};
+  const cpu::MhcParams cpu_params{T, d, kN, kSinkhornIters, kHcEps, kNormEps};
+  cpu::hc_pre({in.fn.data(), in.base.data(), in.scale.data()}, in.X.data(), cpu_params, ref.y.data(),
+              ref.post.data(), ref.comb.data());
+  ref.y_unrounded = ref.y;
+  if (round) cpu::round_to_bf16_inplace(ref.y.data(), int64_t(ref.y.size()));
+  return ref;
+}
+
+// hc_pre's outputs on the GPU against the CPU op on the same X (in.X) and weights.
+void expect_hc_pre_outputs(const Inputs& in, const PreReference& ref, int64_t T, int64_t d, bool round,
+                           const std::vector<float>& y_gpu, const DeviceBuffer& y_bf16,
+                           const std::vector<float>& post_gpu, const std::vector<float>& comb_gpu) {
+  const int64_t flat = kN * d;
+  // y = Σ pre_k X_k: each pre_k moves by at most sigmoid' (≤ 1/4) · scale · the mix error.
+  expect_close(y_gpu, ref.y, [&](size_t e) {
+    const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
+    double bound = 0;
+    for (int k = 0; k < kN; ++k) {
+      const double x = std::fabs(in.X[size_t(t * flat + k * d + i)]);
+      bound += x * (0.25 * in.scale[0] * kMixRelativeError * ref.magnitude[size_t(t * kSiteRows + k)] + 8e-7);
+    }
+    // Reference mode: a value next to a bf16 rounding boundary may round the other way.
+    if (round) bound += bf16_ulp(std::fabs(ref.y_unrounded[e]) + float(bound));
+    return bound + 1e-30;
+  }, "y", d);
+  if (round) expect_bf16_exact(y_gpu, "y");
+  expect_bf16_of(y_bf16, y_gpu, "y_bf16");
+  expect_close(post_gpu, ref.post, [&](size_t e) {
+    const int64_t t = int64_t(e) / kN, k = int64_t(e) % kN;
+    return 2 * 0.25 * in.scale[1] * kMixRelativeError * ref.magnitude[size_t(t * kSiteRows + kN + k)] + 1e-6;
+  }, "post", kN);
+  // Sinkhorn moves a comb entry by about the logit error; 40 normalisations add a few ulps each.
+  expect_close(comb_gpu, ref.comb, [&](size_t e) {
+    const int64_t t = int64_t(e) / (kN * kN);
+    double logit_error = 0;
+    for (int r = 2 * kN; r < kSiteRows; ++r)
+      logit_error = std::max(logit_error,
+                             in.scale[2] * kMixRelativeError * ref.magnitude[size_t(t * kSiteRows + r)]);
+    return 2 * logit_error + 1e-5;
+  }, "comb", kN * kN);
+}
+
 // `shared` (optional): a workspace used by earlier launches, not re-zeroed.
 void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* shared = nullptr) {
   SCOPED_TRACE(case_name("hc_pre", T, d, round));
   const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
-  const int64_t flat = kN * d;
-
-  std::vector<float> y_ref(size_t(T * d)), post_ref(size_t(T * kN)), comb_ref(size_t(T * kN * kN));
-  const cpu::MhcParams cpu_params{T, d, kN, kSinkhornIters, kHcEps, kNormEps};
-  cpu::hc_pre({in.fn.data(), in.base.data(), in.scale.data()}, in.X.data(), cpu_params, y_ref.data(),
-              post_ref.data(), comb_ref.data());
-  std::vector<float> y_unrounded = y_ref;
-  if (round) cpu::round_to_bf16_inplace(y_ref.data(), int64_t(y_ref.size()));
-  const std::vector<double> magnitude = mix_magnitudes(in, T, d, kSiteRows);
-
+  const PreReference ref = hc_pre_reference(in, T, d, round);
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                      scale = to_device(in.scale, "scale");
   Workspace own;
@@ -183,36 +228,8 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
                 .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> y_gpu = download(y, size_t(T * d));
-    const std::vector<float> post_gpu = download(post, size_t(T * kN));
-    const std::vector<float> comb_gpu = download(comb, size_t(T * kN * kN));
-
-    // y = Σ pre_k X_k: each pre_k moves by at most sigmoid' (≤ 1/4) · scale · the mix error.
-    expect_close(y_gpu, y_ref, [&](size_t e) {
-      const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
-      double bound = 0;
-      for (int k = 0; k < kN; ++k) {
-        const double x = std::fabs(in.X[size_t(t * flat + k * d + i)]);
-        bound += x * (0.25 * in.scale[0] * kMixRelativeError * magnitude[size_t(t * kSiteRows + k)] + 8e-7);
-      }
-      // Reference mode: a value next to a bf16 rounding boundary may round the other way.
-      if (round) bound += bf16_ulp(std::fabs(y_unrounded[e]) + float(bound));
-      return bound + 1e-30;
-    }, "y", d);
-    if (round) expect_bf16_exact(y_gpu, "y");
-    expect_bf16_of(y_bf16, y_gpu, "y_bf16");
-    expect_close(post_gpu, post_ref, [&](size_t e) {
-      const int64_t t = int64_t(e) / kN, k = int64_t(e) % kN;
-      return 2 * 0.25 * in.scale[1] * kMixRelativeError * magnitude[size_t(t * kSiteRows + kN + k)] + 1e-6;
-    }, "post", kN);
-    // Sinkhorn moves a comb entry by about the logit error; 40 normalisations add a few ulps each.
-    expect_close(comb_gpu, comb_ref, [&](size_t e) {
-      const int64_t t = int64_t(e) / (kN * kN);
-      double logit_error = 0;
-      for (int r = 2 * kN; r < kSiteRows; ++r)
-        logit_error = std::max(logit_error, in.scale[2] * kMixRelativeError * magnitude[size_t(t * kSiteRows + r)]);
-      return 2 * logit_error + 1e-5;
-    }, "comb", kN * kN);
-
+    expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, y_bf16, download(post, size_t(T * kN)),
+                          download(comb, size_t(T * kN * kN)));
     if (run == 0) {
       first_y = y_gpu;
     } else {
@@ -274,26 +291,52 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* s
   }
 }
 
-void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t seed) {
-  SCOPED_TRACE(case_name("hc_post", T, d, round) + (in_place ? " in place" : ""));
+// hc_post's inputs: the sub-block output, the residual, post in (0, 2) and comb in (0, 1).
+struct PostInputs {
+  std::vector<float> out, X, post, comb;
+};
+
+PostInputs random_post_inputs(int64_t T, int64_t d, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
-  std::vector<float> out(size_t(T * d)), X(size_t(T * kN * d)), post(size_t(T * kN)), comb(size_t(T * kN * kN));
-  for (float& v : out) v = normal(rng);
-  for (float& v : X) v = normal(rng) * 4.0f;
-  for (float& v : post) v = 2.0f * uniform(rng);
-  for (float& v : comb) v = uniform(rng);
-  std::vector<float> expected(X.size());
-  cpu::hc_post(out.data(), X.data(), post.data(), comb.data(), {T, d, kN, kSinkhornIters, kHcEps, kNormEps},
-               expected.data());
+  PostInputs in{std::vector<float>(size_t(T * d)), std::vector<float>(size_t(T * kN * d)),
+                std::vector<float>(size_t(T * kN)), std::vector<float>(size_t(T * kN * kN))};
+  for (float& v : in.out) v = normal(rng);
+  for (float& v : in.X) v = normal(rng) * 4.0f;
+  for (float& v : in.post) v = 2.0f * uniform(rng);
+  for (float& v : in.comb) v = uniform(rng);
+  return in;
+}
+
+// The updated residual on the GPU against the CPU's hc_post. Same operation order as the CPU; only a contracted vs
+// separate multiply-add may differ: a few ulps of the terms.
+void expect_hc_post_output(const PostInputs& in, int64_t T, int64_t d, bool round, const std::vector<float>& actual) {
+  std::vector<float> expected(in.X.size());
+  cpu::hc_post(in.out.data(), in.X.data(), in.post.data(), in.comb.data(),
+               {T, d, kN, kSinkhornIters, kHcEps, kNormEps}, expected.data());
   const std::vector<float> unrounded = expected;
   if (round) cpu::round_to_bf16_inplace(expected.data(), int64_t(expected.size()));
+  expect_close(actual, expected, [&](size_t e) {
+    const int64_t t = int64_t(e) / (kN * d), k = (int64_t(e) / d) % kN, i = int64_t(e) % d;
+    double terms = std::fabs(in.post[size_t(t * kN + k)] * in.out[size_t(t * d + i)]);
+    for (int j = 0; j < kN; ++j)
+      terms += std::fabs(in.comb[size_t((t * kN + j) * kN + k)] * in.X[size_t((t * kN + j) * d + i)]);
+    double bound = 4 * 6e-8 * terms;
+    if (round) bound += bf16_ulp(std::fabs(unrounded[e]) + float(bound));
+    return bound + 1e-30;
+  }, "X_out", d);
+  if (round) expect_bf16_exact(actual, "X_out");
+}
 
-  const DeviceBuffer out_d = to_device(out, "out"), post_d = to_device(post, "post"), comb_d = to_device(comb, "comb");
-  DeviceBuffer X_d = poisoned(X.size(), "X");
-  X_d.upload(X.data(), X.size() * sizeof(float));
-  DeviceBuffer X_out_d = poisoned(X.size(), "X_out");
+void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t seed) {
+  SCOPED_TRACE(case_name("hc_post", T, d, round) + (in_place ? " in place" : ""));
+  const PostInputs in = random_post_inputs(T, d, seed);
+  const DeviceBuffer out_d = to_device(in.out, "out"), post_d = to_device(in.post, "post"),
+                     comb_d = to_device(in.comb, "comb");
+  DeviceBuffer X_d = poisoned(in.X.size(), "X");
+  X_d.upload(in.X.data(), in.X.size() * sizeof(float));
+  DeviceBuffer X_out_d = poisoned(in.X.size(), "X_out");
   float* X_out = in_place ? X_d.as<float>() : X_out_d.as<float>();
   run_hc_post({.out = out_d.as<float>(),
                .X = X_d.as<float>(),
@@ -304,19 +347,75 @@ void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t see
                .round_to_bf16 = round,
                .X_out = X_out});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const std::vector<float> actual = download(in_place ? X_d : X_out_d, X.size());
-  if (!in_place) EXPECT_EQ(download(X_d, X.size()), X) << "X changed although X_out is another buffer";
-  // Same operation order as the CPU; only a contracted vs separate multiply-add may differ: a few ulps of the terms.
-  expect_close(actual, expected, [&](size_t e) {
-    const int64_t t = int64_t(e) / (kN * d), k = (int64_t(e) / d) % kN, i = int64_t(e) % d;
-    double terms = std::fabs(post[size_t(t * kN + k)] * out[size_t(t * d + i)]);
-    for (int j = 0; j < kN; ++j)
-      terms += std::fabs(comb[size_t((t * kN + j) * kN + k)] * X[size_t((t * kN + j) * d + i)]);
-    double bound = 4 * 6e-8 * terms;
-    if (round) bound += bf16_ulp(std::fabs(unrounded[e]) + float(bound));
-    return bound + 1e-30;
-  }, "X_out", d);
-  if (round) expect_bf16_exact(actual, "X_out");
+  const std::vector<float> actual = download(in_place ? X_d : X_out_d, in.X.size());
+  if (!in_place) EXPECT_EQ(download(X_d, in.X.size()), in.X) << "X changed although X_out is another buffer";
+  expect_hc_post_output(in, T, d, round, actual);
+}
+
+// The fused launch: X_out against the CPU's hc_post, then y/next_post/next_comb against the CPU's hc_pre of the
+// GPU's X_out. In place, X is re-uploaded before the second run.
+void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t seed, Workspace* shared = nullptr) {
+  SCOPED_TRACE(case_name("hc_post_pre", T, d, round) + (in_place ? " in place" : ""));
+  const PostInputs post_in = random_post_inputs(T, d, seed);
+  Inputs next = random_inputs(T, d, kSiteRows, 3, seed + 7919);
+  const DeviceBuffer out_d = to_device(post_in.out, "out"), post_d = to_device(post_in.post, "post"),
+                     comb_d = to_device(post_in.comb, "comb"), fn = to_device(next.fn, "next fn"),
+                     base = to_device(next.base, "next base"), scale = to_device(next.scale, "next scale");
+  Workspace own;
+  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_post_pre workspace");
+  Workspace& workspace = shared != nullptr ? *shared : own;
+
+  PreReference reference;
+  std::vector<float> first_y;
+  for (int run = 0; run < 2; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    DeviceBuffer X_d = poisoned(post_in.X.size(), "X");
+    X_d.upload(post_in.X.data(), post_in.X.size() * sizeof(float));
+    DeviceBuffer X_out_d = poisoned(post_in.X.size(), "X_out");
+    DeviceBuffer y = poisoned(size_t(T * d), "y"), next_post = poisoned(size_t(T * kN), "next post"),
+                 next_comb = poisoned(size_t(T * kN * kN), "next comb");
+    DeviceBuffer y_bf16(size_t(T * d) * sizeof(uint16_t) + 16, "y_bf16");
+    y_bf16.fill_bytes(0xFF);
+    run_hc_post_pre({.out = out_d.as<float>(),
+                     .X = X_d.as<float>(),
+                     .post = post_d.as<float>(),
+                     .comb = comb_d.as<float>(),
+                     .X_out = in_place ? X_d.as<float>() : X_out_d.as<float>(),
+                     .next_fn = fn.as<float>(),
+                     .next_base = base.as<float>(),
+                     .next_scale = scale.as<float>(),
+                     .tokens = T,
+                     .hidden = d,
+                     .sinkhorn_iters = kSinkhornIters,
+                     .hc_eps = kHcEps,
+                     .norm_eps = kNormEps,
+                     .round_to_bf16 = round,
+                     .y = y.as<float>(),
+                     .y_bf16 = y_bf16.as<__nv_bfloat16>(),
+                     .next_post = next_post.as<float>(),
+                     .next_comb = next_comb.as<float>(),
+                     .workspace = workspace.buffer.data(),
+                     .workspace_bytes = workspace.bytes});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> X_gpu = download(in_place ? X_d : X_out_d, post_in.X.size());
+    if (!in_place)
+      EXPECT_EQ(download(X_d, post_in.X.size()), post_in.X) << "X changed although X_out is another buffer";
+    expect_hc_post_output(post_in, T, d, round, X_gpu);
+    const std::vector<float> y_gpu = download(y, size_t(T * d));
+    if (run == 0) {
+      next.X = X_gpu;
+      reference = hc_pre_reference(next, T, d, round);
+      first_y = y_gpu;
+    } else {
+      // Bit-identical reruns, so the first run's reference holds.
+      ASSERT_EQ(std::memcmp(next.X.data(), X_gpu.data(), X_gpu.size() * sizeof(float)), 0)
+          << "the second launch differs from the first (X_out)";
+      EXPECT_EQ(std::memcmp(first_y.data(), y_gpu.data(), y_gpu.size() * sizeof(float)), 0)
+          << "the second launch on the same workspace differs from the first (y)";
+    }
+    expect_hc_pre_outputs(next, reference, T, d, round, y_gpu, y_bf16, download(next_post, size_t(T * kN)),
+                          download(next_comb, size_t(T * kN * kN)));
+  }
 }
 
 const int64_t kTokenCounts[] = {1, 5, 64, 300, 1000};
@@ -347,6 +446,17 @@ TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
         for (const bool in_place : {false, true}) check_hc_post(T, d, round, in_place, seed++);
 }
 
+TEST(MhcGpu, HcPostPreMatchesCpuPostThenPre) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 400;
+  for (const int64_t d : kHiddenSizes)
+    for (size_t n = 0; n < std::size(kTokenCounts); ++n)
+      for (const bool round : {false, true}) {
+        const bool in_place = (n % 2 == 0) != round;  // both placements in both numerics modes
+        check_hc_post_pre(kTokenCounts[n], d, round, in_place, seed++);
+      }
+}
+
 TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   constexpr int64_t d = 4096;
@@ -355,6 +465,7 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   for (const int64_t T : {600, 1, 64, 600, 5, 1}) {
     check_hc_pre(T, d, false, seed++, &workspace);
     check_hc_head(T, d, false, seed++, &workspace);
+    check_hc_post_pre(T, d, false, true, seed++, &workspace);
   }
 }
 
@@ -405,6 +516,29 @@ TEST(MhcGpu, RefusesUnsupportedCallsNamingTheProblem) {
   q = post_good;
   q.comb = nullptr;
   expect_error_containing([&] { run_hc_post(q); }, "null comb");
+
+  DeviceBuffer out(T * d * 4, "out"), next_post(T * kN * 4, "next post"), next_comb(T * kN * kN * 4, "next comb");
+  const HcPostPreParams fused_good{.out = out.as<float>(), .X = X.as<float>(), .post = post.as<float>(),
+                                   .comb = comb.as<float>(), .X_out = X.as<float>(), .next_fn = fn.as<float>(),
+                                   .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T,
+                                   .hidden = d, .y = y.as<float>(), .next_post = next_post.as<float>(),
+                                   .next_comb = next_comb.as<float>(), .workspace = workspace.data(),
+                                   .workspace_bytes = bytes};
+  HcPostPreParams f = fused_good;
+  f.next_post = post.as<float>();
+  expect_error_containing([&] { run_hc_post_pre(f); }, "next_post overlaps post or comb");
+  f = fused_good;
+  f.X_out = X.as<float>() + 4;
+  expect_error_containing([&] { run_hc_post_pre(f); }, "X_out must be X itself");
+  f = fused_good;
+  f.y = X.as<float>();
+  expect_error_containing([&] { run_hc_post_pre(f); }, "overlaps X");
+  f = fused_good;
+  f.next_fn = nullptr;
+  expect_error_containing([&] { run_hc_post_pre(f); }, "null next_fn");
+  f = fused_good;
+  f.workspace_bytes = bytes - 4;
+  expect_error_containing([&] { run_hc_post_pre(f); }, "hc_projection_workspace_bytes");
 }
 
 }  // namespace

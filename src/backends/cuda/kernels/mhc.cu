@@ -36,19 +36,24 @@ void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {
   check(hidden <= (int64_t(1) << 24), op, ": hidden size ", hidden, " is beyond the supported 2^24");
 }
 
-// The widest slice (fewest partial sums to reduce, fn held by fewer CTAs) that still gives about every SM a CTA.
-int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+// The widest slice up to `widest` (fewest partial sums to reduce, fn held by fewer CTAs) that still gives about every
+// SM a CTA.
+int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors, int widest) {
   for (const int dims : {128, 64})
-    if (ceil_div(hidden, dims) * token_tiles * 4 >= int64_t(multiprocessors) * 3) return dims;
+    if (dims <= widest && ceil_div(hidden, dims) * token_tiles * 4 >= int64_t(multiprocessors) * 3) return dims;
   return 32;
 }
+
+// hc_post_pre's 128-dim variant would spill at the 128-register cap of its 512 threads: it stops at 64-dim slices
+// (one 256-thread CTA per SM, with a deeper X ring).
+int widest_slice(bool post_pre) { return post_pre ? 64 : 128; }
 
 // Workspace: the header, the tiles' summed rows, then the slices' partial sums (tagged 8-byte words; hc_head uses
 // the same strides, with fewer rows filled).
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
-size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
-  const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
+size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors, int widest) {
+  const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors, widest));
   return size_t(token_tiles * slices) * kTileWords * 8;
 }
 
@@ -99,11 +104,11 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   return resident;
 }
 
-template <bool kHead, int kSliceDims>
+template <bool kHead, bool kPost, int kSliceDims>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kSliceDims>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims>;
   constexpr int kThreads = mhc::projection_threads(kSliceDims);
-  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>);
+  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
@@ -115,10 +120,10 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   DSV4_CUDA_CHECK_LAUNCH(op);
 }
 
-template <bool kHead>
+template <bool kHead, bool kPost>
 void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op) {
   const int multiprocessors = current_multiprocessors();
-  const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors);
+  const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors, kPost);
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
   args.slices = int(config.slices);
   args.tiles = int(config.token_tiles);
@@ -126,39 +131,43 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
-  switch (config.slice_dims) {
-    case 128: launch_projection<kHead, 128>(args, multiprocessors, stream, op); break;
-    case 64: launch_projection<kHead, 64>(args, multiprocessors, stream, op); break;
-    default: launch_projection<kHead, 32>(args, multiprocessors, stream, op); break;
+  if constexpr (!kPost) {
+    if (config.slice_dims == 128) return launch_projection<kHead, kPost, 128>(args, multiprocessors, stream, op);
   }
+  if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
+  launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 
 }  // namespace
 
-HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors) {
+HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors, bool post_pre) {
   check(tokens >= 0 && hidden > 0 && hidden % 4 == 0, "hc projection: bad shape tokens=", tokens,
         " hidden=", hidden);
   HcProjectionConfig config;
   config.token_tile = mhc::kTileTokens;
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
-  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors);
+  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
+                                        widest_slice(post_pre));
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
-  config.smem_bytes = size_t(mhc::projection_smem_bytes(config.slice_dims, mhc::kPartialRows<false>));
+  config.stages = mhc::projection_stages(config.slice_dims, mhc::kPartialRows<false>, post_pre);
+  config.smem_bytes = size_t(mhc::projection_smem_bytes(config.slice_dims, mhc::kPartialRows<false>, post_pre));
   return config;
 }
 
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors) {
   const int64_t tiles = std::max<int64_t>(ceil_div(tokens, mhc::kTileTokens), 1);
   // The partial sums must also fit every smaller launch (narrower slices, more of them): the largest over the tile
-  // counts up to `tiles`. Slices only widen as tiles grow, and at the widest the size grows with the tiles.
+  // counts up to `tiles`, at hc_post_pre's narrower slices. Slices only widen as tiles grow, and at the widest the
+  // size grows with the tiles.
+  const int widest = widest_slice(true);
   size_t partials = 0;
   for (int64_t t = 1; t <= tiles; ++t) {
-    if (choose_slice_dims(t, hidden, multiprocessors) == 128) {
-      partials = std::max(partials, partial_bytes(tiles, hidden, multiprocessors));
+    if (choose_slice_dims(t, hidden, multiprocessors, widest) == widest) {
+      partials = std::max(partials, partial_bytes(tiles, hidden, multiprocessors, widest));
       break;
     }
-    partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
+    partials = std::max(partials, partial_bytes(t, hidden, multiprocessors, widest));
   }
   return mhc::kHeaderBytes + size_t(tiles) * kTileWords * 8 + partials;
 }
@@ -193,6 +202,45 @@ void check_hc_post_params(const HcPostParams& p) {
         "hc_post: X_out overlaps out");
 }
 
+void check_hc_post_pre_params(const HcPostPreParams& p) {
+  const char* op = "hc_post_pre";
+  check(p.next_fn != nullptr && p.next_base != nullptr && p.next_scale != nullptr, op, ": null ",
+        p.next_fn == nullptr ? "next_fn" : p.next_base == nullptr ? "next_base" : "next_scale");
+  check_projection(op, p.X, p.next_fn, p.next_base, p.next_scale, p.tokens, p.hidden, p.streams, p.y, p.y_bf16,
+                   p.workspace, p.workspace_bytes);
+  check(p.out != nullptr && p.post != nullptr && p.comb != nullptr && p.X_out != nullptr && p.next_post != nullptr &&
+            p.next_comb != nullptr,
+        op, ": null ",
+        p.out == nullptr         ? "out"
+        : p.post == nullptr      ? "post"
+        : p.comb == nullptr      ? "comb"
+        : p.X_out == nullptr     ? "X_out"
+        : p.next_post == nullptr ? "next_post"
+                                 : "next_comb");
+  check(aligned16(p.out) && aligned16(p.post) && aligned16(p.comb) && aligned16(p.X_out), op,
+        ": out, post, comb and X_out must be 16-byte aligned");
+  check(p.sinkhorn_iters >= 1, op, ": sinkhorn_iters = ", p.sinkhorn_iters, "; at least one is needed");
+  const size_t x_bytes = size_t(p.tokens) * kMhcStreams * size_t(p.hidden) * sizeof(float);
+  const size_t td_bytes = size_t(p.tokens) * size_t(p.hidden) * sizeof(float);
+  const size_t post_bytes = size_t(p.tokens) * kMhcStreams * sizeof(float);
+  const size_t comb_bytes = post_bytes * kMhcStreams;
+  check(p.X_out == p.X || !overlaps(p.X_out, x_bytes, p.X, x_bytes), op, ": X_out must be X itself or not overlap it");
+  check(!overlaps(p.X_out, x_bytes, p.out, td_bytes), op, ": X_out overlaps out");
+  check(p.y == nullptr || !overlaps(p.y, td_bytes, p.X_out, x_bytes), op, ": the fp32 output overlaps X_out");
+  check(p.y_bf16 == nullptr || !overlaps(p.y_bf16, td_bytes / 2, p.X_out, x_bytes), op,
+        ": the bf16 output overlaps X_out");
+  // A CTA reads a slice of out before it writes the same slice of y: y may be out itself.
+  check(p.y == nullptr || static_cast<const void*>(p.y) == p.out || !overlaps(p.y, td_bytes, p.out, td_bytes), op,
+        ": the fp32 output must be out itself or not overlap it");
+  check(p.y_bf16 == nullptr || !overlaps(p.y_bf16, td_bytes / 2, p.out, td_bytes), op,
+        ": the bf16 output overlaps out");
+  const auto overlaps_inputs = [&](const void* output, size_t bytes) {
+    return overlaps(output, bytes, p.post, post_bytes) || overlaps(output, bytes, p.comb, comb_bytes);
+  };
+  check(!overlaps_inputs(p.next_post, post_bytes), op, ": next_post overlaps post or comb (still read by the launch)");
+  check(!overlaps_inputs(p.next_comb, comb_bytes), op, ": next_comb overlaps post or comb (still read by the launch)");
+}
+
 void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
@@ -211,7 +259,7 @@ void run_hc_pre(const HcPreParams& p) {
   args.y_bf16 = p.y_bf16;
   args.post = p.post;
   args.comb = p.comb;
-  run_projection<false>(args, p.workspace, p.stream, "hc_pre");
+  run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
 }
 
 void run_hc_head(const HcHeadParams& p) {
@@ -230,7 +278,32 @@ void run_hc_head(const HcHeadParams& p) {
   args.round_to_bf16 = p.round_to_bf16;
   args.y = p.h;
   args.y_bf16 = p.h_bf16;
-  run_projection<true>(args, p.workspace, p.stream, "hc_head");
+  run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
+}
+
+void run_hc_post_pre(const HcPostPreParams& p) {
+  check_hc_post_pre_params(p);
+  if (p.tokens == 0) return;
+  mhc::ProjectionArgs args{};
+  args.X = p.X;
+  args.fn = p.next_fn;
+  args.base = p.next_base;
+  args.scale = p.next_scale;
+  args.tokens = p.tokens;
+  args.hidden = int(p.hidden);
+  args.sinkhorn_iters = p.sinkhorn_iters;
+  args.hc_eps = p.hc_eps;
+  args.norm_eps = p.norm_eps;
+  args.round_to_bf16 = p.round_to_bf16;
+  args.y = p.y;
+  args.y_bf16 = p.y_bf16;
+  args.post = p.next_post;
+  args.comb = p.next_comb;
+  args.out = p.out;
+  args.post_in = p.post;
+  args.comb_in = p.comb;
+  args.X_out = p.X_out;
+  run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre");
 }
 
 void run_hc_post(const HcPostParams& p) {

@@ -1,4 +1,4 @@
-// Kernels behind run_hc_pre / run_hc_head / run_hc_post (mhc.hpp holds the contract).
+// Kernels behind run_hc_pre / run_hc_head / run_hc_post_pre / run_hc_post (mhc.hpp holds the contract).
 //
 // NOTES:
 // - hc_pre's cost is the projection m[T, R] = X[T, n·d] · fnᵀ (R = 24 rows, 4 for hc_head), a skinny GEMM of 24
@@ -8,7 +8,13 @@
 //   fp32 in a fixed order, so reruns are bit-identical.
 // - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams and keeps its columns of fn
 //   in registers as MMA B fragments (split once), then walks the token tiles g, g + G, … of 16 tokens. X tiles
-//   stream in through bulk copies (cp.async.bulk) kStages deep, so HBM reads run ahead of the math.
+//   stream in kStages deep through per-thread 16-byte cp.async copies (4 per thread per tile, coalesced 512-byte
+//   rows) that complete on the stage's mbarrier (cp.async.mbarrier.arrive.noinc, one arrival per thread). Session
+//   10 staged them with one cp.async.bulk per (token, stream) row, 64 copies of 512 bytes per tile, and every tile
+//   cost ≈ 5.5 µs whatever its work (the attention kernel's per-entry bulk copies showed the same per-tile floor).
+// - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
+//   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
+//   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
 // - The collapse y = Σ_k pre_k·X_k needs each token's full projection. Every CTA publishes its slice's partial sums
 //   [Σx², m_0 … m_{R-1}] × 16 tokens; the sums over the slices are spread over the tile's CTAs (item i of the tile's
 //   rows × tokens by slice i mod S, one warp per item, slices in a fixed order then a butterfly: deterministic); every
@@ -17,8 +23,9 @@
 //   the staged tiles allow, so no CTA waits for another's work of the same or the previous iteration.
 // - Every value one CTA hands another is a 64-bit word (value, launch tag) written and read with single-copy-atomic
 //   relaxed accesses: a reader checks the tag and needs no counter, fence or flag, and nothing has to be reset. The
-//   tag is the workspace's launch epoch + 1; the last CTA to finish advances the epoch. Reads are issued before the
-//   projection and checked after it, so their latency hides behind it; a stale tag is re-read.
+//   tag is the workspace's launch epoch + 1; the last CTA to finish advances the epoch. Every thread reads the epoch
+//   itself after issuing its first copies, so that read's latency overlaps them. Reads of other CTAs' words are
+//   issued before the projection and checked after it, so their latency hides behind it; a stale tag is re-read.
 // - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
 //   of tile j by slice j mod S, two tokens per warp.
 // - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
@@ -31,6 +38,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "core/bf16.hpp"
 
@@ -41,6 +49,9 @@ inline constexpr int kTileTokens = 16;  // one m16 MMA tile
 inline constexpr int kRowPad = 16;      // floats of padding per staged token row
 inline constexpr int kPostThreads = 256;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+inline constexpr int kMixFloats = kStreams + kStreams * kStreams;  // one token's post and comb
+inline constexpr int kPostSlots = 3;  // fused variant: out/post/comb of the tiles being loaded and updated
+inline constexpr int kMaxStages = 12;
 
 // Workspace: a header (launch epoch, finished-CTA counter), then tagged words only: the tiles' summed rows
 // [tiles][kPartialRows][16], then the slices' partial sums [tiles][S][partial rows][16]. Launches of other sizes
@@ -53,9 +64,13 @@ inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStre
 template <bool kHead>
 inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
 
-// One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap.
+// One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap. The fused
+// variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
+// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre: 6 at 128-dim slices, 5 at narrower ones).
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
-__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims) { return 128 / slice_dims; }
+__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post) {
+  return post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+}
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
 
 __host__ __device__ constexpr int stage_bytes(int slice_dims) {
@@ -64,20 +79,25 @@ __host__ __device__ constexpr int stage_bytes(int slice_dims) {
 __host__ __device__ constexpr int warp_sums_bytes(int slice_dims, int partial_rows) {
   return projection_threads(slice_dims) / 32 * partial_rows * kTileTokens * 4;
 }
+// One slot of the fused variant's ring: the tile's out rows [16][ds], then its tokens' post and comb [16][20].
+__host__ __device__ constexpr int post_slot_floats(int slice_dims) { return kTileTokens * (slice_dims + kMixFloats); }
+__host__ __device__ constexpr int post_ring_bytes(int slice_dims, bool post) {
+  return post ? kPostSlots * post_slot_floats(slice_dims) * 4 : 0;
+}
 
 // Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
 // driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
-__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows) {
-  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims) - 1024 - 512;
-  const int fit = (budget - warp_sums_bytes(slice_dims, partial_rows)) / stage_bytes(slice_dims);
-  const int capped = fit < 6 ? fit : 6;
-  return capped * stage_bytes(slice_dims) + warp_sums_bytes(slice_dims, partial_rows) <= 227 * 1024 ? capped
-                                                                                                  : capped - 1;
+__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post) {
+  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post) - 1024 - 512;
+  const int fixed = warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
+  const int fit = (budget - fixed) / stage_bytes(slice_dims);
+  const int capped = fit < kMaxStages ? fit : kMaxStages;
+  return capped * stage_bytes(slice_dims) + fixed <= 227 * 1024 ? capped : capped - 1;
 }
 
-__host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows) {
-  return projection_stages(slice_dims, partial_rows) * stage_bytes(slice_dims) +
-         warp_sums_bytes(slice_dims, partial_rows);
+__host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows, bool post) {
+  return projection_stages(slice_dims, partial_rows, post) * stage_bytes(slice_dims) +
+         warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
 }
 
 struct ProjectionArgs {
@@ -98,6 +118,11 @@ struct ProjectionArgs {
   __nv_bfloat16* y_bf16;
   float* post;
   float* comb;
+  // The fused variant's hc_post inputs and its updated residual.
+  const float* out;
+  const float* post_in;
+  const float* comb_in;
+  float* X_out;
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
@@ -135,6 +160,19 @@ __device__ inline float tagged_value(unsigned long long word, const unsigned lon
   return __uint_as_float(unsigned(word));
 }
 
+// 16 bytes global → shared by cp.async (L2 only: X is streamed once).
+__device__ inline void copy16_to_shared(float* shared_dst, const float* global_src) {
+  ptx::cp_async_or_zero<16>(static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst)), global_src, true);
+}
+
+// One arrival on `barrier` once every cp.async this thread issued so far has landed (PTX
+// "cp.async.mbarrier.arrive.noinc": the arrival is counted in the barrier's initial count).
+__device__ inline void arrive_when_copies_land(uint64_t* barrier) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(barrier)))
+               : "memory");
+}
+
 // Round to nearest tf32 (the low 13 bits of the result are zero).
 __device__ inline uint32_t to_tf32(float x) {
   uint32_t bits;
@@ -158,14 +196,21 @@ __device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Bulk copy global → shared completing on `barrier` (PTX "cp.async.bulk"); bytes a multiple of 16.
-__device__ inline void bulk_copy_to_shared(void* shared_dst, const void* global_src, uint32_t bytes,
-                                           uint64_t* barrier) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst))),
-      "l"(global_src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier)))
-      : "memory");
+// hc_post of one 4-dim vector of a token, output stream k: post_k·o + Σ_j comb[j][k]·x[j], the CPU's operation
+// order (product, then one multiply-add per stream), rounded to bf16 when the residual is kept in bf16.
+__device__ inline float4 residual_update(int k, const float4 o, const float4 (&x)[kStreams], const float* post,
+                                         const float* comb, bool round_output) {
+  float4 r = make_float4(post[k] * o.x, post[k] * o.y, post[k] * o.z, post[k] * o.w);
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j) {
+    const float w = comb[j * kStreams + k];
+    r.x = fmaf(w, x[j].x, r.x);
+    r.y = fmaf(w, x[j].y, r.y);
+    r.z = fmaf(w, x[j].z, r.z);
+    r.w = fmaf(w, x[j].w, r.w);
+  }
+  if (round_output) r = make_float4(round_to_bf16(r.x), round_to_bf16(r.y), round_to_bf16(r.z), round_to_bf16(r.w));
+  return r;
 }
 
 // Lanes that sum one item over `slices` slices: the smallest power of two ≥ slices, at most a warp. Depends on the
@@ -198,8 +243,9 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   return v;
 }
 
-template <bool kHead, int kSliceDims>
-__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims))
+// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
+template <bool kHead, bool kPost, int kSliceDims>
+__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
     hc_projection_kernel(const ProjectionArgs args) {
   constexpr int kThreads = projection_threads(kSliceDims);
   constexpr int kWarps = kThreads / 32;
@@ -210,21 +256,24 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kLdx = staged_row_floats(kSliceDims);
   constexpr int kStageFloats = kTileTokens * kLdx;
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
-  constexpr int kStages = projection_stages(kSliceDims, kPartial);
+  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost);
+  constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
   // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
   constexpr int kCollapseLag = kStages - 3;
-  constexpr int kSumLag = kCollapseLag - 1;
+  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims % 32 == 0 && kSliceDims <= 128, "a warp covers 32 columns of one stream");
-  static_assert(kThreads == kTileTokens * kSliceDims / 4, "the collapse gives each thread one 4-dim vector");
+  static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
   float* const stages = reinterpret_cast<float*>(dynamic_smem);  // [kStages][16][kLdx]
   float* const warp_sums = stages + kStages * kStageFloats;      // [kWarps][kPartial][16]
+  float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
+  __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
   __shared__ float pre_s[kTileTokens][kStreams];
-  __shared__ unsigned tag_s;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int slices = args.slices, groups = args.groups;
@@ -242,32 +291,61 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const auto sums_of = [&](int j) { return args.sums + tile_of(j) * kPartialFloats; };  // [kPartial][16]
   const auto partials_of = [&](int j) { return args.partials + tile_of(j) * slices * kPartialFloats; };
 
-  // Zeros stay in the columns past the slice's width (no copy writes there) and make every staged value finite.
-  for (int v = tid; v < kStages * kStageFloats / 4; v += kThreads) dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // A partial slice keeps zeros in the columns past its width (no copy writes there; fn is zero there too, and
+  // 0 · NaN would not be). Rows of tokens past a tile's end hold stale values, which reach only those tokens' rows
+  // of the MMA and partials, never read back or collapsed.
+  if (width < kSliceDims)
+    for (int v = tid; v < kStages * kStageFloats / 4; v += kThreads)
+      dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (tid == 0) {
-    for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], 1);
+    for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], kThreads);
+    if constexpr (kPost)
+      for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     sm90::fence_mbarrier_init();
-    tag_s = load_relaxed_u32(args.header) + 1u;
   }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the zeros land before the copies beside them
   __syncthreads();
-  const unsigned tag = tag_s;
 
-  // Warp 0 stages the CTA's j-th tile: one bulk copy per (token, stream) row of the slice.
+  // Every thread stages its share of the CTA's j-th X tile (4 vectors of the 16 tokens × 4 streams × ds), then
+  // arrives on the stage's barrier once they land.
   const auto load_tile = [&](int j) {
     const int b = j % kStages;
     const int64_t t0 = tile_of(j) * kTileTokens;
-    const int valid = valid_of(j);
-    if (lane == 0) sm90::mbarrier_arrive_expect_tx(&full[b], uint32_t(valid * kStreams * width * 4));
-    __syncwarp();
-    for (int r = lane; r < valid * kStreams; r += 32) {
+    const int rows = valid_of(j) * kStreams;
+#pragma unroll
+    for (int v = tid; v < kTileTokens * kStreams * kVectorsPerRow; v += kThreads) {
+      const int r = v / kVectorsPerRow, i = (v % kVectorsPerRow) * 4;
       const int t = r / kStreams, s = r % kStreams;
-      bulk_copy_to_shared(stages + b * kStageFloats + t * kLdx + s * kSliceDims,
-                          args.X + ((t0 + t) * kStreams + s) * d + i0, uint32_t(width * 4), &full[b]);
+      if (r < rows && i < width)
+        copy16_to_shared(stages + b * kStageFloats + t * kLdx + s * kSliceDims + i,
+                         args.X + ((t0 + t) * kStreams + s) * d + i0 + i);
     }
+    arrive_when_copies_land(&full[b]);
   };
-  if (warp == 0)
-    for (int j = 0; j < min(count, kStages); ++j) load_tile(j);
+  // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
+  // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
+  const int vt = tid / kVectorsPerRow, vi = (tid % kVectorsPerRow) * 4;
+  const auto load_post_inputs = [&](int j) {
+    float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
+    const int64_t t0 = tile_of(j) * kTileTokens;
+    const int valid = valid_of(j);
+    if (vt < valid && vi < width) copy16_to_shared(slot + vt * kSliceDims + vi, args.out + (t0 + vt) * d + i0 + vi);
+    constexpr int kMixVectors = kMixFloats / 4;  // post, then the 4 rows of comb
+    static_assert(kTileTokens * kMixVectors <= kThreads, "one thread per post/comb vector");
+    const int t = tid / kMixVectors, q = tid % kMixVectors;
+    if (t < valid) {
+      const float* const source = q == 0 ? args.post_in + (t0 + t) * kStreams
+                                         : args.comb_in + ((t0 + t) * kStreams + q - 1) * kStreams;
+      copy16_to_shared(slot + kTileTokens * kSliceDims + t * kMixFloats + 4 * q, source);
+    }
+    arrive_when_copies_land(&post_full[j % kPostSlots]);
+  };
+  for (int j = 0; j < min(count, kStages); ++j) {
+    load_tile(j);
+    if constexpr (kPost)
+      if (j < kPostSlots) load_post_inputs(j);
+  }
+  // Read after the first copies are issued, so its latency overlaps theirs.
+  const unsigned tag = load_relaxed_u32(args.header) + 1u;
 
   // This warp's 32 columns of fn for the B fragments. Thread (g, t4) takes columns 16p + 4·t4 .. +3 of rows
   // 8·nt + g: k-step (p, h) maps logical k = t4 to column 16p + 4·t4 + 2h and k = t4 + 4 to the next one, so one
@@ -333,20 +411,47 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   for (int j = 0; j < count + kCollapseLag; ++j) {
     const int jr = j - kSumLag, jc = j - kCollapseLag;
     const int passes = jr >= 0 && jr < count ? sum_passes(jr) : 0;
-    unsigned long long words[kMaxSliceWords] = {};
-    if (passes > 0) load_slice_words(jr, 0, words);
     // The collapse's Σx² and pre sums: thread 4·t + k reads token t's Σx² and row 1 + k.
     const bool pre_reader = jc >= 0 && tid < kStreams * valid_of(jc);
     const int pre_t = tid / kStreams, pre_k = tid % kStreams;
+    unsigned long long words[kMaxSliceWords] = {};
     unsigned long long squares_word = 0, mix_word = 0;
-    if (pre_reader) {
-      squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
-      mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
-    }
+    const auto read_early = [&] {
+      if (passes > 0) load_slice_words(jr, 0, words);
+      if (pre_reader) {
+        squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
+        mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+      }
+    };
+    // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
+    if (!kPost || j >= count) read_early();
 
     if (j < count) {
       const int b = j % kStages;
       sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+      if constexpr (kPost) {
+        // X ← post·out + combᵀ·X on the staged tile, written back to X_out; the projection then sees the update.
+        sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
+        if (vt < valid_of(j) && vi < width) {
+          const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
+          const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
+          float* const x = stages + b * kStageFloats + vt * kLdx + vi;
+          const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
+          float4 xs[kStreams];
+#pragma unroll
+          for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
+          float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
+#pragma unroll
+          for (int k = 0; k < kStreams; ++k) {
+            const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
+            *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
+            *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
+          }
+        }
+        read_early();
+        __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
+        if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
+      }
       const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
       float acc[kNTiles][4] = {};
       float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
@@ -422,24 +527,22 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
       }
       __syncthreads();
-      constexpr int kVectorsPerRow = kSliceDims / 4;
-      const int t = tid / kVectorsPerRow, i = (tid % kVectorsPerRow) * 4;
-      if (t < valid && i < width) {
-        const float* x = stages + (jc % kStages) * kStageFloats + t * kLdx + i;
+      if (vt < valid && vi < width) {
+        const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + vi;
         float4 value = *reinterpret_cast<const float4*>(x);
-        const float p0 = pre_s[t][0];
+        const float p0 = pre_s[vt][0];
         value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
 #pragma unroll
         for (int k = 1; k < kStreams; ++k) {
           const float4 xk = *reinterpret_cast<const float4*>(x + k * kSliceDims);
-          const float pk = pre_s[t][k];
+          const float pk = pre_s[vt][k];
           value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
                               fmaf(pk, xk.w, value.w));
         }
         if (args.round_to_bf16)
           value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
                               round_to_bf16(value.w));
-        const int64_t offset = (tile_of(jc) * kTileTokens + t) * d + i0 + i;
+        const int64_t offset = (tile_of(jc) * kTileTokens + vt) * d + i0 + vi;
         if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
         if (args.y_bf16 != nullptr) {
           const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
@@ -451,7 +554,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         }
       }
       __syncthreads();  // the stage and pre_s are free: refill the stage
-      if (warp == 0 && jc + kStages < count) load_tile(jc + kStages);
+      if (jc + kStages < count) load_tile(jc + kStages);
     }
   }
 
@@ -507,32 +610,20 @@ __global__ void __launch_bounds__(kPostThreads)
   float4 x[kStreams];
 #pragma unroll
   for (int j = 0; j < kStreams; ++j) x[j] = *reinterpret_cast<const float4*>(X + (t * kStreams + j) * hidden + i);
-  const float4 p = __ldg(reinterpret_cast<const float4*>(post + t * kStreams));
-  const float post_k[kStreams] = {p.x, p.y, p.z, p.w};
-  float c[kStreams * kStreams];
+  float mix[kMixFloats];
 #pragma unroll
-  for (int j = 0; j < kStreams; ++j) {
-    const float4 row = __ldg(reinterpret_cast<const float4*>(comb + (t * kStreams + j) * kStreams));
-    c[j * kStreams + 0] = row.x;
-    c[j * kStreams + 1] = row.y;
-    c[j * kStreams + 2] = row.z;
-    c[j * kStreams + 3] = row.w;
+  for (int q = 0; q < kMixFloats / 4; ++q) {
+    const float4 m = __ldg(reinterpret_cast<const float4*>(q == 0 ? post + t * kStreams
+                                                                 : comb + (t * kStreams + q - 1) * kStreams));
+    mix[4 * q] = m.x;
+    mix[4 * q + 1] = m.y;
+    mix[4 * q + 2] = m.z;
+    mix[4 * q + 3] = m.w;
   }
-  const auto finish = [round_output](float value) { return round_output ? round_to_bf16(value) : value; };
 #pragma unroll
-  for (int k = 0; k < kStreams; ++k) {
-    float4 r = make_float4(post_k[k] * o.x, post_k[k] * o.y, post_k[k] * o.z, post_k[k] * o.w);
-#pragma unroll
-    for (int j = 0; j < kStreams; ++j) {
-      const float w = c[j * kStreams + k];
-      r.x = fmaf(w, x[j].x, r.x);
-      r.y = fmaf(w, x[j].y, r.y);
-      r.z = fmaf(w, x[j].z, r.z);
-      r.w = fmaf(w, x[j].w, r.w);
-    }
+  for (int k = 0; k < kStreams; ++k)
     *reinterpret_cast<float4*>(X_out + (t * kStreams + k) * hidden + i) =
-        make_float4(finish(r.x), finish(r.y), finish(r.z), finish(r.w));
-  }
+        residual_update(k, o, x, mix, mix + kStreams, round_output);
 }
 
 }  // namespace dsv4::cuda::mhc

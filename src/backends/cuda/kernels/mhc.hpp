@@ -1,12 +1,13 @@
 // Manifold-constrained hyper-connections on the GPU (dsv4-model.md §2; CPU reference: backends/cpu/mhc.hpp):
-// hc_pre and hc_head are one launch each (norm + projection + Sinkhorn + collapse), hc_post one launch.
+// hc_pre and hc_head are one launch each (norm + projection + Sinkhorn + collapse), hc_post one launch, and
+// hc_post_pre one launch for a sub-block's hc_post followed by the next site's hc_pre (X read once).
 //
 // Dispatch contract:
 // - n = 4 streams (hc_mult of every DSV4 model) and hidden d a multiple of 4 (16-byte vectors); anything else is
 //   refused with an error naming the field. All activations fp32, 16-byte aligned (bf16 outputs 8-byte aligned);
 //   fn/base/scale fp32 on the device.
-// - hc_pre / hc_head run persistent CTAs: each owns a d-slice (all n streams) with its columns of fn held in
-//   registers, and walks its group's token tiles (16 tokens) with the X tiles streamed in several stages ahead.
+// - hc_pre / hc_head / hc_post_pre run persistent CTAs: each owns a d-slice (all n streams) with its columns of fn
+//   held in registers, and walks its group's token tiles (16 tokens) with the X tiles streamed in several stages ahead.
 //   The projection runs on the tensor cores in 3xTF32 (fp32-class accuracy). The slices' partial sums of a tile are
 //   summed in slice order by the tile's CTAs (deterministic: bit-identical across runs); every CTA then collapses
 //   its own slice, still in shared memory. The CTAs of a tile wait for each other: the launcher sizes the grid to
@@ -14,10 +15,11 @@
 // - Scratch: `hc_projection_workspace_bytes` bytes, zero-filled ONCE after allocation (cudaMemsetAsync). The CTAs
 //   hand each other values tagged with a launch epoch kept in the workspace (advanced by every launch), so the
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
-//   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre and hc_head
-//   alike.
+//   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
+//   hc_post_pre alike.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
-//   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops.
+//   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops;
+//   hc_post_pre rounds X_out, projects the rounded X_out and rounds y, as the two ops in a row do.
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
 #pragma once
 
@@ -86,26 +88,62 @@ struct HcPostParams {
   cudaStream_t stream = nullptr;
 };
 
-// How hc_pre / hc_head cover [T, n·d]: tiles of `token_tile` tokens × slices of `slice_dims` dims (all n streams).
+// hc_post of one sub-block, then hc_pre of the next site on the updated residual, in one launch:
+// X_out[k] = post_k·out + Σ_j comb[j][k]·X[j] (as run_hc_post), then y = Σ_k next_pre_k·X_out_k, next_post and
+// next_comb from X_out and the next site's weights (as run_hc_pre). X_out may alias X exactly; next_post/next_comb
+// must not overlap post/comb (the launch reads a tile's post/comb while it writes other tiles' next ones).
+struct HcPostPreParams {
+  // hc_post of the finished sub-block
+  const float* out = nullptr;   // [tokens, hidden]: the sub-block's output
+  const float* X = nullptr;     // [tokens, n, hidden]
+  const float* post = nullptr;  // [tokens, n]
+  const float* comb = nullptr;  // [tokens, n, n]
+  float* X_out = nullptr;       // [tokens, n, hidden]: the updated residual
+  // hc_pre of the next site
+  const float* next_fn = nullptr;     // [(2+n)·n, n·hidden]
+  const float* next_base = nullptr;   // [(2+n)·n]
+  const float* next_scale = nullptr;  // [3]: pre, post, comb
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int streams = kMhcStreams;
+  int sinkhorn_iters = 20;
+  float hc_eps = 1e-6f;
+  float norm_eps = 1e-6f;
+  bool round_to_bf16 = false;      // Reference numerics: X_out and y rounded to bf16
+  float* y = nullptr;              // [tokens, hidden] fp32; may be null when y_bf16 is set
+  __nv_bfloat16* y_bf16 = nullptr; // optional [tokens, hidden]
+  float* next_post = nullptr;      // [tokens, n]
+  float* next_comb = nullptr;      // [tokens, n, n]
+  void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// How hc_pre / hc_head (post_pre = false) or hc_post_pre (true) cover [T, n·d]: tiles of `token_tile` tokens ×
+// slices of `slice_dims` dims (all n streams).
 struct HcProjectionConfig {
   int token_tile = 0;      // 16
-  int slice_dims = 0;      // 32, 64 or 128: the widest that still gives about every SM a CTA
+  int slice_dims = 0;      // 32, 64 or 128 (hc_post_pre: up to 64): the widest that still gives about every SM a CTA
   int64_t token_tiles = 0;
   int64_t slices = 0;      // CTAs per token tile (must be resident together)
   int threads = 0;         // per CTA: a warp per 32 of the slice's n·slice_dims columns
+  int stages = 0;          // X tiles staged per CTA
   size_t smem_bytes = 0;
 };
 
-HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors);
+HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors,
+                                               bool post_pre = false);
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors);
 
 // Throw (naming the field at fault) unless the launch is supported.
 void check_hc_pre_params(const HcPreParams& params);
 void check_hc_head_params(const HcHeadParams& params);
 void check_hc_post_params(const HcPostParams& params);
+void check_hc_post_pre_params(const HcPostPreParams& params);
 
 void run_hc_pre(const HcPreParams& params);
 void run_hc_head(const HcHeadParams& params);
 void run_hc_post(const HcPostParams& params);
+void run_hc_post_pre(const HcPostPreParams& params);
 
 }  // namespace dsv4::cuda
