@@ -4,11 +4,17 @@
 // sequence with its own pages. Reported per case: µs per call (L2 flushed before every call), KV bytes read / time
 // against the same-run device copy bandwidth, and a straightforward baseline measured in the same run (one CTA per
 // (query, head), plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on the same
-// data (caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped.
+// data (caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped. Each case also states its floor: the
+// larger of the KV bytes at the same-run copy bandwidth and its flops (4·H·D per slot: QKᵀ and PV) at the same-run
+// cuBLAS bf16 rate; for H = 128 (and, at D = 512, about H = 64 too) the flops set it, not the bytes. HCA cases below
+// 1M context are timed a second time the way the engine's batched decode calls them: a shared bound of
+// 1M / 128 compressed slots, each query's own count in compressed_counts, live rows past the count.
 // Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
-// Usage: bench_cuda_attention [--json PATH]
+// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only]
+//   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:csa:256:65536 for
+//   one case under a profiler) and no prefill; --prefill-only skips the decode cases.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -125,6 +131,8 @@ struct Result {
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
   double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
+  double floor_us, percent_of_floor;  // max(KV bytes / copy rate, flops / cuBLAS bf16 rate) and floor / measured
+  double bounded_us;   // HCA below 1M: the same queries under the 1M / 128 slot bound with per-query counts; 0 = n/a
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -150,8 +158,8 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   return ms;
 }
 
-Result run_case(const char* model, int heads, bool csa, int batch, int64_t context, double copy_gbps, int sms,
-                void* flush, size_t flush_bytes, std::mt19937& rng) {
+Result run_case(const char* model, int heads, bool csa, int batch, int64_t context, double copy_gbps,
+                double cublas_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
   const int64_t compressed_rows = csa ? context / 4 : context / 128;
   const int compressed_slots = csa ? kTopK : int(compressed_rows);
   KvCache cache({.format = KvEntryFormat::Fp8Reference, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1,
@@ -204,6 +212,33 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
                           .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
                           .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
+
+  // The engine's form of an HCA call: every query's list padded to the 1M-context bound (live row 0 past its
+  // count, which a kernel that read it would pay for), compressed_counts = its real count.
+  double bounded_ms = 0;
+  constexpr int kBoundSlots = (int64_t(1) << 20) / 128;
+  if (!csa && compressed_slots < kBoundSlots) {
+    std::vector<int32_t> bounded_index(size_t(batch) * kBoundSlots, 0);
+    for (int b = 0; b < batch; ++b)
+      std::copy_n(&compressed_index[size_t(b) * compressed_slots], compressed_slots,
+                  &bounded_index[size_t(b) * kBoundSlots]);
+    const std::vector<int32_t> counts(size_t(batch), compressed_slots);
+    DeviceBuffer d_bounded = upload(bounded_index, "bounded index"), d_counts = upload(counts, "counts");
+    const int bounded_splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference,
+                                                              kWindow + kBoundSlots, sms);
+    DeviceBuffer bounded_workspace(
+        std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, bounded_splits)),
+        "bounded workspace");
+    SparseAttentionParams bounded = p;
+    bounded.compressed_index = d_bounded.as<int32_t>();
+    bounded.compressed_slots = kBoundSlots;
+    bounded.compressed_counts = d_counts.as<int32_t>();
+    bounded.splits = bounded_splits;
+    bounded.workspace = bounded_workspace.data();
+    bounded.workspace_bytes = bounded_workspace.bytes();
+    bounded_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bounded); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   const double cache_bytes = double(cache.config().pages) * kPageRows * view.layout.entry_bytes;
   const double mma_sync_ms =
       cache_bytes <= double(size_t(4) << 30) ? mma_sync_kernel_ms(p, cache.config(), flush, flush_bytes) : 0.0;
@@ -240,6 +275,10 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   r.baseline_us = baseline_ms * 1e3;
   r.max_abs_diff = diff;
   r.mma_sync_us = mma_sync_ms * 1e3;
+  const double flops = 4.0 * heads * kHeadDim * double(batch) * double(total_slots);
+  r.floor_us = std::max(r.kv_bytes / (copy_gbps * 1e3), flops / (cublas_tflops * 1e6));
+  r.percent_of_floor = 100.0 * r.floor_us / r.us;
+  r.bounded_us = bounded_ms * 1e3;
   return r;
 }
 
@@ -350,9 +389,18 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 }
 
 int run(int argc, char** argv) {
-  std::string json_path;
+  std::string json_path, only;
+  bool prefill_only = false;
   for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) json_path = argv[++i];
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+      json_path = argv[++i];
+    else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+      only = argv[++i];
+    else if (std::strcmp(argv[i], "--prefill-only") == 0)
+      prefill_only = true;
+    else
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
+           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -366,15 +414,26 @@ int run(int argc, char** argv) {
   const size_t flush_bytes = size_t(256) << 20;
   DeviceBuffer flush(flush_bytes, "L2 flush");
   std::mt19937 rng(7);
+  int clock_khz = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
+  const double peak_tflops = 4096.0 * device.multiprocessors * clock_khz * 1e3 / 1e12;
+  const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
+  std::printf("cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", cublas_tflops, peak_tflops,
+              clock_khz / 1000);
   std::vector<Result> results;
-  std::printf("GB/s and %%copy count KV bytes; %%total adds q read, output written and split partials\n");
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %12s %8s %10s %12s\n", "model", "kind", "batch",
-              "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "baseline us", "speedup", "max|diff|",
-              "mma.sync us");
+  std::printf("GB/s and %%copy count KV bytes; %%total adds q read, output written and split partials; floor = "
+              "max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot bound + counts\n");
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s\n", "model", "kind",
+              "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us", "%floor",
+              "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us");
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const bool csa : {true, false})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 256}) {
+          if (prefill_only) continue;
+          const std::string name = std::string(model) + (csa ? ":csa:" : ":hca:") + std::to_string(batch) + ":" +
+                                   std::to_string(context);
+          if (name.rfind(only, 0) != 0) continue;  // --only: a prefix of the case name
           const int64_t rows = csa ? context / 4 : context / 128;
           const double cache_bytes = double(batch) * double(rows + kWindow) * 584.0;
           if (cache_bytes > 24.0 * (1u << 30)) {
@@ -382,28 +441,25 @@ int run(int argc, char** argv) {
                         static_cast<long long>(context), cache_bytes / (1u << 30));
             continue;
           }
-          const Result r = run_case(model, heads, csa, batch, context, copy_gbps, device.multiprocessors,
-                                    flush.data(), flush_bytes, rng);
-          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %12.1f %7.1fx %10.2e %12.1f\n",
+          const Result r = run_case(model, heads, csa, batch, context, copy_gbps, cublas_tflops,
+                                    device.multiprocessors, flush.data(), flush_bytes, rng);
+          std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
+                      "%10.2e %12.1f %9.1f\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
                       static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
-                      r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us);
+                      r.floor_us, r.percent_of_floor, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff,
+                      r.mma_sync_us, r.bounded_us);
           std::fflush(stdout);
           results.push_back(r);
         }
-  int clock_khz = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
-  const double peak_tflops = 4096.0 * device.multiprocessors * clock_khz * 1e3 / 1e12;
-  const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
-  std::printf("\nprefill (4096 queries, CSA 128 + 512 slots): cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f "
-              "TFLOP/s (%d MHz)\n",
-              cublas_tflops, peak_tflops, clock_khz / 1000);
+  std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
   std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s\n", "model", "entries", "context", "splits", "us", "TFLOP/s",
               "%cublas", "%peak");
   std::vector<PrefillResult> prefill;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
+        if (!only.empty()) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%%\n", r.model.c_str(), r.format.c_str(),
@@ -427,11 +483,12 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"kv_bytes\": %.0f, \"gbps\": %.1f, "
                    "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
-                   "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f}%s\n",
+                   "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
+                   "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
-                   r.percent_total, i + 1 < results.size() ? "," : "");
+                   r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

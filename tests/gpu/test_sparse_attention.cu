@@ -2,7 +2,7 @@
 // (H 64, D 512) and V4-Pro (H 128) shapes and tiny head dims with odd head counts, window rings that wrap, −1 slots,
 // a query with no entries, several sequences of different lengths in one batch, one split and many (the
 // log-sum-exp merge), fp32/bf16 q and output. Fresh random inputs per case, outputs poisoned with NaN plus a guard
-// region, every element checked.
+// region, every element checked; per-query compressed counts with live rows past each count.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -70,6 +70,7 @@ struct AttentionCase {
   AttentionDtype q_dtype = AttentionDtype::F32, out_dtype = AttentionDtype::F32;
   bool empty_query = false;     // add a query whose slots are all −1
   int page_rows = 16;           // KV cache entries per page
+  bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
 };
 
 void check_attention(const AttentionCase& c, uint32_t seed) {
@@ -165,6 +166,23 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   }
   const int64_t T = int64_t(slots.size());
 
+  // Per-query counts (none, all, past the bound and negative, which clamp, and random): the GPU's slots past a
+  // count hold rows of live entries (any read of them changes the result), the CPU's are unused.
+  std::vector<int32_t> counts;
+  if (c.counts)
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t choices[] = {0, c.compressed_slots, c.compressed_slots + 5, -3,
+                                 int32_t(rng() % uint32_t(c.compressed_slots + 1))};
+      const int32_t count = choices[t % 2 == 0 ? (t / 2) % 4 : 4];
+      counts.push_back(count);
+      const int64_t live = compressed_count[size_t(slots[size_t(t)])];
+      for (int w = std::clamp(count, 0, c.compressed_slots); w < c.compressed_slots; ++w) {
+        const size_t i = size_t(t * c.compressed_slots + w);
+        compressed_index[i] = live > 0 ? int32_t(rng() % uint64_t(live)) : -1;
+        cpu_compressed_index[i] = -1;
+      }
+    }
+
   std::vector<float> q(static_cast<size_t>(T * H * D)), sink(static_cast<size_t>(H));
   for (float& v : q) v = round_to_bf16(normal(rng) * 2.0f);  // the kernel's MMA input is bf16 q
   for (float& v : sink) v = normal(rng);
@@ -224,6 +242,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                d_pos = to_device(positions, "positions"), d_freq = to_device(rope.frequencies(), "frequencies"),
                d_window = to_device(window_index, "window index"),
                d_compressed = to_device(compressed_index, "compressed index");
+  DeviceBuffer d_counts = to_device(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
   const int splits = c.splits > 0 ? c.splits
                                   : choose_sparse_attention_splits(T, H, D, c.format,
                                                                    c.window + c.compressed_slots,
@@ -239,7 +258,9 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                         .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
                         .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
                         .window_slots = c.window, .compressed_index = d_compressed.as<int32_t>(),
-                        .compressed_slots = c.compressed_slots, .out = d_out.data(), .out_dtype = c.out_dtype,
+                        .compressed_slots = c.compressed_slots,
+                        .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr, .out = d_out.data(),
+                        .out_dtype = c.out_dtype,
                         .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
@@ -326,6 +347,31 @@ TEST(SparseAttention, WideHeadBlocksAndOneEntryPages) {
     check_attention({"d512 h64 1-entry pages", format, 512, 64, 64, 16, 16, 40, {200, 50}, 1, 0,
                      AttentionDtype::F32, AttentionDtype::F32, false, 1},
                     seed++);
+  }
+}
+
+// compressed_counts: a shared slot bound (HCA's max_context / ratio) with each query's own count; both kernels,
+// one split and many (splits past a query's count hold no tiles).
+TEST(SparseAttention, PerQueryCompressedCounts) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 50;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+    AttentionCase flash{"flash hca bounded", format, 512, 64, 64, 128, 128, 600, {3000, 700, 129, 2100}, 1, 0};
+    flash.counts = true;
+    check_attention(flash, seed++);
+    flash.name = "flash hca bounded 6 splits";
+    flash.splits = 6;
+    check_attention(flash, seed++);
+    AttentionCase pro{"pro csa bounded chunk", format, 512, 64, 128, 128, 160, 512, {5000, 90}, 3, 1};
+    pro.counts = true;
+    check_attention(pro, seed++);
+    AttentionCase tiny{"tiny d64 h3 bounded", format, 64, 16, 3, 8, 12, 70, {300, 40, 17}, 2, 3,
+                       AttentionDtype::F32, AttentionDtype::F32, true};
+    tiny.counts = true;
+    check_attention(tiny, seed++);
+    AttentionCase d256{"d256 h40 bounded", format, 256, 64, 40, 32, 40, 200, {900, 3}, 2, 0};
+    d256.counts = true;
+    check_attention(d256, seed++);
   }
 }
 

@@ -157,6 +157,52 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const
   }
 }
 
+// Slots of query t: its window slots, then its first compressed_counts[t] compressed slots (all of them without
+// counts; a count is clamped to [0, compressed_slots]).
+__device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams& p, int64_t t) {
+  int compressed = p.compressed_slots;
+  if (p.compressed_counts != nullptr) compressed = min(max(p.compressed_counts[t], 0), p.compressed_slots);
+  return int64_t(p.window_slots) + compressed;
+}
+
+// The slot range [begin, end) of split `split` of query t's slot list, in whole tiles; the splits share the query's
+// own count evenly (a split past it gets no tiles and reports an empty partial).
+struct SlotRange {
+  int64_t begin = 0, end = 0;
+  int tiles = 0;
+};
+
+__device__ __forceinline__ SlotRange split_slot_range(const SparseAttentionParams& p, int64_t t, int split) {
+  const int64_t total_slots = query_slot_count(p, t);
+  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
+  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
+  SlotRange range;
+  range.begin = split * tiles_per_split * kTile;
+  range.end = min(total_slots, range.begin + tiles_per_split * kTile);
+  range.tiles = range.end > range.begin ? int((range.end - range.begin + kTile - 1) / kTile) : 0;
+  return range;
+}
+
+// Logical row of slot `s` of query t: its window or compressed index entry (−1 = unused).
+__device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int64_t t, int64_t s) {
+  return s < p.window_slots ? p.window_index[t * p.window_slots + s]
+                            : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
+}
+
+// Page-table entry of `row` of slot `s`'s array (−1: unused row, a row outside the array's pages, or a free page).
+__device__ __forceinline__ int32_t slot_page(const SparseAttentionParams& p, int sequence_slot, int64_t s,
+                                             int32_t row) {
+  const KvCacheView& cache = p.cache;
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
+  return cache.pages_of(sequence_slot, p.layer, s < p.window_slots ? KvArray::Window : KvArray::Compressed)
+      [row >> cache.page_shift];
+}
+
+// Physical entry of a row on a page (−1 when the page is −1).
+__device__ __forceinline__ int32_t slot_physical(const KvCacheView& cache, int32_t page, int32_t row) {
+  return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
+}
+
 // ---- the attention kernel ----
 
 template <int kHeadDim, int kHeadTiles, bool kFp8>
@@ -185,13 +231,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
   const KvCacheView& cache = p.cache;
   const KvEntryLayout& layout = cache.layout;
 
-  // This split's slots [range_begin, range_end) of the query's window ∪ compressed list.
-  const int64_t total_slots = int64_t(p.window_slots) + p.compressed_slots;
-  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
-  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
-  const int64_t range_begin = split * tiles_per_split * kTile;
-  const int64_t range_end = min(total_slots, range_begin + tiles_per_split * kTile);
-  const int num_tiles = range_end > range_begin ? int((range_end - range_begin + kTile - 1) / kTile) : 0;
+  // This split's slots of the query's window ∪ compressed list.
+  const SlotRange range = split_slot_range(p, t, split);
+  const int64_t range_begin = range.begin, range_end = range.end;
+  const int num_tiles = range.tiles;
   const int sequence_slot = p.sequence_slots[t];
 
   // Physical entries of the slots [range_begin + first, +kResolveSlots).
@@ -200,14 +243,8 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
       const int64_t s = range_begin + first + i;
       int32_t phys = -1;
       if (s < range_end) {
-        const bool window = s < p.window_slots;
-        const int32_t row = window ? p.window_index[t * p.window_slots + s]
-                                   : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
-        if (row >= 0 && (row >> cache.page_shift) < cache.max_pages_per_array) {
-          const int32_t* pages =
-              cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed);
-          if (pages[row >> cache.page_shift] >= 0) phys = int32_t(cache.physical_entry(pages, row));
-        }
+        const int32_t row = slot_row(p, t, s);
+        phys = slot_physical(cache, slot_page(p, sequence_slot, s, row), row);
       }
       phys_of_slot[i] = phys;
     }
@@ -445,11 +482,11 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 // ---- the head_dim 512 kernel: a producer warpgroup and two wgmma consumer warpgroups ----
 //
 // One CTA = one query × 64 heads × one split of the query's slot list, 384 threads:
-// - warpgroup 0, the producer: warp 0 resolves the physical entries of a tile's 32 slots (one lane each, a tile
-//   ahead, so the dependent index and page-table loads overlap the previous tile) and fetches each entry with one
-//   bulk copy into a ring of raw stages (completion on an mbarrier); then all four warps expand a raw stage into a
-//   bf16 KV stage in the 128B-swizzled layout wgmma reads (fp8 entries dequantised exactly: e4m3 · 2^k needs ≤ 4
-//   significant bits), zeros for unused slots so that their weight 0 never meets a NaN;
+// - warpgroup 0, the producer: all 128 threads resolve the physical entries of 128 slots (4 tiles) at a time, one
+//   chunk ahead, the dependent index and page-table loads spread over three tiles so that no thread waits on them;
+//   warp 0 fetches each entry with one bulk copy into a ring of raw stages (completion on an mbarrier); then all four
+//   warps expand a raw stage into a bf16 KV stage in the 128B-swizzled layout wgmma reads (fp8 entries dequantised
+//   exactly: e4m3 · 2^k needs ≤ 4 significant bits), zeros for unused slots so that their weight 0 never meets a NaN;
 // - warpgroups 1 and 2, the consumers: consumer c owns dims [256c, 256c + 256) of Q and of the output. Per tile:
 //   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), the two partial scores summed through shared
 //   memory in a fixed order (both consumers hold identical S), online softmax in registers, then
@@ -486,6 +523,7 @@ inline constexpr int kKvBlockBytes = kTile * 128;            // 4 KB
 inline constexpr int kKvStageBytes = kDimBlocks * kKvBlockBytes;
 inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry as a 16-aligned span
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
+inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
@@ -502,61 +540,59 @@ struct D512Layout {
   static constexpr int kExchange = kRaw + kRawStages * kRawStageBytes;
   static constexpr int kPhys = kExchange + 2 * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
   static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [2][kTile]
-  static constexpr int kBarriers = kValid + 2 * kTile * 4;           // raw_full[kRawStages], kv_full[2], kv_empty[2]
+  static constexpr int kResolved = kValid + 2 * kTile * 4;           // int32 [2][kD512ResolveSlots]: the chunk ring
+  static constexpr int kBarriers = kResolved + 2 * kD512ResolveSlots * 4;  // raw_full[R], kv_full[2], kv_empty[2]
   static constexpr int kBytes = kBarriers + (kRawStages + 4) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
   static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
 };
-
-// The slot range [range_begin, range_end) of split `split` of query t's window ∪ compressed list, in whole tiles.
-struct SlotRange {
-  int64_t begin = 0, end = 0;
-  int tiles = 0;
-};
-
-__device__ __forceinline__ SlotRange split_slot_range(const SparseAttentionParams& p, int split) {
-  const int64_t total_slots = int64_t(p.window_slots) + p.compressed_slots;
-  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
-  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
-  SlotRange range;
-  range.begin = split * tiles_per_split * kTile;
-  range.end = min(total_slots, range.begin + tiles_per_split * kTile);
-  range.tiles = range.end > range.begin ? int((range.end - range.begin + kTile - 1) / kTile) : 0;
-  return range;
-}
-
-// Physical entry of slot `s` of query t (−1: unused slot, or a row outside its array's pages).
-__device__ __forceinline__ int32_t resolve_slot(const SparseAttentionParams& p, int64_t t, int sequence_slot,
-                                                int64_t s) {
-  const KvCacheView& cache = p.cache;
-  const bool window = s < p.window_slots;
-  const int32_t row = window ? p.window_index[t * p.window_slots + s]
-                             : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
-  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
-  const int32_t* pages = cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed);
-  return pages[row >> cache.page_shift] >= 0 ? int32_t(cache.physical_entry(pages, row)) : -1;
-}
 
 template <bool kFp8>
 __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                              const SlotRange& range) {
   using L = D512Layout<kFp8>;
   constexpr int R = L::kRawStages;
+  constexpr int kChunkTiles = kD512ResolveSlots / kTile;
+  constexpr int kSlotsPerThread = kD512ResolveSlots / kWarpgroupThreads;
+  static_assert(kChunkTiles >= 3, "the three resolve phases of a chunk run during its predecessor's issues");
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
   uint64_t* raw_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
   uint64_t* kv_full = raw_full + R;
   uint64_t* kv_empty = kv_full + 2;
   int32_t* raw_phys = reinterpret_cast<int32_t*>(smem + L::kPhys);
   int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
+  int32_t* resolved = reinterpret_cast<int32_t*>(smem + L::kResolved);
 
-  // Warp 0 only: lane l owns slot l of every tile.
-  const int sequence_slot = warp == 0 && range.tiles > 0 ? p.sequence_slots[t] : 0;
-  const auto resolve = [&](int j) -> int32_t {
-    const int64_t s = range.begin + int64_t(j) * kTile + lane;
-    return j < range.tiles && s < range.end ? resolve_slot(p, t, sequence_slot, s) : -1;
+  // Physical entries of a chunk of kChunkTiles tiles, resolved by all 128 threads (slot thread + 128 i) in three
+  // phases, each of whose loads completes while other work runs: rows, then their page-table entries, then the
+  // entries stored into the chunk's half of the `resolved` ring.
+  const int sequence_slot = range.tiles > 0 ? p.sequence_slots[t] : 0;
+  int32_t rows[kSlotsPerThread], pages[kSlotsPerThread];
+  const auto slot_of = [&](int chunk, int i) { return range.begin + int64_t(chunk) * kD512ResolveSlots + thread +
+                                                      i * kWarpgroupThreads; };
+  const auto load_rows = [&](int chunk) {
+#pragma unroll
+    for (int i = 0; i < kSlotsPerThread; ++i) {
+      const int64_t s = slot_of(chunk, i);
+      rows[i] = s < range.end ? slot_row(p, t, s) : -1;
+    }
   };
-  const auto issue = [&](int j, int32_t phys) {
+  const auto load_pages = [&](int chunk) {
+#pragma unroll
+    for (int i = 0; i < kSlotsPerThread; ++i) pages[i] = slot_page(p, sequence_slot, slot_of(chunk, i), rows[i]);
+  };
+  const auto store_resolved = [&](int chunk) {
+#pragma unroll
+    for (int i = 0; i < kSlotsPerThread; ++i)
+      resolved[(chunk % 2) * kD512ResolveSlots + thread + i * kWarpgroupThreads] =
+          slot_physical(p.cache, pages[i], rows[i]);
+  };
+  const int chunks = (range.tiles + kChunkTiles - 1) / kChunkTiles;
+
+  // Warp 0 issues tile j: lane l fetches slot l with one bulk copy into raw stage j % R.
+  const auto issue = [&](int j) {
     const int r = j % R;
+    const int32_t phys = resolved[((j / kChunkTiles) % 2) * kD512ResolveSlots + (j % kChunkTiles) * kTile + lane];
     raw_phys[r * kTile + lane] = phys;
     const unsigned valid = __ballot_sync(0xFFFFFFFFu, phys >= 0);
     if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
@@ -569,12 +605,15 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     }
   };
 
-  int32_t next_phys = -1;
-  if (warp == 0) {
-    for (int j = 0; j < R && j < range.tiles; ++j) issue(j, resolve(j));
-    next_phys = resolve(R);
+  // The first two chunks before any copy (their loads overlap each other), then the first R tiles.
+  for (int chunk = 0; chunk < 2 && chunk < chunks; ++chunk) {
+    load_rows(chunk);
+    load_pages(chunk);
+    store_resolved(chunk);
   }
   sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
+  if (warp == 0)
+    for (int j = 0; j < R && j < range.tiles; ++j) issue(j);
 
   for (int j = 0; j < range.tiles; ++j) {
     const int r = j % R, stage = j % 2;
@@ -614,11 +653,19 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     }
     sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
     sm90::mbarrier_arrive(&kv_full[stage]);
-    // Raw stage r is read; refill it with tile j + R.
+    // Raw stage r is read; refill it with tile n = j + R. While chunk n / kChunkTiles is being issued, the next one
+    // is resolved into the ring half its predecessor (all issued) used; the producer barriers of the tiles between
+    // publish it to warp 0.
     sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
-    if (warp == 0 && j + R < range.tiles) {
-      issue(j + R, next_phys);
-      next_phys = resolve(j + R + 1);
+    const int n = j + R;
+    if (n < range.tiles) {
+      const int next_chunk = n / kChunkTiles + 1;
+      if (n >= kChunkTiles && next_chunk < chunks) {
+        if (n % kChunkTiles == 0) load_rows(next_chunk);
+        if (n % kChunkTiles == 1) load_pages(next_chunk);
+        if (n % kChunkTiles == 2) store_resolved(next_chunk);
+      }
+      if (warp == 0) issue(n);
     }
   }
 }
@@ -808,7 +855,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   flat /= head_blocks;
   const int split = int(flat % p.splits);
   const int64_t t = flat / p.splits;
-  const SlotRange range = split_slot_range(p, split);
+  const SlotRange range = split_slot_range(p, t, split);
 
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);

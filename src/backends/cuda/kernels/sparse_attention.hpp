@@ -50,6 +50,10 @@ struct SparseAttentionParams {
   int window_slots = 0;
   const int32_t* compressed_index = nullptr;  // device [T, compressed_slots]: compressed rows, −1 = unused
   int compressed_slots = 0;
+  // device [T]: query t reads only its first clamp(compressed_counts[t], 0, compressed_slots) compressed slots (the
+  // rest may hold anything and are never read); null = compressed_slots for every query. Lets a batch share one
+  // slot bound (e.g. max_context / ratio for HCA) without paying for slots past each query's count.
+  const int32_t* compressed_counts = nullptr;
   void* out = nullptr;                      // device [T, H, D] in out_dtype
   AttentionDtype out_dtype = AttentionDtype::F32;
   int splits = 1;                           // CTAs per (query, head block); choose_sparse_attention_splits
