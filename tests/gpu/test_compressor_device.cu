@@ -1,8 +1,11 @@
 // The compressor on the GPU against cpu::compressor_pool: CSA (ratio 4, overlapping; main c = 512 and indexer
-// c = 128) and HCA (ratio 128), the sequence fed one token at a time, in chunks of 3/7/13 and in one pass, every
-// GPU chunking compared with the CPU's one pass; exact numerics (fp32 entries) and reference numerics (bf16 before
-// the norm, fp8 KV or Hadamard + fp4 indexer rounding of the stored entries, fp32 or bf16 output). Entries are
-// poisoned before every step and every element is checked, as are the counts known from positions.
+// c = 128) and HCA (ratio 128). Three sequences of different lengths, each in its own state slot (odd slots of a
+// larger state), are fed together, one launch per step: one token each (a batched decode), chunks cycling 3/7/13
+// at different phases (runs of different lengths in one launch), or each whole sequence in one launch; every GPU
+// chunking is compared with the CPU's one pass per sequence. Exact numerics (fp32 entries by run, with their entry
+// numbers and slots) and reference numerics (bf16 before the norm, fp8 KV or Hadamard + fp4 indexer rounding of
+// the stored entries; bf16 output keyed by slot and entry number). Outputs are poisoned and every element checked,
+// as are the entry numbers known from positions.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -42,12 +45,14 @@ struct CompressorCase {
   bool bf16_output;
 };
 
-// Chunk sizes that cover the sequence: 1 at a time, cycling 3/7/13, or one pass.
-std::vector<int64_t> chunking(const std::string& kind, int64_t tokens) {
+constexpr int kSequences = 3;
+
+// Chunk sizes that cover a sequence: 1 at a time, cycling 3/7/13 from phase `phase`, or one pass.
+std::vector<int64_t> chunking(const std::string& kind, int64_t tokens, int phase) {
   std::vector<int64_t> sizes;
   if (kind == "one pass") return {tokens};
   const std::vector<int64_t> cycle = kind == "single tokens" ? std::vector<int64_t>{1} : std::vector<int64_t>{3, 7, 13};
-  for (int64_t done = 0, i = 0; done < tokens; ++i) {
+  for (int64_t done = 0, i = phase; done < tokens; ++i) {
     const int64_t n = std::min(cycle[size_t(i) % cycle.size()], tokens - done);
     sizes.push_back(n);
     done += n;
@@ -55,109 +60,187 @@ std::vector<int64_t> chunking(const std::string& kind, int64_t tokens) {
   return sizes;
 }
 
+struct Sequence {
+  int slot;
+  int64_t tokens;
+  std::vector<float> kv, gate;  // [tokens, width]
+  std::vector<float> expected;  // [total, c]
+  int64_t total = 0;
+  std::vector<float> got;       // fp32 output, in entry order
+  std::vector<int64_t> chunks;
+  size_t next_chunk = 0;
+  int64_t position = 0;
+};
+
 void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed) {
   SCOPED_TRACE(std::string(c.name) + ", " + chunks);
   const bool reference = c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output;
   const int64_t width = c.overlapping ? 2 * c.head_dim : c.head_dim;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> kv(size_t(c.tokens * width)), gate(kv.size()), ape(size_t(c.ratio * width)),
-      norm(size_t(c.head_dim));
-  for (float& v : kv) v = normal(rng);
-  for (float& v : gate) v = 2.0f * normal(rng);
+  std::vector<float> ape(size_t(c.ratio * width)), norm(size_t(c.head_dim));
   for (float& v : ape) v = normal(rng);
   for (float& v : norm) v = 1.0f + 0.25f * normal(rng);
   const cpu::RopeTable rope(160000.0, c.rope_dim, cpu::YarnScaling{});
 
-  // CPU: one pass, then the stored rounding the engine applies.
-  cpu::CompressorParams cpu_params{1, c.head_dim, c.ratio, c.overlapping, 1e-6f, c.round_pooled};
-  cpu::CompressorState cpu_state(c.ratio, c.head_dim, c.overlapping);
-  std::vector<float> expected;
-  const int64_t total = cpu::compressor_pool(cpu_params, {nullptr, nullptr, ape.data(), norm.data()}, rope, cpu_state,
-                                             kv.data(), gate.data(), c.tokens, expected);
-  if (c.rounding == CompressorStoredRounding::KvFp8) cpu::round_kv_reference(expected.data(), total, c.head_dim, c.rope_dim);
-  if (c.rounding == CompressorStoredRounding::IndexerFp4)
-    cpu::round_indexer_reference(expected.data(), total, c.head_dim);
-  if (c.bf16_output)
-    for (float& v : expected) v = round_to_bf16(v);
+  // Sequences of different lengths in slots 1, 3, 5 of a 7-slot state; the CPU's one pass of each.
+  std::vector<Sequence> sequences(kSequences);
+  int64_t longest = 0;
+  for (int q = 0; q < kSequences; ++q) {
+    Sequence& sq = sequences[size_t(q)];
+    sq.slot = 2 * q + 1;
+    sq.tokens = std::max<int64_t>(1, c.tokens - q * (c.tokens / 3 + 1));
+    longest = std::max(longest, sq.tokens);
+    sq.kv.resize(size_t(sq.tokens * width));
+    sq.gate.resize(sq.kv.size());
+    for (float& v : sq.kv) v = normal(rng);
+    for (float& v : sq.gate) v = 2.0f * normal(rng);
+    cpu::CompressorParams cpu_params{1, c.head_dim, c.ratio, c.overlapping, 1e-6f, c.round_pooled};
+    cpu::CompressorState cpu_state(c.ratio, c.head_dim, c.overlapping);
+    sq.total = cpu::compressor_pool(cpu_params, {nullptr, nullptr, ape.data(), norm.data()}, rope, cpu_state,
+                                    sq.kv.data(), sq.gate.data(), sq.tokens, sq.expected);
+    if (c.rounding == CompressorStoredRounding::KvFp8)
+      cpu::round_kv_reference(sq.expected.data(), sq.total, c.head_dim, c.rope_dim);
+    if (c.rounding == CompressorStoredRounding::IndexerFp4)
+      cpu::round_indexer_reference(sq.expected.data(), sq.total, c.head_dim);
+    if (c.bf16_output)
+      for (float& v : sq.expected) v = round_to_bf16(v);
+    sq.chunks = chunking(chunks, sq.tokens, q);
+  }
 
-  DeviceBuffer d_kv = to_device(kv, "kv"), d_gate = to_device(gate, "gate"), d_ape = to_device(ape, "ape");
-  DeviceBuffer d_norm = to_device(norm, "norm"), d_freq = to_device(rope.frequencies(), "rope frequencies");
-  DeviceCompressorState state(c.ratio, c.head_dim, c.overlapping);
-  const size_t entry_bytes = size_t(c.head_dim) * (c.bf16_output ? 2 : 4);
-  constexpr size_t kGuardBytes = 64;
-  DeviceBuffer d_entries(size_t(total + 1) * entry_bytes + kGuardBytes, "entries");
+  DeviceBuffer d_ape = to_device(ape, "ape"), d_norm = to_device(norm, "norm");
+  DeviceBuffer d_freq = to_device(rope.frequencies(), "rope frequencies");
+  constexpr int kSlots = 2 * kSequences + 1;
+  DeviceCompressorState state(c.ratio, c.head_dim, c.overlapping, kSlots);
+  const int64_t capacity = longest / c.ratio + 1;  // bf16 output: entries per slot
+  DeviceBuffer d_keys(size_t(kSlots * capacity * c.head_dim) * 2, "slot entries");
+  d_keys.fill_bytes(0xFF);
+  DeviceBuffer d_kv(size_t(kSequences * longest * width) * 4, "step kv"), d_gate(d_kv.bytes(), "step gate");
 
-  std::vector<float> got;
-  int64_t position = 0;
-  for (const int64_t n : chunking(chunks, c.tokens)) {
-    const int64_t emitted = compressor_entries_emitted(position, n, c.ratio);
-    ASSERT_EQ(compressor_first_entry(position, c.ratio), int64_t(got.size()) / c.head_dim);
-    d_entries.fill_bytes(0xFF);
-    run_compressor({.head_dim = c.head_dim,
-                    .ratio = c.ratio,
-                    .overlapping = c.overlapping,
-                    .norm_eps = 1e-6f,
-                    .round_pooled_to_bf16 = c.round_pooled,
-                    .stored_rounding = c.rounding,
-                    .kv = d_kv.as<float>() + position * width,
-                    .gate = d_gate.as<float>() + position * width,
-                    .tokens = n,
-                    .start_position = position,
-                    .ape = d_ape.as<float>(),
-                    .norm_weight = d_norm.as<float>(),
-                    .rope_frequencies = d_freq.as<float>(),
-                    .rope_dim = c.rope_dim,
-                    .state = state.view(),
-                    .entries = c.bf16_output ? nullptr : d_entries.as<float>(),
-                    .entries_bf16 = c.bf16_output ? d_entries.as<__nv_bfloat16>() : nullptr});
+  for (int step = 0;; ++step) {
+    // This step's runs: the next chunk of every sequence that has one.
+    std::vector<CompressorRun> runs;
+    std::vector<float> kv, gate;
+    std::vector<Sequence*> in_step;
+    int64_t max_run = 0;
+    for (Sequence& sq : sequences) {
+      if (sq.next_chunk == sq.chunks.size()) continue;
+      const int64_t n = sq.chunks[sq.next_chunk++];
+      runs.push_back({.start_position = sq.position, .slot = sq.slot, .first_token = int32_t(kv.size() / size_t(width)),
+                      .tokens = int32_t(n)});
+      kv.insert(kv.end(), sq.kv.begin() + sq.position * width, sq.kv.begin() + (sq.position + n) * width);
+      gate.insert(gate.end(), sq.gate.begin() + sq.position * width, sq.gate.begin() + (sq.position + n) * width);
+      in_step.push_back(&sq);
+      max_run = std::max(max_run, n);
+    }
+    if (runs.empty()) break;
+    d_kv.upload(kv.data(), kv.size() * 4);
+    d_gate.upload(gate.data(), gate.size() * 4);
+    DeviceBuffer d_runs = to_device(runs, "runs");
+    const int64_t per_run = compressor_max_entries(max_run, c.ratio);
+    const size_t rows = runs.size() * size_t(per_run);
+    DeviceBuffer d_entries = poisoned(rows * size_t(c.head_dim), "entries");
+    DeviceBuffer d_rows = poisoned(rows, "entry rows"), d_slots = poisoned(rows, "entry slots");
+    CompressorParams p{.head_dim = c.head_dim,
+                       .ratio = c.ratio,
+                       .overlapping = c.overlapping,
+                       .norm_eps = 1e-6f,
+                       .round_pooled_to_bf16 = c.round_pooled,
+                       .stored_rounding = c.rounding,
+                       .kv = d_kv.as<float>(),
+                       .gate = d_gate.as<float>(),
+                       .runs = d_runs.as<CompressorRun>(),
+                       .run_count = int(runs.size()),
+                       .max_run_tokens = max_run,
+                       .ape = d_ape.as<float>(),
+                       .norm_weight = d_norm.as<float>(),
+                       .rope_frequencies = d_freq.as<float>(),
+                       .rope_dim = c.rope_dim,
+                       .state = state.view()};
+    if (c.bf16_output) {
+      p.slot_entries_bf16 = d_keys.as<__nv_bfloat16>(), p.slot_entry_stride = capacity * c.head_dim;
+      p.slot_entry_capacity = capacity;
+    } else {
+      p.entries = d_entries.as<float>(), p.entry_rows = d_rows.as<int32_t>(), p.entry_slots = d_slots.as<int32_t>();
+    }
+    run_compressor(p);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    std::vector<uint8_t> bytes(d_entries.bytes());
-    d_entries.download(bytes.data(), bytes.size());
-    for (size_t i = size_t(emitted) * entry_bytes; i < bytes.size(); ++i)
-      ASSERT_EQ(bytes[i], 0xFF) << "write past the " << emitted << " entries of the chunk at " << position;
-    for (int64_t i = 0; i < emitted * c.head_dim; ++i) {
-      if (c.bf16_output) {
-        uint16_t b;
-        std::memcpy(&b, bytes.data() + 2 * i, 2);
-        got.push_back(bf16_to_float(b));
-      } else {
-        float f;
-        std::memcpy(&f, bytes.data() + 4 * i, 4);
-        got.push_back(f);
+    if (!c.bf16_output) {
+      const std::vector<float> entries = download(d_entries, rows * size_t(c.head_dim));
+      std::vector<int32_t> entry_rows(rows), entry_slots(rows);
+      const std::vector<float> raw_rows = download(d_rows, rows), raw_slots = download(d_slots, rows);
+      std::memcpy(entry_rows.data(), raw_rows.data(), rows * 4);
+      std::memcpy(entry_slots.data(), raw_slots.data(), rows * 4);
+      for (size_t r = 0; r < runs.size(); ++r) {
+        Sequence& sq = *in_step[r];
+        const int64_t emitted = compressor_entries_emitted(sq.position, runs[r].tokens, c.ratio);
+        for (int64_t e = 0; e < per_run; ++e) {
+          const size_t row = r * size_t(per_run) + size_t(e);
+          ASSERT_EQ(entry_slots[row], sq.slot) << "step " << step << " run " << r << " row " << e;
+          if (e >= emitted) {
+            ASSERT_EQ(entry_rows[row], -1) << "step " << step << " run " << r << " row " << e;
+            uint32_t bits;
+            std::memcpy(&bits, &entries[row * size_t(c.head_dim)], 4);
+            ASSERT_EQ(bits, 0xFFFFFFFFu) << "step " << step << ": an entry row with no entry was written";
+            continue;
+          }
+          ASSERT_EQ(entry_rows[row], compressor_first_entry(sq.position, c.ratio) + e)
+              << "step " << step << " run " << r;
+          ASSERT_EQ(int64_t(sq.got.size()) / c.head_dim, entry_rows[row]);
+          sq.got.insert(sq.got.end(), entries.begin() + std::ptrdiff_t(row * size_t(c.head_dim)),
+                        entries.begin() + std::ptrdiff_t((row + 1) * size_t(c.head_dim)));
+        }
       }
     }
-    position += n;
+    for (size_t r = 0; r < runs.size(); ++r) in_step[r]->position += runs[r].tokens;
   }
-  ASSERT_EQ(int64_t(got.size()), total * c.head_dim);
+  if (c.bf16_output) {
+    std::vector<uint16_t> keys(size_t(kSlots * capacity * c.head_dim));
+    d_keys.download(keys.data(), keys.size() * 2);
+    for (int slot = 0; slot < kSlots; ++slot) {
+      const Sequence* owner = nullptr;
+      for (const Sequence& sq : sequences) owner = sq.slot == slot ? &sq : owner;
+      const int64_t written = owner != nullptr ? owner->total : 0;
+      for (int64_t i = written * c.head_dim; i < capacity * c.head_dim; ++i)
+        ASSERT_EQ(keys[size_t(slot * capacity * c.head_dim + i)], 0xFFFF) << "slot " << slot << " element " << i
+                                                                          << " written past its entries";
+    }
+    for (Sequence& sq : sequences)
+      for (int64_t i = 0; i < sq.total * c.head_dim; ++i)
+        sq.got.push_back(bf16_to_float(keys[size_t(sq.slot * capacity * c.head_dim + i)]));
+  }
 
   // Exact numerics: fp32 in another summation order (online softmax, tree reductions) → a few ulps of O(1) values.
   // Reference numerics: the same, then roundings (bf16, fp8, fp4) that a last-bit difference may tip to the
   // neighbouring code; such flips must stay rare and within one code step of their block.
-  int64_t flips = 0, failures = 0;
-  double max_error = 0.0;
-  for (int64_t e = 0; e < total && failures < 10; ++e) {
-    const float* want = expected.data() + e * c.head_dim;
-    const float* have = got.data() + e * c.head_dim;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < c.head_dim; ++i) amax = std::max(amax, std::fabs(want[i]));
-    for (int64_t i = 0; i < c.head_dim && failures < 10; ++i) {
-      const double error = std::fabs(double(have[i]) - want[i]);
-      const bool close = std::isfinite(have[i]) && error <= 3e-5 * (1.0 + std::fabs(want[i]));
-      max_error = std::max(max_error, std::isfinite(have[i]) ? error : INFINITY);
-      if (close) continue;
-      const bool one_step = reference && std::isfinite(have[i]) && error <= 0.7 * amax;
-      if (one_step) {
-        ++flips;
-        continue;
+  for (const Sequence& sq : sequences) {
+    SCOPED_TRACE("slot " + std::to_string(sq.slot) + " of " + std::to_string(sq.tokens) + " tokens");
+    ASSERT_EQ(int64_t(sq.got.size()), sq.total * c.head_dim);
+    int64_t flips = 0, failures = 0;
+    double max_error = 0.0;
+    for (int64_t e = 0; e < sq.total && failures < 10; ++e) {
+      const float* want = sq.expected.data() + e * c.head_dim;
+      const float* have = sq.got.data() + e * c.head_dim;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < c.head_dim; ++i) amax = std::max(amax, std::fabs(want[i]));
+      for (int64_t i = 0; i < c.head_dim && failures < 10; ++i) {
+        const double error = std::fabs(double(have[i]) - want[i]);
+        const bool close = std::isfinite(have[i]) && error <= 3e-5 * (1.0 + std::fabs(want[i]));
+        max_error = std::max(max_error, std::isfinite(have[i]) ? error : INFINITY);
+        if (close) continue;
+        const bool one_step = reference && std::isfinite(have[i]) && error <= 0.7 * amax;
+        if (one_step) {
+          ++flips;
+          continue;
+        }
+        ++failures;
+        ADD_FAILURE() << "entry " << e << " channel " << i << ": got " << have[i] << ", want " << want[i];
       }
-      ++failures;
-      ADD_FAILURE() << "entry " << e << " channel " << i << ": got " << have[i] << ", want " << want[i];
     }
+    EXPECT_LE(double(flips), 0.02 * double(sq.got.size()) + 2) << flips << " rounding flips of " << sq.got.size();
+    std::printf("%s, %s, slot %d: %lld entries, max error %.3g, %lld rounding flips\n", c.name, chunks.c_str(),
+                sq.slot, (long long)sq.total, max_error, (long long)flips);
   }
-  EXPECT_LE(double(flips), 0.02 * double(got.size()) + 2) << flips << " rounding flips of " << got.size();
-  std::printf("%s, %s: %lld entries, max error %.3g, %lld rounding flips\n", c.name, chunks.c_str(), (long long)total,
-              max_error, (long long)flips);
 }
 
 const CompressorCase kCases[] = {
@@ -197,6 +280,13 @@ TEST(Compressor, EntriesKnownFromPositions) {
   EXPECT_EQ(compressor_first_entry(5, 4), 1);
   EXPECT_EQ(compressor_entries_emitted(127, 1, 128), 1);
   EXPECT_EQ(compressor_entries_emitted(0, 4096, 128), 32);
+  // The per-run bound sizes a launch's grid: no start gives more.
+  for (int64_t ratio : {4, 128})
+    for (int64_t tokens : {1, 2, 3, 4, 5, 127, 128, 129, 512})
+      for (int64_t start = 0; start < 2 * ratio; ++start)
+        EXPECT_LE(compressor_entries_emitted(start, tokens, ratio), compressor_max_entries(tokens, ratio));
+  EXPECT_EQ(compressor_max_entries(1, 4), 1);
+  EXPECT_EQ(compressor_max_entries(5, 4), 2);
 }
 
 TEST(Compressor, RefusesMismatchedState) {
@@ -208,6 +298,14 @@ TEST(Compressor, RefusesMismatchedState) {
     ADD_FAILURE() << "mismatched state accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("state was made for ratio 4 head_dim 128"), std::string::npos) << e.what();
+  }
+  // More runs than the state has slots (runs have distinct slots).
+  CompressorParams more{.head_dim = 128, .ratio = 4, .overlapping = true, .run_count = 2, .state = state.view()};
+  try {
+    run_compressor(more);
+    ADD_FAILURE() << "two runs on a one-slot state accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("2 runs but the state has 1 slots"), std::string::npos) << e.what();
   }
 }
 

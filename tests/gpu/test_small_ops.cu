@@ -2,7 +2,9 @@
 // 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
 // {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes. Embedding: BF16, F32 and
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
-// against the CPU decode. Outputs poisoned with NaN plus a guard region; every element checked.
+// against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
+// batched step: sequences of different lengths, decode tokens and prefill runs mixed, exact against the rule
+// written out on the host. Outputs poisoned with NaN plus a guard region; every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -20,6 +22,7 @@
 #include "backends/cpu/rms_norm.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/attention_index.hpp"
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "core/bf16.hpp"
@@ -215,6 +218,70 @@ TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOn
     ASSERT_TRUE(std::isfinite(out[size_t(i)])) << "row of the valid id 3";
     ASSERT_TRUE(std::isnan(out[size_t(64 + i)])) << "row of id 10";
     ASSERT_TRUE(std::isnan(out[size_t(128 + i)])) << "row of id -1";
+  }
+}
+
+// The positions of a batched step: a prefill run of 37 tokens from 0, decode tokens of sequences at 0, 1, 5,
+// window − 1, window, a ring wrap and a long context, and a chunk from 1000; in that (non-monotonic) order.
+std::vector<int64_t> batch_positions(int64_t window) {
+  std::vector<int64_t> positions;
+  for (int64_t p = 0; p < 37; ++p) positions.push_back(p);
+  for (int64_t p : {int64_t(0), int64_t(1), int64_t(5), window - 1, window, int64_t(3 * window + 7), int64_t(65535)})
+    positions.push_back(p);
+  for (int64_t p = 1000; p < 1013; ++p) positions.push_back(p);
+  return positions;
+}
+
+// Reads an int32 output written into a poisoned() buffer (bit patterns: −1 stays distinguishable from the poison).
+std::vector<int32_t> download_ints(const DeviceBuffer& buffer, size_t count) {
+  const std::vector<float> raw = download(buffer, count);
+  std::vector<int32_t> ints(count);
+  std::memcpy(ints.data(), raw.data(), count * 4);
+  return ints;
+}
+
+TEST(SmallOpsGpu, WindowIndexPerTokenOfABatchedStep) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  for (const auto [window, ring] : {std::pair{128, int64_t(128 + 511)}, std::pair{16, int64_t(16)},
+                                    std::pair{300, int64_t(300 + 63)}}) {
+    SCOPED_TRACE("window " + std::to_string(window) + " ring " + std::to_string(ring));
+    const std::vector<int64_t> positions = batch_positions(window);
+    const int64_t T = int64_t(positions.size());
+    DeviceBuffer d_pos = to_device(positions, "positions"), d_index = poisoned(size_t(T * window), "window index");
+    run_window_index({.positions = d_pos.as<int64_t>(), .tokens = T, .window = window, .ring_rows = ring,
+                      .index = d_index.as<int32_t>()});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<int32_t> got = download_ints(d_index, size_t(T * window));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < window; ++s) {
+        // Slot s holds position p − window + 1 + s: its ring row, or −1 before the sequence's start.
+        const int64_t source = positions[size_t(t)] - window + 1 + s;
+        const int32_t want = source >= 0 ? int32_t(source % ring) : -1;
+        ASSERT_EQ(got[size_t(t * window + s)], want) << "token " << t << " (position " << positions[size_t(t)]
+                                                     << ") slot " << s;
+      }
+  }
+}
+
+TEST(SmallOpsGpu, VisibleEntriesPerTokenOfABatchedStep) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // entries: the bound of a step (the buffers' capacity); each token sees (position + 1) div ratio of them.
+  for (const auto [ratio, entries] : {std::pair{int64_t(128), int64_t(512)}, std::pair{int64_t(4), int64_t(300)},
+                                      std::pair{int64_t(16), int64_t(1)}}) {
+    SCOPED_TRACE("ratio " + std::to_string(ratio) + " entries " + std::to_string(entries));
+    const std::vector<int64_t> positions = batch_positions(128);
+    const int64_t T = int64_t(positions.size());
+    DeviceBuffer d_pos = to_device(positions, "positions"), d_index = poisoned(size_t(T * entries), "entry index");
+    run_visible_entries_index({.positions = d_pos.as<int64_t>(), .tokens = T, .entries = entries, .ratio = ratio,
+                               .index = d_index.as<int32_t>()});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<int32_t> got = download_ints(d_index, size_t(T * entries));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t visible = std::min(entries, (positions[size_t(t)] + 1) / ratio);
+      for (int64_t e = 0; e < entries; ++e)
+        ASSERT_EQ(got[size_t(t * entries + e)], e < visible ? int32_t(e) : -1)
+            << "token " << t << " (position " << positions[size_t(t)] << ") entry " << e;
+    }
   }
 }
 

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <map>
 #include <optional>
+#include <string_view>
 
 #include "backends/cpu/rope.hpp"
 #include "backends/cuda/compressor_state.hpp"
@@ -101,53 +104,122 @@ std::optional<cpu::YarnScaling> yarn_of(const ModelConfig& c) {
 const float* floats(const DeviceArray<float>& a) { return a.empty() ? nullptr : a.data(); }
 const float* floats(const DeviceMatrix& m) { return reinterpret_cast<const float*>(m.view().data); }
 
-template <class T>
-T* advance(void*& cursor, int64_t count) {
-  T* p = static_cast<T*>(cursor);
-  cursor = static_cast<uint8_t*>(cursor) + (size_t(count) * sizeof(T) + 255) / 256 * 256;
-  return p;
+size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Hands out 256-byte-aligned pieces of one allocation; with a null base it only adds up the bytes (the dry run
+// that sizes the allocation, so sizing and carving cannot disagree).
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<uint8_t*>(base)) {}
+  template <class T>
+  T* take(int64_t count) {
+    T* p = base_ != nullptr ? reinterpret_cast<T*>(base_ + bytes_) : nullptr;
+    bytes_ += round_up_256(size_t(std::max<int64_t>(count, 0)) * sizeof(T));
+    return p;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  uint8_t* base_;
+  size_t bytes_ = 0;
+};
+
+// The view a DeviceMatrix of this host matrix would have, without its data: enough to size the linear workspace
+// before anything is uploaded.
+DeviceMatrixView shape_view(const QuantizedMatrix& m) {
+  DeviceMatrixView v;
+  v.format = m.format;
+  v.scale_type = m.scale_type;
+  v.rows = m.rows;
+  v.cols = m.cols;
+  return v;
 }
 
-// Device bytes of every sequence slot's state (about: allocation rounding aside): the KV page pool and its table,
-// the compressor states (main and indexer) and the indexer keys, as the constructor sizes them.
-size_t sequence_state_bytes(const ModelConfig& c, const KvCacheConfig& kv, int64_t max_context) {
-  const KvEntryLayout layout = KvEntryLayout::make(kv.format, kv.head_dim, kv.rope_dim);
-  size_t bytes = size_t(kv.pages) * size_t(kv.page_rows) * size_t(layout.entry_bytes);
-  const int64_t table_rows = std::max(kv.window_capacity, kv.max_compressed_rows) / kv.page_rows + 1;
-  bytes += size_t(kv.max_sequences) * size_t(kv.layers) * 2 * size_t(table_rows) * sizeof(int32_t);
-  auto compressor_state = [](int64_t ratio, int64_t head_dim, bool overlapping) {
-    const int64_t width = (overlapping ? 2 : 1) * head_dim;
-    return size_t(ratio * width * 2 + (overlapping ? ratio * head_dim * 2 : 0)) * sizeof(float) + 256;
+// The linear layers' largest workspace, over any weight tree (host or device) through `view_of`.
+template <class Weights, class ViewOf>
+size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) {
+  size_t bytes = 0;
+  auto note = [&](const auto& m, int groups = 1) {
+    const DeviceMatrixView v = view_of(m);
+    if (v.rows > 0) bytes = std::max(bytes, linear_workspace_bytes(v, groups));
   };
-  for (int i = 0; i < c.num_layers; ++i) {
-    if (!c.has_compressor(i)) continue;
-    const int64_t ratio = c.compress_ratio(i);
-    size_t per_sequence = compressor_state(ratio, c.head_dim, c.has_indexer(i));
-    if (c.has_indexer(i))
-      per_sequence += compressor_state(ratio, c.indexer.head_dim, true) +
-                      size_t(max_context / ratio) * size_t(c.indexer.head_dim) * 2;  // bf16 keys
-    bytes += per_sequence * size_t(kv.max_sequences);
+  note(w.head);
+  for (const auto& b : w.layers) {
+    note(b.attn.wq_a), note(b.attn.wq_b), note(b.attn.wkv), note(b.attn.wo_b), note(b.attn.wo_a, o_groups);
+    if (b.attn.compressor) note(b.attn.compressor->wkv), note(b.attn.compressor->wgate);
+    if (b.attn.indexer) {
+      note(b.attn.indexer->wq_b), note(b.attn.indexer->weights_proj);
+      note(b.attn.indexer->compressor.wkv), note(b.attn.indexer->compressor.wgate);
+    }
   }
   return bytes;
 }
+
+bool cuda_graphs_disabled() {
+  const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
+  return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
+}
+
+// One sequence's tokens in a step.
+struct StepRun {
+  int slot;
+  int64_t start;   // position of the first token
+  int64_t tokens;
+};
+
+// Byte offsets of one step's per-token inputs, packed for (tokens, runs) so that one copy moves them all.
+struct StepInputLayout {
+  size_t positions = 0, ids = 0, slots = 0, ring_rows = 0, runs = 0, bytes = 0;
+  StepInputLayout(int64_t tokens, int64_t run_count) {
+    positions = 0;
+    ids = positions + size_t(tokens) * 8;
+    slots = ids + size_t(tokens) * 4;
+    ring_rows = slots + size_t(tokens) * 4;
+    runs = (ring_rows + size_t(tokens) * 4 + 7) / 8 * 8;
+    bytes = runs + size_t(run_count) * sizeof(CompressorRun);
+  }
+};
+
+// The device pointers of one step's inputs.
+struct StepInputs {
+  int64_t* positions;
+  int32_t* ids;
+  int32_t* slots;
+  int32_t* ring_rows;
+  CompressorRun* runs;
+
+  StepInputs(uint8_t* base, const StepInputLayout& l)
+      : positions(reinterpret_cast<int64_t*>(base + l.positions)),
+        ids(reinterpret_cast<int32_t*>(base + l.ids)),
+        slots(reinterpret_cast<int32_t*>(base + l.slots)),
+        ring_rows(reinterpret_cast<int32_t*>(base + l.ring_rows)),
+        runs(reinterpret_cast<CompressorRun*>(base + l.runs)) {}
+};
+
+// What the launches of a step depend on: a captured graph is valid for every step of the same shape.
+struct StepShape {
+  int64_t tokens = 0;
+  int runs = 0;
+  int64_t max_run_tokens = 0;
+  int64_t first_logit_row = 0;  // logits for rows [first_logit_row, tokens)
+  // −1: every query finds its sequence's indexer keys through its slot (decode, batches; graph-safe). Otherwise the
+  // one sequence's slot, baked into the launch (prefill chunks: queries then share key loads).
+  int single_slot = -1;
+};
 
 }  // namespace
 
 struct CudaModel::Impl {
   // Per layer: the compressor states of every sequence slot (main and indexer) and the indexer keys.
   struct LayerState {
-    std::vector<std::unique_ptr<DeviceCompressorState>> compressor;  // [slot]
-    std::vector<std::unique_ptr<DeviceCompressorState>> indexer;     // [slot], CSA layers
-    DeviceBuffer index_keys;                                          // bf16 [slots, max_keys, index_head_dim]
+    std::unique_ptr<DeviceCompressorState> compressor;  // [slots]
+    std::unique_ptr<DeviceCompressorState> indexer;     // [slots], CSA layers
+    DeviceBuffer index_keys;                             // bf16 [slots, max_keys, index_head_dim]
   };
 
-  // Step scratch, sized for max_step_tokens tokens.
+  // Step scratch, sized for step_capacity tokens.
   struct Scratch {
-    int32_t* ids;
-    int64_t* positions;
-    int32_t* slots;
-    int32_t* ring_rows;
-    int32_t* compressed_rows;  // [layers, max_entries]: destination rows of each layer's new compressed entries
+    uint8_t* inputs;           // StepInputLayout(step_capacity, max_sequences) bytes
     float* X;                  // [T, n, d]
     float* y;                  // [T, d]
     float* post;               // [T, n]
@@ -164,7 +236,9 @@ struct CudaModel::Impl {
     float* out;                // [T, d]
     float* ckv;                // [T, 2·max(D, ID)] compressor projections
     float* cgate;
-    float* entries;            // [max_entries, D]
+    float* entries;            // [entry_rows, D]: the compressor's new entries by (run, entry)
+    int32_t* entry_rows;       // [entry_rows]: their entry numbers (−1: none)
+    int32_t* entry_slots;      // [entry_rows]
     float* qi;                 // [T, IH·ID]
     bf16* qi_bf16;
     float* head_weights;       // [T, IH]
@@ -177,6 +251,17 @@ struct CudaModel::Impl {
     bf16* h_bf16;
     float* logits;             // [T, vocab]
     int32_t* nan_flag;
+    void* attention_workspace;
+    void* linear_workspace;
+    void* hc_workspace;
+    void* moe_workspace;
+    void* top_k_workspace;
+  };
+
+  struct StepGraph {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    int kernels = 0;
   };
 
   // Exactly one of `host` (uploaded here) and `device` (weights already on the device, moved in) is given.
@@ -186,8 +271,12 @@ struct CudaModel::Impl {
           o.max_sequences, ", max_context ", o.max_context, ", max_step_tokens ", o.max_step_tokens,
           " must be positive");
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
+    check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
     stream = context.compute_stream();
+    graphs_enabled = !cuda_graphs_disabled();
     const int L = c.num_layers;
+    // A decode step of every sequence is one kernel pass too.
+    step_capacity = std::max<int64_t>(o.max_step_tokens, o.max_sequences);
 
     for (int i = 0; i < L; ++i)
       rope.emplace_back(c.has_compressor(i) ? c.compress_rope_theta : c.rope_theta, c.rope_head_dim,
@@ -214,16 +303,14 @@ struct CudaModel::Impl {
     }
     kv.pages = pages_per_sequence * o.max_sequences;
 
-    // Sizes the step buffers need.
-    const int64_t T = o.max_step_tokens, d = c.hidden_size, n = c.mhc.hc_mult, H = c.num_heads, D = c.head_dim;
-    const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
-    max_entries = 0;
-    max_keys = 0;
-    max_compressed_slots = 0;
+    // Sizes the step buffers need: compressed entries of a step (one run of step_capacity tokens, or one per
+    // sequence), indexer keys and attention slots bounded by the context (fixed, so a captured step replays).
+    const int64_t D = c.head_dim, H = c.num_heads;
     for (int i = 0; i < L; ++i) {
       if (!c.has_compressor(i)) continue;
       const int64_t ratio = c.compress_ratio(i);
-      max_entries = std::max(max_entries, T / ratio + 1);
+      entry_rows_capacity = std::max({entry_rows_capacity, compressor_max_entries(step_capacity, ratio),
+                                      int64_t(o.max_sequences)});
       if (c.has_indexer(i)) {
         max_keys = std::max(max_keys, o.max_context / ratio);
         max_compressed_slots = std::max<int64_t>(max_compressed_slots, c.indexer.topk);
@@ -232,35 +319,57 @@ struct CudaModel::Impl {
       }
     }
 
-    // Weights: F32 linear matrices as BF16, then one upload; each MoE layer's experts are also published as a
-    // device table of views (DeviceMoeWeights borrows the upload), which its grouped kernels index by expert id.
-    // The sequences' state is allocated after the weights: the upload keeps room for it, so a context or sequence
-    // count that does not fit is refused before the (long) upload starts, not after it.
-    const size_t state_bytes = sequence_state_bytes(c, kv, o.max_context);
-    const DeviceMemoryInfo memory = context.memory();
+    // Workspace sizes of the kernels over any step up to step_capacity tokens.
+    attention_splits_max = 1;
+    for (int64_t t = 1; t <= step_capacity; t = t < 64 ? t + 1 : t * 2)
+      attention_splits_max = std::max(
+          attention_splits_max, choose_sparse_attention_splits(t, int(H), int(D), kv.format,
+                                                               c.window_size + max_compressed_slots,
+                                                               context.info().multiprocessors));
+    attention_workspace_bytes = 0;
+    for (int64_t t = 1; t <= step_capacity; t = t < 64 ? t + 1 : t * 2)
+      attention_workspace_bytes = std::max(attention_workspace_bytes,
+                                           sparse_attention_workspace_bytes(t, int(H), int(D), attention_splits_max));
+    hc_workspace_bytes = hc_projection_workspace_bytes(step_capacity, c.hidden_size, context.info().multiprocessors);
+    moe_config = {c.hidden_size, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
+                  float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
+    moe_workspace_size = moe_workspace_bytes(moe_config, step_capacity);
+    top_k_workspace_size = top_k_workspace_bytes(int(step_capacity));
+
+    // Memory plan: weights (unless resident already), KV cache, sequence state and step scratch, all known before
+    // the first allocation; refused as a whole, naming each part, when it does not fit.
+    std::vector<OwnedQuantizedMatrix> converted;
+    std::optional<ModelWeights> host_weights;
     if (host != nullptr) {
-      std::vector<OwnedQuantizedMatrix> converted;
-      const ModelWeights w = gpu_linear_formats(*host, converted);
+      host_weights.emplace(gpu_linear_formats(*host, converted));
+      plan.weights = plan_weight_upload(*host_weights).device_bytes;
+      linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), [](const QuantizedMatrix& m) {
+        return shape_view(m);
+      });
+    } else {
+      check(device->layers.size() == size_t(L), "CUDA model: the device weights have ", device->layers.size(),
+            " layers, the config ", L);
+      linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), [](const DeviceMatrix& m) {
+        return m.view();
+      });
+    }
+    plan.kv_cache = kv_cache_bytes(kv);
+    plan.state = sequence_state_bytes(kv);
+    plan.scratch = carve_scratch(nullptr);
+    plan.free = context.memory().free_bytes;
+    check(plan.needed() <= plan.free, "the model needs ", plan.describe(), " on ", context.describe(), ": ",
+          format_bytes(plan.needed() - plan.free), " short; lower --ctx (", o.max_context,
+          " tokens per sequence) or the sequence count (", o.max_sequences, ")",
+          host == nullptr ? "" : ", or use a larger GPU");
+
+    if (host != nullptr) {
       WeightUploadOptions upload;
       upload.progress = o.progress;
-      upload.keep_free_bytes = state_bytes;
-      const size_t weight_bytes = plan_weight_upload(w).device_bytes;
-      check(weight_bytes + state_bytes <= memory.free_bytes, "the model needs ", format_bytes(weight_bytes),
-            " of weights plus ", format_bytes(state_bytes), " for the KV cache and state of ", o.max_sequences,
-            " sequence(s) of up to ", o.max_context, " tokens, but ", context.describe(), " has ",
-            format_bytes(memory.free_bytes), " free: lower --ctx, or use a larger GPU");
-      weights = upload_model_weights(w, pool, context.copy_stream(), upload);
+      upload.keep_free_bytes = plan.kv_cache + plan.state + plan.scratch;
+      weights = upload_model_weights(*host_weights, pool, context.copy_stream(), upload);
     } else {
-      check(state_bytes <= memory.free_bytes, "the model's weights are on the device; the KV cache and state of ",
-            o.max_sequences, " sequence(s) of up to ", o.max_context, " tokens need ", format_bytes(state_bytes),
-            ", but ", context.describe(), " has ", format_bytes(memory.free_bytes),
-            " free: lower --ctx or the sequence count");
       weights = std::move(*device);
-      check(weights.layers.size() == size_t(L), "CUDA model: the device weights have ", weights.layers.size(),
-            " layers, the config ", L);
     }
-    moe_config = {d, c.moe.intermediate_size, c.moe.num_routed_experts, c.moe.experts_per_token,
-                  float(c.moe.routed_scaling_factor), float(c.moe.swiglu_limit)};
     for (int i = 0; i < L; ++i)
       moe.push_back(std::make_unique<DeviceMoeWeights>(weights.layers[size_t(i)].ffn, moe_config,
                                                        "layer " + std::to_string(i) + " ffn"));
@@ -271,13 +380,11 @@ struct CudaModel::Impl {
       if (!c.has_compressor(i)) continue;
       LayerState& s = layers[size_t(i)];
       const int64_t ratio = c.compress_ratio(i);
-      for (int slot = 0; slot < o.max_sequences; ++slot) {
-        s.compressor.push_back(std::make_unique<DeviceCompressorState>(ratio, D, c.has_indexer(i)));
-        if (c.has_indexer(i)) s.indexer.push_back(std::make_unique<DeviceCompressorState>(ratio, ID, true));
+      s.compressor = std::make_unique<DeviceCompressorState>(ratio, D, c.has_indexer(i), o.max_sequences);
+      if (c.has_indexer(i)) {
+        s.indexer = std::make_unique<DeviceCompressorState>(ratio, c.indexer.head_dim, true, o.max_sequences);
+        s.index_keys = DeviceBuffer(index_keys_bytes(i), "layer " + std::to_string(i) + " indexer keys");
       }
-      if (c.has_indexer(i))
-        s.index_keys = DeviceBuffer(size_t(o.max_sequences) * size_t(o.max_context / ratio) * size_t(ID) * 2,
-                                    "layer " + std::to_string(i) + " indexer keys");
     }
     frequencies.reserve(size_t(L));
     for (int i = 0; i < L; ++i) {
@@ -286,100 +393,117 @@ struct CudaModel::Impl {
       frequencies.back().upload(f.data(), f.size() * sizeof(float));
     }
 
-    // Step scratch: one allocation carved into the buffers.
-    const int64_t cw = 2 * std::max<int64_t>(D, ID);
-    attention_splits_max = 1;
-    for (int64_t t = 1; t <= T; t = t < 64 ? t + 1 : t * 2)
-      attention_splits_max = std::max(
-          attention_splits_max, choose_sparse_attention_splits(t, int(H), int(D), kv.format,
-                                                               c.window_size + max_compressed_slots,
-                                                               context.info().multiprocessors));
-    attention_workspace_bytes = 0;
-    for (int64_t t = 1; t <= T; t = t < 64 ? t + 1 : t * 2)
-      attention_workspace_bytes = std::max(attention_workspace_bytes,
-                                           sparse_attention_workspace_bytes(t, int(H), int(D), attention_splits_max));
-    linear_workspace = 0;
-    auto note_linear = [&](const DeviceMatrix& m, int groups = 1) {
-      linear_workspace = std::max(linear_workspace, linear_workspace_bytes(m.view(), groups));
-    };
-    note_linear(weights.head);
-    for (const device_weights::Block& b : weights.layers) {
-      for (const DeviceMatrix* m : {&b.attn.wq_a, &b.attn.wq_b, &b.attn.wkv, &b.attn.wo_b}) note_linear(*m);
-      note_linear(b.attn.wo_a, c.o_groups);
-      if (b.attn.compressor) note_linear(b.attn.compressor->wkv), note_linear(b.attn.compressor->wgate);
-      if (b.attn.indexer) {
-        note_linear(b.attn.indexer->wq_b), note_linear(b.attn.indexer->weights_proj);
-        note_linear(b.attn.indexer->compressor.wkv), note_linear(b.attn.indexer->compressor.wgate);
-      }
-    }
-    hc_workspace_bytes = hc_projection_workspace_bytes(T, d, context.info().multiprocessors);
-    moe_workspace_size = moe_workspace_bytes(moe_config, T);
-    top_k_workspace_size = top_k_workspace_bytes(int(T));
-
-    size_t bytes = 0;
-    auto add = [&](size_t elems, size_t elem_bytes) { bytes += (elems * elem_bytes + 255) / 256 * 256; };
-    add(T, 4), add(T, 8), add(T, 4), add(T, 4), add(size_t(L) * size_t(max_entries), 4);
-    add(T * n * d, 4), add(T * d, 4), add(T * n, 4), add(T * n * n, 4), add(T * d, 2), add(T * d, 4);
-    add(T * c.q_lora_rank, 4), add(T * c.q_lora_rank, 2), add(T * H * D, 4), add(T * D, 4), add(T * H * D, 2);
-    add(T * c.o_proj_dim(), 4), add(T * c.o_proj_dim(), 2), add(T * d, 4);
-    add(T * cw, 4), add(T * cw, 4), add(size_t(max_entries) * D, 4);
-    add(T * IH * ID, 4), add(T * IH * ID, 2), add(T * IH, 4), add(T * std::max<int64_t>(max_keys, 1), 4);
-    add(T * std::max(c.indexer.topk, 1), 4), add(T, 4), add(T * c.window_size, 4);
-    add(T * std::max<int64_t>(max_compressed_slots, 1), 4), add(T * d, 4), add(T * d, 2), add(T * c.vocab_size, 4);
-    add(1, 4);
-    for (size_t ws : {attention_workspace_bytes, linear_workspace, hc_workspace_bytes, moe_workspace_size,
-                      top_k_workspace_size})
-      add(ws, 1);
-    scratch_buffer = DeviceBuffer(bytes, "CUDA model step scratch");
-    void* cursor = scratch_buffer.data();
-    Scratch& s = scratch;
-    s.ids = advance<int32_t>(cursor, T), s.positions = advance<int64_t>(cursor, T);
-    s.slots = advance<int32_t>(cursor, T), s.ring_rows = advance<int32_t>(cursor, T);
-    s.compressed_rows = advance<int32_t>(cursor, L * max_entries);
-    s.X = advance<float>(cursor, T * n * d), s.y = advance<float>(cursor, T * d);
-    s.post = advance<float>(cursor, T * n), s.comb = advance<float>(cursor, T * n * n);
-    s.x_bf16 = advance<bf16>(cursor, T * d), s.u = advance<float>(cursor, T * d);
-    s.qr = advance<float>(cursor, T * c.q_lora_rank), s.qr_bf16 = advance<bf16>(cursor, T * c.q_lora_rank);
-    s.q = advance<float>(cursor, T * H * D), s.kv = advance<float>(cursor, T * D), s.o = advance<bf16>(cursor, T * H * D);
-    s.z = advance<float>(cursor, T * c.o_proj_dim()), s.z_bf16 = advance<bf16>(cursor, T * c.o_proj_dim());
-    s.out = advance<float>(cursor, T * d);
-    s.ckv = advance<float>(cursor, T * cw), s.cgate = advance<float>(cursor, T * cw);
-    s.entries = advance<float>(cursor, max_entries * D);
-    s.qi = advance<float>(cursor, T * IH * ID), s.qi_bf16 = advance<bf16>(cursor, T * IH * ID);
-    s.head_weights = advance<float>(cursor, T * IH);
-    s.scores = advance<float>(cursor, T * std::max<int64_t>(max_keys, 1));
-    s.selected = advance<int32_t>(cursor, T * std::max(c.indexer.topk, 1)), s.counts = advance<int32_t>(cursor, T);
-    s.window_index = advance<int32_t>(cursor, T * c.window_size);
-    s.compressed_index = advance<int32_t>(cursor, T * std::max<int64_t>(max_compressed_slots, 1));
-    s.h = advance<float>(cursor, T * d), s.h_bf16 = advance<bf16>(cursor, T * d);
-    s.logits = advance<float>(cursor, T * c.vocab_size), s.nan_flag = advance<int32_t>(cursor, 1);
-    attention_workspace = advance<uint8_t>(cursor, int64_t(attention_workspace_bytes));
-    linear_ws = advance<uint8_t>(cursor, int64_t(linear_workspace));
-    hc_workspace = advance<uint8_t>(cursor, int64_t(hc_workspace_bytes));
-    moe_workspace = advance<uint8_t>(cursor, int64_t(moe_workspace_size));
-    top_k_workspace = advance<uint8_t>(cursor, int64_t(top_k_workspace_size));
+    scratch_buffer = DeviceBuffer(plan.scratch, "CUDA model step scratch");
+    carve_scratch(scratch_buffer.data());
     // Counters and tickets the kernels expect zero once (they leave them zero).
-    DSV4_CUDA_CHECK(cudaMemsetAsync(scratch_buffer.data(), 0, bytes, stream));
-    prepare_moe_workspace(moe_workspace, moe_workspace_size, stream);
+    DSV4_CUDA_CHECK(cudaMemsetAsync(scratch_buffer.data(), 0, plan.scratch, stream));
+    prepare_moe_workspace(scratch.moe_workspace, moe_workspace_size, stream);
 
-    decode_logits = DeviceBuffer(size_t(o.max_sequences) * size_t(c.vocab_size) * sizeof(float), "decode logits");
-    DSV4_CUDA_CHECK(cudaHostAlloc(&staging, staging_bytes(), cudaHostAllocDefault));
+    DSV4_CUDA_CHECK(cudaHostAlloc(&staging, StepInputLayout(step_capacity, o.max_sequences).bytes,
+                                  cudaHostAllocDefault));
+    DSV4_CUDA_CHECK(cudaHostAlloc(&host_nan_flag, sizeof(int32_t), cudaHostAllocDefault));
+    *host_nan_flag = 0;
+    DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&inputs_copied, cudaEventDisableTiming));
+    DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&flag_copied, cudaEventDisableTiming));
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
   ~Impl() {
-    if (staging) cudaFreeHost(staging);
+    // Destructors cannot throw; a failure here means the context is broken and later checked calls report it.
+    cudaStreamSynchronize(stream);
+    for (auto& [batch, g] : graphs) {
+      if (g.exec != nullptr) cudaGraphExecDestroy(g.exec);
+      if (g.graph != nullptr) cudaGraphDestroy(g.graph);
+    }
+    if (inputs_copied != nullptr) cudaEventDestroy(inputs_copied);
+    if (flag_copied != nullptr) cudaEventDestroy(flag_copied);
+    if (host_nan_flag != nullptr) cudaFreeHost(host_nan_flag);
+    if (staging != nullptr) cudaFreeHost(staging);
   }
 
-  size_t staging_bytes() const {
-    return size_t(options.max_step_tokens) * (4 + 8 + 4 + 4) + 8 + size_t(config.num_layers * max_entries) * 4;
+  // Device memory the model takes, by part.
+  struct MemoryPlan {
+    size_t weights = 0;   // to upload (0 when the weights came resident)
+    size_t kv_cache = 0;  // page pool and table
+    size_t state = 0;     // compressor states and indexer keys of every slot
+    size_t scratch = 0;   // step activations and kernel workspaces
+    size_t free = 0;      // device memory free before the model allocated anything
+    size_t needed() const { return weights + kv_cache + state + scratch; }
+    std::string describe() const {
+      return (weights > 0 ? format_bytes(weights) + " of weights + " : std::string()) + format_bytes(kv_cache) +
+             " of KV cache + " + format_bytes(state) + " of compressor and indexer state + " +
+             format_bytes(scratch) + " of step workspace = " + format_bytes(needed()) + ", " + format_bytes(free) +
+             " free";
+    }
+  };
+
+  size_t kv_cache_bytes(const KvCacheConfig& kv) const {
+    const KvEntryLayout layout = KvEntryLayout::make(kv.format, kv.head_dim, kv.rope_dim);
+    const int64_t pages_per_array =
+        std::max((kv.window_capacity + kv.page_rows - 1) / kv.page_rows,
+                 (kv.max_compressed_rows + kv.page_rows - 1) / kv.page_rows);
+    return round_up_256(size_t(kv.pages) * size_t(kv.page_rows) * size_t(layout.entry_bytes)) +
+           round_up_256(size_t(kv.max_sequences) * size_t(kv.layers) * 2 * size_t(pages_per_array) * 4);
+  }
+
+  size_t index_keys_bytes(int layer) const {
+    return size_t(options.max_sequences) * size_t(max_keys_of(layer)) * size_t(config.indexer.head_dim) * 2;
+  }
+
+  size_t sequence_state_bytes(const KvCacheConfig& kv) const {
+    size_t bytes = 0;
+    for (int i = 0; i < config.num_layers; ++i) {
+      if (!config.has_compressor(i)) continue;
+      const int64_t ratio = config.compress_ratio(i);
+      bytes += round_up_256(
+          DeviceCompressorState::bytes_for(ratio, config.head_dim, config.has_indexer(i), kv.max_sequences));
+      if (config.has_indexer(i))
+        bytes += round_up_256(DeviceCompressorState::bytes_for(ratio, config.indexer.head_dim, true,
+                                                               kv.max_sequences)) +
+                 round_up_256(index_keys_bytes(i));
+    }
+    return bytes;
+  }
+
+  // Lays the step scratch out from `base` (null: a dry run); returns its bytes.
+  size_t carve_scratch(void* base) {
+    const ModelConfig& c = config;
+    const int64_t T = step_capacity, d = c.hidden_size, n = c.mhc.hc_mult, H = c.num_heads, D = c.head_dim;
+    const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim, cw = 2 * std::max<int64_t>(D, ID);
+    Carver k(base);
+    Scratch& s = scratch;
+    s.inputs = k.take<uint8_t>(int64_t(StepInputLayout(T, options.max_sequences).bytes));
+    s.X = k.take<float>(T * n * d), s.y = k.take<float>(T * d);
+    s.post = k.take<float>(T * n), s.comb = k.take<float>(T * n * n);
+    s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
+    s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
+    s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    s.z = k.take<float>(T * c.o_proj_dim()), s.z_bf16 = k.take<bf16>(T * c.o_proj_dim());
+    s.out = k.take<float>(T * d);
+    s.ckv = k.take<float>(T * cw), s.cgate = k.take<float>(T * cw);
+    s.entries = k.take<float>(entry_rows_capacity * D);
+    s.entry_rows = k.take<int32_t>(entry_rows_capacity), s.entry_slots = k.take<int32_t>(entry_rows_capacity);
+    s.qi = k.take<float>(T * IH * ID), s.qi_bf16 = k.take<bf16>(T * IH * ID);
+    s.head_weights = k.take<float>(T * IH);
+    s.scores = k.take<float>(T * std::max<int64_t>(max_keys, 1));
+    s.selected = k.take<int32_t>(T * std::max(c.indexer.topk, 1)), s.counts = k.take<int32_t>(T);
+    s.window_index = k.take<int32_t>(T * c.window_size);
+    s.compressed_index = k.take<int32_t>(T * std::max<int64_t>(max_compressed_slots, 1));
+    s.h = k.take<float>(T * d), s.h_bf16 = k.take<bf16>(T * d);
+    s.logits = k.take<float>(T * c.vocab_size), s.nan_flag = k.take<int32_t>(1);
+    s.attention_workspace = k.take<uint8_t>(int64_t(attention_workspace_bytes));
+    s.linear_workspace = k.take<uint8_t>(int64_t(linear_workspace_size));
+    s.hc_workspace = k.take<uint8_t>(int64_t(hc_workspace_bytes));
+    s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
+    s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
+    return k.bytes();
   }
 
   void reset_slot_state(int slot) {
     for (LayerState& s : layers) {
-      if (!s.compressor.empty()) s.compressor[size_t(slot)]->reset(stream);
-      if (!s.indexer.empty()) s.indexer[size_t(slot)]->reset(stream);
+      if (s.compressor) s.compressor->reset(slot, stream);
+      if (s.indexer) s.indexer->reset(slot, stream);
     }
   }
 
@@ -394,8 +518,8 @@ struct CudaModel::Impl {
     call.y_row_stride = y_stride;
     call.tokens = T;
     call.groups = groups;
-    call.workspace = linear_ws;
-    call.workspace_bytes = linear_workspace;
+    call.workspace = scratch.linear_workspace;
+    call.workspace_bytes = linear_workspace_size;
     call.stream = stream;
     run_linear(call);
   }
@@ -414,7 +538,7 @@ struct CudaModel::Impl {
     p.sinkhorn_iters = config.mhc.sinkhorn_iters, p.hc_eps = float(config.mhc.eps);
     p.norm_eps = float(config.rms_norm_eps), p.round_to_bf16 = reference();
     p.y = y, p.post = scratch.post, p.comb = scratch.comb;
-    p.workspace = hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
+    p.workspace = scratch.hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
     run_hc_pre(p);
   }
 
@@ -428,28 +552,29 @@ struct CudaModel::Impl {
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
-  // One compressor (main or indexer) over the step's tokens: projections, then the pooling kernel.
-  void compress(const device_weights::Compressor& w, const DeviceCompressorState& state, int layer, int64_t head_dim,
-                int64_t T, int64_t p0, CompressorStoredRounding rounding, float* entries, bf16* entries_bf16,
-                const char* what) {
+  int64_t max_keys_of(int layer) const { return options.max_context / config.compress_ratio(layer); }
+
+  // One compressor (main or indexer) over the step's runs: projections, then the pooling kernel.
+  CompressorParams compress(const device_weights::Compressor& w, const DeviceCompressorState& state, int layer,
+                            int64_t head_dim, const StepShape& shape, const StepInputs& in, const char* what) {
     const int64_t width = (config.has_indexer(layer) ? 2 : 1) * head_dim;
     const std::string name = "layer " + std::to_string(layer) + " " + what;
-    linear(w.wkv, name + " wkv", scratch.x_bf16, config.hidden_size, T, scratch.ckv, width);
-    linear(w.wgate, name + " wgate", scratch.x_bf16, config.hidden_size, T, scratch.cgate, width);
+    linear(w.wkv, name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
+    linear(w.wgate, name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
     CompressorParams p;
     p.head_dim = head_dim, p.ratio = config.compress_ratio(layer), p.overlapping = config.has_indexer(layer);
-    p.norm_eps = float(config.rms_norm_eps), p.round_pooled_to_bf16 = reference(), p.stored_rounding = rounding;
-    p.kv = scratch.ckv, p.gate = scratch.cgate, p.tokens = T, p.start_position = p0;
-    p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
+    p.norm_eps = float(config.rms_norm_eps), p.round_pooled_to_bf16 = reference();
+    p.kv = scratch.ckv, p.gate = scratch.cgate, p.runs = in.runs, p.run_count = shape.runs;
+    p.max_run_tokens = shape.max_run_tokens, p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
     p.rope_frequencies = frequencies[size_t(layer)].as<float>(), p.rope_dim = config.rope_head_dim;
-    p.state = state.view(), p.entries = entries, p.entries_bf16 = entries_bf16, p.stream = stream;
-    run_compressor(p);
+    p.state = state.view(), p.stream = stream;
+    return p;
   }
 
-  void attention(int layer, int slot, int64_t T, int64_t p0) {
+  void attention(int layer, const StepShape& shape, const StepInputs& in) {
     const ModelConfig& c = config;
     const device_weights::Attention& w = weights.layers[size_t(layer)].attn;
-    const int64_t d = c.hidden_size, H = c.num_heads, D = c.head_dim, ql = c.q_lora_rank;
+    const int64_t T = shape.tokens, d = c.hidden_size, H = c.num_heads, D = c.head_dim, ql = c.q_lora_rank;
     const std::string name = "layer " + std::to_string(layer);
     const float* freqs = frequencies[size_t(layer)].as<float>();
     Scratch& s = scratch;
@@ -461,7 +586,7 @@ struct CudaModel::Impl {
     rms_norm(s.q, nullptr, T * H, D, s.q, nullptr);
     RopeApplyParams rope_q;
     rope_q.x = s.q, rope_q.tokens = T, rope_q.heads = H, rope_q.head_dim = D, rope_q.rope_dim = c.rope_head_dim;
-    rope_q.frequencies = freqs, rope_q.positions = s.positions, rope_q.stream = stream;
+    rope_q.frequencies = freqs, rope_q.positions = in.positions, rope_q.stream = stream;
     run_rope_apply(rope_q);
 
     // The new tokens' K = V vectors into the window ring (norm, RoPE, stored rounding in one kernel).
@@ -469,70 +594,73 @@ struct CudaModel::Impl {
     KvInsertParams insert;
     insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
     insert.x = s.kv, insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
-    insert.rope_frequencies = freqs, insert.sequence_slots = s.slots, insert.positions = s.positions;
-    insert.dest_rows = s.ring_rows, insert.stream = stream;
+    insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
+    insert.dest_rows = in.ring_rows, insert.stream = stream;
     run_kv_insert(insert);
 
     WindowIndexParams window;
-    window.positions = s.positions, window.tokens = T, window.window = c.window_size;
+    window.positions = in.positions, window.tokens = T, window.window = c.window_size;
     window.ring_rows = kv_cache->config().window_capacity, window.index = s.window_index, window.stream = stream;
     run_window_index(window);
 
-    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
+    // Compressed entries of the step (emitted first; each query sees only those complete at its position). Every
+    // count below is a bound fixed by the buffers; what a query sees follows from its position on the device.
     int compressed_slots = 0;
     const int32_t* compressed_index = nullptr;
     if (w.compressor) {
-      const int64_t ratio = c.compress_ratio(layer);
-      const int64_t first = compressor_first_entry(p0, ratio), emitted = compressor_entries_emitted(p0, T, ratio);
-      const int64_t entries = first + emitted;
-      compress(*w.compressor, *layers[size_t(layer)].compressor[size_t(slot)], layer, D, T, p0,
-               CompressorStoredRounding::None, s.entries, nullptr, "compressor");
-      if (emitted > 0) {
-        // Already normalised and rotated by the compressor: the insert only stores (and quantises) them.
-        KvInsertParams store;
-        store.cache = kv_cache->view(), store.array = KvArray::Compressed, store.layer = layer;
-        store.rows = emitted, store.x = s.entries, store.sequence_slots = s.slots, store.dest_rows = s.compressed_rows + layer * max_entries;
-        store.stream = stream;
-        run_kv_insert(store);
-      }
-      bf16* keys = nullptr;
+      const int64_t ratio = c.compress_ratio(layer), keys = max_keys_of(layer);
+      LayerState& state = layers[size_t(layer)];
+      CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor");
+      main.entries = s.entries, main.entry_rows = s.entry_rows, main.entry_slots = s.entry_slots;
+      run_compressor(main);
+      // Already normalised and rotated by the compressor: the insert only stores (and quantises) them; rows of
+      // runs that completed no entry are skipped.
+      KvInsertParams store;
+      store.cache = kv_cache->view(), store.array = KvArray::Compressed, store.layer = layer;
+      store.rows = shape.runs * std::max<int64_t>(compressor_max_entries(shape.max_run_tokens, ratio), 1);
+      store.x = s.entries, store.sequence_slots = s.entry_slots, store.dest_rows = s.entry_rows;
+      store.stream = stream;
+      run_kv_insert(store);
       if (w.indexer) {
-        // The indexer's own compressor runs every step (its state advances) even before the first key exists.
-        const int64_t ID = c.indexer.head_dim;
-        keys = layers[size_t(layer)].index_keys.as<bf16>() + size_t(slot) * size_t(max_keys_of(layer) * ID);
-        compress(w.indexer->compressor, *layers[size_t(layer)].indexer[size_t(slot)], layer, ID, T, p0,
-                 reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None, nullptr,
-                 keys + first * ID, "indexer compressor");
-      }
-      if (w.indexer && entries > 0) {
         const device_weights::Indexer& ix = *w.indexer;
         const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
+        bf16* all_keys = state.index_keys.as<bf16>();
+        CompressorParams index = compress(ix.compressor, *state.indexer, layer, ID, shape, in, "indexer compressor");
+        index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
+        index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
+        run_compressor(index);
+
         linear(ix.wq_b, name + " indexer wq_b", s.qr_bf16, ql, T, s.qi, IH * ID);
         IndexerPrepareParams prepare;
         prepare.input = s.qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;
-        prepare.head_dim = ID, prepare.positions = s.positions, prepare.rope_frequencies = freqs;
+        prepare.head_dim = ID, prepare.positions = in.positions, prepare.rope_frequencies = freqs;
         prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = stream;
         run_indexer_prepare(prepare);
         linear(ix.weights_proj, name + " indexer weights_proj", s.x_bf16, d, T, s.head_weights, IH);
         IndexerScoresParams scores;
-        scores.q = s.qi_bf16, scores.head_weights = s.head_weights, scores.keys = keys, scores.key_count = entries;
-        scores.positions = s.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
+        scores.q = s.qi_bf16, scores.head_weights = s.head_weights, scores.key_count = keys;
+        if (shape.single_slot >= 0) {
+          scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
+        } else {
+          scores.keys = all_keys, scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
+        }
+        scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
         scores.ratio = ratio, scores.scores = s.scores, scores.score_stride = max_keys, scores.stream = stream;
         run_indexer_scores(scores);
         TopKParams top;
-        top.scores = s.scores, top.row_stride = max_keys, top.candidates = entries, top.queries = int(T);
-        top.k = c.indexer.topk, top.positions = s.positions, top.ratio = ratio, top.selected = s.selected;
-        top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = top_k_workspace;
+        top.scores = s.scores, top.row_stride = max_keys, top.candidates = keys, top.queries = int(T);
+        top.k = c.indexer.topk, top.positions = in.positions, top.ratio = ratio, top.selected = s.selected;
+        top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = s.top_k_workspace;
         top.workspace_bytes = top_k_workspace_size, top.stream = stream;
         run_top_k(top);
         compressed_slots = c.indexer.topk;
         compressed_index = s.selected;
-      } else if (!w.indexer && entries > 0) {
+      } else if (keys > 0) {
         VisibleEntriesIndexParams visible;
-        visible.positions = s.positions, visible.tokens = T, visible.entries = entries, visible.ratio = ratio;
+        visible.positions = in.positions, visible.tokens = T, visible.entries = keys, visible.ratio = ratio;
         visible.index = s.compressed_index, visible.stream = stream;
         run_visible_entries_index(visible);
-        compressed_slots = int(entries);
+        compressed_slots = int(keys);
         compressed_index = s.compressed_index;
       }
     }
@@ -540,7 +668,7 @@ struct CudaModel::Impl {
     SparseAttentionParams a;
     a.cache = kv_cache->view(), a.layer = layer, a.tokens = T, a.heads = int(H);
     a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q, a.q_dtype = AttentionDtype::F32;
-    a.attn_sink = floats(w.sink), a.sequence_slots = s.slots, a.positions = s.positions, a.rope_frequencies = freqs;
+    a.attn_sink = floats(w.sink), a.sequence_slots = in.slots, a.positions = in.positions, a.rope_frequencies = freqs;
     a.window_index = s.window_index, a.window_slots = c.window_size;
     a.compressed_index = compressed_index, a.compressed_slots = compressed_slots;
     a.out = s.o, a.out_dtype = AttentionDtype::Bf16;
@@ -548,7 +676,7 @@ struct CudaModel::Impl {
                         choose_sparse_attention_splits(T, int(H), int(D), kv_cache->layout().format,
                                                        c.window_size + compressed_slots,
                                                        context.info().multiprocessors));
-    a.workspace = attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
+    a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
@@ -557,50 +685,15 @@ struct CudaModel::Impl {
     linear(w.wo_b, name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
   }
 
-  int64_t max_keys_of(int layer) const { return options.max_context / config.compress_ratio(layer); }
-
-  // One pass of at most max_step_tokens tokens; logits of rows [first, T) into `logits` at `logits_offset` rows.
-  void step(int slot, std::span<const int32_t> ids, int64_t first, std::vector<float>& logits, int64_t row_offset) {
+  // Every launch of a step, from the embedding to the logits of rows [first_logit_row, T); reads the step's inputs
+  // from their fixed device buffers only, so the same launches serve a CUDA graph.
+  void enqueue_step(const StepShape& shape) {
     const ModelConfig& c = config;
-    const int64_t T = int64_t(ids.size()), p0 = slot_length[size_t(slot)], d = c.hidden_size;
-    const int64_t n = c.mhc.hc_mult;
-
-    // Pages for the step's rows, then the per-token inputs in one transfer.
-    for (int i = 0; i < c.num_layers; ++i) {
-      kv_cache->ensure_rows(slot, i, KvArray::Window, std::min(kv_cache->config().window_capacity, p0 + T));
-      if (c.has_compressor(i) && (p0 + T) / c.compress_ratio(i) > 0)
-        kv_cache->ensure_rows(slot, i, KvArray::Compressed, (p0 + T) / c.compress_ratio(i));
-    }
-    kv_cache->upload_page_table(stream);
-
-    uint8_t* host = staging;
-    auto* h_ids = reinterpret_cast<int32_t*>(host);
-    auto* h_positions = reinterpret_cast<int64_t*>(host + 8 * ((4 * T + 7) / 8));
-    auto* h_slots = reinterpret_cast<int32_t*>(h_positions + T);
-    auto* h_ring = h_slots + T;
-    for (int64_t t = 0; t < T; ++t) {
-      h_ids[t] = ids[size_t(t)];
-      h_positions[t] = p0 + t;
-      h_slots[t] = slot;
-      h_ring[t] = int32_t((p0 + t) % kv_cache->config().window_capacity);
-    }
-    // Destination rows of the compressed entries each layer's compressor completes in this step.
-    auto* h_compressed = h_ring + T;
-    for (int i = 0; i < c.num_layers; ++i) {
-      if (!c.has_compressor(i)) continue;
-      const int64_t ratio = c.compress_ratio(i), first_entry = compressor_first_entry(p0, ratio);
-      for (int64_t e = 0; e < compressor_entries_emitted(p0, T, ratio); ++e)
-        h_compressed[i * max_entries + e] = int32_t(first_entry + e);
-    }
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.ids, h_ids, size_t(T) * 4, cudaMemcpyHostToDevice, stream));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.positions, h_positions, size_t(T) * 8, cudaMemcpyHostToDevice, stream));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.slots, h_slots, size_t(T) * 4, cudaMemcpyHostToDevice, stream));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.ring_rows, h_ring, size_t(T) * 4, cudaMemcpyHostToDevice, stream));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.compressed_rows, h_compressed, size_t(c.num_layers * max_entries) * 4,
-                                    cudaMemcpyHostToDevice, stream));
+    const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
+    const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
 
     EmbeddingParams embed;
-    embed.table = weights.embed.view(), embed.ids = scratch.ids, embed.tokens = T, embed.streams = int(n);
+    embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
     embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream;
     run_embedding(embed);
 
@@ -608,36 +701,176 @@ struct CudaModel::Impl {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       hc_pre(b.hc_attn, T, scratch.y);
       rms_norm(scratch.y, floats(b.attn_norm), T, d, nullptr, scratch.x_bf16);
-      attention(layer, slot, T, p0);
+      attention(layer, shape, in);
       hc_post(T);
 
       hc_pre(b.hc_ffn, T, scratch.y);
       rms_norm(scratch.y, floats(b.ffn_norm), T, d, scratch.u, nullptr);
       MoeRunParams m;
-      m.u = scratch.u, m.token_ids = scratch.ids, m.out = scratch.out, m.tokens = int(T);
-      m.workspace = moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
+      m.u = scratch.u, m.token_ids = in.ids, m.out = scratch.out, m.tokens = int(T);
+      m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
       run_moe(*moe[size_t(layer)], m);
       hc_post(T);
     }
 
-    const int64_t count = T - first;
+    const int64_t first = shape.first_logit_row, count = T - first;
     HcHeadParams head;
     head.X = scratch.X + first * n * d, head.fn = floats(weights.hc_head.fn), head.base = floats(weights.hc_head.base);
     head.scale = floats(weights.hc_head.scale), head.tokens = count, head.hidden = d, head.streams = int(n);
     head.hc_eps = float(c.mhc.eps), head.norm_eps = float(c.rms_norm_eps), head.round_to_bf16 = reference();
-    head.h = scratch.h, head.workspace = hc_workspace, head.workspace_bytes = hc_workspace_bytes, head.stream = stream;
+    head.h = scratch.h, head.workspace = scratch.hc_workspace, head.workspace_bytes = hc_workspace_bytes;
+    head.stream = stream;
     run_hc_head(head);
     rms_norm(scratch.h, floats(weights.norm), count, d, nullptr, scratch.h_bf16);
     linear(weights.head, "head", scratch.h_bf16, d, count, scratch.logits, c.vocab_size);
+  }
 
-    int32_t nan_flag = 0;
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data() + row_offset * c.vocab_size, scratch.logits,
-                                    size_t(count * c.vocab_size) * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(&nan_flag, scratch.nan_flag, 4, cudaMemcpyDeviceToHost, stream));
-    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-    if (nan_flag != 0) DSV4_CUDA_CHECK(cudaMemset(scratch.nan_flag, 0, 4));
-    check(nan_flag == 0, "CUDA model: the indexer produced NaN scores (a weight or activation is not finite)");
+  // The captured decode step of `batch` sequences (one token each), captured on first use.
+  StepGraph& decode_graph(int batch) {
+    auto it = graphs.find(batch);
+    if (it != graphs.end()) return it->second;
+    StepGraph g;
+    // Relaxed: a kernel launcher's first use may set a function attribute, which is not a stream operation.
+    DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
+    try {
+      enqueue_step(decode_shape(batch));
+    } catch (...) {
+      cudaGraph_t broken = nullptr;
+      cudaStreamEndCapture(stream, &broken);
+      if (broken != nullptr) cudaGraphDestroy(broken);
+      throw;
+    }
+    DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &g.graph));
+    DSV4_CUDA_CHECK(cudaGraphInstantiate(&g.exec, g.graph, 0));
+    size_t count = 0;
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &count));
+    std::vector<cudaGraphNode_t> nodes(count);
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &count));
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type{};
+      DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+      g.kernels += type == cudaGraphNodeTypeKernel ? 1 : 0;
+    }
+    return graphs.emplace(batch, g).first->second;
+  }
+
+  StepShape decode_shape(int batch) const {
+    StepShape shape;
+    shape.tokens = batch, shape.runs = batch, shape.max_run_tokens = 1;
+    return shape;
+  }
+
+  // Pages for the runs' new rows, then the step's inputs to the device in one copy (the page table in its own).
+  void stage_inputs(std::span<const StepRun> runs, std::span<const int32_t> ids, int64_t T) {
+    const ModelConfig& c = config;
+    for (const StepRun& r : runs) {
+      const int64_t end = r.start + r.tokens;
+      for (int i = 0; i < c.num_layers; ++i) {
+        kv_cache->ensure_rows(r.slot, i, KvArray::Window, std::min(kv_cache->config().window_capacity, end));
+        if (c.has_compressor(i) && end / c.compress_ratio(i) > 0)
+          kv_cache->ensure_rows(r.slot, i, KvArray::Compressed, end / c.compress_ratio(i));
+      }
+    }
+    kv_cache->upload_page_table(stream);
+
+    // The previous step's copy must have left the pinned staging before it is rewritten.
+    DSV4_CUDA_CHECK(cudaEventSynchronize(inputs_copied));
+    const StepInputLayout layout(T, int64_t(runs.size()));
+    auto* positions = reinterpret_cast<int64_t*>(staging + layout.positions);
+    auto* h_ids = reinterpret_cast<int32_t*>(staging + layout.ids);
+    auto* slots = reinterpret_cast<int32_t*>(staging + layout.slots);
+    auto* ring = reinterpret_cast<int32_t*>(staging + layout.ring_rows);
+    auto* run_table = reinterpret_cast<CompressorRun*>(staging + layout.runs);
+    int64_t t = 0;
+    for (size_t r = 0; r < runs.size(); ++r) {
+      const StepRun& run = runs[r];
+      run_table[r] = CompressorRun{.start_position = run.start,
+                                   .slot = run.slot,
+                                   .first_token = int32_t(t),
+                                   .tokens = int32_t(run.tokens)};
+      for (int64_t i = 0; i < run.tokens; ++i, ++t) {
+        h_ids[t] = ids[size_t(t)];
+        positions[t] = run.start + i;
+        slots[t] = run.slot;
+        ring[t] = int32_t((run.start + i) % kv_cache->config().window_capacity);
+      }
+    }
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch.inputs, staging, layout.bytes, cudaMemcpyHostToDevice, stream));
+    DSV4_CUDA_CHECK(cudaEventRecord(inputs_copied, stream));
+  }
+
+  // Queues the NaN flag's copy; a set flag is reported by check_nan_flag once the copy has landed.
+  void queue_nan_flag_copy() {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(host_nan_flag, scratch.nan_flag, sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                    stream));
+    DSV4_CUDA_CHECK(cudaEventRecord(flag_copied, stream));
+  }
+
+  // Throws when the indexer met a NaN score in a step since the last check whose flag copy has landed (wait: block
+  // until it has), marking that step's slots failed.
+  void check_nan_flag(bool wait) {
+    if (unchecked_slots.empty()) return;
+    if (wait) {
+      DSV4_CUDA_CHECK(cudaEventSynchronize(flag_copied));
+    } else {
+      const cudaError_t status = cudaEventQuery(flag_copied);
+      if (status == cudaErrorNotReady) return;
+      DSV4_CUDA_CHECK(status);
+    }
+    const bool nan = *host_nan_flag != 0;
+    std::vector<int> stepped;
+    stepped.swap(unchecked_slots);
+    if (!nan) return;
+    *host_nan_flag = 0;
+    DSV4_CUDA_CHECK(cudaMemsetAsync(scratch.nan_flag, 0, sizeof(int32_t), stream));
+    for (int slot : stepped)
+      if (slot_length[size_t(slot)] >= 0) slot_length[size_t(slot)] = kFailedSlot;
+    fail("CUDA model: the indexer produced NaN scores (a weight or activation is not finite); sequence slot(s) of ",
+         "that step refuse further steps until released");
+  }
+
+  // One prefill chunk of one sequence (at most max_step_tokens tokens), eagerly; logits of rows [first, T) into
+  // `logits` at `row_offset` rows.
+  void prefill_step(int slot, std::span<const int32_t> ids, int64_t first, std::vector<float>& logits,
+                    int64_t row_offset) {
+    const int64_t T = int64_t(ids.size()), p0 = slot_length[size_t(slot)];
+    const StepRun run{slot, p0, T};
+    stage_inputs(std::span(&run, 1), ids, T);
+    StepShape shape;
+    shape.tokens = T, shape.runs = 1, shape.max_run_tokens = T, shape.first_logit_row = first;
+    // A one-token step is a decode step: the same launches as a batch of one (its logits match a batched run's).
+    shape.single_slot = T > 1 ? slot : -1;
+    if (T == 1 && graphs_enabled) {
+      DSV4_CUDA_CHECK(cudaGraphLaunch(decode_graph(1).exec, stream));
+    } else {
+      enqueue_step(shape);
+    }
     slot_length[size_t(slot)] = p0 + T;
+    unchecked_slots.push_back(slot);
+    const int64_t count = T - first;
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data() + row_offset * config.vocab_size, scratch.logits,
+                                    size_t(count * config.vocab_size) * sizeof(float), cudaMemcpyDeviceToHost,
+                                    stream));
+    queue_nan_flag_copy();
+    check_nan_flag(true);
+  }
+
+  // One decode step of several sequences; logits stay in scratch.logits. No host synchronisation.
+  void decode_step(std::span<const int> slots, std::span<const int32_t> ids) {
+    const int batch = int(slots.size());
+    std::vector<StepRun> runs(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) runs[i] = StepRun{slots[i], slot_length[size_t(slots[i])], 1};
+    stage_inputs(runs, ids, batch);
+    if (graphs_enabled) {
+      DSV4_CUDA_CHECK(cudaGraphLaunch(decode_graph(batch).exec, stream));
+    } else {
+      enqueue_step(decode_shape(batch));
+    }
+    for (const int slot : slots) {
+      ++slot_length[size_t(slot)];
+      unchecked_slots.push_back(slot);
+    }
+    queue_nan_flag_copy();
   }
 
   const ModelConfig config;
@@ -645,6 +878,8 @@ struct CudaModel::Impl {
   DeviceContext context;
   DeviceAllocator pool;
   cudaStream_t stream = nullptr;
+  bool graphs_enabled = true;
+  int64_t step_capacity = 0;  // tokens per kernel pass
   std::vector<cpu::RopeTable> rope;
   std::vector<DeviceBuffer> frequencies;  // per layer, [rope_dim / 2]
   DeviceModelWeights weights;
@@ -652,19 +887,18 @@ struct CudaModel::Impl {
   std::vector<std::unique_ptr<DeviceMoeWeights>> moe;
   std::unique_ptr<KvCache> kv_cache;
   std::vector<LayerState> layers;
-  int64_t max_entries = 0, max_keys = 0, max_compressed_slots = 0;
+  int64_t entry_rows_capacity = 0, max_keys = 0, max_compressed_slots = 0;
   int attention_splits_max = 1;
-  size_t attention_workspace_bytes = 0, linear_workspace = 0, hc_workspace_bytes = 0, moe_workspace_size = 0,
+  size_t attention_workspace_bytes = 0, linear_workspace_size = 0, hc_workspace_bytes = 0, moe_workspace_size = 0,
          top_k_workspace_size = 0;
+  MemoryPlan plan;
   DeviceBuffer scratch_buffer;
-  DeviceBuffer decode_logits;  // [max_sequences, vocab]
   Scratch scratch{};
-  void* attention_workspace = nullptr;
-  void* linear_ws = nullptr;
-  void* hc_workspace = nullptr;
-  void* moe_workspace = nullptr;
-  void* top_k_workspace = nullptr;
-  uint8_t* staging = nullptr;  // pinned: the step's per-token inputs
+  std::map<int, StepGraph> graphs;  // decode steps by batch size
+  uint8_t* staging = nullptr;       // pinned: the step's per-token inputs
+  int32_t* host_nan_flag = nullptr; // pinned
+  cudaEvent_t inputs_copied = nullptr, flag_copied = nullptr;
+  std::vector<int> unchecked_slots;  // slots stepped since the NaN flag was last read
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot
 };
 
@@ -680,9 +914,11 @@ const ModelConfig& CudaModel::config() const { return impl_->config; }
 const CudaModelOptions& CudaModel::options() const { return impl_->options; }
 
 std::string CudaModel::describe() const {
-  return impl_->context.describe() + ", weights " + format_bytes(impl_->weights.bytes) + ", KV pool " +
-         std::to_string(impl_->kv_cache->config().pages) + " pages, step scratch " +
-         format_bytes(impl_->scratch_buffer.bytes());
+  const Impl& m = *impl_;
+  return m.context.describe() + ", weights " + format_bytes(m.weights.bytes) + ", KV cache " +
+         format_bytes(m.plan.kv_cache) + " (" + std::to_string(m.kv_cache->config().pages) + " pages), state " +
+         format_bytes(m.plan.state) + ", step workspace " + format_bytes(m.plan.scratch) + ", decode " +
+         (m.graphs_enabled ? "CUDA graphs" : "eager (DSV4_DISABLE_CUDA_GRAPHS)");
 }
 
 int CudaModel::add_sequence() {
@@ -697,6 +933,8 @@ int CudaModel::add_sequence() {
 void CudaModel::release_sequence(int slot) {
   check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] != kFreeSlot,
         "CUDA model: sequence slot ", slot, " is not in use");
+  // A step still queued may write the slot's pages: they return to the pool only once it has finished.
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
   impl_->kv_cache->release_sequence(slot);
   impl_->slot_length[size_t(slot)] = kFreeSlot;
 }
@@ -718,6 +956,7 @@ void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, 
         m.options.max_context, " tokens this GPU model was sized for");
   const int64_t vocab = m.config.vocab_size;
   logits.resize(size_t((rows == LogitRows::All ? T : 1) * vocab));
+  m.check_nan_flag(true);
   try {
     for (int64_t t0 = 0; t0 < T; t0 += m.options.max_step_tokens) {
       const int64_t chunk = std::min(m.options.max_step_tokens, T - t0);
@@ -727,9 +966,9 @@ void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, 
       if (first == chunk) {
         // No logits wanted from this chunk: run it with the final row's head only to keep one code path cheap.
         std::vector<float> discard(static_cast<size_t>(vocab));
-        m.step(slot, ids.subspan(size_t(t0), size_t(chunk)), chunk - 1, discard, 0);
+        m.prefill_step(slot, ids.subspan(size_t(t0), size_t(chunk)), chunk - 1, discard, 0);
       } else {
-        m.step(slot, ids.subspan(size_t(t0), size_t(chunk)), first, logits, rows == LogitRows::All ? t0 : 0);
+        m.prefill_step(slot, ids.subspan(size_t(t0), size_t(chunk)), first, logits, rows == LogitRows::All ? t0 : 0);
       }
     }
   } catch (...) {
@@ -739,34 +978,48 @@ void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, 
   }
 }
 
-}  // namespace dsv4::cuda
-
-namespace dsv4::cuda {
+const float* CudaModel::decode_on_device(std::span<const int> slots, std::span<const int32_t> ids) {
+  Impl& m = *impl_;
+  const int64_t n = int64_t(slots.size());
+  check(n > 0 && slots.size() == ids.size(), "decode: ", slots.size(), " slots for ", ids.size(), " ids");
+  check(n <= m.step_capacity, "decode: ", n, " sequences exceed max_sequences ", m.options.max_sequences);
+  check_embedding_ids(ids.data(), n, m.config.vocab_size);
+  std::vector<bool> seen(m.slot_length.size(), false);
+  for (const int slot : slots) {
+    const int64_t p = length(slot);
+    check(!seen[size_t(slot)], "decode: sequence slot ", slot, " appears twice in one step");
+    seen[size_t(slot)] = true;
+    check(p + 1 <= m.options.max_context, "decode: sequence slot ", slot, " holds ", p,
+          " tokens, the context this GPU model was sized for (", m.options.max_context, ")");
+  }
+  m.check_nan_flag(false);
+  try {
+    m.decode_step(slots, ids);
+  } catch (...) {
+    // A failed step leaves the slots' device state undefined: they refuse further steps until released.
+    for (const int slot : slots) m.slot_length[size_t(slot)] = kFailedSlot;
+    throw;
+  }
+  return m.scratch.logits;
+}
 
 void CudaModel::decode(std::span<const int> slots, std::span<const int32_t> ids, std::vector<float>& logits) {
   Impl& m = *impl_;
-  check(slots.size() == ids.size() && !slots.empty(), "decode: ", slots.size(), " slots for ", ids.size(), " ids");
-  const int64_t vocab = m.config.vocab_size;
-  logits.resize(slots.size() * size_t(vocab));
-  std::vector<float> row;
-  for (size_t i = 0; i < slots.size(); ++i) {
-    forward(slots[i], ids.subspan(i, 1), LogitRows::Last, row);
-    std::copy(row.begin(), row.end(), logits.begin() + std::ptrdiff_t(i * size_t(vocab)));
-  }
-}
-
-const float* CudaModel::decode_on_device(std::span<const int> slots, std::span<const int32_t> ids) {
-  Impl& m = *impl_;
-  check(slots.size() <= size_t(m.options.max_sequences), "decode_on_device: ", slots.size(),
-        " sequences exceed max_sequences ", m.options.max_sequences);
-  std::vector<float> logits;
-  decode(slots, ids, logits);
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(m.decode_logits.data(), logits.data(), logits.size() * sizeof(float),
-                                  cudaMemcpyHostToDevice, m.stream));
+  const float* device_logits = decode_on_device(slots, ids);
+  logits.resize(slots.size() * size_t(m.config.vocab_size));
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data(), device_logits, logits.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost, m.stream));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(m.stream));
-  return m.decode_logits.as<float>();
+  m.check_nan_flag(true);
 }
 
 cudaStream_t CudaModel::stream() const { return impl_->stream; }
+
+int CudaModel::decode_launches(int batch) {
+  Impl& m = *impl_;
+  check(batch >= 1 && batch <= m.step_capacity, "decode_launches: batch ", batch, " outside [1, ",
+        m.step_capacity, "]");
+  return m.decode_graph(batch).kernels;
+}
 
 }  // namespace dsv4::cuda

@@ -1,7 +1,9 @@
 // The DeepSeek-V4 forward pass on one GPU (dsv4-model.md §2), the same function as Dsv4Model over the CPU backend:
 // weights resident in their stored formats, the paged KV cache, the compressor and indexer state of every sequence
-// on the device, and every op a kernel of src/backends/cuda/kernels. A call runs a sequence's next tokens (a prefill
-// chunk or one decode token) with no host synchronisation until the logits are copied back.
+// on the device, and every op a kernel of src/backends/cuda/kernels. A step is one kernel pass over its tokens: a
+// prefill chunk of one sequence, or one decode token of each of several sequences (per-token slots and positions,
+// from which every kernel derives what its token sees on the device), with no host synchronisation until the
+// logits are copied back.
 //
 // Numerics: activations between ops are fp32; the inputs of linear layers are rounded to bf16 (the tensor cores'
 // operand type), KV entries are bf16 (exact mode) or DeepSeek's fp8 layout (reference mode), the indexer keys bf16.
@@ -27,7 +29,7 @@ namespace dsv4::cuda {
 struct CudaModelOptions {
   std::string device = "cuda";                 // "cuda" or "cuda:N"
   NumericsMode numerics = NumericsMode::Exact;
-  int max_sequences = 1;                       // sequences that may hold KV state at once
+  int max_sequences = 1;                       // sequences that may hold KV state at once (and decode together)
   int64_t max_context = 4096;                  // tokens per sequence the KV cache and indexer buffers hold
   int64_t max_step_tokens = 512;               // tokens per kernel pass; longer calls run in chunks of this
   UploadProgress progress;                     // weight upload progress (optional)
@@ -47,7 +49,7 @@ class CudaModel {
 
   const ModelConfig& config() const;
   const CudaModelOptions& options() const;
-  // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB, workspace ..."
+  // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB (...), state ..., step workspace ..., decode ..."
   std::string describe() const;
 
   // A sequence slot with empty state; throws when all max_sequences are in use.
@@ -62,15 +64,20 @@ class CudaModel {
   // was; after an error while the kernels run (NaN scores, a fault) the slot refuses steps until released.
   void forward(int slot, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits);
 
-  // One decode step of several sequences: ids[i] is the next token of slot slots[i] (slots distinct, each in use);
-  // fp32 logits [n, vocab], row i for slots[i]. Throws like forward, before any slot changes; a failure while the
-  // kernels run marks every slot of the step failed.
+  // One decode step of several sequences, one kernel pass over all of them: ids[i] is the next token of slot
+  // slots[i] (slots distinct, each in use, any lengths); fp32 logits [n, vocab], row i for slots[i]. Throws like
+  // forward before any slot changes; a failure while the kernels run marks every slot of the step failed. Steps are
+  // CUDA graphs captured per batch size n on first use and replayed after (DSV4_DISABLE_CUDA_GRAPHS=1: the same
+  // launches, eagerly); a one-token forward is the batch-1 decode step.
   void decode(std::span<const int> slots, std::span<const int32_t> ids, std::vector<float>& logits);
-  // The same step leaving the logits [n, vocab] fp32 in device memory, valid until the next call. The caller may run
-  // its own kernels on stream() to read them.
+  // The same step leaving the logits [n, vocab] fp32 in device memory, valid until the next call, with no host
+  // synchronisation: the caller may run its own kernels on stream() to read them. NaN indexer scores of such a step
+  // are reported by a later call (which then throws and marks the slots stepped since the last check failed).
   const float* decode_on_device(std::span<const int> slots, std::span<const int32_t> ids);
   // The stream every step runs on.
   cudaStream_t stream() const;
+  // Kernel launches of a decode step of `batch` sequences (the captured graph's kernel nodes; captures it if needed).
+  int decode_launches(int batch);
 
  private:
   struct Impl;

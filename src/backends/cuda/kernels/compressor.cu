@@ -32,8 +32,8 @@ bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
 void check_compressor_params(const CompressorParams& p) {
   check(p.head_dim > 0 && p.head_dim % 2 == 0 && p.head_dim <= kMaxHeadDim, "compressor: head_dim ", p.head_dim,
         " must be even and at most ", kMaxHeadDim);
-  check(p.ratio > 0 && p.tokens >= 0 && p.start_position >= 0, "compressor: bad ratio ", p.ratio, ", tokens ",
-        p.tokens, " or start_position ", p.start_position);
+  check(p.ratio > 0 && p.run_count >= 0 && p.max_run_tokens >= 0, "compressor: bad ratio ", p.ratio, ", run_count ",
+        p.run_count, " or max_run_tokens ", p.max_run_tokens);
   check(p.rope_dim >= 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "compressor: rope_dim ", p.rope_dim,
         " must be even and within head_dim ", p.head_dim);
   check(p.rope_dim == 0 || p.rope_frequencies != nullptr, "compressor: rope_frequencies are required");
@@ -41,16 +41,23 @@ void check_compressor_params(const CompressorParams& p) {
   check(s.ratio == p.ratio && s.head_dim == p.head_dim && s.overlapping == p.overlapping,
         "compressor: state was made for ratio ", s.ratio, " head_dim ", s.head_dim, " overlapping ", s.overlapping,
         ", params say ratio ", p.ratio, " head_dim ", p.head_dim, " overlapping ", p.overlapping);
+  check(p.run_count <= s.slots, "compressor: ", p.run_count, " runs but the state has ", s.slots,
+        " slots (runs have distinct slots)");
+  if (p.run_count == 0) return;
   check(s.window_kv != nullptr && s.window_score != nullptr && s.finished_ctas != nullptr &&
             (!p.overlapping || (s.previous_kv != nullptr && s.previous_score != nullptr)),
         "compressor: the state has no device storage");
+  check(p.runs != nullptr, "compressor: runs are required");
   check(p.ape != nullptr && p.norm_weight != nullptr, "compressor: ape and norm weights are required");
-  check(p.tokens == 0 || (p.kv != nullptr && p.gate != nullptr), "compressor: kv and gate are required");
+  check(p.max_run_tokens == 0 || (p.kv != nullptr && p.gate != nullptr), "compressor: kv and gate are required");
   check(aligned8(p.kv) && aligned8(p.gate) && aligned8(p.ape), "compressor: kv, gate and ape must be 8-byte aligned");
-  check((p.entries == nullptr) != (p.entries_bf16 == nullptr) ||
-            compressor_entries_emitted(p.start_position, p.tokens, p.ratio) == 0,
-        "compressor: give exactly one of entries (fp32) and entries_bf16");
+  check((p.entries == nullptr) != (p.slot_entries_bf16 == nullptr),
+        "compressor: give exactly one of entries (fp32) and slot_entries_bf16");
   check(aligned8(p.entries), "compressor: entries must be 8-byte aligned");
+  check(p.slot_entries_bf16 == nullptr ||
+            (p.slot_entry_capacity >= 0 && p.slot_entry_stride >= p.slot_entry_capacity * p.head_dim),
+        "compressor: slot_entry_stride ", p.slot_entry_stride, " cannot hold ", p.slot_entry_capacity,
+        " entries of ", p.head_dim);
   check(p.stored_rounding != CompressorStoredRounding::IndexerFp4 ||
             (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128),
         "compressor: stored rounding ", rounding_name(p.stored_rounding), " needs head_dim 32, 64 or 128, got ",
@@ -59,20 +66,21 @@ void check_compressor_params(const CompressorParams& p) {
 
 void run_compressor(const CompressorParams& p) {
   check_compressor_params(p);
-  const int64_t emitted = compressor_entries_emitted(p.start_position, p.tokens, p.ratio);
-  if (p.tokens == 0) return;
-  check(emitted < (int64_t(1) << 31), "compressor: ", emitted, " entries exceed the grid limit");
+  if (p.run_count == 0) return;
+  const int64_t entries_per_run = std::max<int64_t>(compressor_max_entries(p.max_run_tokens, p.ratio), 1);
+  const int64_t entries = p.run_count * entries_per_run;
+  check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
   const int c = int(p.head_dim);
   // Split an entry's channels over a cluster when entries are too few to fill the GPU (decode, HCA prefill): up to
   // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding needs the whole vector in one CTA.
   int cluster = 1;
-  if (emitted > 0 && p.stored_rounding != CompressorStoredRounding::IndexerFp4)
-    while (cluster < kMaxClusterCtas && emitted * cluster < kWantedCtas && c % (2 * cluster * 64) == 0) cluster *= 2;
+  if (p.stored_rounding != CompressorStoredRounding::IndexerFp4)
+    while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0) cluster *= 2;
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
   const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
-  const int max_threads = cluster == 1 && emitted >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
+  const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
   const compressor::PoolArgs args{.c = c,
@@ -83,16 +91,21 @@ void run_compressor(const CompressorParams& p) {
                                   .stored_rounding = p.stored_rounding,
                                   .kv = p.kv,
                                   .gate = p.gate,
-                                  .tokens = p.tokens,
-                                  .start_position = p.start_position,
+                                  .tokens = 0,
+                                  .start_position = 0,
+                                  .runs = p.runs,
                                   .ape = p.ape,
                                   .norm_weight = p.norm_weight,
                                   .rope_frequencies = p.rope_frequencies,
                                   .rope_dim = int(p.rope_dim),
                                   .state = p.state,
                                   .entries = p.entries,
-                                  .entries_bf16 = p.entries_bf16,
-                                  .emitted = emitted,
+                                  .entry_rows = p.entry_rows,
+                                  .entry_slots = p.entry_slots,
+                                  .slot_entries_bf16 = p.slot_entries_bf16,
+                                  .slot_entry_stride = p.slot_entry_stride,
+                                  .slot_entry_capacity = p.slot_entry_capacity,
+                                  .entries_per_run = entries_per_run,
                                   .cluster_ctas = cluster,
                                   .channels_per_cta = channels,
                                   .pairs_padded = pairs_padded,
@@ -102,7 +115,7 @@ void run_compressor(const CompressorParams& p) {
     DSV4_CUDA_CHECK(
         cudaFuncSetAttribute(compressor::compressor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(std::max<int64_t>(emitted, 1) * cluster));
+  config.gridDim = dim3(unsigned(entries * cluster));
   config.blockDim = dim3(unsigned(pairs_padded * groups));
   config.dynamicSmemBytes = smem;
   config.stream = p.stream;

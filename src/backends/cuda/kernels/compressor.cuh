@@ -43,18 +43,23 @@ struct PoolArgs {
   float norm_eps;
   bool round_pooled_to_bf16;
   CompressorStoredRounding stored_rounding;
-  const float* kv;
+  const float* kv;        // the launch's rows; within a CTA, the run's first row
   const float* gate;
-  int64_t tokens;
-  int64_t start_position;
+  int64_t tokens;         // within a CTA: the run's
+  int64_t start_position; // within a CTA: the run's
+  const CompressorRun* runs;
   const float* ape;
   const float* norm_weight;
   const float* rope_frequencies;
   int rope_dim;
-  CompressorStateView state;
+  CompressorStateView state;  // every slot's; within a CTA, the run's slot
   float* entries;
-  __nv_bfloat16* entries_bf16;
-  int64_t emitted;
+  int32_t* entry_rows;
+  int32_t* entry_slots;
+  __nv_bfloat16* slot_entries_bf16;
+  int64_t slot_entry_stride;
+  int64_t slot_entry_capacity;
+  int64_t entries_per_run;
   int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
@@ -166,21 +171,38 @@ __device__ void update_state(const PoolArgs& a) {
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
+__global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ PoolArgs args) {
   extern __shared__ __align__(16) float smem[];
-  const int c = a.c, channels = a.channels_per_cta;
+  const int c = args.c, channels = args.channels_per_cta;
   float* part_max = smem;
-  float* part_den = part_max + a.groups * channels;
-  float* part_num = part_den + a.groups * channels;
-  float* entry_row = part_num + a.groups * channels;
+  float* part_den = part_max + args.groups * channels;
+  float* part_num = part_den + args.groups * channels;
+  float* entry_vector = part_num + args.groups * channels;
   __shared__ float warp_partials[32];
   __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
 
+  // CTAs are [run][entry of the run][cluster rank]; the run's fields replace the launch's in this CTA's copy.
+  const int64_t entry_row = blockIdx.x / args.cluster_ctas;  // row of the compact fp32 output
+  const int64_t run_index = entry_row / args.entries_per_run, entry = entry_row % args.entries_per_run;
+  const CompressorRun run = args.runs[run_index];
+  PoolArgs a = args;
+  const int64_t width = a.overlapping ? 2 * a.c : a.c;
+  a.kv += int64_t(run.first_token) * width;
+  a.gate += int64_t(run.first_token) * width;
+  a.tokens = run.tokens;
+  a.start_position = run.start_position;
+  a.state = args.state.of_slot(run.slot);
+  const int64_t emitted = compressor_entries_emitted(run.start_position, run.tokens, a.ratio);
+
   const int pair = threadIdx.x % a.pairs_padded, group = threadIdx.x / a.pairs_padded;
   const bool active = 2 * pair < channels;
-  const bool emitting = blockIdx.x / a.cluster_ctas < a.emitted;
-  const int64_t w = a.start_position / a.ratio + blockIdx.x / a.cluster_ctas;
+  const bool emitting = entry < emitted;
+  const int64_t w = a.start_position / a.ratio + entry;
+  if (blockIdx.x % a.cluster_ctas == 0 && threadIdx.x == 0) {
+    if (a.entry_rows != nullptr) a.entry_rows[entry_row] = emitting ? int32_t(w) : -1;
+    if (a.entry_slots != nullptr) a.entry_slots[entry_row] = run.slot;
+  }
   const int channel = int(blockIdx.x % a.cluster_ctas) * channels + 2 * pair;  // this thread's first channel
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
 
@@ -267,30 +289,30 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
     } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4) {
       // The whole vector is in this CTA (no cluster split with this rounding).
       if (owner) {
-        entry_row[2 * pair] = v[0];
-        entry_row[2 * pair + 1] = v[1];
+        entry_vector[2 * pair] = v[0];
+        entry_vector[2 * pair + 1] = v[1];
       }
       __syncthreads();
       if (warp == 0) {
         switch (c) {
-          case 32: round_indexer_row<1>(entry_row, lane); break;
-          case 64: round_indexer_row<2>(entry_row, lane); break;
-          default: round_indexer_row<4>(entry_row, lane); break;
+          case 32: round_indexer_row<1>(entry_vector, lane); break;
+          case 64: round_indexer_row<2>(entry_vector, lane); break;
+          default: round_indexer_row<4>(entry_vector, lane); break;
         }
       }
       __syncthreads();
       if (owner) {
-        v[0] = entry_row[2 * pair];
-        v[1] = entry_row[2 * pair + 1];
+        v[0] = entry_vector[2 * pair];
+        v[1] = entry_vector[2 * pair + 1];
       }
     }
     if (owner) {
-      const int64_t offset = (blockIdx.x / a.cluster_ctas) * int64_t(c) + channel;
       if (a.entries != nullptr) {
-        *reinterpret_cast<float2*>(a.entries + offset) = make_float2(v[0], v[1]);
-      } else {
-        a.entries_bf16[offset] = __float2bfloat16_rn(v[0]);
-        a.entries_bf16[offset + 1] = __float2bfloat16_rn(v[1]);
+        *reinterpret_cast<float2*>(a.entries + entry_row * c + channel) = make_float2(v[0], v[1]);
+      } else if (w < a.slot_entry_capacity) {
+        __nv_bfloat16* out = a.slot_entries_bf16 + run.slot * a.slot_entry_stride + w * c + channel;
+        out[0] = __float2bfloat16_rn(v[0]);
+        out[1] = __float2bfloat16_rn(v[1]);
       }
     }
   }
@@ -299,7 +321,7 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(PoolArgs a) {
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    is_last_cta = atomicAdd(a.state.finished_ctas, 1u) == gridDim.x - 1;
+    is_last_cta = atomicAdd(a.state.finished_ctas, 1u) == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
   }
   __syncthreads();
   if (!is_last_cta) return;

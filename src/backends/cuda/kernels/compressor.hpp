@@ -1,18 +1,27 @@
-// KV compressor pooling on the GPU: dsv4::cpu::compressor_pool for one sequence's chunk of T new tokens (T = 1 at
-// decode), any chunking of the sequence giving the entries of one pass (dsv4-model.md §3.2).
+// KV compressor pooling on the GPU: dsv4::cpu::compressor_pool for the new tokens of several sequences in one
+// launch (a decode step: one token each; a prefill chunk: one run of T tokens), any chunking of a sequence giving
+// the entries of one pass (dsv4-model.md §3.2).
 //
 // Dispatch contract:
-// - Inputs are the chunk's projections kv, gate [T, coff·c] fp32 (wkv·x and wgate·x, without ape; the GEMMs are the
-//   linear kernels'), the tokens at positions start_position … start_position + T − 1, and the sequence's
-//   DeviceCompressorState, which the launch reads and updates (the state must have seen exactly start_position tokens).
-// - It writes the entries completed by the chunk, compressor_first_entry(...) onwards, compressor_entries_emitted(...)
-//   of them — both known on the host from positions alone — to entries (fp32) or entries_bf16 ([emitted, c], one of
-//   the two): pooled (joint per-channel softmax), optionally bf16-rounded before the norm (round_pooled_to_bf16),
-//   RMSNorm with the weight, RoPE on the last rope_dim dims at position ratio·w, then the stored rounding:
-//   KvFp8 = round_kv_reference (fp8 e4m3 per 64 of the non-rope dims, bf16 rope dims), IndexerFp4 =
-//   round_indexer_reference (Hadamard, bf16, fp4 per 32; head_dim 32/64/128), None = as pooled (exact numerics).
-// - One launch: one CTA per emitted entry, or a cluster of up to 8 CTAs per entry when entries are few (decode, HCA
-//   prefill); at least one CTA. The CTA that finishes last updates the state.
+// - The step's tokens are runs (CompressorRun, device memory): run r is `tokens` consecutive rows of kv, gate
+//   [step tokens, coff·c] fp32 (wkv·x and wgate·x, without ape) starting at row first_token, the tokens at positions
+//   start_position … of sequence slot `slot`, whose state (row `slot` of the DeviceCompressorState) the launch reads
+//   and updates: it must have seen exactly start_position tokens. Slots of one launch are distinct; every run has at
+//   most max_run_tokens tokens. The runs live on the device, so a captured launch replays for new positions.
+// - A run completes compressor_entries_emitted(start_position, tokens, ratio) entries (≤ entries_per_run =
+//   compressor_max_entries(max_run_tokens, ratio)), numbers compressor_first_entry(...) onwards. Each is pooled
+//   (joint per-channel softmax), optionally bf16-rounded before the norm (round_pooled_to_bf16), RMSNorm'ed with the
+//   weight, RoPE'd on the last rope_dim dims at position ratio·w, then given the stored rounding: KvFp8 =
+//   round_kv_reference (fp8 e4m3 per 64 of the non-rope dims, bf16 rope dims), IndexerFp4 = round_indexer_reference
+//   (Hadamard, bf16, fp4 per 32; head_dim 32/64/128), None = as pooled (exact numerics).
+// - Output (one of the two):
+//   - entries fp32 [run_count · entries_per_run, c]: run r's e-th new entry at row r·entries_per_run + e, with
+//     entry_rows[row] = its entry number w and entry_slots[row] = the run's slot (both optional), and −1 in
+//     entry_rows for the rows of runs that completed fewer entries (their entries rows are not written);
+//   - slot_entries_bf16: entry w of slot s at s·slot_entry_stride + w·c (e.g. the indexer keys of every sequence);
+//     entries w ≥ slot_entry_capacity are not written.
+// - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few
+//   (decode, HCA prefill); at least one CTA per run. The run's CTA that finishes last updates its state.
 // - head_dim even and ≤ 2048; asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 //   Steps of one state must be stream-ordered (each reads what the previous wrote).
 #pragma once
@@ -23,10 +32,20 @@
 #include <cstdint>
 
 #include "backends/cuda/compressor_state.hpp"
+#include "core/host_device.hpp"
 
 namespace dsv4::cuda {
 
 enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
+
+// One sequence's tokens in a launch (device memory).
+struct CompressorRun {
+  int64_t start_position = 0;  // absolute position of the run's first token
+  int32_t slot = 0;            // the sequence's state row
+  int32_t first_token = 0;     // the run's first row of kv / gate
+  int32_t tokens = 0;          // ≥ 0
+  int32_t unused = 0;          // pads the struct to 24 bytes
+};
 
 struct CompressorParams {
   int64_t head_dim = 0;               // c
@@ -35,17 +54,22 @@ struct CompressorParams {
   float norm_eps = 1e-6f;
   bool round_pooled_to_bf16 = false;  // DeepSeek's norm(bf16(C_w))
   CompressorStoredRounding stored_rounding = CompressorStoredRounding::None;
-  const float* kv = nullptr;          // device [tokens, coff·c]
-  const float* gate = nullptr;        // device [tokens, coff·c]
-  int64_t tokens = 0;                 // T ≥ 0
-  int64_t start_position = 0;         // absolute position of the chunk's first token
+  const float* kv = nullptr;          // device [step tokens, coff·c]
+  const float* gate = nullptr;        // device [step tokens, coff·c]
+  const CompressorRun* runs = nullptr;  // device [run_count]
+  int run_count = 0;
+  int64_t max_run_tokens = 0;         // bound on every run's tokens (sizes the grid)
   const float* ape = nullptr;         // device [ratio, coff·c]
   const float* norm_weight = nullptr; // device [c]
   const float* rope_frequencies = nullptr;  // device [rope_dim / 2] (RopeTable::frequencies())
   int64_t rope_dim = 0;               // ≤ c, even
-  CompressorStateView state;
-  float* entries = nullptr;               // device [emitted, c], or null when entries_bf16 is used
-  __nv_bfloat16* entries_bf16 = nullptr;  // device [emitted, c] (e.g. the indexer's bf16 keys)
+  CompressorStateView state;          // every slot's state
+  float* entries = nullptr;           // device [run_count · entries_per_run, c], or null (slot_entries_bf16)
+  int32_t* entry_rows = nullptr;      // device [run_count · entries_per_run] or null
+  int32_t* entry_slots = nullptr;     // device [run_count · entries_per_run] or null
+  __nv_bfloat16* slot_entries_bf16 = nullptr;  // device, entry w of slot s at s·slot_entry_stride + w·c
+  int64_t slot_entry_stride = 0;      // elements
+  int64_t slot_entry_capacity = 0;    // entries per slot
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }
@@ -55,9 +79,12 @@ struct CompressorParams {
 inline int64_t compressor_first_entry(int64_t start_position, int64_t ratio) { return start_position / ratio; }
 
 // Entries completed by the T tokens from start_position: windows whose last token lies in the chunk.
-inline int64_t compressor_entries_emitted(int64_t start_position, int64_t tokens, int64_t ratio) {
+DSV4_HD int64_t compressor_entries_emitted(int64_t start_position, int64_t tokens, int64_t ratio) {
   return (start_position + tokens) / ratio - start_position / ratio;
 }
+
+// The most entries a run of up to `tokens` tokens completes, whatever its start.
+inline int64_t compressor_max_entries(int64_t tokens, int64_t ratio) { return (tokens + ratio - 1) / ratio; }
 
 void check_compressor_params(const CompressorParams& params);
 void run_compressor(const CompressorParams& params);

@@ -111,6 +111,9 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
             p.scores != nullptr,
         "indexer_scores: q, head_weights, keys, positions and scores are required");
   check(aligned16(p.q) && aligned16(p.keys), "indexer_scores: q and keys must be 16-byte aligned");
+  check(p.sequence_slots == nullptr || (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 8 == 0),
+        "indexer_scores: keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count, " keys of ",
+        p.head_dim, " and keep 16-byte alignment");
   check(indexer::scores_smem_bytes(1, int(p.heads), int(p.head_dim)) <= kScoresSmemBudget,
         "indexer_scores: heads ", p.heads, " × head_dim ", p.head_dim, " does not fit shared memory");
 }
@@ -119,14 +122,18 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   check_indexer_scores_params(p);
   if (p.tokens == 0 || p.key_count == 0) return;
   const size_t per_query = indexer::scores_smem_bytes(1, int(p.heads), int(p.head_dim));
+  // Queries of one CTA share its key loads: only those of one sequence.
+  const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
   const int queries_per_cta =
-      int(std::min<int64_t>({p.tokens, kMaxQueriesPerCta, int64_t(kScoresSmemBudget / per_query)}));
+      int(std::min<int64_t>({p.tokens, group_limit, int64_t(kScoresSmemBudget / per_query)}));
   const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
   const indexer::ScoresArgs args{
       .q = p.q,
       .head_weights = p.head_weights,
       .keys = p.keys,
       .key_count = p.key_count,
+      .sequence_slots = p.sequence_slots,
+      .keys_slot_stride = p.keys_slot_stride,
       .positions = p.positions,
       .tokens = p.tokens,
       .heads = int(p.heads),

@@ -131,6 +131,8 @@ struct ScoresArgs {
   const float* head_weights;
   const __nv_bfloat16* keys;
   int64_t key_count;
+  const int32_t* sequence_slots;
+  int64_t keys_slot_stride;
   const int64_t* positions;
   int64_t tokens;
   int heads;
@@ -213,17 +215,21 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
   __syncthreads();
   int64_t max_visible = 0;
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, visible[query]);
+  // A CTA's queries are of one sequence (one query per CTA when sequences differ).
+  const __nv_bfloat16* keys =
+      args.sequence_slots != nullptr ? args.keys + args.sequence_slots[first_query] * args.keys_slot_stride : args.keys;
 
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
-  const int64_t tiles = (args.key_count + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
+  // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
+  const int64_t tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
   const int64_t step = int64_t(gridDim.x) * kScoreWarps;
   // Software pipeline: the next tile's keys are in flight while the current one is multiplied.
   uint4 a[2][kDimPairs], next[2][kDimPairs];
   int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
-  load_key_tile<kDimPairs>(a, args.keys, tile * kKeysPerWarpTile, max_visible, group, quad);
+  load_key_tile<kDimPairs>(a, keys, tile * kKeysPerWarpTile, max_visible, group, quad);
   for (; tile < tiles; tile += step) {
     const int64_t key0 = tile * kKeysPerWarpTile;
-    load_key_tile<kDimPairs>(next, args.keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
+    load_key_tile<kDimPairs>(next, keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int64_t out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {

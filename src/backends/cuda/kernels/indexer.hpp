@@ -7,9 +7,12 @@
 //   numerics round_indexer_reference (Hadamard of head_dim, bf16, fp4 e2m1 with a ue8m0 scale per 32 — every result
 //   is exactly a bf16), in exact numerics a plain round to bf16. head_dim 32, 64 or 128.
 // - run_indexer_scores: scores[t, j] = Σ_h (w[t,h] · head_dim^-0.5 · heads^-0.5) · ReLU(q[t,h] · K[j]) for the keys a
-//   query at positions[t] sees (j < min(key_count, (positions[t] + 1) div ratio)), −inf for the others; q and K bf16
-//   on the tensor cores (mma.sync m16n8k16), fp32 accumulation. heads 1 to 128, head_dim 32/64/128.
-//   Columns key_count .. score_stride of a row are not written.
+//   query at positions[t] sees (j < visible_t = min(key_count, (positions[t] + 1) div ratio)); q and K bf16 on the
+//   tensor cores (mma.sync m16n8k16), fp32 accumulation. heads 1 to 128, head_dim 32/64/128. Columns from visible_t
+//   on hold −inf or are left unwritten (the top-k reads only the visible ones), so key_count may be a bound (the
+//   keys buffer's capacity) and the work follows the positions.
+// - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
+//   keys + slot·keys_slot_stride (each query then has its own CTAs); without, every query reads `keys`.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
 
@@ -40,7 +43,9 @@ struct IndexerScoresParams {
   const __nv_bfloat16* q = nullptr;      // device [tokens, heads, head_dim], 16-byte aligned (run_indexer_prepare)
   const float* head_weights = nullptr;   // device [tokens, heads]: weights_proj · x, not yet scaled
   const __nv_bfloat16* keys = nullptr;   // device [key_count, head_dim], 16-byte aligned
-  int64_t key_count = 0;
+  int64_t key_count = 0;                 // keys per sequence (or a bound: see the contract)
+  const int32_t* sequence_slots = nullptr;  // device [tokens] or null (one sequence)
+  int64_t keys_slot_stride = 0;          // elements from one slot's keys to the next
   const int64_t* positions = nullptr;    // device [tokens] absolute positions
   int64_t tokens = 0;
   int64_t heads = 64;

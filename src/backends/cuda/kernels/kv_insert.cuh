@@ -30,6 +30,8 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
   __shared__ float partials[kKvInsertMaxThreads / 32];
   const KvEntryLayout& layout = p.cache.layout;
   const int64_t row = blockIdx.x;
+  const int32_t dest_row = p.dest_rows[row];
+  if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
   const int pair = threadIdx.x;
   const int dim = 2 * pair;
   const bool active = dim < layout.head_dim;
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
     rope_rotate_pair(x0, x1, rope_factors(p.positions[row], p.rope_frequencies[rope_pair]), false);
 
   const int32_t* pages = p.cache.pages_of(p.sequence_slots[row], p.layer, p.array);
-  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(pages, p.dest_rows[row]));
+  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(pages, dest_row));
   if (layout.format == KvEntryFormat::Bf16) {
     if (active) {
       const uint32_t packed = uint32_t(float_to_bf16(x0)) | (uint32_t(float_to_bf16(x1)) << 16);

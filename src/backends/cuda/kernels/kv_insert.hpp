@@ -3,7 +3,9 @@
 //
 // Dispatch contract:
 // - Each row goes to (sequence_slots[r], layer, array, dest_rows[r]); that row's page must be allocated
-//   (KvCache::ensure_rows) and the page table uploaded before the launch runs; rows must be distinct.
+//   (KvCache::ensure_rows) and the page table uploaded before the launch runs; rows must be distinct. A row with
+//   dest_rows[r] < 0 is skipped (a batched step's compressor rows that completed no entry), so a captured launch
+//   over a fixed row count serves any step.
 // - Math in fp32 like cpu::rms_norm and cpu::RopeTable::rotate; the mean square is summed in another order, so
 //   results may differ from the CPU's in the last bits. Bf16 caches store the rounded-to-nearest bf16 of the result;
 //   Fp8Reference caches store exactly what cpu::round_kv_reference keeps (same scale rule and e4m3 rounding, from
@@ -32,7 +34,7 @@ struct KvInsertParams {
   const float* rope_frequencies = nullptr;  // device fp32 [rope_dim / 2] (RopeTable::frequencies); null = no RoPE
   const int32_t* sequence_slots = nullptr;  // device [rows]
   const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_frequencies)
-  const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array
+  const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array, < 0 = skip
   cudaStream_t stream = nullptr;
 };
 

@@ -1,0 +1,393 @@
+// Batched decode on the GPU model (CudaModel::decode): several sequences of different lengths decode together, one
+// kernel pass per step, sequences joining (prefilled between steps) and leaving (their pages freed, the slot
+// reused) midway; each sequence's logits are compared with the same sequence run alone (batch 1). Also: CUDA-graph
+// replay against the same launches run eagerly (DSV4_DISABLE_CUDA_GRAPHS=1), bit for bit; greedy continuations of
+// the trained tiny model batched and alone; the launch count of a decode step; the memory plan's refusal; bad calls.
+#include "backends/cuda/cuda_model.hpp"
+#include "core/error.hpp"
+#include "model/checkpoint_loader.hpp"
+#include "support/device_buffers.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace dsv4;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Fixture {
+  LoadedCheckpoint ckpt;
+  explicit Fixture(const std::string& name) : ckpt(load_checkpoint((fs::path(DSV4_SOURCE_DIR) / name).string())) {
+    ckpt.require_loadable();
+  }
+};
+
+std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, std::mt19937& rng) {
+  std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
+  std::vector<int32_t> tokens(static_cast<size_t>(count));
+  for (int32_t& t : tokens) t = pick(rng);
+  return tokens;
+}
+
+// One sequence of the schedule: its prompt, the tokens it decodes, and when it joins and leaves the batch.
+struct Planned {
+  std::vector<int32_t> prompt;
+  std::vector<int32_t> decoded;  // one per step it takes part in
+  int join_step;                 // prefilled before this step's decode
+  int leave_step;                // released before this step's decode (steps beyond the schedule: never)
+};
+
+// Sequences of different prompt lengths (1 token to past one prefill chunk), two joining midway and one leaving
+// early, so the step that follows reuses its slot for a newcomer.
+std::vector<Planned> schedule(int64_t vocab, int steps, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const struct {
+    int64_t prompt;
+    int join, leave;
+  } shape[] = {{5, 0, steps}, {23, 0, 14}, {70, 0, steps}, {1, 9, steps}, {40, 16, steps}};
+  std::vector<Planned> plan;
+  for (const auto& s : shape) {
+    Planned p;
+    p.prompt = random_tokens(s.prompt, vocab, rng);
+    p.decoded = random_tokens(s.leave - s.join, vocab, rng);
+    p.join_step = s.join;
+    p.leave_step = s.leave;
+    plan.push_back(std::move(p));
+  }
+  return plan;
+}
+
+// Runs the schedule batched: per step, every live sequence's next token in one decode call. Returns each sequence's
+// decode logits (rows in step order).
+std::vector<std::vector<float>> run_batched(cuda::CudaModel& model, const std::vector<Planned>& plan, int steps) {
+  const int64_t vocab = model.config().vocab_size;
+  std::vector<std::vector<float>> logits(plan.size());
+  std::vector<int> slot(plan.size(), -1);
+  std::vector<float> prefill, step_logits;
+  for (int step = 0; step < steps; ++step) {
+    for (size_t q = 0; q < plan.size(); ++q) {
+      if (plan[q].leave_step == step) {
+        model.release_sequence(slot[q]);
+        slot[q] = -1;
+      }
+    }
+    for (size_t q = 0; q < plan.size(); ++q) {
+      if (plan[q].join_step != step) continue;
+      slot[q] = model.add_sequence();
+      model.forward(slot[q], plan[q].prompt, LogitRows::Last, prefill);
+    }
+    std::vector<int> slots;
+    std::vector<int32_t> ids;
+    std::vector<size_t> members;
+    for (size_t q = 0; q < plan.size(); ++q) {
+      if (slot[q] < 0) continue;
+      slots.push_back(slot[q]);
+      ids.push_back(plan[q].decoded[size_t(step - plan[q].join_step)]);
+      members.push_back(q);
+    }
+    model.decode(slots, ids, step_logits);
+    EXPECT_EQ(step_logits.size(), members.size() * size_t(vocab));
+    for (size_t i = 0; i < members.size(); ++i)
+      logits[members[i]].insert(logits[members[i]].end(), step_logits.begin() + std::ptrdiff_t(i * size_t(vocab)),
+                                step_logits.begin() + std::ptrdiff_t((i + 1) * size_t(vocab)));
+  }
+  for (size_t q = 0; q < plan.size(); ++q)
+    if (slot[q] >= 0) model.release_sequence(slot[q]);
+  return logits;
+}
+
+// The same sequence alone: prefill, then one decode step per token (batch 1).
+std::vector<float> run_alone(cuda::CudaModel& model, const Planned& p) {
+  std::vector<float> logits, row;
+  const int slot = model.add_sequence();
+  model.forward(slot, p.prompt, LogitRows::Last, row);
+  for (const int32_t id : p.decoded) {
+    model.decode(std::span(&slot, 1), std::span(&id, 1), row);
+    logits.insert(logits.end(), row.begin(), row.end());
+  }
+  model.release_sequence(slot);
+  return logits;
+}
+
+struct Comparison {
+  float worst = 0.0f;       // largest per-row max |a − b| / max |a|
+  float median = 0.0f;
+  int argmax_differs = 0;
+  int rows = 0;
+};
+
+Comparison compare_rows(const std::vector<float>& want, const std::vector<float>& got, int64_t vocab) {
+  EXPECT_EQ(want.size(), got.size());
+  Comparison c;
+  std::vector<float> errors;
+  for (size_t r = 0; (r + 1) * size_t(vocab) <= std::min(want.size(), got.size()); ++r) {
+    const float* w = &want[r * size_t(vocab)];
+    const float* g = &got[r * size_t(vocab)];
+    float max_abs = 0.0f, max_diff = 0.0f;
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (!std::isfinite(g[v])) {
+        ADD_FAILURE() << "row " << r << " token " << v << " is " << g[v];
+        max_diff = INFINITY;
+      }
+      max_abs = std::max(max_abs, std::fabs(w[v]));
+      max_diff = std::max(max_diff, std::fabs(w[v] - g[v]));
+    }
+    errors.push_back(max_diff / max_abs);
+    c.argmax_differs += (std::max_element(w, w + vocab) - w) != (std::max_element(g, g + vocab) - g) ? 1 : 0;
+  }
+  c.rows = int(errors.size());
+  if (!errors.empty()) {
+    std::sort(errors.begin(), errors.end());
+    c.worst = errors.back();
+    c.median = errors[errors.size() / 2];
+  }
+  return c;
+}
+
+cuda::CudaModelOptions batch_options() {
+  cuda::CudaModelOptions options;
+  options.max_sequences = 4;
+  options.max_context = 256;
+  options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks
+  return options;
+}
+
+constexpr int kSteps = 36;
+
+// Sets DSV4_DISABLE_CUDA_GRAPHS for this scope (read when a model is built).
+class GraphsDisabled {
+ public:
+  GraphsDisabled() { setenv("DSV4_DISABLE_CUDA_GRAPHS", "1", 1); }
+  ~GraphsDisabled() { unsetenv("DSV4_DISABLE_CUDA_GRAPHS"); }
+};
+
+const auto kFixtures = ::testing::Values("tests/golden/flash_like", "tests/golden/pro_like-release",
+                                         "tests/golden/odd_sizes", "models/tiny-fortunes",
+                                         "models/tiny-fortunes-nvfp4");
+
+std::string fixture_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string name = fs::path(info.param).filename().string();
+  std::replace(name.begin(), name.end(), '-', '_');
+  return name;
+}
+
+class CudaBatch : public ::testing::TestWithParam<std::string> {};
+
+// Each sequence's batched logits against its batch-1 run, in both numerics modes. The kernels are the same; what
+// differs with the batch size is how some of them split their work (the linear layers' split-K and token tiles,
+// the attention's splits), i.e. the fp32 summation order, and so at times which way a bf16 rounding of an
+// activation goes: one bf16 step (2^-8 relative) of one input moves a logit row by about that much at most, so
+// every row stays within 1 % and the typical row within 1e-3 (a broken batch — another sequence's KV, state or
+// keys — moves rows by O(1)).
+TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f(GetParam());
+  const int64_t vocab = f.ckpt.config.vocab_size;
+  const std::vector<Planned> plan = schedule(vocab, kSteps, 11);
+  for (const NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
+    SCOPED_TRACE(std::string(to_string(mode)));
+    cuda::CudaModelOptions options = batch_options();
+    options.numerics = mode;
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+    const std::vector<std::vector<float>> batched = run_batched(model, plan, kSteps);
+    for (size_t q = 0; q < plan.size(); ++q) {
+      const Comparison c = compare_rows(run_alone(model, plan[q]), batched[q], vocab);
+      std::printf("%s %s sequence %zu (prompt %zu, %d steps): row error median %.3g, max %.3g, argmax differs in "
+                  "%d rows\n",
+                  GetParam().c_str(), std::string(to_string(mode)).c_str(), q, plan[q].prompt.size(), c.rows,
+                  c.median, c.worst, c.argmax_differs);
+      EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
+      EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
+    }
+  }
+}
+
+// The captured decode steps replay exactly what the eager launches compute.
+TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f(GetParam());
+  const std::vector<Planned> plan = schedule(f.ckpt.config.vocab_size, kSteps, 12);
+  cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options());
+  EXPECT_NE(graphs.describe().find("CUDA graphs"), std::string::npos) << graphs.describe();
+  const std::vector<std::vector<float>> replayed = run_batched(graphs, plan, kSteps);
+  std::vector<std::vector<float>> eager;
+  {
+    const GraphsDisabled disabled;
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options());
+    EXPECT_NE(model.describe().find("eager"), std::string::npos) << model.describe();
+    eager = run_batched(model, plan, kSteps);
+  }
+  for (size_t q = 0; q < plan.size(); ++q) {
+    ASSERT_EQ(replayed[q].size(), eager[q].size());
+    size_t differ = 0, first = replayed[q].size();
+    for (size_t i = 0; i < replayed[q].size(); ++i)
+      if (std::memcmp(&replayed[q][i], &eager[q][i], sizeof(float)) != 0) {
+        first = std::min(first, i);
+        ++differ;
+      }
+    EXPECT_EQ(differ, 0u) << "sequence " << q << ": " << differ << " logits differ, the first at row "
+                          << first / size_t(f.ckpt.config.vocab_size) << " token "
+                          << first % size_t(f.ckpt.config.vocab_size);
+  }
+  for (const int batch : {1, 2, 4}) {
+    const int launches = graphs.decode_launches(batch);
+    std::printf("%s: a decode step of %d sequence(s) is %d kernel launches (%.1f per layer over %d layers)\n",
+                GetParam().c_str(), batch, launches, double(launches) / f.ckpt.config.num_layers,
+                f.ckpt.config.num_layers);
+    EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaBatch, kFixtures, fixture_name);
+
+// Greedy continuations of the trained model: three prompts decoded together for 64 steps give, token for token,
+// what each gives alone, with CUDA graphs and without.
+TEST(CudaBatchGreedy, TrainedModelContinuesEachPromptAsAlone) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f("models/tiny-fortunes");
+  const int64_t vocab = f.ckpt.config.vocab_size;
+  std::mt19937 rng(5);
+  const std::vector<std::vector<int32_t>> prompts = {random_tokens(12, vocab, rng), random_tokens(3, vocab, rng),
+                                                     random_tokens(30, vocab, rng)};
+  auto argmax = [&](const float* row) { return int32_t(std::max_element(row, row + vocab) - row); };
+  constexpr int kGreedySteps = 64;
+  for (const bool disable : {false, true}) {
+    SCOPED_TRACE(disable ? "eager" : "graphs");
+    std::unique_ptr<GraphsDisabled> switch_off;
+    if (disable) switch_off = std::make_unique<GraphsDisabled>();
+    cuda::CudaModelOptions options;
+    options.max_sequences = 3;
+    options.max_context = 128;
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+    std::vector<std::vector<int32_t>> alone(prompts.size());
+    std::vector<float> row;
+    for (size_t q = 0; q < prompts.size(); ++q) {
+      const int slot = model.add_sequence();
+      model.forward(slot, prompts[q], LogitRows::Last, row);
+      for (int step = 0; step < kGreedySteps; ++step) {
+        alone[q].push_back(argmax(row.data()));
+        model.forward(slot, std::span(&alone[q].back(), 1), LogitRows::Last, row);
+      }
+      model.release_sequence(slot);
+    }
+    std::vector<int> slots;
+    std::vector<int32_t> next;
+    for (const auto& prompt : prompts) {
+      slots.push_back(model.add_sequence());
+      model.forward(slots.back(), prompt, LogitRows::Last, row);
+      next.push_back(argmax(row.data()));
+    }
+    std::vector<float> logits;
+    for (int step = 0; step < kGreedySteps; ++step) {
+      for (size_t q = 0; q < prompts.size(); ++q) ASSERT_EQ(next[q], alone[q][size_t(step)]) << "prompt " << q
+                                                                                              << " step " << step;
+      model.decode(slots, next, logits);
+      for (size_t q = 0; q < prompts.size(); ++q) next[q] = argmax(&logits[q * size_t(vocab)]);
+    }
+  }
+}
+
+// decode_on_device leaves the logits on the device: the same values decode copies back.
+TEST(CudaBatchDevice, LogitsOnTheDeviceAreTheDecodeLogits) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f("tests/golden/flash_like");
+  const int64_t vocab = f.ckpt.config.vocab_size;
+  std::mt19937 rng(9);
+  const std::vector<int32_t> prompt = random_tokens(9, vocab, rng), ids = random_tokens(2, vocab, rng);
+  std::vector<std::vector<float>> results;
+  for (const bool on_device : {false, true}) {
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options());
+    std::vector<int> slots;
+    std::vector<float> row;
+    for (int q = 0; q < 2; ++q) {
+      slots.push_back(model.add_sequence());
+      model.forward(slots.back(), std::span(prompt).first(size_t(4 + q)), LogitRows::Last, row);
+    }
+    std::vector<float> logits(2 * size_t(vocab));
+    if (on_device) {
+      const float* device_logits = model.decode_on_device(slots, ids);
+      ASSERT_EQ(cudaMemcpyAsync(logits.data(), device_logits, logits.size() * 4, cudaMemcpyDeviceToHost,
+                                model.stream()),
+                cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(model.stream()), cudaSuccess);
+    } else {
+      model.decode(slots, ids, logits);
+    }
+    EXPECT_EQ(model.length(slots[0]), 5);
+    EXPECT_EQ(model.length(slots[1]), 6);
+    results.push_back(logits);
+  }
+  EXPECT_EQ(std::memcmp(results[0].data(), results[1].data(), results[0].size() * 4), 0);
+}
+
+// The memory plan refuses a context or sequence count that does not fit before allocating, naming the parts and
+// the shortfall; the model then builds at a size that fits on the same device.
+TEST(CudaBatchMemory, RefusesWhatDoesNotFitNamingTheShortfall) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f("tests/golden/flash_like");
+  for (const auto [context, sequences] : {std::pair{int64_t(1) << 36, 4}, std::pair{int64_t(1) << 22, 4096}}) {
+    cuda::CudaModelOptions options;
+    options.max_context = context;
+    options.max_sequences = sequences;
+    try {
+      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+      ADD_FAILURE() << "a context of " << context << " tokens for " << sequences << " sequences was accepted";
+    } catch (const Error& e) {
+      const std::string message = e.what();
+      std::printf("refusal: %s\n", message.c_str());
+      for (const char* part : {"of weights", "of KV cache", "of compressor and indexer state", "of step workspace",
+                               "short", "--ctx"})
+        EXPECT_NE(message.find(part), std::string::npos) << part << " missing from: " << message;
+    }
+  }
+  cuda::CudaModel fits(f.ckpt.config, f.ckpt.weights, batch_options());
+  EXPECT_NE(fits.describe().find("step workspace"), std::string::npos) << fits.describe();
+}
+
+TEST(CudaBatchCalls, RefusesBadBatchesAndKeepsTheSequences) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const Fixture f("tests/golden/odd_sizes");
+  cuda::CudaModelOptions options = batch_options();
+  options.max_context = 8;
+  cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+  const int a = model.add_sequence(), b = model.add_sequence();
+  std::vector<float> logits;
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  model.forward(a, prompt, LogitRows::Last, logits);
+  model.forward(b, std::span(prompt).first(1), LogitRows::Last, logits);
+  auto expect_error = [&](std::vector<int> slots, std::vector<int32_t> ids, const std::string& needle) {
+    try {
+      model.decode(slots, ids, logits);
+      ADD_FAILURE() << "accepted a batch that should fail with '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error({a, a}, {1, 2}, "appears twice");
+  expect_error({a, b}, {1}, "2 slots for 1 ids");
+  expect_error({a, 3}, {1, 2}, "slot 3 is not in use");
+  expect_error({a, b}, {1, int32_t(f.ckpt.config.vocab_size)}, "");
+  expect_error({}, {}, "0 slots");
+  EXPECT_EQ(model.length(a), 3);
+  EXPECT_EQ(model.length(b), 1);
+  // Sequence a reaches the context (8 tokens): a batch holding it is refused, the other sequence still decodes.
+  const std::vector<int32_t> fill = {4, 5, 6, 7, 8};
+  model.forward(a, fill, LogitRows::Last, logits);
+  expect_error({b, a}, {1, 2}, "holds 8 tokens");
+  model.decode(std::vector<int>{b}, std::vector<int32_t>{9}, logits);
+  EXPECT_EQ(model.length(b), 2);
+  EXPECT_EQ(model.length(a), 8);
+}
+
+}  // namespace
