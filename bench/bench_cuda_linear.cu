@@ -2,9 +2,11 @@
 // expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 64}, against two same-run references:
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
-// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case also
-// times the generic load path (weight_tile_mma.cuh) next to the default aligned one.
-// Usage: bench_cuda_linear [--json PATH] [--quick]   (--quick: Flash shapes and T ∈ {1, 16} only)
+// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case times
+// the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
+// slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives.
+// Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...]
+//   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -12,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -21,6 +24,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "core/bf16.hpp"
+#include "core/error.hpp"
 #include "core/quantized_matrix.hpp"
 
 #include "cuda_bench_support.hpp"
@@ -51,6 +55,35 @@ double time_ms(int iterations, Body&& body) {
   DSV4_CUDA_CHECK(cudaEventDestroy(start));
   DSV4_CUDA_CHECK(cudaEventDestroy(stop));
   return double(ms) / iterations;
+}
+
+// Milliseconds per call of `body(i, stream)` when `iterations` calls are replayed as one CUDA graph on `stream`
+// (how the engine's decode step runs them: no host launch cost between kernels), the mean of 5 replays.
+template <class Body>
+double time_graph_ms(int iterations, cudaStream_t stream, Body&& body) {
+  body(0, stream);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < iterations; ++i) body(i, stream);
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  constexpr int kReplays = 5;
+  cudaEvent_t start, stop;
+  DSV4_CUDA_CHECK(cudaEventCreate(&start));
+  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
+  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  DSV4_CUDA_CHECK(cudaEventDestroy(start));
+  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return double(ms) / (kReplays * iterations);
 }
 
 // splitmix64: fast enough to fill gigabytes of random weights on the host.
@@ -89,7 +122,10 @@ OwnedQuantizedMatrix random_matrix(WeightFormat format, int64_t rows, int64_t co
 }
 
 const char* load_path_name(WeightLoadPath path) {
-  return path == WeightLoadPath::ALIGNED ? "aligned" : path == WeightLoadPath::GENERIC ? "generic" : "auto";
+  return path == WeightLoadPath::ALIGNED    ? "aligned"
+         : path == WeightLoadPath::GENERIC  ? "generic"
+         : path == WeightLoadPath::STREAMED ? "streamed"
+                                            : "auto";
 }
 
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
@@ -102,8 +138,9 @@ struct Row {
   int groups, tokens, k_splits;
   std::string load_path;
   double us, gbps, percent_of_copy, cublas_us, speedup;
-  std::string other_load_path;  // the generic load path, timed for comparison with the default (aligned)
-  double other_us;
+  double graph_us = 0;                // the default config replayed in a CUDA graph
+  double aligned_us = 0;              // the ALIGNED path (register loads)
+  double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -128,16 +165,30 @@ void cublas_linear(cublasHandle_t handle, const Shape& s, const void* w, const v
 int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
-  std::string json_path = "bench_cuda_linear.json";
+  std::string json_path = "bench_cuda_linear.json", model_filter;
   bool quick = false;
+  std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--json" && i + 1 < argc) {
       json_path = argv[++i];
     } else if (arg == "--quick") {
       quick = true;
+    } else if (arg == "--model" && i + 1 < argc) {
+      model_filter = argv[++i];
+    } else if (arg == "--tokens" && i + 1 < argc) {
+      for (const char* p = argv[++i]; *p != 0;) {
+        char* end = nullptr;
+        const long t = std::strtol(p, &end, 10);
+        if (end == p || t < 1 || t > kLinearMaxTokens) {
+          std::fprintf(stderr, "bench_cuda_linear: --tokens takes 1..%d, comma separated\n", kLinearMaxTokens);
+          return 2;
+        }
+        tokens_option.push_back(int(t));
+        p = *end == ',' ? end + 1 : end;
+      }
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick]\n");
+      std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8]\n");
       return 2;
     }
   }
@@ -154,22 +205,24 @@ int main(int argc, char** argv) {
 
     cublasHandle_t cublas;
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+    cudaStream_t graph_stream;
+    DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&graph_stream, cudaStreamNonBlocking));
     FastRandom rng{42};
-    std::vector<Shape> shapes = {{"flash", "wq_a", 1024, 4096, 1},    {"flash", "wq_b", 32768, 1024, 1},
-                                 {"flash", "wkv", 512, 4096, 1},      {"flash", "wo_a", 8192, 4096, 8},
-                                 {"flash", "wo_b", 4096, 8192, 1},    {"flash", "expert_w1", 2048, 4096, 1},
-                                 {"flash", "expert_w2", 4096, 2048, 1}};
-    if (!quick)
-      shapes.insert(shapes.end(), {{"pro", "wq_a", 1536, 7168, 1},
-                                   {"pro", "wq_b", 65536, 1536, 1},
-                                   {"pro", "wkv", 512, 7168, 1},
-                                   {"pro", "wo_a", 16384, 4096, 16},
-                                   {"pro", "wo_b", 7168, 16384, 1},
-                                   {"pro", "expert_w1", 3072, 7168, 1},
-                                   {"pro", "expert_w2", 7168, 3072, 1}});
+    const std::vector<Shape> all_shapes = {
+        {"flash", "wq_a", 1024, 4096, 1},     {"flash", "wq_b", 32768, 1024, 1},     {"flash", "wkv", 512, 4096, 1},
+        {"flash", "wo_a", 8192, 4096, 8},     {"flash", "wo_b", 4096, 8192, 1},      {"flash", "expert_w1", 2048, 4096, 1},
+        {"flash", "expert_w2", 4096, 2048, 1}, {"pro", "wq_a", 1536, 7168, 1},       {"pro", "wq_b", 65536, 1536, 1},
+        {"pro", "wkv", 512, 7168, 1},         {"pro", "wo_a", 16384, 4096, 16},      {"pro", "wo_b", 7168, 16384, 1},
+        {"pro", "expert_w1", 3072, 7168, 1},  {"pro", "expert_w2", 7168, 3072, 1}};
+    std::vector<Shape> shapes;
+    for (const Shape& shape : all_shapes)
+      if (model_filter.empty() || model_filter == shape.model) shapes.push_back(shape);
+    check(!shapes.empty(), "bench_cuda_linear: no shapes of model '", model_filter, "' (flash or pro)");
     const WeightFormat formats[] = {WeightFormat::BF16, WeightFormat::FP8_BLOCK128, WeightFormat::MXFP4,
                                     WeightFormat::NVFP4};
-    const std::vector<int> token_counts = quick ? std::vector<int>{1, 16} : std::vector<int>{1, 4, 8, 16, 64};
+    const std::vector<int> token_counts = !tokens_option.empty() ? tokens_option
+                                          : quick                  ? std::vector<int>{1, 16}
+                                                                   : std::vector<int>{1, 4, 8, 16, 64};
     constexpr int kIterations = 100;
     std::vector<Row> table;
 
@@ -203,10 +256,11 @@ int main(int argc, char** argv) {
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
         for (const int tokens : token_counts) {
-          const auto time_config = [&](const QuantizedLinearConfig& config) {
+          // Stream-launched (host launch cost included where it exceeds the kernel's) or replayed in a graph.
+          const auto time_config = [&](const QuantizedLinearConfig& config, bool in_graph = false) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
-            return time_ms(kIterations, [&](int i) {
+            const auto launch = [&](int i, cudaStream_t s) {
               run_quantized_linear({.weight = weights[size_t(i % copies)].view(),
                                     .x = x.as<__nv_bfloat16>(),
                                     .x_row_stride = x_cols,
@@ -216,35 +270,50 @@ int main(int argc, char** argv) {
                                     .groups = shape.groups,
                                     .workspace = workspace.data(),
                                     .workspace_bytes = workspace.bytes(),
-                                    .stream = nullptr},
+                                    .stream = s},
                                    config);
-            });
+            };
+            return in_graph ? time_graph_ms(kIterations, graph_stream, launch)
+                            : time_ms(kIterations, [&](int i) { launch(i, nullptr); });
           };
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
-          const WeightLoadPath other =
-              config.load_path == WeightLoadPath::ALIGNED ? WeightLoadPath::GENERIC : WeightLoadPath::ALIGNED;
           const double ms = time_config(config);
-          const double other_ms = time_config(
-              choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors, other));
-          const double gbps = double(stored) / (ms * 1e6);
-          table.push_back({shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols,
-                           shape.groups, tokens, config.k_splits, load_path_name(config.load_path), ms * 1e3, gbps,
-                           100.0 * gbps / copy_gbps, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3),
-                           load_path_name(other), other_ms * 1e3});
+          Row row{shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols, shape.groups,
+                  tokens, config.k_splits, load_path_name(config.load_path), ms * 1e3, double(stored) / (ms * 1e6),
+                  0.0, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3), 0.0};
+          row.percent_of_copy = 100.0 * row.gbps / copy_gbps;
+          row.graph_us = 1e3 * time_config(config, true);
+          row.aligned_us = 1e3 * time_config(choose_quantized_linear_config(
+                                     weights[0].view(), tokens, shape.groups, device.multiprocessors,
+                                     WeightLoadPath::ALIGNED));
+          if (streamed_load_path_applies(weights[0].view(), tokens, shape.groups))
+            for (int slots = 1; slots <= 4; ++slots) {
+              QuantizedLinearConfig streamed;
+              try {
+                streamed = choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
+                                                          device.multiprocessors, WeightLoadPath::STREAMED, slots);
+              } catch (const Error&) {
+                continue;  // the rings do not fit one CTA's shared memory (bf16 at 3-4 slots)
+              }
+              row.streamed_us[slots] = 1e3 * time_config(streamed);
+            }
+          table.push_back(row);
         }
       }
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
+    DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
-    std::printf("| model | shape | format | N × K (G) | T | split-K | load path | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | other load path µs |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| model | shape | format | N × K (G) | T | split-K | path | µs | GB/s (stored) | %% of copy | "
+                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %s %.1f |\n",
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %.1f · %.0f | "
+                  "%.1f | %.1f / %.1f / %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                  r.other_load_path.c_str(), r.other_us);
+                  r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4]);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -258,10 +327,12 @@ int main(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
-                   "\"speedup_vs_cublas\": %.3f, \"other_load_path\": \"%s\", \"other_us\": %.2f}%s\n",
+                   "\"speedup_vs_cublas\": %.3f, \"graph_us\": %.2f, \"aligned_us\": %.2f, \"streamed_us_by_slots\": [%.2f, %.2f, %.2f, "
+                   "%.2f]}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                   r.other_load_path.c_str(), r.other_us, i + 1 < table.size() ? "," : "");
+                   r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
+                   i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

@@ -6,14 +6,16 @@
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
 // Reported per T: time per call, the bytes of the experts actually touched (routed, counted from the routing of each
 // input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth (cudaMemcpy D2D
-// of 1 GiB, read + write), TFLOP/s of the expert GEMMs, and the kernel launches in the graph.
-// Usage: bench_cuda_moe [--json PATH]
+// of 1 GiB, read + write), TFLOP/s of the expert GEMMs, and the kernel launches in the graph. At T <= 8 both
+// expert-kernel paths are timed: "streamed" (weights through shared memory, the default there) and "register".
+// Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro]
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <iterator>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <set>
@@ -23,6 +25,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
 #include "core/error.hpp"
@@ -40,6 +43,7 @@ struct Model {
 
 struct Result {
   std::string model;
+  std::string path;  // expert kernels: "streamed" or "register"
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
   double stage_us[kMoeStages] = {};  // router, scoring + bucketing, gate/up, down, combine (serialised stream launches)
@@ -73,7 +77,9 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   std::vector<Result> results;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (const int T : token_counts) {
+  for (const int T : token_counts)
+  for (const bool streamed : {true, false}) {
+    if (!streamed && T > kMoeMaxStreamedTokens) continue;  // the register path is the only one there
     constexpr int kSlots = 8;
     const size_t workspace_bytes = moe_workspace_bytes(c, T);
     DeviceBuffer out(size_t(T) * size_t(c.hidden) * sizeof(float), "out");
@@ -93,7 +99,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
                                 .tokens = T,
                                 .workspace = slot.workspace.data(),
                                 .workspace_bytes = workspace_bytes,
-                                .stream = stream};
+                                .stream = stream,
+                                .streamed_decode = streamed};
       const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
       run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
       cudaGraph_t graph;
@@ -148,7 +155,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
                                                .workspace = slot.workspace.data(),
                                                .workspace_bytes = workspace_bytes,
                                                .stream = stream,
-                                               .stage_events = stage_events});
+                                               .stage_events = stage_events,
+                                               .streamed_decode = streamed});
           DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
           for (int st = 0; st < kMoeStages; ++st) {
             float stage_ms = 0;
@@ -159,7 +167,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventDestroy(e));
     }
 
-    Result r{.model = model.name, .tokens = T, .launches = launches};
+    const bool streamed_path = streamed && T <= kMoeMaxStreamedTokens && layers.front().streamed_tiles();
+    Result r{.model = model.name, .path = streamed_path ? "streamed" : "register", .tokens = T, .launches = launches};
     std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
     r.us = double(ms) * 1e3 / (iterations * kSlots);
     for (const Slot& slot : slots) {
@@ -171,9 +180,9 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     r.copy_share = r.gbps / copy_gbps;
     const double rows = double(T) * double(c.top_k + 1);
     r.tflops = 2.0 * rows * 3.0 * double(c.hidden) * double(c.intermediate) / (r.us * 1e6);
-    std::printf("%-6s T = %5d: %9.1f us  %6.1f experts + shared touched  %8.1f MB  %7.0f GB/s  %5.1f %% of copy  "
+    std::printf("%-6s T = %5d %-8s: %9.1f us  %6.1f experts + shared touched  %8.1f MB  %7.0f GB/s  %5.1f %% of copy  "
                 "%6.1f TFLOP/s  %zu launches\n",
-                model.name, T, r.us, r.experts_touched, r.touched_bytes / 1e6, r.gbps, 100.0 * r.copy_share,
+                model.name, T, r.path.c_str(), r.us, r.experts_touched, r.touched_bytes / 1e6, r.gbps, 100.0 * r.copy_share,
                 r.tflops, r.launches);
     std::printf("         stages (serialised, events between): router %.1f us, route+bucket %.1f us, "
                 "gate/up %.1f us, down %.1f us, combine %.1f us\n",
@@ -189,12 +198,27 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
 int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
-  std::string json_path;
+  std::string json_path, model_filter;
+  std::vector<int> token_counts = {1, 4, 16, 64, 256, 4096};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
+    } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+      model_filter = argv[++i];
+    } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
+      token_counts.clear();
+      for (const char* p = argv[++i]; *p != 0;) {
+        char* end = nullptr;
+        const long t = std::strtol(p, &end, 10);
+        if (end == p || t < 1 || t > 65536) {
+          std::fprintf(stderr, "bench_cuda_moe: --tokens takes counts 1..65536, comma separated\n");
+          return 2;
+        }
+        token_counts.push_back(int(t));
+        p = *end == ',' ? end + 1 : end;
+      }
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH]\n");
+      std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro]\n");
       return 2;
     }
   }
@@ -210,7 +234,6 @@ int main(int argc, char** argv) {
     const double copy_gbps = copy_bandwidth_gbps(stream);
     std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
                 device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
-    const std::vector<int> token_counts = {1, 4, 16, 64, 256, 4096};
     const Model models[] = {
         {"flash", MoeConfig{.hidden = 4096, .intermediate = 2048, .experts = 256, .top_k = 6,
                             .routed_scaling_factor = 1.5f, .swiglu_limit = 10.0f}, 4},
@@ -219,6 +242,7 @@ int main(int argc, char** argv) {
     };
     std::vector<Result> results;
     for (const Model& model : models) {
+      if (!model_filter.empty() && model_filter != model.name) continue;
       const std::vector<Result> r = bench_model(model, token_counts, copy_gbps, stream);
       results.insert(results.end(), r.begin(), r.end());
     }
@@ -234,11 +258,11 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         std::fprintf(out,
-                     "    {\"model\": \"%s\", \"tokens\": %d, \"us\": %.2f, \"experts_touched\": %.2f, "
+                     "    {\"model\": \"%s\", \"path\": \"%s\", \"tokens\": %d, \"us\": %.2f, \"experts_touched\": %.2f, "
                      "\"touched_bytes\": %.0f, \"gbps\": %.1f, \"copy_share\": %.4f, \"tflops\": %.2f, "
                      "\"launches\": %zu, \"stage_us\": {\"router\": %.2f, \"route_bucket\": %.2f, "
                      "\"gate_up\": %.2f, \"down\": %.2f, \"combine\": %.2f}}%s\n",
-                     r.model.c_str(), r.tokens, r.us, r.experts_touched, r.touched_bytes, r.gbps, r.copy_share,
+                     r.model.c_str(), r.path.c_str(), r.tokens, r.us, r.experts_touched, r.touched_bytes, r.gbps, r.copy_share,
                      r.tflops, r.launches, r.stage_us[0], r.stage_us[1], r.stage_us[2], r.stage_us[3], r.stage_us[4],
                      i + 1 < results.size() ? "," : "");
       }

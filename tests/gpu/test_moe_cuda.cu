@@ -421,7 +421,7 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     Layer layer;
     make_layer(layer, experts, routing, seed++, keep_routing);
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "test layer");
-    for (const int64_t T : {1, 3, 17, 64, 300})
+    for (const int64_t T : {1, 3, 8, 17, 64, 300})
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike));
   }
 }

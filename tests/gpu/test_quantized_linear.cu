@@ -4,7 +4,7 @@
 // poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
 // every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
 // leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every comparison runs
-// through both load paths (aligned fast path, generic) where the layout allows the aligned one.
+// through every load path the layout and token count allow (generic; aligned; streamed through shared memory).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -118,18 +118,26 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
   return run;
 }
 
-// The load paths this matrix can run through: GENERIC always, ALIGNED where rows and group tiles allow it.
-std::vector<WeightLoadPath> load_paths_for(const DeviceMatrixView& weight, int groups) {
+// The load paths this matrix can run through at this token count: GENERIC always, ALIGNED where rows and group
+// tiles allow it, STREAMED where its conditions hold too.
+std::vector<WeightLoadPath> load_paths_for(const DeviceMatrixView& weight, int groups, int tokens) {
   if (!tile::weight_rows_aligned(weight) || (weight.rows / groups) % tile::kTileRows != 0)
     return {WeightLoadPath::GENERIC};
-  return {WeightLoadPath::GENERIC, WeightLoadPath::ALIGNED};
+  if (!streamed_load_path_applies(weight, tokens, groups)) return {WeightLoadPath::GENERIC, WeightLoadPath::ALIGNED};
+  return {WeightLoadPath::GENERIC, WeightLoadPath::ALIGNED, WeightLoadPath::STREAMED};
+}
+
+const char* path_name(WeightLoadPath path) {
+  return path == WeightLoadPath::ALIGNED    ? "aligned load path"
+         : path == WeightLoadPath::STREAMED ? "streamed load path"
+                                            : "generic load path";
 }
 
 // Large enough for the config of every load path.
 DeviceBuffer zeroed_workspace(const DeviceMatrixView& weight, int tokens, int groups) {
   const int multiprocessors = list_devices().front().multiprocessors;
   size_t bytes = quantized_linear_workspace_bytes(weight, tokens, groups);
-  for (const WeightLoadPath path : load_paths_for(weight, groups))
+  for (const WeightLoadPath path : load_paths_for(weight, groups, tokens))
     bytes = std::max(bytes,
                      choose_quantized_linear_config(weight, tokens, groups, multiprocessors, path).workspace_bytes);
   DeviceBuffer workspace(bytes, "linear workspace");
@@ -185,8 +193,8 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
     }
 
     DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
-    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups)) {
-      SCOPED_TRACE(path == WeightLoadPath::ALIGNED ? "aligned load path" : "generic load path");
+    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
+      SCOPED_TRACE(path_name(path));
       const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path);
       // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
       // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
@@ -231,7 +239,9 @@ TEST(QuantizedLinear, OddShapesEveryFormatAndTokenCount) {
     const std::vector<LinearCase> cases = {
         {format, 1, 128},    {format, 17, 416},          {format, 300, 4096}, {format, 17, 4096, 1, 8, 3},
         {format, 1, 4096},   {format, 300, 416, 1, 16, 1}, {format, 129, 8192}, {format, 130, 4112},
-        {format, 65, 200},   {format, 40, 4096, 1, 3, 0}, {format, 33, 136, 1, 1, 2}};
+        {format, 65, 200},   {format, 40, 4096, 1, 3, 0}, {format, 33, 136, 1, 1, 2},
+        // Streamed path: one 64-row CTA with a partial last warp set, unaligned x rows, a small grouped case.
+        {format, 48, 1536, 1, 3, 5}, {format, 4 * 32, 1024, 4, 8, 2}};
     for (const LinearCase& c : cases) check_against_cpu(c, all_token_counts(), seed++);
   }
 }
@@ -303,11 +313,16 @@ TEST(QuantizedLinear, GroupedOutputProjection) {
 template <class Tolerance>
 void expect_dequantised_exactly(const QuantizedMatrix& host, const std::vector<float>& expected, Tolerance tolerance) {
   const DeviceMatrix weight(host, "exactness weight");
-  constexpr int kTokens = 64;
   const int64_t rows = host.rows, cols = host.cols;
-  DeviceBuffer workspace = zeroed_workspace(weight.view(), kTokens, 1);
   int failures = 0;
-  for (const WeightLoadPath path : load_paths_for(weight.view(), 1)) {
+  // 64 tokens per pass through the paths that take them, 16 through the streamed path (it takes at most 16).
+  std::vector<std::pair<WeightLoadPath, int>> runs;
+  for (const WeightLoadPath path : load_paths_for(weight.view(), 1, 64)) runs.emplace_back(path, 64);
+  if (streamed_load_path_applies(weight.view(), kLinearMaxStreamedTokens, 1))
+    runs.emplace_back(WeightLoadPath::STREAMED, kLinearMaxStreamedTokens);
+  for (const auto& [path, kTokens] : runs) {
+    SCOPED_TRACE(path_name(path));
+    DeviceBuffer workspace = zeroed_workspace(weight.view(), kTokens, 1);
     for (int64_t pass = 0; pass * kTokens < cols; ++pass) {
       std::vector<uint16_t> x(size_t(kTokens * cols), 0);
       for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t) x[size_t(t * cols + pass * kTokens + t)] = 0x3F80;
@@ -425,7 +440,7 @@ TEST(QuantizedLinear, SplitKIsDeterministicAndLeavesTicketsZero) {
     for (float& v : values) v = normal(rng);
     const OwnedQuantizedMatrix host = quantize(format, values, kRows, kCols);
     const DeviceMatrix weight(host.matrix, "split-K weight");
-    for (const int tokens : {1, 17}) {
+    for (const int tokens : {1, 16, 17}) {  // streamed (1 and 2 token tiles) and aligned
       SCOPED_TRACE(std::string(name_of(format)) + " T=" + std::to_string(tokens));
       const QuantizedLinearConfig config = choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors);
       ASSERT_GT(config.k_splits, 1) << "the case must exercise split-K";
@@ -503,6 +518,10 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
                "not 16-byte aligned");
   expect_error([&] { (void)choose_quantized_linear_config(good.weight, 1, 8, 132, WeightLoadPath::ALIGNED); },
                "not whole 16-row tiles");  // 8 groups of 8 rows
+  expect_error([&] { (void)choose_quantized_linear_config(unaligned, 1, 1, 132, WeightLoadPath::STREAMED); },
+               {"streamed load path", "K a multiple of 512"});
+  expect_error([&] { (void)choose_quantized_linear_config(good.weight, 17, 1, 132, WeightLoadPath::STREAMED); },
+               "at most 16 tokens");
 }
 
 }  // namespace

@@ -135,6 +135,8 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .max_work_items = int(l.max_work_items),
       .h = at<__nv_bfloat16>(ws, l.h),
       .down = at<float>(ws, l.down),
+      .streamed_tiles = weights.streamed_tiles() && p.streamed_decode,
+      .tokens = p.tokens,
       .stream = p.stream,
   };
   run_moe_gate_up(gemm);

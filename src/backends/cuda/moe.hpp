@@ -7,7 +7,8 @@
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches are
 //   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are chained
 //   with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the shared
-//   expert's weights are fetched into L2 during the routing) and wait for its results before reading them.
+//   expert's weights start streaming during the routing) and wait for its results before reading them. At T <= 8
+//   (decode) the grouped GEMMs stream each warp's weight rows through shared memory (moe_experts.hpp).
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
@@ -43,6 +44,9 @@ struct MoeRunParams {
   cudaStream_t stream = nullptr;
   // Optional (benchmarks): kMoeStages + 1 events recorded on the stream before the first stage and after each.
   const cudaEvent_t* stage_events = nullptr;
+  // false: the register-path expert kernels even where the decode kernels that stream weights through shared memory
+  // apply (benchmarks compare the two).
+  bool streamed_decode = true;
 };
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);

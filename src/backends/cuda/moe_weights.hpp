@@ -73,6 +73,8 @@ class DeviceMoeWeights {
   const std::vector<MoeExpertView>& experts() const { return host_views_; }
   WeightFormat routed_format() const { return host_views_.front().w1.format; }
   WeightFormat shared_format() const { return host_views_.back().w1.format; }
+  // Whether the decode kernels may stream every expert matrix through shared memory (moe_streamed_tiles_apply).
+  bool streamed_tiles() const { return streamed_tiles_; }
 
   DeviceMoeWeights(DeviceMoeWeights&&) noexcept = default;
   DeviceMoeWeights& operator=(DeviceMoeWeights&&) noexcept = default;
@@ -93,6 +95,7 @@ class DeviceMoeWeights {
   const int32_t* tid2eid_ = nullptr;
   int64_t vocab_ = 0;
   std::vector<MoeExpertView> host_views_;
+  bool streamed_tiles_ = false;
 };
 
 }  // namespace dsv4::cuda

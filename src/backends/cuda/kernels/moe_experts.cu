@@ -1,5 +1,7 @@
 #include "backends/cuda/kernels/moe_experts.hpp"
 
+#include <algorithm>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.cuh"
 #include "core/error.hpp"
@@ -18,7 +20,7 @@ template <moe::ExpertGemm G>
 void launch(const MoeExpertGemmParams& p, const char* name) {
   check_moe_expert_gemm_params(p);
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
-  const moe::ExpertGemmArgs args{
+  moe::ExpertGemmArgs args{
       .experts = p.experts,
       .shared_expert = p.experts_count,
       .k_total = gate_up ? p.hidden : p.intermediate,
@@ -30,13 +32,33 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
       .work_item_count = p.work_item_count,
       .h = p.h,
       .down = p.down,
+      .streamed_chunk_k = 0,
+      .streamed_x_rows = 0,
   };
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
+  if (p.streamed_tiles && p.tokens <= kMoeMaxStreamedTokens) {
+    // x chunks as long as the two-CTAs-per-SM budget allows, in whole stages, up to the whole K.
+    args.streamed_x_rows = std::min(p.tokens, moe::kStreamedMaxRows);
+    const size_t x_budget = moe::kStreamedSmemLimit - moe::kStreamedRingBytes - moe::kStreamedExchangeBytes;
+    const int64_t fitting_k =
+        (int64_t(x_budget / (size_t(args.streamed_x_rows) * sizeof(__nv_bfloat16))) - 32) /
+        moe::kStreamedChunkGranule * moe::kStreamedChunkGranule;
+    const int64_t chunks = (args.k_total + fitting_k - 1) / fitting_k;
+    args.streamed_chunk_k = ((args.k_total + chunks - 1) / chunks + moe::kStreamedChunkGranule - 1) /
+                            moe::kStreamedChunkGranule * moe::kStreamedChunkGranule;
+    const size_t smem = moe::kStreamedRingBytes + moe::streamed_x_bytes(args.streamed_x_rows, args.streamed_chunk_k) +
+                        moe::kStreamedExchangeBytes;
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_streamed_kernel<G>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    moe::launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args,
+                        name);
+    return;
+  }
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
   check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
         " bytes of shared memory per CTA, beyond this device's limit");
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(smem)));
-  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   moe::launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
@@ -53,6 +75,24 @@ int64_t moe_expert_k_granularity(WeightFormat format) {
   }
 }
 
+bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts) {
+  auto applies = [](const DeviceMatrixView& w) {
+    switch (w.format) {
+      case WeightFormat::MXFP4: return tile::stream::streamed_tile_applies(w, tile::TileFormat::MXFP4);
+      case WeightFormat::NVFP4: return tile::stream::streamed_tile_applies(w, tile::TileFormat::NVFP4);
+      case WeightFormat::FP8_BLOCK128: return tile::stream::streamed_tile_applies(w, tile::TileFormat::FP8_BLOCK128);
+      case WeightFormat::BF16: return tile::stream::streamed_tile_applies(w, tile::TileFormat::BF16);
+      default: return false;
+    }
+  };
+  // The CTA bands must be whole warp tiles too: I and d multiples of 16 rows (implied by the K multiples above for
+  // the matrix pairs, checked anyway).
+  return std::all_of(experts.begin(), experts.end(), [&](const MoeExpertView& e) {
+    return applies(e.w1) && applies(e.w3) && applies(e.w2) && e.w1.rows % tile::kTileRows == 0 &&
+           e.w2.rows % tile::kTileRows == 0;
+  });
+}
+
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(p.experts_count >= 1, "moe expert GEMM: ", p.experts_count, " experts");
   for (const WeightFormat f : {p.routed_format, p.shared_format}) {
@@ -63,6 +103,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   }
   check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
         " work items exceed one launch's grid (fewer tokens per call)");
+  check(!p.streamed_tiles || p.tokens >= 1, "moe expert GEMM: the decode kernels need the token count (got ",
+        p.tokens, ")");
   check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,
         "moe expert GEMM: a null device pointer among experts, u_bf16, row_tokens, work items, h, down");
   check(reinterpret_cast<uintptr_t>(p.u_bf16) % 16 == 0 && reinterpret_cast<uintptr_t>(p.h) % 16 == 0,

@@ -80,6 +80,8 @@ struct ExpertGemmArgs {
   const int32_t* work_item_count;
   __nv_bfloat16* h;  // gate/up output [rows, I]
   float* down;       // down output [rows, d]
+  int64_t streamed_chunk_k;  // streamed kernel: inputs per staged x chunk (a multiple of every format's stage)
+  int streamed_x_rows;       // streamed kernel: rows of the x chunk (the most rows of an item, min(T, 8))
 };
 
 // PTX ISA "cp.async.bulk.prefetch.L2": asks L2 to fetch [address, address + bytes) without waiting (16-byte aligned
@@ -156,58 +158,22 @@ __device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, co
   for (int sub = 0; sub < subs; ++sub) prefetch_sub_range<F>(prefetch, sub);
 }
 
-// One pass over up to 8·NT rows of an item starting at row_base.
-template <tile::TileFormat F, ExpertGemm G, int NT>
-__device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base, int tokens,
-                         uint8_t* smem) {
+// Writes a warp's accumulators: row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i) of acc[nt][i].
+// gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([4 bands][16 rows][kExchangeTokens]
+// fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole CTA.
+template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens>
+__device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const DeviceMatrixView& w,
+                                           const float (&acc)[NT][4], int64_t row0, int row_base, int tokens,
+                                           float* exchange_base) {
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
   const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
-  const int band = warp_band<G>();
-  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + band * tile::kTileRows;
-  const DeviceMatrixView w = warp_matrix<G>(expert);  // a copy: no stack
-  auto* x_tiles = reinterpret_cast<__nv_bfloat16*>(smem);
-  constexpr int kSubs = kSubsPerChunk<F, NT>;
-  constexpr size_t kTileElements = tile::x_tile_bytes(NT, kSubK<F>) / sizeof(__nv_bfloat16);
-  const int subs = (a.k_total + kSubK<F> - 1) / kSubK<F>;
-  // Warps whose band lies past the last row (tails of small models) stage x and meet the barriers, nothing else.
-  const bool has_rows = row0 < a.n_total;
-  LanePrefetch prefetch;
-  if (has_rows) prefetch = lane_prefetch<F>(w, row0, a.k_total, lane);
-  for (int sub = 0; sub < kPrefetchDistance; ++sub) prefetch_sub_range<F>(prefetch, sub);
-
-  float acc[NT][4] = {};
-  for (int first = 0; first < subs; first += kSubs) {
-    const int last = min(subs, first + kSubs);
-    __syncthreads();  // the previous chunk (or pass) is done with the x tiles and the exchange
-    for (int sub = first; sub < last; ++sub) {
-      const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
-      auto row_of = [&](int t) {
-        const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
-        return a.x + source_row * a.k_total + k_begin;
-      };
-      tile::stage_x_tile<F>(row_of, tokens, NT, k_end - k_begin, x_tiles + (sub - first) * kTileElements,
-                            threadIdx.x, kExpertThreads);
-    }
-    __syncthreads();
-    if (has_rows) {
-      for (int sub = first; sub < last; ++sub) {
-        prefetch_sub_range<F>(prefetch, sub + kPrefetchDistance);
-        const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
-        tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
-      }
-    }
-  }
-
-  // Accumulator (nt, i) holds row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i).
   const int g = lane / 4, t = lane % 4;
   const float scale = tile::weight_tile_output_scale<F>(w);
   if constexpr (kGateUp) {
-    float* exchange = reinterpret_cast<float*>(smem + kXTileBudget) +
-                      band * tile::kTileRows * tile::kTokensPerMma * kLargeTokenTiles;
+    float* exchange = exchange_base + warp_band<G>() * tile::kTileRows * kExchangeTokens;
     auto at = [](int nt, int i, int g_, int t_) {
-      return (g_ + (i >= 2 ? 8 : 0)) * tile::kTokensPerMma * kLargeTokenTiles + nt * tile::kTokensPerMma + 2 * t_ +
-             (i & 1);
+      return (g_ + (i >= 2 ? 8 : 0)) * kExchangeTokens + nt * tile::kTokensPerMma + 2 * t_ + (i & 1);
     };
     if (up_warp) {
 #pragma unroll
@@ -240,6 +206,51 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
         a.down[int64_t(row_base + token) * a.n_total + n] = acc[nt][i] * scale;
       }
   }
+}
+
+// One pass over up to 8·NT rows of an item starting at row_base.
+template <tile::TileFormat F, ExpertGemm G, int NT>
+__device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base, int tokens,
+                         uint8_t* smem) {
+  constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
+  const int lane = threadIdx.x % tile::kWarpSize;
+  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const DeviceMatrixView w = warp_matrix<G>(expert);  // a copy: no stack
+  auto* x_tiles = reinterpret_cast<__nv_bfloat16*>(smem);
+  constexpr int kSubs = kSubsPerChunk<F, NT>;
+  constexpr size_t kTileElements = tile::x_tile_bytes(NT, kSubK<F>) / sizeof(__nv_bfloat16);
+  const int subs = (a.k_total + kSubK<F> - 1) / kSubK<F>;
+  // Warps whose band lies past the last row (tails of small models) stage x and meet the barriers, nothing else.
+  const bool has_rows = row0 < a.n_total;
+  LanePrefetch prefetch;
+  if (has_rows) prefetch = lane_prefetch<F>(w, row0, a.k_total, lane);
+  for (int sub = 0; sub < kPrefetchDistance; ++sub) prefetch_sub_range<F>(prefetch, sub);
+
+  float acc[NT][4] = {};
+  for (int first = 0; first < subs; first += kSubs) {
+    const int last = min(subs, first + kSubs);
+    __syncthreads();  // the previous chunk (or pass) is done with the x tiles and the exchange
+    for (int sub = first; sub < last; ++sub) {
+      const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
+      auto row_of = [&](int t) {
+        const int64_t source_row = kGateUp ? __ldg(a.row_tokens + row_base + t) : row_base + t;
+        return a.x + source_row * a.k_total + k_begin;
+      };
+      tile::stage_x_tile<F>(row_of, tokens, NT * tile::kTokensPerMma, k_end - k_begin,
+                            x_tiles + (sub - first) * kTileElements, threadIdx.x, kExpertThreads);
+    }
+    __syncthreads();
+    if (has_rows) {
+      for (int sub = first; sub < last; ++sub) {
+        prefetch_sub_range<F>(prefetch, sub + kPrefetchDistance);
+        const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
+        tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
+      }
+    }
+  }
+
+  write_rows<F, G, NT, kLargeTokenTiles * tile::kTokensPerMma>(
+      a, w, acc, row0, row_base, tokens, reinterpret_cast<float*>(smem + kXTileBudget));
 }
 
 template <tile::TileFormat F, ExpertGemm G>
@@ -278,6 +289,127 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
     case WeightFormat::NVFP4: run_work_item<tile::TileFormat::NVFP4, G>(a, expert, item, smem); break;
     case WeightFormat::FP8_BLOCK128: run_work_item<tile::TileFormat::FP8_BLOCK128, G>(a, expert, item, smem); break;
     case WeightFormat::BF16: run_work_item<tile::TileFormat::BF16, G>(a, expert, item, smem); break;
+    default: break;  // refused on the host (check_moe_expert_gemm_params)
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode kernel (every item of at most 8 rows, T <= 8; streamed_tile_applies for every expert matrix): the same CTA
+// bands and outputs, each warp's 16 rows streamed through its own shared-memory ring by the copy engine
+// (weight_tile_mma.cuh, namespace stream) instead of register loads and L2 prefetches, and x staged for the item's
+// real rows only. Shared memory: 8 rings of kStreamedSlots slots (sized for any format, so routed and shared
+// experts of different formats share the launch), the x chunk, the 8-token exchange: ~104 KB, two CTAs per SM
+// (16 warps streaming), where the register path ran one.
+inline constexpr int kStreamedSlots = 2;
+inline constexpr int kStreamedMaxRows = tile::kTokensPerMma;
+inline constexpr size_t kStreamedRingBytes =
+    size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kMaxSlotBytes);
+inline constexpr size_t kStreamedExchangeBytes =
+    size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * sizeof(float);
+// x chunks are whole stages of every format (fp4 stages are the longest).
+inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
+// Two CTAs per SM: 228 KiB per SM less 1 KiB reserved per CTA.
+inline constexpr size_t kStreamedSmemLimit = 113 * 1024;
+
+__host__ __device__ constexpr size_t streamed_x_bytes(int rows, int64_t chunk_k) {
+  return size_t(rows) * size_t(tile::x_tile_row_stride(chunk_k)) * sizeof(__nv_bfloat16);
+}
+
+// The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
+// always the first), else once the item is read.
+template <tile::TileFormat F, ExpertGemm G>
+__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, const MoeExpertView& expert, uint8_t* ring,
+                                             uint64_t* full) {
+  namespace st = tile::stream;
+  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  st::init_ring(full, kStreamedSlots);
+  __syncwarp();
+  const DeviceMatrixView w = warp_matrix<G>(expert);  // a copy: no stack
+  const int64_t stages = a.k_total / st::stage_k(F);
+  for (int j = 0; j < kStreamedSlots && j < stages; ++j)
+    st::issue_stage<F>(w, row0, j * st::stage_k(F), ring + j * st::kMaxSlotBytes, full + j);
+}
+
+template <tile::TileFormat F, ExpertGemm G>
+__device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
+                                                  const MoeWorkItem& item, uint8_t* smem, uint64_t* full,
+                                                  bool started) {
+  namespace st = tile::stream;
+  constexpr int kNT = 1, kC = tile::detail::kChains<kNT>;
+  constexpr int64_t kStageK = st::stage_k(F);
+  const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
+  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const DeviceMatrixView w = warp_matrix<G>(expert);
+  uint8_t* ring = smem + size_t(warp_idx) * kStreamedSlots * st::kMaxSlotBytes;
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
+  const int64_t stages = a.k_total / kStageK;
+  if (!started) start_stream<F, G>(a, expert, ring, full);
+
+  float sums[kC][kNT][4];
+  tile::detail::clear_sums<kNT, kC>(sums);
+  float acc[kNT][4] = {};
+  const int tokens = item.row_count;
+  const int lane_tiles = g < tokens ? 1 : 0;
+  for (int64_t chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += a.streamed_chunk_k) {
+    const int64_t chunk_end = min(int64_t(a.k_total), chunk_begin + a.streamed_chunk_k);
+    if (chunk_begin != 0) __syncthreads();  // the previous chunk's x is no longer read
+    auto row_of = [&](int t) {
+      const int64_t source_row =
+          G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + item.row_begin + t) : item.row_begin + t;
+      return a.x + source_row * a.k_total + chunk_begin;
+    };
+    tile::stage_x_tile<F>(row_of, tokens, tokens, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+    __syncthreads();
+    const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
+    const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
+      const int64_t j = k0 / kStageK;
+      const int slot = int(j % kStreamedSlots);
+      float block_scales[st::kMaxBlocksPerStage];
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
+      st::multiply_stage<F, kNT, kC>(ring + slot * st::kMaxSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+                                     lane_tiles, block_scales, sums, acc);
+      __syncwarp();  // every lane's reads of the slot precede the copy that refills it
+      if (j + kStreamedSlots < stages)
+        st::issue_stage<F>(w, row0, k0 + kStreamedSlots * kStageK, ring + slot * st::kMaxSlotBytes, full + slot);
+    }
+  }
+  tile::detail::finish_tile<F, kNT, kC>(sums, acc);
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + streamed_x_bytes(a.streamed_x_rows,
+                                                                                         a.streamed_chunk_k));
+  write_rows<F, G, kNT, tile::kTokensPerMma>(a, w, acc, row0, item.row_begin, tokens, exchange);
+}
+
+template <ExpertGemm G>
+__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
+  uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
+  uint8_t* ring = smem + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kMaxSlotBytes;
+  const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
+  if (shared_item) {
+    const MoeExpertView& shared = a.experts[a.shared_expert];
+    switch (G == ExpertGemm::GATE_UP ? shared.w1.format : shared.w2.format) {
+      case WeightFormat::MXFP4: start_stream<tile::TileFormat::MXFP4, G>(a, shared, ring, full); break;
+      case WeightFormat::NVFP4: start_stream<tile::TileFormat::NVFP4, G>(a, shared, ring, full); break;
+      case WeightFormat::FP8_BLOCK128: start_stream<tile::TileFormat::FP8_BLOCK128, G>(a, shared, ring, full); break;
+      case WeightFormat::BF16: start_stream<tile::TileFormat::BF16, G>(a, shared, ring, full); break;
+      default: break;
+    }
+  }
+  wait_for_prior_grids();  // the work items, x and (down) h come from the previous kernels
+  allow_dependents();
+  if (int(blockIdx.y) >= __ldg(a.work_item_count)) return;  // the grid covers the worst case
+  const MoeWorkItem item = a.work_items[blockIdx.y];
+  const MoeExpertView expert = a.experts[item.expert];
+  switch (G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format) {
+    case WeightFormat::MXFP4: run_streamed_item<tile::TileFormat::MXFP4, G>(a, expert, item, smem, full, shared_item); break;
+    case WeightFormat::NVFP4: run_streamed_item<tile::TileFormat::NVFP4, G>(a, expert, item, smem, full, shared_item); break;
+    case WeightFormat::FP8_BLOCK128:
+      run_streamed_item<tile::TileFormat::FP8_BLOCK128, G>(a, expert, item, smem, full, shared_item);
+      break;
+    case WeightFormat::BF16: run_streamed_item<tile::TileFormat::BF16, G>(a, expert, item, smem, full, shared_item); break;
     default: break;  // refused on the host (check_moe_expert_gemm_params)
   }
 }

@@ -1,5 +1,6 @@
 // Grouped expert GEMMs of the MoE (dsv4-model.md §4), one launch each over every touched expert plus the shared
-// expert (expert id E), driven by the work items that moe_routing wrote on the device:
+// expert (expert id E), driven by the work items that moe_routing wrote on the device (at T <= 8 tokens on
+// layers whose matrices allow it, the decode variant that streams weights through shared memory):
 // - gate/up: h[row, :] = silu(min(w1 · u[token(row)], limit)) · clamp(w3 · u[token(row)], ±limit), rounded to bf16;
 // - down:    down[row, :] = w2 · h[row, :] in fp32.
 // A CTA owns a band of weight rows of one work item's expert and loops over the item's rows (tokens) in tiles, so
@@ -13,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -41,8 +43,18 @@ struct MoeExpertGemmParams {
   int max_work_items = 0;
   __nv_bfloat16* h = nullptr;              // [rows, I]
   float* down = nullptr;                   // [rows, d]
+  // The decode kernels (shared-memory weight streams): allowed when every expert matrix passes
+  // moe_streamed_tiles_apply; used when also T <= kMoeMaxStreamedTokens (every item then has at most 8 rows).
+  bool streamed_tiles = false;
+  int tokens = 0;                          // T
   cudaStream_t stream = nullptr;
 };
+
+inline constexpr int kMoeMaxStreamedTokens = 8;
+
+// Whether every matrix of these experts can be streamed through shared memory (16-byte aligned rows and scales, d
+// and I multiples of the formats' stages: 512 fp4, 256 FP8, 128 BF16 inputs).
+bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts);
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);

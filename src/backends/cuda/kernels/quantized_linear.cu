@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
+#include <mutex>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
@@ -79,10 +80,40 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
+// Above 48 KiB of dynamic shared memory a kernel must opt in, per kernel and device: once per device, to the
+// device's maximum, so no launch (nor a CUDA-graph capture) pays for it again.
+template <class Kernel>
+void allow_large_shared_memory(Kernel kernel) {
+  static std::mutex mutex;
+  static uint64_t done_devices = 0;
+  int device = 0, max_bytes = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  const std::lock_guard lock(mutex);
+  if ((done_devices & bit) != 0) return;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes));
+  done_devices |= bit;
+}
+
+template <TileFormat F, int NT>
+void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT>;
+  allow_large_shared_memory(kernel);
+  const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
+  kernel<<<grid, dim3(linear::kThreadsPerCta), config.smem_bytes, stream>>>(args);
+  DSV4_CUDA_CHECK_LAUNCH("quantized_linear_streamed_kernel");
+}
+
 template <TileFormat F>
 void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                        cudaStream_t stream) {
-  if (config.load_path == WeightLoadPath::ALIGNED)
+  if (config.load_path == WeightLoadPath::STREAMED) {
+    if (config.token_tiles == 1)
+      launch_streamed<F, 1>(args, config, stream);
+    else
+      launch_streamed<F, 2>(args, config, stream);
+  } else if (config.load_path == WeightLoadPath::ALIGNED)
     launch_for_token_tiles<F, true>(args, config, stream);
   else
     launch_for_token_tiles<F, false>(args, config, stream);
@@ -94,9 +125,20 @@ size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks
 bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b) {
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
-         a.load_path == b.load_path && a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes &&
-         a.ticket_bytes == b.ticket_bytes;
+         a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
+         a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
+
+// Hopper (sm_90): shared memory of one SM, of which the hardware reserves 1 KiB per resident CTA, and the most one
+// CTA may take.
+constexpr size_t kSharedMemoryPerSm = 228 * 1024;
+constexpr size_t kSharedMemoryPerCta = 227 * 1024;
+constexpr size_t kSharedMemoryReservedPerCta = 1024;
+// The STREAMED path's x tile budget: T = 1 stages up to 8 K inputs at once; more tokens stage in shorter chunks.
+constexpr size_t kStreamedXTileBudget = 16 * 1024;
+// STREAMED: stages per warp by default. Two suffice when the SM holds enough warps (the next stage streams while one
+// is decoded), and leave room for 4 fp4 CTAs per SM.
+constexpr int kDefaultRingSlots = 2;
 
 bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* a0 = static_cast<const char*>(a);
@@ -106,43 +148,91 @@ bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
 
 }  // namespace
 
-QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
-                                                     int multiprocessors, WeightLoadPath load_path) {
+bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups) {
   check_shape(weight, tokens, groups);
+  return tokens <= kLinearMaxStreamedTokens && (weight.rows / groups) % tile::kTileRows == 0 &&
+         tile::stream::streamed_tile_applies(weight, tile_format_of(weight));
+}
+
+QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
+                                                     int multiprocessors, WeightLoadPath load_path,
+                                                     int ring_slots) {
+  check_shape(weight, tokens, groups);
+  const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
   const bool aligned_possible = tile::weight_rows_aligned(weight) && (weight.rows / groups) % tile::kTileRows == 0;
+  const bool streamed_possible = streamed_load_path_applies(weight, tokens, groups);
   check(load_path != WeightLoadPath::ALIGNED || aligned_possible, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] in ", groups, " group(s) has rows that are not 16-byte aligned or groups that are not whole ",
         "16-row tiles; the aligned load path cannot read it");
-  const int64_t step_k = 4 * values_per_load(tile_format_of(weight));
+  check(load_path != WeightLoadPath::STREAMED || streamed_possible, "quantized_linear: weight [", weight.rows, ", ",
+        weight.cols, "] (", to_string(weight.format), ") in ", groups, " group(s) at ", tokens, " tokens: the ",
+        "streamed load path needs 16-byte aligned rows and scales, K a multiple of ", tile::stream::stage_k(format),
+        ", whole 16-row tiles per group and at most ", kLinearMaxStreamedTokens, " tokens");
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
   config.load_path = load_path != WeightLoadPath::AUTO ? load_path
+                     : streamed_possible                ? WeightLoadPath::STREAMED
                      : aligned_possible                 ? WeightLoadPath::ALIGNED
                                                         : WeightLoadPath::GENERIC;
+  const bool streamed = config.load_path == WeightLoadPath::STREAMED;
 
-  // Split K only while the row blocks alone leave resident CTA slots (SMs × CTAs per SM at this register use)
-  // empty, and never into slices shorter than two steps per warp (shorter ones spend their time staging x and
-  // reducing, not streaming weights). Splitting further to round up a partial last wave measured slower (H200).
-  const int64_t slots = int64_t(std::max(multiprocessors, 1)) * linear::min_ctas_per_sm(config.token_tiles);
-  const int64_t min_split_k = round_up(2 * step_k, tile::kTileKAlignment);
-  const int64_t splits =
-      std::max<int64_t>(1, std::min(slots / config.row_blocks, weight.cols / min_split_k));
-  config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
-  config.k_splits = int(ceil_div(weight.cols, config.split_k));
+  if (streamed) {
+    // Splits and chunks are whole stages (256 stored bytes per row). The x tile holds the real tokens only.
+    const int64_t stage_k = tile::stream::stage_k(format);
+    check(ring_slots >= 0 && ring_slots <= tile::stream::kMaxSlots, "quantized_linear: ", ring_slots,
+          " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
+    config.ring_slots = ring_slots > 0 ? ring_slots : kDefaultRingSlots;
+    const size_t rings = size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) *
+                         size_t(tile::stream::slot_bytes(format));
+    const size_t x_row_bytes_per_k = size_t(tokens) * 2;
+    // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
+    // stage do not fit.
+    const size_t min_cta_bytes = rings + x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k));
+    check(min_cta_bytes <= kSharedMemoryPerCta, "quantized_linear: ", config.ring_slots, " ring slots of ",
+          to_string(weight.format), " stages at ", tokens, " tokens need ", min_cta_bytes,
+          " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
+    config.ctas_per_sm =
+        int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
+    const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
+    const int64_t splits = std::max<int64_t>(1, std::min(slots / config.row_blocks, weight.cols / stage_k));
+    config.split_k = round_up(ceil_div(weight.cols, splits), stage_k);
+    config.k_splits = int(ceil_div(weight.cols, config.split_k));
+    // The x tile takes what the resident CTAs leave, within the budget, in whole stages.
+    const size_t per_cta = kSharedMemoryPerSm / size_t(config.ctas_per_sm) - kSharedMemoryReservedPerCta;
+    const size_t x_budget = std::max(std::min({kStreamedXTileBudget, per_cta - rings, kSharedMemoryPerCta - rings}),
+                                     x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k)));
+    const int64_t max_chunk_k =
+        std::max<int64_t>(stage_k, (int64_t(x_budget / x_row_bytes_per_k) - 32) / stage_k * stage_k);
+    const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
+    config.chunk_k = round_up(ceil_div(config.split_k, chunks), stage_k);
+    config.smem_bytes = rings + x_row_bytes_per_k * size_t(tile::x_tile_row_stride(config.chunk_k));
+  } else {
+    // Split K only while the row blocks alone leave resident CTA slots (SMs × CTAs per SM at this register use)
+    // empty, and never into slices shorter than two steps per warp (shorter ones spend their time staging x and
+    // reducing, not streaming weights). Splitting further to round up a partial last wave measured slower (H200).
+    const int64_t step_k = 4 * values_per_load(format);
+    config.ctas_per_sm = linear::min_ctas_per_sm(config.token_tiles);
+    const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
+    const int64_t min_split_k = round_up(2 * step_k, tile::kTileKAlignment);
+    const int64_t splits =
+        std::max<int64_t>(1, std::min(slots / config.row_blocks, weight.cols / min_split_k));
+    config.split_k = round_up(ceil_div(weight.cols, splits), tile::kTileKAlignment);
+    config.k_splits = int(ceil_div(weight.cols, config.split_k));
 
-  // 48 KiB of x tile (no opt-in needed) lets the register-limited CTAs per SM fit.
-  constexpr size_t smem_budget = 48 * 1024;
-  const int64_t max_chunk_k =
-      std::max<int64_t>(tile::kTileKAlignment,
-                        (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
-                            tile::kTileKAlignment * tile::kTileKAlignment);
-  const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
-  config.chunk_k = round_up(ceil_div(config.split_k, chunks), tile::kTileKAlignment);
-  config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
+    // 48 KiB of x tile (no opt-in needed) lets the register-limited CTAs per SM fit.
+    constexpr size_t smem_budget = 48 * 1024;
+    const int64_t max_chunk_k =
+        std::max<int64_t>(tile::kTileKAlignment,
+                          (int64_t(smem_budget / (size_t(config.token_tiles) * tile::kTokensPerMma * 2)) - 32) /
+                              tile::kTileKAlignment * tile::kTileKAlignment);
+    const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
+    config.chunk_k = round_up(ceil_div(config.split_k, chunks), tile::kTileKAlignment);
+    config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
+  }
 
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
@@ -230,6 +320,7 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
       .k_splits = config.k_splits,
       .split_k = config.split_k,
       .chunk_k = config.chunk_k,
+      .ring_slots = config.ring_slots,
       .tickets = config.k_splits > 1 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
   };
@@ -251,7 +342,8 @@ void run_quantized_linear(const QuantizedLinearParams& params) {
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
-      w, params.tokens, params.groups, current_multiprocessors(), config.load_path);
+      w, params.tokens, params.groups, current_multiprocessors(), config.load_path,
+      config.load_path == WeightLoadPath::STREAMED ? config.ring_slots : 0);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

@@ -35,6 +35,7 @@ struct LinearKernelArgs {
   int k_splits;
   int64_t split_k;
   int64_t chunk_k;
+  int ring_slots;     // STREAMED path: stages in flight per warp
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
 };
@@ -43,37 +44,15 @@ struct LinearKernelArgs {
 // explicitly because ptxas's own choice of cap spilled.
 constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2; }
 
-template <tile::TileFormat F, int NT, bool kAlignedTiles>
-__global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized_linear_kernel(const LinearKernelArgs args) {
-  extern __shared__ uint4 x_tile_storage[];
-  __shared__ bool is_last_split;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
-
+// Writes the warp's accumulators (rows row0..row0 + 15 of the CTA's [cta_row0, cta_row_end)): straight to y, or
+// as this split's partial sums, the CTA that draws the last ticket of its row block then adding every split in
+// split order. Called by the whole CTA (it synchronises).
+template <tile::TileFormat F, int NT>
+__device__ __forceinline__ void write_output(const LinearKernelArgs& args, const float (&acc)[NT][4], int64_t row0,
+                                             int64_t cta_row0, int64_t cta_row_end, int64_t row_block, int split,
+                                             bool* is_last_split) {
   const DeviceMatrixView& w = args.weight;
-  const int64_t row_block = blockIdx.x;
-  const int split = int(blockIdx.y);
-  // A CTA covers up to 64 rows of one group, whose x columns start at g·K.
-  const int64_t group = row_block / args.row_blocks_per_group;
-  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
-  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
-  const int warp_idx = int(threadIdx.x) / tile::kWarpSize, lane = int(threadIdx.x) % tile::kWarpSize;
-  const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
-  const __nv_bfloat16* x_group = args.x + group * w.cols;
-  const int64_t split_begin = int64_t(split) * args.split_k;
-  const int64_t split_end = min(w.cols, split_begin + args.split_k);
-
-  float acc[NT][4] = {};
-  for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
-    const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
-    if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps staging
-    if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
-    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens, NT,
-                          chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
-    __syncthreads();
-    if (row0 < cta_row_end)
-      tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
-  }
-
+  const int lane = int(threadIdx.x) % tile::kWarpSize;
   const float output_scale = tile::weight_tile_output_scale<F>(w);
   const int g = lane / 4, t = lane % 4;
   // Fragment element i of token tile nt sits at (row0 + g + 8·(i / 2), token 8·nt + 2t + i % 2).
@@ -98,9 +77,9 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
   for_each_fragment_element([&](int64_t row, int token, float value) { partial[token * w.rows + row] = value; });
   __threadfence();  // partials visible device-wide before the ticket says so
   __syncthreads();
-  if (threadIdx.x == 0) is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
+  if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
   __syncthreads();
-  if (!is_last_split) return;
+  if (!*is_last_split) return;
   __threadfence();
   const int64_t cta_rows = cta_row_end - cta_row0;
   for (int64_t i = threadIdx.x; i < cta_rows * args.tokens; i += kThreadsPerCta) {
@@ -112,6 +91,111 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
     args.y[token * args.y_row_stride + row] = sum * output_scale;
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
+}
+
+template <tile::TileFormat F, int NT, bool kAlignedTiles>
+__global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized_linear_kernel(const LinearKernelArgs args) {
+  extern __shared__ uint4 x_tile_storage[];
+  __shared__ bool is_last_split;
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
+
+  const DeviceMatrixView& w = args.weight;
+  const int64_t row_block = blockIdx.x;
+  const int split = int(blockIdx.y);
+  // A CTA covers up to 64 rows of one group, whose x columns start at g·K.
+  const int64_t group = row_block / args.row_blocks_per_group;
+  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
+  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
+  const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
+  const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
+  const __nv_bfloat16* x_group = args.x + group * w.cols;
+  const int64_t split_begin = int64_t(split) * args.split_k;
+  const int64_t split_end = min(w.cols, split_begin + args.split_k);
+
+  float acc[NT][4] = {};
+  for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
+    const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
+    if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps staging
+    if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
+    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens,
+                          NT * tile::kTokensPerMma, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+    __syncthreads();
+    if (row0 < cta_row_end)
+      tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
+  }
+
+  write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
+}
+
+// The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
+// warp's weight tile streamed through its own ring of shared-memory stages by the copy engine. Dynamic shared
+// memory: 4 rings of args.ring_slots slots, then the x tile of the real tokens only (no padding rows).
+template <tile::TileFormat F, int NT>
+__global__ void __launch_bounds__(kThreadsPerCta, 4)
+    quantized_linear_streamed_kernel(const LinearKernelArgs args) {
+  namespace st = tile::stream;
+  extern __shared__ uint4 smem_storage[];
+  __shared__ uint64_t full_barriers[kWarpsPerCta][st::kMaxSlots];
+  __shared__ bool is_last_split;
+  auto* smem = reinterpret_cast<uint8_t*>(smem_storage);
+  const int slots = args.ring_slots;
+  const int warp_idx = int(threadIdx.x) / tile::kWarpSize, g = int(threadIdx.x) % tile::kWarpSize / 4;
+  uint8_t* ring = smem + size_t(warp_idx) * slots * st::slot_bytes(F);
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F));
+  uint64_t* full = full_barriers[warp_idx];
+
+  const DeviceMatrixView& w = args.weight;
+  const int64_t row_block = blockIdx.x;
+  const int split = int(blockIdx.y);
+  const int64_t group = row_block / args.row_blocks_per_group;
+  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
+  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
+  const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
+  const bool has_rows = row0 < cta_row_end;  // whole 16-row tiles (the path's precondition)
+  const __nv_bfloat16* x_group = args.x + group * w.cols;
+  const int64_t split_begin = int64_t(split) * args.split_k;
+  const int64_t split_end = min(w.cols, split_begin + args.split_k);
+  constexpr int64_t kStageK = st::stage_k(F);
+  const int64_t stages = (split_end - split_begin) / kStageK;
+
+  // The first stages start streaming before x is staged.
+  if (has_rows) {
+    st::init_ring(full, slots);
+    __syncwarp();
+    for (int j = 0; j < slots && j < stages; ++j)
+      st::issue_stage<F>(w, row0, split_begin + j * kStageK, ring + j * st::slot_bytes(F), full + j);
+  }
+
+  constexpr int C = tile::detail::kChains<NT>;
+  float sums[C][NT][4];
+  tile::detail::clear_sums<NT, C>(sums);
+  float acc[NT][4] = {};
+  const int lane_tiles = (args.tokens - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma;
+  for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
+    const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
+    if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
+    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens,
+                          args.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+    __syncthreads();
+    if (!has_rows) continue;
+    const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
+    const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
+      const int64_t j = (k0 - split_begin) / kStageK;
+      const int slot = int(j % slots);
+      float block_scales[st::kMaxBlocksPerStage];
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      sm90::mbarrier_wait(full + slot, uint32_t(j / slots) & 1u);
+      st::multiply_stage<F, NT, C>(ring + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
+                                   lane_tiles, block_scales, sums, acc);
+      __syncwarp();  // every lane's reads of the slot precede the copy that refills it
+      if (j + slots < stages)
+        st::issue_stage<F>(w, row0, k0 + slots * kStageK, ring + slot * st::slot_bytes(F), full + slot);
+    }
+  }
+  tile::detail::finish_tile<F, NT, C>(sums, acc);
+
+  write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
 }  // namespace dsv4::cuda::linear

@@ -33,10 +33,16 @@ namespace dsv4::cuda {
 
 inline constexpr int kLinearMaxTokens = 64;
 
-// How the warps read weight rows (weight_tile_mma.cuh): ALIGNED, plain 16-byte loads and one FP8 block scale per
-// 16-row tile, for 16-byte aligned rows in groups of whole 16-row tiles (every DSV4 shape); GENERIC, any layout
-// (bytewise where rows are not aligned, FP8 scales per row). AUTO takes ALIGNED where it applies.
-enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC };
+// How the warps read weight rows (weight_tile_mma.cuh): ALIGNED, plain 16-byte loads into registers and one FP8
+// block scale per 16-row tile, for 16-byte aligned rows in groups of whole 16-row tiles (every DSV4 shape);
+// GENERIC, any layout (bytewise where rows are not aligned, FP8 scales per row); STREAMED, the ALIGNED conditions
+// plus K a multiple of 256 stored bytes (512 fp4, 256 FP8, 128 BF16 inputs) and at most kLinearMaxStreamedTokens
+// tokens (every DSV4 shape at decode): each warp's
+// rows stream through a shared-memory ring filled by bulk copies, which keeps more bytes in flight per SM. AUTO
+// takes STREAMED, else ALIGNED, else GENERIC, whichever applies first.
+enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
+
+inline constexpr int kLinearMaxStreamedTokens = 16;
 
 struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
@@ -61,17 +67,24 @@ struct QuantizedLinearConfig {
   int64_t chunk_k = 0;      // inputs per staged x tile, a multiple of 128
   int token_tiles = 0;      // 8-token MMA tiles per warp (1, 2, 4 or 8)
   WeightLoadPath load_path = WeightLoadPath::AUTO;  // never AUTO in a chosen config
+  int ring_slots = 0;       // STREAMED: stages in flight per warp (0 on the other paths)
+  int ctas_per_sm = 0;      // resident CTAs per SM the split-K choice assumed (registers, shared memory)
   size_t smem_bytes = 0;    // dynamic shared memory of one CTA
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
-// the problem) on what run_quantized_linear refuses. `load_path` other than AUTO forces that path; ALIGNED is refused
-// where it does not apply.
+// the problem) on what run_quantized_linear refuses. `load_path` other than AUTO forces that path; ALIGNED and
+// STREAMED are refused where they do not apply. `ring_slots` > 0 sets the STREAMED path's stages per warp (1 to 4;
+// benchmarks compare depths), 0 takes the default.
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
-                                                     WeightLoadPath load_path = WeightLoadPath::AUTO);
+                                                     WeightLoadPath load_path = WeightLoadPath::AUTO,
+                                                     int ring_slots = 0);
+
+// Whether the STREAMED load path can run this weight at this token and group count.
+bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
 
 // Workspace run_quantized_linear needs for this call on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);

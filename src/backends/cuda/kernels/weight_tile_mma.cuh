@@ -51,6 +51,8 @@
 #include <cstdint>
 
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/ptx/cp_async.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
 #include "core/e8m0.hpp"
 
@@ -197,16 +199,16 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
 }  // namespace detail
 
 // Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (layout in the contract), zero-filling
-// tokens [tokens, 8·token_tiles) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin], so
+// tokens [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin], so
 // callers can gather rows (MoE token lists). Rows whose address is 16-byte aligned are copied 16 bytes at a time,
-// others (and a k_count that is not a multiple of 8) element by element. Called by `thread_count` threads of the
-// CTA with distinct thread_idx; the caller synchronises before and after.
+// others (and a k_count that is not a multiple of 8) element by element. padded_tokens is 8·NT for weight_tile_mma
+// (its MMAs read every row), or just `tokens` for readers that skip absent tokens (the streamed tiles below).
+// Called by `thread_count` threads of the CTA with distinct thread_idx; the caller synchronises before and after.
 template <TileFormat F, class RowOf>
-__device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int token_tiles, int64_t k_count,
+__device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int padded_tokens, int64_t k_count,
                                              __nv_bfloat16* tile, int thread_idx, int thread_count) {
   const int row_stride = x_tile_row_stride(k_count);
   const int chunks_per_row = (row_stride - 32) / kXChunk;
-  const int padded_tokens = token_tiles * kTokensPerMma;
   for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
     const int t = i / chunks_per_row, c = i % chunks_per_row;
     const int64_t k = int64_t(c) * kXChunk;
@@ -362,12 +364,14 @@ inline constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 
 // One step of a warp tile: decodes the lane's 16 bytes of each row (with their scale codes) and runs the MMAs
 // against the staged x of that step. FP8 sums go to the block's partial sums, which are scaled into acc when
-// `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile).
+// `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile). The lane reads x only for its
+// first lane_tiles token tiles (token 8·nt + g exists) and feeds zeros for the others, so a tile staged without
+// padding rows is never read past its tokens.
 template <TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint32_t (&scale_codes)[2],
                                               const float (&block_scale)[2], bool ends_block,
-                                              const __nv_bfloat16* x_step, int row_stride, float (&sums)[C][NT][4],
-                                              float (&acc)[NT][4]) {
+                                              const __nv_bfloat16* x_step, int row_stride, int lane_tiles,
+                                              float (&sums)[C][NT][4], float (&acc)[NT][4]) {
   constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
   constexpr int kMmasPerStep = kValues / 4;  // 4 values per lane per row per MMA
   uint32_t pairs[2][kValues / 2];
@@ -383,7 +387,9 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
 #pragma unroll
     for (int chunk = 0; chunk < kMmasPerStep / 2; ++chunk) {
       // Two MMAs' B fragments: chunk `chunk` of this lane, transposed order (4 lanes × 8 values apart).
-      const uint4 b = *reinterpret_cast<const uint4*>(x_step + nt * kTokensPerMma * row_stride + chunk * 32);
+      const uint4 b = nt < lane_tiles
+                          ? *reinterpret_cast<const uint4*>(x_step + nt * kTokensPerMma * row_stride + chunk * 32)
+                          : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int m = 2 * chunk + half;
@@ -474,11 +480,134 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
       if (step_k >= k_end) break;
       detail::multiply_step<F, NT, C>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
                                    detail::step_ends_block<F>(step_k, k_end), x_lane + (step_k - k_begin), row_stride,
-                                   sums, acc);
+                                   NT, sums, acc);
     }
     batch = next;
   }
   detail::finish_tile<F, NT, C>(sums, acc);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Streamed warp tiles: the same product with the weight brought into shared memory by the copy engine.
+//
+// Contract (in addition to the one above): the warp tile lies wholly inside the matrix (row0 + 16 <= rows), and
+// streamed_tile_applies(w) holds (16-byte aligned rows and scales, K a multiple of stage_k(F), fp4 scale rows
+// whose stage slices are 16-byte aligned); k ranges start and end on multiples of stage_k(F). The x tile may hold
+// only the real tokens (stage_x_tile with padded_tokens = tokens): rows of absent tokens are never read.
+//
+// NOTES:
+// - Each warp owns a ring of `slots` stages in shared memory. A stage is 256 stored bytes of each of the warp's 16
+//   rows (stage_k(F) inputs: 512 fp4, 256 FP8, 128 BF16) plus their fp4 scales, brought in by cp.async.bulk
+//   (lanes 0-15 one row each, lanes 16-31 that row's scale bytes), completing on the slot's mbarrier. The copy
+//   engine keeps up to `slots` stages per warp in flight without registers, so the bytes in flight per SM no longer
+//   depend on how many loads each thread holds, and registers only carry the step being decoded (more warps per SM
+//   for the decode). Equal stage bytes for every format let one ring serve experts of different formats.
+// - A slot row is padded by 64 bytes: the two rows a quarter-warp reads in one LDS.128 (g and g + 1, 64 bytes
+//   each) then fall in different bank halves.
+// - The warp is both producer and consumer of its ring: __syncwarp after the last read of a slot orders those reads
+//   before the copy that refills it, so no "empty" barrier is needed and warps never wait for each other.
+namespace stream {
+
+inline constexpr int kRowBytes = 256;  // stored bytes of one row per stage
+inline constexpr int kRowPad = 64;
+inline constexpr int kRowPitch = kRowBytes + kRowPad;
+inline constexpr int kMaxSlots = 4;
+inline constexpr int kMaxBlocksPerStage = 2;  // FP8: 128-wide scale blocks per stage
+
+__host__ __device__ constexpr int values_per_load(TileFormat f) {
+  return f == TileFormat::BF16 ? 8 : f == TileFormat::FP8_BLOCK128 ? 16 : 32;
+}
+// Inputs per stage, and scale bytes of one row per stage (fp4: 16 or 32, so the slices stay 16-byte aligned).
+__host__ __device__ constexpr int64_t stage_k(TileFormat f) { return int64_t(kRowBytes) * values_per_load(f) / 16; }
+__host__ __device__ constexpr int stage_scale_bytes(TileFormat f) {
+  return f == TileFormat::MXFP4 ? int(stage_k(f) / 32) : f == TileFormat::NVFP4 ? int(stage_k(f) / 16) : 0;
+}
+__host__ __device__ constexpr int slot_bytes(TileFormat f) { return kTileRows * (kRowPitch + stage_scale_bytes(f)); }
+inline constexpr int kMaxSlotBytes = kTileRows * (kRowPitch + 32);
+
+// Whether the streamed tiles can read `w` (16-byte aligned rows and scale slices; see the contract).
+__host__ __device__ inline bool streamed_tile_applies(const DeviceMatrixView& w, TileFormat f) {
+  if (!weight_rows_aligned(w) || w.cols % stage_k(f) != 0) return false;
+  if (f == TileFormat::MXFP4 || f == TileFormat::NVFP4)
+    return reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 && w.scales_per_row % 16 == 0;
+  return true;
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// One lane initialises the warp's slot barriers (one arrival each: the lane that posts the byte count).
+__device__ __forceinline__ void init_ring(uint64_t* full, int slots) {
+  if (threadIdx.x % kWarpSize == 0) {
+    for (int s = 0; s < slots; ++s) sm90::mbarrier_init(full + s, 1);
+    sm90::fence_mbarrier_init();
+  }
+}
+
+// Starts the copies of the stage at k0 (stage_k(F) inputs of rows row0..row0 + 15) into `slot`; called by the
+// whole warp, converged.
+template <TileFormat F>
+__device__ __forceinline__ void issue_stage(const DeviceMatrixView& w, int64_t row0, int64_t k0, uint8_t* slot,
+                                            uint64_t* full) {
+  constexpr int kScaleBytes = stage_scale_bytes(F);
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
+  const int row = lane % kTileRows;
+  if (lane < kTileRows) {
+    ptx::cp_async_bulk_global_to_shared(shared_address(slot + row * kRowPitch),
+                                        w.data + (row0 + row) * int64_t(w.data_row_bytes) + k0 * 16 / values_per_load(F),
+                                        kRowBytes, shared_address(full));
+  } else if constexpr (kScaleBytes > 0) {
+    ptx::cp_async_bulk_global_to_shared(shared_address(slot + kTileRows * kRowPitch + row * kScaleBytes),
+                                        w.scales + (row0 + row) * w.scales_per_row + k0 / (stage_k(F) / kScaleBytes),
+                                        kScaleBytes, shared_address(full));
+  }
+}
+
+// The FP8 block scales of the stage at k0 (the 128-wide blocks of the tile's 128-row band), read before waiting for
+// the stage so their latency overlaps the wait.
+template <TileFormat F>
+__device__ __forceinline__ void load_stage_block_scales(const DeviceMatrixView& w, int64_t row0, int64_t k0,
+                                                        float (&scales)[kMaxBlocksPerStage]) {
+  if constexpr (F == TileFormat::FP8_BLOCK128) {
+    const int64_t offset = (row0 / 128) * w.scales_per_row + k0 / 128;
+#pragma unroll
+    for (int b = 0; b < kMaxBlocksPerStage; ++b)
+      scales[b] = w.scale_type == ScaleType::F32 ? __ldg(reinterpret_cast<const float*>(w.scales) + offset + b)
+                                                 : e8m0_to_float(__ldg(w.scales + offset + b));
+  }
+}
+
+// acc/sums += the stage in `slot` × x (x_stage: the lane's x at the stage's first input, as weight_tile_mma's x_lane).
+template <TileFormat F, int NT, int C>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* x_stage, int row_stride,
+                                               int lane_tiles, const float (&block_scales)[kMaxBlocksPerStage],
+                                               float (&sums)[C][NT][4], float (&acc)[NT][4]) {
+  constexpr int kValues = values_per_load(F), kStepK = 4 * kValues, kSteps = kRowBytes / 64;
+  constexpr int kScaleBytes = stage_scale_bytes(F);
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const uint8_t* rows[2] = {slot + g * kRowPitch + t * 16, slot + (g + 8) * kRowPitch + t * 16};
+  const uint8_t* scales = slot + kTileRows * kRowPitch;
+#pragma unroll
+  for (int u = 0; u < kSteps; ++u) {
+    const uint4 raw[2] = {*reinterpret_cast<const uint4*>(rows[0] + u * 64),
+                          *reinterpret_cast<const uint4*>(rows[1] + u * 64)};
+    uint32_t codes[2] = {0, 0};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // The lane's 32 values of step u start at input u·kStepK + 32t of the stage: one MXFP4 block, two NVFP4 ones.
+      if constexpr (F == TileFormat::MXFP4) codes[r] = scales[(g + 8 * r) * kScaleBytes + 4 * u + t];
+      if constexpr (F == TileFormat::NVFP4)
+        codes[r] = *reinterpret_cast<const uint16_t*>(scales + (g + 8 * r) * kScaleBytes + 2 * (4 * u + t));
+    }
+    const float block = F == TileFormat::FP8_BLOCK128 ? block_scales[(u * kStepK) / 128] : 1.0f;
+    const float block_scale[2] = {block, block};
+    detail::multiply_step<F, NT, C>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
+                                    row_stride, lane_tiles, sums, acc);
+  }
+}
+
+}  // namespace stream
 
 }  // namespace dsv4::cuda::tile
