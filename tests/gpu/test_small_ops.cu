@@ -3,8 +3,8 @@
 // {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes. Embedding: BF16, F32 and
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
-// batched step: sequences of different lengths, decode tokens and prefill runs mixed, exact against the rule
-// written out on the host. Outputs poisoned with NaN plus a guard region; every element checked.
+// batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
+// mixed, exact against the rule written out on the host. Outputs poisoned with NaN plus a guard region; every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -272,12 +272,15 @@ TEST(SmallOpsGpu, VisibleEntriesPerTokenOfABatchedStep) {
     const std::vector<int64_t> positions = batch_positions(128);
     const int64_t T = int64_t(positions.size());
     DeviceBuffer d_pos = to_device(positions, "positions"), d_index = poisoned(size_t(T * entries), "entry index");
+    DeviceBuffer d_counts = poisoned(size_t(T), "counts");
     run_visible_entries_index({.positions = d_pos.as<int64_t>(), .tokens = T, .entries = entries, .ratio = ratio,
-                               .index = d_index.as<int32_t>()});
+                               .index = d_index.as<int32_t>(), .counts = d_counts.as<int32_t>()});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<int32_t> got = download_ints(d_index, size_t(T * entries));
+    const std::vector<int32_t> counts = download_ints(d_counts, size_t(T));
     for (int64_t t = 0; t < T; ++t) {
       const int64_t visible = std::min(entries, (positions[size_t(t)] + 1) / ratio);
+      ASSERT_EQ(counts[size_t(t)], int32_t(visible)) << "token " << t << " (position " << positions[size_t(t)] << ")";
       for (int64_t e = 0; e < entries; ++e)
         ASSERT_EQ(got[size_t(t * entries + e)], e < visible ? int32_t(e) : -1)
             << "token " << t << " (position " << positions[size_t(t)] << ") entry " << e;

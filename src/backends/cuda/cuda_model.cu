@@ -222,8 +222,8 @@ struct CudaModel::Impl {
     uint8_t* inputs;           // StepInputLayout(step_capacity, max_sequences) bytes
     float* X;                  // [T, n, d]
     float* y;                  // [T, d]
-    float* post;               // [T, n]
-    float* comb;               // [T, n, n]
+    float* post[2];            // [T, n]: the current site's, and the next one's while hc_post_pre writes them
+    float* comb[2];            // [T, n, n]
     bf16* x_bf16;              // [T, d]: the normed sub-block input for the linear layers
     float* u;                  // [T, d]: ffn_norm output for the MoE
     float* qr;                 // [T, q_lora]
@@ -475,7 +475,7 @@ struct CudaModel::Impl {
     Scratch& s = scratch;
     s.inputs = k.take<uint8_t>(int64_t(StepInputLayout(T, options.max_sequences).bytes));
     s.X = k.take<float>(T * n * d), s.y = k.take<float>(T * d);
-    s.post = k.take<float>(T * n), s.comb = k.take<float>(T * n * n);
+    for (int i = 0; i < 2; ++i) s.post[i] = k.take<float>(T * n), s.comb[i] = k.take<float>(T * n * n);
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
     s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
@@ -531,23 +531,39 @@ struct CudaModel::Impl {
     run_rms_norm(p);
   }
 
-  void hc_pre(const device_weights::HyperConnection& w, int64_t T, float* y) {
+  // hc_pre of the first site; its post and comb go to set 0.
+  void hc_pre(const device_weights::HyperConnection& w, int64_t T) {
     HcPreParams p;
     p.X = scratch.X, p.fn = floats(w.fn), p.base = floats(w.base), p.scale = floats(w.scale);
     p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult;
     p.sinkhorn_iters = config.mhc.sinkhorn_iters, p.hc_eps = float(config.mhc.eps);
     p.norm_eps = float(config.rms_norm_eps), p.round_to_bf16 = reference();
-    p.y = y, p.post = scratch.post, p.comb = scratch.comb;
+    p.y = scratch.y, p.post = scratch.post[0], p.comb = scratch.comb[0];
     p.workspace = scratch.hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
     run_hc_pre(p);
   }
 
-  void hc_post(int64_t T) {
-    HcPostParams p;
-    p.out = scratch.out, p.X = scratch.X, p.post = scratch.post, p.comb = scratch.comb;
-    p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult, p.round_to_bf16 = reference();
-    p.X_out = scratch.X, p.stream = stream;
-    run_hc_post(p);
+  // hc_post of the sub-block that read post/comb set `set`, fused with the next site's hc_pre (into the other set)
+  // when there is one.
+  void hc_post(int64_t T, int set, const device_weights::HyperConnection* next) {
+    if (next == nullptr) {
+      HcPostParams p;
+      p.out = scratch.out, p.X = scratch.X, p.post = scratch.post[set], p.comb = scratch.comb[set];
+      p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult, p.round_to_bf16 = reference();
+      p.X_out = scratch.X, p.stream = stream;
+      run_hc_post(p);
+      return;
+    }
+    HcPostPreParams p;
+    p.out = scratch.out, p.X = scratch.X, p.post = scratch.post[set], p.comb = scratch.comb[set];
+    p.X_out = scratch.X;
+    p.next_fn = floats(next->fn), p.next_base = floats(next->base), p.next_scale = floats(next->scale);
+    p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult;
+    p.sinkhorn_iters = config.mhc.sinkhorn_iters, p.hc_eps = float(config.mhc.eps);
+    p.norm_eps = float(config.rms_norm_eps), p.round_to_bf16 = reference();
+    p.y = scratch.y, p.next_post = scratch.post[1 - set], p.next_comb = scratch.comb[1 - set];
+    p.workspace = scratch.hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
+    run_hc_post_pre(p);
   }
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
@@ -607,6 +623,7 @@ struct CudaModel::Impl {
     // count below is a bound fixed by the buffers; what a query sees follows from its position on the device.
     int compressed_slots = 0;
     const int32_t* compressed_index = nullptr;
+    const int32_t* compressed_counts = nullptr;  // per query: the slots it reads (from its position on the device)
     if (w.compressor) {
       const int64_t ratio = c.compress_ratio(layer), keys = max_keys_of(layer);
       LayerState& state = layers[size_t(layer)];
@@ -655,13 +672,15 @@ struct CudaModel::Impl {
         run_top_k(top);
         compressed_slots = c.indexer.topk;
         compressed_index = s.selected;
+        compressed_counts = s.counts;
       } else if (keys > 0) {
         VisibleEntriesIndexParams visible;
         visible.positions = in.positions, visible.tokens = T, visible.entries = keys, visible.ratio = ratio;
-        visible.index = s.compressed_index, visible.stream = stream;
+        visible.index = s.compressed_index, visible.counts = s.counts, visible.stream = stream;
         run_visible_entries_index(visible);
         compressed_slots = int(keys);
         compressed_index = s.compressed_index;
+        compressed_counts = s.counts;
       }
     }
 
@@ -671,6 +690,7 @@ struct CudaModel::Impl {
     a.attn_sink = floats(w.sink), a.sequence_slots = in.slots, a.positions = in.positions, a.rope_frequencies = freqs;
     a.window_index = s.window_index, a.window_slots = c.window_size;
     a.compressed_index = compressed_index, a.compressed_slots = compressed_slots;
+    a.compressed_counts = compressed_counts;
     a.out = s.o, a.out_dtype = AttentionDtype::Bf16;
     a.splits = std::min(attention_splits_max,
                         choose_sparse_attention_splits(T, int(H), int(D), kv_cache->layout().format,
@@ -697,20 +717,21 @@ struct CudaModel::Impl {
     embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream;
     run_embedding(embed);
 
+    // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
+    // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
+    hc_pre(weights.layers[0].hc_attn, T);
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
-      hc_pre(b.hc_attn, T, scratch.y);
       rms_norm(scratch.y, floats(b.attn_norm), T, d, nullptr, scratch.x_bf16);
       attention(layer, shape, in);
-      hc_post(T);
+      hc_post(T, 0, &b.hc_ffn);
 
-      hc_pre(b.hc_ffn, T, scratch.y);
       rms_norm(scratch.y, floats(b.ffn_norm), T, d, scratch.u, nullptr);
       MoeRunParams m;
       m.u = scratch.u, m.token_ids = in.ids, m.out = scratch.out, m.tokens = int(T);
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
       run_moe(*moe[size_t(layer)], m);
-      hc_post(T);
+      hc_post(T, 1, layer + 1 < c.num_layers ? &weights.layers[size_t(layer) + 1].hc_attn : nullptr);
     }
 
     const int64_t first = shape.first_logit_row, count = T - first;

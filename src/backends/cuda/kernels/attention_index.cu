@@ -21,6 +21,7 @@ __global__ void window_index_kernel(WindowIndexParams p) {
 __global__ void visible_entries_kernel(VisibleEntriesIndexParams p) {
   const int64_t t = blockIdx.y;
   const int64_t visible = min(p.entries, (p.positions[t] + 1) / p.ratio);
+  if (p.counts != nullptr && blockIdx.x == 0 && threadIdx.x == 0) p.counts[t] = int32_t(visible);
   for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < p.entries; e += int64_t(gridDim.x) * kThreads)
     p.index[t * p.entries + e] = e < visible ? int32_t(e) : -1;
 }

@@ -2,7 +2,8 @@
 // decode step needs no host work per token:
 //  - window: query at position p sees the KV vectors of positions max(0, p − window + 1) … p, stored in the paged
 //    window ring at row position mod ring_rows; slots for positions before 0 are −1.
-//  - visible compressed entries (HCA layers): entries 0 … min(entries, (p + 1) div ratio) − 1, the rest −1.
+//  - visible compressed entries (HCA layers): entries 0 … min(entries, (p + 1) div ratio) − 1, the rest −1, and
+//    optionally that count per token (the attention's per-query compressed_counts, so a batch shares one bound).
 // (CSA layers take their compressed lists from the indexer's top-k instead.)
 // Asynchronous on `stream`; no allocation, no synchronisation.
 #pragma once
@@ -28,6 +29,7 @@ struct VisibleEntriesIndexParams {
   int64_t entries = 0;                 // compressed entries stored (slots per query)
   int64_t ratio = 0;                   // the layer's compression ratio
   int32_t* index = nullptr;            // device [tokens, entries]
+  int32_t* counts = nullptr;           // device [tokens] or null: the visible count of each token
   cudaStream_t stream = nullptr;
 };
 
