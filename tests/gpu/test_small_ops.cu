@@ -1,6 +1,7 @@
 // The CUDA RMSNorm and embedding kernels against the CPU ops. RMSNorm: every width the model normalises (d 4096 /
 // 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
-// {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes. Embedding: BF16, F32 and
+// {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes; the per-head norm with its
+// RoPE epilogue bit-identical to the norm followed by run_rope_apply. Embedding: BF16, F32 and
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
@@ -25,6 +26,8 @@
 #include "backends/cuda/kernels/attention_index.hpp"
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/kernels/rope_apply.hpp"
+#include "backends/cpu/rope.hpp"
 #include "core/bf16.hpp"
 #include "core/dequantize.hpp"
 #include "core/error.hpp"
@@ -218,6 +221,47 @@ TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOn
     ASSERT_TRUE(std::isfinite(out[size_t(i)])) << "row of the valid id 3";
     ASSERT_TRUE(std::isnan(out[size_t(64 + i)])) << "row of id 10";
     ASSERT_TRUE(std::isnan(out[size_t(128 + i)])) << "row of id -1";
+  }
+}
+
+// The queries' per-head norm with RoPE in one launch: bit for bit the norm, then run_rope_apply.
+TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const struct {
+    int64_t tokens, heads, head_dim, rope_dim;
+  } cases[] = {{3, 64, 512, 64}, {1, 128, 512, 64}, {7, 8, 64, 16}, {2, 5, 2048, 64}, {4, 3, 96, 32}};
+  uint32_t seed = 40;
+  for (const auto& c : cases) {
+    for (const bool round : {false, true}) {
+      SCOPED_TRACE("T=" + std::to_string(c.tokens) + " H=" + std::to_string(c.heads) + " D=" +
+                   std::to_string(c.head_dim) + " rope=" + std::to_string(c.rope_dim) + (round ? " rounded" : ""));
+      std::mt19937 rng(seed++);
+      std::normal_distribution<float> normal(0.0f, 3.0f);
+      const size_t n = size_t(c.tokens * c.heads * c.head_dim);
+      std::vector<float> x(n);
+      for (float& v : x) v = normal(rng);
+      std::vector<int64_t> positions(size_t(c.tokens));
+      for (int64_t& p : positions) p = int64_t(rng() % 100000);
+      const cpu::RopeTable rope(10000.0, c.rope_dim, std::nullopt);
+      DeviceBuffer d_x = to_device(x, "x"), d_pos = to_device(positions, "positions");
+      DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies");
+      DeviceBuffer separate = poisoned(n, "norm then rope"), fused = poisoned(n, "fused");
+      const RmsNormParams norm{.x = d_x.as<float>(), .rows = c.tokens * c.heads, .width = c.head_dim,
+                               .round_to_bf16 = round, .y = separate.as<float>()};
+      run_rms_norm(norm);
+      run_rope_apply({.x = separate.as<float>(), .tokens = c.tokens, .heads = c.heads, .head_dim = c.head_dim,
+                      .rope_dim = c.rope_dim, .frequencies = d_freq.as<float>(), .positions = d_pos.as<int64_t>()});
+      RmsNormParams with_rope = norm;
+      with_rope.y = fused.as<float>();
+      with_rope.rope_frequencies = d_freq.as<float>(), with_rope.positions = d_pos.as<int64_t>();
+      with_rope.rope_dim = c.rope_dim, with_rope.rows_per_position = c.heads;
+      run_rms_norm(with_rope);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> want = download(separate, n), got = download(fused, n);
+      for (size_t i = 0; i < n; ++i)
+        ASSERT_EQ(std::memcmp(&want[i], &got[i], 4), 0) << "element " << i << " (dim " << i % size_t(c.head_dim)
+                                                        << "): fused " << got[i] << ", separate " << want[i];
+    }
   }
 }
 

@@ -20,7 +20,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
-#include "backends/cuda/kernels/rope_apply.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kernels/to_bf16.hpp"
 #include "backends/cuda/kernels/top_k.hpp"
@@ -246,7 +245,6 @@ struct CudaModel::Impl {
     int32_t* selected;         // [T, topk]
     int32_t* counts;           // [T]
     int32_t* window_index;     // [T, W]
-    int32_t* compressed_index; // [T, max_compressed_slots]
     float* h;                  // [T, d]
     bf16* h_bf16;
     float* logits;             // [T, vocab]
@@ -256,6 +254,12 @@ struct CudaModel::Impl {
     void* hc_workspace;
     void* moe_workspace;
     void* top_k_workspace;
+  };
+
+  // The visible compressed entries of every token of a step, for the HCA layers of one ratio.
+  struct VisibleEntries {
+    int32_t* index = nullptr;   // [T, max_context / ratio]
+    int32_t* counts = nullptr;  // [T]
   };
 
   struct StepGraph {
@@ -316,6 +320,7 @@ struct CudaModel::Impl {
         max_compressed_slots = std::max<int64_t>(max_compressed_slots, c.indexer.topk);
       } else {
         max_compressed_slots = std::max(max_compressed_slots, o.max_context / ratio);
+        if (o.max_context / ratio > 0) visible_entries[ratio] = VisibleEntries{};
       }
     }
 
@@ -489,7 +494,10 @@ struct CudaModel::Impl {
     s.scores = k.take<float>(T * std::max<int64_t>(max_keys, 1));
     s.selected = k.take<int32_t>(T * std::max(c.indexer.topk, 1)), s.counts = k.take<int32_t>(T);
     s.window_index = k.take<int32_t>(T * c.window_size);
-    s.compressed_index = k.take<int32_t>(T * std::max<int64_t>(max_compressed_slots, 1));
+    for (auto& [ratio, lists] : visible_entries) {
+      lists.index = k.take<int32_t>(T * (options.max_context / ratio));
+      lists.counts = k.take<int32_t>(T);
+    }
     s.h = k.take<float>(T * d), s.h_bf16 = k.take<bf16>(T * d);
     s.logits = k.take<float>(T * c.vocab_size), s.nan_flag = k.take<int32_t>(1);
     s.attention_workspace = k.take<uint8_t>(int64_t(attention_workspace_bytes));
@@ -599,11 +607,11 @@ struct CudaModel::Impl {
     linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
     rms_norm(s.qr, floats(w.q_norm), T, ql, nullptr, s.qr_bf16);
     linear(w.wq_b, name + " wq_b", s.qr_bf16, ql, T, s.q, H * D);
-    rms_norm(s.q, nullptr, T * H, D, s.q, nullptr);
-    RopeApplyParams rope_q;
-    rope_q.x = s.q, rope_q.tokens = T, rope_q.heads = H, rope_q.head_dim = D, rope_q.rope_dim = c.rope_head_dim;
-    rope_q.frequencies = freqs, rope_q.positions = in.positions, rope_q.stream = stream;
-    run_rope_apply(rope_q);
+    RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
+    q_norm.x = s.q, q_norm.rows = T * H, q_norm.width = D, q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
+    q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
+    q_norm.rows_per_position = H, q_norm.stream = stream;
+    run_rms_norm(q_norm);
 
     // The new tokens' K = V vectors into the window ring (norm, RoPE, stored rounding in one kernel).
     linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
@@ -613,11 +621,6 @@ struct CudaModel::Impl {
     insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
     insert.dest_rows = in.ring_rows, insert.stream = stream;
     run_kv_insert(insert);
-
-    WindowIndexParams window;
-    window.positions = in.positions, window.tokens = T, window.window = c.window_size;
-    window.ring_rows = kv_cache->config().window_capacity, window.index = s.window_index, window.stream = stream;
-    run_window_index(window);
 
     // Compressed entries of the step (emitted first; each query sees only those complete at its position). Every
     // count below is a bound fixed by the buffers; what a query sees follows from its position on the device.
@@ -674,13 +677,10 @@ struct CudaModel::Impl {
         compressed_index = s.selected;
         compressed_counts = s.counts;
       } else if (keys > 0) {
-        VisibleEntriesIndexParams visible;
-        visible.positions = in.positions, visible.tokens = T, visible.entries = keys, visible.ratio = ratio;
-        visible.index = s.compressed_index, visible.counts = s.counts, visible.stream = stream;
-        run_visible_entries_index(visible);
+        const VisibleEntries& visible = visible_entries.at(ratio);
         compressed_slots = int(keys);
-        compressed_index = s.compressed_index;
-        compressed_counts = s.counts;
+        compressed_index = visible.index;
+        compressed_counts = visible.counts;
       }
     }
 
@@ -711,6 +711,19 @@ struct CudaModel::Impl {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
+
+    // What a query sees depends on its position only, not on the layer: the window lists, and per HCA ratio the
+    // visible compressed entries, once per step.
+    WindowIndexParams window;
+    window.positions = in.positions, window.tokens = T, window.window = c.window_size;
+    window.ring_rows = kv_cache->config().window_capacity, window.index = scratch.window_index, window.stream = stream;
+    run_window_index(window);
+    for (const auto& [ratio, lists] : visible_entries) {
+      VisibleEntriesIndexParams visible;
+      visible.positions = in.positions, visible.tokens = T, visible.entries = options.max_context / ratio;
+      visible.ratio = ratio, visible.index = lists.index, visible.counts = lists.counts, visible.stream = stream;
+      run_visible_entries_index(visible);
+    }
 
     EmbeddingParams embed;
     embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
@@ -915,6 +928,7 @@ struct CudaModel::Impl {
   MemoryPlan plan;
   DeviceBuffer scratch_buffer;
   Scratch scratch{};
+  std::map<int64_t, VisibleEntries> visible_entries;  // by HCA ratio
   std::map<int, StepGraph> graphs;  // decode steps by batch size
   uint8_t* staging = nullptr;       // pinned: the step's per-token inputs
   int32_t* host_nan_flag = nullptr; // pinned

@@ -1,5 +1,7 @@
 #include "backends/cuda/kernels/rms_norm.hpp"
 
+#include <algorithm>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/rms_norm.cuh"
 #include "core/error.hpp"
@@ -26,6 +28,12 @@ void check_rms_norm_params(const RmsNormParams& p) {
   const auto* y32 = reinterpret_cast<const char*>(p.y);
   check(p.y == nullptr || p.y == p.x || y32 + elements * 4 <= x || x + elements * 4 <= y32,
         "rms_norm: y must be x itself or not overlap it");
+  if (p.rope_frequencies != nullptr) {
+    check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.width && p.width % 2 == 0, "rms_norm: rope_dim ",
+          p.rope_dim, " must be even and within the even width ", p.width);
+    check(p.positions != nullptr && p.rows_per_position >= 1, "rms_norm: RoPE needs positions and rows_per_position ",
+          "≥ 1 (got ", p.rows_per_position, ")");
+  }
 }
 
 void run_rms_norm(const RmsNormParams& p) {
@@ -38,15 +46,25 @@ void run_rms_norm(const RmsNormParams& p) {
                               .eps = p.eps,
                               .round_to_bf16 = p.round_to_bf16,
                               .y = p.y,
-                              .y_bf16 = p.y_bf16};
+                              .y_bf16 = p.y_bf16,
+                              .rope_frequencies = p.rope_frequencies,
+                              .positions = p.positions,
+                              .rope_dim = int(p.rope_dim),
+                              .rows_per_position = std::max<int64_t>(p.rows_per_position, 1)};
   if (p.width <= kWarpRowMaxWidth) {
     constexpr int kRowsPerCta = rms::kThreads / 32;
     const int64_t blocks = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
     check(blocks <= 0x7FFFFFFF, "rms_norm: ", p.rows, " rows exceed the launch limit");
-    rms::rms_norm_kernel<32><<<unsigned(blocks), rms::kThreads, 0, p.stream>>>(args);
+    if (p.rope_frequencies != nullptr)
+      rms::rms_norm_kernel<32, true><<<unsigned(blocks), rms::kThreads, 0, p.stream>>>(args);
+    else
+      rms::rms_norm_kernel<32, false><<<unsigned(blocks), rms::kThreads, 0, p.stream>>>(args);
   } else {
     check(p.rows <= 0x7FFFFFFF, "rms_norm: ", p.rows, " rows exceed the launch limit");
-    rms::rms_norm_kernel<rms::kThreads><<<unsigned(p.rows), rms::kThreads, 0, p.stream>>>(args);
+    if (p.rope_frequencies != nullptr)
+      rms::rms_norm_kernel<rms::kThreads, true><<<unsigned(p.rows), rms::kThreads, 0, p.stream>>>(args);
+    else
+      rms::rms_norm_kernel<rms::kThreads, false><<<unsigned(p.rows), rms::kThreads, 0, p.stream>>>(args);
   }
   DSV4_CUDA_CHECK_LAUNCH("rms_norm");
 }

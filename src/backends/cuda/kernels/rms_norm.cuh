@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/rope.cuh"
 #include "core/bf16.hpp"
 
 namespace dsv4::cuda::rms {
@@ -29,9 +30,14 @@ struct RmsNormArgs {
   bool round_to_bf16;
   float* y;
   __nv_bfloat16* y_bf16;
+  const float* rope_frequencies;
+  const int64_t* positions;
+  int rope_dim;
+  int64_t rows_per_position;
 };
 
-template <int kGroupThreads>
+// kRope: the RoPE epilogue (its double-precision sincos costs registers the plain norms should not pay).
+template <int kGroupThreads, bool kRope>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
   static_assert(kGroupThreads == 32 || kGroupThreads == kThreads, "a row is owned by a warp or by the CTA");
   constexpr int kGroupsPerCta = kThreads / kGroupThreads;
@@ -60,13 +66,28 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs ar
   }
   if (!active) return;
   const float inv_rms = 1.0f / sqrtf(sum / float(args.width) + args.eps);
+  const int rope_begin = args.width - args.rope_dim;
+  const int64_t position = kRope ? args.positions[row / args.rows_per_position] : 0;
 #pragma unroll
   for (int j = 0; j < kValuesPerThread; ++j) {
     const int i = member + j * kGroupThreads;
-    if (i >= args.width) break;
+    // With RoPE, leave the loop uniformly over the group (its first member's element), so the partner shuffle
+    // below stays convergent.
+    if (kRope ? j * kGroupThreads >= args.width : i >= args.width) break;
     float value = values[j] * inv_rms;
-    if (args.weight != nullptr) value *= __ldg(args.weight + i);
+    if (args.weight != nullptr && (!kRope || i < args.width)) value *= __ldg(args.weight + i);
     if (args.round_to_bf16) value = round_to_bf16(value);
+    if constexpr (kRope) {
+      // Pair (2k, 2k+1) sits in lanes (2m, 2m+1) of one iteration: each lane rotates the pair, keeps its half.
+      const float partner = __shfl_xor_sync(kFullMask, value, 1);
+      if (i < args.width && i >= rope_begin) {
+        const bool even = (i & 1) == 0;
+        float x0 = even ? value : partner, x1 = even ? partner : value;
+        rope_rotate_pair(x0, x1, rope_factors(position, __ldg(args.rope_frequencies + (i - rope_begin) / 2)), false);
+        value = even ? x0 : x1;
+      }
+    }
+    if (kRope && i >= args.width) continue;  // the last iteration: no later shuffle is left to miss
     const int64_t offset = row * args.width + i;
     if (args.y != nullptr) args.y[offset] = value;
     if (args.y_bf16 != nullptr) args.y_bf16[offset] = __float2bfloat16_rn(value);

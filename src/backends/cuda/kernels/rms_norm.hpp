@@ -7,6 +7,9 @@
 //   1024 values, a CTA per row beyond; the row stays in registers, so x is read once and y may alias x.
 // - Outputs: y fp32 and/or y_bf16 (at least one); round_to_bf16 stores y rounded to bf16 in the fp32 buffer too
 //   (Reference numerics).
+// - Optional RoPE after the norm (the queries: per-head norm then rotation in one launch): with rope_frequencies,
+//   the last rope_dim dims of row r are rotated at positions[r / rows_per_position], exactly as run_rope_apply
+//   does on the normed values (bit-identical to the two launches in a row).
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
 #pragma once
 
@@ -28,6 +31,10 @@ struct RmsNormParams {
   bool round_to_bf16 = false;
   float* y = nullptr;              // [rows, width]; may alias x; may be null when y_bf16 is set
   __nv_bfloat16* y_bf16 = nullptr; // optional [rows, width]
+  const float* rope_frequencies = nullptr;  // optional device [rope_dim / 2] (RopeTable::frequencies())
+  const int64_t* positions = nullptr;       // device [rows / rows_per_position], with rope_frequencies
+  int64_t rope_dim = 0;                     // even, ≤ width
+  int64_t rows_per_position = 1;            // e.g. heads
   cudaStream_t stream = nullptr;
 };
 
