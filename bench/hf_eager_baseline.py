@@ -456,7 +456,7 @@ def main(argv: list[str]) -> int:
     weight_bytes = module_bytes(model)
     # Guards against a transformers version that leaves from_config weights uninitialised (all-equal router
     # scores would send every token to the same experts and flatter the MoE timings). One expert: no big copy.
-    routed_experts_std = float(model.model.layers[0].mlp.experts.gate_up_proj[-1].float().std())
+    routed_experts_std = float(model.model.layers[0].mlp.experts.gate_up_proj[-1].detach().float().std())
     if not routed_experts_std > 0.0:
         sys.exit(f"error: the routed experts were not randomly initialised (std {routed_experts_std})")
     parameters = sum(parameter.numel() for parameter in model.parameters())
