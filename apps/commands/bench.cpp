@@ -94,6 +94,7 @@ struct TestResult {
   std::optional<double> extrapolated_tps;
   std::optional<double> layer_ms;  // per layer, per call (prefill) or per step (decode)
   std::optional<double> fixed_ms;  // outside the layers, per step (head, argmax); decode only
+  std::optional<int> launches;     // GPU decode: kernel launches of one step (the CUDA graph's kernel nodes)
 
   std::vector<double> tps() const {
     std::vector<double> out;
@@ -174,7 +175,7 @@ std::vector<int32_t> random_ids(int64_t count, int64_t vocab, uint64_t seed) {
 
 // One warm-up run (a short one: first-call costs such as lazy initialisation and cold caches), then the repetitions.
 TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, const BenchPlan& plan) {
-  TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}};
+  TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}, {}};
   runner.prefill(random_ids(std::min<int64_t>(prompt, 64), vocab, plan.seed + 99));
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.prefill(random_ids(prompt, vocab, plan.seed + uint64_t(rep))));
@@ -182,7 +183,7 @@ TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, c
 }
 
 TestResult measure_decode(BenchRunner& runner, int64_t batch, int64_t vocab, const BenchPlan& plan) {
-  TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}};
+  TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}, {}};
   runner.decode(random_ids(batch, vocab, plan.seed + 99), 2);
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.decode(random_ids(batch, vocab, plan.seed + uint64_t(rep)), plan.generate));
@@ -235,6 +236,10 @@ void write_json(const BenchReport& r, const std::string& path) {
     if (t.extrapolated_tps) row["extrapolated_tps"] = *t.extrapolated_tps;
     if (t.layer_ms) row["layer_ms"] = *t.layer_ms;
     if (t.fixed_ms) row["fixed_ms"] = *t.fixed_ms;
+    if (t.launches) {
+      row["launches_per_step"] = *t.launches;
+      row["launches_per_layer"] = double(*t.launches) / r.layers;
+    }
     results.push_back(row);
   }
   nlohmann::json out = {{"model", r.model},   {"device", r.device_json}, {"layers", r.layers},
@@ -359,6 +364,20 @@ cuda::CudaModelOptions model_options(const std::string& device, NumericsMode num
 }
 
 double used_gib(const cuda::DeviceMemoryInfo& m) { return double(m.total_bytes - m.free_bytes) / double(1 << 30); }
+
+// "kernel launches per decode step (...): b1 412 = 11.1 per layer, b8 ...", from the decode rows.
+std::string launches_note(const BenchReport& r) {
+  std::string note;
+  for (const TestResult& t : r.results) {
+    if (!t.launches) continue;
+    char part[96];
+    std::snprintf(part, sizeof part, "%sb%lld %d = %.1f per layer", note.empty() ? "" : ", ", (long long)t.batch,
+                  *t.launches, double(*t.launches) / r.layers);
+    note += part;
+  }
+  return "kernel launches per decode step (kernel nodes of its CUDA graph, plus one argmax launch not counted; the "
+         "per-layer share counts the embedding, final norm and head in): " + note;
+}
 
 // Seconds per call of the head's linear layer and the argmax for `batch` rows: the per-step cost outside the layers
 // (the final norm and hc_head are a few KB).
@@ -485,6 +504,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     }
     if (shape.batch > 0) {
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
+      t.launches = model.decode_launches(int(shape.batch));
       const double step = t.mean_seconds() / double(plan.generate);
       const double per_layer = std::max(0.0, step - fixed) / layers;
       t.layer_ms = per_layer * 1e3;
@@ -516,11 +536,9 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   }
   report.extra["gpu_memory"] = memory;
   report.extra["gpu_memory_used_gib"] = peak_used;
-  report.extra["kernel_launches_per_layer_per_decode_step"] = nullptr;
   report.notes.push_back("GPU memory used (whole device, peak over the test groups): " + std::to_string(peak_used) +
                          " GiB");
-  report.notes.push_back("kernel launches per layer per decode step: not measured (CudaModel exposes no captured "
-                         "decode graph yet)");
+  if (!plan.decode_batches().empty()) report.notes.push_back(launches_note(report));
   report.notes.push_back("extrapolated t/s: per-layer cost of the " + std::to_string(layers) +
                          " measured layers x " + std::to_string(full.num_layers) +
                          " layers + the cost outside the layers; an extrapolation, not a measurement");
@@ -545,12 +563,16 @@ void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const 
     cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) report.results.push_back(measure_prefill(runner, p, config.vocab_size, plan));
-    if (shape.batch > 0) report.results.push_back(measure_decode(runner, shape.batch, config.vocab_size, plan));
+    if (shape.batch > 0) {
+      report.results.push_back(measure_decode(runner, shape.batch, config.vocab_size, plan));
+      report.results.back().launches = model.decode_launches(int(shape.batch));
+    }
     peak_used = std::max(peak_used, used_gib(context.memory()));
   }
   report.extra["gpu_memory_used_gib"] = peak_used;
   report.notes.push_back("GPU memory used (whole device, peak over the test groups): " + std::to_string(peak_used) +
                          " GiB");
+  if (!plan.decode_batches().empty()) report.notes.push_back(launches_note(report));
 }
 
 #endif  // DSV4_HAVE_CUDA

@@ -110,6 +110,8 @@ TEST(BenchCli, E2eRunsOnSyntheticWeights) {
   EXPECT_GT(row_rate(r.out, "tg4 @ b2"), 0.0) << r.out;
   EXPECT_NE(r.out.find("extrapolated t/s"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("(4 layers)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("kernel launches per decode step"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("b2 "), std::string::npos) << r.out;
 }
 
 }  // namespace
