@@ -523,6 +523,8 @@ inline constexpr int kKvBlockBytes = kTile * 128;            // 4 KB
 inline constexpr int kKvStageBytes = kDimBlocks * kKvBlockBytes;
 inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry as a 16-aligned span
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
+// Experiment switches of this round (DSV4_SPARSE_ATTENTION_ABLATION): parts skipped to time the rest.
+inline constexpr int kAblateCopies = 1, kAblateMath = 2, kAblateExpansion = 4, kCpAsyncCopies = 8;
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
@@ -549,7 +551,7 @@ struct D512Layout {
 
 template <bool kFp8>
 __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                             const SlotRange& range) {
+                                             const SlotRange& range, const int ablation) {
   using L = D512Layout<kFp8>;
   constexpr int R = L::kRawStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
@@ -589,11 +591,37 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   };
   const int chunks = (range.tiles + kChunkTiles - 1) / kChunkTiles;
 
-  // Warp 0 issues tile j: lane l fetches slot l with one bulk copy into raw stage j % R.
+  // Tile j into raw stage j % R. Bulk path: warp 0, lane l fetches slot l with one bulk copy. cp.async path: warp 0
+  // publishes the slots, every thread copies 8-byte (fp8) / 16-byte (bf16) pieces and arrives when they land.
   const auto issue = [&](int j) {
     const int r = j % R;
-    const int32_t phys = resolved[((j / kChunkTiles) % 2) * kD512ResolveSlots + (j % kChunkTiles) * kTile + lane];
-    raw_phys[r * kTile + lane] = phys;
+    const int32_t* ring = resolved + ((j / kChunkTiles) % 2) * kD512ResolveSlots + (j % kChunkTiles) * kTile;
+    const bool copies = (ablation & kAblateCopies) == 0;
+    if (ablation & kCpAsyncCopies) {
+      if (warp == 0) {
+        raw_phys[r * kTile + lane] = ring[lane];
+        __syncwarp();
+        if (lane == 0) sm90::mbarrier_arrive(&raw_full[r]);
+      }
+      constexpr int kPiece = kFp8 ? 8 : 16;
+      constexpr int kPieces = (kFp8 ? kFp8EntryBytes : kD512HeadDim * 2) / kPiece;
+      uint8_t* raw = smem + L::kRaw + r * L::kRawStageBytes;
+      if (copies)
+        for (int c = thread; c < kTile * kPieces; c += kWarpgroupThreads) {
+          const int n = c / kPieces, k = c - n * kPieces;
+          const int32_t phys = ring[n];
+          if (phys >= 0)
+            ptx::cp_async_or_zero<kPiece>(
+                shared_address(raw + n * L::kRawEntryBytes + (kFp8 ? (phys & 1) * 8 : 0) + k * kPiece),
+                p.cache.entry_address(phys) + k * kPiece, true);
+        }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(shared_address(&raw_full[r]))
+                   : "memory");
+      return;
+    }
+    if (warp != 0) return;
+    const int32_t phys = copies ? ring[lane] : -1;
+    raw_phys[r * kTile + lane] = ring[lane];
     const unsigned valid = __ballot_sync(0xFFFFFFFFu, phys >= 0);
     if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
     __syncwarp();
@@ -612,8 +640,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     store_resolved(chunk);
   }
   sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
-  if (warp == 0)
-    for (int j = 0; j < R && j < range.tiles; ++j) issue(j);
+  for (int j = 0; j < R && j < range.tiles; ++j) issue(j);
 
   for (int j = 0; j < range.tiles; ++j) {
     const int r = j % R, stage = j % 2;
@@ -624,7 +651,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     if (thread < kTile) tile_valid[stage * kTile + thread] = raw_phys[r * kTile + thread] >= 0;
     // 16-byte chunk `chunk` (8 dims) of block b of entry n per lane; a warp writes four whole 128-byte rows.
 #pragma unroll 4
-    for (int i = 0; i < kTile * kDimBlocks / 16; ++i) {
+    for (int i = 0; i < ((ablation & kAblateExpansion) ? 0 : kTile * kDimBlocks / 16); ++i) {
       const int row_block = (i * 4 + warp) * 4 + lane / 8;
       const int n = row_block % kTile, b = row_block / kTile, chunk = lane % 8;
       const int32_t phys = raw_phys[r * kTile + n];
@@ -665,14 +692,14 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
         if (n % kChunkTiles == 1) load_pages(next_chunk);
         if (n % kChunkTiles == 2) store_resolved(next_chunk);
       }
-      if (warp == 0) issue(n);
+      issue(n);
     }
   }
 }
 
 template <bool kFp8>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                             int head_base, const SlotRange& range) {
+                                             int head_base, const SlotRange& range, const int ablation) {
   using L = D512Layout<kFp8>;
   const int consumer = threadIdx.x / kWarpgroupThreads - 1;
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
@@ -729,6 +756,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % 2;
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
+    if (ablation & kAblateMath) {
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
+      continue;
+    }
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
@@ -845,7 +876,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
-    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
+                                 const int ablation) {
   using L = D512Layout<kFp8>;
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages.
@@ -859,7 +891,8 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
-    for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 1);
+    for (int r = 0; r < L::kRawStages; ++r)
+      sm90::mbarrier_init(&barriers[r], (ablation & kCpAsyncCopies) ? 1 + kWarpgroupThreads : 1);
     for (int s = 0; s < 2; ++s) {
       sm90::mbarrier_init(&barriers[L::kRawStages + s], kWarpgroupThreads);  // kv_full: every producer thread
       sm90::mbarrier_init(&barriers[L::kRawStages + 2 + s], 2);              // kv_empty: one per consumer
@@ -870,10 +903,10 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
-    d512_produce<kFp8>(p, smem, t, range);
+    d512_produce<kFp8>(p, smem, t, range, ablation);
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range);
+    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range, ablation);
   }
 }
 
