@@ -289,9 +289,57 @@ TEST_P(GpuBf16Model, CloseToExactAndIndependentOfChunking) {
         << "chunks of " << chunk;
 }
 
+// Why the GPU cannot match the CPU to 2e-3 on every row with bf16 activations (test_cuda_model.cu): the model's own
+// sensitivity. Every fp32 norm weight moved by one ulp (random direction), a change of the size fp32 summation order
+// makes: Exact logits move by ~1e-6, but in GpuBf16 numerics the change flips a bf16 rounding now and then, whose
+// 2^-8 step lives on in the KV window, the compressed entries and the top-k choices: rows move at bf16 scale.
+TEST_P(GpuBf16Model, OneUlpNudgesMoveRowsAtBf16ScaleWhileExactStays) {
+  const LoadedCheckpoint ckpt = load_checkpoint((fs::path(DSV4_SOURCE_DIR) / GetParam()).string());
+  ckpt.require_loadable();
+  const int64_t vocab = ckpt.config.vocab_size;
+  const std::vector<int32_t> tokens = random_tokens(150, vocab, 7);
+  // The model with its fp32 norm weights moved by one ulp in the directions `seed` picks.
+  auto nudged = [&](uint32_t seed) {
+    ModelWeights w = ckpt.weights;
+    std::mt19937 rng(seed);
+    auto nudge = [&](std::vector<float>& v) {
+      for (float& x : v) x = std::nextafter(x, rng() % 2 ? INFINITY : -INFINITY);
+    };
+    nudge(w.norm);
+    for (BlockWeights& b : w.layers) {
+      nudge(b.attn_norm), nudge(b.ffn_norm), nudge(b.attn.q_norm), nudge(b.attn.kv_norm);
+      if (b.attn.compressor) nudge(b.attn.compressor->norm);
+      if (b.attn.indexer) nudge(b.attn.indexer->compressor.norm);
+    }
+    return w;
+  };
+  auto run = [&](NumericsMode mode, const ModelWeights& weights) {
+    cpu::CpuBackend backend(ckpt.config, mode);
+    Dsv4Model model(ckpt.config, weights, backend);
+    auto seq = model.new_sequence();
+    std::vector<float> logits;
+    model.forward(*seq, tokens, LogitRows::All, logits);
+    return logits;
+  };
+  const std::vector<float> exact = run(NumericsMode::Exact, ckpt.weights);
+  const std::vector<float> like_gpu = run(NumericsMode::GpuBf16, ckpt.weights);
+  // Flips are chance events (a model with few bf16 roundings near a boundary may see none in one run): three nudges.
+  float exact_worst = 0, like_gpu_worst = 0;
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    const ModelWeights w = nudged(seed);
+    exact_worst = std::max(exact_worst, sorted_row_errors(exact, run(NumericsMode::Exact, w), vocab).back());
+    const std::vector<float> e = sorted_row_errors(like_gpu, run(NumericsMode::GpuBf16, w), vocab);
+    like_gpu_worst = std::max(like_gpu_worst, e.back());
+    std::printf("%s, one-ulp nudged norm weights (seed %u): gpu-bf16 row error median %.3g, 90th percentile %.3g, "
+                "max %.3g\n", GetParam().c_str(), seed, e[e.size() / 2], e[e.size() * 9 / 10], e.back());
+  }
+  EXPECT_LT(exact_worst, 1e-5f);
+  EXPECT_GT(like_gpu_worst, 5e-4f);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, GpuBf16Model,
                          ::testing::Values("tests/golden/flash_like", "tests/golden/pro_like-release",
-                                           "models/tiny-fortunes"),
+                                           "tests/golden/odd_sizes", "models/tiny-fortunes"),
                          [](const auto& info) {
                            std::string name = fs::path(info.param).filename().string();
                            std::replace(name.begin(), name.end(), '-', '_');
