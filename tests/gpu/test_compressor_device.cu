@@ -4,7 +4,8 @@
 // at different phases (runs of different lengths in one launch), or each whole sequence in one launch; every GPU
 // chunking is compared with the CPU's one pass per sequence. Exact numerics (fp32 entries by run, with their entry
 // numbers and slots) and reference numerics (bf16 before the norm, fp8 KV or Hadamard + fp4 indexer rounding of
-// the stored entries; bf16 output keyed by slot and entry number). Outputs are poisoned and every element checked,
+// the stored entries; bf16 output keyed by slot and entry number); and the main compressor's entries stored
+// straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every element checked,
 // as are the entry numbers known from positions.
 #include <gtest/gtest.h>
 
@@ -16,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -27,8 +29,11 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
+#include "core/e8m0.hpp"
 #include "core/error.hpp"
+#include "core/fp8_e4m3.hpp"
 #include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
@@ -72,9 +77,33 @@ struct Sequence {
   int64_t position = 0;
 };
 
-void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed) {
-  SCOPED_TRACE(std::string(c.name) + ", " + chunks);
-  const bool reference = c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output;
+// Decodes one stored KV entry (bf16, or the fp8 reference layout) to fp32.
+std::vector<float> decode_entry(const KvEntryLayout& layout, const uint8_t* entry) {
+  std::vector<float> v(size_t(layout.head_dim));
+  if (layout.format == KvEntryFormat::Bf16) {
+    for (int d = 0; d < layout.head_dim; ++d) {
+      uint16_t bits;
+      std::memcpy(&bits, entry + 2 * d, 2);
+      v[size_t(d)] = bf16_to_float(bits);
+    }
+    return v;
+  }
+  for (int d = 0; d < layout.nope_dim; ++d)
+    v[size_t(d)] = e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize]);
+  for (int d = layout.nope_dim; d < layout.head_dim; ++d) {
+    uint16_t bits;
+    std::memcpy(&bits, entry + layout.rope_offset + 2 * (d - layout.nope_dim), 2);
+    v[size_t(d)] = bf16_to_float(bits);
+  }
+  return v;
+}
+
+// to_cache: the entries go straight into a paged KV cache (bf16, or the fp8 layout for the KvFp8 cases) instead of
+// the case's own output.
+void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false) {
+  SCOPED_TRACE(std::string(c.name) + ", " + chunks + (to_cache ? ", into the KV cache" : ""));
+  const bool reference =
+      c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output || to_cache;
   const int64_t width = c.overlapping ? 2 * c.head_dim : c.head_dim;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -103,7 +132,7 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
       cpu::round_kv_reference(sq.expected.data(), sq.total, c.head_dim, c.rope_dim);
     if (c.rounding == CompressorStoredRounding::IndexerFp4)
       cpu::round_indexer_reference(sq.expected.data(), sq.total, c.head_dim);
-    if (c.bf16_output)
+    if (c.bf16_output || (to_cache && c.rounding == CompressorStoredRounding::None))
       for (float& v : sq.expected) v = round_to_bf16(v);
     sq.chunks = chunking(chunks, sq.tokens, q);
   }
@@ -116,6 +145,24 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
   DeviceBuffer d_keys(size_t(kSlots * capacity * c.head_dim) * 2, "slot entries");
   d_keys.fill_bytes(0xFF);
   DeviceBuffer d_kv(size_t(kSequences * longest * width) * 4, "step kv"), d_gate(d_kv.bytes(), "step gate");
+  // The cache: layer 1 of 2, rows of 8 entries, every slot's compressed rows backed (interleaved page order).
+  constexpr int kCacheLayer = 1, kPageRows = 8;
+  const int64_t pages_per_slot = (capacity + kPageRows - 1) / kPageRows;
+  std::optional<KvCache> cache;
+  if (to_cache) {
+    cache.emplace(KvCacheConfig{.format = c.rounding == CompressorStoredRounding::KvFp8 ? KvEntryFormat::Fp8Reference
+                                                                          : KvEntryFormat::Bf16,
+                 .head_dim = int(c.head_dim), .rope_dim = int(c.rope_dim), .layers = 2, .max_sequences = kSlots,
+                 .window_capacity = 8, .max_compressed_rows = capacity, .page_rows = kPageRows,
+                 .pages = pages_per_slot * kSlots});
+    for (int slot = 0; slot < kSlots; ++slot) ASSERT_EQ(cache->add_sequence(), slot);
+    for (int slot = kSlots - 1; slot >= 0; --slot) cache->ensure_rows(slot, kCacheLayer, KvArray::Compressed, capacity);
+    cache->upload_page_table(nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cudaMemset(cache->view().pool, 0xFF, size_t(cache->config().pages * kPageRows) *
+                                                        size_t(cache->layout().entry_bytes)),
+              cudaSuccess);
+  }
 
   for (int step = 0;; ++step) {
     // This step's runs: the next chunk of every sequence that has one.
@@ -157,7 +204,9 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
                        .rope_frequencies = d_freq.as<float>(),
                        .rope_dim = c.rope_dim,
                        .state = state.view()};
-    if (c.bf16_output) {
+    if (to_cache) {
+      p.stored_rounding = CompressorStoredRounding::None, p.cache = cache->view(), p.cache_layer = kCacheLayer;
+    } else if (c.bf16_output) {
       p.slot_entries_bf16 = d_keys.as<__nv_bfloat16>(), p.slot_entry_stride = capacity * c.head_dim;
       p.slot_entry_capacity = capacity;
     } else {
@@ -165,7 +214,7 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
     }
     run_compressor(p);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (!c.bf16_output) {
+    if (!c.bf16_output && !to_cache) {
       const std::vector<float> entries = download(d_entries, rows * size_t(c.head_dim));
       std::vector<int32_t> entry_rows(rows), entry_slots(rows);
       const std::vector<float> raw_rows = download(d_rows, rows), raw_slots = download(d_slots, rows);
@@ -193,6 +242,33 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
       }
     }
     for (size_t r = 0; r < runs.size(); ++r) in_step[r]->position += runs[r].tokens;
+  }
+  if (to_cache) {
+    // Every sequence's entries from its rows; nothing else in the pool touched.
+    const KvCacheView view = cache->view();
+    std::vector<uint8_t> pool(size_t(cache->config().pages * kPageRows) * size_t(view.layout.entry_bytes));
+    ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<int32_t> table(size_t(kSlots * 2 * 2 * view.max_pages_per_array));
+    ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<bool> written(pool.size() / size_t(view.layout.entry_bytes), false);
+    for (Sequence& sq : sequences) {
+      const int32_t* pages = &table[size_t(((sq.slot * 2 + kCacheLayer) * 2 + 1) * view.max_pages_per_array)];
+      for (int64_t w = 0; w < sq.total; ++w) {
+        const int64_t physical = int64_t(pages[w / kPageRows]) * kPageRows + w % kPageRows;
+        written[size_t(physical)] = true;
+        const std::vector<float> v = decode_entry(view.layout, &pool[size_t(physical) * view.layout.entry_bytes]);
+        sq.got.insert(sq.got.end(), v.begin(), v.end());
+        if (view.layout.format == KvEntryFormat::Fp8Reference)
+          for (int b = view.layout.scale_offset + view.layout.scale_blocks; b < view.layout.entry_bytes; ++b)
+            ASSERT_EQ(pool[size_t(physical) * view.layout.entry_bytes + size_t(b)], 0) << "pad byte " << b;
+      }
+    }
+    for (size_t e = 0; e < written.size(); ++e) {
+      if (written[e]) continue;
+      const uint8_t* entry = &pool[e * size_t(view.layout.entry_bytes)];
+      ASSERT_TRUE(std::all_of(entry, entry + view.layout.entry_bytes, [](uint8_t b) { return b == 0xFF; }))
+          << "physical entry " << e << " was written";
+    }
   }
   if (c.bf16_output) {
     std::vector<uint16_t> keys(size_t(kSlots * capacity * c.head_dim));
@@ -268,7 +344,11 @@ TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1;
   for (const CompressorCase& c : kCases)
-    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) check_case(c, chunks, seed++);
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+      check_case(c, chunks, seed++);
+      // Straight into the KV cache: the main compressor's stores (no indexer rounding, no bf16 side output).
+      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output) check_case(c, chunks, seed++, true);
+    }
 }
 
 TEST(Compressor, EntriesKnownFromPositions) {

@@ -235,9 +235,6 @@ struct CudaModel::Impl {
     float* out;                // [T, d]
     float* ckv;                // [T, 2·max(D, ID)] compressor projections
     float* cgate;
-    float* entries;            // [entry_rows, D]: the compressor's new entries by (run, entry)
-    int32_t* entry_rows;       // [entry_rows]: their entry numbers (−1: none)
-    int32_t* entry_slots;      // [entry_rows]
     float* qi;                 // [T, IH·ID]
     bf16* qi_bf16;
     float* head_weights;       // [T, IH]
@@ -307,14 +304,12 @@ struct CudaModel::Impl {
     }
     kv.pages = pages_per_sequence * o.max_sequences;
 
-    // Sizes the step buffers need: compressed entries of a step (one run of step_capacity tokens, or one per
-    // sequence), indexer keys and attention slots bounded by the context (fixed, so a captured step replays).
+    // Sizes the step buffers need: indexer keys and attention slots bounded by the context (fixed, so a captured
+    // step replays).
     const int64_t D = c.head_dim, H = c.num_heads;
     for (int i = 0; i < L; ++i) {
       if (!c.has_compressor(i)) continue;
       const int64_t ratio = c.compress_ratio(i);
-      entry_rows_capacity = std::max({entry_rows_capacity, compressor_max_entries(step_capacity, ratio),
-                                      int64_t(o.max_sequences)});
       if (c.has_indexer(i)) {
         max_keys = std::max(max_keys, o.max_context / ratio);
         max_compressed_slots = std::max<int64_t>(max_compressed_slots, c.indexer.topk);
@@ -487,8 +482,6 @@ struct CudaModel::Impl {
     s.z = k.take<float>(T * c.o_proj_dim()), s.z_bf16 = k.take<bf16>(T * c.o_proj_dim());
     s.out = k.take<float>(T * d);
     s.ckv = k.take<float>(T * cw), s.cgate = k.take<float>(T * cw);
-    s.entries = k.take<float>(entry_rows_capacity * D);
-    s.entry_rows = k.take<int32_t>(entry_rows_capacity), s.entry_slots = k.take<int32_t>(entry_rows_capacity);
     s.qi = k.take<float>(T * IH * ID), s.qi_bf16 = k.take<bf16>(T * IH * ID);
     s.head_weights = k.take<float>(T * IH);
     s.scores = k.take<float>(T * std::max<int64_t>(max_keys, 1));
@@ -630,17 +623,11 @@ struct CudaModel::Impl {
     if (w.compressor) {
       const int64_t ratio = c.compress_ratio(layer), keys = max_keys_of(layer);
       LayerState& state = layers[size_t(layer)];
+      // The new entries go straight into the compressed KV arrays (stored, and in reference numerics quantised,
+      // by the compressor's epilogue).
       CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor");
-      main.entries = s.entries, main.entry_rows = s.entry_rows, main.entry_slots = s.entry_slots;
+      main.cache = kv_cache->view(), main.cache_layer = layer;
       run_compressor(main);
-      // Already normalised and rotated by the compressor: the insert only stores (and quantises) them; rows of
-      // runs that completed no entry are skipped.
-      KvInsertParams store;
-      store.cache = kv_cache->view(), store.array = KvArray::Compressed, store.layer = layer;
-      store.rows = shape.runs * std::max<int64_t>(compressor_max_entries(shape.max_run_tokens, ratio), 1);
-      store.x = s.entries, store.sequence_slots = s.entry_slots, store.dest_rows = s.entry_rows;
-      store.stream = stream;
-      run_kv_insert(store);
       if (w.indexer) {
         const device_weights::Indexer& ix = *w.indexer;
         const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
@@ -921,7 +908,7 @@ struct CudaModel::Impl {
   std::vector<std::unique_ptr<DeviceMoeWeights>> moe;
   std::unique_ptr<KvCache> kv_cache;
   std::vector<LayerState> layers;
-  int64_t entry_rows_capacity = 0, max_keys = 0, max_compressed_slots = 0;
+  int64_t max_keys = 0, max_compressed_slots = 0;
   int attention_splits_max = 1;
   size_t attention_workspace_bytes = 0, linear_workspace_size = 0, hc_workspace_bytes = 0, moe_workspace_size = 0,
          top_k_workspace_size = 0;

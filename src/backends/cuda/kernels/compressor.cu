@@ -51,8 +51,17 @@ void check_compressor_params(const CompressorParams& p) {
   check(p.ape != nullptr && p.norm_weight != nullptr, "compressor: ape and norm weights are required");
   check(p.max_run_tokens == 0 || (p.kv != nullptr && p.gate != nullptr), "compressor: kv and gate are required");
   check(aligned8(p.kv) && aligned8(p.gate) && aligned8(p.ape), "compressor: kv, gate and ape must be 8-byte aligned");
-  check((p.entries == nullptr) != (p.slot_entries_bf16 == nullptr),
-        "compressor: give exactly one of entries (fp32) and slot_entries_bf16");
+  const bool to_cache = p.cache.pool != nullptr;
+  check(int(p.entries != nullptr) + int(p.slot_entries_bf16 != nullptr) + int(to_cache) == 1,
+        "compressor: give exactly one of entries (fp32), slot_entries_bf16 and cache");
+  if (to_cache) {
+    check(p.cache.page_table != nullptr && p.cache_layer >= 0 && p.cache_layer < p.cache.layers,
+          "compressor: cache layer ", p.cache_layer, " outside [0, ", p.cache.layers, ") or no page table");
+    check(p.cache.layout.head_dim == p.head_dim, "compressor: the cache holds entries of ", p.cache.layout.head_dim,
+          " dims, the compressor makes ", p.head_dim);
+    check(p.stored_rounding == CompressorStoredRounding::None, "compressor: stored rounding ",
+          rounding_name(p.stored_rounding), " with cache output (the cache layout rounds)");
+  }
   check(aligned8(p.entries), "compressor: entries must be 8-byte aligned");
   check(p.slot_entries_bf16 == nullptr ||
             (p.slot_entry_capacity >= 0 && p.slot_entry_stride >= p.slot_entry_capacity * p.head_dim),
@@ -105,6 +114,8 @@ void run_compressor(const CompressorParams& p) {
                                   .slot_entries_bf16 = p.slot_entries_bf16,
                                   .slot_entry_stride = p.slot_entry_stride,
                                   .slot_entry_capacity = p.slot_entry_capacity,
+                                  .cache = p.cache,
+                                  .cache_layer = p.cache_layer,
                                   .entries_per_run = entries_per_run,
                                   .cluster_ctas = cluster,
                                   .channels_per_cta = channels,

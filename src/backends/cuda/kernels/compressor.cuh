@@ -26,6 +26,7 @@
 #include "backends/cuda/compressor_state.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
+#include "backends/cuda/kernels/kv_insert.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -59,6 +60,8 @@ struct PoolArgs {
   __nv_bfloat16* slot_entries_bf16;
   int64_t slot_entry_stride;
   int64_t slot_entry_capacity;
+  KvCacheView cache;
+  int cache_layer;
   int64_t entries_per_run;
   int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
   int channels_per_cta;
@@ -306,7 +309,16 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_co
         v[1] = entry_vector[2 * pair + 1];
       }
     }
-    if (owner) {
+    if (a.cache.pool != nullptr) {
+      // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
+      if (group == 0) {
+        const KvCacheView& cache = a.cache;
+        uint8_t* stored =
+            cache.entry_address(cache.physical_entry(cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), w));
+        kv_store_pair(cache.layout, stored, channel, owner, v[0], v[1]);
+        if (blockIdx.x % a.cluster_ctas == 0) kv_store_pad(cache.layout, stored, pair);
+      }
+    } else if (owner) {
       if (a.entries != nullptr) {
         *reinterpret_cast<float2*>(a.entries + entry_row * c + channel) = make_float2(v[0], v[1]);
       } else if (w < a.slot_entry_capacity) {

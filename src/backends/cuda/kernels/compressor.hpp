@@ -14,12 +14,16 @@
 //   weight, RoPE'd on the last rope_dim dims at position ratio·w, then given the stored rounding: KvFp8 =
 //   round_kv_reference (fp8 e4m3 per 64 of the non-rope dims, bf16 rope dims), IndexerFp4 = round_indexer_reference
 //   (Hadamard, bf16, fp4 per 32; head_dim 32/64/128), None = as pooled (exact numerics).
-// - Output (one of the two):
+// - Output (one of the three):
 //   - entries fp32 [run_count · entries_per_run, c]: run r's e-th new entry at row r·entries_per_run + e, with
 //     entry_rows[row] = its entry number w and entry_slots[row] = the run's slot (both optional), and −1 in
 //     entry_rows for the rows of runs that completed fewer entries (their entries rows are not written);
 //   - slot_entries_bf16: entry w of slot s at s·slot_entry_stride + w·c (e.g. the indexer keys of every sequence);
-//     entries w ≥ slot_entry_capacity are not written.
+//     entries w ≥ slot_entry_capacity are not written;
+//   - cache (a KvCacheView with a pool): entry w of slot s stored, as kv_insert stores it (bf16, or the fp8
+//     reference layout), at row w of the Compressed array of (s, cache_layer), whose page must be allocated and
+//     uploaded; head_dim = the cache's, stored_rounding None (the layout is the rounding). The step's compressed
+//     entries then need no launch of their own.
 // - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few
 //   (decode, HCA prefill); at least one CTA per run. The run's CTA that finishes last updates its state.
 // - head_dim even and ≤ 2048; asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
@@ -32,6 +36,7 @@
 #include <cstdint>
 
 #include "backends/cuda/compressor_state.hpp"
+#include "backends/cuda/kv_cache.hpp"
 #include "core/host_device.hpp"
 
 namespace dsv4::cuda {
@@ -70,6 +75,8 @@ struct CompressorParams {
   __nv_bfloat16* slot_entries_bf16 = nullptr;  // device, entry w of slot s at s·slot_entry_stride + w·c
   int64_t slot_entry_stride = 0;      // elements
   int64_t slot_entry_capacity = 0;    // entries per slot
+  KvCacheView cache;                  // pool null: no cache output
+  int cache_layer = 0;
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }

@@ -5,6 +5,48 @@
 
 namespace dsv4::cuda {
 
+namespace {
+
+__global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __grid_constant__ KvInsertParams p) {
+  __shared__ float partials[kKvInsertMaxThreads / 32];
+  const KvEntryLayout& layout = p.cache.layout;
+  const int64_t row = blockIdx.x;
+  const int32_t dest_row = p.dest_rows[row];
+  if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
+  const int pair = threadIdx.x;
+  const int dim = 2 * pair;
+  const bool active = dim < layout.head_dim;
+
+  float x0 = 0.0f, x1 = 0.0f;
+  if (active) {
+    const float2 v = *reinterpret_cast<const float2*>(p.x + row * layout.head_dim + dim);
+    x0 = v.x;
+    x1 = v.y;
+    if (p.round_input_to_bf16) {
+      x0 = round_to_bf16(x0);
+      x1 = round_to_bf16(x1);
+    }
+  }
+  if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
+    const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
+    const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
+    if (active) {
+      x0 = x0 * inv_rms * p.norm_weight[dim];
+      x1 = x1 * inv_rms * p.norm_weight[dim + 1];
+    }
+  }
+  const int rope_pair = pair - layout.nope_dim / 2;
+  if (active && p.rope_frequencies != nullptr && rope_pair >= 0)
+    rope_rotate_pair(x0, x1, rope_factors(p.positions[row], p.rope_frequencies[rope_pair]), false);
+
+  const int32_t* pages = p.cache.pages_of(p.sequence_slots[row], p.layer, p.array);
+  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(pages, dest_row));
+  kv_store_pair(layout, entry, dim, active, x0, x1);
+  kv_store_pad(layout, entry, threadIdx.x);
+}
+
+}  // namespace
+
 void check_kv_insert_params(const KvInsertParams& p) {
   const KvEntryLayout& layout = p.cache.layout;
   check(p.cache.pool != nullptr && p.cache.page_table != nullptr, "kv_insert: the KV cache view has no pool/table");

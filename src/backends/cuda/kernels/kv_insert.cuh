@@ -1,5 +1,7 @@
-// Device code of the fused KV insert (kv_insert.hpp). One CTA per row; thread i owns the interleaved pair of dims
-// (2i, 2i+1), so RoPE is thread-local and each 64-dim fp8 scale block is exactly one warp (32 pairs).
+// Device code of the fused KV insert (kv_insert.hpp): the entry stores, shared with the compressor's epilogue (which
+// writes its entries straight into the cache). The kernel (kv_insert.cu) runs one CTA per row; thread i owns the
+// interleaved pair of dims (2i, 2i+1), so RoPE is thread-local and each 64-dim fp8 scale block is exactly one warp
+// (32 pairs).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,40 +28,11 @@ __device__ __forceinline__ float kv_insert_block_sum(float v, float* shared_part
   return total;
 }
 
-__global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __grid_constant__ KvInsertParams p) {
-  __shared__ float partials[kKvInsertMaxThreads / 32];
-  const KvEntryLayout& layout = p.cache.layout;
-  const int64_t row = blockIdx.x;
-  const int32_t dest_row = p.dest_rows[row];
-  if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
-  const int pair = threadIdx.x;
-  const int dim = 2 * pair;
-  const bool active = dim < layout.head_dim;
-
-  float x0 = 0.0f, x1 = 0.0f;
-  if (active) {
-    const float2 v = *reinterpret_cast<const float2*>(p.x + row * layout.head_dim + dim);
-    x0 = v.x;
-    x1 = v.y;
-    if (p.round_input_to_bf16) {
-      x0 = round_to_bf16(x0);
-      x1 = round_to_bf16(x1);
-    }
-  }
-  if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
-    const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
-    const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
-    if (active) {
-      x0 = x0 * inv_rms * p.norm_weight[dim];
-      x1 = x1 * inv_rms * p.norm_weight[dim + 1];
-    }
-  }
-  const int rope_pair = pair - layout.nope_dim / 2;
-  if (active && p.rope_frequencies != nullptr && rope_pair >= 0)
-    rope_rotate_pair(x0, x1, rope_factors(p.positions[row], p.rope_frequencies[rope_pair]), false);
-
-  const int32_t* pages = p.cache.pages_of(p.sequence_slots[row], p.layer, p.array);
-  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(pages, dest_row));
+// Stores dims (dim, dim + 1) of one entry, final values x0, x1, in the cache's layout. Called by every lane of a
+// warp whose 32 pairs are one 64-dim block (the fp8 scale is the block's amax, a warp reduction; rope lanes give 0,
+// a partial last block is the nope lanes of its warp); `active`: the lane holds a pair of the entry.
+__device__ __forceinline__ void kv_store_pair(const KvEntryLayout& layout, uint8_t* entry, int dim, bool active,
+                                              float x0, float x1) {
   if (layout.format == KvEntryFormat::Bf16) {
     if (active) {
       const uint32_t packed = uint32_t(float_to_bf16(x0)) | (uint32_t(float_to_bf16(x1)) << 16);
@@ -67,8 +40,6 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
     }
     return;
   }
-  // Fp8Reference: the amax of this warp's 64-dim block (rope lanes contribute 0; a partial last block is the
-  // nope lanes of its warp).
   const bool nope = active && dim < layout.nope_dim;
   float amax = nope ? fmaxf(fabsf(x0), fabsf(x1)) : 0.0f;
   for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
@@ -83,9 +54,13 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
     const uint32_t packed = uint32_t(float_to_bf16(x0)) | (uint32_t(float_to_bf16(x1)) << 16);
     *reinterpret_cast<uint32_t*>(entry + layout.rope_offset + 2 * (dim - layout.nope_dim)) = packed;
   }
-  // The pad bytes are written too, so an entry's bytes depend only on its values.
+}
+
+// The fp8 layout's pad bytes (written too, so an entry's bytes depend only on its values): byte `index` of them.
+__device__ __forceinline__ void kv_store_pad(const KvEntryLayout& layout, uint8_t* entry, int index) {
+  if (layout.format == KvEntryFormat::Bf16) return;
   const int pad_begin = layout.scale_offset + layout.scale_blocks;
-  if (threadIdx.x < layout.entry_bytes - pad_begin) entry[pad_begin + threadIdx.x] = 0;
+  if (index < layout.entry_bytes - pad_begin) entry[pad_begin + index] = 0;
 }
 
 }  // namespace dsv4::cuda
