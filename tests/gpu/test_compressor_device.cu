@@ -314,8 +314,8 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
       }
     }
     EXPECT_LE(double(flips), 0.02 * double(sq.got.size()) + 2) << flips << " rounding flips of " << sq.got.size();
-    std::printf("%s, %s, slot %d: %lld entries, max error %.3g, %lld rounding flips\n", c.name, chunks.c_str(),
-                sq.slot, (long long)sq.total, max_error, (long long)flips);
+    std::printf("%s, %s%s, slot %d: %lld entries, max error %.3g, %lld rounding flips\n", c.name, chunks.c_str(),
+                to_cache ? ", into the KV cache" : "", sq.slot, (long long)sq.total, max_error, (long long)flips);
   }
 }
 
