@@ -100,9 +100,10 @@ template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   const auto kernel = linear::quantized_linear_streamed_kernel<F, NT>;
   allow_large_shared_memory(kernel);
-  const dim3 grid(unsigned(config.row_blocks), unsigned(config.k_splits));
-  kernel<<<grid, dim3(linear::kThreadsPerCta), config.smem_bytes, stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH("quantized_linear_streamed_kernel");
+  // A programmatic launch (moe_launch.cuh): the CTAs may start their weight streams while the previous kernel in
+  // the stream drains.
+  moe::launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)),
+                      dim3(linear::kThreadsPerCta), config.smem_bytes, stream, args, "quantized_linear_streamed_kernel");
 }
 
 template <TileFormat F>

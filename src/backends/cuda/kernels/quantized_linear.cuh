@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 
@@ -158,13 +159,16 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   constexpr int64_t kStageK = st::stage_k(F);
   const int64_t stages = (split_end - split_begin) / kStageK;
 
-  // The first stages start streaming before x is staged.
+  // The first stages start streaming before x is staged, and before the previous kernel in the stream has finished
+  // (programmatic dependent launch: they read only weights); x, y and the workspace only after it has.
   if (has_rows) {
     st::init_ring(full, slots);
     __syncwarp();
     for (int j = 0; j < slots && j < stages; ++j)
       st::issue_stage<F>(w, row0, split_begin + j * kStageK, ring + j * st::slot_bytes(F), full + j);
   }
+  moe::wait_for_prior_grids();
+  moe::allow_dependents();
 
   constexpr int C = tile::detail::kChains<NT>;
   float sums[C][NT][4];

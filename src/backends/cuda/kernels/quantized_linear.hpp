@@ -16,6 +16,8 @@
 //   in the workspace) adds them in split order, so results are deterministic, and resets its ticket to 0. The
 //   workspace (quantized_linear_workspace_bytes) must be zero-filled ONCE when allocated and may then be reused
 //   by any number of launches on one stream (never by two launches running concurrently).
+// - The STREAMED path is launched as a programmatic dependent launch: its CTAs may begin streaming weights while
+//   the previous kernel in the stream drains, and read x (and write y and the workspace) only once it has completed.
 // - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
 //   is refused with an error naming the shape, format or pointer; there is no fallback path.
 #pragma once

@@ -498,7 +498,7 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
 // NOTES:
 // - Each warp owns a ring of `slots` stages in shared memory. A stage is 256 stored bytes of each of the warp's 16
 //   rows (stage_k(F) inputs: 512 fp4, 256 FP8, 128 BF16) plus their fp4 scales, brought in by cp.async.bulk
-//   (lanes 0-15 one row each, lanes 16-31 that row's scale bytes), completing on the slot's mbarrier. The copy
+//   (lanes 0-15 one row's data and scale bytes each), completing on the slot's mbarrier. The copy
 //   engine keeps up to `slots` stages per warp in flight without registers, so the bytes in flight per SM no longer
 //   depend on how many loads each thread holds, and registers only carry the step being decoded (more warps per SM
 //   for the decode). Equal stage bytes for every format let one ring serve experts of different formats.
@@ -553,15 +553,17 @@ __device__ __forceinline__ void issue_stage(const DeviceMatrixView& w, int64_t r
   constexpr int kScaleBytes = stage_scale_bytes(F);
   const int lane = threadIdx.x % kWarpSize;
   if (lane == 0) sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
-  const int row = lane % kTileRows;
+  // The copy instruction takes warp-uniform operands, so the compiler issues one copy per distinct lane in a loop:
+  // one branch of 16 lanes issuing a row's data and scales costs half of two branches of one copy each.
   if (lane < kTileRows) {
+    const int row = lane;
     ptx::cp_async_bulk_global_to_shared(shared_address(slot + row * kRowPitch),
                                         w.data + (row0 + row) * int64_t(w.data_row_bytes) + k0 * 16 / values_per_load(F),
                                         kRowBytes, shared_address(full));
-  } else if constexpr (kScaleBytes > 0) {
-    ptx::cp_async_bulk_global_to_shared(shared_address(slot + kTileRows * kRowPitch + row * kScaleBytes),
-                                        w.scales + (row0 + row) * w.scales_per_row + k0 / (stage_k(F) / kScaleBytes),
-                                        kScaleBytes, shared_address(full));
+    if constexpr (kScaleBytes > 0)
+      ptx::cp_async_bulk_global_to_shared(shared_address(slot + kTileRows * kRowPitch + row * kScaleBytes),
+                                          w.scales + (row0 + row) * w.scales_per_row + k0 / (stage_k(F) / kScaleBytes),
+                                          kScaleBytes, shared_address(full));
   }
 }
 
