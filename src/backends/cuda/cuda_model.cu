@@ -1004,7 +1004,7 @@ const float* CudaModel::decode_on_device(std::span<const int> slots, std::span<c
   Impl& m = *impl_;
   const int64_t n = int64_t(slots.size());
   check(n > 0 && slots.size() == ids.size(), "decode: ", slots.size(), " slots for ", ids.size(), " ids");
-  check(n <= m.step_capacity, "decode: ", n, " sequences exceed max_sequences ", m.options.max_sequences);
+  check(n <= m.options.max_sequences, "decode: ", n, " sequences exceed max_sequences ", m.options.max_sequences);
   check_embedding_ids(ids.data(), n, m.config.vocab_size);
   std::vector<bool> seen(m.slot_length.size(), false);
   for (const int slot : slots) {
@@ -1039,8 +1039,8 @@ cudaStream_t CudaModel::stream() const { return impl_->stream; }
 
 int CudaModel::decode_launches(int batch) {
   Impl& m = *impl_;
-  check(batch >= 1 && batch <= m.step_capacity, "decode_launches: batch ", batch, " outside [1, ",
-        m.step_capacity, "]");
+  check(batch >= 1 && batch <= m.options.max_sequences, "decode_launches: batch ", batch, " outside [1, ",
+        m.options.max_sequences, "] (max_sequences)");
   return m.decode_graph(batch).kernels;
 }
 
