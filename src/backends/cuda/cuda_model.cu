@@ -825,12 +825,14 @@ struct CudaModel::Impl {
     DSV4_CUDA_CHECK(cudaMemcpyAsync(host_nan_flag, scratch.nan_flag, sizeof(int32_t), cudaMemcpyDeviceToHost,
                                     stream));
     DSV4_CUDA_CHECK(cudaEventRecord(flag_copied, stream));
+    flag_pending = true;
   }
 
   // Throws when the indexer met a NaN score in a step since the last check whose flag copy has landed (wait: block
-  // until it has), marking that step's slots failed.
+  // until it has), marking the slots stepped since then failed (one flag serves a whole step; released slots are
+  // out of the list, and with none left the flag is only cleared).
   void check_nan_flag(bool wait) {
-    if (unchecked_slots.empty()) return;
+    if (!flag_pending) return;
     if (wait) {
       DSV4_CUDA_CHECK(cudaEventSynchronize(flag_copied));
     } else {
@@ -838,12 +840,14 @@ struct CudaModel::Impl {
       if (status == cudaErrorNotReady) return;
       DSV4_CUDA_CHECK(status);
     }
+    flag_pending = false;
     const bool nan = *host_nan_flag != 0;
     std::vector<int> stepped;
     stepped.swap(unchecked_slots);
     if (!nan) return;
     *host_nan_flag = 0;
     DSV4_CUDA_CHECK(cudaMemsetAsync(scratch.nan_flag, 0, sizeof(int32_t), stream));
+    if (stepped.empty()) return;
     for (int slot : stepped)
       if (slot_length[size_t(slot)] >= 0) slot_length[size_t(slot)] = kFailedSlot;
     fail("CUDA model: the indexer produced NaN scores (a weight or activation is not finite); sequence slot(s) of ",
@@ -921,6 +925,7 @@ struct CudaModel::Impl {
   int32_t* host_nan_flag = nullptr; // pinned
   cudaEvent_t inputs_copied = nullptr, flag_copied = nullptr;
   std::vector<int> unchecked_slots;  // slots stepped since the NaN flag was last read
+  bool flag_pending = false;         // a NaN flag copy was queued since the flag was last read
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot
 };
 
@@ -955,8 +960,9 @@ int CudaModel::add_sequence() {
 void CudaModel::release_sequence(int slot) {
   check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] != kFreeSlot,
         "CUDA model: sequence slot ", slot, " is not in use");
-  // A step still queued may write the slot's pages: they return to the pool only once it has finished.
-  DSV4_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  // No wait for queued steps: a freed page is only written again by a later step, ordered after them on the stream.
+  // A NaN check still pending for the slot is dropped with it (the slot may be reused at once).
+  std::erase(impl_->unchecked_slots, slot);
   impl_->kv_cache->release_sequence(slot);
   impl_->slot_length[size_t(slot)] = kFreeSlot;
 }
