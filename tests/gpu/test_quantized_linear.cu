@@ -440,21 +440,23 @@ TEST(QuantizedLinear, SplitKIsDeterministicAndLeavesTicketsZero) {
     for (float& v : values) v = normal(rng);
     const OwnedQuantizedMatrix host = quantize(format, values, kRows, kCols);
     const DeviceMatrix weight(host.matrix, "split-K weight");
-    for (const int tokens : {1, 16, 17}) {  // streamed (1 and 2 token tiles) and aligned
-      SCOPED_TRACE(std::string(name_of(format)) + " T=" + std::to_string(tokens));
-      const QuantizedLinearConfig config = choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors);
-      ASSERT_GT(config.k_splits, 1) << "the case must exercise split-K";
-      std::vector<uint16_t> x(size_t(tokens * kCols));
-      for (uint16_t& v : x) v = float_to_bf16(normal(rng) * 20.0f);
-      DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
-      const DeviceRun first = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace);
-      const DeviceRun second = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace);
-      ASSERT_EQ(std::memcmp(first.y.data(), second.y.data(), first.y.size() * sizeof(float)), 0)
-          << "split-K results differ between two runs";
-      std::vector<uint32_t> tickets(config.ticket_bytes / sizeof(uint32_t));
-      workspace.download(tickets.data(), config.ticket_bytes);
-      for (size_t i = 0; i < tickets.size(); ++i) ASSERT_EQ(tickets[i], 0u) << "ticket " << i << " left non-zero";
-    }
+    for (const int tokens : {1, 16, 17})  // streamed (1 and 2 token tiles) and aligned
+      for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
+        SCOPED_TRACE(std::string(name_of(format)) + " T=" + std::to_string(tokens) + " " + path_name(path));
+        const QuantizedLinearConfig config =
+            choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
+        ASSERT_GT(config.k_splits, 1) << "the case must exercise split-K";
+        std::vector<uint16_t> x(size_t(tokens * kCols));
+        for (uint16_t& v : x) v = float_to_bf16(normal(rng) * 20.0f);
+        DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
+        const DeviceRun first = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace, path);
+        const DeviceRun second = run_on_device(weight, x, kCols, kRows, tokens, 1, workspace, path);
+        ASSERT_EQ(std::memcmp(first.y.data(), second.y.data(), first.y.size() * sizeof(float)), 0)
+            << "split-K results differ between two runs";
+        std::vector<uint32_t> tickets(config.ticket_bytes / sizeof(uint32_t));
+        workspace.download(tickets.data(), config.ticket_bytes);
+        for (size_t i = 0; i < tickets.size(); ++i) ASSERT_EQ(tickets[i], 0u) << "ticket " << i << " left non-zero";
+      }
   }
 }
 

@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <mutex>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
@@ -80,26 +79,11 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-// Above 48 KiB of dynamic shared memory a kernel must opt in, per kernel and device: once per device, to the
-// device's maximum, so no launch (nor a CUDA-graph capture) pays for it again.
-template <class Kernel>
-void allow_large_shared_memory(Kernel kernel) {
-  static std::mutex mutex;
-  static uint64_t done_devices = 0;
-  int device = 0, max_bytes = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  const std::lock_guard lock(mutex);
-  if ((done_devices & bit) != 0) return;
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_bytes));
-  done_devices |= bit;
-}
-
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   const auto kernel = linear::quantized_linear_streamed_kernel<F, NT>;
-  allow_large_shared_memory(kernel);
+  // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; cheap, set every launch).
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.smem_bytes)));
   // A programmatic launch (moe_launch.cuh): the CTAs may start their weight streams while the previous kernel in
   // the stream drains.
   moe::launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)),
@@ -131,9 +115,9 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
 }
 
 // Hopper (sm_90): shared memory of one SM, of which the hardware reserves 1 KiB per resident CTA, and the most one
-// CTA may take.
+// CTA may take dynamically (227 KiB less a margin for the kernel's static barriers).
 constexpr size_t kSharedMemoryPerSm = 228 * 1024;
-constexpr size_t kSharedMemoryPerCta = 227 * 1024;
+constexpr size_t kSharedMemoryPerCta = 226 * 1024;
 constexpr size_t kSharedMemoryReservedPerCta = 1024;
 // The STREAMED path's x tile budget: T = 1 stages up to 8 K inputs at once; more tokens stage in shorter chunks.
 constexpr size_t kStreamedXTileBudget = 16 * 1024;
@@ -176,7 +160,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
   config.load_path = load_path != WeightLoadPath::AUTO ? load_path
-                     : streamed_possible                ? WeightLoadPath::STREAMED
                      : aligned_possible                 ? WeightLoadPath::ALIGNED
                                                         : WeightLoadPath::GENERIC;
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;

@@ -41,7 +41,7 @@ inline constexpr int kLinearMaxTokens = 64;
 // plus K a multiple of 256 stored bytes (512 fp4, 256 FP8, 128 BF16 inputs) and at most kLinearMaxStreamedTokens
 // tokens (every DSV4 shape at decode): each warp's
 // rows stream through a shared-memory ring filled by bulk copies, which keeps more bytes in flight per SM. AUTO
-// takes STREAMED, else ALIGNED, else GENERIC, whichever applies first.
+// takes ALIGNED, else GENERIC (STREAMED only when asked for, until it is measured on a device).
 enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
 
 inline constexpr int kLinearMaxStreamedTokens = 16;
