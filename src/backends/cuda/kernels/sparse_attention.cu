@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/sparse_attention.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -68,12 +67,6 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
          layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && p.cache.page_shift >= 1;
 }
 
-// This round's experiment switches (sparse_attention_detail::kAblate*), from DSV4_SPARSE_ATTENTION_ABLATION.
-int ablation_from_environment() {
-  const char* value = std::getenv("DSV4_SPARSE_ATTENTION_ABLATION");
-  return value != nullptr ? std::atoi(value) : 0;
-}
-
 template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
@@ -82,7 +75,7 @@ void launch_d512(const SparseAttentionParams& p) {
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const int64_t ctas = p.tokens * head_blocks * p.splits;
-  kernel<<<unsigned(ctas), kD512Threads, size_t(kBytes), p.stream>>>(p, head_blocks, ablation_from_environment());
+  kernel<<<unsigned(ctas), kD512Threads, size_t(kBytes), p.stream>>>(p, head_blocks);
   DSV4_CUDA_CHECK_LAUNCH("sparse_attention (head_dim 512, wgmma)");
 }
 

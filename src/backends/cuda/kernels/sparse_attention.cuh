@@ -484,9 +484,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 // One CTA = one query × 64 heads × one split of the query's slot list, 384 threads:
 // - warpgroup 0, the producer: all 128 threads resolve the physical entries of 128 slots (4 tiles) at a time, one
 //   chunk ahead, the dependent index and page-table loads spread over three tiles so that no thread waits on them;
-//   warp 0 fetches each entry with one bulk copy into a ring of raw stages (completion on an mbarrier); then all four
-//   warps expand a raw stage into a bf16 KV stage in the 128B-swizzled layout wgmma reads (fp8 entries dequantised
-//   exactly: e4m3 · 2^k needs ≤ 4 significant bits), zeros for unused slots so that their weight 0 never meets a NaN;
+//   each warp fetches 8 of a tile's entries, one bulk copy each, into a ring of raw stages (completion on an mbarrier);
+//   then all four warps expand a raw stage into a bf16 KV stage in the 128B-swizzled layout wgmma reads (fp8
+//   entries dequantised exactly: e4m3 · 2^k needs ≤ 4 significant bits), zeros for unused slots so that their
+//   weight 0 never meets a NaN;
 // - warpgroups 1 and 2, the consumers: consumer c owns dims [256c, 256c + 256) of Q and of the output. Per tile:
 //   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), the two partial scores summed through shared
 //   memory in a fixed order (both consumers hold identical S), online softmax in registers, then
@@ -505,11 +506,14 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   blocks kKvBlockBytes apart, the leading-dimension offset).
 // - Two KV stages: the producer fills stage (j + 1) % 2 while the consumers use stage j % 2. Exchange buffers
 //   alternate with the tile too, so one named barrier per tile orders the partial scores.
-// - Measured on an H200: about 4.5 µs per 32-entry tile per CTA whether the entries come from HBM (decode) or from
-//   L2 (prefill), and bf16 entries (1024-byte copies, no dequantisation) are only about 20 % faster than fp8: the
-//   per-tile chain (32 single-entry bulk copies, warp 0's index → page-table lookups, the lock-step score exchange)
-//   sets the pace, not bandwidth or the tensor cores. A separate loader warp with an L2 prefetch ring plus a
-//   one-tile lookahead of the scores (three KV stages) measured about 12 % slower, so this simpler form stays.
+// - Measured on an H200 (session 11, ncu PC sampling on Flash CSA, batch 256): the producer set the pace at ≈ 4.5 µs
+//   per 32-entry tile whether entries came from HBM or L2. Consumers spent a third of their samples waiting on
+//   kv_full; the producer half its time in the expansion loop (a branchy, dependent shared-load → convert → store
+//   chain per chunk: latency-bound with four warps), a fifth in the producer barrier while warp 0 alone issued the
+//   32 bulk copies (each copy loops the issuing lane through uniform registers), and the per-tile warp-0 index →
+//   page-table lookups before that. Hence the chunked resolve ahead, the copies spread over the four warps and the
+//   branch-free expansion with each entry's loads ahead of its conversions. 8-byte cp.async copies by all producer
+//   threads instead of bulk copies measured 20-30 % slower (prefill).
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -523,8 +527,7 @@ inline constexpr int kKvBlockBytes = kTile * 128;            // 4 KB
 inline constexpr int kKvStageBytes = kDimBlocks * kKvBlockBytes;
 inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry as a 16-aligned span
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
-// Experiment switches of this round (DSV4_SPARSE_ATTENTION_ABLATION): parts skipped to time the rest.
-inline constexpr int kAblateCopies = 1, kAblateMath = 2, kAblateExpansion = 4, kCpAsyncCopies = 8;
+inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each producer warp issues per tile
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
@@ -551,7 +554,7 @@ struct D512Layout {
 
 template <bool kFp8>
 __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                             const SlotRange& range, const int ablation) {
+                                             const SlotRange& range) {
   using L = D512Layout<kFp8>;
   constexpr int R = L::kRawStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
@@ -591,44 +594,22 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   };
   const int chunks = (range.tiles + kChunkTiles - 1) / kChunkTiles;
 
-  // Tile j into raw stage j % R. Bulk path: warp 0, lane l fetches slot l with one bulk copy. cp.async path: warp 0
-  // publishes the slots, every thread copies 8-byte (fp8) / 16-byte (bf16) pieces and arrives when they land.
+  // Tile j into raw stage j % R: warp w fetches slots [8w, 8w + 8), lanes 0-7 one bulk copy each, so the four warps'
+  // copy loops (each copy takes the issuing lane through uniform registers, one lane at a time) run side by side.
   const auto issue = [&](int j) {
     const int r = j % R;
-    const int32_t* ring = resolved + ((j / kChunkTiles) % 2) * kD512ResolveSlots + (j % kChunkTiles) * kTile;
-    const bool copies = (ablation & kAblateCopies) == 0;
-    if (ablation & kCpAsyncCopies) {
-      if (warp == 0) {
-        raw_phys[r * kTile + lane] = ring[lane];
-        __syncwarp();
-        if (lane == 0) sm90::mbarrier_arrive(&raw_full[r]);
-      }
-      constexpr int kPiece = kFp8 ? 8 : 16;
-      constexpr int kPieces = (kFp8 ? kFp8EntryBytes : kD512HeadDim * 2) / kPiece;
-      uint8_t* raw = smem + L::kRaw + r * L::kRawStageBytes;
-      if (copies)
-        for (int c = thread; c < kTile * kPieces; c += kWarpgroupThreads) {
-          const int n = c / kPieces, k = c - n * kPieces;
-          const int32_t phys = ring[n];
-          if (phys >= 0)
-            ptx::cp_async_or_zero<kPiece>(
-                shared_address(raw + n * L::kRawEntryBytes + (kFp8 ? (phys & 1) * 8 : 0) + k * kPiece),
-                p.cache.entry_address(phys) + k * kPiece, true);
-        }
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(shared_address(&raw_full[r]))
-                   : "memory");
-      return;
-    }
-    if (warp != 0) return;
-    const int32_t phys = copies ? ring[lane] : -1;
-    raw_phys[r * kTile + lane] = ring[lane];
+    const int slot = warp * kIssueSlotsPerWarp + lane;
+    const int32_t phys = lane < kIssueSlotsPerWarp
+                             ? resolved[((j / kChunkTiles) % 2) * kD512ResolveSlots + (j % kChunkTiles) * kTile + slot]
+                             : -1;
+    if (lane < kIssueSlotsPerWarp) raw_phys[r * kTile + slot] = phys;
     const unsigned valid = __ballot_sync(0xFFFFFFFFu, phys >= 0);
-    if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
     __syncwarp();
+    if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
     if (phys >= 0) {
       const uint8_t* src = p.cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
       ptx::cp_async_bulk_global_to_shared(
-          shared_address(smem + L::kRaw + r * L::kRawStageBytes + lane * L::kRawEntryBytes), src, L::kRawEntryBytes,
+          shared_address(smem + L::kRaw + r * L::kRawStageBytes + slot * L::kRawEntryBytes), src, L::kRawEntryBytes,
           shared_address(&raw_full[r]));
     }
   };
@@ -649,34 +630,43 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     const uint8_t* raw = smem + L::kRaw + r * L::kRawStageBytes;
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes;
     if (thread < kTile) tile_valid[stage * kTile + thread] = raw_phys[r * kTile + thread] >= 0;
-    // 16-byte chunk `chunk` (8 dims) of block b of entry n per lane; a warp writes four whole 128-byte rows.
-#pragma unroll 4
-    for (int i = 0; i < ((ablation & kAblateExpansion) ? 0 : kTile * kDimBlocks / 16); ++i) {
-      const int row_block = (i * 4 + warp) * 4 + lane / 8;
-      const int n = row_block % kTile, b = row_block / kTile, chunk = lane % 8;
+    // Thread (warp, lane) expands the 16-byte chunk `lane % 8` (8 dims) of all eight 64-dim blocks of entries n0 and
+    // n0 + 16; a warp's store writes four whole 128-byte rows. Branch-free, each entry's loads issued before its
+    // conversions (the loop is latency-bound otherwise); an unused slot's stale bytes are replaced by zeros.
+    const int chunk = lane % 8, n0 = warp * 4 + lane / 8;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int n = n0 + 16 * e;
       const int32_t phys = raw_phys[r * kTile + n];
-      uint4 out = make_uint4(0, 0, 0, 0);
-      if (phys >= 0) {
-        if constexpr (kFp8) {
-          const uint8_t* entry = raw + n * kFp8SpanBytes + (phys & 1) * 8;
-          if (b < kFp8NopeDim / 64) {
-            const uint2 codes = *reinterpret_cast<const uint2*>(entry + 64 * b + 8 * chunk);
-            const float scale = e8m0_to_float(entry[kFp8ScaleOffset + b]);
-            out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
-          } else {
-            // The bf16 rope dims are only 8-byte aligned in the span.
-            const uint2 lo = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk);
-            const uint2 hi = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk + 8);
-            out = make_uint4(lo.x, lo.y, hi.x, hi.y);
-          }
-        } else {
-          out = *reinterpret_cast<const uint4*>(raw + n * L::kRawEntryBytes + b * 128 + chunk * 16);
+      uint4 out[kDimBlocks];
+      if constexpr (kFp8) {
+        const uint8_t* entry = raw + n * kFp8SpanBytes + (phys & 1) * 8;
+        uint2 codes[kFp8NopeDim / 64];
+#pragma unroll
+        for (int b = 0; b < kFp8NopeDim / 64; ++b)
+          codes[b] = *reinterpret_cast<const uint2*>(entry + 64 * b + 8 * chunk);
+        // The bf16 rope dims are only 8-byte aligned in the span.
+        const uint2 rope_lo = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk);
+        const uint2 rope_hi = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk + 8);
+        const uint2 scales = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
+#pragma unroll
+        for (int b = 0; b < kFp8NopeDim / 64; ++b) {
+          const float scale = e8m0_to_float(uint8_t((b < 4 ? scales.x >> (8 * b) : scales.y >> (8 * (b - 4))) & 0xFF));
+          out[b] = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes[b].x), scale),
+                              e4m3x2_to_bf16x2(uint16_t(codes[b].x >> 16), scale),
+                              e4m3x2_to_bf16x2(uint16_t(codes[b].y), scale),
+                              e4m3x2_to_bf16x2(uint16_t(codes[b].y >> 16), scale));
         }
+        out[kDimBlocks - 1] = make_uint4(rope_lo.x, rope_lo.y, rope_hi.x, rope_hi.y);
+      } else {
+#pragma unroll
+        for (int b = 0; b < kDimBlocks; ++b)
+          out[b] = *reinterpret_cast<const uint4*>(raw + n * L::kRawEntryBytes + b * 128 + chunk * 16);
       }
-      *reinterpret_cast<uint4*>(kv + b * kKvBlockBytes + n * 128 + ((chunk ^ (n % 8)) * 16)) = out;
+#pragma unroll
+      for (int b = 0; b < kDimBlocks; ++b)
+        *reinterpret_cast<uint4*>(kv + b * kKvBlockBytes + n * 128 + ((chunk ^ (n % 8)) * 16)) =
+            phys >= 0 ? out[b] : make_uint4(0, 0, 0, 0);
     }
     sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
     sm90::mbarrier_arrive(&kv_full[stage]);
@@ -699,7 +689,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
 
 template <bool kFp8>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                             int head_base, const SlotRange& range, const int ablation) {
+                                             int head_base, const SlotRange& range) {
   using L = D512Layout<kFp8>;
   const int consumer = threadIdx.x / kWarpgroupThreads - 1;
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
@@ -756,10 +746,6 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % 2;
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
-    if (ablation & kAblateMath) {
-      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
-      continue;
-    }
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
@@ -876,8 +862,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
-    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                 const int ablation) {
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
   using L = D512Layout<kFp8>;
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages.
@@ -891,8 +876,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
-    for (int r = 0; r < L::kRawStages; ++r)
-      sm90::mbarrier_init(&barriers[r], (ablation & kCpAsyncCopies) ? 1 + kWarpgroupThreads : 1);
+    for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 4);  // raw_full: one per warp
     for (int s = 0; s < 2; ++s) {
       sm90::mbarrier_init(&barriers[L::kRawStages + s], kWarpgroupThreads);  // kv_full: every producer thread
       sm90::mbarrier_init(&barriers[L::kRawStages + 2 + s], 2);              // kv_empty: one per consumer
@@ -903,10 +887,10 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
-    d512_produce<kFp8>(p, smem, t, range, ablation);
+    d512_produce<kFp8>(p, smem, t, range);
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range, ablation);
+    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range);
   }
 }
 
