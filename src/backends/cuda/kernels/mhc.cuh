@@ -3,20 +3,19 @@
 // NOTES:
 // - hc_pre's cost is the projection m[T, R] = X[T, n·d] · fnᵀ (R = 24 rows, 4 for hc_head), a skinny GEMM of 24
 //   MACs per X value: as fp32 FMAs that is as long as streaming X itself, so it runs on the tensor cores in 3xTF32
-//   (x = big + small, both tf32; big·big + big·small + small·big keeps ≈ 2⁻²² of each product, fp32-class, against
-//   the tests' 64-ulp budget). Per warp the K chains are 32 columns long; warps, slices and tokens are summed in
-//   fp32 in a fixed order, so reruns are bit-identical.
-// - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams (ds = 64, or 32 when a
-//   decode-sized launch needs more CTAs) and keeps its columns of fn in registers as MMA B fragments, then walks the
-//   token tiles g, g + G, … of 16 tokens. X tiles stream in kStages (10-12) deep through per-thread 16-byte cp.async
-//   copies (coalesced 256-byte rows) that complete on the stage's mbarrier (cp.async.mbarrier.arrive.noinc, one
-//   arrival per thread).
-// - Measured (H200, session 11): with the cross-CTA words read at the start of the iteration that waits for them,
-//   every tile cost ≈ 5 µs per CTA whatever its size (33 KB or 21 KB), its pipeline slack (1 or 4 iterations) or
-//   its copy mechanism (64 bulk copies or per-thread cp.async): a loaded L2 round trip per iteration. So each
-//   iteration's words are read kReadAhead (2-3) iterations ahead into a register ring, one slot per iteration mod
-//   kReadAhead (the loop is unrolled by it to keep the indices static), and the hops get the slack of the 10-12
-//   stage ring that 64-dim slices at one CTA per SM allow (128-dim slices held only 6).
+//   (x = big + small, big tf32-rounded, small the exact rest, truncated to tf32 by the tensor core; big·big +
+//   big·small + small·big keeps ≈ 2⁻²⁰ of each product, fp32-class, against the tests' 64-ulp (≈ 2⁻¹⁸) budget).
+//   Per warp the K chains are 32 columns long; warps, slices and tokens are summed in fp32 in a fixed order, so
+//   reruns are bit-identical.
+// - Measured (H200, session 11): a tile costs a CTA ≈ 4-5 µs whatever its bytes (33 or 17 KB), its pipeline slack
+//   (1-4 iterations), its copy mechanism (64 bulk copies or per-thread cp.async) or how early the other CTAs' words
+//   are read; what tracked the time was the size of the per-tile loop's code (17-38 KB of SASS, beyond the
+//   instruction caches, and cold at decode sizes). So the loop is kept short: fixed per-thread copy offsets, no
+//   per-tile integer division, the re-poll of a stale word out of line, half the tf32 conversions.
+// - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams and keeps its columns of fn
+//   in registers as MMA B fragments, then walks the token tiles g, g + G, … of 16 tokens. X tiles stream in kStages
+//   deep through per-thread 16-byte cp.async copies (4 per thread per tile, coalesced rows) that complete on the
+//   stage's mbarrier (cp.async.mbarrier.arrive.noinc, one arrival per thread).
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -25,11 +24,12 @@
 //   rows × tokens by slice i mod S, one warp per item, slices in a fixed order then a butterfly: deterministic); every
 //   CTA then reads the Σx² and pre rows of its tile and collapses its still-staged slice. Software pipelining over
 //   the tiles: projection of tile j, sums of tile j − kSumLag, collapse of tile j − kCollapseLag, as deep as the
-//   staged tiles allow.
+//   staged tiles allow, so no CTA waits for another's work of the same or the previous iteration.
 // - Every value one CTA hands another is a 64-bit word (value, launch tag) written and read with single-copy-atomic
 //   relaxed accesses: a reader checks the tag and needs no counter, fence or flag, and nothing has to be reset. The
 //   tag is the workspace's launch epoch + 1; the last CTA to finish advances the epoch. Every thread reads the epoch
-//   itself after issuing its first copies, so that read's latency overlaps them. A stale tag is re-read.
+//   itself after issuing its first copies, so that read's latency overlaps them. Reads of other CTAs' words are
+//   issued before the projection and checked after it, so their latency hides behind it; a stale tag is re-read.
 // - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
 //   of tile j by slice j mod S, 8 tokens per warp.
 // - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
@@ -70,10 +70,13 @@ inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStre
 template <bool kHead>
 inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
 
-// One warp per 32 columns of the CTA's 4·ds. One CTA per SM at 64-dim slices, two at 32: ~200 registers each
-// (the read-ahead ring), and 10-12 staged X tiles, the slack the cross-CTA hops are pipelined over.
+// One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap. The fused
+// variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
+// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre: 6 at 128-dim slices, 5 at narrower ones).
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
-__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims) { return slice_dims >= 64 ? 1 : 2; }
+__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post) {
+  return post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+}
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
 
 __host__ __device__ constexpr int stage_bytes(int slice_dims) {
@@ -91,7 +94,7 @@ __host__ __device__ constexpr int post_ring_bytes(int slice_dims, bool post) {
 // Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
 // driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
 __host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post) {
-  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims) - 1024 - 512;
+  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post) - 1024 - 512;
   const int fixed = warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
   const int fit = (budget - fixed) / stage_bytes(slice_dims);
   const int capped = fit < kMaxStages ? fit : kMaxStages;
@@ -153,14 +156,20 @@ __device__ inline unsigned long long tagged(float value, unsigned tag) {
   return (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(value);
 }
 
-// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden); re-read until the
-// writer's store has landed.
-__device__ inline float tagged_value(unsigned long long word, const unsigned long long* address, unsigned tag) {
-  while (unsigned(word >> 32) != tag) {
+// Re-reads a tagged word until the writer's store has landed: out of line, so the per-tile loop stays short.
+__device__ __noinline__ float wait_for_tag(const unsigned long long* address, unsigned tag) {
+  unsigned long long word;
+  do {
     __nanosleep(32);
     word = load_relaxed_u64(address);
-  }
+  } while (unsigned(word >> 32) != tag);
   return __uint_as_float(unsigned(word));
+}
+
+// The value of a tagged word once it carries `tag`: `word` was read earlier (its latency hidden).
+__device__ __forceinline__ float tagged_value(unsigned long long word, const unsigned long long* address,
+                                              unsigned tag) {
+  return unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -183,10 +192,12 @@ __device__ inline uint32_t to_tf32(float x) {
   return bits;
 }
 
-// x ≈ big + small with both tf32: big keeps the top 11 significant bits, small (exact x − big, rounded) the next 11.
+// x ≈ big + small: big = x rounded to tf32 (its top 11 significant bits), small = x − big (exact) passed as it is:
+// the tensor core reads a tf32 operand's top 19 bits, so small loses at most 2⁻¹⁰ of itself, ≤ 2⁻²¹·|x|. The
+// emulated cvt.rna is the costlier half of a split (≈ 4 instructions), and 40 splits run per thread per tile.
 __device__ inline void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = to_tf32(x);
-  small = to_tf32(x - __uint_as_float(big));
+  small = __float_as_uint(x - __uint_as_float(big));
 }
 
 // D += A·B on the tensor cores, tf32 inputs, fp32 accumulators (PTX "mma.m16n8k8" .tf32). With g = lane / 4 and
@@ -256,17 +267,9 @@ __device__ inline void sinkhorn_4x4(float (&v)[kStreams], int iters, float eps) 
   }
 }
 
-// One iteration's cross-CTA words, read kReadAhead iterations before they are waited for: a lane's slice words of
-// its sum item, and a pre reader's Σx² and mix.
-struct EarlyReads {
-  unsigned long long words[kMaxSliceWords];
-  unsigned long long squares;
-  unsigned long long mix;
-};
-
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
 template <bool kHead, bool kPost, int kSliceDims>
-__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims))
+__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
     hc_projection_kernel(const ProjectionArgs args) {
   constexpr int kThreads = projection_threads(kSliceDims);
   constexpr int kWarps = kThreads / 32;
@@ -282,14 +285,10 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
   // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
   constexpr int kCollapseLag = kStages - 3;
-  // Words another CTA publishes in iteration i are read in iteration i + margin and waited for kReadAhead
-  // iterations later: each hop's lag is kReadAhead + its margin (≥ 1, the sums' hop gets the odd one).
-  constexpr int kReadAhead = (kCollapseLag - 2) / 2;
-  constexpr int kSumLag = kReadAhead + (kCollapseLag - 2 * kReadAhead + 1) / 2;
+  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(kReadAhead >= 2 && kSumLag - kReadAhead >= 1 && kCollapseLag - kSumLag - kReadAhead >= 1,
-                "each cross-CTA hop needs its read-ahead and an iteration of margin");
-  static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
+  static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
+  static_assert(kSliceDims % 32 == 0 && kSliceDims <= 128, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
@@ -330,25 +329,28 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   }
   __syncthreads();
 
-  // Every thread stages its share of the CTA's j-th X tile (4 vectors of the 16 tokens × 4 streams × ds), then
-  // arrives on the stage's barrier once they land.
+  // Every thread stages its share of the CTA's j-th X tile, then arrives on the stage's barrier once it lands: 4
+  // vectors, (token vt / 4 + 4q, stream vt % 4, dims vi .. vi + 3) for q < 4, with vt / vi as in the update and the
+  // collapse (the tile's 64 (token, stream) rows are vt + 16q). Offsets fixed per thread keep the loop short.
+  const int vt = tid / kVectorsPerRow, vi = (tid % kVectorsPerRow) * 4;
+  const int copy_t = vt / kStreams;
+  const int copy_offset = copy_t * kLdx + (vt % kStreams) * kSliceDims + vi;
+  const float* const copy_src = args.X + int64_t(vt) * d + i0 + vi;
+  constexpr int kCopiesPerThread = kTileTokens * kStreams / (kThreads / kVectorsPerRow);
+  static_assert(kCopiesPerThread == 4, "16 tokens × 4 streams of vectors over 16 thread rows");
   const auto load_tile = [&](int j) {
     const int b = j % kStages;
-    const int64_t t0 = tile_of(j) * kTileTokens;
-    const int rows = valid_of(j) * kStreams;
+    const int valid = valid_of(j);
+    const float* const src = copy_src + tile_of(j) * kTileTokens * flat;
+    if (vi < width)
 #pragma unroll
-    for (int v = tid; v < kTileTokens * kStreams * kVectorsPerRow; v += kThreads) {
-      const int r = v / kVectorsPerRow, i = (v % kVectorsPerRow) * 4;
-      const int t = r / kStreams, s = r % kStreams;
-      if (r < rows && i < width)
-        copy16_to_shared(stages + b * kStageFloats + t * kLdx + s * kSliceDims + i,
-                         args.X + ((t0 + t) * kStreams + s) * d + i0 + i);
-    }
+      for (int q = 0; q < kCopiesPerThread; ++q)
+        if (copy_t + 4 * q < valid)
+          copy16_to_shared(stages + b * kStageFloats + copy_offset + 4 * q * kLdx, src + 16 * q * int64_t(d));
     arrive_when_copies_land(&full[b]);
   };
   // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
-  const int vt = tid / kVectorsPerRow, vi = (tid % kVectorsPerRow) * 4;
   const auto load_post_inputs = [&](int j) {
     float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
     const int64_t t0 = tile_of(j) * kTileTokens;
@@ -375,7 +377,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   // This warp's 32 columns of fn for the B fragments. Thread (g, t4) takes columns 16p + 4·t4 .. +3 of rows
   // 8·nt + g: k-step (p, h) maps logical k = t4 to column 16p + 4·t4 + 2h and k = t4 + 4 to the next one, so one
   // 16-byte load feeds two k-steps (the A side uses the same permutation). Kept unsplit (24 registers, not 48):
-  // re-splitting per tile is cheap ALU work, and the registers go to the read-ahead ring instead.
+  // re-splitting per tile is cheap ALU work, and the split pair would push the kernel past its 128 registers.
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
@@ -394,25 +396,28 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
       fn_frag[p][nt][3] = f.w;
     }
 
-  // Sums over the slices: item i (row i / v, token i % v of a tile's kPartial·v) belongs to slice i mod S; `lanes`
-  // aligned lanes per item, lane `part` taking slices part, part + lanes, … (kMaxSliceWords of them read early).
+  // Sums over the slices: item i = 16·row + token of a tile's kPartial × 16 belongs to slice i mod S (tokens past
+  // the tile's end are skipped); `lanes` (a power of two) aligned lanes per item, lane `part` taking slices part,
+  // part + lanes, … (kMaxSliceWords of them read early). Every count here is fixed per CTA: no division per tile.
   const int lanes = slice_sum_lanes(slices);
-  const int items_per_pass = kThreads / lanes;
-  const int part = tid % lanes;
-  const auto sum_item_of = [&](int j, int pass) { return slice + (pass * items_per_pass + tid / lanes) * slices; };
+  const int lane_shift = __ffs(lanes) - 1;
+  const int items_per_pass = kThreads >> lane_shift;
+  const int part = tid & (lanes - 1);
+  const int my_items = slice < kPartialFloats ? (kPartialFloats - slice + slices - 1) / slices : 0;
+  const int my_passes = (my_items + items_per_pass - 1) / items_per_pass;
+  const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (tid >> lane_shift); };  // this CTA's m-th
   const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
-    const int v = valid_of(j), item = sum_item_of(j, pass);
-    if (item >= kPartial * v) return;
-    const unsigned long long* source = partials_of(j) + (item / v) * kTileTokens + item % v;
+    const int m = sum_item_of(pass), item = slice + m * slices;
+    if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
+    const unsigned long long* source = partials_of(j) + item;
 #pragma unroll
     for (int w = 0; w < kMaxSliceWords; ++w)
       if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
   };
   const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords]) {
-    const int v = valid_of(j), item = sum_item_of(j, pass);
-    const bool active = item < kPartial * v;
-    const int row = active ? item / v : 0, t = active ? item % v : 0;
-    const unsigned long long* source = partials_of(j) + row * kTileTokens + t;
+    const int m = sum_item_of(pass), item = slice + m * slices;
+    const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
+    const unsigned long long* source = partials_of(j) + item;
     float sum = 0.f;
     if (active) {
 #pragma unroll
@@ -424,39 +429,27 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
     }
     for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-    if (active && part == 0) store_relaxed_u64(sums_of(j) + row * kTileTokens + t, tagged(sum, tag));
-  };
-  const auto sum_passes = [&](int j) {
-    const int items = kPartial * valid_of(j);
-    const int mine = slice < items ? (items - slice + slices - 1) / slices : 0;
-    return (mine + items_per_pass - 1) / items_per_pass;
+    if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
-  // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag. The
-  // words that summing and collapsing wait for were read kReadAhead iterations earlier (`reads`, a ring slot of
-  // its own per iteration mod kReadAhead), so a loaded L2 round trip overlaps whole iterations instead of one
-  // projection.
-  const int pre_t = tid / kStreams, pre_k = tid % kStreams;  // pre reader 4·t + k: token t's Σx² and row 1 + k
-  const auto sum_passes_of = [&](int j) {
-    const int jr = j - kSumLag;
-    return jr >= 0 && jr < count ? sum_passes(jr) : 0;
-  };
-  const auto pre_reader_of = [&](int j) {
-    const int jc = j - kCollapseLag;
-    return jc >= 0 && jc < count && tid < kStreams * valid_of(jc);
-  };
-  const auto issue_reads = [&](int j, EarlyReads& reads) {
-    if (sum_passes_of(j) > 0) load_slice_words(j - kSumLag, 0, reads.words);
-    if (pre_reader_of(j)) {
-      const unsigned long long* const sums = sums_of(j - kCollapseLag);
-      reads.squares = load_relaxed_u64(sums + pre_t);
-      reads.mix = load_relaxed_u64(sums + (1 + pre_k) * kTileTokens + pre_t);
-    }
-  };
-  const auto iteration = [&](int j, EarlyReads& reads) {
+  // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
+  for (int j = 0; j < count + kCollapseLag; ++j) {
     const int jr = j - kSumLag, jc = j - kCollapseLag;
-    const int passes = sum_passes_of(j);
-    const bool pre_reader = pre_reader_of(j);
+    const int passes = jr >= 0 && jr < count ? my_passes : 0;
+    // The collapse's Σx² and pre sums: thread 4·t + k reads token t's Σx² and row 1 + k.
+    const bool pre_reader = jc >= 0 && tid < kStreams * valid_of(jc);
+    const int pre_t = tid / kStreams, pre_k = tid % kStreams;
+    unsigned long long words[kMaxSliceWords] = {};
+    unsigned long long squares_word = 0, mix_word = 0;
+    const auto read_early = [&] {
+      if (passes > 0) load_slice_words(jr, 0, words);
+      if (pre_reader) {
+        squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
+        mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+      }
+    };
+    // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
+    if (!kPost || j >= count) read_early();
 
     if (j < count) {
       const int b = j % kStages;
@@ -480,6 +473,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
             *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
           }
         }
+        read_early();
         __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
       }
@@ -544,16 +538,16 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     }
 
     for (int pass = 0; pass < passes; ++pass) {
-      if (pass > 0) load_slice_words(jr, pass, reads.words);
-      sum_slices(jr, pass, reads.words);
+      if (pass > 0) load_slice_words(jr, pass, words);
+      sum_slices(jr, pass, words);
     }
 
     if (jc >= 0) {
       // Collapse the staged slice of tile jc: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
       const int valid = valid_of(jc);
       if (pre_reader) {
-        const float squares = tagged_value(reads.squares, sums_of(jc) + pre_t, tag);
-        const float mix = tagged_value(reads.mix, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
+        const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
+        const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
         const float inv_rms = 1.0f / sqrtf(squares / float(flat) + args.norm_eps);
         pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
       }
@@ -587,15 +581,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
       __syncthreads();  // the stage and pre_s are free: refill the stage
       if (jc + kStages < count) load_tile(jc + kStages);
     }
-    issue_reads(j + kReadAhead, reads);  // this slot's words are consumed: read the ones iteration j + A needs
-  };
-  // Iterations 0 .. A − 1 consume nothing (kSumLag > A), so every slot starts empty.
-  EarlyReads reads[kReadAhead] = {};
-  const int iterations = count + kCollapseLag;
-  for (int j0 = 0; j0 < iterations; j0 += kReadAhead)
-#pragma unroll
-    for (int u = 0; u < kReadAhead; ++u)
-      if (j0 + u < iterations) iteration(j0 + u, reads[u]);
+  }
 
   if constexpr (!kHead) {
     // post and comb of the tokens of tile j (j mod S = this slice), 8 tokens per warp: lane j of a token's 4 lanes
