@@ -136,6 +136,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .h = at<__nv_bfloat16>(ws, l.h),
       .down = at<float>(ws, l.down),
       .streamed_tiles = weights.streamed_tiles() && p.streamed_decode,
+      .stream_maps = weights.stream_maps(),
       .tokens = p.tokens,
       .stream = p.stream,
   };

@@ -393,6 +393,7 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
 
 void DeviceMoeWeights::publish_views(const std::string& what) {
   streamed_tiles_ = moe_streamed_tiles_apply(host_views_);
+  if (streamed_tiles_) stream_maps_ = encode_moe_stream_maps(host_views_, what);
   device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), what + " expert views");
   device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
 #include "backends/cuda/weight_upload.hpp"
 #include "model/model_weights.hpp"
@@ -75,6 +76,10 @@ class DeviceMoeWeights {
   WeightFormat shared_format() const { return host_views_.back().w1.format; }
   // Whether the decode kernels may stream every expert matrix through shared memory (moe_streamed_tiles_apply).
   bool streamed_tiles() const { return streamed_tiles_; }
+  // [E + 1][w1, w3, w2] tensor maps on the device for the decode kernels (null unless streamed_tiles()).
+  const tile::stream::StreamMaps* stream_maps() const {
+    return streamed_tiles_ ? stream_maps_.as<tile::stream::StreamMaps>() : nullptr;
+  }
 
   DeviceMoeWeights(DeviceMoeWeights&&) noexcept = default;
   DeviceMoeWeights& operator=(DeviceMoeWeights&&) noexcept = default;
@@ -96,6 +101,7 @@ class DeviceMoeWeights {
   int64_t vocab_ = 0;
   std::vector<MoeExpertView> host_views_;
   bool streamed_tiles_ = false;
+  DeviceBuffer stream_maps_;
 };
 
 }  // namespace dsv4::cuda

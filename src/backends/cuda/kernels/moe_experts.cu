@@ -1,6 +1,8 @@
 #include "backends/cuda/kernels/moe_experts.hpp"
 
 #include <algorithm>
+#include <string>
+#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.cuh"
@@ -32,6 +34,7 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
       .work_item_count = p.work_item_count,
       .h = p.h,
       .down = p.down,
+      .stream_maps = p.stream_maps,
       .streamed_chunk_k = 0,
       .streamed_x_rows = 0,
   };
@@ -93,6 +96,23 @@ bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts) {
   });
 }
 
+DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, std::string_view what) {
+  std::vector<tile::stream::StreamMaps> maps;
+  maps.reserve(3 * experts.size());
+  const std::string name(what);
+  for (const MoeExpertView& e : experts)
+    for (const DeviceMatrixView* w : {&e.w1, &e.w3, &e.w2}) {
+      const tile::TileFormat format = w->format == WeightFormat::MXFP4          ? tile::TileFormat::MXFP4
+                                      : w->format == WeightFormat::NVFP4        ? tile::TileFormat::NVFP4
+                                      : w->format == WeightFormat::FP8_BLOCK128 ? tile::TileFormat::FP8_BLOCK128
+                                                                                : tile::TileFormat::BF16;
+      maps.push_back(tile::stream::encode_stream_maps(*w, format, name + " expert matrix"));
+    }
+  DeviceBuffer buffer(maps.size() * sizeof(tile::stream::StreamMaps), name + " expert tensor maps");
+  buffer.upload(maps.data(), buffer.bytes());
+  return buffer;
+}
+
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(p.experts_count >= 1, "moe expert GEMM: ", p.experts_count, " experts");
   for (const WeightFormat f : {p.routed_format, p.shared_format}) {
@@ -103,8 +123,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   }
   check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
         " work items exceed one launch's grid (fewer tokens per call)");
-  check(!p.streamed_tiles || p.tokens >= 1, "moe expert GEMM: the decode kernels need the token count (got ",
-        p.tokens, ")");
+  check(!p.streamed_tiles || (p.tokens >= 1 && p.stream_maps != nullptr), "moe expert GEMM: the decode kernels ",
+        "need the token count (got ", p.tokens, ") and the experts' tensor maps");
   check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,
         "moe expert GEMM: a null device pointer among experts, u_bf16, row_tokens, work items, h, down");
   check(reinterpret_cast<uintptr_t>(p.u_bf16) % 16 == 0 && reinterpret_cast<uintptr_t>(p.h) % 16 == 0,

@@ -80,6 +80,7 @@ struct ExpertGemmArgs {
   const int32_t* work_item_count;
   __nv_bfloat16* h;  // gate/up output [rows, I]
   float* down;       // down output [rows, d]
+  const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   int64_t streamed_chunk_k;  // streamed kernel: inputs per staged x chunk (a multiple of every format's stage)
   int streamed_x_rows;       // streamed kernel: rows of the x chunk (the most rows of an item, min(T, 8))
 };
@@ -161,10 +162,15 @@ __device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, co
 // Writes a warp's accumulators: row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i) of acc[nt][i].
 // gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([4 bands][16 rows][kExchangeTokens]
 // fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole CTA.
-template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens>
+template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens, bool kStreamRows = false>
 __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const DeviceMatrixView& w,
                                            const float (&acc)[NT][4], int64_t row0, int row_base, int tokens,
                                            float* exchange_base) {
+  // The tile row of accumulator element i (remapped by stream_row for the streamed tiles).
+  auto tile_row = [&](int g_, int i) {
+    const int r = g_ + (i >= 2 ? 8 : 0);
+    return kStreamRows ? tile::stream::stream_row(r) : r;
+  };
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
   const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
@@ -188,7 +194,7 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
-          const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+          const int64_t n = row0 + tile_row(g, i);
           if (token >= tokens || n >= a.n_total) continue;
           const float gate = fminf(acc[nt][i] * scale, a.swiglu_limit);
           const float up = fminf(fmaxf(exchange[at(nt, i, g, t)], -a.swiglu_limit), a.swiglu_limit);
@@ -201,7 +207,7 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int token = nt * tile::kTokensPerMma + 2 * t + (i & 1);
-        const int64_t n = row0 + g + (i >= 2 ? 8 : 0);
+        const int64_t n = row0 + tile_row(g, i);
         if (token >= tokens || n >= a.n_total) continue;
         a.down[int64_t(row_base + token) * a.n_total + n] = acc[nt][i] * scale;
       }
@@ -295,15 +301,16 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
 
 // ---------------------------------------------------------------------------------------------------------------
 // Decode kernel (every item of at most 8 rows, T <= 8; streamed_tile_applies for every expert matrix): the same CTA
-// bands and outputs, each warp's 16 rows streamed through its own shared-memory ring by the copy engine
-// (weight_tile_mma.cuh, namespace stream) instead of register loads and L2 prefetches, and x staged for the item's
-// real rows only. Shared memory: 8 rings of kStreamedSlots slots (sized for any format, so routed and shared
-// experts of different formats share the launch), the x chunk, the 8-token exchange: ~104 KB, two CTAs per SM
-// (16 warps streaming), where the register path ran one.
+// bands and outputs, each warp's 16 rows streamed through its own shared-memory ring by the tensor copy engine
+// (weight_tile_mma.cuh, namespace stream; the maps of every expert matrix in a device table) instead of register
+// loads and L2 prefetches, and x staged for the item's real rows only. Shared memory: 8 rings of kStreamedSlots
+// slots (one size for every format, so routed and shared experts of different formats share the launch), the x
+// chunk, the 8-token exchange: ~100 KB, two CTAs per SM (16 warps streaming), where the register path ran one.
 inline constexpr int kStreamedSlots = 2;
 inline constexpr int kStreamedMaxRows = tile::kTokensPerMma;
+// The rings, after up to 1 KB that aligns them for the swizzled boxes.
 inline constexpr size_t kStreamedRingBytes =
-    size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kMaxSlotBytes);
+    size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
 inline constexpr size_t kStreamedExchangeBytes =
     size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * sizeof(float);
 // x chunks are whole stages of every format (fp4 stages are the longest).
@@ -317,17 +324,22 @@ __host__ __device__ constexpr size_t streamed_x_bytes(int rows, int64_t chunk_k)
 
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
+// The warp's matrix's tensor maps: expert e's [w1, w3, w2] in the table.
+template <ExpertGemm G>
+__device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const ExpertGemmArgs& a, int expert) {
+  const int matrix = G == ExpertGemm::DOWN ? 2 : threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? 1 : 0;
+  return a.stream_maps + 3 * expert + matrix;
+}
+
 template <tile::TileFormat F, ExpertGemm G>
-__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, const MoeExpertView& expert, uint8_t* ring,
-                                             uint64_t* full) {
+__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
   const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
-  const DeviceMatrixView w = warp_matrix<G>(expert);  // a copy: no stack
   const int64_t stages = a.k_total / st::stage_k(F);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(w, row0, j * st::stage_k(F), ring + j * st::kMaxSlotBytes, full + j);
+    st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
 }
 
 template <tile::TileFormat F, ExpertGemm G>
@@ -340,10 +352,11 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
   const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   const DeviceMatrixView w = warp_matrix<G>(expert);
-  uint8_t* ring = smem + size_t(warp_idx) * kStreamedSlots * st::kMaxSlotBytes;
+  uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
   const int64_t stages = a.k_total / kStageK;
-  if (!started) start_stream<F, G>(a, expert, ring, full);
+  const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
+  if (!started) start_stream<F, G>(a, item.expert, ring, full);
 
   float sums[kC][kNT][4];
   tile::detail::clear_sums<kNT, kC>(sums);
@@ -368,17 +381,17 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       float block_scales[st::kMaxBlocksPerStage];
       st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
-      st::multiply_stage<F, kNT, kC>(ring + slot * st::kMaxSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+      st::multiply_stage<F, kNT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
                                      lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + kStreamedSlots < stages)
-        st::issue_stage<F>(w, row0, k0 + kStreamedSlots * kStageK, ring + slot * st::kMaxSlotBytes, full + slot);
+        st::issue_stage<F>(maps, row0, k0 + kStreamedSlots * kStageK, ring + slot * st::kSlotBytes, full + slot);
     }
   }
   tile::detail::finish_tile<F, kNT, kC>(sums, acc);
   auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + streamed_x_bytes(a.streamed_x_rows,
                                                                                          a.streamed_chunk_k));
-  write_rows<F, G, kNT, tile::kTokensPerMma>(a, w, acc, row0, item.row_begin, tokens, exchange);
+  write_rows<F, G, kNT, tile::kTokensPerMma, true>(a, w, acc, row0, item.row_begin, tokens, exchange);
 }
 
 template <ExpertGemm G>
@@ -386,15 +399,16 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
-  uint8_t* ring = smem + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kMaxSlotBytes;
+  uint8_t* ring =
+      tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
   if (shared_item) {
     const MoeExpertView& shared = a.experts[a.shared_expert];
     switch (G == ExpertGemm::GATE_UP ? shared.w1.format : shared.w2.format) {
-      case WeightFormat::MXFP4: start_stream<tile::TileFormat::MXFP4, G>(a, shared, ring, full); break;
-      case WeightFormat::NVFP4: start_stream<tile::TileFormat::NVFP4, G>(a, shared, ring, full); break;
-      case WeightFormat::FP8_BLOCK128: start_stream<tile::TileFormat::FP8_BLOCK128, G>(a, shared, ring, full); break;
-      case WeightFormat::BF16: start_stream<tile::TileFormat::BF16, G>(a, shared, ring, full); break;
+      case WeightFormat::MXFP4: start_stream<tile::TileFormat::MXFP4, G>(a, a.shared_expert, ring, full); break;
+      case WeightFormat::NVFP4: start_stream<tile::TileFormat::NVFP4, G>(a, a.shared_expert, ring, full); break;
+      case WeightFormat::FP8_BLOCK128: start_stream<tile::TileFormat::FP8_BLOCK128, G>(a, a.shared_expert, ring, full); break;
+      case WeightFormat::BF16: start_stream<tile::TileFormat::BF16, G>(a, a.shared_expert, ring, full); break;
       default: break;
     }
   }

@@ -14,16 +14,21 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
 
 namespace dsv4::cuda {
 
 struct MoeExpertView;  // moe_weights.hpp
+namespace tile::stream {
+struct StreamMaps;  // weight_tile_mma.cuh
+}
 
 // Rows (tokens) per work item: an item's rows are served by one CTA per weight-row band.
 inline constexpr int kMoeRowsPerWorkItem = 64;
@@ -46,6 +51,7 @@ struct MoeExpertGemmParams {
   // The decode kernels (shared-memory weight streams): allowed when every expert matrix passes
   // moe_streamed_tiles_apply; used when also T <= kMoeMaxStreamedTokens (every item then has at most 8 rows).
   bool streamed_tiles = false;
+  const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
   int tokens = 0;                          // T
   cudaStream_t stream = nullptr;
 };
@@ -55,6 +61,10 @@ inline constexpr int kMoeMaxStreamedTokens = 8;
 // Whether every matrix of these experts can be streamed through shared memory (16-byte aligned rows and scales, d
 // and I multiples of the formats' stages: 512 fp4, 256 FP8, 128 BF16 inputs).
 bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts);
+
+// The decode kernels' tensor maps of every expert matrix, [E + 1][w1, w3, w2], uploaded to the device (experts
+// that moe_streamed_tiles_apply accepts). `what` names the layer in errors.
+DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, std::string_view what);
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);

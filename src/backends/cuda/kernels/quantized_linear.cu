@@ -170,8 +170,9 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     check(ring_slots >= 0 && ring_slots <= tile::stream::kMaxSlots, "quantized_linear: ", ring_slots,
           " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
     config.ring_slots = ring_slots > 0 ? ring_slots : kDefaultRingSlots;
-    const size_t rings = size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) *
-                         size_t(tile::stream::slot_bytes(format));
+    // The rings, and the slack that aligns them for the swizzled boxes.
+    const size_t rings = size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) * tile::stream::kSlotBytes +
+                         tile::stream::kSlotAlignment;
     const size_t x_row_bytes_per_k = size_t(tokens) * 2;
     // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
     // stage do not fit.
@@ -292,7 +293,7 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
   check_params_for_config(params, config);
   const DeviceMatrixView& w = params.weight;
   auto* workspace = static_cast<uint8_t*>(params.workspace);
-  const linear::LinearKernelArgs args{
+  linear::LinearKernelArgs args{
       .weight = w,
       .x = params.x,
       .x_row_stride = params.x_row_stride,
@@ -307,7 +308,10 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
       .ring_slots = config.ring_slots,
       .tickets = config.k_splits > 1 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
+      .maps = {},
   };
+  if (config.load_path == WeightLoadPath::STREAMED)
+    args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
   switch (tile_format_of(w)) {
     case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
     case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;

@@ -39,6 +39,7 @@ struct LinearKernelArgs {
   int ring_slots;     // STREAMED path: stages in flight per warp
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
+  tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
 };
 
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
@@ -48,7 +49,7 @@ constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : t
 // Writes the warp's accumulators (rows row0..row0 + 15 of the CTA's [cta_row0, cta_row_end)): straight to y, or
 // as this split's partial sums, the CTA that draws the last ticket of its row block then adding every split in
 // split order. Called by the whole CTA (it synchronises).
-template <tile::TileFormat F, int NT>
+template <tile::TileFormat F, int NT, bool kStreamRows = false>
 __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const float (&acc)[NT][4], int64_t row0,
                                              int64_t cta_row0, int64_t cta_row_end, int64_t row_block, int split,
                                              bool* is_last_split) {
@@ -56,13 +57,15 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   const int lane = int(threadIdx.x) % tile::kWarpSize;
   const float output_scale = tile::weight_tile_output_scale<F>(w);
   const int g = lane / 4, t = lane % 4;
-  // Fragment element i of token tile nt sits at (row0 + g + 8·(i / 2), token 8·nt + 2t + i % 2).
+  // Fragment element i of token tile nt sits at (row0 + g + 8·(i / 2), token 8·nt + 2t + i % 2), rows remapped by
+  // stream_row on the STREAMED path.
   auto for_each_fragment_element = [&](auto&& body) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int64_t row = row0 + g + 8 * (i / 2);
+        const int tile_row = g + 8 * (i / 2);
+        const int64_t row = row0 + (kStreamRows ? tile::stream::stream_row(tile_row) : tile_row);
         const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
         if (row < cta_row_end && token < args.tokens) body(row, token, acc[nt][i]);
       }
@@ -129,20 +132,20 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
 }
 
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
-// warp's weight tile streamed through its own ring of shared-memory stages by the copy engine. Dynamic shared
-// memory: 4 rings of args.ring_slots slots, then the x tile of the real tokens only (no padding rows).
+// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
+// memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 template <tile::TileFormat F, int NT>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
-    quantized_linear_streamed_kernel(const LinearKernelArgs args) {
+    quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   namespace st = tile::stream;
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta][st::kMaxSlots];
   __shared__ bool is_last_split;
-  auto* smem = reinterpret_cast<uint8_t*>(smem_storage);
+  uint8_t* smem = st::align_slots(reinterpret_cast<uint8_t*>(smem_storage));
   const int slots = args.ring_slots;
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize, g = int(threadIdx.x) % tile::kWarpSize / 4;
-  uint8_t* ring = smem + size_t(warp_idx) * slots * st::slot_bytes(F);
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F));
+  uint8_t* ring = smem + size_t(warp_idx) * slots * st::kSlotBytes;
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::kSlotBytes);
   uint64_t* full = full_barriers[warp_idx];
 
   const DeviceMatrixView& w = args.weight;
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     st::init_ring(full, slots);
     __syncwarp();
     for (int j = 0; j < slots && j < stages; ++j)
-      st::issue_stage<F>(w, row0, split_begin + j * kStageK, ring + j * st::slot_bytes(F), full + j);
+      st::issue_stage<F>(&args.maps, row0, split_begin + j * kStageK, ring + j * st::kSlotBytes, full + j);
   }
   moe::wait_for_prior_grids();
   moe::allow_dependents();
@@ -190,16 +193,16 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
       float block_scales[st::kMaxBlocksPerStage];
       st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(full + slot, uint32_t(j / slots) & 1u);
-      st::multiply_stage<F, NT, C>(ring + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
+      st::multiply_stage<F, NT, C>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
                                    lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + slots < stages)
-        st::issue_stage<F>(w, row0, k0 + slots * kStageK, ring + slot * st::slot_bytes(F), full + slot);
+        st::issue_stage<F>(&args.maps, row0, k0 + slots * kStageK, ring + slot * st::kSlotBytes, full + slot);
     }
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
 
-  write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
+  write_output<F, NT, true>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
 }  // namespace dsv4::cuda::linear

@@ -51,9 +51,9 @@
 #include <cstdint>
 
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 #include "core/e8m0.hpp"
 
 namespace dsv4::cuda::tile {
@@ -488,31 +488,36 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Streamed warp tiles: the same product with the weight brought into shared memory by the copy engine.
+// Streamed warp tiles: the same product with the weight brought into shared memory by the tensor copy engine (TMA).
 //
 // Contract (in addition to the one above): the warp tile lies wholly inside the matrix (row0 + 16 <= rows), and
 // streamed_tile_applies(w) holds (16-byte aligned rows and scales, K a multiple of stage_k(F), fp4 scale rows
 // whose stage slices are 16-byte aligned); k ranges start and end on multiples of stage_k(F). The x tile may hold
-// only the real tokens (stage_x_tile with padded_tokens = tokens): rows of absent tokens are never read.
+// only the real tokens (stage_x_tile with padded_tokens = tokens): rows of absent tokens are never read. The
+// matrix's tensor maps come from encode_stream_maps (by value in kernel parameters, or in global memory).
 //
 // NOTES:
 // - Each warp owns a ring of `slots` stages in shared memory. A stage is 256 stored bytes of each of the warp's 16
-//   rows (stage_k(F) inputs: 512 fp4, 256 FP8, 128 BF16) plus their fp4 scales, brought in by cp.async.bulk
-//   (lanes 0-15 one row's data and scale bytes each), completing on the slot's mbarrier. The copy
-//   engine keeps up to `slots` stages per warp in flight without registers, so the bytes in flight per SM no longer
-//   depend on how many loads each thread holds, and registers only carry the step being decoded (more warps per SM
-//   for the decode). Equal stage bytes for every format let one ring serve experts of different formats.
-// - A slot row is padded by 64 bytes: the two rows a quarter-warp reads in one LDS.128 (g and g + 1, 64 bytes
-//   each) then fall in different bank halves.
+//   rows (stage_k(F) inputs: 512 fp4, 256 FP8, 128 BF16) plus their fp4 scales: two 128-byte-wide boxes of the
+//   data map (128-byte swizzle) and one box of the scale map, three TMA instructions from one lane, completing on
+//   the slot's mbarrier. The copy engine keeps up to `slots` stages per warp in flight without registers, and the
+//   warp spends a handful of instructions per 4 KB stage on it (one bulk copy per row cost ~300: the copy takes
+//   warp-uniform operands, so per-lane addresses become a loop).
+// - Bank conflicts: a quarter-warp reads 4 consecutive 16-byte chunks of two rows. The 128-byte swizzle XORs the
+//   chunk index with the row's low 3 bits, so MMA row g is mapped to tile row stream_row(g), which puts the two rows
+//   of a quarter-warp 4 apart (chunk sets XOR 4: disjoint banks). The outputs follow the same mapping.
+// - Equal stage bytes for every format let one ring serve experts of different formats.
 // - The warp is both producer and consumer of its ring: __syncwarp after the last read of a slot orders those reads
 //   before the copy that refills it, so no "empty" barrier is needed and warps never wait for each other.
 namespace stream {
 
 inline constexpr int kRowBytes = 256;  // stored bytes of one row per stage
-inline constexpr int kRowPad = 64;
-inline constexpr int kRowPitch = kRowBytes + kRowPad;
+inline constexpr int kBoxBytes = 128;  // the 128-byte swizzle's box width
+inline constexpr int kHalfBytes = kTileRows * kBoxBytes;
 inline constexpr int kMaxSlots = 4;
 inline constexpr int kMaxBlocksPerStage = 2;  // FP8: 128-wide scale blocks per stage
+inline constexpr int kSlotBytes = 5 * 1024;   // 4 KB of data, up to 512 bytes of scales; 1 KB multiple (swizzle)
+inline constexpr int kSlotAlignment = 1024;
 
 __host__ __device__ constexpr int values_per_load(TileFormat f) {
   return f == TileFormat::BF16 ? 8 : f == TileFormat::FP8_BLOCK128 ? 16 : 32;
@@ -522,19 +527,55 @@ __host__ __device__ constexpr int64_t stage_k(TileFormat f) { return int64_t(kRo
 __host__ __device__ constexpr int stage_scale_bytes(TileFormat f) {
   return f == TileFormat::MXFP4 ? int(stage_k(f) / 32) : f == TileFormat::NVFP4 ? int(stage_k(f) / 16) : 0;
 }
-__host__ __device__ constexpr int slot_bytes(TileFormat f) { return kTileRows * (kRowPitch + stage_scale_bytes(f)); }
-inline constexpr int kMaxSlotBytes = kTileRows * (kRowPitch + 32);
 
 // Whether the streamed tiles can read `w` (16-byte aligned rows and scale slices; see the contract).
 __host__ __device__ inline bool streamed_tile_applies(const DeviceMatrixView& w, TileFormat f) {
-  if (!weight_rows_aligned(w) || w.cols % stage_k(f) != 0) return false;
+  if (!weight_rows_aligned(w) || w.cols % stage_k(f) != 0 || w.rows % kTileRows != 0) return false;
   if (f == TileFormat::MXFP4 || f == TileFormat::NVFP4)
     return reinterpret_cast<uintptr_t>(w.scales) % 16 == 0 && w.scales_per_row % 16 == 0;
   return true;
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+// The tile row (0..15) that MMA row r (g or g + 8) reads and writes: see NOTES (bank conflicts).
+__host__ __device__ constexpr int stream_row(int r) { return (r & 8) | ((r >> 1) & 3) | ((r & 1) << 2); }
+
+// One matrix's tensor maps: the data as [rows][stored bytes] in 128 × 16 boxes with the 128-byte swizzle, the fp4
+// scales as [rows][scales_per_row] in boxes of one stage's scales × 16 rows.
+struct StreamMaps {
+  CUtensorMap data;
+  CUtensorMap scales;
+};
+
+inline StreamMaps encode_stream_maps(const DeviceMatrixView& w, TileFormat f, std::string_view what) {
+  StreamMaps maps;
+  maps.data = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                                          .base = w.data,
+                                          .cols = uint64_t(w.cols * 16 / values_per_load(f)),
+                                          .rows = uint64_t(w.rows),
+                                          .row_stride_bytes = uint64_t(w.data_row_bytes),
+                                          .box_cols = kBoxBytes,
+                                          .box_rows = kTileRows,
+                                          .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
+                                         what);
+  maps.scales = maps.data;  // unused without per-row scales
+  if (stage_scale_bytes(f) > 0)
+    maps.scales = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                                              .base = w.scales,
+                                              .cols = uint64_t(w.scales_per_row),
+                                              .rows = uint64_t(w.rows),
+                                              .row_stride_bytes = uint64_t(w.scales_per_row),
+                                              .box_cols = uint32_t(stage_scale_bytes(f)),
+                                              .box_rows = kTileRows,
+                                              .swizzle = CU_TENSOR_MAP_SWIZZLE_NONE},
+                                             what);
+  return maps;
+}
+
+// The first 1 KB-aligned address at or after `smem` (the swizzled boxes need it); kernels reserve kSlotAlignment
+// extra bytes of dynamic shared memory for it.
+__device__ __forceinline__ uint8_t* align_slots(uint8_t* smem) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return smem + ((kSlotAlignment - address % kSlotAlignment) % kSlotAlignment);
 }
 
 // One lane initialises the warp's slot barriers (one arrival each: the lane that posts the byte count).
@@ -546,25 +587,18 @@ __device__ __forceinline__ void init_ring(uint64_t* full, int slots) {
 }
 
 // Starts the copies of the stage at k0 (stage_k(F) inputs of rows row0..row0 + 15) into `slot`; called by the
-// whole warp, converged.
+// whole warp (lane 0 issues).
 template <TileFormat F>
-__device__ __forceinline__ void issue_stage(const DeviceMatrixView& w, int64_t row0, int64_t k0, uint8_t* slot,
+__device__ __forceinline__ void issue_stage(const StreamMaps* maps, int64_t row0, int64_t k0, uint8_t* slot,
                                             uint64_t* full) {
   constexpr int kScaleBytes = stage_scale_bytes(F);
-  const int lane = threadIdx.x % kWarpSize;
-  if (lane == 0) sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
-  // The copy instruction takes warp-uniform operands, so the compiler issues one copy per distinct lane in a loop:
-  // one branch of 16 lanes issuing a row's data and scales costs half of two branches of one copy each.
-  if (lane < kTileRows) {
-    const int row = lane;
-    ptx::cp_async_bulk_global_to_shared(shared_address(slot + row * kRowPitch),
-                                        w.data + (row0 + row) * int64_t(w.data_row_bytes) + k0 * 16 / values_per_load(F),
-                                        kRowBytes, shared_address(full));
-    if constexpr (kScaleBytes > 0)
-      ptx::cp_async_bulk_global_to_shared(shared_address(slot + kTileRows * kRowPitch + row * kScaleBytes),
-                                          w.scales + (row0 + row) * w.scales_per_row + k0 / (stage_k(F) / kScaleBytes),
-                                          kScaleBytes, shared_address(full));
-  }
+  if (threadIdx.x % kWarpSize != 0) return;
+  sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
+  const int32_t byte0 = int32_t(k0 * 16 / values_per_load(F)), row = int32_t(row0);
+  sm90::tma_load_2d(slot, &maps->data, full, byte0, row);
+  sm90::tma_load_2d(slot + kHalfBytes, &maps->data, full, byte0 + kBoxBytes, row);
+  if constexpr (kScaleBytes > 0)
+    sm90::tma_load_2d(slot + 2 * kHalfBytes, &maps->scales, full, int32_t(k0 / (stage_k(F) / kScaleBytes)), row);
 }
 
 // The FP8 block scales of the stage at k0 (the 128-wide blocks of the tile's 128-row band), read before waiting for
@@ -582,6 +616,7 @@ __device__ __forceinline__ void load_stage_block_scales(const DeviceMatrixView& 
 }
 
 // acc/sums += the stage in `slot` × x (x_stage: the lane's x at the stage's first input, as weight_tile_mma's x_lane).
+// Accumulator rows follow stream_row (see NOTES).
 template <TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* x_stage, int row_stride,
                                                int lane_tiles, const float (&block_scales)[kMaxBlocksPerStage],
@@ -589,19 +624,24 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
   constexpr int kValues = values_per_load(F), kStepK = 4 * kValues, kSteps = kRowBytes / 64;
   constexpr int kScaleBytes = stage_scale_bytes(F);
   const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
-  const uint8_t* rows[2] = {slot + g * kRowPitch + t * 16, slot + (g + 8) * kRowPitch + t * 16};
-  const uint8_t* scales = slot + kTileRows * kRowPitch;
+  const int rows[2] = {stream_row(g), stream_row(g + 8)};
+  const uint8_t* scales = slot + 2 * kHalfBytes;
 #pragma unroll
   for (int u = 0; u < kSteps; ++u) {
-    const uint4 raw[2] = {*reinterpret_cast<const uint4*>(rows[0] + u * 64),
-                          *reinterpret_cast<const uint4*>(rows[1] + u * 64)};
+    // Step u is 64 bytes of each row: half u / 2 of the stage, chunks 4·(u % 2) + t, swizzled by the row.
+    const int chunk = ((u & 1) << 2) | t;
+    uint4 raw[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      raw[r] = *reinterpret_cast<const uint4*>(slot + (u >> 1) * kHalfBytes + rows[r] * kBoxBytes +
+                                               ((chunk ^ (rows[r] & 7)) << 4));
     uint32_t codes[2] = {0, 0};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // The lane's 32 values of step u start at input u·kStepK + 32t of the stage: one MXFP4 block, two NVFP4 ones.
-      if constexpr (F == TileFormat::MXFP4) codes[r] = scales[(g + 8 * r) * kScaleBytes + 4 * u + t];
+      if constexpr (F == TileFormat::MXFP4) codes[r] = scales[rows[r] * kScaleBytes + 4 * u + t];
       if constexpr (F == TileFormat::NVFP4)
-        codes[r] = *reinterpret_cast<const uint16_t*>(scales + (g + 8 * r) * kScaleBytes + 2 * (4 * u + t));
+        codes[r] = *reinterpret_cast<const uint16_t*>(scales + rows[r] * kScaleBytes + 2 * (4 * u + t));
     }
     const float block = F == TileFormat::FP8_BLOCK128 ? block_scales[(u * kStepK) / 128] : 1.0f;
     const float block_scale[2] = {block, block};
