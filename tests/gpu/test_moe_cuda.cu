@@ -256,10 +256,12 @@ bool close(double actual, double expected, double tolerance) {
 }
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
+// `streamed_decode`: ask for the decode kernels that stream weights through shared memory (where they apply).
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
                 uint64_t seed,
-                const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of) {
-  SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed));
+                const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of, bool streamed_decode = false) {
+  SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed) +
+               (streamed_decode ? ", streamed decode" : ""));
   const Shape& S = layer.shape;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -290,7 +292,8 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
                             .out = d_out.as<float>(),
                             .tokens = int(T),
                             .workspace = workspace.data(),
-                            .workspace_bytes = workspace_bytes};
+                            .workspace_bytes = workspace_bytes,
+                            .streamed_decode = streamed_decode};
   run_moe(device_weights, params);
   check_moe_status(params);
   const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
@@ -421,8 +424,13 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     Layer layer;
     make_layer(layer, experts, routing, seed++, keep_routing);
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "test layer");
-    for (const int64_t T : {1, 3, 8, 17, 64, 300})
+    for (const int64_t T : {1, 3, 8, 17, 64, 300}) {
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike));
+      if (T <= kMoeMaxStreamedTokens) {
+        ASSERT_TRUE(device_weights.streamed_tiles()) << "the Flash-like layer must take the streamed decode kernels";
+        check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), true);
+      }
+    }
   }
 }
 
