@@ -31,13 +31,12 @@
 //   itself after issuing its first copies, so that read's latency overlaps them. Reads of other CTAs' words are
 //   issued before the projection and checked after it, so their latency hides behind it; a stale tag is re-read.
 // - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
-//   of tile j by slice j mod S, 8 tokens per warp.
+//   of tile j by slice j mod S, two tokens per warp.
 // - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
 //   banks apart (conflict-free).
-// - Sinkhorn on 4×4 is a chain of 40 normalisations, the latency tail of a decode-sized hc_pre: lane j of 4 holds
-//   row j, so a row normalisation needs no shuffle and a column one a single round of 16 independent shuffles
-//   (session 10 held one entry per lane: two dependent shuffle rounds per normalisation). Sums in the CPU's order,
-//   IEEE divisions (no fast math), like the CPU reference.
+// - Sinkhorn on 4×4: lane = 4·j + k of a half-warp holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
+//   xor-4/8. Divisions are IEEE (no fast math), like the CPU reference. (A row per lane, tried in session 11, was
+//   2 µs slower at T = 1: four IEEE divisions per lane per normalisation cost more than the shuffles they save.)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -235,36 +234,26 @@ __device__ inline int slice_sum_lanes(int slices) {
   return lanes;
 }
 
-// Doubly stochastic 4×4 (in place) from the logits of one token held by 4 aligned lanes, lane j holding row j
-// (v[k] = comb[j][k]). Every sum runs in the CPU's order (k, or j, ascending) and every division is IEEE.
-__device__ inline void sinkhorn_4x4(float (&v)[kStreams], int iters, float eps) {
-  const auto normalise_row = [&] {
-    const float sum = ((v[0] + v[1]) + v[2]) + v[3];
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) v[k] = v[k] / (sum + eps);
-  };
-  // Column k's entries gathered from the 4 lanes (the columns are independent: one shuffle latency per
-  // normalisation).
-  const auto normalise_columns = [&] {
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) {
-      float column = __shfl_sync(kFullMask, v[k], 0, kStreams);
-#pragma unroll
-      for (int j = 1; j < kStreams; ++j) column += __shfl_sync(kFullMask, v[k], j, kStreams);
-      v[k] = v[k] / (column + eps);
-    }
-  };
-  const float row_max = fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3]));
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k) v[k] = expf(v[k] - row_max);
-  const float sum = ((v[0] + v[1]) + v[2]) + v[3];
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k) v[k] = v[k] / sum + eps;
-  normalise_columns();
+// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k).
+__device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
+  float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
+  row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
+  const float e = expf(logit - row_max);
+  float sum = e + __shfl_xor_sync(kFullMask, e, 1);
+  sum += __shfl_xor_sync(kFullMask, sum, 2);
+  float v = e / sum + eps;
+  float column = v + __shfl_xor_sync(kFullMask, v, 4);
+  column += __shfl_xor_sync(kFullMask, column, 8);
+  v = v / (column + eps);
   for (int it = 1; it < iters; ++it) {
-    normalise_row();
-    normalise_columns();
+    float row = v + __shfl_xor_sync(kFullMask, v, 1);
+    row += __shfl_xor_sync(kFullMask, row, 2);
+    v = v / (row + eps);
+    column = v + __shfl_xor_sync(kFullMask, v, 4);
+    column += __shfl_xor_sync(kFullMask, column, 8);
+    v = v / (column + eps);
   }
+  return v;
 }
 
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
@@ -584,40 +573,35 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   }
 
   if constexpr (!kHead) {
-    // post and comb of the tokens of tile j (j mod S = this slice), 8 tokens per warp: lane j of a token's 4 lanes
-    // takes post[j] and comb row j. Its 6 words are all read before the first is waited for.
-    constexpr int kTokensPerWarp = 32 / kStreams;
+    // post and comb of the tokens of tile j (j mod S = this slice), two tokens per warp (a half-warp each):
+    // lane l of a half takes comb[l / 4][l % 4], lanes 0..3 also post[l]. A lane's three words are all read before
+    // the first is waited for.
     const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
-    const int owned = owned_tiles * kTileTokens;
-    const int row = lane % kStreams;
-    for (int first = 0; first < owned; first += kTokensPerWarp * kWarps) {
-      const int n = first + kTokensPerWarp * warp + lane / kStreams;
-      const int jt = slice + (n / kTileTokens) * slices, t = n % kTileTokens;
-      const bool active = n < owned && t < valid_of(jt);
-      float v[kStreams] = {0.f, 0.f, 0.f, 0.f};
-      const int64_t token = active ? tile_of(jt) * kTileTokens + t : 0;
+    const int pairs = owned_tiles * kTileTokens;
+    const int half = lane >> 4, l = lane & 15;
+    for (int first = 0; first < pairs; first += 2 * kWarps) {
+      const int pair = first + 2 * warp + half;
+      const int jt = slice + (pair / kTileTokens) * slices, t = pair % kTileTokens;
+      const bool active = pair < pairs && t < valid_of(jt);
+      float logit = 0.0f;
       if (active) {
         const unsigned long long* const sums = sums_of(jt) + t;
-        const unsigned long long* const post_word = sums + (1 + kStreams + row) * kTileTokens;
-        const unsigned long long* const comb_words = sums + (1 + 2 * kStreams + kStreams * row) * kTileTokens;
-        const unsigned long long squares_word = load_relaxed_u64(sums), post_mix_word = load_relaxed_u64(post_word);
-        unsigned long long comb_word[kStreams];
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) comb_word[k] = load_relaxed_u64(comb_words + k * kTileTokens);
-        const float squares = tagged_value(squares_word, sums, tag);
-        const float inv_rms = 1.0f / sqrtf(squares / float(flat) + args.norm_eps);
-        const float post_mix = tagged_value(post_mix_word, post_word, tag) * inv_rms;
-        args.post[token * kStreams + row] = 2.0f * sigmoid(post_mix * args.scale[1] + args.base[kStreams + row]);
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) {
-          const float mix = tagged_value(comb_word[k], comb_words + k * kTileTokens, tag) * inv_rms;
-          v[k] = mix * args.scale[2] + args.base[2 * kStreams + kStreams * row + k];
+        const unsigned long long* const post_word = sums + (1 + kStreams + (l % kStreams)) * kTileTokens;
+        const unsigned long long* const comb_word = sums + (1 + 2 * kStreams + l) * kTileTokens;
+        const unsigned long long squares_read = load_relaxed_u64(sums);
+        const unsigned long long post_read = l < kStreams ? load_relaxed_u64(post_word) : 0;
+        const unsigned long long comb_read = load_relaxed_u64(comb_word);
+        const float inv_rms = 1.0f / sqrtf(tagged_value(squares_read, sums, tag) / float(flat) + args.norm_eps);
+        const int64_t token = tile_of(jt) * kTileTokens + t;
+        if (l < kStreams) {
+          const float mix = tagged_value(post_read, post_word, tag) * inv_rms;
+          args.post[token * kStreams + l] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + l]);
         }
+        const float mix = tagged_value(comb_read, comb_word, tag) * inv_rms;
+        logit = mix * args.scale[2] + args.base[2 * kStreams + l];
       }
-      sinkhorn_4x4(v, args.sinkhorn_iters, args.hc_eps);
-      if (active)
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) args.comb[(token * kStreams + row) * kStreams + k] = v[k];
+      const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
+      if (active) args.comb[(tile_of(jt) * kTileTokens + t) * kStreams * kStreams + l] = comb;
     }
   }
 
