@@ -245,6 +245,8 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   float column = v + __shfl_xor_sync(kFullMask, v, 4);
   column += __shfl_xor_sync(kFullMask, column, 8);
   v = v / (column + eps);
+  // Not unrolled: one copy of the body keeps the decode-sized tail's code (cold in the instruction cache) short.
+#pragma unroll 1
   for (int it = 1; it < iters; ++it) {
     float row = v + __shfl_xor_sync(kFullMask, v, 1);
     row += __shfl_xor_sync(kFullMask, row, 2);
