@@ -226,7 +226,7 @@ void print_report(const BenchReport& r) {
   for (const std::string& note : r.notes) std::printf("%s\n", note.c_str());
 }
 
-void write_json(const BenchReport& r, const std::string& path) {
+void write_json(const BenchReport& r, const BenchPlan& plan, const std::string& path) {
   nlohmann::json results = nlohmann::json::array();
   for (const TestResult& t : r.results) {
     nlohmann::json row = {{"test", t.test},          {"batch", t.batch},
@@ -245,6 +245,8 @@ void write_json(const BenchReport& r, const std::string& path) {
   nlohmann::json out = {{"model", r.model},   {"device", r.device_json}, {"layers", r.layers},
                         {"full_layers", r.full_layers}, {"format", r.format},
                         {"layer_kinds", r.layer_kinds}, {"results", results}};
+  out["plan"] = {{"prompts", plan.prompts}, {"generate", plan.generate}, {"batches", plan.batches},
+                 {"repetitions", plan.reps}, {"seed", plan.seed}};
   for (const auto& [key, value] : r.extra.items()) out[key] = value;
   std::ofstream file(path);
   check(file.good(), "--json: cannot write '", path, "'");
@@ -543,7 +545,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
                          " measured layers x " + std::to_string(full.num_layers) +
                          " layers + the cost outside the layers; an extrapolation, not a measurement");
   print_report(report);
-  if (!plan.json_path.empty()) write_json(report, plan.json_path);
+  if (!plan.json_path.empty()) write_json(report, plan, plan.json_path);
   return 0;
 }
 
@@ -613,7 +615,7 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
 #endif
   }
   print_report(report);
-  if (!plan.json_path.empty()) write_json(report, plan.json_path);
+  if (!plan.json_path.empty()) write_json(report, plan, plan.json_path);
   return 0;
 }
 

@@ -65,6 +65,8 @@ TEST(BenchCli, WritesOneJsonRowPerTestWithEveryRepetition) {
   EXPECT_EQ(j["model"], "tiny-fortunes");
   EXPECT_EQ(j["layers"], 4);
   EXPECT_EQ(j["device"]["name"], "cpu");
+  EXPECT_EQ(j["plan"]["prompts"], nlohmann::json({8, 24}));
+  EXPECT_EQ(j["plan"]["repetitions"], 2);
   ASSERT_EQ(j["results"].size(), 3u) << j.dump(2);
   const char* tests[] = {"pp8", "pp24", "tg4"};
   const int tokens[] = {8, 24, 4};
