@@ -36,24 +36,19 @@ void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {
   check(hidden <= (int64_t(1) << 24), op, ": hidden size ", hidden, " is beyond the supported 2^24");
 }
 
-// The widest slice up to `widest` (fewest partial sums to reduce, fn held by fewer CTAs) that still gives about every
-// SM a CTA.
-int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors, int widest) {
-  for (const int dims : {128, 64})
-    if (dims <= widest && ceil_div(hidden, dims) * token_tiles * 4 >= int64_t(multiprocessors) * 3) return dims;
-  return 32;
+// 64-dim slices (fewer partial sums to reduce, fn held by fewer CTAs) when they still give about every SM a CTA.
+// A tile's cost is mostly a per-iteration latency chain, so two 64-dim CTAs per SM, whose chains overlap, move
+// more bytes than one 128-dim CTA (512 threads, an SM to itself) did.
+int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+  return ceil_div(hidden, 64) * token_tiles * 4 >= int64_t(multiprocessors) * 3 ? 64 : 32;
 }
-
-// hc_post_pre's 128-dim variant would spill at the 128-register cap of its 512 threads: it stops at 64-dim slices
-// (one 256-thread CTA per SM, with a deeper X ring).
-int widest_slice(bool post_pre) { return post_pre ? 64 : 128; }
 
 // Workspace: the header, the tiles' summed rows, then the slices' partial sums (tagged 8-byte words; hc_head uses
 // the same strides, with fewer rows filled).
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
-size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors, int widest) {
-  const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors, widest));
+size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
+  const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
   return size_t(token_tiles * slices) * kTileWords * 8;
 }
 
@@ -131,9 +126,6 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
-  if constexpr (!kPost) {
-    if (config.slice_dims == 128) return launch_projection<kHead, kPost, 128>(args, multiprocessors, stream, op);
-  }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
@@ -146,8 +138,7 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
   HcProjectionConfig config;
   config.token_tile = mhc::kTileTokens;
   config.token_tiles = ceil_div(tokens, mhc::kTileTokens);
-  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors,
-                                        widest_slice(post_pre));
+  config.slice_dims = choose_slice_dims(std::max<int64_t>(config.token_tiles, 1), hidden, multiprocessors);
   config.slices = ceil_div(hidden, config.slice_dims);
   config.threads = mhc::projection_threads(config.slice_dims);
   config.stages = mhc::projection_stages(config.slice_dims, mhc::kPartialRows<false>, post_pre);
@@ -158,16 +149,14 @@ HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, i
 size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multiprocessors) {
   const int64_t tiles = std::max<int64_t>(ceil_div(tokens, mhc::kTileTokens), 1);
   // The partial sums must also fit every smaller launch (narrower slices, more of them): the largest over the tile
-  // counts up to `tiles`, at hc_post_pre's narrower slices. Slices only widen as tiles grow, and at the widest the
-  // size grows with the tiles.
-  const int widest = widest_slice(true);
+  // counts up to `tiles`. Slices only widen as tiles grow, and at the widest the size grows with the tiles.
   size_t partials = 0;
   for (int64_t t = 1; t <= tiles; ++t) {
-    if (choose_slice_dims(t, hidden, multiprocessors, widest) == widest) {
-      partials = std::max(partials, partial_bytes(tiles, hidden, multiprocessors, widest));
+    if (choose_slice_dims(t, hidden, multiprocessors) == 64) {
+      partials = std::max(partials, partial_bytes(tiles, hidden, multiprocessors));
       break;
     }
-    partials = std::max(partials, partial_bytes(t, hidden, multiprocessors, widest));
+    partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
   return mhc::kHeaderBytes + size_t(tiles) * kTileWords * 8 + partials;
 }

@@ -69,9 +69,9 @@ inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStre
 template <bool kHead>
 inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
 
-// One warp per 32 columns of the CTA's 4·ds; 512 threads fill an SM's registers at the 128-register cap. The fused
+// One warp per 32 columns of the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap. The fused
 // variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
-// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre: 6 at 128-dim slices, 5 at narrower ones).
+// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre and hc_head: 5).
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post) {
   return post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
-  static_assert(kSliceDims % 32 == 0 && kSliceDims <= 128, "a warp covers 32 columns of one stream");
+  static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];

@@ -123,7 +123,7 @@ struct HcPostPreParams {
 // slices of `slice_dims` dims (all n streams).
 struct HcProjectionConfig {
   int token_tile = 0;      // 16
-  int slice_dims = 0;      // 32, 64 or 128 (hc_post_pre: up to 64): the widest that still gives about every SM a CTA
+  int slice_dims = 0;      // 32 or 64: the widest that still gives about every SM a CTA
   int64_t token_tiles = 0;
   int64_t slices = 0;      // CTAs per token tile (must be resident together)
   int threads = 0;         // per CTA: a warp per 32 of the slice's n·slice_dims columns
