@@ -691,7 +691,9 @@ template <bool kFp8>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                              int head_base, const SlotRange& range) {
   using L = D512Layout<kFp8>;
-  const int consumer = threadIdx.x / kWarpgroupThreads - 1;
+  // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
+  // in uniform registers instead of being rebuilt and moved there before every wgmma.
+  const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroupThreads, 0) - 1;
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
   const int g = lane / 4, c = lane % 4;
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
@@ -703,7 +705,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero); batches of independent loads.
   {
     constexpr int kChunks = kD512Heads * (kD512HeadDim / 2) / 8 / kWarpgroupThreads;  // 16 per thread
-    constexpr int kBatch = 8;
+    constexpr int kBatch = kChunks;  // one round trip: o_acc is not live yet, so the registers are there
 #pragma unroll
     for (int first = 0; first < kChunks; first += kBatch) {
       uint4 packed[kBatch];
@@ -742,6 +744,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp's 16 heads, log2 domain
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
   const float scale_log2 = p.softmax_scale * kLog2e;
+  uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
 
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % 2;
@@ -759,6 +762,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
                                     kk > 0);
     sm90::wgmma_commit_group();
+    // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
+    if (j > 0) {
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o_acc);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % 2]);
+    }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
@@ -783,10 +792,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
-    uint32_t p_frag[kTile / 16][4];
     online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
+    // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
+    if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
+      for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
+    }
 
     // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
@@ -796,10 +807,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                                sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
                                                1);
     sm90::wgmma_commit_group();
-    sm90::wgmma_wait_group<0>();
-    sm90::fence_operand(o_acc);
-    if (thread == 0) sm90::mbarrier_arrive(&kv_empty[stage]);
   }
+  sm90::wgmma_wait_group<0>();
+  sm90::fence_operand(o_acc);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -836,7 +846,17 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
   }
   const KvEntryLayout& layout = p.cache.layout;
-  const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
+  // The inverse RoPE's factors once per CTA, the pairs shared out over both consumers, into the exchange buffer (free
+  // once both have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
+  // double-precision evaluations and the code size of 32 copies (instruction-cache misses).
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange);
+  if (p.rope_frequencies != nullptr) {
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    const int64_t position = p.positions[t];
+    for (int pair = consumer * kWarpgroupThreads + thread; pair < layout.rope_dim / 2; pair += 2 * kWarpgroupThreads)
+      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  }
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
@@ -844,7 +864,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
     if (p.rope_frequencies != nullptr && dim >= layout.nope_dim) {
-      const RopeFactors f = rope_factors(position, p.rope_frequencies[(dim - layout.nope_dim) / 2]);
+      const RopeFactors f = rope_table[(dim - layout.nope_dim) / 2];
       rope_rotate_pair(v[0], v[1], f, true);
       rope_rotate_pair(v[2], v[3], f, true);
     }
@@ -899,40 +919,65 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 inline constexpr int kCombineThreads = 128;
 
 // One CTA per (query, head): weights 2^(m_s − M) per split, the sink once in the denominator, inverse RoPE, store.
+// The splits' statistics are read by one thread each and reduced across the block, and each output pair's partials
+// are loaded eight splits at a time: this kernel sits on the critical path of small-batch decode, where a serial
+// walk over the splits' loads cost several microseconds.
 __global__ void __launch_bounds__(kCombineThreads)
     sparse_attention_combine_kernel(const __grid_constant__ SparseAttentionParams p, const int head_dim,
                                     const int nope_dim) {
+  static_assert(kCombineThreads >= kSparseAttentionMaxSplits && kCombineThreads % 32 == 0, "a thread per split");
+  constexpr int kWarps = kCombineThreads / 32, kBatch = 8;
   __shared__ float split_weight[kSparseAttentionMaxSplits];
-  __shared__ float inverse_denominator;
+  __shared__ float warp_partial[kWarps];
   const int64_t th = blockIdx.x;
   const int64_t t = th / p.heads;
   const int h = int(th % p.heads);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const float* partial_out = static_cast<const float*>(p.workspace);
   const float2* partial_stats =
       reinterpret_cast<const float2*>(partial_out + int64_t(p.splits) * p.tokens * p.heads * head_dim);
   const int64_t split_stride = p.tokens * p.heads;
-  if (threadIdx.x == 0) {
-    float m = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) m = fmaxf(m, partial_stats[s * split_stride + th].x);
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float2 stats = partial_stats[s * split_stride + th];
-      split_weight[s] = stats.x == -INFINITY ? 0.0f : exp2f(stats.x - m);
-      sum += stats.y * split_weight[s];
-    }
-    float denominator = sum;
-    if (p.attn_sink != nullptr && m != -INFINITY) denominator += exp2f(p.attn_sink[h] * kLog2e - m);
-    inverse_denominator = sum > 0.0f ? 1.0f / denominator : 0.0f;
-  }
+
+  const float2 stats = threadIdx.x < p.splits ? partial_stats[threadIdx.x * split_stride + th]
+                                              : make_float2(-INFINITY, 0.0f);
+  float m = stats.x;
+  for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+  if (lane == 0) warp_partial[warp] = m;
   __syncthreads();
+  m = warp_partial[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, warp_partial[w]);
+  const float weight = stats.x == -INFINITY ? 0.0f : exp2f(stats.x - m);
+  if (threadIdx.x < p.splits) split_weight[threadIdx.x] = weight;
+  float sum = stats.y * weight;
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+  __syncthreads();  // every thread has read warp_partial's maxima
+  if (lane == 0) warp_partial[warp] = sum;
+  __syncthreads();
+  sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += warp_partial[w];
+  float denominator = sum;
+  if (p.attn_sink != nullptr && m != -INFINITY) denominator += exp2f(p.attn_sink[h] * kLog2e - m);
+  const float inverse_denominator = sum > 0.0f ? 1.0f / denominator : 0.0f;
+
   const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
   for (int pair = threadIdx.x; pair < head_dim / 2; pair += kCombineThreads) {
     const int dim = 2 * pair;
     float x0 = 0.0f, x1 = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float2 o = *reinterpret_cast<const float2*>(partial_out + (s * split_stride + th) * head_dim + dim);
-      x0 += split_weight[s] * o.x;
-      x1 += split_weight[s] * o.y;
+    for (int first = 0; first < p.splits; first += kBatch) {
+      float2 o[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        o[k] = first + k < p.splits
+                   ? *reinterpret_cast<const float2*>(partial_out + ((first + k) * split_stride + th) * head_dim + dim)
+                   : make_float2(0.0f, 0.0f);
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        if (first + k >= p.splits) break;
+        x0 += split_weight[first + k] * o[k].x;
+        x1 += split_weight[first + k] * o[k].y;
+      }
     }
     x0 *= inverse_denominator;
     x1 *= inverse_denominator;
