@@ -202,26 +202,32 @@ struct BenchReport {
   std::vector<TestResult> results;
   nlohmann::json extra = nlohmann::json::object();  // GPU figures: bandwidth floor, memory, launches
   std::vector<std::string> notes;                    // printed under the table
+  bool extrapolated = false;                         // rows carry a full-depth extrapolation (synthetic runs)
 };
 
-void print_report(const BenchReport& r) {
-  const bool extrapolated = std::any_of(r.results.begin(), r.results.end(),
-                                        [](const TestResult& t) { return t.extrapolated_tps.has_value(); });
+// The table is printed a row at a time, as the tests finish (a run cut short still shows what it measured).
+void print_header(const BenchReport& r) {
   std::printf("device: %s\n", r.device.c_str());
   std::printf("model: %s, %s\n\n", r.model.c_str(), r.layer_kinds.c_str());
-  std::printf("| model | layers | format | test | t/s |%s\n", extrapolated ? " extrapolated t/s |" : "");
-  std::printf("| ----- | -----: | ------ | ---: | --: |%s\n", extrapolated ? " --: |" : "");
-  for (const TestResult& t : r.results) {
-    std::printf("| %s | %d | %s | %s | %.2f ± %.2f |", r.model.c_str(), r.layers, r.format.c_str(), t.test.c_str(),
-                t.mean_tps(), t.stddev_tps());
-    if (extrapolated) {
-      if (t.extrapolated_tps)
-        std::printf(" %.2f (%d layers) |", *t.extrapolated_tps, r.full_layers);
-      else
-        std::printf(" - |");
-    }
-    std::printf("\n");
+  std::printf("| model | layers | format | test | t/s |%s\n", r.extrapolated ? " extrapolated t/s |" : "");
+  std::printf("| ----- | -----: | ------ | ---: | --: |%s\n", r.extrapolated ? " --: |" : "");
+  std::fflush(stdout);
+}
+
+void print_row(const BenchReport& r, const TestResult& t) {
+  std::printf("| %s | %d | %s | %s | %.2f ± %.2f |", r.model.c_str(), r.layers, r.format.c_str(), t.test.c_str(),
+              t.mean_tps(), t.stddev_tps());
+  if (r.extrapolated) {
+    if (t.extrapolated_tps)
+      std::printf(" %.2f (%d layers) |", *t.extrapolated_tps, r.full_layers);
+    else
+      std::printf(" - |");
   }
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+void print_notes(const BenchReport& r) {
   if (!r.notes.empty()) std::printf("\n");
   for (const std::string& note : r.notes) std::printf("%s\n", note.c_str());
 }
@@ -482,12 +488,14 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.full_layers = full.num_layers;
   report.format = o.format;
   report.layer_kinds = describe_layer_kinds(config);
+  report.extrapolated = true;
   report.extra["copy_bandwidth_gbps"] = copy_gbps;
   report.extra["extrapolation"] =
       "per-layer cost of the measured layers x the full layer count + the cost outside the layers (decode: head "
       "linear and argmax timed alone); an estimate, not a measurement";
   double peak_used = 0;
   nlohmann::json memory = nlohmann::json::array();
+  print_header(report);
 
   for (const ModelShape& shape : shapes) {
     cuda::DeviceAllocator pool(context.index());
@@ -503,6 +511,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
       t.layer_ms = per_layer * 1e3;
       t.extrapolated_tps = double(p) / (per_layer * full.num_layers);
       report.results.push_back(std::move(t));
+      print_row(report, report.results.back());
     }
     if (shape.batch > 0) {
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
@@ -531,6 +540,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
             std::to_string(100.0 * full_bytes / full_step / 1e9 / copy_gbps) + " %");
       }
       report.results.push_back(std::move(t));
+      print_row(report, report.results.back());
     }
     const double used = used_gib(context.memory());
     peak_used = std::max(peak_used, used);
@@ -544,7 +554,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.notes.push_back("extrapolated t/s: per-layer cost of the " + std::to_string(layers) +
                          " measured layers x " + std::to_string(full.num_layers) +
                          " layers + the cost outside the layers; an extrapolation, not a measurement");
-  print_report(report);
+  print_notes(report);
   if (!plan.json_path.empty()) write_json(report, plan, plan.json_path);
   return 0;
 }
@@ -560,14 +570,19 @@ void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const 
   report.layer_kinds = describe_layer_kinds(config);
   report.device = context.describe();
   report.device_json = nlohmann::json::parse(context.json());
+  print_header(report);
   double peak_used = 0;
   for (const ModelShape& shape : model_shapes(plan)) {
     cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
     CudaModelRunner runner(model);
-    for (int64_t p : shape.prompts) report.results.push_back(measure_prefill(runner, p, config.vocab_size, plan));
+    for (int64_t p : shape.prompts) {
+      report.results.push_back(measure_prefill(runner, p, config.vocab_size, plan));
+      print_row(report, report.results.back());
+    }
     if (shape.batch > 0) {
       report.results.push_back(measure_decode(runner, shape.batch, config.vocab_size, plan));
       report.results.back().launches = model.decode_launches(int(shape.batch));
+      print_row(report, report.results.back());
     }
     peak_used = std::max(peak_used, used_gib(context.memory()));
   }
@@ -598,15 +613,20 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
     Engine engine(options);
     check(longest + plan.generate <= engine.model().context_length(), "bench: ", longest, " prompt tokens or ",
           plan.generate, " decode steps exceed the model's context of ", engine.model().context_length());
-    LanguageModelRunner runner(engine.model(), options.prefill_chunk);
-    for (int64_t p : plan.prompt_tests())
-      report.results.push_back(measure_prefill(runner, p, engine.config().vocab_size, plan));
-    for (int64_t b : plan.decode_batches())
-      report.results.push_back(measure_decode(runner, b, engine.config().vocab_size, plan));
     report.device = engine.model().device();
     report.device_json = {{"name", "cpu"}};
     report.layers = report.full_layers = engine.config().num_layers;
     report.layer_kinds = describe_layer_kinds(engine.config());
+    print_header(report);
+    LanguageModelRunner runner(engine.model(), options.prefill_chunk);
+    for (int64_t p : plan.prompt_tests()) {
+      report.results.push_back(measure_prefill(runner, p, engine.config().vocab_size, plan));
+      print_row(report, report.results.back());
+    }
+    for (int64_t b : plan.decode_batches()) {
+      report.results.push_back(measure_decode(runner, b, engine.config().vocab_size, plan));
+      print_row(report, report.results.back());
+    }
   } else {
 #if DSV4_HAVE_CUDA
     run_checkpoint_cuda(device, cli, plan, report);
@@ -614,7 +634,7 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
     fail("--device ", device, ": this build has no CUDA backend (configure with the cuda preset)");
 #endif
   }
-  print_report(report);
+  print_notes(report);
   if (!plan.json_path.empty()) write_json(report, plan, plan.json_path);
   return 0;
 }
