@@ -2,9 +2,10 @@
 // (d 7168), n = 4: µs per launch, bytes moved (each input read once, each output written once) / time, and that as
 // a share of the same-run copy bandwidth (cudaMemcpy D2D of 1 GiB, read + write counted). Same-run baseline for
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
-// Sinkhorn and collapse (two launches, X read twice); for the fused hc_post_pre: run_hc_post then run_hc_pre (two
-// launches, X read twice and written once). Inputs rotate over enough copies to exceed three times the L2,
-// so every launch streams from HBM like a layer's own weights and activations do.
+// Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
+// kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Inputs rotate over
+// enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
+// activations do.
 // Usage: bench_cuda_mhc [--json PATH]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -300,7 +301,7 @@ int main(int argc, char** argv) {
         };
         // Read: out, X, post/comb, fn; written: X, y, the next post/comb.
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
-        record("hc_post_pre (fused, in place)", hc_post_pre,
+        record("hc_post_pre (in place)", hc_post_pre,
                td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes,
                time_ms(stream, iterations, hc_post_then_pre));
 

@@ -2,7 +2,8 @@
 // (d 4096) and V4-Pro (d 7168) widths and odd ones (96, 260: a partial d-slice), T ∈ {1, 5, 64, 300, 1000} (partial
 // token tiles, every slice width the launcher picks; at 1000 each persistent CTA walks more tiles than it has
 // pipeline stages), both numerics modes, hc_post and hc_post_pre in place and out of place. Fresh random inputs per
-// case, outputs poisoned with NaN plus a guard region past their end, every element checked. hc_post_pre is checked
+// case, outputs poisoned with NaN plus a guard region past their end, every element checked. hc_post_pre (one fused
+// launch up to kFusedPostPreMaxTokens = 128 tokens: T ∈ {1, 5, 64, 128}; hc_post then hc_pre above) is checked
 // as the CPU's hc_post followed by its hc_pre on the GPU's updated residual (so a bf16 rounding of X_out that lands
 // on the other side of a boundary does not count twice). The projection kernels run twice on one workspace without
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
@@ -448,12 +449,14 @@ TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
 
 TEST(MhcGpu, HcPostPreMatchesCpuPostThenPre) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // 128 tokens: the largest fused launch (several tiles per CTA, its out/post/comb ring refilled); 300: two launches.
+  const int64_t token_counts[] = {1, 5, 64, kFusedPostPreMaxTokens, 300};
   uint32_t seed = 400;
   for (const int64_t d : kHiddenSizes)
-    for (size_t n = 0; n < std::size(kTokenCounts); ++n)
+    for (size_t n = 0; n < std::size(token_counts); ++n)
       for (const bool round : {false, true}) {
         const bool in_place = (n % 2 == 0) != round;  // both placements in both numerics modes
-        check_hc_post_pre(kTokenCounts[n], d, round, in_place, seed++);
+        check_hc_post_pre(token_counts[n], d, round, in_place, seed++);
       }
 }
 

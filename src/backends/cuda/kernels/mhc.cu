@@ -273,6 +273,16 @@ void run_hc_head(const HcHeadParams& p) {
 void run_hc_post_pre(const HcPostPreParams& p) {
   check_hc_post_pre_params(p);
   if (p.tokens == 0) return;
+  if (p.tokens > kFusedPostPreMaxTokens) {
+    run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
+                 .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
+    run_hc_pre({.X = p.X_out, .fn = p.next_fn, .base = p.next_base, .scale = p.next_scale, .tokens = p.tokens,
+                .hidden = p.hidden, .streams = p.streams, .sinkhorn_iters = p.sinkhorn_iters, .hc_eps = p.hc_eps,
+                .norm_eps = p.norm_eps, .round_to_bf16 = p.round_to_bf16, .y = p.y, .y_bf16 = p.y_bf16,
+                .post = p.next_post, .comb = p.next_comb, .workspace = p.workspace,
+                .workspace_bytes = p.workspace_bytes, .stream = p.stream});
+    return;
+  }
   mhc::ProjectionArgs args{};
   args.X = p.X;
   args.fn = p.next_fn;

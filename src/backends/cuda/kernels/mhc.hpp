@@ -88,7 +88,12 @@ struct HcPostParams {
   cudaStream_t stream = nullptr;
 };
 
-// hc_post of one sub-block, then hc_pre of the next site on the updated residual, in one launch:
+// Up to this many tokens run_hc_post_pre is one fused launch; above it, run_hc_post (at copy bandwidth) then
+// run_hc_pre are faster than the fused kernel, whose 64-dim CTAs run one per SM (H200, session 11: V4-Flash 4096
+// tokens 424 vs 526 µs; 64 tokens 25.8 vs 22.1 µs, 1 token 17.8 vs 14.9 µs).
+inline constexpr int64_t kFusedPostPreMaxTokens = 128;
+
+// hc_post of one sub-block, then hc_pre of the next site on the updated residual, in one launch (see above):
 // X_out[k] = post_k·out + Σ_j comb[j][k]·X[j] (as run_hc_post), then y = Σ_k next_pre_k·X_out_k, next_post and
 // next_comb from X_out and the next site's weights (as run_hc_pre). X_out may alias X exactly; next_post/next_comb
 // must not overlap post/comb (the launch reads a tile's post/comb while it writes other tiles' next ones).
