@@ -130,7 +130,8 @@ std::vector<WeightLoadPath> load_paths_for(const DeviceMatrixView& weight, int g
 const char* path_name(WeightLoadPath path) {
   return path == WeightLoadPath::ALIGNED    ? "aligned load path"
          : path == WeightLoadPath::STREAMED ? "streamed load path"
-                                            : "generic load path";
+         : path == WeightLoadPath::GENERIC  ? "generic load path"
+                                            : "default (AUTO) config";
 }
 
 // Large enough for the config of every load path.
@@ -440,8 +441,10 @@ TEST(QuantizedLinear, SplitKIsDeterministicAndLeavesTicketsZero) {
     for (float& v : values) v = normal(rng);
     const OwnedQuantizedMatrix host = quantize(format, values, kRows, kCols);
     const DeviceMatrix weight(host.matrix, "split-K weight");
-    for (const int tokens : {1, 16, 17})  // streamed (1 and 2 token tiles) and aligned
-      for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
+    for (const int tokens : {1, 8, 16, 17}) {  // streamed (1 and 2 token tiles) and aligned; AUTO's choice too
+      std::vector<WeightLoadPath> paths = load_paths_for(weight.view(), 1, tokens);
+      paths.push_back(WeightLoadPath::AUTO);
+      for (const WeightLoadPath path : paths) {
         SCOPED_TRACE(std::string(name_of(format)) + " T=" + std::to_string(tokens) + " " + path_name(path));
         const QuantizedLinearConfig config =
             choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
@@ -457,6 +460,41 @@ TEST(QuantizedLinear, SplitKIsDeterministicAndLeavesTicketsZero) {
         workspace.download(tickets.data(), config.ticket_bytes);
         for (size_t i = 0; i < tickets.size(); ++i) ASSERT_EQ(tickets[i], 0u) << "ticket " << i << " left non-zero";
       }
+    }
+  }
+}
+
+TEST(QuantizedLinear, WorkspaceSizedForSixtyFourTokensServesEveryTokenCount) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // Callers size the workspace once for up to 64 tokens (linear_workspace_bytes); the streamed path at few tokens
+  // may split K more ways than the T = 64 tiling (V4-Pro wo_a: 256 row blocks, none at T = 64). The sizes are host
+  // computations on the view, so the views need no device storage (aligned placeholder addresses).
+  const int multiprocessors = list_devices().front().multiprocessors;
+  struct Case {
+    WeightFormat format;
+    int64_t rows, cols;
+    int groups;
+  };
+  for (const Case& c : {Case{WeightFormat::FP8_BLOCK128, 16384, 4096, 16}, Case{WeightFormat::MXFP4, 16384, 4096, 16},
+                        Case{WeightFormat::NVFP4, 8192, 4096, 8}, Case{WeightFormat::BF16, 512, 4096, 1},
+                        Case{WeightFormat::MXFP4, 65536, 1536, 1}, Case{WeightFormat::FP8_BLOCK128, 1536, 7168, 1}}) {
+    DeviceMatrixView w;
+    w.format = c.format;
+    w.rows = c.rows;
+    w.cols = c.cols;
+    const int values_per_byte = c.format == WeightFormat::BF16 ? 0 : c.format == WeightFormat::FP8_BLOCK128 ? 1 : 2;
+    w.data_row_bytes = size_t(values_per_byte == 0 ? c.cols * 2 : c.cols / values_per_byte);
+    w.scale_type = c.format == WeightFormat::NVFP4 ? ScaleType::E4M3
+                   : c.format == WeightFormat::BF16 ? ScaleType::NONE
+                                                    : ScaleType::E8M0;
+    w.scales_per_row = c.format == WeightFormat::MXFP4 ? c.cols / 32 : c.format == WeightFormat::NVFP4 ? c.cols / 16
+                                                                                                        : c.cols / 128;
+    w.data = reinterpret_cast<const uint8_t*>(uintptr_t(1) << 30);
+    w.scales = c.format == WeightFormat::BF16 ? nullptr : reinterpret_cast<const uint8_t*>(uintptr_t(1) << 31);
+    const size_t sized = quantized_linear_workspace_bytes(w, kLinearMaxTokens, c.groups);
+    for (int tokens = 1; tokens <= kLinearMaxTokens; ++tokens)
+      ASSERT_GE(sized, choose_quantized_linear_config(w, tokens, c.groups, multiprocessors).workspace_bytes)
+          << to_string(c.format) << " [" << c.rows << ", " << c.cols << "] G=" << c.groups << " T=" << tokens;
   }
 }
 

@@ -8,7 +8,7 @@
 //   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are chained
 //   with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the shared
 //   expert's weights start streaming during the routing) and wait for its results before reading them. At T <= 8
-//   (decode) the grouped GEMMs may stream each warp's weight rows through shared memory (streamed_decode below).
+//   (decode) the grouped GEMMs stream each warp's weight rows through shared memory (streamed_decode below).
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
@@ -45,9 +45,9 @@ struct MoeRunParams {
   // Optional (benchmarks): kMoeStages + 1 events recorded on the stream before the first stage and after each.
   const cudaEvent_t* stage_events = nullptr;
   // true: at T <= 8, the decode expert kernels that stream weights through shared memory, where the layer allows
-  // them (DeviceMoeWeights::streamed_tiles); false: the register-path kernels (the default until the streamed ones
-  // are measured on a device; tests and benchmarks compare the two).
-  bool streamed_decode = false;
+  // them (DeviceMoeWeights::streamed_tiles; H200: 1.5-1.8x the register path at T = 1-8); false: the register-path
+  // kernels (tests and benchmarks compare the two).
+  bool streamed_decode = true;
 };
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);

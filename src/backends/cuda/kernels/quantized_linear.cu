@@ -121,9 +121,13 @@ constexpr size_t kSharedMemoryPerCta = 226 * 1024;
 constexpr size_t kSharedMemoryReservedPerCta = 1024;
 // The STREAMED path's x tile budget: T = 1 stages up to 8 K inputs at once; more tokens stage in shorter chunks.
 constexpr size_t kStreamedXTileBudget = 16 * 1024;
-// STREAMED: stages per warp by default. Two suffice when the SM holds enough warps (the next stage streams while one
-// is decoded), and leave room for 4 fp4 CTAs per SM.
-constexpr int kDefaultRingSlots = 2;
+// STREAMED: stages per warp by default, and where AUTO takes it. Measured on an H200 (bench_cuda_linear, V4-Flash
+// shapes, 1-4 slots): FP8 and fp4 were fastest with one slot per warp at T = 1 and 8 (1.1-1.7x the ALIGNED path;
+// deeper rings only queue more requests behind the same 16 warps per SM); BF16 gained only at T = 1, with four.
+int default_ring_slots(TileFormat format) { return format == TileFormat::BF16 ? 4 : 1; }
+bool auto_takes_streamed(TileFormat format, int tokens) {
+  return format == TileFormat::BF16 ? tokens == 1 : tokens <= tile::kTokensPerMma;
+}
 
 bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* a0 = static_cast<const char*>(a);
@@ -159,9 +163,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
-  config.load_path = load_path != WeightLoadPath::AUTO ? load_path
-                     : aligned_possible                 ? WeightLoadPath::ALIGNED
-                                                        : WeightLoadPath::GENERIC;
+  config.load_path = load_path != WeightLoadPath::AUTO                   ? load_path
+                     : streamed_possible && auto_takes_streamed(format, tokens) ? WeightLoadPath::STREAMED
+                     : aligned_possible                                   ? WeightLoadPath::ALIGNED
+                                                                          : WeightLoadPath::GENERIC;
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
 
   if (streamed) {
@@ -169,7 +174,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const int64_t stage_k = tile::stream::stage_k(format);
     check(ring_slots >= 0 && ring_slots <= tile::stream::kMaxSlots, "quantized_linear: ", ring_slots,
           " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
-    config.ring_slots = ring_slots > 0 ? ring_slots : kDefaultRingSlots;
+    config.ring_slots = ring_slots > 0 ? ring_slots : default_ring_slots(format);
     // The rings, and the slack that aligns them for the swizzled boxes.
     const size_t rings = size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) * tile::stream::kSlotBytes +
                          tile::stream::kSlotAlignment;
@@ -230,7 +235,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
 }
 
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
-  return choose_quantized_linear_config(weight, tokens, groups, current_multiprocessors()).workspace_bytes;
+  // The most any call of 1..tokens tokens needs: the paths split K differently, so fewer tokens can split more.
+  const int multiprocessors = current_multiprocessors();
+  size_t bytes = 0;
+  for (int t = 1; t <= tokens; ++t)
+    bytes = std::max(bytes, choose_quantized_linear_config(weight, t, groups, multiprocessors).workspace_bytes);
+  return bytes;
 }
 
 void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view what) {

@@ -40,8 +40,9 @@ inline constexpr int kLinearMaxTokens = 64;
 // GENERIC, any layout (bytewise where rows are not aligned, FP8 scales per row); STREAMED, the ALIGNED conditions
 // plus K a multiple of 256 stored bytes (512 fp4, 256 FP8, 128 BF16 inputs) and at most kLinearMaxStreamedTokens
 // tokens (every DSV4 shape at decode): each warp's
-// rows stream through a shared-memory ring filled by bulk copies, which keeps more bytes in flight per SM. AUTO
-// takes ALIGNED, else GENERIC (STREAMED only when asked for, until it is measured on a device).
+// rows stream through a shared-memory ring filled by tensor copies, which keeps more bytes in flight per SM. AUTO
+// takes STREAMED where it applies and measured faster (FP8 and fp4 at T <= 8, BF16 at T = 1), else ALIGNED, else
+// GENERIC.
 enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
 
 inline constexpr int kLinearMaxStreamedTokens = 16;
@@ -88,7 +89,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
 
-// Workspace run_quantized_linear needs for this call on the current device (0 when no split-K).
+// Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
 
 // Throws, naming the matrix `what` and the first offending block, unless every scale of the host matrix is in the
