@@ -20,6 +20,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -77,9 +78,13 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   std::vector<Result> results;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (const int T : token_counts)
-  for (const bool streamed : {true, false}) {
-    if (!streamed && T > kMoeMaxStreamedTokens) continue;  // the register path is the only one there
+  // (T, streamed decode): at most 8 tokens both expert-kernel paths, above that the register path alone.
+  std::vector<std::pair<int, bool>> cases;
+  for (const int T : token_counts) {
+    cases.emplace_back(T, true);
+    if (T <= kMoeMaxStreamedTokens) cases.emplace_back(T, false);
+  }
+  for (const auto& [T, streamed] : cases) {
     constexpr int kSlots = 8;
     const size_t workspace_bytes = moe_workspace_bytes(c, T);
     DeviceBuffer out(size_t(T) * size_t(c.hidden) * sizeof(float), "out");
