@@ -505,7 +505,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   N-major B operand: K = entries (8-row groups 1024 bytes apart, the stride-dimension offset), N = dims (64-dim
 //   blocks kKvBlockBytes apart, the leading-dimension offset).
 // - Two KV stages: the producer fills stage (j + 1) % 2 while the consumers use stage j % 2. Exchange buffers
-//   alternate with the tile too, so one named barrier per tile orders the partial scores.
+//   alternate with the tile too, so one named barrier per tile orders the partial scores. A consumer issues tile j's
+//   QKᵀ before it waits for tile j − 1's PV (the two run back to back on the tensor cores), then releases stage
+//   (j − 1) % 2 to the producer.
 // - Measured on an H200 (session 11, ncu PC sampling on Flash CSA, batch 256): the producer set the pace at ≈ 4.5 µs
 //   per 32-entry tile whether entries came from HBM or L2. Consumers spent a third of their samples waiting on
 //   kv_full; the producer half its time in the expansion loop (a branchy, dependent shared-load → convert → store
