@@ -7,11 +7,13 @@
 //   big·small + small·big keeps ≈ 2⁻²⁰ of each product, fp32-class, against the tests' 64-ulp (≈ 2⁻¹⁸) budget).
 //   Per warp the K chains are 32 columns long; warps, slices and tokens are summed in fp32 in a fixed order, so
 //   reruns are bit-identical.
-// - Measured (H200, session 11): a tile costs a CTA ≈ 4-5 µs whatever its bytes (33 or 17 KB), its pipeline slack
+// - Measured (H200, session 11): a tile costs a CTA ≈ 3-5 µs whatever its bytes (33 or 17 KB), its pipeline slack
 //   (1-4 iterations), its copy mechanism (64 bulk copies or per-thread cp.async) or how early the other CTAs' words
-//   are read; what tracked the time was the size of the per-tile loop's code (17-38 KB of SASS, beyond the
-//   instruction caches, and cold at decode sizes). So the loop is kept short: fixed per-thread copy offsets, no
-//   per-tile integer division, the re-poll of a stale word out of line, half the tf32 conversions.
+//   are read (2-3 iterations ahead: no gain); what tracked the time was the size of the per-tile loop's code (17-38
+//   KB of SASS, cold at decode sizes): cutting it from 27 to 17 KB took hc_pre at 4096 tokens from 331 to 279 µs.
+//   So the loop is kept short: fixed per-thread copy offsets, no per-tile integer division, the re-poll of a stale
+//   word out of line, one tf32 rounding per split. Not profiled (no Nsight on the lent machines): the rest of the
+//   per-tile cost is unexplained; the HMMA/shuffle/barrier latency chain per tile is the next suspect.
 // - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams and keeps its columns of fn
 //   in registers as MMA B fragments, then walks the token tiles g, g + G, … of 16 tokens. X tiles stream in kStages
 //   deep through per-thread 16-byte cp.async copies (4 per thread per tile, coalesced rows) that complete on the
