@@ -19,7 +19,9 @@ struct EngineCli {
   void add_to(CLI::App& sub, bool with_prefill_chunk = true) {
     sub.add_option("-m,--model", engine.model_dir, "Checkpoint directory (config.json, safetensors, tokenizer.json)")
         ->required();
-    sub.add_option("--mode", numerics, "Numerics: exact (matches transformers) or reference (DeepSeek's rounding)")
+    sub.add_option("--mode", numerics,
+                   "Numerics: exact (matches transformers), reference (DeepSeek's rounding) or gpu-bf16 (CPU: exact "
+                   "plus the GPU kernels' bf16 roundings)")
         ->capture_default_str();
     sub.add_option("--device", engine.device, "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
         ->capture_default_str();
@@ -32,7 +34,7 @@ struct EngineCli {
   EngineOptions options() const {
     EngineOptions o = engine;
     const std::optional<NumericsMode> mode = parse_numerics_mode(numerics);
-    check(mode.has_value(), "--mode: '", numerics, "' is not a numerics mode (exact or reference)");
+    check(mode.has_value(), "--mode: '", numerics, "' is not a numerics mode (exact, reference or gpu-bf16)");
     o.numerics = *mode;
     return o;
   }
