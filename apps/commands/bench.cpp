@@ -260,6 +260,14 @@ void write_json(const BenchReport& r, const BenchPlan& plan, const std::string& 
   check(file.good(), "--json: writing '", path, "' failed");
 }
 
+// Adds a finished test: its table row now, and the JSON so far (rewritten after every test, so a run cut short
+// leaves its results).
+void record(BenchReport& report, const BenchPlan& plan, TestResult result) {
+  report.results.push_back(std::move(result));
+  print_row(report, report.results.back());
+  if (!plan.json_path.empty()) write_json(report, plan, plan.json_path);
+}
+
 WeightFormat parse_expert_format(const std::string& name) {
   if (name == "nvfp4") return WeightFormat::NVFP4;
   if (name == "mxfp4") return WeightFormat::MXFP4;
@@ -510,8 +518,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
       const double per_layer = t.mean_seconds() / layers;
       t.layer_ms = per_layer * 1e3;
       t.extrapolated_tps = double(p) / (per_layer * full.num_layers);
-      report.results.push_back(std::move(t));
-      print_row(report, report.results.back());
+      record(report, plan, std::move(t));
     }
     if (shape.batch > 0) {
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
@@ -539,8 +546,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
             cuda::format_bytes(size_t(full_bytes)) + "/step): " +
             std::to_string(100.0 * full_bytes / full_step / 1e9 / copy_gbps) + " %");
       }
-      report.results.push_back(std::move(t));
-      print_row(report, report.results.back());
+      record(report, plan, std::move(t));
     }
     const double used = used_gib(context.memory());
     peak_used = std::max(peak_used, used);
@@ -576,13 +582,12 @@ void run_checkpoint_cuda(const std::string& device, const EngineCli& cli, const 
     cuda::CudaModel model(config, checkpoint.weights, model_options(device, options.numerics, shape));
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
-      report.results.push_back(measure_prefill(runner, p, config.vocab_size, plan));
-      print_row(report, report.results.back());
+      record(report, plan, measure_prefill(runner, p, config.vocab_size, plan));
     }
     if (shape.batch > 0) {
-      report.results.push_back(measure_decode(runner, shape.batch, config.vocab_size, plan));
-      report.results.back().launches = model.decode_launches(int(shape.batch));
-      print_row(report, report.results.back());
+      TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
+      t.launches = model.decode_launches(int(shape.batch));
+      record(report, plan, std::move(t));
     }
     peak_used = std::max(peak_used, used_gib(context.memory()));
   }
@@ -620,12 +625,10 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
     print_header(report);
     LanguageModelRunner runner(engine.model(), options.prefill_chunk);
     for (int64_t p : plan.prompt_tests()) {
-      report.results.push_back(measure_prefill(runner, p, engine.config().vocab_size, plan));
-      print_row(report, report.results.back());
+      record(report, plan, measure_prefill(runner, p, engine.config().vocab_size, plan));
     }
     for (int64_t b : plan.decode_batches()) {
-      report.results.push_back(measure_decode(runner, b, engine.config().vocab_size, plan));
-      print_row(report, report.results.back());
+      record(report, plan, measure_decode(runner, b, engine.config().vocab_size, plan));
     }
   } else {
 #if DSV4_HAVE_CUDA
