@@ -32,6 +32,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/error.hpp"
@@ -103,23 +104,13 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
 // Median milliseconds of `body` over `iterations` calls, each after an L2 flush (a 256 MiB memset).
 template <class Body>
 double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  StreamTimer timer;
   body();  // warm-up
   std::vector<float> times;
   for (int i = 0; i < iterations; ++i) {
     DSV4_CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, flush_bytes));
-    DSV4_CUDA_CHECK(cudaEventRecord(start));
-    body();
-    DSV4_CUDA_CHECK(cudaEventRecord(stop));
-    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
+    times.push_back(timer.elapsed_ms(nullptr, body));
   }
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
 }

@@ -18,6 +18,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_gemm.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/quantized_matrix.hpp"
 
@@ -41,24 +42,16 @@ struct Kind {
 // Milliseconds per call of `body()`: iterations sized to about 40 ms after a warm-up call.
 template <class Body>
 double time_ms(Body&& body) {
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  StreamTimer timer;
   auto measure = [&](int iterations) {
-    DSV4_CUDA_CHECK(cudaEventRecord(start));
-    for (int i = 0; i < iterations; ++i) body();
-    DSV4_CUDA_CHECK(cudaEventRecord(stop));
-    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    const float ms = timer.elapsed_ms(nullptr, [&] {
+      for (int i = 0; i < iterations; ++i) body();
+    });
     return double(ms) / iterations;
   };
   const double first = measure(2);
   const int iterations = int(std::clamp(40.0 / std::max(first, 1e-3), 5.0, 200.0));
-  const double ms = measure(iterations);
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
-  return ms;
+  return measure(iterations);
 }
 
 uint64_t next_random(uint64_t& state) {  // xorshift64*: fast fill for hundreds of MB of weights

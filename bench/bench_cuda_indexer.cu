@@ -35,6 +35,7 @@
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/top_k.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
@@ -66,18 +67,10 @@ double graph_us(cudaStream_t stream, int reps, Body&& body) {
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
   constexpr int kReplays = 5;
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < kReplays; ++i) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  });
   DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
   DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
   return double(ms) * 1e3 / (kReplays * reps);
@@ -86,23 +79,11 @@ double graph_us(cudaStream_t stream, int reps, Body&& body) {
 // Median milliseconds of single calls (events around each), for the device-wide yardsticks (copy, GEMM).
 template <class Body>
 double median_ms(int iterations, Body&& body) {
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
+  StreamTimer timer;
   body();
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    DSV4_CUDA_CHECK(cudaEventRecord(start));
-    body();
-    DSV4_CUDA_CHECK(cudaEventRecord(stop));
-    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  for (int i = 0; i < iterations; ++i) times.push_back(timer.elapsed_ms(nullptr, body));
   std::sort(times.begin(), times.end());
   return double(times[times.size() / 2]);
 }

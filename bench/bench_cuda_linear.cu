@@ -23,6 +23,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "core/quantized_matrix.hpp"
@@ -43,17 +44,9 @@ struct Shape {
 template <class Body>
 double time_ms(int iterations, Body&& body) {
   for (int i = 0; i < 3; ++i) body(i);
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start));
-  for (int i = 0; i < iterations; ++i) body(i);
-  DSV4_CUDA_CHECK(cudaEventRecord(stop));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = stream_elapsed_ms(nullptr, [&] {
+    for (int i = 0; i < iterations; ++i) body(i);
+  });
   return double(ms) / iterations;
 }
 
@@ -70,17 +63,9 @@ double time_graph_ms(int iterations, cudaStream_t stream, Body&& body) {
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
   constexpr int kReplays = 5;
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  });
   DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
   DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
   return double(ms) / (kReplays * iterations);

@@ -25,6 +25,7 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "core/quantized_matrix.hpp"
@@ -43,17 +44,9 @@ constexpr float kEps = 1e-6f;
 template <class Body>
 double time_ms(cudaStream_t stream, int iterations, Body&& body) {
   for (int i = 0; i < 3; ++i) body(i);
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < iterations; ++i) body(i);
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int i = 0; i < iterations; ++i) body(i);
+  });
   return double(ms) / iterations;
 }
 

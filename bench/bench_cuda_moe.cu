@@ -29,6 +29,7 @@
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/error.hpp"
 
 #include "cuda_bench_support.hpp"
@@ -130,18 +131,10 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     }
     const int iterations = T >= 1024 ? 4 : 25;
     for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
-    cudaEvent_t start, stop;
-    DSV4_CUDA_CHECK(cudaEventCreate(&start));
-    DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-    DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-    for (int i = 0; i < iterations; ++i)
-      for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
-    DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-    DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    DSV4_CUDA_CHECK(cudaEventDestroy(start));
-    DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+    const float ms = stream_elapsed_ms(stream, [&] {
+      for (int i = 0; i < iterations; ++i)
+        for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
+    });
 
     // Per-stage breakdown: events around the stages of stream launches (which serialise the stages: no overlap),
     // queued behind a kernel that holds the stream ~0.2 ms so that host launch costs do not show in the times.

@@ -37,6 +37,7 @@
 #include "backends/cuda/device_context.hpp"
 #include "backends/cuda/kernels/argmax.hpp"
 #include "backends/cuda/linear_dispatch.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "backends/cuda/synthetic_weights.hpp"
 #include "model/checkpoint_loader.hpp"
 #endif
@@ -413,17 +414,9 @@ double head_seconds(const cuda::DeviceMatrixView& head, int64_t batch, cudaStrea
   a.stream = stream;
   constexpr int kWarmup = 3, kIterations = 20;
   for (int i = 0; i < kWarmup; ++i) cuda::run_linear(call), cuda::run_argmax(a);
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < kIterations; ++i) cuda::run_linear(call), cuda::run_argmax(a);
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = cuda::stream_elapsed_ms(stream, [&] {
+    for (int i = 0; i < kIterations; ++i) cuda::run_linear(call), cuda::run_argmax(a);
+  });
   return double(ms) / 1e3 / kIterations;
 }
 

@@ -4,6 +4,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/stream_timing.hpp"
 
 namespace dsv4::cuda {
 
@@ -14,18 +15,10 @@ double measure_copy_bandwidth_gbps(cudaStream_t stream) {
   src.fill_bytes(1);
   for (int i = 0; i < kWarmup; ++i)
     DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
-  cudaEvent_t start, stop;
-  DSV4_CUDA_CHECK(cudaEventCreate(&start));
-  DSV4_CUDA_CHECK(cudaEventCreate(&stop));
-  DSV4_CUDA_CHECK(cudaEventRecord(start, stream));
-  for (int i = 0; i < kIterations; ++i)
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
-  DSV4_CUDA_CHECK(cudaEventRecord(stop, stream));
-  DSV4_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  DSV4_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  DSV4_CUDA_CHECK(cudaEventDestroy(start));
-  DSV4_CUDA_CHECK(cudaEventDestroy(stop));
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int i = 0; i < kIterations; ++i)
+      DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, stream));
+  });
   return 2.0 * double(kBytes) * kIterations / (double(ms) * 1e6);
 }
 
