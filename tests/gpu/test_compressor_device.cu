@@ -35,6 +35,7 @@
 #include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 #include "support/device_buffers.hpp"
+#include "support/kv_entry_decode.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -76,27 +77,6 @@ struct Sequence {
   size_t next_chunk = 0;
   int64_t position = 0;
 };
-
-// Decodes one stored KV entry (bf16, or the fp8 reference layout) to fp32.
-std::vector<float> decode_entry(const KvEntryLayout& layout, const uint8_t* entry) {
-  std::vector<float> v(size_t(layout.head_dim));
-  if (layout.format == KvEntryFormat::Bf16) {
-    for (int d = 0; d < layout.head_dim; ++d) {
-      uint16_t bits;
-      std::memcpy(&bits, entry + 2 * d, 2);
-      v[size_t(d)] = bf16_to_float(bits);
-    }
-    return v;
-  }
-  for (int d = 0; d < layout.nope_dim; ++d)
-    v[size_t(d)] = e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize]);
-  for (int d = layout.nope_dim; d < layout.head_dim; ++d) {
-    uint16_t bits;
-    std::memcpy(&bits, entry + layout.rope_offset + 2 * (d - layout.nope_dim), 2);
-    v[size_t(d)] = bf16_to_float(bits);
-  }
-  return v;
-}
 
 // to_cache: the entries go straight into a paged KV cache (bf16, or the fp8 layout for the KvFp8 cases) instead of
 // the case's own output.
@@ -256,7 +236,7 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
       for (int64_t w = 0; w < sq.total; ++w) {
         const int64_t physical = int64_t(pages[w / kPageRows]) * kPageRows + w % kPageRows;
         written[size_t(physical)] = true;
-        const std::vector<float> v = decode_entry(view.layout, &pool[size_t(physical) * view.layout.entry_bytes]);
+        const std::vector<float> v = decode_kv_entry(view.layout, &pool[size_t(physical) * view.layout.entry_bytes]);
         sq.got.insert(sq.got.end(), v.begin(), v.end());
         if (view.layout.format == KvEntryFormat::Fp8Reference)
           for (int b = view.layout.scale_offset + view.layout.scale_blocks; b < view.layout.entry_bytes; ++b)

@@ -27,6 +27,7 @@
 #include "core/fp8_e4m3.hpp"
 #include "support/expect_error.hpp"
 #include "support/device_buffers.hpp"
+#include "support/kv_entry_decode.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -98,27 +99,6 @@ struct InsertCase {
   int64_t rows;
   bool store_as_is = false;  // no norm weight and no RoPE: entries the compressor already normalised and rotated
 };
-
-// Decodes one stored entry to fp32 (the values a kernel reads).
-std::vector<float> decode_entry(const KvEntryLayout& layout, const uint8_t* entry) {
-  std::vector<float> v(static_cast<size_t>(layout.head_dim));
-  if (layout.format == KvEntryFormat::Bf16) {
-    for (int d = 0; d < layout.head_dim; ++d) {
-      uint16_t bits;
-      std::memcpy(&bits, entry + 2 * d, 2);
-      v[size_t(d)] = bf16_to_float(bits);
-    }
-    return v;
-  }
-  for (int d = 0; d < layout.nope_dim; ++d)
-    v[size_t(d)] = e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize]);
-  for (int d = 0; d < layout.rope_dim; ++d) {
-    uint16_t bits;
-    std::memcpy(&bits, entry + layout.rope_offset + 2 * d, 2);
-    v[size_t(layout.nope_dim + d)] = bf16_to_float(bits);
-  }
-  return v;
-}
 
 // True when fp32 noise in x (relative 1e-5) could move its fp8 rounding: x/s near an e4m3 rounding midpoint, or the
 // block's amax/448 near a power of two (the scale's ceil boundary).
@@ -217,7 +197,7 @@ void check_insert(const InsertCase& c, uint32_t seed) {
     const int64_t physical = int64_t(pages[dest[size_t(r)] / 8]) * 8 + dest[size_t(r)] % 8;
     written[size_t(physical)] = true;
     const uint8_t* entry = &pool[size_t(physical * view.layout.entry_bytes)];
-    const std::vector<float> got = decode_entry(view.layout, entry);
+    const std::vector<float> got = decode_kv_entry(view.layout, entry);
     for (int d = 0; d < D && failures < 10; ++d) {
       const float want = rounded[size_t(r * D + d)], fp32 = expected[size_t(r * D + d)];
       const float v = got[size_t(d)];
