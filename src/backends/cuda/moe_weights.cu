@@ -5,6 +5,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/shape_only_matrix.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
@@ -227,16 +228,9 @@ void fill_random_matrix(const DeviceMatrixView& v, uint64_t seed, const MoeConfi
   }
 }
 
+// A synthetic matrix's shape for the arena plan; random NVFP4 weights are given global scale 0.05.
 QuantizedMatrix shape_only(WeightFormat format, int64_t rows, int64_t cols) {
-  QuantizedMatrix m;
-  m.format = format;
-  m.rows = rows;
-  m.cols = cols;
-  m.scale_type = format == WeightFormat::NVFP4                                          ? ScaleType::E4M3
-                 : format == WeightFormat::MXFP4 || format == WeightFormat::FP8_BLOCK128 ? ScaleType::E8M0
-                                                                                         : ScaleType::NONE;
-  m.global_scale = format == WeightFormat::NVFP4 ? 0.05f : 1.0f;
-  return m;
+  return shape_only_matrix(format, rows, cols, format == WeightFormat::NVFP4 ? 0.05f : 1.0f);
 }
 
 }  // namespace

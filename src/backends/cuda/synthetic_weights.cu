@@ -8,6 +8,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_context.hpp"
+#include "backends/cuda/shape_only_matrix.hpp"
 #include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 
@@ -100,24 +101,6 @@ const float kNvfp4ScaleRms = [] {
 
 int e8m0_exponent_floor(float x) { return int(std::floor(std::log2(x))); }
 int e8m0_exponent_nearest(float x) { return int(std::lround(std::log2(x))); }
-
-// The placeholder that lets DeviceMatrix::allocate check a layout: it needs non-null data and scale pointers, and
-// never reads them.
-const uint8_t kNoHostBytes = 0;
-
-QuantizedMatrix layout_of(WeightFormat format, int64_t rows, int64_t cols, float global_scale) {
-  QuantizedMatrix m;
-  m.format = format;
-  m.rows = rows;
-  m.cols = cols;
-  m.scale_type = format == WeightFormat::NVFP4                                           ? ScaleType::E4M3
-                 : format == WeightFormat::MXFP4 || format == WeightFormat::FP8_BLOCK128 ? ScaleType::E8M0
-                                                                                          : ScaleType::NONE;
-  m.global_scale = global_scale;
-  m.data = &kNoHostBytes;
-  m.scales = &kNoHostBytes;
-  return m;
-}
 
 // NVFP4's global scale: the element std over (e2m1 rms × block-scale rms).
 float nvfp4_global_scale(float element_std) { return element_std / (kE2m1Rms * kNvfp4ScaleRms); }
@@ -227,7 +210,7 @@ struct PlanSink {
     }
   }
   void matrix(DeviceMatrix&, WeightFormat format, int64_t rows, int64_t cols, float, const std::string& name) {
-    const QuantizedMatrix m = layout_of(format, rows, cols, 1.0f);
+    const QuantizedMatrix m = shape_only_matrix(format, rows, cols, 1.0f);
     m.check_layout(name);
     *bucket += aligned(m.data_bytes()) + aligned(m.scale_bytes());
     ++plan.tensors;
@@ -262,7 +245,7 @@ struct GenerateSink {
   void matrix(DeviceMatrix& m, WeightFormat format, int64_t rows, int64_t cols, float element_std,
               const std::string& name) {
     const float global = format == WeightFormat::NVFP4 ? nvfp4_global_scale(element_std) : 1.0f;
-    m = DeviceMatrix::allocate(layout_of(format, rows, cols, global), name, pool);
+    m = DeviceMatrix::allocate(shape_only_matrix(format, rows, cols, global), name, pool);
     const DeviceMatrixView& v = m.view();
     const uint64_t s = next_seed();
     auto* data = static_cast<uint8_t*>(m.data_buffer().data());
