@@ -7,6 +7,7 @@
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
 #include "support/device_buffers.hpp"
+#include "support/model_fixtures.hpp"
 
 #include <gtest/gtest.h>
 
@@ -15,30 +16,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 using namespace dsv4;
-namespace fs = std::filesystem;
 
 namespace {
 
-struct Fixture {
-  LoadedCheckpoint ckpt;
-  explicit Fixture(const std::string& name) : ckpt(load_checkpoint((fs::path(DSV4_SOURCE_DIR) / name).string())) {
-    ckpt.require_loadable();
-  }
-};
-
-std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, std::mt19937& rng) {
-  std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
-  std::vector<int32_t> tokens(static_cast<size_t>(count));
-  for (int32_t& t : tokens) t = pick(rng);
-  return tokens;
-}
+using dsv4::testing::ModelFixture;
+using dsv4::testing::random_tokens;
 
 // One sequence of the schedule: its prompt, the tokens it decodes, and when it joins and leaves the batch.
 struct Planned {
@@ -176,12 +164,6 @@ const auto kFixtures = ::testing::Values("tests/golden/flash_like", "tests/golde
                                          "tests/golden/odd_sizes", "models/tiny-fortunes",
                                          "models/tiny-fortunes-nvfp4");
 
-std::string fixture_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string name = fs::path(info.param).filename().string();
-  std::replace(name.begin(), name.end(), '-', '_');
-  return name;
-}
-
 class CudaBatch : public ::testing::TestWithParam<std::string> {};
 
 // Each sequence's batched logits against its batch-1 run, in both numerics modes. The kernels are the same; what
@@ -192,7 +174,7 @@ class CudaBatch : public ::testing::TestWithParam<std::string> {};
 // keys — moves rows by O(1)). Measured on an H200: identical logits on every fixture (these widths split alike).
 TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f(GetParam());
+  const ModelFixture f(GetParam());
   const int64_t vocab = f.ckpt.config.vocab_size;
   const std::vector<Planned> plan = schedule(vocab, kSteps, 11);
   for (const NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
@@ -216,7 +198,7 @@ TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
 // The captured decode steps replay exactly what the eager launches compute.
 TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f(GetParam());
+  const ModelFixture f(GetParam());
   const std::vector<Planned> plan = schedule(f.ckpt.config.vocab_size, kSteps, 12);
   cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options());
   EXPECT_NE(graphs.describe().find("CUDA graphs"), std::string::npos) << graphs.describe();
@@ -249,13 +231,13 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaBatch, kFixtures, fixture_name);
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaBatch, kFixtures, dsv4::testing::fixture_param_name);
 
 // Greedy continuations of the trained model: three prompts decoded together for 64 steps give, token for token,
 // what each gives alone, with CUDA graphs and without.
 TEST(CudaBatchGreedy, TrainedModelContinuesEachPromptAsAlone) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f("models/tiny-fortunes");
+  const ModelFixture f("models/tiny-fortunes");
   const int64_t vocab = f.ckpt.config.vocab_size;
   std::mt19937 rng(5);
   const std::vector<std::vector<int32_t>> prompts = {random_tokens(12, vocab, rng), random_tokens(3, vocab, rng),
@@ -301,7 +283,7 @@ TEST(CudaBatchGreedy, TrainedModelContinuesEachPromptAsAlone) {
 // decode_on_device leaves the logits on the device: the same values decode copies back.
 TEST(CudaBatchDevice, LogitsOnTheDeviceAreTheDecodeLogits) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f("tests/golden/flash_like");
+  const ModelFixture f("tests/golden/flash_like");
   const int64_t vocab = f.ckpt.config.vocab_size;
   std::mt19937 rng(9);
   const std::vector<int32_t> prompt = random_tokens(9, vocab, rng), ids = random_tokens(2, vocab, rng);
@@ -335,7 +317,7 @@ TEST(CudaBatchDevice, LogitsOnTheDeviceAreTheDecodeLogits) {
 // the shortfall; the model then builds at a size that fits on the same device.
 TEST(CudaBatchMemory, RefusesWhatDoesNotFitNamingTheShortfall) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f("tests/golden/flash_like");
+  const ModelFixture f("tests/golden/flash_like");
   for (const auto [context, sequences] : {std::pair{int64_t(1) << 36, 4}, std::pair{int64_t(1) << 22, 4096}}) {
     cuda::CudaModelOptions options;
     options.max_context = context;
@@ -357,7 +339,7 @@ TEST(CudaBatchMemory, RefusesWhatDoesNotFitNamingTheShortfall) {
 
 TEST(CudaBatchCalls, RefusesBadBatchesAndKeepsTheSequences) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f("tests/golden/odd_sizes");
+  const ModelFixture f("tests/golden/odd_sizes");
   cuda::CudaModelOptions options = batch_options();
   options.max_context = 8;
   cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);

@@ -8,16 +8,15 @@
 #include "model/checkpoint_loader.hpp"
 #include "model/dsv4_model.hpp"
 #include "support/device_buffers.hpp"
+#include "support/model_fixtures.hpp"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <random>
 
 using namespace dsv4;
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -49,10 +48,7 @@ constexpr RowBounds kReferenceBounds{5e-2f, 2e-1f, 0.7f};
 // Issue 7's per-row tolerance: rows over it are listed.
 constexpr float kTolerance = 2e-3f;
 
-struct Fixture {
-  LoadedCheckpoint ckpt;
-  explicit Fixture(const fs::path& dir) : ckpt(load_checkpoint(dir.string())) { ckpt.require_loadable(); }
-};
+using dsv4::testing::ModelFixture;
 
 // The CPU logits of every row of `tokens` (one prefill).
 std::vector<float> cpu_logits(const ModelConfig& config, const ModelWeights& weights, NumericsMode mode,
@@ -143,12 +139,10 @@ void expect_rows_within(const std::string& what, const std::vector<RowError>& er
   EXPECT_LE(worst, bounds.worst) << what;
 }
 
+// `count` token ids from a generator seeded with `seed`.
 std::vector<int32_t> random_tokens(int64_t count, int64_t vocab, uint32_t seed) {
   std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
-  std::vector<int32_t> tokens(static_cast<size_t>(count));
-  for (int32_t& t : tokens) t = pick(rng);
-  return tokens;
+  return dsv4::testing::random_tokens(count, vocab, rng);
 }
 
 // Every golden fixture (F32 weights, and the release formats) and both tiny models.
@@ -157,20 +151,13 @@ const auto kFixtures = ::testing::Values("tests/golden/flash_like", "tests/golde
                                          "tests/golden/odd_sizes", "tests/golden/odd_sizes-release",
                                          "models/tiny-fortunes", "models/tiny-fortunes-nvfp4");
 
-std::string fixture_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string name = fs::path(info.param).filename().string();
-  std::replace(name.begin(), name.end(), '-', '_');
-  return name;
-}
-
 class CudaModelMatchesCpu : public ::testing::TestWithParam<std::string> {};
 
 // The GPU's exact mode against the CPU in GpuBf16 numerics and, looser, in Exact numerics; the GPU's reference mode
 // against the CPU's.
 TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const fs::path dir = fs::path(DSV4_SOURCE_DIR) / GetParam();
-  const Fixture f(dir);
+  const ModelFixture f(GetParam());
   const ModelConfig& config = f.ckpt.config;
   const int64_t vocab = config.vocab_size;
   // Long enough to fill windows, wrap the ring and complete compressed entries of every ratio the fixtures use.
@@ -198,7 +185,7 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu, kFixtures, fixture_name);
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu, kFixtures, dsv4::testing::fixture_param_name);
 
 // The model cut after each of its layers (the same cut on the CPU, GpuBf16 numerics): the first layer faithful to fp32
 // order; where the GPU starts to differ tells which layer kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.
@@ -206,7 +193,7 @@ class CudaModelLayerPrefixes : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaModelLayerPrefixes, EveryPrefixOfLayersMatchesTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f(fs::path(DSV4_SOURCE_DIR) / GetParam());
+  const ModelFixture f(GetParam());
   const std::vector<int32_t> tokens = random_tokens(150, f.ckpt.config.vocab_size, 7);
   for (int layers = 1; layers <= f.ckpt.config.num_layers; ++layers) {
     ModelConfig config = f.ckpt.config;
@@ -241,7 +228,7 @@ TEST_P(CudaModelLayerPrefixes, EveryPrefixOfLayersMatchesTheCpu) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelLayerPrefixes, kFixtures, fixture_name);
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelLayerPrefixes, kFixtures, dsv4::testing::fixture_param_name);
 
 // Greedy continuation of the trained tiny model: 64 decode steps, token for token the CPU's in both Exact and
 // GpuBf16 numerics.
@@ -249,7 +236,7 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   for (const char* name : {"models/tiny-fortunes", "models/tiny-fortunes-nvfp4"}) {
     SCOPED_TRACE(name);
-    const Fixture f(fs::path(DSV4_SOURCE_DIR) / name);
+    const ModelFixture f(name);
     const std::vector<int32_t> prompt = random_tokens(12, f.ckpt.config.vocab_size, 3);
     auto argmax = [](const std::vector<float>& row) {
       return int32_t(std::max_element(row.begin(), row.end()) - row.begin());
@@ -279,7 +266,7 @@ TEST(CudaModel, GreedyDecodeOfTheTinyModelEqualsTheCpu) {
 
 TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const Fixture f(fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes");
+  const ModelFixture f("models/tiny-fortunes");
   cuda::CudaModelOptions options;
   options.max_context = 32;
   cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
