@@ -178,12 +178,9 @@ __device__ inline void copy16_to_shared(float* shared_dst, const float* global_s
   ptx::cp_async_or_zero<16>(static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst)), global_src, true);
 }
 
-// One arrival on `barrier` once every cp.async this thread issued so far has landed (PTX
-// "cp.async.mbarrier.arrive.noinc": the arrival is counted in the barrier's initial count).
+// One arrival on `barrier` once every cp.async this thread issued so far has landed.
 __device__ inline void arrive_when_copies_land(uint64_t* barrier) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(barrier)))
-               : "memory");
+  ptx::cp_async_mbarrier_arrive_noinc(static_cast<uint32_t>(__cvta_generic_to_shared(barrier)));
 }
 
 // Round to nearest tf32 (the low 13 bits of the result are zero).

@@ -27,6 +27,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
+// One arrival on the mbarrier at shared address `barrier` once every cp.async this thread issued so far has landed
+// (PTX ISA "cp.async.mbarrier.arrive.noinc": the arrival is counted in the barrier's initial count).
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint32_t barrier) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(barrier) : "memory");
+}
+
 // Bulk copy of `bytes` from global `src` to shared `shared_dst` (both 16-byte aligned, bytes a multiple of 16);
 // completes on the mbarrier at shared address `barrier`.
 __device__ __forceinline__ void cp_async_bulk_global_to_shared(uint32_t shared_dst, const void* src, uint32_t bytes,
