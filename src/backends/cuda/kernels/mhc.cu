@@ -130,6 +130,35 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 
+// The projection's arguments of one hc_pre (hc_head and the fused hc_post + hc_pre start from them too).
+mhc::ProjectionArgs pre_projection_args(const HcPreParams& p) {
+  mhc::ProjectionArgs args{};
+  args.X = p.X;
+  args.fn = p.fn;
+  args.base = p.base;
+  args.scale = p.scale;
+  args.tokens = p.tokens;
+  args.hidden = int(p.hidden);
+  args.sinkhorn_iters = p.sinkhorn_iters;
+  args.hc_eps = p.hc_eps;
+  args.norm_eps = p.norm_eps;
+  args.round_to_bf16 = p.round_to_bf16;
+  args.y = p.y;
+  args.y_bf16 = p.y_bf16;
+  args.post = p.post;
+  args.comb = p.comb;
+  return args;
+}
+
+// The hc_pre of the site after an hc_post_pre, reading the updated residual X_out.
+HcPreParams next_site_pre_params(const HcPostPreParams& p) {
+  return {.X = p.X_out, .fn = p.next_fn, .base = p.next_base, .scale = p.next_scale, .tokens = p.tokens,
+          .hidden = p.hidden, .streams = p.streams, .sinkhorn_iters = p.sinkhorn_iters, .hc_eps = p.hc_eps,
+          .norm_eps = p.norm_eps, .round_to_bf16 = p.round_to_bf16, .y = p.y, .y_bf16 = p.y_bf16,
+          .post = p.next_post, .comb = p.next_comb, .workspace = p.workspace,
+          .workspace_bytes = p.workspace_bytes, .stream = p.stream};
+}
+
 }  // namespace
 
 HcProjectionConfig choose_hc_projection_config(int64_t tokens, int64_t hidden, int multiprocessors, bool post_pre) {
@@ -233,40 +262,16 @@ void check_hc_post_pre_params(const HcPostPreParams& p) {
 void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
-  mhc::ProjectionArgs args{};
-  args.X = p.X;
-  args.fn = p.fn;
-  args.base = p.base;
-  args.scale = p.scale;
-  args.tokens = p.tokens;
-  args.hidden = int(p.hidden);
-  args.sinkhorn_iters = p.sinkhorn_iters;
-  args.hc_eps = p.hc_eps;
-  args.norm_eps = p.norm_eps;
-  args.round_to_bf16 = p.round_to_bf16;
-  args.y = p.y;
-  args.y_bf16 = p.y_bf16;
-  args.post = p.post;
-  args.comb = p.comb;
-  run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
+  run_projection<false, false>(pre_projection_args(p), p.workspace, p.stream, "hc_pre");
 }
 
 void run_hc_head(const HcHeadParams& p) {
   check_hc_head_params(p);
   if (p.tokens == 0) return;
-  mhc::ProjectionArgs args{};
-  args.X = p.X;
-  args.fn = p.fn;
-  args.base = p.base;
-  args.scale = p.scale;
-  args.tokens = p.tokens;
-  args.hidden = int(p.hidden);
-  args.sinkhorn_iters = 1;
-  args.hc_eps = p.hc_eps;
-  args.norm_eps = p.norm_eps;
-  args.round_to_bf16 = p.round_to_bf16;
-  args.y = p.h;
-  args.y_bf16 = p.h_bf16;
+  const mhc::ProjectionArgs args =
+      pre_projection_args({.X = p.X, .fn = p.fn, .base = p.base, .scale = p.scale, .tokens = p.tokens,
+                           .hidden = p.hidden, .sinkhorn_iters = 1, .hc_eps = p.hc_eps, .norm_eps = p.norm_eps,
+                           .round_to_bf16 = p.round_to_bf16, .y = p.h, .y_bf16 = p.h_bf16});
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
 }
 
@@ -276,28 +281,11 @@ void run_hc_post_pre(const HcPostPreParams& p) {
   if (p.tokens > kFusedPostPreMaxTokens) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
-    run_hc_pre({.X = p.X_out, .fn = p.next_fn, .base = p.next_base, .scale = p.next_scale, .tokens = p.tokens,
-                .hidden = p.hidden, .streams = p.streams, .sinkhorn_iters = p.sinkhorn_iters, .hc_eps = p.hc_eps,
-                .norm_eps = p.norm_eps, .round_to_bf16 = p.round_to_bf16, .y = p.y, .y_bf16 = p.y_bf16,
-                .post = p.next_post, .comb = p.next_comb, .workspace = p.workspace,
-                .workspace_bytes = p.workspace_bytes, .stream = p.stream});
+    run_hc_pre(next_site_pre_params(p));
     return;
   }
-  mhc::ProjectionArgs args{};
-  args.X = p.X;
-  args.fn = p.next_fn;
-  args.base = p.next_base;
-  args.scale = p.next_scale;
-  args.tokens = p.tokens;
-  args.hidden = int(p.hidden);
-  args.sinkhorn_iters = p.sinkhorn_iters;
-  args.hc_eps = p.hc_eps;
-  args.norm_eps = p.norm_eps;
-  args.round_to_bf16 = p.round_to_bf16;
-  args.y = p.y;
-  args.y_bf16 = p.y_bf16;
-  args.post = p.next_post;
-  args.comb = p.next_comb;
+  mhc::ProjectionArgs args = pre_projection_args(next_site_pre_params(p));
+  args.X = p.X;  // the fused kernel applies hc_post itself: the projection reads the residual before the update
   args.out = p.out;
   args.post_in = p.post;
   args.comb_in = p.comb;
