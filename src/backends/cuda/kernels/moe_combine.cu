@@ -34,8 +34,7 @@ void run_moe_combine(const MoeCombineParams& p) {
                               .top_k = p.top_k,
                               .hidden = p.hidden};
   const dim3 grid(unsigned((p.hidden / 4 + moe::kCombineThreads - 1) / moe::kCombineThreads), unsigned(std::min(p.tokens, 65535)));
-  moe::launch_chained(moe::moe_combine_kernel, grid, dim3(moe::kCombineThreads), 0, p.stream, args,
-                      "moe_combine_kernel");
+  launch_chained(moe::moe_combine_kernel, grid, dim3(moe::kCombineThreads), 0, p.stream, args, "moe_combine_kernel");
 }
 
 }  // namespace dsv4::cuda

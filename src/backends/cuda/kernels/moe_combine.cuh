@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "backends/cuda/kernels/moe_launch.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 
 namespace dsv4::cuda::moe {
 

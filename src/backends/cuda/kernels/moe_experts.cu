@@ -53,8 +53,7 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
                         moe::kStreamedExchangeBytes;
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_streamed_kernel<G>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    moe::launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args,
-                        name);
+    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
     return;
   }
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
@@ -62,7 +61,7 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
         " bytes of shared memory per CTA, beyond this device's limit");
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(smem)));
-  moe::launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
+  launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
 }  // namespace

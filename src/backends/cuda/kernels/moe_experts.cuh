@@ -17,9 +17,9 @@
 //   loop's loads hit L2: a warp's own pipeline is too shallow to cover HBM latency, and at decode sizes there are
 //   not enough warps to make up for it. Outstanding prefetches stay at 2 × 8 KB per warp (< 30 MB for a whole
 //   V4-Flash decode wave), within L2.
-// - The kernels are chained with programmatic dependent launch (moe_launch.cuh): the CTAs of the first work item
-//   (the shared expert's, whose weights do not depend on the routing) start fetching their weight bands into L2
-//   while the routing is still running.
+// - The kernels are chained with programmatic dependent launch (ptx/dependent_launch.cuh): the CTAs of the first
+//   work item (the shared expert's, whose weights do not depend on the routing) start fetching their weight bands
+//   into L2 while the routing is still running.
 // - Items of up to 8 rows (decode: 1–2 tokens per routed expert) run with one token tile; larger ones (the shared
 //   expert, prefill) with four (32 rows per pass), so one weight decode serves 32 tokens. The switch is uniform
 //   per CTA, as is the one over the expert's weight format (the shared expert is FP8 in the release while routed
@@ -31,9 +31,9 @@
 #include <cstdint>
 
 #include "backends/cuda/kernels/moe_experts.hpp"
-#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe_weights.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 
 namespace dsv4::cuda::moe {
 

@@ -77,8 +77,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
   const bool bf16 = p.router.format == WeightFormat::BF16;
   auto launch = [&](auto kernel) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    moe::launch_chained(kernel, logits_grid, dim3(kRouterThreads), smem, p.stream, logits_args,
-                        "moe_router_logits_kernel");
+    launch_chained(kernel, logits_grid, dim3(kRouterThreads), smem, p.stream, logits_args, "moe_router_logits_kernel");
   };
   switch (chunk_tokens * 2 + (bf16 ? 1 : 0)) {
     case 2: launch(moe::moe_router_logits_kernel<false, 1>); break;
@@ -104,8 +103,8 @@ void run_moe_routing(const MoeRoutingParams& p) {
       .out = p.out,
   };
   const unsigned route_ctas = unsigned((p.tokens + moe::kSelectWarpsPerCta - 1) / moe::kSelectWarpsPerCta);
-  moe::launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
-                      0, p.stream, route_args, "moe_route_and_bucket_kernel");
+  launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
+                 0, p.stream, route_args, "moe_route_and_bucket_kernel");
 }
 
 }  // namespace dsv4::cuda

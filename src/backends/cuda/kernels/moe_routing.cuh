@@ -9,8 +9,8 @@
 //   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
 //   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
 //   CPU reference.
-// - Both kernels are chained with programmatic dependent launch (moe_launch.cuh): each waits for its predecessor's
-//   writes first, then lets the next kernel's CTAs be scheduled.
+// - Both kernels are chained with programmatic dependent launch (ptx/dependent_launch.cuh): each waits for its
+//   predecessor's writes first, then lets the next kernel's CTAs be scheduled.
 // - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
 //   counts, one warp's scan, then a stable scatter by one warp (__match_any_sync gives each slot its rank among the
 //   lanes of its chunk that chose the same expert), so the row order is a function of the routing alone.
@@ -20,8 +20,8 @@
 
 #include <cstdint>
 
-#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 
 namespace dsv4::cuda::moe {
 

@@ -84,10 +84,10 @@ void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinear
   const auto kernel = linear::quantized_linear_streamed_kernel<F, NT>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; cheap, set every launch).
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.smem_bytes)));
-  // A programmatic launch (moe_launch.cuh): the CTAs may start their weight streams while the previous kernel in
-  // the stream drains.
-  moe::launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)),
-                      dim3(linear::kThreadsPerCta), config.smem_bytes, stream, args, "quantized_linear_streamed_kernel");
+  // A programmatic launch (ptx/dependent_launch.cuh): the CTAs may start their weight streams while the previous
+  // kernel in the stream drains.
+  launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)),
+                 dim3(linear::kThreadsPerCta), config.smem_bytes, stream, args, "quantized_linear_streamed_kernel");
 }
 
 template <TileFormat F>

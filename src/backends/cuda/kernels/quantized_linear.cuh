@@ -14,9 +14,9 @@
 #include <cstdint>
 
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/kernels/moe_launch.cuh"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -170,8 +170,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     for (int j = 0; j < slots && j < stages; ++j)
       st::issue_stage<F>(&args.maps, row0, split_begin + j * kStageK, ring + j * st::kSlotBytes, full + j);
   }
-  moe::wait_for_prior_grids();
-  moe::allow_dependents();
+  wait_for_prior_grids();
+  allow_dependents();
 
   constexpr int C = tile::detail::kChains<NT>;
   float sums[C][NT][4];
