@@ -138,6 +138,32 @@ Workspace zeroed_workspace(int64_t tokens, int64_t d, const char* what) {
   return workspace;
 }
 
+// `shared` (a workspace used by earlier launches, not re-zeroed) when given, else `own`, zeroed here.
+Workspace& shared_or_own_workspace(Workspace* shared, Workspace& own, int64_t tokens, int64_t d, const char* what) {
+  if (shared != nullptr) return *shared;
+  own = zeroed_workspace(tokens, d, what);
+  return own;
+}
+
+// Bit-identical reruns on the same workspace: `current` of a later launch against `first` of the first one.
+void expect_same_as_first_run(const std::vector<float>& first, const std::vector<float>& current, const char* what) {
+  EXPECT_EQ(std::memcmp(first.data(), current.data(), current.size() * sizeof(float)), 0)
+      << "the second launch on the same workspace differs from the first (" << what << ")";
+}
+
+// hc_pre's outputs (also the fused hc_post_pre's): poisoned fp32 y, post and comb, y_bf16 filled with 0xFF and a
+// 16-byte guard past its end.
+struct PreOutputBuffers {
+  PreOutputBuffers(int64_t T, int64_t d)
+      : y(poisoned(size_t(T * d), "y")),
+        post(poisoned(size_t(T * kN), "post")),
+        comb(poisoned(size_t(T * kN * kN), "comb")),
+        y_bf16(size_t(T * d) * sizeof(uint16_t) + 16, "y_bf16") {
+    y_bf16.fill_bytes(0xFF);
+  }
+  DeviceBuffer y, post, comb, y_bf16;
+};
+
 std::string case_name(const char* op, int64_t T, int64_t d, bool round) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact");
 }
@@ -201,16 +227,12 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                      scale = to_device(in.scale, "scale");
   Workspace own;
-  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_pre workspace");
-  Workspace& workspace = shared != nullptr ? *shared : own;
+  Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_pre workspace");
 
   std::vector<float> first_y;
   for (int run = 0; run < 2; ++run) {
     SCOPED_TRACE("run " + std::to_string(run));
-    DeviceBuffer y = poisoned(size_t(T * d), "y"), post = poisoned(size_t(T * kN), "post"),
-                 comb = poisoned(size_t(T * kN * kN), "comb");
-    DeviceBuffer y_bf16(size_t(T * d) * sizeof(uint16_t) + 16, "y_bf16");
-    y_bf16.fill_bytes(0xFF);
+    PreOutputBuffers outputs(T, d);
     run_hc_pre({.X = X.as<float>(),
                 .fn = fn.as<float>(),
                 .base = base.as<float>(),
@@ -221,22 +243,20 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
                 .hc_eps = kHcEps,
                 .norm_eps = kNormEps,
                 .round_to_bf16 = round,
-                .y = y.as<float>(),
-                .y_bf16 = y_bf16.as<__nv_bfloat16>(),
-                .post = post.as<float>(),
-                .comb = comb.as<float>(),
+                .y = outputs.y.as<float>(),
+                .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
+                .post = outputs.post.as<float>(),
+                .comb = outputs.comb.as<float>(),
                 .workspace = workspace.buffer.data(),
                 .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> y_gpu = download(y, size_t(T * d));
-    expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, y_bf16, download(post, size_t(T * kN)),
-                          download(comb, size_t(T * kN * kN)));
-    if (run == 0) {
+    const std::vector<float> y_gpu = download(outputs.y, size_t(T * d));
+    expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, outputs.y_bf16, download(outputs.post, size_t(T * kN)),
+                          download(outputs.comb, size_t(T * kN * kN)));
+    if (run == 0)
       first_y = y_gpu;
-    } else {
-      EXPECT_EQ(std::memcmp(first_y.data(), y_gpu.data(), y_gpu.size() * sizeof(float)), 0)
-          << "the second launch on the same workspace differs from the first";
-    }
+    else
+      expect_same_as_first_run(first_y, y_gpu, "y");
   }
 }
 
@@ -254,8 +274,7 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* s
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                      scale = to_device(in.scale, "scale");
   Workspace own;
-  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_head workspace");
-  Workspace& workspace = shared != nullptr ? *shared : own;
+  Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_head workspace");
   std::vector<float> first_h;
   for (int run = 0; run < 2; ++run) {
     SCOPED_TRACE("run " + std::to_string(run));
@@ -287,8 +306,7 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* s
     if (run == 0)
       first_h = h_gpu;
     else
-      EXPECT_EQ(std::memcmp(first_h.data(), h_gpu.data(), h_gpu.size() * sizeof(float)), 0)
-          << "the second launch on the same workspace differs from the first";
+      expect_same_as_first_run(first_h, h_gpu, "h");
   }
 }
 
@@ -363,8 +381,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
                      comb_d = to_device(post_in.comb, "comb"), fn = to_device(next.fn, "next fn"),
                      base = to_device(next.base, "next base"), scale = to_device(next.scale, "next scale");
   Workspace own;
-  if (shared == nullptr) own = zeroed_workspace(T, d, "hc_post_pre workspace");
-  Workspace& workspace = shared != nullptr ? *shared : own;
+  Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_post_pre workspace");
 
   PreReference reference;
   std::vector<float> first_y;
@@ -373,10 +390,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
     DeviceBuffer X_d = poisoned(post_in.X.size(), "X");
     X_d.upload(post_in.X.data(), post_in.X.size() * sizeof(float));
     DeviceBuffer X_out_d = poisoned(post_in.X.size(), "X_out");
-    DeviceBuffer y = poisoned(size_t(T * d), "y"), next_post = poisoned(size_t(T * kN), "next post"),
-                 next_comb = poisoned(size_t(T * kN * kN), "next comb");
-    DeviceBuffer y_bf16(size_t(T * d) * sizeof(uint16_t) + 16, "y_bf16");
-    y_bf16.fill_bytes(0xFF);
+    PreOutputBuffers outputs(T, d);
     run_hc_post_pre({.out = out_d.as<float>(),
                      .X = X_d.as<float>(),
                      .post = post_d.as<float>(),
@@ -391,10 +405,10 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
                      .hc_eps = kHcEps,
                      .norm_eps = kNormEps,
                      .round_to_bf16 = round,
-                     .y = y.as<float>(),
-                     .y_bf16 = y_bf16.as<__nv_bfloat16>(),
-                     .next_post = next_post.as<float>(),
-                     .next_comb = next_comb.as<float>(),
+                     .y = outputs.y.as<float>(),
+                     .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
+                     .next_post = outputs.post.as<float>(),
+                     .next_comb = outputs.comb.as<float>(),
                      .workspace = workspace.buffer.data(),
                      .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -402,7 +416,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
     if (!in_place)
       EXPECT_EQ(download(X_d, post_in.X.size()), post_in.X) << "X changed although X_out is another buffer";
     expect_hc_post_output(post_in, T, d, round, X_gpu);
-    const std::vector<float> y_gpu = download(y, size_t(T * d));
+    const std::vector<float> y_gpu = download(outputs.y, size_t(T * d));
     if (run == 0) {
       next.X = X_gpu;
       reference = hc_pre_reference(next, T, d, round);
@@ -411,11 +425,10 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
       // Bit-identical reruns, so the first run's reference holds.
       ASSERT_EQ(std::memcmp(next.X.data(), X_gpu.data(), X_gpu.size() * sizeof(float)), 0)
           << "the second launch differs from the first (X_out)";
-      EXPECT_EQ(std::memcmp(first_y.data(), y_gpu.data(), y_gpu.size() * sizeof(float)), 0)
-          << "the second launch on the same workspace differs from the first (y)";
+      expect_same_as_first_run(first_y, y_gpu, "y");
     }
-    expect_hc_pre_outputs(next, reference, T, d, round, y_gpu, y_bf16, download(next_post, size_t(T * kN)),
-                          download(next_comb, size_t(T * kN * kN)));
+    expect_hc_pre_outputs(next, reference, T, d, round, y_gpu, outputs.y_bf16, download(outputs.post, size_t(T * kN)),
+                          download(outputs.comb, size_t(T * kN * kN)));
   }
 }
 
