@@ -55,6 +55,7 @@ struct BenchPlan {
   int64_t generate = 128;
   std::vector<int64_t> batches = {1};
   int reps = 3;
+  int64_t ubatch = 512;  // prompt tokens per GPU prefill step (CudaModel's max_step_tokens)
   std::string json_path;
   uint64_t seed = 1;
 
@@ -64,6 +65,8 @@ struct BenchPlan {
     sub.add_option("-b,--batch", batches, batches_help)->delimiter(',')->capture_default_str();
     sub.add_option("-r,--repetitions", reps, "Timed repetitions of each test (after one warm-up run)")
         ->capture_default_str();
+    sub.add_option("-u,--ubatch", ubatch, "Prompt tokens per prefill step on the GPU (1-4096; longer prompts run in "
+                   "chunks of this)")->capture_default_str();
     sub.add_option("--json", json_path, "Also write the results as JSON to this file");
     sub.add_option("--seed", seed, "Seed of the random prompt and first tokens (and of synthetic weights)")
         ->capture_default_str();
@@ -73,6 +76,7 @@ struct BenchPlan {
     check(generate >= 0, "-n: ", generate, " decode steps must not be negative");
     for (int64_t b : batches) check(b >= 1, "-b: batch ", b, " must be at least 1");
     check(reps >= 1, "-r: ", reps, " repetitions must be at least 1");
+    check(ubatch >= 1 && ubatch <= 4096, "--ubatch: ", ubatch, " prompt tokens per step must be in 1..4096");
     check(std::any_of(prompts.begin(), prompts.end(), [](int64_t p) { return p > 0; }) || generate > 0,
           "nothing to measure: every -p is 0 and -n is 0");
   }
@@ -253,7 +257,7 @@ void write_json(const BenchReport& r, const BenchPlan& plan, const std::string& 
                         {"full_layers", r.full_layers}, {"format", r.format},
                         {"layer_kinds", r.layer_kinds}, {"results", results}};
   out["plan"] = {{"prompts", plan.prompts}, {"generate", plan.generate}, {"batches", plan.batches},
-                 {"repetitions", plan.reps}, {"seed", plan.seed}};
+                 {"repetitions", plan.reps}, {"ubatch", plan.ubatch}, {"seed", plan.seed}};
   for (const auto& [key, value] : r.extra.items()) out[key] = value;
   std::ofstream file(path);
   check(file.good(), "--json: cannot write '", path, "'");
@@ -363,7 +367,7 @@ std::vector<ModelShape> model_shapes(const BenchPlan& plan) {
   const std::vector<int64_t> prompts = plan.prompt_tests();
   if (!prompts.empty()) {
     const int64_t longest = *std::max_element(prompts.begin(), prompts.end());
-    shapes.push_back({1, longest, 512, prompts, 0});
+    shapes.push_back({1, longest, std::min(plan.ubatch, longest), prompts, 0});
   }
   for (int64_t b : plan.decode_batches())
     shapes.push_back({int(b), plan.generate + 2, std::max<int64_t>(b, 16), {}, b});
