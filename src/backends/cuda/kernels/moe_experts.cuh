@@ -271,32 +271,40 @@ __device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const Moe
     run_pass<F, G, kLargeTokenTiles>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first), smem);
 }
 
+// Calls body.template operator()<F>() with the tile format F of a weight format; the formats refused on the host
+// (check_moe_expert_gemm_params) do nothing.
+template <class Body>
+__device__ __forceinline__ void with_tile_format(WeightFormat format, Body&& body) {
+  switch (format) {
+    case WeightFormat::MXFP4: body.template operator()<tile::TileFormat::MXFP4>(); break;
+    case WeightFormat::NVFP4: body.template operator()<tile::TileFormat::NVFP4>(); break;
+    case WeightFormat::FP8_BLOCK128: body.template operator()<tile::TileFormat::FP8_BLOCK128>(); break;
+    case WeightFormat::BF16: body.template operator()<tile::TileFormat::BF16>(); break;
+    default: break;
+  }
+}
+
+// Called by both expert kernels once their weight-only head start is issued: waits for the previous kernels (the
+// work items, x and (down) h come from them), lets the next kernel be scheduled, and says whether this CTA's work
+// item exists (the grid covers the worst case).
+__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a) {
+  wait_for_prior_grids();
+  allow_dependents();
+  return int(blockIdx.y) < __ldg(a.work_item_count);
+}
+
 template <ExpertGemm G>
 __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   if (blockIdx.y == 0) {
     const MoeExpertView& shared = a.experts[a.shared_expert];
-    switch (shared.w1.format) {
-      case WeightFormat::MXFP4: prefetch_shared_band<tile::TileFormat::MXFP4, G>(a, shared); break;
-      case WeightFormat::NVFP4: prefetch_shared_band<tile::TileFormat::NVFP4, G>(a, shared); break;
-      case WeightFormat::FP8_BLOCK128: prefetch_shared_band<tile::TileFormat::FP8_BLOCK128, G>(a, shared); break;
-      case WeightFormat::BF16: prefetch_shared_band<tile::TileFormat::BF16, G>(a, shared); break;
-      default: break;
-    }
+    with_tile_format(shared.w1.format, [&]<tile::TileFormat F>() { prefetch_shared_band<F, G>(a, shared); });
   }
-  wait_for_prior_grids();  // the work items, x and (down) h come from the previous kernels
-  allow_dependents();
-  if (int(blockIdx.y) >= __ldg(a.work_item_count)) return;  // the grid covers the worst case
+  if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
-  const WeightFormat format = G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format;
-  switch (format) {
-    case WeightFormat::MXFP4: run_work_item<tile::TileFormat::MXFP4, G>(a, expert, item, smem); break;
-    case WeightFormat::NVFP4: run_work_item<tile::TileFormat::NVFP4, G>(a, expert, item, smem); break;
-    case WeightFormat::FP8_BLOCK128: run_work_item<tile::TileFormat::FP8_BLOCK128, G>(a, expert, item, smem); break;
-    case WeightFormat::BF16: run_work_item<tile::TileFormat::BF16, G>(a, expert, item, smem); break;
-    default: break;  // refused on the host (check_moe_expert_gemm_params)
-  }
+  with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
+                   [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -322,8 +330,6 @@ __host__ __device__ constexpr size_t streamed_x_bytes(int rows, int64_t chunk_k)
   return size_t(rows) * size_t(tile::x_tile_row_stride(chunk_k)) * sizeof(__nv_bfloat16);
 }
 
-// The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
-// always the first), else once the item is read.
 // The warp's matrix's tensor maps: expert e's [w1, w3, w2] in the table.
 template <ExpertGemm G>
 __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const ExpertGemmArgs& a, int expert) {
@@ -331,6 +337,8 @@ __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const Exper
   return a.stream_maps + 3 * expert + matrix;
 }
 
+// The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
+// always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
@@ -404,28 +412,15 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
   if (shared_item) {
     const MoeExpertView& shared = a.experts[a.shared_expert];
-    switch (G == ExpertGemm::GATE_UP ? shared.w1.format : shared.w2.format) {
-      case WeightFormat::MXFP4: start_stream<tile::TileFormat::MXFP4, G>(a, a.shared_expert, ring, full); break;
-      case WeightFormat::NVFP4: start_stream<tile::TileFormat::NVFP4, G>(a, a.shared_expert, ring, full); break;
-      case WeightFormat::FP8_BLOCK128: start_stream<tile::TileFormat::FP8_BLOCK128, G>(a, a.shared_expert, ring, full); break;
-      case WeightFormat::BF16: start_stream<tile::TileFormat::BF16, G>(a, a.shared_expert, ring, full); break;
-      default: break;
-    }
+    with_tile_format(G == ExpertGemm::GATE_UP ? shared.w1.format : shared.w2.format,
+                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
   }
-  wait_for_prior_grids();  // the work items, x and (down) h come from the previous kernels
-  allow_dependents();
-  if (int(blockIdx.y) >= __ldg(a.work_item_count)) return;  // the grid covers the worst case
+  if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
-  switch (G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format) {
-    case WeightFormat::MXFP4: run_streamed_item<tile::TileFormat::MXFP4, G>(a, expert, item, smem, full, shared_item); break;
-    case WeightFormat::NVFP4: run_streamed_item<tile::TileFormat::NVFP4, G>(a, expert, item, smem, full, shared_item); break;
-    case WeightFormat::FP8_BLOCK128:
-      run_streamed_item<tile::TileFormat::FP8_BLOCK128, G>(a, expert, item, smem, full, shared_item);
-      break;
-    case WeightFormat::BF16: run_streamed_item<tile::TileFormat::BF16, G>(a, expert, item, smem, full, shared_item); break;
-    default: break;  // refused on the host (check_moe_expert_gemm_params)
-  }
+  with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format, [&]<tile::TileFormat F>() {
+    run_streamed_item<F, G>(a, expert, item, smem, full, shared_item);
+  });
 }
 
 }  // namespace dsv4::cuda::moe
