@@ -42,6 +42,24 @@ struct LinearKernelArgs {
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
 };
 
+// What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at
+// group·K, over the K range [split_begin, split_end) of its split.
+struct CtaWork {
+  int64_t group, row0, row_end, split_begin, split_end;
+};
+
+__device__ __forceinline__ CtaWork cta_work(const LinearKernelArgs& args, int64_t row_block, int split) {
+  const int64_t group = row_block / args.row_blocks_per_group;
+  const int64_t row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
+  const int64_t row_end = min(row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
+  const int64_t split_begin = int64_t(split) * args.split_k;
+  return {.group = group,
+          .row0 = row0,
+          .row_end = row_end,
+          .split_begin = split_begin,
+          .split_end = min(args.weight.cols, split_begin + args.split_k)};
+}
+
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
 // explicitly because ptxas's own choice of cap spilled.
 constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2; }
@@ -106,15 +124,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
-  // A CTA covers up to 64 rows of one group, whose x columns start at g·K.
-  const int64_t group = row_block / args.row_blocks_per_group;
-  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
-  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
+  const auto [group, cta_row0, cta_row_end, split_begin, split_end] = cta_work(args, row_block, split);
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
   const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
   const __nv_bfloat16* x_group = args.x + group * w.cols;
-  const int64_t split_begin = int64_t(split) * args.split_k;
-  const int64_t split_end = min(w.cols, split_begin + args.split_k);
 
   float acc[NT][4] = {};
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
@@ -151,14 +164,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
-  const int64_t group = row_block / args.row_blocks_per_group;
-  const int64_t cta_row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
-  const int64_t cta_row_end = min(cta_row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
+  const auto [group, cta_row0, cta_row_end, split_begin, split_end] = cta_work(args, row_block, split);
   const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
   const bool has_rows = row0 < cta_row_end;  // whole 16-row tiles (the path's precondition)
   const __nv_bfloat16* x_group = args.x + group * w.cols;
-  const int64_t split_begin = int64_t(split) * args.split_k;
-  const int64_t split_end = min(w.cols, split_begin + args.split_k);
   constexpr int64_t kStageK = st::stage_k(F);
   const int64_t stages = (split_end - split_begin) / kStageK;
 
