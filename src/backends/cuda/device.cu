@@ -19,4 +19,11 @@ std::vector<DeviceInfo> list_devices() {
   return devices;
 }
 
+int current_multiprocessors() {
+  int device = 0, count = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 }  // namespace dsv4::cuda

@@ -18,4 +18,7 @@ struct DeviceInfo {
 // Devices the runtime sees; empty (not an error) when there is no driver or no GPU.
 std::vector<DeviceInfo> list_devices();
 
+// Multiprocessors of the calling thread's current device: launchers size their grids with it.
+int current_multiprocessors();
+
 }  // namespace dsv4::cuda

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/mhc.cuh"
 #include "core/error.hpp"
 
@@ -20,13 +21,6 @@ bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* pa = static_cast<const char*>(a);
   const auto* pb = static_cast<const char*>(b);
   return pa < pb + b_bytes && pb < pa + a_bytes;
-}
-
-int current_multiprocessors() {
-  int device = 0, count = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
 }
 
 void check_shape(const char* op, int64_t tokens, int64_t hidden, int streams) {

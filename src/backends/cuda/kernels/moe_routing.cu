@@ -3,20 +3,11 @@
 #include <algorithm>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/moe_routing.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
-namespace {
-
-int current_multiprocessors() {
-  int device = 0, count = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-}  // namespace
 
 int64_t moe_max_work_items(int64_t tokens, int64_t experts, int64_t top_k, int64_t rows_per_item) {
   check(tokens >= 0 && experts > 0 && top_k > 0 && rows_per_item > 0, "moe: bad work-item bound arguments tokens=",

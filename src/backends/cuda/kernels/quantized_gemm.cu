@@ -5,6 +5,7 @@
 #include <string>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_gemm.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
@@ -59,13 +60,6 @@ void check_device() {
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   check(major == 9, "quantized_gemm: device ", device, " has compute capability ", major,
         ".x; the kernels are built for sm_90a (Hopper)");
-}
-
-int current_multiprocessors() {
-  int device = 0, count = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
 }
 
 CUtensorMap weight_tensor_map(const DeviceMatrixView& w) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
 #include "core/error.hpp"
 
@@ -54,13 +55,6 @@ void check_shape(const DeviceMatrixView& w, int tokens, int groups) {
   else if (format != TileFormat::BF16)
     check(w.scale_type == expected_scales, "quantized_linear: ", to_string(w.format), " weight [", w.rows, ", ",
           w.cols, "] has ", to_string(w.scale_type), " scales; ", to_string(expected_scales), " expected");
-}
-
-int current_multiprocessors() {
-  int device = 0, count = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
 }
 
 template <TileFormat F, bool kAlignedTiles>
