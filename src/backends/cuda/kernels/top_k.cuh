@@ -218,6 +218,20 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
   // n log² n); the last pass fixes all 64 bits, leaving one boundary key.
   const uint32_t sort_target = uint32_t(min(kSortCapacity, max(2 * k, kSmallSort)));
 
+  // Calls visit(in_range, x, key) for each score of this CTA's range with its sort key, kScanUnroll loads in flight
+  // per thread; slots past the end are visited too (in_range false) so that warp-collective visitors see every lane.
+  auto scan_scores = [&](auto&& visit) {
+    for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
+      float x[kScanUnroll];
+      load_score_batch(row, base, end, x);
+#pragma unroll
+      for (int u = 0; u < kScanUnroll; ++u) {
+        const int64_t i = base + u * kThreads;
+        visit(i < end, x[u], sort_key(x[u], uint32_t(i)));
+      }
+    }
+  };
+
   uint64_t prefix = 0;
   int consumed = 0;  // key bits fixed by the passes so far
   if (visible > k) {
@@ -236,17 +250,10 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
       }
       __syncthreads();
       const uint32_t digit_mask = (1u << width) - 1u;
-      for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
-        float x[kScanUnroll];
-        load_score_batch(row, base, end, x);
-#pragma unroll
-        for (int u = 0; u < kScanUnroll; ++u) {
-          const int64_t i = base + u * kThreads;
-          const uint64_t key = sort_key(x[u], uint32_t(i));
-          if (i < end && (consumed == 0 || (key >> (64 - consumed)) == prefix))
-            atomicAdd(&target[uint32_t(key >> shift) & digit_mask], 1u);
-        }
-      }
+      scan_scores([&](bool in_range, float, uint64_t key) {
+        if (in_range && (consumed == 0 || (key >> (64 - consumed)) == prefix))
+          atomicAdd(&target[uint32_t(key >> shift) & digit_mask], 1u);
+      });
       if (kSplit) {
         __syncthreads();
         for (int b = threadIdx.x; b < (1 << width); b += kThreads)
@@ -263,21 +270,13 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs args) {
 
   // Collect: keys above the prefix are chosen; keys in the boundary bin wait for the final sort.
   bool saw_nan = false;
-  for (int64_t base = begin + threadIdx.x; base < end; base += kScanUnroll * kThreads) {
-    float x[kScanUnroll];
-    load_score_batch(row, base, end, x);
-#pragma unroll
-    for (int u = 0; u < kScanUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      const bool in_range = i < end;
-      saw_nan |= in_range && isnan(x[u]);
-      const uint64_t key = sort_key(x[u], uint32_t(i));
-      const uint64_t top = consumed == 0 ? 1 : key >> (64 - consumed);
-      const uint64_t fixed = consumed == 0 ? 0 : prefix;
-      append_warp_aggregated(in_range && top > fixed, key, &ws->chosen_count, ws->chosen);
-      append_warp_aggregated(in_range && top == fixed, key, &ws->boundary_count, ws->boundary);
-    }
-  }
+  scan_scores([&](bool in_range, float x, uint64_t key) {
+    saw_nan |= in_range && isnan(x);
+    const uint64_t top = consumed == 0 ? 1 : key >> (64 - consumed);
+    const uint64_t fixed = consumed == 0 ? 0 : prefix;
+    append_warp_aggregated(in_range && top > fixed, key, &ws->chosen_count, ws->chosen);
+    append_warp_aggregated(in_range && top == fixed, key, &ws->boundary_count, ws->boundary);
+  });
   if (saw_nan && args.nan_flag != nullptr) atomicExch(args.nan_flag, 1);
 
   __syncthreads();
