@@ -429,37 +429,32 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   scores[12345] = std::numeric_limits<float>::quiet_NaN();
   DeviceBuffer d_scores = to_device(scores, "scores");
   DeviceBuffer d_selected(512 * 4, "selected"), d_counts(4, "counts"), d_flag(4, "flag");
-  d_flag.fill_bytes(0);
-  run_top_k({.scores = d_scores.as<float>(),
-             .row_stride = 262144,
-             .candidates = 262144,
-             .queries = 1,
-             .k = 512,
-             .selected = d_selected.as<int32_t>(),
-             .counts = d_counts.as<int32_t>(),
-             .nan_flag = d_flag.as<int32_t>(),
-             .workspace = workspace_.data(),
-             .workspace_bytes = workspace_.bytes()});
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_EQ(from_device<int32_t>(d_flag, 1)[0], 1);
+  // One query's flag after a launch; `positions` null means every score is visible. The count, poisoned first,
+  // shows the launch ran, so a flag left at 0 by a launch that never happened cannot pass.
+  const auto nan_flag_after_top_k = [&](const int64_t* positions) {
+    d_flag.fill_bytes(0);
+    d_counts.fill_bytes(0xAB);
+    run_top_k({.scores = d_scores.as<float>(),
+               .row_stride = 262144,
+               .candidates = 262144,
+               .queries = 1,
+               .k = 512,
+               .positions = positions,
+               .ratio = 4,
+               .selected = d_selected.as<int32_t>(),
+               .counts = d_counts.as<int32_t>(),
+               .nan_flag = d_flag.as<int32_t>(),
+               .workspace = workspace_.data(),
+               .workspace_bytes = workspace_.bytes()});
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(from_device<int32_t>(d_counts, 1)[0], 512);
+    return from_device<int32_t>(d_flag, 1)[0];
+  };
+  EXPECT_EQ(nan_flag_after_top_k(nullptr), 1);
   // A NaN before the visible end only: invisible NaNs are never looked at.
-  d_flag.fill_bytes(0);
   std::vector<int64_t> position{4 * 12000};
   DeviceBuffer d_pos = to_device(position, "position");
-  run_top_k({.scores = d_scores.as<float>(),
-             .row_stride = 262144,
-             .candidates = 262144,
-             .queries = 1,
-             .k = 512,
-             .positions = d_pos.as<int64_t>(),
-             .ratio = 4,
-             .selected = d_selected.as<int32_t>(),
-             .counts = d_counts.as<int32_t>(),
-             .nan_flag = d_flag.as<int32_t>(),
-             .workspace = workspace_.data(),
-             .workspace_bytes = workspace_.bytes()});
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  EXPECT_EQ(from_device<int32_t>(d_flag, 1)[0], 0);
+  EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>()), 0);
 }
 
 TEST_F(TopKTest, RefusesBadCalls) {
