@@ -37,6 +37,7 @@
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "support/device_buffers.hpp"
+#include "support/expect_error.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -548,16 +549,6 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
   }
 }
 
-template <class Action>
-void expect_error_containing(Action&& action, const std::string& needle) {
-  try {
-    action();
-    ADD_FAILURE() << "expected an error containing '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
 TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {
   const Shape& S = kFlashLike;
   Layer layer;
@@ -566,16 +557,16 @@ TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {
     std::mt19937_64 rng(1);
     MoeWeights mixed = layer.model;
     mixed.experts[5] = random_expert(WeightFormat::NVFP4, S, rng);
-    expect_error_containing([&] { DeviceMoeWeights(mixed, test_config(S), "mixed layer"); }, "expert 5");
+    testing::expect_error([&] { DeviceMoeWeights(mixed, test_config(S), "mixed layer"); }, "expert 5");
     MoeWeights short_table = layer.model;
     short_table.tid2eid[7] = int32_t(S.experts);
-    expect_error_containing([&] { DeviceMoeWeights(short_table, test_config(S), "bad table"); }, "tid2eid[1][1]");
+    testing::expect_error([&] { DeviceMoeWeights(short_table, test_config(S), "bad table"); }, "tid2eid[1][1]");
     MoeWeights big_scale = layer.model;
     OwnedQuantizedMatrix w3 = absolute(big_scale.experts[2].w3);  // a copy whose bytes this test may change
     w3.storage->scales[3 * size_t(w3.matrix.scales_per_row()) + 5] = 130;
     big_scale.experts[2].w3 = w3.matrix;
-    expect_error_containing([&] { DeviceMoeWeights(big_scale, test_config(S), "scaled layer"); },
-                            "expert 2 w3 MXFP4 scale code 130 at row 3, block 5");
+    testing::expect_error([&] { DeviceMoeWeights(big_scale, test_config(S), "scaled layer"); },
+                          "expert 2 w3 MXFP4 scale code 130 at row 3, block 5");
   }
   const DeviceMoeWeights device_weights(layer.model, test_config(S), "hash layer");
   const int T = 3;
@@ -595,17 +586,17 @@ TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {
                       .workspace = workspace.data(),
                       .workspace_bytes = bytes};
   run_moe(device_weights, params);
-  expect_error_containing([&] { check_moe_status(params); }, "token id 1009 at position 1");
+  testing::expect_error([&] { check_moe_status(params); }, "token id 1009 at position 1");
   check_moe_status(params);  // the record was cleared
   MoeRunParams small = params;
   small.workspace_bytes = bytes - 1;
-  expect_error_containing([&] { run_moe(device_weights, small); }, "moe_workspace_bytes");
+  testing::expect_error([&] { run_moe(device_weights, small); }, "moe_workspace_bytes");
   MoeRunParams no_tokens = params;
   no_tokens.token_ids = nullptr;
-  expect_error_containing([&] { run_moe(device_weights, no_tokens); }, "needs token ids");
+  testing::expect_error([&] { run_moe(device_weights, no_tokens); }, "needs token ids");
   MoeRunParams aliased = params;
   aliased.out = const_cast<float*>(params.u);
-  expect_error_containing([&] { run_moe(device_weights, aliased); }, "alias");
+  testing::expect_error([&] { run_moe(device_weights, aliased); }, "alias");
 }
 
 }  // namespace
