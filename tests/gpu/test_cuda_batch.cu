@@ -311,6 +311,10 @@ TEST(CudaBatchDevice, LogitsOnTheDeviceAreTheDecodeLogits) {
     EXPECT_EQ(model.length(slots[1]), 6);
     results.push_back(logits);
   }
+  // Bitwise equality alone would pass two NaN rows, or two rows left at their initial zeros.
+  ASSERT_TRUE(std::all_of(results[0].begin(), results[0].end(), [](float v) { return std::isfinite(v); }));
+  EXPECT_NE(*std::min_element(results[0].begin(), results[0].end()),
+            *std::max_element(results[0].begin(), results[0].end()));
   EXPECT_EQ(std::memcmp(results[0].data(), results[1].data(), results[0].size() * 4), 0);
 }
 
@@ -355,7 +359,8 @@ TEST(CudaBatchCalls, RefusesBadBatchesAndKeepsTheSequences) {
   expect_error({a, a}, {1, 2}, "appears twice");
   expect_error({a, b}, {1}, "2 slots for 1 ids");
   expect_error({a, 3}, {1, 2}, "slot 3 is not in use");
-  expect_error({a, b}, {1, int32_t(f.ckpt.config.vocab_size)}, "");
+  expect_error({a, b}, {1, int32_t(f.ckpt.config.vocab_size)},
+               "token id " + std::to_string(f.ckpt.config.vocab_size) + " at position 1");
   expect_error({}, {}, "0 slots");
   EXPECT_EQ(model.length(a), 3);
   EXPECT_EQ(model.length(b), 1);

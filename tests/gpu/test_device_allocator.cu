@@ -62,12 +62,18 @@ TEST(DeviceContext, OpensTheFirstDeviceAndReportsIt) {
   EXPECT_NE(json.find("\"memory_total_bytes\": " + std::to_string(memory.total_bytes)), std::string::npos) << json;
   std::printf("%s\n%s\n", description.c_str(), json.c_str());
 
-  // The streams take work and report its completion.
+  // The streams take work and report its completion: each one's fill is there once it has synchronised.
   DeviceBuffer buffer(4096, "stream check");
+  std::vector<uint8_t> back(buffer.bytes());
   DSV4_CUDA_CHECK(cudaMemsetAsync(buffer.data(), 0x5A, buffer.bytes(), context.compute_stream()));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(context.compute_stream()));
+  buffer.download(back.data(), back.size());
+  EXPECT_EQ(back, std::vector<uint8_t>(back.size(), 0x5A)) << "compute stream";
   Stream stream("test");
-  DSV4_CUDA_CHECK(cudaMemsetAsync(buffer.data(), 0x5A, buffer.bytes(), stream.get()));
+  DSV4_CUDA_CHECK(cudaMemsetAsync(buffer.data(), 0xA5, buffer.bytes(), stream.get()));
   stream.synchronize();
+  buffer.download(back.data(), back.size());
+  EXPECT_EQ(back, std::vector<uint8_t>(back.size(), 0xA5)) << "a new stream";
 }
 
 TEST(DeviceContext, MissingDeviceNamesWhatExists) {
