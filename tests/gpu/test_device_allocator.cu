@@ -18,15 +18,13 @@
 #include "backends/cuda/device_context.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "core/quantized_matrix.hpp"
+#include "support/device_buffers.hpp"
 #include "support/expect_error.hpp"
 
 namespace dsv4::cuda {
 namespace {
 
 using dsv4::testing::expect_error;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device"
 
 constexpr size_t kMiB = size_t(1) << 20;
 
@@ -43,7 +41,7 @@ TEST(DeviceSpec, ParsesCudaAndCudaN) {
 }
 
 TEST(DeviceContext, OpensTheFirstDeviceAndReportsIt) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const DeviceContext context = DeviceContext::open("cuda:0");
   EXPECT_EQ(context.index(), 0);
   EXPECT_EQ(context.info().sm_major, 9);
@@ -77,7 +75,7 @@ TEST(DeviceContext, OpensTheFirstDeviceAndReportsIt) {
 }
 
 TEST(DeviceContext, MissingDeviceNamesWhatExists) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int count = int(list_devices().size());
   expect_error([&] { DeviceContext context(count); },
                {"cuda:" + std::to_string(count) + " does not exist", std::to_string(count) + " visible", "cuda:0 "});
@@ -85,7 +83,7 @@ TEST(DeviceContext, MissingDeviceNamesWhatExists) {
 }
 
 TEST(DeviceAllocator, AlignsEveryAllocationAndCountsRoundedBytes) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 4 * kMiB);
   std::mt19937 rng(1);
   std::vector<DeviceAllocation> live;
@@ -125,7 +123,7 @@ TEST(DeviceAllocator, AlignsEveryAllocationAndCountsRoundedBytes) {
 }
 
 TEST(DeviceAllocator, ReusesFreedMemoryAndMergesNeighbours) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 8 * kMiB);
   DeviceAllocation first = pool.allocate(kMiB, "first");
   const uintptr_t first_address = address(first);
@@ -158,7 +156,7 @@ TEST(DeviceAllocator, ReusesFreedMemoryAndMergesNeighbours) {
 }
 
 TEST(DeviceAllocator, SizesSlabsForLargeRequestsAndReserve) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 2 * kMiB);
   EXPECT_EQ(pool.slab_bytes(), 2 * kMiB);
   DeviceAllocation large = pool.allocate(5 * kMiB + 1, "large");
@@ -182,7 +180,7 @@ TEST(DeviceAllocator, SizesSlabsForLargeRequestsAndReserve) {
 }
 
 TEST(DeviceAllocator, OutOfMemoryNamesTheRequestAndTheFreeMemory) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 2 * kMiB);
   DeviceAllocation held = pool.allocate(1000, "held");
   const DeviceContext context(0);
@@ -202,7 +200,7 @@ TEST(DeviceAllocator, OutOfMemoryNamesTheRequestAndTheFreeMemory) {
 }
 
 TEST(DeviceAllocator, AllocationsOutliveTheAllocator) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocation survivor;
   {
     DeviceAllocator pool(0, 2 * kMiB);
@@ -216,7 +214,7 @@ TEST(DeviceAllocator, AllocationsOutliveTheAllocator) {
 }
 
 TEST(DeviceAllocator, BacksDeviceBuffersAndMatrices) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 2 * kMiB);
   {
     DeviceBuffer buffer(pool, 1000, "pooled buffer");
@@ -249,7 +247,7 @@ TEST(DeviceAllocator, BacksDeviceBuffersAndMatrices) {
 }
 
 TEST(DeviceAllocator, ManyThreadsGetDisjointMemory) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   DeviceAllocator pool(0, 8 * kMiB);
   constexpr int kThreads = 8, kOperations = 3000, kMaxLive = 24;
   std::vector<std::vector<DeviceAllocation>> live(kThreads);

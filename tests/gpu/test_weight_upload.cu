@@ -23,6 +23,7 @@
 #include "backends/cuda/upload_progress.hpp"
 #include "backends/cuda/weight_upload.hpp"
 #include "model/checkpoint_loader.hpp"
+#include "support/device_buffers.hpp"
 #include "support/expect_error.hpp"
 #include "support/tiny_checkpoint.hpp"
 
@@ -32,9 +33,6 @@ namespace {
 using dsv4::testing::expect_error;
 using dsv4::testing::TempDir;
 using dsv4::testing::write_tiny_checkpoint;
-
-#define SKIP_WITHOUT_DEVICE() \
-  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device"
 
 std::vector<uint8_t> download(const void* device, size_t bytes) {
   std::vector<uint8_t> host(bytes);
@@ -202,19 +200,19 @@ void upload_and_compare(CheckpointLayout layout, size_t staging_bytes) {
 }
 
 TEST(WeightUpload, ReleaseLayoutRoundTripsThroughSmallStagingBuffers) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   upload_and_compare(CheckpointLayout::DeepSeekRelease, 4096);
   upload_and_compare(CheckpointLayout::DeepSeekRelease, 1000);  // pieces never aligned to anything
 }
 
 TEST(WeightUpload, Nvfp4LayoutRoundTripsWithTheDefaultStaging) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   upload_and_compare(CheckpointLayout::ModelOptNvfp4, StagedUploader::kDefaultStagingBytes);
   upload_and_compare(CheckpointLayout::ModelOptNvfp4, 64 * 1024);
 }
 
 TEST(WeightUpload, RefusesWeightsThatDoNotFit) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   TempDir dir("weight-upload-full");
   write_tiny_checkpoint(dir.path(), CheckpointLayout::DeepSeekRelease);
   const LoadedCheckpoint checkpoint = load_checkpoint(dir.path().string());
@@ -230,7 +228,7 @@ TEST(WeightUpload, RefusesWeightsThatDoNotFit) {
 }
 
 TEST(WeightUpload, MalformedMatrixIsNamedBeforeAnyAllocation) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   ModelWeights weights;
   weights.embed = QuantizedMatrix{.format = WeightFormat::BF16, .rows = 8, .cols = 8};  // no data
   const DeviceContext context(0);
@@ -290,13 +288,13 @@ void upload_pieces(size_t staging_bytes, uint32_t seed) {
 }
 
 TEST(StagedUploader, CopiesPiecesOfEverySize) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   upload_pieces(4093, 7);  // odd: pieces straddle buffer ends
   upload_pieces(StagedUploader::kDefaultStagingBytes, 8);
 }
 
 TEST(StagedUploader, ChecksTheDeclaredTotal) {
-  SKIP_WITHOUT_DEVICE();
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const DeviceContext context(0);
   DeviceBuffer device(16, "short target");
   const std::vector<uint8_t> host(16, 1);
