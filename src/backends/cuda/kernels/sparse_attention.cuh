@@ -116,6 +116,21 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale
   return pack_bf16x2(f.x * scale, f.y * scale);
 }
 
+// 1 / the softmax denominators of a thread's two fragment rows (heads `head`; past the last head: no sink) with running
+// max `row_max` (log2 units) and sum `row_sum`: the attention sink adds exp(sink − max) to the denominator only.
+__device__ __forceinline__ void inverse_softmax_denominators(const SparseAttentionParams& p, const int (&head)[2],
+                                                             const float (&row_max)[2], const float (&row_sum)[2],
+                                                             float (&inverse_denominator)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float denominator = row_sum[r];
+    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
+      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
+    // A query with no entries gets a zero output whatever its sink.
+    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
+  }
+}
+
 // One tile's online-softmax step for a thread's mma score fragment: s[4n + e] is the score of entry 8n + 2c + e % 2
 // for row g + 8 (e / 2) of the thread's 16-row block, in log2 units after scale_log2; entries whose `valid` flag is 0
 // score −inf. Updates the running row max and sum, gives the factor that rescales the old accumulators of each row,
@@ -447,14 +462,7 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
   }
 
   float inverse_denominator[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float denominator = row_sum[r];
-    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
-      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
-    // A query with no entries gets a zero output whatever its sink.
-    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
-  }
+  inverse_softmax_denominators(p, head, row_max, row_sum, inverse_denominator);
   const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
 #pragma unroll
   for (int j = 0; j < kWarpDims / 8; ++j) {
@@ -843,14 +851,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
 
   float inverse_denominator[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float denominator = row_sum[r];
-    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
-      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
-    // A query with no entries gets a zero output whatever its sink.
-    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
-  }
+  inverse_softmax_denominators(p, head, row_max, row_sum, inverse_denominator);
   const KvEntryLayout& layout = p.cache.layout;
   // The inverse RoPE's factors once per CTA, the pairs shared out over both consumers, into the exchange buffer (free
   // once both have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
