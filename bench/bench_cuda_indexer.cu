@@ -453,10 +453,5 @@ int run(int argc, char** argv) {
 }  // namespace dsv4::cuda
 
 int main(int argc, char** argv) {
-  try {
-    return dsv4::cuda::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_cuda_indexer: %s\n", e.what());
-    return 1;
-  }
+  return dsv4::cuda::run_benchmark_main("bench_cuda_indexer", dsv4::cuda::run, argc, argv);
 }

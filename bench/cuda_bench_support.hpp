@@ -1,9 +1,12 @@
 // What the GPU kernel benchmarks share: the same-run floor every result is compared with (device-to-device copy
-// bandwidth) and the check of the cuBLAS baseline calls.
+// bandwidth), the check of the cuBLAS baseline calls, and the main wrapper.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+
+#include <cstdio>
+#include <exception>
 
 #include "backends/cuda/copy_bandwidth.hpp"
 #include "backends/cuda/cuda_check.hpp"
@@ -18,6 +21,17 @@ inline void check_cublas(cublasStatus_t status, const char* call) {
 
 // The same-run floor: copy bandwidth in GB/s (read + write counted), measured by the library.
 inline double copy_bandwidth_gbps(cudaStream_t stream = nullptr) { return measure_copy_bandwidth_gbps(stream); }
+
+// A benchmark's main: runs `run` and turns an escaping exception into a message that names the benchmark and exit
+// status 1.
+inline int run_benchmark_main(const char* name, int (*run)(int, char**), int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", name, e.what());
+    return 1;
+  }
+}
 
 }  // namespace dsv4::cuda
 
