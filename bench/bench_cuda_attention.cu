@@ -101,6 +101,13 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
   }
 }
 
+// The inverse RoPE's per-pair frequencies, base 160000 over the kRopeDim rotary dims.
+std::vector<float> rope_frequencies() {
+  std::vector<float> freq(kRopeDim / 2);
+  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
+  return freq;
+}
+
 // Median milliseconds of `body` over `iterations` calls, each after an L2 flush (a 256 MiB memset).
 template <class Body>
 double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
@@ -176,18 +183,12 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
     for (int s = 0; s < compressed_slots; ++s)
       compressed_index[size_t(b) * compressed_slots + s] = csa ? int32_t(rng() % compressed_rows) : s;
   }
-  std::vector<float> q(static_cast<size_t>(batch) * heads * kHeadDim), sink(static_cast<size_t>(heads), 0.5f), freq(kRopeDim / 2);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (float& v : q) v = normal(rng);
-  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
-  const auto upload = [](const auto& host, const char* what) {
-    DeviceBuffer d(host.size() * sizeof(host[0]), what);
-    d.upload(host.data(), d.bytes());
-    return d;
-  };
-  DeviceBuffer d_slots = upload(slots, "slots"), d_window = upload(window_index, "window index"),
-               d_compressed = upload(compressed_index, "compressed index"), d_pos = upload(positions, "positions"),
-               d_q = upload(q, "q"), d_sink = upload(sink, "sink"), d_freq = upload(freq, "frequencies");
+  const std::vector<float> q = normal_floats(size_t(batch) * heads * kHeadDim, 1.0f, rng), sink(size_t(heads), 0.5f),
+                           freq = rope_frequencies();
+  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
+               d_compressed = to_device(compressed_index, "compressed index"),
+               d_pos = to_device(positions, "positions"), d_q = to_device(q, "q"), d_sink = to_device(sink, "sink"),
+               d_freq = to_device(freq, "frequencies");
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
   DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
   const int64_t total_slots = kWindow + compressed_slots;
@@ -214,7 +215,7 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
       std::copy_n(&compressed_index[size_t(b) * compressed_slots], compressed_slots,
                   &bounded_index[size_t(b) * kBoundSlots]);
     const std::vector<int32_t> counts(size_t(batch), compressed_slots);
-    DeviceBuffer d_bounded = upload(bounded_index, "bounded index"), d_counts = upload(counts, "counts");
+    DeviceBuffer d_bounded = to_device(bounded_index, "bounded index"), d_counts = to_device(counts, "counts");
     const int bounded_splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference,
                                                               kWindow + kBoundSlots, sms);
     DeviceBuffer bounded_workspace(
@@ -338,18 +339,12 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
       valid_slots += used;
     }
   }
-  std::vector<float> q(size_t(T) * heads * kHeadDim), sink(size_t(heads), 0.5f), freq(kRopeDim / 2);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (float& v : q) v = normal(rng);
-  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
-  const auto upload = [](const auto& host, const char* what) {
-    DeviceBuffer d(host.size() * sizeof(host[0]), what);
-    d.upload(host.data(), d.bytes());
-    return d;
-  };
-  DeviceBuffer d_slots = upload(slots, "slots"), d_window = upload(window_index, "window index"),
-               d_compressed = upload(compressed_index, "compressed index"), d_pos = upload(positions, "positions"),
-               d_q = upload(q, "q"), d_sink = upload(sink, "sink"), d_freq = upload(freq, "frequencies");
+  const std::vector<float> q = normal_floats(size_t(T) * heads * kHeadDim, 1.0f, rng), sink(size_t(heads), 0.5f),
+                           freq = rope_frequencies();
+  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
+               d_compressed = to_device(compressed_index, "compressed index"),
+               d_pos = to_device(positions, "positions"), d_q = to_device(q, "q"), d_sink = to_device(sink, "sink"),
+               d_freq = to_device(freq, "frequencies");
   DeviceBuffer out(size_t(T) * heads * kHeadDim * 2, "out");
   const int splits = choose_sparse_attention_splits(T, heads, kHeadDim, format, kWindow + kTopK, sms);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, heads, kHeadDim, splits)),

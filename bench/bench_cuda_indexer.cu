@@ -110,20 +110,6 @@ struct Row {
   std::string note;
 };
 
-std::vector<float> normal_floats(size_t n, float stddev, std::mt19937& rng) {
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
-
-template <class T>
-DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
-  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
-  buffer.upload(host.data(), host.size() * sizeof(T));
-  return buffer;
-}
-
 // ------------------------------------------------------------------------------------------------- compressor
 
 void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlapping, CompressorStoredRounding rounding,

@@ -1,12 +1,15 @@
 // What the GPU kernel benchmarks share: the same-run floor every result is compared with (device-to-device copy
-// bandwidth), the check of the cuBLAS baseline calls, and the main wrapper.
+// bandwidth), the check of the cuBLAS baseline calls, random operands, their upload and the main wrapper.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <random>
+#include <vector>
 
 #include "backends/cuda/copy_bandwidth.hpp"
 #include "backends/cuda/cuda_check.hpp"
@@ -21,6 +24,22 @@ inline void check_cublas(cublasStatus_t status, const char* call) {
 
 // The same-run floor: copy bandwidth in GB/s (read + write counted), measured by the library.
 inline double copy_bandwidth_gbps(cudaStream_t stream = nullptr) { return measure_copy_bandwidth_gbps(stream); }
+
+// n values drawn from N(0, stddev²): benchmark operands with a fixed seed.
+inline std::vector<float> normal_floats(size_t n, float stddev, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// A device copy of `host`; at least 16 bytes are allocated so that an empty operand still has a valid address.
+template <class T>
+DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
+  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
+  buffer.upload(host.data(), host.size() * sizeof(T));
+  return buffer;
+}
 
 // A benchmark's main: runs `run` and turns an escaping exception into a message that names the benchmark and exit
 // status 1.
