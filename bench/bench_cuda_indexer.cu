@@ -287,6 +287,24 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       nullptr, temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
       sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(), d_offsets.as<int32_t>() + 1));
   DeviceBuffer temp(std::max<size_t>(temp_bytes, 16), "cub temp");
+  // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped.
+  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query) {
+    return TopKParams{.scores = scores.as<float>(),
+                      .row_stride = keys,
+                      .candidates = keys,
+                      .queries = tokens,
+                      .k = kTopK,
+                      .positions = d_positions.as<int64_t>(),
+                      .ratio = kRatio,
+                      .selected = selected.as<int32_t>(),
+                      .counts = counts.as<int32_t>(),
+                      .nan_flag = nan_flag.as<int32_t>(),
+                      .workspace = workspace.data(),
+                      .workspace_bytes = workspace.bytes(),
+                      .max_ctas_per_query = max_ctas_per_query,
+                      .stream = on};
+  };
+  const double top_k_bytes = double(tokens) * keys * 4;
 
   for (const bool indexer_scores : {true, false}) {
     if (!indexer_scores) {
@@ -296,19 +314,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       run_indexer_scores(scores_params(stream));
     }
     const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_top_k({.scores = scores.as<float>(),
-                 .row_stride = keys,
-                 .candidates = keys,
-                 .queries = tokens,
-                 .k = kTopK,
-                 .positions = d_positions.as<int64_t>(),
-                 .ratio = kRatio,
-                 .selected = selected.as<int32_t>(),
-                 .counts = counts.as<int32_t>(),
-                 .nan_flag = nan_flag.as<int32_t>(),
-                 .workspace = workspace.data(),
-                 .workspace_bytes = workspace.bytes(),
-                 .stream = on});
+      run_top_k(top_k_params(on, 0));
     });
     const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
@@ -316,9 +322,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
           sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(),
           d_offsets.as<int32_t>() + 1, 0, 32, on));
     });
-    const double bytes = double(tokens) * keys * 4;
     rows.push_back({"top-k 512", shape + (indexer_scores ? ", indexer scores" : ", distinct scores"), top_k_us,
-                    bytes / (copy_gbps * 1e3), sort_us, bytes, 0.0,
+                    top_k_bytes / (copy_gbps * 1e3), sort_us, top_k_bytes, 0.0,
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
   }
@@ -326,24 +331,11 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   // path's time is its synchronisation.
   if (tokens == 1) {
     const double single_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_top_k({.scores = scores.as<float>(),
-                 .row_stride = keys,
-                 .candidates = keys,
-                 .queries = tokens,
-                 .k = kTopK,
-                 .positions = d_positions.as<int64_t>(),
-                 .ratio = kRatio,
-                 .selected = selected.as<int32_t>(),
-                 .counts = counts.as<int32_t>(),
-                 .nan_flag = nan_flag.as<int32_t>(),
-                 .workspace = workspace.data(),
-                 .workspace_bytes = workspace.bytes(),
-                 .max_ctas_per_query = 1,
-                 .stream = on});
+      run_top_k(top_k_params(on, 1));
     });
-    const double bytes = double(tokens) * keys * 4;
-    rows.push_back({"top-k 512", shape + ", distinct scores, one CTA per query", single_us, bytes / (copy_gbps * 1e3),
-                    0.0, bytes, 0.0, "diagnostic: the split path's synchronisation cost"});
+    rows.push_back({"top-k 512", shape + ", distinct scores, one CTA per query", single_us,
+                    top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
+                    "diagnostic: the split path's synchronisation cost"});
   }
   int32_t flag = 0;
   nan_flag.download(&flag, 4);
