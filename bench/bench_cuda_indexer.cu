@@ -368,8 +368,12 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   std::string json_path;
-  for (int i = 1; i < argc; ++i)
-    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) json_path = argv[++i];
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+      json_path = argv[++i];
+    else
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH])");
+  }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "bench_cuda_indexer: no CUDA device\n");
