@@ -3,7 +3,9 @@
 // a share of the same-run copy bandwidth (cudaMemcpy D2D of 1 GiB, read + write counted). Same-run baseline for
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
-// kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Inputs rotate over
+// kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
+// default (decode) kernel is also timed against the persistent one, and the fused output norm (y normalised into
+// bf16 in the same launch) against the persistent kernel followed by run_rms_norm. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
 // Usage: bench_cuda_mhc [--json PATH]
@@ -146,7 +148,7 @@ __global__ void baseline_finish_kernel(const float* X, const float* mixes, const
 
 // One rotation set: the inputs and outputs of one launch of every kernel at (T, d).
 struct Set {
-  DeviceBuffer X, fn, head_fn, out, y, post, comb, next_post, next_comb, mixes;
+  DeviceBuffer X, fn, head_fn, out, y, y_bf16, post, comb, next_post, next_comb, mixes;
   DeviceBuffer ids;
 };
 
@@ -217,6 +219,7 @@ int main(int argc, char** argv) {
           s.head_fn = random_buffer(size_t(kN * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "head fn");
           s.out = random_buffer(size_t(T * d), 1.0f, 0.0f, rng, "out");
           s.y = DeviceBuffer(size_t(T * d) * sizeof(float), "y");
+          s.y_bf16 = DeviceBuffer(size_t(T * d) * sizeof(uint16_t), "y bf16");
           s.post = random_buffer(size_t(T * kN), 0.3f, 1.0f, rng, "post");
           s.comb = random_buffer(size_t(T * kN * kN), 0.05f, 0.25f, rng, "comb");
           s.next_post = DeviceBuffer(size_t(T * kN) * sizeof(float), "next post");
@@ -251,16 +254,29 @@ int main(int argc, char** argv) {
         };
         const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
 
-        // hc_pre of set s's X into y and the given post/comb.
-        const auto run_pre = [&](Set& s, DeviceBuffer& post, DeviceBuffer& comb) {
+        // hc_pre of set s's X into y and the given post/comb; with `norm`, y normalised by norm_weight and also
+        // written as bf16 (the attention's input).
+        const auto run_pre = [&](Set& s, DeviceBuffer& post, DeviceBuffer& comb, HcKernelChoice kernel,
+                                 bool norm = false) {
           run_hc_pre({.X = s.X.as<float>(), .fn = s.fn.as<float>(), .base = base.as<float>(),
                       .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
-                      .y = s.y.as<float>(), .post = post.as<float>(), .comb = comb.as<float>(),
+                      .y = s.y.as<float>(), .y_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
+                      .post = post.as<float>(), .comb = comb.as<float>(),
+                      .out_norm_weight = norm ? norm_weight.as<float>() : nullptr, .kernel = kernel,
                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
         };
+        const auto rms_to_bf16 = [&](Set& s) {
+          run_rms_norm({.x = s.y.as<float>(), .weight = norm_weight.as<float>(), .rows = T, .width = d,
+                        .y_bf16 = s.y_bf16.as<__nv_bfloat16>(), .stream = stream});
+        };
+        const bool decode_sized = T <= kHcDecodeMaxTokens;
         const auto hc_pre = [&](int i) {
           Set& s = set(i);
-          run_pre(s, s.post, s.comb);
+          run_pre(s, s.post, s.comb, HcKernelChoice::AUTO);
+        };
+        const auto hc_pre_persistent = [&](int i) {
+          Set& s = set(i);
+          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT);
         };
         const auto pre_baseline = [&](int i) {
           Set& s = set(i);
@@ -273,38 +289,65 @@ int main(int argc, char** argv) {
               s.post.as<float>(), s.comb.as<float>());
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
-        record("hc_pre", hc_pre,
-               x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4,
-               time_ms(stream, iterations, pre_baseline));
+        const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
+        record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        if (decode_sized) {
+          record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
+          // Baseline: the persistent hc_pre, then rms_norm into bf16 (the attention input before this option).
+          const auto pre_then_norm = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT);
+            rms_to_bf16(s);
+          };
+          const auto pre_fused_norm = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::AUTO, true);
+          };
+          record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
+                 time_ms(stream, iterations, pre_then_norm));
+        }
 
         const auto hc_post_then_pre = [&](int i) {
           Set& s = set(i);
           run_hc_post({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
                        .comb = s.comb.as<float>(), .tokens = T, .hidden = d, .X_out = s.X.as<float>(),
                        .stream = stream});
-          run_pre(s, s.next_post, s.next_comb);
+          run_pre(s, s.next_post, s.next_comb, HcKernelChoice::PERSISTENT);
         };
-        const auto hc_post_pre = [&](int i) {
-          Set& s = set(i);
+        const auto run_post_pre = [&](Set& s, HcKernelChoice kernel, bool norm) {
           run_hc_post_pre({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
                            .comb = s.comb.as<float>(), .X_out = s.X.as<float>(), .next_fn = s.fn.as<float>(),
                            .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T,
                            .hidden = d, .sinkhorn_iters = kSinkhornIters, .y = s.y.as<float>(),
+                           .y_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
                            .next_post = s.next_post.as<float>(), .next_comb = s.next_comb.as<float>(),
+                           .out_norm_weight = norm ? norm_weight.as<float>() : nullptr, .kernel = kernel,
                            .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
         };
+        const auto hc_post_pre = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, false); };
         // Read: out, X, post/comb, fn; written: X, y, the next post/comb.
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
-        record("hc_post_pre (in place)", hc_post_pre,
-               td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes,
-               time_ms(stream, iterations, hc_post_then_pre));
+        const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
+        record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
+        if (decode_sized) {
+          const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
+          record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);
+          const auto then_norm = [&](int i) {
+            run_post_pre(set(i), HcKernelChoice::PERSISTENT, false);
+            rms_to_bf16(set(i));
+          };
+          const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
+          record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
+                 time_ms(stream, iterations, then_norm));
+        }
 
-        const auto hc_head = [&](int i) {
-          Set& s = set(i);
+        const auto run_head = [&](Set& s, HcKernelChoice kernel) {
           run_hc_head({.X = s.X.as<float>(), .fn = s.head_fn.as<float>(), .base = base.as<float>(),
                        .scale = scale.as<float>(), .tokens = T, .hidden = d, .h = s.y.as<float>(),
-                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
+                       .kernel = kernel, .workspace = workspace.data(), .workspace_bytes = workspace_bytes,
+                       .stream = stream});
         };
+        const auto hc_head = [&](int i) { run_head(set(i), HcKernelChoice::AUTO); };
         const auto head_baseline = [&](int i) {
           Set& s = set(i);
           const float alpha = 1.0f, beta = 0.0f;
@@ -318,6 +361,10 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        if (decode_sized) {
+          const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
+          record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+        }
 
         const auto hc_post = [&](int i) {
           Set& s = set(i);

@@ -164,8 +164,10 @@ struct PreOutputBuffers {
   DeviceBuffer y, post, comb, y_bf16;
 };
 
-std::string case_name(const char* op, int64_t T, int64_t d, bool round) {
-  return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact");
+std::string case_name(const char* op, int64_t T, int64_t d, bool round,
+                      HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
+  return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
+         (kernel == HcKernelChoice::AUTO ? " auto kernel" : " persistent kernel");
 }
 
 // The CPU's hc_pre of in.X and the magnitudes that bound the GPU's error.
@@ -220,8 +222,9 @@ void expect_hc_pre_outputs(const Inputs& in, const PreReference& ref, int64_t T,
 }
 
 // `shared` (optional): a workspace used by earlier launches, not re-zeroed.
-void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* shared = nullptr) {
-  SCOPED_TRACE(case_name("hc_pre", T, d, round));
+void check_hc_pre(int64_t T, int64_t d, bool round, HcKernelChoice kernel, uint32_t seed,
+                  Workspace* shared = nullptr) {
+  SCOPED_TRACE(case_name("hc_pre", T, d, round, kernel));
   const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
   const PreReference ref = hc_pre_reference(in, T, d, round);
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
@@ -247,6 +250,7 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
                 .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
                 .post = outputs.post.as<float>(),
                 .comb = outputs.comb.as<float>(),
+                .kernel = kernel,
                 .workspace = workspace.buffer.data(),
                 .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -260,8 +264,9 @@ void check_hc_pre(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* sh
   }
 }
 
-void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* shared = nullptr) {
-  SCOPED_TRACE(case_name("hc_head", T, d, round));
+void check_hc_head(int64_t T, int64_t d, bool round, HcKernelChoice kernel, uint32_t seed,
+                   Workspace* shared = nullptr) {
+  SCOPED_TRACE(case_name("hc_head", T, d, round, kernel));
   const Inputs in = random_inputs(T, d, kN, 1, seed);
   const int64_t flat = kN * d;
   std::vector<float> h_ref(size_t(T * d));
@@ -289,6 +294,7 @@ void check_hc_head(int64_t T, int64_t d, bool round, uint32_t seed, Workspace* s
                  .norm_eps = kNormEps,
                  .round_to_bf16 = round,
                  .h = h.as<float>(),
+                 .kernel = kernel,
                  .workspace = workspace.buffer.data(),
                  .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -373,8 +379,9 @@ void check_hc_post(int64_t T, int64_t d, bool round, bool in_place, uint32_t see
 
 // The fused launch: X_out against the CPU's hc_post, then y/next_post/next_comb against the CPU's hc_pre of the
 // GPU's X_out. In place, X is re-uploaded before the second run.
-void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t seed, Workspace* shared = nullptr) {
-  SCOPED_TRACE(case_name("hc_post_pre", T, d, round) + (in_place ? " in place" : ""));
+void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernelChoice kernel, uint32_t seed,
+                       Workspace* shared = nullptr) {
+  SCOPED_TRACE(case_name("hc_post_pre", T, d, round, kernel) + (in_place ? " in place" : ""));
   const PostInputs post_in = random_post_inputs(T, d, seed);
   Inputs next = random_inputs(T, d, kSiteRows, 3, seed + 7919);
   const DeviceBuffer out_d = to_device(post_in.out, "out"), post_d = to_device(post_in.post, "post"),
@@ -409,6 +416,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
                      .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
                      .next_post = outputs.post.as<float>(),
                      .next_comb = outputs.comb.as<float>(),
+                     .kernel = kernel,
                      .workspace = workspace.buffer.data(),
                      .workspace_bytes = workspace.bytes});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -432,15 +440,23 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, uint32_t
   }
 }
 
-const int64_t kTokenCounts[] = {1, 5, 64, 300, 1000};
+// 16: the decode kernel's largest launch (a full token tile).
+const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
+
+// The kernels a launch of T tokens can take: the persistent one always, the decode one up to its token limit.
+std::vector<HcKernelChoice> kernels_for(int64_t T) {
+  if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::AUTO};
+  return {HcKernelChoice::PERSISTENT};
+}
 
 TEST(MhcGpu, HcPreMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1;
   for (const int64_t d : kHiddenSizes)
     for (const int64_t T : kTokenCounts)
-      for (const bool round : {false, true}) check_hc_pre(T, d, round, seed++);
+      for (const bool round : {false, true})
+        for (const HcKernelChoice kernel : kernels_for(T)) check_hc_pre(T, d, round, kernel, seed++);
 }
 
 TEST(MhcGpu, HcHeadMatchesCpu) {
@@ -448,7 +464,8 @@ TEST(MhcGpu, HcHeadMatchesCpu) {
   uint32_t seed = 100;
   for (const int64_t d : kHiddenSizes)
     for (const int64_t T : kTokenCounts)
-      for (const bool round : {false, true}) check_hc_head(T, d, round, seed++);
+      for (const bool round : {false, true})
+        for (const HcKernelChoice kernel : kernels_for(T)) check_hc_head(T, d, round, kernel, seed++);
 }
 
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
@@ -463,14 +480,15 @@ TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
 TEST(MhcGpu, HcPostPreMatchesCpuPostThenPre) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   // 128 tokens: the largest fused launch (several tiles per CTA, its out/post/comb ring refilled); 300: two launches.
-  const int64_t token_counts[] = {1, 5, 64, kFusedPostPreMaxTokens, 300};
+  const int64_t token_counts[] = {1, 5, 16, 64, kFusedPostPreMaxTokens, 300};
   uint32_t seed = 400;
   for (const int64_t d : kHiddenSizes)
     for (size_t n = 0; n < std::size(token_counts); ++n)
-      for (const bool round : {false, true}) {
-        const bool in_place = (n % 2 == 0) != round;  // both placements in both numerics modes
-        check_hc_post_pre(token_counts[n], d, round, in_place, seed++);
-      }
+      for (const bool round : {false, true})
+        for (const HcKernelChoice kernel : kernels_for(token_counts[n])) {
+          const bool in_place = (n % 2 == 0) != round;  // both placements in both numerics modes
+          check_hc_post_pre(token_counts[n], d, round, in_place, kernel, seed++);
+        }
 }
 
 TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
@@ -478,11 +496,100 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   constexpr int64_t d = 4096;
   Workspace workspace = zeroed_workspace(600, d, "shared mHC workspace");
   uint32_t seed = 300;
-  for (const int64_t T : {600, 1, 64, 600, 5, 1}) {
-    check_hc_pre(T, d, false, seed++, &workspace);
-    check_hc_head(T, d, false, seed++, &workspace);
-    check_hc_post_pre(T, d, false, true, seed++, &workspace);
+  for (const int64_t T : {600, 1, 64, 600, 5, 1, 16})
+    for (const HcKernelChoice kernel : kernels_for(T)) {
+      check_hc_pre(T, d, false, kernel, seed++, &workspace);
+      check_hc_head(T, d, false, kernel, seed++, &workspace);
+      check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
+    }
+}
+
+enum class ProjectionOp { HcPre, HcHead, HcPostPre };
+
+// The fused output norm: the op's y with the norm against the same launch's y without it (deterministic, so the same
+// values), normalised on the CPU in double. Left: the Σy² summation order (a few ulps of inv_rms) and, with the
+// norm's rounding, a value next to a bf16 boundary rounding the other way. hc_post_pre writes X_out to another
+// buffer, so both launches see the same X.
+void check_output_norm(ProjectionOp op, int64_t T, int64_t d, bool round, bool norm_round, HcKernelChoice kernel,
+                       uint32_t seed) {
+  const char* names[] = {"hc_pre", "hc_head", "hc_post_pre"};
+  SCOPED_TRACE(case_name(names[int(op)], T, d, round, kernel) + " with the output norm" +
+               (norm_round ? " rounded" : ""));
+  const int rows = op == ProjectionOp::HcHead ? kN : kSiteRows;
+  const Inputs in = random_inputs(T, d, rows, op == ProjectionOp::HcHead ? 1 : 3, seed);
+  const PostInputs post_in = random_post_inputs(T, d, seed + 1);
+  std::mt19937 rng(seed + 2);
+  std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
+  std::vector<float> weight(static_cast<size_t>(d));
+  for (float& w : weight) w = uniform(rng);
+  const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
+                     scale = to_device(in.scale, "scale"), norm_weight = to_device(weight, "norm weight"),
+                     out = to_device(post_in.out, "out"), post = to_device(post_in.post, "post"),
+                     comb = to_device(post_in.comb, "comb"), post_X = to_device(post_in.X, "post X");
+  Workspace workspace = zeroed_workspace(T, d, "workspace");
+  DeviceBuffer X_out(post_in.X.size() * sizeof(float), "X_out");
+  const auto launch = [&](const float* weight_d, PreOutputBuffers& outputs) {
+    float* y = outputs.y.as<float>();
+    auto* y_bf16 = outputs.y_bf16.as<__nv_bfloat16>();
+    if (op == ProjectionOp::HcPre)
+      run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
+                  .tokens = T, .hidden = d, .round_to_bf16 = round, .y = y, .y_bf16 = y_bf16,
+                  .post = outputs.post.as<float>(), .comb = outputs.comb.as<float>(), .out_norm_weight = weight_d,
+                  .out_norm_round_to_bf16 = norm_round, .kernel = kernel, .workspace = workspace.buffer.data(),
+                  .workspace_bytes = workspace.bytes});
+    else if (op == ProjectionOp::HcHead)
+      run_hc_head({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
+                   .tokens = T, .hidden = d, .round_to_bf16 = round, .h = y, .h_bf16 = y_bf16,
+                   .out_norm_weight = weight_d, .out_norm_round_to_bf16 = norm_round, .kernel = kernel,
+                   .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+    else
+      run_hc_post_pre({.out = out.as<float>(), .X = post_X.as<float>(), .post = post.as<float>(),
+                       .comb = comb.as<float>(), .X_out = X_out.as<float>(), .next_fn = fn.as<float>(),
+                       .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T, .hidden = d,
+                       .round_to_bf16 = round, .y = y, .y_bf16 = y_bf16, .next_post = outputs.post.as<float>(),
+                       .next_comb = outputs.comb.as<float>(), .out_norm_weight = weight_d,
+                       .out_norm_round_to_bf16 = norm_round, .kernel = kernel,
+                       .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  };
+  PreOutputBuffers plain(T, d), normed(T, d);
+  launch(nullptr, plain);
+  launch(norm_weight.as<float>(), normed);
+  const std::vector<float> y = download(plain.y, size_t(T * d)), z = download(normed.y, size_t(T * d));
+  std::vector<float> expected(y.size());
+  for (int64_t t = 0; t < T; ++t) {
+    double squares = 0;
+    for (int64_t i = 0; i < d; ++i) squares += double(y[size_t(t * d + i)]) * y[size_t(t * d + i)];
+    const double inv_rms = 1.0 / std::sqrt(squares / double(d) + kNormEps);
+    for (int64_t i = 0; i < d; ++i) {
+      const double value = double(y[size_t(t * d + i)]) * inv_rms * weight[size_t(i)];
+      expected[size_t(t * d + i)] = norm_round ? round_to_bf16(float(value)) : float(value);
+    }
   }
+  expect_close(z, expected, [&](size_t e) {
+    const double bound = 2e-6 * std::fabs(expected[e]);
+    return bound + (norm_round ? bf16_ulp(std::fabs(expected[e]) + float(bound)) : 0.0) + 1e-30;
+  }, "normalised y", d);
+  if (norm_round) expect_bf16_exact(z, "normalised y");
+  expect_bf16_of(normed.y_bf16, z, "normalised y_bf16");
+  if (op != ProjectionOp::HcHead) {
+    EXPECT_EQ(download(normed.post, size_t(T * kN)), download(plain.post, size_t(T * kN))) << "post changed";
+    EXPECT_EQ(download(normed.comb, size_t(T * kN * kN)), download(plain.comb, size_t(T * kN * kN)))
+        << "comb changed";
+  }
+}
+
+TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 600;
+  for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
+    for (const int64_t d : {int64_t(4096), int64_t(7168), int64_t(260)})
+      for (const int64_t T : {1, 5, 16, 64})
+        for (const HcKernelChoice kernel : kernels_for(T)) {
+          const bool round = seed % 2 == 0;
+          check_output_norm(op, T, d, round, !round, kernel, seed++);
+          check_output_norm(op, T, d, round, round, kernel, seed++);
+        }
 }
 
 void expect_error_containing(const std::function<void()>& action, const std::string& needle) {
@@ -523,6 +630,15 @@ TEST(MhcGpu, RefusesUnsupportedCallsNamingTheProblem) {
   p = good;
   p.sinkhorn_iters = 0;
   expect_error_containing([&] { run_hc_pre(p); }, "sinkhorn_iters");
+  DeviceBuffer norm_weight(d * 4 + 16, "norm weight"), y_bf16(T * d * 2, "y_bf16");
+  p = good;
+  p.out_norm_weight = norm_weight.as<float>() + 1;
+  expect_error_containing([&] { run_hc_pre(p); }, "out_norm_weight must be 16-byte aligned");
+  p = good;
+  p.out_norm_weight = norm_weight.as<float>();
+  p.y = nullptr;
+  p.y_bf16 = y_bf16.as<__nv_bfloat16>();
+  expect_error_containing([&] { run_hc_pre(p); }, "needs the fp32 output");
 
   const HcPostParams post_good{.out = y.as<float>(), .X = X.as<float>(), .post = post.as<float>(),
                                .comb = comb.as<float>(), .tokens = T, .hidden = d, .X_out = X.as<float>()};

@@ -7,10 +7,16 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/mhc.cuh"
+#include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
 namespace {
+
+static_assert(kHcDecodeMaxTokens == mhc::kDecodeMaxTokens &&
+                  kHcDecodeMaxHidden == int64_t(mhc::kDecodeMaxSlices) * mhc::kDecodeSliceDims,
+              "the public decode-kernel limits are the kernel's");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -41,6 +47,11 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
 // the same strides, with fewer rows filled).
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
+// The decode kernel's words: the partials [partial rows][16][S], then Σy² [16][S] (S 64-dim slices).
+size_t decode_word_count(int64_t hidden) {
+  return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens * size_t(ceil_div(hidden, mhc::kDecodeSliceDims));
+}
+
 size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
   const int64_t slices = ceil_div(hidden, choose_slice_dims(token_tiles, hidden, multiprocessors));
   return size_t(token_tiles * slices) * kTileWords * 8;
@@ -49,8 +60,11 @@ size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
 // Common checks of hc_pre and hc_head: the projection inputs, the output pair and the workspace.
 void check_projection(const char* op, const float* X, const float* fn, const float* base, const float* scale,
                       int64_t tokens, int64_t hidden, int streams, const float* out, const void* out_bf16,
-                      const void* workspace, size_t workspace_bytes) {
+                      const float* out_norm_weight, const void* workspace, size_t workspace_bytes) {
   check_shape(op, tokens, hidden, streams);
+  check(out_norm_weight == nullptr || out != nullptr, op,
+        ": the fused output norm needs the fp32 output (it holds the normalised values)");
+  check(out_norm_weight == nullptr || aligned16(out_norm_weight), op, ": out_norm_weight must be 16-byte aligned");
   check(X != nullptr && fn != nullptr && base != nullptr && scale != nullptr, op, ": null ",
         X == nullptr ? "X" : fn == nullptr ? "fn" : base == nullptr ? "base" : "scale");
   check(aligned16(X) && aligned16(fn), op, ": ", aligned16(X) ? "fn" : "X", " must be 16-byte aligned");
@@ -105,8 +119,7 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
         resident, " per SM × ", multiprocessors, " SMs)");
   args.groups = int(std::min<int64_t>(args.tiles, capacity / args.slices));
-  kernel<<<unsigned(args.groups) * unsigned(args.slices), kThreads, kSmem, stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH(op);
+  launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
 template <bool kHead, bool kPost>
@@ -149,8 +162,60 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
   return {.X = p.X_out, .fn = p.next_fn, .base = p.next_base, .scale = p.next_scale, .tokens = p.tokens,
           .hidden = p.hidden, .streams = p.streams, .sinkhorn_iters = p.sinkhorn_iters, .hc_eps = p.hc_eps,
           .norm_eps = p.norm_eps, .round_to_bf16 = p.round_to_bf16, .y = p.y, .y_bf16 = p.y_bf16,
-          .post = p.next_post, .comb = p.next_comb, .workspace = p.workspace,
+          .post = p.next_post, .comb = p.next_comb, .out_norm_weight = p.out_norm_weight,
+          .out_norm_round_to_bf16 = p.out_norm_round_to_bf16, .kernel = p.kernel, .workspace = p.workspace,
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
+}
+
+bool decode_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
+  return choice == HcKernelChoice::AUTO && tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
+}
+
+// The decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
+mhc::DecodeArgs decode_args(const HcPreParams& p) {
+  mhc::DecodeArgs args{};
+  args.X = p.X;
+  args.fn = p.fn;
+  args.base = p.base;
+  args.scale = p.scale;
+  args.tokens = int(p.tokens);
+  args.hidden = int(p.hidden);
+  args.sinkhorn_iters = p.sinkhorn_iters;
+  args.hc_eps = p.hc_eps;
+  args.norm_eps = p.norm_eps;
+  args.round_to_bf16 = p.round_to_bf16;
+  args.y = p.y;
+  args.y_bf16 = p.y_bf16;
+  args.post = p.post;
+  args.comb = p.comb;
+  args.norm_weight = p.out_norm_weight;
+  args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
+  return args;
+}
+
+template <bool kHead, bool kPost>
+void run_decode(mhc::DecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
+  args.slices = int(ceil_div(args.hidden, mhc::kDecodeSliceDims));
+  auto* base = static_cast<unsigned char*>(workspace);
+  args.header = reinterpret_cast<unsigned*>(base);
+  args.partials = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
+  args.square_sums = args.partials + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.slices);
+  const auto kernel = mhc::hc_decode_kernel<kHead, kPost>;
+  const int resident =
+      prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
+  // The CTAs wait for each other's words: all of them must be resident at once.
+  const int ctas = args.slices + (kHead ? 0 : args.tokens);
+  const int multiprocessors = current_multiprocessors();
+  check(int64_t(resident) * multiprocessors >= ctas, op, ": the decode kernel's ", ctas,
+        " CTAs cannot be resident together (", resident, " per SM × ", multiprocessors, " SMs)");
+  launch_chained(kernel, dim3(unsigned(ctas)), dim3(mhc::kDecodeThreads), mhc::kDecodeSmemBytes, stream, args, op);
+}
+
+// The persistent path's fused output norm: rms_norm of the projection's fp32 output in place.
+void run_output_norm(float* y, __nv_bfloat16* y_bf16, const float* weight, bool round, int64_t tokens,
+                     int64_t hidden, float eps, cudaStream_t stream) {
+  run_rms_norm({.x = y, .weight = weight, .rows = tokens, .width = hidden, .eps = eps, .round_to_bf16 = round,
+                .y = y, .y_bf16 = y_bf16, .stream = stream});
 }
 
 }  // namespace
@@ -181,19 +246,19 @@ size_t hc_projection_workspace_bytes(int64_t tokens, int64_t hidden, int multipr
     }
     partials = std::max(partials, partial_bytes(t, hidden, multiprocessors));
   }
-  return mhc::kHeaderBytes + size_t(tiles) * kTileWords * 8 + partials;
+  return mhc::kHeaderBytes + std::max(size_t(tiles) * kTileWords * 8 + partials, decode_word_count(hidden) * 8);
 }
 
 void check_hc_pre_params(const HcPreParams& p) {
-  check_projection("hc_pre", p.X, p.fn, p.base, p.scale, p.tokens, p.hidden, p.streams, p.y, p.y_bf16, p.workspace,
-                   p.workspace_bytes);
+  check_projection("hc_pre", p.X, p.fn, p.base, p.scale, p.tokens, p.hidden, p.streams, p.y, p.y_bf16,
+                   p.out_norm_weight, p.workspace, p.workspace_bytes);
   check(p.post != nullptr && p.comb != nullptr, "hc_pre: null ", p.post == nullptr ? "post" : "comb");
   check(p.sinkhorn_iters >= 1, "hc_pre: sinkhorn_iters = ", p.sinkhorn_iters, "; at least one is needed");
 }
 
 void check_hc_head_params(const HcHeadParams& p) {
   check_projection("hc_head", p.X, p.fn, p.base, p.scale, p.tokens, p.hidden, p.streams, p.h, p.h_bf16,
-                   p.workspace, p.workspace_bytes);
+                   p.out_norm_weight, p.workspace, p.workspace_bytes);
 }
 
 void check_hc_post_params(const HcPostParams& p) {
@@ -219,7 +284,7 @@ void check_hc_post_pre_params(const HcPostPreParams& p) {
   check(p.next_fn != nullptr && p.next_base != nullptr && p.next_scale != nullptr, op, ": null ",
         p.next_fn == nullptr ? "next_fn" : p.next_base == nullptr ? "next_base" : "next_scale");
   check_projection(op, p.X, p.next_fn, p.next_base, p.next_scale, p.tokens, p.hidden, p.streams, p.y, p.y_bf16,
-                   p.workspace, p.workspace_bytes);
+                   p.out_norm_weight, p.workspace, p.workspace_bytes);
   check(p.out != nullptr && p.post != nullptr && p.comb != nullptr && p.X_out != nullptr && p.next_post != nullptr &&
             p.next_comb != nullptr,
         op, ": null ",
@@ -256,17 +321,32 @@ void check_hc_post_pre_params(const HcPostPreParams& p) {
 void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
-  run_projection<false, false>(pre_projection_args(p), p.workspace, p.stream, "hc_pre");
+  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_decode<false, false>(decode_args(p), p.workspace, p.stream, "hc_pre");
+  mhc::ProjectionArgs args = pre_projection_args(p);
+  if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
+  run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
+  if (p.out_norm_weight != nullptr)
+    run_output_norm(p.y, p.y_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
+                    p.stream);
 }
 
 void run_hc_head(const HcHeadParams& p) {
   check_hc_head_params(p);
   if (p.tokens == 0) return;
-  const mhc::ProjectionArgs args =
-      pre_projection_args({.X = p.X, .fn = p.fn, .base = p.base, .scale = p.scale, .tokens = p.tokens,
+  const HcPreParams as_pre{.X = p.X, .fn = p.fn, .base = p.base, .scale = p.scale, .tokens = p.tokens,
                            .hidden = p.hidden, .sinkhorn_iters = 1, .hc_eps = p.hc_eps, .norm_eps = p.norm_eps,
-                           .round_to_bf16 = p.round_to_bf16, .y = p.h, .y_bf16 = p.h_bf16});
+                           .round_to_bf16 = p.round_to_bf16, .y = p.h, .y_bf16 = p.h_bf16,
+                           .out_norm_weight = p.out_norm_weight,
+                           .out_norm_round_to_bf16 = p.out_norm_round_to_bf16};
+  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_decode<true, false>(decode_args(as_pre), p.workspace, p.stream, "hc_head");
+  mhc::ProjectionArgs args = pre_projection_args(as_pre);
+  if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
+  if (p.out_norm_weight != nullptr)
+    run_output_norm(p.h, p.h_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
+                    p.stream);
 }
 
 void run_hc_post_pre(const HcPostPreParams& p) {
@@ -278,13 +358,27 @@ void run_hc_post_pre(const HcPostPreParams& p) {
     run_hc_pre(next_site_pre_params(p));
     return;
   }
-  mhc::ProjectionArgs args = pre_projection_args(next_site_pre_params(p));
+  const HcPreParams next = next_site_pre_params(p);
+  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden)) {
+    mhc::DecodeArgs args = decode_args(next);
+    args.X = p.X;  // the kernel applies hc_post itself: it reads the residual before the update
+    args.out = p.out;
+    args.post_in = p.post;
+    args.comb_in = p.comb;
+    args.X_out = p.X_out;
+    return run_decode<false, true>(args, p.workspace, p.stream, "hc_post_pre");
+  }
+  mhc::ProjectionArgs args = pre_projection_args(next);
   args.X = p.X;  // the fused kernel applies hc_post itself: the projection reads the residual before the update
   args.out = p.out;
   args.post_in = p.post;
   args.comb_in = p.comb;
   args.X_out = p.X_out;
+  if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre");
+  if (p.out_norm_weight != nullptr)
+    run_output_norm(p.y, p.y_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
+                    p.stream);
 }
 
 void run_hc_post(const HcPostParams& p) {
@@ -293,9 +387,9 @@ void run_hc_post(const HcPostParams& p) {
   const int64_t vectors = p.tokens * (p.hidden / 4);
   const int64_t blocks = ceil_div(vectors, mhc::kPostThreads);
   check(blocks <= 0x7FFFFFFF, "hc_post: ", p.tokens, " tokens × ", p.hidden, " exceed the launch limit");
-  mhc::hc_post_kernel<<<unsigned(blocks), mhc::kPostThreads, 0, p.stream>>>(p.out, p.X, p.post, p.comb, p.tokens,
-                                                                       int(p.hidden), p.round_to_bf16, p.X_out);
-  DSV4_CUDA_CHECK_LAUNCH("hc_post");
+  const mhc::PostArgs args{.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens,
+                           .hidden = int(p.hidden), .round_output = p.round_to_bf16, .X_out = p.X_out};
+  launch_chained(mhc::hc_post_kernel, dim3(unsigned(blocks)), dim3(mhc::kPostThreads), 0, p.stream, args, "hc_post");
 }
 
 }  // namespace dsv4::cuda

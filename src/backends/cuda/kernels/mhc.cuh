@@ -46,6 +46,7 @@
 #include <cstdint>
 
 #include "backends/cuda/ptx/cp_async.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "core/bf16.hpp"
 
@@ -233,26 +234,29 @@ __device__ inline int slice_sum_lanes(int slices) {
   return lanes;
 }
 
-// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k).
+// (v₀ + v₁) + (v₂ + v₃) over the 4 lanes first + m·stride (m < 4) of the half-warp: the xor butterfly's sum,
+// bit for bit, with the three fetches independent (one shuffle latency per sum instead of two in a chain).
+__device__ inline float sum_of_four_lanes(float v, int first, int stride) {
+  const float a0 = __shfl_sync(kFullMask, v, first), a1 = __shfl_sync(kFullMask, v, first + stride);
+  const float a2 = __shfl_sync(kFullMask, v, first + 2 * stride), a3 = __shfl_sync(kFullMask, v, first + 3 * stride);
+  return (a0 + a1) + (a2 + a3);
+}
+
+// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k). Sinkhorn's 40
+// normalisations are a serial chain: its length is the decode kernels' tail.
 __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int row_first = lane & ~3, column_first = (lane & 16) | (lane & 3);
   float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
   row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
   const float e = expf(logit - row_max);
-  float sum = e + __shfl_xor_sync(kFullMask, e, 1);
-  sum += __shfl_xor_sync(kFullMask, sum, 2);
-  float v = e / sum + eps;
-  float column = v + __shfl_xor_sync(kFullMask, v, 4);
-  column += __shfl_xor_sync(kFullMask, column, 8);
-  v = v / (column + eps);
+  float v = e / sum_of_four_lanes(e, row_first, 1) + eps;
+  v = v / (sum_of_four_lanes(v, column_first, 4) + eps);
   // Not unrolled: one copy of the body keeps the decode-sized tail's code (cold in the instruction cache) short.
 #pragma unroll 1
   for (int it = 1; it < iters; ++it) {
-    float row = v + __shfl_xor_sync(kFullMask, v, 1);
-    row += __shfl_xor_sync(kFullMask, row, 2);
-    v = v / (row + eps);
-    column = v + __shfl_xor_sync(kFullMask, v, 4);
-    column += __shfl_xor_sync(kFullMask, column, 8);
-    v = v / (column + eps);
+    v = v / (sum_of_four_lanes(v, row_first, 1) + eps);
+    v = v / (sum_of_four_lanes(v, column_first, 4) + eps);
   }
   return v;
 }
@@ -356,6 +360,10 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     }
     arrive_when_copies_land(&post_full[j % kPostSlots]);
   };
+  // Programmatic dependent launch: the dependents are released at once; X, out, post/comb and the workspace's
+  // epoch are read only after the previous kernel has completed.
+  allow_dependents();
+  wait_for_prior_grids();
   for (int j = 0; j < min(count, kStages); ++j) {
     load_tile(j);
     if constexpr (kPost)
@@ -613,26 +621,410 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   }
 }
 
+// ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, one hop. ----
+//
+// NOTES:
+// - Grid: S collapse CTAs, CTA s owning dims [64·s, 64·s + 64) of all 4 streams (fn's columns in registers as in
+//   the persistent kernel, loaded before the grid-dependency wait so they stream in while the previous kernel
+//   drains), plus, for hc_pre, one mix CTA per token for post/comb. Every CTA is resident at once (the launcher
+//   checks), so CTAs may wait for each other.
+// - A collapse CTA stages its X slice in shared memory (applying the fused hc_post first), projects it (3xTF32 MMA,
+//   as the persistent kernel), publishes the slice's [Σx², m_0 … m_{R-1}] per token as tagged words, laid out
+//   [row][token][slice] so one item's slices are contiguous (coalesced gathers). Then every collapse CTA gathers
+//   the Σx² and pre rows of all slices itself, every load in flight at once, into shared memory and sums each item
+//   in a fixed order (slice-strided lanes, then a butterfly): every CTA gets bit-identical totals without a second
+//   hop. The mix CTA of token t gathers Σx² and the post/comb rows, and its first warp runs Sinkhorn, in parallel
+//   with the collapses.
+// - Fused output norm (out_norm_weight): each collapse CTA publishes Σy² of its slice per token, gathers all
+//   slices' (a second hop) and scales its staged y: rms_norm's arithmetic per element (y·inv_rms, ·w, rounding).
+// - Programmatic dependent launch: dependents are released at entry; only fn, base, scale and the norm weight are
+//   read before wait_for_prior_grids(), nothing is written before it.
+inline constexpr int kDecodeMaxTokens = kTileTokens;
+inline constexpr int kDecodeSliceDims = 64;
+inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream
+inline constexpr int kDecodeMaxSlices = 128;                                 // hidden ≤ 8192
+inline constexpr int kDecodeLdx = staged_row_floats(kDecodeSliceDims);
+inline constexpr int kDecodeGatherBatch = 8;  // tagged words in flight per thread and batch
+// Shared memory: the staged X tile, then the gather buffer (the per-warp partial sums alias it: they are dead
+// before the first gather). The gather holds at most the collapse's 5 rows × 16 tokens × S slices.
+inline constexpr int kDecodeGatherFloats = kPartialRows<true> * kTileTokens * kDecodeMaxSlices;
+static_assert(kDecodeGatherFloats >= (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens,
+              "the warps' partial sums fit in the gather buffer");
+static_assert(kDecodeGatherFloats >= (kPartialRows<false> - kStreams) * kDecodeMaxSlices,
+              "a mix CTA's rows fit in the gather buffer");
+inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeGatherFloats) * 4;
+
+struct DecodeArgs {
+  const float* X;
+  const float* fn;
+  const float* base;
+  const float* scale;
+  int tokens;
+  int hidden;
+  int slices;
+  int sinkhorn_iters;
+  float hc_eps;
+  float norm_eps;
+  bool round_to_bf16;
+  float* y;
+  __nv_bfloat16* y_bf16;
+  float* post;
+  float* comb;
+  // The fused variant's hc_post inputs and its updated residual.
+  const float* out;
+  const float* post_in;
+  const float* comb_in;
+  float* X_out;
+  // Optional fused output norm.
+  const float* norm_weight;
+  bool norm_round_to_bf16;
+  unsigned* header;                 // [0] launch epoch, [1] finished CTAs
+  unsigned long long* partials;     // [partial rows][16][S] tagged
+  unsigned long long* square_sums;  // [16][S] tagged: Σy² of each slice
+};
+
+// Reads `count` tagged words, word i at base + offset_of(i), into gathered[i]: every thread's loads of a batch are
+// issued before the first is checked, so a gather costs about one L2 round trip per batch.
+template <class OffsetOf>
+__device__ inline void gather_tagged(const unsigned long long* base, int count, OffsetOf offset_of, unsigned tag,
+                                     float* gathered) {
+  for (int first = 0; first < count; first += kDecodeThreads * kDecodeGatherBatch) {
+    unsigned long long words[kDecodeGatherBatch];
+#pragma unroll
+    for (int q = 0; q < kDecodeGatherBatch; ++q) {
+      const int i = first + q * kDecodeThreads + int(threadIdx.x);
+      if (i < count) words[q] = load_relaxed_u64(base + offset_of(i));
+    }
+#pragma unroll
+    for (int q = 0; q < kDecodeGatherBatch; ++q) {
+      const int i = first + q * kDecodeThreads + int(threadIdx.x);
+      if (i < count) gathered[i] = tagged_value(words[q], base + offset_of(i), tag);
+    }
+  }
+}
+
+// Σ over `slices` gathered values of one item (a warp, all lanes get it): lane-strided in slice order, then a
+// butterfly; the same in every CTA.
+__device__ inline float sum_gathered_item(const float* item_values, int slices) {
+  const int lane = threadIdx.x & 31;
+  float sum = 0.0f;
+  for (int s = lane; s < slices; s += 32) sum += item_values[s];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  return sum;
+}
+
+// The mix CTA of one token: post and comb from Σx² and the post/comb rows of every slice.
+__device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag, float* gathered) {
+  constexpr int kItems = kPartialRows<false> - kStreams;  // Σx², post ×4, comb ×16
+  __shared__ float totals[kItems];
+  const int slices = args.slices;
+  // Item m: partial row 0 (Σx²) for m = 0, else 4 + m (rows 5..24), token t.
+  gather_tagged(args.partials, kItems * slices, [&](int i) {
+    const int m = i / slices;
+    return ((m == 0 ? 0 : kStreams + m) * kTileTokens + t) * slices + (i - m * slices);
+  }, tag, gathered);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int m = warp; m < kItems; m += kDecodeThreads / 32) {
+    const float sum = sum_gathered_item(gathered + m * slices, slices);
+    if (lane == 0) totals[m] = sum;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  const int l = lane & 15;
+  const float inv_rms = 1.0f / sqrtf(totals[0] / float(kStreams * args.hidden) + args.norm_eps);
+  if (lane < kStreams)
+    args.post[t * kStreams + lane] = 2.0f * sigmoid(totals[1 + lane] * inv_rms * args.scale[1] + args.base[kStreams + lane]);
+  const float logit = totals[1 + kStreams + l] * inv_rms * args.scale[2] + args.base[2 * kStreams + l];
+  const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
+  if (lane < kStreams * kStreams) args.comb[t * kStreams * kStreams + lane] = comb;
+}
+
+template <bool kHead, bool kPost>
+__global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const DecodeArgs args) {
+  constexpr int kRows = kProjectionRows<kHead>;
+  constexpr int kPartial = kPartialRows<kHead>;
+  constexpr int kNTiles = (kRows + 7) / 8;
+  constexpr int kWarps = kDecodeThreads / 32;
+  constexpr int kWarpsPerStream = kDecodeSliceDims / 32;
+  constexpr int kPartialFloats = kPartial * kTileTokens;
+  constexpr int kCollapseRows = 1 + kStreams;  // Σx² and the pre rows
+  static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
+  static_assert(kDecodeThreads == kTileTokens * (kDecodeSliceDims / 4), "one thread per token vector");
+
+  extern __shared__ float4 dynamic_smem[];
+  float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
+  float* const gathered = tile + kTileTokens * kDecodeLdx;      // gathers; first the warps' partials
+  __shared__ float totals[kCollapseRows][kTileTokens];
+  __shared__ float pre_s[kTileTokens][kStreams];
+  __shared__ float square_totals[kTileTokens];
+
+  allow_dependents();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int slices = args.slices, d = args.hidden, T = args.tokens;
+  const int64_t flat = int64_t(kStreams) * d;
+
+  if (!kHead && int(blockIdx.x) >= slices) {
+    wait_for_prior_grids();
+    const unsigned tag = load_relaxed_u32(args.header) + 1u;
+    decode_mix(args, int(blockIdx.x) - slices, tag, gathered);
+    __syncthreads();
+    if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
+      args.header[1] = 0;
+      args.header[0] = tag;
+    }
+    return;
+  }
+
+  const int slice = int(blockIdx.x);
+  const int i0 = slice * kDecodeSliceDims;
+  const int width = min(kDecodeSliceDims, d - i0);
+
+  // Weights first (they do not depend on the previous kernel): fn's B fragments as in the persistent kernel.
+  const int g = lane >> 2, t4 = lane & 3;
+  const int stream = warp / kWarpsPerStream;
+  const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
+  float fn_frag[2][kNTiles][4];
+#pragma unroll
+  for (int p = 0; p < 2; ++p)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      const int row = 8 * nt + g, column = column0 + 16 * p;
+      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < kRows && column < width)
+        f = __ldg(reinterpret_cast<const float4*>(args.fn + row * flat + int64_t(stream) * d + i0 + column));
+      fn_frag[p][nt][0] = f.x;
+      fn_frag[p][nt][1] = f.y;
+      fn_frag[p][nt][2] = f.z;
+      fn_frag[p][nt][3] = f.w;
+    }
+  // Thread (vt, vi) owns token vt's dims i0 + vi .. + 3 of all streams: it stages, updates and collapses them.
+  const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
+  const bool owner = vt < T && vi < width;
+  float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (args.norm_weight != nullptr && owner)
+    norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
+
+  wait_for_prior_grids();
+  const unsigned tag = load_relaxed_u32(args.header) + 1u;
+  {
+    // Zeros outside the tokens and the slice's width: the MMA reads every row and column (fn is zero there, and
+    // 0 · NaN would not be).
+    float4 x[kStreams];
+    const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k)
+      x[k] = owner ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if constexpr (kPost) {
+      if (owner) {
+        // X ← post·out + combᵀ·X, written to X_out: this thread is the only reader and writer of these positions.
+        const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(vt) * d + i0 + vi);
+        float mix[kMixFloats];
+#pragma unroll
+        for (int q = 0; q < kMixFloats / 4; ++q) {
+          const float4 m = *reinterpret_cast<const float4*>(
+              q == 0 ? args.post_in + vt * kStreams : args.comb_in + (vt * kStreams + q - 1) * kStreams);
+          mix[4 * q] = m.x;
+          mix[4 * q + 1] = m.y;
+          mix[4 * q + 2] = m.z;
+          mix[4 * q + 3] = m.w;
+        }
+        float4 updated[kStreams];
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
+        float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) {
+          x[k] = updated[k];
+          *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k)
+      *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
+  }
+  __syncthreads();
+
+  // The slice's projection: the persistent kernel's 3xTF32 MMA of one tile.
+  {
+    const float* xw = tile + stream * kDecodeSliceDims + column0;
+    float acc[kNTiles][4] = {};
+    float squares_lo = 0.f, squares_hi = 0.f;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const float4 lo = *reinterpret_cast<const float4*>(xw + g * kDecodeLdx + 16 * p);
+      const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * kDecodeLdx + 16 * p);
+      const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
+      uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        squares_lo = fmaf(x_lo[q], x_lo[q], squares_lo);
+        squares_hi = fmaf(x_hi[q], x_hi[q], squares_hi);
+        split_tf32(x_lo[q], lo_big[q], lo_small[q]);
+        split_tf32(x_hi[q], hi_big[q], hi_small[q]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
+        const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          uint32_t b_big[2], b_small[2];
+          split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
+          split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
+          mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
+          mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
+          mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
+        }
+      }
+    }
+    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
+    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
+    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
+    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
+    float* const mine = gathered + warp * kPartialFloats;
+    if (t4 == 0) {
+      mine[g] = squares_lo;
+      mine[g + 8] = squares_hi;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 8 * nt + 2 * t4 + (e & 1);
+        if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
+      }
+  }
+  __syncthreads();
+  // Publish the slice's partials (warps summed in order): item (row r, token t) at [r][t][slice].
+  for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
+    if ((item & (kTileTokens - 1)) >= T) continue;
+    float sum = gathered[item];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) sum += gathered[w * kPartialFloats + item];
+    store_relaxed_u64(args.partials + int64_t(item) * slices + slice, tagged(sum, tag));
+  }
+  __syncthreads();  // the partials' buffer becomes the gather buffer
+
+  // The hop: Σx² and the pre rows of every slice, for every token (rows 0..4 of [row][token][slice]: row r's T
+  // tokens are contiguous).
+  const int row_words = T * slices;
+  gather_tagged(args.partials, kCollapseRows * row_words, [&](int i) {
+    const int r = i / row_words;
+    return r * kTileTokens * slices + (i - r * row_words);
+  }, tag, gathered);
+  __syncthreads();
+  for (int item = warp; item < kCollapseRows * T; item += kWarps) {
+    const float sum = sum_gathered_item(gathered + item * slices, slices);
+    if (lane == 0) totals[item / T][item % T] = sum;
+  }
+  __syncthreads();
+  if (tid < kStreams * T) {
+    const int t = tid / kStreams, k = tid % kStreams;
+    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    pre_s[t][k] = sigmoid(totals[1 + k][t] * inv_rms * args.scale[0] + args.base[k]) + args.hc_eps;
+  }
+  __syncthreads();
+
+  // Collapse: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
+  float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (owner) {
+    const float* x = tile + vt * kDecodeLdx + vi;
+    value = *reinterpret_cast<const float4*>(x);
+    const float p0 = pre_s[vt][0];
+    value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
+#pragma unroll
+    for (int k = 1; k < kStreams; ++k) {
+      const float4 xk = *reinterpret_cast<const float4*>(x + k * kDecodeSliceDims);
+      const float pk = pre_s[vt][k];
+      value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
+                          fmaf(pk, xk.w, value.w));
+    }
+    if (args.round_to_bf16)
+      value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
+                          round_to_bf16(value.w));
+  }
+  if (args.norm_weight != nullptr) {
+    // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the second hop.
+    float squares = fmaf(value.x, value.x, 0.0f);
+    squares = fmaf(value.y, value.y, squares);
+    squares = fmaf(value.z, value.z, squares);
+    squares = fmaf(value.w, value.w, squares);
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
+    if (vi == 0 && vt < T) store_relaxed_u64(args.square_sums + int64_t(vt) * slices + slice, tagged(squares, tag));
+    gather_tagged(args.square_sums, row_words, [](int i) { return i; }, tag, gathered);
+    __syncthreads();
+    for (int t = warp; t < T; t += kWarps) {
+      const float sum = sum_gathered_item(gathered + t * slices, slices);
+      if (lane == 0) square_totals[t] = sum;
+    }
+    __syncthreads();
+    if (owner) {
+      // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
+      const float inv_rms = 1.0f / sqrtf(square_totals[vt] / float(d) + args.norm_eps);
+      value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
+                          value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
+      if (args.norm_round_to_bf16)
+        value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
+                            round_to_bf16(value.w));
+    }
+  }
+  if (owner) {
+    const int64_t offset = int64_t(vt) * d + i0 + vi;
+    if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
+    if (args.y_bf16 != nullptr) {
+      const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
+      const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
+      uint2 packed;
+      packed.x = *reinterpret_cast<const uint32_t*>(&low);
+      packed.y = *reinterpret_cast<const uint32_t*>(&high);
+      *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
+    }
+  }
+
+  __syncthreads();
+  if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
+    args.header[1] = 0;
+    args.header[0] = tag;
+  }
+}
+
+struct PostArgs {
+  const float* out;
+  const float* X;
+  const float* post;
+  const float* comb;
+  int64_t tokens;
+  int hidden;
+  bool round_output;
+  float* X_out;
+};
+
 // X_out[t][k][i] = post[t][k]·out[t][i] + Σ_j comb[t][j][k]·X[t][j][i]; one thread per 4 consecutive i of a token.
 // Every X value a thread reads is read before it writes, and no other thread touches those positions, so X_out
-// may be X itself.
-__global__ void __launch_bounds__(kPostThreads)
-    hc_post_kernel(const float* out, const float* X, const float* post, const float* comb, int64_t tokens,
-                   int hidden, bool round_output, float* X_out) {
-  const int vectors_per_token = hidden / 4;
+// may be X itself. Programmatic dependent launch: everything it reads comes from earlier kernels.
+__global__ void __launch_bounds__(kPostThreads) hc_post_kernel(const PostArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();
+  const int vectors_per_token = args.hidden / 4;
   const int64_t v = int64_t(blockIdx.x) * kPostThreads + threadIdx.x;
-  if (v >= tokens * vectors_per_token) return;
+  if (v >= args.tokens * vectors_per_token) return;
   const int64_t t = v / vectors_per_token;
+  const int64_t hidden = args.hidden;
   const int i = int(v - t * vectors_per_token) * 4;
-  const float4 o = __ldg(reinterpret_cast<const float4*>(out + t * hidden + i));
+  const float4 o = *reinterpret_cast<const float4*>(args.out + t * hidden + i);
   float4 x[kStreams];
 #pragma unroll
-  for (int j = 0; j < kStreams; ++j) x[j] = *reinterpret_cast<const float4*>(X + (t * kStreams + j) * hidden + i);
+  for (int j = 0; j < kStreams; ++j)
+    x[j] = *reinterpret_cast<const float4*>(args.X + (t * kStreams + j) * hidden + i);
   float mix[kMixFloats];
 #pragma unroll
   for (int q = 0; q < kMixFloats / 4; ++q) {
-    const float4 m = __ldg(reinterpret_cast<const float4*>(q == 0 ? post + t * kStreams
-                                                                 : comb + (t * kStreams + q - 1) * kStreams));
+    const float4 m = *reinterpret_cast<const float4*>(q == 0 ? args.post + t * kStreams
+                                                             : args.comb + (t * kStreams + q - 1) * kStreams);
     mix[4 * q] = m.x;
     mix[4 * q + 1] = m.y;
     mix[4 * q + 2] = m.z;
@@ -640,8 +1032,8 @@ __global__ void __launch_bounds__(kPostThreads)
   }
 #pragma unroll
   for (int k = 0; k < kStreams; ++k)
-    *reinterpret_cast<float4*>(X_out + (t * kStreams + k) * hidden + i) =
-        residual_update(k, o, x, mix, mix + kStreams, round_output);
+    *reinterpret_cast<float4*>(args.X_out + (t * kStreams + k) * hidden + i) =
+        residual_update(k, o, x, mix, mix + kStreams, args.round_output);
 }
 
 }  // namespace dsv4::cuda::mhc

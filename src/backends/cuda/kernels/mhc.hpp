@@ -17,6 +17,16 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
+// - Decode kernel (kernel = AUTO, T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice
+//   (plus one per token for hc_pre's post/comb) projects its slice once and gathers the other slices' sums itself:
+//   one cross-CTA hop instead of two, no pipeline. Programmatic dependent launch (ptx/dependent_launch.cuh): only
+//   the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
+// - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
+//   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
+//   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
+//   out_norm_weight, .width = hidden, .eps = norm_eps, .round_to_bf16 = out_norm_round_to_bf16, .y = y, .y_bf16 =
+//   y_bf16}) gives after the op (up to the order of the Σy² summation). In one launch for the decode kernel; the
+//   persistent path runs that rms_norm after its own launch.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
 //   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops;
 //   hc_post_pre rounds X_out, projects the rounded X_out and rounds y, as the two ops in a row do.
@@ -32,6 +42,12 @@
 namespace dsv4::cuda {
 
 inline constexpr int kMhcStreams = 4;
+inline constexpr int64_t kHcDecodeMaxTokens = 16;
+inline constexpr int64_t kHcDecodeMaxHidden = 8192;
+
+// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the decode kernel where it applies (above),
+// the persistent kernel elsewhere; PERSISTENT: the persistent kernel always (the comparison baseline).
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
@@ -50,6 +66,9 @@ struct HcPreParams {
   __nv_bfloat16* y_bf16 = nullptr; // optional [tokens, hidden]: y for the next linear layer
   float* post = nullptr;           // [tokens, n]
   float* comb = nullptr;           // [tokens, n, n]
+  const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
+  bool out_norm_round_to_bf16 = false;
+  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
   void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -69,6 +88,9 @@ struct HcHeadParams {
   bool round_to_bf16 = false;
   float* h = nullptr;              // [tokens, hidden] fp32; may be null when h_bf16 is set
   __nv_bfloat16* h_bf16 = nullptr; // optional [tokens, hidden]
+  const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
+  bool out_norm_round_to_bf16 = false;
+  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -119,6 +141,9 @@ struct HcPostPreParams {
   __nv_bfloat16* y_bf16 = nullptr; // optional [tokens, hidden]
   float* next_post = nullptr;      // [tokens, n]
   float* next_comb = nullptr;      // [tokens, n, n]
+  const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
+  bool out_norm_round_to_bf16 = false;
+  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
   void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
