@@ -1,10 +1,14 @@
 // Sparse MQA attention decode on the GPU: run_sparse_attention over the fp8 KV cache (584-byte entries, D 512) for
-// V4-Flash (H 64) and V4-Pro (H 128) shapes, batch 1/8/64/256 × context 4K/64K/1M, in the CSA layout (128 window +
-// 512 top-k entries per query) and the HCA layout (128 window + context/128 entries). Each query belongs to its own
-// sequence with its own pages. Reported per case: µs per call (L2 flushed before every call), KV bytes read / time
-// against the same-run device copy bandwidth, and a straightforward baseline measured in the same run (one CTA per
-// (query, head), plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on the same
-// data (caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped. Each case also states its floor: the
+// V4-Flash (H 64) and V4-Pro (H 128) shapes, batch 1/8/64/256 × context 4K/64K/1M, in the SWA layout (the 128 window
+// entries only; context 4K), the CSA layout (128 window + 512 top-k entries per query) and the HCA layout (128 window
+// + context/128 entries). Each query belongs to its own sequence with its own pages; the KV entries are random (a
+// hash of their bytes' positions), so a kernel reading a wrong entry gives a wrong result. Reported per case: µs per
+// call (L2 flushed before every call) with the splits merged by the combine kernel and by the cluster merge (each with
+// the splits choose_sparse_attention_splits picks for it), KV bytes read / time against the same-run device copy
+// bandwidth, a check of both outputs against cpu::sparse_attention on a sample of queries (worst error over the
+// query-and-head's largest |output|; FAIL above 2^-6), a straightforward baseline measured in the same run (one CTA
+// per (query, head), plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on a copy
+// of the cache (uniform entries; its time only; caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped. Each case also states its floor: the
 // larger of the KV bytes at the same-run copy bandwidth and its flops (4·H·D per slot: QKᵀ and PV) at the same-run
 // cuBLAS bf16 rate; for H = 128 (and, at D = 512, about H = 64 too) the flops set it, not the bytes. HCA cases below
 // 1M context are timed a second time the way the engine's batched decode calls them: a shared bound of
@@ -13,8 +17,9 @@
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only]
-//   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:csa:256:65536 for
-//   one case under a profiler) and no prefill; --prefill-only skips the decode cases.
+//   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
+//   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
+//   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -27,6 +32,8 @@
 #include <string>
 #include <vector>
 
+#include "backends/cpu/attention.hpp"
+#include "backends/cpu/rope.hpp"
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
@@ -101,12 +108,138 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
   }
 }
 
-// The inverse RoPE's per-pair frequencies, base 160000 over the kRopeDim rotary dims.
-std::vector<float> rope_frequencies() {
-  std::vector<float> freq(kRopeDim / 2);
-  for (int i = 0; i < kRopeDim / 2; ++i) freq[size_t(i)] = std::pow(160000.0f, -2.0f * i / kRopeDim);
-  return freq;
+// The inverse RoPE's table, base 160000 over the kRopeDim rotary dims: its frequencies go to the kernel, the table
+// to the CPU check.
+const cpu::RopeTable& rope_table() {
+  static const cpu::RopeTable table(160000.0, kRopeDim);
+  return table;
 }
+
+std::vector<float> rope_frequencies() { return rope_table().frequencies(); }
+
+__device__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  x ^= x >> 33;
+  return uint32_t(x);
+}
+
+// Random valid entries: each byte a hash of its pool offset. fp8 codes of magnitude 0.5-3.75 of either sign, scales
+// 2^-3..2^0, bf16 values (rope dims, or every dim of bf16 entries) of magnitude 0.125-2 of either sign.
+__global__ void fill_random_kv(uint8_t* pool, int64_t bytes, const KvEntryLayout layout, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t h = hash32(uint64_t(i) * 0x9E3779B97F4A7C15ull + seed);
+    const int byte = int(i % layout.entry_bytes);
+    const bool fp8 = layout.format == KvEntryFormat::Fp8Reference;
+    const int bf16_byte = fp8 ? byte - layout.rope_offset : byte;  // byte within the bf16 values
+    uint8_t value = 0;
+    if (fp8 && byte < layout.nope_dim)
+      value = uint8_t((h & 0x80) | (0x30 + (h >> 8) % 0x18));
+    else if (fp8 && byte >= layout.scale_offset && byte < layout.scale_offset + layout.scale_blocks)
+      value = uint8_t(0x7C + h % 4);
+    else if (bf16_byte >= 0 && bf16_byte < 2 * (fp8 ? layout.rope_dim : layout.head_dim))
+      value = bf16_byte % 2 == 0 ? uint8_t(h) : uint8_t((h & 0x80) | (0x3E + (h >> 8) % 2));
+    pool[i] = value;
+  }
+}
+
+void fill_random_kv(const KvCacheView& view, int64_t entries, uint32_t seed) {
+  const int64_t bytes = entries * view.layout.entry_bytes;
+  fill_random_kv<<<unsigned(std::min<int64_t>(4096, (bytes + 255) / 256)), 256>>>(view.pool, bytes, view.layout, seed);
+  DSV4_CUDA_CHECK_LAUNCH("fill_random_kv");
+}
+
+// Entry `row` of `array` of sequence `slot` (layer 0) as floats, read back from the device through a host copy of
+// the page table.
+std::vector<float> read_entry(const KvCacheView& view, const std::vector<int32_t>& host_page_table, int slot,
+                              KvArray array, int32_t row) {
+  KvCacheView host_view = view;
+  host_view.page_table = host_page_table.data();
+  const int64_t physical = host_view.physical_entry(host_view.pages_of(slot, 0, array), row);
+  const KvEntryLayout& layout = view.layout;
+  std::vector<uint8_t> bytes(size_t(layout.entry_bytes));
+  DSV4_CUDA_CHECK(cudaMemcpy(bytes.data(), view.entry_address(physical), bytes.size(), cudaMemcpyDeviceToHost));
+  std::vector<float> values(size_t(layout.head_dim));
+  const auto bf16_at = [&](int offset) {
+    uint16_t bits;
+    std::memcpy(&bits, &bytes[size_t(offset)], 2);
+    return bf16_to_float(bits);
+  };
+  for (int d = 0; d < layout.head_dim; ++d) {
+    if (layout.format == KvEntryFormat::Bf16)
+      values[size_t(d)] = bf16_at(2 * d);
+    else if (d < layout.nope_dim)
+      values[size_t(d)] =
+          e4m3_to_float(bytes[size_t(d)]) * e8m0_to_float(bytes[size_t(layout.scale_offset + d / kKvFp8BlockSize)]);
+    else
+      values[size_t(d)] = bf16_at(layout.rope_offset + 2 * (d - layout.nope_dim));
+  }
+  return values;
+}
+
+// Worst error of the device output `out` [T, H, D] (fp32) against cpu::sparse_attention on the queries `sample`,
+// each (query, head) over its largest |expected| (the kernel rounds q, P to bf16: errors ≈ 2^-8 of that). The call's
+// index lists are host copies; compressed counts are not used by the decode cases.
+double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& window_index,
+                 const std::vector<int32_t>& compressed_index, const std::vector<float>& q,
+                 const std::vector<float>& sink, const std::vector<int64_t>& positions, const DeviceBuffer& out,
+                 const std::vector<int64_t>& sample) {
+  const KvCacheView& view = p.cache;
+  // One sequence slot per query.
+  std::vector<int32_t> table(size_t(p.tokens) * view.layers * 2 * view.max_pages_per_array);
+  DSV4_CUDA_CHECK(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost));
+  const int H = p.heads, D = kHeadDim, W = p.window_slots, C = p.compressed_slots;
+  std::vector<float> got(size_t(H) * D), want(size_t(H) * D);
+  double worst = 0;
+  for (const int64_t t : sample) {
+    // The query's entries gathered into small arrays, slot s at row s (−1 slots stay −1).
+    std::vector<float> window_kv(size_t(std::max(W, 1)) * D), compressed_kv(size_t(std::max(C, 1)) * D);
+    std::vector<int32_t> window_rows(static_cast<size_t>(W)), compressed_rows(static_cast<size_t>(C));
+    const int slot = int(t);
+    for (int w = 0; w < W; ++w) {
+      const int32_t row = window_index[size_t(t * W + w)];
+      window_rows[size_t(w)] = row < 0 ? -1 : w;
+      if (row >= 0)
+        std::copy_n(read_entry(view, table, slot, KvArray::Window, row).begin(), D, &window_kv[size_t(w) * D]);
+    }
+    for (int c = 0; c < C; ++c) {
+      const int32_t row = compressed_index[size_t(t * C + c)];
+      compressed_rows[size_t(c)] = row < 0 ? -1 : c;
+      if (row >= 0)
+        std::copy_n(read_entry(view, table, slot, KvArray::Compressed, row).begin(), D, &compressed_kv[size_t(c) * D]);
+    }
+    std::vector<float> query(&q[size_t(t) * H * D], &q[size_t(t + 1) * H * D]);
+    for (float& v : query) v = round_to_bf16(v);  // the kernel's MMA input
+    cpu::SparseAttentionInputs inputs;
+    inputs.q = query.data();
+    inputs.attn_sink = sink.data();
+    inputs.window_kv = window_kv.data();
+    inputs.window_rows = std::max(W, 1);
+    inputs.window_index = W > 0 ? window_rows.data() : nullptr;
+    inputs.compressed_kv = compressed_kv.data();
+    inputs.compressed_rows = std::max(C, 1);
+    inputs.compressed_index = C > 0 ? compressed_rows.data() : nullptr;
+    inputs.positions = &positions[size_t(t)];
+    inputs.rope = &rope_table();
+    cpu::sparse_attention(inputs, {1, H, D, p.softmax_scale, W, C}, want.data());
+    DSV4_CUDA_CHECK(cudaMemcpy(got.data(), static_cast<const float*>(out.data()) + size_t(t) * H * D,
+                               got.size() * 4, cudaMemcpyDeviceToHost));
+    for (int h = 0; h < H; ++h) {
+      double largest = 1e-6, error = 0;
+      for (int d = 0; d < D; ++d) {
+        largest = std::max(largest, double(std::fabs(want[size_t(h) * D + d])));
+        const double e = std::fabs(double(got[size_t(h) * D + d]) - want[size_t(h) * D + d]);
+        error = std::isfinite(e) ? std::max(error, e) : 1e30;
+      }
+      worst = std::max(worst, error / largest);
+    }
+  }
+  return worst;
+}
+
+constexpr double kCpuCheckLimit = 1.0 / 64;
 
 // Median milliseconds of `body` over `iterations` calls, each after an L2 flush (a 256 MiB memset).
 template <class Body>
@@ -122,11 +255,20 @@ double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
   return times[times.size() / 2];
 }
 
+enum class DecodeLayout { Swa, Csa, Hca };
+
+const char* to_string(DecodeLayout layout) {
+  return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
+}
+
 struct Result {
   std::string model, layout;
   int heads, batch, splits;
   int64_t context, slots;
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
+  int cluster_splits;      // the splits chosen for the cluster merge
+  double cluster_us;       // the call with cluster_merge (same as `us` where the merge does not apply)
+  double cpu_error, cluster_cpu_error;  // cpu_check of each mode's output
   double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
   double floor_us, percent_of_floor;  // max(KV bytes / copy rate, flops / cuBLAS bf16 rate) and floor / measured
@@ -135,7 +277,7 @@ struct Result {
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
 // kernel (the wgmma kernel's 16-aligned entry spans need pages of ≥ 2 entries): the previous kernel, same run.
-// Entries hold the same bytes (the pool is filled uniformly); logical rows and indices are unchanged.
+// Its entries hold uniform bytes (only its time is compared); logical rows and indices are unchanged.
 double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& config, void* flush,
                           size_t flush_bytes) {
   KvCacheConfig one = config;
@@ -156,9 +298,10 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   return ms;
 }
 
-Result run_case(const char* model, int heads, bool csa, int batch, int64_t context, double copy_gbps,
+Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, double copy_gbps,
                 double cublas_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
-  const int64_t compressed_rows = csa ? context / 4 : context / 128;
+  const bool csa = kind == DecodeLayout::Csa;
+  const int64_t compressed_rows = kind == DecodeLayout::Swa ? 0 : csa ? context / 4 : context / 128;
   const int compressed_slots = csa ? kTopK : int(compressed_rows);
   KvCache cache({.format = KvEntryFormat::Fp8Reference, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1,
                  .max_sequences = batch, .window_capacity = kWindow, .max_compressed_rows = compressed_rows,
@@ -171,8 +314,7 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   }
   cache.upload_page_table(nullptr);
   const KvCacheView view = cache.view();
-  // Valid entries with mid-sized values: e4m3 0x30 = 0.5, scale byte 0x7F = 1, bf16 0x3F00 = 0.5.
-  DSV4_CUDA_CHECK(cudaMemset(view.pool, 0x30, size_t(cache.config().pages) * kPageRows * view.layout.entry_bytes));
+  fill_random_kv(view, cache.config().pages * kPageRows, rng());
 
   std::vector<int32_t> slots(static_cast<size_t>(batch)), window_index(static_cast<size_t>(batch) * kWindow),
       compressed_index(static_cast<size_t>(batch) * compressed_slots);
@@ -193,6 +335,8 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
   const int64_t total_slots = kWindow + compressed_slots;
   const int splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms);
+  const int cluster_splits =
+      choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, true);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
                          "workspace");
   SparseAttentionParams p{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
@@ -203,13 +347,25 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
                           .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
                           .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
                           .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  // A sample of queries for the CPU check: the first, a middle and the last.
+  std::vector<int64_t> sample{0, batch / 2, batch - 1};
+  sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+  SparseAttentionParams cluster = p;
+  cluster.cluster_merge = true;
+  cluster.splits = cluster_splits;
+  const double cluster_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(cluster); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
+  out.fill_bytes(0xFF);
   const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  const double cpu_error = cpu_check(p, window_index, compressed_index, q, sink, positions, out, sample);
 
   // The engine's form of an HCA call: every query's list padded to the 1M-context bound (live row 0 past its
   // count, which a kernel that read it would pay for), compressed_counts = its real count.
   double bounded_ms = 0;
   constexpr int kBoundSlots = (int64_t(1) << 20) / 128;
-  if (!csa && compressed_slots < kBoundSlots) {
+  if (kind == DecodeLayout::Hca && compressed_slots < kBoundSlots) {
     std::vector<int32_t> bounded_index(size_t(batch) * kBoundSlots, 0);
     for (int b = 0; b < batch; ++b)
       std::copy_n(&compressed_index[size_t(b) * compressed_slots], compressed_slots,
@@ -250,7 +406,7 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
 
   Result r;
   r.model = model;
-  r.layout = csa ? "csa" : "hca";
+  r.layout = to_string(kind);
   r.heads = heads;
   r.batch = batch;
   r.splits = splits;
@@ -271,6 +427,10 @@ Result run_case(const char* model, int heads, bool csa, int batch, int64_t conte
   r.floor_us = std::max(r.kv_bytes / (copy_gbps * 1e3), flops / (cublas_tflops * 1e6));
   r.percent_of_floor = 100.0 * r.floor_us / r.us;
   r.bounded_us = bounded_ms * 1e3;
+  r.cluster_splits = cluster_splits;
+  r.cluster_us = cluster_ms * 1e3;
+  r.cpu_error = cpu_error;
+  r.cluster_cpu_error = cluster_cpu_error;
   return r;
 }
 
@@ -407,34 +567,41 @@ int run(int argc, char** argv) {
   std::printf("cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", cublas_tflops, peak_tflops,
               clock_khz / 1000);
   std::vector<Result> results;
-  std::printf("GB/s and %%copy count KV bytes; %%total adds q read, output written and split partials; floor = "
-              "max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot bound + counts\n");
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s\n", "model", "kind",
-              "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us", "%floor",
-              "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us");
+  std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
+              "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
+              "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
+              "heads\n");
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s\n",
+              "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
+              "%floor", "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us", "cl.splits", "cl.us",
+              "cpu err", "cl.err");
+  bool check_failed = false;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
-    for (const bool csa : {true, false})
+    for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 256}) {
-          if (prefill_only) continue;
-          const std::string name = std::string(model) + (csa ? ":csa:" : ":hca:") + std::to_string(batch) + ":" +
+          if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
+          const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
                                    std::to_string(context);
           if (name.rfind(only, 0) != 0) continue;  // --only: a prefix of the case name
-          const int64_t rows = csa ? context / 4 : context / 128;
+          const int64_t rows = kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
           const double cache_bytes = double(batch) * double(rows + kWindow) * 584.0;
           if (cache_bytes > 24.0 * (1u << 30)) {
-            std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, csa ? "csa" : "hca", batch,
+            std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, to_string(kind), batch,
                         static_cast<long long>(context), cache_bytes / (1u << 30));
             continue;
           }
-          const Result r = run_case(model, heads, csa, batch, context, copy_gbps, cublas_tflops,
+          const Result r = run_case(model, heads, kind, batch, context, copy_gbps, cublas_tflops,
                                     device.multiprocessors, flush.data(), flush_bytes, rng);
+          const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit);
+          check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
-                      "%10.2e %12.1f %9.1f\n",
+                      "%10.2e %12.1f %9.1f %9d %9.1f %9.1e %9.1e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
                       static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
                       r.floor_us, r.percent_of_floor, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff,
-                      r.mma_sync_us, r.bounded_us);
+                      r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.cpu_error, r.cluster_cpu_error,
+                      failed ? "  CPU CHECK FAILED" : "");
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -470,11 +637,13 @@ int run(int argc, char** argv) {
                    "\"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"kv_bytes\": %.0f, \"gbps\": %.1f, "
                    "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
                    "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
-                   "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f}%s\n",
+                   "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f, \"cluster_splits\": %d, \"cluster_us\": %.2f, "
+                   "\"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
-                   r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, i + 1 < results.size() ? "," : "");
+                   r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, r.cluster_splits, r.cluster_us,
+                   r.cpu_error, r.cluster_cpu_error, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
@@ -491,7 +660,8 @@ int run(int argc, char** argv) {
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);
   }
-  return 0;
+  if (check_failed) std::fprintf(stderr, "bench_cuda_attention: a decode output differs from cpu::sparse_attention\n");
+  return check_failed ? 1 : 0;
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // run_sparse_attention against cpu::sparse_attention on the paged KV cache: bf16 and fp8 entries, V4-Flash
 // (H 64, D 512) and V4-Pro (H 128) shapes and tiny head dims with odd head counts, window rings that wrap, −1 slots,
 // a query with no entries, several sequences of different lengths in one batch, one split and many (the
-// log-sum-exp merge), fp32/bf16 q and output. Fresh random inputs per case, outputs poisoned with NaN plus a guard
-// region, every element checked; per-query compressed counts with live rows past each count.
+// log-sum-exp merge: by the combine kernel, and by the head_dim 512 kernel's cluster merge for 2-8 splits), fp32/bf16 q
+// and output. Every case runs both merge modes on the same inputs. Fresh random inputs per case, outputs poisoned
+// with NaN plus a guard region, every element checked; per-query compressed counts with live rows past each count.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -66,12 +67,15 @@ struct AttentionCase {
   int compressed_slots;         // per query (0 = window only)
   std::vector<int64_t> lengths; // tokens per sequence (each sequence gets one query at its last position ...)
   int queries_per_sequence;     // ... or the last few positions
-  int splits;                   // 0 = choose_sparse_attention_splits
+  int splits;                   // 0 = choose_sparse_attention_splits (for each merge mode)
   AttentionDtype q_dtype = AttentionDtype::F32, out_dtype = AttentionDtype::F32;
   bool empty_query = false;     // add a query whose slots are all −1
   int page_rows = 16;           // KV cache entries per page
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
 };
+
+void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
+                      const std::vector<float>& expected, const std::vector<double>& magnitude);
 
 void check_attention(const AttentionCase& c, uint32_t seed) {
   SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed));
@@ -243,25 +247,40 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                d_window = to_device(window_index, "window index"),
                d_compressed = to_device(compressed_index, "compressed index");
   DeviceBuffer d_counts = to_device(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
+  for (const bool cluster_merge : {false, true})
+    compare_with_cpu(c, cluster_merge, {.cache = view, .layer = kLayer, .tokens = T, .heads = H,
+                                        .softmax_scale = scale, .q = d_q.data(), .q_dtype = c.q_dtype,
+                                        .attn_sink = d_sink.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
+                                        .positions = d_pos.as<int64_t>(), .rope_frequencies = d_freq.as<float>(),
+                                        .window_index = d_window.as<int32_t>(), .window_slots = c.window,
+                                        .compressed_index = d_compressed.as<int32_t>(),
+                                        .compressed_slots = c.compressed_slots,
+                                        .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
+                                        .out_dtype = c.out_dtype, .cluster_merge = cluster_merge},
+                     expected, magnitude);
+}
+
+// One run of `call` (its splits, workspace and output filled in here; poisoned first) against the CPU's `expected`,
+// within the tolerance that `magnitude` scales.
+void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
+                      const std::vector<float>& expected, const std::vector<double>& magnitude) {
+  SCOPED_TRACE(cluster_merge ? "cluster merge" : "combine kernel");
+  const int64_t T = call.tokens;
+  const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
-                                  : choose_sparse_attention_splits(T, H, D, c.format,
-                                                                   c.window + c.compressed_slots,
-                                                                   list_devices()[0].multiprocessors);
+                                  : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
+                                                                   list_devices()[0].multiprocessors, cluster_merge);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
   workspace.fill_bytes(0xFF);
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
   constexpr size_t kGuardBytes = 256;
   DeviceBuffer d_out(out_elements * element_bytes + kGuardBytes, "out");
   d_out.fill_bytes(0xFF);
-  run_sparse_attention({.cache = view, .layer = kLayer, .tokens = T, .heads = H, .softmax_scale = scale,
-                        .q = d_q.data(), .q_dtype = c.q_dtype, .attn_sink = d_sink.as<float>(),
-                        .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
-                        .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
-                        .window_slots = c.window, .compressed_index = d_compressed.as<int32_t>(),
-                        .compressed_slots = c.compressed_slots,
-                        .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr, .out = d_out.data(),
-                        .out_dtype = c.out_dtype,
-                        .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()});
+  call.out = d_out.data();
+  call.splits = splits;
+  call.workspace = workspace.data();
+  call.workspace_bytes = workspace.bytes();
+  run_sparse_attention(call);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
   d_out.download(raw.data(), raw.size());
@@ -289,8 +308,9 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   EXPECT_EQ(failures, 0) << failures << " mismatches of " << out_elements << " (splits " << splits << ")";
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, splits, worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
+              to_string(c.format), static_cast<long long>(T), H, D, splits, cluster_merge ? "cluster" : "combine",
+              worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {
@@ -372,6 +392,29 @@ TEST(SparseAttention, PerQueryCompressedCounts) {
     AttentionCase d256{"d256 h40 bounded", format, 256, 64, 40, 32, 40, 200, {900, 3}, 2, 0};
     d256.counts = true;
     check_attention(d256, seed++);
+  }
+}
+
+// The cluster merge at every cluster size on the DSV4 shapes: batch-1 SWA decode (the window only), CSA decode with
+// splits whose slot ranges are empty for short queries, per-query counts, a query without entries, Pro's two head
+// blocks and a padded head block.
+TEST(SparseAttention, ClusterMergeEverySplitCount) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 60;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+    check_attention({"flash swa decode batch 1", format, 512, 64, 64, 128, 128, 0, {300}, 1, 0}, seed++);
+    for (const int splits : {2, 3, 5, 8}) {
+      AttentionCase flash{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, splits,
+                          AttentionDtype::F32, AttentionDtype::Bf16, true};
+      flash.counts = splits % 2 == 1;
+      check_attention(flash, seed++);
+    }
+    check_attention({"pro csa decode 4 splits", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, 4,
+                     AttentionDtype::Bf16, AttentionDtype::F32},
+                    seed++);
+    check_attention({"d512 h48 7 splits", format, 512, 64, 48, 24, 24, 300, {900, 7}, 2, 7, AttentionDtype::F32,
+                     AttentionDtype::F32, true},
+                    seed++);
   }
 }
 

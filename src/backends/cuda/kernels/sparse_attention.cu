@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "core/error.hpp"
@@ -25,14 +26,41 @@ int head_blocks_for(int heads) { return (heads + 16 * head_tiles_for(heads) - 1)
 
 bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
+// Tile-times (≈ 1.7 µs each on an H200) a merge of the splits adds: the combine kernel measured 6.4-6.7 µs under ncu
+// at batch 1 (its own launch, start-up and dependent loads); the cluster merge is a few distributed shared-memory
+// round trips inside the attention CTAs.
+constexpr double kCombineMergeTiles = 4.0, kClusterMergeTiles = 0.5;
+
+// SMs per GPC assumed when packing clusters into a wave (H100/H200: 132 SMs in GPCs of 16-18).
+constexpr int kClusterPackingSms = 16;
+
+// A programmatic dependent launch of `kernel` over `ctas` CTAs (clusters of `cluster` CTAs when > 1).
+template <class... KernelArgs, class... Args>
+void launch_attention_kernel(void (*kernel)(KernelArgs...), int64_t ctas, int threads, int shared_bytes, int cluster,
+                             cudaStream_t stream, const char* name, Args&&... args) {
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = unsigned(cluster);
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(ctas));
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = size_t(shared_bytes);
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = cluster > 1 ? 2 : 1;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), name, __FILE__, __LINE__);
+}
+
 template <int kHeadDim, int kHeadTiles, bool kFp8>
 void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int head_blocks) {
   const auto kernel = sparse_attention_kernel<kHeadDim, kHeadTiles, kFp8>;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.total));
-  const int64_t ctas = p.tokens * head_blocks * p.splits;
-  kernel<<<unsigned(ctas), TileConfig<kHeadDim, kHeadTiles>::kThreads, size_t(plan.total), p.stream>>>(p, plan,
-                                                                                                      head_blocks);
-  DSV4_CUDA_CHECK_LAUNCH("sparse_attention");
+  launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, TileConfig<kHeadDim, kHeadTiles>::kThreads,
+                          plan.total, 1, p.stream, "sparse_attention", p, plan, head_blocks);
 }
 
 template <int kHeadDim>
@@ -52,9 +80,8 @@ void dispatch_tiles(const SparseAttentionParams& p, const SharedMemoryPlan& plan
 // The second pass of a split call: merges the splits' partial outputs.
 void launch_combine(const SparseAttentionParams& p) {
   if (p.splits <= 1) return;
-  sparse_attention_combine_kernel<<<unsigned(p.tokens * p.heads), kCombineThreads, 0, p.stream>>>(
-      p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
-  DSV4_CUDA_CHECK_LAUNCH("sparse_attention combine");
+  launch_attention_kernel(sparse_attention_combine_kernel, p.tokens * p.heads, kCombineThreads, 0, 1, p.stream,
+                          "sparse_attention combine", p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
 }
 
 // The wgmma kernel serves head_dim 512 with more than 32 heads (blocks of 64, padded); fp8 entries in DeepSeek's
@@ -67,6 +94,11 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
          layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && p.cache.page_shift >= 1;
 }
 
+// The splits merge inside the attention launch, one cluster per (query, head block).
+bool merges_in_cluster(const SparseAttentionParams& p) {
+  return p.cluster_merge && p.splits > 1 && p.splits <= kSparseAttentionMaxClusterSplits && use_d512_kernel(p);
+}
+
 template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
@@ -74,15 +106,15 @@ void launch_d512(const SparseAttentionParams& p) {
   const auto kernel = sparse_attention_d512_kernel<kFp8>;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
-  const int64_t ctas = p.tokens * head_blocks * p.splits;
-  kernel<<<unsigned(ctas), kD512Threads, size_t(kBytes), p.stream>>>(p, head_blocks);
-  DSV4_CUDA_CHECK_LAUNCH("sparse_attention (head_dim 512, wgmma)");
+  const bool cluster = merges_in_cluster(p);
+  launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
+                          p.stream, "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
 }  // namespace
 
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
-                                   int multiprocessors) {
+                                   int multiprocessors, bool cluster_merge) {
   check(tokens >= 0 && heads > 0 && supported_head_dim(head_dim) && slots >= 0 && multiprocessors > 0,
         "choose_sparse_attention_splits: bad shape tokens=", tokens, " heads=", heads, " head_dim=", head_dim,
         " slots=", slots, " multiprocessors=", multiprocessors);
@@ -93,13 +125,19 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   const KvEntryLayout layout = KvEntryLayout::make(format, head_dim, 0);
   const int smem = make_shared_memory_plan(head_dim, head_tiles_for(heads), layout).total;
   const int64_t slots_per_wave = int64_t(multiprocessors) * std::max(1, kSharedMemoryPerSm / smem);
-  // Cost in tile-times: the waves each CTA's tiles take, plus about two tiles for the prologue, the epilogue and
-  // the merge pass that any split > 1 adds.
+  // The head_dim 512 kernel (one CTA per SM) merges 2-8 splits in a cluster, whose CTAs share a GPC.
+  const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
+  const int64_t gpcs = std::max(1, multiprocessors / kClusterPackingSms);
+  // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
+  // merge of any split > 1.
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
-    const int64_t waves = (ctas_per_split * s + slots_per_wave - 1) / slots_per_wave;
-    const double cost = double(waves) * double((tiles + s - 1) / s + 1) + (s > 1 ? 2.0 : 0.0);
+    const bool cluster = clusters_possible && s > 1 && s <= kSparseAttentionMaxClusterSplits;
+    const int64_t per_wave = cluster ? gpcs * (kClusterPackingSms / s) * s : slots_per_wave;
+    const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
+    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : kCombineMergeTiles;
+    const double cost = double(waves) * double((tiles + s - 1) / s + 1) + merge;
     if (cost < best_cost) {
       best_cost = cost;
       best = s;
@@ -139,7 +177,8 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
         p.compressed_slots, " without compressed_index");
   check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
         "sparse_attention: the inverse RoPE needs positions and a cache rope_dim > 0");
-  const size_t needed = sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
+  const size_t needed =
+      merges_in_cluster(p) ? 0 : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
   check(p.workspace_bytes >= needed && (needed == 0 || p.workspace != nullptr), "sparse_attention: ", p.splits,
         " splits need ", needed, " bytes of workspace, got ", p.workspace_bytes);
   check(reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0, "sparse_attention: workspace must be 16-byte aligned");
@@ -154,7 +193,7 @@ void run_sparse_attention(const SparseAttentionParams& p) {
       launch_d512<true>(p);
     else
       launch_d512<false>(p);
-    launch_combine(p);
+    if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }
   const int head_tiles = head_tiles_for(p.heads);

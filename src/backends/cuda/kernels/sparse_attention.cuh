@@ -32,6 +32,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/ptx/cp_async.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/ldmatrix.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
@@ -116,19 +117,26 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale
   return pack_bf16x2(f.x * scale, f.y * scale);
 }
 
-// 1 / the softmax denominators of a thread's two fragment rows (heads `head`; past the last head: no sink) with running
-// max `row_max` (log2 units) and sum `row_sum`: the attention sink adds exp(sink − max) to the denominator only.
-__device__ __forceinline__ void inverse_softmax_denominators(const SparseAttentionParams& p, const int (&head)[2],
-                                                             const float (&row_max)[2], const float (&row_sum)[2],
+// The sink of `head` in log2 units; −inf for no sink or a head past the last.
+__device__ __forceinline__ float head_sink_log2(const SparseAttentionParams& p, int head) {
+  return p.attn_sink != nullptr && head < p.heads ? p.attn_sink[head] * kLog2e : -INFINITY;
+}
+
+// 1 / the softmax denominator of running max `row_max` (log2 units) and sum `row_sum` with the sink `sink_log2`
+// (head_sink_log2): the attention sink adds exp(sink − max) to the denominator only.
+__device__ __forceinline__ float inverse_softmax_denominator(float sink_log2, float row_max, float row_sum) {
+  float denominator = row_sum;
+  if (sink_log2 != -INFINITY && row_max != -INFINITY) denominator += exp2f(sink_log2 - row_max);
+  // A query with no entries gets a zero output whatever its sink.
+  return row_sum > 0.0f ? 1.0f / denominator : 0.0f;
+}
+
+// The same for a thread's two fragment rows, heads `head`.
+__device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_log2)[2], const float (&row_max)[2],
+                                                             const float (&row_sum)[2],
                                                              float (&inverse_denominator)[2]) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float denominator = row_sum[r];
-    if (p.attn_sink != nullptr && head[r] < p.heads && row_max[r] != -INFINITY)
-      denominator += exp2f(p.attn_sink[head[r]] * kLog2e - row_max[r]);
-    // A query with no entries gets a zero output whatever its sink.
-    inverse_denominator[r] = row_sum[r] > 0.0f ? 1.0f / denominator : 0.0f;
-  }
+  for (int r = 0; r < 2; ++r) inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
 }
 
 // One tile's online-softmax step for a thread's mma score fragment: s[4n + e] is the score of entry 8n + 2c + e % 2
@@ -218,6 +226,23 @@ __device__ __forceinline__ int32_t slot_physical(const KvCacheView& cache, int32
   return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
 }
 
+// The (query, head block, split) of this CTA. Splits vary fastest, so that the splits of one (query, head block) are
+// consecutive blocks: one cluster when they merge in a cluster.
+struct CtaWork {
+  int64_t t = 0;
+  int head_block = 0, split = 0;
+};
+
+__device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks) {
+  int64_t flat = blockIdx.x;
+  CtaWork work;
+  work.split = int(flat % p.splits);
+  flat /= p.splits;
+  work.head_block = int(flat % head_blocks);
+  work.t = flat / head_blocks;
+  return work;
+}
+
 // ---- the attention kernel ----
 
 template <int kHeadDim, int kHeadTiles, bool kFp8>
@@ -237,12 +262,13 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int head_tile = warp % kHeadTiles, dim_split = warp / kHeadTiles;
   const int dim_begin = dim_split * kWarpDims;
-  int64_t flat = blockIdx.x;
-  const int head_block = int(flat % head_blocks);
-  flat /= head_blocks;
-  const int split = int(flat % p.splits);
-  const int64_t t = flat / p.splits;
-  const int head_base = head_block * Config::kHeadsPerCta;
+  // Programmatic dependent launch: everything below may read what earlier kernels wrote.
+  allow_dependents();
+  wait_for_prior_grids();
+  const CtaWork work = cta_work(p, head_blocks);
+  const int split = work.split;
+  const int64_t t = work.t;
+  const int head_base = work.head_block * Config::kHeadsPerCta;
   const KvCacheView& cache = p.cache;
   const KvEntryLayout& layout = cache.layout;
 
@@ -461,8 +487,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
     return;
   }
 
+  const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   float inverse_denominator[2];
-  inverse_softmax_denominators(p, head, row_max, row_sum, inverse_denominator);
+  inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
   const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
 #pragma unroll
   for (int j = 0; j < kWarpDims / 8; ++j) {
@@ -528,6 +555,17 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   fixed ≈ 20 µs per CTA (the pipeline's chain of dependent round trips) that sets batch ≤ 8 decode at ≈ 23 µs.
 //   Next: 64-entry tiles with one warpgroup computing the scores over all 512 dims (no exchange), and a shorter
 //   start-up chain.
+// - Cluster merge (session 12): with 2-8 splits launched as one cluster per (query, head block), each CTA leaves its
+//   unnormalised partial output (64 heads × 512 dims fp32, over the Q and KV stages, which are free by then) and its
+//   (max, sum) per head in its own shared memory; after a cluster barrier CTA `split` reads slice `split` of every
+//   peer's partial through distributed shared memory, merges, rotates and stores it; a second barrier keeps each
+//   CTA's shared memory alive until its peers have read it. This replaces the combine kernel (≈ 6.5 µs under ncu at
+//   batch 1, mostly its own start-up and dependent loads) and its workspace round trip. The partial's rows are
+//   kMergeRowFloats = 520 floats apart: a warp's float2 stores (8 rows × 4 column pairs) then fall on distinct banks
+//   in two wavefronts.
+// - Programmatic dependent launch: before griddepcontrol.wait the CTA initialises its barriers and the consumers load
+//   the sink and the rope frequencies (weights); the query position is loaded right after it, so that none of these
+//   global loads sits on the epilogue's critical path.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -544,6 +582,10 @@ inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 
 inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each producer warp issues per tile
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
+inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
+// Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
+// read, this CTA's merge factors [split][head] and its inverse-RoPE table.
+inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 4096;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -564,6 +606,14 @@ struct D512Layout {
   static constexpr int kBytes = kBarriers + (kRawStages + 4) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
   static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
+  // Cluster merge: the partial output overlays Q, the KV stages and the raw stages; the merge's small tables live in
+  // the exchange region.
+  static constexpr int kMergePartial = 0;
+  static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
+  static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
+                    kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
+                    kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
+                "the merge tables fit the exchange region");
 };
 
 template <bool kFp8>
@@ -701,15 +751,119 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   }
 }
 
+// Distributed shared memory of a cluster: the address of `local` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ uint32_t cluster_shared_address(const void* local, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
+  return remote;
+}
+
+__device__ __forceinline__ float2 load_cluster_shared_float2(uint32_t address) {
+  float2 v;
+  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(address) : "memory");
+  return v;
+}
+
+// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
+// output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
+// rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads.
 template <bool kFp8>
-__device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                             int head_base, const SlotRange& range) {
+__device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
+                                                   int head_base, int thread256, float merge_sink_log2) {
+  using L = D512Layout<kFp8>;
+  constexpr int kMaxSplits = kSparseAttentionMaxClusterSplits;
+  const int splits = p.splits;
+  const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
+  float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);  // [split][head]
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
+  const float* partial = reinterpret_cast<const float*>(smem + L::kMergePartial);
+
+  // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
+  if (thread256 < kD512Heads) {
+    float2 split_stats[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      split_stats[s] = s < splits ? load_cluster_shared_float2(cluster_shared_address(stats + thread256, s))
+                                  : make_float2(-INFINITY, 0.0f);
+    float m = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
+    float weight[kMaxSplits], sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
+      sum += split_stats[s].y * weight[s];
+    }
+    const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      if (s < splits) merge_scale[s * kD512Heads + thread256] = weight[s] * inverse_denominator;
+  }
+  sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+
+  uint32_t peer_partial[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
+  // This CTA's slice of the 64 × 256 output pairs; consecutive threads read consecutive pairs of a row.
+  constexpr int kPairs = kD512Heads * kD512HeadDim / 2;
+  const int per_cta = (kPairs + splits - 1) / splits;
+  const int end = min(kPairs, (split + 1) * per_cta);
+  const KvEntryLayout& layout = p.cache.layout;
+  for (int i = split * per_cta + thread256; i < end; i += 2 * kWarpgroupThreads) {
+    const int h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
+    if (head_base + h >= p.heads) continue;
+    const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
+    float2 o[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      o[s] = s < splits ? load_cluster_shared_float2(peer_partial[s] + offset) : make_float2(0.0f, 0.0f);
+    float x0 = 0.0f, x1 = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      if (s >= splits) break;
+      const float scale = merge_scale[s * kD512Heads + h];
+      x0 += scale * o[s].x;
+      x1 += scale * o[s].y;
+    }
+    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim)
+      rope_rotate_pair(x0, x1, rope_table[(dim - layout.nope_dim) / 2], true);
+    const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
+    if (p.out_dtype == AttentionDtype::F32)
+      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset) = make_float2(x0, x1);
+    else
+      *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) = pack_bf16x2(x0, x1);
+  }
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
+                                             bool cluster_merge) {
   using L = D512Layout<kFp8>;
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
   // in uniform registers instead of being rebuilt and moved there before every wgmma.
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroupThreads, 0) - 1;
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
   const int g = lane / 4, c = lane % 4;
+  const int thread256 = consumer * kWarpgroupThreads + thread;
+  const int64_t t = work.t;
+  const int split = work.split, head_base = work.head_block * kD512Heads;
+  const KvEntryLayout& layout = p.cache.layout;
+
+  // Weights first (nothing an earlier kernel writes): this thread's rope frequency (pair thread256), the sinks of its
+  // fragment rows and, for the cluster merge, of head thread256.
+  const bool rope = p.rope_frequencies != nullptr;
+  const float frequency = rope && thread256 < layout.rope_dim / 2 ? p.rope_frequencies[thread256] : 0.0f;
+  const int head[2] = {head_base + warp * 16 + g, head_base + warp * 16 + g + 8};
+  const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
+  const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
+  wait_for_prior_grids();
+  const int64_t position = rope ? p.positions[t] : 0;
+  const SlotRange range = split_slot_range(p, t, split);
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
   uint64_t* kv_empty = kv_full + 2;
   const int32_t* tile_valid = reinterpret_cast<const int32_t*>(smem + L::kValid);
@@ -830,7 +984,29 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
-  const int head[2] = {head_base + warp * 16 + g, head_base + warp * 16 + g + 8};
+
+  if (cluster_merge) {
+    // Both consumers are done with Q, the KV stages and the exchange buffers: the partial and the tables overlay them.
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    if (rope && thread256 < layout.rope_dim / 2)
+      reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] =
+          rope_factors(position, frequency);
+    float* partial = reinterpret_cast<float*>(smem + L::kMergePartial);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + g + 8 * r;
+#pragma unroll
+      for (int n = 0; n < 32; ++n)
+        *reinterpret_cast<float2*>(partial + row * kMergeRowFloats + dim_base + 8 * n + 2 * c) =
+            make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+      if (consumer == 0 && c == 0)
+        reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
+    }
+    cluster_sync();
+    d512_cluster_merge<kFp8>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    cluster_sync();  // the peers have read this CTA's partial
+    return;
+  }
 
   if (p.splits > 1) {
     // Unnormalised partial output and its (max, sum); sparse_attention_combine_kernel merges the splits.
@@ -851,17 +1027,14 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
 
   float inverse_denominator[2];
-  inverse_softmax_denominators(p, head, row_max, row_sum, inverse_denominator);
-  const KvEntryLayout& layout = p.cache.layout;
-  // The inverse RoPE's factors once per CTA, the pairs shared out over both consumers, into the exchange buffer (free
-  // once both have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
+  inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
+  // The inverse RoPE's factors once per CTA, a pair per thread (rope_dim ≤ 512), into the exchange buffer (free once
+  // both consumers have left the loop): evaluating sincos inside the unrolled store loop below cost each thread eight
   // double-precision evaluations and the code size of 32 copies (instruction-cache misses).
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange);
-  if (p.rope_frequencies != nullptr) {
+  if (rope) {
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const int64_t position = p.positions[t];
-    for (int pair = consumer * kWarpgroupThreads + thread; pair < layout.rope_dim / 2; pair += 2 * kWarpgroupThreads)
-      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+    if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_factors(position, frequency);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
 #pragma unroll
@@ -870,7 +1043,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     float v[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
-    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim) {
+    if (rope && dim >= layout.nope_dim) {
       const RopeFactors f = rope_table[(dim - layout.nope_dim) / 2];
       rope_rotate_pair(v[0], v[1], f, true);
       rope_rotate_pair(v[2], v[3], f, true);
@@ -889,17 +1062,15 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
-    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
+                                 const bool cluster_merge) {
   using L = D512Layout<kFp8>;
+  allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
-  // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages.
+  // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
+  // same in every CTA of a cluster (same kernel, same static shared memory), so peers' partials sit at the same place.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
-  int64_t flat = blockIdx.x;
-  const int head_block = int(flat % head_blocks);
-  flat /= head_blocks;
-  const int split = int(flat % p.splits);
-  const int64_t t = flat / p.splits;
-  const SlotRange range = split_slot_range(p, t, split);
+  const CtaWork work = cta_work(p, head_blocks);
 
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
@@ -914,10 +1085,15 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
-    d512_produce<kFp8>(p, smem, t, range);
+    wait_for_prior_grids();
+    d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
+    if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
+      cluster_sync();
+      cluster_sync();
+    }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, t, split, head_block * kD512Heads, range);
+    d512_consume<kFp8>(p, smem, work, cluster_merge);
   }
 }
 
@@ -936,6 +1112,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   constexpr int kWarps = kCombineThreads / 32, kBatch = 8;
   __shared__ float split_weight[kSparseAttentionMaxSplits];
   __shared__ float warp_partial[kWarps];
+  allow_dependents();
+  wait_for_prior_grids();
   const int64_t th = blockIdx.x;
   const int64_t t = th / p.heads;
   const int h = int(th % p.heads);

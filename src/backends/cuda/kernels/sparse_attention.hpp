@@ -5,8 +5,12 @@
 // query's position. K = V is one shared head, so a CTA serves 16, 32 or 64 heads of one query from each entry it
 // loads (head_dim 512 with > 32 heads: a producer warpgroup gathers entries with bulk copies and expands them to
 // bf16 once, two consumer warpgroups run wgmma over 64 heads; other shapes: mma.sync; fp32 accumulation, online
-// softmax); a query's slot list is split across CTAs when tokens × head blocks would not fill the GPU, and a second
-// kernel merges the splits with a log-sum-exp combine where the sink joins once.
+// softmax); a query's slot list is split across CTAs when tokens × head blocks would not fill the GPU. The splits are
+// merged with a log-sum-exp combine where the sink joins once: by a second kernel, or (cluster_merge, head_dim 512
+// kernel, 2-8 splits) inside the one launch, the splits of a (query, head block) being one thread-block cluster that
+// merges its partial outputs through distributed shared memory (no workspace, no second launch).
+// Every kernel is a programmatic dependent launch: it reads nothing an earlier kernel wrote before
+// griddepcontrol.wait, and lets its dependent launch early.
 //
 // Dispatch contract:
 // - head_dim ∈ {64, 128, 256, 512} (the cache's), any heads ≥ 1, tokens ≥ 0 (decode: one query per sequence, or
@@ -33,6 +37,8 @@ enum class AttentionDtype : uint8_t { F32, Bf16 };
 // Entries per KV tile of the attention kernel: the unit of the split heuristic.
 inline constexpr int kSparseAttentionTileEntries = 32;
 inline constexpr int kSparseAttentionMaxSplits = 64;
+// Splits a cluster merge serves: a portable cluster size, one CTA per SM.
+inline constexpr int kSparseAttentionMaxClusterSplits = 8;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -57,16 +63,21 @@ struct SparseAttentionParams {
   void* out = nullptr;                      // device [T, H, D] in out_dtype
   AttentionDtype out_dtype = AttentionDtype::F32;
   int splits = 1;                           // CTAs per (query, head block); choose_sparse_attention_splits
-  void* workspace = nullptr;                // device scratch for splits > 1
+  // Merge 2..kSparseAttentionMaxClusterSplits splits inside the attention launch (a cluster per query and head
+  // block) where the head_dim 512 kernel serves the call; the combine kernel otherwise.
+  bool cluster_merge = false;
+  void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
 };
 
-// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost; 1 when one split
-// already fills the GPU.
+// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost (a cluster merge, where
+// `cluster_merge` allows it, costs far less than the combine kernel); 1 when one split already fills the GPU.
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
-                                   int multiprocessors);
+                                   int multiprocessors, bool cluster_merge = false);
 
+// Workspace of a call merged by the combine kernel (an upper bound for any call of that shape: a cluster merge
+// needs none).
 size_t sparse_attention_workspace_bytes(int64_t tokens, int heads, int head_dim, int splits);
 
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention supports the call.
