@@ -5,14 +5,17 @@
 //   sequences completing a window each in one launch) and for a 4096-token prefill chunk; floor = its bytes
 //   (projections read, state read/written, entries written) over the same-run copy bandwidth; projections rotate
 //   over copies beyond the L2.
-// - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1 and 8
-//   queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
+// - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1, 8 and
+//   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many
 //   ties) and on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full
-//   CUB segmented radix sort of (score, index) pairs. Scores are L2-resident, as right after the indexer.
+//   CUB segmented radix sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1
+//   also diagnostics: the split capped at 1, 32 and 64 CTAs, and 300 or 4096 visible keys in the grid of the whole
+//   capacity (a short context as the model step launches it).
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
-// no host launch cost. The cuBLAS/CUB baselines are timed the same way.
+// no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
+// previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
 // Usage: bench_cuda_indexer [--json PATH]
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -287,8 +290,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       nullptr, temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
       sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(), d_offsets.as<int32_t>() + 1));
   DeviceBuffer temp(std::max<size_t>(temp_bytes, 16), "cub temp");
-  // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped.
-  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query) {
+  // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped; cached_radix
+  // picks the new method (false: the previous one, for the same-run comparison).
+  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query, bool cached_radix = true) {
     return TopKParams{.scores = scores.as<float>(),
                       .row_stride = keys,
                       .candidates = keys,
@@ -302,6 +306,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       .workspace = workspace.data(),
                       .workspace_bytes = workspace.bytes(),
                       .max_ctas_per_query = max_ctas_per_query,
+                      .cached_radix = cached_radix,
                       .stream = on};
   };
   const double top_k_bytes = double(tokens) * keys * 4;
@@ -313,29 +318,44 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     } else {
       run_indexer_scores(scores_params(stream));
     }
-    const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_top_k(top_k_params(on, 0));
-    });
+    const double previous_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0, false)); });
+    const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); });
     const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
           temp.data(), temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
           sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(),
           d_offsets.as<int32_t>() + 1, 0, 32, on));
     });
-    rows.push_back({"top-k 512", shape + (indexer_scores ? ", indexer scores" : ", distinct scores"), top_k_us,
-                    top_k_bytes / (copy_gbps * 1e3), sort_us, top_k_bytes, 0.0,
-                    "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
+    const std::string scores_name = indexer_scores ? ", indexer scores" : ", distinct scores";
+    rows.push_back({"top-k 512", shape + scores_name, top_k_us, top_k_bytes / (copy_gbps * 1e3), sort_us,
+                    top_k_bytes, 0.0,
+                    "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, 0, true)) +
                         "; baseline: CUB segmented radix sort (full)"});
-  }
-  // The same selection with one CTA per query (no split, no barrier, ordinary launch): how much of the split
-  // path's time is its synchronisation.
-  if (tokens == 1) {
-    const double single_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_top_k(top_k_params(on, 1));
-    });
-    rows.push_back({"top-k 512", shape + ", distinct scores, one CTA per query", single_us,
+    rows.push_back({"top-k 512", shape + scores_name + ", previous method", previous_us,
                     top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
-                    "diagnostic: the split path's synchronisation cost"});
+                    "before: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, 0, false))});
+  }
+  // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
+  // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
+  if (tokens == 1) {
+    for (const int cap : {1, 32, 64}) {
+      const double capped_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, cap)); });
+      rows.push_back({"top-k 512", shape + ", distinct scores, ≤ " + std::to_string(cap) + " CTAs", capped_us,
+                      top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
+                      "diagnostic: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, cap, true))});
+    }
+    for (const int64_t visible : {int64_t(300), int64_t(4096)}) {
+      const std::vector<int64_t> short_position{visible * kRatio};
+      DeviceBuffer d_short = to_device(short_position, "short position");
+      const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
+        TopKParams p = top_k_params(on, 0);
+        p.positions = d_short.as<int64_t>();
+        run_top_k(p);
+      });
+      rows.push_back({"top-k 512", shape + ", distinct scores, " + std::to_string(visible) + " visible", short_us,
+                      double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
+                      "diagnostic: a short context in the capacity's grid"});
+    }
   }
   int32_t flag = 0;
   nan_flag.download(&flag, 4);
@@ -396,7 +416,7 @@ int run(int argc, char** argv) {
                    rows);
   bench_compressor("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
   for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
-    for (const int tokens : {1, 8})
+    for (const int tokens : {1, 8, 64})
       bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));

@@ -271,7 +271,7 @@ TEST(IndexerScores, LongContext) {
 
 // ------------------------------------------------------------------------------------------------------- top-k
 
-enum class Distribution { Distinct, FewValues, AllEqual, Concentrated, SignedZerosAndInfinities };
+enum class Distribution { Distinct, FewValues, AllEqual, Concentrated, SignedZerosAndInfinities, NansAmongDistinct };
 
 const char* distribution_name(Distribution d) {
   switch (d) {
@@ -280,6 +280,7 @@ const char* distribution_name(Distribution d) {
     case Distribution::AllEqual: return "all equal";
     case Distribution::Concentrated: return "concentrated";
     case Distribution::SignedZerosAndInfinities: return "signed zeros and infinities";
+    case Distribution::NansAmongDistinct: return "NaNs among distinct";
   }
   return "?";
 }
@@ -299,6 +300,13 @@ std::vector<float> make_scores(Distribution d, size_t n, std::mt19937& rng) {
         v = r == 0 ? 0.0f : r == 1 ? -0.0f : r == 2 ? -kInf : r == 3 ? kInf : r == 4 ? -1.0f : normal(rng);
         break;
       }
+      // A third NaN (both signs): they rank below every number, so they fill only rows with too few numbers.
+      case Distribution::NansAmongDistinct: {
+        const uint32_t r = rng() % 6;
+        v = r == 0 ? std::numeric_limits<float>::quiet_NaN() : r == 1 ? -std::numeric_limits<float>::quiet_NaN()
+                                                                     : normal(rng) * 100.0f;
+        break;
+      }
     }
   }
   return s;
@@ -313,11 +321,12 @@ struct TopKCase {
   int max_ctas_per_query = 0;
 };
 
-void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
+void check_top_k_method(const TopKCase& c, bool cached_radix, DeviceBuffer& workspace, uint32_t seed) {
   SCOPED_TRACE("top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
                " k=" + std::to_string(c.k) + " " + distribution_name(c.distribution) +
-               (c.with_positions ? " with positions" : "") +
-               " ctas/query=" + std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query)));
+               (c.with_positions ? " with positions" : "") + " ctas/query=" +
+               std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query, cached_radix)) +
+               (cached_radix ? " cached radix" : " previous method"));
   std::mt19937 rng(seed);
   const int64_t stride = c.candidates + 3;
   const std::vector<float> scores = make_scores(c.distribution, size_t(c.queries * stride), rng);
@@ -352,18 +361,34 @@ void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
              .nan_flag = d_flag.as<int32_t>(),
              .workspace = workspace.data(),
              .workspace_bytes = workspace.bytes(),
-             .max_ctas_per_query = c.max_ctas_per_query});
+             .max_ctas_per_query = c.max_ctas_per_query,
+             .cached_radix = cached_radix});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<int32_t> selected = from_device<int32_t>(d_selected, size_t(c.queries) * k_alloc + 16);
   const std::vector<int32_t> counts = from_device<int32_t>(d_counts, size_t(c.queries));
-  EXPECT_EQ(from_device<int32_t>(d_flag, 1)[0], 0);
+
+  // The CPU op refuses NaN; −inf in its place ranks the same (that distribution has no real −inf), ties by index.
+  std::vector<float> cpu_scores = scores;
+  bool visible_nan = false;
+  for (int t = 0; t < c.queries; ++t) {
+    const int64_t visible = c.with_positions ? cpu::visible_key_count(positions[size_t(t)], kRatio, c.candidates)
+                                             : c.candidates;
+    for (int64_t j = 0; j < c.candidates; ++j) {
+      float& v = cpu_scores[size_t(t * stride + j)];
+      if (std::isnan(v)) {
+        visible_nan |= j < visible;
+        v = -kInf;
+      }
+    }
+  }
+  EXPECT_EQ(from_device<int32_t>(d_flag, 1)[0], (visible_nan && c.k > 0) ? 1 : 0);
 
   int failures = 0;
   std::vector<int32_t> want(size_t(c.k));
   for (int t = 0; t < c.queries && failures < 5; ++t) {
     const int64_t visible = c.with_positions ? cpu::visible_key_count(positions[size_t(t)], kRatio, c.candidates)
                                              : c.candidates;
-    const int64_t count = cpu::select_top_k(scores.data() + t * stride, visible, c.k, want.data());
+    const int64_t count = cpu::select_top_k(cpu_scores.data() + t * stride, visible, c.k, want.data());
     std::fill(want.begin() + count, want.end(), -1);
     if (counts[size_t(t)] != count) {
       ++failures;
@@ -387,6 +412,14 @@ void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
     ASSERT_EQ(uint32_t(selected[i]), 0xABABABABu) << "write past selected at " << i;
 }
 
+// Both methods (TopKParams::cached_radix) on the same inputs; the previous one ranks +NaN first, so NaN rows only
+// check the new one.
+void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
+  for (const bool cached_radix : {false, true})
+    if (cached_radix || c.distribution != Distribution::NansAmongDistinct)
+      check_top_k_method(c, cached_radix, workspace, seed);
+}
+
 class TopKTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -399,14 +432,16 @@ class TopKTest : public ::testing::Test {
 
 TEST_F(TopKTest, MatchesSelectTopKOnEveryDistribution) {
   uint32_t seed = 500;
-  const Distribution distributions[] = {Distribution::Distinct, Distribution::FewValues, Distribution::AllEqual,
-                                        Distribution::Concentrated, Distribution::SignedZerosAndInfinities};
+  const Distribution distributions[] = {Distribution::Distinct,     Distribution::FewValues,
+                                        Distribution::AllEqual,     Distribution::Concentrated,
+                                        Distribution::SignedZerosAndInfinities, Distribution::NansAmongDistinct};
   for (const Distribution d : distributions) {
     check_top_k({1, 262144, 512, d, false}, workspace_, seed++);   // the real size, split over CTAs
     check_top_k({8, 65536, 512, d, true}, workspace_, seed++);     // batch 8 with visibility
     check_top_k({3, 5000, 2048, d, true}, workspace_, seed++);     // the largest k
     check_top_k({2, 1000, 512, d, true}, workspace_, seed++);      // fewer candidates than one CTA's share
     check_top_k({70, 20000, 512, d, true}, workspace_, seed++);    // > kTopKMaxSplitQueries: one CTA per query
+    check_top_k({3, 262144, 1024, d, true}, workspace_, seed++);   // V4-Pro's k; short and long contexts
   }
 }
 
@@ -421,6 +456,17 @@ TEST_F(TopKTest, OddSizesAndSmallK) {
   check_top_k({2, 262144, 512, Distribution::Distinct, true, 3}, workspace_, seed++);
 }
 
+// The split path's CTA ranges around the shared-memory score cache (16,384 per CTA): cached at batch 16 of 262,144
+// (16,384 each), streamed from global memory at batch 40 of 100,000 and batch 64 of 262,144 (a few CTAs per query).
+TEST_F(TopKTest, CachedAndStreamedRanges) {
+  uint32_t seed = 1300;
+  for (const Distribution d : {Distribution::Distinct, Distribution::Concentrated}) {
+    check_top_k({16, 262144, 512, d, false}, workspace_, seed++);
+    check_top_k({40, 100000, 512, d, true}, workspace_, seed++);
+    check_top_k({64, 262144, 512, d, true}, workspace_, seed++);
+  }
+}
+
 TEST_F(TopKTest, RepeatedLaunchesReuseTheWorkspace) {
   for (int i = 0; i < 5; ++i) check_top_k({4, 131072, 512, Distribution::Concentrated, false}, workspace_, 7000 + i);
 }
@@ -432,7 +478,7 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   DeviceBuffer d_selected(512 * 4, "selected"), d_counts(4, "counts"), d_flag(4, "flag");
   // One query's flag after a launch; `positions` null means every score is visible. The count, poisoned first,
   // shows the launch ran, so a flag left at 0 by a launch that never happened cannot pass.
-  const auto nan_flag_after_top_k = [&](const int64_t* positions) {
+  const auto nan_flag_after_top_k = [&](const int64_t* positions, bool cached_radix) {
     d_flag.fill_bytes(0);
     d_counts.fill_bytes(0xAB);
     run_top_k({.scores = d_scores.as<float>(),
@@ -446,16 +492,20 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
                .counts = d_counts.as<int32_t>(),
                .nan_flag = d_flag.as<int32_t>(),
                .workspace = workspace_.data(),
-               .workspace_bytes = workspace_.bytes()});
+               .workspace_bytes = workspace_.bytes(),
+               .cached_radix = cached_radix});
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(from_device<int32_t>(d_counts, 1)[0], 512);
     return from_device<int32_t>(d_flag, 1)[0];
   };
-  EXPECT_EQ(nan_flag_after_top_k(nullptr), 1);
   // A NaN before the visible end only: invisible NaNs are never looked at.
   std::vector<int64_t> position{4 * 12000};
   DeviceBuffer d_pos = to_device(position, "position");
-  EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>()), 0);
+  for (const bool cached_radix : {false, true}) {
+    SCOPED_TRACE(cached_radix ? "cached radix" : "previous method");
+    EXPECT_EQ(nan_flag_after_top_k(nullptr, cached_radix), 1);
+    EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>(), cached_radix), 0);
+  }
 }
 
 TEST_F(TopKTest, RefusesBadCalls) {

@@ -44,8 +44,8 @@ DeviceLimits device_limits() {
 template <int kHeadDim>
 void launch_prepare(const indexer::PrepareArgs& args, cudaStream_t stream) {
   const auto blocks = unsigned((args.rows + indexer::kPrepareWarps - 1) / indexer::kPrepareWarps);
-  indexer::indexer_prepare_kernel<kHeadDim><<<blocks, indexer::kPrepareWarps * 32, 0, stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH("indexer_prepare_kernel");
+  launch_chained(indexer::indexer_prepare_kernel<kHeadDim>, dim3(blocks), dim3(indexer::kPrepareWarps * 32), 0, stream,
+                 args, "indexer_prepare_kernel");
 }
 
 template <int kHeadDim>
@@ -59,8 +59,8 @@ void launch_scores(const indexer::ScoresArgs& args, int query_groups, cudaStream
   check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
         " query groups, beyond the grid limit 65535");
   const dim3 grid{unsigned(across_keys), unsigned(query_groups)};
-  indexer::indexer_scores_kernel<kHeadDim><<<grid, indexer::kScoreWarps * 32, smem, stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH("indexer_scores_kernel");
+  launch_chained(indexer::indexer_scores_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream, args,
+                 "indexer_scores_kernel");
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
@@ -90,9 +91,12 @@ struct PrepareArgs {
 
 inline constexpr int kPrepareWarps = 8;
 
-// One warp per vector: RoPE on the last rope_dim dims, then the rounding, then bf16 out.
+// One warp per vector: RoPE on the last rope_dim dims, then the rounding, then bf16 out. A programmatic dependent:
+// its input and positions are earlier kernels' outputs, so it waits for them at entry.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(PrepareArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();
   constexpr int kPerLane = kHeadDim / 32;
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kPrepareWarps + (threadIdx.x >> 5);
@@ -180,9 +184,12 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
   }
 }
 
+// A programmatic dependent: q, the head weights and the newest key are this step's outputs, so it waits at entry.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_kernel(ScoresArgs args) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
+  allow_dependents();
+  wait_for_prior_grids();
   constexpr int kDimPairs = kHeadDim / 32;  // 32 dims = two k16 steps = one 16-byte load per fragment row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int heads = padded_heads(args.heads);

@@ -7,16 +7,21 @@
 //   and −1 to the rest of the row of k; counts[t] = min(k, visible_t). k ≤ kTopKMax, candidates < 2^31.
 // - NaN scores: the CPU reference throws; here a NaN among a query's visible scores sets *nan_flag to 1 (it is never
 //   cleared by the kernel: the caller zeroes it once and checks it after the step, e.g. with the step's other
-//   results) and that score is left out of the selection.
+//   results) and that score ranks below every number (−inf included), so it is selected only when fewer than k
+//   other scores are visible.
 // - Method: radix select over 64-bit keys (order-preserving fp32 bits, then the inverted index, so every key is
-//   unique and ties resolve to the lower index) with 11-bit digits; each pass histograms the keys still matching
-//   the chosen prefix, until the boundary bin holds few enough keys to sort; then one CTA sorts the chosen and the
-//   boundary keys in shared memory (bitonic) and writes the first k. When few queries share the GPU (queries ≤
-//   kTopKMaxSplitQueries) each query is split over several CTAs that meet at grid barriers (cooperative launch, so
-//   all are resident); the passes' histograms and lists then live in `workspace`. Otherwise one CTA per query.
+//   unique and ties resolve to the lower index); each pass histograms one digit (12 bits first, then 10-11) of the
+//   keys still matching the chosen prefix, until the chosen keys and the boundary bin's fit a small final sort;
+//   then one CTA sorts them in shared memory (bitonic) and writes the first k. When few queries share the GPU
+//   (queries ≤ kTopKMaxSplitQueries) each query is split over up to top_k_ctas_per_query CTAs, of which those
+//   needed for its visible keys (≥ 2048 each) work and meet at barriers between passes; the passes' histograms and
+//   the list then live in `workspace`. Otherwise, or when one CTA covers the visible keys, one CTA per query and no
+//   global memory but the scores and the outputs.
 // - workspace: top_k_workspace_bytes(queries) bytes, zero-filled once before the first launch (cudaMemset); every
 //   launch leaves it zeroed again. A launch that faults leaves it undefined: zero it again. A workspace sized for
 //   the largest step serves every smaller one (it covers min(queries, kTopKMaxSplitQueries) split queries).
+// - Programmatic dependent launch (ptx/dependent_launch.cuh): the kernel reads its inputs only after
+//   wait_for_prior_grids, and lets the next kernel launch at once.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 #pragma once
 
@@ -44,13 +49,16 @@ struct TopKParams {
   void* workspace = nullptr;            // device, top_k_workspace_bytes(queries), zeroed once
   size_t workspace_bytes = 0;
   int max_ctas_per_query = 0;           // caps the split over CTAs (e.g. to leave SMs to other work); 0 = no cap
+  // The method above (true) or the previous one (false: histograms reread from global memory each pass, cooperative
+  // launch, no programmatic launch) until a GPU round has validated the new one.
+  bool cached_radix = false;
   cudaStream_t stream = nullptr;
 };
 
 size_t top_k_workspace_bytes(int queries);
 
 // CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query).
-int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0);
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0, bool cached_radix = false);
 
 void check_top_k_params(const TopKParams& params);
 void run_top_k(const TopKParams& params);
