@@ -809,34 +809,44 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   uint32_t peer_partial[kMaxSplits];
 #pragma unroll
   for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
-  // This CTA's slice of the 64 × 256 output pairs; consecutive threads read consecutive pairs of a row.
-  constexpr int kPairs = kD512Heads * kD512HeadDim / 2;
+  // This CTA's slice of the 64 × 256 output pairs; consecutive threads read consecutive pairs of a row. A thread
+  // loads kBatch pairs from every peer before it uses any, so that each batch costs one distributed shared-memory
+  // round trip.
+  constexpr int kPairs = kD512Heads * kD512HeadDim / 2, kBatch = 4, kStride = 2 * kWarpgroupThreads;
   const int per_cta = (kPairs + splits - 1) / splits;
   const int end = min(kPairs, (split + 1) * per_cta);
   const KvEntryLayout& layout = p.cache.layout;
-  for (int i = split * per_cta + thread256; i < end; i += 2 * kWarpgroupThreads) {
-    const int h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
-    if (head_base + h >= p.heads) continue;
-    const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
-    float2 o[kMaxSplits];
+  for (int first = split * per_cta + thread256; first < end; first += kBatch * kStride) {
+    float2 o[kBatch][kMaxSplits];
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      o[s] = s < splits ? load_cluster_shared_float2(peer_partial[s] + offset) : make_float2(0.0f, 0.0f);
-    float x0 = 0.0f, x1 = 0.0f;
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = first + k * kStride, h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
+      const bool live = i < end && head_base + h < p.heads;
+      const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-      if (s >= splits) break;
-      const float scale = merge_scale[s * kD512Heads + h];
-      x0 += scale * o[s].x;
-      x1 += scale * o[s].y;
+      for (int s = 0; s < kMaxSplits; ++s)
+        o[k][s] = live && s < splits ? load_cluster_shared_float2(peer_partial[s] + offset) : make_float2(0.0f, 0.0f);
     }
-    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim)
-      rope_rotate_pair(x0, x1, rope_table[(dim - layout.nope_dim) / 2], true);
-    const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
-    if (p.out_dtype == AttentionDtype::F32)
-      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset) = make_float2(x0, x1);
-    else
-      *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) = pack_bf16x2(x0, x1);
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = first + k * kStride, h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
+      if (i >= end || head_base + h >= p.heads) continue;
+      float x0 = 0.0f, x1 = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s) {
+        if (s >= splits) break;
+        const float scale = merge_scale[s * kD512Heads + h];
+        x0 += scale * o[k][s].x;
+        x1 += scale * o[k][s].y;
+      }
+      if (p.rope_frequencies != nullptr && dim >= layout.nope_dim)
+        rope_rotate_pair(x0, x1, rope_table[(dim - layout.nope_dim) / 2], true);
+      const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
+      if (p.out_dtype == AttentionDtype::F32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset) = make_float2(x0, x1);
+      else
+        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) = pack_bf16x2(x0, x1);
+    }
   }
 }
 
