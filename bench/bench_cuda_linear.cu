@@ -1,10 +1,11 @@
 // Decode-path linear layer benchmark on the GPU: run_quantized_linear for the V4-Flash and V4-Pro projection and
-// expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 64}, against two same-run references:
+// expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 32, 64}, against two same-run references:
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
 // Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case times
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
-// slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives.
+// slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
+// wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on.
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts)
 #include <cublas_v2.h>
@@ -22,6 +23,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/quantized_gemm.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
@@ -126,6 +128,8 @@ struct Row {
   double graph_us = 0;                // the default config replayed in a CUDA graph
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
+  double gemm_us = 0;                 // run_quantized_gemm for the same call
+  int gemm_k_splits = 0;
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -207,7 +211,7 @@ int main(int argc, char** argv) {
                                     WeightFormat::NVFP4};
     const std::vector<int> token_counts = !tokens_option.empty() ? tokens_option
                                           : quick                  ? std::vector<int>{1, 16}
-                                                                   : std::vector<int>{1, 4, 8, 16, 64};
+                                                                   : std::vector<int>{1, 4, 8, 16, 32, 64};
     constexpr int kIterations = 100;
     std::vector<Row> table;
 
@@ -283,6 +287,24 @@ int main(int argc, char** argv) {
               }
               row.streamed_us[slots] = 1e3 * time_config(streamed);
             }
+          {
+            const QuantizedGemmConfig gemm = choose_quantized_gemm_config(weights[0].view(), tokens,
+                                                                          device.multiprocessors);
+            DeviceBuffer workspace(std::max<size_t>(gemm.workspace_bytes, 16), "gemm workspace");
+            workspace.fill_bytes(0);
+            row.gemm_k_splits = gemm.k_splits;
+            row.gemm_us = 1e3 * time_ms(kIterations, [&](int i) {
+                            run_quantized_gemm({.weight = weights[size_t(i % copies)].view(),
+                                                .x = x.as<__nv_bfloat16>(),
+                                                .x_row_stride = x_cols,
+                                                .y = y.as<float>(),
+                                                .y_row_stride = shape.rows,
+                                                .tokens = tokens,
+                                                .groups = shape.groups,
+                                                .workspace = workspace.data(),
+                                                .workspace_bytes = workspace.bytes()});
+                          });
+          }
           table.push_back(row);
         }
       }
@@ -291,14 +313,16 @@ int main(int argc, char** argv) {
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
     std::printf("| model | shape | format | N × K (G) | T | split-K | path | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) | GEMM µs "
+                "(split-K) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %.1f · %.0f | "
-                  "%.1f | %.1f / %.1f / %.1f / %.1f |\n",
+                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f (%d) |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                  r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4]);
+                  r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
+                  r.gemm_us, r.gemm_k_splits);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -313,11 +337,11 @@ int main(int argc, char** argv) {
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
                    "\"speedup_vs_cublas\": %.3f, \"graph_us\": %.2f, \"aligned_us\": %.2f, \"streamed_us_by_slots\": [%.2f, %.2f, %.2f, "
-                   "%.2f]}%s\n",
+                   "%.2f], \"gemm_us\": %.2f, \"gemm_k_splits\": %d}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
                    r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                   i + 1 < table.size() ? "," : "");
+                   r.gemm_us, r.gemm_k_splits, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

@@ -5,6 +5,8 @@
 // every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
 // leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every comparison runs
 // through every load path the layout and token count allow (generic; aligned; streamed through shared memory).
+// The bf16 output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results
+// whichever kernel gemm_from_tokens picks (grouped, bf16 output included).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -22,6 +24,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
+#include "backends/cuda/linear_dispatch.hpp"
 #include "core/bf16.hpp"
 #include "core/dequantize.hpp"
 #include "core/e2m1.hpp"
@@ -498,6 +501,164 @@ TEST(QuantizedLinear, WorkspaceSizedForSixtyFourTokensServesEveryTokenCount) {
   }
 }
 
+// Random weights of `format` with per-row magnitudes 2^-12 .. 2^-2, and `tokens` rows of bf16 activations.
+struct RandomOperands {
+  OwnedQuantizedMatrix host;
+  std::vector<uint16_t> x_bf16;
+  std::vector<float> x, x_abs;  // the bf16 values widened, and their magnitudes
+};
+
+RandomOperands random_operands(TestFormat format, int64_t rows, int64_t cols, int64_t x_cols, int tokens,
+                               uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(size_t(rows * cols));
+  for (int64_t n = 0; n < rows; ++n) {
+    const float row_scale = std::ldexp(1.0f, -int(rng() % 11) - 2);
+    for (int64_t k = 0; k < cols; ++k) values[size_t(n * cols + k)] = normal(rng) * row_scale;
+  }
+  RandomOperands o{quantize(format, values, rows, cols), {}, {}, {}};
+  for (int64_t i = 0; i < tokens * x_cols; ++i) {
+    const uint16_t bits = float_to_bf16(normal(rng));
+    o.x_bf16.push_back(bits);
+    o.x.push_back(bf16_to_float(bits));
+    o.x_abs.push_back(std::fabs(bf16_to_float(bits)));
+  }
+  return o;
+}
+
+TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // The same kernel and summation with only the store changed: the bf16 output must be exactly
+  // round-to-nearest-even of the fp32 one, on every load path, with and without split-K, grouped and not.
+  const int multiprocessors = list_devices().front().multiprocessors;
+  struct Case {
+    TestFormat format;
+    int64_t rows, cols;
+    int groups;
+  };
+  const Case cases[] = {{TestFormat::FP8_E8M0, 8192, 512, 8}, {TestFormat::NVFP4, 1024, 4096, 1},
+                        {TestFormat::MXFP4, 512, 4096, 1},    {TestFormat::BF16, 320, 192, 1},
+                        {TestFormat::FP8_F32, 100, 200, 1}};
+  uint32_t seed = 900;
+  for (const Case& c : cases)
+    for (const int tokens : {1, 9, 64}) {
+      const int64_t x_cols = c.groups * c.cols, y_stride = c.rows + 3;
+      const RandomOperands o = random_operands(c.format, c.rows, c.cols, x_cols, tokens, seed++);
+      const DeviceMatrix weight(o.host.matrix, "bf16 output weight");
+      const DeviceBuffer x = to_device(o.x_bf16, "x");
+      DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
+      const size_t outputs = size_t(tokens) * size_t(y_stride);
+      for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
+        SCOPED_TRACE(describe({c.format, c.rows, c.cols, c.groups}, tokens) + " " + path_name(path));
+        const QuantizedLinearConfig config =
+            choose_quantized_linear_config(weight.view(), tokens, c.groups, multiprocessors, path);
+        DeviceBuffer y32 = poisoned(outputs, "y fp32"), y16 = poisoned(outputs / 2 + 1, "y bf16");
+        QuantizedLinearParams p{.weight = weight.view(),
+                                .x = x.as<__nv_bfloat16>(),
+                                .x_row_stride = x_cols,
+                                .y = y32.as<float>(),
+                                .y_row_stride = y_stride,
+                                .tokens = tokens,
+                                .groups = c.groups,
+                                .workspace = workspace.data(),
+                                .workspace_bytes = workspace.bytes()};
+        run_quantized_linear(p, config);
+        p.y = nullptr;
+        p.y_bf16 = y16.as<__nv_bfloat16>();
+        run_quantized_linear(p, config);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> fp32 = download(y32, outputs);
+        std::vector<uint16_t> bf16((outputs / 2 + 1 + kGuardFloats) * 2);
+        y16.download(bf16.data(), bf16.size() * 2);
+        int failures = 0;
+        for (int t = 0; t < tokens; ++t)
+          for (int64_t n = 0; n < y_stride; ++n) {
+            const size_t i = size_t(t * y_stride + n);
+            const uint16_t expected = n < c.rows ? float_to_bf16(fp32[i]) : uint16_t(0xFFFF);
+            if (bf16[i] != expected && ++failures <= 8)
+              ADD_FAILURE() << "y_bf16[t=" << t << ", n=" << n << "] = 0x" << std::hex << bf16[i] << ", expected 0x"
+                            << expected << std::dec << " (fp32 " << fp32[i] << ")";
+          }
+        for (size_t i = outputs; i < bf16.size(); ++i)
+          ASSERT_EQ(bf16[i], 0xFFFF) << "write past the end of y_bf16 at element " << i;
+        EXPECT_EQ(failures, 0) << failures << " bf16 outputs differ from the rounded fp32 ones";
+      }
+    }
+}
+
+TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  struct Case {
+    TestFormat format;
+    int64_t rows, cols;
+    int groups;
+  };
+  // wq_b-like, wkv-like (the GEMM splits K most) and a grouped wo_a-like matrix.
+  const Case cases[] = {{TestFormat::FP8_E8M0, 4096, 1024, 1}, {TestFormat::NVFP4, 512, 4096, 1},
+                        {TestFormat::FP8_E8M0, 8 * 256, 512, 8}, {TestFormat::BF16, 1024, 256, 1}};
+  uint32_t seed = 950;
+  for (const Case& c : cases)
+    for (const int tokens : {1, 9, 16, 64, 100}) {
+      const int64_t x_cols = c.groups * c.cols;
+      const RandomOperands o = random_operands(c.format, c.rows, c.cols, x_cols, tokens, seed++);
+      std::vector<float> reference(size_t(tokens * c.rows)), bound(reference.size());
+      const std::vector<float> dequantized = dequantize(o.host.matrix);
+      OwnedQuantizedMatrix magnitude = allocate_quantized_matrix(WeightFormat::F32, c.rows, c.cols, ScaleType::NONE);
+      auto* magnitudes = reinterpret_cast<float*>(magnitude.storage->data.data());
+      for (size_t i = 0; i < dequantized.size(); ++i) magnitudes[i] = std::fabs(dequantized[i]);
+      cpu::grouped_linear(o.host.matrix, c.groups, o.x.data(), tokens, reference.data());
+      cpu::grouped_linear(magnitude.matrix, c.groups, o.x_abs.data(), tokens, bound.data());
+
+      const DeviceMatrix weight(o.host.matrix, "dispatch weight");
+      const DeviceBuffer x = to_device(o.x_bf16, "x");
+      const size_t workspace_bytes = linear_workspace_bytes(weight.view(), c.groups);
+      DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
+      workspace.fill_bytes(0);
+      for (const int64_t gemm_from : {kLinearGemmFromTokens, int64_t(9)})
+        for (const bool bf16_output : {false, true}) {
+          SCOPED_TRACE(describe({c.format, c.rows, c.cols, c.groups}, tokens) + " gemm_from_tokens " +
+                       std::to_string(gemm_from) + (bf16_output ? " bf16 output" : ""));
+          const size_t outputs = size_t(tokens) * size_t(c.rows);
+          DeviceBuffer y = poisoned(outputs, "y");
+          LinearCall call;
+          call.weight = weight.view();
+          call.what = "dispatch test";
+          call.x = x.as<__nv_bfloat16>();
+          call.x_row_stride = x_cols;
+          call.y = bf16_output ? nullptr : y.as<float>();
+          call.y_bf16 = bf16_output ? y.as<__nv_bfloat16>() : nullptr;
+          call.y_row_stride = c.rows;
+          call.tokens = tokens;
+          call.groups = c.groups;
+          call.workspace = workspace.data();
+          call.workspace_bytes = workspace.bytes();
+          call.gemm_from_tokens = gemm_from;
+          run_linear(call);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          std::vector<float> got(outputs);
+          if (bf16_output) {
+            std::vector<uint16_t> bits(outputs);
+            y.download(bits.data(), outputs * 2);
+            for (size_t i = 0; i < outputs; ++i) got[i] = bits[i] == 0xFFFF ? NAN : bf16_to_float(bits[i]);
+          } else {
+            got = download(y, outputs);
+          }
+          // As check_against_cpu (fp32 summation order), plus half a bf16 step for the rounded output.
+          const double terms = double(c.cols) / 16.0 + 64.0;
+          int failures = 0;
+          for (size_t i = 0; i < outputs; ++i) {
+            const double tolerance = terms * 0x1p-22 * bound[i] + 1e-30 +
+                                     (bf16_output ? 0.5 * bf16_ulp(std::fabs(reference[i]) * 1.001f) : 0.0);
+            if (!(std::fabs(double(got[i]) - reference[i]) <= tolerance) && ++failures <= 8)
+              ADD_FAILURE() << "y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "] = " << got[i]
+                            << ", reference " << reference[i] << ", tolerance " << tolerance;
+          }
+          EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
+        }
+    }
+}
+
 TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   std::vector<float> values(64 * 256, 0.5f);
@@ -517,6 +678,9 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   QuantizedLinearParams p = good;
   p.tokens = 65;
   expect_error(run_with(p), "65 tokens");
+  p = good;
+  p.y_bf16 = reinterpret_cast<__nv_bfloat16*>(p.y);
+  expect_error(run_with(p), "exactly one of y (fp32) and y_bf16");
   p = good;
   p.weight = f32_device.view();
   expect_error(run_with(p), {"is f32", "supported formats"});

@@ -5,6 +5,7 @@
 #include "core/error.hpp"
 #include "core/log.hpp"
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -41,7 +42,8 @@ void run_decode_chunks(const LinearCall& c) {
     p.weight = c.weight;
     p.x = c.x + t0 * c.x_row_stride;
     p.x_row_stride = c.x_row_stride;
-    p.y = c.y + t0 * c.y_row_stride;
+    p.y = c.y != nullptr ? c.y + t0 * c.y_row_stride : nullptr;
+    p.y_bf16 = c.y_bf16 != nullptr ? c.y_bf16 + t0 * c.y_row_stride : nullptr;
     p.y_row_stride = c.y_row_stride;
     p.tokens = int(std::min<int64_t>(kLinearMaxTokens, c.tokens - t0));
     p.groups = c.groups;
@@ -50,6 +52,50 @@ void run_decode_chunks(const LinearCall& c) {
     p.stream = c.stream;
     run_quantized_linear(p);
   }
+}
+
+QuantizedGemmParams gemm_params(const LinearCall& c) {
+  QuantizedGemmParams p;
+  p.weight = c.weight;
+  p.x = c.x;
+  p.x_row_stride = c.x_row_stride;
+  p.y = c.y;
+  p.y_bf16 = c.y_bf16;
+  p.y_row_stride = c.y_row_stride;
+  p.tokens = c.tokens;
+  p.groups = c.groups;
+  p.workspace = c.workspace;
+  p.workspace_bytes = c.workspace_bytes;
+  p.stream = c.stream;
+  return p;
+}
+
+// The GEMM launches of a call (one, or one per group where the groups are not whole GEMM tiles), or empty with the
+// reason in `refusal`.
+std::vector<QuantizedGemmParams> gemm_launches(const LinearCall& c, std::string& refusal) {
+  const QuantizedGemmParams whole = gemm_params(c);
+  refusal = gemm_refusal(whole);
+  if (refusal.empty()) return {whole};
+  if (c.groups == 1) return {};
+  const int64_t rows = c.weight.rows / c.groups;
+  std::vector<QuantizedGemmParams> launches;
+  for (int g = 0; g < c.groups; ++g) {
+    QuantizedGemmParams p = whole;
+    p.groups = 1;
+    try {
+      p.weight = row_slice(c.weight, g * rows, rows);
+    } catch (const Error& e) {
+      refusal = e.what();
+      return {};
+    }
+    p.x = c.x + g * c.weight.cols;
+    if (p.y != nullptr) p.y = c.y + g * rows;
+    if (p.y_bf16 != nullptr) p.y_bf16 = c.y_bf16 + g * rows;
+    refusal = gemm_refusal(p);
+    if (!refusal.empty()) return {};
+    launches.push_back(p);
+  }
+  return launches;
 }
 
 }  // namespace
@@ -73,36 +119,21 @@ DeviceMatrixView row_slice(const DeviceMatrixView& w, int64_t row0, int64_t rows
 }
 
 size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups) {
-  return quantized_linear_workspace_bytes(weight, kLinearMaxTokens, groups);
+  return std::max(quantized_linear_workspace_bytes(weight, kLinearMaxTokens, groups),
+                  quantized_gemm_workspace_bytes(weight, kGemmMaxSplitTokens));
 }
 
 void run_linear(const LinearCall& c) {
   check(c.tokens >= 0 && c.groups >= 1, c.what, ": tokens ", c.tokens, ", groups ", c.groups);
+  check(c.gemm_from_tokens >= 1 && c.gemm_from_tokens <= kLinearMaxTokens + 1, c.what, ": gemm_from_tokens ",
+        c.gemm_from_tokens, " must be in [1, ", kLinearMaxTokens + 1, "]");
   if (c.tokens == 0) return;
-  if (c.tokens <= kLinearMaxTokens) return run_decode_chunks(c);
+  if (c.tokens < c.gemm_from_tokens) return run_decode_chunks(c);
 
-  const int64_t rows = c.weight.rows / c.groups;
   std::string refusal;
-  std::vector<QuantizedGemmParams> launches;
-  for (int g = 0; g < c.groups && refusal.empty(); ++g) {
-    QuantizedGemmParams p;
-    try {
-      p.weight = c.groups == 1 ? c.weight : row_slice(c.weight, g * rows, rows);
-    } catch (const Error& e) {
-      refusal = e.what();
-      break;
-    }
-    p.x = c.x + g * c.weight.cols;
-    p.x_row_stride = c.x_row_stride;
-    p.y = c.y + g * rows;
-    p.y_row_stride = c.y_row_stride;
-    p.tokens = c.tokens;
-    p.stream = c.stream;
-    refusal = gemm_refusal(p);
-    launches.push_back(p);
-  }
-  if (!refusal.empty()) {
-    warn_once(c.weight.data, c.what, refusal);
+  const std::vector<QuantizedGemmParams> launches = gemm_launches(c, refusal);
+  if (launches.empty()) {
+    if (c.tokens > kLinearMaxTokens) warn_once(c.weight.data, c.what, refusal);
     return run_decode_chunks(c);
   }
   for (const QuantizedGemmParams& p : launches) run_quantized_gemm(p);

@@ -1,8 +1,9 @@
-// y = x Wᵀ for any token count, choosing the kernel: the tensor-core decode kernel (quantized_linear) up to
-// kLinearMaxTokens tokens, the wgmma prefill GEMM (quantized_gemm) beyond. Grouped projections (wo_a) run as one
-// decode launch, or as one GEMM per group on the group's rows. When the GEMM cannot take a shape (its tile rules),
-// the decode kernel covers the tokens in chunks of kLinearMaxTokens and a warning naming the matrix and the reason
-// is logged once per matrix: correct, slower, never silent.
+// y = x Wᵀ for any token count, choosing the kernel: the tensor-core decode kernel (quantized_linear) below
+// gemm_from_tokens tokens (at most kLinearMaxTokens), the wgmma GEMM (quantized_gemm) from there on. Grouped
+// projections (wo_a) run as one launch of either kernel, or, where the groups are not whole 128-row tiles, as one
+// GEMM per group on the group's rows. When the GEMM cannot take a shape (its tile rules), the decode kernel covers
+// the tokens in chunks of kLinearMaxTokens and a warning naming the matrix and the reason is logged once per
+// matrix: correct, slower, never silent.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,24 +13,31 @@
 #include <string_view>
 
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/quantized_linear.hpp"
 
 namespace dsv4::cuda {
+
+// Default of LinearCall::gemm_from_tokens: the decode kernel up to kLinearMaxTokens tokens.
+inline constexpr int64_t kLinearGemmFromTokens = kLinearMaxTokens + 1;
 
 struct LinearCall {
   DeviceMatrixView weight;           // [N, K] (grouped: G blocks of N/G rows)
   std::string_view what;             // names the matrix in errors and warnings ("layer 3 wq_b")
   const __nv_bfloat16* x = nullptr;  // device [tokens, groups·K]
   int64_t x_row_stride = 0;          // elements
-  float* y = nullptr;                // device [tokens, N]
-  int64_t y_row_stride = 0;          // elements
+  float* y = nullptr;                // device [tokens, N] fp32; null when y_bf16 is set
+  int64_t y_row_stride = 0;          // elements (of whichever output is set)
   int64_t tokens = 0;
   int groups = 1;
   void* workspace = nullptr;         // linear_workspace_bytes(weight, groups) bytes, its tickets zeroed once
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+  __nv_bfloat16* y_bf16 = nullptr;   // device [tokens, N] bf16 instead of y
+  // The token count from which the GEMM takes the call instead of the decode kernel (1..kLinearMaxTokens + 1).
+  int64_t gemm_from_tokens = kLinearGemmFromTokens;
 };
 
-// Workspace that serves any token count for this weight (the decode kernel's split-K scratch at its largest).
+// Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).
 size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups = 1);
 
 void run_linear(const LinearCall& call);

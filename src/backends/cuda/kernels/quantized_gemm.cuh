@@ -1,6 +1,6 @@
-// Prefill GEMM kernel behind run_quantized_gemm (quantized_gemm.hpp holds the contract).
+// GEMM kernel behind run_quantized_gemm (quantized_gemm.hpp holds the contract).
 //
-// One CTA computes y[tokens tile, 128 weight rows] with three warpgroups:
+// One CTA computes y[tokens tile, 128 weight rows] over one split of K with three warpgroups:
 // - warpgroup 0, the producer: one thread streams k-tiles of 64 through a ring of kStages shared-memory slots with
 //   TMA (the activation tile, bf16 in the 128B swizzle, and the weight tile's stored bytes), each slot guarded by a
 //   `full` mbarrier (TMA transaction bytes) and an `empty` mbarrier (one arrival per consumer warpgroup);
@@ -29,6 +29,13 @@
 //   the block scale.
 // - Epilogue: the accumulator fragment of m64nN holds, per thread, rows lane/4 (+8) of its warp's 16 and token
 //   pairs 2·(lane%4) + 8j; each store instruction of a warp writes four full 32-byte sectors.
+// - Few tokens (batched decode, T <= 64): a 64-token tile (m64n64), and split-K where the row tiles alone leave SMs
+//   idle: the weight is still read once per call, x once per 128 weight rows. Partial sums go to the workspace,
+//   [split][token][row]; the CTA that draws the last ticket of its tile adds them in split order (the consumers
+//   synchronise on a named barrier: the producer warpgroup has exited by then).
+// - Programmatic dependent launch: the producer issues the weight halves of the first kStages stages before
+//   griddepcontrol.wait (weights are never written by a kernel), the activation halves after it; the consumers wait
+//   too before their first write.
 // - Where the time goes (H200, 4096 tokens): BF16 runs at 86-97 % of cuBLAS, the fp4 formats at 75-82 %, FP8 at
 //   59-69 %. Shared memory is the limit: per 512-cycle turn the wgmma reads 32 KB of activations (256 wavefronts of
 //   128 bytes), TMA writes ~160 wavefronts, and the dequantiser's reads of the stored tile conflict (fp8: rows 2
@@ -43,6 +50,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
@@ -108,14 +116,22 @@ struct SharedLayout {
 };
 
 struct GemmKernelArgs {
+  CUtensorMap x_map;       // x as [T][groups·K] bf16, 64 × block_tokens boxes, 128B swizzle
+  CUtensorMap w_map;       // the stored weight, one k-tile × 128 rows per box
   const uint8_t* scales;   // null for BF16
   int64_t scales_per_row;  // per 128-row band for FP8
   int rows;                // N
   int tokens;              // T
   int k_tiles;             // K / 64
-  float* y;
+  int rows_per_group;      // N / G (N when not grouped): x columns of row tile r start at (r·128 / this)·K
+  int split_k_tiles;       // k-tiles per split (k_tiles without split-K)
+  int k_splits;
+  float* y;                // fp32 output, or null
+  __nv_bfloat16* y_bf16;   // bf16 output, or null
   int64_t y_row_stride;    // elements
   float output_scale;      // NVFP4 global scale, else 1
+  uint32_t* tickets;       // [row tiles × token tiles], split-K only
+  float* partials;         // [k_splits][tokens][rows], split-K only
 };
 
 __device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
@@ -277,6 +293,49 @@ __device__ __forceinline__ void dequantise_fragment(const uint8_t* stored, const
   }
 }
 
+// D[64 × 64] += A[64 × 16] · B[64 × 16]ᵀ, bf16 × bf16 → fp32, both operands K-major in shared memory (the 64-token
+// tile; ptx/wgmma.cuh holds the wider shapes).
+__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t a_desc, uint64_t b_desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, 1, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a_desc), "l"(b_desc));
+#else
+  __trap();
+#endif
+}
+
+// The same with A from registers (each warp's m16k16 fragment a0..a3, read asynchronously: they must keep their
+// values until a wait_group covers this wgmma).
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint64_t b_desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc));
+#else
+  __trap();
+#endif
+}
+
 template <int kBlockTokens>
 __device__ __forceinline__ void wgmma_k_tile(float (&acc)[kBlockTokens / 2], uint64_t a_desc, uint64_t b_desc) {
 #pragma unroll
@@ -284,8 +343,10 @@ __device__ __forceinline__ void wgmma_k_tile(float (&acc)[kBlockTokens / 2], uin
     const uint64_t a = sm90::advance_descriptor(a_desc, k * 32), b = sm90::advance_descriptor(b_desc, k * 32);
     if constexpr (kBlockTokens == 256)
       sm90::wgmma_m64n256k16_bf16(acc, a, b, 1);
-    else
+    else if constexpr (kBlockTokens == 128)
       sm90::wgmma_m64n128k16_bf16(acc, a, b, 1);
+    else
+      wgmma_m64n64k16_bf16(acc, a, b);
   }
 }
 
@@ -297,21 +358,80 @@ __device__ __forceinline__ void wgmma_k_tile_rs(float (&acc)[kBlockTokens / 2], 
     const uint64_t b = sm90::advance_descriptor(b_desc, k * 32);
     if constexpr (kBlockTokens == 256)
       sm90::wgmma_m64n256k16_bf16_rs(acc, a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3], b, 1);
-    else
+    else if constexpr (kBlockTokens == 128)
       sm90::wgmma_m64n128k16_bf16_rs(acc, a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3], b, 1);
+    else
+      wgmma_m64n64k16_bf16_rs(acc, a[4 * k], a[4 * k + 1], a[4 * k + 2], a[4 * k + 3], b);
   }
 }
 
+// Writes the consumer's accumulators: straight to the output, or as this split's partial sums, the CTA that draws
+// the last ticket of its tile then adding every split in split order. Called by both consumer warpgroups (they
+// synchronise on named barrier kEpilogueBarrier).
+template <int kBlockTokens>
+__device__ __forceinline__ void write_output(const GemmKernelArgs& args, const float (&acc)[kBlockTokens / 2],
+                                             int consumer, int thread, int cta_row, int cta_token, int split,
+                                             bool* is_last_split) {
+  constexpr int kEpilogueBarrier = 3;  // 1 and 2 are the consumers' turn barriers
+  constexpr int kConsumerThreads = 2 * kWarpgroupThreads;
+  auto store = [&](int64_t offset, float value) {
+    if (args.y != nullptr)
+      args.y[offset] = value;
+    else
+      args.y_bf16[offset] = __float2bfloat16_rn(value);
+  };
+  const int warp = thread / 32, lane = thread % 32;
+  const int row_base = cta_row + consumer * kWarpgroupRows + warp * 16 + lane / 4;
+  const int token_base = cta_token + 2 * (lane % 4);
+  auto for_each_element = [&](auto&& body) {
+#pragma unroll
+    for (int j = 0; j < kBlockTokens / 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int row = row_base + 8 * h, token = token_base + 8 * j + e;
+          if (row < args.rows && token < args.tokens) body(row, token, acc[4 * j + 2 * h + e]);
+        }
+  };
+  if (args.k_splits == 1) {
+    for_each_element([&](int row, int token, float value) {
+      store(int64_t(token) * args.y_row_stride + row, value * args.output_scale);
+    });
+    return;
+  }
+
+  float* partial = args.partials + int64_t(split) * args.tokens * args.rows;
+  for_each_element(
+      [&](int row, int token, float value) { partial[int64_t(token) * args.rows + row] = value; });
+  __threadfence();  // partials visible device-wide before the ticket says so
+  sm90::named_barrier_sync<kConsumerThreads>(kEpilogueBarrier);
+  uint32_t* ticket = args.tickets + blockIdx.y * gridDim.x + blockIdx.x;
+  if (consumer == 0 && thread == 0) *is_last_split = atomicAdd(ticket, 1u) == uint32_t(args.k_splits - 1);
+  sm90::named_barrier_sync<kConsumerThreads>(kEpilogueBarrier);
+  if (!*is_last_split) return;
+  __threadfence();
+  const int tile_rows = min(kBlockRows, args.rows - cta_row), tile_tokens = min(kBlockTokens, args.tokens - cta_token);
+  const int64_t split_stride = int64_t(args.tokens) * args.rows;
+  for (int i = consumer * kWarpgroupThreads + thread; i < tile_rows * tile_tokens; i += kConsumerThreads) {
+    const int row = cta_row + i % tile_rows, token = cta_token + i / tile_rows;
+    const float* column = args.partials + int64_t(token) * args.rows + row;
+    float sum = 0.0f;
+    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + s * split_stride);
+    store(int64_t(token) * args.y_row_stride + row, sum * args.output_scale);
+  }
+  if (consumer == 0 && thread == 0) *ticket = 0;  // every split has arrived: ready for the next launch
+}
+
 template <GemmWeight W, int kBlockTokens>
-__global__ void __launch_bounds__(kThreads, 1)
-    quantized_gemm_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                          const GemmKernelArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) quantized_gemm_kernel(const __grid_constant__ GemmKernelArgs args) {
   using Layout = SharedLayout<W, kBlockTokens>;
   using Traits = WeightTraits<W>;
   constexpr int kStages = Layout::kStages;
-  static_assert(kBlockTokens == 128 || kBlockTokens == 256, "token tiles of 128 or 256");
+  static_assert(kBlockTokens == 64 || kBlockTokens == 128 || kBlockTokens == 256, "token tiles of 64, 128 or 256");
 
   extern __shared__ uint8_t shared_raw[];
+  __shared__ bool is_last_split;
   uint8_t* shared = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(shared_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* x_tiles = shared + Layout::kXOffset;
   uint8_t* w_tiles = shared + Layout::kWOffset;
@@ -321,6 +441,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   const int cta_row = blockIdx.x * kBlockRows;
   const int cta_token = blockIdx.y * kBlockTokens;
+  const int split = blockIdx.z;
+  const int k_begin = split * args.split_k_tiles;
+  const int k_count = min(args.split_k_tiles, args.k_tiles - k_begin);
+  allow_dependents();  // the next kernel's CTAs may start; its own wait still covers all of this grid
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -334,15 +458,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     if (threadIdx.x == 0) {
-      sm90::prefetch_tensor_map(&x_map);
-      sm90::prefetch_tensor_map(&w_map);
-      for (int k_tile = 0; k_tile < args.k_tiles; ++k_tile) {
-        const int slot = k_tile % kStages;
-        sm90::mbarrier_wait(&empty[slot], ((k_tile / kStages) & 1) ^ 1);
+      sm90::prefetch_tensor_map(&args.x_map);
+      sm90::prefetch_tensor_map(&args.w_map);
+      // x column (in k-tiles) of this CTA's group.
+      const int x_k_tile0 = (cta_row / args.rows_per_group) * args.k_tiles + k_begin;
+      auto load_weight = [&](int i) {
+        const int slot = i % kStages;
         sm90::mbarrier_arrive_expect_tx(&full[slot], Layout::kStageBytes);
-        sm90::tma_load_2d(x_tiles + slot * Layout::kXStageBytes, &x_map, &full[slot], k_tile * kBlockK, cta_token);
-        sm90::tma_load_2d(w_tiles + slot * Layout::kWStageBytes, &w_map, &full[slot], k_tile * Traits::kTmaCols,
-                          cta_row);
+        sm90::tma_load_2d(w_tiles + slot * Layout::kWStageBytes, &args.w_map, &full[slot],
+                          (k_begin + i) * Traits::kTmaCols, cta_row);
+      };
+      // The first ring's weights before the previous kernel has finished (see NOTES), x only after.
+      const int prologue = min(kStages, k_count);
+      for (int i = 0; i < prologue; ++i) load_weight(i);
+      wait_for_prior_grids();
+      for (int i = 0; i < k_count; ++i) {
+        const int slot = i % kStages;
+        if (i >= prologue) {
+          sm90::mbarrier_wait(&empty[slot], ((i / kStages) & 1) ^ 1);
+          load_weight(i);
+        }
+        sm90::tma_load_2d(x_tiles + slot * Layout::kXStageBytes, &args.x_map, &full[slot], (x_k_tile0 + i) * kBlockK,
+                          cta_token);
       }
     }
     return;
@@ -363,9 +500,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   if constexpr (!Traits::kDequantise) {
-    for (int k_tile = 0; k_tile < args.k_tiles; ++k_tile) {
-      const int slot = k_tile % kStages;
-      sm90::mbarrier_wait(&full[slot], (k_tile / kStages) & 1);
+    for (int i = 0; i < k_count; ++i) {
+      const int slot = i % kStages;
+      sm90::mbarrier_wait(&full[slot], (i / kStages) & 1);
       const uint64_t a_desc = sm90::make_sw128_k_major_descriptor(w_tiles + slot * Layout::kWStageBytes +
                                                                   consumer * kWarpgroupRows * kTileRowBytes);
       sm90::fence_operand(acc);
@@ -374,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(acc);
-      if (k_tile > 0) release((k_tile - 1) % kStages);
+      if (i > 0) release((i - 1) % kStages);
     }
   } else {
     const int warp = thread / 32, lane = thread % 32;
@@ -388,18 +525,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     uint32_t fragment[16];
     uint32_t scale_bits[2];
-    load_scale_bits<W>(args, site, 0, scale_bits);
+    load_scale_bits<W>(args, site, k_begin, scale_bits);
     // Ping-pong (see NOTES): consumer c waits at barrier kTurn + c for its turn on the tensor cores and hands the
     // turn over once its k-tile is issued. Consumer 1 starts by handing consumer 0 the first turn.
     constexpr int kTurn = 1;
     if (consumer == 1) sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 0);
-    for (int k_tile = 0; k_tile < args.k_tiles; ++k_tile) {
-      const int slot = k_tile % kStages;
-      sm90::mbarrier_wait(&full[slot], (k_tile / kStages) & 1);
+    for (int i = 0; i < k_count; ++i) {
+      const int slot = i % kStages;
+      sm90::mbarrier_wait(&full[slot], (i / kStages) & 1);
       const uint8_t* stored =
           w_tiles + slot * Layout::kWStageBytes + consumer * kWarpgroupRows * Traits::kStoredRowBytes;
       dequantise_fragment<W>(stored, site, scale_bits, fragment);
-      if (k_tile + 1 < args.k_tiles) load_scale_bits<W>(args, site, k_tile + 1, scale_bits);
+      if (i + 1 < k_count) load_scale_bits<W>(args, site, k_begin + i + 1, scale_bits);
       sm90::named_barrier_sync<2 * kWarpgroupThreads>(kTurn + consumer);
       sm90::fence_operand(acc);
       sm90::wgmma_fence();
@@ -408,7 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Hand the turn over as soon as this k-tile is issued: the other warpgroup's wgmma queues behind it and the
       // tensor cores never drain between turns. Consumer 0's last hand-over meets consumer 1's last turn;
       // consumer 1's would be left dangling.
-      if (consumer == 0 || k_tile + 1 < args.k_tiles)
+      if (consumer == 0 || i + 1 < k_count)
         sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kTurn + 1 - consumer);
       // The fragment registers are rewritten next: wait for the whole group (see NOTES).
       sm90::wgmma_wait_group<0>();
@@ -419,20 +556,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(acc);
-
-  const int warp = thread / 32, lane = thread % 32;
-  const int row_base = cta_row + consumer * kWarpgroupRows + warp * 16 + lane / 4;
-  const int token_base = cta_token + 2 * (lane % 4);
-#pragma unroll
-  for (int j = 0; j < kBlockTokens / 8; ++j)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int row = row_base + 8 * h, token = token_base + 8 * j + e;
-        if (row < args.rows && token < args.tokens)
-          args.y[int64_t(token) * args.y_row_stride + row] = acc[4 * j + 2 * h + e] * args.output_scale;
-      }
+  wait_for_prior_grids();  // already passed (x came after it); orders this thread's writes formally
+  write_output<kBlockTokens>(args, acc, consumer, thread, cta_row, cta_token, split, &is_last_split);
 }
 
 }  // namespace dsv4::cuda::gemm

@@ -260,9 +260,13 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
         w.rows, ", ", w.cols, "] has no device data or scales");
   check(w.scale_type != ScaleType::F32 || reinterpret_cast<uintptr_t>(w.scales) % 4 == 0,
         "quantized_linear: the f32 scales of weight [", w.rows, ", ", w.cols, "] must be 4-byte aligned");
-  check(params.x != nullptr && params.y != nullptr, "quantized_linear: null ", params.x == nullptr ? "x" : "y");
-  check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(params.y) % 4 == 0,
-        "quantized_linear: x (bf16) must be 2-byte and y (fp32) 4-byte aligned");
+  check(params.x != nullptr, "quantized_linear: null x");
+  check((params.y == nullptr) != (params.y_bf16 == nullptr),
+        "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
+  const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
+  const void* y = params.y != nullptr ? static_cast<const void*>(params.y) : static_cast<const void*>(params.y_bf16);
+  check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(y) % y_element == 0,
+        "quantized_linear: x (bf16) must be 2-byte and y (fp32) 4-byte / y_bf16 2-byte aligned");
   check(params.x_row_stride >= x_cols, "quantized_linear: x row stride ", params.x_row_stride, " is below ", x_cols,
         " (groups × K)");
   check(params.y_row_stride >= w.rows, "quantized_linear: y row stride ", params.y_row_stride, " is below N = ",
@@ -276,10 +280,9 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
           "quantized_linear: the workspace must be 16-byte aligned");
   }
   const size_t x_bytes = (size_t(params.tokens - 1) * size_t(params.x_row_stride) + size_t(x_cols)) * 2;
-  const size_t y_bytes = (size_t(params.tokens - 1) * size_t(params.y_row_stride) + size_t(w.rows)) * sizeof(float);
-  check(!ranges_overlap(params.y, y_bytes, params.x, x_bytes), "quantized_linear: y must not overlap x");
-  check(config.workspace_bytes == 0 ||
-            !ranges_overlap(params.y, y_bytes, params.workspace, config.workspace_bytes),
+  const size_t y_bytes = (size_t(params.tokens - 1) * size_t(params.y_row_stride) + size_t(w.rows)) * y_element;
+  check(!ranges_overlap(y, y_bytes, params.x, x_bytes), "quantized_linear: y must not overlap x");
+  check(config.workspace_bytes == 0 || !ranges_overlap(y, y_bytes, params.workspace, config.workspace_bytes),
         "quantized_linear: y must not overlap the workspace");
 }
 
@@ -302,6 +305,7 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
       .x = params.x,
       .x_row_stride = params.x_row_stride,
       .y = params.y,
+      .y_bf16 = params.y_bf16,
       .y_row_stride = params.y_row_stride,
       .tokens = params.tokens,
       .rows_per_group = w.rows / params.groups,

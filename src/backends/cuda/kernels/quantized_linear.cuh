@@ -28,7 +28,8 @@ struct LinearKernelArgs {
   DeviceMatrixView weight;
   const __nv_bfloat16* x;
   int64_t x_row_stride;
-  float* y;
+  float* y;                // fp32 output, or null
+  __nv_bfloat16* y_bf16;   // bf16 output, or null
   int64_t y_row_stride;
   int tokens;
   int64_t rows_per_group;        // N / G (N when not grouped)
@@ -75,6 +76,12 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   const int lane = int(threadIdx.x) % tile::kWarpSize;
   const float output_scale = tile::weight_tile_output_scale<F>(w);
   const int g = lane / 4, t = lane % 4;
+  auto store = [&](int64_t row, int token, float value) {
+    if (args.y != nullptr)
+      args.y[token * args.y_row_stride + row] = value;
+    else
+      args.y_bf16[token * args.y_row_stride + row] = __float2bfloat16_rn(value);
+  };
   // Fragment element i of token tile nt sits at (row0 + g + 8·(i / 2), token 8·nt + 2t + i % 2), rows remapped by
   // stream_row on the STREAMED path.
   auto for_each_fragment_element = [&](auto&& body) {
@@ -90,8 +97,7 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   };
 
   if (args.k_splits == 1) {
-    for_each_fragment_element(
-        [&](int64_t row, int token, float value) { args.y[token * args.y_row_stride + row] = value * output_scale; });
+    for_each_fragment_element([&](int64_t row, int token, float value) { store(row, token, value * output_scale); });
     return;
   }
 
@@ -110,7 +116,7 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
     const float* column = args.partials + token * w.rows + row;
     float sum = 0.0f;
     for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
-    args.y[token * args.y_row_stride + row] = sum * output_scale;
+    store(row, token, sum * output_scale);
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
 }

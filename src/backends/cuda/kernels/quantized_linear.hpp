@@ -3,8 +3,9 @@
 // registers, bf16 mma.sync with fp32 accumulation (weight_tile_mma.cuh holds the warp-level block and its NOTES).
 //
 // Dispatch contract:
-// - x is bf16 [T, groups·K] with a row stride of x_row_stride elements (>= groups·K); y is fp32 [T, N] with a row
-//   stride of y_row_stride elements (>= N). y must not overlap x or the workspace. Rows of x that are 16-byte
+// - x is bf16 [T, groups·K] with a row stride of x_row_stride elements (>= groups·K). The output is exactly one of
+//   y (fp32) and y_bf16 (bf16, rounded to nearest even), [T, N] with a row stride of y_row_stride elements (>= N);
+//   it must not overlap x or the workspace. Rows of x that are 16-byte
 //   aligned (stride a multiple of 8) are staged 16 bytes at a time, others element by element.
 // - Any N and K >= 1. The fast path needs weight rows that start 16-byte aligned (every DSV4 shape: K a multiple of
 //   8 / 16 / 32 for BF16 / FP8 / fp4); other rows (tiny test models) are read bytewise. Partial scale blocks are
@@ -51,13 +52,14 @@ struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
   const __nv_bfloat16* x = nullptr;    // device, bf16 [tokens, groups·K]
   int64_t x_row_stride = 0;            // elements between token rows of x (>= groups·K; a multiple of 8 is fastest)
-  float* y = nullptr;                  // device, fp32 [tokens, N]
-  int64_t y_row_stride = 0;            // elements between token rows of y (>= N)
+  float* y = nullptr;                  // device, fp32 [tokens, N]; null when y_bf16 is set
+  int64_t y_row_stride = 0;            // elements between token rows of the output (>= N)
   int tokens = 1;                      // T, 1..kLinearMaxTokens
   int groups = 1;                      // G: 1, or the block count of a grouped projection
   void* workspace = nullptr;           // split-K partial sums + tickets; may be null when the size query says 0
   size_t workspace_bytes = 0;          // bytes available at `workspace`
   cudaStream_t stream = nullptr;
+  __nv_bfloat16* y_bf16 = nullptr;     // device, bf16 [tokens, N] instead of y (saves a conversion launch)
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
