@@ -1,7 +1,11 @@
 // What the runtime drives: a model that runs a sequence's next tokens and returns logits, whatever runs it (the
-// CPU backend through Dsv4Model, or the GPU's CudaModel). Sequences are created by the model that runs them.
+// CPU backend through Dsv4Model, or the GPU's CudaModel). Sequences are created by the model that runs them. A model
+// whose logits live on a device may also pick the next token there (samples_on_device), so that only the token
+// comes back.
 #pragma once
 
+#include "core/error.hpp"
+#include "core/sampling_math.hpp"
 #include "io/model_config.hpp"
 #include "model/backend.hpp"
 
@@ -29,6 +33,17 @@ class LanguageModel {
   // Throws dsv4::Error for an empty call, an id outside the vocabulary or a sequence past the context length.
   virtual void forward(SequenceCache& sequence, std::span<const int32_t> ids, LogitRows rows,
                        std::vector<float>& logits) = 0;
+
+  // Whether forward_and_sample is available.
+  virtual bool samples_on_device() const { return false; }
+  // Runs token `id` at the sequence's next position and picks the next token from its logits on the model's device,
+  // with `step` from the sequence's Sampler (Sampler::device_step: parameters, logit adjustments and the draw), so
+  // the token is the one Sampler::sample would pick from the same logits. Throws like forward, and like
+  // Sampler::sample for NaN / +inf / all -inf logits.
+  virtual int32_t forward_and_sample(SequenceCache& /*sequence*/, int32_t /*id*/,
+                                     const sampling::SamplingStep& /*step*/) {
+    fail("model on ", device(), ": sampling on the device is not supported");
+  }
 };
 
 }  // namespace dsv4

@@ -143,6 +143,10 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
     if (on_text) on_text(text);
   };
 
+  // The prompt's last logits come back from the prefill and are sampled here; after that a model that samples on its
+  // device returns the next token itself (same parameters and random stream, so the same tokens).
+  const bool sample_on_device = options_.sample_on_device && model_->samples_on_device();
+  std::optional<int32_t> device_token;
   const auto decode_start = std::chrono::steady_clock::now();
   std::optional<FinishReason> finish;
   while (!finish) {
@@ -150,7 +154,7 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
       finish = FinishReason::Abort;
       break;
     }
-    const int32_t token = sampler.sample(logits, prompt, result.tokens);
+    const int32_t token = device_token ? *device_token : sampler.sample(logits, prompt, result.tokens);
     result.tokens.push_back(token);
     // A stop token ends the text without being shown; any other token is text first.
     if (!std::binary_search(stop_ids.begin(), stop_ids.end(), token)) {
@@ -161,7 +165,11 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
     if (!finish) finish = stop.check(token, int64_t(result.tokens.size()));
     if (!finish && int64_t(sequence_ids_.size()) + 1 >= context) finish = FinishReason::Length;
     if (finish) break;
-    model_->forward(*sequence_, std::span(&token, 1), LogitRows::Last, logits);
+    if (sample_on_device) {
+      device_token = model_->forward_and_sample(*sequence_, token, sampler.device_step(prompt, result.tokens));
+    } else {
+      model_->forward(*sequence_, std::span(&token, 1), LogitRows::Last, logits);
+    }
     sequence_ids_.push_back(token);
   }
   // The last sampled token was never run, so sequence_ids_ ends before it: a next prompt that contains it still

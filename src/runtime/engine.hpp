@@ -28,6 +28,9 @@ struct EngineOptions {
   // Tokens a sequence may hold; 0 = the model's context on the CPU, min(model's, 8192) on a GPU (whose KV cache and
   // indexer buffers are sized for it up front).
   int64_t max_context = 0;
+  // On a GPU, decode steps pick the next token on the device (kernels/sampling.hpp): the logits stay there and only
+  // the token comes back. Same parameters and random stream as the CPU Sampler, so the same tokens.
+  bool sample_on_device = false;
 };
 
 struct GenerationResult {

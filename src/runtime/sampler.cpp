@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "core/error.hpp"
+#include "core/sampling_math.hpp"
 
 // NOTES: the passes over the whole vocabulary are built for plain x86-64 and for AVX2, picked at load time. No clone
 // enables FMA: a fused multiply-add rounds differently, and the probabilities must not depend on the machine.
@@ -49,32 +50,6 @@ bool ranks_before(const auto& a, const auto& b) {
   return a.weight > b.weight || (a.weight == b.weight && a.token < b.token);
 }
 
-// exp(x) for x <= 0 (including -inf), relative error < 1e-7, written with plain float arithmetic so that it
-// vectorises and gives the same bits everywhere. Results below e^-87 (near float's smallest normal) are 0.
-// Range reduction: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for exactness), then Taylor to degree 7.
-inline float exp_nonpositive(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2High = 0.693145751953125f;  // few mantissa bits: n * kLn2High is exact
-  constexpr float kLn2Low = 1.42860682030941723212e-6f;
-  constexpr float kRoundingShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
-  constexpr float kUnderflow = -87.0f;
-  const float shifted = x * kLog2e + kRoundingShift;
-  const float n = shifted - kRoundingShift;
-  const float r = (x - n * kLn2High) - n * kLn2Low;
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  // 2^n from the integer in shifted's mantissa; garbage for x < kUnderflow (or -inf), which the mask zeroes.
-  const int32_t two_to_n = (std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kRoundingShift) + 127) << 23;
-  const int32_t keep_mask = -static_cast<int32_t>(x >= kUnderflow);
-  return std::bit_cast<float>(std::bit_cast<int32_t>(poly * std::bit_cast<float>(two_to_n)) & keep_mask);
-}
-
 struct LogitScan {
   float max;
   bool has_invalid;  // some logit is NaN or +inf
@@ -97,21 +72,16 @@ DSV4_VOCAB_PASS LogitScan scan_logits(const float* logits, size_t count) {
   return {std::bit_cast<float>(key(max_key)), invalid != 0};
 }
 
-// weights[t] = exp((logits[t] - max_logit) / temperature), and the weight sum of each kBlock-token block, each
-// summed in a fixed order (8 double lanes, then pairwise) so the result does not depend on the clone.
+// weights[t] = exp((logits[t] - max_logit) / temperature) and the integer mass of each kBlock-token block.
 DSV4_VOCAB_PASS void compute_weights(const float* logits, size_t count, float max_logit, float temperature,
-                                     float* weights, double* block_mass) {
+                                     int mass_shift, float* weights, uint64_t* block_mass) {
   for (size_t begin = 0; begin < count; begin += kBlock) {
     const size_t end = std::min(count, begin + kBlock);
-    for (size_t i = begin; i < end; ++i) weights[i] = exp_nonpositive((logits[i] - max_logit) / temperature);
-    constexpr size_t kLanes = 8;
-    double lanes[kLanes] = {};
-    size_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (size_t lane = 0; lane < kLanes; ++lane) lanes[lane] += weights[i + lane];
+    uint64_t mass = 0;
+    for (size_t i = begin; i < end; ++i) {
+      weights[i] = sampling::tempered_weight(logits[i], max_logit, temperature);
+      mass += sampling::weight_mass(weights[i], mass_shift);
     }
-    double mass = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (; i < end; ++i) mass += weights[i];
     block_mass[begin / kBlock] = mass;
   }
 }
@@ -176,45 +146,69 @@ Sampler::Sampler(SamplingParams params, int32_t vocab_size)
       top_k_on_(params_.top_k > 0 && params_.top_k < vocab_size),
       top_p_on_(params_.top_p < 1.0f),
       min_p_on_(params_.min_p > 0.0f),
+      repetition_on_(params_.repetition_penalty != 1.0f),
+      frequency_presence_on_(params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f),
+      mass_shift_(sampling::mass_shift(vocab_size)),
       rng_(params_.seed ? *params_.seed : nondeterministic_seed()),
       weights_(static_cast<size_t>(vocab_size)),
       block_mass_((static_cast<size_t>(vocab_size) + kBlock - 1) / kBlock) {
   if (top_p_on_ && !top_k_on_) bucket_mass_.resize(kHistogramCopies * kBuckets);
-  if (params_.repetition_penalty != 1.0f) seen_epoch_.assign(static_cast<size_t>(vocab_size), 0);
-  if (params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f) {
-    output_counts_.assign(static_cast<size_t>(vocab_size), 0);
+  if (!params_.logit_bias.empty() || repetition_on_ || frequency_presence_on_) {
+    adjustment_epoch_.assign(static_cast<size_t>(vocab_size), 0);
+    adjustment_index_.assign(static_cast<size_t>(vocab_size), 0);
   }
 }
 
-void Sampler::apply_repetition_penalty(std::span<float> logits, std::span<const int32_t> prompt_ids,
-                                       std::span<const int32_t> generated_ids) {
-  // A new epoch marks every token unseen without clearing the array.
+sampling::LogitAdjustment& Sampler::adjustment_of(int32_t token) {
+  if (adjustment_epoch_[token] != epoch_) {
+    adjustment_epoch_[token] = epoch_;
+    adjustment_index_[token] = static_cast<int32_t>(adjustments_.size());
+    adjustments_.push_back({token, 0.0f, 0, 0});
+  }
+  return adjustments_[static_cast<size_t>(adjustment_index_[token])];
+}
+
+void Sampler::build_adjustments(std::span<const int32_t> prompt_ids, std::span<const int32_t> generated_ids) {
+  // Ids are checked before any state changes, so a bad id leaves the sampler as it was.
+  if (repetition_on_) check_token_ids(prompt_ids, "prompt_ids", vocab_size_);
+  if (repetition_on_ || frequency_presence_on_) check_token_ids(generated_ids, "generated_ids", vocab_size_);
+  adjustments_.clear();
+  if (adjustment_epoch_.empty()) return;
+  // A new epoch marks every token unadjusted without clearing the array.
   if (++epoch_ == 0) {
-    std::fill(seen_epoch_.begin(), seen_epoch_.end(), 0u);
+    std::fill(adjustment_epoch_.begin(), adjustment_epoch_.end(), 0u);
     epoch_ = 1;
   }
-  const float penalty = params_.repetition_penalty;
-  for (const std::span<const int32_t> ids : {prompt_ids, generated_ids}) {
-    for (const int32_t token : ids) {
-      if (seen_epoch_[token] == epoch_) continue;
-      seen_epoch_[token] = epoch_;
-      float& logit = logits[token];
-      logit = logit > 0.0f ? logit / penalty : logit * penalty;
+  for (const auto& [token, bias] : params_.logit_bias) adjustment_of(token).bias = bias;
+  if (repetition_on_) {
+    for (const std::span<const int32_t> ids : {prompt_ids, generated_ids}) {
+      for (const int32_t token : ids) adjustment_of(token).repeated = 1;
     }
+  }
+  if (frequency_presence_on_) {
+    for (const int32_t token : generated_ids) ++adjustment_of(token).count;
   }
 }
 
-void Sampler::apply_frequency_presence_penalties(std::span<float> logits, std::span<const int32_t> generated_ids) {
-  for (const int32_t token : generated_ids) {
-    if (output_counts_[token]++ == 0) counted_tokens_.push_back(token);
-  }
-  for (const int32_t token : counted_tokens_) {
-    float& logit = logits[token];
-    logit -= params_.frequency_penalty * static_cast<float>(output_counts_[token]);
-    logit -= params_.presence_penalty;
-    output_counts_[token] = 0;
-  }
-  counted_tokens_.clear();
+sampling::RowParams Sampler::row_params() const {
+  sampling::RowParams row;
+  row.temperature = params_.temperature;
+  row.top_p = params_.top_p;
+  row.top_k = top_k_on_ ? params_.top_k : 0;
+  row.min_p = params_.min_p;
+  row.repetition_penalty = params_.repetition_penalty;
+  row.frequency_penalty = params_.frequency_penalty;
+  row.presence_penalty = params_.presence_penalty;
+  return row;
+}
+
+sampling::SamplingStep Sampler::device_step(std::span<const int32_t> prompt_ids,
+                                            std::span<const int32_t> generated_ids) {
+  build_adjustments(prompt_ids, generated_ids);
+  sampling::RowParams row = row_params();
+  row.adjustments_count = static_cast<int32_t>(adjustments_.size());
+  if (params_.temperature != 0.0f) row.draw = next_draw();
+  return {row, adjustments_};
 }
 
 float Sampler::adjust_logits(std::span<float> logits, std::span<const int32_t> prompt_ids,
@@ -224,48 +218,43 @@ float Sampler::adjust_logits(std::span<float> logits, std::span<const int32_t> p
   LogitScan scan = scan_logits(logits.data(), logits.size());
   if (scan.has_invalid) {
     for (size_t token = 0; token < logits.size(); ++token) {
-      check(!std::isnan(logits[token]), "sampler: the logit of token ", token, " is NaN");
-      check(logits[token] != kInfinity, "sampler: the logit of token ", token, " is +inf");
+      check(!std::isnan(logits[token]) && logits[token] != kInfinity,
+            sampling::bad_logit_message(int64_t(token), std::isnan(logits[token])));
     }
   }
-  const bool repetition_on = params_.repetition_penalty != 1.0f;
-  const bool frequency_presence_on = params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f;
-  // Ids are checked before any state changes, so a bad id leaves the sampler as it was.
-  if (repetition_on) check_token_ids(prompt_ids, "prompt_ids", vocab_size_);
-  if (repetition_on || frequency_presence_on) check_token_ids(generated_ids, "generated_ids", vocab_size_);
-
-  for (const auto& [token, bias] : params_.logit_bias) logits[token] += bias;
-  if (repetition_on) apply_repetition_penalty(logits, prompt_ids, generated_ids);
-  if (frequency_presence_on) apply_frequency_presence_penalties(logits, generated_ids);
-  if (!params_.logit_bias.empty() || repetition_on || frequency_presence_on) {
+  build_adjustments(prompt_ids, generated_ids);
+  if (!adjustments_.empty()) {
+    const sampling::RowParams row = row_params();
+    for (const sampling::LogitAdjustment& a : adjustments_) {
+      logits[a.token] = sampling::adjust_logit(logits[a.token], a, row);
+    }
     scan = scan_logits(logits.data(), logits.size());
   }
   check(scan.max > -kInfinity, "sampler: every logit is -inf, there is no token to sample");
   return scan.max;
 }
 
-double Sampler::gather(float lower) {
-  double mass = 0.0;
+uint64_t Sampler::gather(float lower) {
+  uint64_t total = 0;
   for (int32_t token = 0; token < vocab_size_; ++token) {
     const float weight = weights_[token];
     if (weight >= lower && weight > 0.0f) {
       candidates_.push_back({token, weight});
-      mass += weight;
+      total += mass(weight);
     }
   }
-  return mass;
+  return total;
 }
 
 void Sampler::build_mass_histogram() {
-  std::fill(bucket_mass_.begin(), bucket_mass_.end(), 0.0);
+  std::fill(bucket_mass_.begin(), bucket_mass_.end(), 0);
   for (size_t token = 0; token < weights_.size(); ++token) {
-    bucket_mass_[(token % kHistogramCopies) * kBuckets + weight_bucket(weights_[token])] += weights_[token];
+    bucket_mass_[(token % kHistogramCopies) * kBuckets + weight_bucket(weights_[token])] += mass(weights_[token]);
   }
   for (size_t copy = 1; copy < kHistogramCopies; ++copy) {
     for (size_t bucket = 0; bucket < kBuckets; ++bucket) bucket_mass_[bucket] += bucket_mass_[copy * kBuckets + bucket];
   }
 }
-
 void Sampler::select_top_k(size_t top_k, float floor) {
   // One pass with a rising bar: candidates collect in a buffer; when it is full, nth_element keeps the best top_k
   // and the bar becomes the k-th weight. Later tokens have higher ids, so one equal to the bar ranks below it.
@@ -290,7 +279,7 @@ void Sampler::select_top_k(size_t top_k, float floor) {
   if (candidates_.size() > top_k) keep_best();
 }
 
-void Sampler::append_nucleus(std::vector<Candidate>& pool, double mass_above, double target) {
+void Sampler::append_nucleus(std::vector<Candidate>& pool, uint64_t mass_above, uint64_t target) {
   if (pool.empty() || mass_above >= target) return;
   // Narrow [first, last) to a small range holding the cut: each step splits the range at its middle rank
   // (nth_element) and keeps the half where the running mass crosses the target. Expected O(pool) in total.
@@ -302,8 +291,8 @@ void Sampler::append_nucleus(std::vector<Candidate>& pool, double mass_above, do
     const auto begin = pool_scratch_.begin();
     std::nth_element(begin + static_cast<ptrdiff_t>(first), begin + static_cast<ptrdiff_t>(middle),
                      begin + static_cast<ptrdiff_t>(last), ranks_before<Candidate, Candidate>);
-    double upper_half_mass = 0.0;
-    for (size_t i = first; i < middle; ++i) upper_half_mass += pool_scratch_[i].weight;
+    uint64_t upper_half_mass = 0;
+    for (size_t i = first; i < middle; ++i) upper_half_mass += mass(pool_scratch_[i].weight);
     if (mass_above + upper_half_mass < target) {
       mass_above += upper_half_mass;  // the whole upper half survives, and so does the candidate at `middle`
       first = middle;
@@ -316,7 +305,7 @@ void Sampler::append_nucleus(std::vector<Candidate>& pool, double mass_above, do
             ranks_before<Candidate, Candidate>);
   size_t cut = first;  // the last survivor; `first` always survives (less than target lies above it)
   for (size_t i = first; i < last && mass_above < target; ++i) {
-    mass_above += pool_scratch_[i].weight;
+    mass_above += mass(pool_scratch_[i].weight);
     cut = i;
   }
   // Survivors in the pool's own (token id) order, which does not depend on how nth_element arranged the scratch.
@@ -327,7 +316,8 @@ void Sampler::append_nucleus(std::vector<Candidate>& pool, double mass_above, do
 }
 
 bool Sampler::select_candidates(std::span<const float> logits, float max_logit) {
-  compute_weights(logits.data(), logits.size(), max_logit, params_.temperature, weights_.data(), block_mass_.data());
+  compute_weights(logits.data(), logits.size(), max_logit, params_.temperature, mass_shift_, weights_.data(),
+                  block_mass_.data());
   if (!top_k_on_ && !top_p_on_ && !min_p_on_) return false;
   candidates_.clear();
   // The most probable token has weight exp(0) = 1, so "p >= min_p * p_max" reads weight >= min_p. Nothing below
@@ -344,31 +334,31 @@ bool Sampler::select_candidates(std::span<const float> logits, float max_logit) 
     select_top_k(top_k, top_p_on_ ? 0.0f : min_p);
     std::sort(candidates_.begin(), candidates_.end(), ranks_before<Candidate, Candidate>);
     if (top_p_on_) {
-      double top_k_mass = 0.0;
-      for (const Candidate& candidate : candidates_) top_k_mass += candidate.weight;
-      const double target = static_cast<double>(params_.top_p) * top_k_mass;
+      uint64_t top_k_mass = 0;
+      for (const Candidate& candidate : candidates_) top_k_mass += mass(candidate.weight);
+      const uint64_t target = sampling::nucleus_mass(params_.top_p, top_k_mass);
       size_t keep = 0;
-      double mass_above = 0.0;
-      while (keep < candidates_.size() && mass_above < target) mass_above += candidates_[keep++].weight;
+      uint64_t mass_above = 0;
+      while (keep < candidates_.size() && mass_above < target) mass_above += mass(candidates_[keep++].weight);
       candidates_.resize(keep);
     }
   } else {
-    double total_mass = 0.0;
-    for (const double mass : block_mass_) total_mass += mass;
-    const double target = static_cast<double>(params_.top_p) * total_mass;
+    uint64_t total_mass = 0;
+    for (const uint64_t block : block_mass_) total_mass += block;
+    const uint64_t target = sampling::nucleus_mass(params_.top_p, total_mass);
     // First the tokens near the top: cheap, and usually they hold the nucleus.
     const float likely_floor = std::max(kLikelyWeight, min_p);
-    const double likely_mass = gather(likely_floor);
+    const uint64_t likely_mass = gather(likely_floor);
     nucleus_pool_.swap(candidates_);
     candidates_.clear();
     if (likely_mass >= target || likely_floor <= min_p) {
-      append_nucleus(nucleus_pool_, 0.0, target);
+      append_nucleus(nucleus_pool_, 0, target);
     } else {
       // Buckets above the one where the mass crosses top_p survive whole (less than top_p lies above any of their
       // tokens), buckets below it do not, and only the boundary bucket is searched for the exact cut.
       build_mass_histogram();
       size_t boundary = 0;
-      double mass_above_boundary = 0.0;
+      uint64_t mass_above_boundary = 0;
       for (; boundary + 1 < kBuckets; ++boundary) {
         if (mass_above_boundary + bucket_mass_[boundary] >= target) break;
         mass_above_boundary += bucket_mass_[boundary];
@@ -388,45 +378,41 @@ bool Sampler::select_candidates(std::span<const float> logits, float max_logit) 
 }
 
 int32_t Sampler::draw_from_all_tokens() {
-  double total_mass = 0.0;
-  for (const double mass : block_mass_) total_mass += mass;
-  const double target = rng_.uniform() * total_mass;
-  double mass_before = 0.0;
+  uint64_t total_mass = 0;
+  for (const uint64_t block : block_mass_) total_mass += block;
+  const uint64_t target = sampling::draw_target(next_draw(), total_mass);
+  uint64_t mass_before = 0;
   for (size_t block = 0; block < block_mass_.size(); ++block) {
     if (target >= mass_before + block_mass_[block]) {
       mass_before += block_mass_[block];
       continue;
     }
-    const size_t begin = block * kBlock;
-    const size_t end = std::min(weights_.size(), begin + kBlock);
-    int32_t last_positive = -1;
-    for (size_t token = begin; token < end; ++token) {
-      if (weights_[token] == 0.0f) continue;
-      mass_before += weights_[token];
-      last_positive = static_cast<int32_t>(token);
-      if (target < mass_before) return last_positive;
+    // Exact integer sums: the running mass crosses the target inside this block.
+    const size_t end = std::min(weights_.size(), (block + 1) * kBlock);
+    for (size_t token = block * kBlock; token < end; ++token) {
+      mass_before += mass(weights_[token]);
+      if (target < mass_before) return static_cast<int32_t>(token);
     }
-    // The block sum was added in another order; the rounding difference lands on the block's last token.
-    if (last_positive >= 0) return last_positive;
   }
-  // target rounded up to total_mass: the last token that has any weight.
-  for (size_t token = weights_.size(); token-- > 0;) {
-    if (weights_[token] > 0.0f) return static_cast<int32_t>(token);
-  }
-  fail("sampler: no token has a nonzero probability");
+  fail("sampler: the draw found no token (total mass ", total_mass, ", target ", target, ")");
 }
 
 int32_t Sampler::draw_from_candidates() {
   check(!candidates_.empty(), "sampler: no token survived the filters");
-  double total_mass = 0.0;
-  for (const Candidate& candidate : candidates_) total_mass += candidate.weight;
-  const double target = rng_.uniform() * total_mass;
-  double cumulative = 0.0;
+  // The draw walks the survivors in token id order, as the device sampler does.
+  const auto by_token = [](const Candidate& a, const Candidate& b) { return a.token < b.token; };
+  if (!std::is_sorted(candidates_.begin(), candidates_.end(), by_token)) {
+    std::sort(candidates_.begin(), candidates_.end(), by_token);
+  }
+  uint64_t total_mass = 0;
+  for (const Candidate& candidate : candidates_) total_mass += mass(candidate.weight);
+  const uint64_t target = sampling::draw_target(next_draw(), total_mass);
+  uint64_t cumulative = 0;
   for (const Candidate& candidate : candidates_) {
-    cumulative += candidate.weight;
+    cumulative += mass(candidate.weight);
     if (target < cumulative) return candidate.token;
   }
-  return candidates_.back().token;
+  fail("sampler: the draw found no survivor (mass ", total_mass, ", target ", target, ")");
 }
 
 int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> prompt_ids,
@@ -446,12 +432,14 @@ std::vector<TokenProbability> Sampler::distribution(std::span<float> logits, std
     gather(0.0f);
   }
   std::sort(candidates_.begin(), candidates_.end(), ranks_before<Candidate, Candidate>);
-  double total_mass = 0.0;
-  for (const Candidate& candidate : candidates_) total_mass += candidate.weight;
+  uint64_t total_mass = 0;
+  for (const Candidate& candidate : candidates_) total_mass += mass(candidate.weight);
   std::vector<TokenProbability> result;
   result.reserve(candidates_.size());
   for (const Candidate& candidate : candidates_) {
-    result.push_back({candidate.token, static_cast<double>(candidate.weight) / total_mass});
+    const uint64_t token_mass = mass(candidate.weight);
+    if (token_mass == 0) break;  // never drawn; every later candidate has no more weight
+    result.push_back({candidate.token, static_cast<double>(token_mass) / static_cast<double>(total_mass)});
   }
   return result;
 }

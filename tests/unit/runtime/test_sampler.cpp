@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.hpp"
+#include "core/sampling_math.hpp"
 #include "runtime/random.hpp"
 #include "runtime/sampler.hpp"
 #include "support/expect_error.hpp"
@@ -314,9 +315,13 @@ TEST(Sampler, MaskedTokensAreNeverDrawn) {
 std::vector<TokenProbability> reference_distribution(const SamplingParams& params, const std::vector<float>& logits) {
   const double max_logit = *std::max_element(logits.begin(), logits.end());
   std::vector<TokenProbability> tokens;
+  // A token can be drawn when its weight is at least the unit of the integer masses (and above exp's underflow).
+  const double smallest_weight = std::ldexp(1.0, -sampling::mass_shift(static_cast<int64_t>(logits.size())));
   for (size_t t = 0; t < logits.size(); ++t) {
     const double scaled = (logits[t] - max_logit) / params.temperature;
-    if (scaled >= -87.0) tokens.push_back({static_cast<int32_t>(t), std::exp(scaled)});  // the sampler's underflow
+    if (scaled >= -87.0 && std::exp(scaled) >= smallest_weight) {
+      tokens.push_back({static_cast<int32_t>(t), std::exp(scaled)});
+    }
   }
   std::sort(tokens.begin(), tokens.end(), [](const TokenProbability& a, const TokenProbability& b) {
     return a.probability > b.probability || (a.probability == b.probability && a.token < b.token);
