@@ -415,6 +415,75 @@ TEST(Sampler, SameSeedSameTokensAndDifferentSeedsDiffer) {
   }
 }
 
+// ----- the device's share (device_step) -----
+
+TEST(Sampler, DeviceStepCarriesTheAdjustmentsSampleMakes) {
+  SamplingParams params = with_seed(4);
+  params.repetition_penalty = 1.3f;
+  params.presence_penalty = 0.5f;
+  params.frequency_penalty = 0.25f;
+  params.logit_bias = {{2, 3.0f}, {9, -1.0f}};
+  const std::vector<int32_t> prompt = {1, 2, 2, 5};
+  const std::vector<int32_t> generated = {5, 7, 7, 7};
+  const std::vector<float> logits = {0.5f, -1.25f, 2.0f, 0.0f, 1.0f, 3.5f, -0.75f, 1.5f, 0.25f, -2.0f, 0.125f, 4.0f};
+  Sampler host(params, 12);
+  Sampler device(params, 12);
+  std::vector<float> adjusted = logits;
+  host.sample(adjusted, prompt, generated);
+  const sampling::SamplingStep step = device.device_step(prompt, generated);
+  std::vector<float> applied = logits;
+  std::vector<int32_t> tokens;
+  for (const sampling::LogitAdjustment& a : step.adjustments) {
+    applied[a.token] = sampling::adjust_logit(applied[a.token], a, step.row);
+    tokens.push_back(a.token);
+    EXPECT_EQ(a.count, std::count(generated.begin(), generated.end(), a.token)) << "token " << a.token;
+    EXPECT_EQ(a.repeated, a.token == 9 ? 0 : 1) << "token " << a.token;
+  }
+  for (size_t t = 0; t < logits.size(); ++t) EXPECT_EQ(applied[t], adjusted[t]) << "token " << t;  // bit for bit
+  std::sort(tokens.begin(), tokens.end());
+  EXPECT_EQ(tokens, (std::vector<int32_t>{1, 2, 5, 7, 9}));
+  EXPECT_EQ(step.row.repetition_penalty, 1.3f);
+  EXPECT_EQ(step.row.presence_penalty, 0.5f);
+  EXPECT_EQ(step.row.frequency_penalty, 0.25f);
+  EXPECT_EQ(step.row.adjustments_count, 5);
+}
+
+TEST(Sampler, DeviceStepTakesTheDrawSampleWouldTake) {
+  SamplingParams params = with_seed(77);
+  params.top_k = 3;
+  Sampler sampler(params, 10);
+  Xoshiro256 stream(77);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(sampler.device_step({}, {}).row.draw, stream.next() >> 11);
+  EXPECT_EQ(sampler.device_step({}, {}).row.top_k, 3);
+  // Alternating sample() and device_step() consumes one draw per step, like sample() alone.
+  const std::vector<float> logits = log_of({0.3, 0.2, 0.2, 0.1, 0.1, 0.05, 0.05});
+  Sampler alone(with_seed(9), 7);
+  Sampler alternating(with_seed(9), 7);
+  for (int i = 0; i < 50; ++i) {
+    std::vector<float> a = logits, b = logits;
+    const int32_t want = alone.sample(a, {}, {});
+    if (i % 2 == 0) {
+      alternating.device_step({}, {});
+    } else {
+      EXPECT_EQ(alternating.sample(b, {}, {}), want) << "step " << i;
+    }
+  }
+  // Greedy takes no draw; top_k at or above the vocabulary is off.
+  params.temperature = 0.0f;
+  params.top_k = 10;
+  Sampler greedy(params, 10);
+  EXPECT_EQ(greedy.device_step({}, {}).row.draw, 0u);
+  EXPECT_EQ(greedy.device_step({}, {}).row.top_k, 0);
+}
+
+TEST(Sampler, DeviceStepRefusesIdsOutsideTheVocabulary) {
+  SamplingParams params = with_seed(1);
+  params.repetition_penalty = 1.1f;
+  Sampler sampler(params, 6);
+  expect_error([&] { sampler.device_step(std::vector<int32_t>{1, 6}, {}); }, "prompt_ids[1] = 6");
+  expect_error([&] { sampler.device_step({}, std::vector<int32_t>{-1}); }, "generated_ids[0] = -1");
+}
+
 TEST(Random, KnownValuesAndRange) {
   // splitmix64's published first output for seed 0.
   SplitMix64 mixer(0);
