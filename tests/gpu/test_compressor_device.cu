@@ -6,7 +6,7 @@
 // numbers and slots) and reference numerics (bf16 before the norm, fp8 KV or Hadamard + fp4 indexer rounding of
 // the stored entries; bf16 output keyed by slot and entry number); and the main compressor's entries stored
 // straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every element checked,
-// as are the entry numbers known from positions.
+// as are the entry numbers known from positions. kv and gate also as slices of one wider projection output.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -80,9 +80,12 @@ struct Sequence {
 };
 
 // to_cache: the entries go straight into a paged KV cache (bf16, or the fp8 layout for the KvFp8 cases) instead of
-// the case's own output.
-void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false) {
-  SCOPED_TRACE(std::string(c.name) + ", " + chunks + (to_cache ? ", into the KV cache" : ""));
+// the case's own output. stacked: kv and gate are slices of one wider projection output ([kv | gate | NaN gap] per
+// token, row_stride apart), as the model's stacked compressor projections give them.
+void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
+                bool stacked = false) {
+  SCOPED_TRACE(std::string(c.name) + ", " + chunks + (to_cache ? ", into the KV cache" : "") +
+               (stacked ? ", stacked projections" : ""));
   const bool reference =
       c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output || to_cache;
   const int64_t width = c.overlapping ? 2 * c.head_dim : c.head_dim;
@@ -126,6 +129,8 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
   DeviceBuffer d_keys(size_t(kSlots * capacity * c.head_dim) * 2, "slot entries");
   d_keys.fill_bytes(0xFF);
   DeviceBuffer d_kv(size_t(kSequences * longest * width) * 4, "step kv"), d_gate(d_kv.bytes(), "step gate");
+  const int64_t stride = 2 * width + 6;
+  DeviceBuffer d_stacked(size_t(kSequences * longest * stride) * 4, "step stacked projections");
   // The cache: layer 1 of 2, rows of 8 entries, every slot's compressed rows backed (interleaved page order).
   constexpr int kCacheLayer = 1, kPageRows = 8;
   const int64_t pages_per_slot = (capacity + kPageRows - 1) / kPageRows;
@@ -162,8 +167,19 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
       max_run = std::max(max_run, n);
     }
     if (runs.empty()) break;
-    d_kv.upload(kv.data(), kv.size() * 4);
-    d_gate.upload(gate.data(), gate.size() * 4);
+    if (stacked) {
+      const size_t tokens = kv.size() / size_t(width);
+      std::vector<float> rows(tokens * size_t(stride), std::nanf(""));
+      for (size_t t = 0; t < tokens; ++t) {
+        const auto from = std::ptrdiff_t(t * size_t(width)), to = std::ptrdiff_t(t * size_t(stride));
+        std::copy_n(kv.begin() + from, width, rows.begin() + to);
+        std::copy_n(gate.begin() + from, width, rows.begin() + to + width);
+      }
+      d_stacked.upload(rows.data(), rows.size() * 4);
+    } else {
+      d_kv.upload(kv.data(), kv.size() * 4);
+      d_gate.upload(gate.data(), gate.size() * 4);
+    }
     DeviceBuffer d_runs = to_device(runs, "runs");
     const int64_t per_run = compressor_max_entries(max_run, c.ratio);
     const size_t rows = runs.size() * size_t(per_run);
@@ -185,6 +201,7 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
                        .rope_frequencies = d_freq.as<float>(),
                        .rope_dim = c.rope_dim,
                        .state = state.view()};
+    if (stacked) p.kv = d_stacked.as<float>(), p.gate = d_stacked.as<float>() + width, p.row_stride = stride;
     if (to_cache) {
       p.stored_rounding = CompressorStoredRounding::None, p.cache = cache->view(), p.cache_layer = kCacheLayer;
     } else if (c.bf16_output) {
@@ -330,6 +347,15 @@ TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {
       // Straight into the KV cache: the main compressor's stores (no indexer rounding, no bf16 side output).
       if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output) check_case(c, chunks, seed++, true);
     }
+}
+
+// The model's stacked compressor projections: kv and gate read row_stride apart, the gap (NaN) never read, the
+// state updated from the same slices, for decode steps and chunks of several runs.
+TEST(Compressor, StackedProjectionsMatchTheCpuOnePass) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 500;
+  for (const CompressorCase& c : kCases)
+    for (const char* chunks : {"single tokens", "chunks of 3/7/13"}) check_case(c, chunks, seed++, false, true);
 }
 
 TEST(Compressor, EntriesKnownFromPositions) {

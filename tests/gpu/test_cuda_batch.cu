@@ -144,8 +144,11 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
   return c;
 }
 
-cuda::CudaModelOptions batch_options() {
+// fused: the step's fused launches (stacked projections, the sub-block norms inside mHC's launches).
+cuda::CudaModelOptions batch_options(bool fused = false) {
   cuda::CudaModelOptions options;
+  options.fuse_projections = fused;
+  options.norms_in_mhc = fused;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks
@@ -179,56 +182,65 @@ TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
   const int64_t vocab = f.ckpt.config.vocab_size;
   const std::vector<Planned> plan = schedule(vocab, kSteps, 11);
   for (const NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
-    SCOPED_TRACE(std::string(to_string(mode)));
-    cuda::CudaModelOptions options = batch_options();
-    options.numerics = mode;
-    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
-    const std::vector<std::vector<float>> batched = run_batched(model, plan, kSteps);
-    for (size_t q = 0; q < plan.size(); ++q) {
-      const Comparison c = compare_rows(run_alone(model, plan[q]), batched[q], vocab);
-      std::printf("%s %s sequence %zu (prompt %zu, %d steps): row error median %.3g, max %.3g, argmax differs in "
-                  "%d rows\n",
-                  GetParam().c_str(), std::string(to_string(mode)).c_str(), q, plan[q].prompt.size(), c.rows,
-                  c.median, c.worst, c.argmax_differs);
-      EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
-      EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
+    for (const bool fuse : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(mode)) + (fuse ? ", fused launches" : ""));
+      cuda::CudaModelOptions options = batch_options(fuse);
+      options.numerics = mode;
+      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+      const std::vector<std::vector<float>> batched = run_batched(model, plan, kSteps);
+      for (size_t q = 0; q < plan.size(); ++q) {
+        const Comparison c = compare_rows(run_alone(model, plan[q]), batched[q], vocab);
+        std::printf("%s %s%s sequence %zu (prompt %zu, %d steps): row error median %.3g, max %.3g, argmax "
+                    "differs in %d rows\n",
+                    GetParam().c_str(), std::string(to_string(mode)).c_str(), fuse ? " fused" : "", q,
+                    plan[q].prompt.size(), c.rows, c.median, c.worst, c.argmax_differs);
+        EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
+        EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
+      }
     }
   }
 }
 
-// The captured decode steps replay exactly what the eager launches compute.
+// The captured decode steps (kernel nodes only, chained by programmatic dependent launches) replay exactly what the
+// eager launches compute; with the fused launches too, in fewer launches.
 TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
   const std::vector<Planned> plan = schedule(f.ckpt.config.vocab_size, kSteps, 12);
-  cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options());
-  EXPECT_NE(graphs.describe().find("CUDA graphs"), std::string::npos) << graphs.describe();
-  const std::vector<std::vector<float>> replayed = run_batched(graphs, plan, kSteps);
-  std::vector<std::vector<float>> eager;
-  {
-    const GraphsDisabled disabled;
-    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options());
-    EXPECT_NE(model.describe().find("eager"), std::string::npos) << model.describe();
-    eager = run_batched(model, plan, kSteps);
-  }
-  for (size_t q = 0; q < plan.size(); ++q) {
-    ASSERT_EQ(replayed[q].size(), eager[q].size());
-    size_t differ = 0, first = replayed[q].size();
-    for (size_t i = 0; i < replayed[q].size(); ++i)
-      if (std::memcmp(&replayed[q][i], &eager[q][i], sizeof(float)) != 0) {
-        first = std::min(first, i);
-        ++differ;
-      }
-    EXPECT_EQ(differ, 0u) << "sequence " << q << ": " << differ << " logits differ, the first at row "
-                          << first / size_t(f.ckpt.config.vocab_size) << " token "
-                          << first % size_t(f.ckpt.config.vocab_size);
-  }
-  for (const int batch : {1, 2, 4}) {
-    const int launches = graphs.decode_launches(batch);
-    std::printf("%s: a decode step of %d sequence(s) is %d kernel launches (%.1f per layer over %d layers)\n",
-                GetParam().c_str(), batch, launches, double(launches) / f.ckpt.config.num_layers,
-                f.ckpt.config.num_layers);
-    EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
+  int separate_launches = 0;  // batch 1, without the fused launches
+  for (const bool fuse : {false, true}) {
+    SCOPED_TRACE(fuse ? "fused launches" : "separate launches");
+    cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+    EXPECT_NE(graphs.describe().find("CUDA graphs"), std::string::npos) << graphs.describe();
+    const std::vector<std::vector<float>> replayed = run_batched(graphs, plan, kSteps);
+    std::vector<std::vector<float>> eager;
+    {
+      const GraphsDisabled disabled;
+      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+      EXPECT_NE(model.describe().find("eager"), std::string::npos) << model.describe();
+      eager = run_batched(model, plan, kSteps);
+    }
+    for (size_t q = 0; q < plan.size(); ++q) {
+      ASSERT_EQ(replayed[q].size(), eager[q].size());
+      size_t differ = 0, first = replayed[q].size();
+      for (size_t i = 0; i < replayed[q].size(); ++i)
+        if (std::memcmp(&replayed[q][i], &eager[q][i], sizeof(float)) != 0) {
+          first = std::min(first, i);
+          ++differ;
+        }
+      EXPECT_EQ(differ, 0u) << "sequence " << q << ": " << differ << " logits differ, the first at row "
+                            << first / size_t(f.ckpt.config.vocab_size) << " token "
+                            << first % size_t(f.ckpt.config.vocab_size);
+    }
+    for (const int batch : {1, 2, 4}) {
+      const int launches = graphs.decode_launches(batch);
+      std::printf("%s%s: a decode step of %d sequence(s) is %d kernel launches (%.1f per layer over %d layers)\n",
+                  GetParam().c_str(), fuse ? " fused" : "", batch, launches,
+                  double(launches) / f.ckpt.config.num_layers, f.ckpt.config.num_layers);
+      EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
+      if (batch == 1 && !fuse) separate_launches = launches;
+      if (batch == 1 && fuse) EXPECT_LT(launches, separate_launches);
+    }
   }
 }
 

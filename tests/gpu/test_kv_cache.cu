@@ -2,7 +2,8 @@
 // run_kv_insert (RMSNorm → RoPE → quantise → insert) against cpu::rms_norm + cpu::apply_rope (+ round_kv_reference
 // for the fp8 layout) for the V4 shape (D 512, rope 64) and a tiny one (D 64, rope 16, a partial fp8 block), window
 // rows that wrap the ring, compressed rows with the bf16 pre-rounding, several sequences, rows with no destination
-// (skipped); the pool is poisoned before each run and every stored byte of every touched entry is checked.
+// (skipped); the pool is poisoned before each run and every stored byte of every touched entry is checked. The
+// launch carrying another RMSNorm and reading strided rows: bit for bit the separate launches.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -250,6 +252,106 @@ TEST(KvInsert, MatchesCpuNormRopeAndReferenceRoundingOrStoresAsIs) {
     }
 }
 
+// One launch for the insert and an RMSNorm of other rows (the step's q_norm, or the queries' per-head norm with
+// RoPE), x read as a slice of a wider projection output: the pool and the norm's outputs are bit for bit those of
+// the two separate launches over contiguous rows. Each norm kind (warp or CTA rows, with or without RoPE).
+struct FusedNormCase {
+  int64_t rows, width;
+  bool weighted, rope;
+};
+
+void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, uint32_t seed) {
+  SCOPED_TRACE(std::string(to_string(format)) + " D=" + std::to_string(D) + " norm rows=" + std::to_string(n.rows) +
+               " width=" + std::to_string(n.width) + (n.rope ? " rope" : ""));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t rows = 13, capacity = 16, stride = D + 96;  // the kv slice sits at column 96 of wider rows
+  KvCache cache({.format = format, .head_dim = D, .rope_dim = rope_dim, .layers = 1, .max_sequences = 2,
+                 .window_capacity = capacity, .page_rows = 8, .pages = 4});
+  for (int s = 0; s < 2; ++s) {
+    ASSERT_EQ(cache.add_sequence(), s);
+    cache.ensure_rows(s, 0, KvArray::Window, capacity);
+  }
+  cache.upload_page_table(nullptr);
+  std::vector<float> x(size_t(rows * D)), wide(size_t(rows * stride), std::nanf("")), kv_weight(static_cast<size_t>(D));
+  std::vector<int32_t> slots(static_cast<size_t>(rows)), dest(static_cast<size_t>(rows));
+  std::vector<int64_t> positions(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    slots[size_t(r)] = int32_t(r % 2), dest[size_t(r)] = int32_t(r / 2), positions[size_t(r)] = 40 + r / 2;
+    for (int d = 0; d < D; ++d) wide[size_t(r * stride + 96 + d)] = x[size_t(r * D + d)] = normal(rng);
+  }
+  for (float& w : kv_weight) w = 1.0f + 0.25f * normal(rng);
+  std::vector<float> norm_x(size_t(n.rows * n.width)), norm_weight(size_t(n.width));
+  std::vector<int64_t> norm_positions(size_t(n.rows));
+  for (float& v : norm_x) v = 3.0f * normal(rng);
+  for (float& w : norm_weight) w = 1.0f + 0.25f * normal(rng);
+  for (int64_t r = 0; r < n.rows; ++r) norm_positions[size_t(r)] = 7 * r;
+  const cpu::RopeTable rope(10000.0, rope_dim, std::nullopt);
+
+  DeviceBuffer d_x = to_device(x, "x"), d_wide = to_device(wide, "wide x"), d_kvw = to_device(kv_weight, "kv_norm"),
+               d_slots = to_device(slots, "slots"), d_dest = to_device(dest, "dest"),
+               d_pos = to_device(positions, "positions"), d_freq = to_device(rope.frequencies(), "frequencies"),
+               d_norm_x = to_device(norm_x, "norm x"), d_norm_w = to_device(norm_weight, "norm weight"),
+               d_norm_pos = to_device(norm_positions, "norm positions");
+  const size_t norm_size = norm_x.size();  // even in every case: the bf16 outputs are whole floats
+  DeviceBuffer separate_y = poisoned(norm_size, "separate y"), fused_y = poisoned(norm_size, "fused y");
+  DeviceBuffer separate_bf16 = poisoned(norm_size / 2, "separate y_bf16"),
+               fused_bf16 = poisoned(norm_size / 2, "fused y_bf16");
+  const KvCacheView view = cache.view();
+  const size_t pool_bytes = size_t(4) * 8 * view.layout.entry_bytes;
+
+  const KvInsertParams insert{.cache = view, .rows = rows, .x = d_x.as<float>(), .norm_weight = d_kvw.as<float>(),
+                              .rope_frequencies = d_freq.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
+                              .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()};
+  RmsNormParams norm{.x = d_norm_x.as<float>(),
+                     .weight = n.weighted ? d_norm_w.as<float>() : nullptr,
+                     .rows = n.rows,
+                     .width = n.width,
+                     .y = separate_y.as<float>(),
+                     .y_bf16 = separate_bf16.as<__nv_bfloat16>()};
+  if (n.rope) {
+    norm.rope_frequencies = d_freq.as<float>(), norm.positions = d_norm_pos.as<int64_t>();
+    norm.rope_dim = rope_dim, norm.rows_per_position = 1;
+  }
+  ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
+  run_rms_norm(norm);
+  run_kv_insert(insert);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> want_pool(pool_bytes), got_pool(pool_bytes);
+  ASSERT_EQ(cudaMemcpy(want_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+
+  ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
+  KvInsertParams fused = insert;
+  fused.x = d_wide.as<float>() + 96, fused.x_row_stride = stride;
+  fused.fused_norm = norm;
+  fused.fused_norm.y = fused_y.as<float>(), fused.fused_norm.y_bf16 = fused_bf16.as<__nv_bfloat16>();
+  run_kv_insert(fused);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(got_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  for (size_t b = 0; b < pool_bytes; ++b)
+    ASSERT_EQ(got_pool[b], want_pool[b]) << "pool byte " << b << " (entry " << b / size_t(view.layout.entry_bytes)
+                                         << ")";
+  const std::vector<float> want_y = download(separate_y, norm_size), got_y = download(fused_y, norm_size);
+  const std::vector<float> want_b = download(separate_bf16, norm_size / 2),
+                           got_b = download(fused_bf16, norm_size / 2);
+  for (size_t i = 0; i < norm_size; ++i)
+    ASSERT_EQ(std::memcmp(&want_y[i], &got_y[i], 4), 0) << "norm y[" << i << "]: fused " << got_y[i] << ", separate "
+                                                        << want_y[i];
+  ASSERT_EQ(std::memcmp(want_b.data(), got_b.data(), norm_size * 2), 0) << "the fused norm's bf16 output differs";
+}
+
+TEST(KvInsert, FusedNormAndStridedRowsGiveTheSeparateLaunchesBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 300;
+  // q_norm of the low-rank query (Flash 1024, Pro 1536), the queries' per-head norm with RoPE (Flash: 64 heads of a
+  // token), CTA-row norms with and without RoPE, and a row count that leaves a CTA's warps partly idle.
+  const FusedNormCase norms[] = {{1, 1024, true, false}, {3, 1536, true, false}, {64, 512, false, true},
+                                 {2, 4096, true, false}, {3, 2048, false, true}, {13, 96, true, false}};
+  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
+    for (const auto [D, rope] : {std::pair{512, 64}, std::pair{64, 16}})
+      for (const FusedNormCase& n : norms) check_fused_insert(format, D, rope, n, seed++);
+}
+
 TEST(KvInsert, RefusesBadCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache cache({.format = KvEntryFormat::Bf16, .head_dim = 64, .rope_dim = 16, .layers = 1, .max_sequences = 1,
@@ -267,6 +369,12 @@ TEST(KvInsert, RefusesBadCalls) {
   p = good;
   p.rope_frequencies = buffer.as<float>();
   testing::expect_error([&] { run_kv_insert(p); }, "positions");
+  p = good;
+  p.x_row_stride = 32;
+  testing::expect_error([&] { run_kv_insert(p); }, "x_row_stride 32");
+  p = good;
+  p.fused_norm = {.x = buffer.as<float>(), .rows = 1, .width = 16};
+  testing::expect_error([&] { run_kv_insert(p); }, "no output");
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
-// mixed, exact against the rule written out on the host. Outputs poisoned with NaN plus a guard region; every element checked.
+// mixed, each list alone and all of a step's in one launch, exact against the rule written out on the host. Strided
+// norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs poisoned with NaN plus a guard
+// region; every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -98,6 +100,38 @@ TEST(SmallOpsGpu, RmsNormMatchesCpuForModelAndOddWidths) {
         const bool in_place = seed % 2 == 1;  // alternate so every width runs both ways
         check_rms_norm(rows, width, true, in_place, round, seed++);
       }
+}
+
+// Rows x_row_stride apart (a slice of a wider projection output, e.g. q_lora of the stacked [wq_a; wkv]): the
+// same bits as the contiguous rows, and the gaps (NaN) never read.
+TEST(SmallOpsGpu, RmsNormOfStridedRowsEqualsContiguousRows) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 70;
+  for (const auto [width, stride] : {std::pair{int64_t(1024), int64_t(1536)}, std::pair{int64_t(4096), int64_t(4099)},
+                                     std::pair{int64_t(7), int64_t(8)}}) {
+    SCOPED_TRACE("width " + std::to_string(width) + " stride " + std::to_string(stride));
+    const int64_t rows = 37;
+    std::mt19937 rng(seed++);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> x(size_t(rows * width)), strided(size_t(rows * stride), std::nanf(""));
+    std::vector<float> weight(static_cast<size_t>(width));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < width; ++i) strided[size_t(r * stride + i)] = x[size_t(r * width + i)] = normal(rng);
+    for (float& w : weight) w = 1.0f + 0.2f * normal(rng);
+    DeviceBuffer x_d = to_device(x, "x"), strided_d = to_device(strided, "strided x"), w_d = to_device(weight, "w");
+    DeviceBuffer want_d = poisoned(x.size(), "contiguous y"), got_d = poisoned(x.size(), "strided y");
+    RmsNormParams p{
+        .x = x_d.as<float>(), .weight = w_d.as<float>(), .rows = rows, .width = width, .y = want_d.as<float>()};
+    run_rms_norm(p);
+    p.x = strided_d.as<float>(), p.x_row_stride = stride, p.y = got_d.as<float>();
+    run_rms_norm(p);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> want = download(want_d, x.size()), got = download(got_d, x.size());
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_EQ(std::memcmp(&want[i], &got[i], 4), 0) << "row " << i / size_t(width) << " element "
+                                                      << i % size_t(width) << ": strided " << got[i]
+                                                      << ", contiguous " << want[i];
+  }
 }
 
 TEST(SmallOpsGpu, RmsNormPerHeadWithoutWeight) {
@@ -283,6 +317,32 @@ std::vector<int32_t> download_ints(const DeviceBuffer& buffer, size_t count) {
   return ints;
 }
 
+// The window list's rule written out: slot s holds position p − window + 1 + s, at its ring row, or −1 before the
+// sequence's start.
+void expect_window_list(const std::vector<int32_t>& got, const std::vector<int64_t>& positions, int window,
+                        int64_t ring) {
+  for (size_t t = 0; t < positions.size(); ++t)
+    for (int64_t s = 0; s < window; ++s) {
+      const int64_t source = positions[t] - window + 1 + s;
+      const int32_t want = source >= 0 ? int32_t(source % ring) : -1;
+      ASSERT_EQ(got[t * size_t(window) + size_t(s)], want)
+          << "window " << window << ": token " << t << " (position " << positions[t] << ") slot " << s;
+    }
+}
+
+// A visible-entry list's rule: each token sees (position + 1) div ratio of the `entries` bound.
+void expect_visible_list(const std::vector<int32_t>& got, const std::vector<int32_t>& counts,
+                         const std::vector<int64_t>& positions, int64_t ratio, int64_t entries) {
+  for (size_t t = 0; t < positions.size(); ++t) {
+    const int64_t visible = std::min(entries, (positions[t] + 1) / ratio);
+    ASSERT_EQ(counts[t], int32_t(visible)) << "ratio " << ratio << ": token " << t << " (position " << positions[t]
+                                           << ")";
+    for (int64_t e = 0; e < entries; ++e)
+      ASSERT_EQ(got[t * size_t(entries) + size_t(e)], e < visible ? int32_t(e) : -1)
+          << "ratio " << ratio << ": token " << t << " (position " << positions[t] << ") entry " << e;
+  }
+}
+
 TEST(SmallOpsGpu, WindowIndexPerTokenOfABatchedStep) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   for (const auto [window, ring] : {std::pair{128, int64_t(128 + 511)}, std::pair{16, int64_t(16)},
@@ -291,18 +351,10 @@ TEST(SmallOpsGpu, WindowIndexPerTokenOfABatchedStep) {
     const std::vector<int64_t> positions = batch_positions(window);
     const int64_t T = int64_t(positions.size());
     DeviceBuffer d_pos = to_device(positions, "positions"), d_index = poisoned(size_t(T * window), "window index");
-    run_window_index({.positions = d_pos.as<int64_t>(), .tokens = T, .window = window, .ring_rows = ring,
-                      .index = d_index.as<int32_t>()});
+    run_attention_index({.positions = d_pos.as<int64_t>(), .tokens = T, .window = window, .ring_rows = ring,
+                         .window_index = d_index.as<int32_t>()});
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<int32_t> got = download_ints(d_index, size_t(T * window));
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t s = 0; s < window; ++s) {
-        // Slot s holds position p − window + 1 + s: its ring row, or −1 before the sequence's start.
-        const int64_t source = positions[size_t(t)] - window + 1 + s;
-        const int32_t want = source >= 0 ? int32_t(source % ring) : -1;
-        ASSERT_EQ(got[size_t(t * window + s)], want) << "token " << t << " (position " << positions[size_t(t)]
-                                                     << ") slot " << s;
-      }
+    expect_window_list(download_ints(d_index, size_t(T * window)), positions, window, ring);
   }
 }
 
@@ -316,19 +368,42 @@ TEST(SmallOpsGpu, VisibleEntriesPerTokenOfABatchedStep) {
     const int64_t T = int64_t(positions.size());
     DeviceBuffer d_pos = to_device(positions, "positions"), d_index = poisoned(size_t(T * entries), "entry index");
     DeviceBuffer d_counts = poisoned(size_t(T), "counts");
-    run_visible_entries_index({.positions = d_pos.as<int64_t>(), .tokens = T, .entries = entries, .ratio = ratio,
-                               .index = d_index.as<int32_t>(), .counts = d_counts.as<int32_t>()});
+    AttentionIndexParams p{.positions = d_pos.as<int64_t>(), .tokens = T};
+    p.visible[0] = {.entries = entries, .ratio = ratio, .index = d_index.as<int32_t>(),
+                    .counts = d_counts.as<int32_t>()};
+    p.visible_lists = 1;
+    run_attention_index(p);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<int32_t> got = download_ints(d_index, size_t(T * entries));
-    const std::vector<int32_t> counts = download_ints(d_counts, size_t(T));
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t visible = std::min(entries, (positions[size_t(t)] + 1) / ratio);
-      ASSERT_EQ(counts[size_t(t)], int32_t(visible)) << "token " << t << " (position " << positions[size_t(t)] << ")";
-      for (int64_t e = 0; e < entries; ++e)
-        ASSERT_EQ(got[size_t(t * entries + e)], e < visible ? int32_t(e) : -1)
-            << "token " << t << " (position " << positions[size_t(t)] << ") entry " << e;
-    }
+    expect_visible_list(download_ints(d_index, size_t(T * entries)), download_ints(d_counts, size_t(T)), positions,
+                        ratio, entries);
   }
+}
+
+// A model step's one launch: the window list and every HCA ratio's list (here three, of different lengths, one
+// longer than the window and one shorter), each as its own launch would build it.
+TEST(SmallOpsGpu, EveryListOfAStepInOneLaunch) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int window = 128;
+  const int64_t ring = 128 + 63;
+  const std::vector<int64_t> positions = batch_positions(window);
+  const int64_t T = int64_t(positions.size());
+  const std::vector<std::pair<int64_t, int64_t>> lists = {{128, 512}, {4, 1000}, {16, 40}};  // ratio, entries
+  DeviceBuffer d_pos = to_device(positions, "positions"), d_window = poisoned(size_t(T * window), "window index");
+  std::vector<DeviceBuffer> d_index, d_counts;
+  AttentionIndexParams p{.positions = d_pos.as<int64_t>(), .tokens = T, .window = window, .ring_rows = ring,
+                         .window_index = d_window.as<int32_t>()};
+  for (const auto [ratio, entries] : lists) {
+    d_index.push_back(poisoned(size_t(T * entries), "entry index"));
+    d_counts.push_back(poisoned(size_t(T), "counts"));
+    p.visible[p.visible_lists++] = {.entries = entries, .ratio = ratio, .index = d_index.back().as<int32_t>(),
+                                    .counts = d_counts.back().as<int32_t>()};
+  }
+  run_attention_index(p);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  expect_window_list(download_ints(d_window, size_t(T * window)), positions, window, ring);
+  for (size_t i = 0; i < lists.size(); ++i)
+    expect_visible_list(download_ints(d_index[i], size_t(T * lists[i].second)),
+                        download_ints(d_counts[i], size_t(T)), positions, lists[i].first, lists[i].second);
 }
 
 TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
@@ -340,6 +415,16 @@ TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
   expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 1, .width = 16}); }, "no output");
   expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 2, .width = 16, .y = x.as<float>() + 4}); },
                "y must be x itself");
+  expect_error(
+      [&] { run_rms_norm({.x = x.as<float>(), .x_row_stride = 8, .rows = 2, .width = 16, .y = y.as<float>()}); },
+      "x_row_stride 8 is below the width 16");
+  expect_error(
+      [&] { run_attention_index({.positions = x.as<int64_t>(), .tokens = 1, .window = 16, .ring_rows = 8}); },
+      "the ring must hold a window");
+  AttentionIndexParams no_index{.positions = x.as<int64_t>(), .tokens = 1};
+  no_index.visible[0] = {.entries = 4, .ratio = 4};
+  no_index.visible_lists = 1;
+  expect_error([&] { run_attention_index(no_index); }, "visible list 0 has no index");
   const OwnedQuantizedMatrix nv = allocate_quantized_matrix(WeightFormat::MXFP4, 8, 64, ScaleType::E8M0);
   const DeviceMatrix nv_d(nv.matrix, "mxfp4 table");
   expect_error([&] { run_embedding({.table = nv_d.view(), .ids = x.as<int32_t>(), .tokens = 1, .X = y.as<float>()}); },

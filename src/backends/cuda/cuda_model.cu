@@ -27,6 +27,7 @@
 #include "backends/cuda/linear_dispatch.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
+#include "backends/cuda/shape_only_matrix.hpp"
 #include "core/bf16.hpp"
 #include "core/dequantize.hpp"
 #include "core/error.hpp"
@@ -134,24 +135,79 @@ DeviceMatrixView shape_view(const QuantizedMatrix& m) {
   return v;
 }
 
-// The linear layers' largest workspace, over any weight tree (host or device) through `view_of`.
+// The matrix `parts` would make stacked (rows added up), as a shape: enough to size a linear workspace.
+DeviceMatrixView stacked_shape(std::initializer_list<DeviceMatrixView> parts) {
+  DeviceMatrixView v = *parts.begin();
+  v.rows = 0;
+  for (const DeviceMatrixView& part : parts) v.rows += part.rows;
+  return v;
+}
+
+// The linear layers' largest workspace, over any weight tree (host or device) through `view_of`, stacked
+// projections (CudaModelOptions::fuse_projections) included.
 template <class Weights, class ViewOf>
 size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) {
   size_t bytes = 0;
-  auto note = [&](const auto& m, int groups = 1) {
-    const DeviceMatrixView v = view_of(m);
+  auto note_view = [&](const DeviceMatrixView& v, int groups = 1) {
     if (v.rows > 0) bytes = std::max(bytes, linear_workspace_bytes(v, groups));
   };
+  auto note = [&](const auto& m, int groups = 1) { note_view(view_of(m), groups); };
   note(w.head);
   for (const auto& b : w.layers) {
     note(b.attn.wq_a), note(b.attn.wq_b), note(b.attn.wkv), note(b.attn.wo_b), note(b.attn.wo_a, o_groups);
-    if (b.attn.compressor) note(b.attn.compressor->wkv), note(b.attn.compressor->wgate);
+    note_view(stacked_shape({view_of(b.attn.wq_a), view_of(b.attn.wkv)}));
+    if (b.attn.compressor) {
+      note(b.attn.compressor->wkv), note(b.attn.compressor->wgate);
+      note_view(stacked_shape({view_of(b.attn.compressor->wkv), view_of(b.attn.compressor->wgate)}));
+    }
     if (b.attn.indexer) {
       note(b.attn.indexer->wq_b), note(b.attn.indexer->weights_proj);
       note(b.attn.indexer->compressor.wkv), note(b.attn.indexer->compressor.wgate);
+      if (b.attn.compressor)
+        note_view(stacked_shape({view_of(b.attn.compressor->wkv), view_of(b.attn.compressor->wgate),
+                                 view_of(b.attn.indexer->compressor.wkv),
+                                 view_of(b.attn.indexer->compressor.wgate)}));
     }
   }
   return bytes;
+}
+
+// The rows of `parts` stacked into one matrix in `pool` (one linear launch for matrices that read the same input),
+// copied on `stream`; an empty matrix when their formats, widths or scale layouts do not line up (FP8_BLOCK128
+// parts other than the last must fill whole 128-row bands, so that their scale bands stack too).
+DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::string_view what,
+                        DeviceAllocator& pool, cudaStream_t stream) {
+  const DeviceMatrixView& first = (*parts.begin())->view();
+  int64_t rows = 0;
+  size_t data_bytes = 0, scale_bytes = 0, index = 0;
+  for (const DeviceMatrix* part : parts) {
+    const DeviceMatrixView& v = part->view();
+    const bool last = ++index == parts.size();
+    if (v.rows == 0 || v.format != first.format || v.scale_type != first.scale_type || v.cols != first.cols ||
+        v.global_scale != first.global_scale || v.data_row_bytes != first.data_row_bytes ||
+        v.scales_per_row != first.scales_per_row ||
+        (v.format == WeightFormat::FP8_BLOCK128 && !last && v.rows % kFp8BlockSize != 0))
+      return {};
+    rows += v.rows;
+    data_bytes += part->data_buffer().bytes();
+    scale_bytes += part->scales_buffer().bytes();
+  }
+  QuantizedMatrix layout = shape_only_matrix(first.format, rows, first.cols, first.global_scale);
+  layout.scale_type = first.scale_type;
+  DeviceMatrix stacked = DeviceMatrix::allocate(layout, what, pool);
+  if (stacked.data_buffer().bytes() != data_bytes || stacked.scales_buffer().bytes() != scale_bytes) return {};
+  auto* data = static_cast<uint8_t*>(stacked.data_buffer().data());
+  auto* scales = static_cast<uint8_t*>(stacked.scales_buffer().data());
+  for (const DeviceMatrix* part : parts) {
+    const size_t part_data = part->data_buffer().bytes(), part_scales = part->scales_buffer().bytes();
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(data, part->data_buffer().data(), part_data, cudaMemcpyDeviceToDevice, stream));
+    if (part_scales > 0)
+      DSV4_CUDA_CHECK(
+          cudaMemcpyAsync(scales, part->scales_buffer().data(), part_scales, cudaMemcpyDeviceToDevice, stream));
+    data += part_data;
+    scales += part_scales;
+  }
+  return stacked;
 }
 
 bool cuda_graphs_disabled() {
@@ -229,6 +285,8 @@ struct CudaModel::Impl {
     bf16* qr_bf16;             // [T, q_lora]
     float* q;                  // [T, H·D]
     float* kv;                 // [T, D]
+    float* qr_kv;              // [T, q_lora + D]: the stacked [wq_a; wkv] projection's output
+    float* compressor_projections;  // [T, stacked compressor rows]: the stacked compressors' output
     bf16* o;                   // [T, H·D] attention output
     float* z;                  // [T, G·o_lora]
     bf16* z_bf16;
@@ -257,6 +315,13 @@ struct CudaModel::Impl {
   struct VisibleEntries {
     int32_t* index = nullptr;   // [T, max_context / ratio]
     int32_t* counts = nullptr;  // [T]
+  };
+
+  // Per layer with CudaModelOptions::fuse_projections: the stacked matrices that replaced the separate ones (empty
+  // where the parts do not stack; the layer then runs them separately).
+  struct StackedProjections {
+    DeviceMatrix qr_kv;        // [wq_a; wkv]
+    DeviceMatrix compressors;  // [wkv; wgate] of the compressor, then of the indexer's compressor (CSA)
   };
 
   struct StepGraph {
@@ -318,6 +383,8 @@ struct CudaModel::Impl {
         if (o.max_context / ratio > 0) visible_entries[ratio] = VisibleEntries{};
       }
     }
+    check(visible_entries.size() <= size_t(kMaxVisibleEntryLists), "CUDA model: ", visible_entries.size(),
+          " HCA compression ratios; the attention index launch builds at most ", kMaxVisibleEntryLists);
 
     // Workspace sizes of the kernels over any step up to step_capacity tokens.
     attention_splits_max = 1;
@@ -370,6 +437,7 @@ struct CudaModel::Impl {
     } else {
       weights = std::move(*device);
     }
+    if (o.fuse_projections) stack_projections();
     for (int i = 0; i < L; ++i)
       moe.push_back(std::make_unique<DeviceMoeWeights>(weights.layers[size_t(i)].ffn, moe_config,
                                                        "layer " + std::to_string(i) + " ffn"));
@@ -407,6 +475,31 @@ struct CudaModel::Impl {
     DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&flag_copied, cudaEventDisableTiming));
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  // Builds `stacked` from the resident weights and releases the matrices it replaces, a layer at a time (so the
+  // extra memory is one layer's stacked matrices at most).
+  void stack_projections() {
+    stacked.resize(size_t(config.num_layers));
+    for (int i = 0; i < config.num_layers; ++i) {
+      device_weights::Attention& a = weights.layers[size_t(i)].attn;
+      StackedProjections& out = stacked[size_t(i)];
+      const std::string name = "layer " + std::to_string(i);
+      out.qr_kv = stack_rows({&a.wq_a, &a.wkv}, name + " [wq_a; wkv]", pool, stream);
+      if (a.compressor && a.indexer)
+        out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &a.indexer->compressor.wkv,
+                                      &a.indexer->compressor.wgate},
+                                     name + " compressors [wkv; wgate]", pool, stream);
+      else if (a.compressor)
+        out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate}, name + " compressor [wkv; wgate]",
+                                     pool, stream);
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));  // the copies have read the parts
+      if (out.qr_kv.view().rows > 0) a.wq_a = DeviceMatrix(), a.wkv = DeviceMatrix();
+      if (out.compressors.view().rows > 0) {
+        a.compressor->wkv = DeviceMatrix(), a.compressor->wgate = DeviceMatrix();
+        if (a.indexer) a.indexer->compressor.wkv = DeviceMatrix(), a.indexer->compressor.wgate = DeviceMatrix();
+      }
+    }
   }
 
   ~Impl() {
@@ -479,6 +572,8 @@ struct CudaModel::Impl {
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
     s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    s.qr_kv = k.take<float>(options.fuse_projections ? T * (c.q_lora_rank + D) : 0);
+    s.compressor_projections = k.take<float>(options.fuse_projections ? T * stacked_compressor_rows() : 0);
     s.z = k.take<float>(T * c.o_proj_dim()), s.z_bf16 = k.take<bf16>(T * c.o_proj_dim());
     s.out = k.take<float>(T * d);
     s.ckv = k.take<float>(T * cw), s.cgate = k.take<float>(T * cw);
@@ -499,6 +594,17 @@ struct CudaModel::Impl {
     s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
     s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
     return k.bytes();
+  }
+
+  // The widest stacked compressor projection: [wkv; wgate] of width coff·c each, twice in CSA layers (the indexer's).
+  int64_t stacked_compressor_rows() const {
+    int64_t rows = 0;
+    for (int i = 0; i < config.num_layers; ++i) {
+      if (!config.has_compressor(i)) continue;
+      const int64_t D = config.head_dim, ID = config.indexer.head_dim;
+      rows = std::max(rows, config.has_indexer(i) ? 2 * (2 * D) + 2 * (2 * ID) : 2 * D);
+    }
+    return rows;
   }
 
   void reset_slot_state(int slot) {
@@ -532,21 +638,49 @@ struct CudaModel::Impl {
     run_rms_norm(p);
   }
 
-  // hc_pre of the first site; its post and comb go to set 0.
-  void hc_pre(const device_weights::HyperConnection& w, int64_t T) {
+  // The RMSNorm of a site's output y for its sub-block: attn_norm into the linear layers' bf16 input, ffn_norm into
+  // the MoE's fp32 input.
+  struct SiteNorm {
+    const float* weight;
+    float* y;      // or null
+    bf16* y_bf16;  // or null
+  };
+
+  SiteNorm attn_norm_of(int layer) {
+    return {floats(weights.layers[size_t(layer)].attn_norm), nullptr, scratch.x_bf16};
+  }
+
+  // The site's projection writes y (scratch.y), or with norms_in_mhc the normed y straight into the norm's outputs.
+  template <class SiteParams>
+  void direct_site_output(SiteParams& p, const SiteNorm& norm) {
+    p.y = scratch.y;
+    if (!options.norms_in_mhc) return;
+    p.out_norm_weight = norm.weight, p.kernel = HcKernelChoice::AUTO;
+    p.y = norm.y != nullptr ? norm.y : scratch.y, p.y_bf16 = norm.y_bf16;
+  }
+
+  // The norm of a site's y, unless its launch applied it already.
+  void finish_site_norm(int64_t T, const SiteNorm& norm) {
+    if (!options.norms_in_mhc) rms_norm(scratch.y, norm.weight, T, config.hidden_size, norm.y, norm.y_bf16);
+  }
+
+  // hc_pre of the first site, then its norm; its post and comb go to set 0.
+  void hc_pre(const device_weights::HyperConnection& w, int64_t T, const SiteNorm& norm) {
     HcPreParams p;
     p.X = scratch.X, p.fn = floats(w.fn), p.base = floats(w.base), p.scale = floats(w.scale);
     p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult;
     p.sinkhorn_iters = config.mhc.sinkhorn_iters, p.hc_eps = float(config.mhc.eps);
     p.norm_eps = float(config.rms_norm_eps), p.round_to_bf16 = reference();
-    p.y = scratch.y, p.post = scratch.post[0], p.comb = scratch.comb[0];
+    p.post = scratch.post[0], p.comb = scratch.comb[0];
+    direct_site_output(p, norm);
     p.workspace = scratch.hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
     run_hc_pre(p);
+    finish_site_norm(T, norm);
   }
 
   // hc_post of the sub-block that read post/comb set `set`, fused with the next site's hc_pre (into the other set)
-  // when there is one.
-  void hc_post(int64_t T, int set, const device_weights::HyperConnection* next) {
+  // and followed by its norm when there is one.
+  void hc_post(int64_t T, int set, const device_weights::HyperConnection* next, const SiteNorm& norm) {
     if (next == nullptr) {
       HcPostParams p;
       p.out = scratch.out, p.X = scratch.X, p.post = scratch.post[set], p.comb = scratch.comb[set];
@@ -562,26 +696,35 @@ struct CudaModel::Impl {
     p.tokens = T, p.hidden = config.hidden_size, p.streams = config.mhc.hc_mult;
     p.sinkhorn_iters = config.mhc.sinkhorn_iters, p.hc_eps = float(config.mhc.eps);
     p.norm_eps = float(config.rms_norm_eps), p.round_to_bf16 = reference();
-    p.y = scratch.y, p.next_post = scratch.post[1 - set], p.next_comb = scratch.comb[1 - set];
+    p.next_post = scratch.post[1 - set], p.next_comb = scratch.comb[1 - set];
+    direct_site_output(p, norm);
     p.workspace = scratch.hc_workspace, p.workspace_bytes = hc_workspace_bytes, p.stream = stream;
     run_hc_post_pre(p);
+    finish_site_norm(T, norm);
   }
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
   int64_t max_keys_of(int layer) const { return options.max_context / config.compress_ratio(layer); }
 
-  // One compressor (main or indexer) over the step's runs: projections, then the pooling kernel.
+  // One compressor (main or indexer) over the step's runs: projections (unless `projections` holds them already: the
+  // stacked compressors' output, this compressor's kv and gate from column `column`), then the pooling kernel.
   CompressorParams compress(const device_weights::Compressor& w, const DeviceCompressorState& state, int layer,
-                            int64_t head_dim, const StepShape& shape, const StepInputs& in, const char* what) {
+                            int64_t head_dim, const StepShape& shape, const StepInputs& in, const char* what,
+                            const float* projections = nullptr, int64_t column = 0, int64_t row_stride = 0) {
     const int64_t width = (config.has_indexer(layer) ? 2 : 1) * head_dim;
-    const std::string name = "layer " + std::to_string(layer) + " " + what;
-    linear(w.wkv, name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
-    linear(w.wgate, name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
     CompressorParams p;
+    if (projections != nullptr) {
+      p.kv = projections + column, p.gate = projections + column + width, p.row_stride = row_stride;
+    } else {
+      const std::string name = "layer " + std::to_string(layer) + " " + what;
+      linear(w.wkv, name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
+      linear(w.wgate, name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
+      p.kv = scratch.ckv, p.gate = scratch.cgate;
+    }
     p.head_dim = head_dim, p.ratio = config.compress_ratio(layer), p.overlapping = config.has_indexer(layer);
     p.norm_eps = float(config.rms_norm_eps), p.round_pooled_to_bf16 = reference();
-    p.kv = scratch.ckv, p.gate = scratch.cgate, p.runs = in.runs, p.run_count = shape.runs;
+    p.runs = in.runs, p.run_count = shape.runs;
     p.max_run_tokens = shape.max_run_tokens, p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
     p.rope_frequencies = frequencies[size_t(layer)].as<float>(), p.rope_dim = config.rope_head_dim;
     p.state = state.view(), p.stream = stream;
@@ -596,24 +739,44 @@ struct CudaModel::Impl {
     const float* freqs = frequencies[size_t(layer)].as<float>();
     Scratch& s = scratch;
 
-    // Queries: per-head-normalised wq_b · q_norm(wq_a · x), rotated.
-    linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
-    rms_norm(s.qr, floats(w.q_norm), T, ql, nullptr, s.qr_bf16);
+    // Queries: per-head-normalised wq_b · q_norm(wq_a · x), rotated. The new tokens' K = V vectors go into the window
+    // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv], one projection gives both and
+    // q_norm rides in the insert's launch.
+    RmsNormParams qr_norm;
+    qr_norm.weight = floats(w.q_norm), qr_norm.rows = T, qr_norm.width = ql, qr_norm.eps = float(c.rms_norm_eps);
+    qr_norm.y_bf16 = s.qr_bf16, qr_norm.stream = stream;
+    KvInsertParams insert;
+    insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
+    insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
+    insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
+    insert.dest_rows = in.ring_rows, insert.stream = stream;
+    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    if (stack != nullptr && stack->qr_kv.view().rows > 0) {
+      linear(stack->qr_kv, name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D);
+      qr_norm.x = s.qr_kv, qr_norm.x_row_stride = ql + D;
+      insert.x = s.qr_kv + ql, insert.x_row_stride = ql + D;
+      if (D <= kKvInsertFusedNormMaxHeadDim) {
+        insert.fused_norm = qr_norm;
+      } else {
+        run_rms_norm(qr_norm);
+      }
+      run_kv_insert(insert);
+    } else {
+      linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
+      qr_norm.x = s.qr;
+      run_rms_norm(qr_norm);
+    }
     linear(w.wq_b, name + " wq_b", s.qr_bf16, ql, T, s.q, H * D);
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = s.q, q_norm.rows = T * H, q_norm.width = D, q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
     q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
     run_rms_norm(q_norm);
-
-    // The new tokens' K = V vectors into the window ring (norm, RoPE, stored rounding in one kernel).
-    linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
-    KvInsertParams insert;
-    insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
-    insert.x = s.kv, insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
-    insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
-    insert.dest_rows = in.ring_rows, insert.stream = stream;
-    run_kv_insert(insert);
+    if (insert.x == nullptr) {
+      linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
+      insert.x = s.kv;
+      run_kv_insert(insert);
+    }
 
     // Compressed entries of the step (emitted first; each query sees only those complete at its position). Every
     // count below is a bound fixed by the buffers; what a query sees follows from its position on the device.
@@ -625,14 +788,26 @@ struct CudaModel::Impl {
       LayerState& state = layers[size_t(layer)];
       // The new entries go straight into the compressed KV arrays (stored, and in reference numerics quantised,
       // by the compressor's epilogue).
-      CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor");
+      // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
+      const float* projections = nullptr;
+      int64_t projection_stride = 0;
+      if (stack != nullptr && stack->compressors.view().rows > 0) {
+        projection_stride = stack->compressors.view().rows;
+        linear(stack->compressors, name + " compressors", s.x_bf16, d, T, s.compressor_projections,
+               projection_stride);
+        projections = s.compressor_projections;
+      }
+      const int64_t coff = c.has_indexer(layer) ? 2 : 1;
+      CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor",
+                                       projections, 0, projection_stride);
       main.cache = kv_cache->view(), main.cache_layer = layer;
       run_compressor(main);
       if (w.indexer) {
         const device_weights::Indexer& ix = *w.indexer;
         const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
         bf16* all_keys = state.index_keys.as<bf16>();
-        CompressorParams index = compress(ix.compressor, *state.indexer, layer, ID, shape, in, "indexer compressor");
+        CompressorParams index = compress(ix.compressor, *state.indexer, layer, ID, shape, in, "indexer compressor",
+                                          projections, 2 * coff * D, projection_stride);
         index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
         index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
         run_compressor(index);
@@ -701,16 +876,14 @@ struct CudaModel::Impl {
 
     // What a query sees depends on its position only, not on the layer: the window lists, and per HCA ratio the
     // visible compressed entries, once per step.
-    WindowIndexParams window;
-    window.positions = in.positions, window.tokens = T, window.window = c.window_size;
-    window.ring_rows = kv_cache->config().window_capacity, window.index = scratch.window_index, window.stream = stream;
-    run_window_index(window);
-    for (const auto& [ratio, lists] : visible_entries) {
-      VisibleEntriesIndexParams visible;
-      visible.positions = in.positions, visible.tokens = T, visible.entries = options.max_context / ratio;
-      visible.ratio = ratio, visible.index = lists.index, visible.counts = lists.counts, visible.stream = stream;
-      run_visible_entries_index(visible);
-    }
+    AttentionIndexParams index;
+    index.positions = in.positions, index.tokens = T, index.window = c.window_size;
+    index.ring_rows = kv_cache->config().window_capacity, index.window_index = scratch.window_index;
+    for (const auto& [ratio, lists] : visible_entries)
+      index.visible[index.visible_lists++] = VisibleEntriesList{
+          .entries = options.max_context / ratio, .ratio = ratio, .index = lists.index, .counts = lists.counts};
+    index.stream = stream;
+    run_attention_index(index);
 
     EmbeddingParams embed;
     embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
@@ -719,19 +892,20 @@ struct CudaModel::Impl {
 
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
-    hc_pre(weights.layers[0].hc_attn, T);
+    hc_pre(weights.layers[0].hc_attn, T, attn_norm_of(0));
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
-      rms_norm(scratch.y, floats(b.attn_norm), T, d, nullptr, scratch.x_bf16);
       attention(layer, shape, in);
-      hc_post(T, 0, &b.hc_ffn);
+      hc_post(T, 0, &b.hc_ffn, SiteNorm{floats(b.ffn_norm), scratch.u, nullptr});
 
-      rms_norm(scratch.y, floats(b.ffn_norm), T, d, scratch.u, nullptr);
       MoeRunParams m;
       m.u = scratch.u, m.token_ids = in.ids, m.out = scratch.out, m.tokens = int(T);
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
       run_moe(*moe[size_t(layer)], m);
-      hc_post(T, 1, layer + 1 < c.num_layers ? &weights.layers[size_t(layer) + 1].hc_attn : nullptr);
+      if (layer + 1 < c.num_layers)
+        hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
+      else
+        hc_post(T, 1, nullptr, {});
     }
 
     const int64_t first = shape.first_logit_row, count = T - first;
@@ -741,8 +915,13 @@ struct CudaModel::Impl {
     head.hc_eps = float(c.mhc.eps), head.norm_eps = float(c.rms_norm_eps), head.round_to_bf16 = reference();
     head.h = scratch.h, head.workspace = scratch.hc_workspace, head.workspace_bytes = hc_workspace_bytes;
     head.stream = stream;
-    run_hc_head(head);
-    rms_norm(scratch.h, floats(weights.norm), count, d, nullptr, scratch.h_bf16);
+    if (options.norms_in_mhc) {
+      head.out_norm_weight = floats(weights.norm), head.h_bf16 = scratch.h_bf16, head.kernel = HcKernelChoice::AUTO;
+      run_hc_head(head);
+    } else {
+      run_hc_head(head);
+      rms_norm(scratch.h, floats(weights.norm), count, d, nullptr, scratch.h_bf16);
+    }
     linear(weights.head, "head", scratch.h_bf16, d, count, scratch.logits, c.vocab_size);
   }
 
@@ -770,7 +949,15 @@ struct CudaModel::Impl {
     for (cudaGraphNode_t node : nodes) {
       cudaGraphNodeType type{};
       DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-      g.kernels += type == cudaGraphNodeTypeKernel ? 1 : 0;
+      // A memset or copy node would break the chain of programmatic dependent launches (each kernel overlapping
+      // its predecessor's tail): a step is kernels only.
+      if (type != cudaGraphNodeTypeKernel) {
+        cudaGraphExecDestroy(g.exec);
+        cudaGraphDestroy(g.graph);
+        fail("CUDA model: the captured decode step of batch ", batch, " holds a graph node of type ", int(type),
+             " (not a kernel): a step must launch kernels only");
+      }
+      ++g.kernels;
     }
     return graphs.emplace(batch, g).first->second;
   }
@@ -910,6 +1097,7 @@ struct CudaModel::Impl {
   DeviceModelWeights weights;
   MoeConfig moe_config;
   std::vector<std::unique_ptr<DeviceMoeWeights>> moe;
+  std::vector<StackedProjections> stacked;  // per layer, with fuse_projections
   std::unique_ptr<KvCache> kv_cache;
   std::vector<LayerState> layers;
   int64_t max_keys = 0, max_compressed_slots = 0;

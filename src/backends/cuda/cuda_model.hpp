@@ -32,6 +32,13 @@ struct CudaModelOptions {
   int max_sequences = 1;                       // sequences that may hold KV state at once (and decode together)
   int64_t max_context = 4096;                  // tokens per sequence the KV cache and indexer buffers hold
   int64_t max_step_tokens = 512;               // tokens per kernel pass; longer calls run in chunks of this
+  // Fewer launches per layer: the linear layers that read the same input run as one matrix of their stacked rows
+  // ([wq_a; wkv], the compressors' [wkv; wgate]; built on the device at load, replacing the separate matrices), and
+  // q_norm rides in the KV insert's launch. Same math; a stacked matrix may split its sums differently.
+  bool fuse_projections = false;
+  // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
+  // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer.
+  bool norms_in_mhc = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 

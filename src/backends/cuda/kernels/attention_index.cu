@@ -1,6 +1,8 @@
 #include "backends/cuda/kernels/attention_index.hpp"
 
-#include "backends/cuda/cuda_check.hpp"
+#include <algorithm>
+
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -9,45 +11,55 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void window_index_kernel(WindowIndexParams p) {
+// blockIdx.y: the token; blockIdx.z: the list (0 the window when there is one, then the visible-entry lists).
+__global__ void attention_index_kernel(const __grid_constant__ AttentionIndexParams p) {
+  allow_dependents();
+  wait_for_prior_grids();  // the positions are the step's inputs; the lists may still be read by the previous step
   const int64_t t = blockIdx.y;
   const int64_t position = p.positions[t];
-  for (int s = blockIdx.x * kThreads + threadIdx.x; s < p.window; s += gridDim.x * kThreads) {
-    const int64_t source = position - (p.window - 1) + s;
-    p.index[t * p.window + s] = source >= 0 ? int32_t(source % p.ring_rows) : -1;
+  const int list = int(blockIdx.z) - (p.window > 0 ? 1 : 0);
+  if (list < 0) {
+    for (int s = blockIdx.x * kThreads + threadIdx.x; s < p.window; s += gridDim.x * kThreads) {
+      const int64_t source = position - (p.window - 1) + s;
+      p.window_index[t * p.window + s] = source >= 0 ? int32_t(source % p.ring_rows) : -1;
+    }
+    return;
   }
+  const VisibleEntriesList& v = p.visible[list];
+  const int64_t visible = min(v.entries, (position + 1) / v.ratio);
+  if (v.counts != nullptr && blockIdx.x == 0 && threadIdx.x == 0) v.counts[t] = int32_t(visible);
+  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < v.entries; e += int64_t(gridDim.x) * kThreads)
+    v.index[t * v.entries + e] = e < visible ? int32_t(e) : -1;
 }
-
-__global__ void visible_entries_kernel(VisibleEntriesIndexParams p) {
-  const int64_t t = blockIdx.y;
-  const int64_t visible = min(p.entries, (p.positions[t] + 1) / p.ratio);
-  if (p.counts != nullptr && blockIdx.x == 0 && threadIdx.x == 0) p.counts[t] = int32_t(visible);
-  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < p.entries; e += int64_t(gridDim.x) * kThreads)
-    p.index[t * p.entries + e] = e < visible ? int32_t(e) : -1;
-}
-
-unsigned blocks_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024)); }
 
 }  // namespace
 
-void run_window_index(const WindowIndexParams& p) {
-  check(p.tokens >= 0 && p.window > 0 && p.ring_rows >= p.window, "window_index: tokens ", p.tokens, ", window ",
-        p.window, ", ring rows ", p.ring_rows, " (the ring must hold a window)");
-  check(p.tokens == 0 || (p.positions && p.index), "window_index: positions and index are required");
-  check(p.tokens <= 65535, "window_index: ", p.tokens, " tokens exceed one launch's 65535");
+void check_attention_index_params(const AttentionIndexParams& p) {
+  check(p.tokens >= 0 && p.tokens <= 65535, "attention_index: ", p.tokens, " tokens outside one launch's [0, 65535]");
+  check(p.window >= 0 && (p.window == 0 || p.ring_rows >= p.window), "attention_index: window ", p.window,
+        ", ring rows ", p.ring_rows, " (the ring must hold a window)");
+  check(p.visible_lists >= 0 && p.visible_lists <= kMaxVisibleEntryLists, "attention_index: ", p.visible_lists,
+        " visible-entry lists outside [0, ", kMaxVisibleEntryLists, "]");
   if (p.tokens == 0) return;
-  window_index_kernel<<<dim3(blocks_for(p.window), unsigned(p.tokens)), kThreads, 0, p.stream>>>(p);
-  DSV4_CUDA_CHECK_LAUNCH("window_index");
+  check(p.positions != nullptr, "attention_index: positions are required");
+  check(p.window == 0 || p.window_index != nullptr, "attention_index: window_index is required");
+  for (int i = 0; i < p.visible_lists; ++i) {
+    const VisibleEntriesList& v = p.visible[i];
+    check(v.entries > 0 && v.ratio > 0, "attention_index: visible list ", i, " has entries ", v.entries, ", ratio ",
+          v.ratio, " (both must be positive)");
+    check(v.index != nullptr, "attention_index: visible list ", i, " has no index");
+  }
 }
 
-void run_visible_entries_index(const VisibleEntriesIndexParams& p) {
-  check(p.tokens >= 0 && p.entries >= 0 && p.ratio > 0, "visible_entries_index: tokens ", p.tokens, ", entries ",
-        p.entries, ", ratio ", p.ratio);
-  check(p.tokens <= 65535, "visible_entries_index: ", p.tokens, " tokens exceed one launch's 65535");
-  if (p.tokens == 0 || p.entries == 0) return;
-  check(p.positions && p.index, "visible_entries_index: positions and index are required");
-  visible_entries_kernel<<<dim3(blocks_for(p.entries), unsigned(p.tokens)), kThreads, 0, p.stream>>>(p);
-  DSV4_CUDA_CHECK_LAUNCH("visible_entries_index");
+void run_attention_index(const AttentionIndexParams& p) {
+  check_attention_index_params(p);
+  const int lists = (p.window > 0 ? 1 : 0) + p.visible_lists;
+  if (p.tokens == 0 || lists == 0) return;
+  int64_t longest = p.window;
+  for (int i = 0; i < p.visible_lists; ++i) longest = std::max(longest, p.visible[i].entries);
+  const unsigned blocks = unsigned(std::min<int64_t>((longest + kThreads - 1) / kThreads, 1024));
+  launch_chained(attention_index_kernel, dim3(blocks, unsigned(p.tokens), unsigned(lists)), dim3(kThreads), 0,
+                 p.stream, p, "attention_index");
 }
 
 }  // namespace dsv4::cuda

@@ -51,6 +51,9 @@ void check_compressor_params(const CompressorParams& p) {
   check(p.ape != nullptr && p.norm_weight != nullptr, "compressor: ape and norm weights are required");
   check(p.max_run_tokens == 0 || (p.kv != nullptr && p.gate != nullptr), "compressor: kv and gate are required");
   check(aligned8(p.kv) && aligned8(p.gate) && aligned8(p.ape), "compressor: kv, gate and ape must be 8-byte aligned");
+  check(p.row_stride == 0 || (p.row_stride >= p.projection_width() && p.row_stride % 2 == 0),
+        "compressor: row_stride ", p.row_stride, " must be even and at least the projection width ",
+        p.projection_width());
   const bool to_cache = p.cache.pool != nullptr;
   check(int(p.entries != nullptr) + int(p.slot_entries_bf16 != nullptr) + int(to_cache) == 1,
         "compressor: give exactly one of entries (fp32), slot_entries_bf16 and cache");
@@ -100,6 +103,7 @@ void run_compressor(const CompressorParams& p) {
                                   .stored_rounding = p.stored_rounding,
                                   .kv = p.kv,
                                   .gate = p.gate,
+                                  .row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride,
                                   .tokens = 0,
                                   .start_position = 0,
                                   .runs = p.runs,
@@ -130,13 +134,16 @@ void run_compressor(const CompressorParams& p) {
   config.blockDim = dim3(unsigned(pairs_padded * groups));
   config.dynamicSmemBytes = smem;
   config.stream = p.stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = unsigned(cluster);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
+  // A cluster launch and a programmatic dependent one (ptx/dependent_launch.cuh).
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = unsigned(cluster);
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attributes;
+  config.numAttrs = 2;
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, compressor::compressor_kernel, args));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }

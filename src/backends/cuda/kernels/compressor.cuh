@@ -28,6 +28,7 @@
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/kernels/kv_insert.cuh"
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -46,6 +47,7 @@ struct PoolArgs {
   CompressorStoredRounding stored_rounding;
   const float* kv;        // the launch's rows; within a CTA, the run's first row
   const float* gate;
+  int64_t row_stride;     // elements from one token's kv / gate row to the next
   int64_t tokens;         // within a CTA: the run's
   int64_t start_position; // within a CTA: the run's
   const CompressorRun* runs;
@@ -83,7 +85,7 @@ __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, int64_t q, int
   const int64_t slot = q % a.ratio;
   const int64_t window_start = a.start_position / a.ratio * a.ratio;
   if (q >= a.start_position) {
-    const int64_t offset = (q - a.start_position) * width + column;
+    const int64_t offset = (q - a.start_position) * a.row_stride + column;
     const float2 v = *reinterpret_cast<const float2*>(a.kv + offset);
     const float2 g = *reinterpret_cast<const float2*>(a.gate + offset);
     const float2 bias = *reinterpret_cast<const float2*>(a.ape + slot * width + column);
@@ -153,7 +155,7 @@ __device__ void update_state(const PoolArgs& a) {
       const int64_t slot = idx / a.c, channel = idx % a.c, q = base + slot;
       float value, score;
       if (q >= a.start_position) {
-        const int64_t offset = (q - a.start_position) * width + channel;
+        const int64_t offset = (q - a.start_position) * a.row_stride + channel;
         value = a.kv[offset];
         score = a.gate[offset] + a.ape[slot * width + channel];
       } else {
@@ -168,7 +170,7 @@ __device__ void update_state(const PoolArgs& a) {
   const int64_t from = max(a.start_position, end_window * a.ratio);
   for (int64_t idx = threadIdx.x; idx < (end - from) * width; idx += blockDim.x) {
     const int64_t q = from + idx / width, column = idx % width, slot = q % a.ratio;
-    const int64_t offset = (q - a.start_position) * width + column;
+    const int64_t offset = (q - a.start_position) * a.row_stride + column;
     a.state.window_kv[slot * width + column] = a.kv[offset];
     a.state.window_score[slot * width + column] = a.gate[offset] + a.ape[slot * width + column];
   }
@@ -184,15 +186,16 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_co
   __shared__ float warp_partials[32];
   __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
+  allow_dependents();      // the dependent's own wait still orders it after this grid's completion
+  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
 
   // CTAs are [run][entry of the run][cluster rank]; the run's fields replace the launch's in this CTA's copy.
   const int64_t entry_row = blockIdx.x / args.cluster_ctas;  // row of the compact fp32 output
   const int64_t run_index = entry_row / args.entries_per_run, entry = entry_row % args.entries_per_run;
   const CompressorRun run = args.runs[run_index];
   PoolArgs a = args;
-  const int64_t width = a.overlapping ? 2 * a.c : a.c;
-  a.kv += int64_t(run.first_token) * width;
-  a.gate += int64_t(run.first_token) * width;
+  a.kv += int64_t(run.first_token) * a.row_stride;
+  a.gate += int64_t(run.first_token) * a.row_stride;
   a.tokens = run.tokens;
   a.start_position = run.start_position;
   a.state = args.state.of_slot(run.slot);

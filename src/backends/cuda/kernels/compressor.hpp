@@ -4,7 +4,8 @@
 //
 // Dispatch contract:
 // - The step's tokens are runs (CompressorRun, device memory): run r is `tokens` consecutive rows of kv, gate
-//   [step tokens, coff·c] fp32 (wkv·x and wgate·x, without ape) starting at row first_token, the tokens at positions
+//   [step tokens, coff·c] fp32 (wkv·x and wgate·x, without ape; rows row_stride elements apart, so both may be
+//   slices of one wider projection output) starting at row first_token, the tokens at positions
 //   start_position … of sequence slot `slot`, whose state (row `slot` of the DeviceCompressorState) the launch reads
 //   and updates: it must have seen exactly start_position tokens. Slots of one launch are distinct; every run has at
 //   most max_run_tokens tokens. The runs live on the device, so a captured launch replays for new positions.
@@ -26,7 +27,8 @@
 //     entries then need no launch of their own.
 // - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few
 //   (decode, HCA prefill); at least one CTA per run. The run's CTA that finishes last updates its state.
-// - head_dim even and ≤ 2048; asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
+// - head_dim even and ≤ 2048; a programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on
+//   `stream`, no allocation, no synchronisation (graph-capturable).
 //   Steps of one state must be stream-ordered (each reads what the previous wrote).
 #pragma once
 
@@ -61,6 +63,7 @@ struct CompressorParams {
   CompressorStoredRounding stored_rounding = CompressorStoredRounding::None;
   const float* kv = nullptr;          // device [step tokens, coff·c]
   const float* gate = nullptr;        // device [step tokens, coff·c]
+  int64_t row_stride = 0;             // elements between token rows of kv and gate; 0 = coff·c
   const CompressorRun* runs = nullptr;  // device [run_count]
   int run_count = 0;
   int64_t max_run_tokens = 0;         // bound on every run's tokens (sizes the grid)

@@ -1,6 +1,5 @@
 #include "backends/cuda/kernels/embedding.hpp"
 
-#include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/embedding.cuh"
 #include "core/error.hpp"
 
@@ -9,8 +8,7 @@ namespace {
 
 template <embed::TableFormat F>
 void launch(const embed::EmbeddingArgs& args, unsigned blocks, cudaStream_t stream) {
-  embed::embedding_kernel<F><<<blocks, embed::kThreads, 0, stream>>>(args);
-  DSV4_CUDA_CHECK_LAUNCH("embedding");
+  launch_chained(embed::embedding_kernel<F>, dim3(blocks), dim3(embed::kThreads), 0, stream, args, "embedding");
 }
 
 }  // namespace

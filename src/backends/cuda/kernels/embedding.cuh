@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -53,6 +54,8 @@ __device__ inline float decode(const EmbeddingArgs& a, int64_t row, int64_t i) {
 
 template <TableFormat F>
 __global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbeddingArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();  // the ids are the step's inputs; X may still be read by the previous step's kernels
   const int64_t element = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (element >= args.tokens * args.hidden) return;
   const int64_t t = element / args.hidden, i = element - t * args.hidden;

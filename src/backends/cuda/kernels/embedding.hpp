@@ -8,7 +8,8 @@
 //   (check_embedding_ids names the first bad one); an id outside [0, vocab) that slips through yields a row of NaN,
 //   never an out-of-bounds read.
 // - round_to_bf16: X holds the values rounded to bf16 (Reference numerics keeps the residual streams in bf16).
-// - Asynchronous on `stream`; no allocation, no host synchronisation.
+// - A programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on `stream`; no allocation, no host
+//   synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>

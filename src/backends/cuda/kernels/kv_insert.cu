@@ -1,16 +1,28 @@
 #include "backends/cuda/kernels/kv_insert.cuh"
 
-#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/rms_norm.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
 
 namespace {
 
-__global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __grid_constant__ KvInsertParams p) {
+static_assert(kKvInsertFusedNormMaxHeadDim == 2 * rms::kThreads, "a fused launch has the norm's threads, a pair each");
+
+// The RMSNorm riding in the launch: none, or rms_norm_rows<kGroupThreads, kRope>.
+enum class FusedNorm { None, WarpRows, WarpRowsRope, CtaRows, CtaRowsRope };
+
+struct KvInsertArgs {
+  KvInsertParams p;
+  int64_t x_row_stride;
+  rms::RmsNormArgs norm;
+};
+
+__device__ __forceinline__ void insert_row(const KvInsertArgs& a, int64_t row) {
   __shared__ float partials[kKvInsertMaxThreads / 32];
+  const KvInsertParams& p = a.p;
   const KvEntryLayout& layout = p.cache.layout;
-  const int64_t row = blockIdx.x;
   const int32_t dest_row = p.dest_rows[row];
   if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
   const int pair = threadIdx.x;
@@ -19,7 +31,7 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
 
   float x0 = 0.0f, x1 = 0.0f;
   if (active) {
-    const float2 v = *reinterpret_cast<const float2*>(p.x + row * layout.head_dim + dim);
+    const float2 v = *reinterpret_cast<const float2*>(p.x + row * a.x_row_stride + dim);
     x0 = v.x;
     x1 = v.y;
     if (p.round_input_to_bf16) {
@@ -45,6 +57,22 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
   kv_store_pad(layout, entry, threadIdx.x);
 }
 
+template <FusedNorm kNorm>
+__global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __grid_constant__ KvInsertArgs a) {
+  allow_dependents();  // the dependent's own wait still orders it after this grid's completion
+  if constexpr (kNorm != FusedNorm::None) {
+    const int64_t norm_cta = int64_t(blockIdx.x) - a.p.rows;
+    if (norm_cta >= 0) {
+      constexpr bool kRope = kNorm == FusedNorm::WarpRowsRope || kNorm == FusedNorm::CtaRowsRope;
+      constexpr int kGroup = kNorm == FusedNorm::WarpRows || kNorm == FusedNorm::WarpRowsRope ? 32 : rms::kThreads;
+      rms::rms_norm_rows<kGroup, kRope>(a.norm, norm_cta);  // waits for the prior grids itself
+      return;
+    }
+  }
+  wait_for_prior_grids();  // x, the slots, positions and rows are written by earlier operations
+  insert_row(a, blockIdx.x);
+}
+
 }  // namespace
 
 void check_kv_insert_params(const KvInsertParams& p) {
@@ -60,15 +88,35 @@ void check_kv_insert_params(const KvInsertParams& p) {
   check(p.rope_frequencies == nullptr || p.rows == 0 || p.positions != nullptr,
         "kv_insert: RoPE needs the positions");
   check(reinterpret_cast<uintptr_t>(p.x) % 8 == 0, "kv_insert: x must be 8-byte aligned");
+  check(p.x_row_stride == 0 || (p.x_row_stride >= layout.head_dim && p.x_row_stride % 2 == 0),
+        "kv_insert: x_row_stride ", p.x_row_stride, " must be even and at least head_dim ", layout.head_dim);
+  if (p.fused_norm.rows > 0) {
+    check(layout.head_dim <= kKvInsertFusedNormMaxHeadDim, "kv_insert: a fused RMSNorm needs head_dim ≤ ",
+          kKvInsertFusedNormMaxHeadDim, ", got ", layout.head_dim);
+    check_rms_norm_params(p.fused_norm);
+  }
 }
 
 void run_kv_insert(const KvInsertParams& p) {
   check_kv_insert_params(p);
-  if (p.rows == 0) return;
-  const int pairs = p.cache.layout.head_dim / 2;
-  const int threads = (pairs + 31) / 32 * 32;
-  kv_insert_kernel<<<unsigned(p.rows), unsigned(threads), 0, p.stream>>>(p);
-  DSV4_CUDA_CHECK_LAUNCH("kv_insert");
+  KvInsertArgs args{
+      .p = p, .x_row_stride = p.x_row_stride == 0 ? p.cache.layout.head_dim : p.x_row_stride, .norm = {}};
+  int64_t ctas = p.rows;
+  int threads = (p.cache.layout.head_dim / 2 + 31) / 32 * 32;
+  auto kernel = kv_insert_kernel<FusedNorm::None>;
+  if (p.fused_norm.rows > 0) {
+    const rms::RmsNormLaunch norm = rms::rms_norm_launch(p.fused_norm);
+    args.norm = norm.args;
+    ctas += norm.ctas;
+    threads = rms::kThreads;
+    if (norm.warp_rows)
+      kernel = norm.rope ? kv_insert_kernel<FusedNorm::WarpRowsRope> : kv_insert_kernel<FusedNorm::WarpRows>;
+    else
+      kernel = norm.rope ? kv_insert_kernel<FusedNorm::CtaRowsRope> : kv_insert_kernel<FusedNorm::CtaRows>;
+  }
+  if (ctas == 0) return;
+  check(ctas <= 0x7FFFFFFF, "kv_insert: ", ctas, " CTAs exceed the launch limit");
+  launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), 0, p.stream, args, "kv_insert");
 }
 
 }  // namespace dsv4::cuda

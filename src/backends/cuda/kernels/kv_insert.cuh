@@ -1,7 +1,7 @@
 // Device code of the fused KV insert (kv_insert.hpp): the entry stores, shared with the compressor's epilogue (which
 // writes its entries straight into the cache). The kernel (kv_insert.cu) runs one CTA per row; thread i owns the
 // interleaved pair of dims (2i, 2i+1), so RoPE is thread-local and each 64-dim fp8 scale block is exactly one warp
-// (32 pairs).
+// (32 pairs). A fused RMSNorm (kv_insert.hpp) runs rms_norm.cuh's body in the CTAs after the rows'.
 #pragma once
 
 #include <cuda_bf16.h>

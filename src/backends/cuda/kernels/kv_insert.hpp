@@ -10,6 +10,13 @@
 //   results may differ from the CPU's in the last bits. Bf16 caches store the rounded-to-nearest bf16 of the result;
 //   Fp8Reference caches store exactly what cpu::round_kv_reference keeps (same scale rule and e4m3 rounding, from
 //   the same host/device codecs).
+// - x rows are x_row_stride elements apart (0: head_dim), so x may be a slice of a wider projection output.
+// - Optionally one more RMSNorm rides in the same launch (fused_norm with rows > 0: the queries' per-head norm with
+//   RoPE, or q_norm of the low-rank query), exactly as run_rms_norm computes it, in CTAs after the entries': one
+//   launch less per layer. Needs head_dim ≤ kKvInsertFusedNormMaxHeadDim (the launch then has the norm's 256
+//   threads); fused_norm.stream is unused.
+// - A programmatic dependent launch (ptx/dependent_launch.cuh): the fused norm's weight is read before the
+//   previous kernel in the stream has finished, everything else after.
 // - Asynchronous on `stream`; no allocation, no synchronisation.
 #pragma once
 
@@ -17,16 +24,20 @@
 
 #include <cuda_runtime.h>
 
+#include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kv_cache.hpp"
 
 namespace dsv4::cuda {
+
+inline constexpr int64_t kKvInsertFusedNormMaxHeadDim = 512;
 
 struct KvInsertParams {
   KvCacheView cache;
   KvArray array = KvArray::Window;
   int layer = 0;
   int64_t rows = 0;                         // new entries
-  const float* x = nullptr;                 // device fp32 [rows, head_dim]
+  const float* x = nullptr;                 // device fp32 [rows, head_dim], rows x_row_stride apart
+  int64_t x_row_stride = 0;                 // elements; 0 = head_dim
   const float* norm_weight = nullptr;       // device fp32 [head_dim] (kv_norm); null = store x as it is (entries
                                             // the compressor already normalised and rotated)
   float eps = 1e-6f;
@@ -36,6 +47,7 @@ struct KvInsertParams {
   const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_frequencies)
   const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array, < 0 = skip
   cudaStream_t stream = nullptr;
+  RmsNormParams fused_norm;                 // rows 0: none
 };
 
 // Throws (naming the field at fault) unless run_kv_insert supports the call.

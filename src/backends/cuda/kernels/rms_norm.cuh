@@ -6,13 +6,18 @@
 //   floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
 // - The sum of squares is a butterfly within the warp, then (CTA groups) the 8 warp sums added in warp order by
 //   every thread: deterministic.
+// - Programmatic dependent launch: the weight is loaded into registers before the wait (it is a parameter, not a
+//   predecessor's output), x only after it.
+// - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 
 namespace dsv4::cuda::rms {
@@ -23,6 +28,7 @@ inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 struct RmsNormArgs {
   const float* x;
+  int64_t x_row_stride;
   const float* weight;
   int64_t rows;
   int width;
@@ -36,17 +42,38 @@ struct RmsNormArgs {
   int64_t rows_per_position;
 };
 
+// A checked call's kernel arguments and grid (rms_norm.cu): warp_rows picks kGroupThreads 32 (else kThreads), rope
+// the RoPE epilogue; ctas of kThreads threads.
+struct RmsNormLaunch {
+  RmsNormArgs args;
+  bool warp_rows;
+  bool rope;
+  int64_t ctas;
+};
+RmsNormLaunch rms_norm_launch(const RmsNormParams& params);
+
+// Rows per CTA of kThreads threads.
+template <int kGroupThreads>
+inline constexpr int kRowsPerCta = kThreads / kGroupThreads;
+
+// The rows of CTA `cta` (of kThreads threads, all of which call this). Waits for the prior grids itself.
 // kRope: the RoPE epilogue (its double-precision sincos costs registers the plain norms should not pay).
 template <int kGroupThreads, bool kRope>
-__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
+__device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t cta) {
   static_assert(kGroupThreads == 32 || kGroupThreads == kThreads, "a row is owned by a warp or by the CTA");
-  constexpr int kGroupsPerCta = kThreads / kGroupThreads;
   __shared__ float warp_sums[kThreads / 32];
   const int group = threadIdx.x / kGroupThreads, member = threadIdx.x % kGroupThreads;
-  const int64_t row = int64_t(blockIdx.x) * kGroupsPerCta + group;
+  const int64_t row = cta * kRowsPerCta<kGroupThreads> + group;
   // Rows past the end still take part in the reduction's shuffles (warp groups never span two rows).
   const bool active = row < args.rows;
-  const float* x = args.x + row * args.width;
+  float weights[kValuesPerThread];
+#pragma unroll
+  for (int j = 0; j < kValuesPerThread; ++j) {
+    const int i = member + j * kGroupThreads;
+    weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
+  }
+  wait_for_prior_grids();
+  const float* x = args.x + row * args.x_row_stride;
   float values[kValuesPerThread];
   float sum = 0.0f;
 #pragma unroll
@@ -75,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs ar
     // below stays convergent.
     if (kRope ? j * kGroupThreads >= args.width : i >= args.width) break;
     float value = values[j] * inv_rms;
-    if (args.weight != nullptr && (!kRope || i < args.width)) value *= __ldg(args.weight + i);
+    if (args.weight != nullptr && (!kRope || i < args.width)) value *= weights[j];
     if (args.round_to_bf16) value = round_to_bf16(value);
     if constexpr (kRope) {
       // Pair (2k, 2k+1) sits in lanes (2m, 2m+1) of one iteration: each lane rotates the pair, keeps its half.
@@ -92,6 +119,12 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs ar
     if (args.y != nullptr) args.y[offset] = value;
     if (args.y_bf16 != nullptr) args.y_bf16[offset] = __float2bfloat16_rn(value);
   }
+}
+
+template <int kGroupThreads, bool kRope>
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
+  allow_dependents();  // the dependent's own wait still orders it after this grid's completion
+  rms_norm_rows<kGroupThreads, kRope>(args, blockIdx.x);
 }
 
 }  // namespace dsv4::cuda::rms

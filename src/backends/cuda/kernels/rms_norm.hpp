@@ -3,13 +3,16 @@
 // D, and the weightless per-head q norm (rows = T·H, width = D, weight null).
 //
 // Dispatch contract:
-// - x fp32 [rows, width] row-major; width 1..kRmsNormMaxWidth (any value, no alignment needed). A warp per row up to
-//   1024 values, a CTA per row beyond; the row stays in registers, so x is read once and y may alias x.
+// - x fp32 [rows, width], rows x_row_stride elements apart (0: width, e.g. a slice of a wider projection output);
+//   width 1..kRmsNormMaxWidth (any value, no alignment needed). A warp per row up to 1024 values, a CTA per row
+//   beyond; the row stays in registers, so x is read once and y may alias x (then x_row_stride is the width).
 // - Outputs: y fp32 and/or y_bf16 (at least one); round_to_bf16 stores y rounded to bf16 in the fp32 buffer too
 //   (Reference numerics).
 // - Optional RoPE after the norm (the queries: per-head norm then rotation in one launch): with rope_frequencies,
 //   the last rope_dim dims of row r are rotated at positions[r / rows_per_position], exactly as run_rope_apply
 //   does on the normed values (bit-identical to the two launches in a row).
+// - A programmatic dependent launch (ptx/dependent_launch.cuh): the weight is read before the previous kernel in
+//   the stream has finished, x only after.
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
 #pragma once
 
@@ -23,7 +26,8 @@ namespace dsv4::cuda {
 inline constexpr int64_t kRmsNormMaxWidth = 8192;
 
 struct RmsNormParams {
-  const float* x = nullptr;        // [rows, width]
+  const float* x = nullptr;        // [rows, width], rows x_row_stride apart
+  int64_t x_row_stride = 0;        // elements; 0 = width
   const float* weight = nullptr;   // [width], or null for the weightless form
   int64_t rows = 0;
   int64_t width = 0;

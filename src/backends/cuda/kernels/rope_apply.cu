@@ -1,7 +1,9 @@
 #include "backends/cuda/kernels/rope_apply.hpp"
 
-#include "backends/cuda/cuda_check.hpp"
+#include <algorithm>
+
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -11,7 +13,9 @@ namespace {
 constexpr int kThreads = 256;
 
 // One thread per rotated pair.
-__global__ void rope_apply_kernel(RopeApplyParams p) {
+__global__ void rope_apply_kernel(const RopeApplyParams p) {
+  allow_dependents();
+  wait_for_prior_grids();  // x is the previous kernel's output
   const int64_t pairs_per_vector = p.rope_dim / 2;
   const int64_t pairs = p.tokens * p.heads * pairs_per_vector;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < pairs; i += int64_t(gridDim.x) * kThreads) {
@@ -36,8 +40,7 @@ void run_rope_apply(const RopeApplyParams& p) {
   check(p.x && p.frequencies && p.positions, "rope_apply: x, frequencies and positions are required");
   const int64_t pairs = p.tokens * p.heads * (p.rope_dim / 2);
   const unsigned blocks = unsigned(std::min<int64_t>((pairs + kThreads - 1) / kThreads, 4096));
-  rope_apply_kernel<<<blocks, kThreads, 0, p.stream>>>(p);
-  DSV4_CUDA_CHECK_LAUNCH("rope_apply");
+  launch_chained(rope_apply_kernel, dim3(blocks), dim3(kThreads), 0, p.stream, p, "rope_apply");
 }
 
 }  // namespace dsv4::cuda

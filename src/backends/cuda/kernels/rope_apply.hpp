@@ -1,7 +1,8 @@
 // RoPE applied in place to fp32 vectors on the device: [tokens, heads, head_dim], the last rope_dim dims of each
 // vector rotated at its token's position (the queries of the attention; KV vectors get theirs inside kv_insert and
 // the compressor). Same rotation as cpu::apply_rope (rope.cuh: fp32 angle, double cos/sin, no FMA contraction).
-// Asynchronous on `stream`; no allocation, no synchronisation.
+// A programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on `stream`; no allocation, no
+// synchronisation.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,6 @@
 // fp32 → bf16 (round to nearest even) on the device: the input of a linear layer whose producer wrote fp32.
-// Asynchronous on `stream`; no allocation, no synchronisation.
+// A programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on `stream`; no allocation, no
+// synchronisation.
 #pragma once
 
 #include <cstdint>
