@@ -6,7 +6,8 @@
 // leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every comparison runs
 // through every load path the layout and token count allow (generic; aligned; streamed through shared memory).
 // The bf16 output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results
-// whichever kernel gemm_from_tokens picks (grouped, bf16 output included).
+// whichever kernel gemm_from_tokens picks (grouped, bf16 output included). The RMSNorm prologue equals run_rms_norm
+// (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -20,9 +21,11 @@
 #include <vector>
 
 #include "backends/cpu/linear.hpp"
+#include "backends/cpu/rms_norm.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
+#include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/linear_dispatch.hpp"
 #include "core/bf16.hpp"
@@ -659,6 +662,89 @@ TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
     }
 }
 
+TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int multiprocessors = list_devices().front().multiprocessors;
+  struct Case {
+    TestFormat format;
+    int64_t rows, cols;  // cols ≤ 1024: run_rms_norm's warp rows; beyond: its CTA rows
+  };
+  const Case cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::NVFP4, 512, 4096},
+                        {TestFormat::FP8_E8M0, 4096, 1024}, {TestFormat::MXFP4, 256, 7168},
+                        {TestFormat::BF16, 320, 192},       {TestFormat::FP8_F32, 100, 200}};
+  constexpr float kEps = 1e-6f;
+  uint32_t seed = 1000;
+  for (const Case& c : cases)
+    for (const int tokens : {1, 3, 16, 64}) {
+      std::mt19937 rng(seed++);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      RandomOperands o = random_operands(c.format, c.rows, c.cols, c.cols, 1, seed++);
+      std::vector<float> x(size_t(tokens * c.cols)), norm_weight(size_t(c.cols));
+      for (int t = 0; t < tokens; ++t) {
+        const float row_scale = std::ldexp(1.0f, int(rng() % 9) - 4);  // rows of different RMS
+        for (int64_t k = 0; k < c.cols; ++k) x[size_t(t * c.cols + k)] = normal(rng) * row_scale;
+      }
+      for (float& v : norm_weight) v = 1.0f + 0.5f * normal(rng);
+      const DeviceMatrix weight(o.host.matrix, "norm prologue weight");
+      const DeviceBuffer x_device = to_device(x, "x fp32"), weight_device = to_device(norm_weight, "norm weight");
+      DeviceBuffer normed(size_t(tokens * c.cols) * 2, "x normed bf16");
+      DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
+      RmsNormParams norm;
+      norm.x = x_device.as<float>(), norm.weight = weight_device.as<float>(), norm.rows = tokens;
+      norm.width = c.cols, norm.eps = kEps, norm.y_bf16 = normed.as<__nv_bfloat16>();
+      run_rms_norm(norm);
+
+      // CPU: rms_norm, bf16 rounding, linear; the bound allows one bf16 step of every input (the CPU's sum of
+      // squares runs in another order, which may move a rounding) on top of the summation order.
+      std::vector<float> normed_cpu(x.size()), normed_abs(x.size());
+      cpu::rms_norm(x.data(), norm_weight.data(), normed_cpu.data(), {.rows = tokens, .dim = c.cols, .eps = kEps});
+      for (size_t i = 0; i < x.size(); ++i) {
+        normed_cpu[i] = bf16_to_float(float_to_bf16(normed_cpu[i]));
+        normed_abs[i] = std::fabs(normed_cpu[i]);
+      }
+      const std::vector<float> dequantized = dequantize(o.host.matrix);
+      OwnedQuantizedMatrix magnitude = allocate_quantized_matrix(WeightFormat::F32, c.rows, c.cols, ScaleType::NONE);
+      auto* magnitudes = reinterpret_cast<float*>(magnitude.storage->data.data());
+      for (size_t i = 0; i < dequantized.size(); ++i) magnitudes[i] = std::fabs(dequantized[i]);
+      std::vector<float> reference(size_t(tokens * c.rows)), bound(reference.size());
+      cpu::linear(o.host.matrix, normed_cpu.data(), tokens, reference.data());
+      cpu::linear(magnitude.matrix, normed_abs.data(), tokens, bound.data());
+
+      for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
+        SCOPED_TRACE(describe({c.format, c.rows, c.cols}, tokens) + " " + path_name(path));
+        const QuantizedLinearConfig config = choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
+        const size_t outputs = size_t(tokens) * size_t(c.rows);
+        DeviceBuffer two_launches = poisoned(outputs, "y rms_norm then linear"), fused = poisoned(outputs, "y fused");
+        QuantizedLinearParams p{.weight = weight.view(),
+                                .x = normed.as<__nv_bfloat16>(),
+                                .x_row_stride = c.cols,
+                                .y = two_launches.as<float>(),
+                                .y_row_stride = c.rows,
+                                .tokens = tokens,
+                                .workspace = workspace.data(),
+                                .workspace_bytes = workspace.bytes()};
+        run_quantized_linear(p, config);
+        p.x = nullptr;
+        p.norm_x = x_device.as<float>(), p.norm_weight = weight_device.as<float>(), p.norm_eps = kEps;
+        p.y = fused.as<float>();
+        run_quantized_linear(p, config);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> expected = download(two_launches, outputs), got = download(fused, outputs);
+        int failures = 0;
+        for (size_t i = 0; i < outputs; ++i) {
+          const bool same = std::memcmp(&expected[i], &got[i], sizeof(float)) == 0 && std::isfinite(got[i]);
+          const double tolerance = (double(c.cols) / 16.0 + 64.0) * 0x1p-22 * bound[i] + 0x1p-8 * bound[i] + 1e-30;
+          const bool near_cpu = std::fabs(double(got[i]) - reference[i]) <= tolerance;
+          if ((!same || !near_cpu) && ++failures <= 8)
+            ADD_FAILURE() << "y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "] = " << got[i]
+                          << "; rms_norm then linear " << expected[i] << "; CPU " << reference[i] << " ± "
+                          << tolerance;
+        }
+        EXPECT_EQ(failures, 0) << failures << " outputs differ";
+      }
+    }
+}
+
 TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   std::vector<float> values(64 * 256, 0.5f);
@@ -681,6 +767,14 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   p = good;
   p.y_bf16 = reinterpret_cast<__nv_bfloat16*>(p.y);
   expect_error(run_with(p), "exactly one of y (fp32) and y_bf16");
+  p = good;
+  p.norm_x = reinterpret_cast<const float*>(p.x);
+  expect_error(run_with(p), "exactly one of x (bf16) and norm_x");
+  p.x = nullptr;
+  expect_error(run_with(p), "needs norm_weight");
+  p.norm_weight = p.norm_x;
+  p.groups = 2;
+  expect_error(run_with(p), "groups must be 1");
   p = good;
   p.weight = f32_device.view();
   expect_error(run_with(p), {"is f32", "supported formats"});

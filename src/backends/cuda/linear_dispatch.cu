@@ -40,7 +40,7 @@ void run_decode_chunks(const LinearCall& c) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kLinearMaxTokens) {
     QuantizedLinearParams p;
     p.weight = c.weight;
-    p.x = c.x + t0 * c.x_row_stride;
+    p.x = c.x != nullptr ? c.x + t0 * c.x_row_stride : nullptr;
     p.x_row_stride = c.x_row_stride;
     p.y = c.y != nullptr ? c.y + t0 * c.y_row_stride : nullptr;
     p.y_bf16 = c.y_bf16 != nullptr ? c.y_bf16 + t0 * c.y_row_stride : nullptr;
@@ -50,6 +50,9 @@ void run_decode_chunks(const LinearCall& c) {
     p.workspace = c.workspace;
     p.workspace_bytes = c.workspace_bytes;
     p.stream = c.stream;
+    if (c.norm_x != nullptr) p.norm_x = c.norm_x + t0 * c.x_row_stride;
+    p.norm_weight = c.norm_weight;
+    p.norm_eps = c.norm_eps;
     run_quantized_linear(p);
   }
 }
@@ -128,6 +131,11 @@ void run_linear(const LinearCall& c) {
   check(c.gemm_from_tokens >= 1 && c.gemm_from_tokens <= kLinearMaxTokens + 1, c.what, ": gemm_from_tokens ",
         c.gemm_from_tokens, " must be in [1, ", kLinearMaxTokens + 1, "]");
   if (c.tokens == 0) return;
+  if (c.norm_x != nullptr) {
+    check(c.tokens <= kLinearMaxTokens, c.what, ": the RMSNorm prologue runs on the decode kernel, up to ",
+          kLinearMaxTokens, " tokens (not ", c.tokens, ")");
+    return run_decode_chunks(c);
+  }
   if (c.tokens < c.gemm_from_tokens) return run_decode_chunks(c);
 
   std::string refusal;

@@ -3,7 +3,8 @@
 // projections (wo_a) run as one launch of either kernel, or, where the groups are not whole 128-row tiles, as one
 // GEMM per group on the group's rows. When the GEMM cannot take a shape (its tile rules), the decode kernel covers
 // the tokens in chunks of kLinearMaxTokens and a warning naming the matrix and the reason is logged once per
-// matrix: correct, slower, never silent.
+// matrix: correct, slower, never silent. A call with the RMSNorm prologue (norm_x instead of x) always runs the
+// decode kernel (quantized_linear.hpp), up to kLinearMaxTokens tokens.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +36,11 @@ struct LinearCall {
   __nv_bfloat16* y_bf16 = nullptr;   // device [tokens, N] bf16 instead of y
   // The token count from which the GEMM takes the call instead of the decode kernel (1..kLinearMaxTokens + 1).
   int64_t gemm_from_tokens = kLinearGemmFromTokens;
+  // RMSNorm prologue (groups = 1): fp32 [tokens, K] rows (x_row_stride apart) normalised with norm_weight [K] and
+  // norm_eps and rounded to bf16 exactly as run_rms_norm's y_bf16, instead of x (which must then be null).
+  const float* norm_x = nullptr;
+  const float* norm_weight = nullptr;
+  float norm_eps = 0.0f;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).

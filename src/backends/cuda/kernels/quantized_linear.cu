@@ -5,6 +5,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
+#include "backends/cuda/kernels/rms_norm.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -260,7 +261,20 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
         w.rows, ", ", w.cols, "] has no device data or scales");
   check(w.scale_type != ScaleType::F32 || reinterpret_cast<uintptr_t>(w.scales) % 4 == 0,
         "quantized_linear: the f32 scales of weight [", w.rows, ", ", w.cols, "] must be 4-byte aligned");
-  check(params.x != nullptr, "quantized_linear: null x");
+  const bool norm = params.norm_x != nullptr;
+  check(norm != (params.x != nullptr), "quantized_linear: exactly one of x (bf16) and norm_x (fp32, RMSNorm ",
+        "prologue) must be set");
+  if (norm) {
+    check(params.norm_weight != nullptr, "quantized_linear: the RMSNorm prologue needs norm_weight");
+    check(params.groups == 1, "quantized_linear: the RMSNorm prologue normalises whole rows; groups must be 1, not ",
+          params.groups);
+    check(w.cols <= kRmsNormMaxWidth, "quantized_linear: the RMSNorm prologue takes K up to ", kRmsNormMaxWidth,
+          ", not ", w.cols);
+    check(reinterpret_cast<uintptr_t>(params.norm_x) % 4 == 0 && reinterpret_cast<uintptr_t>(params.norm_weight) % 4 == 0,
+          "quantized_linear: norm_x and norm_weight must be 4-byte aligned");
+  } else {
+    check(params.norm_weight == nullptr, "quantized_linear: norm_weight is set without norm_x");
+  }
   check((params.y == nullptr) != (params.y_bf16 == nullptr),
         "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
   const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
@@ -279,9 +293,10 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
     check(reinterpret_cast<uintptr_t>(params.workspace) % 16 == 0,
           "quantized_linear: the workspace must be 16-byte aligned");
   }
-  const size_t x_bytes = (size_t(params.tokens - 1) * size_t(params.x_row_stride) + size_t(x_cols)) * 2;
+  const size_t x_bytes = (size_t(params.tokens - 1) * size_t(params.x_row_stride) + size_t(x_cols)) * (norm ? 4 : 2);
+  const void* x = norm ? static_cast<const void*>(params.norm_x) : static_cast<const void*>(params.x);
   const size_t y_bytes = (size_t(params.tokens - 1) * size_t(params.y_row_stride) + size_t(w.rows)) * y_element;
-  check(!ranges_overlap(y, y_bytes, params.x, x_bytes), "quantized_linear: y must not overlap x");
+  check(!ranges_overlap(y, y_bytes, x, x_bytes), "quantized_linear: y must not overlap x");
   check(config.workspace_bytes == 0 || !ranges_overlap(y, y_bytes, params.workspace, config.workspace_bytes),
         "quantized_linear: y must not overlap the workspace");
 }
@@ -317,6 +332,9 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
       .tickets = config.k_splits > 1 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
+      .norm_x = params.norm_x,
+      .norm_weight = params.norm_weight,
+      .norm_eps = params.norm_eps,
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");

@@ -41,6 +41,9 @@ struct LinearKernelArgs {
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
+  const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
+  const float* norm_weight;  // [K]
+  float norm_eps;
 };
 
 // What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at
@@ -59,6 +62,29 @@ __device__ __forceinline__ CtaWork cta_work(const LinearKernelArgs& args, int64_
           .row_end = row_end,
           .split_begin = split_begin,
           .split_end = min(args.weight.cols, split_begin + args.split_k)};
+}
+
+// Stages x[:, chunk_begin, chunk_end) of the CTA's group into the tile: the bf16 rows as they are, or with the
+// RMSNorm prologue the fp32 rows normalised by inv_rms (rms_norm_inverse_rms) and the norm weight.
+template <tile::TileFormat F>
+__device__ __forceinline__ void stage_input(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
+                                            const float* inv_rms, int64_t chunk_begin, int64_t chunk_end,
+                                            int padded_tokens, __nv_bfloat16* x_tile) {
+  if (args.norm_x != nullptr)
+    tile::stage_normed_x_tile<F>([&](int t) { return args.norm_x + t * args.x_row_stride + chunk_begin; },
+                                 args.norm_weight + chunk_begin, inv_rms, args.tokens, padded_tokens,
+                                 chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+  else
+    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens,
+                          padded_tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+}
+
+// With the RMSNorm prologue: every CTA computes its tokens' inverse RMS over the whole row (x_tile serves as the
+// reduction's scratch before the first staging). Called by the whole CTA.
+__device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void* x_tile, float* inv_rms) {
+  if (args.norm_x != nullptr)
+    tile::rms_norm_inverse_rms(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps, args.tokens,
+                               static_cast<float*>(x_tile), inv_rms);
 }
 
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
@@ -125,6 +151,7 @@ template <tile::TileFormat F, int NT, bool kAlignedTiles>
 __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized_linear_kernel(const LinearKernelArgs args) {
   extern __shared__ uint4 x_tile_storage[];
   __shared__ bool is_last_split;
+  __shared__ float inv_rms[kLinearMaxTokens];
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(x_tile_storage);
 
   const DeviceMatrixView& w = args.weight;
@@ -136,12 +163,14 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
   const __nv_bfloat16* x_group = args.x + group * w.cols;
 
   float acc[NT][4] = {};
+  if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, split_begin, min(split_end, split_begin + args.chunk_k));
+  prepare_norm(args, x_tile, inv_rms);
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
-    if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);  // overlaps staging
+    // Overlaps staging (the first chunk's was asked for before the norm's reduction).
+    if (row0 < cta_row_end && chunk_begin != split_begin) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);
     if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
-    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens,
-                          NT * tile::kTokensPerMma, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+    stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, NT * tile::kTokensPerMma, x_tile);
     __syncthreads();
     if (row0 < cta_row_end)
       tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
@@ -160,6 +189,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta][st::kMaxSlots];
   __shared__ bool is_last_split;
+  __shared__ float inv_rms[kLinearMaxTokens];
   uint8_t* smem = st::align_slots(reinterpret_cast<uint8_t*>(smem_storage));
   const int slots = args.ring_slots;
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize, g = int(threadIdx.x) % tile::kWarpSize / 4;
@@ -187,6 +217,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   }
   wait_for_prior_grids();
   allow_dependents();
+  prepare_norm(args, x_tile, inv_rms);
 
   constexpr int C = tile::detail::kChains<NT>;
   float sums[C][NT][4];
@@ -196,8 +227,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
     if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
-    tile::stage_x_tile<F>([&](int t) { return x_group + t * args.x_row_stride + chunk_begin; }, args.tokens,
-                          args.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+    stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
     __syncthreads();
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);

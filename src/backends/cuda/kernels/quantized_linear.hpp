@@ -19,6 +19,11 @@
 //   by any number of launches on one stream (never by two launches running concurrently).
 // - The STREAMED path is launched as a programmatic dependent launch: its CTAs may begin streaming weights while
 //   the previous kernel in the stream drains, and read x (and write y and the workspace) only once it has completed.
+// - RMSNorm prologue (optional, groups = 1, K <= kRmsNormMaxWidth): instead of x, norm_x holds fp32 rows (x_row_stride
+//   apart) and every CTA normalises them itself before staging: the staged x is bf16(x · rsqrt(mean(x²) + eps) · w),
+//   bit for bit run_rms_norm's y_bf16 for the same row (the same summation order), so the result equals
+//   run_rms_norm followed by this op on its bf16 output, without that launch. Each CTA reads the whole of its tokens'
+//   rows once more for the sum of squares: meant for few tokens.
 // - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
 //   is refused with an error naming the shape, format or pointer; there is no fallback path.
 #pragma once
@@ -60,6 +65,9 @@ struct QuantizedLinearParams {
   size_t workspace_bytes = 0;          // bytes available at `workspace`
   cudaStream_t stream = nullptr;
   __nv_bfloat16* y_bf16 = nullptr;     // device, bf16 [tokens, N] instead of y (saves a conversion launch)
+  const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
+  const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
+  float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of

@@ -199,37 +199,103 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
 
 }  // namespace detail
 
-// Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (layout in the contract), zero-filling
-// tokens [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)). row_of(t) returns &x[t][k_begin], so
-// callers can gather rows (MoE token lists). Rows whose address is 16-byte aligned are copied 16 bytes at a time,
-// others (and a k_count that is not a multiple of 8) element by element. padded_tokens is 8·NT for weight_tile_mma
-// (its MMAs read every row), or just `tokens` for readers that skip absent tokens (the streamed tiles below).
-// Called by `thread_count` threads of the CTA with distinct thread_idx; the caller synchronises before and after.
-template <TileFormat F, class RowOf>
-__device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int padded_tokens, int64_t k_count,
-                                             __nv_bfloat16* tile, int thread_idx, int thread_count) {
+// Fills the tile for k_count inputs of `tokens` tokens (layout in the contract), zero-filling tokens
+// [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)): chunk_of(t, k) returns the 8 bf16 of token t at
+// tile inputs k .. k + 7 (k < k_count; zero past k_count), in input order. Called by `thread_count` threads of the
+// CTA with distinct thread_idx; the caller synchronises before and after.
+template <TileFormat F, class ChunkOf>
+__device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int padded_tokens, int64_t k_count,
+                                               __nv_bfloat16* tile, int thread_idx, int thread_count) {
   const int row_stride = x_tile_row_stride(k_count);
   const int chunks_per_row = (row_stride - 32) / kXChunk;
   for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
     const int t = i / chunks_per_row, c = i % chunks_per_row;
     const int64_t k = int64_t(c) * kXChunk;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (t < tokens && k < k_count) {
-      const __nv_bfloat16* source = row_of(t) + k;
-      if (k + kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0) {
-        v = __ldg(reinterpret_cast<const uint4*>(source));
-      } else {
+    const uint4 v = t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
+        detail::permute_chunk<F>(v);
+  }
+}
+
+// Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (stage_x_chunks). row_of(t) returns
+// &x[t][k_begin], so callers can gather rows (MoE token lists). Rows whose address is 16-byte aligned are copied 16
+// bytes at a time, others (and a k_count that is not a multiple of 8) element by element. padded_tokens is 8·NT for
+// weight_tile_mma (its MMAs read every row), or just `tokens` for readers that skip absent tokens (the streamed
+// tiles below).
+template <TileFormat F, class RowOf>
+__device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int padded_tokens, int64_t k_count,
+                                             __nv_bfloat16* tile, int thread_idx, int thread_count) {
+  stage_x_chunks<F>(
+      [&](int t, int64_t k) {
+        const __nv_bfloat16* source = row_of(t) + k;
+        if (k + kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0)
+          return __ldg(reinterpret_cast<const uint4*>(source));
         uint32_t words[4] = {0, 0, 0, 0};
 #pragma unroll
         for (int e = 0; e < kXChunk; ++e)
           if (k + e < k_count)
             words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
-        v = make_uint4(words[0], words[1], words[2], words[3]);
-      }
+        return make_uint4(words[0], words[1], words[2], words[3]);
+      },
+      tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
+}
+
+// Stages the RMS-normalised fp32 rows: tile value = bf16(x[t][k] · inv_rms[t] · weight[k]) for k in
+// [k_begin, k_begin + k_count), the same two fp32 products and rounding as run_rms_norm's bf16 output. row_of(t)
+// returns &x[t][k_begin], weight points at weight[k_begin], inv_rms[t] (shared memory) comes from
+// rms_norm_inverse_rms.
+template <TileFormat F, class RowOf>
+__device__ __forceinline__ void stage_normed_x_tile(RowOf row_of, const float* weight, const float* inv_rms,
+                                                    int tokens, int padded_tokens, int64_t k_count,
+                                                    __nv_bfloat16* tile, int thread_idx, int thread_count) {
+  stage_x_chunks<F>(
+      [&](int t, int64_t k) {
+        const float* source = row_of(t) + k;
+        uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < kXChunk; ++e)
+          if (k + e < k_count) {
+            float value = __ldg(source + e) * inv_rms[t];
+            value *= __ldg(weight + k + e);
+            words[e / 2] |= uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(value))) << (16 * (e % 2));
+          }
+        return make_uint4(words[0], words[1], words[2], words[3]);
+      },
+      tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
+}
+
+// inv_rms[t] = 1 / sqrt(mean(x[t]²) + eps) for t < tokens, x rows of `width` floats row_stride apart, with
+// run_rms_norm's summation order (bit-identical): its row owner is a warp (width <= 1024) or a CTA of 256 threads,
+// thread m adding x[m + G·j]² for j = 0, 1, ... with fmaf, then a butterfly within each warp, then (CTA owner) the 8
+// warp sums in warp order. Here each warp of the caller plays those warps in turn; warp_sums holds tokens · 8
+// floats of shared memory. Called by the whole CTA (it synchronises); inv_rms is valid after the call.
+__device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row_stride, int width, float eps,
+                                                     int tokens, float* warp_sums, float* inv_rms) {
+  constexpr int kRmsWarpRowMaxWidth = 1024;  // rms_norm.cu: a warp owns rows up to this width, a CTA beyond
+  constexpr int kRmsCtaThreads = 256;
+  const int owner_threads = width <= kRmsWarpRowMaxWidth ? kWarpSize : kRmsCtaThreads;
+  const int owner_warps = owner_threads / kWarpSize;
+  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) / kWarpSize;
+  const int warps = int(blockDim.x) / kWarpSize;
+  for (int p = warp; p < tokens * owner_warps; p += warps) {
+    const int t = p / owner_warps, v = p % owner_warps;
+    const float* row = x + t * row_stride;
+    float sum = 0.0f;
+    for (int i = v * kWarpSize + lane; i < width; i += owner_threads) {
+      const float value = row[i];
+      sum = fmaf(value, value, sum);
     }
-    *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
-        detail::permute_chunk<F>(v);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (lane == 0) warp_sums[p] = sum;
   }
+  __syncthreads();
+  for (int t = int(threadIdx.x); t < tokens; t += int(blockDim.x)) {
+    float sum = 0.0f;
+    for (int v = 0; v < owner_warps; ++v) sum += warp_sums[t * owner_warps + v];
+    inv_rms[t] = 1.0f / sqrtf(sum / float(width) + eps);
+  }
+  __syncthreads();
 }
 
 // Factor the accumulators still need (see NOTES): NVFP4 global scale · 2^8, 1 otherwise.
