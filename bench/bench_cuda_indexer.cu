@@ -318,7 +318,15 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     } else {
       run_indexer_scores(scores_params(stream));
     }
+    // The two methods lay the workspace out differently: zeroed again before each (cudaMemset on the legacy stream,
+    // so synchronised before the timing stream uses it).
+    const auto zero_workspace = [&] {
+      workspace.fill_bytes(0);
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    };
+    zero_workspace();
     const double previous_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0, false)); });
+    zero_workspace();
     const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); });
     const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
