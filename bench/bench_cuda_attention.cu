@@ -16,10 +16,10 @@
 // Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
-// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only]
+// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm]
 //   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
 //   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
-//   Exit status 1 when a CPU check fails.
+//   --warm times without the L2 flush (what is left is not memory latency). Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -291,8 +291,10 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   }
   cache.upload_page_table(nullptr);
   DSV4_CUDA_CHECK(cudaMemset(cache.view().pool, 0x30, size_t(one.pages) * cache.layout().entry_bytes));
+  DeviceBuffer out(size_t(p.tokens) * p.heads * kHeadDim * 4, "mma.sync out");  // keeps the caller's output
   SparseAttentionParams q = p;
   q.cache = cache.view();
+  q.out = out.data();
   const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   return ms;
@@ -334,7 +336,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
   DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
   const int64_t total_slots = kWindow + compressed_slots;
-  const int splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms);
+  const int splits =
+      choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, false);
   const int cluster_splits =
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, true);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
@@ -346,7 +349,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
                           .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
                           .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
                           .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
-                          .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+                          .splits = splits, .cluster_merge = false, .workspace = workspace.data(),
+                          .workspace_bytes = workspace.bytes()};
   // A sample of queries for the CPU check: the first, a middle and the last.
   std::vector<int64_t> sample{0, batch / 2, batch - 1};
   sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
@@ -373,7 +377,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
     const std::vector<int32_t> counts(size_t(batch), compressed_slots);
     DeviceBuffer d_bounded = to_device(bounded_index, "bounded index"), d_counts = to_device(counts, "counts");
     const int bounded_splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference,
-                                                              kWindow + kBoundSlots, sms);
+                                                              kWindow + kBoundSlots, sms, false);
     DeviceBuffer bounded_workspace(
         std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, bounded_splits)),
         "bounded workspace");
@@ -536,7 +540,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 
 int run(int argc, char** argv) {
   std::string json_path, only;
-  bool prefill_only = false;
+  bool prefill_only = false, warm = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -544,9 +548,11 @@ int run(int argc, char** argv) {
       only = argv[++i];
     else if (std::strcmp(argv[i], "--prefill-only") == 0)
       prefill_only = true;
+    else if (std::strcmp(argv[i], "--warm") == 0)
+      warm = true;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only])");
+           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -557,8 +563,10 @@ int run(int argc, char** argv) {
   const double copy_gbps = copy_bandwidth_gbps();
   std::printf("%s, %d SMs; device copy bandwidth (read + write) %.0f GB/s\n", device.name.c_str(),
               device.multiprocessors, copy_gbps);
-  const size_t flush_bytes = size_t(256) << 20;
-  DeviceBuffer flush(flush_bytes, "L2 flush");
+  const size_t flush_buffer_bytes = size_t(256) << 20;
+  DeviceBuffer flush(flush_buffer_bytes, "L2 flush");
+  const size_t flush_bytes = warm ? 0 : flush_buffer_bytes;  // a memset of 0 bytes flushes nothing
+  if (warm) std::printf("--warm: no L2 flush before the timed calls\n");
   std::mt19937 rng(7);
   int clock_khz = 0;
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));

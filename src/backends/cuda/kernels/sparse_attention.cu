@@ -26,10 +26,10 @@ int head_blocks_for(int heads) { return (heads + 16 * head_tiles_for(heads) - 1)
 
 bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
-// Tile-times (≈ 1.7 µs each on an H200) a merge of the splits adds: the combine kernel measured 6.4-6.7 µs under ncu
-// at batch 1 (its own launch, start-up and dependent loads); the cluster merge is a few distributed shared-memory
-// round trips inside the attention CTAs.
-constexpr double kCombineMergeTiles = 4.0, kClusterMergeTiles = 0.5;
+// Tile-times a merge of the splits adds. bench_cuda_attention (H200, Flash, batch 1, L2 flushed; session 12): a tile
+// costs ≈ 1.1 µs in a CTA's pipeline, the combine kernel behind the attention kernel ≈ 1.4-2 µs and the cluster
+// merge ≈ 1-2 µs; the cluster merge is preferred on a tie (one launch fewer).
+constexpr double kCombineMergeTiles = 2.0, kClusterMergeTiles = 1.0;
 
 // SMs per GPC assumed when packing clusters into a wave (H100/H200: 132 SMs in GPCs of 16-18).
 constexpr int kClusterPackingSms = 16;

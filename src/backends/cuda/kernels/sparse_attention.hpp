@@ -65,16 +65,16 @@ struct SparseAttentionParams {
   int splits = 1;                           // CTAs per (query, head block); choose_sparse_attention_splits
   // Merge 2..kSparseAttentionMaxClusterSplits splits inside the attention launch (a cluster per query and head
   // block) where the head_dim 512 kernel serves the call; the combine kernel otherwise.
-  bool cluster_merge = false;
+  bool cluster_merge = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
 };
 
-// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost (a cluster merge, where
-// `cluster_merge` allows it, costs far less than the combine kernel); 1 when one split already fills the GPU.
+// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost (the combine kernel's, or
+// where `cluster_merge` allows it and 2-8 splits pay, the cluster merge's); 1 when one split already fills the GPU.
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
-                                   int multiprocessors, bool cluster_merge = false);
+                                   int multiprocessors, bool cluster_merge = true);
 
 // Workspace of a call merged by the combine kernel (an upper bound for any call of that shape: a cluster merge
 // needs none).
