@@ -4,10 +4,17 @@
 // uniformly), T ∈ {1, 4, 16, 64, 256, 4096}.
 // Each call is a CUDA graph of the whole sub-block (which also checks that it captures). Calls rotate over several
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
-// Reported per T: time per call, the bytes of the experts actually touched (routed, counted from the routing of each
-// input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth (cudaMemcpy D2D
-// of 1 GiB, read + write), TFLOP/s of the expert GEMMs, and the kernel launches in the graph. At T <= 8 both
-// expert-kernel paths are timed: "streamed" (weights through shared memory, the default there) and "register".
+// Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
+// routing fused into the router launch where it applies) and "register"; above, the register path alone.
+// Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
+// routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
+// (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
+// rate (8192³), the floor max(touched bytes / copy rate, expert flops / cuBLAS rate) as a share of the time, and the
+// kernel launches in the graph.
+// Same-run baseline per T: cuBLAS bf16 GEMMs (cublasGemmEx, fp32 accumulation) of the same routing — per touched
+// expert (and the shared one) [n_e, d] × [d, 2I] then [n_e, I] × [I, d], captured in one CUDA graph — on bf16 weights
+// of the same shapes (a pool of 8 experts used in turn, 0.4-1 GB, so every GEMM reads its weights from HBM; no
+// routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
 // Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro]
 #include <cuda_runtime.h>
 
@@ -22,6 +29,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <cublas_v2.h>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -48,9 +57,84 @@ struct Result {
   std::string path;  // expert kernels: "streamed" or "register"
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
+  double tensor_share = 0;   // tflops / the same-run cuBLAS bf16 rate
+  double floor_share = 0;    // max(byte floor, flop floor) / us
+  double baseline_us = 0;    // cuBLAS bf16 expert GEMMs of the same routings
   double stage_us[kMoeStages] = {};  // router, scoring + bucketing, gate/up, down, combine (serialised stream launches)
   size_t launches = 0;
 };
+
+// Same-run floors.
+struct Floors {
+  double copy_gbps = 0;      // device copy, read + write
+  double tensor_tflops = 0;  // cuBLAS bf16 8192³, fp32 accumulation
+};
+
+// bf16 tensor rate of cuBLAS on an 8192³ GEMM (bf16 in, fp32 accumulate), in TFLOP/s: the median of 5 after a warm-up.
+double cublas_bf16_tflops(cublasHandle_t handle, cudaStream_t stream) {
+  constexpr int n = 8192;
+  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
+  a.fill_bytes(0x3C);
+  b.fill_bytes(0x3C);
+  const float alpha = 1.0f, beta = 0.0f;
+  auto gemm = [&] {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n,
+                                    b.data(), CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+  };
+  gemm();
+  StreamTimer timer;
+  std::vector<float> ms;
+  for (int i = 0; i < 5; ++i) ms.push_back(timer.elapsed_ms(stream, gemm));
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(n) * n * n / (double(ms[ms.size() / 2]) * 1e9);
+}
+
+// The cuBLAS baseline's operands: a pool of bf16 experts ([2I, d] gate/up stacked, [d, I] down) and activations
+// for up to T rows.
+struct BaselineOperands {
+  static constexpr int kPool = 8;
+  std::vector<DeviceBuffer> gate_up, down;
+  DeviceBuffer x, y, out;
+  BaselineOperands(const MoeConfig& c, int T) {
+    const size_t d = size_t(c.hidden), I = size_t(c.intermediate);
+    for (int i = 0; i < kPool; ++i) {
+      gate_up.emplace_back(2 * I * d * 2, "baseline gate/up");
+      down.emplace_back(d * I * 2, "baseline down");
+      gate_up.back().fill_bytes(0x3C);
+      down.back().fill_bytes(0x3C);
+    }
+    x = DeviceBuffer(size_t(T) * d * 2, "baseline x");
+    y = DeviceBuffer(size_t(T) * 2 * I * 2, "baseline gate/up output");
+    out = DeviceBuffer(size_t(T) * d * 4, "baseline out");
+    x.fill_bytes(0x3C);
+  }
+};
+
+// Captures the baseline GEMMs of one routing (rows per expert, the shared expert last) into a graph.
+cudaGraphExec_t capture_baseline(cublasHandle_t handle, cudaStream_t stream, const MoeConfig& c,
+                                 const std::vector<int>& rows_per_expert, BaselineOperands& ops) {
+  const int d = int(c.hidden), I = int(c.intermediate);
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaGraph_t graph;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  int used = 0;
+  for (const int n : rows_per_expert) {
+    if (n == 0) continue;
+    const int slot = used++ % BaselineOperands::kPool;  // consecutive experts never share weights
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, 2 * I, n, d, &alpha,
+                                    ops.gate_up[size_t(slot)].data(), CUDA_R_16BF, d, ops.x.data(), CUDA_R_16BF, d,
+                                    &beta, ops.y.data(), CUDA_R_16BF, 2 * I, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, d, n, I, &alpha, ops.down[size_t(slot)].data(),
+                                    CUDA_R_16BF, I, ops.y.data(), CUDA_R_16BF, 2 * I, &beta, ops.out.data(),
+                                    CUDA_R_32F, d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return exec;
+}
 
 // Keeps the stream busy for `cycles` SM clocks, so that the launches queued behind it start back to back.
 __global__ void hold_stream_kernel(long long cycles) {
@@ -61,17 +145,35 @@ __global__ void hold_stream_kernel(long long cycles) {
 
 size_t expert_bytes(const MoeExpertView& e) { return e.w1.stored_bytes + e.w3.stored_bytes + e.w2.stored_bytes; }
 
-// One rotation slot: a layer, an input, the captured graph, and what its routing touches.
+// One rotation slot: a layer, an input, its workspace, and what its routing touches.
 struct Slot {
   int layer = 0;
   DeviceBuffer u, workspace;
-  cudaGraphExec_t graph = nullptr;
   double touched_bytes = 0;
   int experts_touched = 0;
+  std::vector<int> rows_per_expert;  // [E + 1], the shared expert last
 };
 
-std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, double copy_gbps,
-                                cudaStream_t stream) {
+// The two expert-kernel paths a result names.
+MoeRunParams path_params(bool streamed) {
+  MoeRunParams p;
+  p.expert_kernels = streamed ? MoeExpertKernels::STREAMED : MoeExpertKernels::REGISTER;
+  p.fused_routing = streamed;
+  return p;
+}
+
+// Mean microseconds per graph over the rotation: each graph once to warm up, then `iterations` rounds.
+double rotation_us(const std::vector<cudaGraphExec_t>& graphs, int iterations, cudaStream_t stream) {
+  for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphLaunch(g, stream));
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int i = 0; i < iterations; ++i)
+      for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphLaunch(g, stream));
+  });
+  return double(ms) * 1e3 / (iterations * double(graphs.size()));
+}
+
+std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, const Floors& floors,
+                                cublasHandle_t cublas, cudaStream_t stream) {
   const MoeConfig& c = model.config;
   std::vector<DeviceMoeWeights> layers;
   for (int l = 0; l < model.layers; ++l)
@@ -79,19 +181,21 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   std::vector<Result> results;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  // (T, streamed decode): at most 8 tokens both expert-kernel paths, above that the register path alone.
-  std::vector<std::pair<int, bool>> cases;
   for (const int T : token_counts) {
-    cases.emplace_back(T, true);
-    if (T <= kMoeMaxStreamedTokens) cases.emplace_back(T, false);
-  }
-  for (const auto& [T, streamed] : cases) {
     constexpr int kSlots = 8;
+    const int iterations = T >= 1024 ? 4 : 25;
     const size_t workspace_bytes = moe_workspace_bytes(c, T);
     DeviceBuffer out(size_t(T) * size_t(c.hidden) * sizeof(float), "out");
+    auto run_params = [&](Slot& slot, bool streamed) {
+      MoeRunParams p = path_params(streamed);
+      p.u = slot.u.as<float>(), p.out = out.as<float>(), p.tokens = T;
+      p.workspace = slot.workspace.data(), p.workspace_bytes = workspace_bytes, p.stream = stream;
+      return p;
+    };
+
+    // Inputs and what their routing touches (the routing is the same for both paths).
     std::vector<Slot> slots(kSlots);
     std::vector<float> u(size_t(T) * size_t(c.hidden));
-    size_t launches = 0;
     for (int s = 0; s < kSlots; ++s) {
       Slot& slot = slots[size_t(s)];
       slot.layer = s % model.layers;
@@ -100,92 +204,105 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       slot.u.upload(u.data(), u.size() * sizeof(float));
       slot.workspace = DeviceBuffer(workspace_bytes, "moe workspace");
       prepare_moe_workspace(slot.workspace.data(), workspace_bytes, stream);
-      const MoeRunParams params{.u = slot.u.as<float>(),
-                                .out = out.as<float>(),
-                                .tokens = T,
-                                .workspace = slot.workspace.data(),
-                                .workspace_bytes = workspace_bytes,
-                                .stream = stream,
-                                .streamed_decode = streamed};
       const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
-      run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
-      cudaGraph_t graph;
-      DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      const MoeRunParams params = run_params(slot, false);
       run_moe(weights, params);
-      DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-      size_t nodes = 0;
-      DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
-      launches = nodes;
-      DSV4_CUDA_CHECK(cudaGraphInstantiate(&slot.graph, graph, 0));
-      DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
-      DSV4_CUDA_CHECK(cudaGraphLaunch(slot.graph, stream));
       check_moe_status(params);
-      // What this input's routing touches.
       const MoeWorkspaceView view = moe_workspace_view(c, T, slot.workspace.data());
       std::vector<int32_t> ids(size_t(T) * size_t(c.top_k));
       DSV4_CUDA_CHECK(cudaMemcpy(ids.data(), view.expert_ids, ids.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+      slot.rows_per_expert.assign(size_t(c.experts) + 1, 0);
+      for (const int32_t e : ids) ++slot.rows_per_expert[size_t(e)];
+      slot.rows_per_expert.back() = T;
       const std::set<int32_t> touched(ids.begin(), ids.end());
       slot.experts_touched = int(touched.size());
       slot.touched_bytes = double(expert_bytes(weights.experts().back()));  // the shared expert
       for (const int32_t e : touched) slot.touched_bytes += double(expert_bytes(weights.experts()[size_t(e)]));
     }
-    const int iterations = T >= 1024 ? 4 : 25;
-    for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
-    const float ms = stream_elapsed_ms(stream, [&] {
-      for (int i = 0; i < iterations; ++i)
-        for (int s = 0; s < kSlots; ++s) DSV4_CUDA_CHECK(cudaGraphLaunch(slots[size_t(s)].graph, stream));
-    });
 
-    // Per-stage breakdown: events around the stages of stream launches (which serialise the stages: no overlap),
-    // queued behind a kernel that holds the stream ~0.2 ms so that host launch costs do not show in the times.
-    double stage_us[kMoeStages] = {};
+    // The cuBLAS baseline on the same routings.
+    double baseline_us = 0;
     {
-      cudaEvent_t stage_events[kMoeStages + 1];
-      for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventCreate(&e));
-      const int stage_runs = T >= 1024 ? 1 : 3;
-      for (int i = 0; i < stage_runs; ++i)
-        for (Slot& slot : slots) {
-          hold_stream_kernel<<<1, 1, 0, stream>>>(400000);
-          DSV4_CUDA_CHECK_LAUNCH("hold_stream_kernel");
-          run_moe(layers[size_t(slot.layer)], {.u = slot.u.as<float>(),
-                                               .out = out.as<float>(),
-                                               .tokens = T,
-                                               .workspace = slot.workspace.data(),
-                                               .workspace_bytes = workspace_bytes,
-                                               .stream = stream,
-                                               .stage_events = stage_events,
-                                               .streamed_decode = streamed});
-          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-          for (int st = 0; st < kMoeStages; ++st) {
-            float stage_ms = 0;
-            DSV4_CUDA_CHECK(cudaEventElapsedTime(&stage_ms, stage_events[st], stage_events[st + 1]));
-            stage_us[st] += double(stage_ms) * 1e3 / (stage_runs * kSlots);
-          }
-        }
-      for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventDestroy(e));
+      BaselineOperands operands(c, T);
+      std::vector<cudaGraphExec_t> graphs;
+      for (const Slot& slot : slots) graphs.push_back(capture_baseline(cublas, stream, c, slot.rows_per_expert, operands));
+      baseline_us = rotation_us(graphs, iterations, stream);
+      for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
     }
 
-    const bool streamed_path = streamed && T <= kMoeMaxStreamedTokens && layers.front().streamed_tiles();
-    Result r{.model = model.name, .path = streamed_path ? "streamed" : "register", .tokens = T, .launches = launches};
-    std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
-    r.us = double(ms) * 1e3 / (iterations * kSlots);
-    for (const Slot& slot : slots) {
-      r.touched_bytes += slot.touched_bytes / kSlots;
-      r.experts_touched += double(slot.experts_touched) / kSlots;
-      DSV4_CUDA_CHECK(cudaGraphExecDestroy(slot.graph));
+    for (const bool streamed : {true, false}) {
+      if (streamed && T > 1024) continue;
+      std::vector<cudaGraphExec_t> graphs;
+      size_t launches = 0;
+      for (Slot& slot : slots) {
+        const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
+        const MoeRunParams params = run_params(slot, streamed);
+        run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
+        cudaGraph_t graph;
+        DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        run_moe(weights, params);
+        DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &launches));
+        check(launches == size_t(moe_launches(params)), "bench_cuda_moe: ", launches, " graph nodes, moe_launches ",
+              "says ", moe_launches(params));
+        cudaGraphExec_t exec;
+        DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+        graphs.push_back(exec);
+      }
+      const double us = rotation_us(graphs, iterations, stream);
+      for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
+
+      // Per-stage breakdown: events around the stages of stream launches (which serialise the stages: no overlap),
+      // queued behind a kernel that holds the stream ~0.2 ms so that host launch costs do not show in the times.
+      double stage_us[kMoeStages] = {};
+      {
+        cudaEvent_t stage_events[kMoeStages + 1];
+        for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventCreate(&e));
+        const int stage_runs = T >= 1024 ? 1 : 3;
+        for (int i = 0; i < stage_runs; ++i)
+          for (Slot& slot : slots) {
+            hold_stream_kernel<<<1, 1, 0, stream>>>(400000);
+            DSV4_CUDA_CHECK_LAUNCH("hold_stream_kernel");
+            MoeRunParams params = run_params(slot, streamed);
+            params.stage_events = stage_events;
+            run_moe(layers[size_t(slot.layer)], params);
+            DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+            for (int st = 0; st < kMoeStages; ++st) {
+              float stage_ms = 0;
+              DSV4_CUDA_CHECK(cudaEventElapsedTime(&stage_ms, stage_events[st], stage_events[st + 1]));
+              stage_us[st] += double(stage_ms) * 1e3 / (stage_runs * kSlots);
+            }
+          }
+        for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventDestroy(e));
+      }
+
+      const bool streamed_path = streamed && layers.front().streamed_tiles();
+      Result r{.model = model.name, .path = streamed_path ? "streamed" : "register", .tokens = T, .launches = launches};
+      std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
+      r.us = us;
+      r.baseline_us = baseline_us;
+      for (const Slot& slot : slots) {
+        r.touched_bytes += slot.touched_bytes / kSlots;
+        r.experts_touched += double(slot.experts_touched) / kSlots;
+      }
+      r.gbps = r.touched_bytes / (r.us * 1e3);
+      r.copy_share = r.gbps / floors.copy_gbps;
+      const double rows = double(T) * double(c.top_k + 1);
+      r.tflops = 2.0 * rows * 3.0 * double(c.hidden) * double(c.intermediate) / (r.us * 1e6);
+      r.tensor_share = r.tflops / floors.tensor_tflops;
+      r.floor_share = std::max(r.copy_share, r.tensor_share);  // max(byte floor, flop floor) / time
+      std::printf("%-6s T = %5d %-8s: %9.1f us  %6.1f experts + shared  %8.1f MB  %7.0f GB/s  %5.1f %% of copy  "
+                  "%6.1f TFLOP/s (%4.1f %% of cuBLAS)  %5.1f %% of floor  cuBLAS bf16 baseline %9.1f us (x %.2f)  "
+                  "%zu launches\n",
+                  model.name, T, r.path.c_str(), r.us, r.experts_touched, r.touched_bytes / 1e6, r.gbps,
+                  100.0 * r.copy_share, r.tflops, 100.0 * r.tensor_share, 100.0 * r.floor_share, r.baseline_us,
+                  r.baseline_us / r.us, r.launches);
+      std::printf("         stages (serialised, events between): router %.1f us, route+bucket %.1f us, "
+                  "gate/up %.1f us, down %.1f us, combine %.1f us\n",
+                  r.stage_us[0], r.stage_us[1], r.stage_us[2], r.stage_us[3], r.stage_us[4]);
+      results.push_back(r);
     }
-    r.gbps = r.touched_bytes / (r.us * 1e3);
-    r.copy_share = r.gbps / copy_gbps;
-    const double rows = double(T) * double(c.top_k + 1);
-    r.tflops = 2.0 * rows * 3.0 * double(c.hidden) * double(c.intermediate) / (r.us * 1e6);
-    std::printf("%-6s T = %5d %-8s: %9.1f us  %6.1f experts + shared touched  %8.1f MB  %7.0f GB/s  %5.1f %% of copy  "
-                "%6.1f TFLOP/s  %zu launches\n",
-                model.name, T, r.path.c_str(), r.us, r.experts_touched, r.touched_bytes / 1e6, r.gbps, 100.0 * r.copy_share,
-                r.tflops, r.launches);
-    std::printf("         stages (serialised, events between): router %.1f us, route+bucket %.1f us, "
-                "gate/up %.1f us, down %.1f us, combine %.1f us\n",
-                r.stage_us[0], r.stage_us[1], r.stage_us[2], r.stage_us[3], r.stage_us[4]);
-    results.push_back(r);
   }
   return results;
 }
@@ -229,9 +346,16 @@ int main(int argc, char** argv) {
     const DeviceInfo& device = devices.front();
     cudaStream_t stream;
     DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    const double copy_gbps = copy_bandwidth_gbps(stream);
-    std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s\n",
-                device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
+    cublasHandle_t cublas = nullptr;
+    BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
+    BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));  // (resets the workspace: set it after)
+    DeviceBuffer cublas_workspace(size_t(32) << 20, "cuBLAS workspace");  // explicit: graph capture allocates none
+    BENCH_CUBLAS_CHECK(cublasSetWorkspace(cublas, cublas_workspace.data(), cublas_workspace.bytes()));
+    const Floors floors{.copy_gbps = copy_bandwidth_gbps(stream), .tensor_tflops = cublas_bf16_tflops(cublas, stream)};
+    std::printf("device: %s (%d SMs, L2 %zu MiB); copy bandwidth (1 GiB D2D, read + write): %.0f GB/s; cuBLAS bf16 "
+                "8192^3: %.0f TFLOP/s\n",
+                device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, floors.copy_gbps,
+                floors.tensor_tflops);
     const Model models[] = {
         {"flash", MoeConfig{.hidden = 4096, .intermediate = 2048, .experts = 256, .top_k = 6,
                             .routed_scaling_factor = 1.5f, .swiglu_limit = 10.0f}, 4},
@@ -241,28 +365,32 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
     for (const Model& model : models) {
       if (!model_filter.empty() && model_filter != model.name) continue;
-      const std::vector<Result> r = bench_model(model, token_counts, copy_gbps, stream);
+      const std::vector<Result> r = bench_model(model, token_counts, floors, cublas, stream);
       results.insert(results.end(), r.begin(), r.end());
     }
+    BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
     if (!json_path.empty()) {
       FILE* out = std::fopen(json_path.c_str(), "w");
       check(out != nullptr, "bench_cuda_moe: cannot write ", json_path);
       std::fprintf(out,
                    "{\n  \"benchmark\": \"bench_cuda_moe\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n"
-                   "  \"copy_gbps\": %.1f,\n  \"weights\": \"MXFP4 routed, FP8 shared, bf16 router, scored\",\n"
+                   "  \"copy_gbps\": %.1f,\n  \"cublas_bf16_tflops\": %.1f,\n"
+                   "  \"weights\": \"MXFP4 routed, FP8 shared, bf16 router, scored\",\n"
+                   "  \"baseline\": \"cuBLAS bf16 GEMMs per touched expert, same routing, one CUDA graph\",\n"
                    "  \"results\": [\n",
-                   device.name.c_str(), device.multiprocessors, copy_gbps);
+                   device.name.c_str(), device.multiprocessors, floors.copy_gbps, floors.tensor_tflops);
       for (size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         std::fprintf(out,
                      "    {\"model\": \"%s\", \"path\": \"%s\", \"tokens\": %d, \"us\": %.2f, \"experts_touched\": %.2f, "
                      "\"touched_bytes\": %.0f, \"gbps\": %.1f, \"copy_share\": %.4f, \"tflops\": %.2f, "
+                     "\"tensor_share\": %.4f, \"floor_share\": %.4f, \"baseline_us\": %.2f, "
                      "\"launches\": %zu, \"stage_us\": {\"router\": %.2f, \"route_bucket\": %.2f, "
                      "\"gate_up\": %.2f, \"down\": %.2f, \"combine\": %.2f}}%s\n",
-                     r.model.c_str(), r.path.c_str(), r.tokens, r.us, r.experts_touched, r.touched_bytes, r.gbps, r.copy_share,
-                     r.tflops, r.launches, r.stage_us[0], r.stage_us[1], r.stage_us[2], r.stage_us[3], r.stage_us[4],
-                     i + 1 < results.size() ? "," : "");
+                     r.model.c_str(), r.path.c_str(), r.tokens, r.us, r.experts_touched, r.touched_bytes, r.gbps,
+                     r.copy_share, r.tflops, r.tensor_share, r.floor_share, r.baseline_us, r.launches, r.stage_us[0],
+                     r.stage_us[1], r.stage_us[2], r.stage_us[3], r.stage_us[4], i + 1 < results.size() ? "," : "");
       }
       std::fprintf(out, "  ]\n}\n");
       std::fclose(out);

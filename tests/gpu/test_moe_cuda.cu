@@ -1,6 +1,8 @@
 // The CUDA MoE sub-block (run_moe) against dsv4::cpu::moe_forward and the CPU ops it is built from: d = 4096,
 // I = 2048, E = 32, top 6; routed experts MXFP4, NVFP4, FP8 (shared expert FP8, as in the release) and BF16; scored
-// routing with a bias and hash routing; T ∈ {1, 3, 17, 64, 300}; experts with no token, every token on one expert.
+// routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
+// streamed with the routing fused into the router launch); a V4-Pro-width layer (d 7168, I 3072); experts with no
+// token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //
@@ -256,13 +258,26 @@ bool close(double actual, double expected, double tolerance) {
   return std::isfinite(actual) && std::fabs(actual - expected) <= tolerance;
 }
 
+// The kernel choices of a run (MoeRunParams fields).
+struct Kernels {
+  MoeExpertKernels experts = MoeExpertKernels::AUTO;
+  bool fused_routing = false;
+  std::string name() const {
+    const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
+                       : experts == MoeExpertKernels::REGISTER ? "register"
+                                                               : "auto";
+    return std::string(path) + " experts" + (fused_routing ? ", fused routing" : "");
+  }
+};
+// Both expert kernel sets, the streamed one with the fused routing (which applies at few tokens).
+constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
+constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_routing = true};
+
 // Runs one case and checks every stage; `failures` caps the messages per case.
-// `streamed_decode`: ask for the decode kernels that stream weights through shared memory (where they apply).
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
-                uint64_t seed,
-                const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of, bool streamed_decode = false) {
-  SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed) +
-               (streamed_decode ? ", streamed decode" : ""));
+                uint64_t seed, const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of,
+                Kernels kernels = {}) {
+  SCOPED_TRACE("T = " + std::to_string(T) + ", seed " + std::to_string(seed) + ", " + kernels.name());
   const Shape& S = layer.shape;
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -294,7 +309,8 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
                             .tokens = int(T),
                             .workspace = workspace.data(),
                             .workspace_bytes = workspace_bytes,
-                            .streamed_decode = streamed_decode};
+                            .expert_kernels = kernels.experts,
+                            .fused_routing = kernels.fused_routing};
   run_moe(device_weights, params);
   check_moe_status(params);
   const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
@@ -425,13 +441,12 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     Layer layer;
     make_layer(layer, experts, routing, seed++, keep_routing);
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "test layer");
-    for (const int64_t T : {1, 3, 8, 17, 64, 300}) {
-      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike));
-      if (T <= kMoeMaxStreamedTokens) {
-        ASSERT_TRUE(device_weights.streamed_tiles()) << "the Flash-like layer must take the streamed decode kernels";
-        check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), true);
-      }
-    }
+    ASSERT_TRUE(device_weights.streamed_tiles()) << "the Flash-like layer must take the streamed kernels";
+    // 17 and more: items of 9-16 rows (two token tiles) and of more than 16 (several passes), e.g. the shared
+    // expert's 64-row items.
+    for (const int64_t T : {1, 3, 8, 17, 64, 300})
+      for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+        check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
   }
 }
 
@@ -459,9 +474,47 @@ TEST(MoeTinyShapes, TestModelSizesWithKTailsAndPartialRowBands) {
         Layer layer;
         make_layer(layer, experts, routing, seed++, keep_routing);
         const DeviceMoeWeights device_weights(layer.model, test_config(shape), "tiny layer");
-        for (const int64_t T : {1, 5, 40}) check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
+        // These layers cannot stream (K below a stage): STREAMED must fall back to the register kernels.
+        for (const int64_t T : {1, 5, 40}) {
+          check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
+          check_case(layer, experts, device_weights, T, seed++, random_tokens(shape), kStreamedKernels);
+        }
       }
     }
+}
+
+// T tokens of N(0, 1) input.
+std::vector<float> random_input(int T, const Shape& S, uint64_t seed) {
+  std::vector<float> u(size_t(T * S.hidden));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : u) v = normal(rng);
+  return u;
+}
+
+// run_moe's output for `u` on a fresh workspace and a NaN-poisoned output (a run that writes nothing cannot match
+// another by reusing its memory).
+std::vector<float> run_output(const DeviceMoeWeights& weights, const std::vector<float>& u, int T, Kernels kernels) {
+  DeviceBuffer d_u(u.size() * sizeof(float), "u");
+  d_u.upload(u.data(), u.size() * sizeof(float));
+  const size_t bytes = moe_workspace_bytes(weights.config(), T);
+  DeviceBuffer workspace(bytes, "workspace"), out(u.size() * sizeof(float), "out");
+  out.fill_bytes(0xFF);
+  prepare_moe_workspace(workspace.data(), bytes, nullptr);
+  run_moe(weights, {.u = d_u.as<float>(),
+                    .out = out.as<float>(),
+                    .tokens = T,
+                    .workspace = workspace.data(),
+                    .workspace_bytes = bytes,
+                    .expert_kernels = kernels.experts,
+                    .fused_routing = kernels.fused_routing});
+  return download(out.as<float>(), u.size());
+}
+
+void expect_identical_outputs(const std::vector<float>& a, const std::vector<float>& b) {
+  ASSERT_TRUE(std::all_of(a.begin(), a.end(), [](float v) { return std::isfinite(v); }));
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
 }
 
 TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
@@ -486,28 +539,29 @@ TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
   check_case(layer, experts, borrowed, 9, 79, random_tokens(shape));
 
   // Same inputs through both: bit-identical outputs (the kernels are deterministic).
-  const int T = 9;
-  std::vector<float> u(size_t(T * shape.hidden));
-  std::mt19937_64 rng(80);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (float& v : u) v = normal(rng);
-  DeviceBuffer d_u(u.size() * sizeof(float), "u");
-  d_u.upload(u.data(), u.size() * sizeof(float));
-  const size_t bytes = moe_workspace_bytes(test_config(shape), T);
-  std::vector<std::vector<float>> outs;
-  for (const DeviceMoeWeights* weights : {&borrowed, &own}) {
-    DeviceBuffer workspace(bytes, "workspace"), out(u.size() * sizeof(float), "out");
-    out.fill_bytes(0xFF);  // NaN: a run that writes nothing cannot match by reusing the last run's memory
-    prepare_moe_workspace(workspace.data(), bytes, nullptr);
-    run_moe(*weights, {.u = d_u.as<float>(),
-                       .out = out.as<float>(),
-                       .tokens = T,
-                       .workspace = workspace.data(),
-                       .workspace_bytes = bytes});
-    outs.push_back(download(out.as<float>(), u.size()));
+  const std::vector<float> u = random_input(9, shape, 80);
+  expect_identical_outputs(run_output(borrowed, u, 9, {}), run_output(own, u, 9, {}));
+}
+
+TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // V4-Pro widths (d 7168, I 3072: at 16 rows the gate/up input takes 14 x chunks) with few experts so that the
+  // CPU reference stays cheap; T = 20 gives items of 9-16 rows and more (two passes), the shared expert 16 + 4.
+  constexpr Shape kProLike{.hidden = 7168, .intermediate = 3072, .experts = 8, .top_k = 6, .vocab = 100};
+  const ExpertSet experts = make_experts(WeightFormat::MXFP4, kProLike, 900);
+  Layer layer;
+  make_layer(layer, experts, Routing::SCORED, 901, keep_routing);
+  const DeviceMoeWeights device_weights(layer.model, test_config(kProLike), "Pro-like layer");
+  ASSERT_TRUE(device_weights.streamed_tiles()) << "the Pro-like layer must take the streamed kernels";
+  uint64_t seed = 902;
+  for (const int64_t T : {1, 20})
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kernels);
+  for (const int T : {1, 20}) {
+    const std::vector<float> u = random_input(T, kProLike, seed++);
+    expect_identical_outputs(run_output(device_weights, u, T, kStreamedKernels),
+                             run_output(device_weights, u, T, kStreamedKernels));
   }
-  ASSERT_TRUE(std::all_of(outs[0].begin(), outs[0].end(), [](float v) { return std::isfinite(v); }));
-  ASSERT_EQ(std::memcmp(outs[0].data(), outs[1].data(), outs[0].size() * sizeof(float)), 0);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
@@ -530,7 +584,8 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   });
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
-    check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike));
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+      check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 
 TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
@@ -540,14 +595,17 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
     make_layer(layer, *experts_, Routing::SCORED, 12,
                [](std::vector<float>& bias, std::vector<int32_t>&) { bias.back() = 100.0f; });
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "biased layer");
-    check_case(layer, *experts_, device_weights, 300, 60, random_tokens(kFlashLike));
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+      check_case(layer, *experts_, device_weights, 300, 60, random_tokens(kFlashLike), kernels);
   }
   {
     // Hash: every token has the same id, so all of them pick the same six experts.
     Layer layer;
     make_layer(layer, *experts_, Routing::HASH, 13, keep_routing);
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "hash layer");
-    check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); });
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+      check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); },
+                 kernels);
   }
 }
 

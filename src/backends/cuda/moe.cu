@@ -56,6 +56,14 @@ T* at(void* base, size_t offset) {
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens) { return workspace_layout(config, tokens).total; }
 
+bool moe_streams_experts(const MoeConfig& config, int64_t tokens, bool streamed_batches) {
+  return tokens <= 8 || (streamed_batches && tokens * config.top_k <= kMoeStreamedRowsPerExpert * config.experts);
+}
+
+int moe_launches(const MoeRunParams& p) {
+  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_routing}) + 3;
+}
+
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   check(workspace != nullptr && workspace_bytes >= WorkspaceLayout::counters_end,
         "moe: prepare_moe_workspace needs a workspace of at least ", WorkspaceLayout::counters_end, " bytes");
@@ -117,6 +125,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .out = routing,
       .stream = p.stream,
       .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
+      .fused_routing = p.fused_routing,
   });
   mark_stage();
 
@@ -135,9 +144,10 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .max_work_items = int(l.max_work_items),
       .h = at<__nv_bfloat16>(ws, l.h),
       .down = at<float>(ws, l.down),
-      .streamed_tiles = weights.streamed_tiles() && p.streamed_decode,
+      .streamed = weights.streamed_tiles() &&
+                  (p.expert_kernels == MoeExpertKernels::STREAMED ||
+                   (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(c, p.tokens, p.streamed_batches))),
       .stream_maps = weights.stream_maps(),
-      .tokens = p.tokens,
       .stream = p.stream,
   };
   run_moe_gate_up(gemm);

@@ -2,13 +2,15 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches, all on params.stream, no host round-trip, no allocation, no synchronisation, so the sub-block can
-//   be captured in a CUDA graph: router GEMV (+ u → bf16), scoring/top-k (or hash) + bucketing, grouped gate/up GEMM
-//   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches are
-//   sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are chained
-//   with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the shared
-//   expert's weights start streaming during the routing) and wait for its results before reading them. At T <= 8
-//   (decode) the grouped GEMMs stream each warp's weight rows through shared memory (streamed_decode below).
+// - Five launches (four at T <= kMoeFusedRoutingMaxTokens with fused_routing), all on params.stream, no host
+//   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
+//   (+ u → bf16), scoring/top-k (or hash) + bucketing (in the router launch's last CTA when fused), grouped gate/up
+//   GEMM with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches
+//   are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are
+//   chained with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the
+//   router's rows and the shared expert's weights start streaming before their inputs are known) and wait for its
+//   results before reading them. The expert GEMMs run the streamed kernels (weights through shared memory, 8-16
+//   rows per pass) while the experts get few rows each, the register kernels otherwise (MoeExpertKernels).
 // - u is fp32 [T, d] (the ffn_norm output); the router reads it in fp32, the expert GEMMs read it rounded to bf16 and
 //   keep the SwiGLU output h in bf16 (fp32 accumulation everywhere; the combine is fp32 in a fixed order, so the
 //   result is deterministic run to run).
@@ -30,9 +32,23 @@
 
 namespace dsv4::cuda {
 
-inline constexpr int kMoeLaunches = 5;
-// Stages that MoeRunParams::stage_events brackets: router GEMV, scoring + bucketing, gate/up, down, combine.
-inline constexpr int kMoeStages = kMoeLaunches;
+// Stages that MoeRunParams::stage_events brackets: router GEMV, scoring + bucketing (empty when fused into the
+// router launch), gate/up, down, combine.
+inline constexpr int kMoeStages = 5;
+
+// Which expert GEMM kernels run_moe launches.
+enum class MoeExpertKernels {
+  AUTO,      // the streamed kernels where the layer allows them and moe_streams_experts says so, else the register ones
+  STREAMED,  // the streamed kernels at any T where the layer allows them (tests, benchmarks), else the register ones
+  REGISTER,  // the register-path kernels
+};
+
+// AUTO's rule. The streamed kernels read an expert's weights once per 16 rows of a work item, the register kernels
+// once per 32, but stream 1.5-1.8x faster (H200, items of 1-8 rows), so they win while the routed experts average
+// at most kMoeStreamedRowsPerExpert rows: T·top_k <= 8·E (V4-Flash: T <= 341, V4-Pro: T <= 512; prefill chunks take
+// the register kernels). streamed_batches = false keeps the earlier rule, T <= 8.
+inline constexpr int64_t kMoeStreamedRowsPerExpert = 8;
+bool moe_streams_experts(const MoeConfig& config, int64_t tokens, bool streamed_batches);
 
 struct MoeRunParams {
   const float* u = nullptr;            // device, fp32 [T, d], 16-byte aligned
@@ -44,11 +60,15 @@ struct MoeRunParams {
   cudaStream_t stream = nullptr;
   // Optional (benchmarks): kMoeStages + 1 events recorded on the stream before the first stage and after each.
   const cudaEvent_t* stage_events = nullptr;
-  // true: at T <= 8, the decode expert kernels that stream weights through shared memory, where the layer allows
-  // them (DeviceMoeWeights::streamed_tiles; H200: 1.5-1.8x the register path at T = 1-8); false: the register-path
-  // kernels (tests and benchmarks compare the two).
-  bool streamed_decode = true;
+  MoeExpertKernels expert_kernels = MoeExpertKernels::AUTO;
+  // AUTO also streams above 8 tokens (moe_streams_experts); off keeps the earlier rule until a GPU run confirms it.
+  bool streamed_batches = false;
+  // Routing in the router launch at T <= kMoeFusedRoutingMaxTokens (moe_routing.hpp).
+  bool fused_routing = false;
 };
+
+// Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).
+int moe_launches(const MoeRunParams& params);
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);
 

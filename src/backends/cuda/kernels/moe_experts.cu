@@ -19,12 +19,17 @@ int max_dynamic_smem() {
 }
 
 template <moe::ExpertGemm G>
-void launch(const MoeExpertGemmParams& p, const char* name) {
+void launch(const MoeExpertGemmParams& p) {
   check_moe_expert_gemm_params(p);
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
+  const char* name = p.streamed
+                         ? (gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>")
+                         : (gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>");
   moe::ExpertGemmArgs args{
       .experts = p.experts,
       .shared_expert = p.experts_count,
+      .routed_format = p.routed_format,
+      .shared_format = p.shared_format,
       .k_total = gate_up ? p.hidden : p.intermediate,
       .n_total = gate_up ? p.intermediate : p.hidden,
       .swiglu_limit = p.swiglu_limit,
@@ -35,25 +40,13 @@ void launch(const MoeExpertGemmParams& p, const char* name) {
       .h = p.h,
       .down = p.down,
       .stream_maps = p.stream_maps,
-      .streamed_chunk_k = 0,
-      .streamed_x_rows = 0,
   };
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
-  if (p.streamed_tiles && p.tokens <= kMoeMaxStreamedTokens) {
-    // x chunks as long as the two-CTAs-per-SM budget allows, in whole stages, up to the whole K.
-    args.streamed_x_rows = std::min(p.tokens, moe::kStreamedMaxRows);
-    const size_t x_budget = moe::kStreamedSmemLimit - moe::kStreamedRingBytes - moe::kStreamedExchangeBytes;
-    const int64_t fitting_k =
-        (int64_t(x_budget / (size_t(args.streamed_x_rows) * sizeof(__nv_bfloat16))) - 32) /
-        moe::kStreamedChunkGranule * moe::kStreamedChunkGranule;
-    const int64_t chunks = (args.k_total + fitting_k - 1) / fitting_k;
-    args.streamed_chunk_k = ((args.k_total + chunks - 1) / chunks + moe::kStreamedChunkGranule - 1) /
-                            moe::kStreamedChunkGranule * moe::kStreamedChunkGranule;
-    const size_t smem = moe::kStreamedRingBytes + moe::streamed_x_bytes(args.streamed_x_rows, args.streamed_chunk_k) +
-                        moe::kStreamedExchangeBytes;
+  if (p.streamed) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_streamed_kernel<G>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(moe::kStreamedSmemBytes)));
+    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), moe::kStreamedSmemBytes,
+                   p.stream, args, name);
     return;
   }
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
@@ -78,12 +71,17 @@ int64_t moe_expert_k_granularity(WeightFormat format) {
 }
 
 bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts) {
-  auto applies = [](const DeviceMatrixView& w) {
+  // K must also fill the ring (at least kStreamedSlots stages): the ring's first copies, issued before the item is
+  // known, then cover whole passes.
+  auto fits = [](const DeviceMatrixView& w, tile::TileFormat f) {
+    return tile::stream::streamed_tile_applies(w, f) && w.cols >= moe::kStreamedSlots * tile::stream::stage_k(f);
+  };
+  auto applies = [&](const DeviceMatrixView& w) {
     switch (w.format) {
-      case WeightFormat::MXFP4: return tile::stream::streamed_tile_applies(w, tile::TileFormat::MXFP4);
-      case WeightFormat::NVFP4: return tile::stream::streamed_tile_applies(w, tile::TileFormat::NVFP4);
-      case WeightFormat::FP8_BLOCK128: return tile::stream::streamed_tile_applies(w, tile::TileFormat::FP8_BLOCK128);
-      case WeightFormat::BF16: return tile::stream::streamed_tile_applies(w, tile::TileFormat::BF16);
+      case WeightFormat::MXFP4: return fits(w, tile::TileFormat::MXFP4);
+      case WeightFormat::NVFP4: return fits(w, tile::TileFormat::NVFP4);
+      case WeightFormat::FP8_BLOCK128: return fits(w, tile::TileFormat::FP8_BLOCK128);
+      case WeightFormat::BF16: return fits(w, tile::TileFormat::BF16);
       default: return false;
     }
   };
@@ -122,18 +120,16 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   }
   check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
         " work items exceed one launch's grid (fewer tokens per call)");
-  check(!p.streamed_tiles || (p.tokens >= 1 && p.stream_maps != nullptr), "moe expert GEMM: the decode kernels ",
-        "need the token count (got ", p.tokens, ") and the experts' tensor maps");
+  check(!p.streamed || p.stream_maps != nullptr, "moe expert GEMM: the streamed kernels need the experts' tensor ",
+        "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
   check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,
         "moe expert GEMM: a null device pointer among experts, u_bf16, row_tokens, work items, h, down");
   check(reinterpret_cast<uintptr_t>(p.u_bf16) % 16 == 0 && reinterpret_cast<uintptr_t>(p.h) % 16 == 0,
         "moe expert GEMM: u_bf16 and h must be 16-byte aligned");
 }
 
-void run_moe_gate_up(const MoeExpertGemmParams& p) {
-  launch<moe::ExpertGemm::GATE_UP>(p, "moe_expert_gemm_kernel<gate_up>");
-}
+void run_moe_gate_up(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::GATE_UP>(p); }
 
-void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p, "moe_expert_gemm_kernel<down>"); }
+void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p); }
 
 }  // namespace dsv4::cuda

@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -71,6 +72,7 @@ inline constexpr size_t kExpertGemmSmemBytes = kXTileBudget + (G == ExpertGemm::
 struct ExpertGemmArgs {
   const MoeExpertView* experts;
   int shared_expert;  // E: index of the shared expert's views
+  WeightFormat routed_format, shared_format;  // every routed expert has the same (DeviceMoeWeights checks it)
   int k_total;  // d (gate/up) or I (down)
   int n_total;  // I (gate/up) or d (down): weight rows
   float swiglu_limit;
@@ -81,20 +83,7 @@ struct ExpertGemmArgs {
   __nv_bfloat16* h;  // gate/up output [rows, I]
   float* down;       // down output [rows, d]
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
-  int64_t streamed_chunk_k;  // streamed kernel: inputs per staged x chunk (a multiple of every format's stage)
-  int streamed_x_rows;       // streamed kernel: rows of the x chunk (the most rows of an item, min(T, 8))
 };
-
-// PTX ISA "cp.async.bulk.prefetch.L2": asks L2 to fetch [address, address + bytes) without waiting (16-byte aligned
-// address, bytes a multiple of 16).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* address, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
-}
-
-// PTX ISA "prefetch": asks L2 for the line holding `address`.
-__device__ __forceinline__ void prefetch_l2_line(const void* address) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
-}
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
 // sub-range; k ranges are multiples of the load granularity, so byte counts are multiples of 16), lanes 16..31 the
@@ -308,26 +297,47 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Decode kernel (every item of at most 8 rows, T <= 8; streamed_tile_applies for every expert matrix): the same CTA
-// bands and outputs, each warp's 16 rows streamed through its own shared-memory ring by the tensor copy engine
-// (weight_tile_mma.cuh, namespace stream; the maps of every expert matrix in a device table) instead of register
-// loads and L2 prefetches, and x staged for the item's real rows only. Shared memory: 8 rings of kStreamedSlots
-// slots (one size for every format, so routed and shared experts of different formats share the launch), the x
-// chunk, the 8-token exchange: ~100 KB, two CTAs per SM (16 warps streaming), where the register path ran one.
+// Streamed kernel (every expert matrix passes streamed_tile_applies; run_moe takes it while the experts get few rows
+// each): the same CTA bands and outputs, each warp's 16 rows streamed through its own shared-memory ring by the
+// tensor copy engine (weight_tile_mma.cuh, namespace stream; the maps of every expert matrix in a device table)
+// instead of register loads and L2 prefetches. Shared memory: 8 rings of kStreamedSlots slots (one size for every
+// format, so routed and shared experts of different formats share the launch), the x region, the exchange:
+// ~111 KB, two CTAs per SM (16 warps streaming), where the register path runs one.
+// - An item is served in passes of up to 8 rows (items of at most 8 rows: one token tile) or 16 rows (larger
+//   items: two token tiles), the weights streamed once per pass. Decode items have 1-2 rows; at 64-256 tokens a
+//   routed expert averages 1.5-6 rows (V4-Flash) and the shared expert's items (64 rows) take 4 passes, a small
+//   share of the bytes next to ~200 touched experts.
+// - The warp's stage counter runs on across passes (ring slot j % slots, barrier phase j / slots), so the next
+//   pass's first stages are in flight while the current pass writes its rows.
+// - x is staged for the pass's real rows only, in chunks as long as the x region holds for that many rows (whole
+//   stages of every format): the whole K of V4-Flash and V4-Pro in one chunk for 1-2 rows, 512 inputs per chunk for
+//   16 rows.
 inline constexpr int kStreamedSlots = 2;
-inline constexpr int kStreamedMaxRows = tile::kTokensPerMma;
+inline constexpr int kStreamedMaxTokenTiles = 2;
+inline constexpr int kStreamedPassRows = kStreamedMaxTokenTiles * tile::kTokensPerMma;
 // The rings, after up to 1 KB that aligns them for the swizzled boxes.
 inline constexpr size_t kStreamedRingBytes =
     size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
+inline constexpr size_t kStreamedXBytes = 26 * 1024;
+// The w3 results handed to the w1 warps: [4 bands][16 rows][16 tokens] fp32.
 inline constexpr size_t kStreamedExchangeBytes =
-    size_t(kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma * sizeof(float);
+    size_t(kExpertWarps / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
+inline constexpr size_t kStreamedSmemBytes = kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes;
+// Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
+static_assert(2 * (kStreamedSmemBytes + 1024 + kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
+              "two streamed CTAs per SM");
 // x chunks are whole stages of every format (fp4 stages are the longest).
 inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
-// Two CTAs per SM: 228 KiB per SM less 1 KiB reserved per CTA.
-inline constexpr size_t kStreamedSmemLimit = 113 * 1024;
+static_assert(kStreamedXBytes >= size_t(kStreamedPassRows) * tile::x_tile_row_stride(kStreamedChunkGranule) *
+                                     sizeof(__nv_bfloat16),
+              "a pass of 16 rows must fit one granule of x");
 
-__host__ __device__ constexpr size_t streamed_x_bytes(int rows, int64_t chunk_k) {
-  return size_t(rows) * size_t(tile::x_tile_row_stride(chunk_k)) * sizeof(__nv_bfloat16);
+// Inputs per x chunk for `rows` rows: the most whole granules the x region holds, balanced over the chunks K needs.
+__device__ __forceinline__ int64_t streamed_chunk_k(int64_t k_total, int rows) {
+  constexpr int64_t G = kStreamedChunkGranule;
+  const int64_t fitting = (int64_t(kStreamedXBytes / (size_t(rows) * sizeof(__nv_bfloat16))) - 32) / G * G;
+  const int64_t chunks = (k_total + fitting - 1) / fitting;
+  return ((k_total + chunks - 1) / chunks + G - 1) / G * G;
 }
 
 // The warp's matrix's tensor maps: expert e's [w1, w3, w2] in the table.
@@ -350,56 +360,63 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
     st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
 }
 
-template <tile::TileFormat F, ExpertGemm G>
+// One work item in passes of 8·NT rows (see above).
+template <tile::TileFormat F, ExpertGemm G, int NT>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, uint8_t* smem, uint64_t* full,
                                                   bool started) {
   namespace st = tile::stream;
-  constexpr int kNT = 1, kC = tile::detail::kChains<kNT>;
+  constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
   const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   const DeviceMatrixView w = warp_matrix<G>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
-  const int64_t stages = a.k_total / kStageK;
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + kStreamedXBytes);
+  const int64_t pass_stages = a.k_total / kStageK;
+  const int passes = (item.row_count + kPassRows - 1) / kPassRows;
+  const int64_t stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
   if (!started) start_stream<F, G>(a, item.expert, ring, full);
 
-  float sums[kC][kNT][4];
-  tile::detail::clear_sums<kNT, kC>(sums);
-  float acc[kNT][4] = {};
-  const int tokens = item.row_count;
-  const int lane_tiles = g < tokens ? 1 : 0;
-  for (int64_t chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += a.streamed_chunk_k) {
-    const int64_t chunk_end = min(int64_t(a.k_total), chunk_begin + a.streamed_chunk_k);
-    if (chunk_begin != 0) __syncthreads();  // the previous chunk's x is no longer read
-    auto row_of = [&](int t) {
-      const int64_t source_row =
-          G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + item.row_begin + t) : item.row_begin + t;
-      return a.x + source_row * a.k_total + chunk_begin;
-    };
-    tile::stage_x_tile<F>(row_of, tokens, tokens, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-    __syncthreads();
-    const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
-    const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
-      const int64_t j = k0 / kStageK;
-      const int slot = int(j % kStreamedSlots);
-      float block_scales[st::kMaxBlocksPerStage];
-      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-      sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
-      st::multiply_stage<F, kNT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
-                                     lane_tiles, block_scales, sums, acc);
-      __syncwarp();  // every lane's reads of the slot precede the copy that refills it
-      if (j + kStreamedSlots < stages)
-        st::issue_stage<F>(maps, row0, k0 + kStreamedSlots * kStageK, ring + slot * st::kSlotBytes, full + slot);
+  int64_t j = 0;  // stages consumed by this warp over the item
+  for (int pass = 0; pass < passes; ++pass) {
+    const int row_begin = item.row_begin + pass * kPassRows;
+    const int rows = min(kPassRows, item.row_count - pass * kPassRows);
+    const int64_t chunk_k = streamed_chunk_k(a.k_total, rows);
+    // Token tiles this lane's token (8·nt + g) exists in; the others are fed zeros, never read.
+    const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
+    float sums[kC][NT][4];
+    tile::detail::clear_sums<NT, kC>(sums);
+    float acc[NT][4] = {};
+    for (int64_t chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
+      const int64_t chunk_end = min(int64_t(a.k_total), chunk_begin + chunk_k);
+      if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
+      auto row_of = [&](int t) {
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+        return a.x + source_row * a.k_total + chunk_begin;
+      };
+      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      __syncthreads();
+      const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
+      const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+      for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK, ++j) {
+        const int slot = int(j % kStreamedSlots);
+        float block_scales[st::kMaxBlocksPerStage];
+        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+        sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
+        st::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+                                      lane_tiles, block_scales, sums, acc);
+        __syncwarp();  // every lane's reads of the slot precede the copy that refills it
+        if (j + kStreamedSlots < stages)
+          st::issue_stage<F>(maps, row0, (j + kStreamedSlots) % pass_stages * kStageK, ring + slot * st::kSlotBytes,
+                             full + slot);
+      }
     }
+    tile::detail::finish_tile<F, NT, kC>(sums, acc);
+    write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, rows, exchange);
   }
-  tile::detail::finish_tile<F, kNT, kC>(sums, acc);
-  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + streamed_x_bytes(a.streamed_x_rows,
-                                                                                         a.streamed_chunk_k));
-  write_rows<F, G, kNT, tile::kTokensPerMma, true>(a, w, acc, row0, item.row_begin, tokens, exchange);
 }
 
 template <ExpertGemm G>
@@ -410,16 +427,18 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   uint8_t* ring =
       tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
-  if (shared_item) {
-    const MoeExpertView& shared = a.experts[a.shared_expert];
-    with_tile_format(G == ExpertGemm::GATE_UP ? shared.w1.format : shared.w2.format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
-  }
+  if (shared_item)
+    with_tile_format(a.shared_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
+  // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
+  const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
-  with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format, [&]<tile::TileFormat F>() {
-    run_streamed_item<F, G>(a, expert, item, smem, full, shared_item);
+  with_tile_format(format, [&]<tile::TileFormat F>() {
+    if (item.row_count <= tile::kTokensPerMma)
+      run_streamed_item<F, G, 1>(a, expert, item, smem, full, shared_item);
+    else
+      run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, smem, full, shared_item);
   });
 }
 

@@ -1,6 +1,8 @@
 // Grouped expert GEMMs of the MoE (dsv4-model.md §4), one launch each over every touched expert plus the shared
-// expert (expert id E), driven by the work items that moe_routing wrote on the device (at T <= 8 tokens on
-// layers whose matrices allow it, the decode variant that streams weights through shared memory):
+// expert (expert id E), driven by the work items that moe_routing wrote on the device, in one of two kernel sets:
+// the register path (weights loaded into registers, L2 prefetches ahead; items of many rows reuse each weight for 32
+// rows per pass) or the streamed path (weights streamed through shared memory by the tensor copy engine, 8 or 16
+// rows per pass: for items of few rows, on layers whose matrices allow it):
 // - gate/up: h[row, :] = silu(min(w1 · u[token(row)], limit)) · clamp(w3 · u[token(row)], ±limit), rounded to bf16;
 // - down:    down[row, :] = w2 · h[row, :] in fp32.
 // A CTA owns a band of weight rows of one work item's expert and loops over the item's rows (tokens) in tiles, so
@@ -48,21 +50,18 @@ struct MoeExpertGemmParams {
   int max_work_items = 0;
   __nv_bfloat16* h = nullptr;              // [rows, I]
   float* down = nullptr;                   // [rows, d]
-  // The decode kernels (shared-memory weight streams): allowed when every expert matrix passes
-  // moe_streamed_tiles_apply; used when also T <= kMoeMaxStreamedTokens (every item then has at most 8 rows).
-  bool streamed_tiles = false;
+  // The streamed kernels (shared-memory weight streams, any item size; the weights are read once per 16 rows of
+  // an item, so they suit items of few rows); every expert matrix must pass moe_streamed_tiles_apply.
+  bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
-  int tokens = 0;                          // T
   cudaStream_t stream = nullptr;
 };
 
-inline constexpr int kMoeMaxStreamedTokens = 8;
-
 // Whether every matrix of these experts can be streamed through shared memory (16-byte aligned rows and scales, d
-// and I multiples of the formats' stages: 512 fp4, 256 FP8, 128 BF16 inputs).
+// and I multiples of the formats' stages: 512 fp4, 256 FP8, 128 BF16 inputs, and at least two stages).
 bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts);
 
-// The decode kernels' tensor maps of every expert matrix, [E + 1][w1, w3, w2], uploaded to the device (experts
+// The streamed kernels' tensor maps of every expert matrix, [E + 1][w1, w3, w2], uploaded to the device (experts
 // that moe_streamed_tiles_apply accepts). `what` names the layer in errors.
 DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, std::string_view what);
 

@@ -41,6 +41,14 @@ void check_moe_routing_params(const MoeRoutingParams& p) {
   check(reinterpret_cast<uintptr_t>(o.u_bf16) % 16 == 0, "moe routing: u_bf16 must be 16-byte aligned");
 }
 
+namespace {
+
+bool fuses_routing(const MoeRoutingParams& p) { return p.fused_routing && p.tokens <= kMoeFusedRoutingMaxTokens; }
+
+}  // namespace
+
+int moe_routing_launches(const MoeRoutingParams& p) { return fuses_routing(p) ? 1 : 2; }
+
 void run_moe_routing(const MoeRoutingParams& p) {
   check_moe_routing_params(p);
   const int experts = int(p.router.rows), hidden = int(p.router.cols);
@@ -51,35 +59,6 @@ void run_moe_routing(const MoeRoutingParams& p) {
   const int row_groups = (experts + moe::kRouterWarpsPerCta - 1) / moe::kRouterWarpsPerCta;
   const int row_blocks = std::clamp((4 * current_multiprocessors() + chunks - 1) / chunks, 1, row_groups);
   const int rows_per_cta = (row_groups + row_blocks - 1) / row_blocks * moe::kRouterWarpsPerCta;
-  const moe::RouterLogitsArgs logits_args{
-      .router = p.router.data,
-      .u = p.u,
-      .logits = p.out.logits,
-      .u_bf16 = p.out.u_bf16,
-      .tokens = p.tokens,
-      .experts = experts,
-      .hidden = hidden,
-      .rows_per_cta = rows_per_cta,
-  };
-  const dim3 logits_grid(unsigned((experts + rows_per_cta - 1) / rows_per_cta), unsigned(chunks));
-  check(chunks <= 65535, "moe routing: ", p.tokens, " tokens exceed the router launch's grid limit");
-  const size_t smem = size_t(chunk_tokens) * size_t(hidden) * sizeof(float);
-  constexpr unsigned kRouterThreads = moe::kRouterWarpsPerCta * moe::kWarpSize;
-  const bool bf16 = p.router.format == WeightFormat::BF16;
-  auto launch = [&](auto kernel) {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    launch_chained(kernel, logits_grid, dim3(kRouterThreads), smem, p.stream, logits_args, "moe_router_logits_kernel");
-  };
-  switch (chunk_tokens * 2 + (bf16 ? 1 : 0)) {
-    case 2: launch(moe::moe_router_logits_kernel<false, 1>); break;
-    case 3: launch(moe::moe_router_logits_kernel<true, 1>); break;
-    case 4: launch(moe::moe_router_logits_kernel<false, 2>); break;
-    case 5: launch(moe::moe_router_logits_kernel<true, 2>); break;
-    case 8: launch(moe::moe_router_logits_kernel<false, 4>); break;
-    default: launch(moe::moe_router_logits_kernel<true, 4>); break;
-  }
-  if (p.after_logits != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.after_logits, p.stream));
-
   const moe::RouteArgs route_args{
       .logits = p.out.logits,
       .bias = p.bias,
@@ -93,6 +72,45 @@ void run_moe_routing(const MoeRoutingParams& p) {
       .routed_scaling_factor = p.routed_scaling_factor,
       .out = p.out,
   };
+  const moe::RouterArgs router_args{
+      .logits = {.router = p.router.data,
+                 .u = p.u,
+                 .logits = p.out.logits,
+                 .u_bf16 = p.out.u_bf16,
+                 .tokens = p.tokens,
+                 .experts = experts,
+                 .hidden = hidden,
+                 .rows_per_cta = rows_per_cta},
+      .route = route_args,
+  };
+  const dim3 logits_grid(unsigned((experts + rows_per_cta - 1) / rows_per_cta), unsigned(chunks));
+  check(chunks <= 65535, "moe routing: ", p.tokens, " tokens exceed the router launch's grid limit");
+  const size_t smem = size_t(chunk_tokens) * size_t(hidden) * sizeof(float);
+  constexpr unsigned kRouterThreads = moe::kRouterWarpsPerCta * moe::kWarpSize;
+  const bool bf16 = p.router.format == WeightFormat::BF16, fused = fuses_routing(p);
+  auto launch = [&](auto kernel) {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    launch_chained(kernel, logits_grid, dim3(kRouterThreads), smem, p.stream, router_args,
+                   fused ? "moe_router_logits_kernel<route>" : "moe_router_logits_kernel");
+  };
+  // The instantiations: router format × tokens per CTA × fused routing (only at few tokens: 1, 2 or 4 per CTA).
+  switch (chunk_tokens * 4 + (bf16 ? 2 : 0) + (fused ? 1 : 0)) {
+    case 4: launch(moe::moe_router_logits_kernel<false, 1, false>); break;
+    case 5: launch(moe::moe_router_logits_kernel<false, 1, true>); break;
+    case 6: launch(moe::moe_router_logits_kernel<true, 1, false>); break;
+    case 7: launch(moe::moe_router_logits_kernel<true, 1, true>); break;
+    case 8: launch(moe::moe_router_logits_kernel<false, 2, false>); break;
+    case 9: launch(moe::moe_router_logits_kernel<false, 2, true>); break;
+    case 10: launch(moe::moe_router_logits_kernel<true, 2, false>); break;
+    case 11: launch(moe::moe_router_logits_kernel<true, 2, true>); break;
+    case 16: launch(moe::moe_router_logits_kernel<false, 4, false>); break;
+    case 17: launch(moe::moe_router_logits_kernel<false, 4, true>); break;
+    case 18: launch(moe::moe_router_logits_kernel<true, 4, false>); break;
+    default: launch(moe::moe_router_logits_kernel<true, 4, true>); break;
+  }
+  if (p.after_logits != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.after_logits, p.stream));
+  if (fused) return;
+
   const unsigned route_ctas = unsigned((p.tokens + moe::kSelectWarpsPerCta - 1) / moe::kSelectWarpsPerCta);
   launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
                  0, p.stream, route_args, "moe_route_and_bucket_kernel");

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/moe_routing.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 
@@ -59,72 +60,6 @@ __device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, fl
   }
 }
 
-// Grid: (row blocks, token chunks of kTokens). The chunk's u is staged in shared memory (fp32, zero past the last
-// token), then each warp takes rows of the block with kRouterBatch loads per lane in flight.
-template <bool kBf16, int kTokens>
-__global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterLogitsArgs a) {
-  extern __shared__ float4 u_tile[];  // [kTokens][d / 4]
-  wait_for_prior_grids();  // u comes from the previous operation
-  allow_dependents();
-  const int token_begin = blockIdx.y * kTokens;
-  const int token_count = min(kTokens, a.tokens - token_begin);
-  const int quads_per_token = a.hidden / 4;
-  for (int i = threadIdx.x; i < kTokens * quads_per_token; i += blockDim.x) {
-    const int t = i / quads_per_token;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (t < token_count) {
-      v = __ldg(reinterpret_cast<const float4*>(a.u + size_t(token_begin) * a.hidden) + i);
-      if (blockIdx.x == 0) {
-        // One row block converts the chunk's u for the expert GEMMs.
-        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16 + size_t(token_begin) * a.hidden) + 2 * i;
-        dst[0] = __floats2bfloat162_rn(v.x, v.y);
-        dst[1] = __floats2bfloat162_rn(v.z, v.w);
-      }
-    }
-    u_tile[i] = v;
-  }
-  __syncthreads();
-  const int lane = threadIdx.x % kWarpSize;
-  const int row_end = min(a.experts, int(blockIdx.x + 1) * a.rows_per_cta);
-  for (int expert = blockIdx.x * a.rows_per_cta + threadIdx.x / kWarpSize; expert < row_end;
-       expert += kRouterWarpsPerCta) {
-    const uint8_t* row = a.router + size_t(expert) * a.hidden * (kBf16 ? 2 : 4);
-    float acc[kTokens] = {};
-    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kRouterBatch) {
-      float w[kRouterBatch][kRouterVector];
-#pragma unroll
-      for (int b = 0; b < kRouterBatch; ++b) {
-        const int k = k0 + b * kWarpSize * kRouterVector;
-        if (k < a.hidden) load_router_vector<kBf16>(row, k, w[b]);
-      }
-#pragma unroll
-      for (int b = 0; b < kRouterBatch; ++b) {
-        const int k = k0 + b * kWarpSize * kRouterVector;
-        if (k >= a.hidden) break;
-#pragma unroll
-        for (int t = 0; t < kTokens; ++t) {
-          const float4 x0 = u_tile[t * quads_per_token + k / 4], x1 = u_tile[t * quads_per_token + k / 4 + 1];
-          acc[t] = fmaf(w[b][0], x0.x, acc[t]);
-          acc[t] = fmaf(w[b][1], x0.y, acc[t]);
-          acc[t] = fmaf(w[b][2], x0.z, acc[t]);
-          acc[t] = fmaf(w[b][3], x0.w, acc[t]);
-          acc[t] = fmaf(w[b][4], x1.x, acc[t]);
-          acc[t] = fmaf(w[b][5], x1.y, acc[t]);
-          acc[t] = fmaf(w[b][6], x1.z, acc[t]);
-          acc[t] = fmaf(w[b][7], x1.w, acc[t]);
-        }
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kTokens; ++t) {
-      float sum = acc[t];
-#pragma unroll
-      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-      if (lane == t && t < token_count) a.logits[size_t(token_begin + t) * a.experts + expert] = sum;
-    }
-  }
-}
-
 struct RouteArgs {
   const float* logits;     // [T, E]
   const float* bias;       // [E] or nullptr
@@ -155,7 +90,7 @@ __device__ void route_token(const RouteArgs& a, int t, int lane) {
     s[i] = 0.0f;
     biased[i] = -INFINITY;
     if (e < a.experts) {
-      s[i] = sqrt_softplus(a.logits[size_t(t) * a.experts + e]);
+      s[i] = sqrt_softplus(__ldcg(a.logits + size_t(t) * a.experts + e));  // written by other CTAs
       const float b = s[i] + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
       biased[i] = isnan(b) ? -INFINITY : b;
     }
@@ -294,21 +229,116 @@ __device__ void bucket_slots(const RouteArgs& a) {
   if (threadIdx.x == 0) *a.out.finished_ctas = 0;  // every other CTA has counted itself already
 }
 
+// Publishes this CTA's global writes and counts it in the workspace's ticket; true in the last CTA of the grid to
+// do so, which then sees every CTA's writes (bucket_slots resets the ticket).
+__device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) is_last = atomicAdd(finished_ctas, 1u) == gridDim.x * gridDim.y - 1;
+  __syncthreads();
+  if (is_last) __threadfence();
+  return is_last;
+}
+
 __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
   const int lane = threadIdx.x % kWarpSize;
   const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
   if (t < a.tokens) route_token(a, t, lane);
-  // Publish this CTA's routes, then the last CTA to arrive buckets everything.
-  __threadfence();
+  if (arrived_last(a.out.finished_ctas)) bucket_slots(a);
+}
+
+struct RouterArgs {
+  RouterLogitsArgs logits;
+  RouteArgs route;  // kRoute: what the last CTA routes and buckets
+};
+
+// Grid: (row blocks, token chunks of kTokens). Before waiting for u, the CTAs of the first chunk ask L2 for their
+// router rows (weights only), so the router's HBM read overlaps the previous kernel. The chunk's u is staged in
+// shared memory (fp32, zero past the last token), then each warp takes rows of the block with kRouterBatch loads per
+// lane in flight. kRoute (few tokens): the last CTA to finish routes every token, one warp per token, and buckets
+// the slots, which saves the routing launch and its wait.
+template <bool kBf16, int kTokens, bool kRoute>
+__global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterArgs args) {
+  extern __shared__ float4 u_tile[];  // [kTokens][d / 4]
+  const RouterLogitsArgs& a = args.logits;
+  if (blockIdx.y == 0) {
+    constexpr size_t kPiece = 16 * 1024;
+    const size_t row_bytes = size_t(a.hidden) * (kBf16 ? 2 : 4);
+    const int row_begin = blockIdx.x * a.rows_per_cta, row_end = min(a.experts, row_begin + a.rows_per_cta);
+    const uint8_t* block = a.router + size_t(row_begin) * row_bytes;
+    const size_t bytes = size_t(row_end - row_begin) * row_bytes;  // a multiple of 16: d % kRouterVector == 0
+    for (size_t offset = threadIdx.x * kPiece; offset < bytes; offset += blockDim.x * kPiece)
+      prefetch_l2_bulk(block + offset, uint32_t(min(kPiece, bytes - offset)));
+  }
+  wait_for_prior_grids();  // u comes from the previous operation
+  allow_dependents();
+  const int token_begin = blockIdx.y * kTokens;
+  const int token_count = min(kTokens, a.tokens - token_begin);
+  const int quads_per_token = a.hidden / 4;
+  for (int i = threadIdx.x; i < kTokens * quads_per_token; i += blockDim.x) {
+    const int t = i / quads_per_token;
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (t < token_count) {
+      v = __ldg(reinterpret_cast<const float4*>(a.u + size_t(token_begin) * a.hidden) + i);
+      if (blockIdx.x == 0) {
+        // One row block converts the chunk's u for the expert GEMMs.
+        __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16 + size_t(token_begin) * a.hidden) + 2 * i;
+        dst[0] = __floats2bfloat162_rn(v.x, v.y);
+        dst[1] = __floats2bfloat162_rn(v.z, v.w);
+      }
+    }
+    u_tile[i] = v;
+  }
   __syncthreads();
-  __shared__ bool is_last;
-  if (threadIdx.x == 0) is_last = atomicAdd(a.out.finished_ctas, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  bucket_slots(a);
+  const int lane = threadIdx.x % kWarpSize;
+  const int row_end = min(a.experts, int(blockIdx.x + 1) * a.rows_per_cta);
+  for (int expert = blockIdx.x * a.rows_per_cta + threadIdx.x / kWarpSize; expert < row_end;
+       expert += kRouterWarpsPerCta) {
+    const uint8_t* row = a.router + size_t(expert) * a.hidden * (kBf16 ? 2 : 4);
+    float acc[kTokens] = {};
+    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kRouterBatch) {
+      float w[kRouterBatch][kRouterVector];
+#pragma unroll
+      for (int b = 0; b < kRouterBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k < a.hidden) load_router_vector<kBf16>(row, k, w[b]);
+      }
+#pragma unroll
+      for (int b = 0; b < kRouterBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k >= a.hidden) break;
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) {
+          const float4 x0 = u_tile[t * quads_per_token + k / 4], x1 = u_tile[t * quads_per_token + k / 4 + 1];
+          acc[t] = fmaf(w[b][0], x0.x, acc[t]);
+          acc[t] = fmaf(w[b][1], x0.y, acc[t]);
+          acc[t] = fmaf(w[b][2], x0.z, acc[t]);
+          acc[t] = fmaf(w[b][3], x0.w, acc[t]);
+          acc[t] = fmaf(w[b][4], x1.x, acc[t]);
+          acc[t] = fmaf(w[b][5], x1.y, acc[t]);
+          acc[t] = fmaf(w[b][6], x1.z, acc[t]);
+          acc[t] = fmaf(w[b][7], x1.w, acc[t]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kTokens; ++t) {
+      float sum = acc[t];
+#pragma unroll
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+      if (lane == t && t < token_count) a.logits[size_t(token_begin + t) * a.experts + expert] = sum;
+    }
+  }
+  if constexpr (kRoute) {
+    if (!arrived_last(args.route.out.finished_ctas)) return;
+    for (int t = threadIdx.x / kWarpSize; t < args.route.tokens; t += kRouterWarpsPerCta)
+      route_token(args.route, t, lane);
+    __syncthreads();  // the expert ids of every token, for the bucketing
+    bucket_slots(args.route);
+  }
 }
 
 }  // namespace dsv4::cuda::moe

@@ -1,4 +1,4 @@
-// MoE routing on the device (dsv4-model.md §4), two launches:
+// MoE routing on the device (dsv4-model.md §4), two launches (one at few tokens, see fused_routing):
 // 1. moe_router_logits: logits[T, E] = u · routerᵀ (fp32 u, BF16 or F32 router, fp32 accumulation); the CTAs of the
 //    first row block also write u rounded to bf16 (the expert GEMMs' input).
 // 2. moe_route_and_bucket: one warp per token: s = sqrt(softplus(logit)), ids = top_k of s + bias (ties to the lower
@@ -6,6 +6,8 @@
 //    buckets the T·top_k slots by expert: counts, offsets, the expert-sorted row list (a stable counting sort: rows
 //    of one expert in slot order, so the result does not depend on scheduling), the row of every slot, and the work
 //    items of the grouped expert GEMMs. The shared expert is expert E with rows T·top_k + t for every token t.
+// With fused_routing and T <= kMoeFusedRoutingMaxTokens, the router launch's last CTA does step 2's work itself (one
+// warp per token, then the bucketing): one launch and one inter-kernel wait fewer on the decode path.
 //
 // Dispatch contract: asynchronous on `stream`, no allocation, no host synchronisation (graph-capturable); scratch
 // and outputs live in the caller's buffers. A token id outside [0, vocab) on a hash layer is routed to expert ids
@@ -24,6 +26,8 @@ namespace dsv4::cuda {
 
 // The routing kernels keep a token's E scores in registers of one warp (16 per lane).
 inline constexpr int kMoeMaxExperts = 512;
+// The most tokens the fused routing serves (its last CTA routes them one warp each).
+inline constexpr int kMoeFusedRoutingMaxTokens = 8;
 
 // One piece of grouped-GEMM work: rows [row_begin, row_begin + row_count) of the expert-sorted list, all of
 // `expert` (E = the shared expert).
@@ -65,13 +69,17 @@ struct MoeRoutingParams {
   int rows_per_item = 0;               // R, the grouped GEMMs' rows per work item
   MoeRoutingBuffers out;
   cudaStream_t stream = nullptr;
-  cudaEvent_t after_logits = nullptr;  // optional (benchmarks): recorded between the two launches
+  cudaEvent_t after_logits = nullptr;  // optional (benchmarks): recorded between the two launches (or after the one)
+  bool fused_routing = false;          // one launch at T <= kMoeFusedRoutingMaxTokens (see above)
 };
+
+// Kernel launches run_moe_routing makes for these parameters.
+int moe_routing_launches(const MoeRoutingParams& params);
 
 // Throws naming the field at fault unless run_moe_routing supports the call.
 void check_moe_routing_params(const MoeRoutingParams& params);
 
-// The two launches above.
+// The launches above.
 void run_moe_routing(const MoeRoutingParams& params);
 
 }  // namespace dsv4::cuda
