@@ -257,9 +257,9 @@ int main(int argc, char** argv) {
         // hc_pre of set s's X into y and the given post/comb; with `norm`, y normalised by norm_weight and also
         // written as bf16 (the attention's input).
         const auto run_pre = [&](Set& s, DeviceBuffer& post, DeviceBuffer& comb, HcKernelChoice kernel,
-                                 bool norm = false) {
+                                 bool norm = false, int sinkhorn_iters = kSinkhornIters) {
           run_hc_pre({.X = s.X.as<float>(), .fn = s.fn.as<float>(), .base = base.as<float>(),
-                      .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
+                      .scale = scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = sinkhorn_iters,
                       .y = s.y.as<float>(), .y_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
                       .post = post.as<float>(), .comb = comb.as<float>(),
                       .out_norm_weight = norm ? norm_weight.as<float>() : nullptr, .kernel = kernel,
@@ -293,6 +293,12 @@ int main(int argc, char** argv) {
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
         if (decode_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
+          // The share of Sinkhorn's serial chain in the decode kernel's time.
+          const auto one_iteration = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::AUTO, false, 1);
+          };
+          record("hc_pre (1 Sinkhorn iteration)", one_iteration, pre_bytes, 0.0);
           // Baseline: the persistent hc_pre, then rms_norm into bf16 (the attention input before this option).
           const auto pre_then_norm = [&](int i) {
             Set& s = set(i);
