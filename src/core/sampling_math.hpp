@@ -4,14 +4,15 @@
 // - Logit adjustments (logit_bias, repetition, frequency and presence penalties) and the tempered weights
 //   exp((logit - max) / temperature) are float operations that give the same bits on both sides: no fused
 //   multiply-add (the device uses the _rn intrinsics, which the compiler never contracts), our own exp.
-// - Probability masses are integers: mass = trunc(weight * 2^mass_shift(vocab)), chosen so that the masses of a whole
-//   vocabulary sum below 2^63. Integer sums are exact in any order, so every filter threshold (top_p) and the
+// - Probability masses are integers: mass = round(weight * 2^mass_shift(vocab)), chosen so that the masses of a whole
+//   vocabulary sum to at most 2^63. Integer sums are exact in any order, so every filter threshold (top_p) and the
 //   inverse-CDF draw give the same answer whether a CPU loop or a parallel reduction adds them up. A weight below
-//   2^-mass_shift (2^-46 for DeepSeek's 129,280 tokens: 32 * temperature below the top logit) has mass 0 and is never
-//   drawn.
+//   2^-(mass_shift + 1) (2^-47 for DeepSeek's 129,280 tokens: 32.6 * temperature below the top logit) has mass 0 and
+//   is never drawn.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 
@@ -120,16 +121,32 @@ DSV4_HD float tempered_weight(float logit, float max_logit, float temperature) {
   return exp_nonpositive(div_rn(sub_rn(logit, max_logit), temperature));
 }
 
-// Fixed-point bits of a mass: the largest shift with vocab * 2^shift <= 2^63.
+// Fixed-point bits of a mass: the largest shift with vocab * 2^shift <= 2^63 (exact sums), at most 52 (weight_mass's
+// rounding trick).
 DSV4_HD int mass_shift(int64_t vocab) {
   int ceil_log2 = 0;
   while ((int64_t(1) << ceil_log2) < vocab) ++ceil_log2;
-  return 63 - ceil_log2;
+  return 63 - ceil_log2 < 52 ? 63 - ceil_log2 : 52;
 }
 
-// trunc(weight * 2^shift) for a weight in [0, 1]; the product is exact (a power-of-two scale of a normal float).
+// round(weight * 2^shift) (to nearest, ties to even) for a weight in [0, 1]: the product is exact in double and below
+// 2^53, and adding 2^52 leaves the rounded integer in the mantissa bits. Plain double arithmetic, so the CPU's loops
+// vectorise.
 DSV4_HD uint64_t weight_mass(float weight, int shift) {
-  return uint64_t(mul_rn(weight, bits_to_float(uint32_t(127 + shift) << 23)));
+  constexpr double kTwoTo52 = 4503599627370496.0;
+#if defined(__CUDA_ARCH__)
+  const double scaled = __dadd_rn(__dmul_rn(double(weight), __longlong_as_double((1023ll + shift) << 52)), kTwoTo52);
+  return uint64_t(__double_as_longlong(scaled)) - uint64_t(__double_as_longlong(kTwoTo52));
+#else
+  const uint64_t scale_bits = uint64_t(1023 + shift) << 52;
+  double scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  const double scaled = double(weight) * scale + kTwoTo52;
+  uint64_t scaled_bits, offset_bits;
+  std::memcpy(&scaled_bits, &scaled, sizeof scaled_bits);
+  std::memcpy(&offset_bits, &kTwoTo52, sizeof offset_bits);
+  return scaled_bits - offset_bits;
+#endif
 }
 
 // The inverse-CDF target for `draw` (53 random bits) over a positive total mass: floor(draw * 2^-53 * total), exact,

@@ -77,11 +77,9 @@ DSV4_VOCAB_PASS void compute_weights(const float* logits, size_t count, float ma
                                      int mass_shift, float* weights, uint64_t* block_mass) {
   for (size_t begin = 0; begin < count; begin += kBlock) {
     const size_t end = std::min(count, begin + kBlock);
+    for (size_t i = begin; i < end; ++i) weights[i] = sampling::tempered_weight(logits[i], max_logit, temperature);
     uint64_t mass = 0;
-    for (size_t i = begin; i < end; ++i) {
-      weights[i] = sampling::tempered_weight(logits[i], max_logit, temperature);
-      mass += sampling::weight_mass(weights[i], mass_shift);
-    }
+    for (size_t i = begin; i < end; ++i) mass += sampling::weight_mass(weights[i], mass_shift);
     block_mass[begin / kBlock] = mass;
   }
 }

@@ -315,11 +315,11 @@ TEST(Sampler, MaskedTokensAreNeverDrawn) {
 std::vector<TokenProbability> reference_distribution(const SamplingParams& params, const std::vector<float>& logits) {
   const double max_logit = *std::max_element(logits.begin(), logits.end());
   std::vector<TokenProbability> tokens;
-  // A token can be drawn when its weight is at least the unit of the integer masses (and above exp's underflow).
-  const double smallest_weight = std::ldexp(1.0, -sampling::mass_shift(static_cast<int64_t>(logits.size())));
+  // A token can be drawn when its weight rounds to a positive integer mass (and is above exp's underflow).
+  const double half_unit = std::ldexp(1.0, -sampling::mass_shift(static_cast<int64_t>(logits.size())) - 1);
   for (size_t t = 0; t < logits.size(); ++t) {
     const double scaled = (logits[t] - max_logit) / params.temperature;
-    if (scaled >= -87.0 && std::exp(scaled) >= smallest_weight) {
+    if (scaled >= -87.0 && std::exp(scaled) > half_unit) {
       tokens.push_back({static_cast<int32_t>(t), std::exp(scaled)});
     }
   }
