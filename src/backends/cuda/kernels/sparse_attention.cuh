@@ -563,9 +563,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   batch 1, mostly its own start-up and dependent loads) and its workspace round trip. The partial's rows are
 //   kMergeRowFloats = 520 floats apart: a warp's float2 stores (8 rows × 4 column pairs) then fall on distinct banks
 //   in two wavefronts.
-// - Programmatic dependent launch: before griddepcontrol.wait the CTA initialises its barriers and the consumers load
-//   the sink and the rope frequencies (weights); the query position is loaded right after it, so that none of these
-//   global loads sits on the epilogue's critical path.
+// - Programmatic dependent launch: before griddepcontrol.wait the CTA asks L2 for its first inputs
+//   (d512_prefetch_inputs), initialises its barriers and the consumers load the sink and the rope frequencies
+//   (weights); the query position is loaded right after it, so that none of these global loads sits on the epilogue's
+//   critical path.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -1070,6 +1071,37 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
 }
 
+// Before griddepcontrol.wait: asks L2 for the lines this CTA reads first (its query's sequence slot, position and
+// compressed count, the index lines of its split's slots, bounded without the counts, and its Q rows), so that their
+// DRAM and TLB misses overlap the kernels still draining instead of lengthening this CTA's chain of dependent loads.
+// L2 is the point of coherence, so a line fetched before an earlier kernel writes it still reads the written data.
+__device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams& p, const CtaWork& work) {
+  constexpr int kLineBytes = 128, kLineSlots = kLineBytes / 4;
+  const int thread = threadIdx.x;
+  const int64_t t = work.t;
+  if (thread < kWarpgroupThreads) {
+    if (thread == 0) {
+      ptx::prefetch_l2(p.sequence_slots + t);
+      if (p.positions != nullptr) ptx::prefetch_l2(p.positions + t);
+      if (p.compressed_counts != nullptr) ptx::prefetch_l2(p.compressed_counts + t);
+    }
+    const int64_t total = int64_t(p.window_slots) + p.compressed_slots;
+    const int64_t tiles_per_split = ((total + kTile - 1) / kTile + p.splits - 1) / p.splits;
+    const int64_t begin = work.split * tiles_per_split * kTile, end = min(total, begin + tiles_per_split * kTile);
+    for (int64_t s = begin + int64_t(thread) * kLineSlots; s < end; s += int64_t(kLineSlots) * kWarpgroupThreads)
+      ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
+                                          : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
+  } else {
+    const int head_base = work.head_block * kD512Heads;
+    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+    const int64_t bytes = int64_t(min(kD512Heads, p.heads - head_base)) * kD512HeadDim * element_bytes;
+    const uint8_t* q = static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * element_bytes;
+    for (int64_t offset = int64_t(thread - kWarpgroupThreads) * kLineBytes; offset < bytes;
+         offset += int64_t(kLineBytes) * 2 * kWarpgroupThreads)
+      ptx::prefetch_l2(q + offset);
+  }
+}
+
 template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
@@ -1081,6 +1113,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   // same in every CTA of a cluster (same kernel, same static shared memory), so peers' partials sit at the same place.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
   const CtaWork work = cta_work(p, head_blocks);
+  d512_prefetch_inputs(p, work);
 
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
