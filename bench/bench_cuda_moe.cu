@@ -5,7 +5,8 @@
 // Each call is a CUDA graph of the whole sub-block (which also checks that it captures). Calls rotate over several
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
 // Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
-// routing fused into the router launch where it applies) and "register"; above, the register path alone.
+// routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
+// the register path alone.
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -158,7 +159,7 @@ struct Slot {
 MoeRunParams path_params(bool streamed) {
   MoeRunParams p;
   p.expert_kernels = streamed ? MoeExpertKernels::STREAMED : MoeExpertKernels::REGISTER;
-  p.fused_routing = streamed;
+  p.fused_small_batches = streamed;
   return p;
 }
 

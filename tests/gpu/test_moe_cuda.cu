@@ -1,7 +1,8 @@
 // The CUDA MoE sub-block (run_moe) against dsv4::cpu::moe_forward and the CPU ops it is built from: d = 4096,
 // I = 2048, E = 32, top 6; routed experts MXFP4, NVFP4, FP8 (shared expert FP8, as in the release) and BF16; scored
 // routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
-// streamed with the routing fused into the router launch); a V4-Pro-width layer (d 7168, I 3072); experts with no
+// streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
+// streamed kernels unfused; a V4-Pro-width layer (d 7168, I 3072); experts with no
 // token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -261,17 +262,17 @@ bool close(double actual, double expected, double tolerance) {
 // The kernel choices of a run (MoeRunParams fields).
 struct Kernels {
   MoeExpertKernels experts = MoeExpertKernels::AUTO;
-  bool fused_routing = false;
+  bool fused_small_batches = false;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
-    return std::string(path) + " experts" + (fused_routing ? ", fused routing" : "");
+    return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "");
   }
 };
-// Both expert kernel sets, the streamed one with the fused routing (which applies at few tokens).
+// Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens).
 constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
-constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_routing = true};
+constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -310,7 +311,7 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
                             .workspace = workspace.data(),
                             .workspace_bytes = workspace_bytes,
                             .expert_kernels = kernels.experts,
-                            .fused_routing = kernels.fused_routing};
+                            .fused_small_batches = kernels.fused_small_batches};
   run_moe(device_weights, params);
   check_moe_status(params);
   const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
@@ -447,6 +448,8 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 3, 8, 17, 64, 300})
       for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
         check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
+    const Kernels streamed_unfused{.experts = MoeExpertKernels::STREAMED};
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
   }
 }
 
@@ -507,7 +510,7 @@ std::vector<float> run_output(const DeviceMoeWeights& weights, const std::vector
                     .workspace = workspace.data(),
                     .workspace_bytes = bytes,
                     .expert_kernels = kernels.experts,
-                    .fused_routing = kernels.fused_routing});
+                    .fused_small_batches = kernels.fused_small_batches});
   return download(out.as<float>(), u.size());
 }
 

@@ -14,7 +14,8 @@ constexpr size_t kWorkspaceAlignment = 256;
 // Byte offsets of every buffer in the workspace. The counters come first at a fixed place, so a workspace sized
 // for a larger T keeps them where prepare_moe_workspace zeroed them.
 struct WorkspaceLayout {
-  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, counters_end = kWorkspaceAlignment;
+  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, counters_end = 1024;
+  static constexpr int band_ticket_capacity = int((counters_end - band_tickets) / sizeof(uint32_t));
   size_t logits = 0, u_bf16 = 0, expert_ids = 0, expert_weights = 0, expert_offsets = 0, row_tokens = 0,
          slot_rows = 0, work_items = 0, h = 0, down = 0, total = 0;
   int64_t max_work_items = 0;
@@ -60,8 +61,15 @@ bool moe_streams_experts(const MoeConfig& config, int64_t tokens, bool streamed_
   return tokens <= 8 || (streamed_batches && tokens * config.top_k <= kMoeStreamedRowsPerExpert * config.experts);
 }
 
+namespace {
+
+bool fuses_combine(const MoeRunParams& p) { return p.fused_small_batches && p.tokens <= kMoeFusedCombineMaxTokens; }
+
+}  // namespace
+
 int moe_launches(const MoeRunParams& p) {
-  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_routing}) + 3;
+  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) + 2 +
+         (fuses_combine(p) ? 0 : 1);
 }
 
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -125,11 +133,11 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .out = routing,
       .stream = p.stream,
       .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
-      .fused_routing = p.fused_routing,
+      .fused_routing = p.fused_small_batches,
   });
   mark_stage();
 
-  const MoeExpertGemmParams gemm{
+  MoeExpertGemmParams gemm{
       .experts = weights.device_experts(),
       .routed_format = weights.routed_format(),
       .shared_format = weights.shared_format(),
@@ -150,10 +158,20 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .stream_maps = weights.stream_maps(),
       .stream = p.stream,
   };
+  if (fuses_combine(p)) {
+    MoeFusedCombine& f = gemm.combine;
+    f.out = p.out, f.expert_weights = routing.expert_weights, f.slot_rows = routing.slot_rows;
+    f.band_tickets = at<uint32_t>(ws, WorkspaceLayout::band_tickets);
+    f.band_ticket_capacity = WorkspaceLayout::band_ticket_capacity, f.tokens = p.tokens, f.top_k = int(c.top_k);
+  }
   run_moe_gate_up(gemm);
   mark_stage();
   run_moe_down(gemm);
   mark_stage();
+  if (fuses_combine(p)) {
+    mark_stage();  // the combine stage is empty
+    return;
+  }
 
   run_moe_combine({
       .down = gemm.down,

@@ -2,10 +2,11 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches (four at T <= kMoeFusedRoutingMaxTokens with fused_routing), all on params.stream, no host
-//   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
-//   (+ u → bf16), scoring/top-k (or hash) + bucketing (in the router launch's last CTA when fused), grouped gate/up
-//   GEMM with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine. The grouped launches
+// - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host round-trip, no
+//   allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV (+ u → bf16),
+//   scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM with the
+//   clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's last CTA
+//   of each band, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
 //   are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are
 //   chained with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the
 //   router's rows and the shared expert's weights start streaming before their inputs are known) and wait for its
@@ -17,7 +18,7 @@
 // - Expert weights MXFP4, NVFP4, FP8_BLOCK128 (e8m0 or fp32 scales) or BF16; routed and shared experts may differ in
 //   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
-// - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 256 bytes hold
+// - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 1024 bytes hold
 //   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one
 //   workspace serves any number of calls and any T up to the one it was sized for.
 // - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
@@ -32,8 +33,8 @@
 
 namespace dsv4::cuda {
 
-// Stages that MoeRunParams::stage_events brackets: router GEMV, scoring + bucketing (empty when fused into the
-// router launch), gate/up, down, combine.
+// Stages that MoeRunParams::stage_events brackets: router GEMV, scoring + bucketing, gate/up, down, combine (the
+// fused stages are empty: their work is in the router and down stages).
 inline constexpr int kMoeStages = 5;
 
 // Which expert GEMM kernels run_moe launches.
@@ -63,8 +64,9 @@ struct MoeRunParams {
   MoeExpertKernels expert_kernels = MoeExpertKernels::AUTO;
   // AUTO also streams above 8 tokens (moe_streams_experts); off keeps the earlier rule until a GPU run confirms it.
   bool streamed_batches = false;
-  // Routing in the router launch at T <= kMoeFusedRoutingMaxTokens (moe_routing.hpp).
-  bool fused_routing = false;
+  // At T <= 8 (kMoeFusedRoutingMaxTokens, kMoeFusedCombineMaxTokens): the routing in the router launch and the
+  // combine in the down launch, three launches instead of five; off until a GPU run confirms it.
+  bool fused_small_batches = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).
@@ -72,7 +74,7 @@ int moe_launches(const MoeRunParams& params);
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);
 
-// Zeroes the workspace's counters (asynchronously on `stream`); once per workspace.
+// Zeroes the workspace's counters (its first 1 KB, asynchronously on `stream`); once per workspace.
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // Throws naming the field at fault unless run_moe supports the call.

@@ -40,6 +40,7 @@ void launch(const MoeExpertGemmParams& p) {
       .h = p.h,
       .down = p.down,
       .stream_maps = p.stream_maps,
+      .combine = gate_up ? MoeFusedCombine{} : p.combine,
   };
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   if (p.streamed) {
@@ -122,6 +123,17 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         " work items exceed one launch's grid (fewer tokens per call)");
   check(!p.streamed || p.stream_maps != nullptr, "moe expert GEMM: the streamed kernels need the experts' tensor ",
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
+  const MoeFusedCombine& f = p.combine;
+  if (f.out != nullptr) {
+    const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+    check(f.tokens >= 1 && f.tokens <= kMoeFusedCombineMaxTokens && f.top_k >= 1, "moe expert GEMM: the fused ",
+          "combine takes 1 to ", kMoeFusedCombineMaxTokens, " tokens and top_k >= 1 (got ", f.tokens, ", ", f.top_k,
+          ")");
+    check(f.expert_weights && f.slot_rows && f.band_tickets, "moe expert GEMM: the fused combine needs the expert ",
+          "weights, the slot rows and the band tickets");
+    check(bands <= f.band_ticket_capacity, "moe expert GEMM: hidden size ", p.hidden, " needs ", bands, " band ",
+          "tickets for the fused combine; the workspace holds ", f.band_ticket_capacity);
+  }
   check(p.experts && p.u_bf16 && p.row_tokens && p.work_items && p.work_item_count && p.h && p.down,
         "moe expert GEMM: a null device pointer among experts, u_bf16, row_tokens, work items, h, down");
   check(reinterpret_cast<uintptr_t>(p.u_bf16) % 16 == 0 && reinterpret_cast<uintptr_t>(p.h) % 16 == 0,

@@ -51,6 +51,7 @@ inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from 
 // Weight rows one CTA covers.
 template <ExpertGemm G>
 inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? kExpertWarps / 2 : kExpertWarps) * tile::kTileRows;
+static_assert(kCtaRows<ExpertGemm::DOWN> == kMoeDownBandRows, "the fused combine's bands are the down CTAs' bands");
 
 // Stored bytes per two values of a format, and the k extent of a sub-range.
 template <tile::TileFormat F>
@@ -83,6 +84,7 @@ struct ExpertGemmArgs {
   __nv_bfloat16* h;  // gate/up output [rows, I]
   float* down;       // down output [rows, d]
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
+  MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -282,6 +284,34 @@ __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemm
   return int(blockIdx.y) < __ldg(a.work_item_count);
 }
 
+// The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
+// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a) {
+  const MoeFusedCombine& c = a.combine;
+  __threadfence();  // this CTA's down rows, before its ticket
+  __syncthreads();
+  __shared__ bool is_last;
+  if (threadIdx.x == 0)
+    is_last = atomicAdd(c.band_tickets + blockIdx.x, 1u) == uint32_t(__ldg(a.work_item_count)) - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int64_t n0 = int64_t(blockIdx.x) * kMoeDownBandRows;
+  const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
+  const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
+  for (int i = threadIdx.x; i < c.tokens * band_rows; i += blockDim.x) {
+    const int t = i / band_rows;
+    const int64_t n = n0 + i % band_rows;
+    float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
+    for (int j = 0; j < c.top_k; ++j) {
+      const int64_t row = __ldg(c.slot_rows + t * c.top_k + j);
+      acc = fmaf(__ldg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
+    }
+    c.out[int64_t(t) * a.n_total + n] = acc;
+  }
+  if (threadIdx.x == 0) c.band_tickets[blockIdx.x] = 0;  // every CTA of the band has arrived: ready for the next call
+}
+
 template <ExpertGemm G>
 __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -294,6 +324,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
                    [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -440,6 +471,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     else
       run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, smem, full, shared_item);
   });
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a);
 }
 
 }  // namespace dsv4::cuda::moe

@@ -34,6 +34,23 @@ struct StreamMaps;  // weight_tile_mma.cuh
 
 // Rows (tokens) per work item: an item's rows are served by one CTA per weight-row band.
 inline constexpr int kMoeRowsPerWorkItem = 64;
+// Weight rows per CTA band of the down GEMM (the fused combine keeps one ticket per band).
+inline constexpr int kMoeDownBandRows = 128;
+// The most tokens the fused combine serves (its last CTA per band sums T · band rows outputs).
+inline constexpr int kMoeFusedCombineMaxTokens = 8;
+
+// The combine done by the down GEMM itself (few tokens): when the last CTA of a band of kMoeDownBandRows weight rows
+// finishes, over every work item, it writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
+// for the band's n, in moe_combine's order (bit-identical to run_moe_combine), so the combine launch goes.
+struct MoeFusedCombine {
+  float* out = nullptr;                   // [T, d]; null: no fused combine
+  const float* expert_weights = nullptr;  // [T, top_k]
+  const int32_t* slot_rows = nullptr;     // [T, top_k]
+  uint32_t* band_tickets = nullptr;       // [ceil(d / kMoeDownBandRows)], zero before the call; left zero
+  int band_ticket_capacity = 0;           // entries at band_tickets
+  int tokens = 0;                         // T <= kMoeFusedCombineMaxTokens
+  int top_k = 0;
+};
 
 struct MoeExpertGemmParams {
   const MoeExpertView* experts = nullptr;  // device [E + 1]; [E] is the shared expert
@@ -54,6 +71,7 @@ struct MoeExpertGemmParams {
   // an item, so they suit items of few rows); every expert matrix must pass moe_streamed_tiles_apply.
   bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
+  MoeFusedCombine combine;  // run_moe_down only
   cudaStream_t stream = nullptr;
 };
 
