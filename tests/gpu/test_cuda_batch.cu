@@ -1,8 +1,10 @@
 // Batched decode on the GPU model (CudaModel::decode): several sequences of different lengths decode together, one
 // kernel pass per step, sequences joining (prefilled between steps) and leaving (their pages freed, the slot
-// reused) midway; each sequence's logits are compared with the same sequence run alone (batch 1). Also: CUDA-graph
-// replay against the same launches run eagerly (DSV4_DISABLE_CUDA_GRAPHS=1), bit for bit; greedy continuations of
-// the trained tiny model batched and alone; the launch count of a decode step; the memory plan's refusal; bad calls.
+// reused) midway; each sequence's logits are compared with the same sequence run alone (batch 1). Mixed steps
+// (CudaModel::step): prefill chunks and decode tokens of several sequences in one pass, against each sequence's
+// chunks run alone. Also: CUDA-graph replay against the same launches run eagerly (DSV4_DISABLE_CUDA_GRAPHS=1), bit
+// for bit; greedy continuations of the trained tiny model batched and alone; the launch count of a decode step; the
+// memory plan's refusal; bad calls.
 #include "backends/cuda/cuda_model.hpp"
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
@@ -144,11 +146,13 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
   return c;
 }
 
-// fused: the step's fused launches (stacked projections, the sub-block norms inside mHC's launches).
+// fused: the step's fused launches (stacked projections, the sub-block norms inside mHC's launches, the linear
+// layers' norm prologue and bf16 output).
 cuda::CudaModelOptions batch_options(bool fused = false) {
   cuda::CudaModelOptions options;
   options.fuse_projections = fused;
   options.norms_in_mhc = fused;
+  options.fused_linear_io = fused;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks
@@ -197,6 +201,85 @@ TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
         EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
         EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
       }
+    }
+  }
+}
+
+// A mixed-step schedule: per sequence, the step it joins and its token counts from then on (a prefill chunk, or
+// one decode token), one count per step until it is done.
+struct MixedPlan {
+  int join_step;
+  std::vector<int64_t> counts;
+  std::vector<int32_t> tokens;  // all of them, in order
+};
+
+// Prefill chunks and decode tokens of several sequences in one pass per step (each step's tokens ≤ 64, each chunk
+// ≤ max_step_tokens): every sequence's last-token logits of every step against the same chunks of it run alone
+// (forward, one sequence per step). The bounds and their reason are BatchedDecodeEqualsEachSequenceAlone's.
+TEST_P(CudaBatch, MixedPrefillAndDecodeStepsEqualEachSequenceAlone) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const ModelFixture f(GetParam());
+  const int64_t vocab = f.ckpt.config.vocab_size;
+  std::mt19937 rng(21);
+  std::vector<MixedPlan> plan = {{0, {13, 17, 1, 1, 1, 1, 1, 1, 1, 1}},
+                                 {1, {40, 7, 1, 1, 1, 1, 1, 1}},
+                                 {2, {9, 1, 1, 1, 30, 1, 1}},
+                                 {4, {1, 1, 1, 1, 1}}};
+  int steps = 0;
+  for (MixedPlan& p : plan) {
+    int64_t total = 0;
+    for (const int64_t n : p.counts) total += n;
+    p.tokens = random_tokens(total, vocab, rng);
+    steps = std::max(steps, p.join_step + int(p.counts.size()));
+  }
+  for (const bool fuse : {false, true}) {
+    SCOPED_TRACE(fuse ? "fused launches" : "separate launches");
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+    // Mixed: per sequence, the rows of its steps in order.
+    std::vector<std::vector<float>> mixed(plan.size());
+    std::vector<int> slot(plan.size(), -1);
+    std::vector<int64_t> done(plan.size(), 0);
+    std::vector<float> logits;
+    for (int step = 0; step < steps; ++step) {
+      std::vector<cuda::StepSequence> sequences;
+      std::vector<size_t> members;
+      for (size_t q = 0; q < plan.size(); ++q) {
+        const int index = step - plan[q].join_step;
+        if (index < 0 || index >= int(plan[q].counts.size())) continue;
+        if (index == 0) slot[q] = model.add_sequence();
+        const int64_t n = plan[q].counts[size_t(index)];
+        sequences.push_back({slot[q], std::span(plan[q].tokens).subspan(size_t(done[q]), size_t(n))});
+        members.push_back(q);
+        done[q] += n;
+      }
+      model.step(sequences, logits);
+      ASSERT_EQ(logits.size(), members.size() * size_t(vocab)) << "step " << step;
+      for (size_t i = 0; i < members.size(); ++i)
+        mixed[members[i]].insert(mixed[members[i]].end(), logits.begin() + std::ptrdiff_t(i * size_t(vocab)),
+                                 logits.begin() + std::ptrdiff_t((i + 1) * size_t(vocab)));
+    }
+    for (size_t q = 0; q < plan.size(); ++q) {
+      ASSERT_EQ(model.length(slot[q]), int64_t(plan[q].tokens.size()));
+      model.release_sequence(slot[q]);
+    }
+    // Alone: the same chunks through forward, the last row of each.
+    for (size_t q = 0; q < plan.size(); ++q) {
+      const int alone = model.add_sequence();
+      std::vector<float> want, row;
+      int64_t at = 0;
+      for (const int64_t n : plan[q].counts) {
+        model.forward(alone, std::span(plan[q].tokens).subspan(size_t(at), size_t(n)), LogitRows::Last, row);
+        want.insert(want.end(), row.begin(), row.end());
+        at += n;
+      }
+      model.release_sequence(alone);
+      const Comparison c = compare_rows(want, mixed[q], vocab);
+      std::printf("%s%s mixed steps, sequence %zu (%zu steps): row error median %.3g, max %.3g, argmax differs in "
+                  "%d rows\n",
+                  GetParam().c_str(), fuse ? " fused" : "", q, plan[q].counts.size(), c.median, c.worst,
+                  c.argmax_differs);
+      EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
+      EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
     }
   }
 }
@@ -374,6 +457,17 @@ TEST(CudaBatchCalls, RefusesBadBatchesAndKeepsTheSequences) {
   expect_error({a, b}, {1, int32_t(f.ckpt.config.vocab_size)},
                "token id " + std::to_string(f.ckpt.config.vocab_size) + " at position 1");
   expect_error({}, {}, "0 slots");
+  EXPECT_EQ(model.length(a), 3);
+  EXPECT_EQ(model.length(b), 1);
+  // A mixed step refuses a slot twice, an empty or oversized chunk and a chunk past the context, before any change.
+  const std::vector<int32_t> one(1, 1), six(6, 1), long_chunk(65, 1);
+  auto expect_step_error = [&](std::vector<cuda::StepSequence> sequences, const std::string& needle) {
+    dsv4::testing::expect_error([&] { model.step(sequences, logits); }, needle);
+  };
+  expect_step_error({{a, one}, {a, one}}, "appears twice");
+  expect_step_error({{a, {}}}, "brings 0 tokens");
+  expect_step_error({{b, long_chunk}}, "brings 65 tokens");
+  expect_step_error({{b, one}, {a, six}}, "would hold 9 tokens");
   EXPECT_EQ(model.length(a), 3);
   EXPECT_EQ(model.length(b), 1);
   // Sequence a reaches the context (8 tokens): a batch holding it is refused, the other sequence still decodes.

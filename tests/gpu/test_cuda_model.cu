@@ -185,27 +185,32 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   }
 }
 
-// The step's fused launches, each alone and together: CudaModelOptions::fuse_projections (one launch for
-// [wq_a; wkv] and for the compressors' [wkv; wgate], q_norm in the KV insert's launch) and norms_in_mhc (the
-// sub-block norms inside mHC's launches): the same bounds against the CPU as the separate launches, prefill and
-// decode.
+// The step's fused launches, each alone and all together: CudaModelOptions::fuse_projections (one launch for
+// [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch), norms_in_mhc (the sub-block
+// norms inside mHC's launches) and fused_linear_io (q_norm as wq_b's prologue, wo_a's bf16 output): the same bounds
+// against the CPU as the separate launches, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
   const ModelConfig& config = f.ckpt.config;
   const std::vector<int32_t> tokens = random_tokens(150, config.vocab_size, 7);
   const std::vector<float> like_gpu = cpu_logits(config, f.ckpt.weights, NumericsMode::GpuBf16, tokens);
-  for (const auto [projections, norms] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+  struct Fusions {
+    bool projections, norms, linear_io;
+  };
+  for (const Fusions fused : {Fusions{true, false, false}, Fusions{false, true, false}, Fusions{false, false, true},
+                              Fusions{true, true, true}}) {
     cuda::CudaModelOptions options;
     options.max_context = 256;
     options.max_step_tokens = 96;
-    options.fuse_projections = projections;
-    options.norms_in_mhc = norms;
+    options.fuse_projections = fused.projections;
+    options.norms_in_mhc = fused.norms;
+    options.fused_linear_io = fused.linear_io;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
-      const std::string what = GetParam() + " GPU" + (projections ? " stacked projections" : "") +
-                               (norms ? " norms in mHC" : "") + ", chunks of " + std::to_string(chunk) +
-                               ", against the CPU in gpu-bf16";
+      const std::string what = GetParam() + " GPU" + (fused.projections ? " stacked projections" : "") +
+                               (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
+                               ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);
     }

@@ -224,14 +224,15 @@ struct StepRun {
 
 // Byte offsets of one step's per-token inputs, packed for (tokens, runs) so that one copy moves them all.
 struct StepInputLayout {
-  size_t positions = 0, ids = 0, slots = 0, ring_rows = 0, runs = 0, bytes = 0;
+  size_t positions = 0, ids = 0, slots = 0, ring_rows = 0, runs = 0, last_rows = 0, bytes = 0;
   StepInputLayout(int64_t tokens, int64_t run_count) {
     positions = 0;
     ids = positions + size_t(tokens) * 8;
     slots = ids + size_t(tokens) * 4;
     ring_rows = slots + size_t(tokens) * 4;
     runs = (ring_rows + size_t(tokens) * 4 + 7) / 8 * 8;
-    bytes = runs + size_t(run_count) * sizeof(CompressorRun);
+    last_rows = runs + size_t(run_count) * sizeof(CompressorRun);
+    bytes = last_rows + size_t(run_count) * 4;
   }
 };
 
@@ -242,13 +243,15 @@ struct StepInputs {
   int32_t* slots;
   int32_t* ring_rows;
   CompressorRun* runs;
+  int32_t* last_rows;  // [runs]: each run's last token
 
   StepInputs(uint8_t* base, const StepInputLayout& l)
       : positions(reinterpret_cast<int64_t*>(base + l.positions)),
         ids(reinterpret_cast<int32_t*>(base + l.ids)),
         slots(reinterpret_cast<int32_t*>(base + l.slots)),
         ring_rows(reinterpret_cast<int32_t*>(base + l.ring_rows)),
-        runs(reinterpret_cast<CompressorRun*>(base + l.runs)) {}
+        runs(reinterpret_cast<CompressorRun*>(base + l.runs)),
+        last_rows(reinterpret_cast<int32_t*>(base + l.last_rows)) {}
 };
 
 // What the launches of a step depend on: a captured graph is valid for every step of the same shape.
@@ -257,6 +260,7 @@ struct StepShape {
   int runs = 0;
   int64_t max_run_tokens = 0;
   int64_t first_logit_row = 0;  // logits for rows [first_logit_row, tokens)
+  bool run_last_rows = false;    // instead: logits for each run's last token (a mixed step)
   // −1: every query finds its sequence's indexer keys through its slot (decode, batches; graph-safe). Otherwise the
   // one sequence's slot, baked into the launch (prefill chunks: queries then share key loads).
   int single_slot = -1;
@@ -300,6 +304,7 @@ struct CudaModel::Impl {
     int32_t* selected;         // [T, topk]
     int32_t* counts;           // [T]
     int32_t* window_index;     // [T, W]
+    float* X_last;             // [max_sequences, n, d]: the residual rows of the runs' last tokens (mixed steps)
     float* h;                  // [T, d]
     bf16* h_bf16;
     float* logits;             // [T, vocab]
@@ -586,6 +591,7 @@ struct CudaModel::Impl {
       lists.index = k.take<int32_t>(T * (options.max_context / ratio));
       lists.counts = k.take<int32_t>(T);
     }
+    s.X_last = k.take<float>(options.max_sequences * n * d);
     s.h = k.take<float>(T * d), s.h_bf16 = k.take<bf16>(T * d);
     s.logits = k.take<float>(T * c.vocab_size), s.nan_flag = k.take<int32_t>(1);
     s.attention_workspace = k.take<uint8_t>(int64_t(attention_workspace_bytes));
@@ -614,20 +620,32 @@ struct CudaModel::Impl {
     }
   }
 
-  void linear(const DeviceMatrix& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
-              int64_t y_stride, int groups = 1) {
+  // A linear call of `w` over T tokens without its input and output.
+  LinearCall linear_call(const DeviceMatrix& w, std::string_view what, int64_t T) {
     LinearCall call;
     call.weight = w.view();
     call.what = what;
-    call.x = x;
-    call.x_row_stride = x_stride;
-    call.y = y;
-    call.y_row_stride = y_stride;
     call.tokens = T;
-    call.groups = groups;
     call.workspace = scratch.linear_workspace;
     call.workspace_bytes = linear_workspace_size;
     call.stream = stream;
+    return call;
+  }
+
+  void linear(const DeviceMatrix& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
+              int64_t y_stride, int groups = 1) {
+    LinearCall call = linear_call(w, what, T);
+    call.x = x, call.x_row_stride = x_stride, call.y = y, call.y_row_stride = y_stride, call.groups = groups;
+    run_linear(call);
+  }
+
+  // A linear layer reading q_norm(qr): through its RMSNorm prologue when `prologue`, else qr_bf16 (run_rms_norm's).
+  void linear_of_normed_qr(const DeviceMatrix& w, std::string_view what, bool prologue, const float* qr,
+                           int64_t qr_stride, const float* q_norm_weight, int64_t T, float* y, int64_t y_stride) {
+    if (!prologue) return linear(w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride);
+    LinearCall call = linear_call(w, what, T);
+    call.norm_x = qr, call.x_row_stride = qr_stride, call.norm_weight = q_norm_weight;
+    call.norm_eps = float(config.rms_norm_eps), call.y = y, call.y_row_stride = y_stride;
     run_linear(call);
   }
 
@@ -740,41 +758,55 @@ struct CudaModel::Impl {
     Scratch& s = scratch;
 
     // Queries: per-head-normalised wq_b · q_norm(wq_a · x), rotated. The new tokens' K = V vectors go into the window
-    // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv], one projection gives both and
-    // q_norm rides in the insert's launch.
-    RmsNormParams qr_norm;
-    qr_norm.weight = floats(w.q_norm), qr_norm.rows = T, qr_norm.width = ql, qr_norm.eps = float(c.rms_norm_eps);
-    qr_norm.y_bf16 = s.qr_bf16, qr_norm.stream = stream;
+    // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv] one projection gives qr and kv,
+    // and one norm rides in the insert's launch: q_norm, or with wq_b's norm prologue the queries' per-head norm.
+    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    const bool prologue = options.fused_linear_io && T <= kLinearMaxTokens;
     KvInsertParams insert;
     insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
     insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
     insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
     insert.dest_rows = in.ring_rows, insert.stream = stream;
-    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    const float* qr = s.qr;
+    int64_t qr_stride = ql;
     if (stack != nullptr && stack->qr_kv.view().rows > 0) {
       linear(stack->qr_kv, name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D);
-      qr_norm.x = s.qr_kv, qr_norm.x_row_stride = ql + D;
+      qr = s.qr_kv, qr_stride = ql + D;
       insert.x = s.qr_kv + ql, insert.x_row_stride = ql + D;
-      if (D <= kKvInsertFusedNormMaxHeadDim) {
+    } else {
+      linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
+    }
+    const bool insert_carries_a_norm = insert.x != nullptr && D <= kKvInsertFusedNormMaxHeadDim;
+    bool inserted = false;
+    if (!prologue) {
+      RmsNormParams qr_norm;
+      qr_norm.x = qr, qr_norm.x_row_stride = qr_stride, qr_norm.weight = floats(w.q_norm), qr_norm.rows = T;
+      qr_norm.width = ql, qr_norm.eps = float(c.rms_norm_eps), qr_norm.y_bf16 = s.qr_bf16, qr_norm.stream = stream;
+      if (insert_carries_a_norm) {
         insert.fused_norm = qr_norm;
+        run_kv_insert(insert);
+        inserted = true;
       } else {
         run_rms_norm(qr_norm);
       }
-      run_kv_insert(insert);
-    } else {
-      linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
-      qr_norm.x = s.qr;
-      run_rms_norm(qr_norm);
     }
-    linear(w.wq_b, name + " wq_b", s.qr_bf16, ql, T, s.q, H * D);
+    linear_of_normed_qr(w.wq_b, name + " wq_b", prologue, qr, qr_stride, floats(w.q_norm), T, s.q, H * D);
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = s.q, q_norm.rows = T * H, q_norm.width = D, q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
     q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
-    run_rms_norm(q_norm);
-    if (insert.x == nullptr) {
-      linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
-      insert.x = s.kv;
+    if (!inserted && insert_carries_a_norm) {
+      insert.fused_norm = q_norm;
+      run_kv_insert(insert);
+      inserted = true;
+    } else {
+      run_rms_norm(q_norm);
+    }
+    if (!inserted) {
+      if (insert.x == nullptr) {
+        linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
+        insert.x = s.kv;
+      }
       run_kv_insert(insert);
     }
 
@@ -812,7 +844,8 @@ struct CudaModel::Impl {
         index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
         run_compressor(index);
 
-        linear(ix.wq_b, name + " indexer wq_b", s.qr_bf16, ql, T, s.qi, IH * ID);
+        linear_of_normed_qr(ix.wq_b, name + " indexer wq_b", prologue, qr, qr_stride, floats(w.q_norm), T, s.qi,
+                            IH * ID);
         IndexerPrepareParams prepare;
         prepare.input = s.qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;
         prepare.head_dim = ID, prepare.positions = in.positions, prepare.rope_frequencies = freqs;
@@ -862,8 +895,15 @@ struct CudaModel::Impl {
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
-    linear(w.wo_a, name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
-    run_to_bf16(s.z, T * c.o_proj_dim(), s.z_bf16, stream);
+    if (options.fused_linear_io) {
+      LinearCall wo_a = linear_call(w.wo_a, name + " wo_a", T);
+      wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
+      wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
+      run_linear(wo_a);
+    } else {
+      linear(w.wo_a, name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
+      run_to_bf16(s.z, T * c.o_proj_dim(), s.z_bf16, stream);
+    }
     linear(w.wo_b, name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
   }
 
@@ -908,9 +948,20 @@ struct CudaModel::Impl {
         hc_post(T, 1, nullptr, {});
     }
 
-    const int64_t first = shape.first_logit_row, count = T - first;
+    const int64_t first = shape.first_logit_row, count = shape.run_last_rows ? shape.runs : T - first;
     HcHeadParams head;
-    head.X = scratch.X + first * n * d, head.fn = floats(weights.hc_head.fn), head.base = floats(weights.hc_head.base);
+    head.X = scratch.X + first * n * d;
+    if (shape.run_last_rows) {
+      // The runs' last rows gathered: the embedding kernel over X as an F32 table of T rows.
+      EmbeddingParams gather;
+      gather.table.format = WeightFormat::F32, gather.table.rows = T, gather.table.cols = n * d;
+      gather.table.data = reinterpret_cast<const uint8_t*>(scratch.X), gather.table.data_row_bytes = size_t(n * d) * 4;
+      gather.ids = in.last_rows, gather.tokens = shape.runs, gather.streams = 1, gather.X = scratch.X_last;
+      gather.stream = stream;
+      run_embedding(gather);
+      head.X = scratch.X_last;
+    }
+    head.fn = floats(weights.hc_head.fn), head.base = floats(weights.hc_head.base);
     head.scale = floats(weights.hc_head.scale), head.tokens = count, head.hidden = d, head.streams = int(n);
     head.hc_eps = float(c.mhc.eps), head.norm_eps = float(c.rms_norm_eps), head.round_to_bf16 = reference();
     head.h = scratch.h, head.workspace = scratch.hc_workspace, head.workspace_bytes = hc_workspace_bytes;
@@ -989,6 +1040,7 @@ struct CudaModel::Impl {
     auto* slots = reinterpret_cast<int32_t*>(staging + layout.slots);
     auto* ring = reinterpret_cast<int32_t*>(staging + layout.ring_rows);
     auto* run_table = reinterpret_cast<CompressorRun*>(staging + layout.runs);
+    auto* last_rows = reinterpret_cast<int32_t*>(staging + layout.last_rows);
     int64_t t = 0;
     for (size_t r = 0; r < runs.size(); ++r) {
       const StepRun& run = runs[r];
@@ -996,6 +1048,7 @@ struct CudaModel::Impl {
                                    .slot = run.slot,
                                    .first_token = int32_t(t),
                                    .tokens = int32_t(run.tokens)};
+      last_rows[r] = int32_t(t + run.tokens - 1);
       for (int64_t i = 0; i < run.tokens; ++i, ++t) {
         h_ids[t] = ids[size_t(t)];
         positions[t] = run.start + i;
@@ -1063,6 +1116,27 @@ struct CudaModel::Impl {
     DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data() + row_offset * config.vocab_size, scratch.logits,
                                     size_t(count * config.vocab_size) * sizeof(float), cudaMemcpyDeviceToHost,
                                     stream));
+    queue_nan_flag_copy();
+    check_nan_flag(true);
+  }
+
+  // One kernel pass over several sequences' runs (CudaModel::step), eagerly; the logits of each run's last token into
+  // `logits`.
+  void mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids, std::vector<float>& logits) {
+    const int64_t T = int64_t(ids.size());
+    stage_inputs(runs, ids, T);
+    StepShape shape;
+    shape.tokens = T, shape.runs = int(runs.size()), shape.run_last_rows = true;
+    for (const StepRun& r : runs) shape.max_run_tokens = std::max(shape.max_run_tokens, r.tokens);
+    shape.single_slot = runs.size() == 1 && T > 1 ? runs[0].slot : -1;
+    enqueue_step(shape);
+    for (const StepRun& r : runs) {
+      slot_length[size_t(r.slot)] = r.start + r.tokens;
+      unchecked_slots.push_back(r.slot);
+    }
+    logits.resize(runs.size() * size_t(config.vocab_size));
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data(), scratch.logits, logits.size() * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream));
     queue_nan_flag_copy();
     check_nan_flag(true);
   }
@@ -1227,6 +1301,38 @@ void CudaModel::decode(std::span<const int> slots, std::span<const int32_t> ids,
                                   cudaMemcpyDeviceToHost, m.stream));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   m.check_nan_flag(true);
+}
+
+void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>& logits) {
+  Impl& m = *impl_;
+  check(!sequences.empty(), "step: no sequences");
+  check(int64_t(sequences.size()) <= m.options.max_sequences, "step: ", sequences.size(),
+        " sequences exceed max_sequences ", m.options.max_sequences);
+  std::vector<bool> seen(m.slot_length.size(), false);
+  std::vector<StepRun> runs;
+  std::vector<int32_t> ids;
+  for (const StepSequence& s : sequences) {
+    const int64_t p = length(s.slot), n = int64_t(s.ids.size());
+    check(!seen[size_t(s.slot)], "step: sequence slot ", s.slot, " appears twice in one step");
+    seen[size_t(s.slot)] = true;
+    check(n >= 1 && n <= m.options.max_step_tokens, "step: sequence slot ", s.slot, " brings ", n,
+          " tokens; a step takes 1 to max_step_tokens (", m.options.max_step_tokens, ") of a sequence");
+    check(p + n <= m.options.max_context, "step: sequence slot ", s.slot, " would hold ", p + n,
+          " tokens, more than the context this GPU model was sized for (", m.options.max_context, ")");
+    check_embedding_ids(s.ids.data(), n, m.config.vocab_size);
+    runs.push_back(StepRun{s.slot, p, n});
+    ids.insert(ids.end(), s.ids.begin(), s.ids.end());
+  }
+  check(int64_t(ids.size()) <= m.step_capacity, "step: ", ids.size(), " tokens exceed the ", m.step_capacity,
+        " a step holds (max(max_step_tokens, max_sequences))");
+  m.check_nan_flag(true);
+  try {
+    m.mixed_step(runs, ids, logits);
+  } catch (...) {
+    // A failed step leaves the slots' device state undefined: they refuse further steps until released.
+    for (const StepRun& r : runs) m.slot_length[size_t(r.slot)] = kFailedSlot;
+    throw;
+  }
 }
 
 cudaStream_t CudaModel::stream() const { return impl_->stream; }

@@ -39,7 +39,17 @@ struct CudaModelOptions {
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer.
   bool norms_in_mhc = false;
+  // The linear layers' fused input norm and bf16 output: q_norm as the RMSNorm prologue of wq_b and the indexer's
+  // wq_b (steps of up to 64 tokens; the queries' per-head norm then rides in the KV insert's launch with
+  // fuse_projections), and wo_a writing bf16 for wo_b (no conversion launch).
+  bool fused_linear_io = false;
   UploadProgress progress;                     // weight upload progress (optional)
+};
+
+// One sequence's tokens in a mixed step (CudaModel::step): `ids` at the slot's next positions.
+struct StepSequence {
+  int slot = 0;
+  std::span<const int32_t> ids;
 };
 
 class CudaModel {
@@ -81,6 +91,12 @@ class CudaModel {
   // synchronisation: the caller may run its own kernels on stream() to read them. NaN indexer scores of such a step
   // are reported by a later call (which then throws and marks the slots stepped since the last check failed).
   const float* decode_on_device(std::span<const int> slots, std::span<const int32_t> ids);
+  // One kernel pass over the tokens of several sequences, prefill chunks and decode tokens mixed (what a
+  // continuous-batching server runs each iteration): fp32 logits [sequences, vocab], row i for the last token of
+  // sequences[i]. Slots distinct and in use; each sequence 1 to max_step_tokens tokens, all of them together at most
+  // max(max_step_tokens, max_sequences). Throws like forward before any slot changes; a failure while the kernels
+  // run marks every slot of the step failed. Eager launches (the shape changes from step to step).
+  void step(std::span<const StepSequence> sequences, std::vector<float>& logits);
   // The stream every step runs on.
   cudaStream_t stream() const;
   // Kernel launches of a decode step of `batch` sequences (the captured graph's kernel nodes; captures it if needed).
