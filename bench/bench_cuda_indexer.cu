@@ -201,6 +201,42 @@ void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlappi
 
 // --------------------------------------------------------------------------------------------- indexer + top-k
 
+// One top-k launch with its phase trace (TopKParams::trace), after a warm-up launch: prints, for CTA 0 and for the
+// query's final CTA, the µs (SM clock) from each phase boundary it passed to the next.
+void print_top_k_trace(const std::string& label, TopKParams p) {
+  const int ctas = p.queries * top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query, true);
+  DeviceBuffer trace(size_t(ctas) * kTopKTracePoints * sizeof(int64_t), "top-k trace");
+  p.trace = trace.as<int64_t>();
+  for (int launch = 0; launch < 2; ++launch) {
+    trace.fill_bytes(0);
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    run_top_k(p);
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  std::vector<int64_t> points(size_t(ctas) * kTopKTracePoints);
+  trace.download(points.data(), trace.bytes());
+  int clock_khz = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+  int final_cta = 0;
+  for (int c = 0; c < ctas; ++c)
+    if (points[size_t(c) * kTopKTracePoints + kTraceFinal] != 0) final_cta = c;
+  for (const int cta : {0, final_cta}) {
+    std::string line = "top-k trace " + label + ", CTA " + std::to_string(cta) + (cta == final_cta ? " (final)" : "") +
+                       " of " + std::to_string(ctas) + ":";
+    const int64_t* row = points.data() + size_t(cta) * kTopKTracePoints;
+    int previous = kTraceEntry;
+    for (int point = kTraceEntry + 1; point < kTopKTracePoints; ++point) {
+      if (row[point] == 0) continue;
+      char part[96];
+      std::snprintf(part, sizeof(part), " %s +%.2f", kTopKTracePointNames[point],
+                    double(row[point] - row[previous]) * 1e3 / clock_khz);
+      line += part;
+      previous = point;
+    }
+    std::printf("%s µs\n", line.c_str());
+  }
+}
+
 void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, cudaStream_t stream,
                              cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows) {
   constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
@@ -352,6 +388,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
                       "diagnostic: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, cap, true))});
     }
+    print_top_k_trace(shape + ", distinct", top_k_params(stream, 0));
     for (const int64_t visible : {int64_t(300), int64_t(4096)}) {
       const std::vector<int64_t> short_position{visible * kRatio};
       DeviceBuffer d_short = to_device(short_position, "short position");
@@ -363,6 +400,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       rows.push_back({"top-k 512", shape + ", distinct scores, " + std::to_string(visible) + " visible", short_us,
                       double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
                       "diagnostic: a short context in the capacity's grid"});
+      TopKParams traced = top_k_params(stream, 0);
+      traced.positions = d_short.as<int64_t>();
+      print_top_k_trace(shape + ", " + std::to_string(visible) + " visible", traced);
     }
   }
   int32_t flag = 0;

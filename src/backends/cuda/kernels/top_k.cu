@@ -149,7 +149,8 @@ void run_top_k(const TopKParams& p) {
                       .counts = p.counts,
                       .nan_flag = p.nan_flag,
                       .workspace = nullptr,
-                      .ctas_per_query = ctas};
+                      .ctas_per_query = ctas,
+                      .trace = p.trace};
   if (ctas == 1) {
     launch_chained(topk::top_k_kernel<false>, dim3(unsigned(p.queries)), dim3(topk::kThreads), topk::kSmemBytes,
                    p.stream, args, "top_k_kernel (one CTA per query)");

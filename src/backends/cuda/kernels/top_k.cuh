@@ -12,8 +12,6 @@
 //   that match the prefix fixed so far. The first digit is wide (sign, exponent and 3 mantissa bits) so that one
 //   pass usually leaves a boundary bin of O(k) keys. Every CTA of a query adds its shared histogram into the pass's
 //   own global histogram, meets the others at a barrier, and picks the same boundary bin from the sum.
-// - Histogram adds are aggregated per warp (match.any: one shared atomic per distinct bin): scores are clustered in
-//   few bins of the first digit, and per-key atomics would serialise on them.
 // - The barrier counts arrivals on one word per query, monotonic within a launch (target participants · barriers),
 //   so no reset is needed between passes; the final CTA zeroes it, the used histograms and the list for the next
 //   launch. The CTAs are co-resident: the launcher caps the grid at the resident capacity, and with programmatic
@@ -43,7 +41,6 @@ inline constexpr int kCachedKeys = 16384;  // a CTA's range cached in shared mem
 inline constexpr int kStreamUnroll = 4;    // scores loaded per thread before use when streaming
 inline constexpr int kCacheUnroll = 8;     // the same for the first load into the cache
 inline constexpr int64_t kMinCandidatesPerCta = 2048;
-inline constexpr uint32_t kNoBin = 0xFFFFFFFFu;
 
 struct Digit {
   int bits;    // width of the pass's digit
@@ -97,6 +94,7 @@ struct TopKArgs {
   int32_t* nan_flag;
   QueryWorkspace* workspace;  // split mode only
   int ctas_per_query;
+  int64_t* trace;             // TopKParams::trace
 };
 
 // Shared memory: the CTA's histogram, the score cache, the sort buffer (also the list when it stays in the CTA).
@@ -203,13 +201,6 @@ __device__ BoundaryBin choose_boundary_bin(const uint32_t* histogram, bool globa
   return chosen;
 }
 
-// histogram[bin] += 1 for every lane whose bin is not kNoBin: one shared atomic per distinct bin of the warp. All
-// lanes of the warp call it together.
-__device__ __forceinline__ void add_warp_aggregated(uint32_t* histogram, uint32_t bin) {
-  const unsigned peers = __match_any_sync(kFullMask, bin);
-  if (bin != kNoBin && int(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&histogram[bin], uint32_t(__popc(peers)));
-}
-
 // Appends `key` to list[] where `take`, one atomic per warp (the counter may be shared by every CTA of the query).
 // All lanes of the warp call it together.
 __device__ __forceinline__ void append_warp_aggregated(bool take, uint64_t key, uint32_t* count, uint64_t* list) {
@@ -298,8 +289,13 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
   __shared__ bool is_final_cta;
 
   // Nothing here reads a weight: every input (scores, positions) is an earlier kernel's output.
+  const auto trace = [&](TopKTracePoint point) {
+    if (args.trace != nullptr && threadIdx.x == 0) args.trace[int64_t(blockIdx.x) * kTopKTracePoints + point] = clock64();
+  };
+  trace(kTraceEntry);
   allow_dependents();
   wait_for_prior_grids();
+  trace(kTraceInputsReady);
 
   const int ctas = kSplit ? args.ctas_per_query : 1;
   const int64_t query = blockIdx.x / ctas;
@@ -343,6 +339,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
     }
   }
   __syncthreads();
+  trace(kTraceCached);
 
   // Calls visit(valid, key) for every key of this CTA's range, from the cache or streamed kStreamUnroll loads in
   // flight per thread; every thread makes the same number of calls (valid false past the end), so warp-collective
@@ -385,16 +382,19 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
       for (int b = threadIdx.x; b < bins; b += kThreads) local_histogram[b] = 0;
       __syncthreads();
       scan_keys([&](bool valid, uint64_t key) {
-        const bool match = valid && (consumed == 0 || (key >> (64 - consumed)) == prefix);
-        add_warp_aggregated(local_histogram, match ? uint32_t(key >> shift) & uint32_t(bins - 1) : kNoBin);
+        if (valid && (consumed == 0 || (key >> (64 - consumed)) == prefix))
+          atomicAdd(&local_histogram[uint32_t(key >> shift) & uint32_t(bins - 1)], 1u);
       });
       __syncthreads();
+      if (passes == 0) trace(kTraceHistogram);
       const uint32_t* histogram = local_histogram;
       if (!shared_list) {
         uint32_t* global_histogram = ws->histogram + digit.offset;
         for (int b = threadIdx.x; b < bins; b += kThreads)
           if (local_histogram[b] != 0) atomicAdd(&global_histogram[b], local_histogram[b]);
+        if (passes == 0) trace(kTraceFlushed);
         query_barrier(&ws->barrier_arrivals, uint32_t(participants * (passes + 1)));
+        if (passes == 0) trace(kTraceBarrier);
         histogram = global_histogram;
       }
       const BoundaryBin boundary = choose_boundary_bin(histogram, !shared_list, bins, remaining);
@@ -405,6 +405,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
       if (uint32_t(k) - remaining + boundary.size <= sort_target) break;
     }
   }
+  trace(kTracePassesDone);
 
   // Collect: keys above the prefix (chosen) and in the boundary bin, for the final sort.
   uint32_t* list_count = shared_list ? &local_list_count : &ws->list_count;
@@ -416,6 +417,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
     append_warp_aggregated(valid && top >= prefix, key, list_count, list);
   });
   if (__syncthreads_or(saw_nan) && threadIdx.x == 0 && args.nan_flag != nullptr) atomicExch(args.nan_flag, 1);
+  trace(kTraceCollected);
 
   if (!shared_list) {
     if (threadIdx.x == 0) {
@@ -426,6 +428,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
     if (!is_final_cta) return;
     __threadfence();
   }
+  trace(kTraceFinal);
 
   const int listed = int(shared_list ? local_list_count : __ldcg(&ws->list_count));
   int padded = 64;
@@ -437,11 +440,14 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
     sort_keys[i] = key;
   }
   __syncthreads();
+  trace(kTraceListLoaded);
   bitonic_sort_descending(sort_keys, padded);
+  trace(kTraceSorted);
   const int count = int(min(int64_t(k), visible));
   int32_t* out = args.selected + query * k;
   for (int i = threadIdx.x; i < k; i += kThreads) out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
   if (threadIdx.x == 0) args.counts[query] = count;
+  trace(kTraceWritten);
 
   if (!shared_list) {
     // Leave the workspace zeroed for the next launch (every other CTA of the query is done with it).

@@ -35,6 +35,26 @@ namespace dsv4::cuda {
 inline constexpr int kTopKMax = 2048;
 inline constexpr int kTopKMaxSplitQueries = 64;
 
+// Phase boundaries of the cached radix select, for TopKParams::trace (a diagnostic of the bench).
+enum TopKTracePoint : int {
+  kTraceEntry,          // kernel entry
+  kTraceInputsReady,    // past wait_for_prior_grids
+  kTraceCached,         // the range's scores in shared memory
+  kTraceHistogram,      // the first pass's CTA histogram done
+  kTraceFlushed,        // ... added into the query's global histogram
+  kTraceBarrier,        // ... past the first barrier
+  kTracePassesDone,     // every pass done
+  kTraceCollected,      // the listed keys appended
+  kTraceFinal,          // elected the final CTA (the final CTA only)
+  kTraceListLoaded,     // the list in shared memory
+  kTraceSorted,         // sorted
+  kTraceWritten,        // outputs written
+  kTopKTracePoints
+};
+inline constexpr const char* kTopKTracePointNames[kTopKTracePoints] = {
+    "entry", "inputs ready", "cached", "histogram", "flushed", "barrier",
+    "passes done", "collected", "final CTA", "list loaded", "sorted", "written"};
+
 struct TopKParams {
   const float* scores = nullptr;        // device [queries, row_stride]
   int64_t row_stride = 0;               // elements from one query's scores to the next, ≥ candidates
@@ -52,6 +72,9 @@ struct TopKParams {
   // The method above (true) or the previous one (false: histograms reread from global memory each pass, cooperative
   // launch, no programmatic launch) until a GPU round has validated the new one.
   bool cached_radix = false;
+  // Diagnostic: device int64 [queries · top_k_ctas_per_query(...), kTopKTracePoints], zeroed by the caller; each
+  // working CTA writes its SM clock (clock64) at each phase boundary it passes (cached radix only). Null: no trace.
+  int64_t* trace = nullptr;
   cudaStream_t stream = nullptr;
 };
 
