@@ -34,11 +34,12 @@ struct CudaModelOptions {
   int64_t max_step_tokens = 512;               // tokens per kernel pass; longer calls run in chunks of this
   // Fewer launches per layer: the linear layers that read the same input run as one matrix of their stacked rows
   // ([wq_a; wkv], the compressors' [wkv; wgate]; built on the device at load, replacing the separate matrices), and
-  // q_norm rides in the KV insert's launch. Same math; a stacked matrix may split its sums differently.
-  bool fuse_projections = false;
+  // a norm rides in the KV insert's launch. Same math; a stacked matrix may split its sums differently.
+  bool fuse_projections = true;
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
-  // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer.
-  bool norms_in_mhc = false;
+  // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
+  // norm's sum of squares then runs in mHC's order.
+  bool norms_in_mhc = true;
   // The linear layers' fused input norm and bf16 output: q_norm as the RMSNorm prologue of wq_b and the indexer's
   // wq_b (steps of up to 64 tokens; the queries' per-head norm then rides in the KV insert's launch with
   // fuse_projections), and wo_a writing bf16 for wo_b (no conversion launch).
