@@ -210,9 +210,9 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io;
       const std::string what = GetParam() + " GPU" + (none ? " separate launches" : "") +
-                               (fused.projections ? " stacked projections" : "") + (fused.norms ? " norms in mHC" : "") +
-                               (fused.linear_io ? " linear io" : "") + ", chunks of " + std::to_string(chunk) +
-                               ", against the CPU in gpu-bf16";
+                               (fused.projections ? " stacked projections" : "") +
+                               (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
+                               ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);
     }
