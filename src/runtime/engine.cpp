@@ -115,6 +115,7 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
   const bool continues = sequence_ && sequence_ids_.size() < prompt.size() &&
                          std::equal(sequence_ids_.begin(), sequence_ids_.end(), prompt.begin());
   if (!continues) {
+    sequence_.reset();  // first give the old sequence's slot back: a GPU model may hold only one
     sequence_ = model_->new_sequence();
     sequence_ids_.clear();
   }

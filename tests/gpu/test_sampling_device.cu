@@ -407,6 +407,7 @@ TEST(SamplingDevice, EngineGeneratesTheSameTokensSamplingOnTheDevice) {
   options.progress = false;
   options.device = "cuda";
   options.max_context = 256;
+  options.sample_on_device = false;
   Engine on_host(options);
   options.sample_on_device = true;
   Engine on_device(options);
@@ -436,7 +437,7 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
                                           "top_k 50 top_p 0.8 min_p 0.05", "everything"};
   std::mt19937 rng(12);
   std::printf("%-32s %6s %14s %14s %14s\n", "parameters", "batch", "device us", "copy us", "cpu sample us");
-  for (const int rows : {1, 64}) {
+  for (const int rows : {1, 64, 256}) {
     std::vector<float> logits;
     for (int r = 0; r < rows; ++r) {
       const std::vector<float> row = make_logits(Shape::Typical, vocab, rng);
@@ -458,7 +459,7 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
       DeviceSampler().run(logits, vocab, steps, &device_ms, 20);
       // The old path: a pageable copy of every row, then the CPU sampler per row.
       std::vector<float> host(logits.size());
-      const int repetitions = 3;
+      const int repetitions = rows >= 256 ? 1 : 3;
       const auto copy_start = std::chrono::steady_clock::now();
       for (int i = 0; i < repetitions; ++i) device_logits.download(host.data(), host.size() * sizeof(float));
       const auto micros_since = [](auto start) {

@@ -1,10 +1,32 @@
 #include "backends/cuda/kernels/sampling.hpp"
 
+#include <mutex>
+#include <vector>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sampling.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
+
+namespace {
+
+// The kernel may use all the shared memory a CTA can have, granted once per device (a per-launch call would cost
+// host time on every step).
+void allow_kernel_shared_memory() {
+  static std::mutex mutex;
+  static std::vector<bool> granted;
+  int device = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  if (granted.size() <= size_t(device)) granted.resize(size_t(device) + 1, false);
+  if (granted[size_t(device)]) return;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(sampling_detail::sample_rows_kernel,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, sampling_detail::kMaxSharedBytes));
+  granted[size_t(device)] = true;
+}
+
+}  // namespace
 
 int64_t max_sampling_vocab() {
   const int64_t slice_bytes = sampling_detail::kMaxSharedBytes - int64_t(sizeof(sampling_detail::SharedPlan));
@@ -25,8 +47,7 @@ void check_sampling_params(const SamplingLaunchParams& p) {
 void run_sampling(const SamplingLaunchParams& p) {
   check_sampling_params(p);
   const size_t smem = sampling_detail::shared_bytes(p.vocab);
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(sampling_detail::sample_rows_kernel,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  allow_kernel_shared_memory();
   cudaLaunchAttribute attributes[2]{};
   attributes[0].id = cudaLaunchAttributeClusterDimension;
   attributes[0].val.clusterDim.x = sampling_detail::kClusterCtas;

@@ -150,7 +150,7 @@ __device__ __forceinline__ uint64_t block_sum(uint64_t v, SharedPlan& s) {
 // One radix pass: the cluster's histogram, for the tokens whose weight bits match `prefix` above bit
 // shift + kDigitBits, of digit (bits >> shift) % kBins. Thread t gets bin kBins - 1 - t (the top bin first).
 __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n, int shift, uint32_t prefix,
-                                                  int mass_shift, int parity, uint64_t& bin_count,
+                                                  bool with_mass, int mass_shift, int parity, uint64_t& bin_count,
                                                   uint64_t& bin_mass, SharedPlan& s, const cg::cluster_group& cluster) {
   Histogram& own = s.histogram[parity];
   own.count[threadIdx.x] = 0;
@@ -164,6 +164,7 @@ __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n
   const auto flush = [&] {
     if (run_count == 0) return;
     atomicAdd(&own.count[run_bin], run_count);
+    if (!with_mass) return;
     const uint32_t low = uint32_t(run_mass);
     const uint32_t old = atomicAdd(&own.mass_low[run_bin], low);
     atomicAdd(&own.mass_high[run_bin], uint32_t(run_mass >> 32) + (old + low < old ? 1u : 0u));
@@ -177,7 +178,7 @@ __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n
       run_bin = bin, run_count = 0, run_mass = 0;
     }
     ++run_count;
-    run_mass += sampling::weight_mass(values[i], mass_shift);
+    if (with_mass) run_mass += sampling::weight_mass(values[i], mass_shift);
   }
   flush();
   cluster.sync();
@@ -186,7 +187,7 @@ __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n
   for (int rank = 0; rank < kClusterCtas; ++rank) {
     const Histogram* other = cluster.map_shared_rank(&own, rank);
     bin_count += other->count[bin];
-    bin_mass += (uint64_t(other->mass_high[bin]) << 32) | other->mass_low[bin];
+    if (with_mass) bin_mass += (uint64_t(other->mass_high[bin]) << 32) | other->mass_low[bin];
   }
 }
 
@@ -198,24 +199,30 @@ struct Cut {
   uint64_t mass = 0;       // the survivors' mass
 };
 
+// The first radix pass's histogram (prefix none), which the top_k and the top_p selections share: thread t holds
+// bin kBins - 1 - t, and every thread the totals.
+struct FirstPass {
+  uint64_t count = 0, mass = 0;
+  uint64_t total_count = 0, total_mass = 0;
+};
+
 // Radix selection of the token where the running count (by_mass false) or mass (true), in rank order, reaches
-// target(total_count, total_mass); target 0: no cut. Every thread of the cluster calls it.
-template <class Target>
-__device__ Cut radix_select(const float* values, int64_t n, bool by_mass, int mass_shift, int& parity,
-                            Target target_of, SharedPlan& s, const cg::cluster_group& cluster) {
+// `target` (in [1, the total]), from the first pass on. Masses are summed only when with_mass (then Cut::mass is
+// valid). Every thread of the cluster calls it.
+__device__ Cut radix_select(const float* values, int64_t n, const FirstPass& first, bool by_mass, bool with_mass,
+                            uint64_t target, int mass_shift, int& parity, SharedPlan& s,
+                            const cg::cluster_group& cluster) {
   uint32_t prefix = 0;
-  uint64_t target = 0, above_count = 0, above_mass = 0;
+  uint64_t above_mass = 0;
   for (int digit = 0; digit < kDigits; ++digit) {
     const int shift = (kDigits - 1 - digit) * kDigitBits;
-    uint64_t count = 0, mass = 0;
-    cluster_histogram(values, n, shift, prefix, mass_shift, parity, count, mass, s, cluster);
-    parity ^= 1;
+    uint64_t count = first.count, mass = first.mass;
+    if (digit > 0) {
+      cluster_histogram(values, n, shift, prefix, with_mass, mass_shift, parity, count, mass, s, cluster);
+      parity ^= 1;
+    }
     uint64_t incl_count = count, incl_mass = mass, total_count = 0, total_mass = 0;
     block_inclusive_sum(incl_count, incl_mass, total_count, total_mass, s);
-    if (digit == 0) {
-      target = target_of(total_count, total_mass);
-      if (target == 0) return Cut{};
-    }
     const uint64_t excl = by_mass ? incl_mass - mass : incl_count - count;
     const uint64_t incl = by_mass ? incl_mass : incl_count;
     if (excl < target && target <= incl) {
@@ -226,20 +233,17 @@ __device__ Cut radix_select(const float* values, int64_t n, bool by_mass, int ma
     }
     __syncthreads();
     prefix |= s.selected_bin << shift;
-    above_count += s.selected_above_count;
     above_mass += s.selected_above_mass;
     target -= by_mass ? s.selected_above_mass : s.selected_above_count;
-    if (digit == kDigits - 1) {
-      Cut cut;
-      cut.bits = prefix;
-      cut.ties = s.selected_count;
-      const uint64_t unit = sampling::weight_mass(bits_to_float(prefix), mass_shift);  // > 0: the bin has mass
-      cut.keep = by_mass ? (target + unit - 1) / unit : target;
-      cut.mass = above_mass + cut.keep * unit;
-      return cut;
-    }
+    // No thread writes the selection again before the next pass's cluster barrier, or the next block scan's barrier.
   }
-  return Cut{};
+  Cut cut;
+  cut.bits = prefix;
+  cut.ties = s.selected_count;
+  const uint64_t unit = sampling::weight_mass(bits_to_float(prefix), mass_shift);  // > 0 when by_mass: the bin has mass
+  cut.keep = by_mass ? (target + unit - 1) / unit : target;
+  cut.mass = above_mass + cut.keep * unit;
+  return cut;
 }
 
 // The first index i in [0, n) where the running sum of value(i), in index order, exceeds `target` (< the CTA's
@@ -377,23 +381,23 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   // C. top_k, then top_p over the top_k set's mass; the earlier cut in rank order wins.
   int parity = 0;
   Cut cut;
-  if (rp.top_k > 0) {
-    cut = radix_select(values, n, false, mass_shift, parity,
-                       [&](uint64_t total_count, uint64_t) {
-                         return uint64_t(rp.top_k) < total_count ? uint64_t(rp.top_k) : uint64_t(0);
-                       },
-                       s, cluster);
-  }
-  if (rp.top_p < 1.0f) {
-    const Cut top_k_cut = cut;
-    const Cut top_p_cut =
-        radix_select(values, n, true, mass_shift, parity,
-                     [&](uint64_t, uint64_t total_mass) {
-                       return sampling::nucleus_mass(rp.top_p, top_k_cut.bits != kNoCut ? top_k_cut.mass : total_mass);
-                     },
-                     s, cluster);
-    if (cut.bits == kNoCut || top_p_cut.bits > cut.bits || (top_p_cut.bits == cut.bits && top_p_cut.keep < cut.keep))
-      cut = top_p_cut;
+  const bool top_p_on = rp.top_p < 1.0f;
+  if (rp.top_k > 0 || top_p_on) {
+    FirstPass first;
+    cluster_histogram(values, n, (kDigits - 1) * kDigitBits, 0, top_p_on, mass_shift, parity, first.count,
+                      first.mass, s, cluster);
+    parity ^= 1;
+    uint64_t incl_count = first.count, incl_mass = first.mass;
+    block_inclusive_sum(incl_count, incl_mass, first.total_count, first.total_mass, s);
+    if (rp.top_k > 0 && uint64_t(rp.top_k) < first.total_count) {
+      cut = radix_select(values, n, first, false, top_p_on, uint64_t(rp.top_k), mass_shift, parity, s, cluster);
+    }
+    if (top_p_on) {
+      const uint64_t nucleus = sampling::nucleus_mass(rp.top_p, cut.bits != kNoCut ? cut.mass : first.total_mass);
+      const Cut top_p_cut = radix_select(values, n, first, true, true, nucleus, mass_shift, parity, s, cluster);
+      if (cut.bits == kNoCut || top_p_cut.bits > cut.bits || (top_p_cut.bits == cut.bits && top_p_cut.keep < cut.keep))
+        cut = top_p_cut;
+    }
   }
   // Equal weights split by the cut: the survivors among them are the lowest ids, so find the last one in this slice.
   int64_t tie_limit = INT64_MAX;
