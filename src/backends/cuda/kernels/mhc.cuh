@@ -261,6 +261,45 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   return v;
 }
 
+// Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the decode kernel's mix CTA, whose tail is this
+// serial chain. A row or column is scaled by the correctly rounded reciprocal of (sum + eps) rather than divided by
+// it (≤ 1.5 ulp from the CPU's quotient per step, inside the tests' comb tolerance): per normalisation 4 reciprocals
+// and 16 independent multiplies, no shuffles, about half the latency of the half-warp version's shuffle + division.
+__device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
+  const auto normalise_rows = [&] {
+#pragma unroll
+    for (int j = 0; j < kStreams; ++j) {
+      const float r = __frcp_rn(((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps);
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r;
+    }
+  };
+  const auto normalise_columns = [&] {
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) {
+      const float r = __frcp_rn(((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps);
+#pragma unroll
+      for (int j = 0; j < kStreams; ++j) c[4 * j + k] *= r;
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j) {
+    float* const row = c + 4 * j;
+    const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
+    const float r = __frcp_rn((row[0] + row[1]) + (row[2] + row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
+  }
+  normalise_columns();
+#pragma unroll 1
+  for (int it = 1; it < iters; ++it) {
+    normalise_rows();
+    normalise_columns();
+  }
+}
+
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
 template <bool kHead, bool kPost, int kSliceDims>
 __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
@@ -621,7 +660,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   }
 }
 
-// ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, one hop. ----
+// ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, no pipeline. ----
 //
 // NOTES:
 // - Grid: S collapse CTAs, CTA s owning dims [64·s, 64·s + 64) of all 4 streams (fn's columns in registers as in
@@ -630,13 +669,16 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   checks), so CTAs may wait for each other.
 // - A collapse CTA stages its X slice in shared memory (applying the fused hc_post first), projects it (3xTF32 MMA,
 //   as the persistent kernel), publishes the slice's [Σx², m_0 … m_{R-1}] per token as tagged words, laid out
-//   [row][token][slice] so one item's slices are contiguous (coalesced gathers). Then every collapse CTA gathers
-//   the Σx² and pre rows of all slices itself, every load in flight at once, into shared memory and sums each item
-//   in a fixed order (slice-strided lanes, then a butterfly): every CTA gets bit-identical totals without a second
-//   hop. The mix CTA of token t gathers Σx² and the post/comb rows, and its first warp runs Sinkhorn, in parallel
-//   with the collapses.
-// - Fused output norm (out_norm_weight): each collapse CTA publishes Σy² of its slice per token, gathers all
-//   slices' (a second hop) and scales its staged y: rms_norm's arithmetic per element (y·inv_rms, ·w, rounding).
+//   [row][token][slice] so one item's slices are contiguous (one coalesced read per warp). The 5·T items the
+//   collapse needs (Σx², pre) are summed once each, by a warp of CTA (item mod S), in a fixed order (slice-strided
+//   lanes, then a butterfly), and published as totals that every CTA reads: two short hops, each word read by one
+//   CTA, so every CTA sees the same bit-identical totals. The mix CTA of token t gathers Σx² and the post/comb rows
+//   of all slices itself (one hop) and its first warp runs Sinkhorn, in parallel with the collapses.
+// - Reading a word that is not yet written re-reads it; a thread's stale words are re-read together, so waiting
+//   costs a round trip per round, not per word.
+// - Fused output norm (out_norm_weight): each collapse CTA publishes Σy² of its slice per token; token t's sum is
+//   formed by CTA t mod S and read by all (two more hops); then rms_norm's arithmetic per element (y·inv_rms, ·w,
+//   rounding).
 // - Programmatic dependent launch: dependents are released at entry; only fn, base, scale and the norm weight are
 //   read before wait_for_prior_grids(), nothing is written before it.
 inline constexpr int kDecodeMaxTokens = kTileTokens;
@@ -644,12 +686,10 @@ inline constexpr int kDecodeSliceDims = 64;
 inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream
 inline constexpr int kDecodeMaxSlices = 128;                                 // hidden ≤ 8192
 inline constexpr int kDecodeLdx = staged_row_floats(kDecodeSliceDims);
-inline constexpr int kDecodeGatherBatch = 8;  // tagged words in flight per thread and batch
-// Shared memory: the staged X tile, then the gather buffer (the per-warp partial sums alias it: they are dead
-// before the first gather). The gather holds at most the collapse's 5 rows × 16 tokens × S slices.
-inline constexpr int kDecodeGatherFloats = kPartialRows<true> * kTileTokens * kDecodeMaxSlices;
-static_assert(kDecodeGatherFloats >= (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens,
-              "the warps' partial sums fit in the gather buffer");
+inline constexpr int kDecodeGatherBatch = 12;  // tagged words in flight per thread and batch
+inline constexpr int kDecodeWordsPerLane = kDecodeMaxSlices / 32;  // a warp sums one item's slices in one round
+// Shared memory: the staged X tile, then the per-warp partial sums, whose space the mix CTA's gather reuses.
+inline constexpr int kDecodeGatherFloats = (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens;
 static_assert(kDecodeGatherFloats >= (kPartialRows<false> - kStreams) * kDecodeMaxSlices,
               "a mix CTA's rows fit in the gather buffer");
 inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeGatherFloats) * 4;
@@ -681,6 +721,8 @@ struct DecodeArgs {
   unsigned* header;                 // [0] launch epoch, [1] finished CTAs
   unsigned long long* partials;     // [partial rows][16][S] tagged
   unsigned long long* square_sums;  // [16][S] tagged: Σy² of each slice
+  unsigned long long* totals;       // [5][T] tagged: Σx² and pre rows over the slices
+  unsigned long long* square_totals;  // [T] tagged: Σy² over the slices
 };
 
 // Reads `count` tagged words, word i at base + offset_of(i), into gathered[i]. A thread's words of a batch are
@@ -723,6 +765,39 @@ __device__ inline float sum_gathered_item(const float* item_values, int slices) 
   return sum;
 }
 
+// Σ over `slices` ≤ kDecodeMaxSlices tagged words words[0 .. slices) by one warp (all lanes get it): lane-strided
+// in slice order, then a butterfly. Stale words are re-read together, as in gather_tagged.
+__device__ inline float warp_sum_tagged(const unsigned long long* words, int slices, unsigned tag) {
+  const int lane = threadIdx.x & 31;
+  float values[kDecodeWordsPerLane];
+  unsigned pending = 0;
+#pragma unroll
+  for (int q = 0; q < kDecodeWordsPerLane; ++q) {
+    values[q] = 0.0f;
+    if (lane + 32 * q < slices) pending |= 1u << q;
+  }
+  while (true) {
+    unsigned long long read[kDecodeWordsPerLane];
+#pragma unroll
+    for (int q = 0; q < kDecodeWordsPerLane; ++q)
+      if (pending & (1u << q)) read[q] = load_relaxed_u64(words + lane + 32 * q);
+#pragma unroll
+    for (int q = 0; q < kDecodeWordsPerLane; ++q)
+      if ((pending & (1u << q)) && unsigned(read[q] >> 32) == tag) {
+        values[q] = __uint_as_float(unsigned(read[q]));
+        pending &= ~(1u << q);
+      }
+    if (pending == 0) break;
+    __nanosleep(32);
+  }
+  float sum = values[0];
+#pragma unroll
+  for (int q = 1; q < kDecodeWordsPerLane; ++q) sum += values[q];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+  return sum;
+}
+
 // The mix CTA of one token: post and comb from Σx² and the post/comb rows of every slice.
 __device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag, float* gathered) {
   constexpr int kItems = kPartialRows<false> - kStreams;  // Σx², post ×4, comb ×16
@@ -741,13 +816,19 @@ __device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag, f
   }
   __syncthreads();
   if (warp != 0) return;
-  const int l = lane & 15;
   const float inv_rms = 1.0f / sqrtf(totals[0] / float(kStreams * args.hidden) + args.norm_eps);
   if (lane < kStreams)
-    args.post[t * kStreams + lane] = 2.0f * sigmoid(totals[1 + lane] * inv_rms * args.scale[1] + args.base[kStreams + lane]);
-  const float logit = totals[1 + kStreams + l] * inv_rms * args.scale[2] + args.base[2 * kStreams + l];
-  const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
-  if (lane < kStreams * kStreams) args.comb[t * kStreams * kStreams + lane] = comb;
+    args.post[t * kStreams + lane] =
+        2.0f * sigmoid(totals[1 + lane] * inv_rms * args.scale[1] + args.base[kStreams + lane]);
+  if (lane != 0) return;
+  float c[kStreams * kStreams];
+#pragma unroll
+  for (int l = 0; l < kStreams * kStreams; ++l)
+    c[l] = totals[1 + kStreams + l] * inv_rms * args.scale[2] + args.base[2 * kStreams + l];
+  sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
+  auto* const comb = reinterpret_cast<float4*>(args.comb + t * kStreams * kStreams);
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j) comb[j] = make_float4(c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]);
 }
 
 template <bool kHead, bool kPost>
@@ -841,7 +922,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
         }
         float4 updated[kStreams];
 #pragma unroll
-        for (int k = 0; k < kStreams; ++k) updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
+        for (int k = 0; k < kStreams; ++k)
+          updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
         float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
@@ -915,19 +997,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
     for (int w = 1; w < kWarps; ++w) sum += gathered[w * kPartialFloats + item];
     store_relaxed_u64(args.partials + int64_t(item) * slices + slice, tagged(sum, tag));
   }
-  __syncthreads();  // the partials' buffer becomes the gather buffer
 
-  // The hop: Σx² and the pre rows of every slice, for every token (rows 0..4 of [row][token][slice]: row r's T
-  // tokens are contiguous).
-  const int row_words = T * slices;
-  gather_tagged(args.partials, kCollapseRows * row_words, [&](int i) {
-    const int r = i / row_words;
-    return r * kTileTokens * slices + (i - r * row_words);
-  }, tag, gathered);
-  __syncthreads();
-  for (int item = warp; item < kCollapseRows * T; item += kWarps) {
-    const float sum = sum_gathered_item(gathered + item * slices, slices);
-    if (lane == 0) totals[item / T][item % T] = sum;
+  // First hop: this CTA's share of the items (row r < 5, token t), item e = r·T + t summed by CTA e mod S (one warp
+  // per item), published as a total. Second hop: every CTA reads the 5·T totals. Each partial is read once: every
+  // CTA reading every slice's words (one hop) spent 3-15 µs at T = 8 on the same L2 lines.
+  const int items = kCollapseRows * T;
+  for (int e = slice + warp * slices; e < items; e += kWarps * slices) {
+    const int r = e / T, t = e - r * T;
+    const float sum = warp_sum_tagged(args.partials + int64_t(r * kTileTokens + t) * slices, slices, tag);
+    if (lane == 0) store_relaxed_u64(args.totals + e, tagged(sum, tag));
+  }
+  if (tid < items) {
+    const float total = tagged_value(load_relaxed_u64(args.totals + tid), args.totals + tid, tag);
+    totals[tid / T][tid % T] = total;
   }
   __syncthreads();
   if (tid < kStreams * T) {
@@ -964,12 +1046,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
 #pragma unroll
     for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
     if (vi == 0 && vt < T) store_relaxed_u64(args.square_sums + int64_t(vt) * slices + slice, tagged(squares, tag));
-    gather_tagged(args.square_sums, row_words, [](int i) { return i; }, tag, gathered);
-    __syncthreads();
-    for (int t = warp; t < T; t += kWarps) {
-      const float sum = sum_gathered_item(gathered + t * slices, slices);
-      if (lane == 0) square_totals[t] = sum;
+    // The same two hops: token t's Σ by CTA t mod S, then every CTA reads the T totals.
+    for (int t = slice + warp * slices; t < T; t += kWarps * slices) {
+      const float sum = warp_sum_tagged(args.square_sums + int64_t(t) * slices, slices, tag);
+      if (lane == 0) store_relaxed_u64(args.square_totals + t, tagged(sum, tag));
     }
+    if (tid < T)
+      square_totals[tid] = tagged_value(load_relaxed_u64(args.square_totals + tid), args.square_totals + tid, tag);
     __syncthreads();
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.

@@ -18,8 +18,8 @@
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
 // - Decode kernel (kernel = AUTO, T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice
-//   (plus one per token for hc_pre's post/comb) projects its slice once and gathers the other slices' sums itself:
-//   one cross-CTA hop instead of two, no pipeline. Programmatic dependent launch (ptx/dependent_launch.cuh): only
+//   (plus one per token for hc_pre's post/comb) projects its slice once; the sums over the slices take two short
+//   cross-CTA hops, no pipeline. Programmatic dependent launch (ptx/dependent_launch.cuh): only
 //   the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
