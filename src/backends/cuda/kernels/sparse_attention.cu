@@ -26,10 +26,12 @@ int head_blocks_for(int heads) { return (heads + 16 * head_tiles_for(heads) - 1)
 
 bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
-// Tile-times a merge of the splits adds. bench_cuda_attention (H200, Flash, batch 1, L2 flushed; session 12): a tile
-// costs ≈ 1.1 µs in a CTA's pipeline, the combine kernel behind the attention kernel ≈ 1.4-2 µs and the cluster
-// merge ≈ 1-2 µs; the cluster merge is preferred on a tie (one launch fewer).
-constexpr double kCombineMergeTiles = 2.0, kClusterMergeTiles = 1.0;
+// Tile-times a merge of the splits adds, fitted to bench_cuda_attention (H200, Flash, L2 flushed; session 12): a tile
+// costs ≈ 1.1 µs in a CTA's pipeline; the combine kernel, a dependent launch whose start hides behind the attention
+// kernel, ≈ 1 µs at batch 1 (SWA, 4 splits: 18.1 µs against 19.9 µs with the cluster merge) but grows with the
+// partials it moves (Flash CSA, batch 64, 2 splits: 50.8 µs against 44.0 µs); the cluster merge ≈ 1.5-2.5 µs.
+double combine_merge_tiles(int64_t tokens) { return 1.0 + double(tokens) / 32.0; }
+constexpr double kClusterMergeTiles = 1.5;
 
 // SMs per GPC assumed when packing clusters into a wave (H100/H200: 132 SMs in GPCs of 16-18).
 constexpr int kClusterPackingSms = 16;
@@ -136,7 +138,7 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
     const bool cluster = clusters_possible && s > 1 && s <= kSparseAttentionMaxClusterSplits;
     const int64_t per_wave = cluster ? gpcs * (kClusterPackingSms / s) * s : slots_per_wave;
     const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
-    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : kCombineMergeTiles;
+    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : combine_merge_tiles(tokens);
     const double cost = double(waves) * double((tiles + s - 1) / s + 1) + merge;
     if (cost < best_cost) {
       best_cost = cost;

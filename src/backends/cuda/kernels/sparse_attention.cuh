@@ -765,9 +765,24 @@ __device__ __forceinline__ float2 load_cluster_shared_float2(uint32_t address) {
   return v;
 }
 
+__device__ __forceinline__ float4 load_cluster_shared_float4(uint32_t address) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(address)
+               : "memory");
+  return v;
+}
+
 // Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The same without ordering memory (the release costs a GPU-scope fence, which would wait for the output's global
+// stores): only to know that every peer has got past its reads of this CTA's shared memory.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
 }
 
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
@@ -810,43 +825,53 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   uint32_t peer_partial[kMaxSplits];
 #pragma unroll
   for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
-  // This CTA's slice of the 64 × 256 output pairs; consecutive threads read consecutive pairs of a row. A thread
-  // loads kBatch pairs from every peer before it uses any, so that each batch costs one distributed shared-memory
-  // round trip.
-  constexpr int kPairs = kD512Heads * kD512HeadDim / 2, kBatch = 4, kStride = 2 * kWarpgroupThreads;
-  const int per_cta = (kPairs + splits - 1) / splits;
-  const int end = min(kPairs, (split + 1) * per_cta);
+  // This CTA's slice of the 64 × 128 output quads (4 dims; 16-byte loads halve the distributed shared-memory
+  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread loads kBatch quads from
+  // every peer before it uses any, so that each batch costs one round trip.
+  constexpr int kQuadsPerRow = kD512HeadDim / 4, kQuads = kD512Heads * kQuadsPerRow, kBatch = 2;
+  constexpr int kStride = 2 * kWarpgroupThreads;
+  const int per_cta = (kQuads + splits - 1) / splits;
+  const int end = min(kQuads, (split + 1) * per_cta);
   const KvEntryLayout& layout = p.cache.layout;
   for (int first = split * per_cta + thread256; first < end; first += kBatch * kStride) {
-    float2 o[kBatch][kMaxSplits];
+    float4 o[kBatch][kMaxSplits];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int i = first + k * kStride, h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
+      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
       const bool live = i < end && head_base + h < p.heads;
       const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s)
-        o[k][s] = live && s < splits ? load_cluster_shared_float2(peer_partial[s] + offset) : make_float2(0.0f, 0.0f);
+        o[k][s] = live && s < splits ? load_cluster_shared_float4(peer_partial[s] + offset)
+                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int i = first + k * kStride, h = i / (kD512HeadDim / 2), dim = 2 * (i % (kD512HeadDim / 2));
+      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
       if (i >= end || head_base + h >= p.heads) continue;
-      float x0 = 0.0f, x1 = 0.0f;
+      float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s) {
         if (s >= splits) break;
         const float scale = merge_scale[s * kD512Heads + h];
-        x0 += scale * o[k][s].x;
-        x1 += scale * o[k][s].y;
+        x[0] += scale * o[k][s].x;
+        x[1] += scale * o[k][s].y;
+        x[2] += scale * o[k][s].z;
+        x[3] += scale * o[k][s].w;
       }
-      if (p.rope_frequencies != nullptr && dim >= layout.nope_dim)
-        rope_rotate_pair(x0, x1, rope_table[(dim - layout.nope_dim) / 2], true);
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair)
+        if (p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim)
+          rope_rotate_pair(x[2 * pair], x[2 * pair + 1], rope_table[(dim + 2 * pair - layout.nope_dim) / 2], true);
       const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32)
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset) = make_float2(x0, x1);
-      else
-        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) = pack_bf16x2(x0, x1);
+      if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
+        float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset);
+        out[0] = make_float2(x[0], x[1]);
+        out[1] = make_float2(x[2], x[3]);
+      } else {
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) =
+            make_uint2(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]));
+      }
     }
   }
 }
@@ -1015,7 +1040,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
     cluster_sync();
     d512_cluster_merge<kFp8>(p, smem, t, split, head_base, thread256, merge_sink_log2);
-    cluster_sync();  // the peers have read this CTA's partial
+    cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }
 
@@ -1132,7 +1157,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       cluster_sync();
-      cluster_sync();
+      cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
