@@ -247,9 +247,11 @@ __device__ Cut radix_select(const float* values, int64_t n, const FirstPass& fir
 }
 
 // The first index i in [0, n) where the running sum of value(i), in index order, exceeds `target` (< the CTA's
-// total). Every thread of the CTA calls it.
+// total). Every thread of the CTA calls it. Three levels, each one scan: the warps' contiguous ranges, the lanes'
+// contiguous pieces of the chosen warp's range, then the chosen lane's elements one by one.
 template <class Value>
 __device__ int64_t locate(int64_t n, uint64_t target, Value value, SharedPlan& s) {
+  static_assert(kWarps == 32, "one lane per warp range in the first scan");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t per_warp = (n + kWarps - 1) / kWarps;
   const int64_t begin = min(n, warp * per_warp), end = min(n, begin + per_warp);
@@ -257,34 +259,35 @@ __device__ int64_t locate(int64_t n, uint64_t target, Value value, SharedPlan& s
   for (int64_t i = begin + lane; i < end; i += 32) sum += value(i);
   sum = warp_sum(sum);
   if (lane == 0) s.scratch_a[warp] = sum;
+  if (threadIdx.x == 0) s.located_index = int32_t(n - 1);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    uint64_t before = 0;
-    s.located_warp = kWarps - 1;
-    for (int w = 0; w < kWarps; ++w) {
-      if (target < before + s.scratch_a[w]) {
-        s.located_warp = w;
-        break;
-      }
-      before += s.scratch_a[w];
+  if (warp == 0) {
+    const uint64_t own = s.scratch_a[lane];
+    const uint64_t inclusive = warp_inclusive_sum(own, lane);
+    const unsigned crossed = __ballot_sync(0xFFFFFFFFu, target < inclusive);
+    if (lane == (crossed != 0 ? __ffs(crossed) - 1 : 31)) {
+      s.located_warp = lane;
+      s.located_residual = target - (inclusive - own);
     }
-    s.located_residual = target - before;
-    s.located_index = int32_t(n - 1);
   }
   __syncthreads();
   if (warp == s.located_warp) {
     const uint64_t residual = s.located_residual;
-    uint64_t before = 0;
-    for (int64_t chunk = begin; chunk < end; chunk += 32) {
-      const int64_t i = chunk + lane;
-      const uint64_t inclusive = warp_inclusive_sum(i < end ? value(i) : uint64_t(0), lane);
-      const uint64_t chunk_total = __shfl_sync(0xFFFFFFFFu, inclusive, 31);
-      if (residual < before + chunk_total) {
-        const unsigned crossed = __ballot_sync(0xFFFFFFFFu, residual < before + inclusive);
-        if (lane == __ffs(crossed) - 1) s.located_index = int32_t(i);
-        break;
+    const int64_t per_lane = (end - begin + 31) / 32;
+    const int64_t lane_begin = min(end, begin + lane * per_lane), lane_end = min(end, lane_begin + per_lane);
+    uint64_t lane_sum = 0;
+    for (int64_t i = lane_begin; i < lane_end; ++i) lane_sum += value(i);
+    const uint64_t inclusive = warp_inclusive_sum(lane_sum, lane);
+    const unsigned crossed = __ballot_sync(0xFFFFFFFFu, residual < inclusive);
+    if (crossed != 0 && lane == __ffs(crossed) - 1) {
+      uint64_t before = inclusive - lane_sum;
+      for (int64_t i = lane_begin; i < lane_end; ++i) {
+        before += value(i);
+        if (residual < before) {
+          s.located_index = int32_t(i);
+          break;
+        }
       }
-      before += chunk_total;
     }
   }
   __syncthreads();
