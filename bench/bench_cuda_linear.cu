@@ -5,7 +5,8 @@
 // Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case times
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
-// wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on.
+// wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
+// (streamed path with split-K) the cluster split-K reduction instead of the workspace one.
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts)
 #include <cublas_v2.h>
@@ -128,6 +129,7 @@ struct Row {
   double graph_us = 0;                // the default config replayed in a CUDA graph
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
+  double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
   double gemm_us = 0;                 // run_quantized_gemm for the same call
   int gemm_k_splits = 0;
 };
@@ -287,6 +289,12 @@ int main(int argc, char** argv) {
               }
               row.streamed_us[slots] = 1e3 * time_config(streamed);
             }
+          if (streamed_load_path_applies(weights[0].view(), tokens, shape.groups)) {
+            const QuantizedLinearConfig cluster =
+                choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors,
+                                               WeightLoadPath::STREAMED, 0, SplitKReduce::CLUSTER);
+            if (cluster.reduce == SplitKReduce::CLUSTER) row.cluster_us = 1e3 * time_config(cluster, true);
+          }
           {
             const QuantizedGemmConfig gemm = choose_quantized_gemm_config(weights[0].view(), tokens,
                                                                           device.multiprocessors);
@@ -313,16 +321,16 @@ int main(int argc, char** argv) {
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
     std::printf("| model | shape | format | N × K (G) | T | split-K | path | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) | GEMM µs "
-                "(split-K) |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) | cluster "
+                "reduction graph µs | GEMM µs (split-K) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %.1f · %.0f | "
-                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f (%d) |\n",
+                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
                   r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                  r.gemm_us, r.gemm_k_splits);
+                  r.cluster_us, r.gemm_us, r.gemm_k_splits);
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -337,11 +345,11 @@ int main(int argc, char** argv) {
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
                    "\"speedup_vs_cublas\": %.3f, \"graph_us\": %.2f, \"aligned_us\": %.2f, \"streamed_us_by_slots\": [%.2f, %.2f, %.2f, "
-                   "%.2f], \"gemm_us\": %.2f, \"gemm_k_splits\": %d}%s\n",
+                   "%.2f], \"cluster_graph_us\": %.2f, \"gemm_us\": %.2f, \"gemm_k_splits\": %d}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
                    r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                   r.gemm_us, r.gemm_k_splits, i + 1 < table.size() ? "," : "");
+                   r.cluster_us, r.gemm_us, r.gemm_k_splits, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);

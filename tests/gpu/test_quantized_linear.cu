@@ -7,7 +7,8 @@
 // through every load path the layout and token count allow (generic; aligned; streamed through shared memory).
 // The bf16 output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results
 // whichever kernel gemm_from_tokens picks (grouped, bf16 output included). The RMSNorm prologue equals run_rms_norm
-// (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding.
+// (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding. The cluster split-K
+// reduction gives the workspace reduction's results bit for bit.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -659,6 +660,65 @@ TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
           }
           EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
         }
+    }
+}
+
+TEST(QuantizedLinear, ClusterReductionEqualsWorkspaceReduction) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int multiprocessors = list_devices().front().multiprocessors;
+  struct Case {
+    TestFormat format;
+    int64_t rows, cols;
+  };
+  // Splits of 16 (V4-Flash wq_a, wkv), 8, 14 (V4-Pro wkv: a non-portable cluster size) and a BF16 matrix.
+  const Case cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::FP8_F32, 512, 4096},
+                        {TestFormat::NVFP4, 512, 4096},     {TestFormat::MXFP4, 512, 7168},
+                        {TestFormat::BF16, 256, 2048}};
+  uint32_t seed = 1100;
+  for (const Case& c : cases)
+    for (const int tokens : {1, 5, 16}) {
+      SCOPED_TRACE(describe({c.format, c.rows, c.cols}, tokens));
+      const RandomOperands o = random_operands(c.format, c.rows, c.cols, c.cols, tokens, seed++);
+      const DeviceMatrix weight(o.host.matrix, "cluster weight");
+      const DeviceBuffer x = to_device(o.x_bf16, "x");
+      const QuantizedLinearConfig tickets = choose_quantized_linear_config(
+          weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
+      const QuantizedLinearConfig cluster = choose_quantized_linear_config(
+          weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::CLUSTER);
+      ASSERT_EQ(cluster.reduce, SplitKReduce::CLUSTER) << "the case must exercise the cluster reduction";
+      ASSERT_EQ(cluster.k_splits, tickets.k_splits) << "the case must split K the same way on both reductions";
+      ASSERT_EQ(cluster.workspace_bytes, 0u);
+      DeviceBuffer workspace(tickets.workspace_bytes, "linear workspace");
+      workspace.fill_bytes(0);
+      const size_t outputs = size_t(tokens) * size_t(c.rows);
+      DeviceBuffer y_tickets = poisoned(outputs, "y workspace"), y_cluster = poisoned(outputs, "y cluster");
+      DeviceBuffer y_cluster_bf16 = poisoned(outputs / 2 + 1, "y cluster bf16");
+      QuantizedLinearParams p{.weight = weight.view(),
+                              .x = x.as<__nv_bfloat16>(),
+                              .x_row_stride = c.cols,
+                              .y = y_tickets.as<float>(),
+                              .y_row_stride = c.rows,
+                              .tokens = tokens,
+                              .workspace = workspace.data(),
+                              .workspace_bytes = workspace.bytes()};
+      run_quantized_linear(p, tickets);
+      p.y = y_cluster.as<float>(), p.workspace = nullptr, p.workspace_bytes = 0;
+      run_quantized_linear(p, cluster);
+      p.y = nullptr, p.y_bf16 = y_cluster_bf16.as<__nv_bfloat16>();
+      run_quantized_linear(p, cluster);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> expected = download(y_tickets, outputs), got = download(y_cluster, outputs);
+      std::vector<uint16_t> got_bf16(outputs);
+      y_cluster_bf16.download(got_bf16.data(), outputs * 2);
+      int failures = 0;
+      for (size_t i = 0; i < outputs; ++i) {
+        const bool same = std::memcmp(&expected[i], &got[i], sizeof(float)) == 0 && std::isfinite(got[i]) &&
+                          got_bf16[i] == float_to_bf16(expected[i]);
+        if (!same && ++failures <= 8)
+          ADD_FAILURE() << "y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "]: cluster " << got[i]
+                        << " (bf16 " << bf16_to_float(got_bf16[i]) << "), workspace " << expected[i];
+      }
+      EXPECT_EQ(failures, 0) << failures << " outputs differ (" << cluster.k_splits << " splits)";
     }
 }
 

@@ -58,9 +58,11 @@ QuantizedGemmConfig config_for(GemmWeight weight) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Split-K never makes slices shorter than this many k-tiles: shorter ones spend their time filling the ring and
-// reducing, not streaming weights.
+// Split-K never makes slices shorter than this many k-tiles (shorter ones spend their time filling the ring and
+// reducing, not streaming weights), nor more than kMaxSplits: the last CTA of a tile reads every split's partial
+// tile, and at 16-32 splits of 64 tokens that read alone took longer than the decode kernel's whole call (H200).
 constexpr int64_t kMinSplitKTiles = 2;
+constexpr int64_t kMaxSplits = 4;
 
 void check_device() {
   int device = 0, major = 0;
@@ -129,7 +131,8 @@ QuantizedGemmConfig choose_quantized_gemm_config(const DeviceMatrixView& weight,
   // Split K while the output tiles alone leave SMs idle (one CTA per SM: the ring takes the shared memory).
   int64_t splits = 1;
   if (tokens <= kGemmMaxSplitTokens && tiles < multiprocessors)
-    splits = std::clamp<int64_t>(multiprocessors / tiles, 1, std::max<int64_t>(1, k_tiles / kMinSplitKTiles));
+    splits = std::clamp<int64_t>(multiprocessors / tiles, 1,
+                                 std::clamp<int64_t>(k_tiles / kMinSplitKTiles, 1, kMaxSplits));
   config.split_k_tiles = int(ceil_div(k_tiles, splits));
   config.k_splits = int(ceil_div(k_tiles, config.split_k_tiles));
   config.ctas = tiles * config.k_splits;

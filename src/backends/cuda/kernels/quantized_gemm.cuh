@@ -50,6 +50,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/tma.cuh"
@@ -416,8 +417,7 @@ __device__ __forceinline__ void write_output(const GemmKernelArgs& args, const f
   for (int i = consumer * kWarpgroupThreads + thread; i < tile_rows * tile_tokens; i += kConsumerThreads) {
     const int row = cta_row + i % tile_rows, token = cta_token + i / tile_rows;
     const float* column = args.partials + int64_t(token) * args.rows + row;
-    float sum = 0.0f;
-    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + s * split_stride);
+    const float sum = tile::sum_splits_in_order(column, split_stride, args.k_splits);
     store(int64_t(token) * args.y_row_stride + row, sum * args.output_scale);
   }
   if (consumer == 0 && thread == 0) *ticket = 0;  // every split has arrived: ready for the next launch

@@ -13,9 +13,9 @@
 //   between N and the stride are not written. The output must not alias x or the workspace.
 // - groups > 1 is the grouped output projection (wo_a): G blocks of N/G rows, N/G a multiple of 128, and
 //   y[t, g·(N/G) + r] = Σ_k W[g·(N/G) + r, k] · x[t, g·K + k], in one launch.
-// - Split-K: for T <= kGemmMaxSplitTokens, when the output tiles alone leave SMs idle, K is split over CTAs that
-//   write fp32 partial sums to the caller's workspace; the last CTA of each tile (an atomic ticket) adds them in
-//   split order (deterministic) and resets its ticket. The workspace (quantized_gemm_workspace_bytes) must be
+// - Split-K: for T <= kGemmMaxSplitTokens, when the output tiles alone leave SMs idle, K is split (up to 4 ways)
+//   over CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each tile (an atomic ticket)
+//   adds them in split order (deterministic) and resets its ticket. The workspace (quantized_gemm_workspace_bytes) must be
 //   zero-filled ONCE when allocated and may then serve any number of launches on one stream (never two launches
 //   running concurrently). Larger T never splits and needs no workspace.
 // - Numerics: products e2m1·scale and e4m3·e8m0 are exact in bf16, so the result differs from an fp32 reference
@@ -37,7 +37,7 @@
 
 namespace dsv4::cuda {
 
-inline constexpr int64_t kGemmMaxSplitTokens = 64;
+inline constexpr int64_t kGemmMaxSplitTokens = 256;
 
 struct QuantizedGemmParams {
   DeviceMatrixView weight;                // W [N, K] on the device (grouped: G blocks of N/G rows)

@@ -74,15 +74,39 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT>
-void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT>;
+template <TileFormat F, int NT, bool kClusterReduce>
+void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                            cudaStream_t stream) {
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; cheap, set every launch).
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.smem_bytes)));
   // A programmatic launch (ptx/dependent_launch.cuh): the CTAs may start their weight streams while the previous
-  // kernel in the stream drains.
-  launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)),
-                 dim3(linear::kThreadsPerCta), config.smem_bytes, stream, args, "quantized_linear_streamed_kernel");
+  // kernel in the stream drains. With the cluster reduction, the splits of a row block (grid y) form one cluster.
+  cudaLaunchAttribute attributes[2] = {};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = 1;
+  attributes[1].val.clusterDim.y = unsigned(config.k_splits);
+  attributes[1].val.clusterDim.z = 1;
+  if (kClusterReduce && config.k_splits > 8)  // beyond the portable cluster size (Hopper allows 16)
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t launch{};
+  launch.gridDim = dim3(unsigned(config.row_blocks), unsigned(config.k_splits));
+  launch.blockDim = dim3(linear::kThreadsPerCta);
+  launch.dynamicSmemBytes = config.smem_bytes;
+  launch.stream = stream;
+  launch.attrs = attributes;
+  launch.numAttrs = kClusterReduce ? 2 : 1;
+  check_cuda(cudaLaunchKernelEx(&launch, kernel, args), "quantized_linear_streamed_kernel", __FILE__, __LINE__);
+}
+
+template <TileFormat F, int NT>
+void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, true>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -106,6 +130,7 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
          a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
+         a.reduce == b.reduce &&
          a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -140,7 +165,7 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
-                                                     int ring_slots) {
+                                                     int ring_slots, SplitKReduce reduce) {
   check_shape(weight, tokens, groups);
   const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
@@ -183,7 +208,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     config.ctas_per_sm =
         int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
     const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
-    const int64_t splits = std::max<int64_t>(1, std::min(slots / config.row_blocks, weight.cols / stage_k));
+    const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
+    const int64_t splits = std::max<int64_t>(1, std::min({slots / config.row_blocks, weight.cols / stage_k, max_splits}));
     config.split_k = round_up(ceil_div(weight.cols, splits), stage_k);
     config.k_splits = int(ceil_div(weight.cols, config.split_k));
     // The x tile takes what the resident CTAs leave, within the budget, in whole stages.
@@ -219,9 +245,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     config.smem_bytes = tile::x_tile_bytes(config.token_tiles, config.chunk_k);
   }
 
+  check(reduce != SplitKReduce::CLUSTER || streamed, "quantized_linear: the cluster split-K reduction runs on the ",
+        "streamed load path only");
+  config.reduce = reduce == SplitKReduce::CLUSTER && config.k_splits > 1 ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
-  if (config.k_splits > 1) {
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::WORKSPACE) {
     config.ticket_bytes = ticket_area_bytes(config.row_blocks);
     config.workspace_bytes =
         config.ticket_bytes + size_t(config.k_splits) * size_t(tokens) * size_t(weight.rows) * sizeof(float);
@@ -329,8 +358,8 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
       .split_k = config.split_k,
       .chunk_k = config.chunk_k,
       .ring_slots = config.ring_slots,
-      .tickets = config.k_splits > 1 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
-      .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
+      .tickets = config.workspace_bytes > 0 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
+      .partials = config.workspace_bytes > 0 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
@@ -357,7 +386,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
   const DeviceMatrixView& w = params.weight;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
       w, params.tokens, params.groups, current_multiprocessors(), config.load_path,
-      config.load_path == WeightLoadPath::STREAMED ? config.ring_slots : 0);
+      config.load_path == WeightLoadPath::STREAMED ? config.ring_slots : 0, config.reduce);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

@@ -9,6 +9,7 @@
 //   order (a fixed order, so the result does not depend on which CTA finishes last) and resets the ticket.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -140,11 +141,49 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
     const int token = int(i / cta_rows);
     const int64_t row = cta_row0 + i % cta_rows;
     const float* column = args.partials + token * w.rows + row;
-    float sum = 0.0f;
-    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
+    const float sum = tile::sum_splits_in_order(column, int64_t(args.tokens) * w.rows, args.k_splits);
     store(row, token, sum * output_scale);
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
+}
+
+// The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
+// split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
+// no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
+// the same result). Called by the whole CTA after its last MMA.
+template <tile::TileFormat F, int NT>
+__device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
+                                                     int64_t row0, int64_t cta_row0, int64_t cta_row_end,
+                                                     float* scratch) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int lane = int(threadIdx.x) % tile::kWarpSize, g = lane / 4, t = lane % 4;
+  const int cta_rows = int(cta_row_end - cta_row0);
+  __syncthreads();  // every warp is done with the x tile
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = row0 + tile::stream::stream_row(g + 8 * (i / 2));
+      const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
+      if (row < cta_row_end && token < args.tokens) scratch[token * kRowsPerCta + (row - cta_row0)] = acc[nt][i];
+    }
+  cluster.sync();  // every rank's partial tile is written and visible across the cluster
+  if (cluster.block_rank() == 0) {
+    const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
+    for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
+      const int token = i / cta_rows, r = i % cta_rows;
+      float sum = 0.0f;
+      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[token * kRowsPerCta + r];
+      const float value = sum * output_scale;
+      const int64_t offset = token * args.y_row_stride + cta_row0 + r;
+      if (args.y != nullptr)
+        args.y[offset] = value;
+      else
+        args.y_bf16[offset] = __float2bfloat16_rn(value);
+    }
+  }
+  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
@@ -182,7 +221,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT>
+template <tile::TileFormat F, int NT, bool kClusterReduce>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   namespace st = tile::stream;
@@ -247,7 +286,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
 
-  write_output<F, NT, true>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
+  if constexpr (kClusterReduce)
+    write_output_cluster<F, NT>(args, acc, row0, cta_row0, cta_row_end, reinterpret_cast<float*>(x_tile));
+  else
+    write_output<F, NT, true>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
 }  // namespace dsv4::cuda::linear

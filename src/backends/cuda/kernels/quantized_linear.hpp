@@ -17,6 +17,10 @@
 //   in the workspace) adds them in split order, so results are deterministic, and resets its ticket to 0. The
 //   workspace (quantized_linear_workspace_bytes) must be zero-filled ONCE when allocated and may then be reused
 //   by any number of launches on one stream (never by two launches running concurrently).
+// - Split-K on the STREAMED path may instead reduce inside a thread-block cluster (SplitKReduce::CLUSTER, up to
+//   kLinearMaxClusterSplits splits): the splits of a row block form one cluster, each CTA leaves its partial tile in
+//   shared memory and rank 0 adds them in split order through distributed shared memory: the same sums in the same
+//   order as the workspace (bitwise equal), without the global round trips; no workspace.
 // - The STREAMED path is launched as a programmatic dependent launch: its CTAs may begin streaming weights while
 //   the previous kernel in the stream drains, and read x (and write y and the workspace) only once it has completed.
 // - RMSNorm prologue (optional, groups = 1, K <= kRmsNormMaxWidth): instead of x, norm_x holds fp32 rows (x_row_stride
@@ -53,6 +57,13 @@ enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
 
 inline constexpr int kLinearMaxStreamedTokens = 16;
 
+// How split-K partial sums meet: AUTO picks (today: WORKSPACE); WORKSPACE, through the caller's workspace and an
+// atomic ticket per row block; CLUSTER, inside a thread-block cluster (STREAMED path only, at most
+// kLinearMaxClusterSplits splits, so K may be split fewer ways).
+enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
+
+inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
+
 struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
   const __nv_bfloat16* x = nullptr;    // device, bf16 [tokens, groups·K]
@@ -85,16 +96,17 @@ struct QuantizedLinearConfig {
   size_t smem_bytes = 0;    // dynamic shared memory of one CTA
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
+  SplitKReduce reduce = SplitKReduce::WORKSPACE;  // never AUTO in a chosen config (meaningful when k_splits > 1)
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
 // the problem) on what run_quantized_linear refuses. `load_path` other than AUTO forces that path; ALIGNED and
 // STREAMED are refused where they do not apply. `ring_slots` > 0 sets the STREAMED path's stages per warp (1 to 4;
-// benchmarks compare depths), 0 takes the default.
+// benchmarks compare depths), 0 takes the default. `reduce` CLUSTER is refused off the STREAMED path.
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
                                                      WeightLoadPath load_path = WeightLoadPath::AUTO,
-                                                     int ring_slots = 0);
+                                                     int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO);
 
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);

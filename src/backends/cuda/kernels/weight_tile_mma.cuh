@@ -298,6 +298,24 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
   __syncthreads();
 }
 
+// Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (the split-K reductions of
+// quantized_linear and quantized_gemm: deterministic), with the loads of up to 8 splits in flight at once (a
+// reduction is a chain of L2 round trips otherwise).
+__device__ __forceinline__ float sum_splits_in_order(const float* partials, int64_t split_stride, int splits) {
+  constexpr int kInFlight = 8;
+  float sum = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += kInFlight) {
+    float values[kInFlight];
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j)
+      values[j] = s0 + j < splits ? __ldcg(partials + (s0 + j) * split_stride) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kInFlight; ++j)
+      if (s0 + j < splits) sum += values[j];
+  }
+  return sum;
+}
+
 // Factor the accumulators still need (see NOTES): NVFP4 global scale · 2^8, 1 otherwise.
 template <TileFormat F>
 __device__ __forceinline__ float weight_tile_output_scale(const DeviceMatrixView& w) {
