@@ -57,8 +57,8 @@ T* at(void* base, size_t offset) {
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens) { return workspace_layout(config, tokens).total; }
 
-bool moe_streams_experts(const MoeConfig& config, int64_t tokens, bool streamed_batches) {
-  return tokens <= 8 || (streamed_batches && tokens * config.top_k <= kMoeStreamedRowsPerExpert * config.experts);
+bool moe_streams_experts(const MoeConfig& config, int64_t tokens) {
+  return tokens * config.top_k <= kMoeStreamedRowsPerExpert * config.experts;
 }
 
 namespace {
@@ -154,8 +154,9 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .down = at<float>(ws, l.down),
       .streamed = weights.streamed_tiles() &&
                   (p.expert_kernels == MoeExpertKernels::STREAMED ||
-                   (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(c, p.tokens, p.streamed_batches))),
+                   (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(c, p.tokens))),
       .stream_maps = weights.stream_maps(),
+      .tokens = p.tokens,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

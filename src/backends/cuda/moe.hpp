@@ -45,11 +45,11 @@ enum class MoeExpertKernels {
 };
 
 // AUTO's rule. The streamed kernels read an expert's weights once per 16 rows of a work item, the register kernels
-// once per 32, but stream 1.5-1.8x faster (H200, items of 1-8 rows), so they win while the routed experts average
-// at most kMoeStreamedRowsPerExpert rows: T·top_k <= 8·E (V4-Flash: T <= 341, V4-Pro: T <= 512; prefill chunks take
-// the register kernels). streamed_batches = false keeps the earlier rule, T <= 8.
-inline constexpr int64_t kMoeStreamedRowsPerExpert = 8;
-bool moe_streams_experts(const MoeConfig& config, int64_t tokens, bool streamed_batches);
+// once per 32, but stream 1.8-2x faster (H200, V4-Flash/Pro at T = 1-256), so they win while the routed experts
+// average at most kMoeStreamedRowsPerExpert rows: T·top_k <= 16·E (V4-Flash: T <= 682, V4-Pro: T <= 1024; prefill
+// chunks above that take the register kernels).
+inline constexpr int64_t kMoeStreamedRowsPerExpert = 16;
+bool moe_streams_experts(const MoeConfig& config, int64_t tokens);
 
 struct MoeRunParams {
   const float* u = nullptr;            // device, fp32 [T, d], 16-byte aligned
@@ -62,8 +62,6 @@ struct MoeRunParams {
   // Optional (benchmarks): kMoeStages + 1 events recorded on the stream before the first stage and after each.
   const cudaEvent_t* stage_events = nullptr;
   MoeExpertKernels expert_kernels = MoeExpertKernels::AUTO;
-  // AUTO also streams above 8 tokens (moe_streams_experts); off keeps the earlier rule until a GPU run confirms it.
-  bool streamed_batches = false;
   // At T <= 8 (kMoeFusedRoutingMaxTokens, kMoeFusedCombineMaxTokens): the routing in the router launch and the
   // combine in the down launch, three launches instead of five; off until a GPU run confirms it.
   bool fused_small_batches = false;

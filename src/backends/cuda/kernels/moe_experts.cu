@@ -41,13 +41,18 @@ void launch(const MoeExpertGemmParams& p) {
       .down = p.down,
       .stream_maps = p.stream_maps,
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
+      .streamed_x_bytes = 0,
   };
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   if (p.streamed) {
+    // x for the most rows of a pass, min(T, 16), over the whole K, capped at kStreamedXBytes.
+    const int x_rows = std::min(p.tokens, moe::kStreamedPassRows);
+    args.streamed_x_bytes = (std::min(moe::streamed_x_bytes(x_rows, args.k_total), int(moe::kStreamedXBytes)) + 15) /
+                            16 * 16;
+    const size_t smem = moe::kStreamedRingBytes + size_t(args.streamed_x_bytes) + moe::kStreamedExchangeBytes;
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_streamed_kernel<G>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(moe::kStreamedSmemBytes)));
-    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), moe::kStreamedSmemBytes,
-                   p.stream, args, name);
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
     return;
   }
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
@@ -123,6 +128,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         " work items exceed one launch's grid (fewer tokens per call)");
   check(!p.streamed || p.stream_maps != nullptr, "moe expert GEMM: the streamed kernels need the experts' tensor ",
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
+  check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
+        ")");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

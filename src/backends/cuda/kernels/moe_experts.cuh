@@ -85,6 +85,7 @@ struct ExpertGemmArgs {
   float* down;       // down output [rows, d]
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
+  int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -342,20 +343,21 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
 //   pass's first stages are in flight while the current pass writes its rows.
 // - x is staged for the pass's real rows only, in chunks as long as the x region holds for that many rows (whole
 //   stages of every format): the whole K of V4-Flash and V4-Pro in one chunk for 1-2 rows, 512 inputs per chunk for
-//   16 rows.
+//   16 rows. The launch sizes the x region for min(T, 16) rows up to kStreamedXBytes (decode launches stay small,
+//   which leaves the SM more L1).
 inline constexpr int kStreamedSlots = 2;
 inline constexpr int kStreamedMaxTokenTiles = 2;
 inline constexpr int kStreamedPassRows = kStreamedMaxTokenTiles * tile::kTokensPerMma;
 // The rings, after up to 1 KB that aligns them for the swizzled boxes.
 inline constexpr size_t kStreamedRingBytes =
     size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
-inline constexpr size_t kStreamedXBytes = 26 * 1024;
+inline constexpr size_t kStreamedXBytes = 26 * 1024;  // the most; ExpertGemmArgs::streamed_x_bytes
 // The w3 results handed to the w1 warps: [4 bands][16 rows][16 tokens] fp32.
 inline constexpr size_t kStreamedExchangeBytes =
     size_t(kExpertWarps / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
-inline constexpr size_t kStreamedSmemBytes = kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes;
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
-static_assert(2 * (kStreamedSmemBytes + 1024 + kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
+static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
+                   kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
               "two streamed CTAs per SM");
 // x chunks are whole stages of every format (fp4 stages are the longest).
 inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
@@ -363,11 +365,19 @@ static_assert(kStreamedXBytes >= size_t(kStreamedPassRows) * tile::x_tile_row_st
                                      sizeof(__nv_bfloat16),
               "a pass of 16 rows must fit one granule of x");
 
-// Inputs per x chunk for `rows` rows: the most whole granules the x region holds, balanced over the chunks K needs.
-__device__ __forceinline__ int64_t streamed_chunk_k(int64_t k_total, int rows) {
-  constexpr int64_t G = kStreamedChunkGranule;
-  const int64_t fitting = (int64_t(kStreamedXBytes / (size_t(rows) * sizeof(__nv_bfloat16))) - 32) / G * G;
-  const int64_t chunks = (k_total + fitting - 1) / fitting;
+// Bytes of x for `rows` rows of k inputs.
+__host__ __device__ constexpr int streamed_x_bytes(int rows, int k) {
+  return rows * tile::x_tile_row_stride(k) * int(sizeof(__nv_bfloat16));
+}
+
+// Inputs per x chunk for `rows` rows in an x region of x_bytes: the whole K when it fits, else the most whole
+// granules that fit (at least one: a region smaller than the whole K for min(T, 16) rows is kStreamedXBytes),
+// balanced over the chunks K needs.
+__device__ __forceinline__ int streamed_chunk_k(int k_total, int rows, int x_bytes) {
+  constexpr int G = int(kStreamedChunkGranule);
+  if (streamed_x_bytes(rows, k_total) <= x_bytes) return k_total;
+  const int fitting = (x_bytes / (rows * int(sizeof(__nv_bfloat16))) - 32) / G * G;
+  const int chunks = (k_total + fitting - 1) / fitting;
   return ((k_total + chunks - 1) / chunks + G - 1) / G * G;
 }
 
@@ -404,25 +414,26 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const DeviceMatrixView w = warp_matrix<G>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
-  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + kStreamedXBytes);
-  const int64_t pass_stages = a.k_total / kStageK;
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
+  const int pass_stages = a.k_total / int(kStageK);  // >= kStreamedSlots (moe_streamed_tiles_apply)
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
-  const int64_t stages = pass_stages * passes;
+  const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
   if (!started) start_stream<F, G>(a, item.expert, ring, full);
 
-  int64_t j = 0;  // stages consumed by this warp over the item
+  int j = 0;                                                    // stages consumed by this warp over the item
+  int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
   for (int pass = 0; pass < passes; ++pass) {
     const int row_begin = item.row_begin + pass * kPassRows;
     const int rows = min(kPassRows, item.row_count - pass * kPassRows);
-    const int64_t chunk_k = streamed_chunk_k(a.k_total, rows);
+    const int chunk_k = streamed_chunk_k(a.k_total, rows, a.streamed_x_bytes);
     // Token tiles this lane's token (8·nt + g) exists in; the others are fed zeros, never read.
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
-    for (int64_t chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
-      const int64_t chunk_end = min(int64_t(a.k_total), chunk_begin + chunk_k);
+    for (int chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
+      const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
         const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
@@ -432,17 +443,18 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       __syncthreads();
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-      for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK, ++j) {
-        const int slot = int(j % kStreamedSlots);
+      for (int k0 = chunk_begin; k0 < chunk_end; k0 += int(kStageK), ++j) {
+        const int slot = j % kStreamedSlots;
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
         st::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
                                       lane_tiles, block_scales, sums, acc);
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
-        if (j + kStreamedSlots < stages)
-          st::issue_stage<F>(maps, row0, (j + kStreamedSlots) % pass_stages * kStageK, ring + slot * st::kSlotBytes,
-                             full + slot);
+        if (j + kStreamedSlots < stages) {
+          st::issue_stage<F>(maps, row0, refill * kStageK, ring + slot * st::kSlotBytes, full + slot);
+          if (++refill == pass_stages) refill = 0;
+        }
       }
     }
     tile::detail::finish_tile<F, NT, kC>(sums, acc);

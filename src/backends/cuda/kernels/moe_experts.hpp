@@ -72,6 +72,7 @@ struct MoeExpertGemmParams {
   bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
   MoeFusedCombine combine;  // run_moe_down only
+  int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
 };
 
