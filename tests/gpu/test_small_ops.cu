@@ -5,9 +5,9 @@
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
-// mixed, each list alone and all of a step's in one launch, exact against the rule written out on the host. Strided
-// norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs poisoned with NaN plus a guard
-// region; every element checked.
+// mixed, each list alone, all of a step's in one launch, and in the embedding's launch, exact against the rule
+// written out on the host. Strided norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs
+// poisoned with NaN plus a guard region; every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -404,6 +404,39 @@ TEST(SmallOpsGpu, EveryListOfAStepInOneLaunch) {
   for (size_t i = 0; i < lists.size(); ++i)
     expect_visible_list(download_ints(d_index[i], size_t(T * lists[i].second)),
                         download_ints(d_counts[i], size_t(T)), positions, lists[i].first, lists[i].second);
+}
+
+// The step's lists riding in the embedding's launch: the same rows as the embedding alone, the same lists as
+// run_attention_index.
+TEST(SmallOpsGpu, EmbeddingLaunchBuildsTheAttentionLists) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int window = 128;
+  const int64_t ring = 128 + 63, hidden = 260, vocab = 129;
+  const std::vector<int64_t> positions = batch_positions(window);
+  const int64_t T = int64_t(positions.size());
+  std::mt19937 rng(80);
+  const OwnedQuantizedMatrix table = make_table(TableKind::BF16, vocab, hidden, rng);
+  const DeviceMatrix table_d(table.matrix, "embedding table");
+  std::vector<int32_t> ids(static_cast<size_t>(T));
+  for (int32_t& id : ids) id = int32_t(rng() % uint32_t(vocab));
+  DeviceBuffer d_ids = to_device(ids, "ids"), d_pos = to_device(positions, "positions");
+  DeviceBuffer alone = poisoned(size_t(T * 4 * hidden), "X alone"), with_lists = poisoned(size_t(T * 4 * hidden), "X");
+  DeviceBuffer d_window = poisoned(size_t(T * window), "window index"), d_index = poisoned(size_t(T * 512), "index");
+  DeviceBuffer d_counts = poisoned(size_t(T), "counts");
+  AttentionIndexParams lists{.positions = d_pos.as<int64_t>(), .tokens = T, .window = window, .ring_rows = ring,
+                             .window_index = d_window.as<int32_t>()};
+  lists.visible[0] = {.entries = 512, .ratio = 128, .index = d_index.as<int32_t>(), .counts = d_counts.as<int32_t>()};
+  lists.visible_lists = 1;
+  EmbeddingParams p{.table = table_d.view(), .ids = d_ids.as<int32_t>(), .tokens = T, .X = alone.as<float>()};
+  run_embedding(p);
+  p.X = with_lists.as<float>(), p.attention_lists = &lists;
+  run_embedding(p);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> want = download(alone, size_t(T * 4 * hidden)), got = download(with_lists, want.size());
+  ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * 4), 0) << "the rows differ with the lists built";
+  expect_window_list(download_ints(d_window, size_t(T * window)), positions, window, ring);
+  expect_visible_list(download_ints(d_index, size_t(T * 512)), download_ints(d_counts, size_t(T)), positions, 128,
+                      512);
 }
 
 TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {

@@ -915,19 +915,17 @@ struct CudaModel::Impl {
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
 
     // What a query sees depends on its position only, not on the layer: the window lists, and per HCA ratio the
-    // visible compressed entries, once per step.
+    // visible compressed entries, once per step (in the embedding's launch).
     AttentionIndexParams index;
     index.positions = in.positions, index.tokens = T, index.window = c.window_size;
     index.ring_rows = kv_cache->config().window_capacity, index.window_index = scratch.window_index;
     for (const auto& [ratio, lists] : visible_entries)
       index.visible[index.visible_lists++] = VisibleEntriesList{
           .entries = options.max_context / ratio, .ratio = ratio, .index = lists.index, .counts = lists.counts};
-    index.stream = stream;
-    run_attention_index(index);
 
     EmbeddingParams embed;
     embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
-    embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream;
+    embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream, embed.attention_lists = &index;
     run_embedding(embed);
 
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "backends/cuda/kernels/attention_index.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
@@ -9,27 +10,11 @@ namespace dsv4::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-// blockIdx.y: the token; blockIdx.z: the list (0 the window when there is one, then the visible-entry lists).
+// blockIdx.y: the token; blockIdx.z: the list.
 __global__ void attention_index_kernel(const __grid_constant__ AttentionIndexParams p) {
   allow_dependents();
   wait_for_prior_grids();  // the positions are the step's inputs; the lists may still be read by the previous step
-  const int64_t t = blockIdx.y;
-  const int64_t position = p.positions[t];
-  const int list = int(blockIdx.z) - (p.window > 0 ? 1 : 0);
-  if (list < 0) {
-    for (int s = blockIdx.x * kThreads + threadIdx.x; s < p.window; s += gridDim.x * kThreads) {
-      const int64_t source = position - (p.window - 1) + s;
-      p.window_index[t * p.window + s] = source >= 0 ? int32_t(source % p.ring_rows) : -1;
-    }
-    return;
-  }
-  const VisibleEntriesList& v = p.visible[list];
-  const int64_t visible = min(v.entries, (position + 1) / v.ratio);
-  if (v.counts != nullptr && blockIdx.x == 0 && threadIdx.x == 0) v.counts[t] = int32_t(visible);
-  for (int64_t e = blockIdx.x * int64_t(kThreads) + threadIdx.x; e < v.entries; e += int64_t(gridDim.x) * kThreads)
-    v.index[t * v.entries + e] = e < visible ? int32_t(e) : -1;
+  attention_lists::build_list_slice(p, int(blockIdx.x), int(gridDim.x), blockIdx.y, int(blockIdx.z));
 }
 
 }  // namespace
@@ -51,15 +36,23 @@ void check_attention_index_params(const AttentionIndexParams& p) {
   }
 }
 
-void run_attention_index(const AttentionIndexParams& p) {
+namespace attention_lists {
+
+ListsGrid lists_grid(const AttentionIndexParams& p) {
   check_attention_index_params(p);
-  const int lists = (p.window > 0 ? 1 : 0) + p.visible_lists;
-  if (p.tokens == 0 || lists == 0) return;
   int64_t longest = p.window;
   for (int i = 0; i < p.visible_lists; ++i) longest = std::max(longest, p.visible[i].entries);
-  const unsigned blocks = unsigned(std::min<int64_t>((longest + kThreads - 1) / kThreads, 1024));
-  launch_chained(attention_index_kernel, dim3(blocks, unsigned(p.tokens), unsigned(lists)), dim3(kThreads), 0,
-                 p.stream, p, "attention_index");
+  return {unsigned(std::clamp<int64_t>((longest + kThreads - 1) / kThreads, 1, 1024)),
+          unsigned((p.window > 0 ? 1 : 0) + p.visible_lists)};
+}
+
+}  // namespace attention_lists
+
+void run_attention_index(const AttentionIndexParams& p) {
+  const attention_lists::ListsGrid grid = attention_lists::lists_grid(p);
+  if (p.tokens == 0 || grid.lists == 0) return;
+  launch_chained(attention_index_kernel, dim3(grid.x_blocks, unsigned(p.tokens), grid.lists),
+                 dim3(attention_lists::kThreads), 0, p.stream, p, "attention_index");
 }
 
 }  // namespace dsv4::cuda

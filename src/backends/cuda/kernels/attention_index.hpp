@@ -5,7 +5,8 @@
 //  - visible compressed entries (HCA layers, one list per compression ratio): entries 0 … min(entries,
 //    (p + 1) div ratio) − 1, the rest −1, and optionally that count per token (the attention's per-query
 //    compressed_counts, so a batch shares one bound).
-// (CSA layers take their compressed lists from the indexer's top-k instead.)
+// (CSA layers take their compressed lists from the indexer's top-k instead.) The step's embedding launch can build
+// them too (EmbeddingParams::attention_lists): one launch less per step.
 // A programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on `stream`; no allocation, no
 // synchronisation.
 #pragma once

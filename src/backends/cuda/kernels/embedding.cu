@@ -39,7 +39,7 @@ void run_embedding(const EmbeddingParams& p) {
   check_embedding_params(p);
   if (p.tokens == 0) return;
   const DeviceMatrixView& table = p.table;
-  const embed::EmbeddingArgs args{.data = table.data,
+  embed::EmbeddingArgs args{.data = table.data,
                                   .scales = table.scales,
                                   .vocab = table.rows,
                                   .hidden = table.cols,
@@ -49,8 +49,17 @@ void run_embedding(const EmbeddingParams& p) {
                                   .tokens = p.tokens,
                                   .streams = p.streams,
                                   .round_to_bf16 = p.round_to_bf16,
-                                  .X = p.X};
-  const int64_t blocks = (p.tokens * table.cols + embed::kThreads - 1) / embed::kThreads;
+                                  .X = p.X,
+                                  .embedding_ctas = (p.tokens * table.cols + embed::kThreads - 1) / embed::kThreads,
+                                  .lists = {},
+                                  .list_x_blocks = 1};
+  int64_t blocks = args.embedding_ctas;
+  if (p.attention_lists != nullptr) {
+    const attention_lists::ListsGrid lists = attention_lists::lists_grid(*p.attention_lists);
+    args.lists = *p.attention_lists;
+    args.list_x_blocks = lists.x_blocks;
+    blocks += lists.ctas() * p.attention_lists->tokens;
+  }
   check(blocks <= 0x7FFFFFFF, "embedding: ", p.tokens, " tokens × ", table.cols, " exceed the launch limit");
   using embed::TableFormat;
   switch (table.format) {

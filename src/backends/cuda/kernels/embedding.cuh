@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/attention_index.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -32,6 +33,9 @@ struct EmbeddingArgs {
   int streams;
   bool round_to_bf16;
   float* X;
+  int64_t embedding_ctas;  // the CTAs after these build the attention lists
+  AttentionIndexParams lists;
+  unsigned list_x_blocks;
 };
 
 template <TableFormat F>
@@ -53,9 +57,16 @@ __device__ inline float decode(const EmbeddingArgs& a, int64_t row, int64_t i) {
 }
 
 template <TableFormat F>
-__global__ void __launch_bounds__(kThreads) embedding_kernel(const EmbeddingArgs args) {
+__global__ void __launch_bounds__(kThreads) embedding_kernel(const __grid_constant__ EmbeddingArgs args) {
+  static_assert(kThreads == attention_lists::kThreads, "the list CTAs have the embedding's threads");
   allow_dependents();
   wait_for_prior_grids();  // the ids are the step's inputs; X may still be read by the previous step's kernels
+  if (blockIdx.x >= args.embedding_ctas) {
+    const int64_t cta = blockIdx.x - args.embedding_ctas, slices = cta / args.list_x_blocks;
+    attention_lists::build_list_slice(args.lists, int(cta % args.list_x_blocks), int(args.list_x_blocks),
+                                      slices % args.lists.tokens, int(slices / args.lists.tokens));
+    return;
+  }
   const int64_t element = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (element >= args.tokens * args.hidden) return;
   const int64_t t = element / args.hidden, i = element - t * args.hidden;

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/attention_index.hpp"
 
 namespace dsv4::cuda {
 
@@ -28,6 +29,9 @@ struct EmbeddingParams {
   bool round_to_bf16 = false;
   float* X = nullptr;               // [tokens, streams, hidden]
   cudaStream_t stream = nullptr;
+  // Optional: the step's attention index lists, built in extra CTAs of the same launch exactly as
+  // run_attention_index builds them (checked as it checks them; their stream is unused).
+  const AttentionIndexParams* attention_lists = nullptr;
 };
 
 // Host-side id check before upload: throws naming the position and value of the first id outside [0, vocab).
