@@ -210,6 +210,10 @@ DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::s
   return stacked;
 }
 
+// Up to this many tokens q_norm runs as wq_b's RMSNorm prologue (fused_linear_io): every CTA of the linear re-reads
+// its tokens' whole rows for their sums of squares, which a few decode tokens pay less for than a launch.
+constexpr int64_t kNormPrologueMaxTokens = 16;
+
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
   return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
@@ -761,7 +765,7 @@ struct CudaModel::Impl {
     // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv] one projection gives qr and kv,
     // and one norm rides in the insert's launch: q_norm, or with wq_b's norm prologue the queries' per-head norm.
     const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
-    const bool prologue = options.fused_linear_io && T <= kLinearMaxTokens;
+    const bool prologue = options.fused_linear_io && T <= kNormPrologueMaxTokens;
     KvInsertParams insert;
     insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
     insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);

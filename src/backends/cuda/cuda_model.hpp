@@ -41,7 +41,7 @@ struct CudaModelOptions {
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
   // The linear layers' fused input norm and bf16 output: q_norm as the RMSNorm prologue of wq_b and the indexer's
-  // wq_b (steps of up to 64 tokens; the queries' per-head norm then rides in the KV insert's launch with
+  // wq_b (steps of up to 16 tokens; the queries' per-head norm then rides in the KV insert's launch with
   // fuse_projections), and wo_a writing bf16 for wo_b (no conversion launch).
   bool fused_linear_io = false;
   UploadProgress progress;                     // weight upload progress (optional)
