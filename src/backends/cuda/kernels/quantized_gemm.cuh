@@ -70,6 +70,13 @@ inline constexpr int kThreads = 3 * kWarpgroupThreads;
 inline constexpr int kProducerRegisters = 40;
 inline constexpr int kConsumerRegisters = 232;
 inline constexpr int kSharedMemoryLimit = 227 * 1024;  // per-block opt-in maximum on sm_90
+inline constexpr int kSharedMemoryPerSm = 228 * 1024;  // of which the hardware reserves 1 KiB per resident CTA
+
+// Resident CTAs per SM: the 64-token tile's consumers hold 32 accumulators, so two CTAs share an SM (registers within
+// the launch bound, half the shared memory each) and four consumer warpgroups hide each other's dequantise → wgmma
+// → wait chain. The wider tiles take the SM alone and move registers to the consumers (setmaxnreg).
+template <int kBlockTokens>
+inline constexpr int kCtasPerSm = kBlockTokens == 64 ? 2 : 1;
 inline constexpr int kMaxStages = 8;
 
 template <GemmWeight W>
@@ -105,7 +112,9 @@ struct SharedLayout {
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes;
   static constexpr int kAlignmentSlack = 1024;  // the dynamic shared memory base is rounded up to 1024
   static constexpr int kBarrierBytes = 2 * kMaxStages * 8;
-  static constexpr int kStagesThatFit = (kSharedMemoryLimit - kAlignmentSlack - kBarrierBytes) / kStageBytes;
+  static constexpr int kBudget =
+      kCtasPerSm<kBlockTokens> == 1 ? kSharedMemoryLimit : kSharedMemoryPerSm / kCtasPerSm<kBlockTokens> - 1024;
+  static constexpr int kStagesThatFit = (kBudget - kAlignmentSlack - kBarrierBytes) / kStageBytes;
   static constexpr int kStages = kStagesThatFit < kMaxStages ? kStagesThatFit : kMaxStages;
   static_assert(kStages >= 2, "the ring needs two slots");
   static_assert(kWStageBytes % 1024 == 0 && kXStageBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
@@ -424,7 +433,8 @@ __device__ __forceinline__ void write_output(const GemmKernelArgs& args, const f
 }
 
 template <GemmWeight W, int kBlockTokens>
-__global__ void __launch_bounds__(kThreads, 1) quantized_gemm_kernel(const __grid_constant__ GemmKernelArgs args) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm<kBlockTokens>)
+    quantized_gemm_kernel(const __grid_constant__ GemmKernelArgs args) {
   using Layout = SharedLayout<W, kBlockTokens>;
   using Traits = WeightTraits<W>;
   constexpr int kStages = Layout::kStages;
@@ -456,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1) quantized_gemm_kernel(const __gri
   __syncthreads();
 
   if (warpgroup == 0) {
-    sm90::setmaxnreg_decrease<kProducerRegisters>();
+    if constexpr (kCtasPerSm<kBlockTokens> == 1) sm90::setmaxnreg_decrease<kProducerRegisters>();
     if (threadIdx.x == 0) {
       sm90::prefetch_tensor_map(&args.x_map);
       sm90::prefetch_tensor_map(&args.w_map);
@@ -485,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, 1) quantized_gemm_kernel(const __gri
     return;
   }
 
-  sm90::setmaxnreg_increase<kConsumerRegisters>();
+  if constexpr (kCtasPerSm<kBlockTokens> == 1) sm90::setmaxnreg_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int thread = threadIdx.x % kWarpgroupThreads;
   float acc[kBlockTokens / 2];
