@@ -43,7 +43,7 @@ struct CudaModelOptions {
   // The linear layers' fused input norm and bf16 output: q_norm as the RMSNorm prologue of wq_b and the indexer's
   // wq_b (steps of up to 16 tokens; the queries' per-head norm then rides in the KV insert's launch with
   // fuse_projections), and wo_a writing bf16 for wo_b (no conversion launch).
-  bool fused_linear_io = false;
+  bool fused_linear_io = true;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 
