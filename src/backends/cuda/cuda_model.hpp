@@ -1,9 +1,11 @@
 // The DeepSeek-V4 forward pass on one GPU (dsv4-model.md §2), the same function as Dsv4Model over the CPU backend:
 // weights resident in their stored formats, the paged KV cache, the compressor and indexer state of every sequence
 // on the device, and every op a kernel of src/backends/cuda/kernels. A step is one kernel pass over its tokens: a
-// prefill chunk of one sequence, or one decode token of each of several sequences (per-token slots and positions,
-// from which every kernel derives what its token sees on the device), with no host synchronisation until the
-// logits are copied back.
+// prefill chunk of one sequence, one decode token of each of several sequences, or both mixed (per-token slots and
+// positions, from which every kernel derives what its token sees on the device), with no host synchronisation until
+// the logits are copied back. Every kernel of a step is a programmatic dependent launch (ptx/dependent_launch.cuh),
+// so each one's launch and weight prefetch overlap its predecessor's tail; a captured decode step holds kernel nodes
+// only.
 //
 // Numerics: activations between ops are fp32; the inputs of linear layers are rounded to bf16 (the tensor cores'
 // operand type), KV entries are bf16 (exact mode) or DeepSeek's fp8 layout (reference mode), the indexer keys bf16.
