@@ -262,14 +262,18 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
 }
 
 // Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the decode kernel's mix CTA, whose tail is this
-// serial chain. A row or column is scaled by the correctly rounded reciprocal of (sum + eps) rather than divided by
-// it (≤ 1.5 ulp from the CPU's quotient per step, inside the tests' comb tolerance): per normalisation 4 reciprocals
-// and 16 independent multiplies, no shuffles, about half the latency of the half-warp version's shuffle + division.
+// serial chain. A row or column is scaled by the hardware reciprocal (MUFU, ≤ 2 ulp) of (sum + eps) rather than
+// divided by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb tolerance): per
+// normalisation 4 reciprocals and 16 independent multiplies, no shuffles and no division's branch. (With the
+// correctly rounded reciprocal, __frcp_rn, the 19 later iterations took 7.2 µs instead of the half-warp shuffle
+// version's 2.2, H200, V4-Flash T = 1.)
+__device__ inline float fast_reciprocal(float x) { return __fdividef(1.0f, x); }
+
 __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
   const auto normalise_rows = [&] {
 #pragma unroll
     for (int j = 0; j < kStreams; ++j) {
-      const float r = __frcp_rn(((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps);
+      const float r = fast_reciprocal(((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps);
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r;
     }
@@ -277,7 +281,7 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
   const auto normalise_columns = [&] {
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) {
-      const float r = __frcp_rn(((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps);
+      const float r = fast_reciprocal(((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps);
 #pragma unroll
       for (int j = 0; j < kStreams; ++j) c[4 * j + k] *= r;
     }
@@ -288,7 +292,7 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
     const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
-    const float r = __frcp_rn((row[0] + row[1]) + (row[2] + row[3]));
+    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
   }
@@ -663,10 +667,10 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 // ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, no pipeline. ----
 //
 // NOTES:
-// - Grid: S collapse CTAs, CTA s owning dims [64·s, 64·s + 64) of all 4 streams (fn's columns in registers as in
-//   the persistent kernel, loaded before the grid-dependency wait so they stream in while the previous kernel
-//   drains), plus, for hc_pre, one mix CTA per token for post/comb. Every CTA is resident at once (the launcher
-//   checks), so CTAs may wait for each other.
+// - Grid: (hc_pre) one mix CTA per token for post/comb, then S collapse CTAs, collapse CTA s owning dims
+//   [64·s, 64·s + 64) of all 4 streams (fn's columns in registers as in the persistent kernel, loaded before the
+//   grid-dependency wait so they stream in while the previous kernel drains). Every CTA is resident at once (the
+//   launcher checks), so CTAs may wait for each other.
 // - A collapse CTA stages its X slice in shared memory (applying the fused hc_post first), projects it (3xTF32 MMA,
 //   as the persistent kernel), publishes the slice's [Σx², m_0 … m_{R-1}] per token as tagged words, laid out
 //   [row][token][slice] so one item's slices are contiguous (one coalesced read per warp). The 5·T items the
@@ -855,10 +859,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   const int slices = args.slices, d = args.hidden, T = args.tokens;
   const int64_t flat = int64_t(kStreams) * d;
 
-  if (!kHead && int(blockIdx.x) >= slices) {
+  // hc_pre's mix CTAs come first in the grid, so they are resident (and waiting for the partials) before the last
+  // collapse CTAs are scheduled.
+  const int mix_ctas = kHead ? 0 : T;
+  if (int(blockIdx.x) < mix_ctas) {
     wait_for_prior_grids();
     const unsigned tag = load_relaxed_u32(args.header) + 1u;
-    decode_mix(args, int(blockIdx.x) - slices, tag, gathered);
+    decode_mix(args, int(blockIdx.x), tag, gathered);
     __syncthreads();
     if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
       args.header[1] = 0;
@@ -867,7 +874,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
     return;
   }
 
-  const int slice = int(blockIdx.x);
+  const int slice = int(blockIdx.x) - mix_ctas;
   const int i0 = slice * kDecodeSliceDims;
   const int width = min(kDecodeSliceDims, d - i0);
 
