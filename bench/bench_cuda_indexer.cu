@@ -10,9 +10,10 @@
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many
 //   ties) and on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full
-//   CUB segmented radix sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1
-//   also diagnostics: the split capped at 1, 32 and 64 CTAs, and 300 or 4096 visible keys in the grid of the whole
-//   capacity (a short context as the model step launches it).
+//   CUB segmented radix sort of (score, index) pairs; each also with TopKParams::parallel_rank. Scores are
+//   L2-resident, as right after the indexer. At batch 1 also diagnostics: the split capped at 1, 32 and 64 CTAs,
+//   300 or 4096 visible keys in the grid of the whole capacity (a short context as the model step launches it), and
+//   "top-k trace" lines: one launch's phases (TopKParams::trace) for CTA 0 and the final CTA.
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
 // no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
@@ -204,7 +205,7 @@ void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlappi
 // One top-k launch with its phase trace (TopKParams::trace), after a warm-up launch: prints, for CTA 0 and for the
 // query's final CTA, the µs (SM clock) from each phase boundary it passed to the next.
 void print_top_k_trace(const std::string& label, TopKParams p) {
-  const int ctas = p.queries * top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query, true);
+  const int ctas = p.queries * top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query);
   DeviceBuffer trace(size_t(ctas) * kTopKTracePoints * sizeof(int64_t), "top-k trace");
   p.trace = trace.as<int64_t>();
   for (int launch = 0; launch < 2; ++launch) {
@@ -326,9 +327,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       nullptr, temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
       sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(), d_offsets.as<int32_t>() + 1));
   DeviceBuffer temp(std::max<size_t>(temp_bytes, 16), "cub temp");
-  // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped; cached_radix
-  // picks the new method (false: the previous one, for the same-run comparison).
-  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query, bool cached_radix = true) {
+  // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped.
+  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query, bool parallel_rank = false) {
     return TopKParams{.scores = scores.as<float>(),
                       .row_stride = keys,
                       .candidates = keys,
@@ -342,7 +342,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       .workspace = workspace.data(),
                       .workspace_bytes = workspace.bytes(),
                       .max_ctas_per_query = max_ctas_per_query,
-                      .cached_radix = cached_radix,
+                      .parallel_rank = parallel_rank,
                       .stream = on};
   };
   const double top_k_bytes = double(tokens) * keys * 4;
@@ -354,16 +354,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     } else {
       run_indexer_scores(scores_params(stream));
     }
-    // The two methods lay the workspace out differently: zeroed again before each (cudaMemset on the legacy stream,
-    // so synchronised before the timing stream uses it).
-    const auto zero_workspace = [&] {
-      workspace.fill_bytes(0);
-      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-    };
-    zero_workspace();
-    const double previous_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0, false)); });
-    zero_workspace();
     const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); });
+    const double ranked_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0, true)); });
     const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
           temp.data(), temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
@@ -373,11 +365,10 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     const std::string scores_name = indexer_scores ? ", indexer scores" : ", distinct scores";
     rows.push_back({"top-k 512", shape + scores_name, top_k_us, top_k_bytes / (copy_gbps * 1e3), sort_us,
                     top_k_bytes, 0.0,
-                    "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, 0, true)) +
+                    "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
-    rows.push_back({"top-k 512", shape + scores_name + ", previous method", previous_us,
-                    top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
-                    "before: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, 0, false))});
+    rows.push_back({"top-k 512", shape + scores_name + ", parallel rank", ranked_us, top_k_bytes / (copy_gbps * 1e3),
+                    sort_us, top_k_bytes, 0.0, "TopKParams::parallel_rank"});
   }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
@@ -386,23 +377,25 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       const double capped_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, cap)); });
       rows.push_back({"top-k 512", shape + ", distinct scores, ≤ " + std::to_string(cap) + " CTAs", capped_us,
                       top_k_bytes / (copy_gbps * 1e3), 0.0, top_k_bytes, 0.0,
-                      "diagnostic: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, cap, true))});
+                      "diagnostic: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, cap))});
     }
     print_top_k_trace(shape + ", distinct", top_k_params(stream, 0));
+    print_top_k_trace(shape + ", distinct, parallel rank", top_k_params(stream, 0, true));
     for (const int64_t visible : {int64_t(300), int64_t(4096)}) {
       const std::vector<int64_t> short_position{visible * kRatio};
       DeviceBuffer d_short = to_device(short_position, "short position");
-      const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
-        TopKParams p = top_k_params(on, 0);
-        p.positions = d_short.as<int64_t>();
-        run_top_k(p);
-      });
-      rows.push_back({"top-k 512", shape + ", distinct scores, " + std::to_string(visible) + " visible", short_us,
-                      double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
-                      "diagnostic: a short context in the capacity's grid"});
-      TopKParams traced = top_k_params(stream, 0);
-      traced.positions = d_short.as<int64_t>();
-      print_top_k_trace(shape + ", " + std::to_string(visible) + " visible", traced);
+      for (const bool parallel_rank : {false, true}) {
+        const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
+          TopKParams p = top_k_params(on, 0, parallel_rank);
+          p.positions = d_short.as<int64_t>();
+          run_top_k(p);
+        });
+        rows.push_back({"top-k 512",
+                        shape + ", distinct scores, " + std::to_string(visible) + " visible" +
+                            (parallel_rank ? ", parallel rank" : ""),
+                        short_us, double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
+                        "diagnostic: a short context in the capacity's grid"});
+      }
     }
   }
   int32_t flag = 0;

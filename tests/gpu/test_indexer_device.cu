@@ -321,12 +321,11 @@ struct TopKCase {
   int max_ctas_per_query = 0;
 };
 
-void check_top_k_method(const TopKCase& c, bool cached_radix, DeviceBuffer& workspace, uint32_t seed) {
-  SCOPED_TRACE("top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
+void check_top_k_method(const TopKCase& c, bool parallel_rank, DeviceBuffer& workspace, uint32_t seed) {
+  SCOPED_TRACE(std::string(parallel_rank ? "parallel rank " : "final sort ") +"top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
                " k=" + std::to_string(c.k) + " " + distribution_name(c.distribution) +
                (c.with_positions ? " with positions" : "") + " ctas/query=" +
-               std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query, cached_radix)) +
-               (cached_radix ? " cached radix" : " previous method"));
+               std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query)));
   std::mt19937 rng(seed);
   const int64_t stride = c.candidates + 3;
   const std::vector<float> scores = make_scores(c.distribution, size_t(c.queries * stride), rng);
@@ -362,7 +361,7 @@ void check_top_k_method(const TopKCase& c, bool cached_radix, DeviceBuffer& work
              .workspace = workspace.data(),
              .workspace_bytes = workspace.bytes(),
              .max_ctas_per_query = c.max_ctas_per_query,
-             .cached_radix = cached_radix});
+             .parallel_rank = parallel_rank});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<int32_t> selected = from_device<int32_t>(d_selected, size_t(c.queries) * k_alloc + 16);
   const std::vector<int32_t> counts = from_device<int32_t>(d_counts, size_t(c.queries));
@@ -412,16 +411,11 @@ void check_top_k_method(const TopKCase& c, bool cached_radix, DeviceBuffer& work
     ASSERT_EQ(uint32_t(selected[i]), 0xABABABABu) << "write past selected at " << i;
 }
 
-// Both methods (TopKParams::cached_radix) on the same inputs; the previous one ranks +NaN first, so NaN rows only
-// check the new one. The methods lay the workspace out differently (each leaves only its own counters zeroed), so it
-// is zeroed again when the method changes.
+// Both ways of ordering the listed keys (TopKParams::parallel_rank) on the same inputs.
 void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
-  for (const bool cached_radix : {false, true}) {
-    if (!cached_radix && c.distribution == Distribution::NansAmongDistinct) continue;
-    workspace.fill_bytes(0);
-    check_top_k_method(c, cached_radix, workspace, seed);
-  }
+  for (const bool parallel_rank : {false, true}) check_top_k_method(c, parallel_rank, workspace, seed);
 }
+
 
 class TopKTest : public ::testing::Test {
  protected:
@@ -481,8 +475,7 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   DeviceBuffer d_selected(512 * 4, "selected"), d_counts(4, "counts"), d_flag(4, "flag");
   // One query's flag after a launch; `positions` null means every score is visible. The count, poisoned first,
   // shows the launch ran, so a flag left at 0 by a launch that never happened cannot pass.
-  const auto nan_flag_after_top_k = [&](const int64_t* positions, bool cached_radix) {
-    workspace_.fill_bytes(0);  // the two methods lay it out differently
+  const auto nan_flag_after_top_k = [&](const int64_t* positions, bool parallel_rank) {
     d_flag.fill_bytes(0);
     d_counts.fill_bytes(0xAB);
     run_top_k({.scores = d_scores.as<float>(),
@@ -497,7 +490,7 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
                .nan_flag = d_flag.as<int32_t>(),
                .workspace = workspace_.data(),
                .workspace_bytes = workspace_.bytes(),
-               .cached_radix = cached_radix});
+               .parallel_rank = parallel_rank});
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(from_device<int32_t>(d_counts, 1)[0], 512);
     return from_device<int32_t>(d_flag, 1)[0];
@@ -505,10 +498,10 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   // A NaN before the visible end only: invisible NaNs are never looked at.
   std::vector<int64_t> position{4 * 12000};
   DeviceBuffer d_pos = to_device(position, "position");
-  for (const bool cached_radix : {false, true}) {
-    SCOPED_TRACE(cached_radix ? "cached radix" : "previous method");
-    EXPECT_EQ(nan_flag_after_top_k(nullptr, cached_radix), 1);
-    EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>(), cached_radix), 0);
+  for (const bool parallel_rank : {false, true}) {
+    SCOPED_TRACE(parallel_rank ? "parallel rank" : "final sort");
+    EXPECT_EQ(nan_flag_after_top_k(nullptr, parallel_rank), 1);
+    EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>(), parallel_rank), 0);
   }
 }
 

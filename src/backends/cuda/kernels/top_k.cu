@@ -12,8 +12,7 @@ namespace {
 
 struct DeviceLimits {
   int multiprocessors = 0;
-  int split_ctas_per_sm = 0;         // resident split-mode CTAs per SM
-  int legacy_split_ctas_per_sm = 0;  // the same for the previous method
+  int split_ctas_per_sm = 0;  // resident split-mode CTAs per SM
 };
 
 DeviceLimits query_device_limits(int device) {
@@ -29,15 +28,6 @@ DeviceLimits query_device_limits(int device) {
   }
   DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&limits.split_ctas_per_sm, topk::top_k_kernel<true>,
                                                                 topk::kThreads, topk::kSmemBytes));
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(topk::legacy::top_k_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(topk::legacy::kSplitSmemBytes)));
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(topk::legacy::top_k_kernel<false>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(topk::legacy::kSingleSmemBytes)));
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&limits.legacy_split_ctas_per_sm,
-                                                                topk::legacy::top_k_kernel<true>,
-                                                                topk::legacy::kThreads,
-                                                                topk::legacy::kSplitSmemBytes));
   return limits;
 }
 
@@ -56,18 +46,15 @@ DeviceLimits device_limits() {
 }  // namespace
 
 size_t top_k_workspace_bytes(int queries) {
-  return size_t(std::clamp(queries, 0, kTopKMaxSplitQueries)) *
-         std::max(sizeof(topk::QueryWorkspace), sizeof(topk::legacy::QueryWorkspace));
+  return size_t(std::clamp(queries, 0, kTopKMaxSplitQueries)) * sizeof(topk::QueryWorkspace);
 }
 
-int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query, bool cached_radix) {
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query) {
   if (queries <= 0 || queries > kTopKMaxSplitQueries || max_ctas_per_query == 1) return 1;
   const DeviceLimits limits = device_limits();
   // Every CTA of a split query must be resident at once (they wait for each other at the pass barriers).
-  const int64_t resident =
-      int64_t(cached_radix ? limits.split_ctas_per_sm : limits.legacy_split_ctas_per_sm) * limits.multiprocessors;
-  const int64_t per_cta = cached_radix ? topk::kMinCandidatesPerCta : topk::legacy::kMinCandidatesPerCta;
-  const int64_t wanted = (candidates + per_cta - 1) / per_cta;
+  const int64_t resident = int64_t(limits.split_ctas_per_sm) * limits.multiprocessors;
+  const int64_t wanted = (candidates + topk::kMinCandidatesPerCta - 1) / topk::kMinCandidatesPerCta;
   const int64_t cap = max_ctas_per_query > 0 ? max_ctas_per_query : 65535;
   return int(std::clamp<int64_t>(std::min({wanted, resident / queries, cap}), 1, 65535));
 }
@@ -86,59 +73,16 @@ void check_top_k_params(const TopKParams& p) {
   check(p.max_ctas_per_query >= 0, "top_k: negative max_ctas_per_query ", p.max_ctas_per_query);
 }
 
-namespace {
-
-// The previous method's launch (TopKParams::cached_radix false).
-void run_legacy_top_k(const TopKParams& p) {
-  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query, false);
-  topk::legacy::TopKArgs args{.scores = p.scores,
-                              .row_stride = p.row_stride,
-                              .candidates = p.candidates,
-                              .k = p.k,
-                              .positions = p.positions,
-                              .ratio = p.ratio,
-                              .selected = p.selected,
-                              .counts = p.counts,
-                              .nan_flag = p.nan_flag,
-                              .workspace = nullptr,
-                              .ctas_per_query = ctas};
-  if (ctas == 1) {
-    topk::legacy::top_k_kernel<false>
-        <<<unsigned(p.queries), topk::legacy::kThreads, topk::legacy::kSingleSmemBytes, p.stream>>>(args);
-    DSV4_CUDA_CHECK_LAUNCH("top_k_kernel (previous method, one CTA per query)");
-    return;
-  }
-  args.workspace = static_cast<topk::legacy::QueryWorkspace*>(p.workspace);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(p.queries * ctas));
-  config.blockDim = dim3(topk::legacy::kThreads);
-  config.dynamicSmemBytes = topk::legacy::kSplitSmemBytes;
-  config.stream = p.stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeCooperative;
-  attribute.val.cooperative = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, topk::legacy::top_k_kernel<true>, args));
-  DSV4_CUDA_CHECK_LAUNCH("top_k_kernel (previous method, split over CTAs)");
-}
-
-}  // namespace
-
 void run_top_k(const TopKParams& p) {
   check_top_k_params(p);
   if (p.queries == 0) return;
-  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query, p.cached_radix);
+  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query);
   if (ctas > 1) {
     const size_t needed = top_k_workspace_bytes(p.queries);
     check(p.workspace != nullptr && p.workspace_bytes >= needed, "top_k: ", p.queries,
           " queries need a workspace of ", needed, " bytes (top_k_workspace_bytes), got ", p.workspace_bytes);
   }
   device_limits();  // raises the kernels' shared-memory limits once per device
-  if (!p.cached_radix) {
-    run_legacy_top_k(p);
-    return;
-  }
   topk::TopKArgs args{.scores = p.scores,
                       .row_stride = p.row_stride,
                       .candidates = p.candidates,
@@ -150,6 +94,7 @@ void run_top_k(const TopKParams& p) {
                       .nan_flag = p.nan_flag,
                       .workspace = nullptr,
                       .ctas_per_query = ctas,
+                      .parallel_rank = p.parallel_rank,
                       .trace = p.trace};
   if (ctas == 1) {
     launch_chained(topk::top_k_kernel<false>, dim3(unsigned(p.queries)), dim3(topk::kThreads), topk::kSmemBytes,

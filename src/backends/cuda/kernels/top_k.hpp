@@ -12,7 +12,8 @@
 // - Method: radix select over 64-bit keys (order-preserving fp32 bits, then the inverted index, so every key is
 //   unique and ties resolve to the lower index); each pass histograms one digit (12 bits first, then 10-11) of the
 //   keys still matching the chosen prefix, until the chosen keys and the boundary bin's fit a small final sort;
-//   then one CTA sorts them in shared memory (bitonic) and writes the first k. When few queries share the GPU
+//   then one CTA sorts them in shared memory (bitonic) and writes the first k, or (parallel_rank, when the listed
+//   keys are few for the query's CTAs) every CTA places a slice of them by rank (the count of larger listed keys). When few queries share the GPU
 //   (queries ≤ kTopKMaxSplitQueries) each query is split over up to top_k_ctas_per_query CTAs, of which those
 //   needed for its visible keys (≥ 2048 each) work and meet at barriers between passes; the passes' histograms and
 //   the list then live in `workspace`. Otherwise, or when one CTA covers the visible keys, one CTA per query and no
@@ -35,7 +36,7 @@ namespace dsv4::cuda {
 inline constexpr int kTopKMax = 2048;
 inline constexpr int kTopKMaxSplitQueries = 64;
 
-// Phase boundaries of the cached radix select, for TopKParams::trace (a diagnostic of the bench).
+// Phase boundaries of the kernel, for TopKParams::trace (a diagnostic of the bench).
 enum TopKTracePoint : int {
   kTraceEntry,          // kernel entry
   kTraceInputsReady,    // past wait_for_prior_grids
@@ -45,15 +46,15 @@ enum TopKTracePoint : int {
   kTraceBarrier,        // ... past the first barrier
   kTracePassesDone,     // every pass done
   kTraceCollected,      // the listed keys appended
-  kTraceFinal,          // elected the final CTA (the final CTA only)
+  kTraceFinal,          // elected the final CTA (the final CTA only), or past the ranking barrier
   kTraceListLoaded,     // the list in shared memory
-  kTraceSorted,         // sorted
+  kTraceSorted,         // sorted or ranked
   kTraceWritten,        // outputs written
   kTopKTracePoints
 };
 inline constexpr const char* kTopKTracePointNames[kTopKTracePoints] = {
     "entry", "inputs ready", "cached", "histogram", "flushed", "barrier",
-    "passes done", "collected", "final CTA", "list loaded", "sorted", "written"};
+    "passes done", "collected", "final CTA", "list loaded", "sorted/ranked", "written"};
 
 struct TopKParams {
   const float* scores = nullptr;        // device [queries, row_stride]
@@ -69,11 +70,11 @@ struct TopKParams {
   void* workspace = nullptr;            // device, top_k_workspace_bytes(queries), zeroed once
   size_t workspace_bytes = 0;
   int max_ctas_per_query = 0;           // caps the split over CTAs (e.g. to leave SMs to other work); 0 = no cap
-  // The method above (true) or the previous one (false: histograms reread from global memory each pass, cooperative
-  // launch, no programmatic launch) until a GPU round has validated the new one.
-  bool cached_radix = false;
+  // Rank the listed keys in place of the final sort where that is cheap (see top_k.cuh); off until a GPU round has
+  // validated it.
+  bool parallel_rank = false;
   // Diagnostic: device int64 [queries · top_k_ctas_per_query(...), kTopKTracePoints], zeroed by the caller; each
-  // working CTA writes its SM clock (clock64) at each phase boundary it passes (cached radix only). Null: no trace.
+  // working CTA writes its SM clock (clock64) at each phase boundary it passes. Null: no trace.
   int64_t* trace = nullptr;
   cudaStream_t stream = nullptr;
 };
@@ -81,7 +82,7 @@ struct TopKParams {
 size_t top_k_workspace_bytes(int queries);
 
 // CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query).
-int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0, bool cached_radix = false);
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0);
 
 void check_top_k_params(const TopKParams& params);
 void run_top_k(const TopKParams& params);
