@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/sparse_attention.cuh"
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <utility>
 
@@ -26,15 +27,12 @@ int head_blocks_for(int heads) { return (heads + 16 * head_tiles_for(heads) - 1)
 
 bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
-// Tile-times a merge of the splits adds, fitted to bench_cuda_attention (H200, Flash, L2 flushed; session 12): a tile
-// costs ≈ 1.1 µs in a CTA's pipeline; the combine kernel, a dependent launch whose start hides behind the attention
-// kernel, ≈ 1 µs at batch 1 (SWA, 4 splits: 18.1 µs against 19.9 µs with the cluster merge) but grows with the
-// partials it moves (Flash CSA, batch 64, 2 splits: 50.8 µs against 44.0 µs); the cluster merge ≈ 1.5-2.5 µs.
-double combine_merge_tiles(int64_t tokens) { return 1.0 + double(tokens) / 32.0; }
-constexpr double kClusterMergeTiles = 1.5;
-
-// SMs per GPC assumed when packing clusters into a wave (H100/H200: 132 SMs in GPCs of 16-18).
-constexpr int kClusterPackingSms = 16;
+// Tile-times a merge of the splits adds. The combine kernel's 2 is the session-11 constant (kept: the tiny models'
+// split choices, which tests compare across batch shapes, stay as they were). The cluster merge's 1.5 is fitted to
+// bench_cuda_attention (H200, L2 flushed, session 12): a tile ≈ 1.1 µs in a CTA's pipeline; Flash batch 1 SWA with
+// 4 splits 17.9 µs (combine kernel) against 18.1 µs (cluster merge), Flash CSA batch 64 with 2 splits 50.7 against
+// 42.2 µs, batch 8 with 10 combined splits against 7 in clusters 24.7 against 24.7 µs.
+constexpr double kCombineMergeTiles = 2.0, kClusterMergeTiles = 1.5;
 
 // A programmatic dependent launch of `kernel` over `ctas` CTAs (clusters of `cluster` CTAs when > 1).
 template <class... KernelArgs, class... Args>
@@ -96,6 +94,34 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
          layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && p.cache.page_shift >= 1;
 }
 
+// Clusters of `size` CTAs of the head_dim 512 kernel (one CTA per SM) that the current device holds at once, for
+// sizes 2..kSparseAttentionMaxClusterSplits: the GPCs' SM counts decide (on an H200, 16 clusters of 8 fit 128 CTAs
+// but 112 CTAs in clusters of 7 took two waves), so the driver is asked once per process.
+const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clusters() {
+  static const std::array<int, kSparseAttentionMaxClusterSplits + 1> clusters = [] {
+    std::array<int, kSparseAttentionMaxClusterSplits + 1> count{};
+    constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
+    const auto kernel = sparse_attention_d512_kernel<false>;
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
+      cudaLaunchAttribute attribute{};
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = unsigned(size);
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(unsigned(size));
+      config.blockDim = dim3(unsigned(kD512Threads));
+      config.dynamicSmemBytes = size_t(kBytes);
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count[size_t(size)], kernel, &config));
+    }
+    return count;
+  }();
+  return clusters;
+}
+
 // The splits merge inside the attention launch, one cluster per (query, head block).
 bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= kSparseAttentionMaxClusterSplits && use_d512_kernel(p);
@@ -129,16 +155,16 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   const int64_t slots_per_wave = int64_t(multiprocessors) * std::max(1, kSharedMemoryPerSm / smem);
   // The head_dim 512 kernel (one CTA per SM) merges 2-8 splits in a cluster, whose CTAs share a GPC.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
-  const int64_t gpcs = std::max(1, multiprocessors / kClusterPackingSms);
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
     const bool cluster = clusters_possible && s > 1 && s <= kSparseAttentionMaxClusterSplits;
-    const int64_t per_wave = cluster ? gpcs * (kClusterPackingSms / s) * s : slots_per_wave;
+    const int64_t per_wave = cluster ? int64_t(resident_d512_clusters()[size_t(s)]) * s : slots_per_wave;
+    if (per_wave == 0) continue;  // no cluster of this size fits the device
     const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
-    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : combine_merge_tiles(tokens);
+    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : kCombineMergeTiles;
     const double cost = double(waves) * double((tiles + s - 1) / s + 1) + merge;
     if (cost < best_cost) {
       best_cost = cost;

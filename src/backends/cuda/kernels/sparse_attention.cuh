@@ -197,10 +197,11 @@ struct SlotRange {
 
 __device__ __forceinline__ SlotRange split_slot_range(const SparseAttentionParams& p, int64_t t, int split) {
   const int64_t total_slots = query_slot_count(p, t);
-  const int64_t total_tiles = (total_slots + kTile - 1) / kTile;
-  const int64_t tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
+  // 32-bit division (a 64-bit one is a subroutine call on the start-up path); tiles < 2^31.
+  const int total_tiles = int((total_slots + kTile - 1) / kTile);
+  const int tiles_per_split = (total_tiles + p.splits - 1) / p.splits;
   SlotRange range;
-  range.begin = split * tiles_per_split * kTile;
+  range.begin = int64_t(split) * tiles_per_split * kTile;
   range.end = min(total_slots, range.begin + tiles_per_split * kTile);
   range.tiles = range.end > range.begin ? int((range.end - range.begin + kTile - 1) / kTile) : 0;
   return range;
@@ -234,12 +235,13 @@ struct CtaWork {
 };
 
 __device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks) {
-  int64_t flat = blockIdx.x;
+  // 32-bit division: 64-bit ones are subroutine calls at the head of every CTA's critical path.
+  unsigned flat = blockIdx.x;
   CtaWork work;
-  work.split = int(flat % p.splits);
-  flat /= p.splits;
-  work.head_block = int(flat % head_blocks);
-  work.t = flat / head_blocks;
+  work.split = int(flat % unsigned(p.splits));
+  flat /= unsigned(p.splits);
+  work.head_block = int(flat % unsigned(head_blocks));
+  work.t = int64_t(flat / unsigned(head_blocks));
   return work;
 }
 
@@ -565,8 +567,13 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   in two wavefronts.
 // - Programmatic dependent launch: before griddepcontrol.wait the CTA asks L2 for its first inputs
 //   (d512_prefetch_inputs), initialises its barriers and the consumers load the sink and the rope frequencies
-//   (weights); the query position is loaded right after it, so that none of these global loads sits on the epilogue's
-//   critical path.
+//   (weights); the query position is loaded right after it and the inverse-RoPE factors are evaluated while Q loads,
+//   so that none of this sits on the epilogue's critical path.
+// - Batch-1 start-up (ncu, session 12, Flash SWA, 4 splits of one tile): ≈ 25K active cycles per CTA at 1.49 GHz,
+//   the same with a cold or a warm L2; ≈ 1.5K instructions per warp at ≈ 14 cycles each (long scoreboard 4.3, no
+//   instruction 2.7, wait 1.6, LSU throttle 1.6, barrier 1.1 cycles per issue): a long serial chain of low-ILP phases
+//   (index → page → bulk copy → expansion → QKᵀ → exchange → softmax → PV → epilogue), not one large stall. 64-bit
+//   divisions (subroutine calls) were taken off its head.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -906,7 +913,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   uint8_t* q_tile = smem + L::kQ;
   const int dim_base = consumer * (kD512HeadDim / 2);
 
-  // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero); batches of independent loads.
+  // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero); batches of independent loads. This
+  // thread's inverse-RoPE factors (pair thread256) are evaluated while the loads are in flight, not in the epilogue.
+  RopeFactors rope_pair{1.0f, 0.0f};
   {
     constexpr int kChunks = kD512Heads * (kD512HeadDim / 2) / 8 / kWarpgroupThreads;  // 16 per thread
     constexpr int kBatch = kChunks;  // one round trip: o_acc is not live yet, so the registers are there
@@ -929,6 +938,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                  pack_bf16x2(hi.z, hi.w));
         }
       }
+      if (first == 0 && rope && thread256 < layout.rope_dim / 2) rope_pair = rope_factors(position, frequency);
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
         const int x = (first + i) * kWarpgroupThreads + thread;
@@ -1025,8 +1035,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     // Both consumers are done with Q, the KV stages and the exchange buffers: the partial and the tables overlay them.
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     if (rope && thread256 < layout.rope_dim / 2)
-      reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] =
-          rope_factors(position, frequency);
+      reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] = rope_pair;
     float* partial = reinterpret_cast<float*>(smem + L::kMergePartial);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -1070,7 +1079,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kExchange);
   if (rope) {
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_factors(position, frequency);
+    if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
 #pragma unroll
@@ -1111,8 +1120,9 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
       if (p.compressed_counts != nullptr) ptx::prefetch_l2(p.compressed_counts + t);
     }
     const int64_t total = int64_t(p.window_slots) + p.compressed_slots;
-    const int64_t tiles_per_split = ((total + kTile - 1) / kTile + p.splits - 1) / p.splits;
-    const int64_t begin = work.split * tiles_per_split * kTile, end = min(total, begin + tiles_per_split * kTile);
+    const int tiles_per_split = (int((total + kTile - 1) / kTile) + p.splits - 1) / p.splits;
+    const int64_t begin = int64_t(work.split) * tiles_per_split * kTile;
+    const int64_t end = min(total, begin + int64_t(tiles_per_split) * kTile);
     for (int64_t s = begin + int64_t(thread) * kLineSlots; s < end; s += int64_t(kLineSlots) * kWarpgroupThreads)
       ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
                                           : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
