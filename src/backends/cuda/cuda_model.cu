@@ -172,6 +172,21 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) 
   return bytes;
 }
 
+// Device bytes of the stacked projections (CudaModelOptions::fuse_projections) over any weight tree through
+// `bytes_of` (a part's data + scales): the stacked copies are allocated while their parts still hold theirs, and the
+// parts' freed space is reused only where later pieces fit, so the plan counts them in full.
+template <class Weights, class BytesOf>
+size_t stacked_projection_bytes(const Weights& w, BytesOf bytes_of) {
+  size_t bytes = 0;
+  auto add = [&](const auto& m) { bytes += round_up_256(bytes_of(m)) + DeviceAllocator::kAlignment; };
+  for (const auto& b : w.layers) {
+    add(b.attn.wq_a), add(b.attn.wkv);
+    if (b.attn.compressor) add(b.attn.compressor->wkv), add(b.attn.compressor->wgate);
+    if (b.attn.indexer) add(b.attn.indexer->compressor.wkv), add(b.attn.indexer->compressor.wgate);
+  }
+  return bytes;
+}
+
 // The rows of `parts` stacked into one matrix in `pool` (one linear launch for matrices that read the same input),
 // copied on `stream`; an empty matrix when their formats, widths or scale layouts do not line up (FP8_BLOCK128
 // parts other than the last must fill whole 128-row bands, so that their scale bands stack too).
@@ -419,6 +434,10 @@ struct CudaModel::Impl {
     if (host != nullptr) {
       host_weights.emplace(gpu_linear_formats(*host, converted));
       plan.weights = plan_weight_upload(*host_weights).device_bytes;
+      if (o.fuse_projections)
+        plan.stacked = stacked_projection_bytes(*host_weights, [](const QuantizedMatrix& m) {
+          return m.rows > 0 ? m.stored_bytes() : 0;
+        });
       linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), [](const QuantizedMatrix& m) {
         return shape_view(m);
       });
@@ -428,6 +447,8 @@ struct CudaModel::Impl {
       linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), [](const DeviceMatrix& m) {
         return m.view();
       });
+      if (o.fuse_projections)
+        plan.stacked = stacked_projection_bytes(*device, [](const DeviceMatrix& m) { return m.view().stored_bytes; });
     }
     plan.kv_cache = kv_cache_bytes(kv);
     plan.state = sequence_state_bytes(kv);
@@ -441,7 +462,7 @@ struct CudaModel::Impl {
     if (host != nullptr) {
       WeightUploadOptions upload;
       upload.progress = o.progress;
-      upload.keep_free_bytes = plan.kv_cache + plan.state + plan.scratch;
+      upload.keep_free_bytes = plan.stacked + plan.kv_cache + plan.state + plan.scratch;
       weights = upload_model_weights(*host_weights, pool, context.copy_stream(), upload);
     } else {
       weights = std::move(*device);
@@ -527,14 +548,16 @@ struct CudaModel::Impl {
   // Device memory the model takes, by part.
   struct MemoryPlan {
     size_t weights = 0;   // to upload (0 when the weights came resident)
+    size_t stacked = 0;   // stacked projections (fuse_projections)
     size_t kv_cache = 0;  // page pool and table
     size_t state = 0;     // compressor states and indexer keys of every slot
     size_t scratch = 0;   // step activations and kernel workspaces
     size_t free = 0;      // device memory free before the model allocated anything
-    size_t needed() const { return weights + kv_cache + state + scratch; }
+    size_t needed() const { return weights + stacked + kv_cache + state + scratch; }
     std::string describe() const {
-      return (weights > 0 ? format_bytes(weights) + " of weights + " : std::string()) + format_bytes(kv_cache) +
-             " of KV cache + " + format_bytes(state) + " of compressor and indexer state + " +
+      return (weights > 0 ? format_bytes(weights) + " of weights + " : std::string()) +
+             (stacked > 0 ? format_bytes(stacked) + " of stacked projections + " : std::string()) +
+             format_bytes(kv_cache) + " of KV cache + " + format_bytes(state) + " of compressor and indexer state + " +
              format_bytes(scratch) + " of step workspace = " + format_bytes(needed()) + ", " + format_bytes(free) +
              " free";
     }
