@@ -2,7 +2,7 @@
 // sampling.cuh) share, written once so that both pick the same token for the same logits, parameters and draw.
 //
 // - Logit adjustments (logit_bias, repetition, frequency and presence penalties) and the tempered weights
-//   exp((logit - max) / temperature) are float operations that give the same bits on both sides: no fused
+//   exp((logit - max) * (1 / temperature)) are float operations that give the same bits on both sides: no fused
 //   multiply-add (the device uses the _rn intrinsics, which the compiler never contracts), our own exp.
 // - Probability masses are integers: mass = round(weight * 2^mass_shift(vocab)), chosen so that the masses of a whole
 //   vocabulary sum to at most 2^63. Integer sums are exact in any order, so every filter threshold (top_p) and the
@@ -116,9 +116,10 @@ DSV4_HD float exp_nonpositive(float x) {
   return bits_to_float(float_to_bits(mul_rn(poly, bits_to_float(two_to_n))) & keep_mask);
 }
 
-// exp((logit - max_logit) / temperature) in (0, 1], 0 for -inf logits; exactly 1 for the maximum.
-DSV4_HD float tempered_weight(float logit, float max_logit, float temperature) {
-  return exp_nonpositive(div_rn(sub_rn(logit, max_logit), temperature));
+// exp((logit - max_logit) * inverse_temperature) in (0, 1], 0 for -inf logits; exactly 1 for the maximum. Both
+// samplers pass inverse_temperature = 1.0f / temperature (one division per row, not one per token).
+DSV4_HD float tempered_weight(float logit, float max_logit, float inverse_temperature) {
+  return exp_nonpositive(mul_rn(sub_rn(logit, max_logit), inverse_temperature));
 }
 
 // Fixed-point bits of a mass: the largest shift with vocab * 2^shift <= 2^63 (exact sums), at most 52 (weight_mass's

@@ -30,7 +30,7 @@ struct EngineOptions {
   int64_t max_context = 0;
   // On a GPU, decode steps pick the next token on the device (kernels/sampling.hpp): the logits stay there and only
   // the token comes back. Same parameters and random stream as the CPU Sampler, so the same tokens.
-  bool sample_on_device = false;
+  bool sample_on_device = true;
 };
 
 struct GenerationResult {

@@ -72,12 +72,13 @@ DSV4_VOCAB_PASS LogitScan scan_logits(const float* logits, size_t count) {
   return {std::bit_cast<float>(key(max_key)), invalid != 0};
 }
 
-// weights[t] = exp((logits[t] - max_logit) / temperature) and the integer mass of each kBlock-token block.
+// weights[t] = exp((logits[t] - max_logit) * (1 / temperature)) and the integer mass of each kBlock-token block.
 DSV4_VOCAB_PASS void compute_weights(const float* logits, size_t count, float max_logit, float temperature,
                                      int mass_shift, float* weights, uint64_t* block_mass) {
+  const float inverse_temperature = 1.0f / temperature;
   for (size_t begin = 0; begin < count; begin += kBlock) {
     const size_t end = std::min(count, begin + kBlock);
-    for (size_t i = begin; i < end; ++i) weights[i] = sampling::tempered_weight(logits[i], max_logit, temperature);
+    for (size_t i = begin; i < end; ++i) weights[i] = sampling::tempered_weight(logits[i], max_logit, inverse_temperature);
     uint64_t mass = 0;
     for (size_t i = begin; i < end; ++i) mass += sampling::weight_mass(weights[i], mass_shift);
     block_mass[begin / kBlock] = mass;

@@ -8,8 +8,8 @@
 //   3. frequency         logit[t] -= frequency_penalty * count[t]             (counts over generated tokens only,
 //   4. presence          logit[t] -= presence_penalty * (count[t] > 0)         OpenAI's formula, vLLM's order)
 //   5. temperature == 0  greedy: argmax of the adjusted logits, ties go to the lowest token id; 6-10 are skipped
-//   6. temperature       weight[t] = exp((logit[t] - max_logit) / temperature); mass[t] = round(weight * 2^s), an
-//                        integer (core/sampling_math.hpp: s = 46 for 129,280 tokens), p[t] = mass[t] / sum of masses
+//   6. temperature       weight[t] = exp((logit[t] - max_logit) * (1 / temperature)); mass[t] = round(weight * 2^s),
+//                        an integer (core/sampling_math.hpp: s = 46 for 129,280 tokens); p[t] = mass[t] / sum of masses
 //   7. top_k             keep the k most probable tokens (exactly k: ties go to the lower token id)
 //   8. top_p             nucleus over the masses renormalised after top_k: keep the smallest prefix of the tokens
 //                        sorted by probability whose mass reaches ceil(top_p * mass) (a token stays when the mass

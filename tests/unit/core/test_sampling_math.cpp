@@ -28,8 +28,8 @@ TEST(SamplingMath, ExpMatchesStdExpAndUnderflowsBelowMinus87) {
 
 TEST(SamplingMath, TemperedWeightIsOneAtTheMaximum) {
   for (const float t : {0.1f, 0.7f, 1.0f, 3.0f}) {
-    EXPECT_EQ(tempered_weight(12.5f, 12.5f, t), 1.0f);
-    EXPECT_LT(tempered_weight(12.0f, 12.5f, t), 1.0f);
+    EXPECT_EQ(tempered_weight(12.5f, 12.5f, 1.0f / t), 1.0f);
+    EXPECT_LT(tempered_weight(12.0f, 12.5f, 1.0f / t), 1.0f);
   }
 }
 

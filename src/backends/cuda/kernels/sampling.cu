@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/sampling.cuh"
 #include "core/error.hpp"
 
@@ -11,19 +12,54 @@ namespace dsv4::cuda {
 
 namespace {
 
-// The kernel may use all the shared memory a CTA can have, granted once per device (a per-launch call would cost
-// host time on every step).
-void allow_kernel_shared_memory() {
+struct DeviceSetup {
+  bool done = false;
+  int multiprocessors = 0;
+  bool wide_clusters = false;  // the GPU schedules kWideClusterCtas-CTA clusters of this kernel
+};
+
+cudaLaunchConfig_t launch_config(const SamplingLaunchParams& p, int cluster_ctas, cudaLaunchAttribute* attributes) {
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = unsigned(cluster_ctas);
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(p.rows * cluster_ctas));
+  config.blockDim = dim3(sampling_detail::kThreads);
+  config.dynamicSmemBytes = sampling_detail::shared_bytes(p.vocab, cluster_ctas);
+  config.stream = p.stream;
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  return config;
+}
+
+// Once per device: the kernel may use all the shared memory a CTA can have and clusters of 16 CTAs, and whether such
+// clusters fit this GPU (a per-launch query would cost host time on every step).
+const DeviceSetup& device_setup(const SamplingLaunchParams& p) {
   static std::mutex mutex;
-  static std::vector<bool> granted;
+  static std::vector<DeviceSetup> setups;
   int device = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
   const std::lock_guard lock(mutex);
-  if (granted.size() <= size_t(device)) granted.resize(size_t(device) + 1, false);
-  if (granted[size_t(device)]) return;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(sampling_detail::sample_rows_kernel,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, sampling_detail::kMaxSharedBytes));
-  granted[size_t(device)] = true;
+  if (setups.size() <= size_t(device)) setups.resize(size_t(device) + 1);
+  DeviceSetup& setup = setups[size_t(device)];
+  if (setup.done) return setup;
+  const auto kernel = sampling_detail::sample_rows_kernel;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       sampling_detail::kMaxSharedBytes));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  setup.multiprocessors = current_multiprocessors();
+  cudaLaunchAttribute attributes[2]{};
+  SamplingLaunchParams widest = p;
+  widest.vocab = max_sampling_vocab();
+  const cudaLaunchConfig_t config = launch_config(widest, sampling_detail::kWideClusterCtas, attributes);
+  int clusters = 0;
+  setup.wide_clusters = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+  cudaGetLastError();  // a refused query is an answer, not an error to report later
+  setup.done = true;
+  return setup;
 }
 
 }  // namespace
@@ -46,22 +82,12 @@ void check_sampling_params(const SamplingLaunchParams& p) {
 
 void run_sampling(const SamplingLaunchParams& p) {
   check_sampling_params(p);
-  const size_t smem = sampling_detail::shared_bytes(p.vocab);
-  allow_kernel_shared_memory();
+  const DeviceSetup& setup = device_setup(p);
+  // Few rows leave most SMs idle with 8-CTA clusters: spread each row over 16 where they fit.
+  const bool wide = setup.wide_clusters && p.rows * sampling_detail::kWideClusterCtas <= setup.multiprocessors;
   cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = sampling_detail::kClusterCtas;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(p.rows * sampling_detail::kClusterCtas));
-  config.blockDim = dim3(sampling_detail::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = p.stream;
-  config.attrs = attributes;
-  config.numAttrs = 2;
+  const cudaLaunchConfig_t config =
+      launch_config(p, wide ? sampling_detail::kWideClusterCtas : sampling_detail::kClusterCtas, attributes);
   check_cuda(cudaLaunchKernelEx(&config, sampling_detail::sample_rows_kernel, p), "sampling", __FILE__, __LINE__);
 }
 

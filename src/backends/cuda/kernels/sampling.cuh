@@ -1,4 +1,4 @@
-// Device code of the sampler (sampling.hpp). One cluster of kClusterCtas CTAs per row; CTA `rank` holds the row's
+// Device code of the sampler (sampling.hpp). One cluster of 8 or 16 CTAs per row; CTA `rank` holds the row's
 // tokens [rank * slice, (rank + 1) * slice) in shared memory, first as logits, then as weights in place.
 //
 // Phases (every CTA of a cluster takes the same branches: they decide on the same exchanged values):
@@ -31,7 +31,8 @@ namespace dsv4::cuda::sampling_detail {
 
 namespace cg = cooperative_groups;
 
-constexpr int kClusterCtas = 8;
+constexpr int kClusterCtas = 8;        // portable cluster size: any row count
+constexpr int kWideClusterCtas = 16;   // few rows: twice the SMs per row, where the GPU schedules such clusters
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kDigitBits = 10;
@@ -63,6 +64,7 @@ struct SharedPlan {
   CtaSummary summary;
   uint64_t scratch_a[kWarps];
   uint64_t scratch_b[kWarps];
+  uint64_t warp_sums[kWarps];  // warp_range_sums' results, which locate() reads
   unsigned long long cluster_key;
   int32_t cluster_bad;
   // The bin a radix pass selected, and the running sums above it.
@@ -82,8 +84,12 @@ struct SharedPlan {
   int64_t tie_limit;
 };
 
-__host__ __device__ inline int64_t slice_tokens(int64_t vocab) { return (vocab + kClusterCtas - 1) / kClusterCtas; }
-inline size_t shared_bytes(int64_t vocab) { return sizeof(SharedPlan) + size_t(slice_tokens(vocab)) * sizeof(float); }
+__host__ __device__ inline int64_t slice_tokens(int64_t vocab, int cluster_ctas) {
+  return (vocab + cluster_ctas - 1) / cluster_ctas;
+}
+inline size_t shared_bytes(int64_t vocab, int cluster_ctas) {
+  return sizeof(SharedPlan) + size_t(slice_tokens(vocab, cluster_ctas)) * sizeof(float);
+}
 
 // Float order as an unsigned key (-0 and +0 equal), the complement of the id below it: the largest key is the
 // largest value at its lowest id.
@@ -136,17 +142,6 @@ __device__ __forceinline__ void block_inclusive_sum(uint64_t& a, uint64_t& b, ui
   __syncthreads();
 }
 
-// Sum (or max) over the CTA, the result in every thread.
-__device__ __forceinline__ uint64_t block_sum(uint64_t v, SharedPlan& s) {
-  v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) s.scratch_a[threadIdx.x / 32] = v;
-  __syncthreads();
-  uint64_t total = 0;
-  for (int w = 0; w < kWarps; ++w) total += s.scratch_a[w];
-  __syncthreads();
-  return total;
-}
-
 // One radix pass: the cluster's histogram, for the tokens whose weight bits match `prefix` above bit
 // shift + kDigitBits, of digit (bits >> shift) % kBins. Thread t gets bin kBins - 1 - t (the top bin first).
 __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n, int shift, uint32_t prefix,
@@ -184,7 +179,7 @@ __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n
   cluster.sync();
   const int bin = kBins - 1 - int(threadIdx.x);
   bin_count = 0, bin_mass = 0;
-  for (int rank = 0; rank < kClusterCtas; ++rank) {
+  for (int rank = 0; rank < int(cluster.num_blocks()); ++rank) {
     const Histogram* other = cluster.map_shared_rank(&own, rank);
     bin_count += other->count[bin];
     if (with_mass) bin_mass += (uint64_t(other->mass_high[bin]) << 32) | other->mass_low[bin];
@@ -246,23 +241,39 @@ __device__ Cut radix_select(const float* values, int64_t n, const FirstPass& fir
   return cut;
 }
 
+// Warp w's range of the CTA's slice: a contiguous 1/kWarps of it, so that the warps' sums are in token id order.
+__device__ __forceinline__ void warp_range(int64_t n, int warp, int64_t& begin, int64_t& end) {
+  const int64_t per_warp = (n + kWarps - 1) / kWarps;
+  begin = min(n, warp * per_warp);
+  end = min(n, begin + per_warp);
+}
+
+// s.warp_sums[w] = the sum of value(i) over warp w's range; returns the CTA's total (every thread).
+template <class Value>
+__device__ uint64_t warp_range_sums(int64_t n, Value value, SharedPlan& s) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t begin, end;
+  warp_range(n, warp, begin, end);
+  uint64_t sum = 0;
+  for (int64_t i = begin + lane; i < end; i += 32) sum += value(i);
+  sum = warp_sum(sum);
+  if (lane == 0) s.warp_sums[warp] = sum;
+  __syncthreads();
+  uint64_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += s.warp_sums[w];
+  return total;
+}
+
 // The first index i in [0, n) where the running sum of value(i), in index order, exceeds `target` (< the CTA's
-// total). Every thread of the CTA calls it. Three levels, each one scan: the warps' contiguous ranges, the lanes'
-// contiguous pieces of the chosen warp's range, then the chosen lane's elements one by one.
+// total), given warp_range_sums(n, value) in s.warp_sums. Every thread of the CTA calls it. Two more scans: the
+// lanes' contiguous pieces of the chosen warp's range, then the chosen lane's elements one by one.
 template <class Value>
 __device__ int64_t locate(int64_t n, uint64_t target, Value value, SharedPlan& s) {
   static_assert(kWarps == 32, "one lane per warp range in the first scan");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t per_warp = (n + kWarps - 1) / kWarps;
-  const int64_t begin = min(n, warp * per_warp), end = min(n, begin + per_warp);
-  uint64_t sum = 0;
-  for (int64_t i = begin + lane; i < end; i += 32) sum += value(i);
-  sum = warp_sum(sum);
-  if (lane == 0) s.scratch_a[warp] = sum;
   if (threadIdx.x == 0) s.located_index = int32_t(n - 1);
-  __syncthreads();
   if (warp == 0) {
-    const uint64_t own = s.scratch_a[lane];
+    const uint64_t own = s.warp_sums[lane];
     const uint64_t inclusive = warp_inclusive_sum(own, lane);
     const unsigned crossed = __ballot_sync(0xFFFFFFFFu, target < inclusive);
     if (lane == (crossed != 0 ? __ffs(crossed) - 1 : 31)) {
@@ -272,6 +283,8 @@ __device__ int64_t locate(int64_t n, uint64_t target, Value value, SharedPlan& s
   }
   __syncthreads();
   if (warp == s.located_warp) {
+    int64_t begin, end;
+    warp_range(n, warp, begin, end);
     const uint64_t residual = s.located_residual;
     const int64_t per_lane = (end - begin + 31) / 32;
     const int64_t lane_begin = min(end, begin + lane * per_lane), lane_end = min(end, lane_begin + per_lane);
@@ -300,8 +313,9 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   float* values = reinterpret_cast<float*>(shared_raw + sizeof(SharedPlan));
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = int(cluster.block_rank());
-  const int64_t row = blockIdx.x / kClusterCtas;
-  const int64_t slice = slice_tokens(p.vocab);
+  const int cluster_ctas = int(cluster.num_blocks());
+  const int64_t row = blockIdx.x / cluster_ctas;
+  const int64_t slice = slice_tokens(p.vocab, cluster_ctas);
   const int64_t begin = rank * slice;
   const int64_t n = max(int64_t(0), min(slice, p.vocab - begin));
   const int mass_shift = sampling::mass_shift(p.vocab);
@@ -346,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   }
   cluster.sync();
   if (threadIdx.x == 0) {
-    for (int other = 0; other < kClusterCtas; ++other) {
+    for (int other = 0; other < cluster_ctas; ++other) {
       const CtaSummary* summary = cluster.map_shared_rank(&s.summary, other);
       key = summary->max_key > key ? summary->max_key : key;
       bad = min(bad, summary->bad_token);
@@ -377,8 +391,9 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   }
 
   // B. Weights in place.
+  const float inverse_temperature = sampling::div_rn(1.0f, rp.temperature);
   for (int64_t i = threadIdx.x; i < n; i += kThreads)
-    values[i] = sampling::tempered_weight(values[i], max_logit, rp.temperature);
+    values[i] = sampling::tempered_weight(values[i], max_logit, inverse_temperature);
   __syncthreads();
 
   // C. top_k, then top_p over the top_k set's mass; the earlier cut in rank order wins.
@@ -405,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   // Equal weights split by the cut: the survivors among them are the lowest ids, so find the last one in this slice.
   int64_t tie_limit = INT64_MAX;
   if (cut.bits != kNoCut && cut.keep < cut.ties) {
-    uint64_t ties = 0;
-    for (int64_t i = threadIdx.x; i < n; i += kThreads) ties += float_to_bits(values[i]) == cut.bits ? 1 : 0;
-    ties = block_sum(ties, s);
+    const uint32_t bits = cut.bits;
+    const auto is_tie = [&](int64_t i) { return uint64_t(float_to_bits(values[i]) == bits ? 1 : 0); };
+    const uint64_t ties = warp_range_sums(n, is_tie, s);
     if (threadIdx.x == 0) s.summary.ties = uint32_t(ties);
     cluster.sync();
     uint64_t before = 0;
@@ -416,9 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
     if (keep_here == 0) {
       tie_limit = -1;
     } else if (keep_here < ties) {
-      const uint32_t bits = cut.bits;
-      tie_limit = begin + locate(n, keep_here - 1,
-                                 [&](int64_t i) { return uint64_t(float_to_bits(values[i]) == bits ? 1 : 0); }, s);
+      tie_limit = begin + locate(n, keep_here - 1, is_tie, s);
     }
   }
 
@@ -432,28 +445,24 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
                           (min_p <= 0.0f || w >= min_p);
     return survives ? sampling::weight_mass(w, mass_shift) : 0;
   };
-  uint64_t local_mass = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) local_mass += survivor_mass(i);
-  local_mass = block_sum(local_mass, s);
+  const uint64_t local_mass = warp_range_sums(n, survivor_mass, s);
   if (threadIdx.x == 0) s.summary.survivor_mass = local_mass;
   cluster.sync();
   if (threadIdx.x == 0) {
-    uint64_t masses[kClusterCtas];
+    const auto mass_of = [&](int other) { return cluster.map_shared_rank(&s.summary, other)->survivor_mass; };
     uint64_t total = 0;
-    for (int other = 0; other < kClusterCtas; ++other) {
-      masses[other] = cluster.map_shared_rank(&s.summary, other)->survivor_mass;
-      total += masses[other];
-    }
+    for (int other = 0; other < cluster_ctas; ++other) total += mass_of(other);
     const uint64_t target = sampling::draw_target(rp.draw, total);
     uint64_t before = 0;
     s.draw_rank = -1;
-    for (int other = 0; other < kClusterCtas; ++other) {
-      if (target < before + masses[other]) {
+    for (int other = 0; other < cluster_ctas; ++other) {
+      const uint64_t mass = mass_of(other);
+      if (target < before + mass) {
         s.draw_rank = other;
         s.draw_residual = target - before;
         break;
       }
-      before += masses[other];
+      before += mass;
     }
   }
   cluster.sync();  // every remote read is done: from here on each CTA works alone and may leave

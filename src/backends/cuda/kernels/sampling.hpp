@@ -7,11 +7,12 @@
 // - logits: device fp32 [rows, row_stride] (read only); row_params: device [rows]; adjustments: device entries, row r
 //   uses [row_params[r].adjustments_begin, + adjustments_count) (tokens distinct within a row, inside the
 //   vocabulary; entries outside it are ignored); results: device [rows].
-// - One cluster of kClusterCtas CTAs per row holds the row in shared memory (a slice per CTA): one read of the logits,
-//   then every pass (max, weights, the radix selections of top_k and top_p, the draw) runs on shared memory, with
-//   the CTAs exchanging histograms and sums through distributed shared memory. No workspace, no allocation, no
-//   synchronisation; asynchronous on `stream`, CUDA-graph capturable; a programmatic dependent launch (the logits
-//   are read after wait_for_prior_grids).
+// - One cluster of 8 CTAs per row (16 when rows * 16 CTAs fit the SMs and the GPU schedules such clusters) holds the
+//   row in shared memory (a slice per CTA): one read of the logits, then every pass (max, weights, the radix
+//   selections of top_k and top_p, the draw) runs on shared memory, with the CTAs exchanging histograms and sums
+//   through distributed shared memory. No workspace, no allocation, no synchronisation; asynchronous on `stream`,
+//   CUDA-graph capturable (the first launch on a device sets the kernel's attributes, once); a programmatic
+//   dependent launch (the logits are read after wait_for_prior_grids).
 // - vocab up to max_sampling_vocab() (the row must fit the cluster's shared memory).
 #pragma once
 
