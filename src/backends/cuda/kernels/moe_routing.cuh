@@ -5,15 +5,20 @@
 //   striding K in 8-value vectors (16-byte bf16 loads, two for fp32) with 8 loads in flight each. Small T: many
 //   CTAs of 8 rows, so the E·d·2 router bytes stream over many SMs; large T: a CTA covers all rows of its tokens
 //   (u staged once per token chunk).
-// - Scoring/top-k: one warp per token; lane l holds experts l, l + 32, ... (E ≤ 512 → 16 per lane, constant-indexed
-//   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
-//   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
-//   CPU reference.
+// - Router rows are asked of L2 before the PDL wait (they are weights), so their HBM read overlaps the previous
+//   kernel.
+// - Scoring/top-k: W warps per token (W = 8 at few tokens per CTA, 1 at 8): warp w of the token's group holds
+//   experts (i·W + w)·32 + lane (E ≤ 512 → at most 16 per lane, constant-indexed registers) and finds their top_k;
+//   each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a valid expert
+//   is always chosen. With W > 1 the group's first warp then picks the top_k of the W·top_k candidates the same
+//   way. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the CPU reference.
 // - Both kernels are chained with programmatic dependent launch (ptx/dependent_launch.cuh): each waits for its
 //   predecessor's writes first, then lets the next kernel's CTAs be scheduled.
 // - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
-//   counts, one warp's scan, then a stable scatter by one warp (__match_any_sync gives each slot its rank among the
-//   lanes of its chunk that chose the same expert), so the row order is a function of the routing alone.
+//   counts, one warp's scan, then a stable scatter by one warp over the ids staged in shared memory
+//   (__match_any_sync gives each slot its rank among the lanes of its chunk that chose the same expert), so the row
+//   order is a function of the routing alone. With few tokens (fused_routing) the router kernel's last CTA does the
+//   routing and the bucketing itself.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +37,7 @@ inline constexpr int kRouterMaxTokensPerCta = 4;
 inline constexpr int kRouterVector = 8;  // router values per lane per load
 inline constexpr int kRouterBatch = 8;   // loads per lane in flight before the first use
 inline constexpr int kSelectWarpsPerCta = 8;
+static_assert(kSelectWarpsPerCta == kRouterWarpsPerCta, "route_tokens_in_cta serves both kernels' CTAs");
 inline constexpr int kMaxExpertsPerLane = 16;  // kMoeMaxExperts / 32
 
 struct RouterLogitsArgs {
@@ -69,6 +75,7 @@ struct RouteArgs {
   int tokens, experts, top_k, rows_per_item;
   float routed_scaling_factor;
   MoeRoutingBuffers out;
+  int tokens_per_cta;  // moe_route_and_bucket_kernel: tokens routed by one CTA (1, 2, 4 or 8)
 };
 
 __device__ __forceinline__ float sqrt_softplus(float v) {
@@ -168,26 +175,26 @@ __device__ void route_token(const RouteArgs& a, int t, int lane) {
   write_route(a, t, lane, my_id, my_s);
 }
 
-// Routes every token (T <= kMoeFusedRoutingMaxTokens) with the whole CTA of kRouterWarpsPerCta warps: on scored
-// layers W = 8 / T (rounded down to a power of two) warps share a token, each finds the top_k of its slice of the
+// Routes tokens [first, first + count) with the whole CTA of kRouterWarpsPerCta warps: on scored layers
+// W = 8 / count (rounded down to a power of two) warps share a token, each finds the top_k of its slice of the
 // experts, and the first of them picks the token's top_k among those W·top_k candidates (the same choice: the
-// order is total), so at T = 1 a lane scans one or two experts instead of eight to twelve. Hash layers select
+// order is total), so at W = 8 a lane scans one or two experts instead of eight to twelve. Hash layers select
 // nothing: one warp per token. Called by the whole CTA (it synchronises).
-__device__ void route_tokens_in_cta(const RouteArgs& a) {
+__device__ void route_tokens_in_cta(const RouteArgs& a, int first_token, int count) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (a.tid2eid != nullptr) {
-    for (int t = warp; t < a.tokens; t += kRouterWarpsPerCta) route_token(a, t, lane);
+    for (int t = first_token + warp; t < first_token + count; t += kRouterWarpsPerCta) route_token(a, t, lane);
     return;
   }
   constexpr int kMaxMergeCandidates = kRouterWarpsPerCta;  // per lane: W·top_k <= 8·32
   __shared__ float candidate_v[kRouterWarpsPerCta][kWarpSize], candidate_s[kRouterWarpsPerCta][kWarpSize];
   __shared__ int candidate_id[kRouterWarpsPerCta][kWarpSize];
-  const int W = a.tokens == 1 ? 8 : a.tokens == 2 ? 4 : a.tokens <= 4 ? 2 : 1;
+  const int W = count == 1 ? 8 : count == 2 ? 4 : count <= 4 ? 2 : 1;
   const int groups = kRouterWarpsPerCta / W, group = warp / W, w = warp % W;
   const int n = (a.experts + W * kWarpSize - 1) / (W * kWarpSize);
-  for (int first = 0; first < a.tokens; first += groups) {  // the same trip count in every warp (barriers inside)
-    const int t = first + group;
-    const bool routes = t < a.tokens;
+  for (int first = 0; first < count; first += groups) {  // the same trip count in every warp (barriers inside)
+    const int t = first_token + first + group;
+    const bool routes = first + group < count;
     int my_id = 0;
     float my_s = 0.0f, my_v = 0.0f;
     if (routes) {
@@ -263,21 +270,36 @@ __device__ void bucket_slots(const RouteArgs& a) {
   if (warp_idx == 0) warp_scan_counts(counts, experts, a.rows_per_item, shared_items, offsets, item_offsets, lane);
   __syncthreads();
   if (warp_idx == 0) {
-    // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor.
+    // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor. The ids come through
+    // shared memory a segment at a time, each lane's 32 loads in flight together, so the serial chunk loop waits on
+    // no global load (one per chunk made it ~1 µs per 32 slots).
+    constexpr int kLoadsPerLane = 32, kSegment = kLoadsPerLane * kWarpSize;
+    __shared__ int segment_ids[kSegment];
     for (int e = lane; e < experts; e += kWarpSize) counts[e] = offsets[e];
-    __syncwarp();
-    for (int chunk = 0; chunk < slots; chunk += kWarpSize) {
-      const int s = chunk + lane;
-      const int e = s < slots ? __ldcg(a.out.expert_ids + s) : -1 - lane;
-      const unsigned same = __match_any_sync(0xFFFFFFFFu, e);
-      if (s < slots) {
-        const int row = counts[e] + __popc(same & ((1u << lane) - 1u));
-        a.out.row_tokens[row] = s / a.top_k;
-        a.out.slot_rows[s] = row;
+    for (int segment = 0; segment < slots; segment += kSegment) {
+      const int count = min(kSegment, slots - segment);
+      int ids[kLoadsPerLane];
+#pragma unroll
+      for (int i = 0; i < kLoadsPerLane; ++i) {
+        const int j = i * kWarpSize + lane;
+        ids[i] = j < count ? __ldcg(a.out.expert_ids + segment + j) : 0;
       }
+#pragma unroll
+      for (int i = 0; i < kLoadsPerLane; ++i) segment_ids[i * kWarpSize + lane] = ids[i];
       __syncwarp();
-      if (s < slots && lane == __ffs(same) - 1) counts[e] += __popc(same);
-      __syncwarp();
+      for (int chunk = 0; chunk < count; chunk += kWarpSize) {
+        const int j = chunk + lane, s = segment + j;
+        const int e = j < count ? segment_ids[j] : -1 - lane;
+        const unsigned same = __match_any_sync(0xFFFFFFFFu, e);
+        if (j < count) {
+          const int row = counts[e] + __popc(same & ((1u << lane) - 1u));
+          a.out.row_tokens[row] = s / a.top_k;
+          a.out.slot_rows[s] = row;
+        }
+        __syncwarp();
+        if (j < count && lane == __ffs(same) - 1) counts[e] += __popc(same);
+        __syncwarp();
+      }
     }
   } else {
     const int helper = threadIdx.x - kWarpSize, helpers = blockDim.x - kWarpSize;
@@ -318,12 +340,12 @@ __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
   return is_last;
 }
 
+// Grid: one CTA per tokens_per_cta tokens (route_tokens_in_cta), the last CTA to finish buckets.
 __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
-  const int lane = threadIdx.x % kWarpSize;
-  const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
-  if (t < a.tokens) route_token(a, t, lane);
+  const int first = blockIdx.x * a.tokens_per_cta;
+  route_tokens_in_cta(a, first, min(a.tokens_per_cta, a.tokens - first));
   if (arrived_last(a.out.finished_ctas)) bucket_slots(a);
 }
 
@@ -411,7 +433,7 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize, 1) moe_router_
   }
   if constexpr (kRoute) {
     if (!arrived_last(args.route.out.finished_ctas)) return;
-    route_tokens_in_cta(args.route);
+    route_tokens_in_cta(args.route, 0, args.route.tokens);
     __syncthreads();  // the expert ids of every token, for the bucketing
     bucket_slots(args.route);
   }
