@@ -8,12 +8,12 @@
 // - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1, 8 and
 //   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
-// - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many
-//   ties) and on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full
-//   CUB segmented radix sort of (score, index) pairs; each also with TopKParams::parallel_rank. Scores are
-//   L2-resident, as right after the indexer. At batch 1 also diagnostics: the split capped at 1, 32 and 64 CTAs,
-//   300 or 4096 visible keys in the grid of the whole capacity (a short context as the model step launches it), and
-//   "top-k trace" lines: one launch's phases (TopKParams::trace) for CTA 0 and the final CTA.
+// - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
+//   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
+//   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
+//   split capped at 1, 32 and 64 CTAs, 300 or 4096 visible keys in the grid of the whole capacity (a short context as
+//   the model step launches it), and "top-k trace" lines: one launch's phases (TopKParams::trace) for CTA 0 and the
+//   final CTA.
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
 // no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
@@ -328,7 +328,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       sorted_indices.as<int32_t>(), int(tokens * keys), tokens, d_offsets.as<int32_t>(), d_offsets.as<int32_t>() + 1));
   DeviceBuffer temp(std::max<size_t>(temp_bytes, 16), "cub temp");
   // Top-k of every query's row of `scores`; max_ctas_per_query 0 leaves the split over CTAs uncapped.
-  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query, bool parallel_rank = false) {
+  auto top_k_params = [&](cudaStream_t on, int max_ctas_per_query) {
     return TopKParams{.scores = scores.as<float>(),
                       .row_stride = keys,
                       .candidates = keys,
@@ -342,7 +342,6 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       .workspace = workspace.data(),
                       .workspace_bytes = workspace.bytes(),
                       .max_ctas_per_query = max_ctas_per_query,
-                      .parallel_rank = parallel_rank,
                       .stream = on};
   };
   const double top_k_bytes = double(tokens) * keys * 4;
@@ -355,7 +354,6 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       run_indexer_scores(scores_params(stream));
     }
     const double top_k_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); });
-    const double ranked_us = graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0, true)); });
     const double sort_us = graph_us(stream, 5, [&](cudaStream_t on) {
       DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortPairsDescending(
           temp.data(), temp_bytes, scores.as<float>(), sorted_scores.as<float>(), indices.as<int32_t>(),
@@ -367,8 +365,6 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     top_k_bytes, 0.0,
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
-    rows.push_back({"top-k 512", shape + scores_name + ", parallel rank", ranked_us, top_k_bytes / (copy_gbps * 1e3),
-                    sort_us, top_k_bytes, 0.0, "TopKParams::parallel_rank"});
   }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
@@ -380,22 +376,17 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       "diagnostic: ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys, cap))});
     }
     print_top_k_trace(shape + ", distinct", top_k_params(stream, 0));
-    print_top_k_trace(shape + ", distinct, parallel rank", top_k_params(stream, 0, true));
     for (const int64_t visible : {int64_t(300), int64_t(4096)}) {
       const std::vector<int64_t> short_position{visible * kRatio};
       DeviceBuffer d_short = to_device(short_position, "short position");
-      for (const bool parallel_rank : {false, true}) {
-        const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
-          TopKParams p = top_k_params(on, 0, parallel_rank);
-          p.positions = d_short.as<int64_t>();
-          run_top_k(p);
-        });
-        rows.push_back({"top-k 512",
-                        shape + ", distinct scores, " + std::to_string(visible) + " visible" +
-                            (parallel_rank ? ", parallel rank" : ""),
-                        short_us, double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
-                        "diagnostic: a short context in the capacity's grid"});
-      }
+      const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
+        TopKParams p = top_k_params(on, 0);
+        p.positions = d_short.as<int64_t>();
+        run_top_k(p);
+      });
+      rows.push_back({"top-k 512", shape + ", distinct scores, " + std::to_string(visible) + " visible", short_us,
+                      double(visible) * 4 / (copy_gbps * 1e3), 0.0, double(visible) * 4, 0.0,
+                      "diagnostic: a short context in the capacity's grid"});
     }
   }
   int32_t flag = 0;

@@ -1,8 +1,9 @@
 // The lightning indexer on the GPU against the CPU ops: run_indexer_prepare vs RoPE + round_indexer_reference (bit
 // for bit), run_indexer_scores vs cpu::indexer_scores (visibility, −inf, summation-order tolerance), and run_top_k vs
-// cpu::select_top_k (exact indices and order) on distinct, tied, concentrated, signed-zero and infinite scores, fewer
-// visible than k, k = 0 and 2048, 262,144 candidates, one CTA and many CTAs per query. Outputs are poisoned (NaN /
-// 0xFF) before every run and every element is checked.
+// cpu::select_top_k (exact indices and order) on distinct, tied, concentrated, signed-zero and infinite scores and
+// NaNs (ranked below every number, the flag raised), fewer visible than k, k = 0, 1024 and 2048, 262,144 candidates,
+// one CTA and many CTAs per query (ranges cached in shared memory and streamed; final sort and parallel ranking).
+// Outputs are poisoned (NaN / 0xFF) before every run and every element is checked.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -321,8 +322,8 @@ struct TopKCase {
   int max_ctas_per_query = 0;
 };
 
-void check_top_k_method(const TopKCase& c, bool parallel_rank, DeviceBuffer& workspace, uint32_t seed) {
-  SCOPED_TRACE(std::string(parallel_rank ? "parallel rank " : "final sort ") +"top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
+void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
+  SCOPED_TRACE("top_k queries=" + std::to_string(c.queries) + " candidates=" + std::to_string(c.candidates) +
                " k=" + std::to_string(c.k) + " " + distribution_name(c.distribution) +
                (c.with_positions ? " with positions" : "") + " ctas/query=" +
                std::to_string(top_k_ctas_per_query(c.queries, c.candidates, c.max_ctas_per_query)));
@@ -360,8 +361,7 @@ void check_top_k_method(const TopKCase& c, bool parallel_rank, DeviceBuffer& wor
              .nan_flag = d_flag.as<int32_t>(),
              .workspace = workspace.data(),
              .workspace_bytes = workspace.bytes(),
-             .max_ctas_per_query = c.max_ctas_per_query,
-             .parallel_rank = parallel_rank});
+             .max_ctas_per_query = c.max_ctas_per_query});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<int32_t> selected = from_device<int32_t>(d_selected, size_t(c.queries) * k_alloc + 16);
   const std::vector<int32_t> counts = from_device<int32_t>(d_counts, size_t(c.queries));
@@ -409,11 +409,6 @@ void check_top_k_method(const TopKCase& c, bool parallel_rank, DeviceBuffer& wor
   // Nothing written past the last row.
   for (size_t i = size_t(c.queries) * size_t(c.k); i < selected.size(); ++i)
     ASSERT_EQ(uint32_t(selected[i]), 0xABABABABu) << "write past selected at " << i;
-}
-
-// Both ways of ordering the listed keys (TopKParams::parallel_rank) on the same inputs.
-void check_top_k(const TopKCase& c, DeviceBuffer& workspace, uint32_t seed) {
-  for (const bool parallel_rank : {false, true}) check_top_k_method(c, parallel_rank, workspace, seed);
 }
 
 
@@ -475,7 +470,7 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   DeviceBuffer d_selected(512 * 4, "selected"), d_counts(4, "counts"), d_flag(4, "flag");
   // One query's flag after a launch; `positions` null means every score is visible. The count, poisoned first,
   // shows the launch ran, so a flag left at 0 by a launch that never happened cannot pass.
-  const auto nan_flag_after_top_k = [&](const int64_t* positions, bool parallel_rank) {
+  const auto nan_flag_after_top_k = [&](const int64_t* positions) {
     d_flag.fill_bytes(0);
     d_counts.fill_bytes(0xAB);
     run_top_k({.scores = d_scores.as<float>(),
@@ -489,8 +484,7 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
                .counts = d_counts.as<int32_t>(),
                .nan_flag = d_flag.as<int32_t>(),
                .workspace = workspace_.data(),
-               .workspace_bytes = workspace_.bytes(),
-               .parallel_rank = parallel_rank});
+               .workspace_bytes = workspace_.bytes()});
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(from_device<int32_t>(d_counts, 1)[0], 512);
     return from_device<int32_t>(d_flag, 1)[0];
@@ -498,11 +492,8 @@ TEST_F(TopKTest, NanScoresRaiseTheFlag) {
   // A NaN before the visible end only: invisible NaNs are never looked at.
   std::vector<int64_t> position{4 * 12000};
   DeviceBuffer d_pos = to_device(position, "position");
-  for (const bool parallel_rank : {false, true}) {
-    SCOPED_TRACE(parallel_rank ? "parallel rank" : "final sort");
-    EXPECT_EQ(nan_flag_after_top_k(nullptr, parallel_rank), 1);
-    EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>(), parallel_rank), 0);
-  }
+  EXPECT_EQ(nan_flag_after_top_k(nullptr), 1);
+  EXPECT_EQ(nan_flag_after_top_k(d_pos.as<int64_t>()), 0);
 }
 
 TEST_F(TopKTest, RefusesBadCalls) {

@@ -94,7 +94,6 @@ void run_top_k(const TopKParams& p) {
                       .nan_flag = p.nan_flag,
                       .workspace = nullptr,
                       .ctas_per_query = ctas,
-                      .parallel_rank = p.parallel_rank,
                       .trace = p.trace};
   if (ctas == 1) {
     launch_chained(topk::top_k_kernel<false>, dim3(unsigned(p.queries)), dim3(topk::kThreads), topk::kSmemBytes,

@@ -20,9 +20,9 @@
 //   stores, and this SM's L1 is not coherent with them.
 // - The final CTA of a query (the last to finish, by ticket) sorts the listed keys (the chosen and the boundary bin's,
 //   ≤ max(2k, kSmallSort)) with a bitonic sort whose strides below 64 run in registers (shuffles) and writes the
-//   first k. With parallel_rank, when listed² / CTAs ≤ kRankComparesPerCta, the CTAs instead meet at one more
-//   barrier, each loads the whole list and writes the keys of its slice at their ranks (keys are unique, so the ranks
-//   are a permutation); the last to finish (ticket) resets the workspace.
+//   first k. When a split query's listed² / CTAs ≤ kRankComparesPerCta, its CTAs instead meet at one more barrier,
+//   each loads the whole list and writes the keys of its slice at their ranks (keys are unique, so the ranks are a
+//   permutation); the last to finish (ticket) resets the workspace. (Ranking inside one CTA was slower than its sort.)
 #pragma once
 
 #include <cstdint>
@@ -43,9 +43,9 @@ inline constexpr int kCachedKeys = 16384;  // a CTA's range cached in shared mem
 inline constexpr int kStreamUnroll = 4;    // scores loaded per thread before use when streaming
 inline constexpr int kCacheUnroll = 8;     // the same for the first load into the cache
 inline constexpr int64_t kMinCandidatesPerCta = 2048;
-// parallel_rank: the listed keys are placed by rank (listed² comparisons over the CTAs) instead of sorted by one CTA
-// when each CTA's share is at most this many comparisons (about a microsecond; the one-CTA bitonic sort of ~1000 keys
-// takes ~5 µs).
+// A split query's listed keys are placed by rank (listed² comparisons over its CTAs) instead of sorted by one CTA
+// when each CTA's share is at most this many comparisons (H200: 262,144 candidates, 128 CTAs, ~1500 listed: ranking
+// 0.9 µs where the one-CTA bitonic sort took 11.8 µs).
 inline constexpr uint64_t kRankComparesPerCta = uint64_t(1) << 17;
 
 struct Digit {
@@ -100,7 +100,6 @@ struct TopKArgs {
   int32_t* nan_flag;
   QueryWorkspace* workspace;  // split mode only
   int ctas_per_query;
-  bool parallel_rank;
   int64_t* trace;             // TopKParams::trace
 };
 
@@ -297,7 +296,8 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
 
   // Nothing here reads a weight: every input (scores, positions) is an earlier kernel's output.
   const auto trace = [&](TopKTracePoint point) {
-    if (args.trace != nullptr && threadIdx.x == 0) args.trace[int64_t(blockIdx.x) * kTopKTracePoints + point] = clock64();
+    if (args.trace != nullptr && threadIdx.x == 0)
+      args.trace[int64_t(blockIdx.x) * kTopKTracePoints + point] = clock64();
   };
   trace(kTraceEntry);
   allow_dependents();
@@ -440,13 +440,11 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
   const int count = int(min(int64_t(k), visible));
   int32_t* out = args.selected + query * k;
 
-  if (args.parallel_rank && uint64_t(listed) * listed <= kRankComparesPerCta * uint64_t(participants)) {
-    if (!shared_list) {
-      query_barrier(&ws->barrier_arrivals, uint32_t(participants * (passes + 1)));
-      trace(kTraceFinal);
-      for (int i = threadIdx.x; i < int(listed); i += kThreads) sort_keys[i] = __ldcg(ws->list + i);
-      __syncthreads();
-    }
+  if (!shared_list && uint64_t(listed) * listed <= kRankComparesPerCta * uint64_t(participants)) {
+    query_barrier(&ws->barrier_arrivals, uint32_t(participants * (passes + 1)));
+    trace(kTraceFinal);
+    for (int i = threadIdx.x; i < int(listed); i += kThreads) sort_keys[i] = __ldcg(ws->list + i);
+    __syncthreads();
     trace(kTraceListLoaded);
     // This CTA's slice of the list, one key per warp at a time: its rank is the count of larger listed keys.
     const int lane = threadIdx.x & 31;
@@ -465,12 +463,10 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
       if (threadIdx.x == 0) args.counts[query] = count;
     }
     trace(kTraceWritten);
-    if (!shared_list) {
-      __syncthreads();
-      if (threadIdx.x == 0) is_final_cta = atomicAdd(&ws->finished_ctas, 1u) == uint32_t(participants - 1);
-      __syncthreads();
-      if (is_final_cta) reset_workspace();
-    }
+    __syncthreads();
+    if (threadIdx.x == 0) is_final_cta = atomicAdd(&ws->finished_ctas, 1u) == uint32_t(participants - 1);
+    __syncthreads();
+    if (is_final_cta) reset_workspace();
     return;
   }
 

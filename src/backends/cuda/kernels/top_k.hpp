@@ -9,15 +9,15 @@
 //   cleared by the kernel: the caller zeroes it once and checks it after the step, e.g. with the step's other
 //   results) and that score ranks below every number (−inf included), so it is selected only when fewer than k
 //   other scores are visible.
-// - Method: radix select over 64-bit keys (order-preserving fp32 bits, then the inverted index, so every key is
-//   unique and ties resolve to the lower index); each pass histograms one digit (12 bits first, then 10-11) of the
-//   keys still matching the chosen prefix, until the chosen keys and the boundary bin's fit a small final sort;
-//   then one CTA sorts them in shared memory (bitonic) and writes the first k, or (parallel_rank, when the listed
-//   keys are few for the query's CTAs) every CTA places a slice of them by rank (the count of larger listed keys). When few queries share the GPU
-//   (queries ≤ kTopKMaxSplitQueries) each query is split over up to top_k_ctas_per_query CTAs, of which those
-//   needed for its visible keys (≥ 2048 each) work and meet at barriers between passes; the passes' histograms and
-//   the list then live in `workspace`. Otherwise, or when one CTA covers the visible keys, one CTA per query and no
-//   global memory but the scores and the outputs.
+// - Method: radix select over 64-bit keys (order-preserving fp32 bits, then the inverted index, so every key is unique
+//   and ties resolve to the lower index); each pass histograms one digit (12 bits first, then 10-11) of the keys still
+//   matching the chosen prefix, until the chosen keys and the boundary bin's fit a small final sort; then one CTA sorts
+//   them in shared memory (bitonic) and writes the first k, or, when the listed keys are few for the query's CTAs,
+//   every CTA places a slice of them by rank (the count of larger listed keys). When few queries share the GPU (queries
+//   ≤ kTopKMaxSplitQueries) each query is split over up to top_k_ctas_per_query CTAs, of which those needed for its
+//   visible keys (≥ 2048 each) work and meet at barriers between passes; the passes' histograms and the list then live
+//   in `workspace`. Otherwise, or when one CTA covers the visible keys, one CTA per query and no global memory but the
+//   scores and the outputs.
 // - workspace: top_k_workspace_bytes(queries) bytes, zero-filled once before the first launch (cudaMemset); every
 //   launch leaves it zeroed again. A launch that faults leaves it undefined: zero it again. A workspace sized for
 //   the largest step serves every smaller one (it covers min(queries, kTopKMaxSplitQueries) split queries).
@@ -70,9 +70,6 @@ struct TopKParams {
   void* workspace = nullptr;            // device, top_k_workspace_bytes(queries), zeroed once
   size_t workspace_bytes = 0;
   int max_ctas_per_query = 0;           // caps the split over CTAs (e.g. to leave SMs to other work); 0 = no cap
-  // Rank the listed keys in place of the final sort where that is cheap (see top_k.cuh); off until a GPU round has
-  // validated it.
-  bool parallel_rank = false;
   // Diagnostic: device int64 [queries · top_k_ctas_per_query(...), kTopKTracePoints], zeroed by the caller; each
   // working CTA writes its SM clock (clock64) at each phase boundary it passes. Null: no trace.
   int64_t* trace = nullptr;
