@@ -48,10 +48,10 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
 // The decode kernel's words: the partials [partial rows][16][S], Σy² [16][S] (S 64-dim slices), the totals
-// [5][16] and the Σy² totals [16].
+// [partial rows][16] and the Σy² totals [16].
 size_t decode_word_count(int64_t hidden) {
-  return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens * size_t(ceil_div(hidden, mhc::kDecodeSliceDims)) +
-         size_t(mhc::kPartialRows<true> + 1) * mhc::kTileTokens;
+  return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens *
+         (size_t(ceil_div(hidden, mhc::kDecodeSliceDims)) + 1);
 }
 
 size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
@@ -203,7 +203,7 @@ void run_decode(mhc::DecodeArgs args, void* workspace, cudaStream_t stream, cons
   args.partials = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.square_sums = args.partials + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.slices);
   args.totals = args.square_sums + size_t(mhc::kTileTokens) * size_t(args.slices);
-  args.square_totals = args.totals + size_t(mhc::kPartialRows<true>) * mhc::kTileTokens;
+  args.square_totals = args.totals + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
   const auto kernel = mhc::hc_decode_kernel<kHead, kPost>;
   const int resident =
       prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);

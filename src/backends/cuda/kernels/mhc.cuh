@@ -673,13 +673,11 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   launcher checks), so CTAs may wait for each other.
 // - A collapse CTA stages its X slice in shared memory (applying the fused hc_post first), projects it (3xTF32 MMA,
 //   as the persistent kernel), publishes the slice's [Σx², m_0 … m_{R-1}] per token as tagged words, laid out
-//   [row][token][slice] so one item's slices are contiguous (one coalesced read per warp). The 5·T items the
-//   collapse needs (Σx², pre) are summed once each, by a warp of CTA (item mod S), in a fixed order (slice-strided
-//   lanes, then a butterfly), and published as totals that every CTA reads: two short hops, each word read by one
-//   CTA, so every CTA sees the same bit-identical totals. The mix CTA of token t gathers Σx² and the post/comb rows
-//   of all slices itself (one hop) and its first warp runs Sinkhorn, in parallel with the collapses.
-// - Reading a word that is not yet written re-reads it; a thread's stale words are re-read together, so waiting
-//   costs a round trip per round, not per word.
+//   [row][token][slice] so one item's slices are contiguous (one coalesced read per warp). Each item is summed
+//   once, by a warp of CTA (item mod S), in a fixed order (slice-strided lanes, then a butterfly), and published as
+//   a total: two short hops, each word read by one CTA. The collapse CTAs read the Σx² and pre totals, the mix CTA
+//   of token t its Σx², post and comb totals; one of its threads runs Sinkhorn, in parallel with the collapses.
+//   (Every CTA reading every slice's words itself, one hop, was 3-15 µs at T = 8: the same L2 lines for all.)
 // - Fused output norm (out_norm_weight): each collapse CTA publishes Σy² of its slice per token; token t's sum is
 //   formed by CTA t mod S and read by all (two more hops); then rms_norm's arithmetic per element (y·inv_rms, ·w,
 //   rounding).
@@ -690,13 +688,10 @@ inline constexpr int kDecodeSliceDims = 64;
 inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream
 inline constexpr int kDecodeMaxSlices = 128;                                 // hidden ≤ 8192
 inline constexpr int kDecodeLdx = staged_row_floats(kDecodeSliceDims);
-inline constexpr int kDecodeGatherBatch = 12;  // tagged words in flight per thread and batch
 inline constexpr int kDecodeWordsPerLane = kDecodeMaxSlices / 32;  // a warp sums one item's slices in one round
-// Shared memory: the staged X tile, then the per-warp partial sums, whose space the mix CTA's gather reuses.
-inline constexpr int kDecodeGatherFloats = (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens;
-static_assert(kDecodeGatherFloats >= (kPartialRows<false> - kStreams) * kDecodeMaxSlices,
-              "a mix CTA's rows fit in the gather buffer");
-inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeGatherFloats) * 4;
+// Shared memory: the staged X tile, then the per-warp partial sums.
+inline constexpr int kDecodeWarpSumFloats = (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens;
+inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeWarpSumFloats) * 4;
 
 struct DecodeArgs {
   const float* X;
@@ -725,52 +720,14 @@ struct DecodeArgs {
   unsigned* header;                 // [0] launch epoch, [1] finished CTAs
   unsigned long long* partials;     // [partial rows][16][S] tagged
   unsigned long long* square_sums;  // [16][S] tagged: Σy² of each slice
-  unsigned long long* totals;       // [5][T] tagged: Σx² and pre rows over the slices
+  unsigned long long* totals;       // [partial rows][T] tagged: the sums over the slices
   unsigned long long* square_totals;  // [T] tagged: Σy² over the slices
 };
 
-// Reads `count` tagged words, word i at base + offset_of(i), into gathered[i]. A thread's words of a batch are
-// read in rounds: every word still stale is re-read in the next round, all of them issued before the first is
-// checked, so waiting for late writers costs a round trip per round, not one per word (checking the words one by
-// one, a stale word's re-read after another, was 3-8 µs at T = 1).
-template <class OffsetOf>
-__device__ inline void gather_tagged(const unsigned long long* base, int count, OffsetOf offset_of, unsigned tag,
-                                     float* gathered) {
-  for (int first = int(threadIdx.x); first < count; first += kDecodeThreads * kDecodeGatherBatch) {
-    unsigned pending = 0;
-#pragma unroll
-    for (int q = 0; q < kDecodeGatherBatch; ++q)
-      if (first + q * kDecodeThreads < count) pending |= 1u << q;
-    while (true) {
-      unsigned long long words[kDecodeGatherBatch];
-#pragma unroll
-      for (int q = 0; q < kDecodeGatherBatch; ++q)
-        if (pending & (1u << q)) words[q] = load_relaxed_u64(base + offset_of(first + q * kDecodeThreads));
-#pragma unroll
-      for (int q = 0; q < kDecodeGatherBatch; ++q)
-        if ((pending & (1u << q)) && unsigned(words[q] >> 32) == tag) {
-          gathered[first + q * kDecodeThreads] = __uint_as_float(unsigned(words[q]));
-          pending &= ~(1u << q);
-        }
-      if (pending == 0) break;
-      __nanosleep(32);
-    }
-  }
-}
-
-// Σ over `slices` gathered values of one item (a warp, all lanes get it): lane-strided in slice order, then a
-// butterfly; the same in every CTA.
-__device__ inline float sum_gathered_item(const float* item_values, int slices) {
-  const int lane = threadIdx.x & 31;
-  float sum = 0.0f;
-  for (int s = lane; s < slices; s += 32) sum += item_values[s];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  return sum;
-}
-
 // Σ over `slices` ≤ kDecodeMaxSlices tagged words words[0 .. slices) by one warp (all lanes get it): lane-strided
-// in slice order, then a butterfly. Stale words are re-read together, as in gather_tagged.
+// in slice order, then a butterfly. A lane's stale words are re-read together, so waiting for late writers costs a
+// round trip per round, not one per word (checking them one by one, a stale word's re-read after another, was
+// 3-8 µs at T = 1).
 __device__ inline float warp_sum_tagged(const unsigned long long* words, int slices, unsigned tag) {
   const int lane = threadIdx.x & 31;
   float values[kDecodeWordsPerLane];
@@ -802,21 +759,15 @@ __device__ inline float warp_sum_tagged(const unsigned long long* words, int sli
   return sum;
 }
 
-// The mix CTA of one token: post and comb from Σx² and the post/comb rows of every slice.
-__device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag, float* gathered) {
+// The mix CTA of one token: post and comb from the totals of Σx² and the post/comb rows.
+__device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag) {
   constexpr int kItems = kPartialRows<false> - kStreams;  // Σx², post ×4, comb ×16
   __shared__ float totals[kItems];
-  const int slices = args.slices;
-  // Item m: partial row 0 (Σx²) for m = 0, else 4 + m (rows 5..24), token t.
-  gather_tagged(args.partials, kItems * slices, [&](int i) {
-    const int m = i / slices;
-    return ((m == 0 ? 0 : kStreams + m) * kTileTokens + t) * slices + (i - m * slices);
-  }, tag, gathered);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int m = warp; m < kItems; m += kDecodeThreads / 32) {
-    const float sum = sum_gathered_item(gathered + m * slices, slices);
-    if (lane == 0) totals[m] = sum;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  if (tid < kItems) {
+    // Item m: partial row 0 (Σx²) for m = 0, else 4 + m (rows 5..24), token t; item (r, t) is total r·T + t.
+    const unsigned long long* const word = args.totals + (tid == 0 ? 0 : kStreams + tid) * args.tokens + t;
+    totals[tid] = tagged_value(load_relaxed_u64(word), word, tag);
   }
   __syncthreads();
   if (warp != 0) return;
@@ -830,9 +781,8 @@ __device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag, f
   for (int l = 0; l < kStreams * kStreams; ++l)
     c[l] = totals[1 + kStreams + l] * inv_rms * args.scale[2] + args.base[2 * kStreams + l];
   sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
-  auto* const comb = reinterpret_cast<float4*>(args.comb + t * kStreams * kStreams);
 #pragma unroll
-  for (int j = 0; j < kStreams; ++j) comb[j] = make_float4(c[4 * j], c[4 * j + 1], c[4 * j + 2], c[4 * j + 3]);
+  for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
 }
 
 template <bool kHead, bool kPost>
@@ -849,7 +799,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
 
   extern __shared__ float4 dynamic_smem[];
   float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
-  float* const gathered = tile + kTileTokens * kDecodeLdx;      // gathers; first the warps' partials
+  float* const warp_sums = tile + kTileTokens * kDecodeLdx;     // [warp][partial rows][16]
   __shared__ float totals[kCollapseRows][kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
   __shared__ float square_totals[kTileTokens];
@@ -865,7 +815,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   if (int(blockIdx.x) < mix_ctas) {
     wait_for_prior_grids();
     const unsigned tag = load_relaxed_u32(args.header) + 1u;
-    decode_mix(args, int(blockIdx.x), tag, gathered);
+    decode_mix(args, int(blockIdx.x), tag);
     __syncthreads();
     if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
       args.header[1] = 0;
@@ -982,7 +932,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
     squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
     squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
     squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
-    float* const mine = gathered + warp * kPartialFloats;
+    float* const mine = warp_sums + warp * kPartialFloats;
     if (t4 == 0) {
       mine[g] = squares_lo;
       mine[g + 8] = squares_hi;
@@ -999,22 +949,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   // Publish the slice's partials (warps summed in order): item (row r, token t) at [r][t][slice].
   for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
     if ((item & (kTileTokens - 1)) >= T) continue;
-    float sum = gathered[item];
+    float sum = warp_sums[item];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) sum += gathered[w * kPartialFloats + item];
+    for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
     store_relaxed_u64(args.partials + int64_t(item) * slices + slice, tagged(sum, tag));
   }
 
-  // First hop: this CTA's share of the items (row r < 5, token t), item e = r·T + t summed by CTA e mod S (one warp
-  // per item), published as a total. Second hop: every CTA reads the 5·T totals. Each partial is read once: every
-  // CTA reading every slice's words (one hop) spent 3-15 µs at T = 8 on the same L2 lines.
-  const int items = kCollapseRows * T;
-  for (int e = slice + warp * slices; e < items; e += kWarps * slices) {
+  // First hop: this CTA's share of the items (row r, token t), item e = r·T + t summed by CTA e mod S (one warp per
+  // item), published as a total. Second hop: every collapse CTA reads the 5·T totals of Σx² and pre, the mix CTAs
+  // their token's post/comb totals. Each partial is read once: every CTA reading every slice's words (one hop)
+  // spent 3-15 µs at T = 8 on the same L2 lines.
+  for (int e = slice + warp * slices; e < kPartial * T; e += kWarps * slices) {
     const int r = e / T, t = e - r * T;
     const float sum = warp_sum_tagged(args.partials + int64_t(r * kTileTokens + t) * slices, slices, tag);
     if (lane == 0) store_relaxed_u64(args.totals + e, tagged(sum, tag));
   }
-  if (tid < items) {
+  if (tid < kCollapseRows * T) {
     const float total = tagged_value(load_relaxed_u64(args.totals + tid), args.totals + tid, tag);
     totals[tid / T][tid % T] = total;
   }

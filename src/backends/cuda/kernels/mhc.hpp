@@ -17,10 +17,12 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
-// - Decode kernel (kernel = AUTO, T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice
-//   (plus one per token for hc_pre's post/comb) projects its slice once; the sums over the slices take two short
-//   cross-CTA hops, no pipeline. Programmatic dependent launch (ptx/dependent_launch.cuh): only
-//   the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
+// - Decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per
+//   64-dim slice (plus one per token for hc_pre's post/comb) projects its slice once; the sums over the slices take
+//   two short cross-CTA hops, no pipeline. Its sums run in another order than the persistent kernel's (a launch's
+//   results depend on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals
+//   instead of dividing (a few ulps). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC
+//   kernel: only the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
@@ -68,7 +70,7 @@ struct HcPreParams {
   float* comb = nullptr;           // [tokens, n, n]
   const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
   bool out_norm_round_to_bf16 = false;
-  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
+  HcKernelChoice kernel = HcKernelChoice::AUTO;
   void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -90,7 +92,7 @@ struct HcHeadParams {
   __nv_bfloat16* h_bf16 = nullptr; // optional [tokens, hidden]
   const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
   bool out_norm_round_to_bf16 = false;
-  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
+  HcKernelChoice kernel = HcKernelChoice::AUTO;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -143,7 +145,7 @@ struct HcPostPreParams {
   float* next_comb = nullptr;      // [tokens, n, n]
   const float* out_norm_weight = nullptr;  // optional [hidden]: the fused output norm (see above)
   bool out_norm_round_to_bf16 = false;
-  HcKernelChoice kernel = HcKernelChoice::PERSISTENT;
+  HcKernelChoice kernel = HcKernelChoice::AUTO;
   void* workspace = nullptr;       // hc_projection_workspace_bytes(tokens, hidden, SMs), zeroed once
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
