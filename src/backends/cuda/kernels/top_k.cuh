@@ -453,6 +453,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
     for (uint32_t j = first + (threadIdx.x >> 5); j < last; j += kWarps) {
       const uint64_t key = sort_keys[j];
       uint32_t larger = 0;
+#pragma unroll 8  // 8 shared-memory loads in flight (rolled, the loop waited on each load)
       for (uint32_t i = lane; i < listed; i += 32) larger += sort_keys[i] > key ? 1u : 0u;
       larger = __reduce_add_sync(kFullMask, larger);
       if (lane == 0 && larger < uint32_t(count)) out[larger] = int32_t(~uint32_t(key));
