@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/moe_routing.hpp"
 
 #include <algorithm>
-#include <bit>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -72,9 +71,6 @@ void run_moe_routing(const MoeRoutingParams& p) {
       .rows_per_item = p.rows_per_item,
       .routed_scaling_factor = p.routed_scaling_factor,
       .out = p.out,
-      // Few tokens: a CTA per token (8 warps share its selection); more: up to 8 per CTA, at least a CTA per SM.
-      .tokens_per_cta = int(std::clamp(std::bit_ceil(unsigned((p.tokens + current_multiprocessors() - 1) /
-                                                              current_multiprocessors())), 1u, 8u)),
   };
   const moe::RouterArgs router_args{
       .logits = {.router = p.router.data,
@@ -115,7 +111,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
   if (p.after_logits != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.after_logits, p.stream));
   if (fused) return;
 
-  const unsigned route_ctas = unsigned((p.tokens + route_args.tokens_per_cta - 1) / route_args.tokens_per_cta);
+  const unsigned route_ctas = unsigned((p.tokens + moe::kSelectWarpsPerCta - 1) / moe::kSelectWarpsPerCta);
   launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
                  0, p.stream, route_args, "moe_route_and_bucket_kernel");
 }

@@ -5,20 +5,15 @@
 //   striding K in 8-value vectors (16-byte bf16 loads, two for fp32) with 8 loads in flight each. Small T: many
 //   CTAs of 8 rows, so the E·d·2 router bytes stream over many SMs; large T: a CTA covers all rows of its tokens
 //   (u staged once per token chunk).
-// - Router rows are asked of L2 before the PDL wait (they are weights), so their HBM read overlaps the previous
-//   kernel.
-// - Scoring/top-k: W warps per token (W = 8 at few tokens per CTA, 1 at 8): warp w of the token's group holds
-//   experts (i·W + w)·32 + lane (E ≤ 512 → at most 16 per lane, constant-indexed registers) and finds their top_k;
-//   each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a valid expert
-//   is always chosen. With W > 1 the group's first warp then picks the top_k of the W·top_k candidates the same
-//   way. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the CPU reference.
+// - Scoring/top-k: one warp per token; lane l holds experts l, l + 32, ... (E ≤ 512 → 16 per lane, constant-indexed
+//   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
+//   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
+//   CPU reference.
 // - Both kernels are chained with programmatic dependent launch (ptx/dependent_launch.cuh): each waits for its
 //   predecessor's writes first, then lets the next kernel's CTAs be scheduled.
 // - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
-//   counts, one warp's scan, then a stable scatter by one warp over the ids staged in shared memory
-//   (__match_any_sync gives each slot its rank among the lanes of its chunk that chose the same expert), so the row
-//   order is a function of the routing alone. With few tokens (fused_routing) the router kernel's last CTA does the
-//   routing and the bucketing itself.
+//   counts, one warp's scan, then a stable scatter by one warp (__match_any_sync gives each slot its rank among the
+//   lanes of its chunk that chose the same expert), so the row order is a function of the routing alone.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,7 +32,6 @@ inline constexpr int kRouterMaxTokensPerCta = 4;
 inline constexpr int kRouterVector = 8;  // router values per lane per load
 inline constexpr int kRouterBatch = 8;   // loads per lane in flight before the first use
 inline constexpr int kSelectWarpsPerCta = 8;
-static_assert(kSelectWarpsPerCta == kRouterWarpsPerCta, "route_tokens_in_cta serves both kernels' CTAs");
 inline constexpr int kMaxExpertsPerLane = 16;  // kMoeMaxExperts / 32
 
 struct RouterLogitsArgs {
@@ -75,7 +69,6 @@ struct RouteArgs {
   int tokens, experts, top_k, rows_per_item;
   float routed_scaling_factor;
   MoeRoutingBuffers out;
-  int tokens_per_cta;  // moe_route_and_bucket_kernel: tokens routed by one CTA (1, 2, 4 or 8)
 };
 
 __device__ __forceinline__ float sqrt_softplus(float v) {
@@ -88,72 +81,23 @@ __device__ __forceinline__ bool ranks_above(float v, int e, float best, int best
   return v > best || (v == best && e < best_e);
 }
 
-// top_k rounds of a warp argmax over each lane's first n candidates (v: the ranking value, s: the score the weight
-// comes from, id: the expert, unique; v never NaN): lane k < top_k gets the k-th choice. Higher v first, ties to
-// the lower id. Padding candidates (id INT_MAX, v -inf) are never chosen.
-template <int N>
-__device__ __forceinline__ void warp_top_k(const float (&v)[N], const float (&s)[N], const int (&id)[N], int n,
-                                           int top_k, int lane, int& my_id, float& my_s, float& my_v) {
-  uint32_t taken = 0;  // bit i: candidate i chosen
-  for (int k = 0; k < top_k; ++k) {
-    float best = -INFINITY, best_s = 0.0f;
-    int best_e = 0x7FFFFFFF;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      if (i >= n) break;
-      if (!(taken >> i & 1u) && ranks_above(v[i], id[i], best, best_e)) best = v[i], best_e = id[i], best_s = s[i];
-    }
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
-      const int other_e = __shfl_xor_sync(0xFFFFFFFFu, best_e, offset);
-      const float other_s = __shfl_xor_sync(0xFFFFFFFFu, best_s, offset);
-      if (ranks_above(other, other_e, best, best_e)) best = other, best_e = other_e, best_s = other_s;
-    }
-#pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (i < n && id[i] == best_e) taken |= 1u << i;
-    if (lane == k) my_id = best_e, my_s = best_s, my_v = best;
-  }
-}
-
-// The scores of the calling warp's slice of token t's experts: e = (i·W + w)·32 + lane for i < n, the warp being
-// the w-th of W that share the token (W = 1: every expert).
-__device__ __forceinline__ void slice_scores(const RouteArgs& a, int t, int w, int W, int n, int lane,
-                                             float (&s)[kMaxExpertsPerLane], float (&biased)[kMaxExpertsPerLane],
-                                             int (&id)[kMaxExpertsPerLane]) {
-#pragma unroll
-  for (int i = 0; i < kMaxExpertsPerLane; ++i) {
-    const int e = (i * W + w) * kWarpSize + lane;
-    s[i] = 0.0f, biased[i] = -INFINITY, id[i] = 0x7FFFFFFF;
-    if (i < n && e < a.experts) {
-      s[i] = sqrt_softplus(__ldcg(a.logits + size_t(t) * a.experts + e));  // written by other CTAs
-      const float b = s[i] + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
-      biased[i] = isnan(b) ? -INFINITY : b;
-      id[i] = e;
-    }
-  }
-}
-
-// Writes token t's choices (lane k < top_k holds the k-th): the bias only selects; the weights come from the
-// unbiased scores, summed in k order.
-__device__ __forceinline__ void write_route(const RouteArgs& a, int t, int lane, int my_id, float my_s) {
-  float sum = 0.0f;
-  for (int k = 0; k < a.top_k; ++k) sum += __shfl_sync(0xFFFFFFFFu, my_s, k);
-  if (lane < a.top_k) {
-    a.out.expert_ids[size_t(t) * a.top_k + lane] = my_id;
-    a.out.expert_weights[size_t(t) * a.top_k + lane] = my_s / sum * a.routed_scaling_factor;
-  }
-}
-
 // Routes token `t` with the calling warp: writes expert_ids / expert_weights [t, :].
 __device__ void route_token(const RouteArgs& a, int t, int lane) {
   float s[kMaxExpertsPerLane], biased[kMaxExpertsPerLane];
-  int id[kMaxExpertsPerLane];
-  slice_scores(a, t, 0, 1, kMaxExpertsPerLane, lane, s, biased, id);
+#pragma unroll
+  for (int i = 0; i < kMaxExpertsPerLane; ++i) {
+    const int e = lane + i * kWarpSize;
+    s[i] = 0.0f;
+    biased[i] = -INFINITY;
+    if (e < a.experts) {
+      s[i] = sqrt_softplus(__ldcg(a.logits + size_t(t) * a.experts + e));  // written by other CTAs
+      const float b = s[i] + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
+      biased[i] = isnan(b) ? -INFINITY : b;
+    }
+  }
   // Lane k < top_k ends up holding the k-th choice.
   int my_id = 0;
-  float my_s = 0.0f, my_v = 0.0f;
+  float my_s = 0.0f;
   if (a.tid2eid != nullptr) {
     int32_t token = __ldg(a.token_ids + t);
     if (token < 0 || token >= a.vocab) {
@@ -161,70 +105,42 @@ __device__ void route_token(const RouteArgs& a, int t, int lane) {
       token = 0;
     }
     for (int k = 0; k < a.top_k; ++k) {
-      const int chosen_id = __ldg(a.tid2eid + size_t(token) * a.top_k + k);
+      const int id = __ldg(a.tid2eid + size_t(token) * a.top_k + k);
       float owned = 0.0f;
 #pragma unroll
       for (int i = 0; i < kMaxExpertsPerLane; ++i)
-        if (i == chosen_id / kWarpSize) owned = s[i];
-      const float chosen = __shfl_sync(0xFFFFFFFFu, owned, chosen_id % kWarpSize);
-      if (lane == k) my_id = chosen_id, my_s = chosen;
+        if (i == id / kWarpSize) owned = s[i];
+      const float chosen = __shfl_sync(0xFFFFFFFFu, owned, id % kWarpSize);
+      if (lane == k) my_id = id, my_s = chosen;
     }
   } else {
-    warp_top_k(biased, s, id, kMaxExpertsPerLane, a.top_k, lane, my_id, my_s, my_v);
-  }
-  write_route(a, t, lane, my_id, my_s);
-}
-
-// Routes tokens [first, first + count) with the whole CTA of kRouterWarpsPerCta warps: on scored layers
-// W = 8 / count (rounded down to a power of two) warps share a token, each finds the top_k of its slice of the
-// experts, and the first of them picks the token's top_k among those W·top_k candidates (the same choice: the
-// order is total), so at W = 8 a lane scans one or two experts instead of eight to twelve. Hash layers select
-// nothing: one warp per token. Called by the whole CTA (it synchronises).
-__device__ void route_tokens_in_cta(const RouteArgs& a, int first_token, int count) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (a.tid2eid != nullptr) {
-    for (int t = first_token + warp; t < first_token + count; t += kRouterWarpsPerCta) route_token(a, t, lane);
-    return;
-  }
-  constexpr int kMaxMergeCandidates = kRouterWarpsPerCta;  // per lane: W·top_k <= 8·32
-  __shared__ float candidate_v[kRouterWarpsPerCta][kWarpSize], candidate_s[kRouterWarpsPerCta][kWarpSize];
-  __shared__ int candidate_id[kRouterWarpsPerCta][kWarpSize];
-  const int W = count == 1 ? 8 : count == 2 ? 4 : count <= 4 ? 2 : 1;
-  const int groups = kRouterWarpsPerCta / W, group = warp / W, w = warp % W;
-  const int n = (a.experts + W * kWarpSize - 1) / (W * kWarpSize);
-  for (int first = 0; first < count; first += groups) {  // the same trip count in every warp (barriers inside)
-    const int t = first_token + first + group;
-    const bool routes = first + group < count;
-    int my_id = 0;
-    float my_s = 0.0f, my_v = 0.0f;
-    if (routes) {
-      float s[kMaxExpertsPerLane], biased[kMaxExpertsPerLane];
-      int id[kMaxExpertsPerLane];
-      slice_scores(a, t, w, W, n, lane, s, biased, id);
-      warp_top_k(biased, s, id, n, a.top_k, lane, my_id, my_s, my_v);
-    }
-    if (W > 1) {
-      if (routes && lane < a.top_k)
-        candidate_v[warp][lane] = my_v, candidate_s[warp][lane] = my_s, candidate_id[warp][lane] = my_id;
-      __syncthreads();
-      if (routes && w == 0) {
-        float v[kMaxMergeCandidates], s[kMaxMergeCandidates];
-        int id[kMaxMergeCandidates];
-        const int count = W * a.top_k, m = (count + kWarpSize - 1) / kWarpSize;
+    uint32_t taken = 0;  // bit i: expert lane + 32 i already chosen
+    for (int k = 0; k < a.top_k; ++k) {
+      float best = -INFINITY, best_s = 0.0f;
+      int best_e = 0x7FFFFFFF;
 #pragma unroll
-        for (int i = 0; i < kMaxMergeCandidates; ++i) {
-          const int j = i * kWarpSize + lane;  // candidate j: choice j % top_k of the group's warp j / top_k
-          v[i] = -INFINITY, s[i] = 0.0f, id[i] = 0x7FFFFFFF;
-          if (i < m && j < count) {
-            const int from = warp + j / a.top_k, k = j % a.top_k;
-            v[i] = candidate_v[from][k], s[i] = candidate_s[from][k], id[i] = candidate_id[from][k];
-          }
-        }
-        warp_top_k(v, s, id, m, a.top_k, lane, my_id, my_s, my_v);
+      for (int i = 0; i < kMaxExpertsPerLane; ++i) {
+        const int e = lane + i * kWarpSize;
+        if (e < a.experts && !(taken >> i & 1u) && ranks_above(biased[i], e, best, best_e))
+          best = biased[i], best_e = e, best_s = s[i];
       }
-      __syncthreads();  // the candidates are read before the next tokens write theirs
+#pragma unroll
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+        const float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
+        const int other_e = __shfl_xor_sync(0xFFFFFFFFu, best_e, offset);
+        const float other_s = __shfl_xor_sync(0xFFFFFFFFu, best_s, offset);
+        if (ranks_above(other, other_e, best, best_e)) best = other, best_e = other_e, best_s = other_s;
+      }
+      if (lane == best_e % kWarpSize) taken |= 1u << (best_e / kWarpSize);
+      if (lane == k) my_id = best_e, my_s = best_s;
     }
-    if (routes && w == 0) write_route(a, t, lane, my_id, my_s);
+  }
+  // The bias only selects; the weights come from the unbiased scores, summed in k order.
+  float sum = 0.0f;
+  for (int k = 0; k < a.top_k; ++k) sum += __shfl_sync(0xFFFFFFFFu, my_s, k);
+  if (lane < a.top_k) {
+    a.out.expert_ids[size_t(t) * a.top_k + lane] = my_id;
+    a.out.expert_weights[size_t(t) * a.top_k + lane] = my_s / sum * a.routed_scaling_factor;
   }
 }
 
@@ -270,36 +186,21 @@ __device__ void bucket_slots(const RouteArgs& a) {
   if (warp_idx == 0) warp_scan_counts(counts, experts, a.rows_per_item, shared_items, offsets, item_offsets, lane);
   __syncthreads();
   if (warp_idx == 0) {
-    // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor. The ids come through
-    // shared memory a segment at a time, each lane's 32 loads in flight together, so the serial chunk loop waits on
-    // no global load (one per chunk made it ~1 µs per 32 slots).
-    constexpr int kLoadsPerLane = 32, kSegment = kLoadsPerLane * kWarpSize;
-    __shared__ int segment_ids[kSegment];
+    // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor.
     for (int e = lane; e < experts; e += kWarpSize) counts[e] = offsets[e];
-    for (int segment = 0; segment < slots; segment += kSegment) {
-      const int count = min(kSegment, slots - segment);
-      int ids[kLoadsPerLane];
-#pragma unroll
-      for (int i = 0; i < kLoadsPerLane; ++i) {
-        const int j = i * kWarpSize + lane;
-        ids[i] = j < count ? __ldcg(a.out.expert_ids + segment + j) : 0;
+    __syncwarp();
+    for (int chunk = 0; chunk < slots; chunk += kWarpSize) {
+      const int s = chunk + lane;
+      const int e = s < slots ? __ldcg(a.out.expert_ids + s) : -1 - lane;
+      const unsigned same = __match_any_sync(0xFFFFFFFFu, e);
+      if (s < slots) {
+        const int row = counts[e] + __popc(same & ((1u << lane) - 1u));
+        a.out.row_tokens[row] = s / a.top_k;
+        a.out.slot_rows[s] = row;
       }
-#pragma unroll
-      for (int i = 0; i < kLoadsPerLane; ++i) segment_ids[i * kWarpSize + lane] = ids[i];
       __syncwarp();
-      for (int chunk = 0; chunk < count; chunk += kWarpSize) {
-        const int j = chunk + lane, s = segment + j;
-        const int e = j < count ? segment_ids[j] : -1 - lane;
-        const unsigned same = __match_any_sync(0xFFFFFFFFu, e);
-        if (j < count) {
-          const int row = counts[e] + __popc(same & ((1u << lane) - 1u));
-          a.out.row_tokens[row] = s / a.top_k;
-          a.out.slot_rows[s] = row;
-        }
-        __syncwarp();
-        if (j < count && lane == __ffs(same) - 1) counts[e] += __popc(same);
-        __syncwarp();
-      }
+      if (s < slots && lane == __ffs(same) - 1) counts[e] += __popc(same);
+      __syncwarp();
     }
   } else {
     const int helper = threadIdx.x - kWarpSize, helpers = blockDim.x - kWarpSize;
@@ -340,12 +241,12 @@ __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
   return is_last;
 }
 
-// Grid: one CTA per tokens_per_cta tokens (route_tokens_in_cta), the last CTA to finish buckets.
 __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
-  const int first = blockIdx.x * a.tokens_per_cta;
-  route_tokens_in_cta(a, first, min(a.tokens_per_cta, a.tokens - first));
+  const int lane = threadIdx.x % kWarpSize;
+  const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
+  if (t < a.tokens) route_token(a, t, lane);
   if (arrived_last(a.out.finished_ctas)) bucket_slots(a);
 }
 
@@ -360,7 +261,7 @@ struct RouterArgs {
 // lane in flight. kRoute (few tokens): the last CTA to finish routes every token, one warp per token, and buckets
 // the slots, which saves the routing launch and its wait.
 template <bool kBf16, int kTokens, bool kRoute>
-__global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize, 1) moe_router_logits_kernel(const RouterArgs args) {
+__global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_logits_kernel(const RouterArgs args) {
   extern __shared__ float4 u_tile[];  // [kTokens][d / 4]
   const RouterLogitsArgs& a = args.logits;
   if (blockIdx.y == 0) {
@@ -433,7 +334,8 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize, 1) moe_router_
   }
   if constexpr (kRoute) {
     if (!arrived_last(args.route.out.finished_ctas)) return;
-    route_tokens_in_cta(args.route, 0, args.route.tokens);
+    for (int t = threadIdx.x / kWarpSize; t < args.route.tokens; t += kRouterWarpsPerCta)
+      route_token(args.route, t, lane);
     __syncthreads();  // the expert ids of every token, for the bucketing
     bucket_slots(args.route);
   }
