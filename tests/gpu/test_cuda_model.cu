@@ -187,8 +187,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 
 // The step's fused launches, none, each alone and all together: CudaModelOptions::fuse_projections (one launch for
 // [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch), norms_in_mhc (the sub-block
-// norms inside mHC's launches) and fused_linear_io (q_norm as wq_b's prologue, wo_a's bf16 output): the same bounds
-// against the CPU, prefill and decode.
+// norms inside mHC's launches), bf16_wo_a and q_norm_prologue (the linear layers' fused output and input): the same
+// bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -205,7 +205,8 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.max_step_tokens = 96;
     options.fuse_projections = fused.projections;
     options.norms_in_mhc = fused.norms;
-    options.fused_linear_io = fused.linear_io;
+    options.bf16_wo_a = fused.linear_io;
+    options.q_norm_prologue = fused.linear_io;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io;

@@ -225,7 +225,7 @@ DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::s
   return stacked;
 }
 
-// Up to this many tokens q_norm runs as wq_b's RMSNorm prologue (fused_linear_io): every CTA of the linear re-reads
+// Up to this many tokens q_norm runs as wq_b's RMSNorm prologue (q_norm_prologue): every CTA of the linear re-reads
 // its tokens' whole rows for their sums of squares, which a few decode tokens pay less for than a launch.
 constexpr int64_t kNormPrologueMaxTokens = 16;
 
@@ -788,7 +788,7 @@ struct CudaModel::Impl {
     // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv] one projection gives qr and kv,
     // and one norm rides in the insert's launch: q_norm, or with wq_b's norm prologue the queries' per-head norm.
     const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
-    const bool prologue = options.fused_linear_io && T <= kNormPrologueMaxTokens;
+    const bool prologue = options.q_norm_prologue && T <= kNormPrologueMaxTokens;
     KvInsertParams insert;
     insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
     insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
@@ -922,7 +922,7 @@ struct CudaModel::Impl {
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
-    if (options.fused_linear_io) {
+    if (options.bf16_wo_a) {
       LinearCall wo_a = linear_call(w.wo_a, name + " wo_a", T);
       wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
       wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();

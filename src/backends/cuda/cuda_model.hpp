@@ -42,10 +42,12 @@ struct CudaModelOptions {
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
-  // The linear layers' fused input norm and bf16 output: q_norm as the RMSNorm prologue of wq_b and the indexer's
-  // wq_b (steps of up to 16 tokens; the queries' per-head norm then rides in the KV insert's launch with
-  // fuse_projections), and wo_a writing bf16 for wo_b (no conversion launch).
-  bool fused_linear_io = true;
+  // wo_a writes its output in bf16 for wo_b (no conversion launch).
+  bool bf16_wo_a = true;
+  // q_norm as the RMSNorm prologue of wq_b and the indexer's wq_b in steps of up to 16 tokens (the queries' per-head
+  // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer, but slower on an
+  // H200 (ncu, Flash wq_b at batch 1: 30.6 µs with the prologue against 17.0 µs plus a ~5 µs norm without).
+  bool q_norm_prologue = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 
