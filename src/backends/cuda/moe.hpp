@@ -45,10 +45,11 @@ enum class MoeExpertKernels {
 };
 
 // AUTO's rule. The streamed kernels read an expert's weights once per 16 rows of a work item, the register kernels
-// once per 32, but stream 1.8-2x faster (H200, V4-Flash/Pro at T = 1-256), so they win while the routed experts
-// average at most kMoeStreamedRowsPerExpert rows: T·top_k <= 16·E (V4-Flash: T <= 682, V4-Pro: T <= 1024; prefill
-// chunks above that take the register kernels).
-inline constexpr int64_t kMoeStreamedRowsPerExpert = 16;
+// once per 32, but stream faster: H200, bench_cuda_moe, streamed over register time: 0.56-0.63 at T = 1-256 (V4-Flash
+// and V4-Pro), 0.59 at 512 and 0.66 at 1024 (V4-Flash: 12 and 24 rows per expert), 0.59 at 1024 (V4-Pro: 16). So
+// AUTO streams while the routed experts average at most kMoeStreamedRowsPerExpert rows: T·top_k <= 32·E (V4-Flash:
+// T <= 1365, V4-Pro: T <= 2048); larger prefill chunks take the register kernels.
+inline constexpr int64_t kMoeStreamedRowsPerExpert = 32;
 bool moe_streams_experts(const MoeConfig& config, int64_t tokens);
 
 struct MoeRunParams {
