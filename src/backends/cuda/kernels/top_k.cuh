@@ -13,8 +13,8 @@
 //   pass usually leaves a boundary bin of O(k) keys. Every CTA of a query adds its shared histogram into the pass's
 //   own global histogram, meets the others at a barrier, and picks the same boundary bin from the sum.
 // - The barrier counts arrivals on one word per query, monotonic within a launch (target participants · barriers),
-//   so no reset is needed between passes; the final CTA zeroes it, the used histograms and the list for the next
-//   launch. The CTAs are co-resident: the launcher caps the grid at the resident capacity, and with programmatic
+//   so no reset is needed between passes; the query's last CTA to finish zeroes it, the used histograms and the list
+//   count for the next launch. The CTAs are co-resident: the launcher caps the grid at the resident capacity, and with programmatic
 //   launch a dependent grid starts only once every CTA of this one is running (allow_dependents at entry).
 // - Global histograms and the list are read with ld.global.cg (L2): other CTAs wrote them through L2 atomics and
 //   stores, and this SM's L1 is not coherent with them.
