@@ -45,7 +45,7 @@ enum class MoeExpertKernels {
 };
 
 // AUTO's rule. The streamed kernels read an expert's weights once per 16 rows of a work item, the register kernels
-// once per 32, but stream faster: H200, bench_cuda_moe, streamed over register time: 0.56-0.63 at T = 1-256 (V4-Flash
+// once per 32, but stream faster: H200, bench_cuda_moe, streamed over register time: 0.51-0.74 at T = 1-256 (V4-Flash
 // and V4-Pro), 0.59 at 512 and 0.66 at 1024 (V4-Flash: 12 and 24 rows per expert), 0.59 at 1024 (V4-Pro: 16). So
 // AUTO streams while the routed experts average at most kMoeStreamedRowsPerExpert rows: T·top_k <= 32·E (V4-Flash:
 // T <= 1365, V4-Pro: T <= 2048); larger prefill chunks take the register kernels.
