@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/sampling.hpp"
 #include "core/error.hpp"
 #include "runtime/engine.hpp"
@@ -42,7 +43,7 @@ class DeviceSampler {
  public:
   std::vector<SampledToken> run(const std::vector<float>& logits, int64_t vocab,
                                 const std::vector<sampling::SamplingStep>& steps, float* milliseconds = nullptr,
-                                int repetitions = 1) {
+                                int repetitions = 1, int cluster_ctas = 0) {
     const int64_t rows = int64_t(steps.size());
     std::vector<sampling::RowParams> row_params;
     std::vector<sampling::LogitAdjustment> adjustments;
@@ -66,6 +67,7 @@ class DeviceSampler {
     p.row_params = device_rows.as<sampling::RowParams>();
     p.adjustments = device_adjustments.as<sampling::LogitAdjustment>();
     p.results = results.as<SampledToken>();
+    p.cluster_ctas = cluster_ctas;
     cudaEvent_t start, stop;
     DSV4_CUDA_CHECK(cudaEventCreate(&start));
     DSV4_CUDA_CHECK(cudaEventCreate(&stop));
@@ -246,11 +248,18 @@ TEST(SamplingDevice, RowsOfOneLaunchHaveTheirOwnParameters) {
     logits.insert(logits.end(), row.begin(), row.end());
     steps.push_back(device[r].device_step(prompts[r], generated));
   }
-  const std::vector<SampledToken> got = DeviceSampler().run(logits, vocab, steps);
+  std::vector<int32_t> want;
   for (size_t r = 0; r < cpu.size(); ++r) {
     std::vector<float> row(logits.begin() + int64_t(r) * vocab, logits.begin() + int64_t(r + 1) * vocab);
-    EXPECT_EQ(got[r].token, cpu[r].sample(row, prompts[r], generated))
-        << "row " << r << " (" << cases[r % cases.size()].name << ")";
+    want.push_back(cpu[r].sample(row, prompts[r], generated));
+  }
+  // The same steps (same draws) with the launcher's cluster size and each one forced.
+  for (const int cluster_ctas : {0, 8, 16}) {
+    const std::vector<SampledToken> got = DeviceSampler().run(logits, vocab, steps, nullptr, 1, cluster_ctas);
+    for (size_t r = 0; r < cpu.size(); ++r) {
+      EXPECT_EQ(got[r].token, want[r]) << "row " << r << " (" << cases[r % cases.size()].name << "), cluster_ctas "
+                                       << cluster_ctas;
+    }
   }
 }
 
@@ -390,6 +399,7 @@ TEST(SamplingDevice, BadLaunchParametersAreNamed) {
   expect_error(with([](auto& q) { q.logits = nullptr; }), "logits");
   expect_error(with([](auto& q) { q.row_params = nullptr; }), "row_params");
   expect_error(with([](auto& q) { q.results = nullptr; }), "results");
+  expect_error(with([](auto& q) { q.cluster_ctas = 4; }), "cluster_ctas 4");
   EXPECT_GE(max_sampling_vocab(), kDeepSeekVocab);
 }
 
@@ -436,7 +446,8 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
   const std::vector<std::string> timed = {"greedy", "temperature 1", "top_k 40", "top_p 0.9",
                                           "top_k 50 top_p 0.8 min_p 0.05", "everything"};
   std::mt19937 rng(12);
-  std::printf("%-32s %6s %14s %14s %14s\n", "parameters", "batch", "device us", "copy us", "cpu sample us");
+  std::printf("%-32s %6s %10s %10s %10s %14s\n", "parameters", "batch", "device us", "8-CTA us", "16-CTA us",
+              "copy + cpu us");
   for (const int rows : {1, 64, 256}) {
     std::vector<float> logits;
     for (int r = 0; r < rows; ++r) {
@@ -455,8 +466,11 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
       const std::vector<int32_t> prompt = random_ids(512, vocab, rng), generated = random_ids(64, vocab, rng);
       std::vector<sampling::SamplingStep> steps;
       for (Sampler& s : samplers) steps.push_back(s.device_step(prompt, generated));
-      float device_ms = 0;
+      // The launcher's choice, then each cluster size forced (16 only where the batch fits the SMs).
+      float device_ms = 0, narrow_ms = 0, wide_ms = 0;
       DeviceSampler().run(logits, vocab, steps, &device_ms, 20);
+      DeviceSampler().run(logits, vocab, steps, &narrow_ms, 20, 8);
+      if (rows * 16 <= current_multiprocessors()) DeviceSampler().run(logits, vocab, steps, &wide_ms, 20, 16);
       // The old path: a pageable copy of every row, then the CPU sampler per row.
       std::vector<float> host(logits.size());
       const int repetitions = rows >= 256 ? 1 : 3;
@@ -476,7 +490,8 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
         }
       }
       const double cpu_us = micros_since(cpu_start) / repetitions;
-      std::printf("%-32s %6d %14.1f %14.1f %14.1f\n", c.name.c_str(), rows, device_ms * 1000.0, copy_us, cpu_us);
+      std::printf("%-32s %6d %10.1f %10.1f %10.1f %14.1f (copy %.1f)\n", c.name.c_str(), rows, device_ms * 1000.0,
+                  narrow_ms * 1000.0, wide_ms * 1000.0, copy_us + cpu_us, copy_us);
     }
   }
 }

@@ -78,16 +78,25 @@ void check_sampling_params(const SamplingLaunchParams& p) {
   check(p.logits != nullptr, "sampling: logits are required");
   check(p.row_params != nullptr, "sampling: row_params are required");
   check(p.results != nullptr, "sampling: results are required");
+  check(p.cluster_ctas == 0 || p.cluster_ctas == sampling_detail::kClusterCtas ||
+            p.cluster_ctas == sampling_detail::kWideClusterCtas,
+        "sampling: cluster_ctas ", p.cluster_ctas, " must be 0 (automatic), ", sampling_detail::kClusterCtas, " or ",
+        sampling_detail::kWideClusterCtas);
 }
 
 void run_sampling(const SamplingLaunchParams& p) {
   check_sampling_params(p);
   const DeviceSetup& setup = device_setup(p);
   // Few rows leave most SMs idle with 8-CTA clusters: spread each row over 16 where they fit.
-  const bool wide = setup.wide_clusters && p.rows * sampling_detail::kWideClusterCtas <= setup.multiprocessors;
+  int cluster_ctas = p.cluster_ctas;
+  if (cluster_ctas == 0) {
+    const bool wide = setup.wide_clusters && p.rows * sampling_detail::kWideClusterCtas <= setup.multiprocessors;
+    cluster_ctas = wide ? sampling_detail::kWideClusterCtas : sampling_detail::kClusterCtas;
+  }
+  check(cluster_ctas != sampling_detail::kWideClusterCtas || setup.wide_clusters, "sampling: this GPU does not "
+        "schedule clusters of ", cluster_ctas, " CTAs of the sampling kernel");
   cudaLaunchAttribute attributes[2]{};
-  const cudaLaunchConfig_t config =
-      launch_config(p, wide ? sampling_detail::kWideClusterCtas : sampling_detail::kClusterCtas, attributes);
+  const cudaLaunchConfig_t config = launch_config(p, cluster_ctas, attributes);
   check_cuda(cudaLaunchKernelEx(&config, sampling_detail::sample_rows_kernel, p), "sampling", __FILE__, __LINE__);
 }
 

@@ -78,7 +78,8 @@ struct SharedPlan {
   int32_t located_warp;
   uint64_t located_residual;
   int32_t located_index;
-  // Broadcasts of the draw's exchange.
+  // Broadcasts of the exchanges.
+  uint64_t ties_before;
   int32_t draw_rank;
   uint64_t draw_residual;
   int64_t tie_limit;
@@ -179,7 +180,10 @@ __device__ __forceinline__ void cluster_histogram(const float* values, int64_t n
   cluster.sync();
   const int bin = kBins - 1 - int(threadIdx.x);
   bin_count = 0, bin_mass = 0;
-  for (int rank = 0; rank < int(cluster.num_blocks()); ++rank) {
+  // Unrolled, so the remote loads of several CTAs are in flight together (each costs a round trip).
+  const int cluster_ctas = int(cluster.num_blocks());
+#pragma unroll 4
+  for (int rank = 0; rank < cluster_ctas; ++rank) {
     const Histogram* other = cluster.map_shared_rank(&own, rank);
     bin_count += other->count[bin];
     if (with_mass) bin_mass += (uint64_t(other->mass_high[bin]) << 32) | other->mass_low[bin];
@@ -359,14 +363,21 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
     s.summary.bad_token = bad;
   }
   cluster.sync();
-  if (threadIdx.x == 0) {
-    for (int other = 0; other < cluster_ctas; ++other) {
-      const CtaSummary* summary = cluster.map_shared_rank(&s.summary, other);
-      key = summary->max_key > key ? summary->max_key : key;
-      bad = min(bad, summary->bad_token);
+  // Lane r of warp 0 reads CTA r's summary: one remote round trip for the whole exchange.
+  if (threadIdx.x < 32) {
+    const int lane = int(threadIdx.x);
+    key = 0, bad = INT32_MAX;
+    if (lane < cluster_ctas) {
+      const CtaSummary* summary = cluster.map_shared_rank(&s.summary, lane);
+      key = summary->max_key;
+      bad = summary->bad_token;
     }
-    s.cluster_key = key;
-    s.cluster_bad = bad;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const unsigned long long other_key = __shfl_xor_sync(0xFFFFFFFFu, key, offset);
+      key = other_key > key ? other_key : key;
+      bad = min(bad, __shfl_xor_sync(0xFFFFFFFFu, bad, offset));
+    }
+    if (lane == 0) s.cluster_key = key, s.cluster_bad = bad;
   }
   __syncthreads();
   const unsigned long long row_key = s.cluster_key;
@@ -425,8 +436,14 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
     const uint64_t ties = warp_range_sums(n, is_tie, s);
     if (threadIdx.x == 0) s.summary.ties = uint32_t(ties);
     cluster.sync();
-    uint64_t before = 0;
-    for (int other = 0; other < rank; ++other) before += cluster.map_shared_rank(&s.summary, other)->ties;
+    if (threadIdx.x < 32) {
+      const int lane = int(threadIdx.x);
+      const uint64_t own = lane < cluster_ctas ? cluster.map_shared_rank(&s.summary, lane)->ties : 0;
+      const uint64_t inclusive = warp_inclusive_sum(own, lane);
+      if (lane == rank) s.ties_before = inclusive - own;
+    }
+    __syncthreads();
+    const uint64_t before = s.ties_before;
     const uint64_t keep_here = cut.keep > before ? min(cut.keep - before, ties) : 0;
     if (keep_here == 0) {
       tie_limit = -1;
@@ -448,21 +465,17 @@ __global__ void __launch_bounds__(kThreads, 1) sample_rows_kernel(SamplingLaunch
   const uint64_t local_mass = warp_range_sums(n, survivor_mass, s);
   if (threadIdx.x == 0) s.summary.survivor_mass = local_mass;
   cluster.sync();
-  if (threadIdx.x == 0) {
-    const auto mass_of = [&](int other) { return cluster.map_shared_rank(&s.summary, other)->survivor_mass; };
-    uint64_t total = 0;
-    for (int other = 0; other < cluster_ctas; ++other) total += mass_of(other);
-    const uint64_t target = sampling::draw_target(rp.draw, total);
-    uint64_t before = 0;
-    s.draw_rank = -1;
-    for (int other = 0; other < cluster_ctas; ++other) {
-      const uint64_t mass = mass_of(other);
-      if (target < before + mass) {
-        s.draw_rank = other;
-        s.draw_residual = target - before;
-        break;
-      }
-      before += mass;
+  if (threadIdx.x < 32) {
+    const int lane = int(threadIdx.x);
+    const uint64_t own = lane < cluster_ctas ? cluster.map_shared_rank(&s.summary, lane)->survivor_mass : 0;
+    const uint64_t inclusive = warp_inclusive_sum(own, lane);
+    const uint64_t target = sampling::draw_target(rp.draw, __shfl_sync(0xFFFFFFFFu, inclusive, 31));
+    const unsigned crossed = __ballot_sync(0xFFFFFFFFu, target < inclusive);
+    if (lane == 0) s.draw_rank = -1;
+    __syncwarp();
+    if (crossed != 0 && lane == __ffs(crossed) - 1) {
+      s.draw_rank = lane;
+      s.draw_residual = target - (inclusive - own);
     }
   }
   cluster.sync();  // every remote read is done: from here on each CTA works alone and may leave

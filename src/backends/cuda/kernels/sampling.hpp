@@ -42,6 +42,7 @@ struct SamplingLaunchParams {
   const sampling::RowParams* row_params = nullptr;        // device [rows]
   const sampling::LogitAdjustment* adjustments = nullptr;  // device; may be null when no row has adjustments
   SampledToken* results = nullptr;                        // device [rows]
+  int cluster_ctas = 0;  // CTAs per row: 0 = the launcher's choice (above); 8 or 16 to force one (benchmarks)
   cudaStream_t stream = nullptr;
 };
 
