@@ -1,6 +1,5 @@
 #include "backends/cuda/linear_dispatch.hpp"
 
-#include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_gemm.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "core/error.hpp"
@@ -138,13 +137,6 @@ void run_linear(const LinearCall& c) {
     return run_decode_chunks(c);
   }
   if (c.tokens < c.gemm_from_tokens) return run_decode_chunks(c);
-  if (c.tokens <= kLinearMaxTokens) {
-    // Where the decode kernel can take the call, the GEMM only when its launch fills half the SMs: a few
-    // 128-row tiles (even split 4 ways) stream too little weight per SM.
-    const int multiprocessors = current_multiprocessors();
-    if (2 * choose_quantized_gemm_config(c.weight, c.tokens, multiprocessors).ctas < multiprocessors)
-      return run_decode_chunks(c);
-  }
 
   std::string refusal;
   const std::vector<QuantizedGemmParams> launches = gemm_launches(c, refusal);

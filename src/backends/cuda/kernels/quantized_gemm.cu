@@ -35,22 +35,19 @@ GemmWeight gemm_weight_of(const DeviceMatrixView& w) {
   }
 }
 
-template <GemmWeight W, int kBlockTokens>
-using Layout = gemm::SharedLayout<W, kBlockTokens>;
-
-template <int kBlockTokens>
+template <int kBlockTokens, int kCtas>
 QuantizedGemmConfig config_for(GemmWeight weight) {
   auto make = [](auto layout) {
     using L = decltype(layout);
     return QuantizedGemmConfig{.block_tokens = kBlockTokens, .stages = L::kStages,
-                               .shared_bytes = size_t(L::kTotalBytes)};
+                               .shared_bytes = size_t(L::kTotalBytes), .ctas_per_sm = kCtas};
   };
   switch (weight) {
-    case GemmWeight::BF16: return make(Layout<GemmWeight::BF16, kBlockTokens>{});
-    case GemmWeight::FP8_E8M0: return make(Layout<GemmWeight::FP8_E8M0, kBlockTokens>{});
-    case GemmWeight::FP8_F32: return make(Layout<GemmWeight::FP8_F32, kBlockTokens>{});
-    case GemmWeight::MXFP4: return make(Layout<GemmWeight::MXFP4, kBlockTokens>{});
-    case GemmWeight::NVFP4: return make(Layout<GemmWeight::NVFP4, kBlockTokens>{});
+    case GemmWeight::BF16: return make(gemm::SharedLayout<GemmWeight::BF16, kBlockTokens, kCtas>{});
+    case GemmWeight::FP8_E8M0: return make(gemm::SharedLayout<GemmWeight::FP8_E8M0, kBlockTokens, kCtas>{});
+    case GemmWeight::FP8_F32: return make(gemm::SharedLayout<GemmWeight::FP8_F32, kBlockTokens, kCtas>{});
+    case GemmWeight::MXFP4: return make(gemm::SharedLayout<GemmWeight::MXFP4, kBlockTokens, kCtas>{});
+    case GemmWeight::NVFP4: return make(gemm::SharedLayout<GemmWeight::NVFP4, kBlockTokens, kCtas>{});
   }
   fail("quantized_gemm: unknown weight kind");
 }
@@ -94,25 +91,25 @@ CUtensorMap weight_tensor_map(const DeviceMatrixView& w) {
   return sm90::encode_tensor_map_2d(t, "quantized_gemm " + describe(w));
 }
 
-template <GemmWeight W, int kBlockTokens>
+template <GemmWeight W, int kBlockTokens, int kCtas>
 void launch(const QuantizedGemmParams& p, const QuantizedGemmConfig& config, const gemm::GemmKernelArgs& args) {
-  constexpr auto kernel = gemm::quantized_gemm_kernel<W, kBlockTokens>;
-  constexpr int kSharedBytes = Layout<W, kBlockTokens>::kTotalBytes;
+  constexpr auto kernel = gemm::quantized_gemm_kernel<W, kBlockTokens, kCtas>;
+  constexpr int kSharedBytes = gemm::SharedLayout<W, kBlockTokens, kCtas>::kTotalBytes;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
   const dim3 grid(unsigned(ceil_div(p.weight.rows, gemm::kBlockRows)), unsigned(ceil_div(p.tokens, kBlockTokens)),
                   unsigned(config.k_splits));
   launch_chained(kernel, grid, dim3(gemm::kThreads), kSharedBytes, p.stream, args, "quantized_gemm_kernel");
 }
 
-template <int kBlockTokens>
+template <int kBlockTokens, int kCtas>
 void launch_for_weight(GemmWeight weight, const QuantizedGemmParams& p, const QuantizedGemmConfig& config,
                        const gemm::GemmKernelArgs& args) {
   switch (weight) {
-    case GemmWeight::BF16: return launch<GemmWeight::BF16, kBlockTokens>(p, config, args);
-    case GemmWeight::FP8_E8M0: return launch<GemmWeight::FP8_E8M0, kBlockTokens>(p, config, args);
-    case GemmWeight::FP8_F32: return launch<GemmWeight::FP8_F32, kBlockTokens>(p, config, args);
-    case GemmWeight::MXFP4: return launch<GemmWeight::MXFP4, kBlockTokens>(p, config, args);
-    case GemmWeight::NVFP4: return launch<GemmWeight::NVFP4, kBlockTokens>(p, config, args);
+    case GemmWeight::BF16: return launch<GemmWeight::BF16, kBlockTokens, kCtas>(p, config, args);
+    case GemmWeight::FP8_E8M0: return launch<GemmWeight::FP8_E8M0, kBlockTokens, kCtas>(p, config, args);
+    case GemmWeight::FP8_F32: return launch<GemmWeight::FP8_F32, kBlockTokens, kCtas>(p, config, args);
+    case GemmWeight::MXFP4: return launch<GemmWeight::MXFP4, kBlockTokens, kCtas>(p, config, args);
+    case GemmWeight::NVFP4: return launch<GemmWeight::NVFP4, kBlockTokens, kCtas>(p, config, args);
   }
 }
 
@@ -125,8 +122,11 @@ QuantizedGemmConfig choose_quantized_gemm_config(const DeviceMatrixView& weight,
   // 64-token tiles for batched decode (a wider tile would only multiply zero-filled tokens); 256-token tiles halve
   // the activation traffic per FLOP, but only pay when they still fill every SM.
   const bool wide = tokens > 128 && row_tiles * ceil_div(tokens, 256) >= multiprocessors;
-  QuantizedGemmConfig config = tokens <= 64 ? config_for<64>(kind) : wide ? config_for<256>(kind) : config_for<128>(kind);
-  const int64_t tiles = row_tiles * ceil_div(tokens, config.block_tokens);
+  const int64_t tiles = row_tiles * ceil_div(tokens, tokens <= 64 ? 64 : wide ? 256 : 128);
+  // Two CTAs per SM where the tiles alone fill the SMs (see gemm::SharedLayout's kCtas).
+  QuantizedGemmConfig config = tokens > 64          ? (wide ? config_for<256, 1>(kind) : config_for<128, 1>(kind))
+                               : tiles >= multiprocessors ? config_for<64, 2>(kind)
+                                                          : config_for<64, 1>(kind);
   const int64_t k_tiles = std::max<int64_t>(1, weight.cols / gemm::kBlockK);
   // Split K while the output tiles alone leave SMs idle (one CTA per SM: the ring takes the shared memory).
   int64_t splits = 1;
@@ -247,11 +247,13 @@ void run_quantized_gemm(const QuantizedGemmParams& p) {
       .partials = config.k_splits > 1 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
   };
   if (config.block_tokens == 256)
-    launch_for_weight<256>(kind, p, config, args);
+    launch_for_weight<256, 1>(kind, p, config, args);
   else if (config.block_tokens == 128)
-    launch_for_weight<128>(kind, p, config, args);
+    launch_for_weight<128, 1>(kind, p, config, args);
+  else if (config.ctas_per_sm == 2)
+    launch_for_weight<64, 2>(kind, p, config, args);
   else
-    launch_for_weight<64>(kind, p, config, args);
+    launch_for_weight<64, 1>(kind, p, config, args);
 }
 
 }  // namespace dsv4::cuda

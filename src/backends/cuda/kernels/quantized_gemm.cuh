@@ -72,11 +72,11 @@ inline constexpr int kConsumerRegisters = 232;
 inline constexpr int kSharedMemoryLimit = 227 * 1024;  // per-block opt-in maximum on sm_90
 inline constexpr int kSharedMemoryPerSm = 228 * 1024;  // of which the hardware reserves 1 KiB per resident CTA
 
-// Resident CTAs per SM: the 64-token tile's consumers hold 32 accumulators, so two CTAs share an SM (registers within
-// the launch bound, half the shared memory each) and four consumer warpgroups hide each other's dequantise → wgmma
-// → wait chain. The wider tiles take the SM alone and move registers to the consumers (setmaxnreg).
-template <int kBlockTokens>
-inline constexpr int kCtasPerSm = kBlockTokens == 64 ? 2 : 1;
+// Resident CTAs per SM (kCtas): 1, the CTA takes the SM and moves registers to the consumers (setmaxnreg); 2 (the
+// 64-token tile only: its consumers hold 32 accumulators), two CTAs share an SM within the launch bound's registers
+// and half the shared memory each, and four consumer warpgroups hide each other's dequantise → wgmma → wait chain.
+// Measured on an H200 at 64 tokens: 2 took V4-Flash wq_b (256 tiles) from 27 to 21 µs, but the split-K shapes of
+// fewer tiles than SMs (wo_a, wo_b) from 36 to 52 µs (a shallower ring per CTA): the config picks per shape.
 inline constexpr int kMaxStages = 8;
 
 template <GemmWeight W>
@@ -105,15 +105,14 @@ template <>
 struct WeightTraits<GemmWeight::NVFP4> : WeightTraits<GemmWeight::MXFP4> {};
 
 // Shared memory of one CTA, every tile 1024-byte aligned (the swizzle atom).
-template <GemmWeight W, int kBlockTokens>
+template <GemmWeight W, int kBlockTokens, int kCtas>
 struct SharedLayout {
   static constexpr int kXStageBytes = kBlockTokens * kTileRowBytes;
   static constexpr int kWStageBytes = kBlockRows * WeightTraits<W>::kStoredRowBytes;
   static constexpr int kStageBytes = kXStageBytes + kWStageBytes;
   static constexpr int kAlignmentSlack = 1024;  // the dynamic shared memory base is rounded up to 1024
   static constexpr int kBarrierBytes = 2 * kMaxStages * 8;
-  static constexpr int kBudget =
-      kCtasPerSm<kBlockTokens> == 1 ? kSharedMemoryLimit : kSharedMemoryPerSm / kCtasPerSm<kBlockTokens> - 1024;
+  static constexpr int kBudget = kCtas == 1 ? kSharedMemoryLimit : kSharedMemoryPerSm / kCtas - 1024;
   static constexpr int kStagesThatFit = (kBudget - kAlignmentSlack - kBarrierBytes) / kStageBytes;
   static constexpr int kStages = kStagesThatFit < kMaxStages ? kStagesThatFit : kMaxStages;
   static_assert(kStages >= 2, "the ring needs two slots");
@@ -432,10 +431,10 @@ __device__ __forceinline__ void write_output(const GemmKernelArgs& args, const f
   if (consumer == 0 && thread == 0) *ticket = 0;  // every split has arrived: ready for the next launch
 }
 
-template <GemmWeight W, int kBlockTokens>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm<kBlockTokens>)
-    quantized_gemm_kernel(const __grid_constant__ GemmKernelArgs args) {
-  using Layout = SharedLayout<W, kBlockTokens>;
+template <GemmWeight W, int kBlockTokens, int kCtas>
+__global__ void __launch_bounds__(kThreads, kCtas) quantized_gemm_kernel(const __grid_constant__ GemmKernelArgs args) {
+  using Layout = SharedLayout<W, kBlockTokens, kCtas>;
+  static_assert(kCtas == 1 || kBlockTokens == 64, "two CTAs per SM only fit the 64-token tile's registers");
   using Traits = WeightTraits<W>;
   constexpr int kStages = Layout::kStages;
   static_assert(kBlockTokens == 64 || kBlockTokens == 128 || kBlockTokens == 256, "token tiles of 64, 128 or 256");
@@ -466,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kBlockTokens>)
   __syncthreads();
 
   if (warpgroup == 0) {
-    if constexpr (kCtasPerSm<kBlockTokens> == 1) sm90::setmaxnreg_decrease<kProducerRegisters>();
+    if constexpr (kCtas == 1) sm90::setmaxnreg_decrease<kProducerRegisters>();
     if (threadIdx.x == 0) {
       sm90::prefetch_tensor_map(&args.x_map);
       sm90::prefetch_tensor_map(&args.w_map);
@@ -495,7 +494,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm<kBlockTokens>)
     return;
   }
 
-  if constexpr (kCtasPerSm<kBlockTokens> == 1) sm90::setmaxnreg_increase<kConsumerRegisters>();
+  if constexpr (kCtas == 1) sm90::setmaxnreg_increase<kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int thread = threadIdx.x % kWarpgroupThreads;
   float acc[kBlockTokens / 2];

@@ -64,6 +64,7 @@ struct QuantizedGemmConfig {
   int split_k_tiles = 0;      // 64-wide k-tiles per split
   size_t workspace_bytes = 0; // 0 without split-K
   size_t ticket_bytes = 0;    // the workspace's first ticket_bytes hold the tickets (zero between launches)
+  int ctas_per_sm = 1;        // 2: the 64-token tile's two-CTA variant (shapes with at least as many tiles as SMs)
 };
 
 // The tiling run_quantized_gemm uses for this weight and token count on a device with `multiprocessors` SMs (throws

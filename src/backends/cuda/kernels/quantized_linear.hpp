@@ -51,13 +51,14 @@ inline constexpr int kLinearMaxTokens = 64;
 // plus K a multiple of 256 stored bytes (512 fp4, 256 FP8, 128 BF16 inputs) and at most kLinearMaxStreamedTokens
 // tokens (every DSV4 shape at decode): each warp's
 // rows stream through a shared-memory ring filled by tensor copies, which keeps more bytes in flight per SM. AUTO
-// takes STREAMED where it applies and measured faster (FP8 and fp4 at T <= 8, BF16 at T = 1), else ALIGNED, else
-// GENERIC.
+// takes STREAMED where it applies and measured faster (FP8 and fp4 at T <= 8, BF16 at T = 1, and FP8 / fp4 up to
+// T = 16 with the cluster reduction where that applies: SplitKReduce), else ALIGNED, else GENERIC.
 enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
 
 inline constexpr int kLinearMaxStreamedTokens = 16;
 
-// How split-K partial sums meet: AUTO picks (today: WORKSPACE); WORKSPACE, through the caller's workspace and an
+// How split-K partial sums meet: AUTO picks (CLUSTER on the STREAMED path for grids of at most two CTAs per SM when
+// the load path is AUTO too, else WORKSPACE); WORKSPACE, through the caller's workspace and an
 // atomic ticket per row block; CLUSTER, inside a thread-block cluster (STREAMED path only, at most
 // kLinearMaxClusterSplits splits, so K may be split fewer ways).
 enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
