@@ -50,9 +50,11 @@ void launch(const MoeExpertGemmParams& p) {
     args.streamed_x_bytes = (std::min(moe::streamed_x_bytes(x_rows, args.k_total), int(moe::kStreamedXBytes)) + 15) /
                             16 * 16;
     const size_t smem = moe::kStreamedRingBytes + size_t(args.streamed_x_bytes) + moe::kStreamedExchangeBytes;
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_streamed_kernel<G>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    launch_chained(moe::moe_expert_streamed_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
+    // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
+    auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true>
+                                                  : moe::moe_expert_streamed_kernel<G, false>;
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
     return;
   }
   const size_t smem = moe::kExpertGemmSmemBytes<G>;

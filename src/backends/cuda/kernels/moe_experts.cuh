@@ -462,7 +462,9 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   }
 }
 
-template <ExpertGemm G>
+// kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
+// decode launches' code (half the instructions to fetch at each CTA's cold start).
+template <ExpertGemm G, bool kMultiTile>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
@@ -478,7 +480,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(format, [&]<tile::TileFormat F>() {
-    if (item.row_count <= tile::kTokensPerMma)
+    if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
       run_streamed_item<F, G, 1>(a, expert, item, smem, full, shared_item);
     else
       run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, smem, full, shared_item);
