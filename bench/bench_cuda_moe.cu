@@ -226,7 +226,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     {
       BaselineOperands operands(c, T);
       std::vector<cudaGraphExec_t> graphs;
-      for (const Slot& slot : slots) graphs.push_back(capture_baseline(cublas, stream, c, slot.rows_per_expert, operands));
+      for (const Slot& slot : slots)
+        graphs.push_back(capture_baseline(cublas, stream, c, slot.rows_per_expert, operands));
       baseline_us = rotation_us(graphs, iterations, stream);
       for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
     }

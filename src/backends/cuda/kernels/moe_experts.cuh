@@ -473,7 +473,8 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
       tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
   if (shared_item)
-    with_tile_format(a.shared_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
+    with_tile_format(a.shared_format,
+                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
