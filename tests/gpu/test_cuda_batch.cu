@@ -451,6 +451,35 @@ TEST(CudaBatchMemory, RefusesWhatDoesNotFitNamingTheShortfall) {
   EXPECT_NE(fits.describe().find("step workspace"), std::string::npos) << fits.describe();
 }
 
+// A context shorter than a compression ratio (bench e2e's tg1 sizes the context to 3 tokens): no compressed entry
+// ever completes, yet every layer kind runs. The logits are those of the same tokens in a model with a long context.
+TEST(CudaBatchCalls, ContextShorterThanTheCompressionRatio) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  for (const char* fixture : {"tests/golden/flash_like", "tests/golden/pro_like-release"}) {
+    const ModelFixture f(fixture);
+    const int64_t vocab = f.ckpt.config.vocab_size;
+    const std::vector<int32_t> ids = {1, 2, 3};
+    std::vector<std::vector<float>> results;
+    for (const int64_t context : {int64_t(3), int64_t(256)}) {
+      cuda::CudaModelOptions options = batch_options(true);
+      options.max_context = context;
+      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+      const int slot = model.add_sequence();
+      std::vector<float> logits, row;
+      model.forward(slot, std::span(ids).first(1), LogitRows::Last, row);
+      logits.insert(logits.end(), row.begin(), row.end());
+      for (size_t i = 1; i < ids.size(); ++i) {
+        model.decode(std::span(&slot, 1), std::span(&ids[i], 1), row);
+        logits.insert(logits.end(), row.begin(), row.end());
+      }
+      results.push_back(logits);
+    }
+    const Comparison c = compare_rows(results[1], results[0], vocab);
+    EXPECT_EQ(c.rows, 3) << fixture;
+    EXPECT_LE(c.worst, 1e-2f) << fixture;
+  }
+}
+
 TEST(CudaBatchCalls, RefusesBadBatchesAndKeepsTheSequences) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f("tests/golden/odd_sizes");

@@ -400,7 +400,7 @@ struct CudaModel::Impl {
       if (!c.has_compressor(i)) continue;
       const int64_t ratio = c.compress_ratio(i);
       if (c.has_indexer(i)) {
-        max_keys = std::max(max_keys, o.max_context / ratio);
+        max_keys = std::max(max_keys, max_keys_of(i));
         max_compressed_slots = std::max<int64_t>(max_compressed_slots, c.indexer.topk);
       } else {
         max_compressed_slots = std::max(max_compressed_slots, o.max_context / ratio);
@@ -750,7 +750,11 @@ struct CudaModel::Impl {
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
-  int64_t max_keys_of(int layer) const { return options.max_context / config.compress_ratio(layer); }
+  // At least one: a context shorter than the ratio never completes an entry, but the compressor still needs a place
+  // to address (its state advances with every token).
+  int64_t max_keys_of(int layer) const {
+    return std::max<int64_t>(1, options.max_context / config.compress_ratio(layer));
+  }
 
   // One compressor (main or indexer) over the step's runs: projections (unless `projections` holds them already: the
   // stacked compressors' output, this compressor's kv and gate from column `column`), then the pooling kernel.
