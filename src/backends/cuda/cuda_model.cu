@@ -750,10 +750,11 @@ struct CudaModel::Impl {
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
-  // At least one: a context shorter than the ratio never completes an entry, but the compressor still needs a place
-  // to address (its state advances with every token).
+  // Compressed entries a sequence may hold. An indexer layer keeps at least one key slot: a context shorter than the
+  // ratio never completes a key, but the indexer's compressor still writes to an addressable key array.
   int64_t max_keys_of(int layer) const {
-    return std::max<int64_t>(1, options.max_context / config.compress_ratio(layer));
+    const int64_t keys = options.max_context / config.compress_ratio(layer);
+    return config.has_indexer(layer) ? std::max<int64_t>(1, keys) : keys;
   }
 
   // One compressor (main or indexer) over the step's runs: projections (unless `projections` holds them already: the
