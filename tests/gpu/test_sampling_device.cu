@@ -68,6 +68,7 @@ class DeviceSampler {
     p.adjustments = device_adjustments.as<sampling::LogitAdjustment>();
     p.results = results.as<SampledToken>();
     p.cluster_ctas = cluster_ctas;
+    p.any_top_p = std::any_of(steps.begin(), steps.end(), [](const auto& step) { return step.row.top_p < 1.0f; });
     cudaEvent_t start, stop;
     DSV4_CUDA_CHECK(cudaEventCreate(&start));
     DSV4_CUDA_CHECK(cudaEventCreate(&stop));

@@ -110,6 +110,7 @@ int32_t CudaLanguageModel::forward_and_sample(SequenceCache& sequence, int32_t i
   launch.adjustments = reinterpret_cast<const sampling::LogitAdjustment*>(
       buffers.device_step.as<unsigned char>() + sizeof(sampling::RowParams));
   launch.results = buffers.device_result.as<SampledToken>();
+  launch.any_top_p = row.top_p < 1.0f;
   launch.stream = stream;
   run_sampling(launch);
   DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.host_result.data(), launch.results, sizeof(SampledToken),

@@ -87,10 +87,12 @@ void check_sampling_params(const SamplingLaunchParams& p) {
 void run_sampling(const SamplingLaunchParams& p) {
   check_sampling_params(p);
   const DeviceSetup& setup = device_setup(p);
-  // Few rows leave most SMs idle with 8-CTA clusters: spread each row over 16 where they fit.
+  // Few rows leave most SMs idle with 8-CTA clusters: spread each row over 16 where they fit, unless a row's top_p
+  // makes the wider exchange cost more than the spread saves.
   int cluster_ctas = p.cluster_ctas;
   if (cluster_ctas == 0) {
-    const bool wide = setup.wide_clusters && p.rows * sampling_detail::kWideClusterCtas <= setup.multiprocessors;
+    const bool wide = !p.any_top_p && setup.wide_clusters &&
+                      p.rows * sampling_detail::kWideClusterCtas <= setup.multiprocessors;
     cluster_ctas = wide ? sampling_detail::kWideClusterCtas : sampling_detail::kClusterCtas;
   }
   check(cluster_ctas != sampling_detail::kWideClusterCtas || setup.wide_clusters, "sampling: this GPU does not "
