@@ -141,7 +141,10 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
     const int token = int(i / cta_rows);
     const int64_t row = cta_row0 + i % cta_rows;
     const float* column = args.partials + token * w.rows + row;
-    const float sum = tile::sum_splits_in_order(column, int64_t(args.tokens) * w.rows, args.k_splits);
+    // Split order from 0, as sum_splits_in_order, but one load at a time: its batch of loads in flight pushed the
+    // register-capped two-token-tile kernels into spills.
+    float sum = 0.0f;
+    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
     store(row, token, sum * output_scale);
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch

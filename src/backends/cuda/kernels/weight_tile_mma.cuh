@@ -280,10 +280,16 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
   for (int p = warp; p < tokens * owner_warps; p += warps) {
     const int t = p / owner_warps, v = p % owner_warps;
     const float* row = x + t * row_stride;
+    // Loads in batches of kBatch (one round trip each), squares added in element order; the zeros past the row
+    // add nothing (fmaf(0, 0, sum) = sum, as run_rms_norm's padding).
+    constexpr int kBatch = 8;
     float sum = 0.0f;
-    for (int i = v * kWarpSize + lane; i < width; i += owner_threads) {
-      const float value = row[i];
-      sum = fmaf(value, value, sum);
+    for (int i0 = v * kWarpSize + lane; i0 < width; i0 += kBatch * owner_threads) {
+      float values[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) values[j] = i0 + j * owner_threads < width ? row[i0 + j * owner_threads] : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) sum = fmaf(values[j], values[j], sum);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
@@ -298,9 +304,9 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
   __syncthreads();
 }
 
-// Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (the split-K reductions of
-// quantized_linear and quantized_gemm: deterministic), with the loads of up to 8 splits in flight at once (a
-// reduction is a chain of L2 round trips otherwise).
+// Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (quantized_gemm's split-K
+// reduction: deterministic, and the same sums as quantized_linear's), with the loads of up to 8 splits in flight at
+// once (a reduction is a chain of L2 round trips otherwise).
 __device__ __forceinline__ float sum_splits_in_order(const float* partials, int64_t split_stride, int splits) {
   constexpr int kInFlight = 8;
   float sum = 0.0f;
