@@ -340,7 +340,10 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, false);
   const int cluster_splits =
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, true);
-  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
+  // The cluster-mode call falls back to the combine kernel above kSparseAttentionMaxClusterSplits splits, so the
+  // workspace covers both calls' split counts.
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim,
+                                                                                 std::max(splits, cluster_splits))),
                          "workspace");
   SparseAttentionParams p{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
                           .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
