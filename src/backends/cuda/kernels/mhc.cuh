@@ -305,6 +305,60 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
 }
 
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
+// One warp's 3xTF32 projection of a 16-token tile: the 32 columns of the staged tile at xw (row stride ldx) against
+// the projection rows it holds (fn_frag). Writes, into the warp's partial block `mine`, Σx² of each token over those
+// columns (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t).
+template <int kRows, int kNTiles = (kRows + 7) / 8>
+__device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, const float (&fn_frag)[2][kNTiles][4],
+                                                    int g, int t4, float* mine) {
+  float acc[kNTiles][4] = {};
+  float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const float4 lo = *reinterpret_cast<const float4*>(xw + g * ldx + 16 * p);
+    const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * ldx + 16 * p);
+    const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
+    uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      squares_lo = fmaf(x_lo[q], x_lo[q], squares_lo);
+      squares_hi = fmaf(x_hi[q], x_hi[q], squares_hi);
+      split_tf32(x_lo[q], lo_big[q], lo_small[q]);
+      split_tf32(x_hi[q], hi_big[q], hi_small[q]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
+      const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        uint32_t b_big[2], b_small[2];
+        split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
+        split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
+        // The two correction terms first, while the sum is small.
+        mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
+        mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
+        mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
+      }
+    }
+  }
+  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
+  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
+  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
+  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
+  if (t4 == 0) {
+    mine[g] = squares_lo;
+    mine[g + 8] = squares_hi;
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 8 * nt + 2 * t4 + (e & 1);
+      if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
+    }
+}
+
 template <bool kHead, bool kPost, int kSliceDims>
 __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
     hc_projection_kernel(const ProjectionArgs args) {
@@ -519,53 +573,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
       }
       const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
-      float acc[kNTiles][4] = {};
-      float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
-#pragma unroll
-      for (int p = 0; p < 2; ++p) {
-        const float4 lo = *reinterpret_cast<const float4*>(xw + g * kLdx + 16 * p);
-        const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * kLdx + 16 * p);
-        const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
-        uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          squares_lo = fmaf(x_lo[q], x_lo[q], squares_lo);
-          squares_hi = fmaf(x_hi[q], x_hi[q], squares_hi);
-          split_tf32(x_lo[q], lo_big[q], lo_small[q]);
-          split_tf32(x_hi[q], hi_big[q], hi_small[q]);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
-          const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
-#pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) {
-            uint32_t b_big[2], b_small[2];
-            split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
-            split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
-            // The two correction terms first, while the sum is small.
-            mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
-            mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
-            mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
-          }
-        }
-      }
-      squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
-      squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
-      squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
-      squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
-      float* const mine = warp_sums + warp * kPartialFloats;
-      if (t4 == 0) {
-        mine[g] = squares_lo;
-        mine[g + 8] = squares_hi;
-      }
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = 8 * nt + 2 * t4 + (e & 1);
-          if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
-        }
+      project_tile_3xtf32<kRows>(xw, kLdx, fn_frag, g, t4, warp_sums + warp * kPartialFloats);
       __syncthreads();
       // Publish the slice's partials, warps summed in order.
       unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -900,55 +908,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   __syncthreads();
 
   // The slice's projection: the persistent kernel's 3xTF32 MMA of one tile.
-  {
-    const float* xw = tile + stream * kDecodeSliceDims + column0;
-    float acc[kNTiles][4] = {};
-    float squares_lo = 0.f, squares_hi = 0.f;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const float4 lo = *reinterpret_cast<const float4*>(xw + g * kDecodeLdx + 16 * p);
-      const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * kDecodeLdx + 16 * p);
-      const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
-      uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        squares_lo = fmaf(x_lo[q], x_lo[q], squares_lo);
-        squares_hi = fmaf(x_hi[q], x_hi[q], squares_hi);
-        split_tf32(x_lo[q], lo_big[q], lo_small[q]);
-        split_tf32(x_hi[q], hi_big[q], hi_small[q]);
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
-        const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          uint32_t b_big[2], b_small[2];
-          split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
-          split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
-          mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
-          mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
-          mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
-        }
-      }
-    }
-    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
-    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
-    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
-    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
-    float* const mine = warp_sums + warp * kPartialFloats;
-    if (t4 == 0) {
-      mine[g] = squares_lo;
-      mine[g + 8] = squares_hi;
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 8 * nt + 2 * t4 + (e & 1);
-        if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
-      }
-  }
+  project_tile_3xtf32<kRows>(tile + stream * kDecodeSliceDims + column0, kDecodeLdx, fn_frag, g, t4,
+                             warp_sums + warp * kPartialFloats);
   __syncthreads();
   // Publish the slice's partials (warps summed in order): item (row r, token t) at [r][t][slice].
   for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
