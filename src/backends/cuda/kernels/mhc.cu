@@ -139,14 +139,15 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 
-// The projection's arguments of one hc_pre (hc_head and the fused hc_post + hc_pre start from them too).
-mhc::ProjectionArgs pre_projection_args(const HcPreParams& p) {
-  mhc::ProjectionArgs args{};
+// The fields of one hc_pre that the persistent and the decode kernel's arguments share.
+template <class Args>
+Args site_args(const HcPreParams& p) {
+  Args args{};
   args.X = p.X;
   args.fn = p.fn;
   args.base = p.base;
   args.scale = p.scale;
-  args.tokens = p.tokens;
+  args.tokens = decltype(args.tokens)(p.tokens);
   args.hidden = int(p.hidden);
   args.sinkhorn_iters = p.sinkhorn_iters;
   args.hc_eps = p.hc_eps;
@@ -158,6 +159,9 @@ mhc::ProjectionArgs pre_projection_args(const HcPreParams& p) {
   args.comb = p.comb;
   return args;
 }
+
+// The projection's arguments of one hc_pre (hc_head and the fused hc_post + hc_pre start from them too).
+mhc::ProjectionArgs pre_projection_args(const HcPreParams& p) { return site_args<mhc::ProjectionArgs>(p); }
 
 // The hc_pre of the site after an hc_post_pre, reading the updated residual X_out.
 HcPreParams next_site_pre_params(const HcPostPreParams& p) {
@@ -175,21 +179,7 @@ bool decode_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden)
 
 // The decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
 mhc::DecodeArgs decode_args(const HcPreParams& p) {
-  mhc::DecodeArgs args{};
-  args.X = p.X;
-  args.fn = p.fn;
-  args.base = p.base;
-  args.scale = p.scale;
-  args.tokens = int(p.tokens);
-  args.hidden = int(p.hidden);
-  args.sinkhorn_iters = p.sinkhorn_iters;
-  args.hc_eps = p.hc_eps;
-  args.norm_eps = p.norm_eps;
-  args.round_to_bf16 = p.round_to_bf16;
-  args.y = p.y;
-  args.y_bf16 = p.y_bf16;
-  args.post = p.post;
-  args.comb = p.comb;
+  mhc::DecodeArgs args = site_args<mhc::DecodeArgs>(p);
   args.norm_weight = p.out_norm_weight;
   args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
   return args;
