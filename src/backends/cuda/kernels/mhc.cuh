@@ -305,6 +305,25 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
 }
 
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
+// A warp's B fragments of fn for one slice (fn_slice: row 0, this stream, the slice's first column; rows `flat`
+// apart): thread (g, t4) takes columns column0 + 16p .. + 3 of rows 8·nt + g, zeros past kRows or the slice's width.
+template <int kRows, int kNTiles = (kRows + 7) / 8>
+__device__ __forceinline__ void load_fn_fragments(float (&fn_frag)[2][kNTiles][4], const float* fn_slice,
+                                                  int64_t flat, int column0, int width, int g) {
+#pragma unroll
+  for (int p = 0; p < 2; ++p)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      const int row = 8 * nt + g, column = column0 + 16 * p;
+      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < kRows && column < width) f = __ldg(reinterpret_cast<const float4*>(fn_slice + row * flat + column));
+      fn_frag[p][nt][0] = f.x;
+      fn_frag[p][nt][1] = f.y;
+      fn_frag[p][nt][2] = f.z;
+      fn_frag[p][nt][3] = f.w;
+    }
+}
+
 // One warp's 3xTF32 projection of a 16-token tile: the 32 columns of the staged tile at xw (row stride ldx) against
 // the projection rows it holds (fn_frag). Writes, into the warp's partial block `mine`, Σx² of each token over those
 // columns (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t).
@@ -477,19 +496,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
-#pragma unroll
-  for (int p = 0; p < 2; ++p)
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-      const int row = 8 * nt + g, column = column0 + 16 * p;
-      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row < kRows && column < width)
-        f = __ldg(reinterpret_cast<const float4*>(args.fn + row * flat + int64_t(stream) * d + i0 + column));
-      fn_frag[p][nt][0] = f.x;
-      fn_frag[p][nt][1] = f.y;
-      fn_frag[p][nt][2] = f.z;
-      fn_frag[p][nt][3] = f.w;
-    }
+  load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
 
   // Sums over the slices: item i = 16·row + token of a tile's kPartial × 16 belongs to slice i mod S (tokens past
   // the tile's end are skipped); `lanes` (a power of two) aligned lanes per item, lane `part` taking slices part,
@@ -845,19 +852,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
-#pragma unroll
-  for (int p = 0; p < 2; ++p)
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-      const int row = 8 * nt + g, column = column0 + 16 * p;
-      float4 f = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row < kRows && column < width)
-        f = __ldg(reinterpret_cast<const float4*>(args.fn + row * flat + int64_t(stream) * d + i0 + column));
-      fn_frag[p][nt][0] = f.x;
-      fn_frag[p][nt][1] = f.y;
-      fn_frag[p][nt][2] = f.z;
-      fn_frag[p][nt][3] = f.w;
-    }
+  load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
   // Thread (vt, vi) owns token vt's dims i0 + vi .. + 3 of all streams: it stages, updates and collapses them.
   const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
   const bool owner = vt < T && vi < width;
