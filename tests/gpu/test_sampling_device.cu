@@ -469,9 +469,19 @@ TEST(SamplingDevice, TimingAgainstCopyAndCpuSampling) {
       for (Sampler& s : samplers) steps.push_back(s.device_step(prompt, generated));
       // The launcher's choice, then each cluster size forced (16 only where the batch fits the SMs).
       float device_ms = 0, narrow_ms = 0, wide_ms = 0;
-      DeviceSampler().run(logits, vocab, steps, &device_ms, 20);
-      DeviceSampler().run(logits, vocab, steps, &narrow_ms, 20, 8);
-      if (rows * 16 <= current_multiprocessors()) DeviceSampler().run(logits, vocab, steps, &wide_ms, 20, 16);
+      // Every cluster size takes the same draws, so it must pick the same tokens (the timing's own check).
+      const std::vector<SampledToken> chosen = DeviceSampler().run(logits, vocab, steps, &device_ms, 20);
+      const auto expect_same = [&](const std::vector<SampledToken>& other, int ctas) {
+        ASSERT_EQ(other.size(), chosen.size());
+        for (size_t r = 0; r < chosen.size(); ++r) {
+          EXPECT_EQ(chosen[r].status, SamplingStatus::Ok) << c.name << " row " << r;
+          EXPECT_TRUE(chosen[r].token >= 0 && chosen[r].token < vocab) << c.name << " row " << r;
+          EXPECT_EQ(other[r].token, chosen[r].token) << c.name << " row " << r << ", " << ctas << "-CTA clusters";
+        }
+      };
+      expect_same(DeviceSampler().run(logits, vocab, steps, &narrow_ms, 20, 8), 8);
+      if (rows * 16 <= current_multiprocessors())
+        expect_same(DeviceSampler().run(logits, vocab, steps, &wide_ms, 20, 16), 16);
       // The old path: a pageable copy of every row, then the CPU sampler per row.
       std::vector<float> host(logits.size());
       const int repetitions = rows >= 256 ? 1 : 3;
