@@ -5,10 +5,13 @@
 //   striding K in 8-value vectors (16-byte bf16 loads, two for fp32) with 8 loads in flight each. Small T: many
 //   CTAs of 8 rows, so the E·d·2 router bytes stream over many SMs; large T: a CTA covers all rows of its tokens
 //   (u staged once per token chunk).
-// - Scoring/top-k: one warp per token; lane l holds experts l, l + 32, ... (E ≤ 512 → 16 per lane, constant-indexed
-//   registers). Each of the top_k rounds is a warp argmax on (value, lower index); a NaN score counts as −inf so a
-//   valid expert is always chosen. Round k's winner is parked in lane k, so Σ s[id] is summed in k order like the
-//   CPU reference.
+// - Scoring/top-k: a CTA routes up to 8 tokens: its threads compute the biased scores (one per thread at a time)
+//   into shared memory, then one warp per token runs top_k rounds of a warp argmax on (value, lower index) over
+//   them (lane l scans experts l, l + 32, ...); a NaN score counts as −inf so a valid expert is always chosen.
+//   Round k's winner is parked in lane k, which recomputes its unbiased score from the logit, so Σ s[id] is summed
+//   in k order like the CPU reference. The code stays loops, not unrolled copies: it runs once per CTA from a cold
+//   instruction cache (the unrolled version, 16 scores per lane in registers, was 88 KB of SASS and ≈ 15 µs of the
+//   T = 1 routing).
 // - Both kernels are chained with programmatic dependent launch (ptx/dependent_launch.cuh): each waits for its
 //   predecessor's writes first, then lets the next kernel's CTAs be scheduled.
 // - Bucketing runs in the last CTA to finish (a ticket counter in the workspace, reset by that CTA): shared-memory
@@ -32,7 +35,8 @@ inline constexpr int kRouterMaxTokensPerCta = 4;
 inline constexpr int kRouterVector = 8;  // router values per lane per load
 inline constexpr int kRouterBatch = 8;   // loads per lane in flight before the first use
 inline constexpr int kSelectWarpsPerCta = 8;
-inline constexpr int kMaxExpertsPerLane = 16;  // kMoeMaxExperts / 32
+// A selecting lane marks its chosen experts (lane + 32 i) in one 32-bit mask.
+static_assert(kMoeMaxExperts / kWarpSize <= 32, "experts per lane fit the taken mask");
 
 struct RouterLogitsArgs {
   const uint8_t* router;  // [E, d] BF16 or F32
@@ -81,67 +85,81 @@ __device__ __forceinline__ bool ranks_above(float v, int e, float best, int best
   return v > best || (v == best && e < best_e);
 }
 
-// Routes token `t` with the calling warp: writes expert_ids / expert_weights [t, :].
-__device__ void route_token(const RouteArgs& a, int t, int lane) {
-  float s[kMaxExpertsPerLane], biased[kMaxExpertsPerLane];
-#pragma unroll
-  for (int i = 0; i < kMaxExpertsPerLane; ++i) {
-    const int e = lane + i * kWarpSize;
-    s[i] = 0.0f;
-    biased[i] = -INFINITY;
-    if (e < a.experts) {
-      s[i] = sqrt_softplus(__ldcg(a.logits + size_t(t) * a.experts + e));  // written by other CTAs
-      const float b = s[i] + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
-      biased[i] = isnan(b) ? -INFINITY : b;
-    }
+// Tokens a CTA routes together: their biased scores are computed by the whole CTA into shared memory, then one
+// warp selects each token's experts.
+inline constexpr int kRouteTokensPerCta = 8;
+static_assert(kRouteTokensPerCta == kSelectWarpsPerCta && kRouteTokensPerCta == kRouterWarpsPerCta &&
+                  kRouteTokensPerCta >= kMoeFusedRoutingMaxTokens,
+              "one selecting warp per token of a CTA's block");
+
+// Shared memory of one CTA's routing: the biased scores [token][expert] of up to kRouteTokensPerCta tokens.
+struct RouteScratch {
+  float biased[kRouteTokensPerCta][kMoeMaxExperts];
+};
+
+// The CTA's threads score tokens [token_begin, token_begin + count) (count <= kRouteTokensPerCta) of a scored layer:
+// biased[t][e] = sqrt(softplus(logit)) + bias[e], NaN as -inf (so a valid expert is always chosen). One score per
+// thread at a time: the serial part of the routing stays a few instructions long.
+__device__ void score_tokens(const RouteArgs& a, int token_begin, int count, RouteScratch& scratch) {
+  const int scores = count * a.experts;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < scores; i += blockDim.x) {
+    const int t = i / a.experts, e = i - t * a.experts;
+    const float s = sqrt_softplus(__ldcg(a.logits + size_t(token_begin + t) * a.experts + e));  // other CTAs wrote it
+    const float b = s + (a.bias != nullptr ? __ldg(a.bias + e) : 0.0f);
+    scratch.biased[t][e] = isnan(b) ? -INFINITY : b;
   }
-  // Lane k < top_k ends up holding the k-th choice.
+}
+
+// Routes token `t` with the calling warp (scored layers: `biased` is its row of score_tokens): writes expert_ids /
+// expert_weights [t, :]. Lane k < top_k ends up holding the k-th choice.
+__device__ void select_experts(const RouteArgs& a, int t, const float* biased, int lane) {
   int my_id = 0;
-  float my_s = 0.0f;
   if (a.tid2eid != nullptr) {
     int32_t token = __ldg(a.token_ids + t);
     if (token < 0 || token >= a.vocab) {
       if (lane == 0) atomicCAS(a.out.status, 0, t + 1);
       token = 0;
     }
-    for (int k = 0; k < a.top_k; ++k) {
-      const int id = __ldg(a.tid2eid + size_t(token) * a.top_k + k);
-      float owned = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kMaxExpertsPerLane; ++i)
-        if (i == id / kWarpSize) owned = s[i];
-      const float chosen = __shfl_sync(0xFFFFFFFFu, owned, id % kWarpSize);
-      if (lane == k) my_id = id, my_s = chosen;
-    }
+    if (lane < a.top_k) my_id = __ldg(a.tid2eid + size_t(token) * a.top_k + lane);
   } else {
     uint32_t taken = 0;  // bit i: expert lane + 32 i already chosen
+#pragma unroll 1
     for (int k = 0; k < a.top_k; ++k) {
-      float best = -INFINITY, best_s = 0.0f;
+      float best = -INFINITY;
       int best_e = 0x7FFFFFFF;
-#pragma unroll
-      for (int i = 0; i < kMaxExpertsPerLane; ++i) {
-        const int e = lane + i * kWarpSize;
-        if (e < a.experts && !(taken >> i & 1u) && ranks_above(biased[i], e, best, best_e))
-          best = biased[i], best_e = e, best_s = s[i];
-      }
+#pragma unroll 1
+      for (int i = 0, e = lane; e < a.experts; ++i, e += kWarpSize)
+        if (!(taken >> i & 1u) && ranks_above(biased[e], e, best, best_e)) best = biased[e], best_e = e;
 #pragma unroll
       for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
         const float other = __shfl_xor_sync(0xFFFFFFFFu, best, offset);
         const int other_e = __shfl_xor_sync(0xFFFFFFFFu, best_e, offset);
-        const float other_s = __shfl_xor_sync(0xFFFFFFFFu, best_s, offset);
-        if (ranks_above(other, other_e, best, best_e)) best = other, best_e = other_e, best_s = other_s;
+        if (ranks_above(other, other_e, best, best_e)) best = other, best_e = other_e;
       }
       if (lane == best_e % kWarpSize) taken |= 1u << (best_e / kWarpSize);
-      if (lane == k) my_id = best_e, my_s = best_s;
+      if (lane == k) my_id = best_e;
     }
   }
   // The bias only selects; the weights come from the unbiased scores, summed in k order.
+  const float my_s = lane < a.top_k ? sqrt_softplus(__ldcg(a.logits + size_t(t) * a.experts + my_id)) : 0.0f;
   float sum = 0.0f;
+#pragma unroll 1
   for (int k = 0; k < a.top_k; ++k) sum += __shfl_sync(0xFFFFFFFFu, my_s, k);
   if (lane < a.top_k) {
     a.out.expert_ids[size_t(t) * a.top_k + lane] = my_id;
     a.out.expert_weights[size_t(t) * a.top_k + lane] = my_s / sum * a.routed_scaling_factor;
   }
+}
+
+// Routes tokens [token_begin, token_begin + count) with the whole CTA (count <= kRouteTokensPerCta, one warp per
+// token; blockDim.x = 32 · kRouteTokensPerCta).
+__device__ void route_tokens(const RouteArgs& a, int token_begin, int count) {
+  __shared__ RouteScratch scratch;
+  if (a.tid2eid == nullptr) score_tokens(a, token_begin, count, scratch);
+  __syncthreads();
+  const int warp_idx = threadIdx.x / kWarpSize;
+  if (warp_idx < count) select_experts(a, token_begin + warp_idx, scratch.biased[warp_idx], threadIdx.x % kWarpSize);
 }
 
 // Exclusive scans of counts[0..n) and of ceil(counts / R) by one warp: offsets[0..n] and item_offsets[0..n], the
@@ -151,6 +169,7 @@ __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, in
   const int per_lane = (n + kWarpSize - 1) / kWarpSize;
   const int begin = min(n, lane * per_lane), end = min(n, begin + per_lane);
   int rows = 0, items = 0;
+  #pragma unroll 1
   for (int e = begin; e < end; ++e) rows += counts[e], items += (counts[e] + rows_per_item - 1) / rows_per_item;
   int rows_before = rows, items_before = items;  // inclusive scan, then made exclusive
 #pragma unroll
@@ -161,6 +180,7 @@ __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, in
   }
   rows_before -= rows;
   items_before += first_item - items;
+  #pragma unroll 1
   for (int e = begin; e < end; ++e) {
     offsets[e] = rows_before;
     item_offsets[e] = items_before;
@@ -179,8 +199,10 @@ __device__ void bucket_slots(const RouteArgs& a) {
   const int lane = threadIdx.x % kWarpSize, warp_idx = threadIdx.x / kWarpSize;
   const int slots = a.tokens * a.top_k, experts = a.experts;
   const int shared_items = (a.tokens + a.rows_per_item - 1) / a.rows_per_item;
+  #pragma unroll 1
   for (int e = threadIdx.x; e < experts; e += blockDim.x) counts[e] = 0;
   __syncthreads();
+  #pragma unroll 1
   for (int s = threadIdx.x; s < slots; s += blockDim.x) atomicAdd(&counts[__ldcg(a.out.expert_ids + s)], 1);
   __syncthreads();
   if (warp_idx == 0) warp_scan_counts(counts, experts, a.rows_per_item, shared_items, offsets, item_offsets, lane);
@@ -189,6 +211,7 @@ __device__ void bucket_slots(const RouteArgs& a) {
     // Stable scatter: chunk by chunk in slot order; counts[] becomes each expert's cursor.
     for (int e = lane; e < experts; e += kWarpSize) counts[e] = offsets[e];
     __syncwarp();
+    #pragma unroll 1
     for (int chunk = 0; chunk < slots; chunk += kWarpSize) {
       const int s = chunk + lane;
       const int e = s < slots ? __ldcg(a.out.expert_ids + s) : -1 - lane;
@@ -209,15 +232,19 @@ __device__ void bucket_slots(const RouteArgs& a) {
       a.out.expert_offsets[experts + 1] = slots + a.tokens;
       *a.out.work_item_count = item_offsets[experts];
     }
+    #pragma unroll 1
     for (int t = helper; t < a.tokens; t += helpers) a.out.row_tokens[slots + t] = t;
+    #pragma unroll 1
     for (int j = helper; j < shared_items; j += helpers)
       a.out.work_items[j] = MoeWorkItem{
           .expert = experts,
           .row_begin = slots + j * a.rows_per_item,
           .row_count = min(a.rows_per_item, a.tokens - j * a.rows_per_item),
       };
+    #pragma unroll 1
     for (int e = helper; e < experts; e += helpers) {
       const int rows = offsets[e + 1] - offsets[e];
+      #pragma unroll 1
       for (int j = 0; j * a.rows_per_item < rows; ++j)
         a.out.work_items[item_offsets[e] + j] = MoeWorkItem{
             .expert = e,
@@ -244,9 +271,8 @@ __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
 __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
-  const int lane = threadIdx.x % kWarpSize;
-  const int t = blockIdx.x * kSelectWarpsPerCta + threadIdx.x / kWarpSize;
-  if (t < a.tokens) route_token(a, t, lane);
+  const int token_begin = blockIdx.x * kRouteTokensPerCta;
+  route_tokens(a, token_begin, min(kRouteTokensPerCta, a.tokens - token_begin));
   if (arrived_last(a.out.finished_ctas)) bucket_slots(a);
 }
 
@@ -334,8 +360,7 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
   }
   if constexpr (kRoute) {
     if (!arrived_last(args.route.out.finished_ctas)) return;
-    for (int t = threadIdx.x / kWarpSize; t < args.route.tokens; t += kRouterWarpsPerCta)
-      route_token(args.route, t, lane);
+    route_tokens(args.route, 0, args.route.tokens);  // T <= kMoeFusedRoutingMaxTokens
     __syncthreads();  // the expert ids of every token, for the bucketing
     bucket_slots(args.route);
   }
