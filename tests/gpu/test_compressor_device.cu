@@ -79,242 +79,322 @@ struct Sequence {
   int64_t position = 0;
 };
 
-// to_cache: the entries go straight into a paged KV cache (bf16, or the fp8 layout for the KvFp8 cases) instead of
-// the case's own output. stacked: kv and gate are slices of one wider projection output ([kv | gate | NaN gap] per
-// token, row_stride apart), as the model's stacked compressor projections give them.
-void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false) {
-  SCOPED_TRACE(std::string(c.name) + ", " + chunks + (to_cache ? ", into the KV cache" : "") +
-               (stacked ? ", stacked projections" : ""));
-  const bool reference =
-      c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output || to_cache;
-  const int64_t width = c.overlapping ? 2 * c.head_dim : c.head_dim;
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> ape(size_t(c.ratio * width)), norm(size_t(c.head_dim));
-  for (float& v : ape) v = normal(rng);
-  for (float& v : norm) v = 1.0f + 0.25f * normal(rng);
-  const cpu::RopeTable rope(160000.0, c.rope_dim, cpu::YarnScaling{});
+// One case's GPU run against the CPU's one pass per sequence, step by step, so that several cases can share launches
+// (run_compressors). to_cache: the entries go straight into a paged KV cache (bf16, or the fp8 layout for the KvFp8
+// cases) instead of the case's own output. stacked: kv and gate are slices of one wider projection output ([kv | gate
+// | NaN gap] per token, row_stride apart), as the model's stacked compressor projections give them.
+class CaseCheck {
+ public:
+  CaseCheck(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
+            bool stacked = false)
+      : c_(c),
+        chunks_(chunks),
+        to_cache_(to_cache),
+        stacked_(stacked),
+        reference_(c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output || to_cache),
+        width_(c.overlapping ? 2 * c.head_dim : c.head_dim),
+        stride_(2 * width_ + 6),
+        rope_(160000.0, c.rope_dim, cpu::YarnScaling{}) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> ape(size_t(c.ratio * width_)), norm(size_t(c.head_dim));
+    for (float& v : ape) v = normal(rng);
+    for (float& v : norm) v = 1.0f + 0.25f * normal(rng);
 
-  // Sequences of different lengths in slots 1, 3, 5 of a 7-slot state; the CPU's one pass of each.
-  std::vector<Sequence> sequences(kSequences);
-  int64_t longest = 0;
-  for (int q = 0; q < kSequences; ++q) {
-    Sequence& sq = sequences[size_t(q)];
-    sq.slot = 2 * q + 1;
-    sq.tokens = std::max<int64_t>(1, c.tokens - q * (c.tokens / 3 + 1));
-    longest = std::max(longest, sq.tokens);
-    sq.kv.resize(size_t(sq.tokens * width));
-    sq.gate.resize(sq.kv.size());
-    for (float& v : sq.kv) v = normal(rng);
-    for (float& v : sq.gate) v = 2.0f * normal(rng);
-    cpu::CompressorParams cpu_params{1, c.head_dim, c.ratio, c.overlapping, 1e-6f, c.round_pooled};
-    cpu::CompressorState cpu_state(c.ratio, c.head_dim, c.overlapping);
-    sq.total = cpu::compressor_pool(cpu_params, {nullptr, nullptr, ape.data(), norm.data()}, rope, cpu_state,
-                                    sq.kv.data(), sq.gate.data(), sq.tokens, sq.expected);
-    if (c.rounding == CompressorStoredRounding::KvFp8)
-      cpu::round_kv_reference(sq.expected.data(), sq.total, c.head_dim, c.rope_dim);
-    if (c.rounding == CompressorStoredRounding::IndexerFp4)
-      cpu::round_indexer_reference(sq.expected.data(), sq.total, c.head_dim);
-    if (c.bf16_output || (to_cache && c.rounding == CompressorStoredRounding::None))
-      for (float& v : sq.expected) v = round_to_bf16(v);
-    sq.chunks = chunking(chunks, sq.tokens, q);
+    // Sequences of different lengths in slots 1, 3, 5 of a 7-slot state; the CPU's one pass of each.
+    sequences_.resize(kSequences);
+    int64_t longest = 0;
+    for (int q = 0; q < kSequences; ++q) {
+      Sequence& sq = sequences_[size_t(q)];
+      sq.slot = 2 * q + 1;
+      sq.tokens = std::max<int64_t>(1, c.tokens - q * (c.tokens / 3 + 1));
+      longest = std::max(longest, sq.tokens);
+      sq.kv.resize(size_t(sq.tokens * width_));
+      sq.gate.resize(sq.kv.size());
+      for (float& v : sq.kv) v = normal(rng);
+      for (float& v : sq.gate) v = 2.0f * normal(rng);
+      cpu::CompressorParams cpu_params{1, c.head_dim, c.ratio, c.overlapping, 1e-6f, c.round_pooled};
+      cpu::CompressorState cpu_state(c.ratio, c.head_dim, c.overlapping);
+      sq.total = cpu::compressor_pool(cpu_params, {nullptr, nullptr, ape.data(), norm.data()}, rope_, cpu_state,
+                                      sq.kv.data(), sq.gate.data(), sq.tokens, sq.expected);
+      if (c.rounding == CompressorStoredRounding::KvFp8)
+        cpu::round_kv_reference(sq.expected.data(), sq.total, c.head_dim, c.rope_dim);
+      if (c.rounding == CompressorStoredRounding::IndexerFp4)
+        cpu::round_indexer_reference(sq.expected.data(), sq.total, c.head_dim);
+      if (c.bf16_output || (to_cache && c.rounding == CompressorStoredRounding::None))
+        for (float& v : sq.expected) v = round_to_bf16(v);
+      sq.chunks = chunking(chunks, sq.tokens, q);
+    }
+
+    d_ape_ = to_device(ape, "ape"), d_norm_ = to_device(norm, "norm");
+    d_freq_ = to_device(rope_.frequencies(), "rope frequencies");
+    state_.emplace(c.ratio, c.head_dim, c.overlapping, kSlots);
+    capacity_ = longest / c.ratio + 1;  // bf16 output: entries per slot
+    d_keys_ = DeviceBuffer(size_t(kSlots * capacity_ * c.head_dim) * 2, "slot entries");
+    d_keys_.fill_bytes(0xFF);
+    d_kv_ = DeviceBuffer(size_t(kSequences * longest * width_) * 4, "step kv");
+    d_gate_ = DeviceBuffer(d_kv_.bytes(), "step gate");
+    d_stacked_ = DeviceBuffer(size_t(kSequences * longest * stride_) * 4, "step stacked projections");
+    if (to_cache) make_cache();
   }
 
-  DeviceBuffer d_ape = to_device(ape, "ape"), d_norm = to_device(norm, "norm");
-  DeviceBuffer d_freq = to_device(rope.frequencies(), "rope frequencies");
-  constexpr int kSlots = 2 * kSequences + 1;
-  DeviceCompressorState state(c.ratio, c.head_dim, c.overlapping, kSlots);
-  const int64_t capacity = longest / c.ratio + 1;  // bf16 output: entries per slot
-  DeviceBuffer d_keys(size_t(kSlots * capacity * c.head_dim) * 2, "slot entries");
-  d_keys.fill_bytes(0xFF);
-  DeviceBuffer d_kv(size_t(kSequences * longest * width) * 4, "step kv"), d_gate(d_kv.bytes(), "step gate");
-  const int64_t stride = 2 * width + 6;
-  DeviceBuffer d_stacked(size_t(kSequences * longest * stride) * 4, "step stacked projections");
+  const std::string& name() const { return name_; }
+
+  // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
+  // every sequence that has one. False when every sequence is done.
+  bool next_step(CompressorParams& p) {
+    runs_.clear(), in_step_.clear();
+    std::vector<float> kv, gate;
+    int64_t max_run = 0;
+    for (Sequence& sq : sequences_) {
+      if (sq.next_chunk == sq.chunks.size()) continue;
+      const int64_t n = sq.chunks[sq.next_chunk++];
+      runs_.push_back({.start_position = sq.position, .slot = sq.slot,
+                       .first_token = int32_t(kv.size() / size_t(width_)), .tokens = int32_t(n)});
+      kv.insert(kv.end(), sq.kv.begin() + sq.position * width_, sq.kv.begin() + (sq.position + n) * width_);
+      gate.insert(gate.end(), sq.gate.begin() + sq.position * width_, sq.gate.begin() + (sq.position + n) * width_);
+      in_step_.push_back(&sq);
+      max_run = std::max(max_run, n);
+    }
+    if (runs_.empty()) return false;
+    if (stacked_) {
+      const size_t tokens = kv.size() / size_t(width_);
+      std::vector<float> rows(tokens * size_t(stride_), std::nanf(""));
+      for (size_t t = 0; t < tokens; ++t) {
+        const auto from = std::ptrdiff_t(t * size_t(width_)), to = std::ptrdiff_t(t * size_t(stride_));
+        std::copy_n(kv.begin() + from, width_, rows.begin() + to);
+        std::copy_n(gate.begin() + from, width_, rows.begin() + to + width_);
+      }
+      d_stacked_.upload(rows.data(), rows.size() * 4);
+    } else {
+      d_kv_.upload(kv.data(), kv.size() * 4);
+      d_gate_.upload(gate.data(), gate.size() * 4);
+    }
+    d_runs_ = to_device(runs_, "runs");
+    per_run_ = compressor_max_entries(max_run, c_.ratio);
+    rows_ = runs_.size() * size_t(per_run_);
+    d_entries_ = poisoned(rows_ * size_t(c_.head_dim), "entries");
+    d_rows_ = poisoned(rows_, "entry rows"), d_slots_ = poisoned(rows_, "entry slots");
+    p = CompressorParams{.head_dim = c_.head_dim,
+                         .ratio = c_.ratio,
+                         .overlapping = c_.overlapping,
+                         .norm_eps = 1e-6f,
+                         .round_pooled_to_bf16 = c_.round_pooled,
+                         .stored_rounding = c_.rounding,
+                         .kv = d_kv_.as<float>(),
+                         .gate = d_gate_.as<float>(),
+                         .runs = d_runs_.as<CompressorRun>(),
+                         .run_count = int(runs_.size()),
+                         .max_run_tokens = max_run,
+                         .ape = d_ape_.as<float>(),
+                         .norm_weight = d_norm_.as<float>(),
+                         .rope_frequencies = d_freq_.as<float>(),
+                         .rope_dim = c_.rope_dim,
+                         .state = state_->view()};
+    if (stacked_) p.kv = d_stacked_.as<float>(), p.gate = d_stacked_.as<float>() + width_, p.row_stride = stride_;
+    if (to_cache_) {
+      p.stored_rounding = CompressorStoredRounding::None, p.cache = cache_->view(), p.cache_layer = kCacheLayer;
+    } else if (c_.bf16_output) {
+      p.slot_entries_bf16 = d_keys_.as<__nv_bfloat16>(), p.slot_entry_stride = capacity_ * c_.head_dim;
+      p.slot_entry_capacity = capacity_;
+    } else {
+      p.entries = d_entries_.as<float>(), p.entry_rows = d_rows_.as<int32_t>(), p.entry_slots = d_slots_.as<int32_t>();
+    }
+    ++step_;
+    return true;
+  }
+
+  // After the step's launch has completed: its fp32 entries, entry numbers and slots; then the positions move on.
+  void check_step() {
+    SCOPED_TRACE(name_);
+    if (!c_.bf16_output && !to_cache_) {
+      const std::vector<float> entries = download(d_entries_, rows_ * size_t(c_.head_dim));
+      std::vector<int32_t> entry_rows(rows_), entry_slots(rows_);
+      const std::vector<float> raw_rows = download(d_rows_, rows_), raw_slots = download(d_slots_, rows_);
+      std::memcpy(entry_rows.data(), raw_rows.data(), rows_ * 4);
+      std::memcpy(entry_slots.data(), raw_slots.data(), rows_ * 4);
+      for (size_t r = 0; r < runs_.size(); ++r) {
+        Sequence& sq = *in_step_[r];
+        const int64_t emitted = compressor_entries_emitted(sq.position, runs_[r].tokens, c_.ratio);
+        for (int64_t e = 0; e < per_run_; ++e) {
+          const size_t row = r * size_t(per_run_) + size_t(e);
+          ASSERT_EQ(entry_slots[row], sq.slot) << "step " << step_ << " run " << r << " row " << e;
+          if (e >= emitted) {
+            ASSERT_EQ(entry_rows[row], -1) << "step " << step_ << " run " << r << " row " << e;
+            uint32_t bits;
+            std::memcpy(&bits, &entries[row * size_t(c_.head_dim)], 4);
+            ASSERT_EQ(bits, 0xFFFFFFFFu) << "step " << step_ << ": an entry row with no entry was written";
+            continue;
+          }
+          ASSERT_EQ(entry_rows[row], compressor_first_entry(sq.position, c_.ratio) + e)
+              << "step " << step_ << " run " << r;
+          ASSERT_EQ(int64_t(sq.got.size()) / c_.head_dim, entry_rows[row]);
+          sq.got.insert(sq.got.end(), entries.begin() + std::ptrdiff_t(row * size_t(c_.head_dim)),
+                        entries.begin() + std::ptrdiff_t((row + 1) * size_t(c_.head_dim)));
+        }
+      }
+    }
+    for (size_t r = 0; r < runs_.size(); ++r) in_step_[r]->position += runs_[r].tokens;
+  }
+
+  // After the last step: the cache's or the bf16 output's entries, then every sequence against the CPU.
+  void finish() {
+    SCOPED_TRACE(name_);
+    if (to_cache_) {
+      // Every sequence's entries from its rows; nothing else in the pool touched.
+      const KvCacheView view = cache_->view();
+      std::vector<uint8_t> pool(size_t(cache_->config().pages * kPageRows) * size_t(view.layout.entry_bytes));
+      ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      std::vector<int32_t> table(size_t(kSlots * 2 * 2 * view.max_pages_per_array));
+      ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      std::vector<bool> written(pool.size() / size_t(view.layout.entry_bytes), false);
+      for (Sequence& sq : sequences_) {
+        const int32_t* pages = &table[size_t(((sq.slot * 2 + kCacheLayer) * 2 + 1) * view.max_pages_per_array)];
+        for (int64_t w = 0; w < sq.total; ++w) {
+          const int64_t physical = int64_t(pages[w / kPageRows]) * kPageRows + w % kPageRows;
+          written[size_t(physical)] = true;
+          const std::vector<float> v =
+              decode_kv_entry(view.layout, &pool[size_t(physical) * view.layout.entry_bytes]);
+          sq.got.insert(sq.got.end(), v.begin(), v.end());
+          if (view.layout.format == KvEntryFormat::Fp8Reference)
+            for (int b = view.layout.scale_offset + view.layout.scale_blocks; b < view.layout.entry_bytes; ++b)
+              ASSERT_EQ(pool[size_t(physical) * view.layout.entry_bytes + size_t(b)], 0) << "pad byte " << b;
+        }
+      }
+      for (size_t e = 0; e < written.size(); ++e) {
+        if (written[e]) continue;
+        const uint8_t* entry = &pool[e * size_t(view.layout.entry_bytes)];
+        ASSERT_TRUE(std::all_of(entry, entry + view.layout.entry_bytes, [](uint8_t b) { return b == 0xFF; }))
+            << "physical entry " << e << " was written";
+      }
+    }
+    if (c_.bf16_output) {
+      std::vector<uint16_t> keys(size_t(kSlots * capacity_ * c_.head_dim));
+      d_keys_.download(keys.data(), keys.size() * 2);
+      for (int slot = 0; slot < kSlots; ++slot) {
+        const Sequence* owner = nullptr;
+        for (const Sequence& sq : sequences_) owner = sq.slot == slot ? &sq : owner;
+        const int64_t written = owner != nullptr ? owner->total : 0;
+        for (int64_t i = written * c_.head_dim; i < capacity_ * c_.head_dim; ++i)
+          ASSERT_EQ(keys[size_t(slot * capacity_ * c_.head_dim + i)], 0xFFFF)
+              << "slot " << slot << " element " << i << " written past its entries";
+      }
+      for (Sequence& sq : sequences_)
+        for (int64_t i = 0; i < sq.total * c_.head_dim; ++i)
+          sq.got.push_back(bf16_to_float(keys[size_t(sq.slot * capacity_ * c_.head_dim + i)]));
+    }
+
+    // Exact numerics: fp32 in another summation order (online softmax, tree reductions) → a few ulps of O(1) values.
+    // Reference numerics: the same, then roundings (bf16, fp8, fp4) that a last-bit difference may tip to the
+    // neighbouring code; such flips must stay rare and within one code step of their block.
+    for (const Sequence& sq : sequences_) {
+      SCOPED_TRACE("slot " + std::to_string(sq.slot) + " of " + std::to_string(sq.tokens) + " tokens");
+      ASSERT_EQ(int64_t(sq.got.size()), sq.total * c_.head_dim);
+      int64_t flips = 0, failures = 0;
+      double max_error = 0.0;
+      for (int64_t e = 0; e < sq.total && failures < 10; ++e) {
+        const float* want = sq.expected.data() + e * c_.head_dim;
+        const float* have = sq.got.data() + e * c_.head_dim;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < c_.head_dim; ++i) amax = std::max(amax, std::fabs(want[i]));
+        for (int64_t i = 0; i < c_.head_dim && failures < 10; ++i) {
+          const double error = std::fabs(double(have[i]) - want[i]);
+          const bool close = std::isfinite(have[i]) && error <= 3e-5 * (1.0 + std::fabs(want[i]));
+          max_error = std::max(max_error, std::isfinite(have[i]) ? error : INFINITY);
+          if (close) continue;
+          const bool one_step = reference_ && std::isfinite(have[i]) && error <= 0.7 * amax;
+          if (one_step) {
+            ++flips;
+            continue;
+          }
+          ++failures;
+          ADD_FAILURE() << "entry " << e << " channel " << i << ": got " << have[i] << ", want " << want[i];
+        }
+      }
+      EXPECT_LE(double(flips), 0.02 * double(sq.got.size()) + 2) << flips << " rounding flips of " << sq.got.size();
+      std::printf("%s: slot %d: %lld entries, max error %.3g, %lld rounding flips\n", name_.c_str(), sq.slot,
+                  (long long)sq.total, max_error, (long long)flips);
+    }
+  }
+
+ private:
   // The cache: layer 1 of 2, rows of 8 entries, every slot's compressed rows backed (interleaved page order).
-  constexpr int kCacheLayer = 1, kPageRows = 8;
-  const int64_t pages_per_slot = (capacity + kPageRows - 1) / kPageRows;
-  std::optional<KvCache> cache;
-  if (to_cache) {
-    cache.emplace(KvCacheConfig{.format = c.rounding == CompressorStoredRounding::KvFp8 ? KvEntryFormat::Fp8Reference
-                                                                          : KvEntryFormat::Bf16,
-                 .head_dim = int(c.head_dim), .rope_dim = int(c.rope_dim), .layers = 2, .max_sequences = kSlots,
-                 .window_capacity = 8, .max_compressed_rows = capacity, .page_rows = kPageRows,
-                 .pages = pages_per_slot * kSlots});
-    for (int slot = 0; slot < kSlots; ++slot) ASSERT_EQ(cache->add_sequence(), slot);
-    for (int slot = kSlots - 1; slot >= 0; --slot) cache->ensure_rows(slot, kCacheLayer, KvArray::Compressed, capacity);
-    cache->upload_page_table(nullptr);
+  void make_cache() {
+    const int64_t pages_per_slot = (capacity_ + kPageRows - 1) / kPageRows;
+    cache_.emplace(KvCacheConfig{
+        .format = c_.rounding == CompressorStoredRounding::KvFp8 ? KvEntryFormat::Fp8Reference : KvEntryFormat::Bf16,
+        .head_dim = int(c_.head_dim), .rope_dim = int(c_.rope_dim), .layers = 2, .max_sequences = kSlots,
+        .window_capacity = 8, .max_compressed_rows = capacity_, .page_rows = kPageRows,
+        .pages = pages_per_slot * kSlots});
+    for (int slot = 0; slot < kSlots; ++slot) ASSERT_EQ(cache_->add_sequence(), slot);
+    for (int slot = kSlots - 1; slot >= 0; --slot)
+      cache_->ensure_rows(slot, kCacheLayer, KvArray::Compressed, capacity_);
+    cache_->upload_page_table(nullptr);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    ASSERT_EQ(cudaMemset(cache->view().pool, 0xFF, size_t(cache->config().pages * kPageRows) *
-                                                        size_t(cache->layout().entry_bytes)),
+    ASSERT_EQ(cudaMemset(cache_->view().pool, 0xFF, size_t(cache_->config().pages * kPageRows) *
+                                                        size_t(cache_->layout().entry_bytes)),
               cudaSuccess);
   }
 
-  for (int step = 0;; ++step) {
-    // This step's runs: the next chunk of every sequence that has one.
-    std::vector<CompressorRun> runs;
-    std::vector<float> kv, gate;
-    std::vector<Sequence*> in_step;
-    int64_t max_run = 0;
-    for (Sequence& sq : sequences) {
-      if (sq.next_chunk == sq.chunks.size()) continue;
-      const int64_t n = sq.chunks[sq.next_chunk++];
-      runs.push_back({.start_position = sq.position, .slot = sq.slot, .first_token = int32_t(kv.size() / size_t(width)),
-                      .tokens = int32_t(n)});
-      kv.insert(kv.end(), sq.kv.begin() + sq.position * width, sq.kv.begin() + (sq.position + n) * width);
-      gate.insert(gate.end(), sq.gate.begin() + sq.position * width, sq.gate.begin() + (sq.position + n) * width);
-      in_step.push_back(&sq);
-      max_run = std::max(max_run, n);
-    }
-    if (runs.empty()) break;
-    if (stacked) {
-      const size_t tokens = kv.size() / size_t(width);
-      std::vector<float> rows(tokens * size_t(stride), std::nanf(""));
-      for (size_t t = 0; t < tokens; ++t) {
-        const auto from = std::ptrdiff_t(t * size_t(width)), to = std::ptrdiff_t(t * size_t(stride));
-        std::copy_n(kv.begin() + from, width, rows.begin() + to);
-        std::copy_n(gate.begin() + from, width, rows.begin() + to + width);
-      }
-      d_stacked.upload(rows.data(), rows.size() * 4);
-    } else {
-      d_kv.upload(kv.data(), kv.size() * 4);
-      d_gate.upload(gate.data(), gate.size() * 4);
-    }
-    DeviceBuffer d_runs = to_device(runs, "runs");
-    const int64_t per_run = compressor_max_entries(max_run, c.ratio);
-    const size_t rows = runs.size() * size_t(per_run);
-    DeviceBuffer d_entries = poisoned(rows * size_t(c.head_dim), "entries");
-    DeviceBuffer d_rows = poisoned(rows, "entry rows"), d_slots = poisoned(rows, "entry slots");
-    CompressorParams p{.head_dim = c.head_dim,
-                       .ratio = c.ratio,
-                       .overlapping = c.overlapping,
-                       .norm_eps = 1e-6f,
-                       .round_pooled_to_bf16 = c.round_pooled,
-                       .stored_rounding = c.rounding,
-                       .kv = d_kv.as<float>(),
-                       .gate = d_gate.as<float>(),
-                       .runs = d_runs.as<CompressorRun>(),
-                       .run_count = int(runs.size()),
-                       .max_run_tokens = max_run,
-                       .ape = d_ape.as<float>(),
-                       .norm_weight = d_norm.as<float>(),
-                       .rope_frequencies = d_freq.as<float>(),
-                       .rope_dim = c.rope_dim,
-                       .state = state.view()};
-    if (stacked) p.kv = d_stacked.as<float>(), p.gate = d_stacked.as<float>() + width, p.row_stride = stride;
-    if (to_cache) {
-      p.stored_rounding = CompressorStoredRounding::None, p.cache = cache->view(), p.cache_layer = kCacheLayer;
-    } else if (c.bf16_output) {
-      p.slot_entries_bf16 = d_keys.as<__nv_bfloat16>(), p.slot_entry_stride = capacity * c.head_dim;
-      p.slot_entry_capacity = capacity;
-    } else {
-      p.entries = d_entries.as<float>(), p.entry_rows = d_rows.as<int32_t>(), p.entry_slots = d_slots.as<int32_t>();
-    }
+  static constexpr int kSlots = 2 * kSequences + 1;
+  static constexpr int kCacheLayer = 1, kPageRows = 8;
+
+  CompressorCase c_;
+  std::string chunks_;
+  bool to_cache_, stacked_, reference_;
+  int64_t width_, stride_;
+  std::string name_ = std::string(c_.name) + ", " + chunks_ + (to_cache_ ? ", into the KV cache" : "") +
+                      (stacked_ ? ", stacked projections" : "");
+  cpu::RopeTable rope_;
+  std::vector<Sequence> sequences_;
+  DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_kv_, d_gate_, d_stacked_;
+  std::optional<DeviceCompressorState> state_;
+  int64_t capacity_ = 0;
+  std::optional<KvCache> cache_;
+  // The current step.
+  int step_ = -1;
+  std::vector<CompressorRun> runs_;
+  std::vector<Sequence*> in_step_;
+  int64_t per_run_ = 0;
+  size_t rows_ = 0;
+  DeviceBuffer d_runs_, d_entries_, d_rows_, d_slots_;
+};
+
+// One case alone, one launch per step.
+void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
+                bool stacked = false) {
+  CaseCheck check(c, chunks, seed, to_cache, stacked);
+  SCOPED_TRACE(check.name());
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  CompressorParams p;
+  while (check.next_step(p)) {
     run_compressor(p);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (!c.bf16_output && !to_cache) {
-      const std::vector<float> entries = download(d_entries, rows * size_t(c.head_dim));
-      std::vector<int32_t> entry_rows(rows), entry_slots(rows);
-      const std::vector<float> raw_rows = download(d_rows, rows), raw_slots = download(d_slots, rows);
-      std::memcpy(entry_rows.data(), raw_rows.data(), rows * 4);
-      std::memcpy(entry_slots.data(), raw_slots.data(), rows * 4);
-      for (size_t r = 0; r < runs.size(); ++r) {
-        Sequence& sq = *in_step[r];
-        const int64_t emitted = compressor_entries_emitted(sq.position, runs[r].tokens, c.ratio);
-        for (int64_t e = 0; e < per_run; ++e) {
-          const size_t row = r * size_t(per_run) + size_t(e);
-          ASSERT_EQ(entry_slots[row], sq.slot) << "step " << step << " run " << r << " row " << e;
-          if (e >= emitted) {
-            ASSERT_EQ(entry_rows[row], -1) << "step " << step << " run " << r << " row " << e;
-            uint32_t bits;
-            std::memcpy(&bits, &entries[row * size_t(c.head_dim)], 4);
-            ASSERT_EQ(bits, 0xFFFFFFFFu) << "step " << step << ": an entry row with no entry was written";
-            continue;
-          }
-          ASSERT_EQ(entry_rows[row], compressor_first_entry(sq.position, c.ratio) + e)
-              << "step " << step << " run " << r;
-          ASSERT_EQ(int64_t(sq.got.size()) / c.head_dim, entry_rows[row]);
-          sq.got.insert(sq.got.end(), entries.begin() + std::ptrdiff_t(row * size_t(c.head_dim)),
-                        entries.begin() + std::ptrdiff_t((row + 1) * size_t(c.head_dim)));
-        }
-      }
-    }
-    for (size_t r = 0; r < runs.size(); ++r) in_step[r]->position += runs[r].tokens;
+    check.check_step();
+    ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
-  if (to_cache) {
-    // Every sequence's entries from its rows; nothing else in the pool touched.
-    const KvCacheView view = cache->view();
-    std::vector<uint8_t> pool(size_t(cache->config().pages * kPageRows) * size_t(view.layout.entry_bytes));
-    ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool.size(), cudaMemcpyDeviceToHost), cudaSuccess);
-    std::vector<int32_t> table(size_t(kSlots * 2 * 2 * view.max_pages_per_array));
-    ASSERT_EQ(cudaMemcpy(table.data(), view.page_table, table.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    std::vector<bool> written(pool.size() / size_t(view.layout.entry_bytes), false);
-    for (Sequence& sq : sequences) {
-      const int32_t* pages = &table[size_t(((sq.slot * 2 + kCacheLayer) * 2 + 1) * view.max_pages_per_array)];
-      for (int64_t w = 0; w < sq.total; ++w) {
-        const int64_t physical = int64_t(pages[w / kPageRows]) * kPageRows + w % kPageRows;
-        written[size_t(physical)] = true;
-        const std::vector<float> v = decode_kv_entry(view.layout, &pool[size_t(physical) * view.layout.entry_bytes]);
-        sq.got.insert(sq.got.end(), v.begin(), v.end());
-        if (view.layout.format == KvEntryFormat::Fp8Reference)
-          for (int b = view.layout.scale_offset + view.layout.scale_blocks; b < view.layout.entry_bytes; ++b)
-            ASSERT_EQ(pool[size_t(physical) * view.layout.entry_bytes + size_t(b)], 0) << "pad byte " << b;
-      }
-    }
-    for (size_t e = 0; e < written.size(); ++e) {
-      if (written[e]) continue;
-      const uint8_t* entry = &pool[e * size_t(view.layout.entry_bytes)];
-      ASSERT_TRUE(std::all_of(entry, entry + view.layout.entry_bytes, [](uint8_t b) { return b == 0xFF; }))
-          << "physical entry " << e << " was written";
-    }
-  }
-  if (c.bf16_output) {
-    std::vector<uint16_t> keys(size_t(kSlots * capacity * c.head_dim));
-    d_keys.download(keys.data(), keys.size() * 2);
-    for (int slot = 0; slot < kSlots; ++slot) {
-      const Sequence* owner = nullptr;
-      for (const Sequence& sq : sequences) owner = sq.slot == slot ? &sq : owner;
-      const int64_t written = owner != nullptr ? owner->total : 0;
-      for (int64_t i = written * c.head_dim; i < capacity * c.head_dim; ++i)
-        ASSERT_EQ(keys[size_t(slot * capacity * c.head_dim + i)], 0xFFFF) << "slot " << slot << " element " << i
-                                                                          << " written past its entries";
-    }
-    for (Sequence& sq : sequences)
-      for (int64_t i = 0; i < sq.total * c.head_dim; ++i)
-        sq.got.push_back(bf16_to_float(keys[size_t(sq.slot * capacity * c.head_dim + i)]));
-  }
+  check.finish();
+}
 
-  // Exact numerics: fp32 in another summation order (online softmax, tree reductions) → a few ulps of O(1) values.
-  // Reference numerics: the same, then roundings (bf16, fp8, fp4) that a last-bit difference may tip to the
-  // neighbouring code; such flips must stay rare and within one code step of their block.
-  for (const Sequence& sq : sequences) {
-    SCOPED_TRACE("slot " + std::to_string(sq.slot) + " of " + std::to_string(sq.tokens) + " tokens");
-    ASSERT_EQ(int64_t(sq.got.size()), sq.total * c.head_dim);
-    int64_t flips = 0, failures = 0;
-    double max_error = 0.0;
-    for (int64_t e = 0; e < sq.total && failures < 10; ++e) {
-      const float* want = sq.expected.data() + e * c.head_dim;
-      const float* have = sq.got.data() + e * c.head_dim;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < c.head_dim; ++i) amax = std::max(amax, std::fabs(want[i]));
-      for (int64_t i = 0; i < c.head_dim && failures < 10; ++i) {
-        const double error = std::fabs(double(have[i]) - want[i]);
-        const bool close = std::isfinite(have[i]) && error <= 3e-5 * (1.0 + std::fabs(want[i]));
-        max_error = std::max(max_error, std::isfinite(have[i]) ? error : INFINITY);
-        if (close) continue;
-        const bool one_step = reference && std::isfinite(have[i]) && error <= 0.7 * amax;
-        if (one_step) {
-          ++flips;
-          continue;
-        }
-        ++failures;
-        ADD_FAILURE() << "entry " << e << " channel " << i << ": got " << have[i] << ", want " << want[i];
-      }
-    }
-    EXPECT_LE(double(flips), 0.02 * double(sq.got.size()) + 2) << flips << " rounding flips of " << sq.got.size();
-    std::printf("%s, %s%s, slot %d: %lld entries, max error %.3g, %lld rounding flips\n", c.name, chunks.c_str(),
-                to_cache ? ", into the KV cache" : "", sq.slot, (long long)sq.total, max_error, (long long)flips);
+// Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone.
+void check_pair(CaseCheck& first, CaseCheck& second) {
+  SCOPED_TRACE(first.name() + " + " + second.name());
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  for (;;) {
+    CompressorParams p[2];
+    const bool has_first = first.next_step(p[0]), has_second = second.next_step(p[1]);
+    if (!has_first && !has_second) break;
+    if (has_first && has_second)
+      run_compressors(p);
+    else
+      run_compressor(has_first ? p[0] : p[1]);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (has_first) first.check_step();
+    if (has_second) second.check_step();
+    ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
+  first.finish();
+  second.finish();
 }
 
 const CompressorCase kCases[] = {
@@ -358,6 +438,27 @@ TEST(Compressor, StackedProjectionsMatchTheCpuOnePass) {
     for (const char* chunks : {"single tokens", "chunks of 3/7/13"}) check_case(c, chunks, seed++, false, true);
 }
 
+// Two compressors in one launch (run_compressors): a CSA layer's main compressor into the KV cache with its indexer
+// compressor's bf16 keys (the model's reference step) or both exact, and pairs that differ in ratio and in their
+// split over CTAs (clusters of 8 next to single CTAs, padded clusters), prefill-length runs; each checked as alone.
+TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  struct Pair {
+    int first, second;  // kCases indices
+    bool first_to_cache, stacked;
+  };
+  const Pair pairs[] = {{1, 3, true, true}, {0, 2, false, false}, {4, 6, false, true}, {5, 9, true, false},
+                        {11, 12, false, true}, {7, 13, false, false}};
+  uint32_t seed = 900;
+  for (const Pair& pair : pairs)
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+      CaseCheck first(kCases[pair.first], chunks, seed++, pair.first_to_cache, pair.stacked);
+      CaseCheck second(kCases[pair.second], chunks, seed++, false, pair.stacked);
+      check_pair(first, second);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+}
+
 TEST(Compressor, EntriesKnownFromPositions) {
   EXPECT_EQ(compressor_entries_emitted(0, 3, 4), 0);
   EXPECT_EQ(compressor_entries_emitted(0, 4, 4), 1);
@@ -384,6 +485,12 @@ TEST(Compressor, RefusesMismatchedState) {
   // More runs than the state has slots (runs have distinct slots).
   CompressorParams more{.head_dim = 128, .ratio = 4, .overlapping = true, .run_count = 2, .state = state.view()};
   testing::expect_error([&] { run_compressor(more); }, "2 runs but the state has 1 slots");
+  // One launch: at most two compressors, with distinct states, on one stream.
+  CompressorParams three[3] = {more, more, more};
+  testing::expect_error([&] { run_compressors(three); }, "3 compressors in one launch");
+  CompressorParams same[2] = {CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()},
+                              CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()}};
+  testing::expect_error([&] { run_compressors(same); }, "need distinct states");
 }
 
 }  // namespace

@@ -76,9 +76,10 @@ void check_compressor_params(const CompressorParams& p) {
         p.head_dim);
 }
 
-void run_compressor(const CompressorParams& p) {
-  check_compressor_params(p);
-  if (p.run_count == 0) return;
+namespace {
+
+// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout.
+compressor::PoolArgs pool_args(const CompressorParams& p) {
   const int64_t entries_per_run = std::max<int64_t>(compressor_max_entries(p.max_run_tokens, p.ratio), 1);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
@@ -95,56 +96,90 @@ void run_compressor(const CompressorParams& p) {
   const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
-  const compressor::PoolArgs args{.c = c,
-                                  .ratio = p.ratio,
-                                  .overlapping = p.overlapping,
-                                  .norm_eps = p.norm_eps,
-                                  .round_pooled_to_bf16 = p.round_pooled_to_bf16,
-                                  .stored_rounding = p.stored_rounding,
-                                  .kv = p.kv,
-                                  .gate = p.gate,
-                                  .row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride,
-                                  .tokens = 0,
-                                  .start_position = 0,
-                                  .runs = p.runs,
-                                  .ape = p.ape,
-                                  .norm_weight = p.norm_weight,
-                                  .rope_frequencies = p.rope_frequencies,
-                                  .rope_dim = int(p.rope_dim),
-                                  .state = p.state,
-                                  .entries = p.entries,
-                                  .entry_rows = p.entry_rows,
-                                  .entry_slots = p.entry_slots,
-                                  .slot_entries_bf16 = p.slot_entries_bf16,
-                                  .slot_entry_stride = p.slot_entry_stride,
-                                  .slot_entry_capacity = p.slot_entry_capacity,
-                                  .cache = p.cache,
-                                  .cache_layer = p.cache_layer,
-                                  .entries_per_run = entries_per_run,
-                                  .cluster_ctas = cluster,
-                                  .channels_per_cta = channels,
-                                  .pairs_padded = pairs_padded,
-                                  .groups = groups};
-  const size_t smem = compressor::pool_smem_bytes(channels, groups);
+  return compressor::PoolArgs{.c = c,
+                              .ratio = p.ratio,
+                              .overlapping = p.overlapping,
+                              .norm_eps = p.norm_eps,
+                              .round_pooled_to_bf16 = p.round_pooled_to_bf16,
+                              .stored_rounding = p.stored_rounding,
+                              .kv = p.kv,
+                              .gate = p.gate,
+                              .row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride,
+                              .runs = p.runs,
+                              .ape = p.ape,
+                              .norm_weight = p.norm_weight,
+                              .rope_frequencies = p.rope_frequencies,
+                              .rope_dim = int(p.rope_dim),
+                              .state = p.state,
+                              .entries = p.entries,
+                              .entry_rows = p.entry_rows,
+                              .entry_slots = p.entry_slots,
+                              .slot_entries_bf16 = p.slot_entries_bf16,
+                              .slot_entry_stride = p.slot_entry_stride,
+                              .slot_entry_capacity = p.slot_entry_capacity,
+                              .cache = p.cache,
+                              .cache_layer = p.cache_layer,
+                              .entries_per_run = entries_per_run,
+                              .first_cta = 0,
+                              .ctas = entries * cluster,
+                              .cluster_ctas = cluster,
+                              .channels_per_cta = channels,
+                              .pairs_padded = pairs_padded,
+                              .groups = groups};
+}
+
+}  // namespace
+
+void run_compressor(const CompressorParams& params) { run_compressors({&params, 1}); }
+
+void run_compressors(std::span<const CompressorParams> params) {
+  check(!params.empty() && params.size() <= size_t(compressor::kMaxPools), "compressor: ", params.size(),
+        " compressors in one launch (1 to ", compressor::kMaxPools, ")");
+  for (const CompressorParams& p : params) check_compressor_params(p);
+  if (params.size() == 2) {
+    check(params[0].stream == params[1].stream, "compressor: the compressors of one launch need one stream");
+    check(params[0].state.finished_ctas != params[1].state.finished_ctas,
+          "compressor: the compressors of one launch need distinct states");
+  }
+  compressor::LaunchArgs launch{};
+  int hardware_cluster = 1, threads = 0;
+  size_t smem = 0;
+  for (const CompressorParams& p : params) {
+    if (p.run_count == 0) continue;
+    const compressor::PoolArgs pool = pool_args(p);
+    launch.pools[launch.pool_count++] = pool;
+    hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
+    threads = std::max(threads, pool.pairs_padded * pool.groups);
+    smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
+  }
+  if (launch.pool_count == 0) return;
+  // Each pool's CTAs fill whole hardware clusters (a cluster never spans two pools).
+  int64_t ctas = 0;
+  for (int i = 0; i < launch.pool_count; ++i) {
+    launch.pools[i].first_cta = ctas;
+    ctas += (launch.pools[i].ctas + hardware_cluster - 1) / hardware_cluster * hardware_cluster;
+  }
+  check(ctas < (int64_t(1) << 31), "compressor: ", ctas, " CTAs exceed the grid limit");
+  launch.hardware_cluster = hardware_cluster;
   if (smem > 48 * 1024)
     DSV4_CUDA_CHECK(
         cudaFuncSetAttribute(compressor::compressor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(entries * cluster));
-  config.blockDim = dim3(unsigned(pairs_padded * groups));
+  config.gridDim = dim3(unsigned(ctas));
+  config.blockDim = dim3(unsigned(threads));
   config.dynamicSmemBytes = smem;
-  config.stream = p.stream;
+  config.stream = params[0].stream;
   // A cluster launch and a programmatic dependent one (ptx/dependent_launch.cuh).
   cudaLaunchAttribute attributes[2]{};
   attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = unsigned(cluster);
+  attributes[0].val.clusterDim.x = unsigned(hardware_cluster);
   attributes[0].val.clusterDim.y = 1;
   attributes[0].val.clusterDim.z = 1;
   attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attributes[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attributes;
   config.numAttrs = 2;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, compressor::compressor_kernel, args));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, compressor::compressor_kernel, launch));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 

@@ -7,13 +7,21 @@
 //   the window is long (HCA: 128 slots) and entries are few.
 // - Each slot's source follows from its position q: the chunk (q ≥ start), the state's incomplete window
 //   (q ≥ ratio·(start div ratio)), or for CSA's first halves of the window before the chunk's first, the state's
-//   previous halves.
-// - The state update must not race with the CTAs still reading the state, so the CTA that finishes last (ticket in
-//   the state, after a fence) writes it: CSA's previous halves first (they may come from the old window slots), then
-//   the new incomplete window's slots.
+//   previous halves. The source address is selected without branches and a thread issues the loads of kSlotBatch
+//   slots before it uses any, so a thread has several round trips in flight instead of one per slot.
+// - State update. A run of at most `ratio` tokens (every decode step; entries_per_run = 1) is pooled by one CTA per
+//   channel slice, and each slice's reads and writes of the state touch only its own channels: that CTA updates its
+//   slice after its own reads, with no inter-CTA ordering. Longer runs (prefill chunks) have several entries whose
+//   CTAs read the old state while it must be replaced, so the run's CTA that finishes last (ticket in the state,
+//   after a fence) writes all of it. Either way CSA's previous halves first (they may come from the old window
+//   slots), a barrier, then the new incomplete window's slots.
 // - Few entries (decode, HCA) would leave most SMs idle and one SM streaming a whole 128-slot window, so an entry's
-//   channels are split over a cluster of CTAs (slices of whole 64-channel fp8 blocks); the RMSNorm's sum of squares
-//   is then added over the cluster through distributed shared memory, in rank order (the same sum in every CTA).
+//   channels are split over CTAs of a cluster (slices of whole 64-channel fp8 blocks); the RMSNorm's sum of squares
+//   is then added over those CTAs through distributed shared memory, in rank order (the same sum in every CTA).
+// - Up to two compressors (a CSA layer's main and indexer compressors, "pools") share one launch: the pools' CTA
+//   ranges follow each other, each a whole number of hardware clusters. The launch's cluster is the largest split
+//   of its pools; a pool that splits its entries over fewer CTAs packs several entries into one hardware cluster
+//   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers.
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
 #pragma once
 
@@ -35,9 +43,13 @@
 
 namespace dsv4::cuda::compressor {
 
-inline constexpr int kMaxThreads = 1024;
+inline constexpr int kMaxThreads = 512;
+inline constexpr int kMaxPools = 2;
+inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
+inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
+// One compressor of a launch (launch-wide fields; a CTA's run is a RunView).
 struct PoolArgs {
   int c;
   int64_t ratio;
@@ -45,17 +57,15 @@ struct PoolArgs {
   float norm_eps;
   bool round_pooled_to_bf16;
   CompressorStoredRounding stored_rounding;
-  const float* kv;        // the launch's rows; within a CTA, the run's first row
+  const float* kv;        // the launch's rows
   const float* gate;
   int64_t row_stride;     // elements from one token's kv / gate row to the next
-  int64_t tokens;         // within a CTA: the run's
-  int64_t start_position; // within a CTA: the run's
   const CompressorRun* runs;
   const float* ape;
   const float* norm_weight;
   const float* rope_frequencies;
   int rope_dim;
-  CompressorStateView state;  // every slot's; within a CTA, the run's slot
+  CompressorStateView state;  // every slot's
   float* entries;
   int32_t* entry_rows;
   int32_t* entry_slots;
@@ -65,60 +75,82 @@ struct PoolArgs {
   KvCacheView cache;
   int cache_layer;
   int64_t entries_per_run;
+  int64_t first_cta;     // the pool's first CTA in the launch (a multiple of the hardware cluster)
+  int64_t ctas;          // run_count · entries_per_run · cluster_ctas; the pool's range pads this to whole clusters
   int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
   int groups;            // slot groups
 };
 
+struct LaunchArgs {
+  PoolArgs pools[kMaxPools];
+  int pool_count;
+  int hardware_cluster;  // CTAs per launched cluster: the largest cluster_ctas of the pools
+};
+
 // Shared memory: per group and channel the partial (max, denominator, numerator), then the CTA's channels of one entry.
 inline size_t pool_smem_bytes(int channels, int groups) { return (size_t(3) * groups * channels + channels) * sizeof(float); }
+
+// One run as a CTA sees it: its rows, positions and state slot.
+struct RunView {
+  const float* kv;  // the run's first row
+  const float* gate;
+  int64_t start;
+  int64_t tokens;
+  CompressorStateView state;  // the run's slot
+};
 
 struct SlotValue {
   float2 value;
   float2 score;
 };
 
-// Channels (column, column + 1) of the token at position q, with ape added to the score.
-__device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, int64_t q, int column) {
-  const int64_t width = a.overlapping ? 2 * a.c : a.c;
+__device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+
+__device__ __forceinline__ int64_t width_of(const PoolArgs& a) { return a.overlapping ? 2 * int64_t(a.c) : a.c; }
+
+// Channels (column, column + 1) of the token at position q ≥ 0, with ape added to a score from the run's rows; the
+// address is selected without branches, so that loads of several slots issue back to back.
+__device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
+  const int64_t width = width_of(a);
   const int64_t slot = q % a.ratio;
-  const int64_t window_start = a.start_position / a.ratio * a.ratio;
-  if (q >= a.start_position) {
-    const int64_t offset = (q - a.start_position) * a.row_stride + column;
-    const float2 v = *reinterpret_cast<const float2*>(a.kv + offset);
-    const float2 g = *reinterpret_cast<const float2*>(a.gate + offset);
-    const float2 bias = *reinterpret_cast<const float2*>(a.ape + slot * width + column);
-    return {v, make_float2(g.x + bias.x, g.y + bias.y)};
-  }
-  if (q >= window_start) {
-    const int64_t offset = slot * width + column;
-    return {*reinterpret_cast<const float2*>(a.state.window_kv + offset),
-            *reinterpret_cast<const float2*>(a.state.window_score + offset)};
-  }
-  // CSA only: the first halves (column < c) of the window before the chunk's first.
-  const int64_t offset = slot * a.c + column;
-  return {*reinterpret_cast<const float2*>(a.state.previous_kv + offset),
-          *reinterpret_cast<const float2*>(a.state.previous_score + offset)};
+  const bool in_run = q >= r.start;
+  const bool in_window = q >= r.start / a.ratio * a.ratio;
+  const int64_t run_offset = (q - r.start) * a.row_stride + column;
+  // CSA only reaches the previous halves (column < c) for the window before the run's first.
+  const float* value = in_run      ? r.kv + run_offset
+                       : in_window ? r.state.window_kv + slot * width + column
+                                   : r.state.previous_kv + slot * a.c + column;
+  const float* score = in_run      ? r.gate + run_offset
+                       : in_window ? r.state.window_score + slot * width + column
+                                   : r.state.previous_score + slot * a.c + column;
+  const float2 v = load_pair(value), s = load_pair(score), bias = load_pair(a.ape + slot * width + column);
+  return {v, in_run ? make_float2(s.x + bias.x, s.y + bias.y) : s};
 }
 
+// Online softmax of one channel, kSlotBatch values at a time (one rescale per batch).
 struct OnlineSoftmax {
   float max = kNegativeInfinity;
   float denominator = 0.0f;
   float numerator = 0.0f;
 
-  __device__ __forceinline__ void add(float value, float score) {
-    if (score == kNegativeInfinity) return;  // weight exactly 0, as on the CPU
-    if (score > max) {
-      const float rescale = expf(max - score);
-      denominator = denominator * rescale + 1.0f;
-      numerator = numerator * rescale + value;
-      max = score;
-    } else {
-      const float weight = expf(score - max);
+  // A score of −∞ has weight exactly 0, as on the CPU.
+  __device__ __forceinline__ void add(const float (&value)[kSlotBatch], const float (&score)[kSlotBatch]) {
+    float batch_max = max;
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) batch_max = fmaxf(batch_max, score[k]);
+    if (batch_max == kNegativeInfinity) return;
+    const float rescale = expf(max - batch_max);  // 0 while nothing was added
+    denominator *= rescale;
+    numerator *= rescale;
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const float weight = expf(score[k] - batch_max);
       denominator += weight;
-      numerator += weight * value;
+      numerator += weight * value[k];
     }
+    max = batch_max;
   }
 };
 
@@ -144,138 +176,178 @@ __device__ __forceinline__ void round_indexer_row(float* row, int lane) {
   for (int i = 0; i < kPerLane; ++i) row[kPerLane * lane + i] = v[i];
 }
 
-// The last CTA of the launch: CSA's previous halves, then the new incomplete window's slots.
-__device__ void update_state(const PoolArgs& a) {
-  const int64_t width = a.overlapping ? 2 * a.c : a.c;
-  const int64_t end = a.start_position + a.tokens;
-  const int64_t first_window = a.start_position / a.ratio, end_window = end / a.ratio;
-  if (a.overlapping && end_window > first_window) {
-    const int64_t base = (end_window - 1) * a.ratio;
-    for (int64_t idx = threadIdx.x; idx < a.ratio * a.c; idx += blockDim.x) {
-      const int64_t slot = idx / a.c, channel = idx % a.c, q = base + slot;
-      float value, score;
-      if (q >= a.start_position) {
-        const int64_t offset = (q - a.start_position) * a.row_stride + channel;
-        value = a.kv[offset];
-        score = a.gate[offset] + a.ape[slot * width + channel];
-      } else {
-        value = a.state.window_kv[slot * width + channel];
-        score = a.state.window_score[slot * width + channel];
+// The run's new state for channels [first, first + count) (count even), by every thread of the CTA: CSA's previous
+// halves, then the new incomplete window's slots (both halves' columns of the slice). Loads of kUpdateBatch values
+// precede their stores; within each part no stored value is another's source.
+__device__ void update_state(const PoolArgs& a, const RunView& r, int first, int count) {
+  const int64_t width = width_of(a);
+  const int64_t end = r.start + r.tokens;
+  const int64_t end_window = end / a.ratio;
+  const int pairs = count / 2;
+  const int64_t stride = blockDim.x;
+  if (a.overlapping && end_window > r.start / a.ratio) {
+    // Window end_window − 1 completed: its first halves are the next entry's previous halves.
+    const int64_t base = (end_window - 1) * a.ratio, items = a.ratio * pairs;
+    for (int64_t i0 = threadIdx.x; i0 < items; i0 += kUpdateBatch * stride) {
+      SlotValue value[kUpdateBatch];
+#pragma unroll
+      for (int k = 0; k < kUpdateBatch; ++k) {
+        const int64_t i = min(i0 + k * stride, items - 1);  // past the end: a harmless repeat of the last load
+        value[k] = load_slot(a, r, base + i / pairs, first + 2 * int(i % pairs));
       }
-      a.state.previous_kv[idx] = value;
-      a.state.previous_score[idx] = score;
+#pragma unroll
+      for (int k = 0; k < kUpdateBatch; ++k) {
+        const int64_t i = i0 + k * stride;
+        if (i >= items) break;
+        const int64_t offset = (i / pairs) * a.c + first + 2 * (i % pairs);
+        *reinterpret_cast<float2*>(r.state.previous_kv + offset) = value[k].value;
+        *reinterpret_cast<float2*>(r.state.previous_score + offset) = value[k].score;
+      }
     }
     __syncthreads();
   }
-  const int64_t from = max(a.start_position, end_window * a.ratio);
-  for (int64_t idx = threadIdx.x; idx < (end - from) * width; idx += blockDim.x) {
-    const int64_t q = from + idx / width, column = idx % width, slot = q % a.ratio;
-    const int64_t offset = (q - a.start_position) * a.row_stride + column;
-    a.state.window_kv[slot * width + column] = a.kv[offset];
-    a.state.window_score[slot * width + column] = a.gate[offset] + a.ape[slot * width + column];
+  const int64_t from = max(r.start, end_window * a.ratio);
+  const int halves = a.overlapping ? 2 : 1;
+  const int64_t items = (end - from) * halves * pairs;
+  for (int64_t i0 = threadIdx.x; i0 < items; i0 += kUpdateBatch * stride) {
+    SlotValue value[kUpdateBatch];
+    int64_t offset[kUpdateBatch];
+#pragma unroll
+    for (int k = 0; k < kUpdateBatch; ++k) {
+      const int64_t i = min(i0 + k * stride, items - 1);
+      const int64_t q = from + i / (halves * pairs);
+      const int64_t within = i % (halves * pairs);
+      const int column = int(within / pairs) * a.c + first + 2 * int(within % pairs);
+      value[k] = load_slot(a, r, q, column);
+      offset[k] = (q % a.ratio) * width + column;
+    }
+#pragma unroll
+    for (int k = 0; k < kUpdateBatch; ++k) {
+      if (i0 + k * stride >= items) break;
+      *reinterpret_cast<float2*>(r.state.window_kv + offset[k]) = value[k].value;
+      *reinterpret_cast<float2*>(r.state.window_score + offset[k]) = value[k].score;
+    }
   }
 }
 
-__global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ PoolArgs args) {
-  extern __shared__ __align__(16) float smem[];
-  const int c = args.c, channels = args.channels_per_cta;
+// CTA `local` of pool `a` (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last hardware
+// cluster, which only takes part in the cluster barriers).
+__device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
+  const int c = a.c, channels = a.channels_per_cta;
   float* part_max = smem;
-  float* part_den = part_max + args.groups * channels;
-  float* part_num = part_den + args.groups * channels;
-  float* entry_vector = part_num + args.groups * channels;
+  float* part_den = part_max + a.groups * channels;
+  float* part_num = part_den + a.groups * channels;
+  float* entry_vector = part_num + a.groups * channels;
   __shared__ float warp_partials[32];
   __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
-  allow_dependents();      // the dependent's own wait still orders it after this grid's completion
-  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
 
-  // CTAs are [run][entry of the run][cluster rank]; the run's fields replace the launch's in this CTA's copy.
-  const int64_t entry_row = blockIdx.x / args.cluster_ctas;  // row of the compact fp32 output
-  const int64_t run_index = entry_row / args.entries_per_run, entry = entry_row % args.entries_per_run;
-  const CompressorRun run = args.runs[run_index];
-  PoolArgs a = args;
-  a.kv += int64_t(run.first_token) * a.row_stride;
-  a.gate += int64_t(run.first_token) * a.row_stride;
-  a.tokens = run.tokens;
-  a.start_position = run.start_position;
-  a.state = args.state.of_slot(run.slot);
-  const int64_t emitted = compressor_entries_emitted(run.start_position, run.tokens, a.ratio);
-
-  const int pair = threadIdx.x % a.pairs_padded, group = threadIdx.x / a.pairs_padded;
-  const bool active = 2 * pair < channels;
-  const bool emitting = entry < emitted;
-  const int64_t w = a.start_position / a.ratio + entry;
-  if (blockIdx.x % a.cluster_ctas == 0 && threadIdx.x == 0) {
+  const bool real = local < a.ctas;
+  const int64_t entry_row = real ? local / a.cluster_ctas : 0;  // row of the compact fp32 output
+  const int rank = int(local % a.cluster_ctas);
+  const int64_t run_index = entry_row / a.entries_per_run, entry = entry_row % a.entries_per_run;
+  const CompressorRun run = a.runs[run_index];
+  const RunView r{.kv = a.kv + int64_t(run.first_token) * a.row_stride,
+                  .gate = a.gate + int64_t(run.first_token) * a.row_stride,
+                  .start = run.start_position,
+                  .tokens = run.tokens,
+                  .state = a.state.of_slot(run.slot)};
+  const int64_t emitted = compressor_entries_emitted(r.start, r.tokens, a.ratio);
+  const int pair = int(threadIdx.x) % a.pairs_padded, group = int(threadIdx.x) / a.pairs_padded;
+  const bool active = 2 * pair < channels && group < a.groups;
+  const bool emitting = real && entry < emitted;
+  const int64_t w = r.start / a.ratio + entry;
+  const int channel = rank * channels + 2 * pair;  // this thread's first channel
+  // The cache row's page, looked up while the slots load.
+  uint8_t* stored = nullptr;
+  if (emitting && a.cache.pool != nullptr && group == 0)
+    stored = a.cache.entry_address(
+        a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), w));
+  if (real && rank == 0 && threadIdx.x == 0) {
     if (a.entry_rows != nullptr) a.entry_rows[entry_row] = emitting ? int32_t(w) : -1;
     if (a.entry_slots != nullptr) a.entry_slots[entry_row] = run.slot;
   }
-  const int channel = int(blockIdx.x % a.cluster_ctas) * channels + 2 * pair;  // this thread's first channel
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
 
   if (emitting && active) {
+    const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
     OnlineSoftmax channel0, channel1;
-#pragma unroll 4
-    for (int s = group; s < slots; s += a.groups) {
-      // CSA: slots [0, m) are window w−1's first halves, [m, 2m) window w's second halves.
-      const bool first_half = a.overlapping && s < a.ratio;
-      const int64_t q = a.overlapping ? (first_half ? (w - 1) * a.ratio + s : w * a.ratio + (s - a.ratio))
-                                      : w * a.ratio + s;
-      if (q < 0) continue;
-      const SlotValue slot = load_slot(a, q, channel + (a.overlapping && !first_half ? c : 0));
-      channel0.add(slot.value.x, slot.score.x);
-      channel1.add(slot.value.y, slot.score.y);
+    for (int s0 = group; s0 < slots; s0 += kSlotBatch * a.groups) {
+      float value0[kSlotBatch], value1[kSlotBatch], score0[kSlotBatch], score1[kSlotBatch];
+#pragma unroll
+      for (int k = 0; k < kSlotBatch; ++k) {
+        // CSA: slots [0, m) are window w−1's first halves, [m, 2m) window w's second halves.
+        const int s = min(s0 + k * a.groups, slots - 1);
+        const bool first_half = a.overlapping && s < a.ratio;
+        const int64_t within = a.overlapping && !first_half ? s - a.ratio : s;
+        const int64_t q = (first_half ? w - 1 : w) * a.ratio + within;
+        const bool valid = s0 + k * a.groups < slots && q >= 0;
+        // q < 0 (CSA's first entry) reads position 0 instead, and the value is dropped.
+        const SlotValue slot = load_slot(a, r, max(q, int64_t(0)), channel + (a.overlapping && !first_half ? c : 0));
+        value0[k] = valid ? slot.value.x : 0.0f;
+        value1[k] = valid ? slot.value.y : 0.0f;
+        score0[k] = valid ? slot.score.x : kNegativeInfinity;
+        score1[k] = valid ? slot.score.y : kNegativeInfinity;
+      }
+      channel0.add(value0, score0);
+      channel1.add(value1, score1);
     }
-    const int local = group * channels + 2 * pair;
-    part_max[local] = channel0.max;
-    part_max[local + 1] = channel1.max;
-    part_den[local] = channel0.denominator;
-    part_den[local + 1] = channel1.denominator;
-    part_num[local] = channel0.numerator;
-    part_num[local + 1] = channel1.numerator;
+    const int local_channel = group * channels + 2 * pair;
+    part_max[local_channel] = channel0.max;
+    part_max[local_channel + 1] = channel1.max;
+    part_den[local_channel] = channel0.denominator;
+    part_den[local_channel + 1] = channel1.denominator;
+    part_num[local_channel] = channel0.numerator;
+    part_num[local_channel + 1] = channel1.numerator;
   }
+  __syncthreads();  // every pooling read of the state is done
+
+  const bool owner = emitting && group == 0 && active;
+  float v[2] = {0.0f, 0.0f};
+  if (owner) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int local_channel = 2 * pair + j;
+      float m = kNegativeInfinity;
+      for (int g = 0; g < a.groups; ++g) m = fmaxf(m, part_max[g * channels + local_channel]);
+      float den = 0.0f, num = 0.0f;
+      for (int g = 0; g < a.groups; ++g) {
+        const float gm = part_max[g * channels + local_channel];
+        if (gm == kNegativeInfinity) continue;
+        const float scale = expf(gm - m);
+        den += part_den[g * channels + local_channel] * scale;
+        num += part_num[g * channels + local_channel] * scale;
+      }
+      v[j] = num / den;
+      if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
+    }
+  }
+  // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the entry's CTAs.
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  const float square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
+  if (group == 0 && lane == 0) warp_partials[warp] = square_sum;
   __syncthreads();
+  if (threadIdx.x == 0) {
+    float cta_sum = 0.0f;
+    for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
+    cta_square_sum = cta_sum;
+  }
+  float total = 0.0f;
+  if (hardware_cluster > 1) {
+    // Every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second arrival says this
+    // CTA has read the others' sums, and each waits for it before leaving (freeing its shared memory).
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();
+    if (emitting) {
+      const int first_rank = int(cluster.block_rank()) - rank;
+      for (int i = 0; i < a.cluster_ctas; ++i) total += *cluster.map_shared_rank(&cta_square_sum, first_rank + i);
+    }
+    __cluster_barrier_arrive();
+  } else {
+    __syncthreads();
+    total = cta_square_sum;
+  }
 
   if (emitting) {
-    const bool owner = group == 0 && active;
-    float v[2] = {0.0f, 0.0f};
-    if (owner) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int local = 2 * pair + j;
-        float m = kNegativeInfinity;
-        for (int g = 0; g < a.groups; ++g) m = fmaxf(m, part_max[g * channels + local]);
-        float den = 0.0f, num = 0.0f;
-        for (int g = 0; g < a.groups; ++g) {
-          const float gm = part_max[g * channels + local];
-          if (gm == kNegativeInfinity) continue;
-          const float scale = expf(gm - m);
-          den += part_den[g * channels + local] * scale;
-          num += part_num[g * channels + local] * scale;
-        }
-        v[j] = num / den;
-        if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
-      }
-    }
-    // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the cluster's CTAs.
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
-    if (group == 0 && lane == 0) warp_partials[warp] = square_sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float cta_sum = 0.0f;
-      for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
-      cta_square_sum = cta_sum;
-    }
-    float total = 0.0f;
-    if (a.cluster_ctas > 1) {
-      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-      cluster.sync();
-      for (int r = 0; r < a.cluster_ctas; ++r) total += *cluster.map_shared_rank(&cta_square_sum, r);
-      cluster.sync();  // no CTA leaves (freeing its shared memory) while another still reads it
-    } else {
-      __syncthreads();
-      total = cta_square_sum;
-    }
     const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
     if (owner) {
       v[0] = v[0] * inv_rms * a.norm_weight[channel];
@@ -315,11 +387,8 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_co
     if (a.cache.pool != nullptr) {
       // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
       if (group == 0) {
-        const KvCacheView& cache = a.cache;
-        uint8_t* stored =
-            cache.entry_address(cache.physical_entry(cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), w));
-        kv_store_pair(cache.layout, stored, channel, owner, v[0], v[1]);
-        if (blockIdx.x % a.cluster_ctas == 0) kv_store_pad(cache.layout, stored, pair);
+        kv_store_pair(a.cache.layout, stored, channel, owner, v[0], v[1]);
+        if (rank == 0) kv_store_pad(a.cache.layout, stored, pair);
       }
     } else if (owner) {
       if (a.entries != nullptr) {
@@ -332,17 +401,35 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_co
     }
   }
 
-  // Every CTA's reads of the state are done before its ticket; the last one may now overwrite it.
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    is_last_cta = atomicAdd(a.state.finished_ctas, 1u) == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
+  if (real) {
+    if (a.entries_per_run == 1) {
+      // This CTA's channel slice is all of the state it read (the barrier after pooling ordered those reads).
+      update_state(a, r, rank * channels, channels);
+    } else {
+      // Every CTA's reads of the state are done before its ticket; the last one may now overwrite it.
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence();
+        is_last_cta = atomicAdd(r.state.finished_ctas, 1u) == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
+      }
+      __syncthreads();
+      if (is_last_cta) {
+        __threadfence();
+        update_state(a, r, 0, c);
+        if (threadIdx.x == 0) *r.state.finished_ctas = 0;
+      }
+    }
   }
-  __syncthreads();
-  if (!is_last_cta) return;
-  __threadfence();
-  update_state(a);
-  if (threadIdx.x == 0) *a.state.finished_ctas = 0;
+  if (hardware_cluster > 1) __cluster_barrier_wait();
+}
+
+__global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ LaunchArgs launch) {
+  extern __shared__ __align__(16) float smem[];
+  allow_dependents();      // the dependent's own wait still orders it after this grid's completion
+  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
+  const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
+  const PoolArgs& a = launch.pools[pool];
+  compress(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor

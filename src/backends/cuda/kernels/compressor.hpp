@@ -26,8 +26,12 @@
 //     uploaded; head_dim = the cache's, stored_rounding None (the layout is the rounding). The step's compressed
 //     entries then need no launch of their own.
 // - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few
-//   (decode, HCA prefill); at least one CTA per run. The run's CTA that finishes last updates its state.
-// - head_dim even and ≤ 2048; a programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on
+//   (decode, HCA prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated by its
+//   CTAs, each its own channels; a longer run's state by its CTA that finishes last.
+// - run_compressors: up to two compressors in one launch (a CSA layer's main and indexer compressors: −1 launch per
+//   CSA layer), each with the contract above; one stream, distinct states; their runs, projections, shapes and
+//   outputs are independent (the same runs table may serve both).
+// - head_dim even and ≤ 1024; a programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on
 //   `stream`, no allocation, no synchronisation (graph-capturable).
 //   Steps of one state must be stream-ordered (each reads what the previous wrote).
 #pragma once
@@ -36,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <span>
 
 #include "backends/cuda/compressor_state.hpp"
 #include "backends/cuda/kv_cache.hpp"
@@ -98,5 +103,6 @@ inline int64_t compressor_max_entries(int64_t tokens, int64_t ratio) { return (t
 
 void check_compressor_params(const CompressorParams& params);
 void run_compressor(const CompressorParams& params);
+void run_compressors(std::span<const CompressorParams> params);  // 1 or 2; params[0].stream
 
 }  // namespace dsv4::cuda
