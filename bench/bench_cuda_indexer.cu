@@ -1,10 +1,5 @@
-// Compressor, lightning-indexer scores and top-k on the GPU, each against its floor and a straightforward baseline in
-// the same run (device named in the output):
-// - compressor step (run_compressor) for the V4-Flash compressors (CSA main c 512 ratio 4, CSA indexer c 128, HCA
-//   c 512 ratio 128) at decode (a step that only stores its token, one that completes a window, and a batch of 64
-//   sequences completing a window each in one launch) and for a 4096-token prefill chunk; floor = its bytes
-//   (projections read, state read/written, entries written) over the same-run copy bandwidth; projections rotate
-//   over copies beyond the L2.
+// Lightning-indexer scores and top-k on the GPU, each against its floor and a straightforward baseline in the same run
+// (device named in the output; the compressor's benchmark is bench_cuda_compressor):
 // - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1, 8 and
 //   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
@@ -32,11 +27,9 @@
 #include <string>
 #include <vector>
 
-#include "backends/cuda/compressor_state.hpp"
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/top_k.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -114,92 +107,6 @@ struct Row {
   double bytes = 0, flops = 0;
   std::string note;
 };
-
-// ------------------------------------------------------------------------------------------------- compressor
-
-void bench_compressor(const char* name, int64_t c, int64_t ratio, bool overlapping, CompressorStoredRounding rounding,
-                      double copy_gbps, cudaStream_t stream, std::mt19937& rng, std::vector<Row>& rows) {
-  const int64_t width = overlapping ? 2 * c : c;
-  constexpr int64_t kPrefill = 4096;
-  // RoPE frequencies θ^(−2i/64) (the YaRN shaping does not change the cost).
-  std::vector<float> frequencies(32);
-  for (int i = 0; i < 32; ++i) frequencies[size_t(i)] = float(std::pow(160000.0, -2.0 * i / 64.0));
-  // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM.
-  constexpr int kCopies = 4;
-  std::vector<DeviceBuffer> kv, gate;
-  for (int i = 0; i < kCopies; ++i) {
-    kv.push_back(to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "kv"));
-    gate.push_back(to_device(normal_floats(size_t(kPrefill * width), 1.0f, rng), "gate"));
-  }
-  int rotation = 0;
-  DeviceBuffer ape = to_device(normal_floats(size_t(ratio * width), 1.0f, rng), "ape");
-  DeviceBuffer norm = to_device(std::vector<float>(size_t(c), 1.0f), "norm");
-  DeviceBuffer freq = to_device(frequencies, "frequencies");
-  constexpr int kBatch = 64;
-  DeviceBuffer entries(size_t(std::max<int64_t>(kPrefill, kBatch)) * size_t(c) * 4, "entries");
-  DeviceCompressorState state(ratio, c, overlapping, kBatch);
-  // The runs of a step: `count` sequences (slots 0 ..) of `tokens` tokens each from `start`.
-  auto runs_of = [](int64_t start, int64_t tokens, int count) {
-    std::vector<CompressorRun> runs(static_cast<size_t>(count));
-    for (int r = 0; r < count; ++r)
-      runs[size_t(r)] = {.start_position = start, .slot = r, .first_token = int32_t(r * tokens),
-                         .tokens = int32_t(tokens)};
-    return to_device(runs, "runs");
-  };
-  auto params = [&](const DeviceBuffer& runs, int count, int64_t tokens, cudaStream_t on) {
-    const int copy = rotation++ % kCopies;
-    return CompressorParams{.head_dim = c,
-                            .ratio = ratio,
-                            .overlapping = overlapping,
-                            .round_pooled_to_bf16 = rounding != CompressorStoredRounding::None,
-                            .stored_rounding = rounding,
-                            .kv = kv[size_t(copy)].as<float>(),
-                            .gate = gate[size_t(copy)].as<float>(),
-                            .runs = runs.as<CompressorRun>(),
-                            .run_count = count,
-                            .max_run_tokens = tokens,
-                            .ape = ape.as<float>(),
-                            .norm_weight = norm.as<float>(),
-                            .rope_frequencies = freq.as<float>(),
-                            .rope_dim = 64,
-                            .state = state.view(),
-                            .entries = entries.as<float>(),
-                            .stream = on};
-  };
-  // Fill every slot's state once (a prefill from 0); the timed steps then rewrite it at fixed positions.
-  for (int r = 0; r < kBatch; ++r) {
-    std::vector<CompressorRun> one{{.start_position = 0, .slot = r, .first_token = 0, .tokens = int32_t(kPrefill)}};
-    const DeviceBuffer run = to_device(one, "runs");
-    run_compressor(params(run, 1, kPrefill, stream));
-    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
-  const double slot_bytes = double(width) * 8;  // kv + score of one token
-  const double entry_bytes = double(c) * 4;
-  struct Step {
-    const char* variant;
-    int64_t start, tokens;
-    int sequences;
-    double bytes;
-  };
-  const double window_bytes = double(ratio) * slot_bytes + (overlapping ? double(ratio * c) * 8 : 0.0);
-  const double completes = window_bytes + slot_bytes + entry_bytes;
-  const Step steps[] = {
-      // Decode, mid-window: read the token's projections and ape, store one slot.
-      {"decode, stores its token", kPrefill + 1, 1, 1, 2.0 * slot_bytes},
-      // Decode, completing a window: the stored window (+ CSA's previous halves) in, one entry out.
-      {"decode, completes a window", kPrefill + ratio - 1, 1, 1, completes},
-      {"decode batch 64, each completes a window", kPrefill + ratio - 1, 1, kBatch, kBatch * completes},
-      // Prefill chunk: projections in, entries out, the last window's slots stored.
-      {"prefill chunk of 4096", 0, kPrefill, 1,
-       double(kPrefill) * slot_bytes + double(kPrefill / ratio) * entry_bytes + window_bytes}};
-  for (const Step& s : steps) {
-    const DeviceBuffer runs = runs_of(s.start, s.tokens, s.sequences);
-    const double us =
-        graph_us(stream, 20, [&](cudaStream_t on) { run_compressor(params(runs, s.sequences, s.tokens, on)); });
-    rows.push_back({std::string("compressor ") + name, s.variant, us, s.bytes / (copy_gbps * 1e3), 0.0, s.bytes, 0.0,
-                    ""});
-  }
-}
 
 // --------------------------------------------------------------------------------------------- indexer + top-k
 
@@ -444,10 +351,6 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   bench_launch(stream, rows);
-  bench_compressor("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
-  bench_compressor("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, copy_gbps, stream, rng,
-                   rows);
-  bench_compressor("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, copy_gbps, stream, rng, rows);
   for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
     for (const int tokens : {1, 8, 64})
       bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);

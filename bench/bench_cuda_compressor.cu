@@ -1,0 +1,355 @@
+// The KV compressor step on the GPU (run_compressor / run_compressors) for the V4-Flash compressors (CSA main c 512
+// ratio 4 with the fp8 KV rounding, CSA indexer c 128 with the fp4 indexer rounding, HCA c 512 ratio 128), each
+// against its floor and a straightforward kernel in the same run (device named in the output):
+// - decode: a step that only stores its token, one that completes a window, and a batch of 64 sequences completing
+//   a window each in one launch; a prefill chunk of 4096 tokens;
+// - a CSA layer's two compressors (main + indexer) per step: two launches (baseline column) against one
+//   run_compressors launch, for the same four steps;
+// - floor = the step's bytes (projections read, state read and written, entries written) over the same-run copy
+//   bandwidth: a decode step's is far below a launch, so its target is the latency (≤ 5 µs for a CSA layer's pair);
+// - baseline = one CTA per entry, one thread per channel, two passes over the window's rows (max, then the weighted
+//   sums), RMSNorm and RoPE: the same entries pooled from the projection rows alone (no state, no stored rounding);
+//   "-" where a step completes no entry.
+// Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
+// call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
+// the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
+// Usage: bench_cuda_compressor [--json PATH]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/compressor_state.hpp"
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/stream_timing.hpp"
+#include "core/error.hpp"
+
+#include "cuda_bench_support.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+// GPU microseconds per call of body(stream): `reps` calls captured in one CUDA graph and the graph replayed between
+// two events, so no host launch cost is counted.
+template <class Body>
+double graph_us(cudaStream_t stream, int reps, Body&& body) {
+  body(stream);
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int r = 0; r < reps; ++r) body(stream);
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  constexpr int kReplays = 5;
+  StreamTimer timer;
+  const float ms = timer.elapsed_ms(stream, [&] {
+    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  });
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return double(ms) * 1e3 / (kReplays * reps);
+}
+
+// The straightforward kernel: entry first_entry + blockIdx.x of a sequence whose projections are the rows of kv and
+// gate ([tokens, coff·c]); thread = channel (blockDim = c); two passes over the window's slots; RMSNorm; RoPE on the
+// last rope_dim channels at the window's start.
+__global__ void straightforward_pool(const float* kv, const float* gate, const float* ape, const float* norm_weight,
+                                     const float* frequencies, int c, int ratio, bool overlapping, int rope_dim,
+                                     int64_t first_entry, float* entries) {
+  __shared__ float warp_sums[32];
+  __shared__ float pooled[1024];
+  const int channel = int(threadIdx.x);
+  const int64_t w = first_entry + blockIdx.x;
+  const int width = overlapping ? 2 * c : c;
+  const int slots = overlapping ? 2 * ratio : ratio;
+  auto slot_of = [&](int s, int64_t& token, int& column, int& within) {
+    const bool first_half = overlapping && s < ratio;
+    within = overlapping && !first_half ? s - ratio : s;
+    token = (first_half ? w - 1 : w) * ratio + within;
+    column = channel + (overlapping && !first_half ? c : 0);
+  };
+  float max = -std::numeric_limits<float>::infinity();
+  for (int s = 0; s < slots; ++s) {
+    int64_t token;
+    int column, within;
+    slot_of(s, token, column, within);
+    if (token >= 0) max = fmaxf(max, gate[token * width + column] + ape[within * width + column]);
+  }
+  float den = 0.0f, num = 0.0f;
+  for (int s = 0; s < slots; ++s) {
+    int64_t token;
+    int column, within;
+    slot_of(s, token, column, within);
+    if (token < 0) continue;
+    const float weight = expf(gate[token * width + column] + ape[within * width + column] - max);
+    den += weight;
+    num += weight * kv[token * width + column];
+  }
+  float v = num / den;
+  float square = v * v;
+  for (int m = 16; m > 0; m /= 2) square += __shfl_xor_sync(0xFFFFFFFFu, square, m);
+  if (channel % 32 == 0) warp_sums[channel / 32] = square;
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < c / 32; ++i) total += warp_sums[i];
+  v = v * rsqrtf(total / float(c) + 1e-6f) * norm_weight[channel];
+  pooled[channel] = v;
+  __syncthreads();
+  const int rope_begin = c - rope_dim;
+  if (channel >= rope_begin) {
+    const int pair = (channel - rope_begin) / 2;
+    float sine, cosine;
+    sincosf(float(w * ratio) * frequencies[pair], &sine, &cosine);
+    const float x0 = pooled[rope_begin + 2 * pair], x1 = pooled[rope_begin + 2 * pair + 1];
+    v = channel % 2 == 0 ? x0 * cosine - x1 * sine : x0 * sine + x1 * cosine;
+  }
+  entries[blockIdx.x * int64_t(c) + channel] = v;
+}
+
+struct Row {
+  std::string op, variant;
+  double us = 0, floor_us = 0, baseline_us = 0;
+  double bytes = 0;
+  std::string note;
+};
+
+// One compressor's operands: projection copies, weights, a state of kBatch slots filled by a prefill from 0.
+struct Compressor {
+  static constexpr int64_t kPrefill = 4096;
+  static constexpr int kBatch = 64;
+  static constexpr int kCopies = 4;  // projections rotate over copies beyond the L2
+
+  const char* name;
+  int64_t c, ratio;
+  bool overlapping;
+  CompressorStoredRounding rounding;
+  std::vector<DeviceBuffer> kv, gate;
+  DeviceBuffer ape, norm, frequencies, entries;
+  DeviceCompressorState state;
+  int rotation = 0;
+
+  Compressor(const char* name_, int64_t c_, int64_t ratio_, bool overlapping_, CompressorStoredRounding rounding_,
+             std::mt19937& rng)
+      : name(name_), c(c_), ratio(ratio_), overlapping(overlapping_), rounding(rounding_),
+        state(ratio_, c_, overlapping_, kBatch) {
+    for (int i = 0; i < kCopies; ++i) {
+      kv.push_back(to_device(normal_floats(size_t(kPrefill * width()), 1.0f, rng), "kv"));
+      gate.push_back(to_device(normal_floats(size_t(kPrefill * width()), 1.0f, rng), "gate"));
+    }
+    ape = to_device(normal_floats(size_t(ratio * width()), 1.0f, rng), "ape");
+    norm = to_device(std::vector<float>(size_t(c), 1.0f), "norm");
+    // RoPE frequencies θ^(−2i/64) (the YaRN shaping does not change the cost).
+    std::vector<float> f(32);
+    for (int i = 0; i < 32; ++i) f[size_t(i)] = float(std::pow(160000.0, -2.0 * i / 64.0));
+    frequencies = to_device(f, "frequencies");
+    entries = DeviceBuffer(size_t(kPrefill) * size_t(c) * 4, "entries");
+  }
+
+  int64_t width() const { return overlapping ? 2 * c : c; }
+
+  CompressorParams params(const DeviceBuffer& runs, int count, int64_t tokens, cudaStream_t stream) {
+    const int copy = rotation++ % kCopies;
+    return CompressorParams{.head_dim = c,
+                            .ratio = ratio,
+                            .overlapping = overlapping,
+                            .round_pooled_to_bf16 = rounding != CompressorStoredRounding::None,
+                            .stored_rounding = rounding,
+                            .kv = kv[size_t(copy)].as<float>(),
+                            .gate = gate[size_t(copy)].as<float>(),
+                            .runs = runs.as<CompressorRun>(),
+                            .run_count = count,
+                            .max_run_tokens = tokens,
+                            .ape = ape.as<float>(),
+                            .norm_weight = norm.as<float>(),
+                            .rope_frequencies = frequencies.as<float>(),
+                            .rope_dim = 64,
+                            .state = state.view(),
+                            .entries = entries.as<float>(),
+                            .stream = stream};
+  }
+
+  // Every slot's state as after a prefill from 0 (the timed steps then rewrite it at fixed positions).
+  void fill_state(cudaStream_t stream) {
+    for (int r = 0; r < kBatch; ++r) {
+      const std::vector<CompressorRun> one{
+          {.start_position = 0, .slot = r, .first_token = 0, .tokens = int32_t(kPrefill)}};
+      const DeviceBuffer run = to_device(one, "runs");
+      run_compressor(params(run, 1, kPrefill, stream));
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+  }
+
+  // The straightforward kernel over `count` entries from entry 0 (within the rows of one prefill chunk).
+  void baseline(int64_t count, cudaStream_t stream) {
+    const int copy = rotation++ % kCopies;
+    straightforward_pool<<<unsigned(count), unsigned(c), 0, stream>>>(
+        kv[size_t(copy)].as<float>(), gate[size_t(copy)].as<float>(), ape.as<float>(), norm.as<float>(),
+        frequencies.as<float>(), int(c), int(ratio), overlapping, 64, 0, entries.as<float>());
+    DSV4_CUDA_CHECK_LAUNCH("straightforward_pool");
+  }
+};
+
+// The runs of a step: `count` sequences (slots 0 ..) of `tokens` tokens each from `start`.
+DeviceBuffer runs_of(int64_t start, int64_t tokens, int count) {
+  std::vector<CompressorRun> runs(static_cast<size_t>(count));
+  for (int r = 0; r < count; ++r)
+    runs[size_t(r)] = {.start_position = start, .slot = r, .first_token = int32_t(r * tokens), .tokens = int32_t(tokens)};
+  return to_device(runs, "runs");
+}
+
+struct Step {
+  const char* variant;
+  int64_t start_in_window;  // position within its window of the step's first token (−1: start 0, a prefill)
+  int64_t tokens;
+  int sequences;
+};
+
+constexpr Step kSteps[] = {{"decode, stores its token", 1, 1, 1},
+                           {"decode, completes a window", -2, 1, 1},
+                           {"decode batch 64, each completes a window", -2, 1, Compressor::kBatch},
+                           {"prefill chunk of 4096", -1, Compressor::kPrefill, 1}};
+
+// The step's first position (after the state's prefill), its entries and its bytes.
+int64_t start_of(const Step& s, const Compressor& k) {
+  if (s.start_in_window == -1) return 0;
+  return Compressor::kPrefill + (s.start_in_window == -2 ? k.ratio - 1 : s.start_in_window);
+}
+
+int64_t entries_of(const Step& s, const Compressor& k) {
+  return s.sequences * compressor_entries_emitted(start_of(s, k), s.tokens, k.ratio);
+}
+
+double bytes_of(const Step& s, const Compressor& k) {
+  const double slot_bytes = double(k.width()) * 8;  // kv + score of one token
+  const double entry_bytes = double(k.c) * 4;
+  const double window_bytes = double(k.ratio) * slot_bytes + (k.overlapping ? double(k.ratio * k.c) * 8 : 0.0);
+  if (s.start_in_window == -1)  // projections in, entries out, the last window's slots stored
+    return double(s.tokens) * slot_bytes + double(s.tokens / k.ratio) * entry_bytes + window_bytes;
+  if (entries_of(s, k) == 0) return 2.0 * slot_bytes;  // the token's projections in, one slot stored
+  return s.sequences * (window_bytes + slot_bytes + entry_bytes);  // the stored window in, one entry out
+}
+
+void bench_compressor(Compressor& k, double copy_gbps, cudaStream_t stream, std::vector<Row>& rows) {
+  for (const Step& s : kSteps) {
+    const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
+    const double us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_compressor(k.params(runs, s.sequences, s.tokens, on));
+    });
+    const int64_t entries = entries_of(s, k);
+    const double baseline_us =
+        entries == 0 ? 0.0 : graph_us(stream, 20, [&](cudaStream_t on) { k.baseline(entries, on); });
+    const double bytes = bytes_of(s, k);
+    rows.push_back({std::string("compressor ") + k.name, s.variant, us, bytes / (copy_gbps * 1e3), baseline_us, bytes,
+                    entries == 0 ? "" : "baseline: straightforward kernel, the entries from the rows alone"});
+  }
+}
+
+// A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
+void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cudaStream_t stream,
+                     std::vector<Row>& rows) {
+  for (const Step& s : kSteps) {
+    const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
+    const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      const CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
+                                        index.params(runs, s.sequences, s.tokens, on)};
+      run_compressors(both);
+    });
+    const double separate_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_compressor(main.params(runs, s.sequences, s.tokens, on));
+      run_compressor(index.params(runs, s.sequences, s.tokens, on));
+    });
+    const double bytes = bytes_of(s, main) + bytes_of(s, index);
+    rows.push_back({"compressor CSA layer main + indexer", s.variant, fused_us, bytes / (copy_gbps * 1e3),
+                    separate_us, bytes, "one run_compressors launch; baseline: two run_compressor launches"});
+  }
+}
+
+int run(int argc, char** argv) {
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+      json_path = argv[++i];
+    else
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH])");
+  }
+  const std::vector<DeviceInfo> devices = list_devices();
+  if (devices.empty()) {
+    std::fprintf(stderr, "bench_cuda_compressor: no CUDA device\n");
+    return 1;
+  }
+  const DeviceInfo& device = devices.front();
+  const double copy_gbps = copy_bandwidth_gbps();
+  std::printf("device: %s (%d SMs); copy bandwidth %.0f GB/s\n", device.name.c_str(), device.multiprocessors,
+              copy_gbps);
+  cudaStream_t stream;
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::mt19937 rng(42);
+  std::vector<Row> rows;
+  {
+    Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
+    Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
+    main.fill_state(stream);
+    index.fill_state(stream);
+    bench_compressor(main, copy_gbps, stream, rows);
+    bench_compressor(index, copy_gbps, stream, rows);
+    bench_csa_layer(main, index, copy_gbps, stream, rows);
+  }
+  {
+    Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
+    hca.fill_state(stream);
+    bench_compressor(hca, copy_gbps, stream, rows);
+  }
+  DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  std::printf("| op | case | µs | floor µs | %% of floor | baseline µs | × baseline | note |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const Row& r : rows) {
+    char baseline[32] = "-", speedup[32] = "-";
+    if (r.baseline_us > 0) {
+      std::snprintf(baseline, sizeof baseline, "%.2f", r.baseline_us);
+      std::snprintf(speedup, sizeof speedup, "%.2f×", r.baseline_us / r.us);
+    }
+    std::printf("| %s | %s | %.2f | %.2f | %.0f %% | %s | %s | %s |\n", r.op.c_str(), r.variant.c_str(), r.us,
+                r.floor_us, r.us > 0 ? 100.0 * r.floor_us / r.us : 0.0, baseline, speedup, r.note.c_str());
+  }
+  if (!json_path.empty()) {
+    FILE* out = std::fopen(json_path.c_str(), "w");
+    check(out != nullptr, "bench_cuda_compressor: cannot write ", json_path);
+    std::fprintf(out,
+                 "{\n  \"benchmark\": \"bench_cuda_compressor\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n"
+                 "  \"copy_bandwidth_gbps\": %.1f,\n  \"results\": [\n",
+                 device.name.c_str(), device.multiprocessors, copy_gbps);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::fprintf(out,
+                   "    {\"op\": \"%s\", \"case\": \"%s\", \"us\": %.3f, \"floor_us\": %.3f, \"percent_of_floor\": %.1f, "
+                   "\"baseline_us\": %.3f, \"bytes\": %.0f, \"note\": \"%s\"}%s\n",
+                   r.op.c_str(), r.variant.c_str(), r.us, r.floor_us, r.us > 0 ? 100.0 * r.floor_us / r.us : 0.0,
+                   r.baseline_us, r.bytes, r.note.c_str(), i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(out, "  ]\n}\n");
+    std::fclose(out);
+    std::printf("wrote %s\n", json_path.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  return dsv4::cuda::run_benchmark_main("bench_cuda_compressor", dsv4::cuda::run, argc, argv);
+}
