@@ -100,6 +100,7 @@ struct TestResult {
   std::optional<double> layer_ms;  // per layer, per call (prefill) or per step (decode)
   std::optional<double> fixed_ms;  // outside the layers, per step (head, argmax); decode only
   std::optional<int> launches;     // GPU decode: kernel launches of one step (the CUDA graph's kernel nodes)
+  std::vector<int> layer_launches; // GPU decode (synthetic runs): those of each layer
 
   std::vector<double> tps() const {
     std::vector<double> out;
@@ -180,7 +181,7 @@ std::vector<int32_t> random_ids(int64_t count, int64_t vocab, uint64_t seed) {
 
 // One warm-up run (a short one: first-call costs such as lazy initialisation and cold caches), then the repetitions.
 TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, const BenchPlan& plan) {
-  TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}, {}};
+  TestResult r{test_name("pp", prompt, 1), 1, prompt, {}, {}, {}, {}, {}, {}};
   runner.prefill(random_ids(std::min<int64_t>(prompt, 64), vocab, plan.seed + 99));
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.prefill(random_ids(prompt, vocab, plan.seed + uint64_t(rep))));
@@ -188,7 +189,7 @@ TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, c
 }
 
 TestResult measure_decode(BenchRunner& runner, int64_t batch, int64_t vocab, const BenchPlan& plan) {
-  TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}, {}};
+  TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}, {}, {}};
   runner.decode(random_ids(batch, vocab, plan.seed + 99), 2);
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.decode(random_ids(batch, vocab, plan.seed + uint64_t(rep)), plan.generate));
@@ -251,6 +252,7 @@ void write_json(const BenchReport& r, const BenchPlan& plan, const std::string& 
       row["launches_per_step"] = *t.launches;
       row["launches_per_layer"] = double(*t.launches) / r.layers;
     }
+    if (!t.layer_launches.empty()) row["launches_by_layer"] = t.layer_launches;
     results.push_back(row);
   }
   nlohmann::json out = {{"model", r.model},   {"device", r.device_json}, {"layers", r.layers},
@@ -278,6 +280,20 @@ WeightFormat parse_expert_format(const std::string& name) {
   if (name == "mxfp4") return WeightFormat::MXFP4;
   if (name == "fp8") return WeightFormat::FP8_BLOCK128;
   fail("--format: '", name, "' is not an expert format (nvfp4, mxfp4 or fp8)");
+}
+
+// One --fusion setting of bench e2e (the name is checked against the model's switches where they exist).
+struct FusionSetting {
+  std::string name;
+  bool on = false;
+};
+
+FusionSetting parse_fusion(const std::string& text) {
+  const size_t equals = text.find('=');
+  check(equals != std::string::npos && equals > 0, "--fusion '", text, "': expected NAME=on or NAME=off");
+  const std::string value = text.substr(equals + 1);
+  check(value == "on" || value == "off", "--fusion '", text, "': the value must be on or off, not '", value, "'");
+  return {text.substr(0, equals), value == "on"};
 }
 
 std::string resolve_device(const std::string& device) {
@@ -384,6 +400,47 @@ cuda::CudaModelOptions model_options(const std::string& device, NumericsMode num
   return o;
 }
 
+// "kernel launches per layer kind (...): b1 sliding_window 12, csa 19, hca 13, 5 outside the layers; the full 43
+// layers: 15.4 per layer; b64 ...": the measured layers' counts by kind (a mean where layers of a kind differ) and
+// the full depth's mix of them (counted from the kinds, not captured).
+std::string layer_kind_launches_note(const BenchReport& r, const ModelConfig& measured, const ModelConfig& full) {
+  constexpr LayerKind kKinds[] = {LayerKind::SlidingWindow, LayerKind::CompressedSparse, LayerKind::HeavilyCompressed};
+  std::string note;
+  for (const TestResult& t : r.results) {
+    if (!t.launches || t.layer_launches.size() != size_t(measured.num_layers)) continue;
+    char part[160];
+    std::snprintf(part, sizeof part, "%sb%lld", note.empty() ? "" : "; ", (long long)t.batch);
+    note += part;
+    int inside = 0;
+    double full_launches = 0;
+    bool every_kind_measured = true;
+    for (const LayerKind kind : kKinds) {
+      int sum = 0, count = 0;
+      for (int i = 0; i < measured.num_layers; ++i)
+        if (measured.layer_kind(i) == kind) sum += t.layer_launches[size_t(i)], ++count;
+      inside += sum;
+      if (count == 0) {
+        every_kind_measured = every_kind_measured && full.num_layers_of_kind(kind) == 0;
+        continue;
+      }
+      const double mean = double(sum) / count;
+      full_launches += mean * full.num_layers_of_kind(kind);
+      std::snprintf(part, sizeof part, " %s %.4g,", std::string(to_string(kind)).c_str(), mean);
+      note += part;
+    }
+    std::snprintf(part, sizeof part, " %d outside the layers", *t.launches - inside);
+    note += part;
+    if (every_kind_measured) {
+      full_launches += *t.launches - inside;
+      std::snprintf(part, sizeof part, "; the full %d layers: %.1f per layer", full.num_layers,
+                    full_launches / full.num_layers);
+      note += part;
+    }
+  }
+  return "kernel launches per layer kind (decode steps' CUDA graphs; the full depth counted from the measured kinds "
+         "and its layer mix " + describe_layer_kinds(full) + "): " + note;
+}
+
 double used_gib(const cuda::DeviceMemoryInfo& m) { return double(m.total_bytes - m.free_bytes) / double(1 << 30); }
 
 // "kernel launches per decode step (...): b1 412 = 11.1 per layer, b8 ...", from the decode rows.
@@ -447,7 +504,28 @@ struct E2eOptions {
   int layers = 0;  // 0 = as many as fit
   std::string format = "nvfp4";
   std::string device = "cuda";
+  std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
 };
+
+// --fusion NAME=on|off: the CudaModelOptions switch of that name (a fused launch compared with its default in one
+// run of the same weights).
+void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
+  const std::pair<const char*, bool cuda::CudaModelOptions::*> switches[] = {
+      {"fuse_projections", &cuda::CudaModelOptions::fuse_projections},
+      {"stack_indexer_projections", &cuda::CudaModelOptions::stack_indexer_projections},
+      {"norms_in_mhc", &cuda::CudaModelOptions::norms_in_mhc},
+      {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
+      {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue}};
+  std::string names;
+  for (const auto& [name, member] : switches) {
+    if (f.name == name) {
+      o.*member = f.on;
+      return;
+    }
+    names += std::string(names.empty() ? "" : ", ") + name;
+  }
+  fail("--fusion ", f.name, ": no such switch (", names, ")");
+}
 
 int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   plan.validate();
@@ -484,6 +562,8 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   const ModelConfig config = first_layers(full, layers);
   std::fprintf(stderr, "bench e2e: %s with %s (%s experts); the full model has %d layers\n", o.config.c_str(),
                describe_layer_kinds(config).c_str(), o.format.c_str(), full.num_layers);
+  cuda::CudaModelOptions checked;
+  for (const FusionSetting& f : o.fusions) apply_fusion(checked, f);  // an unknown name fails before the weights
 
   BenchReport report;
   report.model = o.config;
@@ -495,6 +575,13 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.layer_kinds = describe_layer_kinds(config);
   report.extrapolated = true;
   report.extra["copy_bandwidth_gbps"] = copy_gbps;
+  if (!o.fusions.empty()) {
+    std::string fusions;
+    for (const FusionSetting& f : o.fusions)
+      fusions += (fusions.empty() ? "" : ", ") + f.name + (f.on ? "=on" : "=off");
+    report.extra["fusions"] = fusions;
+    report.notes.push_back("CudaModelOptions changed from their defaults: " + fusions);
+  }
   report.extra["extrapolation"] =
       "per-layer cost of the measured layers x the full layer count + the cost outside the layers (decode: head "
       "linear and argmax timed alone); an estimate, not a measurement";
@@ -508,7 +595,9 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
         cuda::make_synthetic_weights(config, format, pool, plan.seed, context.compute_stream());
     const cuda::DecodeStepWeightBytes step_bytes = cuda::decode_step_weight_bytes(config, weights);
     const double fixed = shape.batch > 0 ? head_seconds(weights.head.view(), shape.batch, context.compute_stream()) : 0;
-    cuda::CudaModel model(config, std::move(weights), model_options(device, NumericsMode::Exact, shape));
+    cuda::CudaModelOptions options = model_options(device, NumericsMode::Exact, shape);
+    for (const FusionSetting& f : o.fusions) apply_fusion(options, f);
+    cuda::CudaModel model(config, std::move(weights), options);
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
       TestResult t = measure_prefill(runner, p, config.vocab_size, plan);
@@ -520,6 +609,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     if (shape.batch > 0) {
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
       t.launches = model.decode_launches(int(shape.batch));
+      t.layer_launches = model.decode_layer_launches(int(shape.batch));
       const double step = t.mean_seconds() / double(plan.generate);
       const double per_layer = std::max(0.0, step - fixed) / layers;
       t.layer_ms = per_layer * 1e3;
@@ -553,7 +643,10 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.extra["gpu_memory_used_gib"] = peak_used;
   report.notes.push_back("GPU memory used (whole device, peak over the test groups): " + std::to_string(peak_used) +
                          " GiB");
-  if (!plan.decode_batches().empty()) report.notes.push_back(launches_note(report));
+  if (!plan.decode_batches().empty()) {
+    report.notes.push_back(launches_note(report));
+    report.notes.push_back(layer_kind_launches_note(report, config, full));
+  }
   report.notes.push_back("extrapolated t/s: per-layer cost of the " + std::to_string(layers) +
                          " measured layers x " + std::to_string(full.num_layers) +
                          " layers + the cost outside the layers; an extrapolation, not a measurement");
@@ -640,6 +733,7 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
 }
 
 struct BenchOptions {
+  std::vector<std::string> fusions;
   EngineCli engine;
   BenchPlan plan;
   BenchPlan e2e_plan;
@@ -672,6 +766,9 @@ const CommandRegistration registration{{
       e2e->add_option("--layers", o->layers, "Main layers to build (0 = as many as fit)")->capture_default_str();
       e2e->add_option("--format", o->format, "Routed expert format: nvfp4, mxfp4 or fp8")->capture_default_str();
       e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
+      e2e->add_option("--fusion", o->fusions,
+                      "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
+                      "norms_in_mhc, bf16_wo_a, q_norm_prologue); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
@@ -680,8 +777,10 @@ const CommandRegistration registration{{
         if (!e2e->parsed()) return run_checkpoint(o->engine, o->plan);
         check(o->engine.engine.model_dir.empty(), "bench e2e builds synthetic weights; -m does not apply");
         check(o->layers >= 0, "--layers: ", o->layers, " must not be negative (0 = as many as fit)");
+        std::vector<FusionSetting> fusions;
+        for (const std::string& text : o->fusions) fusions.push_back(parse_fusion(text));
 #if DSV4_HAVE_CUDA
-        return run_e2e({o->config, o->layers, o->format, o->e2e_device}, o->e2e_plan);
+        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions}, o->e2e_plan);
 #else
         // Check what can be checked without a GPU first, so a typo is reported as such.
         const ModelConfig full = resolve_model_config(o->config);

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -153,6 +154,7 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
 cuda::CudaModelOptions batch_options(bool fused = false) {
   cuda::CudaModelOptions options;
   options.fuse_projections = fused;
+  options.stack_indexer_projections = fused;
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;
@@ -337,6 +339,27 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
       EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
       if (batch == 1 && !fuse) separate_launches = launches;
       if (batch == 1 && fuse) EXPECT_LT(launches, separate_launches);
+      // Per layer: every layer launches its attention, FFN and mHC kernels; layers of one kind and routing launch
+      // alike (but the last, whose mHC launch opens no next layer); the embedding, the first hc_pre and the head are
+      // outside the layers.
+      const ModelConfig& config = f.ckpt.config;
+      const std::vector<int> per_layer = graphs.decode_layer_launches(batch);
+      ASSERT_EQ(per_layer.size(), size_t(config.num_layers));
+      std::map<std::pair<LayerKind, bool>, int> of_kind;
+      int inside = 0;
+      std::printf("  per layer:");
+      for (int i = 0; i < config.num_layers; ++i) {
+        const int n = per_layer[size_t(i)];
+        std::printf(" %s %d", std::string(to_string(config.layer_kind(i))).c_str(), n);
+        inside += n;
+        EXPECT_GE(n, 5) << "layer " << i;
+        if (i + 1 == config.num_layers) continue;
+        const auto [it, first] = of_kind.emplace(std::pair(config.layer_kind(i), config.is_hash_routed(i)), n);
+        EXPECT_TRUE(first || it->second == n) << "layer " << i << " launches " << n << ", an earlier layer of its "
+                                              << "kind and routing " << it->second;
+      }
+      std::printf("; outside the layers %d\n", launches - inside);
+      EXPECT_GE(launches - inside, 4) << "embedding, hc_pre, hc_head, head";
     }
   }
 }

@@ -161,12 +161,16 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) 
       note_view(stacked_shape({view_of(b.attn.compressor->wkv), view_of(b.attn.compressor->wgate)}));
     }
     if (b.attn.indexer) {
-      note(b.attn.indexer->wq_b), note(b.attn.indexer->weights_proj);
-      note(b.attn.indexer->compressor.wkv), note(b.attn.indexer->compressor.wgate);
-      if (b.attn.compressor)
-        note_view(stacked_shape({view_of(b.attn.compressor->wkv), view_of(b.attn.compressor->wgate),
-                                 view_of(b.attn.indexer->compressor.wkv),
-                                 view_of(b.attn.indexer->compressor.wgate)}));
+      const auto& ix = *b.attn.indexer;
+      note(ix.wq_b), note(ix.weights_proj), note(ix.compressor.wkv), note(ix.compressor.wgate);
+      note_view(stacked_shape({view_of(b.attn.wq_b), view_of(ix.wq_b)}));
+      if (b.attn.compressor) {
+        const auto& c = *b.attn.compressor;
+        note_view(stacked_shape(
+            {view_of(c.wkv), view_of(c.wgate), view_of(ix.compressor.wkv), view_of(ix.compressor.wgate)}));
+        note_view(stacked_shape({view_of(c.wkv), view_of(c.wgate), view_of(ix.compressor.wkv),
+                                 view_of(ix.compressor.wgate), view_of(ix.weights_proj)}));
+      }
     }
   }
   return bytes;
@@ -176,13 +180,17 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) 
 // `bytes_of` (a part's data + scales): the stacked copies are allocated while their parts still hold theirs, and the
 // parts' freed space is reused only where later pieces fit, so the plan counts them in full.
 template <class Weights, class BytesOf>
-size_t stacked_projection_bytes(const Weights& w, BytesOf bytes_of) {
+size_t stacked_projection_bytes(const Weights& w, bool indexer_projections, BytesOf bytes_of) {
   size_t bytes = 0;
   auto add = [&](const auto& m) { bytes += round_up_256(bytes_of(m)) + DeviceAllocator::kAlignment; };
   for (const auto& b : w.layers) {
     add(b.attn.wq_a), add(b.attn.wkv);
     if (b.attn.compressor) add(b.attn.compressor->wkv), add(b.attn.compressor->wgate);
-    if (b.attn.indexer) add(b.attn.indexer->compressor.wkv), add(b.attn.indexer->compressor.wgate);
+    if (b.attn.indexer) {
+      const auto& ix = *b.attn.indexer;
+      add(ix.compressor.wkv), add(ix.compressor.wgate);
+      if (indexer_projections) add(ix.weights_proj), add(b.attn.wq_b), add(ix.wq_b);
+    }
   }
   return bytes;
 }
@@ -306,7 +314,7 @@ struct CudaModel::Impl {
     float* u;                  // [T, d]: ffn_norm output for the MoE
     float* qr;                 // [T, q_lora]
     bf16* qr_bf16;             // [T, q_lora]
-    float* q;                  // [T, H·D]
+    float* q;                  // [T, H·D]; at T = 1 with stacked queries [H·D + IH·ID] (the indexer's after q's)
     float* kv;                 // [T, D]
     float* qr_kv;              // [T, q_lora + D]: the stacked [wq_a; wkv] projection's output
     float* compressor_projections;  // [T, stacked compressor rows]: the stacked compressors' output
@@ -345,13 +353,18 @@ struct CudaModel::Impl {
   // where the parts do not stack; the layer then runs them separately).
   struct StackedProjections {
     DeviceMatrix qr_kv;        // [wq_a; wkv]
-    DeviceMatrix compressors;  // [wkv; wgate] of the compressor, then of the indexer's compressor (CSA)
+    // [wkv; wgate] of the compressor, then of the indexer's compressor and the indexer's weights_proj (CSA; the
+    // latter where its format stacks)
+    DeviceMatrix compressors;
+    int64_t head_weights_row = -1;  // the weights_proj rows' first row in `compressors`, or −1
+    DeviceMatrix queries;           // [wq_b; indexer wq_b] (CSA)
   };
 
   struct StepGraph {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     int kernels = 0;
+    std::vector<int> layer_kernels;  // per layer
   };
 
   // Exactly one of `host` (uploaded here) and `device` (weights already on the device, moved in) is given.
@@ -435,9 +448,10 @@ struct CudaModel::Impl {
       host_weights.emplace(gpu_linear_formats(*host, converted));
       plan.weights = plan_weight_upload(*host_weights).device_bytes;
       if (o.fuse_projections)
-        plan.stacked = stacked_projection_bytes(*host_weights, [](const QuantizedMatrix& m) {
-          return m.rows > 0 ? m.stored_bytes() : 0;
-        });
+        plan.stacked = stacked_projection_bytes(*host_weights, o.stack_indexer_projections,
+                                                [](const QuantizedMatrix& m) {
+                                                  return m.rows > 0 ? m.stored_bytes() : 0;
+                                                });
       linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), [](const QuantizedMatrix& m) {
         return shape_view(m);
       });
@@ -448,7 +462,8 @@ struct CudaModel::Impl {
         return m.view();
       });
       if (o.fuse_projections)
-        plan.stacked = stacked_projection_bytes(*device, [](const DeviceMatrix& m) { return m.view().stored_bytes; });
+        plan.stacked = stacked_projection_bytes(*device, o.stack_indexer_projections,
+                                                [](const DeviceMatrix& m) { return m.view().stored_bytes; });
     }
     plan.kv_cache = kv_cache_bytes(kv);
     plan.state = sequence_state_bytes(kv);
@@ -516,19 +531,32 @@ struct CudaModel::Impl {
       StackedProjections& out = stacked[size_t(i)];
       const std::string name = "layer " + std::to_string(i);
       out.qr_kv = stack_rows({&a.wq_a, &a.wkv}, name + " [wq_a; wkv]", pool, stream);
-      if (a.compressor && a.indexer)
-        out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &a.indexer->compressor.wkv,
-                                      &a.indexer->compressor.wgate},
-                                     name + " compressors [wkv; wgate]", pool, stream);
-      else if (a.compressor)
+      if (a.compressor && a.indexer) {
+        device_weights::Indexer& ix = *a.indexer;
+        if (options.stack_indexer_projections) {
+          out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &ix.compressor.wkv,
+                                        &ix.compressor.wgate, &ix.weights_proj},
+                                       name + " compressors [wkv; wgate] and indexer weights_proj", pool, stream);
+          if (out.compressors.view().rows > 0)
+            out.head_weights_row = out.compressors.view().rows - ix.weights_proj.view().rows;
+          out.queries = stack_rows({&a.wq_b, &ix.wq_b}, name + " [wq_b; indexer wq_b]", pool, stream);
+        }
+        if (out.compressors.view().rows == 0)
+          out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &ix.compressor.wkv,
+                                        &ix.compressor.wgate},
+                                       name + " compressors [wkv; wgate]", pool, stream);
+      } else if (a.compressor) {
         out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate}, name + " compressor [wkv; wgate]",
                                      pool, stream);
+      }
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));  // the copies have read the parts
       if (out.qr_kv.view().rows > 0) a.wq_a = DeviceMatrix(), a.wkv = DeviceMatrix();
       if (out.compressors.view().rows > 0) {
         a.compressor->wkv = DeviceMatrix(), a.compressor->wgate = DeviceMatrix();
         if (a.indexer) a.indexer->compressor.wkv = DeviceMatrix(), a.indexer->compressor.wgate = DeviceMatrix();
+        if (out.head_weights_row >= 0) a.indexer->weights_proj = DeviceMatrix();
       }
+      if (out.queries.view().rows > 0) a.wq_b = DeviceMatrix(), a.indexer->wq_b = DeviceMatrix();
     }
   }
 
@@ -603,7 +631,10 @@ struct CudaModel::Impl {
     for (int i = 0; i < 2; ++i) s.post[i] = k.take<float>(T * n), s.comb[i] = k.take<float>(T * n * n);
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
-    s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    // q holds a one-token step's stacked [wq_b; indexer wq_b] output too.
+    const int64_t stacked_queries =
+        options.fuse_projections && options.stack_indexer_projections && c.indexer.num_heads > 0 ? IH * ID : 0;
+    s.q = k.take<float>(T * H * D + stacked_queries), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
     s.qr_kv = k.take<float>(options.fuse_projections ? T * (c.q_lora_rank + D) : 0);
     s.compressor_projections = k.take<float>(options.fuse_projections ? T * stacked_compressor_rows() : 0);
     s.z = k.take<float>(T * c.o_proj_dim()), s.z_bf16 = k.take<bf16>(T * c.o_proj_dim());
@@ -629,13 +660,15 @@ struct CudaModel::Impl {
     return k.bytes();
   }
 
-  // The widest stacked compressor projection: [wkv; wgate] of width coff·c each, twice in CSA layers (the indexer's).
+  // The widest stacked compressor projection: [wkv; wgate] of width coff·c each, twice in CSA layers (the indexer's)
+  // and then the indexer's weights_proj (stack_indexer_projections).
   int64_t stacked_compressor_rows() const {
     int64_t rows = 0;
     for (int i = 0; i < config.num_layers; ++i) {
       if (!config.has_compressor(i)) continue;
       const int64_t D = config.head_dim, ID = config.indexer.head_dim;
-      rows = std::max(rows, config.has_indexer(i) ? 2 * (2 * D) + 2 * (2 * ID) : 2 * D);
+      const int64_t head_weights = options.stack_indexer_projections ? config.indexer.num_heads : 0;
+      rows = std::max(rows, config.has_indexer(i) ? 2 * (2 * D) + 2 * (2 * ID) + head_weights : 2 * D);
     }
     return rows;
   }
@@ -648,9 +681,9 @@ struct CudaModel::Impl {
   }
 
   // A linear call of `w` over T tokens without its input and output.
-  LinearCall linear_call(const DeviceMatrix& w, std::string_view what, int64_t T) {
+  LinearCall linear_call(const DeviceMatrixView& w, std::string_view what, int64_t T) {
     LinearCall call;
-    call.weight = w.view();
+    call.weight = w;
     call.what = what;
     call.tokens = T;
     call.workspace = scratch.linear_workspace;
@@ -659,7 +692,7 @@ struct CudaModel::Impl {
     return call;
   }
 
-  void linear(const DeviceMatrix& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
+  void linear(const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
               int64_t y_stride, int groups = 1) {
     LinearCall call = linear_call(w, what, T);
     call.x = x, call.x_row_stride = x_stride, call.y = y, call.y_row_stride = y_stride, call.groups = groups;
@@ -667,7 +700,7 @@ struct CudaModel::Impl {
   }
 
   // A linear layer reading q_norm(qr): through its RMSNorm prologue when `prologue`, else qr_bf16 (run_rms_norm's).
-  void linear_of_normed_qr(const DeviceMatrix& w, std::string_view what, bool prologue, const float* qr,
+  void linear_of_normed_qr(const DeviceMatrixView& w, std::string_view what, bool prologue, const float* qr,
                            int64_t qr_stride, const float* q_norm_weight, int64_t T, float* y, int64_t y_stride) {
     if (!prologue) return linear(w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride);
     LinearCall call = linear_call(w, what, T);
@@ -768,8 +801,8 @@ struct CudaModel::Impl {
       p.kv = projections + column, p.gate = projections + column + width, p.row_stride = row_stride;
     } else {
       const std::string name = "layer " + std::to_string(layer) + " " + what;
-      linear(w.wkv, name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
-      linear(w.wgate, name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
+      linear(w.wkv.view(), name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
+      linear(w.wgate.view(), name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
       p.kv = scratch.ckv, p.gate = scratch.cgate;
     }
     p.head_dim = head_dim, p.ratio = config.compress_ratio(layer), p.overlapping = config.has_indexer(layer);
@@ -802,11 +835,11 @@ struct CudaModel::Impl {
     const float* qr = s.qr;
     int64_t qr_stride = ql;
     if (stack != nullptr && stack->qr_kv.view().rows > 0) {
-      linear(stack->qr_kv, name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D);
+      linear(stack->qr_kv.view(), name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D);
       qr = s.qr_kv, qr_stride = ql + D;
       insert.x = s.qr_kv + ql, insert.x_row_stride = ql + D;
     } else {
-      linear(w.wq_a, name + " wq_a", s.x_bf16, d, T, s.qr, ql);
+      linear(w.wq_a.view(), name + " wq_a", s.x_bf16, d, T, s.qr, ql);
     }
     const bool insert_carries_a_norm = insert.x != nullptr && D <= kKvInsertFusedNormMaxHeadDim;
     bool inserted = false;
@@ -822,7 +855,29 @@ struct CudaModel::Impl {
         run_rms_norm(qr_norm);
       }
     }
-    linear_of_normed_qr(w.wq_b, name + " wq_b", prologue, qr, qr_stride, floats(w.q_norm), T, s.q, H * D);
+    // The query projections: wq_b and, in CSA layers, the indexer's wq_b (the same input) into q and qi; one launch
+    // where they are stacked and the step has one token (whose slices of the stacked output are then contiguous).
+    const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
+    const float* q_norm_weight = floats(w.q_norm);
+    float* qi = s.qi;
+    if (stack != nullptr && stack->queries.view().rows > 0) {
+      const DeviceMatrixView queries = stack->queries.view();
+      if (T == 1) {
+        linear_of_normed_qr(queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride, q_norm_weight, T, s.q,
+                            queries.rows);
+        qi = s.q + H * D;
+      } else {
+        linear_of_normed_qr(row_slice(queries, 0, H * D), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T,
+                            s.q, H * D);
+        linear_of_normed_qr(row_slice(queries, H * D, IH * ID), name + " indexer wq_b", prologue, qr, qr_stride,
+                            q_norm_weight, T, s.qi, IH * ID);
+      }
+    } else {
+      linear_of_normed_qr(w.wq_b.view(), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T, s.q, H * D);
+      if (w.indexer)
+        linear_of_normed_qr(w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride, q_norm_weight,
+                            T, s.qi, IH * ID);
+    }
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = s.q, q_norm.rows = T * H, q_norm.width = D, q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
     q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
@@ -836,7 +891,7 @@ struct CudaModel::Impl {
     }
     if (!inserted) {
       if (insert.x == nullptr) {
-        linear(w.wkv, name + " wkv", s.x_bf16, d, T, s.kv, D);
+        linear(w.wkv.view(), name + " wkv", s.x_bf16, d, T, s.kv, D);
         insert.x = s.kv;
       }
       run_kv_insert(insert);
@@ -853,13 +908,23 @@ struct CudaModel::Impl {
       // The new entries go straight into the compressed KV arrays (stored, and in reference numerics quantised,
       // by the compressor's epilogue).
       // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
+      // With the indexer's weights_proj stacked last, a one-token step takes its head weights from the same launch
+      // (a contiguous slice of its row); longer steps run those rows on their own into contiguous rows.
       const float* projections = nullptr;
       int64_t projection_stride = 0;
+      const float* head_weights = s.head_weights;
       if (stack != nullptr && stack->compressors.view().rows > 0) {
-        projection_stride = stack->compressors.view().rows;
-        linear(stack->compressors, name + " compressors", s.x_bf16, d, T, s.compressor_projections,
-               projection_stride);
+        const DeviceMatrixView compressors = stack->compressors.view();
+        projection_stride = compressors.rows;
+        const bool head_weights_apart = stack->head_weights_row >= 0 && T > 1;
+        linear(head_weights_apart ? row_slice(compressors, 0, stack->head_weights_row) : compressors,
+               name + " compressors", s.x_bf16, d, T, s.compressor_projections, projection_stride);
         projections = s.compressor_projections;
+        if (head_weights_apart)
+          linear(row_slice(compressors, stack->head_weights_row, IH), name + " indexer weights_proj", s.x_bf16, d, T,
+                 s.head_weights, IH);
+        else if (stack->head_weights_row >= 0)
+          head_weights = projections + stack->head_weights_row;
       }
       const int64_t coff = c.has_indexer(layer) ? 2 : 1;
       CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor",
@@ -868,7 +933,6 @@ struct CudaModel::Impl {
       run_compressor(main);
       if (w.indexer) {
         const device_weights::Indexer& ix = *w.indexer;
-        const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
         bf16* all_keys = state.index_keys.as<bf16>();
         CompressorParams index = compress(ix.compressor, *state.indexer, layer, ID, shape, in, "indexer compressor",
                                           projections, 2 * coff * D, projection_stride);
@@ -876,16 +940,15 @@ struct CudaModel::Impl {
         index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
         run_compressor(index);
 
-        linear_of_normed_qr(ix.wq_b, name + " indexer wq_b", prologue, qr, qr_stride, floats(w.q_norm), T, s.qi,
-                            IH * ID);
         IndexerPrepareParams prepare;
-        prepare.input = s.qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;
+        prepare.input = qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;
         prepare.head_dim = ID, prepare.positions = in.positions, prepare.rope_frequencies = freqs;
         prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = stream;
         run_indexer_prepare(prepare);
-        linear(ix.weights_proj, name + " indexer weights_proj", s.x_bf16, d, T, s.head_weights, IH);
+        if (stack == nullptr || stack->head_weights_row < 0)
+          linear(ix.weights_proj.view(), name + " indexer weights_proj", s.x_bf16, d, T, s.head_weights, IH);
         IndexerScoresParams scores;
-        scores.q = s.qi_bf16, scores.head_weights = s.head_weights, scores.key_count = keys;
+        scores.q = s.qi_bf16, scores.head_weights = head_weights, scores.key_count = keys;
         if (shape.single_slot >= 0) {
           scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
         } else {
@@ -928,20 +991,32 @@ struct CudaModel::Impl {
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
     if (options.bf16_wo_a) {
-      LinearCall wo_a = linear_call(w.wo_a, name + " wo_a", T);
+      LinearCall wo_a = linear_call(w.wo_a.view(), name + " wo_a", T);
       wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
       wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
       run_linear(wo_a);
     } else {
-      linear(w.wo_a, name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
+      linear(w.wo_a.view(), name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
       run_to_bf16(s.z, T * c.o_proj_dim(), s.z_bf16, stream);
     }
-    linear(w.wo_b, name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
+    linear(w.wo_b.view(), name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
+  }
+
+  // Nodes captured so far into the graph `stream` is capturing.
+  size_t captured_nodes() {
+    cudaStreamCaptureStatus status{};
+    cudaGraph_t graph = nullptr;
+    DSV4_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph));
+    check(status == cudaStreamCaptureStatusActive && graph != nullptr, "CUDA model: the step is not being captured");
+    size_t count = 0;
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+    return count;
   }
 
   // Every launch of a step, from the embedding to the logits of rows [first_logit_row, T); reads the step's inputs
-  // from their fixed device buffers only, so the same launches serve a CUDA graph.
-  void enqueue_step(const StepShape& shape) {
+  // from their fixed device buffers only, so the same launches serve a CUDA graph. While capturing, `layer_nodes`
+  // (if given) receives the nodes each layer added.
+  void enqueue_step(const StepShape& shape, std::vector<int>* layer_nodes = nullptr) {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
@@ -963,6 +1038,7 @@ struct CudaModel::Impl {
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
     hc_pre(weights.layers[0].hc_attn, T, attn_norm_of(0));
+    size_t nodes_before_layer = layer_nodes != nullptr ? captured_nodes() : 0;
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       attention(layer, shape, in);
@@ -976,6 +1052,11 @@ struct CudaModel::Impl {
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
       else
         hc_post(T, 1, nullptr, {});
+      if (layer_nodes != nullptr) {
+        const size_t nodes = captured_nodes();
+        layer_nodes->push_back(int(nodes - nodes_before_layer));
+        nodes_before_layer = nodes;
+      }
     }
 
     const int64_t first = shape.first_logit_row, count = shape.run_last_rows ? shape.runs : T - first;
@@ -1003,7 +1084,7 @@ struct CudaModel::Impl {
       run_hc_head(head);
       rms_norm(scratch.h, floats(weights.norm), count, d, nullptr, scratch.h_bf16);
     }
-    linear(weights.head, "head", scratch.h_bf16, d, count, scratch.logits, c.vocab_size);
+    linear(weights.head.view(), "head", scratch.h_bf16, d, count, scratch.logits, c.vocab_size);
   }
 
   // The captured decode step of `batch` sequences (one token each), captured on first use.
@@ -1014,7 +1095,7 @@ struct CudaModel::Impl {
     // Relaxed: a kernel launcher's first use may set a function attribute, which is not a stream operation.
     DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
     try {
-      enqueue_step(decode_shape(batch));
+      enqueue_step(decode_shape(batch), &g.layer_kernels);
     } catch (...) {
       cudaGraph_t broken = nullptr;
       cudaStreamEndCapture(stream, &broken);
@@ -1372,6 +1453,11 @@ int CudaModel::decode_launches(int batch) {
   check(batch >= 1 && batch <= m.options.max_sequences, "decode_launches: batch ", batch, " outside [1, ",
         m.options.max_sequences, "] (max_sequences)");
   return m.decode_graph(batch).kernels;
+}
+
+std::vector<int> CudaModel::decode_layer_launches(int batch) {
+  decode_launches(batch);
+  return impl_->graphs.at(batch).layer_kernels;
 }
 
 }  // namespace dsv4::cuda

@@ -38,6 +38,10 @@ struct CudaModelOptions {
   // ([wq_a; wkv], the compressors' [wkv; wgate]; built on the device at load, replacing the separate matrices), and
   // a norm rides in the KV insert's launch. Same math; a stacked matrix may split its sums differently.
   bool fuse_projections = true;
+  // With fuse_projections, CSA layers also stack the indexer's wq_b under wq_b (both read q_norm(qr)) and the
+  // indexer's weights_proj under the compressors' projections: two launches fewer per CSA layer in one-token steps
+  // (longer steps run the stacked parts as row slices, as many launches as without).
+  bool stack_indexer_projections = false;
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
@@ -106,6 +110,9 @@ class CudaModel {
   cudaStream_t stream() const;
   // Kernel launches of a decode step of `batch` sequences (the captured graph's kernel nodes; captures it if needed).
   int decode_launches(int batch);
+  // The same per layer: [num_layers] counts of the launches from a layer's first attention kernel to the mHC launch
+  // that closes its FFN (the rest of decode_launches is outside the layers: embedding, first hc_pre, head).
+  std::vector<int> decode_layer_launches(int batch);
 
  private:
   struct Impl;
