@@ -16,10 +16,12 @@
 // Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
-// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm]
+// Decode and prefill also time the cluster call with each consumer forming the scores over all 512 dims (fullS).
+// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep]
 //   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
 //   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
-//   --warm times without the L2 flush (what is left is not memory latency). Exit status 1 when a CPU check fails.
+//   --warm times without the L2 flush (what is left is not memory latency). --sweep times every decode case at every
+//   split count (cluster merge, both score forms, and the combine kernel). Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -268,7 +270,8 @@ struct Result {
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
   int cluster_splits;      // the splits chosen for the cluster merge
   double cluster_us;       // the call with cluster_merge (same as `us` where the merge does not apply)
-  double cpu_error, cluster_cpu_error;  // cpu_check of each mode's output
+  double full_scores_us;   // the cluster call with each consumer forming the scores over all 512 dims
+  double cpu_error, cluster_cpu_error, full_scores_cpu_error;  // cpu_check of each mode's output
   double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
   double floor_us, percent_of_floor;  // max(KV bytes / copy rate, flops / cuBLAS bf16 rate) and floor / measured
@@ -301,7 +304,7 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
 }
 
 Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, double copy_gbps,
-                double cublas_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
+                double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep, std::mt19937& rng) {
   const bool csa = kind == DecodeLayout::Csa;
   const int64_t compressed_rows = kind == DecodeLayout::Swa ? 0 : csa ? context / 4 : context / 128;
   const int compressed_slots = csa ? kTopK : int(compressed_rows);
@@ -340,10 +343,9 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, false);
   const int cluster_splits =
       choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, true);
-  // The cluster-mode call falls back to the combine kernel above kSparseAttentionMaxClusterSplits splits, so the
-  // workspace covers both calls' split counts.
+  // The workspace covers the combine kernel at any split count (--sweep times every count with both merges).
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim,
-                                                                                 std::max(splits, cluster_splits))),
+                                                                                 kSparseAttentionMaxSplits)),
                          "workspace");
   SparseAttentionParams p{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
                           .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
@@ -363,6 +365,31 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   const double cluster_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(cluster); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
+  SparseAttentionParams full_scores = cluster;
+  full_scores.split_score_dims = false;
+  out.fill_bytes(0xFF);
+  const double full_scores_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(full_scores); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  const double full_scores_cpu_error =
+      cpu_check(full_scores, window_index, compressed_index, q, sink, positions, out, sample);
+  if (sweep) {
+    // Every split count the cluster merge serves (both score forms) and the combine kernel's, same inputs.
+    const int64_t tiles = (total_slots + kSparseAttentionTileEntries - 1) / kSparseAttentionTileEntries;
+    std::printf("sweep %s %s batch %d context %lld (%lld tiles): us per call by splits\n", model, to_string(kind),
+                batch, static_cast<long long>(context), static_cast<long long>(tiles));
+    std::printf("  %6s %10s %10s %10s\n", "splits", "cluster", "cl.fullS", "combine");
+    const int largest = max_sparse_attention_cluster_splits();
+    for (int s = 1; s <= std::min<int64_t>(tiles, std::max(largest, 24)); ++s) {
+      SparseAttentionParams a = cluster, b = full_scores, c = p;
+      a.splits = b.splits = c.splits = s;
+      const bool in_cluster = s <= largest;
+      const double a_us = in_cluster ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(a); }) : 0;
+      const double b_us = in_cluster ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(b); }) : 0;
+      const double c_us = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(c); });
+      std::printf("  %6d %10.1f %10.1f %10.1f\n", s, a_us, b_us, c_us);
+    }
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   out.fill_bytes(0xFF);
   const double ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(p); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -438,6 +465,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   r.cluster_us = cluster_ms * 1e3;
   r.cpu_error = cpu_error;
   r.cluster_cpu_error = cluster_cpu_error;
+  r.full_scores_us = full_scores_ms * 1e3;
+  r.full_scores_cpu_error = full_scores_cpu_error;
   return r;
 }
 
@@ -466,6 +495,7 @@ struct PrefillResult {
   int64_t context, tokens, slots;
   int splits;
   double us, tflops, percent_of_cublas, percent_of_peak;
+  double full_scores_us, full_scores_tflops;  // each consumer forming the scores over all 512 dims
 };
 
 // One prefill chunk of kPrefillTokens queries ending at `context`: window slots = the 128 ring rows up to each
@@ -517,7 +547,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, heads, kHeadDim, splits)),
                          "workspace");
   // The whole-model runner's prefill call: fp32 q in, bf16 out (the next linear layer's input).
-  const SparseAttentionParams p{.cache = view, .layer = 0, .tokens = T, .heads = heads,
+  SparseAttentionParams p{.cache = view, .layer = 0, .tokens = T, .heads = heads,
                                 .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
                                 .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
                                 .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
@@ -526,6 +556,8 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
                                 .compressed_slots = kTopK, .out = out.data(), .out_dtype = AttentionDtype::Bf16,
                                 .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  p.split_score_dims = false;
+  const double full_scores_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
   PrefillResult r;
   r.model = model;
   r.format = to_string(format);
@@ -538,12 +570,14 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
   r.tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (ms * 1e9);
   r.percent_of_cublas = 100.0 * r.tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.tflops / peak_tflops;
+  r.full_scores_us = full_scores_ms * 1e3;
+  r.full_scores_tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (full_scores_ms * 1e9);
   return r;
 }
 
 int run(int argc, char** argv) {
   std::string json_path, only;
-  bool prefill_only = false, warm = false;
+  bool prefill_only = false, warm = false, sweep = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -553,9 +587,11 @@ int run(int argc, char** argv) {
       prefill_only = true;
     else if (std::strcmp(argv[i], "--warm") == 0)
       warm = true;
+    else if (std::strcmp(argv[i], "--sweep") == 0)
+      sweep = true;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm])");
+           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -582,10 +618,11 @@ int run(int argc, char** argv) {
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s\n",
+  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
+              "%9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
               "%floor", "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us", "cl.splits", "cl.us",
-              "cpu err", "cl.err");
+              "fullS us", "cpu err", "cl.err", "fullS err");
   bool check_failed = false;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -603,22 +640,23 @@ int run(int argc, char** argv) {
             continue;
           }
           const Result r = run_case(model, heads, kind, batch, context, copy_gbps, cublas_tflops,
-                                    device.multiprocessors, flush.data(), flush_bytes, rng);
-          const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit);
+                                    device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
+          const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
+                                r.full_scores_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
-                      "%10.2e %12.1f %9.1f %9d %9.1f %9.1e %9.1e%s\n",
+                      "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
                       static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
                       r.floor_us, r.percent_of_floor, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff,
-                      r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.cpu_error, r.cluster_cpu_error,
-                      failed ? "  CPU CHECK FAILED" : "");
+                      r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.full_scores_us, r.cpu_error,
+                      r.cluster_cpu_error, r.full_scores_cpu_error, failed ? "  CPU CHECK FAILED" : "");
           std::fflush(stdout);
           results.push_back(r);
         }
   std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
-  std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s\n", "model", "entries", "context", "splits", "us", "TFLOP/s",
-              "%cublas", "%peak");
+  std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
+              "TFLOP/s", "%cublas", "%peak", "fullS us", "fullS TF/s");
   std::vector<PrefillResult> prefill;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -626,9 +664,9 @@ int run(int argc, char** argv) {
         if (!only.empty()) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
-        std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%%\n", r.model.c_str(), r.format.c_str(),
-                    static_cast<long long>(r.context), r.splits, r.us, r.tflops, r.percent_of_cublas,
-                    r.percent_of_peak);
+        std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),
+                    r.format.c_str(), static_cast<long long>(r.context), r.splits, r.us, r.tflops,
+                    r.percent_of_cublas, r.percent_of_peak, r.full_scores_us, r.full_scores_tflops);
         std::fflush(stdout);
         prefill.push_back(r);
       }
@@ -649,12 +687,14 @@ int run(int argc, char** argv) {
                    "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
                    "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
                    "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f, \"cluster_splits\": %d, \"cluster_us\": %.2f, "
-                   "\"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g}%s\n",
+                   "\"full_scores_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
+                   "\"full_scores_cpu_error\": %.3g}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
                    r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, r.cluster_splits, r.cluster_us,
-                   r.cpu_error, r.cluster_cpu_error, i + 1 < results.size() ? "," : "");
+                   r.full_scores_us, r.cpu_error, r.cluster_cpu_error, r.full_scores_cpu_error,
+                   i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
@@ -663,10 +703,12 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"entries\": \"%s\", \"heads\": %d, \"context\": %lld, "
                    "\"tokens\": %lld, \"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"tflops\": %.1f, "
-                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f}%s\n",
+                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"full_scores_us\": %.2f, "
+                   "\"full_scores_tflops\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(r.tokens), static_cast<long long>(r.slots), r.splits, r.us, r.tflops,
-                   r.percent_of_cublas, r.percent_of_peak, i + 1 < prefill.size() ? "," : "");
+                   r.percent_of_cublas, r.percent_of_peak, r.full_scores_us, r.full_scores_tflops,
+                   i + 1 < prefill.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

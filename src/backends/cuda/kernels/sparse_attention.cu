@@ -94,15 +94,27 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
          layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && p.cache.page_shift >= 1;
 }
 
+// Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
+// cannot hold still get 0 from the occupancy query). Set before every launch, as function attributes belong to the
+// current device's context.
+template <bool kFp8, bool kSplitScores>
+void set_d512_attributes() {
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kSplitScores>;
+  DSV4_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
 // Clusters of `size` CTAs of the head_dim 512 kernel (one CTA per SM) that the current device holds at once, for
 // sizes 2..kSparseAttentionMaxClusterSplits: the GPCs' SM counts decide (on an H200, 16 clusters of 8 fit 128 CTAs
-// but 112 CTAs in clusters of 7 took two waves), so the driver is asked once per process.
+// but 112 CTAs in clusters of 7 took two waves; sizes above 8 need a GPC with that many free SMs), so the driver is
+// asked once per process.
 const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clusters() {
   static const std::array<int, kSparseAttentionMaxClusterSplits + 1> clusters = [] {
     std::array<int, kSparseAttentionMaxClusterSplits + 1> count{};
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
-    const auto kernel = sparse_attention_d512_kernel<false>;
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+    static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
+    set_d512_attributes<false, true>();
     for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
       cudaLaunchAttribute attribute{};
       attribute.id = cudaLaunchAttributeClusterDimension;
@@ -115,24 +127,45 @@ const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clust
       config.dynamicSmemBytes = size_t(kBytes);
       config.attrs = &attribute;
       config.numAttrs = 1;
-      DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&count[size_t(size)], kernel, &config));
+      // A size the hardware refuses outright (above 16, or a driver without non-portable sizes) counts as none.
+      if (cudaOccupancyMaxActiveClusters(&count[size_t(size)], sparse_attention_d512_kernel<false, true>, &config) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        count[size_t(size)] = 0;
+      }
     }
     return count;
   }();
   return clusters;
 }
 
-// The splits merge inside the attention launch, one cluster per (query, head block).
-bool merges_in_cluster(const SparseAttentionParams& p) {
-  return p.cluster_merge && p.splits > 1 && p.splits <= kSparseAttentionMaxClusterSplits && use_d512_kernel(p);
+// The largest size with a resident cluster, so that every size up to it can be launched (sizes between two fitting
+// ones fit too: a GPC that holds n CTAs holds fewer).
+int largest_d512_cluster() {
+  static const int largest = [] {
+    const auto& clusters = resident_d512_clusters();
+    int size = 1;
+    while (size < kSparseAttentionMaxClusterSplits && clusters[size_t(size) + 1] > 0) ++size;
+    return size;
+  }();
+  return largest;
 }
 
-template <bool kFp8>
+// The split heuristic's largest cluster: the portable size (callers may still ask for up to largest_d512_cluster()),
+// until the sizes above 8 have been timed inside the model's graphs.
+constexpr int kHeuristicClusterSplits = 8;
+
+// The splits merge inside the attention launch, one cluster per (query, head block).
+bool merges_in_cluster(const SparseAttentionParams& p) {
+  return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
+}
+
+template <bool kFp8, bool kSplitScores>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kSplitScores>;
+  set_d512_attributes<kFp8, kSplitScores>();
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
   launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
@@ -140,6 +173,8 @@ void launch_d512(const SparseAttentionParams& p) {
 }
 
 }  // namespace
+
+int max_sparse_attention_cluster_splits() { return largest_d512_cluster(); }
 
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
                                    int multiprocessors, bool cluster_merge) {
@@ -153,14 +188,17 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   const KvEntryLayout layout = KvEntryLayout::make(format, head_dim, 0);
   const int smem = make_shared_memory_plan(head_dim, head_tiles_for(heads), layout).total;
   const int64_t slots_per_wave = int64_t(multiprocessors) * std::max(1, kSharedMemoryPerSm / smem);
-  // The head_dim 512 kernel (one CTA per SM) merges 2-8 splits in a cluster, whose CTAs share a GPC.
+  // The head_dim 512 kernel (one CTA per SM) merges its splits in a cluster, whose CTAs share a GPC; it takes no more
+  // splits than the largest cluster, so that no call needs the combine launch.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
+  const int64_t max_splits =
+      clusters_possible ? std::min(largest_d512_cluster(), kHeuristicClusterSplits) : kSparseAttentionMaxSplits;
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
-  for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
-    const bool cluster = clusters_possible && s > 1 && s <= kSparseAttentionMaxClusterSplits;
+  for (int s = 1; s <= std::min(max_splits, tiles); ++s) {
+    const bool cluster = clusters_possible && s > 1;
     const int64_t per_wave = cluster ? int64_t(resident_d512_clusters()[size_t(s)]) * s : slots_per_wave;
     if (per_wave == 0) continue;  // no cluster of this size fits the device
     const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
@@ -217,10 +255,15 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   if (p.tokens == 0) return;
   const int d = p.cache.layout.head_dim;
   if (use_d512_kernel(p)) {
-    if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true>(p);
+    const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+    if (fp8 && p.split_score_dims)
+      launch_d512<true, true>(p);
+    else if (fp8)
+      launch_d512<true, false>(p);
+    else if (p.split_score_dims)
+      launch_d512<false, true>(p);
     else
-      launch_d512<false>(p);
+      launch_d512<false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

@@ -593,7 +593,7 @@ inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3; 
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
 // read, this CTA's merge factors [split][head] and its inverse-RoPE table.
-inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 4096;
+inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
@@ -883,7 +883,10 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   }
 }
 
-template <bool kFp8>
+// kSplitScores: consumer c computes QKᵀ over its own 256 dims and the two partial scores are summed through shared
+// memory (a 256-thread barrier per tile); otherwise each consumer computes QKᵀ over all 512 dims (twice the QKᵀ
+// tensor work, the consumers never wait for each other inside the loop, so one's softmax overlaps the other's wgmma).
+template <bool kFp8, bool kSplitScores>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   using L = D512Layout<kFp8>;
@@ -948,9 +951,15 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       }
     }
     sm90::fence_proxy_async_shared();
-    sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+    if constexpr (kSplitScores)
+      sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+    else  // each consumer reads the other's half of Q too
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
-  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
+  // The 64-dim blocks this consumer's QKᵀ runs over.
+  constexpr int kScoreBlocks = kSplitScores ? kDimBlocks / 2 : kDimBlocks;
+  const int score_block_base = kSplitScores ? dim_base / 64 : 0;
+  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + score_block_base * kQBlockBytes);
 
   float o_acc[128];
 #pragma unroll
@@ -963,14 +972,15 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % 2;
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
-    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
+    uint8_t* kv_stage = smem + L::kKv + stage * kKvStageBytes;
+    uint8_t* kv = kv_stage + (dim_base / 64) * kKvBlockBytes;  // V: this consumer's 256 dims
 
-    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
+    // S = Q Kᵀ over kScoreBlocks blocks × 4 k16 steps.
     float s_acc[16];
-    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv_stage + score_block_base * kKvBlockBytes);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 16; ++kk)
+    for (int kk = 0; kk < 4 * kScoreBlocks; ++kk)
       sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
@@ -985,30 +995,33 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
-    // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
-    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
-    float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+    if constexpr (kSplitScores) {
+      // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
+      float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+      float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      mine[e * kWarpgroupThreads + thread] =
-          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const float4* part0 = reinterpret_cast<const float4*>(exchange);
-    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
+      for (int e = 0; e < 4; ++e)
+        mine[e * kWarpgroupThreads + thread] =
+            make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+      const float4* part0 = reinterpret_cast<const float4*>(exchange);
+      const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
-      s_acc[4 * e] = a.x + b.x;
-      s_acc[4 * e + 1] = a.y + b.y;
-      s_acc[4 * e + 2] = a.z + b.z;
-      s_acc[4 * e + 3] = a.w + b.w;
+      for (int e = 0; e < 4; ++e) {
+        const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
+        s_acc[4 * e] = a.x + b.x;
+        s_acc[4 * e + 1] = a.y + b.y;
+        s_acc[4 * e + 2] = a.z + b.z;
+        s_acc[4 * e + 3] = a.w + b.w;
+      }
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
     online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
     // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
-    if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+    // On the first tile the accumulators are still zero.
+    if (j > 0 && __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
@@ -1137,7 +1150,7 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kSplitScores>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1171,7 +1184,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, work, cluster_merge);
+    d512_consume<kFp8, kSplitScores>(p, smem, work, cluster_merge);
   }
 }
 

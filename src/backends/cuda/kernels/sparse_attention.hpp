@@ -7,8 +7,10 @@
 // bf16 once, two consumer warpgroups run wgmma over 64 heads; other shapes: mma.sync; fp32 accumulation, online
 // softmax); a query's slot list is split across CTAs when tokens × head blocks would not fill the GPU. The splits are
 // merged with a log-sum-exp combine where the sink joins once: by a second kernel, or (cluster_merge, head_dim 512
-// kernel, 2-8 splits) inside the one launch, the splits of a (query, head block) being one thread-block cluster that
-// merges its partial outputs through distributed shared memory (no workspace, no second launch).
+// kernel, 2-16 splits: 8 is the portable cluster size, up to 16 where the device holds such clusters) inside the one
+// launch, the splits of a (query, head block) being one thread-block cluster that merges its partial outputs through
+// distributed shared memory (no workspace, no second launch). With cluster_merge the split heuristic never picks more
+// splits than a cluster holds, so the head_dim 512 kernel never needs the combine launch.
 // Every kernel is a programmatic dependent launch: it reads nothing an earlier kernel wrote before
 // griddepcontrol.wait, and lets its dependent launch early.
 //
@@ -37,8 +39,9 @@ enum class AttentionDtype : uint8_t { F32, Bf16 };
 // Entries per KV tile of the attention kernel: the unit of the split heuristic.
 inline constexpr int kSparseAttentionTileEntries = 32;
 inline constexpr int kSparseAttentionMaxSplits = 64;
-// Splits a cluster merge serves: a portable cluster size, one CTA per SM.
-inline constexpr int kSparseAttentionMaxClusterSplits = 8;
+// Splits a cluster merge serves at most (one CTA per SM; above 8, the non-portable cluster sizes, where the device
+// holds them: max_sparse_attention_cluster_splits()).
+inline constexpr int kSparseAttentionMaxClusterSplits = 16;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -63,16 +66,25 @@ struct SparseAttentionParams {
   void* out = nullptr;                      // device [T, H, D] in out_dtype
   AttentionDtype out_dtype = AttentionDtype::F32;
   int splits = 1;                           // CTAs per (query, head block); choose_sparse_attention_splits
-  // Merge 2..kSparseAttentionMaxClusterSplits splits inside the attention launch (a cluster per query and head
+  // Merge 2..max_sparse_attention_cluster_splits() splits inside the attention launch (a cluster per query and head
   // block) where the head_dim 512 kernel serves the call; the combine kernel otherwise.
   bool cluster_merge = true;
+  // Head_dim 512 kernel: its two consumer warpgroups each compute QKᵀ over their own 256 dims and sum the partial
+  // scores through shared memory (true), or each computes it over all 512 dims (false: twice the QKᵀ tensor work, no
+  // barrier between the consumers inside the loop). Same results up to the scores' fp32 summation order.
+  bool split_score_dims = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
 };
 
-// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost (the combine kernel's, or
-// where `cluster_merge` allows it and 2-8 splits pay, the cluster merge's); 1 when one split already fills the GPU.
+// The largest cluster the head_dim 512 kernel's merge runs on the current device (8 portable; 16 where a GPC holds
+// 16 of its CTAs); asked of the driver once per process.
+int max_sparse_attention_cluster_splits();
+
+// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost: the combine kernel's, or
+// where `cluster_merge` allows it (head_dim 512, more than 32 heads), the cluster merge's, and then never more than
+// max_sparse_attention_cluster_splits() (no combine launch); 1 when one split already fills the GPU.
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
                                    int multiprocessors, bool cluster_merge = true);
 
