@@ -155,6 +155,7 @@ cuda::CudaModelOptions batch_options(bool fused = false) {
   cuda::CudaModelOptions options;
   options.fuse_projections = fused;
   options.stack_indexer_projections = fused;
+  options.fuse_compressor_pools = fused;
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;

@@ -187,7 +187,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 
 // The step's fused launches, none, each alone and all together: CudaModelOptions::fuse_projections (one launch for
 // [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch; with stack_indexer_projections
-// also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors'), norms_in_mhc (the sub-block
+// also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors', and fuse_compressor_pools: a CSA
+// layer's two compressor pools in one launch), norms_in_mhc (the sub-block
 // norms inside mHC's launches), bf16_wo_a and q_norm_prologue (the linear layers' fused output and input): the same
 // bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
@@ -206,6 +207,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.max_step_tokens = 96;
     options.fuse_projections = fused.projections;
     options.stack_indexer_projections = fused.projections;
+    options.fuse_compressor_pools = fused.projections;
     options.norms_in_mhc = fused.norms;
     options.bf16_wo_a = fused.linear_io;
     options.q_norm_prologue = fused.linear_io;

@@ -134,6 +134,53 @@ TEST(SmallOpsGpu, RmsNormOfStridedRowsEqualsContiguousRows) {
   }
 }
 
+// The per-head norm (with and without RoPE) of queries that are a slice of wider token rows (the stacked
+// [wq_b; indexer wq_b] output): rows_per_position heads x_row_stride apart, tokens x_group_stride apart; the same
+// bits as the contiguous heads, the gaps (NaN) never read, y contiguous. Also the q_lora slice of [wq_a; wkv] as
+// groups of one row.
+TEST(SmallOpsGpu, RmsNormOfGroupedRowsEqualsContiguousRows) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const struct {
+    int64_t tokens, heads, width, row_stride, group_stride, rope_dim;
+  } cases[] = {{5, 64, 512, 512, 64 * 512 + 64 * 128, 64}, {3, 128, 512, 512, 128 * 512 + 64 * 128, 64},
+               {7, 4, 64, 64, 4 * 64 + 96, 16}, {2, 3, 96, 100, 3 * 100 + 5, 0}, {9, 1, 1024, 1024, 1536, 0}};
+  uint32_t seed = 90;
+  for (const auto& c : cases) {
+    SCOPED_TRACE("T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " width=" +
+                 std::to_string(c.width) + " row stride " + std::to_string(c.row_stride) + " group stride " +
+                 std::to_string(c.group_stride) + " rope " + std::to_string(c.rope_dim));
+    std::mt19937 rng(seed++);
+    std::normal_distribution<float> normal(0.0f, 2.0f);
+    const int64_t rows = c.tokens * c.heads;
+    std::vector<float> x(size_t(rows * c.width)), grouped(size_t(c.tokens * c.group_stride), std::nanf(""));
+    for (int64_t t = 0; t < c.tokens; ++t)
+      for (int64_t h = 0; h < c.heads; ++h)
+        for (int64_t i = 0; i < c.width; ++i)
+          grouped[size_t(t * c.group_stride + h * c.row_stride + i)] =
+              x[size_t((t * c.heads + h) * c.width + i)] = normal(rng);
+    std::vector<int64_t> positions(size_t(c.tokens));
+    for (int64_t& p : positions) p = int64_t(rng() % 70000);
+    const cpu::RopeTable rope(10000.0, std::max<int64_t>(c.rope_dim, 2), std::nullopt);
+    DeviceBuffer x_d = to_device(x, "x"), grouped_d = to_device(grouped, "grouped x");
+    DeviceBuffer pos_d = to_device(positions, "positions"), freq_d = to_device(rope.frequencies(), "frequencies");
+    DeviceBuffer want_d = poisoned(x.size(), "contiguous y"), got_d = poisoned(x.size(), "grouped y");
+    RmsNormParams p{.x = x_d.as<float>(), .rows = rows, .width = c.width, .y = want_d.as<float>()};
+    p.rows_per_position = c.heads;
+    if (c.rope_dim > 0)
+      p.rope_frequencies = freq_d.as<float>(), p.positions = pos_d.as<int64_t>(), p.rope_dim = c.rope_dim;
+    run_rms_norm(p);
+    p.x = grouped_d.as<float>(), p.x_row_stride = c.row_stride, p.x_group_stride = c.group_stride;
+    p.y = got_d.as<float>();
+    run_rms_norm(p);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> want = download(want_d, x.size()), got = download(got_d, x.size());
+    for (size_t i = 0; i < x.size(); ++i)
+      ASSERT_EQ(std::memcmp(&want[i], &got[i], 4), 0) << "row " << i / size_t(c.width) << " element "
+                                                      << i % size_t(c.width) << ": grouped " << got[i]
+                                                      << ", contiguous " << want[i];
+  }
+}
+
 TEST(SmallOpsGpu, RmsNormPerHeadWithoutWeight) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   // q's per-head norm: T·H rows of D = 512 (Flash H 64, Pro H 128), no weight; and the tiny models' 64.
@@ -451,6 +498,18 @@ TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
   expect_error(
       [&] { run_rms_norm({.x = x.as<float>(), .x_row_stride = 8, .rows = 2, .width = 16, .y = y.as<float>()}); },
       "x_row_stride 8 is below the width 16");
+  expect_error(
+      [&] {
+        run_rms_norm({.x = x.as<float>(), .rows = 4, .width = 8, .y = y.as<float>(), .rows_per_position = 2,
+                      .x_group_stride = 12});
+      },
+      "x_group_stride 12 is below a group of 2 rows 8 apart");
+  expect_error(
+      [&] {
+        run_rms_norm({.x = x.as<float>(), .rows = 2, .width = 8, .y = x.as<float>(), .rows_per_position = 1,
+                      .x_group_stride = 16});
+      },
+      "y must be x itself (with contiguous rows) or not overlap it");
   expect_error(
       [&] { run_attention_index({.positions = x.as<int64_t>(), .tokens = 1, .window = 16, .ring_rows = 8}); },
       "the ring must hold a window");

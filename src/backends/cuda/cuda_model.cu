@@ -930,7 +930,10 @@ struct CudaModel::Impl {
       CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor",
                                        projections, 0, projection_stride);
       main.cache = kv_cache->view(), main.cache_layer = layer;
-      run_compressor(main);
+      // Both compressors of a CSA layer in one launch when they read the stacked projections (the separate ones
+      // share the projection buffers, so each pool must run before the next compressor's projections).
+      const bool one_pool_launch = options.fuse_compressor_pools && w.indexer && projections != nullptr;
+      if (!one_pool_launch) run_compressor(main);
       if (w.indexer) {
         const device_weights::Indexer& ix = *w.indexer;
         bf16* all_keys = state.index_keys.as<bf16>();
@@ -938,7 +941,12 @@ struct CudaModel::Impl {
                                           projections, 2 * coff * D, projection_stride);
         index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
         index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
-        run_compressor(index);
+        if (one_pool_launch) {
+          const CompressorParams both[] = {main, index};
+          run_compressors(both);
+        } else {
+          run_compressor(index);
+        }
 
         IndexerPrepareParams prepare;
         prepare.input = qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;

@@ -42,6 +42,9 @@ struct CudaModelOptions {
   // indexer's weights_proj under the compressors' projections: two launches fewer per CSA layer in one-token steps
   // (longer steps run the stacked parts as row slices, as many launches as without).
   bool stack_indexer_projections = false;
+  // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
+  // (fuse_projections): one launch fewer per CSA layer, the same math.
+  bool fuse_compressor_pools = false;
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.

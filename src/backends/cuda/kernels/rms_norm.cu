@@ -22,19 +22,27 @@ void check_rms_norm_params(const RmsNormParams& p) {
   check(p.y != nullptr || p.y_bf16 != nullptr, "rms_norm: no output (both the fp32 and the bf16 pointer are null)");
   const int64_t stride = p.x_row_stride == 0 ? p.width : p.x_row_stride;
   check(stride >= p.width, "rms_norm: x_row_stride ", p.x_row_stride, " is below the width ", p.width);
+  check(p.rows_per_position >= 1, "rms_norm: rows_per_position ", p.rows_per_position, " must be at least 1");
+  const int64_t group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride : p.x_group_stride;
+  check(group_stride >= (p.rows_per_position - 1) * stride + p.width, "rms_norm: x_group_stride ", p.x_group_stride,
+        " is below a group of ", p.rows_per_position, " rows ", stride, " apart");
+  const bool contiguous = stride == p.width && group_stride == p.rows_per_position * p.width;
   const auto* x = reinterpret_cast<const char*>(p.x);
   const size_t elements = size_t(p.rows) * size_t(p.width);
-  const size_t x_bytes = p.rows == 0 ? 0 : (size_t(p.rows - 1) * size_t(stride) + size_t(p.width)) * 4;
+  const int64_t last = p.rows - 1;
+  const size_t x_bytes =
+      p.rows == 0 ? 0
+                  : size_t((last / p.rows_per_position) * group_stride + (last % p.rows_per_position) * stride +
+                           p.width) * 4;
   const auto* y = reinterpret_cast<const char*>(p.y_bf16);
   check(p.y_bf16 == nullptr || y + elements * 2 <= x || x + x_bytes <= y, "rms_norm: y_bf16 overlaps x");
   const auto* y32 = reinterpret_cast<const char*>(p.y);
-  check(p.y == nullptr || (p.y == p.x && stride == p.width) || y32 + elements * 4 <= x || x + x_bytes <= y32,
-        "rms_norm: y must be x itself (with x_row_stride the width) or not overlap it");
+  check(p.y == nullptr || (p.y == p.x && contiguous) || y32 + elements * 4 <= x || x + x_bytes <= y32,
+        "rms_norm: y must be x itself (with contiguous rows) or not overlap it");
   if (p.rope_frequencies != nullptr) {
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.width && p.width % 2 == 0, "rms_norm: rope_dim ",
           p.rope_dim, " must be even and within the even width ", p.width);
-    check(p.positions != nullptr && p.rows_per_position >= 1, "rms_norm: RoPE needs positions and rows_per_position ",
-          "≥ 1 (got ", p.rows_per_position, ")");
+    check(p.positions != nullptr, "rms_norm: RoPE needs positions");
   }
 }
 
@@ -43,8 +51,9 @@ namespace rms {
 RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
   check_rms_norm_params(p);
   RmsNormLaunch launch;
+  const int64_t stride = p.x_row_stride == 0 ? p.width : p.x_row_stride;
   launch.args = RmsNormArgs{.x = p.x,
-                            .x_row_stride = p.x_row_stride == 0 ? p.width : p.x_row_stride,
+                            .x_row_stride = stride,
                             .weight = p.weight,
                             .rows = p.rows,
                             .width = int(p.width),
@@ -55,7 +64,9 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
                             .rope_frequencies = p.rope_frequencies,
                             .positions = p.positions,
                             .rope_dim = int(p.rope_dim),
-                            .rows_per_position = std::max<int64_t>(p.rows_per_position, 1)};
+                            .rows_per_position = p.rows_per_position,
+                            .x_group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride
+                                                                    : p.x_group_stride};
   launch.warp_rows = p.width <= kWarpRowMaxWidth;
   launch.rope = p.rope_frequencies != nullptr;
   launch.ctas = launch.warp_rows ? (p.rows + kRowsPerCta<32> - 1) / kRowsPerCta<32> : p.rows;

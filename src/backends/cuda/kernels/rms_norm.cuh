@@ -40,6 +40,7 @@ struct RmsNormArgs {
   const int64_t* positions;
   int rope_dim;
   int64_t rows_per_position;
+  int64_t x_group_stride;
 };
 
 // A checked call's kernel arguments and grid (rms_norm.cu): warp_rows picks kGroupThreads 32 (else kThreads), rope
@@ -73,7 +74,8 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
     weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
   }
   wait_for_prior_grids();
-  const float* x = args.x + row * args.x_row_stride;
+  const float* x = args.x + (row / args.rows_per_position) * args.x_group_stride +
+                   (row % args.rows_per_position) * args.x_row_stride;
   float values[kValuesPerThread];
   float sum = 0.0f;
 #pragma unroll

@@ -4,8 +4,11 @@
 //
 // Dispatch contract:
 // - x fp32 [rows, width], rows x_row_stride elements apart (0: width, e.g. a slice of a wider projection output);
-//   width 1..kRmsNormMaxWidth (any value, no alignment needed). A warp per row up to 1024 values, a CTA per row
-//   beyond; the row stays in registers, so x is read once and y may alias x (then x_row_stride is the width).
+//   width 1..kRmsNormMaxWidth (any value, no alignment needed). Rows come in groups of rows_per_position (a token's
+//   heads) whose first rows are x_group_stride apart (0: rows_per_position · x_row_stride), so the heads of each
+//   token may be a slice of a wider row (the queries of a stacked projection). A warp per row up to 1024 values, a
+//   CTA per row beyond; the row stays in registers, so x is read once and y may alias x (then x is contiguous).
+// - y is always contiguous [rows, width].
 // - Outputs: y fp32 and/or y_bf16 (at least one); round_to_bf16 stores y rounded to bf16 in the fp32 buffer too
 //   (Reference numerics).
 // - Optional RoPE after the norm (the queries: per-head norm then rotation in one launch): with rope_frequencies,
@@ -38,7 +41,8 @@ struct RmsNormParams {
   const float* rope_frequencies = nullptr;  // optional device [rope_dim / 2] (RopeTable::frequencies())
   const int64_t* positions = nullptr;       // device [rows / rows_per_position], with rope_frequencies
   int64_t rope_dim = 0;                     // even, ≤ width
-  int64_t rows_per_position = 1;            // e.g. heads
+  int64_t rows_per_position = 1;            // e.g. heads; also the row groups of x_group_stride
+  int64_t x_group_stride = 0;               // elements; 0 = rows_per_position · x_row_stride
   cudaStream_t stream = nullptr;
 };
 
