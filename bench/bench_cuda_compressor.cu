@@ -9,7 +9,8 @@
 //   bandwidth: a decode step's is far below a launch, so its target is the latency (≤ 5 µs for a CSA layer's pair);
 // - baseline = one CTA per entry, one thread per channel, two passes over the window's rows (max, then the weighted
 //   sums), RMSNorm and RoPE: the same entries pooled from the projection rows alone (no state, no stored rounding);
-//   "-" where a step completes no entry.
+//   "-" where a step completes no entry;
+// - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8).
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
@@ -257,6 +258,25 @@ void bench_compressor(Compressor& k, double copy_gbps, cudaStream_t stream, std:
   }
 }
 
+// Diagnostic: the decode steps that complete windows with every split of an entry over CTAs forced.
+void bench_splits(Compressor& k, double copy_gbps, cudaStream_t stream, std::vector<Row>& rows) {
+  if (k.rounding == CompressorStoredRounding::IndexerFp4) return;  // no split with the indexer rounding
+  for (const Step& s : {kSteps[1], kSteps[2]})
+    for (const int ctas : {1, 2, 4, 8}) {
+      if (k.c % (64 * ctas) != 0) continue;
+      const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
+      const double us = graph_us(stream, 20, [&](cudaStream_t on) {
+        CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+        p.cluster_ctas = ctas;
+        run_compressor(p);
+      });
+      const double bytes = bytes_of(s, k);
+      rows.push_back({std::string("compressor ") + k.name, std::string(s.variant) + ", " + std::to_string(ctas) +
+                      " CTAs per entry", us, bytes / (copy_gbps * 1e3), 0.0, bytes,
+                      "diagnostic: cluster_ctas forced"});
+    }
+}
+
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
 void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cudaStream_t stream,
                      std::vector<Row>& rows) {
@@ -306,11 +326,13 @@ int run(int argc, char** argv) {
     bench_compressor(main, copy_gbps, stream, rows);
     bench_compressor(index, copy_gbps, stream, rows);
     bench_csa_layer(main, index, copy_gbps, stream, rows);
+    bench_splits(main, copy_gbps, stream, rows);
   }
   {
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
     hca.fill_state(stream);
     bench_compressor(hca, copy_gbps, stream, rows);
+    bench_splits(hca, copy_gbps, stream, rows);
   }
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 

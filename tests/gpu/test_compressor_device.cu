@@ -139,6 +139,11 @@ class CaseCheck {
   }
 
   const std::string& name() const { return name_; }
+  // Every launch splits an entry over `ctas` CTAs (CompressorParams::cluster_ctas) instead of the launcher's choice.
+  void force_cluster(int ctas) {
+    cluster_ctas_ = ctas;
+    name_ += ", " + std::to_string(ctas) + " CTAs per entry";
+  }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
   // every sequence that has one. False when every sequence is done.
@@ -190,7 +195,8 @@ class CaseCheck {
                          .norm_weight = d_norm_.as<float>(),
                          .rope_frequencies = d_freq_.as<float>(),
                          .rope_dim = c_.rope_dim,
-                         .state = state_->view()};
+                         .state = state_->view(),
+                         .cluster_ctas = cluster_ctas_};
     if (stacked_) p.kv = d_stacked_.as<float>(), p.gate = d_stacked_.as<float>() + width_, p.row_stride = stride_;
     if (to_cache_) {
       p.stored_rounding = CompressorStoredRounding::None, p.cache = cache_->view(), p.cache_layer = kCacheLayer;
@@ -346,6 +352,7 @@ class CaseCheck {
   std::string name_ = std::string(c_.name) + ", " + chunks_ + (to_cache_ ? ", into the KV cache" : "") +
                       (stacked_ ? ", stacked projections" : "");
   cpu::RopeTable rope_;
+  int cluster_ctas_ = 0;
   std::vector<Sequence> sequences_;
   DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_kv_, d_gate_, d_stacked_;
   std::optional<DeviceCompressorState> state_;
@@ -360,10 +367,11 @@ class CaseCheck {
   DeviceBuffer d_runs_, d_entries_, d_rows_, d_slots_;
 };
 
-// One case alone, one launch per step.
+// One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice).
 void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false) {
+                bool stacked = false, int cluster_ctas = 0) {
   CaseCheck check(c, chunks, seed, to_cache, stacked);
+  if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
   SCOPED_TRACE(check.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   CompressorParams p;
@@ -459,6 +467,20 @@ TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
     }
 }
 
+// Every split of an entry over CTAs, forced (the launcher picks one per shape): CSA windows split up to 8 ways, HCA
+// windows in one CTA, into the fp32 output and the KV cache.
+TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1300;
+  for (const int c : {0, 1, 4, 5})
+    for (const int ctas : {1, 2, 8})
+      for (const char* chunks : {"single tokens", "chunks of 3/7/13"}) {
+        check_case(kCases[c], chunks, seed++, false, false, ctas);
+        check_case(kCases[c], chunks, seed++, true, false, ctas);
+        ASSERT_FALSE(HasFatalFailure());
+      }
+}
+
 TEST(Compressor, EntriesKnownFromPositions) {
   EXPECT_EQ(compressor_entries_emitted(0, 3, 4), 0);
   EXPECT_EQ(compressor_entries_emitted(0, 4, 4), 1);
@@ -491,6 +513,11 @@ TEST(Compressor, RefusesMismatchedState) {
   CompressorParams same[2] = {CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()},
                               CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()}};
   testing::expect_error([&] { run_compressors(same); }, "need distinct states");
+  // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
+  CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};
+  testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");
+  split.cluster_ctas = 2, split.stored_rounding = CompressorStoredRounding::IndexerFp4;
+  testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 2 must be");
 }
 
 }  // namespace

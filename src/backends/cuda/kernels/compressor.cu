@@ -12,6 +12,9 @@ namespace {
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
 constexpr int kMaxClusterCtas = 8;  // the portable cluster size
 constexpr int64_t kWantedCtas = 256;  // about two per SM: below this, entries are split over clusters
+// Slot-channel values an entry's CTA pools at least: a CSA window (8 slots × 512 channels) stays in one CTA, where
+// a cluster barrier would cost more than its loads; an HCA window (128 × 512) is split 8 ways.
+constexpr int64_t kMinCtaWork = 8 * 1024;
 // Slot groups per channel: enough loads in flight for a 128-slot window, few enough partials to merge.
 constexpr int kMaxGroups = 16;
 constexpr int kManyEntriesThreads = 256;
@@ -43,6 +46,12 @@ void check_compressor_params(const CompressorParams& p) {
         ", params say ratio ", p.ratio, " head_dim ", p.head_dim, " overlapping ", p.overlapping);
   check(p.run_count <= s.slots, "compressor: ", p.run_count, " runs but the state has ", s.slots,
         " slots (runs have distinct slots)");
+  const int cluster = p.cluster_ctas;
+  check(cluster == 0 || cluster == 1 ||
+            ((cluster == 2 || cluster == 4 || cluster == kMaxClusterCtas) && p.head_dim % (64 * cluster) == 0 &&
+             p.stored_rounding != CompressorStoredRounding::IndexerFp4),
+        "compressor: cluster_ctas ", cluster, " must be 0, 1, or 2, 4, 8 splitting head_dim ", p.head_dim,
+        " into 64-channel blocks (not with stored rounding IndexerFp4)");
   if (p.run_count == 0) return;
   check(s.window_kv != nullptr && s.window_score != nullptr && s.finished_ctas != nullptr &&
             (!p.overlapping || (s.previous_kv != nullptr && s.previous_score != nullptr)),
@@ -86,12 +95,17 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   const int c = int(p.head_dim);
   // Split an entry's channels over a cluster when entries are too few to fill the GPU (decode, HCA prefill): up to
   // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding needs the whole vector in one CTA.
-  int cluster = 1;
-  if (p.stored_rounding != CompressorStoredRounding::IndexerFp4)
-    while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0) cluster *= 2;
+  const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
+  int cluster = p.cluster_ctas;
+  if (cluster == 0) {
+    cluster = 1;
+    if (p.stored_rounding != CompressorStoredRounding::IndexerFp4)
+      while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0 &&
+             int64_t(slots) * (c / cluster) > kMinCtaWork)
+        cluster *= 2;
+  }
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
-  const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
   const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;

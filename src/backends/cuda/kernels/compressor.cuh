@@ -246,6 +246,17 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   const int64_t entry_row = real ? local / a.cluster_ctas : 0;  // row of the compact fp32 output
   const int rank = int(local % a.cluster_ctas);
   const int64_t run_index = entry_row / a.entries_per_run, entry = entry_row % a.entries_per_run;
+  const int pair = int(threadIdx.x) % a.pairs_padded, group = int(threadIdx.x) / a.pairs_padded;
+  const bool active = 2 * pair < channels && group < a.groups;
+  const int channel = rank * channels + 2 * pair;  // this thread's first channel
+  // The epilogue's weights (they depend on no earlier kernel) load while the previous kernel drains.
+  const int rope_begin = c - a.rope_dim;
+  const float2 norm_weight = active && group == 0 ? make_float2(a.norm_weight[channel], a.norm_weight[channel + 1])
+                                                  : make_float2(0.0f, 0.0f);
+  const float frequency =
+      active && group == 0 && channel >= rope_begin ? a.rope_frequencies[(channel - rope_begin) / 2] : 0.0f;
+  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
+
   const CompressorRun run = a.runs[run_index];
   const RunView r{.kv = a.kv + int64_t(run.first_token) * a.row_stride,
                   .gate = a.gate + int64_t(run.first_token) * a.row_stride,
@@ -253,11 +264,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                   .tokens = run.tokens,
                   .state = a.state.of_slot(run.slot)};
   const int64_t emitted = compressor_entries_emitted(r.start, r.tokens, a.ratio);
-  const int pair = int(threadIdx.x) % a.pairs_padded, group = int(threadIdx.x) / a.pairs_padded;
-  const bool active = 2 * pair < channels && group < a.groups;
   const bool emitting = real && entry < emitted;
   const int64_t w = r.start / a.ratio + entry;
-  const int channel = rank * channels + 2 * pair;  // this thread's first channel
   // The cache row's page, looked up while the slots load.
   uint8_t* stored = nullptr;
   if (emitting && a.cache.pool != nullptr && group == 0)
@@ -350,11 +358,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   if (emitting) {
     const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
     if (owner) {
-      v[0] = v[0] * inv_rms * a.norm_weight[channel];
-      v[1] = v[1] * inv_rms * a.norm_weight[channel + 1];
-      const int rope_begin = c - a.rope_dim;
-      if (channel >= rope_begin)
-        rope_rotate_pair(v[0], v[1], rope_factors(w * a.ratio, a.rope_frequencies[(channel - rope_begin) / 2]), false);
+      v[0] = v[0] * inv_rms * norm_weight.x;
+      v[1] = v[1] * inv_rms * norm_weight.y;
+      if (channel >= rope_begin) rope_rotate_pair(v[0], v[1], rope_factors(w * a.ratio, frequency), false);
     }
     if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
       // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
@@ -425,8 +431,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 
 __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
-  allow_dependents();      // the dependent's own wait still orders it after this grid's completion
-  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
+  allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   compress(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);

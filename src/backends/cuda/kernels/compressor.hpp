@@ -25,8 +25,8 @@
 //     reference layout), at row w of the Compressed array of (s, cache_layer), whose page must be allocated and
 //     uploaded; head_dim = the cache's, stored_rounding None (the layout is the rounding). The step's compressed
 //     entries then need no launch of their own.
-// - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few
-//   (decode, HCA prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated by its
+// - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few and
+//   long (HCA decode and prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated by its
 //   CTAs, each its own channels; a longer run's state by its CTA that finishes last.
 // - run_compressors: up to two compressors in one launch (a CSA layer's main and indexer compressors: −1 launch per
 //   CSA layer), each with the contract above; one stream, distinct states; their runs, projections, shapes and
@@ -85,6 +85,9 @@ struct CompressorParams {
   int64_t slot_entry_capacity = 0;    // entries per slot
   KvCacheView cache;                  // pool null: no cache output
   int cache_layer = 0;
+  // CTAs per entry (1, 2, 4 or 8, each a whole number of 64-channel blocks; 1 with IndexerFp4); 0: the launcher's
+  // choice (benchmarks and tests compare the splits).
+  int cluster_ctas = 0;
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }
