@@ -6,9 +6,14 @@
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
-// (streamed path with split-K) the cluster split-K reduction instead of the workspace one.
-// Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...]
-//   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts)
+// (streamed path with split-K) the cluster split-K reduction instead of the workspace one. Ungrouped shapes also
+// time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
+// run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
+// selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
+// Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
+//                          [--formats bf16,fp8_block128,mxfp4,nvfp4]
+//   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
+//   --formats: these weight formats)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -26,6 +31,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_gemm.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
+#include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
@@ -116,6 +122,11 @@ const char* load_path_name(WeightLoadPath path) {
                                             : "auto";
 }
 
+// Workspace of the default config of any 1..16-token call (the pair section's two-launch baseline).
+size_t linear_bytes_of(const DeviceMatrixView& weight, int groups) {
+  return quantized_linear_workspace_bytes(weight, kLinearMaxStreamedTokens, groups);
+}
+
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
   return int(std::max<size_t>(2, (3 * l2_bytes + bytes - 1) / bytes));
 }
@@ -132,6 +143,15 @@ struct Row {
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
   double gemm_us = 0;                 // run_quantized_gemm for the same call
   int gemm_k_splits = 0;
+  double prologue_graph_us = 0;       // the default config with the RMSNorm prologue, in a graph; 0: not timed
+  double norm_then_linear_graph_us = 0;  // run_rms_norm (bf16 out) then the default config, in a graph
+};
+
+// wo_a (bf16 out) then wo_b: the two launches against the pair kernel, in CUDA graphs.
+struct PairRow {
+  std::string model, format;
+  int tokens;
+  double two_launches_us, pair_us;
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -156,7 +176,7 @@ void cublas_linear(cublasHandle_t handle, const Shape& s, const void* w, const v
 int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
-  std::string json_path = "bench_cuda_linear.json", model_filter;
+  std::string json_path = "bench_cuda_linear.json", model_filter, shape_filter, format_filter;
   bool quick = false;
   std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
@@ -167,6 +187,10 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (arg == "--model" && i + 1 < argc) {
       model_filter = argv[++i];
+    } else if (arg == "--formats" && i + 1 < argc) {
+      format_filter = "," + std::string(argv[++i]) + ",";
+    } else if (arg == "--shapes" && i + 1 < argc) {
+      shape_filter = "," + std::string(argv[++i]) + ",";
     } else if (arg == "--tokens" && i + 1 < argc) {
       for (const char* p = argv[++i]; *p != 0;) {
         char* end = nullptr;
@@ -179,7 +203,8 @@ int main(int argc, char** argv) {
         p = *end == ',' ? end + 1 : end;
       }
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8]\n");
+      std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8] "
+                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4]\n");
       return 2;
     }
   }
@@ -207,10 +232,18 @@ int main(int argc, char** argv) {
         {"pro", "expert_w1", 3072, 7168, 1},  {"pro", "expert_w2", 7168, 3072, 1}};
     std::vector<Shape> shapes;
     for (const Shape& shape : all_shapes)
-      if (model_filter.empty() || model_filter == shape.model) shapes.push_back(shape);
-    check(!shapes.empty(), "bench_cuda_linear: no shapes of model '", model_filter, "' (flash or pro)");
-    const WeightFormat formats[] = {WeightFormat::BF16, WeightFormat::FP8_BLOCK128, WeightFormat::MXFP4,
-                                    WeightFormat::NVFP4};
+      if ((model_filter.empty() || model_filter == shape.model) &&
+          (shape_filter.empty() || shape_filter.find("," + std::string(shape.name) + ",") != std::string::npos))
+        shapes.push_back(shape);
+    check(!shapes.empty(), "bench_cuda_linear: no shapes of model '", model_filter, "' (flash or pro) among '",
+          shape_filter, "'");
+    std::vector<WeightFormat> formats;
+    for (const WeightFormat format :
+         {WeightFormat::BF16, WeightFormat::FP8_BLOCK128, WeightFormat::MXFP4, WeightFormat::NVFP4})
+      if (format_filter.empty() || format_filter.find("," + std::string(to_string(format)) + ",") != std::string::npos)
+        formats.push_back(format);
+    check(!formats.empty(), "bench_cuda_linear: no format among '", format_filter,
+          "' (bf16, fp8_block128, mxfp4, nvfp4)");
     const std::vector<int> token_counts = !tokens_option.empty() ? tokens_option
                                           : quick                  ? std::vector<int>{1, 16}
                                                                    : std::vector<int>{1, 4, 8, 16, 32, 64};
@@ -221,10 +254,18 @@ int main(int argc, char** argv) {
       const int64_t x_cols = shape.groups * shape.cols;
       const size_t bf16_bytes = size_t(shape.rows * shape.cols) * 2;
       DeviceBuffer x(size_t(64 * x_cols) * 2, "x bf16"), y(size_t(64 * shape.rows) * 4, "y");
+      // The RMSNorm prologue's fp32 input rows and norm weight, and run_rms_norm's bf16 output.
+      DeviceBuffer norm_x(size_t(64 * x_cols) * 4, "x fp32"), norm_weight(size_t(x_cols) * 4, "norm weight");
+      DeviceBuffer normed(size_t(64 * x_cols) * 2, "x normed bf16");
       {
         std::vector<uint16_t> x_host(size_t(64 * x_cols));
         for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
         x.upload(x_host.data(), x_host.size() * 2);
+        std::vector<float> x_fp32(x_host.size()), weight_host(static_cast<size_t>(x_cols));
+        for (size_t i = 0; i < x_fp32.size(); ++i) x_fp32[i] = bf16_to_float(x_host[i]) * 3.0f;
+        for (float& v : weight_host) v = 1.0f + float(int(rng.next() % 201) - 100) / 400.0f;
+        norm_x.upload(x_fp32.data(), x_fp32.size() * 4);
+        norm_weight.upload(weight_host.data(), weight_host.size() * 4);
       }
       // Same-run cuBLAS bf16 reference, once per shape and T.
       std::vector<double> cublas_us(65, 0.0);
@@ -275,6 +316,35 @@ int main(int argc, char** argv) {
                   0.0, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3), 0.0};
           row.percent_of_copy = 100.0 * row.gbps / copy_gbps;
           row.graph_us = 1e3 * time_config(config, true);
+          if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
+            DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
+            workspace.fill_bytes(0);
+            const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
+              QuantizedLinearParams p{.weight = weights[size_t(i % copies)].view(),
+                                      .x = prologue ? nullptr : normed.as<__nv_bfloat16>(),
+                                      .x_row_stride = x_cols,
+                                      .y = y.as<float>(),
+                                      .y_row_stride = shape.rows,
+                                      .tokens = tokens,
+                                      .workspace = workspace.data(),
+                                      .workspace_bytes = workspace.bytes(),
+                                      .stream = s};
+              if (prologue) {
+                p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
+              }
+              run_quantized_linear(p, config);
+            };
+            row.prologue_graph_us =
+                1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) { linear_of(i, s, true); });
+            row.norm_then_linear_graph_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+                                              RmsNormParams norm;
+                                              norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
+                                              norm.rows = tokens, norm.width = shape.cols, norm.eps = 1e-6f;
+                                              norm.y_bf16 = normed.as<__nv_bfloat16>(), norm.stream = s;
+                                              run_rms_norm(norm);
+                                              linear_of(i, s, false);
+                                            });
+          }
           row.aligned_us = 1e3 * time_config(choose_quantized_linear_config(
                                      weights[0].view(), tokens, shape.groups, device.multiprocessors,
                                      WeightLoadPath::ALIGNED));
@@ -317,20 +387,103 @@ int main(int argc, char** argv) {
         }
       }
     }
+    // The pair kernel: each model's wo_a → wo_b where both shapes are selected, at the streamed token counts.
+    std::vector<PairRow> pairs;
+    for (const Shape& first_shape : shapes) {
+      if (std::string(first_shape.name) != "wo_a") continue;
+      const auto second_shape = std::find_if(shapes.begin(), shapes.end(), [&](const Shape& s) {
+        return std::string(s.name) == "wo_b" && std::string(s.model) == first_shape.model;
+      });
+      if (second_shape == shapes.end()) continue;
+      const int64_t x_cols = first_shape.groups * first_shape.cols;
+      DeviceBuffer x(size_t(kLinearMaxStreamedTokens * x_cols) * 2, "x bf16");
+      DeviceBuffer mid(size_t(kLinearMaxStreamedTokens * first_shape.rows) * 2, "mid bf16");
+      DeviceBuffer y(size_t(kLinearMaxStreamedTokens * second_shape->rows) * 4, "y");
+      {
+        std::vector<uint16_t> x_host(size_t(kLinearMaxStreamedTokens * x_cols));
+        for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
+        x.upload(x_host.data(), x_host.size() * 2);
+      }
+      for (const WeightFormat format : formats) {
+        const OwnedQuantizedMatrix first_host = random_matrix(format, first_shape.rows, first_shape.cols, rng);
+        const OwnedQuantizedMatrix second_host = random_matrix(format, second_shape->rows, second_shape->cols, rng);
+        const int copies = copies_beyond_l2(first_host.matrix.stored_bytes() + second_host.matrix.stored_bytes(),
+                                            device.l2_bytes);
+        std::vector<DeviceMatrix> firsts, seconds;
+        for (int c = 0; c < copies; ++c) {
+          firsts.emplace_back(first_host.matrix, "wo_a copy");
+          seconds.emplace_back(second_host.matrix, "wo_b copy");
+        }
+        for (const int tokens : token_counts) {
+          if (!quantized_linear_pair_applies(firsts[0].view(), first_shape.groups, seconds[0].view(), tokens)) continue;
+          DeviceBuffer workspace(std::max({linear_bytes_of(firsts[0].view(), first_shape.groups),
+                                           linear_bytes_of(seconds[0].view(), 1),
+                                           quantized_linear_pair_workspace_bytes(firsts[0].view(), first_shape.groups,
+                                                                                 seconds[0].view(), tokens)}),
+                                 "linear workspace");
+          workspace.fill_bytes(0);
+          PairRow row{first_shape.model, std::string(to_string(format)), tokens, 0, 0};
+          row.two_launches_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+                                  run_quantized_linear({.weight = firsts[size_t(i % copies)].view(),
+                                                        .x = x.as<__nv_bfloat16>(),
+                                                        .x_row_stride = x_cols,
+                                                        .y = nullptr,
+                                                        .y_row_stride = first_shape.rows,
+                                                        .tokens = tokens,
+                                                        .groups = first_shape.groups,
+                                                        .workspace = workspace.data(),
+                                                        .workspace_bytes = workspace.bytes(),
+                                                        .stream = s,
+                                                        .y_bf16 = mid.as<__nv_bfloat16>()});
+                                  run_quantized_linear({.weight = seconds[size_t(i % copies)].view(),
+                                                        .x = mid.as<__nv_bfloat16>(),
+                                                        .x_row_stride = first_shape.rows,
+                                                        .y = y.as<float>(),
+                                                        .y_row_stride = second_shape->rows,
+                                                        .tokens = tokens,
+                                                        .workspace = workspace.data(),
+                                                        .workspace_bytes = workspace.bytes(),
+                                                        .stream = s});
+                                });
+          row.pair_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+                          run_quantized_linear_pair({.first = firsts[size_t(i % copies)].view(),
+                                                     .first_groups = first_shape.groups,
+                                                     .x = x.as<__nv_bfloat16>(),
+                                                     .x_row_stride = x_cols,
+                                                     .mid = mid.as<__nv_bfloat16>(),
+                                                     .mid_row_stride = first_shape.rows,
+                                                     .second = seconds[size_t(i % copies)].view(),
+                                                     .y = y.as<float>(),
+                                                     .y_row_stride = second_shape->rows,
+                                                     .tokens = tokens,
+                                                     .workspace = workspace.data(),
+                                                     .workspace_bytes = workspace.bytes(),
+                                                     .stream = s});
+                        });
+          pairs.push_back(row);
+        }
+      }
+    }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
     std::printf("| model | shape | format | N × K (G) | T | split-K | path | µs | GB/s (stored) | %% of copy | "
                 "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) | cluster "
-                "reduction graph µs | GEMM µs (split-K) |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                "reduction graph µs | GEMM µs (split-K) | graph µs: norm prologue / rms_norm + linear |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %.1f · %.0f | "
-                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) |\n",
+                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
                   r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                  r.cluster_us, r.gemm_us, r.gemm_k_splits);
+                  r.cluster_us, r.gemm_us, r.gemm_k_splits, r.prologue_graph_us, r.norm_then_linear_graph_us);
+    if (!pairs.empty()) {
+      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b graph µs | pair kernel graph µs |\n|---|---|---|---|---|\n");
+      for (const PairRow& r : pairs)
+        std::printf("| %s | %s | %d | %.1f | %.1f |\n", r.model.c_str(), r.format.c_str(), r.tokens,
+                    r.two_launches_us, r.pair_us);
+    }
 
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
@@ -345,12 +498,21 @@ int main(int argc, char** argv) {
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
                    "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
                    "\"speedup_vs_cublas\": %.3f, \"graph_us\": %.2f, \"aligned_us\": %.2f, \"streamed_us_by_slots\": [%.2f, %.2f, %.2f, "
-                   "%.2f], \"cluster_graph_us\": %.2f, \"gemm_us\": %.2f, \"gemm_k_splits\": %d}%s\n",
+                   "%.2f], \"cluster_graph_us\": %.2f, \"gemm_us\": %.2f, \"gemm_k_splits\": %d, "
+                   "\"prologue_graph_us\": %.2f, \"norm_then_linear_graph_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
                    r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                   r.cluster_us, r.gemm_us, r.gemm_k_splits, i + 1 < table.size() ? "," : "");
+                   r.cluster_us, r.gemm_us, r.gemm_k_splits, r.prologue_graph_us, r.norm_then_linear_graph_us,
+                   i + 1 < table.size() ? "," : "");
     }
+    std::fprintf(out, "  ],\n  \"pairs\": [\n");
+    for (size_t i = 0; i < pairs.size(); ++i)
+      std::fprintf(out,
+                   "    {\"model\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"two_launches_graph_us\": %.2f, "
+                   "\"pair_graph_us\": %.2f}%s\n",
+                   pairs[i].model.c_str(), pairs[i].format.c_str(), pairs[i].tokens, pairs[i].two_launches_us,
+                   pairs[i].pair_us, i + 1 < pairs.size() ? "," : "");
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);
     std::printf("wrote %s\n", json_path.c_str());

@@ -882,5 +882,197 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
                "at most 16 tokens");
 }
 
+// The pair kernel (wo_a → wo_b in one launch) against the two launches it replaces: the intermediate and the output
+// bit for bit (the same tiles, sums and reduction order), repeated launches on one workspace (its counters must be
+// back at zero after each, or the next launch's second product would not wait), and the workspace left zeroed.
+TEST(QuantizedLinear, PairEqualsTwoLaunchesBitForBit) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int multiprocessors = list_devices().front().multiprocessors;
+  struct Case {
+    TestFormat format;
+    int64_t mid, first_cols;  // first: [mid, first_cols] per group
+    int groups;
+    int64_t out;              // second: [out, mid]
+  };
+  const Case cases[] = {{TestFormat::FP8_E8M0, 8192, 4096, 8, 4096},  // V4-Flash wo_a → wo_b
+                        {TestFormat::NVFP4, 8192, 4096, 8, 4096},
+                        {TestFormat::FP8_F32, 2048, 512, 4, 1536},
+                        {TestFormat::MXFP4, 1024, 1024, 2, 336},
+                        {TestFormat::BF16, 512, 256, 1, 272}};
+  uint32_t seed = 1300;
+  for (const Case& c : cases)
+    for (const int tokens : {1, 3, 8, 16}) {
+      SCOPED_TRACE(std::string(name_of(c.format)) + " [" + std::to_string(c.mid) + ", " + std::to_string(c.first_cols) +
+                   "] G=" + std::to_string(c.groups) + " then [" + std::to_string(c.out) + ", " +
+                   std::to_string(c.mid) + "] T=" + std::to_string(tokens));
+      const int64_t x_cols = c.groups * c.first_cols, x_stride = x_cols + 8, mid_stride = c.mid + 16,
+                    y_stride = c.out + 5;
+      const RandomOperands a = random_operands(c.format, c.mid, c.first_cols, x_stride, tokens, seed++);
+      const RandomOperands b = random_operands(c.format, c.out, c.mid, 1, 1, seed++);
+      const DeviceMatrix first(a.host.matrix, "pair first"), second(b.host.matrix, "pair second");
+      ASSERT_TRUE(quantized_linear_pair_applies(first.view(), c.groups, second.view(), tokens));
+      const DeviceBuffer x = to_device(a.x_bf16, "x");
+      const QuantizedLinearConfig first_config = choose_quantized_linear_config(
+          first.view(), tokens, c.groups, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
+      const QuantizedLinearConfig second_config = choose_quantized_linear_config(
+          second.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
+      DeviceBuffer first_workspace = zeroed_workspace(first.view(), tokens, c.groups);
+      DeviceBuffer second_workspace = zeroed_workspace(second.view(), tokens, 1);
+      const size_t mid_floats = (size_t(tokens) * size_t(mid_stride) + 1) / 2, outputs = size_t(tokens) * size_t(y_stride);
+      DeviceBuffer mid_two = poisoned(mid_floats, "mid, two launches"), y_two = poisoned(outputs, "y, two launches");
+      run_quantized_linear({.weight = first.view(),
+                            .x = x.as<__nv_bfloat16>(),
+                            .x_row_stride = x_stride,
+                            .y = nullptr,
+                            .y_row_stride = mid_stride,
+                            .tokens = tokens,
+                            .groups = c.groups,
+                            .workspace = first_workspace.data(),
+                            .workspace_bytes = first_workspace.bytes(),
+                            .y_bf16 = mid_two.as<__nv_bfloat16>()},
+                           first_config);
+      run_quantized_linear({.weight = second.view(),
+                            .x = mid_two.as<__nv_bfloat16>(),
+                            .x_row_stride = mid_stride,
+                            .y = y_two.as<float>(),
+                            .y_row_stride = y_stride,
+                            .tokens = tokens,
+                            .workspace = second_workspace.data(),
+                            .workspace_bytes = second_workspace.bytes()},
+                           second_config);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> mid_expected = download(mid_two, mid_floats), y_expected = download(y_two, outputs);
+
+      const size_t pair_bytes = quantized_linear_pair_workspace_bytes(first.view(), c.groups, second.view(), tokens);
+      DeviceBuffer workspace(pair_bytes, "pair workspace");
+      workspace.fill_bytes(0);
+      for (int launch = 0; launch < 3; ++launch) {
+        DeviceBuffer mid = poisoned(mid_floats, "mid, pair"), y = poisoned(outputs, "y, pair");
+        run_quantized_linear_pair({.first = first.view(),
+                                   .first_groups = c.groups,
+                                   .x = x.as<__nv_bfloat16>(),
+                                   .x_row_stride = x_stride,
+                                   .mid = mid.as<__nv_bfloat16>(),
+                                   .mid_row_stride = mid_stride,
+                                   .second = second.view(),
+                                   .y = y.as<float>(),
+                                   .y_row_stride = y_stride,
+                                   .tokens = tokens,
+                                   .workspace = workspace.data(),
+                                   .workspace_bytes = workspace.bytes()});
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "launch " << launch;
+        const std::vector<float> mid_got = download(mid, mid_floats), y_got = download(y, outputs);
+        int failures = 0;
+        for (size_t i = 0; i < mid_got.size(); ++i)
+          if (std::memcmp(&mid_got[i], &mid_expected[i], sizeof(float)) != 0 && ++failures <= 8)
+            ADD_FAILURE() << "launch " << launch << ": mid bf16 pair at element " << 2 * i << " (token "
+                          << 2 * i / size_t(mid_stride) << ", column " << 2 * i % size_t(mid_stride) << "): 0x"
+                          << std::hex << *reinterpret_cast<const uint32_t*>(&mid_got[i]) << ", expected 0x"
+                          << *reinterpret_cast<const uint32_t*>(&mid_expected[i]) << std::dec;
+        for (size_t i = 0; i < outputs; ++i) {
+          const bool in_row = int64_t(i % size_t(y_stride)) < c.out;
+          const bool same = std::memcmp(&y_got[i], &y_expected[i], sizeof(float)) == 0 &&
+                            (in_row ? std::isfinite(y_got[i]) : is_poison(y_got[i]));
+          if (!same && ++failures <= 16)
+            ADD_FAILURE() << "launch " << launch << ": y[" << i / size_t(y_stride) << ", " << i % size_t(y_stride)
+                          << "] = " << y_got[i] << ", two launches " << y_expected[i];
+        }
+        for (size_t i = outputs; i < outputs + kGuardFloats; ++i)
+          ASSERT_TRUE(is_poison(y_got[i])) << "write past the end of y at element " << i;
+        ASSERT_EQ(failures, 0) << failures << " elements differ at launch " << launch;
+        std::vector<uint8_t> left(pair_bytes);
+        workspace.download(left.data(), left.size());
+        // The counters and tickets are zero again; the partial sums may hold anything.
+        const size_t counters = 256 * ((size_t(c.groups + 1) * 4 + 255) / 256);
+        for (size_t i = 0; i < counters; ++i) ASSERT_EQ(left[i], 0) << "workspace counter byte " << i << " left set";
+      }
+    }
+}
+
+TEST(QuantizedLinear, PairRefusesWhatItCannotRun) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<float> values(512 * 512, 0.25f);
+  const OwnedQuantizedMatrix fp8 = quantize_fp8_block128(values.data(), 512, 512, ScaleType::E8M0);
+  const OwnedQuantizedMatrix mx = quantize_mxfp4(values.data(), 512, 512);
+  const OwnedQuantizedMatrix narrow = quantize_fp8_block128(values.data(), 256, 256, ScaleType::E8M0);
+  const DeviceMatrix fp8_device(fp8.matrix, "fp8"), mx_device(mx.matrix, "mxfp4"), narrow_device(narrow.matrix, "narrow");
+  DeviceBuffer x(17 * 512 * 2, "x"), mid(17 * 512 * 2, "mid"), y(17 * 512 * 4, "y");
+  const size_t bytes = quantized_linear_pair_workspace_bytes(fp8_device.view(), 1, fp8_device.view(), 16);
+  DeviceBuffer workspace(bytes, "pair workspace");
+  const QuantizedLinearPairParams good{.first = fp8_device.view(),
+                                       .x = x.as<__nv_bfloat16>(),
+                                       .x_row_stride = 512,
+                                       .mid = mid.as<__nv_bfloat16>(),
+                                       .mid_row_stride = 512,
+                                       .second = fp8_device.view(),
+                                       .y = y.as<float>(),
+                                       .y_row_stride = 512,
+                                       .tokens = 1,
+                                       .workspace = workspace.data(),
+                                       .workspace_bytes = workspace.bytes()};
+  EXPECT_NO_THROW(check_quantized_linear_pair_params(good));
+  using testing::expect_error;
+  auto run_with = [](QuantizedLinearPairParams p) { return [p] { run_quantized_linear_pair(p); }; };
+  QuantizedLinearPairParams p = good;
+  p.second = mx_device.view();
+  expect_error(run_with(p), "one format");
+  p = good;
+  p.second = narrow_device.view();
+  expect_error(run_with(p), "does not take the first's 512 outputs");
+  p = good;
+  p.tokens = 17;
+  expect_error(run_with(p), "at most 16 tokens");
+  p = good;
+  p.workspace_bytes = 16;
+  expect_error(run_with(p), "workspace of");
+  p = good;
+  p.mid = nullptr;
+  expect_error(run_with(p), "mid");
+  EXPECT_FALSE(quantized_linear_pair_applies(fp8_device.view(), 1, mx_device.view(), 1));
+  EXPECT_FALSE(quantized_linear_pair_applies(fp8_device.view(), 1, fp8_device.view(), 17));
+}
+
+// run_linear_pair: fused where the pair kernel applies (here the separate calls' AUTO configs take the same streamed
+// tiles with the workspace reduction, so the results match bit for bit), two run_linear calls elsewhere (17 tokens).
+TEST(QuantizedLinear, LinearPairFusedOrNotGivesTheSameResults) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t kMid = 8192, kFirstCols = 4096, kOut = 4096;
+  constexpr int kGroups = 8;
+  const RandomOperands a = random_operands(TestFormat::FP8_E8M0, kMid, kFirstCols, kGroups * kFirstCols, 17, 1400);
+  const RandomOperands b = random_operands(TestFormat::FP8_E8M0, kOut, kMid, 1, 1, 1401);
+  const DeviceMatrix first(a.host.matrix, "wo_a"), second(b.host.matrix, "wo_b");
+  const DeviceBuffer x = to_device(a.x_bf16, "x");
+  DeviceBuffer workspace(linear_pair_workspace_bytes(first.view(), kGroups, second.view()), "linear workspace");
+  workspace.fill_bytes(0);
+  for (const int tokens : {1, 8, 17}) {
+    SCOPED_TRACE("T=" + std::to_string(tokens));
+    std::vector<float> results[2];
+    for (const bool fuse : {false, true}) {
+      DeviceBuffer mid = poisoned(size_t(tokens) * kMid / 2, "mid"), y = poisoned(size_t(tokens) * kOut, "y");
+      LinearCall first_call{.weight = first.view(), .what = "wo_a", .x = x.as<__nv_bfloat16>(),
+                            .x_row_stride = kGroups * kFirstCols, .y_row_stride = kMid, .tokens = tokens,
+                            .groups = kGroups, .workspace = workspace.data(), .workspace_bytes = workspace.bytes(),
+                            .y_bf16 = mid.as<__nv_bfloat16>()};
+      LinearCall second_call{.weight = second.view(), .what = "wo_b", .x = mid.as<__nv_bfloat16>(),
+                             .x_row_stride = kMid, .y = y.as<float>(), .y_row_stride = kOut, .tokens = tokens,
+                             .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+      run_linear_pair(first_call, second_call, fuse);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      results[fuse] = download(y, size_t(tokens) * kOut);
+    }
+    int failures = 0;
+    for (size_t i = 0; i < size_t(tokens) * kOut; ++i)
+      if ((std::memcmp(&results[0][i], &results[1][i], sizeof(float)) != 0 || !std::isfinite(results[1][i])) &&
+          ++failures <= 8)
+        ADD_FAILURE() << "y[" << i / kOut << ", " << i % kOut << "] fused " << results[1][i] << ", separate "
+                      << results[0][i];
+    EXPECT_EQ(failures, 0);
+  }
+  LinearCall first_call{.weight = first.view(), .what = "wo_a", .tokens = 1};
+  LinearCall second_call{.weight = second.view(), .what = "wo_b", .tokens = 1};
+  testing::expect_error([&] { run_linear_pair(first_call, second_call, true); },
+                        "must read the first's bf16 output");
+}
+
 }  // namespace
 }  // namespace dsv4::cuda

@@ -147,4 +147,39 @@ void run_linear(const LinearCall& c) {
   for (const QuantizedGemmParams& p : launches) run_quantized_gemm(p);
 }
 
+size_t linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second) {
+  size_t bytes = std::max(linear_workspace_bytes(first, first_groups), linear_workspace_bytes(second));
+  if (quantized_linear_pair_applies(first, first_groups, second, 1))
+    bytes = std::max(bytes, quantized_linear_pair_workspace_bytes(first, first_groups, second));
+  return bytes;
+}
+
+void run_linear_pair(const LinearCall& first, const LinearCall& second, bool fuse) {
+  check(first.y_bf16 != nullptr && second.x == first.y_bf16 && first.tokens == second.tokens, first.what, " then ",
+        second.what, ": the second call must read the first's bf16 output, for the same tokens");
+  check(first.norm_x == nullptr && second.norm_x == nullptr, first.what, " then ", second.what,
+        ": a pair takes no RMSNorm prologue");
+  const bool fused = fuse && first.tokens >= 1 && first.tokens <= kLinearMaxStreamedTokens &&
+                     quantized_linear_pair_applies(first.weight, first.groups, second.weight, int(first.tokens));
+  if (!fused) {
+    run_linear(first);
+    run_linear(second);
+    return;
+  }
+  run_quantized_linear_pair({.first = first.weight,
+                             .first_groups = first.groups,
+                             .x = first.x,
+                             .x_row_stride = first.x_row_stride,
+                             .mid = first.y_bf16,
+                             .mid_row_stride = first.y_row_stride,
+                             .second = second.weight,
+                             .y = second.y,
+                             .y_bf16 = second.y_bf16,
+                             .y_row_stride = second.y_row_stride,
+                             .tokens = int(first.tokens),
+                             .workspace = first.workspace,
+                             .workspace_bytes = first.workspace_bytes,
+                             .stream = first.stream});
+}
+
 }  // namespace dsv4::cuda

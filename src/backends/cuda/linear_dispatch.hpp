@@ -51,6 +51,16 @@ size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups = 1);
 
 void run_linear(const LinearCall& call);
 
+// Workspace of run_linear_pair with fuse = true for these weights (any token count), on the current device: the
+// larger of what the two separate calls and the pair kernel need.
+size_t linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second);
+
+// `first` then `second`, where second.x is first.y_bf16 (the bf16 intermediate, e.g. wo_a → wo_b). With `fuse`,
+// one launch of the pair kernel (run_quantized_linear_pair) where it applies (one format, the streamed path for both
+// at this token count: up to kLinearMaxStreamedTokens tokens), on first.workspace (linear_pair_workspace_bytes,
+// zeroed once); otherwise, or without `fuse`, run_linear(first) then run_linear(second).
+void run_linear_pair(const LinearCall& first, const LinearCall& second, bool fuse);
+
 // Rows [row0, row0 + rows) of a matrix as a view of their own (row0 a multiple of 128 for FP8_BLOCK128 row bands).
 DeviceMatrixView row_slice(const DeviceMatrixView& weight, int64_t row0, int64_t rows);
 

@@ -1,11 +1,13 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
+#include <utility>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -352,9 +354,8 @@ void check_quantized_linear_params(const QuantizedLinearParams& params) {
 
 namespace {
 
-// Launches with a config already known to belong to this call (checked by the callers).
-void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
-  check_params_for_config(params, config);
+// The kernel arguments of a call with its (checked) config; the workspace holds the tickets, then the partials.
+linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   auto* workspace = static_cast<uint8_t*>(params.workspace);
   linear::LinearKernelArgs args{
@@ -380,7 +381,14 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
-  switch (tile_format_of(w)) {
+  return args;
+}
+
+// Launches with a config already known to belong to this call (checked by the callers).
+void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
+  check_params_for_config(params, config);
+  const linear::LinearKernelArgs args = kernel_args(params, config);
+  switch (tile_format_of(params.weight)) {
     case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
     case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
     case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, params.stream); break;
@@ -388,7 +396,146 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
   }
 }
 
+// How run_quantized_linear_pair lays out one call: each product's STREAMED config with the workspace reduction,
+// and the workspace as [group_ready counters, exit counter] | the first's tickets and partials | the second's.
+struct PairPlan {
+  QuantizedLinearConfig first, second;
+  size_t first_offset = 0, second_offset = 0, workspace_bytes = 0;
+};
+
+PairPlan plan_pair(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second, int tokens,
+                   int multiprocessors) {
+  check(first.format == second.format, "quantized_linear pair: the weights are ", to_string(first.format), " [",
+        first.rows, ", ", first.cols, "] and ", to_string(second.format), " [", second.rows, ", ", second.cols,
+        "]; the pair kernel takes one format");
+  check(second.cols == first.rows, "quantized_linear pair: the second weight [", second.rows, ", ", second.cols,
+        "] does not take the first's ", first.rows, " outputs");
+  PairPlan plan;
+  plan.first = choose_quantized_linear_config(first, tokens, first_groups, multiprocessors, WeightLoadPath::STREAMED,
+                                              0, SplitKReduce::WORKSPACE);
+  plan.second = choose_quantized_linear_config(second, tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0,
+                                               SplitKReduce::WORKSPACE);
+  check(plan.first.ring_slots == plan.second.ring_slots && plan.first.token_tiles == plan.second.token_tiles,
+        "quantized_linear pair: the two products' rings or token tiles differ");
+  plan.first_offset = size_t(round_up(int64_t(first_groups + 1) * int64_t(sizeof(uint32_t)), 256));
+  plan.second_offset = plan.first_offset + size_t(round_up(int64_t(plan.first.workspace_bytes), 256));
+  plan.workspace_bytes = plan.second_offset + plan.second.workspace_bytes;
+  return plan;
+}
+
+template <TileFormat F, int NT>
+void launch_pair_kernel(const linear::PairKernelArgs& args, int64_t items, size_t smem_bytes, cudaStream_t stream) {
+  const auto kernel = linear::quantized_linear_pair_kernel<F, NT>;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+  // Every CTA must be resident at once (second items wait on first items of other CTAs): at most one wave.
+  int per_sm = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, linear::kThreadsPerCta, smem_bytes));
+  const int64_t resident = int64_t(per_sm) * current_multiprocessors();
+  check(resident > 0, "quantized_linear pair: no CTA of ", smem_bytes, " bytes of shared memory fits an SM");
+  const dim3 grid(unsigned(std::min(items, resident)));
+  launch_chained(kernel, grid, dim3(linear::kThreadsPerCta), smem_bytes, stream, args,
+                 "quantized_linear_pair_kernel");
+}
+
+template <TileFormat F>
+void launch_pair_for_format(const linear::PairKernelArgs& args, int token_tiles, int64_t items, size_t smem_bytes,
+                            cudaStream_t stream) {
+  if (token_tiles == 1)
+    launch_pair_kernel<F, 1>(args, items, smem_bytes, stream);
+  else
+    launch_pair_kernel<F, 2>(args, items, smem_bytes, stream);
+}
+
+// The pair's two calls as run_quantized_linear would see them, on their slices of the workspace.
+std::pair<QuantizedLinearParams, QuantizedLinearParams> pair_calls(const QuantizedLinearPairParams& p,
+                                                                   const PairPlan& plan) {
+  auto* workspace = static_cast<uint8_t*>(p.workspace);
+  const auto slice = [&](size_t offset, size_t bytes) -> std::pair<void*, size_t> {
+    if (bytes == 0) return {nullptr, 0};
+    return {workspace + offset, p.workspace_bytes > offset ? p.workspace_bytes - offset : 0};
+  };
+  const auto [first_ws, first_bytes] = slice(plan.first_offset, plan.first.workspace_bytes);
+  const auto [second_ws, second_bytes] = slice(plan.second_offset, plan.second.workspace_bytes);
+  return {QuantizedLinearParams{.weight = p.first, .x = p.x, .x_row_stride = p.x_row_stride, .y = nullptr,
+                                .y_row_stride = p.mid_row_stride, .tokens = p.tokens, .groups = p.first_groups,
+                                .workspace = first_ws, .workspace_bytes = first_bytes, .stream = p.stream,
+                                .y_bf16 = p.mid},
+          QuantizedLinearParams{.weight = p.second, .x = p.mid, .x_row_stride = p.mid_row_stride, .y = p.y,
+                                .y_row_stride = p.y_row_stride, .tokens = p.tokens, .groups = 1,
+                                .workspace = second_ws, .workspace_bytes = second_bytes, .stream = p.stream,
+                                .y_bf16 = p.y_bf16}};
+}
+
+void check_pair_params(const QuantizedLinearPairParams& p, const PairPlan& plan) {
+  check(p.mid != nullptr, "quantized_linear pair: the intermediate (mid) is null");
+  check(p.workspace != nullptr && p.workspace_bytes >= plan.workspace_bytes &&
+            reinterpret_cast<uintptr_t>(p.workspace) % 256 == 0,
+        "quantized_linear pair: weights [", p.first.rows, ", ", p.first.cols, "] then [", p.second.rows, ", ",
+        p.second.cols, "] at ", p.tokens, " tokens need a 256-byte aligned workspace of ", plan.workspace_bytes,
+        " bytes (have ", p.workspace == nullptr ? size_t(0) : p.workspace_bytes, ")");
+  const auto [first, second] = pair_calls(p, plan);
+  check_params_for_config(first, plan.first);
+  check_params_for_config(second, plan.second);
+  const size_t mid_bytes = (size_t(p.tokens - 1) * size_t(p.mid_row_stride) + size_t(p.first.rows)) * 2;
+  const size_t y_bytes = (size_t(p.tokens - 1) * size_t(p.y_row_stride) + size_t(p.second.rows)) *
+                         (p.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16));
+  const void* y = p.y != nullptr ? static_cast<const void*>(p.y) : static_cast<const void*>(p.y_bf16);
+  check(!ranges_overlap(p.mid, mid_bytes, p.workspace, plan.workspace_bytes) &&
+            !ranges_overlap(y, y_bytes, p.workspace, plan.workspace_bytes),
+        "quantized_linear pair: mid and y must not overlap the workspace");
+}
+
 }  // namespace
+
+bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second,
+                                   int tokens) {
+  return first.format == second.format && second.cols == first.rows &&
+         streamed_load_path_applies(first, tokens, first_groups) && streamed_load_path_applies(second, tokens, 1);
+}
+
+size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
+                                             const DeviceMatrixView& second, int tokens) {
+  const int multiprocessors = current_multiprocessors();
+  size_t bytes = 0;
+  for (int t = 1; t <= tokens; ++t)
+    bytes = std::max(bytes, plan_pair(first, first_groups, second, t, multiprocessors).workspace_bytes);
+  return bytes;
+}
+
+void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params) {
+  check_pair_params(params, plan_pair(params.first, params.first_groups, params.second, params.tokens,
+                                      current_multiprocessors()));
+}
+
+void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
+  const PairPlan plan =
+      plan_pair(params.first, params.first_groups, params.second, params.tokens, current_multiprocessors());
+  check_pair_params(params, plan);
+  const auto [first, second] = pair_calls(params, plan);
+  linear::PairKernelArgs args{.first = kernel_args(first, plan.first),
+                              .second = kernel_args(second, plan.second),
+                              .group_ready = static_cast<uint32_t*>(params.workspace),
+                              .exited = static_cast<uint32_t*>(params.workspace) + params.first_groups};
+  const int64_t items = std::max(plan.first.row_blocks * plan.first.k_splits,
+                                 plan.second.row_blocks * plan.second.k_splits);
+  const size_t smem_bytes = std::max(plan.first.smem_bytes, plan.second.smem_bytes);
+  switch (tile_format_of(params.first)) {
+    case TileFormat::BF16:
+      launch_pair_for_format<TileFormat::BF16>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
+      break;
+    case TileFormat::FP8_BLOCK128:
+      launch_pair_for_format<TileFormat::FP8_BLOCK128>(args, plan.first.token_tiles, items, smem_bytes,
+                                                       params.stream);
+      break;
+    case TileFormat::MXFP4:
+      launch_pair_for_format<TileFormat::MXFP4>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
+      break;
+    case TileFormat::NVFP4:
+      launch_pair_for_format<TileFormat::NVFP4>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
+      break;
+  }
+}
+
 
 void run_quantized_linear(const QuantizedLinearParams& params) {
   launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,

@@ -81,10 +81,12 @@ __device__ __forceinline__ void stage_input(const LinearKernelArgs& args, const 
 }
 
 // With the RMSNorm prologue: every CTA computes its tokens' inverse RMS over the whole row (x_tile serves as the
-// reduction's scratch before the first staging). Called by the whole CTA.
+// reduction's scratch before the first staging), kLoads loads per lane in flight (rms_norm_inverse_rms). Called by
+// the whole CTA.
+template <int kLoads>
 __device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void* x_tile, float* inv_rms) {
   if (args.norm_x != nullptr)
-    tile::rms_norm_inverse_rms(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps, args.tokens,
+    tile::rms_norm_inverse_rms<kLoads>(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps, args.tokens,
                                static_cast<float*>(x_tile), inv_rms);
 }
 
@@ -141,10 +143,14 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
     const int token = int(i / cta_rows);
     const int64_t row = cta_row0 + i % cta_rows;
     const float* column = args.partials + token * w.rows + row;
-    // Split order from 0, as sum_splits_in_order, but one load at a time: its batch of loads in flight pushed the
-    // register-capped two-token-tile kernels into spills.
+    // Split order from 0. The streamed kernels load up to 8 splits at once (sum_splits_in_order: one L2 round trip
+    // instead of one per split, the tail every split-K launch waits for); the register-path kernels one at a
+    // time, as the batch pushed their register-capped two-token-tile instantiations into spills. Same sums.
     float sum = 0.0f;
-    for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
+    if constexpr (kStreamRows)
+      sum = tile::sum_splits_in_order(column, int64_t(args.tokens) * w.rows, args.k_splits);
+    else
+      for (int s = 0; s < args.k_splits; ++s) sum += __ldcg(column + int64_t(s) * args.tokens * w.rows);
     store(row, token, sum * output_scale);
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
@@ -206,7 +212,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
 
   float acc[NT][4] = {};
   if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, split_begin, min(split_end, split_begin + args.chunk_k));
-  prepare_norm(args, x_tile, inv_rms);
+  prepare_norm<8>(args, x_tile, inv_rms);  // the register-path kernels have none to spare
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
     // Overlaps staging (the first chunk's was asked for before the norm's reduction).
@@ -221,78 +227,277 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
   write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
+// One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers. `position` counts the
+// stages the warp has consumed so far over every item it ran (stage J sits in slot J % slots and completes barrier
+// phase J / slots), so one ring serves several items in a row (the pair kernel).
+struct WarpRing {
+  uint8_t* stages;
+  uint64_t* full;
+  int slots;
+  uint32_t position;
+};
+
+// Starts the copies of the item's first min(slots, stages) weight stages; the ring must hold no unconsumed stage.
+// Called by the whole warp (lane 0 issues); reads only weights, so it may run before wait_for_prior_grids.
+template <tile::TileFormat F>
+__device__ __forceinline__ void issue_first_stages(const tile::stream::StreamMaps* maps, const CtaWork& work,
+                                                   int64_t row0, const WarpRing& ring) {
+  namespace st = tile::stream;
+  constexpr int64_t kStageK = st::stage_k(F);
+  const int64_t stages = (work.split_end - work.split_begin) / kStageK;
+  for (int j = 0; j < ring.slots && j < stages; ++j) {
+    const int slot = int((ring.position + uint32_t(j)) % uint32_t(ring.slots));
+    st::issue_stage<F>(maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::kSlotBytes,
+                       ring.full + slot);
+  }
+}
+
+// acc = the warp's tile of the item: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
+// x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
+// refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
+// advances ring.position past the item's stages.
+template <tile::TileFormat F, int NT, class StageX>
+__device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args,
+                                                       const tile::stream::StreamMaps* maps, const CtaWork& work,
+                                                       int64_t row0, bool has_rows, WarpRing& ring,
+                                                       const __nv_bfloat16* x_tile, StageX&& stage_x,
+                                                       float (&acc)[NT][4]) {
+  namespace st = tile::stream;
+  constexpr int64_t kStageK = st::stage_k(F);
+  constexpr int C = tile::detail::kChains<NT>;
+  const DeviceMatrixView& w = args.weight;
+  const int g = int(threadIdx.x) % tile::kWarpSize / 4;
+  const int64_t stages = (work.split_end - work.split_begin) / kStageK;
+  float sums[C][NT][4];
+  tile::detail::clear_sums<NT, C>(sums);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+  const int lane_tiles = (args.tokens - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma;
+  for (int64_t chunk_begin = work.split_begin; chunk_begin < work.split_end; chunk_begin += args.chunk_k) {
+    const int64_t chunk_end = min(work.split_end, chunk_begin + args.chunk_k);
+    if (chunk_begin != work.split_begin) __syncthreads();  // the previous chunk's tile is no longer read
+    stage_x(chunk_begin, chunk_end);
+    __syncthreads();
+    if (!has_rows) continue;
+    const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
+    const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
+      const int64_t j = (k0 - work.split_begin) / kStageK;
+      const uint32_t stage = ring.position + uint32_t(j);
+      const int slot = int(stage % uint32_t(ring.slots));
+      float block_scales[st::kMaxBlocksPerStage];
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
+      st::multiply_stage<F, NT, C>(ring.stages + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+                                   lane_tiles, block_scales, sums, acc);
+      __syncwarp();  // every lane's reads of the slot precede the copy that refills it
+      if (j + ring.slots < stages)
+        st::issue_stage<F>(maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::kSlotBytes,
+                           ring.full + slot);
+    }
+  }
+  tile::detail::finish_tile<F, NT, C>(sums, acc);
+  if (has_rows) ring.position += uint32_t(stages);
+}
+
+// Dynamic shared memory of the STREAMED kernels: up to 1 KB of alignment, 4 rings of `slots` slots, then the x tile.
+struct StreamedSmem {
+  WarpRing ring;
+  __nv_bfloat16* x_tile;
+};
+
+__device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers) {
+  namespace st = tile::stream;
+  uint8_t* smem = st::align_slots(storage);
+  const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
+  return {.ring = {.stages = smem + size_t(warp_idx) * slots * st::kSlotBytes,
+                   .full = full_barriers + warp_idx * st::kMaxSlots,
+                   .slots = slots,
+                   .position = 0},
+          .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::kSlotBytes)};
+}
+
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 template <tile::TileFormat F, int NT, bool kClusterReduce>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
-  namespace st = tile::stream;
   extern __shared__ uint4 smem_storage[];
-  __shared__ uint64_t full_barriers[kWarpsPerCta][st::kMaxSlots];
+  __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  uint8_t* smem = st::align_slots(reinterpret_cast<uint8_t*>(smem_storage));
-  const int slots = args.ring_slots;
-  const int warp_idx = int(threadIdx.x) / tile::kWarpSize, g = int(threadIdx.x) % tile::kWarpSize / 4;
-  uint8_t* ring = smem + size_t(warp_idx) * slots * st::kSlotBytes;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::kSlotBytes);
-  uint64_t* full = full_barriers[warp_idx];
+  StreamedSmem smem = streamed_smem(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
+  WarpRing& ring = smem.ring;
+  __nv_bfloat16* const x_tile = smem.x_tile;
 
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
-  const auto [group, cta_row0, cta_row_end, split_begin, split_end] = cta_work(args, row_block, split);
-  const int64_t row0 = cta_row0 + warp_idx * tile::kTileRows;
-  const bool has_rows = row0 < cta_row_end;  // whole 16-row tiles (the path's precondition)
-  const __nv_bfloat16* x_group = args.x + group * w.cols;
-  constexpr int64_t kStageK = st::stage_k(F);
-  const int64_t stages = (split_end - split_begin) / kStageK;
+  const CtaWork work = cta_work(args, row_block, split);
+  const int64_t row0 = work.row0 + int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
+  const bool has_rows = row0 < work.row_end;  // whole 16-row tiles (the path's precondition)
+  const __nv_bfloat16* x_group = args.x + work.group * w.cols;
 
   // The first stages start streaming before x is staged, and before the previous kernel in the stream has finished
   // (programmatic dependent launch: they read only weights); x, y and the workspace only after it has.
   if (has_rows) {
-    st::init_ring(full, slots);
+    tile::stream::init_ring(ring.full, ring.slots);
     __syncwarp();
-    for (int j = 0; j < slots && j < stages; ++j)
-      st::issue_stage<F>(&args.maps, row0, split_begin + j * kStageK, ring + j * st::kSlotBytes, full + j);
+    issue_first_stages<F>(&args.maps, work, row0, ring);
   }
   wait_for_prior_grids();
   allow_dependents();
-  prepare_norm(args, x_tile, inv_rms);
+  prepare_norm<32>(args, x_tile, inv_rms);
 
-  constexpr int C = tile::detail::kChains<NT>;
-  float sums[C][NT][4];
-  tile::detail::clear_sums<NT, C>(sums);
-  float acc[NT][4] = {};
-  const int lane_tiles = (args.tokens - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma;
-  for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
-    const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
-    if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
-    stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
-    __syncthreads();
-    if (!has_rows) continue;
-    const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
-    const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
-      const int64_t j = (k0 - split_begin) / kStageK;
-      const int slot = int(j % slots);
-      float block_scales[st::kMaxBlocksPerStage];
-      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-      sm90::mbarrier_wait(full + slot, uint32_t(j / slots) & 1u);
-      st::multiply_stage<F, NT, C>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
-                                   lane_tiles, block_scales, sums, acc);
-      __syncwarp();  // every lane's reads of the slot precede the copy that refills it
-      if (j + slots < stages)
-        st::issue_stage<F>(&args.maps, row0, k0 + slots * kStageK, ring + slot * st::kSlotBytes, full + slot);
-    }
-  }
-  tile::detail::finish_tile<F, NT, C>(sums, acc);
+  float acc[NT][4];
+  multiply_streamed_item<F, NT>(args, &args.maps, work, row0, has_rows, ring, x_tile,
+                                [&](int64_t chunk_begin, int64_t chunk_end) {
+                                  stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
+                                },
+                                acc);
 
   if constexpr (kClusterReduce)
-    write_output_cluster<F, NT>(args, acc, row0, cta_row0, cta_row_end, reinterpret_cast<float*>(x_tile));
+    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else
-    write_output<F, NT, true>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
+    write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
+}
+
+// The pair kernel (run_quantized_linear_pair): `first` (any group count) writes the bf16 intermediate that `second`
+// reads, both on the STREAMED path with the workspace split-K reduction, in one persistent launch whose CTAs are
+// all resident (the grid is at most what fits the SMs at once: the launcher checks). Each CTA runs its items of the
+// first product (item i: row block i % row_blocks, split i / row_blocks), then its items of the second. A first item
+// that completes a row block (its only split, or the last ticket) publishes it in group_ready[its group]; a second
+// item waits until every row block of the groups its k range reads has been published. The waits cannot deadlock:
+// first items wait on nothing but the previous kernel, and every CTA is resident, so every first item finishes.
+// The second product's first weight stages are issued as soon as the CTA's last first item has multiplied, so
+// they stream while the CTA reduces, publishes and waits. The last CTA to exit zeroes the counters for the next
+// launch (the split-K tickets reset themselves).
+struct PairKernelArgs {
+  LinearKernelArgs first;
+  LinearKernelArgs second;
+  uint32_t* group_ready;  // [first groups]: published row blocks per group of the first product
+  uint32_t* exited;       // CTAs that have finished
+};
+
+__device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
+  uint32_t value;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+template <tile::TileFormat F, int NT>
+__global__ void __launch_bounds__(kThreadsPerCta, 4)
+    quantized_linear_pair_kernel(const __grid_constant__ PairKernelArgs args) {
+  extern __shared__ uint4 smem_storage[];
+  __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
+  __shared__ bool is_last_split;
+  StreamedSmem smem = streamed_smem(reinterpret_cast<uint8_t*>(smem_storage), args.first.ring_slots, full_barriers);
+  WarpRing& ring = smem.ring;
+  __nv_bfloat16* const x_tile = smem.x_tile;
+  const int warp_row = int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
+  const int64_t first_row_blocks = args.first.row_blocks_per_group * (args.first.weight.rows / args.first.rows_per_group);
+  const int64_t second_row_blocks = args.second.row_blocks_per_group;
+  const int64_t first_items = first_row_blocks * args.first.k_splits;
+  const int64_t second_items = second_row_blocks * args.second.k_splits;
+  auto work_of = [](const LinearKernelArgs& a, int64_t row_blocks, int64_t item) {
+    return cta_work(a, item % row_blocks, int(item / row_blocks));
+  };
+
+  tile::stream::init_ring(ring.full, ring.slots);
+  __syncwarp();
+  bool second_issued = false;
+  const auto issue_second = [&] {
+    if (int64_t(blockIdx.x) < second_items) {
+      const CtaWork work = work_of(args.second, second_row_blocks, blockIdx.x);
+      if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(&args.second.maps, work, work.row0 + warp_row, ring);
+    }
+    second_issued = true;
+  };
+  if (int64_t(blockIdx.x) < first_items) {
+    const CtaWork work = work_of(args.first, first_row_blocks, blockIdx.x);
+    if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(&args.first.maps, work, work.row0 + warp_row, ring);
+  } else {
+    issue_second();
+  }
+  wait_for_prior_grids();
+  allow_dependents();
+
+  float acc[NT][4];
+  for (int64_t item = blockIdx.x; item < first_items; item += gridDim.x) {
+    const LinearKernelArgs& a = args.first;
+    const CtaWork work = work_of(a, first_row_blocks, item);
+    const int64_t row0 = work.row0 + warp_row;
+    const bool has_rows = row0 < work.row_end;
+    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    __syncthreads();  // the previous item's x tile is no longer read
+    const __nv_bfloat16* x_group = a.x + work.group * a.weight.cols;
+    multiply_streamed_item<F, NT>(a, &a.maps, work, row0, has_rows, ring, x_tile,
+                                  [&](int64_t chunk_begin, int64_t chunk_end) {
+                                    tile::stage_x_tile<F>(
+                                        [&](int t) { return x_group + t * a.x_row_stride + chunk_begin; }, a.tokens,
+                                        a.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+                                  },
+                                  acc);
+    if (item + gridDim.x >= first_items) issue_second();
+    const int64_t row_block = item % first_row_blocks;
+    const int split = int(item / first_row_blocks);
+    write_output<F, NT, true>(a, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
+    if (a.k_splits == 1 || is_last_split) {  // CTA-uniform: this CTA wrote the row block's outputs
+      __threadfence();  // the outputs are visible device-wide before the count says so
+      __syncthreads();
+      if (threadIdx.x == 0) atomicAdd(args.group_ready + work.group, 1u);
+    }
+  }
+  if (!second_issued) issue_second();
+
+  const int64_t first_rows_per_group = args.first.rows_per_group;
+  const uint32_t published = uint32_t(args.first.row_blocks_per_group);
+  for (int64_t item = blockIdx.x; item < second_items; item += gridDim.x) {
+    const LinearKernelArgs& a = args.second;
+    const CtaWork work = work_of(a, second_row_blocks, item);
+    const int64_t row0 = work.row0 + warp_row;
+    const bool has_rows = row0 < work.row_end;
+    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    if (threadIdx.x == 0) {
+      for (int64_t g = work.split_begin / first_rows_per_group; g <= (work.split_end - 1) / first_rows_per_group; ++g)
+        while (load_acquire(args.group_ready + g) < published) __nanosleep(64);
+    }
+    __syncthreads();  // the intermediate's columns are complete (and the previous item's x tile is no longer read)
+    multiply_streamed_item<F, NT>(
+        a, &a.maps, work, row0, has_rows, ring, x_tile,
+        [&](int64_t chunk_begin, int64_t chunk_end) {
+          // Written during this launch: read through L2 (__ldcg), never the non-coherent read-only path.
+          const int64_t k_count = chunk_end - chunk_begin;
+          tile::stage_x_chunks<F>(
+              [&](int t, int64_t k) {
+                const __nv_bfloat16* source = a.x + t * a.x_row_stride + chunk_begin + k;
+                if (k + tile::kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0)
+                  return __ldcg(reinterpret_cast<const uint4*>(source));
+                uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int e = 0; e < tile::kXChunk; ++e)
+                  if (k + e < k_count)
+                    words[e / 2] |= uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(source) + e))
+                                    << (16 * (e % 2));
+                return make_uint4(words[0], words[1], words[2], words[3]);
+              },
+              a.tokens, a.tokens, k_count, x_tile, int(threadIdx.x), kThreadsPerCta);
+        },
+        acc);
+    write_output<F, NT, true>(a, acc, row0, work.row0, work.row_end, item % second_row_blocks,
+                              int(item / second_row_blocks), &is_last_split);
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this CTA's publications precede its exit count
+    if (atomicAdd(args.exited, 1u) == gridDim.x - 1) {
+      __threadfence();
+      for (int64_t g = 0; g < args.first.weight.rows / first_rows_per_group; ++g) args.group_ready[g] = 0;
+      *args.exited = 0;
+    }
+  }
 }
 
 }  // namespace dsv4::cuda::linear

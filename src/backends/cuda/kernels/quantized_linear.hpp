@@ -130,4 +130,43 @@ void run_quantized_linear(const QuantizedLinearParams& params);
 // compare the load paths this way); any other config is refused.
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
+// Two products in one launch: mid = first · x (bf16, grouped as run_quantized_linear's `groups`), then
+// y = second · mid, as run_quantized_linear twice (mid bit for bit the first call's y_bf16, y the second call's
+// output, given the same tiling: both use the STREAMED path with the workspace split-K reduction) without the
+// second launch: CTAs that finish the first product stream the second's weights while the intermediate columns they
+// need are completed by the others (per-group completion counts in the workspace; quantized_linear.cuh's pair
+// kernel says why it cannot deadlock). Meant for wo_a → wo_b at decode. Both weights must be of one format, the
+// STREAMED path must apply to both (streamed_load_path_applies: at most kLinearMaxStreamedTokens tokens), and
+// second.cols must equal first.rows. The workspace (quantized_linear_pair_workspace_bytes) must be zero-filled once
+// when allocated; the kernel leaves it zeroed again. mid must not overlap x, y or the workspace.
+struct QuantizedLinearPairParams {
+  DeviceMatrixView first;              // [N1, K1] in first_groups groups
+  int first_groups = 1;
+  const __nv_bfloat16* x = nullptr;    // device bf16 [tokens, first_groups·K1]
+  int64_t x_row_stride = 0;
+  __nv_bfloat16* mid = nullptr;        // device bf16 [tokens, N1]: the first product, the second's input
+  int64_t mid_row_stride = 0;
+  DeviceMatrixView second;             // [N2, N1]
+  float* y = nullptr;                  // device fp32 [tokens, N2]; null when y_bf16 is set
+  __nv_bfloat16* y_bf16 = nullptr;
+  int64_t y_row_stride = 0;
+  int tokens = 1;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Whether run_quantized_linear_pair takes these weights at this token count (formats, shapes, the STREAMED path).
+bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second,
+                                   int tokens);
+
+// Workspace run_quantized_linear_pair needs for any call of 1..tokens tokens on the current device.
+size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
+                                             const DeviceMatrixView& second, int tokens = kLinearMaxStreamedTokens);
+
+// Throws (naming the weight, shape, token count, pointer or workspace at fault) unless the call is supported.
+void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params);
+
+void run_quantized_linear_pair(const QuantizedLinearPairParams& params);
+
 }  // namespace dsv4::cuda

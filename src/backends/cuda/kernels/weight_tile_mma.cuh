@@ -264,37 +264,79 @@ __device__ __forceinline__ void stage_normed_x_tile(RowOf row_of, const float* w
       tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
 }
 
+namespace detail {
+
+// One batch of rms_norm_inverse_rms: the calling warp's sums of squares for the (token, owner warp) pairs
+// p0 .. p0 + kPairs - 1, each lane's values of a pair loaded kSpan at a time with every load of the batch in flight
+// together (a row of up to kSpan values per lane is one L2 round trip), added in element order with fmaf and
+// reduced by a butterfly.
+template <int kSpan, int kPairs>
+__device__ __forceinline__ void sum_squares_batch(const float* x, int64_t row_stride, int width, int owner_threads,
+                                                  int owner_warps, int per_lane, int pairs, int p0, float* warp_sums) {
+  const int lane = int(threadIdx.x) % kWarpSize;
+  float sums[kPairs];
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) sums[q] = 0.0f;
+  for (int j0 = 0; j0 < per_lane; j0 += kSpan) {
+    float values[kPairs][kSpan];
+#pragma unroll
+    for (int q = 0; q < kPairs; ++q) {
+      const int p = p0 + q, t = p / owner_warps, v = p % owner_warps;
+      const float* row = x + t * row_stride;
+#pragma unroll
+      for (int j = 0; j < kSpan; ++j) {
+        const int i = v * kWarpSize + lane + (j0 + j) * owner_threads;
+        values[q][j] = p < pairs && i < width ? row[i] : 0.0f;
+      }
+    }
+    // The zeros past the row add nothing (fmaf(0, 0, sum) = sum, as run_rms_norm's padding).
+#pragma unroll
+    for (int q = 0; q < kPairs; ++q)
+#pragma unroll
+      for (int j = 0; j < kSpan; ++j) sums[q] = fmaf(values[q][j], values[q][j], sums[q]);
+  }
+#pragma unroll
+  for (int q = 0; q < kPairs; ++q) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sums[q] += __shfl_xor_sync(0xFFFFFFFFu, sums[q], offset);
+    if (lane == 0 && p0 + q < pairs) warp_sums[p0 + q] = sums[q];
+  }
+}
+
+template <int kSpan, int kPairs>
+__device__ __forceinline__ void sum_squares(const float* x, int64_t row_stride, int width, int owner_threads,
+                                            int owner_warps, int per_lane, int pairs, float* warp_sums) {
+  const int warp = int(threadIdx.x) / kWarpSize, warps = int(blockDim.x) / kWarpSize;
+  for (int p0 = warp * kPairs; p0 < pairs; p0 += warps * kPairs)
+    sum_squares_batch<kSpan, kPairs>(x, row_stride, width, owner_threads, owner_warps, per_lane, pairs, p0,
+                                     warp_sums);
+}
+
+}  // namespace detail
+
 // inv_rms[t] = 1 / sqrt(mean(x[t]²) + eps) for t < tokens, x rows of `width` floats row_stride apart, with
-// run_rms_norm's summation order (bit-identical): its row owner is a warp (width <= 1024) or a CTA of 256 threads,
-// thread m adding x[m + G·j]² for j = 0, 1, ... with fmaf, then a butterfly within each warp, then (CTA owner) the 8
-// warp sums in warp order. Here each warp of the caller plays those warps in turn; warp_sums holds tokens · 8
-// floats of shared memory. Called by the whole CTA (it synchronises); inv_rms is valid after the call.
+// run_rms_norm's summation order (bit-identical): its row owner is a warp (width <= 1024) or a CTA of 256 threads
+// (width <= 8192), thread m adding x[m + G·j]² for j = 0, 1, ... with fmaf, then a butterfly within each warp, then
+// (CTA owner) the 8 warp sums in warp order. Here each warp of the caller plays those warps in turn, a batch of
+// pairs (token, owner warp) at a time with kLoads loads per lane in flight (registers): 32 make a 1024-wide row one
+// L2 round trip instead of four; kernels short of registers take 8. warp_sums holds tokens · 8 floats of shared
+// memory. Called by the whole CTA (it synchronises); inv_rms is valid after the call.
+template <int kLoads>
 __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row_stride, int width, float eps,
                                                      int tokens, float* warp_sums, float* inv_rms) {
+  static_assert(kLoads == 8 || kLoads == 32, "8 or 32 loads in flight per lane");
   constexpr int kRmsWarpRowMaxWidth = 1024;  // rms_norm.cu: a warp owns rows up to this width, a CTA beyond
   constexpr int kRmsCtaThreads = 256;
   const int owner_threads = width <= kRmsWarpRowMaxWidth ? kWarpSize : kRmsCtaThreads;
   const int owner_warps = owner_threads / kWarpSize;
-  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) / kWarpSize;
-  const int warps = int(blockDim.x) / kWarpSize;
-  for (int p = warp; p < tokens * owner_warps; p += warps) {
-    const int t = p / owner_warps, v = p % owner_warps;
-    const float* row = x + t * row_stride;
-    // Loads in batches of kBatch (one round trip each), squares added in element order; the zeros past the row
-    // add nothing (fmaf(0, 0, sum) = sum, as run_rms_norm's padding).
-    constexpr int kBatch = 8;
-    float sum = 0.0f;
-    for (int i0 = v * kWarpSize + lane; i0 < width; i0 += kBatch * owner_threads) {
-      float values[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) values[j] = i0 + j * owner_threads < width ? row[i0 + j * owner_threads] : 0.0f;
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) sum = fmaf(values[j], values[j], sum);
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-    if (lane == 0) warp_sums[p] = sum;
-  }
+  const int per_lane = (width + owner_threads - 1) / owner_threads;
+  const int pairs = tokens * owner_warps;
+  if (kLoads == 8 || per_lane <= 8)
+    detail::sum_squares<8, kLoads / 8>(x, row_stride, width, owner_threads, owner_warps, per_lane, pairs, warp_sums);
+  else if (per_lane <= 16)
+    detail::sum_squares<16, 2>(x, row_stride, width, owner_threads, owner_warps, per_lane, pairs, warp_sums);
+  else
+    detail::sum_squares<32, 1>(x, row_stride, width, owner_threads, owner_warps, per_lane, pairs, warp_sums);
   __syncthreads();
   for (int t = int(threadIdx.x); t < tokens; t += int(blockDim.x)) {
     float sum = 0.0f;
