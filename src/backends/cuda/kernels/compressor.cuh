@@ -111,14 +111,15 @@ __device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpre
 __device__ __forceinline__ int64_t width_of(const PoolArgs& a) { return a.overlapping ? 2 * int64_t(a.c) : a.c; }
 
 // Channels (column, column + 1) of the token at position q ≥ 0, with ape added to a score from the run's rows; the
-// address is selected without branches, so that loads of several slots issue back to back.
+// address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious: q may
+// lie before the state's incomplete window (CSA's first halves, column < c, from the previous halves).
+template <bool kMayBePrevious>
 __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t width = width_of(a);
   const int64_t slot = q % a.ratio;
   const bool in_run = q >= r.start;
-  const bool in_window = q >= r.start / a.ratio * a.ratio;
+  const bool in_window = !kMayBePrevious || q >= r.start / a.ratio * a.ratio;
   const int64_t run_offset = (q - r.start) * a.row_stride + column;
-  // CSA only reaches the previous halves (column < c) for the window before the run's first.
   const float* value = in_run      ? r.kv + run_offset
                        : in_window ? r.state.window_kv + slot * width + column
                                    : r.state.previous_kv + slot * a.c + column;
@@ -127,6 +128,14 @@ __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView&
                                    : r.state.previous_score + slot * a.c + column;
   const float2 v = load_pair(value), s = load_pair(score), bias = load_pair(a.ape + slot * width + column);
   return {v, in_run ? make_float2(s.x + bias.x, s.y + bias.y) : s};
+}
+
+// Channels (column, column + 1) of the run's token at position q ≥ start, with ape added to the score.
+__device__ __forceinline__ SlotValue load_run_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
+  const int64_t offset = (q - r.start) * a.row_stride + column;
+  const float2 v = load_pair(r.kv + offset), s = load_pair(r.gate + offset);
+  const float2 bias = load_pair(a.ape + (q % a.ratio) * width_of(a) + column);
+  return {v, make_float2(s.x + bias.x, s.y + bias.y)};
 }
 
 // Online softmax of one channel, kSlotBatch values at a time (one rescale per batch).
@@ -193,7 +202,7 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, int first, int
 #pragma unroll
       for (int k = 0; k < kUpdateBatch; ++k) {
         const int64_t i = min(i0 + k * stride, items - 1);  // past the end: a harmless repeat of the last load
-        value[k] = load_slot(a, r, base + i / pairs, first + 2 * int(i % pairs));
+        value[k] = load_slot<false>(a, r, base + i / pairs, first + 2 * int(i % pairs));
       }
 #pragma unroll
       for (int k = 0; k < kUpdateBatch; ++k) {
@@ -218,7 +227,7 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, int first, int
       const int64_t q = from + i / (halves * pairs);
       const int64_t within = i % (halves * pairs);
       const int column = int(within / pairs) * a.c + first + 2 * int(within % pairs);
-      value[k] = load_slot(a, r, q, column);
+      value[k] = load_run_slot(a, r, q, column);
       offset[k] = (q % a.ratio) * width + column;
     }
 #pragma unroll
@@ -290,7 +299,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
         const int64_t q = (first_half ? w - 1 : w) * a.ratio + within;
         const bool valid = s0 + k * a.groups < slots && q >= 0;
         // q < 0 (CSA's first entry) reads position 0 instead, and the value is dropped.
-        const SlotValue slot = load_slot(a, r, max(q, int64_t(0)), channel + (a.overlapping && !first_half ? c : 0));
+        const SlotValue slot =
+            load_slot<true>(a, r, max(q, int64_t(0)), channel + (a.overlapping && !first_half ? c : 0));
         value0[k] = valid ? slot.value.x : 0.0f;
         value1[k] = valid ? slot.value.y : 0.0f;
         score0[k] = valid ? slot.score.x : kNegativeInfinity;
