@@ -5,10 +5,12 @@
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (decode) kernel is also timed against the persistent one, and the fused output norm (y normalised into
-// bf16 in the same launch) against the persistent kernel followed by run_rms_norm. Inputs rotate over
+// bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the cluster decode kernel
+// (HcKernelChoice::CLUSTER) beside the decode kernel. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
-// Usage: bench_cuda_mhc [--json PATH]
+// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] (fewer token counts or iterations: for a
+// profiler run).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -165,12 +168,30 @@ int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
   std::string json_path = "bench_cuda_mhc.json";
+  std::vector<int64_t> token_counts = {1, 8, 64, 256, 4096};
+  int iteration_limit = 0;  // 0: the defaults below
+  const auto usage = [] {
+    std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N]\n");
+    return 2;
+  };
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
+    } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
+      token_counts.clear();
+      for (const char* p = argv[++i]; *p != '\0';) {
+        char* end = nullptr;
+        const long long T = std::strtoll(p, &end, 10);
+        if (end == p || T < 1) return usage();
+        token_counts.push_back(T);
+        p = *end == ',' ? end + 1 : end;
+        if (*end != ',' && *end != '\0') return usage();
+      }
+    } else if (std::strcmp(argv[i], "--iterations") == 0 && i + 1 < argc) {
+      iteration_limit = std::atoi(argv[++i]);
+      if (iteration_limit < 1) return usage();
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH]\n");
-      return 2;
+      return usage();
     }
   }
   try {
@@ -207,7 +228,7 @@ int main(int argc, char** argv) {
       }
       const DeviceMatrix embed_table(embed_host.matrix, "embedding table");
 
-      for (const int64_t T : {int64_t(1), int64_t(8), int64_t(64), int64_t(256), int64_t(4096)}) {
+      for (const int64_t T : token_counts) {
         const int64_t flat = kN * d;
         const size_t set_bytes = size_t(T * flat + kSiteRows * flat + T * d) * sizeof(float);
         const int copies = int(std::clamp<size_t>((3 * device.l2_bytes + set_bytes - 1) / set_bytes, 2, 64));
@@ -242,7 +263,7 @@ int main(int argc, char** argv) {
         const size_t workspace_bytes = hc_projection_workspace_bytes(T, d, device.multiprocessors);
         DeviceBuffer workspace(workspace_bytes, "mhc workspace");
         workspace.fill_bytes(0);
-        const int iterations = T >= 4096 ? 30 : 200;
+        const int iterations = iteration_limit > 0 ? iteration_limit : T >= 4096 ? 30 : 200;
         const auto set = [&](int i) -> Set& { return sets[size_t(i % copies)]; };
         // Bandwidth from the graph time: the device's own time per launch.
         const auto record = [&](const char* kernel, const auto& body, double bytes, double baseline_ms) {
@@ -311,6 +332,22 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
+          const auto cluster = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER);
+          };
+          record("hc_pre (cluster kernel)", cluster, pre_bytes, 0.0);
+          const auto cluster_one_iteration = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, false, 1);
+          };
+          record("hc_pre (cluster kernel, 1 Sinkhorn iteration)", cluster_one_iteration, pre_bytes, 0.0);
+          const auto cluster_fused_norm = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, true);
+          };
+          record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
+                 pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -345,6 +382,9 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
+          const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
+          record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
+                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
         }
 
         const auto run_head = [&](Set& s, HcKernelChoice kernel) {
@@ -370,6 +410,8 @@ int main(int argc, char** argv) {
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          const auto cluster = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER); };
+          record("hc_head (cluster kernel)", cluster, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
         }
 
         const auto hc_post = [&](int i) {

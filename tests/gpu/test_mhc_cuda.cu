@@ -8,7 +8,8 @@
 // on the other side of a boundary does not count twice). The projection kernels run twice on one workspace without
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
-// layouts).
+// layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
+// decode kernel (AUTO) and the cluster decode kernel (CLUSTER).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -167,7 +168,9 @@ struct PreOutputBuffers {
 std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
-         (kernel == HcKernelChoice::AUTO ? " auto kernel" : " persistent kernel");
+         (kernel == HcKernelChoice::AUTO      ? " auto kernel"
+          : kernel == HcKernelChoice::CLUSTER ? " cluster kernel"
+                                              : " persistent kernel");
 }
 
 // The CPU's hc_pre of in.X and the magnitudes that bound the GPU's error.
@@ -444,9 +447,10 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
-// The kernels a launch of T tokens can take: the persistent one always, the decode one up to its token limit.
+// The kernels a launch of T tokens can take: the persistent one always, the decode and the cluster decode one up to
+// their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
-  if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::AUTO};
+  if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::AUTO, HcKernelChoice::CLUSTER};
   return {HcKernelChoice::PERSISTENT};
 }
 
@@ -501,6 +505,49 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
       check_hc_pre(T, d, false, kernel, seed++, &workspace);
       check_hc_head(T, d, false, kernel, seed++, &workspace);
       check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
+    }
+}
+
+// Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the decode and the
+// cluster decode kernel alternate on one workspace, each launch's tag must come from the epoch its predecessor left.
+// Every launch of a kernel gives the same bits as that kernel's first (deterministic sums), the first checked
+// against the CPU.
+TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 900;
+  for (const int64_t d : {int64_t(4096), int64_t(7168)})
+    for (const int64_t T : {int64_t(1), int64_t(9)}) {
+      SCOPED_TRACE("T=" + std::to_string(T) + " d=" + std::to_string(d));
+      const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
+      const PreReference ref = hc_pre_reference(in, T, d, false);
+      const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
+                         scale = to_device(in.scale, "scale");
+      Workspace workspace = zeroed_workspace(T, d, "workspace");
+      constexpr int kLaunches = 40;
+      std::vector<PreOutputBuffers> outputs;
+      for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
+      const auto kernel_of = [](int i) { return i % 4 == 3 ? HcKernelChoice::AUTO : HcKernelChoice::CLUSTER; };
+      for (int i = 0; i < kLaunches; ++i)
+        run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
+                    .tokens = T, .hidden = d, .y = outputs[size_t(i)].y.as<float>(),
+                    .y_bf16 = outputs[size_t(i)].y_bf16.as<__nv_bfloat16>(),
+                    .post = outputs[size_t(i)].post.as<float>(), .comb = outputs[size_t(i)].comb.as<float>(),
+                    .kernel = kernel_of(i), .workspace = workspace.buffer.data(),
+                    .workspace_bytes = workspace.bytes});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      for (const int first : {0, 3}) {
+        expect_hc_pre_outputs(in, ref, T, d, false, download(outputs[size_t(first)].y, size_t(T * d)),
+                              outputs[size_t(first)].y_bf16, download(outputs[size_t(first)].post, size_t(T * kN)),
+                              download(outputs[size_t(first)].comb, size_t(T * kN * kN)));
+        for (int i = first + 4; i < kLaunches; i += first == 0 ? 1 : 4) {
+          if (kernel_of(i) != kernel_of(first)) continue;
+          SCOPED_TRACE("launch " + std::to_string(i));
+          expect_same_as_first_run(download(outputs[size_t(first)].y, size_t(T * d)),
+                                   download(outputs[size_t(i)].y, size_t(T * d)), "y");
+          expect_same_as_first_run(download(outputs[size_t(first)].comb, size_t(T * kN * kN)),
+                                   download(outputs[size_t(i)].comb, size_t(T * kN * kN)), "comb");
+        }
+      }
     }
 }
 

@@ -48,7 +48,8 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
 // The decode kernel's words: the partials [partial rows][16][S], Σy² [16][S] (S 64-dim slices), the totals
-// [partial rows][16] and the Σy² totals [16].
+// [partial rows][16] and the Σy² totals [16]. They cover the cluster decode kernel's [partial rows][16][Q] and
+// [16][Q] (Q = ⌈S / 8⌉ slice clusters).
 size_t decode_word_count(int64_t hidden) {
   return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens *
          (size_t(ceil_div(hidden, mhc::kDecodeSliceDims)) + 1);
@@ -173,16 +174,78 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
+bool decode_sized(int64_t tokens, int64_t hidden) {
+  return tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
+}
 bool decode_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return choice == HcKernelChoice::AUTO && tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
+  return choice == HcKernelChoice::AUTO && decode_sized(tokens, hidden);
+}
+bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
+  return choice == HcKernelChoice::CLUSTER && decode_sized(tokens, hidden);
 }
 
-// The decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
-mhc::DecodeArgs decode_args(const HcPreParams& p) {
-  mhc::DecodeArgs args = site_args<mhc::DecodeArgs>(p);
+// The decode or cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
+template <class Args = mhc::DecodeArgs>
+Args decode_args(const HcPreParams& p) {
+  Args args = site_args<Args>(p);
   args.norm_weight = p.out_norm_weight;
   args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
   return args;
+}
+
+// Clusters of the cluster decode kernel that the card holds at once (cached per kernel and device).
+int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
+  struct Entry {
+    const void* kernel;
+    int device;
+    int clusters;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  for (const Entry& e : cache)
+    if (e.kernel == kernel && e.device == device) return e.clusters;
+  int clusters = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  cache.push_back({kernel, device, clusters});
+  return clusters;
+}
+
+template <bool kHead, bool kPost>
+void run_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
+  args.slices = int(ceil_div(args.hidden, mhc::kDecodeSliceDims));
+  args.clusters = int(ceil_div(args.slices, mhc::kClusterCtas));
+  auto* base = static_cast<unsigned char*>(workspace);
+  args.header = reinterpret_cast<unsigned*>(base);
+  args.row_words = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
+  args.square_words = args.row_words + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.clusters);
+  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost>;
+  prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
+  // Programmatic dependent launch (ptx/dependent_launch.cuh) in clusters of kClusterCtas consecutive CTAs.
+  cudaLaunchAttribute attributes[2] = {};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = mhc::kClusterCtas;
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
+  const int clusters = args.clusters + (kHead ? 0 : 1);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(clusters * mhc::kClusterCtas));
+  config.blockDim = dim3(mhc::kDecodeThreads);
+  config.dynamicSmemBytes = mhc::kDecodeSmemBytes;
+  config.stream = stream;
+  config.attrs = attributes + 1;  // the occupancy query takes the cluster shape only
+  config.numAttrs = 1;
+  // The CTAs wait for each other's words: all clusters must be resident at once.
+  const int resident = resident_clusters(reinterpret_cast<const void*>(kernel), config);
+  check(resident >= clusters, op, ": the cluster decode kernel's ", clusters, " clusters of ", mhc::kClusterCtas,
+        " CTAs cannot be resident together (", resident, " at once)");
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, args), op, __FILE__, __LINE__);
 }
 
 template <bool kHead, bool kPost>
@@ -317,6 +380,9 @@ void run_hc_pre(const HcPreParams& p) {
   if (p.tokens == 0) return;
   if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
     return run_decode<false, false>(decode_args(p), p.workspace, p.stream, "hc_pre");
+  if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_cluster_decode<false, false>(decode_args<mhc::ClusterDecodeArgs>(p), p.workspace, p.stream,
+                                            "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
   run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
@@ -335,6 +401,9 @@ void run_hc_head(const HcHeadParams& p) {
                            .out_norm_round_to_bf16 = p.out_norm_round_to_bf16};
   if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
     return run_decode<true, false>(decode_args(as_pre), p.workspace, p.stream, "hc_head");
+  if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_cluster_decode<true, false>(decode_args<mhc::ClusterDecodeArgs>(as_pre), p.workspace, p.stream,
+                                           "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
@@ -361,6 +430,15 @@ void run_hc_post_pre(const HcPostPreParams& p) {
     args.comb_in = p.comb;
     args.X_out = p.X_out;
     return run_decode<false, true>(args, p.workspace, p.stream, "hc_post_pre");
+  }
+  if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden)) {
+    auto args = decode_args<mhc::ClusterDecodeArgs>(next);
+    args.X = p.X;  // the kernel applies hc_post itself: it reads the residual before the update
+    args.out = p.out;
+    args.post_in = p.post;
+    args.comb_in = p.comb;
+    args.X_out = p.X_out;
+    return run_cluster_decode<false, true>(args, p.workspace, p.stream, "hc_post_pre");
   }
   mhc::ProjectionArgs args = pre_projection_args(next);
   args.X = p.X;  // the fused kernel applies hc_post itself: the projection reads the residual before the update

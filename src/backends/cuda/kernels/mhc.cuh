@@ -266,8 +266,13 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
 // divided by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb tolerance): per
 // normalisation 4 reciprocals and 16 independent multiplies, no shuffles and no division's branch. (With the
 // correctly rounded reciprocal, __frcp_rn, the 19 later iterations took 7.2 µs instead of the half-warp shuffle
-// version's 2.2, H200, V4-Flash T = 1.)
-__device__ inline float fast_reciprocal(float x) { return __fdividef(1.0f, x); }
+// version's 2.2, H200, V4-Flash T = 1.) rcp.approx.ftz is the MUFU alone (div.approx of 1 / x adds a multiply by 1;
+// the sums are ≥ eps, never subnormal, so ftz changes nothing).
+__device__ inline float fast_reciprocal(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 
 __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
   const auto normalise_rows = [&] {
@@ -998,6 +1003,383 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
     args.header[1] = 0;
     args.header[0] = tag;
+  }
+}
+
+// ---- The cluster decode kernel (T ≤ kDecodeMaxTokens): the decode kernel's slices, summed through clusters. ----
+//
+// NOTES:
+// - Grid: clusters of kClusterCtas CTAs. hc_pre / hc_post_pre: cluster 0 holds the mix CTAs (CTA r: tokens r and
+//   r + 8, post and Sinkhorn), then Q slice clusters; CTA r of slice cluster q owns the 64-dim slice 8·q + r (slices
+//   past the hidden size are idle and contribute zeros). Every CTA is resident at once (the launcher checks).
+// - A slice CTA stages, updates and projects its slice as the decode kernel does, then every sum over the slices takes
+//   one cluster step and one global hop instead of the decode kernel's two global hops: each CTA stores its partial
+//   of item (row, token t) into the shared memory of the cluster's CTA t mod 8 (DSMEM), a cluster barrier, that CTA
+//   sums the 8 in rank order and publishes the cluster's sum as a tagged word [row][t][q]; the CTAs that need a total
+//   read the Q words (a group of lanes per item, summed by a butterfly: a fixed order). Each slice cluster forms the
+//   Σx² and pre totals itself (its CTA t mod 8 reads them, then pushes them into every CTA of the cluster before the
+//   next cluster barrier); the mix CTAs read the Σx², post and comb words of their tokens. The fused output norm's
+//   Σy² takes the same path. Every DSMEM access is a store before a cluster barrier, so no CTA reads a peer's shared
+//   memory and none may exit while a peer still writes to it.
+// - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
+//   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
+//   mix CTAs have read it too.
+// - Numerics as the decode kernel's, except the order of the sums over the slices (ranks in a cluster, then
+//   clusters), so a launch's results depend on the kernel that served it.
+inline constexpr int kClusterCtas = 8;
+inline constexpr int kMaxSliceClusters = kDecodeMaxSlices / kClusterCtas;
+// Items a CTA sums over the clusters, at most kGatherPasses per lane (a mix CTA: 21 items for each of 2 tokens, 16
+// items per pass when Q > 8).
+inline constexpr int kGatherPasses = 3;
+
+struct ClusterDecodeArgs {
+  const float* X;
+  const float* fn;
+  const float* base;
+  const float* scale;
+  int tokens;
+  int hidden;
+  int slices;
+  int clusters;  // Q: slice clusters
+  int sinkhorn_iters;
+  float hc_eps;
+  float norm_eps;
+  bool round_to_bf16;
+  float* y;
+  __nv_bfloat16* y_bf16;
+  float* post;
+  float* comb;
+  // The fused variant's hc_post inputs and its updated residual.
+  const float* out;
+  const float* post_in;
+  const float* comb_in;
+  float* X_out;
+  // Optional fused output norm.
+  const float* norm_weight;
+  bool norm_round_to_bf16;
+  unsigned* header;                  // [0] launch epoch
+  unsigned long long* row_words;     // [partial rows][16][Q] tagged: each slice cluster's partial sums
+  unsigned long long* square_words;  // [16][Q] tagged: each slice cluster's Σy²
+};
+
+// PTX ISA "barrier.cluster": arrive (releasing this thread's earlier writes, DSMEM stores included) and wait
+// (acquiring the other threads' writes). The arrive at entry is relaxed: it only says the CTA has started.
+__device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
+__device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+__device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
+
+// Stores `value` at the position of `local` (this CTA's shared memory) in the shared memory of cluster CTA `rank`.
+__device__ inline void store_to_cluster_cta(float* local, unsigned rank, float value) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(value) : "memory");
+}
+
+// Sums over the Q = `clusters` tagged words of each of `count` items (item i's words at word_base(i)[0 .. Q)), by the
+// CTA's threads: `lanes` (the power of two ≥ Q) aligned lanes per item, lane l reading word l, items i = pass ·
+// (threads / lanes) + thread / lanes. Every word is read before any stale one is re-read. Each lane of an item's group
+// then calls deliver(i, sum, l) with the same sum (a butterfly: one fixed order).
+template <class WordBase, class Deliver>
+__device__ __forceinline__ void sum_cluster_words(int count, int clusters, unsigned tag, WordBase word_base,
+                                                  Deliver deliver) {
+  const int lanes = slice_sum_lanes(clusters);
+  const int per_pass = kDecodeThreads / lanes;
+  const int l = threadIdx.x & (lanes - 1);
+  const auto item_of = [&](int pass) { return pass * per_pass + int(threadIdx.x) / lanes; };
+  const auto reads = [&](int pass) { return item_of(pass) < count && l < clusters; };
+  unsigned long long words[kGatherPasses] = {};
+#pragma unroll
+  for (int p = 0; p < kGatherPasses; ++p)
+    if (reads(p)) words[p] = load_relaxed_u64(word_base(item_of(p)) + l);
+  while (true) {
+    bool stale = false;
+#pragma unroll
+    for (int p = 0; p < kGatherPasses; ++p) stale |= reads(p) && unsigned(words[p] >> 32) != tag;
+    if (!stale) break;
+    __nanosleep(32);
+#pragma unroll
+    for (int p = 0; p < kGatherPasses; ++p)
+      if (reads(p) && unsigned(words[p] >> 32) != tag) words[p] = load_relaxed_u64(word_base(item_of(p)) + l);
+  }
+#pragma unroll
+  for (int p = 0; p < kGatherPasses; ++p) {
+    if (p * per_pass >= count) break;  // uniform: every lane leaves together
+    float sum = reads(p) ? __uint_as_float(unsigned(words[p])) : 0.0f;
+    for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    if (item_of(p) < count) deliver(item_of(p), sum, l);
+  }
+}
+
+// A mix CTA of the cluster decode kernel (cluster 0, CTA `rank`): post and comb of tokens rank and rank + 8 from the
+// slice clusters' words of Σx², the post rows and the comb rows.
+__device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigned rank, int tokens_here) {
+  constexpr int kMixItems = 1 + (kPartialRows<false> - 1 - kStreams);  // Σx², post ×4, comb ×16
+  static_assert(kTileTokens / kClusterCtas * kMixItems <= kGatherPasses * (kDecodeThreads / 16),
+                "a mix CTA's items fit the passes");
+  __shared__ float totals[kPartialRows<false>][kTileTokens];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int Q = args.clusters;
+  const int64_t flat = int64_t(kStreams) * args.hidden;
+  // The parameters before the grid-dependency wait (they do not depend on the previous kernel): a warp's lanes 0..3
+  // take post's, lane 0 comb's.
+  const bool runs_mix = warp < tokens_here;
+  const float post_scale = runs_mix ? args.scale[1] : 0.0f, comb_scale = runs_mix ? args.scale[2] : 0.0f;
+  const float post_base = runs_mix && lane < kStreams ? args.base[kStreams + lane] : 0.0f;
+  float comb_base[kStreams * kStreams] = {};
+  if (runs_mix && lane == 0)
+#pragma unroll
+    for (int l = 0; l < kStreams * kStreams; ++l) comb_base[l] = args.base[2 * kStreams + l];
+  wait_for_prior_grids();
+  const unsigned tag = load_relaxed_u32(args.header) + 1u;
+  cluster_arrive_relaxed();  // this CTA has read the epoch
+  // Item i: token rank + 8·(i / kMixItems), mix item i mod kMixItems (partial row 0, then rows 5..24).
+  const auto row_of = [](int item) { return item == 0 ? 0 : kStreams + item; };
+  sum_cluster_words(
+      tokens_here * kMixItems, Q, tag,
+      [&](int i) {
+        const int t = int(rank) + kClusterCtas * (i / kMixItems);
+        return args.row_words + int64_t(row_of(i % kMixItems) * kTileTokens + t) * Q;
+      },
+      [&](int i, float sum, int l) {
+        if (l == 0) totals[row_of(i % kMixItems)][int(rank) + kClusterCtas * (i / kMixItems)] = sum;
+      });
+  __syncthreads();
+  if (runs_mix) {
+    const int t = int(rank) + kClusterCtas * warp;
+    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    if (lane < kStreams)
+      args.post[t * kStreams + lane] =
+          2.0f * sigmoid(totals[1 + kStreams + lane][t] * inv_rms * post_scale + post_base);
+    if (lane == 0) {
+      float c[kStreams * kStreams];
+#pragma unroll
+      for (int l = 0; l < kStreams * kStreams; ++l)
+        c[l] = totals[1 + 2 * kStreams + l][t] * inv_rms * comb_scale + comb_base[l];
+      sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
+#pragma unroll
+      for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
+    }
+  }
+  cluster_wait();
+  // Mix CTA 0 has read token 0's words from every slice cluster, and the barrier shows every mix CTA has read the
+  // epoch: no CTA of this launch reads it any more.
+  if (rank == 0 && tid == 0) args.header[0] = tag;
+}
+
+template <bool kHead, bool kPost>
+__global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(const ClusterDecodeArgs args) {
+  constexpr int kRows = kProjectionRows<kHead>;
+  constexpr int kPartial = kPartialRows<kHead>;
+  constexpr int kNTiles = (kRows + 7) / 8;
+  constexpr int kWarps = kDecodeThreads / 32;
+  constexpr int kWarpsPerStream = kDecodeSliceDims / 32;
+  constexpr int kPartialFloats = kPartial * kTileTokens;
+  constexpr int kCollapseRows = 1 + kStreams;                      // Σx² and the pre rows
+  constexpr int kTokensPerCta = kTileTokens / kClusterCtas;        // tokens t = rank + 8m a CTA sums for its cluster
+  static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
+  static_assert(kDecodeThreads == kTileTokens * (kDecodeSliceDims / 4), "one thread per token vector");
+
+  extern __shared__ float4 dynamic_smem[];
+  float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
+  float* const warp_sums = tile + kTileTokens * kDecodeLdx;     // [warp][partial rows][16]
+  // Written by the cluster's CTAs (DSMEM): partials [source rank][row][m] of this CTA's tokens, then totals.
+  __shared__ float gathered[kClusterCtas][kPartial][kTokensPerCta];
+  __shared__ float totals[kCollapseRows][kTileTokens];
+  __shared__ float square_gathered[kClusterCtas][kTokensPerCta];
+  __shared__ float square_totals[kTileTokens];
+  __shared__ float pre_s[kTileTokens][kStreams];
+
+  allow_dependents();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int d = args.hidden, T = args.tokens, Q = args.clusters;
+  const int64_t flat = int64_t(kStreams) * d;
+  const unsigned rank = blockIdx.x % kClusterCtas;  // 1-D clusters of kClusterCtas consecutive CTAs
+  const int cluster = int(blockIdx.x / kClusterCtas);
+  constexpr int kMixClusters = kHead ? 0 : 1;  // cluster 0 of hc_pre / hc_post_pre: the mix CTAs
+
+  // Tokens t = rank + 8m (m < tokens_here) whose sums this CTA forms for its cluster (mix CTA: whose mix it runs).
+  const int tokens_here = T > int(rank) ? (T - int(rank) + kClusterCtas - 1) / kClusterCtas : 0;
+  if constexpr (!kHead) {
+    if (cluster == 0) return cluster_decode_mix(args, rank, tokens_here);
+  }
+
+  const int q = cluster - kMixClusters;
+  const int slice = q * kClusterCtas + int(rank);
+  const int i0 = slice * kDecodeSliceDims;
+  const int width = min(kDecodeSliceDims, d - i0);  // ≤ 0: an idle slice past the hidden size
+
+  // Weights first (they do not depend on the previous kernel), as in the decode kernel.
+  const int g = lane >> 2, t4 = lane & 3;
+  const int stream = warp / kWarpsPerStream;
+  const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
+  float fn_frag[2][kNTiles][4];
+  load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + min(i0, d), flat, column0, width, g);
+  const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
+  const bool owner = vt < T && vi < width;
+  float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (args.norm_weight != nullptr && owner)
+    norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
+  // pre's parameters, for thread 4·t + k.
+  const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
+  cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
+
+  wait_for_prior_grids();
+  const unsigned tag = load_relaxed_u32(args.header) + 1u;
+  {
+    float4 x[kStreams];
+    const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k)
+      x[k] = owner ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if constexpr (kPost) {
+      if (owner) {
+        const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(vt) * d + i0 + vi);
+        float mix[kMixFloats];
+#pragma unroll
+        for (int m = 0; m < kMixFloats / 4; ++m) {
+          const float4 v = *reinterpret_cast<const float4*>(
+              m == 0 ? args.post_in + vt * kStreams : args.comb_in + (vt * kStreams + m - 1) * kStreams);
+          mix[4 * m] = v.x;
+          mix[4 * m + 1] = v.y;
+          mix[4 * m + 2] = v.z;
+          mix[4 * m + 3] = v.w;
+        }
+        float4 updated[kStreams];
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k)
+          updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
+        float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) {
+          x[k] = updated[k];
+          *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k)
+      *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
+  }
+  __syncthreads();
+  project_tile_3xtf32<kRows>(tile + stream * kDecodeSliceDims + column0, kDecodeLdx, fn_frag, g, t4,
+                             warp_sums + warp * kPartialFloats);
+  __syncthreads();
+
+  // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
+  cluster_wait();
+  for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
+    const int row = item / kTileTokens, t = item % kTileTokens;
+    if (t >= T) continue;
+    float sum = warp_sums[item];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
+    store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
+  }
+  cluster_arrive();
+  cluster_wait();
+  // This CTA's items (row, t = rank + 8m): the cluster's sum, ranks in order, published for the other clusters.
+  if (tid < kPartial * kTokensPerCta) {
+    const int row = tid / kTokensPerCta, m = tid % kTokensPerCta, t = int(rank) + kClusterCtas * m;
+    if (t < T) {
+      float sum = gathered[0][row][m];
+#pragma unroll
+      for (int r = 1; r < kClusterCtas; ++r) sum += gathered[r][row][m];
+      store_relaxed_u64(args.row_words + int64_t(row * kTileTokens + t) * Q + q, tagged(sum, tag));
+    }
+  }
+  // Global hop: the Σx² and pre totals of this CTA's tokens, pushed into every CTA of the cluster.
+  // The lanes of an item's group push its total into the cluster's CTAs, lane l into CTAs l, l + lanes, ….
+  const int group_lanes = slice_sum_lanes(Q);
+  const auto push_to_cluster = [&](float* local, float value, int l) {
+    for (int r = l; r < kClusterCtas; r += group_lanes) store_to_cluster_cta(local, unsigned(r), value);
+  };
+  // Item i: row i / tokens_here, token rank + 8·(i mod tokens_here).
+  const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
+  sum_cluster_words(
+      kCollapseRows * tokens_here, Q, tag,
+      [&](int i) { return args.row_words + int64_t((i / tokens_here) * kTileTokens + token_of(i)) * Q; },
+      [&](int i, float sum, int l) { push_to_cluster(&totals[i / tokens_here][token_of(i)], sum, l); });
+  if constexpr (kHead) {
+    // No mix cluster: CTA 0 of slice cluster 0 has read token 0's words from every slice cluster.
+    if (q == 0 && rank == 0 && tid == 0) args.header[0] = tag;
+  }
+  cluster_arrive();
+  cluster_wait();
+
+  if (tid < kStreams * T) {
+    const int t = tid / kStreams, k = tid % kStreams;
+    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    pre_s[t][k] = sigmoid(totals[1 + k][t] * inv_rms * pre_scale + pre_base) + args.hc_eps;
+  }
+  __syncthreads();
+
+  // Collapse: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
+  float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (owner) {
+    const float* x = tile + vt * kDecodeLdx + vi;
+    value = *reinterpret_cast<const float4*>(x);
+    const float p0 = pre_s[vt][0];
+    value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
+#pragma unroll
+    for (int k = 1; k < kStreams; ++k) {
+      const float4 xk = *reinterpret_cast<const float4*>(x + k * kDecodeSliceDims);
+      const float pk = pre_s[vt][k];
+      value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
+                          fmaf(pk, xk.w, value.w));
+    }
+    if (args.round_to_bf16)
+      value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
+                          round_to_bf16(value.w));
+  }
+  if (args.norm_weight != nullptr) {
+    // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
+    float squares = fmaf(value.x, value.x, 0.0f);
+    squares = fmaf(value.y, value.y, squares);
+    squares = fmaf(value.z, value.z, squares);
+    squares = fmaf(value.w, value.w, squares);
+#pragma unroll
+    for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
+    if (vi == 0 && vt < T)
+      store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
+    cluster_arrive();
+    cluster_wait();
+    if (tid < kTokensPerCta) {
+      const int t = int(rank) + kClusterCtas * tid;
+      if (t < T) {
+        float sum = square_gathered[0][tid];
+#pragma unroll
+        for (int r = 1; r < kClusterCtas; ++r) sum += square_gathered[r][tid];
+        store_relaxed_u64(args.square_words + int64_t(t) * Q + q, tagged(sum, tag));
+      }
+    }
+    sum_cluster_words(
+        tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
+        [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], sum, l); });
+    cluster_arrive();
+    cluster_wait();
+    if (owner) {
+      // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
+      const float inv_rms = 1.0f / sqrtf(square_totals[vt] / float(d) + args.norm_eps);
+      value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
+                          value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
+      if (args.norm_round_to_bf16)
+        value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
+                            round_to_bf16(value.w));
+    }
+  }
+  if (owner) {
+    const int64_t offset = int64_t(vt) * d + i0 + vi;
+    if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
+    if (args.y_bf16 != nullptr) {
+      const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
+      const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
+      uint2 packed;
+      packed.x = *reinterpret_cast<const uint32_t*>(&low);
+      packed.y = *reinterpret_cast<const uint32_t*>(&high);
+      *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
+    }
   }
 }
 

@@ -23,6 +23,9 @@
 //   results depend on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals
 //   instead of dividing (a few ulps). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC
 //   kernel: only the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
+// - Cluster decode kernel (kernel = CLUSTER, same limits): the decode kernel's 64-dim slices in clusters of 8 CTAs
+//   (plus one cluster for post/comb); each sum over the slices is one cluster (DSMEM) step and one global hop. Its
+//   sums run in yet another order (ranks of a cluster, then clusters). Same workspace.
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
@@ -48,8 +51,9 @@ inline constexpr int64_t kHcDecodeMaxTokens = 16;
 inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
 // Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the decode kernel where it applies (above),
-// the persistent kernel elsewhere; PERSISTENT: the persistent kernel always (the comparison baseline).
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT };
+// the persistent kernel elsewhere; PERSISTENT: the persistent kernel always (the comparison baseline); CLUSTER: the
+// cluster decode kernel where the decode kernel would apply (the persistent kernel elsewhere).
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
