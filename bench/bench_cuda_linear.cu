@@ -227,7 +227,12 @@ int main(int argc, char** argv) {
     const std::vector<Shape> all_shapes = {
         {"flash", "wq_a", 1024, 4096, 1},     {"flash", "wq_b", 32768, 1024, 1},     {"flash", "wkv", 512, 4096, 1},
         {"flash", "wo_a", 8192, 4096, 8},     {"flash", "wo_b", 4096, 8192, 1},      {"flash", "expert_w1", 2048, 4096, 1},
-        {"flash", "expert_w2", 4096, 2048, 1}, {"pro", "wq_a", 1536, 7168, 1},       {"pro", "wq_b", 65536, 1536, 1},
+        {"flash", "expert_w2", 4096, 2048, 1},
+        // The engine's stacked and small projections: [wq_a; wkv], the CSA / HCA compressors' stack, the
+        // indexer's wq_b and weights_proj.
+        {"flash", "wq_a_wkv", 1536, 4096, 1},  {"flash", "compressors_csa", 2560, 4096, 1},
+        {"flash", "compressors_hca", 1024, 4096, 1}, {"flash", "indexer_wq_b", 8192, 1024, 1},
+        {"flash", "weights_proj", 64, 4096, 1}, {"pro", "wq_a", 1536, 7168, 1},       {"pro", "wq_b", 65536, 1536, 1},
         {"pro", "wkv", 512, 7168, 1},         {"pro", "wo_a", 16384, 4096, 16},      {"pro", "wo_b", 7168, 16384, 1},
         {"pro", "expert_w1", 3072, 7168, 1},  {"pro", "expert_w2", 7168, 3072, 1}};
     std::vector<Shape> shapes;

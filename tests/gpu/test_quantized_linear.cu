@@ -745,13 +745,19 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
         for (int64_t k = 0; k < c.cols; ++k) x[size_t(t * c.cols + k)] = normal(rng) * row_scale;
       }
       for (float& v : norm_weight) v = 1.0f + 0.5f * normal(rng);
+      // Odd token counts read rows of a wider buffer (the model's [q_a | kv] rows): the gaps hold values that
+      // would wreck the sums if read.
+      const int64_t x_stride = tokens % 2 == 1 ? c.cols + 512 : c.cols;
+      std::vector<float> x_strided(size_t(tokens * x_stride), 1e30f);
+      for (int t = 0; t < tokens; ++t)
+        std::copy_n(x.begin() + t * c.cols, c.cols, x_strided.begin() + t * x_stride);
       const DeviceMatrix weight(o.host.matrix, "norm prologue weight");
-      const DeviceBuffer x_device = to_device(x, "x fp32"), weight_device = to_device(norm_weight, "norm weight");
+      const DeviceBuffer x_device = to_device(x_strided, "x fp32"), weight_device = to_device(norm_weight, "norm weight");
       DeviceBuffer normed(size_t(tokens * c.cols) * 2, "x normed bf16");
       DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
       RmsNormParams norm;
       norm.x = x_device.as<float>(), norm.weight = weight_device.as<float>(), norm.rows = tokens;
-      norm.width = c.cols, norm.eps = kEps, norm.y_bf16 = normed.as<__nv_bfloat16>();
+      norm.x_row_stride = x_stride, norm.width = c.cols, norm.eps = kEps, norm.y_bf16 = normed.as<__nv_bfloat16>();
       run_rms_norm(norm);
 
       // CPU: rms_norm, bf16 rounding, linear; the bound allows one bf16 step of every input (the CPU's sum of
@@ -784,7 +790,7 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
                                 .workspace = workspace.data(),
                                 .workspace_bytes = workspace.bytes()};
         run_quantized_linear(p, config);
-        p.x = nullptr;
+        p.x = nullptr, p.x_row_stride = x_stride;
         p.norm_x = x_device.as<float>(), p.norm_weight = weight_device.as<float>(), p.norm_eps = kEps;
         p.y = fused.as<float>();
         run_quantized_linear(p, config);

@@ -247,7 +247,7 @@ __device__ __forceinline__ void issue_first_stages(const tile::stream::StreamMap
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
   for (int j = 0; j < ring.slots && j < stages; ++j) {
     const int slot = int((ring.position + uint32_t(j)) % uint32_t(ring.slots));
-    st::issue_stage<F>(maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::kSlotBytes,
+    st::issue_stage<F>(maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
                        ring.full + slot);
   }
 }
@@ -288,11 +288,11 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       float block_scales[st::kMaxBlocksPerStage];
       st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-      st::multiply_stage<F, NT, C>(ring.stages + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+      st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
                                    lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
-        st::issue_stage<F>(maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::kSlotBytes,
+        st::issue_stage<F>(maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
                            ring.full + slot);
     }
   }
@@ -300,21 +300,23 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
   if (has_rows) ring.position += uint32_t(stages);
 }
 
-// Dynamic shared memory of the STREAMED kernels: up to 1 KB of alignment, 4 rings of `slots` slots, then the x tile.
+// Dynamic shared memory of the STREAMED kernels: up to 1 KB of alignment, 4 rings of `slots` slots (slot_bytes(F)
+// each), then the x tile.
 struct StreamedSmem {
   WarpRing ring;
   __nv_bfloat16* x_tile;
 };
 
+template <tile::TileFormat F>
 __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers) {
   namespace st = tile::stream;
   uint8_t* smem = st::align_slots(storage);
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
-  return {.ring = {.stages = smem + size_t(warp_idx) * slots * st::kSlotBytes,
+  return {.ring = {.stages = smem + size_t(warp_idx) * slots * st::slot_bytes(F),
                    .full = full_barriers + warp_idx * st::kMaxSlots,
                    .slots = slots,
                    .position = 0},
-          .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::kSlotBytes)};
+          .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F))};
 }
 
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
@@ -327,7 +329,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  StreamedSmem smem = streamed_smem(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
+  StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
 
@@ -392,7 +394,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
-  StreamedSmem smem = streamed_smem(reinterpret_cast<uint8_t*>(smem_storage), args.first.ring_slots, full_barriers);
+  StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.first.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
   const int warp_row = int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;

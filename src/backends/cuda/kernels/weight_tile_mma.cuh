@@ -660,6 +660,11 @@ __host__ __device__ constexpr int64_t stage_k(TileFormat f) { return int64_t(kRo
 __host__ __device__ constexpr int stage_scale_bytes(TileFormat f) {
   return f == TileFormat::MXFP4 ? int(stage_k(f) / 32) : f == TileFormat::NVFP4 ? int(stage_k(f) / 16) : 0;
 }
+// The slot one format needs: 4 KB of data, plus 1 KB for fp4 scales (a 1 KB multiple keeps the swizzled boxes
+// aligned). kSlotBytes serves every format (rings shared across formats); a single-format ring may pack tighter.
+__host__ __device__ constexpr int slot_bytes(TileFormat f) {
+  return stage_scale_bytes(f) > 0 ? kSlotBytes : kRowBytes * kTileRows;
+}
 
 // Whether the streamed tiles can read `w` (16-byte aligned rows and scale slices; see the contract).
 __host__ __device__ inline bool streamed_tile_applies(const DeviceMatrixView& w, TileFormat f) {
