@@ -159,6 +159,7 @@ cuda::CudaModelOptions batch_options(bool fused = false) {
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;
+  options.fused_wo = fused;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks

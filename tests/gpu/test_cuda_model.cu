@@ -188,9 +188,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // The step's fused launches, none, each alone and all together: CudaModelOptions::fuse_projections (one launch for
 // [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch; with stack_indexer_projections
 // also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors', and fuse_compressor_pools: a CSA
-// layer's two compressor pools in one launch), norms_in_mhc (the sub-block
-// norms inside mHC's launches), bf16_wo_a and q_norm_prologue (the linear layers' fused output and input): the same
-// bounds against the CPU, prefill and decode.
+// layer's two compressor pools in one launch), norms_in_mhc (the sub-block norms inside mHC's launches), bf16_wo_a,
+// fused_wo and q_norm_prologue (the linear layers' fused output, wo_a → wo_b pair and input): the same bounds against
+// the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -211,6 +211,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.norms_in_mhc = fused.norms;
     options.bf16_wo_a = fused.linear_io;
     options.q_norm_prologue = fused.linear_io;
+    options.fused_wo = fused.linear_io;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io;

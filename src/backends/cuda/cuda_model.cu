@@ -146,7 +146,7 @@ DeviceMatrixView stacked_shape(std::initializer_list<DeviceMatrixView> parts) {
 // The linear layers' largest workspace, over any weight tree (host or device) through `view_of`, stacked
 // projections (CudaModelOptions::fuse_projections) included.
 template <class Weights, class ViewOf>
-size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) {
+size_t largest_linear_workspace(const Weights& w, int o_groups, bool fused_wo, ViewOf view_of) {
   size_t bytes = 0;
   auto note_view = [&](const DeviceMatrixView& v, int groups = 1) {
     if (v.rows > 0) bytes = std::max(bytes, linear_workspace_bytes(v, groups));
@@ -155,6 +155,8 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) 
   note(w.head);
   for (const auto& b : w.layers) {
     note(b.attn.wq_a), note(b.attn.wq_b), note(b.attn.wkv), note(b.attn.wo_b), note(b.attn.wo_a, o_groups);
+    if (fused_wo) bytes = std::max(bytes, linear_pair_workspace_bytes(view_of(b.attn.wo_a), o_groups,
+                                                                      view_of(b.attn.wo_b)));
     note_view(stacked_shape({view_of(b.attn.wq_a), view_of(b.attn.wkv)}));
     if (b.attn.compressor) {
       note(b.attn.compressor->wkv), note(b.attn.compressor->wgate);
@@ -452,15 +454,13 @@ struct CudaModel::Impl {
                                                 [](const QuantizedMatrix& m) {
                                                   return m.rows > 0 ? m.stored_bytes() : 0;
                                                 });
-      linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), [](const QuantizedMatrix& m) {
-        return shape_view(m);
-      });
+      linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), o.fused_wo,
+                                                       [](const QuantizedMatrix& m) { return shape_view(m); });
     } else {
       check(device->layers.size() == size_t(L), "CUDA model: the device weights have ", device->layers.size(),
             " layers, the config ", L);
-      linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), [](const DeviceMatrix& m) {
-        return m.view();
-      });
+      linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), o.fused_wo,
+                                                       [](const DeviceMatrix& m) { return m.view(); });
       if (o.fuse_projections)
         plan.stacked = stacked_projection_bytes(*device, o.stack_indexer_projections,
                                                 [](const DeviceMatrix& m) { return m.view().stored_bytes; });
@@ -1002,12 +1002,14 @@ struct CudaModel::Impl {
       LinearCall wo_a = linear_call(w.wo_a.view(), name + " wo_a", T);
       wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
       wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
-      run_linear(wo_a);
+      LinearCall wo_b = linear_call(w.wo_b.view(), name + " wo_b", T);
+      wo_b.x = s.z_bf16, wo_b.x_row_stride = c.o_proj_dim(), wo_b.y = s.out, wo_b.y_row_stride = d;
+      run_linear_pair(wo_a, wo_b, options.fused_wo);
     } else {
       linear(w.wo_a.view(), name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
       run_to_bf16(s.z, T * c.o_proj_dim(), s.z_bf16, stream);
+      linear(w.wo_b.view(), name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
     }
-    linear(w.wo_b.view(), name + " wo_b", s.z_bf16, c.o_proj_dim(), T, s.out, d);
   }
 
   // Nodes captured so far into the graph `stream` is capturing.

@@ -51,6 +51,9 @@ struct CudaModelOptions {
   bool norms_in_mhc = true;
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
+  // With bf16_wo_a, wo_a and wo_b in one launch where the pair kernel applies (run_linear_pair: one format, steps of
+  // up to 16 tokens): one launch fewer per layer, the same sums.
+  bool fused_wo = false;
   // q_norm as the RMSNorm prologue of wq_b and the indexer's wq_b in steps of up to 16 tokens (the queries' per-head
   // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer, but slower on an
   // H200 (ncu, Flash wq_b at batch 1: 30.6 µs with the prologue against 17.0 µs plus a ~5 µs norm without).
