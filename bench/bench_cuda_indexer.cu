@@ -3,6 +3,9 @@
 // - indexer scores (run_indexer_scores, bf16 mma.sync) at 64K and 1M context (key_count = context / 4), 1, 8 and
 //   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
+//   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
+//   twice the bf16 rate; and raw queries (the preparation folded into the score kernel) against indexer_prepare +
+//   scores, in both formats.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -153,49 +156,95 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   const int64_t keys = context / kRatio;
   const std::string shape = std::to_string(context / 1024) + "K context (" + std::to_string(keys) + " keys), T=" +
                             std::to_string(tokens);
-  // Reference-mode operands: Hadamard + fp4-rounded on the device (bf16 holds them exactly), as the model stores them.
-  auto rounded_bf16 = [&](int64_t rows, const char* what) {
-    DeviceBuffer values = to_device(normal_floats(size_t(rows * kHeadDim), 1.0f, rng), what);
-    DeviceBuffer out(size_t(rows * kHeadDim) * 2, what);
-    run_indexer_prepare({.input = values.as<float>(),
-                         .output = out.as<__nv_bfloat16>(),
-                         .tokens = rows,
-                         .heads = 1,
-                         .head_dim = kHeadDim,
-                         .reference_rounding = true});
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-    return out;
-  };
-  DeviceBuffer key_source = rounded_bf16(keys, "keys");
-  DeviceBuffer q = rounded_bf16(tokens * kHeads, "q");
+  // Reference-mode operands, as the model stores them: Hadamard + fp4-rounded on the device, which bf16 and fp8
+  // (with its per-vector scale) both hold exactly. Queries get RoPE on their last 64 dims.
+  DeviceBuffer key_values = to_device(normal_floats(size_t(keys * kHeadDim), 1.0f, rng), "key values");
+  DeviceBuffer q_raw = to_device(normal_floats(size_t(tokens * kHeads * kHeadDim), 1.0f, rng), "raw q");
+  std::vector<float> frequencies(kHeadDim / 4);
+  for (size_t i = 0; i < frequencies.size(); ++i) frequencies[i] = float(std::pow(160000.0, -2.0 * double(i) / 64.0));
+  DeviceBuffer d_frequencies = to_device(frequencies, "frequencies");
   std::vector<int64_t> positions(static_cast<size_t>(tokens));
   for (int t = 0; t < tokens; ++t) positions[size_t(t)] = context - tokens + t;
+  DeviceBuffer d_positions = to_device(positions, "positions");
 
-  const size_t key_bytes = key_source.bytes();
-  const int copies = int(std::max<size_t>(2, (size_t(200) << 20) / key_bytes + 1));
-  std::vector<DeviceBuffer> key_copies;
+  const size_t key_bytes = size_t(keys * kHeadDim) * 2;
+  const size_t fp8_key_bytes = size_t(keys * kHeadDim);  // then the fp32 scales, in the same buffer
+  const size_t fp8_bytes = fp8_key_bytes + size_t(keys) * 4;
+  DeviceBuffer key_source(key_bytes, "keys"), fp8_source(fp8_bytes, "fp8 keys");
+  run_indexer_prepare({.input = key_values.as<float>(),
+                       .output = key_source.as<__nv_bfloat16>(),
+                       .tokens = keys,
+                       .heads = 1,
+                       .head_dim = kHeadDim,
+                       .reference_rounding = true});
+  run_indexer_prepare({.input = key_values.as<float>(),
+                       .output_fp8 = fp8_source.as<uint8_t>(),
+                       .output_scales = reinterpret_cast<float*>(fp8_source.as<uint8_t>() + fp8_key_bytes),
+                       .tokens = keys,
+                       .heads = 1,
+                       .head_dim = kHeadDim,
+                       .reference_rounding = true});
+  DeviceBuffer q(size_t(tokens * kHeads * kHeadDim) * 2, "q"), q_fp8(size_t(tokens * kHeads * kHeadDim), "fp8 q");
+  DeviceBuffer q_scales(size_t(tokens * kHeads) * 4, "q scales");
+  auto prepare_q = [&](cudaStream_t on, bool fp8) {
+    run_indexer_prepare({.input = q_raw.as<float>(),
+                         .output = fp8 ? nullptr : q.as<__nv_bfloat16>(),
+                         .output_fp8 = fp8 ? q_fp8.as<uint8_t>() : nullptr,
+                         .output_scales = fp8 ? q_scales.as<float>() : nullptr,
+                         .tokens = tokens,
+                         .heads = kHeads,
+                         .head_dim = kHeadDim,
+                         .positions = d_positions.as<int64_t>(),
+                         .rope_frequencies = d_frequencies.as<float>(),
+                         .rope_dim = kHeadDim / 2,
+                         .reference_rounding = true,
+                         .stream = on});
+  };
+  prepare_q(stream, false);
+  prepare_q(stream, true);
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+
+  // Keys rotate over copies beyond the L2 (bf16 and fp8 alike), so every call streams them from HBM.
+  const int copies = int(std::max<size_t>(2, (size_t(200) << 20) / fp8_bytes + 1));
+  std::vector<DeviceBuffer> key_copies, fp8_copies;
   for (int i = 0; i < copies; ++i) {
     key_copies.emplace_back(key_bytes, "keys");
     DSV4_CUDA_CHECK(cudaMemcpy(key_copies.back().data(), key_source.data(), key_bytes, cudaMemcpyDeviceToDevice));
+    fp8_copies.emplace_back(fp8_bytes, "fp8 keys");
+    DSV4_CUDA_CHECK(cudaMemcpy(fp8_copies.back().data(), fp8_source.data(), fp8_bytes, cudaMemcpyDeviceToDevice));
   }
   DeviceBuffer weights = to_device(normal_floats(size_t(tokens * kHeads), 1.0f, rng), "w");
-  DeviceBuffer d_positions = to_device(positions, "positions");
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  auto scores_params = [&](cudaStream_t on) {
-    return IndexerScoresParams{.q = q.as<__nv_bfloat16>(),
-                               .head_weights = weights.as<float>(),
-                               .keys = key_copies[size_t(rotation++ % copies)].as<__nv_bfloat16>(),
-                               .key_count = keys,
-                               .positions = d_positions.as<int64_t>(),
-                               .tokens = tokens,
-                               .heads = kHeads,
-                               .head_dim = kHeadDim,
-                               .ratio = kRatio,
-                               .scores = scores.as<float>(),
-                               .score_stride = keys,
-                               .stream = on};
+  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel.
+  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false) {
+    IndexerScoresParams p{.head_weights = weights.as<float>(),
+                          .key_count = keys,
+                          .positions = d_positions.as<int64_t>(),
+                          .tokens = tokens,
+                          .heads = kHeads,
+                          .head_dim = kHeadDim,
+                          .ratio = kRatio,
+                          .scores = scores.as<float>(),
+                          .score_stride = keys,
+                          .stream = on};
+    const int copy = rotation++ % copies;
+    if (fp8) {
+      p.keys_fp8 = fp8_copies[size_t(copy)].as<uint8_t>();
+      p.key_scales = reinterpret_cast<const float*>(fp8_copies[size_t(copy)].as<uint8_t>() + fp8_key_bytes);
+    } else {
+      p.keys = key_copies[size_t(copy)].as<__nv_bfloat16>();
+    }
+    if (raw) {
+      p.q_raw = q_raw.as<float>(), p.rope_frequencies = d_frequencies.as<float>(), p.rope_dim = kHeadDim / 2;
+      p.reference_rounding = true;
+    } else if (fp8) {
+      p.q_fp8 = q_fp8.as<uint8_t>(), p.q_scales = q_scales.as<float>();
+    } else {
+      p.q = q.as<__nv_bfloat16>();
+    }
+    return p;
   };
   const double score_us = graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on)); });
   // Baseline: the dots alone, keys [keys, 128] × q^T → [keys, heads·T] fp32, one cuBLAS bf16 GEMM.
@@ -214,6 +263,26 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       std::max(score_bytes / (copy_gbps * 1e3), score_flops / (gemm_tflops * 1e6));
   rows.push_back({"indexer scores", shape, score_us, score_floor_us, gemm_us, score_bytes, score_flops,
                   "baseline: cuBLAS bf16 GEMM of the dots only"});
+  // fp8 keys and queries; the same-run bf16 kernel is the baseline. Compute floor at twice the bf16 tensor rate.
+  const double fp8_us = graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, true)); });
+  const double fp8_score_bytes =
+      double(fp8_bytes) + double(tokens) * keys * 4 + double(q_fp8.bytes()) + double(q_scales.bytes());
+  const double fp8_floor_us =
+      std::max(fp8_score_bytes / (copy_gbps * 1e3), score_flops / (2 * gemm_tflops * 1e6));
+  rows.push_back({"indexer scores fp8", shape, fp8_us, fp8_floor_us, score_us, fp8_score_bytes, score_flops,
+                  "keys 128 B + fp32 scale; floor flops at 2x the bf16 rate; baseline: the bf16 kernel"});
+  // The query preparation folded into the score kernel (raw q) against the two launches it replaces.
+  for (const bool fp8 : {false, true}) {
+    const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      prepare_q(on, fp8);
+      run_indexer_scores(scores_params(on, fp8));
+    });
+    const double raw_us =
+        graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, true)); });
+    rows.push_back({"indexer scores, raw q", shape + (fp8 ? ", fp8" : ", bf16"), raw_us,
+                    fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
+                    "prepare folded in; baseline: indexer_prepare + scores (two launches)"});
+  }
 
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");

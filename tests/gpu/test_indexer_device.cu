@@ -1,5 +1,8 @@
 // The lightning indexer on the GPU against the CPU ops: run_indexer_prepare vs RoPE + round_indexer_reference (bit
-// for bit), run_indexer_scores vs cpu::indexer_scores (visibility, −inf, summation-order tolerance), and run_top_k vs
+// for bit; its fp8 output vs the reference's fp8 block rounding, lossless on fp4-rounded vectors),
+// run_indexer_scores with bf16 and fp8 keys, prepared and raw queries, vs cpu::indexer_scores on the same operands
+// (visibility, −inf, summation-order tolerance; raw and prepared queries bit for bit alike), fp8 scores' top-k vs the
+// CPU's (differences only among near-ties), and run_top_k vs
 // cpu::select_top_k (exact indices and order) on distinct, tied, concentrated, signed-zero and infinite scores and
 // NaNs (ranked below every number, the flag raised), fewer visible than k, k = 0, 1024 and 2048, 262,144 candidates,
 // one CTA and many CTAs per query (ranges cached in shared memory and streamed; final sort and parallel ranking).
@@ -27,7 +30,9 @@
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/top_k.hpp"
 #include "core/bf16.hpp"
+#include "core/e8m0.hpp"
 #include "core/error.hpp"
+#include "core/fp8_e4m3.hpp"
 #include "support/device_buffers.hpp"
 #include "support/expect_error.hpp"
 
@@ -119,35 +124,159 @@ TEST(IndexerPrepare, MatchesRopeAndReferenceRoundingBitForBit) {
 
 // ------------------------------------------------------------------------------------------------------ scores
 
+enum class KeyFormat { Bf16, Fp8 };
+
+// indexer.hpp's fp8 operand rule, on the host: the bf16 operand quantised with one power-of-two scale for the row,
+// s = 2^ceil(log2(max(amax, 1e-4) / 448)), codes e4m3(x / s). Returns s.
+float quantize_fp8_row(const float* x, int64_t n, uint8_t* codes) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(round_to_bf16(x[i])));
+  const float scale = e8m0_to_float(float_to_e8m0_ceil(std::max(amax, 1e-4f) * (1.0f / kE4m3Max)));
+  for (int64_t i = 0; i < n; ++i) codes[i] = float_to_e4m3(round_to_bf16(x[i]) / scale);
+  return scale;
+}
+
+TEST(IndexerPrepare, Fp8OutputIsTheReferenceFp8RoundingOfTheBf16Operand) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int64_t tokens, heads, head_dim, rope_dim;
+  };
+  uint32_t seed = 50;
+  for (const bool reference : {false, true}) {
+    for (const Shape& c : {Shape{3, 64, 128, 64}, Shape{37, 1, 128, 64}, Shape{4, 8, 64, 32}, Shape{7, 3, 32, 16},
+                           Shape{6, 12, 32, 0}}) {
+      SCOPED_TRACE("fp8 prepare tokens=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) +
+                   " head_dim=" + std::to_string(c.head_dim) + (reference ? " reference" : " exact"));
+      std::mt19937 rng(seed++);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      const int64_t rows = c.tokens * c.heads;
+      std::vector<float> x(size_t(rows * c.head_dim));
+      for (int64_t r = 0; r < rows; ++r) {
+        const float scale = std::ldexp(1.0f, int(rng() % 17) - 8);
+        for (int64_t d = 0; d < c.head_dim; ++d) x[size_t(r * c.head_dim + d)] = normal(rng) * scale;
+      }
+      x[0] = 0.0f;  // a zero and a tiny row: the 1e-4 floor of amax
+      if (rows > 1)
+        for (int64_t d = 0; d < c.head_dim; ++d) x[size_t(c.head_dim + d)] *= 1e-7f;
+      std::vector<int64_t> positions(static_cast<size_t>(c.tokens));
+      for (auto& p : positions) p = int64_t(rng() % 1000000);
+      const cpu::RopeTable rope(160000.0, std::max<int64_t>(c.rope_dim, 2), cpu::YarnScaling{});
+      std::vector<float> operand = x;
+      if (c.rope_dim > 0) cpu::apply_rope(rope, operand.data(), positions.data(), {c.tokens, c.heads, c.head_dim, false});
+      if (reference) cpu::round_indexer_reference(operand.data(), rows, c.head_dim);
+      for (float& v : operand) v = round_to_bf16(v);  // the bf16 operand (unchanged in reference numerics)
+      // The reference's own fp8 rounding of each row as one block: what codes · scale must give.
+      std::vector<float> fp8_rounded = operand;
+      for (int64_t r = 0; r < rows; ++r) cpu::round_fp8_blocks_ue8m0(fp8_rounded.data() + r * c.head_dim, c.head_dim,
+                                                                     c.head_dim);
+
+      DeviceBuffer d_x = to_device(x, "x"), d_positions = to_device(positions, "positions");
+      DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies");
+      DeviceBuffer d_codes(x.size() + 16, "codes"), d_scales(size_t(rows) * 4 + 16, "scales");
+      d_codes.fill_bytes(0xFF);
+      d_scales.fill_bytes(0xFF);
+      run_indexer_prepare({.input = d_x.as<float>(),
+                           .output_fp8 = d_codes.as<uint8_t>(),
+                           .output_scales = d_scales.as<float>(),
+                           .tokens = c.tokens,
+                           .heads = c.heads,
+                           .head_dim = c.head_dim,
+                           .positions = d_positions.as<int64_t>(),
+                           .rope_frequencies = c.rope_dim > 0 ? d_freq.as<float>() : nullptr,
+                           .rope_dim = c.rope_dim,
+                           .reference_rounding = reference});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<uint8_t> codes = from_device<uint8_t>(d_codes, x.size() + 16);
+      const std::vector<float> scales = from_device<float>(d_scales, size_t(rows) + 4);
+      int failures = 0;
+      for (int64_t r = 0; r < rows && failures < 10; ++r) {
+        std::vector<uint8_t> want_codes(size_t(c.head_dim));
+        const float want_scale = quantize_fp8_row(operand.data() + r * c.head_dim, c.head_dim, want_codes.data());
+        float amax = 0.0f;
+        for (int64_t d = 0; d < c.head_dim; ++d) amax = std::max(amax, std::fabs(operand[size_t(r * c.head_dim + d)]));
+        const bool floored = amax < 1e-4f;  // the scale's floor, not amax, sets the scale: small values may flush
+        if (float_bits(scales[size_t(r)]) != float_bits(want_scale)) {
+          ++failures;
+          ADD_FAILURE() << "row " << r << ": scale " << scales[size_t(r)] << ", want " << want_scale;
+        }
+        for (int64_t d = 0; d < c.head_dim && failures < 10; ++d) {
+          const size_t i = size_t(r * c.head_dim + d);
+          const float value = round_to_bf16(e4m3_to_float(codes[i]) * scales[size_t(r)]);
+          if (codes[i] != want_codes[size_t(d)] || float_bits(value) != float_bits(fp8_rounded[i])) {
+            ++failures;
+            ADD_FAILURE() << "row " << r << " dim " << d << ": code 0x" << std::hex << int(codes[i]) << " want 0x"
+                          << int(want_codes[size_t(d)]) << std::dec << " (value " << value << ", reference fp8 "
+                          << fp8_rounded[i] << ", operand " << operand[i] << ")";
+          }
+          // Reference numerics: fp4 with per-32 power-of-two scales fits e4m3 under one scale, so fp8 loses nothing.
+          if (reference && !floored && float_bits(value) != float_bits(operand[i]) && failures < 10) {
+            ++failures;
+            ADD_FAILURE() << "row " << r << " dim " << d << ": fp8 " << value << " is not the fp4 operand "
+                          << operand[i];
+          }
+        }
+      }
+      for (size_t i = x.size(); i < codes.size(); ++i) ASSERT_EQ(codes[i], 0xFF) << "write past the codes at " << i;
+      for (size_t i = size_t(rows); i < scales.size(); ++i)
+        ASSERT_EQ(float_bits(scales[i]), 0xFFFFFFFFu) << "write past the scales at " << i;
+    }
+  }
+}
+
 struct ScoresCase {
   int64_t tokens, heads, head_dim, key_count, ratio;
   bool reference;     // q and keys fp4-rounded (bf16 holds them exactly) vs plain bf16-rounded
   int sequences = 1;  // > 1: queries of different sequences (slots) in one launch, each with its own keys
+  bool strided = false;  // token rows of the raw q and the head weights padded (NaN in the gaps), as in stacked outputs
 };
 
-void check_scores(const ScoresCase& c, uint32_t seed) {
+// Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: bf16 operands differ from the CPU only in the fp32 summation order; fp8
+// also in the tensor core's own accumulation of e4m3 products, whose precision PTX leaves unspecified.
+double score_tolerance(KeyFormat format) { return format == KeyFormat::Fp8 ? 2e-3 : 2e-5; }
+
+struct ScoresRun {
+  std::vector<float> scores;         // [tokens, stride] as the GPU wrote them
+  std::vector<float> expected;       // [tokens, key_count] CPU scores of the same operands
+  std::vector<double> tolerance;     // [tokens, key_count]
+  std::vector<int64_t> positions;
+  int64_t stride = 0;
+};
+
+// Scores of `format` keys for random queries, two ways: queries prepared by run_indexer_prepare (RoPE on the last
+// half of head_dim, the rounding, bf16 or fp8) and raw queries prepared by the score kernel itself. Both must match
+// the CPU's scores of the prepared operands (every element, visibility, −inf) and each other bit for bit.
+ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
+  const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
                std::to_string(c.head_dim) + " keys=" + std::to_string(c.key_count) +
-               (c.reference ? " reference" : " exact") + " sequences=" + std::to_string(c.sequences));
+               (c.reference ? " reference" : " exact") + (fp8 ? " fp8" : " bf16") + " sequences=" +
+               std::to_string(c.sequences));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  // Slot s's keys start at s·slot_stride (a padded stride); query t is of slot query_slot[t].
-  const int64_t slot_stride = c.sequences > 1 ? (c.key_count + 3) * c.head_dim : 0;
-  const int64_t key_rows = c.sequences > 1 ? c.sequences * (c.key_count + 3) : c.key_count;
-  std::vector<float> q(size_t(c.tokens * c.heads * c.head_dim)), keys(size_t(key_rows * c.head_dim));
+  // Slot s's keys start at row s·slot_rows (a padded stride); query t is of slot query_slot[t].
+  const int64_t slot_rows = c.sequences > 1 ? c.key_count + 3 : 0;
+  const int64_t key_rows = c.sequences > 1 ? c.sequences * slot_rows : c.key_count;
+  std::vector<float> q_raw(size_t(c.tokens * c.heads * c.head_dim)), keys(size_t(key_rows * c.head_dim));
   std::vector<int32_t> query_slot(size_t(c.tokens));
   for (int32_t& slot : query_slot) slot = int32_t(rng() % uint32_t(c.sequences));
   std::vector<float> weights(size_t(c.tokens * c.heads));
-  for (float& v : q) v = normal(rng);
+  for (float& v : q_raw) v = normal(rng);
   for (float& v : keys) v = normal(rng);
   for (float& v : weights) v = normal(rng);
-  // The GPU multiplies bf16 operands: give the CPU the same values, so the tolerance measures summation order only.
+  // Keys as the model stores them: rounded (reference) or bf16, then for fp8 quantised per key on the host.
   if (c.reference) {
-    cpu::round_indexer_reference(q.data(), c.tokens * c.heads, c.head_dim);
     cpu::round_indexer_reference(keys.data(), key_rows, c.head_dim);
   } else {
-    for (float& v : q) v = round_to_bf16(v);
     for (float& v : keys) v = round_to_bf16(v);
+  }
+  std::vector<uint8_t> key_codes(keys.size());
+  std::vector<float> key_scales(static_cast<size_t>(key_rows));
+  if (fp8) {
+    for (int64_t r = 0; r < key_rows; ++r) {
+      key_scales[size_t(r)] = quantize_fp8_row(keys.data() + r * c.head_dim, c.head_dim, key_codes.data() + r * c.head_dim);
+      for (int64_t d = 0; d < c.head_dim; ++d)
+        keys[size_t(r * c.head_dim + d)] = e4m3_to_float(key_codes[size_t(r * c.head_dim + d)]) * key_scales[size_t(r)];
+    }
   }
   // Positions: the last query sees every key; the others fewer (including none and a window boundary ± 1).
   std::vector<int64_t> positions(static_cast<size_t>(c.tokens));
@@ -157,63 +286,58 @@ void check_scores(const ScoresCase& c, uint32_t seed) {
                                int64_t(rng() % uint32_t(full + 1))};
     positions[size_t(t)] = t == c.tokens - 1 ? full : options[rng() % 6];
   }
+
+  // The queries prepared on the device (run_indexer_prepare is checked bit for bit against the CPU above).
+  const int64_t rope_dim = c.head_dim / 2;
+  const cpu::RopeTable rope(160000.0, rope_dim, cpu::YarnScaling{});
+  // Strided: each token's row sits in a wider row (the rest NaN, which must never be read).
+  const int64_t q_row = c.heads * c.head_dim, q_stride = c.strided ? q_row + 40 : q_row;
+  const int64_t w_stride = c.strided ? c.heads + 3 : c.heads;
+  std::vector<float> q_rows(size_t(c.tokens * q_stride), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> w_rows(size_t(c.tokens * w_stride), std::numeric_limits<float>::quiet_NaN());
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    std::copy_n(q_raw.begin() + t * q_row, q_row, q_rows.begin() + t * q_stride);
+    std::copy_n(weights.begin() + t * c.heads, c.heads, w_rows.begin() + t * w_stride);
+  }
+  DeviceBuffer d_q_raw = to_device(q_rows, "raw q"), d_pos = to_device(positions, "positions");
+  DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies");
+  DeviceBuffer d_q(q_raw.size() * (fp8 ? 1 : 2) + 16, "prepared q"), d_q_scales(size_t(c.tokens * c.heads) * 4 + 16,
+                                                                              "q scales");
+  run_indexer_prepare({.input = d_q_raw.as<float>(),
+                       .input_row_stride = c.strided ? q_stride : 0,
+                       .output = fp8 ? nullptr : d_q.as<__nv_bfloat16>(),
+                       .output_fp8 = fp8 ? d_q.as<uint8_t>() : nullptr,
+                       .output_scales = fp8 ? d_q_scales.as<float>() : nullptr,
+                       .tokens = c.tokens,
+                       .heads = c.heads,
+                       .head_dim = c.head_dim,
+                       .positions = d_pos.as<int64_t>(),
+                       .rope_frequencies = d_freq.as<float>(),
+                       .rope_dim = rope_dim,
+                       .reference_rounding = c.reference});
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> q(q_raw.size());
+  if (fp8) {
+    const std::vector<uint8_t> codes = from_device<uint8_t>(d_q, q.size());
+    const std::vector<float> scales = from_device<float>(d_q_scales, size_t(c.tokens * c.heads));
+    for (size_t i = 0; i < q.size(); ++i) q[i] = e4m3_to_float(codes[i]) * scales[i / size_t(c.head_dim)];
+  } else {
+    q = bf16_to_floats(from_device<uint16_t>(d_q, q.size()));
+  }
+
   // The CPU scores of each query against its own sequence's keys.
-  std::vector<float> expected(size_t(c.tokens * c.key_count));
-  auto keys_of = [&](int64_t t) { return keys.data() + query_slot[size_t(t)] * slot_stride; };
+  ScoresRun run;
+  run.positions = positions;
+  run.expected.resize(size_t(c.tokens * c.key_count));
+  auto keys_of = [&](int64_t t) { return keys.data() + query_slot[size_t(t)] * slot_rows * c.head_dim; };
   for (int64_t t = 0; t < c.tokens; ++t)
     cpu::indexer_scores({q.data() + t * c.heads * c.head_dim, weights.data() + t * c.heads, keys_of(t), c.key_count,
                          positions.data() + t},
-                        {1, c.heads, c.head_dim, c.ratio, 512}, expected.data() + t * c.key_count);
-
-  std::vector<uint16_t> q_bf16(q.size()), keys_bf16(keys.size());
-  for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
-  for (size_t i = 0; i < keys.size(); ++i) keys_bf16[i] = float_to_bf16(keys[i]);
-  DeviceBuffer d_q = to_device(q_bf16, "q"), d_keys = to_device(keys_bf16, "keys");
-  DeviceBuffer d_w = to_device(weights, "head weights"), d_pos = to_device(positions, "positions");
-  DeviceBuffer d_slots = to_device(query_slot, "sequence slots");
-  const int64_t stride = c.key_count + 5;  // a padded row: columns past key_count must stay untouched
-  DeviceBuffer d_scores(size_t(c.tokens * stride) * 4, "scores");
-  d_scores.fill_bytes(0xFF);
-  run_indexer_scores({.q = d_q.as<__nv_bfloat16>(),
-                      .head_weights = d_w.as<float>(),
-                      .keys = d_keys.as<__nv_bfloat16>(),
-                      .key_count = c.key_count,
-                      .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
-                      .keys_slot_stride = slot_stride,
-                      .positions = d_pos.as<int64_t>(),
-                      .tokens = c.tokens,
-                      .heads = c.heads,
-                      .head_dim = c.head_dim,
-                      .ratio = c.ratio,
-                      .scores = d_scores.as<float>(),
-                      .score_stride = stride});
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
-
+                        {1, c.heads, c.head_dim, c.ratio, 512}, run.expected.data() + t * c.key_count);
   const float weight_scale = 1.0f / std::sqrt(float(c.head_dim)) / std::sqrt(float(c.heads));
-  int failures = 0;
-  double max_error = 0.0;
-  for (int64_t t = 0; t < c.tokens && failures < 10; ++t) {
-    for (int64_t j = 0; j < stride && failures < 10; ++j) {
-      const float g = got[size_t(t * stride + j)];
-      if (j >= c.key_count) {
-        if (float_bits(g) != 0xFFFFFFFFu) {
-          ++failures;
-          ADD_FAILURE() << "query " << t << " wrote column " << j << " past key_count";
-        }
-        continue;
-      }
-      const float e = expected[size_t(t * c.key_count + j)];
-      if (std::isinf(e)) {
-        // Invisible: −inf, or left as it was (the contract lets the kernel skip columns past the visible keys).
-        if (!(std::isinf(g) && g < 0) && float_bits(g) != 0xFFFFFFFFu) {
-          ++failures;
-          ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want -inf or untouched (invisible; "
-                        << "position " << positions[size_t(t)] << ")";
-        }
-        continue;
-      }
-      // fp32 sums over head_dim and heads in another order: a multiple of eps × Σ_h |w_h|·Σ_d |q_hd·K_jd|.
+  run.tolerance.resize(run.expected.size());
+  for (int64_t t = 0; t < c.tokens; ++t)
+    for (int64_t j = 0; j < c.key_count; ++j) {
       double magnitude = 0.0;
       for (int64_t h = 0; h < c.heads; ++h) {
         double dot = 0.0;
@@ -221,53 +345,259 @@ void check_scores(const ScoresCase& c, uint32_t seed) {
           dot += std::fabs(double(q[size_t((t * c.heads + h) * c.head_dim + d)]) * keys_of(t)[j * c.head_dim + d]);
         magnitude += std::fabs(double(weights[size_t(t * c.heads + h)]) * weight_scale) * dot;
       }
-      const double tolerance = 2e-5 * magnitude + 1e-30;
-      const double error = std::fabs(double(g) - e);
-      max_error = std::max(max_error, std::isfinite(g) ? error : INFINITY);
-      if (!std::isfinite(g) || error > tolerance) {
-        ++failures;
-        ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want " << e << " (tolerance " << tolerance
-                      << ")";
+      run.tolerance[size_t(t * c.key_count + j)] = score_tolerance(format) * magnitude + 1e-30;
+    }
+
+  std::vector<uint16_t> keys_bf16(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) keys_bf16[i] = float_to_bf16(keys[i]);
+  DeviceBuffer d_keys = fp8 ? to_device(key_codes, "fp8 keys") : to_device(keys_bf16, "keys");
+  DeviceBuffer d_key_scales = to_device(key_scales, "key scales");
+  DeviceBuffer d_w = to_device(w_rows, "head weights");
+  DeviceBuffer d_slots = to_device(query_slot, "sequence slots");
+  run.stride = c.key_count + 5;  // a padded row: columns past key_count must stay untouched
+  const int64_t stride = run.stride;
+  DeviceBuffer d_scores(size_t(c.tokens * stride) * 4, "scores");
+
+  std::vector<float> prepared_scores;
+  for (const bool raw : {false, true}) {
+    SCOPED_TRACE(raw ? "raw q (prepared in the score kernel)" : "prepared q");
+    d_scores.fill_bytes(0xFF);
+    IndexerScoresParams p{.head_weights = d_w.as<float>(),
+                          .head_weights_row_stride = c.strided ? w_stride : 0,
+                          .key_count = c.key_count,
+                          .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
+                          .keys_slot_stride = slot_rows * c.head_dim,
+                          .positions = d_pos.as<int64_t>(),
+                          .tokens = c.tokens,
+                          .heads = c.heads,
+                          .head_dim = c.head_dim,
+                          .ratio = c.ratio,
+                          .scores = d_scores.as<float>(),
+                          .score_stride = stride};
+    if (raw) {
+      p.q_raw = d_q_raw.as<float>(), p.rope_frequencies = d_freq.as<float>(), p.rope_dim = rope_dim;
+      p.q_raw_row_stride = c.strided ? q_stride : 0;
+      p.reference_rounding = c.reference;
+    } else if (fp8) {
+      p.q_fp8 = d_q.as<uint8_t>(), p.q_scales = d_q_scales.as<float>();
+    } else {
+      p.q = d_q.as<__nv_bfloat16>();
+    }
+    if (fp8) {
+      p.keys_fp8 = d_keys.as<uint8_t>(), p.key_scales = d_key_scales.as<float>();
+      p.key_scales_slot_stride = slot_rows;
+    } else {
+      p.keys = d_keys.as<__nv_bfloat16>();
+    }
+    run_indexer_scores(p);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
+
+    int failures = 0;
+    double max_ratio = 0.0;  // error / (tolerance / score_tolerance): the error relative to the magnitude
+    for (int64_t t = 0; t < c.tokens && failures < 10; ++t) {
+      for (int64_t j = 0; j < stride && failures < 10; ++j) {
+        const float g = got[size_t(t * stride + j)];
+        if (j >= c.key_count) {
+          if (float_bits(g) != 0xFFFFFFFFu) {
+            ++failures;
+            ADD_FAILURE() << "query " << t << " wrote column " << j << " past key_count";
+          }
+          continue;
+        }
+        const float e = run.expected[size_t(t * c.key_count + j)];
+        if (std::isinf(e)) {
+          // Invisible: −inf, or left as it was (the contract lets the kernel skip columns past the visible keys).
+          if (!(std::isinf(g) && g < 0) && float_bits(g) != 0xFFFFFFFFu) {
+            ++failures;
+            ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want -inf or untouched (invisible; "
+                          << "position " << positions[size_t(t)] << ")";
+          }
+          continue;
+        }
+        const double tolerance = run.tolerance[size_t(t * c.key_count + j)];
+        const double error = std::fabs(double(g) - e);
+        max_ratio = std::max(max_ratio, std::isfinite(g) ? error / tolerance * score_tolerance(format) : INFINITY);
+        if (!std::isfinite(g) || error > tolerance) {
+          ++failures;
+          ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want " << e << " (tolerance " << tolerance
+                        << ")";
+        }
       }
     }
+    std::printf("scores T=%lld heads=%lld head_dim=%lld keys=%lld %s %s %s: max error / magnitude %.3g\n",
+                (long long)c.tokens, (long long)c.heads, (long long)c.head_dim, (long long)c.key_count,
+                c.reference ? "reference" : "exact", fp8 ? "fp8" : "bf16", raw ? "raw q" : "prepared q", max_ratio);
+    if (!raw) {
+      prepared_scores = got;
+    } else {
+      int mismatches = 0;
+      for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
+        if (float_bits(got[i]) != float_bits(prepared_scores[i])) {
+          ++mismatches;
+          ADD_FAILURE() << "raw-q score " << i << " = " << got[i] << " differs from the prepared-q score "
+                        << prepared_scores[i];
+        }
+    }
+    run.scores = got;
   }
-  std::printf("scores T=%lld heads=%lld head_dim=%lld keys=%lld %s: max error %.3g\n", (long long)c.tokens,
-              (long long)c.heads, (long long)c.head_dim, (long long)c.key_count, c.reference ? "reference" : "exact",
-              max_error);
+  return run;
 }
 
 TEST(IndexerScores, MatchesCpuScoresWithVisibility) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 100;
-  for (const bool reference : {true, false}) {
-    check_scores({1, 64, 128, 1000, 4, reference}, seed++);  // V4 decode, a partial last warp tile
-    check_scores({3, 64, 128, 777, 4, reference}, seed++);   // one query group of 3
-    check_scores({9, 64, 128, 300, 4, reference}, seed++);   // three query groups, the last partial
-    check_scores({2, 8, 64, 129, 4, reference}, seed++);     // small test-model shapes
-    check_scores({5, 16, 32, 40, 128, reference}, seed++);   // HCA-like ratio
-    check_scores({2, 128, 128, 64, 4, reference}, seed++);   // the most heads
-    check_scores({3, 12, 32, 50, 4, reference}, seed++);     // golden fixtures: 12 index heads × 32 (padded to 16)
-    check_scores({2, 16, 32, 17, 4, reference}, seed++);     // golden fixtures: 16 × 32
-    check_scores({5, 1, 64, 70, 4, reference}, seed++);      // one head
-    check_scores({4, 5, 128, 90, 4, reference}, seed++);     // a partial n-tile in the real head size
-  }
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8})
+    for (const bool reference : {true, false}) {
+      check_scores({1, 64, 128, 1000, 4, reference}, format, seed++);  // V4 decode, a partial last warp tile
+      check_scores({3, 64, 128, 777, 4, reference}, format, seed++);   // one query group of 3
+      check_scores({9, 64, 128, 300, 4, reference}, format, seed++);   // three query groups, the last partial
+      check_scores({2, 8, 64, 129, 4, reference}, format, seed++);     // small test-model shapes
+      check_scores({5, 16, 32, 40, 128, reference}, format, seed++);   // HCA-like ratio
+      check_scores({2, 128, 128, 64, 4, reference}, format, seed++);   // the most heads
+      check_scores({3, 12, 32, 50, 4, reference}, format, seed++);     // golden fixtures: 12 index heads × 32
+      check_scores({2, 16, 32, 17, 4, reference}, format, seed++);     // golden fixtures: 16 × 32
+      check_scores({5, 1, 64, 70, 4, reference}, format, seed++);      // one head
+      check_scores({4, 5, 128, 90, 4, reference}, format, seed++);     // a partial n-tile in the real head size
+      check_scores({3, 64, 128, 500, 4, reference, 1, true}, format, seed++);  // strided q and head weights
+      check_scores({2, 12, 32, 50, 4, reference, 1, true}, format, seed++);
+    }
 }
 
 // A batched decode step: one query per sequence, each sequence its own keys and length (the key count a bound).
 TEST(IndexerScores, SequencesOfDifferentLengthsInOneLaunch) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 300;
-  for (const bool reference : {true, false}) {
-    check_scores({8, 64, 128, 1000, 4, reference, 8}, seed++);   // V4 decode batch of 8
-    check_scores({5, 12, 32, 50, 4, reference, 3}, seed++);      // golden fixture shape, slots repeat
-    check_scores({33, 16, 32, 17, 4, reference, 33}, seed++);    // many sequences, few keys
-    check_scores({6, 64, 128, 300, 128, reference, 4}, seed++);  // HCA-like ratio
-  }
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8})
+    for (const bool reference : {true, false}) {
+      check_scores({8, 64, 128, 1000, 4, reference, 8}, format, seed++);   // V4 decode batch of 8
+      check_scores({5, 12, 32, 50, 4, reference, 3}, format, seed++);      // golden fixture shape, slots repeat
+      check_scores({33, 16, 32, 17, 4, reference, 33}, format, seed++);    // many sequences, few keys
+      check_scores({6, 64, 128, 300, 128, reference, 4}, format, seed++);  // HCA-like ratio
+      check_scores({4, 64, 128, 200, 4, reference, 4, true}, format, seed++);  // strided q and head weights
+    }
 }
 
 TEST(IndexerScores, LongContext) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  check_scores({1, 64, 128, 65536, 4, true}, 7);
+  check_scores({1, 64, 128, 65536, 4, true}, KeyFormat::Bf16, 7);
+  check_scores({1, 64, 128, 65536, 4, true}, KeyFormat::Fp8, 8);
+}
+
+// fp8 scores then the device top-k against the CPU's top-k of the CPU scores. The two score sets differ by the
+// summation order (within the tolerance), so the selections may differ only by swapping keys whose CPU scores lie
+// within that tolerance of the k-th best (near-ties; reference numerics' fp4 operands make exact ties common, and
+// exact ties go to the lower index on both sides).
+TEST(IndexerScores, Fp8TopKAgreesWithCpuUpToNearTies) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int kTopK = 512;
+  uint32_t seed = 700;
+  for (const bool reference : {true, false}) {
+    const ScoresCase c{3, 64, 128, 4000, 4, reference};
+    const ScoresRun run = check_scores(c, KeyFormat::Fp8, seed++);
+    DeviceBuffer d_scores = to_device(run.scores, "scores"), d_pos = to_device(run.positions, "positions");
+    DeviceBuffer d_selected(size_t(c.tokens) * kTopK * 4, "selected"), d_counts(size_t(c.tokens) * 4, "counts");
+    DeviceBuffer d_flag(4, "nan flag");
+    DeviceBuffer workspace(top_k_workspace_bytes(int(c.tokens)), "top-k workspace");
+    workspace.fill_bytes(0);
+    d_flag.fill_bytes(0);
+    d_selected.fill_bytes(0xAB);
+    d_counts.fill_bytes(0xAB);
+    run_top_k({.scores = d_scores.as<float>(),
+               .row_stride = run.stride,
+               .candidates = c.key_count,
+               .queries = int(c.tokens),
+               .k = kTopK,
+               .positions = d_pos.as<int64_t>(),
+               .ratio = c.ratio,
+               .selected = d_selected.as<int32_t>(),
+               .counts = d_counts.as<int32_t>(),
+               .nan_flag = d_flag.as<int32_t>(),
+               .workspace = workspace.data(),
+               .workspace_bytes = workspace.bytes()});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(from_device<int32_t>(d_flag, 1)[0], 0);
+    const std::vector<int32_t> selected = from_device<int32_t>(d_selected, size_t(c.tokens) * kTopK);
+    const std::vector<int32_t> counts = from_device<int32_t>(d_counts, size_t(c.tokens));
+    for (int64_t t = 0; t < c.tokens; ++t) {
+      const float* expected = run.expected.data() + t * c.key_count;
+      const double* tolerance = run.tolerance.data() + t * c.key_count;
+      const int64_t visible = cpu::visible_key_count(run.positions[size_t(t)], c.ratio, c.key_count);
+      std::vector<int32_t> want(kTopK);
+      const int64_t count = cpu::select_top_k(expected, visible, kTopK, want.data());
+      ASSERT_EQ(counts[size_t(t)], count) << "query " << t;
+      if (count == 0) continue;
+      const float threshold = expected[want[size_t(count - 1)]];  // the CPU's k-th best score
+      // Two scores' errors apart at most (the GPU ranks i above j only if gpu_i ≥ gpu_j).
+      double slack = 0.0;
+      for (int64_t j = 0; j < visible; ++j) slack = std::max(slack, 2 * tolerance[j]);
+      std::vector<char> in_gpu(size_t(c.key_count), 0), in_cpu(size_t(c.key_count), 0);
+      for (int64_t i = 0; i < count; ++i) in_cpu[size_t(want[size_t(i)])] = 1;
+      int differences = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        const int32_t j = selected[size_t(t * kTopK + i)];
+        ASSERT_TRUE(j >= 0 && j < visible) << "query " << t << " rank " << i << ": index " << j << " not visible";
+        ASSERT_FALSE(in_gpu[size_t(j)]) << "query " << t << ": index " << j << " selected twice";
+        in_gpu[size_t(j)] = 1;
+        if (!in_cpu[size_t(j)]) {
+          ++differences;
+          EXPECT_GE(double(expected[j]) + slack, double(threshold))
+              << "query " << t << ": the GPU selected " << j << " (CPU score " << expected[j]
+              << ") well below the CPU's k-th score " << threshold;
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int32_t j = want[size_t(i)];
+        if (!in_gpu[size_t(j)])
+          EXPECT_LE(double(expected[j]) - slack, double(threshold))
+              << "query " << t << ": the GPU dropped " << j << " (CPU score " << expected[j]
+              << ") well above the CPU's k-th score " << threshold;
+      }
+      std::printf("fp8 top-%d %s query %lld: %lld selected, %d differ from the CPU's (near-ties)\n", kTopK,
+                  reference ? "reference" : "exact", (long long)t, (long long)count, differences);
+    }
+  }
+}
+
+TEST(IndexerScores, RefusesMismatchedOperands) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  DeviceBuffer buffer(4096, "operands");
+  const IndexerScoresParams base{.head_weights = buffer.as<float>(),
+                                 .key_count = 8,
+                                 .positions = buffer.as<int64_t>(),
+                                 .tokens = 1,
+                                 .heads = 8,
+                                 .head_dim = 64,
+                                 .scores = buffer.as<float>(),
+                                 .score_stride = 8};
+  IndexerScoresParams p = base;
+  p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.keys_fp8 = buffer.as<uint8_t>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "not both");
+  p = base;
+  p.q = buffer.as<__nv_bfloat16>(), p.keys_fp8 = buffer.as<uint8_t>(), p.key_scales = buffer.as<float>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "fp8 keys need fp8 queries");
+  p = base;
+  p.q_fp8 = buffer.as<uint8_t>(), p.q_scales = buffer.as<float>(), p.keys = buffer.as<__nv_bfloat16>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "need fp8 keys");
+  p = base;
+  p.q_fp8 = buffer.as<uint8_t>(), p.keys_fp8 = buffer.as<uint8_t>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "q_scales");
+  p.q_scales = buffer.as<float>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "key_scales");
+  p = base;
+  p.q = buffer.as<__nv_bfloat16>(), p.q_raw = buffer.as<float>(), p.keys = buffer.as<__nv_bfloat16>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "exactly one of q, q_fp8 and q_raw");
+  p = base;
+  p.q_raw = buffer.as<float>(), p.keys = buffer.as<__nv_bfloat16>(), p.q_raw_row_stride = 100;
+  testing::expect_error([&] { run_indexer_scores(p); }, "q_raw_row_stride 100");
+  p.q_raw_row_stride = 0, p.head_weights_row_stride = 3;
+  testing::expect_error([&] { run_indexer_scores(p); }, "head_weights_row_stride 3");
+  IndexerPrepareParams prepare{.input = buffer.as<float>(), .tokens = 1, .heads = 1, .head_dim = 64};
+  testing::expect_error([&] { run_indexer_prepare(prepare); }, "exactly one of output");
+  prepare.output_fp8 = buffer.as<uint8_t>() + 2048;
+  testing::expect_error([&] { run_indexer_prepare(prepare); }, "output_scales");
+  prepare.output_scales = buffer.as<float>() + 900, prepare.input_row_stride = 10;
+  testing::expect_error([&] { run_indexer_prepare(prepare); }, "input_row_stride 10");
 }
 
 // ------------------------------------------------------------------------------------------------------- top-k

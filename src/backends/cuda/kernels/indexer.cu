@@ -17,7 +17,7 @@ constexpr int kMaxQueriesPerCta = 4;
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 struct DeviceLimits {
   int multiprocessors = 0;
@@ -34,7 +34,8 @@ DeviceLimits device_limits() {
   std::call_once(once[device], [&] {
     DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits[device].multiprocessors, cudaDevAttrMultiProcessorCount, device));
     for (auto* kernel : {indexer::indexer_scores_kernel<32>, indexer::indexer_scores_kernel<64>,
-                         indexer::indexer_scores_kernel<128>})
+                         indexer::indexer_scores_kernel<128>, indexer::indexer_scores_fp8_kernel<32>,
+                         indexer::indexer_scores_fp8_kernel<64>, indexer::indexer_scores_fp8_kernel<128>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemBudget)));
   });
@@ -48,9 +49,16 @@ void launch_prepare(const indexer::PrepareArgs& args, cudaStream_t stream) {
                  args, "indexer_prepare_kernel");
 }
 
+bool fp8_keys(const IndexerScoresParams& p) { return p.keys_fp8 != nullptr; }
+
+int rope_pairs_in_prologue(const IndexerScoresParams& p) {
+  return p.q_raw != nullptr && p.rope_frequencies != nullptr ? int(p.rope_dim / 2) : 0;
+}
+
 template <int kHeadDim>
-void launch_scores(const indexer::ScoresArgs& args, int query_groups, cudaStream_t stream) {
-  const size_t smem = indexer::scores_smem_bytes(args.queries_per_cta, args.heads, kHeadDim);
+void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, int query_groups, cudaStream_t stream) {
+  const size_t smem =
+      indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
   const int64_t warp_tiles = (args.key_count + indexer::kKeysPerWarpTile - 1) / indexer::kKeysPerWarpTile;
   const int64_t wanted = (warp_tiles + indexer::kScoreWarps - 1) / indexer::kScoreWarps;
   // One wave of resident CTAs over all query groups; warps loop over the remaining key tiles.
@@ -59,8 +67,12 @@ void launch_scores(const indexer::ScoresArgs& args, int query_groups, cudaStream
   check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
         " query groups, beyond the grid limit 65535");
   const dim3 grid{unsigned(across_keys), unsigned(query_groups)};
-  launch_chained(indexer::indexer_scores_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream, args,
-                 "indexer_scores_kernel");
+  if (fp8)
+    launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                   args, "indexer_scores_fp8_kernel");
+  else
+    launch_chained(indexer::indexer_scores_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                   args, "indexer_scores_kernel");
 }
 
 }  // namespace
@@ -68,24 +80,42 @@ void launch_scores(const indexer::ScoresArgs& args, int query_groups, cudaStream
 void check_indexer_prepare_params(const IndexerPrepareParams& p) {
   check(supported_head_dim(p.head_dim), "indexer_prepare: head_dim ", p.head_dim, " is not supported (32, 64, 128)");
   check(p.tokens >= 0 && p.heads > 0, "indexer_prepare: bad shape tokens=", p.tokens, " heads=", p.heads);
+  check((p.output != nullptr) != (p.output_fp8 != nullptr),
+        "indexer_prepare: give exactly one of output (bf16) and output_fp8");
+  check(p.output_fp8 == nullptr || p.output_scales != nullptr, "indexer_prepare: output_fp8 needs output_scales");
   if (p.tokens == 0) return;
-  check(p.input != nullptr && p.output != nullptr, "indexer_prepare: null ", p.input == nullptr ? "input" : "output");
+  check(p.input != nullptr, "indexer_prepare: null input");
+  check(p.input_row_stride == 0 || p.input_row_stride >= p.heads * p.head_dim, "indexer_prepare: input_row_stride ",
+        p.input_row_stride, " < heads · head_dim = ", p.heads * p.head_dim);
   if (p.rope_frequencies != nullptr) {
     check(p.positions != nullptr, "indexer_prepare: RoPE needs positions");
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_prepare: rope_dim ", p.rope_dim,
           " must be even and within head_dim ", p.head_dim);
   }
   const auto* in = reinterpret_cast<const char*>(p.input);
-  const auto* out = reinterpret_cast<const char*>(p.output);
   const size_t elements = size_t(p.tokens * p.heads * p.head_dim);
-  check(out + elements * 2 <= in || in + elements * 4 <= out, "indexer_prepare: output must not alias input");
+  const int64_t row_stride = p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim;
+  const size_t input_bytes = size_t((p.tokens - 1) * row_stride + p.heads * p.head_dim) * 4;
+  const auto disjoint = [&](const void* out, size_t bytes) {
+    const auto* o = reinterpret_cast<const char*>(out);
+    return o + bytes <= in || in + input_bytes <= o;
+  };
+  if (p.output != nullptr) {
+    check(disjoint(p.output, elements * 2), "indexer_prepare: output must not alias input");
+  } else {
+    check(disjoint(p.output_fp8, elements) && disjoint(p.output_scales, size_t(p.tokens * p.heads) * 4),
+          "indexer_prepare: output_fp8 and output_scales must not alias input");
+  }
 }
 
 void run_indexer_prepare(const IndexerPrepareParams& p) {
   check_indexer_prepare_params(p);
   if (p.tokens == 0) return;
   const indexer::PrepareArgs args{.input = p.input,
+                                  .input_row_stride = p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim,
                                   .output = p.output,
+                                  .output_fp8 = p.output_fp8,
+                                  .output_scales = p.output_scales,
                                   .rows = p.tokens * p.heads,
                                   .heads = p.heads,
                                   .positions = p.positions,
@@ -106,22 +136,58 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
         " key_count=", p.key_count, " ratio=", p.ratio);
   check(p.key_count < (int64_t(1) << 31), "indexer_scores: key_count ", p.key_count, " exceeds int32 indices");
   check(p.score_stride >= p.key_count, "indexer_scores: score_stride ", p.score_stride, " < key_count ", p.key_count);
+  check((p.keys != nullptr) + (p.keys_fp8 != nullptr) <= 1, "indexer_scores: give keys (bf16) or keys_fp8, not both");
+  check((p.q != nullptr) + (p.q_fp8 != nullptr) + (p.q_raw != nullptr) <= 1,
+        "indexer_scores: give exactly one of q, q_fp8 and q_raw");
+  if (fp8_keys(p)) {
+    check(p.q == nullptr, "indexer_scores: fp8 keys need fp8 queries (q_fp8 + q_scales, or q_raw), not bf16 q");
+  } else {
+    check(p.q_fp8 == nullptr, "indexer_scores: fp8 queries (q_fp8) need fp8 keys (keys_fp8 + key_scales)");
+  }
+  check(p.q_raw_row_stride == 0 || p.q_raw_row_stride >= p.heads * p.head_dim, "indexer_scores: q_raw_row_stride ",
+        p.q_raw_row_stride, " < heads · head_dim = ", p.heads * p.head_dim);
+  check(p.head_weights_row_stride == 0 || p.head_weights_row_stride >= p.heads,
+        "indexer_scores: head_weights_row_stride ", p.head_weights_row_stride, " < heads ", p.heads);
+  if (p.q_raw != nullptr && p.rope_frequencies != nullptr)
+    check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_scores: rope_dim ", p.rope_dim,
+          " must be even and within head_dim ", p.head_dim);
   if (p.tokens == 0 || p.key_count == 0) return;
-  check(p.q != nullptr && p.head_weights != nullptr && p.keys != nullptr && p.positions != nullptr &&
-            p.scores != nullptr,
-        "indexer_scores: q, head_weights, keys, positions and scores are required");
-  check(aligned16(p.q) && aligned16(p.keys), "indexer_scores: q and keys must be 16-byte aligned");
-  check(p.sequence_slots == nullptr || (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 8 == 0),
-        "indexer_scores: keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count, " keys of ",
-        p.head_dim, " and keep 16-byte alignment");
-  check(indexer::scores_smem_bytes(1, int(p.heads), int(p.head_dim)) <= kScoresSmemBudget,
+  check(p.q != nullptr || p.q_fp8 != nullptr || p.q_raw != nullptr, "indexer_scores: no queries (q, q_fp8 or q_raw)");
+  check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
+  check(p.head_weights != nullptr && p.positions != nullptr && p.scores != nullptr,
+        "indexer_scores: head_weights, positions and scores are required");
+  check(p.q == nullptr || aligned(p.q, 16), "indexer_scores: q must be 16-byte aligned");
+  check(p.q_fp8 == nullptr || (aligned(p.q_fp8, 8) && p.q_scales != nullptr),
+        "indexer_scores: q_fp8 must be 8-byte aligned and come with q_scales");
+  check(p.q_raw == nullptr || aligned(p.q_raw, 4), "indexer_scores: q_raw must be 4-byte aligned");
+  if (fp8_keys(p)) {
+    check(p.key_count < (int64_t(1) << 30), "indexer_scores: fp8 key_count ", p.key_count,
+          " exceeds the kernel's 32-bit key arithmetic (2^30)");
+    check(aligned(p.keys_fp8, 16) && p.key_scales != nullptr,
+          "indexer_scores: keys_fp8 must be 16-byte aligned and come with key_scales");
+    check(p.sequence_slots == nullptr ||
+              (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 16 == 0 &&
+               p.key_scales_slot_stride >= p.key_count),
+          "indexer_scores: fp8 keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count,
+          " keys of ", p.head_dim, " bytes and keep 16-byte alignment, key_scales_slot_stride ",
+          p.key_scales_slot_stride, " must hold key_count scales");
+  } else {
+    check(aligned(p.keys, 16), "indexer_scores: keys must be 16-byte aligned");
+    check(p.sequence_slots == nullptr || (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 8 == 0),
+          "indexer_scores: keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count, " keys of ",
+          p.head_dim, " and keep 16-byte alignment");
+  }
+  check(indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8_keys(p), rope_pairs_in_prologue(p)).bytes <=
+            kScoresSmemBudget,
         "indexer_scores: heads ", p.heads, " × head_dim ", p.head_dim, " does not fit shared memory");
 }
 
 void run_indexer_scores(const IndexerScoresParams& p) {
   check_indexer_scores_params(p);
   if (p.tokens == 0 || p.key_count == 0) return;
-  const size_t per_query = indexer::scores_smem_bytes(1, int(p.heads), int(p.head_dim));
+  const bool fp8 = fp8_keys(p);
+  const int rope_pairs = rope_pairs_in_prologue(p);
+  const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, rope_pairs).bytes;
   // Queries of one CTA share its key loads: only those of one sequence.
   const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
   const int queries_per_cta =
@@ -129,8 +195,19 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
   const indexer::ScoresArgs args{
       .q = p.q,
+      .q_fp8 = p.q_fp8,
+      .q_scales = p.q_scales,
+      .q_raw = p.q_raw,
+      .q_raw_row_stride = p.q_raw_row_stride > 0 ? p.q_raw_row_stride : p.heads * p.head_dim,
+      .rope_frequencies = p.rope_frequencies,
+      .rope_dim = int(p.rope_dim),
+      .reference_rounding = p.reference_rounding,
       .head_weights = p.head_weights,
+      .head_weights_row_stride = p.head_weights_row_stride > 0 ? p.head_weights_row_stride : p.heads,
       .keys = p.keys,
+      .keys_fp8 = p.keys_fp8,
+      .key_scales = p.key_scales,
+      .key_scales_slot_stride = p.key_scales_slot_stride,
       .key_count = p.key_count,
       .sequence_slots = p.sequence_slots,
       .keys_slot_stride = p.keys_slot_stride,
@@ -144,9 +221,9 @@ void run_indexer_scores(const IndexerScoresParams& p) {
       .weight_scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim)) / std::sqrt(static_cast<float>(p.heads)),
   };
   switch (p.head_dim) {
-    case 32: launch_scores<32>(args, query_groups, p.stream); break;
-    case 64: launch_scores<64>(args, query_groups, p.stream); break;
-    default: launch_scores<128>(args, query_groups, p.stream); break;
+    case 32: launch_scores<32>(args, fp8, rope_pairs, query_groups, p.stream); break;
+    case 64: launch_scores<64>(args, fp8, rope_pairs, query_groups, p.stream); break;
+    default: launch_scores<128>(args, fp8, rope_pairs, query_groups, p.stream); break;
   }
 }
 

@@ -13,6 +13,12 @@
 // - Query fragments sit in shared memory in fragment order ([query][n-tile][dim pair][lane] uint4): conflict-free.
 // - The fp32 sum over head_dim runs in two chains (even and odd k16 steps) added at the end of each n-tile: the
 //   MMAs of one chain are then never back to back.
+// - fp8 variant (indexer_scores_fp8_kernel): the same structure on mma.m16n8k32 e4m3. A warp keeps two tiles ahead
+//   in flight (the bf16 kernel's 128 bytes per lane; two 32-key tiles would spill); the per-key and per-head scales
+//   are powers of two and positive, so they come out of the ReLU: the head's scale joins its weight, the key's scale
+//   multiplies the finished sum.
+// - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
+//   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,9 +28,11 @@
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/mma.cuh"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
+#include "core/fp8_e4m3.hpp"
 
 namespace dsv4::cuda::indexer {
 
@@ -78,9 +86,57 @@ __device__ __forceinline__ void warp_round_indexer_reference(float (&v)[kPerLane
   for (int i = 0; i < kPerLane; ++i) v[i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[i] / scale)) * scale);
 }
 
+// The fp8 operand of a warp-held vector: its bf16-rounded values (the bf16 operand, unchanged in reference numerics)
+// quantised with one power-of-two scale for the whole vector by DeepSeek's fp8 block rule
+// s = 2^ceil(log2(max(amax, 1e-4) / 448)), code = e4m3(x / s). Fp4-rounded vectors (reference numerics) are then held
+// exactly unless their 32-blocks' scales span more than 2^14. Returns s; codes[i] is the lane's value i.
+template <int kPerLane>
+__device__ __forceinline__ float warp_quantize_fp8(const float (&v)[kPerLane], uint8_t (&codes)[kPerLane]) {
+  float rounded[kPerLane];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    rounded[i] = round_to_bf16(v[i]);
+    amax = fmaxf(amax, fabsf(rounded[i]));
+  }
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
+  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) codes[i] = float_to_e4m3(rounded[i] / scale);  // exact division by 2^k
+  return scale;
+}
+
+// RoPE on the last rope_dim dims of a warp-held vector (lane l holds dims kPerLane·l ..), pairs (2j, 2j+1), with the
+// factors of pair j from factors(j) (computed per element, or cached per query by the fused score prologue: the same
+// values either way).
+template <int kPerLane, class Factors>
+__device__ __forceinline__ void warp_apply_rope(float (&v)[kPerLane], int lane, int head_dim, int rope_dim,
+                                                Factors&& factors) {
+  const int rope_begin = head_dim - rope_dim;
+  float original[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) original[i] = v[i];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int dim = kPerLane * lane + i;
+    // Pairs (2j, 2j+1) are in one lane when it holds ≥ 2 values; with one value per lane the partner is lane ^ 1.
+    const float partner = kPerLane >= 2 ? original[i ^ 1] : __shfl_xor_sync(kFullMask, original[i], 1);
+    if (dim >= rope_begin) {
+      const bool even = (dim & 1) == 0;
+      float x0 = even ? original[i] : partner, x1 = even ? partner : original[i];
+      rope_rotate_pair(x0, x1, factors((dim - rope_begin) / 2), false);
+      v[i] = even ? x0 : x1;
+    }
+  }
+}
+
 struct PrepareArgs {
   const float* input;
+  int64_t input_row_stride;
   __nv_bfloat16* output;
+  uint8_t* output_fp8;
+  float* output_scales;
   int64_t rows;
   int64_t heads;
   const int64_t* positions;
@@ -91,8 +147,8 @@ struct PrepareArgs {
 
 inline constexpr int kPrepareWarps = 8;
 
-// One warp per vector: RoPE on the last rope_dim dims, then the rounding, then bf16 out. A programmatic dependent:
-// its input and positions are earlier kernels' outputs, so it waits for them at entry.
+// One warp per vector: RoPE on the last rope_dim dims, then the rounding, then bf16 (or fp8 + scale) out. A
+// programmatic dependent: its input and positions are earlier kernels' outputs, so it waits for them at entry.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(PrepareArgs args) {
   allow_dependents();
@@ -101,39 +157,46 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(Pre
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * kPrepareWarps + (threadIdx.x >> 5);
   if (row >= args.rows) return;
-  const float* in = args.input + row * kHeadDim + kPerLane * lane;
+  const float* in =
+      args.input + row / args.heads * args.input_row_stride + row % args.heads * kHeadDim + kPerLane * lane;
   float v[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) v[i] = in[i];
   if (args.rope_frequencies != nullptr) {
     const int64_t position = args.positions[row / args.heads];
-    const int rope_begin = kHeadDim - args.rope_dim;
-    float original[kPerLane];
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) original[i] = v[i];
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int dim = kPerLane * lane + i;
-      // Pairs (2j, 2j+1) are in one lane when it holds ≥ 2 values; with one value per lane the partner is lane ^ 1.
-      const float partner = kPerLane >= 2 ? original[i ^ 1] : __shfl_xor_sync(kFullMask, original[i], 1);
-      if (dim >= rope_begin) {
-        const bool even = (dim & 1) == 0;
-        float x0 = even ? original[i] : partner, x1 = even ? partner : original[i];
-        rope_rotate_pair(x0, x1, rope_factors(position, args.rope_frequencies[(dim - rope_begin) / 2]), false);
-        v[i] = even ? x0 : x1;
-      }
-    }
+    warp_apply_rope<kPerLane>(v, lane, kHeadDim, args.rope_dim,
+                              [&](int pair) { return rope_factors(position, args.rope_frequencies[pair]); });
   }
   if (args.reference_rounding) warp_round_indexer_reference<kPerLane>(v, lane);
+  if (args.output_fp8 != nullptr) {
+    uint8_t codes[kPerLane];
+    const float scale = warp_quantize_fp8<kPerLane>(v, codes);
+    uint8_t* out = args.output_fp8 + row * kHeadDim + kPerLane * lane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) out[i] = codes[i];
+    if (lane == 0) args.output_scales[row] = scale;
+    return;
+  }
   __nv_bfloat16* out = args.output + row * kHeadDim + kPerLane * lane;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) out[i] = __float2bfloat16_rn(v[i]);
 }
 
 struct ScoresArgs {
-  const __nv_bfloat16* q;
+  const __nv_bfloat16* q;     // prepared bf16 queries, or
+  const uint8_t* q_fp8;       // prepared fp8 queries with q_scales, or
+  const float* q_scales;
+  const float* q_raw;         // fp32 queries, prepared in the prologue (RoPE, rounding, bf16 or fp8)
+  int64_t q_raw_row_stride;
+  const float* rope_frequencies;
+  int rope_dim;
+  bool reference_rounding;
   const float* head_weights;
-  const __nv_bfloat16* keys;
+  int64_t head_weights_row_stride;
+  const __nv_bfloat16* keys;  // bf16 keys (indexer_scores_kernel), or
+  const uint8_t* keys_fp8;    // fp8 keys with key_scales (indexer_scores_fp8_kernel)
+  const float* key_scales;
+  int64_t key_scales_slot_stride;
   int64_t key_count;
   const int32_t* sequence_slots;
   int64_t keys_slot_stride;
@@ -150,6 +213,7 @@ struct ScoresArgs {
 inline constexpr int kScoreWarps = 8;
 inline constexpr int kScoreCtasPerSm = 2;  // the register budget of __launch_bounds__ below
 inline constexpr int kKeysPerWarpTile = 16;  // one m16 tile
+inline constexpr int kPrologueRowBatch = 8;  // raw query rows a warp loads before preparing them (one L2 round trip)
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -160,13 +224,189 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// mma.m16n8k32 with e4m3 A and B (PTX ISA, sm_89+): a0/a2 = A[g][4t..4t+3] / A[g][16+4t..], a1/a3 the same of row
+// g+8; b0/b1 = B[4t..4t+3][g] / B[16+4t..][g]; the lower k in the lower byte; c as in m16n8k16.
+__device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // Heads padded to whole n-tiles of 8 (the padding heads have zero q and zero weight).
 __host__ __device__ inline int padded_heads(int heads) { return (heads + 7) / 8 * 8; }
 
-// Shared memory: query fragments, then the scaled head weights, then each query's visible key count.
-inline size_t scores_smem_bytes(int queries_per_cta, int heads, int head_dim) {
-  const size_t padded = size_t(padded_heads(heads));
-  return size_t(queries_per_cta) * (padded * size_t(head_dim) * 2 + padded * 4 + 8);
+// Shared memory per CTA: query fragments (bf16: 2 bytes per dim, fp8: 1), the scaled head weights, each query's
+// visible key count, and with raw queries each query's RoPE factors (float2 per pair).
+struct ScoresSmemLayout {
+  size_t weights_offset, visible_offset, rope_offset, bytes;
+};
+
+__host__ __device__ inline ScoresSmemLayout scores_smem_layout(int queries_per_cta, int heads, int head_dim, bool fp8,
+                                                               int rope_pairs) {
+  const size_t padded = size_t(padded_heads(heads)), queries = size_t(queries_per_cta);
+  ScoresSmemLayout layout{};
+  layout.weights_offset = queries * padded * size_t(head_dim) * (fp8 ? 1 : 2);
+  layout.visible_offset = layout.weights_offset + queries * padded * 4;
+  layout.rope_offset = layout.visible_offset + queries * 8;
+  layout.bytes = layout.rope_offset + queries * size_t(rope_pairs) * 8;
+  return layout;
+}
+
+// Byte offset of dim d of head h (query `query`) in the query fragments.
+// bf16, [query][n-tile][dim pair of 32][lane] uint4: lane (h % 8, quad) holds dims 32·pair + 8·quad .. +8.
+// fp8, [query][n-tile][k32 step][lane] uint2 = (b0, b1) of that step: with W = min(64, head_dim) dims per key load,
+// step t = u·(W/32) + s holds in b0 dims u·W + quad·(W/4) + 8·s + 0..3 and in b1 the next 4 — the same map as the
+// keys' A fragments (load_fp8_key_tile), so both operands permute head_dim identically.
+template <int kHeadDim, bool kFp8>
+__device__ __forceinline__ size_t query_fragment_offset(int query, int n_tiles, int head, int dim) {
+  const int n_tile = head >> 3, group = head & 7;
+  if constexpr (kFp8) {
+    constexpr int kW = kHeadDim < 64 ? kHeadDim : 64;
+    const int unit = dim / kW, r = dim % kW, quad = r / (kW / 4), r2 = r % (kW / 4);
+    const int step = unit * (kW / 32) + r2 / 8;
+    const size_t fragment = (size_t(query * n_tiles + n_tile) * (kHeadDim / 32) + step) * 32 + group * 4 + quad;
+    return fragment * 8 + size_t(r2 % 8);
+  } else {
+    const int pair = dim / 32, quad = (dim % 32) / 8;
+    const size_t fragment = (size_t(query * n_tiles + n_tile) * (kHeadDim / 32) + pair) * 32 + group * 4 + quad;
+    return fragment * 16 + size_t(dim % 8) * 2;
+  }
+}
+
+// Stores a lane's kPerLane consecutive operand bytes (all within one 4-byte word of a fragment) in one access.
+template <int kBytes>
+__device__ __forceinline__ void store_fragment_bytes(unsigned char* address, const uint8_t (&bytes)[kBytes]) {
+  if constexpr (kBytes == 8) {
+    uint2 v;
+    v.x = uint32_t(bytes[0]) | uint32_t(bytes[1]) << 8 | uint32_t(bytes[2]) << 16 | uint32_t(bytes[3]) << 24;
+    v.y = uint32_t(bytes[4]) | uint32_t(bytes[5]) << 8 | uint32_t(bytes[6]) << 16 | uint32_t(bytes[7]) << 24;
+    *reinterpret_cast<uint2*>(address) = v;
+  } else if constexpr (kBytes == 4) {
+    *reinterpret_cast<uint32_t*>(address) =
+        uint32_t(bytes[0]) | uint32_t(bytes[1]) << 8 | uint32_t(bytes[2]) << 16 | uint32_t(bytes[3]) << 24;
+  } else if constexpr (kBytes == 2) {
+    *reinterpret_cast<uint16_t*>(address) = uint16_t(bytes[0] | bytes[1] << 8);
+  } else {
+    static_assert(kBytes == 1);
+    *address = bytes[0];
+  }
+}
+
+// The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
+// head's q scale). Prepared operands are copied; raw fp32 queries are prepared here exactly as indexer_prepare_kernel
+// does (RoPE, rounding, bf16 or fp8), one warp per vector, so the separate launch disappears.
+template <int kHeadDim, bool kFp8>
+__device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
+                                                    unsigned char* q_frag, float* weights, float2* rope_cache) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int heads = padded_heads(args.heads), n_tiles = heads / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (args.q_raw == nullptr) {
+    if constexpr (kFp8) {
+      // (b0, b1) of step t: 8 consecutive fp8 dims (the offset map above with r2 % 8 == 0).
+      const int fragments = queries * n_tiles * (kHeadDim / 32) * 32;
+      for (int e = threadIdx.x; e < fragments; e += blockDim.x) {
+        const int lane_of = e & 31, step = (e >> 5) % (kHeadDim / 32), n_tile = (e >> 5) / (kHeadDim / 32) % n_tiles;
+        const int query = (e >> 5) / (kHeadDim / 32) / n_tiles;
+        const int head = 8 * n_tile + (lane_of >> 2), quad = lane_of & 3;
+        constexpr int kW = kHeadDim < 64 ? kHeadDim : 64;
+        const int dim = step / (kW / 32) * kW + quad * (kW / 4) + 8 * (step % (kW / 32));
+        reinterpret_cast<uint2*>(q_frag)[e] =
+            head < args.heads ? *reinterpret_cast<const uint2*>(args.q_fp8 +
+                                                                ((first_query + query) * args.heads + head) * kHeadDim +
+                                                                dim)
+                              : make_uint2(0, 0);
+      }
+    } else {
+      const int fragments = queries * n_tiles * (kHeadDim / 32) * 32;
+      for (int e = threadIdx.x; e < fragments; e += blockDim.x) {
+        const int lane_of = e & 31, pair = (e >> 5) % (kHeadDim / 32), n_tile = (e >> 5) / (kHeadDim / 32) % n_tiles;
+        const int query = (e >> 5) / (kHeadDim / 32) / n_tiles;
+        const int head = 8 * n_tile + (lane_of >> 2);
+        reinterpret_cast<uint4*>(q_frag)[e] =
+            head < args.heads ? *reinterpret_cast<const uint4*>(args.q + ((first_query + query) * args.heads + head) *
+                                                                             kHeadDim +
+                                                                         32 * pair + 8 * (lane_of & 3))
+                              : make_uint4(0, 0, 0, 0);
+      }
+    }
+    for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
+      const int query = e / heads, head = e % heads;
+      float weight = 0.0f;
+      if (head < args.heads) {
+        weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
+        if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
+      }
+      weights[e] = weight;
+    }
+    return;
+  }
+  // Raw queries: every query's RoPE factors once (shared by its heads), then one warp per padded head row.
+  const int rope_pairs = args.rope_frequencies != nullptr ? args.rope_dim / 2 : 0;
+  for (int e = threadIdx.x; e < queries * rope_pairs; e += blockDim.x) {
+    const RopeFactors f =
+        rope_factors(args.positions[first_query + e / rope_pairs], args.rope_frequencies[e % rope_pairs]);
+    rope_cache[e] = make_float2(f.cos_theta, f.sin_theta);
+  }
+  __syncthreads();
+  const int rows = queries * heads;
+  for (int base = warp; base < rows; base += kScoreWarps * kPrologueRowBatch) {
+    // All of the batch's loads first: one L2 round trip per batch instead of one per row.
+    float v[kPrologueRowBatch][kPerLane];
+#pragma unroll
+    for (int b = 0; b < kPrologueRowBatch; ++b) {
+      const int row = base + b * kScoreWarps;
+      const int query = row / heads, head = row % heads;
+      const bool real = row < rows && head < args.heads;
+      const float* in =
+          args.q_raw + (first_query + query) * args.q_raw_row_stride + int64_t(head) * kHeadDim + kPerLane * lane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) v[b][i] = real ? in[i] : 0.0f;
+    }
+#pragma unroll
+    for (int b = 0; b < kPrologueRowBatch; ++b) {
+      const int row = base + b * kScoreWarps;
+      if (row >= rows) break;  // warp-uniform
+      const int query = row / heads, head = row % heads;
+      unsigned char* out = q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, kPerLane * lane);
+      if (head >= args.heads) {
+        // Zero operand and zero weight for the padding heads.
+        uint8_t zeros[kPerLane * (kFp8 ? 1 : 2)] = {};
+        store_fragment_bytes(out, zeros);
+        if (lane == 0) weights[row] = 0.0f;
+        continue;
+      }
+      if (rope_pairs > 0) {
+        const float2* factors = rope_cache + query * rope_pairs;
+        warp_apply_rope<kPerLane>(v[b], lane, kHeadDim, args.rope_dim, [&](int pair) {
+          const float2 f = factors[pair];
+          return RopeFactors{f.x, f.y};
+        });
+      }
+      if (args.reference_rounding) warp_round_indexer_reference<kPerLane>(v[b], lane);
+      float scale = 1.0f;
+      if constexpr (kFp8) {
+        uint8_t codes[kPerLane];
+        scale = warp_quantize_fp8<kPerLane>(v[b], codes);
+        store_fragment_bytes(out, codes);
+      } else {
+        uint8_t bytes[2 * kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const uint16_t bits = float_to_bf16(v[b][i]);
+          bytes[2 * i] = uint8_t(bits & 0xFF);
+          bytes[2 * i + 1] = uint8_t(bits >> 8);
+        }
+        store_fragment_bytes(out, bytes);
+      }
+      if (lane == 0)
+        weights[row] =
+            args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale * scale;
+    }
+  }
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
@@ -184,6 +424,11 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
   }
 }
 
+// Each CTA's queries are of one sequence: the keys (and fp8 scales) of sequence_slots[first_query], or the only ones.
+__device__ __forceinline__ int64_t key_slot_of(const ScoresArgs& args, int64_t first_query) {
+  return args.sequence_slots != nullptr ? args.sequence_slots[first_query] : 0;
+}
+
 // A programmatic dependent: q, the head weights and the newest key are this step's outputs, so it waits at entry.
 template <int kHeadDim>
 __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_kernel(ScoresArgs args) {
@@ -195,45 +440,34 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
   const int group_size = args.queries_per_cta;
-  uint4* q_frag = reinterpret_cast<uint4*>(smem_raw);
-  float* weights = reinterpret_cast<float*>(q_frag + size_t(group_size) * n_tiles * kDimPairs * 32);
-  int64_t* visible = reinterpret_cast<int64_t*>(weights + group_size * heads);
+  const ScoresSmemLayout layout = scores_smem_layout(
+      group_size, args.heads, kHeadDim, false, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0);
+  const uint4* q_frag = reinterpret_cast<const uint4*>(smem_raw);
+  float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
+  int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
 
   const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
-  const int fragments = queries * n_tiles * kDimPairs * 32;
-  for (int e = threadIdx.x; e < fragments; e += blockDim.x) {
-    const int lane = e & 31, pair = (e >> 5) % kDimPairs, n_tile = (e >> 5) / kDimPairs % n_tiles;
-    const int query = (e >> 5) / kDimPairs / n_tiles;
-    const int head = 8 * n_tile + (lane >> 2);
-    q_frag[e] = head < args.heads
-                    ? *reinterpret_cast<const uint4*>(args.q + ((first_query + query) * args.heads + head) * kHeadDim +
-                                                      32 * pair + 8 * (lane & 3))
-                    : make_uint4(0, 0, 0, 0);
-  }
-  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
-    const int query = e / heads, head = e % heads;
-    weights[e] = head < args.heads
-                     ? args.head_weights[(first_query + query) * args.heads + head] * args.weight_scale
-                     : 0.0f;
-  }
+  const __nv_bfloat16* keys = args.keys + key_slot_of(args, first_query) * args.keys_slot_stride;
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+  // The first tile's keys are in flight while the query operands are prepared (rows up to the capacity: a row past
+  // a query's visible keys only feeds outputs that are never written).
+  uint4 a[2][kDimPairs], next[2][kDimPairs];
+  int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+  load_key_tile<kDimPairs>(a, keys, tile * kKeysPerWarpTile, args.key_count, group, quad);
+
+  load_query_operands<kHeadDim, false>(args, first_query, queries, smem_raw, weights,
+                                       reinterpret_cast<float2*>(smem_raw + layout.rope_offset));
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
   int64_t max_visible = 0;
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, visible[query]);
-  // A CTA's queries are of one sequence (one query per CTA when sequences differ).
-  const __nv_bfloat16* keys =
-      args.sequence_slots != nullptr ? args.keys + args.sequence_slots[first_query] * args.keys_slot_stride : args.keys;
 
-  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
   const int64_t tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
   const int64_t step = int64_t(gridDim.x) * kScoreWarps;
   // Software pipeline: the next tile's keys are in flight while the current one is multiplied.
-  uint4 a[2][kDimPairs], next[2][kDimPairs];
-  int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
-  load_key_tile<kDimPairs>(a, keys, tile * kKeysPerWarpTile, max_visible, group, quad);
   for (; tile < tiles; tile += step) {
     const int64_t key0 = tile * kKeysPerWarpTile;
     load_key_tile<kDimPairs>(next, keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
@@ -273,6 +507,124 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int pair = 0; pair < kDimPairs; ++pair) a[half][pair] = next[half][pair];
+  }
+}
+
+// fp8 keys: the 16 rows key0 + 8·half + group of an m-tile; per row the lane holds kHeadDim/4 bytes, loaded W/4 at a
+// time at dims u·W + quad·(W/4) (W = min(64, head_dim)), as words: step t's A registers are words 2t and 2t + 1.
+// Also the scale of the row the lane stores after the quad reduction, key0 + 8·(quad % 2) + group.
+template <int kHeadDim>
+struct Fp8KeyTile {
+  uint32_t words[2][kHeadDim / 16];  // [half]
+  float scale;
+};
+
+template <int kHeadDim>
+__device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, const uint8_t* keys, const float* scales,
+                                                  int key0, int rows, int group, int quad) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = key0 + 8 * half + group;
+    if constexpr (kHeadDim >= 64) {
+#pragma unroll
+      for (int unit = 0; unit < kHeadDim / 64; ++unit) {
+        const uint4 v = row < rows ? ptx::load_streaming_16B(keys + size_t(row) * kHeadDim + 64 * unit + 16 * quad)
+                                   : make_uint4(0, 0, 0, 0);
+        tile.words[half][4 * unit] = v.x, tile.words[half][4 * unit + 1] = v.y;
+        tile.words[half][4 * unit + 2] = v.z, tile.words[half][4 * unit + 3] = v.w;
+      }
+    } else {
+      const uint2 v =
+          row < rows ? __ldg(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad)) : make_uint2(0, 0);
+      tile.words[half][0] = v.x, tile.words[half][1] = v.y;
+    }
+  }
+  const int out_row = key0 + 8 * (quad & 1) + group;
+  tile.scale = out_row < rows ? __ldg(scales + out_row) : 0.0f;
+}
+
+// The fp8 variant: q·K on e4m3 tensor cores with the scales factored out of the ReLU (both positive):
+// score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated in fp32 by the tensor core.
+// A warp's m16 key tile is half the bf16 kernel's bytes, so it keeps two tiles ahead in flight (the same 128 bytes
+// per lane) instead of one.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_fp8_kernel(ScoresArgs args) {
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
+  allow_dependents();
+  wait_for_prior_grids();
+  constexpr int kSteps = kHeadDim / 32;  // k32 steps
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int heads = padded_heads(args.heads);
+  const int n_tiles = heads / 8;
+  const int group_size = args.queries_per_cta;
+  const ScoresSmemLayout layout = scores_smem_layout(
+      group_size, args.heads, kHeadDim, true, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0);
+  const uint2* q_frag = reinterpret_cast<const uint2*>(smem_raw);
+  float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
+  int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
+
+  const int64_t first_query = int64_t(blockIdx.y) * group_size;
+  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
+  const int64_t slot = key_slot_of(args, first_query);
+  const uint8_t* keys = args.keys_fp8 + slot * args.keys_slot_stride;
+  const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+  // 32-bit key arithmetic (key_count < 2^30, checked by the launcher): fewer registers in the main loop.
+  const int key_count = int(args.key_count);
+  const int step = int(gridDim.x) * kScoreWarps;
+  int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+  // The first two tiles are in flight during the prologue, as in the bf16 kernel.
+  Fp8KeyTile<kHeadDim> current, ahead, after;
+  load_fp8_key_tile<kHeadDim>(current, keys, key_scales, tile * kKeysPerWarpTile, key_count, group, quad);
+  load_fp8_key_tile<kHeadDim>(ahead, keys, key_scales, (tile + step) * kKeysPerWarpTile, key_count, group, quad);
+
+  load_query_operands<kHeadDim, true>(args, first_query, queries, smem_raw, weights,
+                                      reinterpret_cast<float2*>(smem_raw + layout.rope_offset));
+  if (threadIdx.x < queries)
+    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
+  __syncthreads();
+  int max_visible = 0;
+  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
+
+  const int tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
+  for (; tile < tiles; tile += step) {
+    const int key0 = tile * kKeysPerWarpTile;
+    load_fp8_key_tile<kHeadDim>(after, keys, key_scales, (tile + 2 * step) * kKeysPerWarpTile, max_visible, group,
+                                quad);
+    // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
+    const int out_row = key0 + 8 * (quad & 1) + group;
+    for (int query = 0; query < queries; ++query) {
+      float* out = args.scores + (first_query + query) * args.score_stride;
+      const int query_visible = int(visible[query]);
+      float result = -std::numeric_limits<float>::infinity();
+      if (key0 < query_visible) {
+        float sum[2] = {0.0f, 0.0f};
+        const uint2* b_frag = q_frag + size_t(query) * n_tiles * kSteps * 32 + lane;
+        const float* w = weights + query * heads + 2 * quad;
+        for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
+          // Two accumulator chains (even and odd k32 steps) so consecutive MMAs are independent; summed below.
+          float acc[2][4] = {};
+#pragma unroll
+          for (int t = 0; t < kSteps; ++t) {
+            const uint2 b = b_frag[(n_tile * kSteps + t) * 32];
+            mma_e4m3_16832(acc[t & 1], current.words[0][2 * t], current.words[1][2 * t], current.words[0][2 * t + 1],
+                           current.words[1][2 * t + 1], b.x, b.y);
+          }
+          const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
+          sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
+          sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
+          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
+        }
+        if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
+      }
+      if (quad < 2 && out_row < key_count) out[out_row] = result;
+    }
+    current = ahead;
+    ahead = after;
   }
 }
 

@@ -2,17 +2,25 @@
 // the top-k that follows is top_k.hpp.
 //
 // Dispatch contract:
-// - run_indexer_prepare turns fp32 vectors [rows, head_dim] (indexer q heads, or new indexer keys) into the bf16
-//   operands of the scores: optional RoPE on the last rope_dim dims at each token's position, then in reference
-//   numerics round_indexer_reference (Hadamard of head_dim, bf16, fp4 e2m1 with a ue8m0 scale per 32 — every result
-//   is exactly a bf16), in exact numerics a plain round to bf16. head_dim 32, 64 or 128.
+// - run_indexer_prepare turns fp32 vectors [rows, head_dim] (indexer q heads, or new indexer keys) into the operands
+//   of the scores: optional RoPE on the last rope_dim dims at each token's position, then in reference numerics
+//   round_indexer_reference (Hadamard of head_dim, bf16, fp4 e2m1 with a ue8m0 scale per 32 — every result is exactly
+//   a bf16), in exact numerics a plain round to bf16. head_dim 32, 64 or 128. Output bf16, or fp8: each vector's
+//   bf16 operand as e4m3 codes with one fp32 scale, by DeepSeek's fp8 block rule over the whole vector
+//   (s = 2^ceil(log2(max(amax, 1e-4) / 448)), code = e4m3_rne(x / s)); lossless for fp4-rounded vectors with
+//   amax ≥ 1e-4 whose 32-blocks' scales span at most 2^14, i.e. in reference numerics the fp8 operands are the bf16
+//   ones.
 // - run_indexer_scores: scores[t, j] = Σ_h (w[t,h] · head_dim^-0.5 · heads^-0.5) · ReLU(q[t,h] · K[j]) for the keys a
-//   query at positions[t] sees (j < visible_t = min(key_count, (positions[t] + 1) div ratio)); q and K bf16 on the
-//   tensor cores (mma.sync m16n8k16), fp32 accumulation. heads 1 to 128, head_dim 32/64/128. Columns from visible_t
-//   on hold −inf or are left unwritten (the top-k reads only the visible ones), so key_count may be a bound (the
-//   keys buffer's capacity) and the work follows the positions.
+//   query at positions[t] sees (j < visible_t = min(key_count, (positions[t] + 1) div ratio)), fp32 accumulation.
+//   Keys bf16 (mma.sync m16n8k16) or fp8 + a scale per key (mma.sync m16n8k32 e4m3: half the bytes; the scales are
+//   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare, or raw (fp32 before
+//   RoPE and rounding): the kernel then prepares them itself exactly as run_indexer_prepare would (same bits), which
+//   saves that launch. heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left unwritten
+//   (the top-k reads only the visible ones), so key_count may be a bound (the keys buffer's capacity) and the work
+//   follows the positions.
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
-//   keys + slot·keys_slot_stride (each query then has its own CTAs); without, every query reads `keys`.
+//   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
+//   CTAs); without, every query reads `keys`.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
 
@@ -24,8 +32,11 @@
 namespace dsv4::cuda {
 
 struct IndexerPrepareParams {
-  const float* input = nullptr;        // device fp32 [tokens, heads, head_dim]
-  __nv_bfloat16* output = nullptr;     // device bf16 [tokens, heads, head_dim]; may not alias input
+  const float* input = nullptr;        // device fp32 [tokens, heads, head_dim] (token rows input_row_stride apart)
+  int64_t input_row_stride = 0;        // elements from one token's row of input to the next; 0: heads · head_dim
+  __nv_bfloat16* output = nullptr;     // device bf16 [tokens, heads, head_dim]; may not alias input. Or:
+  uint8_t* output_fp8 = nullptr;       // device fp8 e4m3 [tokens, heads, head_dim], with
+  float* output_scales = nullptr;      //   device fp32 [tokens, heads], one scale per vector
   int64_t tokens = 0;                  // rows = tokens · heads
   int64_t heads = 1;                   // vectors per token (index heads for q, 1 for keys)
   int64_t head_dim = 128;
@@ -40,12 +51,26 @@ void check_indexer_prepare_params(const IndexerPrepareParams& params);
 void run_indexer_prepare(const IndexerPrepareParams& params);
 
 struct IndexerScoresParams {
-  const __nv_bfloat16* q = nullptr;      // device [tokens, heads, head_dim], 16-byte aligned (run_indexer_prepare)
+  // Queries [tokens, heads, head_dim], exactly one of: q (bf16, for bf16 keys), q_fp8 + q_scales (for fp8 keys), both
+  // from run_indexer_prepare; or q_raw (fp32, RoPE not yet applied) with the preparation's settings below.
+  const __nv_bfloat16* q = nullptr;      // device, 16-byte aligned
+  const uint8_t* q_fp8 = nullptr;        // device, 8-byte aligned
+  const float* q_scales = nullptr;       // device [tokens, heads]
+  const float* q_raw = nullptr;          // device fp32 (token rows q_raw_row_stride apart)
+  int64_t q_raw_row_stride = 0;          // q_raw: elements from one token's row to the next; 0: heads · head_dim
+  const float* rope_frequencies = nullptr;  // q_raw: device [rope_dim / 2]; null: no RoPE
+  int64_t rope_dim = 0;                  // q_raw: as IndexerPrepareParams
+  bool reference_rounding = false;       // q_raw: as IndexerPrepareParams
   const float* head_weights = nullptr;   // device [tokens, heads]: weights_proj · x, not yet scaled
+  int64_t head_weights_row_stride = 0;   // elements from one token's head weights to the next; 0: heads
+  // Keys, exactly one of: keys (bf16) or keys_fp8 + key_scales (run_indexer_prepare's fp8 output for keys).
   const __nv_bfloat16* keys = nullptr;   // device [key_count, head_dim], 16-byte aligned
+  const uint8_t* keys_fp8 = nullptr;     // device [key_count, head_dim] e4m3, 16-byte aligned
+  const float* key_scales = nullptr;     // device [key_count]
+  int64_t key_scales_slot_stride = 0;    // fp8 with sequence_slots: floats from one slot's scales to the next
   int64_t key_count = 0;                 // keys per sequence (or a bound: see the contract)
   const int32_t* sequence_slots = nullptr;  // device [tokens] or null (one sequence)
-  int64_t keys_slot_stride = 0;          // elements from one slot's keys to the next
+  int64_t keys_slot_stride = 0;          // elements (bf16 or fp8) from one slot's keys to the next
   const int64_t* positions = nullptr;    // device [tokens] absolute positions
   int64_t tokens = 0;
   int64_t heads = 64;
