@@ -152,6 +152,7 @@ struct PairRow {
   std::string model, format;
   int tokens;
   double two_launches_us, pair_us;
+  double pair_slots_us[5] = {0, 0, 0, 0, 0};  // the pair kernel by ring slots (1..4); 0: not timed
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -450,7 +451,8 @@ int main(int argc, char** argv) {
                                                         .workspace_bytes = workspace.bytes(),
                                                         .stream = s});
                                 });
-          row.pair_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+          const auto time_pair = [&](int ring_slots) {
+            return 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
                           run_quantized_linear_pair({.first = firsts[size_t(i % copies)].view(),
                                                      .first_groups = first_shape.groups,
                                                      .x = x.as<__nv_bfloat16>(),
@@ -463,8 +465,18 @@ int main(int argc, char** argv) {
                                                      .tokens = tokens,
                                                      .workspace = workspace.data(),
                                                      .workspace_bytes = workspace.bytes(),
-                                                     .stream = s});
+                                                     .stream = s,
+                                                     .ring_slots = ring_slots});
                         });
+          };
+          row.pair_us = time_pair(0);
+          for (int slots = 1; slots <= 4; ++slots) {
+            try {
+              row.pair_slots_us[slots] = time_pair(slots);
+            } catch (const Error&) {
+              continue;  // the rings do not fit one CTA's shared memory
+            }
+          }
           pairs.push_back(row);
         }
       }
@@ -484,10 +496,12 @@ int main(int argc, char** argv) {
                   r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
                   r.cluster_us, r.gemm_us, r.gemm_k_splits, r.prologue_graph_us, r.norm_then_linear_graph_us);
     if (!pairs.empty()) {
-      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b graph µs | pair kernel graph µs |\n|---|---|---|---|---|\n");
+      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b graph µs | pair kernel graph µs | pair by ring "
+                  "slots (1/2/3/4) |\n|---|---|---|---|---|---|\n");
       for (const PairRow& r : pairs)
-        std::printf("| %s | %s | %d | %.1f | %.1f |\n", r.model.c_str(), r.format.c_str(), r.tokens,
-                    r.two_launches_us, r.pair_us);
+        std::printf("| %s | %s | %d | %.1f | %.1f | %.1f / %.1f / %.1f / %.1f |\n", r.model.c_str(), r.format.c_str(),
+                    r.tokens, r.two_launches_us, r.pair_us, r.pair_slots_us[1], r.pair_slots_us[2],
+                    r.pair_slots_us[3], r.pair_slots_us[4]);
     }
 
     FILE* out = std::fopen(json_path.c_str(), "w");
@@ -515,9 +529,10 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < pairs.size(); ++i)
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"two_launches_graph_us\": %.2f, "
-                   "\"pair_graph_us\": %.2f}%s\n",
+                   "\"pair_graph_us\": %.2f, \"pair_graph_us_by_slots\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
                    pairs[i].model.c_str(), pairs[i].format.c_str(), pairs[i].tokens, pairs[i].two_launches_us,
-                   pairs[i].pair_us, i + 1 < pairs.size() ? "," : "");
+                   pairs[i].pair_us, pairs[i].pair_slots_us[1], pairs[i].pair_slots_us[2], pairs[i].pair_slots_us[3],
+                   pairs[i].pair_slots_us[4], i + 1 < pairs.size() ? "," : "");
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);
     std::printf("wrote %s\n", json_path.c_str());

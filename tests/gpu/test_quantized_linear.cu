@@ -891,6 +891,8 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
 // The pair kernel (wo_a → wo_b in one launch) against the two launches it replaces: the intermediate and the output
 // bit for bit (the same tiles, sums and reduction order), repeated launches on one workspace (its counters must be
 // back at zero after each, or the next launch's second product would not wait), and the workspace left zeroed.
+// Four-slot rings leave fewer CTAs per SM than the V4-Flash shapes have items, so CTAs run several items in turn
+// (the persistent loops), and fewer splits, so a second item's k range spans two groups of the first.
 TEST(QuantizedLinear, PairEqualsTwoLaunchesBitForBit) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int multiprocessors = list_devices().front().multiprocessors;
@@ -906,93 +908,102 @@ TEST(QuantizedLinear, PairEqualsTwoLaunchesBitForBit) {
                         {TestFormat::MXFP4, 1024, 1024, 2, 336},
                         {TestFormat::BF16, 512, 256, 1, 272}};
   uint32_t seed = 1300;
-  for (const Case& c : cases)
-    for (const int tokens : {1, 3, 8, 16}) {
-      SCOPED_TRACE(std::string(name_of(c.format)) + " [" + std::to_string(c.mid) + ", " + std::to_string(c.first_cols) +
-                   "] G=" + std::to_string(c.groups) + " then [" + std::to_string(c.out) + ", " +
-                   std::to_string(c.mid) + "] T=" + std::to_string(tokens));
-      const int64_t x_cols = c.groups * c.first_cols, x_stride = x_cols + 8, mid_stride = c.mid + 16,
-                    y_stride = c.out + 5;
-      const RandomOperands a = random_operands(c.format, c.mid, c.first_cols, x_stride, tokens, seed++);
-      const RandomOperands b = random_operands(c.format, c.out, c.mid, 1, 1, seed++);
-      const DeviceMatrix first(a.host.matrix, "pair first"), second(b.host.matrix, "pair second");
-      ASSERT_TRUE(quantized_linear_pair_applies(first.view(), c.groups, second.view(), tokens));
-      const DeviceBuffer x = to_device(a.x_bf16, "x");
-      const QuantizedLinearConfig first_config = choose_quantized_linear_config(
-          first.view(), tokens, c.groups, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
-      const QuantizedLinearConfig second_config = choose_quantized_linear_config(
-          second.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
-      DeviceBuffer first_workspace = zeroed_workspace(first.view(), tokens, c.groups);
-      DeviceBuffer second_workspace = zeroed_workspace(second.view(), tokens, 1);
-      const size_t mid_floats = (size_t(tokens) * size_t(mid_stride) + 1) / 2, outputs = size_t(tokens) * size_t(y_stride);
-      DeviceBuffer mid_two = poisoned(mid_floats, "mid, two launches"), y_two = poisoned(outputs, "y, two launches");
-      run_quantized_linear({.weight = first.view(),
-                            .x = x.as<__nv_bfloat16>(),
-                            .x_row_stride = x_stride,
-                            .y = nullptr,
-                            .y_row_stride = mid_stride,
-                            .tokens = tokens,
-                            .groups = c.groups,
-                            .workspace = first_workspace.data(),
-                            .workspace_bytes = first_workspace.bytes(),
-                            .y_bf16 = mid_two.as<__nv_bfloat16>()},
-                           first_config);
-      run_quantized_linear({.weight = second.view(),
-                            .x = mid_two.as<__nv_bfloat16>(),
-                            .x_row_stride = mid_stride,
-                            .y = y_two.as<float>(),
-                            .y_row_stride = y_stride,
-                            .tokens = tokens,
-                            .workspace = second_workspace.data(),
-                            .workspace_bytes = second_workspace.bytes()},
-                           second_config);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> mid_expected = download(mid_two, mid_floats), y_expected = download(y_two, outputs);
+  for (const Case& c : cases) {
+    const int64_t x_cols = c.groups * c.first_cols, x_stride = x_cols + 8, mid_stride = c.mid + 16,
+                  y_stride = c.out + 5;
+    const RandomOperands a = random_operands(c.format, c.mid, c.first_cols, x_stride, 16, seed++);
+    const RandomOperands b = random_operands(c.format, c.out, c.mid, 1, 1, seed++);
+    const DeviceMatrix first(a.host.matrix, "pair first"), second(b.host.matrix, "pair second");
+    const DeviceBuffer x = to_device(a.x_bf16, "x");
+    const size_t pair_bytes = quantized_linear_pair_workspace_bytes(first.view(), c.groups, second.view());
+    DeviceBuffer workspace(pair_bytes, "pair workspace");
+    workspace.fill_bytes(0);
+    for (const int tokens : {1, 3, 8, 16})
+      for (const int ring_slots : {0, 4}) {
+        SCOPED_TRACE(std::string(name_of(c.format)) + " [" + std::to_string(c.mid) + ", " +
+                     std::to_string(c.first_cols) + "] G=" + std::to_string(c.groups) + " then [" +
+                     std::to_string(c.out) + ", " + std::to_string(c.mid) + "] T=" + std::to_string(tokens) +
+                     " ring slots " + std::to_string(ring_slots));
+        ASSERT_TRUE(quantized_linear_pair_applies(first.view(), c.groups, second.view(), tokens));
+        const QuantizedLinearConfig first_config =
+            choose_quantized_linear_config(first.view(), tokens, c.groups, multiprocessors, WeightLoadPath::STREAMED,
+                                           ring_slots, SplitKReduce::WORKSPACE);
+        const QuantizedLinearConfig second_config = choose_quantized_linear_config(
+            second.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, ring_slots, SplitKReduce::WORKSPACE);
+        DeviceBuffer first_workspace(std::max<size_t>(first_config.workspace_bytes, 16), "first workspace");
+        DeviceBuffer second_workspace(std::max<size_t>(second_config.workspace_bytes, 16), "second workspace");
+        first_workspace.fill_bytes(0);
+        second_workspace.fill_bytes(0);
+        const size_t mid_floats = (size_t(tokens) * size_t(mid_stride) + 1) / 2;
+        const size_t outputs = size_t(tokens) * size_t(y_stride);
+        DeviceBuffer mid_two = poisoned(mid_floats, "mid, two launches"), y_two = poisoned(outputs, "y, two launches");
+        run_quantized_linear({.weight = first.view(),
+                              .x = x.as<__nv_bfloat16>(),
+                              .x_row_stride = x_stride,
+                              .y = nullptr,
+                              .y_row_stride = mid_stride,
+                              .tokens = tokens,
+                              .groups = c.groups,
+                              .workspace = first_workspace.data(),
+                              .workspace_bytes = first_workspace.bytes(),
+                              .y_bf16 = mid_two.as<__nv_bfloat16>()},
+                             first_config);
+        run_quantized_linear({.weight = second.view(),
+                              .x = mid_two.as<__nv_bfloat16>(),
+                              .x_row_stride = mid_stride,
+                              .y = y_two.as<float>(),
+                              .y_row_stride = y_stride,
+                              .tokens = tokens,
+                              .workspace = second_workspace.data(),
+                              .workspace_bytes = second_workspace.bytes()},
+                             second_config);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> mid_expected = download(mid_two, mid_floats), y_expected = download(y_two, outputs);
 
-      const size_t pair_bytes = quantized_linear_pair_workspace_bytes(first.view(), c.groups, second.view(), tokens);
-      DeviceBuffer workspace(pair_bytes, "pair workspace");
-      workspace.fill_bytes(0);
-      for (int launch = 0; launch < 3; ++launch) {
-        DeviceBuffer mid = poisoned(mid_floats, "mid, pair"), y = poisoned(outputs, "y, pair");
-        run_quantized_linear_pair({.first = first.view(),
-                                   .first_groups = c.groups,
-                                   .x = x.as<__nv_bfloat16>(),
-                                   .x_row_stride = x_stride,
-                                   .mid = mid.as<__nv_bfloat16>(),
-                                   .mid_row_stride = mid_stride,
-                                   .second = second.view(),
-                                   .y = y.as<float>(),
-                                   .y_row_stride = y_stride,
-                                   .tokens = tokens,
-                                   .workspace = workspace.data(),
-                                   .workspace_bytes = workspace.bytes()});
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "launch " << launch;
-        const std::vector<float> mid_got = download(mid, mid_floats), y_got = download(y, outputs);
-        int failures = 0;
-        for (size_t i = 0; i < mid_got.size(); ++i)
-          if (std::memcmp(&mid_got[i], &mid_expected[i], sizeof(float)) != 0 && ++failures <= 8)
-            ADD_FAILURE() << "launch " << launch << ": mid bf16 pair at element " << 2 * i << " (token "
-                          << 2 * i / size_t(mid_stride) << ", column " << 2 * i % size_t(mid_stride) << "): 0x"
-                          << std::hex << *reinterpret_cast<const uint32_t*>(&mid_got[i]) << ", expected 0x"
-                          << *reinterpret_cast<const uint32_t*>(&mid_expected[i]) << std::dec;
-        for (size_t i = 0; i < outputs; ++i) {
-          const bool in_row = int64_t(i % size_t(y_stride)) < c.out;
-          const bool same = std::memcmp(&y_got[i], &y_expected[i], sizeof(float)) == 0 &&
-                            (in_row ? std::isfinite(y_got[i]) : is_poison(y_got[i]));
-          if (!same && ++failures <= 16)
-            ADD_FAILURE() << "launch " << launch << ": y[" << i / size_t(y_stride) << ", " << i % size_t(y_stride)
-                          << "] = " << y_got[i] << ", two launches " << y_expected[i];
+        for (int launch = 0; launch < 2; ++launch) {
+          DeviceBuffer mid = poisoned(mid_floats, "mid, pair"), y = poisoned(outputs, "y, pair");
+          run_quantized_linear_pair({.first = first.view(),
+                                     .first_groups = c.groups,
+                                     .x = x.as<__nv_bfloat16>(),
+                                     .x_row_stride = x_stride,
+                                     .mid = mid.as<__nv_bfloat16>(),
+                                     .mid_row_stride = mid_stride,
+                                     .second = second.view(),
+                                     .y = y.as<float>(),
+                                     .y_row_stride = y_stride,
+                                     .tokens = tokens,
+                                     .workspace = workspace.data(),
+                                     .workspace_bytes = workspace.bytes(),
+                                     .ring_slots = ring_slots});
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "launch " << launch;
+          const std::vector<float> mid_got = download(mid, mid_floats), y_got = download(y, outputs);
+          int failures = 0;
+          for (size_t i = 0; i < mid_got.size(); ++i)
+            if (std::memcmp(&mid_got[i], &mid_expected[i], sizeof(float)) != 0 && ++failures <= 8)
+              ADD_FAILURE() << "launch " << launch << ": mid bf16 pair at element " << 2 * i << " (token "
+                            << 2 * i / size_t(mid_stride) << ", column " << 2 * i % size_t(mid_stride) << "): 0x"
+                            << std::hex << *reinterpret_cast<const uint32_t*>(&mid_got[i]) << ", expected 0x"
+                            << *reinterpret_cast<const uint32_t*>(&mid_expected[i]) << std::dec;
+          for (size_t i = 0; i < outputs; ++i) {
+            const bool in_row = int64_t(i % size_t(y_stride)) < c.out;
+            const bool same = std::memcmp(&y_got[i], &y_expected[i], sizeof(float)) == 0 &&
+                              (in_row ? std::isfinite(y_got[i]) : is_poison(y_got[i]));
+            if (!same && ++failures <= 16)
+              ADD_FAILURE() << "launch " << launch << ": y[" << i / size_t(y_stride) << ", "
+                            << i % size_t(y_stride) << "] = " << y_got[i] << ", two launches " << y_expected[i];
+          }
+          for (size_t i = outputs; i < outputs + kGuardFloats; ++i)
+            ASSERT_TRUE(is_poison(y_got[i])) << "write past the end of y at element " << i;
+          ASSERT_EQ(failures, 0) << failures << " elements differ at launch " << launch;
+          std::vector<uint8_t> left(pair_bytes);
+          workspace.download(left.data(), left.size());
+          // The counters and both products' tickets (the ticket area) are zero again; the partial sums may hold
+          // anything.
+          for (size_t i = 0; i < kLinearTicketAreaBytes; ++i)
+            ASSERT_EQ(left[i], 0) << "workspace byte " << i << " left set";
         }
-        for (size_t i = outputs; i < outputs + kGuardFloats; ++i)
-          ASSERT_TRUE(is_poison(y_got[i])) << "write past the end of y at element " << i;
-        ASSERT_EQ(failures, 0) << failures << " elements differ at launch " << launch;
-        std::vector<uint8_t> left(pair_bytes);
-        workspace.download(left.data(), left.size());
-        // The counters and tickets are zero again; the partial sums may hold anything.
-        const size_t counters = 256 * ((size_t(c.groups + 1) * 4 + 255) / 256);
-        for (size_t i = 0; i < counters; ++i) ASSERT_EQ(left[i], 0) << "workspace counter byte " << i << " left set";
       }
-    }
+  }
 }
 
 TEST(QuantizedLinear, PairRefusesWhatItCannotRun) {
@@ -1078,6 +1089,58 @@ TEST(QuantizedLinear, LinearPairFusedOrNotGivesTheSameResults) {
   LinearCall second_call{.weight = second.view(), .what = "wo_b", .tokens = 1};
   testing::expect_error([&] { run_linear_pair(first_call, second_call, true); },
                         "must read the first's bf16 output");
+}
+
+// One workspace shared by calls of different shapes (the engine's): a split call with few row blocks, or the GEMM,
+// leaves partial sums where a later call with more row blocks would look for its tickets unless every call keeps
+// its tickets in the ticket area (kLinearTicketAreaBytes). The later call must give what it gives on a fresh
+// workspace, bit for bit.
+TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  struct Call {
+    int64_t rows, cols;
+    int groups, tokens;
+  };
+  // [wq_a; wkv] (24 row blocks, 16 splits at T = 1), the GEMM's split-K at 17 tokens, then wo_a (128 row blocks).
+  const Call earlier[] = {{1536, 4096, 1, 1}, {1536, 4096, 1, 17}};
+  const Call later{8192, 4096, 8, 1};
+  const RandomOperands a = random_operands(TestFormat::FP8_E8M0, 1536, 4096, 4096, 17, 1500);
+  const RandomOperands b = random_operands(TestFormat::FP8_E8M0, later.rows, later.cols, later.groups * later.cols,
+                                           later.tokens, 1501);
+  const DeviceMatrix wa(a.host.matrix, "earlier weight"), wb(b.host.matrix, "later weight");
+  const DeviceBuffer xa = to_device(a.x_bf16, "x earlier"), xb = to_device(b.x_bf16, "x later");
+  const size_t bytes = std::max(linear_workspace_bytes(wa.view()), linear_workspace_bytes(wb.view(), later.groups));
+  DeviceBuffer ya(17 * 1536 * 4, "y earlier");
+  const auto later_call = [&](DeviceBuffer& workspace, DeviceBuffer& y) {
+    run_linear({.weight = wb.view(), .what = "later", .x = xb.as<__nv_bfloat16>(),
+                .x_row_stride = later.groups * later.cols, .y = y.as<float>(), .y_row_stride = later.rows,
+                .tokens = later.tokens, .groups = later.groups, .workspace = workspace.data(),
+                .workspace_bytes = workspace.bytes()});
+  };
+  DeviceBuffer fresh(bytes, "fresh workspace");
+  fresh.fill_bytes(0);
+  DeviceBuffer y_fresh = poisoned(size_t(later.rows), "y fresh");
+  later_call(fresh, y_fresh);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> expected = download(y_fresh, size_t(later.rows));
+  for (const Call& e : earlier) {
+    SCOPED_TRACE("after a [" + std::to_string(e.rows) + ", " + std::to_string(e.cols) + "] call at T=" +
+                 std::to_string(e.tokens));
+    DeviceBuffer shared(bytes, "shared workspace");
+    shared.fill_bytes(0);
+    run_linear({.weight = wa.view(), .what = "earlier", .x = xa.as<__nv_bfloat16>(), .x_row_stride = e.cols,
+                .y = ya.as<float>(), .y_row_stride = e.rows, .tokens = e.tokens, .workspace = shared.data(),
+                .workspace_bytes = shared.bytes()});
+    DeviceBuffer y = poisoned(size_t(later.rows), "y shared");
+    later_call(shared, y);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> got = download(y, size_t(later.rows));
+    int failures = 0;
+    for (size_t i = 0; i < size_t(later.rows); ++i)
+      if (std::memcmp(&got[i], &expected[i], sizeof(float)) != 0 && ++failures <= 8)
+        ADD_FAILURE() << "y[" << i << "] = " << got[i] << " on the shared workspace, " << expected[i] << " on a fresh one";
+    EXPECT_EQ(failures, 0);
+  }
 }
 
 }  // namespace

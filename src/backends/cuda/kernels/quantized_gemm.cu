@@ -8,6 +8,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_gemm.cuh"
+#include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
@@ -137,8 +138,11 @@ QuantizedGemmConfig choose_quantized_gemm_config(const DeviceMatrixView& weight,
   config.k_splits = int(ceil_div(k_tiles, config.split_k_tiles));
   config.ctas = tiles * config.k_splits;
   if (config.k_splits > 1) {
-    // Tickets first, padded so the partial sums start 256-byte aligned.
-    config.ticket_bytes = size_t(round_up(tiles * int64_t(sizeof(uint32_t)), 256));
+    // Tickets in the ticket area shared with quantized_linear (kLinearTicketAreaBytes), the partial sums after it.
+    check(tiles * int64_t(sizeof(uint32_t)) <= int64_t(kLinearTicketAreaBytes), "quantized_gemm: weight [",
+          weight.rows, ", ", weight.cols, "] splits K over ", tiles, " tiles, more tickets than the workspace's ",
+          "ticket area holds");
+    config.ticket_bytes = kLinearTicketAreaBytes;
     config.workspace_bytes =
         config.ticket_bytes + size_t(config.k_splits) * size_t(tokens) * size_t(weight.rows) * sizeof(float);
   }

@@ -125,8 +125,8 @@ void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLine
     launch_for_token_tiles<F, false>(args, config, stream);
 }
 
-// The workspace starts with one split-K ticket per row block, padded so the partial sums start 256-byte aligned.
-size_t ticket_area_bytes(int64_t row_blocks) { return size_t(round_up(row_blocks * int64_t(sizeof(uint32_t)), 256)); }
+// Bytes of row_blocks tickets, padded to 256 (within the workspace's ticket area).
+size_t ticket_bytes_of(int64_t row_blocks) { return size_t(round_up(row_blocks * int64_t(sizeof(uint32_t)), 256)); }
 
 bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b) {
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
@@ -266,7 +266,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
   if (config.k_splits > 1 && config.reduce == SplitKReduce::WORKSPACE) {
-    config.ticket_bytes = ticket_area_bytes(config.row_blocks);
+    check(ticket_bytes_of(config.row_blocks) <= kLinearTicketAreaBytes, "quantized_linear: weight [", weight.rows,
+          ", ", weight.cols, "] splits K over ", config.row_blocks, " row blocks, more tickets than the workspace's ",
+          "ticket area holds");
+    config.ticket_bytes = kLinearTicketAreaBytes;
     config.workspace_bytes =
         config.ticket_bytes + size_t(config.k_splits) * size_t(tokens) * size_t(weight.rows) * sizeof(float);
   }
@@ -397,14 +400,17 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
 }
 
 // How run_quantized_linear_pair lays out one call: each product's STREAMED config with the workspace reduction,
-// and the workspace as [group_ready counters, exit counter] | the first's tickets and partials | the second's.
+// and the workspace as [group_ready counters, exit counter] | the first's tickets | the second's tickets, within the
+// ticket area (kLinearTicketAreaBytes), then the first's partial sums | the second's. Counters and tickets are zero
+// between launches, and no call's partial sums reach the ticket area, so one workspace zeroed once serves every
+// call of any shape, token count or ring depth.
 struct PairPlan {
   QuantizedLinearConfig first, second;
-  size_t first_offset = 0, second_offset = 0, workspace_bytes = 0;
+  size_t first_tickets = 0, second_tickets = 0, first_partials = 0, second_partials = 0, workspace_bytes = 0;
 };
 
 PairPlan plan_pair(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second, int tokens,
-                   int multiprocessors) {
+                   int multiprocessors, int ring_slots = 0) {
   check(first.format == second.format, "quantized_linear pair: the weights are ", to_string(first.format), " [",
         first.rows, ", ", first.cols, "] and ", to_string(second.format), " [", second.rows, ", ", second.cols,
         "]; the pair kernel takes one format");
@@ -412,14 +418,20 @@ PairPlan plan_pair(const DeviceMatrixView& first, int first_groups, const Device
         "] does not take the first's ", first.rows, " outputs");
   PairPlan plan;
   plan.first = choose_quantized_linear_config(first, tokens, first_groups, multiprocessors, WeightLoadPath::STREAMED,
-                                              0, SplitKReduce::WORKSPACE);
-  plan.second = choose_quantized_linear_config(second, tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0,
-                                               SplitKReduce::WORKSPACE);
+                                              ring_slots, SplitKReduce::WORKSPACE);
+  plan.second = choose_quantized_linear_config(second, tokens, 1, multiprocessors, WeightLoadPath::STREAMED,
+                                               ring_slots, SplitKReduce::WORKSPACE);
   check(plan.first.ring_slots == plan.second.ring_slots && plan.first.token_tiles == plan.second.token_tiles,
         "quantized_linear pair: the two products' rings or token tiles differ");
-  plan.first_offset = size_t(round_up(int64_t(first_groups + 1) * int64_t(sizeof(uint32_t)), 256));
-  plan.second_offset = plan.first_offset + size_t(round_up(int64_t(plan.first.workspace_bytes), 256));
-  plan.workspace_bytes = plan.second_offset + plan.second.workspace_bytes;
+  const auto partial_bytes = [](const QuantizedLinearConfig& c) { return c.workspace_bytes - c.ticket_bytes; };
+  plan.first_tickets = size_t(round_up(int64_t(first_groups + 1) * int64_t(sizeof(uint32_t)), 256));
+  plan.second_tickets = plan.first_tickets + ticket_bytes_of(plan.first.row_blocks);
+  check(plan.second_tickets + ticket_bytes_of(plan.second.row_blocks) <= kLinearTicketAreaBytes,
+        "quantized_linear pair: ", first_groups, " group counters and the tickets of ", plan.first.row_blocks, " + ",
+        plan.second.row_blocks, " row blocks exceed the workspace's ticket area");
+  plan.first_partials = kLinearTicketAreaBytes;
+  plan.second_partials = plan.first_partials + size_t(round_up(int64_t(partial_bytes(plan.first)), 256));
+  plan.workspace_bytes = plan.second_partials + partial_bytes(plan.second);
   return plan;
 }
 
@@ -446,24 +458,20 @@ void launch_pair_for_format(const linear::PairKernelArgs& args, int token_tiles,
     launch_pair_kernel<F, 2>(args, items, smem_bytes, stream);
 }
 
-// The pair's two calls as run_quantized_linear would see them, on their slices of the workspace.
-std::pair<QuantizedLinearParams, QuantizedLinearParams> pair_calls(const QuantizedLinearPairParams& p,
-                                                                   const PairPlan& plan) {
-  auto* workspace = static_cast<uint8_t*>(p.workspace);
-  const auto slice = [&](size_t offset, size_t bytes) -> std::pair<void*, size_t> {
-    if (bytes == 0) return {nullptr, 0};
-    return {workspace + offset, p.workspace_bytes > offset ? p.workspace_bytes - offset : 0};
-  };
-  const auto [first_ws, first_bytes] = slice(plan.first_offset, plan.first.workspace_bytes);
-  const auto [second_ws, second_bytes] = slice(plan.second_offset, plan.second.workspace_bytes);
+// The pair's two calls as run_quantized_linear would see them, without their workspace (the plan places it).
+std::pair<QuantizedLinearParams, QuantizedLinearParams> pair_calls(const QuantizedLinearPairParams& p) {
   return {QuantizedLinearParams{.weight = p.first, .x = p.x, .x_row_stride = p.x_row_stride, .y = nullptr,
                                 .y_row_stride = p.mid_row_stride, .tokens = p.tokens, .groups = p.first_groups,
-                                .workspace = first_ws, .workspace_bytes = first_bytes, .stream = p.stream,
-                                .y_bf16 = p.mid},
+                                .stream = p.stream, .y_bf16 = p.mid},
           QuantizedLinearParams{.weight = p.second, .x = p.mid, .x_row_stride = p.mid_row_stride, .y = p.y,
-                                .y_row_stride = p.y_row_stride, .tokens = p.tokens, .groups = 1,
-                                .workspace = second_ws, .workspace_bytes = second_bytes, .stream = p.stream,
+                                .y_row_stride = p.y_row_stride, .tokens = p.tokens, .groups = 1, .stream = p.stream,
                                 .y_bf16 = p.y_bf16}};
+}
+
+QuantizedLinearConfig without_workspace(QuantizedLinearConfig config) {
+  config.workspace_bytes = 0;
+  config.ticket_bytes = 0;
+  return config;
 }
 
 void check_pair_params(const QuantizedLinearPairParams& p, const PairPlan& plan) {
@@ -473,9 +481,9 @@ void check_pair_params(const QuantizedLinearPairParams& p, const PairPlan& plan)
         "quantized_linear pair: weights [", p.first.rows, ", ", p.first.cols, "] then [", p.second.rows, ", ",
         p.second.cols, "] at ", p.tokens, " tokens need a 256-byte aligned workspace of ", plan.workspace_bytes,
         " bytes (have ", p.workspace == nullptr ? size_t(0) : p.workspace_bytes, ")");
-  const auto [first, second] = pair_calls(p, plan);
-  check_params_for_config(first, plan.first);
-  check_params_for_config(second, plan.second);
+  const auto [first, second] = pair_calls(p);
+  check_params_for_config(first, without_workspace(plan.first));
+  check_params_for_config(second, without_workspace(plan.second));
   const size_t mid_bytes = (size_t(p.tokens - 1) * size_t(p.mid_row_stride) + size_t(p.first.rows)) * 2;
   const size_t y_bytes = (size_t(p.tokens - 1) * size_t(p.y_row_stride) + size_t(p.second.rows)) *
                          (p.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16));
@@ -497,25 +505,32 @@ size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int 
                                              const DeviceMatrixView& second, int tokens) {
   const int multiprocessors = current_multiprocessors();
   size_t bytes = 0;
+  // One slot per warp leaves the most CTAs per SM, hence the most splits: the largest workspace of any ring depth.
   for (int t = 1; t <= tokens; ++t)
-    bytes = std::max(bytes, plan_pair(first, first_groups, second, t, multiprocessors).workspace_bytes);
+    for (const int ring_slots : {0, 1})
+      bytes = std::max(bytes, plan_pair(first, first_groups, second, t, multiprocessors, ring_slots).workspace_bytes);
   return bytes;
 }
 
 void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params) {
   check_pair_params(params, plan_pair(params.first, params.first_groups, params.second, params.tokens,
-                                      current_multiprocessors()));
+                                      current_multiprocessors(), params.ring_slots));
 }
 
 void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
-  const PairPlan plan =
-      plan_pair(params.first, params.first_groups, params.second, params.tokens, current_multiprocessors());
+  const PairPlan plan = plan_pair(params.first, params.first_groups, params.second, params.tokens,
+                                  current_multiprocessors(), params.ring_slots);
   check_pair_params(params, plan);
-  const auto [first, second] = pair_calls(params, plan);
-  linear::PairKernelArgs args{.first = kernel_args(first, plan.first),
-                              .second = kernel_args(second, plan.second),
-                              .group_ready = static_cast<uint32_t*>(params.workspace),
-                              .exited = static_cast<uint32_t*>(params.workspace) + params.first_groups};
+  const auto [first, second] = pair_calls(params);
+  auto* workspace = static_cast<uint8_t*>(params.workspace);
+  linear::PairKernelArgs args{.first = kernel_args(first, without_workspace(plan.first)),
+                              .second = kernel_args(second, without_workspace(plan.second)),
+                              .group_ready = reinterpret_cast<uint32_t*>(workspace),
+                              .exited = reinterpret_cast<uint32_t*>(workspace) + params.first_groups};
+  args.first.tickets = reinterpret_cast<uint32_t*>(workspace + plan.first_tickets);
+  args.first.partials = reinterpret_cast<float*>(workspace + plan.first_partials);
+  args.second.tickets = reinterpret_cast<uint32_t*>(workspace + plan.second_tickets);
+  args.second.partials = reinterpret_cast<float*>(workspace + plan.second_partials);
   const int64_t items = std::max(plan.first.row_blocks * plan.first.k_splits,
                                  plan.second.row_blocks * plan.second.k_splits);
   const size_t smem_bytes = std::max(plan.first.smem_bytes, plan.second.smem_bytes);

@@ -16,7 +16,8 @@
 //   CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each row block (an atomic ticket
 //   in the workspace) adds them in split order, so results are deterministic, and resets its ticket to 0. The
 //   workspace (quantized_linear_workspace_bytes) must be zero-filled ONCE when allocated and may then be reused
-//   by any number of launches on one stream (never by two launches running concurrently).
+//   by any number of launches on one stream, of any shape (kLinearTicketAreaBytes), never by two launches running
+//   concurrently.
 // - Split-K on the STREAMED path may instead reduce inside a thread-block cluster (SplitKReduce::CLUSTER, up to
 //   kLinearMaxClusterSplits splits): the splits of a row block form one cluster, each CTA leaves its partial tile in
 //   shared memory and rank 0 adds them in split order through distributed shared memory: the same sums in the same
@@ -64,6 +65,12 @@ inline constexpr int kLinearMaxStreamedTokens = 16;
 enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
+
+// Every split-K workspace of the linear kernels (this one, quantized_gemm, the pair kernel) keeps its tickets and
+// counters in its first kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of
+// different shapes may then share one workspace (the engine's), as no call's partial sums land on another call's
+// tickets. 4096 tickets: a split call has fewer row blocks than half the GPU's resident CTAs.
+inline constexpr size_t kLinearTicketAreaBytes = 16 * 1024;
 
 struct QuantizedLinearParams {
   DeviceMatrixView weight;             // [N, K] on the device
@@ -154,6 +161,7 @@ struct QuantizedLinearPairParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
+  int ring_slots = 0;                  // stages in flight per warp (1 to 4; benchmarks compare), 0: the default
 };
 
 // Whether run_quantized_linear_pair takes these weights at this token count (formats, shapes, the STREAMED path).
