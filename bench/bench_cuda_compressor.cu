@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -82,7 +81,7 @@ __global__ void straightforward_pool(const float* kv, const float* gate, const f
     token = (first_half ? w - 1 : w) * ratio + within;
     column = channel + (overlapping && !first_half ? c : 0);
   };
-  float max = -std::numeric_limits<float>::infinity();
+  float max = -INFINITY;
   for (int s = 0; s < slots; ++s) {
     int64_t token;
     int column, within;
