@@ -156,6 +156,7 @@ cuda::CudaModelOptions batch_options(bool fused = false) {
   options.fuse_projections = fused;
   options.stack_indexer_projections = fused;
   options.fuse_compressor_pools = fused;
+  options.indexer_prepare_in_scores = fused;
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;

@@ -239,6 +239,10 @@ DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::s
 // its tokens' whole rows for their sums of squares, which a few decode tokens pay less for than a launch.
 constexpr int64_t kNormPrologueMaxTokens = 16;
 
+// Up to this many tokens (decode steps) the stacked [wq_b; indexer wq_b] runs as one launch into a buffer of its
+// own (stack_indexer_projections); longer steps run its parts as row slices, so the buffer stays small.
+constexpr int64_t kStackedQueryMaxTokens = 64;
+
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
   return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
@@ -316,7 +320,8 @@ struct CudaModel::Impl {
     float* u;                  // [T, d]: ffn_norm output for the MoE
     float* qr;                 // [T, q_lora]
     bf16* qr_bf16;             // [T, q_lora]
-    float* q;                  // [T, H·D]; at T = 1 with stacked queries [H·D + IH·ID] (the indexer's after q's)
+    float* q;                  // [T, H·D]
+    float* stacked_queries;    // [min(T, kStackedQueryMaxTokens), H·D + IH·ID]: the stacked [wq_b; indexer wq_b]
     float* kv;                 // [T, D]
     float* qr_kv;              // [T, q_lora + D]: the stacked [wq_a; wkv] projection's output
     float* compressor_projections;  // [T, stacked compressor rows]: the stacked compressors' output
@@ -631,10 +636,10 @@ struct CudaModel::Impl {
     for (int i = 0; i < 2; ++i) s.post[i] = k.take<float>(T * n), s.comb[i] = k.take<float>(T * n * n);
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
-    // q holds a one-token step's stacked [wq_b; indexer wq_b] output too.
-    const int64_t stacked_queries =
-        options.fuse_projections && options.stack_indexer_projections && c.indexer.num_heads > 0 ? IH * ID : 0;
-    s.q = k.take<float>(T * H * D + stacked_queries), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    const bool stacks_queries =
+        options.fuse_projections && options.stack_indexer_projections && c.indexer.num_heads > 0;
+    s.stacked_queries = k.take<float>(stacks_queries ? std::min(T, kStackedQueryMaxTokens) * (H * D + IH * ID) : 0);
     s.qr_kv = k.take<float>(options.fuse_projections ? T * (c.q_lora_rank + D) : 0);
     s.compressor_projections = k.take<float>(options.fuse_projections ? T * stacked_compressor_rows() : 0);
     s.z = k.take<float>(T * c.o_proj_dim()), s.z_bf16 = k.take<bf16>(T * c.o_proj_dim());
@@ -856,16 +861,21 @@ struct CudaModel::Impl {
       }
     }
     // The query projections: wq_b and, in CSA layers, the indexer's wq_b (the same input) into q and qi; one launch
-    // where they are stacked and the step has one token (whose slices of the stacked output are then contiguous).
+    // where they are stacked (up to kStackedQueryMaxTokens tokens: q's per-head norm and the indexer then read their
+    // slices of the stacked rows in place).
     const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
     const float* q_norm_weight = floats(w.q_norm);
+    const float* q_projected = s.q;  // the per-head norm's input, rows of q_row_stride
+    int64_t q_row_stride = H * D;
     float* qi = s.qi;
+    int64_t qi_row_stride = IH * ID;
     if (stack != nullptr && stack->queries.view().rows > 0) {
       const DeviceMatrixView queries = stack->queries.view();
-      if (T == 1) {
-        linear_of_normed_qr(queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride, q_norm_weight, T, s.q,
-                            queries.rows);
-        qi = s.q + H * D;
+      if (T <= kStackedQueryMaxTokens) {
+        linear_of_normed_qr(queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride, q_norm_weight, T,
+                            s.stacked_queries, queries.rows);
+        q_projected = s.stacked_queries, q_row_stride = queries.rows;
+        qi = s.stacked_queries + H * D, qi_row_stride = queries.rows;
       } else {
         linear_of_normed_qr(row_slice(queries, 0, H * D), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T,
                             s.q, H * D);
@@ -879,7 +889,8 @@ struct CudaModel::Impl {
                             T, s.qi, IH * ID);
     }
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
-    q_norm.x = s.q, q_norm.rows = T * H, q_norm.width = D, q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
+    q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
+    q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
     q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
     if (!inserted && insert_carries_a_norm) {
@@ -908,23 +919,18 @@ struct CudaModel::Impl {
       // The new entries go straight into the compressed KV arrays (stored, and in reference numerics quantised,
       // by the compressor's epilogue).
       // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
-      // With the indexer's weights_proj stacked last, a one-token step takes its head weights from the same launch
-      // (a contiguous slice of its row); longer steps run those rows on their own into contiguous rows.
+      // With the indexer's weights_proj stacked last, its head weights are a slice of the same launch's rows.
       const float* projections = nullptr;
       int64_t projection_stride = 0;
       const float* head_weights = s.head_weights;
+      int64_t head_weights_stride = c.indexer.num_heads;
       if (stack != nullptr && stack->compressors.view().rows > 0) {
-        const DeviceMatrixView compressors = stack->compressors.view();
-        projection_stride = compressors.rows;
-        const bool head_weights_apart = stack->head_weights_row >= 0 && T > 1;
-        linear(head_weights_apart ? row_slice(compressors, 0, stack->head_weights_row) : compressors,
-               name + " compressors", s.x_bf16, d, T, s.compressor_projections, projection_stride);
+        projection_stride = stack->compressors.view().rows;
+        linear(stack->compressors.view(), name + " compressors", s.x_bf16, d, T, s.compressor_projections,
+               projection_stride);
         projections = s.compressor_projections;
-        if (head_weights_apart)
-          linear(row_slice(compressors, stack->head_weights_row, IH), name + " indexer weights_proj", s.x_bf16, d, T,
-                 s.head_weights, IH);
-        else if (stack->head_weights_row >= 0)
-          head_weights = projections + stack->head_weights_row;
+        if (stack->head_weights_row >= 0)
+          head_weights = projections + stack->head_weights_row, head_weights_stride = projection_stride;
       }
       const int64_t coff = c.has_indexer(layer) ? 2 : 1;
       CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor",
@@ -948,15 +954,24 @@ struct CudaModel::Impl {
           run_compressor(index);
         }
 
-        IndexerPrepareParams prepare;
-        prepare.input = qi, prepare.output = s.qi_bf16, prepare.tokens = T, prepare.heads = IH;
-        prepare.head_dim = ID, prepare.positions = in.positions, prepare.rope_frequencies = freqs;
-        prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = stream;
-        run_indexer_prepare(prepare);
+        IndexerScoresParams scores;
+        if (options.indexer_prepare_in_scores) {
+          // The scores kernel rotates and rounds the queries itself (the same bits as the prepare launch).
+          scores.q_raw = qi, scores.q_raw_row_stride = qi_row_stride, scores.rope_frequencies = freqs;
+          scores.rope_dim = c.rope_head_dim, scores.reference_rounding = reference();
+        } else {
+          IndexerPrepareParams prepare;
+          prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = s.qi_bf16;
+          prepare.tokens = T, prepare.heads = IH, prepare.head_dim = ID, prepare.positions = in.positions;
+          prepare.rope_frequencies = freqs, prepare.rope_dim = c.rope_head_dim;
+          prepare.reference_rounding = reference(), prepare.stream = stream;
+          run_indexer_prepare(prepare);
+          scores.q = s.qi_bf16;
+        }
         if (stack == nullptr || stack->head_weights_row < 0)
           linear(ix.weights_proj.view(), name + " indexer weights_proj", s.x_bf16, d, T, s.head_weights, IH);
-        IndexerScoresParams scores;
-        scores.q = s.qi_bf16, scores.head_weights = head_weights, scores.key_count = keys;
+        scores.head_weights = head_weights, scores.head_weights_row_stride = head_weights_stride;
+        scores.key_count = keys;
         if (shape.single_slot >= 0) {
           scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
         } else {

@@ -39,12 +39,15 @@ struct CudaModelOptions {
   // a norm rides in the KV insert's launch. Same math; a stacked matrix may split its sums differently.
   bool fuse_projections = true;
   // With fuse_projections, CSA layers also stack the indexer's wq_b under wq_b (both read q_norm(qr)) and the
-  // indexer's weights_proj under the compressors' projections: two launches fewer per CSA layer in one-token steps
-  // (longer steps run the stacked parts as row slices, as many launches as without).
-  bool stack_indexer_projections = false;
+  // indexer's weights_proj under the compressors' projections: two launches fewer per CSA layer (wq_b's stack in
+  // steps of up to 64 tokens; longer steps run its parts as row slices).
+  bool stack_indexer_projections = true;
+  // The indexer's query preparation (RoPE, rounding) inside its score kernel: one launch fewer per CSA layer, the
+  // same bits.
+  bool indexer_prepare_in_scores = false;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
-  bool fuse_compressor_pools = false;
+  bool fuse_compressor_pools = true;
   // The RMSNorm after each mHC site (attn_norm, ffn_norm, the final norm) inside the site's own launch (hc_pre,
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
