@@ -516,6 +516,7 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"fuse_compressor_pools", &cuda::CudaModelOptions::fuse_compressor_pools},
       {"indexer_prepare_in_scores", &cuda::CudaModelOptions::indexer_prepare_in_scores},
       {"norms_in_mhc", &cuda::CudaModelOptions::norms_in_mhc},
+      {"mhc_cluster_kernel", &cuda::CudaModelOptions::mhc_cluster_kernel},
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
       {"fused_wo", &cuda::CudaModelOptions::fused_wo},
       {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue}};
@@ -771,8 +772,8 @@ const CommandRegistration registration{{
       e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
-                      "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, bf16_wo_a, fused_wo, "
-                      "q_norm_prologue); repeatable");
+                      "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
+                      "fused_wo, q_norm_prologue); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",

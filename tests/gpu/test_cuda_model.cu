@@ -189,8 +189,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch; with stack_indexer_projections
 // also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors'; fuse_compressor_pools: a CSA
 // layer's two compressor pools in one launch; indexer_prepare_in_scores), norms_in_mhc (the sub-block norms inside
-// mHC's launches), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused output, wo_a → wo_b pair and
-// input): the same bounds against the CPU, prefill and decode.
+// mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
+// output, wo_a → wo_b pair and input): the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -210,6 +210,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.fuse_compressor_pools = fused.projections;
     options.indexer_prepare_in_scores = fused.projections;
     options.norms_in_mhc = fused.norms;
+    options.mhc_cluster_kernel = fused.norms;
     options.bf16_wo_a = fused.linear_io;
     options.q_norm_prologue = fused.linear_io;
     options.fused_wo = fused.linear_io;

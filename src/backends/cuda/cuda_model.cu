@@ -733,12 +733,16 @@ struct CudaModel::Impl {
     return {floats(weights.layers[size_t(layer)].attn_norm), nullptr, scratch.x_bf16};
   }
 
+  HcKernelChoice hc_kernel() const {
+    return options.mhc_cluster_kernel ? HcKernelChoice::CLUSTER : HcKernelChoice::AUTO;
+  }
+
   // The site's projection writes y (scratch.y), or with norms_in_mhc the normed y straight into the norm's outputs.
   template <class SiteParams>
   void direct_site_output(SiteParams& p, const SiteNorm& norm) {
     p.y = scratch.y;
     if (!options.norms_in_mhc) return;
-    p.out_norm_weight = norm.weight, p.kernel = HcKernelChoice::AUTO;
+    p.out_norm_weight = norm.weight, p.kernel = hc_kernel();
     p.y = norm.y != nullptr ? norm.y : scratch.y, p.y_bf16 = norm.y_bf16;
   }
 
@@ -1103,7 +1107,7 @@ struct CudaModel::Impl {
     head.h = scratch.h, head.workspace = scratch.hc_workspace, head.workspace_bytes = hc_workspace_bytes;
     head.stream = stream;
     if (options.norms_in_mhc) {
-      head.out_norm_weight = floats(weights.norm), head.h_bf16 = scratch.h_bf16, head.kernel = HcKernelChoice::AUTO;
+      head.out_norm_weight = floats(weights.norm), head.h_bf16 = scratch.h_bf16, head.kernel = hc_kernel();
       run_hc_head(head);
     } else {
       run_hc_head(head);

@@ -52,6 +52,9 @@ struct CudaModelOptions {
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
+  // mHC's cluster decode kernel (HcKernelChoice::CLUSTER) for the sites of decode-sized steps instead of AUTO's
+  // choice: the same launches, another reduction path.
+  bool mhc_cluster_kernel = false;
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
   // With bf16_wo_a, wo_a and wo_b in one launch where the pair kernel applies (run_linear_pair: one format, steps of
