@@ -14,7 +14,8 @@
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
-// Usage: bench_cuda_compressor [--json PATH]
+// Usage: bench_cuda_compressor [--json PATH] [--only TEXT]: --only times just the rows whose "op, case" contains TEXT
+// (every compressor's state is still filled first: 64 launches each, CSA main, CSA indexer, then HCA).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -242,8 +243,15 @@ double bytes_of(const Step& s, const Compressor& k) {
   return s.sequences * (window_bytes + slot_bytes + entry_bytes);  // the stored window in, one entry out
 }
 
-void bench_compressor(Compressor& k, double copy_gbps, cudaStream_t stream, std::vector<Row>& rows) {
+// Whether the row "op, variant" is timed: `only` is empty or a part of it (--only).
+bool selected(const std::string& only, const std::string& op, const std::string& variant) {
+  return (op + ", " + variant).find(only) != std::string::npos;
+}
+
+void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
+                      std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
+    if (!selected(only, std::string("compressor ") + k.name, s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
     const double us = graph_us(stream, 20, [&](cudaStream_t on) {
       run_compressor(k.params(runs, s.sequences, s.tokens, on));
@@ -258,11 +266,13 @@ void bench_compressor(Compressor& k, double copy_gbps, cudaStream_t stream, std:
 }
 
 // Diagnostic: the decode steps that complete windows with every split of an entry over CTAs forced.
-void bench_splits(Compressor& k, double copy_gbps, cudaStream_t stream, std::vector<Row>& rows) {
+void bench_splits(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
+                  std::vector<Row>& rows) {
   if (k.rounding == CompressorStoredRounding::IndexerFp4) return;  // no split with the indexer rounding
   for (const Step& s : {kSteps[1], kSteps[2]})
     for (const int ctas : {1, 2, 4, 8}) {
-      if (k.c % (64 * ctas) != 0) continue;
+      const std::string variant = std::string(s.variant) + ", " + std::to_string(ctas) + " CTAs per entry";
+      if (k.c % (64 * ctas) != 0 || !selected(only, std::string("compressor ") + k.name, variant)) continue;
       const DeviceBuffer runs = runs_of(start_of(s, k), s.tokens, s.sequences);
       const double us = graph_us(stream, 20, [&](cudaStream_t on) {
         CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
@@ -270,16 +280,16 @@ void bench_splits(Compressor& k, double copy_gbps, cudaStream_t stream, std::vec
         run_compressor(p);
       });
       const double bytes = bytes_of(s, k);
-      rows.push_back({std::string("compressor ") + k.name, std::string(s.variant) + ", " + std::to_string(ctas) +
-                      " CTAs per entry", us, bytes / (copy_gbps * 1e3), 0.0, bytes,
+      rows.push_back({std::string("compressor ") + k.name, variant, us, bytes / (copy_gbps * 1e3), 0.0, bytes,
                       "diagnostic: cluster_ctas forced"});
     }
 }
 
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
-void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cudaStream_t stream,
-                     std::vector<Row>& rows) {
+void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, const std::string& only,
+                     cudaStream_t stream, std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
+    if (!selected(only, "compressor CSA layer main + indexer", s.variant)) continue;
     const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
     const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
       const CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
@@ -297,12 +307,14 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cuda
 }
 
 int run(int argc, char** argv) {
-  std::string json_path;
+  std::string json_path, only;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
+    else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+      only = argv[++i];
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH])");
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH] [--only TEXT])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -322,16 +334,16 @@ int run(int argc, char** argv) {
     Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
     main.fill_state(stream);
     index.fill_state(stream);
-    bench_compressor(main, copy_gbps, stream, rows);
-    bench_compressor(index, copy_gbps, stream, rows);
-    bench_csa_layer(main, index, copy_gbps, stream, rows);
-    bench_splits(main, copy_gbps, stream, rows);
+    bench_compressor(main, copy_gbps, only, stream, rows);
+    bench_compressor(index, copy_gbps, only, stream, rows);
+    bench_csa_layer(main, index, copy_gbps, only, stream, rows);
+    bench_splits(main, copy_gbps, only, stream, rows);
   }
   {
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
     hca.fill_state(stream);
-    bench_compressor(hca, copy_gbps, stream, rows);
-    bench_splits(hca, copy_gbps, stream, rows);
+    bench_compressor(hca, copy_gbps, only, stream, rows);
+    bench_splits(hca, copy_gbps, only, stream, rows);
   }
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 

@@ -185,57 +185,121 @@ __device__ __forceinline__ void round_indexer_row(float* row, int lane) {
   for (int i = 0; i < kPerLane; ++i) row[kPerLane * lane + i] = v[i];
 }
 
-// The run's new state for channels [first, first + count) (count even), by every thread of the CTA: CSA's previous
-// halves, then the new incomplete window's slots (both halves' columns of the slice). Loads of kUpdateBatch values
-// precede their stores; within each part no stored value is another's source.
-__device__ void update_state(const PoolArgs& a, const RunView& r, int first, int count) {
-  const int64_t width = width_of(a);
-  const int64_t end = r.start + r.tokens;
-  const int64_t end_window = end / a.ratio;
-  const int pairs = count / 2;
+// The run's new state for channels [first, first + 2·pairs): CSA's previous halves when the run completes a window
+// (item i: slot i / pairs of window end_window − 1, pair i % pairs), then the new incomplete window's slots (item i:
+// token window_from + i / (halves·pairs), then half, then pair). Within each part no stored value is another's
+// source; a barrier separates the parts (the previous halves may come from the old window slots).
+struct StateUpdate {
+  int64_t previous_base, previous_items;
+  int64_t window_from, window_items;
+  int first, pairs, halves;
+};
+
+__device__ __forceinline__ StateUpdate plan_state_update(const PoolArgs& a, const RunView& r, int first, int count) {
+  const int64_t end = r.start + r.tokens, end_window = end / a.ratio;
+  const int pairs = count / 2, halves = a.overlapping ? 2 : 1;
+  const bool completes = a.overlapping && end_window > r.start / a.ratio;
+  const int64_t from = max(r.start, end_window * a.ratio);
+  return {.previous_base = (end_window - 1) * a.ratio,
+          .previous_items = completes ? a.ratio * pairs : 0,
+          .window_from = from,
+          .window_items = (end - from) * halves * pairs,
+          .first = first,
+          .pairs = pairs,
+          .halves = halves};
+}
+
+__device__ __forceinline__ SlotValue load_previous_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
+                                                        int64_t i) {
+  return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * int(i % u.pairs));
+}
+
+__device__ __forceinline__ void store_previous_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
+                                                   int64_t i, const SlotValue& v) {
+  const int64_t offset = (i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
+  *reinterpret_cast<float2*>(r.state.previous_kv + offset) = v.value;
+  *reinterpret_cast<float2*>(r.state.previous_score + offset) = v.score;
+}
+
+// Position and column of window item i.
+__device__ __forceinline__ int64_t window_item_position(const StateUpdate& u, int64_t i) {
+  return u.window_from + i / (u.halves * u.pairs);
+}
+__device__ __forceinline__ int window_item_column(const PoolArgs& a, const StateUpdate& u, int64_t i) {
+  const int64_t within = i % (u.halves * u.pairs);
+  return int(within / u.pairs) * a.c + u.first + 2 * int(within % u.pairs);
+}
+
+__device__ __forceinline__ SlotValue load_window_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
+                                                      int64_t i) {
+  return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
+}
+
+__device__ __forceinline__ void store_window_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
+                                                 int64_t i, const SlotValue& v) {
+  const int64_t offset = (window_item_position(u, i) % a.ratio) * width_of(a) + window_item_column(a, u, i);
+  *reinterpret_cast<float2*>(r.state.window_kv + offset) = v.value;
+  *reinterpret_cast<float2*>(r.state.window_score + offset) = v.score;
+}
+
+// A thread's first kEarlyItems items of each part, loaded before the pooling: a decode step's whole update, so that
+// its loads overlap the pooling's instead of following them.
+inline constexpr int kEarlyItems = 2;
+struct EarlyUpdate {
+  SlotValue previous[kEarlyItems];
+  SlotValue window[kEarlyItems];
+};
+
+__device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, const RunView& r, const StateUpdate& u) {
+  EarlyUpdate e;
   const int64_t stride = blockDim.x;
-  if (a.overlapping && end_window > r.start / a.ratio) {
-    // Window end_window − 1 completed: its first halves are the next entry's previous halves.
-    const int64_t base = (end_window - 1) * a.ratio, items = a.ratio * pairs;
-    for (int64_t i0 = threadIdx.x; i0 < items; i0 += kUpdateBatch * stride) {
+#pragma unroll
+  for (int k = 0; k < kEarlyItems; ++k) {
+    // Past the end: a harmless repeat of the last item's load (never stored).
+    if (u.previous_items > 0)
+      e.previous[k] = load_previous_item(a, r, u, min(threadIdx.x + k * stride, u.previous_items - 1));
+    if (u.window_items > 0)
+      e.window[k] = load_window_item(a, r, u, min(threadIdx.x + k * stride, u.window_items - 1));
+  }
+  return e;
+}
+
+// The update by every thread of the CTA (kEarly: with its first items already in `early`), kUpdateBatch loads before
+// their stores.
+template <bool kEarly>
+__device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
+  const int64_t stride = blockDim.x, first = threadIdx.x + (kEarly ? kEarlyItems * stride : 0);
+  if (u.previous_items > 0) {
+    if (kEarly) {
+#pragma unroll
+      for (int k = 0; k < kEarlyItems; ++k)
+        if (threadIdx.x + k * stride < u.previous_items)
+          store_previous_item(a, r, u, threadIdx.x + k * stride, early.previous[k]);
+    }
+    for (int64_t i0 = first; i0 < u.previous_items; i0 += kUpdateBatch * stride) {
       SlotValue value[kUpdateBatch];
 #pragma unroll
-      for (int k = 0; k < kUpdateBatch; ++k) {
-        const int64_t i = min(i0 + k * stride, items - 1);  // past the end: a harmless repeat of the last load
-        value[k] = load_slot<false>(a, r, base + i / pairs, first + 2 * int(i % pairs));
-      }
+      for (int k = 0; k < kUpdateBatch; ++k)
+        value[k] = load_previous_item(a, r, u, min(i0 + k * stride, u.previous_items - 1));
 #pragma unroll
-      for (int k = 0; k < kUpdateBatch; ++k) {
-        const int64_t i = i0 + k * stride;
-        if (i >= items) break;
-        const int64_t offset = (i / pairs) * a.c + first + 2 * (i % pairs);
-        *reinterpret_cast<float2*>(r.state.previous_kv + offset) = value[k].value;
-        *reinterpret_cast<float2*>(r.state.previous_score + offset) = value[k].score;
-      }
+      for (int k = 0; k < kUpdateBatch; ++k)
+        if (i0 + k * stride < u.previous_items) store_previous_item(a, r, u, i0 + k * stride, value[k]);
     }
     __syncthreads();
   }
-  const int64_t from = max(r.start, end_window * a.ratio);
-  const int halves = a.overlapping ? 2 : 1;
-  const int64_t items = (end - from) * halves * pairs;
-  for (int64_t i0 = threadIdx.x; i0 < items; i0 += kUpdateBatch * stride) {
+  if (kEarly) {
+#pragma unroll
+    for (int k = 0; k < kEarlyItems; ++k)
+      if (threadIdx.x + k * stride < u.window_items) store_window_item(a, r, u, threadIdx.x + k * stride, early.window[k]);
+  }
+  for (int64_t i0 = first; i0 < u.window_items; i0 += kUpdateBatch * stride) {
     SlotValue value[kUpdateBatch];
-    int64_t offset[kUpdateBatch];
 #pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k) {
-      const int64_t i = min(i0 + k * stride, items - 1);
-      const int64_t q = from + i / (halves * pairs);
-      const int64_t within = i % (halves * pairs);
-      const int column = int(within / pairs) * a.c + first + 2 * int(within % pairs);
-      value[k] = load_run_slot(a, r, q, column);
-      offset[k] = (q % a.ratio) * width + column;
-    }
+    for (int k = 0; k < kUpdateBatch; ++k)
+      value[k] = load_window_item(a, r, u, min(i0 + k * stride, u.window_items - 1));
 #pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k) {
-      if (i0 + k * stride >= items) break;
-      *reinterpret_cast<float2*>(r.state.window_kv + offset[k]) = value[k].value;
-      *reinterpret_cast<float2*>(r.state.window_score + offset[k]) = value[k].score;
-    }
+    for (int k = 0; k < kUpdateBatch; ++k)
+      if (i0 + k * stride < u.window_items) store_window_item(a, r, u, i0 + k * stride, value[k]);
   }
 }
 
@@ -272,6 +336,12 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                   .start = run.start_position,
                   .tokens = run.tokens,
                   .state = a.state.of_slot(run.slot)};
+  // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
+  // itself (after the barrier that ends its pooling reads), its loads issued now.
+  const bool slice_update = real && a.entries_per_run == 1;
+  const StateUpdate slice = plan_state_update(a, r, rank * channels, channels);
+  EarlyUpdate early;
+  if (slice_update) early = load_early_update(a, r, slice);
   const int64_t emitted = compressor_entries_emitted(r.start, r.tokens, a.ratio);
   const bool emitting = real && entry < emitted;
   const int64_t w = r.start / a.ratio + entry;
@@ -418,9 +488,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
 
   if (real) {
-    if (a.entries_per_run == 1) {
-      // This CTA's channel slice is all of the state it read (the barrier after pooling ordered those reads).
-      update_state(a, r, rank * channels, channels);
+    if (slice_update) {
+      update_state<true>(a, r, slice, early);
     } else {
       // Every CTA's reads of the state are done before its ticket; the last one may now overwrite it.
       __syncthreads();
@@ -431,7 +500,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       __syncthreads();
       if (is_last_cta) {
         __threadfence();
-        update_state(a, r, 0, c);
+        update_state<false>(a, r, plan_state_update(a, r, 0, c), early);
         if (threadIdx.x == 0) *r.state.finished_ctas = 0;
       }
     }
