@@ -175,9 +175,12 @@ void run_compressors(std::span<const CompressorParams> params) {
   }
   check(ctas < (int64_t(1) << 31), "compressor: ", ctas, " CTAs exceed the grid limit");
   launch.hardware_cluster = hardware_cluster;
+  // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
+  bool slice_updates = true;
+  for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
+  const auto kernel = slice_updates ? compressor::compressor_kernel<true> : compressor::compressor_kernel<false>;
   if (smem > 48 * 1024)
-    DSV4_CUDA_CHECK(
-        cudaFuncSetAttribute(compressor::compressor_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(ctas));
   config.blockDim = dim3(unsigned(threads));
@@ -193,7 +196,7 @@ void run_compressors(std::span<const CompressorParams> params) {
   attributes[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attributes;
   config.numAttrs = 2;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, compressor::compressor_kernel, launch));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 

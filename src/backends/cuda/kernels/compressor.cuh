@@ -305,6 +305,9 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpd
 
 // CTA `local` of pool `a` (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last hardware
 // cluster, which only takes part in the cluster barriers).
+// kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
+// channel slice of its run's state; otherwise the run's last CTA (ticket) updates all of it.
+template <bool kSliceUpdates>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
   const int c = a.c, channels = a.channels_per_cta;
   float* part_max = smem;
@@ -338,10 +341,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                   .state = a.state.of_slot(run.slot)};
   // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
   // itself (after the barrier that ends its pooling reads), its loads issued now.
-  const bool slice_update = real && a.entries_per_run == 1;
   const StateUpdate slice = plan_state_update(a, r, rank * channels, channels);
   EarlyUpdate early;
-  if (slice_update) early = load_early_update(a, r, slice);
+  if (kSliceUpdates && real) early = load_early_update(a, r, slice);
   const int64_t emitted = compressor_entries_emitted(r.start, r.tokens, a.ratio);
   const bool emitting = real && entry < emitted;
   const int64_t w = r.start / a.ratio + entry;
@@ -388,6 +390,13 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     part_num[local_channel + 1] = channel1.numerator;
   }
   __syncthreads();  // every pooling read of the state is done
+  // Ticket mode: this CTA's reads of the state are done, so it takes its ticket now (no output stores pending for the
+  // fence to wait for); the answer is needed only at the end.
+  unsigned ticket = 0;
+  if (!kSliceUpdates && real && threadIdx.x == 0) {
+    __threadfence();
+    ticket = atomicAdd(r.state.finished_ctas, 1u);
+  }
 
   const bool owner = emitting && group == 0 && active;
   float v[2] = {0.0f, 0.0f};
@@ -488,15 +497,11 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
 
   if (real) {
-    if (slice_update) {
+    if (kSliceUpdates) {
       update_state<true>(a, r, slice, early);
     } else {
-      // Every CTA's reads of the state are done before its ticket; the last one may now overwrite it.
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();
-        is_last_cta = atomicAdd(r.state.finished_ctas, 1u) == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
-      }
+      // Every CTA's reads of the state were done before its ticket; the last one may now overwrite it.
+      if (threadIdx.x == 0) is_last_cta = ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
       __syncthreads();
       if (is_last_cta) {
         __threadfence();
@@ -508,12 +513,13 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   if (hardware_cluster > 1) __cluster_barrier_wait();
 }
 
+template <bool kSliceUpdates>
 __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
-  compress(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+  compress<kSliceUpdates>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor
