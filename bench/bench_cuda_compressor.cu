@@ -207,7 +207,8 @@ struct Compressor {
 DeviceBuffer runs_of(int64_t start, int64_t tokens, int count) {
   std::vector<CompressorRun> runs(static_cast<size_t>(count));
   for (int r = 0; r < count; ++r)
-    runs[size_t(r)] = {.start_position = start, .slot = r, .first_token = int32_t(r * tokens), .tokens = int32_t(tokens)};
+    runs[size_t(r)] = {
+        .start_position = start, .slot = r, .first_token = int32_t(r * tokens), .tokens = int32_t(tokens)};
   return to_device(runs, "runs");
 }
 
@@ -368,8 +369,8 @@ int run(int argc, char** argv) {
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       std::fprintf(out,
-                   "    {\"op\": \"%s\", \"case\": \"%s\", \"us\": %.3f, \"floor_us\": %.3f, \"percent_of_floor\": %.1f, "
-                   "\"baseline_us\": %.3f, \"bytes\": %.0f, \"note\": \"%s\"}%s\n",
+                   "    {\"op\": \"%s\", \"case\": \"%s\", \"us\": %.3f, \"floor_us\": %.3f, "
+                   "\"percent_of_floor\": %.1f, \"baseline_us\": %.3f, \"bytes\": %.0f, \"note\": \"%s\"}%s\n",
                    r.op.c_str(), r.variant.c_str(), r.us, r.floor_us, r.us > 0 ? 100.0 * r.floor_us / r.us : 0.0,
                    r.baseline_us, r.bytes, r.note.c_str(), i + 1 < rows.size() ? "," : "");
     }

@@ -1,12 +1,14 @@
 // The compressor on the GPU against cpu::compressor_pool: CSA (ratio 4, overlapping; main c = 512 and indexer
 // c = 128) and HCA (ratio 128). Three sequences of different lengths, each in its own state slot (odd slots of a
-// larger state), are fed together, one launch per step: one token each (a batched decode), chunks cycling 3/7/13
-// at different phases (runs of different lengths in one launch), or each whole sequence in one launch; every GPU
+// larger state), are fed together, one launch per step: one token each (a batched decode), chunks cycling 2/3 (runs
+// that cross a CSA window yet stay within one window's worth of tokens: the per-slice state update), chunks cycling
+// 3/7/13 at different phases (runs of different lengths in one launch), or each whole sequence in one launch; every GPU
 // chunking is compared with the CPU's one pass per sequence. Exact numerics (fp32 entries by run, with their entry
 // numbers and slots) and reference numerics (bf16 before the norm, fp8 KV or Hadamard + fp4 indexer rounding of
 // the stored entries; bf16 output keyed by slot and entry number); and the main compressor's entries stored
-// straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every element checked,
-// as are the entry numbers known from positions. kv and gate also as slices of one wider projection output.
+// straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every
+// element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
+// output. Two compressors in one launch (run_compressors), and every split of an entry over CTAs, forced.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -54,11 +56,13 @@ struct CompressorCase {
 
 constexpr int kSequences = 3;
 
-// Chunk sizes that cover a sequence: 1 at a time, cycling 3/7/13 from phase `phase`, or one pass.
+// Chunk sizes that cover a sequence: 1 at a time, cycling 2/3 or 3/7/13 from phase `phase`, or one pass.
 std::vector<int64_t> chunking(const std::string& kind, int64_t tokens, int phase) {
   std::vector<int64_t> sizes;
   if (kind == "one pass") return {tokens};
-  const std::vector<int64_t> cycle = kind == "single tokens" ? std::vector<int64_t>{1} : std::vector<int64_t>{3, 7, 13};
+  const std::vector<int64_t> cycle = kind == "single tokens"    ? std::vector<int64_t>{1}
+                                     : kind == "chunks of 2/3" ? std::vector<int64_t>{2, 3}
+                                                               : std::vector<int64_t>{3, 7, 13};
   for (int64_t done = 0, i = phase; done < tokens; ++i) {
     const int64_t n = std::min(cycle[size_t(i) % cycle.size()], tokens - done);
     sizes.push_back(n);
@@ -430,7 +434,7 @@ TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1;
   for (const CompressorCase& c : kCases)
-    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 2/3", "chunks of 3/7/13"}) {
       check_case(c, chunks, seed++);
       // Straight into the KV cache: the main compressor's stores (no indexer rounding, no bf16 side output).
       if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output) check_case(c, chunks, seed++, true);
@@ -443,7 +447,8 @@ TEST(Compressor, StackedProjectionsMatchTheCpuOnePass) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 500;
   for (const CompressorCase& c : kCases)
-    for (const char* chunks : {"single tokens", "chunks of 3/7/13"}) check_case(c, chunks, seed++, false, true);
+    for (const char* chunks : {"single tokens", "chunks of 2/3", "chunks of 3/7/13"})
+      check_case(c, chunks, seed++, false, true);
 }
 
 // Two compressors in one launch (run_compressors): a CSA layer's main compressor into the KV cache with its indexer
@@ -459,7 +464,7 @@ TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
                         {11, 12, false, true}, {7, 13, false, false}};
   uint32_t seed = 900;
   for (const Pair& pair : pairs)
-    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 2/3", "chunks of 3/7/13"}) {
       CaseCheck first(kCases[pair.first], chunks, seed++, pair.first_to_cache, pair.stacked);
       CaseCheck second(kCases[pair.second], chunks, seed++, false, pair.stacked);
       check_pair(first, second);
@@ -474,7 +479,7 @@ TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
   uint32_t seed = 1300;
   for (const int c : {0, 1, 4, 5})
     for (const int ctas : {1, 2, 8})
-      for (const char* chunks : {"single tokens", "chunks of 3/7/13"}) {
+      for (const char* chunks : {"single tokens", "chunks of 2/3", "chunks of 3/7/13"}) {
         check_case(kCases[c], chunks, seed++, false, false, ctas);
         check_case(kCases[c], chunks, seed++, true, false, ctas);
         ASSERT_FALSE(HasFatalFailure());
@@ -510,8 +515,8 @@ TEST(Compressor, RefusesMismatchedState) {
   // One launch: at most two compressors, with distinct states, on one stream.
   CompressorParams three[3] = {more, more, more};
   testing::expect_error([&] { run_compressors(three); }, "3 compressors in one launch");
-  CompressorParams same[2] = {CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()},
-                              CompressorParams{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()}};
+  const CompressorParams one{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()};
+  CompressorParams same[2] = {one, one};
   testing::expect_error([&] { run_compressors(same); }, "need distinct states");
   // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
   CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};

@@ -90,7 +90,9 @@ struct LaunchArgs {
 };
 
 // Shared memory: per group and channel the partial (max, denominator, numerator), then the CTA's channels of one entry.
-inline size_t pool_smem_bytes(int channels, int groups) { return (size_t(3) * groups * channels + channels) * sizeof(float); }
+inline size_t pool_smem_bytes(int channels, int groups) {
+  return (size_t(3) * groups * channels + channels) * sizeof(float);
+}
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -290,7 +292,8 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpd
   if (kEarly) {
 #pragma unroll
     for (int k = 0; k < kEarlyItems; ++k)
-      if (threadIdx.x + k * stride < u.window_items) store_window_item(a, r, u, threadIdx.x + k * stride, early.window[k]);
+      if (threadIdx.x + k * stride < u.window_items)
+        store_window_item(a, r, u, threadIdx.x + k * stride, early.window[k]);
   }
   for (int64_t i0 = first; i0 < u.window_items; i0 += kUpdateBatch * stride) {
     SlotValue value[kUpdateBatch];

@@ -26,8 +26,8 @@
 //     uploaded; head_dim = the cache's, stored_rounding None (the layout is the rounding). The step's compressed
 //     entries then need no launch of their own.
 // - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few and
-//   long (HCA decode and prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated by its
-//   CTAs, each its own channels; a longer run's state by its CTA that finishes last.
+//   long (HCA decode and prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated
+//   by its CTAs, each its own channels; a longer run's state by its CTA that finishes last.
 // - run_compressors: up to two compressors in one launch (a CSA layer's main and indexer compressors: −1 launch per
 //   CSA layer), each with the contract above; one stream, distinct states; their runs, projections, shapes and
 //   outputs are independent (the same runs table may serve both).
