@@ -21,7 +21,8 @@
 // - Up to two compressors (a CSA layer's main and indexer compressors, "pools") share one launch: the pools' CTA
 //   ranges follow each other, each a whole number of hardware clusters. The launch's cluster is the largest split
 //   of its pools; a pool that splits its entries over fewer CTAs packs several entries into one hardware cluster
-//   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers.
+//   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers (which one entry's
+//   cluster skips together when the step completes no entry).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
 #pragma once
 
@@ -431,10 +432,13 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
     cta_square_sum = cta_sum;
   }
+  // The cluster barriers: every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second
+  // arrival says this CTA has read the others' sums, and each waits for it before leaving (freeing its shared
+  // memory). A hardware cluster that is one entry's split decides alike in all its CTAs, so it skips them when the
+  // entry is not emitted (most decode steps of an HCA layer).
+  const bool cluster_barriers = hardware_cluster > 1 && (emitting || a.cluster_ctas != hardware_cluster);
   float total = 0.0f;
-  if (hardware_cluster > 1) {
-    // Every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second arrival says this
-    // CTA has read the others' sums, and each waits for it before leaving (freeing its shared memory).
+  if (cluster_barriers) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
     if (emitting) {
@@ -513,7 +517,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       }
     }
   }
-  if (hardware_cluster > 1) __cluster_barrier_wait();
+  if (cluster_barriers) __cluster_barrier_wait();
 }
 
 template <bool kSliceUpdates>
