@@ -16,12 +16,13 @@
 // Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
-// Decode and prefill also time the cluster call with each consumer forming the scores over all 512 dims (fullS).
+// Decode (cluster call) and prefill are also timed with q in bf16 (bf16q: the kernel rounds q to bf16 anyway; half
+// the q bytes and no conversion).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep]
 //   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
 //   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
 //   --warm times without the L2 flush (what is left is not memory latency). --sweep times every decode case at every
-//   split count (cluster merge, both score forms, and the combine kernel). Exit status 1 when a CPU check fails.
+//   split count (cluster merge and combine kernel). Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -270,8 +271,8 @@ struct Result {
   double us, kv_bytes, gbps, percent_of_copy, baseline_us, max_abs_diff;
   int cluster_splits;      // the splits chosen for the cluster merge
   double cluster_us;       // the call with cluster_merge (same as `us` where the merge does not apply)
-  double full_scores_us;   // the cluster call with each consumer forming the scores over all 512 dims
-  double cpu_error, cluster_cpu_error, full_scores_cpu_error;  // cpu_check of each mode's output
+  double bf16_q_us;        // the cluster call with q in bf16
+  double cpu_error, cluster_cpu_error, bf16_q_cpu_error;  // cpu_check of each mode's output
   double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
   double floor_us, percent_of_floor;  // max(KV bytes / copy rate, flops / cuBLAS bf16 rate) and floor / measured
@@ -365,28 +366,31 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   const double cluster_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(cluster); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
-  SparseAttentionParams full_scores = cluster;
-  full_scores.split_score_dims = false;
+  // The same call with q in bf16 (cpu_check rounds q to bf16 as the kernel does, so the expected output is the same).
+  std::vector<uint16_t> q_bf16(q.size());
+  for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
+  DeviceBuffer d_q_bf16 = to_device(q_bf16, "q bf16");
+  SparseAttentionParams bf16_q = cluster;
+  bf16_q.q = d_q_bf16.data();
+  bf16_q.q_dtype = AttentionDtype::Bf16;
   out.fill_bytes(0xFF);
-  const double full_scores_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(full_scores); });
+  const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  const double full_scores_cpu_error =
-      cpu_check(full_scores, window_index, compressed_index, q, sink, positions, out, sample);
+  const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
   if (sweep) {
-    // Every split count the cluster merge serves (both score forms) and the combine kernel's, same inputs.
+    // Every split count the cluster merge serves and the combine kernel's, same inputs.
     const int64_t tiles = (total_slots + kSparseAttentionTileEntries - 1) / kSparseAttentionTileEntries;
     std::printf("sweep %s %s batch %d context %lld (%lld tiles): us per call by splits\n", model, to_string(kind),
                 batch, static_cast<long long>(context), static_cast<long long>(tiles));
-    std::printf("  %6s %10s %10s %10s\n", "splits", "cluster", "cl.fullS", "combine");
+    std::printf("  %6s %10s %10s\n", "splits", "cluster", "combine");
     const int largest = max_sparse_attention_cluster_splits();
     for (int s = 1; s <= std::min<int64_t>(tiles, std::max(largest, 24)); ++s) {
-      SparseAttentionParams a = cluster, b = full_scores, c = p;
-      a.splits = b.splits = c.splits = s;
-      const bool in_cluster = s <= largest;
-      const double a_us = in_cluster ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(a); }) : 0;
-      const double b_us = in_cluster ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(b); }) : 0;
+      SparseAttentionParams a = cluster, c = p;
+      a.splits = c.splits = s;
+      const double a_us =
+          s <= largest ? 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(a); }) : 0.0;
       const double c_us = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(c); });
-      std::printf("  %6d %10.1f %10.1f %10.1f\n", s, a_us, b_us, c_us);
+      std::printf("  %6d %10.1f %10.1f\n", s, a_us, c_us);
     }
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
@@ -465,8 +469,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   r.cluster_us = cluster_ms * 1e3;
   r.cpu_error = cpu_error;
   r.cluster_cpu_error = cluster_cpu_error;
-  r.full_scores_us = full_scores_ms * 1e3;
-  r.full_scores_cpu_error = full_scores_cpu_error;
+  r.bf16_q_us = bf16_q_ms * 1e3;
+  r.bf16_q_cpu_error = bf16_q_cpu_error;
   return r;
 }
 
@@ -495,7 +499,7 @@ struct PrefillResult {
   int64_t context, tokens, slots;
   int splits;
   double us, tflops, percent_of_cublas, percent_of_peak;
-  double full_scores_us, full_scores_tflops;  // each consumer forming the scores over all 512 dims
+  double bf16_q_us, bf16_q_tflops;  // the same call with q in bf16
 };
 
 // One prefill chunk of kPrefillTokens queries ending at `context`: window slots = the 128 ring rows up to each
@@ -556,8 +560,12 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
                                 .compressed_slots = kTopK, .out = out.data(), .out_dtype = AttentionDtype::Bf16,
                                 .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
-  p.split_score_dims = false;
-  const double full_scores_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  std::vector<uint16_t> q_bf16(q.size());
+  for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
+  DeviceBuffer d_q_bf16 = to_device(q_bf16, "q bf16");
+  p.q = d_q_bf16.data();
+  p.q_dtype = AttentionDtype::Bf16;
+  const double bf16_q_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
   PrefillResult r;
   r.model = model;
   r.format = to_string(format);
@@ -570,8 +578,8 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
   r.tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (ms * 1e9);
   r.percent_of_cublas = 100.0 * r.tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.tflops / peak_tflops;
-  r.full_scores_us = full_scores_ms * 1e3;
-  r.full_scores_tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (full_scores_ms * 1e9);
+  r.bf16_q_us = bf16_q_ms * 1e3;
+  r.bf16_q_tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (bf16_q_ms * 1e9);
   return r;
 }
 
@@ -622,7 +630,7 @@ int run(int argc, char** argv) {
               "%9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
               "%floor", "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us", "cl.splits", "cl.us",
-              "fullS us", "cpu err", "cl.err", "fullS err");
+              "bf16q us", "cpu err", "cl.err", "bf16q err");
   bool check_failed = false;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -642,21 +650,21 @@ int run(int argc, char** argv) {
           const Result r = run_case(model, heads, kind, batch, context, copy_gbps, cublas_tflops,
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
-                                r.full_scores_cpu_error <= kCpuCheckLimit);
+                                r.bf16_q_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
                       static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
                       r.floor_us, r.percent_of_floor, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff,
-                      r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.full_scores_us, r.cpu_error,
-                      r.cluster_cpu_error, r.full_scores_cpu_error, failed ? "  CPU CHECK FAILED" : "");
+                      r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
+                      r.cluster_cpu_error, r.bf16_q_cpu_error, failed ? "  CPU CHECK FAILED" : "");
           std::fflush(stdout);
           results.push_back(r);
         }
   std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
   std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
-              "TFLOP/s", "%cublas", "%peak", "fullS us", "fullS TF/s");
+              "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
   std::vector<PrefillResult> prefill;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -666,7 +674,7 @@ int run(int argc, char** argv) {
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),
                     r.format.c_str(), static_cast<long long>(r.context), r.splits, r.us, r.tflops,
-                    r.percent_of_cublas, r.percent_of_peak, r.full_scores_us, r.full_scores_tflops);
+                    r.percent_of_cublas, r.percent_of_peak, r.bf16_q_us, r.bf16_q_tflops);
         std::fflush(stdout);
         prefill.push_back(r);
       }
@@ -687,13 +695,13 @@ int run(int argc, char** argv) {
                    "\"percent_of_copy\": %.1f, \"baseline_us\": %.2f, \"speedup\": %.2f, \"max_abs_diff\": %.3g, "
                    "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
                    "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f, \"cluster_splits\": %d, \"cluster_us\": %.2f, "
-                   "\"full_scores_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
-                   "\"full_scores_cpu_error\": %.3g}%s\n",
+                   "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
+                   "\"bf16_q_cpu_error\": %.3g}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
                    r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, r.cluster_splits, r.cluster_us,
-                   r.full_scores_us, r.cpu_error, r.cluster_cpu_error, r.full_scores_cpu_error,
+                   r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error,
                    i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
@@ -703,11 +711,11 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"entries\": \"%s\", \"heads\": %d, \"context\": %lld, "
                    "\"tokens\": %lld, \"slots\": %lld, \"splits\": %d, \"us\": %.2f, \"tflops\": %.1f, "
-                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"full_scores_us\": %.2f, "
-                   "\"full_scores_tflops\": %.1f}%s\n",
+                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"bf16_q_us\": %.2f, "
+                   "\"bf16_q_tflops\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(r.tokens), static_cast<long long>(r.slots), r.splits, r.us, r.tflops,
-                   r.percent_of_cublas, r.percent_of_peak, r.full_scores_us, r.full_scores_tflops,
+                   r.percent_of_cublas, r.percent_of_peak, r.bf16_q_us, r.bf16_q_tflops,
                    i + 1 < prefill.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

@@ -2,9 +2,8 @@
 // (H 64, D 512) and V4-Pro (H 128) shapes and tiny head dims with odd head counts, window rings that wrap, −1 slots,
 // a query with no entries, several sequences of different lengths in one batch, one split and many (the
 // log-sum-exp merge: by the combine kernel, and by the head_dim 512 kernel's cluster merge for 2-16 splits), fp32/bf16
-// q and output. Every case runs on the same inputs with the combine kernel, the cluster merge, and the cluster merge
-// with each consumer forming the scores over all 512 dims. Fresh random inputs per case, outputs poisoned with NaN
-// plus a guard region, every element checked; per-query compressed counts with live rows past each count.
+// q and output. Every case runs both merge modes on the same inputs. Fresh random inputs per case, outputs poisoned
+// with NaN plus a guard region, every element checked; per-query compressed counts with live rows past each count.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -75,14 +74,7 @@ struct AttentionCase {
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
 };
 
-// How a call merges its splits, and how the head_dim 512 kernel's consumers form the scores.
-struct MergeMode {
-  bool cluster_merge, split_score_dims;
-  const char* name;
-};
-constexpr MergeMode kMergeModes[] = {{false, true, "combine"}, {true, true, "cluster"}, {true, false, "cluster full-S"}};
-
-void compare_with_cpu(const AttentionCase& c, const MergeMode& mode, SparseAttentionParams call,
+void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
 void check_attention(const AttentionCase& c, uint32_t seed) {
@@ -255,8 +247,8 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                d_window = to_device(window_index, "window index"),
                d_compressed = to_device(compressed_index, "compressed index");
   DeviceBuffer d_counts = to_device(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
-  for (const MergeMode& mode : kMergeModes)
-    compare_with_cpu(c, mode, {.cache = view, .layer = kLayer, .tokens = T, .heads = H,
+  for (const bool cluster_merge : {false, true})
+    compare_with_cpu(c, cluster_merge, {.cache = view, .layer = kLayer, .tokens = T, .heads = H,
                                         .softmax_scale = scale, .q = d_q.data(), .q_dtype = c.q_dtype,
                                         .attn_sink = d_sink.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
                                         .positions = d_pos.as<int64_t>(), .rope_frequencies = d_freq.as<float>(),
@@ -264,22 +256,20 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                                         .compressed_index = d_compressed.as<int32_t>(),
                                         .compressed_slots = c.compressed_slots,
                                         .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
-                                        .out_dtype = c.out_dtype, .cluster_merge = mode.cluster_merge,
-                                        .split_score_dims = mode.split_score_dims},
+                                        .out_dtype = c.out_dtype, .cluster_merge = cluster_merge},
                      expected, magnitude);
 }
 
 // One run of `call` (its splits, workspace and output filled in here; poisoned first) against the CPU's `expected`,
 // within the tolerance that `magnitude` scales.
-void compare_with_cpu(const AttentionCase& c, const MergeMode& mode, SparseAttentionParams call,
+void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude) {
-  SCOPED_TRACE(mode.name);
+  SCOPED_TRACE(cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
                                   : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
-                                                                   list_devices()[0].multiprocessors,
-                                                                   mode.cluster_merge);
+                                                                   list_devices()[0].multiprocessors, cluster_merge);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
   workspace.fill_bytes(0xFF);
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
@@ -319,7 +309,7 @@ void compare_with_cpu(const AttentionCase& c, const MergeMode& mode, SparseAtten
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
-              to_string(c.format), static_cast<long long>(T), H, D, splits, mode.name,
+              to_string(c.format), static_cast<long long>(T), H, D, splits, cluster_merge ? "cluster" : "combine",
               worst);
 }
 
@@ -413,8 +403,8 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
   uint32_t seed = 60;
   for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
     check_attention({"flash swa decode batch 1", format, 512, 64, 64, 128, 128, 0, {300}, 1, 0}, seed++);
-    // 11 and 16: non-portable cluster sizes (the combine kernel where the device holds no such cluster).
-    for (const int splits : {2, 3, 5, 8, 11, 16}) {
+    // 9-16: non-portable cluster sizes (the combine kernel where the device holds no such cluster).
+    for (const int splits : {2, 3, 5, 8, 9, 11, 16}) {
       AttentionCase flash{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, splits,
                           AttentionDtype::F32, AttentionDtype::Bf16, true};
       flash.counts = splits % 2 == 1;

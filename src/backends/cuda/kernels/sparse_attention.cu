@@ -97,9 +97,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query). Set before every launch, as function attributes belong to the
 // current device's context.
-template <bool kFp8, bool kSplitScores>
+template <bool kFp8>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kSplitScores>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -114,7 +114,7 @@ const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clust
     std::array<int, kSparseAttentionMaxClusterSplits + 1> count{};
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    set_d512_attributes<false, true>();
+    set_d512_attributes<false>();
     for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
       cudaLaunchAttribute attribute{};
       attribute.id = cudaLaunchAttributeClusterDimension;
@@ -128,7 +128,7 @@ const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clust
       config.attrs = &attribute;
       config.numAttrs = 1;
       // A size the hardware refuses outright (above 16, or a driver without non-portable sizes) counts as none.
-      if (cudaOccupancyMaxActiveClusters(&count[size_t(size)], sparse_attention_d512_kernel<false, true>, &config) !=
+      if (cudaOccupancyMaxActiveClusters(&count[size_t(size)], sparse_attention_d512_kernel<false>, &config) !=
           cudaSuccess) {
         (void)cudaGetLastError();
         count[size_t(size)] = 0;
@@ -151,21 +151,17 @@ int largest_d512_cluster() {
   return largest;
 }
 
-// The split heuristic's largest cluster: the portable size (callers may still ask for up to largest_d512_cluster()),
-// until the sizes above 8 have been timed inside the model's graphs.
-constexpr int kHeuristicClusterSplits = 8;
-
 // The splits merge inside the attention launch, one cluster per (query, head block).
 bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8, bool kSplitScores>
+template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kSplitScores>;
-  set_d512_attributes<kFp8, kSplitScores>();
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  set_d512_attributes<kFp8>();
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
   launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
@@ -191,8 +187,7 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   // The head_dim 512 kernel (one CTA per SM) merges its splits in a cluster, whose CTAs share a GPC; it takes no more
   // splits than the largest cluster, so that no call needs the combine launch.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
-  const int64_t max_splits =
-      clusters_possible ? std::min(largest_d512_cluster(), kHeuristicClusterSplits) : kSparseAttentionMaxSplits;
+  const int64_t max_splits = clusters_possible ? largest_d512_cluster() : kSparseAttentionMaxSplits;
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;
@@ -255,15 +250,10 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   if (p.tokens == 0) return;
   const int d = p.cache.layout.head_dim;
   if (use_d512_kernel(p)) {
-    const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-    if (fp8 && p.split_score_dims)
-      launch_d512<true, true>(p);
-    else if (fp8)
-      launch_d512<true, false>(p);
-    else if (p.split_score_dims)
-      launch_d512<false, true>(p);
+    if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
+      launch_d512<true>(p);
     else
-      launch_d512<false, false>(p);
+      launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

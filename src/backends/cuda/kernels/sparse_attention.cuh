@@ -643,7 +643,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   // Physical entries of a chunk of kChunkTiles tiles, resolved by all 128 threads (slot thread + 128 i) in three
   // phases, each of whose loads completes while other work runs: rows, then their page-table entries, then the
   // entries stored into the chunk's half of the `resolved` ring.
-  const int sequence_slot = range.tiles > 0 ? p.sequence_slots[t] : 0;
+  const int sequence_slot = p.sequence_slots[t];  // unconditional: it loads alongside the count that sets the range
   int32_t rows[kSlotsPerThread], pages[kSlotsPerThread];
   const auto slot_of = [&](int chunk, int i) { return range.begin + int64_t(chunk) * kD512ResolveSlots + thread +
                                                       i * kWarpgroupThreads; };
@@ -686,11 +686,28 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     }
   };
 
-  // The first two chunks before any copy (their loads overlap each other), then the first R tiles.
-  for (int chunk = 0; chunk < 2 && chunk < chunks; ++chunk) {
-    load_rows(chunk);
-    load_pages(chunk);
-    store_resolved(chunk);
+  // The first two chunks before any copy: both chunks' index loads, then both chunks' page-table loads, so that a
+  // split of more than one chunk pays the two dependent round trips once. Then the first R tiles.
+  {
+    int32_t first_rows[2][kSlotsPerThread], first_pages[2][kSlotsPerThread];
+#pragma unroll
+    for (int chunk = 0; chunk < 2; ++chunk)
+#pragma unroll
+      for (int i = 0; i < kSlotsPerThread; ++i) {
+        const int64_t s = slot_of(chunk, i);  // past the split's last chunk, s ≥ range.end
+        first_rows[chunk][i] = s < range.end ? slot_row(p, t, s) : -1;
+      }
+#pragma unroll
+    for (int chunk = 0; chunk < 2; ++chunk)
+#pragma unroll
+      for (int i = 0; i < kSlotsPerThread; ++i)
+        first_pages[chunk][i] = slot_page(p, sequence_slot, slot_of(chunk, i), first_rows[chunk][i]);
+#pragma unroll
+    for (int chunk = 0; chunk < 2; ++chunk)
+#pragma unroll
+      for (int i = 0; i < kSlotsPerThread; ++i)
+        resolved[chunk * kD512ResolveSlots + thread + i * kWarpgroupThreads] =
+            slot_physical(p.cache, first_pages[chunk][i], first_rows[chunk][i]);
   }
   sm90::named_barrier_sync<kWarpgroupThreads>(kProducerBarrier);
   for (int j = 0; j < R && j < range.tiles; ++j) issue(j);
@@ -794,17 +811,45 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
 // output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
-// rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads.
-template <bool kFp8>
+// rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads. The peers'
+// loads are unrolled over kMaxSplits ≥ p.splits (8 or 16: a 16-wide unrolling costs clusters of up to 8 twice the
+// predicated loads and multiply-adds, on the batch-1 critical path).
+template <bool kFp8, int kMaxSplits>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                                    int head_base, int thread256, float merge_sink_log2) {
   using L = D512Layout<kFp8>;
-  constexpr int kMaxSplits = kSparseAttentionMaxClusterSplits;
+  static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
   const int splits = p.splits;
   const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
   float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);  // [split][head]
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
   const float* partial = reinterpret_cast<const float*>(smem + L::kMergePartial);
+
+  uint32_t peer_partial[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
+  // This CTA's slice of the 64 × 128 output quads (4 dims; 16-byte loads halve the distributed shared-memory
+  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread loads kBatch quads from
+  // every peer before it uses any, so that each batch costs one round trip (kBatch · kMaxSplits float4 registers).
+  constexpr int kQuadsPerRow = kD512HeadDim / 4, kQuads = kD512Heads * kQuadsPerRow, kBatch = 32 / kMaxSplits;
+  constexpr int kStride = 2 * kWarpgroupThreads;
+  const int per_cta = (kQuads + splits - 1) / splits;
+  const int begin = split * per_cta + thread256, end = min(kQuads, (split + 1) * per_cta);
+  float4 o[kBatch][kMaxSplits];
+  const auto load_batch = [&](int first) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
+      const bool live = i < end && head_base + h < p.heads;
+      const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s)
+        o[k][s] = live && s < splits ? load_cluster_shared_float4(peer_partial[s] + offset)
+                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  };
+  // The first batch does not need the merge factors: its round trip overlaps theirs.
+  load_batch(begin);
 
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
   if (thread256 < kD512Heads) {
@@ -829,29 +874,9 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   }
   sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 
-  uint32_t peer_partial[kMaxSplits];
-#pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
-  // This CTA's slice of the 64 × 128 output quads (4 dims; 16-byte loads halve the distributed shared-memory
-  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread loads kBatch quads from
-  // every peer before it uses any, so that each batch costs one round trip.
-  constexpr int kQuadsPerRow = kD512HeadDim / 4, kQuads = kD512Heads * kQuadsPerRow, kBatch = 2;
-  constexpr int kStride = 2 * kWarpgroupThreads;
-  const int per_cta = (kQuads + splits - 1) / splits;
-  const int end = min(kQuads, (split + 1) * per_cta);
   const KvEntryLayout& layout = p.cache.layout;
-  for (int first = split * per_cta + thread256; first < end; first += kBatch * kStride) {
-    float4 o[kBatch][kMaxSplits];
-#pragma unroll
-    for (int k = 0; k < kBatch; ++k) {
-      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
-      const bool live = i < end && head_base + h < p.heads;
-      const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        o[k][s] = live && s < splits ? load_cluster_shared_float4(peer_partial[s] + offset)
-                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+  for (int first = begin; first < end; first += kBatch * kStride) {
+    if (first != begin) load_batch(first);
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
@@ -883,10 +908,7 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   }
 }
 
-// kSplitScores: consumer c computes QKᵀ over its own 256 dims and the two partial scores are summed through shared
-// memory (a 256-thread barrier per tile); otherwise each consumer computes QKᵀ over all 512 dims (twice the QKᵀ
-// tensor work, the consumers never wait for each other inside the loop, so one's softmax overlaps the other's wgmma).
-template <bool kFp8, bool kSplitScores>
+template <bool kFp8>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   using L = D512Layout<kFp8>;
@@ -951,15 +973,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       }
     }
     sm90::fence_proxy_async_shared();
-    if constexpr (kSplitScores)
-      sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
-    else  // each consumer reads the other's half of Q too
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
   }
-  // The 64-dim blocks this consumer's QKᵀ runs over.
-  constexpr int kScoreBlocks = kSplitScores ? kDimBlocks / 2 : kDimBlocks;
-  const int score_block_base = kSplitScores ? dim_base / 64 : 0;
-  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + score_block_base * kQBlockBytes);
+  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
 
   float o_acc[128];
 #pragma unroll
@@ -972,15 +988,14 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % 2;
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
-    uint8_t* kv_stage = smem + L::kKv + stage * kKvStageBytes;
-    uint8_t* kv = kv_stage + (dim_base / 64) * kKvBlockBytes;  // V: this consumer's 256 dims
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
-    // S = Q Kᵀ over kScoreBlocks blocks × 4 k16 steps.
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
     float s_acc[16];
-    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv_stage + score_block_base * kKvBlockBytes);
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4 * kScoreBlocks; ++kk)
+    for (int kk = 0; kk < 16; ++kk)
       sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
@@ -995,25 +1010,23 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
-    if constexpr (kSplitScores) {
-      // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
-      float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
-      float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+    // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+    float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        mine[e * kWarpgroupThreads + thread] =
-            make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-      const float4* part0 = reinterpret_cast<const float4*>(exchange);
-      const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
+    for (int e = 0; e < 4; ++e)
+      mine[e * kWarpgroupThreads + thread] =
+          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    const float4* part0 = reinterpret_cast<const float4*>(exchange);
+    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
-        s_acc[4 * e] = a.x + b.x;
-        s_acc[4 * e + 1] = a.y + b.y;
-        s_acc[4 * e + 2] = a.z + b.z;
-        s_acc[4 * e + 3] = a.w + b.w;
-      }
+    for (int e = 0; e < 4; ++e) {
+      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
+      s_acc[4 * e] = a.x + b.x;
+      s_acc[4 * e + 1] = a.y + b.y;
+      s_acc[4 * e + 2] = a.z + b.z;
+      s_acc[4 * e + 3] = a.w + b.w;
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
@@ -1061,7 +1074,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
     cluster_sync();
-    d512_cluster_merge<kFp8>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    if (p.splits <= kSparseAttentionMaxClusterSplits / 2)
+      d512_cluster_merge<kFp8, kSparseAttentionMaxClusterSplits / 2>(p, smem, t, split, head_base, thread256,
+                                                                     merge_sink_log2);
+    else
+      d512_cluster_merge<kFp8, kSparseAttentionMaxClusterSplits>(p, smem, t, split, head_base, thread256,
+                                                                 merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }
@@ -1150,7 +1168,7 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kSplitScores>
+template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1184,7 +1202,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8, kSplitScores>(p, smem, work, cluster_merge);
+    d512_consume<kFp8>(p, smem, work, cluster_merge);
   }
 }
 

@@ -69,10 +69,6 @@ struct SparseAttentionParams {
   // Merge 2..max_sparse_attention_cluster_splits() splits inside the attention launch (a cluster per query and head
   // block) where the head_dim 512 kernel serves the call; the combine kernel otherwise.
   bool cluster_merge = true;
-  // Head_dim 512 kernel: its two consumer warpgroups each compute QKᵀ over their own 256 dims and sum the partial
-  // scores through shared memory (true), or each computes it over all 512 dims (false: twice the QKᵀ tensor work, no
-  // barrier between the consumers inside the loop). Same results up to the scores' fp32 summation order.
-  bool split_score_dims = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
