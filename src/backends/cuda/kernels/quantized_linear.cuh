@@ -382,6 +382,8 @@ struct PairKernelArgs {
   uint32_t* exited;       // CTAs that have finished
 };
 
+inline constexpr uint32_t kMaxReadyPolls = 1u << 22;  // ≥ 0.25 s of 64 ns sleeps; real waits take µs
+
 __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
   uint32_t value;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
@@ -463,7 +465,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
     if (threadIdx.x == 0) {
       for (int64_t g = work.split_begin / first_rows_per_group; g <= (work.split_end - 1) / first_rows_per_group; ++g)
-        while (load_acquire(args.group_ready + g) < published) __nanosleep(64);
+        for (uint32_t polls = 0; load_acquire(args.group_ready + g) < published; ++polls) {
+          // A workspace whose counters or tickets were not zero would never publish: fail the launch (seconds
+          // past any real wait) instead of hanging the stream.
+          if (polls == kMaxReadyPolls) __trap();
+          __nanosleep(64);
+        }
     }
     __syncthreads();  // the intermediate's columns are complete (and the previous item's x tile is no longer read)
     multiply_streamed_item<F, NT>(
