@@ -6,7 +6,7 @@
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
 // Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
-// the register path alone.
+// the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch).
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -37,6 +37,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/moe_single_launch.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/stream_timing.hpp"
@@ -55,7 +56,7 @@ struct Model {
 
 struct Result {
   std::string model;
-  std::string path;  // expert kernels: "streamed" or "register"
+  std::string path;  // "single" (one launch), "streamed" or "register" (the expert kernels)
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
   double tensor_share = 0;   // tflops / the same-run cuBLAS bf16 rate
@@ -156,10 +157,13 @@ struct Slot {
 };
 
 // The two expert-kernel paths a result names.
-MoeRunParams path_params(bool streamed) {
+enum class Path { SINGLE, STREAMED, REGISTER };
+
+MoeRunParams path_params(Path path) {
   MoeRunParams p;
-  p.expert_kernels = streamed ? MoeExpertKernels::STREAMED : MoeExpertKernels::REGISTER;
-  p.fused_small_batches = streamed;
+  p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
+  p.fused_small_batches = path != Path::REGISTER;
+  p.single_launch = path == Path::SINGLE;
   return p;
 }
 
@@ -187,8 +191,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     const int iterations = T >= 1024 ? 4 : 25;
     const size_t workspace_bytes = moe_workspace_bytes(c, T);
     DeviceBuffer out(size_t(T) * size_t(c.hidden) * sizeof(float), "out");
-    auto run_params = [&](Slot& slot, bool streamed) {
-      MoeRunParams p = path_params(streamed);
+    auto run_params = [&](Slot& slot, Path path) {
+      MoeRunParams p = path_params(path);
       p.u = slot.u.as<float>(), p.out = out.as<float>(), p.tokens = T;
       p.workspace = slot.workspace.data(), p.workspace_bytes = workspace_bytes, p.stream = stream;
       return p;
@@ -206,7 +210,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       slot.workspace = DeviceBuffer(workspace_bytes, "moe workspace");
       prepare_moe_workspace(slot.workspace.data(), workspace_bytes, stream);
       const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
-      const MoeRunParams params = run_params(slot, false);
+      const MoeRunParams params = run_params(slot, Path::REGISTER);
       run_moe(weights, params);
       check_moe_status(params);
       const MoeWorkspaceView view = moe_workspace_view(c, T, slot.workspace.data());
@@ -232,21 +236,21 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
     }
 
-    for (const bool streamed : {true, false}) {
-      if (streamed && T > 1024) continue;
+    for (const Path path : {Path::SINGLE, Path::STREAMED, Path::REGISTER}) {
+      if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024)) continue;
       std::vector<cudaGraphExec_t> graphs;
       size_t launches = 0;
       for (Slot& slot : slots) {
         const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
-        const MoeRunParams params = run_params(slot, streamed);
+        const MoeRunParams params = run_params(slot, path);
         run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
         cudaGraph_t graph;
         DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
         run_moe(weights, params);
         DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
         DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &launches));
-        check(launches == size_t(moe_launches(params)), "bench_cuda_moe: ", launches, " graph nodes, moe_launches ",
-              "says ", moe_launches(params));
+        check(launches == size_t(moe_launches(weights, params)), "bench_cuda_moe: ", launches, " graph nodes, ",
+              "moe_launches says ", moe_launches(weights, params));
         cudaGraphExec_t exec;
         DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
         DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
@@ -266,7 +270,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
           for (Slot& slot : slots) {
             hold_stream_kernel<<<1, 1, 0, stream>>>(400000);
             DSV4_CUDA_CHECK_LAUNCH("hold_stream_kernel");
-            MoeRunParams params = run_params(slot, streamed);
+            MoeRunParams params = run_params(slot, path);
             params.stage_events = stage_events;
             run_moe(layers[size_t(slot.layer)], params);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -279,8 +283,9 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
         for (cudaEvent_t& e : stage_events) DSV4_CUDA_CHECK(cudaEventDestroy(e));
       }
 
-      const bool streamed_path = streamed && layers.front().streamed_tiles();
-      Result r{.model = model.name, .path = streamed_path ? "streamed" : "register", .tokens = T, .launches = launches};
+      const bool streamed_path = path != Path::REGISTER && layers.front().streamed_tiles();
+      const char* name = !streamed_path ? "register" : path == Path::SINGLE ? "single" : "streamed";
+      Result r{.model = model.name, .path = name, .tokens = T, .launches = launches};
       std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
       r.us = us;
       r.baseline_us = baseline_us;

@@ -2,8 +2,9 @@
 // I = 2048, E = 32, top 6; routed experts MXFP4, NVFP4, FP8 (shared expert FP8, as in the release) and BF16; scored
 // routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
-// streamed kernels unfused; a V4-Pro-width layer (d 7168, I 3072); experts with no
-// token, every token on one expert; run-to-run bit equality.
+// streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
+// launches' bits, also through one workspace over many calls and graph replays); a V4-Pro-width layer (d 7168,
+// I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //
@@ -263,16 +264,26 @@ bool close(double actual, double expected, double tolerance) {
 struct Kernels {
   MoeExpertKernels experts = MoeExpertKernels::AUTO;
   bool fused_small_batches = false;
+  bool single_launch = false;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
-    return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "");
+    return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
+           (single_launch ? ", single launch" : "");
+  }
+  MoeRunParams params() const {
+    MoeRunParams p;
+    p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
+    return p;
   }
 };
-// Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens).
+// Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens), and the
+// whole sub-block in one launch (T <= 8 on streaming layers; the streamed launches elsewhere).
 constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
+constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                .single_launch = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -304,14 +315,9 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
   d_out.fill_bytes(0xFF);
   workspace.fill_bytes(0xFF);
   prepare_moe_workspace(workspace.data(), workspace_bytes, nullptr);
-  const MoeRunParams params{.u = d_u.as<float>(),
-                            .token_ids = d_tokens.as<int32_t>(),
-                            .out = d_out.as<float>(),
-                            .tokens = int(T),
-                            .workspace = workspace.data(),
-                            .workspace_bytes = workspace_bytes,
-                            .expert_kernels = kernels.experts,
-                            .fused_small_batches = kernels.fused_small_batches};
+  MoeRunParams params = kernels.params();
+  params.u = d_u.as<float>(), params.token_ids = d_tokens.as<int32_t>(), params.out = d_out.as<float>();
+  params.tokens = int(T), params.workspace = workspace.data(), params.workspace_bytes = workspace_bytes;
   run_moe(device_weights, params);
   check_moe_status(params);
   const MoeWorkspaceView view = moe_workspace_view(config, T, workspace.data());
@@ -430,6 +436,58 @@ std::function<int32_t(int64_t, std::mt19937_64&)> random_tokens(const Shape& S) 
 
 void keep_routing(std::vector<float>&, std::vector<int32_t>&) {}
 
+// T tokens of N(0, 1) input.
+std::vector<float> random_input(int T, const Shape& S, uint64_t seed) {
+  std::vector<float> u(size_t(T * S.hidden));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : u) v = normal(rng);
+  return u;
+}
+
+// run_moe's output for `u` on a fresh workspace and a NaN-poisoned output (a run that writes nothing cannot match
+// another by reusing its memory); `token_ids` (host, T entries) for hash layers.
+std::vector<float> run_output(const DeviceMoeWeights& weights, const std::vector<float>& u, int T, Kernels kernels,
+                              const std::vector<int32_t>& token_ids = {}) {
+  DeviceBuffer d_u(u.size() * sizeof(float), "u"), d_tokens(std::max<size_t>(1, token_ids.size()) * 4, "tokens");
+  d_u.upload(u.data(), u.size() * sizeof(float));
+  if (!token_ids.empty()) d_tokens.upload(token_ids.data(), token_ids.size() * sizeof(int32_t));
+  const size_t bytes = moe_workspace_bytes(weights.config(), T);
+  DeviceBuffer workspace(bytes, "workspace"), out(u.size() * sizeof(float), "out");
+  out.fill_bytes(0xFF);
+  prepare_moe_workspace(workspace.data(), bytes, nullptr);
+  MoeRunParams params = kernels.params();
+  params.u = d_u.as<float>(), params.out = out.as<float>(), params.tokens = T;
+  params.token_ids = token_ids.empty() ? nullptr : d_tokens.as<int32_t>();
+  params.workspace = workspace.data(), params.workspace_bytes = bytes;
+  run_moe(weights, params);
+  check_moe_status(params);
+  return download(out.as<float>(), u.size());
+}
+
+void expect_identical_outputs(const std::vector<float>& a, const std::vector<float>& b) {
+  ASSERT_TRUE(std::all_of(a.begin(), a.end(), [](float v) { return std::isfinite(v); }));
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+}
+
+// Token ids for hash layers: T ids in [0, vocab).
+std::vector<int32_t> token_ids(int T, const Shape& S, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> ids(static_cast<size_t>(T));
+  for (int32_t& id : ids) id = int32_t(rng() % uint64_t(S.vocab));
+  return ids;
+}
+
+// The single launch against the three launches it replaces (the same products in the same order: the same bits).
+void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
+  SCOPED_TRACE("single launch against three launches, T = " + std::to_string(T));
+  const std::vector<float> u = random_input(T, S, seed);
+  const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
+  expect_identical_outputs(run_output(weights, u, T, kSingleLaunch, ids),
+                           run_output(weights, u, T, kStreamedKernels, ids));
+}
+
 class MoeFormats : public ::testing::TestWithParam<WeightFormat> {};
 
 TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
@@ -448,6 +506,12 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 3, 8, 17, 64, 300})
       for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
         check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
+    MoeRunParams single = kSingleLaunch.params();
+    single.tokens = 8;
+    ASSERT_EQ(moe_launches(device_weights, single), 1);
+    for (const int T : {1, 2, 5, 8}) expect_single_launch_bits(device_weights, kFlashLike, T, seed++);
+    for (const int64_t T : {1, 8})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kSingleLaunch);
     const Kernels streamed_unfused{.experts = MoeExpertKernels::STREAMED};
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
   }
@@ -477,47 +541,18 @@ TEST(MoeTinyShapes, TestModelSizesWithKTailsAndPartialRowBands) {
         Layer layer;
         make_layer(layer, experts, routing, seed++, keep_routing);
         const DeviceMoeWeights device_weights(layer.model, test_config(shape), "tiny layer");
-        // These layers cannot stream (K below a stage): STREAMED must fall back to the register kernels.
+        // These layers cannot stream (K below a stage): STREAMED must fall back to the register kernels, and
+        // single_launch to their launches.
         for (const int64_t T : {1, 5, 40}) {
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape), kStreamedKernels);
         }
+        MoeRunParams single = kSingleLaunch.params();
+        single.tokens = 5;
+        EXPECT_EQ(moe_launches(device_weights, single), 3);
+        check_case(layer, experts, device_weights, 5, seed++, random_tokens(shape), kSingleLaunch);
       }
     }
-}
-
-// T tokens of N(0, 1) input.
-std::vector<float> random_input(int T, const Shape& S, uint64_t seed) {
-  std::vector<float> u(size_t(T * S.hidden));
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (float& v : u) v = normal(rng);
-  return u;
-}
-
-// run_moe's output for `u` on a fresh workspace and a NaN-poisoned output (a run that writes nothing cannot match
-// another by reusing its memory).
-std::vector<float> run_output(const DeviceMoeWeights& weights, const std::vector<float>& u, int T, Kernels kernels) {
-  DeviceBuffer d_u(u.size() * sizeof(float), "u");
-  d_u.upload(u.data(), u.size() * sizeof(float));
-  const size_t bytes = moe_workspace_bytes(weights.config(), T);
-  DeviceBuffer workspace(bytes, "workspace"), out(u.size() * sizeof(float), "out");
-  out.fill_bytes(0xFF);
-  prepare_moe_workspace(workspace.data(), bytes, nullptr);
-  run_moe(weights, {.u = d_u.as<float>(),
-                    .out = out.as<float>(),
-                    .tokens = T,
-                    .workspace = workspace.data(),
-                    .workspace_bytes = bytes,
-                    .expert_kernels = kernels.experts,
-                    .fused_small_batches = kernels.fused_small_batches});
-  return download(out.as<float>(), u.size());
-}
-
-void expect_identical_outputs(const std::vector<float>& a, const std::vector<float>& b) {
-  ASSERT_TRUE(std::all_of(a.begin(), a.end(), [](float v) { return std::isfinite(v); }));
-  ASSERT_EQ(a.size(), b.size());
-  ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
 }
 
 TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
@@ -565,6 +600,8 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
     expect_identical_outputs(run_output(device_weights, u, T, kStreamedKernels),
                              run_output(device_weights, u, T, kStreamedKernels));
   }
+  for (const int T : {1, 8}) expect_single_launch_bits(device_weights, kProLike, T, seed++);
+  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
@@ -587,7 +624,7 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   });
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
-    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kSingleLaunch})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 
@@ -609,7 +646,54 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
     for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
       check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); },
                  kernels);
+    // At T = 8 in one launch: one routed expert item of 8 rows per chosen expert.
+    check_case(layer, *experts_, device_weights, 8, 62, [](int64_t, std::mt19937_64&) { return int32_t(42); },
+               kSingleLaunch);
   }
+}
+
+// The single launch's counters (routing flag, per-item done counts, tickets) come back to zero after every call:
+// calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays of one CUDA graph,
+// at T = 8 and then T = 1 and 9 (no single launch) on the same workspace, each equal to a fresh three-launch run.
+TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays) {
+  const Shape& S = kFlashLike;
+  Layer layer;
+  make_layer(layer, *experts_, Routing::SCORED, 15, keep_routing);
+  const DeviceMoeWeights weights(layer.model, test_config(S), "scored layer");
+  constexpr int kMaxT = 9;
+  const size_t bytes = moe_workspace_bytes(test_config(S), kMaxT);
+  DeviceBuffer workspace(bytes, "workspace"), d_u(size_t(kMaxT * S.hidden) * sizeof(float), "u"),
+      out(size_t(kMaxT * S.hidden) * sizeof(float), "out");
+  prepare_moe_workspace(workspace.data(), bytes, nullptr);
+  cudaStream_t stream;
+  DSV4_CUDA_CHECK(cudaStreamCreate(&stream));  // ordered after the default stream's uploads and fills
+  auto params_for = [&](int T) {
+    MoeRunParams p = kSingleLaunch.params();
+    p.u = d_u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
+    p.workspace = workspace.data(), p.workspace_bytes = bytes;
+    return p;
+  };
+  uint64_t seed = 300;
+  auto check_call = [&](int T, const std::function<void()>& call) {
+    const std::vector<float> u = random_input(T, S, seed++);
+    d_u.upload(u.data(), u.size() * sizeof(float));
+    out.fill_bytes(0xFF);
+    call();
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
+  };
+  for (int i = 0; i < 3; ++i) check_call(8, [&] { run_moe(weights, params_for(8)); });
+  cudaGraph_t graph;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  run_moe(weights, params_for(8));
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int i = 0; i < 3; ++i) check_call(8, [&] { DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  for (const int T : {1, 9, 3}) check_call(T, [&] { run_moe(weights, params_for(T)); });
+  DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {

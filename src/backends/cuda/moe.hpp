@@ -2,11 +2,11 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host round-trip, no
-//   allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV (+ u → bf16),
-//   scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM with the
-//   clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's last CTA
-//   of each band, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
+// - Five launches (three at T <= 8 with fused_small_batches, one with single_launch), all on params.stream, no host
+//   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
+//   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
+//   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's
+//   last CTA of each band, moe_experts.hpp MoeFusedCombine; the same sums in the same order). The grouped launches
 //   are sized for the worst case (T·top_k routed rows + T shared rows); CTAs without work exit. The launches are
 //   chained with programmatic dependent launch: each kernel's CTAs may start while its predecessor drains (the
 //   router's rows and the shared expert's weights start streaming before their inputs are known) and wait for its
@@ -66,10 +66,14 @@ struct MoeRunParams {
   // At T <= 8 (kMoeFusedRoutingMaxTokens, kMoeFusedCombineMaxTokens): the routing in the router launch and the
   // combine in the down launch, three launches instead of five (false: the five, for comparisons).
   bool fused_small_batches = true;
+  // At T <= 8 on layers whose experts stream (DeviceMoeWeights::streamed_tiles) with AUTO or STREAMED experts: the
+  // whole sub-block in one persistent launch (kernels/moe_single_launch.hpp), the same bits as the three launches;
+  // elsewhere this has no effect.
+  bool single_launch = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).
-int moe_launches(const MoeRunParams& params);
+int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& params);
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens);
 

@@ -25,30 +25,10 @@ void launch(const MoeExpertGemmParams& p) {
   const char* name = p.streamed
                          ? (gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>")
                          : (gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>");
-  moe::ExpertGemmArgs args{
-      .experts = p.experts,
-      .shared_expert = p.experts_count,
-      .routed_format = p.routed_format,
-      .shared_format = p.shared_format,
-      .k_total = gate_up ? p.hidden : p.intermediate,
-      .n_total = gate_up ? p.intermediate : p.hidden,
-      .swiglu_limit = p.swiglu_limit,
-      .x = gate_up ? p.u_bf16 : p.h,
-      .row_tokens = p.row_tokens,
-      .work_items = p.work_items,
-      .work_item_count = p.work_item_count,
-      .h = p.h,
-      .down = p.down,
-      .stream_maps = p.stream_maps,
-      .combine = gate_up ? MoeFusedCombine{} : p.combine,
-      .streamed_x_bytes = 0,
-  };
+  moe::ExpertGemmArgs args = moe::expert_gemm_args(p, G);
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   if (p.streamed) {
-    // x for the most rows of a pass, min(T, 16), over the whole K, capped at kStreamedXBytes.
-    const int x_rows = std::min(p.tokens, moe::kStreamedPassRows);
-    args.streamed_x_bytes = (std::min(moe::streamed_x_bytes(x_rows, args.k_total), int(moe::kStreamedXBytes)) + 15) /
-                            16 * 16;
+    args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
     const size_t smem = moe::kStreamedRingBytes + size_t(args.streamed_x_bytes) + moe::kStreamedExchangeBytes;
     // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
     auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true>
@@ -66,6 +46,38 @@ void launch(const MoeExpertGemmParams& p) {
 }
 
 }  // namespace
+
+namespace moe {
+
+ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
+  const bool gate_up = gemm == ExpertGemm::GATE_UP;
+  return ExpertGemmArgs{
+      .experts = p.experts,
+      .shared_expert = p.experts_count,
+      .routed_format = p.routed_format,
+      .shared_format = p.shared_format,
+      .k_total = gate_up ? p.hidden : p.intermediate,
+      .n_total = gate_up ? p.intermediate : p.hidden,
+      .swiglu_limit = p.swiglu_limit,
+      .x = gate_up ? p.u_bf16 : p.h,
+      .row_tokens = p.row_tokens,
+      .work_items = p.work_items,
+      .work_item_count = p.work_item_count,
+      .h = p.h,
+      .down = p.down,
+      .stream_maps = p.stream_maps,
+      .combine = gate_up ? MoeFusedCombine{} : p.combine,
+      .streamed_x_bytes = 0,
+  };
+}
+
+int streamed_x_region_bytes(int tokens, int k_total) {
+  // x for the most rows of a pass, min(T, 16), over the whole K, capped at kStreamedXBytes.
+  const int x_rows = std::min(tokens, kStreamedPassRows);
+  return (std::min(streamed_x_bytes(x_rows, k_total), int(kStreamedXBytes)) + 15) / 16 * 16;
+}
+
+}  // namespace moe
 
 int64_t moe_expert_k_granularity(WeightFormat format) {
   switch (format) {

@@ -143,8 +143,8 @@ __device__ __forceinline__ const DeviceMatrixView& warp_matrix(const MoeExpertVi
 // Before the routing is known (programmatic launch, ahead of wait_for_prior_grids): the CTAs of the first work item,
 // always the shared expert's, ask L2 for their whole weight band, which only depends on the weights.
 template <tile::TileFormat F, ExpertGemm G>
-__device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, const MoeExpertView& expert) {
-  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+__device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, const MoeExpertView& expert, int band) {
+  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   if (row0 >= a.n_total) return;
   const LanePrefetch prefetch = lane_prefetch<F>(warp_matrix<G>(expert), row0, a.k_total, threadIdx.x % 32);
   const int subs = (a.k_total + kSubK<F> - 1) / kSubK<F>;
@@ -287,17 +287,17 @@ __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemm
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a) {
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band) {
   const MoeFusedCombine& c = a.combine;
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + blockIdx.x, 1u) == uint32_t(__ldg(a.work_item_count)) - 1;
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int64_t n0 = int64_t(blockIdx.x) * kMoeDownBandRows;
+  const int64_t n0 = int64_t(band) * kMoeDownBandRows;
   const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
   for (int i = threadIdx.x; i < c.tokens * band_rows; i += blockDim.x) {
@@ -305,12 +305,12 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a) {
     const int64_t n = n0 + i % band_rows;
     float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
     for (int j = 0; j < c.top_k; ++j) {
-      const int64_t row = __ldg(c.slot_rows + t * c.top_k + j);
-      acc = fmaf(__ldg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
+      const int64_t row = __ldcg(c.slot_rows + t * c.top_k + j);
+      acc = fmaf(__ldcg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
     }
     c.out[int64_t(t) * a.n_total + n] = acc;
   }
-  if (threadIdx.x == 0) c.band_tickets[blockIdx.x] = 0;  // every CTA of the band has arrived: ready for the next call
+  if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
 }
 
 template <ExpertGemm G>
@@ -318,14 +318,15 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   extern __shared__ __align__(16) uint8_t smem[];
   if (blockIdx.y == 0) {
     const MoeExpertView& shared = a.experts[a.shared_expert];
-    with_tile_format(shared.w1.format, [&]<tile::TileFormat F>() { prefetch_shared_band<F, G>(a, shared); });
+    with_tile_format(shared.w1.format,
+                     [&]<tile::TileFormat F>() { prefetch_shared_band<F, G>(a, shared, int(blockIdx.x)); });
   }
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
                    [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a);
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -391,9 +392,10 @@ __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const Exper
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G>
-__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, uint8_t* ring, uint64_t* full) {
+__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
+                                             uint64_t* full) {
   namespace st = tile::stream;
-  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int64_t stages = a.k_total / st::stage_k(F);
@@ -404,13 +406,13 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
 // One work item in passes of 8·NT rows (see above).
 template <tile::TileFormat F, ExpertGemm G, int NT>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
-                                                  const MoeWorkItem& item, uint8_t* smem, uint64_t* full,
+                                                  const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started) {
   namespace st = tile::stream;
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
-  const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   const DeviceMatrixView w = warp_matrix<G>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
@@ -419,7 +421,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G>(a, item.expert, ring, full);
+  if (!started) start_stream<F, G>(a, item.expert, band, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -436,7 +438,8 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
-        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+        // ld.cg: the single-launch kernel writes row_tokens in the same grid.
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldcg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
       tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
@@ -474,7 +477,9 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
   if (shared_item)
     with_tile_format(a.shared_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G>(a, a.shared_expert, ring, full); });
+                     [&]<tile::TileFormat F>() {
+                       start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
+                     });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
@@ -482,11 +487,17 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(format, [&]<tile::TileFormat F>() {
     if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-      run_streamed_item<F, G, 1>(a, expert, item, smem, full, shared_item);
+      run_streamed_item<F, G, 1>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
     else
-      run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, smem, full, shared_item);
+      run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
   });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a);
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
+
+// Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers
+// above and the single-launch MoE (moe_fused.cuh) build them, and the x region a streamed launch of T tokens sizes
+// for K = k_total.
+ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& params, ExpertGemm gemm);
+int streamed_x_region_bytes(int tokens, int k_total);
 
 }  // namespace dsv4::cuda::moe

@@ -47,6 +47,26 @@ bool fuses_routing(const MoeRoutingParams& p) { return p.fused_routing && p.toke
 
 }  // namespace
 
+namespace moe {
+
+RouteArgs route_args(const MoeRoutingParams& p) {
+  return RouteArgs{
+      .logits = p.out.logits,
+      .bias = p.bias,
+      .tid2eid = p.tid2eid,
+      .vocab = p.vocab,
+      .token_ids = p.token_ids,
+      .tokens = p.tokens,
+      .experts = int(p.router.rows),
+      .top_k = p.top_k,
+      .rows_per_item = p.rows_per_item,
+      .routed_scaling_factor = p.routed_scaling_factor,
+      .out = p.out,
+  };
+}
+
+}  // namespace moe
+
 int moe_routing_launches(const MoeRoutingParams& p) { return fuses_routing(p) ? 1 : 2; }
 
 void run_moe_routing(const MoeRoutingParams& p) {
@@ -59,19 +79,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
   const int row_groups = (experts + moe::kRouterWarpsPerCta - 1) / moe::kRouterWarpsPerCta;
   const int row_blocks = std::clamp((4 * current_multiprocessors() + chunks - 1) / chunks, 1, row_groups);
   const int rows_per_cta = (row_groups + row_blocks - 1) / row_blocks * moe::kRouterWarpsPerCta;
-  const moe::RouteArgs route_args{
-      .logits = p.out.logits,
-      .bias = p.bias,
-      .tid2eid = p.tid2eid,
-      .vocab = p.vocab,
-      .token_ids = p.token_ids,
-      .tokens = p.tokens,
-      .experts = experts,
-      .top_k = p.top_k,
-      .rows_per_item = p.rows_per_item,
-      .routed_scaling_factor = p.routed_scaling_factor,
-      .out = p.out,
-  };
+  const moe::RouteArgs route = moe::route_args(p);
   const moe::RouterArgs router_args{
       .logits = {.router = p.router.data,
                  .u = p.u,
@@ -81,7 +89,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
                  .experts = experts,
                  .hidden = hidden,
                  .rows_per_cta = rows_per_cta},
-      .route = route_args,
+      .route = route,
   };
   const dim3 logits_grid(unsigned((experts + rows_per_cta - 1) / rows_per_cta), unsigned(chunks));
   check(chunks <= 65535, "moe routing: ", p.tokens, " tokens exceed the router launch's grid limit");
@@ -113,7 +121,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
 
   const unsigned route_ctas = unsigned((p.tokens + moe::kSelectWarpsPerCta - 1) / moe::kSelectWarpsPerCta);
   launch_chained(moe::moe_route_and_bucket_kernel, dim3(route_ctas), dim3(moe::kSelectWarpsPerCta * moe::kWarpSize),
-                 0, p.stream, route_args, "moe_route_and_bucket_kernel");
+                 0, p.stream, route, "moe_route_and_bucket_kernel");
 }
 
 }  // namespace dsv4::cuda

@@ -100,7 +100,7 @@ struct RouteScratch {
 // The CTA's threads score tokens [token_begin, token_begin + count) (count <= kRouteTokensPerCta) of a scored layer:
 // biased[t][e] = sqrt(softplus(logit)) + bias[e], NaN as -inf (so a valid expert is always chosen). One score per
 // thread at a time: the serial part of the routing stays a few instructions long.
-__device__ void score_tokens(const RouteArgs& a, int token_begin, int count, RouteScratch& scratch) {
+inline __device__ void score_tokens(const RouteArgs& a, int token_begin, int count, RouteScratch& scratch) {
   const int scores = count * a.experts;
 #pragma unroll 1
   for (int i = threadIdx.x; i < scores; i += blockDim.x) {
@@ -113,7 +113,7 @@ __device__ void score_tokens(const RouteArgs& a, int token_begin, int count, Rou
 
 // Routes token `t` with the calling warp (scored layers: `biased` is its row of score_tokens): writes expert_ids /
 // expert_weights [t, :]. Lane k < top_k ends up holding the k-th choice.
-__device__ void select_experts(const RouteArgs& a, int t, const float* biased, int lane) {
+inline __device__ void select_experts(const RouteArgs& a, int t, const float* biased, int lane) {
   int my_id = 0;
   if (a.tid2eid != nullptr) {
     int32_t token = __ldg(a.token_ids + t);
@@ -154,8 +154,7 @@ __device__ void select_experts(const RouteArgs& a, int t, const float* biased, i
 
 // Routes tokens [token_begin, token_begin + count) with the whole CTA (count <= kRouteTokensPerCta, one warp per
 // token; blockDim.x = 32 · kRouteTokensPerCta).
-__device__ void route_tokens(const RouteArgs& a, int token_begin, int count) {
-  __shared__ RouteScratch scratch;
+inline __device__ void route_tokens(const RouteArgs& a, int token_begin, int count, RouteScratch& scratch) {
   if (a.tid2eid == nullptr) score_tokens(a, token_begin, count, scratch);
   __syncthreads();
   const int warp_idx = threadIdx.x / kWarpSize;
@@ -164,7 +163,7 @@ __device__ void route_tokens(const RouteArgs& a, int token_begin, int count) {
 
 // Exclusive scans of counts[0..n) and of ceil(counts / R) by one warp: offsets[0..n] and item_offsets[0..n], the
 // latter starting at first_item.
-__device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, int first_item, int* offsets,
+inline __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, int first_item, int* offsets,
                                  int* item_offsets, int lane) {
   const int per_lane = (n + kWarpSize - 1) / kWarpSize;
   const int begin = min(n, lane * per_lane), end = min(n, begin + per_lane);
@@ -190,12 +189,19 @@ __device__ void warp_scan_counts(const int* counts, int n, int rows_per_item, in
   if (lane == kWarpSize - 1) offsets[n] = rows_before, item_offsets[n] = items_before;
 }
 
+// Shared memory of the bucketing.
+struct BucketScratch {
+  int counts[kMoeMaxExperts];
+  int offsets[kMoeMaxExperts + 1];
+  int item_offsets[kMoeMaxExperts + 1];
+};
+
 // The last CTA's work: bucket the T·top_k slots by expert; the shared expert's T rows follow the routed rows, and
 // its work items come first (it is the largest expert, so its CTAs should start earliest).
-__device__ void bucket_slots(const RouteArgs& a) {
-  __shared__ int counts[kMoeMaxExperts];
-  __shared__ int offsets[kMoeMaxExperts + 1];
-  __shared__ int item_offsets[kMoeMaxExperts + 1];
+inline __device__ void bucket_slots(const RouteArgs& a, BucketScratch& scratch) {
+  int* counts = scratch.counts;
+  int* offsets = scratch.offsets;
+  int* item_offsets = scratch.item_offsets;
   const int lane = threadIdx.x % kWarpSize, warp_idx = threadIdx.x / kWarpSize;
   const int slots = a.tokens * a.top_k, experts = a.experts;
   const int shared_items = (a.tokens + a.rows_per_item - 1) / a.rows_per_item;
@@ -268,12 +274,17 @@ __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
   return is_last;
 }
 
-__global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize) moe_route_and_bucket_kernel(const RouteArgs a) {
+// static: one copy per translation unit that includes this header (the single-launch kernel's uses the device
+// functions above only).
+static __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize)
+    moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
+  __shared__ RouteScratch route_scratch;
+  __shared__ BucketScratch bucket_scratch;
   const int token_begin = blockIdx.x * kRouteTokensPerCta;
-  route_tokens(a, token_begin, min(kRouteTokensPerCta, a.tokens - token_begin));
-  if (arrived_last(a.out.finished_ctas)) bucket_slots(a);
+  route_tokens(a, token_begin, min(kRouteTokensPerCta, a.tokens - token_begin), route_scratch);
+  if (arrived_last(a.out.finished_ctas)) bucket_slots(a, bucket_scratch);
 }
 
 struct RouterArgs {
@@ -359,11 +370,17 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
     }
   }
   if constexpr (kRoute) {
+    __shared__ RouteScratch route_scratch;
+    __shared__ BucketScratch bucket_scratch;
     if (!arrived_last(args.route.out.finished_ctas)) return;
-    route_tokens(args.route, 0, args.route.tokens);  // T <= kMoeFusedRoutingMaxTokens
+    route_tokens(args.route, 0, args.route.tokens, route_scratch);  // T <= kMoeFusedRoutingMaxTokens
     __syncthreads();  // the expert ids of every token, for the bucketing
-    bucket_slots(args.route);
+    bucket_slots(args.route, bucket_scratch);
   }
 }
+
+// Host side (moe_routing.cu): the routing arguments of a call, as run_moe_routing and the single-launch MoE
+// (moe_fused.cuh) build them.
+RouteArgs route_args(const MoeRoutingParams& params);
 
 }  // namespace dsv4::cuda::moe
