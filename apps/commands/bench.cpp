@@ -519,7 +519,8 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"mhc_cluster_kernel", &cuda::CudaModelOptions::mhc_cluster_kernel},
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
       {"fused_wo", &cuda::CudaModelOptions::fused_wo},
-      {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue}};
+      {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue},
+      {"moe_single_launch", &cuda::CudaModelOptions::moe_single_launch}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {
@@ -773,7 +774,7 @@ const CommandRegistration registration{{
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
-                      "fused_wo, q_norm_prologue); repeatable");
+                      "fused_wo, q_norm_prologue, moe_single_launch); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",

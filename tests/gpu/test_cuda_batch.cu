@@ -161,6 +161,7 @@ cuda::CudaModelOptions batch_options(bool fused = false) {
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;
   options.fused_wo = fused;
+  options.moe_single_launch = fused;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks

@@ -190,7 +190,7 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors'; fuse_compressor_pools: a CSA
 // layer's two compressor pools in one launch; indexer_prepare_in_scores), norms_in_mhc (the sub-block norms inside
 // mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
-// output, wo_a → wo_b pair and input): the same bounds against the CPU, prefill and decode.
+// output, wo_a → wo_b pair and input) with moe_single_launch: the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -214,6 +214,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.bf16_wo_a = fused.linear_io;
     options.q_norm_prologue = fused.linear_io;
     options.fused_wo = fused.linear_io;
+    options.moe_single_launch = fused.linear_io;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io;

@@ -1076,6 +1076,7 @@ struct CudaModel::Impl {
       MoeRunParams m;
       m.u = scratch.u, m.token_ids = in.ids, m.out = scratch.out, m.tokens = int(T);
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
+      m.single_launch = options.moe_single_launch;
       run_moe(*moe[size_t(layer)], m);
       if (layer + 1 < c.num_layers)
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));

@@ -64,6 +64,9 @@ struct CudaModelOptions {
   // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer, but slower on an
   // H200 (ncu, Flash wq_b at batch 1: 30.6 µs with the prologue against 17.0 µs plus a ~5 µs norm without).
   bool q_norm_prologue = false;
+  // The MoE of steps of up to 8 tokens in one persistent launch (MoeRunParams::single_launch) instead of three: two
+  // launches fewer per layer, the same bits.
+  bool moe_single_launch = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 
