@@ -574,6 +574,12 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   instruction 2.7, wait 1.6, LSU throttle 1.6, barrier 1.1 cycles per issue): a long serial chain of low-ILP phases
 //   (index → page → bulk copy → expansion → QKᵀ → exchange → softmax → PV → epilogue), not one large stall. 64-bit
 //   divisions (subroutine calls) were taken off its head.
+// - Batch 1 (session 13, H200, bench_cuda_attention --sweep, L2 flushed): a CTA costs ≈ 13-16 µs fixed plus ≈ 2 µs per
+//   tile (Flash SWA, 4 tiles: 21.4 µs in one CTA, 18.8 µs in a 4-CTA cluster; CSA, 20 tiles: 53.3 µs in one CTA,
+//   20.9 µs in a 10-CTA cluster). ncu (7-CTA cluster, 3 tiles each): ≈ 3.6K instructions per consumer warp at ≈ 11
+//   cycles each set the time: the Q load's per-chunk index arithmetic ≈ 900 (now ≈ 150), the cluster merge ≈ 1.1K
+//   (16-wide unrolled loads with zero-fills for 7 peers; now unrolled to 8 or 16 as needed, no zero-fills), ≈ 470 per
+//   tile. The producer warps spend the merge in the cluster barrier.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -843,9 +849,8 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
       const bool live = i < end && head_base + h < p.heads;
       const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
 #pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        o[k][s] = live && s < splits ? load_cluster_shared_float4(peer_partial[s] + offset)
-                                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      for (int s = 0; s < kMaxSplits; ++s)  // the rest is never read: no zeroing on the critical path
+        if (live && s < splits) o[k][s] = load_cluster_shared_float4(peer_partial[s] + offset);
     }
   };
   // The first batch does not need the merge factors: its round trip overlaps theirs.
@@ -938,40 +943,46 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   uint8_t* q_tile = smem + L::kQ;
   const int dim_base = consumer * (kD512HeadDim / 2);
 
-  // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero); batches of independent loads. This
-  // thread's inverse-RoPE factors (pair thread256) are evaluated while the loads are in flight, not in the epilogue.
+  // Q: this consumer's 64 heads × 256 dims as bf16, swizzled (heads past H zero), all loads in flight at once (o_acc
+  // is not live yet, so the registers are there). Thread (warp, lane) holds dims [dim_base + 8·lane, +8) of heads
+  // 4i + warp, i < 16: its global chunks lie a fixed stride apart and its swizzled slots follow two patterns (h % 8 is
+  // warp or warp + 4), so each chunk costs its loads, conversion and one store (the generic per-chunk index arithmetic
+  // was 900 instructions per warp, a quarter of a batch-1 CTA's consumer path). This thread's inverse-RoPE factors
+  // (pair thread256) are evaluated while the loads are in flight, not in the epilogue.
   RopeFactors rope_pair{1.0f, 0.0f};
   {
-    constexpr int kChunks = kD512Heads * (kD512HeadDim / 2) / 8 / kWarpgroupThreads;  // 16 per thread
-    constexpr int kBatch = kChunks;  // one round trip: o_acc is not live yet, so the registers are there
+    constexpr int kHeadsPerPass = kWarpgroupThreads / 32, kChunks = kD512Heads / kHeadsPerPass;
+    const int dim = dim_base + 8 * lane, chunk = (dim % 64) / 8;
+    const int live_heads = p.heads - head_base - warp;  // chunk i is live while kHeadsPerPass · i < live_heads
+    const int64_t element = (t * p.heads + head_base + warp) * kD512HeadDim + dim;
+    constexpr int64_t kStride = int64_t(kHeadsPerPass) * kD512HeadDim;
+    uint4 packed[kChunks];
+    if (p.q_dtype == AttentionDtype::Bf16) {
+      const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p.q) + element;
 #pragma unroll
-    for (int first = 0; first < kChunks; first += kBatch) {
-      uint4 packed[kBatch];
+      for (int i = 0; i < kChunks; ++i)
+        packed[i] = kHeadsPerPass * i < live_heads ? *reinterpret_cast<const uint4*>(q + i * kStride)
+                                                   : make_uint4(0, 0, 0, 0);
+    } else {
+      const float* q = static_cast<const float*>(p.q) + element;
+      float4 lo[kChunks], hi[kChunks];
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int x = (first + i) * kWarpgroupThreads + thread;
-        const int h = x / 32, dim = dim_base + 8 * (x % 32);
-        const int64_t offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
-        packed[i] = make_uint4(0, 0, 0, 0);
-        if (head_base + h >= p.heads) continue;
-        if (p.q_dtype == AttentionDtype::Bf16) {
-          packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + offset);
-        } else {
-          const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset);
-          const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + offset + 4);
-          packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
-                                 pack_bf16x2(hi.z, hi.w));
-        }
+      for (int i = 0; i < kChunks; ++i) {
+        const bool live = kHeadsPerPass * i < live_heads;
+        lo[i] = live ? *reinterpret_cast<const float4*>(q + i * kStride) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        hi[i] = live ? *reinterpret_cast<const float4*>(q + i * kStride + 4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-      if (first == 0 && rope && thread256 < layout.rope_dim / 2) rope_pair = rope_factors(position, frequency);
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int x = (first + i) * kWarpgroupThreads + thread;
-        const int h = x / 32, dim = dim_base + 8 * (x % 32);
-        const int b = dim / 64, chunk = (dim % 64) / 8;
-        *reinterpret_cast<uint4*>(q_tile + b * kQBlockBytes + h * 128 + ((chunk ^ (h % 8)) * 16)) = packed[i];
-      }
+      for (int i = 0; i < kChunks; ++i)
+        packed[i] = make_uint4(pack_bf16x2(lo[i].x, lo[i].y), pack_bf16x2(lo[i].z, lo[i].w),
+                               pack_bf16x2(hi[i].x, hi[i].y), pack_bf16x2(hi[i].z, hi[i].w));
     }
+    if (rope && thread256 < layout.rope_dim / 2) rope_pair = rope_factors(position, frequency);
+    uint8_t* slot = q_tile + (dim / 64) * kQBlockBytes + warp * 128;
+    const int swizzled[2] = {(chunk ^ warp) * 16, (chunk ^ (warp + kHeadsPerPass)) * 16};
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i)
+      *reinterpret_cast<uint4*>(slot + i * kHeadsPerPass * 128 + swizzled[i % 2]) = packed[i];
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
   }
