@@ -49,10 +49,14 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
   return value;
 }
 
-// Blocks the CTA until *counter >= target.
+// Blocks the CTA until *counter >= target. The wait is bounded (a trap after 2^24 polls, seconds: the awaited work
+// takes microseconds), so a counter left non-zero by a bad workspace fails the launch instead of hanging the stream.
 __device__ __forceinline__ void wait_for_count(const uint32_t* counter, uint32_t target) {
   if (threadIdx.x == 0) {
-    while (load_acquire(counter) < target) __nanosleep(32);
+    for (uint32_t polls = 0; load_acquire(counter) < target; ++polls) {
+      if (polls == (1u << 24)) __trap();
+      __nanosleep(32);
+    }
     __threadfence();
   }
   __syncthreads();
