@@ -45,6 +45,10 @@ inline constexpr int kTile = kSparseAttentionTileEntries;
 inline constexpr int kStages = 3;
 inline constexpr int kResolveSlots = 256;
 inline constexpr float kLog2e = 1.4426950408889634f;
+// Online softmax: a row's reference max moves only when a tile's max exceeds it by more than this (log2 units), so
+// the weights stay below 2^8 (fp32 sums and bf16 weights keep their relative precision) and, once the first tiles
+// have set it, the accumulators are rarely rescaled (128 multiplications per thread and tile otherwise).
+inline constexpr float kRescaleLog2 = 8.0f;
 
 template <int kHeadDim, int kHeadTiles>
 struct TileConfig {
@@ -122,7 +126,7 @@ __device__ __forceinline__ float head_sink_log2(const SparseAttentionParams& p, 
   return p.attn_sink != nullptr && head < p.heads ? p.attn_sink[head] * kLog2e : -INFINITY;
 }
 
-// 1 / the softmax denominator of running max `row_max` (log2 units) and sum `row_sum` with the sink `sink_log2`
+// 1 / the softmax denominator of reference max `row_max` (log2 units) and sum `row_sum` with the sink `sink_log2`
 // (head_sink_log2): the attention sink adds exp(sink − max) to the denominator only.
 __device__ __forceinline__ float inverse_softmax_denominator(float sink_log2, float row_max, float row_sum) {
   float denominator = row_sum;
@@ -141,8 +145,8 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
 
 // One tile's online-softmax step for a thread's mma score fragment: s[4n + e] is the score of entry 8n + 2c + e % 2
 // for row g + 8 (e / 2) of the thread's 16-row block, in log2 units after scale_log2; entries whose `valid` flag is 0
-// score −inf. Updates the running row max and sum, gives the factor that rescales the old accumulators of each row,
-// and P as the bf16 A fragments of the PV product. P is rounded to bf16 once and the row sums add the rounded weights,
+// score −inf. Updates the row's reference max (kRescaleLog2) and sum, gives the factor that rescales the old
+// accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is rounded to bf16 once and the row sums add the rounded weights,
 // so PV applies exactly the weights that are normalised.
 __device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
                                                     float scale_log2, float (&row_max)[2], float (&row_sum)[2],
@@ -159,7 +163,8 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const
   for (int r = 0; r < 2; ++r) {
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 1));
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xFFFFFFFFu, tile_max[r], 2));
-    const float new_max = fmaxf(row_max[r], tile_max[r]);
+    // −inf + kRescaleLog2 = −inf: the first valid entries always set the reference.
+    const float new_max = tile_max[r] > row_max[r] + kRescaleLog2 ? tile_max[r] : row_max[r];
     // A row with no valid entry yet keeps max −inf; subtracting 0 then keeps exp2(−inf) = 0 and avoids NaN.
     const float reference = new_max == -INFINITY ? 0.0f : new_max;
     alpha[r] = exp2f(row_max[r] - reference);
