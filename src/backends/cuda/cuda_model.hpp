@@ -43,7 +43,8 @@ struct CudaModelOptions {
   // steps of up to 64 tokens; longer steps run its parts as row slices).
   bool stack_indexer_projections = true;
   // The indexer's query preparation (RoPE, rounding) inside its score kernel: one launch fewer per CSA layer, the
-  // same bits.
+  // same bits. Off: not yet timed alone in the model (round 4, H200, Flash 8 layers b1: this, fused_wo,
+  // q_norm_prologue and moe_single_launch together 538 t/s at 10.8 launches per layer, against 591 t/s at 15.1).
   bool indexer_prepare_in_scores = false;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
@@ -58,14 +59,17 @@ struct CudaModelOptions {
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
   // With bf16_wo_a, wo_a and wo_b in one launch where the pair kernel applies (run_linear_pair: one format, steps of
-  // up to 16 tokens): one launch fewer per layer, the same sums.
+  // up to 16 tokens): one launch fewer per layer, the same sums. Off: slower so far (round 4, H200, Flash T = 1,
+  // graph: 28.6 µs against 26.7 µs for the two launches).
   bool fused_wo = false;
   // q_norm as the RMSNorm prologue of wq_b and the indexer's wq_b in steps of up to 16 tokens (the queries' per-head
-  // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer, but slower on an
-  // H200 (ncu, Flash wq_b at batch 1: 30.6 µs with the prologue against 17.0 µs plus a ~5 µs norm without).
-  bool q_norm_prologue = false;
+  // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer. H200, Flash T = 1:
+  // wq_b 13.1 µs with the prologue against 13.7 µs for rms_norm + wq_b (round 4, graph); the 8-layer e2e within
+  // its noise (round 2: 574.7 ± 1.9 against 576.3 ± 4.1 t/s).
+  bool q_norm_prologue = true;
   // The MoE of steps of up to 8 tokens in one persistent launch (MoeRunParams::single_launch) instead of three: two
-  // launches fewer per layer, the same bits.
+  // launches fewer per layer, the same bits. Off: not yet timed alone in the model (see indexer_prepare_in_scores;
+  // alone in bench_cuda_moe, Flash T = 1: 69.4 µs against 70.4 µs for the three launches).
   bool moe_single_launch = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
