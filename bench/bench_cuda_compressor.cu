@@ -147,8 +147,8 @@ struct Compressor {
       : name(name_), c(c_), ratio(ratio_), overlapping(overlapping_), rounding(rounding_),
         state(ratio_, c_, overlapping_, kBatch) {
     for (int i = 0; i < kCopies; ++i) {
-      kv.push_back(to_device(normal_floats(size_t(kPrefill * width()), 1.0f, rng), "kv"));
-      gate.push_back(to_device(normal_floats(size_t(kPrefill * width()), 1.0f, rng), "gate"));
+      kv.push_back(to_device(normal_floats(size_t(rows() * width()), 1.0f, rng), "kv"));
+      gate.push_back(to_device(normal_floats(size_t(rows() * width()), 1.0f, rng), "gate"));
     }
     ape = to_device(normal_floats(size_t(ratio * width()), 1.0f, rng), "ape");
     norm = to_device(std::vector<float>(size_t(c), 1.0f), "norm");
@@ -160,6 +160,8 @@ struct Compressor {
   }
 
   int64_t width() const { return overlapping ? 2 * c : c; }
+  // Projection rows: a prefill chunk, or the windows of kBatch entries for the straightforward kernel.
+  int64_t rows() const { return std::max(kPrefill, kBatch * ratio); }
 
   CompressorParams params(const DeviceBuffer& runs, int count, int64_t tokens, cudaStream_t stream) {
     const int copy = rotation++ % kCopies;
@@ -193,7 +195,7 @@ struct Compressor {
     }
   }
 
-  // The straightforward kernel over `count` entries from entry 0 (within the rows of one prefill chunk).
+  // The straightforward kernel over `count` ≤ rows() / ratio entries from entry 0.
   void baseline(int64_t count, cudaStream_t stream) {
     const int copy = rotation++ % kCopies;
     straightforward_pool<<<unsigned(count), unsigned(c), 0, stream>>>(
