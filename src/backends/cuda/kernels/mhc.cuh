@@ -264,66 +264,43 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
 // Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the decode kernel's mix CTA, whose tail is this
 // serial chain. A row or column is scaled by the hardware reciprocal (MUFU, ≤ 2 ulp) of (sum + eps) rather than
 // divided by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb tolerance): per
-// normalisation one reciprocal (four_reciprocals) and 16 independent multiplies, no shuffles and no division's
-// branch. (With the correctly rounded reciprocal, __frcp_rn, the 19 later iterations took 7.2 µs instead of the
-// half-warp shuffle version's 2.2, H200, V4-Flash T = 1.) rcp.approx.ftz is the MUFU alone (div.approx of 1 / x adds
-// a multiply by 1; the sums are ≥ eps, never subnormal, so ftz changes nothing).
+// normalisation 4 reciprocals and 16 independent multiplies, no shuffles and no division's branch. (With the
+// correctly rounded reciprocal, __frcp_rn, the 19 later iterations took 7.2 µs instead of the half-warp shuffle
+// version's 2.2, H200, V4-Flash T = 1.) rcp.approx.ftz is the MUFU alone (div.approx of 1 / x adds a multiply by 1;
+// the sums are ≥ eps, never subnormal, so ftz changes nothing).
 __device__ inline float fast_reciprocal(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
 
-// The reciprocals of four sums s_j ∈ [eps, 4 + eps] (row or column sums of entries ≤ 1) from one MUFU: 1/s₀ = s₁·(s₂s₃) / ((s₀s₁)(s₂s₃)) and so on
-// (the product stays within [eps⁴, 300], far from fp32's limits; 4 more roundings, a few ulps). The SFU takes a
-// warp's MUFU in several cycles however few lanes are active: four in a row were most of a normalisation's 73 cycles
-// (H200, session 13: the 19 later iterations 1.4 µs at T = 1).
-__device__ inline void four_reciprocals(const float (&s)[kStreams], float (&r)[kStreams]) {
-  const float s01 = s[0] * s[1], s23 = s[2] * s[3];
-  const float inverse = fast_reciprocal(s01 * s23);
-  const float inverse01 = inverse * s23, inverse23 = inverse * s01;
-  r[0] = inverse01 * s[1];
-  r[1] = inverse01 * s[0];
-  r[2] = inverse23 * s[3];
-  r[3] = inverse23 * s[2];
-}
-
 __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
   const auto normalise_rows = [&] {
-    float sums[kStreams], r[kStreams];
 #pragma unroll
-    for (int j = 0; j < kStreams; ++j) sums[j] = ((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps;
-    four_reciprocals(sums, r);
+    for (int j = 0; j < kStreams; ++j) {
+      const float r = fast_reciprocal(((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps);
 #pragma unroll
-    for (int j = 0; j < kStreams; ++j)
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r[j];
+      for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r;
+    }
   };
   const auto normalise_columns = [&] {
-    float sums[kStreams], r[kStreams];
 #pragma unroll
-    for (int k = 0; k < kStreams; ++k) sums[k] = ((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps;
-    four_reciprocals(sums, r);
+    for (int k = 0; k < kStreams; ++k) {
+      const float r = fast_reciprocal(((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps);
 #pragma unroll
-    for (int j = 0; j < kStreams; ++j)
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r[k];
+      for (int j = 0; j < kStreams; ++j) c[4 * j + k] *= r;
+    }
   };
-  // Softmax of each row (sums in [1, 4]), then + eps.
-  float sums[kStreams], r[kStreams];
 #pragma unroll
   for (int j = 0; j < kStreams; ++j) {
     float* const row = c + 4 * j;
     const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
-    sums[j] = (row[0] + row[1]) + (row[2] + row[3]);
+    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
   }
-  four_reciprocals(sums, r);
-#pragma unroll
-  for (int j = 0; j < kStreams; ++j)
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) c[4 * j + k] = c[4 * j + k] * r[j] + eps;
   normalise_columns();
 #pragma unroll 1
   for (int it = 1; it < iters; ++it) {
@@ -1053,10 +1030,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
 //   hc_post_pre + norm 6.9 → 6.8, hc_head 4.1 → 3.7; T = 8 8.8 → 7.3, 9.1 → 7.7; T = 16 9.6 → 8.1, 10.8 → 8.7;
 //   V4-Pro T = 1 9.4 → 7.4, 8.4 → 7.6; T = 8 10.7 → 8.1, 10.3 → 8.5 (ncu, base clock, cold L2, T = 1 and 8
 //   averaged: hc_post_pre Flash 10.9 → 10.6, Pro 11.9 → 11.7). At Flash T = 1 the mix CTAs' Sinkhorn is the tail:
-//   hc_pre 6.5 with 20 iterations, 5.1 with one (then 4 MUFUs per normalisation, now one); hc_head (no mix, no
-//   norm) 3.7. Next: the mix CTAs' chain (their global hop, sigmoids and Sinkhorn) and the norm's second hop.
+//   hc_pre 6.5-6.7 with 20 iterations, 5.1 with one (≈ 80 cycles per normalisation); hc_head (no mix, no norm) 3.7.
+//   One MUFU per normalisation instead of four (the four reciprocals from their product) measured the same (6.7 /
+//   5.1): the chain is latency-bound (three adds, the MUFU, a multiply), not SFU-bound. Next: a division-free
+//   normalisation once every sum is within 2⁻⁶ of 1 (two Newton steps from 1/s ≈ 2 − s, ≤ 1 ulp), the MUFU only
+//   in the first iterations; then the norm's second hop.
 inline constexpr int kClusterCtas = 8;
-inline constexpr int kMaxSliceClusters = kDecodeMaxSlices / kClusterCtas;
 // Items a CTA sums over the clusters, at most kGatherPasses per lane (a mix CTA: 21 items for each of 2 tokens, 16
 // items per pass when Q > 8).
 inline constexpr int kGatherPasses = 3;
