@@ -4,8 +4,8 @@
 //   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 //   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
-//   twice the bf16 rate; and raw queries (the preparation folded into the score kernel) against indexer_prepare +
-//   scores, in both formats.
+//   twice the bf16 rate; raw queries (the preparation folded into the score kernel) against indexer_prepare +
+//   scores, in both formats; and the scores + top-k in one launch (run_indexer_scores_top_k) against the two.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -342,6 +342,19 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     top_k_bytes, 0.0,
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
+  }
+  // The scores and the top-k in one launch (raw queries, as a model step runs them) against the two launches.
+  for (const bool fp8 : {false, true}) {
+    const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_indexer_scores(scores_params(on, fp8, true));
+      run_top_k(top_k_params(on, 0));
+    });
+    const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_indexer_scores_top_k(scores_params(on, fp8, true), top_k_params(on, 0));
+    });
+    rows.push_back({"indexer scores + top-k 512, one launch", shape + (fp8 ? ", fp8" : ", bf16") + ", raw q",
+                    fused_us, fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
+                    "floor: the scores'; baseline: scores (raw q) + top-k, two launches"});
   }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).

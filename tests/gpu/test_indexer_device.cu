@@ -2,7 +2,7 @@
 // for bit; its fp8 output vs the reference's fp8 block rounding, lossless on fp4-rounded vectors),
 // run_indexer_scores with bf16 and fp8 keys, prepared and raw queries, vs cpu::indexer_scores on the same operands
 // (visibility, −inf, summation-order tolerance; raw and prepared queries bit for bit alike), fp8 scores' top-k vs the
-// CPU's (differences only among near-ties), and run_top_k vs
+// CPU's (differences only among near-ties), the fused scores + top-k vs the two launches (identical), and run_top_k vs
 // cpu::select_top_k (exact indices and order) on distinct, tied, concentrated, signed-zero and infinite scores and
 // NaNs (ranked below every number, the flag raised), fewer visible than k, k = 0, 1024 and 2048, 262,144 candidates,
 // one CTA and many CTAs per query (ranges cached in shared memory and streamed; final sort and parallel ranking).
@@ -162,7 +162,8 @@ TEST(IndexerPrepare, Fp8OutputIsTheReferenceFp8RoundingOfTheBf16Operand) {
       for (auto& p : positions) p = int64_t(rng() % 1000000);
       const cpu::RopeTable rope(160000.0, std::max<int64_t>(c.rope_dim, 2), cpu::YarnScaling{});
       std::vector<float> operand = x;
-      if (c.rope_dim > 0) cpu::apply_rope(rope, operand.data(), positions.data(), {c.tokens, c.heads, c.head_dim, false});
+      if (c.rope_dim > 0)
+        cpu::apply_rope(rope, operand.data(), positions.data(), {c.tokens, c.heads, c.head_dim, false});
       if (reference) cpu::round_indexer_reference(operand.data(), rows, c.head_dim);
       for (float& v : operand) v = round_to_bf16(v);  // the bf16 operand (unchanged in reference numerics)
       // The reference's own fp8 rounding of each row as one block: what codes · scale must give.
@@ -273,7 +274,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   std::vector<float> key_scales(static_cast<size_t>(key_rows));
   if (fp8) {
     for (int64_t r = 0; r < key_rows; ++r) {
-      key_scales[size_t(r)] = quantize_fp8_row(keys.data() + r * c.head_dim, c.head_dim, key_codes.data() + r * c.head_dim);
+      key_scales[size_t(r)] =
+          quantize_fp8_row(keys.data() + r * c.head_dim, c.head_dim, key_codes.data() + r * c.head_dim);
       for (int64_t d = 0; d < c.head_dim; ++d)
         keys[size_t(r * c.head_dim + d)] = e4m3_to_float(key_codes[size_t(r * c.head_dim + d)]) * key_scales[size_t(r)];
     }
@@ -556,6 +558,183 @@ TEST(IndexerScores, Fp8TopKAgreesWithCpuUpToNearTies) {
       std::printf("fp8 top-%d %s query %lld: %lld selected, %d differ from the CPU's (near-ties)\n", kTopK,
                   reference ? "reference" : "exact", (long long)t, (long long)count, differences);
     }
+  }
+}
+
+// run_indexer_scores_top_k against run_indexer_scores then run_top_k: the same scores bits, so the same selection
+// (indices, order, counts) and, where a CTA's range exceeds its cache, the same scores written. Both key formats, raw
+// and prepared queries, one and many CTAs per query, short contexts, sequence slots; 262,144 keys at batch 1.
+struct FusedCase {
+  int64_t tokens, heads, head_dim, key_count;
+  int k;
+  int sequences = 1;
+  bool raw = true;
+  int max_ctas_per_query = 0;
+};
+
+void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t seed) {
+  const bool fp8 = format == KeyFormat::Fp8;
+  SCOPED_TRACE("fused T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
+               std::to_string(c.head_dim) + " keys=" + std::to_string(c.key_count) + " k=" + std::to_string(c.k) +
+               (fp8 ? " fp8" : " bf16") + (c.raw ? " raw q" : " prepared q") + " sequences=" +
+               std::to_string(c.sequences) + " ctas cap=" + std::to_string(c.max_ctas_per_query));
+  constexpr int64_t kRatio = 4;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t slot_rows = c.key_count + 3;
+  const int64_t key_rows = c.sequences * slot_rows;
+  std::vector<float> q_raw(size_t(c.tokens * c.heads * c.head_dim)), keys(size_t(key_rows * c.head_dim));
+  std::vector<float> weights(size_t(c.tokens * c.heads));
+  for (float& v : q_raw) v = normal(rng);
+  for (float& v : keys) v = normal(rng);
+  for (float& v : weights) v = normal(rng);
+  std::vector<int32_t> query_slot(size_t(c.tokens));
+  for (int32_t& slot : query_slot) slot = int32_t(rng() % uint32_t(c.sequences));
+  std::vector<int64_t> positions(static_cast<size_t>(c.tokens));
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const int64_t full = c.key_count * kRatio + int64_t(rng() % 4);
+    const int64_t options[] = {full, 0, int64_t(c.k) * kRatio, int64_t(c.k - 1) * kRatio,
+                               int64_t(rng() % uint32_t(full + 1))};
+    positions[size_t(t)] = t == 0 ? full : options[rng() % 5];
+  }
+  std::vector<uint16_t> keys_bf16(keys.size());
+  std::vector<uint8_t> key_codes(keys.size());
+  std::vector<float> key_scales(static_cast<size_t>(key_rows));
+  for (size_t i = 0; i < keys.size(); ++i) keys_bf16[i] = float_to_bf16(keys[i]);
+  for (int64_t r = 0; r < key_rows; ++r)
+    key_scales[size_t(r)] =
+        quantize_fp8_row(keys.data() + r * c.head_dim, c.head_dim, key_codes.data() + r * c.head_dim);
+
+  const int64_t rope_dim = c.head_dim / 2;
+  const cpu::RopeTable rope(160000.0, rope_dim, cpu::YarnScaling{});
+  DeviceBuffer d_q_raw = to_device(q_raw, "raw q"), d_pos = to_device(positions, "positions");
+  DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies"), d_w = to_device(weights, "head weights");
+  DeviceBuffer d_slots = to_device(query_slot, "sequence slots");
+  DeviceBuffer d_keys = fp8 ? to_device(key_codes, "fp8 keys") : to_device(keys_bf16, "keys");
+  DeviceBuffer d_key_scales = to_device(key_scales, "key scales");
+  DeviceBuffer d_q(q_raw.size() * 2 + 16, "prepared q"), d_q_scales(size_t(c.tokens * c.heads) * 4 + 16, "q scales");
+  run_indexer_prepare({.input = d_q_raw.as<float>(),
+                       .output = fp8 ? nullptr : d_q.as<__nv_bfloat16>(),
+                       .output_fp8 = fp8 ? d_q.as<uint8_t>() : nullptr,
+                       .output_scales = fp8 ? d_q_scales.as<float>() : nullptr,
+                       .tokens = c.tokens,
+                       .heads = c.heads,
+                       .head_dim = c.head_dim,
+                       .positions = d_pos.as<int64_t>(),
+                       .rope_frequencies = d_freq.as<float>(),
+                       .rope_dim = rope_dim,
+                       .reference_rounding = true});
+
+  IndexerScoresParams p{.head_weights = d_w.as<float>(),
+                        .key_count = c.key_count,
+                        .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
+                        .keys_slot_stride = slot_rows * c.head_dim,
+                        .positions = d_pos.as<int64_t>(),
+                        .tokens = c.tokens,
+                        .heads = c.heads,
+                        .head_dim = c.head_dim,
+                        .ratio = kRatio,
+                        .score_stride = c.key_count + 5};
+  if (c.raw) {
+    p.q_raw = d_q_raw.as<float>(), p.rope_frequencies = d_freq.as<float>(), p.rope_dim = rope_dim;
+    p.reference_rounding = true;
+  } else if (fp8) {
+    p.q_fp8 = d_q.as<uint8_t>(), p.q_scales = d_q_scales.as<float>();
+  } else {
+    p.q = d_q.as<__nv_bfloat16>();
+  }
+  if (fp8) {
+    p.keys_fp8 = d_keys.as<uint8_t>(), p.key_scales = d_key_scales.as<float>(), p.key_scales_slot_stride = slot_rows;
+  } else {
+    p.keys = d_keys.as<__nv_bfloat16>();
+  }
+  const size_t score_count = size_t(c.tokens * p.score_stride);
+  const size_t k_alloc = size_t(std::max(c.k, 1));
+  DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(int(c.tokens)), 16), "top-k workspace");
+  workspace.fill_bytes(0);
+  struct Selection {
+    std::vector<float> scores;
+    std::vector<int32_t> selected, counts;
+    int32_t nan_flag;
+  };
+  const auto select = [&](bool fused) {
+    DeviceBuffer d_scores(score_count * 4, "scores"), d_selected(size_t(c.tokens) * k_alloc * 4, "selected");
+    DeviceBuffer d_counts(size_t(c.tokens) * 4, "counts"), d_flag(4, "nan flag");
+    d_scores.fill_bytes(0xFF);
+    d_selected.fill_bytes(0xAB);
+    d_counts.fill_bytes(0xAB);
+    d_flag.fill_bytes(0);
+    IndexerScoresParams scores = p;
+    scores.scores = d_scores.as<float>();
+    const TopKParams top{.scores = d_scores.as<float>(),
+                         .row_stride = p.score_stride,
+                         .candidates = c.key_count,
+                         .queries = int(c.tokens),
+                         .k = c.k,
+                         .positions = d_pos.as<int64_t>(),
+                         .ratio = kRatio,
+                         .selected = d_selected.as<int32_t>(),
+                         .counts = d_counts.as<int32_t>(),
+                         .nan_flag = d_flag.as<int32_t>(),
+                         .workspace = workspace.data(),
+                         .workspace_bytes = workspace.bytes(),
+                         .max_ctas_per_query = c.max_ctas_per_query};
+    if (fused) {
+      run_indexer_scores_top_k(scores, top);
+    } else {
+      run_indexer_scores(scores);
+      run_top_k(top);
+    }
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    return Selection{from_device<float>(d_scores, score_count),
+                     from_device<int32_t>(d_selected, size_t(c.tokens) * k_alloc),
+                     from_device<int32_t>(d_counts, size_t(c.tokens)), from_device<int32_t>(d_flag, 1)[0]};
+  };
+  const Selection want = select(false), got = select(true);
+  EXPECT_EQ(got.nan_flag, want.nan_flag);
+  int failures = 0;
+  for (int64_t t = 0; t < c.tokens && failures < 10; ++t) {
+    if (got.counts[size_t(t)] != want.counts[size_t(t)]) {
+      ++failures;
+      ADD_FAILURE() << "query " << t << ": count " << got.counts[size_t(t)] << ", want " << want.counts[size_t(t)];
+    }
+    for (int i = 0; i < c.k && failures < 10; ++i) {
+      const size_t at = size_t(t) * size_t(c.k) + size_t(i);
+      if (got.selected[at] != want.selected[at]) {
+        ++failures;
+        ADD_FAILURE() << "query " << t << " rank " << i << ": index " << got.selected[at] << ", want "
+                      << want.selected[at];
+      }
+    }
+  }
+  // Scores the fused kernel wrote (ranges beyond a CTA's cache) are the score kernel's bits.
+  int written = 0;
+  for (size_t i = 0; i < score_count && failures < 10; ++i) {
+    if (float_bits(got.scores[i]) == 0xFFFFFFFFu) continue;
+    ++written;
+    if (float_bits(got.scores[i]) != float_bits(want.scores[i])) {
+      ++failures;
+      ADD_FAILURE() << "fused score " << i << " = " << got.scores[i] << ", want " << want.scores[i];
+    }
+  }
+  std::printf("fused scores + top-%d T=%lld keys=%lld %s %s: %d scores written beyond the caches\n", c.k,
+              (long long)c.tokens, (long long)c.key_count, fp8 ? "fp8" : "bf16", c.raw ? "raw q" : "prepared q",
+              written);
+}
+
+TEST(IndexerScoresTopK, FusedEqualsScoresThenTopK) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1500;
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
+    check_fused_scores_top_k({1, 64, 128, 262144, 512}, format, seed++);           // V4-Flash at 1M, batch 1
+    check_fused_scores_top_k({1, 64, 128, 262144, 512, 1, false}, format, seed++);  // prepared queries
+    check_fused_scores_top_k({4, 64, 128, 70000, 1024, 4}, format, seed++);        // slots, V4-Pro's k
+    check_fused_scores_top_k({2, 64, 128, 40000, 512, 1, true, 1}, format, seed++);  // one CTA: streamed range
+    check_fused_scores_top_k({64, 64, 128, 40000, 512, 64}, format, seed++);       // batch 64: streamed ranges
+    check_fused_scores_top_k({3, 64, 128, 300, 512}, format, seed++);              // fewer visible than k
+    check_fused_scores_top_k({70, 16, 64, 3000, 512, 70}, format, seed++);         // one CTA per query
+    check_fused_scores_top_k({5, 12, 32, 2000, 64, 2}, format, seed++);            // golden fixtures' head shape
+    check_fused_scores_top_k({2, 64, 128, 5000, 0}, format, seed++);               // k = 0
   }
 }
 

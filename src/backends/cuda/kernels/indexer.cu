@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
@@ -21,7 +23,29 @@ bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t
 
 struct DeviceLimits {
   int multiprocessors = 0;
+  int fused_ctas_per_sm = 0;  // resident CTAs of the fused scores + top-k kernel (split mode)
 };
+
+template <int kHeadDim, bool kFp8>
+using FusedSource = indexer::ComputedScores<kHeadDim, kFp8>;
+
+// Raises the fused kernels' shared-memory limit (the top-k's) and returns the split kernel's residency.
+template <int kHeadDim, bool kFp8>
+int prepare_fused_kernels(int device) {
+  for (auto* kernel : {topk::top_k_kernel<true, FusedSource<kHeadDim, kFp8>>,
+                       topk::top_k_kernel<false, FusedSource<kHeadDim, kFp8>>}) {
+    DSV4_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(topk::kSmemBytes)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared)));
+  }
+  int ctas = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &ctas, topk::top_k_kernel<true, FusedSource<kHeadDim, kFp8>>, topk::kThreads, topk::kSmemBytes));
+  check(ctas > 0, "indexer_scores_top_k: the fused kernel (head_dim ", kHeadDim, ") cannot be resident on device ",
+        device);
+  return ctas;
+}
 
 // Queried once per device (with the score kernels' shared-memory limit raised), so launches make no attribute calls.
 DeviceLimits device_limits() {
@@ -38,6 +62,11 @@ DeviceLimits device_limits() {
                          indexer::indexer_scores_fp8_kernel<64>, indexer::indexer_scores_fp8_kernel<128>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemBudget)));
+    // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
+    limits[device].fused_ctas_per_sm = std::min(
+        {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
+         prepare_fused_kernels<128, false>(device), prepare_fused_kernels<32, true>(device),
+         prepare_fused_kernels<64, true>(device), prepare_fused_kernels<128, true>(device)});
   });
   return limits[device];
 }
@@ -53,6 +82,37 @@ bool fp8_keys(const IndexerScoresParams& p) { return p.keys_fp8 != nullptr; }
 
 int rope_pairs_in_prologue(const IndexerScoresParams& p) {
   return p.q_raw != nullptr && p.rope_frequencies != nullptr ? int(p.rope_dim / 2) : 0;
+}
+
+// The kernels' view of the parameters (strides resolved).
+indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_cta) {
+  return indexer::ScoresArgs{
+      .q = p.q,
+      .q_fp8 = p.q_fp8,
+      .q_scales = p.q_scales,
+      .q_raw = p.q_raw,
+      .q_raw_row_stride = p.q_raw_row_stride > 0 ? p.q_raw_row_stride : p.heads * p.head_dim,
+      .rope_frequencies = p.rope_frequencies,
+      .rope_dim = int(p.rope_dim),
+      .reference_rounding = p.reference_rounding,
+      .head_weights = p.head_weights,
+      .head_weights_row_stride = p.head_weights_row_stride > 0 ? p.head_weights_row_stride : p.heads,
+      .keys = p.keys,
+      .keys_fp8 = p.keys_fp8,
+      .key_scales = p.key_scales,
+      .key_scales_slot_stride = p.key_scales_slot_stride,
+      .key_count = p.key_count,
+      .sequence_slots = p.sequence_slots,
+      .keys_slot_stride = p.keys_slot_stride,
+      .positions = p.positions,
+      .tokens = p.tokens,
+      .heads = int(p.heads),
+      .ratio = p.ratio,
+      .scores = p.scores,
+      .score_stride = p.score_stride,
+      .queries_per_cta = queries_per_cta,
+      .weight_scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim)) / std::sqrt(static_cast<float>(p.heads)),
+  };
 }
 
 template <int kHeadDim>
@@ -112,7 +172,8 @@ void run_indexer_prepare(const IndexerPrepareParams& p) {
   check_indexer_prepare_params(p);
   if (p.tokens == 0) return;
   const indexer::PrepareArgs args{.input = p.input,
-                                  .input_row_stride = p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim,
+                                  .input_row_stride =
+                                      p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim,
                                   .output = p.output,
                                   .output_fp8 = p.output_fp8,
                                   .output_scales = p.output_scales,
@@ -173,7 +234,8 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
           p.key_scales_slot_stride, " must hold key_count scales");
   } else {
     check(aligned(p.keys, 16), "indexer_scores: keys must be 16-byte aligned");
-    check(p.sequence_slots == nullptr || (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 8 == 0),
+    check(p.sequence_slots == nullptr ||
+              (p.keys_slot_stride >= p.key_count * p.head_dim && p.keys_slot_stride % 8 == 0),
           "indexer_scores: keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count, " keys of ",
           p.head_dim, " and keep 16-byte alignment");
   }
@@ -193,37 +255,78 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   const int queries_per_cta =
       int(std::min<int64_t>({p.tokens, group_limit, int64_t(kScoresSmemBudget / per_query)}));
   const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
-  const indexer::ScoresArgs args{
-      .q = p.q,
-      .q_fp8 = p.q_fp8,
-      .q_scales = p.q_scales,
-      .q_raw = p.q_raw,
-      .q_raw_row_stride = p.q_raw_row_stride > 0 ? p.q_raw_row_stride : p.heads * p.head_dim,
-      .rope_frequencies = p.rope_frequencies,
-      .rope_dim = int(p.rope_dim),
-      .reference_rounding = p.reference_rounding,
-      .head_weights = p.head_weights,
-      .head_weights_row_stride = p.head_weights_row_stride > 0 ? p.head_weights_row_stride : p.heads,
-      .keys = p.keys,
-      .keys_fp8 = p.keys_fp8,
-      .key_scales = p.key_scales,
-      .key_scales_slot_stride = p.key_scales_slot_stride,
-      .key_count = p.key_count,
-      .sequence_slots = p.sequence_slots,
-      .keys_slot_stride = p.keys_slot_stride,
-      .positions = p.positions,
-      .tokens = p.tokens,
-      .heads = int(p.heads),
-      .ratio = p.ratio,
-      .scores = p.scores,
-      .score_stride = p.score_stride,
-      .queries_per_cta = queries_per_cta,
-      .weight_scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim)) / std::sqrt(static_cast<float>(p.heads)),
-  };
+  const indexer::ScoresArgs args = scores_args(p, queries_per_cta);
   switch (p.head_dim) {
     case 32: launch_scores<32>(args, fp8, rope_pairs, query_groups, p.stream); break;
     case 64: launch_scores<64>(args, fp8, rope_pairs, query_groups, p.stream); break;
     default: launch_scores<128>(args, fp8, rope_pairs, query_groups, p.stream); break;
+  }
+}
+
+namespace {
+
+template <int kHeadDim, bool kFp8>
+void launch_scores_top_k(const indexer::ScoresArgs& scores, int rope_pairs, topk::TopKArgs top, int queries,
+                         cudaStream_t stream) {
+  const topk::TopKLaunch<FusedSource<kHeadDim, kFp8>> launch{top, {scores, rope_pairs}};
+  if (top.ctas_per_query == 1)
+    launch_chained(topk::top_k_kernel<false, FusedSource<kHeadDim, kFp8>>, dim3(unsigned(queries)),
+                   dim3(topk::kThreads), topk::kSmemBytes, stream, launch, "indexer_scores_top_k (one CTA per query)");
+  else
+    launch_chained(topk::top_k_kernel<true, FusedSource<kHeadDim, kFp8>>, dim3(unsigned(queries * top.ctas_per_query)),
+                   dim3(topk::kThreads), topk::kSmemBytes, stream, launch, "indexer_scores_top_k (split over CTAs)");
+}
+
+}  // namespace
+
+void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
+  check_indexer_scores_params(s);
+  TopKParams top = t;
+  top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
+  check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");
+  top.queries = int(s.tokens), top.positions = s.positions, top.ratio = s.ratio, top.trace = nullptr;
+  top.stream = s.stream;
+  check_top_k_params(top);
+  if (top.queries == 0) return;
+  check(s.scores != nullptr, "indexer_scores_top_k: scores (the buffer for ranges beyond a CTA's cache) is required");
+  check(s.key_count < (int64_t(1) << 30), "indexer_scores_top_k: key_count ", s.key_count,
+        " exceeds the 32-bit key arithmetic (2^30)");
+  const bool fp8 = fp8_keys(s);
+  const int rope_pairs = rope_pairs_in_prologue(s);
+  check(indexer::scores_smem_layout(1, int(s.heads), int(s.head_dim), fp8, rope_pairs).bytes <=
+            topk::kListCapacity * sizeof(uint64_t),
+        "indexer_scores_top_k: heads ", s.heads, " × head_dim ", s.head_dim, (fp8 ? " fp8" : " bf16"),
+        " query operands exceed the top-k's sort buffer");
+  const int ctas =
+      top_k_ctas_per_query(top.queries, top.candidates, top.max_ctas_per_query, device_limits().fused_ctas_per_sm);
+  if (ctas > 1) {
+    const size_t needed = top_k_workspace_bytes(top.queries);
+    check(top.workspace != nullptr && top.workspace_bytes >= needed, "indexer_scores_top_k: ", top.queries,
+          " queries need a workspace of ", needed, " bytes (top_k_workspace_bytes), got ", top.workspace_bytes);
+  }
+  const topk::TopKArgs top_args{.scores = top.scores,
+                                .row_stride = top.row_stride,
+                                .candidates = top.candidates,
+                                .k = top.k,
+                                .positions = top.positions,
+                                .ratio = top.ratio,
+                                .selected = top.selected,
+                                .counts = top.counts,
+                                .nan_flag = top.nan_flag,
+                                .workspace = ctas > 1 ? static_cast<topk::QueryWorkspace*>(top.workspace) : nullptr,
+                                .ctas_per_query = ctas,
+                                .trace = nullptr};
+  const indexer::ScoresArgs args = scores_args(s, 1);
+  const auto launch = [&](auto head_dim) {
+    if (fp8)
+      launch_scores_top_k<decltype(head_dim)::value, true>(args, rope_pairs, top_args, top.queries, s.stream);
+    else
+      launch_scores_top_k<decltype(head_dim)::value, false>(args, rope_pairs, top_args, top.queries, s.stream);
+  };
+  switch (s.head_dim) {
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    case 64: launch(std::integral_constant<int, 64>{}); break;
+    default: launch(std::integral_constant<int, 128>{}); break;
   }
 }
 

@@ -27,6 +27,7 @@
 #include <limits>
 
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/kernels/top_k.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mma.cuh"
 #include "core/bf16.hpp"
@@ -298,12 +299,12 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
 // head's q scale). Prepared operands are copied; raw fp32 queries are prepared here exactly as indexer_prepare_kernel
 // does (RoPE, rounding, bf16 or fp8), one warp per vector, so the separate launch disappears.
-template <int kHeadDim, bool kFp8>
+template <int kHeadDim, bool kFp8, int kRowBatch = kPrologueRowBatch>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                     unsigned char* q_frag, float* weights, float2* rope_cache) {
   constexpr int kPerLane = kHeadDim / 32;
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (args.q_raw == nullptr) {
     if constexpr (kFp8) {
       // (b0, b1) of step t: 8 consecutive fp8 dims (the offset map above with r2 % 8 == 0).
@@ -353,12 +354,12 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
   }
   __syncthreads();
   const int rows = queries * heads;
-  for (int base = warp; base < rows; base += kScoreWarps * kPrologueRowBatch) {
+  for (int base = warp; base < rows; base += warps * kRowBatch) {
     // All of the batch's loads first: one L2 round trip per batch instead of one per row.
-    float v[kPrologueRowBatch][kPerLane];
+    float v[kRowBatch][kPerLane];
 #pragma unroll
-    for (int b = 0; b < kPrologueRowBatch; ++b) {
-      const int row = base + b * kScoreWarps;
+    for (int b = 0; b < kRowBatch; ++b) {
+      const int row = base + b * warps;
       const int query = row / heads, head = row % heads;
       const bool real = row < rows && head < args.heads;
       const float* in =
@@ -367,8 +368,8 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
       for (int i = 0; i < kPerLane; ++i) v[b][i] = real ? in[i] : 0.0f;
     }
 #pragma unroll
-    for (int b = 0; b < kPrologueRowBatch; ++b) {
-      const int row = base + b * kScoreWarps;
+    for (int b = 0; b < kRowBatch; ++b) {
+      const int row = base + b * warps;
       if (row >= rows) break;  // warp-uniform
       const int query = row / heads, head = row % heads;
       unsigned char* out = q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, kPerLane * lane);
@@ -421,6 +422,32 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
       a[half][pair] = row < rows ? __ldg(reinterpret_cast<const uint4*>(keys + row * (kDimPairs * 32) + 32 * pair +
                                                                          8 * quad))
                                  : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// One query's scores of a bf16 key tile, quad-reduced: sum[0] for row group, sum[1] for row 8 + group. b_frag: the
+// query's fragments + lane; w: its scaled head weights + 2·quad.
+template <int kDimPairs>
+__device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)[2][kDimPairs], const uint4* b_frag,
+                                               const float* w, int n_tiles) {
+  sum[0] = sum[1] = 0.0f;
+  for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int pair = 0; pair < kDimPairs; ++pair) {
+      const uint4 b = b_frag[(n_tile * kDimPairs + pair) * 32];
+      // Two accumulator chains (one per k16 step) so consecutive MMAs are independent; summed below.
+      mma_bf16_16816(acc[0], a[0][pair].x, a[1][pair].x, a[0][pair].y, a[1][pair].y, b.x, b.y);
+      mma_bf16_16816(acc[1], a[0][pair].z, a[1][pair].z, a[0][pair].w, a[1][pair].w, b.z, b.w);
+    }
+    const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
+    sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
+    sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
   }
 }
 
@@ -478,27 +505,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
       const int64_t query_visible = visible[query];
       float result = -std::numeric_limits<float>::infinity();
       if (key0 < query_visible) {
-        float sum[2] = {0.0f, 0.0f};
-        const uint4* b_frag = q_frag + size_t(query) * n_tiles * kDimPairs * 32 + lane;
-        const float* w = weights + query * heads + 2 * quad;
-        for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
-          float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-          for (int pair = 0; pair < kDimPairs; ++pair) {
-            const uint4 b = b_frag[(n_tile * kDimPairs + pair) * 32];
-            // Two accumulator chains (one per k16 step) so consecutive MMAs are independent; summed below.
-            mma_bf16_16816(acc[0], a[0][pair].x, a[1][pair].x, a[0][pair].y, a[1][pair].y, b.x, b.y);
-            mma_bf16_16816(acc[1], a[0][pair].z, a[1][pair].z, a[0][pair].w, a[1][pair].w, b.z, b.w);
-          }
-          const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
-          sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
-          sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
-          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
-        }
+        float sum[2];
+        bf16_tile_sums<kDimPairs>(sum, a, q_frag + size_t(query) * n_tiles * kDimPairs * 32 + lane,
+                                  weights + query * heads + 2 * quad, n_tiles);
         if (out_row < query_visible) result = (quad & 1) ? sum[1] : sum[0];
       }
       if (quad < 2 && out_row < args.key_count) out[out_row] = result;
@@ -535,12 +544,40 @@ __device__ __forceinline__ void load_fp8_key_tile(Fp8KeyTile<kHeadDim>& tile, co
       }
     } else {
       const uint2 v =
-          row < rows ? __ldg(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad)) : make_uint2(0, 0);
+          row < rows ? __ldg(reinterpret_cast<const uint2*>(keys + size_t(row) * kHeadDim + 8 * quad))
+                     : make_uint2(0, 0);
       tile.words[half][0] = v.x, tile.words[half][1] = v.y;
     }
   }
   const int out_row = key0 + 8 * (quad & 1) + group;
   tile.scale = out_row < rows ? __ldg(scales + out_row) : 0.0f;
+}
+
+// The same for an fp8 key tile, before the key's scale: sum[0] for row group, sum[1] for row 8 + group.
+template <int kHeadDim>
+__device__ __forceinline__ void fp8_tile_sums(float (&sum)[2], const Fp8KeyTile<kHeadDim>& tile, const uint2* b_frag,
+                                              const float* w, int n_tiles) {
+  constexpr int kSteps = kHeadDim / 32;
+  sum[0] = sum[1] = 0.0f;
+#pragma unroll 2
+  for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
+    // Two accumulator chains (even and odd k32 steps) so consecutive MMAs are independent; summed below.
+    float acc[2][4] = {};
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      const uint2 b = b_frag[(n_tile * kSteps + t) * 32];
+      mma_e4m3_16832(acc[t & 1], tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
+                     tile.words[1][2 * t + 1], b.x, b.y);
+    }
+    const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
+    sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
+    sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
+  }
 }
 
 // The fp8 variant: q·K on e4m3 tensor cores with the scales factored out of the ReLU (both positive):
@@ -598,27 +635,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
       const int query_visible = int(visible[query]);
       float result = -std::numeric_limits<float>::infinity();
       if (key0 < query_visible) {
-        float sum[2] = {0.0f, 0.0f};
-        const uint2* b_frag = q_frag + size_t(query) * n_tiles * kSteps * 32 + lane;
-        const float* w = weights + query * heads + 2 * quad;
-        for (int n_tile = 0; n_tile < n_tiles; ++n_tile) {
-          // Two accumulator chains (even and odd k32 steps) so consecutive MMAs are independent; summed below.
-          float acc[2][4] = {};
-#pragma unroll
-          for (int t = 0; t < kSteps; ++t) {
-            const uint2 b = b_frag[(n_tile * kSteps + t) * 32];
-            mma_e4m3_16832(acc[t & 1], current.words[0][2 * t], current.words[1][2 * t], current.words[0][2 * t + 1],
-                           current.words[1][2 * t + 1], b.x, b.y);
-          }
-          const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
-          sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
-          sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
-        }
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
-          sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
-        }
+        float sum[2];
+        fp8_tile_sums<kHeadDim>(sum, current, q_frag + size_t(query) * n_tiles * kSteps * 32 + lane,
+                                weights + query * heads + 2 * quad, n_tiles);
         if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
@@ -627,5 +646,70 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     ahead = after;
   }
 }
+
+// The fused scores + top-k (run_indexer_scores_top_k): topk::top_k_kernel with this score source. Each top-k CTA
+// scores its own range [begin, begin + n) of one query's visible keys with the score kernels' tile code (the same
+// bits), straight into its shared-memory cache (or the global scores row past the cache), so the scores never make
+// a round trip and the second launch disappears. The query operands sit in the top-k's sort buffer until the collect.
+template <int kHeadDim, bool kFp8>
+struct ComputedScores {
+  static constexpr int kMinCtasPerSm = 1;  // the score loop's registers: 512 threads × up to 128
+  ScoresArgs scores;                       // queries_per_cta 1
+  int rope_pairs;                          // RoPE pairs prepared in the prologue (raw queries), else 0
+
+  __device__ __forceinline__ void fill(const float* /*row*/, int64_t query, int64_t begin, int64_t n, bool cached,
+                                       uint32_t* cache, unsigned char* scratch) const {
+    const ScoresSmemLayout layout = scores_smem_layout(1, scores.heads, kHeadDim, kFp8, rope_pairs);
+    float* weights = reinterpret_cast<float*>(scratch + layout.weights_offset);
+    // 16 warps: 4 rows each cover a query's 64 heads in one batch (8 would spill here).
+    load_query_operands<kHeadDim, kFp8, 4>(scores, query, 1, scratch, weights,
+                                           reinterpret_cast<float2*>(scratch + layout.rope_offset));
+    __syncthreads();
+    const int n_tiles = padded_heads(scores.heads) / 8;
+    const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int first = int(begin), end = int(begin + n);
+    const int64_t slot = key_slot_of(scores, query);
+    float* out = scores.scores + query * scores.score_stride;
+    // Quad lanes 0 and 1 hold rows key0 + group and key0 + 8 + group after the quad reduction.
+    const auto emit = [&](int key0, const float (&sum)[2], float scale) {
+      const int row = key0 + 8 * (quad & 1) + group;
+      if (quad >= 2 || row >= end) return;
+      const float value = scale * ((quad & 1) ? sum[1] : sum[0]);
+      if (cached)
+        cache[row - first] = topk::ordered_score(value);
+      else
+        out[row] = value;
+    };
+    int tile = warp;
+    if constexpr (kFp8) {
+      const uint8_t* keys = scores.keys_fp8 + slot * scores.keys_slot_stride;
+      const float* key_scales = scores.key_scales + slot * scores.key_scales_slot_stride;
+      const uint2* b_frag = reinterpret_cast<const uint2*>(scratch) + lane;
+      // No tile ahead: the top-k's state shares the register budget (a tile ahead spills here).
+      for (; first + tile * kKeysPerWarpTile < end; tile += warps) {
+        const int key0 = first + tile * kKeysPerWarpTile;
+        Fp8KeyTile<kHeadDim> current;
+        load_fp8_key_tile<kHeadDim>(current, keys, key_scales, key0, end, group, quad);
+        float sum[2];
+        fp8_tile_sums<kHeadDim>(sum, current, b_frag, weights + 2 * quad, n_tiles);
+        emit(key0, sum, current.scale);
+      }
+    } else {
+      constexpr int kDimPairs = kHeadDim / 32;
+      const __nv_bfloat16* keys = scores.keys + slot * scores.keys_slot_stride;
+      const uint4* b_frag = reinterpret_cast<const uint4*>(scratch) + lane;
+      // No tile ahead, as for fp8.
+      for (; first + tile * kKeysPerWarpTile < end; tile += warps) {
+        const int key0 = first + tile * kKeysPerWarpTile;
+        uint4 a[2][kDimPairs];
+        load_key_tile<kDimPairs>(a, keys, key0, end, group, quad);
+        float sum[2];
+        bf16_tile_sums<kDimPairs>(sum, a, b_frag, weights + 2 * quad, n_tiles);
+        emit(key0, sum, 1.0f);
+      }
+    }
+  }
+};
 
 }  // namespace dsv4::cuda::indexer

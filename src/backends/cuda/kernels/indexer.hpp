@@ -21,6 +21,7 @@
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.
+// - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp in one launch (one fewer per CSA layer).
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
 
@@ -28,6 +29,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "backends/cuda/kernels/top_k.hpp"
 
 namespace dsv4::cuda {
 
@@ -83,5 +86,14 @@ struct IndexerScoresParams {
 
 void check_indexer_scores_params(const IndexerScoresParams& params);
 void run_indexer_scores(const IndexerScoresParams& params);
+
+// run_indexer_scores then run_top_k in one launch: each of the top-k's CTAs scores its range of a query's visible
+// keys itself (the same bits as run_indexer_scores) straight into the top-k's shared-memory cache. selected, counts
+// and nan_flag are run_top_k's on those scores (identical). From `top_k` only k, selected, counts, nan_flag,
+// workspace, workspace_bytes and max_ctas_per_query are used: the candidates, queries, positions and ratio are the
+// scores'. scores.scores ([tokens, score_stride]) is required: it holds the fp32 scores of ranges too long for a
+// CTA's cache (many queries, few CTAs each); elsewhere it is left unwritten. Heads · head_dim of the query operands
+// must fit the top-k's sort buffer (32 KB: 64 × 128 bf16, 128 × 128 fp8).
+void run_indexer_scores_top_k(const IndexerScoresParams& scores, const TopKParams& top_k);
 
 }  // namespace dsv4::cuda

@@ -20,14 +20,14 @@ DeviceLimits query_device_limits(int device) {
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
   // The largest shared-memory carveout: the occupancy below (the split grid's co-residency bound) then holds for
   // every launch, whatever carveout the driver would prefer.
-  for (auto* kernel : {topk::top_k_kernel<true>, topk::top_k_kernel<false>}) {
+  for (auto* kernel : {topk::top_k_kernel<true, topk::StoredScores>, topk::top_k_kernel<false, topk::StoredScores>}) {
     DSV4_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(topk::kSmemBytes)));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                          int(cudaSharedmemCarveoutMaxShared)));
   }
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&limits.split_ctas_per_sm, topk::top_k_kernel<true>,
-                                                                topk::kThreads, topk::kSmemBytes));
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &limits.split_ctas_per_sm, topk::top_k_kernel<true, topk::StoredScores>, topk::kThreads, topk::kSmemBytes));
   return limits;
 }
 
@@ -49,11 +49,12 @@ size_t top_k_workspace_bytes(int queries) {
   return size_t(std::clamp(queries, 0, kTopKMaxSplitQueries)) * sizeof(topk::QueryWorkspace);
 }
 
-int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query) {
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query, int resident_ctas_per_sm) {
   if (queries <= 0 || queries > kTopKMaxSplitQueries || max_ctas_per_query == 1) return 1;
   const DeviceLimits limits = device_limits();
   // Every CTA of a split query must be resident at once (they wait for each other at the pass barriers).
-  const int64_t resident = int64_t(limits.split_ctas_per_sm) * limits.multiprocessors;
+  const int per_sm = resident_ctas_per_sm > 0 ? resident_ctas_per_sm : limits.split_ctas_per_sm;
+  const int64_t resident = int64_t(per_sm) * limits.multiprocessors;
   const int64_t wanted = (candidates + topk::kMinCandidatesPerCta - 1) / topk::kMinCandidatesPerCta;
   const int64_t cap = max_ctas_per_query > 0 ? max_ctas_per_query : 65535;
   return int(std::clamp<int64_t>(std::min({wanted, resident / queries, cap}), 1, 65535));
@@ -96,15 +97,17 @@ void run_top_k(const TopKParams& p) {
                       .ctas_per_query = ctas,
                       .trace = p.trace};
   if (ctas == 1) {
-    launch_chained(topk::top_k_kernel<false>, dim3(unsigned(p.queries)), dim3(topk::kThreads), topk::kSmemBytes,
-                   p.stream, args, "top_k_kernel (one CTA per query)");
+    launch_chained(topk::top_k_kernel<false, topk::StoredScores>, dim3(unsigned(p.queries)), dim3(topk::kThreads),
+                   topk::kSmemBytes, p.stream, topk::TopKLaunch<topk::StoredScores>{args, {}},
+                   "top_k_kernel (one CTA per query)");
     return;
   }
   args.workspace = static_cast<topk::QueryWorkspace*>(p.workspace);
   // An ordinary (programmatic) launch: top_k_ctas_per_query keeps the grid within the resident capacity, which the
   // pass barriers need (see top_k.cuh).
-  launch_chained(topk::top_k_kernel<true>, dim3(unsigned(p.queries * ctas)), dim3(topk::kThreads), topk::kSmemBytes,
-                 p.stream, args, "top_k_kernel (split over CTAs)");
+  launch_chained(topk::top_k_kernel<true, topk::StoredScores>, dim3(unsigned(p.queries * ctas)),
+                 dim3(topk::kThreads), topk::kSmemBytes, p.stream, topk::TopKLaunch<topk::StoredScores>{args, {}},
+                 "top_k_kernel (split over CTAs)");
 }
 
 }  // namespace dsv4::cuda

@@ -178,7 +178,8 @@ struct BoundaryBin {
 
 // The bin holding the remaining-th largest key of the histogram (counted from the top bin down); `global`: the
 // histogram is another CTA's writing, read through L2.
-__device__ BoundaryBin choose_boundary_bin(const uint32_t* histogram, bool global, int bins, uint32_t remaining) {
+__device__ inline BoundaryBin choose_boundary_bin(const uint32_t* histogram, bool global, int bins,
+                                                  uint32_t remaining) {
   constexpr int kMaxPerThread = kFirstDigitBins / kThreads;
   __shared__ uint32_t scratch[kWarps];
   __shared__ BoundaryBin result;
@@ -248,7 +249,7 @@ __device__ __forceinline__ void chunk_stages(uint64_t& a, uint64_t& b, int eleme
 
 // Descending bitonic sort of keys[0, n), n a power of two ≥ 64. Strides ≥ 64 go through shared memory (one barrier
 // each); the smaller ones run in registers on 64-key chunks, one warp per chunk.
-__device__ void bitonic_sort_descending(uint64_t* keys, int n) {
+__device__ inline void bitonic_sort_descending(uint64_t* keys, int n) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunks = n / 64;
   for (int c = warp; c < chunks; c += kWarps) {
@@ -285,8 +286,40 @@ __device__ void bitonic_sort_descending(uint64_t* keys, int n) {
   }
 }
 
-template <bool kSplit>
-__global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
+// Where a CTA's scores come from: the scores array (run_top_k), or the CTA computes them itself (the indexer's fused
+// scores + top-k, indexer.cuh). fill() runs after the dependency wait with every thread of the CTA: it leaves the
+// ordered scores of [begin, begin + n) in `cache` when `cached`, else in the global row (which the passes stream);
+// `scratch` is the sort buffer's shared memory (kListCapacity keys), free until the collect.
+struct StoredScores {
+  static constexpr int kMinCtasPerSm = 2;
+  __device__ __forceinline__ void fill(const float* row, int64_t /*query*/, int64_t begin, int64_t n, bool cached,
+                                       uint32_t* cache, unsigned char* /*scratch*/) const {
+    if (!cached) return;
+    for (int64_t base = 0; base < n; base += kCacheUnroll * kThreads) {
+      float x[kCacheUnroll];
+#pragma unroll
+      for (int u = 0; u < kCacheUnroll; ++u) {
+        const int64_t i = base + u * kThreads + threadIdx.x;
+        x[u] = i < n ? row[begin + i] : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < kCacheUnroll; ++u) {
+        const int64_t i = base + u * kThreads + threadIdx.x;
+        if (i < n) cache[i] = ordered_score(x[u]);
+      }
+    }
+  }
+};
+
+template <class Source>
+struct TopKLaunch {
+  TopKArgs top;
+  Source source;
+};
+
+template <bool kSplit, class Source>
+__global__ void __launch_bounds__(kThreads, Source::kMinCtasPerSm) top_k_kernel(TopKLaunch<Source> launch) {
+  const TopKArgs& args = launch.top;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint32_t* local_histogram = reinterpret_cast<uint32_t*>(smem_raw);
   uint32_t* cache = local_histogram + kFirstDigitBins;
@@ -330,21 +363,7 @@ __global__ void __launch_bounds__(kThreads, 2) top_k_kernel(TopKArgs args) {
   const int64_t begin = min(visible, int64_t(part) * per_cta);
   const int64_t n = min(visible, begin + per_cta) - begin;
   const bool cached = n <= kCachedKeys;
-  if (cached) {
-    for (int64_t base = 0; base < n; base += kCacheUnroll * kThreads) {
-      float x[kCacheUnroll];
-#pragma unroll
-      for (int u = 0; u < kCacheUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        x[u] = i < n ? row[begin + i] : 0.0f;
-      }
-#pragma unroll
-      for (int u = 0; u < kCacheUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        if (i < n) cache[i] = ordered_score(x[u]);
-      }
-    }
-  }
+  launch.source.fill(row, query, begin, n, cached, cache, reinterpret_cast<unsigned char*>(sort_keys));
   __syncthreads();
   trace(kTraceCached);
 

@@ -78,8 +78,9 @@ struct TopKParams {
 
 size_t top_k_workspace_bytes(int queries);
 
-// CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query).
-int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0);
+// CTAs per query the launcher uses for this shape on the current device (1 = one CTA per query);
+// resident_ctas_per_sm: the kernel's residency if not run_top_k's (the indexer's fused scores + top-k).
+int top_k_ctas_per_query(int queries, int64_t candidates, int max_ctas_per_query = 0, int resident_ctas_per_sm = 0);
 
 void check_top_k_params(const TopKParams& params);
 void run_top_k(const TopKParams& params);
