@@ -68,7 +68,8 @@ struct MoeRunParams {
   bool fused_small_batches = true;
   // At T <= 8 on layers whose experts stream (DeviceMoeWeights::streamed_tiles) with AUTO or STREAMED experts: the
   // whole sub-block in one persistent launch (kernels/moe_single_launch.hpp), the same bits as the three launches;
-  // elsewhere this has no effect.
+  // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
+  // 70.4 µs in three, T = 8 280 against 253 µs.
   bool single_launch = false;
 };
 
