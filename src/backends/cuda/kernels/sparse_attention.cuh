@@ -763,10 +763,14 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
         for (int b = 0; b < kDimBlocks; ++b)
           out[b] = *reinterpret_cast<const uint4*>(raw + n * L::kRawEntryBytes + b * 128 + chunk * 16);
       }
+      // Unused slots are rare: a warp whose entries are all used skips the 32 selects.
+      if (!__all_sync(0xFFFFFFFFu, phys >= 0) && phys < 0) {
+#pragma unroll
+        for (int b = 0; b < kDimBlocks; ++b) out[b] = make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
       for (int b = 0; b < kDimBlocks; ++b)
-        *reinterpret_cast<uint4*>(kv + b * kKvBlockBytes + n * 128 + ((chunk ^ (n % 8)) * 16)) =
-            phys >= 0 ? out[b] : make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(kv + b * kKvBlockBytes + n * 128 + ((chunk ^ (n % 8)) * 16)) = out[b];
     }
     sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
     sm90::mbarrier_arrive(&kv_full[stage]);
