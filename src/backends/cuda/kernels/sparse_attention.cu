@@ -33,6 +33,11 @@ bool supported_head_dim(int d) { return d == 64 || d == 128 || d == 256 || d == 
 // 4 splits 17.9 µs (combine kernel) against 18.1 µs (cluster merge), Flash CSA batch 64 with 2 splits 50.7 against
 // 42.2 µs, batch 8 with 10 combined splits against 7 in clusters 24.7 against 24.7 µs.
 constexpr double kCombineMergeTiles = 2.0, kClusterMergeTiles = 1.5;
+// Where the cluster merge is possible, a combine above the largest cluster also costs the model step a launch: it only
+// pays where each of a cluster's splits would take many tiles. Fitted to bench_cuda_attention (H200, session 13,
+// batch 1): Flash CSA, 20 tiles: a 10-CTA cluster 19.1 µs against 20 splits + combine 17.2 µs (the cluster, one
+// launch, is kept); Flash HCA at 1M context, 260 tiles: a 16-CTA cluster 45.7 µs against 52 splits + combine 28.5 µs.
+constexpr double kCombineAboveClusterTiles = 4.0;
 
 // A programmatic dependent launch of `kernel` over `ctas` CTAs (clusters of `cluster` CTAs when > 1).
 template <class... KernelArgs, class... Args>
@@ -184,20 +189,23 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   const KvEntryLayout layout = KvEntryLayout::make(format, head_dim, 0);
   const int smem = make_shared_memory_plan(head_dim, head_tiles_for(heads), layout).total;
   const int64_t slots_per_wave = int64_t(multiprocessors) * std::max(1, kSharedMemoryPerSm / smem);
-  // The head_dim 512 kernel (one CTA per SM) merges its splits in a cluster, whose CTAs share a GPC; it takes no more
-  // splits than the largest cluster, so that no call needs the combine launch.
+  // The head_dim 512 kernel (one CTA per SM) merges up to largest_d512_cluster() splits in a cluster, whose CTAs
+  // share a GPC; more splits go to the combine kernel, weighed with its launch.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
-  const int64_t max_splits = clusters_possible ? largest_d512_cluster() : kSparseAttentionMaxSplits;
+  const int largest_cluster = clusters_possible ? largest_d512_cluster() : 1;
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
-  for (int s = 1; s <= std::min(max_splits, tiles); ++s) {
-    const bool cluster = clusters_possible && s > 1;
+  for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
+    const bool cluster = s > 1 && s <= largest_cluster;
     const int64_t per_wave = cluster ? int64_t(resident_d512_clusters()[size_t(s)]) * s : slots_per_wave;
     if (per_wave == 0) continue;  // no cluster of this size fits the device
     const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
-    const double merge = s == 1 ? 0.0 : cluster ? kClusterMergeTiles : kCombineMergeTiles;
+    const double merge = s == 1           ? 0.0
+                         : cluster           ? kClusterMergeTiles
+                         : clusters_possible ? kCombineAboveClusterTiles
+                                             : kCombineMergeTiles;
     const double cost = double(waves) * double((tiles + s - 1) / s + 1) + merge;
     if (cost < best_cost) {
       best_cost = cost;

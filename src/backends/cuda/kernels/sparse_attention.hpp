@@ -9,8 +9,9 @@
 // merged with a log-sum-exp combine where the sink joins once: by a second kernel, or (cluster_merge, head_dim 512
 // kernel, 2-16 splits: 8 is the portable cluster size, up to 16 where the device holds such clusters) inside the one
 // launch, the splits of a (query, head block) being one thread-block cluster that merges its partial outputs through
-// distributed shared memory (no workspace, no second launch). With cluster_merge the split heuristic never picks more
-// splits than a cluster holds, so the head_dim 512 kernel never needs the combine launch.
+// distributed shared memory (no workspace, no second launch). With cluster_merge the split heuristic weighs the
+// combine's extra launch: the DSV4 SWA and CSA calls (≤ 640 slots) stay in one launch at every batch size and context;
+// only long HCA lists (≥ 48 tiles at batch 1, ≈ 180K context) take the combine, where it is faster.
 // Every kernel is a programmatic dependent launch: it reads nothing an earlier kernel wrote before
 // griddepcontrol.wait, and lets its dependent launch early.
 //
@@ -78,9 +79,9 @@ struct SparseAttentionParams {
 // 16 of its CTAs); asked of the driver once per process.
 int max_sparse_attention_cluster_splits();
 
-// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost: the combine kernel's, or
-// where `cluster_merge` allows it (head_dim 512, more than 32 heads), the cluster merge's, and then never more than
-// max_sparse_attention_cluster_splits() (no combine launch); 1 when one split already fills the GPU.
+// Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost: the cluster merge's up to
+// max_sparse_attention_cluster_splits() where `cluster_merge` allows it (head_dim 512, more than 32 heads), the
+// combine kernel's above (there weighed with its launch); 1 when one split already fills the GPU.
 int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEntryFormat format, int64_t slots,
                                    int multiprocessors, bool cluster_merge = true);
 
