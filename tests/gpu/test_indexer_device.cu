@@ -231,9 +231,10 @@ struct ScoresCase {
   bool strided = false;  // token rows of the raw q and the head weights padded (NaN in the gaps), as in stacked outputs
 };
 
-// Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: bf16 operands differ from the CPU only in the fp32 summation order; fp8
-// also in the tensor core's own accumulation of e4m3 products, whose precision PTX leaves unspecified.
-double score_tolerance(KeyFormat format) { return format == KeyFormat::Fp8 ? 2e-3 : 2e-5; }
+// Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: the operands are the CPU's, so only the fp32 summation order differs. For fp8
+// that includes the tensor core's own accumulation of e4m3 products, which PTX leaves unspecified; an H200 measured
+// the same ≤ 5e-8 as bf16 (round 4), so both get the same bound.
+constexpr double kScoreTolerance = 2e-5;
 
 struct ScoresRun {
   std::vector<float> scores;         // [tokens, stride] as the GPU wrote them
@@ -347,7 +348,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
           dot += std::fabs(double(q[size_t((t * c.heads + h) * c.head_dim + d)]) * keys_of(t)[j * c.head_dim + d]);
         magnitude += std::fabs(double(weights[size_t(t * c.heads + h)]) * weight_scale) * dot;
       }
-      run.tolerance[size_t(t * c.key_count + j)] = score_tolerance(format) * magnitude + 1e-30;
+      run.tolerance[size_t(t * c.key_count + j)] = kScoreTolerance * magnitude + 1e-30;
     }
 
   std::vector<uint16_t> keys_bf16(keys.size());
@@ -396,7 +397,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
 
     int failures = 0;
-    double max_ratio = 0.0;  // error / (tolerance / score_tolerance): the error relative to the magnitude
+    double max_ratio = 0.0;  // error / (tolerance / kScoreTolerance): the error relative to the magnitude
     for (int64_t t = 0; t < c.tokens && failures < 10; ++t) {
       for (int64_t j = 0; j < stride && failures < 10; ++j) {
         const float g = got[size_t(t * stride + j)];
@@ -419,7 +420,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
         }
         const double tolerance = run.tolerance[size_t(t * c.key_count + j)];
         const double error = std::fabs(double(g) - e);
-        max_ratio = std::max(max_ratio, std::isfinite(g) ? error / tolerance * score_tolerance(format) : INFINITY);
+        max_ratio = std::max(max_ratio, std::isfinite(g) ? error / tolerance * kScoreTolerance : INFINITY);
         if (!std::isfinite(g) || error > tolerance) {
           ++failures;
           ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want " << e << " (tolerance " << tolerance
