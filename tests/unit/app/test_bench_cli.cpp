@@ -90,6 +90,8 @@ TEST(BenchCli, RejectsBadOptions) {
   expect_failure("bench e2e --format int4", "--format: 'int4' is not an expert format (nvfp4, mxfp4 or fp8)");
   expect_failure("bench e2e --config pro --layers 62", "--layers: 62 is not in [1, 61]");
   expect_failure("bench e2e --layers -1", "--layers: -1 must not be negative");
+  expect_failure("bench e2e --fusion fused_wo", "--fusion 'fused_wo': expected NAME=on or NAME=off");
+  expect_failure("bench e2e --fusion fused_wo=yes", "--fusion 'fused_wo=yes': the value must be on or off, not 'yes'");
   expect_failure("bench", "-m DIR (a checkpoint) is required");
   expect_failure("bench -m " + tiny + " --device cpu -b 1,4", "-b 4: batched decode needs the GPU");
   expect_failure("bench -m " + tiny + " --device cpu -r 0", "-r: 0 repetitions must be at least 1");
