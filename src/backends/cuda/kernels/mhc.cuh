@@ -174,6 +174,16 @@ __device__ __forceinline__ float tagged_value(unsigned long long word, const uns
   return unsigned(word >> 32) == tag ? __uint_as_float(unsigned(word)) : wait_for_tag(address, tag);
 }
 
+// The end of a CTA of a kernel that counts its finished CTAs: once all its threads are done, the launch's last CTA
+// resets the counter and advances the epoch to `tag` (the next launch tags its words one higher).
+__device__ __forceinline__ void finish_cta(unsigned* header, unsigned tag) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(header + 1, 1u) == gridDim.x - 1) {
+    header[1] = 0;
+    header[0] = tag;
+  }
+}
+
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
 __device__ inline void copy16_to_shared(float* shared_dst, const float* global_src) {
   ptx::cp_async_or_zero<16>(static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst)), global_src, true);
@@ -209,6 +219,30 @@ __device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Each lane of v rounded to bf16 (kept as fp32).
+__device__ __forceinline__ float4 round4_to_bf16(float4 v) {
+  return make_float4(round_to_bf16(v.x), round_to_bf16(v.y), round_to_bf16(v.z), round_to_bf16(v.w));
+}
+
+// 1 / rms of `count` values whose squares sum to `squares`: the CPU's operation order.
+__device__ __forceinline__ float inverse_rms(float squares, float count, float eps) {
+  return 1.0f / sqrtf(squares / count + eps);
+}
+
+// Token t's post (4 floats) then its comb rows (4 × 4) into mix, one 16-byte load each. `t` keeps its caller's
+// integer type (the index arithmetic is the caller's).
+__device__ __forceinline__ void load_mix(const float* post, const float* comb, auto t, float (&mix)[kMixFloats]) {
+#pragma unroll
+  for (int q = 0; q < kMixFloats / 4; ++q) {
+    const float4 m =
+        *reinterpret_cast<const float4*>(q == 0 ? post + t * kStreams : comb + (t * kStreams + q - 1) * kStreams);
+    mix[4 * q] = m.x;
+    mix[4 * q + 1] = m.y;
+    mix[4 * q + 2] = m.z;
+    mix[4 * q + 3] = m.w;
+  }
+}
+
 // hc_post of one 4-dim vector of a token, output stream k: post_k·o + Σ_j comb[j][k]·x[j], the CPU's operation
 // order (product, then one multiply-add per stream), rounded to bf16 when the residual is kept in bf16.
 __device__ inline float4 residual_update(int k, const float4 o, const float4 (&x)[kStreams], const float* post,
@@ -222,8 +256,47 @@ __device__ inline float4 residual_update(int k, const float4 o, const float4 (&x
     r.z = fmaf(w, x[j].z, r.z);
     r.w = fmaf(w, x[j].w, r.w);
   }
-  if (round_output) r = make_float4(round_to_bf16(r.x), round_to_bf16(r.y), round_to_bf16(r.z), round_to_bf16(r.w));
+  if (round_output) r = round4_to_bf16(r);
   return r;
+}
+
+// The collapse of one 4-dim vector of a token: Σ_k pre_k·x_k over the staged streams at x, x + stride, … (pre_k
+// times x_0 first, then one multiply-add per stream), rounded to bf16 when the output is kept in bf16.
+__device__ __forceinline__ float4 collapse_vector(const float* x, int stride, const float* pre, bool round_output) {
+  float4 value = *reinterpret_cast<const float4*>(x);
+  const float p0 = pre[0];
+  value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
+#pragma unroll
+  for (int k = 1; k < kStreams; ++k) {
+    const float4 xk = *reinterpret_cast<const float4*>(x + k * stride);
+    const float pk = pre[k];
+    value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
+                        fmaf(pk, xk.w, value.w));
+  }
+  if (round_output) value = round4_to_bf16(value);
+  return value;
+}
+
+// Stores one output vector at `offset` into y (fp32) and/or y_bf16, whichever is not null.
+__device__ __forceinline__ void store_output(float* y, __nv_bfloat16* y_bf16, int64_t offset, float4 value) {
+  if (y != nullptr) *reinterpret_cast<float4*>(y + offset) = value;
+  if (y_bf16 != nullptr) {
+    const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
+    const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
+    uint2 packed;
+    packed.x = *reinterpret_cast<const uint32_t*>(&low);
+    packed.y = *reinterpret_cast<const uint32_t*>(&high);
+    *reinterpret_cast<uint2*>(y_bf16 + offset) = packed;
+  }
+}
+
+// Item `item` of a CTA's partial block: the warps' blocks (`stride` floats apart) summed in warp order.
+template <int kWarps>
+__device__ __forceinline__ float sum_warp_partials(const float* warp_sums, int item, int stride) {
+  float sum = warp_sums[item];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * stride + item];
+  return sum;
 }
 
 // Lanes that sum one item over `slices` slices: the smallest power of two ≥ slices, at most a warp. Depends on the
@@ -590,9 +663,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
       // Publish the slice's partials, warps summed in order.
       unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
       for (int item = tid; item < kPartialFloats; item += kThreads) {
-        float sum = warp_sums[item];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
+        const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
         store_relaxed_u64(out + item, tagged(sum, tag));
       }
       __syncthreads();  // warp_sums is free for the next projection
@@ -609,35 +680,14 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
       if (pre_reader) {
         const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
         const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
-        const float inv_rms = 1.0f / sqrtf(squares / float(flat) + args.norm_eps);
+        const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
         pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
       }
       __syncthreads();
       if (vt < valid && vi < width) {
         const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + vi;
-        float4 value = *reinterpret_cast<const float4*>(x);
-        const float p0 = pre_s[vt][0];
-        value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
-#pragma unroll
-        for (int k = 1; k < kStreams; ++k) {
-          const float4 xk = *reinterpret_cast<const float4*>(x + k * kSliceDims);
-          const float pk = pre_s[vt][k];
-          value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
-                              fmaf(pk, xk.w, value.w));
-        }
-        if (args.round_to_bf16)
-          value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
-                              round_to_bf16(value.w));
-        const int64_t offset = (tile_of(jc) * kTileTokens + vt) * d + i0 + vi;
-        if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
-        if (args.y_bf16 != nullptr) {
-          const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
-          const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
-          uint2 packed;
-          packed.x = *reinterpret_cast<const uint32_t*>(&low);
-          packed.y = *reinterpret_cast<const uint32_t*>(&high);
-          *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
-        }
+        const float4 value = collapse_vector(x, kSliceDims, pre_s[vt], args.round_to_bf16);
+        store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
       }
       __syncthreads();  // the stage and pre_s are free: refill the stage
       if (jc + kStages < count) load_tile(jc + kStages);
@@ -663,7 +713,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         const unsigned long long squares_read = load_relaxed_u64(sums);
         const unsigned long long post_read = l < kStreams ? load_relaxed_u64(post_word) : 0;
         const unsigned long long comb_read = load_relaxed_u64(comb_word);
-        const float inv_rms = 1.0f / sqrtf(tagged_value(squares_read, sums, tag) / float(flat) + args.norm_eps);
+        const float inv_rms = inverse_rms(tagged_value(squares_read, sums, tag), float(flat), args.norm_eps);
         const int64_t token = tile_of(jt) * kTileTokens + t;
         if (l < kStreams) {
           const float mix = tagged_value(post_read, post_word, tag) * inv_rms;
@@ -677,11 +727,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     }
   }
 
-  __syncthreads();
-  if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
-    args.header[1] = 0;
-    args.header[0] = tag;  // the next launch tags its words one higher
-  }
+  finish_cta(args.header, tag);
 }
 
 // ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, no pipeline. ----
@@ -783,6 +829,51 @@ __device__ inline float warp_sum_tagged(const unsigned long long* words, int sli
   return sum;
 }
 
+// Thread (vt, vi) of a decode kernel's slice CTA stages token vt's dims i0 + vi .. + 3 of all streams in the tile
+// (row stride kDecodeLdx): X, updated first by the fused hc_post (kPost; written to X_out too: this thread is the only
+// reader and writer of these positions). Zeros outside the tokens and the slice's width (`owner` false): the MMA
+// reads every row and column (fn is zero there, and 0 · NaN would not be).
+template <bool kPost, class Args>
+__device__ __forceinline__ void stage_decode_vectors(const Args& args, float* tile, int vt, int vi, int i0,
+                                                     bool owner, int d, int64_t flat) {
+  float4 x[kStreams];
+  const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k)
+    x[k] = owner ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kPost) {
+    if (owner) {
+      const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(vt) * d + i0 + vi);
+      float mix[kMixFloats];
+      load_mix(args.post_in, args.comb_in, vt, mix);
+      float4 updated[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k)
+        updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
+      float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) {
+        x[k] = updated[k];
+        *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k)
+    *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
+}
+
+// Σy² of one token over a decode kernel's slice: the token's 16 vectors are 16 aligned lanes of one warp.
+__device__ __forceinline__ float slice_squares(float4 value) {
+  float squares = fmaf(value.x, value.x, 0.0f);
+  squares = fmaf(value.y, value.y, squares);
+  squares = fmaf(value.z, value.z, squares);
+  squares = fmaf(value.w, value.w, squares);
+#pragma unroll
+  for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
+  return squares;
+}
+
 // The mix CTA of one token: post and comb from the totals of Σx² and the post/comb rows.
 __device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag) {
   constexpr int kItems = kPartialRows<false> - kStreams;  // Σx², post ×4, comb ×16
@@ -795,7 +886,7 @@ __device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag) {
   }
   __syncthreads();
   if (warp != 0) return;
-  const float inv_rms = 1.0f / sqrtf(totals[0] / float(kStreams * args.hidden) + args.norm_eps);
+  const float inv_rms = inverse_rms(totals[0], float(kStreams * args.hidden), args.norm_eps);
   if (lane < kStreams)
     args.post[t * kStreams + lane] =
         2.0f * sigmoid(totals[1 + lane] * inv_rms * args.scale[1] + args.base[kStreams + lane]);
@@ -840,11 +931,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
     wait_for_prior_grids();
     const unsigned tag = load_relaxed_u32(args.header) + 1u;
     decode_mix(args, int(blockIdx.x), tag);
-    __syncthreads();
-    if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
-      args.header[1] = 0;
-      args.header[0] = tag;
-    }
+    finish_cta(args.header, tag);
     return;
   }
 
@@ -867,44 +954,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
 
   wait_for_prior_grids();
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
-  {
-    // Zeros outside the tokens and the slice's width: the MMA reads every row and column (fn is zero there, and
-    // 0 · NaN would not be).
-    float4 x[kStreams];
-    const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k)
-      x[k] = owner ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
-    if constexpr (kPost) {
-      if (owner) {
-        // X ← post·out + combᵀ·X, written to X_out: this thread is the only reader and writer of these positions.
-        const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(vt) * d + i0 + vi);
-        float mix[kMixFloats];
-#pragma unroll
-        for (int q = 0; q < kMixFloats / 4; ++q) {
-          const float4 m = *reinterpret_cast<const float4*>(
-              q == 0 ? args.post_in + vt * kStreams : args.comb_in + (vt * kStreams + q - 1) * kStreams);
-          mix[4 * q] = m.x;
-          mix[4 * q + 1] = m.y;
-          mix[4 * q + 2] = m.z;
-          mix[4 * q + 3] = m.w;
-        }
-        float4 updated[kStreams];
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k)
-          updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
-        float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) {
-          x[k] = updated[k];
-          *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
-        }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k)
-      *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
-  }
+  stage_decode_vectors<kPost>(args, tile, vt, vi, i0, owner, d, flat);
   __syncthreads();
 
   // The slice's projection: the persistent kernel's 3xTF32 MMA of one tile.
@@ -914,9 +964,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   // Publish the slice's partials (warps summed in order): item (row r, token t) at [r][t][slice].
   for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
     if ((item & (kTileTokens - 1)) >= T) continue;
-    float sum = warp_sums[item];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
+    const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
     store_relaxed_u64(args.partials + int64_t(item) * slices + slice, tagged(sum, tag));
   }
 
@@ -936,37 +984,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
   __syncthreads();
   if (tid < kStreams * T) {
     const int t = tid / kStreams, k = tid % kStreams;
-    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    const float inv_rms = inverse_rms(totals[0][t], float(flat), args.norm_eps);
     pre_s[t][k] = sigmoid(totals[1 + k][t] * inv_rms * args.scale[0] + args.base[k]) + args.hc_eps;
   }
   __syncthreads();
 
   // Collapse: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
   float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (owner) {
-    const float* x = tile + vt * kDecodeLdx + vi;
-    value = *reinterpret_cast<const float4*>(x);
-    const float p0 = pre_s[vt][0];
-    value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
-#pragma unroll
-    for (int k = 1; k < kStreams; ++k) {
-      const float4 xk = *reinterpret_cast<const float4*>(x + k * kDecodeSliceDims);
-      const float pk = pre_s[vt][k];
-      value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
-                          fmaf(pk, xk.w, value.w));
-    }
-    if (args.round_to_bf16)
-      value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
-                          round_to_bf16(value.w));
-  }
+  if (owner) value = collapse_vector(tile + vt * kDecodeLdx + vi, kDecodeSliceDims, pre_s[vt], args.round_to_bf16);
   if (args.norm_weight != nullptr) {
     // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the second hop.
-    float squares = fmaf(value.x, value.x, 0.0f);
-    squares = fmaf(value.y, value.y, squares);
-    squares = fmaf(value.z, value.z, squares);
-    squares = fmaf(value.w, value.w, squares);
-#pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
+    const float squares = slice_squares(value);
     if (vi == 0 && vt < T) store_relaxed_u64(args.square_sums + int64_t(vt) * slices + slice, tagged(squares, tag));
     // The same two hops: token t's Σ by CTA t mod S, then every CTA reads the T totals.
     for (int t = slice + warp * slices; t < T; t += kWarps * slices) {
@@ -978,32 +1006,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const Deco
     __syncthreads();
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-      const float inv_rms = 1.0f / sqrtf(square_totals[vt] / float(d) + args.norm_eps);
+      const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
       value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
                           value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
-      if (args.norm_round_to_bf16)
-        value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
-                            round_to_bf16(value.w));
+      if (args.norm_round_to_bf16) value = round4_to_bf16(value);
     }
   }
-  if (owner) {
-    const int64_t offset = int64_t(vt) * d + i0 + vi;
-    if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
-    if (args.y_bf16 != nullptr) {
-      const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
-      const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const uint32_t*>(&low);
-      packed.y = *reinterpret_cast<const uint32_t*>(&high);
-      *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
-    }
-  }
+  if (owner) store_output(args.y, args.y_bf16, int64_t(vt) * d + i0 + vi, value);
 
-  __syncthreads();
-  if (tid == 0 && atomicAdd(args.header + 1, 1u) == gridDim.x - 1) {
-    args.header[1] = 0;
-    args.header[0] = tag;
-  }
+  finish_cta(args.header, tag);
 }
 
 // ---- The cluster decode kernel (T ≤ kDecodeMaxTokens): the decode kernel's slices, summed through clusters. ----
@@ -1156,7 +1167,7 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
   __syncthreads();
   if (runs_mix) {
     const int t = int(rank) + kClusterCtas * warp;
-    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    const float inv_rms = inverse_rms(totals[0][t], float(flat), args.norm_eps);
     if (lane < kStreams)
       args.post[t * kStreams + lane] =
           2.0f * sigmoid(totals[1 + kStreams + lane][t] * inv_rms * post_scale + post_base);
@@ -1235,41 +1246,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 
   wait_for_prior_grids();
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
-  {
-    float4 x[kStreams];
-    const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k)
-      x[k] = owner ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
-    if constexpr (kPost) {
-      if (owner) {
-        const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(vt) * d + i0 + vi);
-        float mix[kMixFloats];
-#pragma unroll
-        for (int m = 0; m < kMixFloats / 4; ++m) {
-          const float4 v = *reinterpret_cast<const float4*>(
-              m == 0 ? args.post_in + vt * kStreams : args.comb_in + (vt * kStreams + m - 1) * kStreams);
-          mix[4 * m] = v.x;
-          mix[4 * m + 1] = v.y;
-          mix[4 * m + 2] = v.z;
-          mix[4 * m + 3] = v.w;
-        }
-        float4 updated[kStreams];
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k)
-          updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
-        float* const x_out = args.X_out + int64_t(vt) * flat + i0 + vi;
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) {
-          x[k] = updated[k];
-          *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
-        }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k)
-      *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
-  }
+  stage_decode_vectors<kPost>(args, tile, vt, vi, i0, owner, d, flat);
   __syncthreads();
   project_tile_3xtf32<kRows>(tile + stream * kDecodeSliceDims + column0, kDecodeLdx, fn_frag, g, t4,
                              warp_sums + warp * kPartialFloats);
@@ -1280,9 +1257,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
     const int row = item / kTileTokens, t = item % kTileTokens;
     if (t >= T) continue;
-    float sum = warp_sums[item];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) sum += warp_sums[w * kPartialFloats + item];
+    const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
     store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
   }
   cluster_arrive();
@@ -1318,37 +1293,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 
   if (tid < kStreams * T) {
     const int t = tid / kStreams, k = tid % kStreams;
-    const float inv_rms = 1.0f / sqrtf(totals[0][t] / float(flat) + args.norm_eps);
+    const float inv_rms = inverse_rms(totals[0][t], float(flat), args.norm_eps);
     pre_s[t][k] = sigmoid(totals[1 + k][t] * inv_rms * pre_scale + pre_base) + args.hc_eps;
   }
   __syncthreads();
 
   // Collapse: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
   float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (owner) {
-    const float* x = tile + vt * kDecodeLdx + vi;
-    value = *reinterpret_cast<const float4*>(x);
-    const float p0 = pre_s[vt][0];
-    value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
-#pragma unroll
-    for (int k = 1; k < kStreams; ++k) {
-      const float4 xk = *reinterpret_cast<const float4*>(x + k * kDecodeSliceDims);
-      const float pk = pre_s[vt][k];
-      value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
-                          fmaf(pk, xk.w, value.w));
-    }
-    if (args.round_to_bf16)
-      value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
-                          round_to_bf16(value.w));
-  }
+  if (owner) value = collapse_vector(tile + vt * kDecodeLdx + vi, kDecodeSliceDims, pre_s[vt], args.round_to_bf16);
   if (args.norm_weight != nullptr) {
     // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
-    float squares = fmaf(value.x, value.x, 0.0f);
-    squares = fmaf(value.y, value.y, squares);
-    squares = fmaf(value.z, value.z, squares);
-    squares = fmaf(value.w, value.w, squares);
-#pragma unroll
-    for (int offset = 8; offset > 0; offset >>= 1) squares += __shfl_xor_sync(kFullMask, squares, offset);
+    const float squares = slice_squares(value);
     if (vi == 0 && vt < T)
       store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
     cluster_arrive();
@@ -1369,26 +1324,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     cluster_wait();
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-      const float inv_rms = 1.0f / sqrtf(square_totals[vt] / float(d) + args.norm_eps);
+      const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
       value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
                           value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
-      if (args.norm_round_to_bf16)
-        value = make_float4(round_to_bf16(value.x), round_to_bf16(value.y), round_to_bf16(value.z),
-                            round_to_bf16(value.w));
+      if (args.norm_round_to_bf16) value = round4_to_bf16(value);
     }
   }
-  if (owner) {
-    const int64_t offset = int64_t(vt) * d + i0 + vi;
-    if (args.y != nullptr) *reinterpret_cast<float4*>(args.y + offset) = value;
-    if (args.y_bf16 != nullptr) {
-      const __nv_bfloat162 low = __floats2bfloat162_rn(value.x, value.y);
-      const __nv_bfloat162 high = __floats2bfloat162_rn(value.z, value.w);
-      uint2 packed;
-      packed.x = *reinterpret_cast<const uint32_t*>(&low);
-      packed.y = *reinterpret_cast<const uint32_t*>(&high);
-      *reinterpret_cast<uint2*>(args.y_bf16 + offset) = packed;
-    }
-  }
+  if (owner) store_output(args.y, args.y_bf16, int64_t(vt) * d + i0 + vi, value);
 }
 
 struct PostArgs {
@@ -1420,15 +1362,7 @@ __global__ void __launch_bounds__(kPostThreads) hc_post_kernel(const PostArgs ar
   for (int j = 0; j < kStreams; ++j)
     x[j] = *reinterpret_cast<const float4*>(args.X + (t * kStreams + j) * hidden + i);
   float mix[kMixFloats];
-#pragma unroll
-  for (int q = 0; q < kMixFloats / 4; ++q) {
-    const float4 m = *reinterpret_cast<const float4*>(q == 0 ? args.post + t * kStreams
-                                                             : args.comb + (t * kStreams + q - 1) * kStreams);
-    mix[4 * q] = m.x;
-    mix[4 * q + 1] = m.y;
-    mix[4 * q + 2] = m.z;
-    mix[4 * q + 3] = m.w;
-  }
+  load_mix(args.post, args.comb, t, mix);
 #pragma unroll
   for (int k = 0; k < kStreams; ++k)
     *reinterpret_cast<float4*>(args.X_out + (t * kStreams + k) * hidden + i) =
