@@ -85,29 +85,44 @@ void check_projection(const char* op, const float* X, const float* fn, const flo
   check(aligned16(workspace), op, ": workspace must be 16-byte aligned");
 }
 
-// CTAs of `kernel` resident per SM with `smem_bytes` of dynamic shared memory, after raising the kernel's shared
-// memory limits on the current device. Cached per (kernel, device): the attribute and occupancy queries cost
-// microseconds of host time, more than a decode-sized launch.
-int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
+// One value per (kernel, current device), computed on first use: the attribute and occupancy queries behind these
+// values cost microseconds of host time, more than a decode-sized launch.
+class PerKernelDeviceCache {
+ public:
+  template <class Compute>
+  int get(const void* kernel, Compute compute) {
+    int device = 0;
+    DSV4_CUDA_CHECK(cudaGetDevice(&device));
+    const std::lock_guard lock(mutex_);
+    for (const Entry& e : entries_)
+      if (e.kernel == kernel && e.device == device) return e.value;
+    const int value = compute();
+    entries_.push_back({kernel, device, value});
+    return value;
+  }
+
+ private:
   struct Entry {
     const void* kernel;
     int device;
-    int resident;
+    int value;
   };
-  static std::mutex mutex;
-  static std::vector<Entry> cache;
-  int device = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard lock(mutex);
-  for (const Entry& e : cache)
-    if (e.kernel == kernel && e.device == device) return e.resident;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
-  int resident = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem_bytes));
-  cache.push_back({kernel, device, resident});
-  return resident;
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+// CTAs of `kernel` resident per SM with `smem_bytes` of dynamic shared memory, after raising the kernel's shared
+// memory limits on the current device (once per kernel and device).
+int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
+  static PerKernelDeviceCache cache;
+  return cache.get(kernel, [&] {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared)));
+    int resident = 0;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem_bytes));
+    return resident;
+  });
 }
 
 template <bool kHead, bool kPost, int kSliceDims>
@@ -193,24 +208,26 @@ Args decode_args(const HcPreParams& p) {
   return args;
 }
 
+// The arguments of the next site's hc_pre (`args`) for a kernel that applies hc_post itself: it reads the residual
+// X before the update and writes the updated one to X_out.
+template <class Args>
+Args with_fused_post(Args args, const HcPostPreParams& p) {
+  args.X = p.X;
+  args.out = p.out;
+  args.post_in = p.post;
+  args.comb_in = p.comb;
+  args.X_out = p.X_out;
+  return args;
+}
+
 // Clusters of the cluster decode kernel that the card holds at once (cached per kernel and device).
 int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
-  struct Entry {
-    const void* kernel;
-    int device;
-    int clusters;
-  };
-  static std::mutex mutex;
-  static std::vector<Entry> cache;
-  int device = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard lock(mutex);
-  for (const Entry& e : cache)
-    if (e.kernel == kernel && e.device == device) return e.clusters;
-  int clusters = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
-  cache.push_back({kernel, device, clusters});
-  return clusters;
+  static PerKernelDeviceCache cache;
+  return cache.get(kernel, [&] {
+    int clusters = 0;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    return clusters;
+  });
 }
 
 template <bool kHead, bool kPost>
@@ -422,30 +439,12 @@ void run_hc_post_pre(const HcPostPreParams& p) {
     return;
   }
   const HcPreParams next = next_site_pre_params(p);
-  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden)) {
-    mhc::DecodeArgs args = decode_args(next);
-    args.X = p.X;  // the kernel applies hc_post itself: it reads the residual before the update
-    args.out = p.out;
-    args.post_in = p.post;
-    args.comb_in = p.comb;
-    args.X_out = p.X_out;
-    return run_decode<false, true>(args, p.workspace, p.stream, "hc_post_pre");
-  }
-  if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden)) {
-    auto args = decode_args<mhc::ClusterDecodeArgs>(next);
-    args.X = p.X;  // the kernel applies hc_post itself: it reads the residual before the update
-    args.out = p.out;
-    args.post_in = p.post;
-    args.comb_in = p.comb;
-    args.X_out = p.X_out;
-    return run_cluster_decode<false, true>(args, p.workspace, p.stream, "hc_post_pre");
-  }
-  mhc::ProjectionArgs args = pre_projection_args(next);
-  args.X = p.X;  // the fused kernel applies hc_post itself: the projection reads the residual before the update
-  args.out = p.out;
-  args.post_in = p.post;
-  args.comb_in = p.comb;
-  args.X_out = p.X_out;
+  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_decode<false, true>(with_fused_post(decode_args(next), p), p.workspace, p.stream, "hc_post_pre");
+  if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
+    return run_cluster_decode<false, true>(with_fused_post(decode_args<mhc::ClusterDecodeArgs>(next), p),
+                                           p.workspace, p.stream, "hc_post_pre");
+  mhc::ProjectionArgs args = with_fused_post(pre_projection_args(next), p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre");
   if (p.out_norm_weight != nullptr)
