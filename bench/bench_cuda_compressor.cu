@@ -32,7 +32,6 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
-#include "backends/cuda/stream_timing.hpp"
 #include "core/error.hpp"
 
 #include "cuda_bench_support.hpp"
@@ -46,22 +45,7 @@ template <class Body>
 double graph_us(cudaStream_t stream, int reps, Body&& body) {
   body(stream);
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  cudaGraph_t graph = nullptr;
-  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  for (int r = 0; r < reps; ++r) body(stream);
-  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  cudaGraphExec_t exec;
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  constexpr int kReplays = 5;
-  StreamTimer timer;
-  const float ms = timer.elapsed_ms(stream, [&] {
-    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  });
-  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
-  return double(ms) * 1e3 / (kReplays * reps);
+  return graph_replay_us(stream, capture_calls(stream, reps, body), reps);
 }
 
 // The straightforward kernel: entry first_entry + blockIdx.x of a sequence whose projections are the rows of kv and

@@ -54,9 +54,7 @@ double graph_us(cudaStream_t stream, int reps, Body&& body) {
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   cudaGraph_t graph = nullptr;
   try {
-    DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    for (int r = 0; r < reps; ++r) body(stream);
-    DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    graph = capture_calls(stream, reps, body);
   } catch (const std::exception& e) {
     cudaStreamEndCapture(stream, &graph);
     if (graph != nullptr) cudaGraphDestroy(graph);
@@ -64,17 +62,7 @@ double graph_us(cudaStream_t stream, int reps, Body&& body) {
     std::fprintf(stderr, "graph capture failed: %s\n", e.what());
     return -1.0;
   }
-  cudaGraphExec_t exec;
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  constexpr int kReplays = 5;
-  const float ms = stream_elapsed_ms(stream, [&] {
-    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  });
-  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
-  return double(ms) * 1e3 / (kReplays * reps);
+  return graph_replay_us(stream, graph, reps);
 }
 
 // Median milliseconds of single calls (events around each), for the device-wide yardsticks (copy, GEMM).

@@ -1,5 +1,6 @@
 // What the GPU kernel benchmarks share: the same-run floor every result is compared with (device-to-device copy
-// bandwidth), the check of the cuBLAS baseline calls, random operands, their upload and the main wrapper.
+// bandwidth), the check of the cuBLAS baseline calls, random operands, their upload, CUDA graph timing and the main
+// wrapper.
 #pragma once
 
 #include <cublas_v2.h>
@@ -14,6 +15,7 @@
 #include "backends/cuda/copy_bandwidth.hpp"
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/stream_timing.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -39,6 +41,32 @@ DeviceBuffer to_device(const std::vector<T>& host, const char* what) {
   DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
   buffer.upload(host.data(), host.size() * sizeof(T));
   return buffer;
+}
+
+// `reps` calls of body(stream) captured in one CUDA graph, as a decode step runs them.
+template <class Body>
+cudaGraph_t capture_calls(cudaStream_t stream, int reps, Body&& body) {
+  cudaGraph_t graph = nullptr;
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int r = 0; r < reps; ++r) body(stream);
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  return graph;
+}
+
+// GPU microseconds per call of a graph of `reps` calls: instantiated, launched once, then replayed between two events
+// so that no host launch cost is counted. Destroys the graph.
+inline double graph_replay_us(cudaStream_t stream, cudaGraph_t graph, int reps) {
+  cudaGraphExec_t exec;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  constexpr int kReplays = 5;
+  const float ms = stream_elapsed_ms(stream, [&] {
+    for (int r = 0; r < kReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  });
+  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+  return double(ms) * 1e3 / (kReplays * reps);
 }
 
 // A benchmark's main: runs `run` and turns an escaping exception into a message that names the benchmark and exit
