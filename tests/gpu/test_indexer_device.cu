@@ -224,6 +224,31 @@ TEST(IndexerPrepare, Fp8OutputIsTheReferenceFp8RoundingOfTheBf16Operand) {
   }
 }
 
+// The device operands of a score launch: the raw queries and their RoPE frequencies, the queries run_indexer_prepare
+// made of them (bf16, or fp8 codes and scales) and the keys (bf16, or fp8 codes and per-key scales).
+struct ScoreOperands {
+  const DeviceBuffer &q_raw, &frequencies, &q, &q_scales, &keys, &key_scales;
+};
+
+// Points p at its queries, raw (the score kernel prepares them as run_indexer_prepare did: rope_dim, `reference`
+// rounding) or prepared, and at its keys in the tested format (fp8: the scales slot_rows apart, as the keys).
+void set_score_operands(IndexerScoresParams& p, const ScoreOperands& d, bool fp8, bool raw, bool reference,
+                        int64_t rope_dim, int64_t slot_rows) {
+  if (raw) {
+    p.q_raw = d.q_raw.as<float>(), p.rope_frequencies = d.frequencies.as<float>(), p.rope_dim = rope_dim;
+    p.reference_rounding = reference;
+  } else if (fp8) {
+    p.q_fp8 = d.q.as<uint8_t>(), p.q_scales = d.q_scales.as<float>();
+  } else {
+    p.q = d.q.as<__nv_bfloat16>();
+  }
+  if (fp8) {
+    p.keys_fp8 = d.keys.as<uint8_t>(), p.key_scales = d.key_scales.as<float>(), p.key_scales_slot_stride = slot_rows;
+  } else {
+    p.keys = d.keys.as<__nv_bfloat16>();
+  }
+}
+
 struct ScoresCase {
   int64_t tokens, heads, head_dim, key_count, ratio;
   bool reference;     // q and keys fp4-rounded (bf16 holds them exactly) vs plain bf16-rounded
@@ -365,7 +390,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   for (const bool raw : {false, true}) {
     SCOPED_TRACE(raw ? "raw q (prepared in the score kernel)" : "prepared q");
     d_scores.fill_bytes(0xFF);
-    IndexerScoresParams p{.head_weights = d_w.as<float>(),
+    IndexerScoresParams p{.q_raw_row_stride = c.strided ? q_stride : 0,
+                          .head_weights = d_w.as<float>(),
                           .head_weights_row_stride = c.strided ? w_stride : 0,
                           .key_count = c.key_count,
                           .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
@@ -377,21 +403,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .ratio = c.ratio,
                           .scores = d_scores.as<float>(),
                           .score_stride = stride};
-    if (raw) {
-      p.q_raw = d_q_raw.as<float>(), p.rope_frequencies = d_freq.as<float>(), p.rope_dim = rope_dim;
-      p.q_raw_row_stride = c.strided ? q_stride : 0;
-      p.reference_rounding = c.reference;
-    } else if (fp8) {
-      p.q_fp8 = d_q.as<uint8_t>(), p.q_scales = d_q_scales.as<float>();
-    } else {
-      p.q = d_q.as<__nv_bfloat16>();
-    }
-    if (fp8) {
-      p.keys_fp8 = d_keys.as<uint8_t>(), p.key_scales = d_key_scales.as<float>();
-      p.key_scales_slot_stride = slot_rows;
-    } else {
-      p.keys = d_keys.as<__nv_bfloat16>();
-    }
+    set_score_operands(p, {d_q_raw, d_freq, d_q, d_q_scales, d_keys, d_key_scales}, fp8, raw, c.reference, rope_dim,
+                       slot_rows);
     run_indexer_scores(p);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
@@ -636,19 +649,8 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
                         .head_dim = c.head_dim,
                         .ratio = kRatio,
                         .score_stride = c.key_count + 5};
-  if (c.raw) {
-    p.q_raw = d_q_raw.as<float>(), p.rope_frequencies = d_freq.as<float>(), p.rope_dim = rope_dim;
-    p.reference_rounding = true;
-  } else if (fp8) {
-    p.q_fp8 = d_q.as<uint8_t>(), p.q_scales = d_q_scales.as<float>();
-  } else {
-    p.q = d_q.as<__nv_bfloat16>();
-  }
-  if (fp8) {
-    p.keys_fp8 = d_keys.as<uint8_t>(), p.key_scales = d_key_scales.as<float>(), p.key_scales_slot_stride = slot_rows;
-  } else {
-    p.keys = d_keys.as<__nv_bfloat16>();
-  }
+  set_score_operands(p, {d_q_raw, d_freq, d_q, d_q_scales, d_keys, d_key_scales}, fp8, c.raw, true, rope_dim,
+                     slot_rows);
   const size_t score_count = size_t(c.tokens * p.score_stride);
   const size_t k_alloc = size_t(std::max(c.k, 1));
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(int(c.tokens)), 16), "top-k workspace");
