@@ -425,6 +425,23 @@ __device__ __forceinline__ void load_key_tile(uint4 (&a)[2][kDimPairs], const __
   }
 }
 
+// An n-tile's part of the scores: the lane's two heads (weights w[0], w[1]) of the two accumulator chains' sum, after
+// the ReLU, into sum[0] (row group) and sum[1] (row 8 + group).
+__device__ __forceinline__ void add_weighted_relu(float (&sum)[2], const float (&acc)[2][4], const float* w) {
+  const float w0 = w[0], w1 = w[1];
+  sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
+  sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+}
+
+// The sums over the quad's heads: every lane of the quad ends with the row's whole score.
+__device__ __forceinline__ void quad_reduce(float (&sum)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
+    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
+  }
+}
+
 // One query's scores of a bf16 key tile, quad-reduced: sum[0] for row group, sum[1] for row 8 + group. b_frag: the
 // query's fragments + lane; w: its scaled head weights + 2·quad.
 template <int kDimPairs>
@@ -440,15 +457,9 @@ __device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)
       mma_bf16_16816(acc[0], a[0][pair].x, a[1][pair].x, a[0][pair].y, a[1][pair].y, b.x, b.y);
       mma_bf16_16816(acc[1], a[0][pair].z, a[1][pair].z, a[0][pair].w, a[1][pair].w, b.z, b.w);
     }
-    const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
-    sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
-    sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+    add_weighted_relu(sum, acc, w + 8 * n_tile);
   }
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
-    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
-  }
+  quad_reduce(sum);
 }
 
 // Each CTA's queries are of one sequence: the keys (and fp8 scales) of sequence_slots[first_query], or the only ones.
@@ -569,15 +580,9 @@ __device__ __forceinline__ void fp8_tile_sums(float (&sum)[2], const Fp8KeyTile<
       mma_e4m3_16832(acc[t & 1], tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
                      tile.words[1][2 * t + 1], b.x, b.y);
     }
-    const float w0 = w[8 * n_tile], w1 = w[8 * n_tile + 1];
-    sum[0] += w0 * fmaxf(acc[0][0] + acc[1][0], 0.0f) + w1 * fmaxf(acc[0][1] + acc[1][1], 0.0f);
-    sum[1] += w0 * fmaxf(acc[0][2] + acc[1][2], 0.0f) + w1 * fmaxf(acc[0][3] + acc[1][3], 0.0f);
+    add_weighted_relu(sum, acc, w + 8 * n_tile);
   }
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 1);
-    sum[half] += __shfl_xor_sync(kFullMask, sum[half], 2);
-  }
+  quad_reduce(sum);
 }
 
 // The fp8 variant: q·K on e4m3 tensor cores with the scales factored out of the ReLU (both positive):
