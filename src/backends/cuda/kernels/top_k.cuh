@@ -118,6 +118,17 @@ __device__ __forceinline__ uint64_t make_key(uint32_t ordered, int64_t index) {
   return (uint64_t(ordered) << 32) | uint32_t(~uint32_t(index));
 }
 
+// x[u] = row[begin + i] for the thread's i = base + u·kThreads + threadIdx.x (0 past n): kUnroll loads in flight.
+template <int kUnroll>
+__device__ __forceinline__ void load_scores(float (&x)[kUnroll], const float* row, int64_t begin, int64_t base,
+                                            int64_t n) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + u * kThreads + threadIdx.x;
+    x[u] = i < n ? row[begin + i] : 0.0f;
+  }
+}
+
 __device__ __forceinline__ uint64_t global_nanoseconds() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -297,11 +308,7 @@ struct StoredScores {
     if (!cached) return;
     for (int64_t base = 0; base < n; base += kCacheUnroll * kThreads) {
       float x[kCacheUnroll];
-#pragma unroll
-      for (int u = 0; u < kCacheUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        x[u] = i < n ? row[begin + i] : 0.0f;
-      }
+      load_scores(x, row, begin, base, n);
 #pragma unroll
       for (int u = 0; u < kCacheUnroll; ++u) {
         const int64_t i = base + u * kThreads + threadIdx.x;
@@ -381,11 +388,7 @@ __global__ void __launch_bounds__(kThreads, Source::kMinCtasPerSm) top_k_kernel(
     }
     for (int64_t base = 0; base < n; base += kStreamUnroll * kThreads) {
       float x[kStreamUnroll];
-#pragma unroll
-      for (int u = 0; u < kStreamUnroll; ++u) {
-        const int64_t i = base + u * kThreads + threadIdx.x;
-        x[u] = i < n ? row[begin + i] : 0.0f;
-      }
+      load_scores(x, row, begin, base, n);
 #pragma unroll
       for (int u = 0; u < kStreamUnroll; ++u) {
         const int64_t i = base + u * kThreads + threadIdx.x;
