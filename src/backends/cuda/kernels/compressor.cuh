@@ -212,18 +212,6 @@ __device__ __forceinline__ StateUpdate plan_state_update(const PoolArgs& a, cons
           .halves = halves};
 }
 
-__device__ __forceinline__ SlotValue load_previous_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
-                                                        int64_t i) {
-  return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * int(i % u.pairs));
-}
-
-__device__ __forceinline__ void store_previous_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
-                                                   int64_t i, const SlotValue& v) {
-  const int64_t offset = (i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
-  *reinterpret_cast<float2*>(r.state.previous_kv + offset) = v.value;
-  *reinterpret_cast<float2*>(r.state.previous_score + offset) = v.score;
-}
-
 // Position and column of window item i.
 __device__ __forceinline__ int64_t window_item_position(const StateUpdate& u, int64_t i) {
   return u.window_from + i / (u.halves * u.pairs);
@@ -233,16 +221,27 @@ __device__ __forceinline__ int window_item_column(const PoolArgs& a, const State
   return int(within / u.pairs) * a.c + u.first + 2 * int(within % u.pairs);
 }
 
-__device__ __forceinline__ SlotValue load_window_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
-                                                      int64_t i) {
-  return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
+// Item i of the window's slots (kWindow) or of the previous halves: its source value, and its store into the state.
+template <bool kWindow>
+__device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t i) {
+  if constexpr (kWindow)
+    return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
+  else
+    return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * int(i % u.pairs));
 }
 
-__device__ __forceinline__ void store_window_item(const PoolArgs& a, const RunView& r, const StateUpdate& u,
-                                                 int64_t i, const SlotValue& v) {
-  const int64_t offset = (window_item_position(u, i) % a.ratio) * width_of(a) + window_item_column(a, u, i);
-  *reinterpret_cast<float2*>(r.state.window_kv + offset) = v.value;
-  *reinterpret_cast<float2*>(r.state.window_score + offset) = v.score;
+template <bool kWindow>
+__device__ __forceinline__ void store_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t i,
+                                           const SlotValue& v) {
+  if constexpr (kWindow) {
+    const int64_t offset = (window_item_position(u, i) % a.ratio) * width_of(a) + window_item_column(a, u, i);
+    *reinterpret_cast<float2*>(r.state.window_kv + offset) = v.value;
+    *reinterpret_cast<float2*>(r.state.window_score + offset) = v.score;
+  } else {
+    const int64_t offset = (i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
+    *reinterpret_cast<float2*>(r.state.previous_kv + offset) = v.value;
+    *reinterpret_cast<float2*>(r.state.previous_score + offset) = v.score;
+  }
 }
 
 // A thread's first kEarlyItems items of each part, loaded before the pooling: a decode step's whole update, so that
@@ -260,51 +259,43 @@ __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, cons
   for (int k = 0; k < kEarlyItems; ++k) {
     // Past the end: a harmless repeat of the last item's load (never stored).
     if (u.previous_items > 0)
-      e.previous[k] = load_previous_item(a, r, u, min(threadIdx.x + k * stride, u.previous_items - 1));
+      e.previous[k] = load_item<false>(a, r, u, min(threadIdx.x + k * stride, u.previous_items - 1));
     if (u.window_items > 0)
-      e.window[k] = load_window_item(a, r, u, min(threadIdx.x + k * stride, u.window_items - 1));
+      e.window[k] = load_item<true>(a, r, u, min(threadIdx.x + k * stride, u.window_items - 1));
   }
   return e;
 }
 
-// The update by every thread of the CTA (kEarly: with its first items already in `early`), kUpdateBatch loads before
-// their stores.
+// One part of the update (kWindow: the window's slots, else the previous halves) by every thread of the CTA, from
+// item `first` of the thread (kEarly: its first items already in `early`), kUpdateBatch loads before their stores.
+template <bool kWindow, bool kEarly>
+__device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t items,
+                                            int64_t stride, int64_t first, const SlotValue (&early)[kEarlyItems]) {
+  if (kEarly) {
+#pragma unroll
+    for (int k = 0; k < kEarlyItems; ++k)
+      if (threadIdx.x + k * stride < items) store_item<kWindow>(a, r, u, threadIdx.x + k * stride, early[k]);
+  }
+  for (int64_t i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
+    SlotValue value[kUpdateBatch];
+#pragma unroll
+    for (int k = 0; k < kUpdateBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
+#pragma unroll
+    for (int k = 0; k < kUpdateBatch; ++k)
+      if (i0 + k * stride < items) store_item<kWindow>(a, r, u, i0 + k * stride, value[k]);
+  }
+}
+
+// The whole update by every thread of the CTA: the previous halves, then (after a barrier: their sources may be old
+// window slots) the window's.
 template <bool kEarly>
 __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
   const int64_t stride = blockDim.x, first = threadIdx.x + (kEarly ? kEarlyItems * stride : 0);
   if (u.previous_items > 0) {
-    if (kEarly) {
-#pragma unroll
-      for (int k = 0; k < kEarlyItems; ++k)
-        if (threadIdx.x + k * stride < u.previous_items)
-          store_previous_item(a, r, u, threadIdx.x + k * stride, early.previous[k]);
-    }
-    for (int64_t i0 = first; i0 < u.previous_items; i0 += kUpdateBatch * stride) {
-      SlotValue value[kUpdateBatch];
-#pragma unroll
-      for (int k = 0; k < kUpdateBatch; ++k)
-        value[k] = load_previous_item(a, r, u, min(i0 + k * stride, u.previous_items - 1));
-#pragma unroll
-      for (int k = 0; k < kUpdateBatch; ++k)
-        if (i0 + k * stride < u.previous_items) store_previous_item(a, r, u, i0 + k * stride, value[k]);
-    }
+    update_part<false, kEarly>(a, r, u, u.previous_items, stride, first, early.previous);
     __syncthreads();
   }
-  if (kEarly) {
-#pragma unroll
-    for (int k = 0; k < kEarlyItems; ++k)
-      if (threadIdx.x + k * stride < u.window_items)
-        store_window_item(a, r, u, threadIdx.x + k * stride, early.window[k]);
-  }
-  for (int64_t i0 = first; i0 < u.window_items; i0 += kUpdateBatch * stride) {
-    SlotValue value[kUpdateBatch];
-#pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k)
-      value[k] = load_window_item(a, r, u, min(i0 + k * stride, u.window_items - 1));
-#pragma unroll
-    for (int k = 0; k < kUpdateBatch; ++k)
-      if (i0 + k * stride < u.window_items) store_window_item(a, r, u, i0 + k * stride, value[k]);
-  }
+  update_part<true, kEarly>(a, r, u, u.window_items, stride, first, early.window);
 }
 
 // CTA `local` of pool `a` (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last hardware
