@@ -495,8 +495,8 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers
-// above and the single-launch MoE (moe_fused.cuh) build them, and the x region a streamed launch of T tokens sizes
-// for K = k_total.
+// above and the single-launch MoE (moe_single_launch.cuh) build them, and the x region a streamed launch of T
+// tokens sizes for K = k_total.
 ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& params, ExpertGemm gemm);
 int streamed_x_region_bytes(int tokens, int k_total);
 

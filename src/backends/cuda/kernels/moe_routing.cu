@@ -65,6 +65,17 @@ RouteArgs route_args(const MoeRoutingParams& p) {
   };
 }
 
+RouterLogitsArgs router_logits_args(const MoeRoutingParams& p, int rows_per_cta) {
+  return RouterLogitsArgs{.router = p.router.data,
+                          .u = p.u,
+                          .logits = p.out.logits,
+                          .u_bf16 = p.out.u_bf16,
+                          .tokens = p.tokens,
+                          .experts = int(p.router.rows),
+                          .hidden = int(p.router.cols),
+                          .rows_per_cta = rows_per_cta};
+}
+
 }  // namespace moe
 
 int moe_routing_launches(const MoeRoutingParams& p) { return fuses_routing(p) ? 1 : 2; }
@@ -81,14 +92,7 @@ void run_moe_routing(const MoeRoutingParams& p) {
   const int rows_per_cta = (row_groups + row_blocks - 1) / row_blocks * moe::kRouterWarpsPerCta;
   const moe::RouteArgs route = moe::route_args(p);
   const moe::RouterArgs router_args{
-      .logits = {.router = p.router.data,
-                 .u = p.u,
-                 .logits = p.out.logits,
-                 .u_bf16 = p.out.u_bf16,
-                 .tokens = p.tokens,
-                 .experts = experts,
-                 .hidden = hidden,
-                 .rows_per_cta = rows_per_cta},
+      .logits = moe::router_logits_args(p, rows_per_cta),
       .route = route,
   };
   const dim3 logits_grid(unsigned((experts + rows_per_cta - 1) / rows_per_cta), unsigned(chunks));

@@ -48,20 +48,51 @@ struct RouterLogitsArgs {
 };
 
 template <bool kBf16>
-__device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, float (&w)[kRouterVector]) {
+inline constexpr int kRouterVectorWords = kBf16 ? 1 : 2;  // 16-byte words of one vector of kRouterVector values
+
+// A router vector as loaded, widened to fp32 (bf16 is fp32's upper half).
+template <bool kBf16>
+__device__ __forceinline__ void widen_router_vector(const uint4 (&raw)[kRouterVectorWords<kBf16>],
+                                                    float (&w)[kRouterVector]) {
   if constexpr (kBf16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + size_t(k) * 2));
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const uint32_t words[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       w[2 * i] = __uint_as_float(words[i] << 16);
       w[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
     }
   } else {
+#pragma unroll
+    for (int i = 0; i < kRouterVectorWords<kBf16>; ++i) {
+      w[4 * i] = __uint_as_float(raw[i].x), w[4 * i + 1] = __uint_as_float(raw[i].y);
+      w[4 * i + 2] = __uint_as_float(raw[i].z), w[4 * i + 3] = __uint_as_float(raw[i].w);
+    }
+  }
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, float (&w)[kRouterVector]) {
+  if constexpr (kBf16) {
+    const uint4 raw[1] = {__ldg(reinterpret_cast<const uint4*>(row + size_t(k) * 2))};
+    widen_router_vector<true>(raw, w);
+  } else {
     const float4 a = __ldg(reinterpret_cast<const float4*>(row + size_t(k) * 4));
     const float4 b = __ldg(reinterpret_cast<const float4*>(row + size_t(k) * 4) + 1);
     w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
   }
+}
+
+// sum + w · x for one vector, x = (x0, x1): the router's products in their order, shared by
+// moe_router_logits_kernel and the single-launch MoE so that both give the same logits bit for bit.
+__device__ __forceinline__ float fma_router_vector(const float (&w)[kRouterVector], float4 x0, float4 x1, float sum) {
+  sum = fmaf(w[0], x0.x, sum);
+  sum = fmaf(w[1], x0.y, sum);
+  sum = fmaf(w[2], x0.z, sum);
+  sum = fmaf(w[3], x0.w, sum);
+  sum = fmaf(w[4], x1.x, sum);
+  sum = fmaf(w[5], x1.y, sum);
+  sum = fmaf(w[6], x1.z, sum);
+  return fmaf(w[7], x1.w, sum);
 }
 
 struct RouteArgs {
@@ -262,6 +293,14 @@ inline __device__ void bucket_slots(const RouteArgs& a, BucketScratch& scratch) 
   if (threadIdx.x == 0) *a.out.finished_ctas = 0;  // every other CTA has counted itself already
 }
 
+// The last CTA's work where one CTA routes every token (T <= kMoeFusedRoutingMaxTokens), then buckets the slots.
+__device__ __forceinline__ void route_and_bucket_all(const RouteArgs& a, RouteScratch& route_scratch,
+                                                     BucketScratch& bucket_scratch) {
+  route_tokens(a, 0, a.tokens, route_scratch);
+  __syncthreads();  // the expert ids of every token, for the bucketing
+  bucket_slots(a, bucket_scratch);
+}
+
 // Publishes this CTA's global writes and counts it in the workspace's ticket; true in the last CTA of the grid to
 // do so, which then sees every CTA's writes (bucket_slots resets the ticket).
 __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
@@ -348,17 +387,9 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
         const int k = k0 + b * kWarpSize * kRouterVector;
         if (k >= a.hidden) break;
 #pragma unroll
-        for (int t = 0; t < kTokens; ++t) {
-          const float4 x0 = u_tile[t * quads_per_token + k / 4], x1 = u_tile[t * quads_per_token + k / 4 + 1];
-          acc[t] = fmaf(w[b][0], x0.x, acc[t]);
-          acc[t] = fmaf(w[b][1], x0.y, acc[t]);
-          acc[t] = fmaf(w[b][2], x0.z, acc[t]);
-          acc[t] = fmaf(w[b][3], x0.w, acc[t]);
-          acc[t] = fmaf(w[b][4], x1.x, acc[t]);
-          acc[t] = fmaf(w[b][5], x1.y, acc[t]);
-          acc[t] = fmaf(w[b][6], x1.z, acc[t]);
-          acc[t] = fmaf(w[b][7], x1.w, acc[t]);
-        }
+        for (int t = 0; t < kTokens; ++t)
+          acc[t] = fma_router_vector(w[b], u_tile[t * quads_per_token + k / 4], u_tile[t * quads_per_token + k / 4 + 1],
+                                     acc[t]);
       }
     }
 #pragma unroll
@@ -372,15 +403,13 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
   if constexpr (kRoute) {
     __shared__ RouteScratch route_scratch;
     __shared__ BucketScratch bucket_scratch;
-    if (!arrived_last(args.route.out.finished_ctas)) return;
-    route_tokens(args.route, 0, args.route.tokens, route_scratch);  // T <= kMoeFusedRoutingMaxTokens
-    __syncthreads();  // the expert ids of every token, for the bucketing
-    bucket_slots(args.route, bucket_scratch);
+    if (arrived_last(args.route.out.finished_ctas)) route_and_bucket_all(args.route, route_scratch, bucket_scratch);
   }
 }
 
-// Host side (moe_routing.cu): the routing arguments of a call, as run_moe_routing and the single-launch MoE
-// (moe_fused.cuh) build them.
+// Host side (moe_routing.cu): the routing and router GEMV arguments of a call, as run_moe_routing and the
+// single-launch MoE (moe_single_launch.cuh, which leaves rows_per_cta 0) build them.
 RouteArgs route_args(const MoeRoutingParams& params);
+RouterLogitsArgs router_logits_args(const MoeRoutingParams& params, int rows_per_cta);
 
 }  // namespace dsv4::cuda::moe

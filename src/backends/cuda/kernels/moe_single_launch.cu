@@ -35,14 +35,7 @@ void run_moe_single_launch(const MoeSingleLaunchParams& p) {
   check_moe_single_launch_params(p);
   const MoeExpertGemmParams& e = p.experts;
   moe::SingleLaunchArgs args{
-      .logits = {.router = p.routing.router.data,
-                 .u = p.routing.u,
-                 .logits = p.routing.out.logits,
-                 .u_bf16 = p.routing.out.u_bf16,
-                 .tokens = p.routing.tokens,
-                 .experts = int(p.routing.router.rows),
-                 .hidden = int(p.routing.router.cols),
-                 .rows_per_cta = 0},
+      .logits = moe::router_logits_args(p.routing, 0),
       .route = moe::route_args(p.routing),
       .gate_up = moe::expert_gemm_args(e, moe::ExpertGemm::GATE_UP),
       .down = moe::expert_gemm_args(e, moe::ExpertGemm::DOWN),

@@ -100,18 +100,17 @@ __device__ __forceinline__ MoeWorkItem load_work_item(const MoeWorkItem* item) {
 template <bool kBf16>
 __device__ __forceinline__ void router_row_logits(const RouterLogitsArgs& a, int row, int lane, float* acc) {
   constexpr int kBatch = kBf16 ? kRouterBatch / 2 : kRouterBatch / 4;
-  constexpr int kWords = kBf16 ? 1 : 2;  // 16-byte words per vector
   const uint8_t* weights = a.router + size_t(row) * a.hidden * (kBf16 ? 2 : 4);
   for (int t = 0; t < a.tokens; ++t) acc[t * kWarpSize + lane] = 0.0f;
 #pragma unroll 1
   for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kBatch) {
-    uint4 raw[kBatch][kWords];
+    uint4 raw[kBatch][kRouterVectorWords<kBf16>];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int k = k0 + b * kWarpSize * kRouterVector;
       if (k < a.hidden)
 #pragma unroll
-        for (int i = 0; i < kWords; ++i)
+        for (int i = 0; i < kRouterVectorWords<kBf16>; ++i)
           raw[b][i] = __ldg(reinterpret_cast<const uint4*>(weights + size_t(k) * (kBf16 ? 2 : 4)) + i);
     }
 #pragma unroll 1
@@ -123,30 +122,9 @@ __device__ __forceinline__ void router_row_logits(const RouterLogitsArgs& a, int
         const int k = k0 + b * kWarpSize * kRouterVector;
         if (k >= a.hidden) break;
         float w[kRouterVector];
-        if constexpr (kBf16) {
-          const uint32_t words[4] = {raw[b][0].x, raw[b][0].y, raw[b][0].z, raw[b][0].w};
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {  // as load_router_vector
-            w[2 * i] = __uint_as_float(words[i] << 16);
-            w[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < kWords; ++i) {
-            w[4 * i] = __uint_as_float(raw[b][i].x), w[4 * i + 1] = __uint_as_float(raw[b][i].y);
-            w[4 * i + 2] = __uint_as_float(raw[b][i].z), w[4 * i + 3] = __uint_as_float(raw[b][i].w);
-          }
-        }
-        const float4 x0 = __ldg(reinterpret_cast<const float4*>(u + k)),
-                     x1 = __ldg(reinterpret_cast<const float4*>(u + k) + 1);
-        sum = fmaf(w[0], x0.x, sum);
-        sum = fmaf(w[1], x0.y, sum);
-        sum = fmaf(w[2], x0.z, sum);
-        sum = fmaf(w[3], x0.w, sum);
-        sum = fmaf(w[4], x1.x, sum);
-        sum = fmaf(w[5], x1.y, sum);
-        sum = fmaf(w[6], x1.z, sum);
-        sum = fmaf(w[7], x1.w, sum);
+        widen_router_vector<kBf16>(raw[b], w);
+        sum = fma_router_vector(w, __ldg(reinterpret_cast<const float4*>(u + k)),
+                                __ldg(reinterpret_cast<const float4*>(u + k) + 1), sum);
       }
       acc[t * kWarpSize + lane] = sum;
     }
@@ -222,9 +200,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_single_launch_kernel(co
   if (arrived_last(a.route.out.finished_ctas)) {
     auto* route_scratch = reinterpret_cast<RouteScratch*>(smem + kStreamedRingBytes);
     auto* bucket_scratch = reinterpret_cast<BucketScratch*>(smem + kStreamedRingBytes + sizeof(RouteScratch));
-    route_tokens(a.route, 0, a.route.tokens, *route_scratch);
-    __syncthreads();  // the expert ids of every token, for the bucketing
-    bucket_slots(a.route, *bucket_scratch);
+    route_and_bucket_all(a.route, *route_scratch, *bucket_scratch);
     count_done(a.routed_flag);
   }
   wait_for_count(a.routed_flag, 1);
