@@ -408,6 +408,21 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     return cta_work(a, item % row_blocks, int(item / row_blocks));
   };
 
+  // Item `item` of product `a` in the loops below: its work and the warp's rows. A CTA's first item had its first
+  // stages issued ahead of wait_for_prior_grids; a later one issues them here.
+  struct WarpItem {
+    CtaWork work;
+    int64_t row0;  // the warp's first row
+    bool has_rows;
+  };
+  const auto start_item = [&](const LinearKernelArgs& a, int64_t row_blocks, int64_t item) {
+    const CtaWork work = work_of(a, row_blocks, item);
+    const int64_t row0 = work.row0 + warp_row;
+    const bool has_rows = row0 < work.row_end;
+    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    return WarpItem{work, row0, has_rows};
+  };
+
   tile::stream::init_ring(ring.full, ring.slots);
   __syncwarp();
   bool second_issued = false;
@@ -430,10 +445,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   float acc[NT][4];
   for (int64_t item = blockIdx.x; item < first_items; item += gridDim.x) {
     const LinearKernelArgs& a = args.first;
-    const CtaWork work = work_of(a, first_row_blocks, item);
-    const int64_t row0 = work.row0 + warp_row;
-    const bool has_rows = row0 < work.row_end;
-    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    const auto [work, row0, has_rows] = start_item(a, first_row_blocks, item);
     __syncthreads();  // the previous item's x tile is no longer read
     const __nv_bfloat16* x_group = a.x + work.group * a.weight.cols;
     multiply_streamed_item<F, NT>(a, &a.maps, work, row0, has_rows, ring, x_tile,
@@ -459,10 +471,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   const uint32_t published = uint32_t(args.first.row_blocks_per_group);
   for (int64_t item = blockIdx.x; item < second_items; item += gridDim.x) {
     const LinearKernelArgs& a = args.second;
-    const CtaWork work = work_of(a, second_row_blocks, item);
-    const int64_t row0 = work.row0 + warp_row;
-    const bool has_rows = row0 < work.row_end;
-    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    const auto [work, row0, has_rows] = start_item(a, second_row_blocks, item);
     if (threadIdx.x == 0) {
       for (int64_t g = work.split_begin / first_rows_per_group; g <= (work.split_end - 1) / first_rows_per_group; ++g)
         for (uint32_t polls = 0; load_acquire(args.group_ready + g) < published; ++polls) {
