@@ -30,6 +30,7 @@
 #include "backends/cuda/kernels/moe_experts.cuh"
 #include "backends/cuda/kernels/moe_routing.cuh"
 #include "backends/cuda/kernels/moe_single_launch.hpp"
+#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::moe {
 
@@ -48,12 +49,6 @@ inline constexpr size_t kSingleLaunchRouteBytes = sizeof(RouteScratch) + sizeof(
 static_assert(kSingleLaunchRouteBytes <= kStreamedXBytes, "the routing scratch fits the largest x region");
 static_assert(kExpertWarps * kMoeFusedRoutingMaxTokens * kWarpSize * sizeof(float) <= kSingleLaunchRouteBytes,
               "the router rows' running sums fit the x region");
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
-  uint32_t value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
-  return value;
-}
 
 // Blocks the CTA until *counter >= target. The wait is bounded (a trap after 2^24 polls, seconds: the awaited work
 // takes microseconds), so a counter left non-zero by a bad workspace fails the launch instead of hanging the stream.

@@ -18,6 +18,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -383,12 +384,6 @@ struct PairKernelArgs {
 };
 
 inline constexpr uint32_t kMaxReadyPolls = 1u << 22;  // ≥ 0.25 s of 64 ns sleeps; real waits take µs
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
-  uint32_t value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
-  return value;
-}
 
 template <tile::TileFormat F, int NT>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)

@@ -30,6 +30,7 @@
 
 #include "backends/cuda/kernels/top_k.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::topk {
 
@@ -133,12 +134,6 @@ __device__ __forceinline__ uint64_t global_nanoseconds() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
-}
-
-__device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
-  uint32_t value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(p) : "memory");
-  return value;
 }
 
 // A barrier still open after this long means the query's CTAs are not all resident (a broken launch bound): the
