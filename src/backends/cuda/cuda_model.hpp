@@ -43,8 +43,8 @@ struct CudaModelOptions {
   // steps of up to 64 tokens; longer steps run its parts as row slices).
   bool stack_indexer_projections = true;
   // The indexer's query preparation (RoPE, rounding) inside its score kernel: one launch fewer per CSA layer, the
-  // same bits. Off: not yet timed alone in the model (round 4, H200, Flash 8 layers b1: this, fused_wo,
-  // q_norm_prologue and moe_single_launch together 538 t/s at 10.8 launches per layer, against 591 t/s at 15.1).
+  // same bits. Off: slower (bench/NOTES.md, session 13, H200, Flash 8 layers b1, each option alone against the
+  // defaults: 586.6 against 592.0 t/s; every CTA repeats the preparation, 17.0 vs 9.2 µs at 64K keys).
   bool indexer_prepare_in_scores = false;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
@@ -68,8 +68,9 @@ struct CudaModelOptions {
   // its noise (round 2: 574.7 ± 1.9 against 576.3 ± 4.1 t/s).
   bool q_norm_prologue = true;
   // The MoE of steps of up to 8 tokens in one persistent launch (MoeRunParams::single_launch) instead of three: two
-  // launches fewer per layer, the same bits. Off: not yet timed alone in the model (see indexer_prepare_in_scores;
-  // alone in bench_cuda_moe, Flash T = 1: 69.4 µs against 70.4 µs for the three launches).
+  // launches fewer per layer, the same bits. Off: slower in the model (see indexer_prepare_in_scores: 573.5 against
+  // 592.0 t/s); in bench_cuda_moe, Flash, 69.4 against 70.4 µs for the three launches at T = 1, 280 against 253 µs
+  // at T = 8.
   bool moe_single_launch = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
