@@ -78,7 +78,8 @@ DSV4_VOCAB_PASS void compute_weights(const float* logits, size_t count, float ma
   const float inverse_temperature = 1.0f / temperature;
   for (size_t begin = 0; begin < count; begin += kBlock) {
     const size_t end = std::min(count, begin + kBlock);
-    for (size_t i = begin; i < end; ++i) weights[i] = sampling::tempered_weight(logits[i], max_logit, inverse_temperature);
+    for (size_t i = begin; i < end; ++i)
+      weights[i] = sampling::tempered_weight(logits[i], max_logit, inverse_temperature);
     uint64_t mass = 0;
     for (size_t i = begin; i < end; ++i) mass += sampling::weight_mass(weights[i], mass_shift);
     block_mass[begin / kBlock] = mass;

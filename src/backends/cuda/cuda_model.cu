@@ -52,7 +52,8 @@ OwnedQuantizedMatrix to_bf16_matrix(const QuantizedMatrix& m) {
 }
 
 // The host weights with every F32 matrix that feeds a linear kernel replaced by its BF16 rounding (the owners are
-// kept in `owned`), after checking every such matrix's scales. The mHC projections, the embedding and the router keep F32: their kernels read it.
+// kept in `owned`), after checking every such matrix's scales. The mHC projections, the embedding and the router
+// keep F32: their kernels read it.
 ModelWeights gpu_linear_formats(const ModelWeights& host, std::vector<OwnedQuantizedMatrix>& owned) {
   ModelWeights w = host;
   auto to_bf16 = [&](QuantizedMatrix& m) {
