@@ -304,6 +304,13 @@ double mma_sync_kernel_ms(const SparseAttentionParams& p, const KvCacheConfig& c
   return ms;
 }
 
+// q as bf16 on the device (the bf16q timings: the same values the kernel rounds fp32 q to).
+DeviceBuffer bf16_q_to_device(const std::vector<float>& q) {
+  std::vector<uint16_t> bits(q.size());
+  for (size_t i = 0; i < q.size(); ++i) bits[i] = float_to_bf16(q[i]);
+  return to_device(bits, "q bf16");
+}
+
 Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, double copy_gbps,
                 double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep, std::mt19937& rng) {
   const bool csa = kind == DecodeLayout::Csa;
@@ -367,9 +374,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
   // The same call with q in bf16 (cpu_check rounds q to bf16 as the kernel does, so the expected output is the same).
-  std::vector<uint16_t> q_bf16(q.size());
-  for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
-  DeviceBuffer d_q_bf16 = to_device(q_bf16, "q bf16");
+  const DeviceBuffer d_q_bf16 = bf16_q_to_device(q);
   SparseAttentionParams bf16_q = cluster;
   bf16_q.q = d_q_bf16.data();
   bf16_q.q_dtype = AttentionDtype::Bf16;
@@ -552,17 +557,15 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
                          "workspace");
   // The whole-model runner's prefill call: fp32 q in, bf16 out (the next linear layer's input).
   SparseAttentionParams p{.cache = view, .layer = 0, .tokens = T, .heads = heads,
-                                .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
-                                .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
-                                .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
-                                .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
-                                .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
-                                .compressed_slots = kTopK, .out = out.data(), .out_dtype = AttentionDtype::Bf16,
-                                .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+                        .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
+                        .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
+                        .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                        .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                        .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
+                        .compressed_slots = kTopK, .out = out.data(), .out_dtype = AttentionDtype::Bf16,
+                        .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
-  std::vector<uint16_t> q_bf16(q.size());
-  for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
-  DeviceBuffer d_q_bf16 = to_device(q_bf16, "q bf16");
+  const DeviceBuffer d_q_bf16 = bf16_q_to_device(q);
   p.q = d_q_bf16.data();
   p.q_dtype = AttentionDtype::Bf16;
   const double bf16_q_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
