@@ -673,6 +673,8 @@ TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays
     p.workspace = workspace.data(), p.workspace_bytes = bytes;
     return p;
   };
+  // Else every call below would run the three launches and be compared with themselves.
+  ASSERT_EQ(moe_launches(weights, params_for(8)), 1);
   uint64_t seed = 300;
   auto check_call = [&](int T, const std::function<void()>& call) {
     const std::vector<float> u = random_input(T, S, seed++);
