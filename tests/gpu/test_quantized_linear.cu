@@ -1123,6 +1123,9 @@ TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
   later_call(fresh, y_fresh);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> expected = download(y_fresh, size_t(later.rows));
+  // A call that wrote nothing would leave both outputs poisoned, equal bit for bit.
+  ASSERT_TRUE(std::all_of(expected.begin(), expected.end(), [](float v) { return std::isfinite(v); }))
+      << "the later call on a fresh workspace left non-finite outputs";
   for (const Call& e : earlier) {
     SCOPED_TRACE("after a [" + std::to_string(e.rows) + ", " + std::to_string(e.cols) + "] call at T=" +
                  std::to_string(e.tokens));
