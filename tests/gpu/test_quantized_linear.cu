@@ -1063,6 +1063,9 @@ TEST(QuantizedLinear, LinearPairFusedOrNotGivesTheSameResults) {
   workspace.fill_bytes(0);
   for (const int tokens : {1, 8, 17}) {
     SCOPED_TRACE("T=" + std::to_string(tokens));
+    // fuse = true must take the pair kernel up to 16 tokens, or the comparison would be of two identical paths.
+    ASSERT_EQ(quantized_linear_pair_applies(first.view(), kGroups, second.view(), tokens),
+              tokens <= kLinearMaxStreamedTokens);
     std::vector<float> results[2];
     for (const bool fuse : {false, true}) {
       DeviceBuffer mid = poisoned(size_t(tokens) * kMid / 2, "mid"), y = poisoned(size_t(tokens) * kOut, "y");
