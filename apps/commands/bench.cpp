@@ -507,8 +507,8 @@ struct E2eOptions {
   std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
 };
 
-// --fusion NAME=on|off: the CudaModelOptions switch of that name (a fused launch compared with its default in one
-// run of the same weights).
+// --fusion NAME=on|off: the CudaModelOptions switch of that name. One run builds one model; an A/B of a fusion is two
+// runs, with and without the setting, whose synthetic weights are the same because they come from the same --seed.
 void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
   const std::pair<const char*, bool cuda::CudaModelOptions::*> switches[] = {
       {"fuse_projections", &cuda::CudaModelOptions::fuse_projections},
