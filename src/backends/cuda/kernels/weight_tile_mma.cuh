@@ -346,9 +346,10 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
   __syncthreads();
 }
 
-// Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (quantized_gemm's split-K
-// reduction: deterministic, and the same sums as quantized_linear's), with the loads of up to 8 splits in flight at
-// once (a reduction is a chain of L2 round trips otherwise).
+// Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (the split-K reductions of
+// quantized_gemm and of quantized_linear's streamed and pair kernels: deterministic; its register-path kernels add
+// the same sums one split at a time), with the loads of up to 8 splits in flight at once (a reduction is a chain of
+// L2 round trips otherwise).
 __device__ __forceinline__ float sum_splits_in_order(const float* partials, int64_t split_stride, int splits) {
   constexpr int kInFlight = 8;
   float sum = 0.0f;
