@@ -54,7 +54,6 @@ QuantizedGemmConfig config_for(GemmWeight weight) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Split-K never makes slices shorter than this many k-tiles (shorter ones spend their time filling the ring and
 // reducing, not streaming weights), nor more than kMaxSplits: the last CTA of a tile reads every split's partial
