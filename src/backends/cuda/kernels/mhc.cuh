@@ -751,8 +751,8 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   read before wait_for_prior_grids(), nothing is written before it.
 // - Measured (H200, session 12, CUDA graph, µs): V4-Flash T = 1 hc_pre 7.2 (persistent kernel 11.7; with the fused
 //   norm 7.1 against 14.6 for hc_pre + rms_norm), hc_post_pre 7.4 (12.3), hc_head 4.0 (4.7); T = 8 hc_pre 9.0
-//   (12.4). Sinkhorn's 19 later iterations are 1.9 of hc_pre's 7.2 and the two hops most of hc_head's 4.0: next,
-//   a cluster (DSMEM) reduction instead of the L2 hops, and Sinkhorn split over lanes without the division chain.
+//   (12.4). Sinkhorn's 19 later iterations are 1.9 of hc_pre's 7.2 and the two hops most of hc_head's 4.0 (the
+//   cluster decode kernel below turns one of the hops into a cluster step through DSMEM).
 inline constexpr int kDecodeMaxTokens = kTileTokens;
 inline constexpr int kDecodeSliceDims = 64;
 inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream

@@ -146,8 +146,8 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
 // One tile's online-softmax step for a thread's mma score fragment: s[4n + e] is the score of entry 8n + 2c + e % 2
 // for row g + 8 (e / 2) of the thread's 16-row block, in log2 units after scale_log2; entries whose `valid` flag is 0
 // score −inf. Updates the row's reference max (kRescaleLog2) and sum, gives the factor that rescales the old
-// accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is rounded to bf16 once and the row sums add the rounded weights,
-// so PV applies exactly the weights that are normalised.
+// accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is
+// rounded to bf16 once and the row sums add the rounded weights, so PV applies exactly the weights that are normalised.
 __device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
                                                     float scale_log2, float (&row_max)[2], float (&row_sum)[2],
                                                     float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
