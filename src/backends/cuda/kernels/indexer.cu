@@ -299,23 +299,7 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
         " query operands exceed the top-k's sort buffer");
   const int ctas =
       top_k_ctas_per_query(top.queries, top.candidates, top.max_ctas_per_query, device_limits().fused_ctas_per_sm);
-  if (ctas > 1) {
-    const size_t needed = top_k_workspace_bytes(top.queries);
-    check(top.workspace != nullptr && top.workspace_bytes >= needed, "indexer_scores_top_k: ", top.queries,
-          " queries need a workspace of ", needed, " bytes (top_k_workspace_bytes), got ", top.workspace_bytes);
-  }
-  const topk::TopKArgs top_args{.scores = top.scores,
-                                .row_stride = top.row_stride,
-                                .candidates = top.candidates,
-                                .k = top.k,
-                                .positions = top.positions,
-                                .ratio = top.ratio,
-                                .selected = top.selected,
-                                .counts = top.counts,
-                                .nan_flag = top.nan_flag,
-                                .workspace = ctas > 1 ? static_cast<topk::QueryWorkspace*>(top.workspace) : nullptr,
-                                .ctas_per_query = ctas,
-                                .trace = nullptr};
+  const topk::TopKArgs top_args = topk::kernel_args(top, ctas);
   const indexer::ScoresArgs args = scores_args(s, 1);
   const auto launch = [&](auto head_dim) {
     if (fp8)

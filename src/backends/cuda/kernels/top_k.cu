@@ -74,35 +74,38 @@ void check_top_k_params(const TopKParams& p) {
   check(p.max_ctas_per_query >= 0, "top_k: negative max_ctas_per_query ", p.max_ctas_per_query);
 }
 
-void run_top_k(const TopKParams& p) {
-  check_top_k_params(p);
-  if (p.queries == 0) return;
-  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query);
+topk::TopKArgs topk::kernel_args(const TopKParams& p, int ctas) {
   if (ctas > 1) {
     const size_t needed = top_k_workspace_bytes(p.queries);
     check(p.workspace != nullptr && p.workspace_bytes >= needed, "top_k: ", p.queries,
           " queries need a workspace of ", needed, " bytes (top_k_workspace_bytes), got ", p.workspace_bytes);
   }
+  return TopKArgs{.scores = p.scores,
+                  .row_stride = p.row_stride,
+                  .candidates = p.candidates,
+                  .k = p.k,
+                  .positions = p.positions,
+                  .ratio = p.ratio,
+                  .selected = p.selected,
+                  .counts = p.counts,
+                  .nan_flag = p.nan_flag,
+                  .workspace = ctas > 1 ? static_cast<QueryWorkspace*>(p.workspace) : nullptr,
+                  .ctas_per_query = ctas,
+                  .trace = p.trace};
+}
+
+void run_top_k(const TopKParams& p) {
+  check_top_k_params(p);
+  if (p.queries == 0) return;
+  const int ctas = top_k_ctas_per_query(p.queries, p.candidates, p.max_ctas_per_query);
+  const topk::TopKArgs args = topk::kernel_args(p, ctas);
   device_limits();  // raises the kernels' shared-memory limits once per device
-  topk::TopKArgs args{.scores = p.scores,
-                      .row_stride = p.row_stride,
-                      .candidates = p.candidates,
-                      .k = p.k,
-                      .positions = p.positions,
-                      .ratio = p.ratio,
-                      .selected = p.selected,
-                      .counts = p.counts,
-                      .nan_flag = p.nan_flag,
-                      .workspace = nullptr,
-                      .ctas_per_query = ctas,
-                      .trace = p.trace};
   if (ctas == 1) {
     launch_chained(topk::top_k_kernel<false, topk::StoredScores>, dim3(unsigned(p.queries)), dim3(topk::kThreads),
                    topk::kSmemBytes, p.stream, topk::TopKLaunch<topk::StoredScores>{args, {}},
                    "top_k_kernel (one CTA per query)");
     return;
   }
-  args.workspace = static_cast<topk::QueryWorkspace*>(p.workspace);
   // An ordinary (programmatic) launch: top_k_ctas_per_query keeps the grid within the resident capacity, which the
   // pass barriers need (see top_k.cuh).
   launch_chained(topk::top_k_kernel<true, topk::StoredScores>, dim3(unsigned(p.queries * ctas)),

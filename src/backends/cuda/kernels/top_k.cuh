@@ -104,6 +104,10 @@ struct TopKArgs {
   int64_t* trace;             // TopKParams::trace
 };
 
+// The kernel's arguments for `params` over `ctas` CTAs per query, after checking the split's workspace (top_k.cu):
+// run_top_k's launch and the indexer's fused scores + top-k share them.
+TopKArgs kernel_args(const TopKParams& params, int ctas);
+
 // Shared memory: the CTA's histogram, the score cache, the sort buffer (also the list when it stays in the CTA).
 inline constexpr size_t kSmemBytes =
     kFirstDigitBins * sizeof(uint32_t) + kCachedKeys * sizeof(uint32_t) + kListCapacity * sizeof(uint64_t);
