@@ -32,6 +32,7 @@
 #include "backends/cuda/kernels/quantized_gemm.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/linear_dispatch.hpp"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
@@ -120,11 +121,6 @@ const char* load_path_name(WeightLoadPath path) {
          : path == WeightLoadPath::GENERIC  ? "generic"
          : path == WeightLoadPath::STREAMED ? "streamed"
                                             : "auto";
-}
-
-// Workspace of the default config of any 1..16-token call (the pair section's two-launch baseline).
-size_t linear_bytes_of(const DeviceMatrixView& weight, int groups) {
-  return quantized_linear_workspace_bytes(weight, kLinearMaxStreamedTokens, groups);
 }
 
 int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
@@ -422,10 +418,8 @@ int main(int argc, char** argv) {
         }
         for (const int tokens : token_counts) {
           if (!quantized_linear_pair_applies(firsts[0].view(), first_shape.groups, seconds[0].view(), tokens)) continue;
-          DeviceBuffer workspace(std::max({linear_bytes_of(firsts[0].view(), first_shape.groups),
-                                           linear_bytes_of(seconds[0].view(), 1),
-                                           quantized_linear_pair_workspace_bytes(firsts[0].view(), first_shape.groups,
-                                                                                 seconds[0].view(), tokens)}),
+          // The two launches' and the pair kernel's (linear_pair_workspace_bytes: what the engine allocates).
+          DeviceBuffer workspace(linear_pair_workspace_bytes(firsts[0].view(), first_shape.groups, seconds[0].view()),
                                  "linear workspace");
           workspace.fill_bytes(0);
           PairRow row{first_shape.model, std::string(to_string(format)), tokens, 0, 0};
