@@ -1,5 +1,6 @@
 // Device code behind indexer.hpp: the warp-level reference rounding of indexer vectors (also used by the
-// compressor's epilogue for new indexer keys), the query preparation kernel and the score kernel.
+// compressor's epilogue for new indexer keys), the query preparation kernel, the score kernels (bf16 and fp8 keys)
+// and the fused scores + top-k's score source (ComputedScores).
 //
 // NOTES (scores):
 // - The score kernel puts keys on the MMA's M side (16 keys per m-tile) and heads on N (8 per n-tile, padded with

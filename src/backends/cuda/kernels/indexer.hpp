@@ -16,9 +16,9 @@
 //   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare, or raw (fp32 before
 //   RoPE and rounding): the kernel then prepares them itself exactly as run_indexer_prepare would (same bits), which
 //   saves that launch but not time, since every CTA repeats the preparation (H200, 64K keys, T = 1: 17.0 µs against
-//   9.2 for prepare + scores). heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left unwritten
-//   (the top-k reads only the visible ones), so key_count may be a bound (the keys buffer's capacity) and the work
-//   follows the positions.
+//   9.2 for prepare + scores). heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left
+//   unwritten (the top-k reads only the visible ones), so key_count may be a bound (the keys buffer's capacity) and
+//   the work follows the positions.
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.

@@ -14,8 +14,9 @@
 //   own global histogram, meets the others at a barrier, and picks the same boundary bin from the sum.
 // - The barrier counts arrivals on one word per query, monotonic within a launch (target participants · barriers),
 //   so no reset is needed between passes; the query's last CTA to finish zeroes it, the used histograms and the list
-//   count for the next launch. The CTAs are co-resident: the launcher caps the grid at the resident capacity, and with programmatic
-//   launch a dependent grid starts only once every CTA of this one is running (allow_dependents at entry).
+//   count for the next launch. The CTAs are co-resident: the launcher caps the grid at the resident capacity, and
+//   with programmatic launch a dependent grid starts only once every CTA of this one is running (allow_dependents at
+//   entry).
 // - Global histograms and the list are read with ld.global.cg (L2): other CTAs wrote them through L2 atomics and
 //   stores, and this SM's L1 is not coherent with them.
 // - The final CTA of a query (the last to finish, by ticket) sorts the listed keys (the chosen and the boundary bin's,
