@@ -72,11 +72,6 @@ inline constexpr int kConsumerRegisters = 232;
 inline constexpr int kSharedMemoryLimit = 227 * 1024;  // per-block opt-in maximum on sm_90
 inline constexpr int kSharedMemoryPerSm = 228 * 1024;  // of which the hardware reserves 1 KiB per resident CTA
 
-// Resident CTAs per SM (kCtas): 1, the CTA takes the SM and moves registers to the consumers (setmaxnreg); 2 (the
-// 64-token tile only: its consumers hold 32 accumulators), two CTAs share an SM within the launch bound's registers
-// and half the shared memory each, and four consumer warpgroups hide each other's dequantise → wgmma → wait chain.
-// Measured on an H200 at 64 tokens: 2 took V4-Flash wq_b (256 tiles) from 27 to 21 µs, but the split-K shapes of
-// fewer tiles than SMs (wo_a, wo_b) from 36 to 52 µs (a shallower ring per CTA): the config picks per shape.
 inline constexpr int kMaxStages = 8;
 
 template <GemmWeight W>
@@ -104,7 +99,13 @@ struct WeightTraits<GemmWeight::MXFP4> {
 template <>
 struct WeightTraits<GemmWeight::NVFP4> : WeightTraits<GemmWeight::MXFP4> {};
 
-// Shared memory of one CTA, every tile 1024-byte aligned (the swizzle atom).
+// Shared memory of one CTA, every tile 1024-byte aligned (the swizzle atom), with the ring as deep as the CTA's share
+// of the SM allows (at most kMaxStages).
+// Resident CTAs per SM (kCtas): 1, the CTA takes the SM and moves registers to the consumers (setmaxnreg); 2 (the
+// 64-token tile only: its consumers hold 32 accumulators), two CTAs share an SM within the launch bound's registers
+// and half the shared memory each, and four consumer warpgroups hide each other's dequantise → wgmma → wait chain.
+// Measured on an H200 at 64 tokens: 2 took V4-Flash wq_b (256 tiles) from 27 to 21 µs, but the split-K shapes of
+// fewer tiles than SMs (wo_a, wo_b) from 36 to 52 µs (a shallower ring per CTA): the config picks per shape.
 template <GemmWeight W, int kBlockTokens, int kCtas>
 struct SharedLayout {
   static constexpr int kXStageBytes = kBlockTokens * kTileRowBytes;
