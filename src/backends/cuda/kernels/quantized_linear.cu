@@ -551,7 +551,6 @@ void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
   }
 }
 
-
 void run_quantized_linear(const QuantizedLinearParams& params) {
   launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
                                                                  current_multiprocessors()));
