@@ -1014,7 +1014,7 @@ TEST(QuantizedLinear, PairRefusesWhatItCannotRun) {
   const OwnedQuantizedMatrix narrow = quantize_fp8_block128(values.data(), 256, 256, ScaleType::E8M0);
   const DeviceMatrix fp8_device(fp8.matrix, "fp8"), mx_device(mx.matrix, "mxfp4"), narrow_device(narrow.matrix, "narrow");
   DeviceBuffer x(17 * 512 * 2, "x"), mid(17 * 512 * 2, "mid"), y(17 * 512 * 4, "y");
-  const size_t bytes = quantized_linear_pair_workspace_bytes(fp8_device.view(), 1, fp8_device.view(), 16);
+  const size_t bytes = quantized_linear_pair_workspace_bytes(fp8_device.view(), 1, fp8_device.view());
   DeviceBuffer workspace(bytes, "pair workspace");
   const QuantizedLinearPairParams good{.first = fp8_device.view(),
                                        .x = x.as<__nv_bfloat16>(),

@@ -502,11 +502,11 @@ bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_grou
 }
 
 size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
-                                             const DeviceMatrixView& second, int tokens) {
+                                             const DeviceMatrixView& second) {
   const int multiprocessors = current_multiprocessors();
   size_t bytes = 0;
   // One slot per warp leaves the most CTAs per SM, hence the most splits: the largest workspace of any ring depth.
-  for (int t = 1; t <= tokens; ++t)
+  for (int t = 1; t <= kLinearMaxStreamedTokens; ++t)
     for (const int ring_slots : {0, 1})
       bytes = std::max(bytes, plan_pair(first, first_groups, second, t, multiprocessors, ring_slots).workspace_bytes);
   return bytes;

@@ -168,9 +168,10 @@ struct QuantizedLinearPairParams {
 bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second,
                                    int tokens);
 
-// Workspace run_quantized_linear_pair needs for any call of 1..tokens tokens on the current device.
+// Workspace run_quantized_linear_pair needs for any call of these weights (1 to kLinearMaxStreamedTokens tokens, any
+// ring depth) on the current device.
 size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
-                                             const DeviceMatrixView& second, int tokens = kLinearMaxStreamedTokens);
+                                             const DeviceMatrixView& second);
 
 // Throws (naming the weight, shape, token count, pointer or workspace at fault) unless the call is supported.
 void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params);
