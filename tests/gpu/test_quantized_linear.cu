@@ -752,7 +752,8 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
       for (int t = 0; t < tokens; ++t)
         std::copy_n(x.begin() + t * c.cols, c.cols, x_strided.begin() + t * x_stride);
       const DeviceMatrix weight(o.host.matrix, "norm prologue weight");
-      const DeviceBuffer x_device = to_device(x_strided, "x fp32"), weight_device = to_device(norm_weight, "norm weight");
+      const DeviceBuffer x_device = to_device(x_strided, "x fp32");
+      const DeviceBuffer weight_device = to_device(norm_weight, "norm weight");
       DeviceBuffer normed(size_t(tokens * c.cols) * 2, "x normed bf16");
       DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
       RmsNormParams norm;
@@ -1012,7 +1013,8 @@ TEST(QuantizedLinear, PairRefusesWhatItCannotRun) {
   const OwnedQuantizedMatrix fp8 = quantize_fp8_block128(values.data(), 512, 512, ScaleType::E8M0);
   const OwnedQuantizedMatrix mx = quantize_mxfp4(values.data(), 512, 512);
   const OwnedQuantizedMatrix narrow = quantize_fp8_block128(values.data(), 256, 256, ScaleType::E8M0);
-  const DeviceMatrix fp8_device(fp8.matrix, "fp8"), mx_device(mx.matrix, "mxfp4"), narrow_device(narrow.matrix, "narrow");
+  const DeviceMatrix fp8_device(fp8.matrix, "fp8"), mx_device(mx.matrix, "mxfp4");
+  const DeviceMatrix narrow_device(narrow.matrix, "narrow");
   DeviceBuffer x(17 * 512 * 2, "x"), mid(17 * 512 * 2, "mid"), y(17 * 512 * 4, "y");
   const size_t bytes = quantized_linear_pair_workspace_bytes(fp8_device.view(), 1, fp8_device.view());
   DeviceBuffer workspace(bytes, "pair workspace");
@@ -1144,7 +1146,8 @@ TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
     int failures = 0;
     for (size_t i = 0; i < size_t(later.rows); ++i)
       if (std::memcmp(&got[i], &expected[i], sizeof(float)) != 0 && ++failures <= 8)
-        ADD_FAILURE() << "y[" << i << "] = " << got[i] << " on the shared workspace, " << expected[i] << " on a fresh one";
+        ADD_FAILURE() << "y[" << i << "] = " << got[i] << " on the shared workspace, " << expected[i]
+                      << " on a fresh one";
     EXPECT_EQ(failures, 0);
   }
 }
