@@ -538,6 +538,8 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   const WeightFormat format = parse_expert_format(o.format);
   cuda::check_synthetic_expert_format(format);
   if (o.layers != 0) first_layers(full, o.layers);  // range check before touching the GPU
+  cuda::CudaModelOptions checked;
+  for (const FusionSetting& f : o.fusions) apply_fusion(checked, f);  // an unknown name too
   check(!cuda::list_devices().empty(), "bench e2e needs a GPU: no CUDA device is visible");
   const std::string device = resolve_device(o.device == "auto" ? "cuda" : o.device);
   check(device != "cpu", "bench e2e runs on the GPU only (--device cuda or cuda:N)");
@@ -567,8 +569,6 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   const ModelConfig config = first_layers(full, layers);
   std::fprintf(stderr, "bench e2e: %s with %s (%s experts); the full model has %d layers\n", o.config.c_str(),
                describe_layer_kinds(config).c_str(), o.format.c_str(), full.num_layers);
-  cuda::CudaModelOptions checked;
-  for (const FusionSetting& f : o.fusions) apply_fusion(checked, f);  // an unknown name fails before the weights
 
   BenchReport report;
   report.model = o.config;

@@ -92,6 +92,10 @@ TEST(BenchCli, RejectsBadOptions) {
   expect_failure("bench e2e --layers -1", "--layers: -1 must not be negative");
   expect_failure("bench e2e --fusion fused_wo", "--fusion 'fused_wo': expected NAME=on or NAME=off");
   expect_failure("bench e2e --fusion fused_wo=yes", "--fusion 'fused_wo=yes': the value must be on or off, not 'yes'");
+#if DSV4_HAVE_CUDA
+  // The switch names are the CUDA model's: checked before any GPU work, so with or without a device.
+  expect_failure("bench e2e --fusion fused_w=on", "--fusion fused_w: no such switch (fuse_projections, ");
+#endif
   expect_failure("bench", "-m DIR (a checkpoint) is required");
   expect_failure("bench -m " + tiny + " --device cpu -b 1,4", "-b 4: batched decode needs the GPU");
   expect_failure("bench -m " + tiny + " --device cpu -r 0", "-r: 0 repetitions must be at least 1");
@@ -115,6 +119,7 @@ TEST(BenchCli, E2eRunsOnSyntheticWeights) {
   EXPECT_NE(r.out.find("extrapolated t/s"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("(4 layers)"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("kernel launches per decode step"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("kernel launches per layer kind"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("b2 "), std::string::npos) << r.out;
 }
 
