@@ -211,8 +211,9 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
           " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
     config.ring_slots = ring_slots > 0 ? ring_slots : default_ring_slots(format);
     // The rings, and the slack that aligns them for the swizzled boxes.
-    const size_t rings = size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) * size_t(tile::stream::slot_bytes(format)) +
-                         tile::stream::kSlotAlignment;
+    const size_t rings =
+        size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) * size_t(tile::stream::slot_bytes(format)) +
+        tile::stream::kSlotAlignment;
     const size_t x_row_bytes_per_k = size_t(tokens) * 2;
     // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
     // stage do not fit.

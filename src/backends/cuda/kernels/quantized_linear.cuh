@@ -87,8 +87,8 @@ __device__ __forceinline__ void stage_input(const LinearKernelArgs& args, const 
 template <int kLoads>
 __device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void* x_tile, float* inv_rms) {
   if (args.norm_x != nullptr)
-    tile::rms_norm_inverse_rms<kLoads>(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps, args.tokens,
-                               static_cast<float*>(x_tile), inv_rms);
+    tile::rms_norm_inverse_rms<kLoads>(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps,
+                                       args.tokens, static_cast<float*>(x_tile), inv_rms);
 }
 
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
@@ -395,7 +395,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
   const int warp_row = int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
-  const int64_t first_row_blocks = args.first.row_blocks_per_group * (args.first.weight.rows / args.first.rows_per_group);
+  const int64_t first_row_blocks =
+      args.first.row_blocks_per_group * (args.first.weight.rows / args.first.rows_per_group);
   const int64_t second_row_blocks = args.second.row_blocks_per_group;
   const int64_t first_items = first_row_blocks * args.first.k_splits;
   const int64_t second_items = second_row_blocks * args.second.k_splits;
@@ -424,7 +425,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   const auto issue_second = [&] {
     if (int64_t(blockIdx.x) < second_items) {
       const CtaWork work = work_of(args.second, second_row_blocks, blockIdx.x);
-      if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(&args.second.maps, work, work.row0 + warp_row, ring);
+      if (work.row0 + warp_row < work.row_end)
+        issue_first_stages<F>(&args.second.maps, work, work.row0 + warp_row, ring);
     }
     second_issued = true;
   };
