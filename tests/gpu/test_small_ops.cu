@@ -7,17 +7,20 @@
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
 // mixed, each list alone, all of a step's in one launch, and in the embedding's launch, exact against the rule
 // written out on the host. Strided norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs
-// poisoned with NaN plus a guard region; every element checked.
+// poisoned with NaN plus a guard region; every element checked. The shared PerDeviceCache: one compute per key and
+// device under concurrent calls.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,6 +32,7 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/rope_apply.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cpu/rope.hpp"
 #include "core/bf16.hpp"
 #include "core/dequantize.hpp"
@@ -521,6 +525,29 @@ TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
   const DeviceMatrix nv_d(nv.matrix, "mxfp4 table");
   expect_error([&] { run_embedding({.table = nv_d.view(), .ids = x.as<int32_t>(), .tokens = 1, .X = y.as<float>()}); },
                "table format mxfp4");
+}
+
+// The shared per-(kernel, device) cache: one compute per key however many threads ask at once, keys kept apart,
+// a throwing compute caches nothing (the next call computes again).
+TEST(SmallOpsGpu, PerDeviceCacheComputesOncePerKeyAndDevice) {
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
+  PerDeviceCache<int> cache;
+  std::atomic<int> computes{0};
+  const int key_a = 0, key_b = 0;  // two distinct addresses as keys
+  std::vector<std::thread> threads;
+  std::vector<int> seen(16, -1);
+  for (size_t t = 0; t < seen.size(); ++t)
+    threads.emplace_back([&, t] {
+      DSV4_CUDA_CHECK(cudaSetDevice(0));
+      seen[t] = cache.get(&key_a, [&] { return 100 + computes.fetch_add(1); });
+    });
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(computes.load(), 1);
+  for (const int value : seen) EXPECT_EQ(value, 100);
+  EXPECT_EQ(cache.get(&key_b, [] { return 7; }), 7);
+  EXPECT_EQ(cache.get(&key_a, [] { return -1; }), 100);
+  EXPECT_THROW(cache.get(&computes, []() -> int { fail("query failed"); }), Error);
+  EXPECT_EQ(cache.get(&computes, [] { return 3; }), 3);
 }
 
 }  // namespace
