@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -63,7 +64,12 @@ void launch_attention_kernel(void (*kernel)(KernelArgs...), int64_t ctas, int th
 template <int kHeadDim, int kHeadTiles, bool kFp8>
 void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int head_blocks) {
   const auto kernel = sparse_attention_kernel<kHeadDim, kHeadTiles, kFp8>;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.total));
+  // Once per device: the cap at the whole SM covers every entry layout's plan (the launch asks for plan.total).
+  static PerDeviceCache<bool> attributes_set;
+  attributes_set.get(reinterpret_cast<const void*>(kernel), [&] {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedMemoryPerSm));
+    return true;
+  });
   launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, TileConfig<kHeadDim, kHeadTiles>::kThreads,
                           plan.total, 1, p.stream, "sparse_attention", p, plan, head_blocks);
 }
@@ -100,8 +106,7 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 }
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
-// cannot hold still get 0 from the occupancy query). Set before every launch, as function attributes belong to the
-// current device's context.
+// cannot hold still get 0 from the occupancy query).
 template <bool kFp8>
 void set_d512_attributes() {
   const auto kernel = sparse_attention_d512_kernel<kFp8>;
@@ -110,16 +115,25 @@ void set_d512_attributes() {
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
-// Clusters of `size` CTAs of the head_dim 512 kernel (one CTA per SM) that the current device holds at once, for
-// sizes 2..kSparseAttentionMaxClusterSplits: the GPCs' SM counts decide (on an H200, 16 clusters of 8 fit 128 CTAs
-// but 112 CTAs in clusters of 7 took two waves; sizes above 8 need a GPC with that many free SMs), so the driver is
-// asked once per process.
-const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clusters() {
-  static const std::array<int, kSparseAttentionMaxClusterSplits + 1> clusters = [] {
-    std::array<int, kSparseAttentionMaxClusterSplits + 1> count{};
+// What the head_dim 512 kernels need from the device, set up once per device (function attributes belong to a
+// device's context, and the cluster limits follow its GPC layout): clusters[size] = clusters of `size` CTAs (one CTA
+// per SM) held at once, for sizes 2..kSparseAttentionMaxClusterSplits (on an H200, 16 clusters of 8 fit 128 CTAs but
+// 112 CTAs in clusters of 7 took two waves; sizes above 8 need a GPC with that many free SMs); largest = the largest
+// size with a resident cluster, so that every size up to it can be launched (sizes between two fitting ones fit too:
+// a GPC that holds n CTAs holds fewer).
+struct D512DeviceLimits {
+  std::array<int, kSparseAttentionMaxClusterSplits + 1> clusters{};
+  int largest = 1;
+};
+
+D512DeviceLimits d512_device_limits() {
+  static PerDeviceCache<D512DeviceLimits> cache;
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
+    set_d512_attributes<false>();
+    set_d512_attributes<true>();
+    D512DeviceLimits limits;
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    set_d512_attributes<false>();
     for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
       cudaLaunchAttribute attribute{};
       attribute.id = cudaLaunchAttributeClusterDimension;
@@ -132,29 +146,20 @@ const std::array<int, kSparseAttentionMaxClusterSplits + 1>& resident_d512_clust
       config.dynamicSmemBytes = size_t(kBytes);
       config.attrs = &attribute;
       config.numAttrs = 1;
+      int& count = limits.clusters[size_t(size)];
       // A size the hardware refuses outright (above 16, or a driver without non-portable sizes) counts as none.
-      if (cudaOccupancyMaxActiveClusters(&count[size_t(size)], sparse_attention_d512_kernel<false>, &config) !=
-          cudaSuccess) {
+      if (cudaOccupancyMaxActiveClusters(&count, sparse_attention_d512_kernel<false>, &config) != cudaSuccess) {
         (void)cudaGetLastError();
-        count[size_t(size)] = 0;
+        count = 0;
       }
     }
-    return count;
-  }();
-  return clusters;
+    while (limits.largest < kSparseAttentionMaxClusterSplits && limits.clusters[size_t(limits.largest) + 1] > 0)
+      ++limits.largest;
+    return limits;
+  });
 }
 
-// The largest size with a resident cluster, so that every size up to it can be launched (sizes between two fitting
-// ones fit too: a GPC that holds n CTAs holds fewer).
-int largest_d512_cluster() {
-  static const int largest = [] {
-    const auto& clusters = resident_d512_clusters();
-    int size = 1;
-    while (size < kSparseAttentionMaxClusterSplits && clusters[size_t(size) + 1] > 0) ++size;
-    return size;
-  }();
-  return largest;
-}
+int largest_d512_cluster() { return d512_device_limits().largest; }
 
 // The splits merge inside the attention launch, one cluster per (query, head block).
 bool merges_in_cluster(const SparseAttentionParams& p) {
@@ -166,7 +171,7 @@ void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
   const auto kernel = sparse_attention_d512_kernel<kFp8>;
-  set_d512_attributes<kFp8>();
+  d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
   launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
@@ -192,14 +197,15 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   // The head_dim 512 kernel (one CTA per SM) merges up to largest_d512_cluster() splits in a cluster, whose CTAs
   // share a GPC; more splits go to the combine kernel, weighed with its launch.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
-  const int largest_cluster = clusters_possible ? largest_d512_cluster() : 1;
+  const D512DeviceLimits limits = clusters_possible ? d512_device_limits() : D512DeviceLimits{};
+  const int largest_cluster = limits.largest;
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;
   double best_cost = std::numeric_limits<double>::infinity();
   for (int s = 1; s <= std::min<int64_t>(kSparseAttentionMaxSplits, tiles); ++s) {
     const bool cluster = s > 1 && s <= largest_cluster;
-    const int64_t per_wave = cluster ? int64_t(resident_d512_clusters()[size_t(s)]) * s : slots_per_wave;
+    const int64_t per_wave = cluster ? int64_t(limits.clusters[size_t(s)]) * s : slots_per_wave;
     if (per_wave == 0) continue;  // no cluster of this size fits the device
     const int64_t waves = (ctas_per_split * s + per_wave - 1) / per_wave;
     const double merge = s == 1           ? 0.0

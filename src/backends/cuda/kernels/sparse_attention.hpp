@@ -76,7 +76,7 @@ struct SparseAttentionParams {
 };
 
 // The largest cluster the head_dim 512 kernel's merge runs on the current device (8 portable; 16 where a GPC holds
-// 16 of its CTAs); asked of the driver once per process.
+// 16 of its CTAs); asked of the driver once per device.
 int max_sparse_attention_cluster_splits();
 
 // Splits that balance the waves of CTAs over `multiprocessors` SMs against the merge's cost: the cluster merge's up to
