@@ -45,6 +45,35 @@ namespace {
 
 bool fuses_routing(const MoeRoutingParams& p) { return p.fused_routing && p.tokens <= kMoeFusedRoutingMaxTokens; }
 
+// The decode router: about one CTA per SM, each staging ceil(E / SMs) rows, fewer where that exceeds the shared
+// memory left beside the kernel's static scratch (then more CTAs than SMs; the last-CTA ticket needs no co-residency).
+void launch_decode_router(const MoeRoutingParams& p) {
+  check(reinterpret_cast<uintptr_t>(p.router.data) % 16 == 0, "moe routing: the decode router needs a 16-byte ",
+        "aligned router (bulk copies of its rows)");
+  const int experts = int(p.router.rows);
+  const size_t row_bytes = size_t(p.router.cols) * (p.router.format == WeightFormat::BF16 ? 2 : 4);
+  auto* kernel = p.router.format == WeightFormat::BF16 ? moe::moe_router_decode_kernel<true>
+                                                        : moe::moe_router_decode_kernel<false>;
+  cudaFuncAttributes attributes{};
+  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  int device = 0, optin_bytes = 0;
+  DSV4_CUDA_CHECK(cudaGetDevice(&device));
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t budget = size_t(optin_bytes) - attributes.sharedSizeBytes;
+  check(budget >= row_bytes, "moe routing: a router row of ", row_bytes, " bytes does not fit the decode router's ",
+        budget, " bytes of shared memory");
+  const int per_sm = (experts + current_multiprocessors() - 1) / current_multiprocessors();
+  const int rows_per_cta = std::max(1, std::min(per_sm, int(budget / row_bytes)));
+  const size_t smem = size_t(rows_per_cta) * row_bytes;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const moe::DecodeRouterArgs args{
+      .logits = moe::router_logits_args(p, rows_per_cta),
+      .route = moe::route_args(p),
+  };
+  launch_chained(kernel, dim3(unsigned((experts + rows_per_cta - 1) / rows_per_cta)),
+                 dim3(moe::kDecodeRouterThreads), smem, p.stream, args, "moe_router_decode_kernel");
+}
+
 }  // namespace
 
 namespace moe {
@@ -83,6 +112,11 @@ int moe_routing_launches(const MoeRoutingParams& p) { return fuses_routing(p) ? 
 void run_moe_routing(const MoeRoutingParams& p) {
   check_moe_routing_params(p);
   const int experts = int(p.router.rows), hidden = int(p.router.cols);
+  if (fuses_routing(p) && p.decode_router) {
+    launch_decode_router(p);
+    if (p.after_logits != nullptr) DSV4_CUDA_CHECK(cudaEventRecord(p.after_logits, p.stream));
+    return;
+  }
   // Tokens per CTA: the next power of two of T up to the maximum (u staged in shared memory per chunk).
   const int chunk_tokens = p.tokens >= 4 ? 4 : p.tokens >= 2 ? 2 : 1;
   const int chunks = (p.tokens + chunk_tokens - 1) / chunk_tokens;

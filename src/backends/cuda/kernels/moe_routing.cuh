@@ -25,7 +25,9 @@
 
 #include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
 
 namespace dsv4::cuda::moe {
 
@@ -405,6 +407,266 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
     __shared__ BucketScratch bucket_scratch;
     if (arrived_last(args.route.out.finished_ctas)) route_and_bucket_all(args.route, route_scratch, bucket_scratch);
   }
+}
+
+// ---- The decode router (MoeRoutingParams::decode_router, T <= kMoeFusedRoutingMaxTokens): one launch ----
+// CTA c owns router rows [c·R, c·R + R): one bulk copy moves them into shared memory before the wait for u, so the
+// router's read overlaps the previous kernel. After the wait each warp takes (row, token) pairs: lane-strided
+// 8-value vectors of the staged row against u read from global memory (kDecodeUBatch vectors in flight per lane),
+// the products in moe_router_logits_kernel's order (fma_router_vector, then the same butterfly), so the logits are
+// its bits. The last CTA to arrive routes: scores into shared memory, one warp per token keeps its experts' ordered
+// keys in registers (16 per lane) and takes top_k rounds of two warp reductions (max key, then the lowest expert
+// index holding it: the reference's ties to the lower index), then buckets the T·top_k slots with every thread
+// owning a slot (rank among the slots by (expert, slot) by counting, work items by a ballot scan over the sorted
+// rows): no global round trip between its steps.
+inline constexpr int kDecodeRouterThreads = 256;
+inline constexpr int kDecodeRouterWarps = kDecodeRouterThreads / kWarpSize;
+inline constexpr int kDecodeUBatch = 16;  // u vectors per lane loaded before their products (one round trip at d 4096)
+inline constexpr int kDecodeKeysPerLane = kMoeMaxExperts / kWarpSize;
+inline constexpr int kDecodeMaxSlots = kMoeFusedRoutingMaxTokens * kWarpSize;  // T · top_k, top_k <= 32
+static_assert(kDecodeRouterThreads >= kDecodeMaxSlots, "one thread per slot in the bucketing");
+static_assert(kDecodeRouterWarps >= kMoeFusedRoutingMaxTokens, "one selecting warp per token");
+
+struct DecodeRouterArgs {
+  RouterLogitsArgs logits;  // rows_per_cta: the rows staged per CTA
+  RouteArgs route;
+};
+
+// Static shared memory of every CTA (only the routing CTA uses more than the bias and the hash ids).
+struct DecodeRouteScratch {
+  float score[kMoeFusedRoutingMaxTokens][kMoeMaxExperts];     // s = sqrt(softplus(logit))
+  uint32_t key[kMoeFusedRoutingMaxTokens][kMoeMaxExperts];    // ordered_key(s + bias), NaN as −inf (scored layers)
+  float bias[kMoeMaxExperts];                                  // 0 where the layer has none
+  int32_t hash_ids[kDecodeMaxSlots];                        // tid2eid rows of the tokens, hash layers
+  int32_t slot_expert[kDecodeMaxSlots];
+  int32_t token_outside_vocab[kMoeFusedRoutingMaxTokens];  // hash layers: routed as token 0, reported in status
+  int32_t row_expert[kDecodeMaxSlots];                      // the expert of each sorted row
+  int32_t row_expert_end[kDecodeMaxSlots];                  // one past that expert's last row
+  int32_t row_starts_item[kDecodeMaxSlots];
+  int32_t warp_items[kDecodeRouterWarps];
+};
+
+// PTX ISA "atom.acq_rel.gpu": an arrival counter's add that both publishes this thread's earlier writes (and those
+// ordered before it by a CTA barrier) and acquires those of the threads that added before.
+__device__ __forceinline__ uint32_t fetch_add_acq_rel(uint32_t* counter, uint32_t value) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(value) : "memory");
+  return old;
+}
+
+// Maps a non-NaN float to an unsigned key of the same order; -0 and +0 (equal floats) get one key.
+__device__ __forceinline__ uint32_t ordered_key(float v) {
+  const uint32_t bits = __float_as_uint(v + 0.0f);
+  return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+}
+
+// Warp `t` selects token t's experts of a scored layer from scratch.key; lane k < top_k returns choice k. A key of 0
+// marks a taken or missing expert (every real key, −inf's included, is above it).
+__device__ __forceinline__ int select_decode_experts(const RouteArgs& a, int t, const DecodeRouteScratch& scratch,
+                                                     int lane) {
+  uint32_t key[kDecodeKeysPerLane];
+#pragma unroll
+  for (int i = 0; i < kDecodeKeysPerLane; ++i) {
+    const int e = lane + i * kWarpSize;
+    key[i] = e < a.experts ? scratch.key[t][e] : 0u;
+  }
+  int choice = 0;
+#pragma unroll 1
+  for (int k = 0; k < a.top_k; ++k) {
+    uint32_t best = 0;
+    int best_i = 0;
+#pragma unroll
+    for (int i = 0; i < kDecodeKeysPerLane; ++i)
+      if (key[i] > best) best = key[i], best_i = i;  // strict: the lane's lowest index among equal keys
+    const uint32_t top = __reduce_max_sync(0xFFFFFFFFu, best);
+    const int e = int(__reduce_min_sync(0xFFFFFFFFu, best == top ? uint32_t(lane + best_i * kWarpSize) : ~0u));
+    if (lane == k) choice = e;
+    // Selects, not a store at key[e / 32] (which would move the keys to local memory).
+#pragma unroll
+    for (int i = 0; i < kDecodeKeysPerLane; ++i) key[i] = lane + i * kWarpSize == e ? 0u : key[i];
+  }
+  return choice;
+}
+
+// The routing CTA's work: ids, weights and the bucketing of every token (see the section comment).
+__device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRouteScratch& scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int T = a.tokens, K = a.top_k, E = a.experts, slots = T * K;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < T * E; i += blockDim.x) {
+    const int t = i / E, e = i - t * E;
+    const float s = sqrt_softplus(__ldcg(a.logits + i));  // other CTAs wrote it
+    const float biased = s + scratch.bias[e];
+    scratch.score[t][e] = s;
+    scratch.key[t][e] = ordered_key(isnan(biased) ? -INFINITY : biased);
+  }
+  if (a.tid2eid != nullptr && threadIdx.x == 0) {
+#pragma unroll 1
+    for (int t = 0; t < T; ++t)
+      if (scratch.token_outside_vocab[t] != 0) {
+        atomicCAS(a.out.status, 0, t + 1);
+        break;
+      }
+  }
+  __syncthreads();
+  if (warp < T) {
+    const int id = a.tid2eid == nullptr ? select_decode_experts(a, warp, scratch, lane)
+                                        : lane < K ? scratch.hash_ids[warp * K + lane] : 0;
+    const float s = lane < K ? scratch.score[warp][id] : 0.0f;
+    // The bias only selects; the weights come from the unbiased scores, summed in k order.
+    float sum = 0.0f;
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) sum += __shfl_sync(0xFFFFFFFFu, s, k);
+    if (lane < K) {
+      a.out.expert_ids[warp * K + lane] = id;
+      a.out.expert_weights[warp * K + lane] = s / sum * a.routed_scaling_factor;
+      scratch.slot_expert[warp * K + lane] = id;
+    }
+  }
+  __syncthreads();
+  // Slot s goes to row (slots of lower experts) + (earlier slots of its expert): a stable counting sort.
+  const int s = threadIdx.x;
+  if (s < slots) {
+    const int e = scratch.slot_expert[s];
+    int below = 0, same = 0, before = 0;
+#pragma unroll 1
+    for (int other = 0; other < slots; ++other) {
+      const int v = scratch.slot_expert[other];
+      below += v < e;
+      same += v == e;
+      before += v == e && other < s;
+    }
+    const int row = below + before;
+    a.out.row_tokens[row] = s / K;
+    a.out.slot_rows[s] = row;
+    scratch.row_expert[row] = e;
+    scratch.row_expert_end[row] = below + same;
+    scratch.row_starts_item[row] = before % a.rows_per_item == 0;
+  }
+  __syncthreads();
+  // Work items: the shared expert's first, then one per rows_per_item rows of each expert, in row order.
+  const int shared_items = (T + a.rows_per_item - 1) / a.rows_per_item;
+  const int r = threadIdx.x;
+  const bool starts = r < slots && scratch.row_starts_item[r] != 0;
+  const unsigned starting = __ballot_sync(0xFFFFFFFFu, starts);
+  if (lane == 0) scratch.warp_items[warp] = __popc(starting);
+  __syncthreads();
+  int items_before = shared_items, items = shared_items;
+#pragma unroll 1
+  for (int w = 0; w < kDecodeRouterWarps; ++w) {
+    items_before += w < warp ? scratch.warp_items[w] : 0;
+    items += scratch.warp_items[w];
+  }
+  if (starts)
+    a.out.work_items[items_before + __popc(starting & ((1u << lane) - 1u))] = MoeWorkItem{
+        .expert = scratch.row_expert[r],
+        .row_begin = r,
+        .row_count = min(a.rows_per_item, scratch.row_expert_end[r] - r),
+    };
+#pragma unroll 1
+  for (int j = threadIdx.x; j < shared_items; j += blockDim.x)
+    a.out.work_items[j] = MoeWorkItem{
+        .expert = E,
+        .row_begin = slots + j * a.rows_per_item,
+        .row_count = min(a.rows_per_item, T - j * a.rows_per_item),
+    };
+  if (threadIdx.x < T) a.out.row_tokens[slots + threadIdx.x] = threadIdx.x;
+  // offsets[e] = the first row of an expert >= e (a lower bound in the sorted rows); the shared expert's rows last.
+#pragma unroll 1
+  for (int e = threadIdx.x; e <= E + 1; e += blockDim.x) {
+    int lo = 0, hi = slots;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (scratch.row_expert[mid] < e) lo = mid + 1;
+      else hi = mid;
+    }
+    a.out.expert_offsets[e] = e <= E ? lo : slots + T;
+  }
+  if (threadIdx.x == 0) {
+    *a.out.work_item_count = items;
+    *a.out.finished_ctas = 0;  // every other CTA has counted itself already
+  }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_kernel(const DecodeRouterArgs args) {
+  extern __shared__ __align__(128) uint8_t staged_rows[];  // [rows][d] as stored
+  __shared__ uint64_t rows_landed;
+  __shared__ DecodeRouteScratch scratch;
+  const RouterLogitsArgs& a = args.logits;
+  const RouteArgs& route = args.route;
+  const size_t row_bytes = size_t(a.hidden) * (kBf16 ? 2 : 4);
+  const int row_begin = int(blockIdx.x) * a.rows_per_cta, rows = min(a.rows_per_cta, a.experts - row_begin);
+  if (threadIdx.x == 0) {
+    sm90::mbarrier_init(&rows_landed, 1);
+    sm90::fence_mbarrier_init();
+    const uint32_t bytes = uint32_t(size_t(rows) * row_bytes);
+    sm90::mbarrier_arrive_expect_tx(&rows_landed, bytes);
+    ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(staged_rows)),
+                                        a.router + size_t(row_begin) * row_bytes, bytes,
+                                        static_cast<uint32_t>(__cvta_generic_to_shared(&rows_landed)));
+  }
+  for (int e = threadIdx.x; e < a.experts; e += blockDim.x)
+    scratch.bias[e] = route.bias != nullptr ? __ldg(route.bias + e) : 0.0f;
+  wait_for_prior_grids();  // u and the token ids come from earlier operations
+  allow_dependents();
+  // Every CTA fetches the hash ids while its rows land: the routing CTA, known only at the end, then has them.
+  if (route.tid2eid != nullptr && int(threadIdx.x) < a.tokens * route.top_k) {
+    const int t = threadIdx.x / route.top_k, j = threadIdx.x % route.top_k;
+    const int32_t token = __ldg(route.token_ids + t);
+    const bool outside = token < 0 || token >= route.vocab;
+    if (j == 0) scratch.token_outside_vocab[t] = outside;
+    scratch.hash_ids[threadIdx.x] = __ldg(route.tid2eid + size_t(outside ? 0 : token) * route.top_k + j);
+  }
+  // u rounded to bf16 for the expert GEMMs, a grid-strided slice per CTA.
+  const int quads = a.tokens * a.hidden / 4;
+  for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < quads; i += int(gridDim.x * blockDim.x)) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(a.u) + i);
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16) + 2 * i;
+    dst[0] = __floats2bfloat162_rn(v.x, v.y);
+    dst[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+  __syncthreads();  // the barrier's initialisation, the bias and the hash ids
+  sm90::mbarrier_wait(&rows_landed, 0);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll 1
+  for (int pair = warp; pair < rows * a.tokens; pair += kDecodeRouterWarps) {
+    const int local_row = pair % rows, t = pair / rows;
+    const uint8_t* row = staged_rows + size_t(local_row) * row_bytes;
+    const float4* u = reinterpret_cast<const float4*>(a.u + size_t(t) * a.hidden);
+    float sum = 0.0f;
+#pragma unroll 1
+    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kDecodeUBatch) {
+      float4 x[kDecodeUBatch][2];
+#pragma unroll
+      for (int b = 0; b < kDecodeUBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k < a.hidden) x[b][0] = __ldg(u + k / 4), x[b][1] = __ldg(u + k / 4 + 1);
+      }
+#pragma unroll
+      for (int b = 0; b < kDecodeUBatch; ++b) {
+        const int k = k0 + b * kWarpSize * kRouterVector;
+        if (k >= a.hidden) break;
+        uint4 raw[kRouterVectorWords<kBf16>];
+#pragma unroll
+        for (int i = 0; i < kRouterVectorWords<kBf16>; ++i)
+          raw[i] = reinterpret_cast<const uint4*>(row + size_t(k) * (kBf16 ? 2 : 4))[i];
+        float w[kRouterVector];
+        widen_router_vector<kBf16>(raw, w);
+        sum = fma_router_vector(w, x[b][0], x[b][1], sum);
+      }
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (lane == 0) a.logits[size_t(t) * a.experts + row_begin + local_row] = sum;
+  }
+  // The last CTA to count itself routes. Thread 0's acq_rel add publishes the CTA's logits (ordered before it by the
+  // barrier) and, in the last CTA, makes every other CTA's visible to the reads after the second barrier (ld.cg).
+  __shared__ bool is_last;
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = fetch_add_acq_rel(route.out.finished_ctas, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (is_last) route_decode_tokens(route, scratch);
 }
 
 // Host side (moe_routing.cu): the routing and router GEMV arguments of a call, as run_moe_routing and the

@@ -7,7 +7,8 @@
 //    of one expert in slot order, so the result does not depend on scheduling), the row of every slot, and the work
 //    items of the grouped expert GEMMs. The shared expert is expert E with rows T·top_k + t for every token t.
 // With fused_routing and T <= kMoeFusedRoutingMaxTokens, the router launch's last CTA does step 2's work itself (one
-// warp per token, then the bucketing): one launch and one inter-kernel wait fewer on the decode path.
+// warp per token, then the bucketing): one launch and one inter-kernel wait fewer on the decode path; decode_router
+// makes that launch the decode router (moe_routing.cuh), which computes the same bits with fewer round trips.
 //
 // Dispatch contract: asynchronous on `stream`, no allocation, no host synchronisation (graph-capturable); scratch
 // and outputs live in the caller's buffers. A token id outside [0, vocab) on a hash layer is routed to expert ids
@@ -71,6 +72,10 @@ struct MoeRoutingParams {
   cudaStream_t stream = nullptr;
   cudaEvent_t after_logits = nullptr;  // optional (benchmarks): recorded between the two launches (or after the one)
   bool fused_routing = false;          // one launch at T <= kMoeFusedRoutingMaxTokens (see above)
+  // With fused_routing at T <= kMoeFusedRoutingMaxTokens: the decode router instead of the fused router kernel (the
+  // same bits; each CTA stages its router rows in shared memory before waiting for u, and the routing CTA keeps
+  // scores, choices and slots on chip; moe_routing.cuh). Needs a 16-byte aligned router.
+  bool decode_router = false;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
