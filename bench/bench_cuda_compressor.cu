@@ -10,12 +10,14 @@
 // - baseline = one CTA per entry, one thread per channel, two passes over the window's rows (max, then the weighted
 //   sums), RMSNorm and RoPE: the same entries pooled from the projection rows alone (no state, no stored rounding);
 //   "-" where a step completes no entry;
-// - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8).
+// - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8);
+// - the indexer compressor's decode steps storing per-slot keys as the model does: fp8 codes + scale against bf16.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
 // Usage: bench_cuda_compressor [--json PATH] [--only TEXT]: --only times just the rows whose "op, case" contains TEXT
 // (every compressor's state is still filled first: 64 launches each, CSA main, CSA indexer, then HCA).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -293,6 +295,37 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
   }
 }
 
+// The indexer compressor's key outputs as the model stores them, per slot: bf16 (the baseline) against e4m3 codes
+// with a scale per key (slot_entries_fp8), for the decode steps.
+void bench_key_outputs(Compressor& index, double copy_gbps, const std::string& only, cudaStream_t stream,
+                       std::vector<Row>& rows) {
+  const int64_t capacity = Compressor::kPrefill / index.ratio + 2, per_slot = capacity * index.c;
+  DeviceBuffer bf16_keys(size_t(Compressor::kBatch * per_slot) * 2, "bf16 keys");
+  DeviceBuffer fp8_keys(size_t(Compressor::kBatch * per_slot), "fp8 keys");
+  DeviceBuffer scales(size_t(Compressor::kBatch * capacity) * 4, "key scales");
+  for (const Step& s : {kSteps[0], kSteps[1], kSteps[2]}) {
+    const std::string variant = std::string(s.variant) + ", fp8 keys + scale per slot";
+    if (!selected(only, std::string("compressor ") + index.name, variant)) continue;
+    const DeviceBuffer runs = runs_of(start_of(s, index), s.tokens, s.sequences);
+    const auto keyed = [&](cudaStream_t on, bool fp8) {
+      CompressorParams p = index.params(runs, s.sequences, s.tokens, on);
+      p.entries = nullptr, p.slot_entry_capacity = capacity, p.slot_entry_stride = per_slot;
+      if (fp8) {
+        p.slot_entries_fp8 = fp8_keys.as<uint8_t>();
+        p.slot_entry_scales = scales.as<float>(), p.slot_scale_stride = capacity;
+      } else {
+        p.slot_entries_bf16 = bf16_keys.as<__nv_bfloat16>();
+      }
+      return p;
+    };
+    const double fp8_us = graph_us(stream, 20, [&](cudaStream_t on) { run_compressor(keyed(on, true)); });
+    const double bf16_us = graph_us(stream, 20, [&](cudaStream_t on) { run_compressor(keyed(on, false)); });
+    const double bytes = bytes_of(s, index);
+    rows.push_back({std::string("compressor ") + index.name, variant, fp8_us, bytes / (copy_gbps * 1e3), bf16_us,
+                    bytes, "baseline: the same step storing bf16 keys per slot"});
+  }
+}
+
 int run(int argc, char** argv) {
   std::string json_path, only;
   for (int i = 1; i < argc; ++i) {
@@ -324,6 +357,7 @@ int run(int argc, char** argv) {
     bench_compressor(main, copy_gbps, only, stream, rows);
     bench_compressor(index, copy_gbps, only, stream, rows);
     bench_csa_layer(main, index, copy_gbps, only, stream, rows);
+    bench_key_outputs(index, copy_gbps, only, stream, rows);
     bench_splits(main, copy_gbps, only, stream, rows);
   }
   {

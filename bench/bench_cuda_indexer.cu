@@ -15,7 +15,9 @@
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
 // no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
-// Usage: bench_cuda_indexer [--json PATH]
+// - the decode chain at batch 1 (contexts 4K, 64K, 1M): indexer_prepare, scores and top-k alone, and the four ways
+//   of running them (three launches; prepare + fused scores/top-k; raw-q scores + top-k; raw-q fused), both formats.
+// Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the batch-1 cases only.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -345,6 +347,47 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
                     "floor: the scores'; baseline: scores + top-k, two launches"});
   }
+  // The decode step's chain at batch 1, every way the model can run it (in both formats): the pieces alone, then
+  // indexer_prepare + scores + top-k (three launches, the model's default), prepare + the fused scores + top-k (two),
+  // raw queries into the scores then top-k (two: CudaModelOptions::indexer_prepare_in_scores), raw queries into the
+  // fused kernel (one). Baseline: the three launches.
+  if (tokens == 1) {
+    for (const bool fp8 : {false, true}) {
+      const std::string format = fp8 ? ", fp8" : ", bf16";
+      const double three_us = graph_us(stream, 20, [&](cudaStream_t on) {
+        prepare_q(on, fp8);
+        run_indexer_scores(scores_params(on, fp8));
+        run_top_k(top_k_params(on, 0));
+      });
+      const auto chain_row = [&](const std::string& variant, double us, const std::string& note) {
+        rows.push_back({"indexer decode chain", shape + format + ", " + variant, us,
+                        fp8 ? fp8_floor_us : score_floor_us, three_us, 0.0, score_flops,
+                        note + "; floor: the scores'; baseline: prepare + scores + top-k (three launches)"});
+      };
+      chain_row("indexer_prepare alone", graph_us(stream, 20, [&](cudaStream_t on) { prepare_q(on, fp8); }),
+                "one piece");
+      chain_row("scores alone",
+                graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8)); }),
+                "one piece (prepared q)");
+      chain_row("top-k alone", graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); }),
+                "one piece");
+      chain_row("prepare + scores + top-k", three_us, "3 launches (the model's default)");
+      chain_row("prepare + fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
+                  prepare_q(on, fp8);
+                  run_indexer_scores_top_k(scores_params(on, fp8), top_k_params(on, 0));
+                }),
+                "2 launches");
+      chain_row("raw-q scores + top-k", graph_us(stream, 20, [&](cudaStream_t on) {
+                  run_indexer_scores(scores_params(on, fp8, true));
+                  run_top_k(top_k_params(on, 0));
+                }),
+                "2 launches (indexer_prepare_in_scores)");
+      chain_row("raw-q fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
+                  run_indexer_scores_top_k(scores_params(on, fp8, true), top_k_params(on, 0));
+                }),
+                "1 launch");
+    }
+  }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
   if (tokens == 1) {
@@ -356,6 +399,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     }
     print_top_k_trace(shape + ", distinct", top_k_params(stream, 0));
     for (const int64_t visible : {int64_t(300), int64_t(4096)}) {
+      if (visible >= keys) continue;  // not a short context of this capacity
       const std::vector<int64_t> short_position{visible * kRatio};
       DeviceBuffer d_short = to_device(short_position, "short position");
       const double short_us = graph_us(stream, 20, [&](cudaStream_t on) {
@@ -399,11 +443,14 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   std::string json_path;
+  bool decode_only = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
+    else if (std::strcmp(argv[i], "--decode") == 0)
+      decode_only = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH])");
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -422,9 +469,13 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   bench_launch(stream, rows);
-  for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
-    for (const int tokens : {1, 8, 64})
-      bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+  // Batch 1 at a short, a long and the longest context (the decode chain's cases), then 8 and 64 queries.
+  for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
+    bench_indexer_and_top_k(context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+  if (!decode_only)
+    for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
+      for (const int tokens : {8, 64})
+        bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 

@@ -5,7 +5,8 @@
 // 3/7/13 at different phases (runs of different lengths in one launch), or each whole sequence in one launch; every GPU
 // chunking is compared with the CPU's one pass per sequence. Exact numerics (fp32 entries by run, with their entry
 // numbers and slots) and reference numerics (bf16 before the norm, fp8 KV or Hadamard + fp4 indexer rounding of
-// the stored entries; bf16 output keyed by slot and entry number); and the main compressor's entries stored
+// the stored entries; bf16 output keyed by slot and entry number; fp8 codes + scale per entry, the indexer's fp8
+// keys, against the reference's fp8 rule on the CPU's entry); and the main compressor's entries stored
 // straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every
 // element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
 // output. Two compressors in one launch (run_compressors), and every split of an entry over CTAs, forced.
@@ -52,6 +53,7 @@ struct CompressorCase {
   CompressorStoredRounding rounding;
   bool round_pooled;
   bool bf16_output;
+  bool fp8_output = false;  // slot_entries_fp8: e4m3 codes and a scale per entry (the indexer's fp8 keys)
 };
 
 constexpr int kSequences = 3;
@@ -95,7 +97,8 @@ class CaseCheck {
         chunks_(chunks),
         to_cache_(to_cache),
         stacked_(stacked),
-        reference_(c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output || to_cache),
+        reference_(c.rounding != CompressorStoredRounding::None || c.round_pooled || c.bf16_output ||
+                   c.fp8_output || to_cache),
         width_(c.overlapping ? 2 * c.head_dim : c.head_dim),
         stride_(2 * width_ + 6),
         rope_(160000.0, c.rope_dim, cpu::YarnScaling{}) {
@@ -125,8 +128,10 @@ class CaseCheck {
         cpu::round_kv_reference(sq.expected.data(), sq.total, c.head_dim, c.rope_dim);
       if (c.rounding == CompressorStoredRounding::IndexerFp4)
         cpu::round_indexer_reference(sq.expected.data(), sq.total, c.head_dim);
-      if (c.bf16_output || (to_cache && c.rounding == CompressorStoredRounding::None))
+      if (c.bf16_output || c.fp8_output || (to_cache && c.rounding == CompressorStoredRounding::None))
         for (float& v : sq.expected) v = round_to_bf16(v);
+      // fp8 keys: the bf16 entry as one fp8 block of head_dim (DeepSeek's rule; lossless after the fp4 rounding).
+      if (c.fp8_output) cpu::round_fp8_blocks_ue8m0(sq.expected.data(), sq.total * c.head_dim, c.head_dim);
       sq.chunks = chunking(chunks, sq.tokens, q);
     }
 
@@ -136,6 +141,8 @@ class CaseCheck {
     capacity_ = longest / c.ratio + 1;  // bf16 output: entries per slot
     d_keys_ = DeviceBuffer(size_t(kSlots * capacity_ * c.head_dim) * 2, "slot entries");
     d_keys_.fill_bytes(0xFF);
+    d_scales_ = DeviceBuffer(size_t(kSlots * scale_stride()) * 4, "slot entry scales");
+    d_scales_.fill_bytes(0xFF);
     d_kv_ = DeviceBuffer(size_t(kSequences * longest * width_) * 4, "step kv");
     d_gate_ = DeviceBuffer(d_kv_.bytes(), "step gate");
     d_stacked_ = DeviceBuffer(size_t(kSequences * longest * stride_) * 4, "step stacked projections");
@@ -207,6 +214,10 @@ class CaseCheck {
     } else if (c_.bf16_output) {
       p.slot_entries_bf16 = d_keys_.as<__nv_bfloat16>(), p.slot_entry_stride = capacity_ * c_.head_dim;
       p.slot_entry_capacity = capacity_;
+    } else if (c_.fp8_output) {
+      p.slot_entries_fp8 = d_keys_.as<uint8_t>(), p.slot_entry_stride = capacity_ * c_.head_dim;
+      p.slot_entry_capacity = capacity_;
+      p.slot_entry_scales = d_scales_.as<float>(), p.slot_scale_stride = scale_stride();
     } else {
       p.entries = d_entries_.as<float>(), p.entry_rows = d_rows_.as<int32_t>(), p.entry_slots = d_slots_.as<int32_t>();
     }
@@ -217,7 +228,7 @@ class CaseCheck {
   // After the step's launch has completed: its fp32 entries, entry numbers and slots; then the positions move on.
   void check_step() {
     SCOPED_TRACE(name_);
-    if (!c_.bf16_output && !to_cache_) {
+    if (!c_.bf16_output && !c_.fp8_output && !to_cache_) {
       const std::vector<float> entries = download(d_entries_, rows_ * size_t(c_.head_dim));
       std::vector<int32_t> entry_rows(rows_), entry_slots(rows_);
       const std::vector<float> raw_rows = download(d_rows_, rows_), raw_slots = download(d_slots_, rows_);
@@ -293,6 +304,34 @@ class CaseCheck {
         for (int64_t i = 0; i < sq.total * c_.head_dim; ++i)
           sq.got.push_back(bf16_to_float(keys[size_t(sq.slot * capacity_ * c_.head_dim + i)]));
     }
+    if (c_.fp8_output) {
+      // Codes · scale per entry; nothing written past a slot's entries (codes and scales stay poisoned).
+      std::vector<uint8_t> codes(size_t(kSlots * capacity_ * c_.head_dim));
+      std::vector<uint32_t> scales(size_t(kSlots * scale_stride()));
+      d_keys_.download(codes.data(), codes.size());
+      d_scales_.download(scales.data(), scales.size() * 4);
+      for (int slot = 0; slot < kSlots; ++slot) {
+        const Sequence* owner = nullptr;
+        for (const Sequence& sq : sequences_) owner = sq.slot == slot ? &sq : owner;
+        const int64_t written = owner != nullptr ? owner->total : 0;
+        for (int64_t i = written * c_.head_dim; i < capacity_ * c_.head_dim; ++i)
+          ASSERT_EQ(codes[size_t(slot * capacity_ * c_.head_dim + i)], 0xFF)
+              << "slot " << slot << " code " << i << " written past its entries";
+        for (int64_t w = written; w < scale_stride(); ++w)
+          ASSERT_EQ(scales[size_t(slot * scale_stride() + w)], 0xFFFFFFFFu)
+              << "slot " << slot << " scale " << w << " written past its entries";
+      }
+      for (Sequence& sq : sequences_)
+        for (int64_t w = 0; w < sq.total; ++w) {
+          float scale;
+          std::memcpy(&scale, &scales[size_t(sq.slot * scale_stride() + w)], 4);
+          // A power of two (e8m0), as the score kernel's factoring out of the ReLU assumes.
+          int exponent = 0;
+          ASSERT_EQ(std::frexp(scale, &exponent), 0.5f) << "slot " << sq.slot << " entry " << w << " scale " << scale;
+          for (int64_t i = 0; i < c_.head_dim; ++i)
+            sq.got.push_back(e4m3_to_float(codes[size_t((sq.slot * capacity_ + w) * c_.head_dim + i)]) * scale);
+        }
+    }
 
     // Exact numerics: fp32 in another summation order (online softmax, tree reductions) → a few ulps of O(1) values.
     // Reference numerics: the same, then roundings (bf16, fp8, fp4) that a last-bit difference may tip to the
@@ -347,6 +386,8 @@ class CaseCheck {
   }
 
   static constexpr int kSlots = 2 * kSequences + 1;
+  // fp8 scales per slot: one more than the capacity, so the stride differs from the entries'.
+  int64_t scale_stride() const { return capacity_ + 1; }
   static constexpr int kCacheLayer = 1, kPageRows = 8;
 
   CompressorCase c_;
@@ -358,7 +399,7 @@ class CaseCheck {
   cpu::RopeTable rope_;
   int cluster_ctas_ = 0;
   std::vector<Sequence> sequences_;
-  DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_kv_, d_gate_, d_stacked_;
+  DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_scales_, d_kv_, d_gate_, d_stacked_;
   std::optional<DeviceCompressorState> state_;
   int64_t capacity_ = 0;
   std::optional<KvCache> cache_;
@@ -428,6 +469,15 @@ const CompressorCase kCases[] = {
     {"CSA indexer c=128 long reference fp4", 128, 4, true, 64, 1030, CompressorStoredRounding::IndexerFp4, true, true},
     // A cluster of two CTAs per entry (128 channels = two fp8 blocks).
     {"HCA c=128 ratio 128 reference fp8", 128, 128, false, 64, 300, CompressorStoredRounding::KvFp8, true, false},
+    // The indexer's fp8 keys (slot_entries_fp8): reference (fp4-rounded first, then lossless) and exact numerics.
+    {"CSA indexer c=128 reference fp4 fp8 out", 128, 4, true, 64, 61, CompressorStoredRounding::IndexerFp4, true,
+     false, true},
+    {"CSA indexer c=128 exact fp8 out", 128, 4, true, 64, 61, CompressorStoredRounding::None, false, false, true},
+    {"CSA golden indexer c=32 reference fp4 fp8 out", 32, 4, true, 16, 37, CompressorStoredRounding::IndexerFp4, true,
+     false, true},
+    {"HCA c=64 ratio 8 exact fp8 out", 64, 8, false, 16, 43, CompressorStoredRounding::None, false, false, true},
+    {"CSA indexer c=128 long reference fp4 fp8 out", 128, 4, true, 64, 1030, CompressorStoredRounding::IndexerFp4,
+     true, false, true},
 };
 
 TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {
@@ -437,7 +487,8 @@ TEST(Compressor, EveryChunkingMatchesTheCpuOnePass) {
     for (const char* chunks : {"one pass", "single tokens", "chunks of 2/3", "chunks of 3/7/13"}) {
       check_case(c, chunks, seed++);
       // Straight into the KV cache: the main compressor's stores (no indexer rounding, no bf16 side output).
-      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output) check_case(c, chunks, seed++, true);
+      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
+        check_case(c, chunks, seed++, true);
     }
 }
 
@@ -452,7 +503,7 @@ TEST(Compressor, StackedProjectionsMatchTheCpuOnePass) {
 }
 
 // Two compressors in one launch (run_compressors): a CSA layer's main compressor into the KV cache with its indexer
-// compressor's bf16 keys (the model's reference step) or both exact, and pairs that differ in ratio and in their
+// compressor's bf16 or fp8 keys (the model's reference step) or both exact, and pairs that differ in ratio and in their
 // split over CTAs (clusters of 8 next to single CTAs, padded clusters), prefill-length runs; each checked as alone.
 TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
@@ -461,7 +512,7 @@ TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
     bool first_to_cache, stacked;
   };
   const Pair pairs[] = {{1, 3, true, true}, {0, 2, false, false}, {4, 6, false, true}, {5, 9, true, false},
-                        {11, 12, false, true}, {7, 13, false, false}};
+                        {11, 12, false, true}, {7, 13, false, false}, {1, 14, true, true}, {0, 15, false, false}};
   uint32_t seed = 900;
   for (const Pair& pair : pairs)
     for (const char* chunks : {"one pass", "single tokens", "chunks of 2/3", "chunks of 3/7/13"}) {
@@ -523,6 +574,25 @@ TEST(Compressor, RefusesMismatchedState) {
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");
   split.cluster_ctas = 2, split.stored_rounding = CompressorStoredRounding::IndexerFp4;
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 2 must be");
+  // fp8 keys: whole vectors of 32, 64 or 128 in one CTA, with scales and aligned strides.
+  DeviceBuffer keys(4096, "keys"), scales(256, "scales");
+  DeviceCompressorState wide_state(4, 256, true);
+  CompressorParams fp8{.head_dim = 128, .ratio = 4, .overlapping = true, .run_count = 1, .max_run_tokens = 1,
+                       .state = state.view()};
+  fp8.kv = fp8.gate = fp8.ape = fp8.norm_weight = scales.as<float>();
+  fp8.runs = reinterpret_cast<const CompressorRun*>(keys.data());
+  fp8.slot_entries_fp8 = keys.as<uint8_t>(), fp8.slot_entry_stride = 1024, fp8.slot_entry_capacity = 8;
+  testing::expect_error([&] { run_compressor(fp8); }, "slot_entries_fp8 needs slot_entry_scales");
+  fp8.slot_entry_scales = scales.as<float>(), fp8.slot_scale_stride = 8, fp8.slot_entry_stride = 1032;
+  testing::expect_error([&] { run_compressor(fp8); }, "must keep 16-byte alignment");
+  fp8.slot_entry_stride = 1024, fp8.stored_rounding = CompressorStoredRounding::KvFp8;
+  testing::expect_error([&] { run_compressor(fp8); }, "KvFp8 with slot_entries_fp8");
+  fp8.stored_rounding = CompressorStoredRounding::None, fp8.cluster_ctas = 2;
+  testing::expect_error([&] { run_compressor(fp8); }, "cluster_ctas 2 must be");
+  fp8.cluster_ctas = 0, fp8.slot_entries_bf16 = keys.as<__nv_bfloat16>();
+  testing::expect_error([&] { run_compressor(fp8); }, "exactly one of entries");
+  fp8.slot_entries_bf16 = nullptr, fp8.head_dim = 256, fp8.state = wide_state.view(), fp8.slot_entry_stride = 2048;
+  testing::expect_error([&] { run_compressor(fp8); }, "with slot_entries_fp8 needs head_dim 32, 64 or 128");
 }
 
 }  // namespace

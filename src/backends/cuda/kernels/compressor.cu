@@ -30,6 +30,11 @@ const char* rounding_name(CompressorStoredRounding rounding) {
 
 bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
 
+// The indexer rounding and the fp8 output work on the whole vector in one warp: no split of an entry over CTAs.
+bool whole_vector_in_one_cta(const CompressorParams& p) {
+  return p.stored_rounding == CompressorStoredRounding::IndexerFp4 || p.slot_entries_fp8 != nullptr;
+}
+
 }  // namespace
 
 void check_compressor_params(const CompressorParams& p) {
@@ -49,9 +54,9 @@ void check_compressor_params(const CompressorParams& p) {
   const int cluster = p.cluster_ctas;
   check(cluster == 0 || cluster == 1 ||
             ((cluster == 2 || cluster == 4 || cluster == kMaxClusterCtas) && p.head_dim % (64 * cluster) == 0 &&
-             p.stored_rounding != CompressorStoredRounding::IndexerFp4),
+             !whole_vector_in_one_cta(p)),
         "compressor: cluster_ctas ", cluster, " must be 0, 1, or 2, 4, 8 splitting head_dim ", p.head_dim,
-        " into 64-channel blocks (not with stored rounding IndexerFp4)");
+        " into 64-channel blocks (not with stored rounding IndexerFp4 or slot_entries_fp8)");
   if (p.run_count == 0) return;
   check(s.window_kv != nullptr && s.window_score != nullptr && s.finished_ctas != nullptr &&
             (!p.overlapping || (s.previous_kv != nullptr && s.previous_score != nullptr)),
@@ -64,8 +69,10 @@ void check_compressor_params(const CompressorParams& p) {
         "compressor: row_stride ", p.row_stride, " must be even and at least the projection width ",
         p.projection_width());
   const bool to_cache = p.cache.pool != nullptr;
-  check(int(p.entries != nullptr) + int(p.slot_entries_bf16 != nullptr) + int(to_cache) == 1,
-        "compressor: give exactly one of entries (fp32), slot_entries_bf16 and cache");
+  check(int(p.entries != nullptr) + int(p.slot_entries_bf16 != nullptr) + int(p.slot_entries_fp8 != nullptr) +
+                int(to_cache) ==
+            1,
+        "compressor: give exactly one of entries (fp32), slot_entries_bf16, slot_entries_fp8 and cache");
   if (to_cache) {
     check(p.cache.page_table != nullptr && p.cache_layer >= 0 && p.cache_layer < p.cache.layers,
           "compressor: cache layer ", p.cache_layer, " outside [0, ", p.cache.layers, ") or no page table");
@@ -79,9 +86,21 @@ void check_compressor_params(const CompressorParams& p) {
             (p.slot_entry_capacity >= 0 && p.slot_entry_stride >= p.slot_entry_capacity * p.head_dim),
         "compressor: slot_entry_stride ", p.slot_entry_stride, " cannot hold ", p.slot_entry_capacity,
         " entries of ", p.head_dim);
-  check(p.stored_rounding != CompressorStoredRounding::IndexerFp4 ||
-            (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128),
-        "compressor: stored rounding ", rounding_name(p.stored_rounding), " needs head_dim 32, 64 or 128, got ",
+  if (p.slot_entries_fp8 != nullptr) {
+    check(p.slot_entry_scales != nullptr && p.slot_entry_capacity >= 0 &&
+              p.slot_scale_stride >= p.slot_entry_capacity &&
+              p.slot_entry_stride >= p.slot_entry_capacity * p.head_dim,
+          "compressor: slot_entries_fp8 needs slot_entry_scales, and strides (", p.slot_entry_stride, " bytes, ",
+          p.slot_scale_stride, " scales) that hold slot_entry_capacity ", p.slot_entry_capacity, " entries of ",
+          p.head_dim);
+    check(reinterpret_cast<uintptr_t>(p.slot_entries_fp8) % 16 == 0 && p.slot_entry_stride % 16 == 0,
+          "compressor: slot_entries_fp8 and slot_entry_stride ", p.slot_entry_stride, " must keep 16-byte alignment");
+    check(p.stored_rounding != CompressorStoredRounding::KvFp8,
+          "compressor: stored rounding KvFp8 with slot_entries_fp8 (the fp8 keys have their own rule)");
+  }
+  check(!whole_vector_in_one_cta(p) || (p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 128),
+        "compressor: stored rounding ", rounding_name(p.stored_rounding),
+        (p.slot_entries_fp8 != nullptr ? " with slot_entries_fp8" : ""), " needs head_dim 32, 64 or 128, got ",
         p.head_dim);
 }
 
@@ -94,12 +113,13 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
   const int c = int(p.head_dim);
   // Split an entry's channels over a cluster when entries are too few to fill the GPU (decode, HCA prefill): up to
-  // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding needs the whole vector in one CTA.
+  // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding and the fp8 output need the whole
+  // vector in one CTA.
   const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
   int cluster = p.cluster_ctas;
   if (cluster == 0) {
     cluster = 1;
-    if (p.stored_rounding != CompressorStoredRounding::IndexerFp4)
+    if (!whole_vector_in_one_cta(p))
       while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0 &&
              int64_t(slots) * (c / cluster) > kMinCtaWork)
         cluster *= 2;
@@ -131,6 +151,9 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
                               .slot_entries_bf16 = p.slot_entries_bf16,
                               .slot_entry_stride = p.slot_entry_stride,
                               .slot_entry_capacity = p.slot_entry_capacity,
+                              .slot_entries_fp8 = p.slot_entries_fp8,
+                              .slot_entry_scales = p.slot_entry_scales,
+                              .slot_scale_stride = p.slot_scale_stride,
                               .cache = p.cache,
                               .cache_layer = p.cache_layer,
                               .entries_per_run = entries_per_run,

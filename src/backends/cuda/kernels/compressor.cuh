@@ -73,6 +73,9 @@ struct PoolArgs {
   __nv_bfloat16* slot_entries_bf16;
   int64_t slot_entry_stride;
   int64_t slot_entry_capacity;
+  uint8_t* slot_entries_fp8;
+  float* slot_entry_scales;
+  int64_t slot_scale_stride;
   KvCacheView cache;
   int cache_layer;
   int64_t entries_per_run;
@@ -178,12 +181,25 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// One warp's work on the whole entry `row` (c = 32·kPerLane, lane l holds channels kPerLane·l ..): the indexer
+// rounding (IndexerFp4) in place, and with fp8 output the e4m3 codes and scale of entry w of `slot` stored.
 template <int kPerLane>
-__device__ __forceinline__ void round_indexer_row(float* row, int lane) {
+__device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* row, int lane, int64_t slot,
+                                                    int64_t w) {
   float v[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) v[i] = row[kPerLane * lane + i];
-  indexer::warp_round_indexer_reference<kPerLane>(v, lane);
+  if (a.stored_rounding == CompressorStoredRounding::IndexerFp4)
+    indexer::warp_round_indexer_reference<kPerLane>(v, lane);
+  if (a.slot_entries_fp8 != nullptr) {
+    uint8_t codes[kPerLane];
+    const float scale = indexer::warp_quantize_fp8<kPerLane>(v, codes);  // every lane: warp shuffles
+    if (w < a.slot_entry_capacity) {
+      indexer::store_fragment_bytes(a.slot_entries_fp8 + slot * a.slot_entry_stride + w * a.c + kPerLane * lane, codes);
+      if (lane == 0) a.slot_entry_scales[slot * a.slot_scale_stride + w] = scale;
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) row[kPerLane * lane + i] = v[i];
 }
@@ -457,8 +473,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] / scale)) * scale) : round_to_bf16(v[j]);
-    } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4) {
-      // The whole vector is in this CTA (no cluster split with this rounding).
+    } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
+      // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
       if (owner) {
         entry_vector[2 * pair] = v[0];
         entry_vector[2 * pair + 1] = v[1];
@@ -466,9 +482,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       __syncthreads();
       if (warp == 0) {
         switch (c) {
-          case 32: round_indexer_row<1>(entry_vector, lane); break;
-          case 64: round_indexer_row<2>(entry_vector, lane); break;
-          default: round_indexer_row<4>(entry_vector, lane); break;
+          case 32: finish_whole_vector<1>(a, entry_vector, lane, run.slot, w); break;
+          case 64: finish_whole_vector<2>(a, entry_vector, lane, run.slot, w); break;
+          default: finish_whole_vector<4>(a, entry_vector, lane, run.slot, w); break;
         }
       }
       __syncthreads();
@@ -483,7 +499,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
         kv_store_pair(a.cache.layout, stored, channel, owner, v[0], v[1]);
         if (rank == 0) kv_store_pad(a.cache.layout, stored, pair);
       }
-    } else if (owner) {
+    } else if (owner && a.slot_entries_fp8 == nullptr) {
       if (a.entries != nullptr) {
         *reinterpret_cast<float2*>(a.entries + entry_row * c + channel) = make_float2(v[0], v[1]);
       } else if (w < a.slot_entry_capacity) {

@@ -15,12 +15,16 @@
 //   weight, RoPE'd on the last rope_dim dims at position ratio·w, then given the stored rounding: KvFp8 =
 //   round_kv_reference (fp8 e4m3 per 64 of the non-rope dims, bf16 rope dims), IndexerFp4 = round_indexer_reference
 //   (Hadamard, bf16, fp4 per 32; head_dim 32/64/128), None = as pooled (exact numerics).
-// - Output (one of the three):
+// - Output (one of the four):
 //   - entries fp32 [run_count · entries_per_run, c]: run r's e-th new entry at row r·entries_per_run + e, with
 //     entry_rows[row] = its entry number w and entry_slots[row] = the run's slot (both optional), and −1 in
 //     entry_rows for the rows of runs that completed fewer entries (their entries rows are not written);
 //   - slot_entries_bf16: entry w of slot s at s·slot_entry_stride + w·c (e.g. the indexer keys of every sequence);
 //     entries w ≥ slot_entry_capacity are not written;
+//   - slot_entries_fp8 + slot_entry_scales (head_dim 32, 64 or 128; the indexer's fp8 keys): the same places in
+//     bytes, each entry as e4m3 codes with one fp32 scale at s·slot_scale_stride + w, by indexer.hpp's fp8 operand
+//     rule (the bf16-rounded entry, s = 2^ceil(log2(max(amax, 1e-4) / 448)), code = e4m3_rne(x / s)): after the
+//     IndexerFp4 rounding the codes · scale are that rounding's values (lossless, see indexer.hpp);
 //   - cache (a KvCacheView with a pool): entry w of slot s stored, as kv_insert stores it (bf16, or the fp8
 //     reference layout), at row w of the Compressed array of (s, cache_layer), whose page must be allocated and
 //     uploaded; head_dim = the cache's, stored_rounding None (the layout is the rounding). The step's compressed
@@ -82,11 +86,14 @@ struct CompressorParams {
   int32_t* entry_slots = nullptr;     // device [run_count · entries_per_run] or null
   __nv_bfloat16* slot_entries_bf16 = nullptr;  // device, entry w of slot s at s·slot_entry_stride + w·c
   int64_t slot_entry_stride = 0;      // elements
-  int64_t slot_entry_capacity = 0;    // entries per slot
+  int64_t slot_entry_capacity = 0;    // entries per slot (also of slot_entries_fp8)
+  uint8_t* slot_entries_fp8 = nullptr;  // device e4m3, entry w of slot s at s·slot_entry_stride + w·c (16-aligned)
+  float* slot_entry_scales = nullptr;   // device fp32, entry w of slot s's scale at s·slot_scale_stride + w
+  int64_t slot_scale_stride = 0;        // floats, ≥ slot_entry_capacity
   KvCacheView cache;                  // pool null: no cache output
   int cache_layer = 0;
-  // CTAs per entry (1, 2, 4 or 8, each a whole number of 64-channel blocks; 1 with IndexerFp4); 0: the launcher's
-  // choice (benchmarks and tests compare the splits).
+  // CTAs per entry (1, 2, 4 or 8, each a whole number of 64-channel blocks; 1 with IndexerFp4 or slot_entries_fp8);
+  // 0: the launcher's choice (benchmarks and tests compare the splits).
   int cluster_ctas = 0;
   cudaStream_t stream = nullptr;
 

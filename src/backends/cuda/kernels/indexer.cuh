@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/top_k.cuh"
@@ -307,33 +308,20 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (args.q_raw == nullptr) {
-    if constexpr (kFp8) {
-      // (b0, b1) of step t: 8 consecutive fp8 dims (the offset map above with r2 % 8 == 0).
-      const int fragments = queries * n_tiles * (kHeadDim / 32) * 32;
-      for (int e = threadIdx.x; e < fragments; e += blockDim.x) {
-        const int lane_of = e & 31, step = (e >> 5) % (kHeadDim / 32), n_tile = (e >> 5) / (kHeadDim / 32) % n_tiles;
-        const int query = (e >> 5) / (kHeadDim / 32) / n_tiles;
-        const int head = 8 * n_tile + (lane_of >> 2), quad = lane_of & 3;
-        constexpr int kW = kHeadDim < 64 ? kHeadDim : 64;
-        const int dim = step / (kW / 32) * kW + quad * (kW / 4) + 8 * (step % (kW / 32));
-        reinterpret_cast<uint2*>(q_frag)[e] =
-            head < args.heads ? *reinterpret_cast<const uint2*>(args.q_fp8 +
-                                                                ((first_query + query) * args.heads + head) * kHeadDim +
-                                                                dim)
-                              : make_uint2(0, 0);
-      }
-    } else {
-      const int fragments = queries * n_tiles * (kHeadDim / 32) * 32;
-      for (int e = threadIdx.x; e < fragments; e += blockDim.x) {
-        const int lane_of = e & 31, pair = (e >> 5) % (kHeadDim / 32), n_tile = (e >> 5) / (kHeadDim / 32) % n_tiles;
-        const int query = (e >> 5) / (kHeadDim / 32) / n_tiles;
-        const int head = 8 * n_tile + (lane_of >> 2);
-        reinterpret_cast<uint4*>(q_frag)[e] =
-            head < args.heads ? *reinterpret_cast<const uint4*>(args.q + ((first_query + query) * args.heads + head) *
-                                                                             kHeadDim +
-                                                                         32 * pair + 8 * (lane_of & 3))
-                              : make_uint4(0, 0, 0, 0);
-      }
+    // Prepared operands: 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair
+    // at query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
+    using Chunk = std::conditional_t<kFp8, uint2, uint4>;
+    constexpr int kChunks = kHeadDim / 8;
+    const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
+    constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
+    for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
+      const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
+      Chunk value{};
+      if (head < args.heads)
+        value = *reinterpret_cast<const Chunk*>(
+            source + (((first_query + query) * args.heads + head) * kHeadDim + 8 * chunk) * kElementBytes);
+      *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
+          value;
     }
     for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
       const int query = e / heads, head = e % heads;
