@@ -2,7 +2,12 @@
 // expert shapes (wo_a grouped) in every weight format at T ∈ {1, 4, 8, 16, 32, 64}, against two same-run references:
 // the device-to-device copy bandwidth (cudaMemcpy of 1 GiB, read + write counted) and cuBLAS bf16
 // (cublasGemmEx, or cublasGemmStridedBatchedEx for the grouped wo_a, bf16 × bf16 → fp32) for the same shape.
-// Weights rotate over enough copies to exceed three times the L2, so every launch streams from HBM. Each case times
+// Weights rotate over enough copies to exceed three times the L2. The main times are COLD, as a model step sees each
+// layer's matrices: a CUDA graph alternates a kernel that reads twice the L2 (evicting every weight byte) and
+// rewrites the activations (so they sit in L2 as the previous kernel of a step leaves them) with the timed call, and
+// the same graph without the call is subtracted. (Back-to-back replays of one call let each launch stream its
+// weights while the previous one drains, and, with stream launches, the host's launch cost hides the kernel's: both
+// flattered the kernels, so they are kept as the secondary "graph" and "stream" columns.) Each case times
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
@@ -11,15 +16,18 @@
 // run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
 // selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
-//                          [--formats bf16,fp8_block128,mxfp4,nvfp4]
+//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
-//   --formats: these weight formats)
+//   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
+//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
+//   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -81,6 +89,94 @@ double time_graph_ms(int iterations, cudaStream_t stream, Body&& body) {
   return double(ms) / (kReplays * iterations);
 }
 
+// Reads `count` 16-byte words (twice the L2) so that no weight byte stays in L2; the sum goes to `sink` only in the
+// impossible case that it equals a sentinel, so the loads cannot be dropped and nothing is written.
+__global__ void read_through_l2_kernel(const uint4* buffer, size_t count, uint4* sink) {
+  uint32_t sum = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcg(buffer + i);
+    sum += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
+}
+
+// Rewrites the activations from pristine copies: their lines are then in L2, as after the kernel that produced them.
+struct Refresh {
+  const uint4* source;
+  uint4* target;
+  size_t count;  // 16-byte words
+};
+__global__ void refresh_kernel(Refresh a, Refresh b) {
+  const auto copy = [](const Refresh& r) {
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < r.count; i += size_t(gridDim.x) * blockDim.x)
+      r.target[i] = r.source[i];
+  };
+  copy(a);
+  copy(b);
+}
+
+// Cold-call timing (see the header): microseconds of body(i, stream) following an L2 eviction and the activations'
+// refresh, the mean over kColdIterations calls in one graph replayed kColdReplays times, less the same graph without
+// the calls.
+class ColdTimer {
+ public:
+  ColdTimer(size_t l2_bytes, int multiprocessors, cudaStream_t stream)
+      : flush_(2 * l2_bytes, "L2 eviction buffer"), sink_(16, "eviction sink"), blocks_(4 * multiprocessors),
+        stream_(stream) {
+    flush_.fill_bytes(0x5A);
+  }
+
+  // Activations the timed calls read: rewritten from `pristine` before every call (at most two).
+  void refresh(const DeviceBuffer& pristine, DeviceBuffer& live) {
+    check(refreshes_ < 2 && pristine.bytes() == live.bytes() && live.bytes() % 16 == 0,
+          "bench_cuda_linear: ColdTimer refreshes two buffers of equal 16-byte multiple sizes");
+    (refreshes_ == 0 ? a_ : b_) = {pristine.as<uint4>(), live.as<uint4>(), live.bytes() / 16};
+    ++refreshes_;
+  }
+
+  template <class Body>
+  double us(Body&& body) {
+    body(0, stream_);  // outside the graph: first-launch attributes
+    const double with_calls = replay_us([&](int i) { body(i, stream_); });
+    const double without = replay_us([](int) {});
+    return (with_calls - without) / kColdIterations;
+  }
+
+ private:
+  static constexpr int kColdIterations = 40;
+  static constexpr int kColdReplays = 3;
+
+  template <class Call>
+  double replay_us(Call&& call) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < kColdIterations; ++i) {
+      read_through_l2_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16,
+                                                           sink_.as<uint4>());
+      DSV4_CUDA_CHECK_LAUNCH("read_through_l2_kernel");
+      refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
+      DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
+      call(i);
+    }
+    DSV4_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    const float ms = stream_elapsed_ms(stream_, [&] {
+      for (int r = 0; r < kColdReplays; ++r) DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    });
+    DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+    return 1e3 * double(ms) / kColdReplays;
+  }
+
+  DeviceBuffer flush_, sink_;
+  int blocks_;
+  cudaStream_t stream_;
+  Refresh a_{nullptr, nullptr, 0}, b_{nullptr, nullptr, 0};
+  int refreshes_ = 0;
+};
+
 // splitmix64: fast enough to fill gigabytes of random weights on the host.
 struct FastRandom {
   uint64_t state;
@@ -127,23 +223,38 @@ int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
   return int(std::max<size_t>(2, (3 * l2_bytes + bytes - 1) / bytes));
 }
 
+// One case: the default config stream-launched (us, gbps, percent_of_copy, against cuBLAS's stream-launched time)
+// and, cold unless named otherwise, the default and its alternatives.
 struct Row {
   std::string model, shape, format;
   int64_t rows, cols;
   int groups, tokens, k_splits;
   std::string load_path;
   double us, gbps, percent_of_copy, cublas_us, speedup;
-  double graph_us = 0;                // the default config replayed in a CUDA graph
+  int ring_slots = 0;                 // the default config's (STREAMED)
+  double cold_us = 0;                 // the default config, cold: what a model step sees
+  double cold_percent_of_copy = 0;
+  double graph_us = 0;                // the default config replayed back to back in a CUDA graph (warm)
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
   double gemm_us = 0;                 // run_quantized_gemm for the same call
   int gemm_k_splits = 0;
-  double prologue_graph_us = 0;       // the default config with the RMSNorm prologue, in a graph; 0: not timed
-  double norm_then_linear_graph_us = 0;  // run_rms_norm (bf16 out) then the default config, in a graph
+  double prologue_cold_us = 0;        // the default config with the RMSNorm prologue; 0: not timed
+  double norm_then_linear_cold_us = 0;  // run_rms_norm (bf16 out) then the default config
 };
 
-// wo_a (bf16 out) then wo_b: the two launches against the pair kernel, in CUDA graphs.
+// --sweep: one STREAMED config, cold.
+struct SweepRow {
+  std::string model, shape, format;
+  int tokens, ring_slots, k_splits;
+  std::string reduce;
+  int64_t ctas;
+  int ctas_per_sm;
+  double us, percent_of_copy;
+};
+
+// wo_a (bf16 out) then wo_b: the two launches against the pair kernel, cold.
 struct PairRow {
   std::string model, format;
   int tokens;
@@ -174,7 +285,7 @@ int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
   std::string json_path = "bench_cuda_linear.json", model_filter, shape_filter, format_filter;
-  bool quick = false;
+  bool quick = false, sweep = false, profile = false;
   std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -182,6 +293,10 @@ int main(int argc, char** argv) {
       json_path = argv[++i];
     } else if (arg == "--quick") {
       quick = true;
+    } else if (arg == "--sweep") {
+      sweep = true;
+    } else if (arg == "--profile") {
+      profile = true;
     } else if (arg == "--model" && i + 1 < argc) {
       model_filter = argv[++i];
     } else if (arg == "--formats" && i + 1 < argc) {
@@ -201,7 +316,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8] "
-                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4]\n");
+                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile]\n");
       return 2;
     }
   }
@@ -226,8 +341,8 @@ int main(int argc, char** argv) {
         {"flash", "wo_a", 8192, 4096, 8},     {"flash", "wo_b", 4096, 8192, 1},      {"flash", "expert_w1", 2048, 4096, 1},
         {"flash", "expert_w2", 4096, 2048, 1},
         // The engine's stacked and small projections: [wq_a; wkv], the CSA / HCA compressors' stack, the
-        // indexer's wq_b and weights_proj.
-        {"flash", "wq_a_wkv", 1536, 4096, 1},  {"flash", "compressors_csa", 2560, 4096, 1},
+        // indexer's wq_b and weights_proj, and a CSA layer's [wq_b; indexer wq_b].
+        {"flash", "wq_a_wkv", 1536, 4096, 1}, {"flash", "wq_b_indexer", 40960, 1024, 1},  {"flash", "compressors_csa", 2560, 4096, 1},
         {"flash", "compressors_hca", 1024, 4096, 1}, {"flash", "indexer_wq_b", 8192, 1024, 1},
         {"flash", "weights_proj", 64, 4096, 1}, {"pro", "wq_a", 1536, 7168, 1},       {"pro", "wq_b", 65536, 1536, 1},
         {"pro", "wkv", 512, 7168, 1},         {"pro", "wo_a", 16384, 4096, 16},      {"pro", "wo_b", 7168, 16384, 1},
@@ -251,6 +366,7 @@ int main(int argc, char** argv) {
                                                                    : std::vector<int>{1, 4, 8, 16, 32, 64};
     constexpr int kIterations = 100;
     std::vector<Row> table;
+    std::vector<SweepRow> sweep_rows;
 
     for (const Shape& shape : shapes) {
       const int64_t x_cols = shape.groups * shape.cols;
@@ -259,19 +375,26 @@ int main(int argc, char** argv) {
       // The RMSNorm prologue's fp32 input rows and norm weight, and run_rms_norm's bf16 output.
       DeviceBuffer norm_x(size_t(64 * x_cols) * 4, "x fp32"), norm_weight(size_t(x_cols) * 4, "norm weight");
       DeviceBuffer normed(size_t(64 * x_cols) * 2, "x normed bf16");
+      // Pristine copies the cold timer rewrites the activations from before every call.
+      DeviceBuffer x_pristine(x.bytes(), "x bf16 pristine"), norm_x_pristine(norm_x.bytes(), "x fp32 pristine");
       {
         std::vector<uint16_t> x_host(size_t(64 * x_cols));
         for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
         x.upload(x_host.data(), x_host.size() * 2);
+        x_pristine.upload(x_host.data(), x_host.size() * 2);
         std::vector<float> x_fp32(x_host.size()), weight_host(static_cast<size_t>(x_cols));
         for (size_t i = 0; i < x_fp32.size(); ++i) x_fp32[i] = bf16_to_float(x_host[i]) * 3.0f;
         for (float& v : weight_host) v = 1.0f + float(int(rng.next() % 201) - 100) / 400.0f;
         norm_x.upload(x_fp32.data(), x_fp32.size() * 4);
+        norm_x_pristine.upload(x_fp32.data(), x_fp32.size() * 4);
         norm_weight.upload(weight_host.data(), weight_host.size() * 4);
       }
-      // Same-run cuBLAS bf16 reference, once per shape and T.
+      ColdTimer cold(device.l2_bytes, device.multiprocessors, graph_stream);
+      cold.refresh(x_pristine, x);
+      cold.refresh(norm_x_pristine, norm_x);
+      // Same-run cuBLAS bf16 reference, once per shape and T (stream-launched).
       std::vector<double> cublas_us(65, 0.0);
-      {
+      if (!sweep && !profile) {
         const OwnedQuantizedMatrix bf16_host = random_matrix(WeightFormat::BF16, shape.rows, shape.cols, rng);
         const int copies = copies_beyond_l2(bf16_bytes, device.l2_bytes);
         std::vector<DeviceMatrix> weights;
@@ -290,8 +413,10 @@ int main(int argc, char** argv) {
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
         for (const int tokens : token_counts) {
-          // Stream-launched (host launch cost included where it exceeds the kernel's) or replayed in a graph.
-          const auto time_config = [&](const QuantizedLinearConfig& config, bool in_graph = false) {
+          enum class Timing { COLD, GRAPH, STREAM };
+          // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
+          // where it exceeds the kernel's).
+          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
@@ -307,17 +432,90 @@ int main(int argc, char** argv) {
                                     .stream = s},
                                    config);
             };
-            return in_graph ? time_graph_ms(kIterations, graph_stream, launch)
-                            : time_ms(kIterations, [&](int i) { launch(i, nullptr); });
+            if (timing == Timing::COLD) return cold.us(launch);
+            return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
+                                                  : time_ms(kIterations, [&](int i) { launch(i, nullptr); }));
           };
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
-          const double ms = time_config(config);
+          const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
+          // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit.
+          const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
+            try {
+              return std::optional(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
+                                                                  device.multiprocessors, WeightLoadPath::STREAMED,
+                                                                  slots, reduce, k_splits));
+            } catch (const Error&) {
+              return std::optional<QuantizedLinearConfig>();  // the rings do not fit one CTA's shared memory
+            }
+          };
+
+          if (profile) {
+            // One launch each (in this order) of the default config and the STREAMED one at 1-4 slots.
+            std::printf("profile %s %s %s T=%d: default (%s, %d slots, %d splits, %s)", shape.model, shape.name,
+                        to_string(format).data(), tokens, load_path_name(config.load_path), config.ring_slots,
+                        config.k_splits, config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace");
+            DeviceBuffer workspace(std::max<size_t>(quantized_linear_workspace_bytes(weights[0].view(), tokens,
+                                                                                     shape.groups), 16),
+                                   "linear workspace");
+            workspace.fill_bytes(0);
+            const auto launch_once = [&](const QuantizedLinearConfig& c) {
+              run_quantized_linear({.weight = weights[0].view(),
+                                    .x = x.as<__nv_bfloat16>(),
+                                    .x_row_stride = x_cols,
+                                    .y = y.as<float>(),
+                                    .y_row_stride = shape.rows,
+                                    .tokens = tokens,
+                                    .groups = shape.groups,
+                                    .workspace = workspace.data(),
+                                    .workspace_bytes = workspace.bytes()},
+                                   c);
+            };
+            launch_once(config);
+            if (streamed_applies)
+              for (int slots = 1; slots <= 4; ++slots)
+                if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
+                  launch_once(*c);
+                  std::printf(", then %d slots (%d splits, %d CTAs/SM)", slots, c->k_splits, c->ctas_per_sm);
+                }
+            std::printf("\n");
+            DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+            continue;
+          }
+
+          if (sweep) {
+            if (!streamed_applies) continue;
+            // Every distinct STREAMED config by ring slots × asked K splits × reduction, cold.
+            std::vector<QuantizedLinearConfig> seen;
+            for (int slots = 1; slots <= 4; ++slots)
+              for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
+                for (const int k_splits : {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
+                  const auto c = streamed_config(slots, reduce, k_splits);
+                  if (!c || (c->k_splits == 1 && reduce == SplitKReduce::CLUSTER) ||
+                      std::any_of(seen.begin(), seen.end(), [&](const QuantizedLinearConfig& o) {
+                        return o.ring_slots == c->ring_slots && o.k_splits == c->k_splits && o.reduce == c->reduce;
+                      }))
+                    continue;
+                  seen.push_back(*c);
+                  const double us = time_config(*c, Timing::COLD);
+                  sweep_rows.push_back({shape.model, shape.name, std::string(to_string(format)), tokens,
+                                        c->ring_slots, c->k_splits,
+                                        c->reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
+                                        c->row_blocks * c->k_splits, c->ctas_per_sm, us,
+                                        100.0 * double(stored) / (us * 1e3) / copy_gbps});
+                }
+            continue;
+          }
+
+          const double ms = time_config(config, Timing::STREAM) * 1e-3;
           Row row{shape.model, shape.name, std::string(to_string(format)), shape.rows, shape.cols, shape.groups,
                   tokens, config.k_splits, load_path_name(config.load_path), ms * 1e3, double(stored) / (ms * 1e6),
-                  0.0, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3), 0.0};
+                  0.0, cublas_us[size_t(tokens)], cublas_us[size_t(tokens)] / (ms * 1e3)};
           row.percent_of_copy = 100.0 * row.gbps / copy_gbps;
-          row.graph_us = 1e3 * time_config(config, true);
+          row.ring_slots = config.ring_slots;
+          row.cold_us = time_config(config, Timing::COLD);
+          row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
+          row.graph_us = time_config(config, Timing::GRAPH);
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
@@ -336,36 +534,25 @@ int main(int argc, char** argv) {
               }
               run_quantized_linear(p, config);
             };
-            row.prologue_graph_us =
-                1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) { linear_of(i, s, true); });
-            row.norm_then_linear_graph_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
-                                              RmsNormParams norm;
-                                              norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
-                                              norm.rows = tokens, norm.width = shape.cols, norm.eps = 1e-6f;
-                                              norm.y_bf16 = normed.as<__nv_bfloat16>(), norm.stream = s;
-                                              run_rms_norm(norm);
-                                              linear_of(i, s, false);
-                                            });
+            row.prologue_cold_us = cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true); });
+            row.norm_then_linear_cold_us = cold.us([&](int i, cudaStream_t s) {
+              RmsNormParams norm;
+              norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
+              norm.rows = tokens, norm.width = shape.cols, norm.eps = 1e-6f;
+              norm.y_bf16 = normed.as<__nv_bfloat16>(), norm.stream = s;
+              run_rms_norm(norm);
+              linear_of(i, s, false);
+            });
           }
-          row.aligned_us = 1e3 * time_config(choose_quantized_linear_config(
-                                     weights[0].view(), tokens, shape.groups, device.multiprocessors,
-                                     WeightLoadPath::ALIGNED));
-          if (streamed_load_path_applies(weights[0].view(), tokens, shape.groups))
-            for (int slots = 1; slots <= 4; ++slots) {
-              QuantizedLinearConfig streamed;
-              try {
-                streamed = choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
-                                                          device.multiprocessors, WeightLoadPath::STREAMED, slots);
-              } catch (const Error&) {
-                continue;  // the rings do not fit one CTA's shared memory (bf16 at 3-4 slots)
-              }
-              row.streamed_us[slots] = 1e3 * time_config(streamed);
-            }
-          if (streamed_load_path_applies(weights[0].view(), tokens, shape.groups)) {
-            const QuantizedLinearConfig cluster =
-                choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors,
-                                               WeightLoadPath::STREAMED, 0, SplitKReduce::CLUSTER);
-            if (cluster.reduce == SplitKReduce::CLUSTER) row.cluster_us = 1e3 * time_config(cluster, true);
+          row.aligned_us = time_config(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
+                                                                      device.multiprocessors, WeightLoadPath::ALIGNED),
+                                       Timing::COLD);
+          if (streamed_applies) {
+            for (int slots = 1; slots <= 4; ++slots)
+              if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0))
+                row.streamed_us[slots] = time_config(*c, Timing::COLD);
+            if (const auto c = streamed_config(0, SplitKReduce::CLUSTER, 0); c && c->reduce == SplitKReduce::CLUSTER)
+              row.cluster_us = time_config(*c, Timing::COLD);
           }
           {
             const QuantizedGemmConfig gemm = choose_quantized_gemm_config(weights[0].view(), tokens,
@@ -373,39 +560,43 @@ int main(int argc, char** argv) {
             DeviceBuffer workspace(std::max<size_t>(gemm.workspace_bytes, 16), "gemm workspace");
             workspace.fill_bytes(0);
             row.gemm_k_splits = gemm.k_splits;
-            row.gemm_us = 1e3 * time_ms(kIterations, [&](int i) {
-                            run_quantized_gemm({.weight = weights[size_t(i % copies)].view(),
-                                                .x = x.as<__nv_bfloat16>(),
-                                                .x_row_stride = x_cols,
-                                                .y = y.as<float>(),
-                                                .y_row_stride = shape.rows,
-                                                .tokens = tokens,
-                                                .groups = shape.groups,
-                                                .workspace = workspace.data(),
-                                                .workspace_bytes = workspace.bytes()});
-                          });
+            row.gemm_us = cold.us([&](int i, cudaStream_t s) {
+              run_quantized_gemm({.weight = weights[size_t(i % copies)].view(),
+                                  .x = x.as<__nv_bfloat16>(),
+                                  .x_row_stride = x_cols,
+                                  .y = y.as<float>(),
+                                  .y_row_stride = shape.rows,
+                                  .tokens = tokens,
+                                  .stream = s,
+                                  .groups = shape.groups,
+                                  .workspace = workspace.data(),
+                                  .workspace_bytes = workspace.bytes()});
+            });
           }
           table.push_back(row);
         }
       }
     }
-    // The pair kernel: each model's wo_a → wo_b where both shapes are selected, at the streamed token counts.
+    // The pair kernel: each model's wo_a → wo_b where both shapes are selected, at the streamed token counts, cold.
     std::vector<PairRow> pairs;
     for (const Shape& first_shape : shapes) {
-      if (std::string(first_shape.name) != "wo_a") continue;
+      if (std::string(first_shape.name) != "wo_a" || sweep || profile) continue;
       const auto second_shape = std::find_if(shapes.begin(), shapes.end(), [&](const Shape& s) {
         return std::string(s.name) == "wo_b" && std::string(s.model) == first_shape.model;
       });
       if (second_shape == shapes.end()) continue;
       const int64_t x_cols = first_shape.groups * first_shape.cols;
-      DeviceBuffer x(size_t(kLinearMaxStreamedTokens * x_cols) * 2, "x bf16");
+      DeviceBuffer x(size_t(kLinearMaxStreamedTokens * x_cols) * 2, "x bf16"), x_pristine(x.bytes(), "x pristine");
       DeviceBuffer mid(size_t(kLinearMaxStreamedTokens * first_shape.rows) * 2, "mid bf16");
       DeviceBuffer y(size_t(kLinearMaxStreamedTokens * second_shape->rows) * 4, "y");
       {
         std::vector<uint16_t> x_host(size_t(kLinearMaxStreamedTokens * x_cols));
         for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
         x.upload(x_host.data(), x_host.size() * 2);
+        x_pristine.upload(x_host.data(), x_host.size() * 2);
       }
+      ColdTimer cold(device.l2_bytes, device.multiprocessors, graph_stream);
+      cold.refresh(x_pristine, x);
       for (const WeightFormat format : formats) {
         const OwnedQuantizedMatrix first_host = random_matrix(format, first_shape.rows, first_shape.cols, rng);
         const OwnedQuantizedMatrix second_host = random_matrix(format, second_shape->rows, second_shape->cols, rng);
@@ -423,7 +614,7 @@ int main(int argc, char** argv) {
                                  "linear workspace");
           workspace.fill_bytes(0);
           PairRow row{first_shape.model, std::string(to_string(format)), tokens, 0, 0};
-          row.two_launches_us = 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+          row.two_launches_us = cold.us([&](int i, cudaStream_t s) {
                                   run_quantized_linear({.weight = firsts[size_t(i % copies)].view(),
                                                         .x = x.as<__nv_bfloat16>(),
                                                         .x_row_stride = x_cols,
@@ -446,7 +637,7 @@ int main(int argc, char** argv) {
                                                         .stream = s});
                                 });
           const auto time_pair = [&](int ring_slots) {
-            return 1e3 * time_graph_ms(kIterations, graph_stream, [&](int i, cudaStream_t s) {
+            return cold.us([&](int i, cudaStream_t s) {
                           run_quantized_linear_pair({.first = firsts[size_t(i % copies)].view(),
                                                      .first_groups = first_shape.groups,
                                                      .x = x.as<__nv_bfloat16>(),
@@ -478,19 +669,31 @@ int main(int argc, char** argv) {
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
-    std::printf("| model | shape | format | N × K (G) | T | split-K | path | µs | GB/s (stored) | %% of copy | "
-                "cuBLAS bf16 µs | speed-up | graph µs · %% of copy | aligned µs | streamed µs (1/2/3/4 slots) | cluster "
-                "reduction graph µs | GEMM µs (split-K) | graph µs: norm prologue / rms_norm + linear |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    if (profile) return 0;
+    if (!table.empty()) {
+      std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | stream µs · "
+                  "%% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | cold: aligned µs | "
+                  "streamed µs (1/2/3/4 slots) | cluster reduction µs | GEMM µs (split-K) | norm prologue / rms_norm + "
+                  "linear µs |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    }
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s | %.1f | %.0f | %.0f | %.1f | %.2f× | %.1f · %.0f | "
-                  "%.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) | %.1f / %.1f |\n",
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
+                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                  r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                  r.graph_us, r.percent_of_copy * r.us / r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                  r.cluster_us, r.gemm_us, r.gemm_k_splits, r.prologue_graph_us, r.norm_then_linear_graph_us);
+                  r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
+                  r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
+                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.cluster_us, r.gemm_us, r.gemm_k_splits,
+                  r.prologue_cold_us, r.norm_then_linear_cold_us);
+    if (!sweep_rows.empty())
+      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | %% of copy |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|\n");
+    for (const SweepRow& r : sweep_rows)
+      std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d) | %.2f | %.0f |\n", r.model.c_str(), r.shape.c_str(),
+                  r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(), (long long)r.ctas,
+                  r.ctas_per_sm, r.us, r.percent_of_copy);
     if (!pairs.empty()) {
-      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b graph µs | pair kernel graph µs | pair by ring "
+      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b cold µs | pair kernel cold µs | pair by ring "
                   "slots (1/2/3/4) |\n|---|---|---|---|---|---|\n");
       for (const PairRow& r : pairs)
         std::printf("| %s | %s | %d | %.1f | %.1f | %.1f / %.1f / %.1f / %.1f |\n", r.model.c_str(), r.format.c_str(),
@@ -508,22 +711,34 @@ int main(int argc, char** argv) {
       const Row& r = table[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
-                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"us\": %.2f, "
-                   "\"stored_gbps\": %.1f, \"percent_of_copy\": %.1f, \"cublas_bf16_us\": %.2f, "
-                   "\"speedup_vs_cublas\": %.3f, \"graph_us\": %.2f, \"aligned_us\": %.2f, \"streamed_us_by_slots\": [%.2f, %.2f, %.2f, "
-                   "%.2f], \"cluster_graph_us\": %.2f, \"gemm_us\": %.2f, \"gemm_k_splits\": %d, "
-                   "\"prologue_graph_us\": %.2f, \"norm_then_linear_graph_us\": %.2f}%s\n",
+                   "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"ring_slots\": %d, "
+                   "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"stream_us\": %.2f, "
+                   "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
+                   "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
+                   "%.2f, %.2f], \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, \"gemm_k_splits\": %d, "
+                   "\"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.load_path.c_str(), r.us, r.gbps, r.percent_of_copy, r.cublas_us, r.speedup,
-                   r.graph_us, r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                   r.cluster_us, r.gemm_us, r.gemm_k_splits, r.prologue_graph_us, r.norm_then_linear_graph_us,
-                   i + 1 < table.size() ? "," : "");
+                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
+                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
+                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.cluster_us, r.gemm_us, r.gemm_k_splits,
+                   r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
+    }
+    std::fprintf(out, "  ],\n  \"sweep\": [\n");
+    for (size_t i = 0; i < sweep_rows.size(); ++i) {
+      const SweepRow& r = sweep_rows[i];
+      std::fprintf(out,
+                   "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"ring_slots\": %d, "
+                   "\"k_splits\": %d, \"reduce\": \"%s\", \"ctas\": %lld, \"ctas_per_sm\": %d, \"cold_us\": %.2f, "
+                   "\"percent_of_copy\": %.1f}%s\n",
+                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), r.tokens, r.ring_slots, r.k_splits,
+                   r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.us, r.percent_of_copy,
+                   i + 1 < sweep_rows.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"pairs\": [\n");
     for (size_t i = 0; i < pairs.size(); ++i)
       std::fprintf(out,
-                   "    {\"model\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"two_launches_graph_us\": %.2f, "
-                   "\"pair_graph_us\": %.2f, \"pair_graph_us_by_slots\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
+                   "    {\"model\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"two_launches_cold_us\": %.2f, "
+                   "\"pair_cold_us\": %.2f, \"pair_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
                    pairs[i].model.c_str(), pairs[i].format.c_str(), pairs[i].tokens, pairs[i].two_launches_us,
                    pairs[i].pair_us, pairs[i].pair_slots_us[1], pairs[i].pair_slots_us[2], pairs[i].pair_slots_us[3],
                    pairs[i].pair_slots_us[4], i + 1 < pairs.size() ? "," : "");

@@ -8,7 +8,8 @@
 // The bf16 output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results
 // whichever kernel gemm_from_tokens picks (grouped, bf16 output included). The RMSNorm prologue equals run_rms_norm
 // (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding. The cluster split-K
-// reduction gives the workspace reduction's results bit for bit.
+// reduction gives the workspace reduction's results bit for bit. Every STREAMED config (ring slots 1-4 × K splits ×
+// reduction) of the decode shapes matches the CPU, and ring depth never changes a bit.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -95,10 +97,11 @@ struct DeviceRun {
 };
 
 
-// AUTO runs the default config, the other values the config with that load path.
+// AUTO runs the default config, the other values the config with that load path; `config`, when set, runs that one.
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
-                        WeightLoadPath load_path = WeightLoadPath::AUTO) {
+                        WeightLoadPath load_path = WeightLoadPath::AUTO,
+                        const QuantizedLinearConfig* config = nullptr) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -114,7 +117,9 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
                                      .stream = nullptr};
-  if (load_path == WeightLoadPath::AUTO)
+  if (config != nullptr)
+    run_quantized_linear(params, *config);
+  else if (load_path == WeightLoadPath::AUTO)
     run_quantized_linear(params);
   else
     run_quantized_linear(params, choose_quantized_linear_config(weight.view(), tokens, groups,
@@ -141,13 +146,39 @@ const char* path_name(WeightLoadPath path) {
                                             : "default (AUTO) config";
 }
 
-// Large enough for the config of every load path.
+// Every distinct STREAMED config of this call: ring slots 1-4 × K splits (the default's and 1, 2, 3, 5, 16 asked
+// for) × both split-K reductions, as benchmarks sweep them. Empty where the path does not apply.
+std::vector<QuantizedLinearConfig> every_streamed_config(const DeviceMatrixView& weight, int tokens, int groups) {
+  std::vector<QuantizedLinearConfig> configs;
+  if (!streamed_load_path_applies(weight, tokens, groups)) return configs;
+  const int multiprocessors = list_devices().front().multiprocessors;
+  for (int slots = 1; slots <= tile::stream::kMaxSlots; ++slots)
+    for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
+      for (const int k_splits : {0, 1, 2, 3, 5, 16}) {
+        QuantizedLinearConfig c;
+        try {
+          c = choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, slots,
+                                             reduce, k_splits);
+        } catch (const Error&) {
+          continue;  // the rings do not fit one CTA (BF16 at 3-4 slots with many tokens)
+        }
+        if (std::none_of(configs.begin(), configs.end(), [&](const QuantizedLinearConfig& o) {
+              return o.ring_slots == c.ring_slots && o.k_splits == c.k_splits && o.reduce == c.reduce;
+            }))
+          configs.push_back(c);
+      }
+  return configs;
+}
+
+// Large enough for the config of every load path (and every STREAMED config).
 DeviceBuffer zeroed_workspace(const DeviceMatrixView& weight, int tokens, int groups) {
   const int multiprocessors = list_devices().front().multiprocessors;
   size_t bytes = quantized_linear_workspace_bytes(weight, tokens, groups);
   for (const WeightLoadPath path : load_paths_for(weight, groups, tokens))
     bytes = std::max(bytes,
                      choose_quantized_linear_config(weight, tokens, groups, multiprocessors, path).workspace_bytes);
+  for (const QuantizedLinearConfig& c : every_streamed_config(weight, tokens, groups))
+    bytes = std::max(bytes, c.workspace_bytes);
   DeviceBuffer workspace(bytes, "linear workspace");
   workspace.fill_bytes(0);  // the tickets start at zero once, at allocation
   return workspace;
@@ -159,8 +190,11 @@ bool is_poison(float value) {
   return bits == 0xFFFFFFFFu;
 }
 
-// Checks every case of one matrix for all token counts; the weights are quantized once.
-void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed) {
+// Checks every case of one matrix for all token counts; the weights are quantized once. With
+// `every_streamed`, also every STREAMED config (every_streamed_config), and that configs differing only in ring
+// depth give the same bits (the depth changes when stages arrive, not the order of the sums).
+void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed,
+                       bool every_streamed = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> values(size_t(c.rows * c.cols));
@@ -201,9 +235,42 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
     }
 
     DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
-    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
-      SCOPED_TRACE(path_name(path));
-      const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path);
+    struct Run {
+      std::string label;
+      WeightLoadPath path;
+      std::optional<QuantizedLinearConfig> config;
+    };
+    std::vector<Run> runs;
+    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens))
+      runs.push_back({path_name(path), path, std::nullopt});
+    if (every_streamed)
+      for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
+        runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
+                            std::to_string(config.k_splits) + " splits, " +
+                            (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction",
+                        WeightLoadPath::STREAMED, config});
+    // The first output of each (splits, reduction) among the STREAMED configs: deeper rings must match it bitwise.
+    std::vector<std::pair<const QuantizedLinearConfig*, std::vector<float>>> by_split;
+    for (const Run& r : runs) {
+      SCOPED_TRACE(r.label);
+      const WeightLoadPath path = r.path;
+      const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path,
+                                          r.config ? &*r.config : nullptr);
+      if (r.config) {
+        const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const auto& e) {
+          return e.first->k_splits == r.config->k_splits && e.first->reduce == r.config->reduce;
+        });
+        if (same == by_split.end()) {
+          by_split.emplace_back(&*r.config, run.y);
+        } else {
+          int differing = 0;
+          for (size_t i = 0; i < run.y.size(); ++i)
+            if (std::memcmp(&run.y[i], &same->second[i], sizeof(float)) != 0 && ++differing <= 4)
+              ADD_FAILURE() << "float " << i << " of y is " << run.y[i] << " at " << r.config->ring_slots
+                            << " slots but " << same->second[i] << " at " << same->first->ring_slots;
+          EXPECT_EQ(differing, 0) << "ring depth changed the result";
+        }
+      }
       // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
       // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
       // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
@@ -313,6 +380,21 @@ TEST(QuantizedLinear, GroupedOutputProjection) {
   // Pro wo_a: G = 16; and a small grouped case with strided x and y.
   check_against_cpu({TestFormat::FP8_E8M0, 16 * 1024, 4096, 16}, {1, 16, 64}, seed++);
   check_against_cpu({TestFormat::MXFP4, 3 * 64, 416, 3, 24, 5}, all_token_counts(), seed++);
+}
+
+TEST(QuantizedLinear, StreamedRingDepthsAndSplitCounts) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // Every STREAMED config (ring slots 1-4 × K splits × reduction) of the shapes whose defaults they may become:
+  // V4-Flash [wq_a; wkv], wq_b's band, wo_b, grouped wo_a (G = 8), an fp4 expert, a BF16 matrix; strided x and y.
+  uint32_t seed = 1300;
+  const std::vector<int> tokens = {1, 5, 16};
+  check_against_cpu({TestFormat::FP8_E8M0, 1536, 4096}, tokens, seed++, true);
+  check_against_cpu({TestFormat::FP8_F32, 2048, 1024, 1, 8, 3}, tokens, seed++, true);
+  check_against_cpu({TestFormat::FP8_E8M0, 1024, 8192}, tokens, seed++, true);
+  check_against_cpu({TestFormat::FP8_E8M0, 8 * 256, 4096, 8}, tokens, seed++, true);
+  check_against_cpu({TestFormat::NVFP4, 2048, 4096}, tokens, seed++, true);
+  check_against_cpu({TestFormat::MXFP4, 512, 7168}, tokens, seed++, true);
+  check_against_cpu({TestFormat::BF16, 256, 2048}, tokens, seed++, true);
 }
 
 // One-hot activations: token t of pass p is e_(64p + t), so y[t, n] = W[n, 64p + t] exactly: W as the kernel sees

@@ -175,7 +175,7 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
-                                                     int ring_slots, SplitKReduce reduce) {
+                                                     int ring_slots, SplitKReduce reduce, int k_splits) {
   check_shape(weight, tokens, groups);
   const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
@@ -188,6 +188,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         weight.cols, "] (", to_string(weight.format), ") in ", groups, " group(s) at ", tokens, " tokens: the ",
         "streamed load path needs 16-byte aligned rows and scales, K a multiple of ", tile::stream::stage_k(format),
         ", whole 16-row tiles per group and at most ", kLinearMaxStreamedTokens, " tokens");
+  check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
+        " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
     const QuantizedLinearConfig cluster = choose_quantized_linear_config(
         weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots, SplitKReduce::CLUSTER);
@@ -225,7 +227,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
     const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
-    const int64_t splits = std::max<int64_t>(1, std::min({slots / config.row_blocks, weight.cols / stage_k, max_splits}));
+    const int64_t wanted = k_splits > 0 ? int64_t(k_splits) : slots / config.row_blocks;
+    const int64_t splits = std::max<int64_t>(1, std::min({wanted, weight.cols / stage_k, max_splits}));
     config.split_k = round_up(ceil_div(weight.cols, splits), stage_k);
     config.k_splits = int(ceil_div(weight.cols, config.split_k));
     // The x tile takes what the resident CTAs leave, within the budget, in whole stages.
@@ -559,9 +562,12 @@ void run_quantized_linear(const QuantizedLinearParams& params) {
 
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
+  // On the STREAMED path the split count is a choice (k_splits): asking for the config's own count gives it back
+  // (a count of whole-stage splits is a fixed point of the rounding).
+  const bool streamed = config.load_path == WeightLoadPath::STREAMED;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
-      w, params.tokens, params.groups, current_multiprocessors(), config.load_path,
-      config.load_path == WeightLoadPath::STREAMED ? config.ring_slots : 0, config.reduce);
+      w, params.tokens, params.groups, current_multiprocessors(), config.load_path, streamed ? config.ring_slots : 0,
+      config.reduce, streamed ? config.k_splits : 0);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

@@ -110,11 +110,14 @@ struct QuantizedLinearConfig {
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
 // the problem) on what run_quantized_linear refuses. `load_path` other than AUTO forces that path; ALIGNED and
 // STREAMED are refused where they do not apply. `ring_slots` > 0 sets the STREAMED path's stages per warp (1 to 4;
-// benchmarks compare depths), 0 takes the default. `reduce` CLUSTER is refused off the STREAMED path.
+// benchmarks compare depths), 0 takes the default. `reduce` CLUSTER is refused off the STREAMED path. `k_splits` > 0
+// (STREAMED only) asks for that many K splits instead of the default's (benchmarks compare the balance); the config
+// may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER).
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
                                                      WeightLoadPath load_path = WeightLoadPath::AUTO,
-                                                     int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO);
+                                                     int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO,
+                                                     int k_splits = 0);
 
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
