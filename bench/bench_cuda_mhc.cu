@@ -4,13 +4,13 @@
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
-// default (decode) kernel is also timed against the persistent one, and the fused output norm (y normalised into
-// bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the cluster decode kernel
-// (HcKernelChoice::CLUSTER) beside the decode kernel. Inputs rotate over
+// default (cluster decode) kernel is also timed against the persistent one, and the fused output norm (y normalised
+// into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the one-hop cluster
+// decode kernel (HcKernelChoice::CLUSTER_ONE_HOP) beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
-// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] (fewer token counts or iterations: for a
-// profiler run).
+// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] (fewer token counts or
+// iterations, and only the rows whose kernel name contains TEXT: for a profiler run).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -170,8 +171,9 @@ int main(int argc, char** argv) {
   std::string json_path = "bench_cuda_mhc.json";
   std::vector<int64_t> token_counts = {1, 8, 64, 256, 4096};
   int iteration_limit = 0;  // 0: the defaults below
+  std::string only;         // empty: every row
   const auto usage = [] {
-    std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N]\n");
+    std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -190,6 +192,8 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--iterations") == 0 && i + 1 < argc) {
       iteration_limit = std::atoi(argv[++i]);
       if (iteration_limit < 1) return usage();
+    } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+      only = argv[++i];
     } else {
       return usage();
     }
@@ -267,6 +271,7 @@ int main(int argc, char** argv) {
         const auto set = [&](int i) -> Set& { return sets[size_t(i % copies)]; };
         // Bandwidth from the graph time: the device's own time per launch.
         const auto record = [&](const char* kernel, const auto& body, double bytes, double baseline_ms) {
+          if (std::string_view(kernel).find(only) == std::string_view::npos) return;
           const double ms = time_ms(stream, iterations, body);
           const double graph_ms = graph_time_ms(stream, std::min(iterations, 20), body);
           const double gbps = bytes / (graph_ms * 1e6);
@@ -332,21 +337,21 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
-          const auto cluster = [&](int i) {
+          const auto one_hop = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP);
           };
-          record("hc_pre (cluster kernel)", cluster, pre_bytes, 0.0);
-          const auto cluster_one_iteration = [&](int i) {
+          record("hc_pre (one-hop kernel)", one_hop, pre_bytes, 0.0);
+          const auto one_hop_one_iteration = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, false, 1);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP, false, 1);
           };
-          record("hc_pre (cluster kernel, 1 Sinkhorn iteration)", cluster_one_iteration, pre_bytes, 0.0);
-          const auto cluster_fused_norm = [&](int i) {
+          record("hc_pre (one-hop kernel, 1 Sinkhorn iteration)", one_hop_one_iteration, pre_bytes, 0.0);
+          const auto one_hop_fused_norm = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, true);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP, true);
           };
-          record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
+          record("hc_pre + attn_norm (fused, one-hop kernel)", one_hop_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
         }
 
@@ -382,16 +387,19 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
-          const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
-          record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
+          const auto one_hop_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ONE_HOP, true); };
+          record("hc_post_pre + norm (fused, one-hop kernel)", one_hop_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
         }
 
-        const auto run_head = [&](Set& s, HcKernelChoice kernel) {
+        // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
+        // model's final norm, the head's input).
+        const auto run_head = [&](Set& s, HcKernelChoice kernel, bool norm = false) {
           run_hc_head({.X = s.X.as<float>(), .fn = s.head_fn.as<float>(), .base = base.as<float>(),
                        .scale = scale.as<float>(), .tokens = T, .hidden = d, .h = s.y.as<float>(),
-                       .kernel = kernel, .workspace = workspace.data(), .workspace_bytes = workspace_bytes,
-                       .stream = stream});
+                       .h_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
+                       .out_norm_weight = norm ? norm_weight.as<float>() : nullptr, .kernel = kernel,
+                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
         };
         const auto hc_head = [&](int i) { run_head(set(i), HcKernelChoice::AUTO); };
         const auto head_baseline = [&](int i) {
@@ -410,8 +418,13 @@ int main(int argc, char** argv) {
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
-          const auto cluster = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER); };
-          record("hc_head (cluster kernel)", cluster, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          const auto one_hop = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ONE_HOP); };
+          record("hc_head (one-hop kernel)", one_hop, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
+          const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
+          record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
+          const auto one_hop_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ONE_HOP, true); };
+          record("hc_head + norm (fused, one-hop kernel)", one_hop_norm, head_norm_bytes, 0.0);
         }
 
         const auto hc_post = [&](int i) {

@@ -47,12 +47,14 @@ int choose_slice_dims(int64_t token_tiles, int64_t hidden, int multiprocessors) 
 // the same strides, with fewer rows filled).
 constexpr size_t kTileWords = size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
 
-// The decode kernel's words: the partials [partial rows][16][S], Σy² [16][S] (S 64-dim slices), the totals
-// [partial rows][16] and the Σy² totals [16]. They cover the cluster decode kernel's [partial rows][16][Q] and
-// [16][Q] (Q = ⌈S / 8⌉ slice clusters).
+// Slice clusters of the cluster decode kernel (64-dim slices, kClusterCtas per cluster).
+int64_t slice_clusters(int64_t hidden) {
+  return ceil_div(ceil_div(hidden, mhc::kDecodeSliceDims), mhc::kClusterCtas);
+}
+
+// The cluster decode kernel's words: the row words [kClusterWordRows][16][Q], then Σy² [16][Q].
 size_t decode_word_count(int64_t hidden) {
-  return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens *
-         (size_t(ceil_div(hidden, mhc::kDecodeSliceDims)) + 1);
+  return size_t(mhc::kClusterWordRows + 1) * mhc::kTileTokens * size_t(slice_clusters(hidden));
 }
 
 size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
@@ -155,7 +157,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 
-// The fields of one hc_pre that the persistent and the decode kernel's arguments share.
+// The fields of one hc_pre that the persistent and the cluster decode kernel's arguments share.
 template <class Args>
 Args site_args(const HcPreParams& p) {
   Args args{};
@@ -189,20 +191,15 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
-bool decode_sized(int64_t tokens, int64_t hidden) {
-  return tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
-}
-bool decode_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return choice == HcKernelChoice::AUTO && decode_sized(tokens, hidden);
-}
+// The cluster decode kernel serves a launch (AUTO: at every decode size, session 13's measurements) unless the
+// persistent one is asked for or the launch is beyond the decode limits.
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return choice == HcKernelChoice::CLUSTER && decode_sized(tokens, hidden);
+  return choice != HcKernelChoice::PERSISTENT && tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
 }
 
-// The decode or cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
-template <class Args = mhc::DecodeArgs>
-Args decode_args(const HcPreParams& p) {
-  Args args = site_args<Args>(p);
+// The cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
+mhc::ClusterDecodeArgs decode_args(const HcPreParams& p) {
+  mhc::ClusterDecodeArgs args = site_args<mhc::ClusterDecodeArgs>(p);
   args.norm_weight = p.out_norm_weight;
   args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
   return args;
@@ -230,15 +227,15 @@ int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
   });
 }
 
-template <bool kHead, bool kPost>
-void run_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
-  args.slices = int(ceil_div(args.hidden, mhc::kDecodeSliceDims));
-  args.clusters = int(ceil_div(args.slices, mhc::kClusterCtas));
+template <bool kHead, bool kPost, bool kOneHop>
+void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
+  args.clusters = int(slice_clusters(args.hidden));
+  args.gram_norm = kOneHop && args.norm_weight != nullptr && !args.round_to_bf16;
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
   args.row_words = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
-  args.square_words = args.row_words + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.clusters);
-  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost>;
+  args.square_words = args.row_words + size_t(mhc::kClusterWordRows) * mhc::kTileTokens * size_t(args.clusters);
+  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost, kOneHop>;
   prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
   // Programmatic dependent launch (ptx/dependent_launch.cuh) in clusters of kClusterCtas consecutive CTAs.
   cudaLaunchAttribute attributes[2] = {};
@@ -266,23 +263,11 @@ void run_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream
 }
 
 template <bool kHead, bool kPost>
-void run_decode(mhc::DecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
-  args.slices = int(ceil_div(args.hidden, mhc::kDecodeSliceDims));
-  auto* base = static_cast<unsigned char*>(workspace);
-  args.header = reinterpret_cast<unsigned*>(base);
-  args.partials = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
-  args.square_sums = args.partials + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.slices);
-  args.totals = args.square_sums + size_t(mhc::kTileTokens) * size_t(args.slices);
-  args.square_totals = args.totals + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens;
-  const auto kernel = mhc::hc_decode_kernel<kHead, kPost>;
-  const int resident =
-      prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
-  // The CTAs wait for each other's words: all of them must be resident at once.
-  const int ctas = args.slices + (kHead ? 0 : args.tokens);
-  const int multiprocessors = current_multiprocessors();
-  check(int64_t(resident) * multiprocessors >= ctas, op, ": the decode kernel's ", ctas,
-        " CTAs cannot be resident together (", resident, " per SM × ", multiprocessors, " SMs)");
-  launch_chained(kernel, dim3(unsigned(ctas)), dim3(mhc::kDecodeThreads), mhc::kDecodeSmemBytes, stream, args, op);
+void run_cluster_decode(HcKernelChoice choice, const mhc::ClusterDecodeArgs& args, void* workspace,
+                        cudaStream_t stream, const char* op) {
+  if (choice == HcKernelChoice::CLUSTER_ONE_HOP)
+    return launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
+  launch_cluster_decode<kHead, kPost, false>(args, workspace, stream, op);
 }
 
 // The persistent path's fused output norm: rms_norm of the projection's fp32 output in place.
@@ -395,11 +380,8 @@ void check_hc_post_pre_params(const HcPostPreParams& p) {
 void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
-  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_decode<false, false>(decode_args(p), p.workspace, p.stream, "hc_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<false, false>(decode_args<mhc::ClusterDecodeArgs>(p), p.workspace, p.stream,
-                                            "hc_pre");
+    return run_cluster_decode<false, false>(p.kernel, decode_args(p), p.workspace, p.stream, "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
   run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
@@ -416,11 +398,8 @@ void run_hc_head(const HcHeadParams& p) {
                            .round_to_bf16 = p.round_to_bf16, .y = p.h, .y_bf16 = p.h_bf16,
                            .out_norm_weight = p.out_norm_weight,
                            .out_norm_round_to_bf16 = p.out_norm_round_to_bf16};
-  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_decode<true, false>(decode_args(as_pre), p.workspace, p.stream, "hc_head");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<true, false>(decode_args<mhc::ClusterDecodeArgs>(as_pre), p.workspace, p.stream,
-                                           "hc_head");
+    return run_cluster_decode<true, false>(p.kernel, decode_args(as_pre), p.workspace, p.stream, "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
@@ -439,11 +418,9 @@ void run_hc_post_pre(const HcPostPreParams& p) {
     return;
   }
   const HcPreParams next = next_site_pre_params(p);
-  if (decode_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_decode<false, true>(with_fused_post(decode_args(next), p), p.workspace, p.stream, "hc_post_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<false, true>(with_fused_post(decode_args<mhc::ClusterDecodeArgs>(next), p),
-                                           p.workspace, p.stream, "hc_post_pre");
+    return run_cluster_decode<false, true>(p.kernel, with_fused_post(decode_args(next), p), p.workspace, p.stream,
+                                           "hc_post_pre");
   mhc::ProjectionArgs args = with_fused_post(pre_projection_args(next), p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre");

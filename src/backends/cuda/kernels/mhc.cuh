@@ -334,7 +334,7 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   return v;
 }
 
-// Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the decode kernel's mix CTA, whose tail is this
+// Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the cluster decode kernel's mix CTAs, whose tail is this
 // serial chain. A row or column is scaled by the hardware reciprocal (MUFU, ≤ 2 ulp) of (sum + eps) rather than
 // divided by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb tolerance): per
 // normalisation 4 reciprocals and 16 independent multiplies, no shuffles and no division's branch. (With the
@@ -382,6 +382,48 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
   }
 }
 
+// Sinkhorn on one token's 4×4 held by one thread, in scaling form: the first row normalisation (softmax + eps) gives
+// A, and from then on c = diag(u)·A·diag(v). Normalising row j, c_j ← c_j / (Σ_k c_jk + eps), is u_j ← 1 / D_j with
+// D_j ← Σ_k A_jk·v_k + eps·D_j (D_j = 1 / u_j, 1 at first); a column alike. c is formed once at the end. Per
+// normalisation 4 reciprocals (MUFU, as sinkhorn_4x4_in_registers) of 3-deep FMA trees (eps·D is ready early) and no
+// rescaling of the 16 entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and
+// a chain of a multiply, three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps.
+__device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int iters, float eps) {
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j) {
+    float* const row = c + 4 * j;
+    const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
+    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
+  }
+  float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
+#pragma unroll
+  for (int i = 0; i < kStreams; ++i) u[i] = v[i] = row_d[i] = column_d[i] = 1.0f;
+  // D ← Σ_m a_m·s_m + eps·D over the four entries a_m = c[first + m·stride] and scales s, then the scale 1 / D.
+  const auto normalise = [&](int first, int stride, const float (&s)[kStreams], float& denominator, float& scale) {
+    const float even = fmaf(c[first], s[0], eps * denominator);
+    const float odd = c[first + stride] * s[1];
+    denominator = fmaf(c[first + 2 * stride], s[2], even) + fmaf(c[first + 3 * stride], s[3], odd);
+    scale = fast_reciprocal(denominator);
+  };
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
+#pragma unroll 1
+  for (int it = 1; it < iters; ++it) {
+#pragma unroll
+    for (int j = 0; j < kStreams; ++j) normalise(4 * j, 1, v, row_d[j], u[j]);
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
+  }
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j)
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) c[4 * j + k] = c[4 * j + k] * u[j] * v[k];
+}
+
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
 // A warp's B fragments of fn for one slice (fn_slice: row 0, this stream, the slice's first column; rows `flat`
 // apart): thread (g, t4) takes columns column0 + 16p .. + 3 of rows 8·nt + g, zeros past kRows or the slice's width.
@@ -403,12 +445,15 @@ __device__ __forceinline__ void load_fn_fragments(float (&fn_frag)[2][kNTiles][4
 }
 
 // One warp's 3xTF32 projection of a 16-token tile: the 32 columns of the staged tile at xw (row stride ldx) against
-// the projection rows it holds (fn_frag). Writes, into the warp's partial block `mine`, Σx² of each token over those
-// columns (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t).
-template <int kRows, int kNTiles = (kRows + 7) / 8>
-__device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, const float (&fn_frag)[2][kNTiles][4],
-                                                    int g, int t4, float* mine) {
-  float acc[kNTiles][4] = {};
+// the projection rows whose B fragments fn_pair(p, nt, e, big, small) gives as tf32 pairs (entry e of fn_frag[p][nt]
+// in load_fn_fragments' layout). Writes, into the warp's partial block `mine`, Σx² of each token over those columns
+// (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t). kChains accumulators per
+// column tile (the 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain.
+template <int kRows, int kChains, class FnPair, int kNTiles = (kRows + 7) / 8>
+__device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, FnPair fn_pair, int g, int t4,
+                                                    float* mine) {
+  static_assert(kChains == 1 || kChains == 2, "one accumulator per column tile, or one per 16-column half");
+  float acc[kChains][kNTiles][4] = {};
   float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
@@ -430,12 +475,13 @@ __device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, co
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
         uint32_t b_big[2], b_small[2];
-        split_tf32(fn_frag[p][nt][2 * h], b_big[0], b_small[0]);
-        split_tf32(fn_frag[p][nt][2 * h + 1], b_big[1], b_small[1]);
+        fn_pair(p, nt, 2 * h, b_big[0], b_small[0]);
+        fn_pair(p, nt, 2 * h + 1, b_big[1], b_small[1]);
+        float (&chain)[4] = acc[p % kChains][nt];
         // The two correction terms first, while the sum is small.
-        mma_tf32(acc[nt], a_small, b_big[0], b_big[1]);
-        mma_tf32(acc[nt], a_big, b_small[0], b_small[1]);
-        mma_tf32(acc[nt], a_big, b_big[0], b_big[1]);
+        mma_tf32(chain, a_small, b_big[0], b_big[1]);
+        mma_tf32(chain, a_big, b_small[0], b_small[1]);
+        mma_tf32(chain, a_big, b_big[0], b_big[1]);
       }
     }
   }
@@ -452,9 +498,20 @@ __device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, co
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = 8 * nt + 2 * t4 + (e & 1);
-      if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[nt][e];
+      const float sum = kChains == 1 ? acc[0][nt][e] : acc[0][nt][e] + acc[kChains - 1][nt][e];
+      if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = sum;
     }
 }
+
+// fn_pair for project_tile_3xtf32 from unsplit fragments: splits each entry as the MMA needs it (no registers kept
+// for the pairs: the persistent kernel is at its register cap).
+template <int kNTiles>
+struct SplitOnUse {
+  const float (&fn_frag)[2][kNTiles][4];
+  __device__ __forceinline__ void operator()(int p, int nt, int e, uint32_t& big, uint32_t& small) const {
+    split_tf32(fn_frag[p][nt][e], big, small);
+  }
+};
 
 template <bool kHead, bool kPost, int kSliceDims>
 __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
@@ -658,7 +715,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
       }
       const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
-      project_tile_3xtf32<kRows>(xw, kLdx, fn_frag, g, t4, warp_sums + warp * kPartialFloats);
+      project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, warp_sums + warp * kPartialFloats);
       __syncthreads();
       // Publish the slice's partials, warps summed in order.
       unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -730,47 +787,67 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   finish_cta(args.header, tag);
 }
 
-// ---- The decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per CTA, no pipeline. ----
+// ---- The cluster decode kernel (T ≤ kDecodeMaxTokens): one token tile, one projection per 64-dim slice CTA. ----
 //
 // NOTES:
-// - Grid: (hc_pre) one mix CTA per token for post/comb, then S collapse CTAs, collapse CTA s owning dims
-//   [64·s, 64·s + 64) of all 4 streams (fn's columns in registers as in the persistent kernel, loaded before the
-//   grid-dependency wait so they stream in while the previous kernel drains). Every CTA is resident at once (the
-//   launcher checks), so CTAs may wait for each other.
-// - A collapse CTA stages its X slice in shared memory (applying the fused hc_post first), projects it (3xTF32 MMA,
-//   as the persistent kernel), publishes the slice's [Σx², m_0 … m_{R-1}] per token as tagged words, laid out
-//   [row][token][slice] so one item's slices are contiguous (one coalesced read per warp). Each item is summed
-//   once, by a warp of CTA (item mod S), in a fixed order (slice-strided lanes, then a butterfly), and published as
-//   a total: two short hops, each word read by one CTA. The collapse CTAs read the Σx² and pre totals, the mix CTA
-//   of token t its Σx², post and comb totals; one of its threads runs Sinkhorn, in parallel with the collapses.
-//   (Every CTA reading every slice's words itself, one hop, was 3-15 µs at T = 8: the same L2 lines for all.)
-// - Fused output norm (out_norm_weight): each collapse CTA publishes Σy² of its slice per token; token t's sum is
-//   formed by CTA t mod S and read by all (two more hops); then rms_norm's arithmetic per element (y·inv_rms, ·w,
-//   rounding).
-// - Programmatic dependent launch: dependents are released at entry; only fn, base, scale and the norm weight are
-//   read before wait_for_prior_grids(), nothing is written before it.
-// - Measured (H200, session 12, CUDA graph, µs): V4-Flash T = 1 hc_pre 7.2 (persistent kernel 11.7; with the fused
-//   norm 7.1 against 14.6 for hc_pre + rms_norm), hc_post_pre 7.4 (12.3), hc_head 4.0 (4.7); T = 8 hc_pre 9.0
-//   (12.4). Sinkhorn's 19 later iterations are 1.9 of hc_pre's 7.2 and the two hops most of hc_head's 4.0 (the
-//   cluster decode kernel below turns one of the hops into a cluster step through DSMEM).
+// - Grid: clusters of kClusterCtas CTAs. hc_pre / hc_post_pre: cluster 0 holds the mix CTAs (CTA r: tokens r and
+//   r + 8, post and Sinkhorn), then Q slice clusters; CTA r of slice cluster q owns the 64-dim slice 8·q + r of all 4
+//   streams (slices past the hidden size are idle and contribute zeros). Every CTA is resident at once (the launcher
+//   checks), so CTAs may wait for each other.
+// - A slice CTA loads its columns of fn as MMA B fragments before the grid-dependency wait (they stream in while the
+//   previous kernel drains), stages its X slice in shared memory (applying the fused hc_post first), projects it
+//   (3xTF32 MMA, as the persistent kernel), and every sum over the slices takes one cluster step and one global hop:
+//   each CTA stores its partial of item (row, token t) into the shared memory of the cluster's CTA t mod 8 (DSMEM), a
+//   cluster barrier, that CTA sums the 8 in rank order and publishes the cluster's sum as a tagged word [row][t][q];
+//   the CTAs that need a total read the Q words (a group of lanes per item, summed by a butterfly: a fixed order).
+//   Each slice cluster forms the Σx² and pre totals itself (its CTA t mod 8 reads them, then pushes them into every
+//   CTA of the cluster before the next cluster barrier) and collapses its slices; the mix CTAs read the Σx², post and
+//   comb words of their tokens, and one thread per token runs Sinkhorn, in parallel with the collapses. Every DSMEM
+//   access is a store before a cluster barrier, so no CTA reads a peer's shared memory and none may exit while a peer
+//   still writes to it. (Every CTA reading every slice's words itself was 3-15 µs at T = 8: the same L2 lines for
+//   all. The session-12 decode kernel, two global hops and no clusters, measured the same at Flash T = 1 and 1.5 µs
+//   slower at T = 8 and 16 and at Pro T = 1: removed.)
+// - Fused output norm (out_norm_weight), two ways: Σy² of each slice per token through a second cluster step and
+//   global hop; or (kOneHop, without bf16 rounding: args.gram_norm) from the streams' Gram matrix G_kl = Σ_i X_k[i]·
+//   X_l[i], whose 10 entries per token are summed beside the projection (same cluster step, same hop): Σy² =
+//   Σ_kl pre_k·pre_l·G_kl. That equals Σ_i y_i² up to rounding wherever the weighted streams do not cancel (pre > 0,
+//   and a token's residual streams are alike); Reference numerics round y to bf16 first, which G cannot see, so that
+//   mode keeps the second hop. Then rms_norm's arithmetic per element (y·inv_rms, ·w, rounding).
+// - kOneHop (HcKernelChoice::CLUSTER_ONE_HOP) also runs Sinkhorn in scaling form (sinkhorn_4x4_scaled), splits fn
+//   into tf32 pairs before the wait and gives the MMA two accumulator chains; its sums run in another order than
+//   the plain kernel's.
+// - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
+//   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
+//   mix CTAs have read it too.
+// - Measured (H200, session 13, CUDA graph, µs, session-12 decode kernel → this one without kOneHop): V4-Flash T = 1
+//   hc_pre + norm 6.7 → 6.7, hc_post_pre + norm 6.9 → 6.8, hc_head 4.1 → 3.7; T = 8 8.8 → 7.3, 9.1 → 7.7; T = 16
+//   9.6 → 8.1, 10.8 → 8.7; V4-Pro T = 1 9.4 → 7.4, 8.4 → 7.6; T = 8 10.7 → 8.1, 10.3 → 8.5. At Flash T = 1 the mix
+//   CTAs' Sinkhorn is the tail: hc_pre 6.5-6.7 with 20 iterations, 5.1 with one (≈ 80 cycles per normalisation);
+//   hc_head (no mix, no norm) 3.7. One MUFU per normalisation instead of four measured the same (6.7 / 5.1).
 inline constexpr int kDecodeMaxTokens = kTileTokens;
 inline constexpr int kDecodeSliceDims = 64;
 inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream
 inline constexpr int kDecodeMaxSlices = 128;                                 // hidden ≤ 8192
 inline constexpr int kDecodeLdx = staged_row_floats(kDecodeSliceDims);
-inline constexpr int kDecodeWordsPerLane = kDecodeMaxSlices / 32;  // a warp sums one item's slices in one round
 // Shared memory: the staged X tile, then the per-warp partial sums.
 inline constexpr int kDecodeWarpSumFloats = (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens;
 inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeWarpSumFloats) * 4;
+inline constexpr int kClusterCtas = 8;
+// Items a CTA sums over the clusters, at most kGatherPasses per lane (a mix CTA: 21 items for each of 2 tokens, 16
+// items per pass when Q > 8).
+inline constexpr int kGatherPasses = 3;
+inline constexpr int kGramEntries = kStreams * (kStreams + 1) / 2;  // G's upper triangle: (0,0), (0,1), …, (3,3)
+// Workspace rows of tagged words [row][16][Q]: the partial rows, then the Gram rows.
+inline constexpr int kClusterWordRows = kPartialRows<false> + kGramEntries;
 
-struct DecodeArgs {
+struct ClusterDecodeArgs {
   const float* X;
   const float* fn;
   const float* base;
   const float* scale;
   int tokens;
   int hidden;
-  int slices;
+  int clusters;  // Q: slice clusters
   int sinkhorn_iters;
   float hc_eps;
   float norm_eps;
@@ -787,55 +864,19 @@ struct DecodeArgs {
   // Optional fused output norm.
   const float* norm_weight;
   bool norm_round_to_bf16;
-  unsigned* header;                 // [0] launch epoch, [1] finished CTAs
-  unsigned long long* partials;     // [partial rows][16][S] tagged
-  unsigned long long* square_sums;  // [16][S] tagged: Σy² of each slice
-  unsigned long long* totals;       // [partial rows][T] tagged: the sums over the slices
-  unsigned long long* square_totals;  // [T] tagged: Σy² over the slices
+  bool gram_norm;                    // kOneHop: the norm's Σy² from the Gram rows (see above)
+  unsigned* header;                  // [0] launch epoch
+  unsigned long long* row_words;     // [kClusterWordRows][16][Q] tagged: each slice cluster's partial sums
+  unsigned long long* square_words;  // [16][Q] tagged: each slice cluster's Σy²
 };
 
-// Σ over `slices` ≤ kDecodeMaxSlices tagged words words[0 .. slices) by one warp (all lanes get it): lane-strided
-// in slice order, then a butterfly. A lane's stale words are re-read together, so waiting for late writers costs a
-// round trip per round, not one per word (checking them one by one, a stale word's re-read after another, was
-// 3-8 µs at T = 1).
-__device__ inline float warp_sum_tagged(const unsigned long long* words, int slices, unsigned tag) {
-  const int lane = threadIdx.x & 31;
-  float values[kDecodeWordsPerLane];
-  unsigned pending = 0;
-#pragma unroll
-  for (int q = 0; q < kDecodeWordsPerLane; ++q) {
-    values[q] = 0.0f;
-    if (lane + 32 * q < slices) pending |= 1u << q;
-  }
-  while (true) {
-    unsigned long long read[kDecodeWordsPerLane];
-#pragma unroll
-    for (int q = 0; q < kDecodeWordsPerLane; ++q)
-      if (pending & (1u << q)) read[q] = load_relaxed_u64(words + lane + 32 * q);
-#pragma unroll
-    for (int q = 0; q < kDecodeWordsPerLane; ++q)
-      if ((pending & (1u << q)) && unsigned(read[q] >> 32) == tag) {
-        values[q] = __uint_as_float(unsigned(read[q]));
-        pending &= ~(1u << q);
-      }
-    if (pending == 0) break;
-    __nanosleep(32);
-  }
-  float sum = values[0];
-#pragma unroll
-  for (int q = 1; q < kDecodeWordsPerLane; ++q) sum += values[q];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  return sum;
-}
-
-// Thread (vt, vi) of a decode kernel's slice CTA stages token vt's dims i0 + vi .. + 3 of all streams in the tile
-// (row stride kDecodeLdx): X, updated first by the fused hc_post (kPost; written to X_out too: this thread is the only
-// reader and writer of these positions). Zeros outside the tokens and the slice's width (`owner` false): the MMA
-// reads every row and column (fn is zero there, and 0 · NaN would not be).
-template <bool kPost, class Args>
-__device__ __forceinline__ void stage_decode_vectors(const Args& args, float* tile, int vt, int vi, int i0,
-                                                     bool owner, int d, int64_t flat) {
+// Thread (vt, vi) of a slice CTA stages token vt's dims i0 + vi .. + 3 of all streams in the tile (row stride
+// kDecodeLdx): X, updated first by the fused hc_post (kPost; written to X_out too: this thread is the only reader and
+// writer of these positions). Zeros outside the tokens and the slice's width (`owner` false): the MMA reads every
+// row and column (fn is zero there, and 0 · NaN would not be).
+template <bool kPost>
+__device__ __forceinline__ void stage_decode_vectors(const ClusterDecodeArgs& args, float* tile, int vt, int vi,
+                                                     int i0, bool owner, int d, int64_t flat) {
   float4 x[kStreams];
   const float* const source = args.X + int64_t(vt) * flat + i0 + vi;
 #pragma unroll
@@ -863,7 +904,7 @@ __device__ __forceinline__ void stage_decode_vectors(const Args& args, float* ti
     *reinterpret_cast<float4*>(tile + vt * kDecodeLdx + k * kDecodeSliceDims + vi) = x[k];
 }
 
-// Σy² of one token over a decode kernel's slice: the token's 16 vectors are 16 aligned lanes of one warp.
+// Σy² of one token over a slice: the token's 16 vectors are 16 aligned lanes of one warp.
 __device__ __forceinline__ float slice_squares(float4 value) {
   float squares = fmaf(value.x, value.x, 0.0f);
   squares = fmaf(value.y, value.y, squares);
@@ -874,212 +915,54 @@ __device__ __forceinline__ float slice_squares(float4 value) {
   return squares;
 }
 
-// The mix CTA of one token: post and comb from the totals of Σx² and the post/comb rows.
-__device__ inline void decode_mix(const DecodeArgs& args, int t, unsigned tag) {
-  constexpr int kItems = kPartialRows<false> - kStreams;  // Σx², post ×4, comb ×16
-  __shared__ float totals[kItems];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  if (tid < kItems) {
-    // Item m: partial row 0 (Σx²) for m = 0, else 4 + m (rows 5..24), token t; item (r, t) is total r·T + t.
-    const unsigned long long* const word = args.totals + (tid == 0 ? 0 : kStreams + tid) * args.tokens + t;
-    totals[tid] = tagged_value(load_relaxed_u64(word), word, tag);
-  }
-  __syncthreads();
-  if (warp != 0) return;
-  const float inv_rms = inverse_rms(totals[0], float(kStreams * args.hidden), args.norm_eps);
-  if (lane < kStreams)
-    args.post[t * kStreams + lane] =
-        2.0f * sigmoid(totals[1 + lane] * inv_rms * args.scale[1] + args.base[kStreams + lane]);
-  if (lane != 0) return;
-  float c[kStreams * kStreams];
+// The Gram entries of one token over a slice: its 16 staged vectors (all streams; x: this lane's, streams `stride`
+// floats apart) belong to the 16 aligned lanes of a half-warp. Lane l of the half returns entry l (l < kGramEntries)
+// summed over the 16 lanes, by a transposing butterfly: each step sends half of the values a lane carries and keeps
+// the other half (8 + 4 + 2 + 1 shuffles, not 10 × 4), a fixed order. All 32 lanes take part.
+__device__ __forceinline__ float half_warp_gram(const float* staged, int stride) {
+  float4 x[kStreams];
 #pragma unroll
-  for (int l = 0; l < kStreams * kStreams; ++l)
-    c[l] = totals[1 + kStreams + l] * inv_rms * args.scale[2] + args.base[2 * kStreams + l];
-  sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
+  for (int k = 0; k < kStreams; ++k) x[k] = *reinterpret_cast<const float4*>(staged + k * stride);
+  float g[16];
+  int e = 0;
 #pragma unroll
-  for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
-}
-
-template <bool kHead, bool kPost>
-__global__ void __launch_bounds__(kDecodeThreads, 2) hc_decode_kernel(const DecodeArgs args) {
-  constexpr int kRows = kProjectionRows<kHead>;
-  constexpr int kPartial = kPartialRows<kHead>;
-  constexpr int kNTiles = (kRows + 7) / 8;
-  constexpr int kWarps = kDecodeThreads / 32;
-  constexpr int kWarpsPerStream = kDecodeSliceDims / 32;
-  constexpr int kPartialFloats = kPartial * kTileTokens;
-  constexpr int kCollapseRows = 1 + kStreams;  // Σx² and the pre rows
-  static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(kDecodeThreads == kTileTokens * (kDecodeSliceDims / 4), "one thread per token vector");
-
-  extern __shared__ float4 dynamic_smem[];
-  float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
-  float* const warp_sums = tile + kTileTokens * kDecodeLdx;     // [warp][partial rows][16]
-  __shared__ float totals[kCollapseRows][kTileTokens];
-  __shared__ float pre_s[kTileTokens][kStreams];
-  __shared__ float square_totals[kTileTokens];
-
-  allow_dependents();
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int slices = args.slices, d = args.hidden, T = args.tokens;
-  const int64_t flat = int64_t(kStreams) * d;
-
-  // hc_pre's mix CTAs come first in the grid, so they are resident (and waiting for the partials) before the last
-  // collapse CTAs are scheduled.
-  const int mix_ctas = kHead ? 0 : T;
-  if (int(blockIdx.x) < mix_ctas) {
-    wait_for_prior_grids();
-    const unsigned tag = load_relaxed_u32(args.header) + 1u;
-    decode_mix(args, int(blockIdx.x), tag);
-    finish_cta(args.header, tag);
-    return;
-  }
-
-  const int slice = int(blockIdx.x) - mix_ctas;
-  const int i0 = slice * kDecodeSliceDims;
-  const int width = min(kDecodeSliceDims, d - i0);
-
-  // Weights first (they do not depend on the previous kernel): fn's B fragments as in the persistent kernel.
-  const int g = lane >> 2, t4 = lane & 3;
-  const int stream = warp / kWarpsPerStream;
-  const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
-  float fn_frag[2][kNTiles][4];
-  load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
-  // Thread (vt, vi) owns token vt's dims i0 + vi .. + 3 of all streams: it stages, updates and collapses them.
-  const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
-  const bool owner = vt < T && vi < width;
-  float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (args.norm_weight != nullptr && owner)
-    norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
-
-  wait_for_prior_grids();
-  const unsigned tag = load_relaxed_u32(args.header) + 1u;
-  stage_decode_vectors<kPost>(args, tile, vt, vi, i0, owner, d, flat);
-  __syncthreads();
-
-  // The slice's projection: the persistent kernel's 3xTF32 MMA of one tile.
-  project_tile_3xtf32<kRows>(tile + stream * kDecodeSliceDims + column0, kDecodeLdx, fn_frag, g, t4,
-                             warp_sums + warp * kPartialFloats);
-  __syncthreads();
-  // Publish the slice's partials (warps summed in order): item (row r, token t) at [r][t][slice].
-  for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
-    if ((item & (kTileTokens - 1)) >= T) continue;
-    const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-    store_relaxed_u64(args.partials + int64_t(item) * slices + slice, tagged(sum, tag));
-  }
-
-  // First hop: this CTA's share of the items (row r, token t), item e = r·T + t summed by CTA e mod S (one warp per
-  // item), published as a total. Second hop: every collapse CTA reads the 5·T totals of Σx² and pre, the mix CTAs
-  // their token's post/comb totals. Each partial is read once: every CTA reading every slice's words (one hop)
-  // spent 3-15 µs at T = 8 on the same L2 lines.
-  for (int e = slice + warp * slices; e < kPartial * T; e += kWarps * slices) {
-    const int r = e / T, t = e - r * T;
-    const float sum = warp_sum_tagged(args.partials + int64_t(r * kTileTokens + t) * slices, slices, tag);
-    if (lane == 0) store_relaxed_u64(args.totals + e, tagged(sum, tag));
-  }
-  if (tid < kCollapseRows * T) {
-    const float total = tagged_value(load_relaxed_u64(args.totals + tid), args.totals + tid, tag);
-    totals[tid / T][tid % T] = total;
-  }
-  __syncthreads();
-  if (tid < kStreams * T) {
-    const int t = tid / kStreams, k = tid % kStreams;
-    const float inv_rms = inverse_rms(totals[0][t], float(flat), args.norm_eps);
-    pre_s[t][k] = sigmoid(totals[1 + k][t] * inv_rms * args.scale[0] + args.base[k]) + args.hc_eps;
-  }
-  __syncthreads();
-
-  // Collapse: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
-  float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (owner) value = collapse_vector(tile + vt * kDecodeLdx + vi, kDecodeSliceDims, pre_s[vt], args.round_to_bf16);
-  if (args.norm_weight != nullptr) {
-    // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the second hop.
-    const float squares = slice_squares(value);
-    if (vi == 0 && vt < T) store_relaxed_u64(args.square_sums + int64_t(vt) * slices + slice, tagged(squares, tag));
-    // The same two hops: token t's Σ by CTA t mod S, then every CTA reads the T totals.
-    for (int t = slice + warp * slices; t < T; t += kWarps * slices) {
-      const float sum = warp_sum_tagged(args.square_sums + int64_t(t) * slices, slices, tag);
-      if (lane == 0) store_relaxed_u64(args.square_totals + t, tagged(sum, tag));
-    }
-    if (tid < T)
-      square_totals[tid] = tagged_value(load_relaxed_u64(args.square_totals + tid), args.square_totals + tid, tag);
-    __syncthreads();
-    if (owner) {
-      // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-      const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
-      value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
-                          value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
-      if (args.norm_round_to_bf16) value = round4_to_bf16(value);
+  for (int k = 0; k < kStreams; ++k)
+#pragma unroll
+    for (int l = k; l < kStreams; ++l)
+      g[e++] = fmaf(x[k].w, x[l].w, fmaf(x[k].z, x[l].z, fmaf(x[k].y, x[l].y, x[k].x * x[l].x)));
+#pragma unroll
+  for (; e < 16; ++e) g[e] = 0.0f;
+  const int lane = threadIdx.x & 15;
+#pragma unroll
+  for (int width = 8; width > 0; width >>= 1) {
+    const bool upper = (lane & width) != 0;
+#pragma unroll
+    for (int i = 0; i < width; ++i) {
+      const float keep = upper ? g[i + width] : g[i];
+      const float send = upper ? g[i] : g[i + width];
+      g[i] = keep + __shfl_xor_sync(kFullMask, send, width);
     }
   }
-  if (owner) store_output(args.y, args.y_bf16, int64_t(vt) * d + i0 + vi, value);
-
-  finish_cta(args.header, tag);
+  return g[0];
 }
 
-// ---- The cluster decode kernel (T ≤ kDecodeMaxTokens): the decode kernel's slices, summed through clusters. ----
-//
-// NOTES:
-// - Grid: clusters of kClusterCtas CTAs. hc_pre / hc_post_pre: cluster 0 holds the mix CTAs (CTA r: tokens r and
-//   r + 8, post and Sinkhorn), then Q slice clusters; CTA r of slice cluster q owns the 64-dim slice 8·q + r (slices
-//   past the hidden size are idle and contribute zeros). Every CTA is resident at once (the launcher checks).
-// - A slice CTA stages, updates and projects its slice as the decode kernel does, then every sum over the slices takes
-//   one cluster step and one global hop instead of the decode kernel's two global hops: each CTA stores its partial
-//   of item (row, token t) into the shared memory of the cluster's CTA t mod 8 (DSMEM), a cluster barrier, that CTA
-//   sums the 8 in rank order and publishes the cluster's sum as a tagged word [row][t][q]; the CTAs that need a total
-//   read the Q words (a group of lanes per item, summed by a butterfly: a fixed order). Each slice cluster forms the
-//   Σx² and pre totals itself (its CTA t mod 8 reads them, then pushes them into every CTA of the cluster before the
-//   next cluster barrier); the mix CTAs read the Σx², post and comb words of their tokens. The fused output norm's
-//   Σy² takes the same path. Every DSMEM access is a store before a cluster barrier, so no CTA reads a peer's shared
-//   memory and none may exit while a peer still writes to it.
-// - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
-//   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
-//   mix CTAs have read it too.
-// - Numerics as the decode kernel's, except the order of the sums over the slices (ranks in a cluster, then
-//   clusters), so a launch's results depend on the kernel that served it.
-// - Measured (H200, session 13, CUDA graph, µs, decode kernel → this one): V4-Flash T = 1 hc_pre + norm 6.7 → 6.7,
-//   hc_post_pre + norm 6.9 → 6.8, hc_head 4.1 → 3.7; T = 8 8.8 → 7.3, 9.1 → 7.7; T = 16 9.6 → 8.1, 10.8 → 8.7;
-//   V4-Pro T = 1 9.4 → 7.4, 8.4 → 7.6; T = 8 10.7 → 8.1, 10.3 → 8.5 (ncu, base clock, cold L2, T = 1 and 8
-//   averaged: hc_post_pre Flash 10.9 → 10.6, Pro 11.9 → 11.7). At Flash T = 1 the mix CTAs' Sinkhorn is the tail:
-//   hc_pre 6.5-6.7 with 20 iterations, 5.1 with one (≈ 80 cycles per normalisation); hc_head (no mix, no norm) 3.7.
-//   One MUFU per normalisation instead of four (the four reciprocals from their product) measured the same (6.7 /
-//   5.1): the chain is latency-bound (three adds, the MUFU, a multiply), not SFU-bound. Next: a division-free
-//   normalisation once every sum is within 2⁻⁶ of 1 (two Newton steps from 1/s ≈ 2 − s, ≤ 1 ulp), the MUFU only
-//   in the first iterations; then the norm's second hop.
-inline constexpr int kClusterCtas = 8;
-// Items a CTA sums over the clusters, at most kGatherPasses per lane (a mix CTA: 21 items for each of 2 tokens, 16
-// items per pass when Q > 8).
-inline constexpr int kGatherPasses = 3;
+// Σ_i y_i² of y = Σ_k pre_k·X_k from token t's Gram totals (gram[e][t], the upper triangle in half_warp_gram's order).
+__device__ __forceinline__ float gram_quadratic_form(const float* pre, const float (*gram)[kTileTokens], int t) {
+  float diagonal = 0.0f, cross = 0.0f;
+  int e = 0;
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k)
+#pragma unroll
+    for (int l = k; l < kStreams; ++l, ++e) {
+      const float term = pre[k] * pre[l] * gram[e][t];
+      if (l == k)
+        diagonal += term;
+      else
+        cross += term;
+    }
+  return fmaf(2.0f, cross, diagonal);
+}
 
-struct ClusterDecodeArgs {
-  const float* X;
-  const float* fn;
-  const float* base;
-  const float* scale;
-  int tokens;
-  int hidden;
-  int slices;
-  int clusters;  // Q: slice clusters
-  int sinkhorn_iters;
-  float hc_eps;
-  float norm_eps;
-  bool round_to_bf16;
-  float* y;
-  __nv_bfloat16* y_bf16;
-  float* post;
-  float* comb;
-  // The fused variant's hc_post inputs and its updated residual.
-  const float* out;
-  const float* post_in;
-  const float* comb_in;
-  float* X_out;
-  // Optional fused output norm.
-  const float* norm_weight;
-  bool norm_round_to_bf16;
-  unsigned* header;                  // [0] launch epoch
-  unsigned long long* row_words;     // [partial rows][16][Q] tagged: each slice cluster's partial sums
-  unsigned long long* square_words;  // [16][Q] tagged: each slice cluster's Σy²
-};
 
 // PTX ISA "barrier.cluster": arrive (releasing this thread's earlier writes, DSMEM stores included) and wait
 // (acquiring the other threads' writes). The arrive at entry is relaxed: it only says the CTA has started.
@@ -1133,6 +1016,7 @@ __device__ __forceinline__ void sum_cluster_words(int count, int clusters, unsig
 
 // A mix CTA of the cluster decode kernel (cluster 0, CTA `rank`): post and comb of tokens rank and rank + 8 from the
 // slice clusters' words of Σx², the post rows and the comb rows.
+template <bool kOneHop>
 __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigned rank, int tokens_here) {
   constexpr int kMixItems = 1 + (kPartialRows<false> - 1 - kStreams);  // Σx², post ×4, comb ×16
   static_assert(kTileTokens / kClusterCtas * kMixItems <= kGatherPasses * (kDecodeThreads / 16),
@@ -1176,7 +1060,10 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l)
         c[l] = totals[1 + 2 * kStreams + l][t] * inv_rms * comb_scale + comb_base[l];
-      sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
+      if constexpr (kOneHop)
+        sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
+      else
+        sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
@@ -1187,7 +1074,9 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
   if (rank == 0 && tid == 0) args.header[0] = tag;
 }
 
-template <bool kHead, bool kPost>
+// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre; kOneHop:
+// see the notes above.
+template <bool kHead, bool kPost, bool kOneHop>
 __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(const ClusterDecodeArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -1195,17 +1084,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   constexpr int kWarps = kDecodeThreads / 32;
   constexpr int kWarpsPerStream = kDecodeSliceDims / 32;
   constexpr int kPartialFloats = kPartial * kTileTokens;
-  constexpr int kCollapseRows = 1 + kStreams;                      // Σx² and the pre rows
-  constexpr int kTokensPerCta = kTileTokens / kClusterCtas;        // tokens t = rank + 8m a CTA sums for its cluster
+  constexpr int kCollapseRows = 1 + kStreams;                  // Σx² and the pre rows
+  constexpr int kGramRows = kOneHop ? kGramEntries : 0;        // after the partial rows, when args.gram_norm
+  constexpr int kTokensPerCta = kTileTokens / kClusterCtas;    // tokens t = rank + 8m a CTA sums for its cluster
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kDecodeThreads == kTileTokens * (kDecodeSliceDims / 4), "one thread per token vector");
+  static_assert(kPartialRows<false> + kGramRows <= kClusterWordRows, "the workspace holds every published row");
 
   extern __shared__ float4 dynamic_smem[];
   float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
   float* const warp_sums = tile + kTileTokens * kDecodeLdx;     // [warp][partial rows][16]
   // Written by the cluster's CTAs (DSMEM): partials [source rank][row][m] of this CTA's tokens, then totals.
-  __shared__ float gathered[kClusterCtas][kPartial][kTokensPerCta];
-  __shared__ float totals[kCollapseRows][kTileTokens];
+  __shared__ float gathered[kClusterCtas][kPartial + kGramRows][kTokensPerCta];
+  __shared__ float totals[kCollapseRows + kGramRows][kTileTokens];
   __shared__ float square_gathered[kClusterCtas][kTokensPerCta];
   __shared__ float square_totals[kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
@@ -1221,20 +1112,30 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   // Tokens t = rank + 8m (m < tokens_here) whose sums this CTA forms for its cluster (mix CTA: whose mix it runs).
   const int tokens_here = T > int(rank) ? (T - int(rank) + kClusterCtas - 1) / kClusterCtas : 0;
   if constexpr (!kHead) {
-    if (cluster == 0) return cluster_decode_mix(args, rank, tokens_here);
+    if (cluster == 0) return cluster_decode_mix<kOneHop>(args, rank, tokens_here);
   }
 
   const int q = cluster - kMixClusters;
   const int slice = q * kClusterCtas + int(rank);
   const int i0 = slice * kDecodeSliceDims;
   const int width = min(kDecodeSliceDims, d - i0);  // ≤ 0: an idle slice past the hidden size
+  const bool gram = kOneHop && args.gram_norm;
 
-  // Weights first (they do not depend on the previous kernel), as in the decode kernel.
+  // Weights first (they do not depend on the previous kernel). Thread (g, t4) of a warp holds its columns of fn.
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
   load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + min(i0, d), flat, column0, width, g);
+  // kOneHop: the tf32 pairs split here, off the path after the wait (48 registers; one tile, no cap pressure).
+  uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
+  if constexpr (kOneHop)
+#pragma unroll
+    for (int p = 0; p < 2; ++p)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(fn_frag[p][nt][e], fn_big[p][nt][e], fn_small[p][nt][e]);
   const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
   const bool owner = vt < T && vi < width;
   float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1248,8 +1149,20 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
   stage_decode_vectors<kPost>(args, tile, vt, vi, i0, owner, d, flat);
   __syncthreads();
-  project_tile_3xtf32<kRows>(tile + stream * kDecodeSliceDims + column0, kDecodeLdx, fn_frag, g, t4,
-                             warp_sums + warp * kPartialFloats);
+  float* const mine = warp_sums + warp * kPartialFloats;
+  const float* const xw = tile + stream * kDecodeSliceDims + column0;
+  if constexpr (kOneHop)
+    project_tile_3xtf32<kRows, 2>(
+        xw, kDecodeLdx,
+        [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
+          big = fn_big[p][nt][e];
+          small = fn_small[p][nt][e];
+        },
+        g, t4, mine);
+  else
+    project_tile_3xtf32<kRows, 1>(xw, kDecodeLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+  // Lane l of token vt's half-warp: Gram entry l of the slice (uniform branch: every lane shuffles).
+  const float gram_entry = gram ? half_warp_gram(tile + vt * kDecodeLdx + vi, kDecodeSliceDims) : 0.0f;
   __syncthreads();
 
   // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
@@ -1260,10 +1173,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
     store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
   }
+  if constexpr (kOneHop) {
+    const int entry = tid % 16;
+    if (gram && vt < T && entry < kGramEntries)
+      store_to_cluster_cta(&gathered[rank][kPartial + entry][vt / kClusterCtas], vt % kClusterCtas, gram_entry);
+  }
   cluster_arrive();
   cluster_wait();
   // This CTA's items (row, t = rank + 8m): the cluster's sum, ranks in order, published for the other clusters.
-  if (tid < kPartial * kTokensPerCta) {
+  const int published_rows = kPartial + (gram ? kGramRows : 0);
+  if (tid < published_rows * kTokensPerCta) {
     const int row = tid / kTokensPerCta, m = tid % kTokensPerCta, t = int(rank) + kClusterCtas * m;
     if (t < T) {
       float sum = gathered[0][row][m];
@@ -1272,17 +1191,20 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
       store_relaxed_u64(args.row_words + int64_t(row * kTileTokens + t) * Q + q, tagged(sum, tag));
     }
   }
-  // Global hop: the Σx² and pre totals of this CTA's tokens, pushed into every CTA of the cluster.
+  // Global hop: the Σx², pre (and Gram) totals of this CTA's tokens, pushed into every CTA of the cluster.
   // The lanes of an item's group push its total into the cluster's CTAs, lane l into CTAs l, l + lanes, ….
   const int group_lanes = slice_sum_lanes(Q);
   const auto push_to_cluster = [&](float* local, float value, int l) {
     for (int r = l; r < kClusterCtas; r += group_lanes) store_to_cluster_cta(local, unsigned(r), value);
   };
-  // Item i: row i / tokens_here, token rank + 8·(i mod tokens_here).
+  // Item i: totals row i / tokens_here (Σx², pre ×4, then the Gram entries at word rows kPartial + e), token
+  // rank + 8·(i mod tokens_here).
+  const int collapse_rows = kCollapseRows + (gram ? kGramRows : 0);
+  const auto word_row = [](int r) { return r < kCollapseRows ? r : kPartial + r - kCollapseRows; };
   const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
   sum_cluster_words(
-      kCollapseRows * tokens_here, Q, tag,
-      [&](int i) { return args.row_words + int64_t((i / tokens_here) * kTileTokens + token_of(i)) * Q; },
+      collapse_rows * tokens_here, Q, tag,
+      [&](int i) { return args.row_words + int64_t(word_row(i / tokens_here) * kTileTokens + token_of(i)) * Q; },
       [&](int i, float sum, int l) { push_to_cluster(&totals[i / tokens_here][token_of(i)], sum, l); });
   if constexpr (kHead) {
     // No mix cluster: CTA 0 of slice cluster 0 has read token 0's words from every slice cluster.
@@ -1302,29 +1224,36 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
   if (owner) value = collapse_vector(tile + vt * kDecodeLdx + vi, kDecodeSliceDims, pre_s[vt], args.round_to_bf16);
   if (args.norm_weight != nullptr) {
-    // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
-    const float squares = slice_squares(value);
-    if (vi == 0 && vt < T)
-      store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
-    cluster_arrive();
-    cluster_wait();
-    if (tid < kTokensPerCta) {
-      const int t = int(rank) + kClusterCtas * tid;
-      if (t < T) {
-        float sum = square_gathered[0][tid];
-#pragma unroll
-        for (int r = 1; r < kClusterCtas; ++r) sum += square_gathered[r][tid];
-        store_relaxed_u64(args.square_words + int64_t(t) * Q + q, tagged(sum, tag));
-      }
+    float token_squares = 0.0f;  // Σy² of token vt over d
+    if constexpr (kOneHop) {
+      if (gram && vt < T) token_squares = gram_quadratic_form(pre_s[vt], totals + kCollapseRows, vt);
     }
-    sum_cluster_words(
-        tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
-        [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], sum, l); });
-    cluster_arrive();
-    cluster_wait();
+    if (!gram) {
+      // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
+      const float squares = slice_squares(value);
+      if (vi == 0 && vt < T)
+        store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
+      cluster_arrive();
+      cluster_wait();
+      if (tid < kTokensPerCta) {
+        const int t = int(rank) + kClusterCtas * tid;
+        if (t < T) {
+          float sum = square_gathered[0][tid];
+#pragma unroll
+          for (int r = 1; r < kClusterCtas; ++r) sum += square_gathered[r][tid];
+          store_relaxed_u64(args.square_words + int64_t(t) * Q + q, tagged(sum, tag));
+        }
+      }
+      sum_cluster_words(
+          tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
+          [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], sum, l); });
+      cluster_arrive();
+      cluster_wait();
+      token_squares = square_totals[vt];
+    }
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-      const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
+      const float inv_rms = inverse_rms(token_squares, float(d), args.norm_eps);
       value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
                           value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
       if (args.norm_round_to_bf16) value = round4_to_bf16(value);

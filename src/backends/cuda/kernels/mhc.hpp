@@ -17,21 +17,21 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
-// - Decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per
-//   64-dim slice (plus one per token for hc_pre's post/comb) projects its slice once; the sums over the slices take
-//   two short cross-CTA hops, no pipeline. Its sums run in another order than the persistent kernel's (a launch's
-//   results depend on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals
-//   instead of dividing (a few ulps). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC
-//   kernel: only the weights are read before the grid-dependency wait. Same workspace as the persistent kernel.
-// - Cluster decode kernel (kernel = CLUSTER, same limits): the decode kernel's 64-dim slices in clusters of 8 CTAs
-//   (plus one cluster for post/comb); each sum over the slices is one cluster (DSMEM) step and one global hop. Its
-//   sums run in yet another order (ranks of a cluster, then clusters). Same workspace.
+// - Cluster decode kernel (kernel = AUTO, the default, or CLUSTER; T ≤ kHcDecodeMaxTokens, hidden ≤
+//   kHcDecodeMaxHidden): one CTA per 64-dim slice in clusters of 8 CTAs (plus one cluster for hc_pre's post/comb)
+//   projects its slice once; each sum over the slices is one cluster (DSMEM) step and one global hop, no pipeline.
+//   Its sums run in another order than the persistent kernel's (a launch's results depend on which kernel served
+//   it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing (a few ulps).
+//   Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only the weights are read before
+//   the grid-dependency wait. Same workspace as the persistent kernel. CLUSTER_ONE_HOP: the same kernel with the
+//   fused norm's Σy² from the streams' Gram matrix in the first hop (Exact numerics; Reference numerics keep the
+//   second hop), Sinkhorn in scaling form and fn split before the wait (sums in yet another order).
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
 //   out_norm_weight, .width = hidden, .eps = norm_eps, .round_to_bf16 = out_norm_round_to_bf16, .y = y, .y_bf16 =
-//   y_bf16}) gives after the op (up to the order of the Σy² summation). In one launch for the decode kernel; the
-//   persistent path runs that rms_norm after its own launch.
+//   y_bf16}) gives after the op (up to the order of the Σy² summation). In one launch for the cluster decode kernel;
+//   the persistent path runs that rms_norm after its own launch.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
 //   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops;
 //   hc_post_pre rounds X_out, projects the rounded X_out and rounds y, as the two ops in a row do.
@@ -50,10 +50,10 @@ inline constexpr int kMhcStreams = 4;
 inline constexpr int64_t kHcDecodeMaxTokens = 16;
 inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
-// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the decode kernel where it applies (above),
-// the persistent kernel elsewhere; PERSISTENT: the persistent kernel always (the comparison baseline); CLUSTER: the
-// cluster decode kernel where the decode kernel would apply (the persistent kernel elsewhere).
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER };
+// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the cluster decode kernel where it applies
+// (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always (the comparison baseline);
+// CLUSTER: as AUTO; CLUSTER_ONE_HOP: its one-hop variant where the cluster decode kernel applies (being measured).
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, CLUSTER_ONE_HOP };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
