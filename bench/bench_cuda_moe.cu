@@ -6,7 +6,9 @@
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
 // Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
-// the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch).
+// the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
+// at T <= 64 also the streamed kernels' options (MoeRunParams): "narrow" (CTAs of 2 warps), "lean" (the lean fp4
+// decode, T <= 8) and "narrow+lean".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -16,7 +18,8 @@
 // expert (and the shared one) [n_e, d] × [d, 2I] then [n_e, I] × [I, d], captured in one CUDA graph — on bf16 weights
 // of the same shapes (a pool of 8 experts used in turn, 0.4-1 GB, so every GEMM reads its weights from HBM; no
 // routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
-// Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro]
+// Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--paths single,streamed,...]
+// (--paths: only those paths, e.g. to profile one kernel set).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -56,7 +59,7 @@ struct Model {
 
 struct Result {
   std::string model;
-  std::string path;  // "single" (one launch), "streamed" or "register" (the expert kernels)
+  std::string path;  // "single" (one launch), "streamed", "narrow", "lean", "narrow+lean" or "register"
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
   double tensor_share = 0;   // tflops / the same-run cuBLAS bf16 rate
@@ -156,12 +159,16 @@ struct Slot {
   std::vector<int> rows_per_expert;  // [E + 1], the shared expert last
 };
 
-// The two expert-kernel paths a result names.
-enum class Path { SINGLE, STREAMED, REGISTER };
+// The expert-kernel paths a result names.
+enum class Path { SINGLE, STREAMED, NARROW, LEAN, NARROW_LEAN, REGISTER };
+constexpr Path kPaths[] = {Path::SINGLE, Path::STREAMED, Path::NARROW, Path::LEAN, Path::NARROW_LEAN, Path::REGISTER};
+constexpr int kOptionsMaxTokens = 64;  // the streamed options' paths run up to here
 
 MoeRunParams path_params(Path path) {
   MoeRunParams p;
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
+  p.narrow_expert_ctas = path == Path::NARROW || path == Path::NARROW_LEAN;
+  p.lean_expert_decode = path == Path::LEAN || path == Path::NARROW_LEAN;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -177,8 +184,8 @@ double rotation_us(const std::vector<cudaGraphExec_t>& graphs, int iterations, c
   return double(ms) * 1e3 / (iterations * double(graphs.size()));
 }
 
-std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, const Floors& floors,
-                                cublasHandle_t cublas, cudaStream_t stream) {
+std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, const std::set<Path>& paths,
+                                const Floors& floors, cublasHandle_t cublas, cudaStream_t stream) {
   const MoeConfig& c = model.config;
   std::vector<DeviceMoeWeights> layers;
   for (int l = 0; l < model.layers; ++l)
@@ -236,8 +243,12 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
     }
 
-    for (const Path path : {Path::SINGLE, Path::STREAMED, Path::REGISTER}) {
-      if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024)) continue;
+    for (const Path path : kPaths) {
+      const bool option_path = path == Path::NARROW || path == Path::LEAN || path == Path::NARROW_LEAN;
+      if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024) ||
+          (option_path && T > kOptionsMaxTokens))
+        continue;
+      if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
       size_t launches = 0;
       for (Slot& slot : slots) {
@@ -284,7 +295,12 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       }
 
       const bool streamed_path = path != Path::REGISTER && layers.front().streamed_tiles();
-      const char* name = !streamed_path ? "register" : path == Path::SINGLE ? "single" : "streamed";
+      const char* name = !streamed_path               ? "register"
+                         : path == Path::SINGLE      ? "single"
+                         : path == Path::NARROW      ? "narrow"
+                         : path == Path::LEAN        ? "lean"
+                         : path == Path::NARROW_LEAN ? "narrow+lean"
+                                                     : "streamed";
       Result r{.model = model.name, .path = name, .tokens = T, .launches = launches};
       std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
       r.us = us;
@@ -322,6 +338,7 @@ int main(int argc, char** argv) {
   using namespace dsv4::cuda;
   std::string json_path, model_filter;
   std::vector<int> token_counts = {1, 4, 16, 64, 256, 4096};
+  std::set<Path> paths(std::begin(kPaths), std::end(kPaths));
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
@@ -339,8 +356,29 @@ int main(int argc, char** argv) {
         token_counts.push_back(int(t));
         p = *end == ',' ? end + 1 : end;
       }
+    } else if (std::strcmp(argv[i], "--paths") == 0 && i + 1 < argc) {
+      paths.clear();
+      const std::string list = argv[++i];
+      for (size_t begin = 0; begin <= list.size();) {
+        const size_t end = std::min(list.find(',', begin), list.size());
+        const std::string name = list.substr(begin, end - begin);
+        const std::pair<const char*, Path> names[] = {
+            {"single", Path::SINGLE}, {"streamed", Path::STREAMED},       {"narrow", Path::NARROW},
+            {"lean", Path::LEAN},     {"narrow+lean", Path::NARROW_LEAN}, {"register", Path::REGISTER}};
+        const auto* known = std::find_if(std::begin(names), std::end(names),
+                                         [&](const auto& entry) { return name == entry.first; });
+        if (known == std::end(names)) {
+          std::fprintf(stderr, "bench_cuda_moe: unknown path '%s' (single, streamed, narrow, lean, narrow+lean, "
+                               "register)\n",
+                       name.c_str());
+          return 2;
+        }
+        paths.insert(known->second);
+        begin = end + 1;
+      }
     } else {
-      std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro]\n");
+      std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
+                           "[--paths single,streamed,narrow,lean,narrow+lean,register]\n");
       return 2;
     }
   }
@@ -372,7 +410,7 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
     for (const Model& model : models) {
       if (!model_filter.empty() && model_filter != model.name) continue;
-      const std::vector<Result> r = bench_model(model, token_counts, floors, cublas, stream);
+      const std::vector<Result> r = bench_model(model, token_counts, paths, floors, cublas, stream);
       results.insert(results.end(), r.begin(), r.end());
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));

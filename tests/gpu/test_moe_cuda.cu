@@ -3,7 +3,9 @@
 // routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
-// launches' bits, also through one workspace over many calls and graph replays); a V4-Pro-width layer (d 7168,
+// launches' bits, also through one workspace over many calls and graph replays); the streamed kernels by narrow
+// CTAs and the lean fp4 decode (MoeRunParams::narrow_expert_ctas, lean_expert_decode: against the CPU, and the
+// default streamed kernels' bits); a V4-Pro-width layer (d 7168,
 // I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -265,16 +267,18 @@ struct Kernels {
   MoeExpertKernels experts = MoeExpertKernels::AUTO;
   bool fused_small_batches = false;
   bool single_launch = false;
+  bool narrow = false, lean = false;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
-           (single_launch ? ", single launch" : "");
+           (single_launch ? ", single launch" : "") + (narrow ? ", narrow CTAs" : "") + (lean ? ", lean decode" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
+    p.narrow_expert_ctas = narrow, p.lean_expert_decode = lean;
     return p;
   }
 };
@@ -284,6 +288,9 @@ constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
 constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                 .single_launch = true};
+// The streamed kernels' options, both at once (each changes nothing the other does).
+constexpr Kernels kStreamedOptions{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .narrow = true,
+                                 .lean = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -488,6 +495,20 @@ void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, 
                            run_output(weights, u, T, kStreamedKernels, ids));
 }
 
+// The narrow CTAs and the lean decode, each alone and both, against the default streamed kernels (each warp computes
+// the same rows from the same operands in the same order: the same bits), the fused combine included at T <= 8.
+void expect_narrow_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
+  const std::vector<float> u = random_input(T, S, seed);
+  const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
+  const std::vector<float> expected = run_output(weights, u, T, kStreamedKernels, ids);
+  for (const auto [narrow, lean] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+    Kernels kernels = kStreamedKernels;
+    kernels.narrow = narrow, kernels.lean = lean;
+    SCOPED_TRACE(kernels.name() + " against the default streamed kernels, T = " + std::to_string(T));
+    expect_identical_outputs(run_output(weights, u, T, kernels, ids), expected);
+  }
+}
+
 class MoeFormats : public ::testing::TestWithParam<WeightFormat> {};
 
 TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
@@ -514,6 +535,9 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kSingleLaunch);
     const Kernels streamed_unfused{.experts = MoeExpertKernels::STREAMED};
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
+    for (const int64_t T : {1, 8, 17})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOptions);
+    for (const int T : {1, 2, 5, 8, 17}) expect_narrow_bits(device_weights, kFlashLike, T, seed++);
   }
 }
 
@@ -602,6 +626,8 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   }
   for (const int T : {1, 8}) expect_single_launch_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
+  for (const int T : {1, 8, 20}) expect_narrow_bits(device_weights, kProLike, T, seed++);
+  check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOptions);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
@@ -624,7 +650,7 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   });
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
-    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kSingleLaunch})
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOptions})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 
@@ -643,7 +669,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
     Layer layer;
     make_layer(layer, *experts_, Routing::HASH, 13, keep_routing);
     const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "hash layer");
-    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
+    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kStreamedOptions})
       check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); },
                  kernels);
     // At T = 8 in one launch: one routed expert item of 8 rows per chosen expert.

@@ -168,6 +168,8 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .down = at<float>(ws, l.down),
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
+      .narrow_ctas = p.narrow_expert_ctas && streams_experts(weights, p),
+      .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };

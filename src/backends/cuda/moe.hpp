@@ -71,6 +71,11 @@ struct MoeRunParams {
   // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
   // 70.4 µs in three, T = 8 280 against 253 µs.
   bool single_launch = false;
+  // Where the streamed expert kernels run (not in the single launch): CTAs of 2 warps instead of 8
+  // (MoeExpertGemmParams::narrow_ctas), and at T <= 8 the lean fp4 decode (MoeExpertGemmParams::lean_decode). Both
+  // give the same bits.
+  bool narrow_expert_ctas = false;
+  bool lean_expert_decode = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

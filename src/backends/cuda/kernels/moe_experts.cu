@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.cuh"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -18,30 +19,58 @@ int max_dynamic_smem() {
   return bytes;
 }
 
+// One streamed launch by CTAs of W warps. The kernel's shared-memory limit is set once per device, to the most any
+// launch asks (the x region at its cap), and the carveout to the most shared memory so that the narrow CTAs' count
+// per SM is bounded by their own needs.
+template <moe::ExpertGemm G, int W>
+void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
+  constexpr size_t kFixedSmem = moe::kStreamedRingBytesFor<W> + moe::kStreamedExchangeBytesFor<W>;
+  args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
+  const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G, W> - 1) / moe::kCtaRows<G, W>),
+                  unsigned(p.max_work_items));
+  // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8. The lean
+  // stages are built for those launches only.
+  auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true, W, false>
+                 : p.lean_decode                ? moe::moe_expert_streamed_kernel<G, false, W, true>
+                                                : moe::moe_expert_streamed_kernel<G, false, W, false>;
+  static PerDeviceCache<bool> configured;
+  configured.get(reinterpret_cast<const void*>(kernel), [&] {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kFixedSmem + moe::kStreamedXBytes)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared)));
+    return true;
+  });
+  launch_chained(kernel, grid, dim3(W * tile::kWarpSize), smem, p.stream, args, name);
+}
+
 template <moe::ExpertGemm G>
 void launch(const MoeExpertGemmParams& p) {
   check_moe_expert_gemm_params(p);
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
-  const char* name = p.streamed
-                         ? (gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>")
-                         : (gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>");
-  moe::ExpertGemmArgs args = moe::expert_gemm_args(p, G);
-  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
-  if (p.streamed) {
-    args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
-    const size_t smem = moe::kStreamedRingBytes + size_t(args.streamed_x_bytes) + moe::kStreamedExchangeBytes;
-    // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
-    auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true>
-                                                  : moe::moe_expert_streamed_kernel<G, false>;
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
+  const moe::ExpertGemmArgs args = moe::expert_gemm_args(p, G);
+  if (p.streamed && p.narrow_ctas) {
+    launch_streamed<G, moe::kNarrowWarps>(
+        p, args, gate_up ? "moe_expert_streamed_kernel<gate_up, narrow>" : "moe_expert_streamed_kernel<down, narrow>");
     return;
   }
+  if (p.streamed) {
+    launch_streamed<G, moe::kExpertWarps>(
+        p, args, gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>");
+    return;
+  }
+  const char* name = gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>";
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
-  check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
-        " bytes of shared memory per CTA, beyond this device's limit");
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(smem)));
+  static PerDeviceCache<bool> configured;
+  configured.get(reinterpret_cast<const void*>(moe::moe_expert_gemm_kernel<G>), [&] {
+    check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
+          " bytes of shared memory per CTA, beyond this device's limit");
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  });
   launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
@@ -144,6 +173,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
   check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
         ")");
+  check(!p.narrow_ctas || p.streamed, "moe expert GEMM: narrow CTAs are a streamed-kernel option");
+  check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

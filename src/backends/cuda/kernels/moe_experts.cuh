@@ -48,9 +48,13 @@ inline constexpr size_t kXTileBudget = 160 * 1024;  // x tiles of one chunk (one
 inline constexpr int kSubRangeBytes = 512;         // stored bytes of one weight row per sub-range
 inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from L2 ahead of the MMAs
 
-// Weight rows one CTA covers.
-template <ExpertGemm G>
-inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? kExpertWarps / 2 : kExpertWarps) * tile::kTileRows;
+// Warps per CTA of the narrow streamed kernels (MoeExpertGemmParams::narrow_ctas): one 16-row band (gate/up: its
+// w1 and w3 warps; down: two bands of w2), so a decode step's few work items spread evenly over the SMs.
+inline constexpr int kNarrowWarps = 2;
+
+// Weight rows one CTA of W warps covers.
+template <ExpertGemm G, int W = kExpertWarps>
+inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? W / 2 : W) * tile::kTileRows;
 static_assert(kCtaRows<ExpertGemm::DOWN> == kMoeDownBandRows, "the fused combine's bands are the down CTAs' bands");
 
 // Stored bytes per two values of a format, and the k extent of a sub-range.
@@ -125,17 +129,17 @@ __device__ __forceinline__ void prefetch_sub_range(const LanePrefetch& p, int su
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
-// The warp's band within the CTA and its matrix: gate/up: warps w and w + 4 share a band, on w1 and w3 (the SwiGLU
-// pairs them); down: one band of w2 per warp.
-template <ExpertGemm G>
+// The warp's band within a CTA of W warps and its matrix: gate/up: warps w and w + W / 2 share a band, on w1 and w3
+// (the SwiGLU pairs them); down: one band of w2 per warp.
+template <ExpertGemm G, int W = kExpertWarps>
 __device__ __forceinline__ int warp_band() {
   const int warp_idx = threadIdx.x / tile::kWarpSize;
-  return G == ExpertGemm::GATE_UP ? warp_idx % (kExpertWarps / 2) : warp_idx;
+  return G == ExpertGemm::GATE_UP ? warp_idx % (W / 2) : warp_idx;
 }
-template <ExpertGemm G>
+template <ExpertGemm G, int W = kExpertWarps>
 __device__ __forceinline__ const DeviceMatrixView& warp_matrix(const MoeExpertView& expert) {
   if constexpr (G == ExpertGemm::GATE_UP)
-    return threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? expert.w3 : expert.w1;
+    return threadIdx.x / tile::kWarpSize >= W / 2 ? expert.w3 : expert.w1;
   else
     return expert.w2;
 }
@@ -152,9 +156,11 @@ __device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, co
 }
 
 // Writes a warp's accumulators: row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i) of acc[nt][i].
-// gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([4 bands][16 rows][kExchangeTokens]
-// fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole CTA.
-template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens, bool kStreamRows = false>
+// gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([W / 2 bands][16 rows]
+// [kExchangeTokens] fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole
+// CTA of W warps.
+template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens, bool kStreamRows = false,
+          int W = kExpertWarps>
 __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const DeviceMatrixView& w,
                                            const float (&acc)[NT][4], int64_t row0, int row_base, int tokens,
                                            float* exchange_base) {
@@ -165,11 +171,11 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
   };
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
-  const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
+  const bool up_warp = kGateUp && warp_idx >= W / 2;
   const int g = lane / 4, t = lane % 4;
   const float scale = tile::weight_tile_output_scale<F>(w);
   if constexpr (kGateUp) {
-    float* exchange = exchange_base + warp_band<G>() * tile::kTileRows * kExchangeTokens;
+    float* exchange = exchange_base + warp_band<G, W>() * tile::kTileRows * kExchangeTokens;
     auto at = [](int nt, int i, int g_, int t_) {
       return (g_ + (i >= 2 ? 8 : 0)) * kExchangeTokens + nt * tile::kTokensPerMma + 2 * t_ + (i & 1);
     };
@@ -285,20 +291,26 @@ __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemm
   return int(blockIdx.y) < __ldg(a.work_item_count);
 }
 
-// The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
-// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band) {
+// The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of W warps of the down kernel that had a
+// work item, once its rows are written (cta_band: its band of kCtaRows<DOWN, W> rows): the last CTA to arrive at a
+// combine band of kMoeDownBandRows rows (its ticket counts the work items times the CTAs per combine band) sums it.
+template <int W = kExpertWarps>
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int cta_band) {
+  constexpr int kCtaDownRows = kCtaRows<ExpertGemm::DOWN, W>;
+  static_assert(kMoeDownBandRows % kCtaDownRows == 0, "CTA bands tile the combine bands");
   const MoeFusedCombine& c = a.combine;
+  const int band = cta_band / (kMoeDownBandRows / kCtaDownRows);
+  const int64_t n0 = int64_t(band) * kMoeDownBandRows;
+  const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
+  const uint32_t band_ctas = uint32_t((band_rows + kCtaDownRows - 1) / kCtaDownRows);
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) - 1;
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) * band_ctas - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int64_t n0 = int64_t(band) * kMoeDownBandRows;
-  const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
   for (int i = threadIdx.x; i < c.tokens * band_rows; i += blockDim.x) {
     const int t = i / band_rows;
@@ -346,16 +358,23 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
 //   stages of every format): the whole K of V4-Flash and V4-Pro in one chunk for 1-2 rows, 512 inputs per chunk for
 //   16 rows. The launch sizes the x region for min(T, 16) rows up to kStreamedXBytes (decode launches stay small,
 //   which leaves the SM more L1).
+// - Narrow CTAs (W = kNarrowWarps: one 16-row band; rings, x region and exchange for two warps, ~31 KB at T = 1, up
+//   to 8 CTAs per SM): every warp computes what it computes in the 8-warp CTA, but a decode step's warps spread
+//   evenly over the SMs, where the 8-warp CTAs leave some SMs with twice the warps of others (the step's time is
+//   the busiest SM's: the warps of an SM share its issue slots). Each narrow CTA stages its own copy of x.
 inline constexpr int kStreamedSlots = 2;
 inline constexpr int kStreamedMaxTokenTiles = 2;
 inline constexpr int kStreamedPassRows = kStreamedMaxTokenTiles * tile::kTokensPerMma;
-// The rings, after up to 1 KB that aligns them for the swizzled boxes.
-inline constexpr size_t kStreamedRingBytes =
-    size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
+// The rings of a CTA of W warps, after up to 1 KB that aligns them for the swizzled boxes.
+template <int W>
+inline constexpr size_t kStreamedRingBytesFor =
+    size_t(W) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
+inline constexpr size_t kStreamedRingBytes = kStreamedRingBytesFor<kExpertWarps>;
 inline constexpr size_t kStreamedXBytes = 26 * 1024;  // the most; ExpertGemmArgs::streamed_x_bytes
-// The w3 results handed to the w1 warps: [4 bands][16 rows][16 tokens] fp32.
-inline constexpr size_t kStreamedExchangeBytes =
-    size_t(kExpertWarps / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
+// The w3 results handed to the w1 warps: [W / 2 bands][16 rows][16 tokens] fp32.
+template <int W>
+inline constexpr size_t kStreamedExchangeBytesFor = size_t(W / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
+inline constexpr size_t kStreamedExchangeBytes = kStreamedExchangeBytesFor<kExpertWarps>;
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
 static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
                    kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
@@ -383,28 +402,114 @@ __device__ __forceinline__ int streamed_chunk_k(int k_total, int rows, int x_byt
 }
 
 // The warp's matrix's tensor maps: expert e's [w1, w3, w2] in the table.
-template <ExpertGemm G>
+template <ExpertGemm G, int W = kExpertWarps>
 __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const ExpertGemmArgs& a, int expert) {
-  const int matrix = G == ExpertGemm::DOWN ? 2 : threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? 1 : 0;
+  const int matrix = G == ExpertGemm::DOWN ? 2 : threadIdx.x / tile::kWarpSize >= W / 2 ? 1 : 0;
   return a.stream_maps + 3 * expert + matrix;
 }
 
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G>
+template <tile::TileFormat F, ExpertGemm G, int W = kExpertWarps>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
   namespace st = tile::stream;
-  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const int64_t row0 = int64_t(band) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows;
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int64_t stages = a.k_total / st::stage_k(F);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
+    st::issue_stage<F>(warp_maps<G, W>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
 }
 
-// One work item in passes of 8·NT rows (see above).
-template <tile::TileFormat F, ExpertGemm G, int NT>
+// ---------------------------------------------------------------------------------------------------------------
+// The lean fp4 stage product (MoeExpertGemmParams::lean_decode): the same MMAs on the same bf16 operands as
+// tile::stream::multiply_stage, in the same order (the same bits), with fewer instructions per weight:
+// - e2m1 → bf16 bits in 3 integer instructions per pair of values where weight_tile_mma spends ~4: the nibble pair
+//   (J, J + 4) of a word is isolated by one mask and copied to both its magnitude position (bits 6-8) and its sign
+//   position (bit 15) by one multiply by 2^a + 2^b (the two copies do not overlap, so the product has no carries),
+//   then a second mask keeps those bits; pairs 2 and 3 share one shifted word.
+// - Every lane reads x for every token tile of the pass (token min(8·nt + g, rows - 1)) instead of choosing between
+//   x and zeros per load: a column of absent tokens holds a copy of a real token, and mma keeps columns apart, so
+//   the columns that are stored are unchanged (and the others never stored).
+// The decode runs on the FMA pipe's IMAD for the copies, so the integer pipe's logic ops drop by a third.
+namespace lean {
+
+// Nibbles J and J + 4 of a word → bf16x2 (value × 2^-126): tile::detail::e2m1_pair_bits<J>'s bits. `word_high` is
+// word >> 8 (pairs 2 and 3 read nibbles 2, 3, 6, 7 from it at the places of 0, 1, 4, 5).
+template <int J>
+__device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word, uint32_t word_high) {
+  const uint32_t source = J < 2 ? word : word_high;
+  constexpr uint32_t kNibbles = J % 2 == 0 ? 0x000F000Fu : 0x00F000F0u;
+  // Nibble at bits 0-3 (4-7): copies at +6 and +12 (+2 and +8), i.e. magnitude at 6-8 and sign at 15 of each half.
+  constexpr uint32_t kCopies = J % 2 == 0 ? 0x1040u : 0x0104u;
+  return ((source & kNibbles) * kCopies) & 0x81C081C0u;
+}
+
+// One lane's 16 stored bytes of one row → bf16 pairs in MMA order (tile::detail::decode_row_bytes's pairs).
+template <tile::TileFormat F>
+__device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, uint32_t factor1,
+                                           uint32_t (&pairs)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
+    const uint32_t factor = (F == tile::TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
+    pairs[4 * i + 0] = tile::detail::bf16x2_mul(e2m1_pair_bits<0>(word, word_high), factor);
+    pairs[4 * i + 1] = tile::detail::bf16x2_mul(e2m1_pair_bits<1>(word, word_high), factor);
+    pairs[4 * i + 2] = tile::detail::bf16x2_mul(e2m1_pair_bits<2>(word, word_high), factor);
+    pairs[4 * i + 3] = tile::detail::bf16x2_mul(e2m1_pair_bits<3>(word, word_high), factor);
+  }
+}
+
+// sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
+// step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
+// the stage's first input (a real token's row, see above).
+template <tile::TileFormat F, int NT, int C>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
+                                               float (&sums)[C][NT][4]) {
+  namespace st = tile::stream;
+  static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
+  constexpr int kStepK = 4 * st::values_per_load(F), kSteps = st::kRowBytes / 64;
+  constexpr int kScaleBytes = st::stage_scale_bytes(F);
+  const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
+  const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
+  const uint8_t* scales = slot + 2 * st::kHalfBytes;
+#pragma unroll
+  for (int u = 0; u < kSteps; ++u) {
+    const int chunk = ((u & 1) << 2) | t;
+    uint32_t pairs[2][16];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
+                                                        ((chunk ^ (rows[r] & 7)) << 4));
+      uint32_t factor0 = 0, factor1 = 0;
+      if constexpr (F == tile::TileFormat::MXFP4) {
+        factor0 = tile::detail::mxfp4_factor(scales[rows[r] * kScaleBytes + 4 * u + t]);
+      } else {
+        const uint16_t codes = *reinterpret_cast<const uint16_t*>(scales + rows[r] * kScaleBytes + 2 * (4 * u + t));
+        tile::detail::nvfp4_factors(codes, factor0, factor1);
+      }
+      decode_row<F>(raw, factor0, factor1, pairs[r]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4 b = *reinterpret_cast<const uint4*>(x_lane[nt] + u * kStepK + c * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int m = 2 * c + half;
+          const uint32_t a_frag[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
+          ptx::mma_m16n8k16_bf16_f32(sums[m % C][nt], a_frag, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
+        }
+      }
+  }
+}
+
+}  // namespace lean
+
+// One work item in passes of 8·NT rows (see above), by a CTA of W warps; kLean: fp4 stages by lean::multiply_stage.
+template <tile::TileFormat F, ExpertGemm G, int NT, int W = kExpertWarps, bool kLean = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started) {
@@ -412,16 +517,16 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
-  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
-  const DeviceMatrixView w = warp_matrix<G>(expert);
+  const int64_t row0 = int64_t(band) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows;
+  const DeviceMatrixView w = warp_matrix<G, W>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
-  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytesFor<W>);
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytesFor<W> + a.streamed_x_bytes);
   const int pass_stages = a.k_total / int(kStageK);  // >= kStreamedSlots (moe_streamed_tiles_apply)
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
-  const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G>(a, item.expert, band, ring, full);
+  const tile::stream::StreamMaps* maps = warp_maps<G, W>(a, item.expert);
+  if (!started) start_stream<F, G, W>(a, item.expert, band, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -431,6 +536,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     const int chunk_k = streamed_chunk_k(a.k_total, rows, a.streamed_x_bytes);
     // Token tiles this lane's token (8·nt + g) exists in; the others are fed zeros, never read.
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
+    constexpr bool kLeanStages = kLean && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4);
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
@@ -442,17 +548,30 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldcg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
-      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, W * tile::kWarpSize);
       __syncthreads();
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+      // The lean stages' x rows: every token tile reads a real token (see lean::multiply_stage).
+      const __nv_bfloat16* x_lanes[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        x_lanes[nt] = x_tile + min(nt * tile::kTokensPerMma + g, rows - 1) * row_stride +
+                      (threadIdx.x % 4) * tile::kXChunk;
       for (int k0 = chunk_begin; k0 < chunk_end; k0 += int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
-        st::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
-                                      lane_tiles, block_scales, sums, acc);
+        if constexpr (kLeanStages) {
+          const __nv_bfloat16* x_stage[NT];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
+          lean::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_stage, sums);
+        } else {
+          st::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+                                        lane_tiles, block_scales, sums, acc);
+        }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, refill * kStageK, ring + slot * st::kSlotBytes, full + slot);
@@ -461,16 +580,18 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
     }
     tile::detail::finish_tile<F, NT, kC>(sums, acc);
-    write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, rows, exchange);
+    write_rows<F, G, NT, kPassRows, true, W>(a, w, acc, row0, row_begin, rows, exchange);
   }
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
-// decode launches' code (half the instructions to fetch at each CTA's cold start).
-template <ExpertGemm G, bool kMultiTile>
-__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
+// decode launches' code (half the instructions to fetch at each CTA's cold start). W: warps per CTA (kExpertWarps,
+// two CTAs per SM; or kNarrowWarps, up to eight). kLean: fp4 stages by lean::multiply_stage.
+template <ExpertGemm G, bool kMultiTile, int W, bool kLean>
+__global__ void __launch_bounds__(W * tile::kWarpSize, 2 * kExpertWarps / W)
+    moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
+  __shared__ uint64_t full_barriers[W][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring =
       tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
@@ -478,7 +599,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (shared_item)
     with_tile_format(a.shared_format,
                      [&]<tile::TileFormat F>() {
-                       start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
+                       start_stream<F, G, W>(a, a.shared_expert, int(blockIdx.x), ring, full);
                      });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
@@ -487,11 +608,12 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(format, [&]<tile::TileFormat F>() {
     if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-      run_streamed_item<F, G, 1>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
+      run_streamed_item<F, G, 1, W, kLean>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
     else
-      run_streamed_item<F, G, kStreamedMaxTokenTiles>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
+      run_streamed_item<F, G, kStreamedMaxTokenTiles, W, kLean>(a, expert, item, int(blockIdx.x), smem, full,
+                                                                shared_item);
   });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last<W>(a, int(blockIdx.x));
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers
