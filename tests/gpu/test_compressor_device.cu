@@ -9,7 +9,8 @@
 // keys, against the reference's fp8 rule on the CPU's entry); and the main compressor's entries stored
 // straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every
 // element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
-// output. Two compressors in one launch (run_compressors), and every split of an entry over CTAs, forced.
+// output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
+// (run_compressors), and every split of an entry over CTAs, forced.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -208,7 +209,12 @@ class CaseCheck {
                          .rope_dim = c_.rope_dim,
                          .state = state_->view(),
                          .cluster_ctas = cluster_ctas_};
-    if (stacked_) p.kv = d_stacked_.as<float>(), p.gate = d_stacked_.as<float>() + width_, p.row_stride = stride_;
+    if (stacked_) {
+      // As the model's step runs it: stacked projections, and the runs copied before the chain began (loaded before
+      // the kernel's wait).
+      p.kv = d_stacked_.as<float>(), p.gate = d_stacked_.as<float>() + width_, p.row_stride = stride_;
+      p.runs_ready_at_launch = true;
+    }
     if (to_cache_) {
       p.stored_rounding = CompressorStoredRounding::None, p.cache = cache_->view(), p.cache_layer = kCacheLayer;
     } else if (c_.bf16_output) {

@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/compressor.hpp"
 
 #include <algorithm>
+#include <bit>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -42,6 +43,8 @@ void check_compressor_params(const CompressorParams& p) {
         " must be even and at most ", kMaxHeadDim);
   check(p.ratio > 0 && p.run_count >= 0 && p.max_run_tokens >= 0, "compressor: bad ratio ", p.ratio, ", run_count ",
         p.run_count, " or max_run_tokens ", p.max_run_tokens);
+  check(p.ratio * p.head_dim < (int64_t(1) << 30), "compressor: ratio ", p.ratio, " × head_dim ", p.head_dim,
+        " exceeds the kernel's 32-bit state arithmetic (2^30)");
   check(p.rope_dim >= 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "compressor: rope_dim ", p.rope_dim,
         " must be even and within head_dim ", p.head_dim);
   check(p.rope_dim == 0 || p.rope_frequencies != nullptr, "compressor: rope_frequencies are required");
@@ -130,8 +133,12 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
+  // A power-of-two ratio divides by shifts in the kernel.
+  const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
   return compressor::PoolArgs{.c = c,
                               .ratio = p.ratio,
+                              .ratio_log2 = ratio_log2,
+                              .runs_before_wait = p.runs_ready_at_launch,
                               .overlapping = p.overlapping,
                               .norm_eps = p.norm_eps,
                               .round_pooled_to_bf16 = p.round_pooled_to_bf16,
@@ -209,16 +216,17 @@ void run_compressors(std::span<const CompressorParams> params) {
   config.blockDim = dim3(unsigned(threads));
   config.dynamicSmemBytes = smem;
   config.stream = params[0].stream;
-  // A cluster launch and a programmatic dependent one (ptx/dependent_launch.cuh).
+  // A programmatic dependent launch (ptx/dependent_launch.cuh), and a cluster launch only where entries are split
+  // (a cluster of one would take the cluster scheduling path for nothing).
   cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = unsigned(hardware_cluster);
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = unsigned(hardware_cluster);
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
   config.attrs = attributes;
-  config.numAttrs = 2;
+  config.numAttrs = hardware_cluster > 1 ? 2 : 1;
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }

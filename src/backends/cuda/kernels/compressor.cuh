@@ -54,6 +54,8 @@ inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity
 struct PoolArgs {
   int c;
   int64_t ratio;
+  int ratio_log2;         // log2(ratio) when it is a power of two (DSV4's 4 and 128), else −1
+  bool runs_before_wait;  // CompressorParams::runs_ready_at_launch
   bool overlapping;
   float norm_eps;
   bool round_pooled_to_bf16;
@@ -116,15 +118,24 @@ __device__ __forceinline__ float2 load_pair(const float* p) { return *reinterpre
 
 __device__ __forceinline__ int64_t width_of(const PoolArgs& a) { return a.overlapping ? 2 * int64_t(a.c) : a.c; }
 
+// x div ratio and x mod ratio for x ≥ 0: a shift and a mask for a power-of-two ratio (the 64-bit division is a long
+// dependent chain on the path from the runs' load to the slots' addresses).
+__device__ __forceinline__ int64_t ratio_div(const PoolArgs& a, int64_t x) {
+  return a.ratio_log2 >= 0 ? x >> a.ratio_log2 : x / a.ratio;
+}
+__device__ __forceinline__ int64_t ratio_mod(const PoolArgs& a, int64_t x) {
+  return a.ratio_log2 >= 0 ? x & (a.ratio - 1) : x % a.ratio;
+}
+
 // Channels (column, column + 1) of the token at position q ≥ 0, with ape added to a score from the run's rows; the
 // address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious: q may
 // lie before the state's incomplete window (CSA's first halves, column < c, from the previous halves).
 template <bool kMayBePrevious>
 __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t width = width_of(a);
-  const int64_t slot = q % a.ratio;
+  const int64_t slot = ratio_mod(a, q);
   const bool in_run = q >= r.start;
-  const bool in_window = !kMayBePrevious || q >= r.start / a.ratio * a.ratio;
+  const bool in_window = !kMayBePrevious || q >= r.start - ratio_mod(a, r.start);
   const int64_t run_offset = (q - r.start) * a.row_stride + column;
   const float* value = in_run      ? r.kv + run_offset
                        : in_window ? r.state.window_kv + slot * width + column
@@ -140,7 +151,7 @@ __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView&
 __device__ __forceinline__ SlotValue load_run_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t offset = (q - r.start) * a.row_stride + column;
   const float2 v = load_pair(r.kv + offset), s = load_pair(r.gate + offset);
-  const float2 bias = load_pair(a.ape + (q % a.ratio) * width_of(a) + column);
+  const float2 bias = load_pair(a.ape + ratio_mod(a, q) * width_of(a) + column);
   return {v, make_float2(s.x + bias.x, s.y + bias.y)};
 }
 
@@ -209,52 +220,52 @@ __device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* ro
 // token window_from + i / (halves·pairs), then half, then pair). Within each part no stored value is another's
 // source; a barrier separates the parts (the previous halves may come from the old window slots).
 struct StateUpdate {
-  int64_t previous_base, previous_items;
-  int64_t window_from, window_items;
+  int64_t previous_base, window_from;
+  int previous_items, window_items;  // 32-bit item arithmetic (bounded by the launcher: ratio · head_dim < 2^30)
   int first, pairs, halves;
 };
 
 __device__ __forceinline__ StateUpdate plan_state_update(const PoolArgs& a, const RunView& r, int first, int count) {
-  const int64_t end = r.start + r.tokens, end_window = end / a.ratio;
+  const int64_t end = r.start + r.tokens, end_window = ratio_div(a, end);
   const int pairs = count / 2, halves = a.overlapping ? 2 : 1;
-  const bool completes = a.overlapping && end_window > r.start / a.ratio;
+  const bool completes = a.overlapping && end_window > ratio_div(a, r.start);
   const int64_t from = max(r.start, end_window * a.ratio);
   return {.previous_base = (end_window - 1) * a.ratio,
-          .previous_items = completes ? a.ratio * pairs : 0,
           .window_from = from,
-          .window_items = (end - from) * halves * pairs,
+          .previous_items = completes ? int(a.ratio) * pairs : 0,
+          .window_items = int(end - from) * halves * pairs,
           .first = first,
           .pairs = pairs,
           .halves = halves};
 }
 
 // Position and column of window item i.
-__device__ __forceinline__ int64_t window_item_position(const StateUpdate& u, int64_t i) {
+__device__ __forceinline__ int64_t window_item_position(const StateUpdate& u, int i) {
   return u.window_from + i / (u.halves * u.pairs);
 }
-__device__ __forceinline__ int window_item_column(const PoolArgs& a, const StateUpdate& u, int64_t i) {
-  const int64_t within = i % (u.halves * u.pairs);
-  return int(within / u.pairs) * a.c + u.first + 2 * int(within % u.pairs);
+__device__ __forceinline__ int window_item_column(const PoolArgs& a, const StateUpdate& u, int i) {
+  const int within = i % (u.halves * u.pairs);
+  return within / u.pairs * a.c + u.first + 2 * (within % u.pairs);
 }
 
 // Item i of the window's slots (kWindow) or of the previous halves: its source value, and its store into the state.
 template <bool kWindow>
-__device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t i) {
+__device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int i) {
   if constexpr (kWindow)
     return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
   else
-    return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * int(i % u.pairs));
+    return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * (i % u.pairs));
 }
 
 template <bool kWindow>
-__device__ __forceinline__ void store_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t i,
+__device__ __forceinline__ void store_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int i,
                                            const SlotValue& v) {
   if constexpr (kWindow) {
-    const int64_t offset = (window_item_position(u, i) % a.ratio) * width_of(a) + window_item_column(a, u, i);
+    const int64_t offset = ratio_mod(a, window_item_position(u, i)) * width_of(a) + window_item_column(a, u, i);
     *reinterpret_cast<float2*>(r.state.window_kv + offset) = v.value;
     *reinterpret_cast<float2*>(r.state.window_score + offset) = v.score;
   } else {
-    const int64_t offset = (i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
+    const int64_t offset = int64_t(i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
     *reinterpret_cast<float2*>(r.state.previous_kv + offset) = v.value;
     *reinterpret_cast<float2*>(r.state.previous_score + offset) = v.score;
   }
@@ -270,14 +281,12 @@ struct EarlyUpdate {
 
 __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, const RunView& r, const StateUpdate& u) {
   EarlyUpdate e;
-  const int64_t stride = blockDim.x;
+  const int thread = int(threadIdx.x), stride = int(blockDim.x);
 #pragma unroll
   for (int k = 0; k < kEarlyItems; ++k) {
     // Past the end: a harmless repeat of the last item's load (never stored).
-    if (u.previous_items > 0)
-      e.previous[k] = load_item<false>(a, r, u, min(threadIdx.x + k * stride, u.previous_items - 1));
-    if (u.window_items > 0)
-      e.window[k] = load_item<true>(a, r, u, min(threadIdx.x + k * stride, u.window_items - 1));
+    if (u.previous_items > 0) e.previous[k] = load_item<false>(a, r, u, min(thread + k * stride, u.previous_items - 1));
+    if (u.window_items > 0) e.window[k] = load_item<true>(a, r, u, min(thread + k * stride, u.window_items - 1));
   }
   return e;
 }
@@ -285,14 +294,15 @@ __device__ __forceinline__ EarlyUpdate load_early_update(const PoolArgs& a, cons
 // One part of the update (kWindow: the window's slots, else the previous halves) by every thread of the CTA, from
 // item `first` of the thread (kEarly: its first items already in `early`), kUpdateBatch loads before their stores.
 template <bool kWindow, bool kEarly>
-__device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int64_t items,
-                                            int64_t stride, int64_t first, const SlotValue (&early)[kEarlyItems]) {
+__device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r, const StateUpdate& u, int items,
+                                            int stride, int first, const SlotValue (&early)[kEarlyItems]) {
   if (kEarly) {
+    const int thread = int(threadIdx.x);
 #pragma unroll
     for (int k = 0; k < kEarlyItems; ++k)
-      if (threadIdx.x + k * stride < items) store_item<kWindow>(a, r, u, threadIdx.x + k * stride, early[k]);
+      if (thread + k * stride < items) store_item<kWindow>(a, r, u, thread + k * stride, early[k]);
   }
-  for (int64_t i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
+  for (int i0 = first; i0 < items; i0 += kUpdateBatch * stride) {
     SlotValue value[kUpdateBatch];
 #pragma unroll
     for (int k = 0; k < kUpdateBatch; ++k) value[k] = load_item<kWindow>(a, r, u, min(i0 + k * stride, items - 1));
@@ -306,7 +316,7 @@ __device__ __forceinline__ void update_part(const PoolArgs& a, const RunView& r,
 // window slots) the window's.
 template <bool kEarly>
 __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpdate& u, const EarlyUpdate& early) {
-  const int64_t stride = blockDim.x, first = threadIdx.x + (kEarly ? kEarlyItems * stride : 0);
+  const int stride = int(blockDim.x), first = int(threadIdx.x) + (kEarly ? kEarlyItems * stride : 0);
   if (u.previous_items > 0) {
     update_part<false, kEarly>(a, r, u, u.previous_items, stride, first, early.previous);
     __syncthreads();
@@ -330,9 +340,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   __shared__ bool is_last_cta;
 
   const bool real = local < a.ctas;
-  const int64_t entry_row = real ? local / a.cluster_ctas : 0;  // row of the compact fp32 output
-  const int rank = int(local % a.cluster_ctas);
-  const int64_t run_index = entry_row / a.entries_per_run, entry = entry_row % a.entries_per_run;
+  // 32-bit CTA arithmetic: the launcher keeps a launch under 2^31 CTAs.
+  const int entry_row = real ? int(local) / a.cluster_ctas : 0;  // row of the compact fp32 output
+  const int rank = int(local) % a.cluster_ctas;
+  const int run_index = entry_row / int(a.entries_per_run), entry = entry_row % int(a.entries_per_run);
   const int pair = int(threadIdx.x) % a.pairs_padded, group = int(threadIdx.x) / a.pairs_padded;
   const bool active = 2 * pair < channels && group < a.groups;
   const int channel = rank * channels + 2 * pair;  // this thread's first channel
@@ -342,9 +353,12 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                                                   : make_float2(0.0f, 0.0f);
   const float frequency =
       active && group == 0 && channel >= rope_begin ? a.rope_frequencies[(channel - rope_begin) / 2] : 0.0f;
-  wait_for_prior_grids();  // the runs, the projections and the state are earlier operations' outputs
-
-  const CompressorRun run = a.runs[run_index];
+  // The runs, the projections and the state are earlier operations' outputs; runs that were ready when the chain
+  // began (runs_ready_at_launch) load before the wait, so their round trip overlaps the previous kernel.
+  CompressorRun run{};
+  if (a.runs_before_wait) run = a.runs[run_index];
+  wait_for_prior_grids();
+  if (!a.runs_before_wait) run = a.runs[run_index];
   const RunView r{.kv = a.kv + int64_t(run.first_token) * a.row_stride,
                   .gate = a.gate + int64_t(run.first_token) * a.row_stride,
                   .start = run.start_position,
@@ -355,9 +369,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   const StateUpdate slice = plan_state_update(a, r, rank * channels, channels);
   EarlyUpdate early;
   if (kSliceUpdates && real) early = load_early_update(a, r, slice);
-  const int64_t emitted = compressor_entries_emitted(r.start, r.tokens, a.ratio);
-  const bool emitting = real && entry < emitted;
-  const int64_t w = r.start / a.ratio + entry;
+  const int64_t first_entry = ratio_div(a, r.start);
+  const bool emitting = real && entry < ratio_div(a, r.start + r.tokens) - first_entry;  // entries emitted
+  const int64_t w = first_entry + entry;
   // The cache row's page, looked up while the slots load.
   uint8_t* stored = nullptr;
   if (emitting && a.cache.pool != nullptr && group == 0)
@@ -368,6 +382,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     if (a.entry_slots != nullptr) a.entry_slots[entry_row] = run.slot;
   }
 
+  RopeFactors rope{1.0f, 0.0f};
   if (emitting && active) {
     const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
     OnlineSoftmax channel0, channel1;
@@ -389,6 +404,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
         score0[k] = valid ? slot.score.x : kNegativeInfinity;
         score1[k] = valid ? slot.score.y : kNegativeInfinity;
       }
+      // The RoPE factors (a double-precision sincos) while the first batch's loads are in flight.
+      if (s0 == group && group == 0 && channel >= rope_begin) rope = rope_factors(w * a.ratio, frequency);
       channel0.add(value0, score0);
       channel1.add(value1, score1);
     }
@@ -463,7 +480,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     if (owner) {
       v[0] = v[0] * inv_rms * norm_weight.x;
       v[1] = v[1] * inv_rms * norm_weight.y;
-      if (channel >= rope_begin) rope_rotate_pair(v[0], v[1], rope_factors(w * a.ratio, frequency), false);
+      if (channel >= rope_begin) rope_rotate_pair(v[0], v[1], rope, false);
     }
     if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
       // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
@@ -501,7 +518,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       }
     } else if (owner && a.slot_entries_fp8 == nullptr) {
       if (a.entries != nullptr) {
-        *reinterpret_cast<float2*>(a.entries + entry_row * c + channel) = make_float2(v[0], v[1]);
+        *reinterpret_cast<float2*>(a.entries + int64_t(entry_row) * c + channel) = make_float2(v[0], v[1]);
       } else if (w < a.slot_entry_capacity) {
         __nv_bfloat16* out = a.slot_entries_bf16 + run.slot * a.slot_entry_stride + w * c + channel;
         out[0] = __float2bfloat16_rn(v[0]);

@@ -35,8 +35,8 @@
 // - run_compressors: up to two compressors in one launch (a CSA layer's main and indexer compressors: −1 launch per
 //   CSA layer), each with the contract above; one stream, distinct states; their runs, projections, shapes and
 //   outputs are independent (the same runs table may serve both).
-// - head_dim even and ≤ 1024; a programmatic dependent launch (ptx/dependent_launch.cuh); asynchronous on
-//   `stream`, no allocation, no synchronisation (graph-capturable).
+// - head_dim even and ≤ 1024, ratio · head_dim < 2^30; a programmatic dependent launch (ptx/dependent_launch.cuh);
+//   asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 //   Steps of one state must be stream-ordered (each reads what the previous wrote).
 #pragma once
 
@@ -74,6 +74,10 @@ struct CompressorParams {
   const float* gate = nullptr;        // device [step tokens, coff·c]
   int64_t row_stride = 0;             // elements between token rows of kv and gate; 0 = coff·c
   const CompressorRun* runs = nullptr;  // device [run_count]
+  // The runs were written before the programmatic chain began (the model's step inputs: a copy before the step's
+  // first kernel), never by the kernel launched just before: the kernel then loads them before it waits for that
+  // kernel. Off: after the wait, as everything else (the runs may be an earlier kernel's output).
+  bool runs_ready_at_launch = false;
   int run_count = 0;
   int64_t max_run_tokens = 0;         // bound on every run's tokens (sizes the grid)
   const float* ape = nullptr;         // device [ratio, coff·c]
