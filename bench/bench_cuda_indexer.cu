@@ -15,8 +15,9 @@
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
 // no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
-// - the decode chain at batch 1 (contexts 4K, 64K, 1M): indexer_prepare, scores and top-k alone, and the four ways
-//   of running them (three launches; prepare + fused scores/top-k; raw-q scores + top-k; raw-q fused), both formats.
+// - the decode chain at batch 1 (contexts 4K, 64K, 1M, and 16 keys visible in the 4K grid as in the e2e bench):
+//   indexer_prepare, scores and top-k alone, and the four ways of running them (three launches; prepare + fused
+//   scores/top-k; raw-q scores + top-k; raw-q fused), both formats; the top-k's trace at 16 visible.
 // Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the batch-1 cases only.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -351,13 +352,26 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   // indexer_prepare + scores + top-k (three launches, the model's default), prepare + the fused scores + top-k (two),
   // raw queries into the scores then top-k (two: CudaModelOptions::indexer_prepare_in_scores), raw queries into the
   // fused kernel (one). Baseline: the three launches.
-  if (tokens == 1) {
+  // At the shortest context also with 16 keys visible in its grid (a 64-token sequence, as the e2e bench decodes).
+  const std::vector<int64_t> e2e_position{16 * kRatio};
+  const DeviceBuffer d_e2e_position = to_device(e2e_position, "e2e position");
+  for (const bool e2e_like : {false, true}) {
+    if (tokens != 1 || (e2e_like && context != 4096)) continue;
+    // Every call of this chain reads the e2e-like position instead of the context's.
+    const auto positions = [&](auto p) {
+      if (e2e_like) p.positions = d_e2e_position.as<int64_t>();
+      return p;
+    };
+    const auto scores_params_at = [&](cudaStream_t on, bool fp8, bool raw = false) {
+      return positions(scores_params(on, fp8, raw));
+    };
+    const auto top_k_params_at = [&](cudaStream_t on) { return positions(top_k_params(on, 0)); };
     for (const bool fp8 : {false, true}) {
-      const std::string format = fp8 ? ", fp8" : ", bf16";
+      const std::string format = std::string(fp8 ? ", fp8" : ", bf16") + (e2e_like ? ", 16 keys visible" : "");
       const double three_us = graph_us(stream, 20, [&](cudaStream_t on) {
         prepare_q(on, fp8);
-        run_indexer_scores(scores_params(on, fp8));
-        run_top_k(top_k_params(on, 0));
+        run_indexer_scores(scores_params_at(on, fp8));
+        run_top_k(top_k_params_at(on));
       });
       const auto chain_row = [&](const std::string& variant, double us, const std::string& note) {
         rows.push_back({"indexer decode chain", shape + format + ", " + variant, us,
@@ -367,26 +381,27 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       chain_row("indexer_prepare alone", graph_us(stream, 20, [&](cudaStream_t on) { prepare_q(on, fp8); }),
                 "one piece");
       chain_row("scores alone",
-                graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8)); }),
+                graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params_at(on, fp8)); }),
                 "one piece (prepared q)");
-      chain_row("top-k alone", graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params(on, 0)); }),
+      chain_row("top-k alone", graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params_at(on)); }),
                 "one piece");
       chain_row("prepare + scores + top-k", three_us, "3 launches (the model's default)");
       chain_row("prepare + fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
                   prepare_q(on, fp8);
-                  run_indexer_scores_top_k(scores_params(on, fp8), top_k_params(on, 0));
+                  run_indexer_scores_top_k(scores_params_at(on, fp8), top_k_params_at(on));
                 }),
                 "2 launches");
       chain_row("raw-q scores + top-k", graph_us(stream, 20, [&](cudaStream_t on) {
-                  run_indexer_scores(scores_params(on, fp8, true));
-                  run_top_k(top_k_params(on, 0));
+                  run_indexer_scores(scores_params_at(on, fp8, true));
+                  run_top_k(top_k_params_at(on));
                 }),
                 "2 launches (indexer_prepare_in_scores)");
       chain_row("raw-q fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
-                  run_indexer_scores_top_k(scores_params(on, fp8, true), top_k_params(on, 0));
+                  run_indexer_scores_top_k(scores_params_at(on, fp8, true), top_k_params_at(on));
                 }),
                 "1 launch");
     }
+    if (e2e_like) print_top_k_trace(shape + ", 16 keys visible", top_k_params_at(stream));
   }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
