@@ -19,10 +19,12 @@
 // Decode (cluster call) and prefill are also timed with q in bf16 (bf16q: the kernel rounds q to bf16 anyway; half
 // the q bytes and no conversion).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep]
+//                             [--bf16-kv]
 //   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
 //   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
 //   --warm times without the L2 flush (what is left is not memory latency). --sweep times every decode case at every
-//   split count (cluster merge and combine kernel). Exit status 1 when a CPU check fails.
+//   split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16 entries (1024 bytes, the
+//   engine's KV format outside reference numerics) instead of fp8. Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -78,7 +80,8 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
     float v[4];
     for (int i = 0; i < 4; ++i) {
       const int d = d0 + i;
-      v[i] = d < layout.nope_dim
+      v[i] = layout.format == KvEntryFormat::Bf16 ? bf16_to_float(reinterpret_cast<const uint16_t*>(entry)[d])
+             : d < layout.nope_dim
                  ? e4m3_to_float(entry[d]) * e8m0_to_float(entry[layout.scale_offset + d / kKvFp8BlockSize])
                  : bf16_to_float(reinterpret_cast<const uint16_t*>(entry + layout.rope_offset)[d - layout.nope_dim]);
     }
@@ -311,14 +314,14 @@ DeviceBuffer bf16_q_to_device(const std::vector<float>& q) {
   return to_device(bits, "q bf16");
 }
 
-Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, double copy_gbps,
-                double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep, std::mt19937& rng) {
+Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
+                double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep,
+                std::mt19937& rng) {
   const bool csa = kind == DecodeLayout::Csa;
   const int64_t compressed_rows = kind == DecodeLayout::Swa ? 0 : csa ? context / 4 : context / 128;
   const int compressed_slots = csa ? kTopK : int(compressed_rows);
-  KvCache cache({.format = KvEntryFormat::Fp8Reference, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1,
-                 .max_sequences = batch, .window_capacity = kWindow, .max_compressed_rows = compressed_rows,
-                 .page_rows = kPageRows,
+  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = batch,
+                 .window_capacity = kWindow, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
                  .pages = int64_t(batch) * ((compressed_rows + kPageRows - 1) / kPageRows + kWindow / kPageRows)});
   for (int b = 0; b < batch; ++b) {
     cache.add_sequence();
@@ -348,9 +351,9 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
   DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
   const int64_t total_slots = kWindow + compressed_slots;
   const int splits =
-      choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, false);
+      choose_sparse_attention_splits(batch, heads, kHeadDim, format, total_slots, sms, false);
   const int cluster_splits =
-      choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference, total_slots, sms, true);
+      choose_sparse_attention_splits(batch, heads, kHeadDim, format, total_slots, sms, true);
   // The workspace covers the combine kernel at any split count (--sweep times every count with both merges).
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim,
                                                                                  kSparseAttentionMaxSplits)),
@@ -415,8 +418,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, int batch, int6
                   &bounded_index[size_t(b) * kBoundSlots]);
     const std::vector<int32_t> counts(size_t(batch), compressed_slots);
     DeviceBuffer d_bounded = to_device(bounded_index, "bounded index"), d_counts = to_device(counts, "counts");
-    const int bounded_splits = choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Fp8Reference,
-                                                              kWindow + kBoundSlots, sms, false);
+    const int bounded_splits =
+        choose_sparse_attention_splits(batch, heads, kHeadDim, format, kWindow + kBoundSlots, sms, false);
     DeviceBuffer bounded_workspace(
         std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, bounded_splits)),
         "bounded workspace");
@@ -589,6 +592,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path, only;
   bool prefill_only = false, warm = false, sweep = false;
+  KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -600,10 +604,13 @@ int run(int argc, char** argv) {
       warm = true;
     else if (std::strcmp(argv[i], "--sweep") == 0)
       sweep = true;
+    else if (std::strcmp(argv[i], "--bf16-kv") == 0)
+      decode_format = KvEntryFormat::Bf16;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep])");
+           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep] [--bf16-kv])");
   }
+  const int decode_entry_bytes = KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes;
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -644,13 +651,13 @@ int run(int argc, char** argv) {
                                    std::to_string(context);
           if (name.rfind(only, 0) != 0) continue;  // --only: a prefix of the case name
           const int64_t rows = kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
-          const double cache_bytes = double(batch) * double(rows + kWindow) * 584.0;
+          const double cache_bytes = double(batch) * double(rows + kWindow) * decode_entry_bytes;
           if (cache_bytes > 24.0 * (1u << 30)) {
             std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, to_string(kind), batch,
                         static_cast<long long>(context), cache_bytes / (1u << 30));
             continue;
           }
-          const Result r = run_case(model, heads, kind, batch, context, copy_gbps, cublas_tflops,
+          const Result r = run_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit);
@@ -689,7 +696,8 @@ int run(int argc, char** argv) {
     }
     std::fprintf(f, "{\n  \"benchmark\": \"bench_cuda_attention\",\n  \"card\": \"%s\",\n  \"sms\": %d,\n",
                  device.name.c_str(), device.multiprocessors);
-    std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": 584,\n  \"cases\": [\n", copy_gbps);
+    std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": %d,\n  \"cases\": [\n", copy_gbps,
+                 decode_entry_bytes);
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::fprintf(f,

@@ -403,8 +403,9 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
   uint32_t seed = 60;
   for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
     check_attention({"flash swa decode batch 1", format, 512, 64, 64, 128, 128, 0, {300}, 1, 0}, seed++);
-    // 9-16: non-portable cluster sizes (the combine kernel where the device holds no such cluster).
-    for (const int splits : {2, 3, 5, 8, 9, 11, 16}) {
+    // Each merge unrolling (2, 4, 8, 16 splits) at and below its bound; 9-16: non-portable cluster sizes (the combine
+    // kernel where the device holds no such cluster).
+    for (const int splits : {2, 3, 4, 5, 8, 9, 11, 16}) {
       AttentionCase flash{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, splits,
                           AttentionDtype::F32, AttentionDtype::Bf16, true};
       flash.counts = splits % 2 == 1;

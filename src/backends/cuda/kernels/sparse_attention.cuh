@@ -28,6 +28,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
@@ -603,7 +604,8 @@ inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolv
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
-// read, this CTA's merge factors [split][head] and its inverse-RoPE table.
+// read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
+// table.
 inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeOffset = 8192;
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
@@ -791,26 +793,12 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   }
 }
 
-// Distributed shared memory of a cluster: the address of `local` in the shared memory of cluster CTA `rank`.
-__device__ __forceinline__ uint32_t cluster_shared_address(const void* local, int rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared_address(local)), "r"(rank));
-  return remote;
-}
-
-__device__ __forceinline__ float2 load_cluster_shared_float2(uint32_t address) {
-  float2 v;
-  asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(address) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ float4 load_cluster_shared_float4(uint32_t address) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(address)
-               : "memory");
-  return v;
+// Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`, as a
+// generic pointer, so that loads through it are plain 16-byte loads with immediate offsets (ld.shared::cluster on a
+// 32-bit mapa address made ptxas rebuild the window's generic address, an S2R and two moves, before every load).
+template <class T>
+__device__ __forceinline__ const T* cluster_peer(const T* local, int rank) {
+  return static_cast<const T*>(__cluster_map_shared_rank(const_cast<T*>(local), unsigned(rank)));
 }
 
 // Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
@@ -827,51 +815,60 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
 // output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
 // rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads. The peers'
-// loads are unrolled over kMaxSplits ≥ p.splits (8 or 16: a 16-wide unrolling costs clusters of up to 8 twice the
-// predicated loads and multiply-adds, on the batch-1 critical path).
+// loads are unrolled over kMaxSplits ≥ p.splits, the next power of two (2, 4, 8 or 16): predicated-off loads and
+// multiply-adds still issue, and this code is the tail of the batch-1 critical path.
 template <bool kFp8, int kMaxSplits>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                                    int head_base, int thread256, float merge_sink_log2) {
   using L = D512Layout<kFp8>;
+  static_assert(kMaxSplits == 2 || kMaxSplits == 4 || kMaxSplits == 8 || kMaxSplits == 16, "a power of two ≥ 2");
   static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
+  using ScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
+  constexpr int kScaleLanes = int(sizeof(ScaleVector) / sizeof(float)), kScaleVectors = kMaxSplits / kScaleLanes;
   const int splits = p.splits;
   const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
-  float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);  // [split][head]
+  // [head][kMaxSplits]: a quad's factors in kScaleVectors vector loads.
+  float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
-  const float* partial = reinterpret_cast<const float*>(smem + L::kMergePartial);
+  const float4* partial = reinterpret_cast<const float4*>(smem + L::kMergePartial);
 
-  uint32_t peer_partial[kMaxSplits];
+  const float4* peer_partial[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_shared_address(partial, s < splits ? s : 0);
+  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
   // This CTA's slice of the 64 × 128 output quads (4 dims; 16-byte loads halve the distributed shared-memory
-  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread loads kBatch quads from
-  // every peer before it uses any, so that each batch costs one round trip (kBatch · kMaxSplits float4 registers).
-  constexpr int kQuadsPerRow = kD512HeadDim / 4, kQuads = kD512Heads * kQuadsPerRow, kBatch = 32 / kMaxSplits;
-  constexpr int kStride = 2 * kWarpgroupThreads;
+  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread's quads are kStride apart,
+  // a whole number of rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their
+  // addresses are immediate offsets from one base. A thread loads kBatch quads from every peer before it uses any, so
+  // that each batch costs one round trip (kBatch · kMaxSplits float4 registers); with a power-of-two split count a
+  // thread's quads are one batch.
+  constexpr int kQuadsPerRow = kD512HeadDim / 4, kRowQuads = kMergeRowFloats / 4;
+  constexpr int kQuads = kD512Heads * kQuadsPerRow, kBatch = 32 / kMaxSplits, kStride = 2 * kWarpgroupThreads;
+  constexpr int kHeadStep = kStride / kQuadsPerRow;
+  static_assert(kStride % kQuadsPerRow == 0, "a thread's quads share their dims");
   const int per_cta = (kQuads + splits - 1) / splits;
   const int begin = split * per_cta + thread256, end = min(kQuads, (split + 1) * per_cta);
+  const int dim = 4 * (begin % kQuadsPerRow), first_head = begin / kQuadsPerRow;
+  // Heads past this CTA's slice or past H are not merged.
+  const int live_heads = min((end - begin + kStride - 1) / kStride * kHeadStep, p.heads - head_base - first_head);
   float4 o[kBatch][kMaxSplits];
-  const auto load_batch = [&](int first) {
+  const auto load_batch = [&](int batch_head) {
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
-      const bool live = i < end && head_base + h < p.heads;
-      const uint32_t offset = uint32_t(h * kMergeRowFloats + dim) * 4;
+      const int h = batch_head + k * kHeadStep;
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s)  // the rest is never read: no zeroing on the critical path
-        if (live && s < splits) o[k][s] = load_cluster_shared_float4(peer_partial[s] + offset);
+        if (h < live_heads && s < splits) o[k][s] = peer_partial[s][(first_head + h) * kRowQuads + dim / 4];
     }
   };
   // The first batch does not need the merge factors: its round trip overlaps theirs.
-  load_batch(begin);
+  load_batch(0);
 
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
   if (thread256 < kD512Heads) {
     float2 split_stats[kMaxSplits];
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? load_cluster_shared_float2(cluster_shared_address(stats + thread256, s))
-                                  : make_float2(-INFINITY, 0.0f);
+      split_stats[s] = s < splits ? cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
     float m = -INFINITY;
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
@@ -882,33 +879,50 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
       sum += split_stats[s].y * weight[s];
     }
     const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
+    ScaleVector* row = reinterpret_cast<ScaleVector*>(merge_scale + thread256 * kMaxSplits);
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      if (s < splits) merge_scale[s * kD512Heads + thread256] = weight[s] * inverse_denominator;
+    for (int v = 0; v < kScaleVectors; ++v) {
+      float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int e = 0; e < kScaleLanes; ++e) f[e] = weight[v * kScaleLanes + e] * inverse_denominator;
+      if constexpr (kMaxSplits == 2)
+        row[v] = make_float2(f[0], f[1]);
+      else
+        row[v] = make_float4(f[0], f[1], f[2], f[3]);
+    }
   }
   sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 
   const KvEntryLayout& layout = p.cache.layout;
-  for (int first = begin; first < end; first += kBatch * kStride) {
-    if (first != begin) load_batch(first);
+  const bool rotate[2] = {p.rope_frequencies != nullptr && dim >= layout.nope_dim,
+                          p.rope_frequencies != nullptr && dim + 2 >= layout.nope_dim};
+  RopeFactors factors[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair)
+    if (rotate[pair]) factors[pair] = rope_table[(dim + 2 * pair - layout.nope_dim) / 2];
+  for (int batch_head = 0; batch_head < live_heads; batch_head += kBatch * kHeadStep) {
+    if (batch_head != 0) load_batch(batch_head);
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int i = first + k * kStride, h = i / kQuadsPerRow, dim = 4 * (i % kQuadsPerRow);
-      if (i >= end || head_base + h >= p.heads) continue;
+      const int h = first_head + batch_head + k * kHeadStep;  // of the head block
+      if (batch_head + k * kHeadStep >= live_heads) continue;
+      float scale[kMaxSplits];
+      const ScaleVector* scale_row = reinterpret_cast<const ScaleVector*>(merge_scale + h * kMaxSplits);
+#pragma unroll
+      for (int v = 0; v < kScaleVectors; ++v)
+        *reinterpret_cast<ScaleVector*>(scale + v * kScaleLanes) = scale_row[v];
       float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s) {
         if (s >= splits) break;
-        const float scale = merge_scale[s * kD512Heads + h];
-        x[0] += scale * o[k][s].x;
-        x[1] += scale * o[k][s].y;
-        x[2] += scale * o[k][s].z;
-        x[3] += scale * o[k][s].w;
+        x[0] += scale[s] * o[k][s].x;
+        x[1] += scale[s] * o[k][s].y;
+        x[2] += scale[s] * o[k][s].z;
+        x[3] += scale[s] * o[k][s].w;
       }
 #pragma unroll
       for (int pair = 0; pair < 2; ++pair)
-        if (p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim)
-          rope_rotate_pair(x[2 * pair], x[2 * pair + 1], rope_table[(dim + 2 * pair - layout.nope_dim) / 2], true);
+        if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
       const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
       if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
         float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset);
@@ -1094,12 +1108,14 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
     cluster_sync();
-    if (p.splits <= kSparseAttentionMaxClusterSplits / 2)
-      d512_cluster_merge<kFp8, kSparseAttentionMaxClusterSplits / 2>(p, smem, t, split, head_base, thread256,
-                                                                     merge_sink_log2);
+    if (p.splits <= 2)
+      d512_cluster_merge<kFp8, 2>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    else if (p.splits <= 4)
+      d512_cluster_merge<kFp8, 4>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    else if (p.splits <= 8)
+      d512_cluster_merge<kFp8, 8>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else
-      d512_cluster_merge<kFp8, kSparseAttentionMaxClusterSplits>(p, smem, t, split, head_base, thread256,
-                                                                 merge_sink_log2);
+      d512_cluster_merge<kFp8, 16>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }
