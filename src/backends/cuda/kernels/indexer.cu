@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -49,26 +49,23 @@ int prepare_fused_kernels(int device) {
 
 // Queried once per device (with the score kernels' shared-memory limit raised), so launches make no attribute calls.
 DeviceLimits device_limits() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static DeviceLimits limits[kMaxDevices];
-  int device = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  check(device >= 0 && device < kMaxDevices, "indexer: device index ", device, " out of range");
-  std::call_once(once[device], [&] {
-    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits[device].multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  static PerDeviceCache<DeviceLimits> cache;
+  return cache.get(&cache, [] {
+    const int device = current_device();
+    DeviceLimits limits;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
     for (auto* kernel : {indexer::indexer_scores_kernel<32>, indexer::indexer_scores_kernel<64>,
                          indexer::indexer_scores_kernel<128>, indexer::indexer_scores_fp8_kernel<32>,
                          indexer::indexer_scores_fp8_kernel<64>, indexer::indexer_scores_fp8_kernel<128>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemBudget)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
-    limits[device].fused_ctas_per_sm = std::min(
+    limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
          prepare_fused_kernels<128, false>(device), prepare_fused_kernels<32, true>(device),
          prepare_fused_kernels<64, true>(device), prepare_fused_kernels<128, true>(device)});
+    return limits;
   });
-  return limits[device];
 }
 
 template <int kHeadDim>

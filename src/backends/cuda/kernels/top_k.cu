@@ -1,10 +1,10 @@
 #include "backends/cuda/kernels/top_k.hpp"
 
 #include <algorithm>
-#include <mutex>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/top_k.cuh"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -33,14 +33,8 @@ DeviceLimits query_device_limits(int device) {
 
 // Queried once per device: the launch path stays free of attribute calls (they would dominate a 10 µs step).
 DeviceLimits device_limits() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static DeviceLimits limits[kMaxDevices];
-  int device = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  check(device >= 0 && device < kMaxDevices, "top_k: device index ", device, " out of range");
-  std::call_once(once[device], [&] { limits[device] = query_device_limits(device); });
-  return limits[device];
+  static PerDeviceCache<DeviceLimits> limits;
+  return limits.get(&limits, [] { return query_device_limits(current_device()); });
 }
 
 }  // namespace
