@@ -52,8 +52,12 @@ void launch_decode_router(const MoeRoutingParams& p) {
         "aligned router (bulk copies of its rows)");
   const int experts = int(p.router.rows);
   const size_t row_bytes = size_t(p.router.cols) * (p.router.format == WeightFormat::BF16 ? 2 : 4);
-  auto* kernel = p.router.format == WeightFormat::BF16 ? moe::moe_router_decode_kernel<true>
-                                                        : moe::moe_router_decode_kernel<false>;
+  constexpr int kFew = moe::kDecodeFewKeysPerLane, kMax = moe::kDecodeMaxKeysPerLane;
+  const bool bf16 = p.router.format == WeightFormat::BF16, few_keys = experts <= kFew * moe::kWarpSize;
+  auto* kernel = bf16 && few_keys ? moe::moe_router_decode_kernel<true, kFew>
+                 : bf16            ? moe::moe_router_decode_kernel<true, kMax>
+                 : few_keys        ? moe::moe_router_decode_kernel<false, kFew>
+                                   : moe::moe_router_decode_kernel<false, kMax>;
   cudaFuncAttributes attributes{};
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   int device = 0, optin_bytes = 0;
