@@ -520,7 +520,9 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
       {"fused_wo", &cuda::CudaModelOptions::fused_wo},
       {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue},
-      {"moe_single_launch", &cuda::CudaModelOptions::moe_single_launch}};
+      {"moe_single_launch", &cuda::CudaModelOptions::moe_single_launch},
+      {"parallel_compressors", &cuda::CudaModelOptions::parallel_compressors},
+      {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {

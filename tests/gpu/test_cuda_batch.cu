@@ -4,7 +4,8 @@
 // (CudaModel::step): prefill chunks and decode tokens of several sequences in one pass, against each sequence's
 // chunks run alone. Also: CUDA-graph replay against the same launches run eagerly (DSV4_DISABLE_CUDA_GRAPHS=1), bit
 // for bit; greedy continuations of the trained tiny model batched and alone; the launch count of a decode step; the
-// memory plan's refusal; bad calls.
+// memory plan's refusal; bad calls. The decode, mixed and graph comparisons run with every op launched separately,
+// with the fused launches, and with those plus the compressors and indexer on a branch stream.
 #include "backends/cuda/cuda_model.hpp"
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
@@ -149,9 +150,23 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
   return c;
 }
 
-// fused: the step's fused launches (stacked projections, the sub-block norms inside mHC's launches, the linear
-// layers' norm prologue and bf16 output).
-cuda::CudaModelOptions batch_options(bool fused = false) {
+// How a test model launches a step: every op separately, the fused launches (stacked projections, the sub-block norms
+// inside mHC's launches, the linear layers' norm prologue and bf16 output), or those with the compressors and the
+// indexer on a branch stream beside the query path (parallel_compressors, parallel_indexer).
+enum class Launches { Separate, Fused, FusedWithBranch };
+constexpr Launches kEveryLaunches[] = {Launches::Separate, Launches::Fused, Launches::FusedWithBranch};
+
+std::string launch_name(Launches launches) {
+  switch (launches) {
+    case Launches::Separate: return "separate launches";
+    case Launches::Fused: return "fused launches";
+    case Launches::FusedWithBranch: return "fused launches with a branch stream";
+  }
+  return "?";
+}
+
+cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
+  const bool fused = launches != Launches::Separate;
   cuda::CudaModelOptions options;
   options.fuse_projections = fused;
   options.stack_indexer_projections = fused;
@@ -162,6 +177,8 @@ cuda::CudaModelOptions batch_options(bool fused = false) {
   options.q_norm_prologue = fused;
   options.fused_wo = fused;
   options.moe_single_launch = fused;
+  options.parallel_compressors = launches == Launches::FusedWithBranch;
+  options.parallel_indexer = launches == Launches::FusedWithBranch;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks
@@ -195,17 +212,17 @@ TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
   const int64_t vocab = f.ckpt.config.vocab_size;
   const std::vector<Planned> plan = schedule(vocab, kSteps, 11);
   for (const NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
-    for (const bool fuse : {false, true}) {
-      SCOPED_TRACE(std::string(to_string(mode)) + (fuse ? ", fused launches" : ""));
-      cuda::CudaModelOptions options = batch_options(fuse);
+    for (const Launches launches : kEveryLaunches) {
+      SCOPED_TRACE(std::string(to_string(mode)) + ", " + launch_name(launches));
+      cuda::CudaModelOptions options = batch_options(launches);
       options.numerics = mode;
       cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
       const std::vector<std::vector<float>> batched = run_batched(model, plan, kSteps);
       for (size_t q = 0; q < plan.size(); ++q) {
         const Comparison c = compare_rows(run_alone(model, plan[q]), batched[q], vocab);
-        std::printf("%s %s%s sequence %zu (prompt %zu, %d steps): row error median %.3g, max %.3g, argmax "
+        std::printf("%s %s, %s, sequence %zu (prompt %zu, %d steps): row error median %.3g, max %.3g, argmax "
                     "differs in %d rows\n",
-                    GetParam().c_str(), std::string(to_string(mode)).c_str(), fuse ? " fused" : "", q,
+                    GetParam().c_str(), std::string(to_string(mode)).c_str(), launch_name(launches).c_str(), q,
                     plan[q].prompt.size(), c.rows, c.median, c.worst, c.argmax_differs);
         EXPECT_LE(c.median, 1e-3f) << "sequence " << q;
         EXPECT_LE(c.worst, 1e-2f) << "sequence " << q;
@@ -246,9 +263,9 @@ TEST_P(CudaBatch, MixedPrefillAndDecodeStepsEqualEachSequenceAlone) {
     p.tokens = random_tokens(total, vocab, rng);
     steps = std::max(steps, p.join_step + int(p.counts.size()));
   }
-  for (const bool fuse : {false, true}) {
-    SCOPED_TRACE(fuse ? "fused launches" : "separate launches");
-    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+  for (const Launches launches : kEveryLaunches) {
+    SCOPED_TRACE(launch_name(launches));
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(launches));
     // Mixed: per sequence, the rows of its steps in order.
     std::vector<std::vector<float>> mixed(plan.size());
     std::vector<int> slot(plan.size(), -1);
@@ -289,9 +306,9 @@ TEST_P(CudaBatch, MixedPrefillAndDecodeStepsEqualEachSequenceAlone) {
       }
       model.release_sequence(alone);
       const Comparison c = compare_rows(want, mixed[q], vocab);
-      std::printf("%s%s mixed steps, sequence %zu (%zu steps): row error median %.3g, max %.3g, argmax differs in "
-                  "%d rows; rows:",
-                  GetParam().c_str(), fuse ? " fused" : "", q, plan[q].counts.size(), c.median, c.worst,
+      std::printf("%s %s, mixed steps, sequence %zu (%zu steps): row error median %.3g, max %.3g, argmax differs "
+                  "in %d rows; rows:",
+                  GetParam().c_str(), launch_name(launches).c_str(), q, plan[q].counts.size(), c.median, c.worst,
                   c.argmax_differs);
       for (const float e : c.row_errors) std::printf(" %.2g", e);
       std::printf("\n");
@@ -305,21 +322,22 @@ TEST_P(CudaBatch, MixedPrefillAndDecodeStepsEqualEachSequenceAlone) {
 }
 
 // The captured decode steps (kernel nodes only, chained by programmatic dependent launches) replay exactly what the
-// eager launches compute; with the fused launches too, in fewer launches.
+// eager launches compute; with the fused launches too, in fewer launches, and with the compressors and indexer on a
+// branch stream (fork and join captured as graph edges).
 TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
   const std::vector<Planned> plan = schedule(f.ckpt.config.vocab_size, kSteps, 12);
   int separate_launches = 0;  // batch 1, without the fused launches
-  for (const bool fuse : {false, true}) {
-    SCOPED_TRACE(fuse ? "fused launches" : "separate launches");
-    cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+  for (const Launches kind : kEveryLaunches) {
+    SCOPED_TRACE(launch_name(kind));
+    cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options(kind));
     EXPECT_NE(graphs.describe().find("CUDA graphs"), std::string::npos) << graphs.describe();
     const std::vector<std::vector<float>> replayed = run_batched(graphs, plan, kSteps);
     std::vector<std::vector<float>> eager;
     {
       const GraphsDisabled disabled;
-      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(fuse));
+      cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, batch_options(kind));
       EXPECT_NE(model.describe().find("eager"), std::string::npos) << model.describe();
       eager = run_batched(model, plan, kSteps);
     }
@@ -337,12 +355,12 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
     }
     for (const int batch : {1, 2, 4}) {
       const int launches = graphs.decode_launches(batch);
-      std::printf("%s%s: a decode step of %d sequence(s) is %d kernel launches (%.1f per layer over %d layers)\n",
-                  GetParam().c_str(), fuse ? " fused" : "", batch, launches,
+      std::printf("%s %s: a decode step of %d sequence(s) is %d kernel launches (%.1f per layer over %d layers)\n",
+                  GetParam().c_str(), launch_name(kind).c_str(), batch, launches,
                   double(launches) / f.ckpt.config.num_layers, f.ckpt.config.num_layers);
       EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
-      if (batch == 1 && !fuse) separate_launches = launches;
-      if (batch == 1 && fuse) EXPECT_LT(launches, separate_launches);
+      if (batch == 1 && kind == Launches::Separate) separate_launches = launches;
+      if (batch == 1 && kind != Launches::Separate) EXPECT_LT(launches, separate_launches);
       // Per layer: every layer launches its attention, FFN and mHC kernels; layers of one kind and routing launch
       // alike (but the last, whose mHC launch opens no next layer); the embedding, the first hc_pre and the head are
       // outside the layers.
@@ -488,7 +506,7 @@ TEST(CudaBatchCalls, ContextShorterThanTheCompressionRatio) {
     const std::vector<int32_t> ids = {1, 2, 3};
     std::vector<std::vector<float>> results;
     for (const int64_t context : {int64_t(3), int64_t(256)}) {
-      cuda::CudaModelOptions options = batch_options(true);
+      cuda::CudaModelOptions options = batch_options(Launches::Fused);
       options.max_context = context;
       cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
       const int slot = model.add_sequence();

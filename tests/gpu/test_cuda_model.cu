@@ -190,7 +190,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors'; fuse_compressor_pools: a CSA
 // layer's two compressor pools in one launch; indexer_prepare_in_scores), norms_in_mhc (the sub-block norms inside
 // mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
-// output, wo_a → wo_b pair and input) with moe_single_launch: the same bounds against the CPU, prefill and decode.
+// output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
+// (parallel_compressors, parallel_indexer) over separate and over all fused launches: the same bounds against the
+// CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -198,10 +200,11 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   const std::vector<int32_t> tokens = random_tokens(150, config.vocab_size, 7);
   const std::vector<float> like_gpu = cpu_logits(config, f.ckpt.weights, NumericsMode::GpuBf16, tokens);
   struct Fusions {
-    bool projections, norms, linear_io;
+    bool projections, norms, linear_io, branches = false;
   };
   for (const Fusions fused : {Fusions{false, false, false}, Fusions{true, false, false}, Fusions{false, true, false},
-                              Fusions{false, false, true}, Fusions{true, true, true}}) {
+                              Fusions{false, false, true}, Fusions{true, true, true}, Fusions{false, false, false, true},
+                              Fusions{true, true, true, true}}) {
     cuda::CudaModelOptions options;
     options.max_context = 256;
     options.max_step_tokens = 96;
@@ -215,12 +218,15 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.q_norm_prologue = fused.linear_io;
     options.fused_wo = fused.linear_io;
     options.moe_single_launch = fused.linear_io;
+    options.parallel_compressors = fused.branches;
+    options.parallel_indexer = fused.branches;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
-      const bool none = !fused.projections && !fused.norms && !fused.linear_io;
+      const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;
       const std::string what = GetParam() + " GPU" + (none ? " separate launches" : "") +
                                (fused.projections ? " stacked projections" : "") +
                                (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
+                               (fused.branches ? " branch stream" : "") +
                                ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);

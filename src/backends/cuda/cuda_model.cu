@@ -183,7 +183,7 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, bool fused_wo, V
 // `bytes_of` (a part's data + scales): the stacked copies are allocated while their parts still hold theirs, and the
 // parts' freed space is reused only where later pieces fit, so the plan counts them in full.
 template <class Weights, class BytesOf>
-size_t stacked_projection_bytes(const Weights& w, bool indexer_projections, BytesOf bytes_of) {
+size_t stacked_projection_bytes(const Weights& w, bool indexer_projections, bool indexer_queries, BytesOf bytes_of) {
   size_t bytes = 0;
   auto add = [&](const auto& m) { bytes += round_up_256(bytes_of(m)) + DeviceAllocator::kAlignment; };
   for (const auto& b : w.layers) {
@@ -192,7 +192,8 @@ size_t stacked_projection_bytes(const Weights& w, bool indexer_projections, Byte
     if (b.attn.indexer) {
       const auto& ix = *b.attn.indexer;
       add(ix.compressor.wkv), add(ix.compressor.wgate);
-      if (indexer_projections) add(ix.weights_proj), add(b.attn.wq_b), add(ix.wq_b);
+      if (indexer_projections) add(ix.weights_proj);
+      if (indexer_projections && indexer_queries) add(b.attn.wq_b), add(ix.wq_b);
     }
   }
   return bytes;
@@ -346,6 +347,7 @@ struct CudaModel::Impl {
     int32_t* nan_flag;
     void* attention_workspace;
     void* linear_workspace;
+    void* branch_linear_workspace;  // the compressors' branch's (parallel_compressors)
     void* hc_workspace;
     void* moe_workspace;
     void* top_k_workspace;
@@ -456,7 +458,7 @@ struct CudaModel::Impl {
       host_weights.emplace(gpu_linear_formats(*host, converted));
       plan.weights = plan_weight_upload(*host_weights).device_bytes;
       if (o.fuse_projections)
-        plan.stacked = stacked_projection_bytes(*host_weights, o.stack_indexer_projections,
+        plan.stacked = stacked_projection_bytes(*host_weights, o.stack_indexer_projections, stacks_indexer_queries(),
                                                 [](const QuantizedMatrix& m) {
                                                   return m.rows > 0 ? m.stored_bytes() : 0;
                                                 });
@@ -468,7 +470,7 @@ struct CudaModel::Impl {
       linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), o.fused_wo,
                                                        [](const DeviceMatrix& m) { return m.view(); });
       if (o.fuse_projections)
-        plan.stacked = stacked_projection_bytes(*device, o.stack_indexer_projections,
+        plan.stacked = stacked_projection_bytes(*device, o.stack_indexer_projections, stacks_indexer_queries(),
                                                 [](const DeviceMatrix& m) { return m.view().stored_bytes; });
     }
     plan.kv_cache = kv_cache_bytes(kv);
@@ -524,6 +526,11 @@ struct CudaModel::Impl {
     *host_nan_flag = 0;
     DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&inputs_copied, cudaEventDisableTiming));
     DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&flag_copied, cudaEventDisableTiming));
+    if (o.parallel_compressors) {
+      branch_stream.emplace("compressor branch");
+      for (cudaEvent_t* e : {&branch_forked, &qr_written, &branch_joined})
+        DSV4_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    }
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
@@ -545,7 +552,8 @@ struct CudaModel::Impl {
                                        name + " compressors [wkv; wgate] and indexer weights_proj", pool, stream);
           if (out.compressors.view().rows > 0)
             out.head_weights_row = out.compressors.view().rows - ix.weights_proj.view().rows;
-          out.queries = stack_rows({&a.wq_b, &ix.wq_b}, name + " [wq_b; indexer wq_b]", pool, stream);
+          if (stacks_indexer_queries())
+            out.queries = stack_rows({&a.wq_b, &ix.wq_b}, name + " [wq_b; indexer wq_b]", pool, stream);
         }
         if (out.compressors.view().rows == 0)
           out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &ix.compressor.wkv,
@@ -575,6 +583,8 @@ struct CudaModel::Impl {
     }
     if (inputs_copied != nullptr) cudaEventDestroy(inputs_copied);
     if (flag_copied != nullptr) cudaEventDestroy(flag_copied);
+    for (cudaEvent_t e : {branch_forked, qr_written, branch_joined})
+      if (e != nullptr) cudaEventDestroy(e);
     if (host_nan_flag != nullptr) cudaFreeHost(host_nan_flag);
     if (staging != nullptr) cudaFreeHost(staging);
   }
@@ -638,8 +648,7 @@ struct CudaModel::Impl {
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
     s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
-    const bool stacks_queries =
-        options.fuse_projections && options.stack_indexer_projections && c.indexer.num_heads > 0;
+    const bool stacks_queries = stacks_indexer_queries() && c.indexer.num_heads > 0;
     s.stacked_queries = k.take<float>(stacks_queries ? std::min(T, kStackedQueryMaxTokens) * (H * D + IH * ID) : 0);
     s.qr_kv = k.take<float>(options.fuse_projections ? T * (c.q_lora_rank + D) : 0);
     s.compressor_projections = k.take<float>(options.fuse_projections ? T * stacked_compressor_rows() : 0);
@@ -660,6 +669,7 @@ struct CudaModel::Impl {
     s.logits = k.take<float>(T * c.vocab_size), s.nan_flag = k.take<int32_t>(1);
     s.attention_workspace = k.take<uint8_t>(int64_t(attention_workspace_bytes));
     s.linear_workspace = k.take<uint8_t>(int64_t(linear_workspace_size));
+    s.branch_linear_workspace = k.take<uint8_t>(options.parallel_compressors ? int64_t(linear_workspace_size) : 0);
     s.hc_workspace = k.take<uint8_t>(int64_t(hc_workspace_bytes));
     s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
     s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
@@ -686,30 +696,45 @@ struct CudaModel::Impl {
     }
   }
 
+  // Where a launch goes: the step's stream, or the compressors' branch (parallel_compressors), whose linear launches
+  // take a workspace of their own as they may run beside the step stream's.
+  struct Lane {
+    cudaStream_t stream;
+    void* linear_workspace;
+  };
+  Lane main_lane() const { return {stream, scratch.linear_workspace}; }
+  Lane branch_lane() const { return {branch_stream->get(), scratch.branch_linear_workspace}; }
+
   // A linear call of `w` over T tokens without its input and output.
-  LinearCall linear_call(const DeviceMatrixView& w, std::string_view what, int64_t T) {
+  LinearCall linear_call(const DeviceMatrixView& w, std::string_view what, int64_t T, const Lane& lane) {
     LinearCall call;
     call.weight = w;
     call.what = what;
     call.tokens = T;
-    call.workspace = scratch.linear_workspace;
+    call.workspace = lane.linear_workspace;
     call.workspace_bytes = linear_workspace_size;
-    call.stream = stream;
+    call.stream = lane.stream;
     return call;
   }
 
-  void linear(const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
-              int64_t y_stride, int groups = 1) {
-    LinearCall call = linear_call(w, what, T);
+  void linear_on(const Lane& lane, const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride,
+                 int64_t T, float* y, int64_t y_stride, int groups = 1) {
+    LinearCall call = linear_call(w, what, T, lane);
     call.x = x, call.x_row_stride = x_stride, call.y = y, call.y_row_stride = y_stride, call.groups = groups;
     run_linear(call);
   }
 
+  void linear(const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
+              int64_t y_stride, int groups = 1) {
+    linear_on(main_lane(), w, what, x, x_stride, T, y, y_stride, groups);
+  }
+
   // A linear layer reading q_norm(qr): through its RMSNorm prologue when `prologue`, else qr_bf16 (run_rms_norm's).
-  void linear_of_normed_qr(const DeviceMatrixView& w, std::string_view what, bool prologue, const float* qr,
-                           int64_t qr_stride, const float* q_norm_weight, int64_t T, float* y, int64_t y_stride) {
-    if (!prologue) return linear(w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride);
-    LinearCall call = linear_call(w, what, T);
+  void linear_of_normed_qr(const Lane& lane, const DeviceMatrixView& w, std::string_view what, bool prologue,
+                           const float* qr, int64_t qr_stride, const float* q_norm_weight, int64_t T, float* y,
+                           int64_t y_stride) {
+    if (!prologue) return linear_on(lane, w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride);
+    LinearCall call = linear_call(w, what, T, lane);
     call.norm_x = qr, call.x_row_stride = qr_stride, call.norm_weight = q_norm_weight;
     call.norm_eps = float(config.rms_norm_eps), call.y = y, call.y_row_stride = y_stride;
     run_linear(call);
@@ -793,6 +818,13 @@ struct CudaModel::Impl {
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
+  // [wq_b; indexer wq_b] stacked (stack_indexer_projections), unless the indexer's wq_b runs on the compressors'
+  // branch (parallel_indexer).
+  bool stacks_indexer_queries() const {
+    return options.fuse_projections && options.stack_indexer_projections &&
+           !(options.parallel_compressors && options.parallel_indexer);
+  }
+
   // Compressed entries a sequence may hold. An indexer layer keeps at least one key slot: a context shorter than the
   // ratio never completes a key, but the indexer's compressor still writes to an addressable key array.
   int64_t max_keys_of(int layer) const {
@@ -800,19 +832,23 @@ struct CudaModel::Impl {
     return config.has_indexer(layer) ? std::max<int64_t>(1, keys) : keys;
   }
 
-  // One compressor (main or indexer) over the step's runs: projections (unless `projections` holds them already: the
-  // stacked compressors' output, this compressor's kv and gate from column `column`), then the pooling kernel.
+  // One compressor (main or indexer) over the step's runs on `lane`: projections (unless `projections` holds them
+  // already: the stacked compressors' output, this compressor's kv and gate from column `column`), then the pooling
+  // kernel's parameters.
   CompressorParams compress(const device_weights::Compressor& w, const DeviceCompressorState& state, int layer,
                             int64_t head_dim, const StepShape& shape, const StepInputs& in, const char* what,
-                            const float* projections = nullptr, int64_t column = 0, int64_t row_stride = 0) {
+                            const Lane& lane, const float* projections = nullptr, int64_t column = 0,
+                            int64_t row_stride = 0) {
     const int64_t width = (config.has_indexer(layer) ? 2 : 1) * head_dim;
     CompressorParams p;
     if (projections != nullptr) {
       p.kv = projections + column, p.gate = projections + column + width, p.row_stride = row_stride;
     } else {
       const std::string name = "layer " + std::to_string(layer) + " " + what;
-      linear(w.wkv.view(), name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv, width);
-      linear(w.wgate.view(), name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.cgate, width);
+      linear_on(lane, w.wkv.view(), name + " wkv", scratch.x_bf16, config.hidden_size, shape.tokens, scratch.ckv,
+                width);
+      linear_on(lane, w.wgate.view(), name + " wgate", scratch.x_bf16, config.hidden_size, shape.tokens,
+                scratch.cgate, width);
       p.kv = scratch.ckv, p.gate = scratch.cgate;
     }
     p.head_dim = head_dim, p.ratio = config.compress_ratio(layer), p.overlapping = config.has_indexer(layer);
@@ -820,8 +856,125 @@ struct CudaModel::Impl {
     p.runs = in.runs, p.run_count = shape.runs;
     p.max_run_tokens = shape.max_run_tokens, p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
     p.rope_frequencies = frequencies[size_t(layer)].as<float>(), p.rope_dim = config.rope_head_dim;
-    p.state = state.view(), p.stream = stream;
+    p.state = state.view(), p.stream = lane.stream;
     return p;
+  }
+
+  // What a CSA layer's indexer reads from its compressors' launches: the head weights, where the indexer's
+  // weights_proj is stacked under the compressors' projections (else null: the indexer runs weights_proj itself).
+  struct CompressorOutputs {
+    const float* head_weights = nullptr;
+    int64_t head_weights_stride = 0;
+  };
+
+  // The layer's compressors over the step on `lane`: projections (one launch where fuse_projections stacked them)
+  // and pooling, whose epilogue writes the new entries straight into the compressed KV arrays (stored, and in
+  // reference numerics quantised) and, in a CSA layer, the indexer's keys.
+  CompressorOutputs compress_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane) {
+    const ModelConfig& c = config;
+    const device_weights::Attention& w = weights.layers[size_t(layer)].attn;
+    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    const int64_t D = c.head_dim, ID = c.indexer.head_dim;
+    LayerState& state = layers[size_t(layer)];
+    // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
+    // With the indexer's weights_proj stacked last, its head weights are a slice of the same launch's rows.
+    CompressorOutputs out;
+    const float* projections = nullptr;
+    int64_t projection_stride = 0;
+    if (stack != nullptr && stack->compressors.view().rows > 0) {
+      projection_stride = stack->compressors.view().rows;
+      linear_on(lane, stack->compressors.view(), "layer " + std::to_string(layer) + " compressors", scratch.x_bf16,
+                c.hidden_size, shape.tokens, scratch.compressor_projections, projection_stride);
+      projections = scratch.compressor_projections;
+      if (stack->head_weights_row >= 0)
+        out.head_weights = projections + stack->head_weights_row, out.head_weights_stride = projection_stride;
+    }
+    CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor", lane,
+                                     projections, 0, projection_stride);
+    main.cache = kv_cache->view(), main.cache_layer = layer;
+    // Both compressors of a CSA layer in one launch when they read the stacked projections (the separate ones
+    // share the projection buffers, so each pool must run before the next compressor's projections).
+    const bool one_pool_launch = options.fuse_compressor_pools && w.indexer && projections != nullptr;
+    if (!one_pool_launch) run_compressor(main);
+    if (!w.indexer) return out;
+    const int64_t coff = 2, keys = max_keys_of(layer);
+    CompressorParams index = compress(w.indexer->compressor, *state.indexer, layer, ID, shape, in,
+                                      "indexer compressor", lane, projections, 2 * coff * D, projection_stride);
+    index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
+    index.slot_entries_bf16 = state.index_keys.as<bf16>(), index.slot_entry_stride = keys * ID;
+    index.slot_entry_capacity = keys;
+    if (one_pool_launch) {
+      const CompressorParams both[] = {main, index};
+      run_compressors(both);
+    } else {
+      run_compressor(index);
+    }
+    return out;
+  }
+
+  // A CSA layer's indexer on `lane`, after its compressors (which wrote the keys): the queries `qi` (rows of
+  // `qi_row_stride`) rotated and rounded, scored against the keys, and each query's top-k compressed entries
+  // selected into scratch.selected / counts.
+  void index_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane, const float* qi,
+                   int64_t qi_row_stride, const CompressorOutputs& compressors) {
+    const ModelConfig& c = config;
+    const device_weights::Indexer& ix = *weights.layers[size_t(layer)].attn.indexer;
+    const int64_t T = shape.tokens, IH = c.indexer.num_heads, ID = c.indexer.head_dim, keys = max_keys_of(layer);
+    const float* freqs = frequencies[size_t(layer)].as<float>();
+    Scratch& s = scratch;
+    IndexerScoresParams scores;
+    if (options.indexer_prepare_in_scores) {
+      // The scores kernel rotates and rounds the queries itself (the same bits as the prepare launch).
+      scores.q_raw = qi, scores.q_raw_row_stride = qi_row_stride, scores.rope_frequencies = freqs;
+      scores.rope_dim = c.rope_head_dim, scores.reference_rounding = reference();
+    } else {
+      IndexerPrepareParams prepare;
+      prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = s.qi_bf16;
+      prepare.tokens = T, prepare.heads = IH, prepare.head_dim = ID, prepare.positions = in.positions;
+      prepare.rope_frequencies = freqs, prepare.rope_dim = c.rope_head_dim;
+      prepare.reference_rounding = reference(), prepare.stream = lane.stream;
+      run_indexer_prepare(prepare);
+      scores.q = s.qi_bf16;
+    }
+    scores.head_weights = compressors.head_weights, scores.head_weights_row_stride = compressors.head_weights_stride;
+    if (compressors.head_weights == nullptr) {
+      linear_on(lane, ix.weights_proj.view(), "layer " + std::to_string(layer) + " indexer weights_proj", s.x_bf16,
+                c.hidden_size, T, s.head_weights, IH);
+      scores.head_weights = s.head_weights, scores.head_weights_row_stride = IH;
+    }
+    const bf16* all_keys = layers[size_t(layer)].index_keys.as<bf16>();
+    scores.key_count = keys;
+    if (shape.single_slot >= 0) {
+      scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
+    } else {
+      scores.keys = all_keys, scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
+    }
+    scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
+    scores.ratio = c.compress_ratio(layer), scores.scores = s.scores, scores.score_stride = max_keys;
+    scores.stream = lane.stream;
+    run_indexer_scores(scores);
+    TopKParams top;
+    top.scores = s.scores, top.row_stride = max_keys, top.candidates = keys, top.queries = int(T);
+    top.k = c.indexer.topk, top.positions = in.positions, top.ratio = c.compress_ratio(layer);
+    top.selected = s.selected, top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = s.top_k_workspace;
+    top.workspace_bytes = top_k_workspace_size, top.stream = lane.stream;
+    run_top_k(top);
+  }
+
+  // The compressed entries a layer's attention reads (bounds fixed by the buffers; what a query sees follows from
+  // its position on the device): a CSA layer's top-k, an HCA layer's visible entries of its ratio.
+  struct CompressedEntries {
+    int slots = 0;
+    const int32_t* index = nullptr;
+    const int32_t* counts = nullptr;  // per query: the slots it reads
+  };
+
+  CompressedEntries compressed_entries(int layer) const {
+    if (config.has_indexer(layer)) return {config.indexer.topk, scratch.selected, scratch.counts};
+    const int64_t keys = max_keys_of(layer);
+    if (keys == 0) return {};
+    const VisibleEntries& visible = visible_entries.at(config.compress_ratio(layer));
+    return {int(keys), visible.index, visible.counts};
   }
 
   void attention(int layer, const StepShape& shape, const StepInputs& in) {
@@ -831,6 +984,21 @@ struct CudaModel::Impl {
     const std::string name = "layer " + std::to_string(layer);
     const float* freqs = frequencies[size_t(layer)].as<float>();
     Scratch& s = scratch;
+    const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
+    const float* q_norm_weight = floats(w.q_norm);
+
+    // With parallel_compressors the compressors (with parallel_indexer also a CSA layer's indexer) run on the branch
+    // stream forked here, beside the query path; the attention waits for the branch (events in a captured step
+    // become graph edges). Every kernel waits for its prior grids before reading what they wrote, so a programmatic
+    // edge that the capture makes across streams still orders the data.
+    const bool branch = options.parallel_compressors && w.compressor;
+    const bool index_on_branch = branch && options.parallel_indexer && w.indexer;
+    std::optional<CompressorOutputs> compressors;
+    if (branch) {
+      DSV4_CUDA_CHECK(cudaEventRecord(branch_forked, stream));
+      DSV4_CUDA_CHECK(cudaStreamWaitEvent(branch_stream->get(), branch_forked));
+      compressors = compress_layer(layer, shape, in, branch_lane());
+    }
 
     // Queries: per-head-normalised wq_b · q_norm(wq_a · x), rotated. The new tokens' K = V vectors go into the window
     // ring (norm, RoPE, stored rounding in one kernel). With the stacked [wq_a; wkv] one projection gives qr and kv,
@@ -865,11 +1033,18 @@ struct CudaModel::Impl {
         run_rms_norm(qr_norm);
       }
     }
+    if (index_on_branch) {
+      // The indexer's queries read q_norm(qr): its wq_b joins the branch once qr (or its norm) is written.
+      DSV4_CUDA_CHECK(cudaEventRecord(qr_written, stream));
+      DSV4_CUDA_CHECK(cudaStreamWaitEvent(branch_stream->get(), qr_written));
+      const Lane lane = branch_lane();
+      linear_of_normed_qr(lane, w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
+                          q_norm_weight, T, s.qi, IH * ID);
+      index_layer(layer, shape, in, lane, s.qi, IH * ID, *compressors);
+    }
     // The query projections: wq_b and, in CSA layers, the indexer's wq_b (the same input) into q and qi; one launch
     // where they are stacked (up to kStackedQueryMaxTokens tokens: q's per-head norm and the indexer then read their
     // slices of the stacked rows in place).
-    const int64_t IH = c.indexer.num_heads, ID = c.indexer.head_dim;
-    const float* q_norm_weight = floats(w.q_norm);
     const float* q_projected = s.q;  // the per-head norm's input, rows of q_row_stride
     int64_t q_row_stride = H * D;
     float* qi = s.qi;
@@ -877,21 +1052,22 @@ struct CudaModel::Impl {
     if (stack != nullptr && stack->queries.view().rows > 0) {
       const DeviceMatrixView queries = stack->queries.view();
       if (T <= kStackedQueryMaxTokens) {
-        linear_of_normed_qr(queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride, q_norm_weight, T,
-                            s.stacked_queries, queries.rows);
+        linear_of_normed_qr(main_lane(), queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride,
+                            q_norm_weight, T, s.stacked_queries, queries.rows);
         q_projected = s.stacked_queries, q_row_stride = queries.rows;
         qi = s.stacked_queries + H * D, qi_row_stride = queries.rows;
       } else {
-        linear_of_normed_qr(row_slice(queries, 0, H * D), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T,
-                            s.q, H * D);
-        linear_of_normed_qr(row_slice(queries, H * D, IH * ID), name + " indexer wq_b", prologue, qr, qr_stride,
-                            q_norm_weight, T, s.qi, IH * ID);
+        linear_of_normed_qr(main_lane(), row_slice(queries, 0, H * D), name + " wq_b", prologue, qr, qr_stride,
+                            q_norm_weight, T, s.q, H * D);
+        linear_of_normed_qr(main_lane(), row_slice(queries, H * D, IH * ID), name + " indexer wq_b", prologue, qr,
+                            qr_stride, q_norm_weight, T, s.qi, IH * ID);
       }
     } else {
-      linear_of_normed_qr(w.wq_b.view(), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T, s.q, H * D);
-      if (w.indexer)
-        linear_of_normed_qr(w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride, q_norm_weight,
-                            T, s.qi, IH * ID);
+      linear_of_normed_qr(main_lane(), w.wq_b.view(), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T, s.q,
+                          H * D);
+      if (w.indexer && !index_on_branch)
+        linear_of_normed_qr(main_lane(), w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
+                            q_norm_weight, T, s.qi, IH * ID);
     }
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
@@ -913,93 +1089,18 @@ struct CudaModel::Impl {
       run_kv_insert(insert);
     }
 
-    // Compressed entries of the step (emitted first; each query sees only those complete at its position). Every
-    // count below is a bound fixed by the buffers; what a query sees follows from its position on the device.
-    int compressed_slots = 0;
-    const int32_t* compressed_index = nullptr;
-    const int32_t* compressed_counts = nullptr;  // per query: the slots it reads (from its position on the device)
-    if (w.compressor) {
-      const int64_t ratio = c.compress_ratio(layer), keys = max_keys_of(layer);
-      LayerState& state = layers[size_t(layer)];
-      // The new entries go straight into the compressed KV arrays (stored, and in reference numerics quantised,
-      // by the compressor's epilogue).
-      // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
-      // With the indexer's weights_proj stacked last, its head weights are a slice of the same launch's rows.
-      const float* projections = nullptr;
-      int64_t projection_stride = 0;
-      const float* head_weights = s.head_weights;
-      int64_t head_weights_stride = c.indexer.num_heads;
-      if (stack != nullptr && stack->compressors.view().rows > 0) {
-        projection_stride = stack->compressors.view().rows;
-        linear(stack->compressors.view(), name + " compressors", s.x_bf16, d, T, s.compressor_projections,
-               projection_stride);
-        projections = s.compressor_projections;
-        if (stack->head_weights_row >= 0)
-          head_weights = projections + stack->head_weights_row, head_weights_stride = projection_stride;
-      }
-      const int64_t coff = c.has_indexer(layer) ? 2 : 1;
-      CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor",
-                                       projections, 0, projection_stride);
-      main.cache = kv_cache->view(), main.cache_layer = layer;
-      // Both compressors of a CSA layer in one launch when they read the stacked projections (the separate ones
-      // share the projection buffers, so each pool must run before the next compressor's projections).
-      const bool one_pool_launch = options.fuse_compressor_pools && w.indexer && projections != nullptr;
-      if (!one_pool_launch) run_compressor(main);
-      if (w.indexer) {
-        const device_weights::Indexer& ix = *w.indexer;
-        bf16* all_keys = state.index_keys.as<bf16>();
-        CompressorParams index = compress(ix.compressor, *state.indexer, layer, ID, shape, in, "indexer compressor",
-                                          projections, 2 * coff * D, projection_stride);
-        index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
-        index.slot_entries_bf16 = all_keys, index.slot_entry_stride = keys * ID, index.slot_entry_capacity = keys;
-        if (one_pool_launch) {
-          const CompressorParams both[] = {main, index};
-          run_compressors(both);
-        } else {
-          run_compressor(index);
-        }
+    if (branch) {
+      // The branch joins: the indexer (where it stayed on this stream) and the attention read what it wrote.
+      DSV4_CUDA_CHECK(cudaEventRecord(branch_joined, branch_stream->get()));
+      DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, branch_joined));
+    }
 
-        IndexerScoresParams scores;
-        if (options.indexer_prepare_in_scores) {
-          // The scores kernel rotates and rounds the queries itself (the same bits as the prepare launch).
-          scores.q_raw = qi, scores.q_raw_row_stride = qi_row_stride, scores.rope_frequencies = freqs;
-          scores.rope_dim = c.rope_head_dim, scores.reference_rounding = reference();
-        } else {
-          IndexerPrepareParams prepare;
-          prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = s.qi_bf16;
-          prepare.tokens = T, prepare.heads = IH, prepare.head_dim = ID, prepare.positions = in.positions;
-          prepare.rope_frequencies = freqs, prepare.rope_dim = c.rope_head_dim;
-          prepare.reference_rounding = reference(), prepare.stream = stream;
-          run_indexer_prepare(prepare);
-          scores.q = s.qi_bf16;
-        }
-        if (stack == nullptr || stack->head_weights_row < 0)
-          linear(ix.weights_proj.view(), name + " indexer weights_proj", s.x_bf16, d, T, s.head_weights, IH);
-        scores.head_weights = head_weights, scores.head_weights_row_stride = head_weights_stride;
-        scores.key_count = keys;
-        if (shape.single_slot >= 0) {
-          scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
-        } else {
-          scores.keys = all_keys, scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
-        }
-        scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
-        scores.ratio = ratio, scores.scores = s.scores, scores.score_stride = max_keys, scores.stream = stream;
-        run_indexer_scores(scores);
-        TopKParams top;
-        top.scores = s.scores, top.row_stride = max_keys, top.candidates = keys, top.queries = int(T);
-        top.k = c.indexer.topk, top.positions = in.positions, top.ratio = ratio, top.selected = s.selected;
-        top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = s.top_k_workspace;
-        top.workspace_bytes = top_k_workspace_size, top.stream = stream;
-        run_top_k(top);
-        compressed_slots = c.indexer.topk;
-        compressed_index = s.selected;
-        compressed_counts = s.counts;
-      } else if (keys > 0) {
-        const VisibleEntries& visible = visible_entries.at(ratio);
-        compressed_slots = int(keys);
-        compressed_index = visible.index;
-        compressed_counts = visible.counts;
-      }
+    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
+    CompressedEntries compressed;
+    if (w.compressor) {
+      if (!branch) compressors = compress_layer(layer, shape, in, main_lane());
+      if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
+      compressed = compressed_entries(layer);
     }
 
     SparseAttentionParams a;
@@ -1007,22 +1108,22 @@ struct CudaModel::Impl {
     a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q, a.q_dtype = AttentionDtype::F32;
     a.attn_sink = floats(w.sink), a.sequence_slots = in.slots, a.positions = in.positions, a.rope_frequencies = freqs;
     a.window_index = s.window_index, a.window_slots = c.window_size;
-    a.compressed_index = compressed_index, a.compressed_slots = compressed_slots;
-    a.compressed_counts = compressed_counts;
+    a.compressed_index = compressed.index, a.compressed_slots = compressed.slots;
+    a.compressed_counts = compressed.counts;
     a.out = s.o, a.out_dtype = AttentionDtype::Bf16;
     a.splits = std::min(attention_splits_max,
                         choose_sparse_attention_splits(T, int(H), int(D), kv_cache->layout().format,
-                                                       c.window_size + compressed_slots,
+                                                       c.window_size + compressed.slots,
                                                        context.info().multiprocessors));
     a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
     if (options.bf16_wo_a) {
-      LinearCall wo_a = linear_call(w.wo_a.view(), name + " wo_a", T);
+      LinearCall wo_a = linear_call(w.wo_a.view(), name + " wo_a", T, main_lane());
       wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
       wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
-      LinearCall wo_b = linear_call(w.wo_b.view(), name + " wo_b", T);
+      LinearCall wo_b = linear_call(w.wo_b.view(), name + " wo_b", T, main_lane());
       wo_b.x = s.z_bf16, wo_b.x_row_stride = c.o_proj_dim(), wo_b.y = s.out, wo_b.y_row_stride = d;
       run_linear_pair(wo_a, wo_b, options.fused_wo);
     } else {
@@ -1328,6 +1429,10 @@ struct CudaModel::Impl {
   uint8_t* staging = nullptr;       // pinned: the step's per-token inputs
   int32_t* host_nan_flag = nullptr; // pinned
   cudaEvent_t inputs_copied = nullptr, flag_copied = nullptr;
+  // The compressors' branch of a step (parallel_compressors): its stream, and the events that fork it from the step
+  // stream, hand it qr (parallel_indexer) and join it back.
+  std::optional<Stream> branch_stream;
+  cudaEvent_t branch_forked = nullptr, qr_written = nullptr, branch_joined = nullptr;
   std::vector<int> unchecked_slots;  // slots stepped since the NaN flag was last read
   bool flag_pending = false;         // a NaN flag copy was queued since the flag was last read
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot

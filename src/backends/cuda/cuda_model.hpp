@@ -72,6 +72,16 @@ struct CudaModelOptions {
   // 592.0 t/s); in bench_cuda_moe, Flash, 69.4 against 70.4 µs for the three launches at T = 1, 280 against 253 µs
   // at T = 8.
   bool moe_single_launch = false;
+  // Compressed-KV layers' compressors (their projections and pooling: CSA's both, HCA's one) on a second stream, a
+  // branch of the step beside the query path (wq_a, wq_b, the KV insert) that joins before the attention: in a
+  // captured step the fork and join are graph edges, so the latency-bound pooling overlaps the memory-bound wq_b.
+  // The same launches and bits.
+  bool parallel_compressors = false;
+  // With parallel_compressors, a CSA layer's whole indexer on that branch too: its wq_b (then a launch of its own,
+  // not stacked under wq_b), query preparation, scores and top-k, after the compressors and once qr is ready. One
+  // launch more per CSA layer; the branch runs about as long as the query path instead of the indexer's kernels
+  // following it. The same math (the indexer's wq_b alone may split its sums unlike the stacked matrix).
+  bool parallel_indexer = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 

@@ -19,40 +19,61 @@ struct KvInsertArgs {
   rms::RmsNormArgs norm;
 };
 
-__device__ __forceinline__ void insert_row(const KvInsertArgs& a, int64_t row) {
+// What a thread's pair reads that is a parameter, not a predecessor's output: loaded before the wait.
+struct PairParameters {
+  float norm_weight0 = 1.0f, norm_weight1 = 1.0f;
+  float rope_frequency = 0.0f;
+};
+
+__device__ __forceinline__ PairParameters load_pair_parameters(const KvInsertParams& p) {
+  const KvEntryLayout& layout = p.cache.layout;
+  const int pair = threadIdx.x, dim = 2 * pair, rope_pair = pair - layout.nope_dim / 2;
+  PairParameters out;
+  if (dim < layout.head_dim && p.norm_weight != nullptr) {
+    out.norm_weight0 = __ldg(p.norm_weight + dim);
+    out.norm_weight1 = __ldg(p.norm_weight + dim + 1);
+  }
+  if (dim < layout.head_dim && p.rope_frequencies != nullptr && rope_pair >= 0)
+    out.rope_frequency = __ldg(p.rope_frequencies + rope_pair);
+  return out;
+}
+
+// One row's entry (after the wait). A decode step inserts one row per sequence, so the kernel's time is this chain of
+// dependent loads: x, the row's destination, slot and position are loaded together, and the page-table read that
+// they give is issued before the norm's reduction, which hides it.
+__device__ __forceinline__ void insert_row(const KvInsertArgs& a, int64_t row, const PairParameters& parameters) {
   __shared__ float partials[kKvInsertMaxThreads / 32];
   const KvInsertParams& p = a.p;
   const KvEntryLayout& layout = p.cache.layout;
-  const int32_t dest_row = p.dest_rows[row];
-  if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
   const int pair = threadIdx.x;
   const int dim = 2 * pair;
   const bool active = dim < layout.head_dim;
+  const bool rotates = active && p.rope_frequencies != nullptr && pair >= layout.nope_dim / 2;
 
+  const int32_t dest_row = p.dest_rows[row];
+  const int32_t slot = p.sequence_slots[row];
+  const int64_t position = rotates ? p.positions[row] : 0;
   float x0 = 0.0f, x1 = 0.0f;
   if (active) {
     const float2 v = *reinterpret_cast<const float2*>(p.x + row * a.x_row_stride + dim);
     x0 = v.x;
     x1 = v.y;
-    if (p.round_input_to_bf16) {
-      x0 = round_to_bf16(x0);
-      x1 = round_to_bf16(x1);
-    }
+  }
+  if (dest_row < 0) return;  // uniform over the CTA: no barrier is skipped by part of it
+  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(p.cache.pages_of(slot, p.layer, p.array), dest_row));
+  if (p.round_input_to_bf16) {
+    x0 = round_to_bf16(x0);
+    x1 = round_to_bf16(x1);
   }
   if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
     const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
     const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
     if (active) {
-      x0 = x0 * inv_rms * p.norm_weight[dim];
-      x1 = x1 * inv_rms * p.norm_weight[dim + 1];
+      x0 = x0 * inv_rms * parameters.norm_weight0;
+      x1 = x1 * inv_rms * parameters.norm_weight1;
     }
   }
-  const int rope_pair = pair - layout.nope_dim / 2;
-  if (active && p.rope_frequencies != nullptr && rope_pair >= 0)
-    rope_rotate_pair(x0, x1, rope_factors(p.positions[row], p.rope_frequencies[rope_pair]), false);
-
-  const int32_t* pages = p.cache.pages_of(p.sequence_slots[row], p.layer, p.array);
-  uint8_t* entry = p.cache.entry_address(p.cache.physical_entry(pages, dest_row));
+  if (rotates) rope_rotate_pair(x0, x1, rope_factors(position, parameters.rope_frequency), false);
   kv_store_pair(layout, entry, dim, active, x0, x1);
   kv_store_pad(layout, entry, threadIdx.x);
 }
@@ -69,8 +90,9 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
       return;
     }
   }
+  const PairParameters parameters = load_pair_parameters(a.p);
   wait_for_prior_grids();  // x, the slots, positions and rows are written by earlier operations
-  insert_row(a, blockIdx.x);
+  insert_row(a, blockIdx.x, parameters);
 }
 
 }  // namespace
