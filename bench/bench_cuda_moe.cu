@@ -1,5 +1,6 @@
 // MoE sub-block benchmark on the GPU: run_moe for V4-Flash (E 256, d 4096, I 2048, top 6) and V4-Pro (E 384,
-// d 7168, I 3072) layers of synthetic weights generated on the device (MXFP4 routed experts, FP8 shared expert,
+// d 7168, I 3072) layers of synthetic weights generated on the device (MXFP4 routed experts, or NVFP4 with
+// --format nvfp4 as in `dsv4 bench e2e --format nvfp4`; FP8 shared expert,
 // bf16 router, scored routing through a random router and bias, so tokens spread over the experts roughly
 // uniformly), T ∈ {1, 4, 16, 64, 256, 4096}.
 // Each call is a CUDA graph of the whole sub-block (which also checks that it captures). Calls rotate over several
@@ -8,7 +9,8 @@
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
 // the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
 // at T <= 64 also the streamed kernels' options (MoeRunParams): "narrow" (CTAs of 2 warps), "lean" (the lean fp4
-// decode, T <= 8) and "narrow+lean".
+// decode, T <= 8), "narrow+lean", "narrow+lean+l2" (+ L2 prefetch 2 stages ahead) and "narrow+lean+l2+head" (+ the
+// down kernel's routed head start).
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -18,7 +20,8 @@
 // expert (and the shared one) [n_e, d] × [d, 2I] then [n_e, I] × [I, d], captured in one CUDA graph — on bf16 weights
 // of the same shapes (a pool of 8 experts used in turn, 0.4-1 GB, so every GEMM reads its weights from HBM; no
 // routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
-// Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--paths single,streamed,...]
+// Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--format mxfp4|nvfp4]
+//                       [--paths single,streamed,...]
 // (--paths: only those paths, e.g. to profile one kernel set).
 #include <cuda_runtime.h>
 
@@ -159,16 +162,41 @@ struct Slot {
   std::vector<int> rows_per_expert;  // [E + 1], the shared expert last
 };
 
-// The expert-kernel paths a result names.
-enum class Path { SINGLE, STREAMED, NARROW, LEAN, NARROW_LEAN, REGISTER };
-constexpr Path kPaths[] = {Path::SINGLE, Path::STREAMED, Path::NARROW, Path::LEAN, Path::NARROW_LEAN, Path::REGISTER};
+// The expert-kernel paths a result names: the single launch, the streamed kernels (defaults, then with the streamed
+// kernels' MoeRunParams options: narrow CTAs, lean decode, L2 prefetch 2 stages ahead, the down kernel's routed
+// head start), the register kernels.
+enum class Path { SINGLE, STREAMED, NARROW, LEAN, NARROW_LEAN, NARROW_LEAN_L2, ALL_OPTIONS, REGISTER };
+struct PathSpec {
+  Path path;
+  const char* name;
+  bool narrow = false, lean = false;
+  int l2_prefetch_stages = 0;
+  bool head_start = false;
+  bool option() const { return narrow || lean || l2_prefetch_stages > 0 || head_start; }
+};
+constexpr PathSpec kPaths[] = {
+    {Path::SINGLE, "single"},
+    {Path::STREAMED, "streamed"},
+    {Path::NARROW, "narrow", true},
+    {Path::LEAN, "lean", false, true},
+    {Path::NARROW_LEAN, "narrow+lean", true, true},
+    {Path::NARROW_LEAN_L2, "narrow+lean+l2", true, true, 2},
+    {Path::ALL_OPTIONS, "narrow+lean+l2+head", true, true, 2, true},
+    {Path::REGISTER, "register"},
+};
+static_assert([] {
+  for (int i = 0; i < int(std::size(kPaths)); ++i)
+    if (int(kPaths[i].path) != i) return false;
+  return true;
+}(), "kPaths is indexed by Path");
 constexpr int kOptionsMaxTokens = 64;  // the streamed options' paths run up to here
 
 MoeRunParams path_params(Path path) {
+  const PathSpec& spec = kPaths[int(path)];
   MoeRunParams p;
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
-  p.narrow_expert_ctas = path == Path::NARROW || path == Path::NARROW_LEAN;
-  p.lean_expert_decode = path == Path::LEAN || path == Path::NARROW_LEAN;
+  p.narrow_expert_ctas = spec.narrow, p.lean_expert_decode = spec.lean;
+  p.expert_l2_prefetch_stages = spec.l2_prefetch_stages, p.down_routed_head_start = spec.head_start;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -185,11 +213,13 @@ double rotation_us(const std::vector<cudaGraphExec_t>& graphs, int iterations, c
 }
 
 std::vector<Result> bench_model(const Model& model, const std::vector<int>& token_counts, const std::set<Path>& paths,
-                                const Floors& floors, cublasHandle_t cublas, cudaStream_t stream) {
+                                WeightFormat routed_format, const Floors& floors, cublasHandle_t cublas,
+                                cudaStream_t stream) {
   const MoeConfig& c = model.config;
   std::vector<DeviceMoeWeights> layers;
   for (int l = 0; l < model.layers; ++l)
-    layers.push_back(DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{}, 1000 + uint64_t(l)));
+    layers.push_back(
+        DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{.routed_format = routed_format}, 1000 + uint64_t(l)));
   std::vector<Result> results;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -243,10 +273,10 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       for (cudaGraphExec_t g : graphs) DSV4_CUDA_CHECK(cudaGraphExecDestroy(g));
     }
 
-    for (const Path path : kPaths) {
-      const bool option_path = path == Path::NARROW || path == Path::LEAN || path == Path::NARROW_LEAN;
+    for (const PathSpec& spec : kPaths) {
+      const Path path = spec.path;
       if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024) ||
-          (option_path && T > kOptionsMaxTokens))
+          (spec.option() && T > kOptionsMaxTokens))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -295,12 +325,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       }
 
       const bool streamed_path = path != Path::REGISTER && layers.front().streamed_tiles();
-      const char* name = !streamed_path               ? "register"
-                         : path == Path::SINGLE      ? "single"
-                         : path == Path::NARROW      ? "narrow"
-                         : path == Path::LEAN        ? "lean"
-                         : path == Path::NARROW_LEAN ? "narrow+lean"
-                                                     : "streamed";
+      const char* name = streamed_path ? spec.name : "register";
       Result r{.model = model.name, .path = name, .tokens = T, .launches = launches};
       std::copy(std::begin(stage_us), std::end(stage_us), std::begin(r.stage_us));
       r.us = us;
@@ -338,12 +363,21 @@ int main(int argc, char** argv) {
   using namespace dsv4::cuda;
   std::string json_path, model_filter;
   std::vector<int> token_counts = {1, 4, 16, 64, 256, 4096};
-  std::set<Path> paths(std::begin(kPaths), std::end(kPaths));
+  std::set<Path> paths;
+  for (const PathSpec& spec : kPaths) paths.insert(spec.path);
+  WeightFormat routed_format = WeightFormat::MXFP4;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       model_filter = argv[++i];
+    } else if (std::strcmp(argv[i], "--format") == 0 && i + 1 < argc) {
+      const std::string format = argv[++i];
+      if (format != "mxfp4" && format != "nvfp4") {
+        std::fprintf(stderr, "bench_cuda_moe: --format takes mxfp4 or nvfp4 (the routed experts)\n");
+        return 2;
+      }
+      routed_format = format == "nvfp4" ? WeightFormat::NVFP4 : WeightFormat::MXFP4;
     } else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc) {
       token_counts.clear();
       for (const char* p = argv[++i]; *p != 0;) {
@@ -362,23 +396,21 @@ int main(int argc, char** argv) {
       for (size_t begin = 0; begin <= list.size();) {
         const size_t end = std::min(list.find(',', begin), list.size());
         const std::string name = list.substr(begin, end - begin);
-        const std::pair<const char*, Path> names[] = {
-            {"single", Path::SINGLE}, {"streamed", Path::STREAMED},       {"narrow", Path::NARROW},
-            {"lean", Path::LEAN},     {"narrow+lean", Path::NARROW_LEAN}, {"register", Path::REGISTER}};
-        const auto* known = std::find_if(std::begin(names), std::end(names),
-                                         [&](const auto& entry) { return name == entry.first; });
-        if (known == std::end(names)) {
-          std::fprintf(stderr, "bench_cuda_moe: unknown path '%s' (single, streamed, narrow, lean, narrow+lean, "
-                               "register)\n",
-                       name.c_str());
+        const auto* known = std::find_if(std::begin(kPaths), std::end(kPaths),
+                                         [&](const PathSpec& spec) { return name == spec.name; });
+        if (known == std::end(kPaths)) {
+          std::fprintf(stderr, "bench_cuda_moe: unknown path '%s'; known:", name.c_str());
+          for (const PathSpec& spec : kPaths) std::fprintf(stderr, " %s", spec.name);
+          std::fprintf(stderr, "\n");
           return 2;
         }
-        paths.insert(known->second);
+        paths.insert(known->path);
         begin = end + 1;
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
-                           "[--paths single,streamed,narrow,lean,narrow+lean,register]\n");
+                           "[--format mxfp4|nvfp4] "
+                           "[--paths single,streamed,narrow,...,register]\n");
       return 2;
     }
   }
@@ -410,7 +442,7 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
     for (const Model& model : models) {
       if (!model_filter.empty() && model_filter != model.name) continue;
-      const std::vector<Result> r = bench_model(model, token_counts, paths, floors, cublas, stream);
+      const std::vector<Result> r = bench_model(model, token_counts, paths, routed_format, floors, cublas, stream);
       results.insert(results.end(), r.begin(), r.end());
     }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
@@ -421,10 +453,11 @@ int main(int argc, char** argv) {
       std::fprintf(out,
                    "{\n  \"benchmark\": \"bench_cuda_moe\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n"
                    "  \"copy_gbps\": %.1f,\n  \"cublas_bf16_tflops\": %.1f,\n"
-                   "  \"weights\": \"MXFP4 routed, FP8 shared, bf16 router, scored\",\n"
+                   "  \"weights\": \"%s routed, FP8 shared, bf16 router, scored\",\n"
                    "  \"baseline\": \"cuBLAS bf16 GEMMs per touched expert, same routing, one CUDA graph\",\n"
                    "  \"results\": [\n",
-                   device.name.c_str(), device.multiprocessors, floors.copy_gbps, floors.tensor_tflops);
+                   device.name.c_str(), device.multiprocessors, floors.copy_gbps, floors.tensor_tflops,
+                   routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
       for (size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         std::fprintf(out,

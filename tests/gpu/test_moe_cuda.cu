@@ -4,8 +4,8 @@
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
 // launches' bits, also through one workspace over many calls and graph replays); the streamed kernels by narrow
-// CTAs and the lean fp4 decode (MoeRunParams::narrow_expert_ctas, lean_expert_decode: against the CPU, and the
-// default streamed kernels' bits); a V4-Pro-width layer (d 7168,
+// CTAs, the lean fp4 decode, the L2 prefetch ahead and the down kernel's routed head start (MoeRunParams options:
+// against the CPU, and the default streamed kernels' bits); a V4-Pro-width layer (d 7168,
 // I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -268,17 +268,22 @@ struct Kernels {
   bool fused_small_batches = false;
   bool single_launch = false;
   bool narrow = false, lean = false;
+  int l2_prefetch_stages = 0;
+  bool head_start = false;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
-           (single_launch ? ", single launch" : "") + (narrow ? ", narrow CTAs" : "") + (lean ? ", lean decode" : "");
+           (single_launch ? ", single launch" : "") + (narrow ? ", narrow CTAs" : "") + (lean ? ", lean decode" : "") +
+           (l2_prefetch_stages > 0 ? ", L2 prefetch " + std::to_string(l2_prefetch_stages) : "") +
+           (head_start ? ", routed head start" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
     p.narrow_expert_ctas = narrow, p.lean_expert_decode = lean;
+    p.expert_l2_prefetch_stages = l2_prefetch_stages, p.down_routed_head_start = head_start;
     return p;
   }
 };
@@ -288,9 +293,9 @@ constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
 constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                 .single_launch = true};
-// The streamed kernels' options, both at once (each changes nothing the other does).
+// The streamed kernels' options, all at once (each changes nothing another does).
 constexpr Kernels kStreamedOptions{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .narrow = true,
-                                 .lean = true};
+                                   .lean = true, .l2_prefetch_stages = 3, .head_start = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -495,15 +500,16 @@ void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, 
                            run_output(weights, u, T, kStreamedKernels, ids));
 }
 
-// The narrow CTAs and the lean decode, each alone and both, against the default streamed kernels (each warp computes
-// the same rows from the same operands in the same order: the same bits), the fused combine included at T <= 8.
-void expect_narrow_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
+// The streamed kernels' options (narrow CTAs, lean decode, L2 prefetch, routed head start), alone and together,
+// against the default streamed kernels (each warp computes the same rows from the same operands in the same order:
+// the same bits), the fused combine included at T <= 8.
+void expect_option_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
   const std::vector<float> u = random_input(T, S, seed);
   const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
   const std::vector<float> expected = run_output(weights, u, T, kStreamedKernels, ids);
-  for (const auto [narrow, lean] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
-    Kernels kernels = kStreamedKernels;
-    kernels.narrow = narrow, kernels.lean = lean;
+  Kernels narrow = kStreamedKernels, lean = kStreamedKernels, prefetch = kStreamedKernels;
+  narrow.narrow = true, lean.lean = true, prefetch.l2_prefetch_stages = 2, prefetch.head_start = true;
+  for (const Kernels& kernels : {narrow, lean, prefetch, kStreamedOptions}) {
     SCOPED_TRACE(kernels.name() + " against the default streamed kernels, T = " + std::to_string(T));
     expect_identical_outputs(run_output(weights, u, T, kernels, ids), expected);
   }
@@ -537,7 +543,7 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
     for (const int64_t T : {1, 8, 17})
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOptions);
-    for (const int T : {1, 2, 5, 8, 17}) expect_narrow_bits(device_weights, kFlashLike, T, seed++);
+    for (const int T : {1, 2, 5, 8, 17}) expect_option_bits(device_weights, kFlashLike, T, seed++);
   }
 }
 
@@ -626,7 +632,7 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   }
   for (const int T : {1, 8}) expect_single_launch_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
-  for (const int T : {1, 8, 20}) expect_narrow_bits(device_weights, kProLike, T, seed++);
+  for (const int T : {1, 8, 20}) expect_option_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOptions);
 }
 

@@ -76,6 +76,9 @@ struct MoeRunParams {
   // give the same bits.
   bool narrow_expert_ctas = false;
   bool lean_expert_decode = false;
+  // Also for the streamed kernels: MoeExpertGemmParams::l2_prefetch_stages and routed_head_start.
+  int expert_l2_prefetch_stages = 0;
+  bool down_routed_head_start = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

@@ -97,6 +97,8 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .stream_maps = p.stream_maps,
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
+      .l2_prefetch_stages = p.l2_prefetch_stages,
+      .routed_head_start = !gate_up && p.routed_head_start,
   };
 }
 
@@ -175,6 +177,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         ")");
   check(!p.narrow_ctas || p.streamed, "moe expert GEMM: narrow CTAs are a streamed-kernel option");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
+  check(p.l2_prefetch_stages >= 0 && p.l2_prefetch_stages <= kMoeMaxL2PrefetchStages, "moe expert GEMM: ",
+        p.l2_prefetch_stages, " L2 prefetch stages (0 to ", kMoeMaxL2PrefetchStages, ")");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
