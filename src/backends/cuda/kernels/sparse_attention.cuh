@@ -598,6 +598,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   cycles each set the time: the Q load's per-chunk index arithmetic ≈ 900 (now ≈ 150), the cluster merge ≈ 1.1K
 //   (16-wide unrolled loads with zero-fills for 7 peers; now unrolled to 8 or 16 as needed, no zero-fills), ≈ 470 per
 //   tile. The producer warps spend the merge in the cluster barrier.
+// - Session 14 (SASS counts, sm_90a): the 4-split merge executed ≈ 1250 instructions per consumer thread, most of them
+//   rebuilding the distributed window address (S2R SR_SWINHI and moves) before each ld.shared::cluster and 8-wide
+//   predicated loads for 4 peers; with generic mapped pointers, power-of-two unrolling and per-thread shared dims
+//   ≈ 400. The tile loop 480 → 424 (ex2.approx.ftz without exp2f's denormal handling, P rounded by its pack).
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
