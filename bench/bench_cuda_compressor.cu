@@ -12,7 +12,8 @@
 //   "-" where a step completes no entry;
 // - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8);
 // - the indexer compressor's decode steps storing per-slot keys as the model does: fp8 codes + scale against bf16;
-// - the decode steps with the runs loaded before the kernel's wait (runs_ready_at_launch) against the same steps.
+// - the decode steps with the runs loaded before the kernel's wait (runs_ready_at_launch) against the same steps;
+// - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
@@ -293,6 +294,47 @@ void bench_splits(Compressor& k, double copy_gbps, const std::string& only, cuda
     }
 }
 
+// A decode step's CSA pair with the indexer's query preparation (64 heads × 128 per token, RoPE, reference rounding,
+// bf16 out) in the same launch, against the pair's launch then run_indexer_prepare's (baseline).
+void bench_with_prepare(Compressor& main, Compressor& index, const Step& s, const DeviceBuffer& runs, double pair_us,
+                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows) {
+  const std::string op = "compressor CSA layer main + indexer";
+  const std::string variant = std::string(s.variant) + ", + indexer prepare";
+  if (!selected(only, op, variant)) return;
+  constexpr int64_t kHeads = 64, kHeadDim = 128;
+  std::mt19937 rng(7);
+  const DeviceBuffer q = to_device(normal_floats(size_t(s.sequences * kHeads * kHeadDim), 1.0f, rng), "raw q");
+  const DeviceBuffer positions = to_device(std::vector<int64_t>(size_t(s.sequences), start_of(s, main)), "positions");
+  DeviceBuffer prepared(size_t(s.sequences * kHeads * kHeadDim) * 2, "prepared q");
+  const auto prepare = [&](cudaStream_t on) {
+    return IndexerPrepareParams{.input = q.as<float>(),
+                                .output = prepared.as<__nv_bfloat16>(),
+                                .tokens = s.sequences,
+                                .heads = kHeads,
+                                .head_dim = kHeadDim,
+                                .positions = positions.as<int64_t>(),
+                                .rope_frequencies = main.frequencies.as<float>(),
+                                .rope_dim = 64,
+                                .reference_rounding = true,
+                                .stream = on};
+  };
+  const auto pair = [&](cudaStream_t on, int i) {
+    return (i == 0 ? main : index).params(runs, s.sequences, s.tokens, on);
+  };
+  const double one_us = graph_us(stream, 20, [&](cudaStream_t on) {
+    const CompressorParams both[2] = {pair(on, 0), pair(on, 1)};
+    run_compressors(both, prepare(on));
+  });
+  const double two_us = graph_us(stream, 20, [&](cudaStream_t on) {
+    const CompressorParams both[2] = {pair(on, 0), pair(on, 1)};
+    run_compressors(both);
+    run_indexer_prepare(prepare(on));
+  });
+  rows.push_back({op, variant, one_us, 0.0, two_us, 0.0,
+                  "one launch; baseline: the pair's launch + indexer_prepare (the pair alone: " +
+                      std::to_string(pair_us).substr(0, 5) + " us)"});
+}
+
 // A CSA layer's two compressors per step: two launches (the baseline) against one run_compressors launch.
 void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, const std::string& only,
                      cudaStream_t stream, std::vector<Row>& rows) {
@@ -318,6 +360,7 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
+    if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
 }
 

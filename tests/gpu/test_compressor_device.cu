@@ -10,7 +10,7 @@
 // straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every
 // element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
 // output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
-// (run_compressors), and every split of an entry over CTAs, forced.
+// (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -435,21 +436,26 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
   check.finish();
 }
 
-// Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone.
-void check_pair(CaseCheck& first, CaseCheck& second) {
+// Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone. With
+// `prepare`, every shared launch also runs that indexer preparation, and check_prepare() follows each step.
+void check_pair(CaseCheck& first, CaseCheck& second, const IndexerPrepareParams* prepare = nullptr,
+                const std::function<void()>& check_prepare = {}) {
   SCOPED_TRACE(first.name() + " + " + second.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   for (;;) {
     CompressorParams p[2];
     const bool has_first = first.next_step(p[0]), has_second = second.next_step(p[1]);
     if (!has_first && !has_second) break;
-    if (has_first && has_second)
+    if (has_first && has_second && prepare != nullptr)
+      run_compressors(p, *prepare);
+    else if (has_first && has_second)
       run_compressors(p);
     else
       run_compressor(has_first ? p[0] : p[1]);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     if (has_first) first.check_step();
     if (has_second) second.check_step();
+    if (has_first && has_second && check_prepare) check_prepare();
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
   first.finish();
@@ -527,6 +533,86 @@ TEST(Compressor, TwoCompressorsInOneLaunchMatchTheCpu) {
       check_pair(first, second);
       ASSERT_FALSE(HasFatalFailure());
     }
+}
+
+// A CSA layer's compressors with its indexer's query preparation in the same launch (as the model's decode step: the
+// main compressor into the KV cache, the indexer's keys bf16 or fp8, stacked projections): the compressors checked as
+// alone, the prepared queries (3 tokens × 64 heads × 128, RoPE on 64 dims, plain or reference rounding, bf16 or fp8)
+// equal bit for bit to run_indexer_prepare's after every step (its output poisoned before each launch).
+TEST(Compressor, IndexerPrepareInTheCompressorsLaunch) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t kTokens = 3, kHeads = 64, kHeadDim = 128, kRopeDim = 64;
+  std::mt19937 rng(77);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(size_t(kTokens * kHeads * kHeadDim));
+  for (float& v : q) v = normal(rng);
+  const cpu::RopeTable rope(160000.0, kRopeDim, cpu::YarnScaling{});
+  const DeviceBuffer d_q = to_device(q, "q"), d_freq = to_device(rope.frequencies(), "rope frequencies");
+  const DeviceBuffer d_positions = to_device(std::vector<int64_t>{5, 130, 4097}, "positions");
+  const size_t bytes = q.size() * 2, scale_bytes = size_t(kTokens * kHeads) * 4;
+  DeviceBuffer fused(bytes, "fused prepared q"), alone(bytes, "prepared q"), fused_scales(scale_bytes, "fused scales"),
+      alone_scales(scale_bytes, "scales");
+  uint32_t seed = 1500;
+  for (const bool fp8 : {false, true})
+    for (const bool reference : {false, true}) {
+      SCOPED_TRACE(std::string(fp8 ? "fp8" : "bf16") + (reference ? " reference" : " exact") + " prepared q");
+      IndexerPrepareParams prepare{.input = d_q.as<float>(),
+                                   .tokens = kTokens,
+                                   .heads = kHeads,
+                                   .head_dim = kHeadDim,
+                                   .positions = d_positions.as<int64_t>(),
+                                   .rope_frequencies = d_freq.as<float>(),
+                                   .rope_dim = kRopeDim,
+                                   .reference_rounding = reference};
+      IndexerPrepareParams separate = prepare;
+      if (fp8) {
+        prepare.output_fp8 = fused.as<uint8_t>(), prepare.output_scales = fused_scales.as<float>();
+        separate.output_fp8 = alone.as<uint8_t>(), separate.output_scales = alone_scales.as<float>();
+      } else {
+        prepare.output = fused.as<__nv_bfloat16>(), separate.output = alone.as<__nv_bfloat16>();
+      }
+      fused.fill_bytes(0xFF), fused_scales.fill_bytes(0xFF);
+      const auto check_prepare = [&] {
+        run_indexer_prepare(separate);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const size_t n = fp8 ? bytes / 2 : bytes;
+        std::vector<uint8_t> got(n), want(n);
+        fused.download(got.data(), n), alone.download(want.data(), n);
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(got[i], want[i]) << "prepared q byte " << i;
+        if (fp8) {
+          std::vector<uint32_t> got_scales(size_t(kTokens * kHeads)), want_scales(got_scales.size());
+          fused_scales.download(got_scales.data(), scale_bytes), alone_scales.download(want_scales.data(), scale_bytes);
+          for (size_t i = 0; i < got_scales.size(); ++i) ASSERT_EQ(got_scales[i], want_scales[i]) << "scale " << i;
+        }
+        fused.fill_bytes(0xFF), fused_scales.fill_bytes(0xFF);
+      };
+      CaseCheck main(kCases[1], "chunks of 2/3", seed++, true, true);
+      CaseCheck index(kCases[fp8 ? 14 : 3], "chunks of 2/3", seed++, false, true);
+      check_pair(main, index, &prepare, check_prepare);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+  // The preparation alone in the launch (no compressor has runs this step) and its stream rule.
+  DeviceCompressorState state(4, kHeadDim, true);
+  const CompressorParams none{.head_dim = kHeadDim, .ratio = 4, .overlapping = true, .state = state.view()};
+  IndexerPrepareParams prepare{.input = d_q.as<float>(),
+                               .output = fused.as<__nv_bfloat16>(),
+                               .tokens = kTokens,
+                               .heads = kHeads,
+                               .head_dim = kHeadDim};
+  IndexerPrepareParams separate = prepare;
+  separate.output = alone.as<__nv_bfloat16>();
+  fused.fill_bytes(0xFF);
+  run_compressors({&none, 1}, prepare);
+  run_indexer_prepare(separate);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> got(bytes), want(bytes);
+  fused.download(got.data(), bytes), alone.download(want.data(), bytes);
+  EXPECT_EQ(got, want);
+  cudaStream_t other = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&other), cudaSuccess);
+  prepare.stream = other;
+  testing::expect_error([&] { run_compressors({&none, 1}, prepare); }, "needs their stream");
+  ASSERT_EQ(cudaStreamDestroy(other), cudaSuccess);
 }
 
 // Every split of an entry over CTAs, forced (the launcher picks one per shape): CSA windows split up to 8 ways, HCA

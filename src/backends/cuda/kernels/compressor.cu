@@ -172,11 +172,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
                               .groups = groups};
 }
 
-}  // namespace
-
-void run_compressor(const CompressorParams& params) { run_compressors({&params, 1}); }
-
-void run_compressors(std::span<const CompressorParams> params) {
+// The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
+void launch_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams* prepare) {
   check(!params.empty() && params.size() <= size_t(compressor::kMaxPools), "compressor: ", params.size(),
         " compressors in one launch (1 to ", compressor::kMaxPools, ")");
   for (const CompressorParams& p : params) check_compressor_params(p);
@@ -196,12 +193,23 @@ void run_compressors(std::span<const CompressorParams> params) {
     threads = std::max(threads, pool.pairs_padded * pool.groups);
     smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
-  if (launch.pool_count == 0) return;
-  // Each pool's CTAs fill whole hardware clusters (a cluster never spans two pools).
+  const bool prepares = prepare != nullptr && prepare->tokens > 0;
+  if (launch.pool_count == 0 && !prepares) return;
+  // Each pool's CTAs fill whole hardware clusters (a cluster never spans two pools), then the preparation's do.
+  const auto whole_clusters = [&](int64_t n) {
+    return (n + hardware_cluster - 1) / hardware_cluster * hardware_cluster;
+  };
   int64_t ctas = 0;
   for (int i = 0; i < launch.pool_count; ++i) {
     launch.pools[i].first_cta = ctas;
-    ctas += (launch.pools[i].ctas + hardware_cluster - 1) / hardware_cluster * hardware_cluster;
+    ctas += whole_clusters(launch.pools[i].ctas);
+  }
+  if (prepares) {
+    if (threads == 0) threads = indexer::kPrepareWarps * 32;
+    launch.prepare = indexer::prepare_args(*prepare);
+    launch.prepare_head_dim = int(prepare->head_dim);
+    launch.prepare_first_cta = ctas;
+    ctas += whole_clusters((launch.prepare.rows + threads / 32 - 1) / (threads / 32));
   }
   check(ctas < (int64_t(1) << 31), "compressor: ", ctas, " CTAs exceed the grid limit");
   launch.hardware_cluster = hardware_cluster;
@@ -229,6 +237,19 @@ void run_compressors(std::span<const CompressorParams> params) {
   config.numAttrs = hardware_cluster > 1 ? 2 : 1;
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch));
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
+}
+
+}  // namespace
+
+void run_compressor(const CompressorParams& params) { launch_compressors({&params, 1}, nullptr); }
+
+void run_compressors(std::span<const CompressorParams> params) { launch_compressors(params, nullptr); }
+
+void run_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare) {
+  check_indexer_prepare_params(prepare);
+  check(!params.empty() && prepare.stream == params[0].stream,
+        "compressor: the indexer preparation in the compressors' launch needs their stream");
+  launch_compressors(params, &prepare);
 }
 
 }  // namespace dsv4::cuda

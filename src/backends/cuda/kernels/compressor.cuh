@@ -93,6 +93,11 @@ struct LaunchArgs {
   PoolArgs pools[kMaxPools];
   int pool_count;
   int hardware_cluster;  // CTAs per launched cluster: the largest cluster_ctas of the pools
+  // The indexer's query preparation in the same launch (prepare_head_dim 0: none), one warp per vector on the CTAs
+  // from prepare_first_cta (after the pools' clusters).
+  indexer::PrepareArgs prepare;
+  int prepare_head_dim;
+  int64_t prepare_first_cta;
 };
 
 // Shared memory: per group and channel the partial (max, denominator, numerator), then the CTA's channels of one entry.
@@ -544,10 +549,27 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   if (cluster_barriers) __cluster_barrier_wait();
 }
 
+// A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
+__device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
+  wait_for_prior_grids();  // the queries and positions are earlier operations' outputs
+  const int64_t row = (int64_t(blockIdx.x) - launch.prepare_first_cta) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= launch.prepare.rows) return;  // warp-uniform
+  const int lane = int(threadIdx.x & 31);
+  switch (launch.prepare_head_dim) {
+    case 32: indexer::prepare_row<32>(launch.prepare, row, lane); break;
+    case 64: indexer::prepare_row<64>(launch.prepare, row, lane); break;
+    default: indexer::prepare_row<128>(launch.prepare, row, lane); break;
+  }
+}
+
 template <bool kSliceUpdates>
 __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
+  if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
+    prepare_vectors(launch);
+    return;
+  }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   compress<kSliceUpdates>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);

@@ -47,6 +47,7 @@
 #include <span>
 
 #include "backends/cuda/compressor_state.hpp"
+#include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/host_device.hpp"
 
@@ -118,5 +119,10 @@ inline int64_t compressor_max_entries(int64_t tokens, int64_t ratio) { return (t
 void check_compressor_params(const CompressorParams& params);
 void run_compressor(const CompressorParams& params);
 void run_compressors(std::span<const CompressorParams> params);  // 1 or 2; params[0].stream
+
+// run_compressors and run_indexer_prepare in one launch (a CSA layer's indexer queries are ready when its compressors
+// run: −1 launch per CSA layer): the preparation's vectors on CTAs after the pools', one warp each, the same bits as
+// run_indexer_prepare. prepare.stream must be params[0].stream; prepare's output must not alias the compressors'.
+void run_compressors(std::span<const CompressorParams> params, const IndexerPrepareParams& prepare);
 
 }  // namespace dsv4::cuda

@@ -168,18 +168,7 @@ void check_indexer_prepare_params(const IndexerPrepareParams& p) {
 void run_indexer_prepare(const IndexerPrepareParams& p) {
   check_indexer_prepare_params(p);
   if (p.tokens == 0) return;
-  const indexer::PrepareArgs args{.input = p.input,
-                                  .input_row_stride =
-                                      p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim,
-                                  .output = p.output,
-                                  .output_fp8 = p.output_fp8,
-                                  .output_scales = p.output_scales,
-                                  .rows = p.tokens * p.heads,
-                                  .heads = p.heads,
-                                  .positions = p.positions,
-                                  .rope_frequencies = p.rope_frequencies,
-                                  .rope_dim = int(p.rope_dim),
-                                  .reference_rounding = p.reference_rounding};
+  const indexer::PrepareArgs args = indexer::prepare_args(p);
   switch (p.head_dim) {
     case 32: launch_prepare<32>(args, p.stream); break;
     case 64: launch_prepare<64>(args, p.stream); break;

@@ -28,6 +28,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/top_k.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -150,16 +151,27 @@ struct PrepareArgs {
 
 inline constexpr int kPrepareWarps = 8;
 
-// One warp per vector: RoPE on the last rope_dim dims, then the rounding, then bf16 (or fp8 + scale) out. A
-// programmatic dependent: its input and positions are earlier kernels' outputs, so it waits for them at entry.
+// The kernel's view of IndexerPrepareParams (checked by check_indexer_prepare_params): also the compressor's, which
+// can run the preparation in its own launch (run_compressors with an IndexerPrepareParams).
+inline PrepareArgs prepare_args(const IndexerPrepareParams& p) {
+  return PrepareArgs{.input = p.input,
+                     .input_row_stride = p.input_row_stride > 0 ? p.input_row_stride : p.heads * p.head_dim,
+                     .output = p.output,
+                     .output_fp8 = p.output_fp8,
+                     .output_scales = p.output_scales,
+                     .rows = p.tokens * p.heads,
+                     .heads = p.heads,
+                     .positions = p.positions,
+                     .rope_frequencies = p.rope_frequencies,
+                     .rope_dim = int(p.rope_dim),
+                     .reference_rounding = p.reference_rounding};
+}
+
+// One vector (row < rows) by one warp: RoPE on the last rope_dim dims, then the rounding, then bf16 (or fp8 + scale)
+// out. Its input and positions are earlier kernels' outputs: call after wait_for_prior_grids.
 template <int kHeadDim>
-__global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(PrepareArgs args) {
-  allow_dependents();
-  wait_for_prior_grids();
+__device__ __forceinline__ void prepare_row(const PrepareArgs& args, int64_t row, int lane) {
   constexpr int kPerLane = kHeadDim / 32;
-  const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * kPrepareWarps + (threadIdx.x >> 5);
-  if (row >= args.rows) return;
   const float* in =
       args.input + row / args.heads * args.input_row_stride + row % args.heads * kHeadDim + kPerLane * lane;
   float v[kPerLane];
@@ -183,6 +195,16 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(Pre
   __nv_bfloat16* out = args.output + row * kHeadDim + kPerLane * lane;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) out[i] = __float2bfloat16_rn(v[i]);
+}
+
+// One warp per vector. A programmatic dependent: its input and positions are earlier kernels' outputs, so it waits
+// for them at entry.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kPrepareWarps * 32) indexer_prepare_kernel(PrepareArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();
+  const int64_t row = int64_t(blockIdx.x) * kPrepareWarps + (threadIdx.x >> 5);
+  if (row < args.rows) prepare_row<kHeadDim>(args, row, int(threadIdx.x & 31));
 }
 
 struct ScoresArgs {
