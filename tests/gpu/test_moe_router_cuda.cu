@@ -1,6 +1,8 @@
 // The decode router (run_moe_routing with fused_routing and decode_router, T <= 8) against the fused router kernel
-// it replaces and the CPU: every output buffer (logits, u in bf16, expert ids and weights, offsets, row tokens, slot
-// rows, work items and their count) must be byte-identical to the fused router kernel's, on V4-Flash (E 256, d 4096)
+// it replaces and the CPU: every output buffer (u in bf16, expert ids and weights, offsets, row tokens, slot rows,
+// work items and their count) must be byte-identical to the fused router kernel's (the logits scratch, where the
+// decode router leaves s = sqrt(softplus(logit)), must hold the fused kernel's logits so transformed, to fp32
+// rounding of the host's log1p/exp), on V4-Flash (E 256, d 4096)
 // and V4-Pro (E 384, d 7168) routers in F32 and BF16, scored (with and without a bias) and hash-routed layers, odd
 // shapes (E 40, d 264, top 5, 3 rows per work item; E 8, d 8, top 1), the largest supported shape (E 512, d 12288,
 // top 32: 256 slots, rows staged in several CTAs per SM), exactly tied scores (duplicated router rows: ties go to
@@ -290,11 +292,19 @@ void check_case(const RouterLayer& layer, int T, uint64_t seed, int bad_token = 
   const RoutingOutputs actual = route(layer, d_u, d_tokens, T, true);
   using Image = std::vector<uint8_t> RoutingOutputs::*;
   const std::pair<Image, const char*> images[] = {
-      {&RoutingOutputs::logits, "logits"},         {&RoutingOutputs::u_bf16, "u_bf16"},
+      {&RoutingOutputs::u_bf16, "u_bf16"},
       {&RoutingOutputs::ids, "expert_ids"},        {&RoutingOutputs::weights, "expert_weights"},
       {&RoutingOutputs::offsets, "expert_offsets"}, {&RoutingOutputs::row_tokens, "row_tokens"},
       {&RoutingOutputs::slot_rows, "slot_rows"},   {&RoutingOutputs::work_items, "work_items"}};
   for (const auto& [image, what] : images) EXPECT_EQ(first_difference(expected.*image, actual.*image, what), "");
+  const std::vector<float> logits = as<float>(expected.logits), scores = as<float>(actual.logits);
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const double v = logits[i], s = std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));
+    if (std::isnan(v) ? !std::isnan(scores[i]) : !(std::fabs(scores[i] - s) <= 4e-7 * s + 1e-18)) {
+      ADD_FAILURE() << "score " << i << ": " << scores[i] << " for logit " << v << " (expected " << s << ")";
+      break;
+    }
+  }
   EXPECT_EQ(actual.work_item_count, expected.work_item_count);
   EXPECT_EQ(actual.finished_ctas, 0u) << "the ticket must be left at zero";
   EXPECT_EQ(actual.status, bad_token >= 0 ? bad_token + 1 : 0);

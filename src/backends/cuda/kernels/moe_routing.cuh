@@ -414,7 +414,8 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
 // router's read overlaps the previous kernel. After the wait each warp takes (row, token) pairs: lane-strided
 // 8-value vectors of the staged row against u read from global memory (kDecodeUBatch vectors in flight per lane),
 // the products in moe_router_logits_kernel's order (fma_router_vector, then the same butterfly), so the logits are
-// its bits. The last CTA to arrive routes: scores into shared memory, one warp per token keeps its experts' ordered
+// its bits; the CTA stores s = sqrt(softplus(logit)) in the logits scratch. The last CTA to arrive routes: the
+// scores into shared memory, one warp per token keeps its experts' ordered
 // keys in registers (8 or 16 per lane) and takes top_k rounds of two warp reductions (max key, then the lowest expert
 // index holding it: the reference's ties to the lower index), then buckets the T·top_k slots with every thread
 // owning a slot (rank among the slots by (expert, slot) by counting, work items by a ballot scan over the sorted
@@ -441,7 +442,7 @@ struct DecodeRouterArgs {
 
 // Static shared memory of every CTA (only the routing CTA uses more than the bias and the hash ids).
 struct DecodeRouteScratch {
-  float score[kMoeFusedRoutingMaxTokens][kMoeMaxExperts];     // s = sqrt(softplus(logit))
+  float score[kMoeFusedRoutingMaxTokens][kMoeMaxExperts];     // s = sqrt(softplus(logit)) from the logits scratch
   uint32_t key[kMoeFusedRoutingMaxTokens][kMoeMaxExperts];    // ordered_key(s + bias), NaN as −inf (scored layers)
   int32_t hash_ids[kDecodeMaxSlots];                        // tid2eid rows of the tokens, hash layers
   int32_t slot_expert[kDecodeMaxSlots];
@@ -506,7 +507,7 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
     const float bias = a.bias != nullptr ? __ldg(a.bias + e) : 0.0f;
 #pragma unroll 1
     for (int t = 0; t < T; ++t) {
-      const float s = sqrt_softplus(__ldcg(a.logits + t * E + e));  // other CTAs wrote it
+      const float s = __ldcg(a.logits + t * E + e);  // s, written by other CTAs
       const float biased = s + bias;
       scratch.score[t][e] = s;
       scratch.key[t][e] = ordered_key(isnan(biased) ? -INFINITY : biased);
@@ -663,7 +664,8 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     }
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-    if (lane == 0) a.logits[size_t(t) * a.experts + row_begin + local_row] = sum;
+    // The scratch holds s = sqrt(softplus(logit)) here: each CTA scores its own rows, not the routing CTA all.
+    if (lane == 0) a.logits[size_t(t) * a.experts + row_begin + local_row] = sqrt_softplus(sum);
   }
   // u rounded to bf16 for the expert GEMMs, a grid-strided slice per CTA (after the products: off their path).
   const int quads = a.tokens * a.hidden / 4;
