@@ -633,7 +633,6 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     outside = token < 0 || token >= route.vocab;
     hash_id = __ldg(route.tid2eid + size_t(outside ? 0 : token) * route.top_k + j);
   }
-  sm90::mbarrier_wait(&rows_landed, 0);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
 #pragma unroll 1
   for (int pair = warp; pair < rows * a.tokens; pair += kDecodeRouterWarps) {
@@ -649,6 +648,7 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
         const int k = k0 + b * kWarpSize * kRouterVector;
         if (k < a.hidden) x[b][0] = __ldg(u + k / 4), x[b][1] = __ldg(u + k / 4 + 1);
       }
+      sm90::mbarrier_wait(&rows_landed, 0);  // after the u loads: their round trip overlaps the rows' landing
 #pragma unroll
       for (int b = 0; b < kDecodeUBatch; ++b) {
         const int k = k0 + b * kWarpSize * kRouterVector;
