@@ -4,9 +4,9 @@
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
-// default (cluster decode) kernel is also timed against the persistent one, and the fused output norm (y normalised
-// into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the one-hop cluster
-// decode kernel (HcKernelChoice::CLUSTER_ONE_HOP) beside the default. Inputs rotate over
+// default (one-hop cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
+// normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
+// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] (fewer token counts or
@@ -337,21 +337,21 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
-          const auto one_hop = [&](int i) {
+          const auto cluster = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER);
           };
-          record("hc_pre (one-hop kernel)", one_hop, pre_bytes, 0.0);
-          const auto one_hop_one_iteration = [&](int i) {
+          record("hc_pre (cluster kernel)", cluster, pre_bytes, 0.0);
+          const auto cluster_one_iteration = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP, false, 1);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, false, 1);
           };
-          record("hc_pre (one-hop kernel, 1 Sinkhorn iteration)", one_hop_one_iteration, pre_bytes, 0.0);
-          const auto one_hop_fused_norm = [&](int i) {
+          record("hc_pre (cluster kernel, 1 Sinkhorn iteration)", cluster_one_iteration, pre_bytes, 0.0);
+          const auto cluster_fused_norm = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ONE_HOP, true);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, true);
           };
-          record("hc_pre + attn_norm (fused, one-hop kernel)", one_hop_fused_norm,
+          record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
         }
 
@@ -387,8 +387,8 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
-          const auto one_hop_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ONE_HOP, true); };
-          record("hc_post_pre + norm (fused, one-hop kernel)", one_hop_norm,
+          const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
+          record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
         }
 
@@ -418,13 +418,13 @@ int main(int argc, char** argv) {
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
-          const auto one_hop = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ONE_HOP); };
-          record("hc_head (one-hop kernel)", one_hop, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          const auto cluster = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER); };
+          record("hc_head (cluster kernel)", cluster, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
           const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
           const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
-          const auto one_hop_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ONE_HOP, true); };
-          record("hc_head + norm (fused, one-hop kernel)", one_hop_norm, head_norm_bytes, 0.0);
+          const auto cluster_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER, true); };
+          record("hc_head + norm (fused, cluster kernel)", cluster_norm, head_norm_bytes, 0.0);
         }
 
         const auto hc_post = [&](int i) {

@@ -9,7 +9,7 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// cluster decode kernel (CLUSTER, what AUTO picks there) and its one-hop variant (CLUSTER_ONE_HOP).
+// session-13 cluster decode kernel (CLUSTER) and its one-hop variant (AUTO).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -168,9 +168,9 @@ struct PreOutputBuffers {
 std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
-         (kernel == HcKernelChoice::CLUSTER           ? " cluster kernel"
-          : kernel == HcKernelChoice::CLUSTER_ONE_HOP ? " one-hop cluster kernel"
-                                                      : " persistent kernel");
+         (kernel == HcKernelChoice::CLUSTER ? " cluster kernel"
+          : kernel == HcKernelChoice::AUTO  ? " one-hop cluster kernel (auto)"
+                                            : " persistent kernel");
 }
 
 // The CPU's hc_pre of in.X and the magnitudes that bound the GPU's error.
@@ -448,10 +448,9 @@ const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
 // The kernels a launch of T tokens can take: the persistent one always, the cluster decode kernel and its one-hop
-// variant up to their token limit.
+// variant (AUTO) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
-  if (T <= kHcDecodeMaxTokens)
-    return {HcKernelChoice::PERSISTENT, HcKernelChoice::CLUSTER, HcKernelChoice::CLUSTER_ONE_HOP};
+  if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::CLUSTER, HcKernelChoice::AUTO};
   return {HcKernelChoice::PERSISTENT};
 }
 
@@ -510,9 +509,9 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (through AUTO and CLUSTER: the same kernel) and its one-hop variant alternate on one workspace, each
-// launch's tag must come from the epoch its predecessor left. Every launch of a kernel gives the same bits as that
-// kernel's first (deterministic sums; so AUTO picks the cluster kernel), the first checked against the CPU.
+// kernel (CLUSTER) and its one-hop variant (AUTO) alternate on one workspace, each launch's tag must come from the
+// epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first (deterministic
+// sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 900;
@@ -527,11 +526,7 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       constexpr int kLaunches = 40;
       std::vector<PreOutputBuffers> outputs;
       for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
-      const auto kernel_of = [](int i) {
-        if (i % 4 == 3) return HcKernelChoice::CLUSTER_ONE_HOP;
-        return i % 4 == 1 ? HcKernelChoice::AUTO : HcKernelChoice::CLUSTER;
-      };
-      const auto one_hop = [&](int i) { return kernel_of(i) == HcKernelChoice::CLUSTER_ONE_HOP; };
+      const auto kernel_of = [](int i) { return i % 4 == 3 ? HcKernelChoice::AUTO : HcKernelChoice::CLUSTER; };
       for (int i = 0; i < kLaunches; ++i)
         run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
                     .tokens = T, .hidden = d, .y = outputs[size_t(i)].y.as<float>(),
@@ -546,7 +541,7 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
         const std::vector<float> first_comb = download(outputs[size_t(first)].comb, size_t(T * kN * kN));
         expect_hc_pre_outputs(in, ref, T, d, false, first_y, outputs[size_t(first)].y_bf16, first_post, first_comb);
         for (int i = first + 1; i < kLaunches; ++i) {
-          if (one_hop(i) != one_hop(first)) continue;
+          if (kernel_of(i) != kernel_of(first)) continue;
           SCOPED_TRACE("launch " + std::to_string(i));
           expect_same_as_first_run(first_y, download(outputs[size_t(i)].y, size_t(T * d)), "y");
           expect_same_as_first_run(first_post, download(outputs[size_t(i)].post, size_t(T * kN)), "post");

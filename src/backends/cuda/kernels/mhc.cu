@@ -1,13 +1,12 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <mutex>
-#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/mhc.cuh"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
@@ -87,36 +86,10 @@ void check_projection(const char* op, const float* X, const float* fn, const flo
   check(aligned16(workspace), op, ": workspace must be 16-byte aligned");
 }
 
-// One value per (kernel, current device), computed on first use: the attribute and occupancy queries behind these
-// values cost microseconds of host time, more than a decode-sized launch.
-class PerKernelDeviceCache {
- public:
-  template <class Compute>
-  int get(const void* kernel, Compute compute) {
-    int device = 0;
-    DSV4_CUDA_CHECK(cudaGetDevice(&device));
-    const std::lock_guard lock(mutex_);
-    for (const Entry& e : entries_)
-      if (e.kernel == kernel && e.device == device) return e.value;
-    const int value = compute();
-    entries_.push_back({kernel, device, value});
-    return value;
-  }
-
- private:
-  struct Entry {
-    const void* kernel;
-    int device;
-    int value;
-  };
-  std::mutex mutex_;
-  std::vector<Entry> entries_;
-};
-
 // CTAs of `kernel` resident per SM with `smem_bytes` of dynamic shared memory, after raising the kernel's shared
 // memory limits on the current device (once per kernel and device).
 int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
-  static PerKernelDeviceCache cache;
+  static PerDeviceCache<int> cache;
   return cache.get(kernel, [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
@@ -191,8 +164,8 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
-// The cluster decode kernel serves a launch (AUTO: at every decode size, session 13's measurements) unless the
-// persistent one is asked for or the launch is beyond the decode limits.
+// The cluster decode kernel (either variant) serves a launch unless the persistent one is asked for or the launch is
+// beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   return choice != HcKernelChoice::PERSISTENT && tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
 }
@@ -219,7 +192,7 @@ Args with_fused_post(Args args, const HcPostPreParams& p) {
 
 // Clusters of the cluster decode kernel that the card holds at once (cached per kernel and device).
 int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
-  static PerKernelDeviceCache cache;
+  static PerDeviceCache<int> cache;
   return cache.get(kernel, [&] {
     int clusters = 0;
     DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
@@ -265,9 +238,8 @@ void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStr
 template <bool kHead, bool kPost>
 void run_cluster_decode(HcKernelChoice choice, const mhc::ClusterDecodeArgs& args, void* workspace,
                         cudaStream_t stream, const char* op) {
-  if (choice == HcKernelChoice::CLUSTER_ONE_HOP)
-    return launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
-  launch_cluster_decode<kHead, kPost, false>(args, workspace, stream, op);
+  if (choice == HcKernelChoice::CLUSTER) return launch_cluster_decode<kHead, kPost, false>(args, workspace, stream, op);
+  launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
 }
 
 // The persistent path's fused output norm: rms_norm of the projection's fp32 output in place.

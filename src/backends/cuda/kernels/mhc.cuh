@@ -813,9 +813,12 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   Σ_kl pre_k·pre_l·G_kl. That equals Σ_i y_i² up to rounding wherever the weighted streams do not cancel (pre > 0,
 //   and a token's residual streams are alike); Reference numerics round y to bf16 first, which G cannot see, so that
 //   mode keeps the second hop. Then rms_norm's arithmetic per element (y·inv_rms, ·w, rounding).
-// - kOneHop (HcKernelChoice::CLUSTER_ONE_HOP) also runs Sinkhorn in scaling form (sinkhorn_4x4_scaled), splits fn
-//   into tf32 pairs before the wait and gives the MMA two accumulator chains; its sums run in another order than
-//   the plain kernel's.
+// - kOneHop (HcKernelChoice::AUTO) also replaces the cluster barriers of its two cluster steps: each receiving CTA
+//   arms an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there
+//   (a barrier.cluster.arrive.release is a GPU-scope fence: it waited for the CTA's outstanding global stores, and
+//   its ERRBAR / barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in
+//   scaling form (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator
+//   chains; its sums run in another order than the plain kernel's.
 // - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
 //   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
 //   mix CTAs have read it too.
@@ -979,6 +982,29 @@ __device__ inline void store_to_cluster_cta(float* local, unsigned rank, float v
   asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(value) : "memory");
 }
 
+// kOneHop's cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
+// One thread arms `barrier` for `bytes` (its only arrival) before the CTA's first cluster arrive, every reader waits
+// for phase 0; the stores (PTX st.async) complete their bytes on the receiver's barrier: no cluster barrier, so no
+// GPU-scope fence (barrier.cluster.arrive.release waits for the CTA's outstanding global stores).
+__device__ inline void arm_exchange(uint64_t* barrier, uint32_t bytes) {
+  sm90::mbarrier_init(barrier, 1);
+  sm90::fence_mbarrier_init();
+  (void)::cuda::ptx::mbarrier_arrive_expect_tx(::cuda::ptx::sem_release, ::cuda::ptx::scope_cluster,
+                                               ::cuda::ptx::space_shared, barrier, bytes);
+}
+
+__device__ inline void wait_exchange(uint64_t* barrier) {
+  while (!::cuda::ptx::mbarrier_try_wait_parity(::cuda::ptx::sem_acquire, ::cuda::ptx::scope_cluster, barrier, 0u)) {
+  }
+}
+
+// Stores `value` at `local`'s counterpart in cluster CTA `rank` and completes its 4 bytes on that CTA's counterpart
+// of `barrier`.
+__device__ inline void send_to_cluster_cta(float* local, uint64_t* barrier, unsigned rank, float value) {
+  ::cuda::ptx::st_async(static_cast<float*>(__cluster_map_shared_rank(local, rank)), value,
+                        static_cast<uint64_t*>(__cluster_map_shared_rank(barrier, rank)));
+}
+
 // Sums over the Q = `clusters` tagged words of each of `count` items (item i's words at word_base(i)[0 .. Q)), by the
 // CTA's threads: `lanes` (the power of two ≥ Q) aligned lanes per item, lane l reading word l, items i = pass ·
 // (threads / lanes) + thread / lanes. Every word is read before any stale one is re-read. Each lane of an item's group
@@ -1100,6 +1126,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   __shared__ float square_gathered[kClusterCtas][kTokensPerCta];
   __shared__ float square_totals[kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
+  __shared__ uint64_t exchange[2];  // kOneHop: [0] the partials gathered here, [1] the totals pushed here
 
   allow_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1143,6 +1170,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
   // pre's parameters, for thread 4·t + k.
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
+  // Rows summed over the cluster and published (the partial rows, the Gram rows), and totals rows read back (Σx², pre
+  // ×4, the Gram rows).
+  const int published_rows = kPartial + (gram ? kGramRows : 0);
+  const int collapse_rows = kCollapseRows + (gram ? kGramRows : 0);
+  if constexpr (kOneHop) {
+    // Armed before the cluster arrive: no peer stores into this CTA before its wait below has seen the arrive.
+    if (tid == 0) {
+      arm_exchange(&exchange[0], uint32_t(kClusterCtas * published_rows * tokens_here) * 4u);
+      arm_exchange(&exchange[1], uint32_t(collapse_rows * T) * 4u);
+    }
+  }
   cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
 
   wait_for_prior_grids();
@@ -1171,17 +1209,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     const int row = item / kTileTokens, t = item % kTileTokens;
     if (t >= T) continue;
     const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-    store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
+    if constexpr (kOneHop)
+      send_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], &exchange[0], t % kClusterCtas, sum);
+    else
+      store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
   }
   if constexpr (kOneHop) {
     const int entry = tid % 16;
     if (gram && vt < T && entry < kGramEntries)
-      store_to_cluster_cta(&gathered[rank][kPartial + entry][vt / kClusterCtas], vt % kClusterCtas, gram_entry);
+      send_to_cluster_cta(&gathered[rank][kPartial + entry][vt / kClusterCtas], &exchange[0], vt % kClusterCtas,
+                          gram_entry);
+    wait_exchange(&exchange[0]);
+  } else {
+    cluster_arrive();
+    cluster_wait();
   }
-  cluster_arrive();
-  cluster_wait();
   // This CTA's items (row, t = rank + 8m): the cluster's sum, ranks in order, published for the other clusters.
-  const int published_rows = kPartial + (gram ? kGramRows : 0);
   if (tid < published_rows * kTokensPerCta) {
     const int row = tid / kTokensPerCta, m = tid % kTokensPerCta, t = int(rank) + kClusterCtas * m;
     if (t < T) {
@@ -1197,21 +1240,32 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   const auto push_to_cluster = [&](float* local, float value, int l) {
     for (int r = l; r < kClusterCtas; r += group_lanes) store_to_cluster_cta(local, unsigned(r), value);
   };
+  const auto send_totals = [&](float* local, float value, int l) {
+    for (int r = l; r < kClusterCtas; r += group_lanes) send_to_cluster_cta(local, &exchange[1], unsigned(r), value);
+  };
   // Item i: totals row i / tokens_here (Σx², pre ×4, then the Gram entries at word rows kPartial + e), token
   // rank + 8·(i mod tokens_here).
-  const int collapse_rows = kCollapseRows + (gram ? kGramRows : 0);
   const auto word_row = [](int r) { return r < kCollapseRows ? r : kPartial + r - kCollapseRows; };
   const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
   sum_cluster_words(
       collapse_rows * tokens_here, Q, tag,
       [&](int i) { return args.row_words + int64_t(word_row(i / tokens_here) * kTileTokens + token_of(i)) * Q; },
-      [&](int i, float sum, int l) { push_to_cluster(&totals[i / tokens_here][token_of(i)], sum, l); });
+      [&](int i, float sum, int l) {
+        if constexpr (kOneHop)
+          send_totals(&totals[i / tokens_here][token_of(i)], sum, l);
+        else
+          push_to_cluster(&totals[i / tokens_here][token_of(i)], sum, l);
+      });
   if constexpr (kHead) {
     // No mix cluster: CTA 0 of slice cluster 0 has read token 0's words from every slice cluster.
     if (q == 0 && rank == 0 && tid == 0) args.header[0] = tag;
   }
-  cluster_arrive();
-  cluster_wait();
+  if constexpr (kOneHop) {
+    wait_exchange(&exchange[1]);
+  } else {
+    cluster_arrive();
+    cluster_wait();
+  }
 
   if (tid < kStreams * T) {
     const int t = tid / kStreams, k = tid % kStreams;
