@@ -542,7 +542,7 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
   if (s < slots) {
     const int e = scratch.slot_expert[s];
     int below = 0, same = 0, before = 0;
-#pragma unroll 1
+#pragma unroll 4  // four shared-memory loads in flight (T = 8: 48 slots)
     for (int other = 0; other < slots; ++other) {
       const int v = scratch.slot_expert[other];
       below += v < e;
@@ -565,7 +565,7 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
   if (lane == 0) scratch.warp_items[warp] = __popc(starting);
   __syncthreads();
   int items_before = shared_items, items = shared_items;
-#pragma unroll 1
+#pragma unroll
   for (int w = 0; w < kDecodeRouterWarps; ++w) {
     items_before += w < warp ? scratch.warp_items[w] : 0;
     items += scratch.warp_items[w];
