@@ -254,6 +254,21 @@ struct SweepRow {
   double us, percent_of_copy;
 };
 
+// Two consecutive linears of a decode step, A then B with `gap_us` of kernels that leave the memory idle between
+// them (simulated by one spinning CTA), cold, without and with A asking L2 for B's weights (prefetch_next).
+struct ChainRow {
+  std::string model, first, second, format;
+  int tokens;
+  double gap_us, plain_us, prefetch_us;  // A + B (the gap subtracted)
+};
+
+// One CTA that spins for `ns` nanoseconds: a latency-bound kernel (attention at batch 1) between two linears.
+__global__ void spin_kernel(uint64_t ns) {
+  uint64_t start;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (uint64_t now = start; now - start < ns;) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+}
+
 // wo_a (bf16 out) then wo_b: the two launches against the pair kernel, cold.
 struct PairRow {
   std::string model, format;
@@ -666,6 +681,73 @@ int main(int argc, char** argv) {
         }
       }
     }
+    // Chains: the step's consecutive linears where both are selected (default configs), with the gap of kernels
+    // between them in a V4-Flash SWA layer at batch 1 (KV insert + attention ≈ 20 µs between wq_b and wo_a).
+    struct ChainSpec {
+      const char *first, *second;
+      double gap_us;
+    };
+    std::vector<ChainRow> chains;
+    for (const ChainSpec spec : {ChainSpec{"wq_a_wkv", "wq_b", 0.0}, ChainSpec{"wq_b", "wo_a", 20.0},
+                                 ChainSpec{"wo_a", "wo_b", 0.0}}) {
+      const auto find = [&](const char* name) {
+        return std::find_if(shapes.begin(), shapes.end(), [&](const Shape& s) {
+          return std::string(s.name) == name && std::string(s.model) == "flash";
+        });
+      };
+      const auto a = find(spec.first), b = find(spec.second);
+      if (a == shapes.end() || b == shapes.end() || sweep || profile) continue;
+      const int64_t a_cols = a->groups * a->cols, b_cols = b->groups * b->cols;
+      DeviceBuffer xa(size_t(kLinearMaxStreamedTokens * a_cols) * 2, "x a"), xa_pristine(xa.bytes(), "x a pristine");
+      DeviceBuffer xb(size_t(kLinearMaxStreamedTokens * b_cols) * 2, "x b"), xb_pristine(xb.bytes(), "x b pristine");
+      DeviceBuffer ya(size_t(kLinearMaxStreamedTokens * a->rows) * 4, "y a");
+      DeviceBuffer yb(size_t(kLinearMaxStreamedTokens * b->rows) * 4, "y b");
+      for (DeviceBuffer* buffers : {&xa, &xb}) {
+        std::vector<uint16_t> host(buffers->bytes() / 2);
+        for (uint16_t& v : host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
+        buffers->upload(host.data(), buffers->bytes());
+        (buffers == &xa ? xa_pristine : xb_pristine).upload(host.data(), buffers->bytes());
+      }
+      ColdTimer cold(device.l2_bytes, device.multiprocessors, graph_stream);
+      cold.refresh(xa_pristine, xa);
+      cold.refresh(xb_pristine, xb);
+      for (const WeightFormat format : formats) {
+        const OwnedQuantizedMatrix a_host = random_matrix(format, a->rows, a->cols, rng);
+        const OwnedQuantizedMatrix b_host = random_matrix(format, b->rows, b->cols, rng);
+        const DeviceMatrix a_weight(a_host.matrix, "chain first"), b_weight(b_host.matrix, "chain second");
+        DeviceBuffer workspace(std::max(quantized_linear_workspace_bytes(a_weight.view(), kLinearMaxStreamedTokens,
+                                                                         a->groups),
+                                        quantized_linear_workspace_bytes(b_weight.view(), kLinearMaxStreamedTokens,
+                                                                         b->groups)),
+                               "linear workspace");
+        workspace.fill_bytes(0);
+        for (const int tokens : token_counts) {
+          if (tokens > kLinearMaxStreamedTokens) continue;
+          const auto gap = [&](cudaStream_t s) {
+            if (spec.gap_us > 0) {
+              spin_kernel<<<1, 32, 0, s>>>(uint64_t(spec.gap_us * 1e3));
+              DSV4_CUDA_CHECK_LAUNCH("spin_kernel");
+            }
+          };
+          const auto chain = [&](cudaStream_t s, bool prefetch) {
+            run_quantized_linear({.weight = a_weight.view(), .x = xa.as<__nv_bfloat16>(), .x_row_stride = a_cols,
+                                  .y = ya.as<float>(), .y_row_stride = a->rows, .tokens = tokens,
+                                  .groups = a->groups, .workspace = workspace.data(),
+                                  .workspace_bytes = workspace.bytes(), .stream = s,
+                                  .prefetch_next = prefetch ? b_weight.view() : DeviceMatrixView{}});
+            gap(s);
+            run_quantized_linear({.weight = b_weight.view(), .x = xb.as<__nv_bfloat16>(), .x_row_stride = b_cols,
+                                  .y = yb.as<float>(), .y_row_stride = b->rows, .tokens = tokens,
+                                  .groups = b->groups, .workspace = workspace.data(),
+                                  .workspace_bytes = workspace.bytes(), .stream = s});
+          };
+          const double gap_only = spec.gap_us > 0 ? cold.us([&](int, cudaStream_t s) { gap(s); }) : 0.0;
+          chains.push_back({"flash", spec.first, spec.second, std::string(to_string(format)), tokens, spec.gap_us,
+                            cold.us([&](int, cudaStream_t s) { chain(s, false); }) - gap_only,
+                            cold.us([&](int, cudaStream_t s) { chain(s, true); }) - gap_only});
+        }
+      }
+    }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
@@ -701,6 +783,13 @@ int main(int argc, char** argv) {
                     r.pair_slots_us[3], r.pair_slots_us[4]);
     }
 
+    if (!chains.empty())
+      std::printf("\n| model | A → B | format | T | gap µs | A + B cold µs | with A prefetching B µs |\n"
+                  "|---|---|---|---|---|---|---|\n");
+    for (const ChainRow& r : chains)
+      std::printf("| %s | %s → %s | %s | %d | %.0f | %.1f | %.1f |\n", r.model.c_str(), r.first.c_str(),
+                  r.second.c_str(), r.format.c_str(), r.tokens, r.gap_us, r.plain_us, r.prefetch_us);
+
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
     std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_linear\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
@@ -734,6 +823,14 @@ int main(int argc, char** argv) {
                    r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.us, r.percent_of_copy,
                    i + 1 < sweep_rows.size() ? "," : "");
     }
+    std::fprintf(out, "  ],\n  \"chains\": [\n");
+    for (size_t i = 0; i < chains.size(); ++i)
+      std::fprintf(out,
+                   "    {\"model\": \"%s\", \"first\": \"%s\", \"second\": \"%s\", \"format\": \"%s\", "
+                   "\"tokens\": %d, \"gap_us\": %.1f, \"cold_us\": %.2f, \"prefetch_cold_us\": %.2f}%s\n",
+                   chains[i].model.c_str(), chains[i].first.c_str(), chains[i].second.c_str(),
+                   chains[i].format.c_str(), chains[i].tokens, chains[i].gap_us, chains[i].plain_us,
+                   chains[i].prefetch_us, i + 1 < chains.size() ? "," : "");
     std::fprintf(out, "  ],\n  \"pairs\": [\n");
     for (size_t i = 0; i < pairs.size(); ++i)
       std::fprintf(out,

@@ -9,7 +9,8 @@
 // whichever kernel gemm_from_tokens picks (grouped, bf16 output included). The RMSNorm prologue equals run_rms_norm
 // (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding. The cluster split-K
 // reduction gives the workspace reduction's results bit for bit. Every STREAMED config (ring slots 1-4 × K splits ×
-// reduction) of the decode shapes matches the CPU, and ring depth never changes a bit.
+// reduction) of the decode shapes matches the CPU, and ring depth never changes a bit; prefetching the next call's
+// weights into L2 changes no bit either.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -611,6 +612,62 @@ RandomOperands random_operands(TestFormat format, int64_t rows, int64_t cols, in
     o.x_abs.push_back(std::fabs(bf16_to_float(bits)));
   }
   return o;
+}
+
+TEST(QuantizedLinear, PrefetchOfTheNextWeightsChangesNoResult) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // prefetch_next is a hint: with it, every load path and token count gives the same bits as without; the prefetched
+  // matrix may have any shape (FP8 with f32 scales, a tiny one smaller than one 16-byte chunk).
+  const RandomOperands o = random_operands(TestFormat::FP8_E8M0, 1024, 4096, 4096, 32, 1400);
+  const RandomOperands next = random_operands(TestFormat::FP8_F32, 640, 1024, 1024, 1, 1401);
+  const RandomOperands tiny = random_operands(TestFormat::BF16, 1, 4, 4, 1, 1402);
+  const DeviceMatrix weight(o.host.matrix, "weight"), next_weight(next.host.matrix, "next"),
+      tiny_weight(tiny.host.matrix, "tiny");
+  const DeviceBuffer x = to_device(o.x_bf16, "x");
+  const int multiprocessors = list_devices().front().multiprocessors;
+  for (const int tokens : {1, 8, 16, 32}) {
+    DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
+    for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
+      SCOPED_TRACE(std::string(path_name(path)) + " T=" + std::to_string(tokens));
+      const size_t outputs = size_t(tokens) * 1024;
+      std::vector<std::vector<float>> results;
+      for (const DeviceMatrixView& prefetch : {DeviceMatrixView{}, next_weight.view(), tiny_weight.view()}) {
+        DeviceBuffer y = poisoned(outputs, "y");
+        run_quantized_linear({.weight = weight.view(),
+                              .x = x.as<__nv_bfloat16>(),
+                              .x_row_stride = 4096,
+                              .y = y.as<float>(),
+                              .y_row_stride = 1024,
+                              .tokens = tokens,
+                              .workspace = workspace.data(),
+                              .workspace_bytes = workspace.bytes(),
+                              .prefetch_next = prefetch},
+                             choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path));
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        results.push_back(download(y, outputs));
+      }
+      for (size_t r = 1; r < results.size(); ++r) {
+        int differing = 0;
+        for (size_t i = 0; i < outputs; ++i)
+          if ((std::memcmp(&results[r][i], &results[0][i], sizeof(float)) != 0 || !std::isfinite(results[r][i])) &&
+              ++differing <= 4)
+            ADD_FAILURE() << "y[" << i << "] is " << results[r][i] << " with prefetch " << r << ", "
+                          << results[0][i] << " without";
+        EXPECT_EQ(differing, 0);
+      }
+    }
+  }
+  DeviceMatrixView unaligned = next_weight.view();
+  unaligned.data += 8;
+  DeviceBuffer y = poisoned(1024, "y");
+  DeviceBuffer workspace = zeroed_workspace(weight.view(), 1, 1);
+  testing::expect_error(
+      [&] {
+        run_quantized_linear({.weight = weight.view(), .x = x.as<__nv_bfloat16>(), .x_row_stride = 4096,
+                              .y = y.as<float>(), .y_row_stride = 1024, .tokens = 1, .workspace = workspace.data(),
+                              .workspace_bytes = workspace.bytes(), .prefetch_next = unaligned});
+      },
+      "prefetched weight");
 }
 
 TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {

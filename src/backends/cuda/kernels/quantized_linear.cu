@@ -328,6 +328,9 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
   }
   check((params.y == nullptr) != (params.y_bf16 == nullptr),
         "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
+  check(reinterpret_cast<uintptr_t>(params.prefetch_next.data) % 16 == 0 &&
+            reinterpret_cast<uintptr_t>(params.prefetch_next.scales) % 16 == 0,
+        "quantized_linear: the prefetched weight's data and scales must be 16-byte aligned");
   const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
   const void* y = params.y != nullptr ? static_cast<const void*>(params.y) : static_cast<const void*>(params.y_bf16);
   check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(y) % y_element == 0,
@@ -385,7 +388,20 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
+      .prefetch_ranges = {nullptr, nullptr},
+      .prefetch_bytes = {0, 0},
   };
+  const DeviceMatrixView& next = params.prefetch_next;
+  if (next.data != nullptr) {
+    const uint64_t data_bytes = uint64_t(next.rows) * next.data_row_bytes;
+    args.prefetch_ranges[0] = next.data, args.prefetch_bytes[0] = data_bytes;
+    if (next.scales != nullptr) {
+      // Scale rows: one per 128-row band for FP8_BLOCK128, one per row otherwise; 4-byte entries for f32.
+      const int64_t scale_rows = next.format == WeightFormat::FP8_BLOCK128 ? ceil_div(next.rows, 128) : next.rows;
+      args.prefetch_ranges[1] = next.scales;
+      args.prefetch_bytes[1] = uint64_t(scale_rows * next.scales_per_row) * (next.scale_type == ScaleType::F32 ? 4 : 1);
+    }
+  }
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
   return args;

@@ -46,7 +46,30 @@ struct LinearKernelArgs {
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
+  // L2 prefetch of a later call's weights (QuantizedLinearParams::prefetch_next): 16-byte aligned ranges, or null.
+  const uint8_t* prefetch_ranges[2];
+  uint64_t prefetch_bytes[2];
 };
+
+inline constexpr uint32_t kPrefetchChunkBytes = 64 * 1024;  // bytes per bulk prefetch instruction
+
+// Asks L2 for this CTA's share (1 / grid) of the prefetch ranges, in 16-byte aligned chunks, without waiting:
+// called once the CTA's own weights have arrived, so the requests queue behind the call's own stream and fill L2
+// while the next kernels of the step (attention, norms) leave the memory idle. One thread issues.
+__device__ __forceinline__ void prefetch_next_weights(const LinearKernelArgs& args) {
+  if (threadIdx.x != 0) return;
+  const uint64_t ctas = uint64_t(gridDim.x) * gridDim.y, cta = uint64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (args.prefetch_ranges[r] == nullptr) continue;
+    const uint64_t share = (args.prefetch_bytes[r] + ctas - 1) / ctas + 15 & ~uint64_t(15);
+    const uint64_t begin = cta * share, end = min(args.prefetch_bytes[r], begin + share) & ~uint64_t(15);
+    for (uint64_t b = begin; b < end; b += kPrefetchChunkBytes)
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(args.prefetch_ranges[r] + b),
+                   "r"(uint32_t(min(uint64_t(kPrefetchChunkBytes), end - b)))
+                   : "memory");
+  }
+}
 
 // What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at
 // group·K, over the K range [split_begin, split_end) of its split.
@@ -225,6 +248,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
       tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
   }
 
+  prefetch_next_weights(args);
   write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
@@ -360,6 +384,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
                                 },
                                 acc);
 
+  prefetch_next_weights(args);
   if constexpr (kClusterReduce)
     write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else

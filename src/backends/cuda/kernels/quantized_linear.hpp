@@ -29,6 +29,8 @@
 //   bit for bit run_rms_norm's y_bf16 for the same row (the same summation order), so the result equals
 //   run_rms_norm followed by this op on its bf16 output, without that launch. Each CTA reads the whole of its tokens'
 //   rows once more for the sum of squares: meant for few tokens.
+// - prefetch_next (optional) names a later call's weights; the CTAs ask L2 for them (bulk prefetches) as they finish
+//   their own, filling L2 while the kernels in between leave the memory idle.
 // - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
 //   is refused with an error naming the shape, format or pointer; there is no fallback path.
 #pragma once
@@ -87,6 +89,10 @@ struct QuantizedLinearParams {
   const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
+  // Optional: a later call's weights (data == null: none). Each CTA asks L2 for its share of their bytes once its own
+  // weights have arrived, so that call (the next linear of a decode step, after latency-bound kernels that leave the
+  // memory idle) reads them from L2. Only a hint: results do not depend on it.
+  DeviceMatrixView prefetch_next;
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
