@@ -33,6 +33,7 @@
 #include "backends/cuda/compressor_state.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/compressor.cuh"
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
@@ -627,6 +628,27 @@ TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
         check_case(kCases[c], chunks, seed++, true, false, ctas);
         ASSERT_FALSE(HasFatalFailure());
       }
+}
+
+// The kernel's multiply-shift division (compressor::FastDivisor, host path of the same arithmetic) against / and %:
+// every divisor to 1100 and around every power of two, dividends exhaustively to 5000, near 2^31 and random below it.
+TEST(Compressor, FastDivisorMatchesIntegerDivision) {
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 1100; ++d) divisors.push_back(d);
+  for (int k = 11; k <= 30; ++k)
+    for (const int64_t delta : {-1, 0, 1}) divisors.push_back(uint32_t((int64_t(1) << k) + delta));
+  std::vector<uint32_t> dividends;
+  for (uint32_t x = 0; x <= 5000; ++x) dividends.push_back(x);
+  for (uint32_t j = 0; j < 100; ++j) dividends.push_back(0x7FFFFFFFu - j);
+  std::mt19937 rng(5);
+  for (int i = 0; i < 2000; ++i) dividends.push_back(uint32_t(rng()) & 0x7FFFFFFFu);
+  for (const uint32_t d : divisors) {
+    const compressor::FastDivisor divisor = compressor::FastDivisor::of(d);
+    for (const uint32_t x : dividends) {
+      ASSERT_EQ(divisor.div(x), x / d) << x << " / " << d;
+      ASSERT_EQ(divisor.mod(x), x % d) << x << " % " << d;
+    }
+  }
 }
 
 TEST(Compressor, EntriesKnownFromPositions) {

@@ -133,6 +133,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
+  const int halves = p.overlapping ? 2 : 1;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
   return compressor::PoolArgs{.c = c,
@@ -169,7 +170,14 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
                               .cluster_ctas = cluster,
                               .channels_per_cta = channels,
                               .pairs_padded = pairs_padded,
-                              .groups = groups};
+                              .groups = groups,
+                              .cluster_div = compressor::FastDivisor::of(uint32_t(cluster)),
+                              .entries_div = compressor::FastDivisor::of(uint32_t(entries_per_run)),
+                              .pairs_padded_div = compressor::FastDivisor::of(uint32_t(pairs_padded)),
+                              .slice_pairs_div = compressor::FastDivisor::of(uint32_t(channels / 2)),
+                              .slice_row_div = compressor::FastDivisor::of(uint32_t(halves * channels / 2)),
+                              .whole_pairs_div = compressor::FastDivisor::of(uint32_t(c / 2)),
+                              .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).

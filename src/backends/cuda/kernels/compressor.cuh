@@ -50,6 +50,30 @@ inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues bef
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
+// x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
+// method), the magic number made once by the launcher: a divide by a run-time value is a chain of ~20 dependent
+// instructions, and the decode step's path from the runs' load to its loads and stores held a dozen of them.
+struct FastDivisor {
+  uint32_t divisor = 1, multiplier = 1, shift = 0;
+
+  // d ≥ 1. M = 2^32 + multiplier = floor(2^(32+shift) / d) + 1 with 2^shift ≥ d: q = floor(x·M / 2^(32+shift)) is
+  // exact for x < 2^32, and high + x below cannot overflow for x < 2^31.
+  static FastDivisor of(uint32_t d) {
+    uint32_t shift = 0;
+    while ((uint64_t(1) << shift) < d) ++shift;
+    return {d, uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1), shift};
+  }
+  DSV4_HD uint32_t div(uint32_t x) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(x, multiplier);
+#else
+    const uint32_t high = uint32_t((uint64_t(x) * multiplier) >> 32);
+#endif
+    return (high + x) >> shift;
+  }
+  DSV4_HD uint32_t mod(uint32_t x) const { return x - div(x) * divisor; }
+};
+
 // One compressor of a launch (launch-wide fields; a CTA's run is a RunView).
 struct PoolArgs {
   int c;
@@ -87,6 +111,10 @@ struct PoolArgs {
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
   int groups;            // slot groups
+  // Divisors of the CTA and state-item arithmetic: cluster_ctas, entries_per_run, pairs_padded; the state's pairs and
+  // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
+  FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
+      whole_row_div;
 };
 
 struct LaunchArgs {
@@ -227,30 +255,33 @@ __device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* ro
 struct StateUpdate {
   int64_t previous_base, window_from;
   int previous_items, window_items;  // 32-bit item arithmetic (bounded by the launcher: ratio · head_dim < 2^30)
-  int first, pairs, halves;
+  int first;
+  FastDivisor pairs, row;  // pairs of the channels, and halves · pairs (one token's items)
 };
 
-__device__ __forceinline__ StateUpdate plan_state_update(const PoolArgs& a, const RunView& r, int first, int count) {
+// whole: the entry's c channels from 0 (the ticket update), else this CTA's channel slice from `first`.
+__device__ __forceinline__ StateUpdate plan_state_update(const PoolArgs& a, const RunView& r, int first, bool whole) {
   const int64_t end = r.start + r.tokens, end_window = ratio_div(a, end);
-  const int pairs = count / 2, halves = a.overlapping ? 2 : 1;
+  const FastDivisor pairs = whole ? a.whole_pairs_div : a.slice_pairs_div;
+  const FastDivisor row = whole ? a.whole_row_div : a.slice_row_div;
   const bool completes = a.overlapping && end_window > ratio_div(a, r.start);
   const int64_t from = max(r.start, end_window * a.ratio);
   return {.previous_base = (end_window - 1) * a.ratio,
           .window_from = from,
-          .previous_items = completes ? int(a.ratio) * pairs : 0,
-          .window_items = int(end - from) * halves * pairs,
+          .previous_items = completes ? int(a.ratio) * int(pairs.divisor) : 0,
+          .window_items = int(end - from) * int(row.divisor),
           .first = first,
           .pairs = pairs,
-          .halves = halves};
+          .row = row};
 }
 
 // Position and column of window item i.
 __device__ __forceinline__ int64_t window_item_position(const StateUpdate& u, int i) {
-  return u.window_from + i / (u.halves * u.pairs);
+  return u.window_from + u.row.div(i);
 }
 __device__ __forceinline__ int window_item_column(const PoolArgs& a, const StateUpdate& u, int i) {
-  const int within = i % (u.halves * u.pairs);
-  return within / u.pairs * a.c + u.first + 2 * (within % u.pairs);
+  const uint32_t within = u.row.mod(i);
+  return int(u.pairs.div(within)) * a.c + u.first + 2 * int(u.pairs.mod(within));
 }
 
 // Item i of the window's slots (kWindow) or of the previous halves: its source value, and its store into the state.
@@ -259,7 +290,7 @@ __device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView&
   if constexpr (kWindow)
     return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
   else
-    return load_slot<false>(a, r, u.previous_base + i / u.pairs, u.first + 2 * (i % u.pairs));
+    return load_slot<false>(a, r, u.previous_base + u.pairs.div(i), u.first + 2 * int(u.pairs.mod(i)));
 }
 
 template <bool kWindow>
@@ -270,7 +301,7 @@ __device__ __forceinline__ void store_item(const PoolArgs& a, const RunView& r, 
     *reinterpret_cast<float2*>(r.state.window_kv + offset) = v.value;
     *reinterpret_cast<float2*>(r.state.window_score + offset) = v.score;
   } else {
-    const int64_t offset = int64_t(i / u.pairs) * a.c + u.first + 2 * (i % u.pairs);
+    const int64_t offset = int64_t(u.pairs.div(i)) * a.c + u.first + 2 * int(u.pairs.mod(i));
     *reinterpret_cast<float2*>(r.state.previous_kv + offset) = v.value;
     *reinterpret_cast<float2*>(r.state.previous_score + offset) = v.score;
   }
@@ -346,10 +377,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 
   const bool real = local < a.ctas;
   // 32-bit CTA arithmetic: the launcher keeps a launch under 2^31 CTAs.
-  const int entry_row = real ? int(local) / a.cluster_ctas : 0;  // row of the compact fp32 output
-  const int rank = int(local) % a.cluster_ctas;
-  const int run_index = entry_row / int(a.entries_per_run), entry = entry_row % int(a.entries_per_run);
-  const int pair = int(threadIdx.x) % a.pairs_padded, group = int(threadIdx.x) / a.pairs_padded;
+  const int entry_row = real ? int(a.cluster_div.div(uint32_t(local))) : 0;  // row of the compact fp32 output
+  const int rank = int(a.cluster_div.mod(uint32_t(local)));
+  const int run_index = int(a.entries_div.div(entry_row)), entry = int(a.entries_div.mod(entry_row));
+  const int pair = int(a.pairs_padded_div.mod(threadIdx.x)), group = int(a.pairs_padded_div.div(threadIdx.x));
   const bool active = 2 * pair < channels && group < a.groups;
   const int channel = rank * channels + 2 * pair;  // this thread's first channel
   // The epilogue's weights (they depend on no earlier kernel) load while the previous kernel drains.
@@ -371,7 +402,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                   .state = a.state.of_slot(run.slot)};
   // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
   // itself (after the barrier that ends its pooling reads), its loads issued now.
-  const StateUpdate slice = plan_state_update(a, r, rank * channels, channels);
+  const StateUpdate slice = plan_state_update(a, r, rank * channels, false);
   EarlyUpdate early;
   if (kSliceUpdates && real) early = load_early_update(a, r, slice);
   const int64_t first_entry = ratio_div(a, r.start);
@@ -541,7 +572,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       __syncthreads();
       if (is_last_cta) {
         __threadfence();
-        update_state<false>(a, r, plan_state_update(a, r, 0, c), early);
+        update_state<false>(a, r, plan_state_update(a, r, 0, true), early);
         if (threadIdx.x == 0) *r.state.finished_ctas = 0;
       }
     }
