@@ -322,7 +322,8 @@ struct CudaModel::Impl {
     float* u;                  // [T, d]: ffn_norm output for the MoE
     float* qr;                 // [T, q_lora]
     bf16* qr_bf16;             // [T, q_lora]
-    float* q;                  // [T, H·D]
+    float* q;                  // [T, H·D]: wq_b's output where it is not stacked
+    bf16* q_bf16;              // [T, H·D]: the normed, rotated queries the attention reads (its operand type)
     float* stacked_queries;    // [min(T, kStackedQueryMaxTokens), H·D + IH·ID]: the stacked [wq_b; indexer wq_b]
     float* kv;                 // [T, D]
     float* qr_kv;              // [T, q_lora + D]: the stacked [wq_a; wkv] projection's output
@@ -647,7 +648,8 @@ struct CudaModel::Impl {
     for (int i = 0; i < 2; ++i) s.post[i] = k.take<float>(T * n), s.comb[i] = k.take<float>(T * n * n);
     s.x_bf16 = k.take<bf16>(T * d), s.u = k.take<float>(T * d);
     s.qr = k.take<float>(T * c.q_lora_rank), s.qr_bf16 = k.take<bf16>(T * c.q_lora_rank);
-    s.q = k.take<float>(T * H * D), s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
+    s.q = k.take<float>(T * H * D), s.q_bf16 = k.take<bf16>(T * H * D);
+    s.kv = k.take<float>(T * D), s.o = k.take<bf16>(T * H * D);
     const bool stacks_queries = stacks_indexer_queries() && c.indexer.num_heads > 0;
     s.stacked_queries = k.take<float>(stacks_queries ? std::min(T, kStackedQueryMaxTokens) * (H * D + IH * ID) : 0);
     s.qr_kv = k.take<float>(options.fuse_projections ? T * (c.q_lora_rank + D) : 0);
@@ -1071,7 +1073,7 @@ struct CudaModel::Impl {
     }
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
-    q_norm.eps = float(c.rms_norm_eps), q_norm.y = s.q;
+    q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
     q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
     if (!inserted && insert_carries_a_norm) {
@@ -1105,7 +1107,7 @@ struct CudaModel::Impl {
 
     SparseAttentionParams a;
     a.cache = kv_cache->view(), a.layer = layer, a.tokens = T, a.heads = int(H);
-    a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q, a.q_dtype = AttentionDtype::F32;
+    a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q_bf16, a.q_dtype = AttentionDtype::Bf16;
     a.attn_sink = floats(w.sink), a.sequence_slots = in.slots, a.positions = in.positions, a.rope_frequencies = freqs;
     a.window_index = s.window_index, a.window_slots = c.window_size;
     a.compressed_index = compressed.index, a.compressed_slots = compressed.slots;

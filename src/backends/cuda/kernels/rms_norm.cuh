@@ -6,8 +6,8 @@
 //   floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
 // - The sum of squares is a butterfly within the warp, then (CTA groups) the 8 warp sums added in warp order by
 //   every thread: deterministic.
-// - Programmatic dependent launch: the weight is loaded into registers before the wait (it is a parameter, not a
-//   predecessor's output), x only after it.
+// - Programmatic dependent launch: the weight is loaded into registers and the RoPE frequencies into shared memory
+//   before the wait (parameters, not a predecessor's output), x and the positions (together) only after it.
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
@@ -25,6 +25,8 @@ namespace dsv4::cuda::rms {
 inline constexpr int kThreads = 256;
 inline constexpr int kValuesPerThread = 32;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+// RoPE frequencies up to this many (rope_dim / 2) are staged in shared memory before the grid-dependency wait.
+inline constexpr int kStagedFrequencies = 128;
 
 struct RmsNormArgs {
   const float* x;
@@ -73,6 +75,16 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
     const int i = member + j * kGroupThreads;
     weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
   }
+  // The RoPE frequencies are parameters: staged before the wait, they are not a dependent load after the reduction.
+  __shared__ float staged_frequencies[kRope ? kStagedFrequencies : 1];
+  const bool staged = kRope && args.rope_dim / 2 <= kStagedFrequencies;
+  if constexpr (kRope) {
+    if (staged) {  // uniform over the CTA
+      for (int k = threadIdx.x; k < args.rope_dim / 2; k += kThreads)
+        staged_frequencies[k] = __ldg(args.rope_frequencies + k);
+      __syncthreads();
+    }
+  }
   wait_for_prior_grids();
   // The position is loaded with x, not after the reduction: one dependent load less in a decode step's chain.
   const int64_t position = kRope && active ? args.positions[row / args.rows_per_position] : 0;
@@ -113,7 +125,9 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
       if (i < args.width && i >= rope_begin) {
         const bool even = (i & 1) == 0;
         float x0 = even ? value : partner, x1 = even ? partner : value;
-        rope_rotate_pair(x0, x1, rope_factors(position, __ldg(args.rope_frequencies + (i - rope_begin) / 2)), false);
+        const int k = (i - rope_begin) / 2;
+        const float frequency = staged ? staged_frequencies[k] : __ldg(args.rope_frequencies + k);
+        rope_rotate_pair(x0, x1, rope_factors(position, frequency), false);
         value = even ? x0 : x1;
       }
     }
