@@ -8,9 +8,9 @@
 // Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
 // the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
-// at T <= 64 also the streamed kernels' options (MoeRunParams): "narrow" (CTAs of 2 warps), "lean" (the lean fp4
-// decode, T <= 8), "narrow+lean", "narrow+lean+l2" (+ L2 prefetch 2 stages ahead) and "narrow+lean+l2+head" (+ the
-// down kernel's routed head start).
+// at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
+// of the default lean one, T <= 8), "l2" (L2 prefetch 2 stages ahead), "head" (the down kernel's routed head start)
+// and "l2+head".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -62,7 +62,7 @@ struct Model {
 
 struct Result {
   std::string model;
-  std::string path;  // "single" (one launch), "streamed", "narrow", "lean", "narrow+lean" or "register"
+  std::string path;  // a PathSpec name ("single", "streamed", ..., "register")
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
   double tensor_share = 0;   // tflops / the same-run cuBLAS bf16 rate
@@ -162,26 +162,25 @@ struct Slot {
   std::vector<int> rows_per_expert;  // [E + 1], the shared expert last
 };
 
-// The expert-kernel paths a result names: the single launch, the streamed kernels (defaults, then with the streamed
-// kernels' MoeRunParams options: narrow CTAs, lean decode, L2 prefetch 2 stages ahead, the down kernel's routed
-// head start), the register kernels.
-enum class Path { SINGLE, STREAMED, NARROW, LEAN, NARROW_LEAN, NARROW_LEAN_L2, ALL_OPTIONS, REGISTER };
+// The expert-kernel paths a result names: the single launch, the streamed kernels (MoeRunParams defaults, then with
+// one of their options changed: the weight_tile_mma fp4 decode instead of the lean one, L2 prefetch 2 stages ahead,
+// the down kernel's routed head start, both), the register kernels.
+enum class Path { SINGLE, STREAMED, TILE_DECODE, L2, HEAD, L2_HEAD, REGISTER };
 struct PathSpec {
   Path path;
   const char* name;
-  bool narrow = false, lean = false;
+  bool tile_decode = false;
   int l2_prefetch_stages = 0;
   bool head_start = false;
-  bool option() const { return narrow || lean || l2_prefetch_stages > 0 || head_start; }
+  bool option() const { return tile_decode || l2_prefetch_stages > 0 || head_start; }
 };
 constexpr PathSpec kPaths[] = {
     {Path::SINGLE, "single"},
     {Path::STREAMED, "streamed"},
-    {Path::NARROW, "narrow", true},
-    {Path::LEAN, "lean", false, true},
-    {Path::NARROW_LEAN, "narrow+lean", true, true},
-    {Path::NARROW_LEAN_L2, "narrow+lean+l2", true, true, 2},
-    {Path::ALL_OPTIONS, "narrow+lean+l2+head", true, true, 2, true},
+    {Path::TILE_DECODE, "tile-decode", true},
+    {Path::L2, "l2", false, 2},
+    {Path::HEAD, "head", false, 0, true},
+    {Path::L2_HEAD, "l2+head", false, 2, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -195,7 +194,7 @@ MoeRunParams path_params(Path path) {
   const PathSpec& spec = kPaths[int(path)];
   MoeRunParams p;
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
-  p.narrow_expert_ctas = spec.narrow, p.lean_expert_decode = spec.lean;
+  if (spec.tile_decode) p.lean_expert_decode = false;
   p.expert_l2_prefetch_stages = spec.l2_prefetch_stages, p.down_routed_head_start = spec.head_start;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
@@ -410,7 +409,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
-                           "[--paths single,streamed,narrow,...,register]\n");
+                           "[--paths single,streamed,tile-decode,l2,head,l2+head,register]\n");
       return 2;
     }
   }

@@ -3,9 +3,10 @@
 // routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
-// launches' bits, also through one workspace over many calls and graph replays); the streamed kernels by narrow
-// CTAs, the lean fp4 decode, the L2 prefetch ahead and the down kernel's routed head start (MoeRunParams options:
-// against the CPU, and the default streamed kernels' bits); a V4-Pro-width layer (d 7168,
+// launches' bits, also through one workspace over many calls and graph replays); the streamed kernels' options
+// (MoeRunParams: the lean fp4 decode, on by default, against the weight_tile_mma decode; the L2 prefetch ahead and
+// the down kernel's routed head start: against the CPU, and the default streamed kernels' bits); a V4-Pro-width
+// layer (d 7168,
 // I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -267,7 +268,7 @@ struct Kernels {
   MoeExpertKernels experts = MoeExpertKernels::AUTO;
   bool fused_small_batches = false;
   bool single_launch = false;
-  bool narrow = false, lean = false;
+  bool lean = MoeRunParams{}.lean_expert_decode;
   int l2_prefetch_stages = 0;
   bool head_start = false;
   std::string name() const {
@@ -275,14 +276,14 @@ struct Kernels {
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
-           (single_launch ? ", single launch" : "") + (narrow ? ", narrow CTAs" : "") + (lean ? ", lean decode" : "") +
+           (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode") +
            (l2_prefetch_stages > 0 ? ", L2 prefetch " + std::to_string(l2_prefetch_stages) : "") +
            (head_start ? ", routed head start" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
-    p.narrow_expert_ctas = narrow, p.lean_expert_decode = lean;
+    p.lean_expert_decode = lean;
     p.expert_l2_prefetch_stages = l2_prefetch_stages, p.down_routed_head_start = head_start;
     return p;
   }
@@ -294,8 +295,8 @@ constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused
 constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                 .single_launch = true};
 // The streamed kernels' options, all at once (each changes nothing another does).
-constexpr Kernels kStreamedOptions{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .narrow = true,
-                                   .lean = true, .l2_prefetch_stages = 3, .head_start = true};
+constexpr Kernels kStreamedOptions{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                   .l2_prefetch_stages = 3, .head_start = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -500,16 +501,16 @@ void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, 
                            run_output(weights, u, T, kStreamedKernels, ids));
 }
 
-// The streamed kernels' options (narrow CTAs, lean decode, L2 prefetch, routed head start), alone and together,
-// against the default streamed kernels (each warp computes the same rows from the same operands in the same order:
+// The streamed kernels' options (the decode other than the default, L2 prefetch, routed head start), alone and
+// together, against the default streamed kernels (each warp computes the same rows from the same operands in the same order:
 // the same bits), the fused combine included at T <= 8.
 void expect_option_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
   const std::vector<float> u = random_input(T, S, seed);
   const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
   const std::vector<float> expected = run_output(weights, u, T, kStreamedKernels, ids);
-  Kernels narrow = kStreamedKernels, lean = kStreamedKernels, prefetch = kStreamedKernels;
-  narrow.narrow = true, lean.lean = true, prefetch.l2_prefetch_stages = 2, prefetch.head_start = true;
-  for (const Kernels& kernels : {narrow, lean, prefetch, kStreamedOptions}) {
+  Kernels other_decode = kStreamedKernels, prefetch = kStreamedKernels, all = kStreamedOptions;
+  other_decode.lean = !other_decode.lean, prefetch.l2_prefetch_stages = 2, all.lean = !all.lean;
+  for (const Kernels& kernels : {other_decode, prefetch, kStreamedOptions, all}) {
     SCOPED_TRACE(kernels.name() + " against the default streamed kernels, T = " + std::to_string(T));
     expect_identical_outputs(run_output(weights, u, T, kernels, ids), expected);
   }

@@ -168,7 +168,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .down = at<float>(ws, l.down),
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
-      .narrow_ctas = p.narrow_expert_ctas && streams_experts(weights, p),
       .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
       .l2_prefetch_stages = single ? 0 : p.expert_l2_prefetch_stages,
       .routed_head_start = !single && p.down_routed_head_start && streams_experts(weights, p),

@@ -19,30 +19,26 @@ int max_dynamic_smem() {
   return bytes;
 }
 
-// One streamed launch by CTAs of W warps. The kernel's shared-memory limit is set once per device, to the most any
-// launch asks (the x region at its cap), and the carveout to the most shared memory so that the narrow CTAs' count
-// per SM is bounded by their own needs.
-template <moe::ExpertGemm G, int W>
+// One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
+// region at its cap).
+template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
-  constexpr size_t kFixedSmem = moe::kStreamedRingBytesFor<W> + moe::kStreamedExchangeBytesFor<W>;
+  constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
   args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
-  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G, W> - 1) / moe::kCtaRows<G, W>),
-                  unsigned(p.max_work_items));
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8. The lean
   // stages are built for those launches only.
-  auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true, W, false>
-                 : p.lean_decode                ? moe::moe_expert_streamed_kernel<G, false, W, true>
-                                                : moe::moe_expert_streamed_kernel<G, false, W, false>;
+  auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true, false>
+                 : p.lean_decode                ? moe::moe_expert_streamed_kernel<G, false, true>
+                                                : moe::moe_expert_streamed_kernel<G, false, false>;
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kFixedSmem + moe::kStreamedXBytes)));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         int(cudaSharedmemCarveoutMaxShared)));
     return true;
   });
-  launch_chained(kernel, grid, dim3(W * tile::kWarpSize), smem, p.stream, args, name);
+  launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
 template <moe::ExpertGemm G>
@@ -50,14 +46,8 @@ void launch(const MoeExpertGemmParams& p) {
   check_moe_expert_gemm_params(p);
   const bool gate_up = G == moe::ExpertGemm::GATE_UP;
   const moe::ExpertGemmArgs args = moe::expert_gemm_args(p, G);
-  if (p.streamed && p.narrow_ctas) {
-    launch_streamed<G, moe::kNarrowWarps>(
-        p, args, gate_up ? "moe_expert_streamed_kernel<gate_up, narrow>" : "moe_expert_streamed_kernel<down, narrow>");
-    return;
-  }
   if (p.streamed) {
-    launch_streamed<G, moe::kExpertWarps>(
-        p, args, gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>");
+    launch_streamed<G>(p, args, gate_up ? "moe_expert_streamed_kernel<gate_up>" : "moe_expert_streamed_kernel<down>");
     return;
   }
   const char* name = gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>";
@@ -175,7 +165,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
   check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
         ")");
-  check(!p.narrow_ctas || p.streamed, "moe expert GEMM: narrow CTAs are a streamed-kernel option");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   check(p.l2_prefetch_stages >= 0 && p.l2_prefetch_stages <= kMoeMaxL2PrefetchStages, "moe expert GEMM: ",
         p.l2_prefetch_stages, " L2 prefetch stages (0 to ", kMoeMaxL2PrefetchStages, ")");

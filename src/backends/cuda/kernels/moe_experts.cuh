@@ -48,13 +48,9 @@ inline constexpr size_t kXTileBudget = 160 * 1024;  // x tiles of one chunk (one
 inline constexpr int kSubRangeBytes = 512;         // stored bytes of one weight row per sub-range
 inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from L2 ahead of the MMAs
 
-// Warps per CTA of the narrow streamed kernels (MoeExpertGemmParams::narrow_ctas): one 16-row band (gate/up: its
-// w1 and w3 warps; down: two bands of w2), so a decode step's few work items spread evenly over the SMs.
-inline constexpr int kNarrowWarps = 2;
-
-// Weight rows one CTA of W warps covers.
-template <ExpertGemm G, int W = kExpertWarps>
-inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? W / 2 : W) * tile::kTileRows;
+// Weight rows one CTA covers.
+template <ExpertGemm G>
+inline constexpr int kCtaRows = (G == ExpertGemm::GATE_UP ? kExpertWarps / 2 : kExpertWarps) * tile::kTileRows;
 static_assert(kCtaRows<ExpertGemm::DOWN> == kMoeDownBandRows, "the fused combine's bands are the down CTAs' bands");
 
 // Stored bytes per two values of a format, and the k extent of a sub-range.
@@ -131,17 +127,17 @@ __device__ __forceinline__ void prefetch_sub_range(const LanePrefetch& p, int su
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 
-// The warp's band within a CTA of W warps and its matrix: gate/up: warps w and w + W / 2 share a band, on w1 and w3
-// (the SwiGLU pairs them); down: one band of w2 per warp.
-template <ExpertGemm G, int W = kExpertWarps>
+// The warp's band within the CTA and its matrix: gate/up: warps w and w + 4 share a band, on w1 and w3 (the SwiGLU
+// pairs them); down: one band of w2 per warp.
+template <ExpertGemm G>
 __device__ __forceinline__ int warp_band() {
   const int warp_idx = threadIdx.x / tile::kWarpSize;
-  return G == ExpertGemm::GATE_UP ? warp_idx % (W / 2) : warp_idx;
+  return G == ExpertGemm::GATE_UP ? warp_idx % (kExpertWarps / 2) : warp_idx;
 }
-template <ExpertGemm G, int W = kExpertWarps>
+template <ExpertGemm G>
 __device__ __forceinline__ const DeviceMatrixView& warp_matrix(const MoeExpertView& expert) {
   if constexpr (G == ExpertGemm::GATE_UP)
-    return threadIdx.x / tile::kWarpSize >= W / 2 ? expert.w3 : expert.w1;
+    return threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? expert.w3 : expert.w1;
   else
     return expert.w2;
 }
@@ -158,11 +154,9 @@ __device__ __forceinline__ void prefetch_shared_band(const ExpertGemmArgs& a, co
 }
 
 // Writes a warp's accumulators: row row0 + g (+ 8 for i >= 2), token 8·nt + 2t (+ 1 for odd i) of acc[nt][i].
-// gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([W / 2 bands][16 rows]
-// [kExchangeTokens] fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole
-// CTA of W warps.
-template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens, bool kStreamRows = false,
-          int W = kExpertWarps>
+// gate/up: the w3 warps hand their results to the w1 warps through `exchange` ([4 bands][16 rows][kExchangeTokens]
+// fp32), which apply the clamped SwiGLU and store h in bf16; down: fp32 rows. Called by the whole CTA.
+template <tile::TileFormat F, ExpertGemm G, int NT, int kExchangeTokens, bool kStreamRows = false>
 __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const DeviceMatrixView& w,
                                            const float (&acc)[NT][4], int64_t row0, int row_base, int tokens,
                                            float* exchange_base) {
@@ -173,11 +167,11 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
   };
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
-  const bool up_warp = kGateUp && warp_idx >= W / 2;
+  const bool up_warp = kGateUp && warp_idx >= kExpertWarps / 2;
   const int g = lane / 4, t = lane % 4;
   const float scale = tile::weight_tile_output_scale<F>(w);
   if constexpr (kGateUp) {
-    float* exchange = exchange_base + warp_band<G, W>() * tile::kTileRows * kExchangeTokens;
+    float* exchange = exchange_base + warp_band<G>() * tile::kTileRows * kExchangeTokens;
     auto at = [](int nt, int i, int g_, int t_) {
       return (g_ + (i >= 2 ? 8 : 0)) * kExchangeTokens + nt * tile::kTokensPerMma + 2 * t_ + (i & 1);
     };
@@ -293,26 +287,20 @@ __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemm
   return int(blockIdx.y) < __ldg(a.work_item_count);
 }
 
-// The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of W warps of the down kernel that had a
-// work item, once its rows are written (cta_band: its band of kCtaRows<DOWN, W> rows): the last CTA to arrive at a
-// combine band of kMoeDownBandRows rows (its ticket counts the work items times the CTAs per combine band) sums it.
-template <int W = kExpertWarps>
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int cta_band) {
-  constexpr int kCtaDownRows = kCtaRows<ExpertGemm::DOWN, W>;
-  static_assert(kMoeDownBandRows % kCtaDownRows == 0, "CTA bands tile the combine bands");
+// The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
+// once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band) {
   const MoeFusedCombine& c = a.combine;
-  const int band = cta_band / (kMoeDownBandRows / kCtaDownRows);
-  const int64_t n0 = int64_t(band) * kMoeDownBandRows;
-  const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
-  const uint32_t band_ctas = uint32_t((band_rows + kCtaDownRows - 1) / kCtaDownRows);
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) * band_ctas - 1;
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
+  const int64_t n0 = int64_t(band) * kMoeDownBandRows;
+  const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
   for (int i = threadIdx.x; i < c.tokens * band_rows; i += blockDim.x) {
     const int t = i / band_rows;
@@ -360,23 +348,16 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
 //   stages of every format): the whole K of V4-Flash and V4-Pro in one chunk for 1-2 rows, 512 inputs per chunk for
 //   16 rows. The launch sizes the x region for min(T, 16) rows up to kStreamedXBytes (decode launches stay small,
 //   which leaves the SM more L1).
-// - Narrow CTAs (W = kNarrowWarps: one 16-row band; rings, x region and exchange for two warps, ~31 KB at T = 1, up
-//   to 8 CTAs per SM): every warp computes what it computes in the 8-warp CTA, but a decode step's warps spread
-//   evenly over the SMs, where the 8-warp CTAs leave some SMs with twice the warps of others (the step's time is
-//   the busiest SM's: the warps of an SM share its issue slots). Each narrow CTA stages its own copy of x.
 inline constexpr int kStreamedSlots = 2;
 inline constexpr int kStreamedMaxTokenTiles = 2;
 inline constexpr int kStreamedPassRows = kStreamedMaxTokenTiles * tile::kTokensPerMma;
-// The rings of a CTA of W warps, after up to 1 KB that aligns them for the swizzled boxes.
-template <int W>
-inline constexpr size_t kStreamedRingBytesFor =
-    size_t(W) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
-inline constexpr size_t kStreamedRingBytes = kStreamedRingBytesFor<kExpertWarps>;
+// The rings, after up to 1 KB that aligns them for the swizzled boxes.
+inline constexpr size_t kStreamedRingBytes =
+    size_t(kExpertWarps) * kStreamedSlots * size_t(tile::stream::kSlotBytes) + tile::stream::kSlotAlignment;
 inline constexpr size_t kStreamedXBytes = 26 * 1024;  // the most; ExpertGemmArgs::streamed_x_bytes
-// The w3 results handed to the w1 warps: [W / 2 bands][16 rows][16 tokens] fp32.
-template <int W>
-inline constexpr size_t kStreamedExchangeBytesFor = size_t(W / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
-inline constexpr size_t kStreamedExchangeBytes = kStreamedExchangeBytesFor<kExpertWarps>;
+// The w3 results handed to the w1 warps: [4 bands][16 rows][16 tokens] fp32.
+inline constexpr size_t kStreamedExchangeBytes =
+    size_t(kExpertWarps / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
 static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
                    kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
@@ -404,24 +385,24 @@ __device__ __forceinline__ int streamed_chunk_k(int k_total, int rows, int x_byt
 }
 
 // The warp's matrix's tensor maps: expert e's [w1, w3, w2] in the table.
-template <ExpertGemm G, int W = kExpertWarps>
+template <ExpertGemm G>
 __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const ExpertGemmArgs& a, int expert) {
-  const int matrix = G == ExpertGemm::DOWN ? 2 : threadIdx.x / tile::kWarpSize >= W / 2 ? 1 : 0;
+  const int matrix = G == ExpertGemm::DOWN ? 2 : threadIdx.x / tile::kWarpSize >= kExpertWarps / 2 ? 1 : 0;
   return a.stream_maps + 3 * expert + matrix;
 }
 
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G, int W = kExpertWarps>
+template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
   namespace st = tile::stream;
-  const int64_t row0 = int64_t(band) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows;
+  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int64_t stages = a.k_total / st::stage_k(F);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(warp_maps<G, W>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
+    st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
 }
 
 // Asks L2 for stage `stage` (of its pass) of the warp's 16 rows of `w` (l2_prefetch_stages): lanes 0-15 a row's 256
@@ -458,7 +439,8 @@ __device__ __forceinline__ void prefetch_first_stages_l2(const ExpertGemmArgs& a
 // - Every lane reads x for every token tile of the pass (token min(8·nt + g, rows - 1)) instead of choosing between
 //   x and zeros per load: a column of absent tokens holds a copy of a real token, and mma keeps columns apart, so
 //   the columns that are stored are unchanged (and the others never stored).
-// The decode runs on the FMA pipe's IMAD for the copies, so the integer pipe's logic ops drop by a third.
+// SASS (sm_90a) of the T <= 8 gate/up loop, one stage of 16 rows × 512 inputs: NVFP4 870 → 768 instructions, MXFP4
+// 827 → 727.
 namespace lean {
 
 // Nibbles J and J + 4 of a word → bf16x2 (value × 2^-126): tile::detail::e2m1_pair_bits<J>'s bits. `word_high` is
@@ -534,8 +516,8 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 
 }  // namespace lean
 
-// One work item in passes of 8·NT rows (see above), by a CTA of W warps; kLean: fp4 stages by lean::multiply_stage.
-template <tile::TileFormat F, ExpertGemm G, int NT, int W = kExpertWarps, bool kLean = false>
+// One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage.
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started) {
@@ -543,17 +525,17 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
-  const int64_t row0 = int64_t(band) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows;
-  const DeviceMatrixView w = warp_matrix<G, W>(expert);
+  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const DeviceMatrixView w = warp_matrix<G>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytesFor<W>);
-  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytesFor<W> + a.streamed_x_bytes);
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
   const int pass_stages = a.k_total / int(kStageK);  // >= kStreamedSlots (moe_streamed_tiles_apply)
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
-  const tile::stream::StreamMaps* maps = warp_maps<G, W>(a, item.expert);
+  const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
   if (!started) {
-    start_stream<F, G, W>(a, item.expert, band, ring, full);
+    start_stream<F, G>(a, item.expert, band, ring, full);
     prefetch_first_stages_l2<F>(a, w, row0);
   }
   // The stage (within its pass) that the L2 is asked for when stage j is consumed: j + slots + l2_prefetch_stages.
@@ -579,7 +561,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldcg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
-      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, W * tile::kWarpSize);
+      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       __syncthreads();
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
@@ -615,18 +597,17 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
     }
     tile::detail::finish_tile<F, NT, kC>(sums, acc);
-    write_rows<F, G, NT, kPassRows, true, W>(a, w, acc, row0, row_begin, rows, exchange);
+    write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, rows, exchange);
   }
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
-// decode launches' code (half the instructions to fetch at each CTA's cold start). W: warps per CTA (kExpertWarps,
-// two CTAs per SM; or kNarrowWarps, up to eight). kLean: fp4 stages by lean::multiply_stage.
-template <ExpertGemm G, bool kMultiTile, int W, bool kLean>
-__global__ void __launch_bounds__(W * tile::kWarpSize, 2 * kExpertWarps / W)
-    moe_expert_streamed_kernel(const ExpertGemmArgs a) {
+// decode launches' code (half the instructions to fetch at each CTA's cold start). kLean: fp4 stages by
+// lean::multiply_stage.
+template <ExpertGemm G, bool kMultiTile, bool kLean>
+__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[W][kStreamedSlots];
+  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring =
       tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
@@ -634,10 +615,10 @@ __global__ void __launch_bounds__(W * tile::kWarpSize, 2 * kExpertWarps / W)
   bool started = false;
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, W>(a, a.shared_expert, int(blockIdx.x), ring, full);
+      start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
       if (a.l2_prefetch_stages > 0)
-        prefetch_first_stages_l2<F>(a, warp_matrix<G, W>(a.experts[a.shared_expert]),
-                                    int64_t(blockIdx.x) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows);
+        prefetch_first_stages_l2<F>(a, warp_matrix<G>(a.experts[a.shared_expert]),
+                                    int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows);
     });
     started = true;
   } else if (G == ExpertGemm::DOWN && a.routed_head_start) {
@@ -647,10 +628,10 @@ __global__ void __launch_bounds__(W * tile::kWarpSize, 2 * kExpertWarps / W)
     if (int(blockIdx.y) < __ldcg(a.work_item_count)) {
       const int expert = __ldcg(&a.work_items[blockIdx.y].expert);
       with_tile_format(expert == a.shared_expert ? a.shared_format : a.routed_format, [&]<tile::TileFormat F>() {
-        start_stream<F, G, W>(a, expert, int(blockIdx.x), ring, full);
+        start_stream<F, G>(a, expert, int(blockIdx.x), ring, full);
         if (a.l2_prefetch_stages > 0)
-          prefetch_first_stages_l2<F>(a, warp_matrix<G, W>(a.experts[expert]),
-                                      int64_t(blockIdx.x) * kCtaRows<G, W> + warp_band<G, W>() * tile::kTileRows);
+          prefetch_first_stages_l2<F>(a, warp_matrix<G>(a.experts[expert]),
+                                      int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows);
       });
       started = true;
     }
@@ -662,12 +643,12 @@ __global__ void __launch_bounds__(W * tile::kWarpSize, 2 * kExpertWarps / W)
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(format, [&]<tile::TileFormat F>() {
     if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-      run_streamed_item<F, G, 1, W, kLean>(a, expert, item, int(blockIdx.x), smem, full, started);
+      run_streamed_item<F, G, 1, kLean>(a, expert, item, int(blockIdx.x), smem, full, started);
     else
-      run_streamed_item<F, G, kStreamedMaxTokenTiles, W, kLean>(a, expert, item, int(blockIdx.x), smem, full,
+      run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, int(blockIdx.x), smem, full,
                                                                 started);
   });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last<W>(a, int(blockIdx.x));
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

@@ -73,11 +73,6 @@ struct MoeExpertGemmParams {
   // an item, so they suit items of few rows); every expert matrix must pass moe_streamed_tiles_apply.
   bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
-  // Streamed kernels only: CTAs of 2 warps (one 16-row band) instead of 8 (four bands), up to 8 per SM instead of 2:
-  // a decode step's few work items spread evenly over the SMs (T = 1, 7 items: 224 CTAs of 8 warps on 132 SMs run
-  // 16 warps on 92 SMs and 8 on 40; 896 CTAs of 2 warps run 12-14 on each). Same products in the same order: the
-  // same bits.
-  bool narrow_ctas = false;
   // Streamed kernels at T <= 8: fp4 stages through the MoE's own leaner e2m1 decode (moe_experts.cuh, namespace
   // lean: ~3 integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x
   // and zeros). Same operands, same MMAs in the same order: the same bits.
