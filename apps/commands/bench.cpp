@@ -522,7 +522,9 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue},
       {"moe_single_launch", &cuda::CudaModelOptions::moe_single_launch},
       {"parallel_compressors", &cuda::CudaModelOptions::parallel_compressors},
-      {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer}};
+      {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer},
+      {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
+      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {

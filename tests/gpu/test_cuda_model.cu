@@ -191,8 +191,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // layer's two compressor pools in one launch; indexer_prepare_in_scores), norms_in_mhc (the sub-block norms inside
 // mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
 // output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
-// (parallel_compressors, parallel_indexer) over separate and over all fused launches: the same bounds against the
-// CPU, prefill and decode.
+// (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
+// indexer's query preparation in the compressors' launch and the runs loaded at launch
+// (indexer_prepare_in_compressors, compressor_runs_at_launch): the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -200,18 +201,19 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   const std::vector<int32_t> tokens = random_tokens(150, config.vocab_size, 7);
   const std::vector<float> like_gpu = cpu_logits(config, f.ckpt.weights, NumericsMode::GpuBf16, tokens);
   struct Fusions {
-    bool projections, norms, linear_io, branches = false;
+    bool projections, norms, linear_io, branches = false, compressor_launch = false;
   };
-  for (const Fusions fused : {Fusions{false, false, false}, Fusions{true, false, false}, Fusions{false, true, false},
-                              Fusions{false, false, true}, Fusions{true, true, true}, Fusions{false, false, false, true},
-                              Fusions{true, true, true, true}}) {
+  for (const Fusions fused :
+       {Fusions{false, false, false}, Fusions{true, false, false}, Fusions{false, true, false},
+        Fusions{false, false, true}, Fusions{true, true, true}, Fusions{false, false, false, true},
+        Fusions{true, true, true, true}, Fusions{true, true, true, false, true}}) {
     cuda::CudaModelOptions options;
     options.max_context = 256;
     options.max_step_tokens = 96;
     options.fuse_projections = fused.projections;
     options.stack_indexer_projections = fused.projections;
     options.fuse_compressor_pools = fused.projections;
-    options.indexer_prepare_in_scores = fused.projections;
+    options.indexer_prepare_in_scores = fused.projections && !fused.compressor_launch;
     options.norms_in_mhc = fused.norms;
     options.mhc_cluster_kernel = fused.norms;
     options.bf16_wo_a = fused.linear_io;
@@ -220,6 +222,8 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.moe_single_launch = fused.linear_io;
     options.parallel_compressors = fused.branches;
     options.parallel_indexer = fused.branches;
+    options.indexer_prepare_in_compressors = fused.compressor_launch;
+    options.compressor_runs_at_launch = fused.compressor_launch;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;
@@ -227,6 +231,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
                                (fused.projections ? " stacked projections" : "") +
                                (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
                                (fused.branches ? " branch stream" : "") +
+                               (fused.compressor_launch ? " prepare in compressors" : "") +
                                ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);

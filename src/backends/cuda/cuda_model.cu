@@ -855,7 +855,7 @@ struct CudaModel::Impl {
     }
     p.head_dim = head_dim, p.ratio = config.compress_ratio(layer), p.overlapping = config.has_indexer(layer);
     p.norm_eps = float(config.rms_norm_eps), p.round_pooled_to_bf16 = reference();
-    p.runs = in.runs, p.run_count = shape.runs;
+    p.runs = in.runs, p.runs_ready_at_launch = options.compressor_runs_at_launch, p.run_count = shape.runs;
     p.max_run_tokens = shape.max_run_tokens, p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
     p.rope_frequencies = frequencies[size_t(layer)].as<float>(), p.rope_dim = config.rope_head_dim;
     p.state = state.view(), p.stream = lane.stream;
@@ -867,12 +867,27 @@ struct CudaModel::Impl {
   struct CompressorOutputs {
     const float* head_weights = nullptr;
     int64_t head_weights_stride = 0;
+    bool queries_prepared = false;  // the indexer's query preparation ran in the compressors' launch
   };
+
+  // The indexer's query preparation (RoPE, rounding to bf16) of `qi` (rows of `qi_row_stride`) into scratch.qi_bf16.
+  IndexerPrepareParams indexer_prepare(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
+                                       const float* qi, int64_t qi_row_stride) {
+    const ModelConfig& c = config;
+    IndexerPrepareParams prepare;
+    prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = scratch.qi_bf16;
+    prepare.tokens = shape.tokens, prepare.heads = c.indexer.num_heads, prepare.head_dim = c.indexer.head_dim;
+    prepare.positions = in.positions, prepare.rope_frequencies = frequencies[size_t(layer)].as<float>();
+    prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = lane.stream;
+    return prepare;
+  }
 
   // The layer's compressors over the step on `lane`: projections (one launch where fuse_projections stacked them)
   // and pooling, whose epilogue writes the new entries straight into the compressed KV arrays (stored, and in
-  // reference numerics quantised) and, in a CSA layer, the indexer's keys.
-  CompressorOutputs compress_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane) {
+  // reference numerics quantised) and, in a CSA layer, the indexer's keys. With `prepare` (its queries written
+  // already), the indexer's query preparation rides in the pools' launch where the two pools share one.
+  CompressorOutputs compress_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
+                                   const IndexerPrepareParams* prepare = nullptr) {
     const ModelConfig& c = config;
     const device_weights::Attention& w = weights.layers[size_t(layer)].attn;
     const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
@@ -907,7 +922,12 @@ struct CudaModel::Impl {
     index.slot_entry_capacity = keys;
     if (one_pool_launch) {
       const CompressorParams both[] = {main, index};
-      run_compressors(both);
+      if (prepare != nullptr) {
+        run_compressors(both, *prepare);
+        out.queries_prepared = true;
+      } else {
+        run_compressors(both);
+      }
     } else {
       run_compressor(index);
     }
@@ -930,12 +950,8 @@ struct CudaModel::Impl {
       scores.q_raw = qi, scores.q_raw_row_stride = qi_row_stride, scores.rope_frequencies = freqs;
       scores.rope_dim = c.rope_head_dim, scores.reference_rounding = reference();
     } else {
-      IndexerPrepareParams prepare;
-      prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = s.qi_bf16;
-      prepare.tokens = T, prepare.heads = IH, prepare.head_dim = ID, prepare.positions = in.positions;
-      prepare.rope_frequencies = freqs, prepare.rope_dim = c.rope_head_dim;
-      prepare.reference_rounding = reference(), prepare.stream = lane.stream;
-      run_indexer_prepare(prepare);
+      if (!compressors.queries_prepared)
+        run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
       scores.q = s.qi_bf16;
     }
     scores.head_weights = compressors.head_weights, scores.head_weights_row_stride = compressors.head_weights_stride;
@@ -1100,7 +1116,12 @@ struct CudaModel::Impl {
     // Compressed entries of the step (emitted first; each query sees only those complete at its position).
     CompressedEntries compressed;
     if (w.compressor) {
-      if (!branch) compressors = compress_layer(layer, shape, in, main_lane());
+      if (!branch) {
+        std::optional<IndexerPrepareParams> prepare;
+        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
+          prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
+        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
+      }
       if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
       compressed = compressed_entries(layer);
     }

@@ -82,6 +82,13 @@ struct CudaModelOptions {
   // launch more per CSA layer; the branch runs about as long as the query path instead of the indexer's kernels
   // following it. The same math (the indexer's wq_b alone may split its sums unlike the stacked matrix).
   bool parallel_indexer = false;
+  // The compressors load the step's runs before their grid-dependency wait (CompressorParams::runs_ready_at_launch:
+  // the runs are step inputs, copied before the step's first kernel). The same bits.
+  bool compressor_runs_at_launch = false;
+  // A CSA layer's indexer query preparation in its compressors' launch (run_compressors with the prepare), where the
+  // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
+  // launch fewer per CSA layer, the same bits.
+  bool indexer_prepare_in_compressors = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 
