@@ -213,6 +213,8 @@ TEST_P(CudaBatch, BatchedDecodeEqualsEachSequenceAlone) {
   const std::vector<Planned> plan = schedule(vocab, kSteps, 11);
   for (const NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
     for (const Launches launches : kEveryLaunches) {
+      // The branch stream changes where kernels run, not the numerics: one mode covers it.
+      if (launches == Launches::FusedWithBranch && mode == NumericsMode::Reference) continue;
       SCOPED_TRACE(std::string(to_string(mode)) + ", " + launch_name(launches));
       cuda::CudaModelOptions options = batch_options(launches);
       options.numerics = mode;
