@@ -15,8 +15,8 @@
 //   RoPE, or q_norm of the low-rank query), exactly as run_rms_norm computes it, in CTAs after the entries': one
 //   launch less per layer. Needs head_dim ≤ kKvInsertFusedNormMaxHeadDim (the launch then has the norm's 256
 //   threads); fused_norm.stream is unused.
-// - A programmatic dependent launch (ptx/dependent_launch.cuh): the fused norm's weight is read before the
-//   previous kernel in the stream has finished, everything else after.
+// - A programmatic dependent launch (ptx/dependent_launch.cuh): the parameters (kv_norm weight, RoPE frequencies,
+//   the fused norm's weight) are read before the previous kernel in the stream has finished, everything else after.
 // - Asynchronous on `stream`; no allocation, no synchronisation.
 #pragma once
 
