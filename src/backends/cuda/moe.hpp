@@ -71,8 +71,8 @@ struct MoeRunParams {
   // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
   // 70.4 µs in three, T = 8 280 against 253 µs.
   bool single_launch = false;
-  // The streamed expert kernels' options (not in the single launch; each gives the same bits): at T <= 8 the lean
-  // fp4 decode (MoeExpertGemmParams::lean_decode; H200, bench_cuda_moe, MXFP4 V4-Flash: T = 1 70.8 -> 66.6 µs, T = 8
+  // The streamed expert kernels' options (not in the single launch; each gives the same bits): the lean fp4 decode
+  // (MoeExpertGemmParams::lean_decode; H200, bench_cuda_moe, MXFP4 at T <= 8, V4-Flash: T = 1 70.8 -> 66.6 µs, T = 8
   // 256.7 -> 239.3; V4-Pro T = 1 131.8 -> 126.7, T = 8 571.7 -> 533.1), L2 prefetch ahead of the rings
   // (l2_prefetch_stages) and the down kernel's routed head start (routed_head_start).
   bool lean_expert_decode = true;

@@ -27,11 +27,12 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
-  // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8. The lean
-  // stages are built for those launches only.
-  auto* kernel = p.tokens > tile::kTokensPerMma ? moe::moe_expert_streamed_kernel<G, true, false>
-                 : p.lean_decode                ? moe::moe_expert_streamed_kernel<G, false, true>
-                                                : moe::moe_expert_streamed_kernel<G, false, false>;
+  // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
+  const bool multi_tile = p.tokens > tile::kTokensPerMma;
+  auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
+                                             : moe::moe_expert_streamed_kernel<G, true, false>)
+                            : (p.lean_decode ? moe::moe_expert_streamed_kernel<G, false, true>
+                                             : moe::moe_expert_streamed_kernel<G, false, false>);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
