@@ -4,7 +4,7 @@
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
-// default (one-hop cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
+// default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
 // session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and

@@ -9,7 +9,7 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// session-13 cluster decode kernel (CLUSTER) and its one-hop variant (AUTO).
+// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -169,7 +169,7 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
          (kernel == HcKernelChoice::CLUSTER ? " cluster kernel"
-          : kernel == HcKernelChoice::AUTO  ? " one-hop cluster kernel (auto)"
+          : kernel == HcKernelChoice::AUTO  ? " asynchronous cluster kernel (auto)"
                                             : " persistent kernel");
 }
 
@@ -447,7 +447,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
-// The kernels a launch of T tokens can take: the persistent one always, the cluster decode kernel and its one-hop
+// The kernels a launch of T tokens can take: the persistent one always, the cluster decode kernel and its asynchronous
 // variant (AUTO) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
   if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::CLUSTER, HcKernelChoice::AUTO};
@@ -509,7 +509,7 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (CLUSTER) and its one-hop variant (AUTO) alternate on one workspace, each launch's tag must come from the
+// kernel (CLUSTER) and its asynchronous variant (AUTO) alternate on one workspace, each launch's tag must come from the
 // epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first (deterministic
 // sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {

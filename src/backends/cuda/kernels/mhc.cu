@@ -51,9 +51,9 @@ int64_t slice_clusters(int64_t hidden) {
   return ceil_div(ceil_div(hidden, mhc::kDecodeSliceDims), mhc::kClusterCtas);
 }
 
-// The cluster decode kernel's words: the row words [kClusterWordRows][16][Q], then Σy² [16][Q].
+// The cluster decode kernel's words: the row words [partial rows][16][Q], then Σy² [16][Q].
 size_t decode_word_count(int64_t hidden) {
-  return size_t(mhc::kClusterWordRows + 1) * mhc::kTileTokens * size_t(slice_clusters(hidden));
+  return size_t(mhc::kPartialRows<false> + 1) * mhc::kTileTokens * size_t(slice_clusters(hidden));
 }
 
 size_t partial_bytes(int64_t token_tiles, int64_t hidden, int multiprocessors) {
@@ -200,15 +200,14 @@ int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
   });
 }
 
-template <bool kHead, bool kPost, bool kOneHop>
+template <bool kHead, bool kPost, bool kAsync>
 void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
   args.clusters = int(slice_clusters(args.hidden));
-  args.gram_norm = kOneHop && args.norm_weight != nullptr && !args.round_to_bf16;
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
   args.row_words = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
-  args.square_words = args.row_words + size_t(mhc::kClusterWordRows) * mhc::kTileTokens * size_t(args.clusters);
-  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost, kOneHop>;
+  args.square_words = args.row_words + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.clusters);
+  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost, kAsync>;
   prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
   // Programmatic dependent launch (ptx/dependent_launch.cuh) in clusters of kClusterCtas consecutive CTAs.
   cudaLaunchAttribute attributes[2] = {};

@@ -803,26 +803,25 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   Each slice cluster forms the Σx² and pre totals itself (its CTA t mod 8 reads them, then pushes them into every
 //   CTA of the cluster before the next cluster barrier) and collapses its slices; the mix CTAs read the Σx², post and
 //   comb words of their tokens, and one thread per token runs Sinkhorn, in parallel with the collapses. Every DSMEM
-//   access is a store before a cluster barrier, so no CTA reads a peer's shared memory and none may exit while a peer
-//   still writes to it. (Every CTA reading every slice's words itself was 3-15 µs at T = 8: the same L2 lines for
+//   access is a store before a cluster barrier (kAsync: counted by the receiver's mbarrier, which it waits for), so no
+//   CTA reads a peer's shared memory and none may exit while a peer still writes to it. (Every CTA reading every slice's words itself was 3-15 µs at T = 8: the same L2 lines for
 //   all. The session-12 decode kernel, two global hops and no clusters, measured the same at Flash T = 1 and 1.5 µs
 //   slower at T = 8 and 16 and at Pro T = 1: removed.)
-// - Fused output norm (out_norm_weight), two ways: Σy² of each slice per token through a second cluster step and
-//   global hop; or (kOneHop, without bf16 rounding: args.gram_norm) from the streams' Gram matrix G_kl = Σ_i X_k[i]·
-//   X_l[i], whose 10 entries per token are summed beside the projection (same cluster step, same hop): Σy² =
-//   Σ_kl pre_k·pre_l·G_kl. That equals Σ_i y_i² up to rounding wherever the weighted streams do not cancel (pre > 0,
-//   and a token's residual streams are alike); Reference numerics round y to bf16 first, which G cannot see, so that
-//   mode keeps the second hop. Then rms_norm's arithmetic per element (y·inv_rms, ·w, rounding).
-// - kOneHop (HcKernelChoice::AUTO) also replaces the cluster barriers of its two cluster steps: each receiving CTA
-//   arms an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there
-//   (a barrier.cluster.arrive.release is a GPU-scope fence: it waited for the CTA's outstanding global stores, and
-//   its ERRBAR / barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in
-//   scaling form (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator
-//   chains; its sums run in another order than the plain kernel's.
+// - Fused output norm (out_norm_weight): Σy² of each slice per token takes the projection's path (a cluster step,
+//   one global hop, the totals pushed into the cluster's CTAs), then rms_norm's arithmetic per element (y·inv_rms,
+//   ·w, rounding). (Σy² from the streams' Gram matrix, summed in the projection's hop, measured slower in session 14:
+//   Flash T = 1 hc_pre + norm 7.3 vs 6.6 µs, dropped.)
+// - kAsync (HcKernelChoice::AUTO) replaces the cluster barriers of the four cluster steps: each receiving CTA arms
+//   an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there (a
+//   barrier.cluster.arrive.release is a GPU-scope fence: it waits for the CTA's outstanding global stores, and its
+//   ERRBAR and barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in scaling
+//   form (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator chains;
+//   its sums run in another order than the plain kernel's. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix
+//   norm): hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2, hc_post_pre 6.4 → 6.1.
 // - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
 //   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
 //   mix CTAs have read it too.
-// - Measured (H200, session 13, CUDA graph, µs, session-12 decode kernel → this one without kOneHop): V4-Flash T = 1
+// - Measured (H200, session 13, CUDA graph, µs, session-12 decode kernel → this one without kAsync): V4-Flash T = 1
 //   hc_pre + norm 6.7 → 6.7, hc_post_pre + norm 6.9 → 6.8, hc_head 4.1 → 3.7; T = 8 8.8 → 7.3, 9.1 → 7.7; T = 16
 //   9.6 → 8.1, 10.8 → 8.7; V4-Pro T = 1 9.4 → 7.4, 8.4 → 7.6; T = 8 10.7 → 8.1, 10.3 → 8.5. At Flash T = 1 the mix
 //   CTAs' Sinkhorn is the tail: hc_pre 6.5-6.7 with 20 iterations, 5.1 with one (≈ 80 cycles per normalisation);
@@ -839,9 +838,6 @@ inline constexpr int kClusterCtas = 8;
 // Items a CTA sums over the clusters, at most kGatherPasses per lane (a mix CTA: 21 items for each of 2 tokens, 16
 // items per pass when Q > 8).
 inline constexpr int kGatherPasses = 3;
-inline constexpr int kGramEntries = kStreams * (kStreams + 1) / 2;  // G's upper triangle: (0,0), (0,1), …, (3,3)
-// Workspace rows of tagged words [row][16][Q]: the partial rows, then the Gram rows.
-inline constexpr int kClusterWordRows = kPartialRows<false> + kGramEntries;
 
 struct ClusterDecodeArgs {
   const float* X;
@@ -867,9 +863,8 @@ struct ClusterDecodeArgs {
   // Optional fused output norm.
   const float* norm_weight;
   bool norm_round_to_bf16;
-  bool gram_norm;                    // kOneHop: the norm's Σy² from the Gram rows (see above)
   unsigned* header;                  // [0] launch epoch
-  unsigned long long* row_words;     // [kClusterWordRows][16][Q] tagged: each slice cluster's partial sums
+  unsigned long long* row_words;     // [partial rows][16][Q] tagged: each slice cluster's partial sums
   unsigned long long* square_words;  // [16][Q] tagged: each slice cluster's Σy²
 };
 
@@ -918,55 +913,6 @@ __device__ __forceinline__ float slice_squares(float4 value) {
   return squares;
 }
 
-// The Gram entries of one token over a slice: its 16 staged vectors (all streams; x: this lane's, streams `stride`
-// floats apart) belong to the 16 aligned lanes of a half-warp. Lane l of the half returns entry l (l < kGramEntries)
-// summed over the 16 lanes, by a transposing butterfly: each step sends half of the values a lane carries and keeps
-// the other half (8 + 4 + 2 + 1 shuffles, not 10 × 4), a fixed order. All 32 lanes take part.
-__device__ __forceinline__ float half_warp_gram(const float* staged, int stride) {
-  float4 x[kStreams];
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k) x[k] = *reinterpret_cast<const float4*>(staged + k * stride);
-  float g[16];
-  int e = 0;
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k)
-#pragma unroll
-    for (int l = k; l < kStreams; ++l)
-      g[e++] = fmaf(x[k].w, x[l].w, fmaf(x[k].z, x[l].z, fmaf(x[k].y, x[l].y, x[k].x * x[l].x)));
-#pragma unroll
-  for (; e < 16; ++e) g[e] = 0.0f;
-  const int lane = threadIdx.x & 15;
-#pragma unroll
-  for (int width = 8; width > 0; width >>= 1) {
-    const bool upper = (lane & width) != 0;
-#pragma unroll
-    for (int i = 0; i < width; ++i) {
-      const float keep = upper ? g[i + width] : g[i];
-      const float send = upper ? g[i] : g[i + width];
-      g[i] = keep + __shfl_xor_sync(kFullMask, send, width);
-    }
-  }
-  return g[0];
-}
-
-// Σ_i y_i² of y = Σ_k pre_k·X_k from token t's Gram totals (gram[e][t], the upper triangle in half_warp_gram's order).
-__device__ __forceinline__ float gram_quadratic_form(const float* pre, const float (*gram)[kTileTokens], int t) {
-  float diagonal = 0.0f, cross = 0.0f;
-  int e = 0;
-#pragma unroll
-  for (int k = 0; k < kStreams; ++k)
-#pragma unroll
-    for (int l = k; l < kStreams; ++l, ++e) {
-      const float term = pre[k] * pre[l] * gram[e][t];
-      if (l == k)
-        diagonal += term;
-      else
-        cross += term;
-    }
-  return fmaf(2.0f, cross, diagonal);
-}
-
-
 // PTX ISA "barrier.cluster": arrive (releasing this thread's earlier writes, DSMEM stores included) and wait
 // (acquiring the other threads' writes). The arrive at entry is relaxed: it only says the CTA has started.
 __device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
@@ -982,7 +928,7 @@ __device__ inline void store_to_cluster_cta(float* local, unsigned rank, float v
   asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(value) : "memory");
 }
 
-// kOneHop's cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
+// kAsync's cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
 // One thread arms `barrier` for `bytes` (its only arrival) before the CTA's first cluster arrive, every reader waits
 // for phase 0; the stores (PTX st.async) complete their bytes on the receiver's barrier: no cluster barrier, so no
 // GPU-scope fence (barrier.cluster.arrive.release waits for the CTA's outstanding global stores).
@@ -1042,7 +988,7 @@ __device__ __forceinline__ void sum_cluster_words(int count, int clusters, unsig
 
 // A mix CTA of the cluster decode kernel (cluster 0, CTA `rank`): post and comb of tokens rank and rank + 8 from the
 // slice clusters' words of Σx², the post rows and the comb rows.
-template <bool kOneHop>
+template <bool kAsync>
 __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigned rank, int tokens_here) {
   constexpr int kMixItems = 1 + (kPartialRows<false> - 1 - kStreams);  // Σx², post ×4, comb ×16
   static_assert(kTileTokens / kClusterCtas * kMixItems <= kGatherPasses * (kDecodeThreads / 16),
@@ -1086,7 +1032,7 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l)
         c[l] = totals[1 + 2 * kStreams + l][t] * inv_rms * comb_scale + comb_base[l];
-      if constexpr (kOneHop)
+      if constexpr (kAsync)
         sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
       else
         sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
@@ -1100,9 +1046,9 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
   if (rank == 0 && tid == 0) args.header[0] = tag;
 }
 
-// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre; kOneHop:
+// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre; kAsync:
 // see the notes above.
-template <bool kHead, bool kPost, bool kOneHop>
+template <bool kHead, bool kPost, bool kAsync>
 __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(const ClusterDecodeArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -1111,22 +1057,21 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   constexpr int kWarpsPerStream = kDecodeSliceDims / 32;
   constexpr int kPartialFloats = kPartial * kTileTokens;
   constexpr int kCollapseRows = 1 + kStreams;                  // Σx² and the pre rows
-  constexpr int kGramRows = kOneHop ? kGramEntries : 0;        // after the partial rows, when args.gram_norm
   constexpr int kTokensPerCta = kTileTokens / kClusterCtas;    // tokens t = rank + 8m a CTA sums for its cluster
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kDecodeThreads == kTileTokens * (kDecodeSliceDims / 4), "one thread per token vector");
-  static_assert(kPartialRows<false> + kGramRows <= kClusterWordRows, "the workspace holds every published row");
 
   extern __shared__ float4 dynamic_smem[];
   float* const tile = reinterpret_cast<float*>(dynamic_smem);  // [16][kDecodeLdx]
   float* const warp_sums = tile + kTileTokens * kDecodeLdx;     // [warp][partial rows][16]
   // Written by the cluster's CTAs (DSMEM): partials [source rank][row][m] of this CTA's tokens, then totals.
-  __shared__ float gathered[kClusterCtas][kPartial + kGramRows][kTokensPerCta];
-  __shared__ float totals[kCollapseRows + kGramRows][kTileTokens];
+  __shared__ float gathered[kClusterCtas][kPartial][kTokensPerCta];
+  __shared__ float totals[kCollapseRows][kTileTokens];
   __shared__ float square_gathered[kClusterCtas][kTokensPerCta];
   __shared__ float square_totals[kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
-  __shared__ uint64_t exchange[2];  // kOneHop: [0] the partials gathered here, [1] the totals pushed here
+  // kAsync: the bytes stored here by [0] the partials' step, [1] the totals' push, [2] the Σy² step, [3] its push.
+  __shared__ uint64_t exchange[4];
 
   allow_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1139,14 +1084,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   // Tokens t = rank + 8m (m < tokens_here) whose sums this CTA forms for its cluster (mix CTA: whose mix it runs).
   const int tokens_here = T > int(rank) ? (T - int(rank) + kClusterCtas - 1) / kClusterCtas : 0;
   if constexpr (!kHead) {
-    if (cluster == 0) return cluster_decode_mix<kOneHop>(args, rank, tokens_here);
+    if (cluster == 0) return cluster_decode_mix<kAsync>(args, rank, tokens_here);
   }
 
   const int q = cluster - kMixClusters;
   const int slice = q * kClusterCtas + int(rank);
   const int i0 = slice * kDecodeSliceDims;
   const int width = min(kDecodeSliceDims, d - i0);  // ≤ 0: an idle slice past the hidden size
-  const bool gram = kOneHop && args.gram_norm;
 
   // Weights first (they do not depend on the previous kernel). Thread (g, t4) of a warp holds its columns of fn.
   const int g = lane >> 2, t4 = lane & 3;
@@ -1154,9 +1098,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
   load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + min(i0, d), flat, column0, width, g);
-  // kOneHop: the tf32 pairs split here, off the path after the wait (48 registers; one tile, no cap pressure).
+  // kAsync: the tf32 pairs split here, off the path after the wait (48 registers; one tile, no cap pressure).
   uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
-  if constexpr (kOneHop)
+  if constexpr (kAsync)
 #pragma unroll
     for (int p = 0; p < 2; ++p)
 #pragma unroll
@@ -1170,15 +1114,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
   // pre's parameters, for thread 4·t + k.
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
-  // Rows summed over the cluster and published (the partial rows, the Gram rows), and totals rows read back (Σx², pre
-  // ×4, the Gram rows).
-  const int published_rows = kPartial + (gram ? kGramRows : 0);
-  const int collapse_rows = kCollapseRows + (gram ? kGramRows : 0);
-  if constexpr (kOneHop) {
-    // Armed before the cluster arrive: no peer stores into this CTA before its wait below has seen the arrive.
+  if constexpr (kAsync) {
+    // Armed before the cluster arrive: no peer stores into this CTA before its wait below has seen the arrive. This
+    // CTA receives every rank's partials of its tokens and the totals of all T tokens (the Σy² alike, one row).
     if (tid == 0) {
-      arm_exchange(&exchange[0], uint32_t(kClusterCtas * published_rows * tokens_here) * 4u);
-      arm_exchange(&exchange[1], uint32_t(collapse_rows * T) * 4u);
+      arm_exchange(&exchange[0], uint32_t(kClusterCtas * kPartial * tokens_here) * 4u);
+      arm_exchange(&exchange[1], uint32_t(kCollapseRows * T) * 4u);
+      if (args.norm_weight != nullptr) {
+        arm_exchange(&exchange[2], uint32_t(kClusterCtas * tokens_here) * 4u);
+        arm_exchange(&exchange[3], uint32_t(T) * 4u);
+      }
     }
   }
   cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
@@ -1189,7 +1134,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   __syncthreads();
   float* const mine = warp_sums + warp * kPartialFloats;
   const float* const xw = tile + stream * kDecodeSliceDims + column0;
-  if constexpr (kOneHop)
+  if constexpr (kAsync)
     project_tile_3xtf32<kRows, 2>(
         xw, kDecodeLdx,
         [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
@@ -1199,8 +1144,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
         g, t4, mine);
   else
     project_tile_3xtf32<kRows, 1>(xw, kDecodeLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
-  // Lane l of token vt's half-warp: Gram entry l of the slice (uniform branch: every lane shuffles).
-  const float gram_entry = gram ? half_warp_gram(tile + vt * kDecodeLdx + vi, kDecodeSliceDims) : 0.0f;
   __syncthreads();
 
   // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
@@ -1209,23 +1152,23 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     const int row = item / kTileTokens, t = item % kTileTokens;
     if (t >= T) continue;
     const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-    if constexpr (kOneHop)
+    if constexpr (kAsync)
       send_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], &exchange[0], t % kClusterCtas, sum);
     else
       store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
   }
-  if constexpr (kOneHop) {
-    const int entry = tid % 16;
-    if (gram && vt < T && entry < kGramEntries)
-      send_to_cluster_cta(&gathered[rank][kPartial + entry][vt / kClusterCtas], &exchange[0], vt % kClusterCtas,
-                          gram_entry);
-    wait_exchange(&exchange[0]);
-  } else {
-    cluster_arrive();
-    cluster_wait();
-  }
+  // The end of a cluster step: kAsync waits for the bytes armed on `exchange`, the plain kernel for every peer.
+  const auto end_cluster_step = [&](uint64_t* exchange_barrier) {
+    if constexpr (kAsync) {
+      wait_exchange(exchange_barrier);
+    } else {
+      cluster_arrive();
+      cluster_wait();
+    }
+  };
+  end_cluster_step(&exchange[0]);
   // This CTA's items (row, t = rank + 8m): the cluster's sum, ranks in order, published for the other clusters.
-  if (tid < published_rows * kTokensPerCta) {
+  if (tid < kPartial * kTokensPerCta) {
     const int row = tid / kTokensPerCta, m = tid % kTokensPerCta, t = int(rank) + kClusterCtas * m;
     if (t < T) {
       float sum = gathered[0][row][m];
@@ -1234,38 +1177,28 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
       store_relaxed_u64(args.row_words + int64_t(row * kTileTokens + t) * Q + q, tagged(sum, tag));
     }
   }
-  // Global hop: the Σx², pre (and Gram) totals of this CTA's tokens, pushed into every CTA of the cluster.
+  // Global hop: the Σx² and pre totals of this CTA's tokens, pushed into every CTA of the cluster.
   // The lanes of an item's group push its total into the cluster's CTAs, lane l into CTAs l, l + lanes, ….
   const int group_lanes = slice_sum_lanes(Q);
-  const auto push_to_cluster = [&](float* local, float value, int l) {
-    for (int r = l; r < kClusterCtas; r += group_lanes) store_to_cluster_cta(local, unsigned(r), value);
+  const auto push_to_cluster = [&](float* local, uint64_t* exchange_barrier, float value, int l) {
+    for (int r = l; r < kClusterCtas; r += group_lanes) {
+      if constexpr (kAsync)
+        send_to_cluster_cta(local, exchange_barrier, unsigned(r), value);
+      else
+        store_to_cluster_cta(local, unsigned(r), value);
+    }
   };
-  const auto send_totals = [&](float* local, float value, int l) {
-    for (int r = l; r < kClusterCtas; r += group_lanes) send_to_cluster_cta(local, &exchange[1], unsigned(r), value);
-  };
-  // Item i: totals row i / tokens_here (Σx², pre ×4, then the Gram entries at word rows kPartial + e), token
-  // rank + 8·(i mod tokens_here).
-  const auto word_row = [](int r) { return r < kCollapseRows ? r : kPartial + r - kCollapseRows; };
+  // Item i: row i / tokens_here, token rank + 8·(i mod tokens_here).
   const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
   sum_cluster_words(
-      collapse_rows * tokens_here, Q, tag,
-      [&](int i) { return args.row_words + int64_t(word_row(i / tokens_here) * kTileTokens + token_of(i)) * Q; },
-      [&](int i, float sum, int l) {
-        if constexpr (kOneHop)
-          send_totals(&totals[i / tokens_here][token_of(i)], sum, l);
-        else
-          push_to_cluster(&totals[i / tokens_here][token_of(i)], sum, l);
-      });
+      kCollapseRows * tokens_here, Q, tag,
+      [&](int i) { return args.row_words + int64_t((i / tokens_here) * kTileTokens + token_of(i)) * Q; },
+      [&](int i, float sum, int l) { push_to_cluster(&totals[i / tokens_here][token_of(i)], &exchange[1], sum, l); });
   if constexpr (kHead) {
     // No mix cluster: CTA 0 of slice cluster 0 has read token 0's words from every slice cluster.
     if (q == 0 && rank == 0 && tid == 0) args.header[0] = tag;
   }
-  if constexpr (kOneHop) {
-    wait_exchange(&exchange[1]);
-  } else {
-    cluster_arrive();
-    cluster_wait();
-  }
+  end_cluster_step(&exchange[1]);
 
   if (tid < kStreams * T) {
     const int t = tid / kStreams, k = tid % kStreams;
@@ -1278,36 +1211,31 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   float4 value = make_float4(0.f, 0.f, 0.f, 0.f);
   if (owner) value = collapse_vector(tile + vt * kDecodeLdx + vi, kDecodeSliceDims, pre_s[vt], args.round_to_bf16);
   if (args.norm_weight != nullptr) {
-    float token_squares = 0.0f;  // Σy² of token vt over d
-    if constexpr (kOneHop) {
-      if (gram && vt < T) token_squares = gram_quadratic_form(pre_s[vt], totals + kCollapseRows, vt);
-    }
-    if (!gram) {
-      // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
-      const float squares = slice_squares(value);
-      if (vi == 0 && vt < T)
+    // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
+    const float squares = slice_squares(value);
+    if (vi == 0 && vt < T) {
+      if constexpr (kAsync)
+        send_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], &exchange[2], vt % kClusterCtas, squares);
+      else
         store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
-      cluster_arrive();
-      cluster_wait();
-      if (tid < kTokensPerCta) {
-        const int t = int(rank) + kClusterCtas * tid;
-        if (t < T) {
-          float sum = square_gathered[0][tid];
-#pragma unroll
-          for (int r = 1; r < kClusterCtas; ++r) sum += square_gathered[r][tid];
-          store_relaxed_u64(args.square_words + int64_t(t) * Q + q, tagged(sum, tag));
-        }
-      }
-      sum_cluster_words(
-          tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
-          [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], sum, l); });
-      cluster_arrive();
-      cluster_wait();
-      token_squares = square_totals[vt];
     }
+    end_cluster_step(&exchange[2]);
+    if (tid < kTokensPerCta) {
+      const int t = int(rank) + kClusterCtas * tid;
+      if (t < T) {
+        float sum = square_gathered[0][tid];
+#pragma unroll
+        for (int r = 1; r < kClusterCtas; ++r) sum += square_gathered[r][tid];
+        store_relaxed_u64(args.square_words + int64_t(t) * Q + q, tagged(sum, tag));
+      }
+    }
+    sum_cluster_words(
+        tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
+        [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], &exchange[3], sum, l); });
+    end_cluster_step(&exchange[3]);
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-      const float inv_rms = inverse_rms(token_squares, float(d), args.norm_eps);
+      const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
       value = make_float4(value.x * inv_rms * norm_weight.x, value.y * inv_rms * norm_weight.y,
                           value.z * inv_rms * norm_weight.z, value.w * inv_rms * norm_weight.w);
       if (args.norm_round_to_bf16) value = round4_to_bf16(value);

@@ -23,10 +23,9 @@
 //   Its sums run in another order than the persistent kernel's (a launch's results depend on which kernel served
 //   it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing (a few ulps).
 //   Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only the weights are read before
-//   the grid-dependency wait. Same workspace as the persistent kernel. AUTO runs its one-hop variant: the fused
-//   norm's Σy² from the streams' Gram matrix in the first hop (Exact numerics; Reference numerics keep the second
-//   hop), cluster steps through st.async and mbarriers instead of cluster barriers, Sinkhorn in scaling form, fn
-//   split before the wait (sums in yet another order). CLUSTER runs the session-13 kernel.
+//   the grid-dependency wait. Same workspace as the persistent kernel. AUTO runs its asynchronous variant: cluster
+//   steps through st.async and mbarriers instead of cluster barriers, Sinkhorn in scaling form, fn split before the
+//   wait (sums in yet another order). CLUSTER runs the session-13 kernel.
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
@@ -51,7 +50,7 @@ inline constexpr int kMhcStreams = 4;
 inline constexpr int64_t kHcDecodeMaxTokens = 16;
 inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
-// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the one-hop cluster decode kernel where the
+// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the asynchronous cluster decode kernel where the
 // cluster decode kernel applies (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
 // (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's default
 // until a model run shows AUTO faster), the persistent kernel elsewhere.
