@@ -76,6 +76,9 @@ struct MoeRoutingParams {
   // same bits, 2-2.6× faster at T = 1; each CTA stages its router rows in shared memory before waiting for u, and the
   // routing CTA keeps scores, choices and slots on chip; moe_routing.cuh). Needs a 16-byte aligned router.
   bool decode_router = true;
+  // The decode router in at most 128 registers per thread (u loaded 8 vectors at a time: two round trips at d 4096),
+  // so a following kernel's CTAs of 256 threads × 128 registers (the streamed experts) can start beside its CTAs.
+  bool decode_router_shares_sms = false;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
