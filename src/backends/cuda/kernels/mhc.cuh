@@ -804,9 +804,10 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
 //   CTA of the cluster before the next cluster barrier) and collapses its slices; the mix CTAs read the Σx², post and
 //   comb words of their tokens, and one thread per token runs Sinkhorn, in parallel with the collapses. Every DSMEM
 //   access is a store before a cluster barrier (kAsync: counted by the receiver's mbarrier, which it waits for), so no
-//   CTA reads a peer's shared memory and none may exit while a peer still writes to it. (Every CTA reading every slice's words itself was 3-15 µs at T = 8: the same L2 lines for
-//   all. The session-12 decode kernel, two global hops and no clusters, measured the same at Flash T = 1 and 1.5 µs
-//   slower at T = 8 and 16 and at Pro T = 1: removed.)
+//   CTA reads a peer's shared memory and none may exit while a peer still writes to it. (Every CTA reading every
+//   slice's words itself was 3-15 µs at T = 8: the same L2 lines for all. The session-12 decode kernel, two global
+//   hops and no clusters, measured the same at Flash T = 1 and 1.5 µs slower at T = 8 and 16 and at Pro T = 1:
+//   removed.)
 // - Fused output norm (out_norm_weight): Σy² of each slice per token takes the projection's path (a cluster step,
 //   one global hop, the totals pushed into the cluster's CTAs), then rms_norm's arithmetic per element (y·inv_rms,
 //   ·w, rounding). (Σy² from the streams' Gram matrix, summed in the projection's hop, measured slower in session 14:
