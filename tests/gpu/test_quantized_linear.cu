@@ -1245,8 +1245,9 @@ TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
     int64_t rows, cols;
     int groups, tokens;
   };
-  // [wq_a; wkv] (24 row blocks, 16 splits at T = 1), the GEMM's split-K at 17 tokens, then wo_a (128 row blocks).
-  const Call earlier[] = {{1536, 4096, 1, 1}, {1536, 4096, 1, 17}};
+  // [wq_a; wkv] (24 row blocks, 16 splits through the workspace at T = 9; T <= 8 reduces in clusters), the GEMM's
+  // split-K at 17 tokens, then wo_a (128 row blocks).
+  const Call earlier[] = {{1536, 4096, 1, 9}, {1536, 4096, 1, 17}};
   const Call later{8192, 4096, 8, 1};
   const RandomOperands a = random_operands(TestFormat::FP8_E8M0, 1536, 4096, 4096, 17, 1500);
   const RandomOperands b = random_operands(TestFormat::FP8_E8M0, later.rows, later.cols, later.groups * later.cols,

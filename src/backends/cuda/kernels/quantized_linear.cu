@@ -158,6 +158,17 @@ bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster,
   return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
          cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
 }
+// Small matrices (few row blocks, long K) at T <= 8 first try the cluster reduction with the K splits that keep the
+// grid within 2.5 CTAs per SM, taken when that still splits K at least kWideClusterMinSplits ways. Measured cold
+// (L2 evicted before each call, bench_cuda_linear --sweep, H200, FP8): V4-Flash [wq_a; wkv] 1536 × 4096 7.50 → 6.80 µs
+// at T = 1, 11.10 → 9.19 at T = 8 (16 splits through the workspace → 8 in clusters); the CSA compressors' stack
+// 2560 × 4096 8.72 → 7.91 / 12.07 → 10.54 (8 splits, workspace → clusters); where the rule above already took
+// clusters (the HCA stack, 16 splits) it gives the same config. Larger matrices split K fewer ways and keep the
+// rule above (wo_a / wo_b / wq_b: at most 0.7 µs between their best configs and the defaults, not one rule).
+constexpr int kWideClusterMinSplits = 8;
+int64_t wide_cluster_splits(int64_t row_blocks, int multiprocessors) {
+  return std::min<int64_t>(kLinearMaxClusterSplits, 5 * int64_t(std::max(multiprocessors, 1)) / (2 * row_blocks));
+}
 
 bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* a0 = static_cast<const char*>(a);
@@ -191,6 +202,14 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
+    const int64_t wide_splits =
+        wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
+    if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
+      const QuantizedLinearConfig wide =
+          choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
+                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits));
+      if (wide.reduce == SplitKReduce::CLUSTER && wide.k_splits >= kWideClusterMinSplits) return wide;
+    }
     const QuantizedLinearConfig cluster = choose_quantized_linear_config(
         weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots, SplitKReduce::CLUSTER);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
