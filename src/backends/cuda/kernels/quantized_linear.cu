@@ -146,6 +146,8 @@ constexpr size_t kStreamedXTileBudget = 16 * 1024;
 // STREAMED: stages per warp by default, and where AUTO takes it. Measured on an H200 (bench_cuda_linear, V4-Flash
 // shapes, 1-4 slots): FP8 and fp4 were fastest with one slot per warp at T = 1 and 8 (1.1-1.7x the ALIGNED path;
 // deeper rings only queue more requests behind the same 16 warps per SM); BF16 gained only at T = 1, with four.
+// Cold (L2 evicted before each call, session 14): FP8 wq_b T = 1 13.2 / 14.0 / 15.8 / 19.6 µs at 1-4 slots, ncu
+// 16.6 / 18.1 / 19.7 / 24.7 µs with DRAM 42 / 39 / 36 / 28 % busy: more bytes in flight per SM made it slower.
 int default_ring_slots(TileFormat format) { return format == TileFormat::BF16 ? 4 : 1; }
 bool auto_takes_streamed(TileFormat format, int tokens) {
   return format == TileFormat::BF16 ? tokens == 1 : tokens <= tile::kTokensPerMma;
