@@ -524,7 +524,8 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"parallel_compressors", &cuda::CudaModelOptions::parallel_compressors},
       {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer},
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
-      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors}};
+      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
+      {"prefetch_next_linear", &cuda::CudaModelOptions::prefetch_next_linear}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {

@@ -192,8 +192,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
 // output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
-// indexer's query preparation in the compressors' launch and the runs loaded at launch
-// (indexer_prepare_in_compressors, compressor_runs_at_launch): the same bounds against the CPU, prefill and decode.
+// indexer's query preparation in the compressors' launch, the runs loaded at launch and the query path's linears
+// prefetching the next one's weights (indexer_prepare_in_compressors, compressor_runs_at_launch,
+// prefetch_next_linear): the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -224,6 +225,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.parallel_indexer = fused.branches;
     options.indexer_prepare_in_compressors = fused.compressor_launch;
     options.compressor_runs_at_launch = fused.compressor_launch;
+    options.prefetch_next_linear = fused.compressor_launch;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;
@@ -231,7 +233,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
                                (fused.projections ? " stacked projections" : "") +
                                (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
                                (fused.branches ? " branch stream" : "") +
-                               (fused.compressor_launch ? " prepare in compressors" : "") +
+                               (fused.compressor_launch ? " prepare in compressors, prefetch" : "") +
                                ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);

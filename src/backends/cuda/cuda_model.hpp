@@ -75,13 +75,15 @@ struct CudaModelOptions {
   // Compressed-KV layers' compressors (their projections and pooling: CSA's both, HCA's one) on a second stream, a
   // branch of the step beside the query path (wq_a, wq_b, the KV insert) that joins before the attention: in a
   // captured step the fork and join are graph edges, so the latency-bound pooling overlaps the memory-bound wq_b.
-  // The same launches and bits.
-  bool parallel_compressors = false;
+  // The same launches and bits. H200, Flash 8 layers NVFP4 (session 14 round 3, one run each): b1 600.9 t/s against
+  // 580.4 off, b64 7334 against 7313.
+  bool parallel_compressors = true;
   // With parallel_compressors, a CSA layer's whole indexer on that branch too: its wq_b (then a launch of its own,
   // not stacked under wq_b), query preparation, scores and top-k, after the compressors and once qr is ready. One
   // launch more per CSA layer; the branch runs about as long as the query path instead of the indexer's kernels
-  // following it. The same math (the indexer's wq_b alone may split its sums unlike the stacked matrix).
-  bool parallel_indexer = false;
+  // following it. The same math (the indexer's wq_b alone may split its sums unlike the stacked matrix). Round 3 as
+  // above, both on: b1 606.0 t/s, b64 7309 (within the b64 noise of 7313 ± 13).
+  bool parallel_indexer = true;
   // The compressors load the step's runs before their grid-dependency wait (CompressorParams::runs_ready_at_launch:
   // the runs are step inputs, copied before the step's first kernel). The same bits.
   bool compressor_runs_at_launch = false;
@@ -89,6 +91,10 @@ struct CudaModelOptions {
   // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
   // launch fewer per CSA layer, the same bits.
   bool indexer_prepare_in_compressors = false;
+  // Each decode linear of the query path asks L2 for the next one's weights as its CTAs finish their own
+  // (LinearCall::prefetch_next): [wq_a; wkv] → wq_b, wq_b → wo_a, wo_a → wo_b, so the latency-bound kernels between
+  // them (KV insert, attention) overlap the next weights' HBM reads. The same bits.
+  bool prefetch_next_linear = false;
   UploadProgress progress;                     // weight upload progress (optional)
 };
 
