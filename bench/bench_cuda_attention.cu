@@ -17,7 +17,8 @@
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
 // Decode (cluster call) and prefill are also timed with q in bf16 (bf16q: the kernel rounds q to bf16 anyway; half
-// the q bytes and no conversion).
+// the q bytes and no conversion), and the decode cluster call once more with its partials exchanged as bf16
+// (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep]
 //                             [--bf16-kv]
 //   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
@@ -275,6 +276,8 @@ struct Result {
   int cluster_splits;      // the splits chosen for the cluster merge
   double cluster_us;       // the call with cluster_merge (same as `us` where the merge does not apply)
   double bf16_q_us;        // the cluster call with q in bf16
+  double bf16_partials_us;  // the cluster call exchanging bf16 partials (cluster_merge_bf16_partials)
+  double bf16_partials_cpu_error;
   double cpu_error, cluster_cpu_error, bf16_q_cpu_error;  // cpu_check of each mode's output
   double total_bytes, percent_total;  // KV + q read + output written (+ split partials written and read)
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
@@ -377,6 +380,13 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double cluster_cpu_error = cpu_check(cluster, window_index, compressed_index, q, sink, positions, out, sample);
   // The same call with q in bf16 (cpu_check rounds q to bf16 as the kernel does, so the expected output is the same).
+  SparseAttentionParams bf16_partials = cluster;
+  bf16_partials.cluster_merge_bf16_partials = true;
+  out.fill_bytes(0xFF);
+  const double bf16_partials_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_partials); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  const double bf16_partials_cpu_error =
+      cpu_check(bf16_partials, window_index, compressed_index, q, sink, positions, out, sample);
   const DeviceBuffer d_q_bf16 = bf16_q_to_device(q);
   SparseAttentionParams bf16_q = cluster;
   bf16_q.q = d_q_bf16.data();
@@ -481,6 +491,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.cluster_cpu_error = cluster_cpu_error;
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_cpu_error = bf16_q_cpu_error;
+  r.bf16_partials_us = bf16_partials_ms * 1e3;
+  r.bf16_partials_cpu_error = bf16_partials_cpu_error;
   return r;
 }
 
@@ -639,10 +651,10 @@ int run(int argc, char** argv) {
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
   std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
-              "%9s\n",
+              "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
               "%floor", "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us", "cl.splits", "cl.us",
-              "bf16q us", "cpu err", "cl.err", "bf16q err");
+              "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -662,15 +674,16 @@ int run(int argc, char** argv) {
           const Result r = run_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
-                                r.bf16_q_cpu_error <= kCpuCheckLimit);
+                                r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
-                      "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e%s\n",
+                      "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context),
                       static_cast<long long>(r.slots), r.splits, r.us, r.gbps, r.percent_of_copy, r.percent_total,
                       r.floor_us, r.percent_of_floor, r.baseline_us, r.baseline_us / r.us, r.max_abs_diff,
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
-                      r.cluster_cpu_error, r.bf16_q_cpu_error, failed ? "  CPU CHECK FAILED" : "");
+                      r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
+                      failed ? "  CPU CHECK FAILED" : "");
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -709,13 +722,13 @@ int run(int argc, char** argv) {
                    "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
                    "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f, \"cluster_splits\": %d, \"cluster_us\": %.2f, "
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
-                   "\"bf16_q_cpu_error\": %.3g}%s\n",
+                   "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
                    r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, r.cluster_splits, r.cluster_us,
-                   r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error,
-                   i + 1 < results.size() ? "," : "");
+                   r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
+                   r.bf16_partials_cpu_error, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

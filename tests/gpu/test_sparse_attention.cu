@@ -72,6 +72,7 @@ struct AttentionCase {
   bool empty_query = false;     // add a query whose slots are all −1
   int page_rows = 16;           // KV cache entries per page
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
+  bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -256,7 +257,8 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                                         .compressed_index = d_compressed.as<int32_t>(),
                                         .compressed_slots = c.compressed_slots,
                                         .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
-                                        .out_dtype = c.out_dtype, .cluster_merge = cluster_merge},
+                                        .out_dtype = c.out_dtype, .cluster_merge = cluster_merge,
+                                        .cluster_merge_bf16_partials = c.bf16_partials},
                      expected, magnitude);
 }
 
@@ -298,6 +300,9 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
     }
     const double want = expected[i];
     double tolerance = 1e-6 + std::ldexp(magnitude[i], -7);
+    // bf16 partials: each split's share of the output is rounded once more (2^-9 relative, the shares' magnitudes
+    // summing to at most magnitude[i]).
+    if (c.bf16_partials && cluster_merge) tolerance += std::ldexp(magnitude[i], -9);
     if (c.out_dtype == AttentionDtype::Bf16) tolerance += std::ldexp(std::fabs(want), -8);  // the output rounding
     const double error = std::fabs(double(got) - want);
     worst = std::max(worst, error / tolerance);
@@ -409,6 +414,15 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
       AttentionCase flash{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1, splits,
                           AttentionDtype::F32, AttentionDtype::Bf16, true};
       flash.counts = splits % 2 == 1;
+      check_attention(flash, seed++);
+    }
+    // bf16 partials at each merge unrolling (the combine kernel's run ignores the flag).
+    for (const int splits : {2, 4, 5, 16}) {
+      AttentionCase flash{"flash csa decode bf16 partials", format, 512, 64, 64, 128, 128, 512, {300, 2100, 40}, 1,
+                          splits, AttentionDtype::F32, splits % 4 == 0 ? AttentionDtype::Bf16 : AttentionDtype::F32,
+                          true};
+      flash.counts = splits == 5;
+      flash.bf16_partials = true;
       check_attention(flash, seed++);
     }
     check_attention({"pro csa decode 4 splits", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, 4,

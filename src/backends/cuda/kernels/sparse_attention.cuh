@@ -619,6 +619,7 @@ inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
 inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
+inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf16 partials (1040 bytes)
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
 // read, this CTA's merge factors [head][split] (up to kSparseAttentionMaxClusterSplits per head) and its inverse-RoPE
 // table.
@@ -832,8 +833,9 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 // output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
 // rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads. The peers'
 // loads are unrolled over kMaxSplits ≥ p.splits, the next power of two (2, 4, 8 or 16): predicated-off loads and
-// multiply-adds still issue, and this code is the tail of the batch-1 critical path.
-template <bool kFp8, int kMaxSplits>
+// multiply-adds still issue, and this code is the tail of the batch-1 critical path. kBf16Partials: the partials
+// are bf16 (rows kMergeRowBf16 apart; p.cluster_merge_bf16_partials), fp32 otherwise (rows kMergeRowFloats apart).
+template <bool kFp8, int kMaxSplits, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                                    int head_base, int thread256, float merge_sink_log2) {
   using L = D512Layout<kFp8>;
@@ -843,37 +845,39 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   constexpr int kScaleLanes = int(sizeof(ScaleVector) / sizeof(float)), kScaleVectors = kMaxSplits / kScaleLanes;
   const int splits = p.splits;
   const float2* stats = reinterpret_cast<const float2*>(smem + L::kExchange + kMergeStatsOffset);
-  // [head][kMaxSplits]: a quad's factors in kScaleVectors vector loads.
+  // [head][kMaxSplits]: a vector's factors in kScaleVectors vector loads.
   float* merge_scale = reinterpret_cast<float*>(smem + L::kExchange + kMergeScaleOffset);
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kExchange + kMergeRopeOffset);
-  const float4* partial = reinterpret_cast<const float4*>(smem + L::kMergePartial);
+  const uint4* partial = reinterpret_cast<const uint4*>(smem + L::kMergePartial);
 
-  const float4* peer_partial[kMaxSplits];
+  const uint4* peer_partial[kMaxSplits];
 #pragma unroll
   for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
-  // This CTA's slice of the 64 × 128 output quads (4 dims; 16-byte loads halve the distributed shared-memory
-  // transactions of pairs); consecutive threads read consecutive quads of a row. A thread's quads are kStride apart,
-  // a whole number of rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their
-  // addresses are immediate offsets from one base. A thread loads kBatch quads from every peer before it uses any, so
-  // that each batch costs one round trip (kBatch · kMaxSplits float4 registers); with a power-of-two split count a
-  // thread's quads are one batch.
-  constexpr int kQuadsPerRow = kD512HeadDim / 4, kRowQuads = kMergeRowFloats / 4;
-  constexpr int kQuads = kD512Heads * kQuadsPerRow, kBatch = 32 / kMaxSplits, kStride = 2 * kWarpgroupThreads;
-  constexpr int kHeadStep = kStride / kQuadsPerRow;
-  static_assert(kStride % kQuadsPerRow == 0, "a thread's quads share their dims");
-  const int per_cta = (kQuads + splits - 1) / splits;
-  const int begin = split * per_cta + thread256, end = min(kQuads, (split + 1) * per_cta);
-  const int dim = 4 * (begin % kQuadsPerRow), first_head = begin / kQuadsPerRow;
+  // This CTA's slice of the output's 16-byte vectors of partials (kVectorDims dims: 4 fp32 or 8 bf16);
+  // consecutive threads read consecutive vectors of a row. A thread's vectors are kStride apart, a whole number of
+  // rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their addresses are immediate
+  // offsets from one base. A thread loads kBatch vectors from every peer before it uses any, so that each batch
+  // costs one round trip (kBatch · kMaxSplits uint4 registers); with a power-of-two split count a thread's vectors
+  // are one batch.
+  constexpr int kVectorDims = kBf16Partials ? 8 : 4, kRowVectors = kD512HeadDim / kVectorDims;
+  constexpr int kPaddedRowVectors = (kBf16Partials ? kMergeRowBf16 * 2 : kMergeRowFloats * 4) / 16;
+  constexpr int kVectors = kD512Heads * kRowVectors, kBatch = (kBf16Partials ? 16 : 32) / kMaxSplits;
+  constexpr int kStride = 2 * kWarpgroupThreads, kHeadStep = kStride / kRowVectors;
+  static_assert(kStride % kRowVectors == 0 && kBatch >= 1, "a thread's vectors share their dims");
+  const int per_cta = (kVectors + splits - 1) / splits;
+  const int begin = split * per_cta + thread256, end = min(kVectors, (split + 1) * per_cta);
+  const int dim = kVectorDims * (begin % kRowVectors), first_head = begin / kRowVectors;
   // Heads past this CTA's slice or past H are not merged.
   const int live_heads = min((end - begin + kStride - 1) / kStride * kHeadStep, p.heads - head_base - first_head);
-  float4 o[kBatch][kMaxSplits];
+  uint4 o[kBatch][kMaxSplits];
   const auto load_batch = [&](int batch_head) {
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int h = batch_head + k * kHeadStep;
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s)  // the rest is never read: no zeroing on the critical path
-        if (h < live_heads && s < splits) o[k][s] = peer_partial[s][(first_head + h) * kRowQuads + dim / 4];
+        if (h < live_heads && s < splits)
+          o[k][s] = peer_partial[s][(first_head + h) * kPaddedRowVectors + dim / kVectorDims];
     }
   };
   // The first batch does not need the merge factors: its round trip overlaps theirs.
@@ -910,12 +914,14 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
   sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 
   const KvEntryLayout& layout = p.cache.layout;
-  const bool rotate[2] = {p.rope_frequencies != nullptr && dim >= layout.nope_dim,
-                          p.rope_frequencies != nullptr && dim + 2 >= layout.nope_dim};
-  RopeFactors factors[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+  constexpr int kPairs = kVectorDims / 2;
+  bool rotate[kPairs];
+  RopeFactors factors[kPairs];
 #pragma unroll
-  for (int pair = 0; pair < 2; ++pair)
-    if (rotate[pair]) factors[pair] = rope_table[(dim + 2 * pair - layout.nope_dim) / 2];
+  for (int pair = 0; pair < kPairs; ++pair) {
+    rotate[pair] = p.rope_frequencies != nullptr && dim + 2 * pair >= layout.nope_dim;
+    factors[pair] = rotate[pair] ? rope_table[(dim + 2 * pair - layout.nope_dim) / 2] : RopeFactors{1.0f, 0.0f};
+  }
   for (int batch_head = 0; batch_head < live_heads; batch_head += kBatch * kHeadStep) {
     if (batch_head != 0) load_batch(batch_head);
 #pragma unroll
@@ -927,29 +933,53 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 #pragma unroll
       for (int v = 0; v < kScaleVectors; ++v)
         *reinterpret_cast<ScaleVector*>(scale + v * kScaleLanes) = scale_row[v];
-      float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float x[kVectorDims] = {};
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s) {
         if (s >= splits) break;
-        x[0] += scale[s] * o[k][s].x;
-        x[1] += scale[s] * o[k][s].y;
-        x[2] += scale[s] * o[k][s].z;
-        x[3] += scale[s] * o[k][s].w;
+        const uint32_t words[4] = {o[k][s].x, o[k][s].y, o[k][s].z, o[k][s].w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          if constexpr (kBf16Partials) {  // a bf16 is the high half of its float
+            x[2 * w] += scale[s] * __uint_as_float(words[w] << 16);
+            x[2 * w + 1] += scale[s] * __uint_as_float(words[w] & 0xFFFF0000u);
+          } else {
+            x[w] += scale[s] * __uint_as_float(words[w]);
+          }
+        }
       }
 #pragma unroll
-      for (int pair = 0; pair < 2; ++pair)
+      for (int pair = 0; pair < kPairs; ++pair)
         if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
       const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
-        float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset);
-        out[0] = make_float2(x[0], x[1]);
-        out[1] = make_float2(x[2], x[3]);
-      } else {
-        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + out_offset) =
-            make_uint2(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]));
+#pragma unroll
+      for (int q = 0; q < kVectorDims / 4; ++q) {
+        if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
+          float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset + 4 * q);
+          out[0] = make_float2(x[4 * q], x[4 * q + 1]);
+          out[1] = make_float2(x[4 * q + 2], x[4 * q + 3]);
+        } else {
+          *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + out_offset + 4 * q) =
+              make_uint2(pack_bf16x2(x[4 * q], x[4 * q + 1]), pack_bf16x2(x[4 * q + 2], x[4 * q + 3]));
+        }
       }
     }
   }
+}
+
+// The merge's instantiation for p.splits (the next power of two) and the partials' type.
+template <bool kFp8, bool kBf16Partials>
+__device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                       int split, int head_base, int thread256,
+                                                       float merge_sink_log2) {
+  if (p.splits <= 2)
+    d512_cluster_merge<kFp8, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+  else if (p.splits <= 4)
+    d512_cluster_merge<kFp8, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+  else if (p.splits <= 8)
+    d512_cluster_merge<kFp8, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+  else
+    d512_cluster_merge<kFp8, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
 template <bool kFp8>
@@ -1121,26 +1151,30 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     if (rope && thread256 < layout.rope_dim / 2)
       reinterpret_cast<RopeFactors*>(smem + L::kExchange + kMergeRopeOffset)[thread256] = rope_pair;
-    float* partial = reinterpret_cast<float*>(smem + L::kMergePartial);
+    const bool bf16_partials = p.cluster_merge_bf16_partials;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp * 16 + g + 8 * r;
+      if (bf16_partials) {
+        uint32_t* partial = reinterpret_cast<uint32_t*>(smem + L::kMergePartial) + row * (kMergeRowBf16 / 2);
 #pragma unroll
-      for (int n = 0; n < 32; ++n)
-        *reinterpret_cast<float2*>(partial + row * kMergeRowFloats + dim_base + 8 * n + 2 * c) =
-            make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+        for (int n = 0; n < 32; ++n)
+          partial[(dim_base + 8 * n + 2 * c) / 2] = pack_bf16x2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+      } else {
+        float* partial = reinterpret_cast<float*>(smem + L::kMergePartial) + row * kMergeRowFloats;
+#pragma unroll
+        for (int n = 0; n < 32; ++n)
+          *reinterpret_cast<float2*>(partial + dim_base + 8 * n + 2 * c) =
+              make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
+      }
       if (consumer == 0 && c == 0)
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
     cluster_sync();
-    if (p.splits <= 2)
-      d512_cluster_merge<kFp8, 2>(p, smem, t, split, head_base, thread256, merge_sink_log2);
-    else if (p.splits <= 4)
-      d512_cluster_merge<kFp8, 4>(p, smem, t, split, head_base, thread256, merge_sink_log2);
-    else if (p.splits <= 8)
-      d512_cluster_merge<kFp8, 8>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    if (bf16_partials)
+      d512_cluster_merge_for<kFp8, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else
-      d512_cluster_merge<kFp8, 16>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+      d512_cluster_merge_for<kFp8, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }

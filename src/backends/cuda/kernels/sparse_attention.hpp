@@ -70,6 +70,10 @@ struct SparseAttentionParams {
   // Merge 2..max_sparse_attention_cluster_splits() splits inside the attention launch (a cluster per query and head
   // block) where the head_dim 512 kernel serves the call; the combine kernel otherwise.
   bool cluster_merge = true;
+  // Cluster merge only: the splits' partial outputs cross distributed shared memory as bf16 instead of fp32: half the
+  // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
+  // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
+  bool cluster_merge_bf16_partials = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
