@@ -9,8 +9,8 @@
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
 // the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
 // at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
-// of the default lean one, T <= 8), "l2" (L2 prefetch 2 stages ahead), "head" (the down kernel's routed head start)
-// and "l2+head".
+// of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
+// "fused-router+tile-decode".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -163,24 +163,21 @@ struct Slot {
 };
 
 // The expert-kernel paths a result names: the single launch, the streamed kernels (MoeRunParams defaults, then with
-// one of their options changed: the weight_tile_mma fp4 decode instead of the lean one, L2 prefetch 2 stages ahead,
-// the down kernel's routed head start, both), the register kernels.
-enum class Path { SINGLE, STREAMED, TILE_DECODE, L2, HEAD, L2_HEAD, REGISTER };
+// options changed: the weight_tile_mma fp4 decode instead of the lean one, the fused router kernel instead of the
+// decode router, both), the register kernels.
+enum class Path { SINGLE, STREAMED, TILE_DECODE, FUSED_ROUTER, FUSED_ROUTER_TILE_DECODE, REGISTER };
 struct PathSpec {
   Path path;
   const char* name;
-  bool tile_decode = false;
-  int l2_prefetch_stages = 0;
-  bool head_start = false;
-  bool option() const { return tile_decode || l2_prefetch_stages > 0 || head_start; }
+  bool tile_decode = false, fused_router = false;
+  bool option() const { return tile_decode || fused_router; }
 };
 constexpr PathSpec kPaths[] = {
     {Path::SINGLE, "single"},
     {Path::STREAMED, "streamed"},
     {Path::TILE_DECODE, "tile-decode", true},
-    {Path::L2, "l2", false, 2},
-    {Path::HEAD, "head", false, 0, true},
-    {Path::L2_HEAD, "l2+head", false, 2, true},
+    {Path::FUSED_ROUTER, "fused-router", false, true},
+    {Path::FUSED_ROUTER_TILE_DECODE, "fused-router+tile-decode", true, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -195,7 +192,7 @@ MoeRunParams path_params(Path path) {
   MoeRunParams p;
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
   if (spec.tile_decode) p.lean_expert_decode = false;
-  p.expert_l2_prefetch_stages = spec.l2_prefetch_stages, p.down_routed_head_start = spec.head_start;
+  if (spec.fused_router) p.decode_router = false;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -409,7 +406,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
-                           "[--paths single,streamed,tile-decode,l2,head,l2+head,register]\n");
+                           "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,register]\n");
       return 2;
     }
   }

@@ -149,6 +149,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .stream = p.stream,
       .after_logits = nullptr,
       .fused_routing = p.fused_small_batches,
+      .decode_router = p.decode_router,
   };
 
   MoeExpertGemmParams gemm{
@@ -169,8 +170,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
       .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
-      .l2_prefetch_stages = single ? 0 : p.expert_l2_prefetch_stages,
-      .routed_head_start = !single && p.down_routed_head_start && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };

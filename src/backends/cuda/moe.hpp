@@ -71,13 +71,13 @@ struct MoeRunParams {
   // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
   // 70.4 µs in three, T = 8 280 against 253 µs.
   bool single_launch = false;
-  // The streamed expert kernels' options (not in the single launch; each gives the same bits): the lean fp4 decode
-  // (MoeExpertGemmParams::lean_decode; H200, bench_cuda_moe, MXFP4 at T <= 8, V4-Flash: T = 1 70.8 -> 66.6 µs, T = 8
-  // 256.7 -> 239.3; V4-Pro T = 1 131.8 -> 126.7, T = 8 571.7 -> 533.1), L2 prefetch ahead of the rings
-  // (l2_prefetch_stages) and the down kernel's routed head start (routed_head_start).
+  // The streamed expert kernels' fp4 decode (not in the single launch): the lean one (MoeExpertGemmParams::
+  // lean_decode) or weight_tile_mma's; the same bits. H200, bench_cuda_moe, MXFP4, lean against weight_tile_mma's at
+  // T <= 8: V4-Flash T = 1 66.6 vs 70.8 µs, T = 8 239.3 vs 256.7; V4-Pro T = 1 126.7 vs 131.8, T = 8 533.1 vs 571.7.
   bool lean_expert_decode = true;
-  int expert_l2_prefetch_stages = 0;
-  bool down_routed_head_start = false;
+  // MoeRoutingParams::decode_router (T <= 8 with fused_small_batches): the decode router (its default) or the fused
+  // router kernel.
+  bool decode_router = true;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

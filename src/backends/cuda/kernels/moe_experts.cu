@@ -88,8 +88,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .stream_maps = p.stream_maps,
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
-      .l2_prefetch_stages = p.l2_prefetch_stages,
-      .routed_head_start = !gate_up && p.routed_head_start,
   };
 }
 
@@ -167,8 +165,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
         ")");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
-  check(p.l2_prefetch_stages >= 0 && p.l2_prefetch_stages <= kMoeMaxL2PrefetchStages, "moe expert GEMM: ",
-        p.l2_prefetch_stages, " L2 prefetch stages (0 to ", kMoeMaxL2PrefetchStages, ")");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

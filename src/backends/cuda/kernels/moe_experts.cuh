@@ -86,8 +86,6 @@ struct ExpertGemmArgs {
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
   int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
-  int l2_prefetch_stages;                       // streamed kernel: MoeExpertGemmParams::l2_prefetch_stages
-  bool routed_head_start;                       // streamed down kernel: MoeExpertGemmParams::routed_head_start
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -405,30 +403,6 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
     st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
 }
 
-// Asks L2 for stage `stage` (of its pass) of the warp's 16 rows of `w` (l2_prefetch_stages): lanes 0-15 a row's 256
-// stored bytes each, lanes 16-31 its fp4 scales (FP8 block scales are few and shared: not asked for).
-template <tile::TileFormat F>
-__device__ __forceinline__ void prefetch_stage_l2(const DeviceMatrixView& w, int64_t row0, int stage) {
-  namespace st = tile::stream;
-  constexpr int kScaleBytes = st::stage_scale_bytes(F);
-  const int lane = threadIdx.x % tile::kWarpSize;
-  const int64_t row = row0 + lane % tile::kTileRows;
-  if (lane < tile::kTileRows)
-    prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + int64_t(stage) * st::kRowBytes, st::kRowBytes);
-  else if constexpr (kScaleBytes > 0)
-    prefetch_l2_bulk(w.scales + row * w.scales_per_row + int64_t(stage) * kScaleBytes, kScaleBytes);
-}
-
-// The L2 requests that go with a warp's first stages: stages [kStreamedSlots, kStreamedSlots + l2_prefetch_stages)
-// of its pass.
-template <tile::TileFormat F>
-__device__ __forceinline__ void prefetch_first_stages_l2(const ExpertGemmArgs& a, const DeviceMatrixView& w,
-                                                         int64_t row0) {
-  const int pass_stages = a.k_total / int(tile::stream::stage_k(F));
-  for (int s = kStreamedSlots; s < kStreamedSlots + a.l2_prefetch_stages && s < pass_stages; ++s)
-    prefetch_stage_l2<F>(w, row0, s);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The lean fp4 stage product (MoeExpertGemmParams::lean_decode): the same MMAs on the same bf16 operands as
 // tile::stream::multiply_stage, in the same order (the same bits), with fewer instructions per weight:
@@ -534,12 +508,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) {
-    start_stream<F, G>(a, item.expert, band, ring, full);
-    prefetch_first_stages_l2<F>(a, w, row0);
-  }
-  // The stage (within its pass) that the L2 is asked for when stage j is consumed: j + slots + l2_prefetch_stages.
-  int prefetch = (kStreamedSlots + a.l2_prefetch_stages) % pass_stages;
+  if (!started) start_stream<F, G>(a, item.expert, band, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -590,10 +559,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
           st::issue_stage<F>(maps, row0, refill * kStageK, ring + slot * st::kSlotBytes, full + slot);
           if (++refill == pass_stages) refill = 0;
         }
-        if (a.l2_prefetch_stages > 0 && j + kStreamedSlots + a.l2_prefetch_stages < stages) {
-          prefetch_stage_l2<F>(w, row0, prefetch);
-          if (++prefetch == pass_stages) prefetch = 0;
-        }
       }
     }
     tile::detail::finish_tile<F, NT, kC>(sums, acc);
@@ -612,30 +577,11 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   uint8_t* ring =
       tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
-  bool started = false;
-  if (shared_item) {
-    with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
-      if (a.l2_prefetch_stages > 0)
-        prefetch_first_stages_l2<F>(a, warp_matrix<G>(a.experts[a.shared_expert]),
-                                    int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows);
-    });
-    started = true;
-  } else if (G == ExpertGemm::DOWN && a.routed_head_start) {
-    // The routing is final before this launch starts (the gate/up launch lets it start only once past its own wait
-    // for the routing), so a routed item's first stages start before the wait for gate/up's h. L2 loads (ld.cg):
-    // the item was written by a launch that this grid does not wait for.
-    if (int(blockIdx.y) < __ldcg(a.work_item_count)) {
-      const int expert = __ldcg(&a.work_items[blockIdx.y].expert);
-      with_tile_format(expert == a.shared_expert ? a.shared_format : a.routed_format, [&]<tile::TileFormat F>() {
-        start_stream<F, G>(a, expert, int(blockIdx.x), ring, full);
-        if (a.l2_prefetch_stages > 0)
-          prefetch_first_stages_l2<F>(a, warp_matrix<G>(a.experts[expert]),
-                                      int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows);
-      });
-      started = true;
-    }
-  }
+  if (shared_item)
+    with_tile_format(a.shared_format,
+                     [&]<tile::TileFormat F>() {
+                       start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
+                     });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
@@ -643,10 +589,10 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(format, [&]<tile::TileFormat F>() {
     if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-      run_streamed_item<F, G, 1, kLean>(a, expert, item, int(blockIdx.x), smem, full, started);
+      run_streamed_item<F, G, 1, kLean>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
     else
       run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, int(blockIdx.x), smem, full,
-                                                                started);
+                                                             shared_item);
   });
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }

@@ -36,8 +36,6 @@ struct StreamMaps;  // weight_tile_mma.cuh
 inline constexpr int kMoeRowsPerWorkItem = 64;
 // Weight rows per CTA band of the down GEMM (the fused combine keeps one ticket per band).
 inline constexpr int kMoeDownBandRows = 128;
-// The most stages MoeExpertGemmParams::l2_prefetch_stages may ask for ahead.
-inline constexpr int kMoeMaxL2PrefetchStages = 8;
 // The most tokens the fused combine serves (its last CTA per band sums T · band rows outputs).
 inline constexpr int kMoeFusedCombineMaxTokens = 8;
 
@@ -77,12 +75,6 @@ struct MoeExpertGemmParams {
   // lean: ~3 integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x
   // and zeros). Same operands, same MMAs in the same order: the same bits.
   bool lean_decode = false;
-  // Streamed kernels: each warp also asks L2 for its stages this far past the ones in its shared-memory ring (one
-  // bulk prefetch per row and stage), so a refill finds its bytes in L2 (0: none; at most kMoeMaxL2PrefetchStages).
-  int l2_prefetch_stages = 0;
-  // Streamed down kernel in a chain after gate/up: routed items' first stages start before the wait for h (the
-  // routing is final by then; only the shared expert's did before).
-  bool routed_head_start = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
