@@ -422,8 +422,10 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
 // rows): no global round trip between its steps. Nothing but the weights is loaded before the products' u (the
 // bias comes with the logits in the routing CTA, the hash ids are stored after the products), and the code on the
 // serial path is kept small: each CTA runs it once from a cold instruction cache.
-// Measured (H200, bench_cuda_moe_router, graphs of chained calls, Flash bf16 router): T = 1 5.5 µs against 14.5
-// for the fused router kernel, T = 8 12.9 against 23.9; ncu (cold L2, base clocks) T = 1 9.6 against 20.6 µs.
+// Measured (H200, bench_cuda_moe_router, graphs of chained calls, Flash bf16 router): T = 1 5.3 µs against 14.5
+// for the fused router kernel, T = 8 10.8 against 24.0; ncu (cold L2, base clocks) T = 1 8.6 against 20.7 µs, where
+// the routing CTA's SM is active ~10K cycles against ~5.4K for the others: the serial routing after the ticket
+// (cold code, the ticket's and the scores' round trips) is what is left.
 inline constexpr int kDecodeRouterThreads = 256;
 inline constexpr int kDecodeRouterWarps = kDecodeRouterThreads / kWarpSize;
 // u vectors per lane loaded before their products: 16 (one round trip at d 4096, ~170 registers), or 8 where the
