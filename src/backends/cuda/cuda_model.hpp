@@ -53,9 +53,10 @@ struct CudaModelOptions {
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
-  // mHC's cluster decode kernel (HcKernelChoice::CLUSTER) for the sites of decode-sized steps instead of AUTO's
-  // choice: the same launches, another reduction path (faster in the mHC engineer's round 3).
-  bool mhc_cluster_kernel = true;
+  // mHC's session-13 cluster decode kernel (HcKernelChoice::CLUSTER) for the sites of decode-sized steps instead of
+  // AUTO's (session 14: cluster steps as st.async into mbarrier-armed peers, scaled Sinkhorn). Off: AUTO is faster
+  // (H200, Flash T = 1, graph: hc_pre + norm 5.8 vs 6.6 us, post + pre + norm 6.2 vs 6.8, head + norm 4.4 vs 5.3).
+  bool mhc_cluster_kernel = false;
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
   // With bf16_wo_a, wo_a and wo_b in one launch where the pair kernel applies (run_linear_pair: one format, steps of
