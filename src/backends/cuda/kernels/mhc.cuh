@@ -347,6 +347,21 @@ __device__ inline float fast_reciprocal(float x) {
   return r;
 }
 
+// Sinkhorn's first row normalisation on one token's 4×4 held by one thread (both single-thread forms below): each
+// row's softmax, scaled by the MUFU reciprocal of its sum, plus eps.
+__device__ inline void softmax_rows_plus_eps(float (&c)[kStreams * kStreams], float eps) {
+#pragma unroll
+  for (int j = 0; j < kStreams; ++j) {
+    float* const row = c + 4 * j;
+    const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
+    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
+  }
+}
+
 __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
   const auto normalise_rows = [&] {
 #pragma unroll
@@ -364,16 +379,7 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
       for (int j = 0; j < kStreams; ++j) c[4 * j + k] *= r;
     }
   };
-#pragma unroll
-  for (int j = 0; j < kStreams; ++j) {
-    float* const row = c + 4 * j;
-    const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
-    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
-  }
+  softmax_rows_plus_eps(c, eps);
   normalise_columns();
 #pragma unroll 1
   for (int it = 1; it < iters; ++it) {
@@ -389,16 +395,7 @@ __device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams]
 // rescaling of the 16 entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and
 // a chain of a multiply, three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps.
 __device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int iters, float eps) {
-#pragma unroll
-  for (int j = 0; j < kStreams; ++j) {
-    float* const row = c + 4 * j;
-    const float row_max = fmaxf(fmaxf(row[0], row[1]), fmaxf(row[2], row[3]));
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) row[k] = expf(row[k] - row_max);
-    const float r = fast_reciprocal((row[0] + row[1]) + (row[2] + row[3]));
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) row[k] = row[k] * r + eps;
-  }
+  softmax_rows_plus_eps(c, eps);
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
   for (int i = 0; i < kStreams; ++i) u[i] = v[i] = row_d[i] = column_d[i] = 1.0f;
