@@ -432,6 +432,19 @@ int main(int argc, char** argv) {
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
         for (const int tokens : token_counts) {
+          // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
+          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s) {
+            return QuantizedLinearParams{.weight = weight,
+                                         .x = x.as<__nv_bfloat16>(),
+                                         .x_row_stride = x_cols,
+                                         .y = y.as<float>(),
+                                         .y_row_stride = shape.rows,
+                                         .tokens = tokens,
+                                         .groups = shape.groups,
+                                         .workspace = workspace.data(),
+                                         .workspace_bytes = workspace.bytes(),
+                                         .stream = s};
+          };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
@@ -439,17 +452,7 @@ int main(int argc, char** argv) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear({.weight = weights[size_t(i % copies)].view(),
-                                    .x = x.as<__nv_bfloat16>(),
-                                    .x_row_stride = x_cols,
-                                    .y = y.as<float>(),
-                                    .y_row_stride = shape.rows,
-                                    .tokens = tokens,
-                                    .groups = shape.groups,
-                                    .workspace = workspace.data(),
-                                    .workspace_bytes = workspace.bytes(),
-                                    .stream = s},
-                                   config);
+              run_quantized_linear(linear_params(weights[size_t(i % copies)].view(), workspace, s), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -479,16 +482,7 @@ int main(int argc, char** argv) {
                                    "linear workspace");
             workspace.fill_bytes(0);
             const auto launch_once = [&](const QuantizedLinearConfig& c) {
-              run_quantized_linear({.weight = weights[0].view(),
-                                    .x = x.as<__nv_bfloat16>(),
-                                    .x_row_stride = x_cols,
-                                    .y = y.as<float>(),
-                                    .y_row_stride = shape.rows,
-                                    .tokens = tokens,
-                                    .groups = shape.groups,
-                                    .workspace = workspace.data(),
-                                    .workspace_bytes = workspace.bytes()},
-                                   c);
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
             };
             launch_once(config);
             if (streamed_applies)
@@ -545,15 +539,8 @@ int main(int argc, char** argv) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
-              QuantizedLinearParams p{.weight = weights[size_t(i % copies)].view(),
-                                      .x = prologue ? nullptr : normed.as<__nv_bfloat16>(),
-                                      .x_row_stride = x_cols,
-                                      .y = y.as<float>(),
-                                      .y_row_stride = shape.rows,
-                                      .tokens = tokens,
-                                      .workspace = workspace.data(),
-                                      .workspace_bytes = workspace.bytes(),
-                                      .stream = s};
+              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s);
+              p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
               }
