@@ -356,8 +356,8 @@ int main(int argc, char** argv) {
     FastRandom rng{42};
     const std::vector<Shape> all_shapes = {
         {"flash", "wq_a", 1024, 4096, 1},     {"flash", "wq_b", 32768, 1024, 1},     {"flash", "wkv", 512, 4096, 1},
-        {"flash", "wo_a", 8192, 4096, 8},     {"flash", "wo_b", 4096, 8192, 1},      {"flash", "expert_w1", 2048, 4096, 1},
-        {"flash", "expert_w2", 4096, 2048, 1},
+        {"flash", "wo_a", 8192, 4096, 8},     {"flash", "wo_b", 4096, 8192, 1},
+        {"flash", "expert_w1", 2048, 4096, 1}, {"flash", "expert_w2", 4096, 2048, 1},
         // The engine's stacked and small projections: [wq_a; wkv], the CSA / HCA compressors' stack, the
         // indexer's wq_b and weights_proj, and a CSA layer's [wq_b; indexer wq_b].
         {"flash", "wq_a_wkv", 1536, 4096, 1}, {"flash", "wq_b_indexer", 40960, 1024, 1},
@@ -750,10 +750,10 @@ int main(int argc, char** argv) {
 
     if (profile) return 0;
     if (!table.empty()) {
-      std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | stream µs · "
-                  "%% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | cold: aligned µs | "
-                  "streamed µs (1/2/3/4 slots) | cluster reduction µs | GEMM µs (split-K) | norm prologue / rms_norm + "
-                  "linear µs |\n");
+      std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
+                  "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
+                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | cluster reduction µs | GEMM µs (split-K) | "
+                  "norm prologue / rms_norm + linear µs |\n");
       std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
@@ -765,7 +765,8 @@ int main(int argc, char** argv) {
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.cluster_us, r.gemm_us, r.gemm_k_splits,
                   r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
-      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | %% of copy |\n"
+      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
+                  "%% of copy |\n"
                   "|---|---|---|---|---|---|---|---|---|---|\n");
     // Per case (its rows are consecutive, the default's first): the default, then the kSweepShown fastest configs
     // (the JSON has them all).
