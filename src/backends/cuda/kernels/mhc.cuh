@@ -315,8 +315,8 @@ __device__ inline float sum_of_four_lanes(float v, int first, int stride) {
   return (a0 + a1) + (a2 + a3);
 }
 
-// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k). Sinkhorn's 40
-// normalisations are a serial chain: its length is the decode kernels' tail.
+// Doubly stochastic 4×4 from logits held by lanes 0..15 of each half-warp (lane = 4·j + k): the persistent kernel's
+// mix step. Sinkhorn's 40 normalisations are a serial chain.
 __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   const int lane = threadIdx.x & 31;
   const int row_first = lane & ~3, column_first = (lane & 16) | (lane & 3);

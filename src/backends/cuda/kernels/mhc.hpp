@@ -52,8 +52,8 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
 // Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the asynchronous cluster decode kernel where the
 // cluster decode kernel applies (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
-// (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's default
-// until a model run shows AUTO faster), the persistent kernel elsewhere.
+// (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
+// mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere.
 enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
