@@ -15,6 +15,8 @@
 // time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
 // run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
 // selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
+// V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
+// timed cold as chains, without and with the first asking L2 for the second's weights (prefetch_next).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
