@@ -779,7 +779,8 @@ const CommandRegistration registration{{
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
-                      "fused_wo, q_norm_prologue, moe_single_launch); repeatable");
+                      "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
+                      "compressor_runs_at_launch, indexer_prepare_in_compressors, prefetch_next_linear); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
