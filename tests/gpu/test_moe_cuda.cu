@@ -5,8 +5,7 @@
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
 // launches' bits, also through one workspace over many calls and graph replays); the streamed kernels with
 // weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); a
-// V4-Pro-width layer (d 7168,
-// I 3072); experts with no token, every token on one expert; run-to-run bit equality.
+// V4-Pro-width layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //
@@ -386,7 +385,8 @@ void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWei
         const double expected = double(silu(g)) * v;
         const float actual = bf16_to_float(h_bits[size_t(my_rows[size_t(i)]) * S.intermediate + j]);
         h_gpu[at] = actual;
-        // fp32 order term: |Δg| ≤ ε Σ|w1||u| moves h by ≤ 1.1 |v| |Δg| (silu' ≤ 1.1); |Δv| moves it by |silu(g)|.
+        // fp32 order term: |Δg| ≤ ε Σ|w1||u| moves h by ≤ 1.1 |v| |Δg| (silu' ≤ 1.1); |Δv| moves it by
+        // |silu(g)|.
         const double order =
             kOrderTolerance * u_max * (1.1 * std::fabs(v) * l1_w1[size_t(j)] + std::fabs(silu(g)) * l1_w3[size_t(j)]);
         if (!close(actual, expected, kHRounding * std::fabs(expected) + order) && failures++ < 10)

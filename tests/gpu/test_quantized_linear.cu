@@ -1,16 +1,16 @@
-// The tensor-core decode linear layer (run_quantized_linear) against dsv4::cpu::linear / grouped_linear: every
-// format × T ∈ {1, 3, 8, 16, 17, 64} × V4-Flash and V4-Pro projection and expert shapes, the grouped wo_a, odd N and
-// K, the tiny test models' shapes (rows that are not 16-byte aligned); fresh random weights and bf16-rounded activations per case (the CPU reference gets the same rounded x), y
-// poisoned with NaN (row-stride gaps and a guard region included) before each run, every element checked. Also:
-// every e2m1 / e4m3 code × scale dequantises exactly through the MMA path, split-K is bitwise deterministic and
-// leaves its tickets zero, and unsupported calls are refused with a message naming the problem. Every comparison runs
-// through every load path the layout and token count allow (generic; aligned; streamed through shared memory).
-// The bf16 output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results
-// whichever kernel gemm_from_tokens picks (grouped, bf16 output included). The RMSNorm prologue equals run_rms_norm
-// (bf16 output) followed by the op bit for bit, and the CPU's rms_norm + linear within rounding. The cluster split-K
-// reduction gives the workspace reduction's results bit for bit. Every STREAMED config (ring slots 1-4 × K splits ×
-// reduction) of the decode shapes matches the CPU, and ring depth never changes a bit; prefetching the next call's
-// weights into L2 changes no bit either.
+// The tensor-core decode linear layer (run_quantized_linear) against dsv4::cpu::linear / grouped_linear: every format ×
+// T ∈ {1, 3, 8, 16, 17, 64} × V4-Flash and V4-Pro projection and expert shapes, the grouped wo_a, odd N and K, the tiny
+// test models' shapes (rows that are not 16-byte aligned); fresh random weights and bf16-rounded activations per case
+// (the CPU reference gets the same rounded x), y poisoned with NaN (row-stride gaps and a guard region included) before
+// each run, every element checked. Also: every e2m1 / e4m3 code × scale dequantises exactly through the MMA path,
+// split-K is bitwise deterministic and leaves its tickets zero, and unsupported calls are refused with a message naming
+// the problem. Every comparison runs through every load path the layout and token count allow (generic; aligned;
+// streamed through shared memory). The bf16 output is the fp32 output rounded, bit for bit; run_linear
+// (linear_dispatch) gives the CPU's results whichever kernel gemm_from_tokens picks (grouped, bf16 output included).
+// The RMSNorm prologue equals run_rms_norm (bf16 output) followed by the op bit for bit, and the CPU's rms_norm +
+// linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
+// STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
+// changes a bit; prefetching the next call's weights into L2 changes no bit either.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -294,7 +294,8 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
       for (int t = 0; t < tokens; ++t)
         for (int64_t n = c.rows; n < y_stride; ++n)
-          ASSERT_TRUE(is_poison(run.y[size_t(t * y_stride + n)])) << "write into the y stride gap at t=" << t << " n=" << n;
+          ASSERT_TRUE(is_poison(run.y[size_t(t * y_stride + n)]))
+              << "write into the y stride gap at t=" << t << " n=" << n;
       for (size_t i = size_t(tokens) * size_t(y_stride); i < run.y.size(); ++i)
         ASSERT_TRUE(is_poison(run.y[i])) << "write past the end of y at float " << i;
       if (failures > 0) std::printf("  %s: max error / tolerance %.3g\n", describe(c, tokens).c_str(), max_error_ratio);
@@ -377,7 +378,8 @@ TEST(QuantizedLinear, GroupedOutputProjection) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 300;
   // Flash wo_a: [8 · 1024, 4096] in G = 8 groups, x = [T, 8 · 4096]; every format.
-  for (const TestFormat format : kAllFormats) check_against_cpu({format, 8 * 1024, 4096, 8}, all_token_counts(), seed++);
+  for (const TestFormat format : kAllFormats)
+    check_against_cpu({format, 8 * 1024, 4096, 8}, all_token_counts(), seed++);
   // Pro wo_a: G = 16; and a small grouped case with strided x and y.
   check_against_cpu({TestFormat::FP8_E8M0, 16 * 1024, 4096, 16}, {1, 16, 64}, seed++);
   check_against_cpu({TestFormat::MXFP4, 3 * 64, 416, 3, 24, 5}, all_token_counts(), seed++);
@@ -475,7 +477,8 @@ TEST(QuantizedLinear, DequantisesEveryCodeAndScaleExactly) {
     OwnedQuantizedMatrix m = allocate_quantized_matrix(WeightFormat::FP8_BLOCK128, kRows, kCols, ScaleType::E8M0);
     std::vector<float> expected(size_t(kRows * kCols));
     for (int64_t band = 0; band < 2; ++band)
-      for (int64_t b = 0; b < 128; ++b) m.storage->scales[size_t(band * 128 + b)] = uint8_t(std::min<int64_t>(band * 128 + b, 254));
+      for (int64_t b = 0; b < 128; ++b)
+        m.storage->scales[size_t(band * 128 + b)] = uint8_t(std::min<int64_t>(band * 128 + b, 254));
     for (int64_t n = 0; n < kRows; ++n)
       for (int64_t k = 0; k < kCols; ++k) {
         uint8_t code = uint8_t((n * 131 + k) % 256);
@@ -918,7 +921,8 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
 
       for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
         SCOPED_TRACE(describe({c.format, c.rows, c.cols}, tokens) + " " + path_name(path));
-        const QuantizedLinearConfig config = choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
+        const QuantizedLinearConfig config =
+            choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
         const size_t outputs = size_t(tokens) * size_t(c.rows);
         DeviceBuffer two_launches = poisoned(outputs, "y rms_norm then linear"), fused = poisoned(outputs, "y fused");
         QuantizedLinearParams p{.weight = weight.view(),
@@ -1011,8 +1015,8 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
   expect_error([&] { check_quantized_linear_scales(big_scale.matrix, "layer 3 expert 7 w1"); },
                {"layer 3 expert 7 w1", "scale code 129", "row 3, block 5"});
 
-  QuantizedLinearConfig other = choose_quantized_linear_config(good.weight, 1, 1, list_devices().front().multiprocessors,
-                                                               WeightLoadPath::GENERIC);
+  QuantizedLinearConfig other = choose_quantized_linear_config(
+      good.weight, 1, 1, list_devices().front().multiprocessors, WeightLoadPath::GENERIC);
   other.chunk_k += 128;
   expect_error([&] { run_quantized_linear(good, other); }, "is not the one choose_quantized_linear_config gives");
   DeviceMatrixView unaligned = good.weight;
