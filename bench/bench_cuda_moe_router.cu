@@ -1,8 +1,7 @@
 // The MoE router stage alone on the GPU (run_moe_routing at T <= 8 with fused_routing: logits of E experts from an
 // fp32 u over the router, scoring with a bias, top 6, weights and the bucketing of work items, one launch) for
 // V4-Flash (E 256, d 4096) and V4-Pro (E 384, d 7168) routers in F32 and BF16, T ∈ {1, 2, 4, 8}, through two paths:
-// "fused" (moe_router_logits_kernel with the routing in its last CTA), "decode" (MoeRoutingParams::decode_router) and
-// "decode-share" (decode_router_shares_sms).
+// "fused" (moe_router_logits_kernel with the routing in its last CTA) and "decode" (MoeRoutingParams::decode_router).
 // Each timing is a CUDA graph of back-to-back calls, chained by programmatic dependent launch as in a decode step,
 // that rotates over enough router layers (fresh random weights each) for every call to read its router from HBM;
 // reported: µs per call, the byte floor (router bytes / same-run copy bandwidth, read + write counted, as every
@@ -155,8 +154,8 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
   const DeviceBuffer u = to_device(normal_floats(size_t(max_tokens) * m.hidden, 1.0f, rng), "u");
   for (const int T : token_counts) {
     RoutingWorkspace workspace(m, T);
-    const char* const paths[] = {"fused", "decode", "decode-share"};
-    for (int path = 0; path < 3; ++path) {
+    const char* const paths[] = {"fused", "decode"};
+    for (int path = 0; path < 2; ++path) {
       auto call = [&](cudaStream_t s, int layer) {
         run_moe_routing(MoeRoutingParams{
             .router = DeviceMatrixView{.format = format,
@@ -172,8 +171,7 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
             .out = workspace.buffers(),
             .stream = s,
             .fused_routing = true,
-            .decode_router = path > 0,
-            .decode_router_shares_sms = path == 2,
+            .decode_router = path == 1,
         });
         if (follower != nullptr) follower->launch(s);
       };

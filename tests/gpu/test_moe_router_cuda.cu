@@ -1,16 +1,16 @@
-// The decode router (run_moe_routing with fused_routing and decode_router, T <= 8) against the fused router kernel
-// it replaces and the CPU: every output buffer (u in bf16, expert ids and weights, offsets, row tokens, slot rows,
-// work items and their count) must be byte-identical to the fused router kernel's (the logits scratch, where the
-// decode router leaves s = sqrt(softplus(logit)), must hold the fused kernel's logits so transformed, to fp32
-// rounding of the host's log1p/exp), with and without decode_router_shares_sms, on V4-Flash (E 256, d 4096)
-// and V4-Pro (E 384, d 7168) routers in F32 and BF16, scored (with and without a bias) and hash-routed layers, odd
-// shapes (E 40, d 264, top 5, 3 rows per work item; E 8, d 8, top 1), the largest supported shape (E 512, d 12288,
-// top 32: 256 slots, rows staged in several CTAs per SM), exactly tied scores (duplicated router rows: ties go to
-// the lower expert index) and a NaN router row; T = 1..8. Independently of the old kernel: the expert ids match
-// cpu::moe_route where the top-k is clear of near-ties and the weights within fp32 rounding (the CPU's log1p/exp
-// differ from CUDA's by an ulp or so), and the bucketing is rebuilt on the host from the GPU's ids (stable counting
-// sort, shared expert last, work items in row order). Outputs are poisoned (0xFF) before each run, so a missing or
-// stray write changes the bytes; the ticket and status words must come back zero (or the first bad token + 1).
+// The decode router (run_moe_routing with fused_routing and decode_router, T <= 8) against the fused router kernel it
+// replaces and the CPU: every output buffer (u in bf16, expert ids and weights, offsets, row tokens, slot rows, work
+// items and their count) must be byte-identical to the fused router kernel's (the logits scratch, where the decode
+// router leaves s = sqrt(softplus(logit)), must hold the fused kernel's logits so transformed, to fp32 rounding of the
+// host's log1p/exp), on V4-Flash (E 256, d 4096) and V4-Pro (E 384, d 7168) routers in F32 and BF16, scored (with and
+// without a bias) and hash-routed layers, odd shapes (E 40, d 264, top 5, 3 rows per work item; E 8, d 8, top 1), the
+// largest supported shape (E 512, d 12288, top 32: 256 slots, rows staged in several CTAs per SM), exactly tied scores
+// (duplicated router rows: ties go to the lower expert index) and a NaN router row; T = 1..8. Independently of the old
+// kernel: the expert ids match cpu::moe_route where the top-k is clear of near-ties and the weights within fp32
+// rounding (the CPU's log1p/exp differ from CUDA's by an ulp or so), and the bucketing is rebuilt on the host from the
+// GPU's ids (stable counting sort, shared expert last, work items in row order). Outputs are poisoned (0xFF) before
+// each run, so a missing or stray write changes the bytes; the ticket and status words must come back zero (or the
+// first bad token + 1).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -171,7 +171,7 @@ std::vector<T> as(const std::vector<uint8_t>& bytes) {
 
 // Runs the routing of `u` (and `tokens` on hash layers) with the decode router or the fused router kernel.
 RoutingOutputs route(const RouterLayer& layer, const DeviceBuffer& u, const DeviceBuffer& tokens, int T,
-                     bool decode_router, int calls = 1, bool shares_sms = false) {
+                     bool decode_router, int calls = 1) {
   const RouterShape& s = layer.shape;
   RoutingRun run(s, T);
   MoeRoutingParams p{
@@ -189,7 +189,6 @@ RoutingOutputs route(const RouterLayer& layer, const DeviceBuffer& u, const Devi
       .stream = nullptr,
       .fused_routing = true,
       .decode_router = decode_router,
-      .decode_router_shares_sms = shares_sms,
   };
   for (int c = 0; c < calls; ++c) run_moe_routing(p);
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -291,18 +290,13 @@ void check_case(const RouterLayer& layer, int T, uint64_t seed, int bad_token = 
 
   const RoutingOutputs expected = route(layer, d_u, d_tokens, T, false);
   const RoutingOutputs actual = route(layer, d_u, d_tokens, T, true);
-  const RoutingOutputs sharing = route(layer, d_u, d_tokens, T, true, 1, true);
   using Image = std::vector<uint8_t> RoutingOutputs::*;
   const std::pair<Image, const char*> images[] = {
       {&RoutingOutputs::u_bf16, "u_bf16"},
       {&RoutingOutputs::ids, "expert_ids"},        {&RoutingOutputs::weights, "expert_weights"},
       {&RoutingOutputs::offsets, "expert_offsets"}, {&RoutingOutputs::row_tokens, "row_tokens"},
       {&RoutingOutputs::slot_rows, "slot_rows"},   {&RoutingOutputs::work_items, "work_items"}};
-  for (const auto& [image, what] : images) {
-    EXPECT_EQ(first_difference(expected.*image, actual.*image, what), "");
-    EXPECT_EQ(first_difference(expected.*image, sharing.*image, what), "") << "decode_router_shares_sms";
-  }
-  EXPECT_EQ(first_difference(actual.logits, sharing.logits, "scores"), "") << "decode_router_shares_sms";
+  for (const auto& [image, what] : images) EXPECT_EQ(first_difference(expected.*image, actual.*image, what), "");
   const std::vector<float> logits = as<float>(expected.logits), scores = as<float>(actual.logits);
   for (size_t i = 0; i < logits.size(); ++i) {
     const double v = logits[i], s = std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));

@@ -54,13 +54,10 @@ void launch_decode_router(const MoeRoutingParams& p) {
   const size_t row_bytes = size_t(p.router.cols) * (p.router.format == WeightFormat::BF16 ? 2 : 4);
   constexpr int kFew = moe::kDecodeFewKeysPerLane, kMax = moe::kDecodeMaxKeysPerLane;
   const bool bf16 = p.router.format == WeightFormat::BF16, few_keys = experts <= kFew * moe::kWarpSize;
-  auto pick = [&]<bool kSharesSms>() {
-    return bf16 && few_keys ? moe::moe_router_decode_kernel<true, kFew, kSharesSms>
-           : bf16           ? moe::moe_router_decode_kernel<true, kMax, kSharesSms>
-           : few_keys       ? moe::moe_router_decode_kernel<false, kFew, kSharesSms>
-                            : moe::moe_router_decode_kernel<false, kMax, kSharesSms>;
-  };
-  auto* kernel = p.decode_router_shares_sms ? pick.template operator()<true>() : pick.template operator()<false>();
+  auto* kernel = bf16 && few_keys ? moe::moe_router_decode_kernel<true, kFew>
+                 : bf16           ? moe::moe_router_decode_kernel<true, kMax>
+                 : few_keys       ? moe::moe_router_decode_kernel<false, kFew>
+                                  : moe::moe_router_decode_kernel<false, kMax>;
   cudaFuncAttributes attributes{};
   DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   int device = 0, optin_bytes = 0;

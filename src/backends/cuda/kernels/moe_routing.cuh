@@ -428,11 +428,11 @@ __global__ void __launch_bounds__(kRouterWarpsPerCta * kWarpSize) moe_router_log
 // (cold code, the ticket's and the scores' round trips) is what is left.
 inline constexpr int kDecodeRouterThreads = 256;
 inline constexpr int kDecodeRouterWarps = kDecodeRouterThreads / kWarpSize;
-// u vectors per lane loaded before their products: 16 (one round trip at d 4096, ~170 registers), or 8 where the
-// kernel shares its SMs (MoeRoutingParams::decode_router_shares_sms: at most 128 registers, so a following streamed
-// expert CTA fits beside it).
-template <bool kSharesSms>
-inline constexpr int kDecodeUBatch = kSharesSms ? 8 : 16;
+// u vectors per lane loaded before their products: 16, one round trip at d 4096 (~170 registers). 8 (at most 128
+// registers, so a following streamed expert CTA fits beside the router's) was not faster: H200,
+// bench_cuda_moe_router --follower, Flash bf16, router + expert-sized follower 10.37 against 10.07 µs at T = 1,
+// 17.52 against 15.59 at T = 8.
+inline constexpr int kDecodeUBatch = 16;
 // Experts per lane in the selecting warp (the kernel's kKeys): 8 up to 256 experts (V4-Flash), else 16; the smaller
 // unrolled body matters to the one CTA that runs it, from a cold instruction cache.
 inline constexpr int kDecodeFewKeysPerLane = 8;
@@ -607,10 +607,8 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
   }
 }
 
-template <bool kBf16, int kKeys, bool kSharesSms>
-__global__ void __launch_bounds__(kDecodeRouterThreads, kSharesSms ? 2 : 1)
-    moe_router_decode_kernel(const DecodeRouterArgs args) {
-  constexpr int kUBatch = kDecodeUBatch<kSharesSms>;
+template <bool kBf16, int kKeys>
+__global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_kernel(const DecodeRouterArgs args) {
   extern __shared__ __align__(128) uint8_t staged_rows[];  // [rows][d] as stored
   __shared__ uint64_t rows_landed;
   __shared__ DecodeRouteScratch scratch;
@@ -649,16 +647,16 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, kSharesSms ? 2 : 1)
     const float4* u = reinterpret_cast<const float4*>(a.u + size_t(t) * a.hidden);
     float sum = 0.0f;
 #pragma unroll 1
-    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kUBatch) {
-      float4 x[kUBatch][2];
+    for (int k0 = lane * kRouterVector; k0 < a.hidden; k0 += kWarpSize * kRouterVector * kDecodeUBatch) {
+      float4 x[kDecodeUBatch][2];
 #pragma unroll
-      for (int b = 0; b < kUBatch; ++b) {
+      for (int b = 0; b < kDecodeUBatch; ++b) {
         const int k = k0 + b * kWarpSize * kRouterVector;
         if (k < a.hidden) x[b][0] = __ldg(u + k / 4), x[b][1] = __ldg(u + k / 4 + 1);
       }
       sm90::mbarrier_wait(&rows_landed, 0);  // after the u loads: their round trip overlaps the rows' landing
 #pragma unroll
-      for (int b = 0; b < kUBatch; ++b) {
+      for (int b = 0; b < kDecodeUBatch; ++b) {
         const int k = k0 + b * kWarpSize * kRouterVector;
         if (k >= a.hidden) break;
         uint4 raw[kRouterVectorWords<kBf16>];

@@ -76,11 +76,6 @@ struct MoeRoutingParams {
   // same bits, 2-2.6× faster at T = 1; each CTA stages its router rows in shared memory before waiting for u, and the
   // routing CTA keeps scores, choices and slots on chip; moe_routing.cuh). Needs a 16-byte aligned router.
   bool decode_router = true;
-  // The decode router in at most 128 registers per thread (u loaded 8 vectors at a time: two round trips at d 4096),
-  // so a following kernel's CTAs of 256 threads × 128 registers (the streamed experts) can start beside its CTAs.
-  // Off: not faster (H200, bench_cuda_moe_router --follower, Flash bf16: router + expert-sized follower 10.37 against
-  // 10.07 µs at T = 1, 17.52 against 15.59 at T = 8).
-  bool decode_router_shares_sms = false;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
