@@ -607,6 +607,18 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
   }
 }
 
+// u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's and the
+// single-launch MoE's (moe_single_launch.cuh) CTAs share the conversion.
+__device__ __forceinline__ void convert_u_slice(const RouterLogitsArgs& a) {
+  const int quads = a.tokens * a.hidden / 4;
+  for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < quads; i += int(gridDim.x * blockDim.x)) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(a.u) + i);
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16) + 2 * i;
+    dst[0] = __floats2bfloat162_rn(v.x, v.y);
+    dst[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+}
+
 template <bool kBf16, int kKeys>
 __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_kernel(const DecodeRouterArgs args) {
   extern __shared__ __align__(128) uint8_t staged_rows[];  // [rows][d] as stored
@@ -673,14 +685,7 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     // The scratch holds s = sqrt(softplus(logit)) here: each CTA scores its own rows, not the routing CTA all.
     if (lane == 0) a.logits[size_t(t) * a.experts + row_begin + local_row] = sqrt_softplus(sum);
   }
-  // u rounded to bf16 for the expert GEMMs, a grid-strided slice per CTA (after the products: off their path).
-  const int quads = a.tokens * a.hidden / 4;
-  for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < quads; i += int(gridDim.x * blockDim.x)) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(a.u) + i);
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16) + 2 * i;
-    dst[0] = __floats2bfloat162_rn(v.x, v.y);
-    dst[1] = __floats2bfloat162_rn(v.z, v.w);
-  }
+  convert_u_slice(a);  // after the products: off their path
   if (hash_slot) {
     scratch.hash_ids[threadIdx.x] = hash_id;
     if (threadIdx.x % route.top_k == 0) scratch.token_outside_vocab[threadIdx.x / route.top_k] = outside;

@@ -150,17 +150,6 @@ __device__ __forceinline__ void compute_router_rows(const RouterLogitsArgs& a, i
     router_row_logits<kBf16>(a, row, lane, acc);
 }
 
-// u rounded to bf16 (the expert GEMMs' x), a grid-strided slice per CTA.
-__device__ __forceinline__ void convert_u_slice(const RouterLogitsArgs& a) {
-  const int quads = a.tokens * a.hidden / 4;
-  for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < quads; i += int(gridDim.x * blockDim.x)) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(a.u) + i);
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(a.u_bf16) + 2 * i;
-    dst[0] = __floats2bfloat162_rn(v.x, v.y);
-    dst[1] = __floats2bfloat162_rn(v.z, v.w);
-  }
-}
-
 template <bool kBf16Router>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_single_launch_kernel(const SingleLaunchArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
