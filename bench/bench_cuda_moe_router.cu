@@ -30,11 +30,13 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
+#include "../tests/support/moe_routing_buffers.hpp"
 #include "cuda_bench_support.hpp"
 
 namespace dsv4::cuda {
@@ -113,34 +115,6 @@ RouterLayer make_layer(const RouterModel& m, WeightFormat format, std::mt19937& 
   return layer;
 }
 
-// The routing outputs and scratch of one call (shared by every call, as the model's workspace is).
-struct RoutingWorkspace {
-  DeviceBuffer logits, u_bf16, ids, weights, offsets, row_tokens, slot_rows, work_items, words;
-  RoutingWorkspace(const RouterModel& m, int T)
-      : logits(size_t(T) * m.experts * 4, "logits"), u_bf16(size_t(T) * m.hidden * 2, "u_bf16"),
-        ids(size_t(T) * m.top_k * 4, "ids"), weights(size_t(T) * m.top_k * 4, "weights"),
-        offsets(size_t(m.experts + 2) * 4, "offsets"), row_tokens(size_t(T) * (m.top_k + 1) * 4, "row tokens"),
-        slot_rows(size_t(T) * m.top_k * 4, "slot rows"),
-        work_items(size_t(moe_max_work_items(T, m.experts, m.top_k, kRowsPerItem)) * sizeof(MoeWorkItem), "items"),
-        words(16, "ticket, status, count") {
-    words.fill_bytes(0);
-  }
-  static constexpr int kRowsPerItem = 64;
-  MoeRoutingBuffers buffers() {
-    return MoeRoutingBuffers{.logits = logits.as<float>(),
-                             .u_bf16 = u_bf16.as<__nv_bfloat16>(),
-                             .expert_ids = ids.as<int32_t>(),
-                             .expert_weights = weights.as<float>(),
-                             .expert_offsets = offsets.as<int32_t>(),
-                             .row_tokens = row_tokens.as<int32_t>(),
-                             .slot_rows = slot_rows.as<int32_t>(),
-                             .work_items = work_items.as<MoeWorkItem>(),
-                             .work_item_count = words.as<int32_t>() + 2,
-                             .finished_ctas = words.as<uint32_t>(),
-                             .status = words.as<int32_t>() + 1};
-  }
-};
-
 void bench_model(const RouterModel& m, WeightFormat format, const std::vector<int>& token_counts, bool ncu,
                  Follower* follower, double copy_gbps, size_t l2_bytes, cudaStream_t stream,
                  std::vector<Result>& results) {
@@ -153,7 +127,8 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
   const int max_tokens = *std::max_element(token_counts.begin(), token_counts.end());
   const DeviceBuffer u = to_device(normal_floats(size_t(max_tokens) * m.hidden, 1.0f, rng), "u");
   for (const int T : token_counts) {
-    RoutingWorkspace workspace(m, T);
+    // The routing outputs and scratch (shared by every call, as the model's workspace is).
+    MoeRoutingRunBuffers workspace(m.experts, m.hidden, m.top_k, kMoeRowsPerWorkItem, T);
     const char* const paths[] = {"fused", "decode"};
     for (int path = 0; path < 2; ++path) {
       auto call = [&](cudaStream_t s, int layer) {
@@ -167,8 +142,8 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
             .tokens = T,
             .top_k = m.top_k,
             .routed_scaling_factor = 1.5f,
-            .rows_per_item = RoutingWorkspace::kRowsPerItem,
-            .out = workspace.buffers(),
+            .rows_per_item = kMoeRowsPerWorkItem,
+            .out = workspace.view(),
             .stream = s,
             .fused_routing = true,
             .decode_router = path == 1,

@@ -32,6 +32,7 @@
 #include "core/bf16.hpp"
 #include "core/quantized_matrix.hpp"
 #include "support/device_buffers.hpp"
+#include "support/moe_routing_buffers.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -117,35 +118,11 @@ struct RoutingOutputs {
 };
 
 // The device buffers of one routing call, poisoned.
-struct RoutingRun {
-  int T, E, K;
-  int64_t d, max_items;
-  DeviceBuffer logits, u_bf16, ids, weights, offsets, row_tokens, slot_rows, work_items, words;
+struct RoutingRun : MoeRoutingRunBuffers {
   RoutingRun(const RouterShape& s, int tokens)
-      : T(tokens), E(int(s.experts)), K(s.top_k), d(s.hidden),
-        max_items(moe_max_work_items(tokens, s.experts, s.top_k, s.rows_per_item)),
-        logits(size_t(T) * E * 4, "logits"), u_bf16(size_t(T) * d * 2, "u_bf16"), ids(size_t(T) * K * 4, "ids"),
-        weights(size_t(T) * K * 4, "weights"), offsets(size_t(E + 2) * 4, "offsets"),
-        row_tokens(size_t(T) * (K + 1) * 4, "row_tokens"), slot_rows(size_t(T) * K * 4, "slot_rows"),
-        work_items(size_t(max_items) * sizeof(MoeWorkItem), "work_items"), words(16, "ticket, status, count") {
+      : MoeRoutingRunBuffers(s.experts, s.hidden, s.top_k, s.rows_per_item, tokens) {
     for (DeviceBuffer* b : {&logits, &u_bf16, &ids, &weights, &offsets, &row_tokens, &slot_rows, &work_items})
       b->fill_bytes(0xFF);
-    words.fill_bytes(0);
-  }
-  MoeRoutingBuffers buffers() {
-    return MoeRoutingBuffers{
-        .logits = logits.as<float>(),
-        .u_bf16 = u_bf16.as<__nv_bfloat16>(),
-        .expert_ids = ids.as<int32_t>(),
-        .expert_weights = weights.as<float>(),
-        .expert_offsets = offsets.as<int32_t>(),
-        .row_tokens = row_tokens.as<int32_t>(),
-        .slot_rows = slot_rows.as<int32_t>(),
-        .work_items = work_items.as<MoeWorkItem>(),
-        .work_item_count = words.as<int32_t>() + 2,
-        .finished_ctas = words.as<uint32_t>(),
-        .status = words.as<int32_t>() + 1,
-    };
   }
   RoutingOutputs download() const {
     auto bytes = [](const DeviceBuffer& b) {
@@ -185,7 +162,7 @@ RoutingOutputs route(const RouterLayer& layer, const DeviceBuffer& u, const Devi
       .top_k = s.top_k,
       .routed_scaling_factor = kScaling,
       .rows_per_item = s.rows_per_item,
-      .out = run.buffers(),
+      .out = run.view(),
       .stream = nullptr,
       .fused_routing = true,
       .decode_router = decode_router,
