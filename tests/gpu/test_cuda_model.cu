@@ -118,8 +118,8 @@ float quantile(const std::vector<RowError>& errors, double q) {
 
 constexpr int kListedRows = 16;
 
-// Prints the distribution of row errors and the first rows over `listed` (row: error, token, CPU → GPU value; * where the
-// argmax differs), then checks it against `bounds`.
+// Prints the distribution of row errors and the first rows over `listed` (row: error, token, CPU → GPU value; * where
+// the argmax differs), then checks it against `bounds`.
 void expect_rows_within(const std::string& what, const std::vector<RowError>& errors, RowBounds bounds,
                         float listed) {
   const float median = quantile(errors, 0.5), p90 = quantile(errors, 0.9), worst = quantile(errors, 1.0);

@@ -6,8 +6,8 @@
 // - Orders values as floats (-0 equals +0; +inf is a value like any other). NaN: the CPU sampler refuses such a row;
 //   here the row's lowest NaN position is returned (always a valid id, so a fed-back step cannot index out of the
 //   vocabulary) and *nan_flag (optional) is set to 1; the flag is never cleared by the kernel.
-// - One cluster of 8 CTAs per row (rows < 2^31 / 8); 16-byte loads where the rows are 16-byte aligned. Asynchronous on `stream`, no allocation, no
-//   synchronisation (CUDA-graph capturable).
+// - One cluster of 8 CTAs per row (rows < 2^31 / 8); 16-byte loads where the rows are 16-byte aligned. Asynchronous
+//   on `stream`, no allocation, no synchronisation (CUDA-graph capturable).
 #pragma once
 
 #include <cuda_runtime.h>
