@@ -4,6 +4,7 @@
 #include <bit>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
 #include "core/error.hpp"
 
@@ -227,23 +228,9 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   const auto kernel = slice_updates ? compressor::compressor_kernel<true> : compressor::compressor_kernel<false>;
   if (smem > 48 * 1024)
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(ctas));
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = smem;
-  config.stream = params[0].stream;
-  // A programmatic dependent launch (ptx/dependent_launch.cuh), and a cluster launch only where entries are split
-  // (a cluster of one would take the cluster scheduling path for nothing).
-  cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = unsigned(hardware_cluster);
-  attributes[1].val.clusterDim.y = 1;
-  attributes[1].val.clusterDim.z = 1;
-  config.attrs = attributes;
-  config.numAttrs = hardware_cluster > 1 ? 2 : 1;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, launch));
+  // A programmatic dependent launch, in clusters only where entries are split.
+  launch_dependent_clusters(kernel, ctas, threads, smem, hardware_cluster, params[0].stream, "compressor_kernel",
+                            launch);
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 

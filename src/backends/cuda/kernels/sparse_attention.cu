@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <limits>
-#include <utility>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
@@ -40,27 +40,6 @@ constexpr double kCombineMergeTiles = 2.0, kClusterMergeTiles = 1.5;
 // launch, is kept); Flash HCA at 1M context, 260 tiles: a 16-CTA cluster 45.7 µs against 52 splits + combine 28.5 µs.
 constexpr double kCombineAboveClusterTiles = 4.0;
 
-// A programmatic dependent launch of `kernel` over `ctas` CTAs (clusters of `cluster` CTAs when > 1).
-template <class... KernelArgs, class... Args>
-void launch_attention_kernel(void (*kernel)(KernelArgs...), int64_t ctas, int threads, int shared_bytes, int cluster,
-                             cudaStream_t stream, const char* name, Args&&... args) {
-  cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = unsigned(cluster);
-  attributes[1].val.clusterDim.y = 1;
-  attributes[1].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(ctas));
-  config.blockDim = dim3(unsigned(threads));
-  config.dynamicSmemBytes = size_t(shared_bytes);
-  config.stream = stream;
-  config.attrs = attributes;
-  config.numAttrs = cluster > 1 ? 2 : 1;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), name, __FILE__, __LINE__);
-}
-
 template <int kHeadDim, int kHeadTiles, bool kFp8>
 void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int head_blocks) {
   const auto kernel = sparse_attention_kernel<kHeadDim, kHeadTiles, kFp8>;
@@ -70,8 +49,8 @@ void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int he
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedMemoryPerSm));
     return true;
   });
-  launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, TileConfig<kHeadDim, kHeadTiles>::kThreads,
-                          plan.total, 1, p.stream, "sparse_attention", p, plan, head_blocks);
+  launch_dependent_clusters(kernel, p.tokens * head_blocks * p.splits, TileConfig<kHeadDim, kHeadTiles>::kThreads,
+                            plan.total, 1, p.stream, "sparse_attention", p, plan, head_blocks);
 }
 
 template <int kHeadDim>
@@ -91,8 +70,8 @@ void dispatch_tiles(const SparseAttentionParams& p, const SharedMemoryPlan& plan
 // The second pass of a split call: merges the splits' partial outputs.
 void launch_combine(const SparseAttentionParams& p) {
   if (p.splits <= 1) return;
-  launch_attention_kernel(sparse_attention_combine_kernel, p.tokens * p.heads, kCombineThreads, 0, 1, p.stream,
-                          "sparse_attention combine", p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
+  launch_dependent_clusters(sparse_attention_combine_kernel, p.tokens * p.heads, kCombineThreads, 0, 1, p.stream,
+                            "sparse_attention combine", p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
 }
 
 // The wgmma kernel serves head_dim 512 with more than 32 heads (blocks of 64, padded); fp8 entries in DeepSeek's
@@ -174,8 +153,8 @@ void launch_d512(const SparseAttentionParams& p) {
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
-  launch_attention_kernel(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
-                          p.stream, "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
+  launch_dependent_clusters(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
+                            p.stream, "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
 }  // namespace
