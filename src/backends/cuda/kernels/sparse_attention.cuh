@@ -141,7 +141,8 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
                                                              const float (&row_sum)[2],
                                                              float (&inverse_denominator)[2]) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
+  for (int r = 0; r < 2; ++r)
+    inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
 }
 
 // 2^x by the MUFU unit alone (ex2.approx.ftz): exp2f adds a range test and two multiplications per call for denormal
