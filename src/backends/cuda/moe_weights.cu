@@ -241,8 +241,8 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
   const std::string layer(what);
   check_moe_config(config);
   const int64_t E = config.experts;
-  check(int64_t(host.experts.size()) == E, "moe: ", layer, " has ", host.experts.size(), " routed experts, config says ",
-        E);
+  check(int64_t(host.experts.size()) == E, "moe: ", layer, " has ", host.experts.size(),
+        " routed experts, config says ", E);
   host.gate.check_layout(layer + " router");
   for (int64_t e = 0; e <= E; ++e) {
     const ExpertWeights& x = e < E ? host.experts[size_t(e)] : host.shared;

@@ -33,7 +33,8 @@ void run_moe_combine(const MoeCombineParams& p) {
                               .tokens = p.tokens,
                               .top_k = p.top_k,
                               .hidden = p.hidden};
-  const dim3 grid(unsigned((p.hidden / 4 + moe::kCombineThreads - 1) / moe::kCombineThreads), unsigned(std::min(p.tokens, 65535)));
+  const dim3 grid(unsigned((p.hidden / 4 + moe::kCombineThreads - 1) / moe::kCombineThreads),
+                  unsigned(std::min(p.tokens, 65535)));  // the kernel strides over the tokens past 65535
   launch_chained(moe::moe_combine_kernel, grid, dim3(moe::kCombineThreads), 0, p.stream, args, "moe_combine_kernel");
 }
 

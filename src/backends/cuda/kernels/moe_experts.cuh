@@ -208,8 +208,8 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
 
 // One pass over up to 8·NT rows of an item starting at row_base.
 template <tile::TileFormat F, ExpertGemm G, int NT>
-__device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base, int tokens,
-                         uint8_t* smem) {
+__device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base,
+                                         int tokens, uint8_t* smem) {
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
   const int lane = threadIdx.x % tile::kWarpSize;
   const int64_t row0 = int64_t(blockIdx.x) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
@@ -252,8 +252,8 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
 }
 
 template <tile::TileFormat F, ExpertGemm G>
-__device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert, const MoeWorkItem& item,
-                              uint8_t* smem) {
+__device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
+                                              const MoeWorkItem& item, uint8_t* smem) {
   if (item.row_count <= kSmallTokenTiles * tile::kTokensPerMma) {
     run_pass<F, G, kSmallTokenTiles>(a, expert, item.row_begin, item.row_count, smem);
     return;
@@ -574,14 +574,13 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
-  uint8_t* ring =
-      tile::stream::align_slots(smem) + size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
+  uint8_t* ring = tile::stream::align_slots(smem) +
+                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
   if (shared_item)
-    with_tile_format(a.shared_format,
-                     [&]<tile::TileFormat F>() {
-                       start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
-                     });
+    with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
+      start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
+    });
   if (!has_work_item_after_prior_grids(a)) return;
   const MoeWorkItem item = a.work_items[blockIdx.y];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.

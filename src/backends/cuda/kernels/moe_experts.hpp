@@ -71,9 +71,9 @@ struct MoeExpertGemmParams {
   // an item, so they suit items of few rows); every expert matrix must pass moe_streamed_tiles_apply.
   bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
-  // Streamed kernels: fp4 stages through the MoE's own leaner e2m1 decode (moe_experts.cuh, namespace
-  // lean: ~3 integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x
-  // and zeros). Same operands, same MMAs in the same order: the same bits.
+  // Streamed kernels: fp4 stages through the MoE's own leaner e2m1 decode (moe_experts.cuh, namespace lean: ~3
+  // integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x and
+  // zeros). Same operands, same MMAs in the same order: the same bits.
   bool lean_decode = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
