@@ -1,7 +1,7 @@
-// GEMM for quantized weights on Hopper tensor cores (prefill and batched decode): y[T, N] = x[T, K] · Wᵀ, x bf16, y fp32, W stored as
-// BF16, FP8_BLOCK128 (e8m0 or f32 scales), MXFP4 or NVFP4 on the device. W4A16 / W8A16: the weight is dequantised to
-// bf16 in registers (the wgmma A fragment) and multiplied with bf16 wgmma, fp32 accumulation (TMA + mbarrier ring,
-// one producer warp, two consumer warpgroups; quantized_gemm.cuh).
+// GEMM for quantized weights on Hopper tensor cores (prefill and batched decode): y[T, N] = x[T, K] · Wᵀ, x bf16, y
+// fp32, W stored as BF16, FP8_BLOCK128 (e8m0 or f32 scales), MXFP4 or NVFP4 on the device. W4A16 / W8A16: the weight is
+// dequantised to bf16 in registers (the wgmma A fragment) and multiplied with bf16 wgmma, fp32 accumulation (TMA +
+// mbarrier ring, one producer warp, two consumer warpgroups; quantized_gemm.cuh).
 //
 // Dispatch contract:
 // - Correct for any T >= 1 and any N >= 1; tuned for 9 to thousands of tokens: T <= 64 runs 64-token tiles, more
@@ -13,11 +13,11 @@
 //   between N and the stride are not written. The output must not alias x or the workspace.
 // - groups > 1 is the grouped output projection (wo_a): G blocks of N/G rows, N/G a multiple of 128, and
 //   y[t, g·(N/G) + r] = Σ_k W[g·(N/G) + r, k] · x[t, g·K + k], in one launch.
-// - Split-K: for T <= kGemmMaxSplitTokens, when the output tiles alone leave SMs idle, K is split (up to 4 ways)
-//   over CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each tile (an atomic ticket)
-//   adds them in split order (deterministic) and resets its ticket. The workspace (quantized_gemm_workspace_bytes) must be
-//   zero-filled ONCE when allocated and may then serve any number of launches on one stream (never two launches
-//   running concurrently). Larger T never splits and needs no workspace.
+// - Split-K: for T <= kGemmMaxSplitTokens, when the output tiles alone leave SMs idle, K is split (up to 4 ways) over
+//   CTAs that write fp32 partial sums to the caller's workspace; the last CTA of each tile (an atomic ticket) adds them
+//   in split order (deterministic) and resets its ticket. The workspace (quantized_gemm_workspace_bytes) must be
+//   zero-filled ONCE when allocated and may then serve any number of launches on one stream (never two launches running
+//   concurrently). Larger T never splits and needs no workspace.
 // - Numerics: products e2m1·scale and e4m3·e8m0 are exact in bf16, so the result differs from an fp32 reference
 //   fed the same (bf16) x only in summation order. FP8_BLOCK128 with F32 scales rounds each e4m3·scale to bf16
 //   (relative error <= 2^-8 per weight). NVFP4's global scale is applied to the fp32 sum.

@@ -287,9 +287,11 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
 
   check(reduce != SplitKReduce::CLUSTER || streamed, "quantized_linear: the cluster split-K reduction runs on the ",
         "streamed load path only");
-  config.reduce = reduce == SplitKReduce::CLUSTER && config.k_splits > 1 ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
+  config.reduce =
+      reduce == SplitKReduce::CLUSTER && config.k_splits > 1 ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
-        weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits, " CTAs, beyond the launch limits");
+        weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits,
+        " CTAs, beyond the launch limits");
   if (config.k_splits > 1 && config.reduce == SplitKReduce::WORKSPACE) {
     check(ticket_bytes_of(config.row_blocks) <= kLinearTicketAreaBytes, "quantized_linear: weight [", weight.rows,
           ", ", weight.cols, "] splits K over ", config.row_blocks, " row blocks, more tickets than the workspace's ",
@@ -342,7 +344,8 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
           params.groups);
     check(w.cols <= kRmsNormMaxWidth, "quantized_linear: the RMSNorm prologue takes K up to ", kRmsNormMaxWidth,
           ", not ", w.cols);
-    check(reinterpret_cast<uintptr_t>(params.norm_x) % 4 == 0 && reinterpret_cast<uintptr_t>(params.norm_weight) % 4 == 0,
+    check(reinterpret_cast<uintptr_t>(params.norm_x) % 4 == 0 &&
+              reinterpret_cast<uintptr_t>(params.norm_weight) % 4 == 0,
           "quantized_linear: norm_x and norm_weight must be 4-byte aligned");
   } else {
     check(params.norm_weight == nullptr, "quantized_linear: norm_weight is set without norm_x");

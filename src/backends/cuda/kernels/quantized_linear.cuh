@@ -220,7 +220,8 @@ __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& arg
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
-__global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized_linear_kernel(const LinearKernelArgs args) {
+__global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT))
+    quantized_linear_kernel(const LinearKernelArgs args) {
   extern __shared__ uint4 x_tile_storage[];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
@@ -235,12 +236,14 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT)) quantized
   const __nv_bfloat16* x_group = args.x + group * w.cols;
 
   float acc[NT][4] = {};
-  if (row0 < cta_row_end) tile::prefetch_weight_tile<F>(w, row0, split_begin, min(split_end, split_begin + args.chunk_k));
+  if (row0 < cta_row_end)
+    tile::prefetch_weight_tile<F>(w, row0, split_begin, min(split_end, split_begin + args.chunk_k));
   prepare_norm<8>(args, x_tile, inv_rms);  // the register-path kernels have none to spare
   for (int64_t chunk_begin = split_begin; chunk_begin < split_end; chunk_begin += args.chunk_k) {
     const int64_t chunk_end = min(split_end, chunk_begin + args.chunk_k);
     // Overlaps staging (the first chunk's was asked for before the norm's reduction).
-    if (row0 < cta_row_end && chunk_begin != split_begin) tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);
+    if (row0 < cta_row_end && chunk_begin != split_begin)
+      tile::prefetch_weight_tile<F>(w, row0, chunk_begin, chunk_end);
     if (chunk_begin != split_begin) __syncthreads();  // the previous chunk's tile is no longer read
     stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, NT * tile::kTokensPerMma, x_tile);
     __syncthreads();

@@ -60,11 +60,10 @@ enum class WeightLoadPath : uint8_t { AUTO, ALIGNED, GENERIC, STREAMED };
 
 inline constexpr int kLinearMaxStreamedTokens = 16;
 
-// How split-K partial sums meet: AUTO picks (CLUSTER on the STREAMED path, when the load path is AUTO too, for grids
-// of at most two CTAs per SM, and at T <= 8 for small matrices whose K still splits 8+ ways within 2.5 CTAs per SM;
-// else WORKSPACE); WORKSPACE, through the caller's workspace and an
-// atomic ticket per row block; CLUSTER, inside a thread-block cluster (STREAMED path only, at most
-// kLinearMaxClusterSplits splits, so K may be split fewer ways).
+// How split-K partial sums meet: AUTO picks (CLUSTER on the STREAMED path, when the load path is AUTO too, for grids of
+// at most two CTAs per SM, and at T <= 8 for small matrices whose K still splits 8+ ways within 2.5 CTAs per SM; else
+// WORKSPACE); WORKSPACE, through the caller's workspace and an atomic ticket per row block; CLUSTER, inside a
+// thread-block cluster (STREAMED path only, at most kLinearMaxClusterSplits splits, so K may be split fewer ways).
 enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit

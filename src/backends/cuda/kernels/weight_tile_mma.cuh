@@ -3,12 +3,12 @@
 // (mma.sync m16n8k16, the WEIGHT on the M side, tokens on N), dequantising the weight to bf16 in registers.
 //
 // Contract (for every user of this header: quantized_linear, the MoE expert GEMMs):
-// - Weight: any DeviceMatrixView [rows, cols] in the host layout. One lane reads 16 contiguous stored bytes per row
-//   per step. kAlignedTile = true is the fast path, for callers that guarantee weight_rows_aligned(w) (every DSV4
-//   shape) and row0 % 16 == 0: plain 16-byte loads and one FP8 block scale per tile. kAlignedTile = false takes any
-//   layout (tiny test models: K = 24, 48, ...; tiles across 128-row bands): rows that are not 16-byte aligned are
-//   gathered bytewise (a uniform branch), FP8 scales are read per row. FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be <= 128 (check_quantized_linear_scales in
-//   quantized_linear.hpp says why and refuses others at upload time).
+// - Weight: any DeviceMatrixView [rows, cols] in the host layout. One lane reads 16 contiguous stored bytes per row per
+//   step. kAlignedTile = true is the fast path, for callers that guarantee weight_rows_aligned(w) (every DSV4 shape)
+//   and row0 % 16 == 0: plain 16-byte loads and one FP8 block scale per tile. kAlignedTile = false takes any layout
+//   (tiny test models: K = 24, 48, ...; tiles across 128-row bands): rows that are not 16-byte aligned are gathered
+//   bytewise (a uniform branch), FP8 scales are read per row. FP8 scales may be e8m0 or fp32; MXFP4 scale codes must be
+//   <= 128 (check_quantized_linear_scales in quantized_linear.hpp says why and refuses others at upload time).
 // - A warp tile is rows [row0, row0 + 16) with 0 <= row0 < rows (any alignment); rows past the matrix re-read the
 //   last row (their results are finite garbage and must not be stored).
 // - The k range [k_begin, k_end): k_begin a multiple of kTileKAlignment (128: the FP8 block and the fp4 step),
@@ -38,11 +38,12 @@
 //   0 2 1 3 4 6 5 7, bf16: identity); within every 4·kValuesPerLoad-wide step the chunks are transposed from
 //   [lane t][chunk i of the lane] to [i][t], so the 4 lanes of a group read 64 contiguous bytes. The row stride is
 //   64 bytes more than a multiple of 128, so the two token rows of a quarter-warp fall in different banks.
-// - Latency: loads are issued a batch of S steps at a time (2·S × 16 bytes per lane, in registers), and the next
-//   batch is in flight while the current one is decoded and multiplied. (A per-warp cp.async ring in shared memory
-//   instead measured 20-50 % slower on an H200: a wait and a shared round trip per step. The streamed tiles at the
-//   end of this file wait once per 4 KB stage filled by three TMA copies, and measured 1.1-1.7x faster at T <= 8.) With few token tiles the MMAs rotate over 4 / NT independent
-//   accumulators (consecutive mma.sync into one accumulator serialise on its latency).
+// - Latency: loads are issued a batch of S steps at a time (2·S × 16 bytes per lane, in registers), and the next batch
+//   is in flight while the current one is decoded and multiplied. (A per-warp cp.async ring in shared memory instead
+//   measured 20-50 % slower on an H200: a wait and a shared round trip per step. The streamed tiles at the end of this
+//   file wait once per 4 KB stage filled by three TMA copies, and measured 1.1-1.7x faster at T <= 8.) With few token
+//   tiles the MMAs rotate over 4 / NT independent accumulators (consecutive mma.sync into one accumulator serialise on
+//   its latency).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -143,7 +144,8 @@ __device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word) {
   return (magnitude & 0x01C001C0u) | ((word << kSignShift) & 0x80008000u);
 }
 
-// Bytes (0, 2) (H = 0) or (1, 3) (H = 1) of a word of e4m3 → bf16x2 (value × 2^-120): magnitude to 4..10, sign to 15.
+// Bytes (0, 2) (H = 0) or (1, 3) (H = 1) of a word of e4m3 → bf16x2 (value × 2^-120): magnitude to 4..10, sign
+// to 15.
 template <int H>
 __device__ __forceinline__ uint32_t e4m3_pair_bits(uint32_t word) {
   if constexpr (H == 0)
