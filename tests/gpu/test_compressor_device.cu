@@ -301,9 +301,7 @@ class CaseCheck {
       std::vector<uint16_t> keys(size_t(kSlots * capacity_ * c_.head_dim));
       d_keys_.download(keys.data(), keys.size() * 2);
       for (int slot = 0; slot < kSlots; ++slot) {
-        const Sequence* owner = nullptr;
-        for (const Sequence& sq : sequences_) owner = sq.slot == slot ? &sq : owner;
-        const int64_t written = owner != nullptr ? owner->total : 0;
+        const int64_t written = entries_in_slot(slot);
         for (int64_t i = written * c_.head_dim; i < capacity_ * c_.head_dim; ++i)
           ASSERT_EQ(keys[size_t(slot * capacity_ * c_.head_dim + i)], 0xFFFF)
               << "slot " << slot << " element " << i << " written past its entries";
@@ -319,9 +317,7 @@ class CaseCheck {
       d_keys_.download(codes.data(), codes.size());
       d_scales_.download(scales.data(), scales.size() * 4);
       for (int slot = 0; slot < kSlots; ++slot) {
-        const Sequence* owner = nullptr;
-        for (const Sequence& sq : sequences_) owner = sq.slot == slot ? &sq : owner;
-        const int64_t written = owner != nullptr ? owner->total : 0;
+        const int64_t written = entries_in_slot(slot);
         for (int64_t i = written * c_.head_dim; i < capacity_ * c_.head_dim; ++i)
           ASSERT_EQ(codes[size_t(slot * capacity_ * c_.head_dim + i)], 0xFF)
               << "slot " << slot << " code " << i << " written past its entries";
@@ -396,6 +392,12 @@ class CaseCheck {
   static constexpr int kSlots = 2 * kSequences + 1;
   // fp8 scales per slot: one more than the capacity, so the stride differs from the entries'.
   int64_t scale_stride() const { return capacity_ + 1; }
+  // Entries the run wrote into `slot`: its sequence's total, none where no sequence owns it.
+  int64_t entries_in_slot(int slot) const {
+    for (const Sequence& sq : sequences_)
+      if (sq.slot == slot) return sq.total;
+    return 0;
+  }
   static constexpr int kCacheLayer = 1, kPageRows = 8;
 
   CompressorCase c_;
