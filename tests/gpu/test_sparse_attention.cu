@@ -106,9 +106,11 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   std::vector<uint8_t> entry(static_cast<size_t>(layout.entry_bytes));
   for (int s = 0; s < S; ++s) ASSERT_EQ(cache.add_sequence(), s);
   // Interleave the sequences' allocations so logical neighbours live on scattered pages.
-  for (int s = 0; s < S; ++s) cache.ensure_rows(s, kLayer, KvArray::Window, std::min<int64_t>(c.window_capacity, c.lengths[size_t(s)]));
+  for (int s = 0; s < S; ++s)
+    cache.ensure_rows(s, kLayer, KvArray::Window, std::min<int64_t>(c.window_capacity, c.lengths[size_t(s)]));
   for (int s = S - 1; s >= 0; --s) {
-    compressed_count[size_t(s)] = c.compressed_slots > 0 ? std::min<int64_t>(max_compressed, c.lengths[size_t(s)] / 4 + 1) : 0;
+    compressed_count[size_t(s)] =
+        c.compressed_slots > 0 ? std::min<int64_t>(max_compressed, c.lengths[size_t(s)] / 4 + 1) : 0;
     cache.ensure_rows(s, kLayer, KvArray::Compressed, compressed_count[size_t(s)]);
   }
   cache.upload_page_table(nullptr);
