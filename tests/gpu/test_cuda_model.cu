@@ -343,4 +343,22 @@ TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
   EXPECT_THROW(model.length(slot), Error);
 }
 
+TEST(CudaModel, RefusesAnOptionThatWouldBeIgnored) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const ModelFixture f("models/tiny-fortunes");
+  cuda::CudaModelOptions options;
+  options.max_context = 32;
+  options.indexer_prepare_in_compressors = true;  // the defaults run the compressors on the branch stream
+  try {
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+    FAIL() << "indexer_prepare_in_compressors with parallel_compressors was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("indexer_prepare_in_compressors needs"), std::string::npos) << e.what();
+  }
+  options.parallel_compressors = false;
+  options.parallel_indexer = false;
+  options.indexer_prepare_in_scores = false;
+  EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
+}
+
 }  // namespace

@@ -386,6 +386,11 @@ struct CudaModel::Impl {
           " must be positive");
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
     check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
+    // Refused rather than ignored: the preparation rides only in the paired compressors' launch on the main stream.
+    check(!o.indexer_prepare_in_compressors || (o.fuse_projections && o.fuse_compressor_pools &&
+                                                !o.parallel_compressors && !o.indexer_prepare_in_scores),
+          "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, ",
+          "parallel_compressors and indexer_prepare_in_scores off");
     stream = context.compute_stream();
     graphs_enabled = !cuda_graphs_disabled();
     const int L = c.num_layers;
