@@ -443,7 +443,7 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
   }
 }
 
-// 16: the decode kernel's largest launch (a full token tile).
+// 16: the cluster decode kernel's largest launch (a full token tile).
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
