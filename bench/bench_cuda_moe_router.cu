@@ -36,7 +36,7 @@
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 
-#include "../tests/support/moe_routing_buffers.hpp"
+#include "support/moe_routing_buffers.hpp"
 #include "cuda_bench_support.hpp"
 
 namespace dsv4::cuda {
