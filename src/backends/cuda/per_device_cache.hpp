@@ -50,4 +50,20 @@ class PerDeviceCache {
   std::vector<Entry> entries_;  // a handful of kernels × devices: a linear scan beats hashing
 };
 
+// The dynamic shared memory `kernel` may use on the current device (the device's opt-in limit per block less the
+// kernel's static shared memory), set as the kernel's attribute on its first use on each device: launchers whose size
+// varies per call check against it instead of setting the attribute on every call.
+inline int max_dynamic_shared_memory(const void* kernel) {
+  static PerDeviceCache<int> cache;
+  return cache.get(kernel, [&] {
+    cudaFuncAttributes attributes{};
+    DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    int optin_bytes = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()));
+    const int bytes = optin_bytes - int(attributes.sharedSizeBytes);
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    return bytes;
+  });
+}
+
 }  // namespace dsv4::cuda

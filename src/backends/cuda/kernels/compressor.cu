@@ -6,6 +6,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -226,8 +227,10 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
   const auto kernel = slice_updates ? compressor::compressor_kernel<true> : compressor::compressor_kernel<false>;
-  if (smem > 48 * 1024)
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (smem > 48 * 1024) {
+    const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+    check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);
+  }
   // A programmatic dependent launch, in clusters only where entries are split.
   launch_dependent_clusters(kernel, ctas, threads, smem, hardware_cluster, params[0].stream, "compressor_kernel",
                             launch);

@@ -5,6 +5,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/moe_routing.cuh"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -58,18 +59,12 @@ void launch_decode_router(const MoeRoutingParams& p) {
                  : bf16           ? moe::moe_router_decode_kernel<true, kMax>
                  : few_keys       ? moe::moe_router_decode_kernel<false, kFew>
                                   : moe::moe_router_decode_kernel<false, kMax>;
-  cudaFuncAttributes attributes{};
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  int device = 0, optin_bytes = 0;
-  DSV4_CUDA_CHECK(cudaGetDevice(&device));
-  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t budget = size_t(optin_bytes) - attributes.sharedSizeBytes;
+  const size_t budget = size_t(max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel)));
   check(budget >= row_bytes, "moe routing: a router row of ", row_bytes, " bytes does not fit the decode router's ",
         budget, " bytes of shared memory");
   const int per_sm = (experts + current_multiprocessors() - 1) / current_multiprocessors();
   const int rows_per_cta = std::max(1, std::min(per_sm, int(budget / row_bytes)));
   const size_t smem = size_t(rows_per_cta) * row_bytes;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const moe::DecodeRouterArgs args{
       .logits = moe::router_logits_args(p, rows_per_cta),
       .route = moe::route_args(p),
