@@ -1,7 +1,8 @@
 // What the runtime drives: a model that runs a sequence's next tokens and returns logits, whatever runs it (the
 // CPU backend through Dsv4Model, or the GPU's CudaModel). Sequences are created by the model that runs them. A model
 // whose logits live on a device may also pick the next token there (samples_on_device), so that only the token
-// comes back.
+// comes back. A batched step runs several sequences' next tokens (prompt chunks and decode tokens mixed) in one
+// call: one kernel pass on a GPU, the sequences one after the other on the CPU.
 #pragma once
 
 #include "core/error.hpp"
@@ -9,7 +10,9 @@
 #include "io/model_config.hpp"
 #include "model/backend.hpp"
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
 #include <string>
@@ -19,6 +22,28 @@ namespace dsv4 {
 
 // Which positions of a call get logits.
 enum class LogitRows { All, Last };
+
+// One sequence's part of a batched step.
+struct BatchEntry {
+  SequenceCache* sequence = nullptr;
+  std::span<const int32_t> ids;  // its next tokens: a prompt chunk or one decode token
+  // forward_batch_and_sample: how to pick the token after ids' last (Sampler::device_step); null: no token wanted
+  // (a prompt chunk before the last).
+  const sampling::SamplingStep* sampling = nullptr;
+};
+
+// What one batched step may hold.
+struct BatchLimits {
+  int sequences = std::numeric_limits<int>::max();            // entries
+  int64_t tokens = std::numeric_limits<int64_t>::max();       // tokens of all entries together
+  int64_t entry_tokens = std::numeric_limits<int64_t>::max();  // tokens of one entry
+};
+
+// A token picked on the device for one entry of a batched step, or why there is none.
+struct SampledEntry {
+  int32_t token = -1;  // -1: the entry wanted no token, or `error` says why it has none
+  std::string error;   // Sampler::sample's message for NaN / +inf / all -inf logits
+};
 
 class LanguageModel {
  public:
@@ -42,6 +67,30 @@ class LanguageModel {
   // Sampler::sample for NaN / +inf / all -inf logits.
   virtual int32_t forward_and_sample(SequenceCache& /*sequence*/, int32_t /*id*/,
                                      const sampling::SamplingStep& /*step*/) {
+    fail("model on ", device(), ": sampling on the device is not supported");
+  }
+
+  virtual BatchLimits batch_limits() const { return {}; }
+  // Runs every entry's ids at its sequence's next positions (sequences distinct) and writes fp32 logits
+  // [entries, vocab], row i for the last token of entry i. Throws like forward; where a step fails after it began,
+  // the sequences of the step are in an undefined state (release them). This default runs the entries one after
+  // the other through forward: the numbers of separate calls.
+  virtual void forward_batch(std::span<const BatchEntry> entries, std::vector<float>& logits) {
+    check(!entries.empty(), "batched step: no sequences");
+    const size_t vocab = size_t(config().vocab_size);
+    logits.resize(entries.size() * vocab);
+    std::vector<float> row;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      check(entries[i].sequence != nullptr, "batched step: entry ", i, " has no sequence");
+      forward(*entries[i].sequence, entries[i].ids, LogitRows::Last, row);
+      std::copy(row.begin(), row.end(), logits.begin() + int64_t(i * vocab));
+    }
+  }
+  // forward_batch, then each entry with `sampling` picks its next token on the device (samples_on_device), the token
+  // Sampler::sample would pick from the same logits; tokens[i] for entry i. A bad row (NaN logits) fails alone, in
+  // its SampledEntry::error; a failing step throws like forward_batch.
+  virtual void forward_batch_and_sample(std::span<const BatchEntry> /*entries*/,
+                                        std::vector<SampledEntry>& /*tokens*/) {
     fail("model on ", device(), ": sampling on the device is not supported");
   }
 };

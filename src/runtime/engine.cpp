@@ -8,7 +8,6 @@
 #endif
 
 #include "core/error.hpp"
-#include "tokenizer/streaming_decoder.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -38,7 +37,6 @@ Engine::Engine(const EngineOptions& options) : options_(options) {
   if (tokenizer_ && tokenizer_->has_eos()) eos_ids_.push_back(tokenizer_->eos_id());
   std::sort(eos_ids_.begin(), eos_ids_.end());
   eos_ids_.erase(std::unique(eos_ids_.begin(), eos_ids_.end()), eos_ids_.end());
-  check(options.prefill_chunk > 0, "prefill chunk must be positive, got ", options.prefill_chunk);
   if (options.progress)
     std::fprintf(stderr, "loaded %s weights (%.1f MiB, %s layout) on the %s backend in %.2f s\n",
                  std::string(to_string(options.numerics)).c_str(), double(checkpoint_.weight_bytes()) / (1 << 20),
@@ -48,6 +46,8 @@ Engine::Engine(const EngineOptions& options) : options_(options) {
 std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) {
   const ModelConfig& config = checkpoint_.config;
   check(options.max_context >= 0, "--ctx must not be negative, got ", options.max_context);
+  check(options.prefill_chunk > 0, "prefill chunk must be positive, got ", options.prefill_chunk);
+  check(options.max_batch >= 1, "--batch must be at least 1, got ", options.max_batch);
   std::string device = options.device;
 #if DSV4_HAVE_CUDA
   if (device == "auto") device = cuda::list_devices().empty() ? "cpu" : "cuda";
@@ -70,7 +70,9 @@ std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) 
                                             : std::min<int64_t>(config.max_position_embeddings, 8192);
   check(gpu.max_context <= config.max_position_embeddings, "--ctx ", gpu.max_context,
         " exceeds the model's context of ", config.max_position_embeddings, " tokens");
-  gpu.max_step_tokens = std::min<int64_t>(options.prefill_chunk, 4096);
+  gpu.max_sequences = options.max_batch;
+  // Room for a whole prompt chunk beside every other sequence's decode token in one step.
+  gpu.max_step_tokens = std::min<int64_t>(options.prefill_chunk + options.max_batch - 1, 4096);
   std::optional<cuda::UploadProgressBar> bar;  // outlives the upload, which the constructor runs
   if (options.progress) gpu.progress = bar.emplace("uploading weights").callback();
   return std::make_unique<cuda::CudaLanguageModel>(config, checkpoint_.weights, gpu);
@@ -101,14 +103,12 @@ GenerationResult Engine::generate(const std::vector<int32_t>& prompt, const Samp
 
 GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                         const TextCallback& on_text, const std::atomic<bool>* cancel) {
-  const Tokenizer& tok = tokenizer();
   const int64_t context = model_->context_length();
   check(!prompt.empty(), "the prompt is empty");
   check(int64_t(prompt.size()) < context, "the prompt has ", prompt.size(), " tokens; the model's context is ",
         context, " tokens");
-  validate(params, config().vocab_size);
-
-  GenerationResult result;
+  GenerationStream stream(tokenizer(), params, eos_ids_, config().vocab_size, on_text);
+  GenerationResult& result = stream.result();
   result.prompt_tokens = int64_t(prompt.size());
   // Reuse the sequence when the prompt continues it (the compressor state cannot be rewound, so a prompt that
   // diverges anywhere starts over).
@@ -131,22 +131,10 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
   }
   result.prefill_seconds = seconds_since(prefill_start);
 
-  std::vector<int32_t> stop_ids = params.stop_token_ids;
-  stop_ids.insert(stop_ids.end(), eos_ids_.begin(), eos_ids_.end());
-  std::sort(stop_ids.begin(), stop_ids.end());
-  const StopCondition stop(stop_ids, params.max_tokens);
-  StopStringMatcher stop_strings(params.stop);
-  StreamingDecoder decoder(tok);
-  Sampler sampler(params, config().vocab_size);
-  auto emit = [&](const std::string& text) {
-    if (text.empty()) return;
-    result.text += text;
-    if (on_text) on_text(text);
-  };
-
   // The prompt's last logits come back from the prefill and are sampled here; after that a model that samples on its
   // device returns the next token itself (same parameters and random stream, so the same tokens).
   const bool sample_on_device = options_.sample_on_device && model_->samples_on_device();
+  Sampler& sampler = stream.sampler();
   std::optional<int32_t> device_token;
   const auto decode_start = std::chrono::steady_clock::now();
   std::optional<FinishReason> finish;
@@ -155,19 +143,12 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
       finish = FinishReason::Abort;
       break;
     }
-    const int32_t token = device_token ? *device_token : sampler.sample(logits, prompt, result.tokens);
-    result.tokens.push_back(token);
-    // A stop token ends the text without being shown; any other token is text first.
-    if (!std::binary_search(stop_ids.begin(), stop_ids.end(), token)) {
-      StopStringMatcher::Output out = stop_strings.push(decoder.push(token));
-      emit(out.text);
-      if (out.matched_stop) finish = FinishReason::Stop;
-    }
-    if (!finish) finish = stop.check(token, int64_t(result.tokens.size()));
+    const int32_t token = device_token ? *device_token : sampler.sample(logits, prompt, stream.tokens());
+    finish = stream.push(token);
     if (!finish && int64_t(sequence_ids_.size()) + 1 >= context) finish = FinishReason::Length;
     if (finish) break;
     if (sample_on_device) {
-      device_token = model_->forward_and_sample(*sequence_, token, sampler.device_step(prompt, result.tokens));
+      device_token = model_->forward_and_sample(*sequence_, token, sampler.device_step(prompt, stream.tokens()));
     } else {
       model_->forward(*sequence_, std::span(&token, 1), LogitRows::Last, logits);
     }
@@ -175,15 +156,9 @@ GenerationResult Engine::run_generation(const std::vector<int32_t>& prompt, cons
   }
   // The last sampled token was never run, so sequence_ids_ ends before it: a next prompt that contains it still
   // continues the sequence.
-  if (!stop_strings.matched()) {
-    StopStringMatcher::Output out = stop_strings.push(decoder.finish());
-    emit(out.text);
-    if (out.matched_stop) finish = FinishReason::Stop;
-    else emit(stop_strings.flush());
-  }
-  result.finish = *finish;
+  stream.finish(*finish);
   result.decode_seconds = seconds_since(decode_start);
-  return result;
+  return std::move(result);
 }
 
 }  // namespace dsv4

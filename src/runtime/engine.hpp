@@ -1,13 +1,13 @@
 // A loaded model ready to run: checkpoint weights, tokenizer, backend and forward pass, plus the generation loop
-// (prefill in chunks, then one token per step, sampling, stop conditions, UTF-8-safe streaming). The CLI's generate,
-// chat and logits commands, and later the server, sit on top of it.
+// (prefill in chunks, then one token per step, sampling, stop conditions, UTF-8-safe streaming) of one sequence. The
+// CLI's generate, chat and logits commands sit on top of it; runtime/batch_generator.hpp runs many requests at once
+// on its model.
 #pragma once
 
 #include "backends/cpu/cpu_backend.hpp"
 #include "model/checkpoint_loader.hpp"
 #include "model/language_model.hpp"
-#include "runtime/sampler.hpp"
-#include "runtime/stop_condition.hpp"
+#include "runtime/generation_stream.hpp"
 #include "tokenizer/bpe_tokenizer.hpp"
 
 #include <atomic>
@@ -31,25 +31,17 @@ struct EngineOptions {
   // On a GPU, decode steps pick the next token on the device (kernels/sampling.hpp): the logits stay there and only
   // the token comes back. Same parameters and random stream as the CPU Sampler, so the same tokens.
   bool sample_on_device = true;
+  // Sequences that may run at once (BatchGenerator's max_batch): on a GPU, the sequence slots whose KV cache and
+  // state are allocated at load, and a step's token capacity (prefill_chunk + max_batch - 1, so a prompt chunk fits
+  // beside every other sequence's decode token).
+  int max_batch = 1;
 };
-
-struct GenerationResult {
-  std::vector<int32_t> tokens;  // generated ids, the stop token included when one ended the generation
-  std::string text;             // the streamed text (stop string removed)
-  FinishReason finish = FinishReason::Length;
-  int64_t prompt_tokens = 0;      // tokens of the prompt
-  int64_t prefilled_tokens = 0;   // of those, run this time (the rest were reused from the previous call)
-  double prefill_seconds = 0;
-  double decode_seconds = 0;
-};
-
-// Called with each piece of text as soon as it is final (complete UTF-8, not part of a stop string).
-using TextCallback = std::function<void(std::string_view text)>;
 
 class Engine {
  public:
   explicit Engine(const EngineOptions& options);
 
+  const EngineOptions& options() const { return options_; }
   const ModelConfig& config() const { return checkpoint_.config; }
   const LoadedCheckpoint& checkpoint() const { return checkpoint_; }
   LanguageModel& model() { return *model_; }
@@ -64,7 +56,7 @@ class Engine {
   // token with FinishReason::Abort. Throws dsv4::Error for an empty prompt or one that leaves no room in the context.
   GenerationResult generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
                             const TextCallback& on_text, const std::atomic<bool>* cancel = nullptr);
-  // Forgets the reusable sequence.
+  // Forgets the reusable sequence (and gives its sequence slot back to the model).
   void reset();
 
  private:

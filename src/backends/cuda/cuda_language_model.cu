@@ -24,8 +24,8 @@ class CudaSequence final : public SequenceCache {
   int slot_;
 };
 
-CudaSequence& cuda_sequence(SequenceCache& sequence) {
-  auto* cuda_sequence = dynamic_cast<CudaSequence*>(&sequence);
+CudaSequence& cuda_sequence(SequenceCache* sequence) {
+  auto* cuda_sequence = dynamic_cast<CudaSequence*>(sequence);
   check(cuda_sequence != nullptr, "CUDA model: the sequence was not created by this model");
   return *cuda_sequence;
 }
@@ -43,34 +43,47 @@ class PinnedBuffer {
   void* data_ = nullptr;
 };
 
+bool all_single_tokens(std::span<const BatchEntry> entries) {
+  return std::all_of(entries.begin(), entries.end(), [](const BatchEntry& e) { return e.ids.size() == 1; });
+}
+
 }  // namespace
 
-// The sampling kernel's inputs (one RowParams, then the adjustments) and its result, on the device and staged in
-// pinned memory. Grows only when a step brings more adjustments than ever before.
+// The sampling kernel's inputs (RowParams per row, then the rows' adjustments) and results, on the device and staged
+// in pinned memory, for up to `rows` rows. Grows only when a step brings more adjustments than ever before. The
+// logits of the rows a mixed step samples are uploaded into `logits` (allocated on the first such step).
 struct CudaLanguageModel::DeviceSampling {
-  static size_t step_bytes(size_t adjustments) {
-    return sizeof(sampling::RowParams) + adjustments * sizeof(sampling::LogitAdjustment);
+  DeviceSampling(size_t rows, size_t adjustments)
+      : rows(rows),
+        adjustments(adjustments),
+        device_inputs(input_bytes(rows, adjustments), "sampling rows"),
+        host_inputs(input_bytes(rows, adjustments)),
+        device_results(rows * sizeof(SampledToken), "sampled tokens"),
+        host_results(rows * sizeof(SampledToken)) {}
+
+  static size_t input_bytes(size_t rows, size_t adjustments) {
+    return rows * sizeof(sampling::RowParams) + adjustments * sizeof(sampling::LogitAdjustment);
+  }
+  sampling::RowParams* host_rows() const { return static_cast<sampling::RowParams*>(host_inputs.data()); }
+  sampling::LogitAdjustment* host_adjustments() const {
+    return reinterpret_cast<sampling::LogitAdjustment*>(static_cast<unsigned char*>(host_inputs.data()) +
+                                                        rows * sizeof(sampling::RowParams));
   }
 
-  explicit DeviceSampling(size_t adjustments)
-      : capacity(adjustments),
-        device_step(step_bytes(adjustments), "sampling step"),
-        host_step(step_bytes(adjustments)),
-        device_result(sizeof(SampledToken), "sampled token"),
-        host_result(sizeof(SampledToken)) {}
-
-  size_t capacity;
-  DeviceBuffer device_step;
-  PinnedBuffer host_step;
-  DeviceBuffer device_result;
-  PinnedBuffer host_result;
+  size_t rows;
+  size_t adjustments;
+  DeviceBuffer device_inputs;
+  PinnedBuffer host_inputs;
+  DeviceBuffer device_results;
+  PinnedBuffer host_results;
+  std::unique_ptr<DeviceBuffer> logits;  // [rows, vocab] fp32
 };
 
 CudaLanguageModel::CudaLanguageModel(const ModelConfig& config, const ModelWeights& weights,
                                      const CudaModelOptions& options)
     : model_(std::make_shared<CudaModel>(config, weights, options)),
-      // Room for a step whose every context token is adjusted, plus a logit_bias of 1024 tokens.
-      sampling_(std::make_unique<DeviceSampling>(size_t(options.max_context) + 1024)) {}
+      // Room for a row whose every context token is adjusted, plus a logit_bias of 1024 tokens; grows on demand.
+      sampling_(std::make_unique<DeviceSampling>(size_t(options.max_sequences), size_t(options.max_context) + 1024)) {}
 
 CudaLanguageModel::~CudaLanguageModel() = default;
 
@@ -78,47 +91,148 @@ std::unique_ptr<SequenceCache> CudaLanguageModel::new_sequence() { return std::m
 
 void CudaLanguageModel::forward(SequenceCache& sequence, std::span<const int32_t> ids, LogitRows rows,
                                 std::vector<float>& logits) {
-  model_->forward(cuda_sequence(sequence).slot(), ids, rows, logits);
+  model_->forward(cuda_sequence(&sequence).slot(), ids, rows, logits);
+}
+
+BatchLimits CudaLanguageModel::batch_limits() const {
+  const CudaModelOptions& o = model_->options();
+  BatchLimits limits;
+  limits.sequences = o.max_sequences;
+  limits.tokens = std::max<int64_t>(o.max_step_tokens, o.max_sequences);
+  limits.entry_tokens = o.max_step_tokens;
+  return limits;
+}
+
+void CudaLanguageModel::forward_batch(std::span<const BatchEntry> entries, std::vector<float>& logits) {
+  check(!entries.empty(), "batched step: no sequences");
+  if (all_single_tokens(entries)) {
+    std::vector<int> slots;
+    std::vector<int32_t> ids;
+    for (const BatchEntry& e : entries) {
+      slots.push_back(cuda_sequence(e.sequence).slot());
+      ids.push_back(e.ids[0]);
+    }
+    model_->decode(slots, ids, logits);
+    return;
+  }
+  std::vector<StepSequence> sequences;
+  for (const BatchEntry& e : entries) sequences.push_back(StepSequence{cuda_sequence(e.sequence).slot(), e.ids});
+  model_->step(sequences, logits);
+}
+
+void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> entries,
+                                                 std::vector<SampledEntry>& tokens) {
+  check(!entries.empty(), "batched step: no sequences");
+  check(entries.size() <= sampling_->rows, "batched step: ", entries.size(), " sequences exceed max_sequences ",
+        sampling_->rows);
+  const int64_t vocab = model_->config().vocab_size;
+  const bool decode = all_single_tokens(entries);
+  // Sampled rows: every entry of a decode step (one without sampling draws a greedy token that is ignored, so the
+  // launch reads the logits in place); only the entries that sample after a mixed step.
+  std::vector<size_t> row_entry;
+  size_t adjustment_count = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].sampling) adjustment_count += entries[i].sampling->adjustments.size();
+    if (decode || entries[i].sampling) row_entry.push_back(i);
+  }
+  if (adjustment_count > sampling_->adjustments) {
+    sampling_ = std::make_unique<DeviceSampling>(sampling_->rows,
+                                                 std::max(adjustment_count, 2 * sampling_->adjustments));
+  }
+  DeviceSampling& buffers = *sampling_;
+  bool any_top_p = false;
+  int32_t next_adjustment = 0;
+  for (size_t r = 0; r < row_entry.size(); ++r) {
+    const sampling::SamplingStep* step = entries[row_entry[r]].sampling;
+    sampling::RowParams row;
+    row.temperature = 0.0f;  // an unsampled decode row: greedy, no draw
+    if (step) {
+      row = step->row;
+      row.adjustments_begin = next_adjustment;
+      row.adjustments_count = int32_t(step->adjustments.size());
+      std::copy(step->adjustments.begin(), step->adjustments.end(), buffers.host_adjustments() + next_adjustment);
+      next_adjustment += row.adjustments_count;
+      any_top_p = any_top_p || row.top_p < 1.0f;
+    }
+    buffers.host_rows()[r] = row;
+  }
+
+  const cudaStream_t stream = model_->stream();
+  const auto* device_rows = buffers.device_inputs.as<sampling::RowParams>();
+  const auto* device_adjustments = reinterpret_cast<const sampling::LogitAdjustment*>(
+      buffers.device_inputs.as<unsigned char>() + buffers.rows * sizeof(sampling::RowParams));
+  // Both parts of the staged inputs (the rows, the adjustments after all `rows` row slots) go up before the step, so
+  // the sampling kernel follows the step's last kernel directly.
+  if (!row_entry.empty()) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.device_inputs.data(), buffers.host_rows(),
+                                    row_entry.size() * sizeof(sampling::RowParams), cudaMemcpyHostToDevice, stream));
+  }
+  if (next_adjustment > 0) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(const_cast<sampling::LogitAdjustment*>(device_adjustments),
+                                    buffers.host_adjustments(),
+                                    size_t(next_adjustment) * sizeof(sampling::LogitAdjustment), cudaMemcpyHostToDevice,
+                                    stream));
+  }
+
+  const float* logits = nullptr;
+  std::vector<float> host_logits;
+  if (decode) {
+    std::vector<int> slots;
+    std::vector<int32_t> ids;
+    for (const BatchEntry& e : entries) {
+      slots.push_back(cuda_sequence(e.sequence).slot());
+      ids.push_back(e.ids[0]);
+    }
+    logits = model_->decode_on_device(slots, ids);
+  } else {
+    std::vector<StepSequence> sequences;
+    for (const BatchEntry& e : entries) sequences.push_back(StepSequence{cuda_sequence(e.sequence).slot(), e.ids});
+    model_->step(sequences, host_logits);
+    if (!buffers.logits) {
+      buffers.logits = std::make_unique<DeviceBuffer>(buffers.rows * size_t(vocab) * sizeof(float), "sampled logits");
+    }
+    for (size_t r = 0; r < row_entry.size(); ++r) {
+      DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.logits->as<float>() + r * size_t(vocab),
+                                      host_logits.data() + row_entry[r] * size_t(vocab), size_t(vocab) * sizeof(float),
+                                      cudaMemcpyHostToDevice, stream));
+    }
+    logits = buffers.logits->as<float>();
+  }
+
+  tokens.assign(entries.size(), SampledEntry{});
+  if (row_entry.empty()) return;
+  SamplingLaunchParams launch;
+  launch.logits = logits;
+  launch.rows = int64_t(row_entry.size());
+  launch.vocab = vocab;
+  launch.row_stride = vocab;
+  launch.row_params = device_rows;
+  launch.adjustments = device_adjustments;
+  launch.results = buffers.device_results.as<SampledToken>();
+  launch.any_top_p = any_top_p;
+  launch.stream = stream;
+  run_sampling(launch);
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.host_results.data(), launch.results, row_entry.size() * sizeof(SampledToken),
+                                  cudaMemcpyDeviceToHost, stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const auto* results = static_cast<const SampledToken*>(buffers.host_results.data());
+  for (size_t r = 0; r < row_entry.size(); ++r) {
+    if (!entries[row_entry[r]].sampling) continue;
+    try {
+      check_sampled_token(results[r]);
+      tokens[row_entry[r]].token = results[r].token;
+    } catch (const Error& e) {
+      tokens[row_entry[r]].error = e.what();
+    }
+  }
 }
 
 int32_t CudaLanguageModel::forward_and_sample(SequenceCache& sequence, int32_t id, const sampling::SamplingStep& step) {
-  const int slot = cuda_sequence(sequence).slot();
-  if (step.adjustments.size() > sampling_->capacity) {
-    sampling_ = std::make_unique<DeviceSampling>(std::max(step.adjustments.size(), 2 * sampling_->capacity));
-  }
-  DeviceSampling& buffers = *sampling_;
-  sampling::RowParams row = step.row;
-  row.adjustments_begin = 0;
-  row.adjustments_count = int32_t(step.adjustments.size());
-  auto* staged = static_cast<unsigned char*>(buffers.host_step.data());
-  std::memcpy(staged, &row, sizeof row);
-  if (!step.adjustments.empty()) {
-    std::memcpy(staged + sizeof row, step.adjustments.data(), step.adjustments.size_bytes());
-  }
-  const cudaStream_t stream = model_->stream();
-  // The parameters go first, so the sampling kernel follows the step's last kernel directly.
-  const size_t step_bytes = DeviceSampling::step_bytes(step.adjustments.size());
-  DSV4_CUDA_CHECK(
-      cudaMemcpyAsync(buffers.device_step.data(), staged, step_bytes, cudaMemcpyHostToDevice, stream));
-  const float* logits = model_->decode_on_device(std::span(&slot, 1), std::span(&id, 1));
-  SamplingLaunchParams launch;
-  launch.logits = logits;
-  launch.rows = 1;
-  launch.vocab = model_->config().vocab_size;
-  launch.row_stride = launch.vocab;
-  launch.row_params = buffers.device_step.as<sampling::RowParams>();
-  launch.adjustments = reinterpret_cast<const sampling::LogitAdjustment*>(
-      buffers.device_step.as<unsigned char>() + sizeof(sampling::RowParams));
-  launch.results = buffers.device_result.as<SampledToken>();
-  launch.any_top_p = row.top_p < 1.0f;
-  launch.stream = stream;
-  run_sampling(launch);
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.host_result.data(), launch.results, sizeof(SampledToken),
-                                  cudaMemcpyDeviceToHost, stream));
-  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const SampledToken result = *static_cast<const SampledToken*>(buffers.host_result.data());
-  check_sampled_token(result);
-  return result.token;
+  const BatchEntry entry{&sequence, std::span(&id, 1), &step};
+  std::vector<SampledEntry> tokens;
+  forward_batch_and_sample(std::span(&entry, 1), tokens);
+  check(tokens[0].error.empty(), tokens[0].error);
+  return tokens[0].token;
 }
 
 }  // namespace dsv4::cuda

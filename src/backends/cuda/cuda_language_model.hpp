@@ -1,6 +1,8 @@
 // CudaModel behind the runtime's LanguageModel interface: each SequenceCache the runtime creates holds one of the
-// model's sequence slots and gives it back when destroyed. Decode steps can sample on the device
-// (forward_and_sample): the logits stay there and only the chosen token is copied back.
+// model's sequence slots and gives it back when destroyed. Batched steps whose entries are all one token run as one
+// decode step (CudaModel::decode_on_device: a CUDA graph per batch size, replayed); steps with prompt chunks run as
+// one mixed kernel pass (CudaModel::step). Decode steps can sample on the device (forward_and_sample,
+// forward_batch_and_sample): one sampling launch over the step's rows, and only the chosen tokens are copied back.
 #pragma once
 
 #include "backends/cuda/cuda_model.hpp"
@@ -24,6 +26,13 @@ class CudaLanguageModel final : public LanguageModel {
   bool samples_on_device() const override { return true; }
   // One decode step of the sequence, then the sampling kernel (kernels/sampling.hpp) on the model's stream.
   int32_t forward_and_sample(SequenceCache& sequence, int32_t id, const sampling::SamplingStep& step) override;
+  // max_sequences entries; max(max_step_tokens, max_sequences) tokens, max_step_tokens of one entry.
+  BatchLimits batch_limits() const override;
+  void forward_batch(std::span<const BatchEntry> entries, std::vector<float>& logits) override;
+  // A step of one-token entries: the decode step, then one sampling launch over its logits on the device. A step
+  // with prompt chunks: the mixed step, whose logits come back; the rows to sample go up again for the same launch
+  // (a prompt chunk's step costs far more than that copy).
+  void forward_batch_and_sample(std::span<const BatchEntry> entries, std::vector<SampledEntry>& tokens) override;
 
  private:
   struct DeviceSampling;

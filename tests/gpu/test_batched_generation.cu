@@ -1,0 +1,121 @@
+// Continuous batching on the GPU (runtime/batch_generator.hpp over CudaLanguageModel): more requests than the batch
+// holds, prompts read in chunks mixed with other sequences' decode tokens (CudaModel::step), all-decode steps as
+// replayed CUDA graphs (or eager launches with DSV4_DISABLE_CUDA_GRAPHS=1) with one sampling launch over the rows,
+// sequences leaving and joining between steps. Each request's tokens and text must equal Engine::generate's for it
+// alone on the same model, greedy and seeded sampling, sampling on the device and on the host. The trained tiny model
+// (models/tiny-fortunes) has clear top-1 margins, so the batched kernels' summation order cannot flip a token.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "backends/cuda/device.hpp"
+#include "runtime/batch_generator.hpp"
+#include "runtime/engine.hpp"
+
+using namespace dsv4;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Case {
+  std::string prompt;
+  SamplingParams params;
+};
+
+std::vector<Case> cases() {
+  // Chat prompts of 9 to about 30 tokens (one to five 7-token chunks) and raw ones.
+  const char* prompts[] = {
+      "<｜begin▁of▁sentence｜><｜User｜>Tell me a fortune.<｜Assistant｜></think>",
+      "<｜begin▁of▁sentence｜><｜User｜>Tell me a long fortune about computers, cats, the sea and the stars, in the "
+      "words of an old proverb.<｜Assistant｜></think>",
+      "<｜begin▁of▁sentence｜>The best way to",
+      "<｜begin▁of▁sentence｜><｜User｜>Say something wise about patience and time.<｜Assistant｜></think>",
+      "<｜begin▁of▁sentence｜>Q: What do you call",
+      "<｜begin▁of▁sentence｜><｜User｜>Tell me a fortune about computers.<｜Assistant｜></think>",
+      "<｜begin▁of▁sentence｜>A"};
+  std::vector<Case> out;
+  for (size_t i = 0; i < std::size(prompts); ++i) {
+    Case c{prompts[i], {}};
+    c.params.max_tokens = 12 + int32_t(i) * 5;  // different lengths: sequences leave at different steps
+    if (i % 3 == 0) {
+      c.params.temperature = 0.0f;
+    } else {
+      c.params.temperature = 0.8f, c.params.top_k = 40, c.params.seed = 100 + i;
+      if (i % 3 == 2) c.params.top_p = 0.9f, c.params.repetition_penalty = 1.1f;
+    }
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+// Generates every case batched (max_batch 3 of 7 requests, a 7-token chunk, 10 prompt tokens per step) and alone,
+// on one model, and compares.
+void expect_batched_equals_alone(bool sample_on_device) {
+  EngineOptions options;
+  options.model_dir = (fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string();
+  options.progress = false;
+  options.device = "cuda";
+  options.max_context = 512;
+  options.prefill_chunk = 7;
+  options.max_batch = 3;
+  options.sample_on_device = sample_on_device;
+  Engine engine(options);
+  const std::vector<Case> all = cases();
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<GenerationResult> alone;
+  for (const Case& c : all) {
+    prompts.push_back(engine.tokenizer().encode(c.prompt));
+    engine.reset();
+    alone.push_back(engine.generate(prompts.back(), c.params, {}));
+  }
+
+  BatchGeneratorOptions batch = BatchGeneratorOptions::from(options);
+  batch.step_prefill_tokens = 10;
+  BatchGenerator generator(engine, batch);
+  std::vector<std::string> streamed(all.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    BatchRequest request;
+    request.prompt = prompts[i];
+    request.params = all[i].params;
+    request.on_text = [&streamed, i](std::string_view text) { streamed[i] += text; };
+    EXPECT_EQ(generator.submit(std::move(request)), i);
+  }
+  generator.run();
+  EXPECT_EQ(generator.stats().max_running, 3);
+  for (size_t i = 0; i < all.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i) + " '" + all[i].prompt + "'");
+    const std::optional<BatchOutcome> got = generator.take(i);
+    ASSERT_TRUE(got.has_value());
+    ASSERT_TRUE(got->ok()) << got->error;
+    EXPECT_EQ(got->result.tokens, alone[i].tokens);
+    EXPECT_EQ(got->result.text, alone[i].text);
+    EXPECT_EQ(streamed[i], got->result.text);
+    EXPECT_EQ(got->result.finish, alone[i].finish);
+    EXPECT_GE(alone[i].tokens.size(), 2u) << "too short to decode batched";
+  }
+}
+
+bool has_device() { return !cuda::list_devices().empty(); }
+
+}  // namespace
+
+TEST(BatchedGeneration, EqualsAloneWithCudaGraphs) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  expect_batched_equals_alone(true);
+}
+
+TEST(BatchedGeneration, EqualsAloneSamplingOnTheHost) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  expect_batched_equals_alone(false);
+}
+
+// The model reads DSV4_DISABLE_CUDA_GRAPHS when it is built: the same steps as eager launches.
+TEST(BatchedGeneration, EqualsAloneWithoutCudaGraphs) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  ::setenv("DSV4_DISABLE_CUDA_GRAPHS", "1", 1);
+  expect_batched_equals_alone(true);
+  ::unsetenv("DSV4_DISABLE_CUDA_GRAPHS");
+}
