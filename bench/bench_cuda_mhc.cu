@@ -6,7 +6,8 @@
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
-// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default. Inputs rotate over
+// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default; at every size the solo persistent
+// kernel (HcKernelChoice::PERSISTENT_SOLO: one CTA per SM) beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] (fewer token counts or
@@ -317,6 +318,11 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        const auto hc_pre_solo = [&](int i) {
+          Set& s = set(i);
+          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_SOLO);
+        };
+        record("hc_pre (solo persistent kernel)", hc_pre_solo, pre_bytes, 0.0);
         if (decode_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
           // The share of Sinkhorn's serial chain in the decode kernel's time.
@@ -377,6 +383,10 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
+        if (T > kFusedPostPreMaxTokens) {
+          const auto solo = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT_SOLO, false); };
+          record("hc_post_pre (solo persistent kernel)", solo, post_pre_bytes, 0.0);
+        }
         if (decode_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
           record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);
@@ -415,6 +425,8 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        const auto hc_head_solo = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_SOLO); };
+        record("hc_head (solo persistent kernel)", hc_head_solo, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);

@@ -9,7 +9,8 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO).
+// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO); every case also runs the solo
+// persistent kernel (PERSISTENT_SOLO), which must give the persistent kernel's bits where both take 64-dim slices.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -168,9 +169,10 @@ struct PreOutputBuffers {
 std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
-         (kernel == HcKernelChoice::CLUSTER ? " cluster kernel"
-          : kernel == HcKernelChoice::AUTO  ? " asynchronous cluster kernel (auto)"
-                                            : " persistent kernel");
+         (kernel == HcKernelChoice::CLUSTER           ? " cluster kernel"
+          : kernel == HcKernelChoice::AUTO            ? " asynchronous cluster kernel (auto)"
+          : kernel == HcKernelChoice::PERSISTENT_SOLO ? " solo persistent kernel"
+                                                      : " persistent kernel");
 }
 
 // The CPU's hc_pre of in.X and the magnitudes that bound the GPU's error.
@@ -447,11 +449,13 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
-// The kernels a launch of T tokens can take: the persistent one always, the cluster decode kernel and its asynchronous
-// variant (AUTO) up to their token limit.
+// The kernels a launch of T tokens can take: the persistent one and its solo variant always, the cluster decode kernel
+// and its asynchronous variant (AUTO) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
-  if (T <= kHcDecodeMaxTokens) return {HcKernelChoice::PERSISTENT, HcKernelChoice::CLUSTER, HcKernelChoice::AUTO};
-  return {HcKernelChoice::PERSISTENT};
+  if (T <= kHcDecodeMaxTokens)
+    return {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO, HcKernelChoice::CLUSTER,
+            HcKernelChoice::AUTO};
+  return {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO};
 }
 
 TEST(MhcGpu, HcPreMatchesCpu) {
@@ -548,6 +552,49 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
           expect_same_as_first_run(first_comb, download(outputs[size_t(i)].comb, size_t(T * kN * kN)), "comb");
         }
       }
+    }
+}
+
+// The solo persistent kernel sums the same values in the same order as the persistent kernel where that one takes
+// 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre and hc_head.
+TEST(MhcGpu, SoloKernelRepeatsThePersistentKernelsBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 1200;
+  for (const int64_t d : {int64_t(4096), int64_t(7168)})
+    for (const int64_t T : {int64_t(64), int64_t(1000)}) {
+      SCOPED_TRACE("T=" + std::to_string(T) + " d=" + std::to_string(d));
+      ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors).slice_dims, 64);
+      const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
+      const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
+                         scale = to_device(in.scale, "scale");
+      Workspace workspace = zeroed_workspace(T, d, "workspace");
+      std::vector<PreOutputBuffers> pre;
+      std::vector<DeviceBuffer> head;
+      const HcKernelChoice kernels[2] = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO};
+      for (const HcKernelChoice kernel : kernels) {
+        PreOutputBuffers& out = pre.emplace_back(T, d);
+        run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
+                    .tokens = T, .hidden = d, .y = out.y.as<float>(), .y_bf16 = out.y_bf16.as<__nv_bfloat16>(),
+                    .post = out.post.as<float>(), .comb = out.comb.as<float>(), .kernel = kernel,
+                    .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+        DeviceBuffer& h = head.emplace_back(poisoned(size_t(T * d), "h"));
+        run_hc_head({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
+                     .tokens = T, .hidden = d, .h = h.as<float>(), .kernel = kernel,
+                     .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+      }
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const auto expect_same_bits = [](const std::vector<float>& persistent, const std::vector<float>& solo,
+                                       const char* what) {
+        EXPECT_EQ(std::memcmp(persistent.data(), solo.data(), solo.size() * sizeof(float)), 0)
+            << "the solo kernel's " << what << " differs from the persistent kernel's";
+      };
+      const std::vector<float> y = download(pre[0].y, size_t(T * d));
+      for (const float v : y) ASSERT_FALSE(std::isnan(v)) << "the persistent kernel left y unwritten";
+      expect_same_bits(y, download(pre[1].y, size_t(T * d)), "y");
+      expect_same_bits(download(pre[0].post, size_t(T * kN)), download(pre[1].post, size_t(T * kN)), "post");
+      expect_same_bits(download(pre[0].comb, size_t(T * kN * kN)), download(pre[1].comb, size_t(T * kN * kN)),
+                       "comb");
+      expect_same_bits(download(head[0], size_t(T * d)), download(head[1], size_t(T * d)), "h");
     }
 }
 

@@ -100,11 +100,11 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims>
+template <bool kHead, bool kPost, int kSliceDims, bool kSolo = false>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kSolo>;
   constexpr int kThreads = mhc::projection_threads(kSliceDims);
-  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost);
+  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kSolo);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
@@ -115,8 +115,11 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
+// `choice` PERSISTENT_SOLO takes the solo variant (hc_pre / hc_head) where a CTA per 64-dim slice fits the card.
+// Its 64-dim slices need no more workspace than the launch's own choice (at most as many slices).
 template <bool kHead, bool kPost>
-void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op) {
+void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op,
+                    HcKernelChoice choice) {
   const int multiprocessors = current_multiprocessors();
   const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors, kPost);
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
@@ -126,6 +129,13 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
+  if constexpr (!kPost) {
+    const int64_t solo_slices = ceil_div(args.hidden, 64);
+    if (choice == HcKernelChoice::PERSISTENT_SOLO && solo_slices <= multiprocessors) {
+      args.slices = int(solo_slices);
+      return launch_projection<kHead, false, 64, true>(args, multiprocessors, stream, op);
+    }
+  }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
@@ -164,10 +174,11 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
-// The cluster decode kernel (either variant) serves a launch unless the persistent one is asked for or the launch is
+// The cluster decode kernel (either variant) serves a launch unless a persistent one is asked for or the launch is
 // beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return choice != HcKernelChoice::PERSISTENT && tokens <= kHcDecodeMaxTokens && hidden <= kHcDecodeMaxHidden;
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER) && tokens <= kHcDecodeMaxTokens &&
+         hidden <= kHcDecodeMaxHidden;
 }
 
 // The cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
@@ -355,7 +366,7 @@ void run_hc_pre(const HcPreParams& p) {
     return run_cluster_decode<false, false>(p.kernel, decode_args(p), p.workspace, p.stream, "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
-  run_projection<false, false>(args, p.workspace, p.stream, "hc_pre");
+  run_projection<false, false>(args, p.workspace, p.stream, "hc_pre", p.kernel);
   if (p.out_norm_weight != nullptr)
     run_output_norm(p.y, p.y_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
                     p.stream);
@@ -373,7 +384,7 @@ void run_hc_head(const HcHeadParams& p) {
     return run_cluster_decode<true, false>(p.kernel, decode_args(as_pre), p.workspace, p.stream, "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
-  run_projection<true, false>(args, p.workspace, p.stream, "hc_head");
+  run_projection<true, false>(args, p.workspace, p.stream, "hc_head", p.kernel);
   if (p.out_norm_weight != nullptr)
     run_output_norm(p.h, p.h_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
                     p.stream);
@@ -394,7 +405,7 @@ void run_hc_post_pre(const HcPostPreParams& p) {
                                            "hc_post_pre");
   mhc::ProjectionArgs args = with_fused_post(pre_projection_args(next), p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
-  run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre");
+  run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre", p.kernel);
   if (p.out_norm_weight != nullptr)
     run_output_norm(p.y, p.y_bf16, p.out_norm_weight, p.out_norm_round_to_bf16, p.tokens, p.hidden, p.norm_eps,
                     p.stream);

@@ -74,10 +74,12 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 
 // One warp per 32 columns of the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap. The fused
 // variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
-// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre and hc_head: 5).
+// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre and hc_head: 5). The solo variant
+// (HcKernelChoice::PERSISTENT_SOLO, 64-dim slices) runs one hc_pre / hc_head CTA per SM: fn's tf32 pairs split once
+// into registers, and a 12-deep X ring split between loads in flight and the cross-CTA hops' slack.
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
-__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post) {
-  return post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post, bool solo = false) {
+  return solo ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
 
@@ -95,16 +97,17 @@ __host__ __device__ constexpr int post_ring_bytes(int slice_dims, bool post) {
 
 // Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
 // driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
-__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post) {
-  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post) - 1024 - 512;
+__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post, bool solo = false) {
+  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post, solo) - 1024 - 512;
   const int fixed = warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
   const int fit = (budget - fixed) / stage_bytes(slice_dims);
   const int capped = fit < kMaxStages ? fit : kMaxStages;
   return capped * stage_bytes(slice_dims) + fixed <= 227 * 1024 ? capped : capped - 1;
 }
 
-__host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows, bool post) {
-  return projection_stages(slice_dims, partial_rows, post) * stage_bytes(slice_dims) +
+__host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows, bool post,
+                                                       bool solo = false) {
+  return projection_stages(slice_dims, partial_rows, post, solo) * stage_bytes(slice_dims) +
          warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
 }
 
@@ -194,16 +197,15 @@ __device__ inline void arrive_when_copies_land(uint64_t* barrier) {
   ptx::cp_async_mbarrier_arrive_noinc(static_cast<uint32_t>(__cvta_generic_to_shared(barrier)));
 }
 
-// Round to nearest tf32 (the low 13 bits of the result are zero).
-__device__ inline uint32_t to_tf32(float x) {
-  uint32_t bits;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
-  return bits;
-}
+// Round to nearest tf32, ties away from zero (the low 13 bits of the result are zero): half a tf32 ulp added to the
+// magnitude bits, then truncated. For every finite x these are cvt.rna.tf32.f32's bits; ptxas emulates that
+// instruction with an extra infinity/NaN guard (4 instructions against these 2). An infinite or NaN x still gives a
+// NaN small part (inf − inf, NaN − anything), so the MMA's sums stay NaN as before.
+__device__ inline uint32_t to_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xFFFFE000u; }
 
 // x ≈ big + small: big = x rounded to tf32 (its top 11 significant bits), small = x − big (exact) passed as it is:
-// the tensor core reads a tf32 operand's top 19 bits, so small loses at most 2⁻¹⁰ of itself, ≤ 2⁻²¹·|x|. The
-// emulated cvt.rna is the costlier half of a split (≈ 4 instructions), and 40 splits run per thread per tile.
+// the tensor core reads a tf32 operand's top 19 bits, so small loses at most 2⁻¹⁰ of itself, ≤ 2⁻²¹·|x|. 3
+// instructions per split, and 40 splits run per thread per tile.
 __device__ inline void split_tf32(float x, uint32_t& big, uint32_t& small) {
   big = to_tf32(x);
   small = __float_as_uint(x - __uint_as_float(big));
@@ -510,8 +512,8 @@ struct SplitOnUse {
   }
 };
 
-template <bool kHead, bool kPost, int kSliceDims>
-__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost))
+template <bool kHead, bool kPost, int kSliceDims, bool kSolo = false>
+__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost, kSolo))
     hc_projection_kernel(const ProjectionArgs args) {
   constexpr int kThreads = projection_threads(kSliceDims);
   constexpr int kWarps = kThreads / 32;
@@ -522,13 +524,15 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kLdx = staged_row_floats(kSliceDims);
   constexpr int kStageFloats = kTileTokens * kLdx;
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
-  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost);
+  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kSolo);
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
-  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
-  constexpr int kCollapseLag = kStages - 3;
+  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop. The
+  // solo CTA, alone on its SM, keeps half its stages loading (the SM's bytes in flight) and half for the hops.
+  constexpr int kCollapseLag = kSolo ? kStages / 2 : kStages - 3;
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
+  static_assert(!(kSolo && (kPost || kSliceDims != 64)), "the solo variant serves hc_pre / hc_head in 64-dim slices");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
@@ -629,6 +633,15 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
   load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
+  // The solo CTA has the registers for the split pairs (no per-tile split of fn; same pairs, so the same bits).
+  uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
+  if constexpr (kSolo)
+#pragma unroll
+    for (int p = 0; p < 2; ++p)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(fn_frag[p][nt][e], fn_big[p][nt][e], fn_small[p][nt][e]);
 
   // Sums over the slices: item i = 16·row + token of a tile's kPartial × 16 belongs to slice i mod S (tokens past
   // the tile's end are skipped); `lanes` (a power of two) aligned lanes per item, lane `part` taking slices part,
@@ -712,7 +725,17 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
       }
       const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
-      project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, warp_sums + warp * kPartialFloats);
+      float* const mine = warp_sums + warp * kPartialFloats;
+      if constexpr (kSolo)
+        project_tile_3xtf32<kRows, 1>(
+            xw, kLdx,
+            [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
+              big = fn_big[p][nt][e];
+              small = fn_small[p][nt][e];
+            },
+            g, t4, mine);
+      else
+        project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
       __syncthreads();
       // Publish the slice's partials, warps summed in order.
       unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
