@@ -13,6 +13,7 @@
 // - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8);
 // - the indexer compressor's decode steps storing per-slot keys as the model does: fp8 codes + scale against bf16;
 // - the decode steps with the runs loaded before the kernel's wait (runs_ready_at_launch) against the same steps;
+// - every step with the slot loads staged through shared memory (staged_slot_loads) against the same step without;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -251,6 +252,17 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
                   "runs loaded before the wait; baseline: the same step with the runs after it"});
 }
 
+// Every step again with the slot loads staged through shared memory (staged_slot_loads): against the same step
+// without (baseline column).
+void add_staged_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
+                    const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
+                    const std::function<void(cudaStream_t)>& body) {
+  const std::string variant = std::string(s.variant) + ", staged slot loads";
+  if (!selected(only, op, variant)) return;
+  rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
+                  "cp.async ring in shared memory, 256-thread CTAs; baseline: the same step with register loads"});
+}
+
 void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
                       std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
@@ -271,6 +283,12 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                          p.runs_ready_at_launch = true;
                          run_compressor(p);
                        });
+    add_staged_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
+                   [&](cudaStream_t on) {
+                     CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                     p.staged_slot_loads = true;
+                     run_compressor(p);
+                   });
   }
 }
 
@@ -360,6 +378,13 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
+    add_staged_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
+                   [&](cudaStream_t on) {
+                     CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
+                                                 index.params(runs, s.sequences, s.tokens, on)};
+                     both[0].staged_slot_loads = both[1].staged_slot_loads = true;
+                     run_compressors(both);
+                   });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
 }

@@ -10,7 +10,8 @@
 // straight into a paged KV cache (bf16, fp8 layout) at their rows, decoded back. Outputs are poisoned and every
 // element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
 // output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
-// (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced.
+// (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced; every
+// case again with the slot loads staged through shared memory (staged_slot_loads), alone and in pairs.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -158,6 +159,11 @@ class CaseCheck {
     cluster_ctas_ = ctas;
     name_ += ", " + std::to_string(ctas) + " CTAs per entry";
   }
+  // Every launch stages its slot loads through shared memory (CompressorParams::staged_slot_loads).
+  void stage_slot_loads() {
+    staged_ = true;
+    name_ += ", staged slot loads";
+  }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
   // every sequence that has one. False when every sequence is done.
@@ -210,7 +216,8 @@ class CaseCheck {
                          .rope_frequencies = d_freq_.as<float>(),
                          .rope_dim = c_.rope_dim,
                          .state = state_->view(),
-                         .cluster_ctas = cluster_ctas_};
+                         .cluster_ctas = cluster_ctas_,
+                         .staged_slot_loads = staged_};
     if (stacked_) {
       // As the model's step runs it: stacked projections, and the runs copied before the chain began (loaded before
       // the kernel's wait).
@@ -408,6 +415,7 @@ class CaseCheck {
                       (stacked_ ? ", stacked projections" : "");
   cpu::RopeTable rope_;
   int cluster_ctas_ = 0;
+  bool staged_ = false;
   std::vector<Sequence> sequences_;
   DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_scales_, d_kv_, d_gate_, d_stacked_;
   std::optional<DeviceCompressorState> state_;
@@ -422,11 +430,13 @@ class CaseCheck {
   DeviceBuffer d_runs_, d_entries_, d_rows_, d_slots_;
 };
 
-// One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice).
+// One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice;
+// staged: CompressorParams::staged_slot_loads).
 void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false, int cluster_ctas = 0) {
+                bool stacked = false, int cluster_ctas = 0, bool staged = false) {
   CaseCheck check(c, chunks, seed, to_cache, stacked);
   if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
+  if (staged) check.stage_slot_loads();
   SCOPED_TRACE(check.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   CompressorParams p;
@@ -632,6 +642,31 @@ TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
       }
 }
 
+// The slot loads staged through shared memory (cp.async into a per-thread ring, 256-thread CTAs): every case and
+// chunking (prefill chunks, runs of different lengths, decode steps), stacked projections, the KV cache output, forced
+// splits, and pairs in one launch (which must agree on the option).
+TEST(Compressor, StagedSlotLoadsMatchTheCpuOnePass) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 2100;
+  for (const CompressorCase& c : kCases)
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+      check_case(c, chunks, seed++, false, false, 0, true);
+      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
+        check_case(c, chunks, seed++, true, true, 0, true);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+  for (const int c : {1, 5})
+    for (const int ctas : {1, 8})
+      check_case(kCases[c], "chunks of 2/3", seed++, false, false, ctas, true);
+  for (const auto& [first, second] : {std::pair{1, 3}, std::pair{11, 12}, std::pair{5, 9}, std::pair{7, 13}})
+    for (const char* chunks : {"one pass", "chunks of 3/7/13"}) {
+      CaseCheck a(kCases[first], chunks, seed++, false, true), b(kCases[second], chunks, seed++, false, true);
+      a.stage_slot_loads(), b.stage_slot_loads();
+      check_pair(a, b);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+}
+
 // The kernel's multiply-shift division (compressor::FastDivisor, host path of the same arithmetic) against / and %:
 // every divisor to 1100 and around every power of two, dividends exhaustively to 5000, near 2^31 and random below it.
 TEST(Compressor, FastDivisorMatchesIntegerDivision) {
@@ -685,6 +720,8 @@ TEST(Compressor, RefusesMismatchedState) {
   const CompressorParams one{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()};
   CompressorParams same[2] = {one, one};
   testing::expect_error([&] { run_compressors(same); }, "need distinct states");
+  same[1].staged_slot_loads = true;
+  testing::expect_error([&] { run_compressors(same); }, "need the same staged_slot_loads");
   // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
   CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");

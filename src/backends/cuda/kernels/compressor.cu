@@ -132,7 +132,9 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
-  const int max_threads = cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads : compressor::kMaxThreads;
+  const int max_threads = p.staged_slot_loads                       ? compressor::kStagedThreads
+                          : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
+                                                                   : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
@@ -189,6 +191,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   for (const CompressorParams& p : params) check_compressor_params(p);
   if (params.size() == 2) {
     check(params[0].stream == params[1].stream, "compressor: the compressors of one launch need one stream");
+    check(params[0].staged_slot_loads == params[1].staged_slot_loads,
+          "compressor: the compressors of one launch need the same staged_slot_loads");
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
@@ -226,7 +230,12 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  const auto kernel = slice_updates ? compressor::compressor_kernel<true> : compressor::compressor_kernel<false>;
+  const bool staged = params[0].staged_slot_loads;
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
+  const auto kernel = slice_updates ? (staged ? compressor::compressor_kernel<true, true>
+                                              : compressor::compressor_kernel<true, false>)
+                                    : (staged ? compressor::compressor_kernel<false, true>
+                                              : compressor::compressor_kernel<false, false>);
   if (smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);

@@ -37,6 +37,7 @@
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/kernels/kv_insert.cuh"
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -48,6 +49,10 @@ inline constexpr int kMaxThreads = 512;
 inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
+// Staged slot loads (CompressorParams::staged_slot_loads): CTAs of at most kStagedThreads threads, each thread's
+// slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
+inline constexpr int kStagedThreads = 256;
+inline constexpr int kStages = 2;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
@@ -133,6 +138,9 @@ inline size_t pool_smem_bytes(int channels, int groups) {
   return (size_t(3) * groups * channels + channels) * sizeof(float);
 }
 
+// The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
+inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
+
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
   const float* kv;  // the run's first row
@@ -160,11 +168,19 @@ __device__ __forceinline__ int64_t ratio_mod(const PoolArgs& a, int64_t x) {
   return a.ratio_log2 >= 0 ? x & (a.ratio - 1) : x % a.ratio;
 }
 
-// Channels (column, column + 1) of the token at position q ≥ 0, with ape added to a score from the run's rows; the
-// address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious: q may
-// lie before the state's incomplete window (CSA's first halves, column < c, from the previous halves).
+// Where channels (column, column + 1) of the token at position q ≥ 0 come from: the run's rows (then ape is added to
+// the score) or the state; the address is selected without branches, so that loads of several slots issue back to
+// back. kMayBePrevious: q may lie before the state's incomplete window (CSA's first halves, column < c, from the
+// previous halves).
+struct SlotSource {
+  const float* value;
+  const float* score;
+  const float* ape;
+  bool in_run;
+};
+
 template <bool kMayBePrevious>
-__device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
+__device__ __forceinline__ SlotSource slot_source(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t width = width_of(a);
   const int64_t slot = ratio_mod(a, q);
   const bool in_run = q >= r.start;
@@ -176,8 +192,36 @@ __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView&
   const float* score = in_run      ? r.gate + run_offset
                        : in_window ? r.state.window_score + slot * width + column
                                    : r.state.previous_score + slot * a.c + column;
-  const float2 v = load_pair(value), s = load_pair(score), bias = load_pair(a.ape + slot * width + column);
+  return {value, score, a.ape + slot * width + column, in_run};
+}
+
+// The slot's value, and its score with ape added where it comes from the run.
+__device__ __forceinline__ SlotValue slot_value(float2 v, float2 s, float2 bias, bool in_run) {
   return {v, in_run ? make_float2(s.x + bias.x, s.y + bias.y) : s};
+}
+
+template <bool kMayBePrevious>
+__device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
+  const SlotSource source = slot_source<kMayBePrevious>(a, r, q, column);
+  return slot_value(load_pair(source.value), load_pair(source.score), load_pair(source.ape), source.in_run);
+}
+
+// Pooled slot s (unclamped) of entry w for the thread's pair at `channel`: CSA's slots [0, m) are window w−1's first
+// halves, [m, 2m) window w's second halves. Past the window (s ≥ slots) or before position 0 (CSA's first entry) the
+// slot is invalid, and reads a valid position (the last slot, or 0) whose value is dropped.
+struct PooledSlot {
+  int64_t q;
+  int column;
+  bool valid;
+};
+
+__device__ __forceinline__ PooledSlot pooled_slot(const PoolArgs& a, int64_t w, int s_unclamped, int slots,
+                                                  int channel) {
+  const int s = min(s_unclamped, slots - 1);
+  const bool first_half = a.overlapping && s < a.ratio;
+  const int64_t within = a.overlapping && !first_half ? s - a.ratio : s;
+  const int64_t q = (first_half ? w - 1 : w) * a.ratio + within;
+  return {max(q, int64_t(0)), channel + (a.overlapping && !first_half ? a.c : 0), s_unclamped < slots && q >= 0};
 }
 
 // Channels (column, column + 1) of the run's token at position q ≥ start, with ape added to the score.
@@ -187,6 +231,10 @@ __device__ __forceinline__ SlotValue load_run_slot(const PoolArgs& a, const RunV
   const float2 bias = load_pair(a.ape + ratio_mod(a, q) * width_of(a) + column);
   return {v, make_float2(s.x + bias.x, s.y + bias.y)};
 }
+
+// Keeps the compiler from moving shared-memory accesses across a cp.async issue or wait (their asm statements have
+// no memory clobber): the ring's slots are read back by the thread that copied them, with no barrier between.
+__device__ __forceinline__ void compiler_memory_fence() { asm volatile("" ::: "memory"); }
 
 // Online softmax of one channel, kSlotBatch values at a time (one rescale per batch).
 struct OnlineSoftmax {
@@ -212,6 +260,95 @@ struct OnlineSoftmax {
     max = batch_max;
   }
 };
+
+// Adds a batch of slots to a channel pair's two softmaxes; invalid slots weigh 0.
+__device__ __forceinline__ void add_batch(OnlineSoftmax& channel0, OnlineSoftmax& channel1,
+                                          const SlotValue (&slot)[kSlotBatch], const bool (&valid)[kSlotBatch]) {
+  float value0[kSlotBatch], value1[kSlotBatch], score0[kSlotBatch], score1[kSlotBatch];
+#pragma unroll
+  for (int k = 0; k < kSlotBatch; ++k) {
+    value0[k] = valid[k] ? slot[k].value.x : 0.0f;
+    value1[k] = valid[k] ? slot[k].value.y : 0.0f;
+    score0[k] = valid[k] ? slot[k].score.x : kNegativeInfinity;
+    score1[k] = valid[k] ? slot[k].score.y : kNegativeInfinity;
+  }
+  channel0.add(value0, score0);
+  channel1.add(value1, score1);
+}
+
+// A thread's share of entry w's pooling for its pair at `channel`: slots group, group + groups, … (slots in all),
+// kSlotBatch at a time. rope_here: the thread also makes the pair's RoPE factors, while its first loads are in flight.
+struct PoolingTask {
+  int64_t w;
+  int group, channel, slots;
+  bool rope_here;
+  float frequency;
+};
+
+// Loads into registers, each batch's issued before any of them is used.
+__device__ __forceinline__ void pool_from_registers(const PoolArgs& a, const RunView& r, const PoolingTask& t,
+                                                    RopeFactors& rope, OnlineSoftmax& channel0,
+                                                    OnlineSoftmax& channel1) {
+  for (int s0 = t.group; s0 < t.slots; s0 += kSlotBatch * a.groups) {
+    SlotValue slot[kSlotBatch];
+    bool valid[kSlotBatch];
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const PooledSlot p = pooled_slot(a, t.w, s0 + k * a.groups, t.slots, t.channel);
+      slot[k] = load_slot<true>(a, r, p.q, p.column);
+      valid[k] = p.valid;
+    }
+    if (s0 == t.group && t.rope_here) rope = rope_factors(t.w * a.ratio, t.frequency);
+    add_batch(channel0, channel1, slot, valid);
+  }
+}
+
+// Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
+// they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values.
+__device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
+                                                  float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
+                                                  OnlineSoftmax& channel1) {
+  const int step = kSlotBatch * a.groups;
+  const int batches = (t.slots - t.group + step - 1) / step;  // group < groups ≤ slots
+  const int threads = int(blockDim.x);
+  float2* const mine = ring + threadIdx.x;
+  // Kind 0: value, 1: score, 2: ape, of batch slot k in stage `stage`.
+  const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
+  const auto issue = [&](int batch, int stage) {
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const PooledSlot p = pooled_slot(a, t.w, t.group + batch * step + k * a.groups, t.slots, t.channel);
+      const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+      ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
+      ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
+      ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
+    }
+    ptx::cp_async_commit();
+  };
+  static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
+  issue(0, 0);
+  if (batches > 1) issue(1, 1);
+  if (t.rope_here) rope = rope_factors(t.w * a.ratio, t.frequency);
+  for (int b = 0; b < batches; ++b) {
+    if (b + 1 < batches)
+      ptx::cp_async_wait<1>();
+    else
+      ptx::cp_async_wait<0>();
+    compiler_memory_fence();
+    const int stage = b & 1;
+    SlotValue slot[kSlotBatch];
+    bool valid[kSlotBatch];
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const PooledSlot p = pooled_slot(a, t.w, t.group + b * step + k * a.groups, t.slots, t.channel);
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), p.q >= r.start);
+      valid[k] = p.valid;
+    }
+    add_batch(channel0, channel1, slot, valid);
+    compiler_memory_fence();  // this stage's reads come before its refill
+    if (b + 2 < batches) issue(b + 2, stage);
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -364,7 +501,8 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpd
 // cluster, which only takes part in the cluster barriers).
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last CTA (ticket) updates all of it.
-template <bool kSliceUpdates>
+// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
+template <bool kSliceUpdates, bool kStaged>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
   const int c = a.c, channels = a.channels_per_cta;
   float* part_max = smem;
@@ -420,31 +558,18 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 
   RopeFactors rope{1.0f, 0.0f};
   if (emitting && active) {
-    const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+    // The RoPE factors (a double-precision sincos) are made while the first loads are in flight.
+    const PoolingTask task{.w = w,
+                           .group = group,
+                           .channel = channel,
+                           .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
+                           .rope_here = group == 0 && channel >= rope_begin,
+                           .frequency = frequency};
     OnlineSoftmax channel0, channel1;
-    for (int s0 = group; s0 < slots; s0 += kSlotBatch * a.groups) {
-      float value0[kSlotBatch], value1[kSlotBatch], score0[kSlotBatch], score1[kSlotBatch];
-#pragma unroll
-      for (int k = 0; k < kSlotBatch; ++k) {
-        // CSA: slots [0, m) are window w−1's first halves, [m, 2m) window w's second halves.
-        const int s = min(s0 + k * a.groups, slots - 1);
-        const bool first_half = a.overlapping && s < a.ratio;
-        const int64_t within = a.overlapping && !first_half ? s - a.ratio : s;
-        const int64_t q = (first_half ? w - 1 : w) * a.ratio + within;
-        const bool valid = s0 + k * a.groups < slots && q >= 0;
-        // q < 0 (CSA's first entry) reads position 0 instead, and the value is dropped.
-        const SlotValue slot =
-            load_slot<true>(a, r, max(q, int64_t(0)), channel + (a.overlapping && !first_half ? c : 0));
-        value0[k] = valid ? slot.value.x : 0.0f;
-        value1[k] = valid ? slot.value.y : 0.0f;
-        score0[k] = valid ? slot.score.x : kNegativeInfinity;
-        score1[k] = valid ? slot.score.y : kNegativeInfinity;
-      }
-      // The RoPE factors (a double-precision sincos) while the first batch's loads are in flight.
-      if (s0 == group && group == 0 && channel >= rope_begin) rope = rope_factors(w * a.ratio, frequency);
-      channel0.add(value0, score0);
-      channel1.add(value1, score1);
-    }
+    if constexpr (kStaged)
+      pool_from_staging(a, r, task, reinterpret_cast<float2*>(entry_vector + channels), rope, channel0, channel1);
+    else
+      pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = group * channels + 2 * pair;
     part_max[local_channel] = channel0.max;
     part_max[local_channel + 1] = channel1.max;
@@ -593,8 +718,11 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
   }
 }
 
-template <bool kSliceUpdates>
-__global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_constant__ LaunchArgs launch) {
+// The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
+// not registers, holds the loads in flight; the decode steps' early state loads need more).
+template <bool kSliceUpdates, bool kStaged>
+__global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStaged ? (kSliceUpdates ? 2 : 3) : 1)
+    compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
@@ -603,7 +731,7 @@ __global__ void __launch_bounds__(kMaxThreads) compressor_kernel(const __grid_co
   }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
-  compress<kSliceUpdates>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+  compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor

@@ -100,6 +100,10 @@ struct CompressorParams {
   // CTAs per entry (1, 2, 4 or 8, each a whole number of 64-channel blocks; 1 with IndexerFp4 or slot_entries_fp8);
   // 0: the launcher's choice (benchmarks and tests compare the splits).
   int cluster_ctas = 0;
+  // The pooling's slot loads as cp.async copies into shared memory, in CTAs of at most 256 threads: several batches
+  // of a thread's loads in flight without holding registers (meant for prefill chunks). The compressors of one launch
+  // agree on it.
+  bool staged_slot_loads = false;
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }
