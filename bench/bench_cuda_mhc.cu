@@ -383,10 +383,8 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        if (T > kFusedPostPreMaxTokens) {
-          const auto solo = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT_SOLO, false); };
-          record("hc_post_pre (solo persistent kernel)", solo, post_pre_bytes, 0.0);
-        }
+        const auto solo_post_pre = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT_SOLO, false); };
+        record("hc_post_pre (solo persistent kernel, one launch)", solo_post_pre, post_pre_bytes, 0.0);
         if (decode_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
           record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);

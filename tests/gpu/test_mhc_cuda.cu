@@ -556,7 +556,8 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
 }
 
 // The solo persistent kernel sums the same values in the same order as the persistent kernel where that one takes
-// 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre and hc_head.
+// 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre, hc_head and hc_post_pre
+// (at 1000 tokens the solo kernel fuses it, the persistent path runs hc_post then hc_pre: the same arithmetic).
 TEST(MhcGpu, SoloKernelRepeatsThePersistentKernelsBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1200;
@@ -568,8 +569,11 @@ TEST(MhcGpu, SoloKernelRepeatsThePersistentKernelsBits) {
       const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                          scale = to_device(in.scale, "scale");
       Workspace workspace = zeroed_workspace(T, d, "workspace");
-      std::vector<PreOutputBuffers> pre;
-      std::vector<DeviceBuffer> head;
+      const PostInputs post_in = random_post_inputs(T, d, seed++);
+      const DeviceBuffer out_d = to_device(post_in.out, "out"), post_d = to_device(post_in.post, "post"),
+                         comb_d = to_device(post_in.comb, "comb"), residual = to_device(post_in.X, "residual");
+      std::vector<PreOutputBuffers> pre, post_pre;
+      std::vector<DeviceBuffer> head, X_out;
       const HcKernelChoice kernels[2] = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO};
       for (const HcKernelChoice kernel : kernels) {
         PreOutputBuffers& out = pre.emplace_back(T, d);
@@ -581,6 +585,14 @@ TEST(MhcGpu, SoloKernelRepeatsThePersistentKernelsBits) {
         run_hc_head({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
                      .tokens = T, .hidden = d, .h = h.as<float>(), .kernel = kernel,
                      .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+        PreOutputBuffers& next = post_pre.emplace_back(T, d);
+        DeviceBuffer& updated = X_out.emplace_back(poisoned(post_in.X.size(), "X_out"));
+        run_hc_post_pre({.out = out_d.as<float>(), .X = residual.as<float>(), .post = post_d.as<float>(),
+                         .comb = comb_d.as<float>(), .X_out = updated.as<float>(), .next_fn = fn.as<float>(),
+                         .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T, .hidden = d,
+                         .y = next.y.as<float>(), .y_bf16 = next.y_bf16.as<__nv_bfloat16>(),
+                         .next_post = next.post.as<float>(), .next_comb = next.comb.as<float>(), .kernel = kernel,
+                         .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
       }
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const auto expect_same_bits = [](const std::vector<float>& persistent, const std::vector<float>& solo,
@@ -595,6 +607,13 @@ TEST(MhcGpu, SoloKernelRepeatsThePersistentKernelsBits) {
       expect_same_bits(download(pre[0].comb, size_t(T * kN * kN)), download(pre[1].comb, size_t(T * kN * kN)),
                        "comb");
       expect_same_bits(download(head[0], size_t(T * d)), download(head[1], size_t(T * d)), "h");
+      expect_same_bits(download(X_out[0], post_in.X.size()), download(X_out[1], post_in.X.size()), "hc_post_pre X_out");
+      expect_same_bits(download(post_pre[0].y, size_t(T * d)), download(post_pre[1].y, size_t(T * d)),
+                       "hc_post_pre y");
+      expect_same_bits(download(post_pre[0].post, size_t(T * kN)), download(post_pre[1].post, size_t(T * kN)),
+                       "hc_post_pre post");
+      expect_same_bits(download(post_pre[0].comb, size_t(T * kN * kN)),
+                       download(post_pre[1].comb, size_t(T * kN * kN)), "hc_post_pre comb");
     }
 }
 

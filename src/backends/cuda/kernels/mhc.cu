@@ -115,8 +115,13 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
-// `choice` PERSISTENT_SOLO takes the solo variant (hc_pre / hc_head) where a CTA per 64-dim slice fits the card.
-// Its 64-dim slices need no more workspace than the launch's own choice (at most as many slices).
+// `choice` PERSISTENT_SOLO takes the solo variant where a CTA per 64-dim slice fits the card. Its 64-dim slices need
+// no more workspace than the launch's own choice (at most as many slices).
+// The solo persistent kernel serves PERSISTENT_SOLO where the card holds a CTA per 64-dim slice.
+bool solo_kernel_serves(HcKernelChoice choice, int64_t hidden, int multiprocessors) {
+  return choice == HcKernelChoice::PERSISTENT_SOLO && ceil_div(hidden, 64) <= multiprocessors;
+}
+
 template <bool kHead, bool kPost>
 void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op,
                     HcKernelChoice choice) {
@@ -129,12 +134,9 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
-  if constexpr (!kPost) {
-    const int64_t solo_slices = ceil_div(args.hidden, 64);
-    if (choice == HcKernelChoice::PERSISTENT_SOLO && solo_slices <= multiprocessors) {
-      args.slices = int(solo_slices);
-      return launch_projection<kHead, false, 64, true>(args, multiprocessors, stream, op);
-    }
+  if (solo_kernel_serves(choice, args.hidden, multiprocessors)) {
+    args.slices = int(ceil_div(args.hidden, 64));
+    return launch_projection<kHead, kPost, 64, true>(args, multiprocessors, stream, op);
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
@@ -393,7 +395,8 @@ void run_hc_head(const HcHeadParams& p) {
 void run_hc_post_pre(const HcPostPreParams& p) {
   check_hc_post_pre_params(p);
   if (p.tokens == 0) return;
-  if (p.tokens > kFusedPostPreMaxTokens) {
+  // The solo kernel fuses at every token count (one CTA per SM, loads half its ring ahead).
+  if (p.tokens > kFusedPostPreMaxTokens && !solo_kernel_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));

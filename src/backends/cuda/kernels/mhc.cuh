@@ -75,8 +75,9 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // One warp per 32 columns of the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap. The fused
 // variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
 // for its out/post/comb ring beside a 10-11 deep X ring (hc_pre and hc_head: 5). The solo variant
-// (HcKernelChoice::PERSISTENT_SOLO, 64-dim slices) runs one hc_pre / hc_head CTA per SM: fn's tf32 pairs split once
-// into registers, and a 12-deep X ring split between loads in flight and the cross-CTA hops' slack.
+// (HcKernelChoice::PERSISTENT_SOLO, 64-dim slices) runs one CTA per SM for every op, the fused one at any token
+// count: fn's tf32 pairs split once into registers, and an 11-12 deep X ring split between loads in flight and the
+// cross-CTA hops' slack.
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post, bool solo = false) {
   return solo ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
@@ -532,7 +533,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kCollapseLag = kSolo ? kStages / 2 : kStages - 3;
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(!(kSolo && (kPost || kSliceDims != 64)), "the solo variant serves hc_pre / hc_head in 64-dim slices");
+  static_assert(!kSolo || kSliceDims == 64, "the solo variant runs 64-dim slices");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");

@@ -54,10 +54,10 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // cluster decode kernel applies (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
 // (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
 // mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere;
-// PERSISTENT_SOLO: the persistent kernel with one CTA per SM for hc_pre / hc_head (64-dim slices, fn's tf32 pairs in
-// registers, a 12-deep X ring; the same sums in the same order as the persistent kernel at 64-dim slices, so the
-// same bits there), where the card holds a CTA per slice; the fused hc_post_pre kernel (already one CTA per SM) and
-// wider launches take the persistent kernel.
+// PERSISTENT_SOLO: the persistent kernel at one CTA per SM in 64-dim slices (fn's tf32 pairs in registers, an 11-12
+// deep X ring with half of it loading ahead; the same sums in the same order as the persistent kernel at 64-dim
+// slices, so the same bits there), hc_post_pre fused at every token count (X read once), where the card holds a CTA
+// per slice; wider launches take the persistent kernel.
 enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_SOLO };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
