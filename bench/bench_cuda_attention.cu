@@ -18,11 +18,13 @@
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
 // Decode (cluster call) and prefill are also timed with q in bf16 (bf16q: the kernel rounds q to bf16 anyway; half
 // the q bytes and no conversion), and the decode cluster call once more with its partials exchanged as bf16
-// (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes).
-// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep]
-//                             [--bf16-kv]
-//   --only runs the decode cases whose name starts with the given prefix (flash, pro:hca, flash:swa:1,
-//   flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
+// (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes). Where the head-split path
+// (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
+// bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA.
+// Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
+//                             [--sweep] [--bf16-kv]
+//   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
+//   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
 //   --warm times without the L2 flush (what is left is not memory latency). --sweep times every decode case at every
 //   split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16 entries (1024 bytes, the
 //   engine's KV format outside reference numerics) instead of fp8. Exit status 1 when a CPU check fails.
@@ -283,6 +285,11 @@ struct Result {
   double mma_sync_us;  // the mma.sync kernel (taken for 1-entry pages) on the same data; 0 = not measured
   double floor_us, percent_of_floor;  // max(KV bytes / copy rate, flops / cuBLAS bf16 rate) and floor / measured
   double bounded_us;   // HCA below 1M: the same queries under the 1M / 128 slot bound with per-query counts; 0 = n/a
+  // The head-split path (bf16 q, as the bf16q cluster call) where it serves the case: its splits (0 = not served),
+  // µs and CPU check at the launcher's tile choice, and µs at each tile count per CTA (0 = not served).
+  int head_split_splits = 0;
+  double head_split_us = 0, head_split_cpu_error = 0;
+  double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -395,6 +402,24 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
+  SparseAttentionParams head_split = bf16_q;
+  head_split.head_split = true;
+  const int head_split_splits = sparse_attention_head_split_splits(head_split);
+  double head_split_ms = 0, head_split_cpu_error = 0;
+  double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  if (head_split_splits > 0) {
+    out.fill_bytes(0xFF);
+    head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    head_split_cpu_error = cpu_check(head_split, window_index, compressed_index, q, sink, positions, out, sample);
+    for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
+      SparseAttentionParams h = head_split;
+      h.head_split_tiles = tiles;
+      if (sparse_attention_head_split_splits(h) > 0)
+        head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
+    }
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   if (sweep) {
     // Every split count the cluster merge serves and the combine kernel's, same inputs.
     const int64_t tiles = (total_slots + kSparseAttentionTileEntries - 1) / kSparseAttentionTileEntries;
@@ -493,6 +518,10 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.bf16_q_cpu_error = bf16_q_cpu_error;
   r.bf16_partials_us = bf16_partials_ms * 1e3;
   r.bf16_partials_cpu_error = bf16_partials_cpu_error;
+  r.head_split_splits = head_split_splits;
+  r.head_split_us = head_split_ms * 1e3;
+  r.head_split_cpu_error = head_split_cpu_error;
+  std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
   return r;
 }
 
@@ -604,14 +633,19 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 }
 
 int run(int argc, char** argv) {
-  std::string json_path, only;
+  std::string json_path;
+  std::vector<std::string> only;  // --only's comma-separated prefixes
   bool prefill_only = false, warm = false, sweep = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
-      only = argv[++i];
+      for (std::string rest = argv[++i]; !rest.empty();) {
+        const size_t comma = rest.find(',');
+        if (comma != 0) only.push_back(rest.substr(0, comma));
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      }
     else if (std::strcmp(argv[i], "--prefill-only") == 0)
       prefill_only = true;
     else if (std::strcmp(argv[i], "--warm") == 0)
@@ -622,7 +656,7 @@ int run(int argc, char** argv) {
       decode_format = KvEntryFormat::Bf16;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT] [--prefill-only] [--warm] [--sweep] [--bf16-kv])");
+           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv])");
   }
   const int decode_entry_bytes = KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes;
   const std::vector<DeviceInfo> devices = list_devices();
@@ -663,7 +697,10 @@ int run(int argc, char** argv) {
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
                                    std::to_string(context);
-          if (name.rfind(only, 0) != 0) continue;  // --only: a prefix of the case name
+          if (!only.empty() && std::none_of(only.begin(), only.end(), [&](const std::string& prefix) {
+                return name.rfind(prefix, 0) == 0;
+              }))
+            continue;  // --only: prefixes of the case names
           const int64_t rows = kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
           const double cache_bytes = double(batch) * double(rows + kWindow) * decode_entry_bytes;
           if (cache_bytes > 24.0 * (1u << 30)) {
@@ -674,7 +711,8 @@ int run(int argc, char** argv) {
           const Result r = run_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
-                                r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit);
+                                r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
+                                r.head_split_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
@@ -684,6 +722,12 @@ int run(int argc, char** argv) {
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
+          if (r.head_split_splits > 0)
+            std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us), cpu err %.1e; by tiles "
+                        "per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
+                        r.head_split_splits, r.head_split_us, r.bf16_q_us, r.head_split_cpu_error,
+                        r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
+                        r.head_split_tiles_us[4]);
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -722,13 +766,17 @@ int run(int argc, char** argv) {
                    "\"mma_sync_us\": %.2f, \"total_bytes\": %.0f, \"percent_total\": %.1f, \"floor_us\": %.2f, "
                    "\"percent_of_floor\": %.1f, \"bounded_us\": %.2f, \"cluster_splits\": %d, \"cluster_us\": %.2f, "
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
-                   "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g}%s\n",
+                   "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
+                   "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
                    r.percent_total, r.floor_us, r.percent_of_floor, r.bounded_us, r.cluster_splits, r.cluster_us,
                    r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
-                   r.bf16_partials_cpu_error, i + 1 < results.size() ? "," : "");
+                   r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
+                   r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
+                   r.head_split_tiles_us[4], i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

@@ -73,6 +73,7 @@ struct AttentionCase {
   int page_rows = 16;           // KV cache entries per page
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
+  int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -250,25 +251,33 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                d_window = to_device(window_index, "window index"),
                d_compressed = to_device(compressed_index, "compressed index");
   DeviceBuffer d_counts = to_device(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
-  for (const bool cluster_merge : {false, true})
-    compare_with_cpu(c, cluster_merge, {.cache = view, .layer = kLayer, .tokens = T, .heads = H,
-                                        .softmax_scale = scale, .q = d_q.data(), .q_dtype = c.q_dtype,
-                                        .attn_sink = d_sink.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
-                                        .positions = d_pos.as<int64_t>(), .rope_frequencies = d_freq.as<float>(),
-                                        .window_index = d_window.as<int32_t>(), .window_slots = c.window,
-                                        .compressed_index = d_compressed.as<int32_t>(),
-                                        .compressed_slots = c.compressed_slots,
-                                        .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
-                                        .out_dtype = c.out_dtype, .cluster_merge = cluster_merge,
-                                        .cluster_merge_bf16_partials = c.bf16_partials},
-                     expected, magnitude);
+  const SparseAttentionParams call{.cache = view, .layer = kLayer, .tokens = T, .heads = H, .softmax_scale = scale,
+                                   .q = d_q.data(), .q_dtype = c.q_dtype, .attn_sink = d_sink.as<float>(),
+                                   .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                                   .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                                   .window_slots = c.window, .compressed_index = d_compressed.as<int32_t>(),
+                                   .compressed_slots = c.compressed_slots,
+                                   .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
+                                   .out_dtype = c.out_dtype, .cluster_merge_bf16_partials = c.bf16_partials};
+  for (const bool cluster_merge : {false, true}) {
+    SparseAttentionParams merged = call;
+    merged.cluster_merge = cluster_merge;
+    compare_with_cpu(c, cluster_merge, merged, expected, magnitude);
+  }
+  if (c.head_split_tiles >= 0) {
+    SparseAttentionParams head_split = call;
+    head_split.head_split = true;
+    head_split.head_split_tiles = c.head_split_tiles;
+    ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
+    compare_with_cpu(c, true, head_split, expected, magnitude);
+  }
 }
 
 // One run of `call` (its splits, workspace and output filled in here; poisoned first) against the CPU's `expected`,
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude) {
-  SCOPED_TRACE(cluster_merge ? "cluster merge" : "combine kernel");
+  SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
@@ -315,9 +324,10 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   EXPECT_EQ(failures, 0) << failures << " mismatches of " << out_elements << " (splits " << splits << ")";
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
+  const int reported_splits = call.head_split ? sparse_attention_head_split_splits(call) : splits;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
-              to_string(c.format), static_cast<long long>(T), H, D, splits, cluster_merge ? "cluster" : "combine",
-              worst);
+              to_string(c.format), static_cast<long long>(T), H, D, reported_splits,
+              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {
@@ -433,6 +443,49 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
     check_attention({"d512 h48 7 splits", format, 512, 64, 48, 24, 24, 300, {900, 7}, 2, 7, AttentionDtype::F32,
                      AttentionDtype::F32, true},
                     seed++);
+  }
+}
+
+// The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
+// cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
+// (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,
+// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch.
+TEST(SparseAttention, HeadSplitMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 70;
+  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+    for (int tiles = 0; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
+      AttentionCase swa{"flash swa decode head split", format, 512, 64, 64, 128, 128, 0, {300}, 1, 0,
+                        AttentionDtype::Bf16, AttentionDtype::Bf16};
+      swa.head_split_tiles = tiles;
+      check_attention(swa, seed++);
+      // 20 tiles: 5, 7 or 10 splits (1 tile per CTA would need clusters of 20); three queries (one without
+      // entries) keep the grid within one wave.
+      AttentionCase csa{"flash csa decode head split", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 1, 0,
+                        tiles % 2 == 0 ? AttentionDtype::F32 : AttentionDtype::Bf16, AttentionDtype::F32, true};
+      csa.counts = tiles % 2 == 1;
+      csa.head_split_tiles = tiles == 1 ? 2 : tiles;
+      check_attention(csa, seed++);
+    }
+    AttentionCase short_window{"swa short window head split", format, 512, 64, 64, 128, 128, 0, {50, 7}, 1, 0,
+                               AttentionDtype::F32, AttentionDtype::Bf16, true};
+    short_window.head_split_tiles = 2;
+    check_attention(short_window, seed++);
+    AttentionCase pro{"pro csa decode head split", format, 512, 64, 128, 128, 128, 512, {5000}, 1, 0,
+                      AttentionDtype::Bf16, AttentionDtype::Bf16};
+    pro.head_split_tiles = 4;
+    check_attention(pro, seed++);
+    AttentionCase pro_hca{"pro hca bounded head split", format, 512, 64, 128, 128, 128, 300, {3000}, 1, 0};
+    pro_hca.counts = true;
+    pro_hca.head_split_tiles = 3;
+    check_attention(pro_hca, seed++);
+    AttentionCase padded{"d512 h48 head split", format, 512, 64, 48, 24, 24, 77, {90, 400}, 2, 0,
+                         AttentionDtype::Bf16, AttentionDtype::F32, true};
+    padded.head_split_tiles = 1;
+    check_attention(padded, seed++);
+    AttentionCase h40{"d512 h40 head split", format, 512, 64, 40, 128, 128, 100, {1000}, 1, 0};
+    h40.head_split_tiles = 0;
+    check_attention(h40, seed++);
   }
 }
 

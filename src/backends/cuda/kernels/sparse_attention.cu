@@ -100,41 +100,47 @@ void set_d512_attributes() {
 // 112 CTAs in clusters of 7 took two waves; sizes above 8 need a GPC with that many free SMs); largest = the largest
 // size with a resident cluster, so that every size up to it can be launched (sizes between two fitting ones fit too:
 // a GPC that holds n CTAs holds fewer).
-struct D512DeviceLimits {
+struct ClusterLimits {
   std::array<int, kSparseAttentionMaxClusterSplits + 1> clusters{};
   int largest = 1;
 };
 
-D512DeviceLimits d512_device_limits() {
-  static PerDeviceCache<D512DeviceLimits> cache;
+// The cluster limits of `kernel` (its attributes set) launched with `threads` threads and `bytes` of shared memory.
+template <class... KernelArgs>
+ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, int bytes) {
+  ClusterLimits limits;
+  for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = unsigned(size);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(size));
+    config.blockDim = dim3(unsigned(threads));
+    config.dynamicSmemBytes = size_t(bytes);
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int& count = limits.clusters[size_t(size)];
+    // A size the hardware refuses outright (above 16, or a driver without non-portable sizes) counts as none.
+    if (cudaOccupancyMaxActiveClusters(&count, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();
+      count = 0;
+    }
+  }
+  while (limits.largest < kSparseAttentionMaxClusterSplits && limits.clusters[size_t(limits.largest) + 1] > 0)
+    ++limits.largest;
+  return limits;
+}
+
+ClusterLimits d512_device_limits() {
+  static PerDeviceCache<ClusterLimits> cache;
   return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
     set_d512_attributes<false>();
     set_d512_attributes<true>();
-    D512DeviceLimits limits;
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    for (int size = 2; size <= kSparseAttentionMaxClusterSplits; ++size) {
-      cudaLaunchAttribute attribute{};
-      attribute.id = cudaLaunchAttributeClusterDimension;
-      attribute.val.clusterDim.x = unsigned(size);
-      attribute.val.clusterDim.y = 1;
-      attribute.val.clusterDim.z = 1;
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(unsigned(size));
-      config.blockDim = dim3(unsigned(kD512Threads));
-      config.dynamicSmemBytes = size_t(kBytes);
-      config.attrs = &attribute;
-      config.numAttrs = 1;
-      int& count = limits.clusters[size_t(size)];
-      // A size the hardware refuses outright (above 16, or a driver without non-portable sizes) counts as none.
-      if (cudaOccupancyMaxActiveClusters(&count, sparse_attention_d512_kernel<false>, &config) != cudaSuccess) {
-        (void)cudaGetLastError();
-        count = 0;
-      }
-    }
-    while (limits.largest < kSparseAttentionMaxClusterSplits && limits.clusters[size_t(limits.largest) + 1] > 0)
-      ++limits.largest;
-    return limits;
+    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
   });
 }
 
@@ -157,7 +163,62 @@ void launch_d512(const SparseAttentionParams& p) {
                             p.stream, "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
+// The head-split kernel's attributes and cluster limits on the current device, set up once per device.
+ClusterLimits head_split_device_limits() {
+  static PerDeviceCache<ClusterLimits> cache;
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_head_split_kernel<false>), [] {
+    constexpr int kBytes = HeadSplitLayout::kBytes;
+    static_assert(kBytes <= kSharedMemoryPerSm, "the head-split kernel's shared memory fits one SM");
+    for (const auto kernel : {sparse_attention_head_split_kernel<false>, sparse_attention_head_split_kernel<true>}) {
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    }
+    return query_cluster_limits(sparse_attention_head_split_kernel<false>, kHeadSplitThreads, kBytes);
+  });
+}
+
+int device_multiprocessors() {
+  static PerDeviceCache<int> cache;
+  static const int key = 0;
+  return cache.get(&key, [] {
+    int count = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+    return count;
+  });
+}
+
+// Tiles per CTA of the head-split path where the call leaves the choice to the launcher.
+constexpr int kHeadSplitDefaultTiles = kHeadSplitMaxTiles;
+
+int head_split_groups(int heads) { return (heads + kHeadSplitHeads - 1) / kHeadSplitHeads; }
+
+// The head-split path's splits for the call (fewest CTAs of at most head_split_tiles tiles over the slot bound),
+// 0 where it does not serve it: more CTAs than one wave (larger batches fill the GPU with the kernels above), or more
+// splits than the device's largest cluster (long HCA lists).
+int head_split_splits(const SparseAttentionParams& p) {
+  if (!p.head_split || p.tokens == 0 || !use_d512_kernel(p)) return 0;
+  const int64_t tiles = (int64_t(p.window_slots) + p.compressed_slots + kTile - 1) / kTile;
+  const int per_cta = p.head_split_tiles > 0 ? p.head_split_tiles : kHeadSplitDefaultTiles;
+  const int64_t splits = std::max<int64_t>(1, (tiles + per_cta - 1) / per_cta);
+  if (splits > 1 && splits > head_split_device_limits().largest) return 0;
+  if (p.tokens * head_split_groups(p.heads) * splits > device_multiprocessors()) return 0;
+  return int(splits);
+}
+
+void launch_head_split(const SparseAttentionParams& p, int splits) {
+  head_split_device_limits();  // the kernels' attributes on this device
+  SparseAttentionParams call = p;
+  call.splits = splits;
+  const int head_groups = head_split_groups(p.heads);
+  const auto kernel = p.cache.layout.format == KvEntryFormat::Fp8Reference ? sparse_attention_head_split_kernel<true>
+                                                                           : sparse_attention_head_split_kernel<false>;
+  launch_dependent_clusters(kernel, p.tokens * head_groups * splits, kHeadSplitThreads, HeadSplitLayout::kBytes,
+                            splits, p.stream, "sparse_attention (head split)", call, head_groups);
+}
+
 }  // namespace
+
+int sparse_attention_head_split_splits(const SparseAttentionParams& params) { return head_split_splits(params); }
 
 int max_sparse_attention_cluster_splits() { return largest_d512_cluster(); }
 
@@ -176,7 +237,7 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   // The head_dim 512 kernel (one CTA per SM) merges up to largest_d512_cluster() splits in a cluster, whose CTAs
   // share a GPC; more splits go to the combine kernel, weighed with its launch.
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
-  const D512DeviceLimits limits = clusters_possible ? d512_device_limits() : D512DeviceLimits{};
+  const ClusterLimits limits = clusters_possible ? d512_device_limits() : ClusterLimits{};
   const int largest_cluster = limits.largest;
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
@@ -231,8 +292,12 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
         p.compressed_slots, " without compressed_index");
   check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
         "sparse_attention: the inverse RoPE needs positions and a cache rope_dim > 0");
-  const size_t needed =
-      merges_in_cluster(p) ? 0 : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
+  check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
+        "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
+        "]");
+  const size_t needed = merges_in_cluster(p) || head_split_splits(p) > 0
+                            ? 0
+                            : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
   check(p.workspace_bytes >= needed && (needed == 0 || p.workspace != nullptr), "sparse_attention: ", p.splits,
         " splits need ", needed, " bytes of workspace, got ", p.workspace_bytes);
   check(reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0, "sparse_attention: workspace must be 16-byte aligned");
@@ -242,6 +307,7 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   check_sparse_attention_params(p);
   if (p.tokens == 0) return;
   const int d = p.cache.layout.head_dim;
+  if (const int splits = head_split_splits(p); splits > 0) return launch_head_split(p, splits);
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);

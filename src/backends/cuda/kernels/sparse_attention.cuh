@@ -1307,6 +1307,445 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   }
 }
 
+// ---- the head-split decode kernel (head_dim 512, small batch) ----
+//
+// One CTA = one query × 16 heads × one split of at most kHeadSplitMaxTiles tiles (128 entries) of the query's slot
+// list, 256 threads; the splits of a (query, head group) form one thread-block cluster merged through distributed
+// shared memory. At batch 1 the 64-head-block kernel above is a chain of dependent latencies (index → page → copy →
+// expansion → QKᵀ → exchange → softmax → PV, then a merge whose partials are 64 heads × 512 dims per CTA): it needs
+// 4-16 entry splits to shorten the chain, and their merge moved 128 KB per CTA through the SM-to-SM network (43 % of
+// the consumers' time in session 14's ncu). Splitting the 64 heads into groups of 16 instead gives the same CTA count
+// with 4× fewer entry splits, the SWA call (128 entries) none at all, and a quarter of the merge bytes; the shared
+// entries are read once per head group, from L2 after the first (75-370 KB per group at batch 1).
+// Per CTA, with every entry resident (no ring, no producer):
+//   1. warp w resolves slots [16w, 16w + 16) of its split (lanes 0-15: index → page table → physical entry) and each
+//      lane issues one bulk copy of its entry into row 16w + lane (fp8: the 592-byte 16-aligned span, as the kernel
+//      above), completing on warp w's mbarrier; Q (16 heads × 512 dims) is loaded meanwhile;
+//   2. warp w waits for its own 16 entries only, expands fp8 entries to bf16 in place (each entry read whole into
+//      registers before its row is overwritten; exact, as above) or zeroes unused rows, and computes the scores of
+//      its entries for the 16 heads over all 512 dims (mma.sync m16n8k16, no exchange between warps);
+//   3. one softmax over the CTA's entries per head (16 threads per head): P rounded to bf16 once, the row sums add the
+//      rounded weights;
+//   4. O = P V: warp w owns dims [64w, 64w + 64) over all the CTA's entries (ldmatrix.trans on the same rows);
+//   5. one split: normalise with the sink, rotate back, store. Several: each CTA leaves its unnormalised partial
+//      (16 × 512 fp32) and per-head (max, sum) in shared memory; after a cluster barrier CTA `split` merges slice
+//      `split` of all the peers' partials (32 KB read per CTA whatever the split count), rotates and stores it.
+// Scores, softmax and PV accumulate in fp32 as the kernels above; the softmax takes each CTA's exact maximum.
+
+inline constexpr int kHeadSplitHeads = 16;  // one mma M
+inline constexpr int kHeadSplitWarps = 8, kHeadSplitThreads = kHeadSplitWarps * 32;
+inline constexpr int kHeadSplitMaxTiles = kSparseAttentionHeadSplitMaxTiles;
+inline constexpr int kHeadSplitMaxEntries = kHeadSplitMaxTiles * kTile;
+inline constexpr int kHeadSplitWarpEntries = kHeadSplitMaxEntries / kHeadSplitWarps;  // 16: two mma N tiles
+inline constexpr int kHeadSplitRowBytes = (kD512HeadDim + 8) * 2;  // 1040: 65 16-byte chunks, so ldmatrix rows
+                                                                    // fall on distinct bank groups
+inline constexpr int kHeadSplitScoreStride = kHeadSplitMaxEntries + 4;  // fp32 per score row
+inline constexpr int kHeadSplitPStride = kHeadSplitMaxEntries + 8;      // bf16 per weight row (272 bytes)
+inline constexpr int kHeadSplitPartialStride = kD512HeadDim + 8;        // fp32 per partial row (130 16-byte vectors)
+static_assert(kHeadSplitWarpEntries == 16, "a warp's entries are one k16 step of PV and two n8 tiles of QKᵀ");
+static_assert(kD512HeadDim / kHeadSplitWarps == 64, "a warp's PV dims are eight n8 tiles");
+
+struct HeadSplitLayout {
+  static constexpr int kQ = 0;                                                 // bf16 [16][520]
+  static constexpr int kKv = kQ + kHeadSplitHeads * kHeadSplitRowBytes;        // bf16 [128][520]
+  static constexpr int kScores = kKv + kHeadSplitMaxEntries * kHeadSplitRowBytes;  // fp32 [16][132]
+  static constexpr int kP = kScores + kHeadSplitHeads * kHeadSplitScoreStride * 4;  // bf16 [16][136]
+  static constexpr int kPartial = kP + kHeadSplitHeads * kHeadSplitPStride * 2;     // fp32 [16][520]
+  static constexpr int kStats = kPartial + kHeadSplitHeads * kHeadSplitPartialStride * 4;  // float2 [16]
+  static constexpr int kScale = kStats + kHeadSplitHeads * 8;  // fp32 [16][kSparseAttentionMaxClusterSplits]
+  static constexpr int kRope = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // RopeFactors [256]
+  static constexpr int kValid = kRope + kD512HeadDim / 2 * 8;                  // int32 [128]
+  static constexpr int kBarriers = kValid + kHeadSplitMaxEntries * 4;          // uint64 [8]: a warp's entries landed
+  static constexpr int kBytes = kBarriers + kHeadSplitWarps * 8;
+  static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kValid % 16 == 0 &&
+                    kBarriers % 8 == 0,
+                "aligned regions");
+  static_assert(kFp8SpanBytes <= kHeadSplitRowBytes, "an fp8 span lands in its bf16 row");
+};
+
+// Expands warp-owned fp8 entries n0 and n0 + 1 (spans at their rows' starts, entry at (phys & 1) · 8 in the span) to
+// bf16 in place, zeros for an unused slot: every lane reads both entries whole before any lane writes.
+__device__ __forceinline__ void head_split_expand_fp8_pair(uint8_t* kv, int n0, const int32_t (&phys)[2], int lane) {
+  uint2 codes[2][2], rope[2][2], scales[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const uint8_t* entry = kv + (n0 + e) * kHeadSplitRowBytes + (phys[e] & 1) * 8;
+    codes[e][0] = *reinterpret_cast<const uint2*>(entry + 8 * lane);
+    // Chunk lane + 32: fp8 codes for lanes below 24 (dims 256-447), bf16 rope dims for the rest (only 8-aligned).
+    codes[e][1] = *reinterpret_cast<const uint2*>(entry + 8 * (lane + 32));
+    rope[e][0] = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * (lane % 8));
+    rope[e][1] = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * (lane % 8) + 8);
+    scales[e] = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    uint4* row = reinterpret_cast<uint4*>(kv + (n0 + e) * kHeadSplitRowBytes);
+    uint4 out[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int chunk = lane + 32 * half, block = chunk / 8;  // 64-dim scale block
+      const float scale =
+          e8m0_to_float(uint8_t((block < 4 ? scales[e].x >> (8 * block) : scales[e].y >> (8 * (block - 4))) & 0xFF));
+      const uint2 c = codes[e][half];
+      out[half] = make_uint4(e4m3x2_to_bf16x2(uint16_t(c.x), scale), e4m3x2_to_bf16x2(uint16_t(c.x >> 16), scale),
+                             e4m3x2_to_bf16x2(uint16_t(c.y), scale), e4m3x2_to_bf16x2(uint16_t(c.y >> 16), scale));
+    }
+    if (lane >= kFp8NopeDim / 8 - 32) out[1] = make_uint4(rope[e][0].x, rope[e][0].y, rope[e][1].x, rope[e][1].y);
+    if (phys[e] < 0) out[0] = out[1] = make_uint4(0, 0, 0, 0);
+    row[lane] = out[0];
+    row[lane + 32] = out[1];
+  }
+}
+
+// The cluster merge of the head-split kernel (all 256 threads; see the notes above): this CTA's slice of the
+// (query, head group) output. kMaxSplits ≥ p.splits (the next power of two) bounds the peers' unrolled loads; a
+// thread's vectors (4 dims each) are loaded from every peer before any is used, so the slice costs one round trip.
+template <int kMaxSplits>
+__device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                         int split, int head_base, float merge_sink_log2) {
+  using L = HeadSplitLayout;
+  constexpr int kRowVectors = kD512HeadDim / 4, kVectors = kHeadSplitHeads * kRowVectors;
+  constexpr int kPaddedRowVectors = kHeadSplitPartialStride / 4;
+  // The most vectors a thread merges: the fewest splits of this unrolling give the largest slices.
+  constexpr int kMinSplits = kMaxSplits / 2 + 1;
+  constexpr int kThreadVectors = ((kVectors + kMinSplits - 1) / kMinSplits + kHeadSplitThreads - 1) / kHeadSplitThreads;
+  const int splits = p.splits, tid = threadIdx.x;
+  const int per_cta = (kVectors + splits - 1) / splits;
+  const int begin = split * per_cta + tid, end = min(kVectors, (split + 1) * per_cta);
+  const float4* partial = reinterpret_cast<const float4*>(smem + L::kPartial);
+  const float4* peer[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) peer[s] = cluster_peer(partial, s < splits ? s : 0);
+  float4 o[kThreadVectors][kMaxSplits];
+#pragma unroll
+  for (int k = 0; k < kThreadVectors; ++k) {
+    const int v = begin + k * kHeadSplitThreads;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      if (v < end && s < splits) o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
+  }
+  // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
+  float* merge_scale = reinterpret_cast<float*>(smem + L::kScale);
+  if (tid < kHeadSplitHeads) {
+    const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
+    float2 split_stats[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
+    float m = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
+    float weight[kMaxSplits], sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
+      sum += split_stats[s].y * weight[s];
+    }
+    const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s)
+      merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = weight[s] * inverse_denominator;
+  }
+  __syncthreads();
+
+  const KvEntryLayout& layout = p.cache.layout;
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kRope);
+#pragma unroll
+  for (int k = 0; k < kThreadVectors; ++k) {
+    const int v = begin + k * kHeadSplitThreads;
+    const int h = v / kRowVectors, dim = 4 * (v % kRowVectors);
+    if (v >= end || head_base + h >= p.heads) continue;
+    float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      if (s >= splits) break;
+      const float scale = merge_scale[h * kSparseAttentionMaxClusterSplits + s];
+      x[0] += scale * o[k][s].x;
+      x[1] += scale * o[k][s].y;
+      x[2] += scale * o[k][s].z;
+      x[3] += scale * o[k][s].w;
+    }
+    if (p.rope_frequencies != nullptr) {
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair)
+        if (dim + 2 * pair >= layout.nope_dim)
+          rope_rotate_pair(x[2 * pair], x[2 * pair + 1], rope_table[(dim + 2 * pair - layout.nope_dim) / 2], true);
+    }
+    const int64_t offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
+    if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
+      float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset);
+      out[0] = make_float2(x[0], x[1]);
+      out[1] = make_float2(x[2], x[3]);
+    } else {
+      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + offset) =
+          make_uint2(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]));
+    }
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kHeadSplitThreads, 1)
+    sparse_attention_head_split_kernel(const __grid_constant__ SparseAttentionParams p, const int head_groups) {
+  using L = HeadSplitLayout;
+  extern __shared__ __align__(16) uint8_t smem[];
+  allow_dependents();
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const CtaWork work = cta_work(p, head_groups);
+  const int64_t t = work.t;
+  const int split = work.split, head_base = work.head_block * kHeadSplitHeads;
+  const KvCacheView& cache = p.cache;
+  const KvEntryLayout& layout = cache.layout;
+  uint64_t* entries_landed = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + warp;
+  int32_t* slot_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kRope);
+  if (lane == 0) {
+    sm90::mbarrier_init(entries_landed, 1);
+    sm90::fence_mbarrier_init();
+  }
+  __syncwarp();
+
+  // Weights and parameters before griddepcontrol.wait (nothing an earlier kernel writes), and L2 requests for the
+  // first inputs: Q rows, the split's index lines (bounded without the counts), the query's slot and position.
+  const bool rope = p.rope_frequencies != nullptr;
+  const int rope_pairs = rope ? layout.rope_dim / 2 : 0;
+  const float frequency = tid < rope_pairs ? p.rope_frequencies[tid] : 0.0f;
+  const float sink_log2[2] = {head_sink_log2(p, head_base + g), head_sink_log2(p, head_base + g + 8)};
+  const float merge_sink_log2 = tid < kHeadSplitHeads ? head_sink_log2(p, head_base + tid) : -INFINITY;
+  const int64_t q_element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+  const int live_heads = min(kHeadSplitHeads, p.heads - head_base);
+  {
+    constexpr int kLineBytes = 128;
+    const uint8_t* q_rows = static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * q_element_bytes;
+    const int64_t q_bytes = int64_t(live_heads) * kD512HeadDim * q_element_bytes;
+    for (int64_t offset = int64_t(tid) * kLineBytes; offset < q_bytes; offset += kLineBytes * kHeadSplitThreads)
+      ptx::prefetch_l2(q_rows + offset);
+    if (tid == 0) {
+      ptx::prefetch_l2(p.sequence_slots + t);
+      if (rope) ptx::prefetch_l2(p.positions + t);
+      if (p.compressed_counts != nullptr) ptx::prefetch_l2(p.compressed_counts + t);
+    }
+    const int64_t total = int64_t(p.window_slots) + p.compressed_slots;
+    const int tiles_per_split = (int((total + kTile - 1) / kTile) + p.splits - 1) / p.splits;
+    const int64_t s = int64_t(split) * tiles_per_split * kTile + 32 * (tid - 32);  // warp 1: a line per lane
+    if (warp == 1 && s < min(total, int64_t(split + 1) * tiles_per_split * kTile))
+      ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
+                                          : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
+  }
+  wait_for_prior_grids();
+
+  // 1. Slots → physical entries → one bulk copy per entry; Q loads in flight meanwhile.
+  const SlotRange range = split_slot_range(p, t, split);
+  // ≤ kHeadSplitMaxEntries (the launcher's split bound); 0 for a split past the query's count.
+  const int entries = int(max(range.end - range.begin, int64_t(0)));
+  const int entry = warp * kHeadSplitWarpEntries + lane % kHeadSplitWarpEntries;
+  const int sequence_slot = p.sequence_slots[t];
+  const int64_t slot = range.begin + entry;
+  const bool in_range = lane < kHeadSplitWarpEntries && entry < entries;
+  const int32_t row = in_range ? slot_row(p, t, slot) : -1;
+
+  // Q: thread tid holds 16-byte chunk tid % 64 of heads tid / 64 + 4i (bf16; two float4 of fp32 q).
+  constexpr int kQChunks = kHeadSplitHeads * kD512HeadDim / 8 / kHeadSplitThreads;  // 4
+  constexpr int kHeadsPerPass = kHeadSplitThreads / (kD512HeadDim / 8);              // 4
+  const int q_chunk = tid % (kD512HeadDim / 8), q_head = tid / (kD512HeadDim / 8);
+  uint4 q_packed[kQChunks];
+  float4 q_lo[kQChunks], q_hi[kQChunks];
+#pragma unroll
+  for (int i = 0; i < kQChunks; ++i) {
+    const int h = q_head + kHeadsPerPass * i;
+    const int64_t element = (t * p.heads + head_base + h) * kD512HeadDim + 8 * q_chunk;
+    const bool live = h < live_heads;
+    q_packed[i] = make_uint4(0, 0, 0, 0);
+    q_lo[i] = q_hi[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (p.q_dtype == AttentionDtype::Bf16) {
+      if (live) q_packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + element);
+    } else if (live) {
+      q_lo[i] = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element);
+      q_hi[i] = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element + 4);
+    }
+  }
+
+  const int32_t phys = slot_physical(cache, slot_page(p, sequence_slot, slot, row), row);
+  if (lane < kHeadSplitWarpEntries) slot_valid[entry] = phys >= 0;
+  {
+    constexpr uint32_t kCopyBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
+    const unsigned copies = __ballot_sync(0xFFFFFFFFu, phys >= 0);
+    if (lane == 0) sm90::mbarrier_arrive_expect_tx(entries_landed, uint32_t(__popc(copies)) * kCopyBytes);
+    if (phys >= 0) {
+      const uint8_t* src = cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
+      ptx::cp_async_bulk_global_to_shared(shared_address(smem + L::kKv + entry * kHeadSplitRowBytes), src, kCopyBytes,
+                                          shared_address(entries_landed));
+    }
+  }
+
+  const int64_t position = rope ? p.positions[t] : 0;
+#pragma unroll
+  for (int i = 0; i < kQChunks; ++i) {
+    const uint4 packed = p.q_dtype == AttentionDtype::Bf16
+                             ? q_packed[i]
+                             : make_uint4(pack_bf16x2(q_lo[i].x, q_lo[i].y), pack_bf16x2(q_lo[i].z, q_lo[i].w),
+                                          pack_bf16x2(q_hi[i].x, q_hi[i].y), pack_bf16x2(q_hi[i].z, q_hi[i].w));
+    *reinterpret_cast<uint4*>(smem + L::kQ + (q_head + kHeadsPerPass * i) * kHeadSplitRowBytes + 16 * q_chunk) =
+        packed;
+  }
+  if (tid < rope_pairs) rope_table[tid] = rope_factors(position, frequency);
+  __syncthreads();  // Q, the valid flags and the inverse-RoPE factors
+
+  // 2. This warp's entries: expanded (fp8) or unused rows zeroed, then their scores over all 512 dims.
+  const int warp_first = warp * kHeadSplitWarpEntries;
+  uint8_t* kv = smem + L::kKv;
+  if (warp_first < entries) {
+    sm90::mbarrier_wait(entries_landed, 0);
+    if constexpr (kFp8) {
+#pragma unroll 2
+      for (int e = 0; e < kHeadSplitWarpEntries; e += 2) {
+        const int32_t pair[2] = {__shfl_sync(0xFFFFFFFFu, phys, e), __shfl_sync(0xFFFFFFFFu, phys, e + 1)};
+        head_split_expand_fp8_pair(kv, warp_first + e, pair, lane);
+      }
+    } else {
+      // Unused slots (rare: a short window, a split's tail) hold stale bytes; their weight 0 must not meet a NaN.
+      unsigned unused = __ballot_sync(0xFFFFFFFFu, lane < kHeadSplitWarpEntries && phys < 0);
+      while (unused != 0) {
+        const int e = __ffs(unused) - 1;
+        unused &= unused - 1;
+        uint4* zero_row = reinterpret_cast<uint4*>(kv + (warp_first + e) * kHeadSplitRowBytes);
+        zero_row[lane] = zero_row[lane + 32] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    __syncwarp();
+
+    // S = Q Kᵀ: two n8 tiles of entries, the 32 k16 steps as two independent halves (four accumulator chains).
+    float s_acc[2][2][4] = {};
+    const uint32_t q_lane = shared_address(smem + L::kQ) +
+                            ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes + 16 * (lane / 16);
+    const uint32_t k_lane = shared_address(kv) + (warp_first + (lane % 8) + 8 * (lane / 16)) * kHeadSplitRowBytes +
+                            16 * ((lane / 8) % 2);
+#pragma unroll 4
+    for (int kk = 0; kk < kD512HeadDim / 32; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int dim_bytes = (half * kD512HeadDim / 2 + 16 * kk) * 2;
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, q_lane + dim_bytes);
+        ldmatrix_x4(b, k_lane + dim_bytes);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][0], a, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][1], a, b[2], b[3]);
+      }
+    }
+    float* scores = reinterpret_cast<float*>(smem + L::kScores);
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(scores + (g + 8 * r) * kHeadSplitScoreStride + warp_first + 8 * n + 2 * c) =
+            make_float2(s_acc[0][n][2 * r] + s_acc[1][n][2 * r], s_acc[0][n][2 * r + 1] + s_acc[1][n][2 * r + 1]);
+  }
+  __syncthreads();
+
+  // 3. Softmax per head over the CTA's entries (log2 domain): 16 threads per head, 8 consecutive entries each.
+  {
+    const int h = tid / 16, first = 8 * (tid % 16);
+    const float scale_log2 = p.softmax_scale * kLog2e;
+    const float* score_row = reinterpret_cast<const float*>(smem + L::kScores) + h * kHeadSplitScoreStride + first;
+    float x[8];
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      // An entry past the split or unused scores −inf whatever its (unwritten) score holds.
+      x[i] = first + i < entries && slot_valid[first + i] != 0 ? score_row[i] * scale_log2 : -INFINITY;
+      m = fmaxf(m, x[i]);
+    }
+#pragma unroll
+    for (int offset = 1; offset < 16; offset *= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+    const float reference = m == -INFINITY ? 0.0f : m;  // no entry: every weight exp2(−inf) = 0, no NaN
+    uint32_t w[4];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = pack_bf16x2(fast_exp2(x[2 * i] - reference), fast_exp2(x[2 * i + 1] - reference));
+      sum += __uint_as_float(w[i] << 16);
+      sum += __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+    *reinterpret_cast<uint4*>(smem + L::kP + (h * kHeadSplitPStride + first) * 2) = make_uint4(w[0], w[1], w[2], w[3]);
+#pragma unroll
+    for (int offset = 1; offset < 16; offset *= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (tid % 16 == 0) reinterpret_cast<float2*>(smem + L::kStats)[h] = make_float2(m, sum);
+  }
+  __syncthreads();
+
+  // 4. O = P V over this warp's 64 dims and all the CTA's entries.
+  const int dim_base = warp * (kD512HeadDim / kHeadSplitWarps);
+  float o_acc[8][4] = {};
+  {
+    const uint32_t p_lane = shared_address(smem + L::kP) +
+                            ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitPStride * 2 + 16 * (lane / 16);
+    const uint32_t v_lane = shared_address(kv) + ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes +
+                            16 * (lane / 16) + dim_base * 2;
+    const int groups = (entries + kHeadSplitWarpEntries - 1) / kHeadSplitWarpEntries;
+#pragma unroll 2
+    for (int k = 0; k < groups; ++k) {
+      uint32_t a[4];
+      ldmatrix_x4(a, p_lane + k * kHeadSplitWarpEntries * 2);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, v_lane + k * kHeadSplitWarpEntries * kHeadSplitRowBytes + np * 32);
+        ptx::mma_m16n8k16_bf16_f32(o_acc[2 * np], a, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(o_acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // 5. One split: normalise, rotate back, store. Several: the cluster merge.
+  if (p.splits > 1) {
+    float* partial = reinterpret_cast<float*>(smem + L::kPartial);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(partial + (g + 8 * r) * kHeadSplitPartialStride + dim_base + 8 * j + 2 * c) =
+            make_float2(o_acc[j][2 * r], o_acc[j][2 * r + 1]);
+    cluster_sync();
+    if (p.splits <= 2)
+      head_split_cluster_merge<2>(p, smem, t, split, head_base, merge_sink_log2);
+    else if (p.splits <= 4)
+      head_split_cluster_merge<4>(p, smem, t, split, head_base, merge_sink_log2);
+    else if (p.splits <= 8)
+      head_split_cluster_merge<8>(p, smem, t, split, head_base, merge_sink_log2);
+    else
+      head_split_cluster_merge<16>(p, smem, t, split, head_base, merge_sink_log2);
+    cluster_sync_relaxed();  // the peers have read this CTA's partial and statistics
+    return;
+  }
+  float inverse_denominator[2];
+  {
+    const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
+    const float row_max[2] = {stats[g].x, stats[g + 8].x}, row_sum[2] = {stats[g].y, stats[g + 8].y};
+    inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int dim = dim_base + 8 * j + 2 * c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[j][e] * inverse_denominator[e / 2];
+    if (rope && dim >= layout.nope_dim) {
+      const RopeFactors f = rope_table[(dim - layout.nope_dim) / 2];
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (g + 8 * r >= live_heads) continue;
+      const int64_t offset = (t * p.heads + head_base + g + 8 * r) * kD512HeadDim + dim;
+      if (p.out_dtype == AttentionDtype::F32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+}
+
 // ---- the split merge ----
 
 inline constexpr int kCombineThreads = 128;

@@ -43,6 +43,8 @@ inline constexpr int kSparseAttentionMaxSplits = 64;
 // Splits a cluster merge serves at most (one CTA per SM; above 8, the non-portable cluster sizes, where the device
 // holds them: max_sparse_attention_cluster_splits()).
 inline constexpr int kSparseAttentionMaxClusterSplits = 16;
+// Tiles of 32 entries one CTA of the head-split path holds (all resident in shared memory).
+inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -74,6 +76,12 @@ struct SparseAttentionParams {
   // bytes of the merge, which the SM-to-SM network bounds at batch 1 (ncu, Flash SWA: 40 % of the consumers' time);
   // each split's unnormalised partial is rounded once (2^-9 of its share of the output).
   bool cluster_merge_bf16_partials = false;
+  // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
+  // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
+  // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
+  // `splits` and the workspace are then not used (sparse_attention_uses_head_split tells).
+  bool head_split = false;
+  int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -92,6 +100,10 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
 // Workspace of a call merged by the combine kernel (an upper bound for any call of that shape: a cluster merge
 // needs none).
 size_t sparse_attention_workspace_bytes(int64_t tokens, int heads, int head_dim, int splits);
+
+// Whether run_sparse_attention(params) takes the head-split path (params.head_split and a shape it serves), and
+// with how many splits (0 when it does not).
+int sparse_attention_head_split_splits(const SparseAttentionParams& params);
 
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention supports the call.
 void check_sparse_attention_params(const SparseAttentionParams& params);
