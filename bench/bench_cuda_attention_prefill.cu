@@ -1,0 +1,315 @@
+// Sparse MQA attention prefill on the GPU: run_sparse_attention_prefill (the two-block wgmma kernel) against today's
+// prefill path, run_sparse_attention with the splits choose_sparse_attention_splits picks, on the same inputs. A chunk
+// of 4096 queries at the end of an 8K or 64K context of one sequence, CSA slots (the 128 window ring rows up to each
+// query + 512 random visible compressed rows, causal), V4-Flash (H 64) and V4-Pro (H 128), fp8 (584-byte) and bf16
+// entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs per call (L2 flushed before each),
+// TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and
+// the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's path, and the largest
+// difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and P to bf16, in other
+// orders). Entries and q are hashes of their positions (finite, no NaN codes).
+// Usage: bench_cuda_attention_prefill [--json PATH]. Exit status 1 when the outputs disagree.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backends/cpu/rope.hpp"
+#include "backends/cuda/device.hpp"
+#include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/sparse_attention.hpp"
+#include "backends/cuda/kernels/sparse_attention_prefill.hpp"
+#include "backends/cuda/kv_cache.hpp"
+#include "backends/cuda/stream_timing.hpp"
+#include "cuda_bench_support.hpp"
+
+namespace dsv4::cuda {
+namespace {
+
+constexpr int kHeadDim = 512, kRopeDim = 64, kWindow = 128, kTopK = 512, kPageRows = 64;
+constexpr int64_t kTokens = 4096;
+
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  x ^= x >> 33;
+  return uint32_t(x);
+}
+
+// A value in [-2, 2) from a hash.
+__device__ __forceinline__ float hashed_value(uint64_t i, uint32_t seed) {
+  return float(hash32(i * 0x9E3779B97F4A7C15ull + seed) >> 8) * (4.0f / 16777216.0f) - 2.0f;
+}
+
+__global__ void fill_q(float* q, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    q[i] = hashed_value(uint64_t(i), seed);
+}
+
+// Every entry of the pool: bf16 entries hashed values; fp8 entries e4m3 codes without the NaN pattern (exponent
+// 1111 never set), scales 2^0, hashed bf16 rope dims.
+__global__ void fill_entries(uint8_t* pool, int64_t entries, KvEntryLayout layout, uint32_t seed) {
+  const int64_t bytes = entries * layout.entry_bytes;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
+    const int b = int(i % layout.entry_bytes);
+    uint8_t v = 0;
+    if (layout.format == KvEntryFormat::Bf16 || (b >= layout.rope_offset && b < layout.scale_offset)) {
+      const __nv_bfloat16 x = __float2bfloat16(hashed_value(uint64_t(i / 2), seed));
+      v = reinterpret_cast<const uint8_t*>(&x)[i % 2];
+    } else if (b < layout.nope_dim) {
+      v = uint8_t(hash32(uint64_t(i) + seed) & 0xB7);
+    } else if (b < layout.scale_offset + layout.scale_blocks) {
+      v = 0x7F;
+    }
+    pool[i] = v;
+  }
+}
+
+// Waits for the default stream with a bound: a pipeline deadlock would otherwise hold the device; ending the process
+// releases it.
+void synchronize_or_exit(const char* what) {
+  const auto start = std::chrono::steady_clock::now();
+  while (cudaStreamQuery(nullptr) == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
+      std::fprintf(stderr, "%s: the kernel did not finish within 20 s\n", what);
+      std::fflush(stderr);
+      std::_Exit(1);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+template <class Body>
+double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
+  StreamTimer timer;
+  body();  // warm-up
+  std::vector<float> times;
+  for (int i = 0; i < iterations; ++i) {
+    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, flush_bytes));
+    times.push_back(timer.elapsed_ms(nullptr, body));
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// bf16 tensor rate of cuBLAS on a 4096³ GEMM (bf16 in, fp32 accumulate), in TFLOP/s.
+double cublas_bf16_tflops(void* flush, size_t flush_bytes) {
+  constexpr int n = 4096;
+  cublasHandle_t handle = nullptr;
+  check_cublas(cublasCreate(&handle), "cublasCreate");
+  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
+  a.fill_bytes(0x3C);
+  b.fill_bytes(0x3C);
+  const float alpha = 1.0f, beta = 0.0f;
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  const double ms = median_ms(10, flush, flush_bytes, [&] {
+    status = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
+                          CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  });
+  cublasDestroy(handle);
+  check_cublas(status, "cublasGemmEx");
+  return 2.0 * n * double(n) * n / (ms * 1e9);
+}
+
+std::vector<float> bf16_output(const DeviceBuffer& out, size_t n) {
+  std::vector<uint16_t> bits(n);
+  out.download(bits.data(), n * 2);
+  std::vector<float> values(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t word = uint32_t(bits[i]) << 16;
+    std::memcpy(&values[i], &word, 4);
+  }
+  return values;
+}
+
+struct Case {
+  std::string model, format;
+  int heads;
+  int64_t context;
+  int old_splits;
+  double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
+};
+
+Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
+              double peak_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
+  const int64_t capacity = 8192;  // ring rows: the window plus the chunk
+  const int64_t compressed_rows = context / 4;
+  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = 1,
+                 .window_capacity = capacity, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
+                 .pages = (compressed_rows + capacity) / kPageRows});
+  cache.add_sequence();
+  cache.ensure_rows(0, 0, KvArray::Window, capacity);
+  cache.ensure_rows(0, 0, KvArray::Compressed, compressed_rows);
+  cache.upload_page_table(nullptr);
+  const KvCacheView view = cache.view();
+  fill_entries<<<1024, 256>>>(view.pool, cache.config().pages * kPageRows, view.layout, rng());
+  DSV4_CUDA_CHECK_LAUNCH("fill_entries");
+
+  const int64_t T = kTokens;
+  std::vector<int32_t> slots(size_t(T), 0), window_index(size_t(T) * kWindow), compressed_index(size_t(T) * kTopK);
+  std::vector<int64_t> positions(static_cast<size_t>(T));
+  int64_t used_slots = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t pos = context - T + t;
+    positions[size_t(t)] = pos;
+    for (int w = 0; w < kWindow; ++w) {
+      const int64_t p = pos - (kWindow - 1) + w;
+      window_index[size_t(t * kWindow + w)] = p >= 0 ? int32_t(p % capacity) : -1;
+      used_slots += p >= 0;
+    }
+    const int64_t visible = (pos + 1) / 4;
+    for (int s = 0; s < kTopK; ++s) {
+      const bool used = s < visible;
+      compressed_index[size_t(t * kTopK + s)] = used ? int32_t(rng() % uint64_t(visible)) : -1;
+      used_slots += used;
+    }
+  }
+  const std::vector<float> sink(size_t(heads), 0.5f);
+  const cpu::RopeTable rope(160000.0, kRopeDim);
+  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
+               d_compressed = to_device(compressed_index, "compressed index"),
+               d_pos = to_device(positions, "positions"), d_sink = to_device(sink, "sink"),
+               d_freq = to_device(rope.frequencies(), "frequencies");
+  const size_t outputs = size_t(T) * heads * kHeadDim;
+  DeviceBuffer d_q(outputs * 4, "q");
+  fill_q<<<1024, 256>>>(d_q.as<float>(), int64_t(outputs), rng());
+  DSV4_CUDA_CHECK_LAUNCH("fill_q");
+  DeviceBuffer old_out(outputs * 2, "today's out"), new_out(outputs * 2, "prefill kernel out");
+  const int splits = choose_sparse_attention_splits(T, heads, kHeadDim, format, kWindow + kTopK, sms);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, heads, kHeadDim, splits)),
+                         "workspace");
+  SparseAttentionParams p{.cache = view, .layer = 0, .tokens = T, .heads = heads,
+                          .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
+                          .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
+                          .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                          .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                          .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
+                          .compressed_slots = kTopK, .out = old_out.data(), .out_dtype = AttentionDtype::Bf16,
+                          .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  const double old_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
+  SparseAttentionParams prefill = p;
+  prefill.out = new_out.data();
+  prefill.splits = 1;
+  prefill.workspace = nullptr;
+  prefill.workspace_bytes = 0;
+  new_out.fill_bytes(0xFF);
+  run_sparse_attention_prefill(prefill);
+  synchronize_or_exit("sparse_attention_prefill");
+  const double new_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+
+  const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
+  double largest = 0, worst = 0;
+  size_t worst_index = 0;
+  for (size_t i = 0; i < outputs; ++i) largest = std::max(largest, double(std::fabs(expected[i])));
+  for (size_t i = 0; i < outputs; ++i) {
+    const double difference = std::isfinite(got[i]) ? std::fabs(double(got[i]) - expected[i]) : INFINITY;
+    if (difference > worst) {
+      worst = difference;
+      worst_index = i;
+    }
+  }
+  if (!(worst <= std::ldexp(largest, -6)))
+    std::printf("  %s %s %lld: largest difference at t=%zu h=%zu d=%zu: %g against %g\n", model, to_string(format),
+                static_cast<long long>(context), worst_index / (size_t(heads) * kHeadDim),
+                (worst_index / kHeadDim) % size_t(heads), worst_index % kHeadDim, double(got[worst_index]),
+                double(expected[worst_index]));
+
+  Case r;
+  r.model = model;
+  r.format = to_string(format);
+  r.heads = heads;
+  r.context = context;
+  r.old_splits = splits;
+  r.old_us = old_ms * 1e3;
+  r.new_us = new_ms * 1e3;
+  const double flops = 4.0 * heads * kHeadDim * double(used_slots);
+  r.old_tflops = flops / (old_ms * 1e9);
+  r.new_tflops = flops / (new_ms * 1e9);
+  r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
+  r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
+  r.relative_difference = largest > 0 ? worst / largest : worst;
+  return r;
+}
+
+int run(int argc, char** argv) {
+  std::string json_path;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+      json_path = argv[++i];
+    else
+      fail("usage: bench_cuda_attention_prefill [--json PATH]");
+  }
+  const std::vector<DeviceInfo> devices = list_devices();
+  if (devices.empty()) {
+    std::fprintf(stderr, "no CUDA device\n");
+    return 1;
+  }
+  const DeviceInfo& device = devices[0];
+  const size_t flush_bytes = size_t(256) << 20;
+  DeviceBuffer flush(flush_bytes, "L2 flush");
+  int clock_khz = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
+  const double peak_tflops = 4096.0 * device.multiprocessors * clock_khz * 1e3 / 1e12;
+  const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
+  std::printf("%s, %d SMs; cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", device.name.c_str(),
+              device.multiprocessors, cublas_tflops, peak_tflops, clock_khz / 1000);
+  std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = run_sparse_attention\n",
+              static_cast<long long>(kTokens), kWindow, kTopK);
+  std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s\n", "model", "format", "H", "context",
+              "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup", "rel diff");
+  std::mt19937 rng(11);
+  std::vector<Case> cases;
+  bool ok = true;
+  for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
+    for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
+      for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
+        const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
+                                flush.data(), flush_bytes, rng);
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
+        ok = ok && agrees;
+        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e%s\n",
+                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
+                    r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
+                    r.old_us / r.new_us, r.relative_difference, agrees ? "" : " FAIL");
+        cases.push_back(r);
+      }
+  if (!json_path.empty()) {
+    FILE* f = std::fopen(json_path.c_str(), "w");
+    check(f != nullptr, "cannot write ", json_path);
+    std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n"
+                    "  \"prefill\": [\n",
+                 device.name.c_str(), cublas_tflops, peak_tflops);
+    for (size_t i = 0; i < cases.size(); ++i) {
+      const Case& r = cases[i];
+      std::fprintf(f,
+                   "    {\"model\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"context\": %lld, \"tokens\": %lld, "
+                   "\"today_splits\": %d, \"today_us\": %.1f, \"today_tflops\": %.1f, \"us\": %.1f, \"tflops\": %.1f, "
+                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e}%s\n",
+                   r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
+                   static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
+                   r.percent_of_cublas, r.percent_of_peak, r.relative_difference, i + 1 < cases.size() ? "," : "");
+    }
+    std::fprintf(f, "  ]\n}\n");
+    std::fclose(f);
+  }
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace dsv4::cuda
+
+int main(int argc, char** argv) {
+  return dsv4::cuda::run_benchmark_main("bench_cuda_attention_prefill", dsv4::cuda::run, argc, argv);
+}

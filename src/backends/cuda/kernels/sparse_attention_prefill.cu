@@ -1,0 +1,75 @@
+#include "backends/cuda/kernels/sparse_attention_prefill.cuh"
+
+#include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/dependent_cluster_launch.hpp"
+#include "backends/cuda/per_device_cache.hpp"
+#include "core/error.hpp"
+
+namespace dsv4::cuda {
+
+namespace {
+
+using namespace sparse_attention_prefill_detail;
+
+template <bool kFp8>
+void launch(const SparseAttentionParams& p, int head_blocks) {
+  const auto kernel = sparse_attention_prefill_kernel<kFp8>;
+  static PerDeviceCache<bool> attributes_set;
+  attributes_set.get(reinterpret_cast<const void*>(kernel), [&] {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kAllocationBytes));
+    return true;
+  });
+  launch_dependent_clusters(kernel, p.tokens * head_blocks, kThreads, kAllocationBytes, 1, p.stream,
+                            "sparse_attention_prefill", p, head_blocks);
+}
+
+}  // namespace
+
+bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shift, int heads) {
+  if (layout.head_dim != kHeadDim || heads < 1) return false;
+  if (layout.format == KvEntryFormat::Bf16) return true;
+  // fp8: DeepSeek's layout, whose 8-byte groups the producer reads in place.
+  return layout.nope_dim == kFp8NopeDim && layout.rope_offset == kFp8RopeOffset &&
+         layout.scale_offset == kFp8ScaleOffset && layout.entry_bytes == kFp8EntryBytes && page_shift >= 0;
+}
+
+void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
+  const KvEntryLayout& layout = p.cache.layout;
+  check(p.cache.pool != nullptr && p.cache.page_table != nullptr, "sparse_attention_prefill: the KV cache view is empty");
+  check(sparse_attention_prefill_supports(layout, p.cache.page_shift, p.heads), "sparse_attention_prefill: head_dim ",
+        layout.head_dim, " (", to_string(layout.format), " entries of ", layout.entry_bytes, " bytes), heads ", p.heads,
+        ": only head_dim ", kHeadDim, " with bf16 entries or fp8 entries in the ", kFp8EntryBytes,
+        "-byte layout is served");
+  check(p.layer >= 0 && p.layer < p.cache.layers, "sparse_attention_prefill: layer ", p.layer, " outside [0, ",
+        p.cache.layers, ")");
+  check(p.tokens >= 0, "sparse_attention_prefill: negative tokens ", p.tokens);
+  check(p.window_slots >= 0 && p.compressed_slots >= 0, "sparse_attention_prefill: negative slot count (window ",
+        p.window_slots, ", compressed ", p.compressed_slots, ")");
+  check(p.splits == 1, "sparse_attention_prefill: splits ", p.splits, " (the prefill kernel does not split)");
+  const int64_t head_blocks = (p.heads + kHeads - 1) / kHeads;
+  check(p.tokens * head_blocks < (int64_t(1) << 31), "sparse_attention_prefill: too many CTAs for one launch (tokens ",
+        p.tokens, ", heads ", p.heads, ")");
+  if (p.tokens == 0) return;
+  check(p.q != nullptr && p.out != nullptr && p.sequence_slots != nullptr,
+        "sparse_attention_prefill: q, out and sequence_slots are required");
+  check(reinterpret_cast<uintptr_t>(p.q) % 16 == 0, "sparse_attention_prefill: q must be 16-byte aligned");
+  check(reinterpret_cast<uintptr_t>(p.out) % 8 == 0, "sparse_attention_prefill: out must be 8-byte aligned");
+  check(p.window_slots == 0 || p.window_index != nullptr, "sparse_attention_prefill: window_slots ", p.window_slots,
+        " without window_index");
+  check(p.compressed_slots == 0 || p.compressed_index != nullptr, "sparse_attention_prefill: compressed_slots ",
+        p.compressed_slots, " without compressed_index");
+  check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
+        "sparse_attention_prefill: the inverse RoPE needs positions and a cache rope_dim > 0");
+}
+
+void run_sparse_attention_prefill(const SparseAttentionParams& p) {
+  check_sparse_attention_prefill_params(p);
+  if (p.tokens == 0) return;
+  const int head_blocks = (p.heads + kHeads - 1) / kHeads;
+  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
+    launch<true>(p, head_blocks);
+  else
+    launch<false>(p, head_blocks);
+}
+
+}  // namespace dsv4::cuda

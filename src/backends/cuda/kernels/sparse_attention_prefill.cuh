@@ -1,0 +1,688 @@
+// Device code of the sparse-attention prefill kernel (sparse_attention_prefill.hpp).
+//
+// One CTA = one query × one block of 64 heads; 384 threads: consumer warpgroups 0 and 1 (threads 0-255), the producer
+// warpgroup 2. The query's slots are walked in blocks of 64 entries, two per step ("pair"): block 2i in KV buffer 0,
+// block 2i + 1 in KV buffer 1. Each buffer holds 64 entries × 512 dims bf16 as eight 64-dim tiles in the 128B swizzle
+// (K-major for QKᵀ, read N-major as V), loaded and released in halves (dims 0-255, 256-511) so that the producer can
+// refill a half as soon as its last reader is done.
+// Per pair, consumer w (FlashMLA's sparse prefill schedule):
+//   1. S_w = Q K_wᵀ over all 512 dims (wgmma m64n64k16, both operands in shared memory; N = 64 entries keeps the
+//      shared-memory bytes per MMA at the tensor cores' rate, which the N = 32 tiles of the decode kernel exceed);
+//   2. the row maxima go round: consumer 0 folds its block into its running max and publishes it, consumer 1 folds its
+//      block into that and publishes the pair's max, so both scale by one reference without exchanging scores;
+//   3. O_w += P_w V_w[:, half w] from registers; P_w (rescaled to the pair's max) goes to shared memory for the other;
+//   4. O_w += P_other V_other[:, half w] from shared memory.
+// Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
+// row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
+// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). A
+// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
+// Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
+// rounded weights), rounded again only where a later block raises the row's maximum.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/kernels/sparse_attention_prefill.hpp"
+#include "backends/cuda/ptx/cp_async.cuh"
+#include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
+#include "backends/cuda/ptx/wgmma.cuh"
+#include "core/e8m0.hpp"
+
+namespace dsv4::cuda::sparse_attention_prefill_detail {
+
+using sm90::shared_address;
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Two e4m3 codes times a power-of-two scale as two bf16 (exact: 4 significant bits).
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+  return pack_bf16x2(f.x * scale, f.y * scale);
+}
+
+// 2^x by the MUFU unit alone: a weight below 2^-126 of its row's reference becomes 0, where it cannot change a sum.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The sink of `head` in log2 units; −inf for no sink or a padding head.
+__device__ __forceinline__ float head_sink_log2(const SparseAttentionParams& p, int head) {
+  return p.attn_sink != nullptr && head < p.heads ? p.attn_sink[head] * kLog2e : -INFINITY;
+}
+
+// Slots of query t: its window slots, then its first clamp(compressed_counts[t], 0, compressed_slots) compressed ones.
+__device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams& p, int64_t t) {
+  int compressed = p.compressed_slots;
+  if (p.compressed_counts != nullptr) compressed = min(max(p.compressed_counts[t], 0), p.compressed_slots);
+  return int64_t(p.window_slots) + compressed;
+}
+
+// Physical entry of slot s of query t (sequence slot `sequence_slot`): −1 for an unused slot, a row outside its
+// array's pages or an unallocated page.
+__device__ __forceinline__ int32_t slot_entry(const SparseAttentionParams& p, int64_t t, int sequence_slot, int64_t s,
+                                              int32_t row) {
+  const KvCacheView& cache = p.cache;
+  if (row < 0 || (row >> cache.page_shift) >= cache.max_pages_per_array) return -1;
+  const bool window = s < p.window_slots;
+  const int32_t page = cache.pages_of(sequence_slot, p.layer, window ? KvArray::Window : KvArray::Compressed)
+      [row >> cache.page_shift];
+  return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
+}
+
+// Logical row of slot s of query t (−1 = unused).
+__device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int64_t t, int64_t s) {
+  return s < p.window_slots ? p.window_index[t * p.window_slots + s]
+                            : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
+}
+
+// 1 / the softmax denominator for reference max `row_max` and sum `row_sum` (log2 units) with the sink adding
+// exp2(sink − max); a query without entries gets a zero output whatever its sink.
+__device__ __forceinline__ float inverse_softmax_denominator(float sink_log2, float row_max, float row_sum) {
+  float denominator = row_sum;
+  if (sink_log2 != -INFINITY && row_max != -INFINITY) denominator += exp2f(sink_log2 - row_max);
+  return row_sum > 0.0f ? 1.0f / denominator : 0.0f;
+}
+
+inline constexpr int kHeadDim = 512;
+inline constexpr int kHeads = 64;          // heads per CTA: one wgmma M
+inline constexpr int kBlock = 64;          // entries per KV block
+inline constexpr int kWarpgroup = 128;
+inline constexpr int kThreads = 3 * kWarpgroup;
+inline constexpr int kProducerRegisters = 72, kConsumerRegisters = 216;
+static_assert(kProducerRegisters * kWarpgroup + 2 * kConsumerRegisters * kWarpgroup <= 65536, "one SM's registers");
+inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled tile (Q, KV or P)
+inline constexpr int kDimTiles = kHeadDim / 64;
+inline constexpr int kHalfTiles = kDimTiles / 2;
+inline constexpr int kBufferBytes = kDimTiles * kTileBytes;  // one KV block
+inline constexpr int kMaxRopePairs = kHeadDim / 2;
+// DeepSeek's fp8 entry: 448 e4m3 dims, 64 bf16 rope dims at byte 448, seven e8m0 scales at byte 576, 584 bytes.
+inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
+
+// Shared-memory byte offsets (from a 1024-aligned base).
+inline constexpr int kQ = 0;                                 // Q: 8 tiles of [64 heads][64 dims]
+inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
+inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
+inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
+inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
+inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kBarriers = kRope + kMaxRopePairs * 8;  // full[2][2], empty[2][2], valid[2]
+inline constexpr int kBytes = kBarriers + 10 * 8;
+inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
+static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
+
+// Named barriers of the consumers (0 is __syncthreads).
+inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
+
+// S[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 → fp32, A and B K-major in shared memory (128B swizzle).
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, "
+      "%32, %33, p_acc, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+// O[64 × 256] (+)= A[64 × 16] · B[16 × 256], bf16 → fp32, A K-major and B N-major (imm-trans-b = 1) in shared
+// memory, both in the 128B swizzle.
+__device__ __forceinline__ void wgmma_m64n256k16_ss_n_major_b(float (&d)[128], uint64_t a_desc, uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, "
+      "%128, %129, p_acc, 1, 1, 0, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer.
+struct Barriers {
+  uint64_t* base;
+  __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
+  __device__ __forceinline__ uint64_t* empty(int buffer, int half) const { return base + 4 + buffer * 2 + half; }
+  __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
+};
+
+// Pairs of 64-entry blocks that cover query t's slots.
+__device__ __forceinline__ int query_pairs(const SparseAttentionParams& p, int64_t t) {
+  return int((query_slot_count(p, t) + 2 * kBlock - 1) / (2 * kBlock));
+}
+
+// Byte offset of the 16-byte chunk `chunk` of row `row` in a 128B-swizzled tile.
+__device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+// ---- producer ----
+
+// Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
+// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
+template <bool kFp8>
+__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
+                                        const Barriers& barriers) {
+  const int thread = int(threadIdx.x) - 2 * kWarpgroup;
+  const int chunk = thread % 8, row0 = thread / 8;
+  const int64_t slots = query_slot_count(p, t);
+  const int sequence_slot = p.sequence_slots[t];
+  int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
+  int32_t physical[2][4];
+  // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that
+  // the two dependent loads stall once.
+  const auto resolve = [&](int pair) {
+    int32_t rows[2][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
+      }
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        physical[b][k] = slot_entry(p, t, sequence_slot, s, rows[b][k]);
+      }
+  };
+  const auto load_half = [&](int buffer, int half) {
+    uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int row = row0 + 16 * k;
+      const int32_t entry_index = physical[buffer][k];
+      uint8_t* destination = tiles + swizzled(row, chunk);
+      if constexpr (!kFp8) {
+        // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
+        const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
+#pragma unroll
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
+                                    entry_index >= 0);
+        }
+      } else {
+        uint4 out[kHalfTiles];
+#pragma unroll
+        for (int i = 0; i < kHalfTiles; ++i) out[i] = make_uint4(0, 0, 0, 0);
+        if (entry_index >= 0) {
+          const uint8_t* entry = p.cache.entry_address(entry_index);
+          const uint2 scales = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
+#pragma unroll
+          for (int i = 0; i < kHalfTiles; ++i) {
+            const int tile = half * kHalfTiles + i;
+            if (tile * 64 < kFp8NopeDim) {
+              const uint2 codes = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
+              const uint32_t scale_bits = tile < 4 ? scales.x >> (8 * tile) : scales.y >> (8 * (tile - 4));
+              const float scale = e8m0_to_float(uint8_t(scale_bits & 0xFF));
+              out[i] = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                                  e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                                  e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                                  e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+            } else {
+              // The bf16 rope dims are only 8-byte aligned in the 584-byte entry.
+              const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
+              const uint2 lo = *reinterpret_cast<const uint2*>(rope), hi = *reinterpret_cast<const uint2*>(rope + 8);
+              out[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kHalfTiles; ++i)
+          *reinterpret_cast<uint4*>(destination + (half * kHalfTiles + i) * kTileBytes) = out[i];
+      }
+    }
+  };
+  const auto publish_half = [&](int buffer, int half) {
+    if constexpr (kFp8) {
+      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
+      sm90::mbarrier_arrive(barriers.full(buffer, half));
+    } else {
+      ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
+    }
+  };
+  const auto publish_valid = [&](int buffer) {
+    if (chunk == 0)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical[buffer][k] >= 0;
+    sm90::mbarrier_arrive(barriers.valid(buffer));
+  };
+
+  if (pairs > 0) resolve(0);
+  for (int i = 0; i < pairs; ++i) {
+    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
+    const uint32_t parity = (i & 1) ^ 1;
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
+    if (i + 1 < pairs) resolve(i + 1);
+  }
+  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+// ---- consumers ----
+
+// exp2(old − new) for a row's reference moving from `old` to `new` (≥ old); 1 while it stays (also −inf to −inf).
+__device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
+  return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
+}
+
+// Waits for a buffer half and orders the producer's cp.async writes before this thread's wgmma reads of them.
+__device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
+  sm90::mbarrier_wait(barrier, parity);
+  sm90::fence_proxy_async_shared();
+}
+
+// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
+__device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first) {
+  const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + kQ);
+  const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
+#pragma unroll
+  for (int i = 0; i < kHalfTiles; ++i)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t offset = uint32_t((half * kHalfTiles + i) * kTileBytes + kk * 32);
+      wgmma_m64n64k16_ss(s, sm90::advance_descriptor(q, offset), sm90::advance_descriptor(k, offset),
+                         first && i == 0 && kk == 0 ? 0 : 1);
+    }
+}
+
+// V of `buffer`, dims [256·half, +256), k16 step ks: rows are entries (K), each a 128-byte row of 64 dims (N) per tile.
+__device__ __forceinline__ uint64_t v_descriptor(const uint8_t* smem, int buffer, int half, int ks) {
+  return sm90::make_sw128_n_major_descriptor(smem + kKv + buffer * kBufferBytes + half * kHalfTiles * kTileBytes +
+                                                 ks * 16 * 128,
+                                             kTileBytes);
+}
+
+// o += P V_buffer[:, half] with P from registers (this consumer's own block).
+__device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
+                                             int buffer, int half) {
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
+  sm90::wgmma_commit_group();
+}
+
+// o += P V_buffer[:, half] with P from the other consumer's shared tile.
+__device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
+                                          int half) {
+  const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    wgmma_m64n256k16_ss_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
+                                  v_descriptor(smem, buffer, half, ks), 1);
+  sm90::wgmma_commit_group();
+}
+
+__device__ __forceinline__ void fence_fragments(uint32_t (&pf)[4][4]) {
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) sm90::fence_operand(pf[ks]);
+}
+
+__device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor)[2]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] *= factor[(i % 4) / 2];
+}
+
+// One block's online softmax for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2): unused
+// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
+// rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
+// the rounded weights.
+__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+  float block_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
+      block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
+    }
+  float alpha[2], reference[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
+    block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 2));
+    const float new_max = fmaxf(base_max[r], block_max[r]);
+    alpha[r] = rescale_factor(row_max[r], new_max);
+    row_max[r] = new_max;
+    row_sum[r] *= alpha[r];
+    // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
+    reference[r] = new_max == -INFINITY ? 0.0f : new_max;
+  }
+  if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float w0 = fast_exp2(s[4 * n + 2 * r] - reference[r]), w1 = fast_exp2(s[4 * n + 2 * r + 1] - reference[r]);
+      s[4 * n + 2 * r] = w0;
+      s[4 * n + 2 * r + 1] = w1;
+      const uint32_t packed = pack_bf16x2(w0, w1);
+      row_sum[r] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xFFFF0000u);
+      pf[n / 2][(n % 2) * 2 + r] = packed;
+    }
+}
+
+// Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
+__device__ __forceinline__ void rescale_weights(float (&s)[32], const float (&factor)[2], uint32_t (&pf)[4][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      s[4 * n + 2 * r] *= factor[r];
+      s[4 * n + 2 * r + 1] *= factor[r];
+      pf[n / 2][(n % 2) * 2 + r] = pack_bf16x2(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]);
+    }
+}
+
+// The bf16 weights into a 64 × 64 K-major 128B-swizzled tile (heads = rows), the A operand of the other consumer.
+__device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf)[4][4], int warp, int g, int c) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
+}
+
+__device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
+                                        const Barriers& barriers) {
+  // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
+  const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
+  const int thread256 = int(threadIdx.x);
+  const int thread = thread256 % kWarpgroup, warp = thread / 32, lane = thread % 32, g = lane / 4, c = lane % 4;
+  const KvEntryLayout& layout = p.cache.layout;
+  const int nope_dim = layout.head_dim - layout.rope_dim;
+  const bool rope = p.rope_frequencies != nullptr;
+  // Weights first (nothing an earlier kernel writes).
+  const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
+  const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
+  wait_for_prior_grids();
+  const int pairs = query_pairs(p, t);
+
+  // The inverse RoPE's factors and Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
+  if (rope) {
+    const int64_t position = p.positions[t];
+    for (int pair = thread256; pair < layout.rope_dim / 2; pair += 2 * kWarpgroup)
+      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+  }
+  {
+    constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
+    uint4 packed[kChunks];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      const int64_t element = (t * p.heads + head_base + h) * kHeadDim + dim;
+      packed[i] = make_uint4(0, 0, 0, 0);
+      if (head_base + h < p.heads) {
+        if (p.q_dtype == AttentionDtype::Bf16) {
+          packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + element);
+        } else {
+          const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element);
+          const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element + 4);
+          packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                                 pack_bf16x2(hi.z, hi.w));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      *reinterpret_cast<uint4*>(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
+    }
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  }
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+  float s[32];
+  uint32_t pf[4][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
+  const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
+  uint8_t* own_p = smem + kP + consumer * kTileBytes;
+  const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
+
+  if (consumer == 0) {
+    if (pairs > 0) {
+      wait_full(barriers.full(0, 0), 0);
+      sm90::wgmma_fence();
+      qk_half(s, smem, 0, 0, true);
+      wait_full(barriers.full(0, 1), 0);
+      qk_half(s, smem, 0, 1, false);
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(s);
+    }
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = i & 1;
+      sm90::mbarrier_wait(barriers.valid(0), parity);
+      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
+      pv_registers(o, pf, smem, 0, 0);
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
+      // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
+      const float2 pair_max = *shared_max;
+      const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
+      row_max[0] = pair_max.x;
+      row_max[1] = pair_max.y;
+      row_sum[0] *= factor[0];
+      row_sum[1] *= factor[1];
+      const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
+      if (rescale) rescale_weights(s, factor, pf);
+      store_weights(own_p, pf, warp, g, c);
+      sm90::fence_proxy_async_shared();
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+      if (rescale) scale_rows(o, factor);
+      wait_full(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      pv_shared(o, other_p, smem, 1, 0);
+      if (i + 1 < pairs) {
+        // The next pair's scores run on the tensor cores behind this PV.
+        wait_full(barriers.full(0, 0), parity ^ 1);
+        sm90::wgmma_fence();
+        qk_half(s, smem, 0, 0, true);
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait_group<1>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
+        wait_full(barriers.full(0, 1), parity ^ 1);
+        sm90::wgmma_fence();
+        qk_half(s, smem, 0, 1, false);
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(s);
+        sm90::fence_operand(o);
+      } else {
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
+      }
+    }
+  } else {
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = i & 1;
+      wait_full(barriers.full(1, 1), parity);
+      sm90::wgmma_fence();
+      qk_half(s, smem, 1, 1, true);
+      wait_full(barriers.full(1, 0), parity);
+      qk_half(s, smem, 1, 0, false);
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(s);
+      sm90::mbarrier_wait(barriers.valid(1), parity);
+      // Consumer 0's running max, folded with this block's: the pair's max, handed back.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+      const float2 base = *shared_max;
+      const float base_max[2] = {base.x, base.y};
+      __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
+      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
+      pv_registers(o, pf, smem, 1, 1);
+      store_weights(own_p, pf, warp, g, c);
+      sm90::fence_proxy_async_shared();
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
+      wait_full(barriers.full(0, 1), parity);
+      pv_shared(o, other_p, smem, 0, 1);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
+    }
+  }
+
+  // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  }
+  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
+  if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
+  row_sum[0] += peer.x;
+  row_sum[1] += peer.y;
+  float inverse_denominator[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
+
+  const int dim_base = consumer * (kHeadDim / 2);
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    const int dim = dim_base + 8 * n + 2 * c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o[4 * n + e] * inverse_denominator[e / 2];
+    if (rope && dim >= nope_dim) {
+      const RopeFactors f = rope_table[(dim - nope_dim) / 2];
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (head[r] >= p.heads) continue;
+      const int64_t offset = (t * p.heads + head[r]) * kHeadDim + dim;
+      if (p.out_dtype == AttentionDtype::F32)
+        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+}
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
+  allow_dependents();
+  extern __shared__ uint8_t smem_unaligned[];
+  // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
+  uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
+  const int head_block = int(blockIdx.x % unsigned(head_blocks));
+  const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
+  const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
+  if (threadIdx.x == 0) {
+    // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
+    // valid: every producer thread.
+    for (int i = 0; i < 10; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    sm90::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x >= 2 * kWarpgroup) {
+    sm90::setmaxnreg_decrease<kProducerRegisters>();
+    wait_for_prior_grids();
+    produce<kFp8>(p, smem, t, query_pairs(p, t), barriers);
+  } else {
+    sm90::setmaxnreg_increase<kConsumerRegisters>();
+    consume(p, smem, t, head_block * kHeads, barriers);
+  }
+}
+
+}  // namespace dsv4::cuda::sparse_attention_prefill_detail

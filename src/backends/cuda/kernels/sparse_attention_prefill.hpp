@@ -1,0 +1,32 @@
+// Sparse MQA attention with sink for prefill chunks (head_dim 512, the DSV4 models): the same call and numerics
+// contract as run_sparse_attention (sparse_attention.hpp: window ∪ compressed slots per query, one softmax with the
+// per-head sink in the denominator, inverse RoPE on the output's last rope_dim dims, bf16 or fp8 entries, q rounded to
+// bf16, fp32 scores, softmax and accumulation), built for many queries: one CTA per (query, 64-head block) walks the
+// query's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
+// The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
+// entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
+// consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
+// maxima to each other through shared memory so both use one reference, and each accumulates the output's dims
+// [256w, 256w + 256) over both blocks: its own block's P from registers, the other's from shared memory.
+// Every kernel of a model step is a programmatic dependent launch: nothing an earlier kernel wrote is read before
+// griddepcontrol.wait.
+//
+// Dispatch contract: head_dim 512 (bf16 entries, or fp8 entries in DeepSeek's 584-byte layout), any heads ≥ 1 (blocks
+// of 64, padded), tokens ≥ 0; `splits` must be 1 and the workspace is unused. Asynchronous on `stream`, no
+// allocation, no synchronisation (graph-capturable).
+#pragma once
+
+#include "backends/cuda/kernels/sparse_attention.hpp"
+
+namespace dsv4::cuda {
+
+// Whether run_sparse_attention_prefill serves this cache layout and head count (head_dim 512; fp8 entries in the
+// 584-byte layout on pages of at least 2 entries).
+bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shift, int heads);
+
+// Throws (naming the shape, pointer or field at fault) unless run_sparse_attention_prefill supports the call.
+void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
+
+void run_sparse_attention_prefill(const SparseAttentionParams& params);
+
+}  // namespace dsv4::cuda
