@@ -5,7 +5,8 @@
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 //   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
 //   twice the bf16 rate; raw queries (the preparation folded into the score kernel) against indexer_prepare +
-//   scores, in both formats; and the scores + top-k in one launch (run_indexer_scores_top_k) against the two.
+//   scores, in both formats; and the scores + top-k in one launch (run_indexer_scores_top_k) against the two. The
+//   warpgroup-MMA kernels (warpgroup_mma) in both formats against the same-run mma.sync kernel of that format.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -208,8 +209,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel.
-  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false) {
+  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; warpgroup: warpgroup_mma.
+  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false, bool warpgroup = false) {
     IndexerScoresParams p{.head_weights = weights.as<float>(),
                           .key_count = keys,
                           .positions = d_positions.as<int64_t>(),
@@ -219,6 +220,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                           .ratio = kRatio,
                           .scores = scores.as<float>(),
                           .score_stride = keys,
+                          .warpgroup_mma = warpgroup,
                           .stream = on};
     const int copy = rotation++ % copies;
     if (fp8) {
@@ -262,6 +264,15 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       std::max(fp8_score_bytes / (copy_gbps * 1e3), score_flops / (2 * gemm_tflops * 1e6));
   rows.push_back({"indexer scores fp8", shape, fp8_us, fp8_floor_us, score_us, fp8_score_bytes, score_flops,
                   "keys 128 B + fp32 scale; floor flops at 2x the bf16 rate; baseline: the bf16 kernel"});
+  // The warpgroup-MMA kernels, each against the mma.sync kernel of its format.
+  for (const bool fp8 : {false, true}) {
+    const double us =
+        graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, false, true)); });
+    rows.push_back({fp8 ? "indexer scores fp8, warpgroup MMA" : "indexer scores, warpgroup MMA", shape, us,
+                    fp8 ? fp8_floor_us : score_floor_us, fp8 ? fp8_us : score_us,
+                    fp8 ? fp8_score_bytes : score_bytes, score_flops,
+                    "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
+  }
   // The query preparation folded into the score kernel (raw q) against the two launches it replaces.
   for (const bool fp8 : {false, true}) {
     const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {

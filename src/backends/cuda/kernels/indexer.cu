@@ -16,6 +16,7 @@ namespace {
 // Query groups share one CTA's key loads; the group's fragments stay within this much shared memory.
 constexpr size_t kScoresSmemBudget = 64 * 1024;
 constexpr int kMaxQueriesPerCta = 4;
+constexpr size_t kWgmmaSmemBytes = indexer::wgmma_scores_smem_bytes(kMaxQueriesPerCta, false);
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -59,6 +60,9 @@ DeviceLimits device_limits() {
                          indexer::indexer_scores_fp8_kernel<64>, indexer::indexer_scores_fp8_kernel<128>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemBudget)));
+    for (auto* kernel : {indexer::indexer_scores_wgmma_kernel<false>, indexer::indexer_scores_wgmma_kernel<true>})
+      DSV4_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -132,6 +136,24 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, in
                    args, "indexer_scores_kernel");
 }
 
+// The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
+void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int query_groups, cudaStream_t stream) {
+  const size_t smem = indexer::wgmma_scores_smem_bytes(args.queries_per_cta, fp8);
+  constexpr int64_t kKeysPerCta = int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups;
+  const int64_t wanted = (args.key_count + kKeysPerCta - 1) / kKeysPerCta;
+  const int64_t resident = int64_t(indexer::kScoreCtasPerSm) * device_limits().multiprocessors;
+  const int64_t across_keys = std::clamp<int64_t>(resident / query_groups, 1, std::max<int64_t>(wanted, 1));
+  check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
+        " query groups, beyond the grid limit 65535");
+  const dim3 grid{unsigned(across_keys), unsigned(query_groups)};
+  if (fp8)
+    launch_chained(indexer::indexer_scores_wgmma_kernel<true>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                   args, "indexer_scores_wgmma_kernel (fp8)");
+  else
+    launch_chained(indexer::indexer_scores_wgmma_kernel<false>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                   args, "indexer_scores_wgmma_kernel (bf16)");
+}
+
 }  // namespace
 
 void check_indexer_prepare_params(const IndexerPrepareParams& p) {
@@ -198,6 +220,10 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   if (p.q_raw != nullptr && p.rope_frequencies != nullptr)
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_scores: rope_dim ", p.rope_dim,
           " must be even and within head_dim ", p.head_dim);
+  check(!p.warpgroup_mma || (p.head_dim == indexer::kWgmmaHeadDim && p.heads <= indexer::kWgmmaHeads &&
+                              p.q_raw == nullptr),
+        "indexer_scores: warpgroup_mma needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim, "), at most ",
+        indexer::kWgmmaHeads, " heads (got ", p.heads, ") and prepared queries (q or q_fp8, not q_raw)");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr || p.q_raw != nullptr, "indexer_scores: no queries (q, q_fp8 or q_raw)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
@@ -238,10 +264,16 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, rope_pairs).bytes;
   // Queries of one CTA share its key loads: only those of one sequence.
   const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
-  const int queries_per_cta =
-      int(std::min<int64_t>({p.tokens, group_limit, int64_t(kScoresSmemBudget / per_query)}));
+  const int queries_per_cta = int(std::min<int64_t>(
+      {p.tokens, group_limit, p.warpgroup_mma ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
   const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
   const indexer::ScoresArgs args = scores_args(p, queries_per_cta);
+  if (p.warpgroup_mma) {
+    check(p.key_count < (int64_t(1) << 30), "indexer_scores: warpgroup_mma key_count ", p.key_count,
+          " exceeds the kernel's 32-bit key arithmetic (2^30)");
+    launch_scores_wgmma(args, fp8, query_groups, p.stream);
+    return;
+  }
   switch (p.head_dim) {
     case 32: launch_scores<32>(args, fp8, rope_pairs, query_groups, p.stream); break;
     case 64: launch_scores<64>(args, fp8, rope_pairs, query_groups, p.stream); break;
@@ -267,6 +299,7 @@ void launch_scores_top_k(const indexer::ScoresArgs& scores, int rope_pairs, topk
 
 void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
   check_indexer_scores_params(s);
+  check(!s.warpgroup_mma, "indexer_scores_top_k: warpgroup_mma is run_indexer_scores' only");
   TopKParams top = t;
   top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
   check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");

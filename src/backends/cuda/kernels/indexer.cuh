@@ -20,6 +20,13 @@
 //   multiplies the finished sum.
 // - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
 //   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch.
+// - Warpgroup variant (indexer_scores_wgmma_kernel, IndexerScoresParams::warpgroup_mma): mma.sync runs at about half
+//   the tensor rate on Hopper, and the e4m3 m16n8k32 no faster per product than bf16, so at 64 heads × 128 dims per
+//   key the scores were bound by the MMA issue, not the key bytes. The warpgroup MMA (m64n64, heads padded to 64 on
+//   N) takes each warp's key rows straight from the registers the key loads fill (the A fragment is mma.sync's, so
+//   the loads and their dim permutation are the warp kernel's) and the queries from shared memory: K-major in the
+//   128-byte swizzle, with head_dim permuted exactly as the keys' fragments permute it. A warpgroup owns a 64-key
+//   tile (16 rows per warp) and keeps the next tile's keys in flight while its MMAs run.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,6 +40,7 @@
 #include "backends/cuda/kernels/top_k.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/wgmma.cuh"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
@@ -660,6 +668,264 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     }
     current = ahead;
     ahead = after;
+  }
+}
+
+// ---- Warpgroup MMA scores (head_dim 128, up to 64 heads) ----
+
+inline constexpr int kWgmmaHeadDim = 128;
+inline constexpr int kWgmmaHeads = 64;        // N: heads padded to 64
+inline constexpr int kWgmmaKeysPerTile = 64;  // M: a warpgroup's key tile, 16 rows per warp
+inline constexpr int kWgmmaWarpgroups = kScoreWarps / 4;
+
+// Shared memory per CTA (from a 1024-byte aligned base): each query's B tile (bf16: two 8 KB swizzle tiles for dims
+// 0-63 and 64-127 in fragment order; fp8: one 8 KB tile), then the scaled head weights [query][64], then the visible
+// key counts.
+__host__ __device__ constexpr size_t wgmma_query_tile_bytes(bool fp8) {
+  return size_t(kWgmmaHeads) * kWgmmaHeadDim * (fp8 ? 1 : 2);
+}
+__host__ __device__ constexpr size_t wgmma_scores_smem_bytes(int queries, bool fp8) {
+  return 1024 + size_t(queries) * (wgmma_query_tile_bytes(fp8) + kWgmmaHeads * 4 + 8);
+}
+
+// Where dim `dim` of head `head` sits in the query's B tile: logical k is the position the keys' A fragments give
+// that dim (load_key_tile / load_fp8_key_tile), then the K-major 128B swizzle (16-byte chunk c of row r at c ^ r % 8,
+// 8-row groups 1024 bytes apart). Pairs (bf16) or quads (fp8) of consecutive dims stay adjacent.
+template <bool kFp8>
+__device__ __forceinline__ uint32_t wgmma_query_offset(int head, int dim) {
+  int k, tile_bytes_before;
+  if constexpr (kFp8) {
+    // Key lane quad holds dims 64u + 16·quad + 8s + (0..3 for k 4·quad.., 4..7 for k 16 + 4·quad..) of k32 step 2u + s.
+    const int u = dim >> 6, r = dim & 63, quad = r >> 4, s = (r >> 3) & 1, high = (r >> 2) & 1, e = r & 3;
+    k = 32 * (2 * u + s) + 16 * high + 4 * quad + e;
+    tile_bytes_before = 0;
+  } else {
+    // Key lane quad holds dims 32·pair + 8·quad + 4·sub + (0,1 for k 2·quad.., 2,3 for k 8 + 2·quad..) of k16 step
+    // 2·pair + sub.
+    const int pair = dim >> 5, r = dim & 31, quad = r >> 3, sub = (r >> 2) & 1, high = (r >> 1) & 1, e = r & 1;
+    k = 16 * (2 * pair + sub) + 8 * high + 2 * quad + e;
+    tile_bytes_before = (k >> 6) * kWgmmaHeads * 128;
+    k &= 63;
+  }
+  const int byte = kFp8 ? k : 2 * k;
+  return uint32_t(tile_bytes_before + (head >> 3) * 1024 + (head & 7) * 128 + (((byte >> 4) ^ (head & 7)) << 4) +
+                  (byte & 15));
+}
+
+// D[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 → fp32: A from registers (each warp's m16k16 fragment, as mma.sync's),
+// B K-major in shared memory. A's registers are read asynchronously until a wait_group covers the MMA.
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p_acc, 1, 1, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// The same for e4m3 operands, k32 (A: mma.m16n8k32's fragment).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p_acc, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// A warp's key rows as wgmma A fragments: bf16 as load_key_tile's uint4s, fp8 as load_fp8_key_tile's words.
+template <bool kFp8>
+struct WgmmaKeyTile {
+  uint32_t words[2][kFp8 ? kWgmmaHeadDim / 16 : kWgmmaHeadDim / 8];  // [half][...]: 32 (fp8) or 64 bytes per row
+  float scale;                                                       // fp8: the stored row's key scale
+};
+
+template <bool kFp8>
+__device__ __forceinline__ void load_wgmma_key_tile(WgmmaKeyTile<kFp8>& tile, const void* keys, const float* scales,
+                                                    int key0, int rows, int group, int quad) {
+  if constexpr (kFp8) {
+    Fp8KeyTile<kWgmmaHeadDim> t;
+    load_fp8_key_tile<kWgmmaHeadDim>(t, static_cast<const uint8_t*>(keys), scales, key0, rows, group, quad);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int i = 0; i < kWgmmaHeadDim / 16; ++i) tile.words[half][i] = t.words[half][i];
+    tile.scale = t.scale;
+  } else {
+    uint4 a[2][kWgmmaHeadDim / 32];
+    load_key_tile<kWgmmaHeadDim / 32>(a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group, quad);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int pair = 0; pair < kWgmmaHeadDim / 32; ++pair) {
+        tile.words[half][4 * pair] = a[half][pair].x, tile.words[half][4 * pair + 1] = a[half][pair].y;
+        tile.words[half][4 * pair + 2] = a[half][pair].z, tile.words[half][4 * pair + 3] = a[half][pair].w;
+      }
+    tile.scale = 1.0f;
+  }
+}
+
+// The tile's registers belong to the tensor core until the wait: keeps the compiler from touching them earlier.
+template <bool kFp8>
+__device__ __forceinline__ void fence_key_tile(WgmmaKeyTile<kFp8>& tile) {
+  sm90::fence_operand(tile.words[0]);
+  sm90::fence_operand(tile.words[1]);
+}
+
+// One query's D[64 keys × 64 heads] for the warpgroup's key tile: all k steps, committed (not waited for).
+template <bool kFp8>
+__device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKeyTile<kFp8>& tile,
+                                                   const unsigned char* query_tile) {
+  if constexpr (kFp8) {
+    const uint64_t descriptor = sm90::make_sw128_k_major_descriptor(query_tile);
+#pragma unroll
+    for (int t = 0; t < kWgmmaHeadDim / 32; ++t)
+      wgmma_m64n64k32_e4m3_rs(d, tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
+                              tile.words[1][2 * t + 1], sm90::advance_descriptor(descriptor, 32 * t), t > 0);
+  } else {
+#pragma unroll
+    for (int s = 0; s < kWgmmaHeadDim / 16; ++s) {
+      // Step s = 2·pair + sub: words 4·pair + 2·sub (dims .. +1, k 2·quad) and + 1 (dims +2, +3, k 8 + 2·quad).
+      const int pair = s >> 1, sub = s & 1;
+      const uint64_t descriptor =
+          sm90::make_sw128_k_major_descriptor(query_tile + (s >> 2) * (kWgmmaHeads * 128));
+      wgmma_m64n64k16_bf16_rs(d, tile.words[0][4 * pair + 2 * sub], tile.words[1][4 * pair + 2 * sub],
+                              tile.words[0][4 * pair + 2 * sub + 1], tile.words[1][4 * pair + 2 * sub + 1],
+                              sm90::advance_descriptor(descriptor, 32 * (s & 3)), s > 0);
+    }
+  }
+  sm90::wgmma_commit_group();
+}
+
+// The query operands for the warpgroup kernel: prepared bf16 or fp8 rows into each query's B tile (heads past
+// args.heads zero), and the scaled head weights (fp8: times each head's q scale).
+template <bool kFp8>
+__device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
+                                                          unsigned char* tiles, float* weights) {
+  // 4-byte units: two bf16 dims or four fp8 dims, adjacent in the tile.
+  constexpr int kDimsPerUnit = kFp8 ? 4 : 2;
+  constexpr int kUnits = kWgmmaHeadDim / kDimsPerUnit;
+  const uint32_t* source = kFp8 ? reinterpret_cast<const uint32_t*>(args.q_fp8)
+                                : reinterpret_cast<const uint32_t*>(args.q);
+  for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
+    const int unit = e % kUnits, head = e / kUnits % kWgmmaHeads, query = e / kUnits / kWgmmaHeads;
+    const uint32_t value =
+        head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit] : 0u;
+    *reinterpret_cast<uint32_t*>(tiles + query * wgmma_query_tile_bytes(kFp8) +
+                                 wgmma_query_offset<kFp8>(head, kDimsPerUnit * unit)) = value;
+  }
+  for (int e = threadIdx.x; e < queries * kWgmmaHeads; e += blockDim.x) {
+    const int query = e / kWgmmaHeads, head = e % kWgmmaHeads;
+    float weight = 0.0f;
+    if (head < args.heads) {
+      weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
+      if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
+    }
+    weights[e] = weight;
+  }
+  sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
+}
+
+// Scores on warpgroup MMAs (see NOTES). A programmatic dependent, as the warp kernels.
+template <bool kFp8>
+__global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_wgmma_kernel(ScoresArgs args) {
+  allow_dependents();
+  wait_for_prior_grids();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
+  const int group_size = args.queries_per_cta;
+  unsigned char* query_tiles = smem;
+  float* weights = reinterpret_cast<float*>(smem + group_size * wgmma_query_tile_bytes(kFp8));
+  int64_t* visible = reinterpret_cast<int64_t*>(weights + group_size * kWgmmaHeads);
+
+  const int64_t first_query = int64_t(blockIdx.y) * group_size;
+  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
+  const int64_t slot = key_slot_of(args, first_query);
+  const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
+                          : static_cast<const void*>(args.keys + slot * args.keys_slot_stride);
+  const float* key_scales = kFp8 ? args.key_scales + slot * args.key_scales_slot_stride : nullptr;
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
+  const int row_in_tile = 16 * (warp & 3);
+  // 32-bit key arithmetic (key_count < 2^30, checked by the launcher).
+  const int key_count = int(args.key_count);
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  int tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
+  // The first tiles' keys are in flight while the query operands are stored. A warp keeps one bf16 tile (64 bytes
+  // per lane) or two fp8 tiles ahead of the one multiplied.
+  WgmmaKeyTile<kFp8> current, ahead, after;
+  load_wgmma_key_tile<kFp8>(current, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, key_count, group,
+                            quad);
+  if constexpr (kFp8)
+    load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, key_count,
+                              group, quad);
+  load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
+  if (threadIdx.x < queries)
+    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
+  __syncthreads();
+  int max_visible = 0;
+  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
+
+  const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
+  for (; tile < tiles; tile += step) {  // warpgroup-uniform: every wgmma below has all 128 threads
+    const int tile_key0 = tile * kWgmmaKeysPerTile, key0 = tile_key0 + row_in_tile;
+    const int distance = kFp8 ? 2 : 1;
+    load_wgmma_key_tile<kFp8>(kFp8 ? after : ahead, keys, key_scales,
+                              (tile + distance * step) * kWgmmaKeysPerTile + row_in_tile, max_visible, group, quad);
+    // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
+    const int out_row = key0 + 8 * (quad & 1) + group;
+    for (int query = 0; query < queries; ++query) {
+      float* out = args.scores + (first_query + query) * args.score_stride;
+      const int query_visible = int(visible[query]);
+      float result = -std::numeric_limits<float>::infinity();
+      if (tile_key0 < query_visible) {  // warpgroup-uniform
+        float d[32];
+        sm90::wgmma_fence();
+        issue_wgmma_scores<kFp8>(d, current, query_tiles + query * wgmma_query_tile_bytes(kFp8));
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(d);
+        fence_key_tile<kFp8>(current);
+        // D's n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
+        const float* w = weights + query * kWgmmaHeads + 2 * quad;
+        float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < kWgmmaHeads / 8; ++j) {
+          const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
+          sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
+          sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
+        }
+        quad_reduce(sum);
+        if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
+      }
+      if (quad < 2 && out_row < key_count) out[out_row] = result;
+    }
+    current = ahead;
+    if constexpr (kFp8) ahead = after;
   }
 }
 
