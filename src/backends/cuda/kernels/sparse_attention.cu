@@ -239,6 +239,12 @@ int choose_sparse_attention_splits(int64_t tokens, int heads, int head_dim, KvEn
   const bool clusters_possible = cluster_merge && head_dim == kD512HeadDim && heads > 32;
   const ClusterLimits limits = clusters_possible ? d512_device_limits() : ClusterLimits{};
   const int largest_cluster = limits.largest;
+  // The head-split path's device set-up too, so that it happens here (a model's set-up) rather than on its first
+  // launch, which may be inside a graph capture.
+  if (head_dim == kD512HeadDim && heads > 32) {
+    head_split_device_limits();
+    device_multiprocessors();
+  }
   // Cost in tile-times: the waves each CTA's tiles take, plus a tile for the prologue and the epilogue, plus the
   // merge of any split > 1.
   int best = 1;

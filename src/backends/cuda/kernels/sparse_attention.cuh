@@ -1516,7 +1516,8 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const int live_heads = min(kHeadSplitHeads, p.heads - head_base);
   {
     constexpr int kLineBytes = 128;
-    const uint8_t* q_rows = static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * q_element_bytes;
+    const uint8_t* q_rows =
+        static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * q_element_bytes;
     const int64_t q_bytes = int64_t(live_heads) * kD512HeadDim * q_element_bytes;
     for (int64_t offset = int64_t(tid) * kLineBytes; offset < q_bytes; offset += kLineBytes * kHeadSplitThreads)
       ptx::prefetch_l2(q_rows + offset);
