@@ -7,11 +7,13 @@
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
 // session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default; at every size the solo persistent
-// kernel (HcKernelChoice::PERSISTENT_SOLO: one CTA per SM) beside the default. Inputs rotate over
+// kernel (HcKernelChoice::PERSISTENT_SOLO: one CTA per SM) and the warp-specialised one (PERSISTENT_WARP_SPECIALIZED)
+// beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
-// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] (fewer token counts or
-// iterations, and only the rows whose kernel name contains TEXT: for a profiler run).
+// Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
+// counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
+// for a profiler run).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -173,8 +175,11 @@ int main(int argc, char** argv) {
   std::vector<int64_t> token_counts = {1, 8, 64, 256, 4096};
   int iteration_limit = 0;  // 0: the defaults below
   std::string only;         // empty: every row
+  std::string only_model;   // empty: every model
   const auto usage = [] {
-    std::fprintf(stderr, "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT]\n");
+    std::fprintf(stderr,
+                 "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
+                 "[--model TEXT]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -195,6 +200,8 @@ int main(int argc, char** argv) {
       if (iteration_limit < 1) return usage();
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       only = argv[++i];
+    } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+      only_model = argv[++i];
     } else {
       return usage();
     }
@@ -220,6 +227,7 @@ int main(int argc, char** argv) {
 
     const std::pair<const char*, int64_t> models[] = {{"V4-Flash", 4096}, {"V4-Pro", 7168}};
     for (const auto& [model, d] : models) {
+      if (std::string_view(model).find(only_model) == std::string_view::npos) continue;
       // Shared small parameters and the embedding table (rows touched per launch: T, so no rotation needed).
       const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
       const std::vector<float> scale_host = {0.8f, 1.1f, 1.5f};
@@ -323,6 +331,11 @@ int main(int argc, char** argv) {
           run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_SOLO);
         };
         record("hc_pre (solo persistent kernel)", hc_pre_solo, pre_bytes, 0.0);
+        const auto hc_pre_roles = [&](int i) {
+          Set& s = set(i);
+          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
+        };
+        record("hc_pre (warp-specialized persistent kernel)", hc_pre_roles, pre_bytes, 0.0);
         if (decode_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
           // The share of Sinkhorn's serial chain in the decode kernel's time.
@@ -425,6 +438,9 @@ int main(int argc, char** argv) {
                time_ms(stream, iterations, head_baseline));
         const auto hc_head_solo = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_SOLO); };
         record("hc_head (solo persistent kernel)", hc_head_solo, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+        const auto hc_head_roles = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED); };
+        record("hc_head (warp-specialized persistent kernel)", hc_head_roles,
+               x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);

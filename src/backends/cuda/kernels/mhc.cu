@@ -100,11 +100,11 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, bool kSolo = false>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kSolo>;
-  constexpr int kThreads = mhc::projection_threads(kSliceDims);
-  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kSolo);
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
+  constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
+  constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
@@ -115,11 +115,13 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
-// `choice` PERSISTENT_SOLO takes the solo variant where a CTA per 64-dim slice fits the card. Its 64-dim slices need
-// no more workspace than the launch's own choice (at most as many slices).
-// The solo persistent kernel serves PERSISTENT_SOLO where the card holds a CTA per 64-dim slice.
+// `choice` PERSISTENT_SOLO / PERSISTENT_WARP_SPECIALIZED take their variant where it serves the launch (above). Their
+// 64-dim slices need no more workspace than the launch's own choice (at most as many slices).
+// The one-CTA-per-SM variants serve their choice where the card holds a CTA per 64-dim slice; the solo one also the
+// fused hc_post_pre, the warp-specialised one hc_pre and hc_head only.
+bool one_per_sm_fits(int64_t hidden, int multiprocessors) { return ceil_div(hidden, 64) <= multiprocessors; }
 bool solo_kernel_serves(HcKernelChoice choice, int64_t hidden, int multiprocessors) {
-  return choice == HcKernelChoice::PERSISTENT_SOLO && ceil_div(hidden, 64) <= multiprocessors;
+  return choice == HcKernelChoice::PERSISTENT_SOLO && one_per_sm_fits(hidden, multiprocessors);
 }
 
 template <bool kHead, bool kPost>
@@ -136,7 +138,13 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
   if (solo_kernel_serves(choice, args.hidden, multiprocessors)) {
     args.slices = int(ceil_div(args.hidden, 64));
-    return launch_projection<kHead, kPost, 64, true>(args, multiprocessors, stream, op);
+    return launch_projection<kHead, kPost, 64, mhc::ProjectionVariant::kSolo>(args, multiprocessors, stream, op);
+  }
+  if constexpr (!kPost) {
+    if (choice == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED && one_per_sm_fits(args.hidden, multiprocessors)) {
+      args.slices = int(ceil_div(args.hidden, 64));
+      return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
+    }
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);

@@ -48,6 +48,7 @@
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
+#include "backends/cuda/ptx/wgmma.cuh"
 #include "core/bf16.hpp"
 
 namespace dsv4::cuda::mhc {
@@ -72,15 +73,24 @@ inline constexpr int kProjectionRows = kHead ? kStreams : (2 + kStreams) * kStre
 template <bool kHead>
 inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²; rows 1..R: the projections
 
-// One warp per 32 columns of the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap. The fused
-// variant (64-dim slices at most) runs one CTA per SM (two at 32-dim slices): ~200 registers, no spills, and room
-// for its out/post/comb ring beside a 10-11 deep X ring (hc_pre and hc_head: 5). The solo variant
-// (HcKernelChoice::PERSISTENT_SOLO, 64-dim slices) runs one CTA per SM for every op, the fused one at any token
-// count: fn's tf32 pairs split once into registers, and an 11-12 deep X ring split between loads in flight and the
-// cross-CTA hops' slack.
+// How the persistent kernel's CTAs sit on the SMs. kShared (HcKernelChoice::PERSISTENT): one warp per 32 columns of
+// the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap; the fused variant (64-dim slices at most) one CTA
+// per SM (two at 32-dim slices): ~150 registers, no spills, and room for its out/post/comb ring beside a 10-11 deep
+// X ring (hc_pre and hc_head: 5). kSolo (PERSISTENT_SOLO, 64-dim slices): one CTA per SM for every op, the fused
+// one at any token count: fn's tf32 pairs split once into registers, and an 11-12 deep X ring split between loads in
+// flight and the cross-CTA hops' slack. kRoles (PERSISTENT_WARP_SPECIALIZED, hc_pre / hc_head, 64-dim slices): one
+// CTA per SM of two warp groups, the projection group (as kShared's warps) and the finisher group (loads, sums over
+// the slices, collapse), each on its own barrier, so neither waits for the other's phase of a tile: the 12-deep ring
+// is the only coupling.
+enum class ProjectionVariant { kShared, kSolo, kRoles };
+
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
-__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post, bool solo = false) {
-  return solo ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+__host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
+  return projection_threads(slice_dims) * (variant == ProjectionVariant::kRoles ? 2 : 1);
+}
+__host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post,
+                                                        ProjectionVariant variant = ProjectionVariant::kShared) {
+  return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
 
@@ -98,8 +108,9 @@ __host__ __device__ constexpr int post_ring_bytes(int slice_dims, bool post) {
 
 // Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
 // driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
-__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post, bool solo = false) {
-  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post, solo) - 1024 - 512;
+__host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post,
+                                                   ProjectionVariant variant = ProjectionVariant::kShared) {
+  const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post, variant) - 1024 - 512;
   const int fixed = warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
   const int fit = (budget - fixed) / stage_bytes(slice_dims);
   const int capped = fit < kMaxStages ? fit : kMaxStages;
@@ -107,8 +118,8 @@ __host__ __device__ constexpr int projection_stages(int slice_dims, int partial_
 }
 
 __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows, bool post,
-                                                       bool solo = false) {
-  return projection_stages(slice_dims, partial_rows, post, solo) * stage_bytes(slice_dims) +
+                                                       ProjectionVariant variant = ProjectionVariant::kShared) {
+  return projection_stages(slice_dims, partial_rows, post, variant) * stage_bytes(slice_dims) +
          warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
 }
 
@@ -513,11 +524,15 @@ struct SplitOnUse {
   }
 };
 
-template <bool kHead, bool kPost, int kSliceDims, bool kSolo = false>
-__global__ void __launch_bounds__(projection_threads(kSliceDims), projection_ctas_per_sm(kSliceDims, kPost, kSolo))
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+__global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
+                                  projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const ProjectionArgs args) {
-  constexpr int kThreads = projection_threads(kSliceDims);
+  constexpr bool kSolo = kVariant == ProjectionVariant::kSolo;
+  constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
+  constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
+  constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
   constexpr int kWarpsPerStream = kSliceDims / 32;
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -525,15 +540,19 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   constexpr int kLdx = staged_row_floats(kSliceDims);
   constexpr int kStageFloats = kTileTokens * kLdx;
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
-  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kSolo);
+  constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
   // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop. The
   // solo CTA, alone on its SM, keeps half its stages loading (the SM's bytes in flight) and half for the hops.
   constexpr int kCollapseLag = kSolo ? kStages / 2 : kStages - 3;
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
+  // ahead as far as the loaded stages allow.
+  constexpr int kFinisherLag = 2;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(!kSolo || kSliceDims == 64, "the solo variant runs 64-dim slices");
+  static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
+  static_assert(!(kRoles && kPost), "the warp-specialised variant serves hc_pre and hc_head");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
@@ -547,6 +566,9 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   __shared__ float pre_s[kTileTokens][kStreams];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // kRoles: threads from kThreads on are the finisher group; `ltid` numbers the threads within their group.
+  const bool finisher = kRoles && tid >= kThreads;
+  const int ltid = tid & (kThreads - 1);
   const int slices = args.slices, groups = args.groups;
   const int slice = int(blockIdx.x % unsigned(slices)), group = int(blockIdx.x / unsigned(slices));
   const int count = (args.tiles - group + groups - 1) / groups;  // ≥ 1: the launcher keeps groups ≤ tiles
@@ -566,7 +588,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   // 0 · NaN would not be). Rows of tokens past a tile's end hold stale values, which reach only those tokens' rows
   // of the MMA and partials, never read back or collapsed.
   if (width < kSliceDims)
-    for (int v = tid; v < kStages * kStageFloats / 4; v += kThreads)
+    for (int v = tid; v < kStages * kStageFloats / 4; v += kCtaThreads)
       dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
   if (tid == 0) {
     for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], kThreads);
@@ -579,7 +601,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   // Every thread stages its share of the CTA's j-th X tile, then arrives on the stage's barrier once it lands: 4
   // vectors, (token vt / 4 + 4q, stream vt % 4, dims vi .. vi + 3) for q < 4, with vt / vi as in the update and the
   // collapse (the tile's 64 (token, stream) rows are vt + 16q). Offsets fixed per thread keep the loop short.
-  const int vt = tid / kVectorsPerRow, vi = (tid % kVectorsPerRow) * 4;
+  const int vt = ltid / kVectorsPerRow, vi = (ltid % kVectorsPerRow) * 4;
   const int copy_t = vt / kStreams;
   const int copy_offset = copy_t * kLdx + (vt % kStreams) * kSliceDims + vi;
   const float* const copy_src = args.X + int64_t(vt) * d + i0 + vi;
@@ -605,7 +627,7 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     if (vt < valid && vi < width) copy16_to_shared(slot + vt * kSliceDims + vi, args.out + (t0 + vt) * d + i0 + vi);
     constexpr int kMixVectors = kMixFloats / 4;  // post, then the 4 rows of comb
     static_assert(kTileTokens * kMixVectors <= kThreads, "one thread per post/comb vector");
-    const int t = tid / kMixVectors, q = tid % kMixVectors;
+    const int t = ltid / kMixVectors, q = ltid % kMixVectors;
     if (t < valid) {
       const float* const source = q == 0 ? args.post_in + (t0 + t) * kStreams
                                          : args.comb_in + ((t0 + t) * kStreams + q - 1) * kStreams;
@@ -617,11 +639,12 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   // epoch are read only after the previous kernel has completed.
   allow_dependents();
   wait_for_prior_grids();
-  for (int j = 0; j < min(count, kStages); ++j) {
-    load_tile(j);
-    if constexpr (kPost)
-      if (j < kPostSlots) load_post_inputs(j);
-  }
+  if (!kRoles || finisher)
+    for (int j = 0; j < min(count, kStages); ++j) {
+      load_tile(j);
+      if constexpr (kPost)
+        if (j < kPostSlots) load_post_inputs(j);
+    }
   // Read after the first copies are issued, so its latency overlaps theirs.
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
 
@@ -632,8 +655,9 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const int g = lane >> 2, t4 = lane & 3;
   const int stream = warp / kWarpsPerStream;
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
-  float fn_frag[2][kNTiles][4];
-  load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
+  float fn_frag[2][kNTiles][4] = {};
+  if (!finisher)  // a finisher warp's `stream` is past the 4 streams
+    load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
   // The solo CTA has the registers for the split pairs (no per-tile split of fn; same pairs, so the same bits).
   uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
   if constexpr (kSolo)
@@ -650,10 +674,10 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
   const int lanes = slice_sum_lanes(slices);
   const int lane_shift = __ffs(lanes) - 1;
   const int items_per_pass = kThreads >> lane_shift;
-  const int part = tid & (lanes - 1);
+  const int part = ltid & (lanes - 1);
   const int my_items = slice < kPartialFloats ? (kPartialFloats - slice + slices - 1) / slices : 0;
   const int my_passes = (my_items + items_per_pass - 1) / items_per_pass;
-  const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (tid >> lane_shift); };  // this CTA's m-th
+  const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (ltid >> lane_shift); };  // this CTA's m-th
   const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
@@ -680,95 +704,138 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
-  // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
-  for (int j = 0; j < count + kCollapseLag; ++j) {
-    const int jr = j - kSumLag, jc = j - kCollapseLag;
-    const int passes = jr >= 0 && jr < count ? my_passes : 0;
-    // The collapse's Σx² and pre sums: thread 4·t + k reads token t's Σx² and row 1 + k.
-    const bool pre_reader = jc >= 0 && tid < kStreams * valid_of(jc);
-    const int pre_t = tid / kStreams, pre_k = tid % kStreams;
-    unsigned long long words[kMaxSliceWords] = {};
-    unsigned long long squares_word = 0, mix_word = 0;
-    const auto read_early = [&] {
-      if (passes > 0) load_slice_words(jr, 0, words);
-      if (pre_reader) {
-        squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
-        mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
-      }
-    };
-    // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
-    if (!kPost || j >= count) read_early();
+  // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
+  const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
+  const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
 
-    if (j < count) {
-      const int b = j % kStages;
-      sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
-      if constexpr (kPost) {
-        // X ← post·out + combᵀ·X on the staged tile, written back to X_out; the projection then sees the update.
-        sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
-        if (vt < valid_of(j) && vi < width) {
-          const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
-          const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
-          float* const x = stages + b * kStageFloats + vt * kLdx + vi;
-          const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
-          float4 xs[kStreams];
-#pragma unroll
-          for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
-          float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
-#pragma unroll
-          for (int k = 0; k < kStreams; ++k) {
-            const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
-            *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
-            *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
-          }
+  // Project tile j (in stage b) and publish the slice's partials, warps summed in order. `sync` is the barrier of
+  // the projecting threads.
+  const auto project_and_publish = [&](int j, int b, auto sync) {
+    const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
+    float* const mine = warp_sums + warp * kPartialFloats;
+    if constexpr (kSolo)
+      project_tile_3xtf32<kRows, 1>(
+          xw, kLdx,
+          [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
+            big = fn_big[p][nt][e];
+            small = fn_small[p][nt][e];
+          },
+          g, t4, mine);
+    else
+      project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    sync();
+    unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
+    for (int item = ltid; item < kPartialFloats; item += kThreads) {
+      const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
+      store_relaxed_u64(out + item, tagged(sum, tag));
+    }
+    sync();  // warp_sums is free for the next projection
+  };
+  // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier,
+  // then refill its stage. `sync` is the barrier of the collapsing threads.
+  const auto collapse_and_refill = [&](int jc, bool pre_reader, unsigned long long squares_word,
+                                       unsigned long long mix_word, auto sync) {
+    const int valid = valid_of(jc);
+    if (pre_reader) {
+      const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
+      const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
+      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
+    }
+    sync();
+    if (vt < valid && vi < width) {
+      const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + vi;
+      const float4 value = collapse_vector(x, kSliceDims, pre_s[vt], args.round_to_bf16);
+      store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
+    }
+    sync();  // the stage and pre_s are free: refill the stage
+    if (jc + kStages < count) load_tile(jc + kStages);
+  };
+  const auto block_sync = [] { __syncthreads(); };
+
+  if constexpr (kRoles) {
+    // Each group on its own hardware barrier (0 is __syncthreads).
+    if (!finisher) {
+      for (int j = 0; j < count; ++j) {
+        const int b = j % kStages;
+        sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); });
+      }
+    } else {
+      // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag.
+      for (int i = 0; i < count + kFinisherLag; ++i) {
+        const int jc = i - kFinisherLag;
+        const int passes = i < count ? my_passes : 0;
+        const bool pre_reader = is_pre_reader(jc);
+        unsigned long long words[kMaxSliceWords] = {};
+        unsigned long long squares_word = 0, mix_word = 0;
+        if (passes > 0) load_slice_words(i, 0, words);
+        if (pre_reader) {
+          squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
+          mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
         }
-        read_early();
-        __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
-        if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
+        for (int pass = 0; pass < passes; ++pass) {
+          if (pass > 0) load_slice_words(i, pass, words);
+          sum_slices(i, pass, words);
+        }
+        if (jc >= 0)
+          collapse_and_refill(jc, pre_reader, squares_word, mix_word,
+                              [] { sm90::named_barrier_sync<kThreads>(2); });
       }
-      const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
-      float* const mine = warp_sums + warp * kPartialFloats;
-      if constexpr (kSolo)
-        project_tile_3xtf32<kRows, 1>(
-            xw, kLdx,
-            [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
-              big = fn_big[p][nt][e];
-              small = fn_small[p][nt][e];
-            },
-            g, t4, mine);
-      else
-        project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
-      __syncthreads();
-      // Publish the slice's partials, warps summed in order.
-      unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
-      for (int item = tid; item < kPartialFloats; item += kThreads) {
-        const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-        store_relaxed_u64(out + item, tagged(sum, tag));
-      }
-      __syncthreads();  // warp_sums is free for the next projection
     }
+  } else {
+    // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
+    for (int j = 0; j < count + kCollapseLag; ++j) {
+      const int jr = j - kSumLag, jc = j - kCollapseLag;
+      const int passes = jr >= 0 && jr < count ? my_passes : 0;
+      const bool pre_reader = is_pre_reader(jc);
+      unsigned long long words[kMaxSliceWords] = {};
+      unsigned long long squares_word = 0, mix_word = 0;
+      const auto read_early = [&] {
+        if (passes > 0) load_slice_words(jr, 0, words);
+        if (pre_reader) {
+          squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
+          mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+        }
+      };
+      // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
+      if (!kPost || j >= count) read_early();
 
-    for (int pass = 0; pass < passes; ++pass) {
-      if (pass > 0) load_slice_words(jr, pass, words);
-      sum_slices(jr, pass, words);
-    }
+      if (j < count) {
+        const int b = j % kStages;
+        sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+        if constexpr (kPost) {
+          // X ← post·out + combᵀ·X on the staged tile, written back to X_out; the projection then sees the update.
+          sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
+          if (vt < valid_of(j) && vi < width) {
+            const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
+            const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
+            float* const x = stages + b * kStageFloats + vt * kLdx + vi;
+            const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
+            float4 xs[kStreams];
+#pragma unroll
+            for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
+            float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
+#pragma unroll
+            for (int k = 0; k < kStreams; ++k) {
+              const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
+              *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
+              *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
+            }
+          }
+          read_early();
+          __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
+          if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
+        }
+        project_and_publish(j, b, block_sync);
+      }
 
-    if (jc >= 0) {
-      // Collapse the staged slice of tile jc: y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i].
-      const int valid = valid_of(jc);
-      if (pre_reader) {
-        const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
-        const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
-        const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-        pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
+      for (int pass = 0; pass < passes; ++pass) {
+        if (pass > 0) load_slice_words(jr, pass, words);
+        sum_slices(jr, pass, words);
       }
-      __syncthreads();
-      if (vt < valid && vi < width) {
-        const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + vi;
-        const float4 value = collapse_vector(x, kSliceDims, pre_s[vt], args.round_to_bf16);
-        store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
-      }
-      __syncthreads();  // the stage and pre_s are free: refill the stage
-      if (jc + kStages < count) load_tile(jc + kStages);
+
+      if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync);
     }
   }
 
@@ -779,7 +846,8 @@ __global__ void __launch_bounds__(projection_threads(kSliceDims), projection_cta
     const int owned_tiles = slice < count ? (count - slice + slices - 1) / slices : 0;
     const int pairs = owned_tiles * kTileTokens;
     const int half = lane >> 4, l = lane & 15;
-    for (int first = 0; first < pairs; first += 2 * kWarps) {
+    constexpr int kCtaWarps = kCtaThreads / 32;
+    for (int first = 0; first < pairs; first += 2 * kCtaWarps) {
       const int pair = first + 2 * warp + half;
       const int jt = slice + (pair / kTileTokens) * slices, t = pair % kTileTokens;
       const bool active = pair < pairs && t < valid_of(jt);
