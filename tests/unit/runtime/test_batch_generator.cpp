@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -20,10 +21,13 @@ namespace fs = std::filesystem;
 namespace {
 
 // The engine's model behind a fixed number of sequence slots (as a GPU model has), recording each batched step's
-// entries (tokens per sequence) and how many sequences are alive.
+// entries (tokens per sequence) and how many sequences are alive. With `device_sampling` it stands in for a model that
+// samples on its device: forward_batch_and_sample follows the device contract (the adjustments and draw of
+// Sampler::device_step; greedy and temperature sampling, no filters) on the host.
 class RecordingModel final : public LanguageModel {
  public:
-  RecordingModel(LanguageModel& inner, int slots) : inner_(inner), slots_(slots) {}
+  RecordingModel(LanguageModel& inner, int slots, bool device_sampling = false)
+      : inner_(inner), slots_(slots), device_sampling_(device_sampling) {}
 
   const ModelConfig& config() const override { return inner_.config(); }
   std::string device() const override { return "recording " + inner_.device(); }
@@ -48,10 +52,47 @@ class RecordingModel final : public LanguageModel {
     LanguageModel::forward_batch(entries, logits);
   }
 
+  bool samples_on_device() const override { return device_sampling_; }
+  void forward_batch_and_sample(std::span<const BatchEntry> entries, std::vector<SampledEntry>& tokens) override {
+    std::vector<float> logits;
+    forward_batch(entries, logits);
+    const size_t vocab = size_t(config().vocab_size);
+    tokens.assign(entries.size(), SampledEntry{});
+    for (size_t i = 0; i < entries.size(); ++i) {
+      if (!entries[i].sampling) continue;
+      ++sampled_rows;
+      tokens[i].token = sample_row(std::span(logits).subspan(i * vocab, vocab), *entries[i].sampling);
+    }
+  }
+
   int live() const { return live_; }
   std::vector<std::vector<std::pair<const SequenceCache*, size_t>>> steps;
+  int64_t sampled_rows = 0;
 
  private:
+  static int32_t sample_row(std::span<float> logits, const sampling::SamplingStep& step) {
+    const sampling::RowParams& row = step.row;
+    check(row.top_k == 0 && row.top_p == 1.0f && row.min_p == 0.0f, "the stand-in samples without filters");
+    for (const sampling::LogitAdjustment& a : step.adjustments)
+      logits[size_t(a.token)] = sampling::adjust_logit(logits[size_t(a.token)], a, row);
+    const float max_logit = *std::max_element(logits.begin(), logits.end());
+    if (row.temperature == 0.0f) return int32_t(std::find(logits.begin(), logits.end(), max_logit) - logits.begin());
+    const float inverse_temperature = 1.0f / row.temperature;
+    const int shift = sampling::mass_shift(int64_t(logits.size()));
+    auto mass = [&](float logit) {
+      return sampling::weight_mass(sampling::tempered_weight(logit, max_logit, inverse_temperature), shift);
+    };
+    uint64_t total = 0;
+    for (const float logit : logits) total += mass(logit);
+    const uint64_t target = sampling::draw_target(row.draw, total);
+    uint64_t running = 0;
+    for (size_t t = 0; t < logits.size(); ++t) {
+      running += mass(logits[t]);
+      if (target < running) return int32_t(t);
+    }
+    fail("the stand-in's draw found no token");
+  }
+
   struct Sequence final : SequenceCache {
     Sequence(std::unique_ptr<SequenceCache> inner, int& live) : inner(std::move(inner)), live(live) { ++live; }
     ~Sequence() override { --live; }
@@ -62,6 +103,7 @@ class RecordingModel final : public LanguageModel {
 
   LanguageModel& inner_;
   int slots_;
+  bool device_sampling_;
   int live_ = 0;
 };
 
@@ -166,6 +208,62 @@ TEST_F(BatchGeneratorTest, EveryRequestGeneratesWhatItGeneratesAlone) {
     generated += int64_t(want.tokens.size());
   }
   EXPECT_EQ(generator.stats().generated_tokens, generated);
+}
+
+// The default batched step (the CPU model's): each entry's logits are those of its own forward call, bit for bit.
+TEST_F(BatchGeneratorTest, ABatchedStepGivesEachSequenceItsOwnLogits) {
+  LanguageModel& model = engine_->model();
+  const std::vector<int32_t> a = prompt(chat("Tell me a fortune.")), b = prompt("<｜begin▁of▁sentence｜>The best way to");
+  auto batched_a = model.new_sequence(), batched_b = model.new_sequence();
+  auto alone_a = model.new_sequence(), alone_b = model.new_sequence();
+  std::vector<float> batched, want_a, want_b;
+  model.forward_batch(std::vector<BatchEntry>{{batched_a.get(), a, nullptr}, {batched_b.get(), b, nullptr}}, batched);
+  model.forward(*alone_a, a, LogitRows::Last, want_a);
+  model.forward(*alone_b, b, LogitRows::Last, want_b);
+  std::vector<float> want = want_a;
+  want.insert(want.end(), want_b.begin(), want_b.end());
+  EXPECT_EQ(batched, want);
+  // Then one decode token each.
+  const int32_t next_a = 7, next_b = 11;
+  model.forward_batch(std::vector<BatchEntry>{{batched_b.get(), std::span(&next_b, 1), nullptr},
+                                              {batched_a.get(), std::span(&next_a, 1), nullptr}},
+                      batched);
+  model.forward(*alone_a, std::span(&next_a, 1), LogitRows::Last, want_a);
+  model.forward(*alone_b, std::span(&next_b, 1), LogitRows::Last, want_b);
+  want = want_b;
+  want.insert(want.end(), want_a.begin(), want_a.end());
+  EXPECT_EQ(batched, want);
+  EXPECT_EQ(batched_a->length(), int64_t(a.size()) + 1);
+  EXPECT_THROW(model.forward_batch({}, batched), Error);
+  std::vector<SampledEntry> tokens;
+  EXPECT_THROW(model.forward_batch_and_sample(std::vector<BatchEntry>{{batched_a.get(), a, nullptr}}, tokens), Error);
+}
+
+// Where the model samples on its device, the generator hands it each row's Sampler::device_step (the prompt's last
+// chunk and every decode token), and the tokens are those of host sampling alone.
+TEST_F(BatchGeneratorTest, SamplingOnTheDeviceGivesTheSameTokens) {
+  RecordingModel model(engine_->model(), 3, true);
+  engine_->reset();
+  BatchGenerator generator(model, engine_->tokenizer(), engine_->eos_ids(), options(3, 10));
+  std::vector<std::pair<std::vector<int32_t>, SamplingParams>> cases;
+  for (int i = 0; i < 5; ++i) {
+    SamplingParams p = i % 2 == 0 ? greedy(10 + 3 * i) : seeded(10 + 3 * i, uint64_t(i));
+    p.top_k = 0;
+    if (i == 3) p.repetition_penalty = 1.3f, p.frequency_penalty = 0.5f, p.logit_bias = {{9, 1.5f}};
+    cases.emplace_back(prompt(chat(i % 2 ? "Tell me a fortune about the sea and the stars." : "Say something.")), p);
+  }
+  for (const auto& [ids, params] : cases) generator.submit(request(ids, params));
+  generator.run();
+  int64_t generated = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::optional<BatchOutcome> got = generator.take(i);
+    ASSERT_TRUE(got && got->ok()) << i;
+    const GenerationResult want = alone(cases[i].first, cases[i].second);
+    EXPECT_EQ(got->result.tokens, want.tokens) << i;
+    EXPECT_EQ(got->result.text, want.text) << i;
+    generated += int64_t(want.tokens.size());
+  }
+  EXPECT_EQ(model.sampled_rows, generated);  // one row per token, none for the chunks before a prompt's last
 }
 
 TEST_F(BatchGeneratorTest, RequestsJoinBetweenStepsAndFinishedOnesFreeTheirSequence) {
