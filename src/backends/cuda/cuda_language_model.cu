@@ -49,9 +49,10 @@ bool all_single_tokens(std::span<const BatchEntry> entries) {
 
 }  // namespace
 
-// The sampling kernel's inputs (RowParams per row, then the rows' adjustments) and results, on the device and staged
-// in pinned memory, for up to `rows` rows. Grows only when a step brings more adjustments than ever before. The
-// logits of the rows a mixed step samples are uploaded into `logits` (allocated on the first such step).
+// The sampling kernel's inputs (a step's RowParams, then its rows' adjustments right after them, so that one copy
+// moves both) and results, on the device and staged in pinned memory, for up to `rows` rows. Grows only when a step
+// brings more adjustments than ever before. The logits of the rows a mixed step samples are uploaded into `logits`
+// (allocated on the first such step).
 struct CudaLanguageModel::DeviceSampling {
   DeviceSampling(size_t rows, size_t adjustments)
       : rows(rows),
@@ -65,9 +66,10 @@ struct CudaLanguageModel::DeviceSampling {
     return rows * sizeof(sampling::RowParams) + adjustments * sizeof(sampling::LogitAdjustment);
   }
   sampling::RowParams* host_rows() const { return static_cast<sampling::RowParams*>(host_inputs.data()); }
-  sampling::LogitAdjustment* host_adjustments() const {
-    return reinterpret_cast<sampling::LogitAdjustment*>(static_cast<unsigned char*>(host_inputs.data()) +
-                                                        rows * sizeof(sampling::RowParams));
+  // Where the adjustments of a step of `step_rows` rows start (RowParams' size keeps them aligned).
+  static sampling::LogitAdjustment* adjustments_after(void* inputs, size_t step_rows) {
+    return reinterpret_cast<sampling::LogitAdjustment*>(static_cast<unsigned char*>(inputs) +
+                                                        step_rows * sizeof(sampling::RowParams));
   }
 
   size_t rows;
@@ -140,6 +142,8 @@ void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> ent
                                                  std::max(adjustment_count, 2 * sampling_->adjustments));
   }
   DeviceSampling& buffers = *sampling_;
+  sampling::LogitAdjustment* staged_adjustments =
+      DeviceSampling::adjustments_after(buffers.host_inputs.data(), row_entry.size());
   bool any_top_p = false;
   int32_t next_adjustment = 0;
   for (size_t r = 0; r < row_entry.size(); ++r) {
@@ -150,7 +154,7 @@ void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> ent
       row = step->row;
       row.adjustments_begin = next_adjustment;
       row.adjustments_count = int32_t(step->adjustments.size());
-      std::copy(step->adjustments.begin(), step->adjustments.end(), buffers.host_adjustments() + next_adjustment);
+      std::copy(step->adjustments.begin(), step->adjustments.end(), staged_adjustments + next_adjustment);
       next_adjustment += row.adjustments_count;
       any_top_p = any_top_p || row.top_p < 1.0f;
     }
@@ -158,20 +162,12 @@ void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> ent
   }
 
   const cudaStream_t stream = model_->stream();
-  const auto* device_rows = buffers.device_inputs.as<sampling::RowParams>();
-  const auto* device_adjustments = reinterpret_cast<const sampling::LogitAdjustment*>(
-      buffers.device_inputs.as<unsigned char>() + buffers.rows * sizeof(sampling::RowParams));
-  // Both parts of the staged inputs (the rows, the adjustments after all `rows` row slots) go up before the step, so
-  // the sampling kernel follows the step's last kernel directly.
+  // The inputs go up before the step, so the sampling kernel follows the step's last kernel directly.
   if (!row_entry.empty()) {
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.device_inputs.data(), buffers.host_rows(),
-                                    row_entry.size() * sizeof(sampling::RowParams), cudaMemcpyHostToDevice, stream));
-  }
-  if (next_adjustment > 0) {
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(const_cast<sampling::LogitAdjustment*>(device_adjustments),
-                                    buffers.host_adjustments(),
-                                    size_t(next_adjustment) * sizeof(sampling::LogitAdjustment), cudaMemcpyHostToDevice,
-                                    stream));
+    const size_t bytes = row_entry.size() * sizeof(sampling::RowParams) +
+                         size_t(next_adjustment) * sizeof(sampling::LogitAdjustment);
+    DSV4_CUDA_CHECK(
+        cudaMemcpyAsync(buffers.device_inputs.data(), buffers.host_rows(), bytes, cudaMemcpyHostToDevice, stream));
   }
 
   const float* logits = nullptr;
@@ -206,8 +202,8 @@ void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> ent
   launch.rows = int64_t(row_entry.size());
   launch.vocab = vocab;
   launch.row_stride = vocab;
-  launch.row_params = device_rows;
-  launch.adjustments = device_adjustments;
+  launch.row_params = buffers.device_inputs.as<sampling::RowParams>();
+  launch.adjustments = DeviceSampling::adjustments_after(buffers.device_inputs.data(), row_entry.size());
   launch.results = buffers.device_results.as<SampledToken>();
   launch.any_top_p = any_top_p;
   launch.stream = stream;
