@@ -762,24 +762,33 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); });
       }
     } else {
-      // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag.
+      // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag. The words both read are loaded
+      // an iteration ahead (the projection group runs ahead, so they are normally there; a stale one is re-read).
+      struct Words {
+        unsigned long long slices[kMaxSliceWords], squares, mix;
+      };
+      const auto read_words = [&](int i, Words& w) {
+        const int jc = i - kFinisherLag;
+        w = Words{};
+        if (i < count && my_passes > 0) load_slice_words(i, 0, w.slices);
+        if (is_pre_reader(jc)) {
+          w.squares = load_relaxed_u64(sums_of(jc) + pre_t);
+          w.mix = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+        }
+      };
+      Words next;
+      read_words(0, next);
       for (int i = 0; i < count + kFinisherLag; ++i) {
+        Words now = next;
+        read_words(i + 1, next);
         const int jc = i - kFinisherLag;
         const int passes = i < count ? my_passes : 0;
-        const bool pre_reader = is_pre_reader(jc);
-        unsigned long long words[kMaxSliceWords] = {};
-        unsigned long long squares_word = 0, mix_word = 0;
-        if (passes > 0) load_slice_words(i, 0, words);
-        if (pre_reader) {
-          squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
-          mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
-        }
         for (int pass = 0; pass < passes; ++pass) {
-          if (pass > 0) load_slice_words(i, pass, words);
-          sum_slices(i, pass, words);
+          if (pass > 0) load_slice_words(i, pass, now.slices);
+          sum_slices(i, pass, now.slices);
         }
         if (jc >= 0)
-          collapse_and_refill(jc, pre_reader, squares_word, mix_word,
+          collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
                               [] { sm90::named_barrier_sync<kThreads>(2); });
       }
     }
