@@ -398,6 +398,10 @@ int main(int argc, char** argv) {
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
         const auto solo_post_pre = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT_SOLO, false); };
         record("hc_post_pre (solo persistent kernel, one launch)", solo_post_pre, post_pre_bytes, 0.0);
+        const auto roles_post_pre = [&](int i) {
+          run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
+        };
+        record("hc_post_pre (warp-specialized persistent kernel, one launch)", roles_post_pre, post_pre_bytes, 0.0);
         if (decode_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
           record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);

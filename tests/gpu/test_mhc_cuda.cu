@@ -559,8 +559,8 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
 
 // The solo and the warp-specialised persistent kernels sum the same values in the same order as the persistent kernel
 // where that one takes 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre,
-// hc_head and hc_post_pre (at 1000 tokens the solo kernel fuses it, the persistent path runs hc_post then hc_pre: the
-// same arithmetic; the warp-specialised choice runs hc_post_pre as the persistent one).
+// hc_head and hc_post_pre (at 1000 tokens the one-per-SM kernels fuse it, the persistent path runs hc_post then
+// hc_pre: the same arithmetic).
 TEST(MhcGpu, OneCtaPerSmKernelsRepeatThePersistentKernelsBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1200;

@@ -78,10 +78,10 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // per SM (two at 32-dim slices): ~150 registers, no spills, and room for its out/post/comb ring beside a 10-11 deep
 // X ring (hc_pre and hc_head: 5). kSolo (PERSISTENT_SOLO, 64-dim slices): one CTA per SM for every op, the fused
 // one at any token count: fn's tf32 pairs split once into registers, and an 11-12 deep X ring split between loads in
-// flight and the cross-CTA hops' slack. kRoles (PERSISTENT_WARP_SPECIALIZED, hc_pre / hc_head, 64-dim slices): one
-// CTA per SM of two warp groups, the projection group (as kShared's warps) and the finisher group (loads, sums over
-// the slices, collapse), each on its own barrier, so neither waits for the other's phase of a tile: the 12-deep ring
-// is the only coupling.
+// flight and the cross-CTA hops' slack. kRoles (PERSISTENT_WARP_SPECIALIZED, 64-dim slices, every op, the fused one
+// at any token count): one CTA per SM of two warp groups, the projection group (the fused update, projection and
+// publication, as kShared's warps) and the finisher group (X loads, sums over the slices, collapse), each on its own
+// barrier, so neither waits for the other's phase of a tile: the 11-12 deep ring is the only coupling.
 enum class ProjectionVariant { kShared, kSolo, kRoles };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
@@ -552,7 +552,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kFinisherLag = 2;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
-  static_assert(!(kRoles && kPost), "the warp-specialised variant serves hc_pre and hc_head");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
@@ -563,6 +562,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
   __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
+  // kRoles + kPost: the projection group has updated stage b's tile (the finisher collapses the updated values).
+  __shared__ uint64_t updated_stage[kRoles && kPost ? kStages : 1];
   __shared__ float pre_s[kTileTokens][kStreams];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -594,6 +595,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], kThreads);
     if constexpr (kPost)
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
+    if constexpr (kRoles && kPost)
+      for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -639,12 +642,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // epoch are read only after the previous kernel has completed.
   allow_dependents();
   wait_for_prior_grids();
-  if (!kRoles || finisher)
-    for (int j = 0; j < min(count, kStages); ++j) {
-      load_tile(j);
-      if constexpr (kPost)
-        if (j < kPostSlots) load_post_inputs(j);
-    }
+  // kRoles: the finisher group loads the X tiles, the projection group (which applies the update) its post inputs.
+  for (int j = 0; j < min(count, kStages); ++j) {
+    if (!kRoles || finisher) load_tile(j);
+    if constexpr (kPost)
+      if (j < kPostSlots && !finisher) load_post_inputs(j);
+  }
   // Read after the first copies are issued, so its latency overlaps theirs.
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
 
@@ -708,6 +711,26 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
   const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
 
+  // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
+  // the update.
+  const auto update_tile = [&](int j, int b) {
+    if (vt < valid_of(j) && vi < width) {
+      const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
+      const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
+      float* const x = stages + b * kStageFloats + vt * kLdx + vi;
+      const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
+      float4 xs[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
+      float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) {
+        const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
+        *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
+        *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
+      }
+    }
+  };
   // Project tile j (in stage b) and publish the slice's partials, warps summed in order. `sync` is the barrier of
   // the projecting threads.
   const auto project_and_publish = [&](int j, int b, auto sync) {
@@ -759,6 +782,13 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int j = 0; j < count; ++j) {
         const int b = j % kStages;
         sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+        if constexpr (kPost) {
+          sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
+          update_tile(j, b);
+          sm90::mbarrier_arrive(&updated_stage[b]);
+          sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
+          if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
+        }
         project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); });
       }
     } else {
@@ -787,9 +817,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
           if (pass > 0) load_slice_words(i, pass, now.slices);
           sum_slices(i, pass, now.slices);
         }
-        if (jc >= 0)
+        if (jc >= 0) {
+          if constexpr (kPost) sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
           collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
                               [] { sm90::named_barrier_sync<kThreads>(2); });
+        }
       }
     }
   } else {
@@ -814,24 +846,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         const int b = j % kStages;
         sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
         if constexpr (kPost) {
-          // X ← post·out + combᵀ·X on the staged tile, written back to X_out; the projection then sees the update.
           sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
-          if (vt < valid_of(j) && vi < width) {
-            const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
-            const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
-            float* const x = stages + b * kStageFloats + vt * kLdx + vi;
-            const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
-            float4 xs[kStreams];
-#pragma unroll
-            for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
-            float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
-#pragma unroll
-            for (int k = 0; k < kStreams; ++k) {
-              const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
-              *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
-              *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
-            }
-          }
+          update_tile(j, b);
           read_early();
           __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
           if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);

@@ -57,10 +57,11 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // PERSISTENT_SOLO: the persistent kernel at one CTA per SM in 64-dim slices (fn's tf32 pairs in registers, an 11-12
 // deep X ring with half of it loading ahead; the same sums in the same order as the persistent kernel at 64-dim
 // slices, so the same bits there), hc_post_pre fused at every token count (X read once), where the card holds a CTA
-// per slice; wider launches take the persistent kernel. PERSISTENT_WARP_SPECIALIZED: hc_pre / hc_head on a persistent
-// kernel at one CTA per SM in two warp groups, one projecting and publishing the tiles, the other loading, summing
-// over the slices and collapsing, each at its own pace along a 12-deep X ring (same sums, same order: the same
-// bits as the persistent kernel at 64-dim slices), where the card holds a CTA per slice; hc_post_pre as PERSISTENT.
+// per slice; wider launches take the persistent kernel. PERSISTENT_WARP_SPECIALIZED: the persistent kernel at one CTA
+// per SM in two warp groups, one applying hc_post_pre's update and projecting and publishing the tiles, the other
+// loading, summing over the slices and collapsing, each at its own pace along an 11-12 deep X ring (same sums, same
+// order: the same bits as the persistent kernel at 64-dim slices), hc_post_pre fused at every token count, where the
+// card holds a CTA per slice.
 enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_SOLO, PERSISTENT_WARP_SPECIALIZED };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
