@@ -6,7 +6,8 @@
 //   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
 //   twice the bf16 rate; raw queries (the preparation folded into the score kernel) against indexer_prepare +
 //   scores, in both formats; and the scores + top-k in one launch (run_indexer_scores_top_k) against the two. The
-//   warpgroup-MMA kernels (warpgroup_mma) in both formats against the same-run mma.sync kernel of that format.
+//   warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of
+//   that format.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -209,7 +210,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; warpgroup: warpgroup_mma.
+  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; warpgroup: the wgmma kernel.
   auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false, bool warpgroup = false) {
     IndexerScoresParams p{.head_weights = weights.as<float>(),
                           .key_count = keys,
@@ -220,7 +221,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                           .ratio = kRatio,
                           .scores = scores.as<float>(),
                           .score_stride = keys,
-                          .warpgroup_mma = warpgroup,
+                          .kernel = warpgroup ? IndexerScoresKernel::Warpgroup : IndexerScoresKernel::Warp,
                           .stream = on};
     const int copy = rotation++ % copies;
     if (fp8) {

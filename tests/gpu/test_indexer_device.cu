@@ -273,8 +273,9 @@ struct ScoresRun {
 // Scores of `format` keys for random queries, two ways: queries prepared by run_indexer_prepare (RoPE on the last
 // half of head_dim, the rounding, bf16 or fp8) and raw queries prepared by the score kernel itself. Both must match
 // the CPU's scores of the prepared operands (every element, visibility, −inf) and each other bit for bit. Where the
-// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (warpgroup_mma) on the prepared queries too:
-// the CPU's scores within the same tolerance (its tensor-core summation order is its own).
+// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) on the
+// prepared queries too: the CPU's scores within the same tolerance (its tensor-core summation order is its own);
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup there, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -389,12 +390,15 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const int64_t stride = run.stride;
   DeviceBuffer d_scores(size_t(c.tokens * stride) * 4, "scores");
 
-  std::vector<float> prepared_scores;
+  std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
-  for (const int variant : {0, 1, 2}) {
-    const bool raw = variant == 1, warpgroup = variant == 2;
+  for (const int variant : {0, 1, 2, 3}) {
+    const bool raw = variant == 1, warpgroup = variant == 2, automatic = variant == 3;
     if (warpgroup && !warpgroup_shape) continue;
-    SCOPED_TRACE(raw ? "raw q (prepared in the score kernel)" : warpgroup ? "prepared q, warpgroup MMA" : "prepared q");
+    SCOPED_TRACE(raw         ? "raw q (prepared in the score kernel)"
+                 : warpgroup ? "prepared q, warpgroup MMA"
+                 : automatic ? "prepared q, automatic kernel choice"
+                             : "prepared q");
     d_scores.fill_bytes(0xFF);
     IndexerScoresParams p{.q_raw_row_stride = c.strided ? q_stride : 0,
                           .head_weights = d_w.as<float>(),
@@ -411,7 +415,9 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .score_stride = stride};
     set_score_operands(p, {d_q_raw, d_freq, d_q, d_q_scales, d_keys, d_key_scales}, fp8, raw, c.reference, rope_dim,
                        slot_rows);
-    p.warpgroup_mma = warpgroup;
+    p.kernel = warpgroup   ? IndexerScoresKernel::Warpgroup
+               : automatic ? IndexerScoresKernel::Auto
+                           : IndexerScoresKernel::Warp;
     run_indexer_scores(p);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
@@ -451,17 +457,22 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     std::printf("scores T=%lld heads=%lld head_dim=%lld keys=%lld %s %s %s: max error / magnitude %.3g\n",
                 (long long)c.tokens, (long long)c.heads, (long long)c.head_dim, (long long)c.key_count,
                 c.reference ? "reference" : "exact", fp8 ? "fp8" : "bf16",
-                raw ? "raw q" : warpgroup ? "prepared q, warpgroup MMA" : "prepared q", max_ratio);
+                raw ? "raw q" : warpgroup ? "prepared q, warpgroup MMA" : automatic ? "prepared q, auto" : "prepared q",
+                max_ratio);
     if (variant == 0) {
       prepared_scores = got;
       run.scores = got;
-    } else if (raw) {
+    } else if (warpgroup) {
+      warpgroup_scores = got;
+    } else {
+      // Raw q: the prepared-q kernel's bits; Auto: those of the kernel it must have picked.
+      const std::vector<float>& same = raw || !warpgroup_shape ? prepared_scores : warpgroup_scores;
       int mismatches = 0;
       for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
-        if (float_bits(got[i]) != float_bits(prepared_scores[i])) {
+        if (float_bits(got[i]) != float_bits(same[i])) {
           ++mismatches;
-          ADD_FAILURE() << "raw-q score " << i << " = " << got[i] << " differs from the prepared-q score "
-                        << prepared_scores[i];
+          ADD_FAILURE() << (raw ? "raw-q" : "auto") << " score " << i << " = " << got[i] << " differs from "
+                        << same[i];
         }
     }
   }
@@ -790,8 +801,8 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   testing::expect_error([&] { run_indexer_scores(p); }, "head_weights_row_stride 3");
   // The warpgroup kernels: head_dim 128, at most 64 heads, prepared queries; not in the fused scores + top-k.
   p = base;
-  p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.warpgroup_mma = true;
-  testing::expect_error([&] { run_indexer_scores(p); }, "warpgroup_mma needs head_dim 128 (got 64)");
+  p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.kernel = IndexerScoresKernel::Warpgroup;
+  testing::expect_error([&] { run_indexer_scores(p); }, "Warpgroup kernel needs head_dim 128 (got 64)");
   p.head_dim = 128, p.heads = 65;
   testing::expect_error([&] { run_indexer_scores(p); }, "at most 64 heads (got 65)");
   p.heads = 64, p.q = nullptr, p.q_raw = buffer.as<float>();

@@ -81,6 +81,15 @@ void launch_prepare(const indexer::PrepareArgs& args, cudaStream_t stream) {
 
 bool fp8_keys(const IndexerScoresParams& p) { return p.keys_fp8 != nullptr; }
 
+// The shapes the warpgroup kernels take.
+bool warpgroup_shape(const IndexerScoresParams& p) {
+  return p.head_dim == indexer::kWgmmaHeadDim && p.heads <= indexer::kWgmmaHeads && p.q_raw == nullptr;
+}
+
+bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
+  return p.kernel == IndexerScoresKernel::Warpgroup || (p.kernel == IndexerScoresKernel::Auto && warpgroup_shape(p));
+}
+
 int rope_pairs_in_prologue(const IndexerScoresParams& p) {
   return p.q_raw != nullptr && p.rope_frequencies != nullptr ? int(p.rope_dim / 2) : 0;
 }
@@ -220,10 +229,10 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   if (p.q_raw != nullptr && p.rope_frequencies != nullptr)
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_scores: rope_dim ", p.rope_dim,
           " must be even and within head_dim ", p.head_dim);
-  check(!p.warpgroup_mma || (p.head_dim == indexer::kWgmmaHeadDim && p.heads <= indexer::kWgmmaHeads &&
-                              p.q_raw == nullptr),
-        "indexer_scores: warpgroup_mma needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim, "), at most ",
-        indexer::kWgmmaHeads, " heads (got ", p.heads, ") and prepared queries (q or q_fp8, not q_raw)");
+  check(p.kernel != IndexerScoresKernel::Warpgroup || warpgroup_shape(p),
+        "indexer_scores: the Warpgroup kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim,
+        "), at most ", indexer::kWgmmaHeads, " heads (got ", p.heads,
+        ") and prepared queries (q or q_fp8, not q_raw)");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr || p.q_raw != nullptr, "indexer_scores: no queries (q, q_fp8 or q_raw)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
@@ -262,14 +271,15 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   const bool fp8 = fp8_keys(p);
   const int rope_pairs = rope_pairs_in_prologue(p);
   const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, rope_pairs).bytes;
+  const bool warpgroup = uses_warpgroup_kernel(p);
   // Queries of one CTA share its key loads: only those of one sequence.
   const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
   const int queries_per_cta = int(std::min<int64_t>(
-      {p.tokens, group_limit, p.warpgroup_mma ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
+      {p.tokens, group_limit, warpgroup ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
   const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
   const indexer::ScoresArgs args = scores_args(p, queries_per_cta);
-  if (p.warpgroup_mma) {
-    check(p.key_count < (int64_t(1) << 30), "indexer_scores: warpgroup_mma key_count ", p.key_count,
+  if (warpgroup) {
+    check(p.key_count < (int64_t(1) << 30), "indexer_scores: the Warpgroup kernel's key_count ", p.key_count,
           " exceeds the kernel's 32-bit key arithmetic (2^30)");
     launch_scores_wgmma(args, fp8, query_groups, p.stream);
     return;
@@ -299,7 +309,8 @@ void launch_scores_top_k(const indexer::ScoresArgs& scores, int rope_pairs, topk
 
 void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
   check_indexer_scores_params(s);
-  check(!s.warpgroup_mma, "indexer_scores_top_k: warpgroup_mma is run_indexer_scores' only");
+  check(s.kernel != IndexerScoresKernel::Warpgroup,
+        "indexer_scores_top_k: the Warpgroup kernel is run_indexer_scores' only (Auto: the fused kernel)");
   TopKParams top = t;
   top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
   check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");

@@ -20,9 +20,10 @@
 //   multiplies the finished sum.
 // - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
 //   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch.
-// - Warpgroup variant (indexer_scores_wgmma_kernel, IndexerScoresParams::warpgroup_mma): mma.sync runs at about half
-//   the tensor rate on Hopper, and the e4m3 m16n8k32 no faster per product than bf16, so at 64 heads × 128 dims per
-//   key the scores were bound by the MMA issue, not the key bytes. The warpgroup MMA (m64n64, heads padded to 64 on
+// - Warpgroup variant (indexer_scores_wgmma_kernel, IndexerScoresKernel::Warpgroup): mma.sync runs at about half
+//   the tensor rate on Hopper, and the e4m3 m16n8k32 is no faster per product than bf16, so at 64 heads × 128 dims
+//   per key its issue is a bound near the key bytes' (bf16 at 1M keys: 24 µs against a 16 µs byte floor; fp8 with
+//   half the bytes no faster). The warpgroup MMA (m64n64, heads padded to 64 on
 //   N) takes each warp's key rows straight from the registers the key loads fill (the A fragment is mma.sync's, so
 //   the loads and their dim permutation are the warp kernel's) and the queries from shared memory: K-major in the
 //   128-byte swizzle, with head_dim permuted exactly as the keys' fragments permute it. A warpgroup owns a 64-key

@@ -22,9 +22,9 @@
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.
-// - warpgroup_mma (run_indexer_scores only): the same scores on warpgroup MMAs (sm_90a; bf16, or e4m3 at twice the
-//   rate), for prepared queries (q or q_fp8), head_dim 128 and up to 64 heads; mma.sync's issue rate bounds the
-//   default kernels at 64 heads × 128 dims per key (see indexer.cuh).
+// - IndexerScoresParams::kernel (run_indexer_scores only): Warp, the mma.sync kernels (every shape); Warpgroup, the
+//   same scores on warpgroup MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for prepared queries (q or q_fp8),
+//   head_dim 128 and up to 64 heads, refused otherwise; Auto, Warpgroup where those hold, else Warp.
 // - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp in one launch (one fewer per CSA layer).
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
@@ -57,6 +57,8 @@ struct IndexerPrepareParams {
 void check_indexer_prepare_params(const IndexerPrepareParams& params);
 void run_indexer_prepare(const IndexerPrepareParams& params);
 
+enum class IndexerScoresKernel { Warp, Warpgroup, Auto };
+
 struct IndexerScoresParams {
   // Queries [tokens, heads, head_dim], exactly one of: q (bf16, for bf16 keys), q_fp8 + q_scales (for fp8 keys), both
   // from run_indexer_prepare; or q_raw (fp32, RoPE not yet applied) with the preparation's settings below.
@@ -85,7 +87,7 @@ struct IndexerScoresParams {
   int64_t ratio = 4;                     // key j covers tokens up to ratio·(j+1) − 1
   float* scores = nullptr;               // device [tokens, score_stride]
   int64_t score_stride = 0;              // ≥ key_count
-  bool warpgroup_mma = false;            // wgmma kernels (see the contract); off: mma.sync
+  IndexerScoresKernel kernel = IndexerScoresKernel::Warp;  // see the contract
   cudaStream_t stream = nullptr;
 };
 
