@@ -11,7 +11,9 @@
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
-// (streamed path with split-K) the cluster split-K reduction instead of the workspace one. Ungrouped shapes also
+// (streamed path with split-K) the cluster split-K reduction instead of the workspace one, and (where the streamed path
+// applies) the same weight stream-tiled (WeightLayout::STREAM_TILES: one bulk copy per stage) at 1-4 slots and its
+// AUTO config, against the read floor of the weight's data (read_floor_kernel, cold). Ungrouped shapes also
 // time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
 // run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
 // selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
@@ -22,7 +24,8 @@
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
 //   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
-//   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself)
+//   the STREAMED configs at 1-4 ring slots, then the stream-tiled AUTO config, for a profiler such as ncu, which
+//   flushes the L2 per kernel itself)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -98,6 +101,24 @@ __global__ void read_through_l2_kernel(const uint4* buffer, size_t count, uint4*
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
     const uint4 v = __ldcg(buffer + i);
     sum += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
+}
+
+// The read floor of a matrix: `words` 16-byte words read once, four independent loads in flight per thread before
+// the first use, the same eviction and sink rule as read_through_l2_kernel. Timed cold like the linears, it is what
+// streaming the same bytes costs without any arithmetic, launch and ramp included.
+__global__ void read_floor_kernel(const uint4* data, size_t words, uint4* sink) {
+  constexpr int kLoads = 4;
+  uint32_t sum = 0;
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += kLoads * stride) {
+    uint4 v[kLoads];
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l)
+      v[l] = i + l * stride < words ? __ldcs(data + i + l * stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) sum += v[l].x ^ v[l].y ^ v[l].z ^ v[l].w;
   }
   if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
 }
@@ -242,6 +263,10 @@ struct Row {
   double graph_us = 0;                // the default config replayed back to back in a CUDA graph (warm)
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
+  double tiled_us[5] = {0, 0, 0, 0, 0};     // the same with the weight stream-tiled (WeightLayout::STREAM_TILES)
+  double tiled_auto_us = 0;                 // the AUTO config of the stream-tiled weight
+  double read_floor_us = 0;                 // read_floor_kernel over the weight's data bytes
+  double read_floor_percent_of_copy = 0;
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
   double gemm_us = 0;                 // run_quantized_gemm for the same call
   int gemm_k_splits = 0;
@@ -433,9 +458,33 @@ int main(int argc, char** argv) {
         const int copies = copies_beyond_l2(stored, device.l2_bytes);
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
+        // Stream-tiled copies of the data (the scales stay the row-major copies'), where the STREAMED path applies.
+        std::vector<DeviceBuffer> tiled_data;
+        if (streamed_load_path_applies(weights[0].view(), 1, shape.groups))
+          for (const DeviceMatrix& w : weights) {
+            tiled_data.emplace_back(stream_tiled_bytes(w.view(), shape.name), "stream-tiled copy");
+            tile_weight_for_streaming(w.view(), tiled_data.back().data(), nullptr, shape.name);
+          }
+        const auto weight_view = [&](int i, WeightLayout layout) {
+          DeviceMatrixView view = weights[size_t(i % copies)].view();
+          if (layout == WeightLayout::STREAM_TILES) view.data = tiled_data[size_t(i % copies)].as<uint8_t>();
+          return view;
+        };
+        const size_t data_bytes = size_t(shape.rows) * weights[0].view().data_row_bytes;
+        double read_floor_us = 0;
+        if (!sweep && !profile) {
+          DeviceBuffer sink(16, "read floor sink");
+          read_floor_us = cold.us([&](int i, cudaStream_t s) {
+            read_floor_kernel<<<unsigned(4 * device.multiprocessors), 256, 0, s>>>(
+                reinterpret_cast<const uint4*>(weight_view(i, WeightLayout::ROWS).data), data_bytes / 16,
+                sink.as<uint4>());
+            DSV4_CUDA_CHECK_LAUNCH("read_floor_kernel");
+          });
+        }
         for (const int tokens : token_counts) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
-          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s) {
+          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
+                                         WeightLayout layout = WeightLayout::ROWS) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -445,7 +494,8 @@ int main(int argc, char** argv) {
                                          .groups = shape.groups,
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
-                                         .stream = s};
+                                         .stream = s,
+                                         .layout = layout};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
@@ -454,7 +504,7 @@ int main(int argc, char** argv) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weights[size_t(i % copies)].view(), workspace, s), config);
+              run_quantized_linear(linear_params(weight_view(i, config.layout), workspace, s, config.layout), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -463,15 +513,14 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
-          // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit.
+          // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
+          // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
-            try {
-              return std::optional(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
-                                                                  device.multiprocessors, WeightLoadPath::STREAMED,
-                                                                  slots, reduce, k_splits));
-            } catch (const Error&) {
-              return std::optional<QuantizedLinearConfig>();  // the rings do not fit one CTA's shared memory
-            }
+            if (slots > 0 && !streamed_rings_fit(weights[0].view(), tokens, slots))
+              return std::optional<QuantizedLinearConfig>();
+            return std::optional(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
+                                                                device.multiprocessors, WeightLoadPath::STREAMED,
+                                                                slots, reduce, k_splits));
           };
 
           if (profile) {
@@ -479,20 +528,34 @@ int main(int argc, char** argv) {
             std::printf("profile %s %s %s T=%d: default (%s, %d slots, %d splits, %s)", shape.model, shape.name,
                         to_string(format).data(), tokens, load_path_name(config.load_path), config.ring_slots,
                         config.k_splits, config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace");
-            DeviceBuffer workspace(std::max<size_t>(quantized_linear_workspace_bytes(weights[0].view(), tokens,
-                                                                                     shape.groups), 16),
-                                   "linear workspace");
+            size_t workspace_bytes = quantized_linear_workspace_bytes(weights[0].view(), tokens, shape.groups);
+            for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
+              if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0))
+                workspace_bytes = std::max(workspace_bytes, c->workspace_bytes);
+            if (streamed_applies)
+              workspace_bytes = std::max(workspace_bytes,
+                                         quantized_linear_workspace_bytes(weights[0].view(), tokens, shape.groups,
+                                                                          WeightLayout::STREAM_TILES));
+            DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
             const auto launch_once = [&](const QuantizedLinearConfig& c) {
               run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
             };
             launch_once(config);
-            if (streamed_applies)
+            if (streamed_applies) {
               for (int slots = 1; slots <= 4; ++slots)
                 if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
                   launch_once(*c);
                   std::printf(", then %d slots (%d splits, %d CTAs/SM)", slots, c->k_splits, c->ctas_per_sm);
                 }
+              const QuantizedLinearConfig tiled =
+                  choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
+                                                 device.multiprocessors, WeightLoadPath::AUTO, 0, SplitKReduce::AUTO,
+                                                 0, WeightLayout::STREAM_TILES);
+              run_quantized_linear(
+                  linear_params(weight_view(0, WeightLayout::STREAM_TILES), workspace, nullptr, tiled.layout), tiled);
+              std::printf(", then stream-tiled AUTO (%d slots, %d splits)", tiled.ring_slots, tiled.k_splits);
+            }
             std::printf("\n");
             DSV4_CUDA_CHECK(cudaDeviceSynchronize());
             continue;
@@ -561,10 +624,24 @@ int main(int argc, char** argv) {
           row.aligned_us = time_config(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
                                                                       device.multiprocessors, WeightLoadPath::ALIGNED),
                                        Timing::COLD);
+          row.read_floor_us = read_floor_us;
+          row.read_floor_percent_of_copy =
+              read_floor_us > 0 ? 100.0 * double(data_bytes) / (read_floor_us * 1e3) / copy_gbps : 0.0;
           if (streamed_applies) {
             for (int slots = 1; slots <= 4; ++slots)
-              if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0))
+              if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0)) {
                 row.streamed_us[slots] = time_config(*c, Timing::COLD);
+                row.tiled_us[slots] = time_config(
+                    choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
+                                                   device.multiprocessors, WeightLoadPath::STREAMED, slots,
+                                                   SplitKReduce::AUTO, 0, WeightLayout::STREAM_TILES),
+                    Timing::COLD);
+              }
+            row.tiled_auto_us = time_config(
+                choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
+                                               device.multiprocessors, WeightLoadPath::AUTO, 0, SplitKReduce::AUTO, 0,
+                                               WeightLayout::STREAM_TILES),
+                Timing::COLD);
             if (const auto c = streamed_config(0, SplitKReduce::CLUSTER, 0); c && c->reduce == SplitKReduce::CLUSTER)
               row.cluster_us = time_config(*c, Timing::COLD);
           }
@@ -669,13 +746,9 @@ int main(int argc, char** argv) {
                         });
           };
           row.pair_us = time_pair(0);
-          for (int slots = 1; slots <= 4; ++slots) {
-            try {
+          for (int slots = 1; slots <= 4; ++slots)
+            if (streamed_rings_fit(firsts[0].view(), tokens, slots))  // else no CTA holds the rings
               row.pair_slots_us[slots] = time_pair(slots);
-            } catch (const Error&) {
-              continue;  // the rings do not fit one CTA's shared memory
-            }
-          }
           pairs.push_back(row);
         }
       }
@@ -754,18 +827,21 @@ int main(int argc, char** argv) {
     if (!table.empty()) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
-                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | cluster reduction µs | GEMM µs (split-K) | "
+                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | stream-tiled µs (1/2/3/4 slots; AUTO) | "
+                  "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
                   "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
-                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f | %.1f (%d) | %.1f / %.1f |\n",
+                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f; %.1f | %.1f · %.0f | %.1f | "
+                  "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.cluster_us, r.gemm_us, r.gemm_k_splits,
-                  r.prologue_cold_us, r.norm_then_linear_cold_us);
+                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
+                  r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.read_floor_percent_of_copy, r.cluster_us,
+                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
                   "%% of copy |\n"
@@ -819,12 +895,14 @@ int main(int argc, char** argv) {
                    "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"stream_us\": %.2f, "
                    "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
-                   "%.2f, %.2f], \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, \"gemm_k_splits\": %d, "
-                   "\"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
+                   "%.2f, %.2f], \"tiled_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], \"tiled_auto_cold_us\": %.2f, "
+                   "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
+                   "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.cluster_us, r.gemm_us, r.gemm_k_splits,
+                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
+                   r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");

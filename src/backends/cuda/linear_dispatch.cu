@@ -54,6 +54,10 @@ void run_decode_chunks(const LinearCall& c) {
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
     if (t0 + kLinearMaxTokens >= c.tokens) p.prefetch_next = c.prefetch_next;  // the last chunk asks for them
+    if (c.stream_tiled_data != nullptr && p.tokens <= kLinearMaxStreamedTokens) {
+      p.weight.data = c.stream_tiled_data;
+      p.layout = WeightLayout::STREAM_TILES;
+    }
     run_quantized_linear(p);
   }
 }
@@ -123,8 +127,12 @@ DeviceMatrixView row_slice(const DeviceMatrixView& w, int64_t row0, int64_t rows
 }
 
 size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups) {
-  return std::max(quantized_linear_workspace_bytes(weight, kLinearMaxTokens, groups),
-                  quantized_gemm_workspace_bytes(weight, kGemmMaxSplitTokens));
+  size_t bytes = std::max(quantized_linear_workspace_bytes(weight, kLinearMaxTokens, groups),
+                          quantized_gemm_workspace_bytes(weight, kGemmMaxSplitTokens));
+  if (streamed_load_path_applies(weight, 1, groups))  // a stream-tiled copy may split K differently
+    bytes = std::max(bytes, quantized_linear_workspace_bytes(weight, kLinearMaxStreamedTokens, groups,
+                                                             WeightLayout::STREAM_TILES));
+  return bytes;
 }
 
 void run_linear(const LinearCall& c) {

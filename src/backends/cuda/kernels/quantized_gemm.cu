@@ -9,6 +9,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_gemm.cuh"
 #include "backends/cuda/kernels/quantized_linear.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
@@ -95,7 +96,10 @@ template <GemmWeight W, int kBlockTokens, int kCtas>
 void launch(const QuantizedGemmParams& p, const QuantizedGemmConfig& config, const gemm::GemmKernelArgs& args) {
   constexpr auto kernel = gemm::quantized_gemm_kernel<W, kBlockTokens, kCtas>;
   constexpr int kSharedBytes = gemm::SharedLayout<W, kBlockTokens, kCtas>::kTotalBytes;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+  // The opt-in above 48 KiB, set once per device (per_device_cache.hpp).
+  const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+  check(kSharedBytes <= limit, "quantized_gemm: ", kSharedBytes, " bytes of shared memory per CTA exceed the device's ",
+        limit);
   const dim3 grid(unsigned(ceil_div(p.weight.rows, gemm::kBlockRows)), unsigned(ceil_div(p.tokens, kBlockTokens)),
                   unsigned(config.k_splits));
   launch_chained(kernel, grid, dim3(gemm::kThreads), kSharedBytes, p.stream, args, "quantized_gemm_kernel");

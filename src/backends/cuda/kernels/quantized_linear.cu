@@ -7,6 +7,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/kernels/quantized_linear.cuh"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
@@ -14,7 +15,6 @@ namespace dsv4::cuda {
 namespace {
 
 using tile::TileFormat;
-
 
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 constexpr int64_t ceil_div(int64_t value, int64_t divisor) { return (value + divisor - 1) / divisor; }
@@ -76,39 +76,43 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, bool kClusterReduce>
+template <TileFormat F, int NT, bool kClusterReduce, bool kTiled>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in (per kernel and device; cheap, set every launch).
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(config.smem_bytes)));
-  // A programmatic launch (ptx/dependent_launch.cuh): the CTAs may start their weight streams while the previous
-  // kernel in the stream drains. With the cluster reduction, the splits of a row block (grid y) form one cluster.
-  cudaLaunchAttribute attributes[2] = {};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = 1;
-  attributes[1].val.clusterDim.y = unsigned(config.k_splits);
-  attributes[1].val.clusterDim.z = 1;
-  if (kClusterReduce && config.k_splits > 8)  // beyond the portable cluster size (Hopper allows 16)
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t launch{};
-  launch.gridDim = dim3(unsigned(config.row_blocks), unsigned(config.k_splits));
-  launch.blockDim = dim3(linear::kThreadsPerCta);
-  launch.dynamicSmemBytes = config.smem_bytes;
-  launch.stream = stream;
-  launch.attrs = attributes;
-  launch.numAttrs = kClusterReduce ? 2 : 1;
-  check_cuda(cudaLaunchKernelEx(&launch, kernel, args), "quantized_linear_streamed_kernel", __FILE__, __LINE__);
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kTiled>;
+  // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
+  const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+  check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
+        " bytes of shared memory per CTA exceed the device's ", limit);
+  if (kClusterReduce && config.k_splits > 8) {  // beyond the portable cluster size (Hopper allows 16)
+    static PerDeviceCache<bool> non_portable;
+    non_portable.get(reinterpret_cast<const void*>(kernel), [&] {
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      return true;
+    });
+  }
+  // A programmatic launch: the CTAs may start their weight streams while the previous kernel in the stream drains.
+  // With the cluster reduction, the splits of a row block (grid y) form one cluster.
+  launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)), dim3(linear::kThreadsPerCta),
+                 config.smem_bytes, stream, dim3(1, kClusterReduce ? unsigned(config.k_splits) : 1u, 1),
+                 "quantized_linear_streamed_kernel", args);
+}
+
+template <TileFormat F, int NT, bool kTiled>
+void launch_streamed_for_layout(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                                cudaStream_t stream) {
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, true, kTiled>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, false, kTiled>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, true>(args, config, stream);
+  if (config.layout == WeightLayout::STREAM_TILES)
+    launch_streamed_for_layout<F, NT, true>(args, config, stream);
   else
-    launch_streamed_kernel<F, NT, false>(args, config, stream);
+    launch_streamed_for_layout<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -132,7 +136,7 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
          a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
-         a.reduce == b.reduce &&
+         a.reduce == b.reduce && a.layout == b.layout &&
          a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -172,10 +176,38 @@ int64_t wide_cluster_splits(int64_t row_blocks, int multiprocessors) {
   return std::min<int64_t>(kLinearMaxClusterSplits, 5 * int64_t(std::max(multiprocessors, 1)) / (2 * row_blocks));
 }
 
+// The STREAMED path's rings of `slots` stages per warp, and the slack that aligns them for the swizzled boxes.
+size_t streamed_ring_bytes(TileFormat format, int slots) {
+  return size_t(linear::kWarpsPerCta) * size_t(slots) * size_t(tile::stream::slot_bytes(format)) +
+         tile::stream::kSlotAlignment;
+}
+// The least dynamic shared memory of one STREAMED CTA: the rings and an x tile of one stage.
+size_t streamed_min_cta_bytes(TileFormat format, int tokens, int slots) {
+  return streamed_ring_bytes(format, slots) +
+         size_t(tokens) * 2 * size_t(tile::x_tile_row_stride(tile::stream::stage_k(format)));
+}
+
 bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto* a0 = static_cast<const char*>(a);
   const auto* b0 = static_cast<const char*>(b);
   return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
+// Stored bytes of one row (without the padding data_row_bytes may add).
+int64_t stored_row_bytes(const DeviceMatrixView& w) {
+  return w.cols * 16 / tile::stream::values_per_load(tile_format_of(w));
+}
+
+// Copies the row-major data into the stream-tiled layout, 16 bytes per thread and step (a 16-byte piece stays whole:
+// the swizzle moves 16-byte chunks).
+__global__ void tile_for_streaming_kernel(const uint8_t* data, int64_t data_row_bytes, int64_t rows,
+                                          int64_t row_bytes, uint8_t* tiles) {
+  const int64_t words_per_row = row_bytes / 16, words = rows * words_per_row;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / words_per_row, byte = i % words_per_row * 16;
+    *reinterpret_cast<uint4*>(tiles + tile::stream::stream_tiled_offset(row, byte, row_bytes)) =
+        *reinterpret_cast<const uint4*>(data + row * data_row_bytes + byte);
+  }
 }
 
 }  // namespace
@@ -186,10 +218,20 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
          tile::stream::streamed_tile_applies(weight, tile_format_of(weight));
 }
 
+bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots) {
+  const TileFormat format = tile_format_of(weight);
+  check(ring_slots >= 1 && ring_slots <= tile::stream::kMaxSlots && tokens >= 1 && tokens <= kLinearMaxStreamedTokens,
+        "quantized_linear: ", ring_slots, " ring slots at ", tokens, " tokens; the streamed path takes 1 to ",
+        tile::stream::kMaxSlots, " slots and 1 to ", kLinearMaxStreamedTokens, " tokens");
+  return streamed_min_cta_bytes(format, tokens, ring_slots) <= kSharedMemoryPerCta;
+}
+
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
-                                                     int ring_slots, SplitKReduce reduce, int k_splits) {
+                                                     int ring_slots, SplitKReduce reduce, int k_splits,
+                                                     WeightLayout layout) {
   check_shape(weight, tokens, groups);
+  const bool tiled = layout == WeightLayout::STREAM_TILES;
   const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
   const bool aligned_possible = tile::weight_rows_aligned(weight) && (weight.rows / groups) % tile::kTileRows == 0;
@@ -201,6 +243,11 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         weight.cols, "] (", to_string(weight.format), ") in ", groups, " group(s) at ", tokens, " tokens: the ",
         "streamed load path needs 16-byte aligned rows and scales, K a multiple of ", tile::stream::stage_k(format),
         ", whole 16-row tiles per group and at most ", kLinearMaxStreamedTokens, " tokens");
+  check(!tiled || (streamed_possible && (load_path == WeightLoadPath::AUTO || load_path == WeightLoadPath::STREAMED)),
+        "quantized_linear: weight [", weight.rows, ", ", weight.cols, "] (", to_string(weight.format), ") in the ",
+        "stream-tiled layout runs on the streamed load path only, which it does not take at ", tokens,
+        " tokens in ", groups, " group(s)",
+        load_path == WeightLoadPath::AUTO ? "" : " (or another path was asked for)");
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
@@ -209,11 +256,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
       const QuantizedLinearConfig wide =
           choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits));
+                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits), layout);
       if (wide.reduce == SplitKReduce::CLUSTER && wide.k_splits >= kWideClusterMinSplits) return wide;
     }
-    const QuantizedLinearConfig cluster = choose_quantized_linear_config(
-        weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots, SplitKReduce::CLUSTER);
+    const QuantizedLinearConfig cluster =
+        choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
+                                       SplitKReduce::CLUSTER, 0, layout);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
@@ -221,8 +269,9 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
+  config.layout = layout;
   config.load_path = load_path != WeightLoadPath::AUTO                   ? load_path
-                     : streamed_possible && auto_takes_streamed(format, tokens) ? WeightLoadPath::STREAMED
+                     : tiled || (streamed_possible && auto_takes_streamed(format, tokens)) ? WeightLoadPath::STREAMED
                      : aligned_possible                                   ? WeightLoadPath::ALIGNED
                                                                           : WeightLoadPath::GENERIC;
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
@@ -233,14 +282,11 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     check(ring_slots >= 0 && ring_slots <= tile::stream::kMaxSlots, "quantized_linear: ", ring_slots,
           " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
     config.ring_slots = ring_slots > 0 ? ring_slots : default_ring_slots(format);
-    // The rings, and the slack that aligns them for the swizzled boxes.
-    const size_t rings =
-        size_t(linear::kWarpsPerCta) * size_t(config.ring_slots) * size_t(tile::stream::slot_bytes(format)) +
-        tile::stream::kSlotAlignment;
+    const size_t rings = streamed_ring_bytes(format, config.ring_slots);
     const size_t x_row_bytes_per_k = size_t(tokens) * 2;
     // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
     // stage do not fit.
-    const size_t min_cta_bytes = rings + x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k));
+    const size_t min_cta_bytes = streamed_min_cta_bytes(format, tokens, config.ring_slots);
     check(min_cta_bytes <= kSharedMemoryPerCta, "quantized_linear: ", config.ring_slots, " ring slots of ",
           to_string(weight.format), " stages at ", tokens, " tokens need ", min_cta_bytes,
           " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
@@ -303,13 +349,40 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   return config;
 }
 
-size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
+size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups, WeightLayout layout) {
   // The most any call of 1..tokens tokens needs: the paths split K differently, so fewer tokens can split more.
+  // Stream-tiled weights run up to kLinearMaxStreamedTokens tokens only.
   const int multiprocessors = current_multiprocessors();
+  const int most = layout == WeightLayout::STREAM_TILES ? std::min(tokens, kLinearMaxStreamedTokens) : tokens;
   size_t bytes = 0;
-  for (int t = 1; t <= tokens; ++t)
-    bytes = std::max(bytes, choose_quantized_linear_config(weight, t, groups, multiprocessors).workspace_bytes);
+  for (int t = 1; t <= most; ++t)
+    bytes = std::max(bytes, choose_quantized_linear_config(weight, t, groups, multiprocessors, WeightLoadPath::AUTO, 0,
+                                                           SplitKReduce::AUTO, 0, layout)
+                                .workspace_bytes);
   return bytes;
+}
+
+size_t stream_tiled_bytes(const DeviceMatrixView& weight, std::string_view what) {
+  check(streamed_load_path_applies(weight, 1, 1), what,
+        ": weight [", weight.rows, ", ", weight.cols, "] (", to_string(weight.format), ") cannot be stream-tiled: ",
+        "the streamed load path needs 16-byte aligned rows and scales, whole 16-row tiles and K a multiple of ",
+        tile::stream::stage_k(tile_format_of(weight)));
+  return size_t(weight.rows) * size_t(stored_row_bytes(weight));
+}
+
+void tile_weight_for_streaming(const DeviceMatrixView& weight, void* tiles, cudaStream_t stream,
+                               std::string_view what) {
+  const size_t bytes = stream_tiled_bytes(weight, what);
+  check(tiles != nullptr && reinterpret_cast<uintptr_t>(tiles) % 16 == 0, what,
+        ": the stream-tiled copy needs a 16-byte aligned destination");
+  check(!ranges_overlap(tiles, bytes, weight.data, size_t(weight.rows) * weight.data_row_bytes), what,
+        ": the stream-tiled copy must not overlap the weight's data");
+  const int64_t words = int64_t(bytes / 16);
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), 65535);
+  tile_for_streaming_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(
+      weight.data, int64_t(weight.data_row_bytes), weight.rows, stored_row_bytes(weight), static_cast<uint8_t*>(tiles));
+  DSV4_CUDA_CHECK_LAUNCH("tile_for_streaming_kernel");
 }
 
 void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view what) {
@@ -331,6 +404,10 @@ namespace {
 void check_params_for_config(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   const int64_t x_cols = int64_t(params.groups) * w.cols;
+  check(config.layout == params.layout, "quantized_linear: the config was chosen for another weight layout than the ",
+        "call's (", params.layout == WeightLayout::STREAM_TILES ? "stream-tiled" : "row-major", ")");
+  check(params.layout != WeightLayout::STREAM_TILES || reinterpret_cast<uintptr_t>(w.data) % 16 == 0,
+        "quantized_linear: stream-tiled data must be 16-byte aligned");
   check(w.data != nullptr && (w.format == WeightFormat::BF16 || w.scales != nullptr), "quantized_linear: weight [",
         w.rows, ", ", w.cols, "] has no device data or scales");
   check(w.scale_type != ScaleType::F32 || reinterpret_cast<uintptr_t>(w.scales) % 4 == 0,
@@ -383,7 +460,8 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
 
 void check_quantized_linear_params(const QuantizedLinearParams& params) {
   check_params_for_config(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
-                                                                 current_multiprocessors()));
+                                                                 current_multiprocessors(), WeightLoadPath::AUTO, 0,
+                                                                 SplitKReduce::AUTO, 0, params.layout));
 }
 
 namespace {
@@ -409,6 +487,7 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .tickets = config.workspace_bytes > 0 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.workspace_bytes > 0 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
+      .tiles = config.layout == WeightLayout::STREAM_TILES ? w.data : nullptr,
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
@@ -479,14 +558,37 @@ PairPlan plan_pair(const DeviceMatrixView& first, int first_groups, const Device
   return plan;
 }
 
+// What bounds the pair kernel's resident CTAs per SM apart from its dynamic shared memory, read once per device: CTAs
+// by registers and threads (the occupancy query without dynamic shared memory) and the static shared memory.
+struct PairKernelResidency {
+  int ctas_by_registers = 0;
+  size_t static_smem_bytes = 0;
+};
+
 template <TileFormat F, int NT>
 void launch_pair_kernel(const linear::PairKernelArgs& args, int64_t items, size_t smem_bytes, cudaStream_t stream) {
   const auto kernel = linear::quantized_linear_pair_kernel<F, NT>;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
-  // Every CTA must be resident at once (second items wait on first items of other CTAs): at most one wave.
-  int per_sm = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, linear::kThreadsPerCta, smem_bytes));
-  const int64_t resident = int64_t(per_sm) * current_multiprocessors();
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const int limit = max_dynamic_shared_memory(key);
+  check(smem_bytes <= size_t(limit), "quantized_linear pair: ", smem_bytes,
+        " bytes of shared memory per CTA exceed the device's ", limit);
+  static PerDeviceCache<PairKernelResidency> residency_cache;
+  const PairKernelResidency residency = residency_cache.get(key, [&] {
+    PairKernelResidency r;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.ctas_by_registers, kernel,
+                                                                  linear::kThreadsPerCta, 0));
+    cudaFuncAttributes attributes{};
+    DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, key));
+    r.static_smem_bytes = attributes.sharedSizeBytes;
+    return r;
+  });
+  // Every CTA must be resident at once (second items wait on first items of other CTAs): at most one wave. Each CTA's
+  // shared memory is rounded up to whole KiB (above the hardware's allocation granularity) so that the count never
+  // exceeds what the SM holds.
+  const size_t cta_bytes =
+      size_t(round_up(int64_t(smem_bytes + residency.static_smem_bytes), 1024)) + kSharedMemoryReservedPerCta;
+  const int64_t per_sm = std::min<int64_t>(residency.ctas_by_registers, int64_t(kSharedMemoryPerSm / cta_bytes));
+  const int64_t resident = per_sm * current_multiprocessors();
   check(resident > 0, "quantized_linear pair: no CTA of ", smem_bytes, " bytes of shared memory fits an SM");
   const dim3 grid(unsigned(std::min(items, resident)));
   launch_chained(kernel, grid, dim3(linear::kThreadsPerCta), smem_bytes, stream, args,
@@ -597,7 +699,8 @@ void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
 
 void run_quantized_linear(const QuantizedLinearParams& params) {
   launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
-                                                                 current_multiprocessors()));
+                                                                 current_multiprocessors(), WeightLoadPath::AUTO, 0,
+                                                                 SplitKReduce::AUTO, 0, params.layout));
 }
 
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
@@ -607,7 +710,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
       w, params.tokens, params.groups, current_multiprocessors(), config.load_path, streamed ? config.ring_slots : 0,
-      config.reduce, streamed ? config.k_splits : 0);
+      config.reduce, streamed ? config.k_splits : 0, config.layout);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

@@ -43,6 +43,7 @@ struct LinearKernelArgs {
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
+  const uint8_t* tiles;           // STREAMED path, WeightLayout::STREAM_TILES: the tiled data (else null)
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
@@ -265,18 +266,30 @@ struct WarpRing {
   uint32_t position;
 };
 
+// Starts the copy of the stage at k0 of the warp's rows from row0 into `slot`: two swizzled boxes through the tensor
+// maps of the row-major data, or one bulk copy from the stage-tiled data (kTiled). Called by the whole warp.
+template <tile::TileFormat F, bool kTiled>
+__device__ __forceinline__ void issue_weight_stage(const LinearKernelArgs& a, int64_t row0, int64_t k0, uint8_t* slot,
+                                                   uint64_t* full) {
+  if constexpr (kTiled)
+    tile::stream::issue_tiled_stage<F>(&a.maps, a.tiles, a.weight.cols * 16 / tile::stream::values_per_load(F), row0,
+                                       k0, slot, full);
+  else
+    tile::stream::issue_stage<F>(&a.maps, row0, k0, slot, full);
+}
+
 // Starts the copies of the item's first min(slots, stages) weight stages; the ring must hold no unconsumed stage.
 // Called by the whole warp (lane 0 issues); reads only weights, so it may run before wait_for_prior_grids.
-template <tile::TileFormat F>
-__device__ __forceinline__ void issue_first_stages(const tile::stream::StreamMaps* maps, const CtaWork& work,
-                                                   int64_t row0, const WarpRing& ring) {
+template <tile::TileFormat F, bool kTiled = false>
+__device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, const CtaWork& work, int64_t row0,
+                                                   const WarpRing& ring) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
   for (int j = 0; j < ring.slots && j < stages; ++j) {
     const int slot = int((ring.position + uint32_t(j)) % uint32_t(ring.slots));
-    st::issue_stage<F>(maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
-                       ring.full + slot);
+    issue_weight_stage<F, kTiled>(a, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
+                                  ring.full + slot);
   }
 }
 
@@ -284,9 +297,8 @@ __device__ __forceinline__ void issue_first_stages(const tile::stream::StreamMap
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
 // advances ring.position past the item's stages.
-template <tile::TileFormat F, int NT, class StageX>
-__device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args,
-                                                       const tile::stream::StreamMaps* maps, const CtaWork& work,
+template <tile::TileFormat F, int NT, bool kTiled = false, class StageX>
+__device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
                                                        float (&acc)[NT][4]) {
@@ -320,8 +332,8 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
                                    lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
-        st::issue_stage<F>(maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
-                           ring.full + slot);
+        issue_weight_stage<F, kTiled>(args, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
+                                      ring.full + slot);
     }
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
@@ -348,9 +360,10 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 }
 
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
-// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
-// memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT, bool kClusterReduce>
+// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine, from the
+// row-major data or (kTiled) the stage-tiled data. Dynamic shared memory: up to 1 KB of alignment, 4 rings of
+// args.ring_slots slots, then the x tile of the real tokens only.
+template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
@@ -374,14 +387,14 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   if (has_rows) {
     tile::stream::init_ring(ring.full, ring.slots);
     __syncwarp();
-    issue_first_stages<F>(&args.maps, work, row0, ring);
+    issue_first_stages<F, kTiled>(args, work, row0, ring);
   }
   wait_for_prior_grids();
   allow_dependents();
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT>(args, &args.maps, work, row0, has_rows, ring, x_tile,
+  multiply_streamed_item<F, NT, kTiled>(args, work, row0, has_rows, ring, x_tile,
                                 [&](int64_t chunk_begin, int64_t chunk_end) {
                                   stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
                                 },
@@ -443,7 +456,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     const CtaWork work = work_of(a, row_blocks, item);
     const int64_t row0 = work.row0 + warp_row;
     const bool has_rows = row0 < work.row_end;
-    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(&a.maps, work, row0, ring);
+    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(a, work, row0, ring);
     return WarpItem{work, row0, has_rows};
   };
 
@@ -454,13 +467,13 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     if (int64_t(blockIdx.x) < second_items) {
       const CtaWork work = work_of(args.second, second_row_blocks, blockIdx.x);
       if (work.row0 + warp_row < work.row_end)
-        issue_first_stages<F>(&args.second.maps, work, work.row0 + warp_row, ring);
+        issue_first_stages<F>(args.second, work, work.row0 + warp_row, ring);
     }
     second_issued = true;
   };
   if (int64_t(blockIdx.x) < first_items) {
     const CtaWork work = work_of(args.first, first_row_blocks, blockIdx.x);
-    if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(&args.first.maps, work, work.row0 + warp_row, ring);
+    if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(args.first, work, work.row0 + warp_row, ring);
   } else {
     issue_second();
   }
@@ -473,7 +486,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     const auto [work, row0, has_rows] = start_item(a, first_row_blocks, item);
     __syncthreads();  // the previous item's x tile is no longer read
     const __nv_bfloat16* x_group = a.x + work.group * a.weight.cols;
-    multiply_streamed_item<F, NT>(a, &a.maps, work, row0, has_rows, ring, x_tile,
+    multiply_streamed_item<F, NT>(a, work, row0, has_rows, ring, x_tile,
                                   [&](int64_t chunk_begin, int64_t chunk_end) {
                                     tile::stage_x_tile<F>(
                                         [&](int t) { return x_group + t * a.x_row_stride + chunk_begin; }, a.tokens,
@@ -508,7 +521,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     }
     __syncthreads();  // the intermediate's columns are complete (and the previous item's x tile is no longer read)
     multiply_streamed_item<F, NT>(
-        a, &a.maps, work, row0, has_rows, ring, x_tile,
+        a, work, row0, has_rows, ring, x_tile,
         [&](int64_t chunk_begin, int64_t chunk_end) {
           // Written during this launch: read through L2 (__ldcg), never the non-coherent read-only path.
           const int64_t k_count = chunk_end - chunk_begin;
