@@ -708,6 +708,7 @@ TEST(Compressor, EntriesKnownFromPositions) {
 
 TEST(Compressor, RefusesMismatchedState) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  DeviceBuffer staged_operands(8192, "operands");
   DeviceCompressorState state(4, 128, true);
   CompressorParams p{.head_dim = 512, .ratio = 4, .overlapping = true, .state = state.view()};
   testing::expect_error([&] { run_compressor(p); }, "state was made for ratio 4 head_dim 128");
@@ -722,6 +723,14 @@ TEST(Compressor, RefusesMismatchedState) {
   testing::expect_error([&] { run_compressors(same); }, "need distinct states");
   same[1].staged_slot_loads = true;
   testing::expect_error([&] { run_compressors(same); }, "need the same staged_slot_loads");
+  // Staged CTAs pool at most 512 channels: a 1024-wide entry needs a split.
+  DeviceCompressorState widest(4, 1024, false);
+  CompressorParams staged{.head_dim = 1024, .ratio = 4, .run_count = 1, .max_run_tokens = 1, .state = widest.view(),
+                          .cluster_ctas = 1, .staged_slot_loads = true};
+  staged.kv = staged.gate = staged.ape = staged.norm_weight = staged_operands.as<float>();
+  staged.runs = reinterpret_cast<const CompressorRun*>(staged_operands.data());
+  staged.entries = staged_operands.as<float>();
+  testing::expect_error([&] { run_compressor(staged); }, "staged_slot_loads pools at most 512 channels");
   // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
   CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");

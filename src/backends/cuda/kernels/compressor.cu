@@ -131,6 +131,9 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
   }
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
+  check(!p.staged_slot_loads || pairs_padded <= compressor::kStagedThreads,
+        "compressor: staged_slot_loads pools at most ", 2 * compressor::kStagedThreads,
+        " channels per CTA; head_dim ", c, " over ", cluster, " CTAs per entry has ", channels);
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
   const int max_threads = p.staged_slot_loads                       ? compressor::kStagedThreads
                           : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
