@@ -988,7 +988,9 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<kFp8, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
-template <bool kFp8>
+// kFullScores (SparseAttentionParams::consumer_full_scores): each consumer computes the scores over all 512 dims
+// (twice the QKᵀ wgmma work) instead of summing the two consumers' halves through shared memory behind a barrier.
+template <bool kFp8, bool kFullScores>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   using L = D512Layout<kFp8>;
@@ -1068,9 +1070,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     for (int i = 0; i < kChunks; ++i)
       *reinterpret_cast<uint4*>(slot + i * kHeadsPerPass * 128 + swizzled[i % 2]) = packed[i];
     sm90::fence_proxy_async_shared();
-    sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+    if constexpr (kFullScores)  // each consumer reads the other's half of Q too
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    else
+      sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
   }
-  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
+  const uint64_t q_descriptor =
+      sm90::make_sw128_k_major_descriptor(q_tile + (kFullScores ? 0 : (dim_base / 64) * kQBlockBytes));
 
   float o_acc[128];
 #pragma unroll
@@ -1085,12 +1091,14 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
-    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps (kFullScores: S over all 512 dims).
+    constexpr int kScoreSteps = kFullScores ? 32 : 16;
     float s_acc[16];
-    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
+    const uint64_t k_descriptor =
+        sm90::make_sw128_k_major_descriptor(kFullScores ? smem + L::kKv + stage * kKvStageBytes : kv);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 16; ++kk)
+    for (int kk = 0; kk < kScoreSteps; ++kk)
       sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
@@ -1106,22 +1114,24 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::fence_operand(s_acc);
 
     // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
-    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
-    float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+    if constexpr (!kFullScores) {
+      float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+      float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      mine[e * kWarpgroupThreads + thread] =
-          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
-    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const float4* part0 = reinterpret_cast<const float4*>(exchange);
-    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
+      for (int e = 0; e < 4; ++e)
+        mine[e * kWarpgroupThreads + thread] =
+            make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+      const float4* part0 = reinterpret_cast<const float4*>(exchange);
+      const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
-      s_acc[4 * e] = a.x + b.x;
-      s_acc[4 * e + 1] = a.y + b.y;
-      s_acc[4 * e + 2] = a.z + b.z;
-      s_acc[4 * e + 3] = a.w + b.w;
+      for (int e = 0; e < 4; ++e) {
+        const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
+        s_acc[4 * e] = a.x + b.x;
+        s_acc[4 * e + 1] = a.y + b.y;
+        s_acc[4 * e + 2] = a.z + b.z;
+        s_acc[4 * e + 3] = a.w + b.w;
+      }
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
@@ -1269,7 +1279,7 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kFullScores = false>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1303,7 +1313,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, work, cluster_merge);
+    d512_consume<kFp8, kFullScores>(p, smem, work, cluster_merge);
   }
 }
 

@@ -79,9 +79,12 @@ struct SparseAttentionParams {
   // Small-batch decode (head_dim 512, more than 32 heads): CTAs over (query, 16-head group, split of at most
   // head_split_tiles · 32 entries) instead of (query, 64-head block, split), the splits merged in a cluster; used
   // where the grid is one wave on the device and the slot bound fits the largest cluster (else the kernels above).
-  // `splits` and the workspace are then not used (sparse_attention_uses_head_split tells).
+  // `splits` and the workspace are then not used (sparse_attention_head_split_splits tells).
   bool head_split = false;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
+  // head_dim 512 kernel (64-head blocks): each consumer warpgroup computes the scores over all 512 dims (twice the
+  // QKᵀ tensor work) instead of summing the two warpgroups' halves through shared memory behind a barrier per tile.
+  bool consumer_full_scores = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
