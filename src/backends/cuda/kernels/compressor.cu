@@ -4,9 +4,9 @@
 #include <bit>
 
 #include "backends/cuda/cuda_check.hpp"
-#include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
 #include "backends/cuda/per_device_cache.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -244,8 +244,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);
   }
   // A programmatic dependent launch, in clusters only where entries are split.
-  launch_dependent_clusters(kernel, ctas, threads, smem, hardware_cluster, params[0].stream, "compressor_kernel",
-                            launch);
+  launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), smem, params[0].stream,
+                 dim3(unsigned(hardware_cluster)), "compressor_kernel", launch);
   DSV4_CUDA_CHECK_LAUNCH("compressor_kernel");
 }
 
