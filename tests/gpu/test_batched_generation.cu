@@ -6,8 +6,10 @@
 // (models/tiny-fortunes) has clear top-1 margins, so the batched kernels' summation order cannot flip a token.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -118,4 +120,61 @@ TEST(BatchedGeneration, EqualsAloneWithoutCudaGraphs) {
   ::setenv("DSV4_DISABLE_CUDA_GRAPHS", "1", 1);
   expect_batched_equals_alone(true);
   ::unsetenv("DSV4_DISABLE_CUDA_GRAPHS");
+}
+
+// 48 requests at once, their prompts read together in one or two mixed steps of ~500 tokens, then decoding as one
+// batch: a greedy token may differ from the alone run only where the alone run's logits nearly tie, as the batched
+// kernels sum in another order over bf16 operands (relative rounding 2^-9 per operand, a few hundredths on logits
+// of this model's size). A sequence fed another's token or logits row diverges with a gap of whole logits.
+TEST(BatchedGeneration, ManyRequestsInOneStepDivergeOnlyAtNearTies) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int kRequests = 48;
+  constexpr float kTieTolerance = 0.1f;
+  EngineOptions options;
+  options.model_dir = (fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string();
+  options.progress = false;
+  options.device = "cuda";
+  options.max_context = 512;
+  options.max_batch = kRequests;
+  Engine engine(options);
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  greedy.max_tokens = 32;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<GenerationResult> alone;
+  for (int i = 0; i < kRequests; ++i) {
+    const std::string topics[] = {"computers", "cats", "the sea", "patience", "rain", "old friends"};
+    prompts.push_back(engine.tokenizer().encode("<｜begin▁of▁sentence｜><｜User｜>Tell me fortune number " +
+                                                std::to_string(i) + " about " + topics[i % 6] +
+                                                ".<｜Assistant｜></think>"));
+    engine.reset();
+    alone.push_back(engine.generate(prompts.back(), greedy, {}));
+  }
+  BatchGenerator generator(engine, BatchGeneratorOptions::from(options));
+  for (const std::vector<int32_t>& prompt : prompts) generator.submit(BatchRequest{prompt, greedy, {}, nullptr});
+  generator.run();
+  EXPECT_EQ(generator.stats().max_running, kRequests);
+  int differing = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    const std::optional<BatchOutcome> got = generator.take(uint64_t(i));
+    ASSERT_TRUE(got && got->ok()) << i << ": " << (got ? got->error : "no outcome");
+    const std::vector<int32_t>& want = alone[size_t(i)].tokens;
+    const std::vector<int32_t>& tokens = got->result.tokens;
+    size_t k = 0;
+    while (k < want.size() && k < tokens.size() && want[k] == tokens[k]) ++k;
+    if (k == want.size() && k == tokens.size()) continue;
+    ++differing;
+    ASSERT_TRUE(k < want.size() && k < tokens.size()) << i << ": one run stopped where the other went on";
+    // The alone run's logits at the divergence: how far the batched choice is below its argmax.
+    std::vector<int32_t> context = prompts[size_t(i)];
+    context.insert(context.end(), want.begin(), want.begin() + int64_t(k));
+    auto sequence = engine.model().new_sequence();
+    std::vector<float> logits;
+    engine.model().forward(*sequence, context, LogitRows::Last, logits);
+    const float gap = logits[size_t(want[k])] - logits[size_t(tokens[k])];
+    std::printf("request %d: first different token at %zu (alone %d, batched %d), logit gap %.4f\n", i, k, want[k],
+                tokens[k], gap);
+    EXPECT_LE(gap, kTieTolerance) << "request " << i << " token " << k;
+  }
+  std::printf("%d of %d requests differ from their alone run\n", differing, kRequests);
 }
