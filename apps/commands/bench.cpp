@@ -524,6 +524,8 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"parallel_compressors", &cuda::CudaModelOptions::parallel_compressors},
       {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer},
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
+      {"insert_inputs_at_launch", &cuda::CudaModelOptions::insert_inputs_at_launch},
+      {"fp8_indexer_keys", &cuda::CudaModelOptions::fp8_indexer_keys},
       {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
       {"prefetch_next_linear", &cuda::CudaModelOptions::prefetch_next_linear}};
   std::string names;
@@ -780,7 +782,8 @@ const CommandRegistration registration{{
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
                       "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
-                      "compressor_runs_at_launch, indexer_prepare_in_compressors, prefetch_next_linear); repeatable");
+                      "compressor_runs_at_launch, insert_inputs_at_launch, fp8_indexer_keys, "
+                      "indexer_prepare_in_compressors, prefetch_next_linear); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",

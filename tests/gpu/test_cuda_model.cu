@@ -154,7 +154,7 @@ const auto kFixtures = ::testing::Values("tests/golden/flash_like", "tests/golde
 class CudaModelMatchesCpu : public ::testing::TestWithParam<std::string> {};
 
 // The GPU's exact mode against the CPU in GpuBf16 numerics and, looser, in Exact numerics; the GPU's reference mode
-// against the CPU's.
+// against the CPU's, with the indexer keys in bf16 and in fp8 (fp8_indexer_keys: the same key values).
 TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -162,20 +162,23 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
   const int64_t vocab = config.vocab_size;
   // Long enough to fill windows, wrap the ring and complete compressed entries of every ratio the fixtures use.
   const std::vector<int32_t> tokens = random_tokens(150, vocab, 7);
-  for (NumericsMode mode : {NumericsMode::Exact, NumericsMode::Reference}) {
-    SCOPED_TRACE(std::string(to_string(mode)));
+  for (const auto [mode, fp8_keys] : {std::pair{NumericsMode::Exact, false}, std::pair{NumericsMode::Reference, false},
+                                      std::pair{NumericsMode::Reference, true}}) {
+    SCOPED_TRACE(std::string(to_string(mode)) + (fp8_keys ? " fp8 indexer keys" : ""));
     const bool exact = mode == NumericsMode::Exact;
     const std::vector<float> like_gpu =
         exact ? cpu_logits(config, f.ckpt.weights, NumericsMode::GpuBf16, tokens) : std::vector<float>{};
     const std::vector<float> plain = cpu_logits(config, f.ckpt.weights, mode, tokens);
     cuda::CudaModelOptions options;
     options.numerics = mode;
+    options.fp8_indexer_keys = fp8_keys;
     options.max_context = 256;
     options.max_step_tokens = 96;  // the 150-token prefill runs as 96 + 54: the chunking inside forward
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(7), int64_t(1)}) {
-      const std::string what = GetParam() + " GPU " + std::string(to_string(mode)) + ", chunks of " +
-                               std::to_string(chunk) + ", against the CPU in ";
+      const std::string what = GetParam() + " GPU " + std::string(to_string(mode)) +
+                               (fp8_keys ? " fp8 indexer keys" : "") + ", chunks of " + std::to_string(chunk) +
+                               ", against the CPU in ";
       const std::vector<float> got = gpu_logits(model, tokens, chunk);
       if (exact)
         expect_rows_within(what + "gpu-bf16", row_errors(like_gpu, got, vocab), kFlipBounds, kTolerance);
@@ -194,7 +197,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
 // indexer's query preparation in the compressors' launch, the runs loaded at launch and the query path's linears
 // prefetching the next one's weights (indexer_prepare_in_compressors, compressor_runs_at_launch,
-// prefetch_next_linear): the same bounds against the CPU, prefill and decode.
+// prefetch_next_linear); the KV insert reading the step's inputs at launch (insert_inputs_at_launch) with the branch
+// stream and with the compressors' launch options: the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -226,6 +230,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.indexer_prepare_in_compressors = fused.compressor_launch;
     options.compressor_runs_at_launch = fused.compressor_launch;
     options.prefetch_next_linear = fused.compressor_launch;
+    options.insert_inputs_at_launch = fused.branches || fused.compressor_launch;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;

@@ -29,6 +29,7 @@
 #include "core/fp8_e4m3.hpp"
 #include "support/expect_error.hpp"
 #include "support/device_buffers.hpp"
+#include "support/device_rope_table.hpp"
 #include "support/kv_entry_decode.hpp"
 
 namespace dsv4::cuda {
@@ -100,6 +101,7 @@ struct InsertCase {
   bool round_input;
   int64_t rows;
   bool store_as_is = false;  // no norm weight and no RoPE: entries the compressor already normalised and rotated
+  bool inputs_ready_at_launch = false;
 };
 
 // True when fp32 noise in x (relative 1e-5) could move its fp8 rounding: x/s near an e4m3 rounding midpoint, or the
@@ -117,7 +119,7 @@ bool near_fp8_boundary(float x, float amax) {
 void check_insert(const InsertCase& c, uint32_t seed) {
   SCOPED_TRACE(std::string(to_string(c.format)) + " D=" + std::to_string(c.head_dim) + " rope=" +
                std::to_string(c.rope_dim) + (c.array == KvArray::Window ? " window" : " compressed") +
-               " rows=" + std::to_string(c.rows));
+               " rows=" + std::to_string(c.rows) + (c.inputs_ready_at_launch ? " inputs at launch" : ""));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int D = c.head_dim;
@@ -177,13 +179,14 @@ void check_insert(const InsertCase& c, uint32_t seed) {
   ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
   DeviceBuffer d_x = to_device(x, "x"), d_w = to_device(weight, "weight"), d_slots = to_device(slots, "slots"),
                d_dest = to_device(sent_dest, "dest"), d_pos = to_device(positions, "positions"),
-               d_freq = to_device(rope.frequencies(), "frequencies");
+               d_rope = device_rope_table(rope, 256);
   run_kv_insert({.cache = view, .array = c.array, .layer = kLayer, .rows = c.rows, .x = d_x.as<float>(),
                  .norm_weight = c.store_as_is ? nullptr : d_w.as<float>(), .eps = 1e-6f,
                  .round_input_to_bf16 = c.round_input,
-                 .rope_frequencies = c.store_as_is ? nullptr : d_freq.as<float>(),
+                 .rope_table = c.store_as_is ? nullptr : d_rope.as<float2>(),
                  .sequence_slots = d_slots.as<int32_t>(),
-                 .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()});
+                 .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>(),
+                 .inputs_ready_at_launch = c.inputs_ready_at_launch});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> pool(pool_bytes);
   ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -249,6 +252,9 @@ TEST(KvInsert, MatchesCpuNormRopeAndReferenceRoundingOrStoresAsIs) {
       check_insert({format, D, rope, KvArray::Window, false, 37}, seed++);
       check_insert({format, D, rope, KvArray::Compressed, true, 50}, seed++);
       check_insert({format, D, rope, KvArray::Compressed, false, 20, true}, seed++);
+      // The step's inputs read before the grid-dependency wait (they are ready: copied before the launch).
+      check_insert({format, D, rope, KvArray::Window, false, 37, false, true}, seed++);
+      check_insert({format, D, rope, KvArray::Compressed, true, 50, false, true}, seed++);
     }
 }
 
@@ -260,9 +266,11 @@ struct FusedNormCase {
   bool weighted, rope;
 };
 
-void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, uint32_t seed) {
+// ready: the fused launch reads the step's inputs before its grid-dependency wait (the separate ones after it).
+void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, bool ready,
+                        uint32_t seed) {
   SCOPED_TRACE(std::string(to_string(format)) + " D=" + std::to_string(D) + " norm rows=" + std::to_string(n.rows) +
-               " width=" + std::to_string(n.width) + (n.rope ? " rope" : ""));
+               " width=" + std::to_string(n.width) + (n.rope ? " rope" : "") + (ready ? " inputs at launch" : ""));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t rows = 13, capacity = 16, stride = D + 96;  // the kv slice sits at column 96 of wider rows
@@ -290,7 +298,7 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
 
   DeviceBuffer d_x = to_device(x, "x"), d_wide = to_device(wide, "wide x"), d_kvw = to_device(kv_weight, "kv_norm"),
                d_slots = to_device(slots, "slots"), d_dest = to_device(dest, "dest"),
-               d_pos = to_device(positions, "positions"), d_freq = to_device(rope.frequencies(), "frequencies"),
+               d_pos = to_device(positions, "positions"), d_rope = device_rope_table(rope, 512),
                d_norm_x = to_device(norm_x, "norm x"), d_norm_w = to_device(norm_weight, "norm weight"),
                d_norm_pos = to_device(norm_positions, "norm positions");
   const size_t norm_size = norm_x.size();  // even in every case: the bf16 outputs are whole floats
@@ -301,7 +309,7 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
   const size_t pool_bytes = size_t(4) * 8 * view.layout.entry_bytes;
 
   const KvInsertParams insert{.cache = view, .rows = rows, .x = d_x.as<float>(), .norm_weight = d_kvw.as<float>(),
-                              .rope_frequencies = d_freq.as<float>(), .sequence_slots = d_slots.as<int32_t>(),
+                              .rope_table = d_rope.as<float2>(), .sequence_slots = d_slots.as<int32_t>(),
                               .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()};
   RmsNormParams norm{.x = d_norm_x.as<float>(),
                      .weight = n.weighted ? d_norm_w.as<float>() : nullptr,
@@ -310,7 +318,7 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
                      .y = separate_y.as<float>(),
                      .y_bf16 = separate_bf16.as<__nv_bfloat16>()};
   if (n.rope) {
-    norm.rope_frequencies = d_freq.as<float>(), norm.positions = d_norm_pos.as<int64_t>();
+    norm.rope_table = d_rope.as<float2>(), norm.positions = d_norm_pos.as<int64_t>();
     norm.rope_dim = rope_dim, norm.rows_per_position = 1;
   }
   ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
@@ -325,6 +333,7 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
   fused.x = d_wide.as<float>() + 96, fused.x_row_stride = stride;
   fused.fused_norm = norm;
   fused.fused_norm.y = fused_y.as<float>(), fused.fused_norm.y_bf16 = fused_bf16.as<__nv_bfloat16>();
+  fused.inputs_ready_at_launch = fused.fused_norm.positions_ready_at_launch = ready;
   run_kv_insert(fused);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(got_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -349,7 +358,8 @@ TEST(KvInsert, FusedNormAndStridedRowsGiveTheSeparateLaunchesBits) {
                                  {2, 4096, true, false}, {3, 2048, false, true}, {13, 96, true, false}};
   for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
     for (const auto [D, rope] : {std::pair{512, 64}, std::pair{64, 16}})
-      for (const FusedNormCase& n : norms) check_fused_insert(format, D, rope, n, seed++);
+      for (const FusedNormCase& n : norms)
+        for (const bool ready : {false, true}) check_fused_insert(format, D, rope, n, ready, seed++);
 }
 
 TEST(KvInsert, RefusesBadCalls) {
@@ -367,7 +377,7 @@ TEST(KvInsert, RefusesBadCalls) {
   p.dest_rows = nullptr;
   testing::expect_error([&] { run_kv_insert(p); }, "dest_rows");
   p = good;
-  p.rope_frequencies = buffer.as<float>();
+  p.rope_table = buffer.as<float2>();
   testing::expect_error([&] { run_kv_insert(p); }, "positions");
   p = good;
   p.x_row_stride = 32;

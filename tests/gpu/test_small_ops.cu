@@ -1,7 +1,8 @@
 // The CUDA RMSNorm and embedding kernels against the CPU ops. RMSNorm: every width the model normalises (d 4096 /
 // 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
 // {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes; the per-head norm with its
-// RoPE epilogue bit-identical to the norm followed by run_rope_apply. Embedding: BF16, F32 and
+// RoPE epilogue bit-identical to the norm followed by run_rope_apply (positions read before or after the
+// grid-dependency wait); the RoPE table against the CPU's factors. Embedding: BF16, F32 and
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
@@ -39,6 +40,7 @@
 #include "core/error.hpp"
 #include "core/fp8_block.hpp"
 #include "support/device_buffers.hpp"
+#include "support/device_rope_table.hpp"
 #include "support/expect_error.hpp"
 
 namespace dsv4::cuda {
@@ -166,12 +168,12 @@ TEST(SmallOpsGpu, RmsNormOfGroupedRowsEqualsContiguousRows) {
     for (int64_t& p : positions) p = int64_t(rng() % 70000);
     const cpu::RopeTable rope(10000.0, std::max<int64_t>(c.rope_dim, 2), std::nullopt);
     DeviceBuffer x_d = to_device(x, "x"), grouped_d = to_device(grouped, "grouped x");
-    DeviceBuffer pos_d = to_device(positions, "positions"), freq_d = to_device(rope.frequencies(), "frequencies");
+    DeviceBuffer pos_d = to_device(positions, "positions"), table_d = device_rope_table(rope, 70000);
     DeviceBuffer want_d = poisoned(x.size(), "contiguous y"), got_d = poisoned(x.size(), "grouped y");
     RmsNormParams p{.x = x_d.as<float>(), .rows = rows, .width = c.width, .y = want_d.as<float>()};
     p.rows_per_position = c.heads;
     if (c.rope_dim > 0)
-      p.rope_frequencies = freq_d.as<float>(), p.positions = pos_d.as<int64_t>(), p.rope_dim = c.rope_dim;
+      p.rope_table = table_d.as<float2>(), p.positions = pos_d.as<int64_t>(), p.rope_dim = c.rope_dim;
     run_rms_norm(p);
     p.x = grouped_d.as<float>(), p.x_row_stride = c.row_stride, p.x_group_stride = c.group_stride;
     p.y = got_d.as<float>();
@@ -308,7 +310,41 @@ TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOn
   }
 }
 
-// The queries' per-head norm with RoPE in one launch: bit for bit the norm, then run_rope_apply.
+// The RoPE table holds the CPU's factors (cpu::RopeTable::angles): every position of a 4K context and a sample up
+// to 1M, for an SWA layer's frequencies, a compressed layer's (YaRN) and a tiny model's; equal bits, barring a
+// 1-ulp difference where the double-precision sincos of the two libraries rounds differently to float.
+TEST(SmallOpsGpu, RopeTableHoldsTheCpuFactors) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const cpu::RopeTable ropes[] = {cpu::RopeTable(10000.0, 64, std::nullopt),
+                                  cpu::RopeTable(160000.0, 64, cpu::YarnScaling{16.0, 65536, 32.0, 1.0}),
+                                  cpu::RopeTable(10000.0, 16, std::nullopt)};
+  constexpr int64_t kPositions = int64_t(1) << 20;
+  for (const cpu::RopeTable& rope : ropes) {
+    SCOPED_TRACE("rope_dim " + std::to_string(rope.rope_dim()) + " f1 " + std::to_string(rope.frequencies()[1]));
+    const int64_t pairs = rope.rope_dim() / 2;
+    const DeviceBuffer table = device_rope_table(rope, kPositions);
+    std::vector<float2> rows(size_t(kPositions * pairs));
+    table.download(rows.data(), rows.size() * sizeof(float2));
+    std::vector<float> want_cos(static_cast<size_t>(pairs)), want_sin(static_cast<size_t>(pairs));
+    int64_t ulp_differences = 0, checked = 0;
+    for (int64_t position = 0; position < kPositions; position += position < 4096 ? 1 : 997) {
+      rope.angles(position, want_cos.data(), want_sin.data());
+      for (int64_t k = 0; k < pairs; ++k, ++checked) {
+        const float2 got = rows[size_t(position * pairs + k)];
+        for (const auto [g, w] : {std::pair{got.x, want_cos[size_t(k)]}, std::pair{got.y, want_sin[size_t(k)]}}) {
+          if (std::memcmp(&g, &w, 4) == 0) continue;
+          ++ulp_differences;
+          ASSERT_EQ(std::fabs(g - w), std::fabs(std::nextafter(w, 2.0f * g - w) - w))
+              << "position " << position << " pair " << k << ": table " << g << ", CPU " << w;
+        }
+      }
+    }
+    EXPECT_LE(ulp_differences, checked / 100000 + 2) << "1-ulp differences in " << checked << " pairs";
+  }
+}
+
+// The queries' per-head norm with RoPE in one launch: bit for bit the norm, then run_rope_apply; the same with the
+// positions read before the grid-dependency wait.
 TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const struct {
@@ -328,23 +364,31 @@ TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
       for (int64_t& p : positions) p = int64_t(rng() % 100000);
       const cpu::RopeTable rope(10000.0, c.rope_dim, std::nullopt);
       DeviceBuffer d_x = to_device(x, "x"), d_pos = to_device(positions, "positions");
-      DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies");
+      DeviceBuffer d_rope = device_rope_table(rope, 100000);
       DeviceBuffer separate = poisoned(n, "norm then rope"), fused = poisoned(n, "fused");
+      DeviceBuffer fused_ready = poisoned(n, "fused, positions at launch");
       const RmsNormParams norm{.x = d_x.as<float>(), .rows = c.tokens * c.heads, .width = c.head_dim,
                                .round_to_bf16 = round, .y = separate.as<float>()};
       run_rms_norm(norm);
       run_rope_apply({.x = separate.as<float>(), .tokens = c.tokens, .heads = c.heads, .head_dim = c.head_dim,
-                      .rope_dim = c.rope_dim, .frequencies = d_freq.as<float>(), .positions = d_pos.as<int64_t>()});
+                      .rope_dim = c.rope_dim, .rope_table = d_rope.as<float2>(), .positions = d_pos.as<int64_t>()});
       RmsNormParams with_rope = norm;
       with_rope.y = fused.as<float>();
-      with_rope.rope_frequencies = d_freq.as<float>(), with_rope.positions = d_pos.as<int64_t>();
+      with_rope.rope_table = d_rope.as<float2>(), with_rope.positions = d_pos.as<int64_t>();
       with_rope.rope_dim = c.rope_dim, with_rope.rows_per_position = c.heads;
+      run_rms_norm(with_rope);
+      with_rope.y = fused_ready.as<float>(), with_rope.positions_ready_at_launch = true;
       run_rms_norm(with_rope);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const std::vector<float> want = download(separate, n), got = download(fused, n);
-      for (size_t i = 0; i < n; ++i)
+      const std::vector<float> got_ready = download(fused_ready, n);
+      for (size_t i = 0; i < n; ++i) {
         ASSERT_EQ(std::memcmp(&want[i], &got[i], 4), 0) << "element " << i << " (dim " << i % size_t(c.head_dim)
                                                         << "): fused " << got[i] << ", separate " << want[i];
+        ASSERT_EQ(std::memcmp(&want[i], &got_ready[i], 4), 0)
+            << "element " << i << " (dim " << i % size_t(c.head_dim) << "): fused with positions at launch "
+            << got_ready[i] << ", separate " << want[i];
+      }
     }
   }
 }

@@ -17,6 +17,7 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/kv_insert.hpp"
+#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
@@ -308,7 +309,9 @@ struct CudaModel::Impl {
   struct LayerState {
     std::unique_ptr<DeviceCompressorState> compressor;  // [slots]
     std::unique_ptr<DeviceCompressorState> indexer;     // [slots], CSA layers
-    DeviceBuffer index_keys;                             // bf16 [slots, max_keys, index_head_dim]
+    // [slots, max_keys, index_head_dim]: bf16, or with fp8_index_keys() e4m3 codes, then fp32 scales [slots,
+    // max_keys] (from index_key_scales_offset()).
+    DeviceBuffer index_keys;
   };
 
   // Step scratch, sized for step_capacity tokens.
@@ -336,6 +339,8 @@ struct CudaModel::Impl {
     float* cgate;
     float* qi;                 // [T, IH·ID]
     bf16* qi_bf16;
+    uint8_t* qi_fp8;           // [T, IH, ID] with fp8_index_keys(): the prepared queries in the keys' format
+    float* qi_scales;          // [T, IH]
     float* head_weights;       // [T, IH]
     float* scores;             // [T, max_keys]
     int32_t* selected;         // [T, topk]
@@ -481,6 +486,7 @@ struct CudaModel::Impl {
     }
     plan.kv_cache = kv_cache_bytes(kv);
     plan.state = sequence_state_bytes(kv);
+    plan.rope_tables = distinct_rope_sets() * round_up_256(rope_table_bytes(c.rope_head_dim / 2, o.max_context));
     plan.scratch = carve_scratch(nullptr);
     plan.free = context.memory().free_bytes;
     check(plan.needed() <= plan.free, "the model needs ", plan.describe(), " on ", context.describe(), ": ",
@@ -491,7 +497,7 @@ struct CudaModel::Impl {
     if (host != nullptr) {
       WeightUploadOptions upload;
       upload.progress = o.progress;
-      upload.keep_free_bytes = plan.stacked + plan.kv_cache + plan.state + plan.scratch;
+      upload.keep_free_bytes = plan.stacked + plan.kv_cache + plan.state + plan.rope_tables + plan.scratch;
       weights = upload_model_weights(*host_weights, pool, context.copy_stream(), upload);
     } else {
       weights = std::move(*device);
@@ -519,6 +525,7 @@ struct CudaModel::Impl {
       frequencies.emplace_back(f.size() * sizeof(float), "rope frequencies");
       frequencies.back().upload(f.data(), f.size() * sizeof(float));
     }
+    build_rope_tables();
 
     scratch_buffer = DeviceBuffer(plan.scratch, "CUDA model step scratch");
     carve_scratch(scratch_buffer.data());
@@ -601,15 +608,16 @@ struct CudaModel::Impl {
     size_t stacked = 0;   // stacked projections (fuse_projections)
     size_t kv_cache = 0;  // page pool and table
     size_t state = 0;     // compressor states and indexer keys of every slot
+    size_t rope_tables = 0;  // RoPE factors of every position below max_context, per distinct frequency set
     size_t scratch = 0;   // step activations and kernel workspaces
     size_t free = 0;      // device memory free before the model allocated anything
-    size_t needed() const { return weights + stacked + kv_cache + state + scratch; }
+    size_t needed() const { return weights + stacked + kv_cache + state + rope_tables + scratch; }
     std::string describe() const {
       return (weights > 0 ? format_bytes(weights) + " of weights + " : std::string()) +
              (stacked > 0 ? format_bytes(stacked) + " of stacked projections + " : std::string()) +
              format_bytes(kv_cache) + " of KV cache + " + format_bytes(state) + " of compressor and indexer state + " +
-             format_bytes(scratch) + " of step workspace = " + format_bytes(needed()) + ", " + format_bytes(free) +
-             " free";
+             format_bytes(rope_tables) + " of RoPE tables + " + format_bytes(scratch) + " of step workspace = " +
+             format_bytes(needed()) + ", " + format_bytes(free) + " free";
     }
   };
 
@@ -622,8 +630,61 @@ struct CudaModel::Impl {
            round_up_256(size_t(kv.max_sequences) * size_t(kv.layers) * 2 * size_t(pages_per_array) * 4);
   }
 
+  // The layers' frequency sets without repeats (SWA layers share one, CSA/HCA layers another): the first layer of
+  // each set per layer.
+  std::vector<int> rope_set_owner() const {
+    std::vector<int> owner(rope.size());
+    for (size_t i = 0; i < rope.size(); ++i) {
+      owner[i] = int(i);
+      for (size_t j = 0; j < i; ++j)
+        if (rope[j].frequencies() == rope[i].frequencies()) {
+          owner[i] = int(j);
+          break;
+        }
+    }
+    return owner;
+  }
+
+  size_t distinct_rope_sets() const {
+    const std::vector<int> owner = rope_set_owner();
+    size_t sets = 0;
+    for (size_t i = 0; i < owner.size(); ++i) sets += owner[i] == int(i) ? 1 : 0;
+    return sets;
+  }
+
+  // One RoPE table (rope.hpp) per distinct frequency set, max_context rows: the small kernels of a step read their
+  // factors there instead of taking a double sincos per pair (the same values).
+  void build_rope_tables() {
+    const std::vector<int> owner = rope_set_owner();
+    const int64_t pairs = config.rope_head_dim / 2;
+    layer_rope_table.assign(owner.size(), nullptr);
+    if (pairs == 0) return;  // no rotated dims: the kernels take no table
+    for (size_t i = 0; i < owner.size(); ++i) {
+      if (owner[i] != int(i)) {
+        layer_rope_table[i] = layer_rope_table[size_t(owner[i])];
+        continue;
+      }
+      rope_tables.emplace_back(rope_table_bytes(pairs, options.max_context), "RoPE table");
+      float2* table = rope_tables.back().as<float2>();
+      run_rope_table({.table = table, .frequencies = frequencies[i].as<float>(), .pairs = pairs,
+                      .positions = options.max_context, .stream = stream});
+      layer_rope_table[i] = table;
+    }
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  // The indexer keys stay fp8 (e4m3 + an fp32 scale per key) where the reference stores them so (its fp4-rounded
+  // keys are exact in that format, indexer.hpp): half the bytes of bf16 keys.
+  bool fp8_index_keys() const { return reference() && options.fp8_indexer_keys; }
+
+  // Bytes of a layer's indexer keys of every slot: the keys, then (fp8) their scales from index_key_scales_offset.
   size_t index_keys_bytes(int layer) const {
-    return size_t(options.max_sequences) * size_t(max_keys_of(layer)) * size_t(config.indexer.head_dim) * 2;
+    const size_t keys = size_t(options.max_sequences) * size_t(max_keys_of(layer));
+    if (!fp8_index_keys()) return keys * size_t(config.indexer.head_dim) * 2;
+    return index_key_scales_offset(layer) + keys * sizeof(float);
+  }
+  size_t index_key_scales_offset(int layer) const {
+    return round_up_256(size_t(options.max_sequences) * size_t(max_keys_of(layer)) * size_t(config.indexer.head_dim));
   }
 
   size_t sequence_state_bytes(const KvCacheConfig& kv) const {
@@ -663,6 +724,8 @@ struct CudaModel::Impl {
     s.out = k.take<float>(T * d);
     s.ckv = k.take<float>(T * cw), s.cgate = k.take<float>(T * cw);
     s.qi = k.take<float>(T * IH * ID), s.qi_bf16 = k.take<bf16>(T * IH * ID);
+    s.qi_fp8 = k.take<uint8_t>(fp8_index_keys() ? T * IH * ID : 0);
+    s.qi_scales = k.take<float>(fp8_index_keys() ? T * IH : 0);
     s.head_weights = k.take<float>(T * IH);
     s.scores = k.take<float>(T * std::max<int64_t>(max_keys, 1));
     s.selected = k.take<int32_t>(T * std::max(c.indexer.topk, 1)), s.counts = k.take<int32_t>(T);
@@ -884,12 +947,17 @@ struct CudaModel::Impl {
     bool queries_prepared = false;  // the indexer's query preparation ran in the compressors' launch
   };
 
-  // The indexer's query preparation (RoPE, rounding to bf16) of `qi` (rows of `qi_row_stride`) into scratch.qi_bf16.
+  // The indexer's query preparation (RoPE, rounding) of `qi` (rows of `qi_row_stride`) into scratch.qi_bf16, or
+  // qi_fp8 + qi_scales (the keys' format).
   IndexerPrepareParams indexer_prepare(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
                                        const float* qi, int64_t qi_row_stride) {
     const ModelConfig& c = config;
     IndexerPrepareParams prepare;
-    prepare.input = qi, prepare.input_row_stride = qi_row_stride, prepare.output = scratch.qi_bf16;
+    prepare.input = qi, prepare.input_row_stride = qi_row_stride;
+    if (fp8_index_keys())
+      prepare.output_fp8 = scratch.qi_fp8, prepare.output_scales = scratch.qi_scales;
+    else
+      prepare.output = scratch.qi_bf16;
     prepare.tokens = shape.tokens, prepare.heads = c.indexer.num_heads, prepare.head_dim = c.indexer.head_dim;
     prepare.positions = in.positions, prepare.rope_frequencies = frequencies[size_t(layer)].as<float>();
     prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = lane.stream;
@@ -932,7 +1000,14 @@ struct CudaModel::Impl {
     CompressorParams index = compress(w.indexer->compressor, *state.indexer, layer, ID, shape, in,
                                       "indexer compressor", lane, projections, 2 * coff * D, projection_stride);
     index.stored_rounding = reference() ? CompressorStoredRounding::IndexerFp4 : CompressorStoredRounding::None;
-    index.slot_entries_bf16 = state.index_keys.as<bf16>(), index.slot_entry_stride = keys * ID;
+    if (fp8_index_keys()) {
+      index.slot_entries_fp8 = state.index_keys.as<uint8_t>(), index.slot_entry_stride = keys * ID;
+      index.slot_entry_scales = reinterpret_cast<float*>(state.index_keys.as<uint8_t>() +
+                                                         index_key_scales_offset(layer));
+      index.slot_scale_stride = keys;
+    } else {
+      index.slot_entries_bf16 = state.index_keys.as<bf16>(), index.slot_entry_stride = keys * ID;
+    }
     index.slot_entry_capacity = keys;
     if (one_pool_launch) {
       const CompressorParams both[] = {main, index};
@@ -966,7 +1041,10 @@ struct CudaModel::Impl {
     } else {
       if (!compressors.queries_prepared)
         run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
-      scores.q = s.qi_bf16;
+      if (fp8_index_keys())
+        scores.q_fp8 = s.qi_fp8, scores.q_scales = s.qi_scales;
+      else
+        scores.q = s.qi_bf16;
     }
     scores.head_weights = compressors.head_weights, scores.head_weights_row_stride = compressors.head_weights_stride;
     if (compressors.head_weights == nullptr) {
@@ -974,13 +1052,19 @@ struct CudaModel::Impl {
                 c.hidden_size, T, s.head_weights, IH);
       scores.head_weights = s.head_weights, scores.head_weights_row_stride = IH;
     }
-    const bf16* all_keys = layers[size_t(layer)].index_keys.as<bf16>();
-    scores.key_count = keys;
-    if (shape.single_slot >= 0) {
-      scores.keys = all_keys + size_t(shape.single_slot) * size_t(keys * ID);
+    // The keys of the step's one sequence (a prefill chunk: queries share key loads), or each query's through its slot.
+    const DeviceBuffer& key_buffer = layers[size_t(layer)].index_keys;
+    const int64_t first_slot = shape.single_slot >= 0 ? shape.single_slot : 0;
+    if (shape.single_slot < 0) scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
+    if (fp8_index_keys()) {
+      const auto* scales = reinterpret_cast<const float*>(key_buffer.as<uint8_t>() + index_key_scales_offset(layer));
+      scores.keys_fp8 = key_buffer.as<uint8_t>() + size_t(first_slot) * size_t(keys * ID);
+      scores.key_scales = scales + size_t(first_slot) * size_t(keys);
+      if (shape.single_slot < 0) scores.key_scales_slot_stride = keys;
     } else {
-      scores.keys = all_keys, scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
+      scores.keys = key_buffer.as<bf16>() + size_t(first_slot) * size_t(keys * ID);
     }
+    scores.key_count = keys;
     scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
     scores.ratio = c.compress_ratio(layer), scores.scores = s.scores, scores.score_stride = max_keys;
     scores.stream = lane.stream;
@@ -1040,8 +1124,9 @@ struct CudaModel::Impl {
     KvInsertParams insert;
     insert.cache = kv_cache->view(), insert.array = KvArray::Window, insert.layer = layer, insert.rows = T;
     insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
-    insert.rope_frequencies = freqs, insert.sequence_slots = in.slots, insert.positions = in.positions;
-    insert.dest_rows = in.ring_rows, insert.stream = stream;
+    insert.rope_table = layer_rope_table[size_t(layer)], insert.sequence_slots = in.slots;
+    insert.positions = in.positions, insert.dest_rows = in.ring_rows, insert.stream = stream;
+    insert.inputs_ready_at_launch = options.insert_inputs_at_launch;
     const float* qr = s.qr;
     int64_t qr_stride = ql;
     if (stack != nullptr && stack->qr_kv.view().rows > 0) {
@@ -1108,7 +1193,8 @@ struct CudaModel::Impl {
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
     q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
-    q_norm.rope_frequencies = freqs, q_norm.positions = in.positions, q_norm.rope_dim = c.rope_head_dim;
+    q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
+    q_norm.positions_ready_at_launch = options.insert_inputs_at_launch, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
     if (!inserted && insert_carries_a_norm) {
       insert.fused_norm = q_norm;
@@ -1452,6 +1538,8 @@ struct CudaModel::Impl {
   int64_t step_capacity = 0;  // tokens per kernel pass
   std::vector<cpu::RopeTable> rope;
   std::vector<DeviceBuffer> frequencies;  // per layer, [rope_dim / 2]
+  std::vector<DeviceBuffer> rope_tables;  // per distinct frequency set, [max_context, rope_dim / 2] (cos, sin)
+  std::vector<const float2*> layer_rope_table;  // per layer, into rope_tables
   DeviceModelWeights weights;
   MoeConfig moe_config;
   std::vector<std::unique_ptr<DeviceMoeWeights>> moe;

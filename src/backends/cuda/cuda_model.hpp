@@ -8,7 +8,8 @@
 // only.
 //
 // Numerics: activations between ops are fp32; the inputs of linear layers are rounded to bf16 (the tensor cores'
-// operand type), KV entries are bf16 (exact mode) or DeepSeek's fp8 layout (reference mode), the indexer keys bf16.
+// operand type), KV entries are bf16 (exact mode) or DeepSeek's fp8 layout (reference mode), the indexer keys bf16
+// (or in reference mode with fp8_indexer_keys e4m3 + a scale per key).
 // Matrices stored as F32 (HuggingFace-layout fixtures) are held as BF16 on the device, with a warning.
 #pragma once
 
@@ -88,6 +89,15 @@ struct CudaModelOptions {
   // The compressors load the step's runs before their grid-dependency wait (CompressorParams::runs_ready_at_launch:
   // the runs are step inputs, copied before the step's first kernel). The same bits.
   bool compressor_runs_at_launch = false;
+  // The KV insert and the norm riding in its launch read the step's positions, slots, ring rows, the page table and
+  // their RoPE factors before their grid-dependency wait (KvInsertParams::inputs_ready_at_launch: step inputs,
+  // copied before the step's first kernel), leaving x's load, the norm and the stores after it. The same bits.
+  bool insert_inputs_at_launch = false;
+  // Reference numerics: the CSA layers' indexer keys stored as e4m3 codes + an fp32 scale per key (DeepSeek's layout)
+  // instead of bf16, and the indexer's queries prepared in that format: half the key bytes the scores read and hold.
+  // The keys and queries are the same values (the reference's fp4-rounded operands are exact in fp8); the scores'
+  // fp32 sums run on the fp8 tensor-core path. No effect in exact numerics.
+  bool fp8_indexer_keys = false;
   // A CSA layer's indexer query preparation in its compressors' launch (run_compressors with the prepare), where the
   // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
   // launch fewer per CSA layer, the same bits.

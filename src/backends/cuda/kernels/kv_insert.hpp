@@ -15,8 +15,12 @@
 //   RoPE, or q_norm of the low-rank query), exactly as run_rms_norm computes it, in CTAs after the entries': one
 //   launch less per layer. Needs head_dim ≤ kKvInsertFusedNormMaxHeadDim (the launch then has the norm's 256
 //   threads); fused_norm.stream is unused.
-// - A programmatic dependent launch (ptx/dependent_launch.cuh): the parameters (kv_norm weight, RoPE frequencies,
-//   the fused norm's weight) are read before the previous kernel in the stream has finished, everything else after.
+// - RoPE factors come from a RoPE table (rope.hpp) with a row for every position the rows carry.
+// - A programmatic dependent launch (ptx/dependent_launch.cuh): the parameters (kv_norm weight, the RoPE table, the
+//   fused norm's weight) are read before the previous kernel in the stream has finished, everything else after;
+//   with inputs_ready_at_launch also the slots, positions, destination rows and the cache's page table (a model
+//   step's inputs, copied before the step's first kernel and written by none): a decode step's row then has its
+//   entry address and RoPE factors before the wait, and only x's load, the norm and the stores after it.
 // - Asynchronous on `stream`; no allocation, no synchronisation.
 #pragma once
 
@@ -42,10 +46,11 @@ struct KvInsertParams {
                                             // the compressor already normalised and rotated)
   float eps = 1e-6f;
   bool round_input_to_bf16 = false;         // compressor entries: the reference normalises bf16(C_w)
-  const float* rope_frequencies = nullptr;  // device fp32 [rope_dim / 2] (RopeTable::frequencies); null = no RoPE
+  const float2* rope_table = nullptr;       // device [positions, rope_dim / 2] (rope.hpp); null = no RoPE
   const int32_t* sequence_slots = nullptr;  // device [rows]
-  const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_frequencies)
+  const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_table)
   const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array, < 0 = skip
+  bool inputs_ready_at_launch = false;      // slots, positions, dest_rows, page table: read before the wait
   cudaStream_t stream = nullptr;
   RmsNormParams fused_norm;                 // rows 0: none
 };

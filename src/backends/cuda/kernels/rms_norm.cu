@@ -39,9 +39,11 @@ void check_rms_norm_params(const RmsNormParams& p) {
   const auto* y32 = reinterpret_cast<const char*>(p.y);
   check(p.y == nullptr || (p.y == p.x && contiguous) || y32 + elements * 4 <= x || x + x_bytes <= y32,
         "rms_norm: y must be x itself (with contiguous rows) or not overlap it");
-  if (p.rope_frequencies != nullptr) {
+  if (p.rope_table != nullptr) {
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.width && p.width % 2 == 0, "rms_norm: rope_dim ",
           p.rope_dim, " must be even and within the even width ", p.width);
+    check(p.rope_dim <= 2 * kRmsNormMaxRopePairs, "rms_norm: rope_dim ", p.rope_dim, " exceeds ",
+          2 * kRmsNormMaxRopePairs);
     check(p.positions != nullptr, "rms_norm: RoPE needs positions");
   }
 }
@@ -61,14 +63,16 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
                             .round_to_bf16 = p.round_to_bf16,
                             .y = p.y,
                             .y_bf16 = p.y_bf16,
-                            .rope_frequencies = p.rope_frequencies,
+                            .rope_table = p.rope_table,
                             .positions = p.positions,
+                            .positions_ready_at_launch = p.positions_ready_at_launch,
                             .rope_dim = int(p.rope_dim),
                             .rows_per_position = p.rows_per_position,
                             .x_group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride
                                                                     : p.x_group_stride};
   launch.warp_rows = p.width <= kWarpRowMaxWidth;
-  launch.rope = p.rope_frequencies != nullptr;
+  launch.rope = p.rope_table != nullptr;
+  launch.short_rows = p.width <= (launch.warp_rows ? 32 : kThreads) * kShortRowValues;
   launch.ctas = launch.warp_rows ? (p.rows + kRowsPerCta<32> - 1) / kRowsPerCta<32> : p.rows;
   check(launch.ctas <= 0x7FFFFFFF, "rms_norm: ", p.rows, " rows exceed the launch limit");
   return launch;
@@ -79,9 +83,16 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
 void run_rms_norm(const RmsNormParams& p) {
   const rms::RmsNormLaunch launch = rms::rms_norm_launch(p);
   if (p.rows == 0) return;
-  auto kernel = launch.warp_rows ? (launch.rope ? rms::rms_norm_kernel<32, true> : rms::rms_norm_kernel<32, false>)
-                                 : (launch.rope ? rms::rms_norm_kernel<rms::kThreads, true>
-                                                : rms::rms_norm_kernel<rms::kThreads, false>);
+  using Kernel = void (*)(rms::RmsNormArgs);
+  // [warp rows][rope][short rows]
+  constexpr Kernel kKernels[2][2][2] = {
+      {{rms::rms_norm_kernel<rms::kThreads, false, rms::kValuesPerThread>,
+        rms::rms_norm_kernel<rms::kThreads, false, rms::kShortRowValues>},
+       {rms::rms_norm_kernel<rms::kThreads, true, rms::kValuesPerThread>,
+        rms::rms_norm_kernel<rms::kThreads, true, rms::kShortRowValues>}},
+      {{rms::rms_norm_kernel<32, false, rms::kValuesPerThread>, rms::rms_norm_kernel<32, false, rms::kShortRowValues>},
+       {rms::rms_norm_kernel<32, true, rms::kValuesPerThread>, rms::rms_norm_kernel<32, true, rms::kShortRowValues>}}};
+  const Kernel kernel = kKernels[launch.warp_rows][launch.rope][launch.short_rows];
   launch_chained(kernel, dim3(unsigned(launch.ctas)), dim3(rms::kThreads), 0, p.stream, launch.args, "rms_norm");
 }
 

@@ -6,8 +6,9 @@
 //   floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
 // - The sum of squares is a butterfly within the warp, then (CTA groups) the 8 warp sums added in warp order by
 //   every thread: deterministic.
-// - Programmatic dependent launch: the weight is loaded into registers and the RoPE frequencies into shared memory
-//   before the wait (parameters, not a predecessor's output), x and the positions (together) only after it.
+// - Programmatic dependent launch: the weight is loaded into registers before the wait (a parameter, not a
+//   predecessor's output), x only after it. Each group stages its row's RoPE factors (the RoPE table's row of its
+//   position) in shared memory: before the wait with positions_ready_at_launch, else right after it, with x.
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
@@ -24,9 +25,11 @@ namespace dsv4::cuda::rms {
 
 inline constexpr int kThreads = 256;
 inline constexpr int kValuesPerThread = 32;
+// Rows of at most kGroupThreads · kShortRowValues values (the queries' 512-wide heads in warps, 4096-wide rows in a
+// CTA) run a variant holding half as many: half the unrolled loads, sums and stores to issue. The same bits (the
+// longer variant's extra values are zeros, whose squares add nothing).
+inline constexpr int kShortRowValues = 16;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
-// RoPE frequencies up to this many (rope_dim / 2) are staged in shared memory before the grid-dependency wait.
-inline constexpr int kStagedFrequencies = 128;
 
 struct RmsNormArgs {
   const float* x;
@@ -38,19 +41,21 @@ struct RmsNormArgs {
   bool round_to_bf16;
   float* y;
   __nv_bfloat16* y_bf16;
-  const float* rope_frequencies;
+  const float2* rope_table;
   const int64_t* positions;
+  bool positions_ready_at_launch;
   int rope_dim;
   int64_t rows_per_position;
   int64_t x_group_stride;
 };
 
 // A checked call's kernel arguments and grid (rms_norm.cu): warp_rows picks kGroupThreads 32 (else kThreads), rope
-// the RoPE epilogue; ctas of kThreads threads.
+// the RoPE epilogue, short_rows kShortRowValues values per thread (else kValuesPerThread); ctas of kThreads threads.
 struct RmsNormLaunch {
   RmsNormArgs args;
   bool warp_rows;
   bool rope;
+  bool short_rows;
   int64_t ctas;
 };
 RmsNormLaunch rms_norm_launch(const RmsNormParams& params);
@@ -60,44 +65,57 @@ template <int kGroupThreads>
 inline constexpr int kRowsPerCta = kThreads / kGroupThreads;
 
 // The rows of CTA `cta` (of kThreads threads, all of which call this). Waits for the prior grids itself.
-// kRope: the RoPE epilogue (its double-precision sincos costs registers the plain norms should not pay).
-template <int kGroupThreads, bool kRope>
+// kRope: the RoPE epilogue; kValues: values per thread (width ≤ kGroupThreads · kValues).
+template <int kGroupThreads, bool kRope, int kValues>
 __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t cta) {
   static_assert(kGroupThreads == 32 || kGroupThreads == kThreads, "a row is owned by a warp or by the CTA");
+  static_assert(kValues == kValuesPerThread || kValues == kShortRowValues);
   __shared__ float warp_sums[kThreads / 32];
   const int group = threadIdx.x / kGroupThreads, member = threadIdx.x % kGroupThreads;
   const int64_t row = cta * kRowsPerCta<kGroupThreads> + group;
   // Rows past the end still take part in the reduction's shuffles (warp groups never span two rows).
   const bool active = row < args.rows;
-  float weights[kValuesPerThread];
+  float weights[kValues];
 #pragma unroll
-  for (int j = 0; j < kValuesPerThread; ++j) {
+  for (int j = 0; j < kValues; ++j) {
     const int i = member + j * kGroupThreads;
     weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
   }
-  // The RoPE frequencies are parameters: staged before the wait, they are not a dependent load after the reduction.
-  __shared__ float staged_frequencies[kRope ? kStagedFrequencies : 1];
-  const bool staged = kRope && args.rope_dim / 2 <= kStagedFrequencies;
-  if constexpr (kRope) {
-    if (staged) {  // uniform over the CTA
-      for (int k = threadIdx.x; k < args.rope_dim / 2; k += kThreads)
-        staged_frequencies[k] = __ldg(args.rope_frequencies + k);
+  // The group's row of RoPE factors (rope_dim / 2 ≤ kRmsNormMaxRopePairs pairs), staged by the group's threads; the
+  // barrier after it is reached by every thread of the CTA (kRope is uniform). Without positions_ready_at_launch the
+  // position is loaded with x and its factors staged once x's loads are issued: one round trip after x's.
+  __shared__ float2 staged_rope[kRope ? kRowsPerCta<kGroupThreads> : 1][kRope ? kRmsNormMaxRopePairs : 1];
+  const auto load_position = [&] {
+    return kRope && active ? args.positions[row / args.rows_per_position] : int64_t(0);
+  };
+  // A group's threads cover the pairs in kRopeSteps steps (a fixed trip count: no remainder loops).
+  constexpr int kRopeSteps = (kRmsNormMaxRopePairs + kGroupThreads - 1) / kGroupThreads;
+  const int pairs = args.rope_dim / 2;
+  const auto stage_rope = [&](int64_t position) {
+    if constexpr (kRope) {
+#pragma unroll
+      for (int step = 0; step < kRopeSteps; ++step) {
+        const int k = member + step * kGroupThreads;
+        if (active && k < pairs) staged_rope[group][k] = __ldg(args.rope_table + position * pairs + k);
+      }
       __syncthreads();
     }
-  }
+  };
+  const bool ready = args.positions_ready_at_launch;
+  if (ready) stage_rope(load_position());
   wait_for_prior_grids();
-  // The position is loaded with x, not after the reduction: one dependent load less in a decode step's chain.
-  const int64_t position = kRope && active ? args.positions[row / args.rows_per_position] : 0;
+  const int64_t position = ready ? 0 : load_position();
   const float* x = args.x + (row / args.rows_per_position) * args.x_group_stride +
                    (row % args.rows_per_position) * args.x_row_stride;
-  float values[kValuesPerThread];
+  float values[kValues];
   float sum = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kValuesPerThread; ++j) {
+  for (int j = 0; j < kValues; ++j) {
     const int i = member + j * kGroupThreads;
     values[j] = active && i < args.width ? x[i] : 0.0f;
     sum = fmaf(values[j], values[j], sum);
   }
+  if (!ready) stage_rope(position);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
   if constexpr (kGroupThreads == kThreads) {
@@ -107,41 +125,48 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
   }
-  if (!active) return;
   const float inv_rms = 1.0f / sqrtf(sum / float(args.width) + args.eps);
-  const int rope_begin = args.width - args.rope_dim;
-#pragma unroll
-  for (int j = 0; j < kValuesPerThread; ++j) {
-    const int i = member + j * kGroupThreads;
-    // With RoPE, leave the loop uniformly over the group (its first member's element), so the partner shuffle
-    // below stays convergent.
-    if (kRope ? j * kGroupThreads >= args.width : i >= args.width) break;
-    float value = values[j] * inv_rms;
-    if (args.weight != nullptr && (!kRope || i < args.width)) value *= weights[j];
-    if (args.round_to_bf16) value = round_to_bf16(value);
-    if constexpr (kRope) {
-      // Pair (2k, 2k+1) sits in lanes (2m, 2m+1) of one iteration: each lane rotates the pair, keeps its half.
-      const float partner = __shfl_xor_sync(kFullMask, value, 1);
-      if (i < args.width && i >= rope_begin) {
-        const bool even = (i & 1) == 0;
-        float x0 = even ? value : partner, x1 = even ? partner : value;
-        const int k = (i - rope_begin) / 2;
-        const float frequency = staged ? staged_frequencies[k] : __ldg(args.rope_frequencies + k);
-        rope_rotate_pair(x0, x1, rope_factors(position, frequency), false);
-        value = even ? x0 : x1;
-      }
-    }
-    if (kRope && i >= args.width) continue;  // the last iteration: no later shuffle is left to miss
+  // With RoPE the row's last rope_dim values go through shared memory to the pair loop below (a pair's two values
+  // sit in two threads of the group): the unrolled loop stays free of the rotation.
+  const int rope_begin = kRope ? args.width - args.rope_dim : args.width;
+  __shared__ float rope_values[kRope ? kRowsPerCta<kGroupThreads> : 1][kRope ? 2 * kRmsNormMaxRopePairs : 1];
+  const auto store = [&](int i, float value) {
     const int64_t offset = row * args.width + i;
     if (args.y != nullptr) args.y[offset] = value;
     if (args.y_bf16 != nullptr) args.y_bf16[offset] = __float2bfloat16_rn(value);
+  };
+#pragma unroll
+  for (int j = 0; j < kValues; ++j) {
+    const int i = member + j * kGroupThreads;
+    if (!active || i >= args.width) break;
+    float value = values[j] * inv_rms;
+    if (args.weight != nullptr) value *= weights[j];
+    if (args.round_to_bf16) value = round_to_bf16(value);
+    if (kRope && i >= rope_begin)
+      rope_values[group][i - rope_begin] = value;
+    else
+      store(i, value);
+  }
+  if constexpr (kRope) {
+    __syncthreads();  // reached by every thread: inactive rows only skip the work
+    if (!active) return;
+#pragma unroll
+    for (int step = 0; step < kRopeSteps; ++step) {
+      const int k = member + step * kGroupThreads;
+      if (k >= pairs) break;
+      float x0 = rope_values[group][2 * k], x1 = rope_values[group][2 * k + 1];
+      const float2 f = staged_rope[group][k];
+      rope_rotate_pair(x0, x1, RopeFactors{f.x, f.y}, false);
+      store(rope_begin + 2 * k, x0);
+      store(rope_begin + 2 * k + 1, x1);
+    }
   }
 }
 
-template <int kGroupThreads, bool kRope>
+template <int kGroupThreads, bool kRope, int kValues>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsNormArgs args) {
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
-  rms_norm_rows<kGroupThreads, kRope>(args, blockIdx.x);
+  rms_norm_rows<kGroupThreads, kRope, kValues>(args, blockIdx.x);
 }
 
 }  // namespace dsv4::cuda::rms

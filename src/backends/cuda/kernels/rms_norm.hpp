@@ -11,11 +11,13 @@
 // - y is always contiguous [rows, width].
 // - Outputs: y fp32 and/or y_bf16 (at least one); round_to_bf16 stores y rounded to bf16 in the fp32 buffer too
 //   (Reference numerics).
-// - Optional RoPE after the norm (the queries: per-head norm then rotation in one launch): with rope_frequencies,
-//   the last rope_dim dims of row r are rotated at positions[r / rows_per_position], exactly as run_rope_apply
-//   does on the normed values (bit-identical to the two launches in a row).
+// - Optional RoPE after the norm (the queries: per-head norm then rotation in one launch): with rope_table (rope.hpp,
+//   a row for every position given), the last rope_dim ≤ 2 · kRmsNormMaxRopePairs dims of row r are rotated at
+//   positions[r / rows_per_position], exactly as run_rope_apply does on the normed values (bit-identical to the
+//   two launches in a row).
 // - A programmatic dependent launch (ptx/dependent_launch.cuh): the weight is read before the previous kernel in
-//   the stream has finished, x only after.
+//   the stream has finished, x only after; the positions and their RoPE factors before it too with
+//   positions_ready_at_launch (a model step's input, copied before the step's first kernel and written by none).
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
 #pragma once
 
@@ -27,6 +29,7 @@
 namespace dsv4::cuda {
 
 inline constexpr int64_t kRmsNormMaxWidth = 8192;
+inline constexpr int64_t kRmsNormMaxRopePairs = 64;
 
 struct RmsNormParams {
   const float* x = nullptr;        // [rows, width], rows x_row_stride apart
@@ -38,8 +41,9 @@ struct RmsNormParams {
   bool round_to_bf16 = false;
   float* y = nullptr;              // [rows, width]; may alias x; may be null when y_bf16 is set
   __nv_bfloat16* y_bf16 = nullptr; // optional [rows, width]
-  const float* rope_frequencies = nullptr;  // optional device [rope_dim / 2] (RopeTable::frequencies())
-  const int64_t* positions = nullptr;       // device [rows / rows_per_position], with rope_frequencies
+  const float2* rope_table = nullptr;       // optional device [positions, rope_dim / 2] (rope.hpp)
+  const int64_t* positions = nullptr;       // device [rows / rows_per_position], with rope_table
+  bool positions_ready_at_launch = false;   // positions (and their RoPE factors) read before the wait
   int64_t rope_dim = 0;                     // even, ≤ width
   int64_t rows_per_position = 1;            // e.g. heads; also the row groups of x_group_stride
   int64_t x_group_stride = 0;               // elements; 0 = rows_per_position · x_row_stride

@@ -2,10 +2,13 @@
 // product p·f_i exactly as RopeTable::angles forms it, and its cos/sin are taken in double precision and rounded
 // to float, as the CPU does; so the rotation factors match the CPU's to the last bit (barring a 1-ulp difference in
 // the double libm result at a rounding tie) and only the fp32 rotation arithmetic itself can differ in order.
-// Frequencies come from RopeTable::frequencies() copied to the device.
+// Frequencies come from RopeTable::frequencies() copied to the device; a RoPE table (rope.hpp) holds these factors
+// per position, computed once.
 #pragma once
 
 #include <cstdint>
+
+#include <cuda_runtime.h>
 
 namespace dsv4::cuda {
 
@@ -19,6 +22,12 @@ __device__ __forceinline__ RopeFactors rope_factors(int64_t position, float freq
   double s, c;
   sincos(static_cast<double>(angle), &s, &c);
   return {static_cast<float>(c), static_cast<float>(s)};
+}
+
+// Pair `pair`'s factors at `position` from a RoPE table of `pairs` pairs per row (rope.hpp): rope_factors' values.
+__device__ __forceinline__ RopeFactors rope_table_factors(const float2* table, int pairs, int64_t position, int pair) {
+  const float2 f = __ldg(table + position * pairs + pair);
+  return {f.x, f.y};
 }
 
 // Rotates one pair by +θ (inverse = false) or −θ with the CPU's operations (rope.cpp rotate_pairs); the explicit

@@ -23,7 +23,8 @@ __global__ void rope_apply_kernel(const RopeApplyParams p) {
     const int64_t token = vector / p.heads;
     float* v = p.x + vector * p.head_dim + (p.head_dim - p.rope_dim) + 2 * pair;
     float x0 = v[0], x1 = v[1];
-    rope_rotate_pair(x0, x1, rope_factors(p.positions[token], p.frequencies[pair]), false);
+    rope_rotate_pair(x0, x1, rope_table_factors(p.rope_table, int(pairs_per_vector), p.positions[token], int(pair)),
+                     false);
     v[0] = x0;
     v[1] = x1;
   }
@@ -37,7 +38,7 @@ void run_rope_apply(const RopeApplyParams& p) {
         "rope_apply: tokens ", p.tokens, ", heads ", p.heads, ", head_dim ", p.head_dim, ", rope_dim ", p.rope_dim,
         " (rope_dim even, at most head_dim)");
   if (p.tokens == 0) return;
-  check(p.x && p.frequencies && p.positions, "rope_apply: x, frequencies and positions are required");
+  check(p.x && p.rope_table && p.positions, "rope_apply: x, rope_table and positions are required");
   const int64_t pairs = p.tokens * p.heads * (p.rope_dim / 2);
   const unsigned blocks = unsigned(std::min<int64_t>((pairs + kThreads - 1) / kThreads, 4096));
   launch_chained(rope_apply_kernel, dim3(blocks), dim3(kThreads), 0, p.stream, p, "rope_apply");
