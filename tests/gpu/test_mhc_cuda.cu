@@ -228,52 +228,54 @@ void expect_hc_pre_outputs(const Inputs& in, const PreReference& ref, int64_t T,
   }, "comb", kN * kN);
 }
 
-// `shared` (optional): a workspace used by earlier launches, not re-zeroed.
-void check_hc_pre(int64_t T, int64_t d, bool round, HcKernelChoice kernel, uint32_t seed,
+// Each of `kernels` on the same inputs against one CPU reference. `shared` (optional): a workspace used by earlier
+// launches, not re-zeroed.
+void check_hc_pre(int64_t T, int64_t d, bool round, const std::vector<HcKernelChoice>& kernels, uint32_t seed,
                   Workspace* shared = nullptr) {
-  SCOPED_TRACE(case_name("hc_pre", T, d, round, kernel));
   const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
   const PreReference ref = hc_pre_reference(in, T, d, round);
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                      scale = to_device(in.scale, "scale");
-  Workspace own;
-  Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_pre workspace");
+  for (const HcKernelChoice kernel : kernels) {
+    SCOPED_TRACE(case_name("hc_pre", T, d, round, kernel));
+    Workspace own;
+    Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_pre workspace");
 
-  std::vector<float> first_y;
-  for (int run = 0; run < 2; ++run) {
-    SCOPED_TRACE("run " + std::to_string(run));
-    PreOutputBuffers outputs(T, d);
-    run_hc_pre({.X = X.as<float>(),
-                .fn = fn.as<float>(),
-                .base = base.as<float>(),
-                .scale = scale.as<float>(),
-                .tokens = T,
-                .hidden = d,
-                .sinkhorn_iters = kSinkhornIters,
-                .hc_eps = kHcEps,
-                .norm_eps = kNormEps,
-                .round_to_bf16 = round,
-                .y = outputs.y.as<float>(),
-                .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
-                .post = outputs.post.as<float>(),
-                .comb = outputs.comb.as<float>(),
-                .kernel = kernel,
-                .workspace = workspace.buffer.data(),
-                .workspace_bytes = workspace.bytes});
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> y_gpu = download(outputs.y, size_t(T * d));
-    expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, outputs.y_bf16, download(outputs.post, size_t(T * kN)),
-                          download(outputs.comb, size_t(T * kN * kN)));
-    if (run == 0)
-      first_y = y_gpu;
-    else
-      expect_same_as_first_run(first_y, y_gpu, "y");
+    std::vector<float> first_y;
+    for (int run = 0; run < 2; ++run) {
+      SCOPED_TRACE("run " + std::to_string(run));
+      PreOutputBuffers outputs(T, d);
+      run_hc_pre({.X = X.as<float>(),
+                  .fn = fn.as<float>(),
+                  .base = base.as<float>(),
+                  .scale = scale.as<float>(),
+                  .tokens = T,
+                  .hidden = d,
+                  .sinkhorn_iters = kSinkhornIters,
+                  .hc_eps = kHcEps,
+                  .norm_eps = kNormEps,
+                  .round_to_bf16 = round,
+                  .y = outputs.y.as<float>(),
+                  .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
+                  .post = outputs.post.as<float>(),
+                  .comb = outputs.comb.as<float>(),
+                  .kernel = kernel,
+                  .workspace = workspace.buffer.data(),
+                  .workspace_bytes = workspace.bytes});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> y_gpu = download(outputs.y, size_t(T * d));
+      expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, outputs.y_bf16, download(outputs.post, size_t(T * kN)),
+                            download(outputs.comb, size_t(T * kN * kN)));
+      if (run == 0)
+        first_y = y_gpu;
+      else
+        expect_same_as_first_run(first_y, y_gpu, "y");
+    }
   }
 }
 
-void check_hc_head(int64_t T, int64_t d, bool round, HcKernelChoice kernel, uint32_t seed,
+void check_hc_head(int64_t T, int64_t d, bool round, const std::vector<HcKernelChoice>& kernels, uint32_t seed,
                    Workspace* shared = nullptr) {
-  SCOPED_TRACE(case_name("hc_head", T, d, round, kernel));
   const Inputs in = random_inputs(T, d, kN, 1, seed);
   const int64_t flat = kN * d;
   std::vector<float> h_ref(size_t(T * d));
@@ -285,41 +287,44 @@ void check_hc_head(int64_t T, int64_t d, bool round, HcKernelChoice kernel, uint
 
   const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
                      scale = to_device(in.scale, "scale");
-  Workspace own;
-  Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_head workspace");
-  std::vector<float> first_h;
-  for (int run = 0; run < 2; ++run) {
-    SCOPED_TRACE("run " + std::to_string(run));
-    DeviceBuffer h = poisoned(size_t(T * d), "h");
-    run_hc_head({.X = X.as<float>(),
-                 .fn = fn.as<float>(),
-                 .base = base.as<float>(),
-                 .scale = scale.as<float>(),
-                 .tokens = T,
-                 .hidden = d,
-                 .hc_eps = kHcEps,
-                 .norm_eps = kNormEps,
-                 .round_to_bf16 = round,
-                 .h = h.as<float>(),
-                 .kernel = kernel,
-                 .workspace = workspace.buffer.data(),
-                 .workspace_bytes = workspace.bytes});
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> h_gpu = download(h, size_t(T * d));
-    expect_close(h_gpu, h_ref, [&](size_t e) {
-      const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
-      double bound = 0;
-      for (int k = 0; k < kN; ++k)
-        bound += std::fabs(in.X[size_t(t * flat + k * d + i)]) *
-                 (0.25 * in.scale[0] * kMixRelativeError * magnitude[size_t(t * kN + k)] + 8e-7);
-      if (round) bound += bf16_ulp(std::fabs(h_unrounded[e]) + float(bound));
-      return bound + 1e-30;
-    }, "h", d);
-    if (round) expect_bf16_exact(h_gpu, "h");
-    if (run == 0)
-      first_h = h_gpu;
-    else
-      expect_same_as_first_run(first_h, h_gpu, "h");
+  for (const HcKernelChoice kernel : kernels) {
+    SCOPED_TRACE(case_name("hc_head", T, d, round, kernel));
+    Workspace own;
+    Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_head workspace");
+    std::vector<float> first_h;
+    for (int run = 0; run < 2; ++run) {
+      SCOPED_TRACE("run " + std::to_string(run));
+      DeviceBuffer h = poisoned(size_t(T * d), "h");
+      run_hc_head({.X = X.as<float>(),
+                   .fn = fn.as<float>(),
+                   .base = base.as<float>(),
+                   .scale = scale.as<float>(),
+                   .tokens = T,
+                   .hidden = d,
+                   .hc_eps = kHcEps,
+                   .norm_eps = kNormEps,
+                   .round_to_bf16 = round,
+                   .h = h.as<float>(),
+                   .kernel = kernel,
+                   .workspace = workspace.buffer.data(),
+                   .workspace_bytes = workspace.bytes});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> h_gpu = download(h, size_t(T * d));
+      expect_close(h_gpu, h_ref, [&](size_t e) {
+        const int64_t t = int64_t(e) / d, i = int64_t(e) % d;
+        double bound = 0;
+        for (int k = 0; k < kN; ++k)
+          bound += std::fabs(in.X[size_t(t * flat + k * d + i)]) *
+                   (0.25 * in.scale[0] * kMixRelativeError * magnitude[size_t(t * kN + k)] + 8e-7);
+        if (round) bound += bf16_ulp(std::fabs(h_unrounded[e]) + float(bound));
+        return bound + 1e-30;
+      }, "h", d);
+      if (round) expect_bf16_exact(h_gpu, "h");
+      if (run == 0)
+        first_h = h_gpu;
+      else
+        expect_same_as_first_run(first_h, h_gpu, "h");
+    }
   }
 }
 
@@ -466,7 +471,7 @@ TEST(MhcGpu, HcPreMatchesCpu) {
   for (const int64_t d : kHiddenSizes)
     for (const int64_t T : kTokenCounts)
       for (const bool round : {false, true})
-        for (const HcKernelChoice kernel : kernels_for(T)) check_hc_pre(T, d, round, kernel, seed++);
+        check_hc_pre(T, d, round, kernels_for(T), seed++);
 }
 
 TEST(MhcGpu, HcHeadMatchesCpu) {
@@ -475,7 +480,7 @@ TEST(MhcGpu, HcHeadMatchesCpu) {
   for (const int64_t d : kHiddenSizes)
     for (const int64_t T : kTokenCounts)
       for (const bool round : {false, true})
-        for (const HcKernelChoice kernel : kernels_for(T)) check_hc_head(T, d, round, kernel, seed++);
+        check_hc_head(T, d, round, kernels_for(T), seed++);
 }
 
 TEST(MhcGpu, HcPostMatchesCpuInPlaceAndOutOfPlace) {
@@ -506,12 +511,11 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   constexpr int64_t d = 4096;
   Workspace workspace = zeroed_workspace(600, d, "shared mHC workspace");
   uint32_t seed = 300;
-  for (const int64_t T : {600, 1, 64, 600, 5, 1, 16})
-    for (const HcKernelChoice kernel : kernels_for(T)) {
-      check_hc_pre(T, d, false, kernel, seed++, &workspace);
-      check_hc_head(T, d, false, kernel, seed++, &workspace);
-      check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
-    }
+  for (const int64_t T : {600, 1, 64, 600, 5, 1, 16}) {
+    check_hc_pre(T, d, false, kernels_for(T), seed++, &workspace);
+    check_hc_head(T, d, false, kernels_for(T), seed++, &workspace);
+    for (const HcKernelChoice kernel : kernels_for(T)) check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
+  }
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
