@@ -10,7 +10,9 @@
 // the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
 // at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
 // of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
-// "fused-router+tile-decode".
+// "fused-router+tile-decode", the shared-expert split and the down head start other than their defaults
+// (MoeRunParams::split_shared_expert, down_head_start; e.g. "split-shared" while the split is off by default,
+// "unsplit-shared" once on), alone and together.
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -165,19 +167,36 @@ struct Slot {
 // The expert-kernel paths a result names: the single launch, the streamed kernels (MoeRunParams defaults, then with
 // options changed: the weight_tile_mma fp4 decode instead of the lean one, the fused router kernel instead of the
 // decode router, both), the register kernels.
-enum class Path { SINGLE, STREAMED, TILE_DECODE, FUSED_ROUTER, FUSED_ROUTER_TILE_DECODE, REGISTER };
+enum class Path {
+  SINGLE,
+  STREAMED,
+  TILE_DECODE,
+  FUSED_ROUTER,
+  FUSED_ROUTER_TILE_DECODE,
+  OTHER_SPLIT,
+  OTHER_HEAD_START,
+  OTHER_SPLIT_HEAD_START,
+  REGISTER
+};
 struct PathSpec {
   Path path;
   const char* name;
-  bool tile_decode = false, fused_router = false;
-  bool option() const { return tile_decode || fused_router; }
+  bool tile_decode = false, fused_router = false, other_split = false, other_head_start = false;
+  bool option() const { return tile_decode || fused_router || other_split || other_head_start; }
 };
+constexpr bool kSplitDefault = MoeRunParams{}.split_shared_expert, kHeadStartDefault = MoeRunParams{}.down_head_start;
 constexpr PathSpec kPaths[] = {
     {Path::SINGLE, "single"},
     {Path::STREAMED, "streamed"},
     {Path::TILE_DECODE, "tile-decode", true},
     {Path::FUSED_ROUTER, "fused-router", false, true},
     {Path::FUSED_ROUTER_TILE_DECODE, "fused-router+tile-decode", true, true},
+    {Path::OTHER_SPLIT, kSplitDefault ? "unsplit-shared" : "split-shared", false, false, true},
+    {Path::OTHER_HEAD_START, kHeadStartDefault ? "no-down-head-start" : "down-head-start", false, false, false, true},
+    {Path::OTHER_SPLIT_HEAD_START,
+     kSplitDefault ? (kHeadStartDefault ? "unsplit-shared+no-down-head-start" : "unsplit-shared+down-head-start")
+                   : (kHeadStartDefault ? "split-shared+no-down-head-start" : "split-shared+down-head-start"),
+     false, false, true, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -193,6 +212,8 @@ MoeRunParams path_params(Path path) {
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
   if (spec.tile_decode) p.lean_expert_decode = false;
   if (spec.fused_router) p.decode_router = false;
+  if (spec.other_split) p.split_shared_expert = !p.split_shared_expert;
+  if (spec.other_head_start) p.down_head_start = !p.down_head_start;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -406,7 +427,9 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
-                           "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,register]\n");
+                           "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,"
+                           "split-shared,down-head-start,split-shared+down-head-start,register] (the last three "
+                           "named for the other value than the default)\n");
       return 2;
     }
   }

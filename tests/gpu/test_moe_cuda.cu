@@ -4,8 +4,11 @@
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
 // launches' bits, also through one workspace over many calls and graph replays); the streamed kernels with
-// weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); a
-// V4-Pro-width layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
+// weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); the
+// streamed kernels with the shared-expert split other than the default (MoeRunParams::split_shared_expert: the
+// shared expert's sums in another order, so checked against the CPU, and run to run) and the down head start other
+// than the default (MoeRunParams::down_head_start: the same bits, alone and with the split); a V4-Pro-width layer
+// (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //
@@ -37,6 +40,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
 #include "core/bf16.hpp"
@@ -267,17 +271,20 @@ struct Kernels {
   bool fused_small_batches = false;
   bool single_launch = false;
   bool lean = MoeRunParams{}.lean_expert_decode;
+  bool split_shared = MoeRunParams{}.split_shared_expert;
+  bool down_head_start = MoeRunParams{}.down_head_start;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
-           (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode");
+           (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode") +
+           (split_shared ? ", split shared expert" : "") + (down_head_start ? ", down head start" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
-    p.lean_expert_decode = lean;
+    p.lean_expert_decode = lean, p.split_shared_expert = split_shared, p.down_head_start = down_head_start;
     return p;
   }
 };
@@ -290,6 +297,16 @@ constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_sm
 // The streamed kernels with the decode other than the default.
 constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                        .lean = !MoeRunParams{}.lean_expert_decode};
+// The streamed kernels with the shared-expert split other than the default (MoeRunParams::split_shared_expert).
+constexpr Kernels kStreamedOtherSplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                      .split_shared = !MoeRunParams{}.split_shared_expert};
+// The streamed kernels with the down head start other than the default (MoeRunParams::down_head_start: the same
+// bits), alone and with the other split.
+constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                          .down_head_start = !MoeRunParams{}.down_head_start};
+constexpr Kernels kStreamedOtherSplitHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                               .split_shared = !MoeRunParams{}.split_shared_expert,
+                                               .down_head_start = !MoeRunParams{}.down_head_start};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -495,6 +512,23 @@ void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, 
                            run_output(weights, u, T, kStreamedKernels, ids));
 }
 
+// Two runs of the same input through the same kernels: the same bits.
+void expect_repeatable(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed, Kernels kernels) {
+  SCOPED_TRACE("run to run, " + kernels.name() + ", T = " + std::to_string(T));
+  const std::vector<float> u = random_input(T, S, seed);
+  const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
+  expect_identical_outputs(run_output(weights, u, T, kernels, ids), run_output(weights, u, T, kernels, ids));
+}
+
+// Two kernel choices that compute the same sums in the same order: the same bits.
+void expect_same_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed, Kernels kernels,
+                      Kernels reference) {
+  SCOPED_TRACE(kernels.name() + " against " + reference.name() + ", T = " + std::to_string(T));
+  const std::vector<float> u = random_input(T, S, seed);
+  const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
+  expect_identical_outputs(run_output(weights, u, T, kernels, ids), run_output(weights, u, T, reference, ids));
+}
+
 // The streamed kernels with the other fp4 decode against the default ones (each warp computes the same rows from
 // the same operands in the same order: the same bits), the fused combine included at T <= 8.
 void expect_other_decode_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
@@ -534,7 +568,38 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 8, 17})
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOtherDecode);
     for (const int T : {1, 2, 5, 8, 17}) expect_other_decode_bits(device_weights, kFlashLike, T, seed++);
+    for (const int64_t T : {1, 2, 8})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOtherSplit);
+    expect_repeatable(device_weights, kFlashLike, 8, seed++, kStreamedOtherSplit);
+    check_case(layer, experts, device_weights, 5, seed++, random_tokens(kFlashLike), kStreamedOtherSplitHeadStart);
+    for (const int T : {1, 3, 8, 9}) {
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherHeadStart, kStreamedKernels);
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherSplitHeadStart, kStreamedOtherSplit);
+    }
   }
+}
+
+// Where the shared expert's CTAs split (MoeExpertGemmParams::split_shared_expert): the FP8 shared expert beside fp4
+// routed experts at T <= 8 (V4-Flash and V4-Pro widths), not beside FP8 or BF16 ones, not at T = 9, not without the
+// switch, and not on layers of too few stages (tiny test models).
+TEST(MoeSharedExpertSplit, AppliesWhereTheSharedExpertHasMoreStagesPerRow) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  auto splits = [](WeightFormat routed, int hidden, int intermediate, int tokens, bool split = true) {
+    MoeExpertGemmParams p;
+    p.routed_format = routed, p.shared_format = WeightFormat::FP8_BLOCK128;
+    p.hidden = hidden, p.intermediate = intermediate, p.tokens = tokens, p.streamed = true;
+    p.split_shared_expert = split;
+    return moe_shared_expert_splits(p);
+  };
+  for (const WeightFormat routed : {WeightFormat::MXFP4, WeightFormat::NVFP4}) {
+    EXPECT_TRUE(splits(routed, 4096, 2048, 1));
+    EXPECT_TRUE(splits(routed, 7168, 3072, 8));
+    EXPECT_FALSE(splits(routed, 4096, 2048, 9));
+    EXPECT_FALSE(splits(routed, 4096, 2048, 1, false));
+    EXPECT_FALSE(splits(routed, 4096, 512, 1));  // 2 FP8 stages per row of w2
+  }
+  EXPECT_FALSE(splits(WeightFormat::FP8_BLOCK128, 4096, 2048, 1));
+  EXPECT_FALSE(splits(WeightFormat::BF16, 4096, 2048, 1));
 }
 
 INSTANTIATE_TEST_SUITE_P(ExpertFormats, MoeFormats,
@@ -624,6 +689,11 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
   for (const int T : {1, 8, 20}) expect_other_decode_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherDecode);
+  for (const int64_t T : {1, 8})
+    check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherSplit);
+  expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherSplit);
+  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedOtherSplitHeadStart);
+  expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
@@ -646,7 +716,9 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   });
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
-    for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOtherDecode})
+    for (const Kernels kernels :
+         {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOtherDecode, kStreamedOtherSplit,
+          kStreamedOtherSplitHeadStart})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 

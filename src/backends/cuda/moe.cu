@@ -170,6 +170,8 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
       .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
+      .split_shared_expert = p.split_shared_expert && !single,
+      .down_head_start = p.down_head_start && !single && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };

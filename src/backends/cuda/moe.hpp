@@ -78,6 +78,12 @@ struct MoeRunParams {
   // MoeRoutingParams::decode_router (T <= 8 with fused_small_batches): the decode router (its default) or the fused
   // router kernel.
   bool decode_router = true;
+  // MoeExpertGemmParams::split_shared_expert for the streamed kernels at T <= 8 (not in the single launch): the FP8
+  // shared expert's CTAs split in two so they stream the bytes of a routed fp4 CTA. Its sums in another order.
+  bool split_shared_expert = false;
+  // MoeExpertGemmParams::down_head_start for the streamed down kernel at T <= 8 (not in the single launch): every
+  // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits.
+  bool down_head_start = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

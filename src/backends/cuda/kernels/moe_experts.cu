@@ -12,11 +12,32 @@
 namespace dsv4::cuda {
 namespace {
 
+// The tile format of an expert format the grouped GEMMs take (checked by moe_expert_k_granularity).
+tile::TileFormat tile_format(WeightFormat format) {
+  return format == WeightFormat::MXFP4          ? tile::TileFormat::MXFP4
+         : format == WeightFormat::NVFP4        ? tile::TileFormat::NVFP4
+         : format == WeightFormat::FP8_BLOCK128 ? tile::TileFormat::FP8_BLOCK128
+                                                : tile::TileFormat::BF16;
+}
+
 int max_dynamic_smem() {
   int device = 0, bytes = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return bytes;
+}
+
+// The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
+template <moe::ExpertGemm G, bool kLean, bool kSplit>
+auto* one_tile_kernel(bool head_start) {
+  if constexpr (G == moe::ExpertGemm::DOWN)
+    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true>;
+  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false>;
+}
+template <moe::ExpertGemm G>
+auto* one_tile_kernel(bool lean, bool split, bool head_start) {
+  return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
+              : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
@@ -26,13 +47,14 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
   args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
-  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
+  const bool split = moe_shared_expert_splits(p);  // one grid row more: the shared expert's second CTAs
+  const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
+                  unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : (p.lean_decode ? moe::moe_expert_streamed_kernel<G, false, true>
-                                             : moe::moe_expert_streamed_kernel<G, false, false>);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -138,16 +160,19 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
   maps.reserve(3 * experts.size());
   const std::string name(what);
   for (const MoeExpertView& e : experts)
-    for (const DeviceMatrixView* w : {&e.w1, &e.w3, &e.w2}) {
-      const tile::TileFormat format = w->format == WeightFormat::MXFP4          ? tile::TileFormat::MXFP4
-                                      : w->format == WeightFormat::NVFP4        ? tile::TileFormat::NVFP4
-                                      : w->format == WeightFormat::FP8_BLOCK128 ? tile::TileFormat::FP8_BLOCK128
-                                                                                : tile::TileFormat::BF16;
-      maps.push_back(tile::stream::encode_stream_maps(*w, format, name + " expert matrix"));
-    }
+    for (const DeviceMatrixView* w : {&e.w1, &e.w3, &e.w2})
+      maps.push_back(tile::stream::encode_stream_maps(*w, tile_format(w->format), name + " expert matrix"));
   DeviceBuffer buffer(maps.size() * sizeof(tile::stream::StreamMaps), name + " expert tensor maps");
   buffer.upload(maps.data(), buffer.bytes());
   return buffer;
+}
+
+bool moe_shared_expert_splits(const MoeExpertGemmParams& p) {
+  if (!p.split_shared_expert || !p.streamed || p.tokens > tile::kTokensPerMma) return false;
+  const tile::TileFormat shared = tile_format(p.shared_format), routed = tile_format(p.routed_format);
+  const int64_t stage = tile::stream::stage_k(shared), min_stages = 2 * moe::kStreamedSlots;
+  return stage < tile::stream::stage_k(routed) && p.hidden / stage >= min_stages &&
+         p.intermediate / stage >= min_stages;
 }
 
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
@@ -158,13 +183,14 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
           "moe expert GEMM: hidden (", p.hidden, ") and intermediate (", p.intermediate, ") sizes must be positive ",
           "multiples of ", granule, " for ", to_string(f), " experts");
   }
-  check(p.max_work_items >= 1 && p.max_work_items <= 65535, "moe expert GEMM: ", p.max_work_items,
+  check(p.max_work_items >= 1 && p.max_work_items <= 65534, "moe expert GEMM: ", p.max_work_items,
         " work items exceed one launch's grid (fewer tokens per call)");
   check(!p.streamed || p.stream_maps != nullptr, "moe expert GEMM: the streamed kernels need the experts' tensor ",
         "maps (a layer whose matrices moe_streamed_tiles_apply accepts)");
   check(!p.streamed || p.tokens >= 1, "moe expert GEMM: the streamed kernels need the token count (got ", p.tokens,
         ")");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
+  check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

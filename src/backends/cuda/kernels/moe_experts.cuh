@@ -279,21 +279,25 @@ __device__ __forceinline__ void with_tile_format(WeightFormat format, Body&& bod
 // Called by both expert kernels once their weight-only head start is issued: waits for the previous kernels (the
 // work items, x and (down) h come from them), lets the next kernel be scheduled, and says whether this CTA's work
 // item exists (the grid covers the worst case).
-__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a) {
+__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a, int item_index) {
   wait_for_prior_grids();
   allow_dependents();
-  return int(blockIdx.y) < __ldg(a.work_item_count);
+  return item_index < __ldg(a.work_item_count);
+}
+__device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a) {
+  return has_work_item_after_prior_grids(a, int(blockIdx.y));
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band) {
+// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA).
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0) {
   const MoeFusedCombine& c = a.combine;
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count)) - 1;
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -356,6 +360,11 @@ inline constexpr size_t kStreamedXBytes = 26 * 1024;  // the most; ExpertGemmArg
 // The w3 results handed to the w1 warps: [4 bands][16 rows][16 tokens] fp32.
 inline constexpr size_t kStreamedExchangeBytes =
     size_t(kExpertWarps / 2) * tile::kTileRows * kStreamedPassRows * sizeof(float);
+// Split CTAs (one token tile): write_rows's exchange takes [4 bands][16 rows][8 tokens] fp32, reduce_k_parts's
+// area (4 pairs × 32 lanes × 4 fp32) follows it in the exchange region.
+inline constexpr int kStreamedReduceOffset = (kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma;
+static_assert((kStreamedReduceOffset + 4 * tile::kWarpSize * 4) * sizeof(float) <= kStreamedExchangeBytes,
+              "the split CTAs' reduction fits the exchange region");
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
 static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
                    kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
@@ -389,18 +398,72 @@ __device__ __forceinline__ const tile::stream::StreamMaps* warp_maps(const Exper
   return a.stream_maps + 3 * expert + matrix;
 }
 
+// What one warp of a streamed CTA computes: 16 weight rows from row0, over the stages s of each pass with
+// s % kParts == k_part. kParts = 1: the CTA's band as in NOTES, every stage. kParts = 2 (the split shared expert,
+// moe_expert_streamed_kernel): CTA part p of band b covers half the band's rows, b·kCtaRows + p·kCtaRows / 2, and
+// two warps share each 16 rows (and matrix), one on the even stages, one on the odd ones (reduce_k_parts sums them).
+struct WarpSlice {
+  int64_t row0;
+  int k_part;
+};
+template <ExpertGemm G, int kParts>
+__device__ __forceinline__ WarpSlice warp_slice(int band, int part) {
+  static_assert(kParts == 1 || kParts == 2, "one or two CTA parts");
+  if constexpr (kParts == 1) {
+    return {int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows, 0};
+  } else {
+    // Tiles of one matrix per part: down 4 (of 8), gate/up 2 (of 4 per matrix).
+    constexpr int kTiles = kCtaRows<G> / tile::kTileRows / 2;
+    const int wb = warp_band<G>();
+    return {int64_t(band) * kCtaRows<G> + part * (kCtaRows<G> / 2) + (wb % kTiles) * tile::kTileRows, wb / kTiles};
+  }
+}
+
+// Stages per pass of a warp on k_part of kParts.
+template <int kParts>
+__device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
+  return (pass_stages - k_part + kParts - 1) / kParts;
+}
+
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
+template <tile::TileFormat F, ExpertGemm G, int kParts>
+__device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
+                                             uint8_t* ring, uint64_t* full) {
+  namespace st = tile::stream;
+  st::init_ring(full, kStreamedSlots);
+  __syncwarp();
+  const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
+  for (int j = 0; j < kStreamedSlots && j < stages; ++j)
+    st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
+                       ring + j * st::kSlotBytes, full + j);
+}
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
-  namespace st = tile::stream;
-  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
-  st::init_ring(full, kStreamedSlots);
-  __syncwarp();
-  const int64_t stages = a.k_total / st::stage_k(F);
-  for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(warp_maps<G>(a, expert), row0, j * st::stage_k(F), ring + j * st::kSlotBytes, full + j);
+  start_stream<F, G, 1>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
+}
+
+// kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
+// accumulator elements), which adds them: acc = even stages + odd stages. `area`: 4 pairs × 32 lanes × 4·NT fp32.
+template <ExpertGemm G, int NT>
+__device__ __forceinline__ void reduce_k_parts(const WarpSlice& slice, float (&acc)[NT][4], float* area) {
+  const int warp_idx = threadIdx.x / tile::kWarpSize, lane = threadIdx.x % tile::kWarpSize;
+  constexpr int kTiles = kCtaRows<G> / tile::kTileRows / 2;
+  const int pair = warp_band<G>() % kTiles + (G == ExpertGemm::GATE_UP ? kTiles * (warp_idx / (kExpertWarps / 2)) : 0);
+  auto* mine = reinterpret_cast<float4*>(area) + (pair * tile::kWarpSize + lane) * NT;
+  if (slice.k_part == 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mine[nt] = make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+  }
+  __syncthreads();
+  if (slice.k_part == 0) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float4 other = mine[nt];
+      acc[nt][0] += other.x, acc[nt][1] += other.y, acc[nt][2] += other.z, acc[nt][3] += other.w;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -490,25 +553,29 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 
 }  // namespace lean
 
-// One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage.
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false>
+// One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage. kParts = 2: the
+// warp's slice of CTA part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started) {
+                                                  bool started, int part = 0) {
   namespace st = tile::stream;
+  static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
-  const int64_t row0 = int64_t(band) * kCtaRows<G> + warp_band<G>() * tile::kTileRows;
+  const WarpSlice slice = warp_slice<G, kParts>(band, part);
+  const int64_t row0 = slice.row0;
   const DeviceMatrixView w = warp_matrix<G>(expert);
   uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
   auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
   auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
-  const int pass_stages = a.k_total / int(kStageK);  // >= kStreamedSlots (moe_streamed_tiles_apply)
+  // >= kStreamedSlots (moe_streamed_tiles_apply; for kParts = 2, moe_shared_expert_splits)
+  const int pass_stages = slice_pass_stages<kParts>(a.k_total / int(kStageK), slice.k_part);
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G>(a, item.expert, band, ring, full);
+  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -540,7 +607,13 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       for (int nt = 0; nt < NT; ++nt)
         x_lanes[nt] = x_tile + min(nt * tile::kTokensPerMma + g, rows - 1) * row_stride +
                       (threadIdx.x % 4) * tile::kXChunk;
-      for (int k0 = chunk_begin; k0 < chunk_end; k0 += int(kStageK), ++j) {
+      // The chunk's first stage of this warp's slice (chunks start at whole stages).
+      int first_k = chunk_begin;
+      if constexpr (kParts > 1) {
+        const int chunk_stage = chunk_begin / int(kStageK);
+        first_k = (chunk_stage + (slice.k_part - chunk_stage % kParts + kParts) % kParts) * int(kStageK);
+      }
+      for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
@@ -556,44 +629,71 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
         if (j + kStreamedSlots < stages) {
-          st::issue_stage<F>(maps, row0, refill * kStageK, ring + slot * st::kSlotBytes, full + slot);
+          st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
+                             full + slot);
           if (++refill == pass_stages) refill = 0;
         }
       }
     }
     tile::detail::finish_tile<F, NT, kC>(sums, acc);
-    write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, rows, exchange);
+    if constexpr (kParts > 1) reduce_k_parts<G, NT>(slice, acc, exchange + kStreamedReduceOffset);
+    // The odd-stage warps of split CTAs write no rows (their gate/up w3 warps still fill exchange bands 2-3, which
+    // no warp reads there).
+    write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, slice.k_part == 0 ? rows : 0, exchange);
   }
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
 // decode launches' code (half the instructions to fetch at each CTA's cold start). kLean: fp4 stages by
-// lean::multiply_stage.
-template <ExpertGemm G, bool kMultiTile, bool kLean>
+// lean::multiply_stage. kSplitShared (one-tile kernels; MoeExpertGemmParams::split_shared_expert): the shared
+// expert's item is served by two CTAs per band (grid rows 0 and 1, warp_slice's parts), item i >= 1 by grid row
+// i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA starts its weight
+// stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
+// start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
+// (read through L2) while h is not (staged after the wait).
+template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
+  static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
+  static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
+  constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring = tile::stream::align_slots(smem) +
                   size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
-  const bool shared_item = blockIdx.y == 0;  // work item 0 is always the shared expert's
-  if (shared_item)
+  const int band = int(blockIdx.x);
+  const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
+  const int part = shared_item ? int(blockIdx.y) : 0;
+  const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
+  if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G>(a, a.shared_expert, int(blockIdx.x), ring, full);
+      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
-  if (!has_work_item_after_prior_grids(a)) return;
-  const MoeWorkItem item = a.work_items[blockIdx.y];
+  } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
+    // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
+    const int expert = __ldcg(&a.work_items[item_index].expert);
+    with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
+  }
+  if (!has_work_item_after_prior_grids(a, item_index)) return;
+  // Every CTA with an item has started its stream with the head start (the item count read above is the same).
+  const bool started = kHeadStart || shared_item;
+  const MoeWorkItem item = a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];
-  with_tile_format(format, [&]<tile::TileFormat F>() {
-    if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-      run_streamed_item<F, G, 1, kLean>(a, expert, item, int(blockIdx.x), smem, full, shared_item);
-    else
-      run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, int(blockIdx.x), smem, full,
-                                                             shared_item);
-  });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
+  if (kSplitShared && shared_item) {
+    with_tile_format(format, [&]<tile::TileFormat F>() {
+      run_streamed_item<F, G, 1, kLean, kSharedParts>(a, expert, item, band, smem, full, true, part);
+    });
+  } else {
+    with_tile_format(format, [&]<tile::TileFormat F>() {
+      if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
+        run_streamed_item<F, G, 1, kLean>(a, expert, item, band, smem, full, started);
+      else
+        run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
+    });
+  }
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

@@ -75,6 +75,18 @@ struct MoeExpertGemmParams {
   // integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x and
   // zeros). Same operands, same MMAs in the same order: the same bits.
   bool lean_decode = false;
+  // Streamed kernels at T <= 8 where moe_shared_expert_splits: the shared expert's CTAs split in two per band, each
+  // covering half the band's rows with two warps per 16 rows (even and odd stages, summed in shared memory), so a
+  // shared CTA streams the bytes of a routed one instead of twice them (the FP8 shared expert beside fp4 routed
+  // experts) and the launch no longer ends on the shared expert's CTAs alone. One CTA more per band; the shared
+  // expert's sums are added in another order (even-stage + odd-stage partial sums, both fp32): as exact, not the
+  // same bits.
+  bool split_shared_expert = false;
+  // run_moe_down, streamed kernels at T <= 8: every CTA (not only the shared expert's) reads its work item and starts
+  // streaming its weights before waiting for the previous launch, so the down weights flow while the gate/up CTAs
+  // finish. Only valid where the previous launch on the stream is run_moe_gate_up of the same routing (run_moe's
+  // order): its CTAs let this launch start only after the routing is complete. The same bits.
+  bool down_head_start = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
@@ -90,6 +102,11 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);
+
+// Whether split_shared_expert applies: streamed one-tile launches (T <= 8) whose shared expert takes more stages per
+// weight row than the routed experts (a smaller stage_k: FP8 or BF16 beside fp4) and at least 2·kStreamedSlots
+// stages per row of each matrix.
+bool moe_shared_expert_splits(const MoeExpertGemmParams& params);
 
 // Throws naming the field or format at fault unless the grouped GEMMs support the call.
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
