@@ -259,7 +259,8 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                                    .window_slots = c.window, .compressed_index = d_compressed.as<int32_t>(),
                                    .compressed_slots = c.compressed_slots,
                                    .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
-                                   .out_dtype = c.out_dtype, .cluster_merge_bf16_partials = c.bf16_partials};
+                                   .out_dtype = c.out_dtype, .cluster_merge_bf16_partials = c.bf16_partials,
+                                   .head_split = false};
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
     merged.cluster_merge = cluster_merge;
@@ -569,6 +570,9 @@ TEST(SparseAttention, RefusesUnsupportedCalls) {
   p = good;
   p.rope_frequencies = buffer.as<float>();
   testing::expect_error([&] { run_sparse_attention(p); }, "positions");
+  p = good;
+  p.head_split_tiles = kSparseAttentionHeadSplitMaxTiles + 1;
+  testing::expect_error([&] { run_sparse_attention(p); }, "head_split_tiles");
 }
 
 }  // namespace

@@ -5,8 +5,8 @@
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
-#include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/per_device_cache.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -49,8 +49,9 @@ void launch(const SparseAttentionParams& p, const SharedMemoryPlan& plan, int he
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedMemoryPerSm));
     return true;
   });
-  launch_dependent_clusters(kernel, p.tokens * head_blocks * p.splits, TileConfig<kHeadDim, kHeadTiles>::kThreads,
-                            plan.total, 1, p.stream, "sparse_attention", p, plan, head_blocks);
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)),
+                 dim3(unsigned(TileConfig<kHeadDim, kHeadTiles>::kThreads)), size_t(plan.total), p.stream,
+                 dim3(1, 1, 1), "sparse_attention", p, plan, head_blocks);
 }
 
 template <int kHeadDim>
@@ -70,8 +71,9 @@ void dispatch_tiles(const SparseAttentionParams& p, const SharedMemoryPlan& plan
 // The second pass of a split call: merges the splits' partial outputs.
 void launch_combine(const SparseAttentionParams& p) {
   if (p.splits <= 1) return;
-  launch_dependent_clusters(sparse_attention_combine_kernel, p.tokens * p.heads, kCombineThreads, 0, 1, p.stream,
-                            "sparse_attention combine", p, p.cache.layout.head_dim, p.cache.layout.nope_dim);
+  launch_chained(sparse_attention_combine_kernel, dim3(unsigned(p.tokens * p.heads)), dim3(unsigned(kCombineThreads)),
+                 0, p.stream, dim3(1, 1, 1), "sparse_attention combine", p, p.cache.layout.head_dim,
+                 p.cache.layout.nope_dim);
 }
 
 // The wgmma kernel serves head_dim 512 with more than 32 heads (blocks of 64, padded); fp8 entries in DeepSeek's
@@ -161,8 +163,9 @@ void launch_d512(const SparseAttentionParams& p) {
   d512_device_limits();  // the kernels' attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
-  launch_dependent_clusters(kernel, p.tokens * head_blocks * p.splits, kD512Threads, kBytes, cluster ? p.splits : 1,
-                            p.stream, "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),
+                 size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
+                 "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.
@@ -189,22 +192,31 @@ int device_multiprocessors() {
   });
 }
 
-// Tiles per CTA of the head-split path where the call leaves the choice to the launcher.
-constexpr int kHeadSplitDefaultTiles = kHeadSplitMaxTiles;
-
 int head_split_groups(int heads) { return (heads + kHeadSplitHeads - 1) / kHeadSplitHeads; }
 
-// The head-split path's splits for the call (fewest CTAs of at most head_split_tiles tiles over the slot bound),
-// 0 where it does not serve it: more CTAs than one wave (larger batches fill the GPU with the kernels above), or more
-// splits than the device's largest cluster (long HCA lists).
+// The head-split path's splits for the call, 0 where it does not serve it. Its tokens × head groups × splits CTAs
+// (one per SM) must be one wave, and the splits at most the device's largest cluster (long HCA lists need more;
+// larger batches fill the GPU with the kernels above). A call's head_split_tiles sets the tiles per CTA; left to the
+// launcher, it takes the most splits (fewest tiles per CTA) whose CTAs fill at most half the SMs with every cluster
+// resident at once, else the fewest splits. Measured on an H200 (bench_cuda_attention, fp8 entries, L2 flushed, µs at
+// 1-4 tiles per CTA): Flash SWA batch 1 12.0 12.1 12.3 12.8, batch 8 19.9 (128 CTAs) 12.7 12.5 13.2; Flash CSA batch
+// 1 — 13.4 14.1 14.6; Pro CSA batch 1 — 22.9 (80 CTAs in clusters of 10) 14.3 14.8.
 int head_split_splits(const SparseAttentionParams& p) {
   if (!p.head_split || p.tokens == 0 || !use_d512_kernel(p)) return 0;
   const int64_t tiles = (int64_t(p.window_slots) + p.compressed_slots + kTile - 1) / kTile;
-  const int per_cta = p.head_split_tiles > 0 ? p.head_split_tiles : kHeadSplitDefaultTiles;
-  const int64_t splits = std::max<int64_t>(1, (tiles + per_cta - 1) / per_cta);
-  if (splits > 1 && splits > head_split_device_limits().largest) return 0;
-  if (p.tokens * head_split_groups(p.heads) * splits > device_multiprocessors()) return 0;
-  return int(splits);
+  const ClusterLimits limits = head_split_device_limits();
+  const int64_t clusters = p.tokens * head_split_groups(p.heads), sms = device_multiprocessors();
+  const auto splits_for = [&](int per_cta) -> int64_t {
+    const int64_t splits = std::max<int64_t>(1, (tiles + per_cta - 1) / per_cta);
+    return (splits == 1 || splits <= limits.largest) && clusters * splits <= sms ? splits : 0;
+  };
+  if (p.head_split_tiles > 0) return int(splits_for(p.head_split_tiles));
+  for (int per_cta = 1; per_cta < kHeadSplitMaxTiles; ++per_cta) {
+    const int64_t splits = splits_for(per_cta);
+    if (splits > 0 && 2 * clusters * splits <= sms && (splits == 1 || clusters <= limits.clusters[size_t(splits)]))
+      return int(splits);
+  }
+  return int(splits_for(kHeadSplitMaxTiles));
 }
 
 void launch_head_split(const SparseAttentionParams& p, int splits) {
@@ -214,8 +226,9 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
   const int head_groups = head_split_groups(p.heads);
   const auto kernel = p.cache.layout.format == KvEntryFormat::Fp8Reference ? sparse_attention_head_split_kernel<true>
                                                                            : sparse_attention_head_split_kernel<false>;
-  launch_dependent_clusters(kernel, p.tokens * head_groups * splits, kHeadSplitThreads, HeadSplitLayout::kBytes,
-                            splits, p.stream, "sparse_attention (head split)", call, head_groups);
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_groups * splits)), dim3(unsigned(kHeadSplitThreads)),
+                 size_t(HeadSplitLayout::kBytes), p.stream, dim3(unsigned(splits), 1, 1),
+                 "sparse_attention (head split)", call, head_groups);
 }
 
 }  // namespace
