@@ -1299,7 +1299,8 @@ TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
 
 // The stream-tiled layout's byte map (weight_tile_mma.cuh) is a bijection of a matrix's stored bytes onto the same
 // range, keeps 16-byte pieces whole, and puts each warp stage's 4 KB in one contiguous run: every 16-row × 256-byte
-// stage of a [48, 768]-byte matrix lands on exactly one 4 KB block, in stage order.
+// stage of a [48, 768]-byte matrix lands on exactly one 4 KB block, in stage order, starting where the kernel's copy
+// starts (row · row bytes + 16 · byte).
 TEST(QuantizedLinear, StreamTiledOffsetsAreAStageOrderedBijection) {
   namespace st = tile::stream;
   constexpr int64_t kRows = 48, kRowBytes = 768;
@@ -1313,6 +1314,8 @@ TEST(QuantizedLinear, StreamTiledOffsetsAreAStageOrderedBijection) {
       const int64_t stage = (row / tile::kTileRows) * (kRowBytes / st::kRowBytes) + byte / st::kRowBytes;
       EXPECT_EQ(offset / st::kStageBytes, stage) << "row " << row << ", byte " << byte;
       EXPECT_EQ(offset % 16, byte % 16) << "row " << row << ", byte " << byte;
+      if (row % tile::kTileRows == 0 && byte % st::kRowBytes == 0)  // where issue_tiled_stage starts a stage's copy
+        EXPECT_EQ(offset, row * kRowBytes + tile::kTileRows * byte) << "row " << row << ", byte " << byte;
     }
   for (size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i], 1) << "tiled byte " << i;
 }

@@ -487,7 +487,6 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .tickets = config.workspace_bytes > 0 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.workspace_bytes > 0 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
-      .tiles = config.layout == WeightLayout::STREAM_TILES ? w.data : nullptr,
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,

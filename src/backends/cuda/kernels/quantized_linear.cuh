@@ -43,7 +43,6 @@ struct LinearKernelArgs {
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
-  const uint8_t* tiles;           // STREAMED path, WeightLayout::STREAM_TILES: the tiled data (else null)
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
@@ -267,13 +266,14 @@ struct WarpRing {
 };
 
 // Starts the copy of the stage at k0 of the warp's rows from row0 into `slot`: two swizzled boxes through the tensor
-// maps of the row-major data, or one bulk copy from the stage-tiled data (kTiled). Called by the whole warp.
+// maps of the row-major data, or one bulk copy from the stage-tiled data (kTiled: weight.data holds the tiles).
+// Called by the whole warp.
 template <tile::TileFormat F, bool kTiled>
 __device__ __forceinline__ void issue_weight_stage(const LinearKernelArgs& a, int64_t row0, int64_t k0, uint8_t* slot,
                                                    uint64_t* full) {
   if constexpr (kTiled)
-    tile::stream::issue_tiled_stage<F>(&a.maps, a.tiles, a.weight.cols * 16 / tile::stream::values_per_load(F), row0,
-                                       k0, slot, full);
+    tile::stream::issue_tiled_stage<F>(&a.maps, a.weight.data, a.weight.cols * 16 / tile::stream::values_per_load(F),
+                                       row0, k0, slot, full);
   else
     tile::stream::issue_stage<F>(&a.maps, row0, k0, slot, full);
 }

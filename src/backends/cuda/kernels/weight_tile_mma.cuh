@@ -760,7 +760,9 @@ __host__ __device__ constexpr int64_t stream_tiled_offset(int64_t row, int64_t b
 }
 
 // issue_stage for a matrix whose data is in the tiled layout at `tiles` (row_bytes stored bytes per row): one bulk
-// copy of the stage's 4 KB, and the fp4 scales' box as issue_stage. Called by the whole warp (lane 0 issues).
+// copy of the stage's 4 KB, and the fp4 scales' box as issue_stage. row0 is a multiple of 16 and k0 of stage_k(F),
+// so the stage starts at stream_tiled_offset(row0, byte0) = row0 · row_bytes + 16 · byte0. Called by the whole warp
+// (lane 0 issues).
 template <TileFormat F>
 __device__ __forceinline__ void issue_tiled_stage(const StreamMaps* maps, const uint8_t* tiles, int64_t row_bytes,
                                                   int64_t row0, int64_t k0, uint8_t* slot, uint64_t* full) {
@@ -769,7 +771,7 @@ __device__ __forceinline__ void issue_tiled_stage(const StreamMaps* maps, const 
   sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
   const int64_t byte0 = k0 * 16 / values_per_load(F);
   ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(slot)),
-                                      tiles + stream_tiled_offset(row0, byte0, row_bytes), kStageBytes,
+                                      tiles + row0 * row_bytes + kTileRows * byte0, kStageBytes,
                                       static_cast<uint32_t>(__cvta_generic_to_shared(full)));
   if constexpr (kScaleBytes > 0)
     sm90::tma_load_2d(slot + 2 * kHalfBytes, &maps->scales, full, int32_t(k0 / (stage_k(F) / kScaleBytes)),
