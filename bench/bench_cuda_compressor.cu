@@ -13,7 +13,10 @@
 // - diagnostic rows: the decode steps that complete windows with an entry's split over CTAs forced (1 to 8);
 // - the indexer compressor's decode steps storing per-slot keys as the model does: fp8 codes + scale against bf16;
 // - the decode steps with the runs loaded before the kernel's wait (runs_ready_at_launch) against the same steps;
-// - every step with the slot loads staged through shared memory (staged_slot_loads) against the same step without;
+// - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
+//   a double-precision sincos);
+// - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: staged for the
+//   prefill chunk, registers for decode steps) against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -128,7 +131,7 @@ struct Compressor {
   bool overlapping;
   CompressorStoredRounding rounding;
   std::vector<DeviceBuffer> kv, gate;
-  DeviceBuffer ape, norm, frequencies, entries;
+  DeviceBuffer ape, norm, frequencies, rope_table, entries;
   DeviceCompressorState state;
   int rotation = 0;
 
@@ -146,6 +149,15 @@ struct Compressor {
     std::vector<float> f(32);
     for (int i = 0; i < 32; ++i) f[size_t(i)] = float(std::pow(160000.0, -2.0 * i / 64.0));
     frequencies = to_device(f, "frequencies");
+    // The factors of every position a step here reaches, as rope_factors forms them (fp32 angle, double sincos).
+    std::vector<float> table;
+    for (int64_t position = 0; position < kPrefill + 2 * ratio; ++position)
+      for (const float frequency : f) {
+        const double angle = double(float(position) * frequency);
+        table.push_back(float(std::cos(angle)));
+        table.push_back(float(std::sin(angle)));
+      }
+    rope_table = to_device(table, "rope table");
     entries = DeviceBuffer(size_t(kPrefill) * size_t(c) * 4, "entries");
   }
 
@@ -252,15 +264,21 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
                   "runs loaded before the wait; baseline: the same step with the runs after it"});
 }
 
-// Every step again with the slot loads staged through shared memory (staged_slot_loads): against the same step
-// without (baseline column).
-void add_staged_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
-                    const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
-                    const std::function<void(cudaStream_t)>& body) {
-  const std::string variant = std::string(s.variant) + ", staged slot loads";
+// The slot loads Auto does not pick for the step: registers for the prefill chunk, staged for decode steps.
+CompressorSlotLoads other_slot_loads(const Step& s) {
+  return s.start_in_window == -1 ? CompressorSlotLoads::Registers : CompressorSlotLoads::Staged;
+}
+
+// Every step again with its slot loads forced to other_slot_loads: against the default (baseline column).
+void add_slot_loads_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
+                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
+                        const std::function<void(cudaStream_t)>& body) {
+  const bool staged = other_slot_loads(s) == CompressorSlotLoads::Staged;
+  const std::string variant = std::string(s.variant) + (staged ? ", staged slot loads" : ", register slot loads");
   if (!selected(only, op, variant)) return;
   rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
-                  "cp.async ring in shared memory, 256-thread CTAs; baseline: the same step with register loads"});
+                  staged ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (register loads)"
+                         : "loads into registers; baseline: the default (staged loads)"});
 }
 
 void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
@@ -283,12 +301,21 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                          p.runs_ready_at_launch = true;
                          run_compressor(p);
                        });
-    add_staged_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
-                   [&](cudaStream_t on) {
-                     CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
-                     p.staged_slot_loads = true;
-                     run_compressor(p);
-                   });
+    const std::string table_variant = std::string(s.variant) + ", RoPE table";
+    if (selected(only, std::string("compressor ") + k.name, table_variant))
+      rows.push_back({std::string("compressor ") + k.name, table_variant, graph_us(stream, 20, [&](cudaStream_t on) {
+                        CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                        p.rope_frequencies = nullptr, p.rope_table = k.rope_table.as<float2>();
+                        run_compressor(p);
+                      }),
+                      bytes / (copy_gbps * 1e3), us, bytes,
+                      "factors loaded from a per-position table; baseline: the default (double sincos)"});
+    add_slot_loads_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
+                         CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                         p.slot_loads = other_slot_loads(s);
+                         run_compressor(p);
+                       });
   }
 }
 
@@ -378,13 +405,13 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    add_staged_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
-                   [&](cudaStream_t on) {
-                     CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                                 index.params(runs, s.sequences, s.tokens, on)};
-                     both[0].staged_slot_loads = both[1].staged_slot_loads = true;
-                     run_compressors(both);
-                   });
+    add_slot_loads_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
+                         CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
+                                                     index.params(runs, s.sequences, s.tokens, on)};
+                         both[0].slot_loads = both[1].slot_loads = other_slot_loads(s);
+                         run_compressors(both);
+                       });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
 }

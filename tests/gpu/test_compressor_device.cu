@@ -11,7 +11,8 @@
 // element checked, as are the entry numbers known from positions. kv and gate also as slices of one wider projection
 // output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
 // (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced; every
-// case again with the slot loads staged through shared memory (staged_slot_loads), alone and in pairs.
+// case again with the slot loads forced to shared-memory staging and to registers (CompressorParams::slot_loads; the
+// other tests run the default, Auto: staged prefill chunks, register decode steps), alone and in pairs.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -143,6 +144,7 @@ class CaseCheck {
     d_freq_ = to_device(rope_.frequencies(), "rope frequencies");
     state_.emplace(c.ratio, c.head_dim, c.overlapping, kSlots);
     capacity_ = longest / c.ratio + 1;  // bf16 output: entries per slot
+    longest_ = longest;
     d_keys_ = DeviceBuffer(size_t(kSlots * capacity_ * c.head_dim) * 2, "slot entries");
     d_keys_.fill_bytes(0xFF);
     d_scales_ = DeviceBuffer(size_t(kSlots * scale_stride()) * 4, "slot entry scales");
@@ -159,10 +161,26 @@ class CaseCheck {
     cluster_ctas_ = ctas;
     name_ += ", " + std::to_string(ctas) + " CTAs per entry";
   }
-  // Every launch stages its slot loads through shared memory (CompressorParams::staged_slot_loads).
-  void stage_slot_loads() {
-    staged_ = true;
-    name_ += ", staged slot loads";
+  // Every launch reads its RoPE factors from a table of every window start (CompressorParams::rope_table, built from
+  // the CPU's angles) instead of the frequencies (then null).
+  void use_rope_table() {
+    const int64_t pairs = c_.rope_dim / 2;
+    std::vector<float> table(static_cast<size_t>(2 * (longest_ + 1) * pairs));
+    std::vector<float> cos_values(static_cast<size_t>(pairs)), sin_values(static_cast<size_t>(pairs));
+    for (int64_t position = 0; position <= longest_; ++position) {
+      rope_.angles(position, cos_values.data(), sin_values.data());
+      for (int64_t i = 0; i < pairs; ++i) {
+        table[size_t(2 * (position * pairs + i))] = cos_values[size_t(i)];
+        table[size_t(2 * (position * pairs + i) + 1)] = sin_values[size_t(i)];
+      }
+    }
+    d_rope_table_ = to_device(table, "rope table");
+    name_ += ", RoPE table";
+  }
+  // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice.
+  void force_slot_loads(CompressorSlotLoads loads) {
+    slot_loads_ = loads;
+    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads" : ", register slot loads";
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -213,11 +231,12 @@ class CaseCheck {
                          .max_run_tokens = max_run,
                          .ape = d_ape_.as<float>(),
                          .norm_weight = d_norm_.as<float>(),
-                         .rope_frequencies = d_freq_.as<float>(),
+                         .rope_frequencies = d_rope_table_.data() == nullptr ? d_freq_.as<float>() : nullptr,
+                         .rope_table = d_rope_table_.data() == nullptr ? nullptr : d_rope_table_.as<float2>(),
                          .rope_dim = c_.rope_dim,
                          .state = state_->view(),
                          .cluster_ctas = cluster_ctas_,
-                         .staged_slot_loads = staged_};
+                         .slot_loads = slot_loads_};
     if (stacked_) {
       // As the model's step runs it: stacked projections, and the runs copied before the chain began (loaded before
       // the kernel's wait).
@@ -415,9 +434,10 @@ class CaseCheck {
                       (stacked_ ? ", stacked projections" : "");
   cpu::RopeTable rope_;
   int cluster_ctas_ = 0;
-  bool staged_ = false;
+  CompressorSlotLoads slot_loads_ = CompressorSlotLoads::Auto;
   std::vector<Sequence> sequences_;
-  DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_scales_, d_kv_, d_gate_, d_stacked_;
+  DeviceBuffer d_ape_, d_norm_, d_freq_, d_keys_, d_scales_, d_kv_, d_gate_, d_stacked_, d_rope_table_;
+  int64_t longest_ = 0;
   std::optional<DeviceCompressorState> state_;
   int64_t capacity_ = 0;
   std::optional<KvCache> cache_;
@@ -431,12 +451,13 @@ class CaseCheck {
 };
 
 // One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice;
-// staged: CompressorParams::staged_slot_loads).
+// slot_loads: CompressorParams::slot_loads, Auto = the launcher's choice).
 void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false, int cluster_ctas = 0, bool staged = false) {
+                bool stacked = false, int cluster_ctas = 0,
+                CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto) {
   CaseCheck check(c, chunks, seed, to_cache, stacked);
   if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
-  if (staged) check.stage_slot_loads();
+  if (slot_loads != CompressorSlotLoads::Auto) check.force_slot_loads(slot_loads);
   SCOPED_TRACE(check.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   CompressorParams p;
@@ -642,29 +663,54 @@ TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
       }
 }
 
-// The slot loads staged through shared memory (cp.async into a per-thread ring, 256-thread CTAs): every case and
-// chunking (prefill chunks, runs of different lengths, decode steps), stacked projections, the KV cache output, forced
-// splits, and pairs in one launch (which must agree on the option).
-TEST(Compressor, StagedSlotLoadsMatchTheCpuOnePass) {
+// The slot loads forced each way: staged through shared memory (cp.async into a per-thread ring, 256-thread CTAs) and
+// into registers, for every case and chunking (prefill chunks, runs of different lengths, decode steps), stacked
+// projections, the KV cache output, forced splits, and pairs in one launch (which must agree on the mode).
+TEST(Compressor, ForcedSlotLoadsMatchTheCpuOnePass) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 2100;
+  for (const CompressorSlotLoads loads : {CompressorSlotLoads::Staged, CompressorSlotLoads::Registers}) {
+    for (const CompressorCase& c : kCases)
+      for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+        check_case(c, chunks, seed++, false, false, 0, loads);
+        if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
+          check_case(c, chunks, seed++, true, true, 0, loads);
+        ASSERT_FALSE(HasFatalFailure());
+      }
+    for (const int c : {1, 5})
+      for (const int ctas : {1, 8})
+        check_case(kCases[c], "chunks of 2/3", seed++, false, false, ctas, loads);
+    for (const auto& [first, second] : {std::pair{1, 3}, std::pair{11, 12}, std::pair{5, 9}, std::pair{7, 13}})
+      for (const char* chunks : {"one pass", "chunks of 3/7/13"}) {
+        CaseCheck a(kCases[first], chunks, seed++, false, true), b(kCases[second], chunks, seed++, false, true);
+        a.force_slot_loads(loads), b.force_slot_loads(loads);
+        check_pair(a, b);
+        ASSERT_FALSE(HasFatalFailure());
+      }
+  }
+}
+
+// The RoPE factors from a per-position table (CompressorParams::rope_table) instead of the frequencies: every case,
+// prefill chunks and decode steps, both slot loads, into the KV cache too.
+TEST(Compressor, RopeTableMatchesTheCpuOnePass) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 2600;
   for (const CompressorCase& c : kCases)
-    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
-      check_case(c, chunks, seed++, false, false, 0, true);
-      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
-        check_case(c, chunks, seed++, true, true, 0, true);
-      ASSERT_FALSE(HasFatalFailure());
-    }
-  for (const int c : {1, 5})
-    for (const int ctas : {1, 8})
-      check_case(kCases[c], "chunks of 2/3", seed++, false, false, ctas, true);
-  for (const auto& [first, second] : {std::pair{1, 3}, std::pair{11, 12}, std::pair{5, 9}, std::pair{7, 13}})
-    for (const char* chunks : {"one pass", "chunks of 3/7/13"}) {
-      CaseCheck a(kCases[first], chunks, seed++, false, true), b(kCases[second], chunks, seed++, false, true);
-      a.stage_slot_loads(), b.stage_slot_loads();
-      check_pair(a, b);
-      ASSERT_FALSE(HasFatalFailure());
-    }
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"})
+      for (const bool to_cache : {false, true}) {
+        if (to_cache && (c.rounding == CompressorStoredRounding::IndexerFp4 || c.bf16_output || c.fp8_output)) continue;
+        CaseCheck check(c, chunks, seed++, to_cache, false);
+        check.use_rope_table();
+        SCOPED_TRACE(check.name());
+        CompressorParams p;
+        while (check.next_step(p)) {
+          run_compressor(p);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          check.check_step();
+          ASSERT_FALSE(HasFatalFailure());
+        }
+        check.finish();
+      }
 }
 
 // The kernel's multiply-shift division (compressor::FastDivisor, host path of the same arithmetic) against / and %:
@@ -721,16 +767,16 @@ TEST(Compressor, RefusesMismatchedState) {
   const CompressorParams one{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view()};
   CompressorParams same[2] = {one, one};
   testing::expect_error([&] { run_compressors(same); }, "need distinct states");
-  same[1].staged_slot_loads = true;
-  testing::expect_error([&] { run_compressors(same); }, "need the same staged_slot_loads");
-  // Staged CTAs pool at most 512 channels: a 1024-wide entry needs a split.
+  same[1].slot_loads = CompressorSlotLoads::Staged;
+  testing::expect_error([&] { run_compressors(same); }, "need the same slot_loads");
+  // Staged CTAs pool at most 512 channels: a 1024-wide entry needs a split (Auto then loads into registers).
   DeviceCompressorState widest(4, 1024, false);
   CompressorParams staged{.head_dim = 1024, .ratio = 4, .run_count = 1, .max_run_tokens = 1, .state = widest.view(),
-                          .cluster_ctas = 1, .staged_slot_loads = true};
+                          .cluster_ctas = 1, .slot_loads = CompressorSlotLoads::Staged};
   staged.kv = staged.gate = staged.ape = staged.norm_weight = staged_operands.as<float>();
   staged.runs = reinterpret_cast<const CompressorRun*>(staged_operands.data());
   staged.entries = staged_operands.as<float>();
-  testing::expect_error([&] { run_compressor(staged); }, "staged_slot_loads pools at most 512 channels");
+  testing::expect_error([&] { run_compressor(staged); }, "staged slot loads pool at most 512 channels");
   // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
   CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");

@@ -49,7 +49,8 @@ void check_compressor_params(const CompressorParams& p) {
         " exceeds the kernel's 32-bit state arithmetic (2^30)");
   check(p.rope_dim >= 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "compressor: rope_dim ", p.rope_dim,
         " must be even and within head_dim ", p.head_dim);
-  check(p.rope_dim == 0 || p.rope_frequencies != nullptr, "compressor: rope_frequencies are required");
+  check(p.rope_dim == 0 || p.rope_frequencies != nullptr || p.rope_table != nullptr,
+        "compressor: rope_frequencies or rope_table are required");
   const CompressorStateView& s = p.state;
   check(s.ratio == p.ratio && s.head_dim == p.head_dim && s.overlapping == p.overlapping,
         "compressor: state was made for ratio ", s.ratio, " head_dim ", s.head_dim, " overlapping ", s.overlapping,
@@ -111,31 +112,53 @@ void check_compressor_params(const CompressorParams& p) {
 
 namespace {
 
-// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout.
-compressor::PoolArgs pool_args(const CompressorParams& p) {
-  const int64_t entries_per_run = std::max<int64_t>(compressor_max_entries(p.max_run_tokens, p.ratio), 1);
+int64_t entries_per_run_of(const CompressorParams& p) {
+  return std::max<int64_t>(compressor_max_entries(p.max_run_tokens, p.ratio), 1);
+}
+
+// CTAs per entry: the entry's channels split over a cluster when entries are too few to fill the GPU (decode, HCA
+// prefill): up to 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding and the fp8 output need
+// the whole vector in one CTA.
+int entry_split(const CompressorParams& p) {
+  if (p.cluster_ctas != 0) return p.cluster_ctas;
+  const int64_t entries = p.run_count * entries_per_run_of(p), c = p.head_dim;
+  const int64_t slots = p.overlapping ? 2 * p.ratio : p.ratio;
+  int cluster = 1;
+  if (!whole_vector_in_one_cta(p))
+    while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0 &&
+           slots * (c / cluster) > kMinCtaWork)
+      cluster *= 2;
+  return cluster;
+}
+
+// Whether a launch stages its slot loads (CompressorSlotLoads; the compressors agree on the mode).
+bool stages_slot_loads(std::span<const CompressorParams> params) {
+  const CompressorSlotLoads mode = params[0].slot_loads;
+  if (mode != CompressorSlotLoads::Auto) return mode == CompressorSlotLoads::Staged;
+  bool several_entries = false;
+  for (const CompressorParams& p : params) {
+    if (p.run_count == 0) continue;
+    if (p.head_dim / entry_split(p) > 2 * compressor::kStagedThreads) return false;
+    several_entries = several_entries || entries_per_run_of(p) > 1;
+  }
+  return several_entries;
+}
+
+// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout (staged: the launch's slot loads).
+compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
+  const int64_t entries_per_run = entries_per_run_of(p);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
   const int c = int(p.head_dim);
-  // Split an entry's channels over a cluster when entries are too few to fill the GPU (decode, HCA prefill): up to
-  // 8 CTAs, each a whole number of 64-channel fp8 blocks. The indexer rounding and the fp8 output need the whole
-  // vector in one CTA.
   const int slots = int(p.overlapping ? 2 * p.ratio : p.ratio);
-  int cluster = p.cluster_ctas;
-  if (cluster == 0) {
-    cluster = 1;
-    if (!whole_vector_in_one_cta(p))
-      while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0 &&
-             int64_t(slots) * (c / cluster) > kMinCtaWork)
-        cluster *= 2;
-  }
+  const int cluster = entry_split(p);
   const int channels = c / cluster;
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
-  check(!p.staged_slot_loads || pairs_padded <= compressor::kStagedThreads,
-        "compressor: staged_slot_loads pools at most ", 2 * compressor::kStagedThreads,
-        " channels per CTA; head_dim ", c, " over ", cluster, " CTAs per entry has ", channels);
+  check(!staged || pairs_padded <= compressor::kStagedThreads, "compressor: staged slot loads pool at most ",
+        2 * compressor::kStagedThreads, " channels per CTA; head_dim ", c, " over ", cluster, " CTAs per entry has ",
+        channels);
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
-  const int max_threads = p.staged_slot_loads                       ? compressor::kStagedThreads
+  const int max_threads = staged                                   ? compressor::kStagedThreads
                           : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
                                                                    : compressor::kMaxThreads;
   int groups = 1;
@@ -158,6 +181,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p) {
                               .ape = p.ape,
                               .norm_weight = p.norm_weight,
                               .rope_frequencies = p.rope_frequencies,
+                              .rope_table = p.rope_table,
                               .rope_dim = int(p.rope_dim),
                               .state = p.state,
                               .entries = p.entries,
@@ -194,17 +218,18 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   for (const CompressorParams& p : params) check_compressor_params(p);
   if (params.size() == 2) {
     check(params[0].stream == params[1].stream, "compressor: the compressors of one launch need one stream");
-    check(params[0].staged_slot_loads == params[1].staged_slot_loads,
-          "compressor: the compressors of one launch need the same staged_slot_loads");
+    check(params[0].slot_loads == params[1].slot_loads,
+          "compressor: the compressors of one launch need the same slot_loads");
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
+  const bool staged = stages_slot_loads(params);
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p);
+    const compressor::PoolArgs pool = pool_args(p, staged);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = std::max(threads, pool.pairs_padded * pool.groups);
@@ -233,7 +258,6 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  const bool staged = params[0].staged_slot_loads;
   if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
   const auto kernel = slice_updates ? (staged ? compressor::compressor_kernel<true, true>
                                               : compressor::compressor_kernel<true, false>)

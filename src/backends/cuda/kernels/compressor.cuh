@@ -49,7 +49,7 @@ inline constexpr int kMaxThreads = 512;
 inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
-// Staged slot loads (CompressorParams::staged_slot_loads): CTAs of at most kStagedThreads threads, each thread's
+// Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
 // slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
 inline constexpr int kStages = 2;
@@ -96,6 +96,7 @@ struct PoolArgs {
   const float* ape;
   const float* norm_weight;
   const float* rope_frequencies;
+  const float2* rope_table;  // or null
   int rope_dim;
   CompressorStateView state;  // every slot's
   float* entries;
@@ -277,13 +278,22 @@ __device__ __forceinline__ void add_batch(OnlineSoftmax& channel0, OnlineSoftmax
 }
 
 // A thread's share of entry w's pooling for its pair at `channel`: slots group, group + groups, … (slots in all),
-// kSlotBatch at a time. rope_here: the thread also makes the pair's RoPE factors, while its first loads are in flight.
+// kSlotBatch at a time. rope_here: the thread also makes the factors of RoPE pair rope_pair (frequency), while its
+// first loads are in flight.
 struct PoolingTask {
   int64_t w;
   int group, channel, slots;
   bool rope_here;
+  int rope_pair;
   float frequency;
 };
+
+// The pair's RoPE factors at the window start: one 8-byte load from the table, or a double-precision sincos.
+__device__ __forceinline__ RopeFactors window_rope(const PoolArgs& a, const PoolingTask& t) {
+  if (a.rope_table == nullptr) return rope_factors(t.w * a.ratio, t.frequency);
+  const float2 f = __ldg(a.rope_table + t.w * a.ratio * (a.rope_dim / 2) + t.rope_pair);
+  return {f.x, f.y};
+}
 
 // Loads into registers, each batch's issued before any of them is used.
 __device__ __forceinline__ void pool_from_registers(const PoolArgs& a, const RunView& r, const PoolingTask& t,
@@ -298,7 +308,7 @@ __device__ __forceinline__ void pool_from_registers(const PoolArgs& a, const Run
       slot[k] = load_slot<true>(a, r, p.q, p.column);
       valid[k] = p.valid;
     }
-    if (s0 == t.group && t.rope_here) rope = rope_factors(t.w * a.ratio, t.frequency);
+    if (s0 == t.group && t.rope_here) rope = window_rope(a, t);
     add_batch(channel0, channel1, slot, valid);
   }
 }
@@ -328,7 +338,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
   issue(0, 0);
   if (batches > 1) issue(1, 1);
-  if (t.rope_here) rope = rope_factors(t.w * a.ratio, t.frequency);
+  if (t.rope_here) rope = window_rope(a, t);
   for (int b = 0; b < batches; ++b) {
     if (b + 1 < batches)
       ptx::cp_async_wait<1>();
@@ -525,8 +535,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   const int rope_begin = c - a.rope_dim;
   const float2 norm_weight = active && group == 0 ? make_float2(a.norm_weight[channel], a.norm_weight[channel + 1])
                                                   : make_float2(0.0f, 0.0f);
+  const int rope_pair = (channel - rope_begin) / 2;
   const float frequency =
-      active && group == 0 && channel >= rope_begin ? a.rope_frequencies[(channel - rope_begin) / 2] : 0.0f;
+      active && group == 0 && channel >= rope_begin && a.rope_table == nullptr ? a.rope_frequencies[rope_pair] : 0.0f;
   // The runs, the projections and the state are earlier operations' outputs; runs that were ready when the chain
   // began (runs_ready_at_launch) load before the wait, so their round trip overlaps the previous kernel.
   CompressorRun run{};
@@ -558,12 +569,13 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 
   RopeFactors rope{1.0f, 0.0f};
   if (emitting && active) {
-    // The RoPE factors (a double-precision sincos) are made while the first loads are in flight.
+    // The RoPE factors are made (or loaded) while the first loads are in flight.
     const PoolingTask task{.w = w,
                            .group = group,
                            .channel = channel,
                            .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
                            .rope_here = group == 0 && channel >= rope_begin,
+                           .rope_pair = rope_pair,
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
     if constexpr (kStaged)
