@@ -19,7 +19,8 @@
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
 // - the decode chain at batch 1 (contexts 4K, 64K, 1M, and 16 keys visible in the 4K grid as in the e2e bench):
 //   indexer_prepare, scores and top-k alone, and the four ways of running them (three launches; prepare + fused
-//   scores/top-k; raw-q scores + top-k; raw-q fused), both formats; the top-k's trace at 16 visible.
+//   scores/top-k; raw-q scores + top-k; raw-q fused), both formats, the scores with the default kernel choice
+//   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
 // Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the batch-1 cases only.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -210,8 +211,10 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; warpgroup: the wgmma kernel.
-  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false, bool warpgroup = false) {
+  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; kernel: mma.sync (Warp) unless
+  // told (the decode chain runs the model's default, Auto).
+  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false,
+                           IndexerScoresKernel kernel = IndexerScoresKernel::Warp) {
     IndexerScoresParams p{.head_weights = weights.as<float>(),
                           .key_count = keys,
                           .positions = d_positions.as<int64_t>(),
@@ -221,7 +224,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                           .ratio = kRatio,
                           .scores = scores.as<float>(),
                           .score_stride = keys,
-                          .kernel = warpgroup ? IndexerScoresKernel::Warpgroup : IndexerScoresKernel::Warp,
+                          .kernel = kernel,
                           .stream = on};
     const int copy = rotation++ % copies;
     if (fp8) {
@@ -268,7 +271,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   // The warpgroup-MMA kernels, each against the mma.sync kernel of its format.
   for (const bool fp8 : {false, true}) {
     const double us =
-        graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, false, true)); });
+        graph_us(stream, 20, [&](cudaStream_t on) {
+          run_indexer_scores(scores_params(on, fp8, false, IndexerScoresKernel::Warpgroup));
+        });
     rows.push_back({fp8 ? "indexer scores fp8, warpgroup MMA" : "indexer scores, warpgroup MMA", shape, us,
                     fp8 ? fp8_floor_us : score_floor_us, fp8 ? fp8_us : score_us,
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
@@ -375,7 +380,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       return p;
     };
     const auto scores_params_at = [&](cudaStream_t on, bool fp8, bool raw = false) {
-      return positions(scores_params(on, fp8, raw));
+      return positions(scores_params(on, fp8, raw, IndexerScoresKernel::Auto));
     };
     const auto top_k_params_at = [&](cudaStream_t on) { return positions(top_k_params(on, 0)); };
     for (const bool fp8 : {false, true}) {

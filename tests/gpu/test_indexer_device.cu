@@ -261,6 +261,11 @@ struct ScoresCase {
 // that includes the tensor core's own accumulation of e4m3 products, which PTX leaves unspecified; an H200 measured
 // the same ≤ 5e-8 as bf16 (round 4), so both get the same bound.
 constexpr double kScoreTolerance = 2e-5;
+// The e4m3 warpgroup MMA keeps about 14 bits of each k32 step's sum of products before its fp32 accumulate (the
+// behaviour DeepSeek reported for Hopper's fp8 tensor cores): plain e4m3 operands measured up to 4.5e-5 of the
+// magnitude on an H200 (5 heads; ~1e-5 at 64), reference numerics' fp4-rounded ones 1e-8. 2^-12 still fails any
+// layout or indexing error by orders of magnitude.
+constexpr double kWarpgroupFp8Tolerance = 0x1p-12;
 
 struct ScoresRun {
   std::vector<float> scores;         // [tokens, stride] as the GPU wrote them
@@ -275,7 +280,8 @@ struct ScoresRun {
 // the CPU's scores of the prepared operands (every element, visibility, −inf) and each other bit for bit. Where the
 // shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) on the
 // prepared queries too: the CPU's scores within the same tolerance (its tensor-core summation order is its own);
-// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup there, else Warp).
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup for fp8 keys there when each CTA
+// has one query, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -392,6 +398,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
+  const bool auto_warpgroup = warpgroup_shape && fp8 && (c.tokens == 1 || c.sequences > 1);
   for (const int variant : {0, 1, 2, 3}) {
     const bool raw = variant == 1, warpgroup = variant == 2, automatic = variant == 3;
     if (warpgroup && !warpgroup_shape) continue;
@@ -421,6 +428,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     run_indexer_scores(p);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
+    const bool warpgroup_fp8 = fp8 && (warpgroup || (automatic && auto_warpgroup));
+    const double tolerance_scale = warpgroup_fp8 ? kWarpgroupFp8Tolerance / kScoreTolerance : 1.0;
 
     int failures = 0;
     double max_ratio = 0.0;  // error / (tolerance / kScoreTolerance): the error relative to the magnitude
@@ -444,9 +453,10 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
           }
           continue;
         }
-        const double tolerance = run.tolerance[size_t(t * c.key_count + j)];
+        const double tolerance = run.tolerance[size_t(t * c.key_count + j)] * tolerance_scale;
         const double error = std::fabs(double(g) - e);
-        max_ratio = std::max(max_ratio, std::isfinite(g) ? error / tolerance * kScoreTolerance : INFINITY);
+        max_ratio = std::max(max_ratio, std::isfinite(g) ? error / tolerance * kScoreTolerance * tolerance_scale
+                                                         : INFINITY);
         if (!std::isfinite(g) || error > tolerance) {
           ++failures;
           ADD_FAILURE() << "score[" << t << ", " << j << "] = " << g << ", want " << e << " (tolerance " << tolerance
@@ -466,7 +476,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
       warpgroup_scores = got;
     } else {
       // Raw q: the prepared-q kernel's bits; Auto: those of the kernel it must have picked.
-      const std::vector<float>& same = raw || !warpgroup_shape ? prepared_scores : warpgroup_scores;
+      const std::vector<float>& same = raw || !auto_warpgroup ? prepared_scores : warpgroup_scores;
       int mismatches = 0;
       for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
         if (float_bits(got[i]) != float_bits(same[i])) {
@@ -688,6 +698,7 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
     d_flag.fill_bytes(0);
     IndexerScoresParams scores = p;
     scores.scores = d_scores.as<float>();
+    scores.kernel = IndexerScoresKernel::Warp;  // the fused kernel's score code is the mma.sync kernels' (same bits)
     const TopKParams top{.scores = d_scores.as<float>(),
                          .row_stride = p.score_stride,
                          .candidates = c.key_count,

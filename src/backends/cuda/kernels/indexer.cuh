@@ -27,7 +27,9 @@
 //   N) takes each warp's key rows straight from the registers the key loads fill (the A fragment is mma.sync's, so
 //   the loads and their dim permutation are the warp kernel's) and the queries from shared memory: K-major in the
 //   128-byte swizzle, with head_dim permuted exactly as the keys' fragments permute it. A warpgroup owns a 64-key
-//   tile (16 rows per warp) and keeps the next tile's keys in flight while its MMAs run.
+//   tile (16 rows per warp) and keeps the next tile's keys in flight while its MMAs run. Measured (H200, T = 1):
+//   fp8 1.2-1.8× the mma.sync kernel (256K keys: 13.7 µs, 61 % of its byte floor), bf16 0.8-0.96× (its own key
+//   bytes bind there, and mma.sync was not far from them).
 #pragma once
 
 #include <cuda_bf16.h>
