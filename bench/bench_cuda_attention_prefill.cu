@@ -6,7 +6,8 @@
 // TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and
 // the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's path, and the largest
 // difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and P to bf16, in other
-// orders). Entries and q are hashes of their positions (finite, no NaN codes).
+// orders); and the prefill kernel once more with q in bf16 (bf16q: the same MMA input, half the q bytes). Entries
+// and q are hashes of their positions (finite, no NaN codes).
 // Usage: bench_cuda_attention_prefill [--json PATH]. Exit status 1 when the outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -50,6 +51,11 @@ __device__ __forceinline__ uint32_t hash32(uint64_t x) {
 // A value in [-2, 2) from a hash.
 __device__ __forceinline__ float hashed_value(uint64_t i, uint32_t seed) {
   return float(hash32(i * 0x9E3779B97F4A7C15ull + seed) >> 8) * (4.0f / 16777216.0f) - 2.0f;
+}
+
+__global__ void to_bf16(const float* in, __nv_bfloat16* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(in[i]);
 }
 
 __global__ void fill_q(float* q, int64_t n, uint32_t seed) {
@@ -139,6 +145,7 @@ struct Case {
   int64_t context;
   int old_splits;
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
+  double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -208,6 +215,17 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   synchronize_or_exit("sparse_attention_prefill");
   const double new_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  DeviceBuffer q_bf16(outputs * 2, "q bf16");
+  to_bf16<<<1024, 256>>>(d_q.as<float>(), static_cast<__nv_bfloat16*>(q_bf16.data()), int64_t(outputs));
+  DSV4_CUDA_CHECK_LAUNCH("to_bf16");
+  DeviceBuffer bf16_q_out(outputs * 2, "prefill kernel out, bf16 q");
+  SparseAttentionParams prefill_bf16_q = prefill;
+  prefill_bf16_q.q = q_bf16.data();
+  prefill_bf16_q.q_dtype = AttentionDtype::Bf16;
+  prefill_bf16_q.out = bf16_q_out.data();
+  const double bf16_q_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 
   const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
   double largest = 0, worst = 0;
@@ -237,6 +255,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double flops = 4.0 * heads * kHeadDim * double(used_slots);
   r.old_tflops = flops / (old_ms * 1e9);
   r.new_tflops = flops / (new_ms * 1e9);
+  r.bf16_q_us = bf16_q_ms * 1e3;
+  r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference = largest > 0 ? worst / largest : worst;
@@ -267,8 +287,9 @@ int run(int argc, char** argv) {
               device.multiprocessors, cublas_tflops, peak_tflops, clock_khz / 1000);
   std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = run_sparse_attention\n",
               static_cast<long long>(kTokens), kWindow, kTopK);
-  std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s\n", "model", "format", "H", "context",
-              "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup", "rel diff");
+  std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s\n", "model", "format", "H",
+              "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
+              "rel diff", "bf16q us", "TFLOP/s");
   std::mt19937 rng(11);
   std::vector<Case> cases;
   bool ok = true;
@@ -279,10 +300,10 @@ int run(int argc, char** argv) {
                                 flush.data(), flush_bytes, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
-        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e%s\n",
+        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
-                    r.old_us / r.new_us, r.relative_difference, agrees ? "" : " FAIL");
+                    r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, agrees ? "" : " FAIL");
         cases.push_back(r);
       }
   if (!json_path.empty()) {
@@ -296,10 +317,12 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"context\": %lld, \"tokens\": %lld, "
                    "\"today_splits\": %d, \"today_us\": %.1f, \"today_tflops\": %.1f, \"us\": %.1f, \"tflops\": %.1f, "
-                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e}%s\n",
+                   "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e, "
+                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
-                   r.percent_of_cublas, r.percent_of_peak, r.relative_difference, i + 1 < cases.size() ? "," : "");
+                   r.percent_of_cublas, r.percent_of_peak, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
+                   i + 1 < cases.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -35,7 +35,8 @@ bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shi
 
 void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
   const KvEntryLayout& layout = p.cache.layout;
-  check(p.cache.pool != nullptr && p.cache.page_table != nullptr, "sparse_attention_prefill: the KV cache view is empty");
+  check(p.cache.pool != nullptr && p.cache.page_table != nullptr,
+        "sparse_attention_prefill: the KV cache view is empty");
   check(sparse_attention_prefill_supports(layout, p.cache.page_shift, p.heads), "sparse_attention_prefill: head_dim ",
         layout.head_dim, " (", to_string(layout.format), " entries of ", layout.entry_bytes, " bytes), heads ", p.heads,
         ": only head_dim ", kHeadDim, " with bf16 entries or fp8 entries in the ", kFp8EntryBytes,

@@ -120,7 +120,8 @@ inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock
 inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
-inline constexpr int kBarriers = kRope + kMaxRopePairs * 8;  // full[2][2], empty[2][2], valid[2]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
 inline constexpr int kBytes = kBarriers + 10 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
@@ -153,7 +154,8 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_de
 }
 // O[64 × 256] (+)= A[64 × 16] · B[16 × 256], bf16 → fp32, A K-major and B N-major (imm-trans-b = 1) in shared
 // memory, both in the 128B swizzle.
-__device__ __forceinline__ void wgmma_m64n256k16_ss_n_major_b(float (&d)[128], uint64_t a_desc, uint64_t b_desc, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n256k16_ss_n_major_b(float (&d)[128], uint64_t a_desc, uint64_t b_desc,
+                                                              int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n"
@@ -212,6 +214,13 @@ __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 +
 
 // ---- producer ----
 
+// A 16-byte store to a 32-bit shared-memory address (a generic pointer would hold two registers per address).
+__device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(value.x), "r"(value.y), "r"(value.z),
+               "r"(value.w)
+               : "memory");
+}
+
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8>
@@ -222,7 +231,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const int64_t slots = query_slot_count(p, t);
   const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
-  int32_t physical[2][4];
+  // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
+  // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
+  int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
+  const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
   // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that
   // the two dependent loads stall once.
   const auto resolve = [&](int pair) {
@@ -239,17 +251,16 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
-        physical[b][k] = slot_entry(p, t, sequence_slot, s, rows[b][k]);
+        physical_entries[(b * 4 + k) * kWarpgroup] = slot_entry(p, t, sequence_slot, s, rows[b][k]);
       }
   };
   const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
+    if constexpr (!kFp8) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int row = row0 + 16 * k;
-      const int32_t entry_index = physical[buffer][k];
-      uint8_t* destination = tiles + swizzled(row, chunk);
-      if constexpr (!kFp8) {
+      for (int k = 0; k < 4; ++k) {
+        const int32_t entry_index = physical(buffer, k);
+        uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
         // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
         const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
 #pragma unroll
@@ -258,35 +269,52 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
           ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
                                     entry_index >= 0);
         }
-      } else {
-        uint4 out[kHalfTiles];
+      }
+    } else {
+      // The four entries' loads first, branch-free (an unused slot reads the pool's first entry and stores zeros), so
+      // that their round trips overlap: one entry after another they set the producer's pace. raw[k][i]: tile i's
+      // eight e4m3 codes, or for the rope tile the first half of its 16 bf16 bytes (the second in raw[k][kHalfTiles];
+      // the rope dims are only 8-byte aligned in the 584-byte entry); scales[k]: the e8m0 scales of the half's four
+      // tiles (bytes 576 + 4·half, +4).
+      uint2 raw[4][kHalfTiles + 1];
+      uint32_t scales[4];
 #pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i) out[i] = make_uint4(0, 0, 0, 0);
-        if (entry_index >= 0) {
-          const uint8_t* entry = p.cache.entry_address(entry_index);
-          const uint2 scales = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* entry = p.cache.entry_address(max(physical(buffer, k), 0));
+        scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
 #pragma unroll
-          for (int i = 0; i < kHalfTiles; ++i) {
-            const int tile = half * kHalfTiles + i;
-            if (tile * 64 < kFp8NopeDim) {
-              const uint2 codes = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
-              const uint32_t scale_bits = tile < 4 ? scales.x >> (8 * tile) : scales.y >> (8 * (tile - 4));
-              const float scale = e8m0_to_float(uint8_t(scale_bits & 0xFF));
-              out[i] = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
-                                  e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
-                                  e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
-                                  e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
-            } else {
-              // The bf16 rope dims are only 8-byte aligned in the 584-byte entry.
-              const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
-              const uint2 lo = *reinterpret_cast<const uint2*>(rope), hi = *reinterpret_cast<const uint2*>(rope + 8);
-              out[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-            }
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          if (tile * 64 < kFp8NopeDim) {
+            raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
+          } else {
+            const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
+            raw[k][i] = *reinterpret_cast<const uint2*>(rope);
+            raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
           }
         }
+      }
 #pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i)
-          *reinterpret_cast<uint4*>(destination + (half * kHalfTiles + i) * kTileBytes) = out[i];
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t destination = shared_address(tiles) + uint32_t(swizzled(row0 + 16 * k, chunk));
+        const bool used = physical(buffer, k) >= 0;
+#pragma unroll
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          uint4 out;
+          if (tile * 64 < kFp8NopeDim) {
+            const float scale = e8m0_to_float(uint8_t((scales[k] >> (8 * i)) & 0xFF));
+            const uint2 codes = raw[k][i];
+            out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+          } else {
+            out = make_uint4(raw[k][i].x, raw[k][i].y, raw[k][kHalfTiles].x, raw[k][kHalfTiles].y);
+          }
+          if (!used) out = make_uint4(0, 0, 0, 0);
+          store_shared(destination + uint32_t(tile * kTileBytes), out);
+        }
       }
     }
   };
@@ -301,7 +329,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const auto publish_valid = [&](int buffer) {
     if (chunk == 0)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical[buffer][k] >= 0;
+      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(buffer, k) >= 0;
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
@@ -336,10 +364,12 @@ __device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
   return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
 }
 
-// Waits for a buffer half and orders the producer's cp.async writes before this thread's wgmma reads of them.
+// Waits for a buffer half; for cp.async data (bf16 entries) also orders the producer's writes before this thread's
+// wgmma reads of them (the fp8 producer's own stores are fenced before it arrives).
+template <bool kFp8>
 __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   sm90::mbarrier_wait(barrier, parity);
-  sm90::fence_proxy_async_shared();
+  if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
 // s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
@@ -457,6 +487,7 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
+template <bool kFp8>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -521,10 +552,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   if (consumer == 0) {
     if (pairs > 0) {
-      wait_full(barriers.full(0, 0), 0);
+      wait_full<kFp8>(barriers.full(0, 0), 0);
       sm90::wgmma_fence();
       qk_half(s, smem, 0, 0, true);
-      wait_full(barriers.full(0, 1), 0);
+      wait_full<kFp8>(barriers.full(0, 1), 0);
       qk_half(s, smem, 0, 1, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -556,18 +587,18 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
-      wait_full(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        wait_full(barriers.full(0, 0), parity ^ 1);
+        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
-        wait_full(barriers.full(0, 1), parity ^ 1);
+        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
@@ -583,10 +614,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
-      wait_full(barriers.full(1, 1), parity);
+      wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
       qk_half(s, smem, 1, 1, true);
-      wait_full(barriers.full(1, 0), parity);
+      wait_full<kFp8>(barriers.full(1, 0), parity);
       qk_half(s, smem, 1, 0, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -604,7 +635,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-      wait_full(barriers.full(0, 1), parity);
+      wait_full<kFp8>(barriers.full(0, 1), parity);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::wgmma_wait_group<1>();
@@ -681,7 +712,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     produce<kFp8>(p, smem, t, query_pairs(p, t), barriers);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume(p, smem, t, head_block * kHeads, barriers);
+    consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
   }
 }
 
