@@ -31,6 +31,7 @@
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
+#include "backends/cuda/ptx/mma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/e8m0.hpp"
 
@@ -83,10 +84,14 @@ __device__ __forceinline__ int32_t slot_entry(const SparseAttentionParams& p, in
   return page >= 0 ? (page << cache.page_shift) + (row & ((1 << cache.page_shift) - 1)) : -1;
 }
 
-// Logical row of slot s of query t (−1 = unused).
-__device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int64_t t, int64_t s) {
+// Index entry of slot s of query t: its logical row (−1 = unused).
+__device__ __forceinline__ const int32_t& slot_row_ref(const SparseAttentionParams& p, int64_t t, int64_t s) {
   return s < p.window_slots ? p.window_index[t * p.window_slots + s]
                             : p.compressed_index[t * p.compressed_slots + (s - p.window_slots)];
+}
+
+__device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int64_t t, int64_t s) {
+  return slot_row_ref(p, t, s);
 }
 
 // 1 / the softmax denominator for reference max `row_max` and sum `row_sum` (log2 units) with the sink adding
@@ -333,6 +338,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
+  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
+  // resolve then waits for L2 only, not for DRAM, before its page-table loads.
+  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
+    ptx::prefetch_l2(&slot_row_ref(p, t, s));
   if (pairs > 0) resolve(0);
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
