@@ -34,8 +34,11 @@
 //   issued before the projection and checked after it, so their latency hides behind it; a stale tag is re-read.
 // - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
 //   of tile j by slice j mod S, two tokens per warp.
-// - Staged token rows are padded by 16 floats: the two rows a quarter-warp's 16-byte fragment loads touch land 16
-//   banks apart (conflict-free).
+// - The two rows a quarter-warp's 16-byte fragment loads touch (tokens g and g + 1) must land 16 banks apart
+//   (conflict-free): the persistent kernel's staged rows are unpadded with the 16-float halves of each 32-column block
+//   swapped on odd rows (staged_column), so a 64-dim stage is 16 KB and hc_pre's 2 CTAs per SM stage 6 tiles (a
+//   16-float row pad: 17 KB, 5 tiles, one iteration of slack per cross-CTA hop); the decode kernel's single tile
+//   keeps the 16-float pad.
 // - Sinkhorn on 4×4: lane = 4·j + k of a half-warp holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
 //   xor-4/8. Divisions are IEEE (no fast math), like the CPU reference. (A row per lane, tried in session 11, was
 //   2 µs slower at T = 1: four IEEE divisions per lane per normalisation cost more than the shuffles they save.)
@@ -55,7 +58,7 @@ namespace dsv4::cuda::mhc {
 
 inline constexpr int kStreams = 4;
 inline constexpr int kTileTokens = 16;  // one m16 MMA tile
-inline constexpr int kRowPad = 16;      // floats of padding per staged token row
+inline constexpr int kRowPad = 16;      // floats of padding per staged token row of the decode kernel
 inline constexpr int kPostThreads = 256;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 inline constexpr int kMixFloats = kStreams + kStreams * kStreams;  // one token's post and comb
@@ -92,7 +95,9 @@ __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool po
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
   return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
-__host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims + kRowPad; }
+// The persistent kernel's staged token rows (unpadded) and where column c of row r sits in them (see the notes).
+__host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims; }
+__host__ __device__ constexpr int staged_column(int row, int column) { return column ^ ((row & 1) << 4); }
 
 __host__ __device__ constexpr int stage_bytes(int slice_dims) {
   return kTileTokens * staged_row_floats(slice_dims) * 4;
@@ -321,6 +326,16 @@ __device__ inline int slice_sum_lanes(int slices) {
   return lanes;
 }
 
+// v summed over aligned groups of `lanes` lanes (a power of two ≤ 32) by an xor butterfly, offsets lanes / 2 down to 1:
+// unrolled over the five possible levels, each skipped uniformly past the group (as a loop over a runtime count it
+// was 7 instructions a level, 35 per tile and warp in the persistent kernel's slice sums; ncu, H200).
+__device__ __forceinline__ float butterfly_sum(float v, int lanes) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    if (offset < lanes) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
 // (v₀ + v₁) + (v₂ + v₃) over the 4 lanes first + m·stride (m < 4) of the half-warp: the xor butterfly's sum,
 // bit for bit, with the three fetches independent (one shuffle latency per sum instead of two in a chain).
 __device__ inline float sum_of_four_lanes(float v, int first, int stride) {
@@ -459,8 +474,9 @@ __device__ __forceinline__ void load_fn_fragments(float (&fn_frag)[2][kNTiles][4
 // the projection rows whose B fragments fn_pair(p, nt, e, big, small) gives as tf32 pairs (entry e of fn_frag[p][nt]
 // in load_fn_fragments' layout). Writes, into the warp's partial block `mine`, Σx² of each token over those columns
 // (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t). kChains accumulators per
-// column tile (the 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain.
-template <int kRows, int kChains, class FnPair, int kNTiles = (kRows + 7) / 8>
+// column tile (the 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain. kSwizzled:
+// the tile's rows are in staged_column's layout (the persistent kernel), else plain (the decode kernel).
+template <int kRows, int kChains, bool kSwizzled, class FnPair, int kNTiles = (kRows + 7) / 8>
 __device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, FnPair fn_pair, int g, int t4,
                                                     float* mine) {
   static_assert(kChains == 1 || kChains == 2, "one accumulator per column tile, or one per 16-column half");
@@ -468,8 +484,10 @@ __device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, Fn
   float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
-    const float4 lo = *reinterpret_cast<const float4*>(xw + g * ldx + 16 * p);
-    const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * ldx + 16 * p);
+    // kSwizzled: staged_column's layout (rows g and g + 8 alike; xw's column offset is 4·t4 past a 32-float block).
+    const int column = kSwizzled ? staged_column(g, 16 * p) : 16 * p;
+    const float4 lo = *reinterpret_cast<const float4*>(xw + g * ldx + column);
+    const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * ldx + column);
     const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
     uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
 #pragma unroll
@@ -548,8 +566,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kCollapseLag = kSolo ? kStages / 2 : kStages - 3;
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
-  // ahead as far as the loaded stages allow.
-  constexpr int kFinisherLag = 2;
+  // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
+  // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
+  constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
@@ -606,7 +625,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // collapse (the tile's 64 (token, stream) rows are vt + 16q). Offsets fixed per thread keep the loop short.
   const int vt = ltid / kVectorsPerRow, vi = (ltid % kVectorsPerRow) * 4;
   const int copy_t = vt / kStreams;
-  const int copy_offset = copy_t * kLdx + (vt % kStreams) * kSliceDims + vi;
+  const int copy_offset = copy_t * kLdx + staged_column(copy_t, (vt % kStreams) * kSliceDims + vi);  // rows + 4q alike
   const float* const copy_src = args.X + int64_t(vt) * d + i0 + vi;
   constexpr int kCopiesPerThread = kTileTokens * kStreams / (kThreads / kVectorsPerRow);
   static_assert(kCopiesPerThread == 4, "16 tokens × 4 streams of vectors over 16 thread rows");
@@ -703,7 +722,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int s = part + kMaxSliceWords * lanes; s < slices; s += lanes)
         sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
     }
-    for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    sum = butterfly_sum(sum, lanes);
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
@@ -717,7 +736,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (vt < valid_of(j) && vi < width) {
       const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
       const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
-      float* const x = stages + b * kStageFloats + vt * kLdx + vi;
+      float* const x = stages + b * kStageFloats + vt * kLdx + staged_column(vt, vi);  // + k·ds alike
       const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
       float4 xs[kStreams];
 #pragma unroll
@@ -737,7 +756,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
     float* const mine = warp_sums + warp * kPartialFloats;
     if constexpr (kSolo)
-      project_tile_3xtf32<kRows, 1>(
+      project_tile_3xtf32<kRows, 1, true>(
           xw, kLdx,
           [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
             big = fn_big[p][nt][e];
@@ -745,7 +764,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
           },
           g, t4, mine);
     else
-      project_tile_3xtf32<kRows, 1>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+      project_tile_3xtf32<kRows, 1, true>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
     sync();
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     for (int item = ltid; item < kPartialFloats; item += kThreads) {
@@ -767,7 +786,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     sync();
     if (vt < valid && vi < width) {
-      const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + vi;
+      const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + staged_column(vt, vi);
       const float4 value = collapse_vector(x, kSliceDims, pre_s[vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
     }
@@ -945,7 +964,7 @@ inline constexpr int kDecodeMaxTokens = kTileTokens;
 inline constexpr int kDecodeSliceDims = 64;
 inline constexpr int kDecodeThreads = projection_threads(kDecodeSliceDims);  // 256: 2 warps per stream
 inline constexpr int kDecodeMaxSlices = 128;                                 // hidden ≤ 8192
-inline constexpr int kDecodeLdx = staged_row_floats(kDecodeSliceDims);
+inline constexpr int kDecodeLdx = kStreams * kDecodeSliceDims + kRowPad;
 // Shared memory: the staged X tile, then the per-warp partial sums.
 inline constexpr int kDecodeWarpSumFloats = (kDecodeThreads / 32) * kPartialRows<false> * kTileTokens;
 inline constexpr int kDecodeSmemBytes = (kTileTokens * kDecodeLdx + kDecodeWarpSumFloats) * 4;
@@ -1096,7 +1115,7 @@ __device__ __forceinline__ void sum_cluster_words(int count, int clusters, unsig
   for (int p = 0; p < kGatherPasses; ++p) {
     if (p * per_pass >= count) break;  // uniform: every lane leaves together
     float sum = reads(p) ? __uint_as_float(unsigned(words[p])) : 0.0f;
-    for (int offset = lanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    sum = butterfly_sum(sum, lanes);
     if (item_of(p) < count) deliver(item_of(p), sum, l);
   }
 }
@@ -1250,7 +1269,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   float* const mine = warp_sums + warp * kPartialFloats;
   const float* const xw = tile + stream * kDecodeSliceDims + column0;
   if constexpr (kAsync)
-    project_tile_3xtf32<kRows, 2>(
+    project_tile_3xtf32<kRows, 2, false>(
         xw, kDecodeLdx,
         [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
           big = fn_big[p][nt][e];
@@ -1258,7 +1277,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
         },
         g, t4, mine);
   else
-    project_tile_3xtf32<kRows, 1>(xw, kDecodeLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    project_tile_3xtf32<kRows, 1, false>(xw, kDecodeLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
   __syncthreads();
 
   // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
