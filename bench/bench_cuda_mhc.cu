@@ -6,9 +6,8 @@
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
-// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default; at every size the solo persistent
-// kernel (HcKernelChoice::PERSISTENT_SOLO: one CTA per SM) and the warp-specialised one (PERSISTENT_WARP_SPECIALIZED)
-// beside the default. Inputs rotate over
+// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default; at every size the warp-specialised
+// persistent kernel (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the default. Inputs rotate over
 // enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
 // activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
@@ -326,11 +325,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        const auto hc_pre_solo = [&](int i) {
-          Set& s = set(i);
-          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_SOLO);
-        };
-        record("hc_pre (solo persistent kernel)", hc_pre_solo, pre_bytes, 0.0);
         const auto hc_pre_roles = [&](int i) {
           Set& s = set(i);
           run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
@@ -396,8 +390,6 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        const auto solo_post_pre = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT_SOLO, false); };
-        record("hc_post_pre (solo persistent kernel, one launch)", solo_post_pre, post_pre_bytes, 0.0);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -440,8 +432,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        const auto hc_head_solo = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_SOLO); };
-        record("hc_head (solo persistent kernel)", hc_head_solo, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
         const auto hc_head_roles = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED); };
         record("hc_head (warp-specialized persistent kernel)", hc_head_roles,
                x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);

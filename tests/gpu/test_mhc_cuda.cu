@@ -9,9 +9,9 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO); every case also runs the solo and
-// the warp-specialised persistent kernels (PERSISTENT_SOLO, PERSISTENT_WARP_SPECIALIZED), which must give the
-// persistent kernel's bits where it takes 64-dim slices too.
+// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO); every case also runs the
+// warp-specialised persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where
+// that one takes 64-dim slices too.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -172,7 +172,6 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
          (kernel == HcKernelChoice::CLUSTER           ? " cluster kernel"
           : kernel == HcKernelChoice::AUTO            ? " asynchronous cluster kernel (auto)"
-          : kernel == HcKernelChoice::PERSISTENT_SOLO ? " solo persistent kernel"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
                                                                   : " persistent kernel");
 }
@@ -456,11 +455,10 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
-// The kernels a launch of T tokens can take: the persistent one and its solo and warp-specialised variants always, the
-// cluster decode kernel and its asynchronous variant (AUTO) up to their token limit.
+// The kernels a launch of T tokens can take: the persistent one and its warp-specialised variant always, the cluster
+// decode kernel and its asynchronous variant (AUTO) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
-  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO,
-                                         HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
+  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
   if (T <= kHcDecodeMaxTokens) kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::AUTO});
   return kernels;
 }
@@ -561,11 +559,11 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
     }
 }
 
-// The solo and the warp-specialised persistent kernels sum the same values in the same order as the persistent kernel
-// where that one takes 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre,
-// hc_head and hc_post_pre (at 1000 tokens the one-per-SM kernels fuse it, the persistent path runs hc_post then
-// hc_pre: the same arithmetic).
-TEST(MhcGpu, OneCtaPerSmKernelsRepeatThePersistentKernelsBits) {
+// The warp-specialised persistent kernel sums the same values in the same order as the persistent kernel where that
+// one takes 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre, hc_head and
+// hc_post_pre (at 1000 tokens the warp-specialised kernel fuses it, the persistent path runs hc_post then hc_pre: the
+// same arithmetic).
+TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1200;
   for (const int64_t d : {int64_t(4096), int64_t(7168)})
@@ -581,8 +579,7 @@ TEST(MhcGpu, OneCtaPerSmKernelsRepeatThePersistentKernelsBits) {
                          comb_d = to_device(post_in.comb, "comb"), residual = to_device(post_in.X, "residual");
       std::vector<PreOutputBuffers> pre, post_pre;
       std::vector<DeviceBuffer> head, X_out;
-      const HcKernelChoice kernels[3] = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_SOLO,
-                                         HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
+      const HcKernelChoice kernels[2] = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
       for (const HcKernelChoice kernel : kernels) {
         PreOutputBuffers& out = pre.emplace_back(T, d);
         run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
@@ -603,28 +600,22 @@ TEST(MhcGpu, OneCtaPerSmKernelsRepeatThePersistentKernelsBits) {
                          .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
       }
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const auto expect_same_bits = [](const std::vector<float>& persistent, const std::vector<float>& other,
-                                       const char* what, int variant) {
-        EXPECT_EQ(std::memcmp(persistent.data(), other.data(), other.size() * sizeof(float)), 0)
-            << (variant == 1 ? "the solo" : "the warp-specialised") << " kernel's " << what
-            << " differs from the persistent kernel's";
+      const auto same = [](const DeviceBuffer& persistent, const DeviceBuffer& specialized, size_t floats,
+                           const char* what) {
+        const std::vector<float> expected = download(persistent, floats), actual = download(specialized, floats);
+        EXPECT_EQ(std::memcmp(expected.data(), actual.data(), floats * sizeof(float)), 0)
+            << "the warp-specialised kernel's " << what << " differs from the persistent kernel's";
       };
       const std::vector<float> y = download(pre[0].y, size_t(T * d));
       for (const float v : y) ASSERT_FALSE(std::isnan(v)) << "the persistent kernel left y unwritten";
-      for (int v = 1; v < 3; ++v) {
-        const auto same = [&](const DeviceBuffer& persistent, const DeviceBuffer& other, size_t floats,
-                              const char* what) {
-          expect_same_bits(download(persistent, floats), download(other, floats), what, v);
-        };
-        same(pre[0].y, pre[size_t(v)].y, size_t(T * d), "y");
-        same(pre[0].post, pre[size_t(v)].post, size_t(T * kN), "post");
-        same(pre[0].comb, pre[size_t(v)].comb, size_t(T * kN * kN), "comb");
-        same(head[0], head[size_t(v)], size_t(T * d), "h");
-        same(X_out[0], X_out[size_t(v)], post_in.X.size(), "hc_post_pre X_out");
-        same(post_pre[0].y, post_pre[size_t(v)].y, size_t(T * d), "hc_post_pre y");
-        same(post_pre[0].post, post_pre[size_t(v)].post, size_t(T * kN), "hc_post_pre post");
-        same(post_pre[0].comb, post_pre[size_t(v)].comb, size_t(T * kN * kN), "hc_post_pre comb");
-      }
+      same(pre[0].y, pre[1].y, size_t(T * d), "y");
+      same(pre[0].post, pre[1].post, size_t(T * kN), "post");
+      same(pre[0].comb, pre[1].comb, size_t(T * kN * kN), "comb");
+      same(head[0], head[1], size_t(T * d), "h");
+      same(X_out[0], X_out[1], post_in.X.size(), "hc_post_pre X_out");
+      same(post_pre[0].y, post_pre[1].y, size_t(T * d), "hc_post_pre y");
+      same(post_pre[0].post, post_pre[1].post, size_t(T * kN), "hc_post_pre post");
+      same(post_pre[0].comb, post_pre[1].comb, size_t(T * kN * kN), "hc_post_pre comb");
     }
 }
 

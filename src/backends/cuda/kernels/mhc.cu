@@ -115,15 +115,14 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
-// `choice` PERSISTENT_SOLO / PERSISTENT_WARP_SPECIALIZED take their variant where it serves the launch (above). Their
-// 64-dim slices need no more workspace than the launch's own choice (at most as many slices).
-// The one-CTA-per-SM variants (PERSISTENT_SOLO, PERSISTENT_WARP_SPECIALIZED) serve their choice where the card holds
-// a CTA per 64-dim slice; they fuse hc_post_pre at every token count.
-bool one_per_sm_serves(HcKernelChoice choice, int64_t hidden, int multiprocessors) {
-  return (choice == HcKernelChoice::PERSISTENT_SOLO || choice == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) &&
-         ceil_div(hidden, 64) <= multiprocessors;
+// The warp-specialised variant serves PERSISTENT_WARP_SPECIALIZED where the card holds a CTA per 64-dim slice; it
+// fuses hc_post_pre at every token count.
+bool warp_specialized_serves(HcKernelChoice choice, int64_t hidden, int multiprocessors) {
+  return choice == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED && ceil_div(hidden, 64) <= multiprocessors;
 }
 
+// `choice` PERSISTENT_WARP_SPECIALIZED takes its variant where it serves the launch. Its 64-dim slices need no more
+// workspace than the launch's own choice (at most as many slices).
 template <bool kHead, bool kPost>
 void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stream, const char* op,
                     HcKernelChoice choice) {
@@ -136,10 +135,8 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
-  if (one_per_sm_serves(choice, args.hidden, multiprocessors)) {
+  if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
     args.slices = int(ceil_div(args.hidden, 64));
-    if (choice == HcKernelChoice::PERSISTENT_SOLO)
-      return launch_projection<kHead, kPost, 64, mhc::ProjectionVariant::kSolo>(args, multiprocessors, stream, op);
     return launch_projection<kHead, kPost, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
@@ -399,8 +396,8 @@ void run_hc_head(const HcHeadParams& p) {
 void run_hc_post_pre(const HcPostPreParams& p) {
   check_hc_post_pre_params(p);
   if (p.tokens == 0) return;
-  // The one-CTA-per-SM variants fuse at every token count.
-  if (p.tokens > kFusedPostPreMaxTokens && !one_per_sm_serves(p.kernel, p.hidden, current_multiprocessors())) {
+  // The warp-specialised variant fuses at every token count.
+  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));

@@ -79,13 +79,13 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // How the persistent kernel's CTAs sit on the SMs. kShared (HcKernelChoice::PERSISTENT): one warp per 32 columns of
 // the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap; the fused variant (64-dim slices at most) one CTA
 // per SM (two at 32-dim slices): ~150 registers, no spills, and room for its out/post/comb ring beside a 10-11 deep
-// X ring (hc_pre and hc_head: 5). kSolo (PERSISTENT_SOLO, 64-dim slices): one CTA per SM for every op, the fused
-// one at any token count: fn's tf32 pairs split once into registers, and an 11-12 deep X ring split between loads in
-// flight and the cross-CTA hops' slack. kRoles (PERSISTENT_WARP_SPECIALIZED, 64-dim slices, every op, the fused one
-// at any token count): one CTA per SM of two warp groups, the projection group (the fused update, projection and
+// X ring (hc_pre and hc_head: 6). kRoles (PERSISTENT_WARP_SPECIALIZED, 64-dim slices, every op, the fused one at any
+// token count): one CTA per SM of two warp groups, the projection group (the fused update, projection and
 // publication, as kShared's warps) and the finisher group (X loads, sums over the slices, collapse), each on its own
-// barrier, so neither waits for the other's phase of a tile: the 11-12 deep ring is the only coupling.
-enum class ProjectionVariant { kShared, kSolo, kRoles };
+// barrier, so neither waits for the other's phase of a tile: the 12-deep ring is the only coupling. (A one-CTA-per-SM
+// variant of the plain loop, fn's tf32 pairs in registers and half its 12 stages loading, was slower at every size:
+// H200, Flash hc_pre T = 64 / 4096 13.5 / 377 µs against 13.1 / 298, session 15; removed.)
+enum class ProjectionVariant { kShared, kRoles };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
@@ -546,7 +546,6 @@ template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = P
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const ProjectionArgs args) {
-  constexpr bool kSolo = kVariant == ProjectionVariant::kSolo;
   constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
@@ -561,9 +560,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
-  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop. The
-  // solo CTA, alone on its SM, keeps half its stages loading (the SM's bytes in flight) and half for the hops.
-  constexpr int kCollapseLag = kSolo ? kStages / 2 : kStages - 3;
+  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
+  constexpr int kCollapseLag = kStages - 3;
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
@@ -684,15 +682,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   float fn_frag[2][kNTiles][4] = {};
   if (!finisher)  // a finisher warp's `stream` is past the 4 streams
     load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
-  // The solo CTA has the registers for the split pairs (no per-tile split of fn; same pairs, so the same bits).
-  uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
-  if constexpr (kSolo)
-#pragma unroll
-    for (int p = 0; p < 2; ++p)
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) split_tf32(fn_frag[p][nt][e], fn_big[p][nt][e], fn_small[p][nt][e]);
 
   // Sums over the slices: item i = 16·row + token of a tile's kPartial × 16 belongs to slice i mod S (tokens past
   // the tile's end are skipped); `lanes` (a power of two) aligned lanes per item, lane `part` taking slices part,
@@ -759,16 +748,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const auto project_and_publish = [&](int j, int b, auto sync) {
     const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
     float* const mine = warp_sums + warp * kPartialFloats;
-    if constexpr (kSolo)
-      project_tile_3xtf32<kRows, 1, true>(
-          xw, kLdx,
-          [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
-            big = fn_big[p][nt][e];
-            small = fn_small[p][nt][e];
-          },
-          g, t4, mine);
-    else
-      project_tile_3xtf32<kRows, 1, true>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    project_tile_3xtf32<kRows, 1, true>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
     sync();
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     for (int item = ltid; item < kPartialFloats; item += kThreads) {

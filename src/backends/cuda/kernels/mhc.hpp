@@ -54,15 +54,12 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // cluster decode kernel applies (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
 // (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
 // mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere;
-// PERSISTENT_SOLO: the persistent kernel at one CTA per SM in 64-dim slices (fn's tf32 pairs in registers, an 11-12
-// deep X ring with half of it loading ahead; the same sums in the same order as the persistent kernel at 64-dim
-// slices, so the same bits there), hc_post_pre fused at every token count (X read once), where the card holds a CTA
-// per slice; wider launches take the persistent kernel. PERSISTENT_WARP_SPECIALIZED: the persistent kernel at one CTA
-// per SM in two warp groups, one applying hc_post_pre's update and projecting and publishing the tiles, the other
-// loading, summing over the slices and collapsing, each at its own pace along an 11-12 deep X ring (same sums, same
-// order: the same bits as the persistent kernel at 64-dim slices), hc_post_pre fused at every token count, where the
-// card holds a CTA per slice.
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_SOLO, PERSISTENT_WARP_SPECIALIZED };
+// PERSISTENT_WARP_SPECIALIZED: the persistent kernel at one CTA per SM in two warp groups, one applying hc_post_pre's
+// update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each at
+// its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
+// slices), hc_post_pre fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider
+// launches take the persistent kernel.
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_WARP_SPECIALIZED };
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
