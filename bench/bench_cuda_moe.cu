@@ -10,9 +10,9 @@
 // the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
 // at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
 // of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
-// "fused-router+tile-decode", the shared-expert split and the down head start other than their defaults
-// (MoeRunParams::split_shared_expert, down_head_start; e.g. "split-shared" while the split is off by default,
-// "unsplit-shared" once on), alone and together.
+// "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
+// split_shared_expert_max_tokens; 1 by default): "unsplit-shared", "split-shared-to-8", and without the down head
+// start (MoeRunParams::down_head_start): "no-down-head-start".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -173,30 +173,32 @@ enum class Path {
   TILE_DECODE,
   FUSED_ROUTER,
   FUSED_ROUTER_TILE_DECODE,
-  OTHER_SPLIT,
-  OTHER_HEAD_START,
-  OTHER_SPLIT_HEAD_START,
+  UNSPLIT_SHARED,
+  SPLIT_SHARED_TO_8,
+  NO_DOWN_HEAD_START,
   REGISTER
 };
 struct PathSpec {
   Path path;
   const char* name;
-  bool tile_decode = false, fused_router = false, other_split = false, other_head_start = false;
-  bool option() const { return tile_decode || fused_router || other_split || other_head_start; }
+  bool tile_decode = false, fused_router = false;
+  int split_shared_max_tokens = MoeRunParams{}.split_shared_expert_max_tokens;
+  bool no_down_head_start = false;
+  bool option() const {
+    return tile_decode || fused_router || no_down_head_start ||
+           split_shared_max_tokens != MoeRunParams{}.split_shared_expert_max_tokens;
+  }
 };
-constexpr bool kSplitDefault = MoeRunParams{}.split_shared_expert, kHeadStartDefault = MoeRunParams{}.down_head_start;
 constexpr PathSpec kPaths[] = {
     {Path::SINGLE, "single"},
     {Path::STREAMED, "streamed"},
     {Path::TILE_DECODE, "tile-decode", true},
     {Path::FUSED_ROUTER, "fused-router", false, true},
     {Path::FUSED_ROUTER_TILE_DECODE, "fused-router+tile-decode", true, true},
-    {Path::OTHER_SPLIT, kSplitDefault ? "unsplit-shared" : "split-shared", false, false, true},
-    {Path::OTHER_HEAD_START, kHeadStartDefault ? "no-down-head-start" : "down-head-start", false, false, false, true},
-    {Path::OTHER_SPLIT_HEAD_START,
-     kSplitDefault ? (kHeadStartDefault ? "unsplit-shared+no-down-head-start" : "unsplit-shared+down-head-start")
-                   : (kHeadStartDefault ? "split-shared+no-down-head-start" : "split-shared+down-head-start"),
-     false, false, true, true},
+    {Path::UNSPLIT_SHARED, "unsplit-shared", false, false, 0},
+    {Path::SPLIT_SHARED_TO_8, "split-shared-to-8", false, false, 8},
+    {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.split_shared_expert_max_tokens,
+     true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -212,8 +214,8 @@ MoeRunParams path_params(Path path) {
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
   if (spec.tile_decode) p.lean_expert_decode = false;
   if (spec.fused_router) p.decode_router = false;
-  if (spec.other_split) p.split_shared_expert = !p.split_shared_expert;
-  if (spec.other_head_start) p.down_head_start = !p.down_head_start;
+  p.split_shared_expert_max_tokens = spec.split_shared_max_tokens;
+  if (spec.no_down_head_start) p.down_head_start = false;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -428,8 +430,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "split-shared,down-head-start,split-shared+down-head-start,register] (the last three "
-                           "named for the other value than the default)\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,register]\n");
       return 2;
     }
   }

@@ -5,9 +5,10 @@
 // streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
 // launches' bits, also through one workspace over many calls and graph replays); the streamed kernels with
 // weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); the
-// streamed kernels with the shared-expert split other than the default (MoeRunParams::split_shared_expert: the
-// shared expert's sums in another order, so checked against the CPU, and run to run) and the down head start other
-// than the default (MoeRunParams::down_head_start: the same bits, alone and with the split); a V4-Pro-width layer
+// streamed kernels with the shared expert never split and split at every T <= 8 (MoeRunParams::
+// split_shared_expert_max_tokens, 1 by default: the shared expert's sums in another order, so checked against the
+// CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
+// (MoeRunParams::down_head_start: the same bits, alone and with the split); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -271,7 +272,7 @@ struct Kernels {
   bool fused_small_batches = false;
   bool single_launch = false;
   bool lean = MoeRunParams{}.lean_expert_decode;
-  bool split_shared = MoeRunParams{}.split_shared_expert;
+  int split_shared_max_tokens = MoeRunParams{}.split_shared_expert_max_tokens;
   bool down_head_start = MoeRunParams{}.down_head_start;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
@@ -279,12 +280,14 @@ struct Kernels {
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
            (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode") +
-           (split_shared ? ", split shared expert" : "") + (down_head_start ? ", down head start" : "");
+           ", shared expert split at T <= " + std::to_string(split_shared_max_tokens) +
+           (down_head_start ? ", down head start" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
-    p.lean_expert_decode = lean, p.split_shared_expert = split_shared, p.down_head_start = down_head_start;
+    p.lean_expert_decode = lean, p.split_shared_expert_max_tokens = split_shared_max_tokens;
+    p.down_head_start = down_head_start;
     return p;
   }
 };
@@ -297,16 +300,19 @@ constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_sm
 // The streamed kernels with the decode other than the default.
 constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                        .lean = !MoeRunParams{}.lean_expert_decode};
-// The streamed kernels with the shared-expert split other than the default (MoeRunParams::split_shared_expert).
-constexpr Kernels kStreamedOtherSplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                      .split_shared = !MoeRunParams{}.split_shared_expert};
+// The streamed kernels with the shared expert never split (the single launch's order) and split at every T <= 8
+// (MoeRunParams::split_shared_expert_max_tokens).
+constexpr Kernels kStreamedUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                   .split_shared_max_tokens = 0};
+constexpr Kernels kStreamedSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                    .split_shared_max_tokens = 8};
 // The streamed kernels with the down head start other than the default (MoeRunParams::down_head_start: the same
-// bits), alone and with the other split.
+// bits), alone and with the split at every T <= 8.
 constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                           .down_head_start = !MoeRunParams{}.down_head_start};
-constexpr Kernels kStreamedOtherSplitHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                               .split_shared = !MoeRunParams{}.split_shared_expert,
-                                               .down_head_start = !MoeRunParams{}.down_head_start};
+constexpr Kernels kStreamedSplitAllOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                                  .split_shared_max_tokens = 8,
+                                                  .down_head_start = !MoeRunParams{}.down_head_start};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -503,13 +509,14 @@ std::vector<int32_t> token_ids(int T, const Shape& S, uint64_t seed) {
   return ids;
 }
 
-// The single launch against the three launches it replaces (the same products in the same order: the same bits).
+// The single launch against the three launches it replaces, without the shared-expert split (the same products in
+// the same order: the same bits).
 void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
   SCOPED_TRACE("single launch against three launches, T = " + std::to_string(T));
   const std::vector<float> u = random_input(T, S, seed);
   const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
   expect_identical_outputs(run_output(weights, u, T, kSingleLaunch, ids),
-                           run_output(weights, u, T, kStreamedKernels, ids));
+                           run_output(weights, u, T, kStreamedUnsplit, ids));
 }
 
 // Two runs of the same input through the same kernels: the same bits.
@@ -568,13 +575,15 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 8, 17})
       check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOtherDecode);
     for (const int T : {1, 2, 5, 8, 17}) expect_other_decode_bits(device_weights, kFlashLike, T, seed++);
-    for (const int64_t T : {1, 2, 8})
-      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedOtherSplit);
-    expect_repeatable(device_weights, kFlashLike, 8, seed++, kStreamedOtherSplit);
-    check_case(layer, experts, device_weights, 5, seed++, random_tokens(kFlashLike), kStreamedOtherSplitHeadStart);
+    for (const int64_t T : {2, 8})
+      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kStreamedSplitAll);
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedUnsplit);
+    expect_repeatable(device_weights, kFlashLike, 1, seed++, kStreamedKernels);
+    expect_repeatable(device_weights, kFlashLike, 8, seed++, kStreamedSplitAll);
+    check_case(layer, experts, device_weights, 5, seed++, random_tokens(kFlashLike), kStreamedSplitAllOtherHeadStart);
     for (const int T : {1, 3, 8, 9}) {
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherHeadStart, kStreamedKernels);
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherSplitHeadStart, kStreamedOtherSplit);
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedSplitAllOtherHeadStart, kStreamedSplitAll);
     }
   }
 }
@@ -689,10 +698,10 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
   for (const int T : {1, 8, 20}) expect_other_decode_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherDecode);
-  for (const int64_t T : {1, 8})
-    check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherSplit);
-  expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherSplit);
-  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedOtherSplitHeadStart);
+  check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedUnsplit);
+  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAll);
+  expect_repeatable(device_weights, kProLike, 8, seed++, kStreamedSplitAll);
+  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
 }
 
@@ -717,8 +726,8 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
     for (const Kernels kernels :
-         {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOtherDecode, kStreamedOtherSplit,
-          kStreamedOtherSplitHeadStart})
+         {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOtherDecode, kStreamedUnsplit,
+          kStreamedSplitAllOtherHeadStart})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 
@@ -748,7 +757,8 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 
 // The single launch's counters (routing flag, per-item done counts, tickets) come back to zero after every call:
 // calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays of one CUDA graph,
-// at T = 8 and then T = 1 and 9 (no single launch) on the same workspace, each equal to a fresh three-launch run.
+// at T = 8 and then T = 1 and 9 (no single launch) on the same workspace, each equal to a fresh three-launch run
+// without the shared-expert split.
 TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays) {
   const Shape& S = kFlashLike;
   Layer layer;
@@ -776,7 +786,7 @@ TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays
     out.fill_bytes(0xFF);
     call();
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
+    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedUnsplit));
   };
   for (int i = 0; i < 3; ++i) check_call(8, [&] { run_moe(weights, params_for(8)); });
   cudaGraph_t graph;
