@@ -289,7 +289,6 @@ struct Result {
   // µs and CPU check at the launcher's tile choice, and µs at each tile count per CTA (0 = not served).
   int head_split_splits = 0;
   double head_split_us = 0, head_split_cpu_error = 0;
-  double full_scores_us = 0, full_scores_cpu_error = 0;  // the bf16q cluster call with consumer_full_scores
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
 };
 
@@ -403,13 +402,6 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
-  SparseAttentionParams full_scores = bf16_q;
-  full_scores.consumer_full_scores = true;
-  out.fill_bytes(0xFF);
-  const double full_scores_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(full_scores); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  const double full_scores_cpu_error =
-      cpu_check(full_scores, window_index, compressed_index, q, sink, positions, out, sample);
   SparseAttentionParams head_split = bf16_q;
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
@@ -526,8 +518,6 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.bf16_q_cpu_error = bf16_q_cpu_error;
   r.bf16_partials_us = bf16_partials_ms * 1e3;
   r.bf16_partials_cpu_error = bf16_partials_cpu_error;
-  r.full_scores_us = full_scores_ms * 1e3;
-  r.full_scores_cpu_error = full_scores_cpu_error;
   r.head_split_splits = head_split_splits;
   r.head_split_us = head_split_ms * 1e3;
   r.head_split_cpu_error = head_split_cpu_error;
@@ -722,8 +712,7 @@ int run(int argc, char** argv) {
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
-                                r.head_split_cpu_error <= kCpuCheckLimit &&
-                                r.full_scores_cpu_error <= kCpuCheckLimit);
+                                r.head_split_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
@@ -733,8 +722,6 @@ int run(int argc, char** argv) {
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
-          std::printf("       consumer full scores (bf16 q): %.1f us (bf16q cluster %.1f us), cpu err %.1e\n",
-                      r.full_scores_us, r.bf16_q_us, r.full_scores_cpu_error);
           if (r.head_split_splits > 0)
             std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us), cpu err %.1e; by tiles "
                         "per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
@@ -781,8 +768,7 @@ int run(int argc, char** argv) {
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
-                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"full_scores_us\": %.2f, "
-                   "\"full_scores_cpu_error\": %.3g}%s\n",
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -790,8 +776,7 @@ int run(int argc, char** argv) {
                    r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
-                   r.head_split_tiles_us[4], r.full_scores_us, r.full_scores_cpu_error,
-                   i + 1 < results.size() ? "," : "");
+                   r.head_split_tiles_us[4], i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

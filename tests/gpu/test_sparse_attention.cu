@@ -74,7 +74,6 @@ struct AttentionCase {
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
-  bool full_scores = false;     // also run the cluster call with consumer_full_scores
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -266,11 +265,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
     merged.cluster_merge = cluster_merge;
     compare_with_cpu(c, cluster_merge, merged, expected, magnitude);
   }
-  if (c.full_scores) {
-    SparseAttentionParams full_scores = call;
-    full_scores.consumer_full_scores = true;
-    compare_with_cpu(c, true, full_scores, expected, magnitude);
-  }
   if (c.head_split_tiles >= 0) {
     SparseAttentionParams head_split = call;
     head_split.head_split = true;
@@ -284,10 +278,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude) {
-  SCOPED_TRACE(call.head_split             ? "head split"
-               : call.consumer_full_scores ? "consumer full scores"
-               : cluster_merge             ? "cluster merge"
-                                           : "combine kernel");
+  SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
@@ -337,11 +328,7 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   const int reported_splits = call.head_split ? sparse_attention_head_split_splits(call) : splits;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, reported_splits,
-              call.head_split             ? "head split"
-              : call.consumer_full_scores ? "full scores"
-              : cluster_merge             ? "cluster"
-                                          : "combine",
-              worst);
+              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {
@@ -500,29 +487,6 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
     AttentionCase h40{"d512 h40 head split", format, 512, 64, 40, 128, 128, 100, {1000}, 1, 0};
     h40.head_split_tiles = 0;
     check_attention(h40, seed++);
-  }
-}
-
-// consumer_full_scores (each consumer warpgroup of the head_dim 512 kernel scores all 512 dims): one split and
-// several, cluster merged and combined, a prefill-like chunk, a padded head block, per-query counts.
-TEST(SparseAttention, ConsumerFullScoresMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 90;
-  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
-    for (const int splits : {0, 1, 4}) {
-      AttentionCase flash{"flash csa full scores", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, splits,
-                          AttentionDtype::Bf16, AttentionDtype::Bf16, true};
-      flash.counts = splits == 4;
-      flash.full_scores = true;
-      check_attention(flash, seed++);
-    }
-    AttentionCase chunk{"flash swa chunk full scores", format, 512, 64, 64, 128, 160, 0, {40, 150}, 20, 0};
-    chunk.full_scores = true;
-    check_attention(chunk, seed++);
-    AttentionCase padded{"d512 h48 full scores", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, 0,
-                         AttentionDtype::Bf16, AttentionDtype::F32, true};
-    padded.full_scores = true;
-    check_attention(padded, seed++);
   }
 }
 

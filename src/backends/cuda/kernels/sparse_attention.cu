@@ -90,11 +90,10 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 // cannot hold still get 0 from the occupancy query).
 template <bool kFp8>
 void set_d512_attributes() {
-  for (const auto kernel : {sparse_attention_d512_kernel<kFp8, false>, sparse_attention_d512_kernel<kFp8, true>}) {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         D512Layout<kFp8>::kAllocationBytes));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  }
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  DSV4_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
 // What the head_dim 512 kernels need from the device, set up once per device (function attributes belong to a
@@ -158,9 +157,8 @@ template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel =
-      p.consumer_full_scores ? sparse_attention_d512_kernel<kFp8, true> : sparse_attention_d512_kernel<kFp8, false>;
-  d512_device_limits();  // the kernels' attributes on this device
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
   launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),

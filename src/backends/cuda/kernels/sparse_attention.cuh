@@ -608,6 +608,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   loads (stall_lg: 128 KB of fp32 partials per CTA cross the SM-to-SM network), then instruction-cache misses and
 //   the factors' barrier; the Q load 15 %, the tile 16 %, the start 14 %, waiting for the producer's first tile ≈ 10 %.
 //   Hence cluster_merge_bf16_partials (half the bytes).
+// - Session 15 (H200, bench, L2 flushed, bf16 q, fp8 entries): each consumer scoring all 512 dims itself (32 wgmma
+//   k-steps, no exchange buffer or barrier per tile) was slower at every batch: Flash SWA batch 1 15.7 vs 15.5 µs,
+//   CSA 64K batch 64 34.5 vs 31.8, batch 256 102.2 vs 92.8; dropped. Batch 1-8 now takes the head-split kernel below.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -988,9 +991,7 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<kFp8, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
-// kFullScores (SparseAttentionParams::consumer_full_scores): each consumer computes the scores over all 512 dims
-// (twice the QKᵀ wgmma work) instead of summing the two consumers' halves through shared memory behind a barrier.
-template <bool kFp8, bool kFullScores>
+template <bool kFp8>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   using L = D512Layout<kFp8>;
@@ -1070,13 +1071,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     for (int i = 0; i < kChunks; ++i)
       *reinterpret_cast<uint4*>(slot + i * kHeadsPerPass * 128 + swizzled[i % 2]) = packed[i];
     sm90::fence_proxy_async_shared();
-    if constexpr (kFullScores)  // each consumer reads the other's half of Q too
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    else
-      sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+    sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
   }
-  const uint64_t q_descriptor =
-      sm90::make_sw128_k_major_descriptor(q_tile + (kFullScores ? 0 : (dim_base / 64) * kQBlockBytes));
+  const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
 
   float o_acc[128];
 #pragma unroll
@@ -1091,14 +1088,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
-    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps (kFullScores: S over all 512 dims).
-    constexpr int kScoreSteps = kFullScores ? 32 : 16;
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
     float s_acc[16];
-    const uint64_t k_descriptor =
-        sm90::make_sw128_k_major_descriptor(kFullScores ? smem + L::kKv + stage * kKvStageBytes : kv);
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kScoreSteps; ++kk)
+    for (int kk = 0; kk < 16; ++kk)
       sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
@@ -1114,24 +1109,22 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::fence_operand(s_acc);
 
     // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
-    if constexpr (!kFullScores) {
-      float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
-      float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+    float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        mine[e * kWarpgroupThreads + thread] =
-            make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-      const float4* part0 = reinterpret_cast<const float4*>(exchange);
-      const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
+    for (int e = 0; e < 4; ++e)
+      mine[e * kWarpgroupThreads + thread] =
+          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
+    sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+    const float4* part0 = reinterpret_cast<const float4*>(exchange);
+    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
-        s_acc[4 * e] = a.x + b.x;
-        s_acc[4 * e + 1] = a.y + b.y;
-        s_acc[4 * e + 2] = a.z + b.z;
-        s_acc[4 * e + 3] = a.w + b.w;
-      }
+    for (int e = 0; e < 4; ++e) {
+      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
+      s_acc[4 * e] = a.x + b.x;
+      s_acc[4 * e + 1] = a.y + b.y;
+      s_acc[4 * e + 2] = a.z + b.z;
+      s_acc[4 * e + 3] = a.w + b.w;
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
@@ -1279,7 +1272,7 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kFullScores = false>
+template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1313,7 +1306,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8, kFullScores>(p, smem, work, cluster_merge);
+    d512_consume<kFp8>(p, smem, work, cluster_merge);
   }
 }
 
@@ -1341,6 +1334,11 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 //      (16 × 512 fp32) and per-head (max, sum) in shared memory; after a cluster barrier CTA `split` merges slice
 //      `split` of all the peers' partials (32 KB read per CTA whatever the split count), rotates and stores it.
 // Scores, softmax and PV accumulate in fp32 as the kernels above; the softmax takes each CTA's exact maximum.
+// Measured (session 15, H200, bench_cuda_attention, L2 flushed, bf16 q; against the 64-head cluster kernel): bf16
+// entries (the engine's format) Flash SWA batch 1 10.7 vs 14.7 µs, CSA 12.4 vs 17.7, Pro CSA 12.5 vs 17.7; fp8
+// entries 11.7 vs 15.5, 13.7 vs 18.4, 14.5 vs 18.4, Flash SWA batch 8 12.8 vs 15.5. The time hardly depends on the
+// entries per CTA (Flash SWA batch 1 at 1-4 tiles per CTA: 12.0-12.8 µs): the serial chain (index → page → copy,
+// then a warp's 16 entries, two CTA barriers, the merge) sets it, not the work.
 
 inline constexpr int kHeadSplitHeads = 16;  // one mma M
 inline constexpr int kHeadSplitWarps = 8, kHeadSplitThreads = kHeadSplitWarps * 32;

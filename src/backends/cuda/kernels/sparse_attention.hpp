@@ -83,9 +83,6 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
-  // head_dim 512 kernel (64-head blocks): each consumer warpgroup computes the scores over all 512 dims (twice the
-  // QKᵀ tensor work) instead of summing the two warpgroups' halves through shared memory behind a barrier per tile.
-  bool consumer_full_scores = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
