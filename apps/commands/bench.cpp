@@ -526,6 +526,7 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
       {"insert_inputs_at_launch", &cuda::CudaModelOptions::insert_inputs_at_launch},
       {"fp8_indexer_keys", &cuda::CudaModelOptions::fp8_indexer_keys},
+      {"q_norm_cta_rows", &cuda::CudaModelOptions::q_norm_cta_rows},
       {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
       {"prefetch_next_linear", &cuda::CudaModelOptions::prefetch_next_linear}};
   std::string names;
@@ -782,7 +783,7 @@ const CommandRegistration registration{{
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
                       "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
-                      "compressor_runs_at_launch, insert_inputs_at_launch, fp8_indexer_keys, "
+                      "compressor_runs_at_launch, insert_inputs_at_launch, fp8_indexer_keys, q_norm_cta_rows, "
                       "indexer_prepare_in_compressors, prefetch_next_linear); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};

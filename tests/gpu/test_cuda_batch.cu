@@ -5,8 +5,9 @@
 // chunks run alone. Also: CUDA-graph replay against the same launches run eagerly (DSV4_DISABLE_CUDA_GRAPHS=1), bit
 // for bit; greedy continuations of the trained tiny model batched and alone; the launch count of a decode step; the
 // memory plan's refusal; bad calls. The decode, mixed and graph comparisons run with every op launched separately,
-// with the fused launches (with them the KV insert reads the step's inputs at launch and, in reference numerics, the
-// indexer keys are fp8), and with those plus the compressors and indexer on a branch stream.
+// with the fused launches (with them the KV insert reads the step's inputs at launch, the queries' per-head norm runs
+// in CTA rows and, in reference numerics, the indexer keys are fp8; the separate launches keep bf16 keys), and with
+// those plus the compressors and indexer on a branch stream.
 #include "backends/cuda/cuda_model.hpp"
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
@@ -181,7 +182,8 @@ cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
   options.parallel_compressors = launches == Launches::FusedWithBranch;
   options.parallel_indexer = launches == Launches::FusedWithBranch;
   options.insert_inputs_at_launch = fused;
-  options.fp8_indexer_keys = fused;  // reference numerics only
+  options.fp8_indexer_keys = fused;  // reference numerics only (the default: on)
+  options.q_norm_cta_rows = fused;
   options.max_sequences = 4;
   options.max_context = 256;
   options.max_step_tokens = 64;  // the 70-token prompt prefills in two chunks

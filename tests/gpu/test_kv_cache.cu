@@ -264,13 +264,15 @@ TEST(KvInsert, MatchesCpuNormRopeAndReferenceRoundingOrStoresAsIs) {
 struct FusedNormCase {
   int64_t rows, width;
   bool weighted, rope;
+  bool cta_rows = false;  // a CTA per row (RmsNormParams::cta_rows)
 };
 
 // ready: the fused launch reads the step's inputs before its grid-dependency wait (the separate ones after it).
 void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, bool ready,
                         uint32_t seed) {
   SCOPED_TRACE(std::string(to_string(format)) + " D=" + std::to_string(D) + " norm rows=" + std::to_string(n.rows) +
-               " width=" + std::to_string(n.width) + (n.rope ? " rope" : "") + (ready ? " inputs at launch" : ""));
+               " width=" + std::to_string(n.width) + (n.rope ? " rope" : "") + (n.cta_rows ? " CTA rows" : "") +
+               (ready ? " inputs at launch" : ""));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t rows = 13, capacity = 16, stride = D + 96;  // the kv slice sits at column 96 of wider rows
@@ -316,7 +318,8 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
                      .rows = n.rows,
                      .width = n.width,
                      .y = separate_y.as<float>(),
-                     .y_bf16 = separate_bf16.as<__nv_bfloat16>()};
+                     .y_bf16 = separate_bf16.as<__nv_bfloat16>(),
+                     .cta_rows = n.cta_rows};
   if (n.rope) {
     norm.rope_table = d_rope.as<float2>(), norm.positions = d_norm_pos.as<int64_t>();
     norm.rope_dim = rope_dim, norm.rows_per_position = 1;
@@ -354,8 +357,9 @@ TEST(KvInsert, FusedNormAndStridedRowsGiveTheSeparateLaunchesBits) {
   uint32_t seed = 300;
   // q_norm of the low-rank query (Flash 1024, Pro 1536), the queries' per-head norm with RoPE (Flash: 64 heads of a
   // token), CTA-row norms with and without RoPE, and a row count that leaves a CTA's warps partly idle.
-  const FusedNormCase norms[] = {{1, 1024, true, false}, {3, 1536, true, false}, {64, 512, false, true},
-                                 {2, 4096, true, false}, {3, 2048, false, true}, {13, 96, true, false}};
+  const FusedNormCase norms[] = {{1, 1024, true, false},      {3, 1536, true, false}, {64, 512, false, true},
+                                 {2, 4096, true, false},      {3, 2048, false, true}, {13, 96, true, false},
+                                 {64, 512, false, true, true}, {5, 96, true, true, true}};
   for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
     for (const auto [D, rope] : {std::pair{512, 64}, std::pair{64, 16}})
       for (const FusedNormCase& n : norms)

@@ -46,10 +46,11 @@
 namespace dsv4::cuda {
 namespace {
 
-void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place, bool round, uint32_t seed) {
+void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place, bool round, uint32_t seed,
+                    bool cta_rows = false) {
   SCOPED_TRACE("rms_norm rows=" + std::to_string(rows) + " width=" + std::to_string(width) +
                (with_weight ? " weighted" : " weightless") + (in_place ? " in place" : "") +
-               (round ? " reference" : " exact"));
+               (round ? " reference" : " exact") + (cta_rows ? " CTA rows" : ""));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> x(size_t(rows * width)), weight(static_cast<size_t>(width));
@@ -76,7 +77,8 @@ void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place
                 .eps = 1e-6f,
                 .round_to_bf16 = round,
                 .y = y_target.as<float>(),
-                .y_bf16 = y_bf16.as<__nv_bfloat16>()});
+                .y_bf16 = y_bf16.as<__nv_bfloat16>(),
+                .cta_rows = cta_rows});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> y = download(y_target, x.size());
   std::vector<uint16_t> bf16(x.size());
@@ -193,6 +195,10 @@ TEST(SmallOpsGpu, RmsNormPerHeadWithoutWeight) {
   check_rms_norm(5 * 64, 512, false, true, false, 50);
   check_rms_norm(64 * 128, 512, false, false, true, 51);
   check_rms_norm(3 * 4, 64, false, true, false, 52);
+  // A CTA per head (q_norm_cta_rows: a decode step's heads over more SMs).
+  check_rms_norm(64, 512, false, false, false, 53, true);
+  check_rms_norm(3 * 128, 512, false, true, true, 54, true);
+  check_rms_norm(5, 96, true, false, false, 55, true);
 }
 
 enum class TableKind { BF16, F32, FP8_E8M0, FP8_F32 };
@@ -352,9 +358,10 @@ TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
   } cases[] = {{3, 64, 512, 64}, {1, 128, 512, 64}, {7, 8, 64, 16}, {2, 5, 2048, 64}, {4, 3, 96, 32}};
   uint32_t seed = 40;
   for (const auto& c : cases) {
-    for (const bool round : {false, true}) {
+    for (const auto [round, cta_rows] : {std::pair{false, false}, std::pair{true, false}, std::pair{false, true}}) {
       SCOPED_TRACE("T=" + std::to_string(c.tokens) + " H=" + std::to_string(c.heads) + " D=" +
-                   std::to_string(c.head_dim) + " rope=" + std::to_string(c.rope_dim) + (round ? " rounded" : ""));
+                   std::to_string(c.head_dim) + " rope=" + std::to_string(c.rope_dim) + (round ? " rounded" : "") +
+                   (cta_rows ? " CTA rows" : ""));
       std::mt19937 rng(seed++);
       std::normal_distribution<float> normal(0.0f, 3.0f);
       const size_t n = size_t(c.tokens * c.heads * c.head_dim);
@@ -368,7 +375,7 @@ TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
       DeviceBuffer separate = poisoned(n, "norm then rope"), fused = poisoned(n, "fused");
       DeviceBuffer fused_ready = poisoned(n, "fused, positions at launch");
       const RmsNormParams norm{.x = d_x.as<float>(), .rows = c.tokens * c.heads, .width = c.head_dim,
-                               .round_to_bf16 = round, .y = separate.as<float>()};
+                               .round_to_bf16 = round, .y = separate.as<float>(), .cta_rows = cta_rows};
       run_rms_norm(norm);
       run_rope_apply({.x = separate.as<float>(), .tokens = c.tokens, .heads = c.heads, .head_dim = c.head_dim,
                       .rope_dim = c.rope_dim, .rope_table = d_rope.as<float2>(), .positions = d_pos.as<int64_t>()});

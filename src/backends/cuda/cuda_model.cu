@@ -241,6 +241,9 @@ DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::s
 // Up to this many tokens q_norm runs as wq_b's RMSNorm prologue (q_norm_prologue): every CTA of the linear re-reads
 // its tokens' whole rows for their sums of squares, which a few decode tokens pay less for than a launch.
 constexpr int64_t kNormPrologueMaxTokens = 16;
+// With q_norm_cta_rows, the queries' per-head norm runs a CTA per head up to this many rows (a decode step of up to
+// 16 Flash tokens); beyond, the warp rows' fewer CTAs do the same work with less overhead.
+constexpr int64_t kQNormCtaRowsMaxRows = 1024;
 
 // Up to this many tokens (decode steps) the stacked [wq_b; indexer wq_b] runs as one launch into a buffer of its
 // own (stack_indexer_projections); longer steps run its parts as row slices, so the buffer stays small.
@@ -1196,6 +1199,7 @@ struct CudaModel::Impl {
     q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
     q_norm.positions_ready_at_launch = options.insert_inputs_at_launch, q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
+    q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
     if (!inserted && insert_carries_a_norm) {
       insert.fused_norm = q_norm;
       run_kv_insert(insert);

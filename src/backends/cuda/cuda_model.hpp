@@ -93,11 +93,16 @@ struct CudaModelOptions {
   // their RoPE factors before their grid-dependency wait (KvInsertParams::inputs_ready_at_launch: step inputs,
   // copied before the step's first kernel), leaving x's load, the norm and the stores after it. The same bits.
   bool insert_inputs_at_launch = false;
+  // The queries' per-head norm (in the KV insert's launch or its own) with a CTA per head instead of a warp per head
+  // in decode-sized steps (up to 1024 head rows: RmsNormParams::cta_rows): 64 CTAs of 2 values per thread instead
+  // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order.
+  bool q_norm_cta_rows = false;
   // Reference numerics: the CSA layers' indexer keys stored as e4m3 codes + an fp32 scale per key (DeepSeek's layout)
   // instead of bf16, and the indexer's queries prepared in that format: half the key bytes the scores read and hold.
   // The keys and queries are the same values (the reference's fp4-rounded operands are exact in fp8); the scores'
-  // fp32 sums run on the fp8 tensor-core path. No effect in exact numerics.
-  bool fp8_indexer_keys = false;
+  // fp32 sums run on the fp8 tensor-core path. No effect in exact numerics. Off: bf16 keys, twice the bytes (the
+  // scores' speed is the same: H200, 64K keys 5.8 vs 6.2 µs, 1M 25.3 vs 24.3, bench/NOTES.md session 14).
+  bool fp8_indexer_keys = true;
   // A CSA layer's indexer query preparation in its compressors' launch (run_compressors with the prepare), where the
   // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
   // launch fewer per CSA layer, the same bits.

@@ -157,14 +157,17 @@ void run_kv_insert(const KvInsertParams& p) {
     args.norm = norm.args;
     ctas += norm.ctas;
     threads = rms::kThreads;
-    constexpr int kLong = rms::kValuesPerThread, kShort = rms::kShortRowValues;
-    // [warp rows][rope][short rows]
-    constexpr Kernel kFused[2][2][2] = {
-        {{kv_insert_kernel<rms::kThreads, false, kLong>, kv_insert_kernel<rms::kThreads, false, kShort>},
-         {kv_insert_kernel<rms::kThreads, true, kLong>, kv_insert_kernel<rms::kThreads, true, kShort>}},
-        {{kv_insert_kernel<32, false, kLong>, kv_insert_kernel<32, false, kShort>},
-         {kv_insert_kernel<32, true, kLong>, kv_insert_kernel<32, true, kShort>}}};
-    kernel = kFused[norm.warp_rows][norm.rope][norm.short_rows];
+    constexpr int kLong = rms::kValuesPerThread, kShort = rms::kShortRowValues, kTiny = rms::kTinyRowValues;
+    constexpr int kCta = rms::kThreads;
+    // [warp rows][rope][values: tiny, short, long]
+    constexpr Kernel kFused[2][2][3] = {
+        {{kv_insert_kernel<kCta, false, kTiny>, kv_insert_kernel<kCta, false, kShort>,
+          kv_insert_kernel<kCta, false, kLong>},
+         {kv_insert_kernel<kCta, true, kTiny>, kv_insert_kernel<kCta, true, kShort>,
+          kv_insert_kernel<kCta, true, kLong>}},
+        {{kv_insert_kernel<32, false, kTiny>, kv_insert_kernel<32, false, kShort>, kv_insert_kernel<32, false, kLong>},
+         {kv_insert_kernel<32, true, kTiny>, kv_insert_kernel<32, true, kShort>, kv_insert_kernel<32, true, kLong>}}};
+    kernel = kFused[norm.warp_rows][norm.rope][norm.values == kTiny ? 0 : norm.values == kShort ? 1 : 2];
   }
   if (ctas == 0) return;
   check(ctas <= 0x7FFFFFFF, "kv_insert: ", ctas, " CTAs exceed the launch limit");

@@ -70,9 +70,12 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
                             .rows_per_position = p.rows_per_position,
                             .x_group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride
                                                                     : p.x_group_stride};
-  launch.warp_rows = p.width <= kWarpRowMaxWidth;
+  launch.warp_rows = !p.cta_rows && p.width <= kWarpRowMaxWidth;
   launch.rope = p.rope_table != nullptr;
-  launch.short_rows = p.width <= (launch.warp_rows ? 32 : kThreads) * kShortRowValues;
+  const int64_t group = launch.warp_rows ? 32 : kThreads;
+  launch.values = p.width <= group * kTinyRowValues    ? kTinyRowValues
+                  : p.width <= group * kShortRowValues ? kShortRowValues
+                                                       : kValuesPerThread;
   launch.ctas = launch.warp_rows ? (p.rows + kRowsPerCta<32> - 1) / kRowsPerCta<32> : p.rows;
   check(launch.ctas <= 0x7FFFFFFF, "rms_norm: ", p.rows, " rows exceed the launch limit");
   return launch;
@@ -84,15 +87,18 @@ void run_rms_norm(const RmsNormParams& p) {
   const rms::RmsNormLaunch launch = rms::rms_norm_launch(p);
   if (p.rows == 0) return;
   using Kernel = void (*)(rms::RmsNormArgs);
-  // [warp rows][rope][short rows]
-  constexpr Kernel kKernels[2][2][2] = {
-      {{rms::rms_norm_kernel<rms::kThreads, false, rms::kValuesPerThread>,
-        rms::rms_norm_kernel<rms::kThreads, false, rms::kShortRowValues>},
-       {rms::rms_norm_kernel<rms::kThreads, true, rms::kValuesPerThread>,
-        rms::rms_norm_kernel<rms::kThreads, true, rms::kShortRowValues>}},
-      {{rms::rms_norm_kernel<32, false, rms::kValuesPerThread>, rms::rms_norm_kernel<32, false, rms::kShortRowValues>},
-       {rms::rms_norm_kernel<32, true, rms::kValuesPerThread>, rms::rms_norm_kernel<32, true, rms::kShortRowValues>}}};
-  const Kernel kernel = kKernels[launch.warp_rows][launch.rope][launch.short_rows];
+  using namespace rms;
+  constexpr int kLong = kValuesPerThread, kShort = kShortRowValues, kTiny = kTinyRowValues;
+  // [warp rows][rope][values: tiny, short, long]
+  constexpr Kernel kKernels[2][2][3] = {
+      {{rms_norm_kernel<kThreads, false, kTiny>, rms_norm_kernel<kThreads, false, kShort>,
+        rms_norm_kernel<kThreads, false, kLong>},
+       {rms_norm_kernel<kThreads, true, kTiny>, rms_norm_kernel<kThreads, true, kShort>,
+        rms_norm_kernel<kThreads, true, kLong>}},
+      {{rms_norm_kernel<32, false, kTiny>, rms_norm_kernel<32, false, kShort>, rms_norm_kernel<32, false, kLong>},
+       {rms_norm_kernel<32, true, kTiny>, rms_norm_kernel<32, true, kShort>, rms_norm_kernel<32, true, kLong>}}};
+  const int values = launch.values == kTiny ? 0 : launch.values == kShort ? 1 : 2;
+  const Kernel kernel = kKernels[launch.warp_rows][launch.rope][values];
   launch_chained(kernel, dim3(unsigned(launch.ctas)), dim3(rms::kThreads), 0, p.stream, launch.args, "rms_norm");
 }
 

@@ -26,9 +26,11 @@ namespace dsv4::cuda::rms {
 inline constexpr int kThreads = 256;
 inline constexpr int kValuesPerThread = 32;
 // Rows of at most kGroupThreads · kShortRowValues values (the queries' 512-wide heads in warps, 4096-wide rows in a
-// CTA) run a variant holding half as many: half the unrolled loads, sums and stores to issue. The same bits (the
-// longer variant's extra values are zeros, whose squares add nothing).
+// CTA) run a variant holding half as many, rows of at most kGroupThreads · kTinyRowValues (512-wide heads in a CTA)
+// one holding 2: fewer unrolled loads, sums and stores to issue. The same bits (a longer variant's extra values are
+// zeros, whose squares add nothing).
 inline constexpr int kShortRowValues = 16;
+inline constexpr int kTinyRowValues = 2;
 inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 struct RmsNormArgs {
@@ -50,12 +52,13 @@ struct RmsNormArgs {
 };
 
 // A checked call's kernel arguments and grid (rms_norm.cu): warp_rows picks kGroupThreads 32 (else kThreads), rope
-// the RoPE epilogue, short_rows kShortRowValues values per thread (else kValuesPerThread); ctas of kThreads threads.
+// the RoPE epilogue, values the values per thread (kTinyRowValues, kShortRowValues or kValuesPerThread); ctas of
+// kThreads threads.
 struct RmsNormLaunch {
   RmsNormArgs args;
   bool warp_rows;
   bool rope;
-  bool short_rows;
+  int values;
   int64_t ctas;
 };
 RmsNormLaunch rms_norm_launch(const RmsNormParams& params);
@@ -69,7 +72,7 @@ inline constexpr int kRowsPerCta = kThreads / kGroupThreads;
 template <int kGroupThreads, bool kRope, int kValues>
 __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t cta) {
   static_assert(kGroupThreads == 32 || kGroupThreads == kThreads, "a row is owned by a warp or by the CTA");
-  static_assert(kValues == kValuesPerThread || kValues == kShortRowValues);
+  static_assert(kValues == kValuesPerThread || kValues == kShortRowValues || kValues == kTinyRowValues);
   __shared__ float warp_sums[kThreads / 32];
   const int group = threadIdx.x / kGroupThreads, member = threadIdx.x % kGroupThreads;
   const int64_t row = cta * kRowsPerCta<kGroupThreads> + group;

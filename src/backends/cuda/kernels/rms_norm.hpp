@@ -47,6 +47,10 @@ struct RmsNormParams {
   int64_t rope_dim = 0;                     // even, ≤ width
   int64_t rows_per_position = 1;            // e.g. heads; also the row groups of x_group_stride
   int64_t x_group_stride = 0;               // elements; 0 = rows_per_position · x_row_stride
+  // A CTA (256 threads) per row whatever the width, instead of a warp per row up to 1024 values: a few short rows
+  // (a decode step's query heads) then spread over 8× the SMs with 1/8 of the serial work per thread. The sum of
+  // squares runs in the CTA rows' order (another fp32 order than the warp rows' for widths ≤ 1024).
+  bool cta_rows = false;
   cudaStream_t stream = nullptr;
 };
 
