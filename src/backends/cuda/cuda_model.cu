@@ -937,7 +937,7 @@ struct CudaModel::Impl {
     p.norm_eps = float(config.rms_norm_eps), p.round_pooled_to_bf16 = reference();
     p.runs = in.runs, p.runs_ready_at_launch = options.compressor_runs_at_launch, p.run_count = shape.runs;
     p.max_run_tokens = shape.max_run_tokens, p.ape = floats(w.ape), p.norm_weight = floats(w.norm);
-    p.rope_frequencies = frequencies[size_t(layer)].as<float>(), p.rope_dim = config.rope_head_dim;
+    p.rope_table = layer_rope_table[size_t(layer)], p.rope_dim = config.rope_head_dim;
     p.state = state.view(), p.stream = lane.stream;
     return p;
   }
