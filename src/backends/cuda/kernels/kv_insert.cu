@@ -47,37 +47,41 @@ __device__ __forceinline__ bool pair_rotates(const KvInsertParams& p) {
 }
 
 // The two lookups (page table by slot, RoPE table by position) are issued together, one round trip after the row's
-// inputs.
+// inputs: the destination is tested only when both are in flight (a row without one reads its slot's first page
+// entry, which exists, and discards it).
 __device__ __forceinline__ RowTarget load_row_target(const KvInsertParams& p, int64_t row) {
   const KvEntryLayout& layout = p.cache.layout;
   const bool rotates = pair_rotates(p);
   const int32_t dest_row = p.dest_rows[row];
   const int32_t slot = p.sequence_slots[row];
   const int64_t position = rotates ? p.positions[row] : 0;
+  const int64_t logical_row = max(dest_row, 0);
+  uint8_t* entry =
+      p.cache.entry_address(p.cache.physical_entry(p.cache.pages_of(slot, p.layer, p.array), logical_row));
   RowTarget target;
-  if (dest_row < 0) return target;
-  target.entry =
-      p.cache.entry_address(p.cache.physical_entry(p.cache.pages_of(slot, p.layer, p.array), dest_row));
   if (rotates)
     target.rope =
         rope_table_factors(p.rope_table, layout.rope_dim / 2, position, int(threadIdx.x) - layout.nope_dim / 2);
+  target.entry = dest_row < 0 ? nullptr : entry;
   return target;
 }
 
-// One row's entry (after the wait): x's load, the norm's block sum, the rotation and the stores.
-__device__ __forceinline__ void insert_row(const KvInsertArgs& a, int64_t row, const PairWeights& weights,
-                                           const RowTarget& target) {
+// The thread's pair of the row's x (zeros past head_dim).
+__device__ __forceinline__ float2 load_row_pair(const KvInsertArgs& a, int64_t row) {
+  const int dim = 2 * int(threadIdx.x);
+  if (dim >= a.p.cache.layout.head_dim) return make_float2(0.0f, 0.0f);
+  return *reinterpret_cast<const float2*>(a.p.x + row * a.x_row_stride + dim);
+}
+
+// One row's entry (after the wait): the norm's block sum, the rotation and the stores.
+__device__ __forceinline__ void insert_row(const KvInsertArgs& a, const PairWeights& weights, const RowTarget& target,
+                                           float2 x) {
   __shared__ float partials[kKvInsertMaxThreads / 32];
   const KvInsertParams& p = a.p;
   const KvEntryLayout& layout = p.cache.layout;
   const int dim = 2 * int(threadIdx.x);
   const bool active = dim < layout.head_dim;
-  float x0 = 0.0f, x1 = 0.0f;
-  if (active) {
-    const float2 v = *reinterpret_cast<const float2*>(p.x + row * a.x_row_stride + dim);
-    x0 = v.x;
-    x1 = v.y;
-  }
+  float x0 = x.x, x1 = x.y;
   if (p.round_input_to_bf16) {
     x0 = round_to_bf16(x0);
     x1 = round_to_bf16(x1);
@@ -114,11 +118,13 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
     if (target.entry == nullptr) return;
   }
   wait_for_prior_grids();  // x (and without inputs_ready_at_launch the step's inputs) come from earlier operations
+  // x is loaded before the target's lookups, so that its load and the row's inputs' share one round trip.
+  const float2 x = load_row_pair(a, row);
   if (!a.p.inputs_ready_at_launch) {
     target = load_row_target(a.p, row);
     if (target.entry == nullptr) return;
   }
-  insert_row(a, row, weights, target);
+  insert_row(a, weights, target, x);
 }
 
 }  // namespace
