@@ -8,7 +8,8 @@
 // difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and P to bf16, in other
 // orders); and the prefill kernel once more with q in bf16 (bf16q: the same MMA input, half the q bytes). Entries
 // and q are hashes of their positions (finite, no NaN codes).
-// Usage: bench_cuda_attention_prefill [--json PATH]. Exit status 1 when the outputs disagree.
+// Usage: bench_cuda_attention_prefill [--json PATH] [--only MODEL:FORMAT:CONTEXT]. --only runs the one case named
+// (e.g. flash:bf16:8192, pro:fp8-reference:65536; for a profiler). Exit status 1 when the outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -264,12 +265,14 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 }
 
 int run(int argc, char** argv) {
-  std::string json_path;
+  std::string json_path, only;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
+    else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
+      only = argv[++i];
     else
-      fail("usage: bench_cuda_attention_prefill [--json PATH]");
+      fail("usage: bench_cuda_attention_prefill [--json PATH] [--only MODEL:FORMAT:CONTEXT]");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -296,6 +299,8 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
+        if (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context))
+          continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
