@@ -12,8 +12,7 @@
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, and (where the streamed path
-// applies) FP8 with its block scales preloaded into shared memory (preload_scales) at 1-4 slots, the same weight
-// stream-tiled (WeightLayout::STREAM_TILES: one bulk copy per stage) at 1-4 slots and its
+// applies) the same weight stream-tiled (WeightLayout::STREAM_TILES: one bulk copy per stage) at 1-4 slots and its
 // AUTO config, against the read floor of the weight's data (read_floor_kernel, cold). Ungrouped shapes also
 // time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
 // run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
@@ -25,8 +24,8 @@
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
 //   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
-//   the STREAMED configs at 1-4 ring slots, then the stream-tiled AUTO config, then (FP8) 1 and 2 slots with preloaded
-//   block scales, for a profiler such as ncu, which flushes the L2 per kernel itself)
+//   the STREAMED configs at 1-4 ring slots, then the stream-tiled AUTO config, for a profiler such as ncu, which
+//   flushes the L2 per kernel itself)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -266,7 +265,6 @@ struct Row {
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
   double tiled_us[5] = {0, 0, 0, 0, 0};     // the same with the weight stream-tiled (WeightLayout::STREAM_TILES)
   double tiled_auto_us = 0;                 // the AUTO config of the stream-tiled weight
-  double preload_us[5] = {0, 0, 0, 0, 0};   // the STREAMED FP8 path with preloaded block scales, by ring slots
   double read_floor_us = 0;                 // read_floor_kernel over the weight's data bytes
   double read_floor_percent_of_copy = 0;
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
@@ -557,13 +555,6 @@ int main(int argc, char** argv) {
               run_quantized_linear(
                   linear_params(weight_view(0, WeightLayout::STREAM_TILES), workspace, nullptr, tiled.layout), tiled);
               std::printf(", then stream-tiled AUTO (%d slots, %d splits)", tiled.ring_slots, tiled.k_splits);
-              if (format == WeightFormat::FP8_BLOCK128)
-                for (int slots = 1; slots <= 2; ++slots) {
-                  launch_once(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
-                                                             device.multiprocessors, WeightLoadPath::STREAMED, slots,
-                                                             SplitKReduce::WORKSPACE, 0, WeightLayout::ROWS, true));
-                  std::printf(", then %d slots with preloaded scales", slots);
-                }
             }
             std::printf("\n");
             DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -646,14 +637,6 @@ int main(int argc, char** argv) {
                                                    SplitKReduce::AUTO, 0, WeightLayout::STREAM_TILES),
                     Timing::COLD);
               }
-            if (format == WeightFormat::FP8_BLOCK128)
-              for (int slots = 1; slots <= 4; ++slots)
-                if (streamed_rings_fit(weights[0].view(), tokens, slots))
-                  row.preload_us[slots] = time_config(
-                      choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors,
-                                                     WeightLoadPath::STREAMED, slots, SplitKReduce::AUTO, 0,
-                                                     WeightLayout::ROWS, true),
-                      Timing::COLD);
             row.tiled_auto_us = time_config(
                 choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
                                                device.multiprocessors, WeightLoadPath::AUTO, 0, SplitKReduce::AUTO, 0,
@@ -844,22 +827,19 @@ int main(int argc, char** argv) {
     if (!table.empty()) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
-                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | preloaded scales µs (1/2/3/4 slots) | "
-                  "stream-tiled µs (1/2/3/4 slots; AUTO) | "
+                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | stream-tiled µs (1/2/3/4 slots; AUTO) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
                   "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
-                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f; %.1f | "
-                  "%.1f · %.0f | %.1f | "
+                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f; %.1f | %.1f · %.0f | %.1f | "
                   "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.preload_us[1], r.preload_us[2],
-                  r.preload_us[3], r.preload_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
+                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
                   r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.read_floor_percent_of_copy, r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
@@ -915,15 +895,13 @@ int main(int argc, char** argv) {
                    "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"stream_us\": %.2f, "
                    "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
-                   "%.2f, %.2f], \"preload_scales_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], "
-                   "\"tiled_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], \"tiled_auto_cold_us\": %.2f, "
+                   "%.2f, %.2f], \"tiled_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], \"tiled_auto_cold_us\": %.2f, "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.preload_us[1], r.preload_us[2],
-                   r.preload_us[3], r.preload_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
+                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
                    r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
     }

@@ -76,10 +76,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, bool kClusterReduce, bool kTiled, bool kPreloadScales>
+template <TileFormat F, int NT, bool kClusterReduce, bool kTiled>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kTiled, kPreloadScales>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kTiled>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -98,22 +98,13 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kTiled, bool kPreloadScales>
-void launch_streamed_for_reduction(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
-                                   cudaStream_t stream) {
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, true, kTiled, kPreloadScales>(args, config, stream);
-  else
-    launch_streamed_kernel<F, NT, false, kTiled, kPreloadScales>(args, config, stream);
-}
-
-// Preloaded block scales exist for FP8 only (the fp4 scales arrive with each stage; BF16 has none).
 template <TileFormat F, int NT, bool kTiled>
 void launch_streamed_for_layout(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                                 cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128)
-    if (config.preload_scales) return launch_streamed_for_reduction<F, NT, kTiled, true>(args, config, stream);
-  launch_streamed_for_reduction<F, NT, kTiled, false>(args, config, stream);
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, true, kTiled>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, false, kTiled>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
@@ -145,7 +136,7 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
          a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
-         a.reduce == b.reduce && a.layout == b.layout && a.preload_scales == b.preload_scales &&
+         a.reduce == b.reduce && a.layout == b.layout &&
          a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -238,7 +229,7 @@ bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slo
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
                                                      int ring_slots, SplitKReduce reduce, int k_splits,
-                                                     WeightLayout layout, bool preload_scales) {
+                                                     WeightLayout layout) {
   check_shape(weight, tokens, groups);
   const bool tiled = layout == WeightLayout::STREAM_TILES;
   const TileFormat format = tile_format_of(weight);
@@ -265,12 +256,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
       const QuantizedLinearConfig wide =
           choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits), layout, preload_scales);
+                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits), layout);
       if (wide.reduce == SplitKReduce::CLUSTER && wide.k_splits >= kWideClusterMinSplits) return wide;
     }
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
-                                       SplitKReduce::CLUSTER, 0, layout, preload_scales);
+                                       SplitKReduce::CLUSTER, 0, layout);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
@@ -291,12 +282,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     check(ring_slots >= 0 && ring_slots <= tile::stream::kMaxSlots, "quantized_linear: ", ring_slots,
           " ring slots; the streamed path takes 1 to ", tile::stream::kMaxSlots, " (0: the default)");
     config.ring_slots = ring_slots > 0 ? ring_slots : default_ring_slots(format);
-    // Preloaded FP8 block scales: a float per 128 inputs of the k range per warp, bounded by the whole K's (the split
-    // is chosen below), counted with the rings as a fixed part of the CTA's shared memory.
-    config.preload_scales = preload_scales && format == TileFormat::FP8_BLOCK128;
-    const size_t scale_bytes =
-        config.preload_scales ? size_t(linear::kWarpsPerCta) * size_t(ceil_div(weight.cols, 128)) * 4 + 16 : 0;
-    const size_t rings = streamed_ring_bytes(format, config.ring_slots) + scale_bytes;
+    const size_t rings = streamed_ring_bytes(format, config.ring_slots);
     const size_t x_row_bytes_per_k = size_t(tokens) * 2;
     // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
     // stage do not fit.
@@ -723,7 +709,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
       w, params.tokens, params.groups, current_multiprocessors(), config.load_path, streamed ? config.ring_slots : 0,
-      config.reduce, streamed ? config.k_splits : 0, config.layout, config.preload_scales);
+      config.reduce, streamed ? config.k_splits : 0, config.layout);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

@@ -296,13 +296,12 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // acc = the warp's tile of the item: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
-// advances ring.position past the item's stages. FP8 block scales come from `preloaded_scales` (the warp's scales
-// of the item's k range, preload_block_scales) where set, else from global memory as each stage is reached.
+// advances ring.position past the item's stages.
 template <tile::TileFormat F, int NT, bool kTiled = false, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
-                                                       float (&acc)[NT][4], const float* preloaded_scales = nullptr) {
+                                                       float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   constexpr int C = tile::detail::kChains<NT>;
@@ -327,13 +326,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = ring.position + uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      if (preloaded_scales != nullptr) {
-#pragma unroll
-        for (int b = 0; b < st::kMaxBlocksPerStage; ++b)
-          block_scales[b] = preloaded_scales[(k0 - work.split_begin) / 128 + b];
-      } else {
-        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-      }
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
                                    lane_tiles, block_scales, sums, acc);
@@ -366,27 +359,11 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
           .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F))};
 }
 
-// FP8 with preloaded block scales (QuantizedLinearConfig::preload_scales): each warp copies the block scales of its
-// band over the CTA's k range into `scales` (one float per 128 inputs) before waiting for the previous kernel, so no
-// stage waits on a scale load from HBM; a load issued as each stage is reached costs a DRAM round trip per stage
-// that deeper rings cannot hide. Called by the whole warp; weights only.
-__device__ __forceinline__ void preload_block_scales(const DeviceMatrixView& w, const CtaWork& work, int64_t row0,
-                                                     float* scales) {
-  const int lane = int(threadIdx.x) % tile::kWarpSize;
-  const int64_t first = work.split_begin / 128, blocks = (work.split_end - work.split_begin + 127) / 128;
-  const int64_t offset = (row0 / 128) * w.scales_per_row + first;
-  for (int64_t b = lane; b < blocks; b += tile::kWarpSize)
-    scales[b] = w.scale_type == ScaleType::F32 ? __ldg(reinterpret_cast<const float*>(w.scales) + offset + b)
-                                               : e8m0_to_float(__ldg(w.scales + offset + b));
-  __syncwarp();
-}
-
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine, from the
 // row-major data or (kTiled) the stage-tiled data. Dynamic shared memory: up to 1 KB of alignment, 4 rings of
-// args.ring_slots slots, the x tile of the real tokens only, then (kPreloadScales, FP8) each warp's block scales of
-// split_k / 128 floats.
-template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled, bool kPreloadScales>
+// args.ring_slots slots, then the x tile of the real tokens only.
+template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
@@ -407,17 +384,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 
   // The first stages start streaming before x is staged, and before the previous kernel in the stream has finished
   // (programmatic dependent launch: they read only weights); x, y and the workspace only after it has.
-  float* preloaded_scales = nullptr;
   if (has_rows) {
     tile::stream::init_ring(ring.full, ring.slots);
     __syncwarp();
     issue_first_stages<F, kTiled>(args, work, row0, ring);
-    if constexpr (kPreloadScales) {
-      const int64_t x_tile_bytes = int64_t(args.tokens) * 2 * tile::x_tile_row_stride(args.chunk_k);
-      preloaded_scales = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(x_tile) + (x_tile_bytes + 15) / 16 * 16) +
-                         int(threadIdx.x) / tile::kWarpSize * (args.split_k / 128);
-      preload_block_scales(w, work, row0, preloaded_scales);
-    }
   }
   wait_for_prior_grids();
   allow_dependents();
@@ -428,7 +398,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
                                 [&](int64_t chunk_begin, int64_t chunk_end) {
                                   stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
                                 },
-                                acc, preloaded_scales);
+                                acc);
 
   prefetch_next_weights(args);
   if constexpr (kClusterReduce)

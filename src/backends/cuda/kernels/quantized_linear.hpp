@@ -105,9 +105,6 @@ struct QuantizedLinearParams {
   WeightLayout layout = WeightLayout::ROWS;  // of weight.data (scales are row-major either way)
 };
 
-// Default of choose_quantized_linear_config's preload_scales (STREAMED FP8): off until a GPU round shows it faster.
-inline constexpr bool kLinearPreloadScales = false;
-
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
 // split_k inputs, each slice walked in chunks of chunk_k inputs (the x tile staged in shared memory per chunk).
 struct QuantizedLinearConfig {
@@ -125,7 +122,6 @@ struct QuantizedLinearConfig {
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
   SplitKReduce reduce = SplitKReduce::WORKSPACE;  // never AUTO in a chosen config (meaningful when k_splits > 1)
   WeightLayout layout = WeightLayout::ROWS;       // the weight layout the config was chosen for
-  bool preload_scales = false;  // STREAMED FP8: block scales copied to shared memory up front (kLinearPreloadScales)
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
@@ -135,14 +131,11 @@ struct QuantizedLinearConfig {
 // (STREAMED only) asks for that many K splits instead of the default's (benchmarks compare the balance); the config
 // may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER). `layout` STREAM_TILES
 // takes the STREAMED path (refused where it does not apply, and with load_path ALIGNED or GENERIC).
-// `preload_scales` (STREAMED FP8 only; ignored elsewhere): every warp copies its block scales for the CTA's k range
-// to shared memory before the stages, instead of loading each stage's from global memory as it is reached.
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
                                                      WeightLoadPath load_path = WeightLoadPath::AUTO,
                                                      int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO,
-                                                     int k_splits = 0, WeightLayout layout = WeightLayout::ROWS,
-                                                     bool preload_scales = kLinearPreloadScales);
+                                                     int k_splits = 0, WeightLayout layout = WeightLayout::ROWS);
 
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
