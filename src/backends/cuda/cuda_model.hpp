@@ -91,12 +91,15 @@ struct CudaModelOptions {
   bool compressor_runs_at_launch = false;
   // The KV insert and the norm riding in its launch read the step's positions, slots, ring rows, the page table and
   // their RoPE factors before their grid-dependency wait (KvInsertParams::inputs_ready_at_launch: step inputs,
-  // copied before the step's first kernel), leaving x's load, the norm and the stores after it. The same bits.
+  // copied before the step's first kernel), leaving x's load, the norm and the stores after it. The same bits. Not
+  // shown faster (H200, Flash 8 layers b1, session 15: 1.5085 against 1.5052 ms per step in round 2, 1.3896 against
+  // 1.3938 with q_norm_cta_rows in round 3).
   bool insert_inputs_at_launch = false;
   // The queries' per-head norm (in the KV insert's launch or its own) with a CTA per head instead of a warp per head
   // in decode-sized steps (up to 1024 head rows: RmsNormParams::cta_rows): 64 CTAs of 2 values per thread instead
-  // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order.
-  bool q_norm_cta_rows = false;
+  // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order. H200, Flash 8 layers NVFP4 (session
+  // 15 round 3, one run each): b1 717.5 t/s against 708.8 off (KV insert + q norm, ncu: 6.6 → 4.7 µs).
+  bool q_norm_cta_rows = true;
   // Reference numerics: the CSA layers' indexer keys stored as e4m3 codes + an fp32 scale per key (DeepSeek's layout)
   // instead of bf16, and the indexer's queries prepared in that format: half the key bytes the scores read and hold.
   // The keys and queries are the same values (the reference's fp4-rounded operands are exact in fp8); the scores'
