@@ -1586,7 +1586,8 @@ std::string CudaModel::describe() const {
   const Impl& m = *impl_;
   return m.context.describe() + ", weights " + format_bytes(m.weights.bytes) + ", KV cache " +
          format_bytes(m.plan.kv_cache) + " (" + std::to_string(m.kv_cache->config().pages) + " pages), state " +
-         format_bytes(m.plan.state) + ", step workspace " + format_bytes(m.plan.scratch) + ", decode " +
+         format_bytes(m.plan.state) + ", RoPE tables " + format_bytes(m.plan.rope_tables) + ", step workspace " +
+         format_bytes(m.plan.scratch) + ", decode " +
          (m.graphs_enabled ? "CUDA graphs" : "eager (DSV4_DISABLE_CUDA_GRAPHS)");
 }
 

@@ -137,7 +137,8 @@ class CudaModel {
 
   const ModelConfig& config() const;
   const CudaModelOptions& options() const;
-  // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB (...), state ..., step workspace ..., decode ..."
+  // "cuda:0 NVIDIA H200 (...), weights 1.23 GiB, KV cache 0.50 GiB (...), state ..., RoPE tables ...,
+  // step workspace ..., decode ..."
   std::string describe() const;
 
   // A sequence slot with empty state; throws when all max_sequences are in use.
