@@ -11,6 +11,16 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
+// The current device's SMs (one CTA of the kernel each), asked once per device.
+int multiprocessors() {
+  static PerDeviceCache<int> cache;
+  return cache.get(reinterpret_cast<const void*>(&cache), [] {
+    int count = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+    return count;
+  });
+}
+
 template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
@@ -20,7 +30,7 @@ void launch(const SparseAttentionParams& p, int head_blocks) {
     return true;
   });
   launch_dependent_clusters(kernel, p.tokens * head_blocks, kThreads, kAllocationBytes, 1, p.stream,
-                            "sparse_attention_prefill", p, head_blocks);
+                            "sparse_attention_prefill", p, head_blocks, multiprocessors());
 }
 
 }  // namespace

@@ -230,7 +230,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
-                                        const Barriers& barriers) {
+                                        const Barriers& barriers, int64_t ahead_t, int ahead_head_base) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -343,6 +343,19 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
     ptx::prefetch_l2(&slot_row_ref(p, t, s));
   if (pairs > 0) resolve(0);
+  // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
+  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
+  if (ahead_t >= 0) {
+    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+    const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
+    const uint8_t* q =
+        static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
+    for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
+      ptx::prefetch_l2(q + offset);
+    const int64_t ahead_slots = query_slot_count(p, ahead_t);
+    for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
+      ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
+  }
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
@@ -700,7 +713,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
-    sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks) {
+    sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
+                                    const int resident_ctas) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -718,7 +732,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= 2 * kWarpgroup) {
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
-    produce<kFp8>(p, smem, t, query_pairs(p, t), barriers);
+    // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
+    const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
+    const bool ahead_exists = ahead < p.tokens * head_blocks;
+    produce<kFp8>(p, smem, t, query_pairs(p, t), barriers, ahead_exists ? ahead / head_blocks : -1,
+                  int(ahead % head_blocks) * kHeads);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
     consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
