@@ -10,8 +10,6 @@ namespace {
 
 static_assert(kKvInsertFusedNormMaxHeadDim == 2 * rms::kThreads, "a fused launch has the norm's threads, a pair each");
 
-// The RMSNorm riding in the launch: rms_norm_rows<kNormGroup, kNormRope, kNormValues>, none where kNormGroup is 0.
-
 struct KvInsertArgs {
   KvInsertParams p;
   int64_t x_row_stride;
@@ -99,6 +97,8 @@ __device__ __forceinline__ void insert_row(const KvInsertArgs& a, const PairWeig
   kv_store_pad(layout, target.entry, threadIdx.x);
 }
 
+// The RMSNorm riding in the launch: rms_norm_rows<kNormGroup, kNormRope, kNormValues> in the CTAs after the rows',
+// none where kNormGroup is 0.
 template <int kNormGroup, bool kNormRope, int kNormValues>
 __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __grid_constant__ KvInsertArgs a) {
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
