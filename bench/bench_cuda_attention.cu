@@ -375,7 +375,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
                           .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
                           .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
                           .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
-                          .splits = splits, .cluster_merge = false, .head_split = false,
+                          .splits = splits, .cluster_merge = false, .head_split = false, .prefill_kernel = false,
                           .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   // A sample of queries for the CPU check: the first, a middle and the last.
   std::vector<int64_t> sample{0, batch / 2, batch - 1};

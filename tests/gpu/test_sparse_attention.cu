@@ -74,6 +74,7 @@ struct AttentionCase {
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
+  bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -259,7 +260,8 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
                                    .compressed_slots = c.compressed_slots,
                                    .compressed_counts = c.counts ? d_counts.as<int32_t>() : nullptr,
                                    .out_dtype = c.out_dtype, .cluster_merge_bf16_partials = c.bf16_partials,
-                                   .head_split = false};
+                                   .head_split = false, .prefill_kernel = c.prefill_kernel};
+  if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
     merged.cluster_merge = cluster_merge;
@@ -488,6 +490,21 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
     h40.head_split_tiles = 0;
     check_attention(h40, seed++);
   }
+}
+
+// Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk
+// of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts; small windows and slot
+// counts, since the CPU reference is the cost.
+TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  AttentionCase swa{"flash swa prefill chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 448, 0, {400}, 280, 0,
+                    AttentionDtype::Bf16, AttentionDtype::Bf16};
+  swa.prefill_kernel = true;
+  check_attention(swa, 100);
+  AttentionCase pro{"pro csa prefill chunk", KvEntryFormat::Bf16, 512, 64, 128, 64, 224, 32, {300, 900}, 70, 0};
+  pro.prefill_kernel = true;
+  pro.counts = true;
+  check_attention(pro, 101);
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and

@@ -1,5 +1,7 @@
 #include "backends/cuda/kernels/sparse_attention.cuh"
 
+#include "backends/cuda/kernels/sparse_attention_prefill.hpp"
+
 #include <algorithm>
 #include <array>
 #include <limits>
@@ -229,7 +231,17 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
                  "sparse_attention (head split)", call, head_groups);
 }
 
+// Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
+// measurement): at least two waves of (query, 64-head block) CTAs.
+bool uses_prefill_kernel(const SparseAttentionParams& p) {
+  return p.prefill_kernel && p.cache.layout.format == KvEntryFormat::Bf16 && use_d512_kernel(p) &&
+         p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads) >= 2 * int64_t(device_multiprocessors()) &&
+         sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads);
+}
+
 }  // namespace
+
+bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 
 int sparse_attention_head_split_splits(const SparseAttentionParams& params) { return head_split_splits(params); }
 
@@ -314,7 +326,7 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
-  const size_t needed = merges_in_cluster(p) || head_split_splits(p) > 0
+  const size_t needed = merges_in_cluster(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p)
                             ? 0
                             : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);
   check(p.workspace_bytes >= needed && (needed == 0 || p.workspace != nullptr), "sparse_attention: ", p.splits,
@@ -327,6 +339,11 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   if (p.tokens == 0) return;
   const int d = p.cache.layout.head_dim;
   if (const int splits = head_split_splits(p); splits > 0) return launch_head_split(p, splits);
+  if (uses_prefill_kernel(p)) {
+    SparseAttentionParams call = p;
+    call.splits = 1;  // the prefill kernel walks each query's whole list
+    return run_sparse_attention_prefill(call);
+  }
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);

@@ -83,6 +83,11 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
+  // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
+  // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
+  // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
+  // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
+  bool prefill_kernel = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
@@ -105,6 +110,9 @@ size_t sparse_attention_workspace_bytes(int64_t tokens, int heads, int head_dim,
 // Whether run_sparse_attention(params) takes the head-split path (params.head_split and a shape it serves), and
 // with how many splits (0 when it does not).
 int sparse_attention_head_split_splits(const SparseAttentionParams& params);
+
+// Whether run_sparse_attention(params) hands the call to run_sparse_attention_prefill (params.prefill_kernel).
+bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params);
 
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention supports the call.
 void check_sparse_attention_params(const SparseAttentionParams& params);
