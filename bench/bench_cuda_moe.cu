@@ -11,7 +11,7 @@
 // at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
 // of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
-// split_shared_expert_max_tokens; 1 by default): "unsplit-shared", "split-shared-to-8", and without the down head
+// shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
@@ -182,11 +182,10 @@ struct PathSpec {
   Path path;
   const char* name;
   bool tile_decode = false, fused_router = false;
-  int split_shared_max_tokens = MoeRunParams{}.split_shared_expert_max_tokens;
+  MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start ||
-           split_shared_max_tokens != MoeRunParams{}.split_shared_expert_max_tokens;
+    return tile_decode || fused_router || no_down_head_start || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -195,10 +194,9 @@ constexpr PathSpec kPaths[] = {
     {Path::TILE_DECODE, "tile-decode", true},
     {Path::FUSED_ROUTER, "fused-router", false, true},
     {Path::FUSED_ROUTER_TILE_DECODE, "fused-router+tile-decode", true, true},
-    {Path::UNSPLIT_SHARED, "unsplit-shared", false, false, 0},
-    {Path::SPLIT_SHARED_TO_8, "split-shared-to-8", false, false, 8},
-    {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.split_shared_expert_max_tokens,
-     true},
+    {Path::UNSPLIT_SHARED, "unsplit-shared", false, false, MoeSharedExpertSplit::NEVER},
+    {Path::SPLIT_SHARED_TO_8, "split-shared-to-8", false, false, MoeSharedExpertSplit::ALWAYS},
+    {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -214,7 +212,7 @@ MoeRunParams path_params(Path path) {
   p.expert_kernels = path == Path::REGISTER ? MoeExpertKernels::REGISTER : MoeExpertKernels::STREAMED;
   if (spec.tile_decode) p.lean_expert_decode = false;
   if (spec.fused_router) p.decode_router = false;
-  p.split_shared_expert_max_tokens = spec.split_shared_max_tokens;
+  p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;

@@ -6,7 +6,7 @@
 // launches' bits, also through one workspace over many calls and graph replays); the streamed kernels with
 // weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); the
 // streamed kernels with the shared expert never split and split at every T <= 8 (MoeRunParams::
-// split_shared_expert_max_tokens, 1 by default: the shared expert's sums in another order, so checked against the
+// shared_expert_split, within one wave by default: the shared expert's sums in another order, so checked against the
 // CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
@@ -272,7 +272,7 @@ struct Kernels {
   bool fused_small_batches = false;
   bool single_launch = false;
   bool lean = MoeRunParams{}.lean_expert_decode;
-  int split_shared_max_tokens = MoeRunParams{}.split_shared_expert_max_tokens;
+  MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
@@ -280,13 +280,15 @@ struct Kernels {
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
            (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode") +
-           ", shared expert split at T <= " + std::to_string(split_shared_max_tokens) +
+           (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
+            : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
+                                                     : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
-    p.lean_expert_decode = lean, p.split_shared_expert_max_tokens = split_shared_max_tokens;
+    p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start;
     return p;
   }
@@ -301,17 +303,17 @@ constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_sm
 constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                        .lean = !MoeRunParams{}.lean_expert_decode};
 // The streamed kernels with the shared expert never split (the single launch's order) and split at every T <= 8
-// (MoeRunParams::split_shared_expert_max_tokens).
+// (MoeRunParams::shared_expert_split).
 constexpr Kernels kStreamedUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                   .split_shared_max_tokens = 0};
+                                   .split = MoeSharedExpertSplit::NEVER};
 constexpr Kernels kStreamedSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                    .split_shared_max_tokens = 8};
+                                    .split = MoeSharedExpertSplit::ALWAYS};
 // The streamed kernels with the down head start other than the default (MoeRunParams::down_head_start: the same
 // bits), alone and with the split at every T <= 8.
 constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                           .down_head_start = !MoeRunParams{}.down_head_start};
 constexpr Kernels kStreamedSplitAllOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                  .split_shared_max_tokens = 8,
+                                                  .split = MoeSharedExpertSplit::ALWAYS,
                                                   .down_head_start = !MoeRunParams{}.down_head_start};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
@@ -588,27 +590,36 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
   }
 }
 
-// Where the shared expert's CTAs split (MoeExpertGemmParams::split_shared_expert): the FP8 shared expert beside fp4
-// routed experts at T <= 8 (V4-Flash and V4-Pro widths), not beside FP8 or BF16 ones, not at T = 9, not without the
-// switch, and not on layers of too few stages (tiny test models).
+// Where the shared expert's CTAs split (MoeExpertGemmParams::shared_expert_split): the FP8 shared expert beside fp4
+// routed experts at T <= 8, within one wave for ONE_WAVE (V4-Flash at T = 1 on 132 SMs: 32 bands × 8 CTAs; not
+// V4-Pro's 48-56 bands, nor V4-Flash at T = 2), not beside FP8 or BF16 ones, not at T = 9, not when NEVER, and not
+// on layers of too few stages (tiny test models).
 TEST(MoeSharedExpertSplit, AppliesWhereTheSharedExpertHasMoreStagesPerRow) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  auto splits = [](WeightFormat routed, int hidden, int intermediate, int tokens, bool split = true) {
+  constexpr int kFlashE = 256, kProE = 384, kTopK = 6;
+  auto splits = [](WeightFormat routed, int hidden, int intermediate, int experts, int tokens,
+                   MoeSharedExpertSplit split, int multiprocessors = 132) {
     MoeExpertGemmParams p;
-    p.routed_format = routed, p.shared_format = WeightFormat::FP8_BLOCK128;
+    p.routed_format = routed, p.shared_format = WeightFormat::FP8_BLOCK128, p.experts_count = experts;
     p.hidden = hidden, p.intermediate = intermediate, p.tokens = tokens, p.streamed = true;
-    p.split_shared_expert = split;
-    return moe_shared_expert_splits(p);
+    p.max_work_items = int(moe_max_work_items(tokens, experts, kTopK, kMoeRowsPerWorkItem));
+    p.shared_expert_split = split;
+    return moe_shared_expert_splits(p, multiprocessors);
   };
+  constexpr auto kOneWave = MoeSharedExpertSplit::ONE_WAVE, kAlways = MoeSharedExpertSplit::ALWAYS;
   for (const WeightFormat routed : {WeightFormat::MXFP4, WeightFormat::NVFP4}) {
-    EXPECT_TRUE(splits(routed, 4096, 2048, 1));
-    EXPECT_TRUE(splits(routed, 7168, 3072, 8));
-    EXPECT_FALSE(splits(routed, 4096, 2048, 9));
-    EXPECT_FALSE(splits(routed, 4096, 2048, 1, false));
-    EXPECT_FALSE(splits(routed, 4096, 512, 1));  // 2 FP8 stages per row of w2
+    EXPECT_TRUE(splits(routed, 4096, 2048, kFlashE, 1, kOneWave));
+    EXPECT_FALSE(splits(routed, 4096, 2048, kFlashE, 1, kOneWave, 114));  // 256 CTAs past two per SM
+    EXPECT_FALSE(splits(routed, 4096, 2048, kFlashE, 2, kOneWave));
+    EXPECT_FALSE(splits(routed, 7168, 3072, kProE, 1, kOneWave));
+    EXPECT_TRUE(splits(routed, 4096, 2048, kFlashE, 8, kOneWave, 1000));
+    EXPECT_TRUE(splits(routed, 7168, 3072, kProE, 8, kAlways));
+    EXPECT_FALSE(splits(routed, 4096, 2048, kFlashE, 9, kAlways));
+    EXPECT_FALSE(splits(routed, 4096, 2048, kFlashE, 1, MoeSharedExpertSplit::NEVER));
+    EXPECT_FALSE(splits(routed, 4096, 512, kFlashE, 1, kAlways));  // 2 FP8 stages per row of w2
   }
-  EXPECT_FALSE(splits(WeightFormat::FP8_BLOCK128, 4096, 2048, 1));
-  EXPECT_FALSE(splits(WeightFormat::BF16, 4096, 2048, 1));
+  EXPECT_FALSE(splits(WeightFormat::FP8_BLOCK128, 4096, 2048, kFlashE, 1, kAlways));
+  EXPECT_FALSE(splits(WeightFormat::BF16, 4096, 2048, kFlashE, 1, kAlways));
 }
 
 INSTANTIATE_TEST_SUITE_P(ExpertFormats, MoeFormats,

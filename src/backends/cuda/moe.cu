@@ -170,7 +170,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
       .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
-      .split_shared_expert = p.tokens <= p.split_shared_expert_max_tokens && !single,
+      .shared_expert_split = single ? MoeSharedExpertSplit::NEVER : p.shared_expert_split,
       .down_head_start = p.down_head_start && !single && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,

@@ -29,6 +29,7 @@
 
 #include <cuda_runtime.h>
 
+#include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/moe_weights.hpp"
 
 namespace dsv4::cuda {
@@ -68,7 +69,7 @@ struct MoeRunParams {
   bool fused_small_batches = true;
   // At T <= 8 on layers whose experts stream (DeviceMoeWeights::streamed_tiles) with AUTO or STREAMED experts: the
   // whole sub-block in one persistent launch (kernels/moe_single_launch.hpp), the same bits as the three launches
-  // without the shared-expert split (split_shared_expert_max_tokens);
+  // without the shared-expert split (shared_expert_split);
   // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
   // 70.4 µs in three, T = 8 280 against 253 µs.
   bool single_launch = false;
@@ -79,12 +80,13 @@ struct MoeRunParams {
   // MoeRoutingParams::decode_router (T <= 8 with fused_small_batches): the decode router (its default) or the fused
   // router kernel.
   bool decode_router = true;
-  // MoeExpertGemmParams::split_shared_expert for the streamed kernels at T <= this (0: never; it applies up to 8, the
-  // one-tile kernels; not in the single launch): the FP8 shared expert's CTAs split in two so they stream the bytes
-  // of a routed fp4 CTA; the shared expert's sums in another order (as exact). At T = 1 the expert launches are one
-  // wave, which the shared expert's CTAs ended alone; at T >= 2 they are several. H200, bench_cuda_moe, V4-Flash
-  // NVFP4 (GPU round s15-2): T = 1 59.4 -> 51.8 us alone, 49.0 with down_head_start; T = 8 221.9 -> 223.2 / 222.8.
-  int split_shared_expert_max_tokens = 1;
+  // MoeExpertGemmParams::shared_expert_split for the streamed kernels (not in the single launch): the FP8 shared
+  // expert's CTAs split in two so they stream the bytes of a routed fp4 CTA; the shared expert's sums in another
+  // order (as exact). ONE_WAVE: where the expert launches stay one wave, which the shared expert's CTAs ended alone
+  // (V4-Flash at T = 1). H200, bench_cuda_moe, NVFP4 (GPU rounds s15-2/3): V4-Flash T = 1 59.4 -> 51.8 us alone,
+  // 49.0 with down_head_start; split at every T <= 8: V4-Flash T = 2-8 within ±1 %, V4-Pro T = 1 110.5 -> 119.4,
+  // T = 8 536.1 -> 549.1 (several waves).
+  MoeSharedExpertSplit shared_expert_split = MoeSharedExpertSplit::ONE_WAVE;
   // MoeExpertGemmParams::down_head_start for the streamed down kernel at T <= 8 (not in the single launch): every
   // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits. Same run: T = 1
   // 59.4 -> 56.9 us, T = 8 221.9 -> 219.1.

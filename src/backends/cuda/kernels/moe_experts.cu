@@ -20,6 +20,17 @@ tile::TileFormat tile_format(WeightFormat format) {
                                                 : tile::TileFormat::BF16;
 }
 
+// The current device's SM count, queried once per device.
+int multiprocessors() {
+  static PerDeviceCache<int> cache;
+  static const int key = 0;
+  return cache.get(&key, [] {
+    int count = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+    return count;
+  });
+}
+
 int max_dynamic_smem() {
   int device = 0, bytes = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
@@ -49,7 +60,8 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
-  const bool split = moe_shared_expert_splits(p);  // one grid row more: the shared expert's second CTAs
+  // One grid row more: the shared expert's second CTAs.
+  const bool split = moe_shared_expert_splits(p, multiprocessors());
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
@@ -167,12 +179,20 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
   return buffer;
 }
 
-bool moe_shared_expert_splits(const MoeExpertGemmParams& p) {
-  if (!p.split_shared_expert || !p.streamed || p.tokens > tile::kTokensPerMma) return false;
+bool moe_shared_expert_splits(const MoeExpertGemmParams& p, int multiprocessors) {
+  if (p.shared_expert_split == MoeSharedExpertSplit::NEVER || !p.streamed || p.tokens > tile::kTokensPerMma)
+    return false;
   const tile::TileFormat shared = tile_format(p.shared_format), routed = tile_format(p.routed_format);
   const int64_t stage = tile::stream::stage_k(shared), min_stages = 2 * moe::kStreamedSlots;
-  return stage < tile::stream::stage_k(routed) && p.hidden / stage >= min_stages &&
-         p.intermediate / stage >= min_stages;
+  if (stage >= tile::stream::stage_k(routed) || p.hidden / stage < min_stages || p.intermediate / stage < min_stages)
+    return false;
+  if (p.shared_expert_split == MoeSharedExpertSplit::ALWAYS) return true;
+  // At T <= 8 an expert's rows fit one item, so max_work_items - 1 bounds the working items (the bound's item for
+  // rows past kMoeRowsPerWorkItem cannot occur) and the split adds one CTA per band: bands × max_work_items.
+  const int64_t gate_up_bands = (p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
+                                moe::kCtaRows<moe::ExpertGemm::GATE_UP>;
+  const int64_t down_bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+  return std::max(gate_up_bands, down_bands) * p.max_work_items <= 2 * int64_t(multiprocessors);
 }
 
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {

@@ -52,6 +52,13 @@ struct MoeFusedCombine {
   int top_k = 0;
 };
 
+// Where the shared expert's CTAs split (MoeExpertGemmParams::shared_expert_split, moe_shared_expert_splits).
+enum class MoeSharedExpertSplit {
+  NEVER,
+  ONE_WAVE,  // where the split launch stays within one wave of CTAs (V4-Flash at T = 1 on a 132-SM GPU)
+  ALWAYS,    // at every T <= 8 (tests, benchmarks)
+};
+
 struct MoeExpertGemmParams {
   const MoeExpertView* experts = nullptr;  // device [E + 1]; [E] is the shared expert
   WeightFormat routed_format = WeightFormat::MXFP4;  // host copies of the formats, checked before launching
@@ -81,7 +88,7 @@ struct MoeExpertGemmParams {
   // experts) and the launch no longer ends on the shared expert's CTAs alone. One CTA more per band; the shared
   // expert's sums are added in another order (even-stage + odd-stage partial sums, both fp32): as exact, not the
   // same bits.
-  bool split_shared_expert = false;
+  MoeSharedExpertSplit shared_expert_split = MoeSharedExpertSplit::NEVER;
   // run_moe_down, streamed kernels at T <= 8: every CTA (not only the shared expert's) reads its work item and starts
   // streaming its weights before waiting for the previous launch, so the down weights flow while the gate/up CTAs
   // finish. Only valid where the previous launch on the stream is run_moe_gate_up of the same routing (run_moe's
@@ -103,10 +110,12 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);
 
-// Whether split_shared_expert applies: streamed one-tile launches (T <= 8) whose shared expert takes more stages per
-// weight row than the routed experts (a smaller stage_k: FP8 or BF16 beside fp4) and at least 2·kStreamedSlots
-// stages per row of each matrix.
-bool moe_shared_expert_splits(const MoeExpertGemmParams& params);
+// Whether shared_expert_split applies on a GPU of `multiprocessors` SMs: streamed one-tile launches (T <= 8) whose
+// shared expert takes more stages per weight row than the routed experts (a smaller stage_k: FP8 or BF16 beside
+// fp4), at least 2·kStreamedSlots stages per row of each matrix, and for ONE_WAVE both launches' working CTAs with
+// the split within two per SM. Past one wave the shared expert's CTAs (the first to start) no longer end the launch
+// alone, and the split was slower (H200, V4-Pro T = 1: 110.5 -> 119.4 us; V4-Flash T = 2-8 within ±1 %).
+bool moe_shared_expert_splits(const MoeExpertGemmParams& params, int multiprocessors);
 
 // Throws naming the field or format at fault unless the grouped GEMMs support the call.
 void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
