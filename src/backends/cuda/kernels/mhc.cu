@@ -393,9 +393,12 @@ void run_hc_head(const HcHeadParams& p) {
                     p.stream);
 }
 
-void run_hc_post_pre(const HcPostPreParams& p) {
-  check_hc_post_pre_params(p);
-  if (p.tokens == 0) return;
+void run_hc_post_pre(const HcPostPreParams& params) {
+  check_hc_post_pre_params(params);
+  if (params.tokens == 0) return;
+  HcPostPreParams p = params;
+  if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
+    p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
   if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,

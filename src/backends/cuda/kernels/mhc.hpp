@@ -51,7 +51,8 @@ inline constexpr int64_t kHcDecodeMaxTokens = 16;
 inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
 // Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the asynchronous cluster decode kernel where the
-// cluster decode kernel applies (above), the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
+// cluster decode kernel applies (above), hc_post_pre of kAutoWarpSpecializedPostPreMinTokens tokens and more on
+// PERSISTENT_WARP_SPECIALIZED, the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
 // (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
 // mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere;
 // PERSISTENT_WARP_SPECIALIZED: the persistent kernel at one CTA per SM in two warp groups, one applying hc_post_pre's
@@ -122,10 +123,15 @@ struct HcPostParams {
   cudaStream_t stream = nullptr;
 };
 
-// Up to this many tokens run_hc_post_pre is one fused launch; above it, run_hc_post (at copy bandwidth) then
-// run_hc_pre are faster than the fused kernel, whose 64-dim CTAs run one per SM (H200, session 11: V4-Flash 4096
-// tokens 424 vs 526 µs; 64 tokens 25.8 vs 22.1 µs, 1 token 17.8 vs 14.9 µs).
+// Up to this many tokens run_hc_post_pre is one fused launch; above it, unless the warp-specialised kernel serves the
+// launch (below), run_hc_post (at copy bandwidth) then run_hc_pre are faster than the persistent kernel's fused
+// variant, whose 64-dim CTAs run one per SM (H200, session 11: V4-Flash 4096 tokens 424 vs 526 µs; 64 tokens 25.8 vs
+// 22.1 µs, 1 token 17.8 vs 14.9 µs).
 inline constexpr int64_t kFusedPostPreMaxTokens = 128;
+
+// From this many tokens AUTO runs hc_post_pre fused on the warp-specialised kernel (X read once), which beat hc_post
+// then hc_pre at 4096 tokens and lost at 256 (H200, V4-Flash, session 15: 410.8 vs 430.9 µs; 35.2 vs 34.3 µs).
+inline constexpr int64_t kAutoWarpSpecializedPostPreMinTokens = 2048;
 
 // hc_post of one sub-block, then hc_pre of the next site on the updated residual, in one launch (see above):
 // X_out[k] = post_k·out + Σ_j comb[j][k]·X[j] (as run_hc_post), then y = Σ_k next_pre_k·X_out_k, next_post and
