@@ -86,9 +86,8 @@ struct SparseAttentionParams {
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
-  // workspace are then not used (sparse_attention_uses_prefill_kernel tells). Off until a GPU round has run the
-  // routing's test.
-  bool prefill_kernel = false;
+  // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
+  bool prefill_kernel = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
