@@ -1,7 +1,7 @@
 // The MoE sub-block at T <= 8 in one launch (moe.hpp's MoeRunParams::single_launch): router logits, scoring/top-k
 // (or hash) + bucketing, grouped gate/up, grouped down and the combine in one persistent grid, with the same
 // arithmetic in the same order as the three-launch path (run_moe_routing with fused_routing, the streamed expert
-// kernels with the fused combine), so the same bits.
+// kernels with the fused combine, the shared expert not split: MoeSharedExpertSplit::NEVER), so the same bits.
 // - Every CTA computes router rows (one warp per row, u read from global memory) and converts a slice of u to
 //   bf16; the last CTA to finish routes and buckets, then raises a flag in global memory.
 // - The CTAs then take the gate/up tasks (work item × 64-row band) in turn, then the down tasks (work item ×
