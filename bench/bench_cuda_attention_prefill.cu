@@ -1,8 +1,8 @@
-// Sparse MQA attention prefill on the GPU: run_sparse_attention_prefill (the two-block wgmma kernel) against today's
-// prefill path, run_sparse_attention with the splits choose_sparse_attention_splits picks, on the same inputs. A chunk
-// of 4096 queries at the end of an 8K or 64K context of one sequence, CSA slots (the 128 window ring rows up to each
-// query + 512 random visible compressed rows, causal), V4-Flash (H 64) and V4-Pro (H 128), fp8 (584-byte) and bf16
-// entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs per call (L2 flushed before each),
+// Sparse MQA attention prefill on the GPU: run_sparse_attention_prefill (the two-block wgmma kernel) against the
+// previous prefill path (run_sparse_attention with prefill_kernel off and the splits choose_sparse_attention_splits
+// picks), on the same inputs. A chunk of 4096 queries at the end of an 8K or 64K context of one sequence, CSA slots
+// (the 128 window ring rows up to each query + 512 random visible compressed rows, causal), V4-Flash (H 64) and
+// V4-Pro (H 128), fp8 (584-byte) and bf16 entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs per call (L2 flushed before each),
 // TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and
 // the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's path, and the largest
 // difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and P to bf16, in other
@@ -204,7 +204,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
                           .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
                           .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
                           .compressed_slots = kTopK, .out = old_out.data(), .out_dtype = AttentionDtype::Bf16,
-                          .splits = splits, .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+                          .splits = splits, .prefill_kernel = false,  // the baseline: the previous path
+                          .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
   const double old_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(p); });
   SparseAttentionParams prefill = p;
   prefill.out = new_out.data();

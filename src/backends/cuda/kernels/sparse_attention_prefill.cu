@@ -1,8 +1,8 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
 #include "backends/cuda/cuda_check.hpp"
-#include "backends/cuda/dependent_cluster_launch.hpp"
 #include "backends/cuda/per_device_cache.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -24,13 +24,11 @@ int multiprocessors() {
 template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
-  static PerDeviceCache<bool> attributes_set;
-  attributes_set.get(reinterpret_cast<const void*>(kernel), [&] {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kAllocationBytes));
-    return true;
-  });
-  launch_dependent_clusters(kernel, p.tokens * head_blocks, kThreads, kAllocationBytes, 1, p.stream,
-                            "sparse_attention_prefill", p, head_blocks, multiprocessors());
+  const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+  check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
+        " bytes of shared memory per CTA exceed the device's ", limit);
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream,
+                 dim3(1, 1, 1), "sparse_attention_prefill", p, head_blocks, multiprocessors());
 }
 
 }  // namespace
