@@ -1,13 +1,13 @@
 // Sparse MQA attention prefill on the GPU: run_sparse_attention_prefill (the two-block wgmma kernel) against the
 // previous prefill path (run_sparse_attention with prefill_kernel off and the splits choose_sparse_attention_splits
 // picks), on the same inputs. A chunk of 4096 queries at the end of an 8K or 64K context of one sequence, CSA slots
-// (the 128 window ring rows up to each query + 512 random visible compressed rows, causal), V4-Flash (H 64) and
-// V4-Pro (H 128), fp8 (584-byte) and bf16 entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs per call (L2 flushed before each),
-// TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and
-// the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's path, and the largest
-// difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and P to bf16, in other
-// orders); and the prefill kernel once more with q in bf16 (bf16q: the same MMA input, half the q bytes). Entries
-// and q are hashes of their positions (finite, no NaN codes).
+// (the 128 window ring rows up to each query + 512 random visible compressed rows, causal), V4-Flash (H 64) and V4-Pro
+// (H 128), fp8 (584-byte) and bf16 entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs
+// per call (L2 flushed before each), TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16
+// GEMM rate (4096³, the floor) and the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's
+// path, and the largest difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and
+// P to bf16, in other orders); and the prefill kernel once more with q in bf16 (bf16q: the same MMA input, half the q
+// bytes). Entries and q are hashes of their positions (finite, no NaN codes).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--only MODEL:FORMAT:CONTEXT]. --only runs the one case named
 // (e.g. flash:bf16:8192, pro:fp8-reference:65536; for a profiler). Exit status 1 when the outputs disagree.
 #include <cublas_v2.h>
