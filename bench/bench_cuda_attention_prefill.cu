@@ -15,14 +15,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "backends/cpu/rope.hpp"
@@ -33,6 +31,7 @@
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/stream_timing.hpp"
 #include "cuda_bench_support.hpp"
+#include "support/bounded_synchronize.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -80,20 +79,6 @@ __global__ void fill_entries(uint8_t* pool, int64_t entries, KvEntryLayout layou
       v = 0x7F;
     }
     pool[i] = v;
-  }
-}
-
-// Waits for the default stream with a bound: a pipeline deadlock would otherwise hold the device; ending the process
-// releases it.
-void synchronize_or_exit(const char* what) {
-  const auto start = std::chrono::steady_clock::now();
-  while (cudaStreamQuery(nullptr) == cudaErrorNotReady) {
-    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
-      std::fprintf(stderr, "%s: the kernel did not finish within 20 s\n", what);
-      std::fflush(stderr);
-      std::_Exit(1);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
 

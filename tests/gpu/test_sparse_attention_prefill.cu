@@ -9,7 +9,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,7 +17,6 @@
 #include <numeric>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "backends/cpu/attention.hpp"
@@ -31,25 +29,12 @@
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
+#include "support/bounded_synchronize.hpp"
 #include "support/device_buffers.hpp"
 #include "support/expect_error.hpp"
 
 namespace dsv4::cuda {
 namespace {
-
-// Waits for the default stream with a bound: a pipeline deadlock would otherwise hold the device until ctest's
-// timeout; ending the process releases it.
-void synchronize_or_exit(const char* what) {
-  const auto start = std::chrono::steady_clock::now();
-  while (cudaStreamQuery(nullptr) == cudaErrorNotReady) {
-    if (std::chrono::steady_clock::now() - start > std::chrono::seconds(20)) {
-      std::fprintf(stderr, "%s: the kernel did not finish within 20 s\n", what);
-      std::fflush(stderr);
-      std::_Exit(1);
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-}
 
 // Stores `values` (already representable: bf16, or round_kv_reference output for fp8) in the entry layout.
 void encode_entry(const KvEntryLayout& layout, const float* values, uint8_t* entry) {
