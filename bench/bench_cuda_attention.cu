@@ -54,6 +54,8 @@
 #include "core/fp8_e4m3.hpp"
 
 #include "cuda_bench_support.hpp"
+#include "support/l2_flushed_timing.hpp"
+#include "support/prefill_chunk.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -249,20 +251,6 @@ double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& win
 }
 
 constexpr double kCpuCheckLimit = 1.0 / 64;
-
-// Median milliseconds of `body` over `iterations` calls, each after an L2 flush (a 256 MiB memset).
-template <class Body>
-double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
-  StreamTimer timer;
-  body();  // warm-up
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, flush_bytes));
-    times.push_back(timer.elapsed_ms(nullptr, body));
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 enum class DecodeLayout { Swa, Csa, Hca };
 
@@ -525,25 +513,6 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   return r;
 }
 
-// bf16 tensor rate of cuBLAS on a 4096³ GEMM (bf16 in, fp32 accumulate), in TFLOP/s.
-double cublas_bf16_tflops(void* flush, size_t flush_bytes) {
-  constexpr int n = 4096;
-  cublasHandle_t handle = nullptr;
-  check(cublasCreate(&handle) == CUBLAS_STATUS_SUCCESS, "cublasCreate failed");
-  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
-  a.fill_bytes(0x3C);
-  b.fill_bytes(0x3C);
-  const float alpha = 1.0f, beta = 0.0f;
-  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-  const double ms = median_ms(10, flush, flush_bytes, [&] {
-    status = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
-                          CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  });
-  cublasDestroy(handle);
-  check(status == CUBLAS_STATUS_SUCCESS, "cublasGemmEx failed");
-  return 2.0 * n * double(n) * n / (ms * 1e9);
-}
-
 struct PrefillResult {
   std::string model, format;
   int heads;
@@ -560,43 +529,20 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
                                std::mt19937& rng) {
   constexpr int64_t kPrefillTokens = 4096;
   const int64_t capacity = 8192;  // ring rows: the window plus the chunk
-  const int64_t compressed_rows = context / 4;
-  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = 1,
-                 .window_capacity = capacity, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
-                 .pages = (compressed_rows + capacity) / kPageRows});
-  cache.add_sequence();
-  cache.ensure_rows(0, 0, KvArray::Window, capacity);
-  cache.ensure_rows(0, 0, KvArray::Compressed, compressed_rows);
-  cache.upload_page_table(nullptr);
-  const KvCacheView view = cache.view();
+  const std::unique_ptr<KvCache> cache =
+      prefill_chunk_cache(format, kHeadDim, kRopeDim, kPageRows, context, capacity);
+  const KvCacheView view = cache->view();
   // fp8: e4m3 0x30 = 0.5, scale 0x7F = 1, bf16 0x3030 ≈ 6.4e-10; bf16 entries: 0x3030 everywhere. Finite either way.
-  DSV4_CUDA_CHECK(cudaMemset(view.pool, 0x30, size_t(cache.config().pages) * kPageRows * view.layout.entry_bytes));
+  DSV4_CUDA_CHECK(cudaMemset(view.pool, 0x30, size_t(cache->config().pages) * kPageRows * view.layout.entry_bytes));
 
   const int64_t T = kPrefillTokens;
-  std::vector<int32_t> slots(size_t(T), 0), window_index(size_t(T) * kWindow), compressed_index(size_t(T) * kTopK);
-  std::vector<int64_t> positions(static_cast<size_t>(T));
-  int64_t valid_slots = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = context - T + t;
-    positions[size_t(t)] = pos;
-    for (int w = 0; w < kWindow; ++w) {
-      const int64_t p = pos - (kWindow - 1) + w;
-      window_index[size_t(t * kWindow + w)] = p >= 0 ? int32_t(p % capacity) : -1;
-      valid_slots += p >= 0;
-    }
-    const int64_t visible = (pos + 1) / 4;
-    for (int s = 0; s < kTopK; ++s) {
-      const bool used = s < visible;
-      compressed_index[size_t(t * kTopK + s)] = used ? int32_t(rng() % uint64_t(visible)) : -1;
-      valid_slots += used;
-    }
-  }
+  const PrefillChunkSlots chunk = prefill_chunk_slots(context, T, kWindow, kTopK, capacity, rng);
   const std::vector<float> q = normal_floats(size_t(T) * heads * kHeadDim, 1.0f, rng), sink(size_t(heads), 0.5f),
                            freq = rope_frequencies();
-  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
-               d_compressed = to_device(compressed_index, "compressed index"),
-               d_pos = to_device(positions, "positions"), d_q = to_device(q, "q"), d_sink = to_device(sink, "sink"),
-               d_freq = to_device(freq, "frequencies");
+  DeviceBuffer d_slots = to_device(chunk.slots, "slots"), d_window = to_device(chunk.window_index, "window index"),
+               d_compressed = to_device(chunk.compressed_index, "compressed index"),
+               d_pos = to_device(chunk.positions, "positions"), d_q = to_device(q, "q"),
+               d_sink = to_device(sink, "sink"), d_freq = to_device(freq, "frequencies");
   DeviceBuffer out(size_t(T) * heads * kHeadDim * 2, "out");
   const int splits = choose_sparse_attention_splits(T, heads, kHeadDim, format, kWindow + kTopK, sms);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, heads, kHeadDim, splits)),
@@ -624,11 +570,11 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
   r.slots = kWindow + kTopK;
   r.splits = splits;
   r.us = ms * 1e3;
-  r.tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (ms * 1e9);
+  r.tflops = 4.0 * heads * kHeadDim * double(chunk.used_slots) / (ms * 1e9);
   r.percent_of_cublas = 100.0 * r.tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.tflops / peak_tflops;
   r.bf16_q_us = bf16_q_ms * 1e3;
-  r.bf16_q_tflops = 4.0 * heads * kHeadDim * double(valid_slots) / (bf16_q_ms * 1e9);
+  r.bf16_q_tflops = 4.0 * heads * kHeadDim * double(chunk.used_slots) / (bf16_q_ms * 1e9);
   return r;
 }
 

@@ -32,6 +32,8 @@
 #include "backends/cuda/stream_timing.hpp"
 #include "cuda_bench_support.hpp"
 #include "support/bounded_synchronize.hpp"
+#include "support/l2_flushed_timing.hpp"
+#include "support/prefill_chunk.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -82,38 +84,6 @@ __global__ void fill_entries(uint8_t* pool, int64_t entries, KvEntryLayout layou
   }
 }
 
-template <class Body>
-double median_ms(int iterations, void* flush, size_t flush_bytes, Body&& body) {
-  StreamTimer timer;
-  body();  // warm-up
-  std::vector<float> times;
-  for (int i = 0; i < iterations; ++i) {
-    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, i & 0xFF, flush_bytes));
-    times.push_back(timer.elapsed_ms(nullptr, body));
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-// bf16 tensor rate of cuBLAS on a 4096³ GEMM (bf16 in, fp32 accumulate), in TFLOP/s.
-double cublas_bf16_tflops(void* flush, size_t flush_bytes) {
-  constexpr int n = 4096;
-  cublasHandle_t handle = nullptr;
-  check_cublas(cublasCreate(&handle), "cublasCreate");
-  DeviceBuffer a(size_t(n) * n * 2, "gemm a"), b(size_t(n) * n * 2, "gemm b"), c(size_t(n) * n * 4, "gemm c");
-  a.fill_bytes(0x3C);
-  b.fill_bytes(0x3C);
-  const float alpha = 1.0f, beta = 0.0f;
-  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-  const double ms = median_ms(10, flush, flush_bytes, [&] {
-    status = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
-                          CUDA_R_16BF, n, &beta, c.data(), CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  });
-  cublasDestroy(handle);
-  check_cublas(status, "cublasGemmEx");
-  return 2.0 * n * double(n) * n / (ms * 1e9);
-}
-
 std::vector<float> bf16_output(const DeviceBuffer& out, size_t n) {
   std::vector<uint16_t> bits(n);
   out.download(bits.data(), n * 2);
@@ -137,42 +107,19 @@ struct Case {
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
               double peak_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
   const int64_t capacity = 8192;  // ring rows: the window plus the chunk
-  const int64_t compressed_rows = context / 4;
-  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = 1,
-                 .window_capacity = capacity, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
-                 .pages = (compressed_rows + capacity) / kPageRows});
-  cache.add_sequence();
-  cache.ensure_rows(0, 0, KvArray::Window, capacity);
-  cache.ensure_rows(0, 0, KvArray::Compressed, compressed_rows);
-  cache.upload_page_table(nullptr);
-  const KvCacheView view = cache.view();
-  fill_entries<<<1024, 256>>>(view.pool, cache.config().pages * kPageRows, view.layout, rng());
+  const std::unique_ptr<KvCache> cache =
+      prefill_chunk_cache(format, kHeadDim, kRopeDim, kPageRows, context, capacity);
+  const KvCacheView view = cache->view();
+  fill_entries<<<1024, 256>>>(view.pool, cache->config().pages * kPageRows, view.layout, rng());
   DSV4_CUDA_CHECK_LAUNCH("fill_entries");
 
   const int64_t T = kTokens;
-  std::vector<int32_t> slots(size_t(T), 0), window_index(size_t(T) * kWindow), compressed_index(size_t(T) * kTopK);
-  std::vector<int64_t> positions(static_cast<size_t>(T));
-  int64_t used_slots = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t pos = context - T + t;
-    positions[size_t(t)] = pos;
-    for (int w = 0; w < kWindow; ++w) {
-      const int64_t p = pos - (kWindow - 1) + w;
-      window_index[size_t(t * kWindow + w)] = p >= 0 ? int32_t(p % capacity) : -1;
-      used_slots += p >= 0;
-    }
-    const int64_t visible = (pos + 1) / 4;
-    for (int s = 0; s < kTopK; ++s) {
-      const bool used = s < visible;
-      compressed_index[size_t(t * kTopK + s)] = used ? int32_t(rng() % uint64_t(visible)) : -1;
-      used_slots += used;
-    }
-  }
+  const PrefillChunkSlots chunk = prefill_chunk_slots(context, T, kWindow, kTopK, capacity, rng);
   const std::vector<float> sink(size_t(heads), 0.5f);
   const cpu::RopeTable rope(160000.0, kRopeDim);
-  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
-               d_compressed = to_device(compressed_index, "compressed index"),
-               d_pos = to_device(positions, "positions"), d_sink = to_device(sink, "sink"),
+  DeviceBuffer d_slots = to_device(chunk.slots, "slots"), d_window = to_device(chunk.window_index, "window index"),
+               d_compressed = to_device(chunk.compressed_index, "compressed index"),
+               d_pos = to_device(chunk.positions, "positions"), d_sink = to_device(sink, "sink"),
                d_freq = to_device(rope.frequencies(), "frequencies");
   const size_t outputs = size_t(T) * heads * kHeadDim;
   DeviceBuffer d_q(outputs * 4, "q");
@@ -239,7 +186,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.old_splits = splits;
   r.old_us = old_ms * 1e3;
   r.new_us = new_ms * 1e3;
-  const double flops = 4.0 * heads * kHeadDim * double(used_slots);
+  const double flops = 4.0 * heads * kHeadDim * double(chunk.used_slots);
   r.old_tflops = flops / (old_ms * 1e9);
   r.new_tflops = flops / (new_ms * 1e9);
   r.bf16_q_us = bf16_q_ms * 1e3;
