@@ -679,16 +679,11 @@ TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {
   // The same kernel and summation with only the store changed: the bf16 output must be exactly
   // round-to-nearest-even of the fp32 one, on every load path, with and without split-K, grouped and not.
   const int multiprocessors = list_devices().front().multiprocessors;
-  struct Case {
-    TestFormat format;
-    int64_t rows, cols;
-    int groups;
-  };
-  const Case cases[] = {{TestFormat::FP8_E8M0, 8192, 512, 8}, {TestFormat::NVFP4, 1024, 4096, 1},
-                        {TestFormat::MXFP4, 512, 4096, 1},    {TestFormat::BF16, 320, 192, 1},
-                        {TestFormat::FP8_F32, 100, 200, 1}};
+  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 8192, 512, 8}, {TestFormat::NVFP4, 1024, 4096, 1},
+                              {TestFormat::MXFP4, 512, 4096, 1},    {TestFormat::BF16, 320, 192, 1},
+                              {TestFormat::FP8_F32, 100, 200, 1}};
   uint32_t seed = 900;
-  for (const Case& c : cases)
+  for (const LinearCase& c : cases)
     for (const int tokens : {1, 9, 64}) {
       const int64_t x_cols = c.groups * c.cols, y_stride = c.rows + 3;
       const RandomOperands o = random_operands(c.format, c.rows, c.cols, x_cols, tokens, seed++);
@@ -697,7 +692,7 @@ TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {
       DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, c.groups);
       const size_t outputs = size_t(tokens) * size_t(y_stride);
       for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
-        SCOPED_TRACE(describe({c.format, c.rows, c.cols, c.groups}, tokens) + " " + path_name(path));
+        SCOPED_TRACE(describe(c, tokens) + " " + path_name(path));
         const QuantizedLinearConfig config =
             choose_quantized_linear_config(weight.view(), tokens, c.groups, multiprocessors, path);
         DeviceBuffer y32 = poisoned(outputs, "y fp32"), y16 = poisoned(outputs / 2 + 1, "y bf16");
@@ -736,16 +731,11 @@ TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {
 
 TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  struct Case {
-    TestFormat format;
-    int64_t rows, cols;
-    int groups;
-  };
   // wq_b-like, wkv-like (the GEMM splits K most) and a grouped wo_a-like matrix.
-  const Case cases[] = {{TestFormat::FP8_E8M0, 4096, 1024, 1}, {TestFormat::NVFP4, 512, 4096, 1},
-                        {TestFormat::FP8_E8M0, 8 * 256, 512, 8}, {TestFormat::BF16, 1024, 256, 1}};
+  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 4096, 1024, 1}, {TestFormat::NVFP4, 512, 4096, 1},
+                              {TestFormat::FP8_E8M0, 8 * 256, 512, 8}, {TestFormat::BF16, 1024, 256, 1}};
   uint32_t seed = 950;
-  for (const Case& c : cases)
+  for (const LinearCase& c : cases)
     for (const int tokens : {1, 9, 16, 64, 100}) {
       const int64_t x_cols = c.groups * c.cols;
       const RandomOperands o = random_operands(c.format, c.rows, c.cols, x_cols, tokens, seed++);
@@ -764,8 +754,8 @@ TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
       workspace.fill_bytes(0);
       for (const int64_t gemm_from : {kLinearGemmFromTokens, int64_t(9)})
         for (const bool bf16_output : {false, true}) {
-          SCOPED_TRACE(describe({c.format, c.rows, c.cols, c.groups}, tokens) + " gemm_from_tokens " +
-                       std::to_string(gemm_from) + (bf16_output ? " bf16 output" : ""));
+          SCOPED_TRACE(describe(c, tokens) + " gemm_from_tokens " + std::to_string(gemm_from) +
+                       (bf16_output ? " bf16 output" : ""));
           const size_t outputs = size_t(tokens) * size_t(c.rows);
           DeviceBuffer y = poisoned(outputs, "y");
           LinearCall call;
@@ -809,18 +799,14 @@ TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
 TEST(QuantizedLinear, ClusterReductionEqualsWorkspaceReduction) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int multiprocessors = list_devices().front().multiprocessors;
-  struct Case {
-    TestFormat format;
-    int64_t rows, cols;
-  };
   // Splits of 16 (V4-Flash wq_a, wkv), 8, 14 (V4-Pro wkv: a non-portable cluster size) and a BF16 matrix.
-  const Case cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::FP8_F32, 512, 4096},
-                        {TestFormat::NVFP4, 512, 4096},     {TestFormat::MXFP4, 512, 7168},
-                        {TestFormat::BF16, 256, 2048}};
+  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::FP8_F32, 512, 4096},
+                              {TestFormat::NVFP4, 512, 4096},     {TestFormat::MXFP4, 512, 7168},
+                              {TestFormat::BF16, 256, 2048}};
   uint32_t seed = 1100;
-  for (const Case& c : cases)
+  for (const LinearCase& c : cases)
     for (const int tokens : {1, 5, 16}) {
-      SCOPED_TRACE(describe({c.format, c.rows, c.cols}, tokens));
+      SCOPED_TRACE(describe(c, tokens));
       const RandomOperands o = random_operands(c.format, c.rows, c.cols, c.cols, tokens, seed++);
       const DeviceMatrix weight(o.host.matrix, "cluster weight");
       const DeviceBuffer x = to_device(o.x_bf16, "x");
@@ -868,16 +854,13 @@ TEST(QuantizedLinear, ClusterReductionEqualsWorkspaceReduction) {
 TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int multiprocessors = list_devices().front().multiprocessors;
-  struct Case {
-    TestFormat format;
-    int64_t rows, cols;  // cols ≤ 1024: run_rms_norm's warp rows; beyond: its CTA rows
-  };
-  const Case cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::NVFP4, 512, 4096},
-                        {TestFormat::FP8_E8M0, 4096, 1024}, {TestFormat::MXFP4, 256, 7168},
-                        {TestFormat::BF16, 320, 192},       {TestFormat::FP8_F32, 100, 200}};
+  // cols ≤ 1024: run_rms_norm's warp rows; beyond: its CTA rows.
+  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::NVFP4, 512, 4096},
+                              {TestFormat::FP8_E8M0, 4096, 1024}, {TestFormat::MXFP4, 256, 7168},
+                              {TestFormat::BF16, 320, 192},       {TestFormat::FP8_F32, 100, 200}};
   constexpr float kEps = 1e-6f;
   uint32_t seed = 1000;
-  for (const Case& c : cases)
+  for (const LinearCase& c : cases)
     for (const int tokens : {1, 3, 16, 64}) {
       std::mt19937 rng(seed++);
       std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -921,7 +904,7 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
       cpu::linear(magnitude.matrix, normed_abs.data(), tokens, bound.data());
 
       for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
-        SCOPED_TRACE(describe({c.format, c.rows, c.cols}, tokens) + " " + path_name(path));
+        SCOPED_TRACE(describe(c, tokens) + " " + path_name(path));
         const QuantizedLinearConfig config =
             choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
         const size_t outputs = size_t(tokens) * size_t(c.rows);
@@ -1328,18 +1311,13 @@ TEST(QuantizedLinear, StreamTiledOffsetsAreAStageOrderedBijection) {
 TEST(QuantizedLinear, StreamTiledLayoutEqualsRowMajorBitForBit) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int multiprocessors = list_devices().front().multiprocessors;
-  struct Case {
-    TestFormat format;
-    int64_t rows, cols;
-    int groups;
-  };
-  const Case cases[] = {{TestFormat::FP8_E8M0, 2048, 1024, 1}, {TestFormat::FP8_F32, 512, 4096, 1},
-                        {TestFormat::FP8_E8M0, 1024, 512, 8},  {TestFormat::NVFP4, 512, 4096, 1},
-                        {TestFormat::MXFP4, 256, 7168, 1},     {TestFormat::BF16, 256, 2048, 1}};
+  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 2048, 1024, 1}, {TestFormat::FP8_F32, 512, 4096, 1},
+                              {TestFormat::FP8_E8M0, 1024, 512, 8},  {TestFormat::NVFP4, 512, 4096, 1},
+                              {TestFormat::MXFP4, 256, 7168, 1},     {TestFormat::BF16, 256, 2048, 1}};
   uint32_t seed = 1500;
-  for (const Case& c : cases)
+  for (const LinearCase& c : cases)
     for (const int tokens : {1, 5, 16}) {
-      SCOPED_TRACE(describe({c.format, c.rows, c.cols, c.groups}, tokens));
+      SCOPED_TRACE(describe(c, tokens));
       const int64_t x_cols = c.groups * c.cols;
       const RandomOperands o = random_operands(c.format, c.rows, c.cols, x_cols, tokens, seed++);
       const DeviceMatrix weight(o.host.matrix, "row-major weight");
