@@ -99,36 +99,16 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
   d_out.download(raw.data(), raw.size());
 
-  int failures = 0;
-  double worst = 0;
-  for (size_t i = 0; i < out_elements; ++i) {
-    float got;
-    if (c.out_dtype == AttentionDtype::F32) {
-      std::memcpy(&got, &raw[4 * i], 4);
-    } else {
-      uint16_t bits;
-      std::memcpy(&bits, &raw[2 * i], 2);
-      got = bf16_to_float(bits);
-    }
-    const double want = expected[i];
-    double tolerance = 1e-6 + std::ldexp(magnitude[i], -7);
-    // bf16 partials: each split's share of the output is rounded once more (2^-9 relative, the shares' magnitudes
-    // summing to at most magnitude[i]).
-    if (c.bf16_partials && cluster_merge) tolerance += std::ldexp(magnitude[i], -9);
-    if (c.out_dtype == AttentionDtype::Bf16) tolerance += std::ldexp(std::fabs(want), -8);  // the output rounding
-    const double error = std::fabs(double(got) - want);
-    worst = std::max(worst, error / tolerance);
-    if (!(std::isfinite(got) && error <= tolerance) && ++failures <= 10)
-      ADD_FAILURE() << "out[t=" << i / size_t(H * D) << ", h=" << (i / size_t(D)) % size_t(H) << ", d=" << i % size_t(D)
-                    << "] = " << got << ", expected " << want << ", tolerance " << tolerance;
-  }
-  EXPECT_EQ(failures, 0) << failures << " mismatches of " << out_elements << " (splits " << splits << ")";
+  const AttentionOutputCheck checked =
+      check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, c.bf16_partials && cluster_merge);
+  EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements << " (splits " << splits
+                                 << ")";
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   const int reported_splits = call.head_split ? sparse_attention_head_split_splits(call) : splits;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, reported_splits,
-              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", worst);
+              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", checked.worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {

@@ -70,31 +70,12 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
   d_out.download(raw.data(), raw.size());
 
-  int failures = 0;
-  double worst = 0;
-  for (size_t i = 0; i < out_elements; ++i) {
-    float got;
-    if (c.out_dtype == AttentionDtype::F32) {
-      std::memcpy(&got, &raw[4 * i], 4);
-    } else {
-      uint16_t bits;
-      std::memcpy(&bits, &raw[2 * i], 2);
-      got = bf16_to_float(bits);
-    }
-    const double want = expected[i];
-    double tolerance = 1e-6 + std::ldexp(magnitude[i], -7);
-    if (c.out_dtype == AttentionDtype::Bf16) tolerance += std::ldexp(std::fabs(want), -8);  // the output rounding
-    const double error = std::fabs(double(got) - want);
-    worst = std::max(worst, error / tolerance);
-    if (!(std::isfinite(got) && error <= tolerance) && ++failures <= 10)
-      ADD_FAILURE() << "out[t=" << i / size_t(H * D) << ", h=" << (i / size_t(D)) % size_t(H) << ", d=" << i % size_t(D)
-                    << "] = " << got << ", expected " << want << ", tolerance " << tolerance;
-  }
-  EXPECT_EQ(failures, 0) << failures << " mismatches of " << out_elements;
+  const AttentionOutputCheck checked = check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, false);
+  EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, worst);
+              static_cast<long long>(T), H, D, checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};

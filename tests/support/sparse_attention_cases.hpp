@@ -257,4 +257,41 @@ void prepare_sparse_attention_case(const Case& c, uint32_t seed, SparseAttention
       .compressed_counts = c.counts ? data.counts.as<int32_t>() : nullptr, .out_dtype = c.out_dtype};
 }
 
+// What check_attention_output found: mismatches (NaN included) and the worst error over its tolerance.
+struct AttentionOutputCheck {
+  int failures = 0;
+  double worst = 0;
+};
+
+// Checks the first T·H·D elements (out_dtype) of the downloaded output `raw` against the CPU's `expected` within
+// 1e-6 + magnitude·2^-7, plus magnitude·2^-9 where `bf16_partials` (each split's share rounded once more), plus
+// |expected|·2^-8 for a bf16 output (its rounding); adds a failure for each of the first 10 mismatches.
+inline AttentionOutputCheck check_attention_output(const std::vector<uint8_t>& raw, AttentionDtype out_dtype, int H,
+                                                   int D, const std::vector<float>& expected,
+                                                   const std::vector<double>& magnitude, bool bf16_partials) {
+  AttentionOutputCheck result;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    float got;
+    if (out_dtype == AttentionDtype::F32) {
+      std::memcpy(&got, &raw[4 * i], 4);
+    } else {
+      uint16_t bits;
+      std::memcpy(&bits, &raw[2 * i], 2);
+      got = bf16_to_float(bits);
+    }
+    const double want = expected[i];
+    double tolerance = 1e-6 + std::ldexp(magnitude[i], -7);
+    // bf16 partials: each split's share of the output is rounded once more (2^-9 relative, the shares' magnitudes
+    // summing to at most magnitude[i]).
+    if (bf16_partials) tolerance += std::ldexp(magnitude[i], -9);
+    if (out_dtype == AttentionDtype::Bf16) tolerance += std::ldexp(std::fabs(want), -8);  // the output rounding
+    const double error = std::fabs(double(got) - want);
+    result.worst = std::max(result.worst, error / tolerance);
+    if (!(std::isfinite(got) && error <= tolerance) && ++result.failures <= 10)
+      ADD_FAILURE() << "out[t=" << i / size_t(H * D) << ", h=" << (i / size_t(D)) % size_t(H) << ", d=" << i % size_t(D)
+                    << "] = " << got << ", expected " << want << ", tolerance " << tolerance;
+  }
+  return result;
+}
+
 }  // namespace dsv4::cuda
