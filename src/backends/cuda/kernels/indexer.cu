@@ -129,18 +129,22 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
   };
 }
 
-template <int kHeadDim>
-void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, int query_groups, cudaStream_t stream) {
-  const size_t smem =
-      indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
-  const int64_t warp_tiles = (args.key_count + indexer::kKeysPerWarpTile - 1) / indexer::kKeysPerWarpTile;
-  const int64_t wanted = (warp_tiles + indexer::kScoreWarps - 1) / indexer::kScoreWarps;
-  // One wave of resident CTAs over all query groups; warps loop over the remaining key tiles.
+// The scores kernels' grid: one wave of resident CTAs over all query groups (y), as many CTAs across the keys (x) as
+// that wave leaves per group and the keys fill at `keys_per_cta`; the CTAs loop over the remaining key tiles.
+dim3 scores_grid(const indexer::ScoresArgs& args, int64_t keys_per_cta, int query_groups) {
+  const int64_t wanted = (args.key_count + keys_per_cta - 1) / keys_per_cta;
   const int64_t resident = int64_t(indexer::kScoreCtasPerSm) * device_limits().multiprocessors;
   const int64_t across_keys = std::clamp<int64_t>(resident / query_groups, 1, std::max<int64_t>(wanted, 1));
   check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
         " query groups, beyond the grid limit 65535");
-  const dim3 grid{unsigned(across_keys), unsigned(query_groups)};
+  return dim3{unsigned(across_keys), unsigned(query_groups)};
+}
+
+template <int kHeadDim>
+void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, int query_groups, cudaStream_t stream) {
+  const size_t smem =
+      indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
+  const dim3 grid = scores_grid(args, int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps, query_groups);
   if (fp8)
     launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
                    args, "indexer_scores_fp8_kernel");
@@ -152,13 +156,8 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, in
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int query_groups, cudaStream_t stream) {
   const size_t smem = indexer::wgmma_scores_smem_bytes(args.queries_per_cta, fp8);
-  constexpr int64_t kKeysPerCta = int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups;
-  const int64_t wanted = (args.key_count + kKeysPerCta - 1) / kKeysPerCta;
-  const int64_t resident = int64_t(indexer::kScoreCtasPerSm) * device_limits().multiprocessors;
-  const int64_t across_keys = std::clamp<int64_t>(resident / query_groups, 1, std::max<int64_t>(wanted, 1));
-  check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
-        " query groups, beyond the grid limit 65535");
-  const dim3 grid{unsigned(across_keys), unsigned(query_groups)};
+  const dim3 grid =
+      scores_grid(args, int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups, query_groups);
   if (fp8)
     launch_chained(indexer::indexer_scores_wgmma_kernel<true>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
                    args, "indexer_scores_wgmma_kernel (fp8)");
