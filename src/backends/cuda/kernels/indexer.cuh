@@ -715,53 +715,6 @@ __device__ __forceinline__ uint32_t wgmma_query_offset(int head, int dim) {
                   (byte & 15));
 }
 
-// D[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 → fp32: A from registers (each warp's m16k16 fragment, as mma.sync's),
-// B K-major in shared memory. A's registers are read asynchronously until a wait_group covers the MMA.
-__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint64_t b_desc, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p_acc, 1, 1, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
-// The same for e4m3 operands, k32 (A: mma.m16n8k32's fragment).
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint64_t b_desc, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p_acc, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
 // A warp's key rows as wgmma A fragments: bf16 as load_key_tile's uint4s, fp8 as load_fp8_key_tile's words.
 template <bool kFp8>
 struct WgmmaKeyTile {
@@ -809,8 +762,8 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
     const uint64_t descriptor = sm90::make_sw128_k_major_descriptor(query_tile);
 #pragma unroll
     for (int t = 0; t < kWgmmaHeadDim / 32; ++t)
-      wgmma_m64n64k32_e4m3_rs(d, tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
-                              tile.words[1][2 * t + 1], sm90::advance_descriptor(descriptor, 32 * t), t > 0);
+      sm90::wgmma_m64n64k32_e4m3_rs(d, tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
+                                    tile.words[1][2 * t + 1], sm90::advance_descriptor(descriptor, 32 * t), t > 0);
   } else {
 #pragma unroll
     for (int s = 0; s < kWgmmaHeadDim / 16; ++s) {
@@ -818,9 +771,9 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
       const int pair = s >> 1, sub = s & 1;
       const uint64_t descriptor =
           sm90::make_sw128_k_major_descriptor(query_tile + (s >> 2) * (kWgmmaHeads * 128));
-      wgmma_m64n64k16_bf16_rs(d, tile.words[0][4 * pair + 2 * sub], tile.words[1][4 * pair + 2 * sub],
-                              tile.words[0][4 * pair + 2 * sub + 1], tile.words[1][4 * pair + 2 * sub + 1],
-                              sm90::advance_descriptor(descriptor, 32 * (s & 3)), s > 0);
+      sm90::wgmma_m64n64k16_bf16_rs(d, tile.words[0][4 * pair + 2 * sub], tile.words[1][4 * pair + 2 * sub],
+                                    tile.words[0][4 * pair + 2 * sub + 1], tile.words[1][4 * pair + 2 * sub + 1],
+                                    sm90::advance_descriptor(descriptor, 32 * (s & 3)), s > 0);
     }
   }
   sm90::wgmma_commit_group();
