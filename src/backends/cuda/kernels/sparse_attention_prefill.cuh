@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "backends/cuda/kernels/rope.cuh"
+#include "backends/cuda/kernels/sparse_attention_math.cuh"
 #include "backends/cuda/kernels/sparse_attention_prefill.hpp"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -38,32 +39,12 @@
 namespace dsv4::cuda::sparse_attention_prefill_detail {
 
 using sm90::shared_address;
-
-inline constexpr float kLog2e = 1.4426950408889634f;
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Two e4m3 codes times a power-of-two scale as two bf16 (exact: 4 significant bits).
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float scale) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes), __NV_E4M3);
-  const float2 f = __half22float2(__half2(h));
-  return pack_bf16x2(f.x * scale, f.y * scale);
-}
-
-// 2^x by the MUFU unit alone: a weight below 2^-126 of its row's reference becomes 0, where it cannot change a sum.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// The sink of `head` in log2 units; −inf for no sink or a padding head.
-__device__ __forceinline__ float head_sink_log2(const SparseAttentionParams& p, int head) {
-  return p.attn_sink != nullptr && head < p.heads ? p.attn_sink[head] * kLog2e : -INFINITY;
-}
+using sparse_attention_math::e4m3x2_to_bf16x2;
+using sparse_attention_math::fast_exp2;
+using sparse_attention_math::head_sink_log2;
+using sparse_attention_math::inverse_softmax_denominator;
+using sparse_attention_math::kLog2e;
+using sparse_attention_math::pack_bf16x2;
 
 // Slots of query t: its window slots, then its first clamp(compressed_counts[t], 0, compressed_slots) compressed ones.
 __device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams& p, int64_t t) {
@@ -92,14 +73,6 @@ __device__ __forceinline__ const int32_t& slot_row_ref(const SparseAttentionPara
 
 __device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int64_t t, int64_t s) {
   return slot_row_ref(p, t, s);
-}
-
-// 1 / the softmax denominator for reference max `row_max` and sum `row_sum` (log2 units) with the sink adding
-// exp2(sink − max); a query without entries gets a zero output whatever its sink.
-__device__ __forceinline__ float inverse_softmax_denominator(float sink_log2, float row_max, float row_sum) {
-  float denominator = row_sum;
-  if (sink_log2 != -INFINITY && row_max != -INFINITY) denominator += exp2f(sink_log2 - row_max);
-  return row_sum > 0.0f ? 1.0f / denominator : 0.0f;
 }
 
 inline constexpr int kHeadDim = 512;
