@@ -6,7 +6,9 @@
 #include "runtime/batch_generator.hpp"
 #include "tokenizer/chat_encoding.hpp"
 
+#include <algorithm>
 #include <chrono>
+#include <climits>
 #include <csignal>
 #include <fstream>
 
@@ -76,26 +78,61 @@ FilePrompt parse_prompt_line(const std::string& line, int64_t number, const Gene
   }
   try {
     const nlohmann::json j = nlohmann::json::parse(line);
-    if (j.contains("prompt") && j["prompt"].is_string()) p.text = j["prompt"].get<std::string>();  // for messages
     for (const auto& [key, value] : j.items()) {
-      if (key == "prompt") p.text = value.get<std::string>();
-      else if (key == "max_tokens") p.params.max_tokens = value.get<int32_t>();
-      else if (key == "temperature") p.params.temperature = value.get<float>();
-      else if (key == "top_p") p.params.top_p = value.get<float>();
-      else if (key == "top_k") p.params.top_k = value.get<int32_t>();
-      else if (key == "min_p") p.params.min_p = value.get<float>();
-      else if (key == "repetition_penalty") p.params.repetition_penalty = value.get<float>();
-      else if (key == "presence_penalty") p.params.presence_penalty = value.get<float>();
-      else if (key == "frequency_penalty") p.params.frequency_penalty = value.get<float>();
-      else if (key == "seed") p.params.seed = value.get<uint64_t>();
-      else if (key == "stop") p.params.stop = value.is_string() ? std::vector<std::string>{value.get<std::string>()}
-                                                                : value.get<std::vector<std::string>>();
-      else if (key == "raw") p.raw = value.get<bool>();
-      else if (key == "think") p.think = value.get<bool>();
-      else fail("unknown key '", key, "'");
+      // Each key's value read with its type checked, so a wrong one is named instead of nlohmann's bare message.
+      const auto integer = [&](int64_t min) {
+        check(value.is_number_integer(), "'", key, "' must be an integer");
+        const int64_t v = value.get<int64_t>();
+        check(v >= min, "'", key, "' must be at least ", min);
+        return v;
+      };
+      const auto number = [&] {
+        check(value.is_number(), "'", key, "' must be a number");
+        return value.get<float>();
+      };
+      const auto flag = [&] {
+        check(value.is_boolean(), "'", key, "' must be true or false");
+        return value.get<bool>();
+      };
+      if (key == "prompt") {
+        check(value.is_string(), "'prompt' must be a string");
+        p.text = value.get<std::string>();
+      } else if (key == "max_tokens") {
+        p.params.max_tokens = int32_t(std::min<int64_t>(integer(1), INT32_MAX));
+      } else if (key == "temperature") {
+        p.params.temperature = number();
+      } else if (key == "top_p") {
+        p.params.top_p = number();
+      } else if (key == "top_k") {
+        p.params.top_k = int32_t(std::min<int64_t>(integer(0), INT32_MAX));
+      } else if (key == "min_p") {
+        p.params.min_p = number();
+      } else if (key == "repetition_penalty") {
+        p.params.repetition_penalty = number();
+      } else if (key == "presence_penalty") {
+        p.params.presence_penalty = number();
+      } else if (key == "frequency_penalty") {
+        p.params.frequency_penalty = number();
+      } else if (key == "seed") {
+        check(value.is_number_unsigned() || (value.is_number_integer() && value.get<int64_t>() >= 0),
+              "'seed' must be a non-negative integer");
+        p.params.seed = value.get<uint64_t>();
+      } else if (key == "stop") {
+        const auto is_string = [](const nlohmann::json& v) { return v.is_string(); };
+        const bool strings =
+            value.is_string() || (value.is_array() && std::all_of(value.begin(), value.end(), is_string));
+        check(strings, "'stop' must be a string or an array of strings");
+        p.params.stop = value.is_string() ? std::vector<std::string>{value.get<std::string>()}
+                                          : value.get<std::vector<std::string>>();
+      } else if (key == "raw") {
+        p.raw = flag();
+      } else if (key == "think") {
+        p.think = flag();
+      } else {
+        fail("unknown key '", key, "'");
+      }
     }
     check(j.contains("prompt"), "no \"prompt\"");
-    check(!p.params.max_tokens || *p.params.max_tokens >= 1, "max_tokens must be at least 1");
   } catch (const std::exception& e) {
     p.error = "line " + std::to_string(number) + ": " + e.what();
   }
@@ -223,12 +260,16 @@ const CommandRegistration registration{{
       o->engine.add_to(sub);
       o->sampling.add_to(sub);
       sub.add_option("-p,--prompt", o->prompt, "Prompt text")->each([o](const std::string&) { o->has_prompt = true; });
-      sub.add_option("--prompt-file", o->prompt_file,
-                     "Prompts, one per line: the text, or a JSON object {\"prompt\": ..., and any of max_tokens, "
-                     "temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
-                     "seed, stop, raw, think}; generated concurrently, printed in input order");
-      sub.add_option("--batch", o->batch, "With --prompt-file: sequences generated at once")->capture_default_str();
-      sub.add_flag("--json", o->json, "With --prompt-file: one JSON object per prompt (text, finish_reason, tokens)");
+      CLI::Option* prompt_file = sub.add_option(
+          "--prompt-file", o->prompt_file,
+          "Prompts, one per line: the text, or a JSON object {\"prompt\": ..., and any of max_tokens, "
+          "temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, "
+          "seed, stop, raw, think}; generated concurrently, printed in input order");
+      sub.add_option("--batch", o->batch, "With --prompt-file: sequences generated at once")
+          ->capture_default_str()
+          ->needs(prompt_file);
+      sub.add_flag("--json", o->json, "With --prompt-file: one JSON object per prompt (text, finish_reason, tokens)")
+          ->needs(prompt_file);
       sub.add_flag("--raw", o->raw, "Use the prompt as it is, without the chat template");
       sub.add_flag("--think", o->think, "Thinking mode: the model reasons first (shown dimmed)");
       return [o] { return run_generate(*o); };

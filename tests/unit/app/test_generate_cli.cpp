@@ -164,4 +164,45 @@ TEST(GenerateBatchCli, BadArgumentsFailWithAMessage) {
   r = run_cli("generate " + model + " --prompt-file /dev/null --batch 0");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("--batch"), std::string::npos) << r.err;
+  for (const char* option : {" --batch 2", " --json"}) {
+    r = run_cli("generate " + model + " -p hi" + option);
+    EXPECT_NE(r.exit_code, 0) << option;
+    EXPECT_NE(r.err.find("--prompt-file"), std::string::npos) << option << ": " << r.err;
+  }
+}
+
+// A JSON line whose value has the wrong type fails alone, its message naming the key.
+TEST(GenerateBatchCli, BadValuesInAJsonLineAreNamed) {
+  const std::string model = "-m " + (fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string();
+  dsv4::testing::TempDir dir("generate-batch-values");
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {R"({"prompt": "a", "max_tokens": "six"})", "'max_tokens' must be an integer"},
+      {R"({"prompt": "a", "max_tokens": 2.5})", "'max_tokens' must be an integer"},
+      {R"({"prompt": "a", "max_tokens": 0})", "'max_tokens' must be at least 1"},
+      {R"({"prompt": "a", "seed": -1})", "'seed' must be a non-negative integer"},
+      {R"({"prompt": "a", "temperature": "hot"})", "'temperature' must be a number"},
+      {R"({"prompt": "a", "stop": [1]})", "'stop' must be a string or an array of strings"},
+      {R"({"prompt": 5})", "'prompt' must be a string"},
+      {R"({"prompt": "a", "raw": 1})", "'raw' must be true or false"},
+      {R"({"prompt": "Tell me a fortune."})", ""},
+  };
+  const fs::path file = dir.path() / "prompts.txt";
+  {
+    std::ofstream out(file);
+    for (const auto& c : cases) out << c.first << "\n";
+  }
+  const CliResult r = run_cli("generate " + model + " --prompt-file " + file.string() + " -n 4 --json");
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  std::vector<nlohmann::json> results;
+  std::istringstream out(r.out);
+  for (std::string line; std::getline(out, line);) results.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(results.size(), cases.size()) << r.out;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    if (cases[i].second.empty()) {
+      EXPECT_FALSE(results[i].contains("error")) << results[i];
+      continue;
+    }
+    ASSERT_TRUE(results[i].contains("error")) << results[i];
+    EXPECT_NE(results[i]["error"].get<std::string>().find(cases[i].second), std::string::npos) << results[i];
+  }
 }
