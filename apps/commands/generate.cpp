@@ -78,6 +78,8 @@ FilePrompt parse_prompt_line(const std::string& line, int64_t number, const Gene
   }
   try {
     const nlohmann::json j = nlohmann::json::parse(line);
+    // The prompt first, so that a line failing on another key still reports its prompt.
+    if (j.contains("prompt") && j["prompt"].is_string()) p.text = j["prompt"].get<std::string>();
     for (const auto& [key, value] : j.items()) {
       // Each key's value read with its type checked, so a wrong one is named instead of nlohmann's bare message.
       const auto integer = [&](int64_t min) {
