@@ -50,6 +50,17 @@ class PerDeviceCache {
   std::vector<Entry> entries_;  // a handful of kernels × devices: a linear scan beats hashing
 };
 
+// The current device's SM count (launchers size one-wave grids by it), queried once per device.
+inline int device_multiprocessors() {
+  static PerDeviceCache<int> cache;
+  static const int key = 0;
+  return cache.get(&key, [] {
+    int count = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+    return count;
+  });
+}
+
 // The dynamic shared memory `kernel` may use on the current device (the device's opt-in limit per block less the
 // kernel's static shared memory), set as the kernel's attribute on its first use on each device: launchers whose size
 // varies per call check against it instead of setting the attribute on every call.

@@ -20,17 +20,6 @@ tile::TileFormat tile_format(WeightFormat format) {
                                                 : tile::TileFormat::BF16;
 }
 
-// The current device's SM count, queried once per device.
-int multiprocessors() {
-  static PerDeviceCache<int> cache;
-  static const int key = 0;
-  return cache.get(&key, [] {
-    int count = 0;
-    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
-    return count;
-  });
-}
-
 int max_dynamic_smem() {
   int device = 0, bytes = 0;
   DSV4_CUDA_CHECK(cudaGetDevice(&device));
@@ -61,7 +50,7 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
   // One grid row more: the shared expert's second CTAs.
-  const bool split = moe_shared_expert_splits(p, multiprocessors());
+  const bool split = moe_shared_expert_splits(p, device_multiprocessors());
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
