@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
@@ -182,6 +183,16 @@ ClusterLimits head_split_device_limits() {
   });
 }
 
+int device_multiprocessors() {
+  static PerDeviceCache<int> cache;
+  static const int key = 0;
+  return cache.get(&key, [] {
+    int count = 0;
+    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
+    return count;
+  });
+}
+
 int head_split_groups(int heads) { return (heads + kHeadSplitHeads - 1) / kHeadSplitHeads; }
 
 // The head-split path's splits for the call, 0 where it does not serve it. Its tokens × head groups × splits CTAs
@@ -303,16 +314,7 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
   check(int64_t(p.tokens) * head_blocks_for(p.heads) * p.splits < (int64_t(1) << 31),
         "sparse_attention: too many CTAs for one launch (tokens ", p.tokens, ")");
   if (p.tokens == 0) return;
-  check(p.q != nullptr && p.out != nullptr && p.sequence_slots != nullptr, "sparse_attention: q, out and "
-        "sequence_slots are required");
-  check(reinterpret_cast<uintptr_t>(p.q) % 16 == 0, "sparse_attention: q must be 16-byte aligned");
-  check(reinterpret_cast<uintptr_t>(p.out) % 8 == 0, "sparse_attention: out must be 8-byte aligned");
-  check(p.window_slots == 0 || p.window_index != nullptr, "sparse_attention: window_slots ", p.window_slots,
-        " without window_index");
-  check(p.compressed_slots == 0 || p.compressed_index != nullptr, "sparse_attention: compressed_slots ",
-        p.compressed_slots, " without compressed_index");
-  check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
-        "sparse_attention: the inverse RoPE needs positions and a cache rope_dim > 0");
+  check_sparse_attention_inputs(p, "sparse_attention");
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");

@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
 #include "backends/cuda/cuda_check.hpp"
+#include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
@@ -59,16 +60,7 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
   check(p.tokens * head_blocks < (int64_t(1) << 31), "sparse_attention_prefill: too many CTAs for one launch (tokens ",
         p.tokens, ", heads ", p.heads, ")");
   if (p.tokens == 0) return;
-  check(p.q != nullptr && p.out != nullptr && p.sequence_slots != nullptr,
-        "sparse_attention_prefill: q, out and sequence_slots are required");
-  check(reinterpret_cast<uintptr_t>(p.q) % 16 == 0, "sparse_attention_prefill: q must be 16-byte aligned");
-  check(reinterpret_cast<uintptr_t>(p.out) % 8 == 0, "sparse_attention_prefill: out must be 8-byte aligned");
-  check(p.window_slots == 0 || p.window_index != nullptr, "sparse_attention_prefill: window_slots ", p.window_slots,
-        " without window_index");
-  check(p.compressed_slots == 0 || p.compressed_index != nullptr, "sparse_attention_prefill: compressed_slots ",
-        p.compressed_slots, " without compressed_index");
-  check(p.rope_frequencies == nullptr || (p.positions != nullptr && layout.rope_dim > 0),
-        "sparse_attention_prefill: the inverse RoPE needs positions and a cache rope_dim > 0");
+  check_sparse_attention_inputs(p, "sparse_attention_prefill");
 }
 
 void run_sparse_attention_prefill(const SparseAttentionParams& p) {
