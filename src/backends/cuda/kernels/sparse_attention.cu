@@ -183,16 +183,6 @@ ClusterLimits head_split_device_limits() {
   });
 }
 
-int device_multiprocessors() {
-  static PerDeviceCache<int> cache;
-  static const int key = 0;
-  return cache.get(&key, [] {
-    int count = 0;
-    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
-    return count;
-  });
-}
-
 int head_split_groups(int heads) { return (heads + kHeadSplitHeads - 1) / kHeadSplitHeads; }
 
 // The head-split path's splits for the call, 0 where it does not serve it. Its tokens × head groups × splits CTAs
