@@ -1,18 +1,18 @@
 // Sparse MQA attention decode on the GPU: run_sparse_attention over the fp8 KV cache (584-byte entries, D 512) for
 // V4-Flash (H 64) and V4-Pro (H 128) shapes, batch 1/8/64/256 × context 4K/64K/1M, in the SWA layout (the 128 window
-// entries only; context 4K), the CSA layout (128 window + 512 top-k entries per query) and the HCA layout (128 window
-// + context/128 entries). Each query belongs to its own sequence with its own pages; the KV entries are random (a
-// hash of their bytes' positions), so a kernel reading a wrong entry gives a wrong result. Reported per case: µs per
-// call (L2 flushed before every call) with the splits merged by the combine kernel and by the cluster merge (each with
-// the splits choose_sparse_attention_splits picks for it), KV bytes read / time against the same-run device copy
-// bandwidth, a check of both outputs against cpu::sparse_attention on a sample of queries (worst error over the
-// query-and-head's largest |output|; FAIL above 2^-6), a straightforward baseline measured in the same run (one CTA
-// per (query, head), plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on a copy
-// of the cache (uniform entries; its time only; caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped. Each case also states its floor: the
-// larger of the KV bytes at the same-run copy bandwidth and its flops (4·H·D per slot: QKᵀ and PV) at the same-run
-// cuBLAS bf16 rate; for H = 128 (and, at D = 512, about H = 64 too) the flops set it, not the bytes. HCA cases below
-// 1M context are timed a second time the way the engine's batched decode calls them: a shared bound of
-// 1M / 128 compressed slots, each query's own count in compressed_counts, live rows past the count.
+// entries only; context 4K), the CSA layout (128 window + 512 top-k entries per query) and the HCA layout (128 window +
+// context/128 entries). Each query belongs to its own sequence with its own pages; the KV entries are random (a hash of
+// their bytes' positions), so a kernel reading a wrong entry gives a wrong result. Reported per case: µs per call (L2
+// flushed before every call) with the splits merged by the combine kernel and by the cluster merge (each with the
+// splits choose_sparse_attention_splits picks for it), KV bytes read / time against the same-run device copy bandwidth,
+// a check of both outputs against cpu::sparse_attention on a sample of queries (worst error over the query-and-head's
+// largest |output|; FAIL above 2^-6), a straightforward baseline measured in the same run (one CTA per (query, head),
+// plain loads, scalar dot products) with its speed-up, and the previous mma.sync kernel on a copy of the cache (uniform
+// entries; its time only; caches up to 4 GiB). Cases whose cache exceeds 24 GiB are skipped. Each case also states its
+// floor: the larger of the KV bytes at the same-run copy bandwidth and its flops (4·H·D per slot: QKᵀ and PV) at the
+// same-run cuBLAS bf16 rate; for H = 128 (and, at D = 512, about H = 64 too) the flops set it, not the bytes. HCA cases
+// below 1M context are timed a second time the way the engine's batched decode calls them: a shared bound of 1M / 128
+// compressed slots, each query's own count in compressed_counts, live rows past the count.
 // Prefill: a chunk of 4096 queries at the end of an 8K or 64K context of one sequence (CSA: 128 window + 512 top-k
 // slots each, fp8 and bf16 entries), reported as TFLOP/s (4·H·D flops per valid slot: QKᵀ and PV) against the
 // same-run cuBLAS bf16 GEMM rate (4096³) and the nominal dense bf16 peak (4096 flops per SM per clock).
@@ -24,10 +24,11 @@
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
-//   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only skips the decode cases.
-//   --warm times without the L2 flush (what is left is not memory latency). --sweep times every decode case at every
-//   split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16 entries (1024 bytes, the
-//   engine's KV format outside reference numerics) instead of fp8. Exit status 1 when a CPU check fails.
+//   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
+//   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
+//   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
+//   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. Exit status 1 when a CPU
+//   check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 

@@ -148,7 +148,6 @@ void BatchGenerator::remove_ended() {
 }
 
 bool BatchGenerator::step() {
-  const Clock::time_point start = Clock::now();
   // Cancelled requests end first, so their places go to queued requests at once.
   std::erase_if(queue_, [&](Queued& queued) {
     if (!queued.request.cancel || !queued.request.cancel->load()) return false;
@@ -222,7 +221,6 @@ bool BatchGenerator::step() {
     // The step failed as a whole: its sequences' states are undefined, so each of its requests fails.
     for (Running* r : owners) fail_request(*r, e.what());
     remove_ended();
-    stats_.seconds += seconds_between(start, Clock::now());
     return !running_.empty() || !queue_.empty();
   }
 
@@ -258,7 +256,6 @@ bool BatchGenerator::step() {
     else r.next = token;
   }
   remove_ended();
-  stats_.seconds += seconds_between(start, Clock::now());
   return !running_.empty() || !queue_.empty();
 }
 

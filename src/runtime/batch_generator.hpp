@@ -6,13 +6,15 @@
 // sequence (its KV pages, its GPU slot) back at once, and a queued request takes the place at the next step.
 //
 // Each request generates exactly what Engine::generate gives for it alone with the same prefill chunk: the same
-// prompt chunks, its own Sampler (random stream) and GenerationStream (stop tokens and strings, max_tokens, text).
+// prompt chunks (unless the model's step limit makes the chunk smaller than Engine's: chunk() tells), its own Sampler
+// (random stream) and GenerationStream (stop tokens and strings, max_tokens, text).
 // On the CPU the numbers are those of separate calls; on a GPU the batched kernels sum in their own order, so
 // logits agree to rounding (and the tokens wherever no two candidates are that close).
 //
 // A bad request (empty prompt, one that leaves no room in the context, parameters out of range) fails alone when
-// submitted; a text callback that throws, or NaN logits, fail their request alone; a model step that throws fails
-// the requests that were in it. Single-threaded: submit, step and take from one thread (the cancel flags may be set
+// submitted; a text callback that throws, or NaN / infinite logits caught by its sampler, fail their request alone;
+// a model step that throws fails the requests that were in it (on a GPU that includes NaN indexer scores, which the
+// model reports at its next step). Single-threaded: submit, step and take from one thread (the cancel flags may be set
 // from any).
 #pragma once
 
@@ -65,7 +67,6 @@ struct BatchStats {
   int64_t prompt_tokens = 0;     // prompt tokens run
   int64_t generated_tokens = 0;  // tokens sampled
   int max_running = 0;           // most sequences in one step
-  double seconds = 0;            // time spent in step()
 };
 
 class BatchGenerator {

@@ -123,9 +123,10 @@ TEST(BatchedGeneration, EqualsAloneWithoutCudaGraphs) {
 }
 
 // 64 requests at once (the prompts of `generate --prompt-file` with 64 lines "Tell me fortune number N."), their
-// prompts read together in two mixed steps of up to 512 prompt tokens, then decoding as one batch: a greedy token may differ from the alone run only where the alone run's logits nearly tie, as the batched
-// kernels sum in another order over bf16 operands (relative rounding 2^-9 per operand, a few hundredths on logits
-// of this model's size). A sequence fed another's token or logits row diverges with a gap of whole logits.
+// prompts read together in two mixed steps of up to 512 prompt tokens, then decoding as one batch: a greedy token may
+// differ from the alone run only where the alone run's logits nearly tie, as the batched kernels sum in another order
+// over bf16 operands (relative rounding 2^-9 per operand, a few hundredths on logits of this model's size). A sequence
+// fed another's token or logits row diverges with a gap of whole logits.
 TEST(BatchedGeneration, ManyRequestsInOneStepDivergeOnlyAtNearTies) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   constexpr int kRequests = 64;

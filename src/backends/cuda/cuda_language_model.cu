@@ -67,6 +67,8 @@ struct CudaLanguageModel::DeviceSampling {
   }
   sampling::RowParams* host_rows() const { return static_cast<sampling::RowParams*>(host_inputs.data()); }
   // Where the adjustments of a step of `step_rows` rows start (RowParams' size keeps them aligned).
+  static_assert(sizeof(sampling::RowParams) % alignof(sampling::LogitAdjustment) == 0,
+                "the adjustments follow the rows' parameters in one buffer");
   static sampling::LogitAdjustment* adjustments_after(void* inputs, size_t step_rows) {
     return reinterpret_cast<sampling::LogitAdjustment*>(static_cast<unsigned char*>(inputs) +
                                                         step_rows * sizeof(sampling::RowParams));

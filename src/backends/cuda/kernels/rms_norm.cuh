@@ -2,8 +2,8 @@
 //
 // NOTES:
 // - A group of kGroupThreads threads owns a row: 32 (a warp, 8 rows per CTA) for widths up to 1024, 256 (the CTA)
-//   beyond or with cta_rows. Thread g holds elements g, g + kGroupThreads, … in registers: consecutive lanes touch consecutive
-//   floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
+//   beyond or with cta_rows. Thread g holds elements g, g + kGroupThreads, … in registers: consecutive lanes touch
+//   consecutive floats (coalesced), every load of the row is issued before the reduction, and nothing is re-read.
 // - The sum of squares is a butterfly within the warp, then (CTA groups) the 8 warp sums added in warp order by
 //   every thread: deterministic.
 // - Programmatic dependent launch: the weight is loaded into registers before the wait (a parameter, not a
