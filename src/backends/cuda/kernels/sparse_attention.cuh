@@ -109,12 +109,7 @@ using ptx::cp_async_wait;
 using ptx::ldmatrix_x4;
 using ptx::ldmatrix_x4_trans;
 using ptx::shared_address;
-using sparse_attention_math::e4m3x2_to_bf16x2;
-using sparse_attention_math::fast_exp2;
-using sparse_attention_math::head_sink_log2;
-using sparse_attention_math::inverse_softmax_denominator;
-using sparse_attention_math::kLog2e;
-using sparse_attention_math::pack_bf16x2;
+using namespace sparse_attention_math;
 
 // The same for a thread's two fragment rows, heads `head`.
 __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_log2)[2], const float (&row_max)[2],

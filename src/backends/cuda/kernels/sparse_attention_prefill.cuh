@@ -39,12 +39,7 @@
 namespace dsv4::cuda::sparse_attention_prefill_detail {
 
 using sm90::shared_address;
-using sparse_attention_math::e4m3x2_to_bf16x2;
-using sparse_attention_math::fast_exp2;
-using sparse_attention_math::head_sink_log2;
-using sparse_attention_math::inverse_softmax_denominator;
-using sparse_attention_math::kLog2e;
-using sparse_attention_math::pack_bf16x2;
+using namespace sparse_attention_math;
 
 // Slots of query t: its window slots, then its first clamp(compressed_counts[t], 0, compressed_slots) compressed ones.
 __device__ __forceinline__ int64_t query_slot_count(const SparseAttentionParams& p, int64_t t) {
