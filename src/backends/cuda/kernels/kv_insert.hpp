@@ -5,8 +5,8 @@
 // - Each row goes to (sequence_slots[r], layer, array, dest_rows[r]); that row's page must be allocated
 //   (KvCache::ensure_rows) and the page table uploaded before the launch runs; rows must be distinct. A row with
 //   dest_rows[r] < 0 is skipped (a batched step's compressor rows that completed no entry), so a captured launch
-//   over a fixed row count serves any step; its sequence_slots[r] must still be a slot of the cache (its page-table
-//   row is read before the destination is tested).
+//   over a fixed row count serves any step; its sequence_slots[r] must still be a slot of the cache and, with RoPE,
+//   its position a row of rope_table (both are read before the destination is tested).
 // - Math in fp32 like cpu::rms_norm and cpu::RopeTable::rotate; the mean square is summed in another order, so
 //   results may differ from the CPU's in the last bits. Bf16 caches store the rounded-to-nearest bf16 of the result;
 //   Fp8Reference caches store exactly what cpu::round_kv_reference keeps (same scale rule and e4m3 rounding, from
