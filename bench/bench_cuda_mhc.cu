@@ -6,10 +6,10 @@
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
-// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) beside the default; at every size the warp-specialised
-// persistent kernel (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the default. Inputs rotate over
-// enough copies to exceed three times the L2, so every launch streams from HBM like a layer's own weights and
-// activations do.
+// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and the single-cluster kernel (SINGLE_CLUSTER) beside the
+// default; at every size the warp-specialised persistent kernel (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside
+// the default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
+// layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
 // counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
 // for a profiler run).
@@ -366,6 +366,22 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
+          const auto single = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER);
+          };
+          record("hc_pre (single-cluster kernel)", single, pre_bytes, 0.0);
+          const auto single_one_iteration = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, false, 1);
+          };
+          record("hc_pre (single-cluster kernel, 1 Sinkhorn iteration)", single_one_iteration, pre_bytes, 0.0);
+          const auto single_fused_norm = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, true);
+          };
+          record("hc_pre + attn_norm (fused, single-cluster kernel)", single_fused_norm,
+                 pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -407,6 +423,9 @@ int main(int argc, char** argv) {
           const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
           record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
+          const auto single_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
+          record("hc_post_pre + norm (fused, single-cluster kernel)", single_norm,
+                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
         }
 
         // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
@@ -445,6 +464,10 @@ int main(int argc, char** argv) {
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
           const auto cluster_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER, true); };
           record("hc_head + norm (fused, cluster kernel)", cluster_norm, head_norm_bytes, 0.0);
+          const auto single = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER); };
+          record("hc_head (single-cluster kernel)", single, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          const auto single_norm = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
+          record("hc_head + norm (fused, single-cluster kernel)", single_norm, head_norm_bytes, 0.0);
         }
 
         const auto hc_post = [&](int i) {

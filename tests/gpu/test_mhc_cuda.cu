@@ -9,7 +9,8 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// session-13 cluster decode kernel (CLUSTER) and its asynchronous variant (AUTO); every case also runs the
+// session-13 cluster decode kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel
+// (SINGLE_CLUSTER, also at its own widths 256, 1024 and 2816); every case also runs the
 // warp-specialised persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where
 // that one takes 64-dim slices too.
 #include <gtest/gtest.h>
@@ -173,6 +174,7 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
          (kernel == HcKernelChoice::CLUSTER           ? " cluster kernel"
           : kernel == HcKernelChoice::AUTO            ? " asynchronous cluster kernel (auto)"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
+          : kernel == HcKernelChoice::SINGLE_CLUSTER              ? " single-cluster kernel"
                                                                   : " persistent kernel");
 }
 
@@ -456,10 +458,12 @@ const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
 // The kernels a launch of T tokens can take: the persistent one and its warp-specialised variant always, the cluster
-// decode kernel and its asynchronous variant (AUTO) up to their token limit.
+// decode kernel, its asynchronous variant (AUTO) and the single-cluster kernel (SINGLE_CLUSTER; as AUTO past its
+// hidden-size limits) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T) {
   std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
-  if (T <= kHcDecodeMaxTokens) kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::AUTO});
+  if (T <= kHcDecodeMaxTokens)
+    kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::AUTO, HcKernelChoice::SINGLE_CLUSTER});
   return kernels;
 }
 
@@ -517,7 +521,7 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (CLUSTER) and its asynchronous variant (AUTO) alternate on one workspace, each launch's tag must come from the
+// kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel alternate on one workspace, each launch's tag must come from the
 // epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first (deterministic
 // sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
@@ -534,7 +538,9 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       constexpr int kLaunches = 40;
       std::vector<PreOutputBuffers> outputs;
       for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
-      const auto kernel_of = [](int i) { return i % 4 == 3 ? HcKernelChoice::AUTO : HcKernelChoice::CLUSTER; };
+      const auto kernel_of = [](int i) {
+        return i % 4 == 3 ? HcKernelChoice::AUTO : i % 4 == 1 ? HcKernelChoice::SINGLE_CLUSTER : HcKernelChoice::CLUSTER;
+      };
       for (int i = 0; i < kLaunches; ++i)
         run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
                     .tokens = T, .hidden = d, .y = outputs[size_t(i)].y.as<float>(),
@@ -543,7 +549,7 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
                     .kernel = kernel_of(i), .workspace = workspace.buffer.data(),
                     .workspace_bytes = workspace.bytes});
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      for (const int first : {0, 3}) {
+      for (const int first : {0, 1, 3}) {
         const std::vector<float> first_y = download(outputs[size_t(first)].y, size_t(T * d));
         const std::vector<float> first_post = download(outputs[size_t(first)].post, size_t(T * kN));
         const std::vector<float> first_comb = download(outputs[size_t(first)].comb, size_t(T * kN * kN));
@@ -705,6 +711,23 @@ TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
           check_output_norm(op, T, d, round, !round, kernel, seed++);
           check_output_norm(op, T, d, round, round, kernel, seed++);
         }
+}
+
+// The single-cluster kernel at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above), token
+// counts on both sides of the MMA tile's half, every op with and without the output norm.
+TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const std::vector<HcKernelChoice> single = {HcKernelChoice::SINGLE_CLUSTER};
+  uint32_t seed = 1500;
+  for (const int64_t d : {int64_t(256), int64_t(1024), int64_t(2816)})
+    for (const int64_t T : {1, 8, 9, 16})
+      for (const bool round : {false, true}) {
+        check_hc_pre(T, d, round, single, seed++);
+        check_hc_head(T, d, round, single, seed++);
+        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::SINGLE_CLUSTER, seed++);
+        for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
+          check_output_norm(op, T, d, round, !round, HcKernelChoice::SINGLE_CLUSTER, seed++);
+      }
 }
 
 void expect_error_containing(const std::function<void()>& action, const std::string& needle) {

@@ -180,7 +180,9 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
 // The cluster decode kernel (either variant) serves a launch unless a persistent one is asked for or the launch is
 // beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER) && tokens <= kHcDecodeMaxTokens &&
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER ||
+          choice == HcKernelChoice::SINGLE_CLUSTER) &&
+         tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
 }
 
@@ -253,6 +255,54 @@ void run_cluster_decode(HcKernelChoice choice, const mhc::ClusterDecodeArgs& arg
                         cudaStream_t stream, const char* op) {
   if (choice == HcKernelChoice::CLUSTER) return launch_cluster_decode<kHead, kPost, false>(args, workspace, stream, op);
   launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
+}
+
+// The single-cluster decode kernel serves SINGLE_CLUSTER launches within its limits (mhc.hpp) where the card holds
+// its cluster (checked once per kernel and device).
+template <bool kHead, bool kPost>
+bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
+  if (choice != HcKernelChoice::SINGLE_CLUSTER || tokens > kHcDecodeMaxTokens ||
+      hidden % kHcSingleClusterHiddenQuantum != 0 || hidden > kHcSingleClusterMaxHidden)
+    return false;
+  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost>;
+  static PerDeviceCache<int> cache;
+  // Sized for the widest launch: a card that holds that cluster holds every narrower one.
+  return cache.get(reinterpret_cast<const void*>(kernel), [&] {
+    const int threads = mhc::single_cluster_threads(int(kHcSingleClusterMaxHidden), kHead);
+    const int smem = mhc::single_cluster_smem_bytes(int(kHcSingleClusterMaxHidden), kHead);
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = mhc::kSingleClusterCtas;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(mhc::kSingleClusterCtas);
+    config.blockDim = dim3(unsigned(threads));
+    config.dynamicSmemBytes = size_t(smem);
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int clusters = 0;
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    return clusters;
+  }) > 0;
+}
+
+// The single-cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
+mhc::SingleClusterArgs single_cluster_args(const HcPreParams& p) {
+  mhc::SingleClusterArgs args = site_args<mhc::SingleClusterArgs>(p);
+  args.norm_weight = p.out_norm_weight;
+  args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
+  return args;
+}
+
+template <bool kHead, bool kPost>
+void launch_single_cluster(const mhc::SingleClusterArgs& args, cudaStream_t stream, const char* op) {
+  launch_chained(mhc::hc_single_cluster_kernel<kHead, kPost>, dim3(mhc::kSingleClusterCtas),
+                 dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
+                 size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
+                 op, args);
 }
 
 // The persistent path's fused output norm: rms_norm of the projection's fp32 output in place.
@@ -365,6 +415,8 @@ void check_hc_post_pre_params(const HcPostPreParams& p) {
 void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
+  if (single_cluster_serves<false, false>(p.kernel, p.tokens, p.hidden))
+    return launch_single_cluster<false, false>(single_cluster_args(p), p.stream, "hc_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
     return run_cluster_decode<false, false>(p.kernel, decode_args(p), p.workspace, p.stream, "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
@@ -383,6 +435,8 @@ void run_hc_head(const HcHeadParams& p) {
                            .round_to_bf16 = p.round_to_bf16, .y = p.h, .y_bf16 = p.h_bf16,
                            .out_norm_weight = p.out_norm_weight,
                            .out_norm_round_to_bf16 = p.out_norm_round_to_bf16};
+  if (single_cluster_serves<true, false>(p.kernel, p.tokens, p.hidden))
+    return launch_single_cluster<true, false>(single_cluster_args(as_pre), p.stream, "hc_head");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
     return run_cluster_decode<true, false>(p.kernel, decode_args(as_pre), p.workspace, p.stream, "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
@@ -407,6 +461,9 @@ void run_hc_post_pre(const HcPostPreParams& params) {
     return;
   }
   const HcPreParams next = next_site_pre_params(p);
+  if (single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden))
+    return launch_single_cluster<false, true>(with_fused_post(single_cluster_args(next), p), p.stream,
+                                              "hc_post_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
     return run_cluster_decode<false, true>(p.kernel, with_fused_post(decode_args(next), p), p.workspace, p.stream,
                                            "hc_post_pre");

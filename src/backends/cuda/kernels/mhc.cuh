@@ -1362,6 +1362,337 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   if (owner) store_output(args.y, args.y_bf16, int64_t(vt) * d + i0 + vi, value);
 }
 
+// ---- The single-cluster decode kernel (T ≤ kDecodeMaxTokens, hidden a multiple of 256 up to 4096). ----
+//
+// NOTES:
+// - One cluster of kSingleClusterCtas CTAs covers the whole projection, so every sum over the hidden size is one
+//   DSMEM exchange and none takes a global hop (the cluster decode kernel above needs a global hop per sum: Flash
+//   T = 1 hc_head + norm 4.6 µs against 3.2 without the norm's hop, session 14). CTA r owns the dims [r·ds,
+//   (r+1)·ds), ds = hidden / 16, of all 4 streams; its warp w the 16 dims 16w .. 16w + 15 of the slice, all streams.
+// - fn's slice (24 rows × 4·ds floats, ≈ 98 KB for V4-Flash) is bulk-copied into shared memory before the
+//   grid-dependency wait. After it each thread loads its X values straight into registers as MMA A fragments
+//   (tokens g and g + 8, dims 4·t4 .. + 3 of its warp's 16, all 4 streams: the collapse and the fused hc_post need
+//   no shared-memory staging either), projects them (3xTF32 MMA, as the kernels above), and the warps' partial sums
+//   are summed in warp order.
+// - Exchange 1: every CTA stores its partials of Σx² and the pre rows (5 × T values) into every CTA, and its mix rows
+//   of token t into CTA t (st.async into mbarrier-armed peers, as the asynchronous cluster decode kernel); each CTA
+//   sums what it received in rank order, so all of them hold the same totals. Collapse in registers; with the fused
+//   output norm, exchange 2 hands the slices' Σy² around the same way. The mix warp of CTA t (hc_pre, hc_post_pre)
+//   turns token t's totals into post and comb (Sinkhorn in scaling form, sinkhorn_4x4_scaled) beside the collapse.
+// - No workspace words: nothing leaves the cluster but the outputs. Sums in another fixed order than the other
+//   kernels' (deterministic).
+inline constexpr int kSingleClusterCtas = 16;
+inline constexpr int kSingleWarpDims = 16;                     // dims per warp (all 4 streams)
+inline constexpr int kSingleMaxWarps = 16;                     // ds ≤ 256: hidden ≤ 4096
+inline constexpr int kSingleFnPad = 16;  // floats past each fn row: rows g, g + 1 of a B load 16 banks apart
+inline constexpr int kSingleDimQuantum = kSingleClusterCtas * kSingleWarpDims;  // hidden must be a multiple of it
+inline constexpr int kSingleMixItems = kPartialRows<false> - 1 - kStreams;      // post ×4, comb ×16
+
+struct SingleClusterArgs {
+  const float* X;
+  const float* fn;
+  const float* base;
+  const float* scale;
+  int tokens;
+  int hidden;
+  int sinkhorn_iters;
+  float hc_eps;
+  float norm_eps;
+  bool round_to_bf16;
+  float* y;
+  __nv_bfloat16* y_bf16;
+  float* post;
+  float* comb;
+  // The fused variant's hc_post inputs and its updated residual.
+  const float* out;
+  const float* post_in;
+  const float* comb_in;
+  float* X_out;
+  // Optional fused output norm.
+  const float* norm_weight;
+  bool norm_round_to_bf16;
+};
+
+__host__ __device__ constexpr int single_cluster_warps(int hidden) {
+  return hidden / kSingleClusterCtas / kSingleWarpDims;
+}
+__host__ __device__ constexpr int single_cluster_threads(int hidden, bool head) {
+  return 32 * single_cluster_warps(hidden) + (head ? 0 : 32);  // + the mix warp
+}
+// fn's rows in shared memory ([rows][4·ds + pad]), then the warps' partial blocks ([warps][partial rows][16]).
+__host__ __device__ constexpr int single_cluster_fn_stride(int hidden) {
+  return kStreams * (hidden / kSingleClusterCtas) + kSingleFnPad;
+}
+__host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head) {
+  const int rows = head ? kProjectionRows<true> : kProjectionRows<false>;
+  const int partial = head ? kPartialRows<true> : kPartialRows<false>;
+  return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens);
+}
+
+// Sums `count` floats at `values`, `stride` apart, in order.
+__device__ __forceinline__ float sum_in_order(const float* values, int count, int stride) {
+  float sum = values[0];
+  for (int i = 1; i < count; ++i) sum += values[i * stride];
+  return sum;
+}
+
+template <bool kHead, bool kPost>
+__global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_kernel(const SingleClusterArgs args) {
+  constexpr int kRows = kProjectionRows<kHead>;
+  constexpr int kPartial = kPartialRows<kHead>;
+  constexpr int kNTiles = (kRows + 7) / 8;
+  constexpr int kCollapseRows = 1 + kStreams;  // Σx² and the pre rows: every CTA needs their totals
+  constexpr int kCtas = kSingleClusterCtas;
+  static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
+  static_assert(kCollapseRows == kPartialRows<true>, "hc_head's partials are exactly the collapse rows");
+
+  extern __shared__ float4 dynamic_smem[];
+  const int d = args.hidden, T = args.tokens;
+  const int ds = d / kCtas;
+  const int warps = single_cluster_warps(d);
+  const int fn_stride = single_cluster_fn_stride(d);
+  float* const fn_s = reinterpret_cast<float*>(dynamic_smem);  // [kRows][fn_stride]
+  float* const warp_sums = fn_s + kRows * fn_stride;           // [warps][kPartial][16]
+  // Written by the cluster's CTAs: [source rank][row][token] of the collapse rows, [source rank][item] of this CTA's
+  // token's mix rows, [source rank][token] of Σy².
+  __shared__ float collapse_in[kCtas][kCollapseRows][kTileTokens];
+  __shared__ float mix_in[kCtas][kSingleMixItems];
+  __shared__ float squares_in[kCtas][kTileTokens];
+  __shared__ float pre_s[kTileTokens][kStreams];
+  __shared__ float warp_squares[kSingleMaxWarps][kTileTokens];
+  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2.
+  __shared__ uint64_t barriers[4];
+
+  allow_dependents();
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned rank = blockIdx.x;  // one cluster: the CTA's rank
+  const int i0 = int(rank) * ds;
+  const int64_t flat = int64_t(kStreams) * d;
+  const bool mixer = !kHead && warp == warps;  // hc_pre / hc_post_pre: the last warp runs token `rank`'s mix
+  const int projection_threads = 32 * warps;
+
+  if (tid == 0) {
+    const uint32_t fn_bytes = uint32_t(kRows * kStreams * ds) * 4u;
+    arm_exchange(&barriers[0], fn_bytes);
+    arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
+    if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
+    if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
+  }
+  __syncthreads();  // fn's barrier is armed before any copy completes on it
+  // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
+  if (tid < kRows * kStreams) {
+    const int r = tid / kStreams, k = tid % kStreams;
+    ptx::cp_async_bulk_global_to_shared(
+        static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
+        args.fn + int64_t(r) * flat + int64_t(k) * d + i0, uint32_t(ds) * 4u,
+        static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[0])));
+  }
+  cluster_arrive_relaxed();  // this CTA's exchange barriers are armed: its peers may store into it
+
+  const int g = lane >> 2, t4 = lane & 3;
+  if (mixer) {
+    // Parameters first; lanes 0..3 take post's, lanes 4..19 comb's.
+    const float mix_scale = lane < kStreams ? args.scale[1] : args.scale[2];
+    const float mix_base = lane < kSingleMixItems ? args.base[kStreams + lane] : 0.0f;
+    wait_for_prior_grids();
+    cluster_wait();
+    if (int(rank) >= T) return;
+    const int t = int(rank);
+    wait_exchange(&barriers[1]);
+    wait_exchange(&barriers[2]);
+    const float inv_rms = inverse_rms(sum_in_order(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens),
+                                      float(flat), args.norm_eps);
+    float value = 0.0f;
+    if (lane < kSingleMixItems) value = sum_in_order(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
+    if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
+    const float logit = value * mix_scale + mix_base;
+    float c[kStreams * kStreams];
+#pragma unroll
+    for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, logit, kStreams + l);
+    if (lane == 0) {
+      sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
+#pragma unroll
+      for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
+    }
+    return;
+  }
+
+  // Projection warps. Thread (g, t4) of warp w: dims i0 + 16w + 4·t4 .. + 3 of tokens g and g + 8.
+  const int dim = i0 + kSingleWarpDims * warp + 4 * t4;
+  const bool has_lo = g < T, has_hi = g + 8 < T;
+  float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (args.norm_weight != nullptr) norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim));
+  const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
+  wait_for_prior_grids();
+
+  float4 x_lo[kStreams], x_hi[kStreams];
+  const auto load_token = [&](int t, bool valid, float4 (&x)[kStreams]) {
+    const float* const source = args.X + int64_t(t) * flat + dim;
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k)
+      x[k] = valid ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  load_token(g, has_lo, x_lo);
+  load_token(g + 8, has_hi, x_hi);
+  if constexpr (kPost) {
+    // hc_post of the finished sub-block on this thread's vectors (it is their only reader and writer).
+    const auto update_token = [&](int t, bool valid, float4 (&x)[kStreams]) {
+      if (!valid) return;
+      const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(t) * d + dim);
+      float mix[kMixFloats];
+      load_mix(args.post_in, args.comb_in, t, mix);
+      float4 updated[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
+      float* const x_out = args.X_out + int64_t(t) * flat + dim;
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) {
+        x[k] = updated[k];
+        *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+      }
+    };
+    update_token(g, has_lo, x_lo);
+    update_token(g + 8, has_hi, x_hi);
+  }
+
+  // 3xTF32 projection: for stream k, k-step h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one
+  // (load_fn_fragments' layout); one accumulator chain per stream parity.
+  float acc[2][kNTiles][4] = {};
+  float squares_lo = 0.f, squares_hi = 0.f;
+  sm90::mbarrier_wait(&barriers[0], 0u);
+  const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k) {
+    const float lo[4] = {x_lo[k].x, x_lo[k].y, x_lo[k].z, x_lo[k].w};
+    const float hi[4] = {x_hi[k].x, x_hi[k].y, x_hi[k].z, x_hi[k].w};
+    uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      squares_lo = fmaf(lo[q], lo[q], squares_lo);
+      squares_hi = fmaf(hi[q], hi[q], squares_hi);
+      split_tf32(lo[q], lo_big[q], lo_small[q]);
+      split_tf32(hi[q], hi_big[q], hi_small[q]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
+      const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        // fn[8·nt + g][k·ds + dims 2h, 2h + 1 of the thread's 4] (rows past kRows: zero). 8-byte loads: a 16-byte
+        // one serving both k-steps spilled (the kernel runs at 96 registers: 17 warps, a scheduler's 16K registers
+        // for up to 5 of them).
+        const float2 f = 8 * nt + g < kRows
+                             ? *reinterpret_cast<const float2*>(fn_warp + 8 * nt * fn_stride + k * ds + 2 * h)
+                             : make_float2(0.f, 0.f);
+        uint32_t b_big[2], b_small[2];
+        split_tf32(f.x, b_big[0], b_small[0]);
+        split_tf32(f.y, b_big[1], b_small[1]);
+        float (&chain)[4] = acc[k & 1][nt];
+        mma_tf32(chain, a_small, b_big[0], b_big[1]);
+        mma_tf32(chain, a_big, b_small[0], b_small[1]);
+        mma_tf32(chain, a_big, b_big[0], b_big[1]);
+      }
+    }
+  }
+  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
+  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
+  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
+  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
+  float* const mine = warp_sums + warp * kPartial * kTileTokens;
+  if (t4 == 0) {
+    mine[g] = squares_lo;
+    mine[g + 8] = squares_hi;
+  }
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 8 * nt + 2 * t4 + (e & 1);
+      if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[0][nt][e] + acc[1][nt][e];
+    }
+  const auto sync_projection_warps = [&] { asm volatile("bar.sync 1, %0;" ::"r"(projection_threads) : "memory"); };
+  sync_projection_warps();
+
+  // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
+  // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
+  cluster_wait();
+  const int broadcast_pairs = kCtas * kCollapseRows * T;
+  const int pairs = broadcast_pairs + (kHead ? 0 : kSingleMixItems * T);
+  for (int p = tid; p < pairs; p += projection_threads) {
+    if (p < broadcast_pairs) {
+      const int destination = p % kCtas, item = p / kCtas;  // item = row·T + t
+      const int row = item / T, t = item % T;
+      const float sum = sum_in_order(warp_sums + row * kTileTokens + t, warps, kPartial * kTileTokens);
+      send_to_cluster_cta(&collapse_in[rank][row][t], &barriers[1], unsigned(destination), sum);
+    } else {
+      const int item = p - broadcast_pairs;
+      const int m = item / T, t = item % T;  // mix row kCollapseRows + m
+      const float sum = sum_in_order(warp_sums + (kCollapseRows + m) * kTileTokens + t, warps, kPartial * kTileTokens);
+      send_to_cluster_cta(&mix_in[rank][m], &barriers[2], unsigned(t), sum);
+    }
+  }
+  wait_exchange(&barriers[1]);
+  // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
+  for (int i = tid; i < kStreams * T; i += projection_threads) {
+    const int t = i / kStreams, k = i % kStreams;
+    const float squares = sum_in_order(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+    const float mix = sum_in_order(&collapse_in[0][1 + k][t], kCtas, kCollapseRows * kTileTokens);
+    pre_s[t][k] = sigmoid(mix * inverse_rms(squares, float(flat), args.norm_eps) * pre_scale + pre_base) +
+                  args.hc_eps;
+  }
+  sync_projection_warps();
+
+  // Collapse in registers: y = Σ_k pre_k·X_k (pre_0·x_0 first, then one multiply-add per stream).
+  const auto collapse = [&](int t, const float4 (&x)[kStreams]) {
+    const float p0 = pre_s[t][0];
+    float4 value = make_float4(p0 * x[0].x, p0 * x[0].y, p0 * x[0].z, p0 * x[0].w);
+#pragma unroll
+    for (int k = 1; k < kStreams; ++k) {
+      const float pk = pre_s[t][k];
+      value = make_float4(fmaf(pk, x[k].x, value.x), fmaf(pk, x[k].y, value.y), fmaf(pk, x[k].z, value.z),
+                          fmaf(pk, x[k].w, value.w));
+    }
+    return args.round_to_bf16 ? round4_to_bf16(value) : value;
+  };
+  float4 y_lo = has_lo ? collapse(g, x_lo) : make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 y_hi = has_hi ? collapse(g + 8, x_hi) : make_float4(0.f, 0.f, 0.f, 0.f);
+  if (args.norm_weight != nullptr) {
+    // Exchange 2: Σy² of the slice per token (warps in order), to every CTA; the totals in rank order.
+    const auto token_squares = [](float4 v) {
+      float s = fmaf(v.x, v.x, 0.0f);
+      s = fmaf(v.y, v.y, s);
+      s = fmaf(v.z, v.z, s);
+      s = fmaf(v.w, v.w, s);
+      s += __shfl_xor_sync(kFullMask, s, 1);
+      return s + __shfl_xor_sync(kFullMask, s, 2);
+    };
+    const float sq_lo = token_squares(y_lo), sq_hi = token_squares(y_hi);
+    if (t4 == 0) {
+      warp_squares[warp][g] = sq_lo;
+      warp_squares[warp][g + 8] = sq_hi;
+    }
+    sync_projection_warps();
+    for (int i = tid; i < kCtas * T; i += projection_threads) {
+      const int destination = i % kCtas, t = i / kCtas;
+      send_to_cluster_cta(&squares_in[rank][t], &barriers[3], unsigned(destination),
+                          sum_in_order(&warp_squares[0][t], warps, kTileTokens));
+    }
+    wait_exchange(&barriers[3]);
+    // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
+    const auto normalise = [&](int t, float4 v) {
+      const float inv_rms = inverse_rms(sum_in_order(&squares_in[0][t], kCtas, kTileTokens), float(d), args.norm_eps);
+      v = make_float4(v.x * inv_rms * norm_weight.x, v.y * inv_rms * norm_weight.y, v.z * inv_rms * norm_weight.z,
+                      v.w * inv_rms * norm_weight.w);
+      return args.norm_round_to_bf16 ? round4_to_bf16(v) : v;
+    };
+    if (has_lo) y_lo = normalise(g, y_lo);
+    if (has_hi) y_hi = normalise(g + 8, y_hi);
+  }
+  if (has_lo) store_output(args.y, args.y_bf16, int64_t(g) * d + dim, y_lo);
+  if (has_hi) store_output(args.y, args.y_bf16, int64_t(g + 8) * d + dim, y_hi);
+}
+
 struct PostArgs {
   const float* out;
   const float* X;

@@ -60,7 +60,16 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), hc_post_pre fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider
 // launches take the persistent kernel.
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_WARP_SPECIALIZED };
+// SINGLE_CLUSTER: the single-cluster decode kernel (below) where it applies, else as AUTO.
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_WARP_SPECIALIZED, SINGLE_CLUSTER };
+
+// The single-cluster decode kernel (HcKernelChoice::SINGLE_CLUSTER): T ≤ kHcDecodeMaxTokens and hidden a multiple of
+// kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, on a card that holds a 16-CTA cluster of it. One
+// cluster of 16 CTAs, each a 1/16 slice of the hidden size with its fn columns bulk-copied into shared memory before
+// the grid-dependency wait: every sum over the slices is one DSMEM exchange (no global hop, no workspace words), the
+// fused output norm one more. Its sums run in another fixed order than the other kernels'; Sinkhorn as AUTO's.
+inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
+inline constexpr int64_t kHcSingleClusterMaxHidden = 4096;
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
