@@ -1,15 +1,23 @@
-// Sparse MQA attention prefill on the GPU: run_sparse_attention_prefill (the two-block wgmma kernel) against the
-// previous prefill path (run_sparse_attention with prefill_kernel off and the splits choose_sparse_attention_splits
-// picks), on the same inputs. A chunk of 4096 queries at the end of an 8K or 64K context of one sequence, CSA slots
-// (the 128 window ring rows up to each query + 512 random visible compressed rows, causal), V4-Flash (H 64) and V4-Pro
-// (H 128), fp8 (584-byte) and bf16 entries, fp32 q in and bf16 out (the model's prefill call). Reported per case: µs
-// per call (L2 flushed before each), TFLOP/s (4·H·D flops per used slot: QKᵀ and PV) against the same-run cuBLAS bf16
-// GEMM rate (4096³, the floor) and the nominal dense bf16 peak (4096 flops per SM per clock), the speed-up over today's
-// path, and the largest difference between the two outputs over the largest |output| (FAIL above 2^-6: both round q and
-// P to bf16, in other orders); and the prefill kernel once more with q in bf16 (bf16q: the same MMA input, half the q
-// bytes). Entries and q are hashes of their positions (finite, no NaN codes).
-// Usage: bench_cuda_attention_prefill [--json PATH] [--only MODEL:FORMAT:CONTEXT]. --only runs the one case named
-// (e.g. flash:bf16:8192, pro:fp8-reference:65536; for a profiler). Exit status 1 when the outputs disagree.
+// Sparse MQA attention on the GPU through run_sparse_attention_prefill (the two-block wgmma kernel), in two parts.
+// Prefill: the kernel against the previous prefill path (run_sparse_attention with prefill_kernel off and the splits
+// choose_sparse_attention_splits picks), on the same inputs. A chunk of 4096 queries at the end of an 8K or 64K
+// context of one sequence, CSA slots (the 128 window ring rows up to each query + 512 random visible compressed rows,
+// causal), V4-Flash (H 64) and V4-Pro (H 128), fp8 (584-byte) and bf16 entries, fp32 q in and bf16 out (the model's
+// prefill call). Reported per case: µs per call (L2 flushed before each), TFLOP/s (4·H·D flops per used slot: QKᵀ and
+// PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and the nominal dense bf16 peak (4096 flops per SM
+// per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
+// |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
+// bf16 (bf16q: the same MMA input, half the q bytes).
+// Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
+// context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
+// layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel at 1, 2, 4
+// and 8 splits (CTAs per query and head block, merged in a cluster) against today's decode dispatch
+// (run_sparse_attention with prefill_kernel off: the head_dim 512 wgmma kernel with its cluster-merged splits), the
+// fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the cuBLAS bf16 rate), with the
+// same output comparison (the largest over the split counts). Entries and q are hashes of their positions (finite, no NaN codes).
+// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
+// --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
+// decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1 when outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,11 +27,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "backends/cpu/rope.hpp"
+#include "backends/cuda/copy_bandwidth.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
@@ -95,6 +105,27 @@ std::vector<float> bf16_output(const DeviceBuffer& out, size_t n) {
   return values;
 }
 
+// Largest |got − expected| over the largest |expected| of two fp32 outputs (∞ for a non-finite value); prints the
+// worst element's place when it is above 2^-6.
+double relative_difference(const std::vector<float>& expected, const std::vector<float>& got, int heads,
+                           const std::string& name) {
+  double largest = 0, worst = 0;
+  size_t worst_index = 0;
+  for (const float e : expected) largest = std::max(largest, double(std::fabs(e)));
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const double difference = std::isfinite(got[i]) ? std::fabs(double(got[i]) - expected[i]) : INFINITY;
+    if (difference > worst) {
+      worst = difference;
+      worst_index = i;
+    }
+  }
+  if (!(worst <= std::ldexp(largest, -6)))
+    std::printf("  %s: largest difference at t=%zu h=%zu d=%zu: %g against %g\n", name.c_str(),
+                worst_index / (size_t(heads) * kHeadDim), (worst_index / kHeadDim) % size_t(heads),
+                worst_index % kHeadDim, double(got[worst_index]), double(expected[worst_index]));
+  return largest > 0 ? worst / largest : worst;
+}
+
 struct Case {
   std::string model, format;
   int heads;
@@ -162,21 +193,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 
   const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
-  double largest = 0, worst = 0;
-  size_t worst_index = 0;
-  for (size_t i = 0; i < outputs; ++i) largest = std::max(largest, double(std::fabs(expected[i])));
-  for (size_t i = 0; i < outputs; ++i) {
-    const double difference = std::isfinite(got[i]) ? std::fabs(double(got[i]) - expected[i]) : INFINITY;
-    if (difference > worst) {
-      worst = difference;
-      worst_index = i;
-    }
-  }
-  if (!(worst <= std::ldexp(largest, -6)))
-    std::printf("  %s %s %lld: largest difference at t=%zu h=%zu d=%zu: %g against %g\n", model, to_string(format),
-                static_cast<long long>(context), worst_index / (size_t(heads) * kHeadDim),
-                (worst_index / kHeadDim) % size_t(heads), worst_index % kHeadDim, double(got[worst_index]),
-                double(expected[worst_index]));
 
   Case r;
   r.model = model;
@@ -193,20 +209,145 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
-  r.relative_difference = largest > 0 ? worst / largest : worst;
+  r.relative_difference =
+      relative_difference(expected, got, heads, r.model + " " + r.format + " " + std::to_string(context));
   return r;
 }
 
+enum class DecodeLayout { Swa, Csa, Hca };
+
+const char* to_string(DecodeLayout layout) {
+  return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
+}
+
+// The prefill kernel's split counts timed on decode cases.
+constexpr int kDecodeSplits[] = {1, 2, 4, 8};
+constexpr int kDecodeSplitCounts = int(std::size(kDecodeSplits));
+static_assert(kDecodeSplitCounts == 4, "the decode table prints four split counts");
+
+struct DecodeCase {
+  std::string model, layout, format;
+  int heads, batch, slots, today_splits;
+  int64_t context;
+  double today_us, floor_us, today_percent_of_floor;
+  double us[kDecodeSplitCounts];  // the prefill kernel at each of kDecodeSplits
+  int best;                       // the index of the fastest
+  double relative_difference;     // the largest over the split counts
+};
+
+// One decode step of `batch` sequences (query b = sequence b at position context − 1, its own pages): today's
+// dispatch and the prefill kernel on the same cache, q (bf16) and slots.
+DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
+                           int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush,
+                           size_t flush_bytes, std::mt19937& rng) {
+  const int64_t compressed_rows =
+      kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
+  const int compressed_slots = kind == DecodeLayout::Csa ? kTopK : int(compressed_rows);
+  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = batch,
+                 .window_capacity = kWindow, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
+                 .pages = int64_t(batch) * ((compressed_rows + kPageRows - 1) / kPageRows + kWindow / kPageRows)});
+  for (int b = 0; b < batch; ++b) {
+    cache.add_sequence();
+    cache.ensure_rows(b, 0, KvArray::Window, kWindow);
+    cache.ensure_rows(b, 0, KvArray::Compressed, compressed_rows);
+  }
+  cache.upload_page_table(nullptr);
+  const KvCacheView view = cache.view();
+  fill_entries<<<1024, 256>>>(view.pool, cache.config().pages * kPageRows, view.layout, rng());
+  DSV4_CUDA_CHECK_LAUNCH("fill_entries");
+
+  std::vector<int32_t> slots(static_cast<size_t>(batch)), window_index(size_t(batch) * kWindow),
+      compressed_index(size_t(batch) * compressed_slots);
+  const std::vector<int64_t> positions(size_t(batch), context - 1);
+  for (int b = 0; b < batch; ++b) {
+    slots[size_t(b)] = b;
+    for (int w = 0; w < kWindow; ++w)
+      window_index[size_t(b) * kWindow + w] = int32_t((context - kWindow + w) % kWindow);
+    for (int s = 0; s < compressed_slots; ++s)
+      compressed_index[size_t(b) * compressed_slots + s] =
+          kind == DecodeLayout::Csa ? int32_t(rng() % uint64_t(compressed_rows)) : s;
+  }
+  const std::vector<float> sink(size_t(heads), 0.5f);
+  const cpu::RopeTable rope(160000.0, kRopeDim);
+  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
+               d_compressed = to_device(compressed_index, "compressed index"),
+               d_pos = to_device(positions, "positions"), d_sink = to_device(sink, "sink"),
+               d_freq = to_device(rope.frequencies(), "frequencies");
+  const size_t outputs = size_t(batch) * heads * kHeadDim;
+  DeviceBuffer q_f32(outputs * 4, "q"), q(outputs * 2, "q bf16");
+  fill_q<<<1024, 256>>>(q_f32.as<float>(), int64_t(outputs), rng());
+  DSV4_CUDA_CHECK_LAUNCH("fill_q");
+  to_bf16<<<1024, 256>>>(q_f32.as<float>(), static_cast<__nv_bfloat16*>(q.data()), int64_t(outputs));
+  DSV4_CUDA_CHECK_LAUNCH("to_bf16");
+  DeviceBuffer today_out(outputs * 4, "today's out"), new_out(outputs * 4, "prefill kernel out");
+  const int slots_per_query = kWindow + compressed_slots;
+  const int splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, slots_per_query, sms);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
+                         "workspace");
+  SparseAttentionParams today{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
+                              .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = q.data(),
+                              .q_dtype = AttentionDtype::Bf16, .attn_sink = d_sink.as<float>(),
+                              .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
+                              .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
+                              .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
+                              .compressed_slots = compressed_slots, .out = today_out.data(),
+                              .out_dtype = AttentionDtype::F32, .splits = splits,
+                              .prefill_kernel = false,  // the decode kernels
+                              .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  today_out.fill_bytes(0xFF);
+  const double today_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(today); });
+  std::vector<float> expected(outputs), got(outputs);
+  today_out.download(expected.data(), outputs * 4);
+  DecodeCase r;
+  r.relative_difference = 0;
+  r.best = 0;
+  for (int i = 0; i < kDecodeSplitCounts; ++i) {
+    SparseAttentionParams prefill = today;
+    prefill.out = new_out.data();
+    prefill.splits = kDecodeSplits[i];
+    prefill.workspace = nullptr;
+    prefill.workspace_bytes = 0;
+    new_out.fill_bytes(0xFF);
+    run_sparse_attention_prefill(prefill);
+    synchronize_or_exit("sparse_attention_prefill (decode)");
+    new_out.download(got.data(), outputs * 4);
+    r.relative_difference = std::max(
+        r.relative_difference, relative_difference(expected, got, heads, std::string(model) + " " + to_string(kind) +
+                                                                             " splits " + std::to_string(prefill.splits)));
+    r.us[i] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
+    if (r.us[i] < r.us[r.best]) r.best = i;
+  }
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  r.model = model;
+  r.layout = to_string(kind);
+  r.format = to_string(format);
+  r.heads = heads;
+  r.batch = batch;
+  r.slots = slots_per_query;
+  r.today_splits = splits;
+  r.context = context;
+  r.today_us = today_ms * 1e3;
+  const double kv_bytes = double(batch) * slots_per_query * view.layout.entry_bytes;
+  const double flops = 4.0 * heads * kHeadDim * double(batch) * slots_per_query;
+  r.floor_us = std::max(kv_bytes / (copy_gbps * 1e3), flops / (cublas_tflops * 1e6));
+  r.today_percent_of_floor = 100.0 * r.floor_us / r.today_us;
+  return r;
+}
+
+
 int run(int argc, char** argv) {
-  std::string json_path, only;
+  std::string json_path, only, part;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
       only = argv[++i];
+    else if (std::strcmp(argv[i], "--part") == 0 && i + 1 < argc)
+      part = argv[++i];
     else
-      fail("usage: bench_cuda_attention_prefill [--json PATH] [--only MODEL:FORMAT:CONTEXT]");
+      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]");
   }
+  check(part.empty() || part == "prefill" || part == "decode", "--part ", part, ": expected prefill or decode");
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -219,20 +360,26 @@ int run(int argc, char** argv) {
   DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device.index));
   const double peak_tflops = 4096.0 * device.multiprocessors * clock_khz * 1e3 / 1e12;
   const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
-  std::printf("%s, %d SMs; cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", device.name.c_str(),
-              device.multiprocessors, cublas_tflops, peak_tflops, clock_khz / 1000);
-  std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = run_sparse_attention\n",
-              static_cast<long long>(kTokens), kWindow, kTopK);
-  std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s\n", "model", "format", "H",
-              "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
-              "rel diff", "bf16q us", "TFLOP/s");
+  const bool decode_part = part != "prefill", prefill_part = part != "decode";
+  const double copy_gbps = decode_part ? measure_copy_bandwidth_gbps() : 0.0;
+  std::printf("%s, %d SMs; cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz); copy %.0f GB/s\n",
+              device.name.c_str(), device.multiprocessors, cublas_tflops, peak_tflops, clock_khz / 1000, copy_gbps);
   std::mt19937 rng(11);
-  std::vector<Case> cases;
   bool ok = true;
+  std::vector<Case> cases;
+  if (prefill_part) {
+    std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
+                "run_sparse_attention\n",
+                static_cast<long long>(kTokens), kWindow, kTopK);
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s\n", "model", "format", "H",
+                "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
+                "rel diff", "bf16q us", "TFLOP/s");
+  }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context))
+        if (!prefill_part ||
+            (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, rng);
@@ -244,12 +391,39 @@ int run(int argc, char** argv) {
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, agrees ? "" : " FAIL");
         cases.push_back(r);
       }
+  std::vector<DecodeCase> decode_cases;
+  if (decode_part) {
+    std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s %9s\n", "model", "kind",
+                "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s4 us", "s8 us", "best",
+                "%floor", "speedup", "rel diff");
+  }
+  for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
+    for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
+      for (const int batch : {64, 256})
+        for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16}) {
+          if (!decode_part || (!only.empty() && only != std::string(model) + ":" + to_string(kind) + ":" +
+                                                            std::to_string(batch) + ":" + to_string(format)))
+            continue;
+          const int64_t context = kind == DecodeLayout::Swa ? 4096 : 65536;
+          const DecodeCase r = run_decode_case(model, heads, kind, format, batch, context, copy_gbps, cublas_tflops,
+                                               device.multiprocessors, flush.data(), flush_bytes, rng);
+          const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
+          ok = ok && agrees;
+          const double best_us = r.us[r.best];
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %6d %7.1f %8.2f %9.2e%s\n",
+                      r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
+                      kDecodeSplits[r.best], 100.0 * r.floor_us / best_us, r.today_us / best_us,
+                      r.relative_difference, agrees ? "" : " FAIL");
+          decode_cases.push_back(r);
+        }
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     check(f != nullptr, "cannot write ", json_path);
     std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n"
-                    "  \"prefill\": [\n",
-                 device.name.c_str(), cublas_tflops, peak_tflops);
+                    "  \"copy_gbps\": %.1f,\n  \"prefill\": [\n",
+                 device.name.c_str(), cublas_tflops, peak_tflops, copy_gbps);
     for (size_t i = 0; i < cases.size(); ++i) {
       const Case& r = cases[i];
       std::fprintf(f,
@@ -261,6 +435,20 @@ int run(int argc, char** argv) {
                    static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
                    r.percent_of_cublas, r.percent_of_peak, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                    i + 1 < cases.size() ? "," : "");
+    }
+    std::fprintf(f, "  ],\n  \"decode\": [\n");
+    for (size_t i = 0; i < decode_cases.size(); ++i) {
+      const DecodeCase& r = decode_cases[i];
+      std::fprintf(f,
+                   "    {\"model\": \"%s\", \"layout\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"batch\": %d, "
+                   "\"context\": %lld, \"slots\": %d, \"today_splits\": %d, \"today_us\": %.1f, "
+                   "\"splits_us\": {\"1\": %.1f, \"2\": %.1f, \"4\": %.1f, \"8\": %.1f}, \"best_splits\": %d, "
+                   "\"us\": %.1f, \"floor_us\": %.2f, \"today_percent_of_floor\": %.1f, \"percent_of_floor\": %.1f, "
+                   "\"relative_difference\": %.3e}%s\n",
+                   r.model.c_str(), r.layout.c_str(), r.format.c_str(), r.heads, r.batch,
+                   static_cast<long long>(r.context), r.slots, r.today_splits, r.today_us, r.us[0], r.us[1], r.us[2],
+                   r.us[3], kDecodeSplits[r.best], r.us[r.best], r.floor_us, r.today_percent_of_floor,
+                   100.0 * r.floor_us / r.us[r.best], r.relative_difference, i + 1 < decode_cases.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -2,7 +2,8 @@
 // consecutive queries per sequence (prefill) with V4-Flash (H 64) and V4-Pro (H 128) heads, window rings that wrap,
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
-// without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64. Fresh random
+// without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
+// (one query per sequence) split over 2-8 CTAs of a cluster. Fresh random
 // inputs per case, outputs poisoned with NaN plus a guard region, every element checked.
 #include <gtest/gtest.h>
 
@@ -46,10 +47,12 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const std::vector<float>& expected,
                       const std::vector<double>& magnitude);
 
-void check_attention(const AttentionCase& c, uint32_t seed) {
-  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed));
+void check_attention(const AttentionCase& c, uint32_t seed, int splits = 1) {
+  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) + " splits " +
+               std::to_string(splits));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
+  data.call.splits = splits;
   compare_with_cpu(c, data.call, data.expected, data.magnitude);
 }
 
@@ -74,8 +77,8 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d splits %d: worst error/tolerance %.3f\n", c.name, to_string(c.format),
+              static_cast<long long>(T), H, D, call.splits, checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -125,6 +128,33 @@ TEST(SparseAttentionPrefill, OddShapesMatchCpu) {
   check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++);
 }
 
+// Decode batches: one query per sequence, its pairs split over a cluster of 2, 4 or 8 CTAs merged through distributed
+// shared memory; more splits than pairs (empty splits), a query without entries, padded and multiple head blocks.
+TEST(SparseAttentionPrefill, SplitDecodeMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 400;
+  for (const KvEntryFormat format : kFormats) {
+    // CSA: 128 + 512 slots = 5 pairs over 2 / 4 / 8 splits (3 + 2; 1 + 1 + 1 + 2; five of eight non-empty).
+    for (const int splits : {2, 4, 8})
+      check_attention({"flash csa decode", format, 512, 64, 64, 128, 128, 512, {3000, 700, 129, 5000}, 1}, seed++,
+                      splits);
+    // SWA: 128 window slots = one pair: a split of 2 leaves one CTA empty; a query without entries.
+    check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, 2);
+    // HCA with per-query counts (live rows past each count), a padded head block, bf16 out.
+    AttentionCase hca{"h48 hca decode counts", format, 512, 64, 48, 128, 128, 300, {9000, 2000}, 1,
+                      AttentionDtype::F32, AttentionDtype::Bf16};
+    hca.counts = true;
+    check_attention(hca, seed++, 4);
+    // Pro: two head blocks, each its own cluster.
+    check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
+                    seed++, 2);
+  }
+  // 128 rope dims: the merge rotates the slices of more than one CTA.
+  check_attention({"bf16 rope 128 decode", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1}, seed++, 4);
+}
+
 TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache small_cache({.format = KvEntryFormat::Bf16, .head_dim = 256, .rope_dim = 64, .layers = 1,
@@ -140,8 +170,8 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p.cache = small_cache.view();
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "head_dim 256");
   p = good;
-  p.splits = 2;
-  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "splits 2");
+  p.splits = 3;
+  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "splits 3");
   p = good;
   p.compressed_slots = 4;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "without compressed_index");

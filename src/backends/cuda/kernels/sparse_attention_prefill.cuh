@@ -14,10 +14,14 @@
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
-// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). A
+// half's mbarrier when they land; fp8 entries by 8-byte cp.async into the slots their bf16 values will fill, widened
+// in place (exactly: e4m3 · 2^k) one half later, so that a half's round trip overlaps the next half's refill. A
 // consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
+// Split calls (p.splits CTAs per query and head block, one cluster): split s walks its share of the pairs as above,
+// leaves its unnormalised output and (row max, row sum) in its shared memory, and after a cluster barrier merges dims
+// [s · 512 / S, +512 / S) of all S partials (merge_splits).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -92,11 +96,18 @@ inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w:
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
 inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
-inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kStats = kSum + 64 * 8;                 // float2 [64]: the CTA's (row max, row sum) for a merge
+inline constexpr int kRope = kStats + 64 * 8;                // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
 inline constexpr int kBytes = kBarriers + 10 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
+// A split's unnormalised output for the cluster merge, fp32 [64 heads][kPartialStride], over the KV buffers and the
+// P tiles (free once both consumers left the loop); rows 16 bytes longer than 512 dims spread a warp's rows over
+// the banks.
+inline constexpr int kPartial = kKv, kPartialStride = kHeadDim + 4;
+static_assert(kPartial + kHeads * kPartialStride * 4 <= kValid, "the partial output fits the KV buffers and P tiles");
+inline constexpr int kMaxSplits = 8;  // the portable cluster size
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
@@ -115,23 +126,64 @@ __device__ __forceinline__ int query_pairs(const SparseAttentionParams& p, int64
   return int((query_slot_count(p, t) + 2 * kBlock - 1) / (2 * kBlock));
 }
 
+// The pairs [first, first + count) of query t that split `split` of p.splits walks (as even as whole pairs go).
+struct PairRange {
+  int first, count;
+};
+
+__device__ __forceinline__ PairRange split_pair_range(const SparseAttentionParams& p, int64_t t, int split) {
+  const int pairs = query_pairs(p, t);
+  const int first = pairs * split / p.splits;
+  return {first, pairs * (split + 1) / p.splits - first};
+}
+
+// Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`.
+template <class T>
+__device__ __forceinline__ const T* cluster_peer(const T* local, int rank) {
+  return static_cast<const T*>(__cluster_map_shared_rank(const_cast<T*>(local), unsigned(rank)));
+}
+
+// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The same without ordering memory: only to know that every peer has got past its reads of this CTA's shared memory.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
+}
+
 // Byte offset of the 16-byte chunk `chunk` of row `row` in a 128B-swizzled tile.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
 // ---- producer ----
 
-// A 16-byte store to a 32-bit shared-memory address (a generic pointer would hold two registers per address).
+// 16-byte stores and 4- and 8-byte loads at 32-bit shared-memory addresses (a generic pointer would hold two
+// registers per address).
 __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(value.x), "r"(value.y), "r"(value.z),
                "r"(value.w)
                : "memory");
 }
 
+__device__ __forceinline__ uint32_t load_shared_u32(uint32_t address) {
+  uint32_t value;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
+  uint2 value;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(value.x), "=r"(value.y) : "r"(address) : "memory");
+  return value;
+}
+
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8>
-__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
+__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, PairRange range,
                                         const Barriers& barriers, int64_t ahead_t, int ahead_head_base) {
+  const int pairs = range.count;
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -141,92 +193,83 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
   const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
-  // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that
-  // the two dependent loads stall once.
+  // Slot → logical row → page → physical entry for both blocks of the range's `pair`: all rows first, then all
+  // pages, so that the two dependent loads stall once.
   const auto resolve = [&](int pair) {
     int32_t rows[2][4];
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        const int64_t s = int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        const int64_t s = int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
         physical_entries[(b * 4 + k) * kWarpgroup] = slot_entry(p, t, sequence_slot, s, rows[b][k]);
       }
   };
-  const auto load_half = [&](int buffer, int half) {
+  // Issues the cp.async copies of `half` of `buffer` (its four tiles of this thread's four entries) for the current
+  // pair; an unused slot is zero-filled (its weight 0 must not meet a NaN) and its source never read. bf16 entries
+  // land as they are. fp8 entries land raw in the tiles they will occupy, each thread's bytes in its own 16-byte
+  // slots, so that expand_half can widen them in place without a barrier: a nope tile's eight e4m3 codes in the
+  // first half of the slot (the half's first tile also takes the entry's eight e8m0 scale bytes in its second half),
+  // the rope tile's eight bf16 dims whole (two 8-byte copies: the rope dims are only 8-byte aligned in the 584-byte
+  // entry).
+  const auto issue_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
-    if constexpr (!kFp8) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int32_t entry_index = physical(buffer, k);
-        uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
-        // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
-        const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
+    for (int k = 0; k < 4; ++k) {
+      const int32_t entry_index = physical(buffer, k);
+      const bool used = entry_index >= 0;
+      const uint8_t* entry = used ? p.cache.entry_address(entry_index) : p.cache.pool;
+      const uint32_t slot = shared_address(tiles + swizzled(row0 + 16 * k, chunk));
 #pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i) {
-          const int tile = half * kHalfTiles + i;
-          ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
-                                    entry_index >= 0);
-        }
-      }
-    } else {
-      // The four entries' loads first, branch-free (an unused slot reads the pool's first entry and stores zeros), so
-      // that their round trips overlap: one entry after another they set the producer's pace. raw[k][i]: tile i's
-      // eight e4m3 codes, or for the rope tile the first half of its 16 bf16 bytes (the second in raw[k][kHalfTiles];
-      // the rope dims are only 8-byte aligned in the 584-byte entry); scales[k]: the e8m0 scales of the half's four
-      // tiles (bytes 576 + 4·half, +4).
-      uint2 raw[4][kHalfTiles + 1];
-      uint32_t scales[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint8_t* entry = p.cache.entry_address(max(physical(buffer, k), 0));
-        scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
-#pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i) {
-          const int tile = half * kHalfTiles + i;
-          if (tile * 64 < kFp8NopeDim) {
-            raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
-          } else {
-            const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
-            raw[k][i] = *reinterpret_cast<const uint2*>(rope);
-            raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint32_t destination = shared_address(tiles) + uint32_t(swizzled(row0 + 16 * k, chunk));
-        const bool used = physical(buffer, k) >= 0;
-#pragma unroll
-        for (int i = 0; i < kHalfTiles; ++i) {
-          const int tile = half * kHalfTiles + i;
-          uint4 out;
-          if (tile * 64 < kFp8NopeDim) {
-            const float scale = e8m0_to_float(uint8_t((scales[k] >> (8 * i)) & 0xFF));
-            const uint2 codes = raw[k][i];
-            out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
-                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
-          } else {
-            out = make_uint4(raw[k][i].x, raw[k][i].y, raw[k][kHalfTiles].x, raw[k][kHalfTiles].y);
-          }
-          if (!used) out = make_uint4(0, 0, 0, 0);
-          store_shared(destination + uint32_t(tile * kTileBytes), out);
+      for (int i = 0; i < kHalfTiles; ++i) {
+        const int tile = half * kHalfTiles + i;
+        const uint32_t destination = slot + uint32_t(tile * kTileBytes);
+        if constexpr (!kFp8) {
+          ptx::cp_async_or_zero<16>(destination, entry + tile * 128 + chunk * 16, used);
+        } else if (tile * 64 < kFp8NopeDim) {
+          ptx::cp_async_or_zero<8>(destination, entry + tile * 64 + chunk * 8, used);
+          if (i == 0) ptx::cp_async_or_zero<8>(destination + 8, entry + kFp8ScaleOffset, used);
+        } else {
+          const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
+          ptx::cp_async_or_zero<8>(destination, rope, used);
+          ptx::cp_async_or_zero<8>(destination + 8, rope + 8, used);
         }
       }
     }
   };
+  // fp8 entries: widens this thread's landed codes of `half` of `buffer` to bf16 in place (e4m3 · 2^k, exact); a
+  // zero-filled slot stays zero (codes 0, scale code 0).
+  const auto expand_half = [&](int buffer, int half) {
+    const uint32_t tiles = shared_address(smem + kKv + buffer * kBufferBytes);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t slot = tiles + uint32_t(swizzled(row0 + 16 * k, chunk) + half * kHalfTiles * kTileBytes);
+      // Byte t of the scales is tile t's: this half's four are the word at 4·half.
+      const uint32_t scales = load_shared_u32(slot + 8 + 4 * half);
+#pragma unroll
+      for (int i = 0; i < kHalfTiles; ++i) {
+        if ((half * kHalfTiles + i) * 64 >= kFp8NopeDim) continue;  // the rope tile landed as bf16
+        const uint32_t destination = slot + uint32_t(i * kTileBytes);
+        const uint2 codes = load_shared_u64(destination);
+        const float scale = e8m0_to_float(uint8_t((scales >> (8 * i)) & 0xFF));
+        store_shared(destination, make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale)));
+      }
+    }
+  };
+  // bf16: the half's full barrier gets this thread's arrival once its copies land. fp8: after expand_half.
   const auto publish_half = [&](int buffer, int half) {
     if constexpr (kFp8) {
-      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
+      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads the widened values
       sm90::mbarrier_arrive(barriers.full(buffer, half));
     } else {
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
@@ -239,9 +282,11 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
-  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
+  // The range's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
   // resolve then waits for L2 only, not for DRAM, before its page-table loads.
-  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
+  const int64_t range_end = min(slots, int64_t(range.first + range.count) * 2 * kBlock);
+  for (int64_t s = int64_t(range.first) * 2 * kBlock + int64_t(thread) * 32; s < range_end;
+       s += int64_t(kWarpgroup) * 32)
     ptx::prefetch_l2(&slot_row_ref(p, t, s));
   if (pairs > 0) resolve(0);
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
@@ -257,27 +302,59 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
   }
-  for (int i = 0; i < pairs; ++i) {
-    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
-    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
-    const uint32_t parity = (i & 1) ^ 1;
-    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
-    publish_valid(0);
-    load_half(0, 0);
-    publish_half(0, 0);
-    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-    publish_valid(1);
-    load_half(1, 1);
-    publish_half(1, 1);
-    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
-    load_half(0, 1);
-    publish_half(0, 1);
-    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
-    load_half(1, 0);
-    publish_half(1, 0);
-    if (i + 1 < pairs) resolve(i + 1);
+  // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+  // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that). Halves in
+  // the consumers' order: (0, 0), (1, 1), (0, 1), (1, 0).
+  const auto refill = [&](int buffer, int half, uint32_t parity) {
+    sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
+    if (buffer == half) publish_valid(buffer);
+    issue_half(buffer, half);
+  };
+  if constexpr (!kFp8) {
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = (i & 1) ^ 1;
+      refill(0, 0, parity);
+      publish_half(0, 0);
+      refill(1, 1, parity);
+      publish_half(1, 1);
+      refill(0, 1, parity);
+      publish_half(0, 1);
+      refill(1, 0, parity);
+      publish_half(1, 0);
+      if (i + 1 < pairs) resolve(i + 1);
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+  } else {
+    // Each half is widened one refill later, so that its copies' round trip overlaps the next half's refill (and the
+    // wait for its release) instead of stalling the producer. One half ahead, no further: the consumers release
+    // (0, 0) of a pair only after both halves of buffer 0 arrived.
+    const auto expand_and_publish = [&](int buffer, int half) {
+      ptx::cp_async_wait<1>();  // the copies of every refill but the latest have landed
+      expand_half(buffer, half);
+      publish_half(buffer, half);
+    };
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = (i & 1) ^ 1;
+      refill(0, 0, parity);
+      ptx::cp_async_commit();
+      if (i > 0) expand_and_publish(1, 0);
+      refill(1, 1, parity);
+      ptx::cp_async_commit();
+      expand_and_publish(0, 0);
+      refill(0, 1, parity);
+      ptx::cp_async_commit();
+      expand_and_publish(1, 1);
+      refill(1, 0, parity);
+      ptx::cp_async_commit();
+      expand_and_publish(0, 1);
+      if (i + 1 < pairs) resolve(i + 1);
+    }
+    if (pairs > 0) {
+      ptx::cp_async_wait<0>();
+      expand_half(1, 0);
+      publish_half(1, 0);
+    }
   }
-  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // ---- consumers ----
@@ -287,12 +364,11 @@ __device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
   return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
 }
 
-// Waits for a buffer half; for cp.async data (bf16 entries) also orders the producer's writes before this thread's
-// wgmma reads of them (the fp8 producer's own stores are fenced before it arrives).
-template <bool kFp8>
+// Waits for a buffer half, then orders the producer's writes (cp.async data: bf16 entries, the fp8 rope tile) before
+// this thread's wgmma reads of them.
 __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   sm90::mbarrier_wait(barrier, parity);
-  if constexpr (!kFp8) sm90::fence_proxy_async_shared();
+  sm90::fence_proxy_async_shared();
 }
 
 // s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
@@ -410,9 +486,68 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
+// The cluster merge of a split call (the 256 consumer threads, after every split left its unnormalised output and
+// (row max, row sum) in its shared memory): CTA `split` sums dims [split · 512 / S, +512 / S) of all S = p.splits
+// partials, each scaled to the splits' common max, normalises with the sink, rotates back and stores. Thread i serves
+// head row i / 4, its float4 columns i % 4 + 4j; the splits' loads are unrolled over kMaxSplits (predicated off past
+// S).
+__device__ __forceinline__ void merge_splits(const SparseAttentionParams& p, const uint8_t* smem, int64_t t, int split,
+                                             int head_base, int thread256) {
+  const int row = thread256 / 4, quarter = thread256 % 4, splits = p.splits;
+  const float2* stats = reinterpret_cast<const float2*>(smem + kStats) + row;
+  const float* partial = reinterpret_cast<const float*>(smem + kPartial) + row * kPartialStride;
+  float2 split_stats[kMaxSplits];
+  const float* peer_partial[kMaxSplits];
+  float row_max = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    split_stats[s] = s < splits ? *cluster_peer(stats, s) : make_float2(-INFINITY, 0.0f);
+    peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
+    row_max = fmaxf(row_max, split_stats[s].x);
+  }
+  float factor[kMaxSplits], row_sum = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    // A split without entries for the row (max −inf) adds nothing; −inf − −inf would be NaN.
+    factor[s] = split_stats[s].x == -INFINITY ? 0.0f : fast_exp2(split_stats[s].x - row_max);
+    row_sum += split_stats[s].y * factor[s];
+  }
+  const int head = head_base + row;
+  const float inverse = inverse_softmax_denominator(head_sink_log2(p, head), row_max, row_sum);
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) factor[s] *= inverse;
+  const KvEntryLayout& layout = p.cache.layout;
+  const int nope_dim = layout.head_dim - layout.rope_dim, dims = kHeadDim / splits;
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
+  for (int column = 4 * quarter; column < dims; column += 16) {
+    const int dim = split * dims + column;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      if (s >= splits) continue;
+      const float4 x = *reinterpret_cast<const float4*>(peer_partial[s] + dim);
+      v[0] += factor[s] * x.x;
+      v[1] += factor[s] * x.y;
+      v[2] += factor[s] * x.z;
+      v[3] += factor[s] * x.w;
+    }
+    if (p.rope_frequencies != nullptr) {
+      if (dim >= nope_dim) rope_rotate_pair(v[0], v[1], rope_table[(dim - nope_dim) / 2], true);
+      if (dim + 2 >= nope_dim) rope_rotate_pair(v[2], v[3], rope_table[(dim + 2 - nope_dim) / 2], true);
+    }
+    if (head >= p.heads) continue;
+    const int64_t offset = (t * p.heads + head) * kHeadDim + dim;
+    if (p.out_dtype == AttentionDtype::F32)
+      *reinterpret_cast<float4*>(static_cast<float*>(p.out) + offset) = make_float4(v[0], v[1], v[2], v[3]);
+    else
+      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + offset) =
+          make_uint2(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]));
+  }
+}
+
 template <bool kFp8>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers& barriers) {
+                                        int split, const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -424,7 +559,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   wait_for_prior_grids();
-  const int pairs = query_pairs(p, t);
+  const int pairs = split_pair_range(p, t, split).count;
 
   // The inverse RoPE's factors and Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
@@ -475,10 +610,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   if (consumer == 0) {
     if (pairs > 0) {
-      wait_full<kFp8>(barriers.full(0, 0), 0);
+      wait_full(barriers.full(0, 0), 0);
       sm90::wgmma_fence();
       qk_half(s, smem, 0, 0, true);
-      wait_full<kFp8>(barriers.full(0, 1), 0);
+      wait_full(barriers.full(0, 1), 0);
       qk_half(s, smem, 0, 1, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -510,18 +645,18 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
-      wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      wait_full(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
+        wait_full(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
-        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
+        wait_full(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
@@ -537,10 +672,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
-      wait_full<kFp8>(barriers.full(1, 1), parity);
+      wait_full(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
       qk_half(s, smem, 1, 1, true);
-      wait_full<kFp8>(barriers.full(1, 0), parity);
+      wait_full(barriers.full(1, 0), parity);
       qk_half(s, smem, 1, 0, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -558,7 +693,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-      wait_full<kFp8>(barriers.full(0, 1), parity);
+      wait_full(barriers.full(0, 1), parity);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::wgmma_wait_group<1>();
@@ -583,6 +718,25 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
   row_sum[0] += peer.x;
   row_sum[1] += peer.y;
+  if (p.splits > 1) {
+    // Both consumers are past the loop (the barrier above): the KV buffers and P tiles take the partial output.
+    float* partial = reinterpret_cast<float*>(smem + kPartial);
+#pragma unroll
+    for (int n = 0; n < 32; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(partial + (16 * warp + g + 8 * r) * kPartialStride + consumer * (kHeadDim / 2) +
+                                   8 * n + 2 * c) = make_float2(o[4 * n + 2 * r], o[4 * n + 2 * r + 1]);
+    if (consumer == 0 && c == 0) {
+      float2* stats = reinterpret_cast<float2*>(smem + kStats);
+      stats[16 * warp + g] = make_float2(row_max[0], row_sum[0]);
+      stats[16 * warp + g + 8] = make_float2(row_max[1], row_sum[1]);
+    }
+    cluster_sync();
+    merge_splits(p, smem, t, split, head_base, thread256);
+    cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
+    return;
+  }
   float inverse_denominator[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r)
@@ -620,8 +774,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
-  const int head_block = int(blockIdx.x % unsigned(head_blocks));
-  const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
+  // CTA = (query t, head block, split); a (query, head block)'s splits are consecutive: one cluster.
+  const int split = int(blockIdx.x % unsigned(p.splits));
+  const unsigned item = blockIdx.x / unsigned(p.splits);
+  const int head_block = int(item % unsigned(head_blocks));
+  const int64_t t = int64_t(item / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
@@ -634,13 +791,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
-    const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
+    const int64_t ahead = (int64_t(blockIdx.x) + resident_ctas) / p.splits;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8>(p, smem, t, query_pairs(p, t), barriers, ahead_exists ? ahead / head_blocks : -1,
+    produce<kFp8>(p, smem, t, split_pair_range(p, t, split), barriers, ahead_exists ? ahead / head_blocks : -1,
                   int(ahead % head_blocks) * kHeads);
+    if (p.splits > 1) {  // the producer warps take part in the consumers' two cluster barriers
+      cluster_sync();
+      cluster_sync_relaxed();
+    }
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
+    consume<kFp8>(p, smem, t, head_block * kHeads, split, barriers);
   }
 }
 

@@ -2,9 +2,11 @@
 // contract as run_sparse_attention (sparse_attention.hpp: window ∪ compressed slots per query, one softmax with the
 // per-head sink in the denominator, inverse RoPE on the output's last rope_dim dims, bf16 or fp8 entries, q rounded to
 // bf16, fp32 scores, softmax and accumulation), built for many queries: one CTA per (query, 64-head block) walks the
-// query's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
+// query's slot list in 64-entry blocks, two at a time; where that leaves SMs idle (decode batches), `splits` CTAs per
+// (query, head block) walk a share of the pairs each and merge in one thread-block cluster through distributed shared
+// memory (no workspace, no second launch).
 // The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
-// entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
+// entries by index into shared memory (cp.async; fp8 entries then widened to bf16 in place);
 // consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
 // maxima to each other through shared memory so both use one reference, and each accumulates the output's dims
 // [256w, 256w + 256) over both blocks: its own block's P from registers, the other's from shared memory.
@@ -12,8 +14,8 @@
 // griddepcontrol.wait.
 //
 // Dispatch contract: head_dim 512 (bf16 entries, or fp8 entries in DeepSeek's 584-byte layout), any heads ≥ 1 (blocks
-// of 64, padded), tokens ≥ 0; `splits` must be 1 and the workspace is unused. Asynchronous on `stream`, no
-// allocation, no synchronisation (graph-capturable).
+// of 64, padded), tokens ≥ 0; `splits` 1, 2, 4 or 8 (a split whose share is empty adds nothing); the workspace is
+// unused. Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
 #pragma once
 
 #include "backends/cuda/kernels/sparse_attention.hpp"
