@@ -20,7 +20,8 @@
 // the q bytes and no conversion), and the decode cluster call once more with its partials exchanged as bf16
 // (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes). Where the head-split path
 // (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
-// bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA.
+// bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA; a third line the
+// same with head_split_spread (all 8 warps of a CTA on its QKᵀ).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
@@ -279,6 +280,9 @@ struct Result {
   int head_split_splits = 0;
   double head_split_us = 0, head_split_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  // The same with head_split_spread (every warp of a CTA on its QKᵀ).
+  double spread_us = 0, spread_cpu_error = 0;
+  double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -394,20 +398,27 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   SparseAttentionParams head_split = bf16_q;
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
-  double head_split_ms = 0, head_split_cpu_error = 0;
+  double head_split_ms = 0, head_split_cpu_error = 0, spread_ms = 0, spread_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
   if (head_split_splits > 0) {
-    out.fill_bytes(0xFF);
-    head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-    head_split_cpu_error = cpu_check(head_split, window_index, compressed_index, q, sink, positions, out, sample);
-    for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
-      SparseAttentionParams h = head_split;
-      h.head_split_tiles = tiles;
-      if (sparse_attention_head_split_splits(h) > 0)
-        head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
+    for (const bool spread : {false, true}) {
+      SparseAttentionParams call = head_split;
+      call.head_split_spread = spread;
+      out.fill_bytes(0xFF);
+      (spread ? spread_ms : head_split_ms) = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(call); });
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+      (spread ? spread_cpu_error : head_split_cpu_error) =
+          cpu_check(call, window_index, compressed_index, q, sink, positions, out, sample);
+      for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
+        SparseAttentionParams h = call;
+        h.head_split_tiles = tiles;
+        if (sparse_attention_head_split_splits(h) > 0)
+          (spread ? spread_tiles_us : head_split_tiles_us)[tiles] =
+              1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
+      }
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
     }
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   if (sweep) {
     // Every split count the cluster merge serves and the combine kernel's, same inputs.
@@ -511,6 +522,9 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.head_split_us = head_split_ms * 1e3;
   r.head_split_cpu_error = head_split_cpu_error;
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
+  r.spread_us = spread_ms * 1e3;
+  r.spread_cpu_error = spread_cpu_error;
+  std::copy(std::begin(spread_tiles_us), std::end(spread_tiles_us), std::begin(r.spread_tiles_us));
   return r;
 }
 
@@ -659,7 +673,7 @@ int run(int argc, char** argv) {
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
-                                r.head_split_cpu_error <= kCpuCheckLimit);
+                                r.head_split_cpu_error <= kCpuCheckLimit && r.spread_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
@@ -669,12 +683,17 @@ int run(int argc, char** argv) {
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
-          if (r.head_split_splits > 0)
+          if (r.head_split_splits > 0) {
             std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us), cpu err %.1e; by tiles "
                         "per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
                         r.head_split_splits, r.head_split_us, r.bf16_q_us, r.head_split_cpu_error,
                         r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                         r.head_split_tiles_us[4]);
+            std::printf("       head split spread:   %d splits %.1f us, cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f "
+                        "%.1f %.1f us\n",
+                        r.head_split_splits, r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
+                        r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4]);
+          }
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -715,7 +734,8 @@ int run(int argc, char** argv) {
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
-                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"spread_us\": %.2f, "
+                   "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -723,7 +743,8 @@ int run(int argc, char** argv) {
                    r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
-                   r.head_split_tiles_us[4], i + 1 < results.size() ? "," : "");
+                   r.head_split_tiles_us[4], r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
+                   r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

@@ -66,11 +66,14 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
     compare_with_cpu(c, cluster_merge, merged, expected, magnitude);
   }
   if (c.head_split_tiles >= 0) {
-    SparseAttentionParams head_split = call;
-    head_split.head_split = true;
-    head_split.head_split_tiles = c.head_split_tiles;
-    ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
-    compare_with_cpu(c, true, head_split, expected, magnitude);
+    for (const bool spread : {false, true}) {
+      SparseAttentionParams head_split = call;
+      head_split.head_split = true;
+      head_split.head_split_tiles = c.head_split_tiles;
+      head_split.head_split_spread = spread;
+      ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
+      compare_with_cpu(c, true, head_split, expected, magnitude);
+    }
   }
 }
 
@@ -78,7 +81,9 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude) {
-  SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
+  SCOPED_TRACE(call.head_split ? (call.head_split_spread ? "head split spread" : "head split")
+               : cluster_merge    ? "cluster merge"
+                                  : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
@@ -108,7 +113,10 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   const int reported_splits = call.head_split ? sparse_attention_head_split_splits(call) : splits;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, reported_splits,
-              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", checked.worst);
+              call.head_split ? (call.head_split_spread ? "head split spread" : "head split")
+              : cluster_merge ? "cluster"
+                              : "combine",
+              checked.worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {
@@ -230,7 +238,8 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
 // The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
 // cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
 // (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,
-// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch.
+// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch; each case with both QKᵀ
+// shares (a warp per 16 entries, and head_split_spread: all 8 warps, the dims in parts below 64 entries).
 TEST(SparseAttention, HeadSplitMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 70;

@@ -172,14 +172,16 @@ void launch_d512(const SparseAttentionParams& p) {
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.
 ClusterLimits head_split_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_head_split_kernel<false>), [] {
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_head_split_kernel<false, false>), [] {
     constexpr int kBytes = HeadSplitLayout::kBytes;
     static_assert(kBytes <= kSharedMemoryPerSm, "the head-split kernel's shared memory fits one SM");
-    for (const auto kernel : {sparse_attention_head_split_kernel<false>, sparse_attention_head_split_kernel<true>}) {
+    for (const auto kernel :
+         {sparse_attention_head_split_kernel<false, false>, sparse_attention_head_split_kernel<true, false>,
+          sparse_attention_head_split_kernel<false, true>, sparse_attention_head_split_kernel<true, true>}) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     }
-    return query_cluster_limits(sparse_attention_head_split_kernel<false>, kHeadSplitThreads, kBytes);
+    return query_cluster_limits(sparse_attention_head_split_kernel<false, false>, kHeadSplitThreads, kBytes);
   });
 }
 
@@ -215,8 +217,10 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
   SparseAttentionParams call = p;
   call.splits = splits;
   const int head_groups = head_split_groups(p.heads);
-  const auto kernel = p.cache.layout.format == KvEntryFormat::Fp8Reference ? sparse_attention_head_split_kernel<true>
-                                                                           : sparse_attention_head_split_kernel<false>;
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  const auto kernel = p.head_split_spread
+                          ? (fp8 ? sparse_attention_head_split_kernel<true, true> : sparse_attention_head_split_kernel<false, true>)
+                          : (fp8 ? sparse_attention_head_split_kernel<true, false> : sparse_attention_head_split_kernel<false, false>);
   launch_chained(kernel, dim3(unsigned(p.tokens * head_groups * splits)), dim3(unsigned(kHeadSplitThreads)),
                  size_t(HeadSplitLayout::kBytes), p.stream, dim3(unsigned(splits), 1, 1),
                  "sparse_attention (head split)", call, head_groups);

@@ -1327,22 +1327,25 @@ struct HeadSplitLayout {
   static constexpr int kPartial = kP + kHeadSplitHeads * kHeadSplitPStride * 2;     // fp32 [16][520]
   static constexpr int kStats = kPartial + kHeadSplitHeads * kHeadSplitPartialStride * 4;  // float2 [16]
   static constexpr int kScale = kStats + kHeadSplitHeads * 8;  // fp32 [16][kSparseAttentionMaxClusterSplits]
-  static constexpr int kRope = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // RopeFactors [256]
-  static constexpr int kValid = kRope + kD512HeadDim / 2 * 8;                  // int32 [128]
-  static constexpr int kBarriers = kValid + kHeadSplitMaxEntries * 4;          // uint64 [8]: a warp's entries landed
+  static constexpr int kSinks = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // fp32 [16], log2
+  static constexpr int kRope = kSinks + kHeadSplitHeads * 4;                   // RopeFactors [256]
+  static constexpr int kPhys = kRope + kD512HeadDim / 2 * 8;                   // int32 [128]: −1 = unused
+  static constexpr int kBarriers = kPhys + kHeadSplitMaxEntries * 4;           // uint64 [8]: a warp's entries landed
   static constexpr int kBytes = kBarriers + kHeadSplitWarps * 8;
-  static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kValid % 16 == 0 &&
-                    kBarriers % 8 == 0,
+  static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kPhys % 16 == 0 &&
+                    kRope % 8 == 0 && kBarriers % 8 == 0,
                 "aligned regions");
   static_assert(kFp8SpanBytes <= kHeadSplitRowBytes, "an fp8 span lands in its bf16 row");
 };
 
-// Expands warp-owned fp8 entries n0 and n0 + 1 (spans at their rows' starts, entry at (phys & 1) · 8 in the span) to
-// bf16 in place, zeros for an unused slot: every lane reads both entries whole before any lane writes.
-__device__ __forceinline__ void head_split_expand_fp8_pair(uint8_t* kv, int n0, const int32_t (&phys)[2], int lane) {
-  uint2 codes[2][2], rope[2][2], scales[2];
+// Expands kCount (1 or 2) fp8 entries from row n0 on (spans at their rows' starts, entry at (phys & 1) · 8 in the
+// span) to bf16 in place, zeros for an unused slot (phys < 0): every lane reads the entries whole before any lane
+// writes.
+template <int kCount>
+__device__ __forceinline__ void head_split_expand_fp8(uint8_t* kv, int n0, const int32_t (&phys)[kCount], int lane) {
+  uint2 codes[kCount][2], rope[kCount][2], scales[kCount];
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
+  for (int e = 0; e < kCount; ++e) {
     const uint8_t* entry = kv + (n0 + e) * kHeadSplitRowBytes + (phys[e] & 1) * 8;
     codes[e][0] = *reinterpret_cast<const uint2*>(entry + 8 * lane);
     // Chunk lane + 32: fp8 codes for lanes below 24 (dims 256-447), bf16 rope dims for the rest (only 8-aligned).
@@ -1353,7 +1356,7 @@ __device__ __forceinline__ void head_split_expand_fp8_pair(uint8_t* kv, int n0, 
   }
   __syncwarp();
 #pragma unroll
-  for (int e = 0; e < 2; ++e) {
+  for (int e = 0; e < kCount; ++e) {
     uint4* row = reinterpret_cast<uint4*>(kv + (n0 + e) * kHeadSplitRowBytes);
     uint4 out[2];
 #pragma unroll
@@ -1372,10 +1375,29 @@ __device__ __forceinline__ void head_split_expand_fp8_pair(uint8_t* kv, int n0, 
   }
 }
 
+// How the spread kernel (SparseAttentionParams::head_split_spread) shares the QKᵀ of a CTA's entries among its 8
+// warps: the entries, padded to whole 16-entry blocks, are `groups` n8 tiles; `group_warps` warps (a power of two)
+// walk the tiles, and the 8 / group_warps sets of them each take one part of the 512 dims. Each part's scores land in
+// their own columns of the score rows (part · part_columns + entry), summed by the softmax in part order.
+struct HeadSplitQkShare {
+  int groups = 0, group_warps = 2, parts = 4, part_columns = 16;
+};
+
+__device__ __forceinline__ HeadSplitQkShare head_split_qk_share(int entries) {
+  HeadSplitQkShare share;
+  share.groups = 2 * ((entries + kHeadSplitWarpEntries - 1) / kHeadSplitWarpEntries);
+  share.group_warps = share.groups >= 8 ? 8 : share.groups >= 4 ? 4 : 2;
+  share.parts = kHeadSplitWarps / share.group_warps;
+  share.part_columns = 8 * share.group_warps;
+  return share;
+}
+
 // The cluster merge of the head-split kernel (all 256 threads; see the notes above): this CTA's slice of the
 // (query, head group) output. kMaxSplits ≥ p.splits (the next power of two) bounds the peers' unrolled loads; a
 // thread's vectors (4 dims each) are loaded from every peer before any is used, so the slice costs one round trip.
-template <int kMaxSplits>
+// kSpread: each thread also loads its heads' (max, sum) pairs from every peer with its vectors and weighs them itself
+// (the sinks from the CTA's table), without the shared factor table and its CTA barrier.
+template <int kMaxSplits, bool kSpread>
 __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                                          int split, int head_base, float merge_sink_log2) {
   using L = HeadSplitLayout;
@@ -1388,57 +1410,87 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   const int per_cta = (kVectors + splits - 1) / splits;
   const int begin = split * per_cta + tid, end = min(kVectors, (split + 1) * per_cta);
   const float4* partial = reinterpret_cast<const float4*>(smem + L::kPartial);
+  const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
   const float4* peer[kMaxSplits];
+  const float2* peer_stats[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer[s] = cluster_peer(partial, s < splits ? s : 0);
+  for (int s = 0; s < kMaxSplits; ++s) {
+    peer[s] = cluster_peer(partial, s < splits ? s : 0);
+    if constexpr (kSpread) peer_stats[s] = cluster_peer(stats, s < splits ? s : 0);
+  }
   float4 o[kThreadVectors][kMaxSplits];
+  float2 vector_stats[kSpread ? kThreadVectors : 1][kMaxSplits];
 #pragma unroll
   for (int k = 0; k < kThreadVectors; ++k) {
     const int v = begin + k * kHeadSplitThreads;
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
-      if (v < end && s < splits) o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
+      if (v < end && s < splits) {
+        o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
+        if constexpr (kSpread) vector_stats[k][s] = peer_stats[s][v / kRowVectors];
+      }
   }
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
   float* merge_scale = reinterpret_cast<float*>(smem + L::kScale);
-  if (tid < kHeadSplitHeads) {
-    const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
-    float2 split_stats[kMaxSplits];
+  if constexpr (!kSpread) {
+    if (tid < kHeadSplitHeads) {
+      float2 split_stats[kMaxSplits];
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
-    float m = -INFINITY;
+      for (int s = 0; s < kMaxSplits; ++s)
+        split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
+      float m = -INFINITY;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
-    float weight[kMaxSplits], sum = 0.0f;
+      for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
+      float weight[kMaxSplits], sum = 0.0f;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-      weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
-      sum += split_stats[s].y * weight[s];
+      for (int s = 0; s < kMaxSplits; ++s) {
+        weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
+        sum += split_stats[s].y * weight[s];
+      }
+      const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s)
+        merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = weight[s] * inverse_denominator;
     }
-    const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s)
-      merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = weight[s] * inverse_denominator;
+    __syncthreads();
   }
-  __syncthreads();
 
   const KvEntryLayout& layout = p.cache.layout;
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kRope);
+  const float* head_sinks = reinterpret_cast<const float*>(smem + L::kSinks);
 #pragma unroll
   for (int k = 0; k < kThreadVectors; ++k) {
     const int v = begin + k * kHeadSplitThreads;
     const int h = v / kRowVectors, dim = 4 * (v % kRowVectors);
     if (v >= end || head_base + h >= p.heads) continue;
+    float scale[kMaxSplits];
+    if constexpr (kSpread) {
+      float m = -INFINITY;
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s)
+        if (s < splits) m = fmaxf(m, vector_stats[k][s].x);
+      float sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s) {
+        scale[s] = s >= splits || vector_stats[k][s].x == -INFINITY ? 0.0f : exp2f(vector_stats[k][s].x - m);
+        if (s < splits) sum += vector_stats[k][s].y * scale[s];
+      }
+      const float inverse_denominator = inverse_softmax_denominator(head_sinks[h], m, sum);
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s) scale[s] *= inverse_denominator;
+    } else {
+#pragma unroll
+      for (int s = 0; s < kMaxSplits; ++s)
+        if (s < splits) scale[s] = merge_scale[h * kSparseAttentionMaxClusterSplits + s];
+    }
     float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) {
       if (s >= splits) break;
-      const float scale = merge_scale[h * kSparseAttentionMaxClusterSplits + s];
-      x[0] += scale * o[k][s].x;
-      x[1] += scale * o[k][s].y;
-      x[2] += scale * o[k][s].z;
-      x[3] += scale * o[k][s].w;
+      x[0] += scale[s] * o[k][s].x;
+      x[1] += scale[s] * o[k][s].y;
+      x[2] += scale[s] * o[k][s].z;
+      x[3] += scale[s] * o[k][s].w;
     }
     if (p.rope_frequencies != nullptr) {
 #pragma unroll
@@ -1458,7 +1510,106 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   }
 }
 
-template <bool kFp8>
+// The scores of this warp's entries over all 512 dims (kSpread false: entries [16w, 16w + 16), waited for, expanded
+// or zeroed here), or of its share of the entries and dims (kSpread: head_split_qk_share; fp8 entries expanded
+// before, over all warps), into the score rows.
+template <bool kFp8, bool kSpread>
+__device__ __forceinline__ void head_split_scores(uint8_t* smem, int entries, int32_t phys, int warp, int lane) {
+  using L = HeadSplitLayout;
+  const int g = lane / 4, c = lane % 4;
+  uint8_t* kv = smem + L::kKv;
+  float* scores = reinterpret_cast<float*>(smem + L::kScores);
+  uint64_t* entries_landed = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+  const uint32_t q_lane = shared_address(smem + L::kQ) +
+                          ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes + 16 * (lane / 16);
+  if constexpr (!kSpread) {
+    const int warp_first = warp * kHeadSplitWarpEntries;
+    if (warp_first >= entries) return;
+    sm90::mbarrier_wait(entries_landed + warp, 0);
+    if constexpr (kFp8) {
+#pragma unroll 2
+      for (int e = 0; e < kHeadSplitWarpEntries; e += 2) {
+        const int32_t pair[2] = {__shfl_sync(0xFFFFFFFFu, phys, e), __shfl_sync(0xFFFFFFFFu, phys, e + 1)};
+        head_split_expand_fp8<2>(kv, warp_first + e, pair, lane);
+      }
+    } else {
+      // Unused slots (rare: a short window, a split's tail) hold stale bytes; their weight 0 must not meet a NaN.
+      unsigned unused = __ballot_sync(0xFFFFFFFFu, lane < kHeadSplitWarpEntries && phys < 0);
+      while (unused != 0) {
+        const int e = __ffs(unused) - 1;
+        unused &= unused - 1;
+        uint4* zero_row = reinterpret_cast<uint4*>(kv + (warp_first + e) * kHeadSplitRowBytes);
+        zero_row[lane] = zero_row[lane + 32] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    __syncwarp();
+
+    // S = Q Kᵀ: two n8 tiles of entries, the 32 k16 steps as two independent halves (four accumulator chains).
+    float s_acc[2][2][4] = {};
+    const uint32_t k_lane = shared_address(kv) + (warp_first + (lane % 8) + 8 * (lane / 16)) * kHeadSplitRowBytes +
+                            16 * ((lane / 8) % 2);
+#pragma unroll 4
+    for (int kk = 0; kk < kD512HeadDim / 32; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int dim_bytes = (half * kD512HeadDim / 2 + 16 * kk) * 2;
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, q_lane + dim_bytes);
+        ldmatrix_x4(b, k_lane + dim_bytes);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][0], a, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(scores + (g + 8 * r) * kHeadSplitScoreStride + warp_first + 8 * n + 2 * c) =
+            make_float2(s_acc[0][n][2 * r] + s_acc[1][n][2 * r], s_acc[0][n][2 * r + 1] + s_acc[1][n][2 * r + 1]);
+  } else {
+    const HeadSplitQkShare share = head_split_qk_share(entries);
+    const int part = warp / share.group_warps, part_dims = kD512HeadDim / share.parts;
+    const int dim_begin = part * part_dims;
+    const int32_t* slot_phys = reinterpret_cast<const int32_t*>(smem + L::kPhys);
+    for (int j = warp % share.group_warps; j < share.groups; j += share.group_warps) {
+      uint8_t* rows = kv + 8 * j * kHeadSplitRowBytes;
+      if constexpr (!kFp8) {
+        sm90::mbarrier_wait(entries_landed + j / 2, 0);
+        // Unused slots hold stale bytes (their weight 0 must not meet a NaN): each part zeroes its own dims of them,
+        // so that every dim is zero before the softmax barrier that precedes PV.
+        const int chunks = part_dims / 8;  // 16-byte chunks of this part's dims
+#pragma unroll 1
+        for (int e = 0; e < 8; ++e) {
+          if (slot_phys[8 * j + e] >= 0) continue;
+          uint4* zero_row = reinterpret_cast<uint4*>(rows + e * kHeadSplitRowBytes + dim_begin * 2);
+          for (int chunk = lane; chunk < chunks; chunk += 32) zero_row[chunk] = make_uint4(0, 0, 0, 0);
+        }
+        __syncwarp();
+      }
+      // S = Q Kᵀ over this part's dims: two k16 steps per K load, four accumulator chains.
+      float s_acc[4][4] = {};
+      const uint32_t k_lane = shared_address(rows) + (lane % 8) * kHeadSplitRowBytes + 16 * (lane / 8);
+#pragma unroll 4
+      for (int step = 0; step < part_dims / 32; ++step) {
+        const int dim_bytes = (dim_begin + 32 * step) * 2;
+        uint32_t a0[4], a1[4], b[4];
+        ldmatrix_x4(a0, q_lane + dim_bytes);
+        ldmatrix_x4(a1, q_lane + dim_bytes + 32);
+        ldmatrix_x4(b, k_lane + dim_bytes);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * (step % 2)], a0, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * (step % 2) + 1], a1, b[2], b[3]);
+      }
+      float* part_scores = scores + part * share.part_columns + 8 * j + 2 * c;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(part_scores + (g + 8 * r) * kHeadSplitScoreStride) =
+            make_float2((s_acc[0][2 * r] + s_acc[1][2 * r]) + (s_acc[2][2 * r] + s_acc[3][2 * r]),
+                        (s_acc[0][2 * r + 1] + s_acc[1][2 * r + 1]) + (s_acc[2][2 * r + 1] + s_acc[3][2 * r + 1]));
+    }
+  }
+}
+
+template <bool kFp8, bool kSpread>
 __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     sparse_attention_head_split_kernel(const __grid_constant__ SparseAttentionParams p, const int head_groups) {
   using L = HeadSplitLayout;
@@ -1471,7 +1622,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const KvCacheView& cache = p.cache;
   const KvEntryLayout& layout = cache.layout;
   uint64_t* entries_landed = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + warp;
-  int32_t* slot_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
+  int32_t* slot_phys = reinterpret_cast<int32_t*>(smem + L::kPhys);
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kRope);
   if (lane == 0) {
     sm90::mbarrier_init(entries_landed, 1);
@@ -1486,6 +1637,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const float frequency = tid < rope_pairs ? p.rope_frequencies[tid] : 0.0f;
   const float sink_log2[2] = {head_sink_log2(p, head_base + g), head_sink_log2(p, head_base + g + 8)};
   const float merge_sink_log2 = tid < kHeadSplitHeads ? head_sink_log2(p, head_base + tid) : -INFINITY;
+  if (kSpread && tid < kHeadSplitHeads) reinterpret_cast<float*>(smem + L::kSinks)[tid] = merge_sink_log2;
   const int64_t q_element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
   const int live_heads = min(kHeadSplitHeads, p.heads - head_base);
   {
@@ -1541,7 +1693,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   }
 
   const int32_t phys = slot_physical(cache, slot_page(p, sequence_slot, slot, row), row);
-  if (lane < kHeadSplitWarpEntries) slot_valid[entry] = phys >= 0;
+  if (lane < kHeadSplitWarpEntries) slot_phys[entry] = phys;
   {
     constexpr uint32_t kCopyBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
     const unsigned copies = __ballot_sync(0xFFFFFFFFu, phys >= 0);
@@ -1564,57 +1716,27 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
         packed;
   }
   if (tid < rope_pairs) rope_table[tid] = rope_factors(position, frequency);
-  __syncthreads();  // Q, the valid flags and the inverse-RoPE factors
+  __syncthreads();  // Q, the physical entries, the sinks and the inverse-RoPE factors
 
-  // 2. This warp's entries: expanded (fp8) or unused rows zeroed, then their scores over all 512 dims.
-  const int warp_first = warp * kHeadSplitWarpEntries;
+  // 2. The scores. Spread fp8 entries are expanded first, each warp its own run of the padded entries (pairs, within
+  // at most two warps' copy barriers), then shared by all warps' QKᵀ.
   uint8_t* kv = smem + L::kKv;
-  if (warp_first < entries) {
-    sm90::mbarrier_wait(entries_landed, 0);
-    if constexpr (kFp8) {
-#pragma unroll 2
-      for (int e = 0; e < kHeadSplitWarpEntries; e += 2) {
-        const int32_t pair[2] = {__shfl_sync(0xFFFFFFFFu, phys, e), __shfl_sync(0xFFFFFFFFu, phys, e + 1)};
-        head_split_expand_fp8_pair(kv, warp_first + e, pair, lane);
-      }
-    } else {
-      // Unused slots (rare: a short window, a split's tail) hold stale bytes; their weight 0 must not meet a NaN.
-      unsigned unused = __ballot_sync(0xFFFFFFFFu, lane < kHeadSplitWarpEntries && phys < 0);
-      while (unused != 0) {
-        const int e = __ffs(unused) - 1;
-        unused &= unused - 1;
-        uint4* zero_row = reinterpret_cast<uint4*>(kv + (warp_first + e) * kHeadSplitRowBytes);
-        zero_row[lane] = zero_row[lane + 32] = make_uint4(0, 0, 0, 0);
+  if constexpr (kSpread && kFp8) {
+    const int per_warp = (entries + kHeadSplitWarpEntries - 1) / kHeadSplitWarpEntries * 2;  // even
+    const int first = warp * per_warp;
+    if (per_warp > 0) {
+      uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+      sm90::mbarrier_wait(barriers + first / kHeadSplitWarpEntries, 0);
+      sm90::mbarrier_wait(barriers + (first + per_warp - 1) / kHeadSplitWarpEntries, 0);
+#pragma unroll 1
+      for (int e = first; e < first + per_warp; e += 2) {
+        const int32_t pair[2] = {slot_phys[e], slot_phys[e + 1]};
+        head_split_expand_fp8<2>(kv, e, pair, lane);
       }
     }
-    __syncwarp();
-
-    // S = Q Kᵀ: two n8 tiles of entries, the 32 k16 steps as two independent halves (four accumulator chains).
-    float s_acc[2][2][4] = {};
-    const uint32_t q_lane = shared_address(smem + L::kQ) +
-                            ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes + 16 * (lane / 16);
-    const uint32_t k_lane = shared_address(kv) + (warp_first + (lane % 8) + 8 * (lane / 16)) * kHeadSplitRowBytes +
-                            16 * ((lane / 8) % 2);
-#pragma unroll 4
-    for (int kk = 0; kk < kD512HeadDim / 32; ++kk) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int dim_bytes = (half * kD512HeadDim / 2 + 16 * kk) * 2;
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, q_lane + dim_bytes);
-        ldmatrix_x4(b, k_lane + dim_bytes);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[half][0], a, b[0], b[1]);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[half][1], a, b[2], b[3]);
-      }
-    }
-    float* scores = reinterpret_cast<float*>(smem + L::kScores);
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(scores + (g + 8 * r) * kHeadSplitScoreStride + warp_first + 8 * n + 2 * c) =
-            make_float2(s_acc[0][n][2 * r] + s_acc[1][n][2 * r], s_acc[0][n][2 * r + 1] + s_acc[1][n][2 * r + 1]);
+    __syncthreads();
   }
+  head_split_scores<kFp8, kSpread>(smem, entries, phys, warp, lane);
   __syncthreads();
 
   // 3. Softmax per head over the CTA's entries (log2 domain): 16 threads per head, 8 consecutive entries each.
@@ -1622,12 +1744,16 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     const int h = tid / 16, first = 8 * (tid % 16);
     const float scale_log2 = p.softmax_scale * kLog2e;
     const float* score_row = reinterpret_cast<const float*>(smem + L::kScores) + h * kHeadSplitScoreStride + first;
+    const HeadSplitQkShare share = head_split_qk_share(entries);
     float x[8];
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
+      float score = score_row[i];
+      if constexpr (kSpread)
+        for (int part = 1; part < share.parts; ++part) score += score_row[part * share.part_columns + i];
       // An entry past the split or unused scores −inf whatever its (unwritten) score holds.
-      x[i] = first + i < entries && slot_valid[first + i] != 0 ? score_row[i] * scale_log2 : -INFINITY;
+      x[i] = first + i < entries && slot_phys[first + i] >= 0 ? score * scale_log2 : -INFINITY;
       m = fmaxf(m, x[i]);
     }
 #pragma unroll
@@ -1682,13 +1808,13 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
             make_float2(o_acc[j][2 * r], o_acc[j][2 * r + 1]);
     cluster_sync();
     if (p.splits <= 2)
-      head_split_cluster_merge<2>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<2, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
     else if (p.splits <= 4)
-      head_split_cluster_merge<4>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<4, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
     else if (p.splits <= 8)
-      head_split_cluster_merge<8>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<8, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
     else
-      head_split_cluster_merge<16>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<16, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial and statistics
     return;
   }

@@ -83,6 +83,9 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
+  // The head-split path with each CTA's QKᵀ shared by all 8 warps (a CTA of one tile used two) and the cluster merge's
+  // weights computed per thread (no CTA barrier); the same numerics up to the scores' fp32 summation order.
+  bool head_split_spread = false;
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
