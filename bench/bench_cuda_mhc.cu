@@ -7,8 +7,8 @@
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
 // session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and the single-cluster kernel (SINGLE_CLUSTER) beside the
-// default; at every size the warp-specialised persistent kernel (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside
-// the default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
+// default; at every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED)
+// beside the default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
 // counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
@@ -33,6 +33,7 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
@@ -152,6 +153,29 @@ __global__ void baseline_finish_kernel(const float* X, const float* mixes, const
   }
 }
 
+// The model's predecessor of an mHC site (a linear layer or the experts) in miniature: one CTA per SM holding most of
+// its shared memory, streaming a buffer, chained by programmatic dependent launch. An mHC launch behind it cannot
+// place its CTAs (nor start its weight loads) before these CTAs leave, as in a decode step; the bench rows "after a
+// full-card kernel" time the pair, to be read against the filler's own row.
+constexpr int kFillerThreads = 512;
+constexpr size_t kFillerSmemBytes = 200 * 1024;
+
+__global__ void __launch_bounds__(kFillerThreads) full_card_filler_kernel(const float4* source, float4* target,
+                                                                          int64_t vectors) {
+  extern __shared__ float4 filler_smem[];
+  allow_dependents();
+  wait_for_prior_grids();
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t v = blockIdx.x * int64_t(kFillerThreads) + threadIdx.x; v < vectors;
+       v += int64_t(gridDim.x) * kFillerThreads) {
+    const float4 x = source[v];
+    sum = make_float4(sum.x + x.x, sum.y + x.y, sum.z + x.z, sum.w + x.w);
+  }
+  filler_smem[threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) target[blockIdx.x] = filler_smem[kFillerThreads - 1];
+}
+
 // One rotation set: the inputs and outputs of one launch of every kernel at (T, d).
 struct Set {
   DeviceBuffer X, fn, head_fn, out, y, y_bf16, post, comb, next_post, next_comb, mixes;
@@ -217,6 +241,8 @@ int main(int argc, char** argv) {
                 device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, copy_gbps);
     cudaStream_t stream;
     DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(full_card_filler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kFillerSmemBytes)));
     cublasHandle_t cublas;
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
     BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));
@@ -287,6 +313,29 @@ int main(int argc, char** argv) {
                            baseline_ms * 1e3});
         };
         const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
+        const bool decode_sized = T <= kHcDecodeMaxTokens;
+        // The full-card filler over its own 8 MB per set (cold, as the rotation evicts it); decode sizes only.
+        constexpr int64_t kFillerVectors = (8 << 20) / 16;
+        std::vector<DeviceBuffer> filler_sources;
+        for (int c = 0; decode_sized && c < copies; ++c) {
+          filler_sources.emplace_back(size_t(kFillerVectors) * 16, "filler source");
+          filler_sources.back().fill_bytes(0);
+        }
+        DeviceBuffer filler_target(size_t(device.multiprocessors) * 16, "filler target");
+        const auto filler = [&](int i) {
+          launch_chained(full_card_filler_kernel, dim3(unsigned(device.multiprocessors)), dim3(kFillerThreads),
+                         kFillerSmemBytes, stream, dim3(1, 1, 1), "full_card_filler_kernel",
+                         static_cast<const float4*>(filler_sources[size_t(i % copies)].data()),
+                         filler_target.as<float4>(), kFillerVectors);
+        };
+        // Times `body` behind the filler (the pair per iteration): compare with the filler's own row.
+        const auto after_filler = [&](const auto& body) {
+          return [&filler, &body](int i) {
+            filler(i);
+            body(i);
+          };
+        };
+        if (decode_sized) record("full-card filler kernel alone", filler, double(kFillerVectors) * 16, 0.0);
 
         // hc_pre of set s's X into y and the given post/comb; with `norm`, y normalised by norm_weight and also
         // written as bf16 (the attention's input).
@@ -303,7 +352,6 @@ int main(int argc, char** argv) {
           run_rms_norm({.x = s.y.as<float>(), .weight = norm_weight.as<float>(), .rows = T, .width = d,
                         .y_bf16 = s.y_bf16.as<__nv_bfloat16>(), .stream = stream});
         };
-        const bool decode_sized = T <= kHcDecodeMaxTokens;
         const auto hc_pre = [&](int i) {
           Set& s = set(i);
           run_pre(s, s.post, s.comb, HcKernelChoice::AUTO);
@@ -325,11 +373,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        const auto hc_pre_roles = [&](int i) {
-          Set& s = set(i);
-          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
-        };
-        record("hc_pre (warp-specialized persistent kernel)", hc_pre_roles, pre_bytes, 0.0);
         if (decode_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
           // The share of Sinkhorn's serial chain in the decode kernel's time.
@@ -382,6 +425,9 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused, single-cluster kernel)", single_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
+          record("filler + hc_pre + attn_norm (fused, default kernel)", after_filler(pre_fused_norm), 0.0, 0.0);
+          record("filler + hc_pre + attn_norm (fused, single-cluster kernel)", after_filler(single_fused_norm), 0.0,
+                 0.0);
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -426,6 +472,8 @@ int main(int argc, char** argv) {
           const auto single_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
           record("hc_post_pre + norm (fused, single-cluster kernel)", single_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
+          record("filler + hc_post_pre + norm (fused, default kernel)", after_filler(fused_norm), 0.0, 0.0);
+          record("filler + hc_post_pre + norm (fused, single-cluster kernel)", after_filler(single_norm), 0.0, 0.0);
         }
 
         // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
@@ -451,9 +499,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        const auto hc_head_roles = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED); };
-        record("hc_head (warp-specialized persistent kernel)", hc_head_roles,
-               x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);

@@ -10,9 +10,9 @@
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
 // session-13 cluster decode kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel
-// (SINGLE_CLUSTER, also at its own widths 256, 1024 and 2816); every case also runs the
-// warp-specialised persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where
-// that one takes 64-dim slices too.
+// (SINGLE_CLUSTER, also at its own widths 256, 1024 and 2816); every hc_post_pre case also runs the warp-specialised
+// persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where that one takes
+// 64-dim slices too.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -168,6 +168,23 @@ struct PreOutputBuffers {
   DeviceBuffer y, post, comb, y_bf16;
 };
 
+// A site's weights on the device.
+struct DeviceSite {
+  explicit DeviceSite(const Inputs& in)
+      : fn(to_device(in.fn, "fn")), base(to_device(in.base, "base")), scale(to_device(in.scale, "scale")) {}
+  DeviceBuffer fn, base, scale;
+};
+
+// hc_pre's parameters of a test launch of `site` over X into `outputs` (the tests' epsilons and Sinkhorn iterations).
+HcPreParams pre_params(const float* X, const DeviceSite& site, int64_t T, int64_t d, bool round,
+                       PreOutputBuffers& outputs, HcKernelChoice kernel, Workspace& workspace) {
+  return {.X = X, .fn = site.fn.as<float>(), .base = site.base.as<float>(), .scale = site.scale.as<float>(),
+          .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters, .hc_eps = kHcEps, .norm_eps = kNormEps,
+          .round_to_bf16 = round, .y = outputs.y.as<float>(), .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
+          .post = outputs.post.as<float>(), .comb = outputs.comb.as<float>(), .kernel = kernel,
+          .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes};
+}
+
 std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
@@ -235,8 +252,8 @@ void check_hc_pre(int64_t T, int64_t d, bool round, const std::vector<HcKernelCh
                   Workspace* shared = nullptr) {
   const Inputs in = random_inputs(T, d, kSiteRows, 3, seed);
   const PreReference ref = hc_pre_reference(in, T, d, round);
-  const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
-                     scale = to_device(in.scale, "scale");
+  const DeviceBuffer X = to_device(in.X, "X");
+  const DeviceSite site(in);
   for (const HcKernelChoice kernel : kernels) {
     SCOPED_TRACE(case_name("hc_pre", T, d, round, kernel));
     Workspace own;
@@ -246,23 +263,7 @@ void check_hc_pre(int64_t T, int64_t d, bool round, const std::vector<HcKernelCh
     for (int run = 0; run < 2; ++run) {
       SCOPED_TRACE("run " + std::to_string(run));
       PreOutputBuffers outputs(T, d);
-      run_hc_pre({.X = X.as<float>(),
-                  .fn = fn.as<float>(),
-                  .base = base.as<float>(),
-                  .scale = scale.as<float>(),
-                  .tokens = T,
-                  .hidden = d,
-                  .sinkhorn_iters = kSinkhornIters,
-                  .hc_eps = kHcEps,
-                  .norm_eps = kNormEps,
-                  .round_to_bf16 = round,
-                  .y = outputs.y.as<float>(),
-                  .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
-                  .post = outputs.post.as<float>(),
-                  .comb = outputs.comb.as<float>(),
-                  .kernel = kernel,
-                  .workspace = workspace.buffer.data(),
-                  .workspace_bytes = workspace.bytes});
+      run_hc_pre(pre_params(X.as<float>(), site, T, d, round, outputs, kernel, workspace));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const std::vector<float> y_gpu = download(outputs.y, size_t(T * d));
       expect_hc_pre_outputs(in, ref, T, d, round, y_gpu, outputs.y_bf16, download(outputs.post, size_t(T * kN)),
@@ -347,6 +348,27 @@ PostInputs random_post_inputs(int64_t T, int64_t d, uint32_t seed) {
   return in;
 }
 
+// hc_post's inputs on the device (the residual X separately: the tests place it).
+struct DevicePostInputs {
+  explicit DevicePostInputs(const PostInputs& in)
+      : out(to_device(in.out, "out")), post(to_device(in.post, "post")), comb(to_device(in.comb, "comb")) {}
+  DeviceBuffer out, post, comb;
+};
+
+// hc_post_pre's parameters of a test launch: hc_post of `post_in` on X into X_out, then the next site's hc_pre into
+// `outputs` (the tests' epsilons and Sinkhorn iterations).
+HcPostPreParams post_pre_params(const DevicePostInputs& post_in, const float* X, float* X_out, const DeviceSite& next,
+                                int64_t T, int64_t d, bool round, PreOutputBuffers& outputs, HcKernelChoice kernel,
+                                Workspace& workspace) {
+  return {.out = post_in.out.as<float>(), .X = X, .post = post_in.post.as<float>(), .comb = post_in.comb.as<float>(),
+          .X_out = X_out, .next_fn = next.fn.as<float>(), .next_base = next.base.as<float>(),
+          .next_scale = next.scale.as<float>(), .tokens = T, .hidden = d, .sinkhorn_iters = kSinkhornIters,
+          .hc_eps = kHcEps, .norm_eps = kNormEps, .round_to_bf16 = round, .y = outputs.y.as<float>(),
+          .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(), .next_post = outputs.post.as<float>(),
+          .next_comb = outputs.comb.as<float>(), .kernel = kernel, .workspace = workspace.buffer.data(),
+          .workspace_bytes = workspace.bytes};
+}
+
 // The updated residual on the GPU against the CPU's hc_post. Same operation order as the CPU; only a contracted vs
 // separate multiply-add may differ: a few ulps of the terms.
 void expect_hc_post_output(const PostInputs& in, int64_t T, int64_t d, bool round, const std::vector<float>& actual) {
@@ -397,9 +419,8 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
   SCOPED_TRACE(case_name("hc_post_pre", T, d, round, kernel) + (in_place ? " in place" : ""));
   const PostInputs post_in = random_post_inputs(T, d, seed);
   Inputs next = random_inputs(T, d, kSiteRows, 3, seed + 7919);
-  const DeviceBuffer out_d = to_device(post_in.out, "out"), post_d = to_device(post_in.post, "post"),
-                     comb_d = to_device(post_in.comb, "comb"), fn = to_device(next.fn, "next fn"),
-                     base = to_device(next.base, "next base"), scale = to_device(next.scale, "next scale");
+  const DevicePostInputs post_d(post_in);
+  const DeviceSite next_site(next);
   Workspace own;
   Workspace& workspace = shared_or_own_workspace(shared, own, T, d, "hc_post_pre workspace");
 
@@ -411,27 +432,8 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
     X_d.upload(post_in.X.data(), post_in.X.size() * sizeof(float));
     DeviceBuffer X_out_d = poisoned(post_in.X.size(), "X_out");
     PreOutputBuffers outputs(T, d);
-    run_hc_post_pre({.out = out_d.as<float>(),
-                     .X = X_d.as<float>(),
-                     .post = post_d.as<float>(),
-                     .comb = comb_d.as<float>(),
-                     .X_out = in_place ? X_d.as<float>() : X_out_d.as<float>(),
-                     .next_fn = fn.as<float>(),
-                     .next_base = base.as<float>(),
-                     .next_scale = scale.as<float>(),
-                     .tokens = T,
-                     .hidden = d,
-                     .sinkhorn_iters = kSinkhornIters,
-                     .hc_eps = kHcEps,
-                     .norm_eps = kNormEps,
-                     .round_to_bf16 = round,
-                     .y = outputs.y.as<float>(),
-                     .y_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
-                     .next_post = outputs.post.as<float>(),
-                     .next_comb = outputs.comb.as<float>(),
-                     .kernel = kernel,
-                     .workspace = workspace.buffer.data(),
-                     .workspace_bytes = workspace.bytes});
+    run_hc_post_pre(post_pre_params(post_d, X_d.as<float>(), in_place ? X_d.as<float>() : X_out_d.as<float>(),
+                                    next_site, T, d, round, outputs, kernel, workspace));
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> X_gpu = download(in_place ? X_d : X_out_d, post_in.X.size());
     if (!in_place)
@@ -457,11 +459,12 @@ void check_hc_post_pre(int64_t T, int64_t d, bool round, bool in_place, HcKernel
 const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
-// The kernels a launch of T tokens can take: the persistent one and its warp-specialised variant always, the cluster
-// decode kernel, its asynchronous variant (AUTO) and the single-cluster kernel (SINGLE_CLUSTER; as AUTO past its
-// hidden-size limits) up to their token limit.
-std::vector<HcKernelChoice> kernels_for(int64_t T) {
-  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
+// The kernels a launch of T tokens can take: the persistent one always, its warp-specialised variant for hc_post_pre,
+// the cluster decode kernel, its asynchronous variant (AUTO) and the single-cluster kernel (SINGLE_CLUSTER; as AUTO
+// past its hidden-size limits) up to their token limit.
+std::vector<HcKernelChoice> kernels_for(int64_t T, bool post_pre = false) {
+  std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT};
+  if (post_pre) kernels.push_back(HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
   if (T <= kHcDecodeMaxTokens)
     kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::AUTO, HcKernelChoice::SINGLE_CLUSTER});
   return kernels;
@@ -502,7 +505,7 @@ TEST(MhcGpu, HcPostPreMatchesCpuPostThenPre) {
   for (const int64_t d : kHiddenSizes)
     for (size_t n = 0; n < std::size(token_counts); ++n)
       for (const bool round : {false, true})
-        for (const HcKernelChoice kernel : kernels_for(token_counts[n])) {
+        for (const HcKernelChoice kernel : kernels_for(token_counts[n], true)) {
           const bool in_place = (n % 2 == 0) != round;  // both placements in both numerics modes
           check_hc_post_pre(token_counts[n], d, round, in_place, kernel, seed++);
         }
@@ -516,7 +519,8 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   for (const int64_t T : {600, 1, 64, 600, 5, 1, 16}) {
     check_hc_pre(T, d, false, kernels_for(T), seed++, &workspace);
     check_hc_head(T, d, false, kernels_for(T), seed++, &workspace);
-    for (const HcKernelChoice kernel : kernels_for(T)) check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
+    for (const HcKernelChoice kernel : kernels_for(T, true))
+      check_hc_post_pre(T, d, false, true, kernel, seed++, &workspace);
   }
 }
 
@@ -532,8 +536,8 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       SCOPED_TRACE("T=" + std::to_string(T) + " d=" + std::to_string(d));
       const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
       const PreReference ref = hc_pre_reference(in, T, d, false);
-      const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
-                         scale = to_device(in.scale, "scale");
+      const DeviceBuffer X = to_device(in.X, "X");
+      const DeviceSite site(in);
       Workspace workspace = zeroed_workspace(T, d, "workspace");
       constexpr int kLaunches = 40;
       std::vector<PreOutputBuffers> outputs;
@@ -542,12 +546,7 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
         return i % 4 == 3 ? HcKernelChoice::AUTO : i % 4 == 1 ? HcKernelChoice::SINGLE_CLUSTER : HcKernelChoice::CLUSTER;
       };
       for (int i = 0; i < kLaunches; ++i)
-        run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
-                    .tokens = T, .hidden = d, .y = outputs[size_t(i)].y.as<float>(),
-                    .y_bf16 = outputs[size_t(i)].y_bf16.as<__nv_bfloat16>(),
-                    .post = outputs[size_t(i)].post.as<float>(), .comb = outputs[size_t(i)].comb.as<float>(),
-                    .kernel = kernel_of(i), .workspace = workspace.buffer.data(),
-                    .workspace_bytes = workspace.bytes});
+        run_hc_pre(pre_params(X.as<float>(), site, T, d, false, outputs[size_t(i)], kernel_of(i), workspace));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       for (const int first : {0, 1, 3}) {
         const std::vector<float> first_y = download(outputs[size_t(first)].y, size_t(T * d));
@@ -566,9 +565,8 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
 }
 
 // The warp-specialised persistent kernel sums the same values in the same order as the persistent kernel where that
-// one takes 64-dim slices too (64 tokens and more at these widths): every output bit for bit, hc_pre, hc_head and
-// hc_post_pre (at 1000 tokens the warp-specialised kernel fuses it, the persistent path runs hc_post then hc_pre: the
-// same arithmetic).
+// one takes 64-dim slices too (64 tokens and more at these widths): every output of hc_post_pre bit for bit (at 1000
+// tokens the warp-specialised kernel fuses it, the persistent path runs hc_post then hc_pre: the same arithmetic).
 TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1200;
@@ -577,33 +575,19 @@ TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
       SCOPED_TRACE("T=" + std::to_string(T) + " d=" + std::to_string(d));
       ASSERT_EQ(choose_hc_projection_config(T, d, list_devices().front().multiprocessors).slice_dims, 64);
       const Inputs in = random_inputs(T, d, kSiteRows, 3, seed++);
-      const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
-                         scale = to_device(in.scale, "scale");
+      const DeviceSite site(in);
       Workspace workspace = zeroed_workspace(T, d, "workspace");
       const PostInputs post_in = random_post_inputs(T, d, seed++);
-      const DeviceBuffer out_d = to_device(post_in.out, "out"), post_d = to_device(post_in.post, "post"),
-                         comb_d = to_device(post_in.comb, "comb"), residual = to_device(post_in.X, "residual");
-      std::vector<PreOutputBuffers> pre, post_pre;
-      std::vector<DeviceBuffer> head, X_out;
+      const DevicePostInputs post_d(post_in);
+      const DeviceBuffer residual = to_device(post_in.X, "residual");
+      std::vector<PreOutputBuffers> post_pre;
+      std::vector<DeviceBuffer> X_out;
       const HcKernelChoice kernels[2] = {HcKernelChoice::PERSISTENT, HcKernelChoice::PERSISTENT_WARP_SPECIALIZED};
       for (const HcKernelChoice kernel : kernels) {
-        PreOutputBuffers& out = pre.emplace_back(T, d);
-        run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
-                    .tokens = T, .hidden = d, .y = out.y.as<float>(), .y_bf16 = out.y_bf16.as<__nv_bfloat16>(),
-                    .post = out.post.as<float>(), .comb = out.comb.as<float>(), .kernel = kernel,
-                    .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
-        DeviceBuffer& h = head.emplace_back(poisoned(size_t(T * d), "h"));
-        run_hc_head({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
-                     .tokens = T, .hidden = d, .h = h.as<float>(), .kernel = kernel,
-                     .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
         PreOutputBuffers& next = post_pre.emplace_back(T, d);
         DeviceBuffer& updated = X_out.emplace_back(poisoned(post_in.X.size(), "X_out"));
-        run_hc_post_pre({.out = out_d.as<float>(), .X = residual.as<float>(), .post = post_d.as<float>(),
-                         .comb = comb_d.as<float>(), .X_out = updated.as<float>(), .next_fn = fn.as<float>(),
-                         .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T, .hidden = d,
-                         .y = next.y.as<float>(), .y_bf16 = next.y_bf16.as<__nv_bfloat16>(),
-                         .next_post = next.post.as<float>(), .next_comb = next.comb.as<float>(), .kernel = kernel,
-                         .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+        run_hc_post_pre(post_pre_params(post_d, residual.as<float>(), updated.as<float>(), site, T, d, false, next,
+                                        kernel, workspace));
       }
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const auto same = [](const DeviceBuffer& persistent, const DeviceBuffer& specialized, size_t floats,
@@ -612,12 +596,8 @@ TEST(MhcGpu, WarpSpecializedKernelRepeatsThePersistentKernelsBits) {
         EXPECT_EQ(std::memcmp(expected.data(), actual.data(), floats * sizeof(float)), 0)
             << "the warp-specialised kernel's " << what << " differs from the persistent kernel's";
       };
-      const std::vector<float> y = download(pre[0].y, size_t(T * d));
+      const std::vector<float> y = download(post_pre[0].y, size_t(T * d));
       for (const float v : y) ASSERT_FALSE(std::isnan(v)) << "the persistent kernel left y unwritten";
-      same(pre[0].y, pre[1].y, size_t(T * d), "y");
-      same(pre[0].post, pre[1].post, size_t(T * kN), "post");
-      same(pre[0].comb, pre[1].comb, size_t(T * kN * kN), "comb");
-      same(head[0], head[1], size_t(T * d), "h");
       same(X_out[0], X_out[1], post_in.X.size(), "hc_post_pre X_out");
       same(post_pre[0].y, post_pre[1].y, size_t(T * d), "hc_post_pre y");
       same(post_pre[0].post, post_pre[1].post, size_t(T * kN), "hc_post_pre post");
@@ -643,34 +623,31 @@ void check_output_norm(ProjectionOp op, int64_t T, int64_t d, bool round, bool n
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
   std::vector<float> weight(static_cast<size_t>(d));
   for (float& w : weight) w = uniform(rng);
-  const DeviceBuffer X = to_device(in.X, "X"), fn = to_device(in.fn, "fn"), base = to_device(in.base, "base"),
-                     scale = to_device(in.scale, "scale"), norm_weight = to_device(weight, "norm weight"),
-                     out = to_device(post_in.out, "out"), post = to_device(post_in.post, "post"),
-                     comb = to_device(post_in.comb, "comb"), post_X = to_device(post_in.X, "post X");
+  const DeviceBuffer X = to_device(in.X, "X"), norm_weight = to_device(weight, "norm weight"),
+                     post_X = to_device(post_in.X, "post X");
+  const DeviceSite site(in);
+  const DevicePostInputs post_d(post_in);
   Workspace workspace = zeroed_workspace(T, d, "workspace");
   DeviceBuffer X_out(post_in.X.size() * sizeof(float), "X_out");
   const auto launch = [&](const float* weight_d, PreOutputBuffers& outputs) {
-    float* y = outputs.y.as<float>();
-    auto* y_bf16 = outputs.y_bf16.as<__nv_bfloat16>();
-    if (op == ProjectionOp::HcPre)
-      run_hc_pre({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
-                  .tokens = T, .hidden = d, .round_to_bf16 = round, .y = y, .y_bf16 = y_bf16,
-                  .post = outputs.post.as<float>(), .comb = outputs.comb.as<float>(), .out_norm_weight = weight_d,
-                  .out_norm_round_to_bf16 = norm_round, .kernel = kernel, .workspace = workspace.buffer.data(),
-                  .workspace_bytes = workspace.bytes});
-    else if (op == ProjectionOp::HcHead)
-      run_hc_head({.X = X.as<float>(), .fn = fn.as<float>(), .base = base.as<float>(), .scale = scale.as<float>(),
-                   .tokens = T, .hidden = d, .round_to_bf16 = round, .h = y, .h_bf16 = y_bf16,
+    if (op == ProjectionOp::HcPre) {
+      HcPreParams params = pre_params(X.as<float>(), site, T, d, round, outputs, kernel, workspace);
+      params.out_norm_weight = weight_d;
+      params.out_norm_round_to_bf16 = norm_round;
+      run_hc_pre(params);
+    } else if (op == ProjectionOp::HcHead) {
+      run_hc_head({.X = X.as<float>(), .fn = site.fn.as<float>(), .base = site.base.as<float>(),
+                   .scale = site.scale.as<float>(), .tokens = T, .hidden = d, .round_to_bf16 = round,
+                   .h = outputs.y.as<float>(), .h_bf16 = outputs.y_bf16.as<__nv_bfloat16>(),
                    .out_norm_weight = weight_d, .out_norm_round_to_bf16 = norm_round, .kernel = kernel,
                    .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
-    else
-      run_hc_post_pre({.out = out.as<float>(), .X = post_X.as<float>(), .post = post.as<float>(),
-                       .comb = comb.as<float>(), .X_out = X_out.as<float>(), .next_fn = fn.as<float>(),
-                       .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T, .hidden = d,
-                       .round_to_bf16 = round, .y = y, .y_bf16 = y_bf16, .next_post = outputs.post.as<float>(),
-                       .next_comb = outputs.comb.as<float>(), .out_norm_weight = weight_d,
-                       .out_norm_round_to_bf16 = norm_round, .kernel = kernel,
-                       .workspace = workspace.buffer.data(), .workspace_bytes = workspace.bytes});
+    } else {
+      HcPostPreParams params = post_pre_params(post_d, post_X.as<float>(), X_out.as<float>(), site, T, d, round,
+                                               outputs, kernel, workspace);
+      params.out_norm_weight = weight_d;
+      params.out_norm_round_to_bf16 = norm_round;
+      run_hc_post_pre(params);
+    }
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   };
   PreOutputBuffers plain(T, d), normed(T, d);
@@ -706,7 +683,7 @@ TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
   for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
     for (const int64_t d : {int64_t(4096), int64_t(7168), int64_t(260)})
       for (const int64_t T : {1, 5, 16, 64})
-        for (const HcKernelChoice kernel : kernels_for(T)) {
+        for (const HcKernelChoice kernel : kernels_for(T, op == ProjectionOp::HcPostPre)) {
           const bool round = seed % 2 == 0;
           check_output_norm(op, T, d, round, !round, kernel, seed++);
           check_output_norm(op, T, d, round, round, kernel, seed++);

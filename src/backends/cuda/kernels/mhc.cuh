@@ -79,8 +79,8 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // How the persistent kernel's CTAs sit on the SMs. kShared (HcKernelChoice::PERSISTENT): one warp per 32 columns of
 // the CTA's 4·ds; 128 / ds CTAs per SM at the 128-register cap; the fused variant (64-dim slices at most) one CTA
 // per SM (two at 32-dim slices): ~150 registers, no spills, and room for its out/post/comb ring beside a 10-11 deep
-// X ring (hc_pre and hc_head: 6). kRoles (PERSISTENT_WARP_SPECIALIZED, 64-dim slices, every op, the fused one at any
-// token count): one CTA per SM of two warp groups, the projection group (the fused update, projection and
+// X ring (hc_pre and hc_head: 6). kRoles (PERSISTENT_WARP_SPECIALIZED, 64-dim slices, hc_post_pre at any token
+// count): one CTA per SM of two warp groups, the projection group (the fused update, projection and
 // publication, as kShared's warps) and the finisher group (X loads, sums over the slices, collapse), each on its own
 // barrier, so neither waits for the other's phase of a tile: the 12-deep ring is the only coupling. (A one-CTA-per-SM
 // variant of the plain loop, fn's tf32 pairs in registers and half its 12 stages loading, was slower at every size:
@@ -569,6 +569,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
+  static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
@@ -579,8 +580,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
   __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
-  // kRoles + kPost: the projection group has updated stage b's tile (the finisher collapses the updated values).
-  __shared__ uint64_t updated_stage[kRoles && kPost ? kStages : 1];
+  // kRoles: the projection group has updated stage b's tile (the finisher collapses the updated values).
+  __shared__ uint64_t updated_stage[kRoles ? kStages : 1];
   __shared__ float pre_s[kTileTokens][kStreams];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -612,7 +613,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], kThreads);
     if constexpr (kPost)
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
-    if constexpr (kRoles && kPost)
+    if constexpr (kRoles)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
     sm90::fence_mbarrier_init();
   }
@@ -785,13 +786,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int j = 0; j < count; ++j) {
         const int b = j % kStages;
         sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
-        if constexpr (kPost) {
-          sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
-          update_tile(j, b);
-          sm90::mbarrier_arrive(&updated_stage[b]);
-          sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
-          if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
-        }
+        sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
+        update_tile(j, b);
+        sm90::mbarrier_arrive(&updated_stage[b]);
+        sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
+        if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
         project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); });
       }
     } else {
@@ -821,7 +820,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
           sum_slices(i, pass, now.slices);
         }
         if (jc >= 0) {
-          if constexpr (kPost) sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
+          sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
           collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
                               [] { sm90::named_barrier_sync<kThreads>(2); });
         }

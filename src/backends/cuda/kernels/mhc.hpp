@@ -55,11 +55,11 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // PERSISTENT_WARP_SPECIALIZED, the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
 // (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
 // mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere;
-// PERSISTENT_WARP_SPECIALIZED: the persistent kernel at one CTA per SM in two warp groups, one applying hc_post_pre's
-// update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each at
-// its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
-// slices), hc_post_pre fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider
-// launches take the persistent kernel.
+// PERSISTENT_WARP_SPECIALIZED: hc_post_pre on the persistent kernel at one CTA per SM in two warp groups, one applying
+// the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
+// at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
+// slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
+// hc_pre and hc_head take the persistent kernel.
 // SINGLE_CLUSTER: the single-cluster decode kernel (below) where it applies, else as AUTO.
 enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_WARP_SPECIALIZED, SINGLE_CLUSTER };
 
