@@ -7,8 +7,9 @@
 // default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
 // session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and the single-cluster kernel (SINGLE_CLUSTER) beside the
-// default; at every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED)
-// beside the default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
+// default, each also behind a full-card kernel (the model's case: a linear layer or the experts before the site); at
+// every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the
+// default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
 // counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:

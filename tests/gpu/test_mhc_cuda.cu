@@ -525,9 +525,9 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel alternate on one workspace, each launch's tag must come from the
-// epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first (deterministic
-// sums), the first checked against the CPU.
+// kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel alternate on one workspace; each
+// launch's tag must come from the epoch its predecessor left. Every launch of a kernel gives the same bits as that
+// kernel's first (deterministic sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 900;
@@ -543,7 +543,9 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       std::vector<PreOutputBuffers> outputs;
       for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
       const auto kernel_of = [](int i) {
-        return i % 4 == 3 ? HcKernelChoice::AUTO : i % 4 == 1 ? HcKernelChoice::SINGLE_CLUSTER : HcKernelChoice::CLUSTER;
+        return i % 4 == 3   ? HcKernelChoice::AUTO
+               : i % 4 == 1 ? HcKernelChoice::SINGLE_CLUSTER
+                            : HcKernelChoice::CLUSTER;
       };
       for (int i = 0; i < kLaunches; ++i)
         run_hc_pre(pre_params(X.as<float>(), site, T, d, false, outputs[size_t(i)], kernel_of(i), workspace));

@@ -1428,10 +1428,17 @@ __host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool hea
   return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens);
 }
 
-// Sums `count` floats at `values`, `stride` apart, in order.
+// Sums `count` ≤ kMax floats at `values`, `stride` apart, in order: all loads issued before the first add (a loop over
+// a run-time count would wait a shared-memory round trip per term).
+template <int kMax>
 __device__ __forceinline__ float sum_in_order(const float* values, int count, int stride) {
-  float sum = values[0];
-  for (int i = 1; i < count; ++i) sum += values[i * stride];
+  float terms[kMax];
+#pragma unroll
+  for (int i = 0; i < kMax; ++i) terms[i] = i < count ? values[i * stride] : 0.0f;
+  float sum = terms[0];
+#pragma unroll
+  for (int i = 1; i < kMax; ++i)
+    if (i < count) sum += terms[i];
   return sum;
 }
 
@@ -1499,10 +1506,10 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     const int t = int(rank);
     wait_exchange(&barriers[1]);
     wait_exchange(&barriers[2]);
-    const float inv_rms = inverse_rms(sum_in_order(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens),
-                                      float(flat), args.norm_eps);
+    const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+    const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
     float value = 0.0f;
-    if (lane < kSingleMixItems) value = sum_in_order(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
+    if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
     if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
     const float logit = value * mix_scale + mix_base;
     float c[kStreams * kStreams];
@@ -1622,12 +1629,14 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     if (p < broadcast_pairs) {
       const int destination = p % kCtas, item = p / kCtas;  // item = row·T + t
       const int row = item / T, t = item % T;
-      const float sum = sum_in_order(warp_sums + row * kTileTokens + t, warps, kPartial * kTileTokens);
+      const float sum =
+          sum_in_order<kSingleMaxWarps>(warp_sums + row * kTileTokens + t, warps, kPartial * kTileTokens);
       send_to_cluster_cta(&collapse_in[rank][row][t], &barriers[1], unsigned(destination), sum);
     } else {
       const int item = p - broadcast_pairs;
       const int m = item / T, t = item % T;  // mix row kCollapseRows + m
-      const float sum = sum_in_order(warp_sums + (kCollapseRows + m) * kTileTokens + t, warps, kPartial * kTileTokens);
+      const float sum = sum_in_order<kSingleMaxWarps>(warp_sums + (kCollapseRows + m) * kTileTokens + t, warps,
+                                                      kPartial * kTileTokens);
       send_to_cluster_cta(&mix_in[rank][m], &barriers[2], unsigned(t), sum);
     }
   }
@@ -1635,8 +1644,8 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
   for (int i = tid; i < kStreams * T; i += projection_threads) {
     const int t = i / kStreams, k = i % kStreams;
-    const float squares = sum_in_order(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
-    const float mix = sum_in_order(&collapse_in[0][1 + k][t], kCtas, kCollapseRows * kTileTokens);
+    const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+    const float mix = sum_in_order<kCtas>(&collapse_in[0][1 + k][t], kCtas, kCollapseRows * kTileTokens);
     pre_s[t][k] = sigmoid(mix * inverse_rms(squares, float(flat), args.norm_eps) * pre_scale + pre_base) +
                   args.hc_eps;
   }
@@ -1675,12 +1684,13 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     for (int i = tid; i < kCtas * T; i += projection_threads) {
       const int destination = i % kCtas, t = i / kCtas;
       send_to_cluster_cta(&squares_in[rank][t], &barriers[3], unsigned(destination),
-                          sum_in_order(&warp_squares[0][t], warps, kTileTokens));
+                          sum_in_order<kSingleMaxWarps>(&warp_squares[0][t], warps, kTileTokens));
     }
     wait_exchange(&barriers[3]);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
     const auto normalise = [&](int t, float4 v) {
-      const float inv_rms = inverse_rms(sum_in_order(&squares_in[0][t], kCtas, kTileTokens), float(d), args.norm_eps);
+      const float squares = sum_in_order<kCtas>(&squares_in[0][t], kCtas, kTileTokens);
+      const float inv_rms = inverse_rms(squares, float(d), args.norm_eps);
       v = make_float4(v.x * inv_rms * norm_weight.x, v.y * inv_rms * norm_weight.y, v.z * inv_rms * norm_weight.z,
                       v.w * inv_rms * norm_weight.w);
       return args.norm_round_to_bf16 ? round4_to_bf16(v) : v;
