@@ -7,14 +7,16 @@
 // PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and the nominal dense bf16 peak (4096 flops per SM
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
-// bf16 (bf16q: the same MMA input, half the q bytes).
+// bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_next_pair
+// (+pf).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel at 1, 2, 4
 // and 8 splits (CTAs per query and head block, merged in a cluster) against today's decode dispatch
 // (run_sparse_attention with prefill_kernel off: the head_dim 512 wgmma kernel with its cluster-merged splits), the
-// fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the cuBLAS bf16 rate), with the
-// same output comparison (the largest over the split counts). Entries and q are hashes of their positions (finite, no NaN codes).
+// fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the cuBLAS bf16 rate), the fastest
+// split count once more with prefetch_next_pair (+pf), with the same output comparison (the largest over the runs).
+// Entries and q are hashes of their positions (finite, no NaN codes).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
 // --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
 // decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1 when outputs disagree.
@@ -133,6 +135,7 @@ struct Case {
   int old_splits;
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
+  double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_next_pair
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -190,6 +193,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q); });
+  const SparseAttentionPrefillOptions prefetch{.prefetch_next_pair = true};
+  const double bf16_q_prefetch_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 
   const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
@@ -207,6 +213,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.new_tflops = flops / (new_ms * 1e9);
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
+  r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -232,7 +239,8 @@ struct DecodeCase {
   double today_us, floor_us, today_percent_of_floor;
   double us[kDecodeSplitCounts];  // the prefill kernel at each of kDecodeSplits
   int best;                       // the index of the fastest
-  double relative_difference;     // the largest over the split counts
+  double prefetch_us;             // the fastest split count with SparseAttentionPrefillOptions::prefetch_next_pair
+  double relative_difference;     // the largest over the runs
 };
 
 // One decode step of `batch` sequences (query b = sequence b at position context − 1, its own pages): today's
@@ -311,12 +319,24 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     run_sparse_attention_prefill(prefill);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    r.relative_difference = std::max(
-        r.relative_difference, relative_difference(expected, got, heads, std::string(model) + " " + to_string(kind) +
-                                                                             " splits " + std::to_string(prefill.splits)));
+    const std::string name = std::string(model) + " " + to_string(kind) + " splits " + std::to_string(prefill.splits);
+    r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[i] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
     if (r.us[i] < r.us[r.best]) r.best = i;
   }
+  SparseAttentionParams prefill = today;
+  prefill.out = new_out.data();
+  prefill.splits = kDecodeSplits[r.best];
+  prefill.workspace = nullptr;
+  prefill.workspace_bytes = 0;
+  const SparseAttentionPrefillOptions prefetch{.prefetch_next_pair = true};
+  new_out.fill_bytes(0xFF);
+  run_sparse_attention_prefill(prefill, prefetch);
+  synchronize_or_exit("sparse_attention_prefill (decode, prefetch)");
+  new_out.download(got.data(), outputs * 4);
+  const std::string name = std::string(model) + " " + to_string(kind) + " prefetch";
+  r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
+  r.prefetch_us = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.model = model;
   r.layout = to_string(kind);
@@ -371,9 +391,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s\n", "model", "format", "H",
-                "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
-                "rel diff", "bf16q us", "TFLOP/s");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s\n", "model", "format",
+                "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
+                "rel diff", "bf16q us", "TFLOP/s", "+pf us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -385,18 +405,19 @@ int run(int argc, char** argv) {
                                 flush.data(), flush_bytes, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
-        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f%s\n",
-                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
-                    r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
-                    r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, agrees ? "" : " FAIL");
+        std::printf(
+            "%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %8.1f%s\n",
+            r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits, r.old_us,
+            r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak, r.old_us / r.new_us,
+            r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, r.bf16_q_prefetch_us, agrees ? "" : " FAIL");
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s %9s\n", "model", "kind",
-                "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s4 us", "s8 us", "best",
-                "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s | %8s | %9s\n", "model",
+                "kind", "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s4 us", "s8 us",
+                "best", "%floor", "speedup", "+pf us", "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -411,11 +432,13 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %6d %7.1f %8.2f %9.2e%s\n",
-                      r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
-                      kDecodeSplits[r.best], 100.0 * r.floor_us / best_us, r.today_us / best_us,
-                      r.relative_difference, agrees ? "" : " FAIL");
+          std::printf(
+              "%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %6d %7.1f %8.2f | %8.1f | %9.2e%s"
+              "\n",
+              r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits, r.today_us,
+              r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3], kDecodeSplits[r.best],
+              100.0 * r.floor_us / best_us, r.today_us / best_us, r.prefetch_us, r.relative_difference,
+              agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }
   if (!json_path.empty()) {
@@ -430,11 +453,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"context\": %lld, \"tokens\": %lld, "
                    "\"today_splits\": %d, \"today_us\": %.1f, \"today_tflops\": %.1f, \"us\": %.1f, \"tflops\": %.1f, "
                    "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e, "
-                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f}%s\n",
+                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f, \"bf16_q_prefetch_us\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
                    r.percent_of_cublas, r.percent_of_peak, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                   i + 1 < cases.size() ? "," : "");
+                   r.bf16_q_prefetch_us, i + 1 < cases.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"decode\": [\n");
     for (size_t i = 0; i < decode_cases.size(); ++i) {
@@ -443,11 +466,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"batch\": %d, "
                    "\"context\": %lld, \"slots\": %d, \"today_splits\": %d, \"today_us\": %.1f, "
                    "\"splits_us\": {\"1\": %.1f, \"2\": %.1f, \"4\": %.1f, \"8\": %.1f}, \"best_splits\": %d, "
-                   "\"us\": %.1f, \"floor_us\": %.2f, \"today_percent_of_floor\": %.1f, \"percent_of_floor\": %.1f, "
-                   "\"relative_difference\": %.3e}%s\n",
+                   "\"us\": %.1f, \"prefetch_us\": %.1f, \"floor_us\": %.2f, \"today_percent_of_floor\": %.1f, "
+                   "\"percent_of_floor\": %.1f, \"relative_difference\": %.3e}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.format.c_str(), r.heads, r.batch,
                    static_cast<long long>(r.context), r.slots, r.today_splits, r.today_us, r.us[0], r.us[1], r.us[2],
-                   r.us[3], kDecodeSplits[r.best], r.us[r.best], r.floor_us, r.today_percent_of_floor,
+                   r.us[3], kDecodeSplits[r.best], r.us[r.best], r.prefetch_us, r.floor_us, r.today_percent_of_floor,
                    100.0 * r.floor_us / r.us[r.best], r.relative_difference, i + 1 < decode_cases.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

@@ -44,22 +44,23 @@ struct AttentionCase {
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
 };
 
-void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const std::vector<float>& expected,
-                      const std::vector<double>& magnitude);
+void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
+                      const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-void check_attention(const AttentionCase& c, uint32_t seed, int splits = 1) {
+void check_attention(const AttentionCase& c, uint32_t seed, int splits = 1,
+                     const SparseAttentionPrefillOptions& options = {}) {
   SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) + " splits " +
-               std::to_string(splits));
+               std::to_string(splits) + (options.prefetch_next_pair ? " prefetch_next_pair" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
   data.call.splits = splits;
-  compare_with_cpu(c, data.call, data.expected, data.magnitude);
+  compare_with_cpu(c, data.call, options, data.expected, data.magnitude);
 }
 
 // One run of `call` (its output filled in here, poisoned first) against the CPU's `expected`, within the tolerance
 // that `magnitude` scales.
-void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const std::vector<float>& expected,
-                      const std::vector<double>& magnitude) {
+void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
+                      const std::vector<float>& expected, const std::vector<double>& magnitude) {
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
@@ -67,7 +68,7 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   DeviceBuffer d_out(out_elements * element_bytes + kGuardBytes, "out");
   d_out.fill_bytes(0xFF);
   call.out = d_out.data();
-  run_sparse_attention_prefill(call);
+  run_sparse_attention_prefill(call, options);
   synchronize_or_exit(c.name);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
@@ -134,10 +135,11 @@ TEST(SparseAttentionPrefill, SplitDecodeMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 400;
   for (const KvEntryFormat format : kFormats) {
-    // CSA: 128 + 512 slots = 5 pairs over 2 / 4 / 8 splits (3 + 2; 1 + 1 + 1 + 2; five of eight non-empty).
-    for (const int splits : {2, 4, 8})
-      check_attention({"flash csa decode", format, 512, 64, 64, 128, 128, 512, {3000, 700, 129, 5000}, 1}, seed++,
-                      splits);
+    // CSA: 128 + 512 slots = 5 pairs over 2 / 4 / 8 splits (3 + 2; 1 + 1 + 1 + 2; five of eight non-empty); the
+    // producer's L2 prefetch of the next pair, unsplit and split.
+    const AttentionCase csa{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {3000, 700, 129, 5000}, 1};
+    for (const int splits : {2, 4, 8}) check_attention(csa, seed++, splits);
+    for (const int splits : {1, 2}) check_attention(csa, seed++, splits, {.prefetch_next_pair = true});
     // SWA: 128 window slots = one pair: a split of 2 leaves one CTA empty; a query without entries.
     check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
                      AttentionDtype::Bf16, true},
@@ -172,15 +174,12 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p = good;
   p.splits = 3;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "splits 3");
-  p = good;
-  p.compressed_slots = 4;
-  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "without compressed_index");
+  // The device arrays' checks are check_sparse_attention_inputs, shared with run_sparse_attention and tested in
+  // test_sparse_attention: one case shows this launcher runs them, under its own name.
   p = good;
   p.q = static_cast<const uint8_t*>(p.q) + 4;
-  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "16-byte aligned");
-  p = good;
-  p.rope_frequencies = buffer.as<float>();
-  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "positions");
+  testing::expect_error([&] { run_sparse_attention_prefill(p); },
+                        "sparse_attention_prefill: q must be 16-byte aligned");
   p = good;
   p.layer = 1;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "layer 1");

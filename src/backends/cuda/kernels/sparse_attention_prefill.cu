@@ -23,14 +23,14 @@ int multiprocessors() {
 }
 
 template <bool kFp8>
-void launch(const SparseAttentionParams& p, int head_blocks) {
+void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
   launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kThreads)), kAllocationBytes,
                  p.stream, dim3(unsigned(p.splits), 1, 1), "sparse_attention_prefill", p, head_blocks,
-                 multiprocessors());
+                 multiprocessors(), options.prefetch_next_pair);
 }
 
 }  // namespace
@@ -66,14 +66,14 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
   check_sparse_attention_inputs(p, "sparse_attention_prefill");
 }
 
-void run_sparse_attention_prefill(const SparseAttentionParams& p) {
+void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAttentionPrefillOptions& options) {
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch<true>(p, head_blocks);
+    launch<true>(p, head_blocks, options);
   else
-    launch<false>(p, head_blocks);
+    launch<false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

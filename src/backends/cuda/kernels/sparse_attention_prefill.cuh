@@ -182,7 +182,8 @@ __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, PairRange range,
-                                        const Barriers& barriers, int64_t ahead_t, int ahead_head_base) {
+                                        bool prefetch_next, const Barriers& barriers, int64_t ahead_t,
+                                        int ahead_head_base) {
   const int pairs = range.count;
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
@@ -193,23 +194,41 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
   const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
-  // Slot → logical row → page → physical entry for both blocks of the range's `pair`: all rows first, then all
-  // pages, so that the two dependent loads stall once.
+  // Slot → logical row → page → physical entry of a slot of `pair` (block b, entry row0 + 16k) of the range.
+  const auto slot_of = [&](int pair, int b, int k) {
+    return int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
+  };
+  // The physical entries of both blocks of `pair`: all rows first, then all pages, so that the two dependent loads
+  // stall once.
   const auto resolve = [&](int pair) {
     int32_t rows[2][4];
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
-        rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
-      }
+      for (int k = 0; k < 4; ++k) rows[b][k] = slot_of(pair, b, k) < slots ? slot_row(p, t, slot_of(pair, b, k)) : -1;
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        physical_entries[(b * 4 + k) * kWarpgroup] = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
+  };
+  // prefetch_next: the entries of `pair` asked of L2 (this thread's line of each: chunk c takes line c of a bf16
+  // entry, lines c < 5 and the last byte's of an fp8 one) about a pair before their copies are issued, so that those
+  // wait for L2 rather than DRAM (decode batches read every entry once, cold).
+  const auto prefetch_pair = [&](int pair) {
+    if (kFp8 && chunk >= 6) return;
+    const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
+    int32_t rows[2][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) rows[b][k] = slot_of(pair, b, k) < slots ? slot_row(p, t, slot_of(pair, b, k)) : -1;
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
-        physical_entries[(b * 4 + k) * kWarpgroup] = slot_entry(p, t, sequence_slot, s, rows[b][k]);
+        const int32_t entry = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
+        if (entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
   // Issues the cp.async copies of `half` of `buffer` (its four tiles of this thread's four entries) for the current
@@ -289,6 +308,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
        s += int64_t(kWarpgroup) * 32)
     ptx::prefetch_l2(&slot_row_ref(p, t, s));
   if (pairs > 0) resolve(0);
+  if (prefetch_next && pairs > 1) prefetch_pair(1);
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
   if (ahead_t >= 0) {
@@ -321,6 +341,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       publish_half(0, 1);
       refill(1, 0, parity);
       publish_half(1, 0);
+      if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
       if (i + 1 < pairs) resolve(i + 1);
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
@@ -347,6 +368,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       refill(1, 0, parity);
       ptx::cp_async_commit();
       expand_and_publish(0, 1);
+      if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
       if (i + 1 < pairs) resolve(i + 1);
     }
     if (pairs > 0) {
@@ -769,7 +791,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas) {
+                                    const int resident_ctas, const bool prefetch_next) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -793,8 +815,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = (int64_t(blockIdx.x) + resident_ctas) / p.splits;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8>(p, smem, t, split_pair_range(p, t, split), barriers, ahead_exists ? ahead / head_blocks : -1,
-                  int(ahead % head_blocks) * kHeads);
+    produce<kFp8>(p, smem, t, split_pair_range(p, t, split), prefetch_next, barriers,
+                  ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads);
     if (p.splits > 1) {  // the producer warps take part in the consumers' two cluster barriers
       cluster_sync();
       cluster_sync_relaxed();

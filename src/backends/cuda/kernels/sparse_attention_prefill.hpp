@@ -29,6 +29,14 @@ bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shi
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention_prefill supports the call.
 void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 
-void run_sparse_attention_prefill(const SparseAttentionParams& params);
+// Variants of the kernel that a benchmark compares on the same call (defaults: the variant in use).
+struct SparseAttentionPrefillOptions {
+  // The producer asks L2 for the next pair's entries while it resolves the current pair's (same round trips), so that
+  // their copies wait for L2 rather than DRAM: for decode batches, whose entries are all read once, cold.
+  bool prefetch_next_pair = false;
+};
+
+void run_sparse_attention_prefill(const SparseAttentionParams& params,
+                                  const SparseAttentionPrefillOptions& options = {});
 
 }  // namespace dsv4::cuda
