@@ -312,6 +312,26 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
+  check(p.q_row_stride == 0 || (p.insert_kv != nullptr && p.q_row_stride >= int64_t(p.heads) * d &&
+                                 p.q_row_stride % 4 == 0),
+        "sparse_attention: q_row_stride ", p.q_row_stride, " needs insert_kv, a multiple of 4 and at least heads × ",
+        "head_dim");
+  if (p.insert_kv != nullptr) {
+    check(p.head_split && p.head_split_spread && head_split_splits(p) > 0,
+          "sparse_attention: the decode prologue (insert_kv) runs on the head-split path with head_split_spread only "
+          "(head_dim 512, more than 32 heads, one wave of CTAs; tokens ", p.tokens, ")");
+    check(p.tokens <= kSparseAttentionInsertMaxTokens, "sparse_attention: the decode prologue serves at most ",
+          kSparseAttentionInsertMaxTokens, " queries, got ", p.tokens);
+    check(p.q_dtype == AttentionDtype::F32, "sparse_attention: the decode prologue normalises raw fp32 q");
+    check(p.insert_kv_norm != nullptr && p.insert_rows != nullptr && p.positions != nullptr,
+          "sparse_attention: the decode prologue needs insert_kv_norm, insert_rows and positions");
+    check(p.insert_rope_table == nullptr || layout.rope_dim > 0,
+          "sparse_attention: insert_rope_table given but the cache's rope_dim is 0");
+    check(reinterpret_cast<uintptr_t>(p.insert_kv) % 8 == 0 &&
+              (p.insert_kv_row_stride == 0 || (p.insert_kv_row_stride >= d && p.insert_kv_row_stride % 2 == 0)),
+          "sparse_attention: insert_kv must be 8-byte aligned with an even row stride of at least head_dim (got ",
+          p.insert_kv_row_stride, ")");
+  }
   const size_t needed = merges_in_cluster(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p)
                             ? 0
                             : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backends/cuda/kernels/kv_insert.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kernels/sparse_attention_math.cuh"
@@ -1330,7 +1331,12 @@ struct HeadSplitLayout {
   static constexpr int kSinks = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // fp32 [16], log2
   static constexpr int kRope = kSinks + kHeadSplitHeads * 4;                   // RopeFactors [256]
   static constexpr int kPhys = kRope + kD512HeadDim / 2 * 8;                   // int32 [128]: −1 = unused
-  static constexpr int kBarriers = kPhys + kHeadSplitMaxEntries * 4;           // uint64 [8]: a warp's entries landed
+  // The decode prologue (SparseAttentionParams::insert_kv): per query of the launch, the entry of this CTA's slots
+  // that names its new row (−1 = none); the norms' partial sums (kv per token, q per warp and head pass).
+  static constexpr int kInsertSlot = kPhys + kHeadSplitMaxEntries * 4;         // int32 [8]
+  static constexpr int kInsertSums = kInsertSlot + kSparseAttentionInsertMaxTokens * 4;  // fp32 [8 tokens][8 warps]
+  static constexpr int kQSums = kInsertSums + kSparseAttentionInsertMaxTokens * kHeadSplitWarps * 4;  // fp32 [8][4]
+  static constexpr int kBarriers = kQSums + kHeadSplitWarps * 4 * 4;           // uint64 [8]: a warp's entries landed
   static constexpr int kBytes = kBarriers + kHeadSplitWarps * 8;
   static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kPhys % 16 == 0 &&
                     kRope % 8 == 0 && kBarriers % 8 == 0,
@@ -1609,6 +1615,50 @@ __device__ __forceinline__ void head_split_scores(uint8_t* smem, int entries, in
   }
 }
 
+// The decode prologue's new entries (SparseAttentionParams::insert_kv; all 256 threads, thread i the pair of dims 2i,
+// 2i + 1 as in kv_insert): for each query u of the launch whose new row one of this CTA's slots names (insert_slot[u]),
+// or whose row this CTA stores (u == t with store_entry), kv_insert's norm, rotation and store rounding of its vector
+// x[u], into the slot's shared-memory row (fp8: at the offset a copied span would put it) and to the cache.
+template <bool kFp8>
+__device__ __forceinline__ void head_split_insert_entries(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                          uint8_t* store_entry, const float2 (&x)[kSparseAttentionInsertMaxTokens],
+                                                          const int64_t (&positions)[kSparseAttentionInsertMaxTokens],
+                                                          float2 norm_weight) {
+  using L = HeadSplitLayout;
+  const KvEntryLayout& layout = p.cache.layout;
+  const int32_t* insert_slot = reinterpret_cast<const int32_t*>(smem + L::kInsertSlot);
+  const int32_t* slot_phys = reinterpret_cast<const int32_t*>(smem + L::kPhys);
+  float* sums = reinterpret_cast<float*>(smem + L::kInsertSums);
+  const int pair = threadIdx.x, dim = 2 * pair;
+  const bool rotates = p.insert_rope_table != nullptr && pair >= layout.nope_dim / 2;
+#pragma unroll
+  for (int u = 0; u < kSparseAttentionInsertMaxTokens; ++u) {
+    if (u >= p.tokens) break;
+    const int target = insert_slot[u];
+    const bool store = u == t && store_entry != nullptr;
+    if (target < 0 && !store) continue;  // uniform over the CTA: its block sum's barrier is reached by all or none
+    float x0 = x[u].x, x1 = x[u].y;
+    const float mean_square =
+        kv_insert_block_sum(x0 * x0 + x1 * x1, sums + u * kHeadSplitWarps) / float(layout.head_dim);
+    const float inv_rms = 1.0f / sqrtf(mean_square + p.insert_eps);
+    x0 = x0 * inv_rms * norm_weight.x;
+    x1 = x1 * inv_rms * norm_weight.y;
+    if (rotates)
+      rope_rotate_pair(x0, x1,
+                       rope_table_factors(p.insert_rope_table, layout.rope_dim / 2, positions[u],
+                                          pair - layout.nope_dim / 2),
+                       false);
+    if (target >= 0)
+      kv_store_pair(layout,
+                    smem + L::kKv + target * kHeadSplitRowBytes + (kFp8 ? (slot_phys[target] & 1) * 8 : 0), dim,
+                    true, x0, x1);
+    if (store) {
+      kv_store_pair(layout, store_entry, dim, true, x0, x1);
+      kv_store_pad(layout, store_entry, pair);
+    }
+  }
+}
+
 template <bool kFp8, bool kSpread>
 __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     sparse_attention_head_split_kernel(const __grid_constant__ SparseAttentionParams p, const int head_groups) {
@@ -1629,9 +1679,19 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     sm90::fence_mbarrier_init();
   }
   __syncwarp();
+  // The decode prologue (the launcher allows it with kSpread only).
+  const bool insert = kSpread && p.insert_kv != nullptr;
+  int32_t* insert_slot = reinterpret_cast<int32_t*>(smem + L::kInsertSlot);
+  if (insert) {
+    if (tid < kSparseAttentionInsertMaxTokens) insert_slot[tid] = -1;
+    __syncthreads();  // before any slot claims a query's new row
+  }
 
   // Weights and parameters before griddepcontrol.wait (nothing an earlier kernel writes), and L2 requests for the
   // first inputs: Q rows, the split's index lines (bounded without the counts), the query's slot and position.
+  const float2 kv_norm_weight = insert ? make_float2(__ldg(p.insert_kv_norm + 2 * tid), __ldg(p.insert_kv_norm + 2 * tid + 1))
+                                       : make_float2(1.0f, 1.0f);
+  const int64_t q_token_stride = p.q_row_stride > 0 ? p.q_row_stride : int64_t(p.heads) * kD512HeadDim;
   const bool rope = p.rope_frequencies != nullptr;
   const int rope_pairs = rope ? layout.rope_dim / 2 : 0;
   const float frequency = tid < rope_pairs ? p.rope_frequencies[tid] : 0.0f;
@@ -1643,7 +1703,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   {
     constexpr int kLineBytes = 128;
     const uint8_t* q_rows =
-        static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * q_element_bytes;
+        static_cast<const uint8_t*>(p.q) + (t * q_token_stride + head_base * kD512HeadDim) * q_element_bytes;
     const int64_t q_bytes = int64_t(live_heads) * kD512HeadDim * q_element_bytes;
     for (int64_t offset = int64_t(tid) * kLineBytes; offset < q_bytes; offset += kLineBytes * kHeadSplitThreads)
       ptx::prefetch_l2(q_rows + offset);
@@ -1670,6 +1730,39 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const int64_t slot = range.begin + entry;
   const bool in_range = lane < kHeadSplitWarpEntries && entry < entries;
   const int32_t row = in_range ? slot_row(p, t, slot) : -1;
+  const int64_t position = rope || insert ? p.positions[t] : 0;
+
+  // The decode prologue's inputs: every query's new vector (this thread's pair) and position, this CTA's own query's
+  // destination when it is the one that stores it (head group 0, split 0), the query rotation's factors, and the
+  // query of this launch in the same sequence whose new row a window slot names (its entry is evaluated here).
+  float2 new_kv[kSparseAttentionInsertMaxTokens] = {};
+  int64_t new_positions[kSparseAttentionInsertMaxTokens] = {};
+  uint8_t* store_entry = nullptr;
+  float2 q_rope[4] = {};
+  int source = -1;
+  if (insert) {
+    const int64_t kv_stride = p.insert_kv_row_stride > 0 ? p.insert_kv_row_stride : kD512HeadDim;
+#pragma unroll
+    for (int u = 0; u < kSparseAttentionInsertMaxTokens; ++u)
+      if (u < p.tokens) {
+        new_kv[u] = *reinterpret_cast<const float2*>(p.insert_kv + u * kv_stride + 2 * tid);
+        new_positions[u] = p.positions[u];
+      }
+    if (work.head_block == 0 && split == 0) {
+      const int32_t own_row = p.insert_rows[t];
+      if (own_row >= 0)
+        store_entry = cache.entry_address(
+            cache.physical_entry(cache.pages_of(sequence_slot, p.layer, KvArray::Window), own_row));
+    }
+    const int q_chunk = tid % (kD512HeadDim / 8);
+    if (p.insert_rope_table != nullptr && 8 * q_chunk >= layout.nope_dim)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        q_rope[j] = __ldg(p.insert_rope_table + position * (layout.rope_dim / 2) + (8 * q_chunk - layout.nope_dim) / 2 + j);
+    if (in_range && slot < p.window_slots && row >= 0)
+      for (int u = 0; u < int(p.tokens); ++u)
+        if (p.insert_rows[u] == row && p.sequence_slots[u] == sequence_slot) source = u;
+  }
 
   // Q: thread tid holds 16-byte chunk tid % 64 of heads tid / 64 + 4i (bf16; two float4 of fp32 q).
   constexpr int kQChunks = kHeadSplitHeads * kD512HeadDim / 8 / kHeadSplitThreads;  // 4
@@ -1680,7 +1773,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
 #pragma unroll
   for (int i = 0; i < kQChunks; ++i) {
     const int h = q_head + kHeadsPerPass * i;
-    const int64_t element = (t * p.heads + head_base + h) * kD512HeadDim + 8 * q_chunk;
+    const int64_t element = t * q_token_stride + (head_base + h) * kD512HeadDim + 8 * q_chunk;
     const bool live = h < live_heads;
     q_packed[i] = make_uint4(0, 0, 0, 0);
     q_lo[i] = q_hi[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -1692,23 +1785,59 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     }
   }
 
+  if (insert) {
+    // The queries' per-head RMSNorm: this thread's squares, summed over its warp (half a head's dims).
+    float* q_sums = reinterpret_cast<float*>(smem + L::kQSums);
+#pragma unroll
+    for (int i = 0; i < kQChunks; ++i) {
+      const float v[8] = {q_lo[i].x, q_lo[i].y, q_lo[i].z, q_lo[i].w, q_hi[i].x, q_hi[i].y, q_hi[i].z, q_hi[i].w};
+      float sum = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum = fmaf(v[e], v[e], sum);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+      if (lane == 0) q_sums[warp * kQChunks + i] = sum;
+    }
+  }
+
   const int32_t phys = slot_physical(cache, slot_page(p, sequence_slot, slot, row), row);
   if (lane < kHeadSplitWarpEntries) slot_phys[entry] = phys;
+  if (source >= 0) insert_slot[source] = entry;
   {
     constexpr uint32_t kCopyBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
-    const unsigned copies = __ballot_sync(0xFFFFFFFFu, phys >= 0);
+    // A slot whose entry the prologue evaluates is not copied.
+    const bool copy = phys >= 0 && source < 0;
+    const unsigned copies = __ballot_sync(0xFFFFFFFFu, copy);
     if (lane == 0) sm90::mbarrier_arrive_expect_tx(entries_landed, uint32_t(__popc(copies)) * kCopyBytes);
-    if (phys >= 0) {
+    if (copy) {
       const uint8_t* src = cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
       ptx::cp_async_bulk_global_to_shared(shared_address(smem + L::kKv + entry * kHeadSplitRowBytes), src, kCopyBytes,
                                           shared_address(entries_landed));
     }
   }
 
-  const int64_t position = rope ? p.positions[t] : 0;
+  if (insert) {
+    // Each head's two warp sums in warp order, then kv_insert's fused q norm: scale, rotate, round.
+    __syncthreads();
+    const float* q_sums = reinterpret_cast<const float*>(smem + L::kQSums);
+    const int first_warp = warp & ~1;
+#pragma unroll
+    for (int i = 0; i < kQChunks; ++i) {
+      const float sum = q_sums[first_warp * kQChunks + i] + q_sums[(first_warp + 1) * kQChunks + i];
+      const float inv_rms = 1.0f / sqrtf(sum / float(kD512HeadDim) + p.insert_eps);
+      float v[8] = {q_lo[i].x, q_lo[i].y, q_lo[i].z, q_lo[i].w, q_hi[i].x, q_hi[i].y, q_hi[i].z, q_hi[i].w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] *= inv_rms;
+      if (p.insert_rope_table != nullptr && 8 * q_chunk >= layout.nope_dim)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], RopeFactors{q_rope[j].x, q_rope[j].y}, false);
+      q_packed[i] = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
+                               pack_bf16x2(v[6], v[7]));
+    }
+  }
 #pragma unroll
   for (int i = 0; i < kQChunks; ++i) {
-    const uint4 packed = p.q_dtype == AttentionDtype::Bf16
+    const uint4 packed = p.q_dtype == AttentionDtype::Bf16 || insert
                              ? q_packed[i]
                              : make_uint4(pack_bf16x2(q_lo[i].x, q_lo[i].y), pack_bf16x2(q_lo[i].z, q_lo[i].w),
                                           pack_bf16x2(q_hi[i].x, q_hi[i].y), pack_bf16x2(q_hi[i].z, q_hi[i].w));
@@ -1716,7 +1845,8 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
         packed;
   }
   if (tid < rope_pairs) rope_table[tid] = rope_factors(position, frequency);
-  __syncthreads();  // Q, the physical entries, the sinks and the inverse-RoPE factors
+  if (insert) head_split_insert_entries<kFp8>(p, smem, t, store_entry, new_kv, new_positions, kv_norm_weight);
+  __syncthreads();  // Q, the physical entries, the sinks, the inverse-RoPE factors and the prologue's entries
 
   // 2. The scores. Spread fp8 entries are expanded first, each warp its own run of the padded entries (pairs, within
   // at most two warps' copy barriers), then shared by all warps' QKᵀ.
