@@ -21,7 +21,8 @@
 // (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes). Where the head-split path
 // (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
 // bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA; a third line the
-// same with head_split_spread (all 8 warps of a CTA on its QKᵀ).
+// same with head_split_spread (all 8 warps of a CTA on its QKᵀ); at batch ≤ 8 a fourth line times kv_insert (with its
+// fused per-head q norm) + that attention against the attention doing both in its decode prologue (insert_kv).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
@@ -47,6 +48,8 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
+#include "backends/cuda/kernels/kv_insert.hpp"
+#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/stream_timing.hpp"
@@ -283,6 +286,9 @@ struct Result {
   // The same with head_split_spread (every warp of a CTA on its QKᵀ).
   double spread_us = 0, spread_cpu_error = 0;
   double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  // Batch ≤ kSparseAttentionInsertMaxTokens: kv_insert (with its fused per-head q norm) + the spread attention, and
+  // the spread attention doing both in its decode prologue (insert_kv); 0 = not measured.
+  double two_launch_us = 0, prologue_us = 0;
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -401,6 +407,42 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   double head_split_ms = 0, head_split_cpu_error = 0, spread_ms = 0, spread_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
   double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  double two_launch_ms = 0, prologue_ms = 0;
+  if (head_split_splits > 0 && batch <= kSparseAttentionInsertMaxTokens) {
+    // Raw q (the fp32 q above, normalised per head in both forms), random new KV vectors into each query's ring row.
+    constexpr int kPairs = kRopeDim / 2;
+    const std::vector<float> new_kv = normal_floats(size_t(batch) * kHeadDim, 1.0f, rng),
+                             kv_norm = normal_floats(size_t(kHeadDim), 0.1f, rng);
+    const std::vector<int32_t> rows(static_cast<size_t>(batch), int32_t((context - 1) % kWindow));
+    DeviceBuffer d_new_kv = to_device(new_kv, "new kv"), d_norm = to_device(kv_norm, "kv_norm"),
+                 d_rows = to_device(rows, "insert rows"), table(rope_table_bytes(kPairs, context), "rope table"),
+                 q_normed(size_t(batch) * heads * kHeadDim * 2, "normed q");
+    run_rope_table({.table = table.as<float2>(), .frequencies = d_freq.as<float>(), .pairs = kPairs,
+                    .positions = context});
+    KvInsertParams insert;
+    insert.cache = view, insert.array = KvArray::Window, insert.layer = 0, insert.rows = batch;
+    insert.x = d_new_kv.as<float>(), insert.norm_weight = d_norm.as<float>(), insert.rope_table = table.as<float2>();
+    insert.sequence_slots = d_slots.as<int32_t>(), insert.positions = d_pos.as<int64_t>();
+    insert.dest_rows = d_rows.as<int32_t>();
+    RmsNormParams& q_norm = insert.fused_norm;
+    q_norm.x = d_q.as<float>(), q_norm.rows = int64_t(batch) * heads, q_norm.width = kHeadDim;
+    q_norm.y_bf16 = reinterpret_cast<__nv_bfloat16*>(q_normed.data()), q_norm.rope_table = table.as<float2>();
+    q_norm.positions = d_pos.as<int64_t>(), q_norm.rope_dim = kRopeDim, q_norm.rows_per_position = heads;
+    q_norm.cta_rows = true;
+    SparseAttentionParams attention = head_split;
+    attention.head_split_spread = true;
+    attention.q = q_normed.data();
+    SparseAttentionParams fused = attention;
+    fused.q = d_q.data(), fused.q_dtype = AttentionDtype::F32;
+    fused.insert_kv = d_new_kv.as<float>(), fused.insert_kv_norm = d_norm.as<float>();
+    fused.insert_rows = d_rows.as<int32_t>(), fused.insert_rope_table = table.as<float2>();
+    two_launch_ms = median_ms(20, flush, flush_bytes, [&] {
+      run_kv_insert(insert);
+      run_sparse_attention(attention);
+    });
+    prologue_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(fused); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   if (head_split_splits > 0) {
     for (const bool spread : {false, true}) {
       SparseAttentionParams call = head_split;
@@ -523,6 +565,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.head_split_cpu_error = head_split_cpu_error;
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
   r.spread_us = spread_ms * 1e3;
+  r.two_launch_us = two_launch_ms * 1e3;
+  r.prologue_us = prologue_ms * 1e3;
   r.spread_cpu_error = spread_cpu_error;
   std::copy(std::begin(spread_tiles_us), std::end(spread_tiles_us), std::begin(r.spread_tiles_us));
   return r;
@@ -693,6 +737,10 @@ int run(int argc, char** argv) {
                         "%.1f %.1f us\n",
                         r.head_split_splits, r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
                         r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4]);
+            if (r.prologue_us > 0)
+              std::printf("       decode prologue: kv_insert + spread attention %.1f us, attention with the prologue "
+                          "%.1f us\n",
+                          r.two_launch_us, r.prologue_us);
           }
           std::fflush(stdout);
           results.push_back(r);
@@ -735,7 +783,8 @@ int run(int argc, char** argv) {
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
                    "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"spread_us\": %.2f, "
-                   "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
+                   "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f], "
+                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -744,7 +793,8 @@ int run(int argc, char** argv) {
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                    r.head_split_tiles_us[4], r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
-                   r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], i + 1 < results.size() ? "," : "");
+                   r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], r.two_launch_us, r.prologue_us,
+                   i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
