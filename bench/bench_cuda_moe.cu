@@ -12,7 +12,8 @@
 // of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
-// start (MoeRunParams::down_head_start): "no-down-head-start".
+// start (MoeRunParams::down_head_start): "no-down-head-start", and the single-token column stages other than the
+// default (MoeRunParams::single_token_columns; T = 1 only): "columns" (or "no-columns").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -176,6 +177,7 @@ enum class Path {
   UNSPLIT_SHARED,
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
+  OTHER_COLUMNS,
   REGISTER
 };
 struct PathSpec {
@@ -184,8 +186,10 @@ struct PathSpec {
   bool tile_decode = false, fused_router = false;
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
+  bool other_columns = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || split != MoeRunParams{}.shared_expert_split;
+    return tile_decode || fused_router || no_down_head_start || other_columns ||
+           split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -197,6 +201,8 @@ constexpr PathSpec kPaths[] = {
     {Path::UNSPLIT_SHARED, "unsplit-shared", false, false, MoeSharedExpertSplit::NEVER},
     {Path::SPLIT_SHARED_TO_8, "split-shared-to-8", false, false, MoeSharedExpertSplit::ALWAYS},
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
+    {Path::OTHER_COLUMNS, MoeRunParams{}.single_token_columns ? "no-columns" : "columns", false, false,
+     MoeRunParams{}.shared_expert_split, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -214,6 +220,7 @@ MoeRunParams path_params(Path path) {
   if (spec.fused_router) p.decode_router = false;
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
+  if (spec.other_columns) p.single_token_columns = !p.single_token_columns;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -293,7 +300,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024) ||
-          (spec.option() && T > kOptionsMaxTokens))
+          (spec.option() && T > kOptionsMaxTokens) || (spec.other_columns && T > 1))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -428,7 +435,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,register]\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,columns|no-columns,register]\n");
       return 2;
     }
   }

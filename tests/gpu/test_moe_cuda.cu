@@ -8,7 +8,9 @@
 // streamed kernels with the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split, within one wave by default: the shared expert's sums in another order, so checked against the
 // CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
-// (MoeRunParams::down_head_start: the same bits, alone and with the split); a V4-Pro-width layer
+// (MoeRunParams::down_head_start: the same bits, alone and with the split); at T = 1 the single-token column stages
+// other than the default (MoeRunParams::single_token_columns: fp4 block sums in another order, checked against the
+// CPU and run to run; the same bits as without them at T > 1); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -274,6 +276,7 @@ struct Kernels {
   bool lean = MoeRunParams{}.lean_expert_decode;
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
+  bool columns = MoeRunParams{}.single_token_columns;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -283,13 +286,13 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", single-token column stages" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start;
+    p.down_head_start = down_head_start, p.single_token_columns = columns;
     return p;
   }
 };
@@ -315,6 +318,19 @@ constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED,
 constexpr Kernels kStreamedSplitAllOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                   .split = MoeSharedExpertSplit::ALWAYS,
                                                   .down_head_start = !MoeRunParams{}.down_head_start};
+// The streamed kernels with the single-token column stages other than the default (MoeRunParams::
+// single_token_columns: at T = 1 fp4 block sums in another order, checked against the CPU and run to run; no effect
+// at other T: the same bits), also with the shared expert never split and split, and unfused.
+constexpr Kernels kStreamedOtherColumns{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                        .columns = !MoeRunParams{}.single_token_columns};
+constexpr Kernels kStreamedOtherColumnsUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                               .split = MoeSharedExpertSplit::NEVER,
+                                               .columns = !MoeRunParams{}.single_token_columns};
+constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                                .split = MoeSharedExpertSplit::ALWAYS,
+                                                .columns = !MoeRunParams{}.single_token_columns};
+constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
+                                               .columns = !MoeRunParams{}.single_token_columns};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -587,6 +603,12 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherHeadStart, kStreamedKernels);
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedSplitAllOtherHeadStart, kStreamedSplitAll);
     }
+    for (const Kernels kernels : {kStreamedOtherColumns, kStreamedOtherColumnsUnsplit, kStreamedOtherColumnsSplitAll,
+                                  kStreamedOtherColumnsUnfused})
+      check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kernels);
+    expect_repeatable(device_weights, kFlashLike, 1, seed++, kStreamedOtherColumns);
+    for (const int T : {2, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
+                                                    kStreamedKernels);
   }
 }
 
@@ -714,6 +736,8 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   expect_repeatable(device_weights, kProLike, 8, seed++, kStreamedSplitAll);
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
+  check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherColumns);
+  expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).

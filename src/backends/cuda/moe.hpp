@@ -91,6 +91,10 @@ struct MoeRunParams {
   // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits. Same run: T = 1
   // 59.4 -> 56.9 us, T = 8 221.9 -> 219.1.
   bool down_head_start = true;
+  // MoeExpertGemmParams::single_token_columns for the streamed kernels at T = 1 (not in the single launch): fp4
+  // stages sum each scale block in its own MMA output column and scale the fp32 column sums; the block sums in
+  // another order (as exact).
+  bool single_token_columns = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

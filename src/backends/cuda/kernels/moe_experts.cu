@@ -28,14 +28,17 @@ int max_dynamic_smem() {
 }
 
 // The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
-template <moe::ExpertGemm G, bool kLean, bool kSplit>
+template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false>
 auto* one_tile_kernel(bool head_start) {
   if constexpr (G == moe::ExpertGemm::DOWN)
-    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true>;
-  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false>;
+    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
+  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
 }
+// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
 template <moe::ExpertGemm G>
-auto* one_tile_kernel(bool lean, bool split, bool head_start) {
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
+  if (columns)
+    return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
   return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
               : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
@@ -45,7 +48,15 @@ auto* one_tile_kernel(bool lean, bool split, bool head_start) {
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
+  const bool columns = p.single_token_columns && p.tokens == 1;
   args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
+  if (columns) {
+    // The column stages take the whole K in one chunk, then their zero block.
+    const int column_bytes = (moe::columns::x_bytes(args.k_total) + 15) / 16 * 16;
+    check(column_bytes <= int(moe::kStreamedXBytes), "moe ", name, ": K = ", args.k_total, " exceeds the ",
+          "single-token column stages' x region (", moe::kStreamedXBytes, " bytes)");
+    args.streamed_x_bytes = std::max(args.streamed_x_bytes, column_bytes);
+  }
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
@@ -55,7 +66,7 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -200,6 +211,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         ")");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
+  check(!p.single_token_columns || p.streamed, "moe expert GEMM: the single-token column stages are a ",
+        "streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

@@ -27,6 +27,8 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -506,6 +508,18 @@ __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, u
   }
 }
 
+// decode_row without the factors: the pairs' bits only (value × 2^-126), for stages that scale after the MMA.
+__device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pairs)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
+    pairs[4 * i + 0] = e2m1_pair_bits<0>(word, word_high);
+    pairs[4 * i + 1] = e2m1_pair_bits<1>(word, word_high);
+    pairs[4 * i + 2] = e2m1_pair_bits<2>(word, word_high);
+    pairs[4 * i + 3] = e2m1_pair_bits<3>(word, word_high);
+  }
+}
+
 // sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
 // step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
 // the stage's first input (a real token's row, see above).
@@ -553,14 +567,161 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 
 }  // namespace lean
 
-// One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage. kParts = 2: the
-// warp's slice of CTA part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1>
+// ---------------------------------------------------------------------------------------------------------------
+// Single-token fp4 stages with the block scales on the MMA's output columns (MoeExpertGemmParams::
+// single_token_columns). At T = 1 seven of the MMA's eight token columns carried copies; here a column holds the
+// partial sum of one scale block instead, so the weights enter the MMA as bare e2m1 bits and the block scales are
+// applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2 factor multiplies and the per-row factor
+// conversions go, 32 fp32 FMAs and 16 scale conversions come.
+// - Lane t decodes 32 values of rows g and g + 8 per step (lean::decode_row_bits): the first 16 (A half) feed four
+//   MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
+//   pairs t and t + 4. B column n <= 3 holds x on slot pairs n and n + 4 only (lane (g, t) feeds x where g == t,
+//   zeros elsewhere; columns 4-7 stay zero), so column n of sums_a / sums_b sums lane n's A / B half: NVFP4 blocks 2n
+//   and 2n + 1 of the step; MXFP4 block n (both halves, one scale).
+// - Exponents: the bits are e2m1 × 2^-126 (0.5 a bf16 subnormal) and x is staged × 2^kXExponent (exact), so the
+//   products and column sums are normal fp32 for |x| in [2^-60, 2^64); the column scales are NVFP4's e4m3 value and
+//   MXFP4's 2^(e - 127 + kMxfp4ScaleExponent), and finish() brings the row sums to weight_tile_mma's accumulator
+//   scale (write_rows then applies weight_tile_output_scale). The block sums are added in another order than the
+//   other stages' (fp32 column sums, then scaled): as exact, not the same bits.
+// - x layout (stage_x): the token's row in input order, every chunk of 8 permuted as tile::detail::permute_chunk
+//   (the lean pairs' order), so one 16-byte load holds the B fragments of two MMAs; then a zero block of 64 bytes
+//   that the lanes without x read (at a 32 mod 128 byte offset: its broadcast shares no bank group with x reads).
+namespace columns {
+
+inline constexpr int kXExponent = 64;
+inline constexpr int kMxfp4ScaleExponent = 126 - kXExponent;
+inline constexpr uint32_t kXFactor = uint32_t(127 + kXExponent) << 7 | uint32_t(127 + kXExponent) << 23;
+inline constexpr int kStepElements = 128;  // x per step: 4 lanes × 32 inputs
+inline constexpr int kZeroChunks = 4;      // the zero block: one 16-byte load per pair of MMAs of a step
+
+// Element offset of the zero block after k_count staged inputs.
+__host__ __device__ constexpr int zero_block_offset(int k_count) { return k_count + 2 * tile::kXChunk; }
+// Bytes stage_x writes for k_count inputs (k_count a multiple of 128).
+__host__ __device__ constexpr int x_bytes(int k_count) {
+  return (zero_block_offset(k_count) + kZeroChunks * tile::kXChunk) * int(sizeof(__nv_bfloat16));
+}
+
+// Stages x[0, k_count) of one token (`row`, 16-byte aligned) and the zero block; called by thread_count threads of
+// the CTA with distinct thread_idx (the caller synchronises before and after).
+__device__ __forceinline__ void stage_x(const __nv_bfloat16* row, int k_count, __nv_bfloat16* x_tile,
+                                        int thread_idx, int thread_count) {
+  const int chunks = k_count / tile::kXChunk;
+  for (int i = thread_idx; i < chunks + kZeroChunks; i += thread_count) {
+    uint4 v = make_uint4(0, 0, 0, 0);
+    int at = zero_block_offset(k_count) + (i - chunks) * tile::kXChunk;
+    if (i < chunks) {
+      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(__ldg(reinterpret_cast<const uint4*>(row) + i));
+      v = make_uint4(tile::detail::bf16x2_mul(v.x, kXFactor), tile::detail::bf16x2_mul(v.y, kXFactor),
+                     tile::detail::bf16x2_mul(v.z, kXFactor), tile::detail::bf16x2_mul(v.w, kXFactor));
+      at = i * tile::kXChunk;
+    }
+    *reinterpret_cast<uint4*>(x_tile + at) = v;
+  }
+}
+
+// Where lane (g, t) reads its B fragments at step s: x + s · stride where it feeds x (g == t), else the zero block
+// with stride 0.
+struct LaneX {
+  const __nv_bfloat16* x;
+  int stride;
+};
+__device__ __forceinline__ LaneX lane_x(const __nv_bfloat16* x_tile, int k_count) {
+  const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
+  return g == t ? LaneX{x_tile + 32 * t, kStepElements} : LaneX{x_tile + zero_block_offset(k_count), 0};
+}
+
+// The fp32 scales of lane t's accumulator columns 2t and 2t + 1 (only t <= 1 hold nonzero columns) on one row at
+// step u, for sums_a ([0][c]) and sums_b ([1][c]): NVFP4 blocks 4t, 4t + 2 and 4t + 1, 4t + 3 of the step; MXFP4
+// blocks 2t and 2t + 1 for both.
+template <tile::TileFormat F>
+__device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, int t, float (&scale)[2][2]) {
+  if constexpr (F == tile::TileFormat::NVFP4) {
+    const uint32_t word = *reinterpret_cast<const uint32_t*>(row_scales + 8 * u + 4 * (t & 1));
+    const uint32_t codes = __byte_perm(word, 0u, 0x3120u);  // blocks 4t, 4t + 2 | 4t + 1, 4t + 3
+    const float2 a = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes), __NV_E4M3)));
+    const float2 b =
+        __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(codes >> 16), __NV_E4M3)));
+    scale[0][0] = a.x, scale[0][1] = a.y, scale[1][0] = b.x, scale[1][1] = b.y;
+  } else {
+    const uint32_t codes = *reinterpret_cast<const uint16_t*>(row_scales + 4 * u + 2 * (t & 1));
+    scale[0][0] = scale[1][0] = __uint_as_float(((codes & 0xFFu) + uint32_t(kMxfp4ScaleExponent)) << 23);
+    scale[0][1] = scale[1][1] = __uint_as_float(((codes >> 8) + uint32_t(kMxfp4ScaleExponent)) << 23);
+  }
+}
+
+// acc += the fp4 stage in `slot` × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row g + 8.
+// `x`: the lane's B pointer at the stage's first step.
+template <tile::TileFormat F>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
+  namespace st = tile::stream;
+  static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
+  constexpr int kSteps = st::kRowBytes / 64;
+  constexpr int kScaleBytes = st::stage_scale_bytes(F);
+  const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
+  const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
+  const uint8_t* scales = slot + 2 * st::kHalfBytes;
+#pragma unroll
+  for (int u = 0; u < kSteps; ++u) {
+    const int chunk = ((u & 1) << 2) | t;
+    uint32_t pairs[2][16];
+    float scale[2][2][2];  // [row][half][column]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
+                                                        ((chunk ^ (rows[r] & 7)) << 4));
+      lean::decode_row_bits(raw, pairs[r]);
+      column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
+    }
+    float sums[2][4] = {};  // [half][D fragment]
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const uint4 b = *reinterpret_cast<const uint4*>(x.x + u * x.stride + c * tile::kXChunk);
+      const int half = c / 2;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int p = 2 * (2 * c + j);  // the half's pairs p and p + 1 (pairs[8·half + ...])
+        const uint32_t a_frag[4] = {pairs[0][p], pairs[1][p], pairs[0][p + 1], pairs[1][p + 1]};
+        ptx::mma_m16n8k16_bf16_f32(sums[half], a_frag, j == 0 ? b.x : b.z, j == 0 ? b.y : b.w);
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      acc[0] = fmaf(scale[0][half][0], sums[half][0], acc[0]);
+      acc[1] = fmaf(scale[0][half][1], sums[half][1], acc[1]);
+      acc[2] = fmaf(scale[1][half][0], sums[half][2], acc[2]);
+      acc[3] = fmaf(scale[1][half][1], sums[half][3], acc[3]);
+    }
+  }
+}
+
+// The column sums → weight_tile_mma's accumulator of token 0 (rows g and g + 8 in acc[0][0] and acc[0][2]; the
+// other elements belong to absent tokens): the sum over the columns (two per lane, four lanes per row), times
+// 2^(126 - 8 - kXExponent) for NVFP4 (weight_tile_mma's stages carry e4m3 · 2^-8), 1 for MXFP4.
+template <tile::TileFormat F>
+__device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1][4]) {
+  float row_g = columns[0] + columns[1], row_g8 = columns[2] + columns[3];
+  row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 1);
+  row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 1);
+  row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 2);
+  row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 2);
+  constexpr float kToTileScale = F == tile::TileFormat::NVFP4 ? 0x1p54f : 1.0f;
+  static_assert(126 - 8 - kXExponent == 54 && kMxfp4ScaleExponent + kXExponent == 126, "the exponents above");
+  acc[0][0] = row_g * kToTileScale, acc[0][1] = 0.0f;
+  acc[0][2] = row_g8 * kToTileScale, acc[0][3] = 0.0f;
+}
+
+}  // namespace columns
+
+// One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
+// one row): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA part `part`
+// (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
+  static_assert(!kColumns || NT == 1, "the column stages serve items of one row");
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
@@ -585,10 +746,12 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     const int chunk_k = streamed_chunk_k(a.k_total, rows, a.streamed_x_bytes);
     // Token tiles this lane's token (8·nt + g) exists in; the others are fed zeros, never read.
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
-    constexpr bool kLeanStages = kLean && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4);
+    constexpr bool kFp4 = F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4;
+    constexpr bool kColumnStages = kColumns && kFp4, kLeanStages = kLean && kFp4 && !kColumnStages;
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
+    float column_sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
@@ -597,8 +760,12 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldcg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
-      tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      if constexpr (kColumnStages)
+        columns::stage_x(row_of(0), chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      else
+        tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       __syncthreads();
+      [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, chunk_end - chunk_begin);
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
       // The lean stages' x rows: every token tile reads a real token (see lean::multiply_stage).
@@ -618,7 +785,11 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
-        if constexpr (kLeanStages) {
+        if constexpr (kColumnStages) {
+          const int step = (k0 - chunk_begin) / columns::kStepElements;
+          const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
+          columns::multiply_stage<F>(ring + slot * st::kSlotBytes, x_stage, column_sums);
+        } else if constexpr (kLeanStages) {
           const __nv_bfloat16* x_stage[NT];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
@@ -635,7 +806,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         }
       }
     }
-    tile::detail::finish_tile<F, NT, kC>(sums, acc);
+    if constexpr (kColumnStages)
+      columns::finish<F>(column_sums, acc);
+    else
+      tile::detail::finish_tile<F, NT, kC>(sums, acc);
     if constexpr (kParts > 1) reduce_k_parts<G, NT>(slice, acc, exchange + kStreamedReduceOffset);
     // The odd-stage warps of split CTAs write no rows (their gate/up w3 warps still fill exchange bands 2-3, which
     // no warp reads there).
@@ -650,10 +824,13 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA starts its weight
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
-// (read through L2) while h is not (staged after the wait).
-template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false>
+// (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T = 1 launches;
+// MoeExpertGemmParams::single_token_columns): fp4 items by columns::multiply_stage.
+template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
+          bool kColumns = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
+  static_assert(!(kColumns && kMultiTile), "the column stages serve items of one row");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -683,12 +860,12 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts>(a, expert, item, band, smem, full, true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns>(a, expert, item, band, smem, full, true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

@@ -94,6 +94,11 @@ struct MoeExpertGemmParams {
   // finish. Only valid where the previous launch on the stream is run_moe_gate_up of the same routing (run_moe's
   // order): its CTAs let this launch start only after the routing is complete. The same bits.
   bool down_head_start = false;
+  // Streamed kernels at T = 1 (no effect at other T): fp4 stages put each scale block's sum in its own MMA output
+  // column and scale the fp32 column sums (moe_experts.cuh, namespace columns) instead of multiplying every weight
+  // pair by its factor: ~30 % fewer instructions per stage. The block sums in another fp32 order: as exact, not the
+  // same bits. x is staged × 2^64 (|x| must stay below 2^64).
+  bool single_token_columns = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
