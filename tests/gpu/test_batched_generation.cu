@@ -4,16 +4,21 @@
 // sequences leaving and joining between steps. Each request's tokens and text must equal Engine::generate's for it
 // alone on the same model, greedy and seeded sampling, sampling on the device and on the host. The trained tiny model
 // (models/tiny-fortunes) has clear top-1 margins, so the batched kernels' summation order cannot flip a token.
+// Sampling on the device in several launches (more logit adjustments than the buffers hold) picks the tokens of one.
 #include <gtest/gtest.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <memory>
+#include <random>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "backends/cuda/cuda_language_model.hpp"
 #include "backends/cuda/device.hpp"
+#include "model/checkpoint_loader.hpp"
 #include "runtime/batch_generator.hpp"
 #include "runtime/engine.hpp"
 
@@ -176,4 +181,60 @@ TEST(BatchedGeneration, ManyRequestsInOneStepDivergeOnlyAtNearTies) {
     EXPECT_LE(gap, kTieTolerance) << "request " << i << " token " << k;
   }
   std::printf("%d of %d requests differ from their alone run\n", differing, kRequests);
+}
+
+// Three sequences each biasing two thirds of the vocabulary (distinct tokens per row), sampled at temperature 0.9 in a
+// mixed step (prompts of 5, 1 and 9 tokens) and then three decode steps: with buffers for all their adjustments
+// (sampling_adjustments 3 × vocab: one launch) and at the smallest size (the vocabulary: a launch per row), the same
+// tokens.
+TEST(BatchedGeneration, SamplingInSeveralLaunchesPicksTheTokensOfOne) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const LoadedCheckpoint ckpt = load_checkpoint((fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string());
+  ckpt.require_loadable();
+  const int64_t vocab = ckpt.config.vocab_size;
+  constexpr int kRows = 3, kDecodeSteps = 3;
+  std::vector<std::vector<sampling::LogitAdjustment>> adjustments(kRows);
+  std::vector<sampling::SamplingStep> steps(kRows);
+  std::vector<std::vector<int32_t>> prompts(kRows);
+  std::mt19937 rng(77);
+  for (int r = 0; r < kRows; ++r) {
+    for (int32_t t = 0; t < vocab; ++t)
+      if ((t + r) % 3 != 0) adjustments[size_t(r)].push_back({t, float((t * 7 + r) % 11) - 5.0f, 0, 0});
+    steps[size_t(r)].row.temperature = 0.9f;
+    steps[size_t(r)].row.draw = (uint64_t(r + 1) * 0x9E3779B97F4A7C15ull) >> 11;
+    steps[size_t(r)].adjustments = adjustments[size_t(r)];
+    for (int i = 0; i < (r == 0 ? 5 : r == 1 ? 1 : 9); ++i) prompts[size_t(r)].push_back(int32_t(rng() % vocab));
+  }
+  std::vector<std::vector<int32_t>> picked;
+  for (const int64_t planned : {3 * vocab, vocab}) {
+    SCOPED_TRACE("sampling_adjustments " + std::to_string(planned));
+    cuda::CudaModelOptions options;
+    options.max_sequences = kRows;
+    options.max_context = 64;
+    options.sampling_adjustments = planned;
+    cuda::CudaLanguageModel model(ckpt.config, ckpt.weights, options);
+    std::vector<std::unique_ptr<SequenceCache>> sequences;
+    for (int r = 0; r < kRows; ++r) sequences.push_back(model.new_sequence());
+    std::vector<int32_t> tokens;
+    std::vector<int32_t> last(kRows);
+    for (int step = 0; step <= kDecodeSteps; ++step) {
+      std::vector<BatchEntry> entries;
+      for (int r = 0; r < kRows; ++r)
+        entries.push_back({sequences[size_t(r)].get(),
+                           step == 0 ? std::span<const int32_t>(prompts[size_t(r)]) : std::span(&last[size_t(r)], 1),
+                           &steps[size_t(r)]});
+      std::vector<SampledEntry> sampled;
+      model.forward_batch_and_sample(entries, sampled);
+      ASSERT_EQ(sampled.size(), size_t(kRows));
+      for (int r = 0; r < kRows; ++r) {
+        ASSERT_TRUE(sampled[size_t(r)].error.empty()) << sampled[size_t(r)].error;
+        ASSERT_GE(sampled[size_t(r)].token, 0);
+        ASSERT_LT(sampled[size_t(r)].token, vocab);
+        last[size_t(r)] = sampled[size_t(r)].token;
+        tokens.push_back(sampled[size_t(r)].token);
+      }
+    }
+    picked.push_back(tokens);
+  }
+  EXPECT_EQ(picked[0], picked[1]);
 }

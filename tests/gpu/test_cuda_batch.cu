@@ -9,6 +9,7 @@
 // in CTA rows and, in reference numerics, the indexer keys are fp8; the separate launches keep bf16 keys), and with
 // those plus the compressors and indexer on a branch stream.
 #include "backends/cuda/cuda_model.hpp"
+#include "backends/cuda/device_context.hpp"
 #include "core/error.hpp"
 #include "model/checkpoint_loader.hpp"
 #include "support/device_buffers.hpp"
@@ -153,8 +154,9 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
 }
 
 // How a test model launches a step: every op separately, the fused launches (stacked projections, the sub-block norms
-// inside mHC's launches, the linear layers' norm prologue and bf16 output), or those with the compressors and the
-// indexer on a branch stream beside the query path (parallel_compressors, parallel_indexer).
+// inside mHC's launches, the linear layers' norm prologue and bf16 output, the weights' L2 prefetches on a branch of
+// their own), or those with the compressors and the indexer on a branch stream beside the query path
+// (parallel_compressors, parallel_indexer).
 enum class Launches { Separate, Fused, FusedWithBranch };
 constexpr Launches kEveryLaunches[] = {Launches::Separate, Launches::Fused, Launches::FusedWithBranch};
 
@@ -181,7 +183,7 @@ cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
   options.moe_single_launch = fused;
   options.parallel_compressors = launches == Launches::FusedWithBranch;
   options.parallel_indexer = launches == Launches::FusedWithBranch;
-  options.insert_inputs_at_launch = fused;
+  options.l2_prefetch_weights = fused;
   options.fp8_indexer_keys = fused;  // reference numerics only (the default: on)
   options.q_norm_cta_rows = fused;
   options.max_sequences = 4;
@@ -247,7 +249,8 @@ struct MixedPlan {
 };
 
 // Prefill chunks and decode tokens of several sequences in one pass per step (each step's tokens ≤ 64, each chunk
-// ≤ max_step_tokens): every sequence's last-token logits of every step against the same chunks of it run alone
+// ≤ max_step_tokens; odd steps through step_on_device, their logits read from the device): every sequence's
+// last-token logits of every step against the same chunks of it run alone
 // (forward, one sequence per step). A step's token count here differs from the alone runs' (57 against 17 and 40),
 // so the linear layers split their sums differently (token tiles, split-K) and a bf16 rounding of an activation may
 // go the other way; on the golden fixtures' random weights one such flip moves a row by up to ~0.45 from then on
@@ -290,7 +293,15 @@ TEST_P(CudaBatch, MixedPrefillAndDecodeStepsEqualEachSequenceAlone) {
         members.push_back(q);
         done[q] += n;
       }
-      model.step(sequences, logits);
+      if (step % 2 == 0) {
+        model.step(sequences, logits);
+      } else {
+        const float* on_device = model.step_on_device(sequences);
+        logits.assign(members.size() * size_t(vocab), NAN);
+        ASSERT_EQ(cudaStreamSynchronize(model.stream()), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(logits.data(), on_device, logits.size() * sizeof(float), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+      }
       ASSERT_EQ(logits.size(), members.size() * size_t(vocab)) << "step " << step;
       for (size_t i = 0; i < members.size(); ++i)
         mixed[members[i]].insert(mixed[members[i]].end(), logits.begin() + std::ptrdiff_t(i * size_t(vocab)),
@@ -501,6 +512,40 @@ TEST(CudaBatchMemory, RefusesWhatDoesNotFitNamingTheShortfall) {
   }
   cuda::CudaModel fits(f.ckpt.config, f.ckpt.weights, batch_options());
   EXPECT_NE(fits.describe().find("step workspace"), std::string::npos) << fits.describe();
+}
+
+// The sampling buffers (CudaModelOptions::sampling_adjustments) are a part of the plan, named with their bytes in a
+// refusal and in describe(); a model without them has none to hand out.
+TEST(CudaBatchMemory, PlanCountsTheSamplingBuffers) {
+  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
+  const ModelFixture f("tests/golden/flash_like");
+  cuda::CudaModelOptions options = batch_options();
+  options.sampling_adjustments = 100000;
+  // Rows' parameters and adjustments in one buffer, then the results, each rounded up to 256 bytes.
+  auto round_up = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t bytes = round_up(size_t(options.max_sequences) * sizeof(sampling::RowParams) +
+                                100000 * sizeof(sampling::LogitAdjustment)) +
+                       round_up(size_t(options.max_sequences) * sizeof(cuda::SampledToken));
+  const std::string named = cuda::format_bytes(bytes) + " of sampling buffers";
+  cuda::CudaModelOptions too_long = options;
+  too_long.max_context = int64_t(1) << 36;
+  try {
+    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, too_long);
+    ADD_FAILURE() << "a context of 2^36 tokens was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(named), std::string::npos) << named << " missing from: " << e.what();
+  }
+  cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
+  EXPECT_NE(model.describe().find("sampling buffers " + cuda::format_bytes(bytes)), std::string::npos)
+      << model.describe();
+  const cuda::SamplingBuffers& buffers = model.sampling_buffers();
+  EXPECT_NE(buffers.inputs, nullptr);
+  EXPECT_NE(buffers.results, nullptr);
+  EXPECT_EQ(buffers.inputs_bytes, size_t(options.max_sequences) * sizeof(sampling::RowParams) +
+                                      100000 * sizeof(sampling::LogitAdjustment));
+  cuda::CudaModel without(f.ckpt.config, f.ckpt.weights, batch_options());
+  EXPECT_EQ(without.describe().find("sampling"), std::string::npos) << without.describe();
+  EXPECT_THROW(without.sampling_buffers(), Error);
 }
 
 // A context shorter than a compression ratio (bench e2e's tg1 sizes the context to 3 tokens): no compressed entry

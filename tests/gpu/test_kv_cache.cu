@@ -101,7 +101,6 @@ struct InsertCase {
   bool round_input;
   int64_t rows;
   bool store_as_is = false;  // no norm weight and no RoPE: entries the compressor already normalised and rotated
-  bool inputs_ready_at_launch = false;
 };
 
 // True when fp32 noise in x (relative 1e-5) could move its fp8 rounding: x/s near an e4m3 rounding midpoint, or the
@@ -119,7 +118,7 @@ bool near_fp8_boundary(float x, float amax) {
 void check_insert(const InsertCase& c, uint32_t seed) {
   SCOPED_TRACE(std::string(to_string(c.format)) + " D=" + std::to_string(c.head_dim) + " rope=" +
                std::to_string(c.rope_dim) + (c.array == KvArray::Window ? " window" : " compressed") +
-               " rows=" + std::to_string(c.rows) + (c.inputs_ready_at_launch ? " inputs at launch" : ""));
+               " rows=" + std::to_string(c.rows));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int D = c.head_dim;
@@ -185,8 +184,7 @@ void check_insert(const InsertCase& c, uint32_t seed) {
                  .round_input_to_bf16 = c.round_input,
                  .rope_table = c.store_as_is ? nullptr : d_rope.as<float2>(),
                  .sequence_slots = d_slots.as<int32_t>(),
-                 .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>(),
-                 .inputs_ready_at_launch = c.inputs_ready_at_launch});
+                 .positions = d_pos.as<int64_t>(), .dest_rows = d_dest.as<int32_t>()});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<uint8_t> pool(pool_bytes);
   ASSERT_EQ(cudaMemcpy(pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -252,9 +250,6 @@ TEST(KvInsert, MatchesCpuNormRopeAndReferenceRoundingOrStoresAsIs) {
       check_insert({format, D, rope, KvArray::Window, false, 37}, seed++);
       check_insert({format, D, rope, KvArray::Compressed, true, 50}, seed++);
       check_insert({format, D, rope, KvArray::Compressed, false, 20, true}, seed++);
-      // The step's inputs read before the grid-dependency wait (they are ready: copied before the launch).
-      check_insert({format, D, rope, KvArray::Window, false, 37, false, true}, seed++);
-      check_insert({format, D, rope, KvArray::Compressed, true, 50, false, true}, seed++);
     }
 }
 
@@ -267,12 +262,9 @@ struct FusedNormCase {
   bool cta_rows = false;  // a CTA per row (RmsNormParams::cta_rows)
 };
 
-// ready: the fused launch reads the step's inputs before its grid-dependency wait (the separate ones after it).
-void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, bool ready,
-                        uint32_t seed) {
+void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNormCase& n, uint32_t seed) {
   SCOPED_TRACE(std::string(to_string(format)) + " D=" + std::to_string(D) + " norm rows=" + std::to_string(n.rows) +
-               " width=" + std::to_string(n.width) + (n.rope ? " rope" : "") + (n.cta_rows ? " CTA rows" : "") +
-               (ready ? " inputs at launch" : ""));
+               " width=" + std::to_string(n.width) + (n.rope ? " rope" : "") + (n.cta_rows ? " CTA rows" : ""));
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   const int64_t rows = 13, capacity = 16, stride = D + 96;  // the kv slice sits at column 96 of wider rows
@@ -336,7 +328,6 @@ void check_fused_insert(KvEntryFormat format, int D, int rope_dim, const FusedNo
   fused.x = d_wide.as<float>() + 96, fused.x_row_stride = stride;
   fused.fused_norm = norm;
   fused.fused_norm.y = fused_y.as<float>(), fused.fused_norm.y_bf16 = fused_bf16.as<__nv_bfloat16>();
-  fused.inputs_ready_at_launch = fused.fused_norm.positions_ready_at_launch = ready;
   run_kv_insert(fused);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(got_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -363,7 +354,7 @@ TEST(KvInsert, FusedNormAndStridedRowsGiveTheSeparateLaunchesBits) {
   for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
     for (const auto [D, rope] : {std::pair{512, 64}, std::pair{64, 16}})
       for (const FusedNormCase& n : norms)
-        for (const bool ready : {false, true}) check_fused_insert(format, D, rope, n, ready, seed++);
+        check_fused_insert(format, D, rope, n, seed++);
 }
 
 TEST(KvInsert, RefusesBadCalls) {

@@ -1,15 +1,15 @@
 // The CUDA RMSNorm and embedding kernels against the CPU ops. RMSNorm: every width the model normalises (d 4096 /
 // 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
 // {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes; the per-head norm with its
-// RoPE epilogue bit-identical to the norm followed by run_rope_apply (positions read before or after the
-// grid-dependency wait); the RoPE table against the CPU's factors. Embedding: BF16, F32 and
+// RoPE epilogue bit-identical to the norm followed by run_rope_apply; the RoPE table against the CPU's factors. Embedding: BF16, F32 and
 // FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
 // against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
 // batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
 // mixed, each list alone, all of a step's in one launch, and in the embedding's launch, exact against the rule
 // written out on the host. Strided norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs
 // poisoned with NaN plus a guard region; every element checked. The shared PerDeviceCache: one compute per key and
-// device under concurrent calls.
+// device under concurrent calls. The L2 prefetch: a matrix's ranges within a budget, launches over odd sizes that
+// leave the memory as it was, refusals.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -31,6 +31,7 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/attention_index.hpp"
 #include "backends/cuda/kernels/embedding.hpp"
+#include "backends/cuda/kernels/l2_prefetch.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/rope_apply.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -100,7 +101,7 @@ void check_rms_norm(int64_t rows, int64_t width, bool with_weight, bool in_place
 }
 
 TEST(SmallOpsGpu, RmsNormMatchesCpuForModelAndOddWidths) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 1;
   for (const int64_t width : {4096, 7168, 1024, 1536, 512, 7, 96, 1025, 8192})
     for (const int64_t rows : {1, 5, 64, 300})
@@ -113,7 +114,7 @@ TEST(SmallOpsGpu, RmsNormMatchesCpuForModelAndOddWidths) {
 // Rows x_row_stride apart (a slice of a wider projection output, e.g. q_lora of the stacked [wq_a; wkv]): the
 // same bits as the contiguous rows, and the gaps (NaN) never read.
 TEST(SmallOpsGpu, RmsNormOfStridedRowsEqualsContiguousRows) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 70;
   for (const auto [width, stride] : {std::pair{int64_t(1024), int64_t(1536)}, std::pair{int64_t(4096), int64_t(4099)},
                                      std::pair{int64_t(7), int64_t(8)}}) {
@@ -147,7 +148,7 @@ TEST(SmallOpsGpu, RmsNormOfStridedRowsEqualsContiguousRows) {
 // bits as the contiguous heads, the gaps (NaN) never read, y contiguous. Also the q_lora slice of [wq_a; wkv] as
 // groups of one row.
 TEST(SmallOpsGpu, RmsNormOfGroupedRowsEqualsContiguousRows) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   const struct {
     int64_t tokens, heads, width, row_stride, group_stride, rope_dim;
   } cases[] = {{5, 64, 512, 512, 64 * 512 + 64 * 128, 64}, {3, 128, 512, 512, 128 * 512 + 64 * 128, 64},
@@ -190,7 +191,7 @@ TEST(SmallOpsGpu, RmsNormOfGroupedRowsEqualsContiguousRows) {
 }
 
 TEST(SmallOpsGpu, RmsNormPerHeadWithoutWeight) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   // q's per-head norm: T·H rows of D = 512 (Flash H 64, Pro H 128), no weight; and the tiny models' 64.
   check_rms_norm(5 * 64, 512, false, true, false, 50);
   check_rms_norm(64 * 128, 512, false, false, true, 51);
@@ -282,7 +283,7 @@ void check_embedding(TableKind kind, int64_t vocab, int64_t hidden, int64_t T, i
 }
 
 TEST(SmallOpsGpu, EmbeddingMatchesCpuDecodeForEveryTableFormat) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 300;
   for (const TableKind kind : {TableKind::BF16, TableKind::F32, TableKind::FP8_E8M0, TableKind::FP8_F32})
     for (const auto& [vocab, hidden] : {std::pair<int64_t, int64_t>{1000, 4096}, {300, 7168}, {129, 260}, {5, 7}})
@@ -292,7 +293,7 @@ TEST(SmallOpsGpu, EmbeddingMatchesCpuDecodeForEveryTableFormat) {
 }
 
 TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOnTheHost) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(7);
   const OwnedQuantizedMatrix table = make_table(TableKind::BF16, 10, 64, rng);
   const std::vector<int32_t> ids = {3, 10, -1};
@@ -320,7 +321,7 @@ TEST(SmallOpsGpu, EmbeddingIdOutsideTheVocabularyGivesNanOnTheDeviceAndAnErrorOn
 // to 1M, for an SWA layer's frequencies, a compressed layer's (YaRN) and a tiny model's; equal bits, barring a
 // 1-ulp difference where the double-precision sincos of the two libraries rounds differently to float.
 TEST(SmallOpsGpu, RopeTableHoldsTheCpuFactors) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   const cpu::RopeTable ropes[] = {cpu::RopeTable(10000.0, 64, std::nullopt),
                                   cpu::RopeTable(160000.0, 64, cpu::YarnScaling{16.0, 65536, 32.0, 1.0}),
                                   cpu::RopeTable(10000.0, 16, std::nullopt)};
@@ -352,7 +353,7 @@ TEST(SmallOpsGpu, RopeTableHoldsTheCpuFactors) {
 // The queries' per-head norm with RoPE in one launch: bit for bit the norm, then run_rope_apply; the same with the
 // positions read before the grid-dependency wait.
 TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   const struct {
     int64_t tokens, heads, head_dim, rope_dim;
   } cases[] = {{3, 64, 512, 64}, {1, 128, 512, 64}, {7, 8, 64, 16}, {2, 5, 2048, 64}, {4, 3, 96, 32}};
@@ -373,7 +374,6 @@ TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
       DeviceBuffer d_x = to_device(x, "x"), d_pos = to_device(positions, "positions");
       DeviceBuffer d_rope = device_rope_table(rope, 100000);
       DeviceBuffer separate = poisoned(n, "norm then rope"), fused = poisoned(n, "fused");
-      DeviceBuffer fused_ready = poisoned(n, "fused, positions at launch");
       const RmsNormParams norm{.x = d_x.as<float>(), .rows = c.tokens * c.heads, .width = c.head_dim,
                                .round_to_bf16 = round, .y = separate.as<float>(), .cta_rows = cta_rows};
       run_rms_norm(norm);
@@ -384,18 +384,11 @@ TEST(SmallOpsGpu, RmsNormWithRopeEqualsNormThenRope) {
       with_rope.rope_table = d_rope.as<float2>(), with_rope.positions = d_pos.as<int64_t>();
       with_rope.rope_dim = c.rope_dim, with_rope.rows_per_position = c.heads;
       run_rms_norm(with_rope);
-      with_rope.y = fused_ready.as<float>(), with_rope.positions_ready_at_launch = true;
-      run_rms_norm(with_rope);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const std::vector<float> want = download(separate, n), got = download(fused, n);
-      const std::vector<float> got_ready = download(fused_ready, n);
-      for (size_t i = 0; i < n; ++i) {
+      for (size_t i = 0; i < n; ++i)
         ASSERT_EQ(std::memcmp(&want[i], &got[i], 4), 0) << "element " << i << " (dim " << i % size_t(c.head_dim)
                                                         << "): fused " << got[i] << ", separate " << want[i];
-        ASSERT_EQ(std::memcmp(&want[i], &got_ready[i], 4), 0)
-            << "element " << i << " (dim " << i % size_t(c.head_dim) << "): fused with positions at launch "
-            << got_ready[i] << ", separate " << want[i];
-      }
     }
   }
 }
@@ -446,7 +439,7 @@ void expect_visible_list(const std::vector<int32_t>& got, const std::vector<int3
 }
 
 TEST(SmallOpsGpu, WindowIndexPerTokenOfABatchedStep) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   for (const auto [window, ring] : {std::pair{128, int64_t(128 + 511)}, std::pair{16, int64_t(16)},
                                     std::pair{300, int64_t(300 + 63)}}) {
     SCOPED_TRACE("window " + std::to_string(window) + " ring " + std::to_string(ring));
@@ -461,7 +454,7 @@ TEST(SmallOpsGpu, WindowIndexPerTokenOfABatchedStep) {
 }
 
 TEST(SmallOpsGpu, VisibleEntriesPerTokenOfABatchedStep) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   // entries: the bound of a step (the buffers' capacity); each token sees (position + 1) div ratio of them.
   for (const auto [ratio, entries] : {std::pair{int64_t(128), int64_t(512)}, std::pair{int64_t(4), int64_t(300)},
                                       std::pair{int64_t(16), int64_t(1)}}) {
@@ -484,7 +477,7 @@ TEST(SmallOpsGpu, VisibleEntriesPerTokenOfABatchedStep) {
 // A model step's one launch: the window list and every HCA ratio's list (here three, of different lengths, one
 // longer than the window and one shorter), each as its own launch would build it.
 TEST(SmallOpsGpu, EveryListOfAStepInOneLaunch) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   const int window = 128;
   const int64_t ring = 128 + 63;
   const std::vector<int64_t> positions = batch_positions(window);
@@ -511,7 +504,7 @@ TEST(SmallOpsGpu, EveryListOfAStepInOneLaunch) {
 // The step's lists riding in the embedding's launch: the same rows as the embedding alone, the same lists as
 // run_attention_index.
 TEST(SmallOpsGpu, EmbeddingLaunchBuildsTheAttentionLists) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   const int window = 128;
   const int64_t ring = 128 + 63, hidden = 260, vocab = 129;
   const std::vector<int64_t> positions = batch_positions(window);
@@ -542,7 +535,7 @@ TEST(SmallOpsGpu, EmbeddingLaunchBuildsTheAttentionLists) {
 }
 
 TEST(SmallOpsGpu, RefusesUnsupportedCallsNamingTheProblem) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
   DeviceBuffer x(64 * 4, "x"), y(64 * 4, "y");
   using testing::expect_error;
   expect_error([&] { run_rms_norm({.x = x.as<float>(), .rows = 1, .width = 8193, .y = y.as<float>()}); },
@@ -599,6 +592,100 @@ TEST(SmallOpsGpu, PerDeviceCacheComputesOncePerKeyAndDevice) {
   EXPECT_EQ(cache.get(&key_a, [] { return -1; }), 100);
   EXPECT_THROW(cache.get(&computes, []() -> int { fail("query failed"); }), Error);
   EXPECT_EQ(cache.get(&computes, [] { return 3; }), 3);
+}
+
+
+// A matrix's ranges: its data rows, then its scales (FP8_BLOCK128: one f32 row of scales per 128-row band), cut at
+// the budget wherever it falls.
+TEST(SmallOpsGpu, L2PrefetchRangesOfAMatrixStopAtTheBudget) {
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
+  alignas(16) static const uint8_t data[16] = {}, scales[16] = {};
+  DeviceMatrixView w;
+  w.format = WeightFormat::FP8_BLOCK128, w.scale_type = ScaleType::F32, w.rows = 300, w.cols = 256;
+  w.data = data, w.scales = scales, w.data_row_bytes = 256, w.scales_per_row = 2;
+  const uint64_t data_bytes = 300 * 256, scale_bytes = 3 * 2 * 4;
+  for (const uint64_t budget : {uint64_t(0), uint64_t(1000), data_bytes, data_bytes + 5, uint64_t(1) << 40}) {
+    SCOPED_TRACE("budget " + std::to_string(budget));
+    L2PrefetchParams p;
+    const uint64_t added = add_l2_prefetch_matrix(p, w, budget);
+    EXPECT_EQ(added, std::min(budget, data_bytes + scale_bytes));
+    ASSERT_EQ(p.range_count, budget == 0 ? 0 : budget <= data_bytes ? 1 : 2);
+    if (p.range_count >= 1) {
+      EXPECT_EQ(p.ranges[0].data, data);
+      EXPECT_EQ(p.ranges[0].bytes, std::min(budget, data_bytes));
+    }
+    if (p.range_count == 2) {
+      EXPECT_EQ(p.ranges[1].data, scales);
+      EXPECT_EQ(p.ranges[1].bytes, std::min(budget - data_bytes, scale_bytes));
+    }
+    uint64_t whole = 0;
+    for (int r = 0; r < p.range_count; ++r) whole += p.ranges[size_t(r)].bytes / 16 * 16;
+    EXPECT_EQ(l2_prefetch_bytes(p), whole);
+  }
+  L2PrefetchParams full;
+  full.range_count = kL2PrefetchMaxRanges;
+  EXPECT_THROW(add_l2_prefetch_matrix(full, w, 100), Error);
+}
+
+// Prefetches of ranges of odd sizes (a tail under 16 bytes, under one chunk, several chunks and more chunks than one
+// CTA's threads take, a range of none), in a stream and captured in a graph: the memory keeps every byte.
+TEST(SmallOpsGpu, L2PrefetchLaunchesLeaveTheMemoryAsItWas) {
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
+  const size_t bytes = size_t(9) << 20;
+  std::vector<uint8_t> pattern(bytes);
+  std::mt19937 rng(5);
+  for (uint8_t& b : pattern) b = uint8_t(rng());
+  DeviceBuffer buffer = to_device(pattern, "prefetched bytes");
+  const uint8_t* base = buffer.as<uint8_t>();
+  L2PrefetchParams p;
+  const std::pair<size_t, uint64_t> ranges[] = {{0, 7}, {16, 16 + 15}, {4096, 40000}, {1 << 20, (size_t(8) << 20) - 48},
+                                                {64, 0}};
+  for (const auto& [offset, length] : ranges) p.ranges[size_t(p.range_count++)] = {base + offset, length};
+  EXPECT_EQ(l2_prefetch_bytes(p), 0 + 16 + 40000 + (uint64_t(8) << 20) - 48 + 0);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  p.stream = stream;
+  run_l2_prefetch(p);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  run_l2_prefetch(p);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  std::vector<uint8_t> after(bytes);
+  ASSERT_EQ(cudaMemcpy(after.data(), base, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(std::memcmp(after.data(), pattern.data(), bytes), 0) << "a prefetch changed the memory";
+  L2PrefetchParams nothing;  // no range: no launch
+  run_l2_prefetch(nothing);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+TEST(SmallOpsGpu, L2PrefetchRefusesBadRanges) {
+  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
+  DeviceBuffer buffer(4096, "prefetched bytes");
+  auto refused = [](const L2PrefetchParams& p, const std::string& words) {
+    try {
+      run_l2_prefetch(p);
+      ADD_FAILURE() << "accepted; expected an error with: " << words;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    }
+  };
+  L2PrefetchParams p;
+  p.range_count = kL2PrefetchMaxRanges + 1;
+  refused(p, "range_count");
+  p.range_count = -1;
+  refused(p, "range_count");
+  p.range_count = 1;
+  p.ranges[0] = {buffer.as<uint8_t>() + 8, 64};
+  refused(p, "16-byte aligned");
+  p.ranges[0] = {nullptr, 64};
+  refused(p, "no data");
 }
 
 }  // namespace

@@ -1,10 +1,8 @@
 #include "backends/cuda/cuda_language_model.hpp"
 
 #include <algorithm>
-#include <cstring>
 
 #include "backends/cuda/cuda_check.hpp"
-#include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/sampling.hpp"
 #include "core/error.hpp"
 
@@ -47,47 +45,55 @@ bool all_single_tokens(std::span<const BatchEntry> entries) {
   return std::all_of(entries.begin(), entries.end(), [](const BatchEntry& e) { return e.ids.size() == 1; });
 }
 
+// Logit adjustments the model's sampling buffers hold unless the options name a count
+// (CudaModelOptions::sampling_adjustments): a row's adjustments are one per distinct token its penalties or
+// logit_bias touch, so every row of a step fits when each sequence's whole context is distinct and it brings up to
+// kPlannedLogitBias biases; at least a vocabulary, so that any one row fits. A step that brings more samples its rows
+// in several launches.
+constexpr int64_t kPlannedLogitBias = 1024;
+
+CudaModelOptions with_sampling_buffers(const ModelConfig& config, CudaModelOptions options) {
+  const int64_t vocab = config.vocab_size;
+  if (options.sampling_adjustments == 0)
+    options.sampling_adjustments =
+        std::max(vocab, options.max_sequences * std::min(vocab, options.max_context + kPlannedLogitBias));
+  check(options.sampling_adjustments >= vocab, "CUDA model: sampling_adjustments ", options.sampling_adjustments,
+        " is below the vocabulary (", vocab, "): a row may adjust every token");
+  return options;
+}
+
 }  // namespace
 
-// The sampling kernel's inputs (a step's RowParams, then its rows' adjustments right after them, so that one copy
-// moves both) and results, on the device and staged in pinned memory, for up to `rows` rows. Grows only when a step
-// brings more adjustments than ever before. The logits of the rows a mixed step samples are uploaded into `logits`
-// (allocated on the first such step).
+// The sampling kernel's inputs staged in pinned memory (a launch's RowParams, then its rows' adjustments right after
+// them, so that one copy moves both into the model's sampling buffers) and its results, for up to `rows` rows.
 struct CudaLanguageModel::DeviceSampling {
-  DeviceSampling(size_t rows, size_t adjustments)
-      : rows(rows),
-        adjustments(adjustments),
-        device_inputs(input_bytes(rows, adjustments), "sampling rows"),
-        host_inputs(input_bytes(rows, adjustments)),
-        device_results(rows * sizeof(SampledToken), "sampled tokens"),
-        host_results(rows * sizeof(SampledToken)) {}
+  explicit DeviceSampling(const SamplingBuffers& device, size_t rows)
+      : device(device), rows(rows), host_inputs(device.inputs_bytes), host_results(rows * sizeof(SampledToken)) {}
 
-  static size_t input_bytes(size_t rows, size_t adjustments) {
-    return rows * sizeof(sampling::RowParams) + adjustments * sizeof(sampling::LogitAdjustment);
-  }
   sampling::RowParams* host_rows() const { return static_cast<sampling::RowParams*>(host_inputs.data()); }
-  // Where the adjustments of a step of `step_rows` rows start (RowParams' size keeps them aligned).
+  // Where the adjustments of a launch of `launch_rows` rows start (RowParams' size keeps them aligned).
   static_assert(sizeof(sampling::RowParams) % alignof(sampling::LogitAdjustment) == 0,
                 "the adjustments follow the rows' parameters in one buffer");
-  static sampling::LogitAdjustment* adjustments_after(void* inputs, size_t step_rows) {
+  static sampling::LogitAdjustment* adjustments_after(void* inputs, size_t launch_rows) {
     return reinterpret_cast<sampling::LogitAdjustment*>(static_cast<unsigned char*>(inputs) +
-                                                        step_rows * sizeof(sampling::RowParams));
+                                                        launch_rows * sizeof(sampling::RowParams));
+  }
+  // Whether a launch of `launch_rows` rows and `adjustments` adjustments fits the buffers.
+  bool fits(size_t launch_rows, size_t adjustments) const {
+    return launch_rows * sizeof(sampling::RowParams) + adjustments * sizeof(sampling::LogitAdjustment) <=
+           device.inputs_bytes;
   }
 
+  SamplingBuffers device;
   size_t rows;
-  size_t adjustments;
-  DeviceBuffer device_inputs;
   PinnedBuffer host_inputs;
-  DeviceBuffer device_results;
   PinnedBuffer host_results;
-  std::unique_ptr<DeviceBuffer> logits;  // [rows, vocab] fp32
 };
 
 CudaLanguageModel::CudaLanguageModel(const ModelConfig& config, const ModelWeights& weights,
                                      const CudaModelOptions& options)
-    : model_(std::make_shared<CudaModel>(config, weights, options)),
-      // Room for a row whose every context token is adjusted, plus a logit_bias of 1024 tokens; grows on demand.
-      sampling_(std::make_unique<DeviceSampling>(size_t(options.max_sequences), size_t(options.max_context) + 1024)) {}
+    : model_(std::make_shared<CudaModel>(config, weights, with_sampling_buffers(config, options))),
+      sampling_(std::make_unique<DeviceSampling>(model_->sampling_buffers(), size_t(options.max_sequences))) {}
 
 CudaLanguageModel::~CudaLanguageModel() = default;
 
@@ -130,97 +136,96 @@ void CudaLanguageModel::forward_batch_and_sample(std::span<const BatchEntry> ent
   check(entries.size() <= sampling_->rows, "batched step: ", entries.size(), " sequences exceed max_sequences ",
         sampling_->rows);
   const int64_t vocab = model_->config().vocab_size;
-  const bool decode = all_single_tokens(entries);
-  // Sampled rows: every entry of a decode step (one without sampling draws a greedy token that is ignored, so the
-  // launch reads the logits in place); only the entries that sample after a mixed step.
-  std::vector<size_t> row_entry;
-  size_t adjustment_count = 0;
-  for (size_t i = 0; i < entries.size(); ++i) {
-    if (entries[i].sampling) adjustment_count += entries[i].sampling->adjustments.size();
-    if (decode || entries[i].sampling) row_entry.push_back(i);
-  }
-  if (adjustment_count > sampling_->adjustments) {
-    sampling_ = std::make_unique<DeviceSampling>(sampling_->rows,
-                                                 std::max(adjustment_count, 2 * sampling_->adjustments));
-  }
   DeviceSampling& buffers = *sampling_;
-  sampling::LogitAdjustment* staged_adjustments =
-      DeviceSampling::adjustments_after(buffers.host_inputs.data(), row_entry.size());
-  bool any_top_p = false;
-  int32_t next_adjustment = 0;
-  for (size_t r = 0; r < row_entry.size(); ++r) {
-    const sampling::SamplingStep* step = entries[row_entry[r]].sampling;
-    sampling::RowParams row;
-    row.temperature = 0.0f;  // an unsampled decode row: greedy, no draw
-    if (step) {
-      row = step->row;
-      row.adjustments_begin = next_adjustment;
-      row.adjustments_count = int32_t(step->adjustments.size());
-      std::copy(step->adjustments.begin(), step->adjustments.end(), staged_adjustments + next_adjustment);
-      next_adjustment += row.adjustments_count;
-      any_top_p = any_top_p || row.top_p < 1.0f;
+  // Every entry is a row of the step's logits and of the sampling launch (one without sampling draws a greedy token
+  // that is ignored, so the launch reads the logits in place). The rows go in launches of consecutive rows whose
+  // adjustments fit the buffers: one launch unless the step brings more than were planned for.
+  std::vector<size_t> launch_begin{0};
+  size_t launch_adjustments = 0;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const size_t count = entries[i].sampling ? entries[i].sampling->adjustments.size() : 0;
+    check(buffers.fits(1, count), "batched step: entry ", i, " brings ", count,
+          " logit adjustments, more than the sampling buffers hold");
+    if (!buffers.fits(i + 1 - launch_begin.back(), launch_adjustments + count)) {
+      launch_begin.push_back(i);
+      launch_adjustments = 0;
     }
-    buffers.host_rows()[r] = row;
+    launch_adjustments += count;
   }
+  launch_begin.push_back(entries.size());
 
   const cudaStream_t stream = model_->stream();
-  // The inputs go up before the step, so the sampling kernel follows the step's last kernel directly.
-  if (!row_entry.empty()) {
-    const size_t bytes = row_entry.size() * sizeof(sampling::RowParams) +
-                         size_t(next_adjustment) * sizeof(sampling::LogitAdjustment);
-    DSV4_CUDA_CHECK(
-        cudaMemcpyAsync(buffers.device_inputs.data(), buffers.host_rows(), bytes, cudaMemcpyHostToDevice, stream));
-  }
-
-  const float* logits = nullptr;
-  std::vector<float> host_logits;
-  if (decode) {
-    std::vector<int> slots;
-    std::vector<int32_t> ids;
-    for (const BatchEntry& e : entries) {
-      slots.push_back(cuda_sequence(e.sequence).slot());
-      ids.push_back(e.ids[0]);
+  // Stages launch l's rows and queues their copy to the device; returns whether some row has top_p < 1.
+  auto stage = [&](size_t l) {
+    const size_t begin = launch_begin[l], rows = launch_begin[l + 1] - begin;
+    sampling::LogitAdjustment* staged_adjustments = DeviceSampling::adjustments_after(buffers.host_inputs.data(), rows);
+    bool any_top_p = false;
+    int32_t next_adjustment = 0;
+    for (size_t r = 0; r < rows; ++r) {
+      const sampling::SamplingStep* step = entries[begin + r].sampling;
+      sampling::RowParams row;
+      row.temperature = 0.0f;  // an unsampled row: greedy, no draw
+      if (step) {
+        row = step->row;
+        row.adjustments_begin = next_adjustment;
+        row.adjustments_count = int32_t(step->adjustments.size());
+        std::copy(step->adjustments.begin(), step->adjustments.end(), staged_adjustments + next_adjustment);
+        next_adjustment += row.adjustments_count;
+        any_top_p = any_top_p || row.top_p < 1.0f;
+      }
+      buffers.host_rows()[r] = row;
     }
+    const size_t bytes =
+        rows * sizeof(sampling::RowParams) + size_t(next_adjustment) * sizeof(sampling::LogitAdjustment);
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.device.inputs, buffers.host_rows(), bytes, cudaMemcpyHostToDevice, stream));
+    return any_top_p;
+  };
+
+  // The first launch's inputs go up before the step, so the sampling kernel follows the step's last kernel directly.
+  bool any_top_p = stage(0);
+  std::vector<int> slots;
+  for (const BatchEntry& e : entries) slots.push_back(cuda_sequence(e.sequence).slot());
+  const float* logits = nullptr;
+  if (all_single_tokens(entries)) {
+    std::vector<int32_t> ids;
+    for (const BatchEntry& e : entries) ids.push_back(e.ids[0]);
     logits = model_->decode_on_device(slots, ids);
   } else {
     std::vector<StepSequence> sequences;
-    for (const BatchEntry& e : entries) sequences.push_back(StepSequence{cuda_sequence(e.sequence).slot(), e.ids});
-    model_->step(sequences, host_logits);
-    if (!buffers.logits) {
-      buffers.logits = std::make_unique<DeviceBuffer>(buffers.rows * size_t(vocab) * sizeof(float), "sampled logits");
-    }
-    for (size_t r = 0; r < row_entry.size(); ++r) {
-      DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.logits->as<float>() + r * size_t(vocab),
-                                      host_logits.data() + row_entry[r] * size_t(vocab), size_t(vocab) * sizeof(float),
-                                      cudaMemcpyHostToDevice, stream));
-    }
-    logits = buffers.logits->as<float>();
+    for (size_t i = 0; i < entries.size(); ++i) sequences.push_back(StepSequence{slots[i], entries[i].ids});
+    logits = model_->step_on_device(sequences);
   }
 
-  tokens.assign(entries.size(), SampledEntry{});
-  if (row_entry.empty()) return;
-  SamplingLaunchParams launch;
-  launch.logits = logits;
-  launch.rows = int64_t(row_entry.size());
-  launch.vocab = vocab;
-  launch.row_stride = vocab;
-  launch.row_params = buffers.device_inputs.as<sampling::RowParams>();
-  launch.adjustments = DeviceSampling::adjustments_after(buffers.device_inputs.data(), row_entry.size());
-  launch.results = buffers.device_results.as<SampledToken>();
-  launch.any_top_p = any_top_p;
-  launch.stream = stream;
-  run_sampling(launch);
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(buffers.host_results.data(), launch.results, row_entry.size() * sizeof(SampledToken),
-                                  cudaMemcpyDeviceToHost, stream));
+  auto* results = static_cast<SampledToken*>(buffers.host_results.data());
+  for (size_t l = 0; l + 1 < launch_begin.size(); ++l) {
+    const size_t begin = launch_begin[l], rows = launch_begin[l + 1] - begin;
+    if (l > 0) {
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));  // the previous launch's inputs have left the staging
+      any_top_p = stage(l);
+    }
+    SamplingLaunchParams launch;
+    launch.logits = logits + begin * size_t(vocab);
+    launch.rows = int64_t(rows);
+    launch.vocab = vocab;
+    launch.row_stride = vocab;
+    launch.row_params = static_cast<const sampling::RowParams*>(buffers.device.inputs);
+    launch.adjustments = DeviceSampling::adjustments_after(buffers.device.inputs, rows);
+    launch.results = buffers.device.results;
+    launch.any_top_p = any_top_p;
+    launch.stream = stream;
+    run_sampling(launch);
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(results + begin, launch.results, rows * sizeof(SampledToken),
+                                    cudaMemcpyDeviceToHost, stream));
+  }
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const auto* results = static_cast<const SampledToken*>(buffers.host_results.data());
-  for (size_t r = 0; r < row_entry.size(); ++r) {
-    if (!entries[row_entry[r]].sampling) continue;
+  tokens.assign(entries.size(), SampledEntry{});
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (!entries[i].sampling) continue;
     try {
-      check_sampled_token(results[r]);
-      tokens[row_entry[r]].token = results[r].token;
+      check_sampled_token(results[i]);
+      tokens[i].token = results[i].token;
     } catch (const Error& e) {
-      tokens[row_entry[r]].error = e.what();
+      tokens[i].error = e.what();
     }
   }
 }

@@ -1,8 +1,10 @@
 // CudaModel behind the runtime's LanguageModel interface: each SequenceCache the runtime creates holds one of the
 // model's sequence slots and gives it back when destroyed. Batched steps whose entries are all one token run as one
 // decode step (CudaModel::decode_on_device: a CUDA graph per batch size, replayed); steps with prompt chunks run as
-// one mixed kernel pass (CudaModel::step). Decode steps can sample on the device (forward_and_sample,
-// forward_batch_and_sample): one sampling launch over the step's rows, and only the chosen tokens are copied back.
+// one mixed kernel pass (CudaModel::step). Steps can sample on the device (forward_and_sample,
+// forward_batch_and_sample): the logits stay there, one sampling launch over the step's rows reads them (its buffers
+// are the model's, sized in its memory plan: CudaModelOptions::sampling_adjustments, 0 = planned here for every
+// sequence's whole context and 1024 logit biases; at least the vocabulary), and only the chosen tokens are copied back.
 #pragma once
 
 #include "backends/cuda/cuda_model.hpp"
@@ -29,9 +31,9 @@ class CudaLanguageModel final : public LanguageModel {
   // max_sequences entries; max(max_step_tokens, max_sequences) tokens, max_step_tokens of one entry.
   BatchLimits batch_limits() const override;
   void forward_batch(std::span<const BatchEntry> entries, std::vector<float>& logits) override;
-  // A step of one-token entries: the decode step, then one sampling launch over its logits on the device. A step
-  // with prompt chunks: the mixed step, whose logits come back; the rows to sample go up again for the same launch
-  // (a prompt chunk's step costs far more than that copy).
+  // The decode step (one-token entries) or the mixed step (prompt chunks) leaving its logits on the device, then one
+  // sampling launch over its rows there (several only when the entries bring more logit adjustments than the
+  // buffers were planned for).
   void forward_batch_and_sample(std::span<const BatchEntry> entries, std::vector<SampledEntry>& tokens) override;
 
  private:

@@ -17,6 +17,7 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/kv_insert.hpp"
+#include "backends/cuda/kernels/l2_prefetch.hpp"
 #include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
@@ -249,6 +250,10 @@ constexpr int64_t kQNormCtaRowsMaxRows = 1024;
 // own (stack_indexer_projections); longer steps run its parts as row slices, so the buffer stays small.
 constexpr int64_t kStackedQueryMaxTokens = 64;
 
+// Up to this many tokens (decode steps) the step asks L2 for the next weights (l2_prefetch_weights): the linear layers
+// of such steps are bound by their weight bytes while the kernels between them barely use HBM.
+constexpr int64_t kL2PrefetchMaxTokens = 16;
+
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
   return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
@@ -399,6 +404,11 @@ struct CudaModel::Impl {
                                                 !o.parallel_compressors && !o.indexer_prepare_in_scores),
           "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, ",
           "parallel_compressors and indexer_prepare_in_scores off");
+    check(o.l2_prefetch_fraction > 0 && o.l2_prefetch_fraction <= 1, "CUDA model: l2_prefetch_fraction ",
+          o.l2_prefetch_fraction, " outside (0, 1]");
+    // A row's adjustments_begin is an int32 index into them.
+    check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
+          o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");
     stream = context.compute_stream();
     graphs_enabled = !cuda_graphs_disabled();
     const int L = c.num_layers;
@@ -491,6 +501,7 @@ struct CudaModel::Impl {
     plan.state = sequence_state_bytes(kv);
     plan.rope_tables = distinct_rope_sets() * round_up_256(rope_table_bytes(c.rope_head_dim / 2, o.max_context));
     plan.scratch = carve_scratch(nullptr);
+    plan.sampling = carve_sampling(nullptr);
     plan.free = context.memory().free_bytes;
     check(plan.needed() <= plan.free, "the model needs ", plan.describe(), " on ", context.describe(), ": ",
           format_bytes(plan.needed() - plan.free), " short; lower --ctx (", o.max_context,
@@ -500,7 +511,8 @@ struct CudaModel::Impl {
     if (host != nullptr) {
       WeightUploadOptions upload;
       upload.progress = o.progress;
-      upload.keep_free_bytes = plan.stacked + plan.kv_cache + plan.state + plan.rope_tables + plan.scratch;
+      upload.keep_free_bytes =
+          plan.stacked + plan.kv_cache + plan.state + plan.rope_tables + plan.scratch + plan.sampling;
       weights = upload_model_weights(*host_weights, pool, context.copy_stream(), upload);
     } else {
       weights = std::move(*device);
@@ -535,6 +547,10 @@ struct CudaModel::Impl {
     // Counters and tickets the kernels expect zero once (they leave them zero).
     DSV4_CUDA_CHECK(cudaMemsetAsync(scratch_buffer.data(), 0, plan.scratch, stream));
     prepare_moe_workspace(scratch.moe_workspace, moe_workspace_size, stream);
+    if (plan.sampling > 0) {
+      sampling_buffer = DeviceBuffer(plan.sampling, "sampling buffers");
+      carve_sampling(sampling_buffer.data());
+    }
 
     DSV4_CUDA_CHECK(cudaHostAlloc(&staging, StepInputLayout(step_capacity, o.max_sequences).bytes,
                                   cudaHostAllocDefault));
@@ -546,6 +562,12 @@ struct CudaModel::Impl {
       branch_stream.emplace("compressor branch");
       for (cudaEvent_t* e : {&branch_forked, &qr_written, &branch_joined})
         DSV4_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    }
+    if (o.l2_prefetch_weights) {
+      prefetch_stream.emplace("L2 prefetch branch");
+      for (cudaEvent_t* e : {&prefetch_forked, &prefetch_joined})
+        DSV4_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+      l2_prefetch_budget = uint64_t(o.l2_prefetch_fraction * double(context.info().l2_bytes));
     }
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -599,7 +621,7 @@ struct CudaModel::Impl {
     }
     if (inputs_copied != nullptr) cudaEventDestroy(inputs_copied);
     if (flag_copied != nullptr) cudaEventDestroy(flag_copied);
-    for (cudaEvent_t e : {branch_forked, qr_written, branch_joined})
+    for (cudaEvent_t e : {branch_forked, qr_written, branch_joined, prefetch_forked, prefetch_joined})
       if (e != nullptr) cudaEventDestroy(e);
     if (host_nan_flag != nullptr) cudaFreeHost(host_nan_flag);
     if (staging != nullptr) cudaFreeHost(staging);
@@ -613,13 +635,15 @@ struct CudaModel::Impl {
     size_t state = 0;     // compressor states and indexer keys of every slot
     size_t rope_tables = 0;  // RoPE factors of every position below max_context, per distinct frequency set
     size_t scratch = 0;   // step activations and kernel workspaces
+    size_t sampling = 0;  // the sampling kernel's inputs and results (sampling_adjustments)
     size_t free = 0;      // device memory free before the model allocated anything
-    size_t needed() const { return weights + stacked + kv_cache + state + rope_tables + scratch; }
+    size_t needed() const { return weights + stacked + kv_cache + state + rope_tables + scratch + sampling; }
     std::string describe() const {
       return (weights > 0 ? format_bytes(weights) + " of weights + " : std::string()) +
              (stacked > 0 ? format_bytes(stacked) + " of stacked projections + " : std::string()) +
              format_bytes(kv_cache) + " of KV cache + " + format_bytes(state) + " of compressor and indexer state + " +
-             format_bytes(rope_tables) + " of RoPE tables + " + format_bytes(scratch) + " of step workspace = " +
+             format_bytes(rope_tables) + " of RoPE tables + " + format_bytes(scratch) + " of step workspace" +
+             (sampling > 0 ? " + " + format_bytes(sampling) + " of sampling buffers" : std::string()) + " = " +
              format_bytes(needed()) + ", " + format_bytes(free) + " free";
     }
   };
@@ -746,6 +770,19 @@ struct CudaModel::Impl {
     s.hc_workspace = k.take<uint8_t>(int64_t(hc_workspace_bytes));
     s.moe_workspace = k.take<uint8_t>(int64_t(moe_workspace_size));
     s.top_k_workspace = k.take<uint8_t>(int64_t(top_k_workspace_size));
+    return k.bytes();
+  }
+
+  // Lays the sampling buffers out from `base` (null: a dry run); returns their bytes (0 without
+  // sampling_adjustments).
+  size_t carve_sampling(void* base) {
+    if (options.sampling_adjustments == 0) return 0;
+    Carver k(base);
+    const int64_t rows = options.max_sequences;
+    sampling.inputs_bytes = size_t(rows) * sizeof(sampling::RowParams) +
+                            size_t(options.sampling_adjustments) * sizeof(sampling::LogitAdjustment);
+    sampling.inputs = k.take<uint8_t>(int64_t(sampling.inputs_bytes));
+    sampling.results = k.take<SampledToken>(rows);
     return k.bytes();
   }
 
@@ -899,6 +936,43 @@ struct CudaModel::Impl {
   }
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
+
+  bool prefetches_weights(const StepShape& shape) const {
+    return options.l2_prefetch_weights && shape.tokens <= kL2PrefetchMaxTokens;
+  }
+
+  // With l2_prefetch_weights in a decode-sized step: forks the prefetch branch after what the step stream has queued
+  // so far and asks L2 there for the first l2_prefetch_budget bytes of `matrices`, in order (empty views skipped).
+  void prefetch_weights(const StepShape& shape, std::initializer_list<DeviceMatrixView> matrices) {
+    if (!prefetches_weights(shape)) return;
+    L2PrefetchParams p;
+    p.stream = prefetch_stream->get();
+    uint64_t budget = l2_prefetch_budget;
+    for (const DeviceMatrixView& w : matrices)
+      if (w.rows > 0) budget -= add_l2_prefetch_matrix(p, w, budget);
+    DSV4_CUDA_CHECK(cudaEventRecord(prefetch_forked, stream));
+    DSV4_CUDA_CHECK(cudaStreamWaitEvent(prefetch_stream->get(), prefetch_forked));
+    run_l2_prefetch(p);
+    prefetch_pending = true;
+  }
+
+  // The prefetch branch joins the step stream (its launches only issue requests: long finished by then).
+  void join_prefetches() {
+    if (!prefetch_pending) return;
+    DSV4_CUDA_CHECK(cudaEventRecord(prefetch_joined, prefetch_stream->get()));
+    DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, prefetch_joined));
+    prefetch_pending = false;
+  }
+
+  // The first bandwidth-bound linears of a layer's query path: [wq_a; wkv] (or its parts), then wq_b (stacked with the
+  // indexer's where it is).
+  void prefetch_query_weights(const StepShape& shape, int layer) {
+    const device_weights::Attention& a = weights.layers[size_t(layer)].attn;
+    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    const bool stacked_queries = stack != nullptr && stack->queries.view().rows > 0;
+    prefetch_weights(shape, {stack != nullptr ? stack->qr_kv.view() : DeviceMatrixView{}, a.wq_a.view(),
+                             a.wkv.view(), stacked_queries ? stack->queries.view() : a.wq_b.view()});
+  }
 
   // [wq_b; indexer wq_b] stacked (stack_indexer_projections), unless the indexer's wq_b runs on the compressors'
   // branch (parallel_indexer).
@@ -1129,7 +1203,6 @@ struct CudaModel::Impl {
     insert.norm_weight = floats(w.kv_norm), insert.eps = float(c.rms_norm_eps);
     insert.rope_table = layer_rope_table[size_t(layer)], insert.sequence_slots = in.slots;
     insert.positions = in.positions, insert.dest_rows = in.ring_rows, insert.stream = stream;
-    insert.inputs_ready_at_launch = options.insert_inputs_at_launch;
     const float* qr = s.qr;
     int64_t qr_stride = ql;
     if (stack != nullptr && stack->qr_kv.view().rows > 0) {
@@ -1193,11 +1266,13 @@ struct CudaModel::Impl {
         linear_of_normed_qr(main_lane(), w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
                             q_norm_weight, T, s.qi, IH * ID);
     }
+    // wo_a's weights into L2 while the KV insert and the attention run (latency-bound: HBM nearly idle).
+    prefetch_weights(shape, {w.wo_a.view()});
     RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
     q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
     q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
     q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
-    q_norm.positions_ready_at_launch = options.insert_inputs_at_launch, q_norm.rope_dim = c.rope_head_dim;
+    q_norm.rope_dim = c.rope_head_dim;
     q_norm.rows_per_position = H, q_norm.stream = stream;
     q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
     if (!inserted && insert_carries_a_norm) {
@@ -1282,6 +1357,7 @@ struct CudaModel::Impl {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
+    prefetch_pending = false;  // a step that failed while being queued may have left its last prefetch unjoined
 
     // What a query sees depends on its position only, not on the layer: the window lists, and per HCA ratio the
     // visible compressed entries, once per step (in the embedding's launch).
@@ -1296,6 +1372,7 @@ struct CudaModel::Impl {
     embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
     embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream, embed.attention_lists = &index;
     run_embedding(embed);
+    prefetch_query_weights(shape, 0);
 
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
@@ -1304,6 +1381,10 @@ struct CudaModel::Impl {
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       attention(layer, shape, in);
+      // The router and the shared expert into L2 during hc_post_pre and the router (the routed experts are chosen on
+      // the device only then).
+      const MoeExpertView& shared = moe[size_t(layer)]->experts().back();
+      prefetch_weights(shape, {moe[size_t(layer)]->router(), shared.w1, shared.w3, shared.w2});
       hc_post(T, 0, &b.hc_ffn, SiteNorm{floats(b.ffn_norm), scratch.u, nullptr});
 
       MoeRunParams m;
@@ -1311,10 +1392,13 @@ struct CudaModel::Impl {
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
       m.single_launch = options.moe_single_launch;
       run_moe(*moe[size_t(layer)], m);
-      if (layer + 1 < c.num_layers)
+      join_prefetches();
+      if (layer + 1 < c.num_layers) {
+        prefetch_query_weights(shape, layer + 1);
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
-      else
+      } else {
         hc_post(T, 1, nullptr, {});
+      }
       if (layer_nodes != nullptr) {
         const size_t nodes = captured_nodes();
         layer_nodes->push_back(int(nodes - nodes_before_layer));
@@ -1494,9 +1578,9 @@ struct CudaModel::Impl {
     check_nan_flag(true);
   }
 
-  // One kernel pass over several sequences' runs (CudaModel::step), eagerly; the logits of each run's last token into
-  // `logits`.
-  void mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids, std::vector<float>& logits) {
+  // One kernel pass over several sequences' runs (CudaModel::step), eagerly; the logits of each run's last token stay
+  // in scratch.logits. No host synchronisation.
+  void mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids) {
     const int64_t T = int64_t(ids.size());
     stage_inputs(runs, ids, T);
     StepShape shape;
@@ -1508,12 +1592,21 @@ struct CudaModel::Impl {
       slot_length[size_t(r.slot)] = r.start + r.tokens;
       unchecked_slots.push_back(r.slot);
     }
-    logits.resize(runs.size() * size_t(config.vocab_size));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data(), scratch.logits, logits.size() * sizeof(float),
-                                    cudaMemcpyDeviceToHost, stream));
     queue_nan_flag_copy();
-    check_nan_flag(true);
   }
+
+  // Tokens a slot in use holds; throws for a free or failed slot.
+  int64_t held_length(int slot) const {
+    check(slot >= 0 && slot < int(slot_length.size()) && slot_length[size_t(slot)] != kFreeSlot,
+          "CUDA model: sequence slot ", slot, " is not in use");
+    check(slot_length[size_t(slot)] != kFailedSlot, "CUDA model: sequence slot ", slot,
+          " failed in an earlier step; release it");
+    return slot_length[size_t(slot)];
+  }
+
+  void plan_mixed_step(std::span<const StepSequence> sequences, std::vector<StepRun>& runs,
+                       std::vector<int32_t>& ids);
+  void run_mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids);
 
   // One decode step of several sequences; logits stay in scratch.logits. No host synchronisation.
   void decode_step(std::span<const int> slots, std::span<const int32_t> ids) {
@@ -1556,6 +1649,8 @@ struct CudaModel::Impl {
          top_k_workspace_size = 0;
   MemoryPlan plan;
   DeviceBuffer scratch_buffer;
+  DeviceBuffer sampling_buffer;  // with sampling_adjustments
+  SamplingBuffers sampling;
   Scratch scratch{};
   std::map<int64_t, VisibleEntries> visible_entries;  // by HCA ratio
   std::map<int, StepGraph> graphs;  // decode steps by batch size
@@ -1566,6 +1661,12 @@ struct CudaModel::Impl {
   // stream, hand it qr (parallel_indexer) and join it back.
   std::optional<Stream> branch_stream;
   cudaEvent_t branch_forked = nullptr, qr_written = nullptr, branch_joined = nullptr;
+  // The L2 prefetch branch (l2_prefetch_weights): its stream, fork and join events, whether a launch on it awaits its
+  // join, and the bytes one site may ask for.
+  std::optional<Stream> prefetch_stream;
+  cudaEvent_t prefetch_forked = nullptr, prefetch_joined = nullptr;
+  bool prefetch_pending = false;
+  uint64_t l2_prefetch_budget = 0;
   std::vector<int> unchecked_slots;  // slots stepped since the NaN flag was last read
   bool flag_pending = false;         // a NaN flag copy was queued since the flag was last read
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot
@@ -1587,7 +1688,8 @@ std::string CudaModel::describe() const {
   return m.context.describe() + ", weights " + format_bytes(m.weights.bytes) + ", KV cache " +
          format_bytes(m.plan.kv_cache) + " (" + std::to_string(m.kv_cache->config().pages) + " pages), state " +
          format_bytes(m.plan.state) + ", RoPE tables " + format_bytes(m.plan.rope_tables) + ", step workspace " +
-         format_bytes(m.plan.scratch) + ", decode " +
+         format_bytes(m.plan.scratch) +
+         (m.plan.sampling > 0 ? ", sampling buffers " + format_bytes(m.plan.sampling) : std::string()) + ", decode " +
          (m.graphs_enabled ? "CUDA graphs" : "eager (DSV4_DISABLE_CUDA_GRAPHS)");
 }
 
@@ -1610,13 +1712,7 @@ void CudaModel::release_sequence(int slot) {
   impl_->slot_length[size_t(slot)] = kFreeSlot;
 }
 
-int64_t CudaModel::length(int slot) const {
-  check(slot >= 0 && slot < int(impl_->slot_length.size()) && impl_->slot_length[size_t(slot)] != kFreeSlot,
-        "CUDA model: sequence slot ", slot, " is not in use");
-  check(impl_->slot_length[size_t(slot)] != kFailedSlot, "CUDA model: sequence slot ", slot,
-        " failed in an earlier step; release it");
-  return impl_->slot_length[size_t(slot)];
-}
+int64_t CudaModel::length(int slot) const { return impl_->held_length(slot); }
 
 void CudaModel::forward(int slot, std::span<const int32_t> ids, LogitRows rows, std::vector<float>& logits) {
   Impl& m = *impl_;
@@ -1684,36 +1780,68 @@ void CudaModel::decode(std::span<const int> slots, std::span<const int32_t> ids,
   m.check_nan_flag(true);
 }
 
-void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>& logits) {
-  Impl& m = *impl_;
+// Checks a mixed step's sequences (throwing before any slot changes) into its runs and ids.
+void CudaModel::Impl::plan_mixed_step(std::span<const StepSequence> sequences, std::vector<StepRun>& runs,
+                                      std::vector<int32_t>& ids) {
   check(!sequences.empty(), "step: no sequences");
-  check(int64_t(sequences.size()) <= m.options.max_sequences, "step: ", sequences.size(),
-        " sequences exceed max_sequences ", m.options.max_sequences);
-  std::vector<bool> seen(m.slot_length.size(), false);
-  std::vector<StepRun> runs;
-  std::vector<int32_t> ids;
+  check(int64_t(sequences.size()) <= options.max_sequences, "step: ", sequences.size(),
+        " sequences exceed max_sequences ", options.max_sequences);
+  std::vector<bool> seen(slot_length.size(), false);
   for (const StepSequence& s : sequences) {
-    const int64_t p = length(s.slot), n = int64_t(s.ids.size());
+    const int64_t p = held_length(s.slot), n = int64_t(s.ids.size());
     check(!seen[size_t(s.slot)], "step: sequence slot ", s.slot, " appears twice in one step");
     seen[size_t(s.slot)] = true;
-    check(n >= 1 && n <= m.options.max_step_tokens, "step: sequence slot ", s.slot, " brings ", n,
-          " tokens; a step takes 1 to max_step_tokens (", m.options.max_step_tokens, ") of a sequence");
-    check(p + n <= m.options.max_context, "step: sequence slot ", s.slot, " would hold ", p + n,
-          " tokens, more than the context this GPU model was sized for (", m.options.max_context, ")");
-    check_embedding_ids(s.ids.data(), n, m.config.vocab_size);
+    check(n >= 1 && n <= options.max_step_tokens, "step: sequence slot ", s.slot, " brings ", n,
+          " tokens; a step takes 1 to max_step_tokens (", options.max_step_tokens, ") of a sequence");
+    check(p + n <= options.max_context, "step: sequence slot ", s.slot, " would hold ", p + n,
+          " tokens, more than the context this GPU model was sized for (", options.max_context, ")");
+    check_embedding_ids(s.ids.data(), n, config.vocab_size);
     runs.push_back(StepRun{s.slot, p, n});
     ids.insert(ids.end(), s.ids.begin(), s.ids.end());
   }
-  check(int64_t(ids.size()) <= m.step_capacity, "step: ", ids.size(), " tokens exceed the ", m.step_capacity,
+  check(int64_t(ids.size()) <= step_capacity, "step: ", ids.size(), " tokens exceed the ", step_capacity,
         " a step holds (max(max_step_tokens, max_sequences))");
-  m.check_nan_flag(true);
+}
+
+// Runs a checked mixed step; a failure while queueing marks its slots failed.
+void CudaModel::Impl::run_mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids) {
   try {
-    m.mixed_step(runs, ids, logits);
+    mixed_step(runs, ids);
   } catch (...) {
     // A failed step leaves the slots' device state undefined: they refuse further steps until released.
-    for (const StepRun& r : runs) m.slot_length[size_t(r.slot)] = kFailedSlot;
+    for (const StepRun& r : runs) slot_length[size_t(r.slot)] = kFailedSlot;
     throw;
   }
+}
+
+void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>& logits) {
+  Impl& m = *impl_;
+  std::vector<StepRun> runs;
+  std::vector<int32_t> ids;
+  m.plan_mixed_step(sequences, runs, ids);
+  m.check_nan_flag(true);
+  m.run_mixed_step(runs, ids);
+  logits.resize(runs.size() * size_t(m.config.vocab_size));
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data(), m.scratch.logits, logits.size() * sizeof(float),
+                                  cudaMemcpyDeviceToHost, m.stream));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.check_nan_flag(true);
+}
+
+const float* CudaModel::step_on_device(std::span<const StepSequence> sequences) {
+  Impl& m = *impl_;
+  std::vector<StepRun> runs;
+  std::vector<int32_t> ids;
+  m.plan_mixed_step(sequences, runs, ids);
+  m.check_nan_flag(false);
+  m.run_mixed_step(runs, ids);
+  return m.scratch.logits;
+}
+
+const SamplingBuffers& CudaModel::sampling_buffers() const {
+  check(impl_->options.sampling_adjustments > 0,
+        "CUDA model: no sampling buffers (CudaModelOptions::sampling_adjustments is 0)");
+  return impl_->sampling;
 }
 
 cudaStream_t CudaModel::stream() const { return impl_->stream; }

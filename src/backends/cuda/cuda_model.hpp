@@ -21,6 +21,7 @@
 
 #include <cuda_runtime.h>
 
+#include "backends/cuda/kernels/sampling.hpp"
 #include "backends/cuda/weight_upload.hpp"
 #include "io/model_config.hpp"
 #include "model/dsv4_model.hpp"
@@ -89,12 +90,6 @@ struct CudaModelOptions {
   // The compressors load the step's runs before their grid-dependency wait (CompressorParams::runs_ready_at_launch:
   // the runs are step inputs, copied before the step's first kernel). The same bits.
   bool compressor_runs_at_launch = false;
-  // The KV insert and the norm riding in its launch read the step's positions, slots, ring rows, the page table and
-  // their RoPE factors before their grid-dependency wait (KvInsertParams::inputs_ready_at_launch: step inputs,
-  // copied before the step's first kernel), leaving x's load, the norm and the stores after it. The same bits. Not
-  // shown faster (H200, Flash 8 layers b1, session 15: 1.5085 against 1.5052 ms per step in round 2, 1.3896 against
-  // 1.3938 with q_norm_cta_rows in round 3).
-  bool insert_inputs_at_launch = false;
   // The queries' per-head norm (in the KV insert's launch or its own) with a CTA per head instead of a warp per head
   // in decode-sized steps (up to 1024 head rows: RmsNormParams::cta_rows): 64 CTAs of 2 values per thread instead
   // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order. H200, Flash 8 layers NVFP4 (session
@@ -114,7 +109,25 @@ struct CudaModelOptions {
   // (LinearCall::prefetch_next): [wq_a; wkv] → wq_b, wq_b → wo_a, wo_a → wo_b, so the latency-bound kernels between
   // them (KV insert, attention) overlap the next weights' HBM reads. The same bits.
   bool prefetch_next_linear = false;
+  // Decode-sized steps (up to 16 tokens) ask L2 for the next bandwidth-bound weights from a side branch of the step
+  // (kernels/l2_prefetch.hpp: one small launch per site on a stream of its own, joined before the layer's closing
+  // mHC launch), forked where latency-bound kernels leave HBM nearly idle: the next layer's [wq_a; wkv] and wq_b
+  // during the FFN's closing mHC launch, wo_a during the KV insert and the attention, the router and the shared expert
+  // during hc_post_pre. Each site asks for at most l2_prefetch_fraction of the device's L2. The same bits.
+  bool l2_prefetch_weights = false;
+  double l2_prefetch_fraction = 0.75;
+  // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
+  // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
+  int64_t sampling_adjustments = 0;
   UploadProgress progress;                     // weight upload progress (optional)
+};
+
+// Device memory for the sampling kernel (kernels/sampling.hpp) over a step's logits
+// (CudaModelOptions::sampling_adjustments).
+struct SamplingBuffers {
+  void* inputs = nullptr;           // a launch's sampling::RowParams [rows], then its sampling::LogitAdjustments
+  size_t inputs_bytes = 0;          // max_sequences rows' parameters + sampling_adjustments adjustments
+  SampledToken* results = nullptr;  // [max_sequences]
 };
 
 // One sequence's tokens in a mixed step (CudaModel::step): `ids` at the slot's next positions.
@@ -169,6 +182,11 @@ class CudaModel {
   // max(max_step_tokens, max_sequences). Throws like forward before any slot changes; a failure while the kernels
   // run marks every slot of the step failed. Eager launches (the shape changes from step to step).
   void step(std::span<const StepSequence> sequences, std::vector<float>& logits);
+  // The same step leaving the logits [sequences, vocab] fp32 in device memory, valid until the next call, with no
+  // host synchronisation (as decode_on_device: NaN indexer scores are reported by a later call).
+  const float* step_on_device(std::span<const StepSequence> sequences);
+  // The sampling buffers of the memory plan; throws when CudaModelOptions::sampling_adjustments is 0.
+  const SamplingBuffers& sampling_buffers() const;
   // The stream every step runs on.
   cudaStream_t stream() const;
   // Kernel launches of a decode step of `batch` sequences (the captured graph's kernel nodes; captures it if needed).

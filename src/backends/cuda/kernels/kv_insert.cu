@@ -111,19 +111,12 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
   }
   const int64_t row = blockIdx.x;
   const PairWeights weights = load_pair_weights(a.p);
-  RowTarget target;
-  // A row without a destination leaves (uniformly over the CTA) before any barrier, writing nothing.
-  if (a.p.inputs_ready_at_launch) {
-    target = load_row_target(a.p, row);
-    if (target.entry == nullptr) return;
-  }
-  wait_for_prior_grids();  // x (and without inputs_ready_at_launch the step's inputs) come from earlier operations
+  wait_for_prior_grids();  // x and the step's inputs come from earlier operations
   // x is loaded before the target's lookups, so that its load and the row's inputs' share one round trip.
   const float2 x = load_row_pair(a, row);
-  if (!a.p.inputs_ready_at_launch) {
-    target = load_row_target(a.p, row);
-    if (target.entry == nullptr) return;
-  }
+  const RowTarget target = load_row_target(a.p, row);
+  // A row without a destination leaves (uniformly over the CTA) before any barrier, writing nothing.
+  if (target.entry == nullptr) return;
   insert_row(a, weights, target, x);
 }
 

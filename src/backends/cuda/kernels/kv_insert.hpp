@@ -18,10 +18,7 @@
 //   threads); fused_norm.stream is unused.
 // - RoPE factors come from a RoPE table (rope.hpp) with a row for every position the rows carry.
 // - A programmatic dependent launch (ptx/dependent_launch.cuh): the parameters (kv_norm weight, the RoPE table, the
-//   fused norm's weight) are read before the previous kernel in the stream has finished, everything else after;
-//   with inputs_ready_at_launch also the slots, positions, destination rows and the cache's page table (a model
-//   step's inputs, copied before the step's first kernel and written by none): a decode step's row then has its
-//   entry address and RoPE factors before the wait, and only x's load, the norm and the stores after it.
+//   fused norm's weight) are read before the previous kernel in the stream has finished, everything else after.
 // - Asynchronous on `stream`; no allocation, no synchronisation.
 #pragma once
 
@@ -51,7 +48,6 @@ struct KvInsertParams {
   const int32_t* sequence_slots = nullptr;  // device [rows]
   const int64_t* positions = nullptr;       // device [rows]: RoPE positions (needed only with rope_table)
   const int32_t* dest_rows = nullptr;       // device [rows]: logical rows in the target array, < 0 = skip
-  bool inputs_ready_at_launch = false;      // slots, positions, dest_rows, page table: read before the wait
   cudaStream_t stream = nullptr;
   RmsNormParams fused_norm;                 // rows 0: none
 };

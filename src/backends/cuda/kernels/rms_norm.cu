@@ -65,7 +65,6 @@ RmsNormLaunch rms_norm_launch(const RmsNormParams& p) {
                             .y_bf16 = p.y_bf16,
                             .rope_table = p.rope_table,
                             .positions = p.positions,
-                            .positions_ready_at_launch = p.positions_ready_at_launch,
                             .rope_dim = int(p.rope_dim),
                             .rows_per_position = p.rows_per_position,
                             .x_group_stride = p.x_group_stride == 0 ? p.rows_per_position * stride

@@ -8,7 +8,7 @@
 //   every thread: deterministic.
 // - Programmatic dependent launch: the weight is loaded into registers before the wait (a parameter, not a
 //   predecessor's output), x only after it. Each group stages its row's RoPE factors (the RoPE table's row of its
-//   position) in shared memory: before the wait with positions_ready_at_launch, else right after it, with x.
+//   position) in shared memory right after the wait, with x.
 // - rms_norm_rows is the whole body as a device function, so that kv_insert's fused launch runs the same code.
 #pragma once
 
@@ -45,7 +45,6 @@ struct RmsNormArgs {
   __nv_bfloat16* y_bf16;
   const float2* rope_table;
   const int64_t* positions;
-  bool positions_ready_at_launch;
   int rope_dim;
   int64_t rows_per_position;
   int64_t x_group_stride;
@@ -85,8 +84,8 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
     weights[j] = args.weight != nullptr && i < args.width ? __ldg(args.weight + i) : 1.0f;
   }
   // The group's row of RoPE factors (rope_dim / 2 ≤ kRmsNormMaxRopePairs pairs), staged by the group's threads; the
-  // barrier after it is reached by every thread of the CTA (kRope is uniform). Without positions_ready_at_launch the
-  // position is loaded with x and its factors staged once x's loads are issued: one round trip after x's.
+  // barrier after it is reached by every thread of the CTA (kRope is uniform). The position is loaded with x and its
+  // factors staged once x's loads are issued: one round trip after x's.
   __shared__ float2 staged_rope[kRope ? kRowsPerCta<kGroupThreads> : 1][kRope ? kRmsNormMaxRopePairs : 1];
   const auto load_position = [&] {
     return kRope && active ? args.positions[row / args.rows_per_position] : int64_t(0);
@@ -104,10 +103,8 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
       __syncthreads();
     }
   };
-  const bool ready = args.positions_ready_at_launch;
-  if (ready) stage_rope(load_position());
   wait_for_prior_grids();
-  const int64_t position = ready ? 0 : load_position();
+  const int64_t position = load_position();
   const float* x = args.x + (row / args.rows_per_position) * args.x_group_stride +
                    (row % args.rows_per_position) * args.x_row_stride;
   float values[kValues];
@@ -118,7 +115,7 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
     values[j] = active && i < args.width ? x[i] : 0.0f;
     sum = fmaf(values[j], values[j], sum);
   }
-  if (!ready) stage_rope(position);
+  stage_rope(position);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
   if constexpr (kGroupThreads == kThreads) {

@@ -16,8 +16,7 @@
 //   positions[r / rows_per_position], exactly as run_rope_apply does on the normed values (bit-identical to the
 //   two launches in a row).
 // - A programmatic dependent launch (ptx/dependent_launch.cuh): the weight is read before the previous kernel in
-//   the stream has finished, x only after; the positions and their RoPE factors before it too with
-//   positions_ready_at_launch (a model step's input, copied before the step's first kernel and written by none).
+//   the stream has finished, x, the positions and their RoPE factors only after.
 // - Asynchronous on `stream`; no allocation, no host synchronisation.
 #pragma once
 
@@ -43,7 +42,6 @@ struct RmsNormParams {
   __nv_bfloat16* y_bf16 = nullptr; // optional [rows, width]
   const float2* rope_table = nullptr;       // optional device [positions, rope_dim / 2] (rope.hpp)
   const int64_t* positions = nullptr;       // device [rows / rows_per_position], with rope_table
-  bool positions_ready_at_launch = false;   // positions (and their RoPE factors) read before the wait
   int64_t rope_dim = 0;                     // even, ≤ width
   int64_t rows_per_position = 1;            // e.g. heads; also the row groups of x_group_stride
   int64_t x_group_stride = 0;               // elements; 0 = rows_per_position · x_row_stride
