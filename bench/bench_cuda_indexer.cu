@@ -5,9 +5,9 @@
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 //   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
 //   twice the bf16 rate; raw queries (the preparation folded into the score kernel) against indexer_prepare +
-//   scores, in both formats; and the scores + top-k in one launch (run_indexer_scores_top_k) against the two. The
-//   warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of
-//   that format.
+//   scores, in both formats on both kernels; and the scores + top-k in one launch (run_indexer_scores_top_k:
+//   TopKKernel, and LastCta where key_count ≤ 2048) against the two. The warpgroup-MMA kernels
+//   (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of that format.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -17,11 +17,12 @@
 // Times are GPU time per call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs:
 // no host launch cost; kernels launched as programmatic dependents (top-k, indexer) overlap their start with the
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
-// - the decode chain at batch 1 (contexts 4K, 64K, 1M, and 16 keys visible in the 4K grid as in the e2e bench):
-//   indexer_prepare, scores and top-k alone, and the four ways of running them (three launches; prepare + fused
-//   scores/top-k; raw-q scores + top-k; raw-q fused), both formats, the scores with the default kernel choice
+// - the decode chain at batch 1 (contexts 64 = the e2e bench's 16-key bound, 4K, 64K, 1M, and 16 keys visible in
+//   the 4K grid) and batch 8 (4K, 64K): indexer_prepare, scores and top-k alone, and the ways of running them (three
+//   launches; prepare + fused scores/top-k; raw-q scores + top-k; raw-q fused; with ≤ 2048 keys prepare + LastCta
+//   and raw-q LastCta, one launch), both formats, the scores with the default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the batch-1 cases only.
+// Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the decode chains' cases only.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -148,7 +149,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
   constexpr int kTopK = 512;
   const int64_t keys = context / kRatio;
-  const std::string shape = std::to_string(context / 1024) + "K context (" + std::to_string(keys) + " keys), T=" +
+  const std::string shape = (context >= 1024 ? std::to_string(context / 1024) + "K" : std::to_string(context)) +
+                            " context (" + std::to_string(keys) + " keys), T=" +
                             std::to_string(tokens);
   // Reference-mode operands, as the model stores them: Hadamard + fp4-rounded on the device, which bf16 and fp8
   // (with its per-vector scale) both hold exactly. Queries get RoPE on their last 64 dims.
@@ -198,8 +200,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   prepare_q(stream, true);
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 
-  // Keys rotate over copies beyond the L2 (bf16 and fp8 alike), so every call streams them from HBM.
-  const int copies = int(std::max<size_t>(2, (size_t(200) << 20) / fp8_bytes + 1));
+  // Keys rotate over copies beyond the L2 (bf16 and fp8 alike), so every call streams them from HBM; at most 2048
+  // copies (a context of a few hundred tokens stays in L2, as the compressor that just wrote them leaves it).
+  const int copies = int(std::clamp<size_t>((size_t(200) << 20) / fp8_bytes + 1, 2, 2048));
   std::vector<DeviceBuffer> key_copies, fp8_copies;
   for (int i = 0; i < copies; ++i) {
     key_copies.emplace_back(key_bytes, "keys");
@@ -279,18 +282,21 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
                     "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
   }
-  // The query preparation folded into the score kernel (raw q) against the two launches it replaces.
-  for (const bool fp8 : {false, true}) {
-    const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      prepare_q(on, fp8);
-      run_indexer_scores(scores_params(on, fp8));
-    });
-    const double raw_us =
-        graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, true)); });
-    rows.push_back({"indexer scores, raw q", shape + (fp8 ? ", fp8" : ", bf16"), raw_us,
-                    fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
-                    "prepare folded in; baseline: indexer_prepare + scores (two launches)"});
-  }
+  // The query preparation folded into the score kernel (raw q) against the two launches it replaces, on the
+  // mma.sync and the warpgroup kernels.
+  for (const bool fp8 : {false, true})
+    for (const IndexerScoresKernel kernel : {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup}) {
+      const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
+        prepare_q(on, fp8);
+        run_indexer_scores(scores_params(on, fp8, false, kernel));
+      });
+      const double raw_us =
+          graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, true, kernel)); });
+      const bool warpgroup = kernel == IndexerScoresKernel::Warpgroup;
+      rows.push_back({warpgroup ? "indexer scores, raw q, warpgroup MMA" : "indexer scores, raw q",
+                      shape + (fp8 ? ", fp8" : ", bf16"), raw_us, fp8 ? fp8_floor_us : score_floor_us, two_launch_us,
+                      0.0, score_flops, "prepare folded in; baseline: indexer_prepare + scores (two launches)"});
+    }
 
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");
@@ -351,19 +357,37 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     "ctas/query " + std::to_string(top_k_ctas_per_query(tokens, keys)) +
                         "; baseline: CUB segmented radix sort (full)"});
   }
-  // The scores and the top-k in one launch (prepared queries: raw ones cost more than their launch, see above)
-  // against the two launches.
+  // The scores and the top-k in one launch (prepared queries) against the two launches: the top-k kernel computing
+  // its scores (TopKKernel, mma.sync scores), and where the key bound allows, the scores kernel's last CTA selecting
+  // (LastCta, the default kernel choice).
   for (const bool fp8 : {false, true}) {
     const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
       run_indexer_scores(scores_params(on, fp8));
       run_top_k(top_k_params(on, 0));
     });
+    const auto fused_params = [&](cudaStream_t on, IndexerTopKMethod method) {
+      IndexerScoresParams p = scores_params(
+          on, fp8, false, method == IndexerTopKMethod::LastCta ? IndexerScoresKernel::Auto : IndexerScoresKernel::Warp);
+      p.top_k_method = method;
+      return p;
+    };
     const double fused_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_indexer_scores_top_k(scores_params(on, fp8), top_k_params(on, 0));
+      run_indexer_scores_top_k(fused_params(on, IndexerTopKMethod::TopKKernel), top_k_params(on, 0));
     });
-    rows.push_back({"indexer scores + top-k 512, one launch", shape + (fp8 ? ", fp8" : ", bf16"), fused_us,
-                    fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
-                    "floor: the scores'; baseline: scores + top-k, two launches"});
+    rows.push_back({"indexer scores + top-k 512, one launch (TopKKernel)", shape + (fp8 ? ", fp8" : ", bf16"),
+                    fused_us, fp8 ? fp8_floor_us : score_floor_us, two_launch_us, 0.0, score_flops,
+                    "floor: the scores'; baseline: scores + top-k, two launches (mma.sync scores)"});
+    if (keys > kIndexerLastCtaMaxKeys) continue;
+    const double auto_two_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_indexer_scores(scores_params(on, fp8, false, IndexerScoresKernel::Auto));
+      run_top_k(top_k_params(on, 0));
+    });
+    const double last_cta_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      run_indexer_scores_top_k(fused_params(on, IndexerTopKMethod::LastCta), top_k_params(on, 0));
+    });
+    rows.push_back({"indexer scores + top-k 512, one launch (LastCta)", shape + (fp8 ? ", fp8" : ", bf16"),
+                    last_cta_us, fp8 ? fp8_floor_us : score_floor_us, auto_two_us, 0.0, score_flops,
+                    "floor: the scores'; baseline: scores + top-k, two launches (default kernel choice)"});
   }
   // The decode step's chain at batch 1, every way the model can run it (in both formats): the pieces alone, then
   // indexer_prepare + scores + top-k (three launches, the model's default), prepare + the fused scores + top-k (two),
@@ -373,14 +397,18 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   const std::vector<int64_t> e2e_position{16 * kRatio};
   const DeviceBuffer d_e2e_position = to_device(e2e_position, "e2e position");
   for (const bool e2e_like : {false, true}) {
-    if (tokens != 1 || (e2e_like && context != 4096)) continue;
+    if (tokens > 8 || (e2e_like && (context != 4096 || tokens != 1))) continue;
     // Every call of this chain reads the e2e-like position instead of the context's.
     const auto positions = [&](auto p) {
       if (e2e_like) p.positions = d_e2e_position.as<int64_t>();
       return p;
     };
-    const auto scores_params_at = [&](cudaStream_t on, bool fp8, bool raw = false) {
-      return positions(scores_params(on, fp8, raw, IndexerScoresKernel::Auto));
+    const auto scores_params_at = [&](cudaStream_t on, bool fp8, bool raw = false,
+                                      IndexerTopKMethod method = IndexerTopKMethod::Auto) {
+      IndexerScoresParams p = positions(scores_params(on, fp8, raw, IndexerScoresKernel::Auto));
+      p.top_k_method = method;
+      if (method == IndexerTopKMethod::TopKKernel) p.kernel = IndexerScoresKernel::Warp;
+      return p;
     };
     const auto top_k_params_at = [&](cudaStream_t on) { return positions(top_k_params(on, 0)); };
     for (const bool fp8 : {false, true}) {
@@ -403,9 +431,10 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       chain_row("top-k alone", graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params_at(on)); }),
                 "one piece");
       chain_row("prepare + scores + top-k", three_us, "3 launches (the model's default)");
-      chain_row("prepare + fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
+      chain_row("prepare + fused scores/top-k (TopKKernel)", graph_us(stream, 20, [&](cudaStream_t on) {
                   prepare_q(on, fp8);
-                  run_indexer_scores_top_k(scores_params_at(on, fp8), top_k_params_at(on));
+                  run_indexer_scores_top_k(scores_params_at(on, fp8, false, IndexerTopKMethod::TopKKernel),
+                                           top_k_params_at(on));
                 }),
                 "2 launches");
       chain_row("raw-q scores + top-k", graph_us(stream, 20, [&](cudaStream_t on) {
@@ -413,10 +442,24 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                   run_top_k(top_k_params_at(on));
                 }),
                 "2 launches (indexer_prepare_in_scores)");
-      chain_row("raw-q fused scores/top-k", graph_us(stream, 20, [&](cudaStream_t on) {
-                  run_indexer_scores_top_k(scores_params_at(on, fp8, true), top_k_params_at(on));
+      chain_row("raw-q fused scores/top-k (TopKKernel)", graph_us(stream, 20, [&](cudaStream_t on) {
+                  run_indexer_scores_top_k(scores_params_at(on, fp8, true, IndexerTopKMethod::TopKKernel),
+                                           top_k_params_at(on));
                 }),
                 "1 launch");
+      if (keys <= kIndexerLastCtaMaxKeys) {
+        chain_row("prepare + scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
+                    prepare_q(on, fp8);
+                    run_indexer_scores_top_k(scores_params_at(on, fp8, false, IndexerTopKMethod::LastCta),
+                                             top_k_params_at(on));
+                  }),
+                  "2 launches (top_k_method LastCta)");
+        chain_row("raw-q scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
+                    run_indexer_scores_top_k(scores_params_at(on, fp8, true, IndexerTopKMethod::LastCta),
+                                             top_k_params_at(on));
+                  }),
+                  "1 launch (indexer_prepare_in_scores + top_k_method LastCta)");
+      }
     }
     if (e2e_like) print_top_k_trace(shape + ", 16 keys visible", top_k_params_at(stream));
   }
@@ -501,13 +544,17 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   bench_launch(stream, rows);
-  // Batch 1 at a short, a long and the longest context (the decode chain's cases), then 8 and 64 queries.
-  for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
+  // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the
+  // longest context, batch 8 at the short and the long one; then 8 and 64 queries at the long contexts.
+  for (const int64_t context : {int64_t(64), int64_t(4096), int64_t(65536), int64_t(1) << 20})
     bench_indexer_and_top_k(context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
-  if (!decode_only)
+  for (const int64_t context : {int64_t(4096), int64_t(65536)})
+    bench_indexer_and_top_k(context, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+  if (!decode_only) {
+    bench_indexer_and_top_k(int64_t(1) << 20, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
     for (const int64_t context : {int64_t(65536), int64_t(1) << 20})
-      for (const int tokens : {8, 64})
-        bench_indexer_and_top_k(context, tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+      bench_indexer_and_top_k(context, 64, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+  }
   BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
   DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
 

@@ -279,9 +279,9 @@ struct ScoresRun {
 // half of head_dim, the rounding, bf16 or fp8) and raw queries prepared by the score kernel itself. Both must match
 // the CPU's scores of the prepared operands (every element, visibility, −inf) and each other bit for bit. Where the
 // shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) on the
-// prepared queries too: the CPU's scores within the same tolerance (its tensor-core summation order is its own);
-// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup for fp8 keys there when each CTA
-// has one query, else Warp).
+// prepared and the raw queries too: the CPU's scores within the same tolerance (its tensor-core summation order is
+// its own), raw bit for bit prepared; and IndexerScoresKernel::Auto, bit for bit the kernel it should pick
+// (Warpgroup there for fp8 keys, and for bf16 keys from 2^20 (query, key) pairs of one sequence, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -398,14 +398,16 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
-  const bool auto_warpgroup = warpgroup_shape && fp8 && (c.tokens == 1 || c.sequences > 1);
-  for (const int variant : {0, 1, 2, 3}) {
-    const bool raw = variant == 1, warpgroup = variant == 2, automatic = variant == 3;
+  const bool auto_warpgroup =
+      warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
+  // Variants 4 and 5: raw q on the warpgroup kernel and with the automatic choice.
+  for (const int variant : {0, 1, 2, 3, 4, 5}) {
+    const bool raw = variant == 1 || variant >= 4, warpgroup = variant == 2 || variant == 4,
+               automatic = variant == 3 || variant == 5;
     if (warpgroup && !warpgroup_shape) continue;
-    SCOPED_TRACE(raw         ? "raw q (prepared in the score kernel)"
-                 : warpgroup ? "prepared q, warpgroup MMA"
-                 : automatic ? "prepared q, automatic kernel choice"
-                             : "prepared q");
+    const std::string name = std::string(raw ? "raw q" : "prepared q") +
+                             (warpgroup ? ", warpgroup MMA" : automatic ? ", auto" : "");
+    SCOPED_TRACE(name);
     d_scores.fill_bytes(0xFF);
     IndexerScoresParams p{.q_raw_row_stride = c.strided ? q_stride : 0,
                           .head_weights = d_w.as<float>(),
@@ -466,23 +468,22 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     }
     std::printf("scores T=%lld heads=%lld head_dim=%lld keys=%lld %s %s %s: max error / magnitude %.3g\n",
                 (long long)c.tokens, (long long)c.heads, (long long)c.head_dim, (long long)c.key_count,
-                c.reference ? "reference" : "exact", fp8 ? "fp8" : "bf16",
-                raw ? "raw q" : warpgroup ? "prepared q, warpgroup MMA" : automatic ? "prepared q, auto" : "prepared q",
-                max_ratio);
+                c.reference ? "reference" : "exact", fp8 ? "fp8" : "bf16", name.c_str(), max_ratio);
     if (variant == 0) {
       prepared_scores = got;
       run.scores = got;
-    } else if (warpgroup) {
+    } else if (variant == 2) {
       warpgroup_scores = got;
     } else {
-      // Raw q: the prepared-q kernel's bits; Auto: those of the kernel it must have picked.
-      const std::vector<float>& same = raw || !auto_warpgroup ? prepared_scores : warpgroup_scores;
+      // Raw q: the bits of the same kernel on prepared q; Auto: those of the kernel it must have picked.
+      const bool on_warpgroup = warpgroup || (automatic && auto_warpgroup);
+      const std::vector<float>& same = on_warpgroup ? warpgroup_scores : prepared_scores;
       int mismatches = 0;
       for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
         if (float_bits(got[i]) != float_bits(same[i])) {
           ++mismatches;
-          ADD_FAILURE() << (raw ? "raw-q" : "auto") << " score " << i << " = " << got[i] << " differs from "
-                        << same[i];
+          ADD_FAILURE() << name << " score " << i << " = " << got[i] << " differs from " << same[i]
+                        << (on_warpgroup ? " (warpgroup MMA, prepared q)" : " (mma.sync, prepared q)");
         }
     }
   }
@@ -527,6 +528,9 @@ TEST(IndexerScores, LongContext) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   check_scores({1, 64, 128, 65536, 4, true}, KeyFormat::Bf16, 7);
   check_scores({1, 64, 128, 65536, 4, true}, KeyFormat::Fp8, 8);
+  // 16 queries × 65536 keys: 2^20 (query, key) pairs, where Auto takes the warpgroup kernel for bf16 keys too (8
+  // heads keep the CPU's side short).
+  check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
 }
 
 // fp8 scores then the device top-k against the CPU's top-k of the CPU scores. The two score sets differ by the
@@ -604,23 +608,35 @@ TEST(IndexerScores, Fp8TopKAgreesWithCpuUpToNearTies) {
   }
 }
 
-// run_indexer_scores_top_k against run_indexer_scores then run_top_k: the same scores bits, so the same selection
-// (indices, order, counts) and, where a CTA's range exceeds its cache, the same scores written. Both key formats, raw
-// and prepared queries, one and many CTAs per query, short contexts, sequence slots; 262,144 keys at batch 1.
+// run_indexer_scores_top_k against run_indexer_scores then run_top_k on the same score kernel: the same scores bits,
+// so the same selection (indices, order, counts, NaN flag) and the same scores written (LastCta: all of them;
+// TopKKernel: where a CTA's range exceeds its cache). Both key formats, raw and prepared queries, every method and
+// score kernel, one and many CTAs per query, short contexts, sequence slots; 262,144 keys at batch 1 (TopKKernel).
 struct FusedCase {
   int64_t tokens, heads, head_dim, key_count;
   int k;
   int sequences = 1;
   bool raw = true;
   int max_ctas_per_query = 0;
+  IndexerTopKMethod method = IndexerTopKMethod::TopKKernel;
+  IndexerScoresKernel kernel = IndexerScoresKernel::Warp;
+  bool nan_weight = false;  // one head weight of query 0 NaN: its scores all NaN (the flag, NaN ranked last)
 };
+
+const char* method_name(IndexerTopKMethod m) {
+  return m == IndexerTopKMethod::LastCta ? "LastCta" : m == IndexerTopKMethod::TopKKernel ? "TopKKernel" : "Auto";
+}
+const char* kernel_name(IndexerScoresKernel k) {
+  return k == IndexerScoresKernel::Warp ? "Warp" : k == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "Auto";
+}
 
 void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("fused T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
                std::to_string(c.head_dim) + " keys=" + std::to_string(c.key_count) + " k=" + std::to_string(c.k) +
                (fp8 ? " fp8" : " bf16") + (c.raw ? " raw q" : " prepared q") + " sequences=" +
-               std::to_string(c.sequences) + " ctas cap=" + std::to_string(c.max_ctas_per_query));
+               std::to_string(c.sequences) + " ctas cap=" + std::to_string(c.max_ctas_per_query) + " method " +
+               method_name(c.method) + " kernel " + kernel_name(c.kernel) + (c.nan_weight ? " NaN weight" : ""));
   constexpr int64_t kRatio = 4;
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -631,6 +647,7 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
   for (float& v : q_raw) v = normal(rng);
   for (float& v : keys) v = normal(rng);
   for (float& v : weights) v = normal(rng);
+  if (c.nan_weight) weights[size_t(std::min<int64_t>(5, c.heads - 1))] = std::numeric_limits<float>::quiet_NaN();
   std::vector<int32_t> query_slot(size_t(c.tokens));
   for (int32_t& slot : query_slot) slot = int32_t(rng() % uint32_t(c.sequences));
   std::vector<int64_t> positions(static_cast<size_t>(c.tokens));
@@ -689,16 +706,16 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
     std::vector<int32_t> selected, counts;
     int32_t nan_flag;
   };
-  const auto select = [&](bool fused) {
+  // fused: the call under test, `launches` times in a row (the workspace's tickets must be zero again after each).
+  const auto select = [&](bool fused, int launches) {
     DeviceBuffer d_scores(score_count * 4, "scores"), d_selected(size_t(c.tokens) * k_alloc * 4, "selected");
     DeviceBuffer d_counts(size_t(c.tokens) * 4, "counts"), d_flag(4, "nan flag");
-    d_scores.fill_bytes(0xFF);
-    d_selected.fill_bytes(0xAB);
-    d_counts.fill_bytes(0xAB);
     d_flag.fill_bytes(0);
     IndexerScoresParams scores = p;
     scores.scores = d_scores.as<float>();
-    scores.kernel = IndexerScoresKernel::Warp;  // the fused kernel's score code is the mma.sync kernels' (same bits)
+    // The two-launch reference scores on the same kernel (TopKKernel's score code is the mma.sync kernels').
+    scores.kernel = c.kernel;
+    scores.top_k_method = c.method;
     const TopKParams top{.scores = d_scores.as<float>(),
                          .row_stride = p.score_stride,
                          .candidates = c.key_count,
@@ -712,19 +729,26 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
                          .workspace = workspace.data(),
                          .workspace_bytes = workspace.bytes(),
                          .max_ctas_per_query = c.max_ctas_per_query};
-    if (fused) {
-      run_indexer_scores_top_k(scores, top);
-    } else {
-      run_indexer_scores(scores);
-      run_top_k(top);
+    for (int launch = 0; launch < launches; ++launch) {
+      // Poisoned before each launch: every output must be written again.
+      d_scores.fill_bytes(0xFF);
+      d_selected.fill_bytes(0xAB);
+      d_counts.fill_bytes(0xAB);
+      if (fused) {
+        run_indexer_scores_top_k(scores, top);
+      } else {
+        run_indexer_scores(scores);
+        run_top_k(top);
+      }
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     }
-    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     return Selection{from_device<float>(d_scores, score_count),
                      from_device<int32_t>(d_selected, size_t(c.tokens) * k_alloc),
                      from_device<int32_t>(d_counts, size_t(c.tokens)), from_device<int32_t>(d_flag, 1)[0]};
   };
-  const Selection want = select(false), got = select(true);
+  const Selection want = select(false, 1), got = select(true, 3);
   EXPECT_EQ(got.nan_flag, want.nan_flag);
+  if (c.nan_weight) EXPECT_EQ(want.nan_flag, 1) << "a NaN head weight must raise the flag";
   int failures = 0;
   for (int64_t t = 0; t < c.tokens && failures < 10; ++t) {
     if (got.counts[size_t(t)] != want.counts[size_t(t)]) {
@@ -750,11 +774,16 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
       ADD_FAILURE() << "fused score " << i << " = " << got.scores[i] << ", want " << want.scores[i];
     }
   }
-  std::printf("fused scores + top-%d T=%lld keys=%lld %s %s: %d scores written beyond the caches\n", c.k,
-              (long long)c.tokens, (long long)c.key_count, fp8 ? "fp8" : "bf16", c.raw ? "raw q" : "prepared q",
-              written);
-  // Ranges that fit a CTA's cache leave the scores unwritten; one CTA for query 0's full row streams all of it.
-  if (c.key_count <= topk::kCachedKeys) {
+  std::printf("fused scores + top-%d T=%lld keys=%lld %s %s %s %s: %d scores written\n", c.k, (long long)c.tokens,
+              (long long)c.key_count, fp8 ? "fp8" : "bf16", c.raw ? "raw q" : "prepared q", method_name(c.method),
+              kernel_name(c.kernel), written);
+  if (c.method != IndexerTopKMethod::TopKKernel) {
+    // The scores launch's own writes: every score bit of the two-launch run.
+    int unwritten = 0;
+    for (size_t i = 0; i < score_count; ++i) unwritten += float_bits(got.scores[i]) != float_bits(want.scores[i]);
+    EXPECT_EQ(unwritten, 0) << "scores differ from run_indexer_scores'";
+  } else if (c.key_count <= topk::kCachedKeys) {
+    // Ranges that fit a CTA's cache leave the scores unwritten; one CTA for query 0's full row streams all of it.
     EXPECT_EQ(written, 0) << "the fused kernel wrote scores of ranges that fit its cache";
   } else if (c.max_ctas_per_query == 1 && c.k > 0) {
     EXPECT_GE(written, c.key_count) << "query 0's streamed range was not written to the scores";
@@ -774,6 +803,38 @@ TEST(IndexerScoresTopK, FusedEqualsScoresThenTopK) {
     check_fused_scores_top_k({70, 16, 64, 3000, 512, 70}, format, seed++);         // one CTA per query
     check_fused_scores_top_k({5, 12, 32, 2000, 64, 2}, format, seed++);            // golden fixtures' head shape
     check_fused_scores_top_k({2, 64, 128, 5000, 0}, format, seed++);               // k = 0
+  }
+}
+
+// The top-k in the scores launch's last CTA (IndexerTopKMethod::LastCta) on every score kernel, and Auto's choice.
+TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr IndexerTopKMethod LastCta = IndexerTopKMethod::LastCta, Auto = IndexerTopKMethod::Auto;
+  uint32_t seed = 1700;
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8})
+    for (const IndexerScoresKernel kernel :
+         {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup, IndexerScoresKernel::Auto})
+      for (const bool raw : {true, false}) {
+        // V4-Flash decode at a 4K-token context bound: 1024 keys over several CTAs (tickets), ties of fp4 keys.
+        check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
+        // The e2e bench's bound (a 66-token context): 16 keys, one CTA, fewer visible than k.
+        check_fused_scores_top_k({1, 64, 128, 16, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
+        // The most keys, and a batch of 8 of one sequence (two query groups of 4) or of 8 sequences.
+        check_fused_scores_top_k({1, 64, 128, 2048, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
+        check_fused_scores_top_k({8, 64, 128, 700, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
+        check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, raw, 0, LastCta, kernel}, format, seed++);
+        // NaN scores: the flag, NaN ranked below every number; V4-Pro's k.
+        check_fused_scores_top_k({2, 64, 128, 900, 1024, 1, raw, 0, LastCta, kernel, true}, format, seed++);
+      }
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
+    // Mma.sync-only shapes: head_dim 32/64, few heads; k = 0; a prefill-sized batch over one CTA per group.
+    check_fused_scores_top_k({5, 12, 32, 300, 64, 2, true, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({3, 8, 64, 129, 100, 1, false, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({2, 64, 128, 500, 0, 1, true, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({200, 16, 64, 40, 512, 1, true, 0, LastCta}, format, seed++);
+    // Auto: LastCta here, two launches past kIndexerLastCtaMaxKeys.
+    check_fused_scores_top_k({1, 64, 128, 1000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
 }
 
@@ -816,10 +877,15 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   testing::expect_error([&] { run_indexer_scores(p); }, "Warpgroup kernel needs head_dim 128 (got 64)");
   p.head_dim = 128, p.heads = 65;
   testing::expect_error([&] { run_indexer_scores(p); }, "at most 64 heads (got 65)");
-  p.heads = 64, p.q = nullptr, p.q_raw = buffer.as<float>();
-  testing::expect_error([&] { run_indexer_scores(p); }, "prepared queries");
-  p.q_raw = nullptr, p.q = buffer.as<__nv_bfloat16>();
-  testing::expect_error([&] { run_indexer_scores_top_k(p, TopKParams{.k = 4}); }, "run_indexer_scores' only");
+  p.heads = 64, p.top_k_method = IndexerTopKMethod::TopKKernel;
+  int32_t* outputs = buffer.as<int32_t>() + 512;
+  testing::expect_error(
+      [&] { run_indexer_scores_top_k(p, TopKParams{.k = 4, .selected = outputs, .counts = outputs}); },
+      "mma.sync kernels only");
+  p.top_k_method = IndexerTopKMethod::LastCta, p.key_count = 3000, p.score_stride = 3000;
+  testing::expect_error(
+      [&] { run_indexer_scores_top_k(p, TopKParams{.k = 4, .selected = outputs, .counts = outputs}); },
+      "LastCta needs key_count ≤ 2048 (got 3000)");
   IndexerPrepareParams prepare{.input = buffer.as<float>(), .tokens = 1, .heads = 1, .head_dim = 64};
   testing::expect_error([&] { run_indexer_prepare(prepare); }, "exactly one of output");
   prepare.output_fp8 = buffer.as<uint8_t>() + 2048;

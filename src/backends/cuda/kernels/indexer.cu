@@ -16,7 +16,10 @@ namespace {
 // Query groups share one CTA's key loads; the group's fragments stay within this much shared memory.
 constexpr size_t kScoresSmemBudget = 64 * 1024;
 constexpr int kMaxQueriesPerCta = 4;
-constexpr size_t kWgmmaSmemBytes = indexer::wgmma_scores_smem_bytes(kMaxQueriesPerCta, false);
+// The kernels' shared-memory limits: the largest layout any launch asks for (the top-k's sort buffer included).
+constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
+constexpr size_t kWgmmaSmemBytes =
+    indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, indexer::kWgmmaHeadDim / 2, true).bytes;
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -55,12 +58,17 @@ DeviceLimits device_limits() {
     const int device = current_device();
     DeviceLimits limits;
     DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-    for (auto* kernel : {indexer::indexer_scores_kernel<32>, indexer::indexer_scores_kernel<64>,
-                         indexer::indexer_scores_kernel<128>, indexer::indexer_scores_fp8_kernel<32>,
-                         indexer::indexer_scores_fp8_kernel<64>, indexer::indexer_scores_fp8_kernel<128>})
+    using indexer::indexer_scores_fp8_kernel, indexer::indexer_scores_kernel, indexer::indexer_scores_wgmma_kernel;
+    for (auto* kernel :
+         {indexer_scores_kernel<32, false>, indexer_scores_kernel<64, false>, indexer_scores_kernel<128, false>,
+          indexer_scores_fp8_kernel<32, false>, indexer_scores_fp8_kernel<64, false>,
+          indexer_scores_fp8_kernel<128, false>, indexer_scores_kernel<32, true>, indexer_scores_kernel<64, true>,
+          indexer_scores_kernel<128, true>, indexer_scores_fp8_kernel<32, true>, indexer_scores_fp8_kernel<64, true>,
+          indexer_scores_fp8_kernel<128, true>})
       DSV4_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemBudget)));
-    for (auto* kernel : {indexer::indexer_scores_wgmma_kernel<false>, indexer::indexer_scores_wgmma_kernel<true>})
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemLimit)));
+    for (auto* kernel : {indexer_scores_wgmma_kernel<false, false>, indexer_scores_wgmma_kernel<true, false>,
+                         indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
@@ -83,15 +91,17 @@ bool fp8_keys(const IndexerScoresParams& p) { return p.keys_fp8 != nullptr; }
 
 // The shapes the warpgroup kernels take.
 bool warpgroup_shape(const IndexerScoresParams& p) {
-  return p.head_dim == indexer::kWgmmaHeadDim && p.heads <= indexer::kWgmmaHeads && p.q_raw == nullptr;
+  return p.head_dim == indexer::kWgmmaHeadDim && p.heads <= indexer::kWgmmaHeads;
 }
 
-// Auto: the warpgroup kernel where it was measured faster (H200): fp8 keys at one query per CTA (a decode step: one
-// token, or each query its own sequence's keys): 1.2-1.8× the mma.sync kernel at 1K-256K keys. bf16 keys measured
-// 0.8-0.96×.
+// Auto: the warpgroup kernel where it was measured faster (H200, session 15): fp8 keys always (T = 1: 1.2-1.8× the
+// mma.sync kernel at 1K-256K keys; T = 8 and 64 of one sequence: 1.3-3.1×); bf16 keys where a launch scores at
+// least 2^20 (query, key) pairs of one sequence (64K keys × 64 queries 1.33×, 256K × 8 1.47×, 256K × 64 1.65×;
+// below it 0.8-0.96×: 16K × 8, 256K × 1).
 bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   if (p.kernel != IndexerScoresKernel::Auto) return p.kernel == IndexerScoresKernel::Warpgroup;
-  return warpgroup_shape(p) && fp8_keys(p) && (p.tokens == 1 || p.sequence_slots != nullptr);
+  if (!warpgroup_shape(p)) return false;
+  return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
 int rope_pairs_in_prologue(const IndexerScoresParams& p) {
@@ -126,6 +136,11 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .score_stride = p.score_stride,
       .queries_per_cta = queries_per_cta,
       .weight_scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim)) / std::sqrt(static_cast<float>(p.heads)),
+      .top_k = -1,
+      .selected = nullptr,
+      .counts = nullptr,
+      .nan_flag = nullptr,
+      .tickets = nullptr,
   };
 }
 
@@ -140,30 +155,80 @@ dim3 scores_grid(const indexer::ScoresArgs& args, int64_t keys_per_cta, int quer
   return dim3{unsigned(across_keys), unsigned(query_groups)};
 }
 
-template <int kHeadDim>
-void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, int query_groups, cudaStream_t stream) {
-  const size_t smem =
-      indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
-  const dim3 grid = scores_grid(args, int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps, query_groups);
+template <int kHeadDim, bool kSelect>
+void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, dim3 grid, cudaStream_t stream) {
+  size_t smem = indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
+  if (kSelect) smem = indexer::selection_offset(smem) + indexer::kSelectionSmemBytes;
   if (fp8)
-    launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                   args, "indexer_scores_fp8_kernel");
+    launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, kSelect ? "indexer_scores_fp8_kernel (top-k)" : "indexer_scores_fp8_kernel");
   else
-    launch_chained(indexer::indexer_scores_kernel<kHeadDim>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                   args, "indexer_scores_kernel");
+    launch_chained(indexer::indexer_scores_kernel<kHeadDim, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, kSelect ? "indexer_scores_kernel (top-k)" : "indexer_scores_kernel");
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
-void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int query_groups, cudaStream_t stream) {
-  const size_t smem = indexer::wgmma_scores_smem_bytes(args.queries_per_cta, fp8);
-  const dim3 grid =
-      scores_grid(args, int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups, query_groups);
+template <bool kSelect>
+void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, dim3 grid, cudaStream_t stream) {
+  const size_t smem = indexer::wgmma_smem_layout(args.queries_per_cta, fp8, rope_pairs, kSelect).bytes;
   if (fp8)
-    launch_chained(indexer::indexer_scores_wgmma_kernel<true>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                   args, "indexer_scores_wgmma_kernel (fp8)");
+    launch_chained(indexer::indexer_scores_wgmma_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, "indexer_scores_wgmma_kernel (fp8)");
   else
-    launch_chained(indexer::indexer_scores_wgmma_kernel<false>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                   args, "indexer_scores_wgmma_kernel (bf16)");
+    launch_chained(indexer::indexer_scores_wgmma_kernel<false, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, "indexer_scores_wgmma_kernel (bf16)");
+}
+
+// How a checked run_indexer_scores call runs: the kernel, its query groups and its grid.
+struct ScoresPlan {
+  bool warpgroup = false;
+  int rope_pairs = 0;
+  int queries_per_cta = 1;
+  int query_groups = 0;
+  dim3 grid;
+};
+
+ScoresPlan plan_scores(const IndexerScoresParams& p) {
+  ScoresPlan plan;
+  const bool fp8 = fp8_keys(p);
+  plan.rope_pairs = rope_pairs_in_prologue(p);
+  plan.warpgroup = uses_warpgroup_kernel(p);
+  const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, plan.rope_pairs).bytes;
+  // Queries of one CTA share its key loads: only those of one sequence.
+  const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
+  plan.queries_per_cta = int(std::min<int64_t>(
+      {p.tokens, group_limit, plan.warpgroup ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
+  plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
+  if (plan.warpgroup)
+    check(p.key_count < (int64_t(1) << 30), "indexer_scores: the Warpgroup kernel's key_count ", p.key_count,
+          " exceeds the kernel's 32-bit key arithmetic (2^30)");
+  const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
+                                              : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
+  plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups);
+  return plan;
+}
+
+void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const indexer::ScoresArgs& args) {
+  const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
+  if (plan.warpgroup) {
+    if (select)
+      launch_scores_wgmma<true>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+    else
+      launch_scores_wgmma<false>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+    return;
+  }
+  const auto launch = [&](auto head_dim) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    if (select)
+      launch_scores<kHeadDim, true>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+    else
+      launch_scores<kHeadDim, false>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+  };
+  switch (p.head_dim) {
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    case 64: launch(std::integral_constant<int, 64>{}); break;
+    default: launch(std::integral_constant<int, 128>{}); break;
+  }
 }
 
 }  // namespace
@@ -234,8 +299,7 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
           " must be even and within head_dim ", p.head_dim);
   check(p.kernel != IndexerScoresKernel::Warpgroup || warpgroup_shape(p),
         "indexer_scores: the Warpgroup kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim,
-        "), at most ", indexer::kWgmmaHeads, " heads (got ", p.heads,
-        ") and prepared queries (q or q_fp8, not q_raw)");
+        ") and at most ", indexer::kWgmmaHeads, " heads (got ", p.heads, ")");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr || p.q_raw != nullptr, "indexer_scores: no queries (q, q_fp8 or q_raw)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
@@ -271,27 +335,8 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
 void run_indexer_scores(const IndexerScoresParams& p) {
   check_indexer_scores_params(p);
   if (p.tokens == 0 || p.key_count == 0) return;
-  const bool fp8 = fp8_keys(p);
-  const int rope_pairs = rope_pairs_in_prologue(p);
-  const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, rope_pairs).bytes;
-  const bool warpgroup = uses_warpgroup_kernel(p);
-  // Queries of one CTA share its key loads: only those of one sequence.
-  const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
-  const int queries_per_cta = int(std::min<int64_t>(
-      {p.tokens, group_limit, warpgroup ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
-  const int query_groups = int((p.tokens + queries_per_cta - 1) / queries_per_cta);
-  const indexer::ScoresArgs args = scores_args(p, queries_per_cta);
-  if (warpgroup) {
-    check(p.key_count < (int64_t(1) << 30), "indexer_scores: the Warpgroup kernel's key_count ", p.key_count,
-          " exceeds the kernel's 32-bit key arithmetic (2^30)");
-    launch_scores_wgmma(args, fp8, query_groups, p.stream);
-    return;
-  }
-  switch (p.head_dim) {
-    case 32: launch_scores<32>(args, fp8, rope_pairs, query_groups, p.stream); break;
-    case 64: launch_scores<64>(args, fp8, rope_pairs, query_groups, p.stream); break;
-    default: launch_scores<128>(args, fp8, rope_pairs, query_groups, p.stream); break;
-  }
+  const ScoresPlan plan = plan_scores(p);
+  launch_planned(p, plan, scores_args(p, plan.queries_per_cta));
 }
 
 namespace {
@@ -312,8 +357,6 @@ void launch_scores_top_k(const indexer::ScoresArgs& scores, int rope_pairs, topk
 
 void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
   check_indexer_scores_params(s);
-  check(s.kernel != IndexerScoresKernel::Warpgroup,
-        "indexer_scores_top_k: the Warpgroup kernel is run_indexer_scores' only (Auto: the fused kernel)");
   TopKParams top = t;
   top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
   check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");
@@ -321,7 +364,38 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
   top.stream = s.stream;
   check_top_k_params(top);
   if (top.queries == 0) return;
-  check(s.scores != nullptr, "indexer_scores_top_k: scores (the buffer for ranges beyond a CTA's cache) is required");
+  check(s.scores != nullptr, "indexer_scores_top_k: scores is required");
+
+  if (s.top_k_method != IndexerTopKMethod::TopKKernel) {
+    if (s.key_count == 0) {  // nothing to score: the top-k alone writes the empty selections
+      run_top_k(top);
+      return;
+    }
+    const ScoresPlan plan = plan_scores(s);
+    const bool few_keys = s.key_count <= kIndexerLastCtaMaxKeys;
+    // Tickets (several CTAs per query group): one per group in the top-k's workspace.
+    const bool tickets_fit =
+        plan.grid.x == 1 || (plan.query_groups <= kTopKMaxSplitQueries && top.workspace != nullptr &&
+                             top.workspace_bytes >= top_k_workspace_bytes(plan.query_groups));
+    if (s.top_k_method == IndexerTopKMethod::Auto && !(few_keys && tickets_fit)) {
+      run_indexer_scores(s);
+      run_top_k(top);
+      return;
+    }
+    check(few_keys, "indexer_scores_top_k: LastCta needs key_count ≤ ", kIndexerLastCtaMaxKeys, " (got ",
+          s.key_count, ")");
+    check(tickets_fit, "indexer_scores_top_k: LastCta over ", plan.grid.x, " CTAs per query group needs at most ",
+          kTopKMaxSplitQueries, " query groups (got ", plan.query_groups, ") and a workspace of ",
+          top_k_workspace_bytes(plan.query_groups), " bytes (got ", top.workspace_bytes, ")");
+    indexer::ScoresArgs args = scores_args(s, plan.queries_per_cta);
+    args.top_k = top.k, args.selected = top.selected, args.counts = top.counts, args.nan_flag = top.nan_flag;
+    args.tickets = static_cast<topk::QueryWorkspace*>(top.workspace);
+    launch_planned(s, plan, args);
+    return;
+  }
+
+  check(s.kernel != IndexerScoresKernel::Warpgroup,
+        "indexer_scores_top_k: the TopKKernel method scores on the mma.sync kernels only (not Warpgroup)");
   check(s.key_count < (int64_t(1) << 30), "indexer_scores_top_k: key_count ", s.key_count,
         " exceeds the 32-bit key arithmetic (2^30)");
   const bool fp8 = fp8_keys(s);

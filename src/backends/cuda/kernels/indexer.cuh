@@ -1,6 +1,6 @@
 // Device code behind indexer.hpp: the warp-level reference rounding of indexer vectors (also used by the
-// compressor's epilogue for new indexer keys), the query preparation kernel, the score kernels (bf16 and fp8 keys)
-// and the fused scores + top-k's score source (ComputedScores).
+// compressor's epilogue for new indexer keys), the query preparation kernel, the score kernels (bf16 and fp8 keys,
+// optionally selecting the top-k in their last CTA) and the fused scores + top-k's score source (ComputedScores).
 //
 // NOTES (scores):
 // - The score kernel puts keys on the MMA's M side (16 keys per m-tile) and heads on N (8 per n-tile, padded with
@@ -19,7 +19,13 @@
 //   are powers of two and positive, so they come out of the ReLU: the head's scale joins its weight, the key's scale
 //   multiplies the finished sum.
 // - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
-//   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch.
+//   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch. A
+//   warp prepares 8 rows (the warpgroup kernel 4) stage by stage together: per row the preparation is a chain of
+//   ≈ 10 dependent shuffles (Hadamard, the amax reductions); row after row (session 15) the raw-q kernel took 16.9
+//   µs at 64K keys against 6.2 for prepared q.
+// - Top-k in the launch (kSelect, IndexerTopKMethod::LastCta, ≤ 2048 keys): the CTA that takes a query group's last
+//   ticket reads the group's finished score rows back through L2 and sorts them (select_top_k_in_last_cta); the
+//   ticket lives in the top-k's zeroed workspace and is zeroed again by that CTA.
 // - Warpgroup variant (indexer_scores_wgmma_kernel, IndexerScoresKernel::Warpgroup): mma.sync runs at about half
 //   the tensor rate on Hopper, and the e4m3 m16n8k32 is no faster per product than bf16, so at 64 heads × 128 dims
 //   per key its issue is a bound near the key bytes' (bf16 at 1M keys: 24 µs against a 16 µs byte floor; fp8 with
@@ -55,71 +61,114 @@ inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 inline constexpr int kFp4Block = 32;  // values per ue8m0 scale of the indexer's fp4 rounding
 
-// Lane l holds x[kPerLane·l, kPerLane·(l+1)) of a 32·kPerLane vector. x ← H x / √n in Sylvester order, with the
-// butterflies in the CPU's stage order (distance 1, 2, 4, ...), so the fp32 results are the CPU's bit for bit.
-template <int kPerLane>
-__device__ __forceinline__ void warp_hadamard(float (&v)[kPerLane], int lane) {
+// The warp helpers below work on kRows vectors at once, stage by stage across the rows: each stage's shuffles of
+// different rows are independent, so a warp preparing several vectors waits one chain of shuffle latencies instead
+// of one per vector. Every element sees the same operations in the same order as with one row (the same bits).
+
+// Lane l holds x[kPerLane·l, kPerLane·(l+1)) of each of kRows 32·kPerLane vectors. x ← H x / √n in Sylvester order,
+// with the butterflies in the CPU's stage order (distance 1, 2, 4, ...), so the fp32 results are the CPU's bit for
+// bit.
+template <int kRows, int kPerLane>
+__device__ __forceinline__ void warp_hadamard_rows(float (&v)[kRows][kPerLane], int lane) {
 #pragma unroll
   for (int h = 1; h < kPerLane; h *= 2) {
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      if ((i & h) == 0) {
-        const float a = v[i], b = v[i + h];
-        v[i] = a + b;
-        v[i + h] = a - b;
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        if ((i & h) == 0) {
+          const float a = v[r][i], b = v[r][i + h];
+          v[r][i] = a + b;
+          v[r][i + h] = a - b;
+        }
       }
-    }
   }
 #pragma unroll
   for (int m = 1; m < 32; m *= 2) {
     const bool upper = (lane & m) != 0;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const float partner = __shfl_xor_sync(kFullMask, v[i], m);
-      v[i] = upper ? partner - v[i] : v[i] + partner;
-    }
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const float partner = __shfl_xor_sync(kFullMask, v[r][i], m);
+        v[r][i] = upper ? partner - v[r][i] : v[r][i] + partner;
+      }
   }
   const float norm = 1.0f / sqrtf(static_cast<float>(32 * kPerLane));
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) v[i] *= norm;
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) v[r][i] *= norm;
 }
 
-// round_indexer_reference on one warp-held vector: Hadamard, bf16, then fp4 e2m1 with a ue8m0 scale per 32 values.
+// round_indexer_reference on warp-held vectors: Hadamard, bf16, then fp4 e2m1 with a ue8m0 scale per 32 values.
+template <int kRows, int kPerLane>
+__device__ __forceinline__ void warp_round_indexer_reference_rows(float (&v)[kRows][kPerLane], int lane) {
+  warp_hadamard_rows<kRows, kPerLane>(v, lane);
+  float amax[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    amax[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      v[r][i] = round_to_bf16(v[r][i]);
+      amax[r] = fmaxf(amax[r], fabsf(v[r][i]));
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < kFp4Block / kPerLane; m *= 2)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) amax[r] = fmaxf(amax[r], __shfl_xor_sync(kFullMask, amax[r], m));
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      v[r][i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[r][i] / scale)) * scale);
+  }
+}
+
 template <int kPerLane>
 __device__ __forceinline__ void warp_round_indexer_reference(float (&v)[kPerLane], int lane) {
-  warp_hadamard<kPerLane>(v, lane);
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    v[i] = round_to_bf16(v[i]);
-    amax = fmaxf(amax, fabsf(v[i]));
-  }
-#pragma unroll
-  for (int m = 1; m < kFp4Block / kPerLane; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
-  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) v[i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[i] / scale)) * scale);
+  warp_round_indexer_reference_rows<1, kPerLane>(reinterpret_cast<float(&)[1][kPerLane]>(v), lane);
 }
 
-// The fp8 operand of a warp-held vector: its bf16-rounded values (the bf16 operand, unchanged in reference numerics)
-// quantised with one power-of-two scale for the whole vector by DeepSeek's fp8 block rule
+// The fp8 operands of warp-held vectors: their bf16-rounded values (the bf16 operand, unchanged in reference
+// numerics) quantised with one power-of-two scale per vector by DeepSeek's fp8 block rule
 // s = 2^ceil(log2(max(amax, 1e-4) / 448)), code = e4m3(x / s). Fp4-rounded vectors (reference numerics) are then held
-// exactly unless their 32-blocks' scales span more than 2^14. Returns s; codes[i] is the lane's value i.
-template <int kPerLane>
-__device__ __forceinline__ float warp_quantize_fp8(const float (&v)[kPerLane], uint8_t (&codes)[kPerLane]) {
-  float rounded[kPerLane];
-  float amax = 0.0f;
+// exactly unless their 32-blocks' scales span more than 2^14. scales[r] = s of row r; codes[r][i] its lane's value i.
+template <int kRows, int kPerLane>
+__device__ __forceinline__ void warp_quantize_fp8_rows(const float (&v)[kRows][kPerLane],
+                                                       uint8_t (&codes)[kRows][kPerLane], float (&scales)[kRows]) {
+  float rounded[kRows][kPerLane];
+  float amax[kRows];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    rounded[i] = round_to_bf16(v[i]);
-    amax = fmaxf(amax, fabsf(rounded[i]));
+  for (int r = 0; r < kRows; ++r) {
+    amax[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      rounded[r][i] = round_to_bf16(v[r][i]);
+      amax[r] = fmaxf(amax[r], fabsf(rounded[r][i]));
+    }
   }
 #pragma unroll
-  for (int m = 1; m < 32; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
-  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+  for (int m = 1; m < 32; m *= 2)
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) codes[i] = float_to_e4m3(rounded[i] / scale);  // exact division by 2^k
-  return scale;
+    for (int r = 0; r < kRows; ++r) amax[r] = fmaxf(amax[r], __shfl_xor_sync(kFullMask, amax[r], m));
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    scales[r] = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 1e-4f) * (1.0f / kE4m3Max)));
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) codes[r][i] = float_to_e4m3(rounded[r][i] / scales[r]);  // exact: by 2^k
+  }
+}
+
+template <int kPerLane>
+__device__ __forceinline__ float warp_quantize_fp8(const float (&v)[kPerLane], uint8_t (&codes)[kPerLane]) {
+  float scale[1];
+  warp_quantize_fp8_rows<1, kPerLane>(reinterpret_cast<const float(&)[1][kPerLane]>(v),
+                                      reinterpret_cast<uint8_t(&)[1][kPerLane]>(codes), scale);
+  return scale[0];
 }
 
 // RoPE on the last rope_dim dims of a warp-held vector (lane l holds dims kPerLane·l ..), pairs (2j, 2j+1), with the
@@ -244,10 +293,18 @@ struct ScoresArgs {
   int64_t score_stride;
   int queries_per_cta;
   float weight_scale;  // head_dim^-0.5 · heads^-0.5, as the CPU forms it
+  // The top-k inside the launch (IndexerTopKMethod::LastCta; kernels instantiated with kSelect): run_top_k's outputs.
+  int top_k;
+  int32_t* selected;
+  int32_t* counts;
+  int32_t* nan_flag;
+  topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
 };
 
 inline constexpr int kScoreWarps = 8;
-inline constexpr int kScoreCtasPerSm = 2;  // the register budget of __launch_bounds__ below
+// The register budget of __launch_bounds__ below. The kernels that select the top-k (kSelect) run at ≤ 2048 keys,
+// a few CTAs per query group, and take a CTA's whole register file instead (128 registers spilled there).
+inline constexpr int kScoreCtasPerSm = 2;
 inline constexpr int kKeysPerWarpTile = 16;  // one m16 tile
 inline constexpr int kPrologueRowBatch = 8;  // raw query rows a warp loads before preparing them (one L2 round trip)
 
@@ -331,15 +388,95 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
   }
 }
 
+// Raw queries prepared in a score kernel's prologue exactly as indexer_prepare_kernel does (RoPE, rounding, bf16 or
+// fp8): `rows_per_query` rows per query (heads padded; rows past args.heads get a zero operand and zero weight), one
+// warp per row, kRowBatch rows of a warp loaded together (one L2 round trip) and prepared stage by stage across the
+// batch (one shuffle chain for all of them). store(query, head, lane, bytes) puts a lane's operand bytes (kPerLane
+// dims, bf16 little-endian pairs or e4m3 codes) where the kernel reads them; weights[query · rows_per_query + head]
+// gets the scaled head weight (fp8: times the row's scale). rope_cache: the queries' RoPE factors (a float2 per
+// pair), filled here. Ends with a __syncthreads-free store phase: the caller synchronises.
+template <int kHeadDim, bool kFp8, int kRowBatch, class Store>
+__device__ __forceinline__ void prepare_raw_query_rows(const ScoresArgs& args, int64_t first_query, int queries,
+                                                       int rows_per_query, float* weights, float2* rope_cache,
+                                                       Store&& store) {
+  constexpr int kPerLane = kHeadDim / 32;
+  constexpr int kBytes = kPerLane * (kFp8 ? 1 : 2);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  // Every query's RoPE factors once (shared by its heads).
+  const int rope_pairs = args.rope_frequencies != nullptr ? args.rope_dim / 2 : 0;
+  for (int e = threadIdx.x; e < queries * rope_pairs; e += blockDim.x) {
+    const RopeFactors f =
+        rope_factors(args.positions[first_query + e / rope_pairs], args.rope_frequencies[e % rope_pairs]);
+    rope_cache[e] = make_float2(f.cos_theta, f.sin_theta);
+  }
+  __syncthreads();
+  const int rows = queries * rows_per_query;
+  for (int base = warp; base < rows; base += warps * kRowBatch) {
+    float v[kRowBatch][kPerLane];
+#pragma unroll
+    for (int b = 0; b < kRowBatch; ++b) {
+      const int row = base + b * warps;
+      const int query = row / rows_per_query, head = row % rows_per_query;
+      const bool real = row < rows && head < args.heads;
+      const float* in =
+          args.q_raw + (first_query + query) * args.q_raw_row_stride + int64_t(head) * kHeadDim + kPerLane * lane;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) v[b][i] = real ? in[i] : 0.0f;
+    }
+    if (rope_pairs > 0) {
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        const int row = base + b * warps;
+        const float2* factors = rope_cache + min(row, rows - 1) / rows_per_query * rope_pairs;
+        warp_apply_rope<kPerLane>(v[b], lane, kHeadDim, args.rope_dim, [&](int pair) {
+          const float2 f = factors[pair];
+          return RopeFactors{f.x, f.y};
+        });
+      }
+    }
+    if (args.reference_rounding) warp_round_indexer_reference_rows<kRowBatch, kPerLane>(v, lane);
+    uint8_t bytes[kRowBatch][kBytes];
+    float scales[kRowBatch];
+    if constexpr (kFp8) {
+      warp_quantize_fp8_rows<kRowBatch, kPerLane>(v, bytes, scales);
+    } else {
+#pragma unroll
+      for (int b = 0; b < kRowBatch; ++b) {
+        scales[b] = 1.0f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+          const uint16_t bits = float_to_bf16(v[b][i]);
+          bytes[b][2 * i] = uint8_t(bits & 0xFF);
+          bytes[b][2 * i + 1] = uint8_t(bits >> 8);
+        }
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kRowBatch; ++b) {
+      const int row = base + b * warps;
+      if (row >= rows) continue;  // warp-uniform
+      const int query = row / rows_per_query, head = row % rows_per_query;
+      const bool real = head < args.heads;
+      if (!real) {
+#pragma unroll
+        for (int i = 0; i < kBytes; ++i) bytes[b][i] = 0;
+      }
+      store(query, head, lane, bytes[b]);
+      if (lane == 0)
+        weights[row] = real ? args.head_weights[(first_query + query) * args.head_weights_row_stride + head] *
+                                  args.weight_scale * scales[b]
+                            : 0.0f;
+    }
+  }
+}
+
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
-// head's q scale). Prepared operands are copied; raw fp32 queries are prepared here exactly as indexer_prepare_kernel
-// does (RoPE, rounding, bf16 or fp8), one warp per vector, so the separate launch disappears.
+// head's q scale). Prepared operands are copied; raw fp32 queries are prepared here (prepare_raw_query_rows), so the
+// separate launch disappears.
 template <int kHeadDim, bool kFp8, int kRowBatch = kPrologueRowBatch>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                     unsigned char* q_frag, float* weights, float2* rope_cache) {
-  constexpr int kPerLane = kHeadDim / 32;
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (args.q_raw == nullptr) {
     // Prepared operands: 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair
     // at query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
@@ -367,69 +504,13 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
     }
     return;
   }
-  // Raw queries: every query's RoPE factors once (shared by its heads), then one warp per padded head row.
-  const int rope_pairs = args.rope_frequencies != nullptr ? args.rope_dim / 2 : 0;
-  for (int e = threadIdx.x; e < queries * rope_pairs; e += blockDim.x) {
-    const RopeFactors f =
-        rope_factors(args.positions[first_query + e / rope_pairs], args.rope_frequencies[e % rope_pairs]);
-    rope_cache[e] = make_float2(f.cos_theta, f.sin_theta);
-  }
-  __syncthreads();
-  const int rows = queries * heads;
-  for (int base = warp; base < rows; base += warps * kRowBatch) {
-    // All of the batch's loads first: one L2 round trip per batch instead of one per row.
-    float v[kRowBatch][kPerLane];
-#pragma unroll
-    for (int b = 0; b < kRowBatch; ++b) {
-      const int row = base + b * warps;
-      const int query = row / heads, head = row % heads;
-      const bool real = row < rows && head < args.heads;
-      const float* in =
-          args.q_raw + (first_query + query) * args.q_raw_row_stride + int64_t(head) * kHeadDim + kPerLane * lane;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) v[b][i] = real ? in[i] : 0.0f;
-    }
-#pragma unroll
-    for (int b = 0; b < kRowBatch; ++b) {
-      const int row = base + b * warps;
-      if (row >= rows) break;  // warp-uniform
-      const int query = row / heads, head = row % heads;
-      unsigned char* out = q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, kPerLane * lane);
-      if (head >= args.heads) {
-        // Zero operand and zero weight for the padding heads.
-        uint8_t zeros[kPerLane * (kFp8 ? 1 : 2)] = {};
-        store_fragment_bytes(out, zeros);
-        if (lane == 0) weights[row] = 0.0f;
-        continue;
-      }
-      if (rope_pairs > 0) {
-        const float2* factors = rope_cache + query * rope_pairs;
-        warp_apply_rope<kPerLane>(v[b], lane, kHeadDim, args.rope_dim, [&](int pair) {
-          const float2 f = factors[pair];
-          return RopeFactors{f.x, f.y};
-        });
-      }
-      if (args.reference_rounding) warp_round_indexer_reference<kPerLane>(v[b], lane);
-      float scale = 1.0f;
-      if constexpr (kFp8) {
-        uint8_t codes[kPerLane];
-        scale = warp_quantize_fp8<kPerLane>(v[b], codes);
-        store_fragment_bytes(out, codes);
-      } else {
-        uint8_t bytes[2 * kPerLane];
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const uint16_t bits = float_to_bf16(v[b][i]);
-          bytes[2 * i] = uint8_t(bits & 0xFF);
-          bytes[2 * i + 1] = uint8_t(bits >> 8);
-        }
-        store_fragment_bytes(out, bytes);
-      }
-      if (lane == 0)
-        weights[row] =
-            args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale * scale;
-    }
-  }
+  constexpr int kPerLane = kHeadDim / 32;
+  prepare_raw_query_rows<kHeadDim, kFp8, kRowBatch>(
+      args, first_query, queries, heads, weights, rope_cache,
+      [&](int query, int head, int lane, const uint8_t(&bytes)[kPerLane * (kFp8 ? 1 : 2)]) {
+        store_fragment_bytes(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, kPerLane * lane),
+                             bytes);
+      });
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
@@ -484,14 +565,69 @@ __device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)
   quad_reduce(sum);
 }
 
+// The top-k in the scores launch (IndexerTopKMethod::LastCta): the CTA that finishes a query group's scores last
+// (a ticket per group; none when one CTA spans the keys) selects each of the group's queries from its finished score
+// row, which it reads back through L2: every visible key (≤ kIndexerLastCtaMaxKeys) as run_top_k's 64-bit key, one
+// bitonic sort, the first k written. run_top_k sorts the same keys without a radix pass at these counts, so the
+// selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory.
+__device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args, int64_t first_query, int queries,
+                                                const int64_t* visible, uint64_t* sort_keys) {
+  __shared__ bool is_last;
+  __threadfence();  // this thread's scores, before the ticket (or the reads below) of any thread
+  __syncthreads();
+  if (gridDim.x > 1) {
+    if (threadIdx.x == 0) {
+      uint32_t* ticket = &args.tickets[blockIdx.y].finished_ctas;
+      is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+      if (is_last) *ticket = 0;  // every CTA of the group has taken its ticket: zero again for the next launch
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+  }
+  for (int query = 0; query < queries; ++query) {
+    const int64_t t = first_query + query;
+    const int n = int(visible[query]), k = args.top_k;
+    if (k == 0) {
+      if (threadIdx.x == 0) args.counts[t] = 0;
+      continue;
+    }
+    int padded = 64;
+    while (padded < n) padded *= 2;
+    const float* row = args.scores + t * args.score_stride;
+    bool saw_nan = false;
+    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+      uint64_t key = 0;  // below every real key
+      if (i < n) {
+        const float x = __ldcg(row + i);  // other CTAs' stores: read through L2
+        saw_nan |= isnan(x);
+        key = topk::make_key(topk::ordered_score(x), i);
+      }
+      sort_keys[i] = key;
+    }
+    if (__syncthreads_or(saw_nan) && threadIdx.x == 0 && args.nan_flag != nullptr) atomicExch(args.nan_flag, 1);
+    topk::bitonic_sort_descending<kScoreWarps * 32>(sort_keys, padded);
+    const int count = min(k, n);
+    int32_t* out = args.selected + t * k;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) out[i] = i < count ? int32_t(~uint32_t(sort_keys[i])) : -1;
+    if (threadIdx.x == 0) args.counts[t] = count;
+    __syncthreads();  // the sort buffer is the next query's
+  }
+}
+
+// The sort buffer's offset after a kernel's other shared memory of `bytes`.
+__host__ __device__ constexpr size_t selection_offset(size_t bytes) { return (bytes + 15) / 16 * 16; }
+inline constexpr size_t kSelectionSmemBytes = size_t(kIndexerLastCtaMaxKeys) * sizeof(uint64_t);
+
 // Each CTA's queries are of one sequence: the keys (and fp8 scales) of sequence_slots[first_query], or the only ones.
 __device__ __forceinline__ int64_t key_slot_of(const ScoresArgs& args, int64_t first_query) {
   return args.sequence_slots != nullptr ? args.sequence_slots[first_query] : 0;
 }
 
 // A programmatic dependent: q, the head weights and the newest key are this step's outputs, so it waits at entry.
-template <int kHeadDim>
-__global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_kernel(ScoresArgs args) {
+template <int kHeadDim, bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_kernel(ScoresArgs args) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
   allow_dependents();
   wait_for_prior_grids();
@@ -550,6 +686,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
 #pragma unroll
       for (int pair = 0; pair < kDimPairs; ++pair) a[half][pair] = next[half][pair];
   }
+  if constexpr (kSelect)
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)));
 }
 
 // fp8 keys: the 16 rows key0 + 8·half + group of an m-tile; per row the lane holds kHeadDim/4 bytes, loaded W/4 at a
@@ -611,8 +750,9 @@ __device__ __forceinline__ void fp8_tile_sums(float (&sum)[2], const Fp8KeyTile<
 // score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated in fp32 by the tensor core.
 // A warp's m16 key tile is half the bf16 kernel's bytes, so it keeps two tiles ahead in flight (the same 128 bytes
 // per lane) instead of one.
-template <int kHeadDim>
-__global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_fp8_kernel(ScoresArgs args) {
+template <int kHeadDim, bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_fp8_kernel(ScoresArgs args) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
   allow_dependents();
   wait_for_prior_grids();
@@ -672,6 +812,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     current = ahead;
     ahead = after;
   }
+  if constexpr (kSelect)
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)));
 }
 
 // ---- Warpgroup MMA scores (head_dim 128, up to 64 heads) ----
@@ -682,13 +825,24 @@ inline constexpr int kWgmmaKeysPerTile = 64;  // M: a warpgroup's key tile, 16 r
 inline constexpr int kWgmmaWarpgroups = kScoreWarps / 4;
 
 // Shared memory per CTA (from a 1024-byte aligned base): each query's B tile (bf16: two 8 KB swizzle tiles for dims
-// 0-63 and 64-127 in fragment order; fp8: one 8 KB tile), then the scaled head weights [query][64], then the visible
-// key counts.
+// 0-63 and 64-127 in fragment order; fp8: one 8 KB tile), then the scaled head weights [query][64], the visible key
+// counts, with raw queries their RoPE factors (a float2 per pair), and with the top-k in the launch its sort buffer.
+// bytes: the allocation, the alignment's slack included.
+struct WgmmaSmemLayout {
+  size_t weights_offset, visible_offset, rope_offset, selection_offset, bytes;
+};
+
 __host__ __device__ constexpr size_t wgmma_query_tile_bytes(bool fp8) {
   return size_t(kWgmmaHeads) * kWgmmaHeadDim * (fp8 ? 1 : 2);
 }
-__host__ __device__ constexpr size_t wgmma_scores_smem_bytes(int queries, bool fp8) {
-  return 1024 + size_t(queries) * (wgmma_query_tile_bytes(fp8) + kWgmmaHeads * 4 + 8);
+__host__ __device__ constexpr WgmmaSmemLayout wgmma_smem_layout(int queries, bool fp8, int rope_pairs, bool select) {
+  WgmmaSmemLayout layout{};
+  layout.weights_offset = size_t(queries) * wgmma_query_tile_bytes(fp8);
+  layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
+  layout.rope_offset = layout.visible_offset + size_t(queries) * 8;
+  layout.selection_offset = selection_offset(layout.rope_offset + size_t(queries) * size_t(rope_pairs) * 8);
+  layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
+  return layout;
 }
 
 // Where dim `dim` of head `head` sits in the query's B tile: logical k is the position the keys' A fragments give
@@ -783,10 +937,29 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
 // args.heads zero), and the scaled head weights (fp8: times each head's q scale).
 template <bool kFp8>
 __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                          unsigned char* tiles, float* weights) {
+                                                          unsigned char* tiles, float* weights, float2* rope_cache) {
   // 4-byte units: two bf16 dims or four fp8 dims, adjacent in the tile.
   constexpr int kDimsPerUnit = kFp8 ? 4 : 2;
   constexpr int kUnits = kWgmmaHeadDim / kDimsPerUnit;
+  if (args.q_raw != nullptr) {
+    // Raw queries prepared here: a lane's 4 dims (4 · lane ..) are one fp8 unit or two bf16 units.
+    constexpr int kPerLane = kWgmmaHeadDim / 32;
+    // 4 rows per warp at a time: the key tiles in flight leave no registers for 8 (they spilled).
+    prepare_raw_query_rows<kWgmmaHeadDim, kFp8, 4>(
+        args, first_query, queries, kWgmmaHeads, weights, rope_cache,
+        [&](int query, int head, int lane, const uint8_t(&bytes)[kPerLane * (kFp8 ? 1 : 2)]) {
+          unsigned char* tile = tiles + query * wgmma_query_tile_bytes(kFp8);
+#pragma unroll
+          for (int u = 0; u < kPerLane / kDimsPerUnit; ++u) {
+            const uint32_t value = uint32_t(bytes[4 * u]) | uint32_t(bytes[4 * u + 1]) << 8 |
+                                   uint32_t(bytes[4 * u + 2]) << 16 | uint32_t(bytes[4 * u + 3]) << 24;
+            *reinterpret_cast<uint32_t*>(tile + wgmma_query_offset<kFp8>(head, kPerLane * lane + kDimsPerUnit * u)) =
+                value;
+          }
+        });
+    sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
+    return;
+  }
   const uint32_t* source = kFp8 ? reinterpret_cast<const uint32_t*>(args.q_fp8)
                                 : reinterpret_cast<const uint32_t*>(args.q);
   for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
@@ -809,16 +982,19 @@ __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args
 }
 
 // Scores on warpgroup MMAs (see NOTES). A programmatic dependent, as the warp kernels.
-template <bool kFp8>
-__global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_scores_wgmma_kernel(ScoresArgs args) {
+template <bool kFp8, bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_wgmma_kernel(ScoresArgs args) {
   allow_dependents();
   wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   const int group_size = args.queries_per_cta;
+  const WgmmaSmemLayout layout = wgmma_smem_layout(
+      group_size, kFp8, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0, kSelect);
   unsigned char* query_tiles = smem;
-  float* weights = reinterpret_cast<float*>(smem + group_size * wgmma_query_tile_bytes(kFp8));
-  int64_t* visible = reinterpret_cast<int64_t*>(weights + group_size * kWgmmaHeads);
+  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
+  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
 
   const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
@@ -840,7 +1016,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
   if constexpr (kFp8)
     load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, key_count,
                               group, quad);
-  load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
+  load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights,
+                                  reinterpret_cast<float2*>(smem + layout.rope_offset));
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -883,6 +1060,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kScoreCtasPerSm) indexer_sco
     current = ahead;
     if constexpr (kFp8) ahead = after;
   }
+  if constexpr (kSelect)
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
 }
 
 // The fused scores + top-k (run_indexer_scores_top_k): topk::top_k_kernel with this score source. Each top-k CTA

@@ -14,21 +14,21 @@
 //   query at positions[t] sees (j < visible_t = min(key_count, (positions[t] + 1) div ratio)), fp32 accumulation.
 //   Keys bf16 (mma.sync m16n8k16) or fp8 + a scale per key (mma.sync m16n8k32 e4m3: half the bytes; the scales are
 //   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare, or raw (fp32 before
-//   RoPE and rounding): the kernel then prepares them itself exactly as run_indexer_prepare would (same bits), which
-//   saves that launch but not time, since every CTA repeats the preparation (H200, 64K keys, T = 1: 17.0 µs against
-//   9.2 for prepare + scores). heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left
+//   RoPE and rounding): the kernel then prepares them itself exactly as run_indexer_prepare would (same bits), every
+//   CTA its own queries' rows, a warp's rows stage by stage together (one shuffle chain per batch of 8 rows).
+//   heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left
 //   unwritten (the top-k reads only the visible ones), so key_count may be a bound (the keys buffer's capacity) and
 //   the work follows the positions.
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.
-// - IndexerScoresParams::kernel (run_indexer_scores only): Warp, the mma.sync kernels (every shape); Warpgroup, the
-//   same scores on warpgroup MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for prepared queries (q or q_fp8),
-//   head_dim 128 and up to 64 heads, refused otherwise; Auto (the default), Warpgroup for fp8 keys in those shapes
-//   when each CTA has one query anyway (one token, or sequence_slots), else Warp. The e4m3 warpgroup MMA keeps about
+// - IndexerScoresParams::kernel: Warp, the mma.sync kernels (every shape); Warpgroup, the same scores on warpgroup
+//   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
+//   Auto (the default), Warpgroup in those shapes for fp8 keys, and for bf16 keys where one sequence's launch scores
+//   ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots), else Warp. The e4m3 warpgroup MMA keeps about
 //   14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
 //   exactly, plain e4m3 ones within ~5e-5 of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
-// - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp in one launch (one fewer per CSA layer).
+// - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp, in one launch where IndexerTopKMethod allows.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
 
@@ -62,6 +62,16 @@ void run_indexer_prepare(const IndexerPrepareParams& params);
 
 enum class IndexerScoresKernel { Warp, Warpgroup, Auto };
 
+// How run_indexer_scores_top_k selects (run_indexer_scores ignores it):
+// - LastCta: in the scores launch itself (any IndexerScoresKernel): the last CTA to finish a query group's scores
+//   (a ticket in the top-k's workspace) sorts each query's visible scores and writes the top-k. Needs key_count ≤
+//   kIndexerLastCtaMaxKeys (every visible count then sorts without a radix pass) and, where several CTAs span the
+//   keys, at most kTopKMaxSplitQueries query groups and the workspace; refused otherwise. The scores are written too.
+// - TopKKernel: the top-k's kernel with each CTA computing its range's scores (any key count; Warp scores only).
+// - Auto: LastCta where it applies, else run_indexer_scores then run_top_k (two launches).
+enum class IndexerTopKMethod { Auto, LastCta, TopKKernel };
+inline constexpr int64_t kIndexerLastCtaMaxKeys = 2048;
+
 struct IndexerScoresParams {
   // Queries [tokens, heads, head_dim], exactly one of: q (bf16, for bf16 keys), q_fp8 + q_scales (for fp8 keys), both
   // from run_indexer_prepare; or q_raw (fp32, RoPE not yet applied) with the preparation's settings below.
@@ -91,19 +101,21 @@ struct IndexerScoresParams {
   float* scores = nullptr;               // device [tokens, score_stride]
   int64_t score_stride = 0;              // ≥ key_count
   IndexerScoresKernel kernel = IndexerScoresKernel::Auto;  // see the contract
+  IndexerTopKMethod top_k_method = IndexerTopKMethod::Auto;  // run_indexer_scores_top_k only
   cudaStream_t stream = nullptr;
 };
 
 void check_indexer_scores_params(const IndexerScoresParams& params);
 void run_indexer_scores(const IndexerScoresParams& params);
 
-// run_indexer_scores then run_top_k in one launch: each of the top-k's CTAs scores its range of a query's visible
-// keys itself (the same bits as run_indexer_scores) straight into the top-k's shared-memory cache. selected, counts
-// and nan_flag are run_top_k's on those scores (identical). From `top_k` only k, selected, counts, nan_flag,
-// workspace, workspace_bytes and max_ctas_per_query are used: the candidates, queries, positions and ratio are the
-// scores'. scores.scores ([tokens, score_stride]) is required: it holds the fp32 scores of ranges too long for a
-// CTA's cache (many queries, few CTAs each); elsewhere it is left unwritten. Heads · head_dim of the query operands
-// must fit the top-k's sort buffer (32 KB: 64 × 128 bf16, 128 × 128 fp8).
+// run_indexer_scores then run_top_k, in one launch by scores.top_k_method: selected, counts and nan_flag are
+// run_top_k's on the scores (identical). From `top_k` only k, selected, counts, nan_flag, workspace,
+// workspace_bytes and max_ctas_per_query are used: the candidates, queries, positions and ratio are the scores'.
+// scores.scores ([tokens, score_stride]) is required. LastCta writes every score as run_indexer_scores does.
+// TopKKernel: each of the top-k's CTAs scores its range of a query's visible keys itself (the same bits) straight
+// into the top-k's shared-memory cache; scores holds only the ranges too long for a CTA's cache (many queries, few
+// CTAs each), elsewhere it is left unwritten; heads · head_dim of the query operands must fit the top-k's sort
+// buffer (32 KB: 64 × 128 bf16, 128 × 128 fp8).
 void run_indexer_scores_top_k(const IndexerScoresParams& scores, const TopKParams& top_k);
 
 }  // namespace dsv4::cuda

@@ -258,12 +258,15 @@ __device__ __forceinline__ void chunk_stages(uint64_t& a, uint64_t& b, int eleme
   }
 }
 
-// Descending bitonic sort of keys[0, n), n a power of two ≥ 64. Strides ≥ 64 go through shared memory (one barrier
-// each); the smaller ones run in registers on 64-key chunks, one warp per chunk.
+// Descending bitonic sort of keys[0, n), n a power of two ≥ 64, by a CTA of kSortThreads threads (the top-k's, or
+// the indexer's score kernels' when they select). Strides ≥ 64 go through shared memory (one barrier each); the
+// smaller ones run in registers on 64-key chunks, one warp per chunk.
+template <int kSortThreads = kThreads>
 __device__ inline void bitonic_sort_descending(uint64_t* keys, int n) {
+  constexpr int kSortWarps = kSortThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int chunks = n / 64;
-  for (int c = warp; c < chunks; c += kWarps) {
+  for (int c = warp; c < chunks; c += kSortWarps) {
     const int element = 64 * c + lane;
     uint64_t a = keys[element], b = keys[element + 32];
 #pragma unroll
@@ -274,7 +277,7 @@ __device__ inline void bitonic_sort_descending(uint64_t* keys, int n) {
   __syncthreads();
   for (int size = 128; size <= n; size *= 2) {
     for (int stride = size / 2; stride >= 64; stride /= 2) {
-      for (int i = threadIdx.x; i < n / 2; i += kThreads) {
+      for (int i = threadIdx.x; i < n / 2; i += kSortThreads) {
         const int lo = 2 * i - (i & (stride - 1));  // 2·stride·(i div stride) + i mod stride (stride a power of 2)
         const int hi = lo + stride;
         const bool descending = (lo & size) == 0;
@@ -286,7 +289,7 @@ __device__ inline void bitonic_sort_descending(uint64_t* keys, int n) {
       }
       __syncthreads();
     }
-    for (int c = warp; c < chunks; c += kWarps) {
+    for (int c = warp; c < chunks; c += kSortWarps) {
       const int element = 64 * c + lane;
       uint64_t a = keys[element], b = keys[element + 32];
       chunk_stages(a, b, element, size, 32);
