@@ -1056,9 +1056,30 @@ __device__ inline void arm_exchange(uint64_t* barrier, uint32_t bytes) {
                                                ::cuda::ptx::space_shared, barrier, bytes);
 }
 
-__device__ inline void wait_exchange(uint64_t* barrier) {
-  while (!::cuda::ptx::mbarrier_try_wait_parity(::cuda::ptx::sem_acquire, ::cuda::ptx::scope_cluster, barrier, 0u)) {
+__device__ __forceinline__ bool exchange_done(uint64_t* barrier) {
+  return ::cuda::ptx::mbarrier_try_wait_parity(::cuda::ptx::sem_acquire, ::cuda::ptx::scope_cluster, barrier, 0u);
+}
+
+// An exchange still open after this long means a peer never stores its bytes (a broken launch): the kernel traps (a
+// launch error) instead of hanging the device.
+inline constexpr uint64_t kExchangeTimeoutNs = 2'000'000'000;
+
+// The rest of wait_exchange once the first poll failed: out of line, so the waits stay short.
+__device__ __noinline__ void wait_exchange_slowly(uint64_t* barrier) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  while (!exchange_done(barrier)) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > kExchangeTimeoutNs) {
+      printf("mHC: CTA %d of the launch waited 2 s for a cluster exchange: its peers never stored their bytes\n",
+             int(blockIdx.x));
+      __trap();
+    }
   }
+}
+
+__device__ inline void wait_exchange(uint64_t* barrier) {
+  if (!exchange_done(barrier)) wait_exchange_slowly(barrier);
 }
 
 // Stores `value` at `local`'s counterpart in cluster CTA `rank` and completes its 4 bytes on that CTA's counterpart
@@ -1486,8 +1507,8 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  if (tid < kRows * kStreams) {
-    const int r = tid / kStreams, k = tid % kStreams;
+  for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
+    const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
         args.fn + int64_t(r) * flat + int64_t(k) * d + i0, uint32_t(ds) * 4u,
@@ -1565,7 +1586,7 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   // (load_fn_fragments' layout); one accumulator chain per stream parity.
   float acc[2][kNTiles][4] = {};
   float squares_lo = 0.f, squares_hi = 0.f;
-  sm90::mbarrier_wait(&barriers[0], 0u);
+  wait_exchange(&barriers[0]);
   const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
 #pragma unroll
   for (int k = 0; k < kStreams; ++k) {
