@@ -493,13 +493,21 @@ __device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word, uint32_t word_
   return ((source & kNibbles) * kCopies) & 0x81C081C0u;
 }
 
+// word >> 8 as a multiply-high (PTX ISA "mul.hi"), which runs beside the masks instead of on their integer pipe (they
+// keep it the busiest); asm, so the compiler does not turn it back into a shift.
+__device__ __forceinline__ uint32_t shift_right_8(uint32_t word) {
+  uint32_t high;
+  asm("mul.hi.u32 %0, %1, %2;" : "=r"(high) : "r"(word), "r"(1u << 24));
+  return high;
+}
+
 // One lane's 16 stored bytes of one row → bf16 pairs in MMA order (tile::detail::decode_row_bytes's pairs).
 template <tile::TileFormat F>
 __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, uint32_t factor1,
                                            uint32_t (&pairs)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = shift_right_8(word);
     const uint32_t factor = (F == tile::TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
     pairs[4 * i + 0] = tile::detail::bf16x2_mul(e2m1_pair_bits<0>(word, word_high), factor);
     pairs[4 * i + 1] = tile::detail::bf16x2_mul(e2m1_pair_bits<1>(word, word_high), factor);
@@ -512,7 +520,7 @@ __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, u
 __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pairs)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = shift_right_8(word);
     pairs[4 * i + 0] = e2m1_pair_bits<0>(word, word_high);
     pairs[4 * i + 1] = e2m1_pair_bits<1>(word, word_high);
     pairs[4 * i + 2] = e2m1_pair_bits<2>(word, word_high);
