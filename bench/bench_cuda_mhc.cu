@@ -4,10 +4,10 @@
 // hc_pre and hc_head: cuBLAS fp32 SGEMM for the projection + one simple kernel per token for the norm, sigmoids,
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
-// default (asynchronous cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
+// default (single-cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
-// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and the single-cluster kernel (SINGLE_CLUSTER) beside the
-// default, each also behind a full-card kernel (the model's case: a linear layer or the experts before the site); at
+// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and its asynchronous variant (CLUSTER_ASYNC) beside the
+// default, both also behind a full-card kernel (the model's case: a linear layer or the experts before the site); at
 // every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the
 // default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
@@ -410,25 +410,26 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
-          const auto single = [&](int i) {
+          const auto async_kernel = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC);
           };
-          record("hc_pre (single-cluster kernel)", single, pre_bytes, 0.0);
-          const auto single_one_iteration = [&](int i) {
+          record("hc_pre (asynchronous cluster kernel)", async_kernel, pre_bytes, 0.0);
+          const auto async_one_iteration = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, false, 1);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC, false, 1);
           };
-          record("hc_pre (single-cluster kernel, 1 Sinkhorn iteration)", single_one_iteration, pre_bytes, 0.0);
-          const auto single_fused_norm = [&](int i) {
+          record("hc_pre (asynchronous cluster kernel, 1 Sinkhorn iteration)", async_one_iteration, pre_bytes, 0.0);
+          const auto async_fused_norm = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, true);
+            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC, true);
           };
-          record("hc_pre + attn_norm (fused, single-cluster kernel)", single_fused_norm,
+          record("hc_pre + attn_norm (fused, asynchronous cluster kernel)", async_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
-          record("filler + hc_pre + attn_norm (fused, default kernel)", after_filler(pre_fused_norm), 0.0, 0.0);
-          record("filler + hc_pre + attn_norm (fused, single-cluster kernel)", after_filler(single_fused_norm), 0.0,
-                 0.0);
+          record("filler + hc_pre + attn_norm (fused, default: single-cluster kernel)", after_filler(pre_fused_norm),
+                 0.0, 0.0);
+          record("filler + hc_pre + attn_norm (fused, asynchronous cluster kernel)", after_filler(async_fused_norm),
+                 0.0, 0.0);
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -470,11 +471,13 @@ int main(int argc, char** argv) {
           const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
           record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
-          const auto single_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
-          record("hc_post_pre + norm (fused, single-cluster kernel)", single_norm,
+          const auto async_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ASYNC, true); };
+          record("hc_post_pre + norm (fused, asynchronous cluster kernel)", async_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
-          record("filler + hc_post_pre + norm (fused, default kernel)", after_filler(fused_norm), 0.0, 0.0);
-          record("filler + hc_post_pre + norm (fused, single-cluster kernel)", after_filler(single_norm), 0.0, 0.0);
+          record("filler + hc_post_pre + norm (fused, default: single-cluster kernel)", after_filler(fused_norm), 0.0,
+                 0.0);
+          record("filler + hc_post_pre + norm (fused, asynchronous cluster kernel)", after_filler(async_norm), 0.0,
+                 0.0);
         }
 
         // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
@@ -510,10 +513,11 @@ int main(int argc, char** argv) {
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
           const auto cluster_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER, true); };
           record("hc_head + norm (fused, cluster kernel)", cluster_norm, head_norm_bytes, 0.0);
-          const auto single = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER); };
-          record("hc_head (single-cluster kernel)", single, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
-          const auto single_norm = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
-          record("hc_head + norm (fused, single-cluster kernel)", single_norm, head_norm_bytes, 0.0);
+          const auto async_kernel = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC); };
+          record("hc_head (asynchronous cluster kernel)", async_kernel, x_bytes + double(kN * flat) * 4 + td_bytes,
+                 0.0);
+          const auto async_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC, true); };
+          record("hc_head + norm (fused, asynchronous cluster kernel)", async_norm, head_norm_bytes, 0.0);
         }
 
         const auto hc_post = [&](int i) {

@@ -9,8 +9,9 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// session-13 cluster decode kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel
-// (SINGLE_CLUSTER, also at its own widths 256, 1024 and 2816); every hc_post_pre case also runs the warp-specialised
+// session-13 cluster decode kernel (CLUSTER), its asynchronous variant (CLUSTER_ASYNC) and the default (AUTO: the
+// single-cluster kernel at V4-Flash's width, also checked at its own widths 256, 1024 and 2816, the asynchronous
+// cluster kernel at the others); every hc_post_pre case also runs the warp-specialised
 // persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where that one takes
 // 64-dim slices too.
 #include <gtest/gtest.h>
@@ -189,9 +190,9 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
          (kernel == HcKernelChoice::CLUSTER           ? " cluster kernel"
-          : kernel == HcKernelChoice::AUTO            ? " asynchronous cluster kernel (auto)"
+          : kernel == HcKernelChoice::AUTO            ? " default kernel (single-cluster where it applies)"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
-          : kernel == HcKernelChoice::SINGLE_CLUSTER              ? " single-cluster kernel"
+          : kernel == HcKernelChoice::CLUSTER_ASYNC               ? " asynchronous cluster kernel"
                                                                   : " persistent kernel");
 }
 
@@ -460,13 +461,13 @@ const int64_t kTokenCounts[] = {1, 5, 16, 64, 300, 1000};
 const int64_t kHiddenSizes[] = {4096, 7168, 96, 260};
 
 // The kernels a launch of T tokens can take: the persistent one always, its warp-specialised variant for hc_post_pre,
-// the cluster decode kernel, its asynchronous variant (AUTO) and the single-cluster kernel (SINGLE_CLUSTER; as AUTO
-// past its hidden-size limits) up to their token limit.
+// the cluster decode kernel, its asynchronous variant (CLUSTER_ASYNC) and the default (AUTO: the single-cluster kernel
+// within its hidden-size limits) up to their token limit.
 std::vector<HcKernelChoice> kernels_for(int64_t T, bool post_pre = false) {
   std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT};
   if (post_pre) kernels.push_back(HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
   if (T <= kHcDecodeMaxTokens)
-    kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::AUTO, HcKernelChoice::SINGLE_CLUSTER});
+    kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER, HcKernelChoice::CLUSTER_ASYNC, HcKernelChoice::AUTO});
   return kernels;
 }
 
@@ -525,9 +526,10 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (CLUSTER), its asynchronous variant (AUTO) and the single-cluster kernel alternate on one workspace; each
-// launch's tag must come from the epoch its predecessor left. Every launch of a kernel gives the same bits as that
-// kernel's first (deterministic sums), the first checked against the CPU.
+// kernel (CLUSTER), its asynchronous variant (CLUSTER_ASYNC) and the default (AUTO: the single-cluster kernel at
+// V4-Flash's width, which uses no workspace) alternate on one workspace; each cluster-kernel launch's tag must come
+// from the epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first
+// (deterministic sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 900;
@@ -543,8 +545,8 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       std::vector<PreOutputBuffers> outputs;
       for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
       const auto kernel_of = [](int i) {
-        return i % 4 == 3   ? HcKernelChoice::AUTO
-               : i % 4 == 1 ? HcKernelChoice::SINGLE_CLUSTER
+        return i % 4 == 3   ? HcKernelChoice::CLUSTER_ASYNC
+               : i % 4 == 1 ? HcKernelChoice::AUTO
                             : HcKernelChoice::CLUSTER;
       };
       for (int i = 0; i < kLaunches; ++i)
@@ -692,20 +694,20 @@ TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
         }
 }
 
-// The single-cluster kernel at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above), token
-// counts on both sides of the MMA tile's half, every op with and without the output norm.
+// The single-cluster kernel (AUTO) at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above),
+// token counts on both sides of the MMA tile's half, every op with and without the output norm.
 TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const std::vector<HcKernelChoice> single = {HcKernelChoice::SINGLE_CLUSTER};
+  const std::vector<HcKernelChoice> single = {HcKernelChoice::AUTO};
   uint32_t seed = 1500;
   for (const int64_t d : {int64_t(256), int64_t(1024), int64_t(2816)})
     for (const int64_t T : {1, 8, 9, 16})
       for (const bool round : {false, true}) {
         check_hc_pre(T, d, round, single, seed++);
         check_hc_head(T, d, round, single, seed++);
-        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::SINGLE_CLUSTER, seed++);
+        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::AUTO, seed++);
         for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
-          check_output_norm(op, T, d, round, !round, HcKernelChoice::SINGLE_CLUSTER, seed++);
+          check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
       }
 }
 

@@ -180,11 +180,12 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
-// The cluster decode kernel (either variant) serves a launch unless a persistent one is asked for or the launch is
-// beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
+// The cluster decode kernel (either variant) serves a launch the single-cluster kernel does not, unless a persistent
+// one is asked for or the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at
+// every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER ||
-          choice == HcKernelChoice::SINGLE_CLUSTER) &&
+          choice == HcKernelChoice::CLUSTER_ASYNC) &&
          tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
 }
@@ -260,11 +261,11 @@ void run_cluster_decode(HcKernelChoice choice, const mhc::ClusterDecodeArgs& arg
   launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
 }
 
-// The single-cluster decode kernel serves SINGLE_CLUSTER launches within its limits (mhc.hpp) where the card holds
-// its cluster (checked once per kernel and device).
+// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp) where the card holds its cluster
+// (checked once per kernel and device).
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  if (choice != HcKernelChoice::SINGLE_CLUSTER || tokens > kHcDecodeMaxTokens ||
+  if (choice != HcKernelChoice::AUTO || tokens > kHcDecodeMaxTokens ||
       hidden % kHcSingleClusterHiddenQuantum != 0 || hidden > kHcSingleClusterMaxHidden)
     return false;
   const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost>;

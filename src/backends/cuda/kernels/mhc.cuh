@@ -928,13 +928,13 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 //   one global hop, the totals pushed into the cluster's CTAs), then rms_norm's arithmetic per element (y·inv_rms,
 //   ·w, rounding). (Σy² from the streams' Gram matrix, summed in the projection's hop, measured slower in session 14:
 //   Flash T = 1 hc_pre + norm 7.3 vs 6.6 µs, dropped.)
-// - kAsync (HcKernelChoice::AUTO) replaces the cluster barriers of the four cluster steps: each receiving CTA arms
-//   an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there (a
+// - kAsync (HcKernelChoice::CLUSTER_ASYNC) replaces the cluster barriers of the four cluster steps: each receiving CTA
+//   arms an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there (a
 //   barrier.cluster.arrive.release is a GPU-scope fence: it waits for the CTA's outstanding global stores, and its
-//   ERRBAR and barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in scaling
-//   form (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator chains;
-//   its sums run in another order than the plain kernel's. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix
-//   norm): hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2, hc_post_pre 6.4 → 6.1.
+//   ERRBAR and barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in scaling form
+//   (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator chains; its sums
+//   run in another order than the plain kernel's. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix norm):
+//   hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2, hc_post_pre 6.4 → 6.1.
 // - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
 //   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
 //   mix CTAs have read it too.

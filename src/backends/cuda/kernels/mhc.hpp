@@ -17,21 +17,27 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
-// - Cluster decode kernel (kernel = AUTO, the default, or CLUSTER; T ≤ kHcDecodeMaxTokens, hidden ≤
-//   kHcDecodeMaxHidden): one CTA per 64-dim slice in clusters of 8 CTAs (plus one cluster for hc_pre's post/comb)
-//   projects its slice once; each sum over the slices is one cluster (DSMEM) step and one global hop, no pipeline.
-//   Its sums run in another order than the persistent kernel's (a launch's results depend on which kernel served
-//   it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing (a few ulps).
-//   Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only the weights are read before
-//   the grid-dependency wait. Same workspace as the persistent kernel. AUTO runs its asynchronous variant: cluster
-//   steps through st.async and mbarriers instead of cluster barriers, Sinkhorn in scaling form, fn split before the
-//   wait (sums in yet another order). CLUSTER runs the session-13 kernel.
+// - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens, hidden a multiple of
+//   kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, on a card that holds a 16-CTA cluster of it): one
+//   cluster of 16 CTAs, each a 1/16 slice of the hidden size (all n streams) with its fn columns bulk-copied into
+//   shared memory before the grid-dependency wait; every sum over the slices is one DSMEM exchange (no global hop, no
+//   workspace words), the fused output norm one more. Its sums run in another fixed order than the other kernels';
+//   Sinkhorn as the asynchronous cluster decode kernel's.
+// - Cluster decode kernel (kernel = CLUSTER or CLUSTER_ASYNC, and AUTO where the single-cluster kernel does not apply;
+//   T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice in clusters of 8 CTAs (plus one
+//   cluster for hc_pre's post/comb) projects its slice once; each sum over the slices is one cluster (DSMEM) step and
+//   one global hop, no pipeline. Its sums run in another order than the persistent kernel's (a launch's results depend
+//   on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing
+//   (a few ulps). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only the weights are
+//   read before the grid-dependency wait. Same workspace as the persistent kernel. CLUSTER_ASYNC (and AUTO) run its
+//   asynchronous variant: cluster steps through st.async and mbarriers instead of cluster barriers, Sinkhorn in scaling
+//   form, fn split before the wait (sums in yet another order). CLUSTER runs the session-13 kernel.
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
 //   out_norm_weight, .width = hidden, .eps = norm_eps, .round_to_bf16 = out_norm_round_to_bf16, .y = y, .y_bf16 =
-//   y_bf16}) gives after the op (up to the order of the Σy² summation). In one launch for the cluster decode kernel;
-//   the persistent path runs that rms_norm after its own launch.
+//   y_bf16}) gives after the op (up to the order of the Σy² summation). In one launch for the decode kernels; the
+//   persistent path runs that rms_norm after its own launch.
 // - round_to_bf16 reproduces the Reference numerics mode: y (hc_pre), h (hc_head) and X_out (hc_post) are stored
 //   rounded to bf16 (round to nearest even) in their fp32 buffers, as the CPU backend does after its ops;
 //   hc_post_pre rounds X_out, projects the rounded X_out and rounds y, as the two ops in a row do.
@@ -50,24 +56,20 @@ inline constexpr int kMhcStreams = 4;
 inline constexpr int64_t kHcDecodeMaxTokens = 16;
 inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 
-// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the asynchronous cluster decode kernel where the
-// cluster decode kernel applies (above), hc_post_pre of kAutoWarpSpecializedPostPreMinTokens tokens and more on
-// PERSISTENT_WARP_SPECIALIZED, the persistent kernel elsewhere; PERSISTENT: the persistent kernel always
-// (the comparison baseline); CLUSTER: the session-13 cluster decode kernel where it applies (the engine's
-// mhc_cluster_kernel switch, off by default since AUTO measured faster), the persistent kernel elsewhere;
+// Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the single-cluster decode kernel where it
+// applies, else the asynchronous cluster decode kernel where that applies (above), hc_post_pre of
+// kAutoWarpSpecializedPostPreMinTokens tokens and more on PERSISTENT_WARP_SPECIALIZED, the persistent kernel elsewhere;
+// PERSISTENT: the persistent kernel always (the comparison baseline); CLUSTER: the session-13 cluster decode kernel
+// where it applies (the engine's mhc_cluster_kernel switch), the persistent kernel elsewhere; CLUSTER_ASYNC: the
+// asynchronous cluster decode kernel where it applies (AUTO before session 16), the persistent kernel elsewhere;
 // PERSISTENT_WARP_SPECIALIZED: hc_post_pre on the persistent kernel at one CTA per SM in two warp groups, one applying
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
 // hc_pre and hc_head take the persistent kernel.
-// SINGLE_CLUSTER: the single-cluster decode kernel (below) where it applies, else as AUTO.
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, PERSISTENT_WARP_SPECIALIZED, SINGLE_CLUSTER };
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
 
-// The single-cluster decode kernel (HcKernelChoice::SINGLE_CLUSTER): T ≤ kHcDecodeMaxTokens and hidden a multiple of
-// kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, on a card that holds a 16-CTA cluster of it. One
-// cluster of 16 CTAs, each a 1/16 slice of the hidden size with its fn columns bulk-copied into shared memory before
-// the grid-dependency wait: every sum over the slices is one DSMEM exchange (no global hop, no workspace words), the
-// fused output norm one more. Its sums run in another fixed order than the other kernels'; Sinkhorn as AUTO's.
+// The single-cluster decode kernel's hidden sizes (AUTO; above).
 inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
 inline constexpr int64_t kHcSingleClusterMaxHidden = 4096;
 
