@@ -482,23 +482,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 #pragma unroll
   for (int j = 0; j < kWarpDims / 8; ++j) {
     const int dim = dim_begin + 8 * j + 2 * c;
-    float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[j][e] * inverse_denominator[e / 2];
-    if (p.rope_frequencies != nullptr && dim >= layout.nope_dim) {
-      const RopeFactors f = rope_factors(position, p.rope_frequencies[(dim - layout.nope_dim) / 2]);
-      rope_rotate_pair(v[0], v[1], f, true);
-      rope_rotate_pair(v[2], v[3], f, true);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (head[r] >= p.heads) continue;
-      const int64_t offset = (t * p.heads + head[r]) * kHeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32)
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
-      else
-        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
+    store_output_fragment(p, t, head, kHeadDim, dim, o_acc[j], inverse_denominator,
+                          p.rope_frequencies != nullptr && dim >= layout.nope_dim, [&] {
+                            return rope_factors(position, p.rope_frequencies[(dim - layout.nope_dim) / 2]);
+                          });
   }
 }
 
@@ -865,22 +852,14 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
       split_stats[s] = s < splits ? cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
-    float m = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
-    float weight[kMaxSplits], sum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-      weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
-      sum += split_stats[s].y * weight[s];
-    }
-    const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
+    float factor[kMaxSplits];
+    merge_factors(split_stats, merge_sink_log2, factor);
     ScaleVector* row = reinterpret_cast<ScaleVector*>(merge_scale + thread256 * kMaxSplits);
 #pragma unroll
     for (int v = 0; v < kScaleVectors; ++v) {
       float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int e = 0; e < kScaleLanes; ++e) f[e] = weight[v * kScaleLanes + e] * inverse_denominator;
+      for (int e = 0; e < kScaleLanes; ++e) f[e] = factor[v * kScaleLanes + e];
       if constexpr (kMaxSplits == 2)
         row[v] = make_float2(f[0], f[1]);
       else
@@ -927,17 +906,11 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 #pragma unroll
       for (int pair = 0; pair < kPairs; ++pair)
         if (rotate[pair]) rope_rotate_pair(x[2 * pair], x[2 * pair + 1], factors[pair], true);
-      const int64_t out_offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
+      const int64_t out_row = (t * p.heads + head_base + h) * kD512HeadDim;
 #pragma unroll
       for (int q = 0; q < kVectorDims / 4; ++q) {
-        if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
-          float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + out_offset + 4 * q);
-          out[0] = make_float2(x[4 * q], x[4 * q + 1]);
-          out[1] = make_float2(x[4 * q + 2], x[4 * q + 3]);
-        } else {
-          *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + out_offset + 4 * q) =
-              make_uint2(pack_bf16x2(x[4 * q], x[4 * q + 1]), pack_bf16x2(x[4 * q + 2], x[4 * q + 3]));
-        }
+        const float quad[4] = {x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]};
+        store_output_quad(p, out_row, dim + 4 * q, quad);
       }
     }
   }
@@ -1187,23 +1160,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
-    float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
-    if (rope && dim >= layout.nope_dim) {
-      const RopeFactors f = rope_table[(dim - layout.nope_dim) / 2];
-      rope_rotate_pair(v[0], v[1], f, true);
-      rope_rotate_pair(v[2], v[3], f, true);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (head[r] >= p.heads) continue;
-      const int64_t offset = (t * p.heads + head[r]) * kD512HeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32)
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
-      else
-        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
+    const float acc[4] = {o_acc[4 * n], o_acc[4 * n + 1], o_acc[4 * n + 2], o_acc[4 * n + 3]};
+    store_output_fragment(p, t, head, kD512HeadDim, dim, acc, inverse_denominator, rope && dim >= layout.nope_dim,
+                          [&] { return rope_table[(dim - layout.nope_dim) / 2]; });
   }
 }
 
@@ -1434,6 +1393,8 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
       if (v < end && s < splits) {
         o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
         if constexpr (kSpread) vector_stats[k][s] = peer_stats[s][v / kRowVectors];
+      } else if constexpr (kSpread) {
+        vector_stats[k][s] = make_float2(-INFINITY, 0.0f);  // no weight in merge_factors
       }
   }
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
@@ -1444,19 +1405,10 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s)
         split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
-      float m = -INFINITY;
+      float factor[kMaxSplits];
+      merge_factors(split_stats, merge_sink_log2, factor);
 #pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
-      float weight[kMaxSplits], sum = 0.0f;
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s) {
-        weight[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
-        sum += split_stats[s].y * weight[s];
-      }
-      const float inverse_denominator = inverse_softmax_denominator(merge_sink_log2, m, sum);
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = weight[s] * inverse_denominator;
+      for (int s = 0; s < kMaxSplits; ++s) merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = factor[s];
     }
     __syncthreads();
   }
@@ -1471,19 +1423,7 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
     if (v >= end || head_base + h >= p.heads) continue;
     float scale[kMaxSplits];
     if constexpr (kSpread) {
-      float m = -INFINITY;
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        if (s < splits) m = fmaxf(m, vector_stats[k][s].x);
-      float sum = 0.0f;
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s) {
-        scale[s] = s >= splits || vector_stats[k][s].x == -INFINITY ? 0.0f : exp2f(vector_stats[k][s].x - m);
-        if (s < splits) sum += vector_stats[k][s].y * scale[s];
-      }
-      const float inverse_denominator = inverse_softmax_denominator(head_sinks[h], m, sum);
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s) scale[s] *= inverse_denominator;
+      merge_factors(vector_stats[k], head_sinks[h], scale);
     } else {
 #pragma unroll
       for (int s = 0; s < kMaxSplits; ++s)
@@ -1504,15 +1444,7 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
         if (dim + 2 * pair >= layout.nope_dim)
           rope_rotate_pair(x[2 * pair], x[2 * pair + 1], rope_table[(dim + 2 * pair - layout.nope_dim) / 2], true);
     }
-    const int64_t offset = (t * p.heads + head_base + h) * kD512HeadDim + dim;
-    if (p.out_dtype == AttentionDtype::F32) {  // out is only 8-byte aligned
-      float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset);
-      out[0] = make_float2(x[0], x[1]);
-      out[1] = make_float2(x[2], x[3]);
-    } else {
-      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + offset) =
-          make_uint2(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]));
-    }
+    store_output_quad(p, (t * p.heads + head_base + h) * kD512HeadDim, dim, x);
   }
 }
 
@@ -1954,26 +1886,12 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     const float row_max[2] = {stats[g].x, stats[g + 8].x}, row_sum[2] = {stats[g].y, stats[g + 8].y};
     inverse_softmax_denominators(sink_log2, row_max, row_sum, inverse_denominator);
   }
+  const int head[2] = {head_base + g, head_base + g + 8};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int dim = dim_base + 8 * j + 2 * c;
-    float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o_acc[j][e] * inverse_denominator[e / 2];
-    if (rope && dim >= layout.nope_dim) {
-      const RopeFactors f = rope_table[(dim - layout.nope_dim) / 2];
-      rope_rotate_pair(v[0], v[1], f, true);
-      rope_rotate_pair(v[2], v[3], f, true);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (g + 8 * r >= live_heads) continue;
-      const int64_t offset = (t * p.heads + head_base + g + 8 * r) * kD512HeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32)
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
-      else
-        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
+    store_output_fragment(p, t, head, kD512HeadDim, dim, o_acc[j], inverse_denominator,
+                          rope && dim >= layout.nope_dim, [&] { return rope_table[(dim - layout.nope_dim) / 2]; });
   }
 }
 
@@ -2022,9 +1940,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   sum = 0.0f;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) sum += warp_partial[w];
-  float denominator = sum;
-  if (p.attn_sink != nullptr && m != -INFINITY) denominator += exp2f(p.attn_sink[h] * kLog2e - m);
-  const float inverse_denominator = sum > 0.0f ? 1.0f / denominator : 0.0f;
+  const float inverse_denominator = inverse_softmax_denominator(head_sink_log2(p, h), m, sum);
 
   const int64_t position = p.rope_frequencies != nullptr ? p.positions[t] : 0;
   for (int pair = threadIdx.x; pair < head_dim / 2; pair += kCombineThreads) {

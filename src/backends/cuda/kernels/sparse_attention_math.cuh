@@ -1,5 +1,6 @@
 // Device helpers shared by the sparse-attention kernels (sparse_attention.cuh, sparse_attention_prefill.cuh): bf16
-// packing, the exact fp8 entry dequantisation, and the softmax's sink, exponent and denominator.
+// packing, the exact fp8 entry dequantisation, the softmax's sink, exponent and denominator, the split merge's
+// weights, and the output stores (normalise, rotate back, fp32 or bf16).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 
 #include <cstdint>
 
+#include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 
 namespace dsv4::cuda::sparse_attention_math {
@@ -47,6 +49,67 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The split merge's factor of each split s < kMaxSplits from the splits' (max, sum) pairs (log2 units; a split past
+// the count or without entries has max −inf): 2^(m_s − M) / denominator, the sink once in the denominator.
+template <int kMaxSplits>
+__device__ __forceinline__ void merge_factors(const float2 (&split_stats)[kMaxSplits], float sink_log2,
+                                              float (&factor)[kMaxSplits]) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) m = fmaxf(m, split_stats[s].x);
+  float sum = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    factor[s] = split_stats[s].x == -INFINITY ? 0.0f : exp2f(split_stats[s].x - m);
+    sum += split_stats[s].y * factor[s];
+  }
+  const float inverse_denominator = inverse_softmax_denominator(sink_log2, m, sum);
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) factor[s] *= inverse_denominator;
+}
+
+// Output dims [dim, dim + 4) of the row starting at `row` of p.out (fp32: two 8-byte stores, out being only 8-byte
+// aligned; bf16: one).
+__device__ __forceinline__ void store_output_quad(const SparseAttentionParams& p, int64_t row, int dim,
+                                                  const float (&x)[4]) {
+  if (p.out_dtype == AttentionDtype::F32) {
+    float2* out = reinterpret_cast<float2*>(static_cast<float*>(p.out) + row + dim);
+    out[0] = make_float2(x[0], x[1]);
+    out[1] = make_float2(x[2], x[3]);
+  } else {
+    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + row + dim) =
+        make_uint2(pack_bf16x2(x[0], x[1]), pack_bf16x2(x[2], x[3]));
+  }
+}
+
+// The epilogue of one mma accumulator fragment (C layout: acc[e] is row e / 2 of the thread's rows, heads head[0] and
+// head[1] of query t, dims dim + e % 2): times its row's 1 / denominator, rotated back by −θ where `rotate` (both
+// rows by factors(), the pair's RoPE factors, evaluated only then), stored to p.out (fp32 or bf16) for the heads
+// below p.heads.
+template <class PairFactors>
+__device__ __forceinline__ void store_output_fragment(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
+                                                      int head_dim, int dim, const float (&acc)[4],
+                                                      const float (&inverse_denominator)[2], bool rotate,
+                                                      PairFactors&& factors) {
+  float v[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) v[e] = acc[e] * inverse_denominator[e / 2];
+  if (rotate) {
+    const RopeFactors f = factors();
+    rope_rotate_pair(v[0], v[1], f, true);
+    rope_rotate_pair(v[2], v[3], f, true);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (head[r] >= p.heads) continue;
+    const int64_t offset = (t * p.heads + head[r]) * head_dim + dim;
+    if (p.out_dtype == AttentionDtype::F32)
+      *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
+    else
+      *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+  }
 }
 
 }  // namespace dsv4::cuda::sparse_attention_math
