@@ -11,11 +11,11 @@
 // (+pf).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
-// layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel at 1, 2, 4
-// and 8 splits (CTAs per query and head block, merged in a cluster) against today's decode dispatch
-// (run_sparse_attention with prefill_kernel off: the head_dim 512 wgmma kernel with its cluster-merged splits), the
-// fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the cuBLAS bf16 rate), the fastest
-// split count once more with prefetch_next_pair (+pf), with the same output comparison (the largest over the runs).
+// layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel at 1 and 2
+// splits (CTAs per query and head block, merged in a cluster), each without and with prefetch_next_pair (+pf),
+// against today's decode dispatch (run_sparse_attention with prefill_kernel off: the head_dim 512 wgmma kernel with
+// its cluster-merged splits), the fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the
+// cuBLAS bf16 rate), with the same output comparison (the largest over the variants).
 // Entries and q are hashes of their positions (finite, no NaN codes).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
 // --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
@@ -29,7 +29,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -227,20 +226,20 @@ const char* to_string(DecodeLayout layout) {
   return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
 }
 
-// The prefill kernel's split counts timed on decode cases.
-constexpr int kDecodeSplits[] = {1, 2, 4, 8};
-constexpr int kDecodeSplitCounts = int(std::size(kDecodeSplits));
-static_assert(kDecodeSplitCounts == 4, "the decode table prints four split counts");
+// The prefill kernel's variants timed on decode cases: 1 or 2 splits (4 and 8 took two and four waves at batch 64,
+// 1.8-3.2x slower: session 16), each without and with SparseAttentionPrefillOptions::prefetch_next_pair.
+constexpr int kDecodeVariants = 4;
+constexpr int decode_variant_splits(int variant) { return variant % 2 + 1; }
+constexpr bool decode_variant_prefetch(int variant) { return variant >= 2; }
 
 struct DecodeCase {
   std::string model, layout, format;
   int heads, batch, slots, today_splits;
   int64_t context;
   double today_us, floor_us, today_percent_of_floor;
-  double us[kDecodeSplitCounts];  // the prefill kernel at each of kDecodeSplits
-  int best;                       // the index of the fastest
-  double prefetch_us;             // the fastest split count with SparseAttentionPrefillOptions::prefetch_next_pair
-  double relative_difference;     // the largest over the runs
+  double us[kDecodeVariants];  // the prefill kernel's variants
+  int best;                    // the fastest variant
+  double relative_difference;  // the largest over the variants
 };
 
 // One decode step of `batch` sequences (query b = sequence b at position context − 1, its own pages): today's
@@ -309,34 +308,23 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
   DecodeCase r;
   r.relative_difference = 0;
   r.best = 0;
-  for (int i = 0; i < kDecodeSplitCounts; ++i) {
+  for (int v = 0; v < kDecodeVariants; ++v) {
     SparseAttentionParams prefill = today;
     prefill.out = new_out.data();
-    prefill.splits = kDecodeSplits[i];
+    prefill.splits = decode_variant_splits(v);
     prefill.workspace = nullptr;
     prefill.workspace_bytes = 0;
+    const SparseAttentionPrefillOptions options{.prefetch_next_pair = decode_variant_prefetch(v)};
     new_out.fill_bytes(0xFF);
-    run_sparse_attention_prefill(prefill);
+    run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    const std::string name = std::string(model) + " " + to_string(kind) + " splits " + std::to_string(prefill.splits);
+    const std::string name = std::string(model) + " " + to_string(kind) + " splits " +
+                             std::to_string(prefill.splits) + (options.prefetch_next_pair ? " +pf" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
-    r.us[i] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
-    if (r.us[i] < r.us[r.best]) r.best = i;
+    r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
+    if (r.us[v] < r.us[r.best]) r.best = v;
   }
-  SparseAttentionParams prefill = today;
-  prefill.out = new_out.data();
-  prefill.splits = kDecodeSplits[r.best];
-  prefill.workspace = nullptr;
-  prefill.workspace_bytes = 0;
-  const SparseAttentionPrefillOptions prefetch{.prefetch_next_pair = true};
-  new_out.fill_bytes(0xFF);
-  run_sparse_attention_prefill(prefill, prefetch);
-  synchronize_or_exit("sparse_attention_prefill (decode, prefetch)");
-  new_out.download(got.data(), outputs * 4);
-  const std::string name = std::string(model) + " " + to_string(kind) + " prefetch";
-  r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
-  r.prefetch_us = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.model = model;
   r.layout = to_string(kind);
@@ -415,9 +403,9 @@ int run(int argc, char** argv) {
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s | %8s | %9s\n", "model",
-                "kind", "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s4 us", "s8 us",
-                "best", "%floor", "speedup", "+pf us", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s | %9s\n", "model", "kind",
+                "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s1+pf us", "s2+pf us",
+                "best", "%floor", "speedup", "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -432,13 +420,13 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf(
-              "%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %6d %7.1f %8.2f | %8.1f | %9.2e%s"
-              "\n",
-              r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits, r.today_us,
-              r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3], kDecodeSplits[r.best],
-              100.0 * r.floor_us / best_us, r.today_us / best_us, r.prefetch_us, r.relative_difference,
-              agrees ? "" : " FAIL");
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %3d%-3s %7.1f %8.2f | %9.2e"
+                      "%s\n",
+                      r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
+                      decode_variant_splits(r.best), decode_variant_prefetch(r.best) ? "+pf" : "",
+                      100.0 * r.floor_us / best_us, r.today_us / best_us, r.relative_difference,
+                      agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }
   if (!json_path.empty()) {
@@ -465,12 +453,13 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"batch\": %d, "
                    "\"context\": %lld, \"slots\": %d, \"today_splits\": %d, \"today_us\": %.1f, "
-                   "\"splits_us\": {\"1\": %.1f, \"2\": %.1f, \"4\": %.1f, \"8\": %.1f}, \"best_splits\": %d, "
-                   "\"us\": %.1f, \"prefetch_us\": %.1f, \"floor_us\": %.2f, \"today_percent_of_floor\": %.1f, "
-                   "\"percent_of_floor\": %.1f, \"relative_difference\": %.3e}%s\n",
+                   "\"variants_us\": {\"s1\": %.1f, \"s2\": %.1f, \"s1_prefetch\": %.1f, \"s2_prefetch\": %.1f}, "
+                   "\"best_splits\": %d, \"best_prefetch\": %s, \"us\": %.1f, \"floor_us\": %.2f, "
+                   "\"today_percent_of_floor\": %.1f, \"percent_of_floor\": %.1f, \"relative_difference\": %.3e}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.format.c_str(), r.heads, r.batch,
                    static_cast<long long>(r.context), r.slots, r.today_splits, r.today_us, r.us[0], r.us[1], r.us[2],
-                   r.us[3], kDecodeSplits[r.best], r.us[r.best], r.prefetch_us, r.floor_us, r.today_percent_of_floor,
+                   r.us[3], decode_variant_splits(r.best), decode_variant_prefetch(r.best) ? "true" : "false",
+                   r.us[r.best], r.floor_us, r.today_percent_of_floor,
                    100.0 * r.floor_us / r.us[r.best], r.relative_difference, i + 1 < decode_cases.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

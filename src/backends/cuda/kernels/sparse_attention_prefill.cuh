@@ -14,9 +14,9 @@
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
-// half's mbarrier when they land; fp8 entries by 8-byte cp.async into the slots their bf16 values will fill, widened
-// in place (exactly: e4m3 · 2^k) one half later, so that a half's round trip overlaps the next half's refill. A
-// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
+// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). The next
+// pair is resolved while the current one's later halves wait for their release. A consumer that waited on a half's
+// barrier fences the async proxy before its wgmma reads the cp.async data.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
 // Split calls (p.splits CTAs per query and head block, one cluster): split s walks its share of the pairs as above,
@@ -98,8 +98,8 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
 inline constexpr int kStats = kSum + 64 * 8;                 // float2 [64]: the CTA's (row max, row sum) for a merge
 inline constexpr int kRope = kStats + 64 * 8;                // RopeFactors [kMaxRopePairs]
-inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 2 × 4][producer thread]: slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
 inline constexpr int kBytes = kBarriers + 10 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 // A split's unnormalised output for the cluster merge, fp32 [64 heads][kPartialStride], over the KV buffers and the
@@ -158,24 +158,11 @@ __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 +
 
 // ---- producer ----
 
-// 16-byte stores and 4- and 8-byte loads at 32-bit shared-memory addresses (a generic pointer would hold two
-// registers per address).
+// A 16-byte store to a 32-bit shared-memory address (a generic pointer would hold two registers per address).
 __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(value.x), "r"(value.y), "r"(value.z),
                "r"(value.w)
                : "memory");
-}
-
-__device__ __forceinline__ uint32_t load_shared_u32(uint32_t address) {
-  uint32_t value;
-  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(address) : "memory");
-  return value;
-}
-
-__device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
-  uint2 value;
-  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(value.x), "=r"(value.y) : "r"(address) : "memory");
-  return value;
 }
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
@@ -190,16 +177,19 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const int64_t slots = query_slot_count(p, t);
   const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
-  // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
-  // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
+  // The physical entries of this thread's slots of two pairs, [pair & 1][buffer][k], in shared memory (thread-major
+  // columns, conflict-free; in registers they pushed the fp8 path's loads past the producer's register budget): the
+  // next pair is resolved while the current one's halves wait for their release.
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
-  const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
-  // Slot → logical row → page → physical entry of a slot of `pair` (block b, entry row0 + 16k) of the range.
+  const auto physical = [&](int pair, int buffer, int k) -> int32_t& {
+    return physical_entries[((pair & 1) * 8 + buffer * 4 + k) * kWarpgroup];
+  };
+  // Slot of `pair` (block b, entry row0 + 16k) of the range.
   const auto slot_of = [&](int pair, int b, int k) {
     return int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
   };
-  // The physical entries of both blocks of `pair`: all rows first, then all pages, so that the two dependent loads
-  // stall once.
+  // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that the
+  // two dependent loads stall once.
   const auto resolve = [&](int pair) {
     int32_t rows[2][4];
 #pragma unroll
@@ -210,7 +200,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k)
-        physical_entries[(b * 4 + k) * kWarpgroup] = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
+        physical(pair, b, k) = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
   };
   // prefetch_next: the entries of `pair` asked of L2 (this thread's line of each: chunk c takes line c of a bf16
   // entry, lines c < 5 and the last byte's of an fp8 one) about a pair before their copies are issued, so that those
@@ -231,74 +221,103 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         if (entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // Issues the cp.async copies of `half` of `buffer` (its four tiles of this thread's four entries) for the current
-  // pair; an unused slot is zero-filled (its weight 0 must not meet a NaN) and its source never read. bf16 entries
-  // land as they are. fp8 entries land raw in the tiles they will occupy, each thread's bytes in its own 16-byte
-  // slots, so that expand_half can widen them in place without a barrier: a nope tile's eight e4m3 codes in the
-  // first half of the slot (the half's first tile also takes the entry's eight e8m0 scale bytes in its second half),
-  // the rope tile's eight bf16 dims whole (two 8-byte copies: the rope dims are only 8-byte aligned in the 584-byte
-  // entry).
-  const auto issue_half = [&](int buffer, int half) {
+  // bf16 entries: the 16-byte cp.async copies of `half` of `buffer` for `pair`; an unused slot is zero-filled (its
+  // weight 0 must not meet a NaN) and its source never read.
+  const auto copy_half = [&](int pair, int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int32_t entry_index = physical(buffer, k);
-      const bool used = entry_index >= 0;
-      const uint8_t* entry = used ? p.cache.entry_address(entry_index) : p.cache.pool;
-      const uint32_t slot = shared_address(tiles + swizzled(row0 + 16 * k, chunk));
+      const int32_t entry_index = physical(pair, buffer, k);
+      uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
+      const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
 #pragma unroll
       for (int i = 0; i < kHalfTiles; ++i) {
         const int tile = half * kHalfTiles + i;
-        const uint32_t destination = slot + uint32_t(tile * kTileBytes);
-        if constexpr (!kFp8) {
-          ptx::cp_async_or_zero<16>(destination, entry + tile * 128 + chunk * 16, used);
-        } else if (tile * 64 < kFp8NopeDim) {
-          ptx::cp_async_or_zero<8>(destination, entry + tile * 64 + chunk * 8, used);
-          if (i == 0) ptx::cp_async_or_zero<8>(destination + 8, entry + kFp8ScaleOffset, used);
+        ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
+                                  entry_index >= 0);
+      }
+    }
+  };
+  // fp8 entries: the four entries' loads of `half`, branch-free (an unused slot reads the pool's first entry and stores
+  // zeros), so that their round trips overlap. raw[k][i]: tile i's eight e4m3 codes, or for the rope tile the first
+  // half of its 16 bf16 bytes (the second in raw[k][kHalfTiles]; the rope dims are only 8-byte aligned in the 584-byte
+  // entry); scales[k]: the e8m0 scales of the half's four tiles (bytes 576 + 4·half, +4).
+  struct Fp8Half {
+    uint2 raw[4][kHalfTiles + 1];
+    uint32_t scales[4];
+  };
+  const auto load_fp8_half = [&](int pair, int buffer, int half) {
+    Fp8Half loaded;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t* entry = p.cache.entry_address(max(physical(pair, buffer, k), 0));
+      loaded.scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
+#pragma unroll
+      for (int i = 0; i < kHalfTiles; ++i) {
+        const int tile = half * kHalfTiles + i;
+        if (tile * 64 < kFp8NopeDim) {
+          loaded.raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
         } else {
           const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
-          ptx::cp_async_or_zero<8>(destination, rope, used);
-          ptx::cp_async_or_zero<8>(destination + 8, rope + 8, used);
+          loaded.raw[k][i] = *reinterpret_cast<const uint2*>(rope);
+          loaded.raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
         }
       }
     }
+    return loaded;
   };
-  // fp8 entries: widens this thread's landed codes of `half` of `buffer` to bf16 in place (e4m3 · 2^k, exact); a
-  // zero-filled slot stays zero (codes 0, scale code 0).
-  const auto expand_half = [&](int buffer, int half) {
+  // ... dequantised exactly to bf16 (e4m3 · 2^k) into the half's tiles.
+  const auto store_fp8_half = [&](int pair, int buffer, int half, const Fp8Half& loaded) {
     const uint32_t tiles = shared_address(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const uint32_t slot = tiles + uint32_t(swizzled(row0 + 16 * k, chunk) + half * kHalfTiles * kTileBytes);
-      // Byte t of the scales is tile t's: this half's four are the word at 4·half.
-      const uint32_t scales = load_shared_u32(slot + 8 + 4 * half);
+      const uint32_t destination = tiles + uint32_t(swizzled(row0 + 16 * k, chunk));
+      const bool used = physical(pair, buffer, k) >= 0;
 #pragma unroll
       for (int i = 0; i < kHalfTiles; ++i) {
-        if ((half * kHalfTiles + i) * 64 >= kFp8NopeDim) continue;  // the rope tile landed as bf16
-        const uint32_t destination = slot + uint32_t(i * kTileBytes);
-        const uint2 codes = load_shared_u64(destination);
-        const float scale = e8m0_to_float(uint8_t((scales >> (8 * i)) & 0xFF));
-        store_shared(destination, make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
-                                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
-                                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
-                                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale)));
+        const int tile = half * kHalfTiles + i;
+        uint4 out;
+        if (tile * 64 < kFp8NopeDim) {
+          const float scale = e8m0_to_float(uint8_t((loaded.scales[k] >> (8 * i)) & 0xFF));
+          const uint2 codes = loaded.raw[k][i];
+          out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                           e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                           e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                           e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+        } else {
+          out = make_uint4(loaded.raw[k][i].x, loaded.raw[k][i].y, loaded.raw[k][kHalfTiles].x,
+                           loaded.raw[k][kHalfTiles].y);
+        }
+        if (!used) out = make_uint4(0, 0, 0, 0);
+        store_shared(destination + uint32_t(tile * kTileBytes), out);
       }
     }
   };
-  // bf16: the half's full barrier gets this thread's arrival once its copies land. fp8: after expand_half.
-  const auto publish_half = [&](int buffer, int half) {
-    if constexpr (kFp8) {
-      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads the widened values
-      sm90::mbarrier_arrive(barriers.full(buffer, half));
-    } else {
-      ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
-    }
-  };
-  const auto publish_valid = [&](int buffer) {
+  const auto publish_valid = [&](int pair, int buffer) {
     if (chunk == 0)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(buffer, k) >= 0;
+      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(pair, buffer, k) >= 0;
     sm90::mbarrier_arrive(barriers.valid(buffer));
+  };
+  // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+  // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that). fp8: the
+  // stores are fenced for the consumers' wgmma (loaded before the wait, the entries pushed the producer past its
+  // registers); bf16: the copies arrive on the half's full barrier when they land.
+  const auto refill = [&](int pair, int buffer, int half) {
+    const uint32_t parity = (pair & 1) ^ 1;
+    if constexpr (kFp8) {
+      sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
+      if (buffer == half) publish_valid(pair, buffer);
+      const Fp8Half loaded = load_fp8_half(pair, buffer, half);
+      store_fp8_half(pair, buffer, half, loaded);
+      sm90::fence_proxy_async_shared();
+      sm90::mbarrier_arrive(barriers.full(buffer, half));
+    } else {
+      sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
+      if (buffer == half) publish_valid(pair, buffer);
+      copy_half(pair, buffer, half);
+      ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
+    }
   };
 
   // The range's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
@@ -322,61 +341,17 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
   }
-  // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
-  // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that). Halves in
-  // the consumers' order: (0, 0), (1, 1), (0, 1), (1, 0).
-  const auto refill = [&](int buffer, int half, uint32_t parity) {
-    sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
-    if (buffer == half) publish_valid(buffer);
-    issue_half(buffer, half);
-  };
-  if constexpr (!kFp8) {
-    for (int i = 0; i < pairs; ++i) {
-      const uint32_t parity = (i & 1) ^ 1;
-      refill(0, 0, parity);
-      publish_half(0, 0);
-      refill(1, 1, parity);
-      publish_half(1, 1);
-      refill(0, 1, parity);
-      publish_half(0, 1);
-      refill(1, 0, parity);
-      publish_half(1, 0);
-      if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
-      if (i + 1 < pairs) resolve(i + 1);
-    }
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-  } else {
-    // Each half is widened one refill later, so that its copies' round trip overlaps the next half's refill (and the
-    // wait for its release) instead of stalling the producer. One half ahead, no further: the consumers release
-    // (0, 0) of a pair only after both halves of buffer 0 arrived.
-    const auto expand_and_publish = [&](int buffer, int half) {
-      ptx::cp_async_wait<1>();  // the copies of every refill but the latest have landed
-      expand_half(buffer, half);
-      publish_half(buffer, half);
-    };
-    for (int i = 0; i < pairs; ++i) {
-      const uint32_t parity = (i & 1) ^ 1;
-      refill(0, 0, parity);
-      ptx::cp_async_commit();
-      if (i > 0) expand_and_publish(1, 0);
-      refill(1, 1, parity);
-      ptx::cp_async_commit();
-      expand_and_publish(0, 0);
-      refill(0, 1, parity);
-      ptx::cp_async_commit();
-      expand_and_publish(1, 1);
-      refill(1, 0, parity);
-      ptx::cp_async_commit();
-      expand_and_publish(0, 1);
-      if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
-      if (i + 1 < pairs) resolve(i + 1);
-    }
-    if (pairs > 0) {
-      ptx::cp_async_wait<0>();
-      expand_half(1, 0);
-      publish_half(1, 0);
-    }
+  // Halves in the consumers' order: (0, 0), (1, 1), (0, 1), (1, 0); the next pair resolved (and the one after it
+  // prefetched) after the first, while the others wait for their release.
+  for (int i = 0; i < pairs; ++i) {
+    refill(i, 0, 0);
+    if (i + 1 < pairs) resolve(i + 1);
+    if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
+    refill(i, 1, 1);
+    refill(i, 0, 1);
+    refill(i, 1, 0);
   }
+  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // ---- consumers ----
@@ -386,11 +361,12 @@ __device__ __forceinline__ float rescale_factor(float old_max, float new_max) {
   return old_max == new_max ? 1.0f : fast_exp2(old_max - new_max);
 }
 
-// Waits for a buffer half, then orders the producer's writes (cp.async data: bf16 entries, the fp8 rope tile) before
-// this thread's wgmma reads of them.
+// Waits for a buffer half; for cp.async data (bf16 entries) also orders the producer's writes before this thread's
+// wgmma reads of them (the fp8 producer's own stores are fenced before it arrives).
+template <bool kFp8>
 __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   sm90::mbarrier_wait(barrier, parity);
-  sm90::fence_proxy_async_shared();
+  if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
 // s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
@@ -632,10 +608,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
   if (consumer == 0) {
     if (pairs > 0) {
-      wait_full(barriers.full(0, 0), 0);
+      wait_full<kFp8>(barriers.full(0, 0), 0);
       sm90::wgmma_fence();
       qk_half(s, smem, 0, 0, true);
-      wait_full(barriers.full(0, 1), 0);
+      wait_full<kFp8>(barriers.full(0, 1), 0);
       qk_half(s, smem, 0, 1, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -667,18 +643,18 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
-      wait_full(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        wait_full(barriers.full(0, 0), parity ^ 1);
+        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
-        wait_full(barriers.full(0, 1), parity ^ 1);
+        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
@@ -694,10 +670,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   } else {
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
-      wait_full(barriers.full(1, 1), parity);
+      wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
       qk_half(s, smem, 1, 1, true);
-      wait_full(barriers.full(1, 0), parity);
+      wait_full<kFp8>(barriers.full(1, 0), parity);
       qk_half(s, smem, 1, 0, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -715,7 +691,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-      wait_full(barriers.full(0, 1), parity);
+      wait_full<kFp8>(barriers.full(0, 1), parity);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::wgmma_wait_group<1>();

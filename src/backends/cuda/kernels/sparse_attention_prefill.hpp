@@ -6,7 +6,7 @@
 // (query, head block) walk a share of the pairs each and merge in one thread-block cluster through distributed shared
 // memory (no workspace, no second launch).
 // The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
-// entries by index into shared memory (cp.async; fp8 entries then widened to bf16 in place);
+// entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
 // consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
 // maxima to each other through shared memory so both use one reference, and each accumulates the output's dims
 // [256w, 256w + 256) over both blocks: its own block's P from registers, the other's from shared memory.
