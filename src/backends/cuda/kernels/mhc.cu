@@ -268,14 +268,17 @@ bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden
   if (choice != HcKernelChoice::AUTO || tokens > kHcDecodeMaxTokens ||
       hidden % kHcSingleClusterHiddenQuantum != 0 || hidden > kHcSingleClusterMaxHidden)
     return false;
-  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost>;
+  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, false>;
   static PerDeviceCache<int> cache;
-  // Sized for the widest launch: a card that holds that cluster holds every narrower one.
+  // Sized for the widest launch: a card that holds that cluster holds every narrower one. The one-token variant
+  // takes the same threads and shared memory.
   return cache.get(reinterpret_cast<const void*>(kernel), [&] {
     const int threads = mhc::single_cluster_threads(int(kHcSingleClusterMaxHidden), kHead);
     const int smem = mhc::single_cluster_smem_bytes(int(kHcSingleClusterMaxHidden), kHead);
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    for (const auto variant : {kernel, mhc::hc_single_cluster_kernel<kHead, kPost, true>}) {
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = mhc::kSingleClusterCtas;
@@ -303,7 +306,10 @@ mhc::SingleClusterArgs single_cluster_args(const HcPreParams& p) {
 
 template <bool kHead, bool kPost>
 void launch_single_cluster(const mhc::SingleClusterArgs& args, cudaStream_t stream, const char* op) {
-  launch_chained(mhc::hc_single_cluster_kernel<kHead, kPost>, dim3(mhc::kSingleClusterCtas),
+  // One token: the FMA projection (same shared memory and threads).
+  const auto kernel = args.tokens == 1 ? mhc::hc_single_cluster_kernel<kHead, kPost, true>
+                                       : mhc::hc_single_cluster_kernel<kHead, kPost, false>;
+  launch_chained(kernel, dim3(mhc::kSingleClusterCtas),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
                  op, args);

@@ -1399,6 +1399,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   sums what it received in rank order, so all of them hold the same totals. Collapse in registers; with the fused
 //   output norm, exchange 2 hands the slices' Σy² around the same way. The mix warp of CTA t (hc_pre, hc_post_pre)
 //   turns token t's totals into post and comb (Sinkhorn in scaling form, sinkhorn_4x4_scaled) beside the collapse.
+// - One token (kSingleToken) projects by FMAs: lane (g, t4) takes rows g, g + 8, g + 16 of its 16 columns, so all 32
+//   lanes work (the MMA would waste 15 of its 16 rows, and on one cluster's 16 SMs hc_pre's 3xTF32 products alone
+//   keep each tensor pipe busy ≈ 0.9 µs). Exact fp32 products: a one-token launch sums in another order than a
+//   launch of more tokens, both within the tests' bounds.
 // - No workspace words: nothing leaves the cluster but the outputs. Sums in another fixed order than the other
 //   kernels' (deterministic).
 inline constexpr int kSingleClusterCtas = 16;
@@ -1463,7 +1467,8 @@ __device__ __forceinline__ float sum_in_order(const float* values, int count, in
   return sum;
 }
 
-template <bool kHead, bool kPost>
+// kSingleToken: T = 1, projected by FMAs (see the notes).
+template <bool kHead, bool kPost, bool kSingleToken>
 __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_kernel(const SingleClusterArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -1544,9 +1549,12 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     return;
   }
 
-  // Projection warps. Thread (g, t4) of warp w: dims i0 + 16w + 4·t4 .. + 3 of tokens g and g + 8.
+  // Projection warps. Thread (g, t4) of warp w: dims i0 + 16w + 4·t4 .. + 3 of tokens g and g + 8 (kSingleToken:
+  // every g loads token 0's; the g = 0 lanes own its outputs).
   const int dim = i0 + kSingleWarpDims * warp + 4 * t4;
-  const bool has_lo = g < T, has_hi = g + 8 < T;
+  const int token_lo = kSingleToken ? 0 : g;
+  const bool loads_lo = kSingleToken || g < T;
+  const bool has_lo = kSingleToken ? g == 0 : g < T, has_hi = !kSingleToken && g + 8 < T;
   float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
   if (args.norm_weight != nullptr) norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim));
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
@@ -1559,11 +1567,12 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     for (int k = 0; k < kStreams; ++k)
       x[k] = valid ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
   };
-  load_token(g, has_lo, x_lo);
+  load_token(token_lo, loads_lo, x_lo);
   load_token(g + 8, has_hi, x_hi);
   if constexpr (kPost) {
-    // hc_post of the finished sub-block on this thread's vectors (it is their only reader and writer).
-    const auto update_token = [&](int t, bool valid, float4 (&x)[kStreams]) {
+    // hc_post of the finished sub-block on this thread's vectors (the owner is their only reader and writer;
+    // kSingleToken: the other g update their copies too).
+    const auto update_token = [&](int t, bool valid, bool owner, float4 (&x)[kStreams]) {
       if (!valid) return;
       const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(t) * d + dim);
       float mix[kMixFloats];
@@ -1575,69 +1584,106 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) {
         x[k] = updated[k];
-        *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+        if (owner) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
       }
     };
-    update_token(g, has_lo, x_lo);
-    update_token(g + 8, has_hi, x_hi);
+    update_token(token_lo, loads_lo, has_lo, x_lo);
+    update_token(g + 8, has_hi, has_hi, x_hi);
   }
 
-  // 3xTF32 projection: for stream k, k-step h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one
-  // (load_fn_fragments' layout); one accumulator chain per stream parity.
-  float acc[2][kNTiles][4] = {};
-  float squares_lo = 0.f, squares_hi = 0.f;
-  wait_exchange(&barriers[0]);
-  const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
+  float* const mine = warp_sums + warp * kPartial * kTileTokens;
+  if constexpr (kSingleToken) {
+    // One token (see the notes): lane (g, t4) takes projection rows g + 8·nt of its 16 columns (4 streams × the 4
+    // dims), then the quad (t4) sums its columns: row r of the warp's 64 columns.
+    float part[kNTiles] = {};
+    float squares = 0.f;
+    wait_exchange(&barriers[0]);
 #pragma unroll
-  for (int k = 0; k < kStreams; ++k) {
-    const float lo[4] = {x_lo[k].x, x_lo[k].y, x_lo[k].z, x_lo[k].w};
-    const float hi[4] = {x_hi[k].x, x_hi[k].y, x_hi[k].z, x_hi[k].w};
-    uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      squares_lo = fmaf(lo[q], lo[q], squares_lo);
-      squares_hi = fmaf(hi[q], hi[q], squares_hi);
-      split_tf32(lo[q], lo_big[q], lo_small[q]);
-      split_tf32(hi[q], hi_big[q], hi_small[q]);
+    for (int k = 0; k < kStreams; ++k) {
+      squares = fmaf(x_lo[k].x, x_lo[k].x, squares);
+      squares = fmaf(x_lo[k].y, x_lo[k].y, squares);
+      squares = fmaf(x_lo[k].z, x_lo[k].z, squares);
+      squares = fmaf(x_lo[k].w, x_lo[k].w, squares);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
-      const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      if (8 * nt + g >= kRows) continue;
+      const float* const fn_row = fn_s + (8 * nt + g) * fn_stride + kSingleWarpDims * warp + 4 * t4;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        // fn[8·nt + g][k·ds + dims 2h, 2h + 1 of the thread's 4] (rows past kRows: zero). 8-byte loads: a 16-byte
-        // one serving both k-steps spilled (the kernel runs at 96 registers: 17 warps, a scheduler's 16K registers
-        // for up to 5 of them).
-        const float2 f = 8 * nt + g < kRows
-                             ? *reinterpret_cast<const float2*>(fn_warp + 8 * nt * fn_stride + k * ds + 2 * h)
-                             : make_float2(0.f, 0.f);
-        uint32_t b_big[2], b_small[2];
-        split_tf32(f.x, b_big[0], b_small[0]);
-        split_tf32(f.y, b_big[1], b_small[1]);
-        float (&chain)[4] = acc[k & 1][nt];
-        mma_tf32(chain, a_small, b_big[0], b_big[1]);
-        mma_tf32(chain, a_big, b_small[0], b_small[1]);
-        mma_tf32(chain, a_big, b_big[0], b_big[1]);
+      for (int k = 0; k < kStreams; ++k) {
+        const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds);
+        part[nt] = fmaf(f.x, x_lo[k].x, part[nt]);
+        part[nt] = fmaf(f.y, x_lo[k].y, part[nt]);
+        part[nt] = fmaf(f.z, x_lo[k].z, part[nt]);
+        part[nt] = fmaf(f.w, x_lo[k].w, part[nt]);
       }
     }
-  }
-  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
-  squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
-  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
-  squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
-  float* const mine = warp_sums + warp * kPartial * kTileTokens;
-  if (t4 == 0) {
-    mine[g] = squares_lo;
-    mine[g + 8] = squares_hi;
-  }
+    squares += __shfl_xor_sync(kFullMask, squares, 1);
+    squares += __shfl_xor_sync(kFullMask, squares, 2);
 #pragma unroll
-  for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 8 * nt + 2 * t4 + (e & 1);
-      if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[0][nt][e] + acc[1][nt][e];
+    for (int nt = 0; nt < kNTiles; ++nt) {
+      part[nt] += __shfl_xor_sync(kFullMask, part[nt], 1);
+      part[nt] += __shfl_xor_sync(kFullMask, part[nt], 2);
+      if (t4 == 0 && 8 * nt + g < kRows) mine[(1 + 8 * nt + g) * kTileTokens] = part[nt];
     }
+    if (lane == 0) mine[0] = squares;
+  } else {
+    // 3xTF32 projection: for stream k, k-step h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one
+    // (load_fn_fragments' layout); one accumulator chain per stream parity.
+    float acc[2][kNTiles][4] = {};
+    float squares_lo = 0.f, squares_hi = 0.f;
+    wait_exchange(&barriers[0]);
+    const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
+#pragma unroll
+    for (int k = 0; k < kStreams; ++k) {
+      const float lo[4] = {x_lo[k].x, x_lo[k].y, x_lo[k].z, x_lo[k].w};
+      const float hi[4] = {x_hi[k].x, x_hi[k].y, x_hi[k].z, x_hi[k].w};
+      uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        squares_lo = fmaf(lo[q], lo[q], squares_lo);
+        squares_hi = fmaf(hi[q], hi[q], squares_hi);
+        split_tf32(lo[q], lo_big[q], lo_small[q]);
+        split_tf32(hi[q], hi_big[q], hi_small[q]);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
+        const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          // fn[8·nt + g][k·ds + dims 2h, 2h + 1 of the thread's 4] (rows past kRows: zero). 8-byte loads: a 16-byte
+          // one serving both k-steps spilled (the kernel runs at 96 registers: 17 warps, a scheduler's 16K registers
+          // for up to 5 of them).
+          const float2 f = 8 * nt + g < kRows
+                               ? *reinterpret_cast<const float2*>(fn_warp + 8 * nt * fn_stride + k * ds + 2 * h)
+                               : make_float2(0.f, 0.f);
+          uint32_t b_big[2], b_small[2];
+          split_tf32(f.x, b_big[0], b_small[0]);
+          split_tf32(f.y, b_big[1], b_small[1]);
+          float (&chain)[4] = acc[k & 1][nt];
+          mma_tf32(chain, a_small, b_big[0], b_big[1]);
+          mma_tf32(chain, a_big, b_small[0], b_small[1]);
+          mma_tf32(chain, a_big, b_big[0], b_big[1]);
+        }
+      }
+    }
+    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
+    squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
+    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
+    squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 2);
+    if (t4 == 0) {
+      mine[g] = squares_lo;
+      mine[g + 8] = squares_hi;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = 8 * nt + 2 * t4 + (e & 1);
+        if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[0][nt][e] + acc[1][nt][e];
+      }
+  }
   const auto sync_projection_warps = [&] { asm volatile("bar.sync 1, %0;" ::"r"(projection_threads) : "memory"); };
   sync_projection_warps();
 
