@@ -13,19 +13,22 @@
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, and (where the streamed path
 // applies) the same weight stream-tiled (WeightLayout::STREAM_TILES: one bulk copy per stage) at 1-4 slots and its
-// AUTO config, against the read floor of the weight's data (read_floor_kernel, cold). Ungrouped shapes also
-// time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
-// run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
+// AUTO config, against the read floor of the weight's data (read_floor_kernel, cold), and (FP8 with e8m0 scales where
+// it applies) the default config with Fp8TileMath::SCALED_INPUT, plain and with the RMSNorm prologue. Ungrouped
+// shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call
+// and against run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
 // selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
 // V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
 // timed cold as chains, without and with the first asking L2 for the second's weights (prefetch_next).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
-//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
+//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile] [--fp8-math scaled]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
 //   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
-//   the STREAMED configs at 1-4 ring slots, then the stream-tiled AUTO config, for a profiler such as ncu, which
-//   flushes the L2 per kernel itself)
+//   the default with scaled FP8 inputs where it applies, the STREAMED configs at 1-4 ring slots, then the
+//   stream-tiled AUTO config, for a profiler such as ncu, which
+//   flushes the L2 per kernel itself; --fp8-math scaled: every call asks for Fp8TileMath::SCALED_INPUT, taken where it
+//   applies, e.g. to sweep its configs)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -260,6 +263,8 @@ struct Row {
   int ring_slots = 0;                 // the default config's (STREAMED)
   double cold_us = 0;                 // the default config, cold: what a model step sees
   double cold_percent_of_copy = 0;
+  double scaled_input_us = 0;         // the default config with Fp8TileMath::SCALED_INPUT, cold; 0: not applicable
+  double scaled_prologue_us = 0;      // the same with the RMSNorm prologue; 0: not timed
   double graph_us = 0;                // the default config replayed back to back in a CUDA graph (warm)
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
@@ -331,6 +336,7 @@ int main(int argc, char** argv) {
   using namespace dsv4::cuda;
   std::string json_path = "bench_cuda_linear.json", model_filter, shape_filter, format_filter;
   bool quick = false, sweep = false, profile = false;
+  Fp8TileMath fp8_math_option = Fp8TileMath::DEQUANTIZE;
   std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -342,6 +348,9 @@ int main(int argc, char** argv) {
       sweep = true;
     } else if (arg == "--profile") {
       profile = true;
+    } else if (arg == "--fp8-math" && i + 1 < argc && std::string(argv[i + 1]) == "scaled") {
+      fp8_math_option = Fp8TileMath::SCALED_INPUT;
+      ++i;
     } else if (arg == "--model" && i + 1 < argc) {
       model_filter = argv[++i];
     } else if (arg == "--formats" && i + 1 < argc) {
@@ -361,7 +370,8 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8] "
-                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile]\n");
+                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile] "
+                           "[--fp8-math scaled]\n");
       return 2;
     }
   }
@@ -482,9 +492,11 @@ int main(int argc, char** argv) {
           });
         }
         for (const int tokens : token_counts) {
-          // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
+          // The call y = weight · x at this shape and T, with `workspace`, on stream `s`; it asks for SCALED_INPUT
+          // where `fp8_math` or --fp8-math says so.
           const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         WeightLayout layout = WeightLayout::ROWS) {
+                                         WeightLayout layout = WeightLayout::ROWS,
+                                         Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -495,16 +507,20 @@ int main(int argc, char** argv) {
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
                                          .stream = s,
-                                         .layout = layout};
+                                         .layout = layout,
+                                         .fp8_math = fp8_math == Fp8TileMath::SCALED_INPUT ? fp8_math
+                                                                                             : fp8_math_option};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
-          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing) {
+          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
+                                       Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i, config.layout), workspace, s, config.layout), config);
+              run_quantized_linear(
+                  linear_params(weight_view(i, config.layout), workspace, s, config.layout, fp8_math), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -513,6 +529,7 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
+          const bool scaled_input_applies = fp8_scaled_input_applies(weights[0].view(), shape.groups, config);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
@@ -538,10 +555,16 @@ int main(int argc, char** argv) {
                                                                           WeightLayout::STREAM_TILES));
             DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
-            const auto launch_once = [&](const QuantizedLinearConfig& c) {
-              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
+            const auto launch_once = [&](const QuantizedLinearConfig& c,
+                                         Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, WeightLayout::ROWS, fp8_math),
+                                   c);
             };
             launch_once(config);
+            if (scaled_input_applies) {
+              launch_once(config, Fp8TileMath::SCALED_INPUT);
+              std::printf(", then the default with scaled FP8 inputs");
+            }
             if (streamed_applies) {
               for (int slots = 1; slots <= 4; ++slots)
                 if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
@@ -599,12 +622,15 @@ int main(int argc, char** argv) {
           row.ring_slots = config.ring_slots;
           row.cold_us = time_config(config, Timing::COLD);
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
+          if (scaled_input_applies) row.scaled_input_us = time_config(config, Timing::COLD, Fp8TileMath::SCALED_INPUT);
           row.graph_us = time_config(config, Timing::GRAPH);
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
-            const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
-              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s);
+            const auto linear_of = [&](int i, cudaStream_t s, bool prologue,
+                                       Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+              QuantizedLinearParams p =
+                  linear_params(weights[size_t(i % copies)].view(), workspace, s, WeightLayout::ROWS, fp8_math);
               p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
@@ -612,6 +638,9 @@ int main(int argc, char** argv) {
               run_quantized_linear(p, config);
             };
             row.prologue_cold_us = cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true); });
+            if (scaled_input_applies)
+              row.scaled_prologue_us =
+                  cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true, Fp8TileMath::SCALED_INPUT); });
             row.norm_then_linear_cold_us = cold.us([&](int i, cudaStream_t s) {
               RmsNormParams norm;
               norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
@@ -826,18 +855,24 @@ int main(int argc, char** argv) {
     if (profile) return 0;
     if (!table.empty()) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
-                  "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
+                  "scaled FP8 input cold µs · %% of copy (with norm prologue) | stream µs · %% of copy | "
+                  "cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
                   "cold: aligned µs | streamed µs (1/2/3/4 slots) | stream-tiled µs (1/2/3/4 slots; AUTO) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
                   "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f (%.1f) | "
+                  "%.1f · %.0f | "
+                  "%.1f | %.2f× | "
                   "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f; %.1f | %.1f · %.0f | %.1f | "
                   "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                  r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
+                  r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
+                  r.scaled_input_us,
+                  r.scaled_input_us > 0 ? r.cold_us * r.cold_percent_of_copy / r.scaled_input_us : 0.0,
+                  r.scaled_prologue_us, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
                   r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.read_floor_percent_of_copy, r.cluster_us,
@@ -892,15 +927,17 @@ int main(int argc, char** argv) {
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"ring_slots\": %d, "
-                   "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"stream_us\": %.2f, "
+                   "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"scaled_input_cold_us\": %.2f, "
+                   "\"scaled_input_prologue_cold_us\": %.2f, \"stream_us\": %.2f, "
                    "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
                    "%.2f, %.2f], \"tiled_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], \"tiled_auto_cold_us\": %.2f, "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
-                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
+                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
+                   r.scaled_input_us, r.scaled_prologue_us, r.us, r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us,
+                   r.streamed_us[1],
                    r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
                    r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");

@@ -54,6 +54,7 @@ void run_decode_chunks(const LinearCall& c) {
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
     if (t0 + kLinearMaxTokens >= c.tokens) p.prefetch_next = c.prefetch_next;  // the last chunk asks for them
+    p.fp8_math = c.fp8_math;
     if (c.stream_tiled_data != nullptr && p.tokens <= kLinearMaxStreamedTokens) {
       p.weight.data = c.stream_tiled_data;
       p.layout = WeightLayout::STREAM_TILES;

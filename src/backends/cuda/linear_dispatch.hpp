@@ -51,6 +51,9 @@ struct LinearCall {
   // of up to kLinearMaxStreamedTokens tokens read it instead of weight.data (one bulk copy per stage, on the
   // STREAMED path); the GEMM and longer decode chunks read weight.data. The pair kernel does not use it.
   const uint8_t* stream_tiled_data = nullptr;
+  // How FP8 weights meet x in the decode kernel where the choice applies (Fp8TileMath, quantized_linear.hpp); the
+  // GEMM and other formats ignore it.
+  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch), with or

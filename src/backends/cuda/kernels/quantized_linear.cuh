@@ -114,6 +114,117 @@ __device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void*
                                        args.tokens, static_cast<float*>(x_tile), inv_rms);
 }
 
+// Fp8TileMath::SCALED_INPUT: the e8m0 code of the CTA's row band for input k (of its group; a CTA lies in one band).
+__device__ __forceinline__ int band_scale_code(const LinearKernelArgs& args, int64_t cta_row0, int64_t k) {
+  return __ldg(args.weight.scales + (cta_row0 / 128) * args.weight.scales_per_row + k / 128);
+}
+
+// The 8 inputs of token t at k .. k + 7 (k of its group) as bf16 before scaling: x, or the normalised row with the
+// RMSNorm prologue (the values stage_input stages).
+__device__ __forceinline__ uint4 input_chunk(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
+                                             const float* inv_rms, int t, int64_t k) {
+  if (args.norm_x != nullptr)
+    return tile::normed_x_chunk(args.norm_x + t * args.x_row_stride, args.norm_weight, inv_rms[t], k,
+                                args.weight.cols);
+  return tile::load_x_chunk(x_group + t * args.x_row_stride, k, args.weight.cols);
+}
+
+// exponent[t] = the largest (bf16 exponent field + band scale code) over token t's nonzero inputs in the CTA's K
+// range (0 when none): scale_input_chunk's shifts then keep every staged value below 2^127. Warp w takes tokens
+// w, w + 4, ..., its lanes 4 chunks each in flight. Called by the whole CTA (it synchronises).
+__device__ __forceinline__ void scaled_input_exponents(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
+                                                       const float* inv_rms, const CtaWork& work, int* exponent) {
+  constexpr int kInFlight = 4;
+  const int lane = int(threadIdx.x) % tile::kWarpSize;
+  const int64_t chunks = (work.split_end - work.split_begin) / tile::kXChunk;
+  for (int t = int(threadIdx.x) / tile::kWarpSize; t < args.tokens; t += kWarpsPerCta) {
+    int largest = 0;
+    for (int64_t c0 = lane; c0 < chunks; c0 += kInFlight * tile::kWarpSize) {
+      uint4 values[kInFlight];
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const int64_t c = c0 + j * tile::kWarpSize;
+        values[j] = c < chunks ? input_chunk(args, x_group, inv_rms, t, work.split_begin + c * tile::kXChunk)
+                               : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const int64_t c = c0 + j * tile::kWarpSize;
+        if (c >= chunks) continue;
+        const int code = band_scale_code(args, work.row0, work.split_begin + c * tile::kXChunk);
+#pragma unroll
+        for (int e = 0; e < tile::kXChunk; ++e) {
+          const uint32_t bits = tile::detail::word_of(values[j], e / 2) >> (16 * (e % 2)) & 0xFFFFu;
+          if ((bits & 0x7FFFu) != 0) largest = max(largest, int(bits >> 7 & 0xFFu) + code);
+        }
+      }
+    }
+    largest = __reduce_max_sync(0xFFFFFFFFu, largest);
+    if (lane == 0) exponent[t] = largest;
+  }
+  __syncthreads();
+}
+
+// The 8 bf16 of `v` times 2^shift, exactly (NaN for the e8m0 NaN code 255): the exponent field moved where the value
+// stays normal (every staged value but those 2^250 below the token's largest), ldexpf otherwise (zeros, Inf/NaN,
+// subnormals, underflow).
+__device__ __forceinline__ uint4 scale_input_chunk(uint4 v, int shift, bool nan_scale) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t bits = tile::detail::word_of(v, i) >> (16 * h) & 0xFFFFu;
+      const int exponent = int(bits >> 7 & 0xFFu), scaled = exponent + shift;
+      uint32_t out;
+      if (nan_scale)
+        out = 0x7FC0u;
+      else if (exponent >= 1 && exponent <= 254 && scaled >= 1 && scaled <= 254)
+        out = (bits & 0x807Fu) | uint32_t(scaled) << 7;
+      else
+        out = __bfloat16_as_ushort(__float2bfloat16_rn(ldexpf(__uint_as_float(bits << 16), shift)));
+      word |= out << (16 * h);
+    }
+    words[i] = word;
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+// Stages inputs [chunk_begin, chunk_end) of the CTA's tokens for SCALED_INPUT: value · 2^(code + 253 - exponent[t]),
+// i.e. x · 2^(code - 127) (the block scale) · 2^120 · 2^c_t with c_t = 260 - exponent[t] (rescale_scaled_sums undoes
+// it).
+template <tile::TileFormat F>
+__device__ __forceinline__ void stage_scaled_input(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
+                                                   const float* inv_rms, const CtaWork& work, const int* exponent,
+                                                   int64_t chunk_begin, int64_t chunk_end, __nv_bfloat16* x_tile) {
+  tile::stage_x_chunks<F>(
+      [&](int t, int64_t k) {
+        const int code = band_scale_code(args, work.row0, chunk_begin + k);
+        return scale_input_chunk(input_chunk(args, x_group, inv_rms, t, chunk_begin + k), code + 253 - exponent[t],
+                                 code == 0xFF);
+      },
+      args.tokens, args.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+}
+
+// value · 2^e rounded once: one multiplication where 2^e is a normal float, ldexpf beyond.
+__device__ __forceinline__ float scale_by_power_of_two(float value, int e) {
+  return e >= -126 && e <= 127 ? value * __int_as_float((127 + e) << 23) : ldexpf(value, e);
+}
+
+// acc (token columns of the scaled sums) · 2^(exponent[t] - 260): the true sums (stage_scaled_input's 2^c_t undone).
+template <int NT>
+__device__ __forceinline__ void rescale_scaled_sums(const int* exponent, int tokens, float (&acc)[NT][4]) {
+  const int t = int(threadIdx.x) % 4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
+      if (token < tokens) acc[nt][i] = scale_by_power_of_two(acc[nt][i], exponent[token] - 260);
+    }
+}
+
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
 // explicitly because ptxas's own choice of cap spilled.
 constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2; }
@@ -297,11 +408,12 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
 // advances ring.position past the item's stages.
-template <tile::TileFormat F, int NT, bool kTiled = false, class StageX>
+template <tile::TileFormat F, int NT, bool kTiled = false, bool kScaledInput = false, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
                                                        float (&acc)[NT][4]) {
+  static_assert(!kScaledInput || F == tile::TileFormat::FP8_BLOCK128, "scaled inputs are an FP8 form");
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   constexpr int C = tile::detail::kChains<NT>;
@@ -321,22 +433,46 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
     const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
+    // Scaled inputs: every lane reads a staged row (absent tokens' lanes the last token's: their MMA columns are
+    // never stored), so no lane branches around its loads.
+    const __nv_bfloat16* x_rows[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      x_rows[nt] = x_tile + min(nt * tile::kTokensPerMma + g, args.tokens - 1) * row_stride +
+                   (threadIdx.x % 4) * tile::kXChunk;
     for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
       const int64_t j = (k0 - work.split_begin) / kStageK;
       const uint32_t stage = ring.position + uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
-      float block_scales[st::kMaxBlocksPerStage];
-      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-      sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-      st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
-                                   lane_tiles, block_scales, sums, acc);
+      if constexpr (kScaledInput) {
+        const __nv_bfloat16* x_stage[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_rows[nt] + (k0 - chunk_begin);
+        sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
+        st::multiply_stage_scaled<NT, C>(ring.stages + slot * st::slot_bytes(F), x_stage, sums);
+      } else {
+        float block_scales[st::kMaxBlocksPerStage];
+        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+        sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
+        st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin),
+                                     row_stride, lane_tiles, block_scales, sums, acc);
+      }
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
         issue_weight_stage<F, kTiled>(args, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
                                       ring.full + slot);
     }
   }
-  tile::detail::finish_tile<F, NT, C>(sums, acc);
+  if constexpr (kScaledInput) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[nt][i] += sums[c][nt][i];
+  } else {
+    tile::detail::finish_tile<F, NT, C>(sums, acc);
+  }
   if (has_rows) ring.position += uint32_t(stages);
 }
 
@@ -363,13 +499,14 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine, from the
 // row-major data or (kTiled) the stage-tiled data. Dynamic shared memory: up to 1 KB of alignment, 4 rings of
 // args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled>
+template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled, bool kScaledInput>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
+  __shared__ int input_exponent[kLinearMaxStreamedTokens];  // SCALED_INPUT: scaled_input_exponents
   StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
@@ -392,13 +529,19 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   wait_for_prior_grids();
   allow_dependents();
   prepare_norm<32>(args, x_tile, inv_rms);
+  if constexpr (kScaledInput) scaled_input_exponents(args, x_group, inv_rms, work, input_exponent);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT, kTiled>(args, work, row0, has_rows, ring, x_tile,
-                                [&](int64_t chunk_begin, int64_t chunk_end) {
-                                  stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
-                                },
-                                acc);
+  multiply_streamed_item<F, NT, kTiled, kScaledInput>(
+      args, work, row0, has_rows, ring, x_tile,
+      [&](int64_t chunk_begin, int64_t chunk_end) {
+        if constexpr (kScaledInput)
+          stage_scaled_input<F>(args, x_group, inv_rms, work, input_exponent, chunk_begin, chunk_end, x_tile);
+        else
+          stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
+      },
+      acc);
+  if constexpr (kScaledInput) rescale_scaled_sums<NT>(input_exponent, args.tokens, acc);
 
   prefetch_next_weights(args);
   if constexpr (kClusterReduce)
