@@ -282,6 +282,24 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
                     "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
   }
+  // L2 prefetch of key tiles ahead of the registers' (IndexerScoresParams::l2_prefetch_tiles) on the kernel each
+  // format runs by default (bf16: mma.sync, fp8: warpgroup at T = 1), against the same kernel without.
+  if (keys >= 16384)
+    for (const bool fp8 : {false, true}) {
+      const auto timed = [&](int prefetch) {
+        return graph_us(stream, 20, [&](cudaStream_t on) {
+          IndexerScoresParams p = scores_params(on, fp8, false, IndexerScoresKernel::Auto);
+          p.l2_prefetch_tiles = prefetch;
+          run_indexer_scores(p);
+        });
+      };
+      const double without_us = timed(0);
+      for (const int prefetch : {1, 2, 4})
+        rows.push_back({"indexer scores, L2 prefetch " + std::to_string(prefetch) + " tiles",
+                        shape + (fp8 ? ", fp8" : ", bf16"), timed(prefetch), fp8 ? fp8_floor_us : score_floor_us,
+                        without_us, fp8 ? fp8_score_bytes : score_bytes, score_flops,
+                        "default kernel choice; baseline: the same without prefetch"});
+    }
   // The query preparation folded into the score kernel (raw q) against the two launches it replaces, on the
   // mma.sync and the warpgroup kernels.
   for (const bool fp8 : {false, true})

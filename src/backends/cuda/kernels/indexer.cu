@@ -141,6 +141,7 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .counts = nullptr,
       .nan_flag = nullptr,
       .tickets = nullptr,
+      .l2_prefetch_tiles = p.l2_prefetch_tiles,
   };
 }
 
@@ -282,6 +283,8 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
         " key_count=", p.key_count, " ratio=", p.ratio);
   check(p.key_count < (int64_t(1) << 31), "indexer_scores: key_count ", p.key_count, " exceeds int32 indices");
   check(p.score_stride >= p.key_count, "indexer_scores: score_stride ", p.score_stride, " < key_count ", p.key_count);
+  check(p.l2_prefetch_tiles >= 0 && p.l2_prefetch_tiles <= 8, "indexer_scores: l2_prefetch_tiles ",
+        p.l2_prefetch_tiles, " must be 0 to 8");
   check((p.keys != nullptr) + (p.keys_fp8 != nullptr) <= 1, "indexer_scores: give keys (bf16) or keys_fp8, not both");
   check((p.q != nullptr) + (p.q_fp8 != nullptr) + (p.q_raw != nullptr) <= 1,
         "indexer_scores: give exactly one of q, q_fp8 and q_raw");

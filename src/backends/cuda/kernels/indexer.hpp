@@ -102,6 +102,9 @@ struct IndexerScoresParams {
   int64_t score_stride = 0;              // ≥ key_count
   IndexerScoresKernel kernel = IndexerScoresKernel::Auto;  // see the contract
   IndexerTopKMethod top_k_method = IndexerTopKMethod::Auto;  // run_indexer_scores_top_k only
+  // Key tiles each warp asks L2 to fetch ahead of those its registers hold (0 to 8; 0: none): more key bytes in flight
+  // per SM than the registers allow. The same results.
+  int l2_prefetch_tiles = 0;
   cudaStream_t stream = nullptr;
 };
 
