@@ -516,6 +516,7 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"stack_indexer_projections", &cuda::CudaModelOptions::stack_indexer_projections},
       {"fuse_compressor_pools", &cuda::CudaModelOptions::fuse_compressor_pools},
       {"indexer_prepare_in_scores", &cuda::CudaModelOptions::indexer_prepare_in_scores},
+      {"indexer_top_k_in_scores", &cuda::CudaModelOptions::indexer_top_k_in_scores},
       {"norms_in_mhc", &cuda::CudaModelOptions::norms_in_mhc},
       {"mhc_cluster_kernel", &cuda::CudaModelOptions::mhc_cluster_kernel},
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
@@ -790,7 +791,8 @@ const CommandRegistration registration{{
       e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
-                      "fuse_compressor_pools, indexer_prepare_in_scores, norms_in_mhc, mhc_cluster_kernel, bf16_wo_a, "
+                      "fuse_compressor_pools, indexer_prepare_in_scores, indexer_top_k_in_scores, norms_in_mhc, "
+                      "mhc_cluster_kernel, bf16_wo_a, "
                       "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
                       "compressor_runs_at_launch, fp8_indexer_keys, q_norm_cta_rows, indexer_prepare_in_compressors, "
                       "prefetch_next_linear, l2_prefetch_weights); repeatable");

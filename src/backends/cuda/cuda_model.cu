@@ -1145,13 +1145,17 @@ struct CudaModel::Impl {
     scores.positions = in.positions, scores.tokens = T, scores.heads = IH, scores.head_dim = ID;
     scores.ratio = c.compress_ratio(layer), scores.scores = s.scores, scores.score_stride = max_keys;
     scores.stream = lane.stream;
-    run_indexer_scores(scores);
     TopKParams top;
     top.scores = s.scores, top.row_stride = max_keys, top.candidates = keys, top.queries = int(T);
     top.k = c.indexer.topk, top.positions = in.positions, top.ratio = c.compress_ratio(layer);
     top.selected = s.selected, top.counts = s.counts, top.nan_flag = s.nan_flag, top.workspace = s.top_k_workspace;
     top.workspace_bytes = top_k_workspace_size, top.stream = lane.stream;
-    run_top_k(top);
+    if (options.indexer_top_k_in_scores) {
+      run_indexer_scores_top_k(scores, top);
+    } else {
+      run_indexer_scores(scores);
+      run_top_k(top);
+    }
   }
 
   // The compressed entries a layer's attention reads (bounds fixed by the buffers; what a query sees follows from

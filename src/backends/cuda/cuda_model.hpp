@@ -48,6 +48,10 @@ struct CudaModelOptions {
   // same bits. Off: slower (bench/NOTES.md, session 13, H200, Flash 8 layers b1, each option alone against the
   // defaults: 586.6 against 592.0 t/s; every CTA repeats the preparation, 17.0 vs 9.2 µs at 64K keys).
   bool indexer_prepare_in_scores = false;
+  // The indexer's top-k inside its scores launch (run_indexer_scores_top_k, IndexerTopKMethod::Auto: where a
+  // layer's keys are at most kIndexerLastCtaMaxKeys, the scores kernel's last CTA per query group selects): one launch
+  // fewer per CSA layer, the same selections.
+  bool indexer_top_k_in_scores = false;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
   bool fuse_compressor_pools = true;
