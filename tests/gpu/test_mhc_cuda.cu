@@ -694,8 +694,9 @@ TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
         }
 }
 
-// The single-cluster kernel (AUTO) at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above),
-// token counts on both sides of the MMA tile's half, every op with and without the output norm.
+// The single-cluster kernel (AUTO) at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above), token
+// counts for each of its projections (1: FMAs; 8: one MMA token tile; 9 and 16: two), every op with and without the
+// output norm.
 TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const std::vector<HcKernelChoice> single = {HcKernelChoice::AUTO};

@@ -268,14 +268,15 @@ bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden
   if (choice != HcKernelChoice::AUTO || tokens > kHcDecodeMaxTokens ||
       hidden % kHcSingleClusterHiddenQuantum != 0 || hidden > kHcSingleClusterMaxHidden)
     return false;
-  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, false>;
+  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 2>;
   static PerDeviceCache<int> cache;
-  // Sized for the widest launch: a card that holds that cluster holds every narrower one. The one-token variant
-  // takes the same threads and shared memory.
+  // Sized for the widest launch: a card that holds that cluster holds every narrower one. The variants for fewer
+  // tokens take the same threads and shared memory.
   return cache.get(reinterpret_cast<const void*>(kernel), [&] {
     const int threads = mhc::single_cluster_threads(int(kHcSingleClusterMaxHidden), kHead);
     const int smem = mhc::single_cluster_smem_bytes(int(kHcSingleClusterMaxHidden), kHead);
-    for (const auto variant : {kernel, mhc::hc_single_cluster_kernel<kHead, kPost, true>}) {
+    for (const auto variant : {kernel, mhc::hc_single_cluster_kernel<kHead, kPost, 1>,
+                               mhc::hc_single_cluster_kernel<kHead, kPost, 0>}) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     }
@@ -306,9 +307,10 @@ mhc::SingleClusterArgs single_cluster_args(const HcPreParams& p) {
 
 template <bool kHead, bool kPost>
 void launch_single_cluster(const mhc::SingleClusterArgs& args, cudaStream_t stream, const char* op) {
-  // One token: the FMA projection (same shared memory and threads).
-  const auto kernel = args.tokens == 1 ? mhc::hc_single_cluster_kernel<kHead, kPost, true>
-                                       : mhc::hc_single_cluster_kernel<kHead, kPost, false>;
+  // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads).
+  const auto kernel = args.tokens == 1  ? mhc::hc_single_cluster_kernel<kHead, kPost, 0>
+                      : args.tokens <= 8 ? mhc::hc_single_cluster_kernel<kHead, kPost, 1>
+                                         : mhc::hc_single_cluster_kernel<kHead, kPost, 2>;
   launch_chained(kernel, dim3(mhc::kSingleClusterCtas),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),

@@ -1399,10 +1399,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   sums what it received in rank order, so all of them hold the same totals. Collapse in registers; with the fused
 //   output norm, exchange 2 hands the slices' Σy² around the same way. The mix warp of CTA t (hc_pre, hc_post_pre)
 //   turns token t's totals into post and comb (Sinkhorn in scaling form, sinkhorn_4x4_scaled) beside the collapse.
-// - One token (kSingleToken) projects by FMAs: lane (g, t4) takes rows g, g + 8, g + 16 of its 16 columns, so all 32
-//   lanes work (the MMA would waste 15 of its 16 rows, and on one cluster's 16 SMs hc_pre's 3xTF32 products alone
-//   keep each tensor pipe busy ≈ 0.9 µs). Exact fp32 products: a one-token launch sums in another order than a
-//   launch of more tokens, both within the tests' bounds.
+// - The MMA takes the projection rows as its M and the tokens as its N (kTokenTiles tiles of 8): hc_pre's 24 rows are
+//   2 MMAs per k-step at T ≤ 8 (3 with the tokens as M), as one cluster's 16 SMs do all the products (≈ 0.9 µs of
+//   each tensor pipe for hc_pre's 3xTF32 at 3 per k-step). One token (kTokenTiles = 0) projects by FMAs instead: lane
+//   (g, t4) takes rows g, g + 8, g + 16 of its 16 columns, so all 32 lanes work. Exact fp32 products: a one-token
+//   launch sums in another order than a launch of more tokens, both within the tests' bounds.
 // - No workspace words: nothing leaves the cluster but the outputs. Sums in another fixed order than the other
 //   kernels' (deterministic).
 inline constexpr int kSingleClusterCtas = 16;
@@ -1467,16 +1468,18 @@ __device__ __forceinline__ float sum_in_order(const float* values, int count, in
   return sum;
 }
 
-// kSingleToken: T = 1, projected by FMAs (see the notes).
-template <bool kHead, bool kPost, bool kSingleToken>
+// kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T (see the notes).
+template <bool kHead, bool kPost, int kTokenTiles>
 __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_kernel(const SingleClusterArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
   constexpr int kNTiles = (kRows + 7) / 8;
   constexpr int kCollapseRows = 1 + kStreams;  // Σx² and the pre rows: every CTA needs their totals
   constexpr int kCtas = kSingleClusterCtas;
+  constexpr bool kSingleToken = kTokenTiles == 0;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kCollapseRows == kPartialRows<true>, "hc_head's partials are exactly the collapse rows");
+  static_assert(kTokenTiles >= 0 && kTokenTiles <= 2, "up to 16 tokens");
 
   extern __shared__ float4 dynamic_smem[];
   const int d = args.hidden, T = args.tokens;
@@ -1554,7 +1557,7 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   const int dim = i0 + kSingleWarpDims * warp + 4 * t4;
   const int token_lo = kSingleToken ? 0 : g;
   const bool loads_lo = kSingleToken || g < T;
-  const bool has_lo = kSingleToken ? g == 0 : g < T, has_hi = !kSingleToken && g + 8 < T;
+  const bool has_lo = kSingleToken ? g == 0 : g < T, has_hi = kTokenTiles == 2 && g + 8 < T;
   float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
   if (args.norm_weight != nullptr) norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim));
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
@@ -1628,9 +1631,13 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     }
     if (lane == 0) mine[0] = squares;
   } else {
-    // 3xTF32 projection: for stream k, k-step h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one
-    // (load_fn_fragments' layout); one accumulator chain per stream parity.
-    float acc[2][kNTiles][4] = {};
+    // 3xTF32 projection with the projection rows as the MMA's M (16-row tiles: hc_pre's 24 in 2, not 3 tiles of 8)
+    // and the tokens as its N (tile nn: tokens 8·nn + g; the thread's own x is its B fragment). For stream k, k-step
+    // h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one (load_fn_fragments' permutation); two
+    // accumulator chains per tile pair, by stream parity (one with two token tiles: their accumulators spilled).
+    constexpr int kMTiles = (kRows + 15) / 16;
+    constexpr int kChains = kTokenTiles == 1 ? 2 : 1;
+    float acc[kChains][kMTiles][kTokenTiles][4] = {};
     float squares_lo = 0.f, squares_hi = 0.f;
     wait_exchange(&barriers[0]);
     const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
@@ -1638,33 +1645,40 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     for (int k = 0; k < kStreams; ++k) {
       const float lo[4] = {x_lo[k].x, x_lo[k].y, x_lo[k].z, x_lo[k].w};
       const float hi[4] = {x_hi[k].x, x_hi[k].y, x_hi[k].z, x_hi[k].w};
-      uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        squares_lo = fmaf(lo[q], lo[q], squares_lo);
-        squares_hi = fmaf(hi[q], hi[q], squares_hi);
-        split_tf32(lo[q], lo_big[q], lo_small[q]);
-        split_tf32(hi[q], hi_big[q], hi_small[q]);
+      for (int e = 0; e < 4; ++e) {
+        squares_lo = fmaf(lo[e], lo[e], squares_lo);
+        if constexpr (kTokenTiles == 2) squares_hi = fmaf(hi[e], hi[e], squares_hi);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t a_big[4] = {lo_big[2 * h], hi_big[2 * h], lo_big[2 * h + 1], hi_big[2 * h + 1]};
-        const uint32_t a_small[4] = {lo_small[2 * h], hi_small[2 * h], lo_small[2 * h + 1], hi_small[2 * h + 1]};
+        uint32_t b_big[kTokenTiles][2], b_small[kTokenTiles][2];
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          // fn[8·nt + g][k·ds + dims 2h, 2h + 1 of the thread's 4] (rows past kRows: zero). 8-byte loads: a 16-byte
-          // one serving both k-steps spilled (the kernel runs at 96 registers: 17 warps, a scheduler's 16K registers
-          // for up to 5 of them).
-          const float2 f = 8 * nt + g < kRows
-                               ? *reinterpret_cast<const float2*>(fn_warp + 8 * nt * fn_stride + k * ds + 2 * h)
+        for (int nn = 0; nn < kTokenTiles; ++nn) {
+          const float* const x = nn == 0 ? lo : hi;
+          split_tf32(x[2 * h], b_big[nn][0], b_small[nn][0]);
+          split_tf32(x[2 * h + 1], b_big[nn][1], b_small[nn][1]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          // fn rows 16·mt + g and + 8 at dims 2h, 2h + 1 of the thread's 4 (rows past kRows: zero).
+          const auto fn_pair = [&](int row) {
+            return row < kRows ? *reinterpret_cast<const float2*>(fn_warp + (row - g) * fn_stride + k * ds + 2 * h)
                                : make_float2(0.f, 0.f);
-          uint32_t b_big[2], b_small[2];
-          split_tf32(f.x, b_big[0], b_small[0]);
-          split_tf32(f.y, b_big[1], b_small[1]);
-          float (&chain)[4] = acc[k & 1][nt];
-          mma_tf32(chain, a_small, b_big[0], b_big[1]);
-          mma_tf32(chain, a_big, b_small[0], b_small[1]);
-          mma_tf32(chain, a_big, b_big[0], b_big[1]);
+          };
+          const float2 top = fn_pair(16 * mt + g), bottom = fn_pair(16 * mt + g + 8);
+          uint32_t a_big[4], a_small[4];
+          split_tf32(top.x, a_big[0], a_small[0]);
+          split_tf32(bottom.x, a_big[1], a_small[1]);
+          split_tf32(top.y, a_big[2], a_small[2]);
+          split_tf32(bottom.y, a_big[3], a_small[3]);
+#pragma unroll
+          for (int nn = 0; nn < kTokenTiles; ++nn) {
+            float (&chain)[4] = acc[k % kChains][mt][nn];
+            mma_tf32(chain, a_small, b_big[nn][0], b_big[nn][1]);
+            mma_tf32(chain, a_big, b_small[nn][0], b_small[nn][1]);
+            mma_tf32(chain, a_big, b_big[nn][0], b_big[nn][1]);
+          }
         }
       }
     }
@@ -1676,13 +1690,18 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
       mine[g] = squares_lo;
       mine[g + 8] = squares_hi;
     }
+    // D of tile (mt, nn): rows 16·mt + g (+ 8 for e ≥ 2), tokens 8·nn + 2·t4 (+ 1 for odd e).
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = 8 * nt + 2 * t4 + (e & 1);
-        if (row < kRows) mine[(1 + row) * kTileTokens + g + 8 * (e >> 1)] = acc[0][nt][e] + acc[1][nt][e];
-      }
+      for (int nn = 0; nn < kTokenTiles; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * mt + g + 8 * (e >> 1);
+          if (row < kRows)
+            mine[(1 + row) * kTileTokens + 8 * nn + 2 * t4 + (e & 1)] =
+                kChains == 1 ? acc[0][mt][nn][e] : acc[0][mt][nn][e] + acc[kChains - 1][mt][nn][e];
+        }
   }
   const auto sync_projection_warps = [&] { asm volatile("bar.sync 1, %0;" ::"r"(projection_threads) : "memory"); };
   sync_projection_warps();
