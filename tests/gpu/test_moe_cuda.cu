@@ -8,9 +8,10 @@
 // streamed kernels with the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split, within one wave by default: the shared expert's sums in another order, so checked against the
 // CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
-// (MoeRunParams::down_head_start: the same bits, alone and with the split); at T = 1 the single-token column stages
-// other than the default (MoeRunParams::single_token_columns: fp4 block sums in another order, checked against the
-// CPU and run to run; the same bits as without them at T > 1); a V4-Pro-width layer
+// (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
+// than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
+// to run; the same bits as without them at T > 2) and the down L2 prefetch (MoeRunParams::down_l2_prefetch: the
+// same bits); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -276,7 +277,8 @@ struct Kernels {
   bool lean = MoeRunParams{}.lean_expert_decode;
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
-  bool columns = MoeRunParams{}.single_token_columns;
+  bool columns = MoeRunParams{}.column_stages;
+  bool down_prefetch = MoeRunParams{}.down_l2_prefetch;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -286,13 +288,14 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", single-token column stages" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
+           (down_prefetch ? ", down L2 prefetch" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.single_token_columns = columns;
+    p.down_head_start = down_head_start, p.column_stages = columns, p.down_l2_prefetch = down_prefetch;
     return p;
   }
 };
@@ -305,10 +308,10 @@ constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_sm
 // The streamed kernels with the decode other than the default.
 constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                        .lean = !MoeRunParams{}.lean_expert_decode};
-// The streamed kernels with the shared expert never split (the single launch's order) and split at every T <= 8
-// (MoeRunParams::shared_expert_split).
+// The streamed kernels with the shared expert never split and without the column stages (the single launch's
+// order) and split at every T <= 8 (MoeRunParams::shared_expert_split).
 constexpr Kernels kStreamedUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                   .split = MoeSharedExpertSplit::NEVER};
+                                   .split = MoeSharedExpertSplit::NEVER, .columns = false};
 constexpr Kernels kStreamedSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                     .split = MoeSharedExpertSplit::ALWAYS};
 // The streamed kernels with the down head start other than the default (MoeRunParams::down_head_start: the same
@@ -318,19 +321,31 @@ constexpr Kernels kStreamedOtherHeadStart{.experts = MoeExpertKernels::STREAMED,
 constexpr Kernels kStreamedSplitAllOtherHeadStart{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                   .split = MoeSharedExpertSplit::ALWAYS,
                                                   .down_head_start = !MoeRunParams{}.down_head_start};
-// The streamed kernels with the single-token column stages other than the default (MoeRunParams::
-// single_token_columns: at T = 1 fp4 block sums in another order, checked against the CPU and run to run; no effect
-// at other T: the same bits), also with the shared expert never split and split, and unfused.
+// The streamed kernels with the fp4 column stages other than the default (MoeRunParams::column_stages: at T <= 2
+// fp4 block sums in another order, checked against the CPU and run to run; no effect at larger T: the same bits),
+// also with the shared expert never split and split, and unfused.
 constexpr Kernels kStreamedOtherColumns{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                        .columns = !MoeRunParams{}.single_token_columns};
+                                        .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                .split = MoeSharedExpertSplit::NEVER,
-                                               .columns = !MoeRunParams{}.single_token_columns};
+                                               .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                 .split = MoeSharedExpertSplit::ALWAYS,
-                                                .columns = !MoeRunParams{}.single_token_columns};
+                                                .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
-                                               .columns = !MoeRunParams{}.single_token_columns};
+                                               .columns = !MoeRunParams{}.column_stages};
+// The streamed kernels with the down L2 prefetch other than the default (MoeRunParams::down_l2_prefetch: T = 1;
+// prefetches only, the same bits), alone, with the shared expert split at every T <= 8 and with the column stages.
+constexpr Kernels kStreamedOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                             .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
+constexpr Kernels kStreamedSplitAllOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED,
+                                                     .fused_small_batches = true,
+                                                     .split = MoeSharedExpertSplit::ALWAYS,
+                                                     .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
+constexpr Kernels kStreamedOtherColumnsOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED,
+                                                         .fused_small_batches = true,
+                                                         .columns = !MoeRunParams{}.column_stages,
+                                                         .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -603,12 +618,22 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherHeadStart, kStreamedKernels);
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedSplitAllOtherHeadStart, kStreamedSplitAll);
     }
-    for (const Kernels kernels : {kStreamedOtherColumns, kStreamedOtherColumnsUnsplit, kStreamedOtherColumnsSplitAll,
-                                  kStreamedOtherColumnsUnfused})
-      check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kernels);
-    expect_repeatable(device_weights, kFlashLike, 1, seed++, kStreamedOtherColumns);
-    for (const int T : {2, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
+    for (const int64_t T : {1, 2})
+      for (const Kernels kernels : {kStreamedOtherColumns, kStreamedOtherColumnsUnsplit,
+                                    kStreamedOtherColumnsSplitAll, kStreamedOtherColumnsUnfused})
+        check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
+    // Both tokens with one id: on the hash layer every routed item has two rows (the shared expert's always has).
+    check_case(layer, experts, device_weights, 2, seed++, [](int64_t, std::mt19937_64&) { return 0; },
+               kStreamedOtherColumns);
+    for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
+    for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
+    for (const int T : {1, 2}) {
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherDownPrefetch, kStreamedKernels);
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedSplitAllOtherDownPrefetch, kStreamedSplitAll);
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumnsOtherDownPrefetch,
+                       kStreamedOtherColumns);
+    }
   }
 }
 
@@ -736,8 +761,11 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   expect_repeatable(device_weights, kProLike, 8, seed++, kStreamedSplitAll);
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
-  check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherColumns);
+  // T = 2: the down GEMM takes the column stages, the gate/up GEMM (d 7168) the lean ones.
+  for (const int64_t T : {1, 2})
+    check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
   expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
+  expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherDownPrefetch, kStreamedKernels);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).

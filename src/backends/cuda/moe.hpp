@@ -91,10 +91,13 @@ struct MoeRunParams {
   // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits. Same run: T = 1
   // 59.4 -> 56.9 us, T = 8 221.9 -> 219.1.
   bool down_head_start = true;
-  // MoeExpertGemmParams::single_token_columns for the streamed kernels at T = 1 (not in the single launch): fp4
-  // stages sum each scale block in its own MMA output column and scale the fp32 column sums; the block sums in
-  // another order (as exact).
-  bool single_token_columns = false;
+  // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 2 (not in the single launch): fp4 stages
+  // sum each scale block of each item row in its own MMA output column and scale the fp32 column sums; the block
+  // sums in another order (as exact).
+  bool column_stages = false;
+  // MoeExpertGemmParams::down_l2_prefetch for the streamed gate/up kernel at T = 1 (not in the single launch): its
+  // CTAs ask L2 for the down weights of their experts half-way through. The same bits.
+  bool down_l2_prefetch = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

@@ -34,9 +34,17 @@ auto* one_tile_kernel(bool head_start) {
     if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
   return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
 }
+// The gate/up kernels that ask L2 for the down weights (lean ones only: the same bits as the others).
+template <bool kSplit>
+auto* down_prefetch_kernel(bool columns) {
+  return columns ? moe::moe_expert_streamed_kernel<moe::ExpertGemm::GATE_UP, false, true, kSplit, false, true, true>
+                 : moe::moe_expert_streamed_kernel<moe::ExpertGemm::GATE_UP, false, true, kSplit, false, false, true>;
+}
 // The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
 template <moe::ExpertGemm G>
-auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns, bool down_prefetch) {
+  if constexpr (G == moe::ExpertGemm::GATE_UP)
+    if (down_prefetch) return split ? down_prefetch_kernel<true>(columns) : down_prefetch_kernel<false>(columns);
   if (columns)
     return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
   return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
@@ -48,15 +56,12 @@ auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
-  const bool columns = p.single_token_columns && p.tokens == 1;
+  // The column stages take the whole K of the item's rows in one chunk, then their zero block.
+  const int column_bytes = (moe::columns::x_bytes(args.k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) /
+                           16 * 16;
+  const bool columns = moe_column_stages_apply(p, args.k_total);
   args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
-  if (columns) {
-    // The column stages take the whole K in one chunk, then their zero block.
-    const int column_bytes = (moe::columns::x_bytes(args.k_total) + 15) / 16 * 16;
-    check(column_bytes <= int(moe::kStreamedXBytes), "moe ", name, ": K = ", args.k_total, " exceeds the ",
-          "single-token column stages' x region (", moe::kStreamedXBytes, " bytes)");
-    args.streamed_x_bytes = std::max(args.streamed_x_bytes, column_bytes);
-  }
+  if (columns) args.streamed_x_bytes = std::max(args.streamed_x_bytes, column_bytes);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
@@ -66,7 +71,8 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns,
+                                                 p.down_l2_prefetch && p.tokens == 1);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -179,6 +185,11 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
   return buffer;
 }
 
+bool moe_column_stages_apply(const MoeExpertGemmParams& p, int64_t k_total) {
+  if (!p.column_stages || !p.streamed || p.tokens > moe::columns::kMaxRows) return false;
+  return moe::columns::x_bytes(int(k_total), p.tokens) + 15 <= int(moe::kStreamedXBytes);
+}
+
 bool moe_shared_expert_splits(const MoeExpertGemmParams& p, int multiprocessors) {
   if (p.shared_expert_split == MoeSharedExpertSplit::NEVER || !p.streamed || p.tokens > tile::kTokensPerMma)
     return false;
@@ -211,8 +222,9 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         ")");
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
-  check(!p.single_token_columns || p.streamed, "moe expert GEMM: the single-token column stages are a ",
+  check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
         "streamed-kernel option");
+  check(!p.down_l2_prefetch || p.streamed, "moe expert GEMM: the down L2 prefetch is a streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

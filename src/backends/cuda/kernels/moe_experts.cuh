@@ -576,22 +576,23 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 }  // namespace lean
 
 // ---------------------------------------------------------------------------------------------------------------
-// Single-token fp4 stages with the block scales on the MMA's output columns (MoeExpertGemmParams::
-// single_token_columns). At T = 1 seven of the MMA's eight token columns carried copies; here a column holds the
-// partial sum of one scale block instead, so the weights enter the MMA as bare e2m1 bits and the block scales are
-// applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2 factor multiplies and the per-row factor
-// conversions go, 32 fp32 FMAs and 16 scale conversions come.
+// Few-token fp4 stages with the block scales on the MMA's output columns (MoeExpertGemmParams::
+// column_stages; items of one or two rows). At T <= 2 six or seven of the MMA's eight token columns carried
+// copies; here a column holds the partial sum of one scale block of one row instead, so the weights enter the MMA as
+// bare e2m1 bits and the block scales are applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2
+// factor multiplies and the per-row factor conversions go, 32 fp32 FMAs and 16 scale conversions come.
 // - Lane t decodes 32 values of rows g and g + 8 per step (lean::decode_row_bits): the first 16 (A half) feed four
 //   MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
-//   pairs t and t + 4. B column n <= 3 holds x on slot pairs n and n + 4 only (lane (g, t) feeds x where g == t,
-//   zeros elsewhere; columns 4-7 stay zero), so column n of sums_a / sums_b sums lane n's A / B half: NVFP4 blocks 2n
+//   pairs t and t + 4. B column n <= 3 holds the item's row 0 on slot pairs n and n + 4 only, column n + 4 its row 1
+//   on the same pairs (lane (g, t) feeds row 0 where g == t, row 1 where g == t + 4, zeros elsewhere and for an absent
+//   row 1), so column n (n + 4) of sums_a / sums_b sums lane n's A / B half against row 0 (row 1): NVFP4 blocks 2n
 //   and 2n + 1 of the step; MXFP4 block n (both halves, one scale).
 // - Exponents: the bits are e2m1 × 2^-126 (0.5 a bf16 subnormal) and x is staged × 2^kXExponent (exact), so the
 //   products and column sums are normal fp32 for |x| in [2^-60, 2^64); the column scales are NVFP4's e4m3 value and
 //   MXFP4's 2^(e - 127 + kMxfp4ScaleExponent), and finish() brings the row sums to weight_tile_mma's accumulator
 //   scale (write_rows then applies weight_tile_output_scale). The block sums are added in another order than the
 //   other stages' (fp32 column sums, then scaled): as exact, not the same bits.
-// - x layout (stage_x): the token's row in input order, every chunk of 8 permuted as tile::detail::permute_chunk
+// - x layout (stage_x): the item's rows in input order, every chunk of 8 permuted as tile::detail::permute_chunk
 //   (the lean pairs' order), so one 16-byte load holds the B fragments of two MMAs; then a zero block of 64 bytes
 //   that the lanes without x read (at a 32 mod 128 byte offset: its broadcast shares no bank group with x reads).
 namespace columns {
@@ -601,24 +602,29 @@ inline constexpr int kMxfp4ScaleExponent = 126 - kXExponent;
 inline constexpr uint32_t kXFactor = uint32_t(127 + kXExponent) << 7 | uint32_t(127 + kXExponent) << 23;
 inline constexpr int kStepElements = 128;  // x per step: 4 lanes × 32 inputs
 inline constexpr int kZeroChunks = 4;      // the zero block: one 16-byte load per pair of MMAs of a step
+inline constexpr int kMaxRows = 2;         // rows per item: B columns 0-3 and 4-7
 
-// Element offset of the zero block after k_count staged inputs.
-__host__ __device__ constexpr int zero_block_offset(int k_count) { return k_count + 2 * tile::kXChunk; }
-// Bytes stage_x writes for k_count inputs (k_count a multiple of 128).
-__host__ __device__ constexpr int x_bytes(int k_count) {
-  return (zero_block_offset(k_count) + kZeroChunks * tile::kXChunk) * int(sizeof(__nv_bfloat16));
+// Element offset of the zero block after `rows` rows of k_count staged inputs.
+__host__ __device__ constexpr int zero_block_offset(int k_count, int rows) {
+  return rows * k_count + 2 * tile::kXChunk;
+}
+// Bytes stage_x writes for `rows` rows of k_count inputs (k_count a multiple of 128).
+__host__ __device__ constexpr int x_bytes(int k_count, int rows) {
+  return (zero_block_offset(k_count, rows) + kZeroChunks * tile::kXChunk) * int(sizeof(__nv_bfloat16));
 }
 
-// Stages x[0, k_count) of one token (`row`, 16-byte aligned) and the zero block; called by thread_count threads of
-// the CTA with distinct thread_idx (the caller synchronises before and after).
-__device__ __forceinline__ void stage_x(const __nv_bfloat16* row, int k_count, __nv_bfloat16* x_tile,
-                                        int thread_idx, int thread_count) {
+// Stages x[0, k_count) of the item's rows (row_of(r), 16-byte aligned, r < rows <= kMaxRows) and the zero block;
+// called by thread_count threads of the CTA with distinct thread_idx (the caller synchronises before and after).
+template <class RowOf>
+__device__ __forceinline__ void stage_x(RowOf row_of, int rows, int k_count, __nv_bfloat16* x_tile, int thread_idx,
+                                        int thread_count) {
   const int chunks = k_count / tile::kXChunk;
-  for (int i = thread_idx; i < chunks + kZeroChunks; i += thread_count) {
+  for (int i = thread_idx; i < rows * chunks + kZeroChunks; i += thread_count) {
     uint4 v = make_uint4(0, 0, 0, 0);
-    int at = zero_block_offset(k_count) + (i - chunks) * tile::kXChunk;
-    if (i < chunks) {
-      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(__ldg(reinterpret_cast<const uint4*>(row) + i));
+    int at = zero_block_offset(k_count, rows) + (i - rows * chunks) * tile::kXChunk;
+    if (i < rows * chunks) {
+      const int r = i / chunks, c = i % chunks;
+      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(__ldg(reinterpret_cast<const uint4*>(row_of(r)) + c));
       v = make_uint4(tile::detail::bf16x2_mul(v.x, kXFactor), tile::detail::bf16x2_mul(v.y, kXFactor),
                      tile::detail::bf16x2_mul(v.z, kXFactor), tile::detail::bf16x2_mul(v.w, kXFactor));
       at = i * tile::kXChunk;
@@ -627,20 +633,22 @@ __device__ __forceinline__ void stage_x(const __nv_bfloat16* row, int k_count, _
   }
 }
 
-// Where lane (g, t) reads its B fragments at step s: x + s · stride where it feeds x (g == t), else the zero block
-// with stride 0.
+// Where lane (g, t) reads its B fragments at step s: x + s · stride where it feeds x (row 0 for g == t, row 1 for
+// g == t + 4 when the item has it), else the zero block with stride 0.
 struct LaneX {
   const __nv_bfloat16* x;
   int stride;
 };
-__device__ __forceinline__ LaneX lane_x(const __nv_bfloat16* x_tile, int k_count) {
+__device__ __forceinline__ LaneX lane_x(const __nv_bfloat16* x_tile, int rows, int k_count) {
   const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
-  return g == t ? LaneX{x_tile + 32 * t, kStepElements} : LaneX{x_tile + zero_block_offset(k_count), 0};
+  const int row = g == t ? 0 : g == t + 4 ? 1 : kMaxRows;
+  return row < rows ? LaneX{x_tile + row * k_count + 32 * t, kStepElements}
+                    : LaneX{x_tile + zero_block_offset(k_count, rows), 0};
 }
 
-// The fp32 scales of lane t's accumulator columns 2t and 2t + 1 (only t <= 1 hold nonzero columns) on one row at
-// step u, for sums_a ([0][c]) and sums_b ([1][c]): NVFP4 blocks 4t, 4t + 2 and 4t + 1, 4t + 3 of the step; MXFP4
-// blocks 2t and 2t + 1 for both.
+// The fp32 scales of lane t's accumulator columns 2t and 2t + 1 on one row at step u, for sums_a ([0][c]) and
+// sums_b ([1][c]): lanes t and t + 2 take the same blocks (columns of rows 0 and 1), NVFP4 blocks 4t', 4t' + 2 and
+// 4t' + 1, 4t' + 3 of the step, t' = t mod 2; MXFP4 blocks 2t' and 2t' + 1 for both.
 template <tile::TileFormat F>
 __device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, int t, float (&scale)[2][2]) {
   if constexpr (F == tile::TileFormat::NVFP4) {
@@ -702,34 +710,72 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX&
   }
 }
 
-// The column sums → weight_tile_mma's accumulator of token 0 (rows g and g + 8 in acc[0][0] and acc[0][2]; the
-// other elements belong to absent tokens): the sum over the columns (two per lane, four lanes per row), times
+// The column sums → weight_tile_mma's accumulator of tokens 0 and 1 (item rows; weight rows g and g + 8 in
+// acc[0][0..1] and acc[0][2..3] of lane t = 0, the places write_rows reads; other lanes' elements belong to absent
+// tokens): the sum over each row's columns (two per lane, lanes t = 0-1 for row 0 and 2-3 for row 1), times
 // 2^(126 - 8 - kXExponent) for NVFP4 (weight_tile_mma's stages carry e4m3 · 2^-8), 1 for MXFP4.
 template <tile::TileFormat F>
 __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1][4]) {
   float row_g = columns[0] + columns[1], row_g8 = columns[2] + columns[3];
   row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 1);
   row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 1);
-  row_g += __shfl_xor_sync(0xFFFFFFFFu, row_g, 2);
-  row_g8 += __shfl_xor_sync(0xFFFFFFFFu, row_g8, 2);
+  const float second_g = __shfl_xor_sync(0xFFFFFFFFu, row_g, 2);
+  const float second_g8 = __shfl_xor_sync(0xFFFFFFFFu, row_g8, 2);
   constexpr float kToTileScale = F == tile::TileFormat::NVFP4 ? 0x1p54f : 1.0f;
   static_assert(126 - 8 - kXExponent == 54 && kMxfp4ScaleExponent + kXExponent == 126, "the exponents above");
-  acc[0][0] = row_g * kToTileScale, acc[0][1] = 0.0f;
-  acc[0][2] = row_g8 * kToTileScale, acc[0][3] = 0.0f;
+  acc[0][0] = row_g * kToTileScale, acc[0][1] = second_g * kToTileScale;
+  acc[0][2] = row_g8 * kToTileScale, acc[0][3] = second_g8 * kToTileScale;
 }
 
 }  // namespace columns
 
+// PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for one box of a tensor map (no shared memory, no completion).
+__device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int32_t col, int32_t row) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(row)
+               : "memory");
+}
+
+// MoeExpertGemmParams::down_l2_prefetch: a gate/up CTA asks L2 for the down GEMM's weights of its item's expert, the
+// w2 rows [band · R, band · R + R) with R = d / gate/up bands (rounded up to 16; a split CTA pair halves them), as
+// whole stage boxes of the data and fp4 scale maps, so the down launch streams them from L2. Called by each warp
+// once (warp w issues boxes w·32 + lane, w·32 + lane + 256, ...). The expert's formats are one format.
+template <tile::TileFormat F, int kParts>
+__device__ __forceinline__ void prefetch_down_rows(const ExpertGemmArgs& a, int expert, int band, int part) {
+  namespace st = tile::stream;
+  const tile::stream::StreamMaps* maps = a.stream_maps + 3 * expert + 2;
+  const int hidden = a.k_total, intermediate = a.n_total;  // the gate/up GEMM's K and rows
+  const int band_rows = ((hidden + int(gridDim.x) - 1) / int(gridDim.x) + tile::kTileRows - 1) / tile::kTileRows *
+                        tile::kTileRows;
+  const int part_rows = (band_rows / kParts + tile::kTileRows - 1) / tile::kTileRows * tile::kTileRows;
+  const int row_begin = band * band_rows + part * part_rows;
+  const int row_end = min(hidden, min(row_begin + part_rows, (band + 1) * band_rows));
+  const int groups = row_end > row_begin ? (row_end - row_begin + tile::kTileRows - 1) / tile::kTileRows : 0;
+  const int data_boxes = intermediate * 16 / st::values_per_load(F) / st::kBoxBytes;
+  const int scale_boxes = st::stage_scale_bytes(F) > 0 ? intermediate / int(st::stage_k(F)) : 0;
+  const int per_group = data_boxes + scale_boxes;
+  for (int i = int(threadIdx.x); i < groups * per_group; i += kExpertThreads) {
+    const int row = row_begin + (i / per_group) * tile::kTileRows, box = i % per_group;
+    if (box < data_boxes)
+      prefetch_box_l2(&maps->data, box * st::kBoxBytes, row);
+    else
+      prefetch_box_l2(&maps->scales, (box - data_boxes) * st::stage_scale_bytes(F), row);
+  }
+}
+
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
-// one row): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA part `part`
+// at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead; kDownPrefetch (gate/up):
+// prefetch_down_rows once the warp has consumed half its stages. kParts = 2: the warp's slice of CTA part `part`
 // (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
+          bool kDownPrefetch = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
-  static_assert(!kColumns || NT == 1, "the column stages serve items of one row");
+  static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
   constexpr int kC = tile::detail::kChains<NT>, kPassRows = NT * tile::kTokensPerMma;
   constexpr int64_t kStageK = st::stage_k(F);
   const int warp_idx = threadIdx.x / tile::kWarpSize, g = threadIdx.x % tile::kWarpSize / 4;
@@ -769,11 +815,11 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         return a.x + source_row * a.k_total + chunk_begin;
       };
       if constexpr (kColumnStages)
-        columns::stage_x(row_of(0), chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+        columns::stage_x(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       else
         tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       __syncthreads();
-      [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, chunk_end - chunk_begin);
+      [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, rows, chunk_end - chunk_begin);
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
       // The lean stages' x rows: every token tile reads a real token (see lean::multiply_stage).
@@ -812,6 +858,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
                              full + slot);
           if (++refill == pass_stages) refill = 0;
         }
+        // Half-way: the gate/up stages read after it, with the down rows, stay within L2 (V4-Flash T = 1: ≈ 35 +
+        // 37 MB of 60), and the down rows arrive while the second half runs.
+        if constexpr (kDownPrefetch && G == ExpertGemm::GATE_UP)
+          if (j == stages / 2) prefetch_down_rows<F, kParts>(a, item.expert, band, part);
       }
     }
     if constexpr (kColumnStages)
@@ -832,13 +882,17 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA starts its weight
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
-// (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T = 1 launches;
-// MoeExpertGemmParams::single_token_columns): fp4 items by columns::multiply_stage.
+// (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kDownPrefetch (gate/up, one-tile
+// kernels of T = 1 launches; MoeExpertGemmParams::down_l2_prefetch): every CTA asks L2 for its share of its
+// expert's down weights (prefetch_down_rows).
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false>
+          bool kColumns = false, bool kDownPrefetch = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
+  static_assert(!kDownPrefetch || (G == ExpertGemm::GATE_UP && !kMultiTile), "the down prefetch is a one-tile "
+                "gate/up kernel's");
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
-  static_assert(!(kColumns && kMultiTile), "the column stages serve items of one row");
+  static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -868,12 +922,13 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns>(a, expert, item, band, smem, full, true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kDownPrefetch>(a, expert, item, band, smem, full,
+                                                                                true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kDownPrefetch>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

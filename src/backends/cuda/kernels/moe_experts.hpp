@@ -94,11 +94,17 @@ struct MoeExpertGemmParams {
   // finish. Only valid where the previous launch on the stream is run_moe_gate_up of the same routing (run_moe's
   // order): its CTAs let this launch start only after the routing is complete. The same bits.
   bool down_head_start = false;
-  // Streamed kernels at T = 1 (no effect at other T): fp4 stages put each scale block's sum in its own MMA output
-  // column and scale the fp32 column sums (moe_experts.cuh, namespace columns) instead of multiplying every weight
-  // pair by its factor: ~30 % fewer instructions per stage. The block sums in another fp32 order: as exact, not the
-  // same bits. x is staged × 2^64 (|x| must stay below 2^64).
-  bool single_token_columns = false;
+  // Streamed kernels at T <= 2 where moe_column_stages_apply (no effect elsewhere): fp4 stages put each scale
+  // block's sum (per item row) in its own MMA output column and scale the fp32 column sums (moe_experts.cuh,
+  // namespace columns) instead of multiplying every weight pair by its factor (NVFP4 stage 745 -> 675 SASS
+  // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
+  // stay below 2^64).
+  bool column_stages = false;
+  // run_moe_gate_up, streamed kernels at T = 1 (no effect at other T): every CTA asks L2 for its share of its
+  // expert's down weights (w2 rows of its band's share of d, tensor prefetches) once its warps are half-way, so the
+  // down launch reads them from L2: V4-Flash T = 1 touches ≈ 37 MB of w2, within L2 beside the gate/up stages still
+  // to come. Prefetches only: the same bits.
+  bool down_l2_prefetch = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
@@ -111,6 +117,11 @@ bool moe_streamed_tiles_apply(const std::vector<MoeExpertView>& experts);
 // The streamed kernels' tensor maps of every expert matrix, [E + 1][w1, w3, w2], uploaded to the device (experts
 // that moe_streamed_tiles_apply accepts). `what` names the layer in errors.
 DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, std::string_view what);
+
+// Whether a streamed GEMM of input size k_total takes the column stages (MoeExpertGemmParams::column_stages):
+// T <= 2 and the item's rows of the whole K, with the zero block, fit the x region (V4-Flash both GEMMs; V4-Pro's
+// gate/up at T = 2 does not: d 7168).
+bool moe_column_stages_apply(const MoeExpertGemmParams& params, int64_t k_total);
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);
