@@ -3,8 +3,9 @@
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
 // without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
-// (one query per sequence) split over 2-8 CTAs of a cluster. Fresh random
-// inputs per case, outputs poisoned with NaN plus a guard region, every element checked.
+// (one query per sequence) split over 2-8 CTAs of a cluster, with and without the L2 prefetch of the next pair. Fresh
+// random inputs per case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed)
+// with guard regions before and after, every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -64,15 +65,18 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
-  constexpr size_t kGuardBytes = 256;
-  DeviceBuffer d_out(out_elements * element_bytes + kGuardBytes, "out");
+  // out at the weakest alignment the contract allows (8 bytes past a 16-byte boundary), guards before and after.
+  constexpr size_t kOffsetBytes = 8, kGuardBytes = 256;
+  DeviceBuffer d_out(kOffsetBytes + out_elements * element_bytes + kGuardBytes, "out");
   d_out.fill_bytes(0xFF);
-  call.out = d_out.data();
+  call.out = static_cast<uint8_t*>(d_out.data()) + kOffsetBytes;
   run_sparse_attention_prefill(call, options);
   synchronize_or_exit(c.name);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
-  d_out.download(raw.data(), raw.size());
+  std::vector<uint8_t> all(kOffsetBytes + out_elements * element_bytes + kGuardBytes);
+  d_out.download(all.data(), all.size());
+  for (size_t b = 0; b < kOffsetBytes; ++b) ASSERT_EQ(all[b], 0xFF) << "write before the start of out at byte " << b;
+  const std::vector<uint8_t> raw(all.begin() + kOffsetBytes, all.end());
 
   const AttentionOutputCheck checked = check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, false);
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;

@@ -486,9 +486,9 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
 
 // The cluster merge of a split call (the 256 consumer threads, after every split left its unnormalised output and
 // (row max, row sum) in its shared memory): CTA `split` sums dims [split · 512 / S, +512 / S) of all S = p.splits
-// partials, each scaled to the splits' common max, normalises with the sink, rotates back and stores. Thread i serves
-// head row i / 4, its float4 columns i % 4 + 4j; the splits' loads are unrolled over kMaxSplits (predicated off past
-// S).
+// partials, each scaled to the splits' common max (merge_factors), normalises with the sink, rotates back and stores
+// (store_output_quad). Thread i serves head row i / 4, its float4 columns i % 4 + 4j; the splits' loads are unrolled
+// over kMaxSplits (predicated off past S).
 __device__ __forceinline__ void merge_splits(const SparseAttentionParams& p, const uint8_t* smem, int64_t t, int split,
                                              int head_base, int thread256) {
   const int row = thread256 / 4, quarter = thread256 % 4, splits = p.splits;
@@ -496,24 +496,14 @@ __device__ __forceinline__ void merge_splits(const SparseAttentionParams& p, con
   const float* partial = reinterpret_cast<const float*>(smem + kPartial) + row * kPartialStride;
   float2 split_stats[kMaxSplits];
   const float* peer_partial[kMaxSplits];
-  float row_max = -INFINITY;
 #pragma unroll
   for (int s = 0; s < kMaxSplits; ++s) {
     split_stats[s] = s < splits ? *cluster_peer(stats, s) : make_float2(-INFINITY, 0.0f);
     peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
-    row_max = fmaxf(row_max, split_stats[s].x);
-  }
-  float factor[kMaxSplits], row_sum = 0.0f;
-#pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) {
-    // A split without entries for the row (max −inf) adds nothing; −inf − −inf would be NaN.
-    factor[s] = split_stats[s].x == -INFINITY ? 0.0f : fast_exp2(split_stats[s].x - row_max);
-    row_sum += split_stats[s].y * factor[s];
   }
   const int head = head_base + row;
-  const float inverse = inverse_softmax_denominator(head_sink_log2(p, head), row_max, row_sum);
-#pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) factor[s] *= inverse;
+  float factor[kMaxSplits];
+  merge_factors(split_stats, head_sink_log2(p, head), factor);
   const KvEntryLayout& layout = p.cache.layout;
   const int nope_dim = layout.head_dim - layout.rope_dim, dims = kHeadDim / splits;
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
@@ -533,13 +523,7 @@ __device__ __forceinline__ void merge_splits(const SparseAttentionParams& p, con
       if (dim >= nope_dim) rope_rotate_pair(v[0], v[1], rope_table[(dim - nope_dim) / 2], true);
       if (dim + 2 >= nope_dim) rope_rotate_pair(v[2], v[3], rope_table[(dim + 2 - nope_dim) / 2], true);
     }
-    if (head >= p.heads) continue;
-    const int64_t offset = (t * p.heads + head) * kHeadDim + dim;
-    if (p.out_dtype == AttentionDtype::F32)
-      *reinterpret_cast<float4*>(static_cast<float*>(p.out) + offset) = make_float4(v[0], v[1], v[2], v[3]);
-    else
-      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + offset) =
-          make_uint2(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]));
+    if (head < p.heads) store_output_quad(p, (t * p.heads + head) * kHeadDim, dim, v);
   }
 }
 
@@ -744,23 +728,9 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
-    float v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = o[4 * n + e] * inverse_denominator[e / 2];
-    if (rope && dim >= nope_dim) {
-      const RopeFactors f = rope_table[(dim - nope_dim) / 2];
-      rope_rotate_pair(v[0], v[1], f, true);
-      rope_rotate_pair(v[2], v[3], f, true);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (head[r] >= p.heads) continue;
-      const int64_t offset = (t * p.heads + head[r]) * kHeadDim + dim;
-      if (p.out_dtype == AttentionDtype::F32)
-        *reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset) = make_float2(v[2 * r], v[2 * r + 1]);
-      else
-        *reinterpret_cast<uint32_t*>(static_cast<__nv_bfloat16*>(p.out) + offset) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
+    const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
+    store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
+                          [&] { return rope_table[(dim - nope_dim) / 2]; });
   }
 }
 
