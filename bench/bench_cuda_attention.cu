@@ -22,7 +22,8 @@
 // (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
 // bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA; a third line the
 // same with head_split_spread (all 8 warps of a CTA on its QKᵀ); at batch ≤ 8 a fourth line times kv_insert (with its
-// fused per-head q norm) + that attention against the attention doing both in its decode prologue (insert_kv).
+// fused per-head q norm) + that attention against the attention doing both in its decode prologue (insert_kv). The
+// head-split line also gives the time of an empty kernel on the same grid and clusters: a call's launch floor.
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
@@ -52,6 +53,7 @@
 #include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -123,6 +125,9 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
     static_cast<float*>(p.out)[(t * p.heads + h) * kHeadDim + d + 1] = x1;
   }
 }
+
+// Nothing: timed with the head-split call's grid, block and cluster shape, the floor of a call's launch and completion.
+__global__ void empty_kernel(int) {}
 
 // The inverse RoPE's table, base 160000 over the kRopeDim rotary dims: its frequencies go to the kernel, the table
 // to the CPU check.
@@ -289,6 +294,7 @@ struct Result {
   // Batch ≤ kSparseAttentionInsertMaxTokens: kv_insert (with its fused per-head q norm) + the spread attention, and
   // the spread attention doing both in its decode prologue (insert_kv); 0 = not measured.
   double two_launch_us = 0, prologue_us = 0;
+  double launch_floor_us = 0;  // empty_kernel on the head-split call's grid (its launcher's choice)
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -407,7 +413,15 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   double head_split_ms = 0, head_split_cpu_error = 0, spread_ms = 0, spread_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
   double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  double two_launch_ms = 0, prologue_ms = 0;
+  double two_launch_ms = 0, prologue_ms = 0, launch_floor_ms = 0;
+  if (head_split_splits > 0) {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const unsigned ctas = unsigned(batch * ((heads + 15) / 16) * head_split_splits);
+    launch_floor_ms = median_ms(20, flush, flush_bytes, [&] {
+      launch_chained(empty_kernel, dim3(ctas), dim3(256), 0, nullptr, dim3(unsigned(head_split_splits), 1, 1),
+                     "empty kernel", 0);
+    });
+  }
   if (head_split_splits > 0 && batch <= kSparseAttentionInsertMaxTokens) {
     // Raw q (the fp32 q above, normalised per head in both forms), random new KV vectors into each query's ring row.
     constexpr int kPairs = kRopeDim / 2;
@@ -566,6 +580,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
   r.spread_us = spread_ms * 1e3;
   r.two_launch_us = two_launch_ms * 1e3;
+  r.launch_floor_us = launch_floor_ms * 1e3;
   r.prologue_us = prologue_ms * 1e3;
   r.spread_cpu_error = spread_cpu_error;
   std::copy(std::begin(spread_tiles_us), std::end(spread_tiles_us), std::begin(r.spread_tiles_us));
@@ -728,9 +743,9 @@ int run(int argc, char** argv) {
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
           if (r.head_split_splits > 0) {
-            std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us), cpu err %.1e; by tiles "
-                        "per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
-                        r.head_split_splits, r.head_split_us, r.bf16_q_us, r.head_split_cpu_error,
+            std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us, an empty kernel on its grid "
+                        "%.1f us), cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
+                        r.head_split_splits, r.head_split_us, r.bf16_q_us, r.launch_floor_us, r.head_split_cpu_error,
                         r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                         r.head_split_tiles_us[4]);
             std::printf("       head split spread:   %d splits %.1f us, cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f "
@@ -784,7 +799,7 @@ int run(int argc, char** argv) {
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
                    "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"spread_us\": %.2f, "
                    "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f], "
-                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f}%s\n",
+                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f, \"launch_floor_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -794,7 +809,7 @@ int run(int argc, char** argv) {
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                    r.head_split_tiles_us[4], r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
                    r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], r.two_launch_us, r.prologue_us,
-                   i + 1 < results.size() ? "," : "");
+                   r.launch_floor_us, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
