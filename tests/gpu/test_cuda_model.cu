@@ -199,9 +199,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // indexer's query preparation in the compressors' launch, the runs loaded at launch and the query path's linears
 // prefetching the next one's weights (indexer_prepare_in_compressors, compressor_runs_at_launch,
 // prefetch_next_linear); the weights' L2 prefetch branch (l2_prefetch_weights) with the branch stream and with the
-// compressors' launch options, the queries' per-head norm in CTA rows (q_norm_cta_rows) and the indexer's top-k in
-// its scores launch (indexer_top_k_in_scores) with the branch stream: the same bounds against the CPU, prefill and
-// decode.
+// compressors' launch options, the queries' per-head norm in CTA rows (q_norm_cta_rows), the indexer's top-k in
+// its scores launch (indexer_top_k_in_scores) and the KV insert in the attention's launch (attention_inserts_kv) with
+// the branch stream: the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -236,6 +236,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.l2_prefetch_weights = fused.branches || fused.compressor_launch;
     options.q_norm_cta_rows = fused.branches;
     options.indexer_top_k_in_scores = fused.branches;
+    options.attention_inserts_kv = fused.branches;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;

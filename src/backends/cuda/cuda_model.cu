@@ -1272,47 +1272,9 @@ struct CudaModel::Impl {
     }
     // wo_a's weights into L2 while the KV insert and the attention run (latency-bound: HBM nearly idle).
     prefetch_weights(shape, {w.wo_a.view()});
-    RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
-    q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
-    q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
-    q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
-    q_norm.rope_dim = c.rope_head_dim;
-    q_norm.rows_per_position = H, q_norm.stream = stream;
-    q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
-    if (!inserted && insert_carries_a_norm) {
-      insert.fused_norm = q_norm;
-      run_kv_insert(insert);
-      inserted = true;
-    } else {
-      run_rms_norm(q_norm);
-    }
-    if (!inserted) {
-      if (insert.x == nullptr) {
-        linear(w.wkv.view(), name + " wkv", s.x_bf16, d, T, s.kv, D);
-        insert.x = s.kv;
-      }
-      run_kv_insert(insert);
-    }
-
-    if (branch) {
-      // The branch joins: the indexer (where it stayed on this stream) and the attention read what it wrote.
-      DSV4_CUDA_CHECK(cudaEventRecord(branch_joined, branch_stream->get()));
-      DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, branch_joined));
-    }
-
-    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
-    CompressedEntries compressed;
-    if (w.compressor) {
-      if (!branch) {
-        std::optional<IndexerPrepareParams> prepare;
-        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
-          prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
-        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
-      }
-      if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
-      compressed = compressed_entries(layer);
-    }
-
+    // The attention's parameters (pointers and bounds only: what its tokens see follows from their positions on the
+    // device), built here so that the KV insert can ride in its launch (attention_inserts_kv).
+    const CompressedEntries compressed = w.compressor ? compressed_entries(layer) : CompressedEntries{};
     SparseAttentionParams a;
     a.cache = kv_cache->view(), a.layer = layer, a.tokens = T, a.heads = int(H);
     a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q_bf16, a.q_dtype = AttentionDtype::Bf16;
@@ -1326,6 +1288,64 @@ struct CudaModel::Impl {
                                                        c.window_size + compressed.slots,
                                                        context.info().multiprocessors));
     a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
+    // With attention_inserts_kv, in decode steps whose attention takes the head-split path, the attention's prologue
+    // does the KV insert and the queries' per-head norm (from the raw projection) instead of their launch. Nothing
+    // before the attention reads the new window rows or the normed queries (the compressors and the indexer read
+    // their own projections), and q_norm already ran as wq_b's prologue (else the insert carried it, above).
+    bool folded = false;
+    if (options.attention_inserts_kv && prologue && !inserted && insert.x != nullptr &&
+        T <= kSparseAttentionInsertMaxTokens) {
+      SparseAttentionParams with_insert = a;
+      with_insert.head_split_spread = true;
+      with_insert.q = q_projected, with_insert.q_dtype = AttentionDtype::F32, with_insert.q_row_stride = q_row_stride;
+      with_insert.insert_kv = insert.x, with_insert.insert_kv_row_stride = insert.x_row_stride;
+      with_insert.insert_kv_norm = insert.norm_weight, with_insert.insert_rows = in.ring_rows;
+      with_insert.insert_rope_table = insert.rope_table, with_insert.insert_eps = insert.eps;
+      if (sparse_attention_head_split_splits(with_insert) > 0) {
+        a = with_insert;
+        folded = true;
+      }
+    }
+    if (!folded) {
+      RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
+      q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
+      q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
+      q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
+      q_norm.rope_dim = c.rope_head_dim;
+      q_norm.rows_per_position = H, q_norm.stream = stream;
+      q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
+      if (!inserted && insert_carries_a_norm) {
+        insert.fused_norm = q_norm;
+        run_kv_insert(insert);
+        inserted = true;
+      } else {
+        run_rms_norm(q_norm);
+      }
+      if (!inserted) {
+        if (insert.x == nullptr) {
+          linear(w.wkv.view(), name + " wkv", s.x_bf16, d, T, s.kv, D);
+          insert.x = s.kv;
+        }
+        run_kv_insert(insert);
+      }
+    }
+
+    if (branch) {
+      // The branch joins: the indexer (where it stayed on this stream) and the attention read what it wrote.
+      DSV4_CUDA_CHECK(cudaEventRecord(branch_joined, branch_stream->get()));
+      DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, branch_joined));
+    }
+
+    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
+    if (w.compressor) {
+      if (!branch) {
+        std::optional<IndexerPrepareParams> prepare;
+        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
+          prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
+        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
+      }
+      if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
+    }
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].

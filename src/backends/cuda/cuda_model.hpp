@@ -99,6 +99,12 @@ struct CudaModelOptions {
   // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order. H200, Flash 8 layers NVFP4 (session
   // 15 round 3, one run each): b1 717.5 t/s against 708.8 off (KV insert + q norm, ncu: 6.6 → 4.7 µs).
   bool q_norm_cta_rows = true;
+  // Decode steps of up to kSparseAttentionInsertMaxTokens tokens whose attention takes the head-split path (with
+  // head_split_spread): the KV insert and the queries' per-head norm in the attention's launch
+  // (SparseAttentionParams::insert_kv, from the raw [wq_a; wkv] and wq_b outputs) instead of the KV insert's: one
+  // launch fewer per layer; the same cache bytes, the queries' sums of squares in another fp32 order. Needs
+  // fuse_projections and q_norm_prologue (else the usual launches run).
+  bool attention_inserts_kv = false;
   // Reference numerics: the CSA layers' indexer keys stored as e4m3 codes + an fp32 scale per key (DeepSeek's layout)
   // instead of bf16, and the indexer's queries prepared in that format: half the key bytes the scores read and hold.
   // The keys and queries are the same values (the reference's fp4-rounded operands are exact in fp8); the scores'
