@@ -530,7 +530,6 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"q_norm_cta_rows", &cuda::CudaModelOptions::q_norm_cta_rows},
       {"attention_inserts_kv", &cuda::CudaModelOptions::attention_inserts_kv},
       {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
-      {"prefetch_next_linear", &cuda::CudaModelOptions::prefetch_next_linear},
       {"l2_prefetch_weights", &cuda::CudaModelOptions::l2_prefetch_weights}};
   std::string names;
   for (const auto& [name, member] : switches) {
@@ -797,7 +796,7 @@ const CommandRegistration registration{{
                       "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
                       "compressor_runs_at_launch, fp8_indexer_keys, q_norm_cta_rows, attention_inserts_kv, "
                       "indexer_prepare_in_compressors, "
-                      "prefetch_next_linear, l2_prefetch_weights); repeatable");
+                      "l2_prefetch_weights); repeatable");
       e2e->add_option("--l2-prefetch-fraction", o->l2_prefetch_fraction,
                       "With l2_prefetch_weights: the share of the GPU's L2 each prefetch site may ask for, in "
                       "(0, 1] (default: CudaModelOptions')");

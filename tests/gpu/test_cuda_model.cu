@@ -196,9 +196,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
 // output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
-// indexer's query preparation in the compressors' launch, the runs loaded at launch and the query path's linears
-// prefetching the next one's weights (indexer_prepare_in_compressors, compressor_runs_at_launch,
-// prefetch_next_linear); the weights' L2 prefetch branch (l2_prefetch_weights) with the branch stream and with the
+// indexer's query preparation in the compressors' launch and the runs loaded at launch
+// (indexer_prepare_in_compressors, compressor_runs_at_launch); the weights' L2 prefetch branch (l2_prefetch_weights) with the branch stream and with the
 // compressors' launch options, the queries' per-head norm in CTA rows (q_norm_cta_rows), the indexer's top-k in
 // its scores launch (indexer_top_k_in_scores) and the KV insert in the attention's launch (attention_inserts_kv) with
 // the branch stream: the same bounds against the CPU, prefill and decode.
@@ -232,7 +231,6 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.parallel_indexer = fused.branches;
     options.indexer_prepare_in_compressors = fused.compressor_launch;
     options.compressor_runs_at_launch = fused.compressor_launch;
-    options.prefetch_next_linear = fused.compressor_launch;
     options.l2_prefetch_weights = fused.branches || fused.compressor_launch;
     options.q_norm_cta_rows = fused.branches;
     options.indexer_top_k_in_scores = fused.branches;
@@ -244,7 +242,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
                                (fused.projections ? " stacked projections" : "") +
                                (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
                                (fused.branches ? " branch stream" : "") +
-                               (fused.compressor_launch ? " prepare in compressors, prefetch" : "") +
+                               (fused.compressor_launch ? " prepare in compressors, L2 prefetch" : "") +
                                ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);

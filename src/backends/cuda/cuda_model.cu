@@ -827,18 +827,11 @@ struct CudaModel::Impl {
     return call;
   }
 
-  // `prefetch_next`: a later call's weights, asked into L2 by this call (LinearCall::prefetch_next), or empty.
   void linear_on(const Lane& lane, const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride,
-                 int64_t T, float* y, int64_t y_stride, int groups = 1, const DeviceMatrixView& prefetch_next = {}) {
+                 int64_t T, float* y, int64_t y_stride, int groups = 1) {
     LinearCall call = linear_call(w, what, T, lane);
     call.x = x, call.x_row_stride = x_stride, call.y = y, call.y_row_stride = y_stride, call.groups = groups;
-    call.prefetch_next = prefetch_next;
     run_linear(call);
-  }
-
-  // `next` as a linear call's prefetch_next where prefetch_next_linear is on, else nothing.
-  DeviceMatrixView prefetch(const DeviceMatrixView& next) const {
-    return options.prefetch_next_linear ? next : DeviceMatrixView{};
   }
 
   void linear(const DeviceMatrixView& w, std::string_view what, const bf16* x, int64_t x_stride, int64_t T, float* y,
@@ -849,13 +842,11 @@ struct CudaModel::Impl {
   // A linear layer reading q_norm(qr): through its RMSNorm prologue when `prologue`, else qr_bf16 (run_rms_norm's).
   void linear_of_normed_qr(const Lane& lane, const DeviceMatrixView& w, std::string_view what, bool prologue,
                            const float* qr, int64_t qr_stride, const float* q_norm_weight, int64_t T, float* y,
-                           int64_t y_stride, const DeviceMatrixView& prefetch_next = {}) {
-    if (!prologue)
-      return linear_on(lane, w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride, 1, prefetch_next);
+                           int64_t y_stride) {
+    if (!prologue) return linear_on(lane, w, what, scratch.qr_bf16, config.q_lora_rank, T, y, y_stride);
     LinearCall call = linear_call(w, what, T, lane);
     call.norm_x = qr, call.x_row_stride = qr_stride, call.norm_weight = q_norm_weight;
     call.norm_eps = float(config.rms_norm_eps), call.y = y, call.y_row_stride = y_stride;
-    call.prefetch_next = prefetch_next;
     run_linear(call);
   }
 
@@ -1210,11 +1201,7 @@ struct CudaModel::Impl {
     const float* qr = s.qr;
     int64_t qr_stride = ql;
     if (stack != nullptr && stack->qr_kv.view().rows > 0) {
-      // With prefetch_next_linear each decode linear of the query path asks L2 for the next one's weights (the
-      // latency-bound kernels between them leave HBM idle): wq_b (stacked or not), then wo_a, then wo_b.
-      const DeviceMatrixView queries = stack->queries.view().rows > 0 ? stack->queries.view() : w.wq_b.view();
-      linear_on(main_lane(), stack->qr_kv.view(), name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D, 1,
-                prefetch(queries));
+      linear_on(main_lane(), stack->qr_kv.view(), name + " [wq_a; wkv]", s.x_bf16, d, T, s.qr_kv, ql + D);
       qr = s.qr_kv, qr_stride = ql + D;
       insert.x = s.qr_kv + ql, insert.x_row_stride = ql + D;
     } else {
@@ -1254,7 +1241,7 @@ struct CudaModel::Impl {
       const DeviceMatrixView queries = stack->queries.view();
       if (T <= kStackedQueryMaxTokens) {
         linear_of_normed_qr(main_lane(), queries, name + " [wq_b; indexer wq_b]", prologue, qr, qr_stride,
-                            q_norm_weight, T, s.stacked_queries, queries.rows, prefetch(w.wo_a.view()));
+                            q_norm_weight, T, s.stacked_queries, queries.rows);
         q_projected = s.stacked_queries, q_row_stride = queries.rows;
         qi = s.stacked_queries + H * D, qi_row_stride = queries.rows;
       } else {
@@ -1265,7 +1252,7 @@ struct CudaModel::Impl {
       }
     } else {
       linear_of_normed_qr(main_lane(), w.wq_b.view(), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T, s.q,
-                          H * D, prefetch(w.wo_a.view()));
+                          H * D);
       if (w.indexer && !index_on_branch)
         linear_of_normed_qr(main_lane(), w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
                             q_norm_weight, T, s.qi, IH * ID);
@@ -1352,7 +1339,7 @@ struct CudaModel::Impl {
     if (options.bf16_wo_a) {
       LinearCall wo_a = linear_call(w.wo_a.view(), name + " wo_a", T, main_lane());
       wo_a.x = s.o, wo_a.x_row_stride = H * D, wo_a.groups = int(c.o_groups);
-      wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim(), wo_a.prefetch_next = prefetch(w.wo_b.view());
+      wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
       LinearCall wo_b = linear_call(w.wo_b.view(), name + " wo_b", T, main_lane());
       wo_b.x = s.z_bf16, wo_b.x_row_stride = c.o_proj_dim(), wo_b.y = s.out, wo_b.y_row_stride = d;
       run_linear_pair(wo_a, wo_b, options.fused_wo);

@@ -115,10 +115,6 @@ struct CudaModelOptions {
   // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
   // launch fewer per CSA layer, the same bits.
   bool indexer_prepare_in_compressors = false;
-  // Each decode linear of the query path asks L2 for the next one's weights as its CTAs finish their own
-  // (LinearCall::prefetch_next): [wq_a; wkv] → wq_b, wq_b → wo_a, wo_a → wo_b, so the latency-bound kernels between
-  // them (KV insert, attention) overlap the next weights' HBM reads. The same bits.
-  bool prefetch_next_linear = false;
   // Decode-sized steps (up to 16 tokens) ask L2 for the next bandwidth-bound weights from a side branch of the step
   // (kernels/l2_prefetch.hpp: one small launch per site on a stream of its own, joined before the layer's closing
   // mHC launch), forked where latency-bound kernels leave HBM nearly idle: the next layer's [wq_a; wkv] and wq_b
