@@ -197,10 +197,11 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
 // indexer's query preparation in the compressors' launch and the runs loaded at launch
-// (indexer_prepare_in_compressors, compressor_runs_at_launch); the weights' L2 prefetch branch (l2_prefetch_weights) with the branch stream and with the
-// compressors' launch options, the queries' per-head norm in CTA rows (q_norm_cta_rows), the indexer's top-k in
-// its scores launch (indexer_top_k_in_scores) and the KV insert in the attention's launch (attention_inserts_kv) with
-// the branch stream: the same bounds against the CPU, prefill and decode.
+// (indexer_prepare_in_compressors, compressor_runs_at_launch); the weights' L2 prefetch branch (l2_prefetch_weights)
+// with the branch stream and with the compressors' launch options, the queries' per-head norm in CTA rows
+// (q_norm_cta_rows), the indexer's top-k in its scores launch (indexer_top_k_in_scores) and the KV insert in the
+// attention's launch (attention_inserts_kv) with the branch stream: the same bounds against the CPU, prefill and
+// decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());

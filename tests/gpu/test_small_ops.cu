@@ -1,15 +1,15 @@
 // The CUDA RMSNorm and embedding kernels against the CPU ops. RMSNorm: every width the model normalises (d 4096 /
 // 7168, q_lora 1024 / 1536, D 512 per head without weight) and odd ones (7, 96, 1025, the 8192 limit), rows
 // {1, 5, 64, 300}, in place and out of place, fp32 + bf16 outputs, both numerics modes; the per-head norm with its
-// RoPE epilogue bit-identical to the norm followed by run_rope_apply; the RoPE table against the CPU's factors. Embedding: BF16, F32 and
-// FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4 streams and to 1, exact
-// against the CPU decode. Attention index lists (window ring rows, visible compressed entries) for the tokens of a
-// batched step (and the per-token visible counts): sequences of different lengths, decode tokens and prefill runs
-// mixed, each list alone, all of a step's in one launch, and in the embedding's launch, exact against the rule
-// written out on the host. Strided norm input (a slice of a wider output) bit-identical to contiguous rows. Outputs
-// poisoned with NaN plus a guard region; every element checked. The shared PerDeviceCache: one compute per key and
-// device under concurrent calls. The L2 prefetch: a matrix's ranges within a budget, launches over odd sizes that
-// leave the memory as it was, refusals.
+// RoPE epilogue bit-identical to the norm followed by run_rope_apply; the RoPE table against the CPU's factors.
+// Embedding: BF16, F32 and FP8_BLOCK128 (e8m0 and f32 scales) tables with a partial 128-row band, broadcast to 4
+// streams and to 1, exact against the CPU decode. Attention index lists (window ring rows, visible compressed
+// entries) for the tokens of a batched step (and the per-token visible counts): sequences of different lengths,
+// decode tokens and prefill runs mixed, each list alone, all of a step's in one launch, and in the embedding's launch,
+// exact against the rule written out on the host. Strided norm input (a slice of a wider output) bit-identical to
+// contiguous rows. Outputs poisoned with NaN plus a guard region; every element checked. The shared PerDeviceCache:
+// one compute per key and device under concurrent calls. The L2 prefetch: a matrix's ranges within a budget, launches
+// over odd sizes that leave the memory as it was, refusals.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
