@@ -7,15 +7,14 @@
 // PV) against the same-run cuBLAS bf16 GEMM rate (4096³, the floor) and the nominal dense bf16 peak (4096 flops per SM
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
-// bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_next_pair
+// bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
 // (+pf).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
-// layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel at 1 and 2
-// splits (CTAs per query and head block, merged in a cluster), each without and with prefetch_next_pair (+pf),
-// against today's decode dispatch (run_sparse_attention with prefill_kernel off: the head_dim 512 wgmma kernel with
-// its cluster-merged splits), the fastest against its floor max(KV bytes at the same-run copy bandwidth, flops at the
-// cuBLAS bf16 rate), with the same output comparison (the largest over the variants).
+// layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
+// with prefetch_resolved (+pf) against today's decode dispatch (run_sparse_attention with prefill_kernel off: the
+// head_dim 512 wgmma kernel with its cluster-merged splits), the faster against its floor max(KV bytes at the same-run
+// copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two).
 // Entries and q are hashes of their positions (finite, no NaN codes).
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
 // --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
@@ -134,7 +133,7 @@ struct Case {
   int old_splits;
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
-  double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_next_pair
+  double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -192,7 +191,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q); });
-  const SparseAttentionPrefillOptions prefetch{.prefetch_next_pair = true};
+  const SparseAttentionPrefillOptions prefetch{.prefetch_resolved = true};
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -226,11 +225,10 @@ const char* to_string(DecodeLayout layout) {
   return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
 }
 
-// The prefill kernel's variants timed on decode cases: 1 or 2 splits (4 and 8 took two and four waves at batch 64,
-// 1.8-3.2x slower: session 16), each without and with SparseAttentionPrefillOptions::prefetch_next_pair.
-constexpr int kDecodeVariants = 4;
-constexpr int decode_variant_splits(int variant) { return variant % 2 + 1; }
-constexpr bool decode_variant_prefetch(int variant) { return variant >= 2; }
+// The prefill kernel's variants timed on decode cases: without and with
+// SparseAttentionPrefillOptions::prefetch_resolved.
+constexpr int kDecodeVariants = 2;
+constexpr bool decode_variant_prefetch(int variant) { return variant == 1; }
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -311,16 +309,15 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
   for (int v = 0; v < kDecodeVariants; ++v) {
     SparseAttentionParams prefill = today;
     prefill.out = new_out.data();
-    prefill.splits = decode_variant_splits(v);
+    prefill.splits = 1;
     prefill.workspace = nullptr;
     prefill.workspace_bytes = 0;
-    const SparseAttentionPrefillOptions options{.prefetch_next_pair = decode_variant_prefetch(v)};
+    const SparseAttentionPrefillOptions options{.prefetch_resolved = decode_variant_prefetch(v)};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    const std::string name = std::string(model) + " " + to_string(kind) + " splits " +
-                             std::to_string(prefill.splits) + (options.prefetch_next_pair ? " +pf" : "");
+    const std::string name = std::string(model) + " " + to_string(kind) + (options.prefetch_resolved ? " +pf" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -403,9 +400,9 @@ int run(int argc, char** argv) {
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %6s %7s %8s | %9s\n", "model", "kind",
-                "batch", "format", "slots", "splits", "today us", "%floor", "s1 us", "s2 us", "s1+pf us", "s2+pf us",
-                "best", "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s | %4s %7s %8s | %9s\n", "model", "kind", "batch",
+                "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "best", "%floor", "speedup",
+                "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -420,13 +417,11 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %3d%-3s %7.1f %8.2f | %9.2e"
-                      "%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
-                      decode_variant_splits(r.best), decode_variant_prefetch(r.best) ? "+pf" : "",
-                      100.0 * r.floor_us / best_us, r.today_us / best_us, r.relative_difference,
-                      agrees ? "" : " FAIL");
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1],
+                      decode_variant_prefetch(r.best) ? "+pf" : "-", 100.0 * r.floor_us / best_us,
+                      r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }
   if (!json_path.empty()) {
@@ -453,13 +448,13 @@ int run(int argc, char** argv) {
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"batch\": %d, "
                    "\"context\": %lld, \"slots\": %d, \"today_splits\": %d, \"today_us\": %.1f, "
-                   "\"variants_us\": {\"s1\": %.1f, \"s2\": %.1f, \"s1_prefetch\": %.1f, \"s2_prefetch\": %.1f}, "
-                   "\"best_splits\": %d, \"best_prefetch\": %s, \"us\": %.1f, \"floor_us\": %.2f, "
-                   "\"today_percent_of_floor\": %.1f, \"percent_of_floor\": %.1f, \"relative_difference\": %.3e}%s\n",
+                   "\"plain_us\": %.1f, \"prefetch_us\": %.1f, \"best_prefetch\": %s, \"us\": %.1f, "
+                   "\"floor_us\": %.2f, \"today_percent_of_floor\": %.1f, \"percent_of_floor\": %.1f, "
+                   "\"relative_difference\": %.3e}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.format.c_str(), r.heads, r.batch,
-                   static_cast<long long>(r.context), r.slots, r.today_splits, r.today_us, r.us[0], r.us[1], r.us[2],
-                   r.us[3], decode_variant_splits(r.best), decode_variant_prefetch(r.best) ? "true" : "false",
-                   r.us[r.best], r.floor_us, r.today_percent_of_floor,
+                   static_cast<long long>(r.context), r.slots, r.today_splits, r.today_us, r.us[0], r.us[1],
+                   decode_variant_prefetch(r.best) ? "true" : "false", r.us[r.best], r.floor_us,
+                   r.today_percent_of_floor,
                    100.0 * r.floor_us / r.us[r.best], r.relative_difference, i + 1 < decode_cases.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

@@ -3,9 +3,9 @@
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
 // without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
-// (one query per sequence) split over 2-8 CTAs of a cluster, with and without the L2 prefetch of the next pair. Fresh
-// random inputs per case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed)
-// with guard regions before and after, every element checked.
+// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Fresh random inputs per
+// case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed) with guard regions
+// before and after, every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -48,13 +48,11 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-void check_attention(const AttentionCase& c, uint32_t seed, int splits = 1,
-                     const SparseAttentionPrefillOptions& options = {}) {
-  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) + " splits " +
-               std::to_string(splits) + (options.prefetch_next_pair ? " prefetch_next_pair" : ""));
+void check_attention(const AttentionCase& c, uint32_t seed, const SparseAttentionPrefillOptions& options = {}) {
+  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) +
+               (options.prefetch_resolved ? " prefetch_resolved" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
-  data.call.splits = splits;
   compare_with_cpu(c, data.call, options, data.expected, data.magnitude);
 }
 
@@ -82,8 +80,8 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d splits %d: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, call.splits, checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
+              static_cast<long long>(T), H, D, options.prefetch_resolved ? " +pf" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -133,32 +131,32 @@ TEST(SparseAttentionPrefill, OddShapesMatchCpu) {
   check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++);
 }
 
-// Decode batches: one query per sequence, its pairs split over a cluster of 2, 4 or 8 CTAs merged through distributed
-// shared memory; more splits than pairs (empty splits), a query without entries, padded and multiple head blocks.
-TEST(SparseAttentionPrefill, SplitDecodeMatchesCpu) {
+// Decode batches: one query per sequence (its own pages), with and without the producer's L2 prefetch of resolved
+// entries; a query without entries, padded and multiple head blocks, per-query counts, 128 rope dims.
+TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 400;
+  const SparseAttentionPrefillOptions prefetch{.prefetch_resolved = true};
   for (const KvEntryFormat format : kFormats) {
-    // CSA: 128 + 512 slots = 5 pairs over 2 / 4 / 8 splits (3 + 2; 1 + 1 + 1 + 2; five of eight non-empty); the
-    // producer's L2 prefetch of the next pair, unsplit and split.
+    // CSA: 128 + 512 slots = 5 pairs.
     const AttentionCase csa{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {3000, 700, 129, 5000}, 1};
-    for (const int splits : {2, 4, 8}) check_attention(csa, seed++, splits);
-    for (const int splits : {1, 2}) check_attention(csa, seed++, splits, {.prefetch_next_pair = true});
-    // SWA: 128 window slots = one pair: a split of 2 leaves one CTA empty; a query without entries.
+    check_attention(csa, seed++);
+    check_attention(csa, seed++, prefetch);
+    // SWA: 128 window slots = one pair; a query without entries.
     check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
                      AttentionDtype::Bf16, true},
-                    seed++, 2);
+                    seed++, prefetch);
     // HCA with per-query counts (live rows past each count), a padded head block, bf16 out.
     AttentionCase hca{"h48 hca decode counts", format, 512, 64, 48, 128, 128, 300, {9000, 2000}, 1,
                       AttentionDtype::F32, AttentionDtype::Bf16};
     hca.counts = true;
-    check_attention(hca, seed++, 4);
-    // Pro: two head blocks, each its own cluster.
+    check_attention(hca, seed++, prefetch);
+    // Pro: two head blocks.
     check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
-                    seed++, 2);
+                    seed++, prefetch);
   }
-  // 128 rope dims: the merge rotates the slices of more than one CTA.
-  check_attention({"bf16 rope 128 decode", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1}, seed++, 4);
+  check_attention({"bf16 rope 128 decode", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1}, seed++,
+                  prefetch);
 }
 
 TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
@@ -176,8 +174,8 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p.cache = small_cache.view();
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "head_dim 256");
   p = good;
-  p.splits = 3;
-  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "splits 3");
+  p.splits = 2;
+  testing::expect_error([&] { run_sparse_attention_prefill(p); }, "splits 2");
   // The device arrays' checks are check_sparse_attention_inputs, shared with run_sparse_attention and tested in
   // test_sparse_attention: one case shows this launcher runs them, under its own name.
   p = good;

@@ -12,25 +12,15 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-// The current device's SMs (one CTA of the kernel each), asked once per device.
-int multiprocessors() {
-  static PerDeviceCache<int> cache;
-  return cache.get(reinterpret_cast<const void*>(&cache), [] {
-    int count = 0;
-    DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()));
-    return count;
-  });
-}
-
 template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kThreads)), kAllocationBytes,
-                 p.stream, dim3(unsigned(p.splits), 1, 1), "sparse_attention_prefill", p, head_blocks,
-                 multiprocessors(), options.prefetch_next_pair);
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream,
+                 dim3(1, 1, 1), "sparse_attention_prefill", p, head_blocks, device_multiprocessors(),
+                 options.prefetch_resolved);
 }
 
 }  // namespace
@@ -56,12 +46,10 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
   check(p.tokens >= 0, "sparse_attention_prefill: negative tokens ", p.tokens);
   check(p.window_slots >= 0 && p.compressed_slots >= 0, "sparse_attention_prefill: negative slot count (window ",
         p.window_slots, ", compressed ", p.compressed_slots, ")");
-  check(p.splits == 1 || p.splits == 2 || p.splits == 4 || p.splits == kMaxSplits, "sparse_attention_prefill: splits ",
-        p.splits, " (1, 2, 4 or ", kMaxSplits, " CTAs per query and head block, merged in a cluster)");
+  check(p.splits == 1, "sparse_attention_prefill: splits ", p.splits, " (the prefill kernel does not split)");
   const int64_t head_blocks = (p.heads + kHeads - 1) / kHeads;
-  check(p.tokens * head_blocks * p.splits < (int64_t(1) << 31),
-        "sparse_attention_prefill: too many CTAs for one launch (tokens ", p.tokens, ", heads ", p.heads, ", splits ",
-        p.splits, ")");
+  check(p.tokens * head_blocks < (int64_t(1) << 31), "sparse_attention_prefill: too many CTAs for one launch (tokens ",
+        p.tokens, ", heads ", p.heads, ")");
   if (p.tokens == 0) return;
   check_sparse_attention_inputs(p, "sparse_attention_prefill");
 }

@@ -14,14 +14,10 @@
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
-// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). The next
-// pair is resolved while the current one's later halves wait for their release. A consumer that waited on a half's
-// barrier fences the async proxy before its wgmma reads the cp.async data.
+// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). A
+// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
-// Split calls (p.splits CTAs per query and head block, one cluster): split s walks its share of the pairs as above,
-// leaves its unnormalised output and (row max, row sum) in its shared memory, and after a cluster barrier merges dims
-// [s · 512 / S, +512 / S) of all S partials (merge_splits).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -96,18 +92,11 @@ inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w:
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
 inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
-inline constexpr int kStats = kSum + 64 * 8;                 // float2 [64]: the CTA's (row max, row sum) for a merge
-inline constexpr int kRope = kStats + 64 * 8;                // RopeFactors [kMaxRopePairs]
-inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 2 × 4][producer thread]: slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
+inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2]
 inline constexpr int kBytes = kBarriers + 10 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
-// A split's unnormalised output for the cluster merge, fp32 [64 heads][kPartialStride], over the KV buffers and the
-// P tiles (free once both consumers left the loop); rows 16 bytes longer than 512 dims spread a warp's rows over
-// the banks.
-inline constexpr int kPartial = kKv, kPartialStride = kHeadDim + 4;
-static_assert(kPartial + kHeads * kPartialStride * 4 <= kValid, "the partial output fits the KV buffers and P tiles");
-inline constexpr int kMaxSplits = 8;  // the portable cluster size
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
@@ -126,33 +115,6 @@ __device__ __forceinline__ int query_pairs(const SparseAttentionParams& p, int64
   return int((query_slot_count(p, t) + 2 * kBlock - 1) / (2 * kBlock));
 }
 
-// The pairs [first, first + count) of query t that split `split` of p.splits walks (as even as whole pairs go).
-struct PairRange {
-  int first, count;
-};
-
-__device__ __forceinline__ PairRange split_pair_range(const SparseAttentionParams& p, int64_t t, int split) {
-  const int pairs = query_pairs(p, t);
-  const int first = pairs * split / p.splits;
-  return {first, pairs * (split + 1) / p.splits - first};
-}
-
-// Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`.
-template <class T>
-__device__ __forceinline__ const T* cluster_peer(const T* local, int rank) {
-  return static_cast<const T*>(__cluster_map_shared_rank(const_cast<T*>(local), unsigned(rank)));
-}
-
-// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
-// The same without ordering memory: only to know that every peer has got past its reads of this CTA's shared memory.
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
-}
-
 // Byte offset of the 16-byte chunk `chunk` of row `row` in a 128B-swizzled tile.
 __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
@@ -168,166 +130,127 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8>
-__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, PairRange range,
-                                        bool prefetch_next, const Barriers& barriers, int64_t ahead_t,
+__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
+                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base) {
-  const int pairs = range.count;
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
   const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
-  // The physical entries of this thread's slots of two pairs, [pair & 1][buffer][k], in shared memory (thread-major
-  // columns, conflict-free; in registers they pushed the fp8 path's loads past the producer's register budget): the
-  // next pair is resolved while the current one's halves wait for their release.
+  // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
+  // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
-  const auto physical = [&](int pair, int buffer, int k) -> int32_t& {
-    return physical_entries[((pair & 1) * 8 + buffer * 4 + k) * kWarpgroup];
-  };
-  // Slot of `pair` (block b, entry row0 + 16k) of the range.
-  const auto slot_of = [&](int pair, int b, int k) {
-    return int64_t(2 * (range.first + pair) + b) * kBlock + row0 + 16 * k;
-  };
-  // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that the
-  // two dependent loads stall once.
+  const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
+  // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that
+  // the two dependent loads stall once. prefetch_resolved: each entry is then asked of L2 (this thread's line of it:
+  // chunk c takes line c of a bf16 entry, lines c < 5 and the last byte's of an fp8 one), so that the pair's later
+  // halves, copied only once their buffers are released, wait for L2 rather than DRAM (decode reads entries cold).
+  const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
+  const bool prefetches_line = prefetch_resolved && (!kFp8 || chunk < 6);
   const auto resolve = [&](int pair) {
     int32_t rows[2][4];
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int k = 0; k < 4; ++k) rows[b][k] = slot_of(pair, b, k) < slots ? slot_row(p, t, slot_of(pair, b, k)) : -1;
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        physical(pair, b, k) = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
-  };
-  // prefetch_next: the entries of `pair` asked of L2 (this thread's line of each: chunk c takes line c of a bf16
-  // entry, lines c < 5 and the last byte's of an fp8 one) about a pair before their copies are issued, so that those
-  // wait for L2 rather than DRAM (decode batches read every entry once, cold).
-  const auto prefetch_pair = [&](int pair) {
-    if (kFp8 && chunk >= 6) return;
-    const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
-    int32_t rows[2][4];
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) rows[b][k] = slot_of(pair, b, k) < slots ? slot_row(p, t, slot_of(pair, b, k)) : -1;
+      for (int k = 0; k < 4; ++k) {
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
+      }
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int32_t entry = slot_entry(p, t, sequence_slot, slot_of(pair, b, k), rows[b][k]);
-        if (entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
+        physical_entries[(b * 4 + k) * kWarpgroup] = entry;
+        if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // bf16 entries: the 16-byte cp.async copies of `half` of `buffer` for `pair`; an unused slot is zero-filled (its
-  // weight 0 must not meet a NaN) and its source never read.
-  const auto copy_half = [&](int pair, int buffer, int half) {
+  const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
+    if constexpr (!kFp8) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int32_t entry_index = physical(pair, buffer, k);
-      uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
-      const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
+      for (int k = 0; k < 4; ++k) {
+        const int32_t entry_index = physical(buffer, k);
+        uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
+        // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
+        const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
 #pragma unroll
-      for (int i = 0; i < kHalfTiles; ++i) {
-        const int tile = half * kHalfTiles + i;
-        ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
-                                  entry_index >= 0);
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
+                                    entry_index >= 0);
+        }
       }
-    }
-  };
-  // fp8 entries: the four entries' loads of `half`, branch-free (an unused slot reads the pool's first entry and stores
-  // zeros), so that their round trips overlap. raw[k][i]: tile i's eight e4m3 codes, or for the rope tile the first
-  // half of its 16 bf16 bytes (the second in raw[k][kHalfTiles]; the rope dims are only 8-byte aligned in the 584-byte
-  // entry); scales[k]: the e8m0 scales of the half's four tiles (bytes 576 + 4·half, +4).
-  struct Fp8Half {
-    uint2 raw[4][kHalfTiles + 1];
-    uint32_t scales[4];
-  };
-  const auto load_fp8_half = [&](int pair, int buffer, int half) {
-    Fp8Half loaded;
+    } else {
+      // The four entries' loads first, branch-free (an unused slot reads the pool's first entry and stores zeros), so
+      // that their round trips overlap: one entry after another they set the producer's pace. raw[k][i]: tile i's
+      // eight e4m3 codes, or for the rope tile the first half of its 16 bf16 bytes (the second in raw[k][kHalfTiles];
+      // the rope dims are only 8-byte aligned in the 584-byte entry); scales[k]: the e8m0 scales of the half's four
+      // tiles (bytes 576 + 4·half, +4).
+      uint2 raw[4][kHalfTiles + 1];
+      uint32_t scales[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint8_t* entry = p.cache.entry_address(max(physical(pair, buffer, k), 0));
-      loaded.scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* entry = p.cache.entry_address(max(physical(buffer, k), 0));
+        scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
 #pragma unroll
-      for (int i = 0; i < kHalfTiles; ++i) {
-        const int tile = half * kHalfTiles + i;
-        if (tile * 64 < kFp8NopeDim) {
-          loaded.raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
-        } else {
-          const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
-          loaded.raw[k][i] = *reinterpret_cast<const uint2*>(rope);
-          loaded.raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          if (tile * 64 < kFp8NopeDim) {
+            raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
+          } else {
+            const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
+            raw[k][i] = *reinterpret_cast<const uint2*>(rope);
+            raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t destination = shared_address(tiles) + uint32_t(swizzled(row0 + 16 * k, chunk));
+        const bool used = physical(buffer, k) >= 0;
+#pragma unroll
+        for (int i = 0; i < kHalfTiles; ++i) {
+          const int tile = half * kHalfTiles + i;
+          uint4 out;
+          if (tile * 64 < kFp8NopeDim) {
+            const float scale = e8m0_to_float(uint8_t((scales[k] >> (8 * i)) & 0xFF));
+            const uint2 codes = raw[k][i];
+            out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
+                             e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
+          } else {
+            out = make_uint4(raw[k][i].x, raw[k][i].y, raw[k][kHalfTiles].x, raw[k][kHalfTiles].y);
+          }
+          if (!used) out = make_uint4(0, 0, 0, 0);
+          store_shared(destination + uint32_t(tile * kTileBytes), out);
         }
       }
     }
-    return loaded;
   };
-  // ... dequantised exactly to bf16 (e4m3 · 2^k) into the half's tiles.
-  const auto store_fp8_half = [&](int pair, int buffer, int half, const Fp8Half& loaded) {
-    const uint32_t tiles = shared_address(smem + kKv + buffer * kBufferBytes);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t destination = tiles + uint32_t(swizzled(row0 + 16 * k, chunk));
-      const bool used = physical(pair, buffer, k) >= 0;
-#pragma unroll
-      for (int i = 0; i < kHalfTiles; ++i) {
-        const int tile = half * kHalfTiles + i;
-        uint4 out;
-        if (tile * 64 < kFp8NopeDim) {
-          const float scale = e8m0_to_float(uint8_t((loaded.scales[k] >> (8 * i)) & 0xFF));
-          const uint2 codes = loaded.raw[k][i];
-          out = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes.x), scale),
-                           e4m3x2_to_bf16x2(uint16_t(codes.x >> 16), scale),
-                           e4m3x2_to_bf16x2(uint16_t(codes.y), scale),
-                           e4m3x2_to_bf16x2(uint16_t(codes.y >> 16), scale));
-        } else {
-          out = make_uint4(loaded.raw[k][i].x, loaded.raw[k][i].y, loaded.raw[k][kHalfTiles].x,
-                           loaded.raw[k][kHalfTiles].y);
-        }
-        if (!used) out = make_uint4(0, 0, 0, 0);
-        store_shared(destination + uint32_t(tile * kTileBytes), out);
-      }
-    }
-  };
-  const auto publish_valid = [&](int pair, int buffer) {
-    if (chunk == 0)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(pair, buffer, k) >= 0;
-    sm90::mbarrier_arrive(barriers.valid(buffer));
-  };
-  // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
-  // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that). fp8: the
-  // stores are fenced for the consumers' wgmma (loaded before the wait, the entries pushed the producer past its
-  // registers); bf16: the copies arrive on the half's full barrier when they land.
-  const auto refill = [&](int pair, int buffer, int half) {
-    const uint32_t parity = (pair & 1) ^ 1;
+  const auto publish_half = [&](int buffer, int half) {
     if constexpr (kFp8) {
-      sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
-      if (buffer == half) publish_valid(pair, buffer);
-      const Fp8Half loaded = load_fp8_half(pair, buffer, half);
-      store_fp8_half(pair, buffer, half, loaded);
-      sm90::fence_proxy_async_shared();
+      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
       sm90::mbarrier_arrive(barriers.full(buffer, half));
     } else {
-      sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
-      if (buffer == half) publish_valid(pair, buffer);
-      copy_half(pair, buffer, half);
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
     }
   };
+  const auto publish_valid = [&](int buffer) {
+    if (chunk == 0)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(buffer, k) >= 0;
+    sm90::mbarrier_arrive(barriers.valid(buffer));
+  };
 
-  // The range's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
+  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
   // resolve then waits for L2 only, not for DRAM, before its page-table loads.
-  const int64_t range_end = min(slots, int64_t(range.first + range.count) * 2 * kBlock);
-  for (int64_t s = int64_t(range.first) * 2 * kBlock + int64_t(thread) * 32; s < range_end;
-       s += int64_t(kWarpgroup) * 32)
+  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
     ptx::prefetch_l2(&slot_row_ref(p, t, s));
   if (pairs > 0) resolve(0);
-  if (prefetch_next && pairs > 1) prefetch_pair(1);
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
   if (ahead_t >= 0) {
@@ -341,15 +264,25 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
   }
-  // Halves in the consumers' order: (0, 0), (1, 1), (0, 1), (1, 0); the next pair resolved (and the one after it
-  // prefetched) after the first, while the others wait for their release.
   for (int i = 0; i < pairs; ++i) {
-    refill(i, 0, 0);
+    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
+    const uint32_t parity = (i & 1) ^ 1;
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
     if (i + 1 < pairs) resolve(i + 1);
-    if (prefetch_next && i + 2 < pairs) prefetch_pair(i + 2);
-    refill(i, 1, 1);
-    refill(i, 0, 1);
-    refill(i, 1, 0);
   }
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
@@ -484,52 +417,9 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
-// The cluster merge of a split call (the 256 consumer threads, after every split left its unnormalised output and
-// (row max, row sum) in its shared memory): CTA `split` sums dims [split · 512 / S, +512 / S) of all S = p.splits
-// partials, each scaled to the splits' common max (merge_factors), normalises with the sink, rotates back and stores
-// (store_output_quad). Thread i serves head row i / 4, its float4 columns i % 4 + 4j; the splits' loads are unrolled
-// over kMaxSplits (predicated off past S).
-__device__ __forceinline__ void merge_splits(const SparseAttentionParams& p, const uint8_t* smem, int64_t t, int split,
-                                             int head_base, int thread256) {
-  const int row = thread256 / 4, quarter = thread256 % 4, splits = p.splits;
-  const float2* stats = reinterpret_cast<const float2*>(smem + kStats) + row;
-  const float* partial = reinterpret_cast<const float*>(smem + kPartial) + row * kPartialStride;
-  float2 split_stats[kMaxSplits];
-  const float* peer_partial[kMaxSplits];
-#pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) {
-    split_stats[s] = s < splits ? *cluster_peer(stats, s) : make_float2(-INFINITY, 0.0f);
-    peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
-  }
-  const int head = head_base + row;
-  float factor[kMaxSplits];
-  merge_factors(split_stats, head_sink_log2(p, head), factor);
-  const KvEntryLayout& layout = p.cache.layout;
-  const int nope_dim = layout.head_dim - layout.rope_dim, dims = kHeadDim / splits;
-  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
-  for (int column = 4 * quarter; column < dims; column += 16) {
-    const int dim = split * dims + column;
-    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-      if (s >= splits) continue;
-      const float4 x = *reinterpret_cast<const float4*>(peer_partial[s] + dim);
-      v[0] += factor[s] * x.x;
-      v[1] += factor[s] * x.y;
-      v[2] += factor[s] * x.z;
-      v[3] += factor[s] * x.w;
-    }
-    if (p.rope_frequencies != nullptr) {
-      if (dim >= nope_dim) rope_rotate_pair(v[0], v[1], rope_table[(dim - nope_dim) / 2], true);
-      if (dim + 2 >= nope_dim) rope_rotate_pair(v[2], v[3], rope_table[(dim + 2 - nope_dim) / 2], true);
-    }
-    if (head < p.heads) store_output_quad(p, (t * p.heads + head) * kHeadDim, dim, v);
-  }
-}
-
 template <bool kFp8>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        int split, const Barriers& barriers) {
+                                        const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -541,7 +431,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   wait_for_prior_grids();
-  const int pairs = split_pair_range(p, t, split).count;
+  const int pairs = query_pairs(p, t);
 
   // The inverse RoPE's factors and Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
@@ -700,25 +590,6 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
   row_sum[0] += peer.x;
   row_sum[1] += peer.y;
-  if (p.splits > 1) {
-    // Both consumers are past the loop (the barrier above): the KV buffers and P tiles take the partial output.
-    float* partial = reinterpret_cast<float*>(smem + kPartial);
-#pragma unroll
-    for (int n = 0; n < 32; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(partial + (16 * warp + g + 8 * r) * kPartialStride + consumer * (kHeadDim / 2) +
-                                   8 * n + 2 * c) = make_float2(o[4 * n + 2 * r], o[4 * n + 2 * r + 1]);
-    if (consumer == 0 && c == 0) {
-      float2* stats = reinterpret_cast<float2*>(smem + kStats);
-      stats[16 * warp + g] = make_float2(row_max[0], row_sum[0]);
-      stats[16 * warp + g + 8] = make_float2(row_max[1], row_sum[1]);
-    }
-    cluster_sync();
-    merge_splits(p, smem, t, split, head_base, thread256);
-    cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
-    return;
-  }
   float inverse_denominator[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r)
@@ -737,16 +608,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_next) {
+                                    const int resident_ctas, const bool prefetch_resolved) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
-  // CTA = (query t, head block, split); a (query, head block)'s splits are consecutive: one cluster.
-  const int split = int(blockIdx.x % unsigned(p.splits));
-  const unsigned item = blockIdx.x / unsigned(p.splits);
-  const int head_block = int(item % unsigned(head_blocks));
-  const int64_t t = int64_t(item / unsigned(head_blocks));
+  const int head_block = int(blockIdx.x % unsigned(head_blocks));
+  const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
@@ -759,17 +627,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
-    const int64_t ahead = (int64_t(blockIdx.x) + resident_ctas) / p.splits;
+    const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8>(p, smem, t, split_pair_range(p, t, split), prefetch_next, barriers,
-                  ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads);
-    if (p.splits > 1) {  // the producer warps take part in the consumers' two cluster barriers
-      cluster_sync();
-      cluster_sync_relaxed();
-    }
+    produce<kFp8>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers, ahead_exists ? ahead / head_blocks : -1,
+                  int(ahead % head_blocks) * kHeads);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8>(p, smem, t, head_block * kHeads, split, barriers);
+    consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
   }
 }
 

@@ -2,9 +2,7 @@
 // contract as run_sparse_attention (sparse_attention.hpp: window ∪ compressed slots per query, one softmax with the
 // per-head sink in the denominator, inverse RoPE on the output's last rope_dim dims, bf16 or fp8 entries, q rounded to
 // bf16, fp32 scores, softmax and accumulation), built for many queries: one CTA per (query, 64-head block) walks the
-// query's slot list in 64-entry blocks, two at a time; where that leaves SMs idle (decode batches), `splits` CTAs per
-// (query, head block) walk a share of the pairs each and merge in one thread-block cluster through distributed shared
-// memory (no workspace, no second launch).
+// query's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
 // The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
 // entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
 // consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
@@ -14,8 +12,8 @@
 // griddepcontrol.wait.
 //
 // Dispatch contract: head_dim 512 (bf16 entries, or fp8 entries in DeepSeek's 584-byte layout), any heads ≥ 1 (blocks
-// of 64, padded), tokens ≥ 0; `splits` 1, 2, 4 or 8 (a split whose share is empty adds nothing); the workspace is
-// unused. Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable).
+// of 64, padded), tokens ≥ 0; `splits` must be 1 and the workspace is unused. Asynchronous on `stream`, no
+// allocation, no synchronisation (graph-capturable).
 #pragma once
 
 #include "backends/cuda/kernels/sparse_attention.hpp"
@@ -31,9 +29,9 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 
 // Variants of the kernel that a benchmark compares on the same call (defaults: the variant in use).
 struct SparseAttentionPrefillOptions {
-  // The producer asks L2 for the next pair's entries while it resolves the current pair's (same round trips), so that
-  // their copies wait for L2 rather than DRAM: for decode batches, whose entries are all read once, cold.
-  bool prefetch_next_pair = false;
+  // The producer asks L2 for a pair's entries as soon as it has resolved them (no extra loads): the pair's later
+  // halves, copied only once the consumers release their buffers, then wait for L2 rather than DRAM.
+  bool prefetch_resolved = false;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
