@@ -22,7 +22,8 @@
 //   launches; prepare + fused scores/top-k; raw-q scores + top-k; raw-q fused; with ≤ 2048 keys prepare + LastCta
 //   and raw-q LastCta, one launch), both formats, the scores with the default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode]: --decode runs the decode chains' cases only.
+// Usage: bench_cuda_indexer [--json PATH] [--decode | --short]: --decode runs the decode chains' cases only, --short
+// those up to a 4K context.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -182,6 +183,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                        .reference_rounding = true});
   DeviceBuffer q(size_t(tokens * kHeads * kHeadDim) * 2, "q"), q_fp8(size_t(tokens * kHeads * kHeadDim), "fp8 q");
   DeviceBuffer q_scales(size_t(tokens * kHeads) * 4, "q scales");
+  // Reference numerics for the queries' preparation (Hadamard + fp4 rounding), as the model in --mode reference;
+  // false: exact numerics (RoPE and bf16 only: the e2e bench's mode).
+  bool reference_q = true;
   auto prepare_q = [&](cudaStream_t on, bool fp8) {
     run_indexer_prepare({.input = q_raw.as<float>(),
                          .output = fp8 ? nullptr : q.as<__nv_bfloat16>(),
@@ -193,7 +197,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                          .positions = d_positions.as<int64_t>(),
                          .rope_frequencies = d_frequencies.as<float>(),
                          .rope_dim = kHeadDim / 2,
-                         .reference_rounding = true,
+                         .reference_rounding = reference_q,
                          .stream = on});
   };
   prepare_q(stream, false);
@@ -238,7 +242,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     }
     if (raw) {
       p.q_raw = q_raw.as<float>(), p.rope_frequencies = d_frequencies.as<float>(), p.rope_dim = kHeadDim / 2;
-      p.reference_rounding = true;
+      p.reference_rounding = reference_q;
     } else if (fp8) {
       p.q_fp8 = q_fp8.as<uint8_t>(), p.q_scales = q_scales.as<float>();
     } else {
@@ -282,24 +286,6 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
                     "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
   }
-  // L2 prefetch of key tiles ahead of the registers' (IndexerScoresParams::l2_prefetch_tiles) on the kernel each
-  // format runs by default (bf16: mma.sync, fp8: warpgroup at T = 1), against the same kernel without.
-  if (keys >= 16384)
-    for (const bool fp8 : {false, true}) {
-      const auto timed = [&](int prefetch) {
-        return graph_us(stream, 20, [&](cudaStream_t on) {
-          IndexerScoresParams p = scores_params(on, fp8, false, IndexerScoresKernel::Auto);
-          p.l2_prefetch_tiles = prefetch;
-          run_indexer_scores(p);
-        });
-      };
-      const double without_us = timed(0);
-      for (const int prefetch : {1, 2, 4})
-        rows.push_back({"indexer scores, L2 prefetch " + std::to_string(prefetch) + " tiles",
-                        shape + (fp8 ? ", fp8" : ", bf16"), timed(prefetch), fp8 ? fp8_floor_us : score_floor_us,
-                        without_us, fp8 ? fp8_score_bytes : score_bytes, score_flops,
-                        "default kernel choice; baseline: the same without prefetch"});
-    }
   // The query preparation folded into the score kernel (raw q) against the two launches it replaces, on the
   // mma.sync and the warpgroup kernels.
   for (const bool fp8 : {false, true})
@@ -481,6 +467,35 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     }
     if (e2e_like) print_top_k_trace(shape + ", 16 keys visible", top_k_params_at(stream));
   }
+  // Exact numerics (the e2e bench's mode: bf16 keys, queries RoPE'd and rounded to bf16 only) at batch 1: the three
+  // launches against the top-k in the scores launch, with prepared and with raw queries.
+  if (tokens == 1 && keys <= kIndexerLastCtaMaxKeys) {
+    reference_q = false;
+    const auto last_cta = [&](cudaStream_t on, bool raw) {
+      IndexerScoresParams p = scores_params(on, false, raw, IndexerScoresKernel::Auto);
+      p.top_k_method = IndexerTopKMethod::LastCta;
+      run_indexer_scores_top_k(p, top_k_params(on, 0));
+    };
+    const double three_us = graph_us(stream, 20, [&](cudaStream_t on) {
+      prepare_q(on, false);
+      run_indexer_scores(scores_params(on, false, false, IndexerScoresKernel::Auto));
+      run_top_k(top_k_params(on, 0));
+    });
+    const auto exact_row = [&](const std::string& variant, double us, const std::string& note) {
+      rows.push_back({"indexer decode chain, exact numerics", shape + ", bf16, " + variant, us, score_floor_us,
+                      three_us, 0.0, score_flops,
+                      note + "; baseline: prepare + scores + top-k (three launches, exact q)"});
+    };
+    exact_row("prepare + scores + top-k", three_us, "3 launches");
+    exact_row("prepare + scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
+                prepare_q(on, false);
+                last_cta(on, false);
+              }),
+              "2 launches");
+    exact_row("raw-q scores with the top-k in the last CTA",
+              graph_us(stream, 20, [&](cudaStream_t on) { last_cta(on, true); }), "1 launch");
+    reference_q = true;
+  }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid
   // sized for the whole capacity (as the model step launches it: the visible count comes from the positions).
   if (tokens == 1) {
@@ -536,14 +551,16 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   std::string json_path;
-  bool decode_only = false;
+  bool decode_only = false, short_contexts = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--decode") == 0)
       decode_only = true;
+    else if (std::strcmp(argv[i], "--short") == 0)
+      decode_only = short_contexts = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode])");
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode | --short])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -565,9 +582,11 @@ int run(int argc, char** argv) {
   // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the
   // longest context, batch 8 at the short and the long one; then 8 and 64 queries at the long contexts.
   for (const int64_t context : {int64_t(64), int64_t(4096), int64_t(65536), int64_t(1) << 20})
-    bench_indexer_and_top_k(context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+    if (!short_contexts || context <= 4096)
+      bench_indexer_and_top_k(context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   for (const int64_t context : {int64_t(4096), int64_t(65536)})
-    bench_indexer_and_top_k(context, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+    if (!short_contexts || context <= 4096)
+      bench_indexer_and_top_k(context, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   if (!decode_only) {
     bench_indexer_and_top_k(int64_t(1) << 20, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
     for (const int64_t context : {int64_t(65536), int64_t(1) << 20})

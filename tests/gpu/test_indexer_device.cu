@@ -540,84 +540,6 @@ TEST(IndexerScores, LongContext) {
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
 }
 
-// IndexerScoresParams::l2_prefetch_tiles only asks L2 for keys ahead: the scores are the same bits with and without
-// it, on every kernel, in both formats, for one and several queries, and with fewer visible keys than the bound.
-TEST(IndexerScores, L2PrefetchKeepsTheBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t kHeads = 64, kHeadDim = 128, kKeys = 40000, kTokens = 5;
-  std::mt19937 rng(1900);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> key_values(size_t(kKeys * kHeadDim)), q_values(size_t(kTokens * kHeads * kHeadDim));
-  std::vector<float> weights(size_t(kTokens * kHeads));
-  for (float& v : key_values) v = normal(rng);
-  for (float& v : q_values) v = normal(rng);
-  for (float& v : weights) v = normal(rng);
-  const std::vector<int64_t> positions{4 * kKeys, 4 * 1000, 4 * kKeys - 5, 17, 4 * 30000};
-  DeviceBuffer d_key_values = to_device(key_values, "key values"), d_q_values = to_device(q_values, "q values");
-  DeviceBuffer d_w = to_device(weights, "head weights"), d_pos = to_device(positions, "positions");
-  DeviceBuffer keys(size_t(kKeys * kHeadDim) * 2, "keys"), keys_fp8(size_t(kKeys * kHeadDim), "fp8 keys");
-  DeviceBuffer key_scales(size_t(kKeys) * 4, "key scales"), q(q_values.size() * 2, "q"), q_fp8(q_values.size(), "q8");
-  DeviceBuffer q_scales(size_t(kTokens * kHeads) * 4, "q scales");
-  for (const bool fp8 : {false, true}) {
-    run_indexer_prepare({.input = d_key_values.as<float>(),
-                         .output = fp8 ? nullptr : keys.as<__nv_bfloat16>(),
-                         .output_fp8 = fp8 ? keys_fp8.as<uint8_t>() : nullptr,
-                         .output_scales = fp8 ? key_scales.as<float>() : nullptr,
-                         .tokens = kKeys,
-                         .heads = 1,
-                         .head_dim = kHeadDim,
-                         .reference_rounding = true});
-    run_indexer_prepare({.input = d_q_values.as<float>(),
-                         .output = fp8 ? nullptr : q.as<__nv_bfloat16>(),
-                         .output_fp8 = fp8 ? q_fp8.as<uint8_t>() : nullptr,
-                         .output_scales = fp8 ? q_scales.as<float>() : nullptr,
-                         .tokens = kTokens,
-                         .heads = kHeads,
-                         .head_dim = kHeadDim,
-                         .reference_rounding = true});
-  }
-  DeviceBuffer scores(size_t(kTokens * kKeys) * 4, "scores");
-  for (const bool fp8 : {false, true})
-    for (const IndexerScoresKernel kernel : {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup})
-      for (const int64_t tokens : {int64_t(1), kTokens}) {
-        SCOPED_TRACE(std::string(fp8 ? "fp8" : "bf16") + " " + kernel_name(kernel) + " T=" + std::to_string(tokens));
-        IndexerScoresParams p{.head_weights = d_w.as<float>(),
-                              .key_count = kKeys,
-                              .positions = d_pos.as<int64_t>(),
-                              .tokens = tokens,
-                              .heads = kHeads,
-                              .head_dim = kHeadDim,
-                              .ratio = 4,
-                              .scores = scores.as<float>(),
-                              .score_stride = kKeys,
-                              .kernel = kernel};
-        if (fp8) {
-          p.q_fp8 = q_fp8.as<uint8_t>(), p.q_scales = q_scales.as<float>();
-          p.keys_fp8 = keys_fp8.as<uint8_t>(), p.key_scales = key_scales.as<float>();
-        } else {
-          p.q = q.as<__nv_bfloat16>(), p.keys = keys.as<__nv_bfloat16>();
-        }
-        std::vector<std::vector<float>> runs;
-        for (const int prefetch : {0, 1, 3, 8}) {
-          scores.fill_bytes(0xFF);
-          p.l2_prefetch_tiles = prefetch;
-          run_indexer_scores(p);
-          EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          runs.push_back(from_device<float>(scores, size_t(tokens * kKeys)));
-        }
-        for (size_t r = 1; r < runs.size(); ++r) {
-          int mismatches = 0;
-          for (size_t i = 0; i < runs[0].size() && mismatches < 5; ++i)
-            if (float_bits(runs[r][i]) != float_bits(runs[0][i])) {
-              ++mismatches;
-              ADD_FAILURE() << "run " << r << " score " << i << " = " << runs[r][i] << ", want " << runs[0][i];
-            }
-        }
-      }
-  IndexerScoresParams bad{.l2_prefetch_tiles = 9};
-  testing::expect_error([&] { run_indexer_scores(bad); }, "l2_prefetch_tiles 9 must be 0 to 8");
-}
-
 // fp8 scores then the device top-k against the CPU's top-k of the CPU scores. The two score sets differ by the
 // summation order (within the tolerance), so the selections may differ only by swapping keys whose CPU scores lie
 // within that tolerance of the k-th best (near-ties; reference numerics' fp4 operands make exact ties common, and
@@ -707,7 +629,6 @@ struct FusedCase {
   IndexerScoresKernel kernel = IndexerScoresKernel::Warp;
   bool nan_weight = false;  // one head weight of query 0 NaN: its scores all NaN (the flag, NaN ranked last)
 };
-
 
 void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
@@ -911,8 +832,10 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
     check_fused_scores_top_k({3, 8, 64, 129, 100, 1, false, 0, LastCta}, format, seed++);
     check_fused_scores_top_k({2, 64, 128, 500, 0, 1, true, 0, LastCta}, format, seed++);
     check_fused_scores_top_k({200, 16, 64, 40, 512, 1, true, 0, LastCta}, format, seed++);
-    // Auto: LastCta here, two launches past kIndexerLastCtaMaxKeys.
+    // Auto: LastCta here, two launches past kIndexerLastCtaMaxKeys or with several queries per CTA.
     check_fused_scores_top_k({1, 64, 128, 1000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 8, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
     check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
 }

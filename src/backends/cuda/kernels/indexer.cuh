@@ -20,9 +20,9 @@
 //   multiplies the finished sum.
 // - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
 //   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch. A
-//   warp prepares 8 rows (the warpgroup kernel 4) stage by stage together: per row the preparation is a chain of
-//   ≈ 10 dependent shuffles (Hadamard, the amax reductions); row after row (session 15) the raw-q kernel took 16.9
-//   µs at 64K keys against 6.2 for prepared q.
+//   warp prepares 8 rows (the warpgroup kernel 4) stage by stage together, so their shuffle chains overlap; still
+//   every CTA repeats all 64 rows' instructions (reference numerics ≈ 100 per value), which is what the raw-q kernels'
+//   extra time is (H100, T = 1: +7.5 µs bf16, +13-15 µs fp8), against a 2.7-3.7 µs prepare launch.
 // - Top-k in the launch (kSelect, IndexerTopKMethod::LastCta, ≤ 2048 keys): the CTA that takes a query group's last
 //   ticket reads the group's finished score rows back through L2 and sorts them (select_top_k_in_last_cta); the
 //   ticket lives in the top-k's zeroed workspace and is zeroed again by that CTA.
@@ -122,9 +122,12 @@ __device__ __forceinline__ void warp_round_indexer_reference_rows(float (&v)[kRo
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
+    // scale is a power of two ≥ 2^-126: its reciprocal is exact, and x · (1/scale) is x / scale's correctly rounded
+    // value (the same bits) without a division per value.
+    const float inverse = 1.0f / scale;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i)
-      v[r][i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[r][i] / scale)) * scale);
+      v[r][i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[r][i] * inverse)) * scale);
   }
 }
 
@@ -158,8 +161,9 @@ __device__ __forceinline__ void warp_quantize_fp8_rows(const float (&v)[kRows][k
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     scales[r] = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 1e-4f) * (1.0f / kE4m3Max)));
+    const float inverse = 1.0f / scales[r];  // a power of two ≥ 2^-22: exact, as x · inverse = x / scale
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) codes[r][i] = float_to_e4m3(rounded[r][i] / scales[r]);  // exact: by 2^k
+    for (int i = 0; i < kPerLane; ++i) codes[r][i] = float_to_e4m3(rounded[r][i] * inverse);
   }
 }
 
@@ -299,7 +303,6 @@ struct ScoresArgs {
   int32_t* counts;
   int32_t* nan_flag;
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
-  int l2_prefetch_tiles;          // IndexerScoresParams::l2_prefetch_tiles
 };
 
 inline constexpr int kScoreWarps = 8;
@@ -620,30 +623,6 @@ __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args,
 __host__ __device__ constexpr size_t selection_offset(size_t bytes) { return (bytes + 15) / 16 * 16; }
 inline constexpr size_t kSelectionSmemBytes = size_t(kIndexerLastCtaMaxKeys) * sizeof(uint64_t);
 
-// Asks L2 for a warp's 16 key rows from row0 (kRowBytes each, contiguous; below `rows`), lane l for its l-th 128-byte
-// line, and with fp8 keys lane 31 for the rows' scales: the register loads of that tile later hit L2, so more key
-// bytes are in flight than the registers hold (IndexerScoresParams::l2_prefetch_tiles). Index: the kernel's key
-// arithmetic (int where key_count < 2^30).
-template <int kRowBytes, class Index>
-__device__ __forceinline__ void prefetch_key_rows(const void* keys, const float* scales, Index row0, Index rows,
-                                                  int lane) {
-  const int byte = 128 * lane;
-  if (byte < kKeysPerWarpTile * kRowBytes && row0 + Index(byte / kRowBytes) < rows)
-    ptx::prefetch_l2(static_cast<const unsigned char*>(keys) + size_t(row0) * kRowBytes + byte);
-  if (scales != nullptr && lane == 31 && row0 < rows) ptx::prefetch_l2(scales + row0);
-}
-
-// Before a score loop: the L2 prefetches of a warp's key tiles `in_registers + d` steps ahead of `tile` for d = 1 ..
-// distance − 1 (each iteration then asks for distance; a tile's rows are tile_rows · t + row_in_tile ..).
-template <int kRowBytes, class Index>
-__device__ __forceinline__ void prefetch_first_key_tiles(const void* keys, const float* scales, Index tile, Index step,
-                                                         int in_registers, int distance, int tile_rows,
-                                                         int row_in_tile, Index rows, int lane) {
-  for (int d = 1; d < distance; ++d)
-    prefetch_key_rows<kRowBytes>(keys, scales, (tile + (in_registers + d) * step) * tile_rows + row_in_tile, rows,
-                                 lane);
-}
-
 // Each CTA's queries are of one sequence: the keys (and fp8 scales) of sequence_slots[first_query], or the only ones.
 __device__ __forceinline__ int64_t key_slot_of(const ScoresArgs& args, int64_t first_query) {
   return args.sequence_slots != nullptr ? args.sequence_slots[first_query] : 0;
@@ -688,16 +667,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
   const int64_t tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
   const int64_t step = int64_t(gridDim.x) * kScoreWarps;
-  const int prefetch = args.l2_prefetch_tiles;
-  prefetch_first_key_tiles<kHeadDim * 2>(keys, nullptr, tile, step, 1, prefetch, kKeysPerWarpTile, 0, max_visible,
-                                         lane);
   // Software pipeline: the next tile's keys are in flight while the current one is multiplied.
   for (; tile < tiles; tile += step) {
     const int64_t key0 = tile * kKeysPerWarpTile;
     load_key_tile<kDimPairs>(next, keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
-    if (prefetch > 0)
-      prefetch_key_rows<kHeadDim * 2>(keys, nullptr, (tile + (1 + prefetch) * step) * kKeysPerWarpTile, max_visible,
-                                      lane);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int64_t out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
@@ -822,16 +795,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   const int tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
-  const int prefetch = args.l2_prefetch_tiles;
-  prefetch_first_key_tiles<kHeadDim>(keys, key_scales, tile, step, 2, prefetch, kKeysPerWarpTile, 0, max_visible,
-                                     lane);
   for (; tile < tiles; tile += step) {
     const int key0 = tile * kKeysPerWarpTile;
     load_fp8_key_tile<kHeadDim>(after, keys, key_scales, (tile + 2 * step) * kKeysPerWarpTile, max_visible, group,
                                 quad);
-    if (prefetch > 0)
-      prefetch_key_rows<kHeadDim>(keys, key_scales, (tile + (2 + prefetch) * step) * kKeysPerWarpTile, max_visible,
-                                  lane);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
@@ -1062,19 +1029,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
-  const int distance = kFp8 ? 2 : 1;
-  const int prefetch = args.l2_prefetch_tiles;
-  constexpr int kRowBytes = kWgmmaHeadDim * (kFp8 ? 1 : 2);
-  prefetch_first_key_tiles<kRowBytes>(keys, key_scales, tile, step, distance, prefetch, kWgmmaKeysPerTile,
-                                      row_in_tile, max_visible, lane);
   for (; tile < tiles; tile += step) {  // warpgroup-uniform: every wgmma below has all 128 threads
     const int tile_key0 = tile * kWgmmaKeysPerTile, key0 = tile_key0 + row_in_tile;
+    const int distance = kFp8 ? 2 : 1;
     load_wgmma_key_tile<kFp8>(kFp8 ? after : ahead, keys, key_scales,
                               (tile + distance * step) * kWgmmaKeysPerTile + row_in_tile, max_visible, group, quad);
-    if (prefetch > 0)
-      prefetch_key_rows<kRowBytes>(keys, key_scales,
-                                   (tile + (distance + prefetch) * step) * kWgmmaKeysPerTile + row_in_tile,
-                                   max_visible, lane);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
