@@ -575,7 +575,7 @@ __device__ __forceinline__ void bf16_tile_sums(float (&sum)[2], const uint4 (&a)
 // bitonic sort, the first k written. run_top_k sorts the same keys without a radix pass at these counts, so the
 // selection, its order and the NaN flag are its own. sort_keys: kIndexerLastCtaMaxKeys keys of shared memory.
 __device__ __forceinline__ void select_top_k_in_last_cta(const ScoresArgs& args, int64_t first_query, int queries,
-                                                const int64_t* visible, uint64_t* sort_keys) {
+                                                         const int64_t* visible, uint64_t* sort_keys) {
   __shared__ bool is_last;
   __threadfence();  // this thread's scores, before the ticket (or the reads below) of any thread
   __syncthreads();
