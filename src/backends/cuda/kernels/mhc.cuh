@@ -1046,18 +1046,20 @@ __device__ inline void store_to_cluster_cta(float* local, unsigned rank, float v
 }
 
 // kAsync's cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
-// One thread arms `barrier` for `bytes` (its only arrival) before the CTA's first cluster arrive, every reader waits
-// for phase 0; the stores (PTX st.async) complete their bytes on the receiver's barrier: no cluster barrier, so no
-// GPU-scope fence (barrier.cluster.arrive.release waits for the CTA's outstanding global stores).
+// One thread arms `barrier` for `bytes` (its only arrival), then one fence_mbarrier_init for all of them, before the
+// CTA's first cluster arrive; every reader waits for phase 0; the stores (PTX st.async) complete their bytes on the
+// receiver's barrier: no cluster barrier, so no GPU-scope fence (barrier.cluster.arrive.release waits for the CTA's
+// outstanding global stores).
 __device__ inline void arm_exchange(uint64_t* barrier, uint32_t bytes) {
   sm90::mbarrier_init(barrier, 1);
-  sm90::fence_mbarrier_init();
-  (void)::cuda::ptx::mbarrier_arrive_expect_tx(::cuda::ptx::sem_release, ::cuda::ptx::scope_cluster,
-                                               ::cuda::ptx::space_shared, barrier, bytes);
+  sm90::mbarrier_arrive_expect_tx(barrier, bytes);
 }
 
+// The wait acquires at CTA scope, as for TMA copies into this CTA (what it reads is this CTA's shared memory): at
+// cluster scope every poll invalidated the L1 (CCTL.IVALL, ≈ 17 % of the single-cluster kernel's stall samples, ncu,
+// H100, Flash T = 1).
 __device__ __forceinline__ bool exchange_done(uint64_t* barrier) {
-  return ::cuda::ptx::mbarrier_try_wait_parity(::cuda::ptx::sem_acquire, ::cuda::ptx::scope_cluster, barrier, 0u);
+  return ::cuda::ptx::mbarrier_try_wait_parity(barrier, 0u);
 }
 
 // An exchange still open after this long means a peer never stores its bytes (a broken launch): the kernel traps (a
@@ -1262,6 +1264,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
         arm_exchange(&exchange[2], uint32_t(kClusterCtas * tokens_here) * 4u);
         arm_exchange(&exchange[3], uint32_t(T) * 4u);
       }
+      sm90::fence_mbarrier_init();
     }
   }
   cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
@@ -1512,6 +1515,7 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
     if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
+    sm90::fence_mbarrier_init();
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
