@@ -97,7 +97,7 @@ struct MoeRunParams {
   // V4-Flash NVFP4 57.4 -> 56.5 us, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
   // MoeExpertGemmParams::down_l2_prefetch for the streamed gate/up kernel at T = 1 (not in the single launch): its
-  // CTAs ask L2 for the down weights of their experts half-way through. The same bits.
+  // CTAs ask L2 for the down weights of their experts while they run. The same bits.
   bool down_l2_prefetch = false;
 };
 

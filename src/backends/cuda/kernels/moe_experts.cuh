@@ -427,9 +427,44 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
+// PTX ISA "cp.async.bulk.tensor" with ".L2::cache_hint" and a "createpolicy" evict_first policy: sm90::tma_load_2d
+// whose lines L2 evicts before normal ones (the gate/up stages of the down-prefetching kernels, read once, so that
+// the prefetched down rows outlive them).
+__device__ __forceinline__ void tma_load_2d_evict_first(void* shared_dst, const CUtensorMap* map, uint64_t* barrier,
+                                                        int32_t col, int32_t row) {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
+      "{%2, %3}], [%4], %5;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst))),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row),
+      "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier))), "l"(policy)
+      : "memory");
+}
+
+// tile::stream::issue_stage, its copies with the evict_first policy where kEvictFirst.
+template <tile::TileFormat F, bool kEvictFirst>
+__device__ __forceinline__ void issue_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0,
+                                            uint8_t* slot, uint64_t* full) {
+  namespace st = tile::stream;
+  if constexpr (!kEvictFirst) {
+    st::issue_stage<F>(maps, row0, k0, slot, full);
+  } else {
+    constexpr int kScaleBytes = st::stage_scale_bytes(F);
+    if (threadIdx.x % tile::kWarpSize != 0) return;
+    sm90::mbarrier_arrive_expect_tx(full, tile::kTileRows * (st::kRowBytes + kScaleBytes));
+    const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
+    tma_load_2d_evict_first(slot, &maps->data, full, byte0, row);
+    tma_load_2d_evict_first(slot + st::kHalfBytes, &maps->data, full, byte0 + st::kBoxBytes, row);
+    if constexpr (kScaleBytes > 0)
+      tma_load_2d_evict_first(slot + 2 * st::kHalfBytes, &maps->scales, full,
+                              int32_t(k0 / (st::stage_k(F) / kScaleBytes)), row);
+  }
+}
+
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G, int kParts>
+template <tile::TileFormat F, ExpertGemm G, int kParts, bool kEvictFirst = false>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
                                              uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
@@ -437,8 +472,8 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                       ring + j * st::kSlotBytes, full + j);
+    issue_stage<F, kEvictFirst>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
+                                ring + j * st::kSlotBytes, full + j);
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -739,8 +774,8 @@ __device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int32_t 
 
 // MoeExpertGemmParams::down_l2_prefetch: a gate/up CTA asks L2 for the down GEMM's weights of its item's expert, the
 // w2 rows [band · R, band · R + R) with R = d / gate/up bands (rounded up to 16; a split CTA pair halves them), as
-// whole stage boxes of the data and fp4 scale maps, so the down launch streams them from L2. Called by each warp
-// once (warp w issues boxes w·32 + lane, w·32 + lane + 256, ...). The expert's formats are one format.
+// whole stage boxes of the data and fp4 scale maps, so the down launch streams them from L2. Called by every warp
+// once; thread i of the CTA issues boxes i, i + 256, ... The expert's formats are one format.
 template <tile::TileFormat F, int kParts>
 __device__ __forceinline__ void prefetch_down_rows(const ExpertGemmArgs& a, int expert, int band, int part) {
   namespace st = tile::stream;
@@ -766,7 +801,7 @@ __device__ __forceinline__ void prefetch_down_rows(const ExpertGemmArgs& a, int 
 
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead; kDownPrefetch (gate/up):
-// prefetch_down_rows once the warp has consumed half its stages. kParts = 2: the warp's slice of CTA part `part`
+// prefetch_down_rows once the warp has consumed its first stage, the item's own copies evict_first. kParts = 2: the warp's slice of CTA part `part`
 // (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
           bool kDownPrefetch = false>
@@ -790,7 +825,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
+  if (!started) start_stream<F, G, kParts, kDownPrefetch>(a, item.expert, slice, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -854,14 +889,14 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
         if (j + kStreamedSlots < stages) {
-          st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
-                             full + slot);
+          issue_stage<F, kDownPrefetch>(maps, row0, (slice.k_part + refill * kParts) * kStageK,
+                                        ring + slot * st::kSlotBytes, full + slot);
           if (++refill == pass_stages) refill = 0;
         }
-        // Half-way: the gate/up stages read after it, with the down rows, stay within L2 (V4-Flash T = 1: ≈ 35 +
-        // 37 MB of 60), and the down rows arrive while the second half runs.
+        // After the first stage (the launch's first copies are not delayed): the down rows then arrive while the
+        // gate/up stages run, whose own lines (evict_first) L2 drops before them.
         if constexpr (kDownPrefetch && G == ExpertGemm::GATE_UP)
-          if (j == stages / 2) prefetch_down_rows<F, kParts>(a, item.expert, band, part);
+          if (j == 0) prefetch_down_rows<F, kParts>(a, item.expert, band, part);
       }
     }
     if constexpr (kColumnStages)
@@ -906,7 +941,8 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
+      start_stream<F, G, kSharedParts, kDownPrefetch>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part),
+                                                      ring, full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
