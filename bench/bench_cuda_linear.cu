@@ -11,24 +11,23 @@
 // the default config and, next to it, the ALIGNED register path and the STREAMED shared-memory path at 1-4 ring
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
-// (streamed path with split-K) the cluster split-K reduction instead of the workspace one, and (where the streamed path
-// applies) the same weight stream-tiled (WeightLayout::STREAM_TILES: one bulk copy per stage) at 1-4 slots and its
-// AUTO config, against the read floor of the weight's data (read_floor_kernel, cold), and (FP8 with e8m0 scales where
-// it applies) the default config with Fp8TileMath::SCALED_INPUT, plain and with the RMSNorm prologue. Ungrouped
-// shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call
-// and against run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
-// selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
-// V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
-// timed cold as chains, without and with the first asking L2 for the second's weights (prefetch_next).
+// (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
+// the weight's data (read_floor_kernel, cold); FP8 with e8m0 scales also with Fp8TileMath::SCALED_INPUT where it
+// applies (the default config, plain and with the RMSNorm prologue, and the STREAMED path at 1-4 ring slots).
+// Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the
+// plain call and against run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's
+// wo_a and wo_b are both selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two
+// launches it replaces. V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap →
+// wo_a, wo_a → wo_b) are timed cold as chains, without and with the first asking L2 for the second's weights
+// (prefetch_next).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile] [--fp8-math scaled]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
-//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
-//   the default with scaled FP8 inputs where it applies, the STREAMED configs at 1-4 ring slots, then the
-//   stream-tiled AUTO config, for a profiler such as ncu, which
-//   flushes the L2 per kernel itself; --fp8-math scaled: every call asks for Fp8TileMath::SCALED_INPUT, taken where it
-//   applies, e.g. to sweep its configs)
+//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config, the
+//   default with scaled FP8 inputs where it applies, then the STREAMED configs at 1-4 ring slots, for a profiler such
+//   as ncu, which flushes the L2 per kernel itself; --fp8-math scaled: every call asks for Fp8TileMath::SCALED_INPUT,
+//   taken where it applies, e.g. to sweep its configs)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -268,8 +267,7 @@ struct Row {
   double graph_us = 0;                // the default config replayed back to back in a CUDA graph (warm)
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
-  double tiled_us[5] = {0, 0, 0, 0, 0};     // the same with the weight stream-tiled (WeightLayout::STREAM_TILES)
-  double tiled_auto_us = 0;                 // the AUTO config of the stream-tiled weight
+  double scaled_streamed_us[5] = {0, 0, 0, 0, 0};  // the same with scaled FP8 inputs; 0: not applicable
   double read_floor_us = 0;                 // read_floor_kernel over the weight's data bytes
   double read_floor_percent_of_copy = 0;
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
@@ -468,25 +466,14 @@ int main(int argc, char** argv) {
         const int copies = copies_beyond_l2(stored, device.l2_bytes);
         std::vector<DeviceMatrix> weights;
         for (int c = 0; c < copies; ++c) weights.emplace_back(host.matrix, std::string(shape.name) + " copy");
-        // Stream-tiled copies of the data (the scales stay the row-major copies'), where the STREAMED path applies.
-        std::vector<DeviceBuffer> tiled_data;
-        if (streamed_load_path_applies(weights[0].view(), 1, shape.groups))
-          for (const DeviceMatrix& w : weights) {
-            tiled_data.emplace_back(stream_tiled_bytes(w.view(), shape.name), "stream-tiled copy");
-            tile_weight_for_streaming(w.view(), tiled_data.back().data(), nullptr, shape.name);
-          }
-        const auto weight_view = [&](int i, WeightLayout layout) {
-          DeviceMatrixView view = weights[size_t(i % copies)].view();
-          if (layout == WeightLayout::STREAM_TILES) view.data = tiled_data[size_t(i % copies)].as<uint8_t>();
-          return view;
-        };
+        const auto weight_view = [&](int i) { return weights[size_t(i % copies)].view(); };
         const size_t data_bytes = size_t(shape.rows) * weights[0].view().data_row_bytes;
         double read_floor_us = 0;
         if (!sweep && !profile) {
           DeviceBuffer sink(16, "read floor sink");
           read_floor_us = cold.us([&](int i, cudaStream_t s) {
             read_floor_kernel<<<unsigned(4 * device.multiprocessors), 256, 0, s>>>(
-                reinterpret_cast<const uint4*>(weight_view(i, WeightLayout::ROWS).data), data_bytes / 16,
+                reinterpret_cast<const uint4*>(weight_view(i).data), data_bytes / 16,
                 sink.as<uint4>());
             DSV4_CUDA_CHECK_LAUNCH("read_floor_kernel");
           });
@@ -495,7 +482,6 @@ int main(int argc, char** argv) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`; it asks for SCALED_INPUT
           // where `fp8_math` or --fp8-math says so.
           const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         WeightLayout layout = WeightLayout::ROWS,
                                          Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
@@ -507,7 +493,6 @@ int main(int argc, char** argv) {
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
                                          .stream = s,
-                                         .layout = layout,
                                          .fp8_math = fp8_math == Fp8TileMath::SCALED_INPUT ? fp8_math
                                                                                              : fp8_math_option};
           };
@@ -519,8 +504,7 @@ int main(int argc, char** argv) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(
-                  linear_params(weight_view(i, config.layout), workspace, s, config.layout, fp8_math), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s, fp8_math), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -529,7 +513,7 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
-          const bool scaled_input_applies = fp8_scaled_input_applies(weights[0].view(), shape.groups, config);
+          const bool scaled_input_applies = fp8_scaled_input_applies(weights[0].view(), tokens, shape.groups, config);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
@@ -549,36 +533,22 @@ int main(int argc, char** argv) {
             for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
               if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0))
                 workspace_bytes = std::max(workspace_bytes, c->workspace_bytes);
-            if (streamed_applies)
-              workspace_bytes = std::max(workspace_bytes,
-                                         quantized_linear_workspace_bytes(weights[0].view(), tokens, shape.groups,
-                                                                          WeightLayout::STREAM_TILES));
             DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
             const auto launch_once = [&](const QuantizedLinearConfig& c,
                                          Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
-              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, WeightLayout::ROWS, fp8_math),
-                                   c);
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, fp8_math), c);
             };
             launch_once(config);
             if (scaled_input_applies) {
               launch_once(config, Fp8TileMath::SCALED_INPUT);
               std::printf(", then the default with scaled FP8 inputs");
             }
-            if (streamed_applies) {
-              for (int slots = 1; slots <= 4; ++slots)
-                if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
-                  launch_once(*c);
-                  std::printf(", then %d slots (%d splits, %d CTAs/SM)", slots, c->k_splits, c->ctas_per_sm);
-                }
-              const QuantizedLinearConfig tiled =
-                  choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
-                                                 device.multiprocessors, WeightLoadPath::AUTO, 0, SplitKReduce::AUTO,
-                                                 0, WeightLayout::STREAM_TILES);
-              run_quantized_linear(
-                  linear_params(weight_view(0, WeightLayout::STREAM_TILES), workspace, nullptr, tiled.layout), tiled);
-              std::printf(", then stream-tiled AUTO (%d slots, %d splits)", tiled.ring_slots, tiled.k_splits);
-            }
+            for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
+              if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
+                launch_once(*c);
+                std::printf(", then %d slots (%d splits, %d CTAs/SM)", slots, c->k_splits, c->ctas_per_sm);
+              }
             std::printf("\n");
             DSV4_CUDA_CHECK(cudaDeviceSynchronize());
             continue;
@@ -630,7 +600,7 @@ int main(int argc, char** argv) {
             const auto linear_of = [&](int i, cudaStream_t s, bool prologue,
                                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
               QuantizedLinearParams p =
-                  linear_params(weights[size_t(i % copies)].view(), workspace, s, WeightLayout::ROWS, fp8_math);
+                  linear_params(weights[size_t(i % copies)].view(), workspace, s, fp8_math);
               p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
@@ -660,17 +630,9 @@ int main(int argc, char** argv) {
             for (int slots = 1; slots <= 4; ++slots)
               if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0)) {
                 row.streamed_us[slots] = time_config(*c, Timing::COLD);
-                row.tiled_us[slots] = time_config(
-                    choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
-                                                   device.multiprocessors, WeightLoadPath::STREAMED, slots,
-                                                   SplitKReduce::AUTO, 0, WeightLayout::STREAM_TILES),
-                    Timing::COLD);
+                if (fp8_scaled_input_applies(weights[0].view(), tokens, shape.groups, *c))
+                  row.scaled_streamed_us[slots] = time_config(*c, Timing::COLD, Fp8TileMath::SCALED_INPUT);
               }
-            row.tiled_auto_us = time_config(
-                choose_quantized_linear_config(weight_view(0, WeightLayout::STREAM_TILES), tokens, shape.groups,
-                                               device.multiprocessors, WeightLoadPath::AUTO, 0, SplitKReduce::AUTO, 0,
-                                               WeightLayout::STREAM_TILES),
-                Timing::COLD);
             if (const auto c = streamed_config(0, SplitKReduce::CLUSTER, 0); c && c->reduce == SplitKReduce::CLUSTER)
               row.cluster_us = time_config(*c, Timing::COLD);
           }
@@ -857,16 +819,16 @@ int main(int argc, char** argv) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
                   "scaled FP8 input cold µs · %% of copy (with norm prologue) | stream µs · %% of copy | "
                   "cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
-                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | stream-tiled µs (1/2/3/4 slots; AUTO) | "
+                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | scaled FP8 inputs µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
                   "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f (%.1f) | "
                   "%.1f · %.0f | "
                   "%.1f | %.2f× | "
-                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f; %.1f | %.1f · %.0f | %.1f | "
+                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
                   "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
@@ -874,8 +836,9 @@ int main(int argc, char** argv) {
                   r.scaled_input_us > 0 ? r.cold_us * r.cold_percent_of_copy / r.scaled_input_us : 0.0,
                   r.scaled_prologue_us, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
-                  r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.read_floor_percent_of_copy, r.cluster_us,
+                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.scaled_streamed_us[1],
+                  r.scaled_streamed_us[2], r.scaled_streamed_us[3], r.scaled_streamed_us[4], r.read_floor_us,
+                  r.read_floor_percent_of_copy, r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
@@ -931,15 +894,15 @@ int main(int argc, char** argv) {
                    "\"scaled_input_prologue_cold_us\": %.2f, \"stream_us\": %.2f, "
                    "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
-                   "%.2f, %.2f], \"tiled_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], \"tiled_auto_cold_us\": %.2f, "
+                   "%.2f, %.2f], \"scaled_input_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
-                   r.scaled_input_us, r.scaled_prologue_us, r.us, r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us,
-                   r.streamed_us[1],
-                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.tiled_us[1], r.tiled_us[2], r.tiled_us[3],
-                   r.tiled_us[4], r.tiled_auto_us, r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
+                   r.scaled_input_us, r.scaled_prologue_us, r.us, r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us,
+                   r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
+                   r.scaled_streamed_us[1], r.scaled_streamed_us[2], r.scaled_streamed_us[3], r.scaled_streamed_us[4],
+                   r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");

@@ -47,17 +47,13 @@ struct LinearCall {
   // Optional (decode kernel only, ignored by the GEMM): a later call's weights, asked into L2 as this call's CTAs
   // finish theirs (QuantizedLinearParams::prefetch_next).
   DeviceMatrixView prefetch_next;
-  // Optional: the same weight's data in the stream-tiled layout (tile_weight_for_streaming; null: none). Decode calls
-  // of up to kLinearMaxStreamedTokens tokens read it instead of weight.data (one bulk copy per stage, on the
-  // STREAMED path); the GEMM and longer decode chunks read weight.data. The pair kernel does not use it.
-  const uint8_t* stream_tiled_data = nullptr;
   // How FP8 weights meet x in the decode kernel where the choice applies (Fp8TileMath, quantized_linear.hpp); the
-  // GEMM and other formats ignore it.
+  // GEMM and other formats ignore it. The environment variable DSV4_FP8_TILE_MATH (dequantize or scaled) overrides
+  // it for every call.
   Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
 };
 
-// Workspace that serves any token count for this weight and either kernel (the larger split-K scratch), with or
-// without a stream-tiled copy of its data.
+// Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).
 size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups = 1);
 
 void run_linear(const LinearCall& call);

@@ -76,10 +76,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, bool kClusterReduce, bool kTiled, bool kScaledInput>
+template <TileFormat F, int NT, bool kClusterReduce, bool kScaledInput>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kTiled, kScaledInput>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kScaledInput>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -98,24 +98,21 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kTiled, bool kScaledInput = false>
-void launch_streamed_for_layout(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+template <TileFormat F, int NT, bool kScaledInput = false>
+void launch_streamed_for_reduce(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                                 cudaStream_t stream) {
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, true, kTiled, kScaledInput>(args, config, stream);
+    launch_streamed_kernel<F, NT, true, kScaledInput>(args, config, stream);
   else
-    launch_streamed_kernel<F, NT, false, kTiled, kScaledInput>(args, config, stream);
+    launch_streamed_kernel<F, NT, false, kScaledInput>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool scaled_input,
                      cudaStream_t stream) {
   if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (scaled_input) return launch_streamed_for_layout<F, NT, false, true>(args, config, stream);
-  if (config.layout == WeightLayout::STREAM_TILES)
-    launch_streamed_for_layout<F, NT, true>(args, config, stream);
-  else
-    launch_streamed_for_layout<F, NT, false>(args, config, stream);
+    if (scaled_input) return launch_streamed_for_reduce<F, NT, true>(args, config, stream);
+  launch_streamed_for_reduce<F, NT>(args, config, stream);
 }
 
 // scaled_input: Fp8TileMath::SCALED_INPUT, where it applies (fp8_scaled_input_applies).
@@ -140,7 +137,7 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
          a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
-         a.reduce == b.reduce && a.layout == b.layout &&
+         a.reduce == b.reduce &&
          a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
 
@@ -197,23 +194,6 @@ bool ranges_overlap(const void* a, size_t a_bytes, const void* b, size_t b_bytes
   return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
 }
 
-// Stored bytes of one row (without the padding data_row_bytes may add).
-int64_t stored_row_bytes(const DeviceMatrixView& w) {
-  return w.cols * 16 / tile::stream::values_per_load(tile_format_of(w));
-}
-
-// Copies the row-major data into the stream-tiled layout, 16 bytes per thread and step (a 16-byte piece stays whole:
-// the swizzle moves 16-byte chunks).
-__global__ void tile_for_streaming_kernel(const uint8_t* data, int64_t data_row_bytes, int64_t rows,
-                                          int64_t row_bytes, uint8_t* tiles) {
-  const int64_t words_per_row = row_bytes / 16, words = rows * words_per_row;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / words_per_row, byte = i % words_per_row * 16;
-    *reinterpret_cast<uint4*>(tiles + tile::stream::stream_tiled_offset(row, byte, row_bytes)) =
-        *reinterpret_cast<const uint4*>(data + row * data_row_bytes + byte);
-  }
-}
-
 }  // namespace
 
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups) {
@@ -232,10 +212,8 @@ bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slo
 
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
-                                                     int ring_slots, SplitKReduce reduce, int k_splits,
-                                                     WeightLayout layout) {
+                                                     int ring_slots, SplitKReduce reduce, int k_splits) {
   check_shape(weight, tokens, groups);
-  const bool tiled = layout == WeightLayout::STREAM_TILES;
   const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
   const bool aligned_possible = tile::weight_rows_aligned(weight) && (weight.rows / groups) % tile::kTileRows == 0;
@@ -247,11 +225,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         weight.cols, "] (", to_string(weight.format), ") in ", groups, " group(s) at ", tokens, " tokens: the ",
         "streamed load path needs 16-byte aligned rows and scales, K a multiple of ", tile::stream::stage_k(format),
         ", whole 16-row tiles per group and at most ", kLinearMaxStreamedTokens, " tokens");
-  check(!tiled || (streamed_possible && (load_path == WeightLoadPath::AUTO || load_path == WeightLoadPath::STREAMED)),
-        "quantized_linear: weight [", weight.rows, ", ", weight.cols, "] (", to_string(weight.format), ") in the ",
-        "stream-tiled layout runs on the streamed load path only, which it does not take at ", tokens,
-        " tokens in ", groups, " group(s)",
-        load_path == WeightLoadPath::AUTO ? "" : " (or another path was asked for)");
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
@@ -260,12 +233,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
       const QuantizedLinearConfig wide =
           choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits), layout);
+                                         ring_slots, SplitKReduce::CLUSTER, int(wide_splits));
       if (wide.reduce == SplitKReduce::CLUSTER && wide.k_splits >= kWideClusterMinSplits) return wide;
     }
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
-                                       SplitKReduce::CLUSTER, 0, layout);
+                                       SplitKReduce::CLUSTER, 0);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
@@ -273,11 +246,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   config.row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);  // CTAs never span two groups
   const int64_t token_tiles = ceil_div(tokens, tile::kTokensPerMma);
   config.token_tiles = token_tiles <= 1 ? 1 : token_tiles <= 2 ? 2 : token_tiles <= 4 ? 4 : 8;
-  config.layout = layout;
-  config.load_path = load_path != WeightLoadPath::AUTO                   ? load_path
-                     : tiled || (streamed_possible && auto_takes_streamed(format, tokens)) ? WeightLoadPath::STREAMED
-                     : aligned_possible                                   ? WeightLoadPath::ALIGNED
-                                                                          : WeightLoadPath::GENERIC;
+  config.load_path = load_path != WeightLoadPath::AUTO                            ? load_path
+                     : streamed_possible && auto_takes_streamed(format, tokens) ? WeightLoadPath::STREAMED
+                     : aligned_possible                                         ? WeightLoadPath::ALIGNED
+                                                                                : WeightLoadPath::GENERIC;
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
 
   if (streamed) {
@@ -353,47 +325,21 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   return config;
 }
 
-bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int groups, const QuantizedLinearConfig& config) {
+bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int tokens, int groups,
+                              const QuantizedLinearConfig& config) {
   return weight.format == WeightFormat::FP8_BLOCK128 && weight.scale_type == ScaleType::E8M0 &&
-         config.load_path == WeightLoadPath::STREAMED && config.layout == WeightLayout::ROWS &&
-         config.token_tiles == 1 && groups >= 1 &&
-         (weight.rows / groups) % linear::kRowsPerCta == 0;
+         config.load_path == WeightLoadPath::STREAMED && config.token_tiles == 1 && groups >= 1 &&
+         (weight.rows / groups) % linear::kRowsPerCta == 0 && config.chunk_k == config.split_k &&
+         int64_t(tokens) * config.split_k / tile::kXChunk <= linear::kThreadsPerCta * linear::kScaledInputHeldChunks;
 }
 
-size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups, WeightLayout layout) {
+size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
   // The most any call of 1..tokens tokens needs: the paths split K differently, so fewer tokens can split more.
-  // Stream-tiled weights run up to kLinearMaxStreamedTokens tokens only.
   const int multiprocessors = current_multiprocessors();
-  const int most = layout == WeightLayout::STREAM_TILES ? std::min(tokens, kLinearMaxStreamedTokens) : tokens;
   size_t bytes = 0;
-  for (int t = 1; t <= most; ++t)
-    bytes = std::max(bytes, choose_quantized_linear_config(weight, t, groups, multiprocessors, WeightLoadPath::AUTO, 0,
-                                                           SplitKReduce::AUTO, 0, layout)
-                                .workspace_bytes);
+  for (int t = 1; t <= tokens; ++t)
+    bytes = std::max(bytes, choose_quantized_linear_config(weight, t, groups, multiprocessors).workspace_bytes);
   return bytes;
-}
-
-size_t stream_tiled_bytes(const DeviceMatrixView& weight, std::string_view what) {
-  check(streamed_load_path_applies(weight, 1, 1), what,
-        ": weight [", weight.rows, ", ", weight.cols, "] (", to_string(weight.format), ") cannot be stream-tiled: ",
-        "the streamed load path needs 16-byte aligned rows and scales, whole 16-row tiles and K a multiple of ",
-        tile::stream::stage_k(tile_format_of(weight)));
-  return size_t(weight.rows) * size_t(stored_row_bytes(weight));
-}
-
-void tile_weight_for_streaming(const DeviceMatrixView& weight, void* tiles, cudaStream_t stream,
-                               std::string_view what) {
-  const size_t bytes = stream_tiled_bytes(weight, what);
-  check(tiles != nullptr && reinterpret_cast<uintptr_t>(tiles) % 16 == 0, what,
-        ": the stream-tiled copy needs a 16-byte aligned destination");
-  check(!ranges_overlap(tiles, bytes, weight.data, size_t(weight.rows) * weight.data_row_bytes), what,
-        ": the stream-tiled copy must not overlap the weight's data");
-  const int64_t words = int64_t(bytes / 16);
-  constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>(ceil_div(words, kThreads), 65535);
-  tile_for_streaming_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(
-      weight.data, int64_t(weight.data_row_bytes), weight.rows, stored_row_bytes(weight), static_cast<uint8_t*>(tiles));
-  DSV4_CUDA_CHECK_LAUNCH("tile_for_streaming_kernel");
 }
 
 void check_quantized_linear_scales(const QuantizedMatrix& host, std::string_view what) {
@@ -415,10 +361,6 @@ namespace {
 void check_params_for_config(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   const DeviceMatrixView& w = params.weight;
   const int64_t x_cols = int64_t(params.groups) * w.cols;
-  check(config.layout == params.layout, "quantized_linear: the config was chosen for another weight layout than the ",
-        "call's (", params.layout == WeightLayout::STREAM_TILES ? "stream-tiled" : "row-major", ")");
-  check(params.layout != WeightLayout::STREAM_TILES || reinterpret_cast<uintptr_t>(w.data) % 16 == 0,
-        "quantized_linear: stream-tiled data must be 16-byte aligned");
   check(w.data != nullptr && (w.format == WeightFormat::BF16 || w.scales != nullptr), "quantized_linear: weight [",
         w.rows, ", ", w.cols, "] has no device data or scales");
   check(w.scale_type != ScaleType::F32 || reinterpret_cast<uintptr_t>(w.scales) % 4 == 0,
@@ -471,8 +413,7 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
 
 void check_quantized_linear_params(const QuantizedLinearParams& params) {
   check_params_for_config(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
-                                                                 current_multiprocessors(), WeightLoadPath::AUTO, 0,
-                                                                 SplitKReduce::AUTO, 0, params.layout));
+                                                                 current_multiprocessors()));
 }
 
 namespace {
@@ -525,7 +466,8 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
   check_params_for_config(params, config);
   const linear::LinearKernelArgs args = kernel_args(params, config);
   const bool scaled_input =
-      params.fp8_math == Fp8TileMath::SCALED_INPUT && fp8_scaled_input_applies(params.weight, params.groups, config);
+      params.fp8_math == Fp8TileMath::SCALED_INPUT &&
+      fp8_scaled_input_applies(params.weight, params.tokens, params.groups, config);
   const cudaStream_t stream = params.stream;
   switch (tile_format_of(params.weight)) {
     case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, false, stream); break;
@@ -714,8 +656,7 @@ void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
 
 void run_quantized_linear(const QuantizedLinearParams& params) {
   launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,
-                                                                 current_multiprocessors(), WeightLoadPath::AUTO, 0,
-                                                                 SplitKReduce::AUTO, 0, params.layout));
+                                                                 current_multiprocessors()));
 }
 
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
@@ -725,7 +666,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
       w, params.tokens, params.groups, current_multiprocessors(), config.load_path, streamed ? config.ring_slots : 0,
-      config.reduce, streamed ? config.k_splits : 0, config.layout);
+      config.reduce, streamed ? config.k_splits : 0);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

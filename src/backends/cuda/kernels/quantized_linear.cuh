@@ -129,45 +129,17 @@ __device__ __forceinline__ uint4 input_chunk(const LinearKernelArgs& args, const
   return tile::load_x_chunk(x_group + t * args.x_row_stride, k, args.weight.cols);
 }
 
-// exponent[t] = the largest (bf16 exponent field + band scale code) over token t's nonzero inputs in the CTA's K
-// range (0 when none): scale_input_chunk's shifts then keep every staged value below 2^127. Warp w takes tokens
-// w, w + 4, ..., its lanes 4 chunks each in flight. Called by the whole CTA (it synchronises).
-__device__ __forceinline__ void scaled_input_exponents(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
-                                                       const float* inv_rms, const CtaWork& work, int* exponent) {
-  constexpr int kInFlight = 4;
-  const int lane = int(threadIdx.x) % tile::kWarpSize;
-  const int64_t chunks = (work.split_end - work.split_begin) / tile::kXChunk;
-  for (int t = int(threadIdx.x) / tile::kWarpSize; t < args.tokens; t += kWarpsPerCta) {
-    int largest = 0;
-    for (int64_t c0 = lane; c0 < chunks; c0 += kInFlight * tile::kWarpSize) {
-      uint4 values[kInFlight];
-#pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
-        const int64_t c = c0 + j * tile::kWarpSize;
-        values[j] = c < chunks ? input_chunk(args, x_group, inv_rms, t, work.split_begin + c * tile::kXChunk)
-                               : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
-        const int64_t c = c0 + j * tile::kWarpSize;
-        if (c >= chunks) continue;
-        const int code = band_scale_code(args, work.row0, work.split_begin + c * tile::kXChunk);
-#pragma unroll
-        for (int e = 0; e < tile::kXChunk; ++e) {
-          const uint32_t bits = tile::detail::word_of(values[j], e / 2) >> (16 * (e % 2)) & 0xFFFFu;
-          if ((bits & 0x7FFFu) != 0) largest = max(largest, int(bits >> 7 & 0xFFu) + code);
-        }
-      }
-    }
-    largest = __reduce_max_sync(0xFFFFFFFFu, largest);
-    if (lane == 0) exponent[t] = largest;
-  }
-  __syncthreads();
+// ldexpf kept out of line: the scaled-input paths need it only for rare values (below).
+__device__ __noinline__ float ldexp_out_of_line(float value, int e) { return ldexpf(value, e); }
+
+// x · 2^shift rounded to bf16 for the inputs scale_input_chunk does not move by their exponent field alone (zeros,
+// subnormals, Inf/NaN, results below bf16's normals).
+__device__ __forceinline__ uint32_t scale_bf16_slowly(uint32_t bits, int shift) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(ldexp_out_of_line(__uint_as_float(bits << 16), shift)));
 }
 
 // The 8 bf16 of `v` times 2^shift, exactly (NaN for the e8m0 NaN code 255): the exponent field moved where the value
-// stays normal (every staged value but those 2^250 below the token's largest), ldexpf otherwise (zeros, Inf/NaN,
-// subnormals, underflow).
+// stays normal (every staged value but those 2^250 below the token's largest), scale_bf16_slowly otherwise.
 __device__ __forceinline__ uint4 scale_input_chunk(uint4 v, int shift, bool nan_scale) {
   uint32_t words[4];
 #pragma unroll
@@ -177,13 +149,10 @@ __device__ __forceinline__ uint4 scale_input_chunk(uint4 v, int shift, bool nan_
     for (int h = 0; h < 2; ++h) {
       const uint32_t bits = tile::detail::word_of(v, i) >> (16 * h) & 0xFFFFu;
       const int exponent = int(bits >> 7 & 0xFFu), scaled = exponent + shift;
-      uint32_t out;
-      if (nan_scale)
-        out = 0x7FC0u;
-      else if (exponent >= 1 && exponent <= 254 && scaled >= 1 && scaled <= 254)
-        out = (bits & 0x807Fu) | uint32_t(scaled) << 7;
-      else
-        out = __bfloat16_as_ushort(__float2bfloat16_rn(ldexpf(__uint_as_float(bits << 16), shift)));
+      const bool moves = exponent >= 1 && exponent <= 254 && scaled >= 1 && scaled <= 254;
+      const uint32_t out = nan_scale ? 0x7FC0u
+                           : moves   ? (bits & 0x807Fu) | uint32_t(scaled) << 7
+                                     : scale_bf16_slowly(bits, shift);
       word |= out << (16 * h);
     }
     words[i] = word;
@@ -191,25 +160,62 @@ __device__ __forceinline__ uint4 scale_input_chunk(uint4 v, int shift, bool nan_
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// Stages inputs [chunk_begin, chunk_end) of the CTA's tokens for SCALED_INPUT: value · 2^(code + 253 - exponent[t]),
-// i.e. x · 2^(code - 127) (the block scale) · 2^120 · 2^c_t with c_t = 260 - exponent[t] (rescale_scaled_sums undoes
-// it).
+// Chunks of the CTA's x a thread holds while the CTA finds each token's scale (stage_scaled_input):
+// fp8_scaled_input_applies admits calls whose tokens · split_k / 8 chunks fit kThreadsPerCta · this, in one x chunk.
+inline constexpr int kScaledInputHeldChunks = 4;
+
+// Stages the CTA's x for SCALED_INPUT, each input loaded once: thread j holds items j, j + 128, ... (item =
+// t · chunks + c, chunk c of token t); exponent[t] becomes the largest (bf16 exponent field + band scale code) over
+// token t's nonzero inputs (0 when none: a warp's 32 items share a token, as chunks is a multiple of 32), and each
+// value is stored as value · 2^(code + 253 - exponent[t]) = x · 2^(code - 127) (the block scale) · 2^120 · 2^c_t
+// with c_t = 260 - exponent[t] < 2^127 (rescale_scaled_sums undoes c_t). Called by the whole CTA (it synchronises;
+// the caller synchronises before the tile is read).
 template <tile::TileFormat F>
 __device__ __forceinline__ void stage_scaled_input(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
-                                                   const float* inv_rms, const CtaWork& work, const int* exponent,
-                                                   int64_t chunk_begin, int64_t chunk_end, __nv_bfloat16* x_tile) {
-  tile::stage_x_chunks<F>(
-      [&](int t, int64_t k) {
-        const int code = band_scale_code(args, work.row0, chunk_begin + k);
-        return scale_input_chunk(input_chunk(args, x_group, inv_rms, t, chunk_begin + k), code + 253 - exponent[t],
-                                 code == 0xFF);
-      },
-      args.tokens, args.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
+                                                   const float* inv_rms, const CtaWork& work, int* exponent,
+                                                   __nv_bfloat16* x_tile) {
+  const int64_t k_count = work.split_end - work.split_begin;
+  const int chunks = int(k_count / tile::kXChunk), items = args.tokens * chunks;
+  const int row_stride = tile::x_tile_row_stride(k_count);
+  if (int(threadIdx.x) < args.tokens) exponent[threadIdx.x] = 0;
+  uint4 held[kScaledInputHeldChunks];
+  int codes[kScaledInputHeldChunks];
+#pragma unroll
+  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
+    const int item = int(threadIdx.x) + j * kThreadsPerCta;
+    if (item >= items) continue;
+    const int64_t k = work.split_begin + int64_t(item % chunks) * tile::kXChunk;
+    held[j] = input_chunk(args, x_group, inv_rms, item / chunks, k);
+    codes[j] = band_scale_code(args, work.row0, k);
+  }
+  __syncthreads();  // exponents zeroed
+#pragma unroll
+  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
+    const int item = int(threadIdx.x) + j * kThreadsPerCta;
+    if (item >= items) continue;  // warp-uniform: items is a multiple of 32
+    int largest = 0;
+#pragma unroll
+    for (int e = 0; e < tile::kXChunk; ++e) {
+      const uint32_t bits = tile::detail::word_of(held[j], e / 2) >> (16 * (e % 2)) & 0xFFFFu;
+      if ((bits & 0x7FFFu) != 0) largest = max(largest, int(bits >> 7 & 0xFFu) + codes[j]);
+    }
+    largest = __reduce_max_sync(0xFFFFFFFFu, largest);
+    if (threadIdx.x % tile::kWarpSize == 0) atomicMax(exponent + item / chunks, largest);
+  }
+  __syncthreads();  // exponents complete
+#pragma unroll
+  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
+    const int item = int(threadIdx.x) + j * kThreadsPerCta;
+    if (item >= items) continue;
+    const int t = item / chunks;
+    tile::store_x_chunk<F>(x_tile, row_stride, t, item % chunks,
+                           scale_input_chunk(held[j], codes[j] + 253 - exponent[t], codes[j] == 0xFF));
+  }
 }
 
 // value · 2^e rounded once: one multiplication where 2^e is a normal float, ldexpf beyond.
 __device__ __forceinline__ float scale_by_power_of_two(float value, int e) {
-  return e >= -126 && e <= 127 ? value * __int_as_float((127 + e) << 23) : ldexpf(value, e);
+  return e >= -126 && e <= 127 ? value * __int_as_float((127 + e) << 23) : ldexp_out_of_line(value, e);
 }
 
 // acc (token columns of the scaled sums) · 2^(exponent[t] - 260): the true sums (stage_scaled_input's 2^c_t undone).
@@ -376,22 +382,9 @@ struct WarpRing {
   uint32_t position;
 };
 
-// Starts the copy of the stage at k0 of the warp's rows from row0 into `slot`: two swizzled boxes through the tensor
-// maps of the row-major data, or one bulk copy from the stage-tiled data (kTiled: weight.data holds the tiles).
-// Called by the whole warp.
-template <tile::TileFormat F, bool kTiled>
-__device__ __forceinline__ void issue_weight_stage(const LinearKernelArgs& a, int64_t row0, int64_t k0, uint8_t* slot,
-                                                   uint64_t* full) {
-  if constexpr (kTiled)
-    tile::stream::issue_tiled_stage<F>(&a.maps, a.weight.data, a.weight.cols * 16 / tile::stream::values_per_load(F),
-                                       row0, k0, slot, full);
-  else
-    tile::stream::issue_stage<F>(&a.maps, row0, k0, slot, full);
-}
-
 // Starts the copies of the item's first min(slots, stages) weight stages; the ring must hold no unconsumed stage.
 // Called by the whole warp (lane 0 issues); reads only weights, so it may run before wait_for_prior_grids.
-template <tile::TileFormat F, bool kTiled = false>
+template <tile::TileFormat F>
 __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, const CtaWork& work, int64_t row0,
                                                    const WarpRing& ring) {
   namespace st = tile::stream;
@@ -399,8 +392,8 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
   for (int j = 0; j < ring.slots && j < stages; ++j) {
     const int slot = int((ring.position + uint32_t(j)) % uint32_t(ring.slots));
-    issue_weight_stage<F, kTiled>(a, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
-                                  ring.full + slot);
+    st::issue_stage<F>(&a.maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
+                       ring.full + slot);
   }
 }
 
@@ -408,7 +401,7 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
 // advances ring.position past the item's stages.
-template <tile::TileFormat F, int NT, bool kTiled = false, bool kScaledInput = false, class StageX>
+template <tile::TileFormat F, int NT, bool kScaledInput = false, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
@@ -459,8 +452,8 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       }
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
-        issue_weight_stage<F, kTiled>(args, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
-                                      ring.full + slot);
+        st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
+                           ring.full + slot);
     }
   }
   if constexpr (kScaledInput) {
@@ -496,17 +489,17 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 }
 
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
-// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine, from the
-// row-major data or (kTiled) the stage-tiled data. Dynamic shared memory: up to 1 KB of alignment, 4 rings of
+// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine; with
+// kScaledInput, Fp8TileMath::SCALED_INPUT (FP8 only). Dynamic shared memory: up to 1 KB of alignment, 4 rings of
 // args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT, bool kClusterReduce, bool kTiled, bool kScaledInput>
+template <tile::TileFormat F, int NT, bool kClusterReduce, bool kScaledInput>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  __shared__ int input_exponent[kLinearMaxStreamedTokens];  // SCALED_INPUT: scaled_input_exponents
+  __shared__ int input_exponent[kLinearMaxStreamedTokens];  // SCALED_INPUT: stage_scaled_input
   StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
@@ -524,19 +517,18 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   if (has_rows) {
     tile::stream::init_ring(ring.full, ring.slots);
     __syncwarp();
-    issue_first_stages<F, kTiled>(args, work, row0, ring);
+    issue_first_stages<F>(args, work, row0, ring);
   }
   wait_for_prior_grids();
   allow_dependents();
   prepare_norm<32>(args, x_tile, inv_rms);
-  if constexpr (kScaledInput) scaled_input_exponents(args, x_group, inv_rms, work, input_exponent);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT, kTiled, kScaledInput>(
+  multiply_streamed_item<F, NT, kScaledInput>(
       args, work, row0, has_rows, ring, x_tile,
       [&](int64_t chunk_begin, int64_t chunk_end) {
-        if constexpr (kScaledInput)
-          stage_scaled_input<F>(args, x_group, inv_rms, work, input_exponent, chunk_begin, chunk_end, x_tile);
+        if constexpr (kScaledInput)  // one chunk: the whole split (fp8_scaled_input_applies)
+          stage_scaled_input<F>(args, x_group, inv_rms, work, input_exponent, x_tile);
         else
           stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
       },

@@ -29,8 +29,6 @@
 //   bit for bit run_rms_norm's y_bf16 for the same row (the same summation order), so the result equals
 //   run_rms_norm followed by this op on its bf16 output, without that launch. Each CTA reads the whole of its tokens'
 //   rows once more for the sum of squares: meant for few tokens.
-// - Weight layout: row-major as uploaded, or (layout STREAM_TILES) the data copied by tile_weight_for_streaming into
-//   the order the STREAMED path streams it, which that path alone reads (one bulk copy per 4 KB stage).
 // - prefetch_next (optional) names a later call's weights; the CTAs ask L2 for them (bulk prefetches) as they finish
 //   their own, filling L2 while the kernels in between leave the memory idle.
 // - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
@@ -70,13 +68,6 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
-// How a weight's data is laid out on the device: ROWS, row-major as uploaded (DeviceMatrixView's data_row_bytes
-// apart); STREAM_TILES, the STREAMED path's 4 KB stages in the order the warps stream them (tile_weight_for_streaming
-// writes it; weight_tile_mma.cuh's stream_tiled_offset says where each byte goes), so each stage is one bulk copy of
-// contiguous bytes. Scales stay row-major. A STREAM_TILES weight runs on the STREAMED path only (at most
-// kLinearMaxStreamedTokens tokens, no pair kernel, no GEMM).
-enum class WeightLayout : uint8_t { ROWS, STREAM_TILES };
-
 // How FP8_BLOCK128 weights meet x on the tensor cores (the STREAMED path). DEQUANTIZE: each e4m3 becomes its exact
 // bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120) and the 128×128 block scales multiply fp32
 // partial sums once per block. SCALED_INPUT: the placed bits enter the MMA as they are (value · 2^-120) and the CTA
@@ -86,8 +77,9 @@ enum class WeightLayout : uint8_t { ROWS, STREAM_TILES };
 // fewer instructions per weight byte (no multiply per weight pair, no block-scale loads or folds). Staged values
 // more than 2^250 below their token's largest would round (underflow); real activations never span that. It applies
 // to calls on the STREAMED path of at most 8 tokens with e8m0 block scales (powers of two: f32 scales would round x)
-// whose row groups are whole 64-row CTAs (one row band per CTA: fp8_scaled_input_applies); every other call ignores
-// it.
+// whose row groups are whole 64-row CTAs (one row band per CTA) and whose CTAs stage at most 4096 inputs (tokens ×
+// split_k, in one x chunk: each thread holds its inputs while the CTA finds the scales; fp8_scaled_input_applies);
+// every other call ignores it.
 enum class Fp8TileMath : uint8_t { DEQUANTIZE, SCALED_INPUT };
 
 // Every split-K workspace of the linear kernels (this one, quantized_gemm, the pair kernel) keeps its tickets and
@@ -115,7 +107,6 @@ struct QuantizedLinearParams {
   // weights have arrived, so that call (the next linear of a decode step, after latency-bound kernels that leave the
   // memory idle) reads them from L2. Only a hint: results do not depend on it.
   DeviceMatrixView prefetch_next;
-  WeightLayout layout = WeightLayout::ROWS;  // of weight.data (scales are row-major either way)
   Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights where SCALED_INPUT applies (Fp8TileMath)
 };
 
@@ -135,7 +126,6 @@ struct QuantizedLinearConfig {
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
   SplitKReduce reduce = SplitKReduce::WORKSPACE;  // never AUTO in a chosen config (meaningful when k_splits > 1)
-  WeightLayout layout = WeightLayout::ROWS;       // the weight layout the config was chosen for
 };
 
 // The tiling for this weight, token count and group count on a device with `multiprocessors` SMs; throws (naming
@@ -143,13 +133,12 @@ struct QuantizedLinearConfig {
 // STREAMED are refused where they do not apply. `ring_slots` > 0 sets the STREAMED path's stages per warp (1 to 4;
 // benchmarks compare depths), 0 takes the default. `reduce` CLUSTER is refused off the STREAMED path. `k_splits` > 0
 // (STREAMED only) asks for that many K splits instead of the default's (benchmarks compare the balance); the config
-// may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER). `layout` STREAM_TILES
-// takes the STREAMED path (refused where it does not apply, and with load_path ALIGNED or GENERIC).
+// may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER).
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
                                                      WeightLoadPath load_path = WeightLoadPath::AUTO,
                                                      int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO,
-                                                     int k_splits = 0, WeightLayout layout = WeightLayout::ROWS);
+                                                     int k_splits = 0);
 
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
@@ -159,23 +148,13 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 // STREAMED path at that depth. Throws on arguments out of those ranges.
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
 
-// Whether Fp8TileMath::SCALED_INPUT applies to a call of this weight in `groups` groups with this config (else the
-// call runs DEQUANTIZE whatever it asks for).
-bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int groups, const QuantizedLinearConfig& config);
+// Whether Fp8TileMath::SCALED_INPUT applies to a call of this weight at `tokens` tokens in `groups` groups with this
+// config (else the call runs DEQUANTIZE whatever it asks for).
+bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int tokens, int groups,
+                              const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
-size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1,
-                                        WeightLayout layout = WeightLayout::ROWS);
-
-// Bytes of the STREAM_TILES copy of `weight`'s data (rows × stored bytes per row); throws, naming `what`, unless the
-// STREAMED path can read the weight at one token in one group (streamed_load_path_applies).
-size_t stream_tiled_bytes(const DeviceMatrixView& weight, std::string_view what);
-
-// Writes `weight`'s row-major data in the STREAM_TILES layout to `tiles` (stream_tiled_bytes bytes, 16-byte aligned,
-// not overlapping the data), asynchronously on `stream`. The tiled copy with the weight's scales is then the weight
-// for calls with layout STREAM_TILES (a view whose data points at `tiles`).
-void tile_weight_for_streaming(const DeviceMatrixView& weight, void* tiles, cudaStream_t stream,
-                               std::string_view what);
+size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
 
 // Throws, naming the matrix `what` and the first offending block, unless every scale of the host matrix is in the
 // range the tensor-core dequantisation is exact for: MXFP4 e8m0 codes <= 128 (scales <= 2; larger ones make the

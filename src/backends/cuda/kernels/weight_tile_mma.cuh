@@ -206,6 +206,14 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
 // [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)): chunk_of(t, k) returns the 8 bf16 of token t at
 // tile inputs k .. k + 7 (k < k_count; zero past k_count), in input order. Called by `thread_count` threads of the
 // CTA with distinct thread_idx; the caller synchronises before and after.
+// Stores chunk c (8 inputs, in input order) of token t into a tile of row_stride elements per token (the permuted,
+// transposed order of the NOTES).
+template <TileFormat F>
+__device__ __forceinline__ void store_x_chunk(__nv_bfloat16* tile, int row_stride, int t, int c, uint4 v) {
+  *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
+      detail::permute_chunk<F>(v);
+}
+
 template <TileFormat F, class ChunkOf>
 __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int padded_tokens, int64_t k_count,
                                                __nv_bfloat16* tile, int thread_idx, int thread_count) {
@@ -214,9 +222,7 @@ __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int
   for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
     const int t = i / chunks_per_row, c = i % chunks_per_row;
     const int64_t k = int64_t(c) * kXChunk;
-    const uint4 v = t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
-        detail::permute_chunk<F>(v);
+    store_x_chunk<F>(tile, row_stride, t, c, t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0));
   }
 }
 
@@ -747,41 +753,6 @@ __device__ __forceinline__ void issue_stage(const StreamMaps* maps, int64_t row0
   sm90::tma_load_2d(slot + kHalfBytes, &maps->data, full, byte0 + kBoxBytes, row);
   if constexpr (kScaleBytes > 0)
     sm90::tma_load_2d(slot + 2 * kHalfBytes, &maps->scales, full, int32_t(k0 / (stage_k(F) / kScaleBytes)), row);
-}
-
-// The stage-tiled layout of a matrix's data (WeightLayout::STREAM_TILES in quantized_linear.hpp): 4 KB stages in the
-// order [rows / 16][stored bytes per row / 256], each stage the exact shared-memory image the two swizzled boxes of
-// issue_stage leave in a slot (half h of tile row r at h·kHalfBytes + r·kBoxBytes, its 16-byte chunk c at chunk
-// c ^ (r & 7)). A stage is then one bulk copy of 4 KB of contiguous bytes instead of 32 row pieces of 128 bytes at
-// the row stride, and a warp's k range is one contiguous run. Scales keep their row-major layout.
-inline constexpr int kStageBytes = kTileRows * kRowBytes;
-
-// Where the stored byte `byte` of row `row` (of row_bytes stored bytes per row, a multiple of kRowBytes) lives in the
-// tiled layout.
-__host__ __device__ constexpr int64_t stream_tiled_offset(int64_t row, int64_t byte, int64_t row_bytes) {
-  const int r = int(row % kTileRows);
-  const int in_stage = int(byte % kRowBytes), chunk = in_stage % kBoxBytes / 16;
-  return ((row / kTileRows) * (row_bytes / kRowBytes) + byte / kRowBytes) * kStageBytes +
-         in_stage / kBoxBytes * kHalfBytes + r * kBoxBytes + ((chunk ^ (r & 7)) << 4) + in_stage % 16;
-}
-
-// issue_stage for a matrix whose data is in the tiled layout at `tiles` (row_bytes stored bytes per row): one bulk
-// copy of the stage's 4 KB, and the fp4 scales' box as issue_stage. row0 is a multiple of 16 and k0 of stage_k(F),
-// so the stage starts at stream_tiled_offset(row0, byte0) = row0 · row_bytes + 16 · byte0. Called by the whole warp
-// (lane 0 issues).
-template <TileFormat F>
-__device__ __forceinline__ void issue_tiled_stage(const StreamMaps* maps, const uint8_t* tiles, int64_t row_bytes,
-                                                  int64_t row0, int64_t k0, uint8_t* slot, uint64_t* full) {
-  constexpr int kScaleBytes = stage_scale_bytes(F);
-  if (threadIdx.x % kWarpSize != 0) return;
-  sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
-  const int64_t byte0 = k0 * 16 / values_per_load(F);
-  ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(slot)),
-                                      tiles + row0 * row_bytes + kTileRows * byte0, kStageBytes,
-                                      static_cast<uint32_t>(__cvta_generic_to_shared(full)));
-  if constexpr (kScaleBytes > 0)
-    sm90::tma_load_2d(slot + 2 * kHalfBytes, &maps->scales, full, int32_t(k0 / (stage_k(F) / kScaleBytes)),
-                      int32_t(row0));
 }
 
 // The FP8 block scales of the stage at k0 (the 128-wide blocks of the tile's 128-row band), read before waiting for
