@@ -23,7 +23,9 @@
 // bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA; a third line the
 // same with head_split_spread (all 8 warps of a CTA on its QKᵀ); at batch ≤ 8 a fourth line times kv_insert (with its
 // fused per-head q norm) + that attention against the attention doing both in its decode prologue (insert_kv). The
-// head-split line also gives the time of an empty kernel on the same grid and clusters: a call's launch floor.
+// head-split line also gives the time of an empty kernel on the same grid and clusters: a call's launch floor. With
+// bf16 entries at batch ≥ 64, a line times the bf16q call with prefill_kernel routed by the two-wave rule and by
+// prefill_kernel_one_wave.
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
@@ -295,6 +297,10 @@ struct Result {
   // the spread attention doing both in its decode prologue (insert_kv); 0 = not measured.
   double two_launch_us = 0, prologue_us = 0;
   double launch_floor_us = 0;  // empty_kernel on the head-split call's grid (its launcher's choice)
+  // bf16 entries, batch ≥ 64: the bf16q call with prefill_kernel on, routed by the two-wave rule and by
+  // prefill_kernel_one_wave (whether each took the prefill kernel), and the latter's CPU check; 0 = not measured.
+  double two_wave_us = 0, one_wave_us = 0, one_wave_cpu_error = 0;
+  bool two_wave_routed = false, one_wave_routed = false;
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -407,6 +413,20 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
+  double two_wave_ms = 0, one_wave_ms = 0, one_wave_cpu_error = 0;
+  bool two_wave_routed = false, one_wave_routed = false;
+  if (format == KvEntryFormat::Bf16 && batch >= 64) {
+    SparseAttentionParams routed = bf16_q;
+    routed.prefill_kernel = true;
+    for (const bool one_wave : {false, true}) {
+      routed.prefill_kernel_one_wave = one_wave;
+      (one_wave ? one_wave_routed : two_wave_routed) = sparse_attention_uses_prefill_kernel(routed);
+      out.fill_bytes(0xFF);
+      (one_wave ? one_wave_ms : two_wave_ms) = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(routed); });
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+      if (one_wave) one_wave_cpu_error = cpu_check(routed, window_index, compressed_index, q, sink, positions, out, sample);
+    }
+  }
   SparseAttentionParams head_split = bf16_q;
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
@@ -581,6 +601,11 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.spread_us = spread_ms * 1e3;
   r.two_launch_us = two_launch_ms * 1e3;
   r.launch_floor_us = launch_floor_ms * 1e3;
+  r.two_wave_us = two_wave_ms * 1e3;
+  r.one_wave_us = one_wave_ms * 1e3;
+  r.one_wave_cpu_error = one_wave_cpu_error;
+  r.two_wave_routed = two_wave_routed;
+  r.one_wave_routed = one_wave_routed;
   r.prologue_us = prologue_ms * 1e3;
   r.spread_cpu_error = spread_cpu_error;
   std::copy(std::begin(spread_tiles_us), std::end(spread_tiles_us), std::begin(r.spread_tiles_us));
@@ -732,7 +757,8 @@ int run(int argc, char** argv) {
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
-                                r.head_split_cpu_error <= kCpuCheckLimit && r.spread_cpu_error <= kCpuCheckLimit);
+                                r.head_split_cpu_error <= kCpuCheckLimit && r.spread_cpu_error <= kCpuCheckLimit &&
+                                r.one_wave_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
@@ -742,6 +768,11 @@ int run(int argc, char** argv) {
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
+          if (r.two_wave_us > 0)
+            std::printf("       prefill routing (bf16 q): two-wave rule %.1f us (prefill kernel: %s), one-wave rule %.1f "
+                        "us (prefill kernel: %s), cpu err %.1e\n",
+                        r.two_wave_us, r.two_wave_routed ? "yes" : "no", r.one_wave_us, r.one_wave_routed ? "yes" : "no",
+                        r.one_wave_cpu_error);
           if (r.head_split_splits > 0) {
             std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us, an empty kernel on its grid "
                         "%.1f us), cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
@@ -799,7 +830,8 @@ int run(int argc, char** argv) {
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
                    "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"spread_us\": %.2f, "
                    "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f], "
-                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f, \"launch_floor_us\": %.2f}%s\n",
+                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f, \"launch_floor_us\": %.2f, "
+                   "\"two_wave_us\": %.2f, \"one_wave_us\": %.2f, \"one_wave_routed\": %d}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -809,7 +841,8 @@ int run(int argc, char** argv) {
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                    r.head_split_tiles_us[4], r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
                    r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], r.two_launch_us, r.prologue_us,
-                   r.launch_floor_us, i + 1 < results.size() ? "," : "");
+                   r.launch_floor_us, r.two_wave_us, r.one_wave_us, int(r.one_wave_routed),
+                   i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

@@ -46,6 +46,7 @@ struct AttentionCase {
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
+  bool one_wave = false;        // ... from one wave of (query, 64-head block) CTAs (prefill_kernel_one_wave)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -61,6 +62,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.cluster_merge_bf16_partials = c.bf16_partials;
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
+  call.prefill_kernel_one_wave = c.one_wave;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -398,8 +400,8 @@ TEST(SparseAttention, DecodePrologueMatchesInsertThenAttention) {
 }
 
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk
-// of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts; small windows and slot
-// counts, since the CPU reference is the cost.
+// of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts, and (prefill_kernel_one_wave)
+// 64 Pro queries; small windows and slot counts, since the CPU reference is the cost.
 TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   AttentionCase swa{"flash swa prefill chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 448, 0, {400}, 280, 0,
@@ -410,6 +412,12 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   pro.prefill_kernel = true;
   pro.counts = true;
   check_attention(pro, 101);
+  // One wave (prefill_kernel_one_wave): 64 Pro queries, two head blocks each.
+  AttentionCase pro_wave{"pro csa one wave", KvEntryFormat::Bf16, 512, 64, 128, 64, 224, 32, {300, 900}, 32, 0,
+                         AttentionDtype::Bf16, AttentionDtype::Bf16};
+  pro_wave.prefill_kernel = true;
+  pro_wave.one_wave = true;
+  check_attention(pro_wave, 102);
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and

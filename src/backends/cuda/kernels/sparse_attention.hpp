@@ -85,9 +85,10 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
-  // The head-split path with each CTA's QKᵀ shared by all 8 warps (a CTA of one tile used two) and the cluster merge's
-  // weights computed per thread (no CTA barrier); the same numerics up to the scores' fp32 summation order.
-  bool head_split_spread = false;
+  // The head-split path with each CTA's QKᵀ shared by all 8 warps (off: a warp per 16 entries, so a CTA of one tile
+  // used two) and the cluster merge's weights computed per thread (no CTA barrier); the same numerics up to the
+  // scores' fp32 summation order.
+  bool head_split_spread = true;
   // Decode prologue (head-split path with head_split_spread, tokens ≤ kSparseAttentionInsertMaxTokens; null insert_kv
   // = off): the launch also does the work of the kv_insert launch that would precede it (kv_insert.hpp with its fused
   // per-head q norm), one launch less per layer. Query t's new K = V vector (fp32 row t of insert_kv) is normalised
@@ -109,6 +110,11 @@ struct SparseAttentionParams {
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
   // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
   bool prefill_kernel = true;
+  // With prefill_kernel: route calls from 15/16 of one wave of (query, 64-head block) CTAs on (V4-Pro batch 64 in,
+  // V4-Flash batch 64 out) instead of two waves. The prefill kernel against the paths here (the attnp engineer's
+  // bench, bf16 q and entries, H200): Pro CSA/HCA batch 64 46.7 → 42.0 / 40.6 µs, batch 256 165 → 143 / 138, Flash
+  // CSA/HCA batch 256 87.6 / 87.2 → 87.0 / 81.3, SWA 37.8 → 39.5.
+  bool prefill_kernel_one_wave = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
