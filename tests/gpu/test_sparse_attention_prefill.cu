@@ -48,9 +48,12 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-void check_attention(const AttentionCase& c, uint32_t seed, const SparseAttentionPrefillOptions& options = {}) {
+// Default options: PrefetchResolved::Off, so that the plain producer is what the cases without On test.
+void check_attention(const AttentionCase& c, uint32_t seed,
+                     const SparseAttentionPrefillOptions& options = {.prefetch_resolved = PrefetchResolved::Off}) {
+  const bool prefetch = options.prefetch_resolved == PrefetchResolved::On;
   SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) +
-               (options.prefetch_resolved ? " prefetch_resolved" : ""));
+               (prefetch ? " prefetch_resolved" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
   compare_with_cpu(c, data.call, options, data.expected, data.magnitude);
@@ -81,7 +84,8 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, options.prefetch_resolved ? " +pf" : "", checked.worst);
+              static_cast<long long>(T), H, D, options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
+              checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -136,12 +140,13 @@ TEST(SparseAttentionPrefill, OddShapesMatchCpu) {
 TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 400;
-  const SparseAttentionPrefillOptions prefetch{.prefetch_resolved = true};
+  const SparseAttentionPrefillOptions prefetch{.prefetch_resolved = PrefetchResolved::On};
   for (const KvEntryFormat format : kFormats) {
     // CSA: 128 + 512 slots = 5 pairs.
     const AttentionCase csa{"flash csa decode", format, 512, 64, 64, 128, 128, 512, {3000, 700, 129, 5000}, 1};
     check_attention(csa, seed++);
     check_attention(csa, seed++, prefetch);
+    check_attention(csa, seed++, {.prefetch_resolved = PrefetchResolved::Auto});
     // SWA: 128 window slots = one pair; a query without entries.
     check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
                      AttentionDtype::Bf16, true},

@@ -18,9 +18,12 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream,
-                 dim3(1, 1, 1), "sparse_attention_prefill", p, head_blocks, device_multiprocessors(),
-                 options.prefetch_resolved);
+  const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
+  const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
+                        (options.prefetch_resolved == PrefetchResolved::Auto &&
+                         ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
+  launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
 }
 
 }  // namespace

@@ -27,11 +27,18 @@ bool sparse_attention_prefill_supports(const KvEntryLayout& layout, int page_shi
 // Throws (naming the shape, pointer or field at fault) unless run_sparse_attention_prefill supports the call.
 void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 
-// Variants of the kernel that a benchmark compares on the same call (defaults: the variant in use).
+// Whether the producer asks L2 for a pair's entries as soon as it has resolved them (no extra loads), so that the
+// pair's later halves, copied only once the consumers release their buffers, wait for L2 rather than DRAM. Auto: where
+// the grid is at most kSparseAttentionPrefillPrefetchWaves waves of (query, 64-head block) CTAs, decode batches, whose
+// entries are read once and cold (H200, bf16 entries, bf16 q, L2 flushed: Flash CSA/HCA batch 256 86.4 / 81.6 →
+// 80.2 / 78.2 µs, Pro CSA batch 64 / 256 42.3 / 142.1 → 38.7 / 135.5 µs); not for prefill chunks, whose queries share
+// one sequence's entries in L2 (4096 queries: 952.6 → 975.0 µs).
+enum class PrefetchResolved : uint8_t { Auto, Off, On };
+inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
+
+// Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
-  // The producer asks L2 for a pair's entries as soon as it has resolved them (no extra loads): the pair's later
-  // halves, copied only once the consumers release their buffers, then wait for L2 rather than DRAM.
-  bool prefetch_resolved = false;
+  PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
