@@ -505,7 +505,6 @@ struct E2eOptions {
   std::string format = "nvfp4";
   std::string device = "cuda";
   std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
-  std::optional<double> l2_prefetch_fraction;  // CudaModelOptions::l2_prefetch_fraction, when not its default
 };
 
 // --fusion NAME=on|off: the CudaModelOptions switch of that name. One run builds one model; an A/B of a fusion is two
@@ -528,9 +527,7 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
       {"fp8_indexer_keys", &cuda::CudaModelOptions::fp8_indexer_keys},
       {"q_norm_cta_rows", &cuda::CudaModelOptions::q_norm_cta_rows},
-      {"attention_inserts_kv", &cuda::CudaModelOptions::attention_inserts_kv},
-      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
-      {"l2_prefetch_weights", &cuda::CudaModelOptions::l2_prefetch_weights}};
+      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {
@@ -550,9 +547,6 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   if (o.layers != 0) first_layers(full, o.layers);  // range check before touching the GPU
   cuda::CudaModelOptions checked;
   for (const FusionSetting& f : o.fusions) apply_fusion(checked, f);  // an unknown name too
-  if (o.l2_prefetch_fraction) checked.l2_prefetch_fraction = *o.l2_prefetch_fraction;
-  check(checked.l2_prefetch_fraction > 0 && checked.l2_prefetch_fraction <= 1, "--l2-prefetch-fraction ",
-        checked.l2_prefetch_fraction, " outside (0, 1]");
   check(!cuda::list_devices().empty(), "bench e2e needs a GPU: no CUDA device is visible");
   const std::string device = resolve_device(o.device == "auto" ? "cuda" : o.device);
   check(device != "cpu", "bench e2e runs on the GPU only (--device cuda or cuda:N)");
@@ -593,13 +587,10 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.layer_kinds = describe_layer_kinds(config);
   report.extrapolated = true;
   report.extra["copy_bandwidth_gbps"] = copy_gbps;
-  if (!o.fusions.empty() || o.l2_prefetch_fraction) {
+  if (!o.fusions.empty()) {
     std::string fusions;
     for (const FusionSetting& f : o.fusions)
       fusions += (fusions.empty() ? "" : ", ") + f.name + (f.on ? "=on" : "=off");
-    if (o.l2_prefetch_fraction)
-      fusions += (fusions.empty() ? "" : ", ") + std::string("l2_prefetch_fraction=") +
-                 std::to_string(*o.l2_prefetch_fraction);
     report.extra["fusions"] = fusions;
     report.notes.push_back("CudaModelOptions changed from their defaults: " + fusions);
   }
@@ -618,7 +609,6 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     const double fixed = shape.batch > 0 ? head_seconds(weights.head.view(), shape.batch, context.compute_stream()) : 0;
     cuda::CudaModelOptions options = model_options(device, NumericsMode::Exact, shape);
     for (const FusionSetting& f : o.fusions) apply_fusion(options, f);
-    options.l2_prefetch_fraction = checked.l2_prefetch_fraction;
     cuda::CudaModel model(config, std::move(weights), options);
     CudaModelRunner runner(model);
     for (int64_t p : shape.prompts) {
@@ -763,7 +753,6 @@ struct BenchOptions {
   int layers = 0;
   std::string format = "nvfp4";
   std::string e2e_device = "cuda";
-  std::optional<double> l2_prefetch_fraction;
 };
 
 const CommandRegistration registration{{
@@ -794,12 +783,8 @@ const CommandRegistration registration{{
                       "fuse_compressor_pools, indexer_prepare_in_scores, indexer_top_k_in_scores, norms_in_mhc, "
                       "mhc_cluster_kernel, bf16_wo_a, "
                       "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
-                      "compressor_runs_at_launch, fp8_indexer_keys, q_norm_cta_rows, attention_inserts_kv, "
-                      "indexer_prepare_in_compressors, "
-                      "l2_prefetch_weights); repeatable");
-      e2e->add_option("--l2-prefetch-fraction", o->l2_prefetch_fraction,
-                      "With l2_prefetch_weights: the share of the GPU's L2 each prefetch site may ask for, in "
-                      "(0, 1] (default: CudaModelOptions')");
+                      "compressor_runs_at_launch, fp8_indexer_keys, q_norm_cta_rows, indexer_prepare_in_compressors); "
+                      "repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
@@ -811,8 +796,7 @@ const CommandRegistration registration{{
         std::vector<FusionSetting> fusions;
         for (const std::string& text : o->fusions) fusions.push_back(parse_fusion(text));
 #if DSV4_HAVE_CUDA
-        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions, o->l2_prefetch_fraction},
-                       o->e2e_plan);
+        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions}, o->e2e_plan);
 #else
         // Check what can be checked without a GPU first, so a typo is reported as such.
         const ModelConfig full = resolve_model_config(o->config);

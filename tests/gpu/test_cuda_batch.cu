@@ -154,10 +154,9 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
 }
 
 // How a test model launches a step: every op separately, the fused launches (stacked projections, the sub-block norms
-// inside mHC's launches, the linear layers' norm prologue and bf16 output, the weights' L2 prefetches on a branch of
-// their own), or those with the compressors and the indexer on a branch stream beside the query path
-// (parallel_compressors, parallel_indexer), the KV insert in the attention's launch and the indexer's top-k in its
-// scores launch.
+// inside mHC's launches, the linear layers' norm prologue and bf16 output), or those with the compressors and the
+// indexer on a branch stream beside the query path (parallel_compressors, parallel_indexer) and the indexer's top-k in
+// its scores launch.
 enum class Launches { Separate, Fused, FusedWithBranch };
 constexpr Launches kEveryLaunches[] = {Launches::Separate, Launches::Fused, Launches::FusedWithBranch};
 
@@ -184,8 +183,6 @@ cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
   options.moe_single_launch = fused;
   options.parallel_compressors = launches == Launches::FusedWithBranch;
   options.parallel_indexer = launches == Launches::FusedWithBranch;
-  options.l2_prefetch_weights = fused;
-  options.attention_inserts_kv = launches == Launches::FusedWithBranch;
   options.indexer_top_k_in_scores = launches == Launches::FusedWithBranch;
   options.fp8_indexer_keys = fused;  // reference numerics only (the default: on)
   options.q_norm_cta_rows = fused;

@@ -197,11 +197,9 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
 // indexer's query preparation in the compressors' launch and the runs loaded at launch
-// (indexer_prepare_in_compressors, compressor_runs_at_launch); the weights' L2 prefetch branch (l2_prefetch_weights)
-// with the branch stream and with the compressors' launch options, the queries' per-head norm in CTA rows
-// (q_norm_cta_rows), the indexer's top-k in its scores launch (indexer_top_k_in_scores) and the KV insert in the
-// attention's launch (attention_inserts_kv) with the branch stream: the same bounds against the CPU, prefill and
-// decode.
+// (indexer_prepare_in_compressors, compressor_runs_at_launch); the queries' per-head norm in CTA rows
+// (q_norm_cta_rows) and the indexer's top-k in its scores launch (indexer_top_k_in_scores) with the branch stream
+// (both off without it): the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
@@ -232,10 +230,8 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.parallel_indexer = fused.branches;
     options.indexer_prepare_in_compressors = fused.compressor_launch;
     options.compressor_runs_at_launch = fused.compressor_launch;
-    options.l2_prefetch_weights = fused.branches || fused.compressor_launch;
     options.q_norm_cta_rows = fused.branches;
     options.indexer_top_k_in_scores = fused.branches;
-    options.attention_inserts_kv = fused.branches;
     cuda::CudaModel model(config, f.ckpt.weights, options);
     for (int64_t chunk : {int64_t(150), int64_t(1)}) {
       const bool none = !fused.projections && !fused.norms && !fused.linear_io && !fused.branches;
@@ -243,7 +239,7 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
                                (fused.projections ? " stacked projections" : "") +
                                (fused.norms ? " norms in mHC" : "") + (fused.linear_io ? " linear io" : "") +
                                (fused.branches ? " branch stream" : "") +
-                               (fused.compressor_launch ? " prepare in compressors, L2 prefetch" : "") +
+                               (fused.compressor_launch ? " prepare in compressors" : "") +
                                ", chunks of " + std::to_string(chunk) + ", against the CPU in gpu-bf16";
       expect_rows_within(what, row_errors(like_gpu, gpu_logits(model, tokens, chunk), config.vocab_size),
                          kFlipBounds, kTolerance);
@@ -252,48 +248,6 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelMatchesCpu, kFixtures, dsv4::testing::fixture_param_name);
-
-// The weights' L2 prefetches (l2_prefetch_weights, at the default and at the smallest share of L2) change no bit of
-// the logits: a prompt of a prefetching size (12 tokens), then decode steps (the captured graph), against the same
-// model without them.
-class CudaModelL2Prefetch : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(CudaModelL2Prefetch, ChangesNoBitOfTheLogits) {
-  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const ModelFixture f(GetParam());
-  const ModelConfig& config = f.ckpt.config;
-  const std::vector<int32_t> prompt = random_tokens(12, config.vocab_size, 11);
-  const std::vector<int32_t> decoded = random_tokens(20, config.vocab_size, 12);
-  auto logits_of = [&](bool prefetch, double fraction) {
-    cuda::CudaModelOptions options;
-    options.max_context = 64;
-    options.l2_prefetch_weights = prefetch;
-    options.l2_prefetch_fraction = fraction;
-    cuda::CudaModel model(config, f.ckpt.weights, options);
-    const int slot = model.add_sequence();
-    std::vector<float> all, part;
-    model.forward(slot, prompt, LogitRows::All, all);
-    for (const int32_t id : decoded) {
-      model.decode(std::span(&slot, 1), std::span(&id, 1), part);
-      all.insert(all.end(), part.begin(), part.end());
-    }
-    return all;
-  };
-  const std::vector<float> want = logits_of(false, 0.75);
-  for (const double fraction : {0.75, 1e-6}) {
-    const std::vector<float> got = logits_of(true, fraction);
-    ASSERT_EQ(got.size(), want.size());
-    for (size_t i = 0; i < want.size(); ++i)
-      ASSERT_EQ(std::memcmp(&want[i], &got[i], sizeof(float)), 0)
-          << "fraction " << fraction << ": row " << i / size_t(config.vocab_size) << " token "
-          << i % size_t(config.vocab_size) << ": " << got[i] << " with the prefetches, " << want[i] << " without";
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelL2Prefetch,
-                         ::testing::Values("tests/golden/flash_like-release", "tests/golden/pro_like",
-                                           "models/tiny-fortunes-nvfp4"),
-                         dsv4::testing::fixture_param_name);
 
 // The model cut after each of its layers (the same cut on the CPU, GpuBf16 numerics): the first layer faithful to fp32
 // order; where the GPU starts to differ tells which layer kind (SWA, CSA, HCA) or routing (hash, scored) is at fault.

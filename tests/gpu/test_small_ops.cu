@@ -8,8 +8,7 @@
 // decode tokens and prefill runs mixed, each list alone, all of a step's in one launch, and in the embedding's launch,
 // exact against the rule written out on the host. Strided norm input (a slice of a wider output) bit-identical to
 // contiguous rows. Outputs poisoned with NaN plus a guard region; every element checked. The shared PerDeviceCache:
-// one compute per key and device under concurrent calls. The L2 prefetch: a matrix's ranges within a budget, launches
-// over odd sizes that leave the memory as it was, refusals.
+// one compute per key and device under concurrent calls.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -31,7 +30,6 @@
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/attention_index.hpp"
 #include "backends/cuda/kernels/embedding.hpp"
-#include "backends/cuda/kernels/l2_prefetch.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/rope_apply.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -594,99 +592,6 @@ TEST(SmallOpsGpu, PerDeviceCacheComputesOncePerKeyAndDevice) {
   EXPECT_EQ(cache.get(&computes, [] { return 3; }), 3);
 }
 
-
-// A matrix's ranges: its data rows, then its scales (FP8_BLOCK128: one f32 row of scales per 128-row band), cut at
-// the budget wherever it falls.
-TEST(SmallOpsGpu, L2PrefetchRangesOfAMatrixStopAtTheBudget) {
-  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
-  alignas(16) static const uint8_t data[16] = {}, scales[16] = {};
-  DeviceMatrixView w;
-  w.format = WeightFormat::FP8_BLOCK128, w.scale_type = ScaleType::F32, w.rows = 300, w.cols = 256;
-  w.data = data, w.scales = scales, w.data_row_bytes = 256, w.scales_per_row = 2;
-  const uint64_t data_bytes = 300 * 256, scale_bytes = 3 * 2 * 4;
-  for (const uint64_t budget : {uint64_t(0), uint64_t(1000), data_bytes, data_bytes + 5, uint64_t(1) << 40}) {
-    SCOPED_TRACE("budget " + std::to_string(budget));
-    L2PrefetchParams p;
-    const uint64_t added = add_l2_prefetch_matrix(p, w, budget);
-    EXPECT_EQ(added, std::min(budget, data_bytes + scale_bytes));
-    ASSERT_EQ(p.range_count, budget == 0 ? 0 : budget <= data_bytes ? 1 : 2);
-    if (p.range_count >= 1) {
-      EXPECT_EQ(p.ranges[0].data, data);
-      EXPECT_EQ(p.ranges[0].bytes, std::min(budget, data_bytes));
-    }
-    if (p.range_count == 2) {
-      EXPECT_EQ(p.ranges[1].data, scales);
-      EXPECT_EQ(p.ranges[1].bytes, std::min(budget - data_bytes, scale_bytes));
-    }
-    uint64_t whole = 0;
-    for (int r = 0; r < p.range_count; ++r) whole += p.ranges[size_t(r)].bytes / 16 * 16;
-    EXPECT_EQ(l2_prefetch_bytes(p), whole);
-  }
-  L2PrefetchParams full;
-  full.range_count = kL2PrefetchMaxRanges;
-  EXPECT_THROW(add_l2_prefetch_matrix(full, w, 100), Error);
-}
-
-// Prefetches of ranges of odd sizes (a tail under 16 bytes, under one chunk, several chunks and more chunks than one
-// CTA's threads take, a range of none), in a stream and captured in a graph: the memory keeps every byte.
-TEST(SmallOpsGpu, L2PrefetchLaunchesLeaveTheMemoryAsItWas) {
-  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
-  const size_t bytes = size_t(9) << 20;
-  std::vector<uint8_t> pattern(bytes);
-  std::mt19937 rng(5);
-  for (uint8_t& b : pattern) b = uint8_t(rng());
-  DeviceBuffer buffer = to_device(pattern, "prefetched bytes");
-  const uint8_t* base = buffer.as<uint8_t>();
-  L2PrefetchParams p;
-  const std::pair<size_t, uint64_t> ranges[] = {{0, 7}, {16, 16 + 15}, {4096, 40000}, {1 << 20, (size_t(8) << 20) - 48},
-                                                {64, 0}};
-  for (const auto& [offset, length] : ranges) p.ranges[size_t(p.range_count++)] = {base + offset, length};
-  EXPECT_EQ(l2_prefetch_bytes(p), 0 + 16 + 40000 + (uint64_t(8) << 20) - 48 + 0);
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  p.stream = stream;
-  run_l2_prefetch(p);
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  run_l2_prefetch(p);
-  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
-  std::vector<uint8_t> after(bytes);
-  ASSERT_EQ(cudaMemcpy(after.data(), base, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-  EXPECT_EQ(std::memcmp(after.data(), pattern.data(), bytes), 0) << "a prefetch changed the memory";
-  L2PrefetchParams nothing;  // no range: no launch
-  run_l2_prefetch(nothing);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-}
-
-TEST(SmallOpsGpu, L2PrefetchRefusesBadRanges) {
-  if (list_devices().empty()) GTEST_SKIP() << "no CUDA device";
-  DeviceBuffer buffer(4096, "prefetched bytes");
-  auto refused = [](const L2PrefetchParams& p, const std::string& words) {
-    try {
-      run_l2_prefetch(p);
-      ADD_FAILURE() << "accepted; expected an error with: " << words;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
-    }
-  };
-  L2PrefetchParams p;
-  p.range_count = kL2PrefetchMaxRanges + 1;
-  refused(p, "range_count");
-  p.range_count = -1;
-  refused(p, "range_count");
-  p.range_count = 1;
-  p.ranges[0] = {buffer.as<uint8_t>() + 8, 64};
-  refused(p, "16-byte aligned");
-  p.ranges[0] = {nullptr, 64};
-  refused(p, "no data");
-}
 
 }  // namespace
 }  // namespace dsv4::cuda

@@ -17,7 +17,6 @@
 #include "backends/cuda/kernels/embedding.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
 #include "backends/cuda/kernels/kv_insert.hpp"
-#include "backends/cuda/kernels/l2_prefetch.hpp"
 #include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/mhc.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
@@ -250,10 +249,6 @@ constexpr int64_t kQNormCtaRowsMaxRows = 1024;
 // own (stack_indexer_projections); longer steps run its parts as row slices, so the buffer stays small.
 constexpr int64_t kStackedQueryMaxTokens = 64;
 
-// Up to this many tokens (decode steps) the step asks L2 for the next weights (l2_prefetch_weights): the linear layers
-// of such steps are bound by their weight bytes while the kernels between them barely use HBM.
-constexpr int64_t kL2PrefetchMaxTokens = 16;
-
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
   return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
@@ -404,8 +399,6 @@ struct CudaModel::Impl {
                                                 !o.parallel_compressors && !o.indexer_prepare_in_scores),
           "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, ",
           "parallel_compressors and indexer_prepare_in_scores off");
-    check(o.l2_prefetch_fraction > 0 && o.l2_prefetch_fraction <= 1, "CUDA model: l2_prefetch_fraction ",
-          o.l2_prefetch_fraction, " outside (0, 1]");
     // A row's adjustments_begin is an int32 index into them.
     check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
           o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");
@@ -563,12 +556,6 @@ struct CudaModel::Impl {
       for (cudaEvent_t* e : {&branch_forked, &qr_written, &branch_joined})
         DSV4_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     }
-    if (o.l2_prefetch_weights) {
-      prefetch_stream.emplace("L2 prefetch branch");
-      for (cudaEvent_t* e : {&prefetch_forked, &prefetch_joined})
-        DSV4_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-      l2_prefetch_budget = uint64_t(o.l2_prefetch_fraction * double(context.info().l2_bytes));
-    }
     slot_length.assign(size_t(o.max_sequences), kFreeSlot);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
@@ -621,7 +608,7 @@ struct CudaModel::Impl {
     }
     if (inputs_copied != nullptr) cudaEventDestroy(inputs_copied);
     if (flag_copied != nullptr) cudaEventDestroy(flag_copied);
-    for (cudaEvent_t e : {branch_forked, qr_written, branch_joined, prefetch_forked, prefetch_joined})
+    for (cudaEvent_t e : {branch_forked, qr_written, branch_joined})
       if (e != nullptr) cudaEventDestroy(e);
     if (host_nan_flag != nullptr) cudaFreeHost(host_nan_flag);
     if (staging != nullptr) cudaFreeHost(staging);
@@ -928,43 +915,6 @@ struct CudaModel::Impl {
 
   bool reference() const { return options.numerics == NumericsMode::Reference; }
 
-  bool prefetches_weights(const StepShape& shape) const {
-    return options.l2_prefetch_weights && shape.tokens <= kL2PrefetchMaxTokens;
-  }
-
-  // With l2_prefetch_weights in a decode-sized step: forks the prefetch branch after what the step stream has queued
-  // so far and asks L2 there for the first l2_prefetch_budget bytes of `matrices`, in order (empty views skipped).
-  void prefetch_weights(const StepShape& shape, std::initializer_list<DeviceMatrixView> matrices) {
-    if (!prefetches_weights(shape)) return;
-    L2PrefetchParams p;
-    p.stream = prefetch_stream->get();
-    uint64_t budget = l2_prefetch_budget;
-    for (const DeviceMatrixView& w : matrices)
-      if (w.rows > 0) budget -= add_l2_prefetch_matrix(p, w, budget);
-    DSV4_CUDA_CHECK(cudaEventRecord(prefetch_forked, stream));
-    DSV4_CUDA_CHECK(cudaStreamWaitEvent(prefetch_stream->get(), prefetch_forked));
-    run_l2_prefetch(p);
-    prefetch_pending = true;
-  }
-
-  // The prefetch branch joins the step stream (its launches only issue requests: long finished by then).
-  void join_prefetches() {
-    if (!prefetch_pending) return;
-    DSV4_CUDA_CHECK(cudaEventRecord(prefetch_joined, prefetch_stream->get()));
-    DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, prefetch_joined));
-    prefetch_pending = false;
-  }
-
-  // The first bandwidth-bound linears of a layer's query path: [wq_a; wkv] (or its parts), then wq_b (stacked with the
-  // indexer's where it is).
-  void prefetch_query_weights(const StepShape& shape, int layer) {
-    const device_weights::Attention& a = weights.layers[size_t(layer)].attn;
-    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
-    const bool stacked_queries = stack != nullptr && stack->queries.view().rows > 0;
-    prefetch_weights(shape, {stack != nullptr ? stack->qr_kv.view() : DeviceMatrixView{}, a.wq_a.view(),
-                             a.wkv.view(), stacked_queries ? stack->queries.view() : a.wq_b.view()});
-  }
-
   // [wq_b; indexer wq_b] stacked (stack_indexer_projections), unless the indexer's wq_b runs on the compressors'
   // branch (parallel_indexer).
   bool stacks_indexer_queries() const {
@@ -1257,11 +1207,47 @@ struct CudaModel::Impl {
         linear_of_normed_qr(main_lane(), w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
                             q_norm_weight, T, s.qi, IH * ID);
     }
-    // wo_a's weights into L2 while the KV insert and the attention run (latency-bound: HBM nearly idle).
-    prefetch_weights(shape, {w.wo_a.view()});
-    // The attention's parameters (pointers and bounds only: what its tokens see follows from their positions on the
-    // device), built here so that the KV insert can ride in its launch (attention_inserts_kv).
-    const CompressedEntries compressed = w.compressor ? compressed_entries(layer) : CompressedEntries{};
+    RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
+    q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
+    q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
+    q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
+    q_norm.rope_dim = c.rope_head_dim;
+    q_norm.rows_per_position = H, q_norm.stream = stream;
+    q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
+    if (!inserted && insert_carries_a_norm) {
+      insert.fused_norm = q_norm;
+      run_kv_insert(insert);
+      inserted = true;
+    } else {
+      run_rms_norm(q_norm);
+    }
+    if (!inserted) {
+      if (insert.x == nullptr) {
+        linear(w.wkv.view(), name + " wkv", s.x_bf16, d, T, s.kv, D);
+        insert.x = s.kv;
+      }
+      run_kv_insert(insert);
+    }
+
+    if (branch) {
+      // The branch joins: the indexer (where it stayed on this stream) and the attention read what it wrote.
+      DSV4_CUDA_CHECK(cudaEventRecord(branch_joined, branch_stream->get()));
+      DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, branch_joined));
+    }
+
+    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
+    CompressedEntries compressed;
+    if (w.compressor) {
+      if (!branch) {
+        std::optional<IndexerPrepareParams> prepare;
+        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
+          prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
+        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
+      }
+      if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
+      compressed = compressed_entries(layer);
+    }
+
     SparseAttentionParams a;
     a.cache = kv_cache->view(), a.layer = layer, a.tokens = T, a.heads = int(H);
     a.softmax_scale = 1.0f / std::sqrt(float(D)), a.q = s.q_bf16, a.q_dtype = AttentionDtype::Bf16;
@@ -1275,64 +1261,6 @@ struct CudaModel::Impl {
                                                        c.window_size + compressed.slots,
                                                        context.info().multiprocessors));
     a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
-    // With attention_inserts_kv, in decode steps whose attention takes the head-split path, the attention's prologue
-    // does the KV insert and the queries' per-head norm (from the raw projection) instead of their launch. Nothing
-    // before the attention reads the new window rows or the normed queries (the compressors and the indexer read
-    // their own projections), and q_norm already ran as wq_b's prologue (else the insert carried it, above).
-    bool folded = false;
-    if (options.attention_inserts_kv && prologue && !inserted && insert.x != nullptr &&
-        T <= kSparseAttentionInsertMaxTokens) {
-      SparseAttentionParams with_insert = a;
-      with_insert.head_split_spread = true;
-      with_insert.q = q_projected, with_insert.q_dtype = AttentionDtype::F32, with_insert.q_row_stride = q_row_stride;
-      with_insert.insert_kv = insert.x, with_insert.insert_kv_row_stride = insert.x_row_stride;
-      with_insert.insert_kv_norm = insert.norm_weight, with_insert.insert_rows = in.ring_rows;
-      with_insert.insert_rope_table = insert.rope_table, with_insert.insert_eps = insert.eps;
-      if (sparse_attention_head_split_splits(with_insert) > 0) {
-        a = with_insert;
-        folded = true;
-      }
-    }
-    if (!folded) {
-      RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
-      q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
-      q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
-      q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
-      q_norm.rope_dim = c.rope_head_dim;
-      q_norm.rows_per_position = H, q_norm.stream = stream;
-      q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
-      if (!inserted && insert_carries_a_norm) {
-        insert.fused_norm = q_norm;
-        run_kv_insert(insert);
-        inserted = true;
-      } else {
-        run_rms_norm(q_norm);
-      }
-      if (!inserted) {
-        if (insert.x == nullptr) {
-          linear(w.wkv.view(), name + " wkv", s.x_bf16, d, T, s.kv, D);
-          insert.x = s.kv;
-        }
-        run_kv_insert(insert);
-      }
-    }
-
-    if (branch) {
-      // The branch joins: the indexer (where it stayed on this stream) and the attention read what it wrote.
-      DSV4_CUDA_CHECK(cudaEventRecord(branch_joined, branch_stream->get()));
-      DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream, branch_joined));
-    }
-
-    // Compressed entries of the step (emitted first; each query sees only those complete at its position).
-    if (w.compressor) {
-      if (!branch) {
-        std::optional<IndexerPrepareParams> prepare;
-        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
-          prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
-        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
-      }
-      if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
-    }
     run_sparse_attention(a);
 
     // Grouped output projection: heads of a group are contiguous, so o [T, H·D] is already [T, G, (H/G)·D].
@@ -1368,7 +1296,6 @@ struct CudaModel::Impl {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
-    prefetch_pending = false;  // a step that failed while being queued may have left its last prefetch unjoined
 
     // What a query sees depends on its position only, not on the layer: the window lists, and per HCA ratio the
     // visible compressed entries, once per step (in the embedding's launch).
@@ -1383,7 +1310,6 @@ struct CudaModel::Impl {
     embed.table = weights.embed.view(), embed.ids = in.ids, embed.tokens = T, embed.streams = int(n);
     embed.round_to_bf16 = reference(), embed.X = scratch.X, embed.stream = stream, embed.attention_lists = &index;
     run_embedding(embed);
-    prefetch_query_weights(shape, 0);
 
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
@@ -1392,10 +1318,6 @@ struct CudaModel::Impl {
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       attention(layer, shape, in);
-      // The router and the shared expert into L2 during hc_post_pre and the router (the routed experts are chosen on
-      // the device only then).
-      const MoeExpertView& shared = moe[size_t(layer)]->experts().back();
-      prefetch_weights(shape, {moe[size_t(layer)]->router(), shared.w1, shared.w3, shared.w2});
       hc_post(T, 0, &b.hc_ffn, SiteNorm{floats(b.ffn_norm), scratch.u, nullptr});
 
       MoeRunParams m;
@@ -1403,13 +1325,10 @@ struct CudaModel::Impl {
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
       m.single_launch = options.moe_single_launch;
       run_moe(*moe[size_t(layer)], m);
-      join_prefetches();
-      if (layer + 1 < c.num_layers) {
-        prefetch_query_weights(shape, layer + 1);
+      if (layer + 1 < c.num_layers)
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
-      } else {
+      else
         hc_post(T, 1, nullptr, {});
-      }
       if (layer_nodes != nullptr) {
         const size_t nodes = captured_nodes();
         layer_nodes->push_back(int(nodes - nodes_before_layer));
@@ -1672,12 +1591,6 @@ struct CudaModel::Impl {
   // stream, hand it qr (parallel_indexer) and join it back.
   std::optional<Stream> branch_stream;
   cudaEvent_t branch_forked = nullptr, qr_written = nullptr, branch_joined = nullptr;
-  // The L2 prefetch branch (l2_prefetch_weights): its stream, fork and join events, whether a launch on it awaits its
-  // join, and the bytes one site may ask for.
-  std::optional<Stream> prefetch_stream;
-  cudaEvent_t prefetch_forked = nullptr, prefetch_joined = nullptr;
-  bool prefetch_pending = false;
-  uint64_t l2_prefetch_budget = 0;
   std::vector<int> unchecked_slots;  // slots stepped since the NaN flag was last read
   bool flag_pending = false;         // a NaN flag copy was queued since the flag was last read
   std::vector<int64_t> slot_length;  // tokens held, or kFreeSlot / kFailedSlot

@@ -50,8 +50,9 @@ struct CudaModelOptions {
   bool indexer_prepare_in_scores = false;
   // The indexer's top-k inside its scores launch (run_indexer_scores_top_k, IndexerTopKMethod::Auto: where a
   // layer's keys are at most kIndexerLastCtaMaxKeys, the scores kernel's last CTA per query group selects): one launch
-  // fewer per CSA layer, the same selections.
-  bool indexer_top_k_in_scores = false;
+  // fewer per CSA layer, the same selections. H200, Flash 8 layers NVFP4 b1 (session 16 round 3, -r 2): 730.9 ± 0.2
+  // t/s against 729.1 ± 0.6 off.
+  bool indexer_top_k_in_scores = true;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
   // (fuse_projections): one launch fewer per CSA layer, the same math.
   bool fuse_compressor_pools = true;
@@ -99,12 +100,6 @@ struct CudaModelOptions {
   // of 8 CTAs of 16 at T = 1 (Flash); the sum of squares in another fp32 order. H200, Flash 8 layers NVFP4 (session
   // 15 round 3, one run each): b1 717.5 t/s against 708.8 off (KV insert + q norm, ncu: 6.6 → 4.7 µs).
   bool q_norm_cta_rows = true;
-  // Decode steps of up to kSparseAttentionInsertMaxTokens tokens whose attention takes the head-split path (with
-  // head_split_spread): the KV insert and the queries' per-head norm in the attention's launch
-  // (SparseAttentionParams::insert_kv, from the raw [wq_a; wkv] and wq_b outputs) instead of the KV insert's: one
-  // launch fewer per layer; the same cache bytes, the queries' sums of squares in another fp32 order. Needs
-  // fuse_projections and q_norm_prologue (else the usual launches run).
-  bool attention_inserts_kv = false;
   // Reference numerics: the CSA layers' indexer keys stored as e4m3 codes + an fp32 scale per key (DeepSeek's layout)
   // instead of bf16, and the indexer's queries prepared in that format: half the key bytes the scores read and hold.
   // The keys and queries are the same values (the reference's fp4-rounded operands are exact in fp8); the scores'
@@ -115,13 +110,6 @@ struct CudaModelOptions {
   // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
   // launch fewer per CSA layer, the same bits.
   bool indexer_prepare_in_compressors = false;
-  // Decode-sized steps (up to 16 tokens) ask L2 for the next bandwidth-bound weights from a side branch of the step
-  // (kernels/l2_prefetch.hpp: one small launch per site on a stream of its own, joined before the layer's closing
-  // mHC launch), forked where latency-bound kernels leave HBM nearly idle: the next layer's [wq_a; wkv] and wq_b
-  // during the FFN's closing mHC launch, wo_a during the KV insert and the attention, the router and the shared expert
-  // during hc_post_pre. Each site asks for at most l2_prefetch_fraction of the device's L2. The same bits.
-  bool l2_prefetch_weights = false;
-  double l2_prefetch_fraction = 0.75;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;
