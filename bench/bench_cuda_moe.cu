@@ -13,9 +13,7 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "columns" (or "no-columns"), the down L2 prefetch other than the
-// default (MoeRunParams::down_l2_prefetch; T = 1 only): "down-prefetch" (or "no-down-prefetch"), and both
-// ("other-columns+other-down-prefetch").
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -180,8 +178,6 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
-  OTHER_DOWN_PREFETCH,
-  OTHER_COLUMNS_DOWN_PREFETCH,
   REGISTER
 };
 struct PathSpec {
@@ -191,9 +187,8 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
-  bool other_down_prefetch = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_down_prefetch ||
+    return tile_decode || fused_router || no_down_head_start || other_columns ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -208,10 +203,6 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
-    {Path::OTHER_DOWN_PREFETCH, MoeRunParams{}.down_l2_prefetch ? "no-down-prefetch" : "down-prefetch", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::OTHER_COLUMNS_DOWN_PREFETCH, "other-columns+other-down-prefetch", false, false,
-     MoeRunParams{}.shared_expert_split, false, true, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -230,7 +221,6 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
-  if (spec.other_down_prefetch) p.down_l2_prefetch = !p.down_l2_prefetch;
   p.fused_small_batches = path != Path::REGISTER;
   p.single_launch = path == Path::SINGLE;
   return p;
@@ -310,7 +300,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024) ||
-          (spec.option() && T > kOptionsMaxTokens) || (spec.other_columns && T > 2) || (spec.other_down_prefetch && T > 1))
+          (spec.option() && T > kOptionsMaxTokens) || (spec.other_columns && T > 2))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -445,8 +435,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,columns|no-columns,"
-                           "down-prefetch|no-down-prefetch,other-columns+other-down-prefetch,register]\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,register]\n");
       return 2;
     }
   }

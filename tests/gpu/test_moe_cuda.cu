@@ -10,8 +10,7 @@
 // CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
-// to run; the same bits as without them at T > 2) and the down L2 prefetch (MoeRunParams::down_l2_prefetch: the
-// same bits); a V4-Pro-width layer
+// to run; the same bits as without them at T > 2); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -278,7 +277,6 @@ struct Kernels {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
-  bool down_prefetch = MoeRunParams{}.down_l2_prefetch;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -288,14 +286,13 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (down_prefetch ? ", down L2 prefetch" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns, p.down_l2_prefetch = down_prefetch;
+    p.down_head_start = down_head_start, p.column_stages = columns;
     return p;
   }
 };
@@ -334,18 +331,6 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
-// The streamed kernels with the down L2 prefetch other than the default (MoeRunParams::down_l2_prefetch: T = 1;
-// prefetches only, the same bits), alone, with the shared expert split at every T <= 8 and with the column stages.
-constexpr Kernels kStreamedOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                             .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
-constexpr Kernels kStreamedSplitAllOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED,
-                                                     .fused_small_batches = true,
-                                                     .split = MoeSharedExpertSplit::ALWAYS,
-                                                     .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
-constexpr Kernels kStreamedOtherColumnsOtherDownPrefetch{.experts = MoeExpertKernels::STREAMED,
-                                                         .fused_small_batches = true,
-                                                         .columns = !MoeRunParams{}.column_stages,
-                                                         .down_prefetch = !MoeRunParams{}.down_l2_prefetch};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -628,12 +613,7 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
-    for (const int T : {1, 2}) {
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherDownPrefetch, kStreamedKernels);
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedSplitAllOtherDownPrefetch, kStreamedSplitAll);
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumnsOtherDownPrefetch,
-                       kStreamedOtherColumns);
-    }
+
   }
 }
 
@@ -765,7 +745,6 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
   expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
-  expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherDownPrefetch, kStreamedKernels);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).

@@ -173,7 +173,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .shared_expert_split = single ? MoeSharedExpertSplit::NEVER : p.shared_expert_split,
       .down_head_start = p.down_head_start && !single && streams_experts(weights, p),
       .column_stages = p.column_stages && !single && streams_experts(weights, p),
-      .down_l2_prefetch = p.down_l2_prefetch && !single && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };

@@ -93,12 +93,10 @@ struct MoeRunParams {
   bool down_head_start = true;
   // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 2 (not in the single launch): fp4 stages
   // sum each scale block of each item row in its own MMA output column and scale the fp32 column sums; the block
-  // sums in another order (as exact). H100 (GPU round s16-2), bench_cuda_moe T = 1, against the lean stages:
-  // V4-Flash NVFP4 57.4 -> 56.5 us, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
+  // sums in another order (as exact). bench_cuda_moe against the lean stages, H200 (GPU round s16-3): V4-Flash
+  // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
+  // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
-  // MoeExpertGemmParams::down_l2_prefetch for the streamed gate/up kernel at T = 1 (not in the single launch): its
-  // CTAs ask L2 for the down weights of their experts while they run. The same bits.
-  bool down_l2_prefetch = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

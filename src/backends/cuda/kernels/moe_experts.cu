@@ -34,17 +34,9 @@ auto* one_tile_kernel(bool head_start) {
     if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
   return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
 }
-// The gate/up kernels that ask L2 for the down weights (lean ones only: the same bits as the others).
-template <bool kSplit>
-auto* down_prefetch_kernel(bool columns) {
-  return columns ? moe::moe_expert_streamed_kernel<moe::ExpertGemm::GATE_UP, false, true, kSplit, false, true, true>
-                 : moe::moe_expert_streamed_kernel<moe::ExpertGemm::GATE_UP, false, true, kSplit, false, false, true>;
-}
 // The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
 template <moe::ExpertGemm G>
-auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns, bool down_prefetch) {
-  if constexpr (G == moe::ExpertGemm::GATE_UP)
-    if (down_prefetch) return split ? down_prefetch_kernel<true>(columns) : down_prefetch_kernel<false>(columns);
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
   if (columns)
     return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
   return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
@@ -71,8 +63,7 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns,
-                                                 p.down_l2_prefetch && p.tokens == 1);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -224,7 +215,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
         "streamed-kernel option");
-  check(!p.down_l2_prefetch || p.streamed, "moe expert GEMM: the down L2 prefetch is a streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

@@ -427,44 +427,9 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// PTX ISA "cp.async.bulk.tensor" with ".L2::cache_hint" and a "createpolicy" evict_first policy: sm90::tma_load_2d
-// whose lines L2 evicts before normal ones (the gate/up stages of the down-prefetching kernels, read once, so that
-// the prefetched down rows outlive them).
-__device__ __forceinline__ void tma_load_2d_evict_first(void* shared_dst, const CUtensorMap* map, uint64_t* barrier,
-                                                        int32_t col, int32_t row) {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
-      "{%2, %3}], [%4], %5;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst))),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row),
-      "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier))), "l"(policy)
-      : "memory");
-}
-
-// tile::stream::issue_stage, its copies with the evict_first policy where kEvictFirst.
-template <tile::TileFormat F, bool kEvictFirst>
-__device__ __forceinline__ void issue_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0,
-                                            uint8_t* slot, uint64_t* full) {
-  namespace st = tile::stream;
-  if constexpr (!kEvictFirst) {
-    st::issue_stage<F>(maps, row0, k0, slot, full);
-  } else {
-    constexpr int kScaleBytes = st::stage_scale_bytes(F);
-    if (threadIdx.x % tile::kWarpSize != 0) return;
-    sm90::mbarrier_arrive_expect_tx(full, tile::kTileRows * (st::kRowBytes + kScaleBytes));
-    const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
-    tma_load_2d_evict_first(slot, &maps->data, full, byte0, row);
-    tma_load_2d_evict_first(slot + st::kHalfBytes, &maps->data, full, byte0 + st::kBoxBytes, row);
-    if constexpr (kScaleBytes > 0)
-      tma_load_2d_evict_first(slot + 2 * st::kHalfBytes, &maps->scales, full,
-                              int32_t(k0 / (st::stage_k(F) / kScaleBytes)), row);
-  }
-}
-
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G, int kParts, bool kEvictFirst = false>
+template <tile::TileFormat F, ExpertGemm G, int kParts>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
                                              uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
@@ -472,8 +437,8 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    issue_stage<F, kEvictFirst>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                                ring + j * st::kSlotBytes, full + j);
+    st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
+                       ring + j * st::kSlotBytes, full + j);
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -528,21 +493,13 @@ __device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word, uint32_t word_
   return ((source & kNibbles) * kCopies) & 0x81C081C0u;
 }
 
-// word >> 8 as a multiply-high (PTX ISA "mul.hi"), which runs beside the masks instead of on their integer pipe (they
-// keep it the busiest); asm, so the compiler does not turn it back into a shift.
-__device__ __forceinline__ uint32_t shift_right_8(uint32_t word) {
-  uint32_t high;
-  asm("mul.hi.u32 %0, %1, %2;" : "=r"(high) : "r"(word), "r"(1u << 24));
-  return high;
-}
-
 // One lane's 16 stored bytes of one row → bf16 pairs in MMA order (tile::detail::decode_row_bytes's pairs).
 template <tile::TileFormat F>
 __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, uint32_t factor1,
                                            uint32_t (&pairs)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = shift_right_8(word);
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
     const uint32_t factor = (F == tile::TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
     pairs[4 * i + 0] = tile::detail::bf16x2_mul(e2m1_pair_bits<0>(word, word_high), factor);
     pairs[4 * i + 1] = tile::detail::bf16x2_mul(e2m1_pair_bits<1>(word, word_high), factor);
@@ -555,7 +512,7 @@ __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, u
 __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pairs)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = shift_right_8(word);
+    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
     pairs[4 * i + 0] = e2m1_pair_bits<0>(word, word_high);
     pairs[4 * i + 1] = e2m1_pair_bits<1>(word, word_high);
     pairs[4 * i + 2] = e2m1_pair_bits<2>(word, word_high);
@@ -764,47 +721,10 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 }  // namespace columns
 
-// PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for one box of a tensor map (no shared memory, no completion).
-__device__ __forceinline__ void prefetch_box_l2(const CUtensorMap* map, int32_t col, int32_t row) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(col), "r"(row)
-               : "memory");
-}
-
-// MoeExpertGemmParams::down_l2_prefetch: a gate/up CTA asks L2 for the down GEMM's weights of its item's expert, the
-// w2 rows [band · R, band · R + R) with R = d / gate/up bands (rounded up to 16; a split CTA pair halves them), as
-// whole stage boxes of the data and fp4 scale maps, so the down launch streams them from L2. Called by every warp
-// once; thread i of the CTA issues boxes i, i + 256, ... The expert's formats are one format.
-template <tile::TileFormat F, int kParts>
-__device__ __forceinline__ void prefetch_down_rows(const ExpertGemmArgs& a, int expert, int band, int part) {
-  namespace st = tile::stream;
-  const tile::stream::StreamMaps* maps = a.stream_maps + 3 * expert + 2;
-  const int hidden = a.k_total, intermediate = a.n_total;  // the gate/up GEMM's K and rows
-  const int band_rows = ((hidden + int(gridDim.x) - 1) / int(gridDim.x) + tile::kTileRows - 1) / tile::kTileRows *
-                        tile::kTileRows;
-  const int part_rows = (band_rows / kParts + tile::kTileRows - 1) / tile::kTileRows * tile::kTileRows;
-  const int row_begin = band * band_rows + part * part_rows;
-  const int row_end = min(hidden, min(row_begin + part_rows, (band + 1) * band_rows));
-  const int groups = row_end > row_begin ? (row_end - row_begin + tile::kTileRows - 1) / tile::kTileRows : 0;
-  const int data_boxes = intermediate * 16 / st::values_per_load(F) / st::kBoxBytes;
-  const int scale_boxes = st::stage_scale_bytes(F) > 0 ? intermediate / int(st::stage_k(F)) : 0;
-  const int per_group = data_boxes + scale_boxes;
-  for (int i = int(threadIdx.x); i < groups * per_group; i += kExpertThreads) {
-    const int row = row_begin + (i / per_group) * tile::kTileRows, box = i % per_group;
-    if (box < data_boxes)
-      prefetch_box_l2(&maps->data, box * st::kBoxBytes, row);
-    else
-      prefetch_box_l2(&maps->scales, (box - data_boxes) * st::stage_scale_bytes(F), row);
-  }
-}
-
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
-// at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead; kDownPrefetch (gate/up):
-// prefetch_down_rows once the warp has consumed its first stage, the item's own copies evict_first. kParts = 2: the warp's slice of CTA part `part`
-// (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          bool kDownPrefetch = false>
+// at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -825,7 +745,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts, kDownPrefetch>(a, item.expert, slice, ring, full);
+  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -889,14 +809,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
         if (j + kStreamedSlots < stages) {
-          issue_stage<F, kDownPrefetch>(maps, row0, (slice.k_part + refill * kParts) * kStageK,
-                                        ring + slot * st::kSlotBytes, full + slot);
+          st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
+                             full + slot);
           if (++refill == pass_stages) refill = 0;
         }
-        // After the first stage (the launch's first copies are not delayed): the down rows then arrive while the
-        // gate/up stages run, whose own lines (evict_first) L2 drops before them.
-        if constexpr (kDownPrefetch && G == ExpertGemm::GATE_UP)
-          if (j == 0) prefetch_down_rows<F, kParts>(a, item.expert, band, part);
       }
     }
     if constexpr (kColumnStages)
@@ -918,14 +834,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
 // (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
-// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kDownPrefetch (gate/up, one-tile
-// kernels of T = 1 launches; MoeExpertGemmParams::down_l2_prefetch): every CTA asks L2 for its share of its
-// expert's down weights (prefetch_down_rows).
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false, bool kDownPrefetch = false>
+          bool kColumns = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
-  static_assert(!kDownPrefetch || (G == ExpertGemm::GATE_UP && !kMultiTile), "the down prefetch is a one-tile "
-                "gate/up kernel's");
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
@@ -941,8 +853,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts, kDownPrefetch>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part),
-                                                      ring, full);
+      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
@@ -958,13 +869,12 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kDownPrefetch>(a, expert, item, band, smem, full,
-                                                                                true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns>(a, expert, item, band, smem, full, true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kDownPrefetch>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

@@ -100,11 +100,6 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // run_moe_gate_up, streamed kernels at T = 1 (no effect at other T): every CTA asks L2 for its share of its
-  // expert's down weights (w2 rows of its band's share of d, tensor prefetches) after its first stage, and loads its
-  // own stages with an evict_first L2 policy, so the down launch reads its weights from L2 (V4-Flash T = 1 touches
-  // ≈ 37 MB of w2). Prefetches and cache policies only: the same bits.
-  bool down_l2_prefetch = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
