@@ -20,12 +20,8 @@
 // the q bytes and no conversion), and the decode cluster call once more with its partials exchanged as bf16
 // (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes). Where the head-split path
 // (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
-// bf16 q (against the bf16q cluster call), its CPU check, and its time at each tile count per CTA; a third line the
-// same with head_split_spread (all 8 warps of a CTA on its QKᵀ); at batch ≤ 8 a fourth line times kv_insert (with its
-// fused per-head q norm) + that attention against the attention doing both in its decode prologue (insert_kv). The
-// head-split line also gives the time of an empty kernel on the same grid and clusters: a call's launch floor. With
-// bf16 entries at batch ≥ 64, a line times the bf16q call with prefill_kernel routed by the two-wave rule and by
-// prefill_kernel_one_wave.
+// bf16 q (against the bf16q cluster call), its CPU check, its time at each tile count per CTA, and the time of an
+// empty kernel on the same grid and clusters (a call's launch floor).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
 //                             [--sweep] [--bf16-kv]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
@@ -51,8 +47,6 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/kernels/kv_insert.hpp"
-#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -290,17 +284,7 @@ struct Result {
   int head_split_splits = 0;
   double head_split_us = 0, head_split_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  // The same with head_split_spread (every warp of a CTA on its QKᵀ).
-  double spread_us = 0, spread_cpu_error = 0;
-  double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  // Batch ≤ kSparseAttentionInsertMaxTokens: kv_insert (with its fused per-head q norm) + the spread attention, and
-  // the spread attention doing both in its decode prologue (insert_kv); 0 = not measured.
-  double two_launch_us = 0, prologue_us = 0;
   double launch_floor_us = 0;  // empty_kernel on the head-split call's grid (its launcher's choice)
-  // bf16 entries, batch ≥ 64: the bf16q call with prefill_kernel on, routed by the two-wave rule and by
-  // prefill_kernel_one_wave (whether each took the prefill kernel), and the latter's CPU check; 0 = not measured.
-  double two_wave_us = 0, one_wave_us = 0, one_wave_cpu_error = 0;
-  bool two_wave_routed = false, one_wave_routed = false;
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -413,27 +397,11 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_q_cpu_error = cpu_check(bf16_q, window_index, compressed_index, q, sink, positions, out, sample);
-  double two_wave_ms = 0, one_wave_ms = 0, one_wave_cpu_error = 0;
-  bool two_wave_routed = false, one_wave_routed = false;
-  if (format == KvEntryFormat::Bf16 && batch >= 64) {
-    SparseAttentionParams routed = bf16_q;
-    routed.prefill_kernel = true;
-    for (const bool one_wave : {false, true}) {
-      routed.prefill_kernel_one_wave = one_wave;
-      (one_wave ? one_wave_routed : two_wave_routed) = sparse_attention_uses_prefill_kernel(routed);
-      out.fill_bytes(0xFF);
-      (one_wave ? one_wave_ms : two_wave_ms) = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(routed); });
-      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-      if (one_wave) one_wave_cpu_error = cpu_check(routed, window_index, compressed_index, q, sink, positions, out, sample);
-    }
-  }
   SparseAttentionParams head_split = bf16_q;
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
-  double head_split_ms = 0, head_split_cpu_error = 0, spread_ms = 0, spread_cpu_error = 0;
+  double head_split_ms = 0, head_split_cpu_error = 0, launch_floor_ms = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  double spread_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  double two_launch_ms = 0, prologue_ms = 0, launch_floor_ms = 0;
   if (head_split_splits > 0) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     const unsigned ctas = unsigned(batch * ((heads + 15) / 16) * head_split_splits);
@@ -441,60 +409,17 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
       launch_chained(empty_kernel, dim3(ctas), dim3(256), 0, nullptr, dim3(unsigned(head_split_splits), 1, 1),
                      "empty kernel", 0);
     });
-  }
-  if (head_split_splits > 0 && batch <= kSparseAttentionInsertMaxTokens) {
-    // Raw q (the fp32 q above, normalised per head in both forms), random new KV vectors into each query's ring row.
-    constexpr int kPairs = kRopeDim / 2;
-    const std::vector<float> new_kv = normal_floats(size_t(batch) * kHeadDim, 1.0f, rng),
-                             kv_norm = normal_floats(size_t(kHeadDim), 0.1f, rng);
-    const std::vector<int32_t> rows(static_cast<size_t>(batch), int32_t((context - 1) % kWindow));
-    DeviceBuffer d_new_kv = to_device(new_kv, "new kv"), d_norm = to_device(kv_norm, "kv_norm"),
-                 d_rows = to_device(rows, "insert rows"), table(rope_table_bytes(kPairs, context), "rope table"),
-                 q_normed(size_t(batch) * heads * kHeadDim * 2, "normed q");
-    run_rope_table({.table = table.as<float2>(), .frequencies = d_freq.as<float>(), .pairs = kPairs,
-                    .positions = context});
-    KvInsertParams insert;
-    insert.cache = view, insert.array = KvArray::Window, insert.layer = 0, insert.rows = batch;
-    insert.x = d_new_kv.as<float>(), insert.norm_weight = d_norm.as<float>(), insert.rope_table = table.as<float2>();
-    insert.sequence_slots = d_slots.as<int32_t>(), insert.positions = d_pos.as<int64_t>();
-    insert.dest_rows = d_rows.as<int32_t>();
-    RmsNormParams& q_norm = insert.fused_norm;
-    q_norm.x = d_q.as<float>(), q_norm.rows = int64_t(batch) * heads, q_norm.width = kHeadDim;
-    q_norm.y_bf16 = reinterpret_cast<__nv_bfloat16*>(q_normed.data()), q_norm.rope_table = table.as<float2>();
-    q_norm.positions = d_pos.as<int64_t>(), q_norm.rope_dim = kRopeDim, q_norm.rows_per_position = heads;
-    q_norm.cta_rows = true;
-    SparseAttentionParams attention = head_split;
-    attention.head_split_spread = true;
-    attention.q = q_normed.data();
-    SparseAttentionParams fused = attention;
-    fused.q = d_q.data(), fused.q_dtype = AttentionDtype::F32;
-    fused.insert_kv = d_new_kv.as<float>(), fused.insert_kv_norm = d_norm.as<float>();
-    fused.insert_rows = d_rows.as<int32_t>(), fused.insert_rope_table = table.as<float2>();
-    two_launch_ms = median_ms(20, flush, flush_bytes, [&] {
-      run_kv_insert(insert);
-      run_sparse_attention(attention);
-    });
-    prologue_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(fused); });
+    out.fill_bytes(0xFF);
+    head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  }
-  if (head_split_splits > 0) {
-    for (const bool spread : {false, true}) {
-      SparseAttentionParams call = head_split;
-      call.head_split_spread = spread;
-      out.fill_bytes(0xFF);
-      (spread ? spread_ms : head_split_ms) = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(call); });
-      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-      (spread ? spread_cpu_error : head_split_cpu_error) =
-          cpu_check(call, window_index, compressed_index, q, sink, positions, out, sample);
-      for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
-        SparseAttentionParams h = call;
-        h.head_split_tiles = tiles;
-        if (sparse_attention_head_split_splits(h) > 0)
-          (spread ? spread_tiles_us : head_split_tiles_us)[tiles] =
-              1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
-      }
-      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    head_split_cpu_error = cpu_check(head_split, window_index, compressed_index, q, sink, positions, out, sample);
+    for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
+      SparseAttentionParams h = head_split;
+      h.head_split_tiles = tiles;
+      if (sparse_attention_head_split_splits(h) > 0)
+        head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
     }
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
   if (sweep) {
     // Every split count the cluster merge serves and the combine kernel's, same inputs.
@@ -598,17 +523,7 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.head_split_us = head_split_ms * 1e3;
   r.head_split_cpu_error = head_split_cpu_error;
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
-  r.spread_us = spread_ms * 1e3;
-  r.two_launch_us = two_launch_ms * 1e3;
   r.launch_floor_us = launch_floor_ms * 1e3;
-  r.two_wave_us = two_wave_ms * 1e3;
-  r.one_wave_us = one_wave_ms * 1e3;
-  r.one_wave_cpu_error = one_wave_cpu_error;
-  r.two_wave_routed = two_wave_routed;
-  r.one_wave_routed = one_wave_routed;
-  r.prologue_us = prologue_ms * 1e3;
-  r.spread_cpu_error = spread_cpu_error;
-  std::copy(std::begin(spread_tiles_us), std::end(spread_tiles_us), std::begin(r.spread_tiles_us));
   return r;
 }
 
@@ -757,8 +672,7 @@ int run(int argc, char** argv) {
                                     device.multiprocessors, flush.data(), flush_bytes, sweep, rng);
           const bool failed = !(r.cpu_error <= kCpuCheckLimit && r.cluster_cpu_error <= kCpuCheckLimit &&
                                 r.bf16_q_cpu_error <= kCpuCheckLimit && r.bf16_partials_cpu_error <= kCpuCheckLimit &&
-                                r.head_split_cpu_error <= kCpuCheckLimit && r.spread_cpu_error <= kCpuCheckLimit &&
-                                r.one_wave_cpu_error <= kCpuCheckLimit);
+                                r.head_split_cpu_error <= kCpuCheckLimit);
           check_failed = check_failed || failed;
           std::printf("%-6s %-4s %5d %8lld %6lld %6d %10.1f %10.0f %7.1f%% %7.1f%% %9.1f %7.1f%% %12.1f %7.1fx "
                       "%10.2e %12.1f %9.1f %9d %9.1f %9.1f %9.1e %9.1e %9.1e %9.1f %9.1e%s\n",
@@ -768,26 +682,12 @@ int run(int argc, char** argv) {
                       r.mma_sync_us, r.bounded_us, r.cluster_splits, r.cluster_us, r.bf16_q_us, r.cpu_error,
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
-          if (r.two_wave_us > 0)
-            std::printf("       prefill routing (bf16 q): two-wave rule %.1f us (prefill kernel: %s), one-wave rule %.1f "
-                        "us (prefill kernel: %s), cpu err %.1e\n",
-                        r.two_wave_us, r.two_wave_routed ? "yes" : "no", r.one_wave_us, r.one_wave_routed ? "yes" : "no",
-                        r.one_wave_cpu_error);
-          if (r.head_split_splits > 0) {
+          if (r.head_split_splits > 0)
             std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us, an empty kernel on its grid "
                         "%.1f us), cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
                         r.head_split_splits, r.head_split_us, r.bf16_q_us, r.launch_floor_us, r.head_split_cpu_error,
                         r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                         r.head_split_tiles_us[4]);
-            std::printf("       head split spread:   %d splits %.1f us, cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f "
-                        "%.1f %.1f us\n",
-                        r.head_split_splits, r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
-                        r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4]);
-            if (r.prologue_us > 0)
-              std::printf("       decode prologue: kv_insert + spread attention %.1f us, attention with the prologue "
-                          "%.1f us\n",
-                          r.two_launch_us, r.prologue_us);
-          }
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -828,10 +728,7 @@ int run(int argc, char** argv) {
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
-                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"spread_us\": %.2f, "
-                   "\"spread_cpu_error\": %.3g, \"spread_tiles_us\": [%.2f, %.2f, %.2f, %.2f], "
-                   "\"two_launch_us\": %.2f, \"prologue_us\": %.2f, \"launch_floor_us\": %.2f, "
-                   "\"two_wave_us\": %.2f, \"one_wave_us\": %.2f, \"one_wave_routed\": %d}%s\n",
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"launch_floor_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -839,10 +736,7 @@ int run(int argc, char** argv) {
                    r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
-                   r.head_split_tiles_us[4], r.spread_us, r.spread_cpu_error, r.spread_tiles_us[1],
-                   r.spread_tiles_us[2], r.spread_tiles_us[3], r.spread_tiles_us[4], r.two_launch_us, r.prologue_us,
-                   r.launch_floor_us, r.two_wave_us, r.one_wave_us, int(r.one_wave_routed),
-                   i + 1 < results.size() ? "," : "");
+                   r.head_split_tiles_us[4], r.launch_floor_us, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);

@@ -18,8 +18,6 @@
 
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/kernels/kv_insert.hpp"
-#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
@@ -46,7 +44,6 @@ struct AttentionCase {
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
-  bool one_wave = false;        // ... from one wave of (query, 64-head block) CTAs (prefill_kernel_one_wave)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -62,7 +59,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.cluster_merge_bf16_partials = c.bf16_partials;
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
-  call.prefill_kernel_one_wave = c.one_wave;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -70,14 +66,11 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
     compare_with_cpu(c, cluster_merge, merged, expected, magnitude);
   }
   if (c.head_split_tiles >= 0) {
-    for (const bool spread : {false, true}) {
-      SparseAttentionParams head_split = call;
-      head_split.head_split = true;
-      head_split.head_split_tiles = c.head_split_tiles;
-      head_split.head_split_spread = spread;
-      ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
-      compare_with_cpu(c, true, head_split, expected, magnitude);
-    }
+    SparseAttentionParams head_split = call;
+    head_split.head_split = true;
+    head_split.head_split_tiles = c.head_split_tiles;
+    ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
+    compare_with_cpu(c, true, head_split, expected, magnitude);
   }
 }
 
@@ -85,9 +78,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude) {
-  SCOPED_TRACE(call.head_split ? (call.head_split_spread ? "head split spread" : "head split")
-               : cluster_merge    ? "cluster merge"
-                                  : "combine kernel");
+  SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const int splits = c.splits > 0 ? c.splits
@@ -117,10 +108,7 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   const int reported_splits = call.head_split ? sparse_attention_head_split_splits(call) : splits;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d splits=%d %s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, reported_splits,
-              call.head_split ? (call.head_split_spread ? "head split spread" : "head split")
-              : cluster_merge ? "cluster"
-                              : "combine",
-              checked.worst);
+              call.head_split ? "head split" : cluster_merge ? "cluster" : "combine", checked.worst);
 }
 
 TEST(SparseAttention, FlashShapesMatchCpu) {
@@ -242,8 +230,7 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
 // The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
 // cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
 // (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,
-// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch; each case with both QKᵀ
-// shares (a warp per 16 entries, and head_split_spread: all 8 warps, the dims in parts below 64 entries).
+// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch.
 TEST(SparseAttention, HeadSplitMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 70;
@@ -283,125 +270,9 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
   }
 }
 
-// The decode prologue (insert_kv: the attention launch inserts the step's new KV rows and normalises raw q itself)
-// against the two launches it replaces, kv_insert with its fused per-head q norm and then the attention on bf16 q:
-// every byte of the cache the same, and the outputs within 2^-7 of each (query, head) row's largest |value| (the q
-// norm sums its squares in another fp32 order, which may move a bf16 rounding of q). Batch 1 SWA, two sequences with
-// CSA slots, and three queries per sequence (each sees the others' new rows that its window names), fp8 and bf16
-// entries, q rows wider than the heads (the stacked projection) and the kv rows a slice of a wider output.
-TEST(SparseAttention, DecodePrologueMatchesInsertThenAttention) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  struct PrologueCase {
-    std::vector<int64_t> lengths;
-    int queries_per_sequence, compressed_slots;
-  };
-  uint32_t seed = 300;
-  for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
-    for (const PrologueCase& pc : {PrologueCase{{300}, 1, 0}, PrologueCase{{300, 2100}, 1, 512},
-                                   PrologueCase{{90, 400}, 3, 64}}) {
-      const AttentionCase c{"decode prologue", format, 512, 64, 64, 128, 128, pc.compressed_slots, pc.lengths,
-                            pc.queries_per_sequence, 0, AttentionDtype::F32, AttentionDtype::F32};
-      SCOPED_TRACE(std::string(to_string(format)) + " sequences " + std::to_string(pc.lengths.size()) +
-                   " queries each " + std::to_string(pc.queries_per_sequence) + " seed " + std::to_string(seed));
-      SparseAttentionCaseData data;
-      ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
-      std::mt19937 rng(seed++);
-      std::normal_distribution<float> normal(0.0f, 1.0f);
-      const SparseAttentionParams& call = data.call;
-      const int64_t T = call.tokens, H = call.heads, D = 512, pairs = 32;
-      const int64_t q_stride = H * D + 128, kv_stride = D + 64;
-      std::vector<float> q(static_cast<size_t>(T * q_stride)), kv(static_cast<size_t>(T * kv_stride)),
-          kv_norm(static_cast<size_t>(D));
-      for (float& v : q) v = normal(rng) * 3.0f;
-      for (float& v : kv) v = normal(rng) * 2.0f;
-      for (float& v : kv_norm) v = 0.5f + std::fabs(normal(rng));
-      std::vector<int64_t> positions(static_cast<size_t>(T));
-      data.positions.download(positions.data(), positions.size() * 8);
-      std::vector<int32_t> rows(static_cast<size_t>(T));
-      for (int64_t t = 0; t < T; ++t) rows[size_t(t)] = int32_t(positions[size_t(t)] % 128);
-      const int64_t table_rows = *std::max_element(positions.begin(), positions.end()) + 1;
-      DeviceBuffer d_q = to_device(q, "raw q"), d_kv = to_device(kv, "raw kv"), d_norm = to_device(kv_norm, "kv_norm"),
-                   d_rows = to_device(rows, "insert rows"), table(rope_table_bytes(pairs, table_rows), "rope table"),
-                   q_bf16(size_t(T * H * D * 2), "q bf16");
-      run_rope_table({.table = table.as<float2>(), .frequencies = data.frequencies.as<float>(), .pairs = pairs,
-                      .positions = table_rows});
-      const KvCacheView view = data.cache->view();
-      const size_t pool_bytes =
-          size_t(data.cache->config().pages) * size_t(data.cache->config().page_rows) * size_t(view.layout.entry_bytes);
-      DeviceBuffer original(pool_bytes, "pool copy");
-      ASSERT_EQ(cudaMemcpy(original.data(), view.pool, pool_bytes, cudaMemcpyDeviceToDevice), cudaSuccess);
-
-      // The two launches: kv_insert (+ the per-head q norm with RoPE into bf16 q), then the attention.
-      KvInsertParams insert;
-      insert.cache = view, insert.array = KvArray::Window, insert.layer = call.layer, insert.rows = T;
-      insert.x = d_kv.as<float>(), insert.x_row_stride = kv_stride, insert.norm_weight = d_norm.as<float>();
-      insert.rope_table = table.as<float2>(), insert.sequence_slots = call.sequence_slots;
-      insert.positions = call.positions, insert.dest_rows = d_rows.as<int32_t>();
-      RmsNormParams& q_norm = insert.fused_norm;
-      q_norm.x = d_q.as<float>(), q_norm.x_group_stride = q_stride, q_norm.rows = T * H, q_norm.width = D;
-      q_norm.y_bf16 = reinterpret_cast<__nv_bfloat16*>(q_bf16.data()), q_norm.rope_table = table.as<float2>();
-      q_norm.positions = call.positions, q_norm.rope_dim = 64, q_norm.rows_per_position = H, q_norm.cta_rows = true;
-      const size_t out_bytes = size_t(T * H * D) * 4;
-      DeviceBuffer two_launch_out(out_bytes, "two-launch out"), prologue_out(out_bytes, "prologue out");
-      two_launch_out.fill_bytes(0xFF);
-      prologue_out.fill_bytes(0xFF);
-      SparseAttentionParams attention = call;
-      attention.q = q_bf16.data(), attention.q_dtype = AttentionDtype::Bf16, attention.out = two_launch_out.data();
-      attention.head_split = true, attention.head_split_spread = true;
-      ASSERT_GT(sparse_attention_head_split_splits(attention), 0) << "the head-split path does not serve the case";
-      run_kv_insert(insert);
-      run_sparse_attention(attention);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      std::vector<uint8_t> two_launch_pool(pool_bytes), prologue_pool(pool_bytes);
-      ASSERT_EQ(cudaMemcpy(two_launch_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-
-      // The one launch, on the cache as it was.
-      ASSERT_EQ(cudaMemcpy(view.pool, original.data(), pool_bytes, cudaMemcpyDeviceToDevice), cudaSuccess);
-      SparseAttentionParams fused = attention;
-      fused.q = d_q.data(), fused.q_dtype = AttentionDtype::F32, fused.q_row_stride = q_stride;
-      fused.out = prologue_out.data();
-      fused.insert_kv = d_kv.as<float>(), fused.insert_kv_row_stride = kv_stride;
-      fused.insert_kv_norm = d_norm.as<float>(), fused.insert_rows = d_rows.as<int32_t>();
-      fused.insert_rope_table = table.as<float2>();
-      run_sparse_attention(fused);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      ASSERT_EQ(cudaMemcpy(prologue_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-
-      int byte_mismatches = 0;
-      for (size_t b = 0; b < pool_bytes; ++b)
-        if (prologue_pool[b] != two_launch_pool[b] && ++byte_mismatches <= 10)
-          ADD_FAILURE() << "cache byte " << b << " (entry " << b / size_t(view.layout.entry_bytes) << ", byte "
-                        << b % size_t(view.layout.entry_bytes) << "): " << int(prologue_pool[b]) << ", two launches "
-                        << int(two_launch_pool[b]);
-      std::vector<float> want(out_bytes / 4), got(out_bytes / 4);
-      two_launch_out.download(want.data(), out_bytes);
-      prologue_out.download(got.data(), out_bytes);
-      int failures = 0;
-      double worst = 0;
-      for (int64_t row = 0; row < T * H; ++row) {
-        double largest = 0;
-        for (int64_t d = 0; d < D; ++d) largest = std::max(largest, double(std::fabs(want[size_t(row * D + d)])));
-        const double tolerance = 1e-6 + std::ldexp(largest, -7);
-        for (int64_t d = 0; d < D; ++d) {
-          const size_t i = size_t(row * D + d);
-          const double error = std::fabs(double(got[i]) - double(want[i]));
-          worst = std::max(worst, error / tolerance);
-          if (!(std::isfinite(got[i]) && std::isfinite(want[i]) && error <= tolerance) && ++failures <= 10)
-            ADD_FAILURE() << "out[t=" << row / H << ", h=" << row % H << ", d=" << d << "] = " << got[i]
-                          << ", two launches " << want[i] << ", tolerance " << tolerance;
-        }
-      }
-      EXPECT_EQ(byte_mismatches, 0);
-      EXPECT_EQ(failures, 0);
-      std::printf("  decode prologue %-13s T=%lld splits=%d: cache bytes differing %d, worst error/tolerance %.3f\n",
-                  to_string(format), static_cast<long long>(T), sparse_attention_head_split_splits(fused),
-                  byte_mismatches, worst);
-    }
-}
-
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk
-// of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts, and (prefill_kernel_one_wave)
-// 64 Pro queries; small windows and slot counts, since the CPU reference is the cost.
+// of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts; small windows and slot
+// counts, since the CPU reference is the cost.
 TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   AttentionCase swa{"flash swa prefill chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 448, 0, {400}, 280, 0,
@@ -412,12 +283,6 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   pro.prefill_kernel = true;
   pro.counts = true;
   check_attention(pro, 101);
-  // One wave (prefill_kernel_one_wave): 64 Pro queries, two head blocks each.
-  AttentionCase pro_wave{"pro csa one wave", KvEntryFormat::Bf16, 512, 64, 128, 64, 224, 32, {300, 900}, 32, 0,
-                         AttentionDtype::Bf16, AttentionDtype::Bf16};
-  pro_wave.prefill_kernel = true;
-  pro_wave.one_wave = true;
-  check_attention(pro_wave, 102);
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and
@@ -467,12 +332,6 @@ TEST(SparseAttention, RefusesUnsupportedCalls) {
   p = good;
   p.head_split_tiles = kSparseAttentionHeadSplitMaxTiles + 1;
   testing::expect_error([&] { run_sparse_attention(p); }, "head_split_tiles");
-  p = good;
-  p.insert_kv = buffer.as<float>();
-  testing::expect_error([&] { run_sparse_attention(p); }, "decode prologue");
-  p = good;
-  p.q_row_stride = 4096;
-  testing::expect_error([&] { run_sparse_attention(p); }, "q_row_stride");
 }
 
 }  // namespace

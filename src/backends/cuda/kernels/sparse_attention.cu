@@ -172,16 +172,14 @@ void launch_d512(const SparseAttentionParams& p) {
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.
 ClusterLimits head_split_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_head_split_kernel<false, false>), [] {
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_head_split_kernel<false>), [] {
     constexpr int kBytes = HeadSplitLayout::kBytes;
     static_assert(kBytes <= kSharedMemoryPerSm, "the head-split kernel's shared memory fits one SM");
-    for (const auto kernel :
-         {sparse_attention_head_split_kernel<false, false>, sparse_attention_head_split_kernel<true, false>,
-          sparse_attention_head_split_kernel<false, true>, sparse_attention_head_split_kernel<true, true>}) {
+    for (const auto kernel : {sparse_attention_head_split_kernel<false>, sparse_attention_head_split_kernel<true>}) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     }
-    return query_cluster_limits(sparse_attention_head_split_kernel<false, false>, kHeadSplitThreads, kBytes);
+    return query_cluster_limits(sparse_attention_head_split_kernel<false>, kHeadSplitThreads, kBytes);
   });
 }
 
@@ -217,21 +215,18 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
   SparseAttentionParams call = p;
   call.splits = splits;
   const int head_groups = head_split_groups(p.heads);
-  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto kernel = p.head_split_spread
-                          ? (fp8 ? sparse_attention_head_split_kernel<true, true> : sparse_attention_head_split_kernel<false, true>)
-                          : (fp8 ? sparse_attention_head_split_kernel<true, false> : sparse_attention_head_split_kernel<false, false>);
+  const auto kernel = p.cache.layout.format == KvEntryFormat::Fp8Reference ? sparse_attention_head_split_kernel<true>
+                                                                           : sparse_attention_head_split_kernel<false>;
   launch_chained(kernel, dim3(unsigned(p.tokens * head_groups * splits)), dim3(unsigned(kHeadSplitThreads)),
                  size_t(HeadSplitLayout::kBytes), p.stream, dim3(unsigned(splits), 1, 1),
                  "sparse_attention (head split)", call, head_groups);
 }
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
-// measurement): at least two waves of (query, 64-head block) CTAs, or 15/16 of one with prefill_kernel_one_wave.
+// measurement): at least two waves of (query, 64-head block) CTAs.
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
-  const int64_t ctas = p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads), sms = device_multiprocessors();
   return p.prefill_kernel && p.cache.layout.format == KvEntryFormat::Bf16 && use_d512_kernel(p) &&
-         (p.prefill_kernel_one_wave ? 16 * ctas >= 15 * sms : ctas >= 2 * sms) &&
+         p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads) >= 2 * int64_t(device_multiprocessors()) &&
          sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads);
 }
 
@@ -313,26 +308,6 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
-  check(p.q_row_stride == 0 || (p.insert_kv != nullptr && p.q_row_stride >= int64_t(p.heads) * d &&
-                                 p.q_row_stride % 4 == 0),
-        "sparse_attention: q_row_stride ", p.q_row_stride, " needs insert_kv, a multiple of 4 and at least heads × ",
-        "head_dim");
-  if (p.insert_kv != nullptr) {
-    check(p.head_split && p.head_split_spread && head_split_splits(p) > 0,
-          "sparse_attention: the decode prologue (insert_kv) runs on the head-split path with head_split_spread only "
-          "(head_dim 512, more than 32 heads, one wave of CTAs; tokens ", p.tokens, ")");
-    check(p.tokens <= kSparseAttentionInsertMaxTokens, "sparse_attention: the decode prologue serves at most ",
-          kSparseAttentionInsertMaxTokens, " queries, got ", p.tokens);
-    check(p.q_dtype == AttentionDtype::F32, "sparse_attention: the decode prologue normalises raw fp32 q");
-    check(p.insert_kv_norm != nullptr && p.insert_rows != nullptr && p.positions != nullptr,
-          "sparse_attention: the decode prologue needs insert_kv_norm, insert_rows and positions");
-    check(p.insert_rope_table == nullptr || layout.rope_dim > 0,
-          "sparse_attention: insert_rope_table given but the cache's rope_dim is 0");
-    check(reinterpret_cast<uintptr_t>(p.insert_kv) % 8 == 0 &&
-              (p.insert_kv_row_stride == 0 || (p.insert_kv_row_stride >= d && p.insert_kv_row_stride % 2 == 0)),
-          "sparse_attention: insert_kv must be 8-byte aligned with an even row stride of at least head_dim (got ",
-          p.insert_kv_row_stride, ")");
-  }
   const size_t needed = merges_in_cluster(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p)
                             ? 0
                             : sparse_attention_workspace_bytes(p.tokens, p.heads, d, p.splits);

@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "backends/cuda/kernels/kv_insert.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kernels/sparse_attention_math.cuh"
@@ -1264,7 +1263,11 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 // entries (the engine's format) Flash SWA batch 1 10.7 vs 14.7 µs, CSA 12.4 vs 17.7, Pro CSA 12.5 vs 17.7; fp8
 // entries 11.7 vs 15.5, 13.7 vs 18.4, 14.5 vs 18.4, Flash SWA batch 8 12.8 vs 15.5. The time hardly depends on the
 // entries per CTA (Flash SWA batch 1 at 1-4 tiles per CTA: 12.0-12.8 µs): the serial chain (index → page → copy,
-// then a warp's 16 entries, two CTA barriers, the merge) sets it, not the work.
+// then a warp's 16 entries, two CTA barriers, the merge) sets it, not the work. Session 16 (H200, same run): all 8
+// warps of a CTA sharing its QKᵀ (n8 tiles × parts of the dims) with the merge's weights per thread was slower
+// everywhere (Flash SWA batch 1 12.7 vs 10.7 µs, CSA 13.4 vs 12.1, Pro CSA 15.4 vs 12.0), and so was the kv_insert +
+// per-head q norm done in this kernel's prologue in the model (8 layers, batch 1: 696.9 vs 729.1 t/s): both removed.
+// An empty kernel on the SWA batch-1 grid (16 CTAs, clusters of 4) takes 2.9 µs in the same measurement.
 
 inline constexpr int kHeadSplitHeads = 16;  // one mma M
 inline constexpr int kHeadSplitWarps = 8, kHeadSplitThreads = kHeadSplitWarps * 32;
@@ -1287,30 +1290,22 @@ struct HeadSplitLayout {
   static constexpr int kPartial = kP + kHeadSplitHeads * kHeadSplitPStride * 2;     // fp32 [16][520]
   static constexpr int kStats = kPartial + kHeadSplitHeads * kHeadSplitPartialStride * 4;  // float2 [16]
   static constexpr int kScale = kStats + kHeadSplitHeads * 8;  // fp32 [16][kSparseAttentionMaxClusterSplits]
-  static constexpr int kSinks = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // fp32 [16], log2
-  static constexpr int kRope = kSinks + kHeadSplitHeads * 4;                   // RopeFactors [256]
-  static constexpr int kPhys = kRope + kD512HeadDim / 2 * 8;                   // int32 [128]: −1 = unused
-  // The decode prologue (SparseAttentionParams::insert_kv): per query of the launch, the entry of this CTA's slots
-  // that names its new row (−1 = none); the norms' partial sums (kv per token, q per warp and head pass).
-  static constexpr int kInsertSlot = kPhys + kHeadSplitMaxEntries * 4;         // int32 [8]
-  static constexpr int kInsertSums = kInsertSlot + kSparseAttentionInsertMaxTokens * 4;  // fp32 [8 tokens][8 warps]
-  static constexpr int kQSums = kInsertSums + kSparseAttentionInsertMaxTokens * kHeadSplitWarps * 4;  // fp32 [8][4]
-  static constexpr int kBarriers = kQSums + kHeadSplitWarps * 4 * 4;           // uint64 [8]: a warp's entries landed
+  static constexpr int kRope = kScale + kHeadSplitHeads * kSparseAttentionMaxClusterSplits * 4;  // RopeFactors [256]
+  static constexpr int kValid = kRope + kD512HeadDim / 2 * 8;                  // int32 [128]
+  static constexpr int kBarriers = kValid + kHeadSplitMaxEntries * 4;          // uint64 [8]: a warp's entries landed
   static constexpr int kBytes = kBarriers + kHeadSplitWarps * 8;
-  static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kPhys % 16 == 0 &&
-                    kRope % 8 == 0 && kBarriers % 8 == 0,
+  static_assert(kKv % 16 == 0 && kScores % 16 == 0 && kP % 16 == 0 && kPartial % 16 == 0 && kValid % 16 == 0 &&
+                    kBarriers % 8 == 0,
                 "aligned regions");
   static_assert(kFp8SpanBytes <= kHeadSplitRowBytes, "an fp8 span lands in its bf16 row");
 };
 
-// Expands kCount (1 or 2) fp8 entries from row n0 on (spans at their rows' starts, entry at (phys & 1) · 8 in the
-// span) to bf16 in place, zeros for an unused slot (phys < 0): every lane reads the entries whole before any lane
-// writes.
-template <int kCount>
-__device__ __forceinline__ void head_split_expand_fp8(uint8_t* kv, int n0, const int32_t (&phys)[kCount], int lane) {
-  uint2 codes[kCount][2], rope[kCount][2], scales[kCount];
+// Expands warp-owned fp8 entries n0 and n0 + 1 (spans at their rows' starts, entry at (phys & 1) · 8 in the span) to
+// bf16 in place, zeros for an unused slot: every lane reads both entries whole before any lane writes.
+__device__ __forceinline__ void head_split_expand_fp8_pair(uint8_t* kv, int n0, const int32_t (&phys)[2], int lane) {
+  uint2 codes[2][2], rope[2][2], scales[2];
 #pragma unroll
-  for (int e = 0; e < kCount; ++e) {
+  for (int e = 0; e < 2; ++e) {
     const uint8_t* entry = kv + (n0 + e) * kHeadSplitRowBytes + (phys[e] & 1) * 8;
     codes[e][0] = *reinterpret_cast<const uint2*>(entry + 8 * lane);
     // Chunk lane + 32: fp8 codes for lanes below 24 (dims 256-447), bf16 rope dims for the rest (only 8-aligned).
@@ -1321,7 +1316,7 @@ __device__ __forceinline__ void head_split_expand_fp8(uint8_t* kv, int n0, const
   }
   __syncwarp();
 #pragma unroll
-  for (int e = 0; e < kCount; ++e) {
+  for (int e = 0; e < 2; ++e) {
     uint4* row = reinterpret_cast<uint4*>(kv + (n0 + e) * kHeadSplitRowBytes);
     uint4 out[2];
 #pragma unroll
@@ -1340,29 +1335,10 @@ __device__ __forceinline__ void head_split_expand_fp8(uint8_t* kv, int n0, const
   }
 }
 
-// How the spread kernel (SparseAttentionParams::head_split_spread) shares the QKᵀ of a CTA's entries among its 8
-// warps: the entries, padded to whole 16-entry blocks, are `groups` n8 tiles; `group_warps` warps (a power of two)
-// walk the tiles, and the 8 / group_warps sets of them each take one part of the 512 dims. Each part's scores land in
-// their own columns of the score rows (part · part_columns + entry), summed by the softmax in part order.
-struct HeadSplitQkShare {
-  int groups = 0, group_warps = 2, parts = 4, part_columns = 16;
-};
-
-__device__ __forceinline__ HeadSplitQkShare head_split_qk_share(int entries) {
-  HeadSplitQkShare share;
-  share.groups = 2 * ((entries + kHeadSplitWarpEntries - 1) / kHeadSplitWarpEntries);
-  share.group_warps = share.groups >= 8 ? 8 : share.groups >= 4 ? 4 : 2;
-  share.parts = kHeadSplitWarps / share.group_warps;
-  share.part_columns = 8 * share.group_warps;
-  return share;
-}
-
 // The cluster merge of the head-split kernel (all 256 threads; see the notes above): this CTA's slice of the
 // (query, head group) output. kMaxSplits ≥ p.splits (the next power of two) bounds the peers' unrolled loads; a
 // thread's vectors (4 dims each) are loaded from every peer before any is used, so the slice costs one round trip.
-// kSpread: each thread also loads its heads' (max, sum) pairs from every peer with its vectors and weighs them itself
-// (the sinks from the CTA's table), without the shared factor table and its CTA barrier.
-template <int kMaxSplits, bool kSpread>
+template <int kMaxSplits>
 __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                                          int split, int head_base, float merge_sink_log2) {
   using L = HeadSplitLayout;
@@ -1375,68 +1351,48 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   const int per_cta = (kVectors + splits - 1) / splits;
   const int begin = split * per_cta + tid, end = min(kVectors, (split + 1) * per_cta);
   const float4* partial = reinterpret_cast<const float4*>(smem + L::kPartial);
-  const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
   const float4* peer[kMaxSplits];
-  const float2* peer_stats[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) {
-    peer[s] = cluster_peer(partial, s < splits ? s : 0);
-    if constexpr (kSpread) peer_stats[s] = cluster_peer(stats, s < splits ? s : 0);
-  }
+  for (int s = 0; s < kMaxSplits; ++s) peer[s] = cluster_peer(partial, s < splits ? s : 0);
   float4 o[kThreadVectors][kMaxSplits];
-  float2 vector_stats[kSpread ? kThreadVectors : 1][kMaxSplits];
 #pragma unroll
   for (int k = 0; k < kThreadVectors; ++k) {
     const int v = begin + k * kHeadSplitThreads;
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
-      if (v < end && s < splits) {
-        o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
-        if constexpr (kSpread) vector_stats[k][s] = peer_stats[s][v / kRowVectors];
-      } else if constexpr (kSpread) {
-        vector_stats[k][s] = make_float2(-INFINITY, 0.0f);  // no weight in merge_factors
-      }
+      if (v < end && s < splits) o[k][s] = peer[s][(v / kRowVectors) * kPaddedRowVectors + v % kRowVectors];
   }
   // Per head: weight 2^(m_s − M) / denominator for each split s, the sink once in the denominator.
   float* merge_scale = reinterpret_cast<float*>(smem + L::kScale);
-  if constexpr (!kSpread) {
-    if (tid < kHeadSplitHeads) {
-      float2 split_stats[kMaxSplits];
+  if (tid < kHeadSplitHeads) {
+    const float2* stats = reinterpret_cast<const float2*>(smem + L::kStats);
+    float2 split_stats[kMaxSplits];
 #pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
-      float factor[kMaxSplits];
-      merge_factors(split_stats, merge_sink_log2, factor);
+    for (int s = 0; s < kMaxSplits; ++s)
+      split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
+    float factor[kMaxSplits];
+    merge_factors(split_stats, merge_sink_log2, factor);
 #pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s) merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = factor[s];
-    }
-    __syncthreads();
+    for (int s = 0; s < kMaxSplits; ++s) merge_scale[tid * kSparseAttentionMaxClusterSplits + s] = factor[s];
   }
+  __syncthreads();
 
   const KvEntryLayout& layout = p.cache.layout;
   const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + L::kRope);
-  const float* head_sinks = reinterpret_cast<const float*>(smem + L::kSinks);
 #pragma unroll
   for (int k = 0; k < kThreadVectors; ++k) {
     const int v = begin + k * kHeadSplitThreads;
     const int h = v / kRowVectors, dim = 4 * (v % kRowVectors);
     if (v >= end || head_base + h >= p.heads) continue;
-    float scale[kMaxSplits];
-    if constexpr (kSpread) {
-      merge_factors(vector_stats[k], head_sinks[h], scale);
-    } else {
-#pragma unroll
-      for (int s = 0; s < kMaxSplits; ++s)
-        if (s < splits) scale[s] = merge_scale[h * kSparseAttentionMaxClusterSplits + s];
-    }
     float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) {
       if (s >= splits) break;
-      x[0] += scale[s] * o[k][s].x;
-      x[1] += scale[s] * o[k][s].y;
-      x[2] += scale[s] * o[k][s].z;
-      x[3] += scale[s] * o[k][s].w;
+      const float scale = merge_scale[h * kSparseAttentionMaxClusterSplits + s];
+      x[0] += scale * o[k][s].x;
+      x[1] += scale * o[k][s].y;
+      x[2] += scale * o[k][s].z;
+      x[3] += scale * o[k][s].w;
     }
     if (p.rope_frequencies != nullptr) {
 #pragma unroll
@@ -1448,150 +1404,7 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   }
 }
 
-// The scores of this warp's entries over all 512 dims (kSpread false: entries [16w, 16w + 16), waited for, expanded
-// or zeroed here), or of its share of the entries and dims (kSpread: head_split_qk_share; fp8 entries expanded
-// before, over all warps), into the score rows.
-template <bool kFp8, bool kSpread>
-__device__ __forceinline__ void head_split_scores(uint8_t* smem, int entries, int32_t phys, int warp, int lane) {
-  using L = HeadSplitLayout;
-  const int g = lane / 4, c = lane % 4;
-  uint8_t* kv = smem + L::kKv;
-  float* scores = reinterpret_cast<float*>(smem + L::kScores);
-  uint64_t* entries_landed = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
-  const uint32_t q_lane = shared_address(smem + L::kQ) +
-                          ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes + 16 * (lane / 16);
-  if constexpr (!kSpread) {
-    const int warp_first = warp * kHeadSplitWarpEntries;
-    if (warp_first >= entries) return;
-    sm90::mbarrier_wait(entries_landed + warp, 0);
-    if constexpr (kFp8) {
-#pragma unroll 2
-      for (int e = 0; e < kHeadSplitWarpEntries; e += 2) {
-        const int32_t pair[2] = {__shfl_sync(0xFFFFFFFFu, phys, e), __shfl_sync(0xFFFFFFFFu, phys, e + 1)};
-        head_split_expand_fp8<2>(kv, warp_first + e, pair, lane);
-      }
-    } else {
-      // Unused slots (rare: a short window, a split's tail) hold stale bytes; their weight 0 must not meet a NaN.
-      unsigned unused = __ballot_sync(0xFFFFFFFFu, lane < kHeadSplitWarpEntries && phys < 0);
-      while (unused != 0) {
-        const int e = __ffs(unused) - 1;
-        unused &= unused - 1;
-        uint4* zero_row = reinterpret_cast<uint4*>(kv + (warp_first + e) * kHeadSplitRowBytes);
-        zero_row[lane] = zero_row[lane + 32] = make_uint4(0, 0, 0, 0);
-      }
-    }
-    __syncwarp();
-
-    // S = Q Kᵀ: two n8 tiles of entries, the 32 k16 steps as two independent halves (four accumulator chains).
-    float s_acc[2][2][4] = {};
-    const uint32_t k_lane = shared_address(kv) + (warp_first + (lane % 8) + 8 * (lane / 16)) * kHeadSplitRowBytes +
-                            16 * ((lane / 8) % 2);
-#pragma unroll 4
-    for (int kk = 0; kk < kD512HeadDim / 32; ++kk) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int dim_bytes = (half * kD512HeadDim / 2 + 16 * kk) * 2;
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, q_lane + dim_bytes);
-        ldmatrix_x4(b, k_lane + dim_bytes);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[half][0], a, b[0], b[1]);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[half][1], a, b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(scores + (g + 8 * r) * kHeadSplitScoreStride + warp_first + 8 * n + 2 * c) =
-            make_float2(s_acc[0][n][2 * r] + s_acc[1][n][2 * r], s_acc[0][n][2 * r + 1] + s_acc[1][n][2 * r + 1]);
-  } else {
-    const HeadSplitQkShare share = head_split_qk_share(entries);
-    const int part = warp / share.group_warps, part_dims = kD512HeadDim / share.parts;
-    const int dim_begin = part * part_dims;
-    const int32_t* slot_phys = reinterpret_cast<const int32_t*>(smem + L::kPhys);
-    for (int j = warp % share.group_warps; j < share.groups; j += share.group_warps) {
-      uint8_t* rows = kv + 8 * j * kHeadSplitRowBytes;
-      if constexpr (!kFp8) {
-        sm90::mbarrier_wait(entries_landed + j / 2, 0);
-        // Unused slots hold stale bytes (their weight 0 must not meet a NaN): each part zeroes its own dims of them,
-        // so that every dim is zero before the softmax barrier that precedes PV.
-        const int chunks = part_dims / 8;  // 16-byte chunks of this part's dims
-#pragma unroll 1
-        for (int e = 0; e < 8; ++e) {
-          if (slot_phys[8 * j + e] >= 0) continue;
-          uint4* zero_row = reinterpret_cast<uint4*>(rows + e * kHeadSplitRowBytes + dim_begin * 2);
-          for (int chunk = lane; chunk < chunks; chunk += 32) zero_row[chunk] = make_uint4(0, 0, 0, 0);
-        }
-        __syncwarp();
-      }
-      // S = Q Kᵀ over this part's dims: two k16 steps per K load, four accumulator chains.
-      float s_acc[4][4] = {};
-      const uint32_t k_lane = shared_address(rows) + (lane % 8) * kHeadSplitRowBytes + 16 * (lane / 8);
-#pragma unroll 4
-      for (int step = 0; step < part_dims / 32; ++step) {
-        const int dim_bytes = (dim_begin + 32 * step) * 2;
-        uint32_t a0[4], a1[4], b[4];
-        ldmatrix_x4(a0, q_lane + dim_bytes);
-        ldmatrix_x4(a1, q_lane + dim_bytes + 32);
-        ldmatrix_x4(b, k_lane + dim_bytes);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * (step % 2)], a0, b[0], b[1]);
-        ptx::mma_m16n8k16_bf16_f32(s_acc[2 * (step % 2) + 1], a1, b[2], b[3]);
-      }
-      float* part_scores = scores + part * share.part_columns + 8 * j + 2 * c;
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<float2*>(part_scores + (g + 8 * r) * kHeadSplitScoreStride) =
-            make_float2((s_acc[0][2 * r] + s_acc[1][2 * r]) + (s_acc[2][2 * r] + s_acc[3][2 * r]),
-                        (s_acc[0][2 * r + 1] + s_acc[1][2 * r + 1]) + (s_acc[2][2 * r + 1] + s_acc[3][2 * r + 1]));
-    }
-  }
-}
-
-// The decode prologue's new entries (SparseAttentionParams::insert_kv; all 256 threads, thread i the pair of dims 2i,
-// 2i + 1 as in kv_insert): for each query u of the launch whose new row one of this CTA's slots names (insert_slot[u]),
-// or whose row this CTA stores (u == t with store_entry), kv_insert's norm, rotation and store rounding of its vector
-// x[u], into the slot's shared-memory row (fp8: at the offset a copied span would put it) and to the cache.
 template <bool kFp8>
-__device__ __forceinline__ void head_split_insert_entries(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                          uint8_t* store_entry, const float2 (&x)[kSparseAttentionInsertMaxTokens],
-                                                          const int64_t (&positions)[kSparseAttentionInsertMaxTokens],
-                                                          float2 norm_weight) {
-  using L = HeadSplitLayout;
-  const KvEntryLayout& layout = p.cache.layout;
-  const int32_t* insert_slot = reinterpret_cast<const int32_t*>(smem + L::kInsertSlot);
-  const int32_t* slot_phys = reinterpret_cast<const int32_t*>(smem + L::kPhys);
-  float* sums = reinterpret_cast<float*>(smem + L::kInsertSums);
-  const int pair = threadIdx.x, dim = 2 * pair;
-  const bool rotates = p.insert_rope_table != nullptr && pair >= layout.nope_dim / 2;
-#pragma unroll
-  for (int u = 0; u < kSparseAttentionInsertMaxTokens; ++u) {
-    if (u >= p.tokens) break;
-    const int target = insert_slot[u];
-    const bool store = u == t && store_entry != nullptr;
-    if (target < 0 && !store) continue;  // uniform over the CTA: its block sum's barrier is reached by all or none
-    float x0 = x[u].x, x1 = x[u].y;
-    const float mean_square =
-        kv_insert_block_sum(x0 * x0 + x1 * x1, sums + u * kHeadSplitWarps) / float(layout.head_dim);
-    const float inv_rms = 1.0f / sqrtf(mean_square + p.insert_eps);
-    x0 = x0 * inv_rms * norm_weight.x;
-    x1 = x1 * inv_rms * norm_weight.y;
-    if (rotates)
-      rope_rotate_pair(x0, x1,
-                       rope_table_factors(p.insert_rope_table, layout.rope_dim / 2, positions[u],
-                                          pair - layout.nope_dim / 2),
-                       false);
-    if (target >= 0)
-      kv_store_pair(layout,
-                    smem + L::kKv + target * kHeadSplitRowBytes + (kFp8 ? (slot_phys[target] & 1) * 8 : 0), dim,
-                    true, x0, x1);
-    if (store) {
-      kv_store_pair(layout, store_entry, dim, true, x0, x1);
-      kv_store_pad(layout, store_entry, pair);
-    }
-  }
-}
-
-template <bool kFp8, bool kSpread>
 __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     sparse_attention_head_split_kernel(const __grid_constant__ SparseAttentionParams p, const int head_groups) {
   using L = HeadSplitLayout;
@@ -1604,26 +1417,16 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const KvCacheView& cache = p.cache;
   const KvEntryLayout& layout = cache.layout;
   uint64_t* entries_landed = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + warp;
-  int32_t* slot_phys = reinterpret_cast<int32_t*>(smem + L::kPhys);
+  int32_t* slot_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
   RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + L::kRope);
   if (lane == 0) {
     sm90::mbarrier_init(entries_landed, 1);
     sm90::fence_mbarrier_init();
   }
   __syncwarp();
-  // The decode prologue (the launcher allows it with kSpread only).
-  const bool insert = kSpread && p.insert_kv != nullptr;
-  int32_t* insert_slot = reinterpret_cast<int32_t*>(smem + L::kInsertSlot);
-  if (insert) {
-    if (tid < kSparseAttentionInsertMaxTokens) insert_slot[tid] = -1;
-    __syncthreads();  // before any slot claims a query's new row
-  }
 
   // Weights and parameters before griddepcontrol.wait (nothing an earlier kernel writes), and L2 requests for the
   // first inputs: Q rows, the split's index lines (bounded without the counts), the query's slot and position.
-  const float2 kv_norm_weight = insert ? make_float2(__ldg(p.insert_kv_norm + 2 * tid), __ldg(p.insert_kv_norm + 2 * tid + 1))
-                                       : make_float2(1.0f, 1.0f);
-  const int64_t q_token_stride = p.q_row_stride > 0 ? p.q_row_stride : int64_t(p.heads) * kD512HeadDim;
   const bool rope = p.rope_frequencies != nullptr;
   const int rope_pairs = rope ? layout.rope_dim / 2 : 0;
   const float frequency = tid < rope_pairs ? p.rope_frequencies[tid] : 0.0f;
@@ -1634,7 +1437,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   {
     constexpr int kLineBytes = 128;
     const uint8_t* q_rows =
-        static_cast<const uint8_t*>(p.q) + (t * q_token_stride + head_base * kD512HeadDim) * q_element_bytes;
+        static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * q_element_bytes;
     const int64_t q_bytes = int64_t(live_heads) * kD512HeadDim * q_element_bytes;
     for (int64_t offset = int64_t(tid) * kLineBytes; offset < q_bytes; offset += kLineBytes * kHeadSplitThreads)
       ptx::prefetch_l2(q_rows + offset);
@@ -1661,39 +1464,6 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
   const int64_t slot = range.begin + entry;
   const bool in_range = lane < kHeadSplitWarpEntries && entry < entries;
   const int32_t row = in_range ? slot_row(p, t, slot) : -1;
-  const int64_t position = rope || insert ? p.positions[t] : 0;
-
-  // The decode prologue's inputs: every query's new vector (this thread's pair) and position, this CTA's own query's
-  // destination when it is the one that stores it (head group 0, split 0), the query rotation's factors, and the
-  // query of this launch in the same sequence whose new row a window slot names (its entry is evaluated here).
-  float2 new_kv[kSparseAttentionInsertMaxTokens] = {};
-  int64_t new_positions[kSparseAttentionInsertMaxTokens] = {};
-  uint8_t* store_entry = nullptr;
-  float2 q_rope[4] = {};
-  int source = -1;
-  if (insert) {
-    const int64_t kv_stride = p.insert_kv_row_stride > 0 ? p.insert_kv_row_stride : kD512HeadDim;
-#pragma unroll
-    for (int u = 0; u < kSparseAttentionInsertMaxTokens; ++u)
-      if (u < p.tokens) {
-        new_kv[u] = *reinterpret_cast<const float2*>(p.insert_kv + u * kv_stride + 2 * tid);
-        new_positions[u] = p.positions[u];
-      }
-    if (work.head_block == 0 && split == 0) {
-      const int32_t own_row = p.insert_rows[t];
-      if (own_row >= 0)
-        store_entry = cache.entry_address(
-            cache.physical_entry(cache.pages_of(sequence_slot, p.layer, KvArray::Window), own_row));
-    }
-    const int q_chunk = tid % (kD512HeadDim / 8);
-    if (p.insert_rope_table != nullptr && 8 * q_chunk >= layout.nope_dim)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        q_rope[j] = __ldg(p.insert_rope_table + position * (layout.rope_dim / 2) + (8 * q_chunk - layout.nope_dim) / 2 + j);
-    if (in_range && slot < p.window_slots && row >= 0)
-      for (int u = 0; u < int(p.tokens); ++u)
-        if (p.insert_rows[u] == row && p.sequence_slots[u] == sequence_slot) source = u;
-  }
 
   // Q: thread tid holds 16-byte chunk tid % 64 of heads tid / 64 + 4i (bf16; two float4 of fp32 q).
   constexpr int kQChunks = kHeadSplitHeads * kD512HeadDim / 8 / kHeadSplitThreads;  // 4
@@ -1704,7 +1474,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
 #pragma unroll
   for (int i = 0; i < kQChunks; ++i) {
     const int h = q_head + kHeadsPerPass * i;
-    const int64_t element = t * q_token_stride + (head_base + h) * kD512HeadDim + 8 * q_chunk;
+    const int64_t element = (t * p.heads + head_base + h) * kD512HeadDim + 8 * q_chunk;
     const bool live = h < live_heads;
     q_packed[i] = make_uint4(0, 0, 0, 0);
     q_lo[i] = q_hi[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -1716,59 +1486,23 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     }
   }
 
-  if (insert) {
-    // The queries' per-head RMSNorm: this thread's squares, summed over its warp (half a head's dims).
-    float* q_sums = reinterpret_cast<float*>(smem + L::kQSums);
-#pragma unroll
-    for (int i = 0; i < kQChunks; ++i) {
-      const float v[8] = {q_lo[i].x, q_lo[i].y, q_lo[i].z, q_lo[i].w, q_hi[i].x, q_hi[i].y, q_hi[i].z, q_hi[i].w};
-      float sum = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sum = fmaf(v[e], v[e], sum);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
-      if (lane == 0) q_sums[warp * kQChunks + i] = sum;
-    }
-  }
-
   const int32_t phys = slot_physical(cache, slot_page(p, sequence_slot, slot, row), row);
-  if (lane < kHeadSplitWarpEntries) slot_phys[entry] = phys;
-  if (source >= 0) insert_slot[source] = entry;
+  if (lane < kHeadSplitWarpEntries) slot_valid[entry] = phys >= 0;
   {
     constexpr uint32_t kCopyBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
-    // A slot whose entry the prologue evaluates is not copied.
-    const bool copy = phys >= 0 && source < 0;
-    const unsigned copies = __ballot_sync(0xFFFFFFFFu, copy);
+    const unsigned copies = __ballot_sync(0xFFFFFFFFu, phys >= 0);
     if (lane == 0) sm90::mbarrier_arrive_expect_tx(entries_landed, uint32_t(__popc(copies)) * kCopyBytes);
-    if (copy) {
+    if (phys >= 0) {
       const uint8_t* src = cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
       ptx::cp_async_bulk_global_to_shared(shared_address(smem + L::kKv + entry * kHeadSplitRowBytes), src, kCopyBytes,
                                           shared_address(entries_landed));
     }
   }
 
-  if (insert) {
-    // Each head's two warp sums in warp order, then kv_insert's fused q norm: scale, rotate, round.
-    __syncthreads();
-    const float* q_sums = reinterpret_cast<const float*>(smem + L::kQSums);
-    const int first_warp = warp & ~1;
-#pragma unroll
-    for (int i = 0; i < kQChunks; ++i) {
-      const float sum = q_sums[first_warp * kQChunks + i] + q_sums[(first_warp + 1) * kQChunks + i];
-      const float inv_rms = 1.0f / sqrtf(sum / float(kD512HeadDim) + p.insert_eps);
-      float v[8] = {q_lo[i].x, q_lo[i].y, q_lo[i].z, q_lo[i].w, q_hi[i].x, q_hi[i].y, q_hi[i].z, q_hi[i].w};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] *= inv_rms;
-      if (p.insert_rope_table != nullptr && 8 * q_chunk >= layout.nope_dim)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], RopeFactors{q_rope[j].x, q_rope[j].y}, false);
-      q_packed[i] = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]), pack_bf16x2(v[4], v[5]),
-                               pack_bf16x2(v[6], v[7]));
-    }
-  }
+  const int64_t position = rope ? p.positions[t] : 0;
 #pragma unroll
   for (int i = 0; i < kQChunks; ++i) {
-    const uint4 packed = p.q_dtype == AttentionDtype::Bf16 || insert
+    const uint4 packed = p.q_dtype == AttentionDtype::Bf16
                              ? q_packed[i]
                              : make_uint4(pack_bf16x2(q_lo[i].x, q_lo[i].y), pack_bf16x2(q_lo[i].z, q_lo[i].w),
                                           pack_bf16x2(q_hi[i].x, q_hi[i].y), pack_bf16x2(q_hi[i].z, q_hi[i].w));
@@ -1776,31 +1510,57 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
         packed;
   }
   if (tid < rope_pairs) rope_table[tid] = rope_factors(position, frequency);
-  // The sinks' table for the spread merge, stored only now: a store before the wait would hold warp 0, which resolves
-  // and copies the first entries, for the sinks' cold load (≈ 1.7 µs per call in bench_cuda_attention).
-  if (kSpread && tid < kHeadSplitHeads) reinterpret_cast<float*>(smem + L::kSinks)[tid] = merge_sink_log2;
-  if (insert) head_split_insert_entries<kFp8>(p, smem, t, store_entry, new_kv, new_positions, kv_norm_weight);
-  __syncthreads();  // Q, the physical entries, the sinks, the inverse-RoPE factors and the prologue's entries
+  __syncthreads();  // Q, the valid flags and the inverse-RoPE factors
 
-  // 2. The scores. Spread fp8 entries are expanded first, each warp its own run of the padded entries (pairs, within
-  // at most two warps' copy barriers), then shared by all warps' QKᵀ.
+  // 2. This warp's entries: expanded (fp8) or unused rows zeroed, then their scores over all 512 dims.
+  const int warp_first = warp * kHeadSplitWarpEntries;
   uint8_t* kv = smem + L::kKv;
-  if constexpr (kSpread && kFp8) {
-    const int per_warp = (entries + kHeadSplitWarpEntries - 1) / kHeadSplitWarpEntries * 2;  // even
-    const int first = warp * per_warp;
-    if (per_warp > 0) {
-      uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
-      sm90::mbarrier_wait(barriers + first / kHeadSplitWarpEntries, 0);
-      sm90::mbarrier_wait(barriers + (first + per_warp - 1) / kHeadSplitWarpEntries, 0);
-#pragma unroll 1
-      for (int e = first; e < first + per_warp; e += 2) {
-        const int32_t pair[2] = {slot_phys[e], slot_phys[e + 1]};
-        head_split_expand_fp8<2>(kv, e, pair, lane);
+  if (warp_first < entries) {
+    sm90::mbarrier_wait(entries_landed, 0);
+    if constexpr (kFp8) {
+#pragma unroll 2
+      for (int e = 0; e < kHeadSplitWarpEntries; e += 2) {
+        const int32_t pair[2] = {__shfl_sync(0xFFFFFFFFu, phys, e), __shfl_sync(0xFFFFFFFFu, phys, e + 1)};
+        head_split_expand_fp8_pair(kv, warp_first + e, pair, lane);
+      }
+    } else {
+      // Unused slots (rare: a short window, a split's tail) hold stale bytes; their weight 0 must not meet a NaN.
+      unsigned unused = __ballot_sync(0xFFFFFFFFu, lane < kHeadSplitWarpEntries && phys < 0);
+      while (unused != 0) {
+        const int e = __ffs(unused) - 1;
+        unused &= unused - 1;
+        uint4* zero_row = reinterpret_cast<uint4*>(kv + (warp_first + e) * kHeadSplitRowBytes);
+        zero_row[lane] = zero_row[lane + 32] = make_uint4(0, 0, 0, 0);
       }
     }
-    __syncthreads();
+    __syncwarp();
+
+    // S = Q Kᵀ: two n8 tiles of entries, the 32 k16 steps as two independent halves (four accumulator chains).
+    float s_acc[2][2][4] = {};
+    const uint32_t q_lane = shared_address(smem + L::kQ) +
+                            ((lane % 8) + 8 * ((lane / 8) % 2)) * kHeadSplitRowBytes + 16 * (lane / 16);
+    const uint32_t k_lane = shared_address(kv) + (warp_first + (lane % 8) + 8 * (lane / 16)) * kHeadSplitRowBytes +
+                            16 * ((lane / 8) % 2);
+#pragma unroll 4
+    for (int kk = 0; kk < kD512HeadDim / 32; ++kk) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int dim_bytes = (half * kD512HeadDim / 2 + 16 * kk) * 2;
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, q_lane + dim_bytes);
+        ldmatrix_x4(b, k_lane + dim_bytes);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][0], a, b[0], b[1]);
+        ptx::mma_m16n8k16_bf16_f32(s_acc[half][1], a, b[2], b[3]);
+      }
+    }
+    float* scores = reinterpret_cast<float*>(smem + L::kScores);
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        *reinterpret_cast<float2*>(scores + (g + 8 * r) * kHeadSplitScoreStride + warp_first + 8 * n + 2 * c) =
+            make_float2(s_acc[0][n][2 * r] + s_acc[1][n][2 * r], s_acc[0][n][2 * r + 1] + s_acc[1][n][2 * r + 1]);
   }
-  head_split_scores<kFp8, kSpread>(smem, entries, phys, warp, lane);
   __syncthreads();
 
   // 3. Softmax per head over the CTA's entries (log2 domain): 16 threads per head, 8 consecutive entries each.
@@ -1808,16 +1568,12 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     const int h = tid / 16, first = 8 * (tid % 16);
     const float scale_log2 = p.softmax_scale * kLog2e;
     const float* score_row = reinterpret_cast<const float*>(smem + L::kScores) + h * kHeadSplitScoreStride + first;
-    const HeadSplitQkShare share = head_split_qk_share(entries);
     float x[8];
     float m = -INFINITY;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      float score = score_row[i];
-      if constexpr (kSpread)
-        for (int part = 1; part < share.parts; ++part) score += score_row[part * share.part_columns + i];
       // An entry past the split or unused scores −inf whatever its (unwritten) score holds.
-      x[i] = first + i < entries && slot_phys[first + i] >= 0 ? score * scale_log2 : -INFINITY;
+      x[i] = first + i < entries && slot_valid[first + i] != 0 ? score_row[i] * scale_log2 : -INFINITY;
       m = fmaxf(m, x[i]);
     }
 #pragma unroll
@@ -1872,13 +1628,13 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
             make_float2(o_acc[j][2 * r], o_acc[j][2 * r + 1]);
     cluster_sync();
     if (p.splits <= 2)
-      head_split_cluster_merge<2, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<2>(p, smem, t, split, head_base, merge_sink_log2);
     else if (p.splits <= 4)
-      head_split_cluster_merge<4, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<4>(p, smem, t, split, head_base, merge_sink_log2);
     else if (p.splits <= 8)
-      head_split_cluster_merge<8, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<8>(p, smem, t, split, head_base, merge_sink_log2);
     else
-      head_split_cluster_merge<16, kSpread>(p, smem, t, split, head_base, merge_sink_log2);
+      head_split_cluster_merge<16>(p, smem, t, split, head_base, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial and statistics
     return;
   }

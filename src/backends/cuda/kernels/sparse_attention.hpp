@@ -45,8 +45,6 @@ inline constexpr int kSparseAttentionMaxSplits = 64;
 inline constexpr int kSparseAttentionMaxClusterSplits = 16;
 // Tiles of 32 entries one CTA of the head-split path holds (all resident in shared memory).
 inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
-// Queries of a launch with the decode prologue (SparseAttentionParams::insert_kv) at most.
-inline constexpr int kSparseAttentionInsertMaxTokens = 8;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -85,36 +83,11 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
-  // The head-split path with each CTA's QKᵀ shared by all 8 warps (off: a warp per 16 entries, so a CTA of one tile
-  // used two) and the cluster merge's weights computed per thread (no CTA barrier); the same numerics up to the
-  // scores' fp32 summation order.
-  bool head_split_spread = true;
-  // Decode prologue (head-split path with head_split_spread, tokens ≤ kSparseAttentionInsertMaxTokens; null insert_kv
-  // = off): the launch also does the work of the kv_insert launch that would precede it (kv_insert.hpp with its fused
-  // per-head q norm), one launch less per layer. Query t's new K = V vector (fp32 row t of insert_kv) is normalised
-  // with insert_kv_norm, rotated at positions[t] (insert_rope_table) and stored with the cache's rounding into
-  // window-ring row insert_rows[t] (< 0: none) of its sequence by one CTA, with kv_insert's arithmetic (the same
-  // bytes); a CTA whose window slots name a row written so takes the entry from its own evaluation, not the cache
-  // (which it may not hold yet). q is then the raw projection (fp32, token rows q_row_stride elements apart): each
-  // CTA normalises its heads (RMSNorm without weight, insert_eps) and rotates their last rope_dim dims at the query's
-  // position before the bf16 rounding. The new rows' pages must be allocated; the rows must be distinct.
-  const float* insert_kv = nullptr;          // device fp32 [T, head_dim], rows insert_kv_row_stride apart
-  int64_t insert_kv_row_stride = 0;          // elements; 0 = head_dim
-  const float* insert_kv_norm = nullptr;     // device fp32 [head_dim] (kv_norm)
-  const int32_t* insert_rows = nullptr;      // device [T]: window-ring rows, < 0 = none
-  const float2* insert_rope_table = nullptr; // device [positions, rope_dim / 2] (rope.hpp)
-  float insert_eps = 1e-6f;
-  int64_t q_row_stride = 0;                  // with insert_kv: elements between tokens' q rows; 0 = heads × head_dim
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
   // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
   bool prefill_kernel = true;
-  // With prefill_kernel: route calls from 15/16 of one wave of (query, 64-head block) CTAs on (V4-Pro batch 64 in,
-  // V4-Flash batch 64 out) instead of two waves. The prefill kernel against the paths here (the attnp engineer's
-  // bench, bf16 q and entries, H200): Pro CSA/HCA batch 64 46.7 → 42.0 / 40.6 µs, batch 256 165 → 143 / 138, Flash
-  // CSA/HCA batch 256 87.6 / 87.2 → 87.0 / 81.3, SWA 37.8 → 39.5.
-  bool prefill_kernel_one_wave = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
