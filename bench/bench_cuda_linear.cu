@@ -12,22 +12,17 @@
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
-// the weight's data (read_floor_kernel, cold); FP8 with e8m0 scales also with Fp8TileMath::SCALED_INPUT where it
-// applies (the default config, plain and with the RMSNorm prologue, and the STREAMED path at 1-4 ring slots).
-// Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the
-// plain call and against run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's
-// wo_a and wo_b are both selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two
-// launches it replaces. V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap →
-// wo_a, wo_a → wo_b) are timed cold as chains, without and with the first asking L2 for the second's weights
-// (prefetch_next).
+// the weight's data (read_floor_kernel, cold). Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
+// run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
+// selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
+// V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
+// timed cold as chains, without and with the first asking L2 for the second's weights (prefetch_next).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
-//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile] [--fp8-math scaled]
+//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
-//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config, the
-//   default with scaled FP8 inputs where it applies, then the STREAMED configs at 1-4 ring slots, for a profiler such
-//   as ncu, which flushes the L2 per kernel itself; --fp8-math scaled: every call asks for Fp8TileMath::SCALED_INPUT,
-//   taken where it applies, e.g. to sweep its configs)
+//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
+//   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -262,12 +257,9 @@ struct Row {
   int ring_slots = 0;                 // the default config's (STREAMED)
   double cold_us = 0;                 // the default config, cold: what a model step sees
   double cold_percent_of_copy = 0;
-  double scaled_input_us = 0;         // the default config with Fp8TileMath::SCALED_INPUT, cold; 0: not applicable
-  double scaled_prologue_us = 0;      // the same with the RMSNorm prologue; 0: not timed
   double graph_us = 0;                // the default config replayed back to back in a CUDA graph (warm)
   double aligned_us = 0;              // the ALIGNED path (register loads)
   double streamed_us[5] = {0, 0, 0, 0, 0};  // the STREAMED path by ring slots (1..4); 0: not applicable
-  double scaled_streamed_us[5] = {0, 0, 0, 0, 0};  // the same with scaled FP8 inputs; 0: not applicable
   double read_floor_us = 0;                 // read_floor_kernel over the weight's data bytes
   double read_floor_percent_of_copy = 0;
   double cluster_us = 0;              // the streamed default with the cluster split-K reduction; 0: not applicable
@@ -334,7 +326,6 @@ int main(int argc, char** argv) {
   using namespace dsv4::cuda;
   std::string json_path = "bench_cuda_linear.json", model_filter, shape_filter, format_filter;
   bool quick = false, sweep = false, profile = false;
-  Fp8TileMath fp8_math_option = Fp8TileMath::DEQUANTIZE;
   std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -346,9 +337,6 @@ int main(int argc, char** argv) {
       sweep = true;
     } else if (arg == "--profile") {
       profile = true;
-    } else if (arg == "--fp8-math" && i + 1 < argc && std::string(argv[i + 1]) == "scaled") {
-      fp8_math_option = Fp8TileMath::SCALED_INPUT;
-      ++i;
     } else if (arg == "--model" && i + 1 < argc) {
       model_filter = argv[++i];
     } else if (arg == "--formats" && i + 1 < argc) {
@@ -368,8 +356,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8] "
-                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile] "
-                           "[--fp8-math scaled]\n");
+                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile]\n");
       return 2;
     }
   }
@@ -479,10 +466,8 @@ int main(int argc, char** argv) {
           });
         }
         for (const int tokens : token_counts) {
-          // The call y = weight · x at this shape and T, with `workspace`, on stream `s`; it asks for SCALED_INPUT
-          // where `fp8_math` or --fp8-math says so.
-          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+          // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
+          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -492,19 +477,16 @@ int main(int argc, char** argv) {
                                          .groups = shape.groups,
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
-                                         .stream = s,
-                                         .fp8_math = fp8_math == Fp8TileMath::SCALED_INPUT ? fp8_math
-                                                                                             : fp8_math_option};
+                                         .stream = s};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
-          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
-                                       Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i), workspace, s, fp8_math), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -513,7 +495,6 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
-          const bool scaled_input_applies = fp8_scaled_input_applies(weights[0].view(), tokens, shape.groups, config);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
@@ -535,15 +516,10 @@ int main(int argc, char** argv) {
                 workspace_bytes = std::max(workspace_bytes, c->workspace_bytes);
             DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
-            const auto launch_once = [&](const QuantizedLinearConfig& c,
-                                         Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
-              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, fp8_math), c);
+            const auto launch_once = [&](const QuantizedLinearConfig& c) {
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
             };
             launch_once(config);
-            if (scaled_input_applies) {
-              launch_once(config, Fp8TileMath::SCALED_INPUT);
-              std::printf(", then the default with scaled FP8 inputs");
-            }
             for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
               if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
                 launch_once(*c);
@@ -592,15 +568,12 @@ int main(int argc, char** argv) {
           row.ring_slots = config.ring_slots;
           row.cold_us = time_config(config, Timing::COLD);
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
-          if (scaled_input_applies) row.scaled_input_us = time_config(config, Timing::COLD, Fp8TileMath::SCALED_INPUT);
           row.graph_us = time_config(config, Timing::GRAPH);
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
-            const auto linear_of = [&](int i, cudaStream_t s, bool prologue,
-                                       Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
-              QuantizedLinearParams p =
-                  linear_params(weights[size_t(i % copies)].view(), workspace, s, fp8_math);
+            const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
+              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s);
               p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
@@ -608,9 +581,6 @@ int main(int argc, char** argv) {
               run_quantized_linear(p, config);
             };
             row.prologue_cold_us = cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true); });
-            if (scaled_input_applies)
-              row.scaled_prologue_us =
-                  cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true, Fp8TileMath::SCALED_INPUT); });
             row.norm_then_linear_cold_us = cold.us([&](int i, cudaStream_t s) {
               RmsNormParams norm;
               norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
@@ -628,11 +598,8 @@ int main(int argc, char** argv) {
               read_floor_us > 0 ? 100.0 * double(data_bytes) / (read_floor_us * 1e3) / copy_gbps : 0.0;
           if (streamed_applies) {
             for (int slots = 1; slots <= 4; ++slots)
-              if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0)) {
+              if (const auto c = streamed_config(slots, SplitKReduce::AUTO, 0))
                 row.streamed_us[slots] = time_config(*c, Timing::COLD);
-                if (fp8_scaled_input_applies(weights[0].view(), tokens, shape.groups, *c))
-                  row.scaled_streamed_us[slots] = time_config(*c, Timing::COLD, Fp8TileMath::SCALED_INPUT);
-              }
             if (const auto c = streamed_config(0, SplitKReduce::CLUSTER, 0); c && c->reduce == SplitKReduce::CLUSTER)
               row.cluster_us = time_config(*c, Timing::COLD);
           }
@@ -817,28 +784,21 @@ int main(int argc, char** argv) {
     if (profile) return 0;
     if (!table.empty()) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
-                  "scaled FP8 input cold µs · %% of copy (with norm prologue) | stream µs · %% of copy | "
-                  "cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
-                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | scaled FP8 inputs µs (1/2/3/4 slots) | "
+                  "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
+                  "cold: aligned µs | streamed µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
                   "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
-      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f (%.1f) | "
-                  "%.1f · %.0f | "
-                  "%.1f | %.2f× | "
-                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
+      std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
+                  "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
                   "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                  r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
-                  r.scaled_input_us,
-                  r.scaled_input_us > 0 ? r.cold_us * r.cold_percent_of_copy / r.scaled_input_us : 0.0,
-                  r.scaled_prologue_us, r.us,
+                  r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
-                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.scaled_streamed_us[1],
-                  r.scaled_streamed_us[2], r.scaled_streamed_us[3], r.scaled_streamed_us[4], r.read_floor_us,
-                  r.read_floor_percent_of_copy, r.cluster_us,
+                  r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.read_floor_percent_of_copy,
+                  r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
@@ -890,19 +850,17 @@ int main(int argc, char** argv) {
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, "
                    "\"groups\": %d, \"tokens\": %d, \"k_splits\": %d, \"load_path\": \"%s\", \"ring_slots\": %d, "
-                   "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"scaled_input_cold_us\": %.2f, "
-                   "\"scaled_input_prologue_cold_us\": %.2f, \"stream_us\": %.2f, "
+                   "\"cold_us\": %.2f, \"cold_percent_of_copy\": %.1f, \"stream_us\": %.2f, "
                    "\"stream_percent_of_copy\": %.1f, \"cublas_bf16_stream_us\": %.2f, \"speedup_vs_cublas\": %.3f, "
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
-                   "%.2f, %.2f], \"scaled_input_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f], "
+                   "%.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
-                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy,
-                   r.scaled_input_us, r.scaled_prologue_us, r.us, r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us,
-                   r.aligned_us, r.streamed_us[1], r.streamed_us[2], r.streamed_us[3], r.streamed_us[4],
-                   r.scaled_streamed_us[1], r.scaled_streamed_us[2], r.scaled_streamed_us[3], r.scaled_streamed_us[4],
-                   r.read_floor_us, r.cluster_us, r.gemm_us, r.gemm_k_splits,
+                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
+                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
+                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.cluster_us, r.gemm_us,
+                   r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");

@@ -10,9 +10,7 @@
 // The RMSNorm prologue equals run_rms_norm (bf16 output) followed by the op bit for bit, and the CPU's rms_norm +
 // linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
 // STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
-// changes a bit; prefetching the next call's weights into L2 changes no bit either. Scaled FP8 inputs
-// (Fp8TileMath::SCALED_INPUT) match the CPU on the decode shapes, odd ones and activations spanning 2^200, every e4m3
-// code × e8m0 scale comes out exact through them, and they apply exactly where their conditions hold.
+// changes a bit; prefetching the next call's weights into L2 changes no bit either.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -105,8 +103,7 @@ struct DeviceRun {
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
                         WeightLoadPath load_path = WeightLoadPath::AUTO,
-                        const QuantizedLinearConfig* config = nullptr,
-                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+                        const QuantizedLinearConfig* config = nullptr) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -121,8 +118,7 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .groups = groups,
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
-                                     .stream = nullptr,
-                                     .fp8_math = fp8_math};
+                                     .stream = nullptr};
   if (config != nullptr)
     run_quantized_linear(params, *config);
   else if (load_path == WeightLoadPath::AUTO)
@@ -198,11 +194,9 @@ bool is_poison(float value) {
 
 // Checks every case of one matrix for all token counts; the weights are quantized once. With
 // `every_streamed`, also every STREAMED config (every_streamed_config), and that configs differing only in ring
-// depth give the same bits (the depth changes when stages arrive, not the order of the sums). Every run asks for
-// `fp8_math` (taken where it applies). x_of(rng) draws each activation before its bf16 rounding.
-template <class XOf>
-void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed, bool every_streamed,
-                       Fp8TileMath fp8_math, XOf&& x_of) {
+// depth give the same bits (the depth changes when stages arrive, not the order of the sums).
+void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed,
+                       bool every_streamed = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> values(size_t(c.rows * c.cols));
@@ -228,7 +222,7 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
     std::vector<float> x(size_t(tokens * x_cols)), x_abs(x.size());
     for (int t = 0; t < tokens; ++t)
       for (int64_t k = 0; k < x_cols; ++k) {
-        const uint16_t bits = float_to_bf16(x_of(rng));
+        const uint16_t bits = float_to_bf16(normal(rng));
         x_bf16[size_t(t * x_stride + k)] = bits;
         x[size_t(t * x_cols + k)] = bf16_to_float(bits);  // the CPU sees the same rounded activations
         x_abs[size_t(t * x_cols + k)] = std::fabs(bf16_to_float(bits));
@@ -263,7 +257,7 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       SCOPED_TRACE(r.label);
       const WeightLoadPath path = r.path;
       const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path,
-                                          r.config ? &*r.config : nullptr, fp8_math);
+                                          r.config ? &*r.config : nullptr);
       if (r.config) {
         const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const auto& e) {
           return e.first->k_splits == r.config->k_splits && e.first->reduce == r.config->reduce;
@@ -308,12 +302,6 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       if (failures > 0) std::printf("  %s: max error / tolerance %.3g\n", describe(c, tokens).c_str(), max_error_ratio);
     }
   }
-}
-
-void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts, uint32_t seed,
-                       bool every_streamed = false, Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  check_against_cpu(c, token_counts, seed, every_streamed, fp8_math, [&](std::mt19937& rng) { return normal(rng); });
 }
 
 std::vector<int> all_token_counts() { return {std::begin(kTokenCounts), std::end(kTokenCounts)}; }
@@ -413,75 +401,26 @@ TEST(QuantizedLinear, StreamedRingDepthsAndSplitCounts) {
   check_against_cpu({TestFormat::BF16, 256, 2048}, tokens, seed++, true);
 }
 
-TEST(QuantizedLinear, ScaledFp8InputsMatchTheCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  // Fp8TileMath::SCALED_INPUT on the shapes it is meant for (V4-Flash wq_b, grouped wo_a, wo_b, the small stacks
-  // that split K in clusters) and odd ones (one 64-row CTA, groups of 64 rows), at T = 1, 3, 8; every STREAMED config
-  // of two of them (ring depth never changes a bit).
-  uint32_t seed = 1500;
-  const std::vector<int> tokens = {1, 3, 8};
-  const std::vector<LinearCase> cases = {
-      {TestFormat::FP8_E8M0, 32768, 1024}, {TestFormat::FP8_E8M0, 8192, 4096, 8},    {TestFormat::FP8_E8M0, 4096, 8192},
-      {TestFormat::FP8_E8M0, 1536, 4096},  {TestFormat::FP8_E8M0, 64, 512, 1, 8, 3}, {TestFormat::FP8_E8M0, 3 * 64, 768, 3}};
-  for (const LinearCase& c : cases) check_against_cpu(c, tokens, seed++, false, Fp8TileMath::SCALED_INPUT);
-  check_against_cpu({TestFormat::FP8_E8M0, 1024, 8192}, tokens, seed++, true, Fp8TileMath::SCALED_INPUT);
-  check_against_cpu({TestFormat::FP8_E8M0, 8 * 256, 4096, 8}, tokens, seed++, true, Fp8TileMath::SCALED_INPUT);
-  // Activations over 2^-100 .. 2^100 within a row (every staged value stays exact: the per-token shift keeps the
-  // largest below 2^127 and the smallest far above bf16's subnormals; products of the smallest with the smallest
-  // weights leave fp32's range, far below the bound's rounding), and tokens 2^120 apart in magnitude.
-  std::uniform_int_distribution<int> exponent(-100, 100);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  check_against_cpu({TestFormat::FP8_E8M0, 2048, 4096}, tokens, seed++, false, Fp8TileMath::SCALED_INPUT,
-                    [&](std::mt19937& rng) { return std::ldexp(normal(rng), exponent(rng)); });
-  int calls = 0;
-  check_against_cpu({TestFormat::FP8_E8M0, 1024, 2048}, tokens, seed++, false, Fp8TileMath::SCALED_INPUT,
-                    [&](std::mt19937& rng) { return std::ldexp(normal(rng), (calls++ / 2048) % 2 == 0 ? -60 : 60); });
-}
-
-TEST(QuantizedLinear, ScaledFp8InputsApplyWhereTheirConditionsHold) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const int multiprocessors = list_devices().front().multiprocessors;
-  const auto applies = [&](TestFormat format, int64_t rows, int64_t cols, int groups, int tokens) {
-    const OwnedQuantizedMatrix host = quantize(format, std::vector<float>(size_t(rows * cols), 0.25f), rows, cols);
-    const DeviceMatrix weight(host.matrix, "scaled input conditions");
-    return fp8_scaled_input_applies(weight.view(), tokens, groups,
-                                    choose_quantized_linear_config(weight.view(), tokens, groups, multiprocessors));
-  };
-  EXPECT_TRUE(applies(TestFormat::FP8_E8M0, 32768, 1024, 1, 1));
-  EXPECT_TRUE(applies(TestFormat::FP8_E8M0, 8192, 4096, 8, 1));
-  EXPECT_TRUE(applies(TestFormat::FP8_E8M0, 1536, 4096, 1, 8));    // 8 K splits of 512
-  EXPECT_FALSE(applies(TestFormat::FP8_E8M0, 32768, 1024, 1, 8));  // 8 × 1024 inputs per CTA
-  EXPECT_FALSE(applies(TestFormat::FP8_E8M0, 32768, 1024, 1, 9));   // two token tiles
-  EXPECT_FALSE(applies(TestFormat::FP8_F32, 4096, 1024, 1, 1));     // f32 block scales would round x
-  EXPECT_FALSE(applies(TestFormat::FP8_E8M0, 3 * 48, 1024, 3, 1));  // 48-row groups: CTAs across row bands
-  EXPECT_FALSE(applies(TestFormat::NVFP4, 4096, 1024, 1, 1));
-}
-
 // One-hot activations: token t of pass p is e_(64p + t), so y[t, n] = W[n, 64p + t] exactly: W as the kernel sees
 // it is compared with `expected` ([rows, cols] row-major) element by element, exactly (NaN never passes).
-// `tolerance(n, k)` > 0 relaxes an element to an absolute bound (fp32 subnormal products may flush). Every run asks
-// for `fp8_math`; SCALED_INPUT runs the streamed path at 8 tokens, where it applies.
+// `tolerance(n, k)` > 0 relaxes an element to an absolute bound (fp32 subnormal products may flush).
 template <class Tolerance>
-void expect_dequantised_exactly(const QuantizedMatrix& host, const std::vector<float>& expected, Tolerance tolerance,
-                                Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+void expect_dequantised_exactly(const QuantizedMatrix& host, const std::vector<float>& expected, Tolerance tolerance) {
   const DeviceMatrix weight(host, "exactness weight");
   const int64_t rows = host.rows, cols = host.cols;
   int failures = 0;
-  // 64 tokens per pass through the paths that take them, 16 through the streamed path (it takes at most 16; 8 with
-  // scaled FP8 inputs).
-  const int streamed_tokens =
-      fp8_math == Fp8TileMath::SCALED_INPUT ? tile::kTokensPerMma : kLinearMaxStreamedTokens;
+  // 64 tokens per pass through the paths that take them, 16 through the streamed path (it takes at most 16).
   std::vector<std::pair<WeightLoadPath, int>> runs;
   for (const WeightLoadPath path : load_paths_for(weight.view(), 1, 64)) runs.emplace_back(path, 64);
-  if (streamed_load_path_applies(weight.view(), streamed_tokens, 1))
-    runs.emplace_back(WeightLoadPath::STREAMED, streamed_tokens);
+  if (streamed_load_path_applies(weight.view(), kLinearMaxStreamedTokens, 1))
+    runs.emplace_back(WeightLoadPath::STREAMED, kLinearMaxStreamedTokens);
   for (const auto& [path, kTokens] : runs) {
     SCOPED_TRACE(path_name(path));
     DeviceBuffer workspace = zeroed_workspace(weight.view(), kTokens, 1);
     for (int64_t pass = 0; pass * kTokens < cols; ++pass) {
       std::vector<uint16_t> x(size_t(kTokens * cols), 0);
       for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t) x[size_t(t * cols + pass * kTokens + t)] = 0x3F80;
-      const DeviceRun run = run_on_device(weight, x, cols, rows, kTokens, 1, workspace, path, nullptr, fp8_math);
+      const DeviceRun run = run_on_device(weight, x, cols, rows, kTokens, 1, workspace, path);
       for (int t = 0; t < kTokens && pass * kTokens + t < cols; ++t)
         for (int64_t n = 0; n < rows; ++n) {
           const int64_t k = pass * kTokens + t;
@@ -550,8 +489,6 @@ TEST(QuantizedLinear, DequantisesEveryCodeAndScaleExactly) {
             e4m3_to_float(code) * e8m0_to_float(m.storage->scales[size_t((n / 128) * 128 + k / 128)]);
       }
     expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; });
-    SCOPED_TRACE("with scaled FP8 inputs");
-    expect_dequantised_exactly(m.matrix, expected, [](int64_t, int64_t) { return 0.0; }, Fp8TileMath::SCALED_INPUT);
   }
   {
     SCOPED_TRACE("FP8_BLOCK128 with f32 scales");
@@ -967,41 +904,37 @@ TEST(QuantizedLinear, NormPrologueEqualsRmsNormThenLinear) {
       cpu::linear(magnitude.matrix, normed_abs.data(), tokens, bound.data());
 
       for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
-        for (const Fp8TileMath fp8_math : {Fp8TileMath::DEQUANTIZE, Fp8TileMath::SCALED_INPUT}) {
-          SCOPED_TRACE(describe(c, tokens) + " " + path_name(path) +
-                       (fp8_math == Fp8TileMath::SCALED_INPUT ? ", scaled FP8 inputs" : ""));
-          const QuantizedLinearConfig config =
-              choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
-          const size_t outputs = size_t(tokens) * size_t(c.rows);
-          DeviceBuffer two_launches = poisoned(outputs, "y rms_norm then linear"), fused = poisoned(outputs, "y fused");
-          QuantizedLinearParams p{.weight = weight.view(),
-                                  .x = normed.as<__nv_bfloat16>(),
-                                  .x_row_stride = c.cols,
-                                  .y = two_launches.as<float>(),
-                                  .y_row_stride = c.rows,
-                                  .tokens = tokens,
-                                  .workspace = workspace.data(),
-                                  .workspace_bytes = workspace.bytes(),
-                                  .fp8_math = fp8_math};
-          run_quantized_linear(p, config);
-          p.x = nullptr, p.x_row_stride = x_stride;
-          p.norm_x = x_device.as<float>(), p.norm_weight = weight_device.as<float>(), p.norm_eps = kEps;
-          p.y = fused.as<float>();
-          run_quantized_linear(p, config);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          const std::vector<float> expected = download(two_launches, outputs), got = download(fused, outputs);
-          int failures = 0;
-          for (size_t i = 0; i < outputs; ++i) {
-            const bool same = std::memcmp(&expected[i], &got[i], sizeof(float)) == 0 && std::isfinite(got[i]);
-            const double tolerance = (double(c.cols) / 16.0 + 64.0) * 0x1p-22 * bound[i] + 0x1p-8 * bound[i] + 1e-30;
-            const bool near_cpu = std::fabs(double(got[i]) - reference[i]) <= tolerance;
-            if ((!same || !near_cpu) && ++failures <= 8)
-              ADD_FAILURE() << "y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "] = " << got[i]
-                            << "; rms_norm then linear " << expected[i] << "; CPU " << reference[i] << " ± "
-                            << tolerance;
-          }
-          EXPECT_EQ(failures, 0) << failures << " outputs differ";
+        SCOPED_TRACE(describe(c, tokens) + " " + path_name(path));
+        const QuantizedLinearConfig config =
+            choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path);
+        const size_t outputs = size_t(tokens) * size_t(c.rows);
+        DeviceBuffer two_launches = poisoned(outputs, "y rms_norm then linear"), fused = poisoned(outputs, "y fused");
+        QuantizedLinearParams p{.weight = weight.view(),
+                                .x = normed.as<__nv_bfloat16>(),
+                                .x_row_stride = c.cols,
+                                .y = two_launches.as<float>(),
+                                .y_row_stride = c.rows,
+                                .tokens = tokens,
+                                .workspace = workspace.data(),
+                                .workspace_bytes = workspace.bytes()};
+        run_quantized_linear(p, config);
+        p.x = nullptr, p.x_row_stride = x_stride;
+        p.norm_x = x_device.as<float>(), p.norm_weight = weight_device.as<float>(), p.norm_eps = kEps;
+        p.y = fused.as<float>();
+        run_quantized_linear(p, config);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> expected = download(two_launches, outputs), got = download(fused, outputs);
+        int failures = 0;
+        for (size_t i = 0; i < outputs; ++i) {
+          const bool same = std::memcmp(&expected[i], &got[i], sizeof(float)) == 0 && std::isfinite(got[i]);
+          const double tolerance = (double(c.cols) / 16.0 + 64.0) * 0x1p-22 * bound[i] + 0x1p-8 * bound[i] + 1e-30;
+          const bool near_cpu = std::fabs(double(got[i]) - reference[i]) <= tolerance;
+          if ((!same || !near_cpu) && ++failures <= 8)
+            ADD_FAILURE() << "y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "] = " << got[i]
+                          << "; rms_norm then linear " << expected[i] << "; CPU " << reference[i] << " ± "
+                          << tolerance;
         }
+        EXPECT_EQ(failures, 0) << failures << " outputs differ";
       }
     }
 }

@@ -6,11 +6,8 @@
 #include "core/log.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <mutex>
-#include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 #include <set>
 
@@ -39,19 +36,6 @@ void warn_once(const void* matrix, std::string_view what, const std::string& rea
                 reason);
 }
 
-// The call's fp8_math, or every call's when DSV4_FP8_TILE_MATH is set (dequantize or scaled): an A/B of the whole
-// model's FP8 linears without a rebuild. Read once.
-Fp8TileMath fp8_math_of(const LinearCall& c) {
-  static const std::optional<Fp8TileMath> forced = []() -> std::optional<Fp8TileMath> {
-    const char* value = std::getenv("DSV4_FP8_TILE_MATH");
-    if (value == nullptr) return std::nullopt;
-    const std::string_view v(value);
-    check(v == "dequantize" || v == "scaled", "DSV4_FP8_TILE_MATH='", v, "': expected dequantize or scaled");
-    return v == "scaled" ? Fp8TileMath::SCALED_INPUT : Fp8TileMath::DEQUANTIZE;
-  }();
-  return forced ? *forced : c.fp8_math;
-}
-
 void run_decode_chunks(const LinearCall& c) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kLinearMaxTokens) {
     QuantizedLinearParams p;
@@ -70,7 +54,6 @@ void run_decode_chunks(const LinearCall& c) {
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
     if (t0 + kLinearMaxTokens >= c.tokens) p.prefetch_next = c.prefetch_next;  // the last chunk asks for them
-    p.fp8_math = fp8_math_of(c);
     run_quantized_linear(p);
   }
 }

@@ -47,10 +47,6 @@ struct LinearCall {
   // Optional (decode kernel only, ignored by the GEMM): a later call's weights, asked into L2 as this call's CTAs
   // finish theirs (QuantizedLinearParams::prefetch_next).
   DeviceMatrixView prefetch_next;
-  // How FP8 weights meet x in the decode kernel where the choice applies (Fp8TileMath, quantized_linear.hpp); the
-  // GEMM and other formats ignore it. The environment variable DSV4_FP8_TILE_MATH (dequantize or scaled) overrides
-  // it for every call.
-  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).

@@ -76,10 +76,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, bool kClusterReduce, bool kScaledInput>
+template <TileFormat F, int NT, bool kClusterReduce>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kScaledInput>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -98,32 +98,22 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kScaledInput = false>
-void launch_streamed_for_reduce(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
-                                cudaStream_t stream) {
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, true, kScaledInput>(args, config, stream);
-  else
-    launch_streamed_kernel<F, NT, false, kScaledInput>(args, config, stream);
-}
-
 template <TileFormat F, int NT>
-void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool scaled_input,
-                     cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (scaled_input) return launch_streamed_for_reduce<F, NT, true>(args, config, stream);
-  launch_streamed_for_reduce<F, NT>(args, config, stream);
+void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, true>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, false>(args, config, stream);
 }
 
-// scaled_input: Fp8TileMath::SCALED_INPUT, where it applies (fp8_scaled_input_applies).
 template <TileFormat F>
-void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool scaled_input,
+void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                        cudaStream_t stream) {
   if (config.load_path == WeightLoadPath::STREAMED) {
     if (config.token_tiles == 1)
-      launch_streamed<F, 1>(args, config, scaled_input, stream);
+      launch_streamed<F, 1>(args, config, stream);
     else
-      launch_streamed<F, 2>(args, config, scaled_input, stream);
+      launch_streamed<F, 2>(args, config, stream);
   } else if (config.load_path == WeightLoadPath::ALIGNED)
     launch_for_token_tiles<F, true>(args, config, stream);
   else
@@ -325,14 +315,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   return config;
 }
 
-bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int tokens, int groups,
-                              const QuantizedLinearConfig& config) {
-  return weight.format == WeightFormat::FP8_BLOCK128 && weight.scale_type == ScaleType::E8M0 &&
-         config.load_path == WeightLoadPath::STREAMED && config.token_tiles == 1 && groups >= 1 &&
-         (weight.rows / groups) % linear::kRowsPerCta == 0 && config.chunk_k == config.split_k &&
-         int64_t(tokens) * config.split_k / tile::kXChunk <= linear::kThreadsPerCta * linear::kScaledInputHeldChunks;
-}
-
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
   // The most any call of 1..tokens tokens needs: the paths split K differently, so fewer tokens can split more.
   const int multiprocessors = current_multiprocessors();
@@ -465,17 +447,11 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
 void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   check_params_for_config(params, config);
   const linear::LinearKernelArgs args = kernel_args(params, config);
-  const bool scaled_input =
-      params.fp8_math == Fp8TileMath::SCALED_INPUT &&
-      fp8_scaled_input_applies(params.weight, params.tokens, params.groups, config);
-  const cudaStream_t stream = params.stream;
   switch (tile_format_of(params.weight)) {
-    case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, false, stream); break;
-    case TileFormat::FP8_BLOCK128:
-      launch_for_format<TileFormat::FP8_BLOCK128>(args, config, scaled_input, stream);
-      break;
-    case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, false, stream); break;
-    case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, false, stream); break;
+    case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
+    case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
+    case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, params.stream); break;
+    case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, params.stream); break;
   }
 }
 

@@ -114,123 +114,6 @@ __device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void*
                                        args.tokens, static_cast<float*>(x_tile), inv_rms);
 }
 
-// Fp8TileMath::SCALED_INPUT: the e8m0 code of the CTA's row band for input k (of its group; a CTA lies in one band).
-__device__ __forceinline__ int band_scale_code(const LinearKernelArgs& args, int64_t cta_row0, int64_t k) {
-  return __ldg(args.weight.scales + (cta_row0 / 128) * args.weight.scales_per_row + k / 128);
-}
-
-// The 8 inputs of token t at k .. k + 7 (k of its group) as bf16 before scaling: x, or the normalised row with the
-// RMSNorm prologue (the values stage_input stages).
-__device__ __forceinline__ uint4 input_chunk(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
-                                             const float* inv_rms, int t, int64_t k) {
-  if (args.norm_x != nullptr)
-    return tile::normed_x_chunk(args.norm_x + t * args.x_row_stride, args.norm_weight, inv_rms[t], k,
-                                args.weight.cols);
-  return tile::load_x_chunk(x_group + t * args.x_row_stride, k, args.weight.cols);
-}
-
-// ldexpf kept out of line: the scaled-input paths need it only for rare values (below).
-__device__ __noinline__ float ldexp_out_of_line(float value, int e) { return ldexpf(value, e); }
-
-// x · 2^shift rounded to bf16 for the inputs scale_input_chunk does not move by their exponent field alone (zeros,
-// subnormals, Inf/NaN, results below bf16's normals).
-__device__ __forceinline__ uint32_t scale_bf16_slowly(uint32_t bits, int shift) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(ldexp_out_of_line(__uint_as_float(bits << 16), shift)));
-}
-
-// The 8 bf16 of `v` times 2^shift, exactly (NaN for the e8m0 NaN code 255): the exponent field moved where the value
-// stays normal (every staged value but those 2^250 below the token's largest), scale_bf16_slowly otherwise.
-__device__ __forceinline__ uint4 scale_input_chunk(uint4 v, int shift, bool nan_scale) {
-  uint32_t words[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint32_t word = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t bits = tile::detail::word_of(v, i) >> (16 * h) & 0xFFFFu;
-      const int exponent = int(bits >> 7 & 0xFFu), scaled = exponent + shift;
-      const bool moves = exponent >= 1 && exponent <= 254 && scaled >= 1 && scaled <= 254;
-      const uint32_t out = nan_scale ? 0x7FC0u
-                           : moves   ? (bits & 0x807Fu) | uint32_t(scaled) << 7
-                                     : scale_bf16_slowly(bits, shift);
-      word |= out << (16 * h);
-    }
-    words[i] = word;
-  }
-  return make_uint4(words[0], words[1], words[2], words[3]);
-}
-
-// Chunks of the CTA's x a thread holds while the CTA finds each token's scale (stage_scaled_input):
-// fp8_scaled_input_applies admits calls whose tokens · split_k / 8 chunks fit kThreadsPerCta · this, in one x chunk.
-inline constexpr int kScaledInputHeldChunks = 4;
-
-// Stages the CTA's x for SCALED_INPUT, each input loaded once: thread j holds items j, j + 128, ... (item =
-// t · chunks + c, chunk c of token t); exponent[t] becomes the largest (bf16 exponent field + band scale code) over
-// token t's nonzero inputs (0 when none: a warp's 32 items share a token, as chunks is a multiple of 32), and each
-// value is stored as value · 2^(code + 253 - exponent[t]) = x · 2^(code - 127) (the block scale) · 2^120 · 2^c_t
-// with c_t = 260 - exponent[t] < 2^127 (rescale_scaled_sums undoes c_t). Called by the whole CTA (it synchronises;
-// the caller synchronises before the tile is read).
-template <tile::TileFormat F>
-__device__ __forceinline__ void stage_scaled_input(const LinearKernelArgs& args, const __nv_bfloat16* x_group,
-                                                   const float* inv_rms, const CtaWork& work, int* exponent,
-                                                   __nv_bfloat16* x_tile) {
-  const int64_t k_count = work.split_end - work.split_begin;
-  const int chunks = int(k_count / tile::kXChunk), items = args.tokens * chunks;
-  const int row_stride = tile::x_tile_row_stride(k_count);
-  if (int(threadIdx.x) < args.tokens) exponent[threadIdx.x] = 0;
-  uint4 held[kScaledInputHeldChunks];
-  int codes[kScaledInputHeldChunks];
-#pragma unroll
-  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
-    const int item = int(threadIdx.x) + j * kThreadsPerCta;
-    if (item >= items) continue;
-    const int64_t k = work.split_begin + int64_t(item % chunks) * tile::kXChunk;
-    held[j] = input_chunk(args, x_group, inv_rms, item / chunks, k);
-    codes[j] = band_scale_code(args, work.row0, k);
-  }
-  __syncthreads();  // exponents zeroed
-#pragma unroll
-  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
-    const int item = int(threadIdx.x) + j * kThreadsPerCta;
-    if (item >= items) continue;  // warp-uniform: items is a multiple of 32
-    int largest = 0;
-#pragma unroll
-    for (int e = 0; e < tile::kXChunk; ++e) {
-      const uint32_t bits = tile::detail::word_of(held[j], e / 2) >> (16 * (e % 2)) & 0xFFFFu;
-      if ((bits & 0x7FFFu) != 0) largest = max(largest, int(bits >> 7 & 0xFFu) + codes[j]);
-    }
-    largest = __reduce_max_sync(0xFFFFFFFFu, largest);
-    if (threadIdx.x % tile::kWarpSize == 0) atomicMax(exponent + item / chunks, largest);
-  }
-  __syncthreads();  // exponents complete
-#pragma unroll
-  for (int j = 0; j < kScaledInputHeldChunks; ++j) {
-    const int item = int(threadIdx.x) + j * kThreadsPerCta;
-    if (item >= items) continue;
-    const int t = item / chunks;
-    tile::store_x_chunk<F>(x_tile, row_stride, t, item % chunks,
-                           scale_input_chunk(held[j], codes[j] + 253 - exponent[t], codes[j] == 0xFF));
-  }
-}
-
-// value · 2^e rounded once: one multiplication where 2^e is a normal float, ldexpf beyond.
-__device__ __forceinline__ float scale_by_power_of_two(float value, int e) {
-  return e >= -126 && e <= 127 ? value * __int_as_float((127 + e) << 23) : ldexp_out_of_line(value, e);
-}
-
-// acc (token columns of the scaled sums) · 2^(exponent[t] - 260): the true sums (stage_scaled_input's 2^c_t undone).
-template <int NT>
-__device__ __forceinline__ void rescale_scaled_sums(const int* exponent, int tokens, float (&acc)[NT][4]) {
-  const int t = int(threadIdx.x) % 4;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
-      if (token < tokens) acc[nt][i] = scale_by_power_of_two(acc[nt][i], exponent[token] - 260);
-    }
-}
-
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
 // explicitly because ptxas's own choice of cap spilled.
 constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : token_tiles == 4 ? 3 : 2; }
@@ -401,12 +284,11 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
 // advances ring.position past the item's stages.
-template <tile::TileFormat F, int NT, bool kScaledInput = false, class StageX>
+template <tile::TileFormat F, int NT, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
                                                        float (&acc)[NT][4]) {
-  static_assert(!kScaledInput || F == tile::TileFormat::FP8_BLOCK128, "scaled inputs are an FP8 form");
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   constexpr int C = tile::detail::kChains<NT>;
@@ -426,46 +308,22 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
     const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-    // Scaled inputs: every lane reads a staged row (absent tokens' lanes the last token's: their MMA columns are
-    // never stored), so no lane branches around its loads.
-    const __nv_bfloat16* x_rows[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      x_rows[nt] = x_tile + min(nt * tile::kTokensPerMma + g, args.tokens - 1) * row_stride +
-                   (threadIdx.x % 4) * tile::kXChunk;
     for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
       const int64_t j = (k0 - work.split_begin) / kStageK;
       const uint32_t stage = ring.position + uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
-      if constexpr (kScaledInput) {
-        const __nv_bfloat16* x_stage[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_rows[nt] + (k0 - chunk_begin);
-        sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-        st::multiply_stage_scaled<NT, C>(ring.stages + slot * st::slot_bytes(F), x_stage, sums);
-      } else {
-        float block_scales[st::kMaxBlocksPerStage];
-        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-        sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-        st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin),
-                                     row_stride, lane_tiles, block_scales, sums, acc);
-      }
+      float block_scales[st::kMaxBlocksPerStage];
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
+      st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
+                                   lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
         st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
                            ring.full + slot);
     }
   }
-  if constexpr (kScaledInput) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int c = 0; c < C; ++c) acc[nt][i] += sums[c][nt][i];
-  } else {
-    tile::detail::finish_tile<F, NT, C>(sums, acc);
-  }
+  tile::detail::finish_tile<F, NT, C>(sums, acc);
   if (has_rows) ring.position += uint32_t(stages);
 }
 
@@ -489,17 +347,15 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 }
 
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
-// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine; with
-// kScaledInput, Fp8TileMath::SCALED_INPUT (FP8 only). Dynamic shared memory: up to 1 KB of alignment, 4 rings of
-// args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT, bool kClusterReduce, bool kScaledInput>
+// warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
+// memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
+template <tile::TileFormat F, int NT, bool kClusterReduce>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  __shared__ int input_exponent[kLinearMaxStreamedTokens];  // SCALED_INPUT: stage_scaled_input
   StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
@@ -524,16 +380,11 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT, kScaledInput>(
-      args, work, row0, has_rows, ring, x_tile,
-      [&](int64_t chunk_begin, int64_t chunk_end) {
-        if constexpr (kScaledInput)  // one chunk: the whole split (fp8_scaled_input_applies)
-          stage_scaled_input<F>(args, x_group, inv_rms, work, input_exponent, x_tile);
-        else
-          stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
-      },
-      acc);
-  if constexpr (kScaledInput) rescale_scaled_sums<NT>(input_exponent, args.tokens, acc);
+  multiply_streamed_item<F, NT>(args, work, row0, has_rows, ring, x_tile,
+                                [&](int64_t chunk_begin, int64_t chunk_end) {
+                                  stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
+                                },
+                                acc);
 
   prefetch_next_weights(args);
   if constexpr (kClusterReduce)

@@ -68,20 +68,6 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
-// How FP8_BLOCK128 weights meet x on the tensor cores (the STREAMED path). DEQUANTIZE: each e4m3 becomes its exact
-// bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120) and the 128×128 block scales multiply fp32
-// partial sums once per block. SCALED_INPUT: the placed bits enter the MMA as they are (value · 2^-120) and the CTA
-// stages x[t, k] · 2^(block exponent + 120 + c_t) instead: a power of two per (block, token), exact, where c_t puts
-// token t's largest staged value in [2^126, 2^127); each output is multiplied by 2^-c_t at the end. The products are
-// the same and the sums differ only in fp32 order (one chain over the whole K instead of a fold per block), with
-// fewer instructions per weight byte (no multiply per weight pair, no block-scale loads or folds). Staged values
-// more than 2^250 below their token's largest would round (underflow); real activations never span that. It applies
-// to calls on the STREAMED path of at most 8 tokens with e8m0 block scales (powers of two: f32 scales would round x)
-// whose row groups are whole 64-row CTAs (one row band per CTA) and whose CTAs stage at most 4096 inputs (tokens ×
-// split_k, in one x chunk: each thread holds its inputs while the CTA finds the scales; fp8_scaled_input_applies);
-// every other call ignores it.
-enum class Fp8TileMath : uint8_t { DEQUANTIZE, SCALED_INPUT };
-
 // Every split-K workspace of the linear kernels (this one, quantized_gemm, the pair kernel) keeps its tickets and
 // counters in its first kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of
 // different shapes may then share one workspace (the engine's), as no call's partial sums land on another call's
@@ -107,7 +93,6 @@ struct QuantizedLinearParams {
   // weights have arrived, so that call (the next linear of a decode step, after latency-bound kernels that leave the
   // memory idle) reads them from L2. Only a hint: results do not depend on it.
   DeviceMatrixView prefetch_next;
-  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights where SCALED_INPUT applies (Fp8TileMath)
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -147,11 +132,6 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 // kLinearMaxStreamedTokens) fit one CTA's shared memory: where they do not, choose_quantized_linear_config refuses the
 // STREAMED path at that depth. Throws on arguments out of those ranges.
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
-
-// Whether Fp8TileMath::SCALED_INPUT applies to a call of this weight at `tokens` tokens in `groups` groups with this
-// config (else the call runs DEQUANTIZE whatever it asks for).
-bool fp8_scaled_input_applies(const DeviceMatrixView& weight, int tokens, int groups,
-                              const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);

@@ -206,14 +206,6 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
 // [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)): chunk_of(t, k) returns the 8 bf16 of token t at
 // tile inputs k .. k + 7 (k < k_count; zero past k_count), in input order. Called by `thread_count` threads of the
 // CTA with distinct thread_idx; the caller synchronises before and after.
-// Stores chunk c (8 inputs, in input order) of token t into a tile of row_stride elements per token (the permuted,
-// transposed order of the NOTES).
-template <TileFormat F>
-__device__ __forceinline__ void store_x_chunk(__nv_bfloat16* tile, int row_stride, int t, int c, uint4 v) {
-  *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
-      detail::permute_chunk<F>(v);
-}
-
 template <TileFormat F, class ChunkOf>
 __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int padded_tokens, int64_t k_count,
                                                __nv_bfloat16* tile, int thread_idx, int thread_count) {
@@ -222,37 +214,10 @@ __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int
   for (int i = thread_idx; i < padded_tokens * chunks_per_row; i += thread_count) {
     const int t = i / chunks_per_row, c = i % chunks_per_row;
     const int64_t k = int64_t(c) * kXChunk;
-    store_x_chunk<F>(tile, row_stride, t, c, t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0));
+    const uint4 v = t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
+        detail::permute_chunk<F>(v);
   }
-}
-
-// The 8 bf16 of row[k .. k + 7] (zero past k_count) in input order: one 16-byte load where the address is aligned
-// and the chunk whole, else element by element.
-__device__ __forceinline__ uint4 load_x_chunk(const __nv_bfloat16* row, int64_t k, int64_t k_count) {
-  const __nv_bfloat16* source = row + k;
-  if (k + kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0)
-    return __ldg(reinterpret_cast<const uint4*>(source));
-  uint32_t words[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int e = 0; e < kXChunk; ++e)
-    if (k + e < k_count)
-      words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
-  return make_uint4(words[0], words[1], words[2], words[3]);
-}
-
-// The 8 bf16 of bf16(row[k + e] · inv_rms · weight[k + e]), e = 0..7 (zero past k_count), in input order: the same
-// two fp32 products and rounding as run_rms_norm's bf16 output.
-__device__ __forceinline__ uint4 normed_x_chunk(const float* row, const float* weight, float inv_rms, int64_t k,
-                                                int64_t k_count) {
-  uint32_t words[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int e = 0; e < kXChunk; ++e)
-    if (k + e < k_count) {
-      float value = __ldg(row + k + e) * inv_rms;
-      value *= __ldg(weight + k + e);
-      words[e / 2] |= uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(value))) << (16 * (e % 2));
-    }
-  return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
 // Stages x[t][k_begin, k_begin + k_count) for t < tokens into the tile (stage_x_chunks). row_of(t) returns
@@ -263,8 +228,19 @@ __device__ __forceinline__ uint4 normed_x_chunk(const float* row, const float* w
 template <TileFormat F, class RowOf>
 __device__ __forceinline__ void stage_x_tile(RowOf row_of, int tokens, int padded_tokens, int64_t k_count,
                                              __nv_bfloat16* tile, int thread_idx, int thread_count) {
-  stage_x_chunks<F>([&](int t, int64_t k) { return load_x_chunk(row_of(t), k, k_count); }, tokens, padded_tokens,
-                    k_count, tile, thread_idx, thread_count);
+  stage_x_chunks<F>(
+      [&](int t, int64_t k) {
+        const __nv_bfloat16* source = row_of(t) + k;
+        if (k + kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0)
+          return __ldg(reinterpret_cast<const uint4*>(source));
+        uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < kXChunk; ++e)
+          if (k + e < k_count)
+            words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
+        return make_uint4(words[0], words[1], words[2], words[3]);
+      },
+      tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
 }
 
 // Stages the RMS-normalised fp32 rows: tile value = bf16(x[t][k] · inv_rms[t] · weight[k]) for k in
@@ -275,8 +251,20 @@ template <TileFormat F, class RowOf>
 __device__ __forceinline__ void stage_normed_x_tile(RowOf row_of, const float* weight, const float* inv_rms,
                                                     int tokens, int padded_tokens, int64_t k_count,
                                                     __nv_bfloat16* tile, int thread_idx, int thread_count) {
-  stage_x_chunks<F>([&](int t, int64_t k) { return normed_x_chunk(row_of(t), weight, inv_rms[t], k, k_count); },
-                    tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
+  stage_x_chunks<F>(
+      [&](int t, int64_t k) {
+        const float* source = row_of(t) + k;
+        uint32_t words[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int e = 0; e < kXChunk; ++e)
+          if (k + e < k_count) {
+            float value = __ldg(source + e) * inv_rms[t];
+            value *= __ldg(weight + k + e);
+            words[e / 2] |= uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(value))) << (16 * (e % 2));
+          }
+        return make_uint4(words[0], words[1], words[2], words[3]);
+      },
+      tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
 }
 
 namespace detail {
@@ -801,49 +789,6 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
     const float block_scale[2] = {block, block};
     detail::multiply_step<F, NT, C>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
                                     row_stride, lane_tiles, sums, acc);
-  }
-}
-
-// The scaled-input form of multiply_stage for FP8 (Fp8TileMath::SCALED_INPUT in quantized_linear.hpp): each e4m3
-// weight enters the MMA as its bits placed in a bf16 (value · 2^-120: e4m3_pair_bits, no multiply; e4m3 subnormals
-// become bf16 subnormals, whose products with the scaled x are normal fp32) against an x tile whose staging folded
-// the block scales and 2^120 in, so no block scale is read and no per-block fold is done: the sums rotate over C
-// chains for the whole k range. x_stage[nt] is the lane's x row of token tile nt at the stage's first input, as
-// multiply_stage's x_stage; lanes of absent tokens may read any staged row (the MMA columns they feed are never
-// stored). Accumulator rows follow stream_row.
-template <int NT, int C>
-__device__ __forceinline__ void multiply_stage_scaled(const uint8_t* slot, const __nv_bfloat16* const (&x_stage)[NT],
-                                                      float (&sums)[C][NT][4]) {
-  constexpr int kStepK = 4 * values_per_load(TileFormat::FP8_BLOCK128), kSteps = kRowBytes / 64;
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
-  const int rows[2] = {stream_row(g), stream_row(g + 8)};
-#pragma unroll
-  for (int u = 0; u < kSteps; ++u) {
-    const int chunk = ((u & 1) << 2) | t;
-    uint32_t pairs[2][8];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * kHalfBytes + rows[r] * kBoxBytes +
-                                                        ((chunk ^ (rows[r] & 7)) << 4));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        pairs[r][2 * i] = detail::e4m3_pair_bits<0>(detail::word_of(raw, i));
-        pairs[r][2 * i + 1] = detail::e4m3_pair_bits<1>(detail::word_of(raw, i));
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int half_step = 0; half_step < 2; ++half_step) {
-        // Two MMAs' B fragments in one 16-byte load (the transposed order of weight_tile_mma's NOTES).
-        const uint4 b = *reinterpret_cast<const uint4*>(x_stage[nt] + u * kStepK + half_step * 32);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int m = 2 * half_step + half;
-          const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
-          ptx::mma_m16n8k16_bf16_f32(sums[(4 * u + m) % C][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
-        }
-      }
   }
 }
 
