@@ -1537,6 +1537,7 @@ struct CudaModel::Impl {
   void plan_mixed_step(std::span<const StepSequence> sequences, std::vector<StepRun>& runs,
                        std::vector<int32_t>& ids);
   void run_mixed_step(std::span<const StepRun> runs, std::span<const int32_t> ids);
+  void queue_mixed_step(std::span<const StepSequence> sequences, bool wait_for_flag);
 
   // One decode step of several sequences; logits stay in scratch.logits. No host synchronisation.
   void decode_step(std::span<const int> slots, std::span<const int32_t> ids) {
@@ -1738,14 +1739,20 @@ void CudaModel::Impl::run_mixed_step(std::span<const StepRun> runs, std::span<co
   }
 }
 
-void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>& logits) {
-  Impl& m = *impl_;
+// Checks and queues a mixed step: its logits, one row per sequence, land in scratch.logits. `wait_for_flag` as in
+// check_nan_flag (the host copy waits anyway; the device-sampling form does not).
+void CudaModel::Impl::queue_mixed_step(std::span<const StepSequence> sequences, bool wait_for_flag) {
   std::vector<StepRun> runs;
   std::vector<int32_t> ids;
-  m.plan_mixed_step(sequences, runs, ids);
-  m.check_nan_flag(true);
-  m.run_mixed_step(runs, ids);
-  logits.resize(runs.size() * size_t(m.config.vocab_size));
+  plan_mixed_step(sequences, runs, ids);
+  check_nan_flag(wait_for_flag);
+  run_mixed_step(runs, ids);
+}
+
+void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>& logits) {
+  Impl& m = *impl_;
+  m.queue_mixed_step(sequences, true);
+  logits.resize(sequences.size() * size_t(m.config.vocab_size));
   DSV4_CUDA_CHECK(cudaMemcpyAsync(logits.data(), m.scratch.logits, logits.size() * sizeof(float),
                                   cudaMemcpyDeviceToHost, m.stream));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(m.stream));
@@ -1753,13 +1760,8 @@ void CudaModel::step(std::span<const StepSequence> sequences, std::vector<float>
 }
 
 const float* CudaModel::step_on_device(std::span<const StepSequence> sequences) {
-  Impl& m = *impl_;
-  std::vector<StepRun> runs;
-  std::vector<int32_t> ids;
-  m.plan_mixed_step(sequences, runs, ids);
-  m.check_nan_flag(false);
-  m.run_mixed_step(runs, ids);
-  return m.scratch.logits;
+  impl_->queue_mixed_step(sequences, false);
+  return impl_->scratch.logits;
 }
 
 const SamplingBuffers& CudaModel::sampling_buffers() const {
