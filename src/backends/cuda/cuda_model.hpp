@@ -49,8 +49,9 @@ struct CudaModelOptions {
   // defaults: 586.6 against 592.0 t/s; every CTA repeats the preparation, 17.0 vs 9.2 µs at 64K keys).
   bool indexer_prepare_in_scores = false;
   // The indexer's top-k inside its scores launch (run_indexer_scores_top_k, IndexerTopKMethod::Auto: where a
-  // layer's keys are at most kIndexerLastCtaMaxKeys, the scores kernel's last CTA per query group selects): one launch
-  // fewer per CSA layer, the same selections. H200, Flash 8 layers NVFP4 b1 (session 16 round 3, -r 2): 730.9 ± 0.2
+  // layer's keys are at most kIndexerLastCtaMaxKeys, each CTA scores one query (decode steps) and the tickets fit, the
+  // scores kernel's last CTA per query group selects; otherwise the two launches): one launch fewer per CSA layer,
+  // the same selections. H200, Flash 8 layers NVFP4 b1 (session 16 round 3, -r 2): 730.9 ± 0.2
   // t/s against 729.1 ± 0.6 off.
   bool indexer_top_k_in_scores = true;
   // A CSA layer's two compressor pools (main and indexer) in one launch where they read the stacked projections
@@ -61,8 +62,9 @@ struct CudaModelOptions {
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
   // mHC's session-13 cluster decode kernel (HcKernelChoice::CLUSTER) for the sites of decode-sized steps instead of
-  // AUTO's (session 14: cluster steps as st.async into mbarrier-armed peers, scaled Sinkhorn). Off: AUTO is faster
-  // (H200, Flash T = 1, graph: hc_pre + norm 5.8 vs 6.6 us, post + pre + norm 6.2 vs 6.8, head + norm 4.4 vs 5.3).
+  // AUTO's (session 16: one 16-CTA cluster per site where it applies, V4-Flash up to 16 tokens; elsewhere
+  // CLUSTER_ASYNC). Off: AUTO is faster (session 14 against CLUSTER_ASYNC, H200, Flash T = 1, graph: hc_pre + norm
+  // 5.8 vs 6.6 us, post + pre + norm 6.2 vs 6.8, head + norm 4.4 vs 5.3; the single-cluster kernel is faster still).
   bool mhc_cluster_kernel = false;
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
@@ -162,7 +164,8 @@ class CudaModel {
 
   // One decode step of several sequences, one kernel pass over all of them: ids[i] is the next token of slot
   // slots[i] (slots distinct, each in use, any lengths); fp32 logits [n, vocab], row i for slots[i]. Throws like
-  // forward before any slot changes; a failure while the kernels run marks every slot of the step failed. Steps are
+  // forward before any slot changes; a failure while its kernels are queued marks every slot of the step failed (a
+  // kernel fault found later is sticky: every later CUDA call of the process fails with it). Steps are
   // CUDA graphs captured per batch size n on first use and replayed after (DSV4_DISABLE_CUDA_GRAPHS=1: the same
   // launches, eagerly); a one-token forward is the batch-1 decode step.
   void decode(std::span<const int> slots, std::span<const int32_t> ids, std::vector<float>& logits);

@@ -53,7 +53,6 @@ void run_decode_chunks(const LinearCall& c) {
     if (c.norm_x != nullptr) p.norm_x = c.norm_x + t0 * c.x_row_stride;
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
-    if (t0 + kLinearMaxTokens >= c.tokens) p.prefetch_next = c.prefetch_next;  // the last chunk asks for them
     run_quantized_linear(p);
   }
 }

@@ -44,9 +44,6 @@ struct LinearCall {
   const float* norm_x = nullptr;
   const float* norm_weight = nullptr;
   float norm_eps = 0.0f;
-  // Optional (decode kernel only, ignored by the GEMM): a later call's weights, asked into L2 as this call's CTAs
-  // finish theirs (QuantizedLinearParams::prefetch_next).
-  DeviceMatrixView prefetch_next;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).

@@ -1577,6 +1577,8 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   load_token(token_lo, loads_lo, x_lo);
   load_token(g + 8, has_hi, x_hi);
   if constexpr (kPost) {
+    // kSingleToken: every g has read token 0's vectors before the g = 0 lanes overwrite them (X_out may be X).
+    if constexpr (kSingleToken) __syncwarp();
     // hc_post of the finished sub-block on this thread's vectors (the owner is their only reader and writer;
     // kSingleToken: the other g update their copies too).
     const auto update_token = [&](int t, bool valid, bool owner, float4 (&x)[kStreams]) {
