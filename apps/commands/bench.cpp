@@ -514,14 +514,10 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"fuse_projections", &cuda::CudaModelOptions::fuse_projections},
       {"stack_indexer_projections", &cuda::CudaModelOptions::stack_indexer_projections},
       {"fuse_compressor_pools", &cuda::CudaModelOptions::fuse_compressor_pools},
-      {"indexer_prepare_in_scores", &cuda::CudaModelOptions::indexer_prepare_in_scores},
       {"indexer_top_k_in_scores", &cuda::CudaModelOptions::indexer_top_k_in_scores},
       {"norms_in_mhc", &cuda::CudaModelOptions::norms_in_mhc},
-      {"mhc_cluster_kernel", &cuda::CudaModelOptions::mhc_cluster_kernel},
       {"bf16_wo_a", &cuda::CudaModelOptions::bf16_wo_a},
-      {"fused_wo", &cuda::CudaModelOptions::fused_wo},
       {"q_norm_prologue", &cuda::CudaModelOptions::q_norm_prologue},
-      {"moe_single_launch", &cuda::CudaModelOptions::moe_single_launch},
       {"parallel_compressors", &cuda::CudaModelOptions::parallel_compressors},
       {"parallel_indexer", &cuda::CudaModelOptions::parallel_indexer},
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
@@ -780,11 +776,9 @@ const CommandRegistration registration{{
       e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
-                      "fuse_compressor_pools, indexer_prepare_in_scores, indexer_top_k_in_scores, norms_in_mhc, "
-                      "mhc_cluster_kernel, bf16_wo_a, "
-                      "fused_wo, q_norm_prologue, moe_single_launch, parallel_compressors, parallel_indexer, "
-                      "compressor_runs_at_launch, fp8_indexer_keys, q_norm_cta_rows, indexer_prepare_in_compressors); "
-                      "repeatable");
+                      "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
+                      "parallel_compressors, parallel_indexer, compressor_runs_at_launch, fp8_indexer_keys, "
+                      "q_norm_cta_rows, indexer_prepare_in_compressors); repeatable");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",

@@ -175,12 +175,9 @@ cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
   options.fuse_projections = fused;
   options.stack_indexer_projections = fused;
   options.fuse_compressor_pools = fused;
-  options.indexer_prepare_in_scores = fused;
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;
-  options.fused_wo = fused;
-  options.moe_single_launch = fused;
   options.parallel_compressors = launches == Launches::FusedWithBranch;
   options.parallel_indexer = launches == Launches::FusedWithBranch;
   options.indexer_top_k_in_scores = launches == Launches::FusedWithBranch;

@@ -192,9 +192,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // The step's fused launches, none, each alone and all together: CudaModelOptions::fuse_projections (one launch for
 // [wq_a; wkv] and for the compressors' [wkv; wgate], a norm in the KV insert's launch; with stack_indexer_projections
 // also [wq_b; indexer wq_b] and the indexer's weights_proj under the compressors'; fuse_compressor_pools: a CSA
-// layer's two compressor pools in one launch; indexer_prepare_in_scores), norms_in_mhc (the sub-block norms inside
-// mHC's launches, here by its cluster kernel), bf16_wo_a, fused_wo and q_norm_prologue (the linear layers' fused
-// output, wo_a → wo_b pair and input) with moe_single_launch; and the compressors and indexer on a branch stream
+// layer's two compressor pools in one launch), norms_in_mhc (the sub-block norms inside mHC's launches), bf16_wo_a
+// and q_norm_prologue (the linear layers' fused output and input); and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
 // indexer's query preparation in the compressors' launch and the runs loaded at launch
 // (indexer_prepare_in_compressors, compressor_runs_at_launch); the queries' per-head norm in CTA rows
@@ -219,13 +218,9 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
     options.fuse_projections = fused.projections;
     options.stack_indexer_projections = fused.projections;
     options.fuse_compressor_pools = fused.projections;
-    options.indexer_prepare_in_scores = fused.projections && !fused.compressor_launch;
     options.norms_in_mhc = fused.norms;
-    options.mhc_cluster_kernel = fused.norms;
     options.bf16_wo_a = fused.linear_io;
     options.q_norm_prologue = fused.linear_io;
-    options.fused_wo = fused.linear_io;
-    options.moe_single_launch = fused.linear_io;
     options.parallel_compressors = fused.branches;
     options.parallel_indexer = fused.branches;
     options.indexer_prepare_in_compressors = fused.compressor_launch;
@@ -363,7 +358,6 @@ TEST(CudaModel, RefusesAnOptionThatWouldBeIgnored) {
   }
   options.parallel_compressors = false;
   options.parallel_indexer = false;
-  options.indexer_prepare_in_scores = false;
   EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
 }
 

@@ -148,7 +148,7 @@ DeviceMatrixView stacked_shape(std::initializer_list<DeviceMatrixView> parts) {
 // The linear layers' largest workspace, over any weight tree (host or device) through `view_of`, stacked
 // projections (CudaModelOptions::fuse_projections) included.
 template <class Weights, class ViewOf>
-size_t largest_linear_workspace(const Weights& w, int o_groups, bool fused_wo, ViewOf view_of) {
+size_t largest_linear_workspace(const Weights& w, int o_groups, ViewOf view_of) {
   size_t bytes = 0;
   auto note_view = [&](const DeviceMatrixView& v, int groups = 1) {
     if (v.rows > 0) bytes = std::max(bytes, linear_workspace_bytes(v, groups));
@@ -157,8 +157,6 @@ size_t largest_linear_workspace(const Weights& w, int o_groups, bool fused_wo, V
   note(w.head);
   for (const auto& b : w.layers) {
     note(b.attn.wq_a), note(b.attn.wq_b), note(b.attn.wkv), note(b.attn.wo_b), note(b.attn.wo_a, o_groups);
-    if (fused_wo) bytes = std::max(bytes, linear_pair_workspace_bytes(view_of(b.attn.wo_a), o_groups,
-                                                                      view_of(b.attn.wo_b)));
     note_view(stacked_shape({view_of(b.attn.wq_a), view_of(b.attn.wkv)}));
     if (b.attn.compressor) {
       note(b.attn.compressor->wkv), note(b.attn.compressor->wgate);
@@ -395,10 +393,10 @@ struct CudaModel::Impl {
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
     check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
     // Refused rather than ignored: the preparation rides only in the paired compressors' launch on the main stream.
-    check(!o.indexer_prepare_in_compressors || (o.fuse_projections && o.fuse_compressor_pools &&
-                                                !o.parallel_compressors && !o.indexer_prepare_in_scores),
+    check(!o.indexer_prepare_in_compressors ||
+              (o.fuse_projections && o.fuse_compressor_pools && !o.parallel_compressors),
           "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, ",
-          "parallel_compressors and indexer_prepare_in_scores off");
+          "parallel_compressors off");
     // A row's adjustments_begin is an int32 index into them.
     check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
           o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");
@@ -479,12 +477,12 @@ struct CudaModel::Impl {
                                                 [](const QuantizedMatrix& m) {
                                                   return m.rows > 0 ? m.stored_bytes() : 0;
                                                 });
-      linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups), o.fused_wo,
+      linear_workspace_size = largest_linear_workspace(*host_weights, int(c.o_groups),
                                                        [](const QuantizedMatrix& m) { return shape_view(m); });
     } else {
       check(device->layers.size() == size_t(L), "CUDA model: the device weights have ", device->layers.size(),
             " layers, the config ", L);
-      linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups), o.fused_wo,
+      linear_workspace_size = largest_linear_workspace(*device, int(c.o_groups),
                                                        [](const DeviceMatrix& m) { return m.view(); });
       if (o.fuse_projections)
         plan.stacked = stacked_projection_bytes(*device, o.stack_indexer_projections, stacks_indexer_queries(),
@@ -856,16 +854,12 @@ struct CudaModel::Impl {
     return {floats(weights.layers[size_t(layer)].attn_norm), nullptr, scratch.x_bf16};
   }
 
-  HcKernelChoice hc_kernel() const {
-    return options.mhc_cluster_kernel ? HcKernelChoice::CLUSTER : HcKernelChoice::AUTO;
-  }
-
   // The site's projection writes y (scratch.y), or with norms_in_mhc the normed y straight into the norm's outputs.
   template <class SiteParams>
   void direct_site_output(SiteParams& p, const SiteNorm& norm) {
     p.y = scratch.y;
     if (!options.norms_in_mhc) return;
-    p.out_norm_weight = norm.weight, p.kernel = hc_kernel();
+    p.out_norm_weight = norm.weight;
     p.y = norm.y != nullptr ? norm.y : scratch.y, p.y_bf16 = norm.y_bf16;
   }
 
@@ -1049,21 +1043,14 @@ struct CudaModel::Impl {
     const ModelConfig& c = config;
     const device_weights::Indexer& ix = *weights.layers[size_t(layer)].attn.indexer;
     const int64_t T = shape.tokens, IH = c.indexer.num_heads, ID = c.indexer.head_dim, keys = max_keys_of(layer);
-    const float* freqs = frequencies[size_t(layer)].as<float>();
     Scratch& s = scratch;
     IndexerScoresParams scores;
-    if (options.indexer_prepare_in_scores) {
-      // The scores kernel rotates and rounds the queries itself (the same bits as the prepare launch).
-      scores.q_raw = qi, scores.q_raw_row_stride = qi_row_stride, scores.rope_frequencies = freqs;
-      scores.rope_dim = c.rope_head_dim, scores.reference_rounding = reference();
-    } else {
-      if (!compressors.queries_prepared)
-        run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
-      if (fp8_index_keys())
-        scores.q_fp8 = s.qi_fp8, scores.q_scales = s.qi_scales;
-      else
-        scores.q = s.qi_bf16;
-    }
+    if (!compressors.queries_prepared)
+      run_indexer_prepare(indexer_prepare(layer, shape, in, lane, qi, qi_row_stride));
+    if (fp8_index_keys())
+      scores.q_fp8 = s.qi_fp8, scores.q_scales = s.qi_scales;
+    else
+      scores.q = s.qi_bf16;
     scores.head_weights = compressors.head_weights, scores.head_weights_row_stride = compressors.head_weights_stride;
     if (compressors.head_weights == nullptr) {
       linear_on(lane, ix.weights_proj.view(), "layer " + std::to_string(layer) + " indexer weights_proj", s.x_bf16,
@@ -1240,7 +1227,7 @@ struct CudaModel::Impl {
     if (w.compressor) {
       if (!branch) {
         std::optional<IndexerPrepareParams> prepare;
-        if (w.indexer && options.indexer_prepare_in_compressors && !options.indexer_prepare_in_scores)
+        if (w.indexer && options.indexer_prepare_in_compressors)
           prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
         compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
       }
@@ -1270,7 +1257,8 @@ struct CudaModel::Impl {
       wo_a.y_bf16 = s.z_bf16, wo_a.y_row_stride = c.o_proj_dim();
       LinearCall wo_b = linear_call(w.wo_b.view(), name + " wo_b", T, main_lane());
       wo_b.x = s.z_bf16, wo_b.x_row_stride = c.o_proj_dim(), wo_b.y = s.out, wo_b.y_row_stride = d;
-      run_linear_pair(wo_a, wo_b, options.fused_wo);
+      run_linear(wo_a);
+      run_linear(wo_b);
     } else {
       linear(w.wo_a.view(), name + " wo_a", s.o, H * D, T, s.z, c.o_proj_dim(), c.o_groups);
       run_to_bf16(s.z, T * c.o_proj_dim(), s.z_bf16, stream);
@@ -1323,7 +1311,6 @@ struct CudaModel::Impl {
       MoeRunParams m;
       m.u = scratch.u, m.token_ids = in.ids, m.out = scratch.out, m.tokens = int(T);
       m.workspace = scratch.moe_workspace, m.workspace_bytes = moe_workspace_size, m.stream = stream;
-      m.single_launch = options.moe_single_launch;
       run_moe(*moe[size_t(layer)], m);
       if (layer + 1 < c.num_layers)
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
@@ -1355,7 +1342,7 @@ struct CudaModel::Impl {
     head.h = scratch.h, head.workspace = scratch.hc_workspace, head.workspace_bytes = hc_workspace_bytes;
     head.stream = stream;
     if (options.norms_in_mhc) {
-      head.out_norm_weight = floats(weights.norm), head.h_bf16 = scratch.h_bf16, head.kernel = hc_kernel();
+      head.out_norm_weight = floats(weights.norm), head.h_bf16 = scratch.h_bf16;
       run_hc_head(head);
     } else {
       run_hc_head(head);

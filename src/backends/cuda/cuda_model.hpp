@@ -44,10 +44,6 @@ struct CudaModelOptions {
   // indexer's weights_proj under the compressors' projections: two launches fewer per CSA layer (wq_b's stack in
   // steps of up to 64 tokens; longer steps run its parts as row slices).
   bool stack_indexer_projections = true;
-  // The indexer's query preparation (RoPE, rounding) inside its score kernel: one launch fewer per CSA layer, the
-  // same bits. Off: slower (bench/NOTES.md, session 13, H200, Flash 8 layers b1, each option alone against the
-  // defaults: 586.6 against 592.0 t/s; every CTA repeats the preparation, 17.0 vs 9.2 µs at 64K keys).
-  bool indexer_prepare_in_scores = false;
   // The indexer's top-k inside its scores launch (run_indexer_scores_top_k, IndexerTopKMethod::Auto: where a
   // layer's keys are at most kIndexerLastCtaMaxKeys, each CTA scores one query (decode steps) and the tickets fit, the
   // scores kernel's last CTA per query group selects; otherwise the two launches): one launch fewer per CSA layer,
@@ -61,27 +57,13 @@ struct CudaModelOptions {
   // hc_post_pre, hc_head with their fused output norm and mHC's decode kernel): two launches fewer per layer. The
   // norm's sum of squares then runs in mHC's order.
   bool norms_in_mhc = true;
-  // mHC's session-13 cluster decode kernel (HcKernelChoice::CLUSTER) for the sites of decode-sized steps instead of
-  // AUTO's (session 16: one 16-CTA cluster per site where it applies, V4-Flash up to 16 tokens; elsewhere
-  // CLUSTER_ASYNC). Off: AUTO is faster (session 14 against CLUSTER_ASYNC, H200, Flash T = 1, graph: hc_pre + norm
-  // 5.8 vs 6.6 us, post + pre + norm 6.2 vs 6.8, head + norm 4.4 vs 5.3; the single-cluster kernel is faster still).
-  bool mhc_cluster_kernel = false;
   // wo_a writes its output in bf16 for wo_b (no conversion launch).
   bool bf16_wo_a = true;
-  // With bf16_wo_a, wo_a and wo_b in one launch where the pair kernel applies (run_linear_pair: one format, steps of
-  // up to 16 tokens): one launch fewer per layer, the same sums. Off: slower so far (round 4, H200, Flash T = 1,
-  // graph: 28.6 µs against 26.7 µs for the two launches).
-  bool fused_wo = false;
   // q_norm as the RMSNorm prologue of wq_b and the indexer's wq_b in steps of up to 16 tokens (the queries' per-head
   // norm then rides in the KV insert's launch with fuse_projections): one launch fewer per layer. H200, Flash T = 1:
   // wq_b 13.1 µs with the prologue against 13.7 µs for rms_norm + wq_b (round 4, graph); the 8-layer e2e within
   // its noise (round 2: 574.7 ± 1.9 against 576.3 ± 4.1 t/s).
   bool q_norm_prologue = true;
-  // The MoE of steps of up to 8 tokens in one persistent launch (MoeRunParams::single_launch) instead of three: two
-  // launches fewer per layer, the same bits. Off: slower in the model (see indexer_prepare_in_scores: 573.5 against
-  // 592.0 t/s); in bench_cuda_moe, Flash, 69.4 against 70.4 µs for the three launches at T = 1, 280 against 253 µs
-  // at T = 8.
-  bool moe_single_launch = false;
   // Compressed-KV layers' compressors (their projections and pooling: CSA's both, HCA's one) on a second stream, a
   // branch of the step beside the query path (wq_a, wq_b, the KV insert) that joins before the attention: in a
   // captured step the fork and join are graph edges, so the latency-bound pooling overlaps the memory-bound wq_b.
