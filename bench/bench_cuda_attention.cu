@@ -21,15 +21,18 @@
 // (cl16p: cluster_merge_bf16_partials, half the merge's distributed shared-memory bytes). Where the head-split path
 // (SparseAttentionParams::head_split: 16-head groups, small batch) serves a case, a second line gives its time with
 // bf16 q (against the bf16q cluster call), its CPU check, its time at each tile count per CTA, and the time of an
-// empty kernel on the same grid and clusters (a call's launch floor).
+// empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
+// launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv]
+//                             [--sweep] [--bf16-kv] [--route]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
 //   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
-//   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. Exit status 1 when a CPU
-//   check fails.
+//   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
+//   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
+//   and says whether SparseAttentionParams::prefill_kernel_decode routes it (no prefill part). Exit status 1 when a
+//   CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -48,6 +51,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
+#include "backends/cuda/kernels/sparse_attention_prefill.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/stream_timing.hpp"
@@ -59,11 +63,13 @@
 #include "cuda_bench_support.hpp"
 #include "support/l2_flushed_timing.hpp"
 #include "support/prefill_chunk.hpp"
+#include "support/sparse_attention_cases.hpp"
 
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kHeadDim = 512, kRopeDim = 64, kWindow = 128, kTopK = 512, kPageRows = 64;
+constexpr int kHeadDim = kDecodeHeadDim, kRopeDim = kDecodeRopeDim, kWindow = kDecodeWindow, kTopK = kDecodeTopK,
+              kPageRows = kDecodePageRows;
 constexpr int kBaselineThreads = 128;  // 4 dims per thread
 
 // Baseline: one CTA per (query, head); every entry is read and decoded by every head's CTA, scores by a block
@@ -124,49 +130,7 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
 
 // Nothing: timed with the head-split call's grid, block and cluster shape, the floor of a call's launch and completion.
 __global__ void empty_kernel(int) {}
-
-// The inverse RoPE's table, base 160000 over the kRopeDim rotary dims: its frequencies go to the kernel, the table
-// to the CPU check.
-const cpu::RopeTable& rope_table() {
-  static const cpu::RopeTable table(160000.0, kRopeDim);
-  return table;
-}
-
-std::vector<float> rope_frequencies() { return rope_table().frequencies(); }
-
-__device__ uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xFF51AFD7ED558CCDull;
-  x ^= x >> 33;
-  x *= 0xC4CEB9FE1A85EC53ull;
-  x ^= x >> 33;
-  return uint32_t(x);
-}
-
-// Random valid entries: each byte a hash of its pool offset. fp8 codes of magnitude 0.5-3.75 of either sign, scales
-// 2^-3..2^0, bf16 values (rope dims, or every dim of bf16 entries) of magnitude 0.125-2 of either sign.
-__global__ void fill_random_kv(uint8_t* pool, int64_t bytes, const KvEntryLayout layout, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t h = hash32(uint64_t(i) * 0x9E3779B97F4A7C15ull + seed);
-    const int byte = int(i % layout.entry_bytes);
-    const bool fp8 = layout.format == KvEntryFormat::Fp8Reference;
-    const int bf16_byte = fp8 ? byte - layout.rope_offset : byte;  // byte within the bf16 values
-    uint8_t value = 0;
-    if (fp8 && byte < layout.nope_dim)
-      value = uint8_t((h & 0x80) | (0x30 + (h >> 8) % 0x18));
-    else if (fp8 && byte >= layout.scale_offset && byte < layout.scale_offset + layout.scale_blocks)
-      value = uint8_t(0x7C + h % 4);
-    else if (bf16_byte >= 0 && bf16_byte < 2 * (fp8 ? layout.rope_dim : layout.head_dim))
-      value = bf16_byte % 2 == 0 ? uint8_t(h) : uint8_t((h & 0x80) | (0x3E + (h >> 8) % 2));
-    pool[i] = value;
-  }
-}
-
-void fill_random_kv(const KvCacheView& view, int64_t entries, uint32_t seed) {
-  const int64_t bytes = entries * view.layout.entry_bytes;
-  fill_random_kv<<<unsigned(std::min<int64_t>(4096, (bytes + 255) / 256)), 256>>>(view.pool, bytes, view.layout, seed);
-  DSV4_CUDA_CHECK_LAUNCH("fill_random_kv");
-}
+constexpr int kLaunchFloorShapes = 3;  // the head-split grid in clusters, without clusters, a CTA per head group
 
 // Entry `row` of `array` of sequence `slot` (layer 0) as floats, read back from the device through a host copy of
 // the page table.
@@ -239,7 +203,7 @@ double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& win
     inputs.compressed_rows = std::max(C, 1);
     inputs.compressed_index = C > 0 ? compressed_rows.data() : nullptr;
     inputs.positions = &positions[size_t(t)];
-    inputs.rope = &rope_table();
+    inputs.rope = &decode_rope_table();
     cpu::sparse_attention(inputs, {1, H, D, p.softmax_scale, W, C}, want.data());
     DSV4_CUDA_CHECK(cudaMemcpy(got.data(), static_cast<const float*>(out.data()) + size_t(t) * H * D,
                                got.size() * 4, cudaMemcpyDeviceToHost));
@@ -257,12 +221,6 @@ double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& win
 }
 
 constexpr double kCpuCheckLimit = 1.0 / 64;
-
-enum class DecodeLayout { Swa, Csa, Hca };
-
-const char* to_string(DecodeLayout layout) {
-  return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
-}
 
 struct Result {
   std::string model, layout;
@@ -284,7 +242,9 @@ struct Result {
   int head_split_splits = 0;
   double head_split_us = 0, head_split_cpu_error = 0;
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
-  double launch_floor_us = 0;  // empty_kernel on the head-split call's grid (its launcher's choice)
+  // empty_kernel on the head-split call's grid (its launcher's choice) in its clusters, without clusters, and one CTA
+  // per (query, head group) (a call's launch floor in each shape).
+  double launch_floor_us[kLaunchFloorShapes] = {};
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -322,36 +282,13 @@ DeviceBuffer bf16_q_to_device(const std::vector<float>& q) {
 Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch, int64_t context,
                 double copy_gbps, double cublas_tflops, int sms, void* flush, size_t flush_bytes, bool sweep,
                 std::mt19937& rng) {
-  const bool csa = kind == DecodeLayout::Csa;
-  const int64_t compressed_rows = kind == DecodeLayout::Swa ? 0 : csa ? context / 4 : context / 128;
-  const int compressed_slots = csa ? kTopK : int(compressed_rows);
-  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = batch,
-                 .window_capacity = kWindow, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
-                 .pages = int64_t(batch) * ((compressed_rows + kPageRows - 1) / kPageRows + kWindow / kPageRows)});
-  for (int b = 0; b < batch; ++b) {
-    cache.add_sequence();
-    cache.ensure_rows(b, 0, KvArray::Window, kWindow);
-    cache.ensure_rows(b, 0, KvArray::Compressed, compressed_rows);
-  }
-  cache.upload_page_table(nullptr);
+  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
+  const KvCache& cache = *step->cache;
   const KvCacheView view = cache.view();
-  fill_random_kv(view, cache.config().pages * kPageRows, rng());
-
-  std::vector<int32_t> slots(static_cast<size_t>(batch)), window_index(static_cast<size_t>(batch) * kWindow),
-      compressed_index(static_cast<size_t>(batch) * compressed_slots);
-  std::vector<int64_t> positions(static_cast<size_t>(batch), context - 1);
-  for (int b = 0; b < batch; ++b) {
-    slots[size_t(b)] = b;
-    for (int w = 0; w < kWindow; ++w) window_index[size_t(b) * kWindow + w] = int32_t((context - kWindow + w) % kWindow);
-    for (int s = 0; s < compressed_slots; ++s)
-      compressed_index[size_t(b) * compressed_slots + s] = csa ? int32_t(rng() % compressed_rows) : s;
-  }
-  const std::vector<float> q = normal_floats(size_t(batch) * heads * kHeadDim, 1.0f, rng), sink(size_t(heads), 0.5f),
-                           freq = rope_frequencies();
-  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
-               d_compressed = to_device(compressed_index, "compressed index"),
-               d_pos = to_device(positions, "positions"), d_q = to_device(q, "q"), d_sink = to_device(sink, "sink"),
-               d_freq = to_device(freq, "frequencies");
+  const int compressed_slots = step->compressed_slots;
+  const std::vector<int32_t>&window_index = step->window_index, &compressed_index = step->compressed_index;
+  const std::vector<int64_t>& positions = step->positions;
+  const std::vector<float>&q = step->q, &sink = step->sink;
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
   DeviceBuffer out(out_bytes, "out"), baseline_out(out_bytes, "baseline out");
   const int64_t total_slots = kWindow + compressed_slots;
@@ -363,15 +300,17 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim,
                                                                                  kSparseAttentionMaxSplits)),
                          "workspace");
-  SparseAttentionParams p{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
-                          .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = d_q.data(),
-                          .q_dtype = AttentionDtype::F32, .attn_sink = d_sink.as<float>(),
-                          .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
-                          .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
-                          .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
-                          .compressed_slots = compressed_slots, .out = out.data(), .out_dtype = AttentionDtype::F32,
-                          .splits = splits, .cluster_merge = false, .head_split = false, .prefill_kernel = false,
-                          .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  // The combine-kernel call with fp32 q; the variants below change one thing each.
+  SparseAttentionParams p = step->call;
+  p.q = step->d_q.data();
+  p.q_dtype = AttentionDtype::F32;
+  p.out = out.data();
+  p.splits = splits;
+  p.cluster_merge = false;
+  p.head_split = false;
+  p.prefill_kernel = false;
+  p.workspace = workspace.data();
+  p.workspace_bytes = workspace.bytes();
   // A sample of queries for the CPU check: the first, a middle and the last.
   std::vector<int64_t> sample{0, batch / 2, batch - 1};
   sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
@@ -389,9 +328,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   const double bf16_partials_cpu_error =
       cpu_check(bf16_partials, window_index, compressed_index, q, sink, positions, out, sample);
-  const DeviceBuffer d_q_bf16 = bf16_q_to_device(q);
   SparseAttentionParams bf16_q = cluster;
-  bf16_q.q = d_q_bf16.data();
+  bf16_q.q = step->d_q_bf16.data();
   bf16_q.q_dtype = AttentionDtype::Bf16;
   out.fill_bytes(0xFF);
   const double bf16_q_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bf16_q); });
@@ -400,15 +338,20 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   SparseAttentionParams head_split = bf16_q;
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
-  double head_split_ms = 0, head_split_cpu_error = 0, launch_floor_ms = 0;
+  double head_split_ms = 0, head_split_cpu_error = 0;
+  double launch_floor_ms[kLaunchFloorShapes] = {};
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
   if (head_split_splits > 0) {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    const unsigned ctas = unsigned(batch * ((heads + 15) / 16) * head_split_splits);
-    launch_floor_ms = median_ms(20, flush, flush_bytes, [&] {
-      launch_chained(empty_kernel, dim3(ctas), dim3(256), 0, nullptr, dim3(unsigned(head_split_splits), 1, 1),
-                     "empty kernel", 0);
-    });
+    const unsigned groups = unsigned(batch * ((heads + 15) / 16)), splits_per_group = unsigned(head_split_splits);
+    // The call's grid in clusters, the same grid without clusters, one CTA per (query, head group).
+    const dim3 grids[kLaunchFloorShapes] = {dim3(groups * splits_per_group), dim3(groups * splits_per_group),
+                                            dim3(groups)};
+    const dim3 clusters[kLaunchFloorShapes] = {dim3(splits_per_group, 1, 1), dim3(1, 1, 1), dim3(1, 1, 1)};
+    for (int shape = 0; shape < kLaunchFloorShapes; ++shape)
+      launch_floor_ms[shape] = median_ms(20, flush, flush_bytes, [&] {
+        launch_chained(empty_kernel, grids[shape], dim3(256), 0, nullptr, clusters[shape], "empty kernel", 0);
+      });
     out.fill_bytes(0xFF);
     head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -523,7 +466,68 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.head_split_us = head_split_ms * 1e3;
   r.head_split_cpu_error = head_split_cpu_error;
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
-  r.launch_floor_us = launch_floor_ms * 1e3;
+  for (int shape = 0; shape < kLaunchFloorShapes; ++shape) r.launch_floor_us[shape] = launch_floor_ms[shape] * 1e3;
+  return r;
+}
+
+// --route: the engine's decode call (bf16 q, fp32 out here) on the decode kernels (run_sparse_attention with
+// prefill_kernel off: the head-split path where it serves the call, else the head_dim 512 kernel with its
+// cluster-merged splits) against the prefill kernel (run_sparse_attention_prefill, its default options), same inputs,
+// both checked against the CPU; and whether prefill_kernel_decode routes the call.
+struct RouteResult {
+  std::string model, layout;
+  int heads, batch, slots, splits;
+  int64_t context;
+  bool head_split, routed;
+  double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
+};
+
+RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
+                           int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush,
+                           size_t flush_bytes, std::mt19937& rng) {
+  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
+  const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
+  DeviceBuffer out(out_bytes, "out");
+  SparseAttentionParams decode = step->call;
+  decode.out = out.data();
+  decode.prefill_kernel = false;
+  decode.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
+  DeviceBuffer workspace(
+      std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, decode.splits)), "workspace");
+  decode.workspace = workspace.data();
+  decode.workspace_bytes = workspace.bytes();
+  std::vector<int64_t> sample{0, batch / 2, batch - 1};
+  sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+  const auto check = [&](const SparseAttentionParams& call) {
+    return cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out,
+                     sample);
+  };
+  RouteResult r;
+  r.model = model;
+  r.layout = to_string(kind);
+  r.heads = heads;
+  r.batch = batch;
+  r.slots = step->slots_per_query();
+  r.context = context;
+  r.head_split = sparse_attention_head_split_splits(decode) > 0;
+  r.splits = r.head_split ? sparse_attention_head_split_splits(decode) : decode.splits;
+  out.fill_bytes(0xFF);
+  r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  r.decode_cpu_error = check(decode);
+  SparseAttentionParams prefill = decode;
+  prefill.splits = 1;
+  prefill.workspace = nullptr;
+  prefill.workspace_bytes = 0;
+  out.fill_bytes(0xFF);
+  r.prefill_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  r.prefill_cpu_error = check(prefill);
+  SparseAttentionParams routed = decode;
+  routed.prefill_kernel = true;
+  routed.prefill_kernel_decode = true;
+  r.routed = sparse_attention_uses_prefill_kernel(routed);
+  r.floor_us = std::max(step->kv_bytes() / (copy_gbps * 1e3), step->flops() / (cublas_tflops * 1e6));
   return r;
 }
 
@@ -552,7 +556,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
   const int64_t T = kPrefillTokens;
   const PrefillChunkSlots chunk = prefill_chunk_slots(context, T, kWindow, kTopK, capacity, rng);
   const std::vector<float> q = normal_floats(size_t(T) * heads * kHeadDim, 1.0f, rng), sink(size_t(heads), 0.5f),
-                           freq = rope_frequencies();
+                           freq = decode_rope_table().frequencies();
   DeviceBuffer d_slots = to_device(chunk.slots, "slots"), d_window = to_device(chunk.window_index, "window index"),
                d_compressed = to_device(chunk.compressed_index, "compressed index"),
                d_pos = to_device(chunk.positions, "positions"), d_q = to_device(q, "q"),
@@ -595,7 +599,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   std::vector<std::string> only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
@@ -614,11 +618,12 @@ int run(int argc, char** argv) {
       sweep = true;
     else if (std::strcmp(argv[i], "--bf16-kv") == 0)
       decode_format = KvEntryFormat::Bf16;
+    else if (std::strcmp(argv[i], "--route") == 0)
+      route = true;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv])");
+           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route])");
   }
-  const int decode_entry_bytes = KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes;
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "no CUDA device\n");
@@ -640,11 +645,20 @@ int run(int argc, char** argv) {
   std::printf("cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", cublas_tflops, peak_tflops,
               clock_khz / 1000);
   std::vector<Result> results;
-  std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
+  std::vector<RouteResult> routes;
+  if (route)
+    std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
+                "prefill kernel, bf16 q; routed = prefill_kernel_decode sends the call to the prefill kernel\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
+                "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
+                "%floor", "cpu err", "speedup", "routed");
+  else
+    std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
+  if (!route)
+    std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
               "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
               "%floor", "baseline us", "speedup", "max|diff|", "mma.sync us", "bound us", "cl.splits", "cl.us",
@@ -661,11 +675,24 @@ int run(int argc, char** argv) {
                 return name.rfind(prefix, 0) == 0;
               }))
             continue;  // --only: prefixes of the case names
-          const int64_t rows = kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
-          const double cache_bytes = double(batch) * double(rows + kWindow) * decode_entry_bytes;
+          const double cache_bytes = decode_cache_bytes(decode_format, kind, batch, context);
           if (cache_bytes > 24.0 * (1u << 30)) {
             std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, to_string(kind), batch,
                         static_cast<long long>(context), cache_bytes / (1u << 30));
+            continue;
+          }
+          if (route) {
+            const RouteResult r = run_route_case(model, heads, kind, decode_format, batch, context, copy_gbps,
+                                                 cublas_tflops, device.multiprocessors, flush.data(), flush_bytes, rng);
+            const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
+            check_failed = check_failed || failed;
+            std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
+                        r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
+                        r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us,
+                        r.decode_cpu_error, r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error,
+                        r.decode_us / r.prefill_us, r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
+            std::fflush(stdout);
+            routes.push_back(r);
             continue;
           }
           const Result r = run_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
@@ -683,22 +710,25 @@ int run(int argc, char** argv) {
                       r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us, r.bf16_partials_cpu_error,
                       failed ? "  CPU CHECK FAILED" : "");
           if (r.head_split_splits > 0)
-            std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us, an empty kernel on its grid "
-                        "%.1f us), cpu err %.1e; by tiles per CTA 1-4: %.1f %.1f %.1f %.1f us\n",
-                        r.head_split_splits, r.head_split_us, r.bf16_q_us, r.launch_floor_us, r.head_split_cpu_error,
-                        r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
-                        r.head_split_tiles_us[4]);
+            std::printf("       head split (bf16 q): %d splits %.1f us (bf16q cluster %.1f us; an empty kernel on its "
+                        "grid %.1f us, unclustered %.1f, a CTA per head group %.1f), cpu err %.1e; by tiles per CTA "
+                        "1-4: %.1f %.1f %.1f %.1f us\n",
+                        r.head_split_splits, r.head_split_us, r.bf16_q_us, r.launch_floor_us[0], r.launch_floor_us[1],
+                        r.launch_floor_us[2], r.head_split_cpu_error, r.head_split_tiles_us[1],
+                        r.head_split_tiles_us[2], r.head_split_tiles_us[3], r.head_split_tiles_us[4]);
           std::fflush(stdout);
           results.push_back(r);
         }
-  std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
-  std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
-              "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
+  if (!route && only.empty()) {
+    std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
+    std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
+                "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
+  }
   std::vector<PrefillResult> prefill;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.empty()) continue;
+        if (!only.empty() || route) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),
@@ -716,7 +746,7 @@ int run(int argc, char** argv) {
     std::fprintf(f, "{\n  \"benchmark\": \"bench_cuda_attention\",\n  \"card\": \"%s\",\n  \"sms\": %d,\n",
                  device.name.c_str(), device.multiprocessors);
     std::fprintf(f, "  \"copy_gbps\": %.1f,\n  \"kv_entry_bytes\": %d,\n  \"cases\": [\n", copy_gbps,
-                 decode_entry_bytes);
+                 KvEntryLayout::make(decode_format, kHeadDim, kRopeDim).entry_bytes);
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::fprintf(f,
@@ -728,7 +758,7 @@ int run(int argc, char** argv) {
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
-                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"launch_floor_us\": %.2f}%s\n",
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"launch_floor_us\": [%.2f, %.2f, %.2f]}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -736,7 +766,8 @@ int run(int argc, char** argv) {
                    r.bf16_q_us, r.cpu_error, r.cluster_cpu_error, r.bf16_q_cpu_error, r.bf16_partials_us,
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
-                   r.head_split_tiles_us[4], r.launch_floor_us, i + 1 < results.size() ? "," : "");
+                   r.head_split_tiles_us[4], r.launch_floor_us[0], r.launch_floor_us[1], r.launch_floor_us[2],
+                   i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
@@ -751,6 +782,18 @@ int run(int argc, char** argv) {
                    static_cast<long long>(r.tokens), static_cast<long long>(r.slots), r.splits, r.us, r.tflops,
                    r.percent_of_cublas, r.percent_of_peak, r.bf16_q_us, r.bf16_q_tflops,
                    i + 1 < prefill.size() ? "," : "");
+    }
+    std::fprintf(f, "  ],\n  \"route\": [\n");
+    for (size_t i = 0; i < routes.size(); ++i) {
+      const RouteResult& r = routes[i];
+      std::fprintf(f,
+                   "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
+                   "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, \"prefill_us\": %.2f, "
+                   "\"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, \"routed\": %s}%s\n",
+                   r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
+                   r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
+                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false",
+                   i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

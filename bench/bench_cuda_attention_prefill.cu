@@ -14,8 +14,9 @@
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
 // with prefetch_resolved (+pf) against today's decode dispatch (run_sparse_attention with prefill_kernel off: the
 // head_dim 512 wgmma kernel with its cluster-merged splits), the faster against its floor max(KV bytes at the same-run
-// copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two).
-// Entries and q are hashes of their positions (finite, no NaN codes).
+// copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two). The decode
+// step is make_decode_step's (tests/support/sparse_attention_cases.hpp, as bench_cuda_attention's).
+// Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
 // --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
 // decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1 when outputs disagree.
@@ -44,11 +45,13 @@
 #include "support/bounded_synchronize.hpp"
 #include "support/l2_flushed_timing.hpp"
 #include "support/prefill_chunk.hpp"
+#include "support/sparse_attention_cases.hpp"
 
 namespace dsv4::cuda {
 namespace {
 
-constexpr int kHeadDim = 512, kRopeDim = 64, kWindow = 128, kTopK = 512, kPageRows = 64;
+constexpr int kHeadDim = kDecodeHeadDim, kRopeDim = kDecodeRopeDim, kWindow = kDecodeWindow, kTopK = kDecodeTopK,
+              kPageRows = kDecodePageRows;
 constexpr int64_t kTokens = 4096;
 
 __device__ __forceinline__ uint32_t hash32(uint64_t x) {
@@ -73,25 +76,6 @@ __global__ void to_bf16(const float* in, __nv_bfloat16* out, int64_t n) {
 __global__ void fill_q(float* q, int64_t n, uint32_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     q[i] = hashed_value(uint64_t(i), seed);
-}
-
-// Every entry of the pool: bf16 entries hashed values; fp8 entries e4m3 codes without the NaN pattern (exponent
-// 1111 never set), scales 2^0, hashed bf16 rope dims.
-__global__ void fill_entries(uint8_t* pool, int64_t entries, KvEntryLayout layout, uint32_t seed) {
-  const int64_t bytes = entries * layout.entry_bytes;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
-    const int b = int(i % layout.entry_bytes);
-    uint8_t v = 0;
-    if (layout.format == KvEntryFormat::Bf16 || (b >= layout.rope_offset && b < layout.scale_offset)) {
-      const __nv_bfloat16 x = __float2bfloat16(hashed_value(uint64_t(i / 2), seed));
-      v = reinterpret_cast<const uint8_t*>(&x)[i % 2];
-    } else if (b < layout.nope_dim) {
-      v = uint8_t(hash32(uint64_t(i) + seed) & 0xB7);
-    } else if (b < layout.scale_offset + layout.scale_blocks) {
-      v = 0x7F;
-    }
-    pool[i] = v;
-  }
 }
 
 std::vector<float> bf16_output(const DeviceBuffer& out, size_t n) {
@@ -142,8 +126,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const std::unique_ptr<KvCache> cache =
       prefill_chunk_cache(format, kHeadDim, kRopeDim, kPageRows, context, capacity);
   const KvCacheView view = cache->view();
-  fill_entries<<<1024, 256>>>(view.pool, cache->config().pages * kPageRows, view.layout, rng());
-  DSV4_CUDA_CHECK_LAUNCH("fill_entries");
+  fill_random_entries(view, cache->config().pages * kPageRows, uint32_t(rng()));
 
   const int64_t T = kTokens;
   const PrefillChunkSlots chunk = prefill_chunk_slots(context, T, kWindow, kTopK, capacity, rng);
@@ -221,12 +204,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   return r;
 }
 
-enum class DecodeLayout { Swa, Csa, Hca };
-
-const char* to_string(DecodeLayout layout) {
-  return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
-}
-
 // The prefill kernel's variants timed on decode cases: without and with
 // SparseAttentionPrefillOptions::prefetch_resolved.
 constexpr int kDecodeVariants = 2;
@@ -247,60 +224,19 @@ struct DecodeCase {
 DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
                            int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush,
                            size_t flush_bytes, std::mt19937& rng) {
-  const int64_t compressed_rows =
-      kind == DecodeLayout::Swa ? 0 : kind == DecodeLayout::Csa ? context / 4 : context / 128;
-  const int compressed_slots = kind == DecodeLayout::Csa ? kTopK : int(compressed_rows);
-  KvCache cache({.format = format, .head_dim = kHeadDim, .rope_dim = kRopeDim, .layers = 1, .max_sequences = batch,
-                 .window_capacity = kWindow, .max_compressed_rows = compressed_rows, .page_rows = kPageRows,
-                 .pages = int64_t(batch) * ((compressed_rows + kPageRows - 1) / kPageRows + kWindow / kPageRows)});
-  for (int b = 0; b < batch; ++b) {
-    cache.add_sequence();
-    cache.ensure_rows(b, 0, KvArray::Window, kWindow);
-    cache.ensure_rows(b, 0, KvArray::Compressed, compressed_rows);
-  }
-  cache.upload_page_table(nullptr);
-  const KvCacheView view = cache.view();
-  fill_entries<<<1024, 256>>>(view.pool, cache.config().pages * kPageRows, view.layout, rng());
-  DSV4_CUDA_CHECK_LAUNCH("fill_entries");
-
-  std::vector<int32_t> slots(static_cast<size_t>(batch)), window_index(size_t(batch) * kWindow),
-      compressed_index(size_t(batch) * compressed_slots);
-  const std::vector<int64_t> positions(size_t(batch), context - 1);
-  for (int b = 0; b < batch; ++b) {
-    slots[size_t(b)] = b;
-    for (int w = 0; w < kWindow; ++w)
-      window_index[size_t(b) * kWindow + w] = int32_t((context - kWindow + w) % kWindow);
-    for (int s = 0; s < compressed_slots; ++s)
-      compressed_index[size_t(b) * compressed_slots + s] =
-          kind == DecodeLayout::Csa ? int32_t(rng() % uint64_t(compressed_rows)) : s;
-  }
-  const std::vector<float> sink(size_t(heads), 0.5f);
-  const cpu::RopeTable rope(160000.0, kRopeDim);
-  DeviceBuffer d_slots = to_device(slots, "slots"), d_window = to_device(window_index, "window index"),
-               d_compressed = to_device(compressed_index, "compressed index"),
-               d_pos = to_device(positions, "positions"), d_sink = to_device(sink, "sink"),
-               d_freq = to_device(rope.frequencies(), "frequencies");
+  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
   const size_t outputs = size_t(batch) * heads * kHeadDim;
-  DeviceBuffer q_f32(outputs * 4, "q"), q(outputs * 2, "q bf16");
-  fill_q<<<1024, 256>>>(q_f32.as<float>(), int64_t(outputs), rng());
-  DSV4_CUDA_CHECK_LAUNCH("fill_q");
-  to_bf16<<<1024, 256>>>(q_f32.as<float>(), static_cast<__nv_bfloat16*>(q.data()), int64_t(outputs));
-  DSV4_CUDA_CHECK_LAUNCH("to_bf16");
   DeviceBuffer today_out(outputs * 4, "today's out"), new_out(outputs * 4, "prefill kernel out");
-  const int slots_per_query = kWindow + compressed_slots;
+  const int slots_per_query = step->slots_per_query();
   const int splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, slots_per_query, sms);
   DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, splits)),
                          "workspace");
-  SparseAttentionParams today{.cache = view, .layer = 0, .tokens = batch, .heads = heads,
-                              .softmax_scale = 1.0f / std::sqrt(float(kHeadDim)), .q = q.data(),
-                              .q_dtype = AttentionDtype::Bf16, .attn_sink = d_sink.as<float>(),
-                              .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
-                              .rope_frequencies = d_freq.as<float>(), .window_index = d_window.as<int32_t>(),
-                              .window_slots = kWindow, .compressed_index = d_compressed.as<int32_t>(),
-                              .compressed_slots = compressed_slots, .out = today_out.data(),
-                              .out_dtype = AttentionDtype::F32, .splits = splits,
-                              .prefill_kernel = false,  // the decode kernels
-                              .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
+  SparseAttentionParams today = step->call;
+  today.out = today_out.data();
+  today.splits = splits;
+  today.prefill_kernel = false;  // the decode kernels
+  today.workspace = workspace.data();
+  today.workspace_bytes = workspace.bytes();
   today_out.fill_bytes(0xFF);
   const double today_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention(today); });
   std::vector<float> expected(outputs), got(outputs);
@@ -335,9 +271,7 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.today_splits = splits;
   r.context = context;
   r.today_us = today_ms * 1e3;
-  const double kv_bytes = double(batch) * slots_per_query * view.layout.entry_bytes;
-  const double flops = 4.0 * heads * kHeadDim * double(batch) * slots_per_query;
-  r.floor_us = std::max(kv_bytes / (copy_gbps * 1e3), flops / (cublas_tflops * 1e6));
+  r.floor_us = std::max(step->kv_bytes() / (copy_gbps * 1e3), step->flops() / (cublas_tflops * 1e6));
   r.today_percent_of_floor = 100.0 * r.floor_us / r.today_us;
   return r;
 }

@@ -44,6 +44,7 @@ struct AttentionCase {
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
+  bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -59,6 +60,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.cluster_merge_bf16_partials = c.bf16_partials;
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
+  call.prefill_kernel_decode = c.prefill_kernel_decode;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -283,6 +285,48 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   pro.prefill_kernel = true;
   pro.counts = true;
   check_attention(pro, 101);
+}
+
+// Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs filling 15/16 of one wave):
+// a V4-Flash CSA batch of just enough queries (one head block each) and a V4-Pro batch of half as many (two head
+// blocks; 64 on 132 SMs) with per-query counts, several sequences of different lengths; small compressed lists, since the CPU reference is the
+// cost. Calls below the wave, and fp8 entries, stay on the decode kernels.
+TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const int sms = list_devices()[0].multiprocessors;
+  const int flash_queries = (15 * sms + 15) / 16;  // the fewest (query, 64-head block) CTAs routed
+  AttentionCase flash{"flash csa decode wave", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64,
+                      {300, 2100, 129, 700}, (flash_queries + 3) / 4, 0, AttentionDtype::Bf16, AttentionDtype::F32};
+  flash.prefill_kernel = flash.prefill_kernel_decode = true;
+  check_attention(flash, 110);
+  AttentionCase pro{"pro csa decode wave", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 64, {300, 900},
+                    (flash_queries + 3) / 4, 0, AttentionDtype::Bf16, AttentionDtype::Bf16};
+  pro.prefill_kernel = pro.prefill_kernel_decode = true;
+  pro.counts = true;
+  check_attention(pro, 111);
+
+  // Routing decisions alone (no run): one query short of the wave, fp8 entries, and the option off.
+  SparseAttentionCaseData data;
+  AttentionCase short_batch = flash;
+  short_batch.lengths = {300};
+  short_batch.queries_per_sequence = flash_queries - 1;
+  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(short_batch, 112, data));
+  SparseAttentionParams call = data.call;
+  call.prefill_kernel_decode = true;
+  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << flash_queries - 1 << " Flash queries";
+  call.tokens += 1;  // the index arrays hold the count's rows; only the decision is asked
+  EXPECT_TRUE(sparse_attention_uses_prefill_kernel(call)) << flash_queries << " Flash queries";
+  call.prefill_kernel_decode = false;
+  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << "prefill_kernel_decode off";
+  AttentionCase fp8 = pro;
+  fp8.format = KvEntryFormat::Fp8Reference;
+  fp8.lengths = {300};
+  fp8.queries_per_sequence = 1;
+  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, 113, data));
+  call = data.call;
+  call.tokens = 64;  // a Pro batch of 64 that bf16 entries would route
+  call.prefill_kernel_decode = true;
+  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << "fp8 entries";
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and

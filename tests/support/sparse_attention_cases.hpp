@@ -2,7 +2,8 @@
 // cache of random bf16 or fp8 entries for a few sequences, the queries at each sequence's last positions with their
 // window slots in ring order and random compressed slots with −1 holes (and optional per-query compressed counts whose
 // slots past each count hold live rows), the CPU reference output and the tolerance's scale per output, and the device
-// inputs with the call that reads them. Both tests draw the same inputs for the same case and seed.
+// inputs with the call that reads them. Both tests draw the same inputs for the same case and seed. And the decode step
+// the attention benches time (make_decode_step: DSV4 shapes, one sequence of random entries per query).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -22,15 +23,24 @@
 #include "backends/cpu/attention.hpp"
 #include "backends/cpu/reference_rounding.hpp"
 #include "backends/cpu/rope.hpp"
+#include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
-#include "support/device_buffers.hpp"
 
 namespace dsv4::cuda {
+
+// A device copy of `host` (at least 16 bytes: an empty vector still gives a valid, aligned pointer). The harness's
+// own, so that it needs neither the tests' nor the benches' helper header (each defines a to_device).
+template <class T>
+DeviceBuffer attention_case_upload(const std::vector<T>& host, const char* what) {
+  DeviceBuffer buffer(std::max<size_t>(host.size() * sizeof(T), 16), what);
+  if (!host.empty()) buffer.upload(host.data(), host.size() * sizeof(T));
+  return buffer;
+}
 
 // Stores `values` (already representable: bf16, or round_kv_reference output for fp8) in the entry layout.
 inline void encode_entry(const KvEntryLayout& layout, const float* values, uint8_t* entry) {
@@ -240,14 +250,14 @@ void prepare_sparse_attention_case(const Case& c, uint32_t seed, SparseAttention
 
   std::vector<uint16_t> q_bf16(q.size());
   for (size_t i = 0; i < q.size(); ++i) q_bf16[i] = float_to_bf16(q[i]);
-  data.q = c.q_dtype == AttentionDtype::F32 ? to_device(q, "q") : to_device(q_bf16, "q bf16");
-  data.sink = to_device(sink, "sink");
-  data.slots = to_device(slots, "slots");
-  data.positions = to_device(positions, "positions");
-  data.frequencies = to_device(rope.frequencies(), "frequencies");
-  data.window_index = to_device(window_index, "window index");
-  data.compressed_index = to_device(compressed_index, "compressed index");
-  data.counts = to_device(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
+  data.q = c.q_dtype == AttentionDtype::F32 ? attention_case_upload(q, "q") : attention_case_upload(q_bf16, "q bf16");
+  data.sink = attention_case_upload(sink, "sink");
+  data.slots = attention_case_upload(slots, "slots");
+  data.positions = attention_case_upload(positions, "positions");
+  data.frequencies = attention_case_upload(rope.frequencies(), "frequencies");
+  data.window_index = attention_case_upload(window_index, "window index");
+  data.compressed_index = attention_case_upload(compressed_index, "compressed index");
+  data.counts = attention_case_upload(c.counts ? counts : std::vector<int32_t>{0}, "compressed counts");
   data.call = SparseAttentionParams{
       .cache = view, .layer = kLayer, .tokens = T, .heads = H, .softmax_scale = scale, .q = data.q.data(),
       .q_dtype = c.q_dtype, .attn_sink = data.sink.as<float>(), .sequence_slots = data.slots.as<int32_t>(),
@@ -292,6 +302,165 @@ inline AttentionOutputCheck check_attention_output(const std::vector<uint8_t>& r
                     << "] = " << got << ", expected " << want << ", tolerance " << tolerance;
   }
   return result;
+}
+
+
+// ---- the decode step the attention benches time (bench_cuda_attention, bench_cuda_attention_prefill) ----
+
+// The DSV4 decode layouts: SWA (the 128 window slots only), CSA (window + 512 top-k compressed slots of context / 4
+// rows) and HCA (window + all context / 128 compressed rows).
+enum class DecodeLayout { Swa, Csa, Hca };
+inline constexpr int kDecodeHeadDim = 512, kDecodeRopeDim = 64, kDecodeWindow = 128, kDecodeTopK = 512,
+                     kDecodePageRows = 64;
+
+inline const char* to_string(DecodeLayout layout) {
+  return layout == DecodeLayout::Swa ? "swa" : layout == DecodeLayout::Csa ? "csa" : "hca";
+}
+
+inline int64_t decode_compressed_rows(DecodeLayout layout, int64_t context) {
+  return layout == DecodeLayout::Swa ? 0 : layout == DecodeLayout::Csa ? context / 4 : context / 128;
+}
+
+inline int decode_compressed_slots(DecodeLayout layout, int64_t context) {
+  return layout == DecodeLayout::Csa ? kDecodeTopK : int(decode_compressed_rows(layout, context));
+}
+
+// Cache bytes of a decode step (what a bench skips above its limit before building it).
+inline double decode_cache_bytes(KvEntryFormat format, DecodeLayout layout, int batch, int64_t context) {
+  return double(batch) * double(decode_compressed_rows(layout, context) + kDecodeWindow) *
+         KvEntryLayout::make(format, kDecodeHeadDim, kDecodeRopeDim).entry_bytes;
+}
+
+namespace decode_step_detail {
+
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  x ^= x >> 33;
+  return uint32_t(x);
+}
+
+// Random valid entries: each byte a hash of its pool offset. fp8 codes of magnitude 0.5-3.75 of either sign, scales
+// 2^-3..2^0, bf16 values (rope dims, or every dim of bf16 entries) of magnitude 0.125-2 of either sign (no NaN or
+// infinity anywhere, so a kernel reading a wrong entry gives a wrong but finite result).
+static __global__ void fill_random_entries(uint8_t* pool, int64_t bytes, const KvEntryLayout layout, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t h = hash32(uint64_t(i) * 0x9E3779B97F4A7C15ull + seed);
+    const int byte = int(i % layout.entry_bytes);
+    const bool fp8 = layout.format == KvEntryFormat::Fp8Reference;
+    const int bf16_byte = fp8 ? byte - layout.rope_offset : byte;  // byte within the bf16 values
+    uint8_t value = 0;
+    if (fp8 && byte < layout.nope_dim)
+      value = uint8_t((h & 0x80) | (0x30 + (h >> 8) % 0x18));
+    else if (fp8 && byte >= layout.scale_offset && byte < layout.scale_offset + layout.scale_blocks)
+      value = uint8_t(0x7C + h % 4);
+    else if (bf16_byte >= 0 && bf16_byte < 2 * (fp8 ? layout.rope_dim : layout.head_dim))
+      value = bf16_byte % 2 == 0 ? uint8_t(h) : uint8_t((h & 0x80) | (0x3E + (h >> 8) % 2));
+    pool[i] = value;
+  }
+}
+
+}  // namespace decode_step_detail
+
+// Random valid bytes (decode_step_detail::fill_random_entries) in the first `entries` entries of the cache's pool.
+inline void fill_random_entries(const KvCacheView& view, int64_t entries, uint32_t seed) {
+  const int64_t bytes = entries * view.layout.entry_bytes;
+  decode_step_detail::fill_random_entries<<<unsigned(std::min<int64_t>(4096, (bytes + 255) / 256)), 256>>>(
+      view.pool, bytes, view.layout, seed);
+  DSV4_CUDA_CHECK_LAUNCH("fill_random_entries");
+}
+
+// One decode step of `batch` sequences on layer 0 of its own cache: query b = sequence b at position context − 1,
+// each sequence with its own pages (all window and compressed rows allocated, the page table uploaded) of random
+// entries; window slots the 128 ring rows in order, compressed slots random rows (CSA) or all rows in order (HCA);
+// q normal (σ 1) in fp32 and bf16, every head's sink 0.5, the inverse RoPE's frequencies (base 160000). `call` reads
+// them with bf16 q and fp32 out (the engine's decode call; out, splits, workspace and routing left to the bench).
+struct SparseAttentionDecodeStep {
+  DecodeLayout layout = DecodeLayout::Swa;
+  int batch = 0, heads = 0, compressed_slots = 0;
+  int64_t context = 0;
+  std::unique_ptr<KvCache> cache;
+  std::vector<int32_t> slots, window_index, compressed_index;
+  std::vector<int64_t> positions;
+  std::vector<float> q, sink;  // host copies (q in fp32; the kernels round it to bf16)
+  DeviceBuffer d_slots, d_window_index, d_compressed_index, d_positions, d_q, d_q_bf16, d_sink, d_frequencies;
+  SparseAttentionParams call;
+
+  int slots_per_query() const { return kDecodeWindow + compressed_slots; }
+  // The KV bytes the step reads (every slot names an entry) and its flops (4·H·D per slot: QKᵀ and PV).
+  double kv_bytes() const { return double(batch) * slots_per_query() * cache->layout().entry_bytes; }
+  double flops() const { return 4.0 * heads * kDecodeHeadDim * double(batch) * slots_per_query(); }
+};
+
+inline const cpu::RopeTable& decode_rope_table() {
+  static const cpu::RopeTable table(160000.0, kDecodeRopeDim);
+  return table;
+}
+
+inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat format, int heads,
+                                                                   DecodeLayout layout, int batch, int64_t context,
+                                                                   std::mt19937& rng) {
+  auto step = std::make_unique<SparseAttentionDecodeStep>();
+  SparseAttentionDecodeStep& s = *step;
+  s.layout = layout;
+  s.batch = batch;
+  s.heads = heads;
+  s.context = context;
+  const int64_t compressed_rows = decode_compressed_rows(layout, context);
+  s.compressed_slots = decode_compressed_slots(layout, context);
+  s.cache = std::make_unique<KvCache>(KvCacheConfig{
+      .format = format, .head_dim = kDecodeHeadDim, .rope_dim = kDecodeRopeDim, .layers = 1, .max_sequences = batch,
+      .window_capacity = kDecodeWindow, .max_compressed_rows = compressed_rows, .page_rows = kDecodePageRows,
+      .pages = int64_t(batch) * ((compressed_rows + kDecodePageRows - 1) / kDecodePageRows +
+                                 kDecodeWindow / kDecodePageRows)});
+  KvCache& cache = *s.cache;
+  for (int b = 0; b < batch; ++b) {
+    cache.add_sequence();
+    cache.ensure_rows(b, 0, KvArray::Window, kDecodeWindow);
+    cache.ensure_rows(b, 0, KvArray::Compressed, compressed_rows);
+  }
+  cache.upload_page_table(nullptr);
+  const KvCacheView view = cache.view();
+  fill_random_entries(view, cache.config().pages * kDecodePageRows, uint32_t(rng()));
+
+  const int C = s.compressed_slots;
+  s.slots.resize(size_t(batch));
+  s.window_index.resize(size_t(batch) * kDecodeWindow);
+  s.compressed_index.resize(size_t(batch) * C);
+  s.positions.assign(size_t(batch), context - 1);
+  for (int b = 0; b < batch; ++b) {
+    s.slots[size_t(b)] = b;
+    for (int w = 0; w < kDecodeWindow; ++w)
+      s.window_index[size_t(b) * kDecodeWindow + w] = int32_t((context - kDecodeWindow + w) % kDecodeWindow);
+    for (int c = 0; c < C; ++c)
+      s.compressed_index[size_t(b) * C + c] =
+          layout == DecodeLayout::Csa ? int32_t(rng() % uint64_t(compressed_rows)) : c;
+  }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  s.q.resize(size_t(batch) * heads * kDecodeHeadDim);
+  for (float& v : s.q) v = normal(rng);
+  std::vector<uint16_t> q_bits(s.q.size());
+  for (size_t i = 0; i < s.q.size(); ++i) q_bits[i] = float_to_bf16(s.q[i]);
+  s.sink.assign(size_t(heads), 0.5f);
+  s.d_slots = attention_case_upload(s.slots, "slots");
+  s.d_window_index = attention_case_upload(s.window_index, "window index");
+  s.d_compressed_index = attention_case_upload(s.compressed_index, "compressed index");
+  s.d_positions = attention_case_upload(s.positions, "positions");
+  s.d_q = attention_case_upload(s.q, "q");
+  s.d_q_bf16 = attention_case_upload(q_bits, "q bf16");
+  s.d_sink = attention_case_upload(s.sink, "sink");
+  s.d_frequencies = attention_case_upload(decode_rope_table().frequencies(), "frequencies");
+  s.call = SparseAttentionParams{
+      .cache = view, .layer = 0, .tokens = batch, .heads = heads,
+      .softmax_scale = 1.0f / std::sqrt(float(kDecodeHeadDim)), .q = s.d_q_bf16.data(),
+      .q_dtype = AttentionDtype::Bf16, .attn_sink = s.d_sink.as<float>(), .sequence_slots = s.d_slots.as<int32_t>(),
+      .positions = s.d_positions.as<int64_t>(), .rope_frequencies = s.d_frequencies.as<float>(),
+      .window_index = s.d_window_index.as<int32_t>(), .window_slots = kDecodeWindow,
+      .compressed_index = s.d_compressed_index.as<int32_t>(), .compressed_slots = C,
+      .out_dtype = AttentionDtype::F32};
+  return step;
 }
 
 }  // namespace dsv4::cuda

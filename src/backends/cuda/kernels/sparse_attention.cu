@@ -223,10 +223,11 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
 }
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
-// measurement): at least two waves of (query, 64-head block) CTAs.
+// measurement): at least two waves of (query, 64-head block) CTAs, or 15/16 of one with prefill_kernel_decode.
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
+  const int64_t ctas = p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads), sms = device_multiprocessors();
   return p.prefill_kernel && p.cache.layout.format == KvEntryFormat::Bf16 && use_d512_kernel(p) &&
-         p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads) >= 2 * int64_t(device_multiprocessors()) &&
+         (p.prefill_kernel_decode ? 16 * ctas >= 15 * sms : ctas >= 2 * sms) &&
          sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads);
 }
 

@@ -88,6 +88,11 @@ struct SparseAttentionParams {
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
   // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
   bool prefill_kernel = true;
+  // With prefill_kernel: decode-sized calls (bf16 entries) whose (query, 64-head block) CTAs fill 15/16 of one wave go
+  // there too (V4-Pro batch ≥ 64, V4-Flash batch ≥ 124 on 132 SMs): one CTA walks a query's whole list in 64-entry
+  // blocks, its producer asking L2 for each pair's entries ahead (PrefetchResolved::Auto), against the head_dim 512
+  // kernel's split tiles (session 16, H200, L2 flushed: Flash CSA batch 256 87.9 → 80.2 µs, Pro CSA 165.2 → 135.5).
+  bool prefill_kernel_decode = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
