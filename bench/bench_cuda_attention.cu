@@ -245,6 +245,10 @@ struct Result {
   // empty_kernel on the head-split call's grid (its launcher's choice) in its clusters, without clusters, and one CTA
   // per (query, head group) (a call's launch floor in each shape).
   double launch_floor_us[kLaunchFloorShapes] = {};
+  // The same in a CUDA graph of chained calls (µs per call): the head-split path at each tile count per CTA (0 = not
+  // served) and the empty kernel in each shape.
+  double head_split_graph_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  double launch_floor_graph_us[kLaunchFloorShapes] = {};
 };
 
 // The same call on a copy of the cache with 1-entry pages, which run_sparse_attention serves with its mma.sync
@@ -339,19 +343,30 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   head_split.head_split = true;
   const int head_split_splits = sparse_attention_head_split_splits(head_split);
   double head_split_ms = 0, head_split_cpu_error = 0;
-  double launch_floor_ms[kLaunchFloorShapes] = {};
+  double launch_floor_ms[kLaunchFloorShapes] = {}, launch_floor_graph_us[kLaunchFloorShapes] = {};
   double head_split_tiles_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
+  double head_split_graph_us[kSparseAttentionHeadSplitMaxTiles + 1] = {};
   if (head_split_splits > 0) {
+    // Also per call in a CUDA graph of kGraphCalls chained calls (programmatic dependent launches, as in the model's
+    // step: each call's launch and prologue overlap the one before; no L2 flush between them).
+    constexpr int kGraphCalls = 20;
+    cudaStream_t graph_stream = nullptr;
+    DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&graph_stream, cudaStreamNonBlocking));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     const unsigned groups = unsigned(batch * ((heads + 15) / 16)), splits_per_group = unsigned(head_split_splits);
     // The call's grid in clusters, the same grid without clusters, one CTA per (query, head group).
     const dim3 grids[kLaunchFloorShapes] = {dim3(groups * splits_per_group), dim3(groups * splits_per_group),
                                             dim3(groups)};
     const dim3 clusters[kLaunchFloorShapes] = {dim3(splits_per_group, 1, 1), dim3(1, 1, 1), dim3(1, 1, 1)};
-    for (int shape = 0; shape < kLaunchFloorShapes; ++shape)
+    for (int shape = 0; shape < kLaunchFloorShapes; ++shape) {
       launch_floor_ms[shape] = median_ms(20, flush, flush_bytes, [&] {
         launch_chained(empty_kernel, grids[shape], dim3(256), 0, nullptr, clusters[shape], "empty kernel", 0);
       });
+      launch_floor_graph_us[shape] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
+          cudaStream_t stream) {
+        launch_chained(empty_kernel, grids[shape], dim3(256), 0, stream, clusters[shape], "empty kernel", 0);
+      }), kGraphCalls);
+    }
     out.fill_bytes(0xFF);
     head_split_ms = median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(head_split); });
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -359,10 +374,18 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
     for (int tiles = 1; tiles <= kSparseAttentionHeadSplitMaxTiles; ++tiles) {
       SparseAttentionParams h = head_split;
       h.head_split_tiles = tiles;
-      if (sparse_attention_head_split_splits(h) > 0)
+      if (sparse_attention_head_split_splits(h) > 0) {
         head_split_tiles_us[tiles] = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(h); });
+        head_split_graph_us[tiles] = graph_replay_us(graph_stream, capture_calls(graph_stream, kGraphCalls, [&](
+            cudaStream_t stream) {
+          SparseAttentionParams call = h;
+          call.stream = stream;
+          run_sparse_attention(call);
+        }), kGraphCalls);
+      }
     }
     DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
   }
   if (sweep) {
     // Every split count the cluster merge serves and the combine kernel's, same inputs.
@@ -466,7 +489,11 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
   r.head_split_us = head_split_ms * 1e3;
   r.head_split_cpu_error = head_split_cpu_error;
   std::copy(std::begin(head_split_tiles_us), std::end(head_split_tiles_us), std::begin(r.head_split_tiles_us));
-  for (int shape = 0; shape < kLaunchFloorShapes; ++shape) r.launch_floor_us[shape] = launch_floor_ms[shape] * 1e3;
+  for (int shape = 0; shape < kLaunchFloorShapes; ++shape) {
+    r.launch_floor_us[shape] = launch_floor_ms[shape] * 1e3;
+    r.launch_floor_graph_us[shape] = launch_floor_graph_us[shape];
+  }
+  std::copy(std::begin(head_split_graph_us), std::end(head_split_graph_us), std::begin(r.head_split_graph_us));
   return r;
 }
 
@@ -717,6 +744,12 @@ int run(int argc, char** argv) {
                         r.head_split_splits, r.head_split_us, r.bf16_q_us, r.launch_floor_us[0], r.launch_floor_us[1],
                         r.launch_floor_us[2], r.head_split_cpu_error, r.head_split_tiles_us[1],
                         r.head_split_tiles_us[2], r.head_split_tiles_us[3], r.head_split_tiles_us[4]);
+          if (r.head_split_splits > 0)
+            std::printf("       in a graph of chained calls, us per call: head split by tiles per CTA 1-4: %.2f %.2f "
+                        "%.2f %.2f; empty kernel clustered %.2f, unclustered %.2f, a CTA per head group %.2f\n",
+                        r.head_split_graph_us[1], r.head_split_graph_us[2], r.head_split_graph_us[3],
+                        r.head_split_graph_us[4], r.launch_floor_graph_us[0], r.launch_floor_graph_us[1],
+                        r.launch_floor_graph_us[2]);
           std::fflush(stdout);
           results.push_back(r);
         }
@@ -759,7 +792,9 @@ int run(int argc, char** argv) {
                    "\"bf16_q_us\": %.2f, \"cpu_error\": %.3g, \"cluster_cpu_error\": %.3g, "
                    "\"bf16_q_cpu_error\": %.3g, \"bf16_partials_us\": %.2f, \"bf16_partials_cpu_error\": %.3g, "
                    "\"head_split_splits\": %d, \"head_split_us\": %.2f, \"head_split_cpu_error\": %.3g, "
-                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"launch_floor_us\": [%.2f, %.2f, %.2f]}%s\n",
+                   "\"head_split_tiles_us\": [%.2f, %.2f, %.2f, %.2f], \"launch_floor_us\": [%.2f, %.2f, %.2f], "
+                   "\"head_split_graph_us\": [%.2f, %.2f, %.2f, %.2f], "
+                   "\"launch_floor_graph_us\": [%.2f, %.2f, %.2f]}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context),
                    static_cast<long long>(r.slots), r.splits, r.us, r.kv_bytes, r.gbps, r.percent_of_copy,
                    r.baseline_us, r.baseline_us / r.us, r.max_abs_diff, r.mma_sync_us, r.total_bytes,
@@ -768,7 +803,9 @@ int run(int argc, char** argv) {
                    r.bf16_partials_cpu_error, r.head_split_splits, r.head_split_us, r.head_split_cpu_error,
                    r.head_split_tiles_us[1], r.head_split_tiles_us[2], r.head_split_tiles_us[3],
                    r.head_split_tiles_us[4], r.launch_floor_us[0], r.launch_floor_us[1], r.launch_floor_us[2],
-                   i + 1 < results.size() ? "," : "");
+                   r.head_split_graph_us[1], r.head_split_graph_us[2], r.head_split_graph_us[3],
+                   r.head_split_graph_us[4], r.launch_floor_graph_us[0], r.launch_floor_graph_us[1],
+                   r.launch_floor_graph_us[2], i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"cublas_bf16_tflops\": %.1f,\n  \"peak_bf16_tflops\": %.1f,\n  \"prefill\": [\n",
                  cublas_tflops, peak_tflops);
