@@ -24,6 +24,12 @@
 //   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers (which one entry's
 //   cluster skips together when the step completes no entry).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
+// - Streamed slot loads (compress_streamed): as many CTAs as are resident, each pooling entry slices in turn (a
+//   cluster's CTAs walk the same entries). For the pooling a thread owns four channels of one slot group, copied by
+//   16-byte cp.async into its own ring, which runs ahead across slices so that the next slices' bytes are in flight
+//   while an entry finishes; the finish keeps the pair layout (the partials meet in shared memory). Each slice takes
+//   its ticket as a one-slice CTA does; a split's norm sums alternate between two shared words by slice parity, so
+//   one cluster barrier per slice orders their reuse.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -53,6 +59,12 @@ inline constexpr int kUpdateBatch = 4;  // state values a thread loads before st
 // slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
 inline constexpr int kStages = 2;
+// Streamed slot loads (CompressorSlotLoads::Streamed): CTAs of at most kStreamedThreads threads, two per SM, each
+// taking several entry slices with a per-thread ring of kStreamStages batches of up to kStreamBatch slots (value and
+// score, 16 bytes each) that runs ahead across the slices.
+inline constexpr int kStreamedThreads = 256;
+inline constexpr int kStreamStages = 3;
+inline constexpr int kStreamBatch = 4;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
@@ -113,14 +125,19 @@ struct PoolArgs {
   int64_t entries_per_run;
   int64_t first_cta;     // the pool's first CTA in the launch (a multiple of the hardware cluster)
   int64_t ctas;          // run_count · entries_per_run · cluster_ctas; the pool's range pads this to whole clusters
+  int64_t launch_ctas;   // the pool's CTAs in the launch (streamed: each takes slices launch_ctas apart)
   int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
-  int groups;            // slot groups
+  int groups;            // slot groups (streamed: of the pooling layout)
+  // Streamed pooling layout: thread = (group, quad of 4 channels), stream_slots slots per thread in batches of
+  // stream_batch (stream_batches per slice).
+  int stream_groups, stream_slots, stream_batch, stream_batches;
   // Divisors of the CTA and state-item arithmetic: cluster_ctas, entries_per_run, pairs_padded; the state's pairs and
   // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
   FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
       whole_row_div;
+  FastDivisor quads_div;  // channels_per_cta / 4 (streamed)
 };
 
 struct LaunchArgs {
@@ -141,6 +158,11 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
 inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
+
+// The streamed ring after a pool's partials: [stage][batch slot][value, score][thread] float4.
+inline size_t streaming_smem_bytes(int threads, int batch) {
+  return size_t(kStreamStages) * batch * 2 * threads * sizeof(float4);
+}
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -507,113 +529,99 @@ __device__ void update_state(const PoolArgs& a, const RunView& r, const StateUpd
   update_part<true, kEarly>(a, r, u, u.window_items, stride, first, early.window);
 }
 
-// CTA `local` of pool `a` (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last hardware
-// cluster, which only takes part in the cluster barriers).
-// kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
-// channel slice of its run's state; otherwise the run's last CTA (ticket) updates all of it.
-// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-template <bool kSliceUpdates, bool kStaged>
-__device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
-  const int c = a.c, channels = a.channels_per_cta;
-  float* part_max = smem;
-  float* part_den = part_max + a.groups * channels;
-  float* part_num = part_den + a.groups * channels;
-  float* entry_vector = part_num + a.groups * channels;
-  __shared__ float warp_partials[32];
-  __shared__ float cta_square_sum;
-  __shared__ bool is_last_cta;
+// Where CTA `local` of pool `a` sits (CTAs are [run][entry of the run][cluster rank]; past a.ctas: padding of the last
+// hardware cluster, which only takes part in the cluster barriers). 32-bit CTA arithmetic: the launcher keeps a
+// launch under 2^31 CTAs.
+struct ItemPlace {
+  int entry_row;  // row of the compact fp32 output
+  int rank;       // the CTA's channel slice of the entry
+  int run_index;
+  bool real;
+};
 
+__device__ __forceinline__ ItemPlace item_place(const PoolArgs& a, int64_t local) {
   const bool real = local < a.ctas;
-  // 32-bit CTA arithmetic: the launcher keeps a launch under 2^31 CTAs.
-  const int entry_row = real ? int(a.cluster_div.div(uint32_t(local))) : 0;  // row of the compact fp32 output
-  const int rank = int(a.cluster_div.mod(uint32_t(local)));
-  const int run_index = int(a.entries_div.div(entry_row)), entry = int(a.entries_div.mod(entry_row));
-  const int pair = int(a.pairs_padded_div.mod(threadIdx.x)), group = int(a.pairs_padded_div.div(threadIdx.x));
-  const bool active = 2 * pair < channels && group < a.groups;
-  const int channel = rank * channels + 2 * pair;  // this thread's first channel
-  // The epilogue's weights (they depend on no earlier kernel) load while the previous kernel drains.
-  const int rope_begin = c - a.rope_dim;
-  const float2 norm_weight = active && group == 0 ? make_float2(a.norm_weight[channel], a.norm_weight[channel + 1])
-                                                  : make_float2(0.0f, 0.0f);
-  const int rope_pair = (channel - rope_begin) / 2;
-  const float frequency =
-      active && group == 0 && channel >= rope_begin && a.rope_table == nullptr ? a.rope_frequencies[rope_pair] : 0.0f;
-  // The runs, the projections and the state are earlier operations' outputs; runs that were ready when the chain
-  // began (runs_ready_at_launch) load before the wait, so their round trip overlaps the previous kernel.
-  CompressorRun run{};
-  if (a.runs_before_wait) run = a.runs[run_index];
-  wait_for_prior_grids();
-  if (!a.runs_before_wait) run = a.runs[run_index];
+  const int entry_row = real ? int(a.cluster_div.div(uint32_t(local))) : 0;
+  return {entry_row, int(a.cluster_div.mod(uint32_t(local))), int(a.entries_div.div(uint32_t(entry_row))), real};
+}
+
+// One entry a CTA pools: its run, its number, whether the run completes it, and (group 0, cache output) its cache row.
+struct EntryItem {
+  ItemPlace place;
+  CompressorRun run;
+  RunView r;
+  int64_t w;
+  bool emitting;
+  uint8_t* stored;
+};
+
+__device__ __forceinline__ EntryItem entry_item(const PoolArgs& a, const ItemPlace& place, const CompressorRun& run) {
   const RunView r{.kv = a.kv + int64_t(run.first_token) * a.row_stride,
                   .gate = a.gate + int64_t(run.first_token) * a.row_stride,
                   .start = run.start_position,
                   .tokens = run.tokens,
                   .state = a.state.of_slot(run.slot)};
-  // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
-  // itself (after the barrier that ends its pooling reads), its loads issued now.
-  const StateUpdate slice = plan_state_update(a, r, rank * channels, false);
-  EarlyUpdate early;
-  if (kSliceUpdates && real) early = load_early_update(a, r, slice);
+  const int entry = int(a.entries_div.mod(uint32_t(place.entry_row)));
   const int64_t first_entry = ratio_div(a, r.start);
-  const bool emitting = real && entry < ratio_div(a, r.start + r.tokens) - first_entry;  // entries emitted
-  const int64_t w = first_entry + entry;
-  // The cache row's page, looked up while the slots load.
-  uint8_t* stored = nullptr;
-  if (emitting && a.cache.pool != nullptr && group == 0)
-    stored = a.cache.entry_address(
-        a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), w));
-  if (real && rank == 0 && threadIdx.x == 0) {
-    if (a.entry_rows != nullptr) a.entry_rows[entry_row] = emitting ? int32_t(w) : -1;
-    if (a.entry_slots != nullptr) a.entry_slots[entry_row] = run.slot;
-  }
+  const bool emitting = place.real && entry < ratio_div(a, r.start + r.tokens) - first_entry;  // entries emitted
+  return {place, run, r, first_entry + entry, emitting, nullptr};
+}
 
-  RopeFactors rope{1.0f, 0.0f};
-  if (emitting && active) {
-    // The RoPE factors are made (or loaded) while the first loads are in flight.
-    const PoolingTask task{.w = w,
-                           .group = group,
-                           .channel = channel,
-                           .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
-                           .rope_here = group == 0 && channel >= rope_begin,
-                           .rope_pair = rope_pair,
-                           .frequency = frequency};
-    OnlineSoftmax channel0, channel1;
-    if constexpr (kStaged)
-      pool_from_staging(a, r, task, reinterpret_cast<float2*>(entry_vector + channels), rope, channel0, channel1);
-    else
-      pool_from_registers(a, r, task, rope, channel0, channel1);
-    const int local_channel = group * channels + 2 * pair;
-    part_max[local_channel] = channel0.max;
-    part_max[local_channel + 1] = channel1.max;
-    part_den[local_channel] = channel0.denominator;
-    part_den[local_channel + 1] = channel1.denominator;
-    part_num[local_channel] = channel0.numerator;
-    part_num[local_channel + 1] = channel1.numerator;
+// The cache row's page lookup (group 0 of an emitting entry with cache output), and the entry row's numbers.
+__device__ __forceinline__ void prepare_entry_outputs(const PoolArgs& a, EntryItem& e, int group) {
+  if (e.emitting && a.cache.pool != nullptr && group == 0)
+    e.stored = a.cache.entry_address(
+        a.cache.physical_entry(a.cache.pages_of(e.run.slot, a.cache_layer, KvArray::Compressed), e.w));
+  if (e.place.real && e.place.rank == 0 && threadIdx.x == 0) {
+    if (a.entry_rows != nullptr) a.entry_rows[e.place.entry_row] = e.emitting ? int32_t(e.w) : -1;
+    if (a.entry_slots != nullptr) a.entry_slots[e.place.entry_row] = e.run.slot;
   }
-  __syncthreads();  // every pooling read of the state is done
-  // Ticket mode: this CTA's reads of the state are done, so it takes its ticket now (no output stores pending for the
-  // fence to wait for); the answer is needed only at the end.
-  unsigned ticket = 0;
-  if (!kSliceUpdates && real && threadIdx.x == 0) {
-    __threadfence();
-    ticket = atomicAdd(r.state.finished_ctas, 1u);
-  }
+}
 
-  const bool owner = emitting && group == 0 && active;
+// A thread of an entry's finish: the RoPE pair at `channel` (pair `pair` of the CTA's slice) of group 0 owns it.
+struct FinishThread {
+  int pair, group, channel;
+  bool active;  // the pair lies in the slice
+  float2 norm_weight;
+};
+
+// The CTA's shared memory of a pool: per slot group and channel the partial (max, denominator, numerator), then the
+// CTA's channels of one entry.
+struct PoolSmem {
+  float* part_max;
+  float* part_den;
+  float* part_num;
+  float* entry_vector;
+};
+
+__device__ __forceinline__ PoolSmem pool_smem(const PoolArgs& a, float* smem) {
+  const int n = a.groups * a.channels_per_cta;
+  return {smem, smem + n, smem + 2 * n, smem + 3 * n};
+}
+
+// An entry's finish after the pooling's partials are in shared memory (every thread of the CTA calls it: barriers):
+// group 0 merges its pair's partials, RMSNorm over the entry (square_sum: this CTA's sum, which the other CTAs of a
+// split read through distributed shared memory after the cluster barrier when cluster_sync; arrive_after_read: this
+// CTA's arrival on the next cluster barrier follows its reads), RoPE, the stored rounding and the output stores.
+__device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem& e, const FinishThread& t,
+                                             const RopeFactors& rope, const PoolSmem& s, float* warp_partials,
+                                             float* square_sum, bool cluster_sync, bool arrive_after_read) {
+  const int c = a.c, channels = a.channels_per_cta;
+  const bool owner = e.emitting && t.group == 0 && t.active;
   float v[2] = {0.0f, 0.0f};
   if (owner) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int local_channel = 2 * pair + j;
+      const int local_channel = 2 * t.pair + j;
       float m = kNegativeInfinity;
-      for (int g = 0; g < a.groups; ++g) m = fmaxf(m, part_max[g * channels + local_channel]);
+      for (int g = 0; g < a.groups; ++g) m = fmaxf(m, s.part_max[g * channels + local_channel]);
       float den = 0.0f, num = 0.0f;
       for (int g = 0; g < a.groups; ++g) {
-        const float gm = part_max[g * channels + local_channel];
+        const float gm = s.part_max[g * channels + local_channel];
         if (gm == kNegativeInfinity) continue;
         const float scale = expf(gm - m);
-        den += part_den[g * channels + local_channel] * scale;
-        num += part_num[g * channels + local_channel] * scale;
+        den += s.part_den[g * channels + local_channel] * scale;
+        num += s.part_num[g * channels + local_channel] * scale;
       }
       v[j] = num / den;
       if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
@@ -621,100 +629,353 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
   // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the entry's CTAs.
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
-  const float square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
-  if (group == 0 && lane == 0) warp_partials[warp] = square_sum;
+  const float warp_square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
+  if (t.group == 0 && lane == 0) warp_partials[warp] = warp_square_sum;
   __syncthreads();
   if (threadIdx.x == 0) {
     float cta_sum = 0.0f;
     for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
-    cta_square_sum = cta_sum;
+    *square_sum = cta_sum;
+  }
+  float total = 0.0f;
+  if (cluster_sync) {
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();
+    if (e.emitting) {
+      const int first_rank = int(cluster.block_rank()) - e.place.rank;
+      for (int i = 0; i < a.cluster_ctas; ++i) total += *cluster.map_shared_rank(square_sum, first_rank + i);
+    }
+    if (arrive_after_read) __cluster_barrier_arrive();
+  } else {
+    __syncthreads();
+    total = *square_sum;
+  }
+  if (!e.emitting) return;
+
+  const int rope_begin = c - a.rope_dim;
+  const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
+  if (owner) {
+    v[0] = v[0] * inv_rms * t.norm_weight.x;
+    v[1] = v[1] * inv_rms * t.norm_weight.y;
+    if (t.channel >= rope_begin) rope_rotate_pair(v[0], v[1], rope, false);
+  }
+  if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
+    // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
+    const bool nope = owner && t.channel < c - a.rope_dim;
+    const float amax = warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f);
+    const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] / scale)) * scale) : round_to_bf16(v[j]);
+  } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
+    // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
+    if (owner) {
+      s.entry_vector[2 * t.pair] = v[0];
+      s.entry_vector[2 * t.pair + 1] = v[1];
+    }
+    __syncthreads();
+    if (warp == 0) {
+      switch (c) {
+        case 32: finish_whole_vector<1>(a, s.entry_vector, lane, e.run.slot, e.w); break;
+        case 64: finish_whole_vector<2>(a, s.entry_vector, lane, e.run.slot, e.w); break;
+        default: finish_whole_vector<4>(a, s.entry_vector, lane, e.run.slot, e.w); break;
+      }
+    }
+    __syncthreads();
+    if (owner) {
+      v[0] = s.entry_vector[2 * t.pair];
+      v[1] = s.entry_vector[2 * t.pair + 1];
+    }
+  }
+  if (a.cache.pool != nullptr) {
+    // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
+    if (t.group == 0) {
+      kv_store_pair(a.cache.layout, e.stored, t.channel, owner, v[0], v[1]);
+      if (e.place.rank == 0) kv_store_pad(a.cache.layout, e.stored, t.pair);
+    }
+  } else if (owner && a.slot_entries_fp8 == nullptr) {
+    if (a.entries != nullptr) {
+      *reinterpret_cast<float2*>(a.entries + int64_t(e.place.entry_row) * c + t.channel) = make_float2(v[0], v[1]);
+    } else if (e.w < a.slot_entry_capacity) {
+      __nv_bfloat16* out = a.slot_entries_bf16 + e.run.slot * a.slot_entry_stride + e.w * c + t.channel;
+      out[0] = __float2bfloat16_rn(v[0]);
+      out[1] = __float2bfloat16_rn(v[1]);
+    }
+  }
+}
+
+// The finish-phase thread of the CTA's slice `rank`, with the epilogue's weights (they depend on no earlier kernel, so
+// they load while the previous kernel drains).
+__device__ __forceinline__ FinishThread finish_thread(const PoolArgs& a, int rank, int& rope_pair, float& frequency) {
+  const int pair = int(a.pairs_padded_div.mod(threadIdx.x)), group = int(a.pairs_padded_div.div(threadIdx.x));
+  const bool active = 2 * pair < a.channels_per_cta;
+  const int channel = rank * a.channels_per_cta + 2 * pair;  // this thread's first channel
+  const int rope_begin = a.c - a.rope_dim;
+  const bool weights = active && group == 0;
+  rope_pair = (channel - rope_begin) / 2;
+  frequency = weights && channel >= rope_begin && a.rope_table == nullptr ? a.rope_frequencies[rope_pair] : 0.0f;
+  return {pair, group, channel, active,
+          weights ? make_float2(a.norm_weight[channel], a.norm_weight[channel + 1]) : make_float2(0.0f, 0.0f)};
+}
+
+// The run's state update by its CTA that took the last ticket (every CTA's reads of the state came before its
+// ticket; the last one may now overwrite it), then the ticket counter's reset.
+__device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const RunView& r, unsigned ticket,
+                                                     bool* is_last_cta) {
+  if (threadIdx.x == 0) *is_last_cta = ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
+  __syncthreads();
+  if (*is_last_cta) {
+    __threadfence();
+    update_state<false>(a, r, plan_state_update(a, r, 0, true), EarlyUpdate{});
+    if (threadIdx.x == 0) *r.state.finished_ctas = 0;
+  }
+}
+
+// CTA `local` of pool `a`: one entry slice.
+// kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
+// channel slice of its run's state; otherwise the run's last CTA (ticket) updates all of it.
+// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
+template <bool kSliceUpdates, bool kStaged>
+__device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
+  const int channels = a.channels_per_cta;
+  const PoolSmem s = pool_smem(a, smem);
+  __shared__ float warp_partials[32];
+  __shared__ float cta_square_sum;
+  __shared__ bool is_last_cta;
+
+  const ItemPlace place = item_place(a, local);
+  int rope_pair;
+  float frequency;
+  FinishThread t = finish_thread(a, place.rank, rope_pair, frequency);
+  t.active = t.active && t.group < a.groups;
+  // The runs, the projections and the state are earlier operations' outputs; runs that were ready when the chain
+  // began (runs_ready_at_launch) load before the wait, so their round trip overlaps the previous kernel.
+  CompressorRun run{};
+  if (a.runs_before_wait) run = a.runs[place.run_index];
+  wait_for_prior_grids();
+  if (!a.runs_before_wait) run = a.runs[place.run_index];
+  EntryItem e = entry_item(a, place, run);
+  const RunView& r = e.r;
+  // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
+  // itself (after the barrier that ends its pooling reads), its loads issued now.
+  const StateUpdate slice = plan_state_update(a, r, place.rank * channels, false);
+  EarlyUpdate early;
+  if (kSliceUpdates && place.real) early = load_early_update(a, r, slice);
+  // The cache row's page, looked up while the slots load.
+  prepare_entry_outputs(a, e, t.group);
+
+  RopeFactors rope{1.0f, 0.0f};
+  if (e.emitting && t.active) {
+    // The RoPE factors are made (or loaded) while the first loads are in flight.
+    const PoolingTask task{.w = e.w,
+                           .group = t.group,
+                           .channel = t.channel,
+                           .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
+                           .rope_here = t.group == 0 && t.channel >= a.c - a.rope_dim,
+                           .rope_pair = rope_pair,
+                           .frequency = frequency};
+    OnlineSoftmax channel0, channel1;
+    if constexpr (kStaged)
+      pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
+    else
+      pool_from_registers(a, r, task, rope, channel0, channel1);
+    const int local_channel = t.group * channels + 2 * t.pair;
+    s.part_max[local_channel] = channel0.max;
+    s.part_max[local_channel + 1] = channel1.max;
+    s.part_den[local_channel] = channel0.denominator;
+    s.part_den[local_channel + 1] = channel1.denominator;
+    s.part_num[local_channel] = channel0.numerator;
+    s.part_num[local_channel + 1] = channel1.numerator;
+  }
+  __syncthreads();  // every pooling read of the state is done
+  // Ticket mode: this CTA's reads of the state are done, so it takes its ticket now (no output stores pending for the
+  // fence to wait for); the answer is needed only at the end.
+  unsigned ticket = 0;
+  if (!kSliceUpdates && place.real && threadIdx.x == 0) {
+    __threadfence();
+    ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
   // The cluster barriers: every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second
   // arrival says this CTA has read the others' sums, and each waits for it before leaving (freeing its shared
   // memory). A hardware cluster that is one entry's split decides alike in all its CTAs, so it skips them when the
   // entry is not emitted (most decode steps of an HCA layer).
-  const bool cluster_barriers = hardware_cluster > 1 && (emitting || a.cluster_ctas != hardware_cluster);
-  float total = 0.0f;
-  if (cluster_barriers) {
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();
-    if (emitting) {
-      const int first_rank = int(cluster.block_rank()) - rank;
-      for (int i = 0; i < a.cluster_ctas; ++i) total += *cluster.map_shared_rank(&cta_square_sum, first_rank + i);
-    }
-    __cluster_barrier_arrive();
-  } else {
-    __syncthreads();
-    total = cta_square_sum;
-  }
+  const bool cluster_barriers = hardware_cluster > 1 && (e.emitting || a.cluster_ctas != hardware_cluster);
+  finish_entry(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true);
 
-  if (emitting) {
-    const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
-    if (owner) {
-      v[0] = v[0] * inv_rms * norm_weight.x;
-      v[1] = v[1] * inv_rms * norm_weight.y;
-      if (channel >= rope_begin) rope_rotate_pair(v[0], v[1], rope, false);
-    }
-    if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
-      // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
-      const bool nope = owner && channel < c - a.rope_dim;
-      const float amax = warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f);
-      const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] / scale)) * scale) : round_to_bf16(v[j]);
-    } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
-      // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
-      if (owner) {
-        entry_vector[2 * pair] = v[0];
-        entry_vector[2 * pair + 1] = v[1];
-      }
-      __syncthreads();
-      if (warp == 0) {
-        switch (c) {
-          case 32: finish_whole_vector<1>(a, entry_vector, lane, run.slot, w); break;
-          case 64: finish_whole_vector<2>(a, entry_vector, lane, run.slot, w); break;
-          default: finish_whole_vector<4>(a, entry_vector, lane, run.slot, w); break;
-        }
-      }
-      __syncthreads();
-      if (owner) {
-        v[0] = entry_vector[2 * pair];
-        v[1] = entry_vector[2 * pair + 1];
-      }
-    }
-    if (a.cache.pool != nullptr) {
-      // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
-      if (group == 0) {
-        kv_store_pair(a.cache.layout, stored, channel, owner, v[0], v[1]);
-        if (rank == 0) kv_store_pad(a.cache.layout, stored, pair);
-      }
-    } else if (owner && a.slot_entries_fp8 == nullptr) {
-      if (a.entries != nullptr) {
-        *reinterpret_cast<float2*>(a.entries + int64_t(entry_row) * c + channel) = make_float2(v[0], v[1]);
-      } else if (w < a.slot_entry_capacity) {
-        __nv_bfloat16* out = a.slot_entries_bf16 + run.slot * a.slot_entry_stride + w * c + channel;
-        out[0] = __float2bfloat16_rn(v[0]);
-        out[1] = __float2bfloat16_rn(v[1]);
-      }
-    }
-  }
-
-  if (real) {
-    if (kSliceUpdates) {
+  if (place.real) {
+    if (kSliceUpdates)
       update_state<true>(a, r, slice, early);
-    } else {
-      // Every CTA's reads of the state were done before its ticket; the last one may now overwrite it.
-      if (threadIdx.x == 0) is_last_cta = ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
-      __syncthreads();
-      if (is_last_cta) {
-        __threadfence();
-        update_state<false>(a, r, plan_state_update(a, r, 0, true), early);
-        if (threadIdx.x == 0) *r.state.finished_ctas = 0;
-      }
-    }
+    else
+      update_state_if_last(a, r, ticket, &is_last_cta);
   }
   if (cluster_barriers) __cluster_barrier_wait();
+}
+
+// Streamed slot loads (CompressorSlotLoads::Streamed): each pool's CTAs (kStreamedThreads at most) take its entry
+// slices in turn (CTA i of n: slices i, i + n, …, clusters alike), and a thread's ring of kStreamStages batches runs
+// ahead across them, so the next slices' loads are in flight while an entry finishes. For the pooling a thread owns
+// four channels (quad) of one slot group: 16-byte copies of value and score; ape is read when a batch is used.
+struct StreamCursor {
+  int entry_row;  // of the pool's compact rows; ≥ run_count · entries_per_run past the CTA's last slice
+  int batch;
+};
+
+// The slice's entry at `entry_row` (rank fixed per CTA) of `run`.
+__device__ __forceinline__ EntryItem stream_item(const PoolArgs& a, int entry_row, int rank, const CompressorRun& run) {
+  return entry_item(a, ItemPlace{entry_row, rank, int(a.entries_div.div(uint32_t(entry_row))), true}, run);
+}
+
+__device__ __forceinline__ CompressorRun run_of_row(const PoolArgs& a, int entry_row) {
+  return a.runs[a.entries_div.div(uint32_t(entry_row))];
+}
+
+// Slot k of a thread's batch `batch`: its pooled slot (unclamped index s = group + j·groups, j the thread's slot).
+__device__ __forceinline__ PooledSlot stream_slot(const PoolArgs& a, int64_t w, int rank, int batch, int k, int group,
+                                                  int quad, int slots) {
+  const int j = batch * a.stream_batch + k;
+  const int s = j < a.stream_slots ? group + j * a.stream_groups : slots;
+  return pooled_slot(a, w, s, slots, rank * a.channels_per_cta + 4 * quad);
+}
+
+template <bool kMayBePrevious>
+__device__ __forceinline__ void issue_stream_batch(const PoolArgs& a, const EntryItem& e, int batch, int group,
+                                                   int quad, float4* stage) {
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+  for (int k = 0; k < a.stream_batch; ++k) {
+    const PooledSlot p = stream_slot(a, e.w, e.place.rank, batch, k, group, quad, slots);
+    const SlotSource source = slot_source<kMayBePrevious>(a, e.r, p.q, p.column);
+    float4* slot = stage + 2 * k * blockDim.x;
+    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(slot)), source.value, p.valid);
+    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(slot + blockDim.x)), source.score, p.valid);
+  }
+}
+
+// Pool `a`'s CTA `pool_cta` of a streamed launch: its slices from row pool_cta / cluster_ctas, launch_ctas /
+// cluster_ctas rows apart, each pooled from the ring, finished (finish_entry) and ticketed as compress does.
+__device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t pool_cta, int hardware_cluster,
+                                                  float* smem) {
+  const int channels = a.channels_per_cta;
+  const PoolSmem s = pool_smem(a, smem);
+  float4* const ring = reinterpret_cast<float4*>(s.entry_vector + channels) + threadIdx.x;
+  const int stage_stride = 2 * a.stream_batch * int(blockDim.x);  // float4s
+  __shared__ float warp_partials[32];
+  __shared__ float square_sums[2];  // by slice parity: a cluster barrier per slice orders reuse
+  __shared__ bool is_last_cta;
+
+  const int rank = int(a.cluster_div.mod(uint32_t(pool_cta)));
+  const int first_row = int(a.cluster_div.div(uint32_t(pool_cta)));
+  const int row_step = int(a.launch_ctas / a.cluster_ctas);
+  const int rows = int(a.ctas / a.cluster_ctas);
+  int rope_pair;
+  float frequency;
+  const FinishThread t = finish_thread(a, rank, rope_pair, frequency);
+  const int quad = int(a.quads_div.mod(threadIdx.x)), group = int(a.quads_div.div(threadIdx.x));
+  const bool pools = group < a.stream_groups;
+  const bool cluster_sync = hardware_cluster > 1;
+  wait_for_prior_grids();
+
+  // The issue cursor runs kStreamStages − 1 batches ahead of the one in use; every step commits a group (empty past
+  // the CTA's last slice or for threads outside the pooling layout), so the waits count alike in every thread.
+  StreamCursor ahead{first_row, 0};
+  CompressorRun ahead_run{};
+  if (ahead.entry_row < rows) ahead_run = run_of_row(a, ahead.entry_row);
+  int issued = 0;
+  const auto issue_next = [&] {
+    const EntryItem item = stream_item(a, ahead.entry_row, rank, ahead_run);
+    if (pools && ahead.entry_row < rows && item.emitting) {  // entries not completed have no rows to read
+      float4* stage = ring + (issued % kStreamStages) * stage_stride;
+      if (item.r.start <= (item.w - (a.overlapping ? 1 : 0)) * a.ratio)
+        issue_stream_batch<false>(a, item, ahead.batch, group, quad, stage);  // every slot in the run
+      else
+        issue_stream_batch<true>(a, item, ahead.batch, group, quad, stage);
+    }
+    ptx::cp_async_commit();
+    ++issued;
+    if (++ahead.batch == a.stream_batches) {
+      ahead.batch = 0;
+      ahead.entry_row += row_step;
+      if (ahead.entry_row < rows) ahead_run = run_of_row(a, ahead.entry_row);
+    }
+  };
+  static_assert(kStreamStages == 3, "the wait below keeps one batch in flight behind the one used");
+  issue_next();
+  issue_next();
+
+  int used = 0, parity = 0;
+  for (int row = first_row; row < rows; row += row_step, parity ^= 1) {
+    // What the pooling needs of the slice's entry (the rest is reloaded for its finish: fewer registers held across
+    // the issues), its cache row looked up and RoPE factors made while the copies land.
+    int64_t w, start;
+    bool emitting;
+    uint8_t* stored;
+    RopeFactors rope{1.0f, 0.0f};
+    {
+      EntryItem e = stream_item(a, row, rank, run_of_row(a, row));
+      prepare_entry_outputs(a, e, t.group);
+      w = e.w, start = e.r.start, emitting = e.emitting, stored = e.stored;
+      if (e.emitting && t.active && t.group == 0 && t.channel >= a.c - a.rope_dim)
+        rope = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair, .frequency = frequency});
+    }
+    OnlineSoftmax softmax[4];
+    const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+    for (int batch = 0; batch < a.stream_batches; ++batch, ++used) {
+      const float4* stage = ring + (used % kStreamStages) * stage_stride;
+      if (pools && emitting) {
+        // ape (run slots only: zeros for state slots) loads before the wait, as the slots' copies land.
+        float4 ape[kStreamBatch];
+        bool valid[kStreamBatch];
+#pragma unroll
+        for (int k = 0; k < kStreamBatch; ++k) {
+          const PooledSlot p = stream_slot(a, w, rank, batch, k, group, quad, slots);
+          valid[k] = p.valid && k < a.stream_batch;
+          ape[k] = p.q >= start ? __ldg(reinterpret_cast<const float4*>(a.ape + ratio_mod(a, p.q) * width_of(a) +
+                                                                            p.column))
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        ptx::cp_async_wait<kStreamStages - 2>();
+        compiler_memory_fence();
+        float value[4][kStreamBatch], score[4][kStreamBatch];
+#pragma unroll
+        for (int k = 0; k < kStreamBatch; ++k) {
+          const float4 v = valid[k] ? stage[2 * k * blockDim.x] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          const float4 g = valid[k] ? stage[(2 * k + 1) * blockDim.x] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          value[0][k] = v.x, score[0][k] = valid[k] ? g.x + ape[k].x : kNegativeInfinity;
+          value[1][k] = v.y, score[1][k] = valid[k] ? g.y + ape[k].y : kNegativeInfinity;
+          value[2][k] = v.z, score[2][k] = valid[k] ? g.z + ape[k].z : kNegativeInfinity;
+          value[3][k] = v.w, score[3][k] = valid[k] ? g.w + ape[k].w : kNegativeInfinity;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) softmax[j].add(value[j], score[j]);
+      } else {
+        ptx::cp_async_wait<kStreamStages - 2>();
+      }
+      compiler_memory_fence();  // this stage's reads come before its refill
+      issue_next();
+    }
+    if (pools) {
+      const int local_channel = group * channels + 4 * quad;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s.part_max[local_channel + j] = softmax[j].max;
+        s.part_den[local_channel + j] = softmax[j].denominator;
+        s.part_num[local_channel + j] = softmax[j].numerator;
+      }
+    }
+    __syncthreads();  // every pooling read of this slice's state is done
+    EntryItem e = stream_item(a, row, rank, run_of_row(a, row));
+    e.stored = stored;
+    unsigned ticket = 0;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      ticket = atomicAdd(e.r.state.finished_ctas, 1u);
+    }
+    finish_entry(a, e, t, rope, s, warp_partials, &square_sums[parity], cluster_sync, false);
+    update_state_if_last(a, e.r, ticket, &is_last_cta);
+    __syncthreads();  // the shared partials, entry vector and flags are free for the next slice
+  }
+  ptx::cp_async_wait<0>();
+  // No CTA leaves while another of its cluster may still read its sums.
+  if (cluster_sync) cooperative_groups::this_cluster().sync();
 }
 
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
@@ -744,6 +1005,20 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStage
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+}
+
+// Streamed slot loads: two CTAs per SM, each pooling several entry slices (compress_streamed).
+__global__ void __launch_bounds__(kStreamedThreads, 2)
+    compressor_streamed_kernel(const __grid_constant__ LaunchArgs launch) {
+  extern __shared__ __align__(16) float smem[];
+  allow_dependents();
+  if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
+    prepare_vectors(launch);
+    return;
+  }
+  const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
+  const PoolArgs& a = launch.pools[pool];
+  compress_streamed(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor
