@@ -7,13 +7,14 @@
 // layers and fresh inputs so that the touched experts (and the shared expert) come from HBM, not from L2.
 // Both expert-kernel paths are timed at every T up to 1024: "streamed" (weights through shared memory, with the
 // routing and combine fused into the router and down launches at T <= 8) and "register" (five launches); above,
-// the register path alone; at T <= 8 also "single" (MoeRunParams::single_launch: the whole sub-block in one launch);
-// at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the weight_tile_mma fp4 decode instead
-// of the default lean one), "fused-router" (the fused router kernel instead of the decode router at T <= 8) and
+// the register path alone; at T <= 64 also the streamed kernels' options (MoeRunParams): "tile-decode" (the
+// weight_tile_mma fp4 decode instead of the default lean one), "fused-router" (the fused router kernel instead of
+// the decode router at T <= 8) and
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns").
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the half-stage ring other than the
+// default (MoeRunParams::half_stage_ring; T <= 8 only): "half-ring" (or "no-half-ring").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -24,7 +25,7 @@
 // of the same shapes (a pool of 8 experts used in turn, 0.4-1 GB, so every GEMM reads its weights from HBM; no
 // routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
 // Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--format mxfp4|nvfp4]
-//                       [--paths single,streamed,...]
+//                       [--paths streamed,...]
 // (--paths: only those paths, e.g. to profile one kernel set).
 #include <cuda_runtime.h>
 
@@ -46,7 +47,6 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
-#include "backends/cuda/kernels/moe_single_launch.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/stream_timing.hpp"
@@ -165,11 +165,10 @@ struct Slot {
   std::vector<int> rows_per_expert;  // [E + 1], the shared expert last
 };
 
-// The expert-kernel paths a result names: the single launch, the streamed kernels (MoeRunParams defaults, then with
+// The expert-kernel paths a result names: the streamed kernels (MoeRunParams defaults, then with
 // options changed: the weight_tile_mma fp4 decode instead of the lean one, the fused router kernel instead of the
 // decode router, both), the register kernels.
 enum class Path {
-  SINGLE,
   STREAMED,
   TILE_DECODE,
   FUSED_ROUTER,
@@ -178,6 +177,7 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
+  OTHER_HALF_RING,
   REGISTER
 };
 struct PathSpec {
@@ -187,13 +187,13 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
+  bool other_half_ring = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_half_ring ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
-    {Path::SINGLE, "single"},
     {Path::STREAMED, "streamed"},
     {Path::TILE_DECODE, "tile-decode", true},
     {Path::FUSED_ROUTER, "fused-router", false, true},
@@ -203,6 +203,8 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
+    {Path::OTHER_HALF_RING, MoeRunParams{}.half_stage_ring ? "no-half-ring" : "half-ring", false, false,
+     MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -221,8 +223,8 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
+  if (spec.other_half_ring) p.half_stage_ring = !p.half_stage_ring;
   p.fused_small_batches = path != Path::REGISTER;
-  p.single_launch = path == Path::SINGLE;
   return p;
 }
 
@@ -299,8 +301,8 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
 
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
-      if ((path == Path::SINGLE && T > kMoeSingleLaunchMaxTokens) || (path == Path::STREAMED && T > 1024) ||
-          (spec.option() && T > kOptionsMaxTokens) || (spec.other_columns && T > 2))
+      if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
+          (spec.other_columns && T > 2) || (spec.other_half_ring && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -434,8 +436,9 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
-                           "[--paths single,streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,register]\n");
+                           "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
+                           "half-ring|no-half-ring,register]\n");
       return 2;
     }
   }

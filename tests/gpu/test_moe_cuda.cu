@@ -2,15 +2,17 @@
 // I = 2048, E = 32, top 6; routed experts MXFP4, NVFP4, FP8 (shared expert FP8, as in the release) and BF16; scored
 // routing with a bias and hash routing; T ∈ {1, 3, 8, 17, 64, 300}, each through both expert kernel sets (register;
 // streamed with the routing and combine fused into the router and down launches at T <= 8) and at T = 1 the
-// streamed kernels unfused; at T <= 8 the whole sub-block in one launch (MoeRunParams::single_launch: the three
-// launches' bits, also through one workspace over many calls and graph replays); the streamed kernels with
+// streamed kernels unfused, the fused combine also through one workspace over many calls and graph replays; the
+// streamed kernels with
 // weight_tile_mma's fp4 decode instead of the default lean one (MoeRunParams::lean_expert_decode: the same bits); the
 // streamed kernels with the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split, within one wave by default: the shared expert's sums in another order, so checked against the
-// CPU, and run to run; the single launch has the unsplit bits) and the down head start other than the default
+// CPU, and run to run) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
-// to run; the same bits as without them at T > 2); a V4-Pro-width layer
+// to run; the same bits as without them at T > 2); at T <= 8 the half-stage ring other than the default
+// (MoeRunParams::half_stage_ring: the same bits, with the column stages, the lean ones, the split and the head start
+// either way; no effect at T > 8); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -272,41 +274,39 @@ bool close(double actual, double expected, double tolerance) {
 struct Kernels {
   MoeExpertKernels experts = MoeExpertKernels::AUTO;
   bool fused_small_batches = false;
-  bool single_launch = false;
   bool lean = MoeRunParams{}.lean_expert_decode;
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
+  bool half_ring = MoeRunParams{}.half_stage_ring;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
                                                                : "auto";
     return std::string(path) + " experts" + (fused_small_batches ? ", fused routing and combine" : "") +
-           (single_launch ? ", single launch" : "") + (lean ? ", lean decode" : ", weight_tile_mma decode") +
+           (lean ? ", lean decode" : ", weight_tile_mma decode") +
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
+           (half_ring ? ", half-stage ring" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
-    p.expert_kernels = experts, p.fused_small_batches = fused_small_batches, p.single_launch = single_launch;
+    p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns;
+    p.down_head_start = down_head_start, p.column_stages = columns, p.half_stage_ring = half_ring;
     return p;
   }
 };
-// Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens), and the
-// whole sub-block in one launch (T <= 8 on streaming layers; the streamed launches elsewhere).
+// Both expert kernel sets, the streamed one with the fused routing and combine (which apply at few tokens).
 constexpr Kernels kRegisterKernels{.experts = MoeExpertKernels::REGISTER};
 constexpr Kernels kStreamedKernels{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true};
-constexpr Kernels kSingleLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                .single_launch = true};
 // The streamed kernels with the decode other than the default.
 constexpr Kernels kStreamedOtherDecode{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                        .lean = !MoeRunParams{}.lean_expert_decode};
-// The streamed kernels with the shared expert never split and without the column stages (the single launch's
-// order) and split at every T <= 8 (MoeRunParams::shared_expert_split).
+// The streamed kernels with the shared expert never split and without the column stages, and split at every T <= 8
+// (MoeRunParams::shared_expert_split).
 constexpr Kernels kStreamedUnsplit{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                    .split = MoeSharedExpertSplit::NEVER, .columns = false};
 constexpr Kernels kStreamedSplitAll{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
@@ -331,6 +331,26 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
+// The streamed kernels with the half-stage ring other than the default (MoeRunParams::half_stage_ring: the same
+// bits), each against the same kernels without that change: by default, without the column stages (the lean stages
+// at T <= 2), with the shared expert never split and split at every T <= 8, without the down head start.
+constexpr bool kOtherHalfRing = !MoeRunParams{}.half_stage_ring;
+constexpr Kernels kHalfRingPairs[][2] = {
+    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .half_ring = kOtherHalfRing},
+     kStreamedKernels},
+    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .columns = !MoeRunParams{}.column_stages,
+      .half_ring = kOtherHalfRing},
+     kStreamedOtherColumns},
+    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .split = MoeSharedExpertSplit::NEVER,
+      .columns = false, .half_ring = kOtherHalfRing},
+     kStreamedUnsplit},
+    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .split = MoeSharedExpertSplit::ALWAYS,
+      .half_ring = kOtherHalfRing},
+     kStreamedSplitAll},
+    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+      .down_head_start = !MoeRunParams{}.down_head_start, .half_ring = kOtherHalfRing},
+     kStreamedOtherHeadStart},
+};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -527,16 +547,6 @@ std::vector<int32_t> token_ids(int T, const Shape& S, uint64_t seed) {
   return ids;
 }
 
-// The single launch against the three launches it replaces, without the shared-expert split (the same products in
-// the same order: the same bits).
-void expect_single_launch_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
-  SCOPED_TRACE("single launch against three launches, T = " + std::to_string(T));
-  const std::vector<float> u = random_input(T, S, seed);
-  const std::vector<int32_t> ids = token_ids(T, S, seed + 1);
-  expect_identical_outputs(run_output(weights, u, T, kSingleLaunch, ids),
-                           run_output(weights, u, T, kStreamedUnsplit, ids));
-}
-
 // Two runs of the same input through the same kernels: the same bits.
 void expect_repeatable(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed, Kernels kernels) {
   SCOPED_TRACE("run to run, " + kernels.name() + ", T = " + std::to_string(T));
@@ -582,12 +592,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int64_t T : {1, 3, 8, 17, 64, 300})
       for (const Kernels kernels : {kRegisterKernels, kStreamedKernels})
         check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kernels);
-    MoeRunParams single = kSingleLaunch.params();
-    single.tokens = 8;
-    ASSERT_EQ(moe_launches(device_weights, single), 1);
-    for (const int T : {1, 2, 5, 8}) expect_single_launch_bits(device_weights, kFlashLike, T, seed++);
-    for (const int64_t T : {1, 8})
-      check_case(layer, experts, device_weights, T, seed++, random_tokens(kFlashLike), kSingleLaunch);
     const Kernels streamed_unfused{.experts = MoeExpertKernels::STREAMED};
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), streamed_unfused);
     for (const int64_t T : {1, 8, 17})
@@ -613,6 +617,9 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
+    for (const auto& [kernels, reference] : kHalfRingPairs)
+      for (const int T : {1, 2, 5, 8, 9}) expect_same_bits(device_weights, kFlashLike, T, seed++, kernels, reference);
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kHalfRingPairs[0][0]);
 
   }
 }
@@ -673,16 +680,11 @@ TEST(MoeTinyShapes, TestModelSizesWithKTailsAndPartialRowBands) {
         Layer layer;
         make_layer(layer, experts, routing, seed++, keep_routing);
         const DeviceMoeWeights device_weights(layer.model, test_config(shape), "tiny layer");
-        // These layers cannot stream (K below a stage): STREAMED must fall back to the register kernels, and
-        // single_launch to their launches.
+        // These layers cannot stream (K below a stage): STREAMED must fall back to the register kernels.
         for (const int64_t T : {1, 5, 40}) {
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape), kStreamedKernels);
         }
-        MoeRunParams single = kSingleLaunch.params();
-        single.tokens = 5;
-        EXPECT_EQ(moe_launches(device_weights, single), 3);
-        check_case(layer, experts, device_weights, 5, seed++, random_tokens(shape), kSingleLaunch);
       }
     }
 }
@@ -732,8 +734,6 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
     expect_identical_outputs(run_output(device_weights, u, T, kStreamedKernels),
                              run_output(device_weights, u, T, kStreamedKernels));
   }
-  for (const int T : {1, 8}) expect_single_launch_bits(device_weights, kProLike, T, seed++);
-  check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kSingleLaunch);
   for (const int T : {1, 8, 20}) expect_other_decode_bits(device_weights, kProLike, T, seed++);
   check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherDecode);
   check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedUnsplit);
@@ -745,6 +745,8 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
   expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
+  for (const int T : {1, 2, 8})
+    expect_same_bits(device_weights, kProLike, T, seed++, kHalfRingPairs[0][0], kHalfRingPairs[0][1]);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).
@@ -768,7 +770,7 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   const DeviceMoeWeights device_weights(layer.model, test_config(kFlashLike), "sparse layer");
   for (const int64_t T : {1, 5, 64})
     for (const Kernels kernels :
-         {kRegisterKernels, kStreamedKernels, kSingleLaunch, kStreamedOtherDecode, kStreamedUnsplit,
+         {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode, kStreamedUnsplit,
           kStreamedSplitAllOtherHeadStart})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
@@ -791,17 +793,17 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
     for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode})
       check_case(layer, *experts_, device_weights, 300, 61, [](int64_t, std::mt19937_64&) { return int32_t(42); },
                  kernels);
-    // At T = 8 in one launch: one routed expert item of 8 rows per chosen expert.
+    // At T = 8 through the one-tile streamed kernels: one routed expert item of 8 rows per chosen expert.
     check_case(layer, *experts_, device_weights, 8, 62, [](int64_t, std::mt19937_64&) { return int32_t(42); },
-               kSingleLaunch);
+               kStreamedKernels);
   }
 }
 
-// The single launch's counters (routing flag, per-item done counts, tickets) come back to zero after every call:
-// calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays of one CUDA graph,
-// at T = 8 and then T = 1 and 9 (no single launch) on the same workspace, each equal to a fresh three-launch run
-// without the shared-expert split.
-TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays) {
+// The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets) come back to zero
+// after every call: calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays
+// of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run
+// on a fresh workspace.
+TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
   const Shape& S = kFlashLike;
   Layer layer;
   make_layer(layer, *experts_, Routing::SCORED, 15, keep_routing);
@@ -814,13 +816,11 @@ TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays
   cudaStream_t stream;
   DSV4_CUDA_CHECK(cudaStreamCreate(&stream));  // ordered after the default stream's uploads and fills
   auto params_for = [&](int T) {
-    MoeRunParams p = kSingleLaunch.params();
+    MoeRunParams p = kStreamedKernels.params();
     p.u = d_u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
     p.workspace = workspace.data(), p.workspace_bytes = bytes;
     return p;
   };
-  // Else every call below would run the three launches and be compared with themselves.
-  ASSERT_EQ(moe_launches(weights, params_for(8)), 1);
   uint64_t seed = 300;
   auto check_call = [&](int T, const std::function<void()>& call) {
     const std::vector<float> u = random_input(T, S, seed++);
@@ -828,7 +828,7 @@ TEST_F(MoeRoutingExtremes, SingleLaunchRepeatsThroughOneWorkspaceAndGraphReplays
     out.fill_bytes(0xFF);
     call();
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedUnsplit));
+    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
   };
   for (int i = 0; i < 3; ++i) check_call(8, [&] { run_moe(weights, params_for(8)); });
   cudaGraph_t graph;

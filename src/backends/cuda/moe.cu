@@ -4,7 +4,6 @@
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
-#include "backends/cuda/kernels/moe_single_launch.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -15,10 +14,8 @@ constexpr size_t kWorkspaceAlignment = 256;
 // Byte offsets of every buffer in the workspace. The counters come first at a fixed place, so a workspace sized
 // for a larger T keeps them where prepare_moe_workspace zeroed them.
 struct WorkspaceLayout {
-  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16,
-                          single_launch_counters = 512, counters_end = 1024;
-  static constexpr int band_ticket_capacity = int((single_launch_counters - band_tickets) / sizeof(uint32_t));
-  static constexpr int single_launch_counter_words = int((counters_end - single_launch_counters) / sizeof(uint32_t));
+  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, counters_end = 1024;
+  static constexpr int band_ticket_capacity = int((counters_end - band_tickets) / sizeof(uint32_t));
   size_t logits = 0, u_bf16 = 0, expert_ids = 0, expert_weights = 0, expert_offsets = 0, row_tokens = 0,
          slot_rows = 0, work_items = 0, h = 0, down = 0, total = 0;
   int64_t max_work_items = 0;
@@ -74,14 +71,9 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-bool runs_single_launch(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  return p.single_launch && p.tokens <= kMoeSingleLaunchMaxTokens && streams_experts(weights, p);
-}
-
 }  // namespace
 
 int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  if (runs_single_launch(weights, p)) return 1;
   return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) + 2 +
          (fuses_combine(p) ? 0 : 1);
 }
@@ -120,7 +112,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   };
   mark_stage();
 
-  const bool single = runs_single_launch(weights, p);
   const MoeRoutingBuffers routing{
       .logits = at<float>(ws, l.logits),
       .u_bf16 = at<__nv_bfloat16>(ws, l.u_bf16),
@@ -147,7 +138,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .rows_per_item = kMoeRowsPerWorkItem,
       .out = routing,
       .stream = p.stream,
-      .after_logits = nullptr,
+      .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
       .fused_routing = p.fused_small_batches,
       .decode_router = p.decode_router,
   };
@@ -170,32 +161,20 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .streamed = streams_experts(weights, p),
       .stream_maps = weights.stream_maps(),
       .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
-      .shared_expert_split = single ? MoeSharedExpertSplit::NEVER : p.shared_expert_split,
-      .down_head_start = p.down_head_start && !single && streams_experts(weights, p),
-      .column_stages = p.column_stages && !single && streams_experts(weights, p),
+      .shared_expert_split = p.shared_expert_split,
+      .down_head_start = p.down_head_start && streams_experts(weights, p),
+      .column_stages = p.column_stages && streams_experts(weights, p),
+      .half_stage_ring = p.half_stage_ring && p.lean_expert_decode && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };
-  if (single || fuses_combine(p)) {
+  if (fuses_combine(p)) {
     MoeFusedCombine& f = gemm.combine;
     f.out = p.out, f.expert_weights = routing.expert_weights, f.slot_rows = routing.slot_rows;
     f.band_tickets = at<uint32_t>(ws, WorkspaceLayout::band_tickets);
     f.band_ticket_capacity = WorkspaceLayout::band_ticket_capacity, f.tokens = p.tokens, f.top_k = int(c.top_k);
   }
-  if (single) {
-    run_moe_single_launch({.routing = routing_params,
-                           .experts = gemm,
-                           .counters = at<uint32_t>(ws, WorkspaceLayout::single_launch_counters),
-                           .counter_words = WorkspaceLayout::single_launch_counter_words,
-                           .stream = p.stream});
-    // The one launch is the router stage; the others are empty.
-    if (p.stage_events != nullptr)
-      while (stage <= kMoeStages) mark_stage();
-    return;
-  }
-  MoeRoutingParams routing_launches = routing_params;
-  routing_launches.after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr;
-  run_moe_routing(routing_launches);
+  run_moe_routing(routing_params);
   mark_stage();
   run_moe_gate_up(gemm);
   mark_stage();

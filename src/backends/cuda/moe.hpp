@@ -2,7 +2,7 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches (three at T <= 8 with fused_small_batches, one with single_launch), all on params.stream, no host
+// - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host
 //   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
 //   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's
@@ -67,36 +67,33 @@ struct MoeRunParams {
   // At T <= 8 (kMoeFusedRoutingMaxTokens, kMoeFusedCombineMaxTokens): the routing in the router launch and the
   // combine in the down launch, three launches instead of five (false: the five, for comparisons).
   bool fused_small_batches = true;
-  // At T <= 8 on layers whose experts stream (DeviceMoeWeights::streamed_tiles) with AUTO or STREAMED experts: the
-  // whole sub-block in one persistent launch (kernels/moe_single_launch.hpp), the same bits as the three launches
-  // without the shared-expert split (shared_expert_split);
-  // elsewhere this has no effect. H200, bench_cuda_moe, V4-Flash (GPU round 4): T = 1 69.4 µs in one launch against
-  // 70.4 µs in three, T = 8 280 against 253 µs.
-  bool single_launch = false;
-  // The streamed expert kernels' fp4 decode (not in the single launch): the lean one (MoeExpertGemmParams::
+  // The streamed expert kernels' fp4 decode: the lean one (MoeExpertGemmParams::
   // lean_decode) or weight_tile_mma's; the same bits. H200, bench_cuda_moe, MXFP4, lean against weight_tile_mma's at
   // T <= 8: V4-Flash T = 1 66.6 vs 70.8 µs, T = 8 239.3 vs 256.7; V4-Pro T = 1 126.7 vs 131.8, T = 8 533.1 vs 571.7.
   bool lean_expert_decode = true;
   // MoeRoutingParams::decode_router (T <= 8 with fused_small_batches): the decode router (its default) or the fused
   // router kernel.
   bool decode_router = true;
-  // MoeExpertGemmParams::shared_expert_split for the streamed kernels (not in the single launch): the FP8 shared
+  // MoeExpertGemmParams::shared_expert_split for the streamed kernels: the FP8 shared
   // expert's CTAs split in two so they stream the bytes of a routed fp4 CTA; the shared expert's sums in another
   // order (as exact). ONE_WAVE: where the expert launches stay one wave, which the shared expert's CTAs ended alone
   // (V4-Flash at T = 1). H200, bench_cuda_moe, NVFP4 (GPU rounds s15-2/3): V4-Flash T = 1 59.4 -> 51.8 us alone,
   // 49.0 with down_head_start; split at every T <= 8: V4-Flash T = 2-8 within ±1 %, V4-Pro T = 1 110.5 -> 119.4,
   // T = 8 536.1 -> 549.1 (several waves).
   MoeSharedExpertSplit shared_expert_split = MoeSharedExpertSplit::ONE_WAVE;
-  // MoeExpertGemmParams::down_head_start for the streamed down kernel at T <= 8 (not in the single launch): every
+  // MoeExpertGemmParams::down_head_start for the streamed down kernel at T <= 8: every
   // down CTA starts streaming its w2 band before waiting for the gate/up launch. The same bits. Same run: T = 1
   // 59.4 -> 56.9 us, T = 8 221.9 -> 219.1.
   bool down_head_start = true;
-  // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 2 (not in the single launch): fp4 stages
+  // MoeExpertGemmParams::column_stages for the streamed kernels at T <= 2: fp4 stages
   // sum each scale block of each item row in its own MMA output column and scale the fp32 column sums; the block
   // sums in another order (as exact). bench_cuda_moe against the lean stages, H200 (GPU round s16-3): V4-Flash
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
+  // MoeExpertGemmParams::half_stage_ring for the streamed kernels at T <= 8 with the lean decode: each warp's fp4
+  // stages through four half-slots, each 128-byte box refilled once read. The same bits.
+  bool half_stage_ring = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

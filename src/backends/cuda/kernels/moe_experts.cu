@@ -28,19 +28,27 @@ int max_dynamic_smem() {
 }
 
 // The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
-template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false>
-auto* one_tile_kernel(bool head_start) {
-  if constexpr (G == moe::ExpertGemm::DOWN)
-    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
-  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
+template <moe::ExpertGemm G, bool kLean, bool kColumns, bool kHalf>
+auto* one_tile_kernel(bool split, bool head_start) {
+  if constexpr (G == moe::ExpertGemm::DOWN) {
+    if (head_start)
+      return split ? moe::moe_expert_streamed_kernel<G, false, kLean, true, true, kColumns, kHalf>
+                   : moe::moe_expert_streamed_kernel<G, false, kLean, false, true, kColumns, kHalf>;
+  }
+  return split ? moe::moe_expert_streamed_kernel<G, false, kLean, true, false, kColumns, kHalf>
+               : moe::moe_expert_streamed_kernel<G, false, kLean, false, false, kColumns, kHalf>;
 }
-// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
+// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the
+// same), as does the half-stage ring (it serves the lean and column stages).
 template <moe::ExpertGemm G>
-auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns, bool half) {
   if (columns)
-    return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
-  return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
-              : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
+    return half ? one_tile_kernel<G, true, true, true>(split, head_start)
+                : one_tile_kernel<G, true, true, false>(split, head_start);
+  if (lean)
+    return half ? one_tile_kernel<G, true, false, true>(split, head_start)
+                : one_tile_kernel<G, true, false, false>(split, head_start);
+  return one_tile_kernel<G, false, false, false>(split, head_start);
 }
 
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
@@ -63,7 +71,8 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns,
+                                                 p.half_stage_ring);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -215,6 +224,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
         "streamed-kernel option");
+  check(!p.half_stage_ring || (p.streamed && p.lean_decode), "moe expert GEMM: the half-stage ring is an option ",
+        "of the streamed kernels with the lean decode");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

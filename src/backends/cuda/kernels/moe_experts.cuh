@@ -367,9 +367,20 @@ inline constexpr size_t kStreamedExchangeBytes =
 inline constexpr int kStreamedReduceOffset = (kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma;
 static_assert((kStreamedReduceOffset + 4 * tile::kWarpSize * 4) * sizeof(float) <= kStreamedExchangeBytes,
               "the split CTAs' reduction fits the exchange region");
+// The half-stage ring (MoeExpertGemmParams::half_stage_ring; fp4 lean and column stages of unsplit warps): the
+// warp's ring bytes as 4 half-slots, each one 128-byte box of a stage (16 rows × 128 bytes; the ring's first 8 KB)
+// with its own copy of the whole stage's scales (the last 2 KB), each on its own barrier. A stage's first box is
+// refilled once its two steps are read instead of after the whole stage, so a warp keeps about half a stage more in
+// flight (6 KB against 4-8 KB) in the same shared memory; the scales are asked twice (the second copy from L2).
+inline constexpr int kHalfRingSlots = 2 * kStreamedSlots;
+inline constexpr int kHalfSlotScaleBytes = 512;  // the most scales of one stage: NVFP4, 16 rows × 32 bytes
+static_assert(kHalfRingSlots * (tile::stream::kHalfBytes + kHalfSlotScaleBytes) <=
+                  kStreamedSlots * tile::stream::kSlotBytes,
+              "the half-slots fill the warp's ring");
+inline constexpr int kRingBarriers = kHalfRingSlots;  // per warp: the most either ring uses
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
 static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
-                   kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
+                   kExpertWarps * kRingBarriers * sizeof(uint64_t)) <= 228 * 1024,
               "two streamed CTAs per SM");
 // x chunks are whole stages of every format (fp4 stages are the longest).
 inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
@@ -427,23 +438,59 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
+// Whether a warp streams through the half-stage ring: the kernel's option, fp4 stages (the lean and column ones:
+// the kernels that take the option have no other fp4 stages), one part per 16 rows.
+template <tile::TileFormat F, bool kHalfRing, int kParts>
+inline constexpr bool kUsesHalfRing =
+    kHalfRing && kParts == 1 && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4);
+
+__device__ __forceinline__ uint8_t* half_slot_data(uint8_t* ring, int h) {
+  return ring + h * tile::stream::kHalfBytes;
+}
+__device__ __forceinline__ uint8_t* half_slot_scales(uint8_t* ring, int h) {
+  return ring + kHalfRingSlots * tile::stream::kHalfBytes + h * kHalfSlotScaleBytes;
+}
+
+// Starts the copies of box `box` of the fp4 stage at k0 (rows row0..row0 + 15), with the whole stage's scales, into
+// half-slot h of the warp's half-stage ring; called by the whole warp (lane 0 issues).
+template <tile::TileFormat F>
+__device__ __forceinline__ void issue_half_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0,
+                                                 int box, uint8_t* ring, int h, uint64_t* full) {
+  namespace st = tile::stream;
+  constexpr int kScaleBytes = st::stage_scale_bytes(F);
+  static_assert(kScaleBytes > 0 && tile::kTileRows * kScaleBytes <= kHalfSlotScaleBytes, "fp4 stages only");
+  if (threadIdx.x % tile::kWarpSize != 0) return;
+  sm90::mbarrier_arrive_expect_tx(full + h, tile::kTileRows * (st::kBoxBytes + kScaleBytes));
+  const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
+  sm90::tma_load_2d(half_slot_data(ring, h), &maps->data, full + h, byte0 + box * st::kBoxBytes, row);
+  sm90::tma_load_2d(half_slot_scales(ring, h), &maps->scales, full + h, int32_t(k0 / (st::stage_k(F) / kScaleBytes)),
+                    row);
+}
+
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G, int kParts>
+template <tile::TileFormat F, ExpertGemm G, int kParts, bool kHalfRing = false>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
                                              uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
-  st::init_ring(full, kStreamedSlots);
+  constexpr bool kHalf = kUsesHalfRing<F, kHalfRing, kParts>;
+  st::init_ring(full, kHalf ? kHalfRingSlots : kStreamedSlots);
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
-  for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-    st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                       ring + j * st::kSlotBytes, full + j);
+  for (int j = 0; j < kStreamedSlots && j < stages; ++j) {
+    const int64_t k0 = (slice.k_part + j * kParts) * st::stage_k(F);
+    if constexpr (kHalf) {
+      for (int box = 0; box < 2; ++box)
+        issue_half_stage<F>(warp_maps<G>(a, expert), slice.row0, k0, box, ring, 2 * j + box, full);
+    } else {
+      st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, k0, ring + j * st::kSlotBytes, full + j);
+    }
+  }
 }
-template <tile::TileFormat F, ExpertGemm G>
+template <tile::TileFormat F, ExpertGemm G, bool kHalfRing = false>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
-  start_stream<F, G, 1>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
+  start_stream<F, G, 1, kHalfRing>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
 }
 
 // kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
@@ -520,27 +567,28 @@ __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pai
   }
 }
 
-// sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
-// step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
-// the stage's first input (a real token's row, see above).
-template <tile::TileFormat F, int NT, int C>
-__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
-                                               float (&sums)[C][NT][4]) {
+// sums += steps [kFirstStep, kEndStep) of the fp4 stage whose boxes start at `data` (box (u - kFirstStep) / 2 of
+// step u) and whose scales are at `scales`, × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the
+// MMAs of step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token
+// tile nt at the stage's first input (a real token's row, see above).
+template <tile::TileFormat F, int NT, int C, int kFirstStep, int kEndStep>
+__device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_t* scales,
+                                               const __nv_bfloat16* const (&x_lane)[NT], float (&sums)[C][NT][4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
-  constexpr int kStepK = 4 * st::values_per_load(F), kSteps = st::kRowBytes / 64;
+  static_assert(kFirstStep % 2 == 0 && kEndStep <= st::kRowBytes / 64, "whole boxes of one stage");
+  constexpr int kStepK = 4 * st::values_per_load(F);
   constexpr int kScaleBytes = st::stage_scale_bytes(F);
   const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
-  const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
-  for (int u = 0; u < kSteps; ++u) {
+  for (int u = kFirstStep; u < kEndStep; ++u) {
     const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
-                                                        ((chunk ^ (rows[r] & 7)) << 4));
+      const uint4 raw = *reinterpret_cast<const uint4*>(data + ((u - kFirstStep) >> 1) * st::kHalfBytes +
+                                                        rows[r] * st::kBoxBytes + ((chunk ^ (rows[r] & 7)) << 4));
       uint32_t factor0 = 0, factor1 = 0;
       if constexpr (F == tile::TileFormat::MXFP4) {
         factor0 = tile::detail::mxfp4_factor(scales[rows[r] * kScaleBytes + 4 * u + t]);
@@ -563,6 +611,14 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
         }
       }
   }
+}
+
+// The whole stage in `slot` (its two boxes, then its scales).
+template <tile::TileFormat F, int NT, int C>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
+                                               float (&sums)[C][NT][4]) {
+  namespace st = tile::stream;
+  multiply_steps<F, NT, C, 0, st::kRowBytes / 64>(slot, slot + 2 * st::kHalfBytes, x_lane, sums);
 }
 
 }  // namespace lean
@@ -657,26 +713,27 @@ __device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, 
   }
 }
 
-// acc += the fp4 stage in `slot` × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row g + 8.
-// `x`: the lane's B pointer at the stage's first step.
-template <tile::TileFormat F>
-__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
+// acc += steps [kFirstStep, kEndStep) of the fp4 stage whose boxes start at `data` (box (u - kFirstStep) / 2 of
+// step u) and whose scales are at `scales`, × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row
+// g + 8. `x`: the lane's B pointer at the stage's first step.
+template <tile::TileFormat F, int kFirstStep, int kEndStep>
+__device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_t* scales, const LaneX& x,
+                                               float (&acc)[4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
-  constexpr int kSteps = st::kRowBytes / 64;
+  static_assert(kFirstStep % 2 == 0 && kEndStep <= st::kRowBytes / 64, "whole boxes of one stage");
   constexpr int kScaleBytes = st::stage_scale_bytes(F);
   const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
-  const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
-  for (int u = 0; u < kSteps; ++u) {
+  for (int u = kFirstStep; u < kEndStep; ++u) {
     const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
     float scale[2][2][2];  // [row][half][column]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
-                                                        ((chunk ^ (rows[r] & 7)) << 4));
+      const uint4 raw = *reinterpret_cast<const uint4*>(data + ((u - kFirstStep) >> 1) * st::kHalfBytes +
+                                                        rows[r] * st::kBoxBytes + ((chunk ^ (rows[r] & 7)) << 4));
       lean::decode_row_bits(raw, pairs[r]);
       column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
     }
@@ -702,6 +759,13 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX&
   }
 }
 
+// The whole stage in `slot` (its two boxes, then its scales).
+template <tile::TileFormat F>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
+  namespace st = tile::stream;
+  multiply_steps<F, 0, st::kRowBytes / 64>(slot, slot + 2 * st::kHalfBytes, x, acc);
+}
+
 // The column sums → weight_tile_mma's accumulator of tokens 0 and 1 (item rows; weight rows g and g + 8 in
 // acc[0][0..1] and acc[0][2..3] of lane t = 0, the places write_rows reads; other lanes' elements belong to absent
 // tokens): the sum over each row's columns (two per lane, lanes t = 0-1 for row 0 and 2-3 for row 1), times
@@ -723,8 +787,10 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
-// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kHalfRing: fp4 stages through the
+// half-stage ring (kUsesHalfRing; the same stages in the same order, each box refilled once read).
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
+          bool kHalfRing = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -745,7 +811,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
+  if (!started) start_stream<F, G, kParts, kHalfRing>(a, item.expert, slice, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -757,6 +823,8 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
     constexpr bool kFp4 = F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4;
     constexpr bool kColumnStages = kColumns && kFp4, kLeanStages = kLean && kFp4 && !kColumnStages;
+    constexpr bool kHalf = kUsesHalfRing<F, kHalfRing, kParts>;
+    static_assert(!kHalf || kColumnStages || kLeanStages, "the half-stage ring serves the lean and column stages");
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
@@ -765,8 +833,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
       auto row_of = [&](int t) {
-        // ld.cg: the single-launch kernel writes row_tokens in the same grid.
-        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldcg(a.row_tokens + row_begin + t) : row_begin + t;
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
       if constexpr (kColumnStages)
@@ -791,6 +858,33 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
+        if constexpr (kHalf) {
+          // Box b of stage j sits in half-slot 2·slot + b; once read, it takes box b of stage j + kStreamedSlots.
+          const bool refills = j + kStreamedSlots < stages;
+          auto consume_box = [&]<int kBox>() {
+            const int h = 2 * slot + kBox;
+            sm90::mbarrier_wait(full + h, uint32_t(j / kStreamedSlots) & 1u);
+            constexpr int kStep0 = 2 * kBox, kStep1 = kStep0 + 2;
+            if constexpr (kColumnStages) {
+              const int step = (k0 - chunk_begin) / columns::kStepElements;
+              const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
+              columns::multiply_steps<F, kStep0, kStep1>(half_slot_data(ring, h), half_slot_scales(ring, h), x_stage,
+                                                         column_sums);
+            } else {
+              const __nv_bfloat16* x_stage[NT];
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
+              lean::multiply_steps<F, NT, kC, kStep0, kStep1>(half_slot_data(ring, h), half_slot_scales(ring, h),
+                                                              x_stage, sums);
+            }
+            __syncwarp();  // every lane's reads of the half-slot precede the copy that refills it
+            if (refills) issue_half_stage<F>(maps, row0, refill * kStageK, kBox, ring, h, full);
+          };
+          consume_box.template operator()<0>();
+          consume_box.template operator()<1>();
+          if (refills && ++refill == pass_stages) refill = 0;
+          continue;
+        }
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
@@ -834,16 +928,18 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
 // (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
-// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kHalfRing (one-tile lean kernels;
+// MoeExpertGemmParams::half_stage_ring): fp4 items through the half-stage ring.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false>
+          bool kColumns = false, bool kHalfRing = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
+  static_assert(!kHalfRing || (kLean && !kMultiTile), "the half-stage ring is a one-tile lean kernel's");
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
+  __shared__ uint64_t full_barriers[kExpertWarps][kRingBarriers];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring = tile::stream::align_slots(smem) +
                   size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
@@ -853,12 +949,14 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
+      start_stream<F, G, kSharedParts, kHalfRing>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring,
+                                                  full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
     const int expert = __ldcg(&a.work_items[item_index].expert);
-    with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
+    with_tile_format(a.routed_format,
+                     [&]<tile::TileFormat F>() { start_stream<F, G, kHalfRing>(a, expert, band, ring, full); });
   }
   if (!has_work_item_after_prior_grids(a, item_index)) return;
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
@@ -874,7 +972,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHalfRing>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
@@ -883,8 +981,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers
-// above and the single-launch MoE (moe_single_launch.cuh) build them, and the x region a streamed launch of T
-// tokens sizes for K = k_total.
+// above build them, and the x region a streamed launch of T tokens sizes for K = k_total.
 ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& params, ExpertGemm gemm);
 int streamed_x_region_bytes(int tokens, int k_total);
 

@@ -100,6 +100,11 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
+  // Streamed one-tile kernels (T <= 8) with the lean decode: fp4 stages stream through the half-stage ring
+  // (moe_experts.cuh: each warp's ring as four half-slots of one 128-byte box per row, each box refilled as soon as
+  // its two steps are read instead of after the whole stage: more bytes in flight in the same shared memory). The
+  // same stages in the same order: the same bits.
+  bool half_stage_ring = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;

@@ -607,8 +607,8 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
   }
 }
 
-// u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's and the
-// single-launch MoE's (moe_single_launch.cuh) CTAs share the conversion.
+// u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's CTAs share the
+// conversion.
 __device__ __forceinline__ void convert_u_slice(const RouterLogitsArgs& a) {
   const int quads = a.tokens * a.hidden / 4;
   for (int i = int(blockIdx.x * blockDim.x + threadIdx.x); i < quads; i += int(gridDim.x * blockDim.x)) {
@@ -699,8 +699,7 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
   if (is_last) route_decode_tokens<kKeys>(route, scratch);
 }
 
-// Host side (moe_routing.cu): the routing and router GEMV arguments of a call, as run_moe_routing and the
-// single-launch MoE (moe_single_launch.cuh, which leaves rows_per_cta 0) build them.
+// Host side (moe_routing.cu): the routing and router GEMV arguments of a call, as run_moe_routing builds them.
 RouteArgs route_args(const MoeRoutingParams& params);
 RouterLogitsArgs router_logits_args(const MoeRoutingParams& params, int rows_per_cta);
 
