@@ -505,7 +505,26 @@ struct E2eOptions {
   std::string format = "nvfp4";
   std::string device = "cuda";
   std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
+  bool list_launches = false;          // notes naming the kernels of one decode layer of each kind
 };
+
+// "decode launches of layer 2 (csa) at batch 1, 16: a, b, ...": the kernels of the first measured layer of each kind
+// in the captured decode graph of `batch`, in capture order (main and branch stream).
+std::vector<std::string> layer_launch_lists(cuda::CudaModel& model, const ModelConfig& config, int batch) {
+  const std::vector<std::vector<std::string>> names = model.decode_layer_kernel_names(batch);
+  std::vector<std::string> notes;
+  std::vector<LayerKind> listed;
+  for (int i = 0; i < config.num_layers && size_t(i) < names.size(); ++i) {
+    const LayerKind kind = config.layer_kind(i);
+    if (std::find(listed.begin(), listed.end(), kind) != listed.end()) continue;
+    listed.push_back(kind);
+    std::string note = "decode launches of layer " + std::to_string(i) + " (" + std::string(to_string(kind)) +
+                       ") at batch " + std::to_string(batch) + ", " + std::to_string(names[size_t(i)].size()) + ":";
+    for (size_t k = 0; k < names[size_t(i)].size(); ++k) note += (k == 0 ? " " : ", ") + names[size_t(i)][k];
+    notes.push_back(note);
+  }
+  return notes;
+}
 
 // --fusion NAME=on|off: the CudaModelOptions switch of that name. One run builds one model; an A/B of a fusion is two
 // runs, with and without the setting, whose synthetic weights are the same because they come from the same --seed.
@@ -618,6 +637,8 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
       t.launches = model.decode_launches(int(shape.batch));
       t.layer_launches = model.decode_layer_launches(int(shape.batch));
+      if (o.list_launches)
+        for (std::string& note : layer_launch_lists(model, config, int(shape.batch))) report.notes.push_back(note);
       const double step = t.mean_seconds() / double(plan.generate);
       const double per_layer = std::max(0.0, step - fixed) / layers;
       t.layer_ms = per_layer * 1e3;
@@ -749,6 +770,7 @@ struct BenchOptions {
   int layers = 0;
   std::string format = "nvfp4";
   std::string e2e_device = "cuda";
+  bool list_launches = false;
 };
 
 const CommandRegistration registration{{
@@ -779,6 +801,8 @@ const CommandRegistration registration{{
                       "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
                       "parallel_compressors, parallel_indexer, compressor_runs_at_launch, fp8_indexer_keys, "
                       "q_norm_cta_rows, indexer_prepare_in_compressors); repeatable");
+      e2e->add_flag("--list-launches", o->list_launches,
+                    "Name the kernels of a decode step's first layer of each kind (CUDA graph nodes) in the notes");
       o->e2e_plan.prompts = {512, 4096};
       o->e2e_plan.batches = {1, 8, 64};
       o->e2e_plan.add_to(*e2e, "Prompt lengths of the ppN tests, comma-separated (0 = none)",
@@ -790,7 +814,7 @@ const CommandRegistration registration{{
         std::vector<FusionSetting> fusions;
         for (const std::string& text : o->fusions) fusions.push_back(parse_fusion(text));
 #if DSV4_HAVE_CUDA
-        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions}, o->e2e_plan);
+        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions, o->list_launches}, o->e2e_plan);
 #else
         // Check what can be checked without a GPU first, so a typo is reported as such.
         const ModelConfig full = resolve_model_config(o->config);

@@ -7,6 +7,7 @@
 // Sampling on the device in several launches (more logit adjustments than the buffers hold) picks the tokens of one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -183,8 +184,61 @@ TEST(BatchedGeneration, ManyRequestsInOneStepDivergeOnlyAtNearTies) {
   std::printf("%d of %d requests differ from their alone run\n", differing, kRequests);
 }
 
-// Three sequences each biasing two thirds of the vocabulary (distinct tokens per row), sampled at temperature 0.9 in a
-// mixed step (prompts of 5, 1 and 9 tokens) and then three decode steps: with buffers for all their adjustments
+namespace {
+
+// `rows` sequences of a `context`-token model each biasing the tokens t with (t + row) % skip != 0 (skip 0: every
+// token; distinct tokens per row), sampled at temperature 0.9 in a mixed step (prompts of 1 to 9 tokens) and then
+// three decode steps, with sampling buffers for `planned` adjustments (0: the default): every step's tokens.
+std::vector<int32_t> sample_biased_rows(const LoadedCheckpoint& ckpt, int rows, int skip, int64_t context,
+                                        int64_t planned) {
+  const int64_t vocab = ckpt.config.vocab_size;
+  constexpr int kDecodeSteps = 3;
+  const size_t row_count = static_cast<size_t>(rows);
+  std::vector<std::vector<sampling::LogitAdjustment>> adjustments(row_count);
+  std::vector<sampling::SamplingStep> steps(row_count);
+  std::vector<std::vector<int32_t>> prompts(row_count);
+  std::mt19937 rng(77);
+  for (int r = 0; r < rows; ++r) {
+    for (int32_t t = 0; t < vocab; ++t)
+      if (skip == 0 || (t + r) % skip != 0) adjustments[size_t(r)].push_back({t, float((t * 7 + r) % 11) - 5.0f, 0, 0});
+    steps[size_t(r)].row.temperature = 0.9f;
+    steps[size_t(r)].row.draw = (uint64_t(r + 1) * 0x9E3779B97F4A7C15ull) >> 11;
+    steps[size_t(r)].adjustments = adjustments[size_t(r)];
+    const int prompt_tokens = r % 3 == 0 ? 5 : r % 3 == 1 ? 1 : 9;
+    for (int i = 0; i < prompt_tokens; ++i) prompts[size_t(r)].push_back(int32_t(rng() % vocab));
+  }
+  cuda::CudaModelOptions options;
+  options.max_sequences = rows;
+  options.max_context = context;
+  options.sampling_adjustments = planned;
+  cuda::CudaLanguageModel model(ckpt.config, ckpt.weights, options);
+  std::vector<std::unique_ptr<SequenceCache>> sequences;
+  for (int r = 0; r < rows; ++r) sequences.push_back(model.new_sequence());
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> last(row_count);
+  for (int step = 0; step <= kDecodeSteps; ++step) {
+    std::vector<BatchEntry> entries;
+    for (int r = 0; r < rows; ++r)
+      entries.push_back({sequences[size_t(r)].get(),
+                         step == 0 ? std::span<const int32_t>(prompts[size_t(r)]) : std::span(&last[size_t(r)], 1),
+                         &steps[size_t(r)]});
+    std::vector<SampledEntry> sampled;
+    model.forward_batch_and_sample(entries, sampled);
+    EXPECT_EQ(sampled.size(), row_count);
+    for (size_t r = 0; r < sampled.size(); ++r) {
+      EXPECT_TRUE(sampled[r].error.empty()) << sampled[r].error;
+      EXPECT_GE(sampled[r].token, 0);
+      EXPECT_LT(sampled[r].token, vocab);
+      last[r] = std::clamp<int32_t>(sampled[r].token, 0, int32_t(vocab - 1));
+      tokens.push_back(sampled[r].token);
+    }
+  }
+  return tokens;
+}
+
+}  // namespace
+
+// Three sequences each biasing two thirds of the vocabulary: with buffers for all their adjustments
 // (sampling_adjustments 3 × vocab: one launch) and at the smallest size (the vocabulary: a launch per row), the same
 // tokens.
 TEST(BatchedGeneration, SamplingInSeveralLaunchesPicksTheTokensOfOne) {
@@ -192,49 +246,35 @@ TEST(BatchedGeneration, SamplingInSeveralLaunchesPicksTheTokensOfOne) {
   const LoadedCheckpoint ckpt = load_checkpoint((fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string());
   ckpt.require_loadable();
   const int64_t vocab = ckpt.config.vocab_size;
-  constexpr int kRows = 3, kDecodeSteps = 3;
-  std::vector<std::vector<sampling::LogitAdjustment>> adjustments(kRows);
-  std::vector<sampling::SamplingStep> steps(kRows);
-  std::vector<std::vector<int32_t>> prompts(kRows);
-  std::mt19937 rng(77);
-  for (int r = 0; r < kRows; ++r) {
-    for (int32_t t = 0; t < vocab; ++t)
-      if ((t + r) % 3 != 0) adjustments[size_t(r)].push_back({t, float((t * 7 + r) % 11) - 5.0f, 0, 0});
-    steps[size_t(r)].row.temperature = 0.9f;
-    steps[size_t(r)].row.draw = (uint64_t(r + 1) * 0x9E3779B97F4A7C15ull) >> 11;
-    steps[size_t(r)].adjustments = adjustments[size_t(r)];
-    for (int i = 0; i < (r == 0 ? 5 : r == 1 ? 1 : 9); ++i) prompts[size_t(r)].push_back(int32_t(rng() % vocab));
+  EXPECT_EQ(sample_biased_rows(ckpt, 3, 3, 64, 3 * vocab), sample_biased_rows(ckpt, 3, 3, 64, vocab));
+}
+
+// The default sampling buffers (sampling_adjustments 0): sized for a step's rows in the common case, capped at 8
+// vocabularies (DeepSeek's vocabulary: batch 1 one vocabulary, 256 sequences of a long context 8 instead of 256).
+TEST(BatchedGeneration, DefaultSamplingBuffersAreCapped) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t kVocab = 129280;
+  EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 1, 1 << 20), kVocab);
+  EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 8, 8192), kVocab);        // 8 × 9216 below a vocabulary
+  EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 64, 8192), 64 * 9216);    // every row's context + 1024 biases
+  EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 256, 65536), 8 * kVocab);  // the cap
+  EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 256, 1 << 20), 8 * kVocab);
+  EXPECT_EQ(cuda::default_sampling_adjustments(1000, 1, 16), 1000);  // at least a vocabulary
+}
+
+// A step that brings more adjustments than the default buffers hold: 12 rows adjusting the whole vocabulary (12
+// vocabularies; the default at a 4096-token context holds 8: two launches, and at 64 tokens 12 × 1088: a launch per
+// 3 rows) picks the tokens of one launch over buffers for all of them.
+TEST(BatchedGeneration, DefaultSamplingBuffersTakeALargerStepInSeveralLaunches) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const LoadedCheckpoint ckpt = load_checkpoint((fs::path(DSV4_SOURCE_DIR) / "models/tiny-fortunes").string());
+  ckpt.require_loadable();
+  const int64_t vocab = ckpt.config.vocab_size;
+  constexpr int kRows = 12;
+  for (const int64_t context : {int64_t(4096), int64_t(64)}) {
+    SCOPED_TRACE("context " + std::to_string(context));
+    ASSERT_LT(cuda::default_sampling_adjustments(vocab, kRows, context), kRows * vocab);
+    EXPECT_EQ(sample_biased_rows(ckpt, kRows, 0, context, 0),
+              sample_biased_rows(ckpt, kRows, 0, context, kRows * vocab));
   }
-  std::vector<std::vector<int32_t>> picked;
-  for (const int64_t planned : {3 * vocab, vocab}) {
-    SCOPED_TRACE("sampling_adjustments " + std::to_string(planned));
-    cuda::CudaModelOptions options;
-    options.max_sequences = kRows;
-    options.max_context = 64;
-    options.sampling_adjustments = planned;
-    cuda::CudaLanguageModel model(ckpt.config, ckpt.weights, options);
-    std::vector<std::unique_ptr<SequenceCache>> sequences;
-    for (int r = 0; r < kRows; ++r) sequences.push_back(model.new_sequence());
-    std::vector<int32_t> tokens;
-    std::vector<int32_t> last(kRows);
-    for (int step = 0; step <= kDecodeSteps; ++step) {
-      std::vector<BatchEntry> entries;
-      for (int r = 0; r < kRows; ++r)
-        entries.push_back({sequences[size_t(r)].get(),
-                           step == 0 ? std::span<const int32_t>(prompts[size_t(r)]) : std::span(&last[size_t(r)], 1),
-                           &steps[size_t(r)]});
-      std::vector<SampledEntry> sampled;
-      model.forward_batch_and_sample(entries, sampled);
-      ASSERT_EQ(sampled.size(), size_t(kRows));
-      for (int r = 0; r < kRows; ++r) {
-        ASSERT_TRUE(sampled[size_t(r)].error.empty()) << sampled[size_t(r)].error;
-        ASSERT_GE(sampled[size_t(r)].token, 0);
-        ASSERT_LT(sampled[size_t(r)].token, vocab);
-        last[size_t(r)] = sampled[size_t(r)].token;
-        tokens.push_back(sampled[size_t(r)].token);
-      }
-    }
-    picked.push_back(tokens);
-  }
-  EXPECT_EQ(picked[0], picked[1]);
 }

@@ -157,14 +157,18 @@ Comparison compare_rows(const std::vector<float>& want, const std::vector<float>
 // inside mHC's launches, the linear layers' norm prologue and bf16 output), or those with the compressors and the
 // indexer on a branch stream beside the query path (parallel_compressors, parallel_indexer) and the indexer's top-k in
 // its scores launch.
-enum class Launches { Separate, Fused, FusedWithBranch };
-constexpr Launches kEveryLaunches[] = {Launches::Separate, Launches::Fused, Launches::FusedWithBranch};
+// FewestWithBranch: FusedWithBranch with the indexer's query preparation in the compressor pools' launch on the
+// branch (indexer_prepare_in_compressors).
+enum class Launches { Separate, Fused, FusedWithBranch, FewestWithBranch };
+constexpr Launches kEveryLaunches[] = {Launches::Separate, Launches::Fused, Launches::FusedWithBranch,
+                                       Launches::FewestWithBranch};
 
 std::string launch_name(Launches launches) {
   switch (launches) {
     case Launches::Separate: return "separate launches";
     case Launches::Fused: return "fused launches";
     case Launches::FusedWithBranch: return "fused launches with a branch stream";
+    case Launches::FewestWithBranch: return "fewest launches with a branch stream";
   }
   return "?";
 }
@@ -178,9 +182,11 @@ cuda::CudaModelOptions batch_options(Launches launches = Launches::Separate) {
   options.norms_in_mhc = fused;
   options.bf16_wo_a = fused;
   options.q_norm_prologue = fused;
-  options.parallel_compressors = launches == Launches::FusedWithBranch;
-  options.parallel_indexer = launches == Launches::FusedWithBranch;
-  options.indexer_top_k_in_scores = launches == Launches::FusedWithBranch;
+  const bool branch = launches == Launches::FusedWithBranch || launches == Launches::FewestWithBranch;
+  options.parallel_compressors = branch;
+  options.parallel_indexer = branch;
+  options.indexer_top_k_in_scores = branch;
+  options.indexer_prepare_in_compressors = launches == Launches::FewestWithBranch;
   options.fp8_indexer_keys = fused;  // reference numerics only (the default: on)
   options.q_norm_cta_rows = fused;
   options.max_sequences = 4;
@@ -343,7 +349,9 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
   if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
   const ModelFixture f(GetParam());
   const std::vector<Planned> plan = schedule(f.ckpt.config.vocab_size, kSteps, 12);
-  int separate_launches = 0;  // batch 1, without the fused launches
+  int separate_launches = 0, branch_launches = 0;  // batch 1, without the fused launches; FusedWithBranch
+  bool sparse = false;  // a CSA layer
+  for (int i = 0; i < f.ckpt.config.num_layers; ++i) sparse = sparse || f.ckpt.config.has_indexer(i);
   for (const Launches kind : kEveryLaunches) {
     SCOPED_TRACE(launch_name(kind));
     cuda::CudaModel graphs(f.ckpt.config, f.ckpt.weights, batch_options(kind));
@@ -376,6 +384,9 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
       EXPECT_GT(launches, 4 * f.ckpt.config.num_layers);
       if (batch == 1 && kind == Launches::Separate) separate_launches = launches;
       if (batch == 1 && kind != Launches::Separate) EXPECT_LT(launches, separate_launches);
+      if (batch == 1 && kind == Launches::FusedWithBranch) branch_launches = launches;
+      // One launch fewer per CSA layer (the preparation).
+      if (batch == 1 && kind == Launches::FewestWithBranch && sparse) EXPECT_LT(launches, branch_launches);
       // Per layer: every layer launches its attention, FFN and mHC kernels; layers of one kind and routing launch
       // alike (but the last, whose mHC launch opens no next layer); the embedding, the first hc_pre and the head are
       // outside the layers.

@@ -196,7 +196,8 @@ TEST_P(CudaModelMatchesCpu, PrefillChunkedPrefillAndDecodeInBothNumerics) {
 // and q_norm_prologue (the linear layers' fused output and input); and the compressors and indexer on a branch stream
 // (parallel_compressors, parallel_indexer) over separate and over all fused launches; and all fused with the
 // indexer's query preparation in the compressors' launch and the runs loaded at launch
-// (indexer_prepare_in_compressors, compressor_runs_at_launch); the queries' per-head norm in CTA rows
+// (indexer_prepare_in_compressors, compressor_runs_at_launch), on the main stream and on the branch; the queries'
+// per-head norm in CTA rows
 // (q_norm_cta_rows) and the indexer's top-k in its scores launch (indexer_top_k_in_scores) with the branch stream
 // (both off without it): the same bounds against the CPU, prefill and decode.
 TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
@@ -211,7 +212,8 @@ TEST_P(CudaModelMatchesCpu, FusedLaunchesMatchTheCpu) {
   for (const Fusions fused :
        {Fusions{false, false, false}, Fusions{true, false, false}, Fusions{false, true, false},
         Fusions{false, false, true}, Fusions{true, true, true}, Fusions{false, false, false, true},
-        Fusions{true, true, true, true}, Fusions{true, true, true, false, true}}) {
+        Fusions{true, true, true, true}, Fusions{true, true, true, false, true},
+        Fusions{true, true, true, true, true}}) {
     cuda::CudaModelOptions options;
     options.max_context = 256;
     options.max_step_tokens = 96;
@@ -349,15 +351,18 @@ TEST(CudaModel, RefusesAnOptionThatWouldBeIgnored) {
   const ModelFixture f("models/tiny-fortunes");
   cuda::CudaModelOptions options;
   options.max_context = 32;
-  options.indexer_prepare_in_compressors = true;  // the defaults run the compressors on the branch stream
+  options.indexer_prepare_in_compressors = true;
+  options.parallel_indexer = false;  // the compressors on the branch stream, the indexer's queries on the main one
   try {
     cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
-    FAIL() << "indexer_prepare_in_compressors with parallel_compressors was accepted";
+    FAIL() << "indexer_prepare_in_compressors with parallel_compressors but not parallel_indexer was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("indexer_prepare_in_compressors needs"), std::string::npos) << e.what();
   }
   options.parallel_compressors = false;
-  options.parallel_indexer = false;
+  EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
+  options.parallel_compressors = true;
+  options.parallel_indexer = true;
   EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
 }
 

@@ -45,24 +45,27 @@ bool all_single_tokens(std::span<const BatchEntry> entries) {
   return std::all_of(entries.begin(), entries.end(), [](const BatchEntry& e) { return e.ids.size() == 1; });
 }
 
-// Logit adjustments the model's sampling buffers hold unless the options name a count
-// (CudaModelOptions::sampling_adjustments): a row's adjustments are one per distinct token its penalties or
-// logit_bias touch, so every row of a step fits when each sequence's whole context is distinct and it brings up to
-// kPlannedLogitBias biases; at least a vocabulary, so that any one row fits. A step that brings more samples its rows
-// in several launches.
+// A row brings up to this many logit_bias entries in the planned case.
 constexpr int64_t kPlannedLogitBias = 1024;
+// The default buffers hold at most this many rows of a whole vocabulary's adjustments.
+constexpr int64_t kPlannedVocabularyRows = 8;
 
 CudaModelOptions with_sampling_buffers(const ModelConfig& config, CudaModelOptions options) {
   const int64_t vocab = config.vocab_size;
   if (options.sampling_adjustments == 0)
     options.sampling_adjustments =
-        std::max(vocab, options.max_sequences * std::min(vocab, options.max_context + kPlannedLogitBias));
+        default_sampling_adjustments(vocab, options.max_sequences, options.max_context);
   check(options.sampling_adjustments >= vocab, "CUDA model: sampling_adjustments ", options.sampling_adjustments,
         " is below the vocabulary (", vocab, "): a row may adjust every token");
   return options;
 }
 
 }  // namespace
+
+int64_t default_sampling_adjustments(int64_t vocab, int64_t max_sequences, int64_t max_context) {
+  const int64_t per_row = std::min(vocab, max_context + kPlannedLogitBias);
+  return std::max(vocab, std::min(max_sequences * per_row, kPlannedVocabularyRows * vocab));
+}
 
 // The sampling kernel's inputs staged in pinned memory (a launch's RowParams, then its rows' adjustments right after
 // them, so that one copy moves both into the model's sampling buffers) and its results, for up to `rows` rows.

@@ -3,8 +3,8 @@
 // decode step (CudaModel::decode_on_device: a CUDA graph per batch size, replayed); steps with prompt chunks run as
 // one mixed kernel pass (CudaModel::step). Steps can sample on the device (forward_and_sample,
 // forward_batch_and_sample): the logits stay there, one sampling launch over the step's rows reads them (its buffers
-// are the model's, sized in its memory plan: CudaModelOptions::sampling_adjustments, 0 = planned here for every
-// sequence's whole context and 1024 logit biases; at least the vocabulary), and only the chosen tokens are copied back.
+// are the model's, sized in its memory plan: CudaModelOptions::sampling_adjustments, 0 =
+// default_sampling_adjustments; at least the vocabulary), and only the chosen tokens are copied back.
 #pragma once
 
 #include "backends/cuda/cuda_model.hpp"
@@ -13,6 +13,13 @@
 #include <memory>
 
 namespace dsv4::cuda {
+
+// The logit adjustments (one per token a row's penalties or logit_bias touch) the sampling buffers hold when
+// CudaModelOptions::sampling_adjustments is 0: every row of a step whose sequences' whole contexts are distinct tokens
+// and which bring up to 1024 biases each, but at most 8 rows of a whole vocabulary (16 B each: 16.5 MB at
+// DeepSeek's 129,280 tokens, and a pinned host copy as large) and at least one. A step that brings more (long
+// penalised contexts in large batches: rare) samples its rows in several launches.
+int64_t default_sampling_adjustments(int64_t vocab, int64_t max_sequences, int64_t max_context);
 
 class CudaLanguageModel final : public LanguageModel {
  public:

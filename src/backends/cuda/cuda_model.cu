@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cxxabi.h>
 #include <map>
 #include <optional>
 #include <string_view>
@@ -201,8 +202,8 @@ size_t stacked_projection_bytes(const Weights& w, bool indexer_projections, bool
 // The rows of `parts` stacked into one matrix in `pool` (one linear launch for matrices that read the same input),
 // copied on `stream`; an empty matrix when their formats, widths or scale layouts do not line up (FP8_BLOCK128
 // parts other than the last must fill whole 128-row bands, so that their scale bands stack too).
-DeviceMatrix stack_rows(std::initializer_list<const DeviceMatrix*> parts, std::string_view what,
-                        DeviceAllocator& pool, cudaStream_t stream) {
+DeviceMatrix stack_rows(const std::vector<const DeviceMatrix*>& parts, std::string_view what, DeviceAllocator& pool,
+                        cudaStream_t stream) {
   const DeviceMatrixView& first = (*parts.begin())->view();
   int64_t rows = 0;
   size_t data_bytes = 0, scale_bytes = 0, index = 0;
@@ -246,6 +247,27 @@ constexpr int64_t kQNormCtaRowsMaxRows = 1024;
 // Up to this many tokens (decode steps) the stacked [wq_b; indexer wq_b] runs as one launch into a buffer of its
 // own (stack_indexer_projections); longer steps run its parts as row slices, so the buffer stays small.
 constexpr int64_t kStackedQueryMaxTokens = 64;
+
+// A kernel node's function, demangled, without its parameter list ("dsv4::cuda::foo_kernel<2>").
+std::string kernel_node_name(cudaGraphNode_t node) {
+  cudaKernelNodeParams params{};
+  DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &params));
+  const char* mangled = nullptr;
+  DSV4_CUDA_CHECK(cudaFuncGetName(&mangled, params.func));
+  int status = 0;
+  std::unique_ptr<char, decltype(&std::free)> demangled(abi::__cxa_demangle(mangled, nullptr, nullptr, &status),
+                                                         &std::free);
+  std::string name = status == 0 && demangled ? demangled.get() : mangled;
+  if (name.starts_with("void ")) name.erase(0, 5);
+  // The parameter list starts at the first '(' outside template arguments.
+  int depth = 0;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (name[i] == '<') ++depth;
+    if (name[i] == '>') --depth;
+    if (name[i] == '(' && depth == 0) return name.substr(0, i);
+  }
+  return name;
+}
 
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
@@ -382,6 +404,7 @@ struct CudaModel::Impl {
     cudaGraphExec_t exec = nullptr;
     int kernels = 0;
     std::vector<int> layer_kernels;  // per layer
+    int kernels_before_layers = 0;   // the embedding's and the first hc_pre's
   };
 
   // Exactly one of `host` (uploaded here) and `device` (weights already on the device, moved in) is given.
@@ -392,11 +415,12 @@ struct CudaModel::Impl {
           " must be positive");
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
     check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
-    // Refused rather than ignored: the preparation rides only in the paired compressors' launch on the main stream.
+    // Refused rather than ignored: the preparation rides only in the paired compressors' launch, on the stream that
+    // computes the indexer's queries.
     check(!o.indexer_prepare_in_compressors ||
-              (o.fuse_projections && o.fuse_compressor_pools && !o.parallel_compressors),
-          "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, ",
-          "parallel_compressors off");
+              (o.fuse_projections && o.fuse_compressor_pools && (!o.parallel_compressors || o.parallel_indexer)),
+          "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, and ",
+          "parallel_indexer with parallel_compressors (the queries and the pools on one stream)");
     // A row's adjustments_begin is an int32 index into them.
     check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
           o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");
@@ -567,25 +591,9 @@ struct CudaModel::Impl {
       StackedProjections& out = stacked[size_t(i)];
       const std::string name = "layer " + std::to_string(i);
       out.qr_kv = stack_rows({&a.wq_a, &a.wkv}, name + " [wq_a; wkv]", pool, stream);
-      if (a.compressor && a.indexer) {
-        device_weights::Indexer& ix = *a.indexer;
-        if (options.stack_indexer_projections) {
-          out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &ix.compressor.wkv,
-                                        &ix.compressor.wgate, &ix.weights_proj},
-                                       name + " compressors [wkv; wgate] and indexer weights_proj", pool, stream);
-          if (out.compressors.view().rows > 0)
-            out.head_weights_row = out.compressors.view().rows - ix.weights_proj.view().rows;
-          if (stacks_indexer_queries())
-            out.queries = stack_rows({&a.wq_b, &ix.wq_b}, name + " [wq_b; indexer wq_b]", pool, stream);
-        }
-        if (out.compressors.view().rows == 0)
-          out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate, &ix.compressor.wkv,
-                                        &ix.compressor.wgate},
-                                       name + " compressors [wkv; wgate]", pool, stream);
-      } else if (a.compressor) {
-        out.compressors = stack_rows({&a.compressor->wkv, &a.compressor->wgate}, name + " compressor [wkv; wgate]",
-                                     pool, stream);
-      }
+      if (a.compressor) out.compressors = stack_compressors(a, out, name + " compressors");
+      if (a.indexer && stacks_indexer_queries())
+        out.queries = stack_rows({&a.wq_b, &a.indexer->wq_b}, name + " [wq_b; indexer wq_b]", pool, stream);
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));  // the copies have read the parts
       if (out.qr_kv.view().rows > 0) a.wq_a = DeviceMatrix(), a.wkv = DeviceMatrix();
       if (out.compressors.view().rows > 0) {
@@ -595,6 +603,24 @@ struct CudaModel::Impl {
       }
       if (out.queries.view().rows > 0) a.wq_b = DeviceMatrix(), a.indexer->wq_b = DeviceMatrix();
     }
+  }
+
+  // The layer's compressor projections stacked: [wkv; wgate], in a CSA layer then the indexer compressor's and
+  // (stack_indexer_projections, where its format stacks) the indexer's weights_proj, whose first row goes to
+  // out.head_weights_row. An empty matrix where the parts do not stack.
+  DeviceMatrix stack_compressors(const device_weights::Attention& a, StackedProjections& out, const std::string& what) {
+    std::vector<const DeviceMatrix*> parts = {&a.compressor->wkv, &a.compressor->wgate};
+    if (a.indexer) parts.insert(parts.end(), {&a.indexer->compressor.wkv, &a.indexer->compressor.wgate});
+    if (a.indexer && options.stack_indexer_projections) {
+      parts.push_back(&a.indexer->weights_proj);
+      DeviceMatrix with_head_weights = stack_rows(parts, what + " with indexer weights_proj", pool, stream);
+      if (with_head_weights.view().rows > 0) {
+        out.head_weights_row = with_head_weights.view().rows - a.indexer->weights_proj.view().rows;
+        return with_head_weights;
+      }
+      parts.pop_back();
+    }
+    return stack_rows(parts, what, pool, stream);
   }
 
   ~Impl() {
@@ -951,9 +977,13 @@ struct CudaModel::Impl {
     return p;
   }
 
-  // What a CSA layer's indexer reads from its compressors' launches: the head weights, where the indexer's
-  // weights_proj is stacked under the compressors' projections (else null: the indexer runs weights_proj itself).
+  // What a layer's compressor pools read and a CSA layer's indexer reads from its compressors' launches: the stacked
+  // projections (null: separate matrices, which the pools' caller projects itself); the head weights, where the
+  // indexer's weights_proj is stacked under the compressors' projections (else null: the indexer runs weights_proj
+  // itself).
   struct CompressorOutputs {
+    const float* projections = nullptr;  // [main kv | main gate | indexer kv | indexer gate], coff·c each
+    int64_t projection_stride = 0;
     const float* head_weights = nullptr;
     int64_t head_weights_stride = 0;
     bool queries_prepared = false;  // the indexer's query preparation ran in the compressors' launch
@@ -976,30 +1006,35 @@ struct CudaModel::Impl {
     return prepare;
   }
 
-  // The layer's compressors over the step on `lane`: projections (one launch where fuse_projections stacked them)
-  // and pooling, whose epilogue writes the new entries straight into the compressed KV arrays (stored, and in
+  // The layer's stacked compressor projections over the step, one launch on `lane`; none where fuse_projections did
+  // not stack them (the pools' caller then projects each compressor itself).
+  CompressorOutputs compressor_projections(int layer, const StepShape& shape, const Lane& lane) {
+    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
+    CompressorOutputs out;
+    if (stack != nullptr && stack->compressors.view().rows > 0) {
+      out.projection_stride = stack->compressors.view().rows;
+      linear_on(lane, stack->compressors.view(), "layer " + std::to_string(layer) + " compressors", scratch.x_bf16,
+                config.hidden_size, shape.tokens, scratch.compressor_projections, out.projection_stride);
+      out.projections = scratch.compressor_projections;
+      if (stack->head_weights_row >= 0) out.head_weights = out.projections + stack->head_weights_row;
+    }
+    out.head_weights_stride = out.projection_stride;
+    return out;
+  }
+
+  // The layer's compressor pools over the step on `lane`, after compressor_projections (`out`; separate projections
+  // are launched here), whose epilogue writes the new entries straight into the compressed KV arrays (stored, and in
   // reference numerics quantised) and, in a CSA layer, the indexer's keys. With `prepare` (its queries written
-  // already), the indexer's query preparation rides in the pools' launch where the two pools share one.
-  CompressorOutputs compress_layer(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
-                                   const IndexerPrepareParams* prepare = nullptr) {
+  // already), the indexer's query preparation rides in the pools' launch where the two pools share one
+  // (out.queries_prepared).
+  void pool_compressors(int layer, const StepShape& shape, const StepInputs& in, const Lane& lane,
+                        CompressorOutputs& out, const IndexerPrepareParams* prepare = nullptr) {
     const ModelConfig& c = config;
     const device_weights::Attention& w = weights.layers[size_t(layer)].attn;
-    const StackedProjections* stack = stacked.empty() ? nullptr : &stacked[size_t(layer)];
     const int64_t D = c.head_dim, ID = c.indexer.head_dim;
     LayerState& state = layers[size_t(layer)];
-    // The stacked compressors' projections: [main kv | main gate | indexer kv | indexer gate], coff·c each.
-    // With the indexer's weights_proj stacked last, its head weights are a slice of the same launch's rows.
-    CompressorOutputs out;
-    const float* projections = nullptr;
-    int64_t projection_stride = 0;
-    if (stack != nullptr && stack->compressors.view().rows > 0) {
-      projection_stride = stack->compressors.view().rows;
-      linear_on(lane, stack->compressors.view(), "layer " + std::to_string(layer) + " compressors", scratch.x_bf16,
-                c.hidden_size, shape.tokens, scratch.compressor_projections, projection_stride);
-      projections = scratch.compressor_projections;
-      if (stack->head_weights_row >= 0)
-        out.head_weights = projections + stack->head_weights_row, out.head_weights_stride = projection_stride;
-    }
+    const float* projections = out.projections;
+    const int64_t projection_stride = out.projection_stride;
     CompressorParams main = compress(*w.compressor, *state.compressor, layer, D, shape, in, "compressor", lane,
                                      projections, 0, projection_stride);
     main.cache = kv_cache->view(), main.cache_layer = layer;
@@ -1007,7 +1042,7 @@ struct CudaModel::Impl {
     // share the projection buffers, so each pool must run before the next compressor's projections).
     const bool one_pool_launch = options.fuse_compressor_pools && w.indexer && projections != nullptr;
     if (!one_pool_launch) run_compressor(main);
-    if (!w.indexer) return out;
+    if (!w.indexer) return;
     const int64_t coff = 2, keys = max_keys_of(layer);
     CompressorParams index = compress(w.indexer->compressor, *state.indexer, layer, ID, shape, in,
                                       "indexer compressor", lane, projections, 2 * coff * D, projection_stride);
@@ -1032,7 +1067,6 @@ struct CudaModel::Impl {
     } else {
       run_compressor(index);
     }
-    return out;
   }
 
   // A CSA layer's indexer on `lane`, after its compressors (which wrote the keys): the queries `qi` (rows of
@@ -1116,13 +1150,16 @@ struct CudaModel::Impl {
     // stream forked here, beside the query path; the attention waits for the branch (events in a captured step
     // become graph edges). Every kernel waits for its prior grids before reading what they wrote, so a programmatic
     // edge that the capture makes across streams still orders the data.
+    // With indexer_prepare_in_compressors on the branch, the pools wait there for the indexer's queries.
     const bool branch = options.parallel_compressors && w.compressor;
     const bool index_on_branch = branch && options.parallel_indexer && w.indexer;
+    const bool prepare_in_branch_pools = index_on_branch && options.indexer_prepare_in_compressors;
     std::optional<CompressorOutputs> compressors;
     if (branch) {
       DSV4_CUDA_CHECK(cudaEventRecord(branch_forked, stream));
       DSV4_CUDA_CHECK(cudaStreamWaitEvent(branch_stream->get(), branch_forked));
-      compressors = compress_layer(layer, shape, in, branch_lane());
+      compressors = compressor_projections(layer, shape, branch_lane());
+      if (!prepare_in_branch_pools) pool_compressors(layer, shape, in, branch_lane(), *compressors);
     }
 
     // Queries: per-head-normalised wq_b · q_norm(wq_a · x), rotated. The new tokens' K = V vectors go into the window
@@ -1165,6 +1202,10 @@ struct CudaModel::Impl {
       const Lane lane = branch_lane();
       linear_of_normed_qr(lane, w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
                           q_norm_weight, T, s.qi, IH * ID);
+      if (prepare_in_branch_pools) {
+        const IndexerPrepareParams prepare = indexer_prepare(layer, shape, in, lane, s.qi, IH * ID);
+        pool_compressors(layer, shape, in, lane, *compressors, &prepare);
+      }
       index_layer(layer, shape, in, lane, s.qi, IH * ID, *compressors);
     }
     // The query projections: wq_b and, in CSA layers, the indexer's wq_b (the same input) into q and qi; one launch
@@ -1229,7 +1270,8 @@ struct CudaModel::Impl {
         std::optional<IndexerPrepareParams> prepare;
         if (w.indexer && options.indexer_prepare_in_compressors)
           prepare = indexer_prepare(layer, shape, in, main_lane(), qi, qi_row_stride);
-        compressors = compress_layer(layer, shape, in, main_lane(), prepare ? &*prepare : nullptr);
+        compressors = compressor_projections(layer, shape, main_lane());
+        pool_compressors(layer, shape, in, main_lane(), *compressors, prepare ? &*prepare : nullptr);
       }
       if (w.indexer && !index_on_branch) index_layer(layer, shape, in, main_lane(), qi, qi_row_stride, *compressors);
       compressed = compressed_entries(layer);
@@ -1278,9 +1320,9 @@ struct CudaModel::Impl {
   }
 
   // Every launch of a step, from the embedding to the logits of rows [first_logit_row, T); reads the step's inputs
-  // from their fixed device buffers only, so the same launches serve a CUDA graph. While capturing, `layer_nodes`
-  // (if given) receives the nodes each layer added.
-  void enqueue_step(const StepShape& shape, std::vector<int>* layer_nodes = nullptr) {
+  // from their fixed device buffers only, so the same launches serve a CUDA graph. While capturing, `captured` (if
+  // given) receives the nodes each layer added and those before the first layer.
+  void enqueue_step(const StepShape& shape, StepGraph* captured = nullptr) {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
     const StepInputs in(scratch.inputs, StepInputLayout(T, shape.runs));
@@ -1302,7 +1344,8 @@ struct CudaModel::Impl {
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
     hc_pre(weights.layers[0].hc_attn, T, attn_norm_of(0));
-    size_t nodes_before_layer = layer_nodes != nullptr ? captured_nodes() : 0;
+    size_t nodes_before_layer = captured != nullptr ? captured_nodes() : 0;
+    if (captured != nullptr) captured->kernels_before_layers = int(nodes_before_layer);
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       attention(layer, shape, in);
@@ -1316,9 +1359,9 @@ struct CudaModel::Impl {
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
       else
         hc_post(T, 1, nullptr, {});
-      if (layer_nodes != nullptr) {
+      if (captured != nullptr) {
         const size_t nodes = captured_nodes();
-        layer_nodes->push_back(int(nodes - nodes_before_layer));
+        captured->layer_kernels.push_back(int(nodes - nodes_before_layer));
         nodes_before_layer = nodes;
       }
     }
@@ -1359,7 +1402,7 @@ struct CudaModel::Impl {
     // Relaxed: a kernel launcher's first use may set a function attribute, which is not a stream operation.
     DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
     try {
-      enqueue_step(decode_shape(batch), &g.layer_kernels);
+      enqueue_step(decode_shape(batch), &g);
     } catch (...) {
       cudaGraph_t broken = nullptr;
       cudaStreamEndCapture(stream, &broken);
@@ -1769,6 +1812,22 @@ int CudaModel::decode_launches(int batch) {
 std::vector<int> CudaModel::decode_layer_launches(int batch) {
   decode_launches(batch);
   return impl_->graphs.at(batch).layer_kernels;
+}
+
+std::vector<std::vector<std::string>> CudaModel::decode_layer_kernel_names(int batch) {
+  decode_launches(batch);
+  const Impl::StepGraph& g = impl_->graphs.at(batch);
+  size_t count = 0;
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &count));
+  std::vector<cudaGraphNode_t> nodes(count);
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &count));
+  std::vector<std::vector<std::string>> names;
+  size_t at = size_t(g.kernels_before_layers);
+  for (const int kernels : g.layer_kernels) {
+    std::vector<std::string>& layer = names.emplace_back();
+    for (int k = 0; k < kernels && at < nodes.size(); ++k) layer.push_back(kernel_node_name(nodes[at++]));
+  }
+  return names;
 }
 
 }  // namespace dsv4::cuda

@@ -90,9 +90,10 @@ struct CudaModelOptions {
   // fp32 sums run on the fp8 tensor-core path. No effect in exact numerics. Off: bf16 keys, twice the bytes (the
   // scores' speed is the same: H200, 64K keys 5.8 vs 6.2 µs, 1M 25.3 vs 24.3, bench/NOTES.md session 14).
   bool fp8_indexer_keys = true;
-  // A CSA layer's indexer query preparation in its compressors' launch (run_compressors with the prepare), where the
-  // queries are ready when the compressors run (not with parallel_compressors) and the pools share one launch: one
-  // launch fewer per CSA layer, the same bits.
+  // A CSA layer's indexer query preparation in its compressors' pools' launch (run_compressors with the prepare),
+  // where the pools share one launch: one launch fewer per CSA layer, the same bits. The pools then run after the
+  // indexer's queries: on the main stream after the query projections, or with parallel_compressors (which then
+  // needs parallel_indexer) on the branch after the indexer's wq_b.
   bool indexer_prepare_in_compressors = false;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
@@ -173,6 +174,8 @@ class CudaModel {
   // The same per layer: [num_layers] counts of the launches from a layer's first attention kernel to the mHC launch
   // that closes its FFN (the rest of decode_launches is outside the layers: embedding, first hc_pre, head).
   std::vector<int> decode_layer_launches(int batch);
+  // The same launches' kernels, per layer in capture order (both streams'), demangled without their parameters.
+  std::vector<std::vector<std::string>> decode_layer_kernel_names(int batch);
 
  private:
   struct Impl;
