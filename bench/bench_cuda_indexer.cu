@@ -4,8 +4,7 @@
 //   64 queries of one sequence; floor = max(bytes / copy bandwidth, flops / cuBLAS bf16 GEMM rate); baseline = the
 //   dots alone as one cuBLAS bf16 GEMM (keys × q^T → fp32 [keys, heads·T]); keys rotate over copies beyond the L2.
 //   The fp8 variant (e4m3 keys + fp32 scale, e4m3 mma.sync) against the same-run bf16 kernel, its compute floor at
-//   twice the bf16 rate; raw queries (the preparation folded into the score kernel) against indexer_prepare +
-//   scores, in both formats on both kernels; and the scores + top-k in one launch (run_indexer_scores_top_k:
+//   twice the bf16 rate; and the scores + top-k in one launch (run_indexer_scores_top_k:
 //   TopKKernel, and LastCta where key_count ≤ 2048) against the two. The warpgroup-MMA kernels
 //   (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of that format.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
@@ -19,8 +18,8 @@
 // previous call's end, as in the step. The cuBLAS/CUB baselines are timed the same way.
 // - the decode chain at batch 1 (contexts 64 = the e2e bench's 16-key bound, 4K, 64K, 1M, and 16 keys visible in
 //   the 4K grid) and batch 8 (4K, 64K): indexer_prepare, scores and top-k alone, and the ways of running them (three
-//   launches; prepare + fused scores/top-k; raw-q scores + top-k; raw-q fused; with ≤ 2048 keys prepare + LastCta
-//   and raw-q LastCta, one launch), both formats, the scores with the default kernel choice
+//   launches; prepare + fused scores/top-k; with ≤ 2048 keys prepare + LastCta), both formats, the scores with the
+//   default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
 // Usage: bench_cuda_indexer [--json PATH] [--decode | --short]: --decode runs the decode chains' cases only, --short
 // those up to a 4K context.
@@ -218,10 +217,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
 
   int rotation = 0;
-  // fp8: fp8 keys and queries; raw: the queries' preparation inside the score kernel; kernel: mma.sync (Warp) unless
-  // told (the decode chain runs the model's default, Auto).
-  auto scores_params = [&](cudaStream_t on, bool fp8 = false, bool raw = false,
-                           IndexerScoresKernel kernel = IndexerScoresKernel::Warp) {
+  // fp8: fp8 keys and queries; kernel: mma.sync (Warp) unless told (the decode chain runs the model's default, Auto).
+  auto scores_params = [&](cudaStream_t on, bool fp8 = false, IndexerScoresKernel kernel = IndexerScoresKernel::Warp) {
     IndexerScoresParams p{.head_weights = weights.as<float>(),
                           .key_count = keys,
                           .positions = d_positions.as<int64_t>(),
@@ -240,10 +237,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     } else {
       p.keys = key_copies[size_t(copy)].as<__nv_bfloat16>();
     }
-    if (raw) {
-      p.q_raw = q_raw.as<float>(), p.rope_frequencies = d_frequencies.as<float>(), p.rope_dim = kHeadDim / 2;
-      p.reference_rounding = reference_q;
-    } else if (fp8) {
+    if (fp8) {
       p.q_fp8 = q_fp8.as<uint8_t>(), p.q_scales = q_scales.as<float>();
     } else {
       p.q = q.as<__nv_bfloat16>();
@@ -279,29 +273,13 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   for (const bool fp8 : {false, true}) {
     const double us =
         graph_us(stream, 20, [&](cudaStream_t on) {
-          run_indexer_scores(scores_params(on, fp8, false, IndexerScoresKernel::Warpgroup));
+          run_indexer_scores(scores_params(on, fp8, IndexerScoresKernel::Warpgroup));
         });
     rows.push_back({fp8 ? "indexer scores fp8, warpgroup MMA" : "indexer scores, warpgroup MMA", shape, us,
                     fp8 ? fp8_floor_us : score_floor_us, fp8 ? fp8_us : score_us,
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
                     "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
   }
-  // The query preparation folded into the score kernel (raw q) against the two launches it replaces, on the
-  // mma.sync and the warpgroup kernels.
-  for (const bool fp8 : {false, true})
-    for (const IndexerScoresKernel kernel : {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup}) {
-      const double two_launch_us = graph_us(stream, 20, [&](cudaStream_t on) {
-        prepare_q(on, fp8);
-        run_indexer_scores(scores_params(on, fp8, false, kernel));
-      });
-      const double raw_us =
-          graph_us(stream, 20, [&](cudaStream_t on) { run_indexer_scores(scores_params(on, fp8, true, kernel)); });
-      const bool warpgroup = kernel == IndexerScoresKernel::Warpgroup;
-      rows.push_back({warpgroup ? "indexer scores, raw q, warpgroup MMA" : "indexer scores, raw q",
-                      shape + (fp8 ? ", fp8" : ", bf16"), raw_us, fp8 ? fp8_floor_us : score_floor_us, two_launch_us,
-                      0.0, score_flops, "prepare folded in; baseline: indexer_prepare + scores (two launches)"});
-    }
-
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");
   workspace.fill_bytes(0);
@@ -371,7 +349,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     });
     const auto fused_params = [&](cudaStream_t on, IndexerTopKMethod method) {
       IndexerScoresParams p = scores_params(
-          on, fp8, false, method == IndexerTopKMethod::LastCta ? IndexerScoresKernel::Auto : IndexerScoresKernel::Warp);
+          on, fp8, method == IndexerTopKMethod::LastCta ? IndexerScoresKernel::Auto : IndexerScoresKernel::Warp);
       p.top_k_method = method;
       return p;
     };
@@ -383,7 +361,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     "floor: the scores'; baseline: scores + top-k, two launches (mma.sync scores)"});
     if (keys > kIndexerLastCtaMaxKeys) continue;
     const double auto_two_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_indexer_scores(scores_params(on, fp8, false, IndexerScoresKernel::Auto));
+      run_indexer_scores(scores_params(on, fp8, IndexerScoresKernel::Auto));
       run_top_k(top_k_params(on, 0));
     });
     const double last_cta_us = graph_us(stream, 20, [&](cudaStream_t on) {
@@ -394,9 +372,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     "floor: the scores'; baseline: scores + top-k, two launches (default kernel choice)"});
   }
   // The decode step's chain at batch 1, every way the model can run it (in both formats): the pieces alone, then
-  // indexer_prepare + scores + top-k (three launches, the model's default), prepare + the fused scores + top-k (two),
-  // raw queries into the scores then top-k (two: CudaModelOptions::indexer_prepare_in_scores), raw queries into the
-  // fused kernel (one). Baseline: the three launches.
+  // indexer_prepare + scores + top-k (three launches), prepare + the fused scores + top-k (two), prepare + the
+  // scores with the top-k in their last CTA (two: the model's default at ≤ 2048 keys). Baseline: the three launches.
   // At the shortest context also with 16 keys visible in its grid (a 64-token sequence, as the e2e bench decodes).
   const std::vector<int64_t> e2e_position{16 * kRatio};
   const DeviceBuffer d_e2e_position = to_device(e2e_position, "e2e position");
@@ -407,9 +384,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       if (e2e_like) p.positions = d_e2e_position.as<int64_t>();
       return p;
     };
-    const auto scores_params_at = [&](cudaStream_t on, bool fp8, bool raw = false,
+    const auto scores_params_at = [&](cudaStream_t on, bool fp8,
                                       IndexerTopKMethod method = IndexerTopKMethod::Auto) {
-      IndexerScoresParams p = positions(scores_params(on, fp8, raw, IndexerScoresKernel::Auto));
+      IndexerScoresParams p = positions(scores_params(on, fp8, IndexerScoresKernel::Auto));
       p.top_k_method = method;
       if (method == IndexerTopKMethod::TopKKernel) p.kernel = IndexerScoresKernel::Warp;
       return p;
@@ -434,51 +411,36 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                 "one piece (prepared q)");
       chain_row("top-k alone", graph_us(stream, 20, [&](cudaStream_t on) { run_top_k(top_k_params_at(on)); }),
                 "one piece");
-      chain_row("prepare + scores + top-k", three_us, "3 launches (the model's default)");
+      chain_row("prepare + scores + top-k", three_us, "3 launches");
       chain_row("prepare + fused scores/top-k (TopKKernel)", graph_us(stream, 20, [&](cudaStream_t on) {
                   prepare_q(on, fp8);
-                  run_indexer_scores_top_k(scores_params_at(on, fp8, false, IndexerTopKMethod::TopKKernel),
+                  run_indexer_scores_top_k(scores_params_at(on, fp8, IndexerTopKMethod::TopKKernel),
                                            top_k_params_at(on));
                 }),
                 "2 launches");
-      chain_row("raw-q scores + top-k", graph_us(stream, 20, [&](cudaStream_t on) {
-                  run_indexer_scores(scores_params_at(on, fp8, true));
-                  run_top_k(top_k_params_at(on));
-                }),
-                "2 launches (indexer_prepare_in_scores)");
-      chain_row("raw-q fused scores/top-k (TopKKernel)", graph_us(stream, 20, [&](cudaStream_t on) {
-                  run_indexer_scores_top_k(scores_params_at(on, fp8, true, IndexerTopKMethod::TopKKernel),
-                                           top_k_params_at(on));
-                }),
-                "1 launch");
       if (keys <= kIndexerLastCtaMaxKeys) {
         chain_row("prepare + scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
                     prepare_q(on, fp8);
-                    run_indexer_scores_top_k(scores_params_at(on, fp8, false, IndexerTopKMethod::LastCta),
+                    run_indexer_scores_top_k(scores_params_at(on, fp8, IndexerTopKMethod::LastCta),
                                              top_k_params_at(on));
                   }),
-                  "2 launches (top_k_method LastCta)");
-        chain_row("raw-q scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
-                    run_indexer_scores_top_k(scores_params_at(on, fp8, true, IndexerTopKMethod::LastCta),
-                                             top_k_params_at(on));
-                  }),
-                  "1 launch (indexer_prepare_in_scores + top_k_method LastCta)");
+                  "2 launches (top_k_method LastCta: the model's default)");
       }
     }
     if (e2e_like) print_top_k_trace(shape + ", 16 keys visible", top_k_params_at(stream));
   }
   // Exact numerics (the e2e bench's mode: bf16 keys, queries RoPE'd and rounded to bf16 only) at batch 1: the three
-  // launches against the top-k in the scores launch, with prepared and with raw queries.
+  // launches against the top-k in the scores launch.
   if (tokens == 1 && keys <= kIndexerLastCtaMaxKeys) {
     reference_q = false;
-    const auto last_cta = [&](cudaStream_t on, bool raw) {
-      IndexerScoresParams p = scores_params(on, false, raw, IndexerScoresKernel::Auto);
+    const auto last_cta = [&](cudaStream_t on) {
+      IndexerScoresParams p = scores_params(on, false, IndexerScoresKernel::Auto);
       p.top_k_method = IndexerTopKMethod::LastCta;
       run_indexer_scores_top_k(p, top_k_params(on, 0));
     };
     const double three_us = graph_us(stream, 20, [&](cudaStream_t on) {
       prepare_q(on, false);
-      run_indexer_scores(scores_params(on, false, false, IndexerScoresKernel::Auto));
+      run_indexer_scores(scores_params(on, false, IndexerScoresKernel::Auto));
       run_top_k(top_k_params(on, 0));
     });
     const auto exact_row = [&](const std::string& variant, double us, const std::string& note) {
@@ -489,11 +451,9 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     exact_row("prepare + scores + top-k", three_us, "3 launches");
     exact_row("prepare + scores with the top-k in the last CTA", graph_us(stream, 20, [&](cudaStream_t on) {
                 prepare_q(on, false);
-                last_cta(on, false);
+                last_cta(on);
               }),
               "2 launches");
-    exact_row("raw-q scores with the top-k in the last CTA",
-              graph_us(stream, 20, [&](cudaStream_t on) { last_cta(on, true); }), "1 launch");
     reference_q = true;
   }
   // Diagnostics at batch 1: the split capped at fewer CTAs (1 = one CTA, no barrier), and short contexts in a grid

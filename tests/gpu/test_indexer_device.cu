@@ -1,7 +1,7 @@
 // The lightning indexer on the GPU against the CPU ops: run_indexer_prepare vs RoPE + round_indexer_reference (bit
 // for bit; its fp8 output vs the reference's fp8 block rounding, lossless on fp4-rounded vectors),
-// run_indexer_scores with bf16 and fp8 keys, prepared and raw queries, vs cpu::indexer_scores on the same operands
-// (visibility, −inf, summation-order tolerance; raw and prepared queries bit for bit alike), fp8 scores' top-k vs the
+// run_indexer_scores with bf16 and fp8 keys vs cpu::indexer_scores on the same operands (visibility, −inf,
+// summation-order tolerance; the automatic kernel choice bit for bit the kernel it picks), fp8 scores' top-k vs the
 // CPU's (differences only among near-ties), the fused scores + top-k vs the two launches (identical), and run_top_k vs
 // cpu::select_top_k (exact indices and order) on distinct, tied, concentrated, signed-zero and infinite scores and
 // NaNs (ranked below every number, the flag raised), fewer visible than k, k = 0, 1024 and 2048, 262,144 candidates,
@@ -232,20 +232,16 @@ const char* kernel_name(IndexerScoresKernel k) {
   return k == IndexerScoresKernel::Warp ? "Warp" : k == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "Auto";
 }
 
-// The device operands of a score launch: the raw queries and their RoPE frequencies, the queries run_indexer_prepare
-// made of them (bf16, or fp8 codes and scales) and the keys (bf16, or fp8 codes and per-key scales).
+// The device operands of a score launch: the queries run_indexer_prepare made (bf16, or fp8 codes and scales) and the
+// keys (bf16, or fp8 codes and per-key scales).
 struct ScoreOperands {
-  const DeviceBuffer &q_raw, &frequencies, &q, &q_scales, &keys, &key_scales;
+  const DeviceBuffer &q, &q_scales, &keys, &key_scales;
 };
 
-// Points p at its queries, raw (the score kernel prepares them as run_indexer_prepare did: rope_dim, `reference`
-// rounding) or prepared, and at its keys in the tested format (fp8: the scales slot_rows apart, as the keys).
-void set_score_operands(IndexerScoresParams& p, const ScoreOperands& d, bool fp8, bool raw, bool reference,
-                        int64_t rope_dim, int64_t slot_rows) {
-  if (raw) {
-    p.q_raw = d.q_raw.as<float>(), p.rope_frequencies = d.frequencies.as<float>(), p.rope_dim = rope_dim;
-    p.reference_rounding = reference;
-  } else if (fp8) {
+// Points p at its prepared queries and at its keys in the tested format (fp8: the scales slot_rows apart, as the
+// keys).
+void set_score_operands(IndexerScoresParams& p, const ScoreOperands& d, bool fp8, int64_t slot_rows) {
+  if (fp8) {
     p.q_fp8 = d.q.as<uint8_t>(), p.q_scales = d.q_scales.as<float>();
   } else {
     p.q = d.q.as<__nv_bfloat16>();
@@ -261,7 +257,8 @@ struct ScoresCase {
   int64_t tokens, heads, head_dim, key_count, ratio;
   bool reference;     // q and keys fp4-rounded (bf16 holds them exactly) vs plain bf16-rounded
   int sequences = 1;  // > 1: queries of different sequences (slots) in one launch, each with its own keys
-  bool strided = false;  // token rows of the raw q and the head weights padded (NaN in the gaps), as in stacked outputs
+  bool strided = false;  // token rows of the unprepared q and the head weights padded (NaN in the gaps), as in stacked
+                         // outputs
 };
 
 // Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: the operands are the CPU's, so only the fp32 summation order differs. For fp8
@@ -282,13 +279,12 @@ struct ScoresRun {
   int64_t stride = 0;
 };
 
-// Scores of `format` keys for random queries, two ways: queries prepared by run_indexer_prepare (RoPE on the last
-// half of head_dim, the rounding, bf16 or fp8) and raw queries prepared by the score kernel itself. Both must match
-// the CPU's scores of the prepared operands (every element, visibility, −inf) and each other bit for bit. Where the
-// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) on the
-// prepared and the raw queries too: the CPU's scores within the same tolerance (its tensor-core summation order is
-// its own), raw bit for bit prepared; and IndexerScoresKernel::Auto, bit for bit the kernel it should pick
-// (Warpgroup there for fp8 keys, and for bf16 keys from 2^20 (query, key) pairs of one sequence, else Warp).
+// Scores of `format` keys for random queries prepared by run_indexer_prepare (RoPE on the last half of head_dim, the
+// rounding, bf16 or fp8): the CPU's scores of the prepared operands (every element, visibility, −inf). Where the
+// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) too: the
+// CPU's scores within the same tolerance (its tensor-core summation order is its own); and IndexerScoresKernel::Auto,
+// bit for bit the kernel it should pick (Warpgroup there for fp8 keys, and for bf16 keys from 2^20 (query, key)
+// pairs of one sequence, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -407,17 +403,14 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
   const bool auto_warpgroup =
       warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
-  // Variants 4 and 5: raw q on the warpgroup kernel and with the automatic choice.
-  for (const int variant : {0, 1, 2, 3, 4, 5}) {
-    const bool raw = variant == 1 || variant >= 4, warpgroup = variant == 2 || variant == 4,
-               automatic = variant == 3 || variant == 5;
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 2: the automatic choice.
+  for (const int variant : {0, 1, 2}) {
+    const bool warpgroup = variant == 1, automatic = variant == 2;
     if (warpgroup && !warpgroup_shape) continue;
-    const std::string name = std::string(raw ? "raw q" : "prepared q") +
-                             (warpgroup ? ", warpgroup MMA" : automatic ? ", auto" : "");
+    const std::string name = warpgroup ? "warpgroup MMA" : automatic ? "auto" : "mma.sync";
     SCOPED_TRACE(name);
     d_scores.fill_bytes(0xFF);
-    IndexerScoresParams p{.q_raw_row_stride = c.strided ? q_stride : 0,
-                          .head_weights = d_w.as<float>(),
+    IndexerScoresParams p{.head_weights = d_w.as<float>(),
                           .head_weights_row_stride = c.strided ? w_stride : 0,
                           .key_count = c.key_count,
                           .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
@@ -429,8 +422,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .ratio = c.ratio,
                           .scores = d_scores.as<float>(),
                           .score_stride = stride};
-    set_score_operands(p, {d_q_raw, d_freq, d_q, d_q_scales, d_keys, d_key_scales}, fp8, raw, c.reference, rope_dim,
-                       slot_rows);
+    set_score_operands(p, {d_q, d_q_scales, d_keys, d_key_scales}, fp8, slot_rows);
     p.kernel = warpgroup   ? IndexerScoresKernel::Warpgroup
                : automatic ? IndexerScoresKernel::Auto
                            : IndexerScoresKernel::Warp;
@@ -479,18 +471,17 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     if (variant == 0) {
       prepared_scores = got;
       run.scores = got;
-    } else if (variant == 2) {
+    } else if (variant == 1) {
       warpgroup_scores = got;
     } else {
-      // Raw q: the bits of the same kernel on prepared q; Auto: those of the kernel it must have picked.
-      const bool on_warpgroup = warpgroup || (automatic && auto_warpgroup);
-      const std::vector<float>& same = on_warpgroup ? warpgroup_scores : prepared_scores;
+      // Auto: the bits of the kernel it must have picked.
+      const std::vector<float>& same = auto_warpgroup ? warpgroup_scores : prepared_scores;
       int mismatches = 0;
       for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
         if (float_bits(got[i]) != float_bits(same[i])) {
           ++mismatches;
           ADD_FAILURE() << name << " score " << i << " = " << got[i] << " differs from " << same[i]
-                        << (on_warpgroup ? " (warpgroup MMA, prepared q)" : " (mma.sync, prepared q)");
+                        << (auto_warpgroup ? " (warpgroup MMA)" : " (mma.sync)");
         }
     }
   }
@@ -617,13 +608,12 @@ TEST(IndexerScores, Fp8TopKAgreesWithCpuUpToNearTies) {
 
 // run_indexer_scores_top_k against run_indexer_scores then run_top_k on the same score kernel: the same scores bits,
 // so the same selection (indices, order, counts, NaN flag) and the same scores written (LastCta: all of them;
-// TopKKernel: where a CTA's range exceeds its cache). Both key formats, raw and prepared queries, every method and
+// TopKKernel: where a CTA's range exceeds its cache). Both key formats, every method and
 // score kernel, one and many CTAs per query, short contexts, sequence slots; 262,144 keys at batch 1 (TopKKernel).
 struct FusedCase {
   int64_t tokens, heads, head_dim, key_count;
   int k;
   int sequences = 1;
-  bool raw = true;
   int max_ctas_per_query = 0;
   IndexerTopKMethod method = IndexerTopKMethod::TopKKernel;
   IndexerScoresKernel kernel = IndexerScoresKernel::Warp;
@@ -634,7 +624,7 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("fused T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
                std::to_string(c.head_dim) + " keys=" + std::to_string(c.key_count) + " k=" + std::to_string(c.k) +
-               (fp8 ? " fp8" : " bf16") + (c.raw ? " raw q" : " prepared q") + " sequences=" +
+               (fp8 ? " fp8" : " bf16") + " sequences=" +
                std::to_string(c.sequences) + " ctas cap=" + std::to_string(c.max_ctas_per_query) + " method " +
                method_name(c.method) + " kernel " + kernel_name(c.kernel) + (c.nan_weight ? " NaN weight" : ""));
   constexpr int64_t kRatio = 4;
@@ -695,8 +685,7 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
                         .head_dim = c.head_dim,
                         .ratio = kRatio,
                         .score_stride = c.key_count + 5};
-  set_score_operands(p, {d_q_raw, d_freq, d_q, d_q_scales, d_keys, d_key_scales}, fp8, c.raw, true, rope_dim,
-                     slot_rows);
+  set_score_operands(p, {d_q, d_q_scales, d_keys, d_key_scales}, fp8, slot_rows);
   const size_t score_count = size_t(c.tokens * p.score_stride);
   const size_t k_alloc = size_t(std::max(c.k, 1));
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(int(c.tokens)), 16), "top-k workspace");
@@ -774,9 +763,8 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
       ADD_FAILURE() << "fused score " << i << " = " << got.scores[i] << ", want " << want.scores[i];
     }
   }
-  std::printf("fused scores + top-%d T=%lld keys=%lld %s %s %s %s: %d scores written\n", c.k, (long long)c.tokens,
-              (long long)c.key_count, fp8 ? "fp8" : "bf16", c.raw ? "raw q" : "prepared q", method_name(c.method),
-              kernel_name(c.kernel), written);
+  std::printf("fused scores + top-%d T=%lld keys=%lld %s %s %s: %d scores written\n", c.k, (long long)c.tokens,
+              (long long)c.key_count, fp8 ? "fp8" : "bf16", method_name(c.method), kernel_name(c.kernel), written);
   if (c.method != IndexerTopKMethod::TopKKernel) {
     // The scores launch's own writes: every score bit of the two-launch run.
     int unwritten = 0;
@@ -795,9 +783,8 @@ TEST(IndexerScoresTopK, FusedEqualsScoresThenTopK) {
   uint32_t seed = 1500;
   for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
     check_fused_scores_top_k({1, 64, 128, 262144, 512}, format, seed++);           // V4-Flash at 1M, batch 1
-    check_fused_scores_top_k({1, 64, 128, 262144, 512, 1, false}, format, seed++);  // prepared queries
     check_fused_scores_top_k({4, 64, 128, 70000, 1024, 4}, format, seed++);        // slots, V4-Pro's k
-    check_fused_scores_top_k({2, 64, 128, 40000, 512, 1, true, 1}, format, seed++);  // one CTA: streamed range
+    check_fused_scores_top_k({2, 64, 128, 40000, 512, 1, 1}, format, seed++);      // one CTA: streamed range
     check_fused_scores_top_k({64, 64, 128, 40000, 512, 64}, format, seed++);       // batch 64: streamed ranges
     check_fused_scores_top_k({3, 64, 128, 300, 512}, format, seed++);              // fewer visible than k
     check_fused_scores_top_k({70, 16, 64, 3000, 512, 70}, format, seed++);         // one CTA per query
@@ -813,30 +800,29 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
   uint32_t seed = 1700;
   for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8})
     for (const IndexerScoresKernel kernel :
-         {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup, IndexerScoresKernel::Auto})
-      for (const bool raw : {true, false}) {
-        // V4-Flash decode at a 4K-token context bound: 1024 keys over several CTAs (tickets), ties of fp4 keys.
-        check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
-        // The e2e bench's bound (a 66-token context): 16 keys, one CTA, fewer visible than k.
-        check_fused_scores_top_k({1, 64, 128, 16, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
-        // The most keys, and a batch of 8 of one sequence (two query groups of 4) or of 8 sequences.
-        check_fused_scores_top_k({1, 64, 128, 2048, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
-        check_fused_scores_top_k({8, 64, 128, 700, 512, 1, raw, 0, LastCta, kernel}, format, seed++);
-        check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, raw, 0, LastCta, kernel}, format, seed++);
-        // NaN scores: the flag, NaN ranked below every number; V4-Pro's k.
-        check_fused_scores_top_k({2, 64, 128, 900, 1024, 1, raw, 0, LastCta, kernel, true}, format, seed++);
-      }
+         {IndexerScoresKernel::Warp, IndexerScoresKernel::Warpgroup, IndexerScoresKernel::Auto}) {
+      // V4-Flash decode at a 4K-token context bound: 1024 keys over several CTAs (tickets), ties of fp4 keys.
+      check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kernel}, format, seed++);
+      // The e2e bench's bound (a 66-token context): 16 keys, one CTA, fewer visible than k.
+      check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kernel}, format, seed++);
+      // The most keys, and a batch of 8 of one sequence (two query groups of 4) or of 8 sequences.
+      check_fused_scores_top_k({1, 64, 128, 2048, 512, 1, 0, LastCta, kernel}, format, seed++);
+      check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kernel}, format, seed++);
+      check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kernel}, format, seed++);
+      // NaN scores: the flag, NaN ranked below every number; V4-Pro's k.
+      check_fused_scores_top_k({2, 64, 128, 900, 1024, 1, 0, LastCta, kernel, true}, format, seed++);
+    }
   for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
     // Mma.sync-only shapes: head_dim 32/64, few heads; k = 0; a prefill-sized batch over one CTA per group.
-    check_fused_scores_top_k({5, 12, 32, 300, 64, 2, true, 0, LastCta}, format, seed++);
-    check_fused_scores_top_k({3, 8, 64, 129, 100, 1, false, 0, LastCta}, format, seed++);
-    check_fused_scores_top_k({2, 64, 128, 500, 0, 1, true, 0, LastCta}, format, seed++);
-    check_fused_scores_top_k({200, 16, 64, 40, 512, 1, true, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({5, 12, 32, 300, 64, 2, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({3, 8, 64, 129, 100, 1, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({2, 64, 128, 500, 0, 1, 0, LastCta}, format, seed++);
+    check_fused_scores_top_k({200, 16, 64, 40, 512, 1, 0, LastCta}, format, seed++);
     // Auto: LastCta here, two launches past kIndexerLastCtaMaxKeys or with several queries per CTA.
-    check_fused_scores_top_k({1, 64, 128, 1000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
-    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
-    check_fused_scores_top_k({8, 64, 128, 700, 512, 8, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
-    check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, true, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({1, 64, 128, 1000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 8, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+    check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
 }
 
@@ -866,12 +852,10 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   p.q_scales = buffer.as<float>();
   testing::expect_error([&] { run_indexer_scores(p); }, "key_scales");
   p = base;
-  p.q = buffer.as<__nv_bfloat16>(), p.q_raw = buffer.as<float>(), p.keys = buffer.as<__nv_bfloat16>();
-  testing::expect_error([&] { run_indexer_scores(p); }, "exactly one of q, q_fp8 and q_raw");
+  p.q = buffer.as<__nv_bfloat16>(), p.q_fp8 = buffer.as<uint8_t>(), p.keys = buffer.as<__nv_bfloat16>();
+  testing::expect_error([&] { run_indexer_scores(p); }, "exactly one of q and q_fp8");
   p = base;
-  p.q_raw = buffer.as<float>(), p.keys = buffer.as<__nv_bfloat16>(), p.q_raw_row_stride = 100;
-  testing::expect_error([&] { run_indexer_scores(p); }, "q_raw_row_stride 100");
-  p.q_raw_row_stride = 0, p.head_weights_row_stride = 3;
+  p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.head_weights_row_stride = 3;
   testing::expect_error([&] { run_indexer_scores(p); }, "head_weights_row_stride 3");
   // The warpgroup kernels: head_dim 128, at most 64 heads, prepared queries; not in the fused scores + top-k.
   p = base;

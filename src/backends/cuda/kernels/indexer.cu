@@ -19,7 +19,7 @@ constexpr int kMaxQueriesPerCta = 4;
 // The kernels' shared-memory limits: the largest layout any launch asks for (the top-k's sort buffer included).
 constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
 constexpr size_t kWgmmaSmemBytes =
-    indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, indexer::kWgmmaHeadDim / 2, true).bytes;
+    indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -104,21 +104,12 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
-int rope_pairs_in_prologue(const IndexerScoresParams& p) {
-  return p.q_raw != nullptr && p.rope_frequencies != nullptr ? int(p.rope_dim / 2) : 0;
-}
-
 // The kernels' view of the parameters (strides resolved).
 indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_cta) {
   return indexer::ScoresArgs{
       .q = p.q,
       .q_fp8 = p.q_fp8,
       .q_scales = p.q_scales,
-      .q_raw = p.q_raw,
-      .q_raw_row_stride = p.q_raw_row_stride > 0 ? p.q_raw_row_stride : p.heads * p.head_dim,
-      .rope_frequencies = p.rope_frequencies,
-      .rope_dim = int(p.rope_dim),
-      .reference_rounding = p.reference_rounding,
       .head_weights = p.head_weights,
       .head_weights_row_stride = p.head_weights_row_stride > 0 ? p.head_weights_row_stride : p.heads,
       .keys = p.keys,
@@ -156,8 +147,8 @@ dim3 scores_grid(const indexer::ScoresArgs& args, int64_t keys_per_cta, int quer
 }
 
 template <int kHeadDim, bool kSelect>
-void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, dim3 grid, cudaStream_t stream) {
-  size_t smem = indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8, rope_pairs).bytes;
+void launch_scores(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
+  size_t smem = indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8).bytes;
   if (kSelect) smem = indexer::selection_offset(smem) + indexer::kSelectionSmemBytes;
   if (fp8)
     launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
@@ -169,8 +160,8 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, di
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 template <bool kSelect>
-void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int rope_pairs, dim3 grid, cudaStream_t stream) {
-  const size_t smem = indexer::wgmma_smem_layout(args.queries_per_cta, fp8, rope_pairs, kSelect).bytes;
+void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
+  const size_t smem = indexer::wgmma_smem_layout(args.queries_per_cta, fp8, kSelect).bytes;
   if (fp8)
     launch_chained(indexer::indexer_scores_wgmma_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
                    stream, args, "indexer_scores_wgmma_kernel (fp8)");
@@ -182,7 +173,6 @@ void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, int rope_pai
 // How a checked run_indexer_scores call runs: the kernel, its query groups and its grid.
 struct ScoresPlan {
   bool warpgroup = false;
-  int rope_pairs = 0;
   int queries_per_cta = 1;
   int query_groups = 0;
   dim3 grid;
@@ -191,9 +181,8 @@ struct ScoresPlan {
 ScoresPlan plan_scores(const IndexerScoresParams& p) {
   ScoresPlan plan;
   const bool fp8 = fp8_keys(p);
-  plan.rope_pairs = rope_pairs_in_prologue(p);
   plan.warpgroup = uses_warpgroup_kernel(p);
-  const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8, plan.rope_pairs).bytes;
+  const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8).bytes;
   // Queries of one CTA share its key loads: only those of one sequence.
   const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
   plan.queries_per_cta = int(std::min<int64_t>(
@@ -212,17 +201,17 @@ void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const 
   const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
   if (plan.warpgroup) {
     if (select)
-      launch_scores_wgmma<true>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+      launch_scores_wgmma<true>(args, fp8, plan.grid, p.stream);
     else
-      launch_scores_wgmma<false>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+      launch_scores_wgmma<false>(args, fp8, plan.grid, p.stream);
     return;
   }
   const auto launch = [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     if (select)
-      launch_scores<kHeadDim, true>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+      launch_scores<kHeadDim, true>(args, fp8, plan.grid, p.stream);
     else
-      launch_scores<kHeadDim, false>(args, fp8, plan.rope_pairs, plan.grid, p.stream);
+      launch_scores<kHeadDim, false>(args, fp8, plan.grid, p.stream);
   };
   switch (p.head_dim) {
     case 32: launch(std::integral_constant<int, 32>{}); break;
@@ -283,32 +272,25 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   check(p.key_count < (int64_t(1) << 31), "indexer_scores: key_count ", p.key_count, " exceeds int32 indices");
   check(p.score_stride >= p.key_count, "indexer_scores: score_stride ", p.score_stride, " < key_count ", p.key_count);
   check((p.keys != nullptr) + (p.keys_fp8 != nullptr) <= 1, "indexer_scores: give keys (bf16) or keys_fp8, not both");
-  check((p.q != nullptr) + (p.q_fp8 != nullptr) + (p.q_raw != nullptr) <= 1,
-        "indexer_scores: give exactly one of q, q_fp8 and q_raw");
+  check((p.q != nullptr) + (p.q_fp8 != nullptr) <= 1, "indexer_scores: give exactly one of q and q_fp8");
   if (fp8_keys(p)) {
-    check(p.q == nullptr, "indexer_scores: fp8 keys need fp8 queries (q_fp8 + q_scales, or q_raw), not bf16 q");
+    check(p.q == nullptr, "indexer_scores: fp8 keys need fp8 queries (q_fp8 + q_scales), not bf16 q");
   } else {
     check(p.q_fp8 == nullptr, "indexer_scores: fp8 queries (q_fp8) need fp8 keys (keys_fp8 + key_scales)");
   }
-  check(p.q_raw_row_stride == 0 || p.q_raw_row_stride >= p.heads * p.head_dim, "indexer_scores: q_raw_row_stride ",
-        p.q_raw_row_stride, " < heads · head_dim = ", p.heads * p.head_dim);
   check(p.head_weights_row_stride == 0 || p.head_weights_row_stride >= p.heads,
         "indexer_scores: head_weights_row_stride ", p.head_weights_row_stride, " < heads ", p.heads);
-  if (p.q_raw != nullptr && p.rope_frequencies != nullptr)
-    check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_scores: rope_dim ", p.rope_dim,
-          " must be even and within head_dim ", p.head_dim);
   check(p.kernel != IndexerScoresKernel::Warpgroup || warpgroup_shape(p),
         "indexer_scores: the Warpgroup kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim,
         ") and at most ", indexer::kWgmmaHeads, " heads (got ", p.heads, ")");
   if (p.tokens == 0 || p.key_count == 0) return;
-  check(p.q != nullptr || p.q_fp8 != nullptr || p.q_raw != nullptr, "indexer_scores: no queries (q, q_fp8 or q_raw)");
+  check(p.q != nullptr || p.q_fp8 != nullptr, "indexer_scores: no queries (q or q_fp8)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
   check(p.head_weights != nullptr && p.positions != nullptr && p.scores != nullptr,
         "indexer_scores: head_weights, positions and scores are required");
   check(p.q == nullptr || aligned(p.q, 16), "indexer_scores: q must be 16-byte aligned");
   check(p.q_fp8 == nullptr || (aligned(p.q_fp8, 8) && p.q_scales != nullptr),
         "indexer_scores: q_fp8 must be 8-byte aligned and come with q_scales");
-  check(p.q_raw == nullptr || aligned(p.q_raw, 4), "indexer_scores: q_raw must be 4-byte aligned");
   if (fp8_keys(p)) {
     check(p.key_count < (int64_t(1) << 30), "indexer_scores: fp8 key_count ", p.key_count,
           " exceeds the kernel's 32-bit key arithmetic (2^30)");
@@ -327,8 +309,7 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
           "indexer_scores: keys_slot_stride ", p.keys_slot_stride, " must hold key_count ", p.key_count, " keys of ",
           p.head_dim, " and keep 16-byte alignment");
   }
-  check(indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8_keys(p), rope_pairs_in_prologue(p)).bytes <=
-            kScoresSmemBudget,
+  check(indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8_keys(p)).bytes <= kScoresSmemBudget,
         "indexer_scores: heads ", p.heads, " × head_dim ", p.head_dim, " does not fit shared memory");
 }
 
@@ -342,9 +323,8 @@ void run_indexer_scores(const IndexerScoresParams& p) {
 namespace {
 
 template <int kHeadDim, bool kFp8>
-void launch_scores_top_k(const indexer::ScoresArgs& scores, int rope_pairs, topk::TopKArgs top, int queries,
-                         cudaStream_t stream) {
-  const topk::TopKLaunch<FusedSource<kHeadDim, kFp8>> launch{top, {scores, rope_pairs}};
+void launch_scores_top_k(const indexer::ScoresArgs& scores, topk::TopKArgs top, int queries, cudaStream_t stream) {
+  const topk::TopKLaunch<FusedSource<kHeadDim, kFp8>> launch{top, {scores}};
   if (top.ctas_per_query == 1)
     launch_chained(topk::top_k_kernel<false, FusedSource<kHeadDim, kFp8>>, dim3(unsigned(queries)),
                    dim3(topk::kThreads), topk::kSmemBytes, stream, launch, "indexer_scores_top_k (one CTA per query)");
@@ -403,8 +383,7 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
   check(s.key_count < (int64_t(1) << 30), "indexer_scores_top_k: key_count ", s.key_count,
         " exceeds the 32-bit key arithmetic (2^30)");
   const bool fp8 = fp8_keys(s);
-  const int rope_pairs = rope_pairs_in_prologue(s);
-  check(indexer::scores_smem_layout(1, int(s.heads), int(s.head_dim), fp8, rope_pairs).bytes <=
+  check(indexer::scores_smem_layout(1, int(s.heads), int(s.head_dim), fp8).bytes <=
             topk::kListCapacity * sizeof(uint64_t),
         "indexer_scores_top_k: heads ", s.heads, " × head_dim ", s.head_dim, (fp8 ? " fp8" : " bf16"),
         " query operands exceed the top-k's sort buffer");
@@ -414,9 +393,9 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
   const indexer::ScoresArgs args = scores_args(s, 1);
   const auto launch = [&](auto head_dim) {
     if (fp8)
-      launch_scores_top_k<decltype(head_dim)::value, true>(args, rope_pairs, top_args, top.queries, s.stream);
+      launch_scores_top_k<decltype(head_dim)::value, true>(args, top_args, top.queries, s.stream);
     else
-      launch_scores_top_k<decltype(head_dim)::value, false>(args, rope_pairs, top_args, top.queries, s.stream);
+      launch_scores_top_k<decltype(head_dim)::value, false>(args, top_args, top.queries, s.stream);
   };
   switch (s.head_dim) {
     case 32: launch(std::integral_constant<int, 32>{}); break;

@@ -18,11 +18,6 @@
 //   in flight (the bf16 kernel's 128 bytes per lane; two 32-key tiles would spill); the per-key and per-head scales
 //   are powers of two and positive, so they come out of the ReLU: the head's scale joins its weight, the key's scale
 //   multiplies the finished sum.
-// - Raw queries (q_raw): every CTA prepares its queries' operands in its prologue (the work of indexer_prepare,
-//   64 vectors per query, L2-resident), while its first key tile is already in flight; this replaces a launch. A
-//   warp prepares 8 rows (the warpgroup kernel 4) stage by stage together, so their shuffle chains overlap; still
-//   every CTA repeats all 64 rows' instructions (reference numerics ≈ 100 per value), which is what the raw-q kernels'
-//   extra time is (H100, T = 1: +7.5 µs bf16, +13-15 µs fp8), against a 2.7-3.7 µs prepare launch.
 // - Top-k in the launch (kSelect, IndexerTopKMethod::LastCta, ≤ 2048 keys): the CTA that takes a query group's last
 //   ticket reads the group's finished score rows back through L2 and sorts them (select_top_k_in_last_cta); the
 //   ticket lives in the top-k's zeroed workspace and is zeroed again by that CTA.
@@ -61,123 +56,79 @@ inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 inline constexpr int kFp4Block = 32;  // values per ue8m0 scale of the indexer's fp4 rounding
 
-// The warp helpers below work on kRows vectors at once, stage by stage across the rows: each stage's shuffles of
-// different rows are independent, so a warp preparing several vectors waits one chain of shuffle latencies instead
-// of one per vector. Every element sees the same operations in the same order as with one row (the same bits).
-
-// Lane l holds x[kPerLane·l, kPerLane·(l+1)) of each of kRows 32·kPerLane vectors. x ← H x / √n in Sylvester order,
-// with the butterflies in the CPU's stage order (distance 1, 2, 4, ...), so the fp32 results are the CPU's bit for
-// bit.
-template <int kRows, int kPerLane>
-__device__ __forceinline__ void warp_hadamard_rows(float (&v)[kRows][kPerLane], int lane) {
+// Lane l holds x[kPerLane·l, kPerLane·(l+1)) of a 32·kPerLane vector. x ← H x / √n in Sylvester order, with the
+// butterflies in the CPU's stage order (distance 1, 2, 4, ...), so the fp32 results are the CPU's bit for bit.
+template <int kPerLane>
+__device__ __forceinline__ void warp_hadamard(float (&v)[kPerLane], int lane) {
 #pragma unroll
   for (int h = 1; h < kPerLane; h *= 2) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        if ((i & h) == 0) {
-          const float a = v[r][i], b = v[r][i + h];
-          v[r][i] = a + b;
-          v[r][i + h] = a - b;
-        }
+    for (int i = 0; i < kPerLane; ++i) {
+      if ((i & h) == 0) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a + b;
+        v[i + h] = a - b;
       }
+    }
   }
 #pragma unroll
   for (int m = 1; m < 32; m *= 2) {
     const bool upper = (lane & m) != 0;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        const float partner = __shfl_xor_sync(kFullMask, v[r][i], m);
-        v[r][i] = upper ? partner - v[r][i] : v[r][i] + partner;
-      }
+    for (int i = 0; i < kPerLane; ++i) {
+      const float partner = __shfl_xor_sync(kFullMask, v[i], m);
+      v[i] = upper ? partner - v[i] : v[i] + partner;
+    }
   }
   const float norm = 1.0f / sqrtf(static_cast<float>(32 * kPerLane));
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) v[r][i] *= norm;
+  for (int i = 0; i < kPerLane; ++i) v[i] *= norm;
 }
 
-// round_indexer_reference on warp-held vectors: Hadamard, bf16, then fp4 e2m1 with a ue8m0 scale per 32 values.
-template <int kRows, int kPerLane>
-__device__ __forceinline__ void warp_round_indexer_reference_rows(float (&v)[kRows][kPerLane], int lane) {
-  warp_hadamard_rows<kRows, kPerLane>(v, lane);
-  float amax[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    amax[r] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      v[r][i] = round_to_bf16(v[r][i]);
-      amax[r] = fmaxf(amax[r], fabsf(v[r][i]));
-    }
-  }
-#pragma unroll
-  for (int m = 1; m < kFp4Block / kPerLane; m *= 2)
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) amax[r] = fmaxf(amax[r], __shfl_xor_sync(kFullMask, amax[r], m));
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
-    // scale is a power of two ≥ 2^-126: its reciprocal is exact, and x · (1/scale) is x / scale's correctly rounded
-    // value (the same bits) without a division per value.
-    const float inverse = 1.0f / scale;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      v[r][i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[r][i] * inverse)) * scale);
-  }
-}
-
+// round_indexer_reference on a warp-held vector: Hadamard, bf16, then fp4 e2m1 with a ue8m0 scale per 32 values.
 template <int kPerLane>
 __device__ __forceinline__ void warp_round_indexer_reference(float (&v)[kPerLane], int lane) {
-  warp_round_indexer_reference_rows<1, kPerLane>(reinterpret_cast<float(&)[1][kPerLane]>(v), lane);
-}
-
-// The fp8 operands of warp-held vectors: their bf16-rounded values (the bf16 operand, unchanged in reference
-// numerics) quantised with one power-of-two scale per vector by DeepSeek's fp8 block rule
-// s = 2^ceil(log2(max(amax, 1e-4) / 448)), code = e4m3(x / s). Fp4-rounded vectors (reference numerics) are then held
-// exactly unless their 32-blocks' scales span more than 2^14. scales[r] = s of row r; codes[r][i] its lane's value i.
-template <int kRows, int kPerLane>
-__device__ __forceinline__ void warp_quantize_fp8_rows(const float (&v)[kRows][kPerLane],
-                                                       uint8_t (&codes)[kRows][kPerLane], float (&scales)[kRows]) {
-  float rounded[kRows][kPerLane];
-  float amax[kRows];
+  warp_hadamard<kPerLane>(v, lane);
+  float amax = 0.0f;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    amax[r] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      rounded[r][i] = round_to_bf16(v[r][i]);
-      amax[r] = fmaxf(amax[r], fabsf(rounded[r][i]));
-    }
+  for (int i = 0; i < kPerLane; ++i) {
+    v[i] = round_to_bf16(v[i]);
+    amax = fmaxf(amax, fabsf(v[i]));
   }
 #pragma unroll
-  for (int m = 1; m < 32; m *= 2)
+  for (int m = 1; m < kFp4Block / kPerLane; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
+  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
+  // scale is a power of two ≥ 2^-126: its reciprocal is exact, and x · (1/scale) is x / scale's correctly rounded
+  // value (the same bits) without a division per value.
+  const float inverse = 1.0f / scale;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) amax[r] = fmaxf(amax[r], __shfl_xor_sync(kFullMask, amax[r], m));
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    scales[r] = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax[r], 1e-4f) * (1.0f / kE4m3Max)));
-    const float inverse = 1.0f / scales[r];  // a power of two ≥ 2^-22: exact, as x · inverse = x / scale
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) codes[r][i] = float_to_e4m3(rounded[r][i] * inverse);
-  }
+  for (int i = 0; i < kPerLane; ++i) v[i] = round_to_bf16(e2m1_to_float(float_to_e2m1(v[i] * inverse)) * scale);
 }
 
+// The fp8 operand of a warp-held vector: its bf16-rounded values (the bf16 operand, unchanged in reference numerics)
+// quantised with one power-of-two scale by DeepSeek's fp8 block rule s = 2^ceil(log2(max(amax, 1e-4) / 448)),
+// code = e4m3(x / s). Fp4-rounded vectors (reference numerics) are then held exactly unless their 32-blocks' scales
+// span more than 2^14. Returns s; codes[i] is the lane's value i.
 template <int kPerLane>
 __device__ __forceinline__ float warp_quantize_fp8(const float (&v)[kPerLane], uint8_t (&codes)[kPerLane]) {
-  float scale[1];
-  warp_quantize_fp8_rows<1, kPerLane>(reinterpret_cast<const float(&)[1][kPerLane]>(v),
-                                      reinterpret_cast<uint8_t(&)[1][kPerLane]>(codes), scale);
-  return scale[0];
+  float rounded[kPerLane];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    rounded[i] = round_to_bf16(v[i]);
+    amax = fmaxf(amax, fabsf(rounded[i]));
+  }
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
+  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+  const float inverse = 1.0f / scale;  // a power of two ≥ 2^-22: exact, as x · inverse = x / scale
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) codes[i] = float_to_e4m3(rounded[i] * inverse);
+  return scale;
 }
 
 // RoPE on the last rope_dim dims of a warp-held vector (lane l holds dims kPerLane·l ..), pairs (2j, 2j+1), with the
-// factors of pair j from factors(j) (computed per element, or cached per query by the fused score prologue: the same
-// values either way).
+// factors of pair j from factors(j).
 template <int kPerLane, class Factors>
 __device__ __forceinline__ void warp_apply_rope(float (&v)[kPerLane], int lane, int head_dim, int rope_dim,
                                                 Factors&& factors) {
@@ -275,11 +226,6 @@ struct ScoresArgs {
   const __nv_bfloat16* q;     // prepared bf16 queries, or
   const uint8_t* q_fp8;       // prepared fp8 queries with q_scales, or
   const float* q_scales;
-  const float* q_raw;         // fp32 queries, prepared in the prologue (RoPE, rounding, bf16 or fp8)
-  int64_t q_raw_row_stride;
-  const float* rope_frequencies;
-  int rope_dim;
-  bool reference_rounding;
   const float* head_weights;
   int64_t head_weights_row_stride;
   const __nv_bfloat16* keys;  // bf16 keys (indexer_scores_kernel), or
@@ -310,7 +256,6 @@ inline constexpr int kScoreWarps = 8;
 // a few CTAs per query group, and take a CTA's whole register file instead (128 registers spilled there).
 inline constexpr int kScoreCtasPerSm = 2;
 inline constexpr int kKeysPerWarpTile = 16;  // one m16 tile
-inline constexpr int kPrologueRowBatch = 8;  // raw query rows a warp loads before preparing them (one L2 round trip)
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                uint32_t b0, uint32_t b1) {
@@ -335,20 +280,19 @@ __device__ __forceinline__ void mma_e4m3_16832(float (&c)[4], uint32_t a0, uint3
 // Heads padded to whole n-tiles of 8 (the padding heads have zero q and zero weight).
 __host__ __device__ inline int padded_heads(int heads) { return (heads + 7) / 8 * 8; }
 
-// Shared memory per CTA: query fragments (bf16: 2 bytes per dim, fp8: 1), the scaled head weights, each query's
-// visible key count, and with raw queries each query's RoPE factors (float2 per pair).
+// Shared memory per CTA: query fragments (bf16: 2 bytes per dim, fp8: 1), the scaled head weights and each query's
+// visible key count.
 struct ScoresSmemLayout {
-  size_t weights_offset, visible_offset, rope_offset, bytes;
+  size_t weights_offset, visible_offset, bytes;
 };
 
-__host__ __device__ inline ScoresSmemLayout scores_smem_layout(int queries_per_cta, int heads, int head_dim, bool fp8,
-                                                               int rope_pairs) {
+__host__ __device__ inline ScoresSmemLayout scores_smem_layout(int queries_per_cta, int heads, int head_dim,
+                                                               bool fp8) {
   const size_t padded = size_t(padded_heads(heads)), queries = size_t(queries_per_cta);
   ScoresSmemLayout layout{};
   layout.weights_offset = queries * padded * size_t(head_dim) * (fp8 ? 1 : 2);
   layout.visible_offset = layout.weights_offset + queries * padded * 4;
-  layout.rope_offset = layout.visible_offset + queries * 8;
-  layout.bytes = layout.rope_offset + queries * size_t(rope_pairs) * 8;
+  layout.bytes = layout.visible_offset + queries * 8;
   return layout;
 }
 
@@ -392,129 +336,35 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
   }
 }
 
-// Raw queries prepared in a score kernel's prologue exactly as indexer_prepare_kernel does (RoPE, rounding, bf16 or
-// fp8): `rows_per_query` rows per query (heads padded; rows past args.heads get a zero operand and zero weight), one
-// warp per row, kRowBatch rows of a warp loaded together (one L2 round trip) and prepared stage by stage across the
-// batch (one shuffle chain for all of them). store(query, head, lane, bytes) puts a lane's operand bytes (kPerLane
-// dims, bf16 little-endian pairs or e4m3 codes) where the kernel reads them; weights[query · rows_per_query + head]
-// gets the scaled head weight (fp8: times the row's scale). rope_cache: the queries' RoPE factors (a float2 per
-// pair), filled here. Ends with a __syncthreads-free store phase: the caller synchronises.
-template <int kHeadDim, bool kFp8, int kRowBatch, class Store>
-__device__ __forceinline__ void prepare_raw_query_rows(const ScoresArgs& args, int64_t first_query, int queries,
-                                                       int rows_per_query, float* weights, float2* rope_cache,
-                                                       Store&& store) {
-  constexpr int kPerLane = kHeadDim / 32;
-  constexpr int kBytes = kPerLane * (kFp8 ? 1 : 2);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  // Every query's RoPE factors once (shared by its heads).
-  const int rope_pairs = args.rope_frequencies != nullptr ? args.rope_dim / 2 : 0;
-  for (int e = threadIdx.x; e < queries * rope_pairs; e += blockDim.x) {
-    const RopeFactors f =
-        rope_factors(args.positions[first_query + e / rope_pairs], args.rope_frequencies[e % rope_pairs]);
-    rope_cache[e] = make_float2(f.cos_theta, f.sin_theta);
-  }
-  __syncthreads();
-  const int rows = queries * rows_per_query;
-  for (int base = warp; base < rows; base += warps * kRowBatch) {
-    float v[kRowBatch][kPerLane];
-#pragma unroll
-    for (int b = 0; b < kRowBatch; ++b) {
-      const int row = base + b * warps;
-      const int query = row / rows_per_query, head = row % rows_per_query;
-      const bool real = row < rows && head < args.heads;
-      const float* in =
-          args.q_raw + (first_query + query) * args.q_raw_row_stride + int64_t(head) * kHeadDim + kPerLane * lane;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) v[b][i] = real ? in[i] : 0.0f;
-    }
-    if (rope_pairs > 0) {
-#pragma unroll
-      for (int b = 0; b < kRowBatch; ++b) {
-        const int row = base + b * warps;
-        const float2* factors = rope_cache + min(row, rows - 1) / rows_per_query * rope_pairs;
-        warp_apply_rope<kPerLane>(v[b], lane, kHeadDim, args.rope_dim, [&](int pair) {
-          const float2 f = factors[pair];
-          return RopeFactors{f.x, f.y};
-        });
-      }
-    }
-    if (args.reference_rounding) warp_round_indexer_reference_rows<kRowBatch, kPerLane>(v, lane);
-    uint8_t bytes[kRowBatch][kBytes];
-    float scales[kRowBatch];
-    if constexpr (kFp8) {
-      warp_quantize_fp8_rows<kRowBatch, kPerLane>(v, bytes, scales);
-    } else {
-#pragma unroll
-      for (int b = 0; b < kRowBatch; ++b) {
-        scales[b] = 1.0f;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const uint16_t bits = float_to_bf16(v[b][i]);
-          bytes[b][2 * i] = uint8_t(bits & 0xFF);
-          bytes[b][2 * i + 1] = uint8_t(bits >> 8);
-        }
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kRowBatch; ++b) {
-      const int row = base + b * warps;
-      if (row >= rows) continue;  // warp-uniform
-      const int query = row / rows_per_query, head = row % rows_per_query;
-      const bool real = head < args.heads;
-      if (!real) {
-#pragma unroll
-        for (int i = 0; i < kBytes; ++i) bytes[b][i] = 0;
-      }
-      store(query, head, lane, bytes[b]);
-      if (lane == 0)
-        weights[row] = real ? args.head_weights[(first_query + query) * args.head_weights_row_stride + head] *
-                                  args.weight_scale * scales[b]
-                            : 0.0f;
-    }
-  }
-}
-
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
-// head's q scale). Prepared operands are copied; raw fp32 queries are prepared here (prepare_raw_query_rows), so the
-// separate launch disappears.
-template <int kHeadDim, bool kFp8, int kRowBatch = kPrologueRowBatch>
+// head's q scale). 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair at
+// query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
+template <int kHeadDim, bool kFp8>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                    unsigned char* q_frag, float* weights, float2* rope_cache) {
+                                                    unsigned char* q_frag, float* weights) {
   const int heads = padded_heads(args.heads), n_tiles = heads / 8;
-  if (args.q_raw == nullptr) {
-    // Prepared operands: 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair
-    // at query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
-    using Chunk = std::conditional_t<kFp8, uint2, uint4>;
-    constexpr int kChunks = kHeadDim / 8;
-    const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
-    constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
-    for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
-      const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
-      Chunk value{};
-      if (head < args.heads)
-        value = *reinterpret_cast<const Chunk*>(
-            source + (((first_query + query) * args.heads + head) * kHeadDim + 8 * chunk) * kElementBytes);
-      *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
-          value;
-    }
-    for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
-      const int query = e / heads, head = e % heads;
-      float weight = 0.0f;
-      if (head < args.heads) {
-        weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
-        if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
-      }
-      weights[e] = weight;
-    }
-    return;
+  using Chunk = std::conditional_t<kFp8, uint2, uint4>;
+  constexpr int kChunks = kHeadDim / 8;
+  const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
+  constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
+  for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
+    const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
+    Chunk value{};
+    if (head < args.heads)
+      value = *reinterpret_cast<const Chunk*>(
+          source + (((first_query + query) * args.heads + head) * kHeadDim + 8 * chunk) * kElementBytes);
+    *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
+        value;
   }
-  constexpr int kPerLane = kHeadDim / 32;
-  prepare_raw_query_rows<kHeadDim, kFp8, kRowBatch>(
-      args, first_query, queries, heads, weights, rope_cache,
-      [&](int query, int head, int lane, const uint8_t(&bytes)[kPerLane * (kFp8 ? 1 : 2)]) {
-        store_fragment_bytes(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, kPerLane * lane),
-                             bytes);
-      });
+  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
+    const int query = e / heads, head = e % heads;
+    float weight = 0.0f;
+    if (head < args.heads) {
+      weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
+      if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
+    }
+    weights[e] = weight;
+  }
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
@@ -640,8 +490,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
   const int group_size = args.queries_per_cta;
-  const ScoresSmemLayout layout = scores_smem_layout(
-      group_size, args.heads, kHeadDim, false, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0);
+  const ScoresSmemLayout layout = scores_smem_layout(group_size, args.heads, kHeadDim, false);
   const uint4* q_frag = reinterpret_cast<const uint4*>(smem_raw);
   float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
@@ -656,8 +505,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
   load_key_tile<kDimPairs>(a, keys, tile * kKeysPerWarpTile, args.key_count, group, quad);
 
-  load_query_operands<kHeadDim, false>(args, first_query, queries, smem_raw, weights,
-                                       reinterpret_cast<float2*>(smem_raw + layout.rope_offset));
+  load_query_operands<kHeadDim, false>(args, first_query, queries, smem_raw, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -765,8 +613,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
   const int group_size = args.queries_per_cta;
-  const ScoresSmemLayout layout = scores_smem_layout(
-      group_size, args.heads, kHeadDim, true, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0);
+  const ScoresSmemLayout layout = scores_smem_layout(group_size, args.heads, kHeadDim, true);
   const uint2* q_frag = reinterpret_cast<const uint2*>(smem_raw);
   float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
@@ -786,8 +633,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   load_fp8_key_tile<kHeadDim>(current, keys, key_scales, tile * kKeysPerWarpTile, key_count, group, quad);
   load_fp8_key_tile<kHeadDim>(ahead, keys, key_scales, (tile + step) * kKeysPerWarpTile, key_count, group, quad);
 
-  load_query_operands<kHeadDim, true>(args, first_query, queries, smem_raw, weights,
-                                      reinterpret_cast<float2*>(smem_raw + layout.rope_offset));
+  load_query_operands<kHeadDim, true>(args, first_query, queries, smem_raw, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -830,21 +676,19 @@ inline constexpr int kWgmmaWarpgroups = kScoreWarps / 4;
 
 // Shared memory per CTA (from a 1024-byte aligned base): each query's B tile (bf16: two 8 KB swizzle tiles for dims
 // 0-63 and 64-127 in fragment order; fp8: one 8 KB tile), then the scaled head weights [query][64], the visible key
-// counts, with raw queries their RoPE factors (a float2 per pair), and with the top-k in the launch its sort buffer.
-// bytes: the allocation, the alignment's slack included.
+// counts, and with the top-k in the launch its sort buffer. bytes: the allocation, the alignment's slack included.
 struct WgmmaSmemLayout {
-  size_t weights_offset, visible_offset, rope_offset, selection_offset, bytes;
+  size_t weights_offset, visible_offset, selection_offset, bytes;
 };
 
 __host__ __device__ constexpr size_t wgmma_query_tile_bytes(bool fp8) {
   return size_t(kWgmmaHeads) * kWgmmaHeadDim * (fp8 ? 1 : 2);
 }
-__host__ __device__ constexpr WgmmaSmemLayout wgmma_smem_layout(int queries, bool fp8, int rope_pairs, bool select) {
+__host__ __device__ constexpr WgmmaSmemLayout wgmma_smem_layout(int queries, bool fp8, bool select) {
   WgmmaSmemLayout layout{};
   layout.weights_offset = size_t(queries) * wgmma_query_tile_bytes(fp8);
   layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
-  layout.rope_offset = layout.visible_offset + size_t(queries) * 8;
-  layout.selection_offset = selection_offset(layout.rope_offset + size_t(queries) * size_t(rope_pairs) * 8);
+  layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
   layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
   return layout;
 }
@@ -941,29 +785,10 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
 // args.heads zero), and the scaled head weights (fp8: times each head's q scale).
 template <bool kFp8>
 __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                          unsigned char* tiles, float* weights, float2* rope_cache) {
+                                                          unsigned char* tiles, float* weights) {
   // 4-byte units: two bf16 dims or four fp8 dims, adjacent in the tile.
   constexpr int kDimsPerUnit = kFp8 ? 4 : 2;
   constexpr int kUnits = kWgmmaHeadDim / kDimsPerUnit;
-  if (args.q_raw != nullptr) {
-    // Raw queries prepared here: a lane's 4 dims (4 · lane ..) are one fp8 unit or two bf16 units.
-    constexpr int kPerLane = kWgmmaHeadDim / 32;
-    // 4 rows per warp at a time: the key tiles in flight leave no registers for 8 (they spilled).
-    prepare_raw_query_rows<kWgmmaHeadDim, kFp8, 4>(
-        args, first_query, queries, kWgmmaHeads, weights, rope_cache,
-        [&](int query, int head, int lane, const uint8_t(&bytes)[kPerLane * (kFp8 ? 1 : 2)]) {
-          unsigned char* tile = tiles + query * wgmma_query_tile_bytes(kFp8);
-#pragma unroll
-          for (int u = 0; u < kPerLane / kDimsPerUnit; ++u) {
-            const uint32_t value = uint32_t(bytes[4 * u]) | uint32_t(bytes[4 * u + 1]) << 8 |
-                                   uint32_t(bytes[4 * u + 2]) << 16 | uint32_t(bytes[4 * u + 3]) << 24;
-            *reinterpret_cast<uint32_t*>(tile + wgmma_query_offset<kFp8>(head, kPerLane * lane + kDimsPerUnit * u)) =
-                value;
-          }
-        });
-    sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
-    return;
-  }
   const uint32_t* source = kFp8 ? reinterpret_cast<const uint32_t*>(args.q_fp8)
                                 : reinterpret_cast<const uint32_t*>(args.q);
   for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
@@ -994,8 +819,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   const int group_size = args.queries_per_cta;
-  const WgmmaSmemLayout layout = wgmma_smem_layout(
-      group_size, kFp8, args.q_raw != nullptr && args.rope_frequencies ? args.rope_dim / 2 : 0, kSelect);
+  const WgmmaSmemLayout layout = wgmma_smem_layout(group_size, kFp8, kSelect);
   unsigned char* query_tiles = smem;
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
@@ -1020,8 +844,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   if constexpr (kFp8)
     load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, key_count,
                               group, quad);
-  load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights,
-                                  reinterpret_cast<float2*>(smem + layout.rope_offset));
+  load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -1077,15 +900,12 @@ template <int kHeadDim, bool kFp8>
 struct ComputedScores {
   static constexpr int kMinCtasPerSm = 1;  // the score loop's registers: 512 threads × up to 128
   ScoresArgs scores;                       // queries_per_cta 1
-  int rope_pairs;                          // RoPE pairs prepared in the prologue (raw queries), else 0
 
   __device__ __forceinline__ void fill(const float* /*row*/, int64_t query, int64_t begin, int64_t n, bool cached,
                                        uint32_t* cache, unsigned char* scratch) const {
-    const ScoresSmemLayout layout = scores_smem_layout(1, scores.heads, kHeadDim, kFp8, rope_pairs);
+    const ScoresSmemLayout layout = scores_smem_layout(1, scores.heads, kHeadDim, kFp8);
     float* weights = reinterpret_cast<float*>(scratch + layout.weights_offset);
-    // 16 warps: 4 rows each cover a query's 64 heads in one batch (8 would spill here).
-    load_query_operands<kHeadDim, kFp8, 4>(scores, query, 1, scratch, weights,
-                                           reinterpret_cast<float2*>(scratch + layout.rope_offset));
+    load_query_operands<kHeadDim, kFp8>(scores, query, 1, scratch, weights);
     __syncthreads();
     const int n_tiles = padded_heads(scores.heads) / 8;
     const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;

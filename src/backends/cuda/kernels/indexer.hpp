@@ -13,10 +13,7 @@
 // - run_indexer_scores: scores[t, j] = Σ_h (w[t,h] · head_dim^-0.5 · heads^-0.5) · ReLU(q[t,h] · K[j]) for the keys a
 //   query at positions[t] sees (j < visible_t = min(key_count, (positions[t] + 1) div ratio)), fp32 accumulation.
 //   Keys bf16 (mma.sync m16n8k16) or fp8 + a scale per key (mma.sync m16n8k32 e4m3: half the bytes; the scales are
-//   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare, or raw (fp32 before
-//   RoPE and rounding): the kernel then prepares them itself exactly as run_indexer_prepare would (same bits), every
-//   CTA all of its queries' rows, which saves that launch but not time where the preparation is long (H100, T = 1,
-//   reference numerics: +7.5 µs bf16, +13-15 µs fp8 against prepared q; the prepare launch is 2.7-3.7 µs).
+//   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare.
 //   heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left unwritten (the top-k reads
 //   only the visible ones), so key_count may be a bound (the keys buffer's capacity) and the work follows the
 //   positions.
@@ -76,15 +73,10 @@ inline constexpr int64_t kIndexerLastCtaMaxKeys = 2048;
 
 struct IndexerScoresParams {
   // Queries [tokens, heads, head_dim], exactly one of: q (bf16, for bf16 keys), q_fp8 + q_scales (for fp8 keys), both
-  // from run_indexer_prepare; or q_raw (fp32, RoPE not yet applied) with the preparation's settings below.
+  // from run_indexer_prepare.
   const __nv_bfloat16* q = nullptr;      // device, 16-byte aligned
   const uint8_t* q_fp8 = nullptr;        // device, 8-byte aligned
   const float* q_scales = nullptr;       // device [tokens, heads]
-  const float* q_raw = nullptr;          // device fp32 (token rows q_raw_row_stride apart)
-  int64_t q_raw_row_stride = 0;          // q_raw: elements from one token's row to the next; 0: heads · head_dim
-  const float* rope_frequencies = nullptr;  // q_raw: device [rope_dim / 2]; null: no RoPE
-  int64_t rope_dim = 0;                  // q_raw: as IndexerPrepareParams
-  bool reference_rounding = false;       // q_raw: as IndexerPrepareParams
   const float* head_weights = nullptr;   // device [tokens, heads]: weights_proj · x, not yet scaled
   int64_t head_weights_row_stride = 0;   // elements from one token's head weights to the next; 0: heads
   // Keys, exactly one of: keys (bf16) or keys_fp8 + key_scales (run_indexer_prepare's fp8 output for keys).
