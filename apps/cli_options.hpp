@@ -28,6 +28,10 @@ struct EngineCli {
     sub.add_option("--ctx", engine.max_context,
                    "Tokens a sequence may hold (0 = the model's context on the CPU, up to 8192 on a GPU)")
         ->capture_default_str();
+    sub.add_option("--sampling-buffer", engine.sampling_adjustments,
+                   "GPU: logit adjustments (tokens a row's penalties or logit_bias touch) per sampling launch (0 = "
+                   "sized for the batch, at most 8 vocabularies); a step bringing more samples in several launches")
+        ->capture_default_str();
     if (with_prefill_chunk)
       sub.add_option("--prefill-chunk", engine.prefill_chunk, "Prompt tokens per prefill step")->capture_default_str();
   }

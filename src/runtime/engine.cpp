@@ -48,6 +48,8 @@ std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) 
   check(options.max_context >= 0, "--ctx must not be negative, got ", options.max_context);
   check(options.prefill_chunk > 0, "prefill chunk must be positive, got ", options.prefill_chunk);
   check(options.max_batch >= 1, "--batch must be at least 1, got ", options.max_batch);
+  check(options.sampling_adjustments >= 0, "--sampling-buffer must not be negative (0 = sized for the batch), got ",
+        options.sampling_adjustments);
   std::string device = options.device;
 #if DSV4_HAVE_CUDA
   if (device == "auto") device = cuda::list_devices().empty() ? "cpu" : "cuda";
@@ -55,6 +57,9 @@ std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) 
   if (device == "auto") device = "cpu";
 #endif
   if (device == "cpu") {
+    // The CPU samples on the host, without device buffers: refused rather than ignored.
+    check(options.sampling_adjustments == 0, "--sampling-buffer sizes the GPU's sampling buffers; the CPU backend has ",
+          "none (device ", options.device, ")");
     check(options.max_context == 0 || options.max_context <= config.max_position_embeddings, "--ctx ",
           options.max_context, " exceeds the model's context of ", config.max_position_embeddings, " tokens");
     backend_ = std::make_unique<cpu::CpuBackend>(config, options.numerics);
@@ -73,6 +78,7 @@ std::unique_ptr<LanguageModel> Engine::make_model(const EngineOptions& options) 
   gpu.max_sequences = options.max_batch;
   // Room for a whole prompt chunk beside every other sequence's decode token in one step.
   gpu.max_step_tokens = std::min<int64_t>(options.prefill_chunk + options.max_batch - 1, 4096);
+  gpu.sampling_adjustments = options.sampling_adjustments;
   std::optional<cuda::UploadProgressBar> bar;  // outlives the upload, which the constructor runs
   if (options.progress) gpu.progress = bar.emplace("uploading weights").callback();
   return std::make_unique<cuda::CudaLanguageModel>(config, checkpoint_.weights, gpu);

@@ -35,6 +35,10 @@ struct EngineOptions {
   // state are allocated at load, and a step's token capacity (prefill_chunk + max_batch - 1, so a prompt chunk fits
   // beside every other sequence's decode token).
   int max_batch = 1;
+  // On a GPU, the logit adjustments (one per token a row's penalties or logit_bias touch) the device sampling buffers
+  // hold per sampling launch (--sampling-buffer); 0 = cuda::default_sampling_adjustments (a batch's rows in the
+  // common case, at most 8 vocabularies). A step that brings more samples its rows in several launches.
+  int64_t sampling_adjustments = 0;
 };
 
 class Engine {
