@@ -21,7 +21,8 @@
 //   launches; prepare + fused scores/top-k; with ≤ 2048 keys prepare + LastCta), both formats, the scores with the
 //   default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode | --short]: --decode runs the decode chains' cases only, --short
+// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N]: --context runs batch 1 at a context of
+// N tokens only; --decode runs the decode chains' cases only, --short
 // those up to a 4K context.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -512,16 +514,21 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 int run(int argc, char** argv) {
   std::string json_path;
   bool decode_only = false, short_contexts = false;
+  int64_t only_context = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
+    else if (std::strcmp(argv[i], "--context") == 0 && i + 1 < argc)
+      only_context = std::atoll(argv[++i]);
     else if (std::strcmp(argv[i], "--decode") == 0)
       decode_only = true;
     else if (std::strcmp(argv[i], "--short") == 0)
       decode_only = short_contexts = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode | --short])");
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N])");
   }
+  check(only_context >= 0 && only_context % 4 == 0, "bench_cuda_indexer: --context ", only_context,
+        " must be a multiple of 4");
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
     std::fprintf(stderr, "bench_cuda_indexer: no CUDA device\n");
@@ -539,13 +546,17 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   bench_launch(stream, rows);
+  if (only_context > 0) {
+    bench_indexer_and_top_k(only_context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+    decode_only = short_contexts = true;
+  }
   // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the
   // longest context, batch 8 at the short and the long one; then 8 and 64 queries at the long contexts.
   for (const int64_t context : {int64_t(64), int64_t(4096), int64_t(65536), int64_t(1) << 20})
-    if (!short_contexts || context <= 4096)
+    if (only_context == 0 && (!short_contexts || context <= 4096))
       bench_indexer_and_top_k(context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   for (const int64_t context : {int64_t(4096), int64_t(65536)})
-    if (!short_contexts || context <= 4096)
+    if (only_context == 0 && (!short_contexts || context <= 4096))
       bench_indexer_and_top_k(context, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
   if (!decode_only) {
     bench_indexer_and_top_k(int64_t(1) << 20, 8, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
