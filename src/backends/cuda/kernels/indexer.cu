@@ -58,13 +58,14 @@ DeviceLimits device_limits() {
     const int device = current_device();
     DeviceLimits limits;
     DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device));
-    using indexer::indexer_scores_fp8_kernel, indexer::indexer_scores_kernel, indexer::indexer_scores_wgmma_kernel;
+    using indexer::indexer_scores_kernel, indexer::indexer_scores_wgmma_kernel;
     for (auto* kernel :
-         {indexer_scores_kernel<32, false>, indexer_scores_kernel<64, false>, indexer_scores_kernel<128, false>,
-          indexer_scores_fp8_kernel<32, false>, indexer_scores_fp8_kernel<64, false>,
-          indexer_scores_fp8_kernel<128, false>, indexer_scores_kernel<32, true>, indexer_scores_kernel<64, true>,
-          indexer_scores_kernel<128, true>, indexer_scores_fp8_kernel<32, true>, indexer_scores_fp8_kernel<64, true>,
-          indexer_scores_fp8_kernel<128, true>})
+         {indexer_scores_kernel<32, false, false>, indexer_scores_kernel<64, false, false>,
+          indexer_scores_kernel<128, false, false>, indexer_scores_kernel<32, true, false>,
+          indexer_scores_kernel<64, true, false>, indexer_scores_kernel<128, true, false>,
+          indexer_scores_kernel<32, false, true>, indexer_scores_kernel<64, false, true>,
+          indexer_scores_kernel<128, false, true>, indexer_scores_kernel<32, true, true>,
+          indexer_scores_kernel<64, true, true>, indexer_scores_kernel<128, true, true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemLimit)));
     for (auto* kernel : {indexer_scores_wgmma_kernel<false, false>, indexer_scores_wgmma_kernel<true, false>,
@@ -151,11 +152,11 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStr
   size_t smem = indexer::scores_smem_layout(args.queries_per_cta, args.heads, kHeadDim, fp8).bytes;
   if (kSelect) smem = indexer::selection_offset(smem) + indexer::kSelectionSmemBytes;
   if (fp8)
-    launch_chained(indexer::indexer_scores_fp8_kernel<kHeadDim, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
-                   stream, args, kSelect ? "indexer_scores_fp8_kernel (top-k)" : "indexer_scores_fp8_kernel");
+    launch_chained(indexer::indexer_scores_kernel<kHeadDim, true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, kSelect ? "indexer_scores_kernel (fp8, top-k)" : "indexer_scores_kernel (fp8)");
   else
-    launch_chained(indexer::indexer_scores_kernel<kHeadDim, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
-                   stream, args, kSelect ? "indexer_scores_kernel (top-k)" : "indexer_scores_kernel");
+    launch_chained(indexer::indexer_scores_kernel<kHeadDim, false, kSelect>, grid, dim3(indexer::kScoreWarps * 32),
+                   smem, stream, args, kSelect ? "indexer_scores_kernel (top-k)" : "indexer_scores_kernel");
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
@@ -188,9 +189,6 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   plan.queries_per_cta = int(std::min<int64_t>(
       {p.tokens, group_limit, plan.warpgroup ? kMaxQueriesPerCta : int64_t(kScoresSmemBudget / per_query)}));
   plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
-  if (plan.warpgroup)
-    check(p.key_count < (int64_t(1) << 30), "indexer_scores: the Warpgroup kernel's key_count ", p.key_count,
-          " exceeds the kernel's 32-bit key arithmetic (2^30)");
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups);
@@ -291,9 +289,9 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   check(p.q == nullptr || aligned(p.q, 16), "indexer_scores: q must be 16-byte aligned");
   check(p.q_fp8 == nullptr || (aligned(p.q_fp8, 8) && p.q_scales != nullptr),
         "indexer_scores: q_fp8 must be 8-byte aligned and come with q_scales");
+  check(p.key_count < (int64_t(1) << 30), "indexer_scores: key_count ", p.key_count,
+        " exceeds the kernels' 32-bit key arithmetic (2^30)");
   if (fp8_keys(p)) {
-    check(p.key_count < (int64_t(1) << 30), "indexer_scores: fp8 key_count ", p.key_count,
-          " exceeds the kernel's 32-bit key arithmetic (2^30)");
     check(aligned(p.keys_fp8, 16) && p.key_scales != nullptr,
           "indexer_scores: keys_fp8 must be 16-byte aligned and come with key_scales");
     check(p.sequence_slots == nullptr ||

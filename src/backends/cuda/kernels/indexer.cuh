@@ -14,7 +14,7 @@
 // - Query fragments sit in shared memory in fragment order ([query][n-tile][dim pair][lane] uint4): conflict-free.
 // - The fp32 sum over head_dim runs in two chains (even and odd k16 steps) added at the end of each n-tile: the
 //   MMAs of one chain are then never back to back.
-// - fp8 variant (indexer_scores_fp8_kernel): the same structure on mma.m16n8k32 e4m3. A warp keeps two tiles ahead
+// - fp8 keys (indexer_scores_kernel<…, kFp8 = true>, WarpKeyTile): the same structure on mma.m16n8k32 e4m3. A warp keeps two tiles ahead
 //   in flight (the bf16 kernel's 128 bytes per lane; two 32-key tiles would spill); the per-key and per-head scales
 //   are powers of two and positive, so they come out of the ReLU: the head's scale joins its weight, the key's scale
 //   multiplies the finished sum.
@@ -228,8 +228,8 @@ struct ScoresArgs {
   const float* q_scales;
   const float* head_weights;
   int64_t head_weights_row_stride;
-  const __nv_bfloat16* keys;  // bf16 keys (indexer_scores_kernel), or
-  const uint8_t* keys_fp8;    // fp8 keys with key_scales (indexer_scores_fp8_kernel)
+  const __nv_bfloat16* keys;  // bf16 keys, or
+  const uint8_t* keys_fp8;    // fp8 keys with key_scales
   const float* key_scales;
   int64_t key_scales_slot_stride;
   int64_t key_count;
@@ -478,71 +478,6 @@ __device__ __forceinline__ int64_t key_slot_of(const ScoresArgs& args, int64_t f
   return args.sequence_slots != nullptr ? args.sequence_slots[first_query] : 0;
 }
 
-// A programmatic dependent: q, the head weights and the newest key are this step's outputs, so it waits at entry.
-template <int kHeadDim, bool kSelect>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_kernel(ScoresArgs args) {
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
-  allow_dependents();
-  wait_for_prior_grids();
-  constexpr int kDimPairs = kHeadDim / 32;  // 32 dims = two k16 steps = one 16-byte load per fragment row
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int heads = padded_heads(args.heads);
-  const int n_tiles = heads / 8;
-  const int group_size = args.queries_per_cta;
-  const ScoresSmemLayout layout = scores_smem_layout(group_size, args.heads, kHeadDim, false);
-  const uint4* q_frag = reinterpret_cast<const uint4*>(smem_raw);
-  float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
-  int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
-
-  const int64_t first_query = int64_t(blockIdx.y) * group_size;
-  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
-  const __nv_bfloat16* keys = args.keys + key_slot_of(args, first_query) * args.keys_slot_stride;
-  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
-  // The first tile's keys are in flight while the query operands are prepared (rows up to the capacity: a row past
-  // a query's visible keys only feeds outputs that are never written).
-  uint4 a[2][kDimPairs], next[2][kDimPairs];
-  int64_t tile = int64_t(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
-  load_key_tile<kDimPairs>(a, keys, tile * kKeysPerWarpTile, args.key_count, group, quad);
-
-  load_query_operands<kHeadDim, false>(args, first_query, queries, smem_raw, weights);
-  if (threadIdx.x < queries)
-    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
-  __syncthreads();
-  int64_t max_visible = 0;
-  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, visible[query]);
-
-  // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
-  const int64_t tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
-  const int64_t step = int64_t(gridDim.x) * kScoreWarps;
-  // Software pipeline: the next tile's keys are in flight while the current one is multiplied.
-  for (; tile < tiles; tile += step) {
-    const int64_t key0 = tile * kKeysPerWarpTile;
-    load_key_tile<kDimPairs>(next, keys, (tile + step) * kKeysPerWarpTile, max_visible, group, quad);
-    // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
-    const int64_t out_row = key0 + 8 * (quad & 1) + group;
-    for (int query = 0; query < queries; ++query) {
-      float* out = args.scores + (first_query + query) * args.score_stride;
-      const int64_t query_visible = visible[query];
-      float result = -std::numeric_limits<float>::infinity();
-      if (key0 < query_visible) {
-        float sum[2];
-        bf16_tile_sums<kDimPairs>(sum, a, q_frag + size_t(query) * n_tiles * kDimPairs * 32 + lane,
-                                  weights + query * heads + 2 * quad, n_tiles);
-        if (out_row < query_visible) result = (quad & 1) ? sum[1] : sum[0];
-      }
-      if (quad < 2 && out_row < args.key_count) out[out_row] = result;
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-      for (int pair = 0; pair < kDimPairs; ++pair) a[half][pair] = next[half][pair];
-  }
-  if constexpr (kSelect)
-    select_top_k_in_last_cta(args, first_query, queries, visible,
-                             reinterpret_cast<uint64_t*>(smem_raw + selection_offset(layout.bytes)));
-}
-
 // fp8 keys: the 16 rows key0 + 8·half + group of an m-tile; per row the lane holds kHeadDim/4 bytes, loaded W/4 at a
 // time at dims u·W + quad·(W/4) (W = min(64, head_dim)), as words: step t's A registers are words 2t and 2t + 1.
 // Also the scale of the row the lane stores after the quad reduction, key0 + 8·(quad % 2) + group.
@@ -598,53 +533,93 @@ __device__ __forceinline__ void fp8_tile_sums(float (&sum)[2], const Fp8KeyTile<
   quad_reduce(sum);
 }
 
-// The fp8 variant: q·K on e4m3 tensor cores with the scales factored out of the ReLU (both positive):
-// score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated in fp32 by the tensor core.
-// A warp's m16 key tile is half the bf16 kernel's bytes, so it keeps two tiles ahead in flight (the same 128 bytes
-// per lane) instead of one.
-template <int kHeadDim, bool kSelect>
+// A warp's m16 key tile for the mma.sync kernels: bf16 keys as load_key_tile's A fragments, or fp8 keys with the
+// scale of the row the lane stores (Fp8KeyTile).
+template <int kHeadDim>
+struct Bf16KeyTile {
+  uint4 a[2][kHeadDim / 32];
+};
+
+template <int kHeadDim, bool kFp8>
+struct WarpKeyTile {
+  std::conditional_t<kFp8, Fp8KeyTile<kHeadDim>, Bf16KeyTile<kHeadDim>> tile;
+
+  // Rows key0 .. key0 + 15 of `keys` (bf16, or fp8 with their `scales`), those from `rows` on zero.
+  __device__ __forceinline__ void load(const void* keys, const float* scales, int key0, int rows, int group,
+                                       int quad) {
+    if constexpr (kFp8)
+      load_fp8_key_tile<kHeadDim>(tile, static_cast<const uint8_t*>(keys), scales, key0, rows, group, quad);
+    else
+      load_key_tile<kHeadDim / 32>(tile.a, static_cast<const __nv_bfloat16*>(keys), key0, rows, group, quad);
+  }
+
+  // Query `query`'s score of the row the lane stores (key0 + 8·(quad % 2) + group), quad-reduced; q_frag: the query
+  // fragments (query_fragment_offset's layout), w: the query's scaled head weights + 2·quad.
+  __device__ __forceinline__ float score(const unsigned char* q_frag, int query, const float* w, int n_tiles, int lane,
+                                         int quad) const {
+    const size_t fragment = size_t(query) * n_tiles * (kHeadDim / 32) * 32 + lane;
+    float sum[2];
+    if constexpr (kFp8) {
+      fp8_tile_sums<kHeadDim>(sum, tile, reinterpret_cast<const uint2*>(q_frag) + fragment, w, n_tiles);
+      return tile.scale * ((quad & 1) ? sum[1] : sum[0]);
+    } else {
+      bf16_tile_sums<kHeadDim / 32>(sum, tile.a, reinterpret_cast<const uint4*>(q_frag) + fragment, w, n_tiles);
+      return (quad & 1) ? sum[1] : sum[0];
+    }
+  }
+};
+
+// The mma.sync score kernels (see NOTES), bf16 or fp8 keys. fp8: q·K on e4m3 tensor cores with the scales factored
+// out of the ReLU (both positive): score_j = s_j · Σ_h (w_h · s_h) · ReLU(q8_h · K8_j), the dot products accumulated
+// in fp32 by the tensor core; its m16 key tile is half the bf16 one's bytes, so a warp keeps two tiles ahead in flight
+// instead of one (the same 128 bytes per lane). A programmatic dependent: q, the head weights and the newest key are
+// this step's outputs, so it waits at entry.
+template <int kHeadDim, bool kFp8, bool kSelect>
 __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
-    indexer_scores_fp8_kernel(ScoresArgs args) {
+    indexer_scores_kernel(ScoresArgs args) {
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 128, "head_dim must be 32, 64 or 128");
   allow_dependents();
   wait_for_prior_grids();
-  constexpr int kSteps = kHeadDim / 32;  // k32 steps
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int heads = padded_heads(args.heads);
   const int n_tiles = heads / 8;
   const int group_size = args.queries_per_cta;
-  const ScoresSmemLayout layout = scores_smem_layout(group_size, args.heads, kHeadDim, true);
-  const uint2* q_frag = reinterpret_cast<const uint2*>(smem_raw);
+  const ScoresSmemLayout layout = scores_smem_layout(group_size, args.heads, kHeadDim, kFp8);
   float* weights = reinterpret_cast<float*>(smem_raw + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem_raw + layout.visible_offset);
 
   const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
-  const uint8_t* keys = args.keys_fp8 + slot * args.keys_slot_stride;
-  const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
+  const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
+                          : static_cast<const void*>(args.keys + slot * args.keys_slot_stride);
+  const float* key_scales = kFp8 ? args.key_scales + slot * args.key_scales_slot_stride : nullptr;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
   // 32-bit key arithmetic (key_count < 2^30, checked by the launcher): fewer registers in the main loop.
   const int key_count = int(args.key_count);
   const int step = int(gridDim.x) * kScoreWarps;
   int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
-  // The first two tiles are in flight during the prologue, as in the bf16 kernel.
-  Fp8KeyTile<kHeadDim> current, ahead, after;
-  load_fp8_key_tile<kHeadDim>(current, keys, key_scales, tile * kKeysPerWarpTile, key_count, group, quad);
-  load_fp8_key_tile<kHeadDim>(ahead, keys, key_scales, (tile + step) * kKeysPerWarpTile, key_count, group, quad);
+  // The first tiles' keys are in flight while the query operands are stored (rows up to the capacity: a row past a
+  // query's visible keys only feeds outputs that are never written).
+  constexpr int kAhead = kFp8 ? 2 : 1;
+  WarpKeyTile<kHeadDim, kFp8> tiles[kAhead + 1];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i)
+    tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, key_count, group, quad);
 
-  load_query_operands<kHeadDim, true>(args, first_query, queries, smem_raw, weights);
+  load_query_operands<kHeadDim, kFp8>(args, first_query, queries, smem_raw, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
   int max_visible = 0;
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
-  const int tiles = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
-  for (; tile < tiles; tile += step) {
+  // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
+  const int tile_count = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
+  // Software pipeline: the tiles ahead are in flight while the current one is multiplied.
+  for (; tile < tile_count; tile += step) {
     const int key0 = tile * kKeysPerWarpTile;
-    load_fp8_key_tile<kHeadDim>(after, keys, key_scales, (tile + 2 * step) * kKeysPerWarpTile, max_visible, group,
-                                quad);
+    tiles[kAhead].load(keys, key_scales, (tile + kAhead * step) * kKeysPerWarpTile, max_visible, group, quad);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
@@ -652,15 +627,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
       const int query_visible = int(visible[query]);
       float result = -std::numeric_limits<float>::infinity();
       if (key0 < query_visible) {
-        float sum[2];
-        fp8_tile_sums<kHeadDim>(sum, current, q_frag + size_t(query) * n_tiles * kSteps * 32 + lane,
-                                weights + query * heads + 2 * quad, n_tiles);
-        if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
+        const float score = tiles[0].score(smem_raw, query, weights + query * heads + 2 * quad, n_tiles, lane, quad);
+        if (out_row < query_visible) result = score;
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
     }
-    current = ahead;
-    ahead = after;
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) tiles[i] = tiles[i + 1];
   }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
@@ -912,44 +885,23 @@ struct ComputedScores {
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int first = int(begin), end = int(begin + n);
     const int64_t slot = key_slot_of(scores, query);
+    const void* keys = kFp8 ? static_cast<const void*>(scores.keys_fp8 + slot * scores.keys_slot_stride)
+                            : static_cast<const void*>(scores.keys + slot * scores.keys_slot_stride);
+    const float* key_scales = kFp8 ? scores.key_scales + slot * scores.key_scales_slot_stride : nullptr;
     float* out = scores.scores + query * scores.score_stride;
-    // Quad lanes 0 and 1 hold rows key0 + group and key0 + 8 + group after the quad reduction.
-    const auto emit = [&](int key0, const float (&sum)[2], float scale) {
+    // No tile ahead: the top-k's state shares the register budget (a tile ahead spills here). Quad lanes 0 and 1
+    // hold rows key0 + group and key0 + 8 + group after the quad reduction.
+    for (int tile = warp; first + tile * kKeysPerWarpTile < end; tile += warps) {
+      const int key0 = first + tile * kKeysPerWarpTile;
+      WarpKeyTile<kHeadDim, kFp8> current;
+      current.load(keys, key_scales, key0, end, group, quad);
+      const float value = current.score(scratch, 0, weights + 2 * quad, n_tiles, lane, quad);
       const int row = key0 + 8 * (quad & 1) + group;
-      if (quad >= 2 || row >= end) return;
-      const float value = scale * ((quad & 1) ? sum[1] : sum[0]);
+      if (quad >= 2 || row >= end) continue;
       if (cached)
         cache[row - first] = topk::ordered_score(value);
       else
         out[row] = value;
-    };
-    int tile = warp;
-    if constexpr (kFp8) {
-      const uint8_t* keys = scores.keys_fp8 + slot * scores.keys_slot_stride;
-      const float* key_scales = scores.key_scales + slot * scores.key_scales_slot_stride;
-      const uint2* b_frag = reinterpret_cast<const uint2*>(scratch) + lane;
-      // No tile ahead: the top-k's state shares the register budget (a tile ahead spills here).
-      for (; first + tile * kKeysPerWarpTile < end; tile += warps) {
-        const int key0 = first + tile * kKeysPerWarpTile;
-        Fp8KeyTile<kHeadDim> current;
-        load_fp8_key_tile<kHeadDim>(current, keys, key_scales, key0, end, group, quad);
-        float sum[2];
-        fp8_tile_sums<kHeadDim>(sum, current, b_frag, weights + 2 * quad, n_tiles);
-        emit(key0, sum, current.scale);
-      }
-    } else {
-      constexpr int kDimPairs = kHeadDim / 32;
-      const __nv_bfloat16* keys = scores.keys + slot * scores.keys_slot_stride;
-      const uint4* b_frag = reinterpret_cast<const uint4*>(scratch) + lane;
-      // No tile ahead, as for fp8.
-      for (; first + tile * kKeysPerWarpTile < end; tile += warps) {
-        const int key0 = first + tile * kKeysPerWarpTile;
-        uint4 a[2][kDimPairs];
-        load_key_tile<kDimPairs>(a, keys, key0, end, group, quad);
-        float sum[2];
-        bf16_tile_sums<kDimPairs>(sum, a, b_frag, weights + 2 * quad, n_tiles);
-        emit(key0, sum, 1.0f);
-      }
     }
   }
 };
