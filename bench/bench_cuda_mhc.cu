@@ -5,9 +5,10 @@
 // Sinkhorn and collapse (two launches, X read twice); for hc_post_pre (one fused launch up to 128 tokens, the two
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (single-cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
-// normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the
-// session-13 cluster decode kernel (HcKernelChoice::CLUSTER) and its asynchronous variant (CLUSTER_ASYNC) beside the
-// default, both also behind a full-card kernel (the model's case: a linear layer or the experts before the site); at
+// normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the cluster
+// decode kernel (HcKernelChoice::CLUSTER_ASYNC) and the single-cluster kernel at every width it serves
+// (SINGLE_CLUSTER: V4-Pro's too) beside the default, all also behind a full-card kernel (the model's case: a linear
+// layer or the experts before the site); at
 // every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the
 // default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
@@ -394,21 +395,16 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
-          const auto cluster = [&](int i) {
+          const auto single = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER);
+            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER);
           };
-          record("hc_pre (cluster kernel)", cluster, pre_bytes, 0.0);
-          const auto cluster_one_iteration = [&](int i) {
+          record("hc_pre (single-cluster kernel, every width)", single, pre_bytes, 0.0);
+          const auto single_fused_norm = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, false, 1);
+            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, true);
           };
-          record("hc_pre (cluster kernel, 1 Sinkhorn iteration)", cluster_one_iteration, pre_bytes, 0.0);
-          const auto cluster_fused_norm = [&](int i) {
-            Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER, true);
-          };
-          record("hc_pre + attn_norm (fused, cluster kernel)", cluster_fused_norm,
+          record("hc_pre + attn_norm (fused, single-cluster kernel, every width)", single_fused_norm,
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
           const auto async_kernel = [&](int i) {
             Set& s = set(i);
@@ -430,6 +426,8 @@ int main(int argc, char** argv) {
                  0.0, 0.0);
           record("filler + hc_pre + attn_norm (fused, asynchronous cluster kernel)", after_filler(async_fused_norm),
                  0.0, 0.0);
+          record("filler + hc_pre + attn_norm (fused, single-cluster kernel, every width)",
+                 after_filler(single_fused_norm), 0.0, 0.0);
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -468,8 +466,8 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
-          const auto cluster_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER, true); };
-          record("hc_post_pre + norm (fused, cluster kernel)", cluster_norm,
+          const auto single_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
+          record("hc_post_pre + norm (fused, single-cluster kernel, every width)", single_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
           const auto async_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ASYNC, true); };
           record("hc_post_pre + norm (fused, asynchronous cluster kernel)", async_norm,
@@ -478,6 +476,8 @@ int main(int argc, char** argv) {
                  0.0);
           record("filler + hc_post_pre + norm (fused, asynchronous cluster kernel)", after_filler(async_norm), 0.0,
                  0.0);
+          record("filler + hc_post_pre + norm (fused, single-cluster kernel, every width)", after_filler(single_norm),
+                 0.0, 0.0);
         }
 
         // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
@@ -506,13 +506,11 @@ int main(int argc, char** argv) {
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           record("hc_head (persistent kernel)", persistent, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
-          const auto cluster = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER); };
-          record("hc_head (cluster kernel)", cluster, x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
           const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
           const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
-          const auto cluster_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER, true); };
-          record("hc_head + norm (fused, cluster kernel)", cluster_norm, head_norm_bytes, 0.0);
+          const auto single_norm = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
+          record("hc_head + norm (fused, single-cluster kernel, every width)", single_norm, head_norm_bytes, 0.0);
           const auto async_kernel = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC); };
           record("hc_head (asynchronous cluster kernel)", async_kernel, x_bytes + double(kN * flat) * 4 + td_bytes,
                  0.0);

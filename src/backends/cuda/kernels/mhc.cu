@@ -16,6 +16,13 @@ namespace {
 static_assert(kHcDecodeMaxTokens == mhc::kDecodeMaxTokens &&
                   kHcDecodeMaxHidden == int64_t(mhc::kDecodeMaxSlices) * mhc::kDecodeSliceDims,
               "the public decode-kernel limits are the kernel's");
+static_assert(mhc::single_cluster_vectors(kHcSingleClusterHiddenQuantum) == 1 &&
+                  mhc::single_cluster_vectors(kHcSingleClusterMaxHidden) == 1 &&
+                  mhc::single_cluster_vectors(kHcSingleClusterMaxHidden + kHcSingleClusterHiddenQuantum) != 1 &&
+                  mhc::single_cluster_vectors(kHcSingleClusterWideMaxHidden) == 2 &&
+                  mhc::single_cluster_vectors(kHcSingleClusterWideMaxHidden + kHcSingleClusterWideHiddenQuantum) == 0 &&
+                  mhc::single_cluster_vectors(kHcSingleClusterMaxHidden + kHcSingleClusterWideHiddenQuantum) == 2,
+              "the public single-cluster limits are the kernel's");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -146,7 +153,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
 
-// The fields of one hc_pre that the persistent and the cluster decode kernel's arguments share.
+// The fields of one hc_pre that every projection kernel's arguments share.
 template <class Args>
 Args site_args(const HcPreParams& p) {
   Args args{};
@@ -154,7 +161,7 @@ Args site_args(const HcPreParams& p) {
   args.fn = p.fn;
   args.base = p.base;
   args.scale = p.scale;
-  args.tokens = decltype(args.tokens)(p.tokens);
+  args.tokens = p.tokens;
   args.hidden = int(p.hidden);
   args.sinkhorn_iters = p.sinkhorn_iters;
   args.hc_eps = p.hc_eps;
@@ -164,6 +171,15 @@ Args site_args(const HcPreParams& p) {
   args.y_bf16 = p.y_bf16;
   args.post = p.post;
   args.comb = p.comb;
+  return args;
+}
+
+// The same for the decode kernels, with the fused output norm.
+template <class Args>
+Args decode_site_args(const HcPreParams& p) {
+  Args args = site_args<Args>(p);
+  args.norm_weight = p.out_norm_weight;
+  args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
   return args;
 }
 
@@ -180,22 +196,13 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
           .workspace_bytes = p.workspace_bytes, .stream = p.stream};
 }
 
-// The cluster decode kernel (either variant) serves a launch the single-cluster kernel does not, unless a persistent
-// one is asked for or the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at
-// every decode size).
+// The cluster decode kernel serves a launch the single-cluster kernel does not, unless a persistent one is asked for or
+// the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER ||
-          choice == HcKernelChoice::CLUSTER_ASYNC) &&
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC ||
+          choice == HcKernelChoice::SINGLE_CLUSTER) &&
          tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
-}
-
-// The cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
-mhc::ClusterDecodeArgs decode_args(const HcPreParams& p) {
-  mhc::ClusterDecodeArgs args = site_args<mhc::ClusterDecodeArgs>(p);
-  args.norm_weight = p.out_norm_weight;
-  args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
-  return args;
 }
 
 // The arguments of the next site's hc_pre (`args`) for a kernel that applies hc_post itself: it reads the residual
@@ -220,14 +227,14 @@ int resident_clusters(const void* kernel, const cudaLaunchConfig_t& config) {
   });
 }
 
-template <bool kHead, bool kPost, bool kAsync>
+template <bool kHead, bool kPost>
 void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStream_t stream, const char* op) {
   args.clusters = int(slice_clusters(args.hidden));
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
   args.row_words = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.square_words = args.row_words + size_t(mhc::kPartialRows<false>) * mhc::kTileTokens * size_t(args.clusters);
-  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost, kAsync>;
+  const auto kernel = mhc::hc_cluster_decode_kernel<kHead, kPost>;
   prepare_resident_ctas(reinterpret_cast<const void*>(kernel), mhc::kDecodeThreads, mhc::kDecodeSmemBytes);
   // Programmatic dependent launch (ptx/dependent_launch.cuh) in clusters of kClusterCtas consecutive CTAs.
   cudaLaunchAttribute attributes[2] = {};
@@ -254,32 +261,30 @@ void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStr
   check_cuda(cudaLaunchKernelEx(&config, kernel, args), op, __FILE__, __LINE__);
 }
 
-template <bool kHead, bool kPost>
-void run_cluster_decode(HcKernelChoice choice, const mhc::ClusterDecodeArgs& args, void* workspace,
-                        cudaStream_t stream, const char* op) {
-  if (choice == HcKernelChoice::CLUSTER) return launch_cluster_decode<kHead, kPost, false>(args, workspace, stream, op);
-  launch_cluster_decode<kHead, kPost, true>(args, workspace, stream, op);
-}
+// The single-cluster kernel's token tiles at most with `vectors` vectors per thread: two vectors serve up to 8 tokens
+// (with 16 their registers spilled).
+constexpr int single_cluster_max_token_tiles(int vectors) { return vectors == 1 ? 2 : 1; }
 
-// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp) where the card holds its cluster
-// (checked once per kernel and device).
-template <bool kHead, bool kPost>
-bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  if (choice != HcKernelChoice::AUTO || tokens > kHcDecodeMaxTokens ||
-      hidden % kHcSingleClusterHiddenQuantum != 0 || hidden > kHcSingleClusterMaxHidden)
-    return false;
-  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 2>;
+// Whether the card holds the single-cluster kernel's cluster with `kVectors` vectors per thread (checked once per
+// kernel and device), sized for the widest hidden size of that variant: a card that holds that cluster holds every
+// narrower one. The variants for other token counts take the same threads and shared memory.
+template <bool kHead, bool kPost, int kVectors>
+bool single_cluster_fits() {
+  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
   static PerDeviceCache<int> cache;
-  // Sized for the widest launch: a card that holds that cluster holds every narrower one. The variants for fewer
-  // tokens take the same threads and shared memory.
   return cache.get(reinterpret_cast<const void*>(kernel), [&] {
-    const int threads = mhc::single_cluster_threads(int(kHcSingleClusterMaxHidden), kHead);
-    const int smem = mhc::single_cluster_smem_bytes(int(kHcSingleClusterMaxHidden), kHead);
-    for (const auto variant : {kernel, mhc::hc_single_cluster_kernel<kHead, kPost, 1>,
-                               mhc::hc_single_cluster_kernel<kHead, kPost, 0>}) {
+    const int widest =
+        mhc::kSingleClusterCtas * mhc::kSingleWarpDims * kVectors * mhc::single_cluster_max_warps(kVectors);
+    const int threads = mhc::single_cluster_threads(widest, kHead);
+    const int smem = mhc::single_cluster_smem_bytes(widest, kHead);
+    const auto allow = [&](auto variant) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    }
+    };
+    allow(mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>);
+    allow(kernel);
+    if constexpr (single_cluster_max_token_tiles(kVectors) == 2)
+      allow(mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>);
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = mhc::kSingleClusterCtas;
@@ -297,24 +302,36 @@ bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden
   }) > 0;
 }
 
-// The single-cluster decode kernel's arguments of one hc_pre (hc_head and hc_post_pre start from them too).
-mhc::SingleClusterArgs single_cluster_args(const HcPreParams& p) {
-  mhc::SingleClusterArgs args = site_args<mhc::SingleClusterArgs>(p);
-  args.norm_weight = p.out_norm_weight;
-  args.norm_round_to_bf16 = p.out_norm_round_to_bf16;
-  return args;
+// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp: one vector per thread) and
+// SINGLE_CLUSTER launches within its wider ones, where the card holds its cluster.
+template <bool kHead, bool kPost>
+bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
+  const int vectors = mhc::single_cluster_vectors(hidden);
+  if (vectors == 0 || tokens > int64_t(mhc::kTileTokens / 2) * single_cluster_max_token_tiles(vectors)) return false;
+  if (vectors == 1 && (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::SINGLE_CLUSTER))
+    return single_cluster_fits<kHead, kPost, 1>();
+  if (vectors == 2 && choice == HcKernelChoice::SINGLE_CLUSTER) return single_cluster_fits<kHead, kPost, 2>();
+  return false;
 }
 
-template <bool kHead, bool kPost>
-void launch_single_cluster(const mhc::SingleClusterArgs& args, cudaStream_t stream, const char* op) {
+template <bool kHead, bool kPost, int kVectors>
+void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t stream, const char* op) {
   // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads).
-  const auto kernel = args.tokens == 1  ? mhc::hc_single_cluster_kernel<kHead, kPost, 0>
-                      : args.tokens <= 8 ? mhc::hc_single_cluster_kernel<kHead, kPost, 1>
-                                         : mhc::hc_single_cluster_kernel<kHead, kPost, 2>;
+  constexpr int kWidest = single_cluster_max_token_tiles(kVectors);
+  const auto kernel = args.tokens == 1  ? mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>
+                      : args.tokens <= 8 ? mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>
+                                         : mhc::hc_single_cluster_kernel<kHead, kPost, kWidest, kVectors>;
   launch_chained(kernel, dim3(mhc::kSingleClusterCtas),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
                  op, args);
+}
+
+template <bool kHead, bool kPost>
+void launch_single_cluster(const mhc::DecodeSiteArgs& args, cudaStream_t stream, const char* op) {
+  if (mhc::single_cluster_vectors(args.hidden) == 1)
+    return launch_single_cluster_kernel<kHead, kPost, 1>(args, stream, op);
+  launch_single_cluster_kernel<kHead, kPost, 2>(args, stream, op);
 }
 
 // The persistent path's fused output norm: rms_norm of the projection's fp32 output in place.
@@ -428,9 +445,9 @@ void run_hc_pre(const HcPreParams& p) {
   check_hc_pre_params(p);
   if (p.tokens == 0) return;
   if (single_cluster_serves<false, false>(p.kernel, p.tokens, p.hidden))
-    return launch_single_cluster<false, false>(single_cluster_args(p), p.stream, "hc_pre");
+    return launch_single_cluster<false, false>(decode_site_args<mhc::DecodeSiteArgs>(p), p.stream, "hc_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<false, false>(p.kernel, decode_args(p), p.workspace, p.stream, "hc_pre");
+    return launch_cluster_decode<false, false>(decode_site_args<mhc::ClusterDecodeArgs>(p), p.workspace, p.stream, "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
   run_projection<false, false>(args, p.workspace, p.stream, "hc_pre", p.kernel);
@@ -448,9 +465,9 @@ void run_hc_head(const HcHeadParams& p) {
                            .out_norm_weight = p.out_norm_weight,
                            .out_norm_round_to_bf16 = p.out_norm_round_to_bf16};
   if (single_cluster_serves<true, false>(p.kernel, p.tokens, p.hidden))
-    return launch_single_cluster<true, false>(single_cluster_args(as_pre), p.stream, "hc_head");
+    return launch_single_cluster<true, false>(decode_site_args<mhc::DecodeSiteArgs>(as_pre), p.stream, "hc_head");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<true, false>(p.kernel, decode_args(as_pre), p.workspace, p.stream, "hc_head");
+    return launch_cluster_decode<true, false>(decode_site_args<mhc::ClusterDecodeArgs>(as_pre), p.workspace, p.stream, "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head", p.kernel);
@@ -463,7 +480,8 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   check_hc_post_pre_params(params);
   if (params.tokens == 0) return;
   HcPostPreParams p = params;
-  if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
+  if ((p.kernel == HcKernelChoice::AUTO || p.kernel == HcKernelChoice::SINGLE_CLUSTER) &&
+      p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
     p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
   if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
@@ -474,10 +492,10 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   }
   const HcPreParams next = next_site_pre_params(p);
   if (single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden))
-    return launch_single_cluster<false, true>(with_fused_post(single_cluster_args(next), p), p.stream,
+    return launch_single_cluster<false, true>(with_fused_post(decode_site_args<mhc::DecodeSiteArgs>(next), p), p.stream,
                                               "hc_post_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return run_cluster_decode<false, true>(p.kernel, with_fused_post(decode_args(next), p), p.workspace, p.stream,
+    return launch_cluster_decode<false, true>(with_fused_post(decode_site_args<mhc::ClusterDecodeArgs>(next), p), p.workspace, p.stream,
                                            "hc_post_pre");
   mhc::ProjectionArgs args = with_fused_post(pre_projection_args(next), p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;

@@ -128,16 +128,15 @@ __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int part
          warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
 }
 
-struct ProjectionArgs {
+// One site's inputs and outputs, as every projection kernel takes them (hc_head: no post/comb; only the fused
+// hc_post + hc_pre variants read out/post_in/comb_in and write X_out).
+struct SiteArgs {
   const float* X;
   const float* fn;
   const float* base;
   const float* scale;
   int64_t tokens;
   int hidden;
-  int slices;   // S: CTAs per token tile
-  int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
-  int tiles;
   int sinkhorn_iters;
   float hc_eps;
   float norm_eps;
@@ -151,6 +150,12 @@ struct ProjectionArgs {
   const float* post_in;
   const float* comb_in;
   float* X_out;
+};
+
+struct ProjectionArgs : SiteArgs {
+  int slices;   // S: CTAs per token tile
+  int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
+  int tiles;
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
@@ -391,36 +396,10 @@ __device__ inline void softmax_rows_plus_eps(float (&c)[kStreams * kStreams], fl
   }
 }
 
-__device__ inline void sinkhorn_4x4_in_registers(float (&c)[kStreams * kStreams], int iters, float eps) {
-  const auto normalise_rows = [&] {
-#pragma unroll
-    for (int j = 0; j < kStreams; ++j) {
-      const float r = fast_reciprocal(((c[4 * j] + c[4 * j + 1]) + (c[4 * j + 2] + c[4 * j + 3])) + eps);
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) c[4 * j + k] *= r;
-    }
-  };
-  const auto normalise_columns = [&] {
-#pragma unroll
-    for (int k = 0; k < kStreams; ++k) {
-      const float r = fast_reciprocal(((c[k] + c[4 + k]) + (c[8 + k] + c[12 + k])) + eps);
-#pragma unroll
-      for (int j = 0; j < kStreams; ++j) c[4 * j + k] *= r;
-    }
-  };
-  softmax_rows_plus_eps(c, eps);
-  normalise_columns();
-#pragma unroll 1
-  for (int it = 1; it < iters; ++it) {
-    normalise_rows();
-    normalise_columns();
-  }
-}
-
 // Sinkhorn on one token's 4×4 held by one thread, in scaling form: the first row normalisation (softmax + eps) gives
 // A, and from then on c = diag(u)·A·diag(v). Normalising row j, c_j ← c_j / (Σ_k c_jk + eps), is u_j ← 1 / D_j with
 // D_j ← Σ_k A_jk·v_k + eps·D_j (D_j = 1 / u_j, 1 at first); a column alike. c is formed once at the end. Per
-// normalisation 4 reciprocals (MUFU, as sinkhorn_4x4_in_registers) of 3-deep FMA trees (eps·D is ready early) and no
+// normalisation 4 reciprocals (MUFU) of 3-deep FMA trees (eps·D is ready early) and no
 // rescaling of the 16 entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and
 // a chain of a multiply, three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps.
 __device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int iters, float eps) {
@@ -919,8 +898,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 //   Each slice cluster forms the Σx² and pre totals itself (its CTA t mod 8 reads them, then pushes them into every
 //   CTA of the cluster before the next cluster barrier) and collapses its slices; the mix CTAs read the Σx², post and
 //   comb words of their tokens, and one thread per token runs Sinkhorn, in parallel with the collapses. Every DSMEM
-//   access is a store before a cluster barrier (kAsync: counted by the receiver's mbarrier, which it waits for), so no
-//   CTA reads a peer's shared memory and none may exit while a peer still writes to it. (Every CTA reading every
+//   access is a store counted by the receiver's mbarrier, which it waits for (below), so no CTA reads a peer's
+//   shared memory and none may exit while a peer still writes to it. (Every CTA reading every
 //   slice's words itself was 3-15 µs at T = 8: the same L2 lines for all. The session-12 decode kernel, two global
 //   hops and no clusters, measured the same at Flash T = 1 and 1.5 µs slower at T = 8 and 16 and at Pro T = 1:
 //   removed.)
@@ -928,17 +907,17 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 //   one global hop, the totals pushed into the cluster's CTAs), then rms_norm's arithmetic per element (y·inv_rms,
 //   ·w, rounding). (Σy² from the streams' Gram matrix, summed in the projection's hop, measured slower in session 14:
 //   Flash T = 1 hc_pre + norm 7.3 vs 6.6 µs, dropped.)
-// - kAsync (HcKernelChoice::CLUSTER_ASYNC) replaces the cluster barriers of the four cluster steps: each receiving CTA
-//   arms an mbarrier with the bytes it will receive and its peers store with st.async, which completes them there (a
-//   barrier.cluster.arrive.release is a GPU-scope fence: it waits for the CTA's outstanding global stores, and its
-//   ERRBAR and barrier waits took ≈ 25 % of the stall samples, ncu, Flash T = 1). It also runs Sinkhorn in scaling form
-//   (sinkhorn_4x4_scaled), splits fn into tf32 pairs before the wait and gives the MMA two accumulator chains; its sums
-//   run in another order than the plain kernel's. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix norm):
-//   hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2, hc_post_pre 6.4 → 6.1.
+// - Asynchronous cluster steps (session 14): each receiving CTA arms an mbarrier with the bytes it will receive and its
+//   peers store with st.async, which completes them there (a cluster barrier's barrier.cluster.arrive.release is a
+//   GPU-scope fence: it waits for the CTA's outstanding global stores, and its ERRBAR and barrier waits took ≈ 25 % of
+//   the stall samples, ncu, Flash T = 1). Sinkhorn in scaling form (sinkhorn_4x4_scaled), fn split into tf32 pairs
+//   before the wait, two accumulator chains in the MMA. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix
+//   norm; the session-13 kernel with cluster barriers → this one): hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2,
+//   hc_post_pre 6.4 → 6.1. The session-13 kernel (HcKernelChoice::CLUSTER) was removed in session 17.
 // - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
 //   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
 //   mix CTAs have read it too.
-// - Measured (H200, session 13, CUDA graph, µs, session-12 decode kernel → this one without kAsync): V4-Flash T = 1
+// - Measured (H200, session 13, CUDA graph, µs, session-12 decode kernel → the session-13 one): V4-Flash T = 1
 //   hc_pre + norm 6.7 → 6.7, hc_post_pre + norm 6.9 → 6.8, hc_head 4.1 → 3.7; T = 8 8.8 → 7.3, 9.1 → 7.7; T = 16
 //   9.6 → 8.1, 10.8 → 8.7; V4-Pro T = 1 9.4 → 7.4, 8.4 → 7.6; T = 8 10.7 → 8.1, 10.3 → 8.5. At Flash T = 1 the mix
 //   CTAs' Sinkhorn is the tail: hc_pre 6.5-6.7 with 20 iterations, 5.1 with one (≈ 80 cycles per normalisation);
@@ -956,30 +935,14 @@ inline constexpr int kClusterCtas = 8;
 // items per pass when Q > 8).
 inline constexpr int kGatherPasses = 3;
 
-struct ClusterDecodeArgs {
-  const float* X;
-  const float* fn;
-  const float* base;
-  const float* scale;
-  int tokens;
-  int hidden;
-  int clusters;  // Q: slice clusters
-  int sinkhorn_iters;
-  float hc_eps;
-  float norm_eps;
-  bool round_to_bf16;
-  float* y;
-  __nv_bfloat16* y_bf16;
-  float* post;
-  float* comb;
-  // The fused variant's hc_post inputs and its updated residual.
-  const float* out;
-  const float* post_in;
-  const float* comb_in;
-  float* X_out;
-  // Optional fused output norm.
+// The decode kernels' arguments (the single-cluster kernel takes these): a site with the optional fused output norm.
+struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
+};
+
+struct ClusterDecodeArgs : DecodeSiteArgs {
+  int clusters;  // Q: slice clusters
   unsigned* header;                  // [0] launch epoch
   unsigned long long* row_words;     // [partial rows][16][Q] tagged: each slice cluster's partial sums
   unsigned long long* square_words;  // [16][Q] tagged: each slice cluster's Σy²
@@ -1030,22 +993,12 @@ __device__ __forceinline__ float slice_squares(float4 value) {
   return squares;
 }
 
-// PTX ISA "barrier.cluster": arrive (releasing this thread's earlier writes, DSMEM stores included) and wait
-// (acquiring the other threads' writes). The arrive at entry is relaxed: it only says the CTA has started.
+// PTX ISA "barrier.cluster": a relaxed arrive (it only says the CTA has started: its exchange barriers are armed) and
+// the wait for every CTA's arrive.
 __device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
-__device__ inline void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
 __device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
 
-// Stores `value` at the position of `local` (this CTA's shared memory) in the shared memory of cluster CTA `rank`.
-__device__ inline void store_to_cluster_cta(float* local, unsigned rank, float value) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-               : "=r"(remote)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(value) : "memory");
-}
-
-// kAsync's cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
+// The cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
 // One thread arms `barrier` for `bytes` (its only arrival), then one fence_mbarrier_init for all of them, before the
 // CTA's first cluster arrive; every reader waits for phase 0; the stores (PTX st.async) complete their bytes on the
 // receiver's barrier: no cluster barrier, so no GPU-scope fence (barrier.cluster.arrive.release waits for the CTA's
@@ -1128,7 +1081,6 @@ __device__ __forceinline__ void sum_cluster_words(int count, int clusters, unsig
 
 // A mix CTA of the cluster decode kernel (cluster 0, CTA `rank`): post and comb of tokens rank and rank + 8 from the
 // slice clusters' words of Σx², the post rows and the comb rows.
-template <bool kAsync>
 __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigned rank, int tokens_here) {
   constexpr int kMixItems = 1 + (kPartialRows<false> - 1 - kStreams);  // Σx², post ×4, comb ×16
   static_assert(kTileTokens / kClusterCtas * kMixItems <= kGatherPasses * (kDecodeThreads / 16),
@@ -1172,10 +1124,7 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l)
         c[l] = totals[1 + 2 * kStreams + l][t] * inv_rms * comb_scale + comb_base[l];
-      if constexpr (kAsync)
-        sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
-      else
-        sinkhorn_4x4_in_registers(c, args.sinkhorn_iters, args.hc_eps);
+      sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
@@ -1186,9 +1135,8 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
   if (rank == 0 && tid == 0) args.header[0] = tag;
 }
 
-// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre; kAsync:
-// see the notes above.
-template <bool kHead, bool kPost, bool kAsync>
+// kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
+template <bool kHead, bool kPost>
 __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(const ClusterDecodeArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
@@ -1210,12 +1158,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   __shared__ float square_gathered[kClusterCtas][kTokensPerCta];
   __shared__ float square_totals[kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
-  // kAsync: the bytes stored here by [0] the partials' step, [1] the totals' push, [2] the Σy² step, [3] its push.
+  // The bytes stored here by [0] the partials' step, [1] the totals' push, [2] the Σy² step, [3] its push.
   __shared__ uint64_t exchange[4];
 
   allow_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int d = args.hidden, T = args.tokens, Q = args.clusters;
+  const int d = args.hidden, T = int(args.tokens), Q = args.clusters;
   const int64_t flat = int64_t(kStreams) * d;
   const unsigned rank = blockIdx.x % kClusterCtas;  // 1-D clusters of kClusterCtas consecutive CTAs
   const int cluster = int(blockIdx.x / kClusterCtas);
@@ -1224,7 +1172,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   // Tokens t = rank + 8m (m < tokens_here) whose sums this CTA forms for its cluster (mix CTA: whose mix it runs).
   const int tokens_here = T > int(rank) ? (T - int(rank) + kClusterCtas - 1) / kClusterCtas : 0;
   if constexpr (!kHead) {
-    if (cluster == 0) return cluster_decode_mix<kAsync>(args, rank, tokens_here);
+    if (cluster == 0) return cluster_decode_mix(args, rank, tokens_here);
   }
 
   const int q = cluster - kMixClusters;
@@ -1238,15 +1186,14 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   const int column0 = (warp % kWarpsPerStream) * 32 + 4 * t4;
   float fn_frag[2][kNTiles][4];
   load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + min(i0, d), flat, column0, width, g);
-  // kAsync: the tf32 pairs split here, off the path after the wait (48 registers; one tile, no cap pressure).
+  // The tf32 pairs split here, off the path after the wait (48 registers; one tile, no cap pressure).
   uint32_t fn_big[2][kNTiles][4], fn_small[2][kNTiles][4];
-  if constexpr (kAsync)
 #pragma unroll
-    for (int p = 0; p < 2; ++p)
+  for (int p = 0; p < 2; ++p)
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
+    for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) split_tf32(fn_frag[p][nt][e], fn_big[p][nt][e], fn_small[p][nt][e]);
+      for (int e = 0; e < 4; ++e) split_tf32(fn_frag[p][nt][e], fn_big[p][nt][e], fn_small[p][nt][e]);
   const int vt = tid / (kDecodeSliceDims / 4), vi = (tid % (kDecodeSliceDims / 4)) * 4;
   const bool owner = vt < T && vi < width;
   float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1254,18 +1201,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + i0 + vi));
   // pre's parameters, for thread 4·t + k.
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
-  if constexpr (kAsync) {
-    // Armed before the cluster arrive: no peer stores into this CTA before its wait below has seen the arrive. This
-    // CTA receives every rank's partials of its tokens and the totals of all T tokens (the Σy² alike, one row).
-    if (tid == 0) {
-      arm_exchange(&exchange[0], uint32_t(kClusterCtas * kPartial * tokens_here) * 4u);
-      arm_exchange(&exchange[1], uint32_t(kCollapseRows * T) * 4u);
-      if (args.norm_weight != nullptr) {
-        arm_exchange(&exchange[2], uint32_t(kClusterCtas * tokens_here) * 4u);
-        arm_exchange(&exchange[3], uint32_t(T) * 4u);
-      }
-      sm90::fence_mbarrier_init();
+  // Armed before the cluster arrive: no peer stores into this CTA before its wait below has seen the arrive. This CTA
+  // receives every rank's partials of its tokens and the totals of all T tokens (the Σy² alike, one row).
+  if (tid == 0) {
+    arm_exchange(&exchange[0], uint32_t(kClusterCtas * kPartial * tokens_here) * 4u);
+    arm_exchange(&exchange[1], uint32_t(kCollapseRows * T) * 4u);
+    if (args.norm_weight != nullptr) {
+      arm_exchange(&exchange[2], uint32_t(kClusterCtas * tokens_here) * 4u);
+      arm_exchange(&exchange[3], uint32_t(T) * 4u);
     }
+    sm90::fence_mbarrier_init();
   }
   cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
 
@@ -1275,16 +1220,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   __syncthreads();
   float* const mine = warp_sums + warp * kPartialFloats;
   const float* const xw = tile + stream * kDecodeSliceDims + column0;
-  if constexpr (kAsync)
-    project_tile_3xtf32<kRows, 2, false>(
-        xw, kDecodeLdx,
-        [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
-          big = fn_big[p][nt][e];
-          small = fn_small[p][nt][e];
-        },
-        g, t4, mine);
-  else
-    project_tile_3xtf32<kRows, 1, false>(xw, kDecodeLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+  project_tile_3xtf32<kRows, 2, false>(
+      xw, kDecodeLdx,
+      [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
+        big = fn_big[p][nt][e];
+        small = fn_small[p][nt][e];
+      },
+      g, t4, mine);
   __syncthreads();
 
   // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
@@ -1293,21 +1235,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     const int row = item / kTileTokens, t = item % kTileTokens;
     if (t >= T) continue;
     const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-    if constexpr (kAsync)
-      send_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], &exchange[0], t % kClusterCtas, sum);
-    else
-      store_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], t % kClusterCtas, sum);
+    send_to_cluster_cta(&gathered[rank][row][t / kClusterCtas], &exchange[0], t % kClusterCtas, sum);
   }
-  // The end of a cluster step: kAsync waits for the bytes armed on `exchange`, the plain kernel for every peer.
-  const auto end_cluster_step = [&](uint64_t* exchange_barrier) {
-    if constexpr (kAsync) {
-      wait_exchange(exchange_barrier);
-    } else {
-      cluster_arrive();
-      cluster_wait();
-    }
-  };
-  end_cluster_step(&exchange[0]);
+  wait_exchange(&exchange[0]);
   // This CTA's items (row, t = rank + 8m): the cluster's sum, ranks in order, published for the other clusters.
   if (tid < kPartial * kTokensPerCta) {
     const int row = tid / kTokensPerCta, m = tid % kTokensPerCta, t = int(rank) + kClusterCtas * m;
@@ -1322,12 +1252,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   // The lanes of an item's group push its total into the cluster's CTAs, lane l into CTAs l, l + lanes, ….
   const int group_lanes = slice_sum_lanes(Q);
   const auto push_to_cluster = [&](float* local, uint64_t* exchange_barrier, float value, int l) {
-    for (int r = l; r < kClusterCtas; r += group_lanes) {
-      if constexpr (kAsync)
-        send_to_cluster_cta(local, exchange_barrier, unsigned(r), value);
-      else
-        store_to_cluster_cta(local, unsigned(r), value);
-    }
+    for (int r = l; r < kClusterCtas; r += group_lanes) send_to_cluster_cta(local, exchange_barrier, unsigned(r), value);
   };
   // Item i: row i / tokens_here, token rank + 8·(i mod tokens_here).
   const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
@@ -1339,7 +1264,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     // No mix cluster: CTA 0 of slice cluster 0 has read token 0's words from every slice cluster.
     if (q == 0 && rank == 0 && tid == 0) args.header[0] = tag;
   }
-  end_cluster_step(&exchange[1]);
+  wait_exchange(&exchange[1]);
 
   if (tid < kStreams * T) {
     const int t = tid / kStreams, k = tid % kStreams;
@@ -1354,13 +1279,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   if (args.norm_weight != nullptr) {
     // Σy² of the slice per token (a token's 16 vectors are 16 aligned lanes of one warp), then the same path.
     const float squares = slice_squares(value);
-    if (vi == 0 && vt < T) {
-      if constexpr (kAsync)
-        send_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], &exchange[2], vt % kClusterCtas, squares);
-      else
-        store_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], vt % kClusterCtas, squares);
-    }
-    end_cluster_step(&exchange[2]);
+    if (vi == 0 && vt < T)
+      send_to_cluster_cta(&square_gathered[rank][vt / kClusterCtas], &exchange[2], vt % kClusterCtas, squares);
+    wait_exchange(&exchange[2]);
     if (tid < kTokensPerCta) {
       const int t = int(rank) + kClusterCtas * tid;
       if (t < T) {
@@ -1373,7 +1294,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     sum_cluster_words(
         tokens_here, Q, tag, [&](int m) { return args.square_words + int64_t(token_of(m)) * Q; },
         [&](int m, float sum, int l) { push_to_cluster(&square_totals[token_of(m)], &exchange[3], sum, l); });
-    end_cluster_step(&exchange[3]);
+    wait_exchange(&exchange[3]);
     if (owner) {
       // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
       const float inv_rms = inverse_rms(square_totals[vt], float(d), args.norm_eps);
@@ -1385,16 +1306,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   if (owner) store_output(args.y, args.y_bf16, int64_t(vt) * d + i0 + vi, value);
 }
 
-// ---- The single-cluster decode kernel (T ≤ kDecodeMaxTokens, hidden a multiple of 256 up to 4096). ----
+// ---- The single-cluster decode kernel (T ≤ kDecodeMaxTokens; hidden a multiple of 256 up to 4096, or of 512 up to
+// 7168). ----
 //
 // NOTES:
 // - One cluster of kSingleClusterCtas CTAs covers the whole projection, so every sum over the hidden size is one
 //   DSMEM exchange and none takes a global hop (the cluster decode kernel above needs a global hop per sum: Flash
 //   T = 1 hc_head + norm 4.6 µs against 3.2 without the norm's hop, session 14). CTA r owns the dims [r·ds,
-//   (r+1)·ds), ds = hidden / 16, of all 4 streams; its warp w the 16 dims 16w .. 16w + 15 of the slice, all streams.
+//   (r+1)·ds), ds = hidden / 16, of all 4 streams; its warp w the 16·V dims 16·V·w .. 16·V·(w + 1) − 1 of the slice,
+//   all streams, where V (kVectors) is 1 up to 4096 and 2 above (V4-Pro: 14 warps of 32 dims; 28 warps of 16 left
+//   a thread 64 registers and spilled), each thread V 4-dim vectors 16 dims apart per stream and token.
 // - fn's slice (24 rows × 4·ds floats, ≈ 98 KB for V4-Flash) is bulk-copied into shared memory before the
 //   grid-dependency wait. After it each thread loads its X values straight into registers as MMA A fragments
-//   (tokens g and g + 8, dims 4·t4 .. + 3 of its warp's 16, all 4 streams: the collapse and the fused hc_post need
+//   (tokens g and g + 8, dims 4·t4 .. + 3 of each 16 of its warp's, all 4 streams: the collapse and the fused hc_post need
 //   no shared-memory staging either), projects them (3xTF32 MMA, as the kernels above), and the warps' partial sums
 //   are summed in warp order.
 // - Exchange 1: every CTA stores its partials of Σx² and the pre rows (5 × T values) into every CTA, and its mix rows
@@ -1410,39 +1334,24 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 // - No workspace words: nothing leaves the cluster but the outputs. Sums in another fixed order than the other
 //   kernels' (deterministic).
 inline constexpr int kSingleClusterCtas = 16;
-inline constexpr int kSingleWarpDims = 16;                     // dims per warp (all 4 streams)
-inline constexpr int kSingleMaxWarps = 16;                     // ds ≤ 256: hidden ≤ 4096
-inline constexpr int kSingleFnPad = 16;  // floats past each fn row: rows g, g + 1 of a B load 16 banks apart
-inline constexpr int kSingleDimQuantum = kSingleClusterCtas * kSingleWarpDims;  // hidden must be a multiple of it
-inline constexpr int kSingleMixItems = kPartialRows<false> - 1 - kStreams;      // post ×4, comb ×16
+inline constexpr int kSingleWarpDims = 16;  // dims per warp and vector (all 4 streams)
+inline constexpr int kSingleMaxWarps = 16;  // projection warps per CTA
+inline constexpr int kSingleFnPad = 16;     // floats past each fn row: rows g, g + 1 of a B load 16 banks apart
+inline constexpr int kSingleMixItems = kPartialRows<false> - 1 - kStreams;  // post ×4, comb ×16
 
-struct SingleClusterArgs {
-  const float* X;
-  const float* fn;
-  const float* base;
-  const float* scale;
-  int tokens;
-  int hidden;
-  int sinkhorn_iters;
-  float hc_eps;
-  float norm_eps;
-  bool round_to_bf16;
-  float* y;
-  __nv_bfloat16* y_bf16;
-  float* post;
-  float* comb;
-  // The fused variant's hc_post inputs and its updated residual.
-  const float* out;
-  const float* post_in;
-  const float* comb_in;
-  float* X_out;
-  // Optional fused output norm.
-  const float* norm_weight;
-  bool norm_round_to_bf16;
-};
-
+// Projection warps per CTA at most with `vectors` vectors per thread (one: 16 × 32 + 32 threads at ≤ 120 registers;
+// two: 14 × 32 + 32 at ≤ 136, as V4-Pro's 7168 needs).
+__host__ __device__ constexpr int single_cluster_max_warps(int vectors) { return vectors == 1 ? kSingleMaxWarps : 14; }
+// Vectors per thread for `hidden` (0: the kernel does not serve it): each CTA's slice a whole number of warps.
+__host__ __device__ constexpr int single_cluster_vectors(int64_t hidden) {
+  for (int vectors = 1; vectors <= 2; ++vectors) {
+    const int64_t quantum = int64_t(kSingleClusterCtas) * kSingleWarpDims * vectors;
+    if (hidden > 0 && hidden % quantum == 0 && hidden <= quantum * single_cluster_max_warps(vectors)) return vectors;
+  }
+  return 0;
+}
 __host__ __device__ constexpr int single_cluster_warps(int hidden) {
-  return hidden / kSingleClusterCtas / kSingleWarpDims;
+  return hidden / kSingleClusterCtas / (kSingleWarpDims * single_cluster_vectors(hidden));
 }
 __host__ __device__ constexpr int single_cluster_threads(int hidden, bool head) {
   return 32 * single_cluster_warps(hidden) + (head ? 0 : 32);  // + the mix warp
@@ -1471,9 +1380,11 @@ __device__ __forceinline__ float sum_in_order(const float* values, int count, in
   return sum;
 }
 
-// kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T (see the notes).
-template <bool kHead, bool kPost, int kTokenTiles>
-__global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_kernel(const SingleClusterArgs args) {
+// kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T; kVectors: per thread, stream
+// and token (see the notes).
+template <bool kHead, bool kPost, int kTokenTiles, int kVectors>
+__global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
+    hc_single_cluster_kernel(const DecodeSiteArgs args) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
   constexpr int kNTiles = (kRows + 7) / 8;
@@ -1483,9 +1394,10 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kCollapseRows == kPartialRows<true>, "hc_head's partials are exactly the collapse rows");
   static_assert(kTokenTiles >= 0 && kTokenTiles <= 2, "up to 16 tokens");
+  static_assert(kVectors == 1 || kVectors == 2, "16 or 32 dims per warp");
 
   extern __shared__ float4 dynamic_smem[];
-  const int d = args.hidden, T = args.tokens;
+  const int d = args.hidden, T = int(args.tokens);
   const int ds = d / kCtas;
   const int warps = single_cluster_warps(d);
   const int fn_stride = single_cluster_fn_stride(d);
@@ -1556,23 +1468,32 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     return;
   }
 
-  // Projection warps. Thread (g, t4) of warp w: dims i0 + 16w + 4·t4 .. + 3 of tokens g and g + 8 (kSingleToken:
-  // every g loads token 0's; the g = 0 lanes own its outputs).
-  const int dim = i0 + kSingleWarpDims * warp + 4 * t4;
+  // Projection warps. Thread (g, t4) of warp w: dims dim0 + 16v .. + 3 (v < kVectors), dim0 = i0 + 16·V·w + 4·t4, of
+  // tokens g and g + 8 (kSingleToken: every g loads token 0's; the g = 0 lanes own its outputs).
+  constexpr int kWarpDims = kSingleWarpDims * kVectors;
+  const int dim0 = i0 + kWarpDims * warp + 4 * t4;
   const int token_lo = kSingleToken ? 0 : g;
   const bool loads_lo = kSingleToken || g < T;
   const bool has_lo = kSingleToken ? g == 0 : g < T, has_hi = kTokenTiles == 2 && g + 8 < T;
-  float4 norm_weight = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (args.norm_weight != nullptr) norm_weight = __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim));
+  float4 norm_weight[kVectors];
+#pragma unroll
+  for (int v = 0; v < kVectors; ++v)
+    norm_weight[v] = args.norm_weight != nullptr
+                         ? __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim0 + kSingleWarpDims * v))
+                         : make_float4(0.f, 0.f, 0.f, 0.f);
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
   wait_for_prior_grids();
 
-  float4 x_lo[kStreams], x_hi[kStreams];
-  const auto load_token = [&](int t, bool valid, float4 (&x)[kStreams]) {
-    const float* const source = args.X + int64_t(t) * flat + dim;
+  using TokenVectors = float4[kVectors][kStreams];
+  TokenVectors x_lo, x_hi;
+  const auto load_token = [&](int t, bool valid, TokenVectors& x) {
+    const float* const source = args.X + int64_t(t) * flat + dim0;
 #pragma unroll
-    for (int k = 0; k < kStreams; ++k)
-      x[k] = valid ? *reinterpret_cast<const float4*>(source + int64_t(k) * d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int v = 0; v < kVectors; ++v)
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k)
+        x[v][k] = valid ? *reinterpret_cast<const float4*>(source + int64_t(k) * d + kSingleWarpDims * v)
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
   };
   load_token(token_lo, loads_lo, x_lo);
   load_token(g + 8, has_hi, x_hi);
@@ -1581,19 +1502,24 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     if constexpr (kSingleToken) __syncwarp();
     // hc_post of the finished sub-block on this thread's vectors (the owner is their only reader and writer;
     // kSingleToken: the other g update their copies too).
-    const auto update_token = [&](int t, bool valid, bool owner, float4 (&x)[kStreams]) {
+    const auto update_token = [&](int t, bool valid, bool owner, TokenVectors& x) {
       if (!valid) return;
-      const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(t) * d + dim);
       float mix[kMixFloats];
       load_mix(args.post_in, args.comb_in, t, mix);
-      float4 updated[kStreams];
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) updated[k] = residual_update(k, o, x, mix, mix + kStreams, args.round_to_bf16);
-      float* const x_out = args.X_out + int64_t(t) * flat + dim;
+      for (int v = 0; v < kVectors; ++v) {
+        const int dim = dim0 + kSingleWarpDims * v;
+        const float4 o = *reinterpret_cast<const float4*>(args.out + int64_t(t) * d + dim);
+        float4 updated[kStreams];
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) {
-        x[k] = updated[k];
-        if (owner) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+        for (int k = 0; k < kStreams; ++k)
+          updated[k] = residual_update(k, o, x[v], mix, mix + kStreams, args.round_to_bf16);
+        float* const x_out = args.X_out + int64_t(t) * flat + dim;
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) {
+          x[v][k] = updated[k];
+          if (owner) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+        }
       }
     };
     update_token(token_lo, loads_lo, has_lo, x_lo);
@@ -1601,31 +1527,37 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   }
 
   float* const mine = warp_sums + warp * kPartial * kTileTokens;
+  // fn's columns of this thread's first vector in row 0 (vector v 16 floats on, stream k ds on).
+  const float* const fn_thread = fn_s + kWarpDims * warp + 4 * t4;
   if constexpr (kSingleToken) {
-    // One token (see the notes): lane (g, t4) takes projection rows g + 8·nt of its 16 columns (4 streams × the 4
-    // dims), then the quad (t4) sums its columns: row r of the warp's 64 columns.
+    // One token (see the notes): lane (g, t4) takes projection rows g + 8·nt of its 16·V columns (4 streams × the 4
+    // dims of each vector), then the quad (t4) sums its columns: row r of the warp's 64·V columns.
     float part[kNTiles] = {};
     float squares = 0.f;
     wait_exchange(&barriers[0]);
 #pragma unroll
-    for (int k = 0; k < kStreams; ++k) {
-      squares = fmaf(x_lo[k].x, x_lo[k].x, squares);
-      squares = fmaf(x_lo[k].y, x_lo[k].y, squares);
-      squares = fmaf(x_lo[k].z, x_lo[k].z, squares);
-      squares = fmaf(x_lo[k].w, x_lo[k].w, squares);
-    }
+    for (int v = 0; v < kVectors; ++v)
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) {
+        squares = fmaf(x_lo[v][k].x, x_lo[v][k].x, squares);
+        squares = fmaf(x_lo[v][k].y, x_lo[v][k].y, squares);
+        squares = fmaf(x_lo[v][k].z, x_lo[v][k].z, squares);
+        squares = fmaf(x_lo[v][k].w, x_lo[v][k].w, squares);
+      }
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       if (8 * nt + g >= kRows) continue;
-      const float* const fn_row = fn_s + (8 * nt + g) * fn_stride + kSingleWarpDims * warp + 4 * t4;
+      const float* const fn_row = fn_thread + (8 * nt + g) * fn_stride;
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) {
-        const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds);
-        part[nt] = fmaf(f.x, x_lo[k].x, part[nt]);
-        part[nt] = fmaf(f.y, x_lo[k].y, part[nt]);
-        part[nt] = fmaf(f.z, x_lo[k].z, part[nt]);
-        part[nt] = fmaf(f.w, x_lo[k].w, part[nt]);
-      }
+      for (int v = 0; v < kVectors; ++v)
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) {
+          const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
+          part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
+          part[nt] = fmaf(f.y, x_lo[v][k].y, part[nt]);
+          part[nt] = fmaf(f.z, x_lo[v][k].z, part[nt]);
+          part[nt] = fmaf(f.w, x_lo[v][k].w, part[nt]);
+        }
     }
     squares += __shfl_xor_sync(kFullMask, squares, 1);
     squares += __shfl_xor_sync(kFullMask, squares, 2);
@@ -1638,56 +1570,59 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     if (lane == 0) mine[0] = squares;
   } else {
     // 3xTF32 projection with the projection rows as the MMA's M (16-row tiles: hc_pre's 24 in 2, not 3 tiles of 8)
-    // and the tokens as its N (tile nn: tokens 8·nn + g; the thread's own x is its B fragment). For stream k, k-step
-    // h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one (load_fn_fragments' permutation); two
-    // accumulator chains per tile pair, by stream parity (one with two token tiles: their accumulators spilled).
+    // and the tokens as its N (tile nn: tokens 8·nn + g; the thread's own x is its B fragment). For vector v and
+    // stream k, k-step h maps logical k = t4 to dim 4·t4 + 2h and k = t4 + 4 to the next one (load_fn_fragments'
+    // permutation); two accumulator chains per tile pair, by stream parity (one with two token tiles: their
+    // accumulators spilled).
     constexpr int kMTiles = (kRows + 15) / 16;
     constexpr int kChains = kTokenTiles == 1 ? 2 : 1;
     float acc[kChains][kMTiles][kTokenTiles][4] = {};
     float squares_lo = 0.f, squares_hi = 0.f;
     wait_exchange(&barriers[0]);
-    const float* const fn_warp = fn_s + g * fn_stride + kSingleWarpDims * warp + 4 * t4;
 #pragma unroll
-    for (int k = 0; k < kStreams; ++k) {
-      const float lo[4] = {x_lo[k].x, x_lo[k].y, x_lo[k].z, x_lo[k].w};
-      const float hi[4] = {x_hi[k].x, x_hi[k].y, x_hi[k].z, x_hi[k].w};
+    for (int v = 0; v < kVectors; ++v)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        squares_lo = fmaf(lo[e], lo[e], squares_lo);
-        if constexpr (kTokenTiles == 2) squares_hi = fmaf(hi[e], hi[e], squares_hi);
-      }
+      for (int k = 0; k < kStreams; ++k) {
+        const float lo[4] = {x_lo[v][k].x, x_lo[v][k].y, x_lo[v][k].z, x_lo[v][k].w};
+        const float hi[4] = {x_hi[v][k].x, x_hi[v][k].y, x_hi[v][k].z, x_hi[v][k].w};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t b_big[kTokenTiles][2], b_small[kTokenTiles][2];
-#pragma unroll
-        for (int nn = 0; nn < kTokenTiles; ++nn) {
-          const float* const x = nn == 0 ? lo : hi;
-          split_tf32(x[2 * h], b_big[nn][0], b_small[nn][0]);
-          split_tf32(x[2 * h + 1], b_big[nn][1], b_small[nn][1]);
+        for (int e = 0; e < 4; ++e) {
+          squares_lo = fmaf(lo[e], lo[e], squares_lo);
+          if constexpr (kTokenTiles == 2) squares_hi = fmaf(hi[e], hi[e], squares_hi);
         }
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          // fn rows 16·mt + g and + 8 at dims 2h, 2h + 1 of the thread's 4 (rows past kRows: zero).
-          const auto fn_pair = [&](int row) {
-            return row < kRows ? *reinterpret_cast<const float2*>(fn_warp + (row - g) * fn_stride + k * ds + 2 * h)
-                               : make_float2(0.f, 0.f);
-          };
-          const float2 top = fn_pair(16 * mt + g), bottom = fn_pair(16 * mt + g + 8);
-          uint32_t a_big[4], a_small[4];
-          split_tf32(top.x, a_big[0], a_small[0]);
-          split_tf32(bottom.x, a_big[1], a_small[1]);
-          split_tf32(top.y, a_big[2], a_small[2]);
-          split_tf32(bottom.y, a_big[3], a_small[3]);
+        for (int h = 0; h < 2; ++h) {
+          uint32_t b_big[kTokenTiles][2], b_small[kTokenTiles][2];
 #pragma unroll
           for (int nn = 0; nn < kTokenTiles; ++nn) {
-            float (&chain)[4] = acc[k % kChains][mt][nn];
-            mma_tf32(chain, a_small, b_big[nn][0], b_big[nn][1]);
-            mma_tf32(chain, a_big, b_small[nn][0], b_small[nn][1]);
-            mma_tf32(chain, a_big, b_big[nn][0], b_big[nn][1]);
+            const float* const x = nn == 0 ? lo : hi;
+            split_tf32(x[2 * h], b_big[nn][0], b_small[nn][0]);
+            split_tf32(x[2 * h + 1], b_big[nn][1], b_small[nn][1]);
+          }
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            // fn rows 16·mt + g and + 8 at dims 2h, 2h + 1 of the vector's 4 (rows past kRows: zero).
+            const auto fn_pair = [&](int row) {
+              return row < kRows ? *reinterpret_cast<const float2*>(fn_thread + row * fn_stride + k * ds +
+                                                                    kSingleWarpDims * v + 2 * h)
+                                 : make_float2(0.f, 0.f);
+            };
+            const float2 top = fn_pair(16 * mt + g), bottom = fn_pair(16 * mt + g + 8);
+            uint32_t a_big[4], a_small[4];
+            split_tf32(top.x, a_big[0], a_small[0]);
+            split_tf32(bottom.x, a_big[1], a_small[1]);
+            split_tf32(top.y, a_big[2], a_small[2]);
+            split_tf32(bottom.y, a_big[3], a_small[3]);
+#pragma unroll
+            for (int nn = 0; nn < kTokenTiles; ++nn) {
+              float (&chain)[4] = acc[k % kChains][mt][nn];
+              mma_tf32(chain, a_small, b_big[nn][0], b_big[nn][1]);
+              mma_tf32(chain, a_big, b_small[nn][0], b_small[nn][1]);
+              mma_tf32(chain, a_big, b_big[nn][0], b_big[nn][1]);
+            }
           }
         }
       }
-    }
     squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 1);
     squares_lo += __shfl_xor_sync(kFullMask, squares_lo, 2);
     squares_hi += __shfl_xor_sync(kFullMask, squares_hi, 1);
@@ -1744,26 +1679,36 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
   sync_projection_warps();
 
   // Collapse in registers: y = Σ_k pre_k·X_k (pre_0·x_0 first, then one multiply-add per stream).
-  const auto collapse = [&](int t, const float4 (&x)[kStreams]) {
-    const float p0 = pre_s[t][0];
-    float4 value = make_float4(p0 * x[0].x, p0 * x[0].y, p0 * x[0].z, p0 * x[0].w);
+  using OutputVectors = float4[kVectors];
+  const auto collapse = [&](int t, const TokenVectors& x, OutputVectors& y) {
 #pragma unroll
-    for (int k = 1; k < kStreams; ++k) {
-      const float pk = pre_s[t][k];
-      value = make_float4(fmaf(pk, x[k].x, value.x), fmaf(pk, x[k].y, value.y), fmaf(pk, x[k].z, value.z),
-                          fmaf(pk, x[k].w, value.w));
+    for (int v = 0; v < kVectors; ++v) {
+      const float p0 = pre_s[t][0];
+      float4 value = make_float4(p0 * x[v][0].x, p0 * x[v][0].y, p0 * x[v][0].z, p0 * x[v][0].w);
+#pragma unroll
+      for (int k = 1; k < kStreams; ++k) {
+        const float pk = pre_s[t][k];
+        value = make_float4(fmaf(pk, x[v][k].x, value.x), fmaf(pk, x[v][k].y, value.y),
+                            fmaf(pk, x[v][k].z, value.z), fmaf(pk, x[v][k].w, value.w));
+      }
+      y[v] = args.round_to_bf16 ? round4_to_bf16(value) : value;
     }
-    return args.round_to_bf16 ? round4_to_bf16(value) : value;
   };
-  float4 y_lo = has_lo ? collapse(g, x_lo) : make_float4(0.f, 0.f, 0.f, 0.f);
-  float4 y_hi = has_hi ? collapse(g + 8, x_hi) : make_float4(0.f, 0.f, 0.f, 0.f);
+  OutputVectors y_lo = {}, y_hi = {};
+  if (has_lo) collapse(g, x_lo, y_lo);
+  if (has_hi) collapse(g + 8, x_hi, y_hi);
   if (args.norm_weight != nullptr) {
-    // Exchange 2: Σy² of the slice per token (warps in order), to every CTA; the totals in rank order.
-    const auto token_squares = [](float4 v) {
-      float s = fmaf(v.x, v.x, 0.0f);
-      s = fmaf(v.y, v.y, s);
-      s = fmaf(v.z, v.z, s);
-      s = fmaf(v.w, v.w, s);
+    // Exchange 2: Σy² of the slice per token (the thread's vectors in order, its quad, then the warps in order), to
+    // every CTA; the totals in rank order.
+    const auto token_squares = [](const OutputVectors& y) {
+      float s = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) {
+        s = fmaf(y[v].x, y[v].x, s);
+        s = fmaf(y[v].y, y[v].y, s);
+        s = fmaf(y[v].z, y[v].z, s);
+        s = fmaf(y[v].w, y[v].w, s);
+      }
       s += __shfl_xor_sync(kFullMask, s, 1);
       return s + __shfl_xor_sync(kFullMask, s, 2);
     };
@@ -1780,18 +1725,26 @@ __global__ void __launch_bounds__(32 * kSingleMaxWarps + 32) hc_single_cluster_k
     }
     wait_exchange(&barriers[3]);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
-    const auto normalise = [&](int t, float4 v) {
+    const auto normalise = [&](int t, OutputVectors& y) {
       const float squares = sum_in_order<kCtas>(&squares_in[0][t], kCtas, kTileTokens);
       const float inv_rms = inverse_rms(squares, float(d), args.norm_eps);
-      v = make_float4(v.x * inv_rms * norm_weight.x, v.y * inv_rms * norm_weight.y, v.z * inv_rms * norm_weight.z,
-                      v.w * inv_rms * norm_weight.w);
-      return args.norm_round_to_bf16 ? round4_to_bf16(v) : v;
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v) {
+        const float4 w = norm_weight[v];
+        const float4 value = make_float4(y[v].x * inv_rms * w.x, y[v].y * inv_rms * w.y, y[v].z * inv_rms * w.z,
+                                         y[v].w * inv_rms * w.w);
+        y[v] = args.norm_round_to_bf16 ? round4_to_bf16(value) : value;
+      }
     };
-    if (has_lo) y_lo = normalise(g, y_lo);
-    if (has_hi) y_hi = normalise(g + 8, y_hi);
+    if (has_lo) normalise(g, y_lo);
+    if (has_hi) normalise(g + 8, y_hi);
   }
-  if (has_lo) store_output(args.y, args.y_bf16, int64_t(g) * d + dim, y_lo);
-  if (has_hi) store_output(args.y, args.y_bf16, int64_t(g + 8) * d + dim, y_hi);
+#pragma unroll
+  for (int v = 0; v < kVectors; ++v) {
+    const int dim = dim0 + kSingleWarpDims * v;
+    if (has_lo) store_output(args.y, args.y_bf16, int64_t(g) * d + dim, y_lo[v]);
+    if (has_hi) store_output(args.y, args.y_bf16, int64_t(g + 8) * d + dim, y_hi[v]);
+  }
 }
 
 struct PostArgs {

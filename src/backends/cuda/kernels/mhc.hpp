@@ -22,16 +22,17 @@
 //   cluster of 16 CTAs, each a 1/16 slice of the hidden size (all n streams) with its fn columns bulk-copied into
 //   shared memory before the grid-dependency wait; every sum over the slices is one DSMEM exchange (no global hop, no
 //   workspace words), the fused output norm one more. Its sums run in another fixed order than the other kernels';
-//   Sinkhorn as the asynchronous cluster decode kernel's.
-// - Cluster decode kernel (kernel = CLUSTER or CLUSTER_ASYNC, and AUTO where the single-cluster kernel does not apply;
+//   Sinkhorn as the asynchronous cluster decode kernel's. kernel = SINGLE_CLUSTER also takes it at hidden sizes that
+//   are a multiple of kHcSingleClusterWideHiddenQuantum up to kHcSingleClusterWideMaxHidden (V4-Pro's 7168), each
+//   thread with two vectors per stream and token, up to 8 tokens.
+// - Cluster decode kernel (kernel = CLUSTER_ASYNC, and AUTO where the single-cluster kernel does not apply;
 //   T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice in clusters of 8 CTAs (plus one
 //   cluster for hc_pre's post/comb) projects its slice once; each sum over the slices is one cluster (DSMEM) step and
 //   one global hop, no pipeline. Its sums run in another order than the persistent kernel's (a launch's results depend
 //   on which kernel served it, not on T otherwise), and its Sinkhorn scales by hardware reciprocals instead of dividing
-//   (a few ulps). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only the weights are
-//   read before the grid-dependency wait. Same workspace as the persistent kernel. CLUSTER_ASYNC (and AUTO) run its
-//   asynchronous variant: cluster steps through st.async and mbarriers instead of cluster barriers, Sinkhorn in scaling
-//   form, fn split before the wait (sums in yet another order). CLUSTER runs the session-13 kernel.
+//   (a few ulps; in scaling form). Programmatic dependent launch (ptx/dependent_launch.cuh), as every mHC kernel: only
+//   the weights are read before the grid-dependency wait. Same workspace as the persistent kernel. Its cluster steps
+//   run through st.async and mbarriers (no cluster barriers).
 // - Fused output norm (out_norm_weight set): y (then required; h for hc_head) and y_bf16 hold, instead of y,
 //   z = y · rsqrt(mean over d of y² + norm_eps) · out_norm_weight (y as above, so rounded to bf16 first in Reference
 //   numerics), rounded to bf16 in the fp32 buffer when out_norm_round_to_bf16: what run_rms_norm({.x = y, .weight =
@@ -59,19 +60,27 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // Which projection kernel serves hc_pre / hc_head / hc_post_pre. AUTO: the single-cluster decode kernel where it
 // applies, else the asynchronous cluster decode kernel where that applies (above), hc_post_pre of
 // kAutoWarpSpecializedPostPreMinTokens tokens and more on PERSISTENT_WARP_SPECIALIZED, the persistent kernel elsewhere;
-// PERSISTENT: the persistent kernel always (the comparison baseline); CLUSTER: the session-13 cluster decode kernel
-// where it applies (the engine's mhc_cluster_kernel switch), the persistent kernel elsewhere; CLUSTER_ASYNC: the
-// asynchronous cluster decode kernel where it applies (AUTO before session 16), the persistent kernel elsewhere;
+// PERSISTENT: the persistent kernel always (the comparison baseline); CLUSTER_ASYNC: the asynchronous cluster decode
+// kernel where it applies (AUTO before session 16), the persistent kernel elsewhere;
 // PERSISTENT_WARP_SPECIALIZED: hc_post_pre on the persistent kernel at one CTA per SM in two warp groups, one applying
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
-// hc_pre and hc_head take the persistent kernel.
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
+// hc_pre and hc_head take the persistent kernel; SINGLE_CLUSTER: the single-cluster decode kernel at all its hidden
+// sizes, AUTO's choice elsewhere.
+enum class HcKernelChoice : uint8_t {
+  AUTO,
+  PERSISTENT,
+  CLUSTER_ASYNC,
+  PERSISTENT_WARP_SPECIALIZED,
+  SINGLE_CLUSTER
+};
 
-// The single-cluster decode kernel's hidden sizes (AUTO; above).
+// The single-cluster decode kernel's hidden sizes (AUTO; above), and its wider ones (SINGLE_CLUSTER).
 inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
 inline constexpr int64_t kHcSingleClusterMaxHidden = 4096;
+inline constexpr int64_t kHcSingleClusterWideHiddenQuantum = 512;
+inline constexpr int64_t kHcSingleClusterWideMaxHidden = 7168;
 
 // hc_pre of one site: X [T, n, d] -> y [T, d] = Σ_k pre_k·X_k, post [T, n], comb [T, n, n] (row-major comb[j][k]).
 struct HcPreParams {
