@@ -1,5 +1,9 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -12,18 +16,38 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
+// Auto's choice; DSV4_ATTENTION_PREFILL_GRID (persistent or per_item) overrides it for an A/B on one build.
+PrefillGrid resolve_grid(PrefillGrid requested) {
+  if (requested != PrefillGrid::Auto) return requested;
+  static const PrefillGrid chosen = [] {
+    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_GRID");
+    if (name == nullptr) return PrefillGrid::PerItem;
+    const std::string value = name;
+    check(value == "persistent" || value == "per_item", "DSV4_ATTENTION_PREFILL_GRID=", value,
+          ": expected persistent or per_item");
+    return value == "persistent" ? PrefillGrid::Persistent : PrefillGrid::PerItem;
+  }();
+  return chosen;
+}
+
 template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
+  const int64_t items = p.tokens * head_blocks, sms = device_multiprocessors();
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
-                         ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
+                         items <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
+  const bool persistent = resolve_grid(options.grid) == PrefillGrid::Persistent;
+  const int64_t ctas = persistent ? std::min<int64_t>(items, options.persistent_ctas > 0 ? options.persistent_ctas : sms)
+                                  : items;
+  // The look-ahead's item: the CTA's own next one, or the one that starts about when this CTA ends (one CTA per SM
+  // is resident, launched in order).
+  const int64_t ahead_stride = persistent ? ctas : sms;
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
+                 "sparse_attention_prefill", p, head_blocks, ahead_stride, prefetch);
 }
 
 }  // namespace
@@ -59,6 +83,8 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
 
 void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAttentionPrefillOptions& options) {
   check_sparse_attention_prefill_params(p);
+  check(options.persistent_ctas >= 0, "sparse_attention_prefill: persistent_ctas ", options.persistent_ctas,
+        " is negative");
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
