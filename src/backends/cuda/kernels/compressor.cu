@@ -173,11 +173,12 @@ CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
 int slots_of(const CompressorParams& p) { return int(p.overlapping ? 2 * p.ratio : p.ratio); }
 
 // Threads of a streamed CTA for one compressor: the finish's pairs, and enough slot groups of four-channel quads
-// for a window (up to kStreamedThreads).
+// to give each thread a whole batch of a window's slots (up to kStreamedThreads: more CTAs per SM instead of threads
+// with fewer slots each).
 int streamed_threads(const CompressorParams& p) {
   const int channels = int(p.head_dim) / entry_split(p);
   const int pairs_padded = (channels / 2 + 31) / 32 * 32;
-  const int wanted = (channels / 4 * slots_of(p) + 31) / 32 * 32;
+  const int wanted = (channels / 4 * slots_of(p) / compressor::kStreamBatch + 31) / 32 * 32;
   return std::max(pairs_padded, std::min(compressor::kStreamedThreads, wanted));
 }
 
