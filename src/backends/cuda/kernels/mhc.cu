@@ -8,6 +8,7 @@
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -143,6 +144,15 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
   args.partials = args.sums + size_t(config.token_tiles) * kTileWords;
+  args.x_map = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                                           .base = args.X,
+                                           .cols = uint64_t(args.hidden),
+                                           .rows = uint64_t(args.tokens) * kMhcStreams,
+                                           .row_stride_bytes = uint64_t(args.hidden) * sizeof(float),
+                                           .box_cols = mhc::kStagedBoxFloats,
+                                           .box_rows = mhc::kStagedBoxRows,
+                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
+                                          op);
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));

@@ -16,8 +16,9 @@
 //   per-tile cost is unexplained; the HMMA/shuffle/barrier latency chain per tile is the next suspect.
 // - Persistent CTAs: CTA (slice s, group g) owns dims [s·ds, (s+1)·ds) of all 4 streams and keeps its columns of fn
 //   in registers as MMA B fragments, then walks the token tiles g, g + G, … of 16 tokens. X tiles stream in kStages
-//   deep through per-thread 16-byte cp.async copies (4 per thread per tile, coalesced rows) that complete on the
-//   stage's mbarrier (cp.async.mbarrier.arrive.noinc, one arrival per thread).
+//   deep by TMA: one thread issues a tile's boxes (32 dims × the tile's 64 (token, stream) rows each) onto the
+//   stage's mbarrier; rows past the tokens and columns past the hidden size arrive as zeros. (Per-thread 16-byte
+//   cp.async copies until session 17: 4 per thread per tile and their address arithmetic in every thread.)
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -34,11 +35,11 @@
 //   issued before the projection and checked after it, so their latency hides behind it; a stale tag is re-read.
 // - post/comb (sigmoids and Sinkhorn, off the collapse's critical path) are computed after the tile loop, the tokens
 //   of tile j by slice j mod S, two tokens per warp.
-// - The two rows a quarter-warp's 16-byte fragment loads touch (tokens g and g + 1) must land 16 banks apart
-//   (conflict-free): the persistent kernel's staged rows are unpadded with the 16-float halves of each 32-column block
-//   swapped on odd rows (staged_column), so a 64-dim stage is 16 KB and hc_pre's 2 CTAs per SM stage 6 tiles (a
-//   16-float row pad: 17 KB, 5 tiles, one iteration of slack per cross-CTA hop); the decode kernel's single tile
-//   keeps the 16-float pad.
+// - The two rows a quarter-warp's 16-byte fragment loads touch (tokens g and g + 1) must land in other banks
+//   (conflict-free): the persistent kernel's stages hold the TMA's 128-byte-swizzled boxes (staged_offset: the 16-byte
+//   chunk c of a 32-float row r stored at c ^ (r mod 8); rows 4·token + stream), unpadded, so a 64-dim stage is 16 KB
+//   and hc_pre's 2 CTAs per SM stage 6 tiles (a 16-float row pad: 17 KB, 5 tiles, one iteration of slack per
+//   cross-CTA hop); the decode kernel's single tile keeps the 16-float pad.
 // - Sinkhorn on 4×4: lane = 4·j + k of a half-warp holds comb[j][k]; row sums are xor-1/2 butterflies, column sums
 //   xor-4/8. Divisions are IEEE (no fast math), like the CPU reference. (A row per lane, tried in session 11, was
 //   2 µs slower at T = 1: four IEEE divisions per lane per normalisation cost more than the shuffles they save.)
@@ -51,6 +52,7 @@
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/bf16.hpp"
 
@@ -95,9 +97,17 @@ __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool po
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
   return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
-// The persistent kernel's staged token rows (unpadded) and where column c of row r sits in them (see the notes).
+// The persistent kernel's staged tile: [slice_dims / 32 column blocks][64 rows][32 floats], row = 4·token + stream (the
+// TMA's boxes, 128-byte swizzled: see the notes), and where (token, stream, column) sits in it.
 __host__ __device__ constexpr int staged_row_floats(int slice_dims) { return kStreams * slice_dims; }
-__host__ __device__ constexpr int staged_column(int row, int column) { return column ^ ((row & 1) << 4); }
+inline constexpr int kStagedBoxFloats = 32;                         // columns per TMA box (128 bytes)
+inline constexpr int kStagedBoxRows = kTileTokens * kStreams;       // 64
+inline constexpr int kStageAlignment = 1024;  // the 128-byte swizzle repeats every 8 rows of 128 bytes
+__host__ __device__ constexpr int staged_offset(int token, int stream, int column) {
+  const int row = kStreams * token + stream, chunk = (column % kStagedBoxFloats) / 4;
+  return (column / kStagedBoxFloats) * kStagedBoxRows * kStagedBoxFloats + row * kStagedBoxFloats +
+         4 * (chunk ^ (row % 8)) + column % 4;
+}
 
 __host__ __device__ constexpr int stage_bytes(int slice_dims) {
   return kTileTokens * staged_row_floats(slice_dims) * 4;
@@ -112,11 +122,13 @@ __host__ __device__ constexpr int post_ring_bytes(int slice_dims, bool post) {
 }
 
 // Staged X tiles: as many as the SM's 228 KB hold for its resident CTAs (each also holds 1 KB reserved by the
-// driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB.
+// driver and ~0.5 KB of static shared memory); a CTA block may use at most 227 KB. The stages start at the first
+// kStageAlignment boundary of the dynamic shared memory (up to that much is skipped).
 __host__ __device__ constexpr int projection_stages(int slice_dims, int partial_rows, bool post,
                                                    ProjectionVariant variant = ProjectionVariant::kShared) {
   const int budget = 228 * 1024 / projection_ctas_per_sm(slice_dims, post, variant) - 1024 - 512;
-  const int fixed = warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
+  const int fixed =
+      warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post) + kStageAlignment;
   const int fit = (budget - fixed) / stage_bytes(slice_dims);
   const int capped = fit < kMaxStages ? fit : kMaxStages;
   return capped * stage_bytes(slice_dims) + fixed <= 227 * 1024 ? capped : capped - 1;
@@ -125,7 +137,7 @@ __host__ __device__ constexpr int projection_stages(int slice_dims, int partial_
 __host__ __device__ constexpr int projection_smem_bytes(int slice_dims, int partial_rows, bool post,
                                                        ProjectionVariant variant = ProjectionVariant::kShared) {
   return projection_stages(slice_dims, partial_rows, post, variant) * stage_bytes(slice_dims) +
-         warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post);
+         warp_sums_bytes(slice_dims, partial_rows) + post_ring_bytes(slice_dims, post) + kStageAlignment;
 }
 
 // One site's inputs and outputs, as every projection kernel takes them (hc_head: no post/comb; only the fused
@@ -153,6 +165,7 @@ struct SiteArgs {
 };
 
 struct ProjectionArgs : SiteArgs {
+  CUtensorMap x_map;  // X as [4·tokens rows, hidden columns], boxes of 64 rows × 32 columns, 128-byte swizzle
   int slices;   // S: CTAs per token tile
   int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
   int tiles;
@@ -206,6 +219,27 @@ __device__ __forceinline__ void finish_cta(unsigned* header, unsigned tag) {
   if (threadIdx.x == 0 && atomicAdd(header + 1, 1u) == gridDim.x - 1) {
     header[1] = 0;
     header[0] = tag;
+  }
+}
+
+// A staged X tile still missing after this long means its TMA never completed (a broken launch): the kernel traps (a
+// launch error) instead of hanging the device.
+inline constexpr uint64_t kTileTimeoutNs = 2'000'000'000;
+
+// Reports a tile that never landed and ends the launch with an error (out of line: never taken).
+[[noreturn]] __device__ __noinline__ void tile_timed_out() {
+  printf("mHC: CTA %d of the launch waited 2 s for an X tile: its TMA never completed\n", int(blockIdx.x));
+  __trap();
+}
+
+// Waits for the stage barrier's phase of `parity` (an X tile landed).
+__device__ __forceinline__ void wait_for_tile(uint64_t* barrier, uint32_t parity) {
+  if (::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) return;
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  while (!::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > kTileTimeoutNs) tile_timed_out();
   }
 }
 
@@ -284,21 +318,27 @@ __device__ inline float4 residual_update(int k, const float4 o, const float4 (&x
   return r;
 }
 
-// The collapse of one 4-dim vector of a token: Σ_k pre_k·x_k over the staged streams at x, x + stride, … (pre_k
-// times x_0 first, then one multiply-add per stream), rounded to bf16 when the output is kept in bf16.
-__device__ __forceinline__ float4 collapse_vector(const float* x, int stride, const float* pre, bool round_output) {
-  float4 value = *reinterpret_cast<const float4*>(x);
+// The collapse of one 4-dim vector of a token: Σ_k pre_k·x_k over its streams' vectors (pre_0 times x_0 first, then
+// one multiply-add per stream), rounded to bf16 when the output is kept in bf16.
+__device__ __forceinline__ float4 collapse_streams(const float4 (&x)[kStreams], const float* pre, bool round_output) {
   const float p0 = pre[0];
-  value = make_float4(p0 * value.x, p0 * value.y, p0 * value.z, p0 * value.w);
+  float4 value = make_float4(p0 * x[0].x, p0 * x[0].y, p0 * x[0].z, p0 * x[0].w);
 #pragma unroll
   for (int k = 1; k < kStreams; ++k) {
-    const float4 xk = *reinterpret_cast<const float4*>(x + k * stride);
     const float pk = pre[k];
-    value = make_float4(fmaf(pk, xk.x, value.x), fmaf(pk, xk.y, value.y), fmaf(pk, xk.z, value.z),
-                        fmaf(pk, xk.w, value.w));
+    value = make_float4(fmaf(pk, x[k].x, value.x), fmaf(pk, x[k].y, value.y), fmaf(pk, x[k].z, value.z),
+                        fmaf(pk, x[k].w, value.w));
   }
   if (round_output) value = round4_to_bf16(value);
   return value;
+}
+
+// The same of the staged streams at x, x + stride, …
+__device__ __forceinline__ float4 collapse_vector(const float* x, int stride, const float* pre, bool round_output) {
+  float4 streams[kStreams];
+#pragma unroll
+  for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + k * stride);
+  return collapse_streams(streams, pre, round_output);
 }
 
 // Stores one output vector at `offset` into y (fp32) and/or y_bf16, whichever is not null.
@@ -449,24 +489,22 @@ __device__ __forceinline__ void load_fn_fragments(float (&fn_frag)[2][kNTiles][4
     }
 }
 
-// One warp's 3xTF32 projection of a 16-token tile: the 32 columns of the staged tile at xw (row stride ldx) against
-// the projection rows whose B fragments fn_pair(p, nt, e, big, small) gives as tf32 pairs (entry e of fn_frag[p][nt]
-// in load_fn_fragments' layout). Writes, into the warp's partial block `mine`, Σx² of each token over those columns
-// (entries 0-15) and each row's dot product (row r, token t at (1 + r) · kTileTokens + t). kChains accumulators per
-// column tile (the 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain. kSwizzled:
-// the tile's rows are in staged_column's layout (the persistent kernel), else plain (the decode kernel).
-template <int kRows, int kChains, bool kSwizzled, class FnPair, int kNTiles = (kRows + 7) / 8>
-__device__ __forceinline__ void project_tile_3xtf32(const float* xw, int ldx, FnPair fn_pair, int g, int t4,
-                                                    float* mine) {
+// One warp's 3xTF32 projection of a 16-token tile: 32 columns of the staged tile, thread (g, t4)'s 4 of each
+// 16-column half p at x_lo[p] (token g) and x_lo[p] + hi_offset (token g + 8), against the projection rows whose B
+// fragments fn_pair(p, nt, e, big, small) gives as tf32 pairs (entry e of fn_frag[p][nt] in load_fn_fragments'
+// layout). Writes, into the warp's partial block `mine`, Σx² of each token over those columns (entries 0-15) and each
+// row's dot product (row r, token t at (1 + r) · kTileTokens + t). kChains accumulators per column tile (the
+// 16-column halves p round-robin, summed at the end): 2 halves the dependent MMA chain.
+template <int kRows, int kChains, class FnPair, int kNTiles = (kRows + 7) / 8>
+__device__ __forceinline__ void project_tile_3xtf32(const float* const (&x_lo)[2], int hi_offset, FnPair fn_pair,
+                                                    int g, int t4, float* mine) {
   static_assert(kChains == 1 || kChains == 2, "one accumulator per column tile, or one per 16-column half");
   float acc[kChains][kNTiles][4] = {};
   float squares_lo = 0.f, squares_hi = 0.f;  // Σx² of tokens g and g + 8 over this thread's columns
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
-    // kSwizzled: staged_column's layout (rows g and g + 8 alike; xw's column offset is 4·t4 past a 32-float block).
-    const int column = kSwizzled ? staged_column(g, 16 * p) : 16 * p;
-    const float4 lo = *reinterpret_cast<const float4*>(xw + g * ldx + column);
-    const float4 hi = *reinterpret_cast<const float4*>(xw + (g + 8) * ldx + column);
+    const float4 lo = *reinterpret_cast<const float4*>(x_lo[p]);
+    const float4 hi = *reinterpret_cast<const float4*>(x_lo[p] + hi_offset);
     const float x_lo[4] = {lo.x, lo.y, lo.z, lo.w}, x_hi[4] = {hi.x, hi.y, hi.z, hi.w};
     uint32_t lo_big[4], lo_small[4], hi_big[4], hi_small[4];
 #pragma unroll
@@ -524,7 +562,7 @@ struct SplitOnUse {
 template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
-    hc_projection_kernel(const ProjectionArgs args) {
+    hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
   constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
@@ -533,8 +571,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
   constexpr int kNTiles = (kRows + 7) / 8;  // 8-row MMA column tiles covering the projection rows
-  constexpr int kLdx = staged_row_floats(kSliceDims);
-  constexpr int kStageFloats = kTileTokens * kLdx;
+  constexpr int kStageFloats = kTileTokens * staged_row_floats(kSliceDims);
+  constexpr int kBoxes = kSliceDims / kStagedBoxFloats;  // TMA boxes per stage
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
   constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
@@ -554,7 +592,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
-  float* const stages = reinterpret_cast<float*>(dynamic_smem);  // [kStages][16][kLdx]
+  // [kStages][staged tile] from the first kStageAlignment boundary (the swizzle's period).
+  float* const stages = reinterpret_cast<float*>(
+      (reinterpret_cast<uintptr_t>(dynamic_smem) + kStageAlignment - 1) & ~uintptr_t(kStageAlignment - 1));
   float* const warp_sums = stages + kStages * kStageFloats;      // [kWarps][kPartial][16]
   float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
@@ -582,14 +622,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const auto sums_of = [&](int j) { return args.sums + tile_of(j) * kPartialFloats; };  // [kPartial][16]
   const auto partials_of = [&](int j) { return args.partials + tile_of(j) * slices * kPartialFloats; };
 
-  // A partial slice keeps zeros in the columns past its width (no copy writes there; fn is zero there too, and
-  // 0 · NaN would not be). Rows of tokens past a tile's end hold stale values, which reach only those tokens' rows
-  // of the MMA and partials, never read back or collapsed.
-  if (width < kSliceDims)
-    for (int v = tid; v < kStages * kStageFloats / 4; v += kCtaThreads)
-      dynamic_smem[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // The TMA writes zeros in the columns past a partial slice's width (fn is zero there too, and 0 · NaN would not be)
+  // and in the rows of tokens past the last tile's end (they reach only those tokens' rows of the MMA and partials,
+  // never read back or collapsed).
   if (tid == 0) {
-    for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], kThreads);
+    for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&full[b], 1);
     if constexpr (kPost)
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     if constexpr (kRoles)
@@ -598,29 +635,26 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   }
   __syncthreads();
 
-  // Every thread stages its share of the CTA's j-th X tile, then arrives on the stage's barrier once it lands: 4
-  // vectors, (token vt / 4 + 4q, stream vt % 4, dims vi .. vi + 3) for q < 4, with vt / vi as in the update and the
-  // collapse (the tile's 64 (token, stream) rows are vt + 16q). Offsets fixed per thread keep the loop short.
+  // Thread (vt, vi) of a group updates and collapses token vt's dims vi .. vi + 3 of every stream: stream k's vector
+  // at stage offset staged[k] (fixed per thread).
   const int vt = ltid / kVectorsPerRow, vi = (ltid % kVectorsPerRow) * 4;
-  const int copy_t = vt / kStreams;
-  const int copy_offset = copy_t * kLdx + staged_column(copy_t, (vt % kStreams) * kSliceDims + vi);  // rows + 4q alike
-  const float* const copy_src = args.X + int64_t(vt) * d + i0 + vi;
-  constexpr int kCopiesPerThread = kTileTokens * kStreams / (kThreads / kVectorsPerRow);
-  static_assert(kCopiesPerThread == 4, "16 tokens × 4 streams of vectors over 16 thread rows");
-  // Shared addresses formed once (per copy they cost ~20 instructions of address arithmetic; ncu, H200).
-  const uint32_t copy_dst = static_cast<uint32_t>(__cvta_generic_to_shared(stages + copy_offset));
-  const uint32_t full_address = static_cast<uint32_t>(__cvta_generic_to_shared(full));
-  const auto load_tile = [&](int j) {
-    const int b = j % kStages;
-    const int valid = valid_of(j);
-    const float* const src = copy_src + tile_of(j) * kTileTokens * flat;
-    const uint32_t dst = copy_dst + uint32_t(b * kStageFloats * 4);
-    if (vi < width)
+  int staged[kStreams];
 #pragma unroll
-      for (int q = 0; q < kCopiesPerThread; ++q)
-        if (copy_t + 4 * q < valid)
-          ptx::cp_async_or_zero<16>(dst + uint32_t(q * 4 * kLdx * 4), src + 16 * q * int64_t(d), true);
-    ptx::cp_async_mbarrier_arrive_noinc(full_address + uint32_t(b * sizeof(uint64_t)));
+  for (int k = 0; k < kStreams; ++k) staged[k] = staged_offset(vt, k, vi);
+  // The CTA's j-th X tile into its stage by the loading group's first thread: the boxes of its 64 (token, stream) rows
+  // at the slice's columns. The stage's earlier reads are done (the callers passed a barrier); the fused update's
+  // writes were fenced for the TMA's proxy by their threads.
+  const bool tile_loader = ltid == 0 && (!kRoles || finisher);
+  if (tile_loader) sm90::prefetch_tensor_map(&args.x_map);
+  const auto load_tile = [&](int j) {
+    if (!tile_loader) return;
+    const int b = j % kStages;
+    sm90::mbarrier_arrive_expect_tx(&full[b], uint32_t(kStageFloats) * 4u);
+    const int row = int(tile_of(j)) * kStagedBoxRows;
+#pragma unroll
+    for (int box = 0; box < kBoxes; ++box)
+      sm90::tma_load_2d(stages + b * kStageFloats + box * kStagedBoxRows * kStagedBoxFloats, &args.x_map, &full[b],
+                        i0 + box * kStagedBoxFloats, row);
   };
   // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
@@ -645,7 +679,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   wait_for_prior_grids();
   // kRoles: the finisher group loads the X tiles, the projection group (which applies the update) its post inputs.
   for (int j = 0; j < min(count, kStages); ++j) {
-    if (!kRoles || finisher) load_tile(j);
+    load_tile(j);
     if constexpr (kPost)
       if (j < kPostSlots && !finisher) load_post_inputs(j);
   }
@@ -662,6 +696,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   float fn_frag[2][kNTiles][4] = {};
   if (!finisher)  // a finisher warp's `stream` is past the 4 streams
     load_fn_fragments<kRows>(fn_frag, args.fn + int64_t(stream) * d + i0, flat, column0, width, g);
+  // The thread's A fragments of each 16-column half p: token g at stage offset projected[p] (token g + 8 eight tokens'
+  // rows on).
+  const int projected[2] = {staged_offset(g, stream, column0), staged_offset(g, stream, column0 + 16)};
 
   // Sums over the slices: item i = 16·row + token of a tile's kPartial × 16 belongs to slice i mod S (tokens past
   // the tile's end are skipped); `lanes` (a power of two) aligned lanes per item, lane `part` taking slices part,
@@ -709,26 +746,29 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (vt < valid_of(j) && vi < width) {
       const float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
       const float* const mix = slot + kTileTokens * kSliceDims + vt * kMixFloats;
-      float* const x = stages + b * kStageFloats + vt * kLdx + staged_column(vt, vi);  // + k·ds alike
+      float* const x = stages + b * kStageFloats;
       const float4 o = *reinterpret_cast<const float4*>(slot + vt * kSliceDims + vi);
       float4 xs[kStreams];
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + k * kSliceDims);
+      for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + staged[k]);
       float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) {
         const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
-        *reinterpret_cast<float4*>(x + k * kSliceDims) = updated;
+        *reinterpret_cast<float4*>(x + staged[k]) = updated;
         *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
       }
+      sm90::fence_proxy_async_shared();  // the stage's next tile comes by TMA (another proxy) over these writes
     }
   };
   // Project tile j (in stage b) and publish the slice's partials, warps summed in order. `sync` is the barrier of
   // the projecting threads.
   const auto project_and_publish = [&](int j, int b, auto sync) {
-    const float* xw = stages + b * kStageFloats + stream * kSliceDims + column0;
+    const float* const stage = stages + b * kStageFloats;
+    const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    project_tile_3xtf32<kRows, 1, true>(xw, kLdx, SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
+                                  g, t4, mine);
     sync();
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     for (int item = ltid; item < kPartialFloats; item += kThreads) {
@@ -750,8 +790,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     sync();
     if (vt < valid && vi < width) {
-      const float* x = stages + (jc % kStages) * kStageFloats + vt * kLdx + staged_column(vt, vi);
-      const float4 value = collapse_vector(x, kSliceDims, pre_s[vt], args.round_to_bf16);
+      const float* const x = stages + (jc % kStages) * kStageFloats;
+      float4 streams[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
+      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
     }
     sync();  // the stage and pre_s are free: refill the stage
@@ -764,7 +807,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (!finisher) {
       for (int j = 0; j < count; ++j) {
         const int b = j % kStages;
-        sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
         sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
         update_tile(j, b);
         sm90::mbarrier_arrive(&updated_stage[b]);
@@ -825,7 +868,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 
       if (j < count) {
         const int b = j % kStages;
-        sm90::mbarrier_wait(&full[b], uint32_t(j / kStages) & 1u);
+        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
         if constexpr (kPost) {
           sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
           update_tile(j, b);
@@ -1219,9 +1262,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   stage_decode_vectors<kPost>(args, tile, vt, vi, i0, owner, d, flat);
   __syncthreads();
   float* const mine = warp_sums + warp * kPartialFloats;
-  const float* const xw = tile + stream * kDecodeSliceDims + column0;
-  project_tile_3xtf32<kRows, 2, false>(
-      xw, kDecodeLdx,
+  const float* const xw = tile + g * kDecodeLdx + stream * kDecodeSliceDims + column0;
+  const float* const x_lo[2] = {xw, xw + 16};
+  project_tile_3xtf32<kRows, 2>(
+      x_lo, 8 * kDecodeLdx,
       [&](int p, int nt, int e, uint32_t& big, uint32_t& small) {
         big = fn_big[p][nt][e];
         small = fn_small[p][nt][e];
