@@ -10,9 +10,9 @@
 // CPU, and run to run) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
-// to run; the same bits as without them at T > 2); at T <= 8 the half-stage ring other than the default
-// (MoeRunParams::half_stage_ring: the same bits, with the column stages, the lean ones, the split and the head start
-// either way; no effect at T > 8); a V4-Pro-width layer
+// to run; the same bits as without them at T > 2); at T <= 8 the half-stage rings other than the default
+// (MoeRunParams::half_stage_slots 0, 4, 5: the same bits, with the column stages, the lean ones, the split and the
+// head start either way; no effect at T > 8); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -278,7 +278,7 @@ struct Kernels {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
-  bool half_ring = MoeRunParams{}.half_stage_ring;
+  int half_slots = MoeRunParams{}.half_stage_slots;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -289,13 +289,13 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (half_ring ? ", half-stage ring" : "");
+           ", " + std::to_string(half_slots) + " half-stage slots";
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns, p.half_stage_ring = half_ring;
+    p.down_head_start = down_head_start, p.column_stages = columns, p.half_stage_slots = half_slots;
     return p;
   }
 };
@@ -331,26 +331,17 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
-// The streamed kernels with the half-stage ring other than the default (MoeRunParams::half_stage_ring: the same
-// bits), each against the same kernels without that change: by default, without the column stages (the lean stages
-// at T <= 2), with the shared expert never split and split at every T <= 8, without the down head start.
-constexpr bool kOtherHalfRing = !MoeRunParams{}.half_stage_ring;
-constexpr Kernels kHalfRingPairs[][2] = {
-    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .half_ring = kOtherHalfRing},
-     kStreamedKernels},
-    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .columns = !MoeRunParams{}.column_stages,
-      .half_ring = kOtherHalfRing},
-     kStreamedOtherColumns},
-    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .split = MoeSharedExpertSplit::NEVER,
-      .columns = false, .half_ring = kOtherHalfRing},
-     kStreamedUnsplit},
-    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true, .split = MoeSharedExpertSplit::ALWAYS,
-      .half_ring = kOtherHalfRing},
-     kStreamedSplitAll},
-    {{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-      .down_head_start = !MoeRunParams{}.down_head_start, .half_ring = kOtherHalfRing},
-     kStreamedOtherHeadStart},
-};
+// The streamed kernels with each half-stage ring (MoeRunParams::half_stage_slots: the same bits), each against the
+// same kernels with the stage ring: by default, without the column stages (the lean stages at T <= 2), with the
+// shared expert never split and split at every T <= 8, without the down head start.
+constexpr Kernels with_half_slots(Kernels kernels, int half_slots) {
+  kernels.half_slots = half_slots;
+  return kernels;
+}
+constexpr Kernels kStageRingReferences[] = {
+    with_half_slots(kStreamedKernels, 0), with_half_slots(kStreamedOtherColumns, 0),
+    with_half_slots(kStreamedUnsplit, 0), with_half_slots(kStreamedSplitAll, 0),
+    with_half_slots(kStreamedOtherHeadStart, 0)};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -617,9 +608,13 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
-    for (const auto& [kernels, reference] : kHalfRingPairs)
-      for (const int T : {1, 2, 5, 8, 9}) expect_same_bits(device_weights, kFlashLike, T, seed++, kernels, reference);
-    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kHalfRingPairs[0][0]);
+    for (const Kernels& reference : kStageRingReferences)
+      for (const int half_slots : {4, 5})
+        for (const int T : {1, 2, 5, 8, 9})
+          expect_same_bits(device_weights, kFlashLike, T, seed++, with_half_slots(reference, half_slots), reference);
+    for (const int half_slots : {4, 5})
+      check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike),
+                 with_half_slots(kStreamedKernels, half_slots));
 
   }
 }
@@ -745,8 +740,10 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
   expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
-  for (const int T : {1, 2, 8})
-    expect_same_bits(device_weights, kProLike, T, seed++, kHalfRingPairs[0][0], kHalfRingPairs[0][1]);
+  for (const int half_slots : {4, 5})
+    for (const int T : {1, 2, 8})
+      expect_same_bits(device_weights, kProLike, T, seed++, with_half_slots(kStreamedKernels, half_slots),
+                       kStageRingReferences[0]);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).

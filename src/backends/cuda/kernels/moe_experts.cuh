@@ -367,20 +367,38 @@ inline constexpr size_t kStreamedExchangeBytes =
 inline constexpr int kStreamedReduceOffset = (kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma;
 static_assert((kStreamedReduceOffset + 4 * tile::kWarpSize * 4) * sizeof(float) <= kStreamedExchangeBytes,
               "the split CTAs' reduction fits the exchange region");
-// The half-stage ring (MoeExpertGemmParams::half_stage_ring; fp4 lean and column stages of unsplit warps): the
-// warp's ring bytes as 4 half-slots, each one 128-byte box of a stage (16 rows × 128 bytes; the ring's first 8 KB)
-// with its own copy of the whole stage's scales (the last 2 KB), each on its own barrier. A stage's first box is
-// refilled once its two steps are read instead of after the whole stage, so a warp keeps about half a stage more in
-// flight (6 KB against 4-8 KB) in the same shared memory; the scales are asked twice (the second copy from L2).
-inline constexpr int kHalfRingSlots = 2 * kStreamedSlots;
-inline constexpr int kHalfSlotScaleBytes = 512;  // the most scales of one stage: NVFP4, 16 rows × 32 bytes
-static_assert(kHalfRingSlots * (tile::stream::kHalfBytes + kHalfSlotScaleBytes) <=
-                  kStreamedSlots * tile::stream::kSlotBytes,
-              "the half-slots fill the warp's ring");
-inline constexpr int kRingBarriers = kHalfRingSlots;  // per warp: the most either ring uses
-// Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
-static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
-                   kExpertWarps * kRingBarriers * sizeof(uint64_t)) <= 228 * 1024,
+// The half-stage ring of H half-slots (MoeExpertGemmParams::half_stage_slots; fp4 lean and column stages of unsplit
+// warps): half-stage q (box q % 2 of stage q / 2: 16 rows × 128 bytes) streams into half-slot q % H on its own
+// barrier and is refilled with half-stage q + H as soon as its two steps are read, instead of whole stages after the
+// whole stage: a warp keeps H - 1 boxes in flight while it reads one (H = 4: 6 KB where the stage ring keeps 4-8 KB,
+// in the same bytes). Each stage's scales come with its first box into scale area stage % 3 (at most three stages
+// have scales in use when a first box is issued). H = 5 takes 12 KB per warp: two CTAs per SM only with a small x
+// region (T = 1).
+inline constexpr int kHalfScaleAreas = 3;
+inline constexpr int kHalfScaleAreaBytes = 512;  // the most scales of one stage: NVFP4, 16 rows × 32 bytes
+inline constexpr int kMaxHalfSlots = 5;
+// Bytes per warp of the ring of H half-slots (H = 0: the stage ring), 1 KB multiples (the swizzled boxes).
+__host__ __device__ constexpr int warp_ring_bytes(int half_slots) {
+  return half_slots == 0 ? kStreamedSlots * tile::stream::kSlotBytes
+                         : (half_slots * tile::stream::kHalfBytes + kHalfScaleAreas * kHalfScaleAreaBytes +
+                            tile::stream::kSlotAlignment - 1) /
+                               tile::stream::kSlotAlignment * tile::stream::kSlotAlignment;
+}
+// The distance between two warps' rings in a kernel of H half-slots: room for either ring (its FP8 and BF16 warps
+// take the stage ring).
+__host__ __device__ constexpr int warp_ring_stride(int half_slots) {
+  return warp_ring_bytes(half_slots) > warp_ring_bytes(0) ? warp_ring_bytes(half_slots) : warp_ring_bytes(0);
+}
+// The rings of the CTA's warps, after up to 1 KB that aligns them.
+__host__ __device__ constexpr size_t ring_region_bytes(int half_slots) {
+  return size_t(kExpertWarps) * size_t(warp_ring_stride(half_slots)) + tile::stream::kSlotAlignment;
+}
+static_assert(ring_region_bytes(4) == kStreamedRingBytes, "four half-slots fill the stage ring's bytes");
+inline constexpr int kRingBarriers = kMaxHalfSlots;  // per warp: the most any ring uses
+// Shared memory per CTA beyond the dynamic bytes: the ring barriers and 1 KiB reserved by the system.
+inline constexpr size_t kStreamedStaticBytes = kExpertWarps * kRingBarriers * sizeof(uint64_t) + 1024;
+// Two CTAs per SM (228 KiB per SM) with the stage ring at any x region.
+static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + kStreamedStaticBytes) <= 228 * 1024,
               "two streamed CTAs per SM");
 // x chunks are whole stages of every format (fp4 stages are the longest).
 inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
@@ -438,59 +456,78 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// Whether a warp streams through the half-stage ring: the kernel's option, fp4 stages (the lean and column ones:
-// the kernels that take the option have no other fp4 stages), one part per 16 rows.
-template <tile::TileFormat F, bool kHalfRing, int kParts>
-inline constexpr bool kUsesHalfRing =
-    kHalfRing && kParts == 1 && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4);
+// The half-slots a warp streams through: the kernel's H for fp4 stages (the lean and column ones: the kernels that
+// take the option have no other fp4 stages) of one part per 16 rows, else 0 (the stage ring).
+template <tile::TileFormat F, int kHalfSlots, int kParts>
+inline constexpr int kWarpHalfSlots =
+    kParts == 1 && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4) ? kHalfSlots : 0;
 
+template <int H>
 __device__ __forceinline__ uint8_t* half_slot_data(uint8_t* ring, int h) {
   return ring + h * tile::stream::kHalfBytes;
 }
-__device__ __forceinline__ uint8_t* half_slot_scales(uint8_t* ring, int h) {
-  return ring + kHalfRingSlots * tile::stream::kHalfBytes + h * kHalfSlotScaleBytes;
+template <int H>
+__device__ __forceinline__ uint8_t* half_scale_area(uint8_t* ring, int area) {
+  return ring + H * tile::stream::kHalfBytes + area * kHalfScaleAreaBytes;
 }
 
-// Starts the copies of box `box` of the fp4 stage at k0 (rows row0..row0 + 15), with the whole stage's scales, into
-// half-slot h of the warp's half-stage ring; called by the whole warp (lane 0 issues).
-template <tile::TileFormat F>
+// Where the next half-stage to issue goes: its stage within the pass, its box, its scale area, and its half-slot.
+struct HalfStageCursor {
+  int stage = 0, box = 0, area = 0, slot = 0;
+};
+
+// Starts the copies of the half-stage at `at` (box at.box of the fp4 stage at k0, rows row0..row0 + 15; the first
+// box with the stage's scales) into its half-slot; called by the whole warp (lane 0 issues).
+template <tile::TileFormat F, int H>
 __device__ __forceinline__ void issue_half_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0,
-                                                 int box, uint8_t* ring, int h, uint64_t* full) {
+                                                 const HalfStageCursor& at, uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
   constexpr int kScaleBytes = st::stage_scale_bytes(F);
-  static_assert(kScaleBytes > 0 && tile::kTileRows * kScaleBytes <= kHalfSlotScaleBytes, "fp4 stages only");
+  static_assert(kScaleBytes > 0 && tile::kTileRows * kScaleBytes <= kHalfScaleAreaBytes, "fp4 stages only");
   if (threadIdx.x % tile::kWarpSize != 0) return;
-  sm90::mbarrier_arrive_expect_tx(full + h, tile::kTileRows * (st::kBoxBytes + kScaleBytes));
+  uint64_t* barrier = full + at.slot;
+  sm90::mbarrier_arrive_expect_tx(barrier, tile::kTileRows * (st::kBoxBytes + (at.box == 0 ? kScaleBytes : 0)));
   const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
-  sm90::tma_load_2d(half_slot_data(ring, h), &maps->data, full + h, byte0 + box * st::kBoxBytes, row);
-  sm90::tma_load_2d(half_slot_scales(ring, h), &maps->scales, full + h, int32_t(k0 / (st::stage_k(F) / kScaleBytes)),
-                    row);
+  sm90::tma_load_2d(half_slot_data<H>(ring, at.slot), &maps->data, barrier, byte0 + at.box * st::kBoxBytes, row);
+  if (at.box == 0)
+    sm90::tma_load_2d(half_scale_area<H>(ring, at.area), &maps->scales, barrier,
+                      int32_t(k0 / (st::stage_k(F) / kScaleBytes)), row);
+}
+
+// Moves a cursor to the next half-stage (stages wrap at the pass's end: the next pass streams the same K).
+template <int H>
+__device__ __forceinline__ void advance(HalfStageCursor& at, int pass_stages) {
+  if (++at.slot == H) at.slot = 0;
+  if (++at.box < 2) return;
+  at.box = 0;
+  if (++at.area == kHalfScaleAreas) at.area = 0;
+  if (++at.stage == pass_stages) at.stage = 0;
 }
 
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
-// always the first), else once the item is read.
-template <tile::TileFormat F, ExpertGemm G, int kParts, bool kHalfRing = false>
+// always the first), else once the item is read. Through the half-stage ring: its first H half-stages (or all).
+template <tile::TileFormat F, ExpertGemm G, int kParts, int kHalfSlots = 0>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
                                              uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
-  constexpr bool kHalf = kUsesHalfRing<F, kHalfRing, kParts>;
-  st::init_ring(full, kHalf ? kHalfRingSlots : kStreamedSlots);
+  constexpr int H = kWarpHalfSlots<F, kHalfSlots, kParts>;
+  st::init_ring(full, H > 0 ? H : kStreamedSlots);
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
-  for (int j = 0; j < kStreamedSlots && j < stages; ++j) {
-    const int64_t k0 = (slice.k_part + j * kParts) * st::stage_k(F);
-    if constexpr (kHalf) {
-      for (int box = 0; box < 2; ++box)
-        issue_half_stage<F>(warp_maps<G>(a, expert), slice.row0, k0, box, ring, 2 * j + box, full);
-    } else {
-      st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, k0, ring + j * st::kSlotBytes, full + j);
-    }
+  if constexpr (H > 0) {
+    HalfStageCursor at;
+    for (int q = 0; q < H && q < 2 * stages; ++q, advance<H>(at, stages))
+      issue_half_stage<F, H>(warp_maps<G>(a, expert), slice.row0, at.stage * st::stage_k(F), at, ring, full);
+  } else {
+    for (int j = 0; j < kStreamedSlots && j < stages; ++j)
+      st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
+                         ring + j * st::kSlotBytes, full + j);
   }
 }
-template <tile::TileFormat F, ExpertGemm G, bool kHalfRing = false>
+template <tile::TileFormat F, ExpertGemm G, int kHalfSlots = 0>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
-  start_stream<F, G, 1, kHalfRing>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
+  start_stream<F, G, 1, kHalfSlots>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
 }
 
 // kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
@@ -787,10 +824,11 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
-// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kHalfRing: fp4 stages through the
-// half-stage ring (kUsesHalfRing; the same stages in the same order, each box refilled once read).
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kHalfSlots: fp4 stages through the
+// half-stage ring of that many half-slots (kWarpHalfSlots; the same stages in the same order, each box refilled once
+// read).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          bool kHalfRing = false>
+          int kHalfSlots = 0>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -803,15 +841,23 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const WarpSlice slice = warp_slice<G, kParts>(band, part);
   const int64_t row0 = slice.row0;
   const DeviceMatrixView w = warp_matrix<G>(expert);
-  uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
-  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
+  constexpr int H = kWarpHalfSlots<F, kHalfSlots, kParts>;
+  constexpr size_t kRingRegion = ring_region_bytes(kHalfSlots);
+  uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * size_t(warp_ring_stride(kHalfSlots));
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kRingRegion);
+  auto* exchange = reinterpret_cast<float*>(smem + kRingRegion + a.streamed_x_bytes);
   // >= kStreamedSlots (moe_streamed_tiles_apply; for kParts = 2, moe_shared_expert_splits)
   const int pass_stages = slice_pass_stages<kParts>(a.k_total / int(kStageK), slice.k_part);
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts, kHalfRing>(a, item.expert, slice, ring, full);
+  if (!started) start_stream<F, G, kParts, kHalfSlots>(a, item.expert, slice, ring, full);
+  // The half-stage ring: the next half-stage to read and the next to issue (start_stream issued the first H).
+  [[maybe_unused]] HalfStageCursor read_at, issue_at;
+  [[maybe_unused]] uint32_t read_phase = 0;
+  [[maybe_unused]] int issued = 0;
+  if constexpr (H > 0)
+    for (; issued < H && issued < 2 * stages; ++issued) advance<H>(issue_at, pass_stages);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -823,8 +869,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
     constexpr bool kFp4 = F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4;
     constexpr bool kColumnStages = kColumns && kFp4, kLeanStages = kLean && kFp4 && !kColumnStages;
-    constexpr bool kHalf = kUsesHalfRing<F, kHalfRing, kParts>;
-    static_assert(!kHalf || kColumnStages || kLeanStages, "the half-stage ring serves the lean and column stages");
+    static_assert(H == 0 || kColumnStages || kLeanStages, "the half-stage ring serves the lean and column stages");
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
@@ -858,31 +903,33 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
-        if constexpr (kHalf) {
-          // Box b of stage j sits in half-slot 2·slot + b; once read, it takes box b of stage j + kStreamedSlots.
-          const bool refills = j + kStreamedSlots < stages;
-          auto consume_box = [&]<int kBox>() {
-            const int h = 2 * slot + kBox;
-            sm90::mbarrier_wait(full + h, uint32_t(j / kStreamedSlots) & 1u);
+        if constexpr (H > 0) {
+          auto read_box = [&]<int kBox>() {
+            sm90::mbarrier_wait(full + read_at.slot, read_phase);
             constexpr int kStep0 = 2 * kBox, kStep1 = kStep0 + 2;
+            const uint8_t* data = half_slot_data<H>(ring, read_at.slot);
+            const uint8_t* scales = half_scale_area<H>(ring, read_at.area);
             if constexpr (kColumnStages) {
               const int step = (k0 - chunk_begin) / columns::kStepElements;
               const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
-              columns::multiply_steps<F, kStep0, kStep1>(half_slot_data(ring, h), half_slot_scales(ring, h), x_stage,
-                                                         column_sums);
+              columns::multiply_steps<F, kStep0, kStep1>(data, scales, x_stage, column_sums);
             } else {
               const __nv_bfloat16* x_stage[NT];
 #pragma unroll
               for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
-              lean::multiply_steps<F, NT, kC, kStep0, kStep1>(half_slot_data(ring, h), half_slot_scales(ring, h),
-                                                              x_stage, sums);
+              lean::multiply_steps<F, NT, kC, kStep0, kStep1>(data, scales, x_stage, sums);
             }
             __syncwarp();  // every lane's reads of the half-slot precede the copy that refills it
-            if (refills) issue_half_stage<F>(maps, row0, refill * kStageK, kBox, ring, h, full);
+            if (issued < 2 * stages) {
+              issue_half_stage<F, H>(maps, row0, issue_at.stage * kStageK, issue_at, ring, full);
+              advance<H>(issue_at, pass_stages);
+              ++issued;
+            }
+            if (read_at.slot == H - 1) read_phase ^= 1u;
+            advance<H>(read_at, pass_stages);
           };
-          consume_box.template operator()<0>();
-          consume_box.template operator()<1>();
-          if (refills && ++refill == pass_stages) refill = 0;
+          read_box.template operator()<0>();
+          read_box.template operator()<1>();
           continue;
         }
         float block_scales[st::kMaxBlocksPerStage];
@@ -928,35 +975,36 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
 // (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
-// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kHalfRing (one-tile lean kernels;
-// MoeExpertGemmParams::half_stage_ring): fp4 items through the half-stage ring.
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kHalfSlots (one-tile lean kernels;
+// MoeExpertGemmParams::half_stage_slots): fp4 items through the half-stage ring of that many half-slots.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false, bool kHalfRing = false>
+          bool kColumns = false, int kHalfSlots = 0>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
-  static_assert(!kHalfRing || (kLean && !kMultiTile), "the half-stage ring is a one-tile lean kernel's");
+  static_assert(kHalfSlots == 0 || (kLean && !kMultiTile && kHalfSlots >= 2 && kHalfSlots <= kMaxHalfSlots),
+                "the half-stage ring is a one-tile lean kernel's");
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kRingBarriers];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring = tile::stream::align_slots(smem) +
-                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
+                  size_t(threadIdx.x / tile::kWarpSize) * size_t(warp_ring_stride(kHalfSlots));
   const int band = int(blockIdx.x);
   const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
   const int part = shared_item ? int(blockIdx.y) : 0;
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts, kHalfRing>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring,
+      start_stream<F, G, kSharedParts, kHalfSlots>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring,
                                                   full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
     const int expert = __ldcg(&a.work_items[item_index].expert);
     with_tile_format(a.routed_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G, kHalfRing>(a, expert, band, ring, full); });
+                     [&]<tile::TileFormat F>() { start_stream<F, G, kHalfSlots>(a, expert, band, ring, full); });
   }
   if (!has_work_item_after_prior_grids(a, item_index)) return;
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
@@ -972,7 +1020,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHalfRing>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHalfSlots>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
