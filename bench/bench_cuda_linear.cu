@@ -12,7 +12,8 @@
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
-// the weight's data (read_floor_kernel, cold). Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
+// the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (with
+// the RMSNorm prologue too where that is timed). Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
 // run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
 // selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
 // V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
@@ -267,6 +268,8 @@ struct Row {
   int gemm_k_splits = 0;
   double prologue_cold_us = 0;        // the default config with the RMSNorm prologue; 0: not timed
   double norm_then_linear_cold_us = 0;  // run_rms_norm (bf16 out) then the default config
+  double f16_cold_us = 0;             // FP8 on the STREAMED path: the default config with Fp8TileMath::F16_CVT
+  double f16_prologue_cold_us = 0;    // the same with the RMSNorm prologue; 0: not timed
 };
 
 // --sweep: one STREAMED config, cold.
@@ -467,7 +470,8 @@ int main(int argc, char** argv) {
         }
         for (const int tokens : token_counts) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
-          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s) {
+          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
+                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -477,16 +481,18 @@ int main(int argc, char** argv) {
                                          .groups = shape.groups,
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
-                                         .stream = s};
+                                         .stream = s,
+                                         .fp8_math = math};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
-          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing) {
+          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
+                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i), workspace, s), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s, math), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -495,6 +501,7 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
+          const bool f16_applies = fp8_f16_math_applies(weights[0].view(), config);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
@@ -516,10 +523,15 @@ int main(int argc, char** argv) {
                 workspace_bytes = std::max(workspace_bytes, c->workspace_bytes);
             DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
-            const auto launch_once = [&](const QuantizedLinearConfig& c) {
-              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
+            const auto launch_once = [&](const QuantizedLinearConfig& c,
+                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, math), c);
             };
             launch_once(config);
+            if (f16_applies) {
+              launch_once(config, Fp8TileMath::F16_CVT);
+              std::printf(", then the default with f16 math");
+            }
             for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
               if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
                 launch_once(*c);
@@ -569,11 +581,13 @@ int main(int argc, char** argv) {
           row.cold_us = time_config(config, Timing::COLD);
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
           row.graph_us = time_config(config, Timing::GRAPH);
+          if (f16_applies) row.f16_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT);
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
-            const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
-              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s);
+            const auto linear_of = [&](int i, cudaStream_t s, bool prologue,
+                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s, math);
               p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
@@ -581,6 +595,9 @@ int main(int argc, char** argv) {
               run_quantized_linear(p, config);
             };
             row.prologue_cold_us = cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true); });
+            if (f16_applies)
+              row.f16_prologue_cold_us =
+                  cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true, Fp8TileMath::F16_CVT); });
             row.norm_then_linear_cold_us = cold.us([&](int i, cudaStream_t s) {
               RmsNormParams norm;
               norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
@@ -787,19 +804,20 @@ int main(int argc, char** argv) {
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
                   "cold: aligned µs | streamed µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
-                  "norm prologue / rms_norm + linear µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                  "norm prologue / rms_norm + linear µs | f16 math cold µs (with norm prologue) |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
                   "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
-                  "%.1f (%d) | %.1f / %.1f |\n",
+                  "%.1f (%d) | %.1f / %.1f | %.1f (%.1f) |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.read_floor_percent_of_copy,
                   r.cluster_us,
-                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
+                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us,
+                  r.f16_prologue_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
                   "%% of copy |\n"
@@ -855,13 +873,15 @@ int main(int argc, char** argv) {
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
                    "%.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
-                   "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
+                   "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f, "
+                   "\"f16_math_cold_us\": %.2f, \"f16_math_prologue_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                    r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.cluster_us, r.gemm_us,
                    r.gemm_k_splits,
-                   r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
+                   r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us, r.f16_prologue_cold_us,
+                   i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");
     for (size_t i = 0; i < sweep_rows.size(); ++i) {

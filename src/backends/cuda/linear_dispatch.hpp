@@ -44,6 +44,10 @@ struct LinearCall {
   const float* norm_x = nullptr;
   const float* norm_weight = nullptr;
   float norm_eps = 0.0f;
+  // How FP8 weights meet x in the decode kernel's STREAMED path (Fp8TileMath, quantized_linear.hpp); the GEMM and
+  // other formats ignore it. The environment variable DSV4_FP8_TILE_MATH (dequantize or f16) overrides it for every
+  // call: an A/B of the whole model's FP8 linears without a rebuild.
+  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).

@@ -68,6 +68,14 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
+// How FP8_BLOCK128 weights meet x on the STREAMED path (other formats and paths ignore it). DEQUANTIZE: each e4m3 pair
+// becomes its exact bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120), bf16 MMAs. F16_CVT: one
+// cvt.rn.f16x2.e4m3x2 per pair (exact), f16 MMAs against x staged in f16 times a power of two per token and K split
+// (weight_tile_mma.cuh, find_f16_input_scales: exact for every input down to 2^-28 of its token's largest; smaller
+// ones move a sum less than its fp32 summation order), fewer instructions per weight byte. The 128×128 block scales
+// multiply fp32 partial sums per block either way.
+enum class Fp8TileMath : uint8_t { DEQUANTIZE, F16_CVT };
+
 // Every split-K workspace of the linear kernels (this one, quantized_gemm, the pair kernel) keeps its tickets and
 // counters in its first kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of
 // different shapes may then share one workspace (the engine's), as no call's partial sums land on another call's
@@ -93,6 +101,7 @@ struct QuantizedLinearParams {
   // weights have arrived, so that call (the next linear of a decode step, after latency-bound kernels that leave the
   // memory idle) reads them from L2. Only a hint: results do not depend on it.
   DeviceMatrixView prefetch_next;
+  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights on the STREAMED path (Fp8TileMath)
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -132,6 +141,9 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 // kLinearMaxStreamedTokens) fit one CTA's shared memory: where they do not, choose_quantized_linear_config refuses the
 // STREAMED path at that depth. Throws on arguments out of those ranges.
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
+
+// Whether a call of this weight with this config takes QuantizedLinearParams::fp8_math (FP8 on the STREAMED path).
+bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);
