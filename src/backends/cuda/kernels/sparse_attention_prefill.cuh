@@ -96,16 +96,18 @@ inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the
 inline constexpr int kSum = kMax + 32 * 8;                   // float2 [2][64]: the consumers' row sums, by item
 inline constexpr int kRope = kSum + 2 * 64 * 8;              // RopeFactors [2][kMaxRopePairs], by item
 inline constexpr int kPhysical = kRope + 2 * kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the 12 mbarriers of Barriers
-inline constexpr int kBytes = kBarriers + 12 * 8;
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the 14 mbarriers of Barriers
+inline constexpr int kBytes = kBarriers + 14 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
 
-// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer; per item q_full (the producer's Q and rope
-// factors are in place) and q_free (the consumers' last scores of the item are done).
+// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer; per item q_full (the producer's Q is in
+// place), q_free (the consumers' last scores of the item are done) and rope_ready[item % 2] (its inverse RoPE factors
+// are in place; two barriers, since a producer can finish a short item's factors before the consumers waited for the
+// previous one's).
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
@@ -113,6 +115,7 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
   __device__ __forceinline__ uint64_t* q_full() const { return base + 10; }
   __device__ __forceinline__ uint64_t* q_free() const { return base + 11; }
+  __device__ __forceinline__ uint64_t* rope_ready(int item_index) const { return base + 12 + (item_index & 1); }
 };
 
 // Pairs of 64-entry blocks that cover query t's slots.
@@ -145,8 +148,8 @@ __device__ __forceinline__ Item item_at(int64_t item, int head_blocks) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row. Per item it
-// also writes the inverse RoPE's factors (rope table item_index % 2) and, for bf16 q, the item's Q (cp.async, once
-// the consumers have released the previous item's); q_full counts both.
+// first loads the item's Q (once the consumers have released the previous item's) and, after the item's last copies,
+// writes its inverse RoPE factors (rope table item_index % 2), needed only by the consumers' epilogue.
 template <bool kFp8>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
                                         int64_t ahead_stride, bool prefetch_resolved, const Barriers& barriers) {
@@ -283,10 +286,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     slots = query_slot_count(p, t);
     sequence_slot = p.sequence_slots[t];
     const int pairs = query_pairs(p, t);
-    if (item_index == 0) prefetch_index_lines(t);  // later items' lines came with the look-ahead below
-    // Each later pair's resolve then waits for L2 only, not for DRAM, before its page-table loads.
-    if (pairs > 0) resolve(0);
-    // The consumers' last scores of the previous item are done (so its Q and the rope table before it are free).
+    // The consumers' last scores of the previous item are done, so its Q is free.
     sm90::mbarrier_wait(barriers.q_free(), uint32_t(item_index & 1) ^ 1);
     if (p.q_dtype == AttentionDtype::Bf16) {
       // Q (64 heads × 512 dims, swizzled; heads past H zero): 32 16-byte chunks per thread, a head row of 1 KB per
@@ -327,13 +327,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       }
       sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
     }
-    if (rope) {
-      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope) + (item_index & 1) * kMaxRopePairs;
-      const int64_t position = p.positions[t];
-      for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
-        rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
-    }
     sm90::mbarrier_arrive(barriers.q_full());
+    if (item_index == 0) prefetch_index_lines(t);  // later items' lines came with the look-ahead below
+    // Each later pair's resolve then waits for L2 only, not for DRAM, before its page-table loads.
+    if (pairs > 0) resolve(0);
     // The item about one wave later (this CTA's next item, or the CTA's that starts about when this one ends): its q
     // rows and index lines into L2 while this item runs, so that its start waits for L2 instead of DRAM.
     const int64_t ahead = item + ahead_stride;
@@ -368,6 +365,15 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       if (i + 1 < pairs) resolve(i + 1);
     }
     pair_base += pairs;
+    // The factors' double-precision sincos after the copies, off the consumers' path to their first scores. The table
+    // of two items ago is free: the consumers released the previous item's Q (waited for above) after its epilogue.
+    if (rope) {
+      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope) + (item_index & 1) * kMaxRopePairs;
+      const int64_t position = p.positions[t];
+      for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
+        rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+      sm90::mbarrier_arrive(barriers.rope_ready(item_index));
+    }
   }
   asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy outlives its thread
 }
@@ -529,7 +535,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     const int head[2] = {current.head_base + 16 * warp + g, current.head_base + 16 * warp + g + 8};
     const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
     const int pairs = query_pairs(p, t);
-    // The producer's Q and rope factors (bf16 Q came by cp.async: fenced for the wgmma reads).
+    // The producer's Q (bf16 Q came by cp.async: fenced for the wgmma reads).
     sm90::mbarrier_wait(barriers.q_full(), uint32_t(item_index & 1));
     sm90::fence_proxy_async_shared();
     // This consumer's last scores of the item are done: the producer may load the next item's Q.
@@ -666,6 +672,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 
     const RopeFactors* rope_table =
         reinterpret_cast<const RopeFactors*>(smem + kRope) + (item_index & 1) * kMaxRopePairs;
+    if (rope) sm90::mbarrier_wait(barriers.rope_ready(item_index), uint32_t(item_index >> 1) & 1);
     const int dim_base = consumer * (kHeadDim / 2);
 #pragma unroll
     for (int n = 0; n < 32; ++n) {
@@ -688,11 +695,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
-    // valid: every producer thread; q_full: every producer thread once for its rope factors and, for bf16 q, once
-    // more for its Q chunks; q_free: both consumers' threads.
+    // valid and rope_ready: every producer thread; q_full: every producer thread (bf16 q: twice, its cp.async
+    // arrival and its own); q_free: both consumers' threads.
     for (int i = 0; i < 10; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::mbarrier_init(barriers.q_full(), p.q_dtype == AttentionDtype::Bf16 ? 2 * kWarpgroup : kWarpgroup);
     sm90::mbarrier_init(barriers.q_free(), 2 * kWarpgroup);
+    for (int i = 0; i < 2; ++i) sm90::mbarrier_init(barriers.rope_ready(i), kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
