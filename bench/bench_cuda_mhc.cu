@@ -6,9 +6,8 @@
 // kernels above): run_hc_post then run_hc_pre (two launches, X read twice and written once). Up to 16 tokens the
 // default (single-cluster decode) kernel is also timed against the persistent one, and the fused output norm (y
 // normalised into bf16 in the same launch) against the persistent kernel followed by run_rms_norm, and the cluster
-// decode kernel (HcKernelChoice::CLUSTER_ASYNC) and the single-cluster kernel at every width it serves
-// (SINGLE_CLUSTER: V4-Pro's too) beside the default, all also behind a full-card kernel (the model's case: a linear
-// layer or the experts before the site); at
+// decode kernel (HcKernelChoice::CLUSTER_ASYNC) beside the default, both also behind a full-card kernel (the model's
+// case: a linear layer or the experts before the site); at
 // every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the
 // default. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
@@ -395,17 +394,6 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
-          const auto single = [&](int i) {
-            Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER);
-          };
-          record("hc_pre (single-cluster kernel, every width)", single, pre_bytes, 0.0);
-          const auto single_fused_norm = [&](int i) {
-            Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::SINGLE_CLUSTER, true);
-          };
-          record("hc_pre + attn_norm (fused, single-cluster kernel, every width)", single_fused_norm,
-                 pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
           const auto async_kernel = [&](int i) {
             Set& s = set(i);
             run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC);
@@ -426,8 +414,6 @@ int main(int argc, char** argv) {
                  0.0, 0.0);
           record("filler + hc_pre + attn_norm (fused, asynchronous cluster kernel)", after_filler(async_fused_norm),
                  0.0, 0.0);
-          record("filler + hc_pre + attn_norm (fused, single-cluster kernel, every width)",
-                 after_filler(single_fused_norm), 0.0, 0.0);
         }
 
         const auto hc_post_then_pre = [&](int i) {
@@ -466,9 +452,6 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
-          const auto single_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
-          record("hc_post_pre + norm (fused, single-cluster kernel, every width)", single_norm,
-                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
           const auto async_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ASYNC, true); };
           record("hc_post_pre + norm (fused, asynchronous cluster kernel)", async_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
@@ -476,8 +459,6 @@ int main(int argc, char** argv) {
                  0.0);
           record("filler + hc_post_pre + norm (fused, asynchronous cluster kernel)", after_filler(async_norm), 0.0,
                  0.0);
-          record("filler + hc_post_pre + norm (fused, single-cluster kernel, every width)", after_filler(single_norm),
-                 0.0, 0.0);
         }
 
         // hc_head of set s's X into h (s.y); with `norm`, h normalised by norm_weight and also written as bf16 (the
@@ -509,8 +490,6 @@ int main(int argc, char** argv) {
           const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
           const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
-          const auto single_norm = [&](int i) { run_head(set(i), HcKernelChoice::SINGLE_CLUSTER, true); };
-          record("hc_head + norm (fused, single-cluster kernel, every width)", single_norm, head_norm_bytes, 0.0);
           const auto async_kernel = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC); };
           record("hc_head (asynchronous cluster kernel)", async_kernel, x_bytes + double(kN * flat) * 4 + td_bytes,
                  0.0);

@@ -9,10 +9,9 @@
 // re-zeroing it: the counters must re-arm and the result must be bit-identical. One workspace also serves a mix of
 // hc_pre, hc_head and hc_post_pre launches of different sizes (different slice widths, so different scratch
 // layouts), and 40 back-to-back launches without a host synchronisation. Up to 16 tokens every case also runs the
-// cluster decode kernel (CLUSTER_ASYNC), the default (AUTO: the single-cluster kernel at V4-Flash's width, also checked
-// at its own widths 256, 1024 and 2816, the cluster kernel at the others) and SINGLE_CLUSTER (the single-cluster
-// kernel also at V4-Pro's width, with two vectors per thread up to 8 tokens; also checked at 4608 and 7168 with
-// 9 and 14 warps); every hc_post_pre case also runs the warp-specialised
+// cluster decode kernel (CLUSTER_ASYNC) and the default (AUTO: the single-cluster kernel at V4-Flash's width, also
+// checked at its own widths 256, 1024 and 2816, and at V4-Pro's at one token with two vectors per thread, also
+// checked at 4608 (9 warps); the cluster kernel at the others); every hc_post_pre case also runs the warp-specialised
 // persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where that one takes
 // 64-dim slices too.
 #include <gtest/gtest.h>
@@ -190,8 +189,7 @@ HcPreParams pre_params(const float* X, const DeviceSite& site, int64_t T, int64_
 std::string case_name(const char* op, int64_t T, int64_t d, bool round,
                       HcKernelChoice kernel = HcKernelChoice::PERSISTENT) {
   return std::string(op) + " T=" + std::to_string(T) + " d=" + std::to_string(d) + (round ? " reference" : " exact") +
-         (kernel == HcKernelChoice::SINGLE_CLUSTER ? " single-cluster kernel (at every width it serves)"
-          : kernel == HcKernelChoice::AUTO           ? " default kernel (single-cluster where it applies)"
+         (kernel == HcKernelChoice::AUTO ? " default kernel (single-cluster where it applies)"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
           : kernel == HcKernelChoice::CLUSTER_ASYNC               ? " cluster decode kernel"
                                                                   : " persistent kernel");
@@ -468,8 +466,7 @@ std::vector<HcKernelChoice> kernels_for(int64_t T, bool post_pre = false) {
   std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT};
   if (post_pre) kernels.push_back(HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
   if (T <= kHcDecodeMaxTokens)
-    kernels.insert(kernels.end(),
-                   {HcKernelChoice::CLUSTER_ASYNC, HcKernelChoice::AUTO, HcKernelChoice::SINGLE_CLUSTER});
+    kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER_ASYNC, HcKernelChoice::AUTO});
   return kernels;
 }
 
@@ -528,10 +525,10 @@ TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
 }
 
 // Back-to-back launches in one stream, no host synchronisation in between (as in a decode step): the cluster decode
-// kernel (CLUSTER_ASYNC), the default (AUTO: the single-cluster kernel at V4-Flash's width, which uses no workspace)
-// and SINGLE_CLUSTER (the single-cluster kernel at V4-Pro's width too, up to 8 tokens) alternate on one workspace; each
-// cluster-kernel launch's tag must come from the epoch its predecessor left. Every launch of a kernel gives the same bits as that kernel's first
-// (deterministic sums), the first checked against the CPU.
+// kernel (CLUSTER_ASYNC), the default (AUTO: at one token the single-cluster kernel, which uses no workspace; at 9
+// tokens V4-Flash's single-cluster kernel and V4-Pro's cluster kernel) and the persistent kernel alternate on one
+// workspace; each launch's tag must come from the epoch its predecessor left. Every launch of a kernel gives the same
+// bits as that kernel's first (deterministic sums), the first checked against the CPU.
 TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 900;
@@ -548,7 +545,7 @@ TEST(MhcGpu, BackToBackLaunchesOnOneWorkspaceRepeatTheirResults) {
       for (int i = 0; i < kLaunches; ++i) outputs.emplace_back(T, d);
       const auto kernel_of = [](int i) {
         return i % 4 == 1   ? HcKernelChoice::AUTO
-               : i % 4 == 2 ? HcKernelChoice::SINGLE_CLUSTER
+               : i % 4 == 2 ? HcKernelChoice::PERSISTENT
                             : HcKernelChoice::CLUSTER_ASYNC;
       };
       for (int i = 0; i < kLaunches; ++i)
@@ -698,8 +695,8 @@ TEST(MhcGpu, FusedOutputNormMatchesRmsNormOfTheOutput) {
 
 // The single-cluster kernel (AUTO) at the widths that give its CTAs 1, 4 and 11 warps (V4-Flash's 16 run above), token
 // counts for each of its projections (1: FMAs; 8: one MMA token tile; 9 and 16: two), every op with and without the
-// output norm; its two-vector variant (SINGLE_CLUSTER) at 4608 and 7168 (9 and 14 warps), 1 and 8 tokens (9: the
-// cluster decode kernel takes over).
+// output norm; its two-vector variant at 4608 and 7168 (9 and 14 warps) at one token (at 2 the cluster decode kernel
+// takes over).
 TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const std::vector<HcKernelChoice> single = {HcKernelChoice::AUTO};
@@ -713,15 +710,14 @@ TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
         for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
           check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
       }
-  const std::vector<HcKernelChoice> wide = {HcKernelChoice::SINGLE_CLUSTER};
   for (const int64_t d : {int64_t(4608), int64_t(7168)})
-    for (const int64_t T : {1, 8, 9})
+    for (const int64_t T : {1, 2})
       for (const bool round : {false, true}) {
-        check_hc_pre(T, d, round, wide, seed++);
-        check_hc_head(T, d, round, wide, seed++);
-        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::SINGLE_CLUSTER, seed++);
+        check_hc_pre(T, d, round, single, seed++);
+        check_hc_head(T, d, round, single, seed++);
+        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::AUTO, seed++);
         for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
-          check_output_norm(op, T, d, round, !round, HcKernelChoice::SINGLE_CLUSTER, seed++);
+          check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
       }
 }
 

@@ -209,8 +209,7 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
 // The cluster decode kernel serves a launch the single-cluster kernel does not, unless a persistent one is asked for or
 // the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC ||
-          choice == HcKernelChoice::SINGLE_CLUSTER) &&
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC) &&
          tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
 }
@@ -271,16 +270,17 @@ void launch_cluster_decode(mhc::ClusterDecodeArgs args, void* workspace, cudaStr
   check_cuda(cudaLaunchKernelEx(&config, kernel, args), op, __FILE__, __LINE__);
 }
 
-// The single-cluster kernel's token tiles at most with `vectors` vectors per thread: two vectors serve up to 8 tokens
-// (with 16 their registers spilled).
-constexpr int single_cluster_max_token_tiles(int vectors) { return vectors == 1 ? 2 : 1; }
+// Tokens the single-cluster kernel serves with `vectors` vectors per thread: two vectors serve one token (their MMA
+// variants lost to the cluster decode kernel at 8 tokens, V4-Pro, H200: hc_pre 8.9 vs 6.5 µs, hc_post_pre + norm
+// 11.0 vs 7.9).
+constexpr int64_t single_cluster_max_tokens(int vectors) { return vectors == 1 ? kHcDecodeMaxTokens : 1; }
 
 // Whether the card holds the single-cluster kernel's cluster with `kVectors` vectors per thread (checked once per
 // kernel and device), sized for the widest hidden size of that variant: a card that holds that cluster holds every
 // narrower one. The variants for other token counts take the same threads and shared memory.
 template <bool kHead, bool kPost, int kVectors>
 bool single_cluster_fits() {
-  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
+  const auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>;
   static PerDeviceCache<int> cache;
   return cache.get(reinterpret_cast<const void*>(kernel), [&] {
     const int widest =
@@ -291,10 +291,11 @@ bool single_cluster_fits() {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     };
-    allow(mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>);
     allow(kernel);
-    if constexpr (single_cluster_max_token_tiles(kVectors) == 2)
+    if constexpr (single_cluster_max_tokens(kVectors) > 1) {
+      allow(mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>);
       allow(mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>);
+    }
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = mhc::kSingleClusterCtas;
@@ -312,25 +313,22 @@ bool single_cluster_fits() {
   }) > 0;
 }
 
-// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp: one vector per thread) and
-// SINGLE_CLUSTER launches within its wider ones, where the card holds its cluster.
+// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp) where the card holds its cluster.
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   const int vectors = mhc::single_cluster_vectors(hidden);
-  if (vectors == 0 || tokens > int64_t(mhc::kTileTokens / 2) * single_cluster_max_token_tiles(vectors)) return false;
-  if (vectors == 1 && (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::SINGLE_CLUSTER))
-    return single_cluster_fits<kHead, kPost, 1>();
-  if (vectors == 2 && choice == HcKernelChoice::SINGLE_CLUSTER) return single_cluster_fits<kHead, kPost, 2>();
-  return false;
+  if (choice != HcKernelChoice::AUTO || vectors == 0 || tokens > single_cluster_max_tokens(vectors)) return false;
+  return vectors == 1 ? single_cluster_fits<kHead, kPost, 1>() : single_cluster_fits<kHead, kPost, 2>();
 }
 
 template <bool kHead, bool kPost, int kVectors>
 void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t stream, const char* op) {
   // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads).
-  constexpr int kWidest = single_cluster_max_token_tiles(kVectors);
-  const auto kernel = args.tokens == 1  ? mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>
-                      : args.tokens <= 8 ? mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>
-                                         : mhc::hc_single_cluster_kernel<kHead, kPost, kWidest, kVectors>;
+  auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>;
+  if constexpr (single_cluster_max_tokens(kVectors) > 1) {
+    if (args.tokens > 8) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>;
+    else if (args.tokens > 1) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
+  }
   launch_chained(kernel, dim3(mhc::kSingleClusterCtas),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
@@ -457,7 +455,8 @@ void run_hc_pre(const HcPreParams& p) {
   if (single_cluster_serves<false, false>(p.kernel, p.tokens, p.hidden))
     return launch_single_cluster<false, false>(decode_site_args<mhc::DecodeSiteArgs>(p), p.stream, "hc_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return launch_cluster_decode<false, false>(decode_site_args<mhc::ClusterDecodeArgs>(p), p.workspace, p.stream, "hc_pre");
+    return launch_cluster_decode<false, false>(decode_site_args<mhc::ClusterDecodeArgs>(p), p.workspace, p.stream,
+                                               "hc_pre");
   mhc::ProjectionArgs args = pre_projection_args(p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;  // the norm writes it
   run_projection<false, false>(args, p.workspace, p.stream, "hc_pre", p.kernel);
@@ -477,7 +476,8 @@ void run_hc_head(const HcHeadParams& p) {
   if (single_cluster_serves<true, false>(p.kernel, p.tokens, p.hidden))
     return launch_single_cluster<true, false>(decode_site_args<mhc::DecodeSiteArgs>(as_pre), p.stream, "hc_head");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return launch_cluster_decode<true, false>(decode_site_args<mhc::ClusterDecodeArgs>(as_pre), p.workspace, p.stream, "hc_head");
+    return launch_cluster_decode<true, false>(decode_site_args<mhc::ClusterDecodeArgs>(as_pre), p.workspace,
+                                              p.stream, "hc_head");
   mhc::ProjectionArgs args = pre_projection_args(as_pre);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<true, false>(args, p.workspace, p.stream, "hc_head", p.kernel);
@@ -490,8 +490,7 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   check_hc_post_pre_params(params);
   if (params.tokens == 0) return;
   HcPostPreParams p = params;
-  if ((p.kernel == HcKernelChoice::AUTO || p.kernel == HcKernelChoice::SINGLE_CLUSTER) &&
-      p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
+  if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
     p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
   // The warp-specialised variant fuses at every token count.
   if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
@@ -505,8 +504,8 @@ void run_hc_post_pre(const HcPostPreParams& params) {
     return launch_single_cluster<false, true>(with_fused_post(decode_site_args<mhc::DecodeSiteArgs>(next), p), p.stream,
                                               "hc_post_pre");
   if (cluster_kernel_serves(p.kernel, p.tokens, p.hidden))
-    return launch_cluster_decode<false, true>(with_fused_post(decode_site_args<mhc::ClusterDecodeArgs>(next), p), p.workspace, p.stream,
-                                           "hc_post_pre");
+    return launch_cluster_decode<false, true>(with_fused_post(decode_site_args<mhc::ClusterDecodeArgs>(next), p),
+                                              p.workspace, p.stream, "hc_post_pre");
   mhc::ProjectionArgs args = with_fused_post(pre_projection_args(next), p);
   if (p.out_norm_weight != nullptr) args.y_bf16 = nullptr;
   run_projection<false, true>(args, p.workspace, p.stream, "hc_post_pre", p.kernel);

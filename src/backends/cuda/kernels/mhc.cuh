@@ -18,7 +18,9 @@
 //   in registers as MMA B fragments, then walks the token tiles g, g + G, … of 16 tokens. X tiles stream in kStages
 //   deep by TMA: one thread issues a tile's boxes (32 dims × the tile's 64 (token, stream) rows each) onto the
 //   stage's mbarrier; rows past the tokens and columns past the hidden size arrive as zeros. (Per-thread 16-byte
-//   cp.async copies until session 17: 4 per thread per tile and their address arithmetic in every thread.)
+//   cp.async copies until session 17: 4 per thread per tile and their address arithmetic in every thread. H200,
+//   V4-Flash, against the session 14-16 runs: 4096 tokens hc_pre 284.4 → 256.4 µs (31 % of copy), hc_post_pre 409.1 →
+//   390.1 (41 %), hc_head 197.4 → 172.3 (46 %); 64 tokens hc_pre 13.1 → 12.8.)
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -1296,7 +1298,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   // The lanes of an item's group push its total into the cluster's CTAs, lane l into CTAs l, l + lanes, ….
   const int group_lanes = slice_sum_lanes(Q);
   const auto push_to_cluster = [&](float* local, uint64_t* exchange_barrier, float value, int l) {
-    for (int r = l; r < kClusterCtas; r += group_lanes) send_to_cluster_cta(local, exchange_barrier, unsigned(r), value);
+    for (int r = l; r < kClusterCtas; r += group_lanes)
+      send_to_cluster_cta(local, exchange_barrier, unsigned(r), value);
   };
   // Item i: row i / tokens_here, token rank + 8·(i mod tokens_here).
   const auto token_of = [&](int i) { return int(rank) + kClusterCtas * (i % tokens_here); };
@@ -1359,12 +1362,15 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   T = 1 hc_head + norm 4.6 µs against 3.2 without the norm's hop, session 14). CTA r owns the dims [r·ds,
 //   (r+1)·ds), ds = hidden / 16, of all 4 streams; its warp w the 16·V dims 16·V·w .. 16·V·(w + 1) − 1 of the slice,
 //   all streams, where V (kVectors) is 1 up to 4096 and 2 above (V4-Pro: 14 warps of 32 dims; 28 warps of 16 left
-//   a thread 64 registers and spilled), each thread V 4-dim vectors 16 dims apart per stream and token.
+//   a thread 64 registers and spilled), each thread V 4-dim vectors 16 dims apart per stream and token. Two vectors
+//   serve one token: H200, V4-Pro T = 1, against the cluster decode kernel (session 17): hc_pre + norm 6.8 → 4.8 µs,
+//   hc_post_pre + norm 7.1 → 6.0, hc_head + norm 5.6 → 3.4; behind a full-card kernel 11.8 → 10.2 and 12.2 → 10.6.
+//   At T = 8 their MMA variants lost (hc_pre 8.9 vs 6.5 µs, hc_post_pre + norm 11.0 vs 7.9).
 // - fn's slice (24 rows × 4·ds floats, ≈ 98 KB for V4-Flash) is bulk-copied into shared memory before the
 //   grid-dependency wait. After it each thread loads its X values straight into registers as MMA A fragments
-//   (tokens g and g + 8, dims 4·t4 .. + 3 of each 16 of its warp's, all 4 streams: the collapse and the fused hc_post need
-//   no shared-memory staging either), projects them (3xTF32 MMA, as the kernels above), and the warps' partial sums
-//   are summed in warp order.
+//   (tokens g and g + 8, dims 4·t4 .. + 3 of each 16 of its warp's, all 4 streams: the collapse and the fused hc_post
+//   need no shared-memory staging either), projects them (3xTF32 MMA, as the kernels above), and the warps' partial
+//   sums are summed in warp order.
 // - Exchange 1: every CTA stores its partials of Σx² and the pre rows (5 × T values) into every CTA, and its mix rows
 //   of token t into CTA t (st.async into mbarrier-armed peers, as the asynchronous cluster decode kernel); each CTA
 //   sums what it received in rank order, so all of them hold the same totals. Collapse in registers; with the fused
@@ -1438,7 +1444,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kCollapseRows == kPartialRows<true>, "hc_head's partials are exactly the collapse rows");
   static_assert(kTokenTiles >= 0 && kTokenTiles <= 2, "up to 16 tokens");
-  static_assert(kVectors == 1 || kVectors == 2, "16 or 32 dims per warp");
+  static_assert(kVectors == 1 || (kVectors == 2 && kTokenTiles == 0), "16 dims per warp, or 32 for one token");
 
   extern __shared__ float4 dynamic_smem[];
   const int d = args.hidden, T = int(args.tokens);

@@ -17,14 +17,14 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
-// - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens, hidden a multiple of
-//   kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, on a card that holds a 16-CTA cluster of it): one
+// - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens and hidden a multiple of
+//   kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, or T = 1 and hidden a multiple of
+//   kHcSingleClusterWideHiddenQuantum up to kHcSingleClusterWideMaxHidden (V4-Pro's 7168: each thread two vectors per
+//   stream), on a card that holds a 16-CTA cluster of it): one
 //   cluster of 16 CTAs, each a 1/16 slice of the hidden size (all n streams) with its fn columns bulk-copied into
 //   shared memory before the grid-dependency wait; every sum over the slices is one DSMEM exchange (no global hop, no
 //   workspace words), the fused output norm one more. Its sums run in another fixed order than the other kernels';
-//   Sinkhorn as the asynchronous cluster decode kernel's. kernel = SINGLE_CLUSTER also takes it at hidden sizes that
-//   are a multiple of kHcSingleClusterWideHiddenQuantum up to kHcSingleClusterWideMaxHidden (V4-Pro's 7168), each
-//   thread with two vectors per stream and token, up to 8 tokens.
+//   Sinkhorn as the asynchronous cluster decode kernel's.
 // - Cluster decode kernel (kernel = CLUSTER_ASYNC, and AUTO where the single-cluster kernel does not apply;
 //   T ≤ kHcDecodeMaxTokens, hidden ≤ kHcDecodeMaxHidden): one CTA per 64-dim slice in clusters of 8 CTAs (plus one
 //   cluster for hc_pre's post/comb) projects its slice once; each sum over the slices is one cluster (DSMEM) step and
@@ -66,17 +66,10 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
-// hc_pre and hc_head take the persistent kernel; SINGLE_CLUSTER: the single-cluster decode kernel at all its hidden
-// sizes, AUTO's choice elsewhere.
-enum class HcKernelChoice : uint8_t {
-  AUTO,
-  PERSISTENT,
-  CLUSTER_ASYNC,
-  PERSISTENT_WARP_SPECIALIZED,
-  SINGLE_CLUSTER
-};
+// hc_pre and hc_head take the persistent kernel.
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
 
-// The single-cluster decode kernel's hidden sizes (AUTO; above), and its wider ones (SINGLE_CLUSTER).
+// The single-cluster decode kernel's hidden sizes (AUTO; above), one vector per thread and two.
 inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
 inline constexpr int64_t kHcSingleClusterMaxHidden = 4096;
 inline constexpr int64_t kHcSingleClusterWideHiddenQuantum = 512;
