@@ -30,9 +30,23 @@ PrefillGrid resolve_grid(PrefillGrid requested) {
   return chosen;
 }
 
-template <bool kFp8>
+// The consumers' exchange: by default consumer 0 rescales its weights to the pair's max before consumer 1 reads them;
+// DSV4_ATTENTION_PREFILL_EXCHANGE=early (an A/B on one build) hands them over right after consumer 0's softmax, against
+// its own max, and consumer 1 moves its output to that max first (buffer 0's second half is released earlier).
+bool early_exchange() {
+  static const bool early = [] {
+    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_EXCHANGE");
+    if (name == nullptr) return false;
+    const std::string value = name;
+    check(value == "early" || value == "late", "DSV4_ATTENTION_PREFILL_EXCHANGE=", value, ": expected early or late");
+    return value == "early";
+  }();
+  return early;
+}
+
+template <bool kFp8, bool kEarlyExchange>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kEarlyExchange>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -87,10 +101,11 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
         " is negative");
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch<true>(p, head_blocks, options);
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  if (early_exchange())
+    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else
-    launch<false>(p, head_blocks, options);
+    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

@@ -92,8 +92,9 @@ inline constexpr int kQ = 0;                                 // Q: 8 tiles of [6
 inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
 inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
-inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
-inline constexpr int kSum = kMax + 32 * 8;                   // float2 [2][64]: the consumers' row sums, by item
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [2][32]: the row maxima handed round
+inline constexpr int kMaxSlot = 32;                          // the second: consumer 1's pair max (early exchange)
+inline constexpr int kSum = kMax + 2 * 32 * 8;               // float2 [2][64]: the consumers' row sums, by item
 inline constexpr int kRope = kSum + 2 * 64 * 8;              // RopeFactors [2][kMaxRopePairs], by item
 inline constexpr int kPhysical = kRope + 2 * kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the 14 mbarriers of Barriers
@@ -150,7 +151,7 @@ __device__ __forceinline__ Item item_at(int64_t item, int head_blocks) {
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row. Per item it
 // first loads the item's Q (once the consumers have released the previous item's) and, after the item's last copies,
 // writes its inverse RoPE factors (rope table item_index % 2), needed only by the consumers' epilogue.
-template <bool kFp8>
+template <bool kFp8, bool kEarlyExchange>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
                                         int64_t ahead_stride, bool prefetch_resolved, const Barriers& barriers) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
@@ -353,13 +354,18 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         publish_valid(0);
       });
       publish_half(0, 0);
-      load_half(1, 1, [&] {
-        sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-        publish_valid(1);
-      });
-      publish_half(1, 1);
+      // The halves in the order their readers release them (the early exchange frees buffer 0's second half first).
+      const auto load_buffer_1_half_1 = [&] {
+        load_half(1, 1, [&] {
+          sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+          publish_valid(1);
+        });
+        publish_half(1, 1);
+      };
+      if constexpr (!kEarlyExchange) load_buffer_1_half_1();
       load_half(0, 1, [&] { sm90::mbarrier_wait(barriers.empty(0, 1), parity); });
       publish_half(0, 1);
+      if constexpr (kEarlyExchange) load_buffer_1_half_1();
       load_half(1, 0, [&] { sm90::mbarrier_wait(barriers.empty(1, 0), parity); });
       publish_half(1, 0);
       if (i + 1 < pairs) resolve(i + 1);
@@ -447,12 +453,13 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
 }
 
 // One block's online softmax for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2): unused
-// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
-// rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
-// the rounded weights.
-__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), row_sum is rescaled
+// from row_max to it and alpha is o's factor (the result: whether any row of the warp moved, i.e. o needs
+// scale_rows); s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds the rounded
+// weights.
+__device__ __forceinline__ bool block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
                                               const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+                                              float (&alpha)[2], uint32_t (&pf)[4][4]) {
   float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < 8; ++n)
@@ -461,7 +468,7 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
       block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
     }
-  float alpha[2], reference[2];
+  float reference[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
@@ -473,7 +480,6 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
     // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
     reference[r] = new_max == -INFINITY ? 0.0f : new_max;
   }
-  if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -485,6 +491,7 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
       row_sum[r] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xFFFF0000u);
       pf[n / 2][(n % 2) * 2 + r] = packed;
     }
+  return __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f);
 }
 
 // Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
@@ -508,7 +515,7 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kEarlyExchange>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
                                         const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -549,7 +556,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
     if (pairs == 0) release_q();
 
-    if (consumer == 0) {
+    if (kEarlyExchange && consumer == 0) {
+      // Early exchange, consumer 0: P0 (against its own running max m0) goes to consumer 1 right after the softmax.
       if (pairs > 0) {
         const uint32_t parity = uint32_t(pair_base & 1);
         wait_full<kFp8>(barriers.full(0, 0), parity);
@@ -565,7 +573,109 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         const uint32_t parity = uint32_t((pair_base + i) & 1);
         if (i + 1 == pairs) release_q();
         sm90::mbarrier_wait(barriers.valid(0), parity);
-        block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+        float alpha[2];
+        if (block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
+        store_weights(own_p, pf, warp, g, c);
+        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+        sm90::fence_proxy_async_shared();
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+        pv_registers(o, pf, smem, 0, 0);
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(0, 0));
+        // Consumer 1's P1 against the pair's max: o and the row sums move to it.
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+        const float2 pair_max = shared_max[kMaxSlot];
+        const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
+        row_max[0] = pair_max.x;
+        row_max[1] = pair_max.y;
+        row_sum[0] *= factor[0];
+        row_sum[1] *= factor[1];
+        if (__any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f)) scale_rows(o, factor);
+        wait_full<kFp8>(barriers.full(1, 0), parity);
+        pv_shared(o, other_p, smem, 1, 0);
+        if (i + 1 < pairs) {
+          wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
+          sm90::wgmma_fence();
+          qk_half(s, smem, 0, 0, true);
+          sm90::wgmma_commit_group();
+          sm90::wgmma_wait_group<1>();
+          sm90::fence_operand(o);
+          sm90::mbarrier_arrive(barriers.empty(1, 0));
+          wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
+          sm90::wgmma_fence();
+          qk_half(s, smem, 0, 1, false);
+          sm90::wgmma_commit_group();
+          sm90::wgmma_wait_group<0>();
+          sm90::fence_operand(s);
+          sm90::fence_operand(o);
+        } else {
+          sm90::wgmma_wait_group<0>();
+          sm90::fence_operand(o);
+          sm90::mbarrier_arrive(barriers.empty(1, 0));
+        }
+      }
+    } else if (kEarlyExchange) {
+      // Early exchange, consumer 1: o moves to m0 and takes P0 V0 while this block's softmax runs; P1 is against the
+      // pair's max. Buffer 0's second half is released before this consumer's own PV.
+      for (int i = 0; i < pairs; ++i) {
+        const uint32_t parity = uint32_t((pair_base + i) & 1);
+        wait_full<kFp8>(barriers.full(1, 1), parity);
+        sm90::wgmma_fence();
+        qk_half(s, smem, 1, 1, true);
+        wait_full<kFp8>(barriers.full(1, 0), parity);
+        qk_half(s, smem, 1, 0, false);
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(s);
+        if (i + 1 == pairs) release_q();
+        sm90::mbarrier_wait(barriers.valid(1), parity);
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
+        const float2 m0 = *shared_max;
+        const float to_m0[2] = {rescale_factor(row_max[0], m0.x), rescale_factor(row_max[1], m0.y)};
+        row_max[0] = m0.x;
+        row_max[1] = m0.y;
+        row_sum[0] *= to_m0[0];
+        row_sum[1] *= to_m0[1];
+        if (__any_sync(0xFFFFFFFFu, to_m0[0] != 1.0f || to_m0[1] != 1.0f)) scale_rows(o, to_m0);
+        wait_full<kFp8>(barriers.full(0, 1), parity);
+        pv_shared(o, other_p, smem, 0, 1);
+        float alpha[2];
+        const bool rescale = block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf);
+        store_weights(own_p, pf, warp, g, c);
+        if (c == 0) shared_max[kMaxSlot] = make_float2(row_max[0], row_max[1]);
+        sm90::fence_proxy_async_shared();
+        // P0's reader is done before consumer 0 may overwrite it (it writes the next P0 after this barrier).
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(0, 1));
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+        if (rescale) scale_rows(o, alpha);
+        pv_registers(o, pf, smem, 1, 1);
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+      }
+    } else if (consumer == 0) {
+      if (pairs > 0) {
+        const uint32_t parity = uint32_t(pair_base & 1);
+        wait_full<kFp8>(barriers.full(0, 0), parity);
+        sm90::wgmma_fence();
+        qk_half(s, smem, 0, 0, true);
+        wait_full<kFp8>(barriers.full(0, 1), parity);
+        qk_half(s, smem, 0, 1, false);
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(s);
+      }
+      for (int i = 0; i < pairs; ++i) {
+        const uint32_t parity = uint32_t((pair_base + i) & 1);
+        if (i + 1 == pairs) release_q();
+        sm90::mbarrier_wait(barriers.valid(0), parity);
+        float alpha[2];
+        if (block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
         if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
         sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
         pv_registers(o, pf, smem, 0, 0);
@@ -630,7 +740,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         const float2 base = *shared_max;
         const float base_max[2] = {base.x, base.y};
         __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-        block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+        float alpha[2];
+        if (block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
         if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
         sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
         pv_registers(o, pf, smem, 1, 1);
@@ -684,7 +795,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   }
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kEarlyExchange>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int64_t ahead_stride, const bool prefetch_resolved) {
@@ -707,10 +818,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= 2 * kWarpgroup) {
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
-    produce<kFp8>(p, smem, head_blocks, ahead_stride, prefetch_resolved, barriers);
+    produce<kFp8, kEarlyExchange>(p, smem, head_blocks, ahead_stride, prefetch_resolved, barriers);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8>(p, smem, head_blocks, barriers);
+    consume<kFp8, kEarlyExchange>(p, smem, head_blocks, barriers);
   }
 }
 
