@@ -10,6 +10,27 @@
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
+namespace compressor {
+namespace {
+
+// Streamed slot loads: two CTAs per SM, each pooling several entry slices (compress_streamed). Defined here, not in
+// the header: a non-template kernel in a header included elsewhere would be defined twice.
+__global__ void __launch_bounds__(kStreamedThreads, 2)
+    compressor_streamed_kernel(const __grid_constant__ LaunchArgs launch) {
+  extern __shared__ __align__(16) float smem[];
+  allow_dependents();
+  if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
+    prepare_vectors(launch);
+    return;
+  }
+  const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
+  const PoolArgs& a = launch.pools[pool];
+  compress_streamed(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+}
+
+}  // namespace
+}  // namespace compressor
+
 namespace {
 
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;

@@ -27,9 +27,10 @@
 // - Streamed slot loads (compress_streamed): as many CTAs as are resident, each pooling entry slices in turn (a
 //   cluster's CTAs walk the same entries). For the pooling a thread owns four channels of one slot group, copied by
 //   16-byte cp.async into its own ring, which runs ahead across slices so that the next slices' bytes are in flight
-//   while an entry finishes; the finish keeps the pair layout (the partials meet in shared memory). Each slice takes
-//   its ticket as a one-slice CTA does; a split's norm sums alternate between two shared words by slice parity, so
-//   one cluster barrier per slice orders their reuse.
+//   while an entry finishes; the finish keeps the pair layout (the partials meet in shared memory). A CTA takes the
+//   tickets of its slices of one run together when it leaves the run (the last one updates the state, as in a
+//   one-slice CTA); a split's norm sums alternate between two shared words by slice parity, so one cluster barrier
+//   per slice orders their reuse.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -555,12 +556,16 @@ struct EntryItem {
   uint8_t* stored;
 };
 
+__device__ __forceinline__ RunView run_view(const PoolArgs& a, const CompressorRun& run) {
+  return {.kv = a.kv + int64_t(run.first_token) * a.row_stride,
+          .gate = a.gate + int64_t(run.first_token) * a.row_stride,
+          .start = run.start_position,
+          .tokens = run.tokens,
+          .state = a.state.of_slot(run.slot)};
+}
+
 __device__ __forceinline__ EntryItem entry_item(const PoolArgs& a, const ItemPlace& place, const CompressorRun& run) {
-  const RunView r{.kv = a.kv + int64_t(run.first_token) * a.row_stride,
-                  .gate = a.gate + int64_t(run.first_token) * a.row_stride,
-                  .start = run.start_position,
-                  .tokens = run.tokens,
-                  .state = a.state.of_slot(run.slot)};
+  const RunView r = run_view(a, run);
   const int entry = int(a.entries_div.mod(uint32_t(place.entry_row)));
   const int64_t first_entry = ratio_div(a, r.start);
   const bool emitting = place.real && entry < ratio_div(a, r.start + r.tokens) - first_entry;  // entries emitted
@@ -719,10 +724,10 @@ __device__ __forceinline__ FinishThread finish_thread(const PoolArgs& a, int ran
 }
 
 // The run's state update by its CTA that took the last ticket (every CTA's reads of the state came before its
-// ticket; the last one may now overwrite it), then the ticket counter's reset.
-__device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const RunView& r, unsigned ticket,
+// ticket; the last one may now overwrite it), then the ticket counter's reset. last: thread 0's verdict.
+__device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const RunView& r, bool last,
                                                      bool* is_last_cta) {
-  if (threadIdx.x == 0) *is_last_cta = ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1;
+  if (threadIdx.x == 0) *is_last_cta = last;
   __syncthreads();
   if (*is_last_cta) {
     __threadfence();
@@ -806,7 +811,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     if (kSliceUpdates)
       update_state<true>(a, r, slice, early);
     else
-      update_state_if_last(a, r, ticket, &is_last_cta);
+      update_state_if_last(a, r, ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1, &is_last_cta);
   }
   if (cluster_barriers) __cluster_barrier_wait();
 }
@@ -851,7 +856,7 @@ __device__ __forceinline__ void issue_stream_batch(const PoolArgs& a, const Entr
 }
 
 // Pool `a`'s CTA `pool_cta` of a streamed launch: its slices from row pool_cta / cluster_ctas, launch_ctas /
-// cluster_ctas rows apart, each pooled from the ring, finished (finish_entry) and ticketed as compress does.
+// cluster_ctas rows apart, each pooled from the ring and finished (finish_entry), ticketed per run.
 __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t pool_cta, int hardware_cluster,
                                                   float* smem) {
   const int channels = a.channels_per_cta;
@@ -872,7 +877,24 @@ __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t poo
   const int quad = int(a.quads_div.mod(threadIdx.x)), group = int(a.quads_div.div(threadIdx.x));
   const bool pools = group < a.stream_groups;
   const bool cluster_sync = hardware_cluster > 1;
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
   wait_for_prior_grids();
+
+  // Tickets per run, not per slice: the CTA counts its finished slices of the run it is in and takes them as one
+  // ticket when it moves on to another run or ends (one fence and atomic round trip per run, not per slice).
+  int ticket_run = -1, ticket_slices = 0;
+  const auto take_tickets = [&] {
+    if (ticket_slices == 0) return;
+    const RunView r = run_view(a, a.runs[ticket_run]);
+    bool last = false;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      const unsigned before = atomicAdd(r.state.finished_ctas, unsigned(ticket_slices));
+      last = before + unsigned(ticket_slices) == unsigned(a.entries_per_run * a.cluster_ctas);
+    }
+    update_state_if_last(a, r, last, &is_last_cta);
+    ticket_slices = 0;
+  };
 
   // The issue cursor runs kStreamStages − 1 batches ahead of the one in use; every step commits a group (empty past
   // the CTA's last slice or for threads outside the pooling layout), so the waits count alike in every thread.
@@ -903,6 +925,11 @@ __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t poo
 
   int used = 0, parity = 0;
   for (int row = first_row; row < rows; row += row_step, parity ^= 1) {
+    const int run_index = int(a.entries_div.div(uint32_t(row)));
+    if (run_index != ticket_run) {
+      take_tickets();
+      ticket_run = run_index;
+    }
     // What the pooling needs of the slice's entry (the rest is reloaded for its finish: fewer registers held across
     // the issues), its cache row looked up and RoPE factors made while the copies land.
     int64_t w, start;
@@ -917,7 +944,6 @@ __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t poo
         rope = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair, .frequency = frequency});
     }
     OnlineSoftmax softmax[4];
-    const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
     for (int batch = 0; batch < a.stream_batches; ++batch, ++used) {
       const float4* stage = ring + (used % kStreamStages) * stage_stride;
       if (pools && emitting) {
@@ -929,8 +955,8 @@ __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t poo
           const PooledSlot p = stream_slot(a, w, rank, batch, k, group, quad, slots);
           valid[k] = p.valid && k < a.stream_batch;
           ape[k] = p.q >= start ? __ldg(reinterpret_cast<const float4*>(a.ape + ratio_mod(a, p.q) * width_of(a) +
-                                                                            p.column))
-                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                                                                        p.column))
+                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
         ptx::cp_async_wait<kStreamStages - 2>();
         compiler_memory_fence();
@@ -964,15 +990,11 @@ __device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t poo
     __syncthreads();  // every pooling read of this slice's state is done
     EntryItem e = stream_item(a, row, rank, run_of_row(a, row));
     e.stored = stored;
-    unsigned ticket = 0;
-    if (threadIdx.x == 0) {
-      __threadfence();
-      ticket = atomicAdd(e.r.state.finished_ctas, 1u);
-    }
+    ++ticket_slices;
     finish_entry(a, e, t, rope, s, warp_partials, &square_sums[parity], cluster_sync, false);
-    update_state_if_last(a, e.r, ticket, &is_last_cta);
     __syncthreads();  // the shared partials, entry vector and flags are free for the next slice
   }
+  take_tickets();
   ptx::cp_async_wait<0>();
   // No CTA leaves while another of its cluster may still read its sums.
   if (cluster_sync) cooperative_groups::this_cluster().sync();
@@ -1005,20 +1027,6 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStage
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
-}
-
-// Streamed slot loads: two CTAs per SM, each pooling several entry slices (compress_streamed).
-__global__ void __launch_bounds__(kStreamedThreads, 2)
-    compressor_streamed_kernel(const __grid_constant__ LaunchArgs launch) {
-  extern __shared__ __align__(16) float smem[];
-  allow_dependents();
-  if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
-    prepare_vectors(launch);
-    return;
-  }
-  const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
-  const PoolArgs& a = launch.pools[pool];
-  compress_streamed(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor
