@@ -13,9 +13,7 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the half-stage ring other than the
-// default (MoeRunParams::half_stage_slots; T <= 8 only): "half-ring-0", "half-ring-4", "half-ring-5" (those other
-// than the default).
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -178,9 +176,6 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
-  HALF_RING_0,
-  HALF_RING_4,
-  HALF_RING_5,
   REGISTER
 };
 struct PathSpec {
@@ -190,10 +185,8 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
-  int half_slots = MoeRunParams{}.half_stage_slots;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns ||
-           half_slots != MoeRunParams{}.half_stage_slots ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -207,9 +200,6 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
-    {Path::HALF_RING_0, "half-ring-0", false, false, MoeRunParams{}.shared_expert_split, false, false, 0},
-    {Path::HALF_RING_4, "half-ring-4", false, false, MoeRunParams{}.shared_expert_split, false, false, 4},
-    {Path::HALF_RING_5, "half-ring-5", false, false, MoeRunParams{}.shared_expert_split, false, false, 5},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -228,7 +218,6 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
-  p.half_stage_slots = spec.half_slots;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -307,8 +296,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
-          (spec.other_columns && T > 2) || (spec.half_slots != MoeRunParams{}.half_stage_slots && T > 8) ||
-          (!spec.option() && spec.path != Path::STREAMED && spec.path != Path::REGISTER))
+          (spec.other_columns && T > 2))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -443,8 +431,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "half-ring-0,half-ring-4,half-ring-5,register]\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,register]\n");
       return 2;
     }
   }

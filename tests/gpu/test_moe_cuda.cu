@@ -10,9 +10,7 @@
 // CPU, and run to run) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
-// to run; the same bits as without them at T > 2); at T <= 8 the half-stage rings other than the default
-// (MoeRunParams::half_stage_slots 0, 4, 5: the same bits, with the column stages, the lean ones, the split and the
-// head start either way; no effect at T > 8); a V4-Pro-width layer
+// to run; the same bits as without them at T > 2); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -278,7 +276,6 @@ struct Kernels {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
-  int half_slots = MoeRunParams{}.half_stage_slots;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -288,14 +285,13 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           ", " + std::to_string(half_slots) + " half-stage slots";
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns, p.half_stage_slots = half_slots;
+    p.down_head_start = down_head_start, p.column_stages = columns;
     return p;
   }
 };
@@ -331,17 +327,6 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
-// The streamed kernels with each half-stage ring (MoeRunParams::half_stage_slots: the same bits), each against the
-// same kernels with the stage ring: by default, without the column stages (the lean stages at T <= 2), with the
-// shared expert never split and split at every T <= 8, without the down head start.
-constexpr Kernels with_half_slots(Kernels kernels, int half_slots) {
-  kernels.half_slots = half_slots;
-  return kernels;
-}
-constexpr Kernels kStageRingReferences[] = {
-    with_half_slots(kStreamedKernels, 0), with_half_slots(kStreamedOtherColumns, 0),
-    with_half_slots(kStreamedUnsplit, 0), with_half_slots(kStreamedSplitAll, 0),
-    with_half_slots(kStreamedOtherHeadStart, 0)};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -608,13 +593,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
-    for (const Kernels& reference : kStageRingReferences)
-      for (const int half_slots : {4, 5})
-        for (const int T : {1, 2, 5, 8, 9})
-          expect_same_bits(device_weights, kFlashLike, T, seed++, with_half_slots(reference, half_slots), reference);
-    for (const int half_slots : {4, 5})
-      check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike),
-                 with_half_slots(kStreamedKernels, half_slots));
 
   }
 }
@@ -740,10 +718,6 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
   expect_repeatable(device_weights, kProLike, 1, seed++, kStreamedOtherColumns);
-  for (const int half_slots : {4, 5})
-    for (const int T : {1, 2, 8})
-      expect_same_bits(device_weights, kProLike, T, seed++, with_half_slots(kStreamedKernels, half_slots),
-                       kStageRingReferences[0]);
 }
 
 // One MXFP4 expert set shared by the tests below, made on first use (after the device check).

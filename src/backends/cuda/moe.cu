@@ -164,7 +164,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streams_experts(weights, p),
       .column_stages = p.column_stages && streams_experts(weights, p),
-      .half_stage_slots = p.lean_expert_decode && streams_experts(weights, p) ? p.half_stage_slots : 0,
       .tokens = p.tokens,
       .stream = p.stream,
   };

@@ -91,10 +91,6 @@ struct MoeRunParams {
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
-  // MoeExpertGemmParams::half_stage_slots for the streamed kernels at T <= 8 with the lean decode (0, 4 or 5): each
-  // warp's fp4 stages through that many half-slots, each 128-byte box refilled once read (5 where it fits, else 4).
-  // The same bits.
-  int half_stage_slots = 0;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

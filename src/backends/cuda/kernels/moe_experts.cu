@@ -28,68 +28,46 @@ int max_dynamic_smem() {
 }
 
 // The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
-template <moe::ExpertGemm G, bool kLean, bool kColumns, int kHalfSlots>
-auto* one_tile_kernel(bool split, bool head_start) {
-  if constexpr (G == moe::ExpertGemm::DOWN) {
-    if (head_start)
-      return split ? moe::moe_expert_streamed_kernel<G, false, kLean, true, true, kColumns, kHalfSlots>
-                   : moe::moe_expert_streamed_kernel<G, false, kLean, false, true, kColumns, kHalfSlots>;
-  }
-  return split ? moe::moe_expert_streamed_kernel<G, false, kLean, true, false, kColumns, kHalfSlots>
-               : moe::moe_expert_streamed_kernel<G, false, kLean, false, false, kColumns, kHalfSlots>;
+template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false>
+auto* one_tile_kernel(bool head_start) {
+  if constexpr (G == moe::ExpertGemm::DOWN)
+    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
+  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
 }
-// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the
-// same), as does the half-stage ring (it serves the lean and column stages; five half-slots only beside the column
-// stages, moe_half_stage_slots).
+// The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
 template <moe::ExpertGemm G>
-auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns, int half_slots) {
+auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
   if (columns)
-    return half_slots == 5   ? one_tile_kernel<G, true, true, 5>(split, head_start)
-           : half_slots == 4 ? one_tile_kernel<G, true, true, 4>(split, head_start)
-                             : one_tile_kernel<G, true, true, 0>(split, head_start);
-  if (lean)
-    return half_slots == 4 ? one_tile_kernel<G, true, false, 4>(split, head_start)
-                           : one_tile_kernel<G, true, false, 0>(split, head_start);
-  return one_tile_kernel<G, false, false, 0>(split, head_start);
-}
-
-// The x region of a streamed launch for input size k_total: min(T, 16) rows (streamed_x_region_bytes), or the column
-// stages' whole K of the item's rows with their zero block.
-int launch_x_bytes(const MoeExpertGemmParams& p, int k_total) {
-  const int region = moe::streamed_x_region_bytes(p.tokens, k_total);
-  if (!moe_column_stages_apply(p, k_total)) return region;
-  return std::max(region, (moe::columns::x_bytes(k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) / 16 * 16);
-}
-
-// Whether a launch of this x region and ring keeps two CTAs per SM (228 KiB of shared memory per SM).
-bool two_ctas_per_sm(int half_slots, int x_bytes) {
-  return 2 * (moe::ring_region_bytes(half_slots) + moe::kStreamedExchangeBytes + size_t(x_bytes) +
-              moe::kStreamedStaticBytes) <=
-         228 * 1024;
+    return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
+  return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
+              : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
 // region at its cap).
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
+  constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
+  // The column stages take the whole K of the item's rows in one chunk, then their zero block.
+  const int column_bytes = (moe::columns::x_bytes(args.k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) /
+                           16 * 16;
   const bool columns = moe_column_stages_apply(p, args.k_total);
-  args.streamed_x_bytes = launch_x_bytes(p, args.k_total);
+  args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
+  if (columns) args.streamed_x_bytes = std::max(args.streamed_x_bytes, column_bytes);
+  const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
-  const int half_slots = multi_tile ? 0 : moe_half_stage_slots(p, args.k_total);
-  const size_t fixed_smem = moe::ring_region_bytes(half_slots) + moe::kStreamedExchangeBytes;
-  const size_t smem = fixed_smem + size_t(args.streamed_x_bytes);
   // One grid row more: the shared expert's second CTAs.
   const bool split = moe_shared_expert_splits(p, device_multiprocessors());
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns, half_slots);
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(fixed_smem + moe::kStreamedXBytes)));
+                                         int(kFixedSmem + moe::kStreamedXBytes)));
     return true;
   });
   launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
@@ -203,12 +181,6 @@ bool moe_column_stages_apply(const MoeExpertGemmParams& p, int64_t k_total) {
   return moe::columns::x_bytes(int(k_total), p.tokens) + 15 <= int(moe::kStreamedXBytes);
 }
 
-int moe_half_stage_slots(const MoeExpertGemmParams& p, int64_t k_total) {
-  if (p.half_stage_slots == 0 || !p.streamed || !p.lean_decode || p.tokens > tile::kTokensPerMma) return 0;
-  if (p.half_stage_slots < 5) return p.half_stage_slots;
-  return moe_column_stages_apply(p, k_total) && two_ctas_per_sm(5, launch_x_bytes(p, int(k_total))) ? 5 : 4;
-}
-
 bool moe_shared_expert_splits(const MoeExpertGemmParams& p, int multiprocessors) {
   if (p.shared_expert_split == MoeSharedExpertSplit::NEVER || !p.streamed || p.tokens > tile::kTokensPerMma)
     return false;
@@ -243,10 +215,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
         "streamed-kernel option");
-  check(p.half_stage_slots == 0 || p.half_stage_slots == 4 || p.half_stage_slots == 5, "moe expert GEMM: ",
-        p.half_stage_slots, " half-stage slots (0, 4 or 5)");
-  check(p.half_stage_slots == 0 || (p.streamed && p.lean_decode), "moe expert GEMM: the half-stage ring is an ",
-        "option of the streamed kernels with the lean decode");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

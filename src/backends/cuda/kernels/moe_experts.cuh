@@ -367,38 +367,9 @@ inline constexpr size_t kStreamedExchangeBytes =
 inline constexpr int kStreamedReduceOffset = (kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma;
 static_assert((kStreamedReduceOffset + 4 * tile::kWarpSize * 4) * sizeof(float) <= kStreamedExchangeBytes,
               "the split CTAs' reduction fits the exchange region");
-// The half-stage ring of H half-slots (MoeExpertGemmParams::half_stage_slots; fp4 lean and column stages of unsplit
-// warps): half-stage q (box q % 2 of stage q / 2: 16 rows × 128 bytes) streams into half-slot q % H on its own
-// barrier and is refilled with half-stage q + H as soon as its two steps are read, instead of whole stages after the
-// whole stage: a warp keeps H - 1 boxes in flight while it reads one (H = 4: 6 KB where the stage ring keeps 4-8 KB,
-// in the same bytes). Each stage's scales come with its first box into scale area stage % 3 (at most three stages
-// have scales in use when a first box is issued). H = 5 takes 12 KB per warp: two CTAs per SM only with a small x
-// region (T = 1).
-inline constexpr int kHalfScaleAreas = 3;
-inline constexpr int kHalfScaleAreaBytes = 512;  // the most scales of one stage: NVFP4, 16 rows × 32 bytes
-inline constexpr int kMaxHalfSlots = 5;
-// Bytes per warp of the ring of H half-slots (H = 0: the stage ring), 1 KB multiples (the swizzled boxes).
-__host__ __device__ constexpr int warp_ring_bytes(int half_slots) {
-  return half_slots == 0 ? kStreamedSlots * tile::stream::kSlotBytes
-                         : (half_slots * tile::stream::kHalfBytes + kHalfScaleAreas * kHalfScaleAreaBytes +
-                            tile::stream::kSlotAlignment - 1) /
-                               tile::stream::kSlotAlignment * tile::stream::kSlotAlignment;
-}
-// The distance between two warps' rings in a kernel of H half-slots: room for either ring (its FP8 and BF16 warps
-// take the stage ring).
-__host__ __device__ constexpr int warp_ring_stride(int half_slots) {
-  return warp_ring_bytes(half_slots) > warp_ring_bytes(0) ? warp_ring_bytes(half_slots) : warp_ring_bytes(0);
-}
-// The rings of the CTA's warps, after up to 1 KB that aligns them.
-__host__ __device__ constexpr size_t ring_region_bytes(int half_slots) {
-  return size_t(kExpertWarps) * size_t(warp_ring_stride(half_slots)) + tile::stream::kSlotAlignment;
-}
-static_assert(ring_region_bytes(4) == kStreamedRingBytes, "four half-slots fill the stage ring's bytes");
-inline constexpr int kRingBarriers = kMaxHalfSlots;  // per warp: the most any ring uses
-// Shared memory per CTA beyond the dynamic bytes: the ring barriers and 1 KiB reserved by the system.
-inline constexpr size_t kStreamedStaticBytes = kExpertWarps * kRingBarriers * sizeof(uint64_t) + 1024;
-// Two CTAs per SM (228 KiB per SM) with the stage ring at any x region.
-static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + kStreamedStaticBytes) <= 228 * 1024,
+// Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
+static_assert(2 * (kStreamedRingBytes + kStreamedXBytes + kStreamedExchangeBytes + 1024 +
+                   kExpertWarps * kStreamedSlots * sizeof(uint64_t)) <= 228 * 1024,
               "two streamed CTAs per SM");
 // x chunks are whole stages of every format (fp4 stages are the longest).
 inline constexpr int64_t kStreamedChunkGranule = tile::stream::stage_k(tile::TileFormat::MXFP4);
@@ -456,78 +427,23 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// The half-slots a warp streams through: the kernel's H for fp4 stages (the lean and column ones: the kernels that
-// take the option have no other fp4 stages) of one part per 16 rows, else 0 (the stage ring).
-template <tile::TileFormat F, int kHalfSlots, int kParts>
-inline constexpr int kWarpHalfSlots =
-    kParts == 1 && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4) ? kHalfSlots : 0;
-
-template <int H>
-__device__ __forceinline__ uint8_t* half_slot_data(uint8_t* ring, int h) {
-  return ring + h * tile::stream::kHalfBytes;
-}
-template <int H>
-__device__ __forceinline__ uint8_t* half_scale_area(uint8_t* ring, int area) {
-  return ring + H * tile::stream::kHalfBytes + area * kHalfScaleAreaBytes;
-}
-
-// Where the next half-stage to issue goes: its stage within the pass, its box, its scale area, and its half-slot.
-struct HalfStageCursor {
-  int stage = 0, box = 0, area = 0, slot = 0;
-};
-
-// Starts the copies of the half-stage at `at` (box at.box of the fp4 stage at k0, rows row0..row0 + 15; the first
-// box with the stage's scales) into its half-slot; called by the whole warp (lane 0 issues).
-template <tile::TileFormat F, int H>
-__device__ __forceinline__ void issue_half_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0,
-                                                 const HalfStageCursor& at, uint8_t* ring, uint64_t* full) {
-  namespace st = tile::stream;
-  constexpr int kScaleBytes = st::stage_scale_bytes(F);
-  static_assert(kScaleBytes > 0 && tile::kTileRows * kScaleBytes <= kHalfScaleAreaBytes, "fp4 stages only");
-  if (threadIdx.x % tile::kWarpSize != 0) return;
-  uint64_t* barrier = full + at.slot;
-  sm90::mbarrier_arrive_expect_tx(barrier, tile::kTileRows * (st::kBoxBytes + (at.box == 0 ? kScaleBytes : 0)));
-  const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
-  sm90::tma_load_2d(half_slot_data<H>(ring, at.slot), &maps->data, barrier, byte0 + at.box * st::kBoxBytes, row);
-  if (at.box == 0)
-    sm90::tma_load_2d(half_scale_area<H>(ring, at.area), &maps->scales, barrier,
-                      int32_t(k0 / (st::stage_k(F) / kScaleBytes)), row);
-}
-
-// Moves a cursor to the next half-stage (stages wrap at the pass's end: the next pass streams the same K).
-template <int H>
-__device__ __forceinline__ void advance(HalfStageCursor& at, int pass_stages) {
-  if (++at.slot == H) at.slot = 0;
-  if (++at.box < 2) return;
-  at.box = 0;
-  if (++at.area == kHalfScaleAreas) at.area = 0;
-  if (++at.stage == pass_stages) at.stage = 0;
-}
-
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
-// always the first), else once the item is read. Through the half-stage ring: its first H half-stages (or all).
-template <tile::TileFormat F, ExpertGemm G, int kParts, int kHalfSlots = 0>
+// always the first), else once the item is read.
+template <tile::TileFormat F, ExpertGemm G, int kParts>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, const WarpSlice& slice,
                                              uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
-  constexpr int H = kWarpHalfSlots<F, kHalfSlots, kParts>;
-  st::init_ring(full, H > 0 ? H : kStreamedSlots);
+  st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
-  if constexpr (H > 0) {
-    HalfStageCursor at;
-    for (int q = 0; q < H && q < 2 * stages; ++q, advance<H>(at, stages))
-      issue_half_stage<F, H>(warp_maps<G>(a, expert), slice.row0, at.stage * st::stage_k(F), at, ring, full);
-  } else {
-    for (int j = 0; j < kStreamedSlots && j < stages; ++j)
-      st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                         ring + j * st::kSlotBytes, full + j);
-  }
+  for (int j = 0; j < kStreamedSlots && j < stages; ++j)
+    st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
+                       ring + j * st::kSlotBytes, full + j);
 }
-template <tile::TileFormat F, ExpertGemm G, int kHalfSlots = 0>
+template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
-  start_stream<F, G, 1, kHalfSlots>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
+  start_stream<F, G, 1>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
 }
 
 // kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
@@ -604,28 +520,27 @@ __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pai
   }
 }
 
-// sums += steps [kFirstStep, kEndStep) of the fp4 stage whose boxes start at `data` (box (u - kFirstStep) / 2 of
-// step u) and whose scales are at `scales`, × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the
-// MMAs of step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token
-// tile nt at the stage's first input (a real token's row, see above).
-template <tile::TileFormat F, int NT, int C, int kFirstStep, int kEndStep>
-__device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_t* scales,
-                                               const __nv_bfloat16* const (&x_lane)[NT], float (&sums)[C][NT][4]) {
+// sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
+// step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
+// the stage's first input (a real token's row, see above).
+template <tile::TileFormat F, int NT, int C>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
+                                               float (&sums)[C][NT][4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
-  static_assert(kFirstStep % 2 == 0 && kEndStep <= st::kRowBytes / 64, "whole boxes of one stage");
-  constexpr int kStepK = 4 * st::values_per_load(F);
+  constexpr int kStepK = 4 * st::values_per_load(F), kSteps = st::kRowBytes / 64;
   constexpr int kScaleBytes = st::stage_scale_bytes(F);
   const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
+  const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
-  for (int u = kFirstStep; u < kEndStep; ++u) {
+  for (int u = 0; u < kSteps; ++u) {
     const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(data + ((u - kFirstStep) >> 1) * st::kHalfBytes +
-                                                        rows[r] * st::kBoxBytes + ((chunk ^ (rows[r] & 7)) << 4));
+      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
+                                                        ((chunk ^ (rows[r] & 7)) << 4));
       uint32_t factor0 = 0, factor1 = 0;
       if constexpr (F == tile::TileFormat::MXFP4) {
         factor0 = tile::detail::mxfp4_factor(scales[rows[r] * kScaleBytes + 4 * u + t]);
@@ -648,14 +563,6 @@ __device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_
         }
       }
   }
-}
-
-// The whole stage in `slot` (its two boxes, then its scales).
-template <tile::TileFormat F, int NT, int C>
-__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
-                                               float (&sums)[C][NT][4]) {
-  namespace st = tile::stream;
-  multiply_steps<F, NT, C, 0, st::kRowBytes / 64>(slot, slot + 2 * st::kHalfBytes, x_lane, sums);
 }
 
 }  // namespace lean
@@ -750,27 +657,26 @@ __device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, 
   }
 }
 
-// acc += steps [kFirstStep, kEndStep) of the fp4 stage whose boxes start at `data` (box (u - kFirstStep) / 2 of
-// step u) and whose scales are at `scales`, × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row
-// g + 8. `x`: the lane's B pointer at the stage's first step.
-template <tile::TileFormat F, int kFirstStep, int kEndStep>
-__device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_t* scales, const LaneX& x,
-                                               float (&acc)[4]) {
+// acc += the fp4 stage in `slot` × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row g + 8.
+// `x`: the lane's B pointer at the stage's first step.
+template <tile::TileFormat F>
+__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
-  static_assert(kFirstStep % 2 == 0 && kEndStep <= st::kRowBytes / 64, "whole boxes of one stage");
+  constexpr int kSteps = st::kRowBytes / 64;
   constexpr int kScaleBytes = st::stage_scale_bytes(F);
   const int lane = threadIdx.x % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int rows[2] = {st::stream_row(g), st::stream_row(g + 8)};
+  const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
-  for (int u = kFirstStep; u < kEndStep; ++u) {
+  for (int u = 0; u < kSteps; ++u) {
     const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
     float scale[2][2][2];  // [row][half][column]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(data + ((u - kFirstStep) >> 1) * st::kHalfBytes +
-                                                        rows[r] * st::kBoxBytes + ((chunk ^ (rows[r] & 7)) << 4));
+      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
+                                                        ((chunk ^ (rows[r] & 7)) << 4));
       lean::decode_row_bits(raw, pairs[r]);
       column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
     }
@@ -796,13 +702,6 @@ __device__ __forceinline__ void multiply_steps(const uint8_t* data, const uint8_
   }
 }
 
-// The whole stage in `slot` (its two boxes, then its scales).
-template <tile::TileFormat F>
-__device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
-  namespace st = tile::stream;
-  multiply_steps<F, 0, st::kRowBytes / 64>(slot, slot + 2 * st::kHalfBytes, x, acc);
-}
-
 // The column sums → weight_tile_mma's accumulator of tokens 0 and 1 (item rows; weight rows g and g + 8 in
 // acc[0][0..1] and acc[0][2..3] of lane t = 0, the places write_rows reads; other lanes' elements belong to absent
 // tokens): the sum over each row's columns (two per lane, lanes t = 0-1 for row 0 and 2-3 for row 1), times
@@ -824,11 +723,8 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
-// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kHalfSlots: fp4 stages through the
-// half-stage ring of that many half-slots (kWarpHalfSlots; the same stages in the same order, each box refilled once
-// read).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          int kHalfSlots = 0>
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -841,23 +737,15 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const WarpSlice slice = warp_slice<G, kParts>(band, part);
   const int64_t row0 = slice.row0;
   const DeviceMatrixView w = warp_matrix<G>(expert);
-  constexpr int H = kWarpHalfSlots<F, kHalfSlots, kParts>;
-  constexpr size_t kRingRegion = ring_region_bytes(kHalfSlots);
-  uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * size_t(warp_ring_stride(kHalfSlots));
-  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kRingRegion);
-  auto* exchange = reinterpret_cast<float*>(smem + kRingRegion + a.streamed_x_bytes);
+  uint8_t* ring = st::align_slots(smem) + size_t(warp_idx) * kStreamedSlots * st::kSlotBytes;
+  auto* x_tile = reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes);
+  auto* exchange = reinterpret_cast<float*>(smem + kStreamedRingBytes + a.streamed_x_bytes);
   // >= kStreamedSlots (moe_streamed_tiles_apply; for kParts = 2, moe_shared_expert_splits)
   const int pass_stages = slice_pass_stages<kParts>(a.k_total / int(kStageK), slice.k_part);
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts, kHalfSlots>(a, item.expert, slice, ring, full);
-  // The half-stage ring: the next half-stage to read and the next to issue (start_stream issued the first H).
-  [[maybe_unused]] HalfStageCursor read_at, issue_at;
-  [[maybe_unused]] uint32_t read_phase = 0;
-  [[maybe_unused]] int issued = 0;
-  if constexpr (H > 0)
-    for (; issued < H && issued < 2 * stages; ++issued) advance<H>(issue_at, pass_stages);
+  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -869,7 +757,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     const int lane_tiles = min(NT, max(0, (rows - g + tile::kTokensPerMma - 1) / tile::kTokensPerMma));
     constexpr bool kFp4 = F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4;
     constexpr bool kColumnStages = kColumns && kFp4, kLeanStages = kLean && kFp4 && !kColumnStages;
-    static_assert(H == 0 || kColumnStages || kLeanStages, "the half-stage ring serves the lean and column stages");
     float sums[kC][NT][4];
     tile::detail::clear_sums<NT, kC>(sums);
     float acc[NT][4] = {};
@@ -903,35 +790,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
-        if constexpr (H > 0) {
-          auto read_box = [&]<int kBox>() {
-            sm90::mbarrier_wait(full + read_at.slot, read_phase);
-            constexpr int kStep0 = 2 * kBox, kStep1 = kStep0 + 2;
-            const uint8_t* data = half_slot_data<H>(ring, read_at.slot);
-            const uint8_t* scales = half_scale_area<H>(ring, read_at.area);
-            if constexpr (kColumnStages) {
-              const int step = (k0 - chunk_begin) / columns::kStepElements;
-              const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
-              columns::multiply_steps<F, kStep0, kStep1>(data, scales, x_stage, column_sums);
-            } else {
-              const __nv_bfloat16* x_stage[NT];
-#pragma unroll
-              for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
-              lean::multiply_steps<F, NT, kC, kStep0, kStep1>(data, scales, x_stage, sums);
-            }
-            __syncwarp();  // every lane's reads of the half-slot precede the copy that refills it
-            if (issued < 2 * stages) {
-              issue_half_stage<F, H>(maps, row0, issue_at.stage * kStageK, issue_at, ring, full);
-              advance<H>(issue_at, pass_stages);
-              ++issued;
-            }
-            if (read_at.slot == H - 1) read_phase ^= 1u;
-            advance<H>(read_at, pass_stages);
-          };
-          read_box.template operator()<0>();
-          read_box.template operator()<1>();
-          continue;
-        }
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
@@ -975,36 +833,31 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
 // (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
-// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage. kHalfSlots (one-tile lean kernels;
-// MoeExpertGemmParams::half_stage_slots): fp4 items through the half-stage ring of that many half-slots.
+// MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false, int kHalfSlots = 0>
+          bool kColumns = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
-  static_assert(kHalfSlots == 0 || (kLean && !kMultiTile && kHalfSlots >= 2 && kHalfSlots <= kMaxHalfSlots),
-                "the half-stage ring is a one-tile lean kernel's");
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[kExpertWarps][kRingBarriers];
+  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
   uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
   uint8_t* ring = tile::stream::align_slots(smem) +
-                  size_t(threadIdx.x / tile::kWarpSize) * size_t(warp_ring_stride(kHalfSlots));
+                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
   const int band = int(blockIdx.x);
   const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
   const int part = shared_item ? int(blockIdx.y) : 0;
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts, kHalfSlots>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring,
-                                                  full);
+      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
     const int expert = __ldcg(&a.work_items[item_index].expert);
-    with_tile_format(a.routed_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G, kHalfSlots>(a, expert, band, ring, full); });
+    with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (!has_work_item_after_prior_grids(a, item_index)) return;
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
@@ -1020,7 +873,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHalfSlots>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

@@ -100,12 +100,6 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // Streamed one-tile kernels (T <= 8) with the lean decode, 0 (off), 4 or 5: fp4 stages stream through a ring of
-  // that many half-slots of one 128-byte box per row (moe_experts.cuh), each box refilled as soon as its two steps
-  // are read instead of whole stages after the whole stage: 4 keeps more bytes in flight in the stage ring's shared
-  // memory, 5 more still where two CTAs per SM fit (moe_half_stage_slots). The same stages in the same order: the
-  // same bits.
-  int half_stage_slots = 0;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
@@ -123,11 +117,6 @@ DeviceBuffer encode_moe_stream_maps(const std::vector<MoeExpertView>& experts, s
 // T <= 2 and the item's rows of the whole K, with the zero block, fit the x region (V4-Flash both GEMMs; V4-Pro's
 // gate/up at T = 2 does not: d 7168).
 bool moe_column_stages_apply(const MoeExpertGemmParams& params, int64_t k_total);
-
-// The half-slots a streamed GEMM of input size k_total streams its fp4 stages through (MoeExpertGemmParams::
-// half_stage_slots): 0 off or at T > 8; 5 where the column stages apply and two CTAs per SM still fit (V4-Flash and
-// V4-Pro at T = 1), else 4.
-int moe_half_stage_slots(const MoeExpertGemmParams& params, int64_t k_total);
 
 // K granularity of an expert format: one 16-byte load of stored weights (8 BF16, 16 FP8, 32 fp4 values).
 int64_t moe_expert_k_granularity(WeightFormat format);
