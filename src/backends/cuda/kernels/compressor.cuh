@@ -347,11 +347,26 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   float2* const mine = ring + threadIdx.x;
   // Kind 0: value, 1: score, 2: ape, of batch slot k in stage `stage`.
   const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
+  // A window wholly in the run (every entry of a prefill chunk but its first): slot s's row is the window's first
+  // plus s (second halves: plus s − ratio and c columns on), so its addresses need no per-slot source selection.
+  const int64_t first_q = (t.w - (a.overlapping ? 1 : 0)) * a.ratio;
+  const bool window_in_run = first_q >= r.start;
+  const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
   const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
-      const PooledSlot p = pooled_slot(a, t.w, t.group + batch * step + k * a.groups, t.slots, t.channel);
-      const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+      const int slot = t.group + batch * step + k * a.groups;
+      SlotSource source;
+      if (window_in_run) {  // CTA-uniform
+        const int s = min(slot, t.slots - 1);  // past the window: a valid address, its value dropped
+        const bool second = a.overlapping && s >= a.ratio;
+        const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
+        source = {r.kv + offset, r.gate + offset,
+                  a.ape + (second ? s - a.ratio : s) * width_of(a) + t.channel + (second ? a.c : 0), true};
+      } else {
+        const PooledSlot p = pooled_slot(a, t.w, slot, t.slots, t.channel);
+        source = slot_source<true>(a, r, p.q, p.column);
+      }
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
       ptx::cp_async_or_zero<8>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
