@@ -209,7 +209,8 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
 // The cluster decode kernel serves a launch the single-cluster kernel does not, unless a persistent one is asked for or
 // the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC) &&
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC ||
+          choice == HcKernelChoice::CLUSTER_PER_TILE) &&
          tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
 }
@@ -313,23 +314,29 @@ bool single_cluster_fits() {
   }) > 0;
 }
 
-// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp) where the card holds its cluster.
+// The single-cluster decode kernel serves AUTO (and CLUSTER_PER_TILE) launches within its limits (mhc.hpp) where the
+// card holds its cluster, and CLUSTER_PER_TILE launches of more tokens at its one-vector widths, a cluster per tile.
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   const int vectors = mhc::single_cluster_vectors(hidden);
-  if (choice != HcKernelChoice::AUTO || vectors == 0 || tokens > single_cluster_max_tokens(vectors)) return false;
+  if ((choice != HcKernelChoice::AUTO && choice != HcKernelChoice::CLUSTER_PER_TILE) || vectors == 0) return false;
+  if (tokens > single_cluster_max_tokens(vectors) && (choice != HcKernelChoice::CLUSTER_PER_TILE || vectors != 1))
+    return false;
   return vectors == 1 ? single_cluster_fits<kHead, kPost, 1>() : single_cluster_fits<kHead, kPost, 2>();
 }
 
 template <bool kHead, bool kPost, int kVectors>
 void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t stream, const char* op) {
-  // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads).
+  // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads); past 16 tokens a
+  // cluster per 16-token tile.
   auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>;
   if constexpr (single_cluster_max_tokens(kVectors) > 1) {
     if (args.tokens > 8) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>;
     else if (args.tokens > 1) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
   }
-  launch_chained(kernel, dim3(mhc::kSingleClusterCtas),
+  const int64_t clusters = ceil_div(args.tokens, mhc::kTileTokens);
+  check(clusters <= 0x7FFFFFFF / mhc::kSingleClusterCtas, op, ": ", args.tokens, " tokens exceed the launch limit");
+  launch_chained(kernel, dim3(unsigned(clusters * mhc::kSingleClusterCtas)),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
                  op, args);
@@ -492,8 +499,9 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   HcPostPreParams p = params;
   if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
     p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
-  // The warp-specialised variant fuses at every token count.
-  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
+  // The warp-specialised variant and the single-cluster kernel's clusters per tile fuse at every token count.
+  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors()) &&
+      !single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden)) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));

@@ -1430,11 +1430,33 @@ __device__ __forceinline__ float sum_in_order(const float* values, int count, in
   return sum;
 }
 
+// Cluster c of a launch of several serves the tokens 16c .. 16c + 15 of `site`: its arguments with every per-token
+// pointer moved to token 16c (a null one stays null) and the count of its tokens.
+__device__ inline DecodeSiteArgs cluster_tile_args(const DecodeSiteArgs& site, int cluster) {
+  const int64_t t0 = int64_t(cluster) * kTileTokens, d = site.hidden, flat = kStreams * d;
+  const auto moved = [&](auto* pointer, int64_t per_token) {
+    return pointer == nullptr ? pointer : pointer + t0 * per_token;
+  };
+  DecodeSiteArgs args = site;
+  args.tokens = min(int64_t(kTileTokens), site.tokens - t0);
+  args.X = moved(site.X, flat);
+  args.y = moved(site.y, d);
+  args.y_bf16 = moved(site.y_bf16, d);
+  args.post = moved(site.post, kStreams);
+  args.comb = moved(site.comb, kStreams * kStreams);
+  args.out = moved(site.out, d);
+  args.post_in = moved(site.post_in, kStreams);
+  args.comb_in = moved(site.comb_in, kStreams * kStreams);
+  args.X_out = moved(site.X_out, flat);
+  return args;
+}
+
 // kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T; kVectors: per thread, stream
-// and token (see the notes).
+// and token (see the notes). A launch of more than 16 tokens runs a cluster per 16-token tile (kTokenTiles = 2), each
+// on its own (cluster_tile_args).
 template <bool kHead, bool kPost, int kTokenTiles, int kVectors>
 __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
-    hc_single_cluster_kernel(const DecodeSiteArgs args) {
+    hc_single_cluster_kernel(const DecodeSiteArgs site) {
   constexpr int kRows = kProjectionRows<kHead>;
   constexpr int kPartial = kPartialRows<kHead>;
   constexpr int kNTiles = (kRows + 7) / 8;
@@ -1447,6 +1469,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   static_assert(kVectors == 1 || (kVectors == 2 && kTokenTiles == 0), "16 dims per warp, or 32 for one token");
 
   extern __shared__ float4 dynamic_smem[];
+  const DecodeSiteArgs args = cluster_tile_args(site, int(blockIdx.x) / kCtas);
   const int d = args.hidden, T = int(args.tokens);
   const int ds = d / kCtas;
   const int warps = single_cluster_warps(d);
@@ -1465,7 +1488,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   allow_dependents();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned rank = blockIdx.x;  // one cluster: the CTA's rank
+  const unsigned rank = blockIdx.x % kCtas;  // 1-D clusters of kCtas consecutive CTAs
   const int i0 = int(rank) * ds;
   const int64_t flat = int64_t(kStreams) * d;
   const bool mixer = !kHead && warp == warps;  // hc_pre / hc_post_pre: the last warp runs token `rank`'s mix

@@ -66,8 +66,10 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
-// hc_pre and hc_head take the persistent kernel.
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
+// hc_pre and hc_head take the persistent kernel; CLUSTER_PER_TILE: AUTO's choice, but launches of more than 16 tokens
+// at the single-cluster kernel's one-vector hidden sizes on that kernel, one independent cluster per 16-token tile
+// (fn read by every cluster; fused hc_post_pre at every token count).
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED, CLUSTER_PER_TILE };
 
 // The single-cluster decode kernel's hidden sizes (AUTO; above), one vector per thread and two.
 inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
