@@ -388,9 +388,16 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     bool valid[kSlotBatch];
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
-      const PooledSlot p = pooled_slot(a, t.w, t.group + b * step + k * a.groups, t.slots, t.channel);
-      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), p.q >= r.start);
-      valid[k] = p.valid;
+      const int slot_index = t.group + b * step + k * a.groups;
+      bool from_run = true;
+      if (window_in_run) {  // every position of the window is ≥ 0 and in the run
+        valid[k] = slot_index < t.slots;
+      } else {
+        const PooledSlot p = pooled_slot(a, t.w, slot_index, t.slots, t.channel);
+        valid[k] = p.valid;
+        from_run = p.q >= r.start;
+      }
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), from_run);
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
