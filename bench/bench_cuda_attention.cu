@@ -31,8 +31,8 @@
 //   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
-//   and says whether SparseAttentionParams::prefill_kernel_decode routes it (no prefill part). Exit status 1 when a
-//   CPU check fails.
+//   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context).
+//   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -500,7 +500,8 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
 // --route: the engine's decode call (bf16 q, fp32 out here) on the decode kernels (run_sparse_attention with
 // prefill_kernel off: the head-split path where it serves the call, else the head_dim 512 kernel with its
 // cluster-merged splits) against the prefill kernel (run_sparse_attention_prefill, its default options), same inputs,
-// both checked against the CPU; and whether prefill_kernel_decode routes the call.
+// both checked against the CPU; and whether run_sparse_attention's defaults route the call there (prefill_kernel
+// with prefill_kernel_decode).
 struct RouteResult {
   std::string model, layout;
   int heads, batch, slots, splits;
@@ -552,8 +553,7 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.prefill_cpu_error = check(prefill);
   SparseAttentionParams routed = decode;
-  routed.prefill_kernel = true;
-  routed.prefill_kernel_decode = true;
+  routed.prefill_kernel = SparseAttentionParams{}.prefill_kernel;
   r.routed = sparse_attention_uses_prefill_kernel(routed);
   r.floor_us = std::max(step->kv_bytes() / (copy_gbps * 1e3), step->flops() / (cublas_tflops * 1e6));
   return r;
@@ -676,7 +676,7 @@ int run(int argc, char** argv) {
   std::vector<RouteResult> routes;
   if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
-                "prefill kernel, bf16 q; routed = prefill_kernel_decode sends the call to the prefill kernel\n"
+                "prefill kernel, bf16 q; routed = run_sparse_attention's defaults send the call to the prefill kernel\n"
                 "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
                 "%floor", "cpu err", "speedup", "routed");
@@ -694,9 +694,11 @@ int run(int argc, char** argv) {
   bool check_failed = false;
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
-      for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(1) << 20})
+      for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 256}) {
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
+          // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
+          if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
           const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
                                    std::to_string(context);
           if (!only.empty() && std::none_of(only.begin(), only.end(), [&](const std::string& prefix) {

@@ -287,46 +287,53 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
   check_attention(pro, 101);
 }
 
-// Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs filling 15/16 of one wave):
-// a V4-Flash CSA batch of just enough queries (one head block each) and a V4-Pro batch of half as many (two head
-// blocks; 64 on 132 SMs) with per-query counts, several sequences of different lengths; small compressed lists, since the CPU reference is the
-// cost. Calls below the wave, and fp8 entries, stay on the decode kernels.
+// Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave,
+// long lists without per-query counts): a V4-Pro batch of just enough queries (two head blocks each) with 512 slots,
+// several sequences of different lengths, against the CPU; then the routing decisions alone on the call's shape (one
+// query short of the wave, one slot short of the list, per-query counts, a one-block V4-Flash batch, fp8 entries, the
+// option off), since a V4-Flash list long enough to route (2048 slots) makes the CPU reference too slow to run here.
 TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int sms = list_devices()[0].multiprocessors;
-  const int flash_queries = (15 * sms + 15) / 16;  // the fewest (query, 64-head block) CTAs routed
-  AttentionCase flash{"flash csa decode wave", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64,
-                      {300, 2100, 129, 700}, (flash_queries + 3) / 4, 0, AttentionDtype::Bf16, AttentionDtype::F32};
-  flash.prefill_kernel = flash.prefill_kernel_decode = true;
-  check_attention(flash, 110);
-  AttentionCase pro{"pro csa decode wave", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 64, {300, 900},
-                    (flash_queries + 3) / 4, 0, AttentionDtype::Bf16, AttentionDtype::Bf16};
+  const int flash_queries = (15 * sms + 15) / 16;  // the fewest one-block (query, head block) CTAs routed
+  const int pro_queries = (flash_queries + 1) / 2;
+  AttentionCase pro{"pro csa decode wave", KvEntryFormat::Bf16, 512, 64, 128, 128, 128,
+                    int(kSparseAttentionPrefillDecodeSlots) - 128, {2100, 1500}, (pro_queries + 1) / 2, 0,
+                    AttentionDtype::Bf16, AttentionDtype::Bf16};
   pro.prefill_kernel = pro.prefill_kernel_decode = true;
-  pro.counts = true;
   check_attention(pro, 111);
 
-  // Routing decisions alone (no run): one query short of the wave, fp8 entries, and the option off.
   SparseAttentionCaseData data;
-  AttentionCase short_batch = flash;
-  short_batch.lengths = {300};
-  short_batch.queries_per_sequence = flash_queries - 1;
-  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(short_batch, 112, data));
-  SparseAttentionParams call = data.call;
-  call.prefill_kernel_decode = true;
-  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << flash_queries - 1 << " Flash queries";
-  call.tokens += 1;  // the index arrays hold the count's rows; only the decision is asked
-  EXPECT_TRUE(sparse_attention_uses_prefill_kernel(call)) << flash_queries << " Flash queries";
-  call.prefill_kernel_decode = false;
-  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << "prefill_kernel_decode off";
-  AttentionCase fp8 = pro;
+  AttentionCase small = pro;
+  small.compressed_slots = 16;
+  small.lengths = {300};
+  small.queries_per_sequence = 1;
+  ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(small, 112, data));
+  // Only the decision is asked: the shape fields may exceed the index arrays.
+  const auto routed = [&](int heads, int64_t tokens, int64_t slots, bool counts, bool option) {
+    SparseAttentionParams call = data.call;
+    call.heads = heads;
+    call.tokens = tokens;
+    call.compressed_slots = int(slots) - call.window_slots;
+    call.compressed_counts = counts ? data.counts.as<int32_t>() : nullptr;
+    call.prefill_kernel_decode = option;
+    return sparse_attention_uses_prefill_kernel(call);
+  };
+  const int64_t pro_slots = kSparseAttentionPrefillDecodeSlots;
+  const int64_t flash_slots = kSparseAttentionPrefillDecodeSlotsOneBlock;
+  EXPECT_TRUE(routed(128, pro_queries, pro_slots, false, true));
+  EXPECT_FALSE(routed(128, pro_queries - 1, pro_slots, false, true)) << "one Pro query short of the wave";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots - 1, false, true)) << "one slot short";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots, true, true)) << "per-query counts";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots, false, false)) << "prefill_kernel_decode off";
+  EXPECT_TRUE(routed(64, flash_queries, flash_slots, false, true));
+  EXPECT_FALSE(routed(64, flash_queries, pro_slots, false, true)) << "a one-block list of Pro's length";
+  EXPECT_FALSE(routed(64, flash_queries - 1, flash_slots, false, true)) << "one Flash query short of the wave";
+  EXPECT_TRUE(routed(64, 2 * sms, 128, true, false)) << "two waves go to the prefill kernel whatever the list";
+  AttentionCase fp8 = small;
   fp8.format = KvEntryFormat::Fp8Reference;
-  fp8.lengths = {300};
-  fp8.queries_per_sequence = 1;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, 113, data));
-  call = data.call;
-  call.tokens = 64;  // a Pro batch of 64 that bf16 entries would route
-  call.prefill_kernel_decode = true;
-  EXPECT_FALSE(sparse_attention_uses_prefill_kernel(call)) << "fp8 entries";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots, false, true)) << "fp8 entries";
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and

@@ -223,12 +223,17 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
 }
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
-// measurement): at least two waves of (query, 64-head block) CTAs, or 15/16 of one with prefill_kernel_decode.
+// measurement): at least two waves of (query, 64-head block) CTAs; with prefill_kernel_decode also decode-sized calls
+// from 15/16 of one wave whose lists are long and have no per-query counts (see the option).
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
-  const int64_t ctas = p.tokens * ((p.heads + kD512Heads - 1) / kD512Heads), sms = device_multiprocessors();
-  return p.prefill_kernel && p.cache.layout.format == KvEntryFormat::Bf16 && use_d512_kernel(p) &&
-         (p.prefill_kernel_decode ? 16 * ctas >= 15 * sms : ctas >= 2 * sms) &&
-         sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads);
+  if (!p.prefill_kernel || p.cache.layout.format != KvEntryFormat::Bf16 || !use_d512_kernel(p) ||
+      !sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads))
+    return false;
+  const int64_t head_blocks = (p.heads + kD512Heads - 1) / kD512Heads, ctas = p.tokens * head_blocks,
+                sms = device_multiprocessors(), slots = int64_t(p.window_slots) + p.compressed_slots;
+  if (ctas >= 2 * sms) return true;
+  return p.prefill_kernel_decode && 16 * ctas >= 15 * sms && p.compressed_counts == nullptr &&
+         slots >= (head_blocks >= 2 ? kSparseAttentionPrefillDecodeSlots : kSparseAttentionPrefillDecodeSlotsOneBlock);
 }
 
 }  // namespace

@@ -45,6 +45,8 @@ inline constexpr int kSparseAttentionMaxSplits = 64;
 inline constexpr int kSparseAttentionMaxClusterSplits = 16;
 // Tiles of 32 entries one CTA of the head-split path holds (all resident in shared memory).
 inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
+// Slot lists that SparseAttentionParams::prefill_kernel_decode routes: two or more 64-head blocks per query, or one.
+inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512, kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -88,11 +90,15 @@ struct SparseAttentionParams {
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
   // workspace are then not used (sparse_attention_uses_prefill_kernel tells).
   bool prefill_kernel = true;
-  // With prefill_kernel: decode-sized calls (bf16 entries) whose (query, 64-head block) CTAs fill 15/16 of one wave go
-  // there too (V4-Pro batch ≥ 64, V4-Flash batch ≥ 124 on 132 SMs): one CTA walks a query's whole list in 64-entry
-  // blocks, its producer asking L2 for each pair's entries ahead (PrefetchResolved::Auto), against the head_dim 512
-  // kernel's split tiles (session 16, H200, L2 flushed: Flash CSA batch 256 87.9 → 80.2 µs, Pro CSA 165.2 → 135.5).
-  bool prefill_kernel_decode = false;
+  // With prefill_kernel: decode-sized calls (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave up to
+  // the two waves above) with long slot lists known on the host (no compressed_counts: with counts the bound says
+  // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots with two or more head blocks
+  // per query (V4-Pro; the blocks share each entry through L2), at least kSparseAttentionPrefillDecodeSlotsOneBlock
+  // with one. H200, L2 flushed, bf16 q, the decode kernels → the prefill kernel (bench_cuda_attention --route): Pro
+  // batch 64, 640 slots 46.3 → 42.9 µs, 8320 slots 412 → 325; Flash batch 256, 8320 slots 825 → 668, but 640 slots
+  // 86.5 → 87.7, and short lists lose: 128 slots Pro 21.3 → 22.8, Flash 38.1 → 45.8; 160 slots Pro 22.8 → 26.8
+  // (and at two waves, which go there whatever the list: Pro batch 256, 128 slots 68.4 → 76.3).
+  bool prefill_kernel_decode = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
