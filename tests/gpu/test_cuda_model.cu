@@ -346,24 +346,4 @@ TEST(CudaModel, RefusesBadCallsAndKeepsTheSequence) {
   EXPECT_THROW(model.length(slot), Error);
 }
 
-TEST(CudaModel, RefusesAnOptionThatWouldBeIgnored) {
-  if (!cuda::has_device()) GTEST_SKIP() << "no CUDA device";
-  const ModelFixture f("models/tiny-fortunes");
-  cuda::CudaModelOptions options;
-  options.max_context = 32;
-  options.indexer_prepare_in_compressors = true;
-  options.parallel_indexer = false;  // the compressors on the branch stream, the indexer's queries on the main one
-  try {
-    cuda::CudaModel model(f.ckpt.config, f.ckpt.weights, options);
-    FAIL() << "indexer_prepare_in_compressors with parallel_compressors but not parallel_indexer was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("indexer_prepare_in_compressors needs"), std::string::npos) << e.what();
-  }
-  options.parallel_compressors = false;
-  EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
-  options.parallel_compressors = true;
-  options.parallel_indexer = true;
-  EXPECT_NO_THROW(cuda::CudaModel(f.ckpt.config, f.ckpt.weights, options));
-}
-
 }  // namespace

@@ -259,6 +259,9 @@ std::string kernel_node_name(cudaGraphNode_t node) {
                                                          &std::free);
   std::string name = status == 0 && demangled ? demangled.get() : mangled;
   if (name.starts_with("void ")) name.erase(0, 5);
+  constexpr std::string_view kAnonymous = "(anonymous namespace)::";
+  for (size_t at = name.find(kAnonymous); at != std::string::npos; at = name.find(kAnonymous))
+    name.erase(at, kAnonymous.size());
   // The parameter list starts at the first '(' outside template arguments.
   int depth = 0;
   for (size_t i = 0; i < name.size(); ++i) {
@@ -415,12 +418,6 @@ struct CudaModel::Impl {
           " must be positive");
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
     check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
-    // Refused rather than ignored: the preparation rides only in the paired compressors' launch, on the stream that
-    // computes the indexer's queries.
-    check(!o.indexer_prepare_in_compressors ||
-              (o.fuse_projections && o.fuse_compressor_pools && (!o.parallel_compressors || o.parallel_indexer)),
-          "CUDA model: indexer_prepare_in_compressors needs fuse_projections and fuse_compressor_pools on, and ",
-          "parallel_indexer with parallel_compressors (the queries and the pools on one stream)");
     // A row's adjustments_begin is an int32 index into them.
     check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
           o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");

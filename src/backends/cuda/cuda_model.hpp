@@ -91,10 +91,12 @@ struct CudaModelOptions {
   // scores' speed is the same: H200, 64K keys 5.8 vs 6.2 µs, 1M 25.3 vs 24.3, bench/NOTES.md session 14).
   bool fp8_indexer_keys = true;
   // A CSA layer's indexer query preparation in its compressors' pools' launch (run_compressors with the prepare),
-  // where the pools share one launch: one launch fewer per CSA layer, the same bits. The pools then run after the
-  // indexer's queries: on the main stream after the query projections, or with parallel_compressors (which then
-  // needs parallel_indexer) on the branch after the indexer's wq_b.
-  bool indexer_prepare_in_compressors = false;
+  // where the pools share one launch (fuse_projections, fuse_compressor_pools): one launch fewer per CSA layer, the
+  // same bits. The pools then run after the indexer's queries: on the main stream after the query projections, or
+  // with parallel_compressors and parallel_indexer on the branch after the indexer's wq_b (with parallel_compressors
+  // alone the pools run before the queries exist, and the preparation keeps its launch). H200, Flash 8 layers NVFP4
+  // (session 17 round 1, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off, b64 7900 against 7888.
+  bool indexer_prepare_in_compressors = true;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;
