@@ -88,6 +88,7 @@ struct ExpertGemmArgs {
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
   int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
+  bool shared_l2_prefetch;                      // streamed gate/up: MoeExpertGemmParams::shared_l2_prefetch
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -444,6 +445,21 @@ template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
                                              uint64_t* full) {
   start_stream<F, G, 1>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
+}
+
+// MoeExpertGemmParams::shared_l2_prefetch, before the wait: the shared expert's warps of part 0 ask L2 for the rest
+// of their 16 rows' data (one bulk request per row, past the stages start_stream issued for every part), so those
+// bytes come from HBM while the router runs and from L2 once the stream reaches them.
+template <tile::TileFormat F, ExpertGemm G, int kParts>
+__device__ __forceinline__ void prefetch_shared_rows(const ExpertGemmArgs& a, const WarpSlice& slice) {
+  const int lane = threadIdx.x % tile::kWarpSize;
+  if (slice.k_part != 0 || lane >= tile::kTileRows) return;
+  const DeviceMatrixView& w = warp_matrix<G>(a.experts[a.shared_expert]);
+  const int64_t row = slice.row0 + lane;
+  const int64_t first = int64_t(kStreamedSlots) * kParts * tile::stream::kRowBytes;
+  const int64_t row_bytes = int64_t(a.k_total) * 16 / tile::stream::values_per_load(F);
+  if (row < w.rows && first < row_bytes)
+    prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + first, uint32_t(row_bytes - first));
 }
 
 // kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
@@ -852,7 +868,9 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
+      const WarpSlice slice = warp_slice<G, kSharedParts>(band, part);
+      start_stream<F, G, kSharedParts>(a, a.shared_expert, slice, ring, full);
+      if (a.shared_l2_prefetch) prefetch_shared_rows<F, G, kSharedParts>(a, slice);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.
