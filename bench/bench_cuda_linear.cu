@@ -13,11 +13,9 @@
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
 // the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (with
-// the RMSNorm prologue too where that is timed). Ungrouped shapes also time, in CUDA graphs, the RMSNorm prologue (fp32 rows normalised by every CTA) against the plain call and against
-// run_rms_norm followed by the plain call (the launch the prologue removes). Where a model's wo_a and wo_b are both
-// selected, the pair kernel (run_quantized_linear_pair, one launch) is timed against the two launches it replaces.
-// V4-Flash's consecutive linears where both are selected (wq_a_wkv → wq_b, wq_b → 20 µs gap → wo_a, wo_a → wo_b) are
-// timed cold as chains, without and with the first asking L2 for the second's weights (prefetch_next).
+// the RMSNorm prologue too where that is timed), and the STREAMED default with its stages rotated per warp tile
+// (rotate_stages, both maths). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
+// normalised by every CTA) against run_rms_norm followed by the plain call (the launch the prologue removes).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
@@ -270,6 +268,8 @@ struct Row {
   double norm_then_linear_cold_us = 0;  // run_rms_norm (bf16 out) then the default config
   double f16_cold_us = 0;             // FP8 on the STREAMED path: the default config with Fp8TileMath::F16_CVT
   double f16_prologue_cold_us = 0;    // the same with the RMSNorm prologue; 0: not timed
+  double rotated_cold_us = 0;         // STREAMED: the default config with rotate_stages (0: not applicable)
+  double f16_rotated_cold_us = 0;     // the same with the f16 FP8 math
 };
 
 // --sweep: one STREAMED config, cold.
@@ -280,29 +280,6 @@ struct SweepRow {
   int64_t ctas;
   int ctas_per_sm;
   double us, percent_of_copy;
-};
-
-// Two consecutive linears of a decode step, A then B with `gap_us` of kernels that leave the memory idle between
-// them (simulated by one spinning CTA), cold, without and with A asking L2 for B's weights (prefetch_next).
-struct ChainRow {
-  std::string model, first, second, format;
-  int tokens;
-  double gap_us, plain_us, prefetch_us;  // A + B (the gap subtracted)
-};
-
-// One CTA that spins for `ns` nanoseconds: a latency-bound kernel (attention at batch 1) between two linears.
-__global__ void spin_kernel(uint64_t ns) {
-  uint64_t start;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (uint64_t now = start; now - start < ns;) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-}
-
-// wo_a (bf16 out) then wo_b: the two launches against the pair kernel, cold.
-struct PairRow {
-  std::string model, format;
-  int tokens;
-  double two_launches_us, pair_us;
-  double pair_slots_us[5] = {0, 0, 0, 0, 0};  // the pair kernel by ring slots (1..4); 0: not timed
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -471,7 +448,7 @@ int main(int argc, char** argv) {
         for (const int tokens : token_counts) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
           const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE, bool rotate = false) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -482,17 +459,18 @@ int main(int argc, char** argv) {
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
                                          .stream = s,
-                                         .fp8_math = math};
+                                         .fp8_math = math,
+                                         .rotate_stages = rotate};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
           const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
-                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE, bool rotate = false) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i), workspace, s, math), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s, math, rotate), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -582,6 +560,10 @@ int main(int argc, char** argv) {
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
           row.graph_us = time_config(config, Timing::GRAPH);
           if (f16_applies) row.f16_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT);
+          if (config.load_path == WeightLoadPath::STREAMED && config.chunk_k >= config.split_k) {
+            row.rotated_cold_us = time_config(config, Timing::COLD, Fp8TileMath::DEQUANTIZE, true);
+            if (f16_applies) row.f16_rotated_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT, true);
+          }
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
@@ -643,158 +625,6 @@ int main(int argc, char** argv) {
         }
       }
     }
-    // The pair kernel: each model's wo_a → wo_b where both shapes are selected, at the streamed token counts, cold.
-    std::vector<PairRow> pairs;
-    for (const Shape& first_shape : shapes) {
-      if (std::string(first_shape.name) != "wo_a" || sweep || profile) continue;
-      const auto second_shape = std::find_if(shapes.begin(), shapes.end(), [&](const Shape& s) {
-        return std::string(s.name) == "wo_b" && std::string(s.model) == first_shape.model;
-      });
-      if (second_shape == shapes.end()) continue;
-      const int64_t x_cols = first_shape.groups * first_shape.cols;
-      DeviceBuffer x(size_t(kLinearMaxStreamedTokens * x_cols) * 2, "x bf16"), x_pristine(x.bytes(), "x pristine");
-      DeviceBuffer mid(size_t(kLinearMaxStreamedTokens * first_shape.rows) * 2, "mid bf16");
-      DeviceBuffer y(size_t(kLinearMaxStreamedTokens * second_shape->rows) * 4, "y");
-      {
-        std::vector<uint16_t> x_host(size_t(kLinearMaxStreamedTokens * x_cols));
-        for (uint16_t& v : x_host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
-        x.upload(x_host.data(), x_host.size() * 2);
-        x_pristine.upload(x_host.data(), x_host.size() * 2);
-      }
-      ColdTimer cold(device.l2_bytes, device.multiprocessors, graph_stream);
-      cold.refresh(x_pristine, x);
-      for (const WeightFormat format : formats) {
-        const OwnedQuantizedMatrix first_host = random_matrix(format, first_shape.rows, first_shape.cols, rng);
-        const OwnedQuantizedMatrix second_host = random_matrix(format, second_shape->rows, second_shape->cols, rng);
-        const int copies = copies_beyond_l2(first_host.matrix.stored_bytes() + second_host.matrix.stored_bytes(),
-                                            device.l2_bytes);
-        std::vector<DeviceMatrix> firsts, seconds;
-        for (int c = 0; c < copies; ++c) {
-          firsts.emplace_back(first_host.matrix, "wo_a copy");
-          seconds.emplace_back(second_host.matrix, "wo_b copy");
-        }
-        for (const int tokens : token_counts) {
-          if (!quantized_linear_pair_applies(firsts[0].view(), first_shape.groups, seconds[0].view(), tokens)) continue;
-          // The two launches' and the pair kernel's (linear_pair_workspace_bytes: what the engine allocates).
-          DeviceBuffer workspace(linear_pair_workspace_bytes(firsts[0].view(), first_shape.groups, seconds[0].view()),
-                                 "linear workspace");
-          workspace.fill_bytes(0);
-          PairRow row{first_shape.model, std::string(to_string(format)), tokens, 0, 0};
-          row.two_launches_us = cold.us([&](int i, cudaStream_t s) {
-                                  run_quantized_linear({.weight = firsts[size_t(i % copies)].view(),
-                                                        .x = x.as<__nv_bfloat16>(),
-                                                        .x_row_stride = x_cols,
-                                                        .y = nullptr,
-                                                        .y_row_stride = first_shape.rows,
-                                                        .tokens = tokens,
-                                                        .groups = first_shape.groups,
-                                                        .workspace = workspace.data(),
-                                                        .workspace_bytes = workspace.bytes(),
-                                                        .stream = s,
-                                                        .y_bf16 = mid.as<__nv_bfloat16>()});
-                                  run_quantized_linear({.weight = seconds[size_t(i % copies)].view(),
-                                                        .x = mid.as<__nv_bfloat16>(),
-                                                        .x_row_stride = first_shape.rows,
-                                                        .y = y.as<float>(),
-                                                        .y_row_stride = second_shape->rows,
-                                                        .tokens = tokens,
-                                                        .workspace = workspace.data(),
-                                                        .workspace_bytes = workspace.bytes(),
-                                                        .stream = s});
-                                });
-          const auto time_pair = [&](int ring_slots) {
-            return cold.us([&](int i, cudaStream_t s) {
-                          run_quantized_linear_pair({.first = firsts[size_t(i % copies)].view(),
-                                                     .first_groups = first_shape.groups,
-                                                     .x = x.as<__nv_bfloat16>(),
-                                                     .x_row_stride = x_cols,
-                                                     .mid = mid.as<__nv_bfloat16>(),
-                                                     .mid_row_stride = first_shape.rows,
-                                                     .second = seconds[size_t(i % copies)].view(),
-                                                     .y = y.as<float>(),
-                                                     .y_row_stride = second_shape->rows,
-                                                     .tokens = tokens,
-                                                     .workspace = workspace.data(),
-                                                     .workspace_bytes = workspace.bytes(),
-                                                     .stream = s,
-                                                     .ring_slots = ring_slots});
-                        });
-          };
-          row.pair_us = time_pair(0);
-          for (int slots = 1; slots <= 4; ++slots)
-            if (streamed_rings_fit(firsts[0].view(), tokens, slots))  // else no CTA holds the rings
-              row.pair_slots_us[slots] = time_pair(slots);
-          pairs.push_back(row);
-        }
-      }
-    }
-    // Chains: the step's consecutive linears where both are selected (default configs), with the gap of kernels
-    // between them in a V4-Flash SWA layer at batch 1 (KV insert + attention ≈ 20 µs between wq_b and wo_a).
-    struct ChainSpec {
-      const char *first, *second;
-      double gap_us;
-    };
-    std::vector<ChainRow> chains;
-    for (const ChainSpec spec : {ChainSpec{"wq_a_wkv", "wq_b", 0.0}, ChainSpec{"wq_b", "wo_a", 20.0},
-                                 ChainSpec{"wo_a", "wo_b", 0.0}}) {
-      const auto find = [&](const char* name) {
-        return std::find_if(shapes.begin(), shapes.end(), [&](const Shape& s) {
-          return std::string(s.name) == name && std::string(s.model) == "flash";
-        });
-      };
-      const auto a = find(spec.first), b = find(spec.second);
-      if (a == shapes.end() || b == shapes.end() || sweep || profile) continue;
-      const int64_t a_cols = a->groups * a->cols, b_cols = b->groups * b->cols;
-      DeviceBuffer xa(size_t(kLinearMaxStreamedTokens * a_cols) * 2, "x a"), xa_pristine(xa.bytes(), "x a pristine");
-      DeviceBuffer xb(size_t(kLinearMaxStreamedTokens * b_cols) * 2, "x b"), xb_pristine(xb.bytes(), "x b pristine");
-      DeviceBuffer ya(size_t(kLinearMaxStreamedTokens * a->rows) * 4, "y a");
-      DeviceBuffer yb(size_t(kLinearMaxStreamedTokens * b->rows) * 4, "y b");
-      for (DeviceBuffer* buffers : {&xa, &xb}) {
-        std::vector<uint16_t> host(buffers->bytes() / 2);
-        for (uint16_t& v : host) v = float_to_bf16(float(int(rng.next() % 2001) - 1000) / 500.0f);
-        buffers->upload(host.data(), buffers->bytes());
-        (buffers == &xa ? xa_pristine : xb_pristine).upload(host.data(), buffers->bytes());
-      }
-      ColdTimer cold(device.l2_bytes, device.multiprocessors, graph_stream);
-      cold.refresh(xa_pristine, xa);
-      cold.refresh(xb_pristine, xb);
-      for (const WeightFormat format : formats) {
-        const OwnedQuantizedMatrix a_host = random_matrix(format, a->rows, a->cols, rng);
-        const OwnedQuantizedMatrix b_host = random_matrix(format, b->rows, b->cols, rng);
-        const DeviceMatrix a_weight(a_host.matrix, "chain first"), b_weight(b_host.matrix, "chain second");
-        DeviceBuffer workspace(std::max(quantized_linear_workspace_bytes(a_weight.view(), kLinearMaxStreamedTokens,
-                                                                         a->groups),
-                                        quantized_linear_workspace_bytes(b_weight.view(), kLinearMaxStreamedTokens,
-                                                                         b->groups)),
-                               "linear workspace");
-        workspace.fill_bytes(0);
-        for (const int tokens : token_counts) {
-          if (tokens > kLinearMaxStreamedTokens) continue;
-          const auto gap = [&](cudaStream_t s) {
-            if (spec.gap_us > 0) {
-              spin_kernel<<<1, 32, 0, s>>>(uint64_t(spec.gap_us * 1e3));
-              DSV4_CUDA_CHECK_LAUNCH("spin_kernel");
-            }
-          };
-          const auto chain = [&](cudaStream_t s, bool prefetch) {
-            run_quantized_linear({.weight = a_weight.view(), .x = xa.as<__nv_bfloat16>(), .x_row_stride = a_cols,
-                                  .y = ya.as<float>(), .y_row_stride = a->rows, .tokens = tokens,
-                                  .groups = a->groups, .workspace = workspace.data(),
-                                  .workspace_bytes = workspace.bytes(), .stream = s,
-                                  .prefetch_next = prefetch ? b_weight.view() : DeviceMatrixView{}});
-            gap(s);
-            run_quantized_linear({.weight = b_weight.view(), .x = xb.as<__nv_bfloat16>(), .x_row_stride = b_cols,
-                                  .y = yb.as<float>(), .y_row_stride = b->rows, .tokens = tokens,
-                                  .groups = b->groups, .workspace = workspace.data(),
-                                  .workspace_bytes = workspace.bytes(), .stream = s});
-          };
-          const double gap_only = spec.gap_us > 0 ? cold.us([&](int, cudaStream_t s) { gap(s); }) : 0.0;
-          chains.push_back({"flash", spec.first, spec.second, std::string(to_string(format)), tokens, spec.gap_us,
-                            cold.us([&](int, cudaStream_t s) { chain(s, false); }) - gap_only,
-                            cold.us([&](int, cudaStream_t s) { chain(s, true); }) - gap_only});
-        }
-      }
-    }
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
@@ -804,20 +634,21 @@ int main(int argc, char** argv) {
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
                   "cold: aligned µs | streamed µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
-                  "norm prologue / rms_norm + linear µs | f16 math cold µs (with norm prologue) |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                  "norm prologue / rms_norm + linear µs | f16 math cold µs (with norm prologue) | "
+                  "rotated stages cold µs (f16 math) |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
                   "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
-                  "%.1f (%d) | %.1f / %.1f | %.1f (%.1f) |\n",
+                  "%.1f (%d) | %.1f / %.1f | %.1f (%.1f) | %.1f (%.1f) |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.read_floor_percent_of_copy,
                   r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us,
-                  r.f16_prologue_cold_us);
+                  r.f16_prologue_cold_us, r.rotated_cold_us, r.f16_rotated_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
                   "%% of copy |\n"
@@ -841,22 +672,6 @@ int main(int argc, char** argv) {
       std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d) | %.2f | %.0f |\n", r.model.c_str(), r.shape.c_str(),
                   r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(), (long long)r.ctas,
                   r.ctas_per_sm, r.us, r.percent_of_copy);
-    if (!pairs.empty()) {
-      std::printf("\n| model | format | T | wo_a (bf16 out) + wo_b cold µs | pair kernel cold µs | pair by ring "
-                  "slots (1/2/3/4) |\n|---|---|---|---|---|---|\n");
-      for (const PairRow& r : pairs)
-        std::printf("| %s | %s | %d | %.1f | %.1f | %.1f / %.1f / %.1f / %.1f |\n", r.model.c_str(), r.format.c_str(),
-                    r.tokens, r.two_launches_us, r.pair_us, r.pair_slots_us[1], r.pair_slots_us[2],
-                    r.pair_slots_us[3], r.pair_slots_us[4]);
-    }
-
-    if (!chains.empty())
-      std::printf("\n| model | A → B | format | T | gap µs | A + B cold µs | with A prefetching B µs |\n"
-                  "|---|---|---|---|---|---|---|\n");
-    for (const ChainRow& r : chains)
-      std::printf("| %s | %s → %s | %s | %d | %.0f | %.1f | %.1f |\n", r.model.c_str(), r.first.c_str(),
-                  r.second.c_str(), r.format.c_str(), r.tokens, r.gap_us, r.plain_us, r.prefetch_us);
-
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
     std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_linear\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
@@ -874,14 +689,15 @@ int main(int argc, char** argv) {
                    "%.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f, "
-                   "\"f16_math_cold_us\": %.2f, \"f16_math_prologue_cold_us\": %.2f}%s\n",
+                   "\"f16_math_cold_us\": %.2f, \"f16_math_prologue_cold_us\": %.2f, \"rotated_cold_us\": %.2f, "
+                   "\"f16_rotated_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                    r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.cluster_us, r.gemm_us,
                    r.gemm_k_splits,
                    r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us, r.f16_prologue_cold_us,
-                   i + 1 < table.size() ? "," : "");
+                   r.rotated_cold_us, r.f16_rotated_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");
     for (size_t i = 0; i < sweep_rows.size(); ++i) {
@@ -894,22 +710,6 @@ int main(int argc, char** argv) {
                    r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.us, r.percent_of_copy,
                    i + 1 < sweep_rows.size() ? "," : "");
     }
-    std::fprintf(out, "  ],\n  \"chains\": [\n");
-    for (size_t i = 0; i < chains.size(); ++i)
-      std::fprintf(out,
-                   "    {\"model\": \"%s\", \"first\": \"%s\", \"second\": \"%s\", \"format\": \"%s\", "
-                   "\"tokens\": %d, \"gap_us\": %.1f, \"cold_us\": %.2f, \"prefetch_cold_us\": %.2f}%s\n",
-                   chains[i].model.c_str(), chains[i].first.c_str(), chains[i].second.c_str(),
-                   chains[i].format.c_str(), chains[i].tokens, chains[i].gap_us, chains[i].plain_us,
-                   chains[i].prefetch_us, i + 1 < chains.size() ? "," : "");
-    std::fprintf(out, "  ],\n  \"pairs\": [\n");
-    for (size_t i = 0; i < pairs.size(); ++i)
-      std::fprintf(out,
-                   "    {\"model\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"two_launches_cold_us\": %.2f, "
-                   "\"pair_cold_us\": %.2f, \"pair_cold_us_by_slots\": [%.2f, %.2f, %.2f, %.2f]}%s\n",
-                   pairs[i].model.c_str(), pairs[i].format.c_str(), pairs[i].tokens, pairs[i].two_launches_us,
-                   pairs[i].pair_us, pairs[i].pair_slots_us[1], pairs[i].pair_slots_us[2], pairs[i].pair_slots_us[3],
-                   pairs[i].pair_slots_us[4], i + 1 < pairs.size() ? "," : "");
     std::fprintf(out, "  ]\n}\n");
     std::fclose(out);
     std::printf("wrote %s\n", json_path.c_str());

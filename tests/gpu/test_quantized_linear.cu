@@ -10,7 +10,9 @@
 // The RMSNorm prologue equals run_rms_norm (bf16 output) followed by the op bit for bit, and the CPU's rms_norm +
 // linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
 // STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
-// changes a bit; prefetching the next call's weights into L2 changes no bit either.
+// changes a bit. FP8 on the STREAMED path at up to 8 tokens runs with both Fp8TileMath choices; the f16 one also on
+// inputs spanning 2^±60, at bf16's range ends and with infinities and NaNs. The STREAMED path also runs with its
+// stages rotated per warp tile (rotate_stages).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -22,7 +24,6 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "backends/cpu/linear.hpp"
@@ -104,7 +105,7 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
                         WeightLoadPath load_path = WeightLoadPath::AUTO,
                         const QuantizedLinearConfig* config = nullptr,
-                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE, bool rotate_stages = false) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -120,7 +121,8 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
                                      .stream = nullptr,
-                                     .fp8_math = fp8_math};
+                                     .fp8_math = fp8_math,
+                                     .rotate_stages = rotate_stages};
   if (config != nullptr)
     run_quantized_linear(params, *config);
   else if (load_path == WeightLoadPath::AUTO)
@@ -244,19 +246,25 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       WeightLoadPath path;
       std::optional<QuantizedLinearConfig> config;
       Fp8TileMath math = Fp8TileMath::DEQUANTIZE;
+      bool rotate_stages = false;
     };
-    // FP8 on the STREAMED path runs with each Fp8TileMath.
-    const bool fp8 = c.format == TestFormat::FP8_E8M0 || c.format == TestFormat::FP8_F32;
+    // Where the f16 FP8 math applies (fp8_f16_math_applies), the STREAMED runs are repeated with it.
+    const int multiprocessors = list_devices().front().multiprocessors;
     std::vector<Run> runs;
     for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
       runs.push_back({path_name(path), path, std::nullopt});
-      if (fp8 && path == WeightLoadPath::STREAMED)
+      if (path == WeightLoadPath::STREAMED &&
+          fp8_f16_math_applies(weight.view(), choose_quantized_linear_config(weight.view(), tokens, c.groups,
+                                                                             multiprocessors, path)))
         runs.push_back({std::string(path_name(path)) + ", f16 math", path, std::nullopt, Fp8TileMath::F16_CVT});
+      if (path == WeightLoadPath::STREAMED)
+        runs.push_back({std::string(path_name(path)) + ", rotated stages", path, std::nullopt,
+                        Fp8TileMath::DEQUANTIZE, true});
     }
     if (every_streamed)
       for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
         for (const Fp8TileMath math : {Fp8TileMath::DEQUANTIZE, Fp8TileMath::F16_CVT}) {
-          if (math == Fp8TileMath::F16_CVT && !fp8) continue;
+          if (math == Fp8TileMath::F16_CVT && !fp8_f16_math_applies(weight.view(), config)) continue;
           runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
                               std::to_string(config.k_splits) + " splits, " +
                               (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction" +
@@ -274,7 +282,7 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       SCOPED_TRACE(r.label);
       const WeightLoadPath path = r.path;
       const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path,
-                                          r.config ? &*r.config : nullptr, r.math);
+                                          r.config ? &*r.config : nullptr, r.math, r.rotate_stages);
       if (r.config) {
         const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const SplitResult& e) {
           return e.run->config->k_splits == r.config->k_splits && e.run->config->reduce == r.config->reduce &&
@@ -459,6 +467,7 @@ TEST(QuantizedLinear, Fp8F16MathKeepsWideRangesAndNonFinites) {
     SCOPED_TRACE(std::to_string(k_splits) + " K splits");
     const QuantizedLinearConfig config = choose_quantized_linear_config(
         weight.view(), kTokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE, k_splits);
+    ASSERT_TRUE(fp8_f16_math_applies(weight.view(), config));
     DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16), "linear workspace");
     workspace.fill_bytes(0);
     const DeviceRun run = run_on_device(weight, x_bf16, kCols, kRows, kTokens, 1, workspace, WeightLoadPath::STREAMED,
@@ -707,62 +716,6 @@ RandomOperands random_operands(TestFormat format, int64_t rows, int64_t cols, in
     o.x_abs.push_back(std::fabs(bf16_to_float(bits)));
   }
   return o;
-}
-
-TEST(QuantizedLinear, PrefetchOfTheNextWeightsChangesNoResult) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  // prefetch_next is a hint: with it, every load path and token count gives the same bits as without; the prefetched
-  // matrix may have any shape (FP8 with f32 scales, a tiny one smaller than one 16-byte chunk).
-  const RandomOperands o = random_operands(TestFormat::FP8_E8M0, 1024, 4096, 4096, 32, 1400);
-  const RandomOperands next = random_operands(TestFormat::FP8_F32, 640, 1024, 1024, 1, 1401);
-  const RandomOperands tiny = random_operands(TestFormat::BF16, 1, 4, 4, 1, 1402);
-  const DeviceMatrix weight(o.host.matrix, "weight"), next_weight(next.host.matrix, "next"),
-      tiny_weight(tiny.host.matrix, "tiny");
-  const DeviceBuffer x = to_device(o.x_bf16, "x");
-  const int multiprocessors = list_devices().front().multiprocessors;
-  for (const int tokens : {1, 8, 16, 32}) {
-    DeviceBuffer workspace = zeroed_workspace(weight.view(), tokens, 1);
-    for (const WeightLoadPath path : load_paths_for(weight.view(), 1, tokens)) {
-      SCOPED_TRACE(std::string(path_name(path)) + " T=" + std::to_string(tokens));
-      const size_t outputs = size_t(tokens) * 1024;
-      std::vector<std::vector<float>> results;
-      for (const DeviceMatrixView& prefetch : {DeviceMatrixView{}, next_weight.view(), tiny_weight.view()}) {
-        DeviceBuffer y = poisoned(outputs, "y");
-        run_quantized_linear({.weight = weight.view(),
-                              .x = x.as<__nv_bfloat16>(),
-                              .x_row_stride = 4096,
-                              .y = y.as<float>(),
-                              .y_row_stride = 1024,
-                              .tokens = tokens,
-                              .workspace = workspace.data(),
-                              .workspace_bytes = workspace.bytes(),
-                              .prefetch_next = prefetch},
-                             choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, path));
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        results.push_back(download(y, outputs));
-      }
-      for (size_t r = 1; r < results.size(); ++r) {
-        int differing = 0;
-        for (size_t i = 0; i < outputs; ++i)
-          if ((std::memcmp(&results[r][i], &results[0][i], sizeof(float)) != 0 || !std::isfinite(results[r][i])) &&
-              ++differing <= 4)
-            ADD_FAILURE() << "y[" << i << "] is " << results[r][i] << " with prefetch " << r << ", "
-                          << results[0][i] << " without";
-        EXPECT_EQ(differing, 0);
-      }
-    }
-  }
-  DeviceMatrixView unaligned = next_weight.view();
-  unaligned.data += 8;
-  DeviceBuffer y = poisoned(1024, "y");
-  DeviceBuffer workspace = zeroed_workspace(weight.view(), 1, 1);
-  testing::expect_error(
-      [&] {
-        run_quantized_linear({.weight = weight.view(), .x = x.as<__nv_bfloat16>(), .x_row_stride = 4096,
-                              .y = y.as<float>(), .y_row_stride = 1024, .tokens = 1, .workspace = workspace.data(),
-                              .workspace_bytes = workspace.bytes(), .prefetch_next = unaligned});
-      },
-      "prefetched weight");
 }
 
 TEST(QuantizedLinear, Bf16OutputIsTheFp32OutputRounded) {
@@ -1105,213 +1058,6 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
                {"streamed load path", "K a multiple of 512"});
   expect_error([&] { (void)choose_quantized_linear_config(good.weight, 17, 1, 132, WeightLoadPath::STREAMED); },
                "at most 16 tokens");
-}
-
-// The pair kernel (wo_a → wo_b in one launch) against the two launches it replaces: the intermediate and the output
-// bit for bit (the same tiles, sums and reduction order), repeated launches on one workspace (its counters must be
-// back at zero after each, or the next launch's second product would not wait), and the workspace left zeroed.
-// Four-slot rings leave fewer CTAs per SM than the V4-Flash shapes have items, so CTAs run several items in turn
-// (the persistent loops), and fewer splits, so a second item's k range spans two groups of the first.
-TEST(QuantizedLinear, PairEqualsTwoLaunchesBitForBit) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const int multiprocessors = list_devices().front().multiprocessors;
-  struct Case {
-    TestFormat format;
-    int64_t mid, first_cols;  // first: [mid, first_cols] per group
-    int groups;
-    int64_t out;              // second: [out, mid]
-  };
-  const Case cases[] = {{TestFormat::FP8_E8M0, 8192, 4096, 8, 4096},  // V4-Flash wo_a → wo_b
-                        {TestFormat::NVFP4, 4096, 2048, 4, 2048},
-                        {TestFormat::FP8_F32, 2048, 512, 4, 1536},
-                        {TestFormat::MXFP4, 1024, 1024, 2, 336},
-                        {TestFormat::BF16, 512, 256, 1, 272}};
-  uint32_t seed = 1300;
-  for (const Case& c : cases) {
-    const int64_t x_cols = c.groups * c.first_cols, x_stride = x_cols + 8, mid_stride = c.mid + 16,
-                  y_stride = c.out + 5;
-    const RandomOperands a = random_operands(c.format, c.mid, c.first_cols, x_stride, 16, seed++);
-    const RandomOperands b = random_operands(c.format, c.out, c.mid, 1, 1, seed++);
-    const DeviceMatrix first(a.host.matrix, "pair first"), second(b.host.matrix, "pair second");
-    const DeviceBuffer x = to_device(a.x_bf16, "x");
-    const size_t pair_bytes = quantized_linear_pair_workspace_bytes(first.view(), c.groups, second.view());
-    DeviceBuffer workspace(pair_bytes, "pair workspace");
-    workspace.fill_bytes(0);
-    for (const int tokens : {1, 3, 8, 16})
-      for (const int ring_slots : {0, 4}) {
-        SCOPED_TRACE(std::string(name_of(c.format)) + " [" + std::to_string(c.mid) + ", " +
-                     std::to_string(c.first_cols) + "] G=" + std::to_string(c.groups) + " then [" +
-                     std::to_string(c.out) + ", " + std::to_string(c.mid) + "] T=" + std::to_string(tokens) +
-                     " ring slots " + std::to_string(ring_slots));
-        ASSERT_TRUE(quantized_linear_pair_applies(first.view(), c.groups, second.view(), tokens));
-        const QuantizedLinearConfig first_config =
-            choose_quantized_linear_config(first.view(), tokens, c.groups, multiprocessors, WeightLoadPath::STREAMED,
-                                           ring_slots, SplitKReduce::WORKSPACE);
-        const QuantizedLinearConfig second_config = choose_quantized_linear_config(
-            second.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, ring_slots, SplitKReduce::WORKSPACE);
-        DeviceBuffer first_workspace(std::max<size_t>(first_config.workspace_bytes, 16), "first workspace");
-        DeviceBuffer second_workspace(std::max<size_t>(second_config.workspace_bytes, 16), "second workspace");
-        first_workspace.fill_bytes(0);
-        second_workspace.fill_bytes(0);
-        const size_t mid_floats = (size_t(tokens) * size_t(mid_stride) + 1) / 2;
-        const size_t outputs = size_t(tokens) * size_t(y_stride);
-        DeviceBuffer mid_two = poisoned(mid_floats, "mid, two launches"), y_two = poisoned(outputs, "y, two launches");
-        run_quantized_linear({.weight = first.view(),
-                              .x = x.as<__nv_bfloat16>(),
-                              .x_row_stride = x_stride,
-                              .y = nullptr,
-                              .y_row_stride = mid_stride,
-                              .tokens = tokens,
-                              .groups = c.groups,
-                              .workspace = first_workspace.data(),
-                              .workspace_bytes = first_workspace.bytes(),
-                              .y_bf16 = mid_two.as<__nv_bfloat16>()},
-                             first_config);
-        run_quantized_linear({.weight = second.view(),
-                              .x = mid_two.as<__nv_bfloat16>(),
-                              .x_row_stride = mid_stride,
-                              .y = y_two.as<float>(),
-                              .y_row_stride = y_stride,
-                              .tokens = tokens,
-                              .workspace = second_workspace.data(),
-                              .workspace_bytes = second_workspace.bytes()},
-                             second_config);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> mid_expected = download(mid_two, mid_floats), y_expected = download(y_two, outputs);
-
-        for (int launch = 0; launch < 2; ++launch) {
-          DeviceBuffer mid = poisoned(mid_floats, "mid, pair"), y = poisoned(outputs, "y, pair");
-          run_quantized_linear_pair({.first = first.view(),
-                                     .first_groups = c.groups,
-                                     .x = x.as<__nv_bfloat16>(),
-                                     .x_row_stride = x_stride,
-                                     .mid = mid.as<__nv_bfloat16>(),
-                                     .mid_row_stride = mid_stride,
-                                     .second = second.view(),
-                                     .y = y.as<float>(),
-                                     .y_row_stride = y_stride,
-                                     .tokens = tokens,
-                                     .workspace = workspace.data(),
-                                     .workspace_bytes = workspace.bytes(),
-                                     .ring_slots = ring_slots});
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << "launch " << launch;
-          const std::vector<float> mid_got = download(mid, mid_floats), y_got = download(y, outputs);
-          int failures = 0;
-          for (size_t i = 0; i < mid_got.size(); ++i)
-            if (std::memcmp(&mid_got[i], &mid_expected[i], sizeof(float)) != 0 && ++failures <= 8)
-              ADD_FAILURE() << "launch " << launch << ": mid bf16 pair at element " << 2 * i << " (token "
-                            << 2 * i / size_t(mid_stride) << ", column " << 2 * i % size_t(mid_stride) << "): 0x"
-                            << std::hex << *reinterpret_cast<const uint32_t*>(&mid_got[i]) << ", expected 0x"
-                            << *reinterpret_cast<const uint32_t*>(&mid_expected[i]) << std::dec;
-          for (size_t i = 0; i < outputs; ++i) {
-            const bool in_row = int64_t(i % size_t(y_stride)) < c.out;
-            const bool same = std::memcmp(&y_got[i], &y_expected[i], sizeof(float)) == 0 &&
-                              (in_row ? std::isfinite(y_got[i]) : is_poison(y_got[i]));
-            if (!same && ++failures <= 16)
-              ADD_FAILURE() << "launch " << launch << ": y[" << i / size_t(y_stride) << ", "
-                            << i % size_t(y_stride) << "] = " << y_got[i] << ", two launches " << y_expected[i];
-          }
-          for (size_t i = outputs; i < outputs + kGuardFloats; ++i)
-            ASSERT_TRUE(is_poison(y_got[i])) << "write past the end of y at element " << i;
-          ASSERT_EQ(failures, 0) << failures << " elements differ at launch " << launch;
-          std::vector<uint8_t> left(pair_bytes);
-          workspace.download(left.data(), left.size());
-          // The counters and both products' tickets (the ticket area) are zero again; the partial sums may hold
-          // anything.
-          for (size_t i = 0; i < kLinearTicketAreaBytes; ++i)
-            ASSERT_EQ(left[i], 0) << "workspace byte " << i << " left set";
-        }
-      }
-  }
-}
-
-TEST(QuantizedLinear, PairRefusesWhatItCannotRun) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  std::vector<float> values(512 * 512, 0.25f);
-  const OwnedQuantizedMatrix fp8 = quantize_fp8_block128(values.data(), 512, 512, ScaleType::E8M0);
-  const OwnedQuantizedMatrix mx = quantize_mxfp4(values.data(), 512, 512);
-  const OwnedQuantizedMatrix narrow = quantize_fp8_block128(values.data(), 256, 256, ScaleType::E8M0);
-  const DeviceMatrix fp8_device(fp8.matrix, "fp8"), mx_device(mx.matrix, "mxfp4");
-  const DeviceMatrix narrow_device(narrow.matrix, "narrow");
-  DeviceBuffer x(17 * 512 * 2, "x"), mid(17 * 512 * 2, "mid"), y(17 * 512 * 4, "y");
-  const size_t bytes = quantized_linear_pair_workspace_bytes(fp8_device.view(), 1, fp8_device.view());
-  DeviceBuffer workspace(bytes, "pair workspace");
-  const QuantizedLinearPairParams good{.first = fp8_device.view(),
-                                       .x = x.as<__nv_bfloat16>(),
-                                       .x_row_stride = 512,
-                                       .mid = mid.as<__nv_bfloat16>(),
-                                       .mid_row_stride = 512,
-                                       .second = fp8_device.view(),
-                                       .y = y.as<float>(),
-                                       .y_row_stride = 512,
-                                       .tokens = 1,
-                                       .workspace = workspace.data(),
-                                       .workspace_bytes = workspace.bytes()};
-  EXPECT_NO_THROW(check_quantized_linear_pair_params(good));
-  using testing::expect_error;
-  auto run_with = [](QuantizedLinearPairParams p) { return [p] { run_quantized_linear_pair(p); }; };
-  QuantizedLinearPairParams p = good;
-  p.second = mx_device.view();
-  expect_error(run_with(p), "one format");
-  p = good;
-  p.second = narrow_device.view();
-  expect_error(run_with(p), "does not take the first's 512 outputs");
-  p = good;
-  p.tokens = 17;
-  expect_error(run_with(p), "at most 16 tokens");
-  p = good;
-  p.workspace_bytes = 16;
-  expect_error(run_with(p), "workspace of");
-  p = good;
-  p.mid = nullptr;
-  expect_error(run_with(p), "mid");
-  EXPECT_FALSE(quantized_linear_pair_applies(fp8_device.view(), 1, mx_device.view(), 1));
-  EXPECT_FALSE(quantized_linear_pair_applies(fp8_device.view(), 1, fp8_device.view(), 17));
-}
-
-// run_linear_pair: fused where the pair kernel applies (here the separate calls' AUTO configs take the same streamed
-// tiles with the workspace reduction, so the results match bit for bit), two run_linear calls elsewhere (17 tokens).
-TEST(QuantizedLinear, LinearPairFusedOrNotGivesTheSameResults) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t kMid = 8192, kFirstCols = 4096, kOut = 4096;
-  constexpr int kGroups = 8;
-  const RandomOperands a = random_operands(TestFormat::FP8_E8M0, kMid, kFirstCols, kGroups * kFirstCols, 17, 1400);
-  const RandomOperands b = random_operands(TestFormat::FP8_E8M0, kOut, kMid, 1, 1, 1401);
-  const DeviceMatrix first(a.host.matrix, "wo_a"), second(b.host.matrix, "wo_b");
-  const DeviceBuffer x = to_device(a.x_bf16, "x");
-  DeviceBuffer workspace(linear_pair_workspace_bytes(first.view(), kGroups, second.view()), "linear workspace");
-  workspace.fill_bytes(0);
-  for (const int tokens : {1, 8, 17}) {
-    SCOPED_TRACE("T=" + std::to_string(tokens));
-    // fuse = true must take the pair kernel up to 16 tokens, or the comparison would be of two identical paths.
-    ASSERT_EQ(quantized_linear_pair_applies(first.view(), kGroups, second.view(), tokens),
-              tokens <= kLinearMaxStreamedTokens);
-    std::vector<float> results[2];
-    for (const bool fuse : {false, true}) {
-      DeviceBuffer mid = poisoned(size_t(tokens) * kMid / 2, "mid"), y = poisoned(size_t(tokens) * kOut, "y");
-      LinearCall first_call{.weight = first.view(), .what = "wo_a", .x = x.as<__nv_bfloat16>(),
-                            .x_row_stride = kGroups * kFirstCols, .y_row_stride = kMid, .tokens = tokens,
-                            .groups = kGroups, .workspace = workspace.data(), .workspace_bytes = workspace.bytes(),
-                            .y_bf16 = mid.as<__nv_bfloat16>()};
-      LinearCall second_call{.weight = second.view(), .what = "wo_b", .x = mid.as<__nv_bfloat16>(),
-                             .x_row_stride = kMid, .y = y.as<float>(), .y_row_stride = kOut, .tokens = tokens,
-                             .workspace = workspace.data(), .workspace_bytes = workspace.bytes()};
-      run_linear_pair(first_call, second_call, fuse);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      results[fuse] = download(y, size_t(tokens) * kOut);
-    }
-    int failures = 0;
-    for (size_t i = 0; i < size_t(tokens) * kOut; ++i)
-      if ((std::memcmp(&results[0][i], &results[1][i], sizeof(float)) != 0 || !std::isfinite(results[1][i])) &&
-          ++failures <= 8)
-        ADD_FAILURE() << "y[" << i / kOut << ", " << i % kOut << "] fused " << results[1][i] << ", separate "
-                      << results[0][i];
-    EXPECT_EQ(failures, 0);
-  }
-  LinearCall first_call{.weight = first.view(), .what = "wo_a", .tokens = 1};
-  LinearCall second_call{.weight = second.view(), .what = "wo_b", .tokens = 1};
-  testing::expect_error([&] { run_linear_pair(first_call, second_call, true); },
-                        "must read the first's bf16 output");
 }
 
 // One workspace shared by calls of different shapes (the engine's): a split call with few row blocks, or the GEMM,

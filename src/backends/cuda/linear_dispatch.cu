@@ -51,6 +51,18 @@ Fp8TileMath fp8_math_of(const LinearCall& c) {
   return forced ? *forced : c.fp8_math;
 }
 
+// The call's rotate_stages, or every call's when DSV4_LINEAR_STAGE_ORDER is set (rotated or in_order). Read once.
+bool rotate_stages_of(const LinearCall& c) {
+  static const std::optional<bool> forced = []() -> std::optional<bool> {
+    const char* value = std::getenv("DSV4_LINEAR_STAGE_ORDER");
+    if (value == nullptr) return std::nullopt;
+    const std::string_view v(value);
+    check(v == "rotated" || v == "in_order", "DSV4_LINEAR_STAGE_ORDER='", v, "': expected rotated or in_order");
+    return v == "rotated";
+  }();
+  return forced ? *forced : c.rotate_stages;
+}
+
 void run_decode_chunks(const LinearCall& c) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kLinearMaxTokens) {
     QuantizedLinearParams p;
@@ -69,6 +81,7 @@ void run_decode_chunks(const LinearCall& c) {
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
     p.fp8_math = fp8_math_of(c);
+    p.rotate_stages = rotate_stages_of(c);
     run_quantized_linear(p);
   }
 }
@@ -161,41 +174,6 @@ void run_linear(const LinearCall& c) {
     return run_decode_chunks(c);
   }
   for (const QuantizedGemmParams& p : launches) run_quantized_gemm(p);
-}
-
-size_t linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second) {
-  size_t bytes = std::max(linear_workspace_bytes(first, first_groups), linear_workspace_bytes(second));
-  if (quantized_linear_pair_applies(first, first_groups, second, 1))
-    bytes = std::max(bytes, quantized_linear_pair_workspace_bytes(first, first_groups, second));
-  return bytes;
-}
-
-void run_linear_pair(const LinearCall& first, const LinearCall& second, bool fuse) {
-  check(first.y_bf16 != nullptr && second.x == first.y_bf16 && first.tokens == second.tokens, first.what, " then ",
-        second.what, ": the second call must read the first's bf16 output, for the same tokens");
-  check(first.norm_x == nullptr && second.norm_x == nullptr, first.what, " then ", second.what,
-        ": a pair takes no RMSNorm prologue");
-  const bool fused = fuse && first.tokens >= 1 && first.tokens <= kLinearMaxStreamedTokens &&
-                     quantized_linear_pair_applies(first.weight, first.groups, second.weight, int(first.tokens));
-  if (!fused) {
-    run_linear(first);
-    run_linear(second);
-    return;
-  }
-  run_quantized_linear_pair({.first = first.weight,
-                             .first_groups = first.groups,
-                             .x = first.x,
-                             .x_row_stride = first.x_row_stride,
-                             .mid = first.y_bf16,
-                             .mid_row_stride = first.y_row_stride,
-                             .second = second.weight,
-                             .y = second.y,
-                             .y_bf16 = second.y_bf16,
-                             .y_row_stride = second.y_row_stride,
-                             .tokens = int(first.tokens),
-                             .workspace = first.workspace,
-                             .workspace_bytes = first.workspace_bytes,
-                             .stream = first.stream});
 }
 
 }  // namespace dsv4::cuda

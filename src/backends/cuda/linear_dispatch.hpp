@@ -44,26 +44,19 @@ struct LinearCall {
   const float* norm_x = nullptr;
   const float* norm_weight = nullptr;
   float norm_eps = 0.0f;
-  // How FP8 weights meet x in the decode kernel's STREAMED path (Fp8TileMath, quantized_linear.hpp); the GEMM and
-  // other formats ignore it. The environment variable DSV4_FP8_TILE_MATH (dequantize or f16) overrides it for every
+  // How FP8 weights meet x in the decode kernel's STREAMED path (Fp8TileMath, quantized_linear.hpp, where
+  // fp8_f16_math_applies); the GEMM and other formats ignore it. The environment variable DSV4_FP8_TILE_MATH (dequantize or f16) overrides it for every
   // call: an A/B of the whole model's FP8 linears without a rebuild.
   Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
+  // The decode kernel's QuantizedLinearParams::rotate_stages; DSV4_LINEAR_STAGE_ORDER (rotated or in_order)
+  // overrides it for every call.
+  bool rotate_stages = false;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).
 size_t linear_workspace_bytes(const DeviceMatrixView& weight, int groups = 1);
 
 void run_linear(const LinearCall& call);
-
-// Workspace of run_linear_pair with fuse = true for these weights (any token count), on the current device: the
-// larger of what the two separate calls and the pair kernel need.
-size_t linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second);
-
-// `first` then `second`, where second.x is first.y_bf16 (the bf16 intermediate, e.g. wo_a → wo_b). With `fuse`,
-// one launch of the pair kernel (run_quantized_linear_pair) where it applies (one format, the streamed path for both
-// at this token count: up to kLinearMaxStreamedTokens tokens), on first.workspace (linear_pair_workspace_bytes,
-// zeroed once); otherwise, or without `fuse`, run_linear(first) then run_linear(second).
-void run_linear_pair(const LinearCall& first, const LinearCall& second, bool fuse);
 
 // Rows [row0, row0 + rows) of a matrix as a view of their own (row0 a multiple of 128 for FP8_BLOCK128 row bands).
 DeviceMatrixView row_slice(const DeviceMatrixView& weight, int64_t row0, int64_t rows);

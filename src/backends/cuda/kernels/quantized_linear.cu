@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <utility>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -111,7 +110,7 @@ void launch_streamed_for_math(const linear::LinearKernelArgs& args, const Quanti
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool fp8_f16,
                      cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128)
+  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
     if (fp8_f16) return launch_streamed_for_math<F, NT, true>(args, config, stream);
   launch_streamed_for_math<F, NT, false>(args, config, stream);
 }
@@ -326,7 +325,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
 }
 
 bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config) {
-  return weight.format == WeightFormat::FP8_BLOCK128 && config.load_path == WeightLoadPath::STREAMED;
+  return weight.format == WeightFormat::FP8_BLOCK128 && config.load_path == WeightLoadPath::STREAMED &&
+         config.token_tiles == 1;
 }
 
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
@@ -378,9 +378,6 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
   }
   check((params.y == nullptr) != (params.y_bf16 == nullptr),
         "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
-  check(reinterpret_cast<uintptr_t>(params.prefetch_next.data) % 16 == 0 &&
-            reinterpret_cast<uintptr_t>(params.prefetch_next.scales) % 16 == 0,
-        "quantized_linear: the prefetched weight's data and scales must be 16-byte aligned");
   const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
   const void* y = params.y != nullptr ? static_cast<const void*>(params.y) : static_cast<const void*>(params.y_bf16);
   check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(y) % y_element == 0,
@@ -432,26 +429,15 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .split_k = config.split_k,
       .chunk_k = config.chunk_k,
       .ring_slots = config.ring_slots,
+      .rotate_stages = params.rotate_stages && config.load_path == WeightLoadPath::STREAMED &&
+                       config.chunk_k >= config.split_k,
       .tickets = config.workspace_bytes > 0 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.workspace_bytes > 0 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
-      .prefetch_ranges = {nullptr, nullptr},
-      .prefetch_bytes = {0, 0},
   };
-  const DeviceMatrixView& next = params.prefetch_next;
-  if (next.data != nullptr) {
-    const uint64_t data_bytes = uint64_t(next.rows) * next.data_row_bytes;
-    args.prefetch_ranges[0] = next.data, args.prefetch_bytes[0] = data_bytes;
-    if (next.scales != nullptr) {
-      // Scale rows: one per 128-row band for FP8_BLOCK128, one per row otherwise; 4-byte entries for f32.
-      const int64_t scale_rows = next.format == WeightFormat::FP8_BLOCK128 ? ceil_div(next.rows, 128) : next.rows;
-      args.prefetch_ranges[1] = next.scales;
-      args.prefetch_bytes[1] = uint64_t(scale_rows * next.scales_per_row) * (next.scale_type == ScaleType::F32 ? 4 : 1);
-    }
-  }
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
   return args;
@@ -471,180 +457,7 @@ void launch_quantized_linear(const QuantizedLinearParams& params, const Quantize
   }
 }
 
-// How run_quantized_linear_pair lays out one call: each product's STREAMED config with the workspace reduction,
-// and the workspace as [group_ready counters, exit counter] | the first's tickets | the second's tickets, within the
-// ticket area (kLinearTicketAreaBytes), then the first's partial sums | the second's. Counters and tickets are zero
-// between launches, and no call's partial sums reach the ticket area, so one workspace zeroed once serves every
-// call of any shape, token count or ring depth.
-struct PairPlan {
-  QuantizedLinearConfig first, second;
-  size_t first_tickets = 0, second_tickets = 0, first_partials = 0, second_partials = 0, workspace_bytes = 0;
-};
-
-PairPlan plan_pair(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second, int tokens,
-                   int multiprocessors, int ring_slots = 0) {
-  check(first.format == second.format, "quantized_linear pair: the weights are ", to_string(first.format), " [",
-        first.rows, ", ", first.cols, "] and ", to_string(second.format), " [", second.rows, ", ", second.cols,
-        "]; the pair kernel takes one format");
-  check(second.cols == first.rows, "quantized_linear pair: the second weight [", second.rows, ", ", second.cols,
-        "] does not take the first's ", first.rows, " outputs");
-  PairPlan plan;
-  plan.first = choose_quantized_linear_config(first, tokens, first_groups, multiprocessors, WeightLoadPath::STREAMED,
-                                              ring_slots, SplitKReduce::WORKSPACE);
-  plan.second = choose_quantized_linear_config(second, tokens, 1, multiprocessors, WeightLoadPath::STREAMED,
-                                               ring_slots, SplitKReduce::WORKSPACE);
-  check(plan.first.ring_slots == plan.second.ring_slots && plan.first.token_tiles == plan.second.token_tiles,
-        "quantized_linear pair: the two products' rings or token tiles differ");
-  const auto partial_bytes = [](const QuantizedLinearConfig& c) { return c.workspace_bytes - c.ticket_bytes; };
-  plan.first_tickets = size_t(round_up(int64_t(first_groups + 1) * int64_t(sizeof(uint32_t)), 256));
-  plan.second_tickets = plan.first_tickets + ticket_bytes_of(plan.first.row_blocks);
-  check(plan.second_tickets + ticket_bytes_of(plan.second.row_blocks) <= kLinearTicketAreaBytes,
-        "quantized_linear pair: ", first_groups, " group counters and the tickets of ", plan.first.row_blocks, " + ",
-        plan.second.row_blocks, " row blocks exceed the workspace's ticket area");
-  plan.first_partials = kLinearTicketAreaBytes;
-  plan.second_partials = plan.first_partials + size_t(round_up(int64_t(partial_bytes(plan.first)), 256));
-  plan.workspace_bytes = plan.second_partials + partial_bytes(plan.second);
-  return plan;
-}
-
-// What bounds the pair kernel's resident CTAs per SM apart from its dynamic shared memory, read once per device: CTAs
-// by registers and threads (the occupancy query without dynamic shared memory) and the static shared memory.
-struct PairKernelResidency {
-  int ctas_by_registers = 0;
-  size_t static_smem_bytes = 0;
-};
-
-template <TileFormat F, int NT>
-void launch_pair_kernel(const linear::PairKernelArgs& args, int64_t items, size_t smem_bytes, cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_pair_kernel<F, NT>;
-  const void* key = reinterpret_cast<const void*>(kernel);
-  const int limit = max_dynamic_shared_memory(key);
-  check(smem_bytes <= size_t(limit), "quantized_linear pair: ", smem_bytes,
-        " bytes of shared memory per CTA exceed the device's ", limit);
-  static PerDeviceCache<PairKernelResidency> residency_cache;
-  const PairKernelResidency residency = residency_cache.get(key, [&] {
-    PairKernelResidency r;
-    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.ctas_by_registers, kernel,
-                                                                  linear::kThreadsPerCta, 0));
-    cudaFuncAttributes attributes{};
-    DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, key));
-    r.static_smem_bytes = attributes.sharedSizeBytes;
-    return r;
-  });
-  // Every CTA must be resident at once (second items wait on first items of other CTAs): at most one wave. Each CTA's
-  // shared memory is rounded up to whole KiB (above the hardware's allocation granularity) so that the count never
-  // exceeds what the SM holds.
-  const size_t cta_bytes =
-      size_t(round_up(int64_t(smem_bytes + residency.static_smem_bytes), 1024)) + kSharedMemoryReservedPerCta;
-  const int64_t per_sm = std::min<int64_t>(residency.ctas_by_registers, int64_t(kSharedMemoryPerSm / cta_bytes));
-  const int64_t resident = per_sm * current_multiprocessors();
-  check(resident > 0, "quantized_linear pair: no CTA of ", smem_bytes, " bytes of shared memory fits an SM");
-  const dim3 grid(unsigned(std::min(items, resident)));
-  launch_chained(kernel, grid, dim3(linear::kThreadsPerCta), smem_bytes, stream, args,
-                 "quantized_linear_pair_kernel");
-}
-
-template <TileFormat F>
-void launch_pair_for_format(const linear::PairKernelArgs& args, int token_tiles, int64_t items, size_t smem_bytes,
-                            cudaStream_t stream) {
-  if (token_tiles == 1)
-    launch_pair_kernel<F, 1>(args, items, smem_bytes, stream);
-  else
-    launch_pair_kernel<F, 2>(args, items, smem_bytes, stream);
-}
-
-// The pair's two calls as run_quantized_linear would see them, without their workspace (the plan places it).
-std::pair<QuantizedLinearParams, QuantizedLinearParams> pair_calls(const QuantizedLinearPairParams& p) {
-  return {QuantizedLinearParams{.weight = p.first, .x = p.x, .x_row_stride = p.x_row_stride, .y = nullptr,
-                                .y_row_stride = p.mid_row_stride, .tokens = p.tokens, .groups = p.first_groups,
-                                .stream = p.stream, .y_bf16 = p.mid},
-          QuantizedLinearParams{.weight = p.second, .x = p.mid, .x_row_stride = p.mid_row_stride, .y = p.y,
-                                .y_row_stride = p.y_row_stride, .tokens = p.tokens, .groups = 1, .stream = p.stream,
-                                .y_bf16 = p.y_bf16}};
-}
-
-QuantizedLinearConfig without_workspace(QuantizedLinearConfig config) {
-  config.workspace_bytes = 0;
-  config.ticket_bytes = 0;
-  return config;
-}
-
-void check_pair_params(const QuantizedLinearPairParams& p, const PairPlan& plan) {
-  check(p.mid != nullptr, "quantized_linear pair: the intermediate (mid) is null");
-  check(p.workspace != nullptr && p.workspace_bytes >= plan.workspace_bytes &&
-            reinterpret_cast<uintptr_t>(p.workspace) % 256 == 0,
-        "quantized_linear pair: weights [", p.first.rows, ", ", p.first.cols, "] then [", p.second.rows, ", ",
-        p.second.cols, "] at ", p.tokens, " tokens need a 256-byte aligned workspace of ", plan.workspace_bytes,
-        " bytes (have ", p.workspace == nullptr ? size_t(0) : p.workspace_bytes, ")");
-  const auto [first, second] = pair_calls(p);
-  check_params_for_config(first, without_workspace(plan.first));
-  check_params_for_config(second, without_workspace(plan.second));
-  const size_t mid_bytes = (size_t(p.tokens - 1) * size_t(p.mid_row_stride) + size_t(p.first.rows)) * 2;
-  const size_t y_bytes = (size_t(p.tokens - 1) * size_t(p.y_row_stride) + size_t(p.second.rows)) *
-                         (p.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16));
-  const void* y = p.y != nullptr ? static_cast<const void*>(p.y) : static_cast<const void*>(p.y_bf16);
-  check(!ranges_overlap(p.mid, mid_bytes, p.workspace, plan.workspace_bytes) &&
-            !ranges_overlap(y, y_bytes, p.workspace, plan.workspace_bytes),
-        "quantized_linear pair: mid and y must not overlap the workspace");
-}
-
 }  // namespace
-
-bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second,
-                                   int tokens) {
-  return first.format == second.format && second.cols == first.rows &&
-         streamed_load_path_applies(first, tokens, first_groups) && streamed_load_path_applies(second, tokens, 1);
-}
-
-size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
-                                             const DeviceMatrixView& second) {
-  const int multiprocessors = current_multiprocessors();
-  size_t bytes = 0;
-  // One slot per warp leaves the most CTAs per SM, hence the most splits: the largest workspace of any ring depth.
-  for (int t = 1; t <= kLinearMaxStreamedTokens; ++t)
-    for (const int ring_slots : {0, 1})
-      bytes = std::max(bytes, plan_pair(first, first_groups, second, t, multiprocessors, ring_slots).workspace_bytes);
-  return bytes;
-}
-
-void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params) {
-  check_pair_params(params, plan_pair(params.first, params.first_groups, params.second, params.tokens,
-                                      current_multiprocessors(), params.ring_slots));
-}
-
-void run_quantized_linear_pair(const QuantizedLinearPairParams& params) {
-  const PairPlan plan = plan_pair(params.first, params.first_groups, params.second, params.tokens,
-                                  current_multiprocessors(), params.ring_slots);
-  check_pair_params(params, plan);
-  const auto [first, second] = pair_calls(params);
-  auto* workspace = static_cast<uint8_t*>(params.workspace);
-  linear::PairKernelArgs args{.first = kernel_args(first, without_workspace(plan.first)),
-                              .second = kernel_args(second, without_workspace(plan.second)),
-                              .group_ready = reinterpret_cast<uint32_t*>(workspace),
-                              .exited = reinterpret_cast<uint32_t*>(workspace) + params.first_groups};
-  args.first.tickets = reinterpret_cast<uint32_t*>(workspace + plan.first_tickets);
-  args.first.partials = reinterpret_cast<float*>(workspace + plan.first_partials);
-  args.second.tickets = reinterpret_cast<uint32_t*>(workspace + plan.second_tickets);
-  args.second.partials = reinterpret_cast<float*>(workspace + plan.second_partials);
-  const int64_t items = std::max(plan.first.row_blocks * plan.first.k_splits,
-                                 plan.second.row_blocks * plan.second.k_splits);
-  const size_t smem_bytes = std::max(plan.first.smem_bytes, plan.second.smem_bytes);
-  switch (tile_format_of(params.first)) {
-    case TileFormat::BF16:
-      launch_pair_for_format<TileFormat::BF16>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
-      break;
-    case TileFormat::FP8_BLOCK128:
-      launch_pair_for_format<TileFormat::FP8_BLOCK128>(args, plan.first.token_tiles, items, smem_bytes,
-                                                       params.stream);
-      break;
-    case TileFormat::MXFP4:
-      launch_pair_for_format<TileFormat::MXFP4>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
-      break;
-    case TileFormat::NVFP4:
-      launch_pair_for_format<TileFormat::NVFP4>(args, plan.first.token_tiles, items, smem_bytes, params.stream);
-      break;
-  }
-}
 
 void run_quantized_linear(const QuantizedLinearParams& params) {
   launch_quantized_linear(params, choose_quantized_linear_config(params.weight, params.tokens, params.groups,

@@ -18,7 +18,6 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
-#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -40,36 +39,14 @@ struct LinearKernelArgs {
   int64_t split_k;
   int64_t chunk_k;
   int ring_slots;     // STREAMED path: stages in flight per warp
+  bool rotate_stages;  // STREAMED path: QuantizedLinearParams::rotate_stages (where one x chunk covers the split)
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
-  // L2 prefetch of a later call's weights (QuantizedLinearParams::prefetch_next): 16-byte aligned ranges, or null.
-  const uint8_t* prefetch_ranges[2];
-  uint64_t prefetch_bytes[2];
 };
-
-inline constexpr uint32_t kPrefetchChunkBytes = 64 * 1024;  // bytes per bulk prefetch instruction
-
-// Asks L2 for this CTA's share (1 / grid) of the prefetch ranges, in 16-byte aligned chunks, without waiting:
-// called once the CTA's own weights have arrived, so the requests queue behind the call's own stream and fill L2
-// while the next kernels of the step (attention, norms) leave the memory idle. One thread issues.
-__device__ __forceinline__ void prefetch_next_weights(const LinearKernelArgs& args) {
-  if (threadIdx.x != 0) return;
-  const uint64_t ctas = uint64_t(gridDim.x) * gridDim.y, cta = uint64_t(blockIdx.y) * gridDim.x + blockIdx.x;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (args.prefetch_ranges[r] == nullptr) continue;
-    const uint64_t share = (args.prefetch_bytes[r] + ctas - 1) / ctas + 15 & ~uint64_t(15);
-    const uint64_t begin = cta * share, end = min(args.prefetch_bytes[r], begin + share) & ~uint64_t(15);
-    for (uint64_t b = begin; b < end; b += kPrefetchChunkBytes)
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(args.prefetch_ranges[r] + b),
-                   "r"(uint32_t(min(uint64_t(kPrefetchChunkBytes), end - b)))
-                   : "memory");
-  }
-}
 
 // What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at
 // group·K, over the K range [split_begin, split_end) of its split.
@@ -251,22 +228,30 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT))
       tile::weight_tile_mma<F, NT, 2, kAlignedTiles>(w, row0, chunk_begin, chunk_end, x_tile, acc);
   }
 
-  prefetch_next_weights(args);
   write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
-// One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers. `position` counts the
-// stages the warp has consumed so far over every item it ran (stage J sits in slot J % slots and completes barrier
-// phase J / slots), so one ring serves several items in a row (the pair kernel).
+// One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers (stage J of the CTA's
+// work, in the warp's order, sits in slot J % slots and completes barrier phase J / slots). The warp takes the
+// stages of its split in order from stage `rotation` on, wrapping around (rotate_stages).
 struct WarpRing {
   uint8_t* stages;
   uint64_t* full;
   int slots;
-  uint32_t position;
+  int rotation;
 };
 
-// Starts the copies of the item's first min(slots, stages) weight stages; the ring must hold no unconsumed stage.
-// Called by the whole warp (lane 0 issues); reads only weights, so it may run before wait_for_prior_grids.
+// The first input of the warp's stage j of `work` (rotated by ring.rotation).
+template <tile::TileFormat F>
+__device__ __forceinline__ int64_t stage_begin(const CtaWork& work, const WarpRing& ring, int64_t j) {
+  constexpr int64_t kStageK = tile::stream::stage_k(F);
+  const int64_t stages = (work.split_end - work.split_begin) / kStageK;
+  const int64_t p = j + ring.rotation;
+  return work.split_begin + (p < stages ? p : p - stages) * kStageK;
+}
+
+// Starts the copies of the work's first min(slots, stages) weight stages. Called by the whole warp (lane 0 issues);
+// reads only weights, so it may run before wait_for_prior_grids.
 template <tile::TileFormat F>
 __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, const CtaWork& work, int64_t row0,
                                                    const WarpRing& ring) {
@@ -274,20 +259,18 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
   constexpr int64_t kStageK = st::stage_k(F);
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
   for (int j = 0; j < ring.slots && j < stages; ++j) {
-    const int slot = int((ring.position + uint32_t(j)) % uint32_t(ring.slots));
-    st::issue_stage<F>(&a.maps, row0, work.split_begin + j * kStageK, ring.stages + slot * st::slot_bytes(F),
-                       ring.full + slot);
+    st::issue_stage<F>(&a.maps, row0, stage_begin<F>(work, ring, j), ring.stages + j * st::slot_bytes(F),
+                       ring.full + j);
   }
 }
 
-// acc = the warp's tile of the item: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
+// acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
-// refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA;
-// advances ring.position past the item's stages. kFp8AsF16: FP8 stages by the f16 decode (stage_x must then stage
-// by tile::stage_f16_x_chunks).
+// refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA.
+// kFp8AsF16: FP8 stages by the f16 decode (stage_x must then stage by tile::stage_f16_x_chunks).
 template <tile::TileFormat F, int NT, bool kFp8AsF16 = false, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
-                                                       int64_t row0, bool has_rows, WarpRing& ring,
+                                                       int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
                                                        float (&acc)[NT][4]) {
   namespace st = tile::stream;
@@ -309,26 +292,26 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
     const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
-      const int64_t j = (k0 - work.split_begin) / kStageK;
-      const uint32_t stage = ring.position + uint32_t(j);
+    for (int64_t logical_k0 = chunk_begin; logical_k0 < chunk_end; logical_k0 += kStageK) {
+      const int64_t j = (logical_k0 - work.split_begin) / kStageK;
+      const int64_t k0 = stage_begin<F>(work, ring, j);
+      const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
       st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-      st::multiply_stage<F, NT, C, kFp8AsF16>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
-                                   lane_tiles, block_scales, sums, acc);
+      st::multiply_stage<F, NT, C, kFp8AsF16>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin),
+                                              row_stride, lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
-        st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
-                           ring.full + slot);
+        st::issue_stage<F>(&args.maps, row0, stage_begin<F>(work, ring, j + ring.slots),
+                           ring.stages + slot * st::slot_bytes(F), ring.full + slot);
     }
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
-  if (has_rows) ring.position += uint32_t(stages);
 }
 
-// Dynamic shared memory of the STREAMED kernels: up to 1 KB of alignment, 4 rings of `slots` slots (slot_bytes(F)
+// Dynamic shared memory of the STREAMED kernel: up to 1 KB of alignment, 4 rings of `slots` slots (slot_bytes(F)
 // each), then the x tile.
 struct StreamedSmem {
   WarpRing ring;
@@ -336,14 +319,15 @@ struct StreamedSmem {
 };
 
 template <tile::TileFormat F>
-__device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers) {
+__device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers,
+                                                      int rotation) {
   namespace st = tile::stream;
   uint8_t* smem = st::align_slots(storage);
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
   return {.ring = {.stages = smem + size_t(warp_idx) * slots * st::slot_bytes(F),
                    .full = full_barriers + warp_idx * st::kMaxSlots,
                    .slots = slots,
-                   .position = 0},
+                   .rotation = rotation},
           .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F))};
 }
 
@@ -359,17 +343,22 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  __shared__ uint32_t x_max_bits[kFp8AsF16 ? kLinearMaxStreamedTokens : 1];
-  __shared__ float x_factor[kFp8AsF16 ? kLinearMaxStreamedTokens : 1], y_factor[kFp8AsF16 ? kLinearMaxStreamedTokens : 1];
-  StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
-  WarpRing& ring = smem.ring;
-  __nv_bfloat16* const x_tile = smem.x_tile;
-
+  constexpr int kScaledTokens = kFp8AsF16 ? kLinearMaxStreamedTokens : 1;  // the f16 math's per-token factors
+  __shared__ uint32_t x_max_bits[kScaledTokens];
+  __shared__ float x_factor[kScaledTokens], y_factor[kScaledTokens];
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
   const CtaWork work = cta_work(args, row_block, split);
   const int64_t row0 = work.row0 + int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
+  // rotate_stages: warp tile i starts at stage i % stages of its split, so that the warps in flight at any moment
+  // read every column band of the rows, not all the same one (the host allows it where one x chunk is the split).
+  const int64_t split_stages = (work.split_end - work.split_begin) / tile::stream::stage_k(F);
+  const int rotation = args.rotate_stages ? int(row0 / tile::kTileRows % split_stages) : 0;
+  StreamedSmem smem =
+      streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers, rotation);
+  WarpRing& ring = smem.ring;
+  __nv_bfloat16* const x_tile = smem.x_tile;
   const bool has_rows = row0 < work.row_end;  // whole 16-row tiles (the path's precondition)
   const __nv_bfloat16* x_group = args.x + work.group * w.cols;
 
@@ -422,160 +411,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
                                   acc);
   }
 
-  prefetch_next_weights(args);
   if constexpr (kClusterReduce)
     write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else
     write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
-}
-
-// The pair kernel (run_quantized_linear_pair): `first` (any group count) writes the bf16 intermediate that `second`
-// reads, both on the STREAMED path with the workspace split-K reduction, in one persistent launch whose CTAs are
-// all resident (the grid is at most what fits the SMs at once: the launcher checks). Each CTA runs its items of the
-// first product (item i: row block i % row_blocks, split i / row_blocks), then its items of the second. A first item
-// that completes a row block (its only split, or the last ticket) publishes it in group_ready[its group]; a second
-// item waits until every row block of the groups its k range reads has been published. The waits cannot deadlock:
-// first items wait on nothing but the previous kernel, and every CTA is resident, so every first item finishes.
-// The second product's first weight stages are issued as soon as the CTA's last first item has multiplied, so
-// they stream while the CTA reduces, publishes and waits. The last CTA to exit zeroes the counters for the next
-// launch (the split-K tickets reset themselves).
-struct PairKernelArgs {
-  LinearKernelArgs first;
-  LinearKernelArgs second;
-  uint32_t* group_ready;  // [first groups]: published row blocks per group of the first product
-  uint32_t* exited;       // CTAs that have finished
-};
-
-inline constexpr uint32_t kMaxReadyPolls = 1u << 22;  // ≥ 0.25 s of 64 ns sleeps; real waits take µs
-
-template <tile::TileFormat F, int NT>
-__global__ void __launch_bounds__(kThreadsPerCta, 4)
-    quantized_linear_pair_kernel(const __grid_constant__ PairKernelArgs args) {
-  extern __shared__ uint4 smem_storage[];
-  __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
-  __shared__ bool is_last_split;
-  StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.first.ring_slots, full_barriers);
-  WarpRing& ring = smem.ring;
-  __nv_bfloat16* const x_tile = smem.x_tile;
-  const int warp_row = int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
-  const int64_t first_row_blocks =
-      args.first.row_blocks_per_group * (args.first.weight.rows / args.first.rows_per_group);
-  const int64_t second_row_blocks = args.second.row_blocks_per_group;
-  const int64_t first_items = first_row_blocks * args.first.k_splits;
-  const int64_t second_items = second_row_blocks * args.second.k_splits;
-  auto work_of = [](const LinearKernelArgs& a, int64_t row_blocks, int64_t item) {
-    return cta_work(a, item % row_blocks, int(item / row_blocks));
-  };
-
-  // Item `item` of product `a` in the loops below: its work and the warp's rows. A CTA's first item had its first
-  // stages issued ahead of wait_for_prior_grids; a later one issues them here.
-  struct WarpItem {
-    CtaWork work;
-    int64_t row0;  // the warp's first row
-    bool has_rows;
-  };
-  const auto start_item = [&](const LinearKernelArgs& a, int64_t row_blocks, int64_t item) {
-    const CtaWork work = work_of(a, row_blocks, item);
-    const int64_t row0 = work.row0 + warp_row;
-    const bool has_rows = row0 < work.row_end;
-    if (item != int64_t(blockIdx.x) && has_rows) issue_first_stages<F>(a, work, row0, ring);
-    return WarpItem{work, row0, has_rows};
-  };
-
-  tile::stream::init_ring(ring.full, ring.slots);
-  __syncwarp();
-  bool second_issued = false;
-  const auto issue_second = [&] {
-    if (int64_t(blockIdx.x) < second_items) {
-      const CtaWork work = work_of(args.second, second_row_blocks, blockIdx.x);
-      if (work.row0 + warp_row < work.row_end)
-        issue_first_stages<F>(args.second, work, work.row0 + warp_row, ring);
-    }
-    second_issued = true;
-  };
-  if (int64_t(blockIdx.x) < first_items) {
-    const CtaWork work = work_of(args.first, first_row_blocks, blockIdx.x);
-    if (work.row0 + warp_row < work.row_end) issue_first_stages<F>(args.first, work, work.row0 + warp_row, ring);
-  } else {
-    issue_second();
-  }
-  wait_for_prior_grids();
-  allow_dependents();
-
-  float acc[NT][4];
-  for (int64_t item = blockIdx.x; item < first_items; item += gridDim.x) {
-    const LinearKernelArgs& a = args.first;
-    const auto [work, row0, has_rows] = start_item(a, first_row_blocks, item);
-    __syncthreads();  // the previous item's x tile is no longer read
-    const __nv_bfloat16* x_group = a.x + work.group * a.weight.cols;
-    multiply_streamed_item<F, NT>(a, work, row0, has_rows, ring, x_tile,
-                                  [&](int64_t chunk_begin, int64_t chunk_end) {
-                                    tile::stage_x_tile<F>(
-                                        [&](int t) { return x_group + t * a.x_row_stride + chunk_begin; }, a.tokens,
-                                        a.tokens, chunk_end - chunk_begin, x_tile, int(threadIdx.x), kThreadsPerCta);
-                                  },
-                                  acc);
-    if (item + gridDim.x >= first_items) issue_second();
-    const int64_t row_block = item % first_row_blocks;
-    const int split = int(item / first_row_blocks);
-    write_output<F, NT, true>(a, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
-    if (a.k_splits == 1 || is_last_split) {  // CTA-uniform: this CTA wrote the row block's outputs
-      __threadfence();  // the outputs are visible device-wide before the count says so
-      __syncthreads();
-      if (threadIdx.x == 0) atomicAdd(args.group_ready + work.group, 1u);
-    }
-  }
-  if (!second_issued) issue_second();
-
-  const int64_t first_rows_per_group = args.first.rows_per_group;
-  const uint32_t published = uint32_t(args.first.row_blocks_per_group);
-  for (int64_t item = blockIdx.x; item < second_items; item += gridDim.x) {
-    const LinearKernelArgs& a = args.second;
-    const auto [work, row0, has_rows] = start_item(a, second_row_blocks, item);
-    if (threadIdx.x == 0) {
-      for (int64_t g = work.split_begin / first_rows_per_group; g <= (work.split_end - 1) / first_rows_per_group; ++g)
-        for (uint32_t polls = 0; load_acquire(args.group_ready + g) < published; ++polls) {
-          // A workspace whose counters or tickets were not zero would never publish: fail the launch (seconds
-          // past any real wait) instead of hanging the stream.
-          if (polls == kMaxReadyPolls) __trap();
-          __nanosleep(64);
-        }
-    }
-    __syncthreads();  // the intermediate's columns are complete (and the previous item's x tile is no longer read)
-    multiply_streamed_item<F, NT>(
-        a, work, row0, has_rows, ring, x_tile,
-        [&](int64_t chunk_begin, int64_t chunk_end) {
-          // Written during this launch: read through L2 (__ldcg), never the non-coherent read-only path.
-          const int64_t k_count = chunk_end - chunk_begin;
-          tile::stage_x_chunks<F>(
-              [&](int t, int64_t k) {
-                const __nv_bfloat16* source = a.x + t * a.x_row_stride + chunk_begin + k;
-                if (k + tile::kXChunk <= k_count && reinterpret_cast<uintptr_t>(source) % 16 == 0)
-                  return __ldcg(reinterpret_cast<const uint4*>(source));
-                uint32_t words[4] = {0, 0, 0, 0};
-#pragma unroll
-                for (int e = 0; e < tile::kXChunk; ++e)
-                  if (k + e < k_count)
-                    words[e / 2] |= uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(source) + e))
-                                    << (16 * (e % 2));
-                return make_uint4(words[0], words[1], words[2], words[3]);
-              },
-              a.tokens, a.tokens, k_count, x_tile, int(threadIdx.x), kThreadsPerCta);
-        },
-        acc);
-    write_output<F, NT, true>(a, acc, row0, work.row0, work.row_end, item % second_row_blocks,
-                              int(item / second_row_blocks), &is_last_split);
-  }
-
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this CTA's publications precede its exit count
-    if (atomicAdd(args.exited, 1u) == gridDim.x - 1) {
-      __threadfence();
-      for (int64_t g = 0; g < args.first.weight.rows / first_rows_per_group; ++g) args.group_ready[g] = 0;
-      *args.exited = 0;
-    }
-  }
 }
 
 }  // namespace dsv4::cuda::linear

@@ -29,8 +29,6 @@
 //   bit for bit run_rms_norm's y_bf16 for the same row (the same summation order), so the result equals
 //   run_rms_norm followed by this op on its bf16 output, without that launch. Each CTA reads the whole of its tokens'
 //   rows once more for the sum of squares: meant for few tokens.
-// - prefetch_next (optional) names a later call's weights; the CTAs ask L2 for them (bulk prefetches) as they finish
-//   their own, filling L2 while the kernels in between leave the memory idle.
 // - Asynchronous on `stream`; no allocation, no host synchronisation (CUDA-graph capturable). Anything unsupported
 //   is refused with an error naming the shape, format or pointer; there is no fallback path.
 #pragma once
@@ -68,7 +66,8 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
-// How FP8_BLOCK128 weights meet x on the STREAMED path (other formats and paths ignore it). DEQUANTIZE: each e4m3 pair
+// How FP8_BLOCK128 weights meet x on the STREAMED path at up to 8 tokens (one token tile: at two, its kernel spilled;
+// other formats, paths and token counts ignore it). DEQUANTIZE: each e4m3 pair
 // becomes its exact bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120), bf16 MMAs. F16_CVT: one
 // cvt.rn.f16x2.e4m3x2 per pair (exact), f16 MMAs against x staged in f16 times a power of two per token and K split
 // (weight_tile_mma.cuh, find_f16_input_scales: exact for every input down to 2^-28 of its token's largest; smaller
@@ -76,10 +75,10 @@ inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable clu
 // multiply fp32 partial sums per block either way.
 enum class Fp8TileMath : uint8_t { DEQUANTIZE, F16_CVT };
 
-// Every split-K workspace of the linear kernels (this one, quantized_gemm, the pair kernel) keeps its tickets and
-// counters in its first kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of
-// different shapes may then share one workspace (the engine's), as no call's partial sums land on another call's
-// tickets. 4096 tickets: a split call has fewer row blocks than half the GPU's resident CTAs.
+// Every split-K workspace of the linear kernels (this one and quantized_gemm) keeps its tickets in its first
+// kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of different shapes may then
+// share one workspace (the engine's), as no call's partial sums land on another call's tickets. 4096 tickets: a split
+// call has fewer row blocks than half the GPU's resident CTAs.
 inline constexpr size_t kLinearTicketAreaBytes = 16 * 1024;
 
 struct QuantizedLinearParams {
@@ -97,11 +96,12 @@ struct QuantizedLinearParams {
   const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
-  // Optional: a later call's weights (data == null: none). Each CTA asks L2 for its share of their bytes once its own
-  // weights have arrived, so that call (the next linear of a decode step, after latency-bound kernels that leave the
-  // memory idle) reads them from L2. Only a hint: results do not depend on it.
-  DeviceMatrixView prefetch_next;
   Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights on the STREAMED path (Fp8TileMath)
+  // STREAMED path where one x chunk covers each K split (chunk_k >= split_k: every DSV4 shape at T <= 8): each warp
+  // tile starts at its own stage of the split (tile index mod stages) and wraps around, so the stages in flight at
+  // any moment cover every column band of the rows instead of one band of every row. Changes the order of the fp32
+  // block sums (deterministic, not bitwise the unrotated result). Other calls ignore it.
+  bool rotate_stages = false;
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -142,7 +142,8 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 // STREAMED path at that depth. Throws on arguments out of those ranges.
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
 
-// Whether a call of this weight with this config takes QuantizedLinearParams::fp8_math (FP8 on the STREAMED path).
+// Whether a call of this weight with this config takes QuantizedLinearParams::fp8_math (FP8 on the STREAMED path,
+// one token tile).
 bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
@@ -162,46 +163,5 @@ void run_quantized_linear(const QuantizedLinearParams& params);
 // The same with a config from choose_quantized_linear_config for this call on this device (tests and benchmarks
 // compare the load paths this way); any other config is refused.
 void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
-
-// Two products in one launch: mid = first · x (bf16, grouped as run_quantized_linear's `groups`), then
-// y = second · mid, as run_quantized_linear twice (mid bit for bit the first call's y_bf16, y the second call's
-// output, given the same tiling: both use the STREAMED path with the workspace split-K reduction) without the
-// second launch: CTAs that finish the first product stream the second's weights while the intermediate columns they
-// need are completed by the others (per-group completion counts in the workspace; quantized_linear.cuh's pair
-// kernel says why it cannot deadlock). Meant for wo_a → wo_b at decode. Both weights must be of one format, the
-// STREAMED path must apply to both (streamed_load_path_applies: at most kLinearMaxStreamedTokens tokens), and
-// second.cols must equal first.rows. The workspace (quantized_linear_pair_workspace_bytes) must be zero-filled once
-// when allocated; the kernel leaves it zeroed again. mid must not overlap x, y or the workspace.
-struct QuantizedLinearPairParams {
-  DeviceMatrixView first;              // [N1, K1] in first_groups groups
-  int first_groups = 1;
-  const __nv_bfloat16* x = nullptr;    // device bf16 [tokens, first_groups·K1]
-  int64_t x_row_stride = 0;
-  __nv_bfloat16* mid = nullptr;        // device bf16 [tokens, N1]: the first product, the second's input
-  int64_t mid_row_stride = 0;
-  DeviceMatrixView second;             // [N2, N1]
-  float* y = nullptr;                  // device fp32 [tokens, N2]; null when y_bf16 is set
-  __nv_bfloat16* y_bf16 = nullptr;
-  int64_t y_row_stride = 0;
-  int tokens = 1;
-  void* workspace = nullptr;
-  size_t workspace_bytes = 0;
-  cudaStream_t stream = nullptr;
-  int ring_slots = 0;                  // stages in flight per warp (1 to 4; benchmarks compare), 0: the default
-};
-
-// Whether run_quantized_linear_pair takes these weights at this token count (formats, shapes, the STREAMED path).
-bool quantized_linear_pair_applies(const DeviceMatrixView& first, int first_groups, const DeviceMatrixView& second,
-                                   int tokens);
-
-// Workspace run_quantized_linear_pair needs for any call of these weights (1 to kLinearMaxStreamedTokens tokens, any
-// ring depth) on the current device.
-size_t quantized_linear_pair_workspace_bytes(const DeviceMatrixView& first, int first_groups,
-                                             const DeviceMatrixView& second);
-
-// Throws (naming the weight, shape, token count, pointer or workspace at fault) unless the call is supported.
-void check_quantized_linear_pair_params(const QuantizedLinearPairParams& params);
-
-void run_quantized_linear_pair(const QuantizedLinearPairParams& params);
 
 }  // namespace dsv4::cuda

@@ -249,7 +249,8 @@ __device__ __forceinline__ uint4 load_x_chunk(const __nv_bfloat16* source, int64
   uint32_t words[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int e = 0; e < kXChunk; ++e)
-    if (e < valid) words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
+    if (e < valid)
+      words[e / 2] |= uint32_t(__ldg(reinterpret_cast<const unsigned short*>(source) + e)) << (16 * (e % 2));
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
@@ -338,7 +339,8 @@ namespace detail {
 
 // bf16x2 → f16x2 of the values times `factor` (exact where find_f16_input_scales says).
 __device__ __forceinline__ uint32_t bf16x2_to_scaled_f16x2(uint32_t pair, float factor) {
-  const __half2 h = __floats2half2_rn(__uint_as_float(pair << 16) * factor, __uint_as_float(pair & 0xFFFF0000u) * factor);
+  const __half2 h =
+      __floats2half2_rn(__uint_as_float(pair << 16) * factor, __uint_as_float(pair & 0xFFFF0000u) * factor);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
@@ -443,7 +445,7 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
 }
 
 // Σ_s partials[s · split_stride] for s = 0 .. splits - 1, added in split order from 0 (the split-K reductions of
-// quantized_gemm and of quantized_linear's streamed and pair kernels: deterministic; its register-path kernels add
+// quantized_gemm and of quantized_linear's streamed kernel: deterministic; its register-path kernels add
 // the same sums one split at a time), with the loads of up to 8 splits in flight at once (a reduction is a chain of
 // L2 round trips otherwise).
 __device__ __forceinline__ float sum_splits_in_order(const float* partials, int64_t split_stride, int splits) {
@@ -888,8 +890,8 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
     }
     const float block = F == TileFormat::FP8_BLOCK128 ? block_scales[(u * kStepK) / 128] : 1.0f;
     const float block_scale[2] = {block, block};
-    detail::multiply_step<F, NT, C, kFp8AsF16>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
-                                    row_stride, lane_tiles, sums, acc);
+    detail::multiply_step<F, NT, C, kFp8AsF16>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0,
+                                               x_stage + u * kStepK, row_stride, lane_tiles, sums, acc);
   }
 }
 
