@@ -55,8 +55,13 @@ struct CtaWork {
 };
 
 __device__ __forceinline__ CtaWork cta_work(const LinearKernelArgs& args, int64_t row_block, int split) {
-  const int64_t group = row_block / args.row_blocks_per_group;
-  const int64_t row0 = group * args.rows_per_group + (row_block % args.row_blocks_per_group) * kRowsPerCta;
+  // 32-bit division (grids stay below 2^31 row blocks): a 64-bit one is a subroutine call at the head of every CTA,
+  // ahead of its first weight copies.
+  const uint32_t per_group = uint32_t(args.row_blocks_per_group);
+  const uint32_t group_index = uint32_t(row_block) / per_group;
+  const int64_t group = group_index;
+  const int64_t block_in_group = uint32_t(row_block) - group_index * per_group;
+  const int64_t row0 = group * args.rows_per_group + block_in_group * kRowsPerCta;
   const int64_t row_end = min(row0 + kRowsPerCta, (group + 1) * args.rows_per_group);
   const int64_t split_begin = int64_t(split) * args.split_k;
   return {.group = group,
@@ -139,9 +144,9 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   __syncthreads();
   if (!*is_last_split) return;
   __threadfence();
-  const int64_t cta_rows = cta_row_end - cta_row0;
-  for (int64_t i = threadIdx.x; i < cta_rows * args.tokens; i += kThreadsPerCta) {
-    const int token = int(i / cta_rows);
+  const int cta_rows = int(cta_row_end - cta_row0);
+  for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
+    const int token = i / cta_rows;
     const int64_t row = cta_row0 + i % cta_rows;
     const float* column = args.partials + token * w.rows + row;
     // Split order from 0. The streamed kernels load up to 8 splits at once (sum_splits_in_order: one L2 round trip
@@ -354,7 +359,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   // rotate_stages: warp tile i starts at stage i % stages of its split, so that the warps in flight at any moment
   // read every column band of the rows, not all the same one (the host allows it where one x chunk is the split).
   const int64_t split_stages = (work.split_end - work.split_begin) / tile::stream::stage_k(F);
-  const int rotation = args.rotate_stages ? int(row0 / tile::kTileRows % split_stages) : 0;
+  const int rotation = args.rotate_stages ? int(uint32_t(row0 / tile::kTileRows) % uint32_t(split_stages)) : 0;
   StreamedSmem smem =
       streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers, rotation);
   WarpRing& ring = smem.ring;

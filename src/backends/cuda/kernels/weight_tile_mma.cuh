@@ -315,9 +315,9 @@ __device__ __forceinline__ void find_f16_input_scales(ChunkOf chunk_of, int toke
                                                       int thread_idx, int thread_count) {
   for (int t = thread_idx; t < tokens; t += thread_count) max_bits[t] = 0;
   __syncthreads();
-  const int64_t chunks = (k_count + kXChunk - 1) / kXChunk;
-  for (int64_t i = thread_idx; i < tokens * chunks; i += thread_count) {
-    const int t = int(i / chunks);
+  const int chunks = int((k_count + kXChunk - 1) / kXChunk);
+  for (int i = thread_idx; i < tokens * chunks; i += thread_count) {
+    const int t = i / chunks;
     const uint4 v = chunk_of(t, (i % chunks) * kXChunk);
     // |bf16| bit patterns order as the magnitudes, NaN above infinity.
     const uint32_t pair_max = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
