@@ -95,7 +95,8 @@ struct CudaModelOptions {
   // same bits. The pools then run after the indexer's queries: on the main stream after the query projections, or
   // with parallel_compressors and parallel_indexer on the branch after the indexer's wq_b (with parallel_compressors
   // alone the pools run before the queries exist, and the preparation keeps its launch). H200, Flash 8 layers NVFP4
-  // (session 17 round 1, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off, b64 7900 against 7888.
+  // (session 17, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off (round 1), 745.9 ± 5.1 against
+  // 725.7 ± 0.7 (round 2); b64 7900 against 7888.
   bool indexer_prepare_in_compressors = true;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
