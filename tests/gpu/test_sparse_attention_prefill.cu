@@ -3,9 +3,9 @@
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
 // without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
-// (one query per sequence), with and without the producer's L2 prefetch of resolved entries; the persistent grid with
-// a few CTAs serving many items each. Fresh random inputs per case, outputs poisoned with NaN at 8 bytes past a 16-byte
-// boundary (the weakest alignment allowed) with guard regions before and after, every element checked.
+// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Fresh random inputs per
+// case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed) with guard regions
+// before and after, every element checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -48,22 +48,12 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-// The options' non-default choices, for the trace and the log.
-std::string variant(const SparseAttentionPrefillOptions& options) {
-  std::string name = options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "";
-  if (options.grid == PrefillGrid::Persistent)
-    name += " persistent(" + std::to_string(options.persistent_ctas) + " CTAs)";
-  else if (options.grid == PrefillGrid::PerItem)
-    name += " per-item";
-  return name;
-}
-
-// Default options: PrefetchResolved::Off and one CTA per item, so that the plain producer and grid are what the cases
-// without other options test.
+// Default options: PrefetchResolved::Off, so that the plain producer is what the cases without On test.
 void check_attention(const AttentionCase& c, uint32_t seed,
-                     const SparseAttentionPrefillOptions& options = {.prefetch_resolved = PrefetchResolved::Off,
-                                                                     .grid = PrefillGrid::PerItem}) {
-  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) + variant(options));
+                     const SparseAttentionPrefillOptions& options = {.prefetch_resolved = PrefetchResolved::Off}) {
+  const bool prefetch = options.prefetch_resolved == PrefetchResolved::On;
+  SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed) +
+               (prefetch ? " prefetch_resolved" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
   compare_with_cpu(c, data.call, options, data.expected, data.magnitude);
@@ -94,7 +84,8 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, variant(options).c_str(), checked.worst);
+              static_cast<long long>(T), H, D, options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
+              checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -173,38 +164,6 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// The persistent grid: a few CTAs, each serving many items in turn (the buffers' barrier phases, Q and the rope table
-// carried from item to item), items without entries among them, both q dtypes, one and two head blocks; and the SMs'
-// grid on a chunk of more items than SMs.
-TEST(SparseAttentionPrefill, PersistentGridMatchesCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 500;
-  const auto persistent = [](int ctas, PrefetchResolved prefetch = PrefetchResolved::Off) {
-    return SparseAttentionPrefillOptions{.prefetch_resolved = prefetch, .grid = PrefillGrid::Persistent,
-                                         .persistent_ctas = ctas};
-  };
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, persistent(5));
-    AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
-    hca.counts = true;
-    check_attention(hca, seed++, persistent(3));
-    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, persistent(2));
-    check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, persistent(7, PrefetchResolved::On));
-    check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, persistent(1));
-  }
-  check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++, persistent(2));
-  // More items than SMs (0 CTAs: one per SM).
-  check_attention({"flash swa long chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 160, 0, {400, 300}, 200,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  seed++, persistent(0));
-}
-
 TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache small_cache({.format = KvEntryFormat::Bf16, .head_dim = 256, .rope_dim = 64, .layers = 1,
@@ -228,11 +187,6 @@ TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   p.q = static_cast<const uint8_t*>(p.q) + 4;
   testing::expect_error([&] { run_sparse_attention_prefill(p); },
                         "sparse_attention_prefill: q must be 16-byte aligned");
-  testing::expect_error(
-      [&] {
-        run_sparse_attention_prefill(good, {.grid = PrefillGrid::Persistent, .persistent_ctas = -1});
-      },
-      "persistent_ctas -1");
   p = good;
   p.layer = 1;
   testing::expect_error([&] { run_sparse_attention_prefill(p); }, "layer 1");

@@ -1,6 +1,5 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
-#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -16,52 +15,32 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-// Auto's choice; DSV4_ATTENTION_PREFILL_GRID (persistent or per_item) overrides it for an A/B on one build.
-PrefillGrid resolve_grid(PrefillGrid requested) {
-  if (requested != PrefillGrid::Auto) return requested;
-  static const PrefillGrid chosen = [] {
-    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_GRID");
-    if (name == nullptr) return PrefillGrid::PerItem;
-    const std::string value = name;
-    check(value == "persistent" || value == "per_item", "DSV4_ATTENTION_PREFILL_GRID=", value,
-          ": expected persistent or per_item");
-    return value == "persistent" ? PrefillGrid::Persistent : PrefillGrid::PerItem;
-  }();
-  return chosen;
-}
-
-// The consumers' exchange: by default consumer 0 rescales its weights to the pair's max before consumer 1 reads them;
-// DSV4_ATTENTION_PREFILL_EXCHANGE=early (an A/B on one build) hands them over right after consumer 0's softmax, against
-// its own max, and consumer 1 moves its output to that max first (buffer 0's second half is released earlier).
-bool early_exchange() {
-  static const bool early = [] {
-    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_EXCHANGE");
+// Who computes the inverse RoPE's factors: consumer warp 0 before its Q loads (default), or the producer after its
+// copies; DSV4_ATTENTION_PREFILL_ROPE=producer selects the latter for an A/B on one build.
+bool rope_by_producer() {
+  static const bool by_producer = [] {
+    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_ROPE");
     if (name == nullptr) return false;
     const std::string value = name;
-    check(value == "early" || value == "late", "DSV4_ATTENTION_PREFILL_EXCHANGE=", value, ": expected early or late");
-    return value == "early";
+    check(value == "producer" || value == "consumer", "DSV4_ATTENTION_PREFILL_ROPE=", value,
+          ": expected producer or consumer");
+    return value == "producer";
   }();
-  return early;
+  return by_producer;
 }
 
-template <bool kFp8, bool kEarlyExchange>
+template <bool kFp8, bool kRopeByProducer>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kEarlyExchange>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kRopeByProducer>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  const int64_t items = p.tokens * head_blocks, sms = device_multiprocessors();
+  const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
-                         items <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
-  const bool persistent = resolve_grid(options.grid) == PrefillGrid::Persistent;
-  const int64_t ctas = persistent ? std::min<int64_t>(items, options.persistent_ctas > 0 ? options.persistent_ctas : sms)
-                                  : items;
-  // The look-ahead's item: the CTA's own next one, or the one that starts about when this CTA ends (one CTA per SM
-  // is resident, launched in order).
-  const int64_t ahead_stride = persistent ? ctas : sms;
+                         ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, ahead_stride, prefetch);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
 }
 
 }  // namespace
@@ -97,12 +76,10 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& p) {
 
 void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAttentionPrefillOptions& options) {
   check_sparse_attention_prefill_params(p);
-  check(options.persistent_ctas >= 0, "sparse_attention_prefill: persistent_ctas ", options.persistent_ctas,
-        " is negative");
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  if (early_exchange())
+  if (rope_by_producer())
     fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else
     fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);

@@ -1,8 +1,7 @@
 // Device code of the sparse-attention prefill kernel (sparse_attention_prefill.hpp).
 //
-// A work item = one query × one block of 64 heads; a CTA serves one item, or (persistent grid) items blockIdx.x +
-// k·gridDim.x in turn, so that the producer gathers the next item's Q and first entries while the consumers finish
-// the last one. 384 threads: consumer warpgroups 0 and 1 (threads 0-255), the producer warpgroup 2. The query's slots are walked in blocks of 64 entries, two per step ("pair"): block 2i in KV buffer 0,
+// One CTA = one query × one block of 64 heads; 384 threads: consumer warpgroups 0 and 1 (threads 0-255), the producer
+// warpgroup 2. The query's slots are walked in blocks of 64 entries, two per step ("pair"): block 2i in KV buffer 0,
 // block 2i + 1 in KV buffer 1. Each buffer holds 64 entries × 512 dims bf16 as eight 64-dim tiles in the 128B swizzle
 // (K-major for QKᵀ, read N-major as V), loaded and released in halves (dims 0-255, 256-511) so that the producer can
 // refill a half as soon as its last reader is done.
@@ -15,9 +14,8 @@
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
-// half's mbarrier when they land; fp8 entries through registers (loaded before the half is released), dequantised
-// exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the async proxy before its wgmma
-// reads the cp.async data.
+// half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). A
+// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
 #pragma once
@@ -92,31 +90,26 @@ inline constexpr int kQ = 0;                                 // Q: 8 tiles of [6
 inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
 inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
-inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [2][32]: the row maxima handed round
-inline constexpr int kMaxSlot = 32;                          // the second: consumer 1's pair max (early exchange)
-inline constexpr int kSum = kMax + 2 * 32 * 8;               // float2 [2][64]: the consumers' row sums, by item
-inline constexpr int kRope = kSum + 2 * 64 * 8;              // RopeFactors [2][kMaxRopePairs], by item
-inline constexpr int kPhysical = kRope + 2 * kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the 14 mbarriers of Barriers
-inline constexpr int kBytes = kBarriers + 14 * 8;
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
+inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
+inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2], rope
+inline constexpr int kBytes = kBarriers + 11 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
 
-// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer; per item q_full (the producer's Q is in
-// place), q_free (the consumers' last scores of the item are done) and rope_ready[item % 2] (its inverse RoPE factors
-// are in place; two barriers, since a producer can finish a short item's factors before the consumers waited for the
-// previous one's).
+// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer.
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* empty(int buffer, int half) const { return base + 4 + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
-  __device__ __forceinline__ uint64_t* q_full() const { return base + 10; }
-  __device__ __forceinline__ uint64_t* q_free() const { return base + 11; }
-  __device__ __forceinline__ uint64_t* rope_ready(int item_index) const { return base + 12 + (item_index & 1); }
+  // The producer's inverse RoPE factors are in place (kRopeByProducer).
+  __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
 };
 
 // Pairs of 64-entry blocks that cover query t's slots.
@@ -136,41 +129,27 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
                : "memory");
 }
 
-// The CTA's work items: item i is query i / head_blocks, heads [64 (i % head_blocks), +64). A CTA serves items
-// blockIdx.x, blockIdx.x + gridDim.x, ... (one each when the grid has one CTA per item).
-struct Item {
-  int64_t t;
-  int head_base;
-};
-
-__device__ __forceinline__ Item item_at(int64_t item, int head_blocks) {
-  return {item / head_blocks, int(item % head_blocks) * kHeads};
-}
-
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
-// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row. Per item it
-// first loads the item's Q (once the consumers have released the previous item's) and, after the item's last copies,
-// writes its inverse RoPE factors (rope table item_index % 2), needed only by the consumers' epilogue.
-template <bool kFp8, bool kEarlyExchange>
-__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
-                                        int64_t ahead_stride, bool prefetch_resolved, const Barriers& barriers) {
+// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
+template <bool kFp8, bool kRopeByProducer>
+__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
+                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
+                                        int ahead_head_base) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
-  const int64_t items = p.tokens * head_blocks;
-  const bool rope = p.rope_frequencies != nullptr;
+  const int64_t slots = query_slot_count(p, t);
+  const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
   // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
   // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
   int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
   const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
-  const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
-  const bool prefetches_line = prefetch_resolved && (!kFp8 || chunk < 6);
-  int64_t t = 0, slots = 0;
-  int sequence_slot = 0;
   // Slot → logical row → page → physical entry for both blocks of `pair`: all rows first, then all pages, so that
   // the two dependent loads stall once. prefetch_resolved: each entry is then asked of L2 (this thread's line of it:
   // chunk c takes line c of a bf16 entry, lines c < 5 and the last byte's of an fp8 one), so that the pair's later
   // halves, copied only once their buffers are released, wait for L2 rather than DRAM (decode reads entries cold).
+  const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
+  const bool prefetches_line = prefetch_resolved && (!kFp8 || chunk < 6);
   const auto resolve = [&](int pair) {
     int32_t rows[2][4];
 #pragma unroll
@@ -190,12 +169,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // Copies a block's half into its buffer; `released()` waits until the buffer half may be written (bf16: before the
-  // copies; fp8: after the entries' loads, whose round trips then overlap the wait).
-  const auto load_half = [&](int buffer, int half, const auto& released) {
+  const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
-      released();
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int32_t entry_index = physical(buffer, k);
@@ -227,13 +203,12 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
           if (tile * 64 < kFp8NopeDim) {
             raw[k][i] = *reinterpret_cast<const uint2*>(entry + tile * 64 + chunk * 8);
           } else {
-            const uint8_t* rope_dims = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
-            raw[k][i] = *reinterpret_cast<const uint2*>(rope_dims);
-            raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope_dims + 8);
+            const uint8_t* rope = entry + kFp8RopeOffset + (tile * 64 - kFp8NopeDim) * 2 + chunk * 16;
+            raw[k][i] = *reinterpret_cast<const uint2*>(rope);
+            raw[k][kHalfTiles] = *reinterpret_cast<const uint2*>(rope + 8);
           }
         }
       }
-      released();
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const uint32_t destination = shared_address(tiles) + uint32_t(swizzled(row0 + 16 * k, chunk));
@@ -272,116 +247,57 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(buffer, k) >= 0;
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
-  // The query's index lines into L2, one 128-byte line (32 slots) per thread and step.
-  const auto prefetch_index_lines = [&](int64_t query) {
-    const int64_t query_slots = query_slot_count(p, query);
-    for (int64_t s = int64_t(thread) * 32; s < query_slots; s += int64_t(kWarpgroup) * 32)
-      ptx::prefetch_l2(&slot_row_ref(p, query, s));
-  };
 
-  int64_t pair_base = 0;  // pairs of this CTA's earlier items: the buffers' barrier phases
-  int item_index = 0;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++item_index) {
-    const Item current = item_at(item, head_blocks);
-    t = current.t;
-    slots = query_slot_count(p, t);
-    sequence_slot = p.sequence_slots[t];
-    const int pairs = query_pairs(p, t);
-    // The consumers' last scores of the previous item are done, so its Q is free.
-    sm90::mbarrier_wait(barriers.q_free(), uint32_t(item_index & 1) ^ 1);
-    if (p.q_dtype == AttentionDtype::Bf16) {
-      // Q (64 heads × 512 dims, swizzled; heads past H zero): 32 16-byte chunks per thread, a head row of 1 KB per
-      // 64 threads.
-      const auto* q = static_cast<const uint8_t*>(p.q);
-#pragma unroll 1
-      for (int i = 0; i < kHeads * kHeadDim / 8 / kWarpgroup; ++i) {
-        const int index = thread + kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
-        const bool head_exists = current.head_base + h < p.heads;
-        const uint8_t* source = head_exists ? q + ((t * p.heads + current.head_base + h) * kHeadDim + dim) * 2 : q;
-        ptx::cp_async_or_zero<16>(shared_address(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)),
-                                  source, head_exists);
-      }
-      ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.q_full()));
-    } else {
-      // fp32 q rounded to bf16 through registers, four 8-dim chunks per step (the producer's register budget).
-      const auto* q = static_cast<const float*>(p.q);
-#pragma unroll 1
-      for (int i0 = 0; i0 < kHeads * kHeadDim / 8 / kWarpgroup; i0 += 4) {
-        float4 lo[4], hi[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int index = thread + kWarpgroup * (i0 + j), h = index / 64, dim = (index % 64) * 8;
-          lo[j] = hi[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          if (current.head_base + h < p.heads) {
-            const float* source = q + (t * p.heads + current.head_base + h) * kHeadDim + dim;
-            lo[j] = *reinterpret_cast<const float4*>(source);
-            hi[j] = *reinterpret_cast<const float4*>(source + 4);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int index = thread + kWarpgroup * (i0 + j), h = index / 64, dim = (index % 64) * 8;
-          store_shared(shared_address(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)),
-                       make_uint4(pack_bf16x2(lo[j].x, lo[j].y), pack_bf16x2(lo[j].z, lo[j].w),
-                                  pack_bf16x2(hi[j].x, hi[j].y), pack_bf16x2(hi[j].z, hi[j].w)));
-        }
-      }
-      sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
-    }
-    sm90::mbarrier_arrive(barriers.q_full());
-    if (item_index == 0) prefetch_index_lines(t);  // later items' lines came with the look-ahead below
-    // Each later pair's resolve then waits for L2 only, not for DRAM, before its page-table loads.
-    if (pairs > 0) resolve(0);
-    // The item about one wave later (this CTA's next item, or the CTA's that starts about when this one ends): its q
-    // rows and index lines into L2 while this item runs, so that its start waits for L2 instead of DRAM.
-    const int64_t ahead = item + ahead_stride;
-    if (ahead < items) {
-      const Item next = item_at(ahead, head_blocks);
-      const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
-      const int64_t bytes = int64_t(min(kHeads, p.heads - next.head_base)) * kHeadDim * element_bytes;
-      const uint8_t* q =
-          static_cast<const uint8_t*>(p.q) + (next.t * p.heads + next.head_base) * kHeadDim * element_bytes;
-      for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
-        ptx::prefetch_l2(q + offset);
-      prefetch_index_lines(next.t);
-    }
-    for (int i = 0; i < pairs; ++i) {
-      // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
-      // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
-      const uint32_t parity = uint32_t((pair_base + i) & 1) ^ 1;
-      load_half(0, 0, [&] {
-        sm90::mbarrier_wait(barriers.empty(0, 0), parity);
-        publish_valid(0);
-      });
-      publish_half(0, 0);
-      // The halves in the order their readers release them (the early exchange frees buffer 0's second half first).
-      const auto load_buffer_1_half_1 = [&] {
-        load_half(1, 1, [&] {
-          sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-          publish_valid(1);
-        });
-        publish_half(1, 1);
-      };
-      if constexpr (!kEarlyExchange) load_buffer_1_half_1();
-      load_half(0, 1, [&] { sm90::mbarrier_wait(barriers.empty(0, 1), parity); });
-      publish_half(0, 1);
-      if constexpr (kEarlyExchange) load_buffer_1_half_1();
-      load_half(1, 0, [&] { sm90::mbarrier_wait(barriers.empty(1, 0), parity); });
-      publish_half(1, 0);
-      if (i + 1 < pairs) resolve(i + 1);
-    }
-    pair_base += pairs;
-    // The factors' double-precision sincos after the copies, off the consumers' path to their first scores. The table
-    // of two items ago is free: the consumers released the previous item's Q (waited for above) after its epilogue.
-    if (rope) {
-      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope) + (item_index & 1) * kMaxRopePairs;
+  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
+  // resolve then waits for L2 only, not for DRAM, before its page-table loads.
+  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
+    ptx::prefetch_l2(&slot_row_ref(p, t, s));
+  if (pairs > 0) resolve(0);
+  // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
+  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
+  if (ahead_t >= 0) {
+    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+    const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
+    const uint8_t* q =
+        static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
+    for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
+      ptx::prefetch_l2(q + offset);
+    const int64_t ahead_slots = query_slot_count(p, ahead_t);
+    for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
+      ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
+  }
+  for (int i = 0; i < pairs; ++i) {
+    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
+    const uint32_t parity = (i & 1) ^ 1;
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
+    if (i + 1 < pairs) resolve(i + 1);
+  }
+  // kRopeByProducer: the inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the
+  // consumers' path to their first scores; only their epilogue waits for them.
+  if constexpr (kRopeByProducer) {
+    if (p.rope_frequencies != nullptr) {
+      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
       const int64_t position = p.positions[t];
       for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
         rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
-      sm90::mbarrier_arrive(barriers.rope_ready(item_index));
+      sm90::mbarrier_arrive(barriers.rope_ready());
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");  // no copy outlives its thread
+  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // ---- consumers ----
@@ -453,13 +369,12 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
 }
 
 // One block's online softmax for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2): unused
-// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), row_sum is rescaled
-// from row_max to it and alpha is o's factor (the result: whether any row of the warp moved, i.e. o needs
-// scale_rows); s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds the rounded
-// weights.
-__device__ __forceinline__ bool block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
+// rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
+// the rounded weights.
+__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
                                               const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&alpha)[2], uint32_t (&pf)[4][4]) {
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
   float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < 8; ++n)
@@ -468,7 +383,7 @@ __device__ __forceinline__ bool block_softmax(float (&s)[32], const int32_t* val
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
       block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
     }
-  float reference[2];
+  float alpha[2], reference[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
@@ -480,6 +395,7 @@ __device__ __forceinline__ bool block_softmax(float (&s)[32], const int32_t* val
     // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
     reference[r] = new_max == -INFINITY ? 0.0f : new_max;
   }
+  if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -491,7 +407,6 @@ __device__ __forceinline__ bool block_softmax(float (&s)[32], const int32_t* val
       row_sum[r] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xFFFF0000u);
       pf[n / 2][(n % 2) * 2 + r] = packed;
     }
-  return __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f);
 }
 
 // Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
@@ -515,8 +430,8 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
-template <bool kFp8, bool kEarlyExchange>
-__device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
+template <bool kFp8, bool kRopeByProducer>
+__device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
@@ -525,303 +440,215 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const KvEntryLayout& layout = p.cache.layout;
   const int nope_dim = layout.head_dim - layout.rope_dim;
   const bool rope = p.rope_frequencies != nullptr;
-  const int64_t items = p.tokens * head_blocks;
+  // Weights first (nothing an earlier kernel writes).
+  const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
+  const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
+  wait_for_prior_grids();
+  const int pairs = query_pairs(p, t);
+
+  // The inverse RoPE's factors (unless kRopeByProducer) and Q (64 heads × 512 dims as bf16, swizzled; heads past H
+  // zero), by both consumers.
+  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
+  if (!kRopeByProducer && rope) {
+    const int64_t position = p.positions[t];
+    for (int pair = thread256; pair < layout.rope_dim / 2; pair += 2 * kWarpgroup)
+      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+  }
+  {
+    constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
+    uint4 packed[kChunks];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      const int64_t element = (t * p.heads + head_base + h) * kHeadDim + dim;
+      packed[i] = make_uint4(0, 0, 0, 0);
+      if (head_base + h < p.heads) {
+        if (p.q_dtype == AttentionDtype::Bf16) {
+          packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + element);
+        } else {
+          const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element);
+          const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element + 4);
+          packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                                 pack_bf16x2(hi.z, hi.w));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      *reinterpret_cast<uint4*>(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
+    }
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  }
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+  float s[32];
+  uint32_t pf[4][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = p.softmax_scale * kLog2e;
   float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
   const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
   uint8_t* own_p = smem + kP + consumer * kTileBytes;
   const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
-  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
-  wait_for_prior_grids();
 
-  int64_t pair_base = 0;  // pairs of this CTA's earlier items: the buffers' barrier phases
-  int item_index = 0;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x, ++item_index) {
-    const Item current = item_at(item, head_blocks);
-    const int64_t t = current.t;
-    const int head[2] = {current.head_base + 16 * warp + g, current.head_base + 16 * warp + g + 8};
-    const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
-    const int pairs = query_pairs(p, t);
-    // The producer's Q (bf16 Q came by cp.async: fenced for the wgmma reads).
-    sm90::mbarrier_wait(barriers.q_full(), uint32_t(item_index & 1));
-    sm90::fence_proxy_async_shared();
-    // This consumer's last scores of the item are done: the producer may load the next item's Q.
-    const auto release_q = [&] { sm90::mbarrier_arrive(barriers.q_free()); };
-
-    float o[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    float s[32];
-    uint32_t pf[4][4];
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-    if (pairs == 0) release_q();
-
-    if (kEarlyExchange && consumer == 0) {
-      // Early exchange, consumer 0: P0 (against its own running max m0) goes to consumer 1 right after the softmax.
-      if (pairs > 0) {
-        const uint32_t parity = uint32_t(pair_base & 1);
-        wait_full<kFp8>(barriers.full(0, 0), parity);
+  if (consumer == 0) {
+    if (pairs > 0) {
+      wait_full<kFp8>(barriers.full(0, 0), 0);
+      sm90::wgmma_fence();
+      qk_half(s, smem, 0, 0, true);
+      wait_full<kFp8>(barriers.full(0, 1), 0);
+      qk_half(s, smem, 0, 1, false);
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(s);
+    }
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = i & 1;
+      sm90::mbarrier_wait(barriers.valid(0), parity);
+      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
+      pv_registers(o, pf, smem, 0, 0);
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
+      // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
+      const float2 pair_max = *shared_max;
+      const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
+      row_max[0] = pair_max.x;
+      row_max[1] = pair_max.y;
+      row_sum[0] *= factor[0];
+      row_sum[1] *= factor[1];
+      const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
+      if (rescale) rescale_weights(s, factor, pf);
+      store_weights(own_p, pf, warp, g, c);
+      sm90::fence_proxy_async_shared();
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+      if (rescale) scale_rows(o, factor);
+      wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      pv_shared(o, other_p, smem, 1, 0);
+      if (i + 1 < pairs) {
+        // The next pair's scores run on the tensor cores behind this PV.
+        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
-        wait_full<kFp8>(barriers.full(0, 1), parity);
-        qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(s);
-      }
-      for (int i = 0; i < pairs; ++i) {
-        const uint32_t parity = uint32_t((pair_base + i) & 1);
-        if (i + 1 == pairs) release_q();
-        sm90::mbarrier_wait(barriers.valid(0), parity);
-        float alpha[2];
-        if (block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
-        store_weights(own_p, pf, warp, g, c);
-        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-        sm90::fence_proxy_async_shared();
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-        pv_registers(o, pf, smem, 0, 0);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(0, 0));
-        // Consumer 1's P1 against the pair's max: o and the row sums move to it.
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
-        const float2 pair_max = shared_max[kMaxSlot];
-        const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
-        row_max[0] = pair_max.x;
-        row_max[1] = pair_max.y;
-        row_sum[0] *= factor[0];
-        row_sum[1] *= factor[1];
-        if (__any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f)) scale_rows(o, factor);
-        wait_full<kFp8>(barriers.full(1, 0), parity);
-        pv_shared(o, other_p, smem, 1, 0);
-        if (i + 1 < pairs) {
-          wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
-          sm90::wgmma_fence();
-          qk_half(s, smem, 0, 0, true);
-          sm90::wgmma_commit_group();
-          sm90::wgmma_wait_group<1>();
-          sm90::fence_operand(o);
-          sm90::mbarrier_arrive(barriers.empty(1, 0));
-          wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
-          sm90::wgmma_fence();
-          qk_half(s, smem, 0, 1, false);
-          sm90::wgmma_commit_group();
-          sm90::wgmma_wait_group<0>();
-          sm90::fence_operand(s);
-          sm90::fence_operand(o);
-        } else {
-          sm90::wgmma_wait_group<0>();
-          sm90::fence_operand(o);
-          sm90::mbarrier_arrive(barriers.empty(1, 0));
-        }
-      }
-    } else if (kEarlyExchange) {
-      // Early exchange, consumer 1: o moves to m0 and takes P0 V0 while this block's softmax runs; P1 is against the
-      // pair's max. Buffer 0's second half is released before this consumer's own PV.
-      for (int i = 0; i < pairs; ++i) {
-        const uint32_t parity = uint32_t((pair_base + i) & 1);
-        wait_full<kFp8>(barriers.full(1, 1), parity);
-        sm90::wgmma_fence();
-        qk_half(s, smem, 1, 1, true);
-        wait_full<kFp8>(barriers.full(1, 0), parity);
-        qk_half(s, smem, 1, 0, false);
-        sm90::wgmma_commit_group();
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(s);
-        if (i + 1 == pairs) release_q();
-        sm90::mbarrier_wait(barriers.valid(1), parity);
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-        const float2 m0 = *shared_max;
-        const float to_m0[2] = {rescale_factor(row_max[0], m0.x), rescale_factor(row_max[1], m0.y)};
-        row_max[0] = m0.x;
-        row_max[1] = m0.y;
-        row_sum[0] *= to_m0[0];
-        row_sum[1] *= to_m0[1];
-        if (__any_sync(0xFFFFFFFFu, to_m0[0] != 1.0f || to_m0[1] != 1.0f)) scale_rows(o, to_m0);
-        wait_full<kFp8>(barriers.full(0, 1), parity);
-        pv_shared(o, other_p, smem, 0, 1);
-        float alpha[2];
-        const bool rescale = block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf);
-        store_weights(own_p, pf, warp, g, c);
-        if (c == 0) shared_max[kMaxSlot] = make_float2(row_max[0], row_max[1]);
-        sm90::fence_proxy_async_shared();
-        // P0's reader is done before consumer 0 may overwrite it (it writes the next P0 after this barrier).
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(0, 1));
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-        if (rescale) scale_rows(o, alpha);
-        pv_registers(o, pf, smem, 1, 1);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-      }
-    } else if (consumer == 0) {
-      if (pairs > 0) {
-        const uint32_t parity = uint32_t(pair_base & 1);
-        wait_full<kFp8>(barriers.full(0, 0), parity);
-        sm90::wgmma_fence();
-        qk_half(s, smem, 0, 0, true);
-        wait_full<kFp8>(barriers.full(0, 1), parity);
-        qk_half(s, smem, 0, 1, false);
-        sm90::wgmma_commit_group();
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(s);
-      }
-      for (int i = 0; i < pairs; ++i) {
-        const uint32_t parity = uint32_t((pair_base + i) & 1);
-        if (i + 1 == pairs) release_q();
-        sm90::mbarrier_wait(barriers.valid(0), parity);
-        float alpha[2];
-        if (block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
-        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
-        pv_registers(o, pf, smem, 0, 0);
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(0, 0));
-        // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
-        const float2 pair_max = *shared_max;
-        const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
-        row_max[0] = pair_max.x;
-        row_max[1] = pair_max.y;
-        row_sum[0] *= factor[0];
-        row_sum[1] *= factor[1];
-        const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-        if (rescale) rescale_weights(s, factor, pf);
-        store_weights(own_p, pf, warp, g, c);
-        sm90::fence_proxy_async_shared();
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
-        if (rescale) scale_rows(o, factor);
-        wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
-        pv_shared(o, other_p, smem, 1, 0);
-        if (i + 1 < pairs) {
-          // The next pair's scores run on the tensor cores behind this PV.
-          wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
-          sm90::wgmma_fence();
-          qk_half(s, smem, 0, 0, true);
-          sm90::wgmma_commit_group();
-          sm90::wgmma_wait_group<1>();
-          sm90::fence_operand(o);
-          sm90::mbarrier_arrive(barriers.empty(1, 0));
-          wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
-          sm90::wgmma_fence();
-          qk_half(s, smem, 0, 1, false);
-          sm90::wgmma_commit_group();
-          sm90::wgmma_wait_group<0>();
-          sm90::fence_operand(s);
-          sm90::fence_operand(o);
-        } else {
-          sm90::wgmma_wait_group<0>();
-          sm90::fence_operand(o);
-          sm90::mbarrier_arrive(barriers.empty(1, 0));
-        }
-      }
-    } else {
-      for (int i = 0; i < pairs; ++i) {
-        const uint32_t parity = uint32_t((pair_base + i) & 1);
-        wait_full<kFp8>(barriers.full(1, 1), parity);
-        sm90::wgmma_fence();
-        qk_half(s, smem, 1, 1, true);
-        wait_full<kFp8>(barriers.full(1, 0), parity);
-        qk_half(s, smem, 1, 0, false);
-        sm90::wgmma_commit_group();
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(s);
-        if (i + 1 == pairs) release_q();
-        sm90::mbarrier_wait(barriers.valid(1), parity);
-        // Consumer 0's running max, folded with this block's: the pair's max, handed back.
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
-        const float2 base = *shared_max;
-        const float base_max[2] = {base.x, base.y};
-        __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-        float alpha[2];
-        if (block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, alpha, pf)) scale_rows(o, alpha);
-        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
-        pv_registers(o, pf, smem, 1, 1);
-        store_weights(own_p, pf, warp, g, c);
-        sm90::fence_proxy_async_shared();
-        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-        wait_full<kFp8>(barriers.full(0, 1), parity);
-        pv_shared(o, other_p, smem, 0, 1);
-        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
+        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
+        sm90::wgmma_fence();
+        qk_half(s, smem, 0, 1, false);
+        sm90::wgmma_commit_group();
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(s);
+        sm90::fence_operand(o);
+      } else {
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(0, 1));
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
       }
     }
-    pair_base += pairs;
-
-    // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
-      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  } else {
+    for (int i = 0; i < pairs; ++i) {
+      const uint32_t parity = i & 1;
+      wait_full<kFp8>(barriers.full(1, 1), parity);
+      sm90::wgmma_fence();
+      qk_half(s, smem, 1, 1, true);
+      wait_full<kFp8>(barriers.full(1, 0), parity);
+      qk_half(s, smem, 1, 0, false);
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(s);
+      sm90::mbarrier_wait(barriers.valid(1), parity);
+      // Consumer 0's running max, folded with this block's: the pair's max, handed back.
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+      const float2 base = *shared_max;
+      const float base_max[2] = {base.x, base.y};
+      __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
+      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
+      pv_registers(o, pf, smem, 1, 1);
+      store_weights(own_p, pf, warp, g, c);
+      sm90::fence_proxy_async_shared();
+      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
+      wait_full<kFp8>(barriers.full(0, 1), parity);
+      pv_shared(o, other_p, smem, 0, 1);
+      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
     }
-    // Double-buffered by item: a consumer writes item n + 2's sums only after the barrier of item n + 1, which its
-    // peer reaches after reading item n's.
-    float2* sums = shared_sum + (item_index & 1) * 64;
-    if (c == 0) sums[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
-    const float2 peer = sums[(consumer ^ 1) * 32 + warp * 8 + g];
-    row_sum[0] += peer.x;
-    row_sum[1] += peer.y;
-    float inverse_denominator[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
+  }
 
-    const RopeFactors* rope_table =
-        reinterpret_cast<const RopeFactors*>(smem + kRope) + (item_index & 1) * kMaxRopePairs;
-    if (rope) sm90::mbarrier_wait(barriers.rope_ready(item_index), uint32_t(item_index >> 1) & 1);
-    const int dim_base = consumer * (kHeadDim / 2);
+  // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up.
 #pragma unroll
-    for (int n = 0; n < 32; ++n) {
-      const int dim = dim_base + 8 * n + 2 * c;
-      const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
-      store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
-                            [&] { return rope_table[(dim - nope_dim) / 2]; });
-    }
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
+  }
+  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
+  if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
+  row_sum[0] += peer.x;
+  row_sum[1] += peer.y;
+  float inverse_denominator[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
+  if (kRopeByProducer && rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
+
+  const int dim_base = consumer * (kHeadDim / 2);
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    const int dim = dim_base + 8 * n + 2 * c;
+    const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
+    store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
+                          [&] { return rope_table[(dim - nope_dim) / 2]; });
   }
 }
 
-template <bool kFp8, bool kEarlyExchange>
+template <bool kFp8, bool kRopeByProducer>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int64_t ahead_stride, const bool prefetch_resolved) {
+                                    const int resident_ctas, const bool prefetch_resolved) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
+  const int head_block = int(blockIdx.x % unsigned(head_blocks));
+  const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
-    // valid and rope_ready: every producer thread; q_full: every producer thread (bf16 q: twice, its cp.async
-    // arrival and its own); q_free: both consumers' threads.
-    for (int i = 0; i < 10; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
-    sm90::mbarrier_init(barriers.q_full(), p.q_dtype == AttentionDtype::Bf16 ? 2 * kWarpgroup : kWarpgroup);
-    sm90::mbarrier_init(barriers.q_free(), 2 * kWarpgroup);
-    for (int i = 0; i < 2; ++i) sm90::mbarrier_init(barriers.rope_ready(i), kWarpgroup);
+    // valid, rope_ready: every producer thread.
+    for (int i = 0; i < 11; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
   if (threadIdx.x >= 2 * kWarpgroup) {
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
-    produce<kFp8, kEarlyExchange>(p, smem, head_blocks, ahead_stride, prefetch_resolved, barriers);
+    // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
+    const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
+    const bool ahead_exists = ahead < p.tokens * head_blocks;
+    produce<kFp8, kRopeByProducer>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers, ahead_exists ? ahead / head_blocks : -1,
+                  int(ahead % head_blocks) * kHeads);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kEarlyExchange>(p, smem, head_blocks, barriers);
+    consume<kFp8, kRopeByProducer>(p, smem, t, head_block * kHeads, barriers);
   }
 }
 

@@ -1,8 +1,8 @@
 // Sparse MQA attention with sink for prefill chunks (head_dim 512, the DSV4 models): the same call and numerics
 // contract as run_sparse_attention (sparse_attention.hpp: window ∪ compressed slots per query, one softmax with the
 // per-head sink in the denominator, inverse RoPE on the output's last rope_dim dims, bf16 or fp8 entries, q rounded to
-// bf16, fp32 scores, softmax and accumulation), built for many queries: a CTA per (query, 64-head block) item walks the
-// item's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
+// bf16, fp32 scores, softmax and accumulation), built for many queries: one CTA per (query, 64-head block) walks the
+// query's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
 // The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
 // entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
 // consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
@@ -36,17 +36,9 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 enum class PrefetchResolved : uint8_t { Auto, Off, On };
 inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
-// The launch's CTAs. PerItem: one per (query, 64-head block) item, each with its own prologue (Q, first entries) and
-// epilogue; Persistent: min(items, persistent_ctas or the SMs) CTAs, each serving every gridDim-th item, its producer
-// loading the next item's Q and first entries while the consumers finish the current one. Auto: PerItem, unless the
-// environment variable DSV4_ATTENTION_PREFILL_GRID (persistent or per_item) says otherwise (an A/B on one build).
-enum class PrefillGrid : uint8_t { Auto, PerItem, Persistent };
-
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  PrefillGrid grid = PrefillGrid::Auto;
-  int persistent_ctas = 0;  // Persistent: the CTAs (0: the SMs); tests give a few CTAs many items
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
