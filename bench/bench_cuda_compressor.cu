@@ -16,7 +16,7 @@
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
 //   a double-precision sincos);
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: staged for the
-//   prefill chunk, registers for decode steps) against the default, and streamed (persistent CTAs) against it;
+//   prefill chunk, registers for decode steps) against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -281,17 +281,6 @@ void add_slot_loads_row(const Step& s, const std::string& op, double default_us,
                          : "loads into registers; baseline: the default (staged loads)"});
 }
 
-// Every step again with streamed slot loads (persistent CTAs pooling several entries each, a 16-byte cp.async ring
-// running ahead across them): against the default (baseline column).
-void add_streamed_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
-                      const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
-                      const std::function<void(cudaStream_t)>& body) {
-  const std::string variant = std::string(s.variant) + ", streamed slot loads";
-  if (!selected(only, op, variant)) return;
-  rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
-                  "persistent CTAs, a 16-byte cp.async ring across entries; baseline: the default"});
-}
-
 void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
                       std::vector<Row>& rows) {
   for (const Step& s : kSteps) {
@@ -327,12 +316,6 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                          p.slot_loads = other_slot_loads(s);
                          run_compressor(p);
                        });
-    add_streamed_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
-                     [&](cudaStream_t on) {
-                       CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
-                       p.slot_loads = CompressorSlotLoads::Streamed;
-                       run_compressor(p);
-                     });
   }
 }
 
@@ -429,13 +412,6 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].slot_loads = both[1].slot_loads = other_slot_loads(s);
                          run_compressors(both);
                        });
-    add_streamed_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
-                     [&](cudaStream_t on) {
-                       CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                                   index.params(runs, s.sequences, s.tokens, on)};
-                       both[0].slot_loads = both[1].slot_loads = CompressorSlotLoads::Streamed;
-                       run_compressors(both);
-                     });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
 }

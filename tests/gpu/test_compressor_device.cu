@@ -12,8 +12,7 @@
 // output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
 // (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced; every
 // case again with the slot loads forced to shared-memory staging and to registers (CompressorParams::slot_loads; the
-// other tests run the default, Auto: staged prefill chunks, register decode steps), alone and in pairs, and streamed
-// (persistent CTAs looping over entries).
+// other tests run the default, Auto: staged prefill chunks, register decode steps), alone and in pairs.
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -181,9 +180,7 @@ class CaseCheck {
   // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice.
   void force_slot_loads(CompressorSlotLoads loads) {
     slot_loads_ = loads;
-    name_ += loads == CompressorSlotLoads::Staged     ? ", staged slot loads"
-             : loads == CompressorSlotLoads::Streamed ? ", streamed slot loads"
-                                                      : ", register slot loads";
+    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads" : ", register slot loads";
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -696,59 +693,6 @@ TEST(Compressor, ForcedSlotLoadsMatchTheCpuOnePass) {
         ASSERT_FALSE(HasFatalFailure());
       }
   }
-}
-
-// The slot loads streamed (persistent CTAs pooling several entries each, a ring running ahead across them): every
-// case, in one pass (the prefill shape), chunks of 2/3 (runs within a window's worth of tokens: one slice per run)
-// and chunks of 3/7/13 (runs of different lengths), the KV cache output, forced
-// splits (clusters of 8 looping over entries), the RoPE table, and pairs in one launch (CSA pairs: split alike).
-// Projections are not stacked here: the tests' stacked row_stride (2·width + 6) is not a multiple of 4, which
-// streaming refuses (checked).
-TEST(Compressor, StreamedSlotLoadsMatchTheCpuOnePass) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr CompressorSlotLoads kStreamed = CompressorSlotLoads::Streamed;
-  uint32_t seed = 3100;
-  for (const CompressorCase& c : kCases)
-    for (const char* chunks : {"one pass", "chunks of 2/3", "chunks of 3/7/13"}) {
-      check_case(c, chunks, seed++, false, false, 0, kStreamed);
-      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
-        check_case(c, chunks, seed++, true, false, 0, kStreamed);
-      ASSERT_FALSE(HasFatalFailure());
-    }
-  for (const int c : {1, 5})
-    for (const int ctas : {1, 8})
-      for (const char* chunks : {"one pass", "chunks of 3/7/13"}) {
-        check_case(kCases[c], chunks, seed++, false, false, ctas, kStreamed);
-        check_case(kCases[c], chunks, seed++, true, false, ctas, kStreamed);
-        ASSERT_FALSE(HasFatalFailure());
-      }
-  for (const int c : {1, 12, 5}) {
-    CaseCheck check(kCases[c], "one pass", seed++, c == 5, false);
-    check.use_rope_table();
-    check.force_slot_loads(kStreamed);
-    SCOPED_TRACE(check.name());
-    CompressorParams p;
-    while (check.next_step(p)) {
-      run_compressor(p);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      check.check_step();
-      ASSERT_FALSE(HasFatalFailure());
-    }
-    check.finish();
-  }
-  for (const auto& [first, second] : {std::pair{1, 3}, std::pair{11, 12}, std::pair{0, 2}, std::pair{11, 18}})
-    for (const char* chunks : {"one pass", "chunks of 3/7/13", "chunks of 2/3"}) {
-      CaseCheck a(kCases[first], chunks, seed++, first == 1, false), b(kCases[second], chunks, seed++, false, false);
-      a.force_slot_loads(kStreamed), b.force_slot_loads(kStreamed);
-      check_pair(a, b);
-      ASSERT_FALSE(HasFatalFailure());
-    }
-  // Stacked projections with the tests' row_stride: refused, naming the requirement.
-  CaseCheck stacked(kCases[1], "one pass", seed++, false, true);
-  stacked.force_slot_loads(kStreamed);
-  CompressorParams p;
-  ASSERT_TRUE(stacked.next_step(p));
-  testing::expect_error([&] { run_compressor(p); }, "streamed slot loads need kv, gate, ape and the state 16-byte");
 }
 
 // The RoPE factors from a per-position table (CompressorParams::rope_table) instead of the frequencies: every case,

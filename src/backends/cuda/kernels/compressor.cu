@@ -10,27 +10,6 @@
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
-namespace compressor {
-namespace {
-
-// Streamed slot loads: two CTAs per SM, each pooling several entry slices (compress_streamed). Defined here, not in
-// the header: a non-template kernel in a header included elsewhere would be defined twice.
-__global__ void __launch_bounds__(kStreamedThreads, 2)
-    compressor_streamed_kernel(const __grid_constant__ LaunchArgs launch) {
-  extern __shared__ __align__(16) float smem[];
-  allow_dependents();
-  if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
-    prepare_vectors(launch);
-    return;
-  }
-  const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
-  const PoolArgs& a = launch.pools[pool];
-  compress_streamed(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
-}
-
-}  // namespace
-}  // namespace compressor
-
 namespace {
 
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
@@ -152,84 +131,21 @@ int entry_split(const CompressorParams& p) {
   return cluster;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Why the compressors of a launch cannot stream their slot loads (CompressorSlotLoads::Streamed), or null.
-const char* why_not_streamed(std::span<const CompressorParams> params) {
-  int split = 0;
-  for (const CompressorParams& p : params) {
-    if (p.run_count == 0) continue;
-    const int cluster = entry_split(p);
-    const int64_t channels = p.head_dim / cluster;
-    if (channels % 4 != 0 || channels > 2 * compressor::kStreamedThreads)
-      return "entry slices of a multiple of 4 channels, at most 512";
-    const int64_t stride = p.row_stride == 0 ? p.projection_width() : p.row_stride;
-    const CompressorStateView& s = p.state;
-    if (!aligned16(p.kv) || !aligned16(p.gate) || !aligned16(p.ape) || stride % 4 != 0 || !aligned16(s.window_kv) ||
-        !aligned16(s.window_score) || !aligned16(s.previous_kv) || !aligned16(s.previous_score))
-      return "kv, gate, ape and the state 16-byte aligned and row_stride a multiple of 4";
-    if (split != 0 && split != cluster) return "the compressors of one launch split alike over CTAs";
-    split = cluster;
-  }
-  return nullptr;
-}
-
-// How a launch loads its slots (CompressorSlotLoads, resolved; the compressors agree on the mode).
-CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
+// Whether a launch stages its slot loads (CompressorSlotLoads; the compressors agree on the mode).
+bool stages_slot_loads(std::span<const CompressorParams> params) {
   const CompressorSlotLoads mode = params[0].slot_loads;
-  if (mode == CompressorSlotLoads::Streamed) {
-    const char* why = why_not_streamed(params);
-    check(why == nullptr, "compressor: streamed slot loads need ", why == nullptr ? "" : why);
-  }
-  if (mode != CompressorSlotLoads::Auto) return mode;
+  if (mode != CompressorSlotLoads::Auto) return mode == CompressorSlotLoads::Staged;
   bool several_entries = false;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    if (p.head_dim / entry_split(p) > 2 * compressor::kStagedThreads) return CompressorSlotLoads::Registers;
+    if (p.head_dim / entry_split(p) > 2 * compressor::kStagedThreads) return false;
     several_entries = several_entries || entries_per_run_of(p) > 1;
   }
-  return several_entries ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+  return several_entries;
 }
 
-int slots_of(const CompressorParams& p) { return int(p.overlapping ? 2 * p.ratio : p.ratio); }
-
-// Threads of a streamed CTA for one compressor: the finish's pairs, and enough slot groups of four-channel quads
-// to give each thread a whole batch of a window's slots (up to kStreamedThreads: more CTAs per SM instead of threads
-// with fewer slots each).
-int streamed_threads(const CompressorParams& p) {
-  const int channels = int(p.head_dim) / entry_split(p);
-  const int pairs_padded = (channels / 2 + 31) / 32 * 32;
-  const int wanted = (channels / 4 * slots_of(p) / compressor::kStreamBatch + 31) / 32 * 32;
-  return std::max(pairs_padded, std::min(compressor::kStreamedThreads, wanted));
-}
-
-// Streamed CTAs resident per SM for `threads` threads and `smem` bytes of dynamic shared memory: the kernel's
-// registers and static shared memory (queried once per device), the SM's threads, CTAs and shared memory.
-int streamed_ctas_per_sm(int threads, size_t smem) {
-  struct Limits {
-    int registers, static_smem, smem_per_sm;
-  };
-  static PerDeviceCache<Limits> cache;
-  const auto kernel = reinterpret_cast<const void*>(compressor::compressor_streamed_kernel);
-  const Limits limits = cache.get(kernel, [&] {
-    cudaFuncAttributes attributes{};
-    DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-    int smem_per_sm = 0;
-    DSV4_CUDA_CHECK(
-        cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, current_device()));
-    return Limits{attributes.numRegs, int(attributes.sharedSizeBytes), smem_per_sm};
-  });
-  const int warps = (threads + 31) / 32;
-  const int by_registers = 65536 / (warps * ((limits.registers * 32 + 255) / 256 * 256));
-  // 1 KB of each CTA's shared memory is reserved by the system.
-  const int by_smem = int(size_t(limits.smem_per_sm) / (smem + size_t(limits.static_smem) + 1024));
-  return std::max(1, std::min({by_registers, 64 / warps, 32, by_smem}));
-}
-
-// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads
-// (streamed: the launch's `threads`).
-compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads, int threads) {
-  const bool staged = loads == CompressorSlotLoads::Staged, streamed = loads == CompressorSlotLoads::Streamed;
+// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout (staged: the launch's slot loads).
+compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
   const int64_t entries_per_run = entries_per_run_of(p);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
@@ -247,14 +163,6 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                                                                    : compressor::kMaxThreads;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
-  // Streamed: slot groups of four-channel quads over the launch's threads.
-  const int quads = channels / 4;
-  int stream_groups = 1;
-  while (streamed && 2 * stream_groups * quads <= threads && 2 * stream_groups <= slots &&
-         stream_groups < kMaxGroups)
-    stream_groups *= 2;
-  const int stream_slots = (slots + stream_groups - 1) / stream_groups;
-  const int stream_batch = std::min(compressor::kStreamBatch, stream_slots);
   const int halves = p.overlapping ? 2 : 1;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
@@ -290,23 +198,17 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .entries_per_run = entries_per_run,
                               .first_cta = 0,
                               .ctas = entries * cluster,
-                              .launch_ctas = entries * cluster,
                               .cluster_ctas = cluster,
                               .channels_per_cta = channels,
                               .pairs_padded = pairs_padded,
-                              .groups = streamed ? stream_groups : groups,
-                              .stream_groups = stream_groups,
-                              .stream_slots = stream_slots,
-                              .stream_batch = stream_batch,
-                              .stream_batches = (stream_slots + stream_batch - 1) / stream_batch,
+                              .groups = groups,
                               .cluster_div = compressor::FastDivisor::of(uint32_t(cluster)),
                               .entries_div = compressor::FastDivisor::of(uint32_t(entries_per_run)),
                               .pairs_padded_div = compressor::FastDivisor::of(uint32_t(pairs_padded)),
                               .slice_pairs_div = compressor::FastDivisor::of(uint32_t(channels / 2)),
                               .slice_row_div = compressor::FastDivisor::of(uint32_t(halves * channels / 2)),
                               .whole_pairs_div = compressor::FastDivisor::of(uint32_t(c / 2)),
-                              .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2)),
-                              .quads_div = compressor::FastDivisor::of(uint32_t(std::max(quads, 1)))};
+                              .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -321,50 +223,28 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
-  const CompressorSlotLoads loads = slot_loads_of(params);
-  const bool staged = loads == CompressorSlotLoads::Staged, streamed = loads == CompressorSlotLoads::Streamed;
-  int streamed_threads_wanted = 0;
-  if (streamed)
-    for (const CompressorParams& p : params)
-      if (p.run_count > 0) streamed_threads_wanted = std::max(streamed_threads_wanted, streamed_threads(p));
+  const bool staged = stages_slot_loads(params);
   compressor::LaunchArgs launch{};
-  int hardware_cluster = 1, threads = 0, stream_batch = 0;
+  int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, loads, streamed_threads_wanted);
+    const compressor::PoolArgs pool = pool_args(p, staged);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
-    threads = std::max(threads, streamed ? streamed_threads_wanted : pool.pairs_padded * pool.groups);
-    stream_batch = std::max(stream_batch, pool.stream_batch);
+    threads = std::max(threads, pool.pairs_padded * pool.groups);
     smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
   if (launch.pool_count == 0 && !prepares) return;
-  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
-  if (streamed && launch.pool_count > 0) smem += compressor::streaming_smem_bytes(threads, stream_batch);
   // Each pool's CTAs fill whole hardware clusters (a cluster never spans two pools), then the preparation's do.
   const auto whole_clusters = [&](int64_t n) {
     return (n + hardware_cluster - 1) / hardware_cluster * hardware_cluster;
   };
-  if (streamed) {
-    // As many CTAs as are resident at once, shared by the pools in proportion to their slices; each pool keeps at
-    // least one cluster.
-    const int64_t resident =
-        int64_t(streamed_ctas_per_sm(threads, smem)) * device_multiprocessors() / hardware_cluster * hardware_cluster;
-    int64_t slices = 0;
-    for (int i = 0; i < launch.pool_count; ++i) slices += launch.pools[i].ctas;
-    for (int i = 0; i < launch.pool_count; ++i) {
-      compressor::PoolArgs& pool = launch.pools[i];
-      if (slices > resident)
-        pool.launch_ctas = std::max<int64_t>(hardware_cluster, resident * pool.ctas / slices / hardware_cluster *
-                                                                   hardware_cluster);
-    }
-  }
   int64_t ctas = 0;
   for (int i = 0; i < launch.pool_count; ++i) {
     launch.pools[i].first_cta = ctas;
-    ctas += whole_clusters(launch.pools[i].launch_ctas);
+    ctas += whole_clusters(launch.pools[i].ctas);
   }
   if (prepares) {
     if (threads == 0) threads = indexer::kPrepareWarps * 32;
@@ -378,11 +258,11 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  const auto kernel = streamed        ? compressor::compressor_streamed_kernel
-                      : slice_updates ? (staged ? compressor::compressor_kernel<true, true>
-                                                : compressor::compressor_kernel<true, false>)
-                                      : (staged ? compressor::compressor_kernel<false, true>
-                                                : compressor::compressor_kernel<false, false>);
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
+  const auto kernel = slice_updates ? (staged ? compressor::compressor_kernel<true, true>
+                                              : compressor::compressor_kernel<true, false>)
+                                    : (staged ? compressor::compressor_kernel<false, true>
+                                              : compressor::compressor_kernel<false, false>);
   if (smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);

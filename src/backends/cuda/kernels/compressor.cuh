@@ -24,13 +24,6 @@
 //   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers (which one entry's
 //   cluster skips together when the step completes no entry).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
-// - Streamed slot loads (compress_streamed): as many CTAs as are resident, each pooling entry slices in turn (a
-//   cluster's CTAs walk the same entries). For the pooling a thread owns four channels of one slot group, copied by
-//   16-byte cp.async into its own ring, which runs ahead across slices so that the next slices' bytes are in flight
-//   while an entry finishes; the finish keeps the pair layout (the partials meet in shared memory). A CTA takes the
-//   tickets of its slices of one run together when it leaves the run (the last one updates the state, as in a
-//   one-slice CTA); a split's norm sums alternate between two shared words by slice parity, so one cluster barrier
-//   per slice orders their reuse.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -60,12 +53,6 @@ inline constexpr int kUpdateBatch = 4;  // state values a thread loads before st
 // slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
 inline constexpr int kStages = 2;
-// Streamed slot loads (CompressorSlotLoads::Streamed): CTAs of at most kStreamedThreads threads, two per SM, each
-// taking several entry slices with a per-thread ring of kStreamStages batches of up to kStreamBatch slots (value and
-// score, 16 bytes each) that runs ahead across the slices.
-inline constexpr int kStreamedThreads = 256;
-inline constexpr int kStreamStages = 3;
-inline constexpr int kStreamBatch = 4;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
@@ -126,19 +113,14 @@ struct PoolArgs {
   int64_t entries_per_run;
   int64_t first_cta;     // the pool's first CTA in the launch (a multiple of the hardware cluster)
   int64_t ctas;          // run_count · entries_per_run · cluster_ctas; the pool's range pads this to whole clusters
-  int64_t launch_ctas;   // the pool's CTAs in the launch (streamed: each takes slices launch_ctas apart)
   int cluster_ctas;      // CTAs per entry, each pooling channels_per_cta channels
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
-  int groups;            // slot groups (streamed: of the pooling layout)
-  // Streamed pooling layout: thread = (group, quad of 4 channels), stream_slots slots per thread in batches of
-  // stream_batch (stream_batches per slice).
-  int stream_groups, stream_slots, stream_batch, stream_batches;
+  int groups;            // slot groups
   // Divisors of the CTA and state-item arithmetic: cluster_ctas, entries_per_run, pairs_padded; the state's pairs and
   // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
   FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
       whole_row_div;
-  FastDivisor quads_div;  // channels_per_cta / 4 (streamed)
 };
 
 struct LaunchArgs {
@@ -159,11 +141,6 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
 inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
-
-// The streamed ring after a pool's partials: [stage][batch slot][value, score][thread] float4.
-inline size_t streaming_smem_bytes(int threads, int batch) {
-  return size_t(kStreamStages) * batch * 2 * threads * sizeof(float4);
-}
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -691,9 +668,12 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
     const bool nope = owner && t.channel < c - a.rope_dim;
     const float amax = warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f);
     const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+    // scale is a power of two ≥ 2^-22: its reciprocal is exact and x · (1/scale) is x / scale's value (the same
+    // bits) without a division.
+    const float inverse = 1.0f / scale;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
-      v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] / scale)) * scale) : round_to_bf16(v[j]);
+      v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] * inverse)) * scale) : round_to_bf16(v[j]);
   } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
     // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
     if (owner) {
@@ -836,190 +816,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       update_state_if_last(a, r, ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1, &is_last_cta);
   }
   if (cluster_barriers) __cluster_barrier_wait();
-}
-
-// Streamed slot loads (CompressorSlotLoads::Streamed): each pool's CTAs (kStreamedThreads at most) take its entry
-// slices in turn (CTA i of n: slices i, i + n, …, clusters alike), and a thread's ring of kStreamStages batches runs
-// ahead across them, so the next slices' loads are in flight while an entry finishes. For the pooling a thread owns
-// four channels (quad) of one slot group: 16-byte copies of value and score; ape is read when a batch is used.
-struct StreamCursor {
-  int entry_row;  // of the pool's compact rows; ≥ run_count · entries_per_run past the CTA's last slice
-  int batch;
-};
-
-// The slice's entry at `entry_row` (rank fixed per CTA) of `run`.
-__device__ __forceinline__ EntryItem stream_item(const PoolArgs& a, int entry_row, int rank, const CompressorRun& run) {
-  return entry_item(a, ItemPlace{entry_row, rank, int(a.entries_div.div(uint32_t(entry_row))), true}, run);
-}
-
-__device__ __forceinline__ CompressorRun run_of_row(const PoolArgs& a, int entry_row) {
-  return a.runs[a.entries_div.div(uint32_t(entry_row))];
-}
-
-// Slot k of a thread's batch `batch`: its pooled slot (unclamped index s = group + j·groups, j the thread's slot).
-__device__ __forceinline__ PooledSlot stream_slot(const PoolArgs& a, int64_t w, int rank, int batch, int k, int group,
-                                                  int quad, int slots) {
-  const int j = batch * a.stream_batch + k;
-  const int s = j < a.stream_slots ? group + j * a.stream_groups : slots;
-  return pooled_slot(a, w, s, slots, rank * a.channels_per_cta + 4 * quad);
-}
-
-template <bool kMayBePrevious>
-__device__ __forceinline__ void issue_stream_batch(const PoolArgs& a, const EntryItem& e, int batch, int group,
-                                                   int quad, float4* stage) {
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  for (int k = 0; k < a.stream_batch; ++k) {
-    const PooledSlot p = stream_slot(a, e.w, e.place.rank, batch, k, group, quad, slots);
-    const SlotSource source = slot_source<kMayBePrevious>(a, e.r, p.q, p.column);
-    float4* slot = stage + 2 * k * blockDim.x;
-    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(slot)), source.value, p.valid);
-    ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(slot + blockDim.x)), source.score, p.valid);
-  }
-}
-
-// Pool `a`'s CTA `pool_cta` of a streamed launch: its slices from row pool_cta / cluster_ctas, launch_ctas /
-// cluster_ctas rows apart, each pooled from the ring and finished (finish_entry), ticketed per run.
-__device__ __forceinline__ void compress_streamed(const PoolArgs& a, int64_t pool_cta, int hardware_cluster,
-                                                  float* smem) {
-  const int channels = a.channels_per_cta;
-  const PoolSmem s = pool_smem(a, smem);
-  float4* const ring = reinterpret_cast<float4*>(s.entry_vector + channels) + threadIdx.x;
-  const int stage_stride = 2 * a.stream_batch * int(blockDim.x);  // float4s
-  __shared__ float warp_partials[32];
-  __shared__ float square_sums[2];  // by slice parity: a cluster barrier per slice orders reuse
-  __shared__ bool is_last_cta;
-
-  const int rank = int(a.cluster_div.mod(uint32_t(pool_cta)));
-  const int first_row = int(a.cluster_div.div(uint32_t(pool_cta)));
-  const int row_step = int(a.launch_ctas / a.cluster_ctas);
-  const int rows = int(a.ctas / a.cluster_ctas);
-  int rope_pair;
-  float frequency;
-  const FinishThread t = finish_thread(a, rank, rope_pair, frequency);
-  const int quad = int(a.quads_div.mod(threadIdx.x)), group = int(a.quads_div.div(threadIdx.x));
-  const bool pools = group < a.stream_groups;
-  const bool cluster_sync = hardware_cluster > 1;
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  wait_for_prior_grids();
-
-  // Tickets per run, not per slice: the CTA counts its finished slices of the run it is in and takes them as one
-  // ticket when it moves on to another run or ends (one fence and atomic round trip per run, not per slice).
-  int ticket_run = -1, ticket_slices = 0;
-  const auto take_tickets = [&] {
-    if (ticket_slices == 0) return;
-    const RunView r = run_view(a, a.runs[ticket_run]);
-    bool last = false;
-    if (threadIdx.x == 0) {
-      __threadfence();
-      const unsigned before = atomicAdd(r.state.finished_ctas, unsigned(ticket_slices));
-      last = before + unsigned(ticket_slices) == unsigned(a.entries_per_run * a.cluster_ctas);
-    }
-    update_state_if_last(a, r, last, &is_last_cta);
-    ticket_slices = 0;
-  };
-
-  // The issue cursor runs kStreamStages − 1 batches ahead of the one in use; every step commits a group (empty past
-  // the CTA's last slice or for threads outside the pooling layout), so the waits count alike in every thread.
-  StreamCursor ahead{first_row, 0};
-  CompressorRun ahead_run{};
-  if (ahead.entry_row < rows) ahead_run = run_of_row(a, ahead.entry_row);
-  int issued = 0;
-  const auto issue_next = [&] {
-    const EntryItem item = stream_item(a, ahead.entry_row, rank, ahead_run);
-    if (pools && ahead.entry_row < rows && item.emitting) {  // entries not completed have no rows to read
-      float4* stage = ring + (issued % kStreamStages) * stage_stride;
-      if (item.r.start <= (item.w - (a.overlapping ? 1 : 0)) * a.ratio)
-        issue_stream_batch<false>(a, item, ahead.batch, group, quad, stage);  // every slot in the run
-      else
-        issue_stream_batch<true>(a, item, ahead.batch, group, quad, stage);
-    }
-    ptx::cp_async_commit();
-    ++issued;
-    if (++ahead.batch == a.stream_batches) {
-      ahead.batch = 0;
-      ahead.entry_row += row_step;
-      if (ahead.entry_row < rows) ahead_run = run_of_row(a, ahead.entry_row);
-    }
-  };
-  static_assert(kStreamStages == 3, "the wait below keeps one batch in flight behind the one used");
-  issue_next();
-  issue_next();
-
-  int used = 0, parity = 0;
-  for (int row = first_row; row < rows; row += row_step, parity ^= 1) {
-    const int run_index = int(a.entries_div.div(uint32_t(row)));
-    if (run_index != ticket_run) {
-      take_tickets();
-      ticket_run = run_index;
-    }
-    // What the pooling needs of the slice's entry (the rest is reloaded for its finish: fewer registers held across
-    // the issues), its cache row looked up and RoPE factors made while the copies land.
-    int64_t w, start;
-    bool emitting;
-    uint8_t* stored;
-    RopeFactors rope{1.0f, 0.0f};
-    {
-      EntryItem e = stream_item(a, row, rank, run_of_row(a, row));
-      prepare_entry_outputs(a, e, t.group);
-      w = e.w, start = e.r.start, emitting = e.emitting, stored = e.stored;
-      if (e.emitting && t.active && t.group == 0 && t.channel >= a.c - a.rope_dim)
-        rope = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair, .frequency = frequency});
-    }
-    OnlineSoftmax softmax[4];
-    for (int batch = 0; batch < a.stream_batches; ++batch, ++used) {
-      const float4* stage = ring + (used % kStreamStages) * stage_stride;
-      if (pools && emitting) {
-        // ape (run slots only: zeros for state slots) loads before the wait, as the slots' copies land.
-        float4 ape[kStreamBatch];
-        bool valid[kStreamBatch];
-#pragma unroll
-        for (int k = 0; k < kStreamBatch; ++k) {
-          const PooledSlot p = stream_slot(a, w, rank, batch, k, group, quad, slots);
-          valid[k] = p.valid && k < a.stream_batch;
-          ape[k] = p.q >= start ? __ldg(reinterpret_cast<const float4*>(a.ape + ratio_mod(a, p.q) * width_of(a) +
-                                                                        p.column))
-                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-        ptx::cp_async_wait<kStreamStages - 2>();
-        compiler_memory_fence();
-        float value[4][kStreamBatch], score[4][kStreamBatch];
-#pragma unroll
-        for (int k = 0; k < kStreamBatch; ++k) {
-          const float4 v = valid[k] ? stage[2 * k * blockDim.x] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          const float4 g = valid[k] ? stage[(2 * k + 1) * blockDim.x] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-          value[0][k] = v.x, score[0][k] = valid[k] ? g.x + ape[k].x : kNegativeInfinity;
-          value[1][k] = v.y, score[1][k] = valid[k] ? g.y + ape[k].y : kNegativeInfinity;
-          value[2][k] = v.z, score[2][k] = valid[k] ? g.z + ape[k].z : kNegativeInfinity;
-          value[3][k] = v.w, score[3][k] = valid[k] ? g.w + ape[k].w : kNegativeInfinity;
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) softmax[j].add(value[j], score[j]);
-      } else {
-        ptx::cp_async_wait<kStreamStages - 2>();
-      }
-      compiler_memory_fence();  // this stage's reads come before its refill
-      issue_next();
-    }
-    if (pools) {
-      const int local_channel = group * channels + 4 * quad;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s.part_max[local_channel + j] = softmax[j].max;
-        s.part_den[local_channel + j] = softmax[j].denominator;
-        s.part_num[local_channel + j] = softmax[j].numerator;
-      }
-    }
-    __syncthreads();  // every pooling read of this slice's state is done
-    EntryItem e = stream_item(a, row, rank, run_of_row(a, row));
-    e.stored = stored;
-    ++ticket_slices;
-    finish_entry(a, e, t, rope, s, warp_partials, &square_sums[parity], cluster_sync, false);
-    __syncthreads();  // the shared partials, entry vector and flags are free for the next slice
-  }
-  take_tickets();
-  ptx::cp_async_wait<0>();
-  // No CTA leaves while another of its cluster may still read its sums.
-  if (cluster_sync) cooperative_groups::this_cluster().sync();
 }
 
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).

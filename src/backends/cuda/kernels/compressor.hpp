@@ -57,14 +57,10 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 
 // How the pooling loads a window's slots. Registers: each thread's batch of loads into registers (CTAs up to 512
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
-// (CTAs up to 256 threads, an entry's slice at most 512 channels). Streamed: persistent CTAs (up to 256 threads, as
-// many as are resident), each pooling several entry slices in turn, a thread's ring of 16-byte cp.async copies
-// (four channels of value and score) running ahead across the slices so that the next slices' loads are in flight
-// while an entry finishes; needs slices of a multiple of 4 channels (at most 512), kv, gate, ape and the state
-// 16-byte aligned, row_stride a multiple of 4, and the launch's compressors split alike over CTAs. Auto: Staged for
-// launches whose runs complete several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits,
-// Registers otherwise (decode steps, where it was 0.8-1.1×).
-enum class CompressorSlotLoads { Registers, Staged, Streamed, Auto };
+// (CTAs up to 256 threads, an entry's slice at most 512 channels). Auto: Staged for launches whose runs complete
+// several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits, Registers otherwise (decode
+// steps, where it was 0.8-1.1×).
+enum class CompressorSlotLoads { Registers, Staged, Auto };
 
 // One sequence's tokens in a launch (device memory).
 struct CompressorRun {
