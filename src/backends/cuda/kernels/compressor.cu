@@ -161,8 +161,12 @@ compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
   const int max_threads = staged                                   ? compressor::kStagedThreads
                           : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
                                                                    : compressor::kMaxThreads;
+  // Staged: every thread keeps at least a whole batch of slots in flight (a CSA window of 8 slots: two groups, so the
+  // indexer compressor's CTAs are 128 threads and more of them fit an SM), not batches of clamped repeats.
+  const int min_slots_per_group = staged ? compressor::kSlotBatch : 1;
   int groups = 1;
-  while (2 * groups * pairs_padded <= max_threads && 2 * groups <= slots && groups < kMaxGroups) groups *= 2;
+  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
+    groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
