@@ -12,9 +12,8 @@
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
-// the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (with
-// the RMSNorm prologue too where that is timed), and the STREAMED default with its stages rotated per warp tile
-// (rotate_stages, both maths). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
+// the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (the
+// main columns run DEQUANTIZE, QuantizedLinearParams' default; linear_dispatch's default is F16_CVT). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
 // normalised by every CTA) against run_rms_norm followed by the plain call (the launch the prologue removes).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
@@ -267,9 +266,6 @@ struct Row {
   double prologue_cold_us = 0;        // the default config with the RMSNorm prologue; 0: not timed
   double norm_then_linear_cold_us = 0;  // run_rms_norm (bf16 out) then the default config
   double f16_cold_us = 0;             // FP8 on the STREAMED path: the default config with Fp8TileMath::F16_CVT
-  double f16_prologue_cold_us = 0;    // the same with the RMSNorm prologue; 0: not timed
-  double rotated_cold_us = 0;         // STREAMED: the default config with rotate_stages (0: not applicable)
-  double f16_rotated_cold_us = 0;     // the same with the f16 FP8 math
 };
 
 // --sweep: one STREAMED config, cold.
@@ -448,7 +444,7 @@ int main(int argc, char** argv) {
         for (const int tokens : token_counts) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
           const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE, bool rotate = false) {
+                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -459,18 +455,17 @@ int main(int argc, char** argv) {
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
                                          .stream = s,
-                                         .fp8_math = math,
-                                         .rotate_stages = rotate};
+                                         .fp8_math = math};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
           const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
-                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE, bool rotate = false) {
+                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i), workspace, s, math, rotate), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s, math), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -560,16 +555,11 @@ int main(int argc, char** argv) {
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
           row.graph_us = time_config(config, Timing::GRAPH);
           if (f16_applies) row.f16_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT);
-          if (config.load_path == WeightLoadPath::STREAMED && config.chunk_k >= config.split_k) {
-            row.rotated_cold_us = time_config(config, Timing::COLD, Fp8TileMath::DEQUANTIZE, true);
-            if (f16_applies) row.f16_rotated_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT, true);
-          }
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
-            const auto linear_of = [&](int i, cudaStream_t s, bool prologue,
-                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
-              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s, math);
+            const auto linear_of = [&](int i, cudaStream_t s, bool prologue) {
+              QuantizedLinearParams p = linear_params(weights[size_t(i % copies)].view(), workspace, s);
               p.x = prologue ? nullptr : normed.as<__nv_bfloat16>();
               if (prologue) {
                 p.norm_x = norm_x.as<float>(), p.norm_weight = norm_weight.as<float>(), p.norm_eps = 1e-6f;
@@ -577,9 +567,6 @@ int main(int argc, char** argv) {
               run_quantized_linear(p, config);
             };
             row.prologue_cold_us = cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true); });
-            if (f16_applies)
-              row.f16_prologue_cold_us =
-                  cold.us([&](int i, cudaStream_t s) { linear_of(i, s, true, Fp8TileMath::F16_CVT); });
             row.norm_then_linear_cold_us = cold.us([&](int i, cudaStream_t s) {
               RmsNormParams norm;
               norm.x = norm_x.as<float>(), norm.weight = norm_weight.as<float>();
@@ -634,21 +621,19 @@ int main(int argc, char** argv) {
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
                   "cold: aligned µs | streamed µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
-                  "norm prologue / rms_norm + linear µs | f16 math cold µs (with norm prologue) | "
-                  "rotated stages cold µs (f16 math) |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                  "norm prologue / rms_norm + linear µs | f16 math cold µs |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
                   "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
-                  "%.1f (%d) | %.1f / %.1f | %.1f (%.1f) | %.1f (%.1f) |\n",
+                  "%.1f (%d) | %.1f / %.1f | %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.read_floor_percent_of_copy,
                   r.cluster_us,
-                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us,
-                  r.f16_prologue_cold_us, r.rotated_cold_us, r.f16_rotated_cold_us);
+                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
                   "%% of copy |\n"
@@ -689,15 +674,13 @@ int main(int argc, char** argv) {
                    "%.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
                    "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f, "
-                   "\"f16_math_cold_us\": %.2f, \"f16_math_prologue_cold_us\": %.2f, \"rotated_cold_us\": %.2f, "
-                   "\"f16_rotated_cold_us\": %.2f}%s\n",
+                   "\"f16_math_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                    r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.cluster_us, r.gemm_us,
                    r.gemm_k_splits,
-                   r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us, r.f16_prologue_cold_us,
-                   r.rotated_cold_us, r.f16_rotated_cold_us, i + 1 < table.size() ? "," : "");
+                   r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");
     for (size_t i = 0; i < sweep_rows.size(); ++i) {

@@ -11,8 +11,7 @@
 // linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
 // STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
 // changes a bit. FP8 on the STREAMED path at up to 8 tokens runs with both Fp8TileMath choices; the f16 one also on
-// inputs spanning 2^±60, at bf16's range ends and with infinities and NaNs. The STREAMED path also runs with its
-// stages rotated per warp tile (rotate_stages).
+// inputs spanning 2^±60, at bf16's range ends and with infinities and NaNs.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -105,7 +104,7 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
                         WeightLoadPath load_path = WeightLoadPath::AUTO,
                         const QuantizedLinearConfig* config = nullptr,
-                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE, bool rotate_stages = false) {
+                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -121,8 +120,7 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
                                      .stream = nullptr,
-                                     .fp8_math = fp8_math,
-                                     .rotate_stages = rotate_stages};
+                                     .fp8_math = fp8_math};
   if (config != nullptr)
     run_quantized_linear(params, *config);
   else if (load_path == WeightLoadPath::AUTO)
@@ -246,7 +244,6 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       WeightLoadPath path;
       std::optional<QuantizedLinearConfig> config;
       Fp8TileMath math = Fp8TileMath::DEQUANTIZE;
-      bool rotate_stages = false;
     };
     // Where the f16 FP8 math applies (fp8_f16_math_applies), the STREAMED runs are repeated with it.
     const int multiprocessors = list_devices().front().multiprocessors;
@@ -257,9 +254,6 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
           fp8_f16_math_applies(weight.view(), choose_quantized_linear_config(weight.view(), tokens, c.groups,
                                                                              multiprocessors, path)))
         runs.push_back({std::string(path_name(path)) + ", f16 math", path, std::nullopt, Fp8TileMath::F16_CVT});
-      if (path == WeightLoadPath::STREAMED)
-        runs.push_back({std::string(path_name(path)) + ", rotated stages", path, std::nullopt,
-                        Fp8TileMath::DEQUANTIZE, true});
     }
     if (every_streamed)
       for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
@@ -282,7 +276,7 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       SCOPED_TRACE(r.label);
       const WeightLoadPath path = r.path;
       const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path,
-                                          r.config ? &*r.config : nullptr, r.math, r.rotate_stages);
+                                          r.config ? &*r.config : nullptr, r.math);
       if (r.config) {
         const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const SplitResult& e) {
           return e.run->config->k_splits == r.config->k_splits && e.run->config->reduce == r.config->reduce &&

@@ -51,18 +51,6 @@ Fp8TileMath fp8_math_of(const LinearCall& c) {
   return forced ? *forced : c.fp8_math;
 }
 
-// The call's rotate_stages, or every call's when DSV4_LINEAR_STAGE_ORDER is set (rotated or in_order). Read once.
-bool rotate_stages_of(const LinearCall& c) {
-  static const std::optional<bool> forced = []() -> std::optional<bool> {
-    const char* value = std::getenv("DSV4_LINEAR_STAGE_ORDER");
-    if (value == nullptr) return std::nullopt;
-    const std::string_view v(value);
-    check(v == "rotated" || v == "in_order", "DSV4_LINEAR_STAGE_ORDER='", v, "': expected rotated or in_order");
-    return v == "rotated";
-  }();
-  return forced ? *forced : c.rotate_stages;
-}
-
 void run_decode_chunks(const LinearCall& c) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kLinearMaxTokens) {
     QuantizedLinearParams p;
@@ -81,7 +69,6 @@ void run_decode_chunks(const LinearCall& c) {
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
     p.fp8_math = fp8_math_of(c);
-    p.rotate_stages = rotate_stages_of(c);
     run_quantized_linear(p);
   }
 }

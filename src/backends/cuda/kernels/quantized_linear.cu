@@ -429,8 +429,6 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .split_k = config.split_k,
       .chunk_k = config.chunk_k,
       .ring_slots = config.ring_slots,
-      .rotate_stages = params.rotate_stages && config.load_path == WeightLoadPath::STREAMED &&
-                       config.chunk_k >= config.split_k,
       .tickets = config.workspace_bytes > 0 ? reinterpret_cast<uint32_t*>(workspace) : nullptr,
       .partials = config.workspace_bytes > 0 ? reinterpret_cast<float*>(workspace + config.ticket_bytes) : nullptr,
       .maps = {},
@@ -447,7 +445,8 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
 void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   check_params_for_config(params, config);
   const linear::LinearKernelArgs args = kernel_args(params, config);
-  const bool fp8_f16 = params.fp8_math == Fp8TileMath::F16_CVT && fp8_f16_math_applies(params.weight, config);
+  const bool fp8_f16 = params.fp8_math == Fp8TileMath::F16_CVT && params.norm_x == nullptr &&
+                       fp8_f16_math_applies(params.weight, config);
   const cudaStream_t stream = params.stream;
   switch (tile_format_of(params.weight)) {
     case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, false, stream); break;

@@ -39,7 +39,6 @@ struct LinearKernelArgs {
   int64_t split_k;
   int64_t chunk_k;
   int ring_slots;     // STREAMED path: stages in flight per warp
-  bool rotate_stages;  // STREAMED path: QuantizedLinearParams::rotate_stages (where one x chunk covers the split)
   uint32_t* tickets;  // [row_blocks], split-K only
   float* partials;    // [k_splits][tokens][N], split-K only
   tile::stream::StreamMaps maps;  // STREAMED path: the weight's tensor maps (a __grid_constant__ parameter there)
@@ -237,23 +236,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT))
 }
 
 // One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers (stage J of the CTA's
-// work, in the warp's order, sits in slot J % slots and completes barrier phase J / slots). The warp takes the
-// stages of its split in order from stage `rotation` on, wrapping around (rotate_stages).
+// work sits in slot J % slots and completes barrier phase J / slots).
 struct WarpRing {
   uint8_t* stages;
   uint64_t* full;
   int slots;
-  int rotation;
 };
-
-// The first input of the warp's stage j of `work` (rotated by ring.rotation).
-template <tile::TileFormat F>
-__device__ __forceinline__ int64_t stage_begin(const CtaWork& work, const WarpRing& ring, int64_t j) {
-  constexpr int64_t kStageK = tile::stream::stage_k(F);
-  const int64_t stages = (work.split_end - work.split_begin) / kStageK;
-  const int64_t p = j + ring.rotation;
-  return work.split_begin + (p < stages ? p : p - stages) * kStageK;
-}
 
 // Starts the copies of the work's first min(slots, stages) weight stages. Called by the whole warp (lane 0 issues);
 // reads only weights, so it may run before wait_for_prior_grids.
@@ -264,7 +252,7 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
   constexpr int64_t kStageK = st::stage_k(F);
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
   for (int j = 0; j < ring.slots && j < stages; ++j) {
-    st::issue_stage<F>(&a.maps, row0, stage_begin<F>(work, ring, j), ring.stages + j * st::slot_bytes(F),
+    st::issue_stage<F>(&a.maps, row0, work.split_begin + j * kStageK, ring.stages + j * st::slot_bytes(F),
                        ring.full + j);
   }
 }
@@ -297,9 +285,8 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
     const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
-    for (int64_t logical_k0 = chunk_begin; logical_k0 < chunk_end; logical_k0 += kStageK) {
-      const int64_t j = (logical_k0 - work.split_begin) / kStageK;
-      const int64_t k0 = stage_begin<F>(work, ring, j);
+    for (int64_t k0 = chunk_begin; k0 < chunk_end; k0 += kStageK) {
+      const int64_t j = (k0 - work.split_begin) / kStageK;
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
@@ -309,8 +296,8 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
                                               row_stride, lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
-        st::issue_stage<F>(&args.maps, row0, stage_begin<F>(work, ring, j + ring.slots),
-                           ring.stages + slot * st::slot_bytes(F), ring.full + slot);
+        st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
+                           ring.full + slot);
     }
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
@@ -324,15 +311,13 @@ struct StreamedSmem {
 };
 
 template <tile::TileFormat F>
-__device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers,
-                                                      int rotation) {
+__device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slots, uint64_t* full_barriers) {
   namespace st = tile::stream;
   uint8_t* smem = st::align_slots(storage);
   const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
   return {.ring = {.stages = smem + size_t(warp_idx) * slots * st::slot_bytes(F),
                    .full = full_barriers + warp_idx * st::kMaxSlots,
-                   .slots = slots,
-                   .rotation = rotation},
+                   .slots = slots},
           .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F))};
 }
 
@@ -356,12 +341,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   const int split = int(blockIdx.y);
   const CtaWork work = cta_work(args, row_block, split);
   const int64_t row0 = work.row0 + int(threadIdx.x) / tile::kWarpSize * tile::kTileRows;
-  // rotate_stages: warp tile i starts at stage i % stages of its split, so that the warps in flight at any moment
-  // read every column band of the rows, not all the same one (the host allows it where one x chunk is the split).
-  const int64_t split_stages = (work.split_end - work.split_begin) / tile::stream::stage_k(F);
-  const int rotation = args.rotate_stages ? int(uint32_t(row0 / tile::kTileRows) % uint32_t(split_stages)) : 0;
-  StreamedSmem smem =
-      streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers, rotation);
+  StreamedSmem smem = streamed_smem<F>(reinterpret_cast<uint8_t*>(smem_storage), args.ring_slots, full_barriers);
   WarpRing& ring = smem.ring;
   __nv_bfloat16* const x_tile = smem.x_tile;
   const bool has_rows = row0 < work.row_end;  // whole 16-row tiles (the path's precondition)
@@ -380,14 +360,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 
   float acc[NT][4];
   if constexpr (kFp8AsF16) {
-    // x of the split as bf16 chunks (the RMSNorm prologue's staged values where it runs), from input `begin` on.
+    // x of the split as bf16 chunks from input `begin` on (the host never combines this math with the prologue).
     const auto x_chunks_from = [&](int64_t begin) {
       return [&, begin](int t, int64_t k) {
-        const int64_t valid = work.split_end - begin - k;
-        return args.norm_x != nullptr
-                   ? tile::detail::load_normed_x_chunk(args.norm_x + t * args.x_row_stride + begin + k,
-                                                       args.norm_weight + begin + k, inv_rms[t], valid)
-                   : tile::detail::load_x_chunk(x_group + t * args.x_row_stride + begin + k, valid);
+        return tile::detail::load_x_chunk(x_group + t * args.x_row_stride + begin + k, work.split_end - begin - k);
       };
     };
     tile::find_f16_input_scales(x_chunks_from(work.split_begin), args.tokens, work.split_end - work.split_begin,

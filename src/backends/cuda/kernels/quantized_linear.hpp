@@ -66,8 +66,9 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
-// How FP8_BLOCK128 weights meet x on the STREAMED path at up to 8 tokens (one token tile: at two, its kernel spilled;
-// other formats, paths and token counts ignore it). DEQUANTIZE: each e4m3 pair
+// How FP8_BLOCK128 weights meet x on the STREAMED path at up to 8 tokens, without the RMSNorm prologue (one token
+// tile: at two its kernel spilled; with the prologue its scale search normalises the rows once more, wq_b 15.9 against
+// 15.4 µs cold on an H200; other formats, paths and calls ignore it). DEQUANTIZE: each e4m3 pair
 // becomes its exact bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120), bf16 MMAs. F16_CVT: one
 // cvt.rn.f16x2.e4m3x2 per pair (exact), f16 MMAs against x staged in f16 times a power of two per token and K split
 // (weight_tile_mma.cuh, find_f16_input_scales: exact for every input down to 2^-28 of its token's largest; smaller
@@ -97,11 +98,6 @@ struct QuantizedLinearParams {
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
   Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights on the STREAMED path (Fp8TileMath)
-  // STREAMED path where one x chunk covers each K split (chunk_k >= split_k: every DSV4 shape at T <= 8): each warp
-  // tile starts at its own stage of the split (tile index mod stages) and wraps around, so the stages in flight at
-  // any moment cover every column band of the rows instead of one band of every row. Changes the order of the fp32
-  // block sums (deterministic, not bitwise the unrotated result). Other calls ignore it.
-  bool rotate_stages = false;
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -143,7 +139,7 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
 
 // Whether a call of this weight with this config takes QuantizedLinearParams::fp8_math (FP8 on the STREAMED path,
-// one token tile).
+// one token tile), unless it runs the RMSNorm prologue.
 bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
