@@ -9,8 +9,8 @@
 // decode kernel (HcKernelChoice::CLUSTER_ASYNC) beside the default, both also behind a full-card kernel (the model's
 // case: a linear layer or the experts before the site); at
 // every size the warp-specialised persistent hc_post_pre (HcKernelChoice::PERSISTENT_WARP_SPECIALIZED) beside the
-// default; from 17 to 1024 tokens the single-cluster kernel's clusters per 16-token tile (CLUSTER_PER_TILE, output norm
-// fused) against the default with the norm (the persistent kernel, then run_rms_norm). Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
+// default; from 17 to 1024 tokens the default with its output norm (up to kAutoClusterPerTileMaxTokens: the
+// single-cluster kernel, a cluster per 16-token tile, norm fused) against the persistent kernel, then run_rms_norm. Inputs rotate over enough copies to exceed three times the L2, so every launch streams from HBM like a
 // layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
 // counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
@@ -377,21 +377,17 @@ int main(int argc, char** argv) {
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
-          const auto per_tile = [&](int i) {
+          record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
+          const auto persistent_norm = [&](int i) {
             Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_PER_TILE);
+            run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT, true);
           };
-          record("hc_pre (cluster per tile)", per_tile, pre_bytes, 0.0);
           const auto default_norm = [&](int i) {
             Set& s = set(i);
             run_pre(s, s.post, s.comb, HcKernelChoice::AUTO, true);
           };
-          const auto per_tile_norm = [&](int i) {
-            Set& s = set(i);
-            run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_PER_TILE, true);
-          };
-          record("hc_pre + attn_norm (fused, cluster per tile; baseline: default + rms_norm)", per_tile_norm,
-                 pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, default_norm));
+          record("hc_pre + attn_norm (default; baseline: persistent + rms_norm)", default_norm,
+                 pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, persistent_norm));
         }
         if (decode_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -462,12 +458,12 @@ int main(int argc, char** argv) {
         };
         record("hc_post_pre (warp-specialized persistent kernel, one launch)", roles_post_pre, post_pre_bytes, 0.0);
         if (tile_clusters_sized) {
-          const auto per_tile = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_PER_TILE, false); };
-          record("hc_post_pre (cluster per tile)", per_tile, post_pre_bytes, 0.0);
+          const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
+          record("hc_post_pre (persistent kernel)", persistent, post_pre_bytes, 0.0);
+          const auto persistent_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
-          const auto per_tile_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_PER_TILE, true); };
-          record("hc_post_pre + norm (fused, cluster per tile; baseline: default + rms_norm)", per_tile_norm,
-                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, default_norm));
+          record("hc_post_pre + norm (default; baseline: persistent + rms_norm)", default_norm,
+                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, persistent_norm));
         }
         if (decode_sized) {
           const auto persistent = [&](int i) { run_post_pre(set(i), HcKernelChoice::PERSISTENT, false); };
@@ -512,11 +508,11 @@ int main(int argc, char** argv) {
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
         if (tile_clusters_sized) {
+          const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
-          const auto per_tile_norm = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_PER_TILE, true); };
-          record("hc_head + norm (fused, cluster per tile; baseline: default + rms_norm)", per_tile_norm,
+          record("hc_head + norm (default; baseline: persistent + rms_norm)", default_norm,
                  x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2,
-                 time_ms(stream, iterations, default_norm));
+                 time_ms(stream, iterations, persistent_norm));
         }
         if (decode_sized) {
           const auto persistent = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };

@@ -13,8 +13,8 @@
 // checked at its own widths 256, 1024 and 2816, and at V4-Pro's at one token with two vectors per thread, also
 // checked at 4608 (9 warps); the cluster kernel at the others); every hc_post_pre case also runs the warp-specialised
 // persistent kernel (PERSISTENT_WARP_SPECIALIZED), which must give the persistent kernel's bits where that one takes
-// 64-dim slices too. Above 16 tokens every case also runs CLUSTER_PER_TILE (the single-cluster kernel, a cluster per
-// 16-token tile, at its widths; hc_post_pre fused at every token count).
+// 64-dim slices too. Above 16 tokens every case also runs AUTO (up to kAutoClusterPerTileMaxTokens the single-cluster
+// kernel at its widths, a cluster per 16-token tile; the persistent kernel beyond).
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -193,7 +193,6 @@ std::string case_name(const char* op, int64_t T, int64_t d, bool round,
          (kernel == HcKernelChoice::AUTO ? " default kernel (single-cluster where it applies)"
           : kernel == HcKernelChoice::PERSISTENT_WARP_SPECIALIZED ? " warp-specialised persistent kernel"
           : kernel == HcKernelChoice::CLUSTER_ASYNC               ? " cluster decode kernel"
-          : kernel == HcKernelChoice::CLUSTER_PER_TILE            ? " single-cluster kernel, a cluster per tile"
                                                                   : " persistent kernel");
 }
 
@@ -468,9 +467,8 @@ std::vector<HcKernelChoice> kernels_for(int64_t T, bool post_pre = false) {
   std::vector<HcKernelChoice> kernels = {HcKernelChoice::PERSISTENT};
   if (post_pre) kernels.push_back(HcKernelChoice::PERSISTENT_WARP_SPECIALIZED);
   if (T <= kHcDecodeMaxTokens)
-    kernels.insert(kernels.end(), {HcKernelChoice::CLUSTER_ASYNC, HcKernelChoice::AUTO});
-  else
-    kernels.push_back(HcKernelChoice::CLUSTER_PER_TILE);
+    kernels.push_back(HcKernelChoice::CLUSTER_ASYNC);
+  kernels.push_back(HcKernelChoice::AUTO);
   return kernels;
 }
 

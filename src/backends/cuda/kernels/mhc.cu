@@ -14,6 +14,8 @@
 namespace dsv4::cuda {
 namespace {
 
+static_assert(kAutoClusterPerTileMaxTokens <= kFusedPostPreMaxTokens,
+              "hc_post_pre on clusters per tile is one fused launch");
 static_assert(kHcDecodeMaxTokens == mhc::kDecodeMaxTokens &&
                   kHcDecodeMaxHidden == int64_t(mhc::kDecodeMaxSlices) * mhc::kDecodeSliceDims,
               "the public decode-kernel limits are the kernel's");
@@ -209,8 +211,7 @@ HcPreParams next_site_pre_params(const HcPostPreParams& p) {
 // The cluster decode kernel serves a launch the single-cluster kernel does not, unless a persistent one is asked for or
 // the launch is beyond the decode limits (session 13: the cluster kernel was at least as fast at every decode size).
 bool cluster_kernel_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
-  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC ||
-          choice == HcKernelChoice::CLUSTER_PER_TILE) &&
+  return (choice == HcKernelChoice::AUTO || choice == HcKernelChoice::CLUSTER_ASYNC) &&
          tokens <= kHcDecodeMaxTokens &&
          hidden <= kHcDecodeMaxHidden;
 }
@@ -314,13 +315,14 @@ bool single_cluster_fits() {
   }) > 0;
 }
 
-// The single-cluster decode kernel serves AUTO (and CLUSTER_PER_TILE) launches within its limits (mhc.hpp) where the
-// card holds its cluster, and CLUSTER_PER_TILE launches of more tokens at its one-vector widths, a cluster per tile.
+// The single-cluster decode kernel serves AUTO launches within its limits (mhc.hpp; above 16 tokens a cluster per
+// 16-token tile) where the card holds its cluster.
 template <bool kHead, bool kPost>
 bool single_cluster_serves(HcKernelChoice choice, int64_t tokens, int64_t hidden) {
   const int vectors = mhc::single_cluster_vectors(hidden);
-  if ((choice != HcKernelChoice::AUTO && choice != HcKernelChoice::CLUSTER_PER_TILE) || vectors == 0) return false;
-  if (tokens > single_cluster_max_tokens(vectors) && (choice != HcKernelChoice::CLUSTER_PER_TILE || vectors != 1))
+  const int64_t tile_clusters_max = kHead ? kAutoClusterPerTileMaxHeadTokens : kAutoClusterPerTileMaxTokens;
+  if (choice != HcKernelChoice::AUTO || vectors == 0 ||
+      tokens > (vectors == 1 ? tile_clusters_max : single_cluster_max_tokens(vectors)))
     return false;
   return vectors == 1 ? single_cluster_fits<kHead, kPost, 1>() : single_cluster_fits<kHead, kPost, 2>();
 }
@@ -499,9 +501,8 @@ void run_hc_post_pre(const HcPostPreParams& params) {
   HcPostPreParams p = params;
   if (p.kernel == HcKernelChoice::AUTO && p.tokens >= kAutoWarpSpecializedPostPreMinTokens)
     p.kernel = HcKernelChoice::PERSISTENT_WARP_SPECIALIZED;
-  // The warp-specialised variant and the single-cluster kernel's clusters per tile fuse at every token count.
-  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors()) &&
-      !single_cluster_serves<false, true>(p.kernel, p.tokens, p.hidden)) {
+  // The warp-specialised variant fuses at every token count.
+  if (p.tokens > kFusedPostPreMaxTokens && !warp_specialized_serves(p.kernel, p.hidden, current_multiprocessors())) {
     run_hc_post({.out = p.out, .X = p.X, .post = p.post, .comb = p.comb, .tokens = p.tokens, .hidden = p.hidden,
                  .streams = p.streams, .round_to_bf16 = p.round_to_bf16, .X_out = p.X_out, .stream = p.stream});
     run_hc_pre(next_site_pre_params(p));

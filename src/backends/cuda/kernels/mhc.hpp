@@ -17,11 +17,12 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike.
-// - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kHcDecodeMaxTokens and hidden a multiple of
-//   kHcSingleClusterHiddenQuantum up to kHcSingleClusterMaxHidden, or T = 1 and hidden a multiple of
-//   kHcSingleClusterWideHiddenQuantum up to kHcSingleClusterWideMaxHidden (V4-Pro's 7168: each thread two vectors per
-//   stream), on a card that holds a 16-CTA cluster of it): one
-//   cluster of 16 CTAs, each a 1/16 slice of the hidden size (all n streams) with its fn columns bulk-copied into
+// - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kAutoClusterPerTileMaxTokens (hc_head:
+//   kAutoClusterPerTileMaxHeadTokens) and hidden a multiple of kHcSingleClusterHiddenQuantum up to
+//   kHcSingleClusterMaxHidden, or T = 1 and hidden a multiple of kHcSingleClusterWideHiddenQuantum up to
+//   kHcSingleClusterWideMaxHidden (V4-Pro's 7168: each thread two vectors per stream), on a card that holds a 16-CTA
+//   cluster of it): one cluster of 16 CTAs per 16-token tile (independent of each other; below), each CTA a 1/16 slice
+//   of the hidden size (all n streams) with its fn columns bulk-copied into
 //   shared memory before the grid-dependency wait; every sum over the slices is one DSMEM exchange (no global hop, no
 //   workspace words), the fused output norm one more. Its sums run in another fixed order than the other kernels';
 //   Sinkhorn as the asynchronous cluster decode kernel's.
@@ -66,10 +67,17 @@ inline constexpr int64_t kHcDecodeMaxHidden = 8192;
 // the update and projecting and publishing the tiles, the other loading, summing over the slices and collapsing, each
 // at its own pace along a 12-deep X ring (same sums, same order: the same bits as the persistent kernel at 64-dim
 // slices), fused at every token count (X read once), where the card holds a CTA per 64-dim slice; wider launches,
-// hc_pre and hc_head take the persistent kernel; CLUSTER_PER_TILE: AUTO's choice, but launches of more than 16 tokens
-// at the single-cluster kernel's one-vector hidden sizes on that kernel, one independent cluster per 16-token tile
-// (fn read by every cluster; fused hc_post_pre at every token count).
-enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED, CLUSTER_PER_TILE };
+// hc_pre and hc_head take the persistent kernel.
+enum class HcKernelChoice : uint8_t { AUTO, PERSISTENT, CLUSTER_ASYNC, PERSISTENT_WARP_SPECIALIZED };
+
+// AUTO runs hc_pre and hc_post_pre of up to this many tokens (hc_head: kAutoClusterPerTileMaxHeadTokens) at the
+// single-cluster kernel's one-vector hidden sizes on that kernel, one independent cluster per 16-token tile (each reads
+// all of fn; output norm fused; hc_post_pre fused). H200, V4-Flash, session 17, with the output norm, against the
+// persistent kernel + rms_norm: 32 tokens hc_pre 8.7 vs 15.7 µs, hc_post_pre 11.1 vs 16.1, hc_head 7.6 vs 10.5; 64:
+// 9.7 vs 17.4, 12.1 vs 20.2, 8.3 vs 12.5; 128: 18.9 vs 21.3, 23.4 vs 28.9, hc_head 15.6 vs 15.2; 256: 29.9 vs 30.7,
+// 36.8 vs 38.8, 24.1 vs 22.2.
+inline constexpr int64_t kAutoClusterPerTileMaxTokens = 128;
+inline constexpr int64_t kAutoClusterPerTileMaxHeadTokens = 64;
 
 // The single-cluster decode kernel's hidden sizes (AUTO; above), one vector per thread and two.
 inline constexpr int64_t kHcSingleClusterHiddenQuantum = 256;
