@@ -13,8 +13,7 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the shared expert's L2 prefetch
-// other than the default (MoeRunParams::shared_l2_prefetch): "shared-l2-prefetch" (or "no-shared-l2-prefetch").
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -177,7 +176,6 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
-  OTHER_SHARED_PREFETCH,
   REGISTER
 };
 struct PathSpec {
@@ -187,9 +185,8 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
-  bool other_shared_prefetch = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_shared_prefetch ||
+    return tile_decode || fused_router || no_down_head_start || other_columns ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -203,8 +200,6 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
-    {Path::OTHER_SHARED_PREFETCH, MoeRunParams{}.shared_l2_prefetch ? "no-shared-l2-prefetch" : "shared-l2-prefetch",
-     false, false, MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -223,7 +218,6 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
-  if (spec.other_shared_prefetch) p.shared_l2_prefetch = !p.shared_l2_prefetch;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -437,8 +431,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "shared-l2-prefetch|no-shared-l2-prefetch,register]\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,register]\n");
       return 2;
     }
   }

@@ -10,8 +10,7 @@
 // CPU, and run to run) and the down head start other than the default
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
-// to run; the same bits as without them at T > 2); the shared expert's L2 prefetch other than the default
-// (MoeRunParams::shared_l2_prefetch: the same bits); a V4-Pro-width layer
+// to run; the same bits as without them at T > 2); a V4-Pro-width layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -277,7 +276,6 @@ struct Kernels {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
-  bool shared_prefetch = MoeRunParams{}.shared_l2_prefetch;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -287,14 +285,13 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (shared_prefetch ? ", shared expert L2 prefetch" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns, p.shared_l2_prefetch = shared_prefetch;
+    p.down_head_start = down_head_start, p.column_stages = columns;
     return p;
   }
 };
@@ -330,14 +327,6 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
-// The streamed kernels with the shared expert's L2 prefetch other than the default (the same bits), also with the
-// shared expert never split (its CTAs' rows then one part each).
-constexpr Kernels kStreamedOtherSharedPrefetch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                               .shared_prefetch = !MoeRunParams{}.shared_l2_prefetch};
-constexpr Kernels kStreamedUnsplitOtherSharedPrefetch{.experts = MoeExpertKernels::STREAMED,
-                                                      .fused_small_batches = true,
-                                                      .split = MoeSharedExpertSplit::NEVER, .columns = false,
-                                                      .shared_prefetch = !MoeRunParams{}.shared_l2_prefetch};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -604,10 +593,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
-    for (const int T : {1, 2, 8, 9, 64}) {
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherSharedPrefetch, kStreamedKernels);
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedUnsplitOtherSharedPrefetch, kStreamedUnsplit);
-    }
 
   }
 }

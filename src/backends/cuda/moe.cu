@@ -164,7 +164,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streams_experts(weights, p),
       .column_stages = p.column_stages && streams_experts(weights, p),
-      .shared_l2_prefetch = p.shared_l2_prefetch && streams_experts(weights, p),
       .tokens = p.tokens,
       .stream = p.stream,
   };

@@ -91,9 +91,6 @@ struct MoeRunParams {
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
-  // MoeExpertGemmParams::shared_l2_prefetch for the streamed gate/up kernel: the shared expert's CTAs ask L2 for
-  // their rows while the router runs. The same bits.
-  bool shared_l2_prefetch = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

@@ -119,7 +119,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .stream_maps = p.stream_maps,
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
-      .shared_l2_prefetch = gate_up && p.shared_l2_prefetch,
   };
 }
 
@@ -215,8 +214,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.lean_decode || p.streamed, "moe expert GEMM: the lean decode is a streamed-kernel option");
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
-        "streamed-kernel option");
-  check(!p.shared_l2_prefetch || p.streamed, "moe expert GEMM: the shared expert's L2 prefetch is a ",
         "streamed-kernel option");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {

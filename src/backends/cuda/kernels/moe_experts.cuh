@@ -88,7 +88,6 @@ struct ExpertGemmArgs {
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
   int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
-  bool shared_l2_prefetch;                      // streamed gate/up: MoeExpertGemmParams::shared_l2_prefetch
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -447,21 +446,6 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   start_stream<F, G, 1>(a, expert, warp_slice<G, 1>(band, 0), ring, full);
 }
 
-// MoeExpertGemmParams::shared_l2_prefetch, before the wait: the shared expert's warps of part 0 ask L2 for the rest
-// of their 16 rows' data (one bulk request per row, past the stages start_stream issued for every part), so those
-// bytes come from HBM while the router runs and from L2 once the stream reaches them.
-template <tile::TileFormat F, ExpertGemm G, int kParts>
-__device__ __forceinline__ void prefetch_shared_rows(const ExpertGemmArgs& a, const WarpSlice& slice) {
-  const int lane = threadIdx.x % tile::kWarpSize;
-  if (slice.k_part != 0 || lane >= tile::kTileRows) return;
-  const DeviceMatrixView& w = warp_matrix<G>(a.experts[a.shared_expert]);
-  const int64_t row = slice.row0 + lane;
-  const int64_t first = int64_t(kStreamedSlots) * kParts * tile::stream::kRowBytes;
-  const int64_t row_bytes = int64_t(a.k_total) * 16 / tile::stream::values_per_load(F);
-  if (row < w.rows && first < row_bytes)
-    prefetch_l2_bulk(w.data + row * int64_t(w.data_row_bytes) + first, uint32_t(row_bytes - first));
-}
-
 // kParts = 2: the odd-stage warp of each 16 rows hands its sums to the even-stage warp (the same lane holds the same
 // accumulator elements), which adds them: acc = even stages + odd stages. `area`: 4 pairs × 32 lanes × 4·NT fp32.
 template <ExpertGemm G, int NT>
@@ -536,6 +520,15 @@ __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pai
   }
 }
 
+// The lane's 16 stored bytes of tile row `row` at step u of the stage in `slot` (tile::stream::multiply_stage's
+// reads: 64 bytes of each row per step, half u / 2 of the stage, chunk 4·(u % 2) + t, swizzled by the row).
+__device__ __forceinline__ uint4 lane_row_bytes(const uint8_t* slot, int u, int row) {
+  namespace st = tile::stream;
+  const int chunk = ((u & 1) << 2) | int(threadIdx.x % 4);
+  return *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + row * st::kBoxBytes +
+                                         ((chunk ^ (row & 7)) << 4));
+}
+
 // sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
 // step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
 // the stage's first input (a real token's row, see above).
@@ -551,12 +544,10 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
   const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
   for (int u = 0; u < kSteps; ++u) {
-    const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
-                                                        ((chunk ^ (rows[r] & 7)) << 4));
+      const uint4 raw = lane_row_bytes(slot, u, rows[r]);
       uint32_t factor0 = 0, factor1 = 0;
       if constexpr (F == tile::TileFormat::MXFP4) {
         factor0 = tile::detail::mxfp4_factor(scales[rows[r] * kScaleBytes + 4 * u + t]);
@@ -686,14 +677,11 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX&
   const uint8_t* scales = slot + 2 * st::kHalfBytes;
 #pragma unroll
   for (int u = 0; u < kSteps; ++u) {
-    const int chunk = ((u & 1) << 2) | t;
     uint32_t pairs[2][16];
     float scale[2][2][2];  // [row][half][column]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(slot + (u >> 1) * st::kHalfBytes + rows[r] * st::kBoxBytes +
-                                                        ((chunk ^ (rows[r] & 7)) << 4));
-      lean::decode_row_bits(raw, pairs[r]);
+      lean::decode_row_bits(lean::lane_row_bytes(slot, u, rows[r]), pairs[r]);
       column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
     }
     float sums[2][4] = {};  // [half][D fragment]
@@ -868,9 +856,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
   if (shared_item) {
     with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      const WarpSlice slice = warp_slice<G, kSharedParts>(band, part);
-      start_stream<F, G, kSharedParts>(a, a.shared_expert, slice, ring, full);
-      if (a.shared_l2_prefetch) prefetch_shared_rows<F, G, kSharedParts>(a, slice);
+      start_stream<F, G, kSharedParts>(a, a.shared_expert, warp_slice<G, kSharedParts>(band, part), ring, full);
     });
   } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
     // At T <= 8 the shared expert has one item, the first: every other item is a routed expert's.

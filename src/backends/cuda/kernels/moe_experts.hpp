@@ -100,10 +100,6 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // run_moe_gate_up, streamed kernels: before waiting for the routing, the shared expert's CTAs ask L2 for the rest
-  // of their weight rows (past the stages their rings hold), so HBM streams them while the router runs (moe.hpp:
-  // the gate/up launch starts beside the router). The same bits.
-  bool shared_l2_prefetch = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   cudaStream_t stream = nullptr;
