@@ -1,8 +1,5 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
-#include <cstdlib>
-#include <string>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -15,23 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-// Who computes the inverse RoPE's factors: consumer warp 0 before its Q loads (default), or the producer after its
-// copies; DSV4_ATTENTION_PREFILL_ROPE=producer selects the latter for an A/B on one build.
-bool rope_by_producer() {
-  static const bool by_producer = [] {
-    const char* name = std::getenv("DSV4_ATTENTION_PREFILL_ROPE");
-    if (name == nullptr) return false;
-    const std::string value = name;
-    check(value == "producer" || value == "consumer", "DSV4_ATTENTION_PREFILL_ROPE=", value,
-          ": expected producer or consumer");
-    return value == "producer";
-  }();
-  return by_producer;
-}
-
-template <bool kFp8, bool kRopeByProducer>
+template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kRopeByProducer>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -78,11 +61,10 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  if (rope_by_producer())
-    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
+  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
+    launch<true>(p, head_blocks, options);
   else
-    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
+    launch<false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

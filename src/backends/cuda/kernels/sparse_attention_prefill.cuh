@@ -108,7 +108,7 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* empty(int buffer, int half) const { return base + 4 + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
-  // The producer's inverse RoPE factors are in place (kRopeByProducer).
+  // The producer's inverse RoPE factors are in place.
   __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
 };
 
@@ -131,7 +131,7 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kRopeByProducer>
+template <bool kFp8>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
                                         int ahead_head_base) {
@@ -286,16 +286,14 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     publish_half(1, 0);
     if (i + 1 < pairs) resolve(i + 1);
   }
-  // kRopeByProducer: the inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the
-  // consumers' path to their first scores; only their epilogue waits for them.
-  if constexpr (kRopeByProducer) {
-    if (p.rope_frequencies != nullptr) {
-      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
-      const int64_t position = p.positions[t];
-      for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
-        rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
-      sm90::mbarrier_arrive(barriers.rope_ready());
-    }
+  // The inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the consumers' path to
+  // their first scores; only their epilogue waits for them.
+  if (p.rope_frequencies != nullptr) {
+    RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
+    const int64_t position = p.positions[t];
+    for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
+      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+    sm90::mbarrier_arrive(barriers.rope_ready());
   }
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
@@ -430,7 +428,7 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
-template <bool kFp8, bool kRopeByProducer>
+template <bool kFp8>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -446,14 +444,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   wait_for_prior_grids();
   const int pairs = query_pairs(p, t);
 
-  // The inverse RoPE's factors (unless kRopeByProducer) and Q (64 heads × 512 dims as bf16, swizzled; heads past H
-  // zero), by both consumers.
-  RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
-  if (!kRopeByProducer && rope) {
-    const int64_t position = p.positions[t];
-    for (int pair = thread256; pair < layout.rope_dim / 2; pair += 2 * kWarpgroup)
-      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
-  }
+  // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
   {
     constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
     uint4 packed[kChunks];
@@ -608,7 +600,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
   for (int r = 0; r < 2; ++r)
     inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
-  if (kRopeByProducer && rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
+  if (rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
 
   const int dim_base = consumer * (kHeadDim / 2);
 #pragma unroll
@@ -620,7 +612,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   }
 }
 
-template <bool kFp8, bool kRopeByProducer>
+template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved) {
@@ -644,11 +636,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kRopeByProducer>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers, ahead_exists ? ahead / head_blocks : -1,
+    produce<kFp8>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers, ahead_exists ? ahead / head_blocks : -1,
                   int(ahead % head_blocks) * kHeads);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kRopeByProducer>(p, smem, t, head_block * kHeads, barriers);
+    consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
   }
 }
 
