@@ -15,7 +15,8 @@
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
 // row → page → physical entry): bf16 entries by 16-byte cp.async (zero-filled for unused slots) that arrive on the
 // half's mbarrier when they land; fp8 entries through registers, dequantised exactly to bf16 (e4m3 · 2^k). A
-// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data.
+// consumer that waited on a half's barrier fences the async proxy before its wgmma reads the cp.async data. After its
+// copies the producer also writes the inverse RoPE factors, which only the consumers' epilogue reads.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
 #pragma once
