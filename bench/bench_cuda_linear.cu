@@ -13,8 +13,9 @@
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
 // the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (the
-// main columns run DEQUANTIZE, QuantizedLinearParams' and linear_dispatch's default). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
-// normalised by every CTA) against run_rms_norm followed by the plain call (the launch the prologue removes).
+// main columns run DEQUANTIZE, QuantizedLinearParams' and linear_dispatch's default). Ungrouped shapes also time,
+// cold, the RMSNorm prologue (fp32 rows normalised by every CTA) against run_rms_norm followed by the plain call (the
+// launch the prologue removes).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
