@@ -94,10 +94,11 @@ struct SparseAttentionParams {
   // the two waves above) with long slot lists known on the host (no compressed_counts: with counts the bound says
   // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots with two or more head blocks
   // per query (V4-Pro; the blocks share each entry through L2), at least kSparseAttentionPrefillDecodeSlotsOneBlock
-  // with one. H200, L2 flushed, bf16 q, the decode kernels → the prefill kernel (bench_cuda_attention --route): Pro
-  // batch 64, 640 slots 46.3 → 42.9 µs, 8320 slots 412 → 325; Flash batch 256, 8320 slots 825 → 668, but 640 slots
-  // 86.5 → 87.7, and short lists lose: 128 slots Pro 21.3 → 22.8, Flash 38.1 → 45.8; 160 slots Pro 22.8 → 26.8
-  // (and at two waves, which go there whatever the list: Pro batch 256, 128 slots 68.4 → 76.3).
+  // with one. H200, L2 flushed, bf16 q, the decode kernels → the prefill kernel (session 17, bench_cuda_attention
+  // --route and bench_cuda_attention_prefill --part decode): Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots
+  // 120.2 → 98.7, 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6 (a tie with
+  // the interim prefill kernel the threshold was set on), 128 slots 37.4 → 39.0; Flash batch 64 loses (640 slots
+  // 30.6 → 36.4) and stays below the wave.
   bool prefill_kernel_decode = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
