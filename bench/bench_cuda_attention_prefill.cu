@@ -54,14 +54,7 @@ constexpr int kHeadDim = kDecodeHeadDim, kRopeDim = kDecodeRopeDim, kWindow = kD
               kPageRows = kDecodePageRows;
 constexpr int64_t kTokens = 4096;
 
-__device__ __forceinline__ uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xFF51AFD7ED558CCDull;
-  x ^= x >> 33;
-  x *= 0xC4CEB9FE1A85EC53ull;
-  x ^= x >> 33;
-  return uint32_t(x);
-}
+using decode_step_detail::hash32;
 
 // A value in [-2, 2) from a hash.
 __device__ __forceinline__ float hashed_value(uint64_t i, uint32_t seed) {

@@ -703,24 +703,19 @@ TEST(MhcGpu, SingleClusterKernelMatchesCpuAtEveryWarpCount) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const std::vector<HcKernelChoice> single = {HcKernelChoice::AUTO};
   uint32_t seed = 1500;
+  const auto check_every_site = [&](int64_t d, int64_t T) {
+    for (const bool round : {false, true}) {
+      check_hc_pre(T, d, round, single, seed++);
+      check_hc_head(T, d, round, single, seed++);
+      check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::AUTO, seed++);
+      for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
+        check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
+    }
+  };
   for (const int64_t d : {int64_t(256), int64_t(1024), int64_t(2816)})
-    for (const int64_t T : {1, 8, 9, 16})
-      for (const bool round : {false, true}) {
-        check_hc_pre(T, d, round, single, seed++);
-        check_hc_head(T, d, round, single, seed++);
-        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::AUTO, seed++);
-        for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
-          check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
-      }
+    for (const int64_t T : {1, 8, 9, 16}) check_every_site(d, T);
   for (const int64_t d : {int64_t(4608), int64_t(7168)})
-    for (const int64_t T : {1, 2})
-      for (const bool round : {false, true}) {
-        check_hc_pre(T, d, round, single, seed++);
-        check_hc_head(T, d, round, single, seed++);
-        check_hc_post_pre(T, d, round, T % 2 == 0, HcKernelChoice::AUTO, seed++);
-        for (const ProjectionOp op : {ProjectionOp::HcPre, ProjectionOp::HcHead, ProjectionOp::HcPostPre})
-          check_output_norm(op, T, d, round, !round, HcKernelChoice::AUTO, seed++);
-      }
+    for (const int64_t T : {1, 2}) check_every_site(d, T);
 }
 
 void expect_error_containing(const std::function<void()>& action, const std::string& needle) {

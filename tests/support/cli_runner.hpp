@@ -11,6 +11,10 @@
 #include <iterator>
 #include <string>
 
+#if DSV4_HAVE_CUDA
+#include "backends/cuda/device.hpp"
+#endif
+
 namespace dsv4::testing {
 
 struct CliResult {
@@ -45,6 +49,15 @@ inline CliResult run_cli(const std::string& args, const std::string& stdin_text 
   fs::remove(in);
   fs::remove(err);
   return result;
+}
+
+// Whether a CUDA device is there for the GPU cases (never in a build without CUDA).
+inline bool gpu_present() {
+#if DSV4_HAVE_CUDA
+  return !dsv4::cuda::list_devices().empty();
+#else
+  return false;
+#endif
 }
 
 }  // namespace dsv4::testing

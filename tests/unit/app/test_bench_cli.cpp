@@ -10,25 +10,14 @@
 #include <fstream>
 #include <string>
 
-#if DSV4_HAVE_CUDA
-#include "backends/cuda/device.hpp"
-#endif
-
 namespace fs = std::filesystem;
 using dsv4::testing::CliResult;
+using dsv4::testing::gpu_present;
 using dsv4::testing::run_cli;
 
 namespace {
 
 const fs::path kTiny = fs::path(DSV4_SOURCE_DIR) / "models" / "tiny-fortunes";
-
-bool gpu_present() {
-#if DSV4_HAVE_CUDA
-  return !dsv4::cuda::list_devices().empty();
-#else
-  return false;
-#endif
-}
 
 // The rate of the table row whose test column is `test`, or -1 when there is no such row.
 double row_rate(const std::string& out, const std::string& test) {

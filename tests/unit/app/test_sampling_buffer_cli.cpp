@@ -8,25 +8,14 @@
 #include <filesystem>
 #include <string>
 
-#if DSV4_HAVE_CUDA
-#include "backends/cuda/device.hpp"
-#endif
-
 namespace fs = std::filesystem;
 using dsv4::testing::CliResult;
+using dsv4::testing::gpu_present;
 using dsv4::testing::run_cli;
 
 namespace {
 
 const std::string kModel = "-m " + (fs::path(DSV4_SOURCE_DIR) / "models" / "tiny-fortunes").string();
-
-bool gpu_present() {
-#if DSV4_HAVE_CUDA
-  return !dsv4::cuda::list_devices().empty();
-#else
-  return false;
-#endif
-}
 
 void expect_failure(const std::string& args, const std::string& message) {
   const CliResult r = run_cli(args);

@@ -1,5 +1,5 @@
 // Ordered global-memory accesses for CTAs that wait on counters other CTAs of the same grid publish (the top-k's
-// arrival barrier, the MoE single launch's task counters, the linear pair kernel's group counts).
+// arrival barrier).
 #pragma once
 
 #include <cstdint>
