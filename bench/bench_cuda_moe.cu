@@ -64,7 +64,7 @@ struct Model {
 
 struct Result {
   std::string model;
-  std::string path;  // a PathSpec name ("single", "streamed", ..., "register")
+  std::string path;  // a PathSpec name ("streamed", ..., "register")
   int tokens = 0;
   double us = 0, touched_bytes = 0, experts_touched = 0, gbps = 0, copy_share = 0, tflops = 0;
   double tensor_share = 0;   // tflops / the same-run cuBLAS bf16 rate

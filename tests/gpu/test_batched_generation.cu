@@ -252,7 +252,6 @@ TEST(BatchedGeneration, SamplingInSeveralLaunchesPicksTheTokensOfOne) {
 // The default sampling buffers (sampling_adjustments 0): sized for a step's rows in the common case, capped at 8
 // vocabularies (DeepSeek's vocabulary: batch 1 one vocabulary, 256 sequences of a long context 8 instead of 256).
 TEST(BatchedGeneration, DefaultSamplingBuffersAreCapped) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   constexpr int64_t kVocab = 129280;
   EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 1, 1 << 20), kVocab);
   EXPECT_EQ(cuda::default_sampling_adjustments(kVocab, 8, 8192), kVocab);        // 8 × 9216 below a vocabulary

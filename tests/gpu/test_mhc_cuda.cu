@@ -513,6 +513,21 @@ TEST(MhcGpu, HcPostPreMatchesCpuPostThenPre) {
         }
 }
 
+// AUTO's one-cluster-per-16-token-tile range at its edges (V4-Flash's width): a partial last tile (17, 100), the
+// largest launch it takes (128; hc_head 64) and the first it leaves to the persistent kernel (129; hc_head 65).
+TEST(MhcGpu, ClusterPerTileRangeMatchesCpuAtItsEdges) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t d = 4096;
+  uint32_t seed = 1700;
+  for (const int64_t T : {17, 100, 128, 129})
+    for (const bool round : {false, true}) {
+      check_hc_pre(T, d, round, kernels_for(T), seed++);
+      for (const HcKernelChoice kernel : kernels_for(T, true)) check_hc_post_pre(T, d, round, T % 2 == 0, kernel, seed++);
+    }
+  for (const int64_t T : {17, 64, 65})
+    for (const bool round : {false, true}) check_hc_head(T, d, round, kernels_for(T), seed++);
+}
+
 TEST(MhcGpu, OneWorkspaceServesLaunchesOfEverySize) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   constexpr int64_t d = 4096;

@@ -55,7 +55,7 @@ CudaModelOptions with_sampling_buffers(const ModelConfig& config, CudaModelOptio
   if (options.sampling_adjustments == 0)
     options.sampling_adjustments =
         default_sampling_adjustments(vocab, options.max_sequences, options.max_context);
-  check(options.sampling_adjustments >= vocab, "CUDA model: sampling_adjustments ", options.sampling_adjustments,
+  check(options.sampling_adjustments >= vocab, "--sampling-buffer (sampling_adjustments) ", options.sampling_adjustments,
         " is below the vocabulary (", vocab, "): a row may adjust every token");
   return options;
 }

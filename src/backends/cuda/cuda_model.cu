@@ -250,6 +250,10 @@ constexpr int64_t kStackedQueryMaxTokens = 64;
 
 // A kernel node's function, demangled, without its parameter list ("dsv4::cuda::foo_kernel<2>").
 std::string kernel_node_name(cudaGraphNode_t node) {
+  cudaGraphNodeType type{};
+  DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+  check(type == cudaGraphNodeTypeKernel, "CUDA model: a decode graph node of type ", int(type),
+        " is not a kernel: the launch listing expects kernel nodes only");
   cudaKernelNodeParams params{};
   DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &params));
   const char* mangled = nullptr;
@@ -419,7 +423,7 @@ struct CudaModel::Impl {
     check(o.max_step_tokens <= 4096, "CUDA model: max_step_tokens ", o.max_step_tokens, " exceeds 4096");
     check(o.max_sequences <= 4096, "CUDA model: max_sequences ", o.max_sequences, " exceeds 4096");
     // A row's adjustments_begin is an int32 index into them.
-    check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: sampling_adjustments ",
+    check(o.sampling_adjustments >= 0 && o.sampling_adjustments <= INT32_MAX, "CUDA model: --sampling-buffer (sampling_adjustments) ",
           o.sampling_adjustments, " outside [0, ", INT32_MAX, "]");
     stream = context.compute_stream();
     graphs_enabled = !cuda_graphs_disabled();

@@ -270,7 +270,7 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   check(p.key_count < (int64_t(1) << 31), "indexer_scores: key_count ", p.key_count, " exceeds int32 indices");
   check(p.score_stride >= p.key_count, "indexer_scores: score_stride ", p.score_stride, " < key_count ", p.key_count);
   check((p.keys != nullptr) + (p.keys_fp8 != nullptr) <= 1, "indexer_scores: give keys (bf16) or keys_fp8, not both");
-  check((p.q != nullptr) + (p.q_fp8 != nullptr) <= 1, "indexer_scores: give exactly one of q and q_fp8");
+  check((p.q != nullptr) + (p.q_fp8 != nullptr) <= 1, "indexer_scores: give q (bf16) or q_fp8, not both");
   if (fp8_keys(p)) {
     check(p.q == nullptr, "indexer_scores: fp8 keys need fp8 queries (q_fp8 + q_scales), not bf16 q");
   } else {

@@ -958,7 +958,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 //   the stall samples, ncu, Flash T = 1). Sinkhorn in scaling form (sinkhorn_4x4_scaled), fn split into tf32 pairs
 //   before the wait, two accumulator chains in the MMA. Session 14 (H200, graph, Flash T = 1, with its Gram-matrix
 //   norm; the session-13 kernel with cluster barriers → this one): hc_pre 6.4 → 5.9 µs, hc_head 3.7 → 3.2,
-//   hc_post_pre 6.4 → 6.1. The session-13 kernel (HcKernelChoice::CLUSTER) was removed in session 17.
+//   hc_post_pre 6.4 → 6.1.
 // - The launch epoch (the words' tag) is advanced without a counter: by the CTA that has seen words carrying it from
 //   every slice cluster (each CTA reads the epoch before it publishes) once the mix cluster's barrier shows that the
 //   mix CTAs have read it too.

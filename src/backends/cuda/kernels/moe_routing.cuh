@@ -85,7 +85,7 @@ __device__ __forceinline__ void load_router_vector(const uint8_t* row, int k, fl
 }
 
 // sum + w · x for one vector, x = (x0, x1): the router's products in their order, shared by
-// moe_router_logits_kernel and the single-launch MoE so that both give the same logits bit for bit.
+// moe_router_logits_kernel and the decode router so that both give the same logits bit for bit.
 __device__ __forceinline__ float fma_router_vector(const float (&w)[kRouterVector], float4 x0, float4 x1, float sum) {
   sum = fmaf(w[0], x0.x, sum);
   sum = fmaf(w[1], x0.y, sum);
@@ -315,9 +315,7 @@ __device__ __forceinline__ bool arrived_last(uint32_t* finished_ctas) {
   return is_last;
 }
 
-// static: one copy per translation unit that includes this header (the single-launch kernel's uses the device
-// functions above only).
-static __global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize)
+__global__ void __launch_bounds__(kSelectWarpsPerCta * kWarpSize)
     moe_route_and_bucket_kernel(const RouteArgs a) {
   wait_for_prior_grids();  // the logits
   allow_dependents();
