@@ -853,7 +853,7 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   testing::expect_error([&] { run_indexer_scores(p); }, "key_scales");
   p = base;
   p.q = buffer.as<__nv_bfloat16>(), p.q_fp8 = buffer.as<uint8_t>(), p.keys = buffer.as<__nv_bfloat16>();
-  testing::expect_error([&] { run_indexer_scores(p); }, "exactly one of q and q_fp8");
+  testing::expect_error([&] { run_indexer_scores(p); }, "give q (bf16) or q_fp8, not both");
   p = base;
   p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.head_weights_row_stride = 3;
   testing::expect_error([&] { run_indexer_scores(p); }, "head_weights_row_stride 3");
