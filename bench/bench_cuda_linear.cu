@@ -12,10 +12,8 @@
 // slots where it applies (weight_tile_mma.cuh), so the default can be checked against its alternatives, and the
 // wgmma GEMM (run_quantized_gemm: 64-token tiles, split-K) that linear_dispatch can take from a token count on, and
 // (streamed path with split-K) the cluster split-K reduction instead of the workspace one, against the read floor of
-// the weight's data (read_floor_kernel, cold); FP8 on the STREAMED path also times its Fp8TileMath::F16_CVT (the
-// main columns run DEQUANTIZE, QuantizedLinearParams' and linear_dispatch's default). Ungrouped shapes also time,
-// cold, the RMSNorm prologue (fp32 rows normalised by every CTA) against run_rms_norm followed by the plain call (the
-// launch the prologue removes).
+// the weight's data (read_floor_kernel, cold). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
+// normalised by every CTA) against run_rms_norm followed by the plain call (the launch the prologue removes).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
@@ -266,7 +264,6 @@ struct Row {
   int gemm_k_splits = 0;
   double prologue_cold_us = 0;        // the default config with the RMSNorm prologue; 0: not timed
   double norm_then_linear_cold_us = 0;  // run_rms_norm (bf16 out) then the default config
-  double f16_cold_us = 0;             // FP8 on the STREAMED path: the default config with Fp8TileMath::F16_CVT
 };
 
 // --sweep: one STREAMED config, cold.
@@ -444,8 +441,7 @@ int main(int argc, char** argv) {
         }
         for (const int tokens : token_counts) {
           // The call y = weight · x at this shape and T, with `workspace`, on stream `s`.
-          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s,
-                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+          const auto linear_params = [&](const DeviceMatrixView& weight, DeviceBuffer& workspace, cudaStream_t s) {
             return QuantizedLinearParams{.weight = weight,
                                          .x = x.as<__nv_bfloat16>(),
                                          .x_row_stride = x_cols,
@@ -455,18 +451,16 @@ int main(int argc, char** argv) {
                                          .groups = shape.groups,
                                          .workspace = workspace.data(),
                                          .workspace_bytes = workspace.bytes(),
-                                         .stream = s,
-                                         .fp8_math = math};
+                                         .stream = s};
           };
           enum class Timing { COLD, GRAPH, STREAM };
           // Cold (the main times), replayed back to back in a graph, or stream-launched (host launch cost included
           // where it exceeds the kernel's).
-          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing,
-                                       Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
+          const auto time_config = [&](const QuantizedLinearConfig& config, Timing timing) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
             const auto launch = [&](int i, cudaStream_t s) {
-              run_quantized_linear(linear_params(weight_view(i), workspace, s, math), config);
+              run_quantized_linear(linear_params(weight_view(i), workspace, s), config);
             };
             if (timing == Timing::COLD) return cold.us(launch);
             return 1e3 * (timing == Timing::GRAPH ? time_graph_ms(kIterations, graph_stream, launch)
@@ -475,7 +469,6 @@ int main(int argc, char** argv) {
           const QuantizedLinearConfig config =
               choose_quantized_linear_config(weights[0].view(), tokens, shape.groups, device.multiprocessors);
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
-          const bool f16_applies = fp8_f16_math_applies(weights[0].view(), config);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
           const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
@@ -497,15 +490,10 @@ int main(int argc, char** argv) {
                 workspace_bytes = std::max(workspace_bytes, c->workspace_bytes);
             DeviceBuffer workspace(std::max<size_t>(workspace_bytes, 16), "linear workspace");
             workspace.fill_bytes(0);
-            const auto launch_once = [&](const QuantizedLinearConfig& c,
-                                         Fp8TileMath math = Fp8TileMath::DEQUANTIZE) {
-              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr, math), c);
+            const auto launch_once = [&](const QuantizedLinearConfig& c) {
+              run_quantized_linear(linear_params(weights[0].view(), workspace, nullptr), c);
             };
             launch_once(config);
-            if (f16_applies) {
-              launch_once(config, Fp8TileMath::F16_CVT);
-              std::printf(", then the default with f16 math");
-            }
             for (int slots = 1; slots <= 4 && streamed_applies; ++slots)
               if (const auto c = streamed_config(slots, SplitKReduce::WORKSPACE, 0)) {
                 launch_once(*c);
@@ -555,7 +543,6 @@ int main(int argc, char** argv) {
           row.cold_us = time_config(config, Timing::COLD);
           row.cold_percent_of_copy = 100.0 * double(stored) / (row.cold_us * 1e3) / copy_gbps;
           row.graph_us = time_config(config, Timing::GRAPH);
-          if (f16_applies) row.f16_cold_us = time_config(config, Timing::COLD, Fp8TileMath::F16_CVT);
           if (shape.groups == 1 && shape.cols <= kRmsNormMaxWidth) {
             DeviceBuffer workspace(config.workspace_bytes, "linear workspace");
             workspace.fill_bytes(0);
@@ -622,19 +609,19 @@ int main(int argc, char** argv) {
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
                   "cold: aligned µs | streamed µs (1/2/3/4 slots) | "
                   "read floor µs · %% of copy | cluster reduction µs | GEMM µs (split-K) | "
-                  "norm prologue / rms_norm + linear µs | f16 math cold µs |\n");
-      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+                  "norm prologue / rms_norm + linear µs |\n");
+      std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const Row& r : table)
       std::printf("| %s | %s | %s | %lld × %lld (%d) | %d | %d | %s (%d) | %.1f · %.0f | %.1f · %.0f | %.1f | %.2f× | "
                   "%.1f | %.1f | %.1f / %.1f / %.1f / %.1f | %.1f · %.0f | %.1f | "
-                  "%.1f (%d) | %.1f / %.1f | %.1f |\n",
+                  "%.1f (%d) | %.1f / %.1f |\n",
                   r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                   r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                   r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                   r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.read_floor_percent_of_copy,
                   r.cluster_us,
-                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us);
+                  r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
       std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
                   "%% of copy |\n"
@@ -674,14 +661,13 @@ int main(int argc, char** argv) {
                    "\"warm_graph_us\": %.2f, \"aligned_cold_us\": %.2f, \"streamed_cold_us_by_slots\": [%.2f, %.2f, "
                    "%.2f, %.2f], "
                    "\"read_floor_cold_us\": %.2f, \"cluster_cold_us\": %.2f, \"gemm_cold_us\": %.2f, "
-                   "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f, "
-                   "\"f16_math_cold_us\": %.2f}%s\n",
+                   "\"gemm_k_splits\": %d, \"prologue_cold_us\": %.2f, \"norm_then_linear_cold_us\": %.2f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), (long long)r.rows, (long long)r.cols, r.groups,
                    r.tokens, r.k_splits, r.load_path.c_str(), r.ring_slots, r.cold_us, r.cold_percent_of_copy, r.us,
                    r.percent_of_copy, r.cublas_us, r.speedup, r.graph_us, r.aligned_us, r.streamed_us[1],
                    r.streamed_us[2], r.streamed_us[3], r.streamed_us[4], r.read_floor_us, r.cluster_us, r.gemm_us,
                    r.gemm_k_splits,
-                   r.prologue_cold_us, r.norm_then_linear_cold_us, r.f16_cold_us, i + 1 < table.size() ? "," : "");
+                   r.prologue_cold_us, r.norm_then_linear_cold_us, i + 1 < table.size() ? "," : "");
     }
     std::fprintf(out, "  ],\n  \"sweep\": [\n");
     for (size_t i = 0; i < sweep_rows.size(); ++i) {

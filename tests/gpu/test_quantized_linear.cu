@@ -10,8 +10,7 @@
 // The RMSNorm prologue equals run_rms_norm (bf16 output) followed by the op bit for bit, and the CPU's rms_norm +
 // linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
 // STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
-// changes a bit. FP8 on the STREAMED path at up to 8 tokens runs with both Fp8TileMath choices; the f16 one also on
-// inputs spanning 2^±60, at bf16's range ends and with infinities and NaNs.
+// changes a bit.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -103,8 +102,7 @@ struct DeviceRun {
 DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>& x_bf16, int64_t x_stride,
                         int64_t y_stride, int tokens, int groups, DeviceBuffer& workspace,
                         WeightLoadPath load_path = WeightLoadPath::AUTO,
-                        const QuantizedLinearConfig* config = nullptr,
-                        Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE) {
+                        const QuantizedLinearConfig* config = nullptr) {
   DeviceBuffer x(x_bf16.size() * 2, "x");
   x.upload(x_bf16.data(), x_bf16.size() * 2);
   const size_t y_floats = size_t(tokens) * size_t(y_stride);
@@ -119,8 +117,7 @@ DeviceRun run_on_device(const DeviceMatrix& weight, const std::vector<uint16_t>&
                                      .groups = groups,
                                      .workspace = workspace.data(),
                                      .workspace_bytes = workspace.bytes(),
-                                     .stream = nullptr,
-                                     .fp8_math = fp8_math};
+                                     .stream = nullptr};
   if (config != nullptr)
     run_quantized_linear(params, *config);
   else if (load_path == WeightLoadPath::AUTO)
@@ -243,58 +240,39 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       std::string label;
       WeightLoadPath path;
       std::optional<QuantizedLinearConfig> config;
-      Fp8TileMath math = Fp8TileMath::DEQUANTIZE;
     };
-    // Where the f16 FP8 math applies (fp8_f16_math_applies), the STREAMED runs are repeated with it.
-    const int multiprocessors = list_devices().front().multiprocessors;
     std::vector<Run> runs;
-    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
+    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens))
       runs.push_back({path_name(path), path, std::nullopt});
-      if (path == WeightLoadPath::STREAMED &&
-          fp8_f16_math_applies(weight.view(), choose_quantized_linear_config(weight.view(), tokens, c.groups,
-                                                                             multiprocessors, path)))
-        runs.push_back({std::string(path_name(path)) + ", f16 math", path, std::nullopt, Fp8TileMath::F16_CVT});
-    }
     if (every_streamed)
       for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
-        for (const Fp8TileMath math : {Fp8TileMath::DEQUANTIZE, Fp8TileMath::F16_CVT}) {
-          if (math == Fp8TileMath::F16_CVT && !fp8_f16_math_applies(weight.view(), config)) continue;
-          runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
-                              std::to_string(config.k_splits) + " splits, " +
-                              (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction" +
-                              (math == Fp8TileMath::F16_CVT ? ", f16 math" : ""),
-                          WeightLoadPath::STREAMED, config, math});
-        }
-    // The first output of each (splits, reduction, math) among the STREAMED configs: deeper rings must match it
-    // bitwise.
-    struct SplitResult {
-      const Run* run;
-      std::vector<float> y;
-    };
-    std::vector<SplitResult> by_split;
+        runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
+                            std::to_string(config.k_splits) + " splits, " +
+                            (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction",
+                        WeightLoadPath::STREAMED, config});
+    // The first output of each (splits, reduction) among the STREAMED configs: deeper rings must match it bitwise.
+    std::vector<std::pair<const QuantizedLinearConfig*, std::vector<float>>> by_split;
     for (const Run& r : runs) {
       SCOPED_TRACE(r.label);
       const WeightLoadPath path = r.path;
       const DeviceRun run = run_on_device(weight, x_bf16, x_stride, y_stride, tokens, c.groups, workspace, path,
-                                          r.config ? &*r.config : nullptr, r.math);
+                                          r.config ? &*r.config : nullptr);
       if (r.config) {
-        const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const SplitResult& e) {
-          return e.run->config->k_splits == r.config->k_splits && e.run->config->reduce == r.config->reduce &&
-                 e.run->math == r.math;
+        const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const auto& e) {
+          return e.first->k_splits == r.config->k_splits && e.first->reduce == r.config->reduce;
         });
         if (same == by_split.end()) {
-          by_split.push_back({&r, run.y});
+          by_split.emplace_back(&*r.config, run.y);
         } else {
           int differing = 0;
           for (size_t i = 0; i < run.y.size(); ++i)
-            if (std::memcmp(&run.y[i], &same->y[i], sizeof(float)) != 0 && ++differing <= 4)
+            if (std::memcmp(&run.y[i], &same->second[i], sizeof(float)) != 0 && ++differing <= 4)
               ADD_FAILURE() << "float " << i << " of y is " << run.y[i] << " at " << r.config->ring_slots
-                            << " slots but " << same->y[i] << " at " << same->run->config->ring_slots;
+                            << " slots but " << same->second[i] << " at " << same->first->ring_slots;
           EXPECT_EQ(differing, 0) << "ring depth changed the result";
         }
       }
-      // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16; with the f16 FP8
-      // math, f16 × f16 with every normal-random input within 2^-28 of its token's largest), so only the order
+      // The products are exact (bf16 × bf16 in fp32; the dequantised weights are exact in bf16), so only the order
       // of the fp32 sums differs: the tensor cores add each 16-product MMA sum into the accumulator with up to one
       // ulp of error, K/16 times in a row, plus split-K and the CPU's own rounding; NVFP4 adds the CPU's rounding of
       // e4m3 scale × global and FP8/f32 the per-element scale rounding (each 2^-24 relative).
@@ -420,79 +398,6 @@ TEST(QuantizedLinear, StreamedRingDepthsAndSplitCounts) {
   check_against_cpu({TestFormat::NVFP4, 2048, 4096}, tokens, seed++, true);
   check_against_cpu({TestFormat::MXFP4, 512, 7168}, tokens, seed++, true);
   check_against_cpu({TestFormat::BF16, 256, 2048}, tokens, seed++, true);
-}
-
-// Fp8TileMath::F16_CVT stages x in f16 at a power of two per token: tokens whose values span 2^-60 .. 2^60, zeros,
-// values near bf16's smallest normal (subnormals among them) and near its largest, and tokens holding an infinity or
-// a NaN give the CPU's results (within the summation bound plus the f16 subnormal rounding of inputs below 2^-28 of
-// their token's largest), and the same non-finite outputs, with and without K split over CTAs.
-TEST(QuantizedLinear, Fp8F16MathKeepsWideRangesAndNonFinites) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  constexpr int64_t kRows = 256, kCols = 2048;
-  constexpr int kTokens = 8;
-  std::mt19937 rng(1400);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> values(size_t(kRows * kCols));
-  for (float& v : values) v = normal(rng) * 0.02f;
-  const OwnedQuantizedMatrix host = quantize(TestFormat::FP8_E8M0, values, kRows, kCols);
-  const std::vector<float> w = dequantize(host.matrix);
-  const DeviceMatrix weight(host.matrix, "f16 math weight");
-
-  std::vector<uint16_t> x_bf16(size_t(kTokens * kCols));
-  for (int t = 0; t < kTokens; ++t)
-    for (int64_t k = 0; k < kCols; ++k) {
-      float v = normal(rng);
-      if (t == 0) v = std::ldexp(v, int(rng() % 121) - 60);
-      if (t == 1) v = 0.0f;
-      if (t == 2) v = std::ldexp(v, k % 3 == 0 ? -130 : -120);
-      if (t == 3) v = std::ldexp(v, 120);
-      x_bf16[size_t(t * kCols + k)] = float_to_bf16(v);
-    }
-  x_bf16[size_t(4 * kCols + 777)] = float_to_bf16(INFINITY);
-  x_bf16[size_t(5 * kCols + 1500)] = float_to_bf16(NAN);
-
-  std::vector<float> x(x_bf16.size());
-  for (size_t i = 0; i < x.size(); ++i) x[i] = bf16_to_float(x_bf16[i]);
-  std::vector<float> reference(size_t(kTokens * kRows));
-  cpu::linear(host.matrix, x.data(), kTokens, reference.data());
-
-  const int multiprocessors = list_devices().front().multiprocessors;
-  for (const int k_splits : {1, 4}) {
-    SCOPED_TRACE(std::to_string(k_splits) + " K splits");
-    const QuantizedLinearConfig config = choose_quantized_linear_config(
-        weight.view(), kTokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE, k_splits);
-    ASSERT_TRUE(fp8_f16_math_applies(weight.view(), config));
-    DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16), "linear workspace");
-    workspace.fill_bytes(0);
-    const DeviceRun run = run_on_device(weight, x_bf16, kCols, kRows, kTokens, 1, workspace, WeightLoadPath::STREAMED,
-                                        &config, Fp8TileMath::F16_CVT);
-    int failures = 0;
-    for (int t = 0; t < kTokens; ++t) {
-      float largest = 0.0f;
-      for (int64_t k = 0; k < kCols; ++k)
-        if (std::isfinite(x[size_t(t * kCols + k)])) largest = std::max(largest, std::fabs(x[size_t(t * kCols + k)]));
-      for (int64_t n = 0; n < kRows; ++n) {
-        const float got = run.y[size_t(t * kRows + n)], want = reference[size_t(t * kRows + n)];
-        double magnitude = 0.0, row_sum = 0.0;
-        for (int64_t k = 0; k < kCols; ++k) {
-          const double wk = std::fabs(w[size_t(n * kCols + k)]);
-          row_sum += wk;
-          if (std::isfinite(x[size_t(t * kCols + k)])) magnitude += wk * std::fabs(x[size_t(t * kCols + k)]);
-        }
-        bool ok;
-        if (!std::isfinite(want)) {
-          ok = std::isnan(want) ? std::isnan(got) : got == want;
-        } else {
-          // The summation bound of check_against_cpu, plus each input's f16 rounding below 2^-28 of the largest.
-          const double tolerance = (kCols / 16.0 + 64.0) * 0x1p-22 * magnitude + row_sum * double(largest) * 0x1p-39;
-          ok = std::isfinite(got) && std::fabs(double(got) - want) <= tolerance;
-        }
-        if (!ok && ++failures <= 8)
-          ADD_FAILURE() << "y[t=" << t << ", n=" << n << "] = " << got << ", reference " << want;
-      }
-    }
-    EXPECT_EQ(failures, 0) << failures << " mismatching outputs";
-  }
 }
 
 // One-hot activations: token t of pass p is e_(64p + t), so y[t, n] = W[n, 64p + t] exactly: W as the kernel sees

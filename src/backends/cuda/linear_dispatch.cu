@@ -6,9 +6,7 @@
 #include "core/log.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <mutex>
-#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -39,18 +37,6 @@ void warn_once(const void* matrix, std::string_view what, const std::string& rea
                 reason);
 }
 
-// The call's fp8_math, or every call's when DSV4_FP8_TILE_MATH is set (dequantize or f16). Read once.
-Fp8TileMath fp8_math_of(const LinearCall& c) {
-  static const std::optional<Fp8TileMath> forced = []() -> std::optional<Fp8TileMath> {
-    const char* value = std::getenv("DSV4_FP8_TILE_MATH");
-    if (value == nullptr) return std::nullopt;
-    const std::string_view v(value);
-    check(v == "dequantize" || v == "f16", "DSV4_FP8_TILE_MATH='", v, "': expected dequantize or f16");
-    return v == "f16" ? Fp8TileMath::F16_CVT : Fp8TileMath::DEQUANTIZE;
-  }();
-  return forced ? *forced : c.fp8_math;
-}
-
 void run_decode_chunks(const LinearCall& c) {
   for (int64_t t0 = 0; t0 < c.tokens; t0 += kLinearMaxTokens) {
     QuantizedLinearParams p;
@@ -68,7 +54,6 @@ void run_decode_chunks(const LinearCall& c) {
     if (c.norm_x != nullptr) p.norm_x = c.norm_x + t0 * c.x_row_stride;
     p.norm_weight = c.norm_weight;
     p.norm_eps = c.norm_eps;
-    p.fp8_math = fp8_math_of(c);
     run_quantized_linear(p);
   }
 }

@@ -44,14 +44,6 @@ struct LinearCall {
   const float* norm_x = nullptr;
   const float* norm_weight = nullptr;
   float norm_eps = 0.0f;
-  // How FP8 weights meet x in the decode kernel's STREAMED path (Fp8TileMath, quantized_linear.hpp, where
-  // fp8_f16_math_applies); the GEMM and other formats ignore it. Measured on an H200 (GPU rounds s17-1..3, cold,
-  // V4-Flash FP8 T = 1): F16_CVT wo_a 13.4-13.6 / 13.1 µs against 13.7, wo_b 14.0-14.2 against 14.5-14.9, wq_b level;
-  // but the 8-layer e2e b1 A/Bs disagree (736.2 against 735.1 t/s in round 2, 747.0 ± 2.9 against 752.7 ± 0.2 in
-  // round 3, each with the other order), so DEQUANTIZE stays the default until an interleaved A/B decides. The
-  // environment variable DSV4_FP8_TILE_MATH (dequantize or f16) overrides it for every call: that A/B without a
-  // rebuild.
-  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;
 };
 
 // Workspace that serves any token count for this weight and either kernel (the larger split-K scratch).

@@ -75,10 +75,10 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, bool kClusterReduce, bool kFp8AsF16>
+template <TileFormat F, int NT, bool kClusterReduce>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce, kFp8AsF16>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kClusterReduce>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -97,32 +97,22 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kFp8AsF16>
-void launch_streamed_for_math(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
-                              cudaStream_t stream) {
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, true, kFp8AsF16>(args, config, stream);
-  else
-    launch_streamed_kernel<F, NT, false, kFp8AsF16>(args, config, stream);
-}
-
-// fp8_f16: Fp8TileMath::F16_CVT on an FP8 weight (fp8_f16_math_applies).
 template <TileFormat F, int NT>
-void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool fp8_f16,
-                     cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (fp8_f16) return launch_streamed_for_math<F, NT, true>(args, config, stream);
-  launch_streamed_for_math<F, NT, false>(args, config, stream);
+void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, true>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
-void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, bool fp8_f16,
+void launch_for_format(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                        cudaStream_t stream) {
   if (config.load_path == WeightLoadPath::STREAMED) {
     if (config.token_tiles == 1)
-      launch_streamed<F, 1>(args, config, fp8_f16, stream);
+      launch_streamed<F, 1>(args, config, stream);
     else
-      launch_streamed<F, 2>(args, config, fp8_f16, stream);
+      launch_streamed<F, 2>(args, config, stream);
   } else if (config.load_path == WeightLoadPath::ALIGNED)
     launch_for_token_tiles<F, true>(args, config, stream);
   else
@@ -324,11 +314,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   return config;
 }
 
-bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config) {
-  return weight.format == WeightFormat::FP8_BLOCK128 && config.load_path == WeightLoadPath::STREAMED &&
-         config.token_tiles == 1;
-}
-
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups) {
   // The most any call of 1..tokens tokens needs: the paths split K differently, so fewer tokens can split more.
   const int multiprocessors = current_multiprocessors();
@@ -445,14 +430,11 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
 void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
   check_params_for_config(params, config);
   const linear::LinearKernelArgs args = kernel_args(params, config);
-  const bool fp8_f16 = params.fp8_math == Fp8TileMath::F16_CVT && params.norm_x == nullptr &&
-                       fp8_f16_math_applies(params.weight, config);
-  const cudaStream_t stream = params.stream;
   switch (tile_format_of(params.weight)) {
-    case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, false, stream); break;
-    case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, fp8_f16, stream); break;
-    case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, false, stream); break;
-    case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, false, stream); break;
+    case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
+    case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;
+    case TileFormat::MXFP4: launch_for_format<TileFormat::MXFP4>(args, config, params.stream); break;
+    case TileFormat::NVFP4: launch_for_format<TileFormat::NVFP4>(args, config, params.stream); break;
   }
 }
 

@@ -260,8 +260,7 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA.
-// kFp8AsF16: FP8 stages by the f16 decode (stage_x must then stage by tile::stage_f16_x_chunks).
-template <tile::TileFormat F, int NT, bool kFp8AsF16 = false, class StageX>
+template <tile::TileFormat F, int NT, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
@@ -292,8 +291,8 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       float block_scales[st::kMaxBlocksPerStage];
       st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
-      st::multiply_stage<F, NT, C, kFp8AsF16>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin),
-                                              row_stride, lane_tiles, block_scales, sums, acc);
+      st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
+                                   lane_tiles, block_scales, sums, acc);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
         st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
@@ -324,18 +323,13 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-// kFp8AsF16 (FP8, Fp8TileMath::F16_CVT): the f16 decode, x staged in f16 at a power-of-two scale per token chosen over
-// the CTA's whole K split (tile::find_f16_input_scales), which the accumulators undo before the output.
-template <tile::TileFormat F, int NT, bool kClusterReduce, bool kFp8AsF16>
+template <tile::TileFormat F, int NT, bool kClusterReduce>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
-  constexpr int kScaledTokens = kFp8AsF16 ? kLinearMaxStreamedTokens : 1;  // the f16 math's per-token factors
-  __shared__ uint32_t x_max_bits[kScaledTokens];
-  __shared__ float x_factor[kScaledTokens], y_factor[kScaledTokens];
   const DeviceMatrixView& w = args.weight;
   const int64_t row_block = blockIdx.x;
   const int split = int(blockIdx.y);
@@ -359,38 +353,11 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  if constexpr (kFp8AsF16) {
-    // x of the split as bf16 chunks from input `begin` on (the host never combines this math with the prologue).
-    const auto x_chunks_from = [&](int64_t begin) {
-      return [&, begin](int t, int64_t k) {
-        return tile::detail::load_x_chunk(x_group + t * args.x_row_stride + begin + k, work.split_end - begin - k);
-      };
-    };
-    tile::find_f16_input_scales(x_chunks_from(work.split_begin), args.tokens, work.split_end - work.split_begin,
-                                x_max_bits, x_factor, y_factor, int(threadIdx.x), kThreadsPerCta);
-    multiply_streamed_item<F, NT, true>(args, work, row0, has_rows, ring, x_tile,
-                                        [&](int64_t chunk_begin, int64_t chunk_end) {
-                                          tile::stage_f16_x_chunks(x_chunks_from(chunk_begin), x_factor, args.tokens,
-                                                                   args.tokens, chunk_end - chunk_begin, x_tile,
-                                                                   int(threadIdx.x), kThreadsPerCta);
-                                        },
-                                        acc);
-    const int t = int(threadIdx.x) % 4;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
-        if (token < args.tokens) acc[nt][i] *= y_factor[token];
-      }
-  } else {
-    multiply_streamed_item<F, NT>(args, work, row0, has_rows, ring, x_tile,
-                                  [&](int64_t chunk_begin, int64_t chunk_end) {
-                                    stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens,
-                                                   x_tile);
-                                  },
-                                  acc);
-  }
+  multiply_streamed_item<F, NT>(args, work, row0, has_rows, ring, x_tile,
+                                [&](int64_t chunk_begin, int64_t chunk_end) {
+                                  stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
+                                },
+                                acc);
 
   if constexpr (kClusterReduce)
     write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));

@@ -66,16 +66,6 @@ enum class SplitKReduce : uint8_t { AUTO, WORKSPACE, CLUSTER };
 
 inline constexpr int kLinearMaxClusterSplits = 16;  // Hopper's non-portable cluster size limit
 
-// How FP8_BLOCK128 weights meet x on the STREAMED path at up to 8 tokens, without the RMSNorm prologue (one token
-// tile: at two its kernel spilled; with the prologue its scale search normalises the rows once more, wq_b 15.9 against
-// 15.4 µs cold on an H200; other formats, paths and calls ignore it). DEQUANTIZE: each e4m3 pair
-// becomes its exact bf16 value (its bits placed in a bf16, then a bf16 multiply by 2^120), bf16 MMAs. F16_CVT: one
-// cvt.rn.f16x2.e4m3x2 per pair (exact), f16 MMAs against x staged in f16 times a power of two per token and K split
-// (weight_tile_mma.cuh, find_f16_input_scales: exact for every input down to 2^-28 of its token's largest; smaller
-// ones move a sum less than its fp32 summation order), fewer instructions per weight byte. The 128×128 block scales
-// multiply fp32 partial sums per block either way.
-enum class Fp8TileMath : uint8_t { DEQUANTIZE, F16_CVT };
-
 // Every split-K workspace of the linear kernels (this one and quantized_gemm) keeps its tickets in its first
 // kLinearTicketAreaBytes, zero between launches, and its partial sums after them: calls of different shapes may then
 // share one workspace (the engine's), as no call's partial sums land on another call's tickets. 4096 tickets: a split
@@ -97,7 +87,6 @@ struct QuantizedLinearParams {
   const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
-  Fp8TileMath fp8_math = Fp8TileMath::DEQUANTIZE;  // FP8 weights on the STREAMED path (Fp8TileMath)
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -137,10 +126,6 @@ bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int 
 // kLinearMaxStreamedTokens) fit one CTA's shared memory: where they do not, choose_quantized_linear_config refuses the
 // STREAMED path at that depth. Throws on arguments out of those ranges.
 bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slots);
-
-// Whether a call of this weight with this config takes QuantizedLinearParams::fp8_math (FP8 on the STREAMED path,
-// one token tile), unless it runs the RMSNorm prologue.
-bool fp8_f16_math_applies(const DeviceMatrixView& weight, const QuantizedLinearConfig& config);
 
 // Workspace run_quantized_linear needs for any call of 1..tokens tokens on the current device (0 when no split-K).
 size_t quantized_linear_workspace_bytes(const DeviceMatrixView& weight, int tokens, int groups = 1);

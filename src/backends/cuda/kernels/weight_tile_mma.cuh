@@ -200,32 +200,13 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
   }
 }
 
-// One lane's 16 stored e4m3 bytes of one row → f16 pairs in MMA order (the f16 decode, see find_f16_input_scales):
-// word i's low bytes (k 4i, 4i + 1) are a0 (or a1) of MMA i, its high bytes a2 (or a3); exact.
-__device__ __forceinline__ void decode_e4m3_to_f16(const uint4& raw, uint32_t (&pairs)[8]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
-        : "=r"(pairs[2 * i]), "=r"(pairs[2 * i + 1])
-        : "r"(word_of(raw, i)));
-}
-
-// ptx::mma_m16n8k16_bf16_f32's fragments with f16 inputs (the f16 decode).
-__device__ __forceinline__ void mma_m16n8k16_f16_f32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 }  // namespace detail
 
 // Fills the tile for k_count inputs of `tokens` tokens (layout in the contract), zero-filling tokens
 // [tokens, padded_tokens) and k [k_count, round_up(k_count, 128)): chunk_of(t, k) returns the 8 bf16 of token t at
 // tile inputs k .. k + 7 (k < k_count; zero past k_count), in input order. Called by `thread_count` threads of the
-// CTA with distinct thread_idx; the caller synchronises before and after. kInputOrder keeps each chunk in input
-// order instead of the order F's bf16 decode emits (the FP8 cvt decode's order: stage_f16_x_chunks).
-template <TileFormat F, bool kInputOrder = false, class ChunkOf>
+// CTA with distinct thread_idx; the caller synchronises before and after.
+template <TileFormat F, class ChunkOf>
 __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int padded_tokens, int64_t k_count,
                                                __nv_bfloat16* tile, int thread_idx, int thread_count) {
   const int row_stride = x_tile_row_stride(k_count);
@@ -235,7 +216,7 @@ __device__ __forceinline__ void stage_x_chunks(ChunkOf chunk_of, int tokens, int
     const int64_t k = int64_t(c) * kXChunk;
     const uint4 v = t < tokens && k < k_count ? chunk_of(t, k) : make_uint4(0, 0, 0, 0);
     *reinterpret_cast<uint4*>(tile + size_t(t) * row_stride + detail::staged_chunk_index<F>(c) * kXChunk) =
-        kInputOrder ? v : detail::permute_chunk<F>(v);
+        detail::permute_chunk<F>(v);
   }
 }
 
@@ -294,70 +275,6 @@ __device__ __forceinline__ void stage_normed_x_tile(RowOf row_of, const float* w
   stage_x_chunks<F>(
       [&](int t, int64_t k) {
         return detail::load_normed_x_chunk(row_of(t) + k, weight + k, inv_rms[t], k_count - k);
-      },
-      tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
-}
-
-// FP8 weights as f16 (the streamed tiles with kFp8AsF16; quantized_linear's Fp8TileMath::F16_CVT): e4m3 → f16 is
-// exact and one cvt.rn.f16x2.e4m3x2 per pair (against a shift, a mask and a bf16 multiply per pair for bf16), so x
-// meets them as f16. f16 spans less than bf16, so each token's x is staged times 2^e_t, the power of two that puts
-// its largest magnitude in [2^14, 2^15), and its outputs are multiplied by 2^-e_t: both exact, and every staged value
-// down to 2^-28 of the largest is an f16 normal, exact. Smaller ones round to f16's subnormal grid (2^-24 of a
-// largest value ≥ 2^14: an error below 2^-39 of it per input), which moves a dot product less than its fp32
-// summation order does. NaN and infinity still propagate (e_t = -114 for them).
-
-// x_factor[t] = 2^e_t and y_factor[t] = 2^-e_t (shared memory, `tokens` entries) from the largest |x| of token t over
-// chunk_of(t, k), k in [0, k_count) (stage_x_chunks' convention). max_bits: `tokens` words of shared scratch. Called
-// by the whole CTA (it synchronises).
-template <class ChunkOf>
-__device__ __forceinline__ void find_f16_input_scales(ChunkOf chunk_of, int tokens, int64_t k_count,
-                                                      uint32_t* max_bits, float* x_factor, float* y_factor,
-                                                      int thread_idx, int thread_count) {
-  for (int t = thread_idx; t < tokens; t += thread_count) max_bits[t] = 0;
-  __syncthreads();
-  const int chunks = int((k_count + kXChunk - 1) / kXChunk);
-  for (int i = thread_idx; i < tokens * chunks; i += thread_count) {
-    const int t = i / chunks;
-    const uint4 v = chunk_of(t, (i % chunks) * kXChunk);
-    // |bf16| bit patterns order as the magnitudes, NaN above infinity.
-    const uint32_t pair_max = __vmaxu2(__vmaxu2(v.x & 0x7FFF7FFFu, v.y & 0x7FFF7FFFu),
-                                       __vmaxu2(v.z & 0x7FFF7FFFu, v.w & 0x7FFF7FFFu));
-    atomicMax(max_bits + t, max(pair_max & 0xFFFFu, pair_max >> 16));
-  }
-  __syncthreads();
-  for (int t = thread_idx; t < tokens; t += thread_count) {
-    // The largest value's bf16 exponent (-127 for zero and subnormals, 128 for NaN and infinity); e_t = 14 - it,
-    // capped so that 2^-e_t stays a normal float.
-    const int e = min(126, 14 - (int(max_bits[t] >> 7) - 127));
-    x_factor[t] = __int_as_float((127 + e) << 23);
-    y_factor[t] = __int_as_float((127 - e) << 23);
-  }
-  __syncthreads();
-}
-
-namespace detail {
-
-// bf16x2 → f16x2 of the values times `factor` (exact where find_f16_input_scales says).
-__device__ __forceinline__ uint32_t bf16x2_to_scaled_f16x2(uint32_t pair, float factor) {
-  const __half2 h =
-      __floats2half2_rn(__uint_as_float(pair << 16) * factor, __uint_as_float(pair & 0xFFFF0000u) * factor);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-}  // namespace detail
-
-// Stages chunk_of's bf16 values times x_factor[t] as f16 for the FP8 cvt decode: stage_x_chunks' FP8 tile layout
-// with each chunk in input order (the order cvt.rn.f16x2.e4m3x2 emits the pairs of a word).
-template <class ChunkOf>
-__device__ __forceinline__ void stage_f16_x_chunks(ChunkOf chunk_of, const float* x_factor, int tokens,
-                                                   int padded_tokens, int64_t k_count, __nv_bfloat16* tile,
-                                                   int thread_idx, int thread_count) {
-  stage_x_chunks<TileFormat::FP8_BLOCK128, true>(
-      [&](int t, int64_t k) {
-        const uint4 v = chunk_of(t, k);
-        const float f = x_factor[t];
-        return make_uint4(detail::bf16x2_to_scaled_f16x2(v.x, f), detail::bf16x2_to_scaled_f16x2(v.y, f),
-                          detail::bf16x2_to_scaled_f16x2(v.z, f), detail::bf16x2_to_scaled_f16x2(v.w, f));
       },
       tokens, padded_tokens, k_count, tile, thread_idx, thread_count);
 }
@@ -599,24 +516,20 @@ inline constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 // `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile). The lane reads x only for its
 // first lane_tiles token tiles (token 8·nt + g exists) and feeds zeros for the others, so a tile staged without
 // padding rows is never read past its tokens.
-template <TileFormat F, int NT, int C, bool kFp8AsF16 = false>
+template <TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint32_t (&scale_codes)[2],
                                               const float (&block_scale)[2], bool ends_block,
                                               const __nv_bfloat16* x_step, int row_stride, int lane_tiles,
                                               float (&sums)[C][NT][4], float (&acc)[NT][4]) {
   constexpr int kValues = TileFormatTraits<F>::kValuesPerLoad;
   constexpr int kMmasPerStep = kValues / 4;  // 4 values per lane per row per MMA
-  static_assert(!kFp8AsF16 || F == TileFormat::FP8_BLOCK128, "the f16 decode is FP8's");
   uint32_t pairs[2][kValues / 2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     uint32_t factor0 = 0, factor1 = 0;
     if constexpr (F == TileFormat::MXFP4) factor0 = mxfp4_factor(scale_codes[r]);
     if constexpr (F == TileFormat::NVFP4) nvfp4_factors(uint16_t(scale_codes[r]), factor0, factor1);
-    if constexpr (kFp8AsF16)
-      decode_e4m3_to_f16(raw[r], pairs[r]);
-    else
-      decode_row_bytes<F>(raw[r], factor0, factor1, pairs[r]);
+    decode_row_bytes<F>(raw[r], factor0, factor1, pairs[r]);
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -630,10 +543,7 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
       for (int half = 0; half < 2; ++half) {
         const int m = 2 * chunk + half;
         const uint32_t a[4] = {pairs[0][2 * m], pairs[1][2 * m], pairs[0][2 * m + 1], pairs[1][2 * m + 1]};
-        if constexpr (kFp8AsF16)
-          mma_m16n8k16_f16_f32(sums[m % C][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
-        else
-          ptx::mma_m16n8k16_bf16_f32(sums[m % C][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
+        ptx::mma_m16n8k16_bf16_f32(sums[m % C][nt], a, half == 0 ? b.x : b.z, half == 0 ? b.y : b.w);
       }
     }
   }
@@ -860,9 +770,8 @@ __device__ __forceinline__ void load_stage_block_scales(const DeviceMatrixView& 
 }
 
 // acc/sums += the stage in `slot` × x (x_stage: the lane's x at the stage's first input, as weight_tile_mma's x_lane).
-// Accumulator rows follow stream_row (see NOTES). kFp8AsF16 (FP8): the f16 decode against an x tile staged by
-// stage_f16_x_chunks (see find_f16_input_scales).
-template <TileFormat F, int NT, int C, bool kFp8AsF16 = false>
+// Accumulator rows follow stream_row (see NOTES).
+template <TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* x_stage, int row_stride,
                                                int lane_tiles, const float (&block_scales)[kMaxBlocksPerStage],
                                                float (&sums)[C][NT][4], float (&acc)[NT][4]) {
@@ -890,8 +799,8 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
     }
     const float block = F == TileFormat::FP8_BLOCK128 ? block_scales[(u * kStepK) / 128] : 1.0f;
     const float block_scale[2] = {block, block};
-    detail::multiply_step<F, NT, C, kFp8AsF16>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0,
-                                               x_stage + u * kStepK, row_stride, lane_tiles, sums, acc);
+    detail::multiply_step<F, NT, C>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
+                                    row_stride, lane_tiles, sums, acc);
   }
 }
 
