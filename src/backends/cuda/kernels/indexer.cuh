@@ -336,6 +336,22 @@ __device__ __forceinline__ void store_fragment_bytes(unsigned char* address, con
   }
 }
 
+// Each query's head weights times the weight scale (fp8: times each head's q scale) for `heads` padded heads (zero
+// past args.heads), query-major.
+template <bool kFp8>
+__device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_t first_query, int queries, int heads,
+                                                  float* weights) {
+  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
+    const int query = e / heads, head = e % heads;
+    float weight = 0.0f;
+    if (head < args.heads) {
+      weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
+      if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
+    }
+    weights[e] = weight;
+  }
+}
+
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
 // head's q scale). 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair at
 // query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
@@ -356,15 +372,7 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
     *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
         value;
   }
-  for (int e = threadIdx.x; e < queries * heads; e += blockDim.x) {
-    const int query = e / heads, head = e % heads;
-    float weight = 0.0f;
-    if (head < args.heads) {
-      weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
-      if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
-    }
-    weights[e] = weight;
-  }
+  load_head_weights<kFp8>(args, first_query, queries, heads, weights);
 }
 
 // Rows key0 + half·8 + group of a 16-key tile, dims 32·pair + 8·quad .. +8: the lane's A fragments (see NOTES).
@@ -771,15 +779,7 @@ __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args
     *reinterpret_cast<uint32_t*>(tiles + query * wgmma_query_tile_bytes(kFp8) +
                                  wgmma_query_offset<kFp8>(head, kDimsPerUnit * unit)) = value;
   }
-  for (int e = threadIdx.x; e < queries * kWgmmaHeads; e += blockDim.x) {
-    const int query = e / kWgmmaHeads, head = e % kWgmmaHeads;
-    float weight = 0.0f;
-    if (head < args.heads) {
-      weight = args.head_weights[(first_query + query) * args.head_weights_row_stride + head] * args.weight_scale;
-      if constexpr (kFp8) weight *= args.q_scales[(first_query + query) * args.heads + head];
-    }
-    weights[e] = weight;
-  }
+  load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
