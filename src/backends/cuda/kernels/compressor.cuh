@@ -24,10 +24,15 @@
 //   (and pads its last one), and every CTA of a cluster takes part in the cluster barriers (which one entry's
 //   cluster skips together when the step completes no entry).
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
+// - A prefill chunk's entries whose window lies wholly in the run ("in-run entries": all but the first one or two)
+//   read nothing of the state, so their CTAs take no ticket (no fence, no contended atomic): the run's state is
+//   updated by the last of its other CTAs (the run's last entry row is always one of them). With bulk slot loads
+//   such an entry's window slice is copied into shared memory by TMA bulk copies, one per slot row and array.
 #pragma once
 
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <limits>
@@ -39,6 +44,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -54,6 +60,10 @@ inline constexpr int kUpdateBatch = 4;  // state values a thread loads before st
 inline constexpr int kStagedThreads = 256;
 inline constexpr int kStages = 2;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
+
+// How a kernel instance loads the pooled slots (CompressorSlotLoads as the launcher resolved it): Bulk is the
+// prefill (ticket) kernel's, its in-run entries by bulk copies and the others into registers.
+enum class SlotPath { Registers, Staged, Bulk };
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
 // method), the magic number made once by the launcher: a divide by a run-time value is a chain of ~20 dependent
@@ -141,6 +151,9 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
 inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
+
+// The bulk slot loads' window after a pool's partials: [slot][kv, score][channel of the CTA's slice] floats.
+inline size_t window_smem_bytes(int slots, int channels) { return size_t(2) * slots * channels * sizeof(float); }
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -382,6 +395,72 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   }
 }
 
+// Position of entry w's first pooled slot (CSA: window w − 1's first token).
+__device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int64_t w) {
+  return (w - (a.overlapping ? 1 : 0)) * a.ratio;
+}
+
+// Bulk slot loads of an in-run entry w, by one warp of its CTA (slice `rank`): slot s is the run's row
+// window_first_position(w) + s − start, its kv and score slice at column (second half ? c : 0) + rank · channels;
+// each row's slice is one bulk copy into window ([slot][kv, score][channel]), all completing on `barrier`.
+__device__ __forceinline__ void issue_window_copy(const PoolArgs& a, const RunView& r, int64_t w, int rank,
+                                                  float* window, uint64_t* barrier, int lane) {
+  const int channels = a.channels_per_cta;
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+  const uint32_t bytes = uint32_t(channels) * sizeof(float);
+  if (lane == 0) sm90::mbarrier_arrive_expect_tx(barrier, 2 * uint32_t(slots) * bytes);
+  __syncwarp();
+  const int64_t first_row = window_first_position(a, w) - r.start;
+  const uint32_t barrier_address = uint32_t(__cvta_generic_to_shared(barrier));
+  for (int i = lane; i < 2 * slots; i += 32) {
+    const int slot = i >> 1;
+    const int column = (a.overlapping && slot >= a.ratio ? a.c : 0) + rank * channels;
+    const float* row = ((i & 1) != 0 ? r.gate : r.kv) + (first_row + slot) * a.row_stride + column;
+    ptx::cp_async_bulk_global_to_shared(uint32_t(__cvta_generic_to_shared(window + int64_t(i) * channels)), row,
+                                        bytes, barrier_address);
+  }
+}
+
+// The pooling of an in-run entry from its bulk-copied window (local: the pair's first channel in the slice). Each
+// batch's ape (global, cached) is loaded before its values are read; the first waits for the copies.
+__device__ __forceinline__ void pool_from_window(const PoolArgs& a, const PoolingTask& t, int local,
+                                                 const float* window, uint64_t* barrier, RopeFactors& rope,
+                                                 OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
+  const int channels = a.channels_per_cta;
+  const int64_t width = width_of(a);
+  if (t.rope_here) rope = window_rope(a, t);
+  for (int s0 = t.group; s0 < t.slots; s0 += kSlotBatch * a.groups) {
+    float2 bias[kSlotBatch];
+    int slot[kSlotBatch];
+    bool valid[kSlotBatch];
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      valid[k] = s0 + k * a.groups < t.slots;
+      slot[k] = min(s0 + k * a.groups, t.slots - 1);  // past the window: a valid slot whose value is dropped
+      const bool second = a.overlapping && slot[k] >= a.ratio;
+      bias[k] = load_pair(a.ape + (second ? slot[k] - a.ratio : slot[k]) * width + t.channel + (second ? a.c : 0));
+    }
+    if (s0 == t.group) sm90::mbarrier_wait(barrier, 0);
+    SlotValue values[kSlotBatch];
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const float* row = window + int64_t(2 * slot[k]) * channels + local;
+      values[k] = slot_value(load_pair(row), load_pair(row + channels), bias[k], true);
+    }
+    add_batch(channel0, channel1, values, valid);
+  }
+}
+
+// float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
+// at ±448 as float_to_e4m3 does): two instructions instead of ≈ 40.
+__device__ __forceinline__ float2 e4m3_round_trip(float x0, float x1) {
+  uint16_t codes;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(codes) : "f"(x1), "f"(x0));  // x0 in the low byte
+  uint32_t halves;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(codes));
+  return __half22float2(*reinterpret_cast<const __half2*>(&halves));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, m);
@@ -550,6 +629,7 @@ struct EntryItem {
   ItemPlace place;
   CompressorRun run;
   RunView r;
+  int entry;  // of the run
   int64_t w;
   bool emitting;
   uint8_t* stored;
@@ -568,7 +648,21 @@ __device__ __forceinline__ EntryItem entry_item(const PoolArgs& a, const ItemPla
   const int entry = int(a.entries_div.mod(uint32_t(place.entry_row)));
   const int64_t first_entry = ratio_div(a, r.start);
   const bool emitting = place.real && entry < ratio_div(a, r.start + r.tokens) - first_entry;  // entries emitted
-  return {place, run, r, first_entry + entry, emitting, nullptr};
+  return {place, run, r, entry, first_entry + entry, emitting, nullptr};
+}
+
+// An in-run entry (see the notes): emitted, its window wholly in the run, not the run's last entry row.
+__device__ __forceinline__ bool in_run_entry(const PoolArgs& a, const EntryItem& e) {
+  return e.emitting && window_first_position(a, e.w) >= e.r.start && e.entry < a.entries_per_run - 1;
+}
+
+// The run's CTAs that take a ticket: all but the in-run entries' (entries [first, min(emitted, entries_per_run − 1))
+// with first = 1 for CSA's previous halves, + 1 when the run starts inside a window).
+__device__ __forceinline__ unsigned ticket_ctas(const PoolArgs& a, const RunView& r) {
+  const int64_t emitted = ratio_div(a, r.start + r.tokens) - ratio_div(a, r.start);
+  const int64_t first = (a.overlapping ? 1 : 0) + (ratio_mod(a, r.start) != 0 ? 1 : 0);
+  const int64_t in_run = max(int64_t(0), min(emitted, a.entries_per_run - 1) - first);
+  return unsigned((a.entries_per_run - in_run) * a.cluster_ctas);
 }
 
 // The cache row's page lookup (group 0 of an emitting entry with cache output), and the entry row's numbers.
@@ -671,9 +765,15 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
     // scale is a power of two ≥ 2^-22: its reciprocal is exact and x · (1/scale) is x / scale's value (the same
     // bits) without a division.
     const float inverse = 1.0f / scale;
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      v[j] = nope ? round_to_bf16(e4m3_to_float(float_to_e4m3(v[j] * inverse)) * scale) : round_to_bf16(v[j]);
+    if (nope) {
+      const float2 rounded = e4m3_round_trip(v[0] * inverse, v[1] * inverse);
+      // An e4m3 value times a power of two ≥ 2^-22 is exact in bf16 (3 mantissa bits, no underflow).
+      v[0] = rounded.x * scale;
+      v[1] = rounded.y * scale;
+    } else {
+      v[0] = round_to_bf16(v[0]);
+      v[1] = round_to_bf16(v[1]);
+    }
   } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
     // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
     if (owner) {
@@ -740,15 +840,25 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 
 // CTA `local` of pool `a`: one entry slice.
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
-// channel slice of its run's state; otherwise the run's last CTA (ticket) updates all of it.
-// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-template <bool kSliceUpdates, bool kStaged>
+// channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
+// kPath: Staged, the pooling's slot loads go through the shared-memory ring (pool_from_staging) after the entry
+// vector; Bulk (ticket kernel only), an in-run entry's window is copied there (pool_from_window).
+template <bool kSliceUpdates, SlotPath kPath>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
+  static_assert(kPath != SlotPath::Bulk || !kSliceUpdates, "bulk slot loads serve prefill (ticket) launches");
   const int channels = a.channels_per_cta;
   const PoolSmem s = pool_smem(a, smem);
   __shared__ float warp_partials[32];
   __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
+  __shared__ alignas(8) uint64_t window_barrier;
+  if constexpr (kPath == SlotPath::Bulk) {
+    if (threadIdx.x == 0) {
+      sm90::mbarrier_init(&window_barrier, 1);
+      sm90::fence_mbarrier_init();
+    }
+    __syncthreads();
+  }
 
   const ItemPlace place = item_place(a, local);
   int rope_pair;
@@ -763,6 +873,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   if (!a.runs_before_wait) run = a.runs[place.run_index];
   EntryItem e = entry_item(a, place, run);
   const RunView& r = e.r;
+  const bool in_run = !kSliceUpdates && in_run_entry(a, e);  // CTA-uniform
+  float* const window = s.entry_vector + channels;
+  if constexpr (kPath == SlotPath::Bulk)
+    if (in_run && threadIdx.x < 32) issue_window_copy(a, r, e.w, place.rank, window, &window_barrier, int(threadIdx.x));
   // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
   // itself (after the barrier that ends its pooling reads), its loads issued now.
   const StateUpdate slice = plan_state_update(a, r, place.rank * channels, false);
@@ -782,8 +896,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .rope_pair = rope_pair,
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
-    if constexpr (kStaged)
-      pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
+    if constexpr (kPath == SlotPath::Staged)
+      pool_from_staging(a, r, task, reinterpret_cast<float2*>(window), rope, channel0, channel1);
+    else if (kPath == SlotPath::Bulk && in_run)
+      pool_from_window(a, task, 2 * t.pair, window, &window_barrier, rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = t.group * channels + 2 * t.pair;
@@ -796,9 +912,10 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
   __syncthreads();  // every pooling read of the state is done
   // Ticket mode: this CTA's reads of the state are done, so it takes its ticket now (no output stores pending for the
-  // fence to wait for); the answer is needed only at the end.
+  // fence to wait for); the answer is needed only at the end. In-run entries read no state and take none.
+  const bool takes_ticket = !kSliceUpdates && place.real && !in_run;
   unsigned ticket = 0;
-  if (!kSliceUpdates && place.real && threadIdx.x == 0) {
+  if (takes_ticket && threadIdx.x == 0) {
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
@@ -813,7 +930,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     if (kSliceUpdates)
       update_state<true>(a, r, slice, early);
     else
-      update_state_if_last(a, r, ticket == unsigned(a.entries_per_run * a.cluster_ctas) - 1, &is_last_cta);
+      update_state_if_last(a, r, takes_ticket && ticket == ticket_ctas(a, r) - 1, &is_last_cta);
   }
   if (cluster_barriers) __cluster_barrier_wait();
 }
@@ -831,10 +948,11 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
   }
 }
 
-// The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
-// not registers, holds the loads in flight; the decode steps' early state loads need more).
-template <bool kSliceUpdates, bool kStaged>
-__global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStaged ? (kSliceUpdates ? 2 : 3) : 1)
+// The staged and bulk kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill
+// (shared memory, not registers, holds the loads in flight; the decode steps' early state loads need more).
+template <bool kSliceUpdates, SlotPath kPath>
+__global__ void __launch_bounds__(kPath == SlotPath::Registers ? kMaxThreads : kStagedThreads,
+                                  kPath == SlotPath::Registers ? 1 : (kSliceUpdates ? 2 : 3))
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
@@ -844,7 +962,7 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStage
   }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
-  compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+  compress<kSliceUpdates, kPath>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor

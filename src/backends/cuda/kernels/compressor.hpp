@@ -31,7 +31,8 @@
 //     entries then need no launch of their own.
 // - One launch: per run, one CTA per possible entry, or a cluster of up to 8 CTAs per entry when entries are few and
 //   long (HCA decode and prefill); at least one CTA per run. A run of at most `ratio` tokens has its state updated
-//   by its CTAs, each its own channels; a longer run's state by its CTA that finishes last.
+//   by its CTAs, each its own channels; a longer run's state by the last to finish of its CTAs that may read the
+//   state (entries whose window does not lie wholly in the run, and the run's last entry row).
 // - run_compressors: up to two compressors in one launch (a CSA layer's main and indexer compressors: −1 launch per
 //   CSA layer), each with the contract above; one stream, distinct states; their runs, projections, shapes and
 //   outputs are independent (the same runs table may serve both).
@@ -57,10 +58,14 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 
 // How the pooling loads a window's slots. Registers: each thread's batch of loads into registers (CTAs up to 512
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
-// (CTAs up to 256 threads, an entry's slice at most 512 channels). Auto: Staged for launches whose runs complete
-// several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits, Registers otherwise (decode
-// steps, where it was 0.8-1.1×).
-enum class CompressorSlotLoads { Registers, Staged, Auto };
+// (CTAs up to 256 threads, an entry's slice at most 512 channels). Bulk (launches whose runs may complete several
+// entries; others load as Registers): the CTA of an entry whose window lies wholly in its run copies its slice of
+// the window's rows into shared memory by bulk copies (TMA: a few instructions per 2 KB instead of three cp.async per
+// 8 bytes), the run's other entries load into registers; needs kv, gate and row_stride 16-byte aligned, head_dim and
+// every slice a multiple of 4, the window's slice (slots · channels · 8 bytes) in shared memory. Auto: Staged for
+// launches whose runs complete several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits,
+// Registers otherwise (decode steps, where it was 0.8-1.1×).
+enum class CompressorSlotLoads { Registers, Staged, Bulk, Auto };
 
 // One sequence's tokens in a launch (device memory).
 struct CompressorRun {
