@@ -3,8 +3,9 @@
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
 // without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
-// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Fresh random inputs per
-// case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed) with guard regions
+// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Every case runs with both
+// KV stagings (two buffers of 64-entry blocks, four of 32) on the same inputs. Fresh random inputs per case, outputs
+// poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed) with guard regions
 // before and after, every element checked.
 #include <gtest/gtest.h>
 
@@ -48,7 +49,10 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-// Default options: PrefetchResolved::Off, so that the plain producer is what the cases without On test.
+const char* stages_name(PrefillKvStages stages) { return stages == PrefillKvStages::FourOf32 ? "4x32" : "2x64"; }
+
+// Default prefetch: PrefetchResolved::Off, so that the plain producer is what the cases without On test. Each KV
+// staging runs the same inputs (options.kv_stages is set here).
 void check_attention(const AttentionCase& c, uint32_t seed,
                      const SparseAttentionPrefillOptions& options = {.prefetch_resolved = PrefetchResolved::Off}) {
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On;
@@ -56,7 +60,12 @@ void check_attention(const AttentionCase& c, uint32_t seed,
                (prefetch ? " prefetch_resolved" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
-  compare_with_cpu(c, data.call, options, data.expected, data.magnitude);
+  for (const PrefillKvStages stages : {PrefillKvStages::TwoOf64, PrefillKvStages::FourOf32}) {
+    SCOPED_TRACE(stages_name(stages));
+    SparseAttentionPrefillOptions staged = options;
+    staged.kv_stages = stages;
+    compare_with_cpu(c, data.call, staged, data.expected, data.magnitude);
+  }
 }
 
 // One run of `call` (its output filled in here, poisoned first) against the CPU's `expected`, within the tolerance
@@ -83,9 +92,9 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
-              checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d %s%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
+              static_cast<long long>(T), H, D, stages_name(options.kv_stages),
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};

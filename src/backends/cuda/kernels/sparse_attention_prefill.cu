@@ -1,5 +1,8 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -12,10 +15,11 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8>
+template <bool kFp8, class Stages>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, Stages>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+  constexpr int kAllocationBytes = Stages::kAllocationBytes;
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
   const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
@@ -24,6 +28,26 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
+}
+
+// Auto's staging: two buffers of 64, or four of 32 where DSV4_ATTENTION_PREFILL_STAGES=four32 (read once; the GPU
+// round's A/B of the two on unchanged benchmarks).
+PrefillKvStages auto_stages() {
+  static const PrefillKvStages stages = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_PREFILL_STAGES");
+    return value != nullptr && std::strcmp(value, "four32") == 0 ? PrefillKvStages::FourOf32
+                                                                 : PrefillKvStages::TwoOf64;
+  }();
+  return stages;
+}
+
+template <bool kFp8>
+void launch_stages(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
+  const PrefillKvStages stages = options.kv_stages == PrefillKvStages::Auto ? auto_stages() : options.kv_stages;
+  if (stages == PrefillKvStages::FourOf32)
+    launch<kFp8, FourBuffersOf32>(p, head_blocks, options);
+  else
+    launch<kFp8, TwoBuffersOf64>(p, head_blocks, options);
 }
 
 }  // namespace
@@ -62,9 +86,9 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch<true>(p, head_blocks, options);
+    launch_stages<true>(p, head_blocks, options);
   else
-    launch<false>(p, head_blocks, options);
+    launch_stages<false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda
