@@ -27,6 +27,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 using namespace dsv4;
@@ -408,6 +409,37 @@ TEST_P(CudaBatch, GraphReplayEqualsEagerLaunchesBitForBit) {
       }
       std::printf("; outside the layers %d\n", launches - inside);
       EXPECT_GE(launches - inside, 4) << "embedding, hc_pre, hc_head, head";
+      // The listing names each layer's own kernels in dependency order: what the attention reads (the KV insert,
+      // the compressors and the indexer, on either stream) before it, the FFN after it, the mHC launch that closes
+      // the layer last; layers of one kind and routing list the same kernels.
+      const std::vector<std::vector<std::string>> names = graphs.decode_layer_kernel_names(batch);
+      ASSERT_EQ(names.size(), size_t(config.num_layers));
+      std::map<std::pair<LayerKind, bool>, std::vector<std::string>> listed;
+      for (int i = 0; i < config.num_layers; ++i) {
+        const std::vector<std::string>& layer = names[size_t(i)];
+        ASSERT_EQ(layer.size(), size_t(per_layer[size_t(i)])) << "layer " << i;
+        auto first_of = [&](std::string_view part) {
+          for (size_t k = 0; k < layer.size(); ++k)
+            if (layer[k].find(part) != std::string::npos) return k;
+          return layer.size();
+        };
+        auto last_of = [&](std::string_view part) {
+          for (size_t k = layer.size(); k-- > 0;)
+            if (layer[k].find(part) != std::string::npos) return int64_t(k);
+          return int64_t(-1);
+        };
+        std::string joined;
+        for (const std::string& name : layer) joined += " " + name;
+        const size_t attention = first_of("sparse_attention");
+        ASSERT_LT(attention, layer.size()) << "layer " << i << ":" << joined;
+        for (const std::string_view before : {"kv_insert", "compressor::", "indexer::"})
+          EXPECT_LT(last_of(before), int64_t(attention)) << "layer " << i << ", " << before << ":" << joined;
+        EXPECT_GT(int64_t(first_of("moe::")), int64_t(attention)) << "layer " << i << ":" << joined;
+        EXPECT_NE(layer.back().find("mhc::"), std::string::npos) << "layer " << i << ":" << joined;
+        if (i + 1 == config.num_layers) continue;
+        const auto [it, first] = listed.emplace(std::pair(config.layer_kind(i), config.is_hash_routed(i)), layer);
+        EXPECT_TRUE(first || it->second == layer) << "layer " << i << " lists" << joined;
+      }
     }
   }
 }

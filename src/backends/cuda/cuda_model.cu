@@ -6,6 +6,7 @@
 #include <cxxabi.h>
 #include <map>
 #include <optional>
+#include <unordered_set>
 #include <string_view>
 
 #include "backends/cpu/rope.hpp"
@@ -276,6 +277,42 @@ std::string kernel_node_name(cudaGraphNode_t node) {
   return name;
 }
 
+// Each node's depth in `graph`: the edges of the longest dependency chain from a root to it. Listing a layer's
+// kernels by depth gives their dependency order; kernels at one depth (the two streams' branches) have none.
+std::map<cudaGraphNode_t, int> node_depths(cudaGraph_t graph) {
+  size_t node_count = 0, edge_count = 0;
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &node_count));
+  std::vector<cudaGraphNode_t> nodes(node_count);
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &node_count));
+  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &edge_count));
+  std::vector<cudaGraphNode_t> from(edge_count), to(edge_count);
+  std::vector<cudaGraphEdgeData> data(edge_count);  // programmatic edges carry data: a query without it is refused
+  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &edge_count));
+  // Kahn's order: a node's depth is final once every edge into it has been counted.
+  std::map<cudaGraphNode_t, int> depth, unresolved;
+  std::map<cudaGraphNode_t, std::vector<cudaGraphNode_t>> successors;
+  for (cudaGraphNode_t node : nodes) depth[node] = 0, unresolved[node] = 0;
+  for (size_t e = 0; e < edge_count; ++e) {
+    successors[from[e]].push_back(to[e]);
+    ++unresolved[to[e]];
+  }
+  std::vector<cudaGraphNode_t> ready;
+  for (cudaGraphNode_t node : nodes)
+    if (unresolved[node] == 0) ready.push_back(node);
+  size_t visited = 0;
+  while (!ready.empty()) {
+    const cudaGraphNode_t node = ready.back();
+    ready.pop_back();
+    ++visited;
+    for (cudaGraphNode_t next : successors[node]) {
+      depth[next] = std::max(depth[next], depth[node] + 1);
+      if (--unresolved[next] == 0) ready.push_back(next);
+    }
+  }
+  check(visited == nodes.size(), "CUDA model: the decode graph's dependencies form a cycle");
+  return depth;
+}
+
 bool cuda_graphs_disabled() {
   const char* value = std::getenv("DSV4_DISABLE_CUDA_GRAPHS");
   return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
@@ -410,8 +447,9 @@ struct CudaModel::Impl {
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     int kernels = 0;
-    std::vector<int> layer_kernels;  // per layer
-    int kernels_before_layers = 0;   // the embedding's and the first hc_pre's
+    // Per layer, the nodes its launches added while capturing (a capture-time record: cudaGraphGetNodes promises
+    // no order, so slicing its list would not say which layer a node belongs to).
+    std::vector<std::vector<cudaGraphNode_t>> layer_nodes;
   };
 
   // Exactly one of `host` (uploaded here) and `device` (weights already on the device, moved in) is given.
@@ -1309,20 +1347,26 @@ struct CudaModel::Impl {
     }
   }
 
-  // Nodes captured so far into the graph `stream` is capturing.
-  size_t captured_nodes() {
+  // Nodes of the graph `stream` is capturing that `seen` does not hold yet (added to it): what the launches since
+  // the last call captured, in no particular order.
+  std::vector<cudaGraphNode_t> newly_captured_nodes(std::unordered_set<cudaGraphNode_t>& seen) {
     cudaStreamCaptureStatus status{};
     cudaGraph_t graph = nullptr;
     DSV4_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph));
     check(status == cudaStreamCaptureStatusActive && graph != nullptr, "CUDA model: the step is not being captured");
     size_t count = 0;
     DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
-    return count;
+    std::vector<cudaGraphNode_t> nodes(count);
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+    std::vector<cudaGraphNode_t> fresh;
+    for (cudaGraphNode_t node : nodes)
+      if (seen.insert(node).second) fresh.push_back(node);
+    return fresh;
   }
 
   // Every launch of a step, from the embedding to the logits of rows [first_logit_row, T); reads the step's inputs
   // from their fixed device buffers only, so the same launches serve a CUDA graph. While capturing, `captured` (if
-  // given) receives the nodes each layer added and those before the first layer.
+  // given) receives the nodes each layer added.
   void enqueue_step(const StepShape& shape, StepGraph* captured = nullptr) {
     const ModelConfig& c = config;
     const int64_t T = shape.tokens, d = c.hidden_size, n = c.mhc.hc_mult;
@@ -1345,8 +1389,8 @@ struct CudaModel::Impl {
     // Each sub-block's hc_post runs fused with the next site's hc_pre (the residual read once); the mixing
     // weights alternate between two sets, the attention's in set 0 and the FFN's in set 1.
     hc_pre(weights.layers[0].hc_attn, T, attn_norm_of(0));
-    size_t nodes_before_layer = captured != nullptr ? captured_nodes() : 0;
-    if (captured != nullptr) captured->kernels_before_layers = int(nodes_before_layer);
+    std::unordered_set<cudaGraphNode_t> seen;  // while capturing: the nodes outside the layers so far, and theirs
+    if (captured != nullptr) newly_captured_nodes(seen);
     for (int layer = 0; layer < c.num_layers; ++layer) {
       const device_weights::Block& b = weights.layers[size_t(layer)];
       attention(layer, shape, in);
@@ -1360,11 +1404,7 @@ struct CudaModel::Impl {
         hc_post(T, 1, &weights.layers[size_t(layer) + 1].hc_attn, attn_norm_of(layer + 1));
       else
         hc_post(T, 1, nullptr, {});
-      if (captured != nullptr) {
-        const size_t nodes = captured_nodes();
-        captured->layer_kernels.push_back(int(nodes - nodes_before_layer));
-        nodes_before_layer = nodes;
-      }
+      if (captured != nullptr) captured->layer_nodes.push_back(newly_captured_nodes(seen));
     }
 
     const int64_t first = shape.first_logit_row, count = shape.run_last_rows ? shape.runs : T - first;
@@ -1812,21 +1852,23 @@ int CudaModel::decode_launches(int batch) {
 
 std::vector<int> CudaModel::decode_layer_launches(int batch) {
   decode_launches(batch);
-  return impl_->graphs.at(batch).layer_kernels;
+  std::vector<int> counts;
+  for (const std::vector<cudaGraphNode_t>& layer : impl_->graphs.at(batch).layer_nodes)
+    counts.push_back(int(layer.size()));
+  return counts;
 }
 
 std::vector<std::vector<std::string>> CudaModel::decode_layer_kernel_names(int batch) {
   decode_launches(batch);
   const Impl::StepGraph& g = impl_->graphs.at(batch);
-  size_t count = 0;
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nullptr, &count));
-  std::vector<cudaGraphNode_t> nodes(count);
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(g.graph, nodes.data(), &count));
+  const std::map<cudaGraphNode_t, int> depth = node_depths(g.graph);
   std::vector<std::vector<std::string>> names;
-  size_t at = size_t(g.kernels_before_layers);
-  for (const int kernels : g.layer_kernels) {
+  for (const std::vector<cudaGraphNode_t>& nodes : g.layer_nodes) {
+    std::vector<std::pair<int, std::string>> ordered;
+    for (cudaGraphNode_t node : nodes) ordered.emplace_back(depth.at(node), kernel_node_name(node));
+    std::sort(ordered.begin(), ordered.end());
     std::vector<std::string>& layer = names.emplace_back();
-    for (int k = 0; k < kernels && at < nodes.size(); ++k) layer.push_back(kernel_node_name(nodes[at++]));
+    for (auto& [node_depth, name] : ordered) layer.push_back(std::move(name));
   }
   return names;
 }

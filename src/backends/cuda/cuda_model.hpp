@@ -177,7 +177,8 @@ class CudaModel {
   // The same per layer: [num_layers] counts of the launches from a layer's first attention kernel to the mHC launch
   // that closes its FFN (the rest of decode_launches is outside the layers: embedding, first hc_pre, head).
   std::vector<int> decode_layer_launches(int batch);
-  // The same launches' kernels, per layer in capture order (both streams'), demangled without their parameters.
+  // The same launches' kernels, per layer in dependency order (by depth in the graph; kernels at one depth, the two
+  // streams' branches, by name), demangled without their parameters.
   std::vector<std::vector<std::string>> decode_layer_kernel_names(int batch);
 
  private:
