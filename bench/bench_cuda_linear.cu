@@ -17,8 +17,8 @@
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
 //                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
-//   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
-//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
+//   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by register
+//   cap (4 or 8 CTAs per SM) × ring slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
 //   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -274,6 +274,7 @@ struct SweepRow {
   int64_t ctas;
   int ctas_per_sm;
   double us, percent_of_copy;
+  int register_ctas_per_sm = 0;  // the kernel's register cap in CTAs per SM
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -471,12 +472,14 @@ int main(int argc, char** argv) {
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
-          const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
+          const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits, int ctas_per_sm = 0) {
             if (slots > 0 && !streamed_rings_fit(weights[0].view(), tokens, slots))
+              return std::optional<QuantizedLinearConfig>();
+            if (ctas_per_sm == 8 && !streamed_eight_ctas_apply(weights[0].view(), tokens, reduce))
               return std::optional<QuantizedLinearConfig>();
             return std::optional(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
                                                                 device.multiprocessors, WeightLoadPath::STREAMED,
-                                                                slots, reduce, k_splits));
+                                                                slots, reduce, k_splits, ctas_per_sm));
           };
 
           if (profile) {
@@ -512,25 +515,28 @@ int main(int argc, char** argv) {
                                   config.k_splits,
                                   config.reduce == SplitKReduce::CLUSTER ? "default, cluster" : "default, workspace",
                                   config.row_blocks * config.k_splits, config.ctas_per_sm, default_us,
-                                  100.0 * double(stored) / (default_us * 1e3) / copy_gbps});
+                                  100.0 * double(stored) / (default_us * 1e3) / copy_gbps,
+                                  config.register_ctas_per_sm});
             std::vector<QuantizedLinearConfig> seen;
-            for (int slots = 1; slots <= 4; ++slots)
-              for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
-                for (const int k_splits : {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
-                  const auto c = streamed_config(slots, reduce, k_splits);
-                  if (!c || (c->k_splits == 1 && reduce == SplitKReduce::CLUSTER) ||
-                      std::any_of(seen.begin(), seen.end(), [&](const QuantizedLinearConfig& o) {
-                        return o.ring_slots == c->ring_slots && o.k_splits == c->k_splits && o.reduce == c->reduce;
-                      }))
-                    continue;
-                  seen.push_back(*c);
-                  const double us = time_config(*c, Timing::COLD);
-                  sweep_rows.push_back({shape.model, shape.name, std::string(to_string(format)), tokens,
-                                        c->ring_slots, c->k_splits,
-                                        c->reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
-                                        c->row_blocks * c->k_splits, c->ctas_per_sm, us,
-                                        100.0 * double(stored) / (us * 1e3) / copy_gbps});
-                }
+            for (const int ctas_per_sm : {4, 8})
+              for (int slots = 1; slots <= 4; ++slots)
+                for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
+                  for (const int k_splits : {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
+                    const auto c = streamed_config(slots, reduce, k_splits, ctas_per_sm);
+                    if (!c || (c->k_splits == 1 && reduce == SplitKReduce::CLUSTER) ||
+                        std::any_of(seen.begin(), seen.end(), [&](const QuantizedLinearConfig& o) {
+                          return o.ring_slots == c->ring_slots && o.k_splits == c->k_splits && o.reduce == c->reduce &&
+                                 o.register_ctas_per_sm == c->register_ctas_per_sm;
+                        }))
+                      continue;
+                    seen.push_back(*c);
+                    const double us = time_config(*c, Timing::COLD);
+                    sweep_rows.push_back({shape.model, shape.name, std::string(to_string(format)), tokens,
+                                          c->ring_slots, c->k_splits,
+                                          c->reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
+                                          c->row_blocks * c->k_splits, c->ctas_per_sm, us,
+                                          100.0 * double(stored) / (us * 1e3) / copy_gbps, c->register_ctas_per_sm});
+                  }
             continue;
           }
 
@@ -623,8 +629,8 @@ int main(int argc, char** argv) {
                   r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
-      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
-                  "%% of copy |\n"
+      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM; register cap) | "
+                  "cold µs | %% of copy |\n"
                   "|---|---|---|---|---|---|---|---|---|---|\n");
     // Per case (its rows are consecutive, the default's first): the default, then the kSweepShown fastest configs
     // (the JSON has them all).
@@ -642,9 +648,9 @@ int main(int argc, char** argv) {
       begin = end;
     }
     for (const SweepRow& r : shown)
-      std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d) | %.2f | %.0f |\n", r.model.c_str(), r.shape.c_str(),
-                  r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(), (long long)r.ctas,
-                  r.ctas_per_sm, r.us, r.percent_of_copy);
+      std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d; %d) | %.2f | %.0f |\n", r.model.c_str(),
+                  r.shape.c_str(), r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(),
+                  (long long)r.ctas, r.ctas_per_sm, r.register_ctas_per_sm, r.us, r.percent_of_copy);
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
     std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_linear\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
@@ -674,10 +680,10 @@ int main(int argc, char** argv) {
       const SweepRow& r = sweep_rows[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"ring_slots\": %d, "
-                   "\"k_splits\": %d, \"reduce\": \"%s\", \"ctas\": %lld, \"ctas_per_sm\": %d, \"cold_us\": %.2f, "
-                   "\"percent_of_copy\": %.1f}%s\n",
+                   "\"k_splits\": %d, \"reduce\": \"%s\", \"ctas\": %lld, \"ctas_per_sm\": %d, "
+                   "\"register_ctas_per_sm\": %d, \"cold_us\": %.2f, \"percent_of_copy\": %.1f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), r.tokens, r.ring_slots, r.k_splits,
-                   r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.us, r.percent_of_copy,
+                   r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.register_ctas_per_sm, r.us, r.percent_of_copy,
                    i + 1 < sweep_rows.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");

@@ -161,15 +161,23 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
 }
 
+// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster where rank 0 adds
+// every rank's tile (CLUSTER_RANK0) or every rank adds a share of the tile's outputs (CLUSTER_SPREAD).
+enum class StreamedReduce { WORKSPACE, CLUSTER_RANK0, CLUSTER_SPREAD };
+
 // The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
 // split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
-// no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
-// the same result). Called by the whole CTA after its last MMA.
-template <tile::TileFormat F, int NT>
+// no longer read), and the ranks' tiles are added in rank order, as the workspace path adds the splits (bitwise the
+// same result). CLUSTER_RANK0: rank 0 adds them all, one split after the other. CLUSTER_SPREAD: each rank takes a
+// contiguous share of the outputs and each thread loads every split's value of its output before adding them, so
+// the reduction costs about one distributed-shared-memory round trip instead of one per split. Called by the whole
+// CTA after its last MMA.
+template <tile::TileFormat F, int NT, StreamedReduce kReduce>
 __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
                                                      int64_t row0, int64_t cta_row0, int64_t cta_row_end,
                                                      float* scratch) {
   namespace cg = cooperative_groups;
+  static_assert(kReduce != StreamedReduce::WORKSPACE);
   const cg::cluster_group cluster = cg::this_cluster();
   const int lane = int(threadIdx.x) % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int cta_rows = int(cta_row_end - cta_row0);
@@ -183,21 +191,35 @@ __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& arg
       if (row < cta_row_end && token < args.tokens) scratch[token * kRowsPerCta + (row - cta_row0)] = acc[nt][i];
     }
   cluster.sync();  // every rank's partial tile is written and visible across the cluster
-  if (cluster.block_rank() == 0) {
-    const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
-    for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
-      const int token = i / cta_rows, r = i % cta_rows;
-      float sum = 0.0f;
-      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[token * kRowsPerCta + r];
-      const float value = sum * output_scale;
-      const int64_t offset = token * args.y_row_stride + cta_row0 + r;
-      if (args.y != nullptr)
-        args.y[offset] = value;
-      else
-        args.y_bf16[offset] = __float2bfloat16_rn(value);
+  const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
+  const int outputs = cta_rows * args.tokens, rank = int(cluster.block_rank());
+  const int share = kReduce == StreamedReduce::CLUSTER_SPREAD ? (outputs + args.k_splits - 1) / args.k_splits
+                                                               : outputs;
+  const int begin = kReduce == StreamedReduce::CLUSTER_SPREAD ? rank * share : 0;
+  const int end = kReduce == StreamedReduce::CLUSTER_SPREAD ? min(outputs, begin + share) : rank == 0 ? outputs : 0;
+  for (int i = begin + int(threadIdx.x); i < end; i += kThreadsPerCta) {
+    const int token = i / cta_rows, r = i % cta_rows;
+    const int offset_in_tile = token * kRowsPerCta + r;
+    float sum = 0.0f;
+    if constexpr (kReduce == StreamedReduce::CLUSTER_SPREAD) {
+      float parts[kLinearMaxClusterSplits];
+#pragma unroll
+      for (int s = 0; s < kLinearMaxClusterSplits; ++s)
+        parts[s] = s < args.k_splits ? cluster.map_shared_rank(scratch, s)[offset_in_tile] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < kLinearMaxClusterSplits; ++s)
+        if (s < args.k_splits) sum += parts[s];
+    } else {
+      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[offset_in_tile];
     }
+    const float value = sum * output_scale;
+    const int64_t offset = token * args.y_row_stride + cta_row0 + r;
+    if (args.y != nullptr)
+      args.y[offset] = value;
+    else
+      args.y_bf16[offset] = __float2bfloat16_rn(value);
   }
-  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
+  cluster.sync();  // every rank keeps its shared memory until the others have read it
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
@@ -259,15 +281,15 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
-// refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA.
-template <tile::TileFormat F, int NT, class StageX>
+// refilling the ring, its MMAs rotating over C accumulator chains. The first stages must have been issued
+// (issue_first_stages). Called by the whole CTA.
+template <tile::TileFormat F, int NT, int C, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
                                                        float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
-  constexpr int C = tile::detail::kChains<NT>;
   const DeviceMatrixView& w = args.weight;
   const int g = int(threadIdx.x) % tile::kWarpSize / 4;
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
@@ -323,8 +345,10 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-template <tile::TileFormat F, int NT, bool kClusterReduce>
-__global__ void __launch_bounds__(kThreadsPerCta, 4)
+// kCtasPerSm caps the registers (65536 / (128 · kCtasPerSm)): 4 for every format, 8 (64 registers) for FP8 at one
+// token tile, which lets twice the warps share an SM when the grid has the CTAs for it.
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm>
+__global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
@@ -353,14 +377,17 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT>(args, work, row0, has_rows, ring, x_tile,
+  // With 8 CTAs per SM, twice the warps hide the MMA latency that independent accumulator chains hide otherwise, and
+  // two chains instead of four keep the kernel within 64 registers.
+  constexpr int kChains = kCtasPerSm >= 8 ? 2 : tile::detail::kChains<NT>;
+  multiply_streamed_item<F, NT, kChains>(args, work, row0, has_rows, ring, x_tile,
                                 [&](int64_t chunk_begin, int64_t chunk_end) {
                                   stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
                                 },
                                 acc);
 
-  if constexpr (kClusterReduce)
-    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
+  if constexpr (kReduce != StreamedReduce::WORKSPACE)
+    write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else
     write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
 }
