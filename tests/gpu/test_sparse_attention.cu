@@ -43,8 +43,10 @@ struct AttentionCase {
   bool counts = false;          // per-query compressed_counts; the slots past a query's count hold live rows
   bool bf16_partials = false;   // the cluster merge exchanges bf16 partials (cluster_merge_bf16_partials)
   int head_split_tiles = -1;    // ≥ 0: also run the head-split path (this head_split_tiles), which must serve it
+  bool early_entries = false;   // ... with head_split_early_entries (entries asked of L2 before the wait)
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
   bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
+  bool prefill_kernel_decode_counts = false;  // ... also with per-query counts (prefill_kernel_decode_counts)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -61,6 +63,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
   call.prefill_kernel_decode = c.prefill_kernel_decode;
+  call.prefill_kernel_decode_counts = c.prefill_kernel_decode_counts;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -71,6 +74,7 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
     SparseAttentionParams head_split = call;
     head_split.head_split = true;
     head_split.head_split_tiles = c.head_split_tiles;
+    head_split.head_split_early_entries = c.early_entries;
     ASSERT_GT(sparse_attention_head_split_splits(head_split), 0) << "the head-split path does not serve the case";
     compare_with_cpu(c, true, head_split, expected, magnitude);
   }
@@ -232,7 +236,8 @@ TEST(SparseAttention, ClusterMergeEverySplitCount) {
 // The head-split path (small-batch decode, 16-head groups, each split's entries resident, splits merged in a
 // cluster) at every tile count per CTA: batch-1 SWA (one split, no merge), CSA with 2-20 splits, per-query counts
 // (splits past a query's count), a short wrapped window with unused slots, a query without entries, Pro's 8 groups,
-// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch.
+// a padded head group (H 40, 48), fp32/bf16 q and output, several queries in one launch; with and without the
+// entries asked of L2 before the wait (head_split_early_entries: the same output).
 TEST(SparseAttention, HeadSplitMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 70;
@@ -241,6 +246,7 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
       AttentionCase swa{"flash swa decode head split", format, 512, 64, 64, 128, 128, 0, {300}, 1, 0,
                         AttentionDtype::Bf16, AttentionDtype::Bf16};
       swa.head_split_tiles = tiles;
+      swa.early_entries = tiles % 2 == 0;
       check_attention(swa, seed++);
       // 20 tiles: 5, 7 or 10 splits (1 tile per CTA would need clusters of 20); three queries (one without
       // entries) keep the grid within one wave.
@@ -248,11 +254,13 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
                         tiles % 2 == 0 ? AttentionDtype::F32 : AttentionDtype::Bf16, AttentionDtype::F32, true};
       csa.counts = tiles % 2 == 1;
       csa.head_split_tiles = tiles == 1 ? 2 : tiles;
+      csa.early_entries = tiles % 2 == 1;
       check_attention(csa, seed++);
     }
     AttentionCase short_window{"swa short window head split", format, 512, 64, 64, 128, 128, 0, {50, 7}, 1, 0,
                                AttentionDtype::F32, AttentionDtype::Bf16, true};
     short_window.head_split_tiles = 2;
+    short_window.early_entries = true;
     check_attention(short_window, seed++);
     AttentionCase pro{"pro csa decode head split", format, 512, 64, 128, 128, 128, 512, {5000}, 1, 0,
                       AttentionDtype::Bf16, AttentionDtype::Bf16};
@@ -261,6 +269,7 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
     AttentionCase pro_hca{"pro hca bounded head split", format, 512, 64, 128, 128, 128, 300, {3000}, 1, 0};
     pro_hca.counts = true;
     pro_hca.head_split_tiles = 3;
+    pro_hca.early_entries = true;
     check_attention(pro_hca, seed++);
     AttentionCase padded{"d512 h48 head split", format, 512, 64, 48, 24, 24, 77, {90, 400}, 2, 0,
                          AttentionDtype::Bf16, AttentionDtype::F32, true};
@@ -288,10 +297,12 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
 }
 
 // Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave,
-// long lists without per-query counts): a V4-Pro batch of just enough queries (two head blocks each) with 512 slots,
-// several sequences of different lengths, against the CPU; then the routing decisions alone on the call's shape (one
-// query short of the wave, one slot short of the list, per-query counts, a one-block V4-Flash batch, fp8 entries, the
-// option off), since a V4-Flash list long enough to route (2048 slots) makes the CPU reference too slow to run here.
+// long lists by their slot bound): a V4-Pro batch of just enough queries (two head blocks each) with 512 slots, several
+// sequences of different lengths, against the CPU, without per-query counts and with them (prefill_kernel_decode_counts:
+// counts of 0, the bound, past it, negative and random below it, live rows past each count); then the routing
+// decisions alone on the call's shape (one query short of the wave, one slot short of the list, per-query counts with
+// and without their option, a one-block V4-Flash batch, fp8 entries, the option off), since a V4-Flash list long
+// enough to route (2048 slots) makes the CPU reference too slow to run here.
 TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int sms = list_devices()[0].multiprocessors;
@@ -302,6 +313,10 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
                     AttentionDtype::Bf16, AttentionDtype::Bf16};
   pro.prefill_kernel = pro.prefill_kernel_decode = true;
   check_attention(pro, 111);
+  AttentionCase counted = pro;
+  counted.name = "pro csa decode wave counts";
+  counted.counts = counted.prefill_kernel_decode_counts = true;
+  check_attention(counted, 114);
 
   SparseAttentionCaseData data;
   AttentionCase small = pro;
@@ -310,13 +325,15 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   small.queries_per_sequence = 1;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(small, 112, data));
   // Only the decision is asked: the shape fields may exceed the index arrays.
-  const auto routed = [&](int heads, int64_t tokens, int64_t slots, bool counts, bool option) {
+  const auto routed = [&](int heads, int64_t tokens, int64_t slots, bool counts, bool option,
+                          bool counts_option = false) {
     SparseAttentionParams call = data.call;
     call.heads = heads;
     call.tokens = tokens;
     call.compressed_slots = int(slots) - call.window_slots;
     call.compressed_counts = counts ? data.counts.as<int32_t>() : nullptr;
     call.prefill_kernel_decode = option;
+    call.prefill_kernel_decode_counts = counts_option;
     return sparse_attention_uses_prefill_kernel(call);
   };
   const int64_t pro_slots = kSparseAttentionPrefillDecodeSlots;
@@ -325,6 +342,9 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   EXPECT_FALSE(routed(128, pro_queries - 1, pro_slots, false, true)) << "one Pro query short of the wave";
   EXPECT_FALSE(routed(128, pro_queries, pro_slots - 1, false, true)) << "one slot short";
   EXPECT_FALSE(routed(128, pro_queries, pro_slots, true, true)) << "per-query counts";
+  EXPECT_TRUE(routed(128, pro_queries, pro_slots, true, true, true)) << "per-query counts with their option";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots - 1, true, true, true)) << "counts: one slot short";
+  EXPECT_FALSE(routed(128, pro_queries, pro_slots, true, false, true)) << "counts: prefill_kernel_decode off";
   EXPECT_FALSE(routed(128, pro_queries, pro_slots, false, false)) << "prefill_kernel_decode off";
   EXPECT_TRUE(routed(64, flash_queries, flash_slots, false, true));
   EXPECT_FALSE(routed(64, flash_queries, pro_slots, false, true)) << "a one-block list of Pro's length";

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -224,7 +226,8 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
 // measurement): at least two waves of (query, 64-head block) CTAs; with prefill_kernel_decode also decode-sized calls
-// from 15/16 of one wave whose lists are long and have no per-query counts (see the option).
+// from 15/16 of one wave whose lists are long by their slot bound and have no per-query counts, or counts with
+// prefill_kernel_decode_counts (see the options).
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
   if (!p.prefill_kernel || p.cache.layout.format != KvEntryFormat::Bf16 || !use_d512_kernel(p) ||
       !sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads))
@@ -232,11 +235,20 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
   const int64_t head_blocks = (p.heads + kD512Heads - 1) / kD512Heads, ctas = p.tokens * head_blocks,
                 sms = device_multiprocessors(), slots = int64_t(p.window_slots) + p.compressed_slots;
   if (ctas >= 2 * sms) return true;
-  return p.prefill_kernel_decode && 16 * ctas >= 15 * sms && p.compressed_counts == nullptr &&
+  return p.prefill_kernel_decode && 16 * ctas >= 15 * sms &&
+         (p.compressed_counts == nullptr || p.prefill_kernel_decode_counts) &&
          slots >= (head_blocks >= 2 ? kSparseAttentionPrefillDecodeSlots : kSparseAttentionPrefillDecodeSlotsOneBlock);
 }
 
 }  // namespace
+
+bool sparse_attention_early_entries_default() {
+  static const bool on = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_EARLY_ENTRIES");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  return on;
+}
 
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 

@@ -1448,10 +1448,34 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
     }
     const int64_t total = int64_t(p.window_slots) + p.compressed_slots;
     const int tiles_per_split = (int((total + kTile - 1) / kTile) + p.splits - 1) / p.splits;
-    const int64_t s = int64_t(split) * tiles_per_split * kTile + 32 * (tid - 32);  // warp 1: a line per lane
-    if (warp == 1 && s < min(total, int64_t(split + 1) * tiles_per_split * kTile))
+    const int64_t split_begin = int64_t(split) * tiles_per_split * kTile,
+                  split_end = min(total, int64_t(split + 1) * tiles_per_split * kTile);
+    const int64_t s = split_begin + 32 * (tid - 32);  // warp 1: a line per lane
+    if (warp == 1 && s < split_end)
       ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
                                           : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
+    // head_split_early_entries: the split's entries asked of L2 too, from the index as it stands before this step's
+    // writers are done (a decode step's lists mostly repeat the previous step's rows) through the page table and
+    // sequence slots (host-copied step inputs, complete before the step): a hint whose rows need not be this step's.
+    // The index is read past L1 (ld.global.cg), so that the reads after the wait cannot meet a stale L1 line.
+    const int64_t early = split_begin + warp * kHeadSplitWarpEntries + lane % kHeadSplitWarpEntries;
+    if (p.head_split_early_entries && early < split_end) {
+      const int32_t row = __ldcg(early < p.window_slots
+                                     ? p.window_index + t * p.window_slots + early
+                                     : p.compressed_index + t * p.compressed_slots + (early - p.window_slots));
+      const int32_t phys = slot_physical(cache, slot_page(p, p.sequence_slots[t], early, row), row);
+      // Lanes 0-15 take the entry's first half of lines, lanes 16-31 the rest: a bf16 entry's 8 lines, an fp8 one's
+      // 584 bytes (8-aligned) over at most 6, its last byte's line the sixth.
+      constexpr int kEntryBytes = kFp8 ? kFp8EntryBytes : kD512HeadDim * 2;
+      constexpr int kHalfLines = kFp8 ? 3 : 4;
+      if (phys >= 0) {
+        const uint8_t* entry_bytes = cache.entry_address(phys);
+        const int first_line = lane < kHeadSplitWarpEntries ? 0 : kHalfLines;
+#pragma unroll
+        for (int i = 0; i < kHalfLines; ++i)
+          ptx::prefetch_l2(entry_bytes + min((first_line + i) * kLineBytes, kEntryBytes - 1));
+      }
+    }
   }
   wait_for_prior_grids();
 

@@ -48,6 +48,10 @@ inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 // Slot lists that SparseAttentionParams::prefill_kernel_decode routes: two or more 64-head blocks per query, or one.
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512, kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
+// The default of SparseAttentionParams::head_split_early_entries: off, on where the environment sets
+// DSV4_ATTENTION_EARLY_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
+bool sparse_attention_early_entries_default();
+
 struct SparseAttentionParams {
   KvCacheView cache;
   int layer = 0;
@@ -85,6 +89,10 @@ struct SparseAttentionParams {
   // flushed: Flash SWA batch 1 14.8 → 12.0 µs, CSA 18.0 → 13.4, Pro CSA 18.1 → 14.3, Flash SWA batch 8 15.5 → 12.7.
   bool head_split = true;
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
+  // Head-split path: each split asks L2 for its entries before griddepcontrol.wait, through the index as it stands
+  // then (in a decode step mostly the previous step's rows, which the new lists share) and the step's page table, so
+  // that its bulk copies after the wait find them in L2 rather than DRAM (the index itself is read after the wait).
+  bool head_split_early_entries = sparse_attention_early_entries_default();
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
@@ -100,6 +108,10 @@ struct SparseAttentionParams {
   // the interim prefill kernel the threshold was set on), 128 slots 37.4 → 39.0; Flash batch 64 loses (640 slots
   // 30.6 → 36.4) and stays below the wave.
   bool prefill_kernel_decode = true;
+  // With prefill_kernel_decode: calls with compressed_counts route by their slot bound as well (the model's CSA top-k
+  // and HCA visible-entry lists). The counts only shorten the lists, and a decode step's CUDA graph fixes its
+  // launches for every later step of its batch size, so the route cannot follow them.
+  bool prefill_kernel_decode_counts = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
