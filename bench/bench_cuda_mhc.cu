@@ -438,11 +438,11 @@ int main(int argc, char** argv) {
                        .stream = stream});
           run_pre(s, s.next_post, s.next_comb, HcKernelChoice::PERSISTENT);
         };
-        const auto run_post_pre = [&](Set& s, HcKernelChoice kernel, bool norm) {
+        const auto run_post_pre = [&](Set& s, HcKernelChoice kernel, bool norm, int sinkhorn_iters = kSinkhornIters) {
           run_hc_post_pre({.out = s.out.as<float>(), .X = s.X.as<float>(), .post = s.post.as<float>(),
                            .comb = s.comb.as<float>(), .X_out = s.X.as<float>(), .next_fn = s.fn.as<float>(),
                            .next_base = base.as<float>(), .next_scale = scale.as<float>(), .tokens = T,
-                           .hidden = d, .sinkhorn_iters = kSinkhornIters, .y = s.y.as<float>(),
+                           .hidden = d, .sinkhorn_iters = sinkhorn_iters, .y = s.y.as<float>(),
                            .y_bf16 = norm ? s.y_bf16.as<__nv_bfloat16>() : nullptr,
                            .next_post = s.next_post.as<float>(), .next_comb = s.next_comb.as<float>(),
                            .out_norm_weight = norm ? norm_weight.as<float>() : nullptr, .kernel = kernel,
@@ -475,6 +475,10 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
+          // The share of Sinkhorn's serial chain in the fused site (the model's second mHC site of every layer).
+          const auto fused_norm_one_iteration = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true, 1); };
+          record("hc_post_pre + norm (fused, 1 Sinkhorn iteration)", fused_norm_one_iteration,
+                 post_pre_bytes + double(d) * 4 + double(T * d) * 2, 0.0);
           const auto async_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::CLUSTER_ASYNC, true); };
           record("hc_post_pre + norm (fused, asynchronous cluster kernel)", async_norm,
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));

@@ -814,5 +814,18 @@ TEST(MhcGpu, RefusesUnsupportedCallsNamingTheProblem) {
   expect_error_containing([&] { run_hc_post_pre(f); }, "hc_projection_workspace_bytes");
 }
 
+// The persistent kernel indexes its workspace words in 32 bits: a launch past that is refused before anything is read.
+// The pointers are distinct, aligned and never dereferenced (terabytes apart, as buffers of 2M tokens would be).
+TEST(MhcGpu, RefusesLaunchesPastTheWorkspacesWordIndex) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  constexpr int64_t T = int64_t(1) << 21, d = 4096;
+  const auto region = [](int i) { return reinterpret_cast<float*>(uintptr_t(i) << 44); };
+  const size_t bytes = hc_projection_workspace_bytes(T, d, list_devices().front().multiprocessors);
+  const HcPreParams p{.X = region(1), .fn = region(2), .base = region(3), .scale = region(4), .tokens = T,
+                      .hidden = d, .y = region(5), .post = region(6), .comb = region(7), .workspace = region(8),
+                      .workspace_bytes = bytes};
+  expect_error_containing([&] { run_hc_pre(p); }, "exceed the workspace words a launch can index");
+}
+
 }  // namespace
 }  // namespace dsv4::cuda

@@ -410,21 +410,32 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
   return v;
 }
 
-// Sinkhorn on one token's 4×4 (c[4·j + k]) held by one thread: the cluster decode kernel's mix CTAs, whose tail is this
-// serial chain. A row or column is scaled by the hardware reciprocal (MUFU, ≤ 2 ulp) of (sum + eps) rather than
-// divided by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb tolerance): per
-// normalisation 4 reciprocals and 16 independent multiplies, no shuffles and no division's branch. (With the
-// correctly rounded reciprocal, __frcp_rn, the 19 later iterations took 7.2 µs instead of the half-warp shuffle
-// version's 2.2, H200, V4-Flash T = 1.) rcp.approx.ftz is the MUFU alone (div.approx of 1 / x adds a multiply by 1;
-// the sums are ≥ eps, never subnormal, so ftz changes nothing).
+// The decode kernels' Sinkhorn (single-thread forms below) scales a row or column by a reciprocal of (sum + eps)
+// rather than dividing by it (a few ulps from the CPU's quotients over the 40 steps, inside the tests' comb
+// tolerance): no division's branch. (With the correctly rounded reciprocal, __frcp_rn, the 19 later iterations took
+// 7.2 µs instead of the half-warp shuffle version's 2.2, H200, V4-Flash T = 1.) This one is the MUFU's
+// (rcp.approx.ftz, ≤ 1 ulp; div.approx of 1 / x adds a multiply by 1; the sums are ≥ eps, never subnormal, so ftz
+// changes nothing), for the softmax's row sums.
 __device__ inline float fast_reciprocal(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
 
-// Sinkhorn's first row normalisation on one token's 4×4 held by one thread (both single-thread forms below): each
-// row's softmax, scaled by the MUFU reciprocal of its sum, plus eps.
+// 1 / x for a positive normal x on the FMA pipe: a first guess from the bits (within 5.1 % of 1 / x), then three Newton
+// steps (error 5.1 % → 0.26 % → 6.6·10⁻⁶ → below half an ulp: ≤ 0.5 ulp over [10⁻⁷, 64] in an exhaustive host
+// check, tighter than the MUFU's rcp.approx). Seven dependent instructions, all on pipes a lone thread issues at
+// one a cycle, where the MUFU takes a warp instruction per 8 cycles (4 units per SM quarter): Sinkhorn's four
+// reciprocals per normalisation queued there ≈ 32 cycles on the chain.
+__device__ __forceinline__ float newton_reciprocal(float x) {
+  float r = __uint_as_float(0x7EF311C3u - __float_as_uint(x));
+#pragma unroll
+  for (int step = 0; step < 3; ++step) r = fmaf(r, fmaf(-x, r, 1.0f), r);
+  return r;
+}
+
+// Sinkhorn's first row normalisation on one token's 4×4 held by one thread (the cluster decode kernel's mix CTAs):
+// each row's softmax, scaled by the MUFU reciprocal of its sum, plus eps.
 __device__ inline void softmax_rows_plus_eps(float (&c)[kStreams * kStreams], float eps) {
 #pragma unroll
   for (int j = 0; j < kStreams; ++j) {
@@ -438,14 +449,24 @@ __device__ inline void softmax_rows_plus_eps(float (&c)[kStreams * kStreams], fl
   }
 }
 
-// Sinkhorn on one token's 4×4 held by one thread, in scaling form: the first row normalisation (softmax + eps) gives
-// A, and from then on c = diag(u)·A·diag(v). Normalising row j, c_j ← c_j / (Σ_k c_jk + eps), is u_j ← 1 / D_j with
-// D_j ← Σ_k A_jk·v_k + eps·D_j (D_j = 1 / u_j, 1 at first); a column alike. c is formed once at the end. Per
-// normalisation 4 reciprocals (MUFU) of 3-deep FMA trees (eps·D is ready early) and no
-// rescaling of the 16 entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and
-// a chain of a multiply, three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps.
-__device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int iters, float eps) {
-  softmax_rows_plus_eps(c, eps);
+// The same with comb[j][k] held by lane `first_lane` + 4·j + k (`first_lane` a multiple of 4; every lane of the warp
+// calls it): softmax_rows_plus_eps's value bit for bit (the same max, exponentials, sum order and reciprocal), its 16
+// exponentials and 4 reciprocals spread over the lanes instead of queued in one thread's MUFU.
+__device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
+  const int row_first = (threadIdx.x & 31) & ~3;
+  float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
+  row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
+  const float e = expf(logit - row_max);
+  return e * fast_reciprocal(sum_of_four_lanes(e, row_first, 1)) + eps;
+}
+
+// Sinkhorn on one token's 4×4 held by one thread, in scaling form, from A = c after its first row normalisation
+// (softmax + eps): from then on c = diag(u)·A·diag(v). Normalising row j, c_j ← c_j / (Σ_k c_jk + eps), is u_j ←
+// 1 / D_j with D_j ← Σ_k A_jk·v_k + eps·D_j (D_j = 1 / u_j, 1 at first); a column alike. c is formed once at the end.
+// Per normalisation 4 independent chains of a 3-deep FMA tree (eps·D is ready early) and a Newton reciprocal, no
+// rescaling of the 16 entries. The CPU's rounding after every step is not reproduced: a few ulps. (Until session 18
+// the reciprocals were MUFUs: 1.2 µs of the chain at V4-Pro T = 1, H200.)
+__device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStreams], int iters, float eps) {
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
   for (int i = 0; i < kStreams; ++i) u[i] = v[i] = row_d[i] = column_d[i] = 1.0f;
@@ -454,7 +475,7 @@ __device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int 
     const float even = fmaf(c[first], s[0], eps * denominator);
     const float odd = c[first + stride] * s[1];
     denominator = fmaf(c[first + 2 * stride], s[2], even) + fmaf(c[first + 3 * stride], s[3], odd);
-    scale = fast_reciprocal(denominator);
+    scale = newton_reciprocal(denominator);
   };
 #pragma unroll
   for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
@@ -469,6 +490,12 @@ __device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int 
   for (int j = 0; j < kStreams; ++j)
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) c[4 * j + k] = c[4 * j + k] * u[j] * v[k];
+}
+
+// The whole of it from one token's logits held by one thread.
+__device__ inline void sinkhorn_4x4_scaled(float (&c)[kStreams * kStreams], int iters, float eps) {
+  softmax_rows_plus_eps(c, eps);
+  sinkhorn_4x4_scaled_iterations(c, iters, eps);
 }
 
 // kHead: hc_head (4 rows, no post/comb); kPost: hc_post of the finished sub-block fused in front of hc_pre.
@@ -594,9 +621,14 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
   extern __shared__ float4 dynamic_smem[];
-  // [kStages][staged tile] from the first kStageAlignment boundary (the swizzle's period).
-  float* const stages = reinterpret_cast<float*>(
-      (reinterpret_cast<uintptr_t>(dynamic_smem) + kStageAlignment - 1) & ~uintptr_t(kStageAlignment - 1));
+  // [kStages][staged tile] from the first kStageAlignment boundary (the swizzle's period). The skip is added to
+  // dynamic_smem as an offset, not by rounding its address as an integer: the integer round trip hid from the compiler
+  // that the pointer is shared memory, so every stage, warp-sum and ring access became a generic load or store with
+  // 64-bit address arithmetic (≈ 80 instructions for the 14 partial-sum stores per thread and tile).
+  const uint32_t misalignment =
+      static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_smem)) & uint32_t(kStageAlignment - 1);
+  float* const stages = reinterpret_cast<float*>(dynamic_smem) +
+                        ((uint32_t(kStageAlignment) - misalignment) & uint32_t(kStageAlignment - 1)) / 4;
   float* const warp_sums = stages + kStages * kStageFloats;      // [kWarps][kPartial][16]
   float* const post_ring = warp_sums + kWarps * kPartialFloats;  // kPost: [kPostSlots][post_slot_floats]
   __shared__ uint64_t full[kStages];
@@ -617,10 +649,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int i0 = slice * kSliceDims;
   const int width = min(kSliceDims, d - i0);
 
-  const auto tile_of = [&](int j) { return int64_t(group) + int64_t(j) * groups; };
-  const auto valid_of = [&](int j) {
-    return int(min(int64_t(kTileTokens), args.tokens - tile_of(j) * kTileTokens));
-  };
+  // Tile and workspace-word indices in 32 bits (the launcher checks that every word index fits): 64-bit index
+  // arithmetic was a third of the slice sums' instructions. Token and element indices stay 64-bit.
+  const auto tile_of = [&](int j) { return group + j * groups; };
+  const auto first_token_of = [&](int j) { return int64_t(tile_of(j)) * kTileTokens; };
+  const auto valid_of = [&](int j) { return int(min(int64_t(kTileTokens), args.tokens - first_token_of(j))); };
   const auto sums_of = [&](int j) { return args.sums + tile_of(j) * kPartialFloats; };  // [kPartial][16]
   const auto partials_of = [&](int j) { return args.partials + tile_of(j) * slices * kPartialFloats; };
 
@@ -652,7 +685,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (!tile_loader) return;
     const int b = j % kStages;
     sm90::mbarrier_arrive_expect_tx(&full[b], uint32_t(kStageFloats) * 4u);
-    const int row = int(tile_of(j)) * kStagedBoxRows;
+    const int row = tile_of(j) * kStagedBoxRows;
 #pragma unroll
     for (int box = 0; box < kBoxes; ++box)
       sm90::tma_load_2d(stages + b * kStageFloats + box * kStagedBoxRows * kStagedBoxFloats, &args.x_map, &full[b],
@@ -662,7 +695,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
   const auto load_post_inputs = [&](int j) {
     float* const slot = post_ring + (j % kPostSlots) * post_slot_floats(kSliceDims);
-    const int64_t t0 = tile_of(j) * kTileTokens;
+    const int64_t t0 = first_token_of(j);
     const int valid = valid_of(j);
     if (vt < valid && vi < width) copy16_to_shared(slot + vt * kSliceDims + vi, args.out + (t0 + vt) * d + i0 + vi);
     constexpr int kMixVectors = kMixFloats / 4;  // post, then the 4 rows of comb
@@ -753,7 +786,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float4 xs[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) xs[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-      float* const x_out = args.X_out + (tile_of(j) * kTileTokens + vt) * flat + i0 + vi;
+      float* const x_out = args.X_out + (first_token_of(j) + vt) * flat + i0 + vi;
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) {
         const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
@@ -797,7 +830,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
       const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
-      store_output(args.y, args.y_bf16, (tile_of(jc) * kTileTokens + vt) * d + i0 + vi, value);
+      store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
@@ -911,7 +944,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         const unsigned long long post_read = l < kStreams ? load_relaxed_u64(post_word) : 0;
         const unsigned long long comb_read = load_relaxed_u64(comb_word);
         const float inv_rms = inverse_rms(tagged_value(squares_read, sums, tag), float(flat), args.norm_eps);
-        const int64_t token = tile_of(jt) * kTileTokens + t;
+        const int64_t token = first_token_of(jt) + t;
         if (l < kStreams) {
           const float mix = tagged_value(post_read, post_word, tag) * inv_rms;
           args.post[token * kStreams + l] = 2.0f * sigmoid(mix * args.scale[1] + args.base[kStreams + l]);
@@ -920,7 +953,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         logit = mix * args.scale[2] + args.base[2 * kStreams + l];
       }
       const float comb = sinkhorn_4x4(logit, args.sinkhorn_iters, args.hc_eps);
-      if (active) args.comb[(tile_of(jt) * kTileTokens + t) * kStreams * kStreams + l] = comb;
+      if (active) args.comb[(first_token_of(jt) + t) * kStreams * kStreams + l] = comb;
     }
   }
 
@@ -1533,12 +1566,13 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     float value = 0.0f;
     if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
     if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
-    const float logit = value * mix_scale + mix_base;
+    // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in lane 0.
+    const float first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
     float c[kStreams * kStreams];
 #pragma unroll
-    for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, logit, kStreams + l);
+    for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
     if (lane == 0) {
-      sinkhorn_4x4_scaled(c, args.sinkhorn_iters, args.hc_eps);
+      sinkhorn_4x4_scaled_iterations(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
