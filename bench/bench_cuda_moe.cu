@@ -13,7 +13,9 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns").
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the expert GEMMs in one launch
+// other than the default (MoeRunParams::experts_in_one_launch; where it applies, T <= 8): "one-launch" (or
+// "two-launches").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -176,6 +178,7 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
+  ONE_LAUNCH,
   REGISTER
 };
 struct PathSpec {
@@ -185,8 +188,9 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
+  bool other_one_launch = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_one_launch ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -200,6 +204,8 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
+    {Path::ONE_LAUNCH, MoeRunParams{}.experts_in_one_launch ? "two-launches" : "one-launch", false, false,
+     MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -218,6 +224,7 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
+  if (spec.other_one_launch) p.experts_in_one_launch = !p.experts_in_one_launch;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -296,7 +303,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
-          (spec.other_columns && T > 2))
+          (spec.other_columns && T > 2) || (spec.other_one_launch && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -431,7 +438,8 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
-                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,register]\n");
+                           "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
+                           "one-launch|two-launches,register]\n");
       return 2;
     }
   }

@@ -46,6 +46,7 @@
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
 #include "support/device_buffers.hpp"
@@ -276,6 +277,7 @@ struct Kernels {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
+  bool one_launch = MoeRunParams{}.experts_in_one_launch;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -285,13 +287,14 @@ struct Kernels {
            (split == MoeSharedExpertSplit::NEVER    ? ", shared expert never split"
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
-           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "");
+           (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
+           (one_launch ? ", experts in one launch" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
-    p.down_head_start = down_head_start, p.column_stages = columns;
+    p.down_head_start = down_head_start, p.column_stages = columns, p.experts_in_one_launch = one_launch;
     return p;
   }
 };
@@ -327,6 +330,14 @@ constexpr Kernels kStreamedOtherColumnsSplitAll{.experts = MoeExpertKernels::STR
                                                 .columns = !MoeRunParams{}.column_stages};
 constexpr Kernels kStreamedOtherColumnsUnfused{.experts = MoeExpertKernels::STREAMED,
                                                .columns = !MoeRunParams{}.column_stages};
+// The expert GEMMs in one launch where it applies (MoeRunParams::experts_in_one_launch: the same stages in the same
+// order as the two launches, so the same bits), with the routing and combine fused or not, and with the column
+// stages other than the default.
+constexpr Kernels kStreamedOneLaunch{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                     .one_launch = true};
+constexpr Kernels kStreamedOneLaunchUnfused{.experts = MoeExpertKernels::STREAMED, .one_launch = true};
+constexpr Kernels kStreamedOneLaunchOtherColumns{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                                 .columns = !MoeRunParams{}.column_stages, .one_launch = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -540,6 +551,24 @@ void expect_same_bits(const DeviceMoeWeights& weights, const Shape& S, int T, ui
   expect_identical_outputs(run_output(weights, u, T, kernels, ids), run_output(weights, u, T, reference, ids));
 }
 
+// Whether run_moe takes the one-launch expert GEMMs for T tokens with these kernels (one graph node less).
+bool runs_in_one_launch(const DeviceMoeWeights& weights, int T, Kernels kernels) {
+  MoeRunParams p = kernels.params();
+  p.tokens = T;
+  const int launches = moe_launches(weights, p);
+  p.experts_in_one_launch = false;
+  return launches + 1 == moe_launches(weights, p);
+}
+
+// The one-launch expert GEMMs at T against the two launches (the same bits), checked to run in one launch where
+// the GPU has at least `multiprocessors` SMs.
+void expect_one_launch_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed,
+                            int multiprocessors) {
+  if (device_multiprocessors() >= multiprocessors)
+    ASSERT_TRUE(runs_in_one_launch(weights, T, kStreamedOneLaunch)) << "T = " << T;
+  expect_same_bits(weights, S, T, seed, kStreamedOneLaunch, kStreamedKernels);
+}
+
 // The streamed kernels with the other fp4 decode against the default ones (each warp computes the same rows from
 // the same operands in the same order: the same bits), the fused combine included at T <= 8.
 void expect_other_decode_bits(const DeviceMoeWeights& weights, const Shape& S, int T, uint64_t seed) {
@@ -593,6 +622,10 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
+    // The expert GEMMs in one launch at T = 1 (32 bands × 7 items, plus the split shared expert's 32 CTAs beside fp4
+    // experts: resident at once on 128 SMs); more in MoeExpertsInOneLaunch.
+    expect_one_launch_bits(device_weights, kFlashLike, 1, seed++, 128);
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOneLaunch);
 
   }
 }
@@ -627,6 +660,74 @@ TEST(MoeSharedExpertSplit, AppliesWhereTheSharedExpertHasMoreStagesPerRow) {
   }
   EXPECT_FALSE(splits(WeightFormat::FP8_BLOCK128, 4096, 2048, kFlashE, 1, kAlways));
   EXPECT_FALSE(splits(WeightFormat::BF16, 4096, 2048, kFlashE, 1, kAlways));
+}
+
+// Where the expert GEMMs run in one launch (moe_experts_in_one_launch_apply): the streamed lean kernels at T <= 8
+// whose grid (max(gate/up bands, down bands) × (items + the split shared expert's row)) fits two CTAs per SM, with
+// the column stages for both GEMMs or neither: V4-Flash at T = 1 on 132 SMs, not on 114, not at T = 2, not V4-Pro.
+TEST(MoeExpertsInOneLaunch, AppliesWhereTheWholeGridIsResidentAtOnce) {
+  constexpr int kFlashE = 256, kProE = 384, kTopK = 6;
+  struct Case {
+    WeightFormat routed = WeightFormat::NVFP4;
+    int hidden = 4096, intermediate = 2048, experts = kFlashE, tokens = 1, multiprocessors = 132;
+    bool lean = true, columns = true;
+  };
+  auto applies = [](const Case& c) {
+    MoeExpertGemmParams p;
+    p.routed_format = c.routed, p.shared_format = WeightFormat::FP8_BLOCK128, p.experts_count = c.experts;
+    p.hidden = c.hidden, p.intermediate = c.intermediate, p.tokens = c.tokens, p.streamed = true;
+    p.lean_decode = c.lean, p.column_stages = c.columns, p.shared_expert_split = MoeSharedExpertSplit::ONE_WAVE;
+    p.max_work_items = int(moe_max_work_items(c.tokens, c.experts, kTopK, kMoeRowsPerWorkItem));
+    return moe_experts_in_one_launch_apply(p, c.multiprocessors);
+  };
+  EXPECT_TRUE(applies({}));
+  EXPECT_TRUE(applies({.routed = WeightFormat::MXFP4}));
+  EXPECT_TRUE(applies({.columns = false}));
+  EXPECT_TRUE(applies({.routed = WeightFormat::FP8_BLOCK128}));  // no split: 32 × 7 CTAs
+  EXPECT_FALSE(applies({.multiprocessors = 114}));                // 32 × 8 CTAs past two per SM
+  EXPECT_FALSE(applies({.tokens = 2}));
+  EXPECT_FALSE(applies({.tokens = 9, .multiprocessors = 100000}));  // two token tiles
+  EXPECT_TRUE(applies({.tokens = 8, .multiprocessors = 100000}));
+  EXPECT_FALSE(applies({.lean = false}));
+  EXPECT_FALSE(applies({.hidden = 7168, .intermediate = 3072, .experts = kProE}));
+  // V4-Pro at T = 2: the down GEMM takes the column stages, the gate/up GEMM (d 7168) not.
+  EXPECT_FALSE(applies({.hidden = 7168, .intermediate = 3072, .experts = kProE, .tokens = 2,
+                        .multiprocessors = 100000}));
+  EXPECT_TRUE(applies({.hidden = 7168, .intermediate = 3072, .experts = kProE, .tokens = 2,
+                       .multiprocessors = 100000, .columns = false}));
+}
+
+// One launch where one GEMM has more CTA bands than the other (a CTA past a GEMM's bands skips that part): gate/up
+// 16 bands beside down 8 (d = I = 1024) and 32 (d = 4096), fp4 experts (the split shared expert) and FP8 ones, at
+// T = 1 and 3 (column stages and not), against the CPU and the two launches; on the first layer also the combine
+// unfused, the column stages other than the default, run to run, and T = 8 (16 bands × 10 CTAs).
+TEST(MoeExpertsInOneLaunch, GemmsOfDifferentBandCountsMatchTheCpuAndTheTwoLaunches) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const Shape shapes[] = {{.hidden = 1024, .intermediate = 1024, .experts = 8, .top_k = 2, .vocab = 50},
+                          {.hidden = 4096, .intermediate = 1024, .experts = 8, .top_k = 2, .vocab = 50}};
+  uint64_t seed = 7000;
+  bool first = true;
+  for (const Shape& shape : shapes)
+    for (const WeightFormat format : {WeightFormat::NVFP4, WeightFormat::FP8_BLOCK128}) {
+      SCOPED_TRACE(std::string(to_string(format)) + " d = " + std::to_string(shape.hidden) + " I = " +
+                   std::to_string(shape.intermediate));
+      const ExpertSet experts = make_experts(format, shape, seed++);
+      Layer layer;
+      make_layer(layer, experts, Routing::SCORED, seed++, keep_routing);
+      const DeviceMoeWeights device_weights(layer.model, test_config(shape), "one-launch layer");
+      ASSERT_TRUE(device_weights.streamed_tiles());
+      for (const int T : {1, 3}) {
+        check_case(layer, experts, device_weights, T, seed++, random_tokens(shape), kStreamedOneLaunch);
+        expect_one_launch_bits(device_weights, shape, T, seed++, 128);
+      }
+      if (!first) continue;
+      first = false;
+      for (const Kernels kernels : {kStreamedOneLaunchUnfused, kStreamedOneLaunchOtherColumns})
+        check_case(layer, experts, device_weights, 1, seed++, random_tokens(shape), kernels);
+      expect_same_bits(device_weights, shape, 1, seed++, kStreamedOneLaunchOtherColumns, kStreamedOtherColumns);
+      expect_repeatable(device_weights, shape, 1, seed++, kStreamedOneLaunch);
+      expect_one_launch_bits(device_weights, shape, 8, seed++, 128);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(ExpertFormats, MoeFormats,
@@ -742,7 +843,7 @@ TEST_F(MoeRoutingExtremes, ExpertsWithoutTokens) {
   for (const int64_t T : {1, 5, 64})
     for (const Kernels kernels :
          {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode, kStreamedUnsplit,
-          kStreamedSplitAllOtherHeadStart})
+          kStreamedSplitAllOtherHeadStart, kStreamedOneLaunch})
       check_case(layer, *experts_, device_weights, T, 50 + uint64_t(T), random_tokens(kFlashLike), kernels);
 }
 
@@ -770,49 +871,53 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
   }
 }
 
-// The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets) come back to zero
-// after every call: calls through one workspace, with new inputs (a new routing) each time, eagerly and as replays
-// of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run
-// on a fresh workspace.
+// The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the one-launch
+// experts' item counts) come back to zero after every call: calls through one workspace, with new inputs (a new
+// routing) each time, eagerly and as replays of one CUDA graph, at T = 8 (T = 1 for the experts in one launch) and
+// then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run on a fresh workspace.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  const Shape& S = kFlashLike;
-  Layer layer;
-  make_layer(layer, *experts_, Routing::SCORED, 15, keep_routing);
-  const DeviceMoeWeights weights(layer.model, test_config(S), "scored layer");
-  constexpr int kMaxT = 9;
-  const size_t bytes = moe_workspace_bytes(test_config(S), kMaxT);
-  DeviceBuffer workspace(bytes, "workspace"), d_u(size_t(kMaxT * S.hidden) * sizeof(float), "u"),
-      out(size_t(kMaxT * S.hidden) * sizeof(float), "out");
-  prepare_moe_workspace(workspace.data(), bytes, nullptr);
-  cudaStream_t stream;
-  DSV4_CUDA_CHECK(cudaStreamCreate(&stream));  // ordered after the default stream's uploads and fills
-  auto params_for = [&](int T) {
-    MoeRunParams p = kStreamedKernels.params();
-    p.u = d_u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
-    p.workspace = workspace.data(), p.workspace_bytes = bytes;
-    return p;
-  };
-  uint64_t seed = 300;
-  auto check_call = [&](int T, const std::function<void()>& call) {
-    const std::vector<float> u = random_input(T, S, seed++);
-    d_u.upload(u.data(), u.size() * sizeof(float));
-    out.fill_bytes(0xFF);
-    call();
-    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
-  };
-  for (int i = 0; i < 3; ++i) check_call(8, [&] { run_moe(weights, params_for(8)); });
-  cudaGraph_t graph;
-  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  run_moe(weights, params_for(8));
-  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-  cudaGraphExec_t exec;
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int i = 0; i < 3; ++i) check_call(8, [&] { DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
-  DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
-  for (const int T : {1, 9, 3}) check_call(T, [&] { run_moe(weights, params_for(T)); });
-  DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOneLaunch}) {
+    SCOPED_TRACE(kernels.name());
+    const int graph_tokens = kernels.one_launch ? 1 : 8;
+    const Shape& S = kFlashLike;
+    Layer layer;
+    make_layer(layer, *experts_, Routing::SCORED, 15, keep_routing);
+    const DeviceMoeWeights weights(layer.model, test_config(S), "scored layer");
+    constexpr int kMaxT = 9;
+    const size_t bytes = moe_workspace_bytes(test_config(S), kMaxT);
+    DeviceBuffer workspace(bytes, "workspace"), d_u(size_t(kMaxT * S.hidden) * sizeof(float), "u"),
+        out(size_t(kMaxT * S.hidden) * sizeof(float), "out");
+    prepare_moe_workspace(workspace.data(), bytes, nullptr);
+    cudaStream_t stream;
+    DSV4_CUDA_CHECK(cudaStreamCreate(&stream));  // ordered after the default stream's uploads and fills
+    auto params_for = [&](int T) {
+      MoeRunParams p = kernels.params();
+      p.u = d_u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
+      p.workspace = workspace.data(), p.workspace_bytes = bytes;
+      return p;
+    };
+    uint64_t seed = 300;
+    auto check_call = [&](int T, const std::function<void()>& call) {
+      const std::vector<float> u = random_input(T, S, seed++);
+      d_u.upload(u.data(), u.size() * sizeof(float));
+      out.fill_bytes(0xFF);
+      call();
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+      expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
+    };
+    for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
+    cudaGraph_t graph;
+    DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    run_moe(weights, params_for(graph_tokens));
+    DSV4_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    cudaGraphExec_t exec;
+    DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { DSV4_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+    DSV4_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    DSV4_CUDA_CHECK(cudaGraphDestroy(graph));
+    for (const int T : {1, 9, 3}) check_call(T, [&] { run_moe(weights, params_for(T)); });
+    DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+  }
 }
 
 TEST_F(MoeRoutingExtremes, BadInputIsRefusedNamingTheProblem) {

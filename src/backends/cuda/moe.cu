@@ -1,9 +1,13 @@
 #include "backends/cuda/moe.hpp"
 
+#include <cstdlib>
+#include <string_view>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -14,8 +18,11 @@ constexpr size_t kWorkspaceAlignment = 256;
 // Byte offsets of every buffer in the workspace. The counters come first at a fixed place, so a workspace sized
 // for a larger T keeps them where prepare_moe_workspace zeroed them.
 struct WorkspaceLayout {
-  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, counters_end = 1024;
-  static constexpr int band_ticket_capacity = int((counters_end - band_tickets) / sizeof(uint32_t));
+  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, item_counters = 512,
+                          counters_end = 1024;
+  static constexpr int band_ticket_capacity = int((item_counters - band_tickets) / sizeof(uint32_t));
+  static_assert(item_counters + 2 * kMoeOneLaunchMaxItems * sizeof(uint32_t) <= counters_end,
+                "the one-launch experts' item counters fit the counters");
   size_t logits = 0, u_bf16 = 0, expert_ids = 0, expert_weights = 0, expert_offsets = 0, row_tokens = 0,
          slot_rows = 0, work_items = 0, h = 0, down = 0, total = 0;
   int64_t max_work_items = 0;
@@ -48,9 +55,10 @@ WorkspaceLayout workspace_layout(const MoeConfig& c, int64_t tokens) {
   return l;
 }
 
+// Null for a null workspace (moe_launches needs no workspace).
 template <class T>
 T* at(void* base, size_t offset) {
-  return reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+  return base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
 }
 
 }  // namespace
@@ -71,11 +79,85 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
+// A/B switch for the GPU rounds (environment, read once): DSV4_MOE_EXPERTS_ONE_LAUNCH=1 (or 0) sets
+// MoeRunParams::experts_in_one_launch for every call, so that model runs compare both.
+bool experts_in_one_launch(const MoeRunParams& p) {
+  static const int forced = [] {
+    const char* value = std::getenv("DSV4_MOE_EXPERTS_ONE_LAUNCH");
+    if (value == nullptr) return -1;
+    return std::string_view(value) == "1" ? 1 : std::string_view(value) == "0" ? 0 : -1;
+  }();
+  return forced < 0 ? p.experts_in_one_launch : forced == 1;
+}
+
+MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
+  return MoeRoutingBuffers{
+      .logits = at<float>(ws, l.logits),
+      .u_bf16 = at<__nv_bfloat16>(ws, l.u_bf16),
+      .expert_ids = at<int32_t>(ws, l.expert_ids),
+      .expert_weights = at<float>(ws, l.expert_weights),
+      .expert_offsets = at<int32_t>(ws, l.expert_offsets),
+      .row_tokens = at<int32_t>(ws, l.row_tokens),
+      .slot_rows = at<int32_t>(ws, l.slot_rows),
+      .work_items = at<MoeWorkItem>(ws, l.work_items),
+      .work_item_count = at<int32_t>(ws, WorkspaceLayout::work_item_count),
+      .finished_ctas = at<uint32_t>(ws, WorkspaceLayout::finished_ctas),
+      .status = at<int32_t>(ws, WorkspaceLayout::status),
+  };
+}
+
+// The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
+MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
+                                       const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
+  const MoeConfig& c = weights.config();
+  void* ws = p.workspace;
+  const bool streamed = streams_experts(weights, p);
+  MoeExpertGemmParams gemm{
+      .experts = weights.device_experts(),
+      .routed_format = weights.routed_format(),
+      .shared_format = weights.shared_format(),
+      .experts_count = int(c.experts),
+      .hidden = int(c.hidden),
+      .intermediate = int(c.intermediate),
+      .swiglu_limit = c.swiglu_limit,
+      .u_bf16 = routing.u_bf16,
+      .row_tokens = routing.row_tokens,
+      .work_items = routing.work_items,
+      .work_item_count = routing.work_item_count,
+      .max_work_items = int(l.max_work_items),
+      .h = at<__nv_bfloat16>(ws, l.h),
+      .down = at<float>(ws, l.down),
+      .streamed = streamed,
+      .stream_maps = weights.stream_maps(),
+      .lean_decode = p.lean_expert_decode && streamed,
+      .shared_expert_split = p.shared_expert_split,
+      .down_head_start = p.down_head_start && streamed,
+      .column_stages = p.column_stages && streamed,
+      .tokens = p.tokens,
+      .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
+      .stream = p.stream,
+  };
+  if (fuses_combine(p)) {
+    MoeFusedCombine& f = gemm.combine;
+    f.out = p.out, f.expert_weights = routing.expert_weights, f.slot_rows = routing.slot_rows;
+    f.band_tickets = at<uint32_t>(ws, WorkspaceLayout::band_tickets);
+    f.band_ticket_capacity = WorkspaceLayout::band_ticket_capacity, f.tokens = p.tokens, f.top_k = int(c.top_k);
+  }
+  return gemm;
+}
+
+// Whether the call's expert GEMMs run in one launch (MoeRunParams::experts_in_one_launch where it applies).
+bool one_launch(const MoeRunParams& p, const MoeExpertGemmParams& gemm) {
+  return experts_in_one_launch(p) && moe_experts_in_one_launch_apply(gemm, device_multiprocessors());
+}
+
 }  // namespace
 
 int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) + 2 +
-         (fuses_combine(p) ? 0 : 1);
+  const WorkspaceLayout l = workspace_layout(weights.config(), p.tokens);
+  const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing_buffers(l, p.workspace));
+  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) +
+         (one_launch(p, gemm) ? 1 : 2) + (fuses_combine(p) ? 0 : 1);
 }
 
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -112,19 +194,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   };
   mark_stage();
 
-  const MoeRoutingBuffers routing{
-      .logits = at<float>(ws, l.logits),
-      .u_bf16 = at<__nv_bfloat16>(ws, l.u_bf16),
-      .expert_ids = at<int32_t>(ws, l.expert_ids),
-      .expert_weights = at<float>(ws, l.expert_weights),
-      .expert_offsets = at<int32_t>(ws, l.expert_offsets),
-      .row_tokens = at<int32_t>(ws, l.row_tokens),
-      .slot_rows = at<int32_t>(ws, l.slot_rows),
-      .work_items = at<MoeWorkItem>(ws, l.work_items),
-      .work_item_count = at<int32_t>(ws, WorkspaceLayout::work_item_count),
-      .finished_ctas = at<uint32_t>(ws, WorkspaceLayout::finished_ctas),
-      .status = at<int32_t>(ws, WorkspaceLayout::status),
-  };
+  const MoeRoutingBuffers routing = routing_buffers(l, ws);
   const MoeRoutingParams routing_params{
       .router = weights.router(),
       .bias = weights.bias(),
@@ -143,42 +213,19 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .decode_router = p.decode_router,
   };
 
-  MoeExpertGemmParams gemm{
-      .experts = weights.device_experts(),
-      .routed_format = weights.routed_format(),
-      .shared_format = weights.shared_format(),
-      .experts_count = int(c.experts),
-      .hidden = int(c.hidden),
-      .intermediate = int(c.intermediate),
-      .swiglu_limit = c.swiglu_limit,
-      .u_bf16 = routing.u_bf16,
-      .row_tokens = routing.row_tokens,
-      .work_items = routing.work_items,
-      .work_item_count = routing.work_item_count,
-      .max_work_items = int(l.max_work_items),
-      .h = at<__nv_bfloat16>(ws, l.h),
-      .down = at<float>(ws, l.down),
-      .streamed = streams_experts(weights, p),
-      .stream_maps = weights.stream_maps(),
-      .lean_decode = p.lean_expert_decode && streams_experts(weights, p),
-      .shared_expert_split = p.shared_expert_split,
-      .down_head_start = p.down_head_start && streams_experts(weights, p),
-      .column_stages = p.column_stages && streams_experts(weights, p),
-      .tokens = p.tokens,
-      .stream = p.stream,
-  };
-  if (fuses_combine(p)) {
-    MoeFusedCombine& f = gemm.combine;
-    f.out = p.out, f.expert_weights = routing.expert_weights, f.slot_rows = routing.slot_rows;
-    f.band_tickets = at<uint32_t>(ws, WorkspaceLayout::band_tickets);
-    f.band_ticket_capacity = WorkspaceLayout::band_ticket_capacity, f.tokens = p.tokens, f.top_k = int(c.top_k);
-  }
+  const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
   run_moe_routing(routing_params);
   mark_stage();
-  run_moe_gate_up(gemm);
-  mark_stage();
-  run_moe_down(gemm);
-  mark_stage();
+  if (one_launch(p, gemm)) {
+    run_moe_experts_in_one_launch(gemm);
+    mark_stage();
+    mark_stage();  // the down stage is empty
+  } else {
+    run_moe_gate_up(gemm);
+    mark_stage();
+    run_moe_down(gemm);
+    mark_stage();
+  }
   if (fuses_combine(p)) {
     mark_stage();  // the combine stage is empty
     return;

@@ -2,7 +2,8 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host
+// - Five launches (three at T <= 8 with fused_small_batches, two where experts_in_one_launch applies), all on
+//   params.stream, no host
 //   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
 //   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's
@@ -91,6 +92,11 @@ struct MoeRunParams {
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
+  // The streamed expert GEMMs in one launch where run_moe_experts_in_one_launch applies (T <= 8 where its grid is
+  // resident at once: V4-Flash at T = 1): each CTA runs its gate/up band of an item, then its down band of the same
+  // item, w2 streaming while the last gate/up stages multiply and down waiting for its own item's gate/up CTAs only.
+  // The same bits; one launch less. DSV4_MOE_EXPERTS_ONE_LAUNCH=1 / 0 in the environment overrides it (A/B runs).
+  bool experts_in_one_launch = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

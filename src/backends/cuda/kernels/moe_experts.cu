@@ -43,17 +43,21 @@ auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
               : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
+// The x region of a streamed launch's GEMM of input size k_total: min(T, 16) rows of the whole K up to the cap, or
+// for the column stages the whole K of the item's rows in one chunk, then their zero block.
+int streamed_x_bytes_of(const MoeExpertGemmParams& p, int k_total) {
+  const int bytes = moe::streamed_x_region_bytes(p.tokens, k_total);
+  if (!moe_column_stages_apply(p, k_total)) return bytes;
+  return std::max(bytes, (moe::columns::x_bytes(k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) / 16 * 16);
+}
+
 // One streamed launch. The kernel's shared-memory limit is set once per device, to the most any launch asks (the x
 // region at its cap).
 template <moe::ExpertGemm G>
 void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, const char* name) {
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
-  // The column stages take the whole K of the item's rows in one chunk, then their zero block.
-  const int column_bytes = (moe::columns::x_bytes(args.k_total, std::min(p.tokens, moe::columns::kMaxRows)) + 15) /
-                           16 * 16;
   const bool columns = moe_column_stages_apply(p, args.k_total);
-  args.streamed_x_bytes = moe::streamed_x_region_bytes(p.tokens, args.k_total);
-  if (columns) args.streamed_x_bytes = std::max(args.streamed_x_bytes, column_bytes);
+  args.streamed_x_bytes = streamed_x_bytes_of(p, args.k_total);
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
@@ -235,5 +239,52 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
 void run_moe_gate_up(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::GATE_UP>(p); }
 
 void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p); }
+
+bool moe_experts_in_one_launch_apply(const MoeExpertGemmParams& p, int multiprocessors) {
+  if (!p.streamed || !p.lean_decode || p.tokens < 1 || p.tokens > tile::kTokensPerMma || p.tokens > kMoeRowsPerWorkItem)
+    return false;
+  if (moe_column_stages_apply(p, p.hidden) != moe_column_stages_apply(p, p.intermediate)) return false;
+  const int64_t items = int64_t(p.max_work_items) - 1;
+  if (items < 1 || items > kMoeOneLaunchMaxItems) return false;
+  const int64_t gate_up_bands = (p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
+                                moe::kCtaRows<moe::ExpertGemm::GATE_UP>;
+  const int64_t down_bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+  const int64_t rows = items + (moe_shared_expert_splits(p, multiprocessors) ? 1 : 0);
+  return std::max(gate_up_bands, down_bands) * rows <= int64_t(moe::kOneLaunchCtasPerSm) * multiprocessors;
+}
+
+void run_moe_experts_in_one_launch(const MoeExpertGemmParams& p) {
+  check_moe_expert_gemm_params(p);
+  const int multiprocessors = device_multiprocessors();
+  check(p.item_counters != nullptr, "moe expert GEMMs in one launch: no item counters");
+  check(moe_experts_in_one_launch_apply(p, multiprocessors), "moe expert GEMMs in one launch: not for these ",
+        "parameters (the streamed kernels with the lean decode at T <= 8, the column stages for both GEMMs or ",
+        "neither, at most ", kMoeOneLaunchMaxItems, " work items and two CTAs per SM; T = ", p.tokens, ", ",
+        p.max_work_items, " work items, ", multiprocessors, " SMs)");
+  moe::ExpertGemmArgs gate_up = moe::expert_gemm_args(p, moe::ExpertGemm::GATE_UP);
+  moe::ExpertGemmArgs down = moe::expert_gemm_args(p, moe::ExpertGemm::DOWN);
+  // One x region for both parts (the exchange region follows it).
+  const int x_bytes = std::max(streamed_x_bytes_of(p, p.hidden), streamed_x_bytes_of(p, p.intermediate));
+  gate_up.streamed_x_bytes = down.streamed_x_bytes = x_bytes;
+  constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
+  const bool split = moe_shared_expert_splits(p, multiprocessors);
+  const bool columns = moe_column_stages_apply(p, p.hidden);
+  const int bands = std::max((p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
+                                 moe::kCtaRows<moe::ExpertGemm::GATE_UP>,
+                             (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows);
+  const dim3 grid(unsigned(bands), unsigned(p.max_work_items - 1 + (split ? 1 : 0)));
+  auto* kernel = split ? (columns ? moe::moe_experts_one_launch_kernel<true, true>
+                                  : moe::moe_experts_one_launch_kernel<true, false>)
+                       : (columns ? moe::moe_experts_one_launch_kernel<false, true>
+                                  : moe::moe_experts_one_launch_kernel<false, false>);
+  static PerDeviceCache<bool> configured;
+  configured.get(reinterpret_cast<const void*>(kernel), [&] {
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(kFixedSmem + moe::kStreamedXBytes)));
+    return true;
+  });
+  launch_chained(kernel, grid, dim3(moe::kExpertThreads), kFixedSmem + size_t(x_bytes), p.stream, dim3(1, 1, 1),
+                 "moe_experts_one_launch_kernel", gate_up, down, p.item_counters);
+}
 
 }  // namespace dsv4::cuda

@@ -37,6 +37,7 @@
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::moe {
 
@@ -614,7 +615,8 @@ __host__ __device__ constexpr int x_bytes(int k_count, int rows) {
 
 // Stages x[0, k_count) of the item's rows (row_of(r), 16-byte aligned, r < rows <= kMaxRows) and the zero block;
 // called by thread_count threads of the CTA with distinct thread_idx (the caller synchronises before and after).
-template <class RowOf>
+// kCoherent: read through L2 (rows written by other CTAs of the running grid).
+template <bool kCoherent = false, class RowOf>
 __device__ __forceinline__ void stage_x(RowOf row_of, int rows, int k_count, __nv_bfloat16* x_tile, int thread_idx,
                                         int thread_count) {
   const int chunks = k_count / tile::kXChunk;
@@ -623,7 +625,8 @@ __device__ __forceinline__ void stage_x(RowOf row_of, int rows, int k_count, __n
     int at = zero_block_offset(k_count, rows) + (i - rows * chunks) * tile::kXChunk;
     if (i < rows * chunks) {
       const int r = i / chunks, c = i % chunks;
-      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(__ldg(reinterpret_cast<const uint4*>(row_of(r)) + c));
+      const uint4* source = reinterpret_cast<const uint4*>(row_of(r)) + c;
+      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(kCoherent ? __ldcg(source) : __ldg(source));
       v = make_uint4(tile::detail::bf16x2_mul(v.x, kXFactor), tile::detail::bf16x2_mul(v.y, kXFactor),
                      tile::detail::bf16x2_mul(v.z, kXFactor), tile::detail::bf16x2_mul(v.w, kXFactor));
       at = i * tile::kXChunk;
@@ -725,13 +728,31 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 }  // namespace columns
 
+// What a warp's ring fetches once its item's stages are all in flight: nothing (one GEMM per CTA), or the first
+// stages of the CTA's next GEMM (moe_experts_one_launch_kernel).
+struct NoNextStages {
+  static constexpr bool kIssues = false;
+  __device__ void operator()(int, uint8_t*, uint64_t*) const {}
+};
+template <class Issue>
+struct NextStagesOf {
+  static constexpr bool kIssues = true;
+  Issue issue;  // issue(r, slot, barrier): the next GEMM's stage r into the slot
+  __device__ void operator()(int r, uint8_t* slot, uint64_t* barrier) const { issue(r, slot, barrier); }
+};
+
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
-// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false>
-__device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
-                                                  const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part = 0) {
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). ring_begin: the warp's ring
+// position (stages it consumed before this item); the refills past the item's last stage call next(r, slot, barrier)
+// for r = 0 .. kStreamedSlots - 1. kCoherentX: x is read through L2 (written by other CTAs of the running grid).
+// Returns the ring position after the item.
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
+          bool kCoherentX = false, class NextStages = NoNextStages>
+__device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
+                                                 const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
+                                                 bool started, int part = 0, int ring_begin = 0,
+                                                 const NextStages& next = {}) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -772,10 +793,16 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
         return a.x + source_row * a.k_total + chunk_begin;
       };
-      if constexpr (kColumnStages)
-        columns::stage_x(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-      else
+      if constexpr (kColumnStages) {
+        columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      } else if constexpr (kCoherentX) {
+        // Whole 16-byte chunks: x rows and chunks start at multiples of 8 inputs, and chunks are whole stages.
+        tile::stage_x_chunks<F>(
+            [&](int t, int64_t k) { return __ldcg(reinterpret_cast<const uint4*>(row_of(t) + k)); }, rows, rows,
+            chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      } else {
         tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      }
       __syncthreads();
       [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, rows, chunk_end - chunk_begin);
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
@@ -793,10 +820,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         first_k = (chunk_stage + (slice.k_part - chunk_stage % kParts + kParts) % kParts) * int(kStageK);
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
-        const int slot = j % kStreamedSlots;
+        const int slot = (ring_begin + j) % kStreamedSlots;
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-        sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
+        sm90::mbarrier_wait(full + slot, uint32_t((ring_begin + j) / kStreamedSlots) & 1u);
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
@@ -815,6 +842,8 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
           if (++refill == pass_stages) refill = 0;
+        } else if constexpr (NextStages::kIssues) {
+          next(j + kStreamedSlots - stages, ring + slot * st::kSlotBytes, full + slot);
         }
       }
     }
@@ -827,6 +856,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     // no warp reads there).
     write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, slice.k_part == 0 ? rows : 0, exchange);
   }
+  return ring_begin + stages;
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
@@ -883,6 +913,108 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     });
   }
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Both expert GEMMs in one launch (run_moe_experts_in_one_launch; T <= 8 where the whole grid is resident at once):
+// CTA (band b, grid row y) runs what the one-tile streamed kernels' CTA (b, y) of the gate/up launch runs, then what
+// the down launch's CTA (b, y) runs, each warp's ring running on from one GEMM to the other: the refills past a
+// warp's last gate/up stage fetch its first w2 stages, so w2 streams while the last gate/up stages multiply, and the
+// down part waits for its own item's gate/up CTAs (per-item counts in global memory), not for the whole grid and a
+// second launch. The same stages in the same order as the two launches: the same bits.
+// - Counts (MoeExpertGemmParams::item_counters): a gate/up CTA adds one to its item's ready count once its h rows are
+//   stored (barrier, then one thread's fence and atomic: the fence is cumulative over the CTA's stores the barrier
+//   ordered before it); a down part's first thread waits with acquire loads until the count reaches the item's
+//   gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back to zero (every down part
+//   of the item is past its wait by then; the next call's CTAs start after this grid ends). h is read through L2.
+// - No deadlock: a CTA waits only after its own gate/up part, for gate/up parts that wait on nothing but their TMA
+//   copies, and the launcher takes this kernel only where the whole grid fits on the GPU at once (two CTAs per SM).
+// - A grid of max(gate/up bands, down bands) columns: a CTA past one GEMM's bands skips that part.
+inline constexpr int kOneLaunchCtasPerSm = 2;  // __launch_bounds__ and the streamed kernels' shared memory
+
+template <tile::TileFormat F, int kParts, bool kColumns>
+__device__ __forceinline__ void run_gate_up_then_down(const ExpertGemmArgs& gate_up, const ExpertGemmArgs& down,
+                                                      const MoeExpertView& expert, const MoeWorkItem& item,
+                                                      int item_index, int band, int part, bool started,
+                                                      uint8_t* smem, uint8_t* ring, uint64_t* full,
+                                                      uint32_t* item_counters) {
+  namespace st = tile::stream;
+  const int gate_up_bands = (gate_up.n_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP>;
+  const int down_bands = (down.n_total + kCtaRows<ExpertGemm::DOWN> - 1) / kCtaRows<ExpertGemm::DOWN>;
+  const bool has_gate_up = band < gate_up_bands, has_down = band < down_bands;
+  const WarpSlice down_slice = warp_slice<ExpertGemm::DOWN, kParts>(band, part);
+  int ring_at = 0;
+  if (has_gate_up) {
+    const NextStagesOf first_down_stages{[&](int r, uint8_t* slot, uint64_t* barrier) {
+      if (has_down)
+        st::issue_stage<F>(warp_maps<ExpertGemm::DOWN>(down, item.expert), down_slice.row0,
+                           (down_slice.k_part + r * kParts) * st::stage_k(F), slot, barrier);
+    }};
+    ring_at = run_streamed_item<F, ExpertGemm::GATE_UP, 1, true, kParts, kColumns>(
+        gate_up, expert, item, band, smem, full, started, part, 0, first_down_stages);
+    __syncthreads();  // every h row of this CTA is stored
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicAdd(item_counters + item_index, 1u);
+    }
+  } else if (!started) {
+    start_stream<F, ExpertGemm::DOWN, kParts>(down, item.expert, down_slice, ring, full);
+  }
+  if (!has_down) return;
+  if (threadIdx.x == 0) {
+    const uint32_t gate_up_ctas = uint32_t(gate_up_bands * kParts), down_ctas = uint32_t(down_bands * kParts);
+    while (load_acquire(item_counters + item_index) < gate_up_ctas) __nanosleep(64);
+    uint32_t* seen = item_counters + kMoeOneLaunchMaxItems + item_index;
+    if (atomicAdd(seen, 1u) == down_ctas - 1) {
+      item_counters[item_index] = 0;
+      *seen = 0;
+    }
+  }
+  __syncthreads();
+  run_streamed_item<F, ExpertGemm::DOWN, 1, true, kParts, kColumns, true>(down, expert, item, band, smem, full, true,
+                                                                          part, ring_at);
+}
+
+// kSplitShared: the shared expert's item on two CTAs per band (grid rows 0 and 1) as in the streamed kernels;
+// kColumns: both GEMMs' fp4 items by columns::multiply_stage.
+template <bool kSplitShared, bool kColumns>
+__global__ void __launch_bounds__(kExpertThreads, kOneLaunchCtasPerSm)
+    moe_experts_one_launch_kernel(const ExpertGemmArgs gate_up, const ExpertGemmArgs down, uint32_t* item_counters) {
+  constexpr int kSharedParts = kSplitShared ? 2 : 1;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
+  uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
+  uint8_t* ring = tile::stream::align_slots(smem) +
+                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
+  const int band = int(blockIdx.x);
+  const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
+  const int part = shared_item ? int(blockIdx.y) : 0;
+  const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
+  if (shared_item) {
+    // The shared expert's weights do not depend on the routing: its first stages stream before the wait.
+    with_tile_format(gate_up.shared_format, [&]<tile::TileFormat F>() {
+      if (band * kCtaRows<ExpertGemm::GATE_UP> < gate_up.n_total)
+        start_stream<F, ExpertGemm::GATE_UP, kSharedParts>(
+            gate_up, gate_up.shared_expert, warp_slice<ExpertGemm::GATE_UP, kSharedParts>(band, part), ring, full);
+      else
+        start_stream<F, ExpertGemm::DOWN, kSharedParts>(
+            down, down.shared_expert, warp_slice<ExpertGemm::DOWN, kSharedParts>(band, part), ring, full);
+    });
+  }
+  if (!has_work_item_after_prior_grids(gate_up, item_index)) return;
+  const MoeWorkItem item = gate_up.work_items[item_index];
+  const WeightFormat format = item.expert == gate_up.shared_expert ? gate_up.shared_format : gate_up.routed_format;
+  const MoeExpertView expert = gate_up.experts[item.expert];
+  with_tile_format(format, [&]<tile::TileFormat F>() {
+    if (kSplitShared && shared_item)
+      run_gate_up_then_down<F, kSharedParts, kColumns>(gate_up, down, expert, item, item_index, band, part, true,
+                                                       smem, ring, full, item_counters);
+    else
+      run_gate_up_then_down<F, 1, kColumns>(gate_up, down, expert, item, item_index, band, 0, shared_item, smem,
+                                            ring, full, item_counters);
+  });
+  if (down.combine.out != nullptr && int64_t(band) * kCtaRows<ExpertGemm::DOWN> < down.n_total)
+    combine_band_if_last(down, band, kSharedParts - 1);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

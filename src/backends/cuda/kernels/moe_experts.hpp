@@ -38,6 +38,8 @@ inline constexpr int kMoeRowsPerWorkItem = 64;
 inline constexpr int kMoeDownBandRows = 128;
 // The most tokens the fused combine serves (its last CTA per band sums T · band rows outputs).
 inline constexpr int kMoeFusedCombineMaxTokens = 8;
+// The most work items run_moe_experts_in_one_launch serves (its per-item counters).
+inline constexpr int kMoeOneLaunchMaxItems = 64;
 
 // The combine done by the down GEMM itself (few tokens): when the last CTA of a band of kMoeDownBandRows weight rows
 // finishes, over every work item, it writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
@@ -100,8 +102,10 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  MoeFusedCombine combine;  // run_moe_down only
+  MoeFusedCombine combine;  // run_moe_down and run_moe_experts_in_one_launch only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
+  // run_moe_experts_in_one_launch: [2 · kMoeOneLaunchMaxItems] device counters, zero before the call; left zero.
+  uint32_t* item_counters = nullptr;
   cudaStream_t stream = nullptr;
 };
 
@@ -133,5 +137,19 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
 
 void run_moe_gate_up(const MoeExpertGemmParams& params);
 void run_moe_down(const MoeExpertGemmParams& params);
+
+// Whether run_moe_experts_in_one_launch takes these parameters on a GPU of `multiprocessors` SMs: the streamed kernels
+// with the lean decode at T <= 8, the column stages for both GEMMs or neither, at most
+// kMoeOneLaunchMaxItems work items, and a grid (max(gate/up bands, down bands) × (max_work_items - 1, plus the
+// split shared expert's row)) of at most two CTAs per SM, so that every CTA is resident at once (its CTAs wait for
+// each other). max_work_items must be moe_max_work_items(T, E, top_k, kMoeRowsPerWorkItem): at T <= 64 every
+// expert has one item, so at most max_work_items - 1 exist. V4-Flash at T = 1 on 132 SMs: 32 × 8 CTAs.
+bool moe_experts_in_one_launch_apply(const MoeExpertGemmParams& params, int multiprocessors);
+
+// run_moe_gate_up then run_moe_down in one launch (moe_experts.cuh, moe_experts_one_launch_kernel): each CTA streams
+// its gate/up band of an item, then its down band of the same item, its w2 stages fetched while the last gate/up
+// stages multiply, the down part waiting for its own item's gate/up CTAs only (params.item_counters). The same bits
+// as the two launches. Throws without item counters or unless moe_experts_in_one_launch_apply.
+void run_moe_experts_in_one_launch(const MoeExpertGemmParams& params);
 
 }  // namespace dsv4::cuda
