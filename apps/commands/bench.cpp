@@ -188,9 +188,12 @@ TestResult measure_prefill(BenchRunner& runner, int64_t prompt, int64_t vocab, c
   return r;
 }
 
+// Decode steps of the warm-up run before a tgN test's repetitions.
+constexpr int64_t kWarmupSteps = 2;
+
 TestResult measure_decode(BenchRunner& runner, int64_t batch, int64_t vocab, const BenchPlan& plan) {
   TestResult r{test_name("tg", plan.generate, batch), batch, plan.generate * batch, {}, {}, {}, {}, {}, {}};
-  runner.decode(random_ids(batch, vocab, plan.seed + 99), 2);
+  runner.decode(random_ids(batch, vocab, plan.seed + 99), kWarmupSteps);
   for (int rep = 0; rep < plan.reps; ++rep)
     r.seconds.push_back(runner.decode(random_ids(batch, vocab, plan.seed + uint64_t(rep)), plan.generate));
   return r;
@@ -334,26 +337,30 @@ class CudaModelRunner final : public BenchRunner {
     return seconds;
   }
 
+  ~CudaModelRunner() override {
+    for (int slot : held_) model_.release_sequence(slot);
+  }
+
+  // Decode tests at a depth: `batch` sequences of `depth` random tokens each, prefilled here (untimed); every later
+  // decode() continues them (first.size() must be `batch`) instead of starting fresh sequences.
+  void hold_sequences(int64_t batch, int64_t depth, int64_t vocab, uint64_t seed) {
+    check(held_.empty(), "bench: the decode sequences are already held");
+    for (int64_t i = 0; i < batch; ++i) {
+      held_.push_back(model_.add_sequence());
+      model_.forward(held_.back(), random_ids(depth, vocab, seed + uint64_t(i)), LogitRows::Last, logits_);
+    }
+  }
+
   double decode(std::span<const int32_t> first, int64_t steps) override {
+    if (!held_.empty()) {
+      check(first.size() == held_.size(), "bench: ", first.size(), " first tokens for ", held_.size(),
+            " held sequences");
+      return timed_steps(held_, first, steps);
+    }
     std::vector<int> slots;
     try {
       for (size_t i = 0; i < first.size(); ++i) slots.push_back(model_.add_sequence());
-      std::vector<int32_t> tokens(first.begin(), first.end());
-      const Clock::time_point start = Clock::now();
-      for (int64_t s = 0; s < steps; ++s) {
-        cuda::ArgmaxParams a;
-        a.logits = model_.decode_on_device(slots, tokens);
-        a.rows = int64_t(tokens.size()), a.vocab = model_.config().vocab_size, a.row_stride = a.vocab;
-        a.ids = ids_.as<int32_t>(), a.nan_flag = nan_flag_.as<int32_t>(), a.stream = model_.stream();
-        cuda::run_argmax(a);
-        DSV4_CUDA_CHECK(cudaMemcpyAsync(tokens.data(), ids_.data(), tokens.size() * sizeof(int32_t),
-                                        cudaMemcpyDeviceToHost, model_.stream()));
-        DSV4_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
-      }
-      const double seconds = seconds_since(start);
-      int32_t nan = 0;
-      nan_flag_.download(&nan, sizeof nan);
-      check(nan == 0, "bench: a decode step produced NaN logits");
+      const double seconds = timed_steps(slots, first, steps);
       for (int slot : slots) model_.release_sequence(slot);
       return seconds;
     } catch (...) {
@@ -363,13 +370,36 @@ class CudaModelRunner final : public BenchRunner {
   }
 
  private:
+  // `steps` greedy steps of `slots` from the tokens `first`; the argmax stays on the device.
+  double timed_steps(std::span<const int> slots, std::span<const int32_t> first, int64_t steps) {
+    std::vector<int32_t> tokens(first.begin(), first.end());
+    const Clock::time_point start = Clock::now();
+    for (int64_t s = 0; s < steps; ++s) {
+      cuda::ArgmaxParams a;
+      a.logits = model_.decode_on_device(slots, tokens);
+      a.rows = int64_t(tokens.size()), a.vocab = model_.config().vocab_size, a.row_stride = a.vocab;
+      a.ids = ids_.as<int32_t>(), a.nan_flag = nan_flag_.as<int32_t>(), a.stream = model_.stream();
+      cuda::run_argmax(a);
+      DSV4_CUDA_CHECK(cudaMemcpyAsync(tokens.data(), ids_.data(), tokens.size() * sizeof(int32_t),
+                                      cudaMemcpyDeviceToHost, model_.stream()));
+      DSV4_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
+    }
+    const double seconds = seconds_since(start);
+    int32_t nan = 0;
+    nan_flag_.download(&nan, sizeof nan);
+    check(nan == 0, "bench: a decode step produced NaN logits");
+    return seconds;
+  }
+
   cuda::CudaModel& model_;
   cuda::DeviceBuffer ids_, nan_flag_;
   std::vector<float> logits_;
+  std::vector<int> held_;  // hold_sequences
 };
 
 // Tests grouped by the model buffers they need: prefill runs one sequence of the longest prompt; each decode batch
-// its own sequence count at a short context (the KV cache is sized for sequences × context up front).
+// its own sequence count at a short context, or with a decode depth at that depth plus every step the warm-up and
+// the repetitions add (the KV cache is sized for sequences × context up front), prefilled in ubatch-token steps.
 struct ModelShape {
   int sequences = 1;
   int64_t context = 0;
@@ -378,15 +408,20 @@ struct ModelShape {
   int64_t batch = 0;             // decode test of this shape (0 = none)
 };
 
-std::vector<ModelShape> model_shapes(const BenchPlan& plan) {
+std::vector<ModelShape> model_shapes(const BenchPlan& plan, int64_t depth = 0) {
   std::vector<ModelShape> shapes;
   const std::vector<int64_t> prompts = plan.prompt_tests();
   if (!prompts.empty()) {
     const int64_t longest = *std::max_element(prompts.begin(), prompts.end());
     shapes.push_back({1, longest, std::min(plan.ubatch, longest), prompts, 0});
   }
-  for (int64_t b : plan.decode_batches())
-    shapes.push_back({int(b), plan.generate + 2, std::max<int64_t>(b, 16), {}, b});
+  for (int64_t b : plan.decode_batches()) {
+    if (depth == 0)
+      shapes.push_back({int(b), kWarmupSteps + plan.generate, std::max<int64_t>(b, 16), {}, b});
+    else
+      shapes.push_back({int(b), depth + kWarmupSteps + plan.reps * plan.generate,
+                        std::max({b, int64_t(16), std::min(plan.ubatch, depth)}), {}, b});
+  }
   return shapes;
 }
 
@@ -506,10 +541,11 @@ struct E2eOptions {
   std::string device = "cuda";
   std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
   bool list_launches = false;          // notes naming the kernels of one decode layer of each kind
+  int64_t depth = 0;                   // tokens each decode sequence holds before its tgN test
 };
 
 // "decode launches of layer 2 (csa) at batch 1, 16: a, b, ...": the kernels of the first measured layer of each kind
-// in the captured decode graph of `batch`, in capture order (main and branch stream).
+// in the captured decode graph of `batch`, in dependency order (main and branch stream).
 std::vector<std::string> layer_launch_lists(cuda::CudaModel& model, const ModelConfig& config, int batch) {
   const std::vector<std::vector<std::string>> names = model.decode_layer_kernel_names(batch);
   std::vector<std::string> notes;
@@ -542,7 +578,8 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
       {"fp8_indexer_keys", &cuda::CudaModelOptions::fp8_indexer_keys},
       {"q_norm_cta_rows", &cuda::CudaModelOptions::q_norm_cta_rows},
-      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors}};
+      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
+      {"attention_prefill_route_with_counts", &cuda::CudaModelOptions::attention_prefill_route_with_counts}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {
@@ -567,7 +604,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   check(device != "cpu", "bench e2e runs on the GPU only (--device cuda or cuda:N)");
   const cuda::DeviceContext context = cuda::DeviceContext::open(device);
   const double copy_gbps = cuda::measure_copy_bandwidth_gbps(context.compute_stream());
-  const std::vector<ModelShape> shapes = model_shapes(plan);
+  const std::vector<ModelShape> shapes = model_shapes(plan, o.depth);
 
   // Layers: what the user asked, or as many as fit next to the most demanding shape's state and the step buffers.
   const cuda::SyntheticWeightsPlan weights_plan = cuda::plan_synthetic_weights(full, format);
@@ -634,7 +671,9 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
       record(report, plan, std::move(t));
     }
     if (shape.batch > 0) {
+      if (o.depth > 0) runner.hold_sequences(shape.batch, o.depth, config.vocab_size, plan.seed + 1000);
       TestResult t = measure_decode(runner, shape.batch, config.vocab_size, plan);
+      if (o.depth > 0) t.test += " @ d" + std::to_string(o.depth);
       t.launches = model.decode_launches(int(shape.batch));
       t.layer_launches = model.decode_layer_launches(int(shape.batch));
       if (o.list_launches)
@@ -771,6 +810,7 @@ struct BenchOptions {
   std::string format = "nvfp4";
   std::string e2e_device = "cuda";
   bool list_launches = false;
+  int64_t depth = 0;
 };
 
 const CommandRegistration registration{{
@@ -800,7 +840,12 @@ const CommandRegistration registration{{
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
                       "parallel_compressors, parallel_indexer, compressor_runs_at_launch, fp8_indexer_keys, "
-                      "q_norm_cta_rows, indexer_prepare_in_compressors); repeatable");
+                      "q_norm_cta_rows, indexer_prepare_in_compressors, attention_prefill_route_with_counts); "
+                      "repeatable");
+      e2e->add_option("-d,--depth", o->depth,
+                      "Tokens each decode sequence holds before its tgN test (random, prefilled untimed; the "
+                      "repetitions continue the same sequences)")
+          ->capture_default_str();
       e2e->add_flag("--list-launches", o->list_launches,
                     "Name the kernels of a decode step's first layer of each kind (CUDA graph nodes) in the notes");
       o->e2e_plan.prompts = {512, 4096};
@@ -811,10 +856,12 @@ const CommandRegistration registration{{
         if (!e2e->parsed()) return run_checkpoint(o->engine, o->plan);
         check(o->engine.engine.model_dir.empty(), "bench e2e builds synthetic weights; -m does not apply");
         check(o->layers >= 0, "--layers: ", o->layers, " must not be negative (0 = as many as fit)");
+        check(o->depth >= 0, "-d: decode depth ", o->depth, " must not be negative");
         std::vector<FusionSetting> fusions;
         for (const std::string& text : o->fusions) fusions.push_back(parse_fusion(text));
 #if DSV4_HAVE_CUDA
-        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions, o->list_launches}, o->e2e_plan);
+        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions, o->list_launches, o->depth},
+                       o->e2e_plan);
 #else
         // Check what can be checked without a GPU first, so a typo is reported as such.
         const ModelConfig full = resolve_model_config(o->config);

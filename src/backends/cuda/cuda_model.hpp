@@ -98,6 +98,10 @@ struct CudaModelOptions {
   // (session 17, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off (round 1), 745.9 ± 5.1 against
   // 725.7 ± 0.7 (round 2); b64 7900 against 7888.
   bool indexer_prepare_in_compressors = true;
+  // Decode steps' attention calls with per-query counts (CSA's top-k counts, HCA's visible entries) may take the
+  // prefill kernel where their slot bound is long and the batch about one wave of head blocks
+  // (SparseAttentionParams::prefill_kernel_decode_counts): the same math.
+  bool attention_prefill_route_with_counts = false;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;
