@@ -15,6 +15,10 @@ namespace {
 constexpr int64_t kMaxHeadDim = 2 * compressor::kMaxThreads;
 constexpr int kMaxClusterCtas = 8;  // the portable cluster size
 constexpr int64_t kWantedCtas = 256;  // about two per SM: below this, entries are split over clusters
+// Decode steps (runs of at most `ratio` tokens) load into registers with CTAs of up to 512 threads at 128 registers:
+// one per SM, so their splits stop at about one wave (H200, HCA batch 64 completing windows: 2 CTAs per entry 22.2 µs,
+// 4 (two waves) 37.6).
+constexpr int64_t kWantedDecodeCtas = 128;
 // Slot-channel values an entry's CTA pools at least: a CSA window (8 slots × 512 channels) stays in one CTA, where
 // a cluster barrier would cost more than its loads; an HCA window (128 × 512) is split 8 ways.
 constexpr int64_t kMinCtaWork = 8 * 1024;
@@ -123,9 +127,10 @@ int entry_split(const CompressorParams& p) {
   if (p.cluster_ctas != 0) return p.cluster_ctas;
   const int64_t entries = p.run_count * entries_per_run_of(p), c = p.head_dim;
   const int64_t slots = p.overlapping ? 2 * p.ratio : p.ratio;
+  const int64_t wanted = p.max_run_tokens <= p.ratio ? kWantedDecodeCtas : kWantedCtas;
   int cluster = 1;
   if (!whole_vector_in_one_cta(p))
-    while (cluster < kMaxClusterCtas && entries * cluster < kWantedCtas && c % (2 * cluster * 64) == 0 &&
+    while (cluster < kMaxClusterCtas && entries * cluster < wanted && c % (2 * cluster * 64) == 0 &&
            slots * (c / cluster) > kMinCtaWork)
       cluster *= 2;
   return cluster;
