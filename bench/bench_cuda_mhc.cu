@@ -14,7 +14,9 @@
 // layer's own weights and activations do.
 // Usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] [--model TEXT] (fewer token
 // counts or iterations, only the rows whose kernel name contains TEXT, only the models whose name contains TEXT:
-// for a profiler run).
+// for a profiler run). bench_cuda_mhc --trace [--iterations N]: instead, the single-cluster kernel's phase timeline at
+// one token (V4-Flash hc_pre + norm and hc_post_pre + norm, alone and behind a full-card kernel): a copy of the kernel
+// built in this file with its phase marks (mhc.cuh, SingleClusterPhase) recording clock64 and %globaltimer.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -28,6 +30,28 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+// The phase marks of the traced copy of the single-cluster kernel: CTA thread 0 (the projection warps' marks) and the
+// mix warp's lane 0 (its own) store the SM clock and the global timer of each mark, per CTA of the one cluster.
+namespace dsv4::cuda::mhc_trace {
+inline constexpr int kMaxPhases = 16;
+inline constexpr int kFirstMixPhase = 7;  // SingleClusterPhase::kMixExchanged (checked below)
+__device__ unsigned long long g_clock[16][kMaxPhases];
+__device__ unsigned long long g_timer[16][kMaxPhases];
+__device__ __forceinline__ void mark(int phase) {
+  if ((threadIdx.x & 31) != 0 || (threadIdx.x != 0 && phase < kFirstMixPhase)) return;
+  unsigned long long clock, timer;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(clock)::"memory");
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(timer)::"memory");
+  g_clock[blockIdx.x % 16][phase] = clock;
+  g_timer[blockIdx.x % 16][phase] = timer;
+}
+}  // namespace dsv4::cuda::mhc_trace
+#define DSV4_MHC_SINGLE_CLUSTER_MARK(phase) ::dsv4::cuda::mhc_trace::mark(int(phase))
+#define hc_single_cluster_kernel hc_single_cluster_kernel_traced  // the library's own copy stays unmarked
+#include "backends/cuda/kernels/mhc.cuh"
+#undef hc_single_cluster_kernel
+#undef DSV4_MHC_SINGLE_CLUSTER_MARK
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -190,6 +214,108 @@ struct Row {
   double us, graph_us, bytes, gbps, percent_of_copy, baseline_us;
 };
 
+
+static_assert(int(mhc::SingleClusterPhase::kMixExchanged) == mhc_trace::kFirstMixPhase, "the mix warp's first mark");
+static_assert(int(mhc::SingleClusterPhase::kCount) <= mhc_trace::kMaxPhases, "room for every mark");
+static_assert(mhc::kSingleClusterCtas == 16, "one 16-CTA cluster per token tile");
+
+// --trace: V4-Flash, one token, hc_pre + norm and hc_post_pre + norm on the traced single-cluster kernel, `runs` launches
+// each (every launch synchronised and its marks read back), alone and behind the full-card filler. Per mark: the
+// median over the runs of its time after the cluster's first CTA started (ns, global timer), slowest CTA and CTA 0,
+// and CTA 0's SM cycles after its grid-dependency wait.
+void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
+  constexpr int64_t d = 4096, flat = kN * d;
+  constexpr int kPhases = int(mhc::SingleClusterPhase::kCount);
+  const char* const names[kPhases] = {"entry",          "grid wait",     "projected",          "exchange 1 in",
+                                      "pre ready",      "exchange 2 in", "outputs stored",     "mix: exchange 1 in",
+                                      "mix: first rows", "mix: comb stored"};
+  const DeviceBuffer X = random_buffer(size_t(flat), 1.0f, 0.0f, rng, "X");
+  const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
+  const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
+  const std::vector<float> scale_host = {0.8f, 1.1f, 1.5f};
+  DeviceBuffer scale(3 * sizeof(float), "scale");
+  scale.upload(scale_host.data(), 3 * sizeof(float));
+  const DeviceBuffer norm_weight = random_buffer(size_t(d), 0.1f, 1.0f, rng, "norm weight");
+  const DeviceBuffer out = random_buffer(size_t(d), 1.0f, 0.0f, rng, "out");
+  const DeviceBuffer post_in = random_buffer(kN, 0.3f, 1.0f, rng, "post");
+  const DeviceBuffer comb_in = random_buffer(kN * kN, 0.05f, 0.25f, rng, "comb");
+  DeviceBuffer X_out(size_t(flat) * 4, "X out"), y(size_t(d) * 4, "y"), y_bf16(size_t(d) * 2, "y bf16"),
+      post(kN * 4, "next post"), comb(kN * kN * 4, "next comb");
+  constexpr int64_t kFillerVectors = (8 << 20) / 16;
+  DeviceBuffer filler_source(size_t(kFillerVectors) * 16, "filler source"), filler_target(4096 * 16, "filler");
+  filler_source.fill_bytes(0);
+  const int multiprocessors = list_devices().front().multiprocessors;
+
+  for (const bool fused_post : {false, true}) {
+    const auto kernel = fused_post ? mhc::hc_single_cluster_kernel_traced<false, true, 0, 1>
+                                   : mhc::hc_single_cluster_kernel_traced<false, false, 0, 1>;
+    const int threads = mhc::single_cluster_threads(int(d), false);
+    const int smem = mhc::single_cluster_smem_bytes(int(d), false);
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    mhc::DecodeSiteArgs args{};
+    args.X = X.as<float>();
+    args.fn = fn.as<float>();
+    args.base = base.as<float>();
+    args.scale = scale.as<float>();
+    args.tokens = 1;
+    args.hidden = int(d);
+    args.sinkhorn_iters = kSinkhornIters;
+    args.hc_eps = kEps;
+    args.norm_eps = kEps;
+    args.y = y.as<float>();
+    args.y_bf16 = y_bf16.as<__nv_bfloat16>();
+    args.post = post.as<float>();
+    args.comb = comb.as<float>();
+    args.norm_weight = norm_weight.as<float>();
+    if (fused_post) {
+      args.out = out.as<float>();
+      args.post_in = post_in.as<float>();
+      args.comb_in = comb_in.as<float>();
+      args.X_out = X_out.as<float>();
+    }
+    for (const bool behind_filler : {false, true}) {
+      std::vector<std::vector<double>> slowest(kPhases), first(kPhases), cycles(kPhases);
+      for (int run = -3; run < runs; ++run) {  // 3 warm-up launches
+        if (behind_filler)
+          launch_chained(full_card_filler_kernel, dim3(unsigned(multiprocessors)), dim3(kFillerThreads),
+                         kFillerSmemBytes, stream, dim3(1, 1, 1), "full_card_filler_kernel",
+                         static_cast<const float4*>(filler_source.data()), filler_target.as<float4>(), kFillerVectors);
+        launch_chained(kernel, dim3(mhc::kSingleClusterCtas), dim3(unsigned(threads)), size_t(smem), stream,
+                       dim3(mhc::kSingleClusterCtas), "traced single-cluster kernel", args);
+        DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+        unsigned long long clock[16][mhc_trace::kMaxPhases], timer[16][mhc_trace::kMaxPhases];
+        DSV4_CUDA_CHECK(cudaMemcpyFromSymbol(clock, mhc_trace::g_clock, sizeof(clock)));
+        DSV4_CUDA_CHECK(cudaMemcpyFromSymbol(timer, mhc_trace::g_timer, sizeof(timer)));
+        if (run < 0) continue;
+        unsigned long long start = timer[0][0];
+        for (int c = 1; c < 16; ++c) start = std::min(start, timer[c][0]);
+        const int kGridWait = int(mhc::SingleClusterPhase::kGridWait);
+        for (int p = 0; p < kPhases; ++p) {
+          const bool mix = p >= mhc_trace::kFirstMixPhase;  // CTA 0's mix warp only (token 0)
+          double latest = 0.0;
+          for (int c = 0; c < (mix ? 1 : 16); ++c) latest = std::max(latest, double(timer[c][p] - start));
+          slowest[p].push_back(latest);
+          first[p].push_back(double(timer[0][p] - start));
+          cycles[p].push_back(double(int64_t(clock[0][p] - clock[0][kGridWait])));
+        }
+      }
+      const auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+      };
+      std::printf("trace: V4-Flash T=1 %s (single-cluster kernel, %s), median of %d launches\n",
+                  fused_post ? "hc_post_pre + norm" : "hc_pre + norm",
+                  behind_filler ? "behind the full-card filler" : "alone", runs);
+      std::printf("| mark | ns after the first CTA's start (slowest CTA) | ns (CTA 0) | CTA 0 cycles after its grid "
+                  "wait |\n|---|---|---|---|\n");
+      for (int p = 0; p < kPhases; ++p)
+        std::printf("| %s | %.0f | %.0f | %.0f |\n", names[p], median(slowest[p]), median(first[p]),
+                    median(cycles[p]));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dsv4::cuda
 
@@ -201,10 +327,11 @@ int main(int argc, char** argv) {
   int iteration_limit = 0;  // 0: the defaults below
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
+  bool trace = false;
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT]\n");
+                 "[--model TEXT] | --trace [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -227,6 +354,8 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
+    } else if (std::strcmp(argv[i], "--trace") == 0) {
+      trace = true;
     } else {
       return usage();
     }
@@ -245,10 +374,15 @@ int main(int argc, char** argv) {
     DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(full_card_filler_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(kFillerSmemBytes)));
+    std::mt19937 rng(42);
+    if (trace) {
+      run_trace(stream, iteration_limit > 0 ? iteration_limit : 101, rng);
+      DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+      return 0;
+    }
     cublasHandle_t cublas;
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
     BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));
-    std::mt19937 rng(42);
     std::vector<Row> table;
     constexpr int64_t kVocab = 16384;
 

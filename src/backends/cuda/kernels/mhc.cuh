@@ -773,6 +773,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
   const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
+  // Read once: loaded per tile they were a dependent global load on every collapse's chain.
+  const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
   const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
@@ -821,7 +823,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
       const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * args.scale[0] + args.base[pre_k]) + args.hc_eps;
+      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
     sync();
     if (vt < valid && vi < width) {
@@ -1421,6 +1423,26 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   the persistent kernel's two global hops per tile (V4-Flash 64 tokens with the output norm: 9.7 µs against
 //   17.4 for the persistent kernel + rms_norm, H200, session 17).
 inline constexpr int kSingleClusterCtas = 16;
+
+// Where the single-cluster kernel marks its phases for bench/bench_cuda_mhc_trace.cu, which defines
+// DSV4_MHC_SINGLE_CLUSTER_MARK(phase) to record a timestamp (and renames the kernel) before including this file. The
+// projection warps' marks, then the mix warp's.
+enum class SingleClusterPhase : int {
+  kEntry,            // started (its weights' copies not yet issued)
+  kGridWait,         // past the grid-dependency wait
+  kProjected,        // X loaded (and updated), its partial sums in shared memory
+  kExchanged,        // exchange 1 received
+  kPreReady,         // pre of every token in shared memory
+  kNormExchanged,    // exchange 2 received (fused output norm)
+  kStored,           // outputs stored
+  kMixExchanged,     // mix warp: exchange 1 received
+  kMixFirstRows,     // mix warp: post stored, Sinkhorn's first row normalisation gathered
+  kMixStored,        // mix warp: comb stored
+  kCount
+};
+#ifndef DSV4_MHC_SINGLE_CLUSTER_MARK
+#define DSV4_MHC_SINGLE_CLUSTER_MARK(phase)
+#endif
 inline constexpr int kSingleWarpDims = 16;  // dims per warp and vector (all 4 streams)
 inline constexpr int kSingleMaxWarps = 16;  // projection warps per CTA
 inline constexpr int kSingleFnPad = 16;     // floats past each fn row: rows g, g + 1 of a B load 16 banks apart
@@ -1524,6 +1546,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __shared__ uint64_t barriers[4];
 
   allow_dependents();
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kEntry);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const unsigned rank = blockIdx.x % kCtas;  // 1-D clusters of kCtas consecutive CTAs
   const int i0 = int(rank) * ds;
@@ -1561,6 +1584,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     const int t = int(rank);
     wait_exchange(&barriers[1]);
     wait_exchange(&barriers[2]);
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixExchanged);
     const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
     const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
     float value = 0.0f;
@@ -1571,11 +1595,13 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     float c[kStreams * kStreams];
 #pragma unroll
     for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixFirstRows);
     if (lane == 0) {
       sinkhorn_4x4_scaled_iterations(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixStored);
     return;
   }
 
@@ -1594,6 +1620,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
                          : make_float4(0.f, 0.f, 0.f, 0.f);
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
   wait_for_prior_grids();
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kGridWait);
 
   using TokenVectors = float4[kVectors][kStreams];
   TokenVectors x_lo, x_hi;
@@ -1757,6 +1784,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   }
   const auto sync_projection_warps = [&] { asm volatile("bar.sync 1, %0;" ::"r"(projection_threads) : "memory"); };
   sync_projection_warps();
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kProjected);
 
   // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
   // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
@@ -1779,6 +1807,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     }
   }
   wait_exchange(&barriers[1]);
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchanged);
   // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
   for (int i = tid; i < kStreams * T; i += projection_threads) {
     const int t = i / kStreams, k = i % kStreams;
@@ -1788,6 +1817,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
                   args.hc_eps;
   }
   sync_projection_warps();
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kPreReady);
 
   // Collapse in registers: y = Σ_k pre_k·X_k (pre_0·x_0 first, then one multiply-add per stream).
   using OutputVectors = float4[kVectors];
@@ -1835,6 +1865,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
                           sum_in_order<kSingleMaxWarps>(&warp_squares[0][t], warps, kTileTokens));
     }
     wait_exchange(&barriers[3]);
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormExchanged);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
     const auto normalise = [&](int t, OutputVectors& y) {
       const float squares = sum_in_order<kCtas>(&squares_in[0][t], kCtas, kTileTokens);
@@ -1856,6 +1887,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     if (has_lo) store_output(args.y, args.y_bf16, int64_t(g) * d + dim, y_lo[v]);
     if (has_hi) store_output(args.y, args.y_bf16, int64_t(g + 8) * d + dim, y_hi[v]);
   }
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kStored);
 }
 
 struct PostArgs {
