@@ -87,22 +87,40 @@ bool cluster_sum_spread() {
   return spread;
 }
 
-template <TileFormat F, int NT>
-void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_SCALES_AHEAD=1 takes the FP8 kernels that load
+// the block scales one stage ahead, the first before the grid-dependency wait (kScalesAhead).
+bool scales_ahead() {
+  static const bool ahead = [] {
+    const char* value = std::getenv("DSV4_LINEAR_SCALES_AHEAD");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return ahead;
+}
+
+template <TileFormat F, int NT, bool kScalesAhead>
+void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                             cudaStream_t stream) {
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
     if (cluster_sum_spread())
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_SPREAD, 4>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_SPREAD, 4, kScalesAhead>(args, config, stream);
     else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RANK0, 4>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RANK0, 4, kScalesAhead>(args, config, stream);
   } else if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
     if (config.register_ctas_per_sm == 8)
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 8>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 8, kScalesAhead>(args, config, stream);
     else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4, kScalesAhead>(args, config, stream);
   } else {
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4>(args, config, stream);
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4, kScalesAhead>(args, config, stream);
   }
+}
+
+template <TileFormat F, int NT>
+void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  if constexpr (F == TileFormat::FP8_BLOCK128)
+    if (scales_ahead()) return launch_streamed_variant<F, NT, true>(args, config, stream);
+  launch_streamed_variant<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>

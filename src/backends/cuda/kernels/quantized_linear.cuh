@@ -289,11 +289,14 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring, its MMAs rotating over C accumulator chains. The first stages must have been issued
-// (issue_first_stages). Called by the whole CTA.
-template <tile::TileFormat F, int NT, int C, class StageX>
+// (issue_first_stages). FP8 block scales: loaded before each stage's wait, or with kScalesAhead one stage ahead,
+// `ahead` holding the first stage's on entry (loaded by the caller, e.g. before its grid-dependency wait). Called by
+// the whole CTA.
+template <tile::TileFormat F, int NT, int C, bool kScalesAhead, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
+                                                       float (&ahead)[tile::stream::kMaxBlocksPerStage],
                                                        float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
@@ -318,7 +321,13 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      if constexpr (kScalesAhead) {
+#pragma unroll
+        for (int b = 0; b < st::kMaxBlocksPerStage; ++b) block_scales[b] = ahead[b];
+        if (k0 + kStageK < work.split_end) st::load_stage_block_scales<F>(w, row0, k0 + kStageK, ahead);
+      } else {
+        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      }
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
                                    lane_tiles, block_scales, sums, acc);
@@ -370,9 +379,12 @@ inline constexpr bool kHasSide = !std::is_same_v<Side, NoLinearSide>;
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 // kCtasPerSm caps the registers (65536 / (128 · kCtasPerSm)): 4 for every format, 8 (64 registers) for FP8 at one
 // token tile, which lets twice the warps share an SM when the grid has the CTAs for it.
+// kScalesAhead (FP8): each warp loads its first stage's block scales before the grid-dependency wait and every
+// later stage's one stage ahead, off the chain of x staging → scale load → first MMA.
 // With a Side (kHasSide), grid x has side_ctas columns past the linear's row blocks (groups = 1): their split-0 CTAs
 // run Side::extra_cta, the others return.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, class Side = NoLinearSide>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, bool kScalesAhead = false,
+          class Side = NoLinearSide>
 __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args,
                                      const __grid_constant__ typename Side::Args side) {
@@ -405,6 +417,9 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
     __syncwarp();
     issue_first_stages<F>(args, work, row0, ring);
   }
+  float scales_ahead[tile::stream::kMaxBlocksPerStage] = {};
+  if constexpr (kScalesAhead)
+    if (has_rows) tile::stream::load_stage_block_scales<F>(w, row0, work.split_begin, scales_ahead);
   wait_for_prior_grids();
   allow_dependents();
   prepare_norm<32>(args, x_tile, inv_rms);
@@ -413,11 +428,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
   // With 8 CTAs per SM, twice the warps hide the MMA latency that independent accumulator chains hide otherwise, and
   // two chains instead of four keep the kernel within 64 registers.
   constexpr int kChains = kCtasPerSm >= 8 ? 2 : tile::detail::kChains<NT>;
-  multiply_streamed_item<F, NT, kChains>(args, work, row0, has_rows, ring, x_tile,
-                                [&](int64_t chunk_begin, int64_t chunk_end) {
-                                  stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
-                                },
-                                acc);
+  multiply_streamed_item<F, NT, kChains, kScalesAhead>(
+      args, work, row0, has_rows, ring, x_tile,
+      [&](int64_t chunk_begin, int64_t chunk_end) {
+        stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
+      },
+      scales_ahead, acc);
 
   if constexpr (kReduce != StreamedReduce::WORKSPACE)
     write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
@@ -430,11 +446,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
 LinearKernelArgs checked_kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 // Launches the streamed kernel for args and config (grid: the config's row blocks + side_ctas × its K splits).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, class Side = NoLinearSide>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, bool kScalesAhead = false,
+          class Side = NoLinearSide>
 void launch_streamed_kernel(const LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream,
                             const typename Side::Args& side = {}, int64_t side_ctas = 0) {
   constexpr bool kCluster = kReduce != StreamedReduce::WORKSPACE;
-  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kCtasPerSm, Side>;
+  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kCtasPerSm, kScalesAhead, Side>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -481,11 +498,11 @@ void run_quantized_linear_with(const QuantizedLinearParams& params, const typena
   constexpr auto F = tile::TileFormat::FP8_BLOCK128;
   constexpr auto kWorkspace = linear::StreamedReduce::WORKSPACE;
   if (config.token_tiles == 2)
-    linear::launch_streamed_kernel<F, 2, kWorkspace, 4, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 2, kWorkspace, 4, false, Side>(args, config, params.stream, side, side_ctas);
   else if (config.register_ctas_per_sm == 8)
-    linear::launch_streamed_kernel<F, 1, kWorkspace, 8, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 1, kWorkspace, 8, false, Side>(args, config, params.stream, side, side_ctas);
   else
-    linear::launch_streamed_kernel<F, 1, kWorkspace, 4, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 1, kWorkspace, 4, false, Side>(args, config, params.stream, side, side_ctas);
 }
 
 }  // namespace dsv4::cuda
