@@ -199,7 +199,7 @@ __device__ inline unsigned long long tagged(float value, unsigned tag) {
 }
 
 // Re-reads a tagged word until the writer's store has landed: out of line, so the per-tile loop stays short.
-__device__ __noinline__ float wait_for_tag(const unsigned long long* address, unsigned tag) {
+static __device__ __noinline__ float wait_for_tag(const unsigned long long* address, unsigned tag) {
   unsigned long long word;
   do {
     __nanosleep(32);
@@ -229,7 +229,7 @@ __device__ __forceinline__ void finish_cta(unsigned* header, unsigned tag) {
 inline constexpr uint64_t kTileTimeoutNs = 2'000'000'000;
 
 // Reports a tile that never landed and ends the launch with an error (out of line: never taken).
-[[noreturn]] __device__ __noinline__ void tile_timed_out() {
+[[noreturn]] static __device__ __noinline__ void tile_timed_out() {
   printf("mHC: CTA %d of the launch waited 2 s for an X tile: its TMA never completed\n", int(blockIdx.x));
   __trap();
 }
@@ -1100,7 +1100,7 @@ __device__ __forceinline__ bool exchange_done(uint64_t* barrier) {
 inline constexpr uint64_t kExchangeTimeoutNs = 2'000'000'000;
 
 // The rest of wait_exchange once the first poll failed: out of line, so the waits stay short.
-__device__ __noinline__ void wait_exchange_slowly(uint64_t* barrier) {
+static __device__ __noinline__ void wait_exchange_slowly(uint64_t* barrier) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   while (!exchange_done(barrier)) {
@@ -1424,9 +1424,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   17.4 for the persistent kernel + rms_norm, H200, session 17).
 inline constexpr int kSingleClusterCtas = 16;
 
-// Where the single-cluster kernel marks its phases for bench/bench_cuda_mhc_trace.cu, which defines
-// DSV4_MHC_SINGLE_CLUSTER_MARK(phase) to record a timestamp (and renames the kernel) before including this file. The
-// projection warps' marks, then the mix warp's.
+// Where the single-cluster kernel marks its phases for bench_cuda_mhc --trace, which defines
+// DSV4_MHC_SINGLE_CLUSTER_MARK(phase) to record a timestamp (and renames the kernel) before including this file (so
+// every function defined here is a template, inline or static: the bench's copy must not clash with the library's
+// at link time). The projection warps' marks, then the mix warp's.
 enum class SingleClusterPhase : int {
   kEntry,            // started (its weights' copies not yet issued)
   kGridWait,         // past the grid-dependency wait
@@ -1904,7 +1905,7 @@ struct PostArgs {
 // X_out[t][k][i] = post[t][k]·out[t][i] + Σ_j comb[t][j][k]·X[t][j][i]; one thread per 4 consecutive i of a token.
 // Every X value a thread reads is read before it writes, and no other thread touches those positions, so X_out
 // may be X itself. Programmatic dependent launch: everything it reads comes from earlier kernels.
-__global__ void __launch_bounds__(kPostThreads) hc_post_kernel(const PostArgs args) {
+static __global__ void __launch_bounds__(kPostThreads) hc_post_kernel(const PostArgs args) {
   allow_dependents();
   wait_for_prior_grids();
   const int vectors_per_token = args.hidden / 4;
