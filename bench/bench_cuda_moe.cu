@@ -15,7 +15,8 @@
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the expert GEMMs in one launch
 // other than the default (MoeRunParams::experts_in_one_launch; where it applies, T <= 8): "one-launch" (or
-// "two-launches").
+// "two-launches"), and the down CTAs waiting for their item's gate/up CTAs other than the default
+// (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-item" (or "down-waits-grid").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -179,6 +180,7 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   ONE_LAUNCH,
+  PER_ITEM,
   REGISTER
 };
 struct PathSpec {
@@ -189,8 +191,9 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_one_launch = false;
+  bool other_per_item = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_one_launch ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_one_launch || other_per_item ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -206,6 +209,8 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::ONE_LAUNCH, MoeRunParams{}.experts_in_one_launch ? "two-launches" : "one-launch", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
+    {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
+     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -225,6 +230,7 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_one_launch) p.experts_in_one_launch = !p.experts_in_one_launch;
+  if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -303,7 +309,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
     for (const PathSpec& spec : kPaths) {
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
-          (spec.other_columns && T > 2) || (spec.other_one_launch && T > 8))
+          (spec.other_columns && T > 2) || ((spec.other_one_launch || spec.other_per_item) && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -439,7 +445,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "one-launch|two-launches,register]\n");
+                           "one-launch|two-launches,down-waits-item|down-waits-grid,register]\n");
       return 2;
     }
   }

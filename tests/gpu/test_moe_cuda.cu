@@ -278,6 +278,7 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool one_launch = MoeRunParams{}.experts_in_one_launch;
+  bool per_item = MoeRunParams{}.down_waits_per_item;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -288,13 +289,14 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (one_launch ? ", experts in one launch" : "");
+           (one_launch ? ", experts in one launch" : "") + (per_item ? ", down waits per item" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.experts_in_one_launch = one_launch;
+    p.down_waits_per_item = per_item;
     return p;
   }
 };
@@ -338,6 +340,12 @@ constexpr Kernels kStreamedOneLaunch{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedOneLaunchUnfused{.experts = MoeExpertKernels::STREAMED, .one_launch = true};
 constexpr Kernels kStreamedOneLaunchOtherColumns{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                  .columns = !MoeRunParams{}.column_stages, .one_launch = true};
+// The down CTAs waiting for their own item's gate/up CTAs (MoeRunParams::down_waits_per_item: the same bits), also
+// with the shared expert split at every T <= 8.
+constexpr Kernels kStreamedPerItem{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                   .per_item = true};
+constexpr Kernels kStreamedSplitAllPerItem{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                           .split = MoeSharedExpertSplit::ALWAYS, .per_item = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -626,6 +634,10 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     // experts: resident at once on 128 SMs); more in MoeExpertsInOneLaunch.
     expect_one_launch_bits(device_weights, kFlashLike, 1, seed++, 128);
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOneLaunch);
+    check_case(layer, experts, device_weights, 3, seed++, random_tokens(kFlashLike), kStreamedPerItem);
+    for (const int T : {1, 2, 8}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedPerItem,
+                                                   kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 5, seed++, kStreamedSplitAllPerItem, kStreamedSplitAll);
 
   }
 }
@@ -664,7 +676,8 @@ TEST(MoeSharedExpertSplit, AppliesWhereTheSharedExpertHasMoreStagesPerRow) {
 
 // Where the expert GEMMs run in one launch (moe_experts_in_one_launch_apply): the streamed lean kernels at T <= 8
 // whose grid (max(gate/up bands, down bands) × (items + the split shared expert's row)) fits two CTAs per SM, with
-// the column stages for both GEMMs or neither: V4-Flash at T = 1 on 132 SMs, not on 114, not at T = 2, not V4-Pro.
+// the column stages for both GEMMs or neither: V4-Flash at T = 1 on 132 SMs (and on 114, with the shared expert
+// unsplit there), not on 100, not at T = 2, not V4-Pro.
 TEST(MoeExpertsInOneLaunch, AppliesWhereTheWholeGridIsResidentAtOnce) {
   constexpr int kFlashE = 256, kProE = 384, kTopK = 6;
   struct Case {
@@ -684,7 +697,8 @@ TEST(MoeExpertsInOneLaunch, AppliesWhereTheWholeGridIsResidentAtOnce) {
   EXPECT_TRUE(applies({.routed = WeightFormat::MXFP4}));
   EXPECT_TRUE(applies({.columns = false}));
   EXPECT_TRUE(applies({.routed = WeightFormat::FP8_BLOCK128}));  // no split: 32 × 7 CTAs
-  EXPECT_FALSE(applies({.multiprocessors = 114}));                // 32 × 8 CTAs past two per SM
+  EXPECT_TRUE(applies({.multiprocessors = 114}));   // the shared expert unsplit: 32 × 7 CTAs within two per SM
+  EXPECT_FALSE(applies({.multiprocessors = 100}));  // 32 × 7 CTAs past two per SM
   EXPECT_FALSE(applies({.tokens = 2}));
   EXPECT_FALSE(applies({.tokens = 9, .multiprocessors = 100000}));  // two token tiles
   EXPECT_TRUE(applies({.tokens = 8, .multiprocessors = 100000}));
@@ -815,6 +829,7 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   expect_repeatable(device_weights, kProLike, 8, seed++, kStreamedSplitAll);
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
+  expect_same_bits(device_weights, kProLike, 8, seed++, kStreamedSplitAllPerItem, kStreamedSplitAll);
   // T = 2: the down GEMM takes the column stages, the gate/up GEMM (d 7168) the lean ones.
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
@@ -872,11 +887,11 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 }
 
 // The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the one-launch
-// experts' item counts) come back to zero after every call: calls through one workspace, with new inputs (a new
+// experts' and the per-item down waits' item counts) come back to zero after every call: calls through one workspace, with new inputs (a new
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 (T = 1 for the experts in one launch) and
 // then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run on a fresh workspace.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOneLaunch}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOneLaunch, kStreamedPerItem}) {
     SCOPED_TRACE(kernels.name());
     const int graph_tokens = kernels.one_launch ? 1 : 8;
     const Shape& S = kFlashLike;

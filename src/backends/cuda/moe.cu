@@ -79,15 +79,22 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-// A/B switch for the GPU rounds (environment, read once): DSV4_MOE_EXPERTS_ONE_LAUNCH=1 (or 0) sets
+// A/B switches for the GPU rounds (environment, read once): DSV4_MOE_EXPERTS_ONE_LAUNCH=1 (or 0) sets
 // MoeRunParams::experts_in_one_launch for every call, so that model runs compare both.
+// -1 when `name` is unset (or neither 1 nor 0).
+int forced_by_environment(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return -1;
+  return std::string_view(value) == "1" ? 1 : std::string_view(value) == "0" ? 0 : -1;
+}
 bool experts_in_one_launch(const MoeRunParams& p) {
-  static const int forced = [] {
-    const char* value = std::getenv("DSV4_MOE_EXPERTS_ONE_LAUNCH");
-    if (value == nullptr) return -1;
-    return std::string_view(value) == "1" ? 1 : std::string_view(value) == "0" ? 0 : -1;
-  }();
+  static const int forced = forced_by_environment("DSV4_MOE_EXPERTS_ONE_LAUNCH");
   return forced < 0 ? p.experts_in_one_launch : forced == 1;
+}
+// The same for MoeRunParams::down_waits_per_item: DSV4_MOE_DOWN_WAITS_PER_ITEM=1 (or 0).
+bool down_waits_per_item(const MoeRunParams& p) {
+  static const int forced = forced_by_environment("DSV4_MOE_DOWN_WAITS_PER_ITEM");
+  return forced < 0 ? p.down_waits_per_item : forced == 1;
 }
 
 MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
@@ -135,6 +142,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .column_stages = p.column_stages && streamed,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
+      .down_waits_per_item = down_waits_per_item(p),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

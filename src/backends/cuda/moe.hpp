@@ -97,6 +97,10 @@ struct MoeRunParams {
   // item, w2 streaming while the last gate/up stages multiply and down waiting for its own item's gate/up CTAs only.
   // The same bits; one launch less. DSV4_MOE_EXPERTS_ONE_LAUNCH=1 / 0 in the environment overrides it (A/B runs).
   bool experts_in_one_launch = false;
+  // MoeExpertGemmParams::down_waits_per_item for the streamed kernels at T <= 8 (where the experts do not run in one
+  // launch): each down CTA waits for its own item's gate/up CTAs, not the whole gate/up grid. The same bits.
+  // DSV4_MOE_DOWN_WAITS_PER_ITEM=1 / 0 in the environment overrides it (A/B runs).
+  bool down_waits_per_item = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

@@ -123,6 +123,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .stream_maps = p.stream_maps,
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
+      .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
   };
 }
 
@@ -240,6 +241,11 @@ void run_moe_gate_up(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::GAT
 
 void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p); }
 
+bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& p) {
+  return p.down_waits_per_item && p.item_counters != nullptr && p.streamed && p.down_head_start &&
+         p.tokens <= tile::kTokensPerMma && p.max_work_items <= kMoeOneLaunchMaxItems;
+}
+
 bool moe_experts_in_one_launch_apply(const MoeExpertGemmParams& p, int multiprocessors) {
   if (!p.streamed || !p.lean_decode || p.tokens < 1 || p.tokens > tile::kTokensPerMma || p.tokens > kMoeRowsPerWorkItem)
     return false;
@@ -266,6 +272,7 @@ void run_moe_experts_in_one_launch(const MoeExpertGemmParams& p) {
   // One x region for both parts (the exchange region follows it).
   const int x_bytes = std::max(streamed_x_bytes_of(p, p.hidden), streamed_x_bytes_of(p, p.intermediate));
   gate_up.streamed_x_bytes = down.streamed_x_bytes = x_bytes;
+  gate_up.item_counters = down.item_counters = p.item_counters;
   constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
   const bool split = moe_shared_expert_splits(p, multiprocessors);
   const bool columns = moe_column_stages_apply(p, p.hidden);
@@ -284,7 +291,7 @@ void run_moe_experts_in_one_launch(const MoeExpertGemmParams& p) {
     return true;
   });
   launch_chained(kernel, grid, dim3(moe::kExpertThreads), kFixedSmem + size_t(x_bytes), p.stream, dim3(1, 1, 1),
-                 "moe_experts_one_launch_kernel", gate_up, down, p.item_counters);
+                 "moe_experts_one_launch_kernel", gate_up, down);
 }
 
 }  // namespace dsv4::cuda

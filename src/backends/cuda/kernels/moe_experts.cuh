@@ -89,6 +89,9 @@ struct ExpertGemmArgs {
   const tile::stream::StreamMaps* stream_maps;  // streamed kernel: [E + 1][w1, w3, w2] tensor maps
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
   int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
+  // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
+  // (MoeExpertGemmParams::down_waits_per_item, moe_experts_one_launch_kernel; see wait_for_item_rows).
+  uint32_t* item_counters;
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -289,6 +292,39 @@ __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemm
 }
 __device__ __forceinline__ bool has_work_item_after_prior_grids(const ExpertGemmArgs& a) {
   return has_work_item_after_prior_grids(a, int(blockIdx.y));
+}
+
+// CTA bands of a GEMM's weight rows.
+template <ExpertGemm G>
+__device__ __forceinline__ int gemm_bands(const ExpertGemmArgs& a) {
+  return (a.n_total + kCtaRows<G> - 1) / kCtaRows<G>;
+}
+
+// Per-item counts in global memory ([2 · kMoeOneLaunchMaxItems], zero between calls), for down CTAs that wait for
+// their own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count
+// once its h rows are stored (publish_item_rows: a barrier, then one thread's fence and atomic; the fence is
+// cumulative over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire
+// loads until the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival
+// sets both back to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this
+// call's grids end). The waiting down CTAs read h through L2.
+__device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index) {
+  __syncthreads();  // every h row of this CTA is stored
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(item_counters + item_index, 1u);
+  }
+}
+__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
+                                                   int down_ctas) {
+  if (threadIdx.x == 0) {
+    while (load_acquire(item_counters + item_index) < uint32_t(gate_up_ctas)) __nanosleep(64);
+    uint32_t* seen = item_counters + kMoeOneLaunchMaxItems + item_index;
+    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
+      item_counters[item_index] = 0;
+      *seen = 0;
+    }
+  }
+  __syncthreads();
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
@@ -866,7 +902,9 @@ __device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const 
 // i + 1. kHeadStart (down, one-tile kernels; MoeExpertGemmParams::down_head_start): every CTA starts its weight
 // stream before the wait, not only the shared expert's: the launch before it is the gate/up GEMM, whose CTAs let it
 // start only once they have waited for the routing, so the work items are complete and visible at the GPU scope
-// (read through L2) while h is not (staged after the wait). kColumns (one-tile kernels of T <= 2 launches;
+// (read through L2) while h is not (staged after the wait, read through L2). With item counters
+// (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
+// the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
           bool kColumns = false>
@@ -893,7 +931,18 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     const int expert = __ldcg(&a.work_items[item_index].expert);
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
-  if (!has_work_item_after_prior_grids(a, item_index)) return;
+  if (kHeadStart && a.item_counters != nullptr) {
+    // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
+    // each had passed its own wait; the routing and everything before it are complete).
+    allow_dependents();
+    if (item_index >= __ldcg(a.work_item_count)) return;
+    const int parts = shared_item ? kSharedParts : 1;
+    wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
+                                                        kCtaRows<ExpertGemm::GATE_UP> * parts,
+                       gemm_bands<G>(a) * parts);
+  } else if (!has_work_item_after_prior_grids(a, item_index)) {
+    return;
+  }
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
   const MoeWorkItem item = a.work_items[item_index];
@@ -902,16 +951,19 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns>(a, expert, item, band, smem, full, true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full, true,
+                                                                            part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
   }
+  if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
+    publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
 }
 
@@ -922,11 +974,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
 // warp's last gate/up stage fetch its first w2 stages, so w2 streams while the last gate/up stages multiply, and the
 // down part waits for its own item's gate/up CTAs (per-item counts in global memory), not for the whole grid and a
 // second launch. The same stages in the same order as the two launches: the same bits.
-// - Counts (MoeExpertGemmParams::item_counters): a gate/up CTA adds one to its item's ready count once its h rows are
-//   stored (barrier, then one thread's fence and atomic: the fence is cumulative over the CTA's stores the barrier
-//   ordered before it); a down part's first thread waits with acquire loads until the count reaches the item's
-//   gate/up CTAs, then adds one to the item's seen count, whose last arrival sets both back to zero (every down part
-//   of the item is past its wait by then; the next call's CTAs start after this grid ends). h is read through L2.
+// - The per-item counts: publish_item_rows / wait_for_item_rows (gate_up.item_counters).
 // - No deadlock: a CTA waits only after its own gate/up part, for gate/up parts that wait on nothing but their TMA
 //   copies, and the launcher takes this kernel only where the whole grid fits on the GPU at once (two CTAs per SM).
 // - A grid of max(gate/up bands, down bands) columns: a CTA past one GEMM's bands skips that part.
@@ -936,41 +984,28 @@ template <tile::TileFormat F, int kParts, bool kColumns>
 __device__ __forceinline__ void run_gate_up_then_down(const ExpertGemmArgs& gate_up, const ExpertGemmArgs& down,
                                                       const MoeExpertView& expert, const MoeWorkItem& item,
                                                       int item_index, int band, int part, bool started,
-                                                      uint8_t* smem, uint8_t* ring, uint64_t* full,
-                                                      uint32_t* item_counters) {
+                                                      uint8_t* smem, uint8_t* ring, uint64_t* full) {
   namespace st = tile::stream;
-  const int gate_up_bands = (gate_up.n_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP>;
-  const int down_bands = (down.n_total + kCtaRows<ExpertGemm::DOWN> - 1) / kCtaRows<ExpertGemm::DOWN>;
-  const bool has_gate_up = band < gate_up_bands, has_down = band < down_bands;
-  const WarpSlice down_slice = warp_slice<ExpertGemm::DOWN, kParts>(band, part);
+  const int gate_up_bands = gemm_bands<ExpertGemm::GATE_UP>(gate_up);
+  const int down_bands = gemm_bands<ExpertGemm::DOWN>(down);
   int ring_at = 0;
-  if (has_gate_up) {
+  if (band < gate_up_bands) {
+    // (the down slice is recomputed at the refills: fewer registers live through the gate/up stages)
     const NextStagesOf first_down_stages{[&](int r, uint8_t* slot, uint64_t* barrier) {
-      if (has_down)
-        st::issue_stage<F>(warp_maps<ExpertGemm::DOWN>(down, item.expert), down_slice.row0,
-                           (down_slice.k_part + r * kParts) * st::stage_k(F), slot, barrier);
+      if (band >= down_bands) return;
+      const WarpSlice down_slice = warp_slice<ExpertGemm::DOWN, kParts>(band, part);
+      st::issue_stage<F>(warp_maps<ExpertGemm::DOWN>(down, item.expert), down_slice.row0,
+                         (down_slice.k_part + r * kParts) * st::stage_k(F), slot, barrier);
     }};
     ring_at = run_streamed_item<F, ExpertGemm::GATE_UP, 1, true, kParts, kColumns>(
         gate_up, expert, item, band, smem, full, started, part, 0, first_down_stages);
-    __syncthreads();  // every h row of this CTA is stored
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicAdd(item_counters + item_index, 1u);
-    }
+    publish_item_rows(gate_up.item_counters, item_index);
   } else if (!started) {
-    start_stream<F, ExpertGemm::DOWN, kParts>(down, item.expert, down_slice, ring, full);
+    start_stream<F, ExpertGemm::DOWN, kParts>(down, item.expert, warp_slice<ExpertGemm::DOWN, kParts>(band, part),
+                                              ring, full);
   }
-  if (!has_down) return;
-  if (threadIdx.x == 0) {
-    const uint32_t gate_up_ctas = uint32_t(gate_up_bands * kParts), down_ctas = uint32_t(down_bands * kParts);
-    while (load_acquire(item_counters + item_index) < gate_up_ctas) __nanosleep(64);
-    uint32_t* seen = item_counters + kMoeOneLaunchMaxItems + item_index;
-    if (atomicAdd(seen, 1u) == down_ctas - 1) {
-      item_counters[item_index] = 0;
-      *seen = 0;
-    }
-  }
-  __syncthreads();
+  if (band >= down_bands) return;
+  wait_for_item_rows(gate_up.item_counters, item_index, gate_up_bands * kParts, down_bands * kParts);
   run_streamed_item<F, ExpertGemm::DOWN, 1, true, kParts, kColumns, true>(down, expert, item, band, smem, full, true,
                                                                           part, ring_at);
 }
@@ -979,7 +1014,7 @@ __device__ __forceinline__ void run_gate_up_then_down(const ExpertGemmArgs& gate
 // kColumns: both GEMMs' fp4 items by columns::multiply_stage.
 template <bool kSplitShared, bool kColumns>
 __global__ void __launch_bounds__(kExpertThreads, kOneLaunchCtasPerSm)
-    moe_experts_one_launch_kernel(const ExpertGemmArgs gate_up, const ExpertGemmArgs down, uint32_t* item_counters) {
+    moe_experts_one_launch_kernel(const ExpertGemmArgs gate_up, const ExpertGemmArgs down) {
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
@@ -993,7 +1028,7 @@ __global__ void __launch_bounds__(kExpertThreads, kOneLaunchCtasPerSm)
   if (shared_item) {
     // The shared expert's weights do not depend on the routing: its first stages stream before the wait.
     with_tile_format(gate_up.shared_format, [&]<tile::TileFormat F>() {
-      if (band * kCtaRows<ExpertGemm::GATE_UP> < gate_up.n_total)
+      if (band < gemm_bands<ExpertGemm::GATE_UP>(gate_up))
         start_stream<F, ExpertGemm::GATE_UP, kSharedParts>(
             gate_up, gate_up.shared_expert, warp_slice<ExpertGemm::GATE_UP, kSharedParts>(band, part), ring, full);
       else
@@ -1008,12 +1043,12 @@ __global__ void __launch_bounds__(kExpertThreads, kOneLaunchCtasPerSm)
   with_tile_format(format, [&]<tile::TileFormat F>() {
     if (kSplitShared && shared_item)
       run_gate_up_then_down<F, kSharedParts, kColumns>(gate_up, down, expert, item, item_index, band, part, true,
-                                                       smem, ring, full, item_counters);
+                                                       smem, ring, full);
     else
       run_gate_up_then_down<F, 1, kColumns>(gate_up, down, expert, item, item_index, band, 0, shared_item, smem,
-                                            ring, full, item_counters);
+                                            ring, full);
   });
-  if (down.combine.out != nullptr && int64_t(band) * kCtaRows<ExpertGemm::DOWN> < down.n_total)
+  if (down.combine.out != nullptr && band < gemm_bands<ExpertGemm::DOWN>(down))
     combine_band_if_last(down, band, kSharedParts - 1);
 }
 

@@ -104,8 +104,15 @@ struct MoeExpertGemmParams {
   bool column_stages = false;
   MoeFusedCombine combine;  // run_moe_down and run_moe_experts_in_one_launch only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
-  // run_moe_experts_in_one_launch: [2 · kMoeOneLaunchMaxItems] device counters, zero before the call; left zero.
+  // run_moe_experts_in_one_launch, and down_waits_per_item: [2 · kMoeOneLaunchMaxItems] device counters, zero
+  // before the call; left zero.
   uint32_t* item_counters = nullptr;
+  // run_moe_gate_up / run_moe_down where moe_down_waits_per_item_apply (the one-tile streamed kernels with the down
+  // head start): each down CTA waits for its own item's gate/up CTAs (per-item counts at item_counters, published by
+  // the gate/up CTAs) instead of the whole gate/up grid, so at T = 2-8 (gate/up over more than one wave) the down
+  // CTAs of the items done in the first wave run beside the last gate/up wave. Only where the previous launch on the
+  // stream is run_moe_gate_up of the same parameters (run_moe's order). The same bits.
+  bool down_waits_per_item = false;
   cudaStream_t stream = nullptr;
 };
 
@@ -137,6 +144,10 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
 
 void run_moe_gate_up(const MoeExpertGemmParams& params);
 void run_moe_down(const MoeExpertGemmParams& params);
+
+// Whether MoeExpertGemmParams::down_waits_per_item takes effect: set, item counters, the streamed kernels with the
+// down head start at T <= 8 and at most kMoeOneLaunchMaxItems work items.
+bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& params);
 
 // Whether run_moe_experts_in_one_launch takes these parameters on a GPU of `multiprocessors` SMs: the streamed kernels
 // with the lean decode at T <= 8, the column stages for both GEMMs or neither, at most
