@@ -3,10 +3,11 @@
 // window-only and window + compressed (top-k with −1 holes) slot lists whose lengths are not multiples of the 64-entry
 // block (odd block counts, a lone partial block), per-query compressed counts with live rows past each count, a query
 // without entries, padded head blocks, 1-entry pages, fp32/bf16 q and output, a rope_dim other than 64; decode batches
-// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Every case runs with both
-// KV stagings (two buffers of 64-entry blocks, four of 32) on the same inputs. Fresh random inputs per case, outputs
-// poisoned with NaN at 8 bytes past a 16-byte boundary (the weakest alignment allowed) with guard regions
-// before and after, every element checked.
+// (one query per sequence), with and without the producer's L2 prefetch of resolved entries. Every case runs four
+// ways on the same inputs: the plain kernel, index loads a pair ahead, output stores staged through shared memory (out
+// 16-byte aligned and not). Fresh random inputs per case, outputs poisoned with NaN at 8 bytes past a 16-byte boundary
+// (the weakest alignment allowed; the aligned variant at one) with guard regions before and after, every element
+// checked.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backends/cuda/device.hpp"
@@ -47,12 +49,15 @@ struct AttentionCase {
 };
 
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
-                      const std::vector<float>& expected, const std::vector<double>& magnitude);
+                      size_t offset_bytes, const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-const char* stages_name(PrefillKvStages stages) { return stages == PrefillKvStages::FourOf32 ? "4x32" : "2x64"; }
+std::string variant_name(const SparseAttentionPrefillOptions& options) {
+  return std::string(options.resolve_schedule == ResolveSchedule::RowsAhead ? "rows ahead" : "in turn") +
+         (options.output_stores == OutputStores::Staged ? ", staged" : "");
+}
 
-// Default prefetch: PrefetchResolved::Off, so that the plain producer is what the cases without On test. Each KV
-// staging runs the same inputs (options.kv_stages is set here).
+// Default prefetch: PrefetchResolved::Off, so that the plain producer is what the cases without On test. Each variant
+// (resolve schedule, output stores; set here) runs the same inputs.
 void check_attention(const AttentionCase& c, uint32_t seed,
                      const SparseAttentionPrefillOptions& options = {.prefetch_resolved = PrefetchResolved::Off}) {
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On;
@@ -60,40 +65,51 @@ void check_attention(const AttentionCase& c, uint32_t seed,
                (prefetch ? " prefetch_resolved" : ""));
   SparseAttentionCaseData data;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed, data));
-  for (const PrefillKvStages stages : {PrefillKvStages::TwoOf64, PrefillKvStages::FourOf32}) {
-    SCOPED_TRACE(stages_name(stages));
-    SparseAttentionPrefillOptions staged = options;
-    staged.kv_stages = stages;
-    compare_with_cpu(c, data.call, staged, data.expected, data.magnitude);
+  struct Variant {
+    ResolveSchedule schedule;
+    OutputStores stores;
+    size_t offset_bytes;  // of out into its buffer
+  };
+  constexpr Variant kVariants[] = {{ResolveSchedule::InTurn, OutputStores::Fragments, 8},
+                                   {ResolveSchedule::RowsAhead, OutputStores::Fragments, 8},
+                                   {ResolveSchedule::InTurn, OutputStores::Staged, 8},
+                                   {ResolveSchedule::InTurn, OutputStores::Staged, 16}};
+  for (const Variant& v : kVariants) {
+    SparseAttentionPrefillOptions variant = options;
+    variant.resolve_schedule = v.schedule;
+    variant.output_stores = v.stores;
+    SCOPED_TRACE(variant_name(variant) + " out +" + std::to_string(v.offset_bytes));
+    compare_with_cpu(c, data.call, variant, v.offset_bytes, data.expected, data.magnitude);
   }
 }
 
 // One run of `call` (its output filled in here, poisoned first) against the CPU's `expected`, within the tolerance
 // that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const SparseAttentionPrefillOptions& options,
-                      const std::vector<float>& expected, const std::vector<double>& magnitude) {
+                      size_t offset_bytes, const std::vector<float>& expected, const std::vector<double>& magnitude) {
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
-  // out at the weakest alignment the contract allows (8 bytes past a 16-byte boundary), guards before and after.
-  constexpr size_t kOffsetBytes = 8, kGuardBytes = 256;
-  DeviceBuffer d_out(kOffsetBytes + out_elements * element_bytes + kGuardBytes, "out");
+  // out `offset_bytes` into a 256-byte aligned buffer (8: the weakest alignment the contract allows, 16: a 16-byte
+  // boundary), the bytes before it and a guard region after it checked.
+  constexpr size_t kGuardBytes = 256;
+  DeviceBuffer d_out(offset_bytes + out_elements * element_bytes + kGuardBytes, "out");
   d_out.fill_bytes(0xFF);
-  call.out = static_cast<uint8_t*>(d_out.data()) + kOffsetBytes;
+  call.out = static_cast<uint8_t*>(d_out.data()) + offset_bytes;
   run_sparse_attention_prefill(call, options);
   synchronize_or_exit(c.name);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> all(kOffsetBytes + out_elements * element_bytes + kGuardBytes);
+  std::vector<uint8_t> all(offset_bytes + out_elements * element_bytes + kGuardBytes);
   d_out.download(all.data(), all.size());
-  for (size_t b = 0; b < kOffsetBytes; ++b) ASSERT_EQ(all[b], 0xFF) << "write before the start of out at byte " << b;
-  const std::vector<uint8_t> raw(all.begin() + kOffsetBytes, all.end());
+  for (size_t b = 0; b < offset_bytes; ++b) ASSERT_EQ(all[b], 0xFF) << "write before the start of out at byte " << b;
+  const std::vector<uint8_t> raw(all.begin() + offset_bytes, all.end());
 
   const AttentionOutputCheck checked = check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, false);
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d %s%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, stages_name(options.kv_stages),
+              static_cast<long long>(T), H, D, variant_name(options).c_str(),
               options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
 }
 

@@ -15,39 +15,40 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, class Stages>
+// Whether the environment variable `name` is `value` (the GPU rounds' A/B switches on unchanged benchmarks).
+bool environment_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
+}
+
+// Auto's resolve schedule: in turn, or rows ahead where DSV4_ATTENTION_PREFILL_RESOLVE=ahead (read once).
+bool auto_rows_ahead() {
+  static const bool ahead = environment_is("DSV4_ATTENTION_PREFILL_RESOLVE", "ahead");
+  return ahead;
+}
+
+// Auto's output stores: the fragments, or staged where DSV4_ATTENTION_PREFILL_OUTPUT=staged (read once).
+bool auto_staged_output() {
+  static const bool staged = environment_is("DSV4_ATTENTION_PREFILL_OUTPUT", "staged");
+  return staged;
+}
+
+template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, Stages>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
-  constexpr int kAllocationBytes = Stages::kAllocationBytes;
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
   const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
+  const bool rows_ahead = options.resolve_schedule == ResolveSchedule::RowsAhead ||
+                          (options.resolve_schedule == ResolveSchedule::Auto && auto_rows_ahead());
+  const bool staged_output = options.output_stores == OutputStores::Staged ||
+                             (options.output_stores == OutputStores::Auto && auto_staged_output());
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
-}
-
-// Auto's staging: two buffers of 64, or four of 32 where DSV4_ATTENTION_PREFILL_STAGES=four32 (read once; the GPU
-// round's A/B of the two on unchanged benchmarks).
-PrefillKvStages auto_stages() {
-  static const PrefillKvStages stages = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_PREFILL_STAGES");
-    return value != nullptr && std::strcmp(value, "four32") == 0 ? PrefillKvStages::FourOf32
-                                                                 : PrefillKvStages::TwoOf64;
-  }();
-  return stages;
-}
-
-template <bool kFp8>
-void launch_stages(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const PrefillKvStages stages = options.kv_stages == PrefillKvStages::Auto ? auto_stages() : options.kv_stages;
-  if (stages == PrefillKvStages::FourOf32)
-    launch<kFp8, FourBuffersOf32>(p, head_blocks, options);
-  else
-    launch<kFp8, TwoBuffersOf64>(p, head_blocks, options);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, rows_ahead, staged_output);
 }
 
 }  // namespace
@@ -86,9 +87,9 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
   if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch_stages<true>(p, head_blocks, options);
+    launch<true>(p, head_blocks, options);
   else
-    launch_stages<false>(p, head_blocks, options);
+    launch<false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

@@ -1,25 +1,23 @@
 // Device code of the sparse-attention prefill kernel (sparse_attention_prefill.hpp).
 //
 // One CTA = one query × one block of 64 heads; 384 threads: consumer warpgroups 0 and 1 (threads 0-255), the producer
-// warpgroup 2. The query's slots are walked in blocks of kBlock entries (KvStages: 64 or 32), two per step ("pair"):
-// consumer 0 takes block 2i, consumer 1 block 2i + 1; block n lives in KV buffer n % kBuffers (2 buffers of 64 entries,
-// or 4 of 32: then the next pair's blocks land in the other two buffers while this pair is computed). Each buffer holds
-// kBlock entries × 512 dims bf16 as eight 64-dim tiles in the 128B swizzle (K-major for QKᵀ, read N-major as V),
-// loaded and released in halves (dims 0-255, 256-511) so that the producer can refill a half as soon as its last
-// reader is done.
+// warpgroup 2. The query's slots are walked in blocks of 64 entries, two per step ("pair"): block 2i in KV buffer 0,
+// block 2i + 1 in KV buffer 1. Each buffer holds 64 entries × 512 dims bf16 as eight 64-dim tiles in the 128B swizzle
+// (K-major for QKᵀ, read N-major as V), loaded and released in halves (dims 0-255, 256-511) so that the producer can
+// refill a half as soon as its last reader is done.
 // Per pair, consumer w (FlashMLA's sparse prefill schedule):
-//   1. S_w = Q K_wᵀ over all 512 dims (wgmma m64nNk16, N = kBlock, both operands in shared memory; N = 64 keeps the
-//      shared-memory bytes per MMA at the tensor cores' rate, N = 32 reads Q once per 32 entries);
+//   1. S_w = Q K_wᵀ over all 512 dims (wgmma m64n64k16, both operands in shared memory; N = 64 entries keeps the
+//      shared-memory bytes per MMA at the tensor cores' rate, which the N = 32 tiles of the decode kernel exceed);
 //   2. the row maxima go round: consumer 0 folds its block into its running max and publishes it, consumer 1 folds its
 //      block into that and publishes the pair's max, so both scale by one reference without exchanging scores;
 //   3. O_w += P_w V_w[:, half w] from registers; P_w (rescaled to the pair's max) goes to shared memory for the other;
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
-// row → page → physical entry; the index loads a pair ahead of the page-table loads): bf16 entries by 16-byte
-// cp.async (zero-filled for unused slots) that arrive on the half's mbarrier when they land; fp8 entries through
-// registers, dequantised exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the async
-// proxy before its wgmma reads the cp.async data. After its copies the producer also writes the inverse RoPE factors,
-// which only the consumers' epilogue reads.
+// row → page → physical entry; optionally the index loads a pair ahead of the page-table loads): bf16 entries by
+// 16-byte cp.async (zero-filled for unused slots) that arrive on the half's mbarrier when they land; fp8 entries
+// through registers, dequantised exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the
+// async proxy before its wgmma reads the cp.async data. After its copies the producer also writes the inverse RoPE
+// factors, which only the consumers' epilogue reads.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
 #pragma once
@@ -76,79 +74,47 @@ __device__ __forceinline__ int32_t slot_row(const SparseAttentionParams& p, int6
 
 inline constexpr int kHeadDim = 512;
 inline constexpr int kHeads = 64;          // heads per CTA: one wgmma M
+inline constexpr int kBlock = 64;          // entries per KV block
 inline constexpr int kWarpgroup = 128;
 inline constexpr int kThreads = 3 * kWarpgroup;
 inline constexpr int kProducerRegisters = 72, kConsumerRegisters = 216;
 static_assert(kProducerRegisters * kWarpgroup + 2 * kConsumerRegisters * kWarpgroup <= 65536, "one SM's registers");
-inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled Q or P tile
+inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled tile (Q, KV or P)
 inline constexpr int kDimTiles = kHeadDim / 64;
 inline constexpr int kHalfTiles = kDimTiles / 2;
+inline constexpr int kBufferBytes = kDimTiles * kTileBytes;  // one KV block
 inline constexpr int kMaxRopePairs = kHeadDim / 2;
 // DeepSeek's fp8 entry: 448 e4m3 dims, 64 bf16 rope dims at byte 448, seven e8m0 scales at byte 576, 584 bytes.
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
 
-// How the KV entries are staged: blocks of kBlock entries in kBuffers buffers, block n of a query in buffer
-// n % kBuffers. Consumer 0 takes the even blocks, consumer 1 the odd ones, so with kBuffers = 2 each consumer's block
-// has its own buffer and the producer refills a buffer only as its readers release it; with 4 buffers of 32 entries
-// (the same bytes) each consumer alternates between two, so the producer fills the next pair's buffers while the
-// consumers compute this pair.
-template <int kBlockEntries, int kBufferCount>
-struct KvStages {
-  static constexpr int kBlock = kBlockEntries;
-  static constexpr int kBuffers = kBufferCount;
-  // A block's halves are released in the order the producer waits for them when it refills the buffer: the block
-  // before in the same buffer belongs to the same consumer.
-  static_assert(kBuffers % 2 == 0, "each consumer's blocks keep to their own buffers");
-  static_assert(kBlock == 32 || kBlock == 64, "a QK wgmma N of 32 or 64");
-  static constexpr int kEntriesPerThread = kBlock / 16;  // per producer thread and block: entries row0 + 16k
-  static constexpr int kKvTileBytes = kBlock * 128;      // kBlock entries × 64 bf16 dims, 128B-swizzled
-  static constexpr int kBufferBytes = kDimTiles * kKvTileBytes;
-
-  // Shared-memory byte offsets (from a 1024-aligned base).
-  static constexpr int kQ = 0;                                  // Q: 8 tiles of [64 heads][64 dims]
-  static constexpr int kKv = kQ + kDimTiles * kTileBytes;       // kBuffers × 8 tiles of [kBlock entries][64 dims]
-  static constexpr int kP = kKv + kBuffers * kBufferBytes;      // P of consumer w: [64 heads][64 entries], kBlock used
-  static constexpr int kValid = kP + 2 * kTileBytes;            // int32 [kBuffers][kBlock]: the buffers' used slots
-  static constexpr int kMax = kValid + kBuffers * kBlock * 4;   // float2 [32]: the row maxima handed round
-  static constexpr int kSum = kMax + 32 * 8;                    // float2 [64]: the consumers' row sums
-  static constexpr int kRope = kSum + 64 * 8;                   // RopeFactors [kMaxRopePairs]
-  static constexpr int kPhysical = kRope + kMaxRopePairs * 8;   // int32 [2 × kEntriesPerThread][producer thread]
-  static constexpr int kBarriers = kPhysical + 2 * kEntriesPerThread * kWarpgroup * 4;
-  static constexpr int kBarrierCount = 5 * kBuffers + 1;        // full[B][2], empty[B][2], valid[B], rope
-  static constexpr int kBytes = kBarriers + kBarrierCount * 8;
-  static constexpr int kAllocationBytes = kBytes + 1024;        // room to align the base to 1024
-  static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
-};
-using TwoBuffersOf64 = KvStages<64, 2>;
-using FourBuffersOf32 = KvStages<32, 4>;
+// Shared-memory byte offsets (from a 1024-aligned base).
+inline constexpr int kQ = 0;                                 // Q: 8 tiles of [64 heads][64 dims]
+inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
+inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
+inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
+inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
+inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2], rope
+inline constexpr int kBytes = kBarriers + 11 * 8;
+inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
+static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
 
 // The CTA's mbarriers: full and empty per (buffer, half), valid per buffer.
-template <int kBuffers>
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
-  __device__ __forceinline__ uint64_t* empty(int buffer, int half) const {
-    return base + 2 * kBuffers + buffer * 2 + half;
-  }
-  __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 4 * kBuffers + buffer; }
+  __device__ __forceinline__ uint64_t* empty(int buffer, int half) const { return base + 4 + buffer * 2 + half; }
+  __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
   // The producer's inverse RoPE factors are in place.
-  __device__ __forceinline__ uint64_t* rope_ready() const { return base + 5 * kBuffers; }
+  __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
 };
 
-// Where block n of a query lives: its buffer, and the phase parity of that buffer's barriers for it (its use count).
-template <class Stages>
-struct BlockSlot {
-  int buffer;
-  uint32_t parity;
-  __device__ __forceinline__ explicit BlockSlot(int block)
-      : buffer(block % Stages::kBuffers), parity(uint32_t(block / Stages::kBuffers) & 1u) {}
-};
-
-// Pairs of kBlock-entry blocks that cover query t's slots.
-template <int kBlock>
+// Pairs of 64-entry blocks that cover query t's slots.
 __device__ __forceinline__ int query_pairs(const SparseAttentionParams& p, int64_t t) {
   return int((query_slot_count(p, t) + 2 * kBlock - 1) / (2 * kBlock));
 }
@@ -166,37 +132,35 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 }
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
-// entries row0 + 16k, k < kEntriesPerThread, of each block: a group of eight threads covers an entry's 128-byte tile
-// row.
-template <bool kFp8, class Stages>
+// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
+template <bool kFp8>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
-                                        bool prefetch_resolved, const Barriers<Stages::kBuffers>& barriers,
+                                        bool prefetch_resolved, bool rows_ahead, const Barriers& barriers,
                                         int64_t ahead_t, int ahead_head_base) {
-  constexpr int kBlock = Stages::kBlock, kEntries = Stages::kEntriesPerThread;
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
   const int sequence_slot = p.sequence_slots[t];
-  int32_t* valid = reinterpret_cast<int32_t*>(smem + Stages::kValid);
-  // The physical entries of this thread's slots of the current pair, [block of the pair][k], in shared memory
-  // (thread-major columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register
-  // budget.
-  int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + Stages::kPhysical) + thread;
-  const auto physical = [&](int j, int k) { return physical_entries[(j * kEntries + k) * kWarpgroup]; };
-  // Slot → logical row → page → physical entry for both blocks of a pair, in two steps a pair apart: load_rows(pair)
-  // issues the index loads into `rows` (all of them before any use), resolve_pages(pair) turns them into physical
-  // entries once the previous pair's copies are issued, so each pair waits for the page-table loads only.
+  int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
+  // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
+  // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
+  int32_t* physical_entries = reinterpret_cast<int32_t*>(smem + kPhysical) + thread;
+  const auto physical = [&](int buffer, int k) { return physical_entries[(buffer * 4 + k) * kWarpgroup]; };
+  // Slot → logical row → page → physical entry for both blocks of a pair: load_rows(pair) issues the index loads
+  // into `rows` (all before any use), resolve_pages(pair) the page-table loads that turn them into physical entries.
+  // In turn, a pair's rows are loaded just before its pages (two dependent loads); with rows_ahead a pair's rows are
+  // loaded once the pair before it is resolved, so each pair waits for its page-table loads only.
   // prefetch_resolved: each entry is then asked of L2 (this thread's line of it: chunk c takes line c of a bf16 entry,
   // lines c < 5 and the last byte's of an fp8 one), so that the pair's later halves, copied only once their buffers
   // are released, wait for L2 rather than DRAM (decode reads entries cold).
   const int line_offset = !kFp8 || chunk < 5 ? chunk * 128 : kFp8EntryBytes - 1;
   const bool prefetches_line = prefetch_resolved && (!kFp8 || chunk < 6);
-  int32_t rows[2][kEntries];
+  int32_t rows[2][4];
   const auto load_rows = [&](int pair) {
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) {
+      for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
@@ -205,27 +169,26 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
     for (int b = 0; b < 2; ++b)
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) {
+      for (int k = 0; k < 4; ++k) {
         const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
         const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
-        physical_entries[(b * kEntries + k) * kWarpgroup] = entry;
+        physical_entries[(b * 4 + k) * kWarpgroup] = entry;
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // Block j of the pair (its entries resolved in physical(j, ·)) into `buffer`.
-  const auto load_half = [&](int j, int buffer, int half) {
-    uint8_t* tiles = smem + Stages::kKv + buffer * Stages::kBufferBytes;
+  const auto load_half = [&](int buffer, int half) {
+    uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) {
-        const int32_t entry_index = physical(j, k);
+      for (int k = 0; k < 4; ++k) {
+        const int32_t entry_index = physical(buffer, k);
         uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
         // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
         const uint8_t* source = entry_index >= 0 ? p.cache.entry_address(entry_index) + chunk * 16 : p.cache.pool;
 #pragma unroll
         for (int i = 0; i < kHalfTiles; ++i) {
           const int tile = half * kHalfTiles + i;
-          ptx::cp_async_or_zero<16>(shared_address(destination + tile * Stages::kKvTileBytes), source + tile * 128,
+          ptx::cp_async_or_zero<16>(shared_address(destination + tile * kTileBytes), source + tile * 128,
                                     entry_index >= 0);
         }
       }
@@ -235,11 +198,11 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       // eight e4m3 codes, or for the rope tile the first half of its 16 bf16 bytes (the second in raw[k][kHalfTiles];
       // the rope dims are only 8-byte aligned in the 584-byte entry); scales[k]: the e8m0 scales of the half's four
       // tiles (bytes 576 + 4·half, +4).
-      uint2 raw[kEntries][kHalfTiles + 1];
-      uint32_t scales[kEntries];
+      uint2 raw[4][kHalfTiles + 1];
+      uint32_t scales[4];
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) {
-        const uint8_t* entry = p.cache.entry_address(max(physical(j, k), 0));
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* entry = p.cache.entry_address(max(physical(buffer, k), 0));
         scales[k] = *reinterpret_cast<const uint32_t*>(entry + kFp8ScaleOffset + 4 * half);
 #pragma unroll
         for (int i = 0; i < kHalfTiles; ++i) {
@@ -254,9 +217,9 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         }
       }
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) {
+      for (int k = 0; k < 4; ++k) {
         const uint32_t destination = shared_address(tiles) + uint32_t(swizzled(row0 + 16 * k, chunk));
-        const bool used = physical(j, k) >= 0;
+        const bool used = physical(buffer, k) >= 0;
 #pragma unroll
         for (int i = 0; i < kHalfTiles; ++i) {
           const int tile = half * kHalfTiles + i;
@@ -272,7 +235,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
             out = make_uint4(raw[k][i].x, raw[k][i].y, raw[k][kHalfTiles].x, raw[k][kHalfTiles].y);
           }
           if (!used) out = make_uint4(0, 0, 0, 0);
-          store_shared(destination + uint32_t(tile * Stages::kKvTileBytes), out);
+          store_shared(destination + uint32_t(tile * kTileBytes), out);
         }
       }
     }
@@ -285,10 +248,10 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.full(buffer, half)));
     }
   };
-  const auto publish_valid = [&](int j, int buffer) {
+  const auto publish_valid = [&](int buffer) {
     if (chunk == 0)
 #pragma unroll
-      for (int k = 0; k < kEntries; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(j, k) >= 0;
+      for (int k = 0; k < 4; ++k) valid[buffer * kBlock + row0 + 16 * k] = physical(buffer, k) >= 0;
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
@@ -299,8 +262,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   if (pairs > 0) {
     load_rows(0);
     resolve_pages(0);
+    if (rows_ahead && pairs > 1) load_rows(1);
   }
-  if (pairs > 1) load_rows(1);
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
   if (ahead_t >= 0) {
@@ -315,33 +278,33 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
   }
   for (int i = 0; i < pairs; ++i) {
-    // A buffer half is refilled once its readers of the buffer's previous block released it (the wait on the phase
-    // before this use's returns at once for a buffer's first use); a buffer's valid flags once that block's consumer
-    // has masked its scores (consumer w releases half w of its own block after that, first).
-    const BlockSlot<Stages> first(2 * i), second(2 * i + 1);
-    sm90::mbarrier_wait(barriers.empty(first.buffer, 0), first.parity ^ 1);
-    publish_valid(0, first.buffer);
-    load_half(0, first.buffer, 0);
-    publish_half(first.buffer, 0);
-    sm90::mbarrier_wait(barriers.empty(second.buffer, 1), second.parity ^ 1);
-    publish_valid(1, second.buffer);
-    load_half(1, second.buffer, 1);
-    publish_half(second.buffer, 1);
-    sm90::mbarrier_wait(barriers.empty(first.buffer, 1), first.parity ^ 1);
-    load_half(0, first.buffer, 1);
-    publish_half(first.buffer, 1);
-    sm90::mbarrier_wait(barriers.empty(second.buffer, 0), second.parity ^ 1);
-    load_half(1, second.buffer, 0);
-    publish_half(second.buffer, 0);
+    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
+    const uint32_t parity = (i & 1) ^ 1;
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
     if (i + 1 < pairs) {
+      if (!rows_ahead) load_rows(i + 1);
       resolve_pages(i + 1);
-      if (i + 2 < pairs) load_rows(i + 2);
+      if (rows_ahead && i + 2 < pairs) load_rows(i + 2);
     }
   }
   // The inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the consumers' path to
   // their first scores; only their epilogue waits for them.
   if (p.rope_frequencies != nullptr) {
-    RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + Stages::kRope);
+    RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
     const int64_t position = p.positions[t];
     for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
       rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
@@ -365,62 +328,52 @@ __device__ __forceinline__ void wait_full(uint64_t* barrier, uint32_t parity) {
   if constexpr (!kFp8) sm90::fence_proxy_async_shared();
 }
 
-// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half` (N = kBlock entries).
-template <class Stages>
-__device__ __forceinline__ void qk_half(float (&s)[Stages::kBlock / 2], const uint8_t* smem, int buffer, int half,
-                                        bool first) {
-  const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + Stages::kQ);
-  const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + Stages::kKv + buffer * Stages::kBufferBytes);
+// s (+)= Q K_bufferᵀ over the four 64-dim tiles of `half`.
+__device__ __forceinline__ void qk_half(float (&s)[32], const uint8_t* smem, int buffer, int half, bool first) {
+  const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + kQ);
+  const uint64_t k = sm90::make_sw128_k_major_descriptor(smem + kKv + buffer * kBufferBytes);
 #pragma unroll
   for (int i = 0; i < kHalfTiles; ++i)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const int tile = half * kHalfTiles + i, accumulate = first && i == 0 && kk == 0 ? 0 : 1;
-      const uint64_t a = sm90::advance_descriptor(q, uint32_t(tile * kTileBytes + kk * 32));
-      const uint64_t b = sm90::advance_descriptor(k, uint32_t(tile * Stages::kKvTileBytes + kk * 32));
-      if constexpr (Stages::kBlock == 64)
-        sm90::wgmma_m64n64k16_bf16_ss(s, a, b, accumulate);
-      else
-        sm90::wgmma_m64n32k16_bf16_ss(s, a, b, accumulate);
+      const uint32_t offset = uint32_t((half * kHalfTiles + i) * kTileBytes + kk * 32);
+      sm90::wgmma_m64n64k16_bf16_ss(s, sm90::advance_descriptor(q, offset), sm90::advance_descriptor(k, offset),
+                                    first && i == 0 && kk == 0 ? 0 : 1);
     }
 }
 
 // V of `buffer`, dims [256·half, +256), k16 step ks: rows are entries (K), each a 128-byte row of 64 dims (N) per tile.
-template <class Stages>
 __device__ __forceinline__ uint64_t v_descriptor(const uint8_t* smem, int buffer, int half, int ks) {
-  return sm90::make_sw128_n_major_descriptor(smem + Stages::kKv + buffer * Stages::kBufferBytes +
-                                                 half * kHalfTiles * Stages::kKvTileBytes + ks * 16 * 128,
-                                             Stages::kKvTileBytes);
+  return sm90::make_sw128_n_major_descriptor(smem + kKv + buffer * kBufferBytes + half * kHalfTiles * kTileBytes +
+                                                 ks * 16 * 128,
+                                             kTileBytes);
 }
 
 // o += P V_buffer[:, half] with P from registers (this consumer's own block).
-template <class Stages>
-__device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&pf)[Stages::kBlock / 16][4],
-                                             const uint8_t* smem, int buffer, int half) {
+__device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&pf)[4][4], const uint8_t* smem,
+                                             int buffer, int half) {
   sm90::wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < Stages::kBlock / 16; ++ks)
-    sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor<Stages>(smem, buffer, half, ks), 1);
+  for (int ks = 0; ks < kBlock / 16; ++ks)
+    sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o, pf[ks], v_descriptor(smem, buffer, half, ks), 1);
   sm90::wgmma_commit_group();
 }
 
-// o += P V_buffer[:, half] with P from the other consumer's shared tile (its first kBlock columns).
-template <class Stages>
+// o += P V_buffer[:, half] with P from the other consumer's shared tile.
 __device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
                                           int half) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
   sm90::wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < Stages::kBlock / 16; ++ks)
+  for (int ks = 0; ks < kBlock / 16; ++ks)
     sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
-                                          v_descriptor<Stages>(smem, buffer, half, ks), 1);
+                                          v_descriptor(smem, buffer, half, ks), 1);
   sm90::wgmma_commit_group();
 }
 
-template <int kSteps>
-__device__ __forceinline__ void fence_fragments(uint32_t (&pf)[kSteps][4]) {
+__device__ __forceinline__ void fence_fragments(uint32_t (&pf)[4][4]) {
 #pragma unroll
-  for (int ks = 0; ks < kSteps; ++ks) sm90::fence_operand(pf[ks]);
+  for (int ks = 0; ks < 4; ++ks) sm90::fence_operand(pf[ks]);
 }
 
 __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor)[2]) {
@@ -432,13 +385,12 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
 // entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
 // rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
 // the rounded weights.
-template <int kBlock>
-__device__ __forceinline__ void block_softmax(float (&s)[kBlock / 2], const int32_t* valid, int c, float scale_log2,
+__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
                                               const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&o)[128], uint32_t (&pf)[kBlock / 16][4]) {
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
   float block_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int n = 0; n < kBlock / 8; ++n)
+  for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
@@ -458,7 +410,7 @@ __device__ __forceinline__ void block_softmax(float (&s)[kBlock / 2], const int3
   }
   if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
 #pragma unroll
-  for (int n = 0; n < kBlock / 8; ++n)
+  for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float w0 = fast_exp2(s[4 * n + 2 * r] - reference[r]), w1 = fast_exp2(s[4 * n + 2 * r + 1] - reference[r]);
@@ -471,11 +423,9 @@ __device__ __forceinline__ void block_softmax(float (&s)[kBlock / 2], const int3
 }
 
 // Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
-template <int kBlock>
-__device__ __forceinline__ void rescale_weights(float (&s)[kBlock / 2], const float (&factor)[2],
-                                                uint32_t (&pf)[kBlock / 16][4]) {
+__device__ __forceinline__ void rescale_weights(float (&s)[32], const float (&factor)[2], uint32_t (&pf)[4][4]) {
 #pragma unroll
-  for (int n = 0; n < kBlock / 8; ++n)
+  for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       s[4 * n + 2 * r] *= factor[r];
@@ -484,22 +434,24 @@ __device__ __forceinline__ void rescale_weights(float (&s)[kBlock / 2], const fl
     }
 }
 
-// The bf16 weights into the first kBlock columns of a 64 × 64 K-major 128B-swizzled tile (heads = rows), the A operand
-// of the other consumer.
-template <int kBlock>
-__device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf)[kBlock / 16][4], int warp, int g,
-                                              int c) {
+// The bf16 weights into a 64 × 64 K-major 128B-swizzled tile (heads = rows), the A operand of the other consumer.
+__device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf)[4][4], int warp, int g, int c) {
 #pragma unroll
-  for (int n = 0; n < kBlock / 8; ++n)
+  for (int n = 0; n < 8; ++n)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n) + 4 * c) = pf[n / 2][(n % 2) * 2 + r];
 }
 
-template <bool kFp8, class Stages>
+// Byte `byte` of output row `row` in the staging rows: 16-byte chunks swizzled by the row's low bits, so that the eight
+// rows a warp's fragment writes at once fall in different banks.
+__device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
+  return row * row_bytes + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+}
+
+template <bool kFp8>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers<Stages::kBuffers>& barriers) {
-  constexpr int kBlock = Stages::kBlock;
+                                        bool staged_output, const Barriers& barriers) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -511,10 +463,10 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   wait_for_prior_grids();
-  const int pairs = query_pairs<kBlock>(p, t);
+  const int pairs = query_pairs(p, t);
 
   // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
-  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + Stages::kRope);
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
   {
     constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
     uint4 packed[kChunks];
@@ -537,7 +489,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
       const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
-      *reinterpret_cast<uint4*>(smem + Stages::kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
+      *reinterpret_cast<uint4*>(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
     }
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
@@ -546,39 +498,37 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-  float s[kBlock / 2];
-  uint32_t pf[kBlock / 16][4];
+  float s[32];
+  uint32_t pf[4][4];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = p.softmax_scale * kLog2e;
-  float2* shared_max = reinterpret_cast<float2*>(smem + Stages::kMax) + warp * 8 + g;
-  const int32_t* valid_flags = reinterpret_cast<const int32_t*>(smem + Stages::kValid);
-  uint8_t* own_p = smem + Stages::kP + consumer * kTileBytes;
-  const uint8_t* other_p = smem + Stages::kP + (consumer ^ 1) * kTileBytes;
+  float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
+  const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
+  uint8_t* own_p = smem + kP + consumer * kTileBytes;
+  const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
 
   if (consumer == 0) {
     if (pairs > 0) {
-      const BlockSlot<Stages> first(0);
-      wait_full<kFp8>(barriers.full(first.buffer, 0), first.parity);
+      wait_full<kFp8>(barriers.full(0, 0), 0);
       sm90::wgmma_fence();
-      qk_half<Stages>(s, smem, first.buffer, 0, true);
-      wait_full<kFp8>(barriers.full(first.buffer, 1), first.parity);
-      qk_half<Stages>(s, smem, first.buffer, 1, false);
+      qk_half(s, smem, 0, 0, true);
+      wait_full<kFp8>(barriers.full(0, 1), 0);
+      qk_half(s, smem, 0, 1, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
     }
     for (int i = 0; i < pairs; ++i) {
-      // This pair's blocks 2i (own) and 2i + 1 (consumer 1's), and the next pair's first.
-      const BlockSlot<Stages> own(2 * i), other(2 * i + 1), next(2 * i + 2);
-      sm90::mbarrier_wait(barriers.valid(own.buffer), own.parity);
-      block_softmax<kBlock>(s, valid_flags + own.buffer * kBlock, c, scale_log2, row_max, row_max, row_sum, o, pf);
+      const uint32_t parity = i & 1;
+      sm90::mbarrier_wait(barriers.valid(0), parity);
+      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
-      pv_registers<Stages>(o, pf, smem, own.buffer, 0);
+      pv_registers(o, pf, smem, 0, 0);
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(own.buffer, 0));
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
       const float2 pair_max = *shared_max;
@@ -588,27 +538,26 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       row_sum[0] *= factor[0];
       row_sum[1] *= factor[1];
       const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-      if (rescale) rescale_weights<kBlock>(s, factor, pf);
-      store_weights<kBlock>(own_p, pf, warp, g, c);
+      if (rescale) rescale_weights(s, factor, pf);
+      store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
-      // Consumer 1 waited for it too; this orders the data for our reads.
-      wait_full<kFp8>(barriers.full(other.buffer, 0), other.parity);
-      pv_shared<Stages>(o, other_p, smem, other.buffer, 0);
+      wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
+      pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
-        wait_full<kFp8>(barriers.full(next.buffer, 0), next.parity);
+        wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half<Stages>(s, smem, next.buffer, 0, true);
+        qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<1>();
         sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(other.buffer, 0));
-        wait_full<kFp8>(barriers.full(next.buffer, 1), next.parity);
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
+        wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
-        qk_half<Stages>(s, smem, next.buffer, 1, false);
+        qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
@@ -616,44 +565,43 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       } else {
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(other.buffer, 0));
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
       }
     }
   } else {
     for (int i = 0; i < pairs; ++i) {
-      // This pair's blocks 2i + 1 (own) and 2i (consumer 0's).
-      const BlockSlot<Stages> own(2 * i + 1), other(2 * i);
-      wait_full<kFp8>(barriers.full(own.buffer, 1), own.parity);
+      const uint32_t parity = i & 1;
+      wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
-      qk_half<Stages>(s, smem, own.buffer, 1, true);
-      wait_full<kFp8>(barriers.full(own.buffer, 0), own.parity);
-      qk_half<Stages>(s, smem, own.buffer, 0, false);
+      qk_half(s, smem, 1, 1, true);
+      wait_full<kFp8>(barriers.full(1, 0), parity);
+      qk_half(s, smem, 1, 0, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
-      sm90::mbarrier_wait(barriers.valid(own.buffer), own.parity);
+      sm90::mbarrier_wait(barriers.valid(1), parity);
       // Consumer 0's running max, folded with this block's: the pair's max, handed back.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
       const float2 base = *shared_max;
       const float base_max[2] = {base.x, base.y};
       __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-      block_softmax<kBlock>(s, valid_flags + own.buffer * kBlock, c, scale_log2, base_max, row_max, row_sum, o, pf);
+      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
-      pv_registers<Stages>(o, pf, smem, own.buffer, 1);
-      store_weights<kBlock>(own_p, pf, warp, g, c);
+      pv_registers(o, pf, smem, 1, 1);
+      store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
-      wait_full<kFp8>(barriers.full(other.buffer, 1), other.parity);
-      pv_shared<Stages>(o, other_p, smem, other.buffer, 1);
+      wait_full<kFp8>(barriers.full(0, 1), parity);
+      pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o);
       fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(own.buffer, 1));
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
-      sm90::mbarrier_arrive(barriers.empty(other.buffer, 1));
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
     }
   }
 
@@ -663,7 +611,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
     row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
-  float2* shared_sum = reinterpret_cast<float2*>(smem + Stages::kSum);
+  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
   if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
   sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
   const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
@@ -676,30 +624,76 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   if (rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
 
   const int dim_base = consumer * (kHeadDim / 2);
+  if (!staged_output) {
+#pragma unroll
+    for (int n = 0; n < 32; ++n) {
+      const int dim = dim_base + 8 * n + 2 * c;
+      const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
+      store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
+                            [&] { return rope_table[(dim - nope_dim) / 2]; });
+    }
+    return;
+  }
+  // Staged: the rows (64 heads × 512 dims in out's dtype) into the KV buffers, which no wgmma reads any more (both
+  // consumers passed the barrier above after their last wait), then copied out in 16-byte chunks, consecutive threads
+  // on consecutive chunks of a row.
+  uint8_t* staging = smem + kKv;
+  const bool f32 = p.out_dtype == AttentionDtype::F32;
+  const int row_bytes = kHeadDim * (f32 ? 4 : 2), row_chunks = row_bytes / 16;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
     const int dim = dim_base + 8 * n + 2 * c;
-    const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
-    store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
-                          [&] { return rope_table[(dim - nope_dim) / 2]; });
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o[4 * n + e] * inverse_denominator[e / 2];
+    if (rope && dim >= nope_dim) {
+      const RopeFactors f = rope_table[(dim - nope_dim) / 2];
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * warp + g + 8 * r;
+      uint8_t* destination = staging + staged_offset(row, row_bytes, dim * (f32 ? 4 : 2));
+      if (f32)
+        *reinterpret_cast<float2*>(destination) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(destination) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
+  const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
+  const int rows = min(kHeads, p.heads - head_base);
+  for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
+    const int row = i / row_chunks, byte = (i % row_chunks) * 16;
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
+    uint8_t* destination = out + int64_t(row) * row_bytes + byte;
+    if (aligned16) {
+      *reinterpret_cast<uint4*>(destination) = value;
+    } else {  // out is at least 8-byte aligned (the call's contract)
+      reinterpret_cast<uint2*>(destination)[0] = make_uint2(value.x, value.y);
+      reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
+    }
   }
 }
 
-template <bool kFp8, class Stages>
+template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved) {
+                                    const int resident_ctas, const bool prefetch_resolved, const bool rows_ahead,
+                                    const bool staged_output) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
   const int head_block = int(blockIdx.x % unsigned(head_blocks));
   const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
-  const Barriers<Stages::kBuffers> barriers{reinterpret_cast<uint64_t*>(smem + Stages::kBarriers)};
+  const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
     // valid, rope_ready: every producer thread.
-    for (int i = 0; i < Stages::kBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    for (int i = 0; i < 11; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -709,11 +703,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, Stages>(p, smem, t, query_pairs<Stages::kBlock>(p, t), prefetch_resolved, barriers,
-                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads);
+    produce<kFp8>(p, smem, t, query_pairs(p, t), prefetch_resolved, rows_ahead, barriers,
+                  ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, Stages>(p, smem, t, head_block * kHeads, barriers);
+    consume<kFp8>(p, smem, t, head_block * kHeads, staged_output, barriers);
   }
 }
 

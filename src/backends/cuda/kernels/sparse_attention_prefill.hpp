@@ -2,12 +2,12 @@
 // contract as run_sparse_attention (sparse_attention.hpp: window ∪ compressed slots per query, one softmax with the
 // per-head sink in the denominator, inverse RoPE on the output's last rope_dim dims, bf16 or fp8 entries, q rounded to
 // bf16, fp32 scores, softmax and accumulation), built for many queries: one CTA per (query, 64-head block) walks the
-// query's whole slot list in blocks of 64 (or 32) entries, two at a time, with no split and no merge.
+// query's whole slot list in 64-entry blocks, two at a time, with no split and no merge.
 // The kernel (FlashMLA's sparse-prefill structure, written for this cache): a producer warpgroup gathers two blocks of
 // entries by index into shared memory (bf16 entries by cp.async, fp8 entries dequantised to bf16 through registers);
-// consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = the block's entries), the two hand
-// their row maxima to each other through shared memory so both use one reference, and each accumulates the output's
-// dims [256w, 256w + 256) over both blocks: its own block's P from registers, the other's from shared memory.
+// consumer warpgroup w computes S = Q Kᵀ of block w over all 512 dims (wgmma, N = 64 entries), the two hand their row
+// maxima to each other through shared memory so both use one reference, and each accumulates the output's dims
+// [256w, 256w + 256) over both blocks: its own block's P from registers, the other's from shared memory.
 // Every kernel of a model step is a programmatic dependent launch: nothing an earlier kernel wrote is read before
 // griddepcontrol.wait.
 //
@@ -36,16 +36,23 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 enum class PrefetchResolved : uint8_t { Auto, Off, On };
 inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
-// How the kernel stages KV entries in shared memory (the same 128 KB either way): two buffers of 64-entry blocks, one
-// per consumer warpgroup, refilled half by half as the consumers release them; or four buffers of 32-entry blocks,
-// two per consumer, so that the producer gathers the next pair of blocks while the consumers compute this one. Auto:
-// TwoOf64 (FourOf32 where the environment sets DSV4_ATTENTION_PREFILL_STAGES=four32, for A/B runs).
-enum class PrefillKvStages : uint8_t { Auto, TwoOf64, FourOf32 };
+// When the producer loads a pair's index entries: InTurn just before that pair's page-table loads (two dependent
+// round trips per pair), RowsAhead one pair earlier, right after the previous pair's page-table loads (one round trip
+// per pair on the producer's path). Auto: InTurn (RowsAhead where the environment sets
+// DSV4_ATTENTION_PREFILL_RESOLVE=ahead, for A/B runs).
+enum class ResolveSchedule : uint8_t { Auto, InTurn, RowsAhead };
+
+// How the consumers store the output: Fragments straight from the accumulators (4- or 8-byte stores, eight rows per
+// warp instruction), or Staged through shared memory (the free KV buffers) and copied out in 16-byte chunks, a warp
+// on 512 consecutive bytes. Auto: Fragments (Staged where the environment sets DSV4_ATTENTION_PREFILL_OUTPUT=staged,
+// for A/B runs).
+enum class OutputStores : uint8_t { Auto, Fragments, Staged };
 
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  PrefillKvStages kv_stages = PrefillKvStages::Auto;
+  ResolveSchedule resolve_schedule = ResolveSchedule::Auto;
+  OutputStores output_stores = OutputStores::Auto;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
