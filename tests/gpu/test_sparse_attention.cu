@@ -297,12 +297,11 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
 }
 
 // Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave,
-// long lists by their slot bound): a V4-Pro batch of just enough queries (two head blocks each) with 512 slots, several
-// sequences of different lengths, against the CPU, without per-query counts and with them (prefill_kernel_decode_counts:
-// counts of 0, the bound, past it, negative and random below it, live rows past each count); then the routing
-// decisions alone on the call's shape (one query short of the wave, one slot short of the list, per-query counts with
-// and without their option, a one-block V4-Flash batch, fp8 entries, the option off), since a V4-Flash list long
-// enough to route (2048 slots) makes the CPU reference too slow to run here.
+// lists of at least kSparseAttentionPrefillDecodeSlots slots): a V4-Pro batch of just enough queries (two head blocks
+// each) and a V4-Flash one (one block each) with 512 slots, several sequences of different lengths, against the CPU,
+// Flash with per-query counts (prefill_kernel_decode_counts: counts of 0, the bound, past it, negative and random below
+// it, live rows past each count); then the routing decisions alone on the call's shape (one query short of the wave,
+// one slot short of the list, per-query counts with and without their option, fp8 entries, the option off).
 TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int sms = list_devices()[0].multiprocessors;
@@ -313,10 +312,12 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
                     AttentionDtype::Bf16, AttentionDtype::Bf16};
   pro.prefill_kernel = pro.prefill_kernel_decode = true;
   check_attention(pro, 111);
-  AttentionCase counted = pro;
-  counted.name = "pro csa decode wave counts";
-  counted.counts = counted.prefill_kernel_decode_counts = true;
-  check_attention(counted, 114);
+  AttentionCase flash = pro;
+  flash.name = "flash csa decode wave counts";
+  flash.heads = 64;
+  flash.queries_per_sequence = (flash_queries + 1) / 2;
+  flash.counts = flash.prefill_kernel_decode_counts = true;
+  check_attention(flash, 114);
 
   SparseAttentionCaseData data;
   AttentionCase small = pro;
@@ -336,24 +337,24 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
     call.prefill_kernel_decode_counts = counts_option;
     return sparse_attention_uses_prefill_kernel(call);
   };
-  const int64_t pro_slots = kSparseAttentionPrefillDecodeSlots;
-  const int64_t flash_slots = kSparseAttentionPrefillDecodeSlotsOneBlock;
-  EXPECT_TRUE(routed(128, pro_queries, pro_slots, false, true));
-  EXPECT_FALSE(routed(128, pro_queries - 1, pro_slots, false, true)) << "one Pro query short of the wave";
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots - 1, false, true)) << "one slot short";
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots, true, true)) << "per-query counts";
-  EXPECT_TRUE(routed(128, pro_queries, pro_slots, true, true, true)) << "per-query counts with their option";
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots - 1, true, true, true)) << "counts: one slot short";
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots, true, false, true)) << "counts: prefill_kernel_decode off";
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots, false, false)) << "prefill_kernel_decode off";
-  EXPECT_TRUE(routed(64, flash_queries, flash_slots, false, true));
-  EXPECT_FALSE(routed(64, flash_queries, pro_slots, false, true)) << "a one-block list of Pro's length";
-  EXPECT_FALSE(routed(64, flash_queries - 1, flash_slots, false, true)) << "one Flash query short of the wave";
+  const int64_t least = kSparseAttentionPrefillDecodeSlots;  // the shortest slot list routed
+  EXPECT_TRUE(routed(128, pro_queries, least, false, true));
+  EXPECT_FALSE(routed(128, pro_queries - 1, least, false, true)) << "one Pro query short of the wave";
+  EXPECT_FALSE(routed(128, pro_queries, least - 1, false, true)) << "one slot short";
+  EXPECT_FALSE(routed(128, pro_queries, least, true, true)) << "per-query counts";
+  EXPECT_TRUE(routed(128, pro_queries, least, true, true, true)) << "per-query counts with their option";
+  EXPECT_FALSE(routed(128, pro_queries, least - 1, true, true, true)) << "counts: one slot short";
+  EXPECT_FALSE(routed(128, pro_queries, least, true, false, true)) << "counts: prefill_kernel_decode off";
+  EXPECT_FALSE(routed(128, pro_queries, least, false, false)) << "prefill_kernel_decode off";
+  EXPECT_TRUE(routed(64, flash_queries, least, false, true));
+  EXPECT_TRUE(routed(64, flash_queries, least, true, true, true)) << "Flash, counts with their option";
+  EXPECT_FALSE(routed(64, flash_queries, least, true, true)) << "Flash, counts without their option";
+  EXPECT_FALSE(routed(64, flash_queries - 1, least, false, true)) << "one Flash query short of the wave";
   EXPECT_TRUE(routed(64, 2 * sms, 128, true, false)) << "two waves go to the prefill kernel whatever the list";
   AttentionCase fp8 = small;
   fp8.format = KvEntryFormat::Fp8Reference;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(fp8, 113, data));
-  EXPECT_FALSE(routed(128, pro_queries, pro_slots, false, true)) << "fp8 entries";
+  EXPECT_FALSE(routed(128, pro_queries, least, false, true)) << "fp8 entries";
 }
 
 // With the cluster merge the split heuristic stays within the largest cluster (no combine launch) for the DSV4 SWA and

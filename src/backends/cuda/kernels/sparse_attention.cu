@@ -237,7 +237,7 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
   if (ctas >= 2 * sms) return true;
   return p.prefill_kernel_decode && 16 * ctas >= 15 * sms &&
          (p.compressed_counts == nullptr || p.prefill_kernel_decode_counts) &&
-         slots >= (head_blocks >= 2 ? kSparseAttentionPrefillDecodeSlots : kSparseAttentionPrefillDecodeSlotsOneBlock);
+         slots >= kSparseAttentionPrefillDecodeSlots;
 }
 
 }  // namespace

@@ -45,8 +45,8 @@ inline constexpr int kSparseAttentionMaxSplits = 64;
 inline constexpr int kSparseAttentionMaxClusterSplits = 16;
 // Tiles of 32 entries one CTA of the head-split path holds (all resident in shared memory).
 inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
-// Slot lists that SparseAttentionParams::prefill_kernel_decode routes: two or more 64-head blocks per query, or one.
-inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512, kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
+// Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query).
+inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 
 // The default of SparseAttentionParams::head_split_early_entries: off, on where the environment sets
 // DSV4_ATTENTION_EARLY_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
@@ -100,17 +100,21 @@ struct SparseAttentionParams {
   bool prefill_kernel = true;
   // With prefill_kernel: decode-sized calls (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave up to
   // the two waves above) with long slot lists known on the host (no compressed_counts: with counts the bound says
-  // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots with two or more head blocks
-  // per query (V4-Pro; the blocks share each entry through L2), at least kSparseAttentionPrefillDecodeSlotsOneBlock
-  // with one. H200, L2 flushed, bf16 q, the decode kernels → the prefill kernel (session 17, bench_cuda_attention
-  // --route and bench_cuda_attention_prefill --part decode): Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots
-  // 120.2 → 98.7, 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6 (a tie with
-  // the interim prefill kernel the threshold was set on), 128 slots 37.4 → 39.0; Flash batch 64 loses (640 slots
-  // 30.6 → 36.4) and stays below the wave.
+  // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots. H200, L2 flushed, bf16 q,
+  // the decode kernels → the prefill kernel (session 17, bench_cuda_attention --route and
+  // bench_cuda_attention_prefill --part decode): Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots 120.2 → 98.7,
+  // 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6, 128 slots 37.4 → 39.0;
+  // Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave.
   bool prefill_kernel_decode = true;
-  // With prefill_kernel_decode: calls with compressed_counts route by their slot bound as well (the model's CSA top-k
-  // and HCA visible-entry lists). The counts only shorten the lists, and a decode step's CUDA graph fixes its
-  // launches for every later step of its batch size, so the route cannot follow them.
+  // With prefill_kernel_decode: calls with compressed_counts route by their slot bound as well. A decode step's CUDA
+  // graph fixes its launches for every later step of its batch size, so the route cannot follow the counts: set it
+  // where they usually fill the bound. H200, bench_cuda_attention --model-route (session 18, the model's lists, L2
+  // flushed, decode kernels → prefill kernel): CSA's top-k lists, full from 4 · top-k context tokens, gain (Flash
+  // batch 128 / 256 at 4K-64K context 47.1 → 44.2-44.7 / 86.7-87.1 → 80.8-82.0 µs; at 512 tokens 28.3 → 28.3 /
+  // 49.7 → 51.1; Pro batch 64 / 128, 1152 slots, 70.9 → 54.6-56.7 / 135.3 → 104.4-105.9, at 512 tokens
+  // 27.7 → 25.3 / 49.2 → 43.3); HCA's context / 128 visible entries stay short below about 32K context, where the
+  // prefill kernel loses (Flash 128 + 32 entries 40.4 → 47.1 µs at batch 256, Pro 40.6 → 42.8 at batch 128) what it
+  // gains at 64K (86.8-88.1 → 80.1-80.2, Pro 86.4-86.9 → 69.3-69.8).
   bool prefill_kernel_decode_counts = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
