@@ -16,7 +16,7 @@
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
 //   a double-precision sincos);
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: staged for the
-//   prefill chunk, registers for decode steps), and the prefill chunk with bulk slot loads, against the default;
+//   prefill chunk, registers for decode steps) against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -269,27 +269,16 @@ CompressorSlotLoads other_slot_loads(const Step& s) {
   return s.start_in_window == -1 ? CompressorSlotLoads::Registers : CompressorSlotLoads::Staged;
 }
 
-// Every step again with its slot loads forced to other_slot_loads, and the prefill chunk with bulk slot loads:
-// against the default (baseline column).
-void add_slot_loads_rows(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
-                         const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
-                         const std::function<void(cudaStream_t, CompressorSlotLoads)>& body) {
-  std::vector<CompressorSlotLoads> forced{other_slot_loads(s)};
-  if (s.start_in_window == -1) forced.push_back(CompressorSlotLoads::Bulk);
-  for (const CompressorSlotLoads loads : forced) {
-    const char* name = loads == CompressorSlotLoads::Staged ? ", staged slot loads"
-                       : loads == CompressorSlotLoads::Bulk ? ", bulk slot loads"
-                                                            : ", register slot loads";
-    const std::string variant = std::string(s.variant) + name;
-    if (!selected(only, op, variant)) continue;
-    const char* note = loads == CompressorSlotLoads::Staged
-                           ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (register loads)"
-                       : loads == CompressorSlotLoads::Bulk
-                           ? "in-run windows by bulk copies into shared memory; baseline: the default (staged loads)"
-                           : "loads into registers; baseline: the default (staged loads)";
-    rows.push_back({op, variant, graph_us(stream, 20, [&](cudaStream_t on) { body(on, loads); }),
-                    bytes / (copy_gbps * 1e3), default_us, bytes, note});
-  }
+// Every step again with its slot loads forced to other_slot_loads: against the default (baseline column).
+void add_slot_loads_row(const Step& s, const std::string& op, double default_us, double bytes, double copy_gbps,
+                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
+                        const std::function<void(cudaStream_t)>& body) {
+  const bool staged = other_slot_loads(s) == CompressorSlotLoads::Staged;
+  const std::string variant = std::string(s.variant) + (staged ? ", staged slot loads" : ", register slot loads");
+  if (!selected(only, op, variant)) return;
+  rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
+                  staged ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (register loads)"
+                         : "loads into registers; baseline: the default (staged loads)"});
 }
 
 void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
@@ -321,12 +310,12 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                       }),
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
-    add_slot_loads_rows(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
-                        [&](cudaStream_t on, CompressorSlotLoads loads) {
-                          CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
-                          p.slot_loads = loads;
-                          run_compressor(p);
-                        });
+    add_slot_loads_row(s, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
+                         CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
+                         p.slot_loads = other_slot_loads(s);
+                         run_compressor(p);
+                       });
   }
 }
 
@@ -416,13 +405,13 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    add_slot_loads_rows(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
-                        [&](cudaStream_t on, CompressorSlotLoads loads) {
-                          CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
-                                                      index.params(runs, s.sequences, s.tokens, on)};
-                          both[0].slot_loads = both[1].slot_loads = loads;
-                          run_compressors(both);
-                        });
+    add_slot_loads_row(s, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
+                         CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
+                                                     index.params(runs, s.sequences, s.tokens, on)};
+                         both[0].slot_loads = both[1].slot_loads = other_slot_loads(s);
+                         run_compressors(both);
+                       });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);
   }
 }

@@ -177,17 +177,10 @@ class CaseCheck {
     d_rope_table_ = to_device(table, "rope table");
     name_ += ", RoPE table";
   }
-  // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice. Bulk
-  // copies need 16-byte rows: the stacked projections' gap is then 8 floats instead of 6.
+  // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice.
   void force_slot_loads(CompressorSlotLoads loads) {
     slot_loads_ = loads;
-    name_ += loads == CompressorSlotLoads::Staged  ? ", staged slot loads"
-             : loads == CompressorSlotLoads::Bulk  ? ", bulk slot loads"
-                                                   : ", register slot loads";
-    if (loads == CompressorSlotLoads::Bulk) {
-      stride_ = 2 * width_ + 8;
-      d_stacked_ = DeviceBuffer(size_t(kSequences * longest_ * stride_) * 4, "step stacked projections");
-    }
+    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads" : ", register slot loads";
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -672,13 +665,12 @@ TEST(Compressor, ForcedClusterSplitsMatchTheCpuOnePass) {
 
 // The slot loads forced the way Auto does not take them (the other tests cover Auto's choice): staged through shared
 // memory (cp.async into a per-thread ring, 256-thread CTAs) for decode steps, into registers for prefill chunks and
-// runs of different lengths, and bulk copies of the in-run windows for prefill chunks; every case, stacked
-// projections, the KV cache output, forced splits, and pairs in one launch (which must agree on the mode).
+// runs of different lengths; every case, stacked projections, the KV cache output, forced splits, and pairs in one
+// launch (which must agree on the mode).
 TEST(Compressor, ForcedSlotLoadsMatchTheCpuOnePass) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 2100;
-  for (const CompressorSlotLoads loads :
-       {CompressorSlotLoads::Staged, CompressorSlotLoads::Registers, CompressorSlotLoads::Bulk}) {
+  for (const CompressorSlotLoads loads : {CompressorSlotLoads::Staged, CompressorSlotLoads::Registers}) {
     const bool staged = loads == CompressorSlotLoads::Staged;
     const std::vector<const char*> chunkings =
         staged ? std::vector<const char*>{"single tokens", "chunks of 2/3"}
@@ -790,14 +782,6 @@ TEST(Compressor, RefusesMismatchedState) {
   staged.runs = reinterpret_cast<const CompressorRun*>(staged_operands.data());
   staged.entries = staged_operands.as<float>();
   testing::expect_error([&] { run_compressor(staged); }, "staged slot loads pool at most 512 channels");
-  // Bulk slot loads of a prefill chunk copy 16-byte-aligned rows.
-  CompressorParams bulk{.head_dim = 128, .ratio = 4, .overlapping = true, .row_stride = 514, .run_count = 1,
-                        .max_run_tokens = 64, .state = state.view(), .slot_loads = CompressorSlotLoads::Bulk};
-  bulk.kv = bulk.gate = bulk.ape = bulk.norm_weight = staged_operands.as<float>();
-  bulk.runs = reinterpret_cast<const CompressorRun*>(staged_operands.data());
-  bulk.entries = staged_operands.as<float>();
-  testing::expect_error([&] { run_compressor(bulk); },
-                        "bulk slot loads need kv and gate 16-byte aligned, row_stride 514");
   // A split that is not a whole number of 64-channel blocks, or of an fp4-rounded indexer key.
   CompressorParams split{.head_dim = 128, .ratio = 4, .overlapping = true, .state = state.view(), .cluster_ctas = 4};
   testing::expect_error([&] { run_compressor(split); }, "cluster_ctas 4 must be");

@@ -136,37 +136,20 @@ int entry_split(const CompressorParams& p) {
   return cluster;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// How a launch loads its slots (CompressorSlotLoads; the compressors agree on the mode).
-compressor::SlotPath slot_path(std::span<const CompressorParams> params) {
-  using compressor::SlotPath;
+// Whether a launch stages its slot loads (CompressorSlotLoads; the compressors agree on the mode).
+bool stages_slot_loads(std::span<const CompressorParams> params) {
   const CompressorSlotLoads mode = params[0].slot_loads;
-  bool several_entries = false, fits_staging = true;
+  if (mode != CompressorSlotLoads::Auto) return mode == CompressorSlotLoads::Staged;
+  bool several_entries = false;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    fits_staging = fits_staging && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
+    if (p.head_dim / entry_split(p) > 2 * compressor::kStagedThreads) return false;
     several_entries = several_entries || entries_per_run_of(p) > 1;
   }
-  switch (mode) {
-    case CompressorSlotLoads::Registers: return SlotPath::Registers;
-    case CompressorSlotLoads::Staged: return SlotPath::Staged;
-    case CompressorSlotLoads::Bulk: return several_entries ? SlotPath::Bulk : SlotPath::Registers;
-    case CompressorSlotLoads::Auto: break;
-  }
-  return several_entries && fits_staging ? SlotPath::Staged : SlotPath::Registers;
+  return several_entries;
 }
 
-// Bulk slot loads copy whole 16-byte-aligned row slices.
-void check_bulk_alignment(const CompressorParams& p, int channels_per_cta) {
-  const int64_t row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride;
-  check(aligned16(p.kv) && aligned16(p.gate) && row_stride % 4 == 0 && p.head_dim % 4 == 0 && channels_per_cta % 4 == 0,
-        "compressor: bulk slot loads need kv and gate 16-byte aligned, row_stride ", row_stride, " and head_dim ",
-        p.head_dim, " multiples of 4, and a multiple of 4 channels per CTA (", channels_per_cta, ")");
-}
-
-// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout (staged: the launch's slot loads
-// are staged or bulk).
+// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout (staged: the launch's slot loads).
 compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
   const int64_t entries_per_run = entries_per_run_of(p);
   const int64_t entries = p.run_count * entries_per_run;
@@ -249,23 +232,17 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
-  using compressor::SlotPath;
-  const SlotPath path = slot_path(params);
+  const bool staged = stages_slot_loads(params);
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, path != SlotPath::Registers);
+    const compressor::PoolArgs pool = pool_args(p, staged);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = std::max(threads, pool.pairs_padded * pool.groups);
-    size_t pool_smem = compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups);
-    if (path == SlotPath::Bulk) {
-      check_bulk_alignment(p, pool.channels_per_cta);
-      pool_smem += compressor::window_smem_bytes(int(p.overlapping ? 2 * p.ratio : p.ratio), pool.channels_per_cta);
-    }
-    smem = std::max(smem, pool_smem);
+    smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
   if (launch.pool_count == 0 && !prepares) return;
@@ -290,18 +267,11 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if (path == SlotPath::Staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
-  const auto kernel = [&] {
-    if (slice_updates)
-      return path == SlotPath::Staged ? compressor::compressor_kernel<true, SlotPath::Staged>
-                                      : compressor::compressor_kernel<true, SlotPath::Registers>;
-    switch (path) {
-      case SlotPath::Staged: return compressor::compressor_kernel<false, SlotPath::Staged>;
-      case SlotPath::Bulk: return compressor::compressor_kernel<false, SlotPath::Bulk>;
-      case SlotPath::Registers: break;
-    }
-    return compressor::compressor_kernel<false, SlotPath::Registers>;
-  }();
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
+  const auto kernel = slice_updates ? (staged ? compressor::compressor_kernel<true, true>
+                                              : compressor::compressor_kernel<true, false>)
+                                    : (staged ? compressor::compressor_kernel<false, true>
+                                              : compressor::compressor_kernel<false, false>);
   if (smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);

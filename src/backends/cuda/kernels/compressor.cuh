@@ -26,8 +26,7 @@
 // - Pairs are padded to whole warps so that an fp8 block of 64 channels is exactly one warp of group 0.
 // - A prefill chunk's entries whose window lies wholly in the run ("in-run entries": all but the first one or two)
 //   read nothing of the state, so their CTAs take no ticket (no fence, no contended atomic): the run's state is
-//   updated by the last of its other CTAs (the run's last entry row is always one of them). With bulk slot loads
-//   such an entry's window slice is copied into shared memory by TMA bulk copies, one per slot row and array.
+//   updated by the last of its other CTAs (the run's last entry row is always one of them).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -44,7 +43,6 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
-#include "backends/cuda/ptx/mbarrier.cuh"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -60,10 +58,6 @@ inline constexpr int kUpdateBatch = 4;  // state values a thread loads before st
 inline constexpr int kStagedThreads = 256;
 inline constexpr int kStages = 2;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
-
-// How a kernel instance loads the pooled slots (CompressorSlotLoads as the launcher resolved it): Bulk is the
-// prefill (ticket) kernel's, its in-run entries by bulk copies and the others into registers.
-enum class SlotPath { Registers, Staged, Bulk };
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
 // method), the magic number made once by the launcher: a divide by a run-time value is a chain of ~20 dependent
@@ -151,9 +145,6 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
 inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
-
-// The bulk slot loads' window after a pool's partials: [slot][kv, score][channel of the CTA's slice] floats.
-inline size_t window_smem_bytes(int slots, int channels) { return size_t(2) * slots * channels * sizeof(float); }
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -326,6 +317,11 @@ __device__ __forceinline__ void pool_from_registers(const PoolArgs& a, const Run
   }
 }
 
+// Position of entry w's first pooled slot (CSA: window w − 1's first token).
+__device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int64_t w) {
+  return (w - (a.overlapping ? 1 : 0)) * a.ratio;
+}
+
 // Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
 // they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values.
 __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
@@ -339,7 +335,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
   const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
   // A window wholly in the run (every entry of a prefill chunk but its first): slot s's row is the window's first
   // plus s (second halves: plus s − ratio and c columns on), so its addresses need no per-slot source selection.
-  const int64_t first_q = (t.w - (a.overlapping ? 1 : 0)) * a.ratio;
+  const int64_t first_q = window_first_position(a, t.w);
   const bool window_in_run = first_q >= r.start;
   const int64_t window_offset = (first_q - r.start) * a.row_stride + t.channel;
   const auto issue = [&](int batch, int stage) {
@@ -392,62 +388,6 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
     if (b + 2 < batches) issue(b + 2, stage);
-  }
-}
-
-// Position of entry w's first pooled slot (CSA: window w − 1's first token).
-__device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int64_t w) {
-  return (w - (a.overlapping ? 1 : 0)) * a.ratio;
-}
-
-// Bulk slot loads of an in-run entry w, by one warp of its CTA (slice `rank`): slot s is the run's row
-// window_first_position(w) + s − start, its kv and score slice at column (second half ? c : 0) + rank · channels;
-// each row's slice is one bulk copy into window ([slot][kv, score][channel]), all completing on `barrier`.
-__device__ __forceinline__ void issue_window_copy(const PoolArgs& a, const RunView& r, int64_t w, int rank,
-                                                  float* window, uint64_t* barrier, int lane) {
-  const int channels = a.channels_per_cta;
-  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  const uint32_t bytes = uint32_t(channels) * sizeof(float);
-  if (lane == 0) sm90::mbarrier_arrive_expect_tx(barrier, 2 * uint32_t(slots) * bytes);
-  __syncwarp();
-  const int64_t first_row = window_first_position(a, w) - r.start;
-  const uint32_t barrier_address = uint32_t(__cvta_generic_to_shared(barrier));
-  for (int i = lane; i < 2 * slots; i += 32) {
-    const int slot = i >> 1;
-    const int column = (a.overlapping && slot >= a.ratio ? a.c : 0) + rank * channels;
-    const float* row = ((i & 1) != 0 ? r.gate : r.kv) + (first_row + slot) * a.row_stride + column;
-    ptx::cp_async_bulk_global_to_shared(uint32_t(__cvta_generic_to_shared(window + int64_t(i) * channels)), row,
-                                        bytes, barrier_address);
-  }
-}
-
-// The pooling of an in-run entry from its bulk-copied window (local: the pair's first channel in the slice). Each
-// batch's ape (global, cached) is loaded before its values are read; the first waits for the copies.
-__device__ __forceinline__ void pool_from_window(const PoolArgs& a, const PoolingTask& t, int local,
-                                                 const float* window, uint64_t* barrier, RopeFactors& rope,
-                                                 OnlineSoftmax& channel0, OnlineSoftmax& channel1) {
-  const int channels = a.channels_per_cta;
-  const int64_t width = width_of(a);
-  if (t.rope_here) rope = window_rope(a, t);
-  for (int s0 = t.group; s0 < t.slots; s0 += kSlotBatch * a.groups) {
-    float2 bias[kSlotBatch];
-    int slot[kSlotBatch];
-    bool valid[kSlotBatch];
-#pragma unroll
-    for (int k = 0; k < kSlotBatch; ++k) {
-      valid[k] = s0 + k * a.groups < t.slots;
-      slot[k] = min(s0 + k * a.groups, t.slots - 1);  // past the window: a valid slot whose value is dropped
-      const bool second = a.overlapping && slot[k] >= a.ratio;
-      bias[k] = load_pair(a.ape + (second ? slot[k] - a.ratio : slot[k]) * width + t.channel + (second ? a.c : 0));
-    }
-    if (s0 == t.group) sm90::mbarrier_wait(barrier, 0);
-    SlotValue values[kSlotBatch];
-#pragma unroll
-    for (int k = 0; k < kSlotBatch; ++k) {
-      const float* row = window + int64_t(2 * slot[k]) * channels + local;
-      values[k] = slot_value(load_pair(row), load_pair(row + channels), bias[k], true);
-    }
-    add_batch(channel0, channel1, values, valid);
   }
 }
 
@@ -841,24 +781,14 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // CTA `local` of pool `a`: one entry slice.
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
-// kPath: Staged, the pooling's slot loads go through the shared-memory ring (pool_from_staging) after the entry
-// vector; Bulk (ticket kernel only), an in-run entry's window is copied there (pool_from_window).
-template <bool kSliceUpdates, SlotPath kPath>
+// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
+template <bool kSliceUpdates, bool kStaged>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
-  static_assert(kPath != SlotPath::Bulk || !kSliceUpdates, "bulk slot loads serve prefill (ticket) launches");
   const int channels = a.channels_per_cta;
   const PoolSmem s = pool_smem(a, smem);
   __shared__ float warp_partials[32];
   __shared__ float cta_square_sum;
   __shared__ bool is_last_cta;
-  __shared__ alignas(8) uint64_t window_barrier;
-  if constexpr (kPath == SlotPath::Bulk) {
-    if (threadIdx.x == 0) {
-      sm90::mbarrier_init(&window_barrier, 1);
-      sm90::fence_mbarrier_init();
-    }
-    __syncthreads();
-  }
 
   const ItemPlace place = item_place(a, local);
   int rope_pair;
@@ -874,9 +804,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   EntryItem e = entry_item(a, place, run);
   const RunView& r = e.r;
   const bool in_run = !kSliceUpdates && in_run_entry(a, e);  // CTA-uniform
-  float* const window = s.entry_vector + channels;
-  if constexpr (kPath == SlotPath::Bulk)
-    if (in_run && threadIdx.x < 32) issue_window_copy(a, r, e.w, place.rank, window, &window_barrier, int(threadIdx.x));
   // A run of at most `ratio` tokens: this CTA's channel slice is all of the state it reads, so it updates that slice
   // itself (after the barrier that ends its pooling reads), its loads issued now.
   const StateUpdate slice = plan_state_update(a, r, place.rank * channels, false);
@@ -896,10 +823,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .rope_pair = rope_pair,
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
-    if constexpr (kPath == SlotPath::Staged)
-      pool_from_staging(a, r, task, reinterpret_cast<float2*>(window), rope, channel0, channel1);
-    else if (kPath == SlotPath::Bulk && in_run)
-      pool_from_window(a, task, 2 * t.pair, window, &window_barrier, rope, channel0, channel1);
+    if constexpr (kStaged)
+      pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
     const int local_channel = t.group * channels + 2 * t.pair;
@@ -948,11 +873,10 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
   }
 }
 
-// The staged and bulk kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill
-// (shared memory, not registers, holds the loads in flight; the decode steps' early state loads need more).
-template <bool kSliceUpdates, SlotPath kPath>
-__global__ void __launch_bounds__(kPath == SlotPath::Registers ? kMaxThreads : kStagedThreads,
-                                  kPath == SlotPath::Registers ? 1 : (kSliceUpdates ? 2 : 3))
+// The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
+// not registers, holds the loads in flight; the decode steps' early state loads need more).
+template <bool kSliceUpdates, bool kStaged>
+__global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStaged ? (kSliceUpdates ? 2 : 3) : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
@@ -962,7 +886,7 @@ __global__ void __launch_bounds__(kPath == SlotPath::Registers ? kMaxThreads : k
   }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
-  compress<kSliceUpdates, kPath>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+  compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor

@@ -58,14 +58,10 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 
 // How the pooling loads a window's slots. Registers: each thread's batch of loads into registers (CTAs up to 512
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
-// (CTAs up to 256 threads, an entry's slice at most 512 channels). Bulk (launches whose runs may complete several
-// entries; others load as Registers): the CTA of an entry whose window lies wholly in its run copies its slice of
-// the window's rows into shared memory by bulk copies (TMA: a few instructions per 2 KB instead of three cp.async per
-// 8 bytes), the run's other entries load into registers; needs kv, gate and row_stride 16-byte aligned, head_dim and
-// every slice a multiple of 4, the window's slice (slots · channels · 8 bytes) in shared memory. Auto: Staged for
-// launches whose runs complete several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits,
-// Registers otherwise (decode steps, where it was 0.8-1.1×).
-enum class CompressorSlotLoads { Registers, Staged, Bulk, Auto };
+// (CTAs up to 256 threads, an entry's slice at most 512 channels). Auto: Staged for launches whose runs complete
+// several entries (prefill chunks: 1.2-2.1× faster on an H200) where every slice fits, Registers otherwise (decode
+// steps, where it was 0.8-1.1×).
+enum class CompressorSlotLoads { Registers, Staged, Auto };
 
 // One sequence's tokens in a launch (device memory).
 struct CompressorRun {
