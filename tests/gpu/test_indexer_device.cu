@@ -229,7 +229,10 @@ const char* method_name(IndexerTopKMethod m) {
   return m == IndexerTopKMethod::LastCta ? "LastCta" : m == IndexerTopKMethod::TopKKernel ? "TopKKernel" : "Auto";
 }
 const char* kernel_name(IndexerScoresKernel k) {
-  return k == IndexerScoresKernel::Warp ? "Warp" : k == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "Auto";
+  return k == IndexerScoresKernel::Warp                ? "Warp"
+         : k == IndexerScoresKernel::Warpgroup         ? "Warpgroup"
+         : k == IndexerScoresKernel::WarpgroupStreamed ? "WarpgroupStreamed"
+                                                       : "Auto";
 }
 
 // The device operands of a score launch: the queries run_indexer_prepare made (bf16, or fp8 codes and scales) and the
@@ -281,10 +284,10 @@ struct ScoresRun {
 
 // Scores of `format` keys for random queries prepared by run_indexer_prepare (RoPE on the last half of head_dim, the
 // rounding, bf16 or fp8): the CPU's scores of the prepared operands (every element, visibility, −inf). Where the
-// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernel (IndexerScoresKernel::Warpgroup) too: the
-// CPU's scores within the same tolerance (its tensor-core summation order is its own); and IndexerScoresKernel::Auto,
-// bit for bit the kernel it should pick (Warpgroup there for fp8 keys, and for bf16 keys from 2^20 (query, key)
-// pairs of one sequence, else Warp).
+// shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup and
+// WarpgroupStreamed) too: the CPU's scores within the same tolerance (their tensor-core summation order is their own);
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup there for fp8 keys, and for bf16
+// keys from 2^20 (query, key) pairs of one sequence, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -403,11 +406,15 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
   const bool auto_warpgroup =
       warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
-  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 2: the automatic choice.
-  for (const int variant : {0, 1, 2}) {
-    const bool warpgroup = variant == 1, automatic = variant == 2;
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 2: the automatic choice, 3: the streamed warpgroup
+  // kernel.
+  for (const int variant : {0, 1, 2, 3}) {
+    const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
     if (warpgroup && !warpgroup_shape) continue;
-    const std::string name = warpgroup ? "warpgroup MMA" : automatic ? "auto" : "mma.sync";
+    const std::string name = streamed    ? "streamed warpgroup MMA"
+                             : warpgroup ? "warpgroup MMA"
+                             : automatic ? "auto"
+                                         : "mma.sync";
     SCOPED_TRACE(name);
     d_scores.fill_bytes(0xFF);
     IndexerScoresParams p{.head_weights = d_w.as<float>(),
@@ -423,7 +430,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .scores = d_scores.as<float>(),
                           .score_stride = stride};
     set_score_operands(p, {d_q, d_q_scales, d_keys, d_key_scales}, fp8, slot_rows);
-    p.kernel = warpgroup   ? IndexerScoresKernel::Warpgroup
+    p.kernel = streamed    ? IndexerScoresKernel::WarpgroupStreamed
+               : warpgroup ? IndexerScoresKernel::Warpgroup
                : automatic ? IndexerScoresKernel::Auto
                            : IndexerScoresKernel::Warp;
     run_indexer_scores(p);
@@ -473,7 +481,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
       run.scores = got;
     } else if (variant == 1) {
       warpgroup_scores = got;
-    } else {
+    } else if (variant == 2) {
       // Auto: the bits of the kernel it must have picked.
       const std::vector<float>& same = auto_warpgroup ? warpgroup_scores : prepared_scores;
       int mismatches = 0;
@@ -529,6 +537,8 @@ TEST(IndexerScores, LongContext) {
   // 16 queries × 65536 keys: 2^20 (query, key) pairs, where Auto takes the warpgroup kernel for bf16 keys too (8
   // heads keep the CPU's side short).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
+  // The same with fp8 keys: ≈ 16 tiles per warpgroup, so the streamed kernel's 8-stage ring wraps.
+  check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Fp8, 10);
 }
 
 // fp8 scores then the device top-k against the CPU's top-k of the CPU scores. The two score sets differ by the
@@ -823,6 +833,14 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
     check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
     check_fused_scores_top_k({8, 64, 128, 700, 512, 8, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
     check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
+  }
+  // The streamed warpgroup kernel's last CTA: several CTAs per query (tickets), one CTA, groups of several queries.
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
+    constexpr IndexerScoresKernel kStreamed = IndexerScoresKernel::WarpgroupStreamed;
+    check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, format, seed++);
   }
 }
 

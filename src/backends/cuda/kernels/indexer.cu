@@ -20,6 +20,9 @@ constexpr int kMaxQueriesPerCta = 4;
 constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
 constexpr size_t kWgmmaSmemBytes =
     indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
+constexpr size_t kStreamedSmemBytes(bool fp8) {
+  return indexer::streamed_smem_layout(kMaxQueriesPerCta, fp8, true).bytes;
+}
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -72,6 +75,13 @@ DeviceLimits device_limits() {
                          indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
+    using indexer::indexer_scores_streamed_kernel;
+    for (auto* kernel : {indexer_scores_streamed_kernel<false, false>, indexer_scores_streamed_kernel<false, true>})
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(kStreamedSmemBytes(false))));
+    for (auto* kernel : {indexer_scores_streamed_kernel<true, false>, indexer_scores_streamed_kernel<true, true>})
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(kStreamedSmemBytes(true))));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -138,9 +148,9 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
 
 // The scores kernels' grid: one wave of resident CTAs over all query groups (y), as many CTAs across the keys (x) as
 // that wave leaves per group and the keys fill at `keys_per_cta`; the CTAs loop over the remaining key tiles.
-dim3 scores_grid(const indexer::ScoresArgs& args, int64_t keys_per_cta, int query_groups) {
+dim3 scores_grid(const indexer::ScoresArgs& args, int64_t keys_per_cta, int query_groups, int ctas_per_sm) {
   const int64_t wanted = (args.key_count + keys_per_cta - 1) / keys_per_cta;
-  const int64_t resident = int64_t(indexer::kScoreCtasPerSm) * device_limits().multiprocessors;
+  const int64_t resident = int64_t(ctas_per_sm) * device_limits().multiprocessors;
   const int64_t across_keys = std::clamp<int64_t>(resident / query_groups, 1, std::max<int64_t>(wanted, 1));
   check(query_groups <= 65535, "indexer_scores: ", args.tokens, " queries need ", query_groups,
         " query groups, beyond the grid limit 65535");
@@ -159,6 +169,18 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStr
                    smem, stream, args, kSelect ? "indexer_scores_kernel (top-k)" : "indexer_scores_kernel");
 }
 
+// The streamed warpgroup kernels: the warpgroup kernels' tiles, one CTA per SM.
+template <bool kSelect>
+void launch_scores_streamed(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
+  const size_t smem = indexer::streamed_smem_layout(args.queries_per_cta, fp8, kSelect).bytes;
+  if (fp8)
+    launch_chained(indexer::indexer_scores_streamed_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                   stream, args, "indexer_scores_streamed_kernel (fp8)");
+  else
+    launch_chained(indexer::indexer_scores_streamed_kernel<false, kSelect>, grid, dim3(indexer::kScoreWarps * 32),
+                   smem, stream, args, "indexer_scores_streamed_kernel (bf16)");
+}
+
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 template <bool kSelect>
 void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
@@ -174,6 +196,7 @@ void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, c
 // How a checked run_indexer_scores call runs: the kernel, its query groups and its grid.
 struct ScoresPlan {
   bool warpgroup = false;
+  bool streamed = false;  // the warpgroup kernel's streamed variant
   int queries_per_cta = 1;
   int query_groups = 0;
   dim3 grid;
@@ -182,7 +205,8 @@ struct ScoresPlan {
 ScoresPlan plan_scores(const IndexerScoresParams& p) {
   ScoresPlan plan;
   const bool fp8 = fp8_keys(p);
-  plan.warpgroup = uses_warpgroup_kernel(p);
+  plan.streamed = p.kernel == IndexerScoresKernel::WarpgroupStreamed;
+  plan.warpgroup = plan.streamed || uses_warpgroup_kernel(p);
   const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8).bytes;
   // Queries of one CTA share its key loads: only those of one sequence.
   const int64_t group_limit = p.sequence_slots != nullptr ? 1 : kMaxQueriesPerCta;
@@ -191,12 +215,20 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
-  plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups);
+  plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
+                          plan.streamed ? 1 : indexer::kScoreCtasPerSm);
   return plan;
 }
 
 void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const indexer::ScoresArgs& args) {
   const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
+  if (plan.streamed) {
+    if (select)
+      launch_scores_streamed<true>(args, fp8, plan.grid, p.stream);
+    else
+      launch_scores_streamed<false>(args, fp8, plan.grid, p.stream);
+    return;
+  }
   if (plan.warpgroup) {
     if (select)
       launch_scores_wgmma<true>(args, fp8, plan.grid, p.stream);
@@ -278,7 +310,8 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
   }
   check(p.head_weights_row_stride == 0 || p.head_weights_row_stride >= p.heads,
         "indexer_scores: head_weights_row_stride ", p.head_weights_row_stride, " < heads ", p.heads);
-  check(p.kernel != IndexerScoresKernel::Warpgroup || warpgroup_shape(p),
+  check((p.kernel != IndexerScoresKernel::Warpgroup && p.kernel != IndexerScoresKernel::WarpgroupStreamed) ||
+            warpgroup_shape(p),
         "indexer_scores: the Warpgroup kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim,
         ") and at most ", indexer::kWgmmaHeads, " heads (got ", p.heads, ")");
   if (p.tokens == 0 || p.key_count == 0) return;
@@ -376,7 +409,7 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
     return;
   }
 
-  check(s.kernel != IndexerScoresKernel::Warpgroup,
+  check(s.kernel != IndexerScoresKernel::Warpgroup && s.kernel != IndexerScoresKernel::WarpgroupStreamed,
         "indexer_scores_top_k: the TopKKernel method scores on the mma.sync kernels only (not Warpgroup)");
   check(s.key_count < (int64_t(1) << 30), "indexer_scores_top_k: key_count ", s.key_count,
         " exceeds the 32-bit key arithmetic (2^30)");

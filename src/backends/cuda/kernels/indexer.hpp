@@ -22,6 +22,8 @@
 //   CTAs); without, every query reads `keys`.
 // - IndexerScoresParams::kernel: Warp, the mma.sync kernels (every shape); Warpgroup, the same scores on warpgroup
 //   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
+//   WarpgroupStreamed, the Warpgroup kernel's shapes and MMAs with the keys streamed through a ring of shared-memory
+//   stages (more key bytes in flight than registers hold; one CTA per SM);
 //   Auto (the default), Warpgroup in those shapes for fp8 keys, and for bf16 keys where one sequence's launch scores
 //   ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots), else Warp. The e4m3 warpgroup MMA keeps about
 //   14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
@@ -58,7 +60,7 @@ struct IndexerPrepareParams {
 void check_indexer_prepare_params(const IndexerPrepareParams& params);
 void run_indexer_prepare(const IndexerPrepareParams& params);
 
-enum class IndexerScoresKernel { Warp, Warpgroup, Auto };
+enum class IndexerScoresKernel { Warp, Warpgroup, WarpgroupStreamed, Auto };
 
 // How run_indexer_scores_top_k selects (run_indexer_scores ignores it):
 // - LastCta: in the scores launch itself (any IndexerScoresKernel): the last CTA to finish a query group's scores
