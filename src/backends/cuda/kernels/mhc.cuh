@@ -234,15 +234,31 @@ inline constexpr uint64_t kTileTimeoutNs = 2'000'000'000;
   __trap();
 }
 
-// Waits for the stage barrier's phase of `parity` (an X tile landed).
-__device__ __forceinline__ void wait_for_tile(uint64_t* barrier, uint32_t parity) {
-  if (::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) return;
+// wait_for_tile's polling after its first try: out of line, so the per-tile loop stays short.
+static __device__ __noinline__ void wait_for_tile_slowly(uint64_t* barrier, uint32_t parity) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   while (!::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     if (now - start > kTileTimeoutNs) tile_timed_out();
   }
+}
+
+// Waits for the stage barrier's phase of `parity` (an X tile landed).
+__device__ __forceinline__ void wait_for_tile(uint64_t* barrier, uint32_t parity) {
+  if (!::cuda::ptx::mbarrier_try_wait_parity(barrier, parity)) wait_for_tile_slowly(barrier, parity);
+}
+
+// One X tile's TMA boxes (kBoxes boxes of 32 columns from `column`, the 64 rows from `row`) into `stage`, completing
+// on `barrier`: out of line, as only a CTA's loading thread runs it (in the per-tile loop every thread's code passes).
+template <int kBoxes>
+__device__ __noinline__ void load_x_tile(float* stage, uint64_t* barrier, const CUtensorMap* map, int column, int row,
+                                         uint32_t bytes) {
+  sm90::mbarrier_arrive_expect_tx(barrier, bytes);
+#pragma unroll
+  for (int box = 0; box < kBoxes; ++box)
+    sm90::tma_load_2d(stage + box * kStagedBoxRows * kStagedBoxFloats, map, barrier, column + box * kStagedBoxFloats,
+                      row);
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -653,9 +669,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // arithmetic was a third of the slice sums' instructions. Token and element indices stay 64-bit.
   const auto tile_of = [&](int j) { return group + j * groups; };
   const auto first_token_of = [&](int j) { return int64_t(tile_of(j)) * kTileTokens; };
-  const auto valid_of = [&](int j) { return int(min(int64_t(kTileTokens), args.tokens - first_token_of(j))); };
-  const auto sums_of = [&](int j) { return args.sums + tile_of(j) * kPartialFloats; };  // [kPartial][16]
-  const auto partials_of = [&](int j) { return args.partials + tile_of(j) * slices * kPartialFloats; };
+  // Tokens of tile j: 16 but in the last tile.
+  const int last_tile_tokens = int(args.tokens - int64_t(args.tiles - 1) * kTileTokens);
+  const auto valid_of = [&](int j) { return tile_of(j) < args.tiles - 1 ? kTileTokens : last_tile_tokens; };
+  // Word offsets unsigned: pointer + unsigned is one wide multiply-add, no sign extension.
+  const auto sums_of = [&](int j) { return args.sums + unsigned(tile_of(j) * kPartialFloats); };  // [kPartial][16]
+  const auto partials_of = [&](int j) { return args.partials + unsigned(tile_of(j) * slices * kPartialFloats); };
 
   // The TMA writes zeros in the columns past a partial slice's width (fn is zero there too, and 0 · NaN would not be)
   // and in the rows of tokens past the last tile's end (they reach only those tokens' rows of the MMA and partials,
@@ -684,12 +703,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const auto load_tile = [&](int j) {
     if (!tile_loader) return;
     const int b = j % kStages;
-    sm90::mbarrier_arrive_expect_tx(&full[b], uint32_t(kStageFloats) * 4u);
-    const int row = tile_of(j) * kStagedBoxRows;
-#pragma unroll
-    for (int box = 0; box < kBoxes; ++box)
-      sm90::tma_load_2d(stages + b * kStageFloats + box * kStagedBoxRows * kStagedBoxFloats, &args.x_map, &full[b],
-                        i0 + box * kStagedBoxFloats, row);
+    load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
+                        uint32_t(kStageFloats) * 4u);
   };
   // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
@@ -775,6 +790,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
+  const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
   const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
@@ -799,29 +815,33 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
   };
   // Project tile j (in stage b) and publish the slice's partials, warps summed in order. `sync` is the barrier of
-  // the projecting threads.
-  const auto project_and_publish = [&](int j, int b, auto sync) {
+  // the projecting threads; past it the loader refills the stage of tile `refill` - kStages (≥ 0: its collapse, by
+  // these threads, is done). `publication_sync`: a barrier after the publication, where no other barrier of these
+  // threads comes before the next projection overwrites warp_sums (a collapse's, or the fused update's).
+  const auto project_and_publish = [&](int j, int b, auto sync, int refill, bool publication_sync) {
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
     project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
                                   g, t4, mine);
     sync();
+    if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
     for (int item = ltid; item < kPartialFloats; item += kThreads) {
       const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
       store_relaxed_u64(out + item, tagged(sum, tag));
     }
-    sync();  // warp_sums is free for the next projection
+    if (publication_sync) sync();  // warp_sums is free for the next projection
   };
-  // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier,
-  // then refill its stage. `sync` is the barrier of the collapsing threads.
+  // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
+  // `sync` is the barrier of the collapsing threads. `release`: then a barrier and the stage's refill (else the
+  // caller refills it past its next barrier, before which nothing writes pre_s).
   const auto collapse_and_refill = [&](int jc, bool pre_reader, unsigned long long squares_word,
-                                       unsigned long long mix_word, auto sync) {
+                                       unsigned long long mix_word, auto sync, bool release) {
     const int valid = valid_of(jc);
     if (pre_reader) {
-      const float squares = tagged_value(squares_word, sums_of(jc) + pre_t, tag);
-      const float mix = tagged_value(mix_word, sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t, tag);
+      const float squares = tagged_value(squares_word, sums_of(jc) + pre_squares_word, tag);
+      const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
       pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
@@ -834,6 +854,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
+    if (!release) return;
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
   };
@@ -850,7 +871,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sm90::mbarrier_arrive(&updated_stage[b]);
         sm90::named_barrier_sync<kThreads>(1);  // the tile is updated, and its ring slot free for j + kPostSlots
         if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
-        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); });
+        // The next iteration's barrier after its update orders this publication before the next projection.
+        project_and_publish(j, b, [] { sm90::named_barrier_sync<kThreads>(1); }, -1, false);
       }
     } else {
       // Iteration i: sum this CTA's items of tile i, collapse tile i − kFinisherLag. The words both read are loaded
@@ -863,8 +885,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         w = Words{};
         if (i < count && my_passes > 0) load_slice_words(i, 0, w.slices);
         if (is_pre_reader(jc)) {
-          w.squares = load_relaxed_u64(sums_of(jc) + pre_t);
-          w.mix = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+          w.squares = load_relaxed_u64(sums_of(jc) + pre_squares_word);
+          w.mix = load_relaxed_u64(sums_of(jc) + pre_mix_word);
         }
       };
       Words next;
@@ -881,7 +903,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         if (jc >= 0) {
           sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
           collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
-                              [] { sm90::named_barrier_sync<kThreads>(2); });
+                              [] { sm90::named_barrier_sync<kThreads>(2); }, true);
         }
       }
     }
@@ -896,8 +918,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const auto read_early = [&] {
         if (passes > 0) load_slice_words(jr, 0, words);
         if (pre_reader) {
-          squares_word = load_relaxed_u64(sums_of(jc) + pre_t);
-          mix_word = load_relaxed_u64(sums_of(jc) + (1 + pre_k) * kTileTokens + pre_t);
+          squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
+          mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
         }
       };
       // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
@@ -913,7 +935,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
           __syncthreads();  // the updated tile is complete, and this ring slot is free for tile j + kPostSlots
           if (j + kPostSlots < count) load_post_inputs(j + kPostSlots);
         }
-        project_and_publish(j, b, block_sync);
+        // Two barriers a tile (the projection's, the collapse's first) where there were four: the stage collapsed in
+        // the previous iteration is refilled past this projection's barrier, and the publication needs its own only
+        // where neither a collapse nor the fused update's barrier follows it.
+        const int jc_before = jc - 1;
+        project_and_publish(j, b, block_sync, jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1,
+                            !kPost && jc < 0);
       }
 
       for (int pass = 0; pass < passes; ++pass) {
@@ -921,7 +948,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sum_slices(jr, pass, words);
       }
 
-      if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync);
+      if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
     }
   }
 
