@@ -15,11 +15,13 @@
 // the weight's data (read_floor_kernel, cold). Ungrouped shapes also time, cold, the RMSNorm prologue (fp32 rows
 // normalised by every CTA) against run_rms_norm followed by the plain call (the launch the prologue removes).
 // Usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8,...] [--shapes wq_b,wo_a,...]
-//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile]
+//                          [--formats bf16,fp8_block128,mxfp4,nvfp4] [--sweep] [--profile] [--trace]
 //   (--quick: T ∈ {1, 16}; --model: one model's shapes; --tokens: these token counts; --shapes: these shapes;
-//   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by register
-//   cap (4 or 8 CTAs per SM) × ring slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
-//   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself)
+//   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
+//   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
+//   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself;
+//   --trace: instead of timing, the timeline of one cold call of each FP8 default config on the STREAMED path at up to
+//   8 tokens, from QuantizedLinearParams::trace)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -154,6 +156,17 @@ class ColdTimer {
     ++refreshes_;
   }
 
+  // One call of body(stream) after the same eviction and refresh, outside a graph (traced launches).
+  template <class Body>
+  void once(Body&& body) {
+    read_through_l2_kernel<<<blocks_, 256, 0, stream_>>>(flush_.as<uint4>(), flush_.bytes() / 16, sink_.as<uint4>());
+    DSV4_CUDA_CHECK_LAUNCH("read_through_l2_kernel");
+    refresh_kernel<<<blocks_, 256, 0, stream_>>>(a_, b_);
+    DSV4_CUDA_CHECK_LAUNCH("refresh_kernel");
+    body(stream_);
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
   template <class Body>
   double us(Body&& body) {
     body(0, stream_);  // outside the graph: first-launch attributes
@@ -196,6 +209,50 @@ class ColdTimer {
   Refresh a_ = {}, b_ = {};
   int refreshes_ = 0;
 };
+
+// --trace: runs launch(trace) (a traced cold call of `config`) twice and prints the second's timeline: per
+// LinearTraceSlot point, over the warps that reached it, the minimum / median / maximum time since the first warp's
+// start, in µs.
+template <class Launch>
+void print_trace(const Shape& shape, int tokens, const QuantizedLinearConfig& config, Launch&& launch) {
+  const size_t warps = size_t(config.row_blocks) * size_t(config.k_splits) * 4;
+  DeviceBuffer trace(warps * kLinearTraceSlots * sizeof(uint64_t), "trace");
+  std::vector<uint64_t> host(warps * kLinearTraceSlots);
+  for (int run = 0; run < 2; ++run) {
+    trace.fill_bytes(0);
+    launch(trace.as<uint64_t>());
+  }
+  trace.download(host.data(), trace.bytes());
+  uint64_t t0 = UINT64_MAX;
+  std::vector<int> ctas_on_sm(1024, 0);
+  for (size_t w = 0; w < warps; ++w) {
+    t0 = std::min(t0, host[w * kLinearTraceSlots + TRACE_START]);
+    if (w % 4 == 0) ++ctas_on_sm[std::min<size_t>(host[w * kLinearTraceSlots + TRACE_SM], 1023)];
+  }
+  std::printf("trace %s %s T=%d: %lld x %d CTAs, %d slots, split_k %lld, %s; most CTAs on one SM %d\n", shape.model,
+              shape.name, tokens, (long long)config.row_blocks, config.k_splits, config.ring_slots,
+              (long long)config.split_k, config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
+              *std::max_element(ctas_on_sm.begin(), ctas_on_sm.end()));
+  std::printf("| point | warps | min µs | median µs | max µs |\n|---|---|---|---|---|\n");
+  for (int slot = TRACE_START; slot < kLinearTraceSlots; ++slot) {
+    std::vector<double> times;
+    for (size_t w = 0; w < warps; ++w)
+      if (const uint64_t t = host[w * kLinearTraceSlots + size_t(slot)]; t != 0) times.push_back(1e-3 * double(t - t0));
+    if (times.empty()) continue;
+    std::sort(times.begin(), times.end());
+    std::string name = slot == TRACE_START          ? "start"
+                       : slot == TRACE_ISSUED       ? "first copies issued"
+                       : slot == TRACE_PRIOR_DONE   ? "previous kernel done"
+                       : slot == TRACE_X_STAGED     ? "x staged"
+                       : slot == TRACE_MULTIPLIED   ? "all stages multiplied"
+                       : slot == TRACE_END          ? "output written"
+                       : (slot - TRACE_STAGE_READY) % 2 == 0
+                           ? "stage " + std::to_string((slot - TRACE_STAGE_READY) / 2) + " arrived"
+                           : "stage " + std::to_string((slot - TRACE_STAGE_READY) / 2) + " multiplied";
+    std::printf("| %s | %zu | %.2f | %.2f | %.2f |\n", name.c_str(), times.size(), times.front(),
+                times[times.size() / 2], times.back());
+  }
+}
 
 // splitmix64: fast enough to fill gigabytes of random weights on the host.
 struct FastRandom {
@@ -274,7 +331,6 @@ struct SweepRow {
   int64_t ctas;
   int ctas_per_sm;
   double us, percent_of_copy;
-  int register_ctas_per_sm = 0;  // the kernel's register cap in CTAs per SM
 };
 
 // cuBLAS bf16 y = x · Wᵀ (per group for the grouped projection); column-major view: Y[N, T] = W[K, N]ᵀ · X[K, T].
@@ -300,7 +356,7 @@ int main(int argc, char** argv) {
   using namespace dsv4;
   using namespace dsv4::cuda;
   std::string json_path = "bench_cuda_linear.json", model_filter, shape_filter, format_filter;
-  bool quick = false, sweep = false, profile = false;
+  bool quick = false, sweep = false, profile = false, trace = false;
   std::vector<int> tokens_option;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -310,6 +366,8 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (arg == "--sweep") {
       sweep = true;
+    } else if (arg == "--trace") {
+      trace = true;
     } else if (arg == "--profile") {
       profile = true;
     } else if (arg == "--model" && i + 1 < argc) {
@@ -331,7 +389,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_linear [--json PATH] [--quick] [--model flash|pro] [--tokens 1,8] "
-                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile]\n");
+                           "[--shapes wq_b,wo_a] [--formats fp8_block128,nvfp4] [--sweep] [--profile] [--trace]\n");
       return 2;
     }
   }
@@ -410,7 +468,7 @@ int main(int argc, char** argv) {
       cold.refresh(norm_x_pristine, norm_x);
       // Same-run cuBLAS bf16 reference, once per shape and T (stream-launched).
       std::vector<double> cublas_us(65, 0.0);
-      if (!sweep && !profile) {
+      if (!sweep && !profile && !trace) {
         const OwnedQuantizedMatrix bf16_host = random_matrix(WeightFormat::BF16, shape.rows, shape.cols, rng);
         const int copies = copies_beyond_l2(bf16_bytes, device.l2_bytes);
         std::vector<DeviceMatrix> weights;
@@ -431,7 +489,7 @@ int main(int argc, char** argv) {
         const auto weight_view = [&](int i) { return weights[size_t(i % copies)].view(); };
         const size_t data_bytes = size_t(shape.rows) * weights[0].view().data_row_bytes;
         double read_floor_us = 0;
-        if (!sweep && !profile) {
+        if (!sweep && !profile && !trace) {
           DeviceBuffer sink(16, "read floor sink");
           read_floor_us = cold.us([&](int i, cudaStream_t s) {
             read_floor_kernel<<<unsigned(4 * device.multiprocessors), 256, 0, s>>>(
@@ -472,15 +530,29 @@ int main(int argc, char** argv) {
           const bool streamed_applies = streamed_load_path_applies(weights[0].view(), tokens, shape.groups);
           // The STREAMED config at `slots` ring slots (0: the default), or none where the rings do not fit one CTA's
           // shared memory; any other refusal is an error of the benchmark and propagates.
-          const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits, int ctas_per_sm = 0) {
+          const auto streamed_config = [&](int slots, SplitKReduce reduce, int k_splits) {
             if (slots > 0 && !streamed_rings_fit(weights[0].view(), tokens, slots))
-              return std::optional<QuantizedLinearConfig>();
-            if (ctas_per_sm == 8 && !streamed_eight_ctas_apply(weights[0].view(), tokens, reduce))
               return std::optional<QuantizedLinearConfig>();
             return std::optional(choose_quantized_linear_config(weights[0].view(), tokens, shape.groups,
                                                                 device.multiprocessors, WeightLoadPath::STREAMED,
-                                                                slots, reduce, k_splits, ctas_per_sm));
+                                                                slots, reduce, k_splits));
           };
+
+          if (trace) {
+            if (config.load_path == WeightLoadPath::STREAMED && format == WeightFormat::FP8_BLOCK128 &&
+                config.token_tiles == 1)
+              print_trace(shape, tokens, config, [&](uint64_t* trace_buffer) {
+                DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16), "linear workspace");
+                workspace.fill_bytes(0);
+                QuantizedLinearParams p = linear_params(weight_view(0), workspace, nullptr);
+                p.trace = trace_buffer;
+                cold.once([&](cudaStream_t stream) {
+                  p.stream = stream;
+                  run_quantized_linear(p, config);
+                });
+              });
+            continue;
+          }
 
           if (profile) {
             // One launch each (in this order) of the default config and the STREAMED one at 1-4 slots.
@@ -515,28 +587,25 @@ int main(int argc, char** argv) {
                                   config.k_splits,
                                   config.reduce == SplitKReduce::CLUSTER ? "default, cluster" : "default, workspace",
                                   config.row_blocks * config.k_splits, config.ctas_per_sm, default_us,
-                                  100.0 * double(stored) / (default_us * 1e3) / copy_gbps,
-                                  config.register_ctas_per_sm});
+                                  100.0 * double(stored) / (default_us * 1e3) / copy_gbps});
             std::vector<QuantizedLinearConfig> seen;
-            for (const int ctas_per_sm : {4, 8})
-              for (int slots = 1; slots <= 4; ++slots)
-                for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
-                  for (const int k_splits : {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
-                    const auto c = streamed_config(slots, reduce, k_splits, ctas_per_sm);
-                    if (!c || (c->k_splits == 1 && reduce == SplitKReduce::CLUSTER) ||
-                        std::any_of(seen.begin(), seen.end(), [&](const QuantizedLinearConfig& o) {
-                          return o.ring_slots == c->ring_slots && o.k_splits == c->k_splits && o.reduce == c->reduce &&
-                                 o.register_ctas_per_sm == c->register_ctas_per_sm;
-                        }))
-                      continue;
-                    seen.push_back(*c);
-                    const double us = time_config(*c, Timing::COLD);
-                    sweep_rows.push_back({shape.model, shape.name, std::string(to_string(format)), tokens,
-                                          c->ring_slots, c->k_splits,
-                                          c->reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
-                                          c->row_blocks * c->k_splits, c->ctas_per_sm, us,
-                                          100.0 * double(stored) / (us * 1e3) / copy_gbps, c->register_ctas_per_sm});
-                  }
+            for (int slots = 1; slots <= 4; ++slots)
+              for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
+                for (const int k_splits : {0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32}) {
+                  const auto c = streamed_config(slots, reduce, k_splits);
+                  if (!c || (c->k_splits == 1 && reduce == SplitKReduce::CLUSTER) ||
+                      std::any_of(seen.begin(), seen.end(), [&](const QuantizedLinearConfig& o) {
+                        return o.ring_slots == c->ring_slots && o.k_splits == c->k_splits && o.reduce == c->reduce;
+                      }))
+                    continue;
+                  seen.push_back(*c);
+                  const double us = time_config(*c, Timing::COLD);
+                  sweep_rows.push_back({shape.model, shape.name, std::string(to_string(format)), tokens,
+                                        c->ring_slots, c->k_splits,
+                                        c->reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
+                                        c->row_blocks * c->k_splits, c->ctas_per_sm, us,
+                                        100.0 * double(stored) / (us * 1e3) / copy_gbps});
+                }
             continue;
           }
 
@@ -609,7 +678,7 @@ int main(int argc, char** argv) {
     BENCH_CUBLAS_CHECK(cublasDestroy(cublas));
     DSV4_CUDA_CHECK(cudaStreamDestroy(graph_stream));
 
-    if (profile) return 0;
+    if (profile || trace) return 0;
     if (!table.empty()) {
       std::printf("| model | shape | format | N × K (G) | T | split-K | path (slots) | cold µs · %% of copy | "
                   "stream µs · %% of copy | cuBLAS bf16 stream µs | speed-up (stream) | warm graph µs | "
@@ -629,8 +698,8 @@ int main(int argc, char** argv) {
                   r.cluster_us,
                   r.gemm_us, r.gemm_k_splits, r.prologue_cold_us, r.norm_then_linear_cold_us);
     if (!sweep_rows.empty())
-      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM; register cap) | "
-                  "cold µs | %% of copy |\n"
+      std::printf("| model | shape | format | T | slots | K splits | reduction | CTAs (per SM) | cold µs | "
+                  "%% of copy |\n"
                   "|---|---|---|---|---|---|---|---|---|---|\n");
     // Per case (its rows are consecutive, the default's first): the default, then the kSweepShown fastest configs
     // (the JSON has them all).
@@ -648,9 +717,9 @@ int main(int argc, char** argv) {
       begin = end;
     }
     for (const SweepRow& r : shown)
-      std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d; %d) | %.2f | %.0f |\n", r.model.c_str(),
-                  r.shape.c_str(), r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(),
-                  (long long)r.ctas, r.ctas_per_sm, r.register_ctas_per_sm, r.us, r.percent_of_copy);
+      std::printf("| %s | %s | %s | %d | %d | %d | %s | %lld (%d) | %.2f | %.0f |\n", r.model.c_str(), r.shape.c_str(),
+                  r.format.c_str(), r.tokens, r.ring_slots, r.k_splits, r.reduce.c_str(), (long long)r.ctas,
+                  r.ctas_per_sm, r.us, r.percent_of_copy);
     FILE* out = std::fopen(json_path.c_str(), "w");
     check(out != nullptr, "bench_cuda_linear: cannot write ", json_path);
     std::fprintf(out, "{\n  \"benchmark\": \"bench_cuda_linear\",\n  \"device\": \"%s\",\n  \"multiprocessors\": %d,\n",
@@ -680,10 +749,10 @@ int main(int argc, char** argv) {
       const SweepRow& r = sweep_rows[i];
       std::fprintf(out,
                    "    {\"model\": \"%s\", \"shape\": \"%s\", \"format\": \"%s\", \"tokens\": %d, \"ring_slots\": %d, "
-                   "\"k_splits\": %d, \"reduce\": \"%s\", \"ctas\": %lld, \"ctas_per_sm\": %d, "
-                   "\"register_ctas_per_sm\": %d, \"cold_us\": %.2f, \"percent_of_copy\": %.1f}%s\n",
+                   "\"k_splits\": %d, \"reduce\": \"%s\", \"ctas\": %lld, \"ctas_per_sm\": %d, \"cold_us\": %.2f, "
+                   "\"percent_of_copy\": %.1f}%s\n",
                    r.model.c_str(), r.shape.c_str(), r.format.c_str(), r.tokens, r.ring_slots, r.k_splits,
-                   r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.register_ctas_per_sm, r.us, r.percent_of_copy,
+                   r.reduce.c_str(), (long long)r.ctas, r.ctas_per_sm, r.us, r.percent_of_copy,
                    i + 1 < sweep_rows.size() ? "," : "");
     }
     std::fprintf(out, "  ]\n}\n");

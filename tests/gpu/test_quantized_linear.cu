@@ -148,31 +148,27 @@ const char* path_name(WeightLoadPath path) {
                                             : "default (AUTO) config";
 }
 
-// Every distinct STREAMED config of this call: register caps of 4 and (where it applies) 8 CTAs per SM × ring slots
-// 1-4 × K splits (the default's and 1, 2, 3, 5, 16 asked for) × both split-K reductions, as benchmarks sweep them.
-// Empty where the path does not apply.
+// Every distinct STREAMED config of this call: ring slots 1-4 × K splits (the default's and 1, 2, 3, 5, 16 asked
+// for) × both split-K reductions, as benchmarks sweep them. Empty where the path does not apply.
 std::vector<QuantizedLinearConfig> every_streamed_config(const DeviceMatrixView& weight, int tokens, int groups) {
   std::vector<QuantizedLinearConfig> configs;
   if (!streamed_load_path_applies(weight, tokens, groups)) return configs;
   const int multiprocessors = list_devices().front().multiprocessors;
-  for (const int ctas_per_sm : {4, 8})
-    for (int slots = 1; slots <= tile::stream::kMaxSlots; ++slots)
-      for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
-        for (const int k_splits : {0, 1, 2, 3, 5, 16}) {
-          if (ctas_per_sm == 8 && !streamed_eight_ctas_apply(weight, tokens, reduce)) continue;
-          QuantizedLinearConfig c;
-          try {
-            c = choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                               slots, reduce, k_splits, ctas_per_sm);
-          } catch (const Error&) {
-            continue;  // the rings do not fit one CTA (BF16 at 3-4 slots with many tokens)
-          }
-          if (std::none_of(configs.begin(), configs.end(), [&](const QuantizedLinearConfig& o) {
-                return o.ring_slots == c.ring_slots && o.k_splits == c.k_splits && o.reduce == c.reduce &&
-                       o.register_ctas_per_sm == c.register_ctas_per_sm;
-              }))
-            configs.push_back(c);
+  for (int slots = 1; slots <= tile::stream::kMaxSlots; ++slots)
+    for (const SplitKReduce reduce : {SplitKReduce::WORKSPACE, SplitKReduce::CLUSTER})
+      for (const int k_splits : {0, 1, 2, 3, 5, 16}) {
+        QuantizedLinearConfig c;
+        try {
+          c = choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, slots,
+                                             reduce, k_splits);
+        } catch (const Error&) {
+          continue;  // the rings do not fit one CTA (BF16 at 3-4 slots with many tokens)
         }
+        if (std::none_of(configs.begin(), configs.end(), [&](const QuantizedLinearConfig& o) {
+              return o.ring_slots == c.ring_slots && o.k_splits == c.k_splits && o.reduce == c.reduce;
+            }))
+          configs.push_back(c);
+      }
   return configs;
 }
 
@@ -253,11 +249,9 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
         runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
                             std::to_string(config.k_splits) + " splits, " +
-                            (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction, " +
-                            std::to_string(config.register_ctas_per_sm) + " CTAs per SM",
+                            (config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace") + " reduction",
                         WeightLoadPath::STREAMED, config});
-    // The first output of each (splits, reduction, register cap) among the STREAMED configs: deeper rings must match
-    // it bitwise (the 8-CTA kernel adds over fewer accumulator chains: another order).
+    // The first output of each (splits, reduction) among the STREAMED configs: deeper rings must match it bitwise.
     std::vector<std::pair<const QuantizedLinearConfig*, std::vector<float>>> by_split;
     for (const Run& r : runs) {
       SCOPED_TRACE(r.label);
@@ -266,8 +260,7 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
                                           r.config ? &*r.config : nullptr);
       if (r.config) {
         const auto same = std::find_if(by_split.begin(), by_split.end(), [&](const auto& e) {
-          return e.first->k_splits == r.config->k_splits && e.first->reduce == r.config->reduce &&
-                 e.first->register_ctas_per_sm == r.config->register_ctas_per_sm;
+          return e.first->k_splits == r.config->k_splits && e.first->reduce == r.config->reduce;
         });
         if (same == by_split.end()) {
           by_split.emplace_back(&*r.config, run.y);
@@ -965,9 +958,6 @@ TEST(QuantizedLinear, RefusesUnsupportedCallsNamingTheProblem) {
                {"streamed load path", "K a multiple of 512"});
   expect_error([&] { (void)choose_quantized_linear_config(good.weight, 17, 1, 132, WeightLoadPath::STREAMED); },
                "at most 16 tokens");
-  expect_error([&] {
-    (void)choose_quantized_linear_config(good.weight, 1, 1, 132, WeightLoadPath::GENERIC, 0, SplitKReduce::AUTO, 0, 8);
-  }, "or 8 for FP8");
 }
 
 // One workspace shared by calls of different shapes (the engine's): a split call with few row blocks, or the GEMM,
@@ -1099,8 +1089,8 @@ TEST(QuantizedLinear, SideTaskRidesInTheLaunch) {
                                                 .y_row_stride = y_stride},
                                                kSideCtas);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> expected = download(y_plain, y_floats + kGuardFloats);
-      const std::vector<float> got = download(y_side, y_floats + kGuardFloats), copied = download(copy, outputs);
+      const std::vector<float> expected = download(y_plain, y_floats);
+      const std::vector<float> got = download(y_side, y_floats), copied = download(copy, outputs);
       ASSERT_EQ(std::memcmp(expected.data(), got.data(), expected.size() * sizeof(float)), 0)
           << "the side changed y (or its stride gap)";
       int failures = 0;

@@ -97,30 +97,33 @@ bool scales_ahead() {
   return ahead;
 }
 
-template <TileFormat F, int NT, bool kScalesAhead>
+template <TileFormat F, int NT, bool kScalesAhead, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
     if (cluster_sum_spread())
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_SPREAD, 4, kScalesAhead>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_SPREAD, kScalesAhead, kTrace>(args, config,
+                                                                                                 stream);
     else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RANK0, 4, kScalesAhead>(args, config, stream);
-  } else if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
-    if (config.register_ctas_per_sm == 8)
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 8, kScalesAhead>(args, config, stream);
-    else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4, kScalesAhead>(args, config, stream);
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RANK0, kScalesAhead, kTrace>(args, config,
+                                                                                                stream);
   } else {
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, 4, kScalesAhead>(args, config, stream);
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kScalesAhead, kTrace>(args, config, stream);
   }
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
+  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
+    if (args.trace != nullptr) {
+      if (scales_ahead()) return launch_streamed_variant<F, NT, true, true>(args, config, stream);
+      return launch_streamed_variant<F, NT, false, true>(args, config, stream);
+    }
+  }
   if constexpr (F == TileFormat::FP8_BLOCK128)
-    if (scales_ahead()) return launch_streamed_variant<F, NT, true>(args, config, stream);
-  launch_streamed_variant<F, NT, false>(args, config, stream);
+    if (scales_ahead()) return launch_streamed_variant<F, NT, true, false>(args, config, stream);
+  launch_streamed_variant<F, NT, false, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -144,7 +147,6 @@ bool same_tiling(const QuantizedLinearConfig& a, const QuantizedLinearConfig& b)
   return a.rows_per_cta == b.rows_per_cta && a.row_blocks == b.row_blocks && a.k_splits == b.k_splits &&
          a.split_k == b.split_k && a.chunk_k == b.chunk_k && a.token_tiles == b.token_tiles &&
          a.load_path == b.load_path && a.ring_slots == b.ring_slots && a.ctas_per_sm == b.ctas_per_sm &&
-         a.register_ctas_per_sm == b.register_ctas_per_sm &&
          a.reduce == b.reduce &&
          a.smem_bytes == b.smem_bytes && a.workspace_bytes == b.workspace_bytes && a.ticket_bytes == b.ticket_bytes;
 }
@@ -161,15 +163,6 @@ constexpr size_t kStreamedXTileBudget = 16 * 1024;
 // deeper rings only queue more requests behind the same 16 warps per SM); BF16 gained only at T = 1, with four.
 // Cold (L2 evicted before each call, session 14): FP8 wq_b T = 1 13.2 / 14.0 / 15.8 / 19.6 µs at 1-4 slots, ncu
 // 16.6 / 18.1 / 19.7 / 24.7 µs with DRAM 42 / 39 / 36 / 28 % busy: more bytes in flight per SM made it slower.
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CTAS_PER_SM=8 makes the 8-CTA FP8 kernel
-// (streamed_eight_ctas_apply) the default where it applies.
-bool eight_ctas_by_default() {
-  static const bool eight = [] {
-    const char* value = std::getenv("DSV4_LINEAR_CTAS_PER_SM");
-    return value != nullptr && std::string_view(value) == "8";
-  }();
-  return eight;
-}
 int default_ring_slots(TileFormat format) { return format == TileFormat::BF16 ? 4 : 1; }
 bool auto_takes_streamed(TileFormat format, int tokens) {
   return format == TileFormat::BF16 ? tokens == 1 : tokens <= tile::kTokensPerMma;
@@ -227,16 +220,9 @@ bool streamed_rings_fit(const DeviceMatrixView& weight, int tokens, int ring_slo
   return streamed_min_cta_bytes(format, tokens, ring_slots) <= kSharedMemoryPerCta;
 }
 
-bool streamed_eight_ctas_apply(const DeviceMatrixView& weight, int tokens, SplitKReduce reduce) {
-  check_shape(weight, tokens, 1);
-  return tile_format_of(weight) == TileFormat::FP8_BLOCK128 && tokens <= tile::kTokensPerMma &&
-         reduce != SplitKReduce::CLUSTER;
-}
-
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors, WeightLoadPath load_path,
-                                                     int ring_slots, SplitKReduce reduce, int k_splits,
-                                                     int streamed_ctas_per_sm) {
+                                                     int ring_slots, SplitKReduce reduce, int k_splits) {
   check_shape(weight, tokens, groups);
   const TileFormat format = tile_format_of(weight);
   // ALIGNED: 16-byte aligned rows, and every warp's 16-row tile starts at a multiple of 16 (groups of whole tiles).
@@ -251,13 +237,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         ", whole 16-row tiles per group and at most ", kLinearMaxStreamedTokens, " tokens");
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
-  check(streamed_ctas_per_sm == 0 ||
-            (load_path == WeightLoadPath::STREAMED &&
-             (streamed_ctas_per_sm == 4 ||
-              (streamed_ctas_per_sm == 8 && streamed_eight_ctas_apply(weight, tokens, reduce)))),
-        "quantized_linear: ", streamed_ctas_per_sm, " CTAs per SM asked for weight [", weight.rows, ", ", weight.cols,
-        "] (", to_string(weight.format), ") at ", tokens, " tokens; the streamed load path takes 4, or 8 for FP8 at ",
-        "up to 8 tokens without the cluster reduction (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
@@ -291,17 +270,14 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     config.ring_slots = ring_slots > 0 ? ring_slots : default_ring_slots(format);
     const size_t rings = streamed_ring_bytes(format, config.ring_slots);
     const size_t x_row_bytes_per_k = size_t(tokens) * 2;
-    // CTAs per SM: 4 or 8 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least
-    // one stage do not fit.
+    // CTAs per SM: 4 by registers (the kernel's launch bound), fewer when the rings and an x tile of at least one
+    // stage do not fit.
     const size_t min_cta_bytes = streamed_min_cta_bytes(format, tokens, config.ring_slots);
     check(min_cta_bytes <= kSharedMemoryPerCta, "quantized_linear: ", config.ring_slots, " ring slots of ",
           to_string(weight.format), " stages at ", tokens, " tokens need ", min_cta_bytes,
           " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
-    config.register_ctas_per_sm = streamed_ctas_per_sm > 0 ? streamed_ctas_per_sm
-                                  : eight_ctas_by_default() && streamed_eight_ctas_apply(weight, tokens, reduce) ? 8
-                                                                                                                : 4;
-    config.ctas_per_sm = int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1,
-                                                size_t(config.register_ctas_per_sm)));
+    config.ctas_per_sm =
+        int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
     const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
     const int64_t wanted = k_splits > 0 ? int64_t(k_splits) : slots / config.row_blocks;
@@ -408,6 +384,10 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
   }
   check((params.y == nullptr) != (params.y_bf16 == nullptr),
         "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
+  check(params.trace == nullptr || (config.load_path == WeightLoadPath::STREAMED &&
+                                    w.format == WeightFormat::FP8_BLOCK128 && config.token_tiles == 1),
+        "quantized_linear: a traced launch runs FP8_BLOCK128 weights on the streamed load path at up to ",
+        tile::kTokensPerMma, " tokens only");
   const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
   const void* y = params.y != nullptr ? static_cast<const void*>(params.y) : static_cast<const void*>(params.y_bf16);
   check(reinterpret_cast<uintptr_t>(params.x) % 2 == 0 && reinterpret_cast<uintptr_t>(y) % y_element == 0,
@@ -465,6 +445,7 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
+      .trace = params.trace,
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
@@ -506,7 +487,7 @@ void run_quantized_linear(const QuantizedLinearParams& params, const QuantizedLi
   const bool streamed = config.load_path == WeightLoadPath::STREAMED;
   const QuantizedLinearConfig expected = choose_quantized_linear_config(
       w, params.tokens, params.groups, current_multiprocessors(), config.load_path, streamed ? config.ring_slots : 0,
-      config.reduce, streamed ? config.k_splits : 0, streamed ? config.register_ctas_per_sm : 0);
+      config.reduce, streamed ? config.k_splits : 0);
   check(same_tiling(expected, config), "quantized_linear: the config for weight [", w.rows,
         ", ", w.cols, "] at ", params.tokens, " tokens is not the one choose_quantized_linear_config gives for ",
         "its load path on this device");

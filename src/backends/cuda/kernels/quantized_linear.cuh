@@ -50,7 +50,26 @@ struct LinearKernelArgs {
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
+  uint64_t* trace;           // traced launches (QuantizedLinearParams::trace), or null
 };
+
+// Records a LinearTraceSlot point of the calling warp (lane 0 stores) when kTrace; nothing otherwise.
+template <bool kTrace>
+__device__ __forceinline__ void trace_point(const LinearKernelArgs& args, int slot) {
+  if constexpr (kTrace) {
+    if (threadIdx.x % tile::kWarpSize != 0) return;
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kWarpsPerCta + threadIdx.x / tile::kWarpSize;
+    uint64_t* record = args.trace + warp * kLinearTraceSlots;
+    if (slot == TRACE_START) {
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      record[TRACE_SM] = sm;
+    }
+    record[slot] = now;
+  }
+}
 
 // What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at
 // group·K, over the K range [split_begin, split_end) of its split.
@@ -288,11 +307,10 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
-// refilling the ring, its MMAs rotating over C accumulator chains. The first stages must have been issued
-// (issue_first_stages). FP8 block scales: loaded before each stage's wait, or with kScalesAhead one stage ahead,
-// `ahead` holding the first stage's on entry (loaded by the caller, e.g. before its grid-dependency wait). Called by
-// the whole CTA.
-template <tile::TileFormat F, int NT, int C, bool kScalesAhead, class StageX>
+// refilling the ring. The first stages must have been issued (issue_first_stages). FP8 block scales: loaded before
+// each stage's wait, or with kScalesAhead one stage ahead, `ahead` holding the first stage's on entry (loaded by the
+// caller, e.g. before its grid-dependency wait). Called by the whole CTA.
+template <tile::TileFormat F, int NT, bool kScalesAhead, bool kTrace, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
@@ -300,6 +318,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
                                                        float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
+  constexpr int C = tile::detail::kChains<NT>;
   const DeviceMatrixView& w = args.weight;
   const int g = int(threadIdx.x) % tile::kWarpSize / 4;
   const int64_t stages = (work.split_end - work.split_begin) / kStageK;
@@ -313,6 +332,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     if (chunk_begin != work.split_begin) __syncthreads();  // the previous chunk's tile is no longer read
     stage_x(chunk_begin, chunk_end);
     __syncthreads();
+    if (chunk_begin == work.split_begin) trace_point<kTrace>(args, TRACE_X_STAGED);
     if (!has_rows) continue;
     const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
     const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
@@ -329,8 +349,10 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       }
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
+      if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j));
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
                                    lane_tiles, block_scales, sums, acc);
+      if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j) + 1);
       __syncwarp();  // every lane's reads of the slot precede the copy that refills it
       if (j + ring.slots < stages)
         st::issue_stage<F>(&args.maps, row0, k0 + ring.slots * kStageK, ring.stages + slot * st::slot_bytes(F),
@@ -338,6 +360,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
     }
   }
   tile::detail::finish_tile<F, NT, C>(sums, acc);
+  trace_point<kTrace>(args, TRACE_MULTIPLIED);
 }
 
 // Dynamic shared memory of the STREAMED kernel: up to 1 KB of alignment, 4 rings of `slots` slots (slot_bytes(F)
@@ -377,15 +400,14 @@ inline constexpr bool kHasSide = !std::is_same_v<Side, NoLinearSide>;
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-// kCtasPerSm caps the registers (65536 / (128 · kCtasPerSm)): 4 for every format, 8 (64 registers) for FP8 at one
-// token tile, which lets twice the warps share an SM when the grid has the CTAs for it.
 // kScalesAhead (FP8): each warp loads its first stage's block scales before the grid-dependency wait and every
-// later stage's one stage ahead, off the chain of x staging → scale load → first MMA.
+// later stage's one stage ahead, off the chain of x staging → scale load → first MMA. kTrace: a traced launch
+// (QuantizedLinearParams::trace).
 // With a Side (kHasSide), grid x has side_ctas columns past the linear's row blocks (groups = 1): their split-0 CTAs
 // run Side::extra_cta, the others return.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, bool kScalesAhead = false,
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kScalesAhead = false, bool kTrace = false,
           class Side = NoLinearSide>
-__global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
+__global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args,
                                      const __grid_constant__ typename Side::Args side) {
   if constexpr (kHasSide<Side>) {
@@ -395,6 +417,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
       return;
     }
   }
+  trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ bool is_last_split;
@@ -420,15 +443,14 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
   float scales_ahead[tile::stream::kMaxBlocksPerStage] = {};
   if constexpr (kScalesAhead)
     if (has_rows) tile::stream::load_stage_block_scales<F>(w, row0, work.split_begin, scales_ahead);
+  trace_point<kTrace>(args, TRACE_ISSUED);
   wait_for_prior_grids();
+  trace_point<kTrace>(args, TRACE_PRIOR_DONE);
   allow_dependents();
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  // With 8 CTAs per SM, twice the warps hide the MMA latency that independent accumulator chains hide otherwise, and
-  // two chains instead of four keep the kernel within 64 registers.
-  constexpr int kChains = kCtasPerSm >= 8 ? 2 : tile::detail::kChains<NT>;
-  multiply_streamed_item<F, NT, kChains, kScalesAhead>(
+  multiply_streamed_item<F, NT, kScalesAhead, kTrace>(
       args, work, row0, has_rows, ring, x_tile,
       [&](int64_t chunk_begin, int64_t chunk_end) {
         stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
@@ -439,6 +461,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
     write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else if (write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split))
     if constexpr (kHasSide<Side>) Side::rows_stored(side, work.row0, work.row_end);
+  trace_point<kTrace>(args, TRACE_END);
 }
 
 // The arguments of run_quantized_linear's kernels for a call and a config from choose_quantized_linear_config for it;
@@ -446,12 +469,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, kCtasPerSm)
 LinearKernelArgs checked_kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 // Launches the streamed kernel for args and config (grid: the config's row blocks + side_ctas × its K splits).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, int kCtasPerSm, bool kScalesAhead = false,
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kScalesAhead = false, bool kTrace = false,
           class Side = NoLinearSide>
 void launch_streamed_kernel(const LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream,
                             const typename Side::Args& side = {}, int64_t side_ctas = 0) {
   constexpr bool kCluster = kReduce != StreamedReduce::WORKSPACE;
-  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kCtasPerSm, kScalesAhead, Side>;
+  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kScalesAhead, kTrace, Side>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -484,11 +507,12 @@ void run_quantized_linear_with(const QuantizedLinearParams& params, const typena
                                int64_t side_ctas) {
   const DeviceMatrixView& w = params.weight;
   check(w.format == WeightFormat::FP8_BLOCK128 && params.groups == 1 && params.y != nullptr &&
-            params.tokens >= 1 && params.tokens <= kLinearMaxStreamedTokens && side_ctas >= 0,
+            params.tokens >= 1 && params.tokens <= kLinearMaxStreamedTokens && side_ctas >= 0 &&
+            params.trace == nullptr,
         "quantized_linear with a side task: weight [", w.rows, ", ", w.cols, "] (", to_string(w.format), "), ",
         params.groups, " group(s), ", params.y != nullptr ? "fp32" : "bf16", " y, ", params.tokens, " tokens, ",
         side_ctas, " side CTAs; it takes FP8_BLOCK128, 1 group, fp32 y, 1 to ", kLinearMaxStreamedTokens,
-        " tokens and side_ctas >= 0");
+        " tokens, side_ctas >= 0 and no trace");
   const QuantizedLinearConfig config =
       choose_quantized_linear_config(w, params.tokens, 1, current_multiprocessors(), WeightLoadPath::STREAMED, 0,
                                      SplitKReduce::WORKSPACE);
@@ -498,11 +522,9 @@ void run_quantized_linear_with(const QuantizedLinearParams& params, const typena
   constexpr auto F = tile::TileFormat::FP8_BLOCK128;
   constexpr auto kWorkspace = linear::StreamedReduce::WORKSPACE;
   if (config.token_tiles == 2)
-    linear::launch_streamed_kernel<F, 2, kWorkspace, 4, false, Side>(args, config, params.stream, side, side_ctas);
-  else if (config.register_ctas_per_sm == 8)
-    linear::launch_streamed_kernel<F, 1, kWorkspace, 8, false, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 2, kWorkspace, false, false, Side>(args, config, params.stream, side, side_ctas);
   else
-    linear::launch_streamed_kernel<F, 1, kWorkspace, 4, false, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 1, kWorkspace, false, false, Side>(args, config, params.stream, side, side_ctas);
 }
 
 }  // namespace dsv4::cuda

@@ -87,6 +87,26 @@ struct QuantizedLinearParams {
   const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
+  // Benchmarks: the kernel's timeline (FP8 on the STREAMED path only; another kernel instantiation, the default ones
+  // carry nothing of it): lane 0 of every warp stores the SM id and %globaltimer (ns) at the LinearTraceSlot points
+  // into trace[warp · kLinearTraceSlots + slot], warp = (blockIdx.y · gridDim.x + blockIdx.x) · 4 + warp in the CTA.
+  uint64_t* trace = nullptr;
+};
+
+// The points of a traced launch (QuantizedLinearParams::trace): the SM id, the CTA's start, its first weight copies
+// issued, the previous kernel done (grid-dependency wait), the x tile staged, for each of the warp's first
+// kLinearTraceStages stages its data in shared memory and its MMAs done, all stages done, and the output written.
+inline constexpr int kLinearTraceStages = 8;
+enum LinearTraceSlot : int {
+  TRACE_SM = 0,
+  TRACE_START,
+  TRACE_ISSUED,
+  TRACE_PRIOR_DONE,
+  TRACE_X_STAGED,
+  TRACE_STAGE_READY,  // + 2·j: stage j's data arrived; + 2·j + 1: stage j multiplied
+  TRACE_MULTIPLIED = TRACE_STAGE_READY + 2 * kLinearTraceStages,
+  TRACE_END,
+  kLinearTraceSlots
 };
 
 // How one launch covers the matrix: CTAs of rows_per_cta weight rows (one 16-row tile per warp) × k_splits slices of
@@ -101,7 +121,6 @@ struct QuantizedLinearConfig {
   WeightLoadPath load_path = WeightLoadPath::AUTO;  // never AUTO in a chosen config
   int ring_slots = 0;       // STREAMED: stages in flight per warp (0 on the other paths)
   int ctas_per_sm = 0;      // resident CTAs per SM the split-K choice assumed (registers, shared memory)
-  int register_ctas_per_sm = 0;  // STREAMED: the kernel's register cap as resident CTAs per SM (4, or 8: FP8, T <= 8)
   size_t smem_bytes = 0;    // dynamic shared memory of one CTA
   size_t workspace_bytes = 0;  // 0 without split-K
   size_t ticket_bytes = 0;     // the workspace's first ticket_bytes hold the tickets (zero between launches)
@@ -113,19 +132,12 @@ struct QuantizedLinearConfig {
 // STREAMED are refused where they do not apply. `ring_slots` > 0 sets the STREAMED path's stages per warp (1 to 4;
 // benchmarks compare depths), 0 takes the default. `reduce` CLUSTER is refused off the STREAMED path. `k_splits` > 0
 // (STREAMED only) asks for that many K splits instead of the default's (benchmarks compare the balance); the config
-// may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER). `streamed_ctas_per_sm`
-// (STREAMED only) picks the kernel's register cap: 4 resident CTAs per SM, or 8 (FP8 at T <= 8 without the cluster
-// reduction: twice the warps per SM, K split twice as many ways); 0 takes the default (4, or 8 where it applies and
-// the environment says DSV4_LINEAR_CTAS_PER_SM=8: the GPU rounds' A/B switch).
+// may split fewer ways (whole stages per split, at most kLinearMaxClusterSplits with CLUSTER).
 QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& weight, int tokens, int groups,
                                                      int multiprocessors,
                                                      WeightLoadPath load_path = WeightLoadPath::AUTO,
                                                      int ring_slots = 0, SplitKReduce reduce = SplitKReduce::AUTO,
-                                                     int k_splits = 0, int streamed_ctas_per_sm = 0);
-
-// Whether the STREAMED kernel with 8 resident CTAs per SM (64 registers) can run this weight at this token count
-// with this reduction (FP8_BLOCK128, T <= 8, not the cluster reduction).
-bool streamed_eight_ctas_apply(const DeviceMatrixView& weight, int tokens, SplitKReduce reduce);
+                                                     int k_splits = 0);
 
 // Whether the STREAMED load path can run this weight at this token and group count.
 bool streamed_load_path_applies(const DeviceMatrixView& weight, int tokens, int groups);
