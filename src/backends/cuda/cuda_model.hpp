@@ -102,6 +102,11 @@ struct CudaModelOptions {
   // prefill kernel where their slot bound is long and the batch about one wave of head blocks
   // (SparseAttentionParams::prefill_kernel_decode_counts): the same math.
   bool attention_prefill_route_with_counts = false;
+  // A decode step's wq_b (FP8, up to 16 tokens, with q_norm_prologue and the stacked [wq_a; wkv]; not stacked with
+  // the indexer's) carries the KV insert in extra CTAs and the queries' per-head norm as the epilogue of the CTA that
+  // completes each head (run_linear_with_kv_insert): the KV insert's launch goes, one launch fewer per layer. The
+  // same bits (the queries' norm as run_rms_norm's CTA rows).
+  bool insert_in_wq_b = false;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;
