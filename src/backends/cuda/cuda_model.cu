@@ -1229,6 +1229,7 @@ struct CudaModel::Impl {
     const bool wq_b_carries_insert =
         options.insert_in_wq_b && prologue && wq_b_alone && (!w.indexer || index_on_branch) && insert.x != nullptr &&
         w.wq_b.view().format == WeightFormat::FP8_BLOCK128 && T <= kLinearMaxStreamedTokens &&
+        streamed_load_path_applies(w.wq_b.view(), int(T), 1) &&
         D <= std::min(kKvInsertSideMaxHeadDim, int64_t(kQueryHeadNormMaxHeadDim)) &&
         c.rope_head_dim <= 2 * kRmsNormMaxRopePairs;
     bool inserted = false;
