@@ -163,6 +163,16 @@ constexpr size_t kStreamedXTileBudget = 16 * 1024;
 // deeper rings only queue more requests behind the same 16 warps per SM); BF16 gained only at T = 1, with four.
 // Cold (L2 evicted before each call, session 14): FP8 wq_b T = 1 13.2 / 14.0 / 15.8 / 19.6 µs at 1-4 slots, ncu
 // 16.6 / 18.1 / 19.7 / 24.7 µs with DRAM 42 / 39 / 36 / 28 % busy: more bytes in flight per SM made it slower.
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_DEEP_SPLITS=1 gives FP8 calls at T <= 8 that
+// split K through the workspace 2 ring slots per warp and half the K splits (round s18-1, H200 cold: V4-Flash wo_b
+// 14.28 → 13.73 µs at 2 slots × 4 splits instead of 1 × 8; V4-Pro wo_b 36.67 → 35.56 at 2 × 3 instead of 1 × 4).
+bool deep_split_rings() {
+  static const bool deep = [] {
+    const char* value = std::getenv("DSV4_LINEAR_DEEP_SPLITS");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return deep;
+}
 int default_ring_slots(TileFormat format) { return format == TileFormat::BF16 ? 4 : 1; }
 bool auto_takes_streamed(TileFormat format, int tokens) {
   return format == TileFormat::BF16 ? tokens == 1 : tokens <= tile::kTokensPerMma;
@@ -250,6 +260,13 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
+    if (deep_split_rings() && format == TileFormat::FP8_BLOCK128 && tokens <= tile::kTokensPerMma && ring_slots == 0) {
+      const QuantizedLinearConfig split = choose_quantized_linear_config(
+          weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE, 0);
+      if (split.k_splits >= 2)
+        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
+                                              SplitKReduce::WORKSPACE, split.k_splits / 2);
+    }
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
