@@ -279,6 +279,7 @@ struct Kernels {
   bool columns = MoeRunParams{}.column_stages;
   bool one_launch = MoeRunParams{}.experts_in_one_launch;
   bool per_item = MoeRunParams{}.down_waits_per_item;
+  bool split_items = MoeRunParams{}.split_items;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -289,14 +290,15 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (one_launch ? ", experts in one launch" : "") + (per_item ? ", down waits per item" : "");
+           (one_launch ? ", experts in one launch" : "") + (per_item ? ", down waits per item" : "") +
+           (split_items ? ", every item split" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.experts_in_one_launch = one_launch;
-    p.down_waits_per_item = per_item;
+    p.down_waits_per_item = per_item, p.split_items = split_items;
     return p;
   }
 };
@@ -346,6 +348,12 @@ constexpr Kernels kStreamedPerItem{.experts = MoeExpertKernels::STREAMED, .fused
                                    .per_item = true};
 constexpr Kernels kStreamedSplitAllPerItem{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                            .split = MoeSharedExpertSplit::ALWAYS, .per_item = true};
+// Every work item split in two CTAs per band (MoeRunParams::split_items: sums in another order, so checked against
+// the CPU and run to run), also with the down CTAs waiting per item.
+constexpr Kernels kStreamedSplitItems{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                      .split_items = true};
+constexpr Kernels kStreamedSplitItemsPerItem{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                             .per_item = true, .split_items = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -630,14 +638,17 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_repeatable(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns);
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
+    if (routing == Routing::HASH) continue;  // the options below route alike
     // The expert GEMMs in one launch at T = 1 (32 bands × 7 items, plus the split shared expert's 32 CTAs beside fp4
     // experts: resident at once on 128 SMs); more in MoeExpertsInOneLaunch.
     expect_one_launch_bits(device_weights, kFlashLike, 1, seed++, 128);
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOneLaunch);
+    // The down CTAs waiting per item (the same bits), and every item split (checked against the CPU).
     check_case(layer, experts, device_weights, 3, seed++, random_tokens(kFlashLike), kStreamedPerItem);
-    for (const int T : {1, 2, 8}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedPerItem,
-                                                   kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 5, seed++, kStreamedSplitAllPerItem, kStreamedSplitAll);
+    expect_same_bits(device_weights, kFlashLike, 2, seed++, kStreamedPerItem, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllPerItem, kStreamedSplitAll);
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedSplitItems);
+    check_case(layer, experts, device_weights, 5, seed++, random_tokens(kFlashLike), kStreamedSplitItemsPerItem);
 
   }
 }
@@ -830,6 +841,8 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
   expect_same_bits(device_weights, kProLike, 8, seed++, kStreamedSplitAllPerItem, kStreamedSplitAll);
+  for (const int64_t T : {1, 2})
+    check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedSplitItemsPerItem);
   // T = 2: the down GEMM takes the column stages, the gate/up GEMM (d 7168) the lean ones.
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
@@ -886,12 +899,14 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
   }
 }
 
-// The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the one-launch
-// experts' and the per-item down waits' item counts) come back to zero after every call: calls through one workspace, with new inputs (a new
-// routing) each time, eagerly and as replays of one CUDA graph, at T = 8 (T = 1 for the experts in one launch) and
-// then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a run on a fresh workspace.
+// The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the item counts of
+// the one-launch experts and of the per-item down waits) come back to zero after every call: calls through one
+// workspace, with new inputs (a new routing) each time, eagerly and as replays of one CUDA graph, at T = 8 (T = 1
+// for the experts in one launch) and then T = 1, 9 (no fused combine) and 3 on the same workspace, each equal to a
+// run on a fresh workspace.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOneLaunch, kStreamedPerItem}) {
+  for (const Kernels kernels :
+       {kStreamedKernels, kStreamedOneLaunch, kStreamedPerItem, kStreamedSplitItemsPerItem}) {
     SCOPED_TRACE(kernels.name());
     const int graph_tokens = kernels.one_launch ? 1 : 8;
     const Shape& S = kFlashLike;
@@ -918,7 +933,9 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       out.fill_bytes(0xFF);
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-      expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
+      // (the split items sum in another order: against their own run on a fresh workspace)
+    const Kernels reference = kernels.split_items ? kernels : kStreamedKernels;
+    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, reference));
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
     cudaGraph_t graph;

@@ -91,10 +91,15 @@ bool experts_in_one_launch(const MoeRunParams& p) {
   static const int forced = forced_by_environment("DSV4_MOE_EXPERTS_ONE_LAUNCH");
   return forced < 0 ? p.experts_in_one_launch : forced == 1;
 }
-// The same for MoeRunParams::down_waits_per_item: DSV4_MOE_DOWN_WAITS_PER_ITEM=1 (or 0).
+// The same for MoeRunParams::down_waits_per_item: DSV4_MOE_DOWN_WAITS_PER_ITEM=1 (or 0), and
+// MoeRunParams::split_items: DSV4_MOE_SPLIT_ITEMS=1 (or 0).
 bool down_waits_per_item(const MoeRunParams& p) {
   static const int forced = forced_by_environment("DSV4_MOE_DOWN_WAITS_PER_ITEM");
   return forced < 0 ? p.down_waits_per_item : forced == 1;
+}
+bool split_items(const MoeRunParams& p) {
+  static const int forced = forced_by_environment("DSV4_MOE_SPLIT_ITEMS");
+  return forced < 0 ? p.split_items : forced == 1;
 }
 
 MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
@@ -143,6 +148,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = down_waits_per_item(p),
+      .split_items = split_items(p),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

@@ -101,6 +101,10 @@ struct MoeRunParams {
   // launch): each down CTA waits for its own item's gate/up CTAs, not the whole gate/up grid. The same bits.
   // DSV4_MOE_DOWN_WAITS_PER_ITEM=1 / 0 in the environment overrides it (A/B runs).
   bool down_waits_per_item = false;
+  // MoeExpertGemmParams::split_items for the streamed kernels at T <= 8 (where the experts do not run in one launch):
+  // every work item's CTAs split in two per band, so launches of several waves end on a smaller last wave. Sums in
+  // another order (as exact). DSV4_MOE_SPLIT_ITEMS=1 / 0 in the environment overrides it (A/B runs).
+  bool split_items = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

@@ -113,6 +113,11 @@ struct MoeExpertGemmParams {
   // CTAs of the items done in the first wave run beside the last gate/up wave. Only where the previous launch on the
   // stream is run_moe_gate_up of the same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
+  // Streamed kernels at T <= 8 with the lean decode, where moe_items_split_apply: every work item's CTAs split in two
+  // per band (moe_experts.cuh moe_expert_split_kernel: half the band's rows each, two warps per 16 rows on even and
+  // odd stages), so launches of more than one wave (V4-Pro at T = 1, V4-Flash at T >= 2) end on a smaller last wave.
+  // Replaces shared_expert_split there. Sums in another order: as exact, not the same bits.
+  bool split_items = false;
   cudaStream_t stream = nullptr;
 };
 
@@ -145,12 +150,16 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
 void run_moe_gate_up(const MoeExpertGemmParams& params);
 void run_moe_down(const MoeExpertGemmParams& params);
 
+// Whether MoeExpertGemmParams::split_items takes effect: set, the streamed kernels with the lean decode at T <= 8,
+// every matrix of both formats at least 2·kStreamedSlots stages per row.
+bool moe_items_split_apply(const MoeExpertGemmParams& params);
+
 // Whether MoeExpertGemmParams::down_waits_per_item takes effect: set, item counters, the streamed kernels with the
 // down head start at T <= 8 and at most kMoeOneLaunchMaxItems work items.
 bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& params);
 
 // Whether run_moe_experts_in_one_launch takes these parameters on a GPU of `multiprocessors` SMs: the streamed kernels
-// with the lean decode at T <= 8, the column stages for both GEMMs or neither, at most
+// with the lean decode at T <= 8 (not split_items), the column stages for both GEMMs or neither, at most
 // kMoeOneLaunchMaxItems work items, and a grid (max(gate/up bands, down bands) × (max_work_items - 1, plus the
 // split shared expert's row)) of at most two CTAs per SM, so that every CTA is resident at once (its CTAs wait for
 // each other). max_work_items must be moe_max_work_items(T, E, top_k, kMoeRowsPerWorkItem): at T <= 64 every
