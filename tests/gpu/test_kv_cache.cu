@@ -23,11 +23,9 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/kv_insert.hpp"
-#include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
-#include "core/fp8_block.hpp"
 #include "core/fp8_e4m3.hpp"
 #include "support/expect_error.hpp"
 #include "support/device_buffers.hpp"
@@ -359,137 +357,6 @@ TEST(KvInsert, FusedNormAndStridedRowsGiveTheSeparateLaunchesBits) {
         check_fused_insert(format, D, rope, n, seed++);
 }
 
-// wq_b with the KV insert and the queries' per-head norm in its launch (run_linear_with_kv_insert, the model's
-// insert_in_wq_b) against the separate launches (the linear with its RMSNorm prologue, then the KV insert carrying the
-// queries' CTA-row norm): y, the normed queries and the pool bit for bit. The inputs sit in one [qr; kv] projection
-// output as in the model; a row without a destination writes nothing; a second launch finds the tickets reset.
-struct InWqBCase {
-  int heads, head_dim, rope_dim;
-  int64_t extra_rows;  // linear rows past heads · head_dim (another projection stacked under the queries)
-  int64_t q_lora;      // the linear's K
-  int tokens;
-};
-
-void check_insert_in_wq_b(KvEntryFormat format, const InWqBCase& c, uint32_t seed) {
-  SCOPED_TRACE(std::string(to_string(format)) + " heads=" + std::to_string(c.heads) + " D=" +
-               std::to_string(c.head_dim) + " T=" + std::to_string(c.tokens));
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int D = c.head_dim, T = c.tokens;
-  const int64_t K = c.q_lora, N = int64_t(c.heads) * D + c.extra_rows, qr_stride = K + D, y_stride = N + 8;
-  const int64_t capacity = 32;
-  KvCache cache({.format = format, .head_dim = D, .rope_dim = c.rope_dim, .layers = 1, .max_sequences = 2,
-                 .window_capacity = capacity, .page_rows = 16, .pages = 4});
-  for (int s = 0; s < 2; ++s) {
-    ASSERT_EQ(cache.add_sequence(), s);
-    cache.ensure_rows(s, 0, KvArray::Window, capacity);
-  }
-  cache.upload_page_table(nullptr);
-  std::vector<float> weights(static_cast<size_t>(N * K)), qr_kv(static_cast<size_t>(T * qr_stride)),
-      q_norm_weight(static_cast<size_t>(K)), kv_weight(static_cast<size_t>(D));
-  for (float& v : weights) v = 0.05f * normal(rng);
-  for (float& v : qr_kv) v = normal(rng);
-  for (float& v : q_norm_weight) v = 1.0f + 0.25f * normal(rng);
-  for (float& v : kv_weight) v = 1.0f + 0.25f * normal(rng);
-  std::vector<int32_t> slots(static_cast<size_t>(T)), dest(static_cast<size_t>(T));
-  std::vector<int64_t> positions(static_cast<size_t>(T));
-  for (int t = 0; t < T; ++t) {
-    slots[size_t(t)] = t % 2, dest[size_t(t)] = t == 1 ? -1 : t, positions[size_t(t)] = 100 + 3 * t;
-  }
-  const cpu::RopeTable rope(10000.0, c.rope_dim, std::nullopt);
-  const OwnedQuantizedMatrix host_weight = quantize_fp8_block128(weights.data(), N, K, ScaleType::E8M0);
-  const DeviceMatrix weight(host_weight.matrix, "wq_b");
-  DeviceBuffer d_qr_kv = to_device(qr_kv, "[qr; kv]"), d_qw = to_device(q_norm_weight, "q_norm"),
-               d_kvw = to_device(kv_weight, "kv_norm"), d_slots = to_device(slots, "slots"),
-               d_dest = to_device(dest, "dest"), d_pos = to_device(positions, "positions"),
-               d_rope = device_rope_table(rope, 512);
-  const size_t y_floats = size_t(T) * size_t(y_stride), q_values = size_t(T) * size_t(c.heads) * size_t(D);
-  DeviceBuffer y_separate = poisoned(y_floats, "y separate"), y_fused = poisoned(y_floats, "y fused");
-  DeviceBuffer q_separate = poisoned(q_values / 2, "q_bf16 separate"), q_fused = poisoned(q_values / 2, "q_bf16 fused");
-  DeviceBuffer workspace(quantized_linear_workspace_bytes(weight.view(), T) + 16, "linear workspace");
-  DeviceBuffer tickets(size_t(c.heads) * sizeof(uint32_t), "head tickets");
-  workspace.fill_bytes(0);
-  tickets.fill_bytes(0);
-  const KvCacheView view = cache.view();
-  const size_t pool_bytes = size_t(4) * 16 * view.layout.entry_bytes;
-
-  QuantizedLinearParams linear{.weight = weight.view(),
-                               .y = y_separate.as<float>(),
-                               .y_row_stride = y_stride,
-                               .tokens = T,
-                               .workspace = workspace.data(),
-                               .workspace_bytes = workspace.bytes(),
-                               .norm_x = d_qr_kv.as<float>(),
-                               .norm_weight = d_qw.as<float>(),
-                               .norm_eps = 1e-6f};
-  linear.x_row_stride = qr_stride;
-  const KvInsertParams insert{.cache = view, .rows = T, .x = d_qr_kv.as<float>() + K, .x_row_stride = qr_stride,
-                              .norm_weight = d_kvw.as<float>(), .rope_table = d_rope.as<float2>(),
-                              .sequence_slots = d_slots.as<int32_t>(), .positions = d_pos.as<int64_t>(),
-                              .dest_rows = d_dest.as<int32_t>()};
-  ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
-  // The side task rides on the streamed path with the workspace reduction: the separate linear runs the same.
-  const int multiprocessors = list_devices().front().multiprocessors;
-  run_quantized_linear(linear, choose_quantized_linear_config(weight.view(), T, 1, multiprocessors,
-                                                              WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE));
-  KvInsertParams separate = insert;
-  separate.fused_norm = {.x = y_separate.as<float>(), .rows = int64_t(T) * c.heads, .width = D, .eps = 1e-6f,
-                         .y_bf16 = q_separate.as<__nv_bfloat16>(), .rope_table = d_rope.as<float2>(),
-                         .positions = d_pos.as<int64_t>(), .rope_dim = c.rope_dim, .rows_per_position = c.heads,
-                         .x_group_stride = y_stride, .cta_rows = true};
-  run_kv_insert(separate);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> want_pool(pool_bytes), got_pool(pool_bytes);
-  ASSERT_EQ(cudaMemcpy(want_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-  const std::vector<float> want_y = download(y_separate, y_floats + kGuardFloats),
-                           want_q = download(q_separate, q_values / 2 + kGuardFloats);
-
-  for (int launch = 0; launch < 2; ++launch) {
-    SCOPED_TRACE("launch " + std::to_string(launch));
-    ASSERT_EQ(cudaMemset(view.pool, 0xFF, pool_bytes), cudaSuccess);
-    y_fused.fill_bytes(0xFF);
-    q_fused.fill_bytes(0xFF);
-    LinearWithKvInsertParams fused{.linear = linear, .insert = insert};
-    fused.linear.y = y_fused.as<float>();
-    fused.q_norm = {.q = y_fused.as<float>(), .q_row_stride = y_stride, .heads = c.heads, .head_dim = D,
-                    .tokens = T, .eps = 1e-6f, .rope_table = d_rope.as<float2>(), .positions = d_pos.as<int64_t>(),
-                    .rope_dim = c.rope_dim, .q_bf16 = q_fused.as<__nv_bfloat16>(),
-                    .head_tickets = tickets.as<uint32_t>()};
-    run_linear_with_kv_insert(fused);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(got_pool.data(), view.pool, pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
-    for (size_t b = 0; b < pool_bytes; ++b)
-      ASSERT_EQ(got_pool[b], want_pool[b]) << "pool byte " << b << " (entry " << b / size_t(view.layout.entry_bytes)
-                                           << ")";
-    const std::vector<float> got_y = download(y_fused, y_floats + kGuardFloats),
-                             got_q = download(q_fused, q_values / 2 + kGuardFloats);
-    ASSERT_EQ(std::memcmp(want_y.data(), got_y.data(), want_y.size() * sizeof(float)), 0) << "y differs";
-    const auto* want_bits = reinterpret_cast<const uint16_t*>(want_q.data());
-    const auto* got_bits = reinterpret_cast<const uint16_t*>(got_q.data());
-    int differ = 0;
-    for (size_t i = 0; i < 2 * want_q.size(); ++i)
-      if (want_bits[i] != got_bits[i] && ++differ <= 8)
-        ADD_FAILURE() << "q_bf16[token " << i / (size_t(c.heads) * D) << ", head " << i / size_t(D) % size_t(c.heads)
-                      << ", dim " << i % size_t(D) << "]: fused " << bf16_to_float(got_bits[i]) << ", separate "
-                      << bf16_to_float(want_bits[i]);
-    ASSERT_EQ(differ, 0) << differ << " normed query values differ";
-    std::vector<uint32_t> left(size_t(c.heads));
-    tickets.download(left.data(), tickets.bytes());
-    for (int h = 0; h < c.heads; ++h) ASSERT_EQ(left[size_t(h)], 0u) << "head " << h << "'s ticket";
-  }
-}
-
-TEST(KvInsert, InWqBLaunchGivesTheSeparateLaunchesBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 400;
-  // V4-Flash's wq_b (64 heads of 512, q_lora 1024) at decode sizes; V4-Pro's q_lora 1536 at 128 heads; heads that do
-  // not fill whole 64-row CTAs, with rows of another projection stacked under them.
-  const InWqBCase cases[] = {{64, 512, 64, 0, 1024, 1},  {64, 512, 64, 0, 1024, 3}, {64, 512, 64, 0, 1024, 16},
-                             {128, 512, 64, 0, 1536, 2}, {5, 96, 32, 160, 512, 5},  {3, 512, 64, 64, 256, 1}};
-  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference})
-    for (const InWqBCase& c : cases) check_insert_in_wq_b(format, c, seed++);
-}
-
 TEST(KvInsert, RefusesBadCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache cache({.format = KvEntryFormat::Bf16, .head_dim = 64, .rope_dim = 16, .layers = 1, .max_sequences = 1,
@@ -513,35 +380,6 @@ TEST(KvInsert, RefusesBadCalls) {
   p = good;
   p.fused_norm = {.x = buffer.as<float>(), .rows = 1, .width = 16};
   testing::expect_error([&] { run_kv_insert(p); }, "no output");
-
-  const LinearWithKvInsertParams in_wq_b{
-      .linear = {.y = buffer.as<float>(), .y_row_stride = 256, .tokens = 1},
-      .insert = good,
-      .q_norm = {.q = buffer.as<float>(), .q_row_stride = 256, .heads = 2, .head_dim = 64, .tokens = 1,
-                 .q_bf16 = buffer.as<__nv_bfloat16>(), .head_tickets = buffer.as<uint32_t>()}};
-  LinearWithKvInsertParams w = in_wq_b;
-  w.linear.weight.rows = 256;
-  w.insert.fused_norm = {.x = buffer.as<float>(), .rows = 1, .width = 16, .y = buffer.as<float>()};
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "carries no fused norm");
-  w = in_wq_b;
-  w.linear.weight.rows = 256;
-  w.q_norm.q_row_stride = 128;
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "reads the linear's fp32 output");
-  w = in_wq_b;
-  w.linear.weight.rows = 100;
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "exceed the linear's 100 rows");
-  w = in_wq_b;
-  w.linear.weight.rows = 2048;
-  w.q_norm.head_dim = 1024;
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "head_dim 1024");
-  w = in_wq_b;
-  w.linear.weight.rows = 256;
-  w.q_norm.tokens = 2;
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "2 query rows");
-  w = in_wq_b;
-  w.linear.weight.rows = 256;
-  w.q_norm.head_tickets = nullptr;
-  testing::expect_error([&] { check_linear_with_kv_insert_params(w); }, "head_tickets");
 }
 
 }  // namespace

@@ -418,7 +418,6 @@ struct CudaModel::Impl {
     bf16* h_bf16;
     float* logits;             // [T, vocab]
     int32_t* nan_flag;
-    uint32_t* q_head_tickets;  // [H]: run_linear_with_kv_insert's (insert_in_wq_b), zero between launches
     void* attention_workspace;
     void* linear_workspace;
     void* branch_linear_workspace;  // the compressors' branch's (parallel_compressors)
@@ -815,7 +814,6 @@ struct CudaModel::Impl {
     s.X_last = k.take<float>(options.max_sequences * n * d);
     s.h = k.take<float>(T * d), s.h_bf16 = k.take<bf16>(T * d);
     s.logits = k.take<float>(T * c.vocab_size), s.nan_flag = k.take<int32_t>(1);
-    s.q_head_tickets = k.take<uint32_t>(options.insert_in_wq_b ? H : 0);
     s.attention_workspace = k.take<uint8_t>(int64_t(attention_workspace_bytes));
     s.linear_workspace = k.take<uint8_t>(int64_t(linear_workspace_size));
     s.branch_linear_workspace = k.take<uint8_t>(options.parallel_compressors ? int64_t(linear_workspace_size) : 0);
@@ -1223,15 +1221,6 @@ struct CudaModel::Impl {
       linear(w.wq_a.view(), name + " wq_a", s.x_bf16, d, T, s.qr, ql);
     }
     const bool insert_carries_a_norm = insert.x != nullptr && D <= kKvInsertFusedNormMaxHeadDim;
-    // insert_in_wq_b: where wq_b runs alone (the indexer's queries stacked under it nor beside it on this stream) on
-    // the decode kernel's FP8 side-task path.
-    const bool wq_b_alone = stack == nullptr || stack->queries.view().rows == 0;
-    const bool wq_b_carries_insert =
-        options.insert_in_wq_b && prologue && wq_b_alone && (!w.indexer || index_on_branch) && insert.x != nullptr &&
-        w.wq_b.view().format == WeightFormat::FP8_BLOCK128 && T <= kLinearMaxStreamedTokens &&
-        streamed_load_path_applies(w.wq_b.view(), int(T), 1) &&
-        D <= std::min(kKvInsertSideMaxHeadDim, int64_t(kQueryHeadNormMaxHeadDim)) &&
-        c.rope_head_dim <= 2 * kRmsNormMaxRopePairs;
     bool inserted = false;
     if (!prologue) {
       RmsNormParams qr_norm;
@@ -1278,20 +1267,6 @@ struct CudaModel::Impl {
         linear_of_normed_qr(main_lane(), row_slice(queries, H * D, IH * ID), name + " indexer wq_b", prologue, qr,
                             qr_stride, q_norm_weight, T, s.qi, IH * ID);
       }
-    } else if (wq_b_carries_insert) {
-      LinearWithKvInsertParams fused;
-      fused.linear.weight = w.wq_b.view(), fused.linear.norm_x = qr, fused.linear.x_row_stride = qr_stride;
-      fused.linear.norm_weight = q_norm_weight, fused.linear.norm_eps = float(c.rms_norm_eps);
-      fused.linear.y = s.q, fused.linear.y_row_stride = H * D, fused.linear.tokens = int(T);
-      fused.linear.workspace = scratch.linear_workspace, fused.linear.workspace_bytes = linear_workspace_size;
-      fused.linear.stream = stream;
-      fused.insert = insert;
-      QueryHeadNormParams& qn = fused.q_norm;
-      qn.q = s.q, qn.q_row_stride = H * D, qn.heads = int(H), qn.head_dim = int(D), qn.tokens = int(T);
-      qn.eps = float(c.rms_norm_eps), qn.rope_table = layer_rope_table[size_t(layer)], qn.positions = in.positions;
-      qn.rope_dim = int(c.rope_head_dim), qn.q_bf16 = s.q_bf16, qn.head_tickets = s.q_head_tickets;
-      run_linear_with_kv_insert(fused);
-      inserted = true;
     } else {
       linear_of_normed_qr(main_lane(), w.wq_b.view(), name + " wq_b", prologue, qr, qr_stride, q_norm_weight, T, s.q,
                           H * D);
@@ -1299,21 +1274,19 @@ struct CudaModel::Impl {
         linear_of_normed_qr(main_lane(), w.indexer->wq_b.view(), name + " indexer wq_b", prologue, qr, qr_stride,
                             q_norm_weight, T, s.qi, IH * ID);
     }
-    if (!wq_b_carries_insert) {  // else wq_b's launch normalised the queries
-      RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
-      q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
-      q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
-      q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
-      q_norm.rope_dim = c.rope_head_dim;
-      q_norm.rows_per_position = H, q_norm.stream = stream;
-      q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
-      if (!inserted && insert_carries_a_norm) {
-        insert.fused_norm = q_norm;
-        run_kv_insert(insert);
-        inserted = true;
-      } else {
-        run_rms_norm(q_norm);
-      }
+    RmsNormParams q_norm;  // per head, no weight, then RoPE: one launch
+    q_norm.x = q_projected, q_norm.x_group_stride = q_row_stride, q_norm.rows = T * H, q_norm.width = D;
+    q_norm.eps = float(c.rms_norm_eps), q_norm.y_bf16 = s.q_bf16;
+    q_norm.rope_table = layer_rope_table[size_t(layer)], q_norm.positions = in.positions;
+    q_norm.rope_dim = c.rope_head_dim;
+    q_norm.rows_per_position = H, q_norm.stream = stream;
+    q_norm.cta_rows = options.q_norm_cta_rows && T * H <= kQNormCtaRowsMaxRows;
+    if (!inserted && insert_carries_a_norm) {
+      insert.fused_norm = q_norm;
+      run_kv_insert(insert);
+      inserted = true;
+    } else {
+      run_rms_norm(q_norm);
     }
     if (!inserted) {
       if (insert.x == nullptr) {
@@ -1355,7 +1328,7 @@ struct CudaModel::Impl {
                         choose_sparse_attention_splits(T, int(H), int(D), kv_cache->layout().format,
                                                        c.window_size + compressed.slots,
                                                        context.info().multiprocessors));
-    a.prefill_kernel_decode_counts = options.attention_prefill_route_with_counts;
+    a.prefill_kernel_decode_counts = options.attention_prefill_route_with_counts && w.indexer;
     a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
     run_sparse_attention(a);
 

@@ -98,15 +98,12 @@ struct CudaModelOptions {
   // (session 17, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off (round 1), 745.9 ± 5.1 against
   // 725.7 ± 0.7 (round 2); b64 7900 against 7888.
   bool indexer_prepare_in_compressors = true;
-  // Decode steps' attention calls with per-query counts (CSA's top-k counts, HCA's visible entries) may take the
-  // prefill kernel where their slot bound is long and the batch about one wave of head blocks
-  // (SparseAttentionParams::prefill_kernel_decode_counts): the same math.
+  // CSA layers' decode attention (per-query top-k counts) may take the prefill kernel where the slot bound is long
+  // and the batch about one wave of head blocks (SparseAttentionParams::prefill_kernel_decode_counts): the same math.
+  // Not HCA's: their visible-entry lists are short at decode contexts, where the prefill kernel is slower (H200,
+  // bench_cuda_attention --model-route: 0.87-0.95x up to 4K). H200, all layers' calls routed: Pro 2 HCA layers b64
+  // d4096 9062 -> 8989 t/s, Flash 4 layers b128 d2048 20756 -> 20645 (round s18-2).
   bool attention_prefill_route_with_counts = false;
-  // A decode step's wq_b (FP8, up to 16 tokens, with q_norm_prologue and the stacked [wq_a; wkv]; not stacked with
-  // the indexer's) carries the KV insert in extra CTAs and the queries' per-head norm as the epilogue of the CTA that
-  // completes each head (run_linear_with_kv_insert): the KV insert's launch goes, one launch fewer per layer. The
-  // same bits (the queries' norm as run_rms_norm's CTA rows).
-  bool insert_in_wq_b = false;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;

@@ -1,6 +1,5 @@
 #include "backends/cuda/kernels/kv_insert.cuh"
 
-#include "backends/cuda/kernels/quantized_linear.cuh"
 #include "backends/cuda/kernels/rms_norm.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
@@ -10,16 +9,93 @@ namespace dsv4::cuda {
 namespace {
 
 static_assert(kKvInsertFusedNormMaxHeadDim == 2 * rms::kThreads, "a fused launch has the norm's threads, a pair each");
-static_assert(kKvInsertSideThreads == linear::kThreadsPerCta, "a linear's side CTAs have its threads");
-static_assert(kQueryNormGroupThreads == rms::kThreads && kQueryNormValues == rms::kTinyRowValues,
-              "the queries' norm in a linear's CTAs stands in for run_rms_norm's CTA rows");
-static_assert(KvInsertLinearSide::kPairs * kKvInsertSideThreads * 2 == kKvInsertSideMaxHeadDim);
 
 struct KvInsertArgs {
   KvInsertParams p;
   int64_t x_row_stride;
   rms::RmsNormArgs norm;
 };
+
+// The kv_norm weights of a thread's pair: parameters, loaded before the wait.
+struct PairWeights {
+  float w0 = 1.0f, w1 = 1.0f;
+};
+
+__device__ __forceinline__ PairWeights load_pair_weights(const KvInsertParams& p) {
+  const int dim = 2 * int(threadIdx.x);
+  PairWeights out;
+  if (dim < p.cache.layout.head_dim && p.norm_weight != nullptr) {
+    out.w0 = __ldg(p.norm_weight + dim);
+    out.w1 = __ldg(p.norm_weight + dim + 1);
+  }
+  return out;
+}
+
+// Where a row goes and how its pair rotates: from the step's inputs (destination row, slot, position) and the two
+// tables they index (the page table, the RoPE table). entry is null for a row without a destination (uniform over
+// the CTA).
+struct RowTarget {
+  uint8_t* entry = nullptr;
+  RopeFactors rope{1.0f, 0.0f};
+};
+
+__device__ __forceinline__ bool pair_rotates(const KvInsertParams& p) {
+  const int pair = threadIdx.x;
+  return 2 * pair < p.cache.layout.head_dim && p.rope_table != nullptr && pair >= p.cache.layout.nope_dim / 2;
+}
+
+// The two lookups (page table by slot, RoPE table by position) are issued together, one round trip after the row's
+// inputs: the destination is tested only when both are in flight (a row without one reads its slot's first page
+// entry, which exists, and discards it).
+__device__ __forceinline__ RowTarget load_row_target(const KvInsertParams& p, int64_t row) {
+  const KvEntryLayout& layout = p.cache.layout;
+  const bool rotates = pair_rotates(p);
+  const int32_t dest_row = p.dest_rows[row];
+  const int32_t slot = p.sequence_slots[row];
+  const int64_t position = rotates ? p.positions[row] : 0;
+  const int64_t logical_row = max(dest_row, 0);
+  uint8_t* entry =
+      p.cache.entry_address(p.cache.physical_entry(p.cache.pages_of(slot, p.layer, p.array), logical_row));
+  RowTarget target;
+  if (rotates)
+    target.rope =
+        rope_table_factors(p.rope_table, layout.rope_dim / 2, position, int(threadIdx.x) - layout.nope_dim / 2);
+  target.entry = dest_row < 0 ? nullptr : entry;
+  return target;
+}
+
+// The thread's pair of the row's x (zeros past head_dim).
+__device__ __forceinline__ float2 load_row_pair(const KvInsertArgs& a, int64_t row) {
+  const int dim = 2 * int(threadIdx.x);
+  if (dim >= a.p.cache.layout.head_dim) return make_float2(0.0f, 0.0f);
+  return *reinterpret_cast<const float2*>(a.p.x + row * a.x_row_stride + dim);
+}
+
+// One row's entry (after the wait): the norm's block sum, the rotation and the stores.
+__device__ __forceinline__ void insert_row(const KvInsertArgs& a, const PairWeights& weights, const RowTarget& target,
+                                           float2 x) {
+  __shared__ float partials[kKvInsertMaxThreads / 32];
+  const KvInsertParams& p = a.p;
+  const KvEntryLayout& layout = p.cache.layout;
+  const int dim = 2 * int(threadIdx.x);
+  const bool active = dim < layout.head_dim;
+  float x0 = x.x, x1 = x.y;
+  if (p.round_input_to_bf16) {
+    x0 = round_to_bf16(x0);
+    x1 = round_to_bf16(x1);
+  }
+  if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
+    const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
+    const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
+    if (active) {
+      x0 = x0 * inv_rms * weights.w0;
+      x1 = x1 * inv_rms * weights.w1;
+    }
+  }
+  if (pair_rotates(p)) rope_rotate_pair(x0, x1, target.rope, false);
+  kv_store_pair(layout, target.entry, dim, active, x0, x1);
+  kv_store_pad(layout, target.entry, threadIdx.x);
+}
 
 // The RMSNorm riding in the launch: rms_norm_rows<kNormGroup, kNormRope, kNormValues> in the CTAs after the rows',
 // none where kNormGroup is 0.
@@ -33,7 +109,15 @@ __global__ void __launch_bounds__(kKvInsertMaxThreads) kv_insert_kernel(const __
       return;
     }
   }
-  kv_insert_row<1>(a.p, a.x_row_stride, blockIdx.x);  // a pair per thread
+  const int64_t row = blockIdx.x;
+  const PairWeights weights = load_pair_weights(a.p);
+  wait_for_prior_grids();  // x and the step's inputs come from earlier operations
+  // x is loaded before the target's lookups, so that its load and the row's inputs' share one round trip.
+  const float2 x = load_row_pair(a, row);
+  const RowTarget target = load_row_target(a.p, row);
+  // A row without a destination leaves (uniformly over the CTA) before any barrier, writing nothing.
+  if (target.entry == nullptr) return;
+  insert_row(a, weights, target, x);
 }
 
 }  // namespace
@@ -87,42 +171,6 @@ void run_kv_insert(const KvInsertParams& p) {
   if (ctas == 0) return;
   check(ctas <= 0x7FFFFFFF, "kv_insert: ", ctas, " CTAs exceed the launch limit");
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(threads)), 0, p.stream, args, "kv_insert");
-}
-
-void check_linear_with_kv_insert_params(const LinearWithKvInsertParams& p) {
-  const KvInsertParams& insert = p.insert;
-  const QueryHeadNormParams& q = p.q_norm;
-  const int tokens = p.linear.tokens;
-  check_kv_insert_params(insert);
-  check(insert.fused_norm.rows == 0, "linear_with_kv_insert: the KV insert carries no fused norm here (the queries' ",
-        "norm is the linear's epilogue)");
-  check(insert.cache.layout.head_dim <= kKvInsertSideMaxHeadDim, "linear_with_kv_insert: KV head_dim ",
-        insert.cache.layout.head_dim, " exceeds ", kKvInsertSideMaxHeadDim);
-  check(insert.rows == tokens && q.tokens == tokens, "linear_with_kv_insert: ", insert.rows, " KV rows and ",
-        q.tokens, " query rows for a linear of ", tokens, " tokens");
-  check(insert.stream == p.linear.stream, "linear_with_kv_insert: the KV insert's stream is not the linear's");
-  check(q.q != nullptr && q.q == p.linear.y && q.q_row_stride == p.linear.y_row_stride,
-        "linear_with_kv_insert: the queries' norm reads the linear's fp32 output y with its row stride");
-  check(q.heads >= 1 && q.head_dim >= 2 && q.head_dim % 2 == 0 && q.head_dim <= kQueryHeadNormMaxHeadDim,
-        "linear_with_kv_insert: ", q.heads, " query heads of head_dim ", q.head_dim, " (heads >= 1, head_dim even, ",
-        "2 to ", kQueryHeadNormMaxHeadDim, ")");
-  check(int64_t(q.heads) * q.head_dim <= p.linear.weight.rows, "linear_with_kv_insert: ", q.heads, " heads of ",
-        q.head_dim, " exceed the linear's ", p.linear.weight.rows, " rows");
-  check(q.rope_table == nullptr || (q.positions != nullptr && q.rope_dim >= 2 && q.rope_dim % 2 == 0 &&
-                                    q.rope_dim <= q.head_dim && q.rope_dim / 2 <= kRmsNormMaxRopePairs),
-        "linear_with_kv_insert: query RoPE of rope_dim ", q.rope_dim, " needs the positions, an even rope_dim ",
-        "within head_dim and at most ", 2 * kRmsNormMaxRopePairs);
-  check(q.q_bf16 != nullptr && q.head_tickets != nullptr,
-        "linear_with_kv_insert: the queries' norm needs q_bf16 and head_tickets");
-}
-
-void run_linear_with_kv_insert(const LinearWithKvInsertParams& p) {
-  check_linear_with_kv_insert_params(p);
-  const KvInsertLinearSide::Args side{
-      .insert = p.insert,
-      .x_row_stride = p.insert.x_row_stride == 0 ? p.insert.cache.layout.head_dim : p.insert.x_row_stride,
-      .q_norm = p.q_norm};
-  run_quantized_linear_with<KvInsertLinearSide>(p.linear, side, p.insert.rows);
 }
 
 }  // namespace dsv4::cuda

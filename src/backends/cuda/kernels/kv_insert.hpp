@@ -24,10 +24,8 @@
 
 #include <cstdint>
 
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kv_cache.hpp"
 
@@ -54,49 +52,9 @@ struct KvInsertParams {
   RmsNormParams fused_norm;                 // rows 0: none
 };
 
-// The queries' per-head RMSNorm (no weight) and RoPE of their last rope_dim dims, rounded to bf16: run_rms_norm's
-// warp rows (cta_rows off) over the query projection's output, run as that projection's epilogue
-// (run_linear_with_kv_insert) instead of a launch.
-inline constexpr int kQueryHeadNormMaxHeadDim = 512;
-
-struct QueryHeadNormParams {
-  const float* q = nullptr;         // device fp32 [tokens, ≥ heads · head_dim], rows q_row_stride elements apart
-  int64_t q_row_stride = 0;
-  int heads = 0;
-  int head_dim = 0;                 // even, ≤ kQueryHeadNormMaxHeadDim
-  int tokens = 0;
-  float eps = 1e-6f;
-  const float2* rope_table = nullptr;  // device [positions, rope_dim / 2] (rope.hpp); null = no RoPE
-  const int64_t* positions = nullptr;  // device [tokens]
-  int rope_dim = 0;                    // even, ≤ head_dim
-  __nv_bfloat16* q_bf16 = nullptr;     // device [tokens, heads, head_dim]
-  uint32_t* head_tickets = nullptr;    // device [heads], zero-filled once; every launch leaves them zero
-};
-
-// The KV insert's side CTAs in a linear's launch have the linear's 128 threads, up to this head_dim (2 pairs each).
-inline constexpr int kKvInsertSideThreads = 128;
-inline constexpr int64_t kKvInsertSideMaxHeadDim = 512;
-
 // Throws (naming the field at fault) unless run_kv_insert supports the call.
 void check_kv_insert_params(const KvInsertParams& params);
 
 void run_kv_insert(const KvInsertParams& params);
-
-// The query projection of a decode step (wq_b, run_quantized_linear_with's limits: FP8, fp32 y, up to 16 tokens, the
-// RMSNorm prologue as it likes) with the KV insert and the queries' per-head norm in its launch instead of one of
-// their own: the insert's rows (one per token; no fused_norm, head_dim ≤ kKvInsertSideMaxHeadDim) as extra CTAs,
-// which read only what the linear's own inputs come from; the norm (q_norm over the linear's y) by the CTA that
-// completes each head. The same bits as run_quantized_linear, run_kv_insert and run_rms_norm (warp rows) apart.
-struct LinearWithKvInsertParams {
-  QuantizedLinearParams linear;
-  KvInsertParams insert;
-  QueryHeadNormParams q_norm;
-};
-
-// Throws (naming the field at fault) unless run_linear_with_kv_insert supports the call (the linear's own limits
-// are checked when it launches).
-void check_linear_with_kv_insert_params(const LinearWithKvInsertParams& params);
-
-void run_linear_with_kv_insert(const LinearWithKvInsertParams& params);
 
 }  // namespace dsv4::cuda
