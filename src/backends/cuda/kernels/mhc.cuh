@@ -431,22 +431,10 @@ __device__ inline float sinkhorn_4x4(float logit, int iters, float eps) {
 // tolerance): no division's branch. (With the correctly rounded reciprocal, __frcp_rn, the 19 later iterations took
 // 7.2 µs instead of the half-warp shuffle version's 2.2, H200, V4-Flash T = 1.) This one is the MUFU's
 // (rcp.approx.ftz, ≤ 1 ulp; div.approx of 1 / x adds a multiply by 1; the sums are ≥ eps, never subnormal, so ftz
-// changes nothing), for the softmax's row sums.
+// changes nothing).
 __device__ inline float fast_reciprocal(float x) {
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-
-// 1 / x for a positive normal x on the FMA pipe: a first guess from the bits (within 5.1 % of 1 / x), then three Newton
-// steps (error 5.1 % → 0.26 % → 6.6·10⁻⁶ → below half an ulp: ≤ 0.5 ulp over [10⁻⁷, 64] in an exhaustive host
-// check, tighter than the MUFU's rcp.approx). Seven dependent instructions, all on pipes a lone thread issues at
-// one a cycle, where the MUFU takes a warp instruction per 8 cycles (4 units per SM quarter): Sinkhorn's four
-// reciprocals per normalisation queued there ≈ 32 cycles on the chain.
-__device__ __forceinline__ float newton_reciprocal(float x) {
-  float r = __uint_as_float(0x7EF311C3u - __float_as_uint(x));
-#pragma unroll
-  for (int step = 0; step < 3; ++step) r = fmaf(r, fmaf(-x, r, 1.0f), r);
   return r;
 }
 
@@ -465,9 +453,9 @@ __device__ inline void softmax_rows_plus_eps(float (&c)[kStreams * kStreams], fl
   }
 }
 
-// The same with comb[j][k] held by lane `first_lane` + 4·j + k (`first_lane` a multiple of 4; every lane of the warp
-// calls it): softmax_rows_plus_eps's value bit for bit (the same max, exponentials, sum order and reciprocal), its 16
-// exponentials and 4 reciprocals spread over the lanes instead of queued in one thread's MUFU.
+// The same with each row's four entries held by an aligned quad of lanes (entry k by the quad's lane k; every lane of
+// the warp calls it): softmax_rows_plus_eps's value bit for bit (the same max, exponentials, sum order and
+// reciprocal), its 16 exponentials and 4 reciprocals spread over the lanes instead of queued in one thread's MUFU.
 __device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
   const int row_first = (threadIdx.x & 31) & ~3;
   float row_max = fmaxf(logit, __shfl_xor_sync(kFullMask, logit, 1));
@@ -479,9 +467,11 @@ __device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
 // Sinkhorn on one token's 4×4 held by one thread, in scaling form, from A = c after its first row normalisation
 // (softmax + eps): from then on c = diag(u)·A·diag(v). Normalising row j, c_j ← c_j / (Σ_k c_jk + eps), is u_j ←
 // 1 / D_j with D_j ← Σ_k A_jk·v_k + eps·D_j (D_j = 1 / u_j, 1 at first); a column alike. c is formed once at the end.
-// Per normalisation 4 independent chains of a 3-deep FMA tree (eps·D is ready early) and a Newton reciprocal, no
-// rescaling of the 16 entries. The CPU's rounding after every step is not reproduced: a few ulps. (Until session 18
-// the reciprocals were MUFUs: 1.2 µs of the chain at V4-Pro T = 1, H200.)
+// Per normalisation 4 reciprocals (MUFU) of 3-deep FMA trees (eps·D is ready early) and no rescaling of the 16
+// entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and a chain of a multiply,
+// three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps. (The reciprocals by
+// three Newton steps on the FMA pipe instead, session 18, were slower: 48 instructions a normalisation, ≈ 88 cycles
+// in the trace against ≈ 60; Sinkhorn's share of Flash T = 1 hc_pre 1.4 µs against 1.2, H200.)
 __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStreams], int iters, float eps) {
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
@@ -491,7 +481,7 @@ __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStr
     const float even = fmaf(c[first], s[0], eps * denominator);
     const float odd = c[first + stride] * s[1];
     denominator = fmaf(c[first + 2 * stride], s[2], even) + fmaf(c[first + 3 * stride], s[3], odd);
-    scale = newton_reciprocal(denominator);
+    scale = fast_reciprocal(denominator);
   };
 #pragma unroll
   for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
