@@ -20,7 +20,11 @@
 //   stage's mbarrier; rows past the tokens and columns past the hidden size arrive as zeros. (Per-thread 16-byte
 //   cp.async copies until session 17: 4 per thread per tile and their address arithmetic in every thread. H200,
 //   V4-Flash, against the session 14-16 runs: 4096 tokens hc_pre 284.4 → 256.4 µs (31 % of copy), hc_post_pre 409.1 →
-//   390.1 (41 %), hc_head 197.4 → 172.3 (46 %); 64 tokens hc_pre 13.1 → 12.8.)
+//   390.1 (41 %), hc_head 197.4 → 172.3 (46 %); 64 tokens hc_pre 13.1 → 12.8.) Session 18: the stages addressed as
+//   shared memory (they had been generic loads and stores with 64-bit address arithmetic), two barriers a tile
+//   instead of four, 32-bit workspace offsets: 4096 tokens hc_pre 256.4 → 212.5 µs (37 %), hc_post_pre 385.7 →
+//   353.9 (45 %), hc_head 172.4 → 156.6 (50 %) (H200). Still ≈ 500 instructions per thread and tile, and a tile
+//   ≈ 3.3 µs of a CTA: latency-bound (not profiled).
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
