@@ -286,8 +286,9 @@ struct ScoresRun {
 // rounding, bf16 or fp8): the CPU's scores of the prepared operands (every element, visibility, −inf). Where the
 // shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup and
 // WarpgroupStreamed) too: the CPU's scores within the same tolerance (their tensor-core summation order is their own);
-// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (Warpgroup there for fp8 keys, and for bf16
-// keys from 2^20 (query, key) pairs of one sequence, else Warp).
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (WarpgroupStreamed there for bf16 keys of one
+// query over ≥ 16384 keys, Warpgroup for fp8 keys and for bf16 keys from 2^20 (query, key) pairs of one sequence,
+// else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -404,11 +405,13 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
+  const bool auto_streamed = warpgroup_shape && !fp8 && c.sequences == 1 && c.tokens == 1 && c.key_count >= 16384;
   const bool auto_warpgroup =
-      warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
-  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 2: the automatic choice, 3: the streamed warpgroup
-  // kernel.
-  for (const int variant : {0, 1, 2, 3}) {
+      !auto_streamed && warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
+  std::vector<float> streamed_scores;
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel, 2: the automatic
+  // choice (last: it must equal one of them).
+  for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
     if (warpgroup && !warpgroup_shape) continue;
     const std::string name = streamed    ? "streamed warpgroup MMA"
@@ -481,15 +484,21 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
       run.scores = got;
     } else if (variant == 1) {
       warpgroup_scores = got;
-    } else if (variant == 2) {
+    } else if (variant == 3) {
+      streamed_scores = got;
+    } else {
       // Auto: the bits of the kernel it must have picked.
-      const std::vector<float>& same = auto_warpgroup ? warpgroup_scores : prepared_scores;
+      const std::vector<float>& same = auto_streamed    ? streamed_scores
+                                       : auto_warpgroup ? warpgroup_scores
+                                                        : prepared_scores;
       int mismatches = 0;
       for (size_t i = 0; i < got.size() && mismatches < 5; ++i)
         if (float_bits(got[i]) != float_bits(same[i])) {
           ++mismatches;
           ADD_FAILURE() << name << " score " << i << " = " << got[i] << " differs from " << same[i]
-                        << (auto_warpgroup ? " (warpgroup MMA)" : " (mma.sync)");
+                        << (auto_streamed    ? " (streamed warpgroup MMA)"
+                            : auto_warpgroup ? " (warpgroup MMA)"
+                                             : " (mma.sync)");
         }
     }
   }

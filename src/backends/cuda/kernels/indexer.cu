@@ -115,6 +115,13 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
+// Auto's streamed warpgroup kernel: bf16 keys of one query over ≥ 16K keys, where it was measured (H200, session 18:
+// 64K and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there).
+bool streams_by_default(const IndexerScoresParams& p) {
+  return p.kernel == IndexerScoresKernel::Auto && warpgroup_shape(p) && !fp8_keys(p) && p.sequence_slots == nullptr &&
+         p.tokens == 1 && p.key_count >= 16384;
+}
+
 // The kernels' view of the parameters (strides resolved).
 indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_cta) {
   return indexer::ScoresArgs{
@@ -205,7 +212,7 @@ struct ScoresPlan {
 ScoresPlan plan_scores(const IndexerScoresParams& p) {
   ScoresPlan plan;
   const bool fp8 = fp8_keys(p);
-  plan.streamed = p.kernel == IndexerScoresKernel::WarpgroupStreamed;
+  plan.streamed = p.kernel == IndexerScoresKernel::WarpgroupStreamed || streams_by_default(p);
   plan.warpgroup = plan.streamed || uses_warpgroup_kernel(p);
   const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8).bytes;
   // Queries of one CTA share its key loads: only those of one sequence.
@@ -216,7 +223,9 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
-                          plan.streamed ? 1 : indexer::kScoreCtasPerSm);
+                          !plan.streamed ? indexer::kScoreCtasPerSm
+                          : fp8           ? indexer::kStreamCtasPerSm<true>
+                                          : indexer::kStreamCtasPerSm<false>);
   return plan;
 }
 

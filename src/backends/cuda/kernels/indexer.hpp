@@ -24,8 +24,9 @@
 //   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
 //   WarpgroupStreamed, the Warpgroup kernel's shapes and MMAs with the keys streamed through a ring of shared-memory
 //   stages (more key bytes in flight than registers hold; one CTA per SM);
-//   Auto (the default), Warpgroup in those shapes for fp8 keys, and for bf16 keys where one sequence's launch scores
-//   ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots), else Warp. The e4m3 warpgroup MMA keeps about
+//   Auto (the default), in those shapes: WarpgroupStreamed for bf16 keys of one query (no sequence_slots) over ≥ 16384
+//   keys; Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch scores ≥ 2^20 (query, key) pairs
+//   (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps about
 //   14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
 //   exactly, plain e4m3 ones within ~5e-5 of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
 // - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp, in one launch where IndexerTopKMethod allows.
