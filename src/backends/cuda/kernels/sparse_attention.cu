@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -241,14 +239,6 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
 }
 
 }  // namespace
-
-bool sparse_attention_early_entries_default() {
-  static const bool on = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_EARLY_ENTRIES");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  return on;
-}
 
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 

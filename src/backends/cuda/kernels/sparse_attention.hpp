@@ -48,10 +48,6 @@ inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 // Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query).
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 
-// The default of SparseAttentionParams::head_split_early_entries: off, on where the environment sets
-// DSV4_ATTENTION_EARLY_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
-bool sparse_attention_early_entries_default();
-
 struct SparseAttentionParams {
   KvCacheView cache;
   int layer = 0;
@@ -92,7 +88,10 @@ struct SparseAttentionParams {
   // Head-split path: each split asks L2 for its entries before griddepcontrol.wait, through the index as it stands
   // then (in a decode step mostly the previous step's rows, which the new lists share) and the step's page table, so
   // that its bulk copies after the wait find them in L2 rather than DRAM (the index itself is read after the wait).
-  bool head_split_early_entries = sparse_attention_early_entries_default();
+  // H200, dsv4 bench e2e --config flash --layers 8 --format nvfp4 -p 0 -n 64 -b 1 -r 2, off / on interleaved in one
+  // job (session 18): round 1 747.5, 754.2 / 751.5, 754.8 t/s; round 2 743.5, 744.1 / 752.0, 752.7; at -d 2048
+  // level (729.8, 736.9 / 734.5, 730.0).
+  bool head_split_early_entries = true;
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
