@@ -77,52 +77,36 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_SUM=spread takes the cluster
-// reduction that spreads the outputs over the ranks (CLUSTER_SPREAD) instead of rank 0 adding them all.
-bool cluster_sum_spread() {
-  static const bool spread = [] {
-    const char* value = std::getenv("DSV4_LINEAR_CLUSTER_SUM");
-    return value != nullptr && std::string_view(value) == "spread";
-  }();
-  return spread;
-}
-
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_SCALES_AHEAD=1 takes the FP8 kernels that load
-// the block scales one stage ahead, the first before the grid-dependency wait (kScalesAhead).
-bool scales_ahead() {
-  static const bool ahead = [] {
-    const char* value = std::getenv("DSV4_LINEAR_SCALES_AHEAD");
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_PREFETCH_SCALES=1 takes the FP8 kernels that
+// prefetch the first stage's block scales before the grid-dependency wait (kPrefetchScales).
+bool prefetch_scales() {
+  static const bool prefetch = [] {
+    const char* value = std::getenv("DSV4_LINEAR_PREFETCH_SCALES");
     return value != nullptr && std::string_view(value) == "1";
   }();
-  return ahead;
+  return prefetch;
 }
 
-template <TileFormat F, int NT, bool kScalesAhead, bool kTrace>
+template <TileFormat F, int NT, bool kPrefetchScales, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
-    if (cluster_sum_spread())
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_SPREAD, kScalesAhead, kTrace>(args, config,
-                                                                                                 stream);
-    else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RANK0, kScalesAhead, kTrace>(args, config,
-                                                                                                stream);
-  } else {
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kScalesAhead, kTrace>(args, config, stream);
-  }
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kPrefetchScales, kTrace>(args, config, stream);
+  else
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kPrefetchScales, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
     if (args.trace != nullptr) {
-      if (scales_ahead()) return launch_streamed_variant<F, NT, true, true>(args, config, stream);
+      if (prefetch_scales()) return launch_streamed_variant<F, NT, true, true>(args, config, stream);
       return launch_streamed_variant<F, NT, false, true>(args, config, stream);
     }
   }
   if constexpr (F == TileFormat::FP8_BLOCK128)
-    if (scales_ahead()) return launch_streamed_variant<F, NT, true, false>(args, config, stream);
+    if (prefetch_scales()) return launch_streamed_variant<F, NT, true, false>(args, config, stream);
   launch_streamed_variant<F, NT, false, false>(args, config, stream);
 }
 
@@ -163,16 +147,6 @@ constexpr size_t kStreamedXTileBudget = 16 * 1024;
 // deeper rings only queue more requests behind the same 16 warps per SM); BF16 gained only at T = 1, with four.
 // Cold (L2 evicted before each call, session 14): FP8 wq_b T = 1 13.2 / 14.0 / 15.8 / 19.6 µs at 1-4 slots, ncu
 // 16.6 / 18.1 / 19.7 / 24.7 µs with DRAM 42 / 39 / 36 / 28 % busy: more bytes in flight per SM made it slower.
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_DEEP_SPLITS=1 gives FP8 calls at T <= 8 that
-// split K through the workspace 2 ring slots per warp and half the K splits (round s18-1, H200 cold: V4-Flash wo_b
-// 14.28 → 13.73 µs at 2 slots × 4 splits instead of 1 × 8; V4-Pro wo_b 36.67 → 35.56 at 2 × 3 instead of 1 × 4).
-bool deep_split_rings() {
-  static const bool deep = [] {
-    const char* value = std::getenv("DSV4_LINEAR_DEEP_SPLITS");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
-  return deep;
-}
 int default_ring_slots(TileFormat format) { return format == TileFormat::BF16 ? 4 : 1; }
 bool auto_takes_streamed(TileFormat format, int tokens) {
   return format == TileFormat::BF16 ? tokens == 1 : tokens <= tile::kTokensPerMma;
@@ -260,13 +234,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
     if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
-    if (deep_split_rings() && format == TileFormat::FP8_BLOCK128 && tokens <= tile::kTokensPerMma && ring_slots == 0) {
-      const QuantizedLinearConfig split = choose_quantized_linear_config(
-          weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE, 0);
-      if (split.k_splits >= 2)
-        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
-                                              SplitKReduce::WORKSPACE, split.k_splits / 2);
-    }
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;

@@ -187,23 +187,18 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
   return true;
 }
 
-// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster where rank 0 adds
-// every rank's tile (CLUSTER_RANK0) or every rank adds a share of the tile's outputs (CLUSTER_SPREAD).
-enum class StreamedReduce { WORKSPACE, CLUSTER_RANK0, CLUSTER_SPREAD };
+// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster.
+enum class StreamedReduce { WORKSPACE, CLUSTER };
 
 // The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
 // split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
-// no longer read), and the ranks' tiles are added in rank order, as the workspace path adds the splits (bitwise the
-// same result). CLUSTER_RANK0: rank 0 adds them all, one split after the other. CLUSTER_SPREAD: each rank takes a
-// contiguous share of the outputs and each thread loads every split's value of its output before adding them, so
-// the reduction costs about one distributed-shared-memory round trip instead of one per split. Called by the whole
-// CTA after its last MMA.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce>
+// no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
+// the same result). Called by the whole CTA after its last MMA.
+template <tile::TileFormat F, int NT>
 __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
                                                      int64_t row0, int64_t cta_row0, int64_t cta_row_end,
                                                      float* scratch) {
   namespace cg = cooperative_groups;
-  static_assert(kReduce != StreamedReduce::WORKSPACE);
   const cg::cluster_group cluster = cg::this_cluster();
   const int lane = int(threadIdx.x) % tile::kWarpSize, g = lane / 4, t = lane % 4;
   const int cta_rows = int(cta_row_end - cta_row0);
@@ -217,35 +212,21 @@ __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& arg
       if (row < cta_row_end && token < args.tokens) scratch[token * kRowsPerCta + (row - cta_row0)] = acc[nt][i];
     }
   cluster.sync();  // every rank's partial tile is written and visible across the cluster
-  const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
-  const int outputs = cta_rows * args.tokens, rank = int(cluster.block_rank());
-  const int share = kReduce == StreamedReduce::CLUSTER_SPREAD ? (outputs + args.k_splits - 1) / args.k_splits
-                                                               : outputs;
-  const int begin = kReduce == StreamedReduce::CLUSTER_SPREAD ? rank * share : 0;
-  const int end = kReduce == StreamedReduce::CLUSTER_SPREAD ? min(outputs, begin + share) : rank == 0 ? outputs : 0;
-  for (int i = begin + int(threadIdx.x); i < end; i += kThreadsPerCta) {
-    const int token = i / cta_rows, r = i % cta_rows;
-    const int offset_in_tile = token * kRowsPerCta + r;
-    float sum = 0.0f;
-    if constexpr (kReduce == StreamedReduce::CLUSTER_SPREAD) {
-      float parts[kLinearMaxClusterSplits];
-#pragma unroll
-      for (int s = 0; s < kLinearMaxClusterSplits; ++s)
-        parts[s] = s < args.k_splits ? cluster.map_shared_rank(scratch, s)[offset_in_tile] : 0.0f;
-#pragma unroll
-      for (int s = 0; s < kLinearMaxClusterSplits; ++s)
-        if (s < args.k_splits) sum += parts[s];
-    } else {
-      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[offset_in_tile];
+  if (cluster.block_rank() == 0) {
+    const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
+    for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
+      const int token = i / cta_rows, r = i % cta_rows;
+      float sum = 0.0f;
+      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[token * kRowsPerCta + r];
+      const float value = sum * output_scale;
+      const int64_t offset = token * args.y_row_stride + cta_row0 + r;
+      if (args.y != nullptr)
+        args.y[offset] = value;
+      else
+        args.y_bf16[offset] = __float2bfloat16_rn(value);
     }
-    const float value = sum * output_scale;
-    const int64_t offset = token * args.y_row_stride + cta_row0 + r;
-    if (args.y != nullptr)
-      args.y[offset] = value;
-    else
-      args.y_bf16[offset] = __float2bfloat16_rn(value);
   }
-  cluster.sync();  // every rank keeps its shared memory until the others have read it
+  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
@@ -283,6 +264,19 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT))
   write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
 }
 
+// Asks L1 for the FP8 block scales of the stage at k0 (load_stage_block_scales reads them later); no register waits
+// for them. Nothing for the other formats (their scales come with the stage).
+template <tile::TileFormat F>
+__device__ __forceinline__ void prefetch_stage_block_scales(const DeviceMatrixView& w, int64_t row0, int64_t k0) {
+  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
+    const int64_t offset = (row0 / 128) * w.scales_per_row + k0 / 128;
+    const size_t entry = w.scale_type == ScaleType::F32 ? sizeof(float) : 1;
+    const uint8_t* first = w.scales + size_t(offset) * entry;
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(first));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(first + (tile::stream::kMaxBlocksPerStage - 1) * entry));
+  }
+}
+
 // One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers (stage J of the CTA's
 // work sits in slot J % slots and completes barrier phase J / slots).
 struct WarpRing {
@@ -307,14 +301,11 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
-// refilling the ring. The first stages must have been issued (issue_first_stages). FP8 block scales: loaded before
-// each stage's wait, or with kScalesAhead one stage ahead, `ahead` holding the first stage's on entry (loaded by the
-// caller, e.g. before its grid-dependency wait). Called by the whole CTA.
-template <tile::TileFormat F, int NT, bool kScalesAhead, bool kTrace, class StageX>
+// refilling the ring. The first stages must have been issued (issue_first_stages). Called by the whole CTA.
+template <tile::TileFormat F, int NT, bool kTrace, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
-                                                       float (&ahead)[tile::stream::kMaxBlocksPerStage],
                                                        float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
@@ -341,13 +332,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      if constexpr (kScalesAhead) {
-#pragma unroll
-        for (int b = 0; b < st::kMaxBlocksPerStage; ++b) block_scales[b] = ahead[b];
-        if (k0 + kStageK < work.split_end) st::load_stage_block_scales<F>(w, row0, k0 + kStageK, ahead);
-      } else {
-        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-      }
+      st::load_stage_block_scales<F>(w, row0, k0, block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j));
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
@@ -400,12 +385,12 @@ inline constexpr bool kHasSide = !std::is_same_v<Side, NoLinearSide>;
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-// kScalesAhead (FP8): each warp loads its first stage's block scales before the grid-dependency wait and every
-// later stage's one stage ahead, off the chain of x staging → scale load → first MMA. kTrace: a traced launch
-// (QuantizedLinearParams::trace).
+// kPrefetchScales (FP8): each warp asks L1 for its first stage's block scales before the grid-dependency wait, so
+// their load after the x staging (the chain x staged → scales → first MMA) hits instead of going to DRAM. kTrace: a
+// traced launch (QuantizedLinearParams::trace).
 // With a Side (kHasSide), grid x has side_ctas columns past the linear's row blocks (groups = 1): their split-0 CTAs
 // run Side::extra_cta, the others return.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kScalesAhead = false, bool kTrace = false,
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kPrefetchScales = false, bool kTrace = false,
           class Side = NoLinearSide>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args,
@@ -440,9 +425,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     __syncwarp();
     issue_first_stages<F>(args, work, row0, ring);
   }
-  float scales_ahead[tile::stream::kMaxBlocksPerStage] = {};
-  if constexpr (kScalesAhead)
-    if (has_rows) tile::stream::load_stage_block_scales<F>(w, row0, work.split_begin, scales_ahead);
+  if constexpr (kPrefetchScales)
+    if (has_rows && threadIdx.x % tile::kWarpSize == 0) prefetch_stage_block_scales<F>(w, row0, work.split_begin);
   trace_point<kTrace>(args, TRACE_ISSUED);
   wait_for_prior_grids();
   trace_point<kTrace>(args, TRACE_PRIOR_DONE);
@@ -450,15 +434,15 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT, kScalesAhead, kTrace>(
+  multiply_streamed_item<F, NT, kTrace>(
       args, work, row0, has_rows, ring, x_tile,
       [&](int64_t chunk_begin, int64_t chunk_end) {
         stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
       },
-      scales_ahead, acc);
+      acc);
 
   if constexpr (kReduce != StreamedReduce::WORKSPACE)
-    write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
+    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else if (write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split))
     if constexpr (kHasSide<Side>) Side::rows_stored(side, work.row0, work.row_end);
   trace_point<kTrace>(args, TRACE_END);
@@ -469,12 +453,12 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 LinearKernelArgs checked_kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 // Launches the streamed kernel for args and config (grid: the config's row blocks + side_ctas × its K splits).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kScalesAhead = false, bool kTrace = false,
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kPrefetchScales = false, bool kTrace = false,
           class Side = NoLinearSide>
 void launch_streamed_kernel(const LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream,
                             const typename Side::Args& side = {}, int64_t side_ctas = 0) {
   constexpr bool kCluster = kReduce != StreamedReduce::WORKSPACE;
-  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kScalesAhead, kTrace, Side>;
+  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kPrefetchScales, kTrace, Side>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
