@@ -1,8 +1,5 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -15,24 +12,6 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-// Whether the environment variable `name` is `value` (the GPU rounds' A/B switches on unchanged benchmarks).
-bool environment_is(const char* name, const char* value) {
-  const char* set = std::getenv(name);
-  return set != nullptr && std::strcmp(set, value) == 0;
-}
-
-// Auto's resolve schedule: in turn, or rows ahead where DSV4_ATTENTION_PREFILL_RESOLVE=ahead (read once).
-bool auto_rows_ahead() {
-  static const bool ahead = environment_is("DSV4_ATTENTION_PREFILL_RESOLVE", "ahead");
-  return ahead;
-}
-
-// Auto's output stores: the fragments, or staged where DSV4_ATTENTION_PREFILL_OUTPUT=staged (read once).
-bool auto_staged_output() {
-  static const bool staged = environment_is("DSV4_ATTENTION_PREFILL_OUTPUT", "staged");
-  return staged;
-}
-
 template <bool kFp8>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   const auto kernel = sparse_attention_prefill_kernel<kFp8>;
@@ -43,12 +22,8 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
-  const bool rows_ahead = options.resolve_schedule == ResolveSchedule::RowsAhead ||
-                          (options.resolve_schedule == ResolveSchedule::Auto && auto_rows_ahead());
-  const bool staged_output = options.output_stores == OutputStores::Staged ||
-                             (options.output_stores == OutputStores::Auto && auto_staged_output());
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, rows_ahead, staged_output);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch);
 }
 
 }  // namespace

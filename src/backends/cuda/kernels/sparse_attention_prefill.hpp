@@ -36,23 +36,9 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 enum class PrefetchResolved : uint8_t { Auto, Off, On };
 inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
-// When the producer loads a pair's index entries: InTurn just before that pair's page-table loads (two dependent
-// round trips per pair), RowsAhead one pair earlier, right after the previous pair's page-table loads (one round trip
-// per pair on the producer's path). Auto: InTurn (RowsAhead where the environment sets
-// DSV4_ATTENTION_PREFILL_RESOLVE=ahead, for A/B runs).
-enum class ResolveSchedule : uint8_t { Auto, InTurn, RowsAhead };
-
-// How the consumers store the output: Fragments straight from the accumulators (4- or 8-byte stores, eight rows per
-// warp instruction), or Staged through shared memory (the free KV buffers) and copied out in 16-byte chunks, a warp
-// on 512 consecutive bytes. Auto: Fragments (Staged where the environment sets DSV4_ATTENTION_PREFILL_OUTPUT=staged,
-// for A/B runs).
-enum class OutputStores : uint8_t { Auto, Fragments, Staged };
-
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  ResolveSchedule resolve_schedule = ResolveSchedule::Auto;
-  OutputStores output_stores = OutputStores::Auto;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
