@@ -87,13 +87,27 @@ bool prefetch_scales() {
   return prefetch;
 }
 
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_EXIT=relaxed ends the cluster reduction
+// with a relaxed cluster barrier (StreamedReduce::CLUSTER_RELAXED_EXIT).
+bool relaxed_cluster_exit() {
+  static const bool relaxed = [] {
+    const char* value = std::getenv("DSV4_LINEAR_CLUSTER_EXIT");
+    return value != nullptr && std::string_view(value) == "relaxed";
+  }();
+  return relaxed;
+}
+
 template <TileFormat F, int NT, bool kPrefetchScales, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kPrefetchScales, kTrace>(args, config, stream);
-  else
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
+    if (relaxed_cluster_exit())
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RELAXED_EXIT, kPrefetchScales, kTrace>(
+          args, config, stream);
+    else
+      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kPrefetchScales, kTrace>(args, config, stream);
+  } else
     linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kPrefetchScales, kTrace>(args, config, stream);
 }
 

@@ -187,14 +187,16 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
   return true;
 }
 
-// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster.
-enum class StreamedReduce { WORKSPACE, CLUSTER };
+// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster, whose ranks wait for
+// rank 0's reads before exiting with a release-acquire cluster barrier (CLUSTER) or a relaxed one
+// (CLUSTER_RELAXED_EXIT: rank 0's reads have returned their values before it arrives, so nothing needs ordering).
+enum class StreamedReduce { WORKSPACE, CLUSTER, CLUSTER_RELAXED_EXIT };
 
 // The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
 // split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
 // no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
 // the same result). Called by the whole CTA after its last MMA.
-template <tile::TileFormat F, int NT>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce>
 __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
                                                      int64_t row0, int64_t cta_row0, int64_t cta_row_end,
                                                      float* scratch) {
@@ -226,7 +228,11 @@ __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& arg
         args.y_bf16[offset] = __float2bfloat16_rn(value);
     }
   }
-  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
+  // The other ranks keep their shared memory until rank 0 has read it.
+  if constexpr (kReduce == StreamedReduce::CLUSTER_RELAXED_EXIT)
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+  else
+    cluster.sync();
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
@@ -442,7 +448,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
       acc);
 
   if constexpr (kReduce != StreamedReduce::WORKSPACE)
-    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
+    write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else if (write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split))
     if constexpr (kHasSide<Side>) Side::rows_stored(side, work.row0, work.row_end);
   trace_point<kTrace>(args, TRACE_END);
