@@ -13,9 +13,9 @@
 //   3. O_w += P_w V_w[:, half w] from registers; P_w (rescaled to the pair's max) goes to shared memory for the other;
 //   4. O_w += P_other V_other[:, half w] from shared memory.
 // Consumer 0 issues the next pair's QKᵀ while its step 4 runs. The producer gathers entries by index (slot → logical
-// row → page → physical entry; the index loads a pair ahead of the page-table loads): bf16 entries by
-// 16-byte cp.async (zero-filled for unused slots) that arrive on the half's mbarrier when they land; fp8 entries
-// through registers, dequantised exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the
+// row → page → physical entry; the index loads a pair ahead of the page-table loads): bf16 entries by 16-byte
+// cp.async (zero-filled for unused slots) that arrive on the half's mbarrier when they land; fp8 entries through
+// registers, dequantised exactly to bf16 (e4m3 · 2^k). A consumer that waited on a half's barrier fences the
 // async proxy before its wgmma reads the cp.async data. After its copies the producer also writes the inverse RoPE
 // factors, which only the consumers' epilogue reads. The epilogue stores fp32 output from the accumulator fragments,
 // bf16 output through the free KV buffers in whole rows.
@@ -446,7 +446,7 @@ __device__ __forceinline__ void store_weights(uint8_t* tile, const uint32_t (&pf
 // Byte `byte` of output row `row` in the staging rows: 16-byte chunks swizzled by the row's low bits, so that the eight
 // rows a warp's fragment writes at once fall in different banks.
 __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
-  return row * row_bytes + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+  return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
 template <bool kFp8>
