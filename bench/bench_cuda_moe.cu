@@ -13,11 +13,9 @@
 // "fused-router+tile-decode", the shared expert never split and split at every T <= 8 (MoeRunParams::
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
-// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the expert GEMMs in one launch
-// other than the default (MoeRunParams::experts_in_one_launch; where it applies, T <= 8): "one-launch" (or
-// "two-launches"), and the down CTAs waiting for their item's gate/up CTAs other than the default
-// (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-item" (or "down-waits-grid"), and every work item split
-// other than the default (MoeRunParams::split_items; T <= 8): "split-items" (or "unsplit-items").
+// (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), the down CTAs' wait other than the
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and every work item
+// split other than the default (MoeRunParams::split_items; T <= 8): "split-items" (or "unsplit-items").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -180,7 +178,6 @@ enum class Path {
   SPLIT_SHARED_TO_8,
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
-  ONE_LAUNCH,
   PER_ITEM,
   SPLIT_ITEMS,
   REGISTER
@@ -192,12 +189,10 @@ struct PathSpec {
   MoeSharedExpertSplit split = MoeRunParams{}.shared_expert_split;
   bool no_down_head_start = false;
   bool other_columns = false;
-  bool other_one_launch = false;
   bool other_per_item = false;
   bool other_split_items = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_one_launch || other_per_item ||
-           other_split_items ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_split_items ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -211,12 +206,10 @@ constexpr PathSpec kPaths[] = {
     {Path::NO_DOWN_HEAD_START, "no-down-head-start", false, false, MoeRunParams{}.shared_expert_split, true},
     {Path::OTHER_COLUMNS, MoeRunParams{}.column_stages ? "no-columns" : "columns", false, false,
      MoeRunParams{}.shared_expert_split, false, true},
-    {Path::ONE_LAUNCH, MoeRunParams{}.experts_in_one_launch ? "two-launches" : "one-launch", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, true},
+     MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::SPLIT_ITEMS, MoeRunParams{}.split_items ? "unsplit-items" : "split-items", false, false,
-     MoeRunParams{}.shared_expert_split, false, false, false, false, true},
+     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -235,7 +228,6 @@ MoeRunParams path_params(Path path) {
   p.shared_expert_split = spec.split;
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
-  if (spec.other_one_launch) p.experts_in_one_launch = !p.experts_in_one_launch;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   if (spec.other_split_items) p.split_items = !p.split_items;
   p.fused_small_batches = path != Path::REGISTER;
@@ -317,7 +309,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          ((spec.other_one_launch || spec.other_per_item || spec.other_split_items) && T > 8))
+          ((spec.other_per_item || spec.other_split_items) && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -453,7 +445,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "one-launch|two-launches,down-waits-item|down-waits-grid,split-items|unsplit-items,"
+                           "down-waits-grid|down-waits-item,split-items|unsplit-items,"
                            "register]\n");
       return 2;
     }

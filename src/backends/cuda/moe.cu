@@ -7,7 +7,6 @@
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_routing.hpp"
-#include "backends/cuda/per_device_cache.hpp"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -21,8 +20,8 @@ struct WorkspaceLayout {
   static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, item_counters = 512,
                           counters_end = 1024;
   static constexpr int band_ticket_capacity = int((item_counters - band_tickets) / sizeof(uint32_t));
-  static_assert(item_counters + 2 * kMoeOneLaunchMaxItems * sizeof(uint32_t) <= counters_end,
-                "the one-launch experts' item counters fit the counters");
+  static_assert(item_counters + 2 * kMoeCountedItemsMax * sizeof(uint32_t) <= counters_end,
+                "the per-item counters fit the counters");
   size_t logits = 0, u_bf16 = 0, expert_ids = 0, expert_weights = 0, expert_offsets = 0, row_tokens = 0,
          slot_rows = 0, work_items = 0, h = 0, down = 0, total = 0;
   int64_t max_work_items = 0;
@@ -55,10 +54,9 @@ WorkspaceLayout workspace_layout(const MoeConfig& c, int64_t tokens) {
   return l;
 }
 
-// Null for a null workspace (moe_launches needs no workspace).
 template <class T>
 T* at(void* base, size_t offset) {
-  return base == nullptr ? nullptr : reinterpret_cast<T*>(static_cast<char*>(base) + offset);
+  return reinterpret_cast<T*>(static_cast<char*>(base) + offset);
 }
 
 }  // namespace
@@ -79,23 +77,12 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-// A/B switches for the GPU rounds (environment, read once): DSV4_MOE_EXPERTS_ONE_LAUNCH=1 (or 0) sets
-// MoeRunParams::experts_in_one_launch for every call, so that model runs compare both.
-// -1 when `name` is unset (or neither 1 nor 0).
-int forced_by_environment(const char* name) {
+// A/B switch for the GPU rounds (environment, read once): DSV4_MOE_SPLIT_ITEMS=1 (or 0) sets
+// MoeRunParams::split_items for every call, so that model runs compare both.
+int forced_by_environment(const char* name) {  // -1 when `name` is unset (or neither 1 nor 0)
   const char* value = std::getenv(name);
   if (value == nullptr) return -1;
   return std::string_view(value) == "1" ? 1 : std::string_view(value) == "0" ? 0 : -1;
-}
-bool experts_in_one_launch(const MoeRunParams& p) {
-  static const int forced = forced_by_environment("DSV4_MOE_EXPERTS_ONE_LAUNCH");
-  return forced < 0 ? p.experts_in_one_launch : forced == 1;
-}
-// The same for MoeRunParams::down_waits_per_item: DSV4_MOE_DOWN_WAITS_PER_ITEM=1 (or 0), and
-// MoeRunParams::split_items: DSV4_MOE_SPLIT_ITEMS=1 (or 0).
-bool down_waits_per_item(const MoeRunParams& p) {
-  static const int forced = forced_by_environment("DSV4_MOE_DOWN_WAITS_PER_ITEM");
-  return forced < 0 ? p.down_waits_per_item : forced == 1;
 }
 bool split_items(const MoeRunParams& p) {
   static const int forced = forced_by_environment("DSV4_MOE_SPLIT_ITEMS");
@@ -147,7 +134,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .column_stages = p.column_stages && streamed,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
-      .down_waits_per_item = down_waits_per_item(p),
+      .down_waits_per_item = p.down_waits_per_item,
       .split_items = split_items(p),
       .stream = p.stream,
   };
@@ -160,18 +147,11 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
   return gemm;
 }
 
-// Whether the call's expert GEMMs run in one launch (MoeRunParams::experts_in_one_launch where it applies).
-bool one_launch(const MoeRunParams& p, const MoeExpertGemmParams& gemm) {
-  return experts_in_one_launch(p) && moe_experts_in_one_launch_apply(gemm, device_multiprocessors());
-}
-
 }  // namespace
 
-int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  const WorkspaceLayout l = workspace_layout(weights.config(), p.tokens);
-  const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing_buffers(l, p.workspace));
-  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) +
-         (one_launch(p, gemm) ? 1 : 2) + (fuses_combine(p) ? 0 : 1);
+int moe_launches(const DeviceMoeWeights&, const MoeRunParams& p) {
+  return moe_routing_launches({.tokens = p.tokens, .fused_routing = p.fused_small_batches}) + 2 +
+         (fuses_combine(p) ? 0 : 1);
 }
 
 void prepare_moe_workspace(void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -230,16 +210,10 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
   run_moe_routing(routing_params);
   mark_stage();
-  if (one_launch(p, gemm)) {
-    run_moe_experts_in_one_launch(gemm);
-    mark_stage();
-    mark_stage();  // the down stage is empty
-  } else {
-    run_moe_gate_up(gemm);
-    mark_stage();
-    run_moe_down(gemm);
-    mark_stage();
-  }
+  run_moe_gate_up(gemm);
+  mark_stage();
+  run_moe_down(gemm);
+  mark_stage();
   if (fuses_combine(p)) {
     mark_stage();  // the combine stage is empty
     return;

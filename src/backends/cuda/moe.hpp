@@ -2,8 +2,7 @@
 //   out[T, d] = Σ_k weight_k · expert_{idx_k}(u) + shared(u).
 //
 // Dispatch contract:
-// - Five launches (three at T <= 8 with fused_small_batches, two where experts_in_one_launch applies), all on
-//   params.stream, no host
+// - Five launches (three at T <= 8 with fused_small_batches), all on params.stream, no host
 //   round-trip, no allocation, no synchronisation, so the sub-block can be captured in a CUDA graph: router GEMV
 //   (+ u → bf16), scoring/top-k (or hash) + bucketing (fused: in the router launch's last CTA), grouped gate/up GEMM
 //   with the clamped SwiGLU (bf16 h), grouped down GEMM (fp32 per-row outputs), combine (fused: by the down launch's
@@ -92,16 +91,13 @@ struct MoeRunParams {
   // NVFP4 T = 1 51.3 -> 50.1 us, T = 2 87.8 -> 84.7, V4-Pro NVFP4 T = 1 114.3 -> 110.3; H100 (round s16-2, T = 1):
   // V4-Flash NVFP4 57.4 -> 56.5, MXFP4 60.3 -> 59.6, V4-Pro NVFP4 145.5 -> 138.5.
   bool column_stages = true;
-  // The streamed expert GEMMs in one launch where run_moe_experts_in_one_launch applies (T <= 8 where its grid is
-  // resident at once: V4-Flash at T = 1): each CTA runs its gate/up band of an item, then its down band of the same
-  // item, w2 streaming while the last gate/up stages multiply and down waiting for its own item's gate/up CTAs only.
-  // The same bits; one launch less. DSV4_MOE_EXPERTS_ONE_LAUNCH=1 / 0 in the environment overrides it (A/B runs).
-  bool experts_in_one_launch = false;
-  // MoeExpertGemmParams::down_waits_per_item for the streamed kernels at T <= 8 (where the experts do not run in one
-  // launch): each down CTA waits for its own item's gate/up CTAs, not the whole gate/up grid. The same bits.
-  // DSV4_MOE_DOWN_WAITS_PER_ITEM=1 / 0 in the environment overrides it (A/B runs).
-  bool down_waits_per_item = false;
-  // MoeExpertGemmParams::split_items for the streamed kernels at T <= 8 (where the experts do not run in one launch):
+  // MoeExpertGemmParams::down_waits_per_item for the streamed kernels at T <= 8: each down CTA waits for its own
+  // item's gate/up CTAs, not the whole gate/up grid. The same bits. H200, bench_cuda_moe, V4-Flash NVFP4 (GPU round
+  // s18-2): T = 1 49.8 -> 49.1 us, T = 2 83.1 -> 75.0, T = 8 220.4 -> 216.8; e2e 8 layers b1 751.5 -> 761.1 t/s.
+  // (The expert GEMMs in one launch, each CTA's gate/up band then its down band with w2 streaming during the last
+  // gate/up stages, measured slower in the same round: T = 1 53.9 us, e2e b1 709.9 t/s; removed.)
+  bool down_waits_per_item = true;
+  // MoeExpertGemmParams::split_items for the streamed kernels at T <= 8 where the unsplit launches pass one wave:
   // every work item's CTAs split in two per band, so launches of several waves end on a smaller last wave. Sums in
   // another order (as exact). DSV4_MOE_SPLIT_ITEMS=1 / 0 in the environment overrides it (A/B runs).
   bool split_items = false;

@@ -70,7 +70,7 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
-  if (moe_items_split_apply(p)) {  // two grid rows per item
+  if (moe_items_split_apply(p, device_multiprocessors())) {  // two grid rows per item
     const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
                     unsigned(2 * p.max_work_items));
     auto* kernel = split_kernel<G>(p.down_head_start, columns);
@@ -263,69 +263,22 @@ void run_moe_gate_up(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::GAT
 
 void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p); }
 
-bool moe_items_split_apply(const MoeExpertGemmParams& p) {
+bool moe_items_split_apply(const MoeExpertGemmParams& p, int multiprocessors) {
   if (!p.split_items || !p.streamed || !p.lean_decode || p.tokens > tile::kTokensPerMma) return false;
   const int64_t min_stages = 2 * moe::kStreamedSlots;
   for (const WeightFormat f : {p.routed_format, p.shared_format}) {
     const int64_t stage = tile::stream::stage_k(tile_format(f));
     if (p.hidden / stage < min_stages || p.intermediate / stage < min_stages) return false;
   }
-  return true;
+  const int64_t gate_up_bands = (p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
+                                moe::kCtaRows<moe::ExpertGemm::GATE_UP>;
+  const int64_t down_bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+  return std::max(gate_up_bands, down_bands) * (p.max_work_items - 1) > 2 * int64_t(multiprocessors);
 }
 
 bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& p) {
   return p.down_waits_per_item && p.item_counters != nullptr && p.streamed && p.down_head_start &&
-         p.tokens <= tile::kTokensPerMma && p.max_work_items <= kMoeOneLaunchMaxItems;
-}
-
-bool moe_experts_in_one_launch_apply(const MoeExpertGemmParams& p, int multiprocessors) {
-  if (!p.streamed || !p.lean_decode || p.tokens < 1 || p.tokens > tile::kTokensPerMma || p.tokens > kMoeRowsPerWorkItem)
-    return false;
-  if (moe_items_split_apply(p) ||
-      moe_column_stages_apply(p, p.hidden) != moe_column_stages_apply(p, p.intermediate))
-    return false;
-  const int64_t items = int64_t(p.max_work_items) - 1;
-  if (items < 1 || items > kMoeOneLaunchMaxItems) return false;
-  const int64_t gate_up_bands = (p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
-                                moe::kCtaRows<moe::ExpertGemm::GATE_UP>;
-  const int64_t down_bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
-  const int64_t rows = items + (moe_shared_expert_splits(p, multiprocessors) ? 1 : 0);
-  return std::max(gate_up_bands, down_bands) * rows <= int64_t(moe::kOneLaunchCtasPerSm) * multiprocessors;
-}
-
-void run_moe_experts_in_one_launch(const MoeExpertGemmParams& p) {
-  check_moe_expert_gemm_params(p);
-  const int multiprocessors = device_multiprocessors();
-  check(p.item_counters != nullptr, "moe expert GEMMs in one launch: no item counters");
-  check(moe_experts_in_one_launch_apply(p, multiprocessors), "moe expert GEMMs in one launch: not for these ",
-        "parameters (the streamed kernels with the lean decode at T <= 8, the column stages for both GEMMs or ",
-        "neither, at most ", kMoeOneLaunchMaxItems, " work items and two CTAs per SM; T = ", p.tokens, ", ",
-        p.max_work_items, " work items, ", multiprocessors, " SMs)");
-  moe::ExpertGemmArgs gate_up = moe::expert_gemm_args(p, moe::ExpertGemm::GATE_UP);
-  moe::ExpertGemmArgs down = moe::expert_gemm_args(p, moe::ExpertGemm::DOWN);
-  // One x region for both parts (the exchange region follows it).
-  const int x_bytes = std::max(streamed_x_bytes_of(p, p.hidden), streamed_x_bytes_of(p, p.intermediate));
-  gate_up.streamed_x_bytes = down.streamed_x_bytes = x_bytes;
-  gate_up.item_counters = down.item_counters = p.item_counters;
-  constexpr size_t kFixedSmem = moe::kStreamedRingBytes + moe::kStreamedExchangeBytes;
-  const bool split = moe_shared_expert_splits(p, multiprocessors);
-  const bool columns = moe_column_stages_apply(p, p.hidden);
-  const int bands = std::max((p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
-                                 moe::kCtaRows<moe::ExpertGemm::GATE_UP>,
-                             (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows);
-  const dim3 grid(unsigned(bands), unsigned(p.max_work_items - 1 + (split ? 1 : 0)));
-  auto* kernel = split ? (columns ? moe::moe_experts_one_launch_kernel<true, true>
-                                  : moe::moe_experts_one_launch_kernel<true, false>)
-                       : (columns ? moe::moe_experts_one_launch_kernel<false, true>
-                                  : moe::moe_experts_one_launch_kernel<false, false>);
-  static PerDeviceCache<bool> configured;
-  configured.get(reinterpret_cast<const void*>(kernel), [&] {
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(kFixedSmem + moe::kStreamedXBytes)));
-    return true;
-  });
-  launch_chained(kernel, grid, dim3(moe::kExpertThreads), kFixedSmem + size_t(x_bytes), p.stream, dim3(1, 1, 1),
-                 "moe_experts_one_launch_kernel", gate_up, down);
+         p.tokens <= tile::kTokensPerMma && p.max_work_items <= kMoeCountedItemsMax;
 }
 
 }  // namespace dsv4::cuda

@@ -90,7 +90,7 @@ struct ExpertGemmArgs {
   MoeFusedCombine combine;                      // down: out != nullptr for the fused combine
   int streamed_x_bytes;                         // streamed kernel: bytes of its x region (16-byte multiple)
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
-  // (MoeExpertGemmParams::down_waits_per_item, moe_experts_one_launch_kernel; see wait_for_item_rows).
+  // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
 };
 
@@ -300,7 +300,7 @@ __device__ __forceinline__ int gemm_bands(const ExpertGemmArgs& a) {
   return (a.n_total + kCtaRows<G> - 1) / kCtaRows<G>;
 }
 
-// Per-item counts in global memory ([2 · kMoeOneLaunchMaxItems], zero between calls), for down CTAs that wait for
+// Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for
 // their own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count
 // once its h rows are stored (publish_item_rows: a barrier, then one thread's fence and atomic; the fence is
 // cumulative over the CTA's stores that the barrier ordered before it); a down CTA's first thread waits with acquire
@@ -318,7 +318,7 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
                                                    int down_ctas) {
   if (threadIdx.x == 0) {
     while (load_acquire(item_counters + item_index) < uint32_t(gate_up_ctas)) __nanosleep(64);
-    uint32_t* seen = item_counters + kMoeOneLaunchMaxItems + item_index;
+    uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
     if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
       item_counters[item_index] = 0;
       *seen = 0;
@@ -767,31 +767,15 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 }  // namespace columns
 
-// What a warp's ring fetches once its item's stages are all in flight: nothing (one GEMM per CTA), or the first
-// stages of the CTA's next GEMM (moe_experts_one_launch_kernel).
-struct NoNextStages {
-  static constexpr bool kIssues = false;
-  __device__ void operator()(int, uint8_t*, uint64_t*) const {}
-};
-template <class Issue>
-struct NextStagesOf {
-  static constexpr bool kIssues = true;
-  Issue issue;  // issue(r, slot, barrier): the next GEMM's stage r into the slot
-  __device__ void operator()(int r, uint8_t* slot, uint64_t* barrier) const { issue(r, slot, barrier); }
-};
-
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
-// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). ring_begin: the warp's ring
-// position (stages it consumed before this item); the refills past the item's last stage call next(r, slot, barrier)
-// for r = 0 .. kStreamedSlots - 1. kCoherentX: x is read through L2 (written by other CTAs of the running grid).
-// Returns the ring position after the item.
+// part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
+// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          bool kCoherentX = false, class NextStages = NoNextStages>
-__device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
-                                                 const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                 bool started, int part = 0, int ring_begin = 0,
-                                                 const NextStages& next = {}) {
+          bool kCoherentX = false>
+__device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
+                                                  const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
+                                                  bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -859,10 +843,10 @@ __device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const 
         first_k = (chunk_stage + (slice.k_part - chunk_stage % kParts + kParts) % kParts) * int(kStageK);
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
-        const int slot = (ring_begin + j) % kStreamedSlots;
+        const int slot = j % kStreamedSlots;
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-        sm90::mbarrier_wait(full + slot, uint32_t((ring_begin + j) / kStreamedSlots) & 1u);
+        sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
@@ -881,8 +865,6 @@ __device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const 
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
           if (++refill == pass_stages) refill = 0;
-        } else if constexpr (NextStages::kIssues) {
-          next(j + kStreamedSlots - stages, ring + slot * st::kSlotBytes, full + slot);
         }
       }
     }
@@ -895,7 +877,6 @@ __device__ __forceinline__ int run_streamed_item(const ExpertGemmArgs& a, const 
     // no warp reads there).
     write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, slice.k_part == 0 ? rows : 0, exchange);
   }
-  return ring_begin + stages;
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
@@ -1016,92 +997,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_split_kernel(con
   });
   if (G == ExpertGemm::GATE_UP && a.item_counters != nullptr) publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, 0, kParts);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Both expert GEMMs in one launch (run_moe_experts_in_one_launch; T <= 8 where the whole grid is resident at once):
-// CTA (band b, grid row y) runs what the one-tile streamed kernels' CTA (b, y) of the gate/up launch runs, then what
-// the down launch's CTA (b, y) runs, each warp's ring running on from one GEMM to the other: the refills past a
-// warp's last gate/up stage fetch its first w2 stages, so w2 streams while the last gate/up stages multiply, and the
-// down part waits for its own item's gate/up CTAs (per-item counts in global memory), not for the whole grid and a
-// second launch. The same stages in the same order as the two launches: the same bits.
-// - The per-item counts: publish_item_rows / wait_for_item_rows (gate_up.item_counters).
-// - No deadlock: a CTA waits only after its own gate/up part, for gate/up parts that wait on nothing but their TMA
-//   copies, and the launcher takes this kernel only where the whole grid fits on the GPU at once (two CTAs per SM).
-// - A grid of max(gate/up bands, down bands) columns: a CTA past one GEMM's bands skips that part.
-inline constexpr int kOneLaunchCtasPerSm = 2;  // __launch_bounds__ and the streamed kernels' shared memory
-
-template <tile::TileFormat F, int kParts, bool kColumns>
-__device__ __forceinline__ void run_gate_up_then_down(const ExpertGemmArgs& gate_up, const ExpertGemmArgs& down,
-                                                      const MoeExpertView& expert, const MoeWorkItem& item,
-                                                      int item_index, int band, int part, bool started,
-                                                      uint8_t* smem, uint8_t* ring, uint64_t* full) {
-  namespace st = tile::stream;
-  const int gate_up_bands = gemm_bands<ExpertGemm::GATE_UP>(gate_up);
-  const int down_bands = gemm_bands<ExpertGemm::DOWN>(down);
-  int ring_at = 0;
-  if (band < gate_up_bands) {
-    // (the down slice is recomputed at the refills: fewer registers live through the gate/up stages)
-    const NextStagesOf first_down_stages{[&down, band, part, down_bands, expert_id = item.expert](
-                                             int r, uint8_t* slot, uint64_t* barrier) {
-      if (band >= down_bands) return;
-      const WarpSlice down_slice = warp_slice<ExpertGemm::DOWN, kParts>(band, part);
-      st::issue_stage<F>(warp_maps<ExpertGemm::DOWN>(down, expert_id), down_slice.row0,
-                         (down_slice.k_part + r * kParts) * st::stage_k(F), slot, barrier);
-    }};
-    ring_at = run_streamed_item<F, ExpertGemm::GATE_UP, 1, true, kParts, kColumns>(
-        gate_up, expert, item, band, smem, full, started, part, 0, first_down_stages);
-    publish_item_rows(gate_up.item_counters, item_index);
-  } else if (!started) {
-    start_stream<F, ExpertGemm::DOWN, kParts>(down, item.expert, warp_slice<ExpertGemm::DOWN, kParts>(band, part),
-                                              ring, full);
-  }
-  if (band >= down_bands) return;
-  wait_for_item_rows(gate_up.item_counters, item_index, gate_up_bands * kParts, down_bands * kParts);
-  run_streamed_item<F, ExpertGemm::DOWN, 1, true, kParts, kColumns, true>(down, expert, item, band, smem, full, true,
-                                                                          part, ring_at);
-}
-
-// kSplitShared: the shared expert's item on two CTAs per band (grid rows 0 and 1) as in the streamed kernels;
-// kColumns: both GEMMs' fp4 items by columns::multiply_stage.
-template <bool kSplitShared, bool kColumns>
-__global__ void __launch_bounds__(kExpertThreads, kOneLaunchCtasPerSm)
-    moe_experts_one_launch_kernel(const ExpertGemmArgs gate_up, const ExpertGemmArgs down) {
-  constexpr int kSharedParts = kSplitShared ? 2 : 1;
-  extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
-  uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
-  uint8_t* ring = tile::stream::align_slots(smem) +
-                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
-  const int band = int(blockIdx.x);
-  const bool shared_item = int(blockIdx.y) < kSharedParts;  // work item 0 is always the shared expert's
-  const int part = shared_item ? int(blockIdx.y) : 0;
-  const int item_index = shared_item ? 0 : int(blockIdx.y) - (kSharedParts - 1);
-  if (shared_item) {
-    // The shared expert's weights do not depend on the routing: its first stages stream before the wait.
-    with_tile_format(gate_up.shared_format, [&]<tile::TileFormat F>() {
-      if (band < gemm_bands<ExpertGemm::GATE_UP>(gate_up))
-        start_stream<F, ExpertGemm::GATE_UP, kSharedParts>(
-            gate_up, gate_up.shared_expert, warp_slice<ExpertGemm::GATE_UP, kSharedParts>(band, part), ring, full);
-      else
-        start_stream<F, ExpertGemm::DOWN, kSharedParts>(
-            down, down.shared_expert, warp_slice<ExpertGemm::DOWN, kSharedParts>(band, part), ring, full);
-    });
-  }
-  if (!has_work_item_after_prior_grids(gate_up, item_index)) return;
-  const MoeWorkItem item = gate_up.work_items[item_index];
-  const WeightFormat format = item.expert == gate_up.shared_expert ? gate_up.shared_format : gate_up.routed_format;
-  const MoeExpertView expert = gate_up.experts[item.expert];
-  with_tile_format(format, [&]<tile::TileFormat F>() {
-    if (kSplitShared && shared_item)
-      run_gate_up_then_down<F, kSharedParts, kColumns>(gate_up, down, expert, item, item_index, band, part, true,
-                                                       smem, ring, full);
-    else
-      run_gate_up_then_down<F, 1, kColumns>(gate_up, down, expert, item, item_index, band, 0, shared_item, smem,
-                                            ring, full);
-  });
-  if (down.combine.out != nullptr && band < gemm_bands<ExpertGemm::DOWN>(down))
-    combine_band_if_last(down, band, kSharedParts - 1);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

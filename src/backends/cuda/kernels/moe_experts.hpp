@@ -38,8 +38,8 @@ inline constexpr int kMoeRowsPerWorkItem = 64;
 inline constexpr int kMoeDownBandRows = 128;
 // The most tokens the fused combine serves (its last CTA per band sums T · band rows outputs).
 inline constexpr int kMoeFusedCombineMaxTokens = 8;
-// The most work items run_moe_experts_in_one_launch serves (its per-item counters).
-inline constexpr int kMoeOneLaunchMaxItems = 64;
+// The most work items MoeExpertGemmParams::down_waits_per_item serves (its per-item counters).
+inline constexpr int kMoeCountedItemsMax = 64;
 
 // The combine done by the down GEMM itself (few tokens): when the last CTA of a band of kMoeDownBandRows weight rows
 // finishes, over every work item, it writes out[t, n] = down[T·top_k + t][n] + Σ_j weight[t, j] · down[row(t, j)][n]
@@ -102,21 +102,20 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  MoeFusedCombine combine;  // run_moe_down and run_moe_experts_in_one_launch only
+  MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
-  // run_moe_experts_in_one_launch, and down_waits_per_item: [2 · kMoeOneLaunchMaxItems] device counters, zero
-  // before the call; left zero.
+  // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
   uint32_t* item_counters = nullptr;
   // run_moe_gate_up / run_moe_down where moe_down_waits_per_item_apply (the one-tile streamed kernels with the down
   // head start): each down CTA waits for its own item's gate/up CTAs (per-item counts at item_counters, published by
-  // the gate/up CTAs) instead of the whole gate/up grid, so at T = 2-8 (gate/up over more than one wave) the down
-  // CTAs of the items done in the first wave run beside the last gate/up wave. Only where the previous launch on the
-  // stream is run_moe_gate_up of the same parameters (run_moe's order). The same bits.
+  // the gate/up CTAs) instead of the whole gate/up grid, so the down CTAs of the items done early (the first wave at
+  // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
+  // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
   // Streamed kernels at T <= 8 with the lean decode, where moe_items_split_apply: every work item's CTAs split in two
   // per band (moe_experts.cuh moe_expert_split_kernel: half the band's rows each, two warps per 16 rows on even and
-  // odd stages), so launches of more than one wave (V4-Pro at T = 1, V4-Flash at T >= 2) end on a smaller last wave.
-  // Replaces shared_expert_split there. Sums in another order: as exact, not the same bits.
+  // odd stages), so launches of more than one wave (V4-Pro at T = 1, V4-Flash at T = 2-8) end on a smaller last
+  // wave. Replaces shared_expert_split there. Sums in another order: as exact, not the same bits.
   bool split_items = false;
   cudaStream_t stream = nullptr;
 };
@@ -150,26 +149,16 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
 void run_moe_gate_up(const MoeExpertGemmParams& params);
 void run_moe_down(const MoeExpertGemmParams& params);
 
-// Whether MoeExpertGemmParams::split_items takes effect: set, the streamed kernels with the lean decode at T <= 8,
-// every matrix of both formats at least 2·kStreamedSlots stages per row.
-bool moe_items_split_apply(const MoeExpertGemmParams& params);
+// Whether MoeExpertGemmParams::split_items takes effect on a GPU of `multiprocessors` SMs: set, the streamed kernels
+// with the lean decode at T <= 8, every matrix of both formats at least 2·kStreamedSlots stages per row, and unsplit
+// launches past one wave (max(gate/up bands, down bands) × (max_work_items - 1) CTAs above two per SM; at T <= 64 an
+// expert has one item, so at most max_work_items - 1 exist): V4-Pro at T = 1, V4-Flash at T = 2-8, not V4-Flash at
+// T = 1 (32 × 7 CTAs on 132 SMs).
+bool moe_items_split_apply(const MoeExpertGemmParams& params, int multiprocessors);
 
 // Whether MoeExpertGemmParams::down_waits_per_item takes effect: set, item counters, the streamed kernels with the
-// down head start at T <= 8 and at most kMoeOneLaunchMaxItems work items.
+// down head start at T <= 8 and at most kMoeCountedItemsMax work items.
 bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& params);
 
-// Whether run_moe_experts_in_one_launch takes these parameters on a GPU of `multiprocessors` SMs: the streamed kernels
-// with the lean decode at T <= 8 (not split_items), the column stages for both GEMMs or neither, at most
-// kMoeOneLaunchMaxItems work items, and a grid (max(gate/up bands, down bands) × (max_work_items - 1, plus the
-// split shared expert's row)) of at most two CTAs per SM, so that every CTA is resident at once (its CTAs wait for
-// each other). max_work_items must be moe_max_work_items(T, E, top_k, kMoeRowsPerWorkItem): at T <= 64 every
-// expert has one item, so at most max_work_items - 1 exist. V4-Flash at T = 1 on 132 SMs: 32 × 8 CTAs.
-bool moe_experts_in_one_launch_apply(const MoeExpertGemmParams& params, int multiprocessors);
-
-// run_moe_gate_up then run_moe_down in one launch (moe_experts.cuh, moe_experts_one_launch_kernel): each CTA streams
-// its gate/up band of an item, then its down band of the same item, its w2 stages fetched while the last gate/up
-// stages multiply, the down part waiting for its own item's gate/up CTAs only (params.item_counters). The same bits
-// as the two launches. Throws without item counters or unless moe_experts_in_one_launch_apply.
-void run_moe_experts_in_one_launch(const MoeExpertGemmParams& params);
 
 }  // namespace dsv4::cuda
