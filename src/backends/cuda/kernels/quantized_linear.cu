@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -77,51 +76,21 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_PREFETCH_SCALES=1 takes the FP8 kernels that
-// prefetch the first stage's block scales before the grid-dependency wait (kPrefetchScales).
-bool prefetch_scales() {
-  static const bool prefetch = [] {
-    const char* value = std::getenv("DSV4_LINEAR_PREFETCH_SCALES");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
-  return prefetch;
-}
-
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_EXIT=relaxed ends the cluster reduction
-// with a relaxed cluster barrier (StreamedReduce::CLUSTER_RELAXED_EXIT).
-bool relaxed_cluster_exit() {
-  static const bool relaxed = [] {
-    const char* value = std::getenv("DSV4_LINEAR_CLUSTER_EXIT");
-    return value != nullptr && std::string_view(value) == "relaxed";
-  }();
-  return relaxed;
-}
-
-template <TileFormat F, int NT, bool kPrefetchScales, bool kTrace>
+template <TileFormat F, int NT, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
-    if (relaxed_cluster_exit())
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_RELAXED_EXIT, kPrefetchScales, kTrace>(
-          args, config, stream);
-    else
-      linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kPrefetchScales, kTrace>(args, config, stream);
-  } else
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kPrefetchScales, kTrace>(args, config, stream);
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
+  else
+    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
-    if (args.trace != nullptr) {
-      if (prefetch_scales()) return launch_streamed_variant<F, NT, true, true>(args, config, stream);
-      return launch_streamed_variant<F, NT, false, true>(args, config, stream);
-    }
-  }
-  if constexpr (F == TileFormat::FP8_BLOCK128)
-    if (prefetch_scales()) return launch_streamed_variant<F, NT, true, false>(args, config, stream);
-  launch_streamed_variant<F, NT, false, false>(args, config, stream);
+  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
+    if (args.trace != nullptr) return launch_streamed_variant<F, NT, true>(args, config, stream);
+  launch_streamed_variant<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>

@@ -187,16 +187,14 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
   return true;
 }
 
-// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster, whose ranks wait for
-// rank 0's reads before exiting with a release-acquire cluster barrier (CLUSTER) or a relaxed one
-// (CLUSTER_RELAXED_EXIT: rank 0's reads have returned their values before it arrives, so nothing needs ordering).
-enum class StreamedReduce { WORKSPACE, CLUSTER, CLUSTER_RELAXED_EXIT };
+// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster.
+enum class StreamedReduce { WORKSPACE, CLUSTER };
 
 // The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
 // split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
 // no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
 // the same result). Called by the whole CTA after its last MMA.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce>
+template <tile::TileFormat F, int NT>
 __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
                                                      int64_t row0, int64_t cta_row0, int64_t cta_row_end,
                                                      float* scratch) {
@@ -228,11 +226,7 @@ __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& arg
         args.y_bf16[offset] = __float2bfloat16_rn(value);
     }
   }
-  // The other ranks keep their shared memory until rank 0 has read it.
-  if constexpr (kReduce == StreamedReduce::CLUSTER_RELAXED_EXIT)
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-  else
-    cluster.sync();
+  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
 }
 
 template <tile::TileFormat F, int NT, bool kAlignedTiles>
@@ -268,19 +262,6 @@ __global__ void __launch_bounds__(kThreadsPerCta, min_ctas_per_sm(NT))
   }
 
   write_output<F, NT>(args, acc, row0, cta_row0, cta_row_end, row_block, split, &is_last_split);
-}
-
-// Asks L1 for the FP8 block scales of the stage at k0 (load_stage_block_scales reads them later); no register waits
-// for them. Nothing for the other formats (their scales come with the stage).
-template <tile::TileFormat F>
-__device__ __forceinline__ void prefetch_stage_block_scales(const DeviceMatrixView& w, int64_t row0, int64_t k0) {
-  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
-    const int64_t offset = (row0 / 128) * w.scales_per_row + k0 / 128;
-    const size_t entry = w.scale_type == ScaleType::F32 ? sizeof(float) : 1;
-    const uint8_t* first = w.scales + size_t(offset) * entry;
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(first));
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(first + (tile::stream::kMaxBlocksPerStage - 1) * entry));
-  }
 }
 
 // One warp's ring of the STREAMED path: `slots` stages in shared memory and their barriers (stage J of the CTA's
@@ -391,13 +372,10 @@ inline constexpr bool kHasSide = !std::is_same_v<Side, NoLinearSide>;
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-// kPrefetchScales (FP8): each warp asks L1 for its first stage's block scales before the grid-dependency wait, so
-// their load after the x staging (the chain x staged → scales → first MMA) hits instead of going to DRAM. kTrace: a
-// traced launch (QuantizedLinearParams::trace).
+// kTrace: a traced launch (QuantizedLinearParams::trace).
 // With a Side (kHasSide), grid x has side_ctas columns past the linear's row blocks (groups = 1): their split-0 CTAs
 // run Side::extra_cta, the others return.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kPrefetchScales = false, bool kTrace = false,
-          class Side = NoLinearSide>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, class Side = NoLinearSide>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args,
                                      const __grid_constant__ typename Side::Args side) {
@@ -431,8 +409,6 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     __syncwarp();
     issue_first_stages<F>(args, work, row0, ring);
   }
-  if constexpr (kPrefetchScales)
-    if (has_rows && threadIdx.x % tile::kWarpSize == 0) prefetch_stage_block_scales<F>(w, row0, work.split_begin);
   trace_point<kTrace>(args, TRACE_ISSUED);
   wait_for_prior_grids();
   trace_point<kTrace>(args, TRACE_PRIOR_DONE);
@@ -448,7 +424,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
       acc);
 
   if constexpr (kReduce != StreamedReduce::WORKSPACE)
-    write_output_cluster<F, NT, kReduce>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
+    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else if (write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split))
     if constexpr (kHasSide<Side>) Side::rows_stored(side, work.row0, work.row_end);
   trace_point<kTrace>(args, TRACE_END);
@@ -459,12 +435,11 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 LinearKernelArgs checked_kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
 
 // Launches the streamed kernel for args and config (grid: the config's row blocks + side_ctas × its K splits).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kPrefetchScales = false, bool kTrace = false,
-          class Side = NoLinearSide>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, class Side = NoLinearSide>
 void launch_streamed_kernel(const LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream,
                             const typename Side::Args& side = {}, int64_t side_ctas = 0) {
   constexpr bool kCluster = kReduce != StreamedReduce::WORKSPACE;
-  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kPrefetchScales, kTrace, Side>;
+  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kTrace, Side>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -512,9 +487,9 @@ void run_quantized_linear_with(const QuantizedLinearParams& params, const typena
   constexpr auto F = tile::TileFormat::FP8_BLOCK128;
   constexpr auto kWorkspace = linear::StreamedReduce::WORKSPACE;
   if (config.token_tiles == 2)
-    linear::launch_streamed_kernel<F, 2, kWorkspace, false, false, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 2, kWorkspace, false, Side>(args, config, params.stream, side, side_ctas);
   else
-    linear::launch_streamed_kernel<F, 1, kWorkspace, false, false, Side>(args, config, params.stream, side, side_ctas);
+    linear::launch_streamed_kernel<F, 1, kWorkspace, false, Side>(args, config, params.stream, side, side_ctas);
 }
 
 }  // namespace dsv4::cuda
