@@ -578,8 +578,7 @@ void apply_fusion(cuda::CudaModelOptions& o, const FusionSetting& f) {
       {"compressor_runs_at_launch", &cuda::CudaModelOptions::compressor_runs_at_launch},
       {"fp8_indexer_keys", &cuda::CudaModelOptions::fp8_indexer_keys},
       {"q_norm_cta_rows", &cuda::CudaModelOptions::q_norm_cta_rows},
-      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors},
-      {"attention_prefill_route_with_counts", &cuda::CudaModelOptions::attention_prefill_route_with_counts}};
+      {"indexer_prepare_in_compressors", &cuda::CudaModelOptions::indexer_prepare_in_compressors}};
   std::string names;
   for (const auto& [name, member] : switches) {
     if (f.name == name) {
@@ -840,8 +839,7 @@ const CommandRegistration registration{{
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
                       "parallel_compressors, parallel_indexer, compressor_runs_at_launch, fp8_indexer_keys, "
-                      "q_norm_cta_rows, indexer_prepare_in_compressors, attention_prefill_route_with_counts); "
-                      "repeatable");
+                      "q_norm_cta_rows, indexer_prepare_in_compressors); repeatable");
       e2e->add_option("-d,--depth", o->depth,
                       "Tokens each decode sequence holds before its tgN test (random, prefilled untimed; the "
                       "repetitions continue the same sequences)")

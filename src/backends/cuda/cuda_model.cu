@@ -1328,7 +1328,6 @@ struct CudaModel::Impl {
                         choose_sparse_attention_splits(T, int(H), int(D), kv_cache->layout().format,
                                                        c.window_size + compressed.slots,
                                                        context.info().multiprocessors));
-    a.prefill_kernel_decode_counts = options.attention_prefill_route_with_counts && w.indexer;
     a.workspace = s.attention_workspace, a.workspace_bytes = attention_workspace_bytes, a.stream = stream;
     run_sparse_attention(a);
 

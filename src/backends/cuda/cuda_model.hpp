@@ -98,12 +98,6 @@ struct CudaModelOptions {
   // (session 17, -r 3): b1 745.6 ± 1.4 t/s against 732.1 ± 2.7 / 735.5 ± 2.4 off (round 1), 745.9 ± 5.1 against
   // 725.7 ± 0.7 (round 2); b64 7900 against 7888.
   bool indexer_prepare_in_compressors = true;
-  // CSA layers' decode attention (per-query top-k counts) may take the prefill kernel where the slot bound is long
-  // and the batch about one wave of head blocks (SparseAttentionParams::prefill_kernel_decode_counts): the same math.
-  // Not HCA's: their visible-entry lists are short at decode contexts, where the prefill kernel is slower (H200,
-  // bench_cuda_attention --model-route: 0.87-0.95x up to 4K). H200, all layers' calls routed: Pro 2 HCA layers b64
-  // d4096 9062 -> 8989 t/s, Flash 4 layers b128 d2048 20756 -> 20645 (round s18-2).
-  bool attention_prefill_route_with_counts = false;
   // Device buffers for sampling a step's rows on the device (CudaModel::sampling_buffers), in the memory plan: the
   // parameters of max_sequences rows and this many logit adjustments per sampling launch; 0: none.
   int64_t sampling_adjustments = 0;
