@@ -11,9 +11,8 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); every work item
-// split where the launches pass one wave (MoeRunParams::split_items other than the default: another order, checked
-// against the CPU); a V4-Pro-width layer
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
+// layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -280,7 +279,6 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool split_items = MoeRunParams{}.split_items;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -291,15 +289,13 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") +
-           (split_items ? ", every item split" : "");
+           (per_item ? ", down waits per item" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.split_items = split_items;
     return p;
   }
 };
@@ -342,15 +338,6 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// Every work item split in two CTAs per band where the launches pass one wave (MoeRunParams::split_items other than
-// the default: sums in another order, so checked against the CPU and run to run), also with the down CTAs waiting
-// for the whole gate/up grid.
-constexpr Kernels kStreamedOtherSplitItems{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                           .split_items = !MoeRunParams{}.split_items};
-constexpr Kernels kStreamedOtherSplitItemsOtherWait{.experts = MoeExpertKernels::STREAMED,
-                                                    .fused_small_batches = true,
-                                                    .per_item = !MoeRunParams{}.down_waits_per_item,
-                                                    .split_items = !MoeRunParams{}.split_items};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -618,15 +605,11 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {3, 8, 17}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherColumns,
                                                     kStreamedKernels);
     if (routing == Routing::HASH) continue;  // the options below route alike
-    // The down CTAs' other wait (the same bits), and the other item split (checked against the CPU; at T = 5 the
-    // unsplit launches pass one wave: 32 bands × up to 31 items).
+    // The down CTAs' other wait (the same bits).
     check_case(layer, experts, device_weights, 3, seed++, random_tokens(kFlashLike), kStreamedOtherWait);
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    check_case(layer, experts, device_weights, 5, seed++, random_tokens(kFlashLike), kStreamedOtherSplitItems);
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike),
-               kStreamedOtherSplitItemsOtherWait);
 
   }
 }
@@ -749,9 +732,6 @@ TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {
   check_case(layer, experts, device_weights, 8, seed++, random_tokens(kProLike), kStreamedSplitAllOtherHeadStart);
   expect_same_bits(device_weights, kProLike, 1, seed++, kStreamedOtherHeadStart, kStreamedKernels);
   expect_same_bits(device_weights, kProLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-  // The other item split: at T = 1 the unsplit launches pass one wave on 132 SMs (56 bands × 7 items).
-  check_case(layer, experts, device_weights, 1, seed++, random_tokens(kProLike), kStreamedOtherSplitItems);
-  check_case(layer, experts, device_weights, 2, seed++, random_tokens(kProLike), kStreamedOtherSplitItemsOtherWait);
   // T = 2: the down GEMM takes the column stages, the gate/up GEMM (d 7168) the lean ones.
   for (const int64_t T : {1, 2})
     check_case(layer, experts, device_weights, T, seed++, random_tokens(kProLike), kStreamedOtherColumns);
@@ -811,10 +791,9 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the per-item counts
 // of the down CTAs' waits) come back to zero after every call: calls through one workspace, with new inputs (a new
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
-// on the same workspace, each equal to a run on a fresh workspace; with the defaults, the other down wait and the
-// other item split.
+// on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait, kStreamedOtherSplitItems}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;
@@ -841,9 +820,7 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       out.fill_bytes(0xFF);
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-      // (the split items sum in another order: against their own run on a fresh workspace)
-    const Kernels reference = kernels.split_items != kStreamedKernels.split_items ? kernels : kStreamedKernels;
-    expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, reference));
+      expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
     cudaGraph_t graph;

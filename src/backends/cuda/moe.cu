@@ -1,8 +1,5 @@
 #include "backends/cuda/moe.hpp"
 
-#include <cstdlib>
-#include <string_view>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -77,18 +74,6 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-// A/B switch for the GPU rounds (environment, read once): DSV4_MOE_SPLIT_ITEMS=1 (or 0) sets
-// MoeRunParams::split_items for every call, so that model runs compare both.
-int forced_by_environment(const char* name) {  // -1 when `name` is unset (or neither 1 nor 0)
-  const char* value = std::getenv(name);
-  if (value == nullptr) return -1;
-  return std::string_view(value) == "1" ? 1 : std::string_view(value) == "0" ? 0 : -1;
-}
-bool split_items(const MoeRunParams& p) {
-  static const int forced = forced_by_environment("DSV4_MOE_SPLIT_ITEMS");
-  return forced < 0 ? p.split_items : forced == 1;
-}
-
 MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   return MoeRoutingBuffers{
       .logits = at<float>(ws, l.logits),
@@ -135,7 +120,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .split_items = split_items(p),
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

@@ -95,12 +95,10 @@ struct MoeRunParams {
   // item's gate/up CTAs, not the whole gate/up grid. The same bits. H200, bench_cuda_moe, V4-Flash NVFP4 (GPU round
   // s18-2): T = 1 49.8 -> 49.1 us, T = 2 83.1 -> 75.0, T = 8 220.4 -> 216.8; e2e 8 layers b1 751.5 -> 761.1 t/s.
   // (The expert GEMMs in one launch, each CTA's gate/up band then its down band with w2 streaming during the last
-  // gate/up stages, measured slower in the same round: T = 1 53.9 us, e2e b1 709.9 t/s; removed.)
+  // gate/up stages, measured slower in the same round: T = 1 53.9 us, e2e b1 709.9 t/s; removed. Every work item's
+  // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
+  // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // MoeExpertGemmParams::split_items for the streamed kernels at T <= 8 where the unsplit launches pass one wave:
-  // every work item's CTAs split in two per band, so launches of several waves end on a smaller last wave. Sums in
-  // another order (as exact). DSV4_MOE_SPLIT_ITEMS=1 / 0 in the environment overrides it (A/B runs).
-  bool split_items = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

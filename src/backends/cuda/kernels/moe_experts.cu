@@ -43,15 +43,6 @@ auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
               : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
-// The split-items kernel of these options (moe_items_split_apply; the head start exists for the down GEMM only).
-template <moe::ExpertGemm G>
-auto* split_kernel(bool head_start, bool columns) {
-  if constexpr (G == moe::ExpertGemm::DOWN)
-    if (head_start)
-      return columns ? moe::moe_expert_split_kernel<G, true, true> : moe::moe_expert_split_kernel<G, true, false>;
-  return columns ? moe::moe_expert_split_kernel<G, false, true> : moe::moe_expert_split_kernel<G, false, false>;
-}
-
 // The x region of a streamed launch's GEMM of input size k_total: min(T, 16) rows of the whole K up to the cap, or
 // for the column stages the whole K of the item's rows in one chunk, then their zero block.
 int streamed_x_bytes_of(const MoeExpertGemmParams& p, int k_total) {
@@ -70,19 +61,6 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   const size_t smem = kFixedSmem + size_t(args.streamed_x_bytes);
   // Items have at most min(T, kMoeRowsPerWorkItem) rows: one token tile serves every item at T <= 8.
   const bool multi_tile = p.tokens > tile::kTokensPerMma;
-  if (moe_items_split_apply(p, device_multiprocessors())) {  // two grid rows per item
-    const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
-                    unsigned(2 * p.max_work_items));
-    auto* kernel = split_kernel<G>(p.down_head_start, columns);
-    static PerDeviceCache<bool> configured;
-    configured.get(reinterpret_cast<const void*>(kernel), [&] {
-      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(kFixedSmem + moe::kStreamedXBytes)));
-      return true;
-    });
-    launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
-    return;
-  }
   // One grid row more: the shared expert's second CTAs.
   const bool split = moe_shared_expert_splits(p, device_multiprocessors());
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
@@ -262,19 +240,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
 void run_moe_gate_up(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::GATE_UP>(p); }
 
 void run_moe_down(const MoeExpertGemmParams& p) { launch<moe::ExpertGemm::DOWN>(p); }
-
-bool moe_items_split_apply(const MoeExpertGemmParams& p, int multiprocessors) {
-  if (!p.split_items || !p.streamed || !p.lean_decode || p.tokens > tile::kTokensPerMma) return false;
-  const int64_t min_stages = 2 * moe::kStreamedSlots;
-  for (const WeightFormat f : {p.routed_format, p.shared_format}) {
-    const int64_t stage = tile::stream::stage_k(tile_format(f));
-    if (p.hidden / stage < min_stages || p.intermediate / stage < min_stages) return false;
-  }
-  const int64_t gate_up_bands = (p.intermediate + moe::kCtaRows<moe::ExpertGemm::GATE_UP> - 1) /
-                                moe::kCtaRows<moe::ExpertGemm::GATE_UP>;
-  const int64_t down_bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
-  return std::max(gate_up_bands, down_bands) * (p.max_work_items - 1) > 2 * int64_t(multiprocessors);
-}
 
 bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& p) {
   return p.down_waits_per_item && p.item_counters != nullptr && p.streamed && p.down_head_start &&

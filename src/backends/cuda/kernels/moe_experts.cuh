@@ -330,16 +330,13 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
 // extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA).
-// ctas_per_item: CTAs per band of every work item (moe_expert_split_kernel's two).
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0,
-                                                     int ctas_per_item = 1) {
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0) {
   const MoeFusedCombine& c = a.combine;
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
   if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + band, 1u) ==
-              uint32_t(__ldcg(a.work_item_count) * ctas_per_item + extra_ctas) - 1;
+    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -949,54 +946,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Every work item split (MoeExpertGemmParams::split_items; one-tile launches, T <= 8, lean fp4 stages): each (band,
-// item) is served by two CTAs (grid rows 2i and 2i + 1), each covering half the band's rows with two warps per 16
-// rows on the even and odd stages, summed in shared memory (warp_slice's parts), as the split shared expert's. Twice
-// the CTAs of half the work each, so launches of more than one wave end on a smaller last wave (V4-Pro at T = 1:
-// gate/up 48 bands × 7 items = 1.27 waves of 264 CTAs, down 56 × 7 = 1.48). Sums in another order (even + odd
-// stages): as exact, not the same bits. kHeadStart (down): every CTA's stream starts before the wait, as in
-// moe_expert_streamed_kernel, with its per-item wait where item counters are given.
-template <ExpertGemm G, bool kHeadStart, bool kColumns>
-__global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_split_kernel(const ExpertGemmArgs a) {
-  static_assert(!kHeadStart || G == ExpertGemm::DOWN, "the head start is a down kernel");
-  constexpr int kParts = 2;
-  extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
-  uint64_t* full = full_barriers[threadIdx.x / tile::kWarpSize];
-  uint8_t* ring = tile::stream::align_slots(smem) +
-                  size_t(threadIdx.x / tile::kWarpSize) * kStreamedSlots * tile::stream::kSlotBytes;
-  const int band = int(blockIdx.x), part = int(blockIdx.y) % kParts, item_index = int(blockIdx.y) / kParts;
-  const WarpSlice slice = warp_slice<G, kParts>(band, part);
-  if (item_index == 0) {  // always the shared expert's
-    with_tile_format(a.shared_format, [&]<tile::TileFormat F>() {
-      start_stream<F, G, kParts>(a, a.shared_expert, slice, ring, full);
-    });
-  } else if (kHeadStart && item_index < __ldcg(a.work_item_count)) {
-    const int expert = __ldcg(&a.work_items[item_index].expert);
-    with_tile_format(a.routed_format,
-                     [&]<tile::TileFormat F>() { start_stream<F, G, kParts>(a, expert, slice, ring, full); });
-  }
-  if (kHeadStart && a.item_counters != nullptr) {
-    allow_dependents();
-    if (item_index >= __ldcg(a.work_item_count)) return;
-    wait_for_item_rows(a.item_counters, item_index,
-                       (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) / kCtaRows<ExpertGemm::GATE_UP> * kParts,
-                       gemm_bands<G>(a) * kParts);
-  } else if (!has_work_item_after_prior_grids(a, item_index)) {
-    return;
-  }
-  const MoeWorkItem item = a.work_items[item_index];
-  const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
-  const MoeExpertView expert = a.experts[item.expert];
-  with_tile_format(format, [&]<tile::TileFormat F>() {
-    run_streamed_item<F, G, 1, true, kParts, kColumns, kHeadStart>(a, expert, item, band, smem, full,
-                                                                   kHeadStart || item_index == 0, part);
-  });
-  if (G == ExpertGemm::GATE_UP && a.item_counters != nullptr) publish_item_rows(a.item_counters, item_index);
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, 0, kParts);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

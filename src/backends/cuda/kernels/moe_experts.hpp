@@ -112,11 +112,6 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
-  // Streamed kernels at T <= 8 with the lean decode, where moe_items_split_apply: every work item's CTAs split in two
-  // per band (moe_experts.cuh moe_expert_split_kernel: half the band's rows each, two warps per 16 rows on even and
-  // odd stages), so launches of more than one wave (V4-Pro at T = 1, V4-Flash at T = 2-8) end on a smaller last
-  // wave. Replaces shared_expert_split there. Sums in another order: as exact, not the same bits.
-  bool split_items = false;
   cudaStream_t stream = nullptr;
 };
 
@@ -148,13 +143,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& params);
 
 void run_moe_gate_up(const MoeExpertGemmParams& params);
 void run_moe_down(const MoeExpertGemmParams& params);
-
-// Whether MoeExpertGemmParams::split_items takes effect on a GPU of `multiprocessors` SMs: set, the streamed kernels
-// with the lean decode at T <= 8, every matrix of both formats at least 2·kStreamedSlots stages per row, and unsplit
-// launches past one wave (max(gate/up bands, down bands) × (max_work_items - 1) CTAs above two per SM; at T <= 64 an
-// expert has one item, so at most max_work_items - 1 exist): V4-Pro at T = 1, V4-Flash at T = 2-8, not V4-Flash at
-// T = 1 (32 × 7 CTAs on 132 SMs).
-bool moe_items_split_apply(const MoeExpertGemmParams& params, int multiprocessors);
 
 // Whether MoeExpertGemmParams::down_waits_per_item takes effect: set, item counters, the streamed kernels with the
 // down head start at T <= 8 and at most kMoeCountedItemsMax work items.
