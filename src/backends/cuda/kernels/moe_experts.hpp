@@ -148,5 +148,4 @@ void run_moe_down(const MoeExpertGemmParams& params);
 // down head start at T <= 8 and at most kMoeCountedItemsMax work items.
 bool moe_down_waits_per_item_apply(const MoeExpertGemmParams& params);
 
-
 }  // namespace dsv4::cuda
