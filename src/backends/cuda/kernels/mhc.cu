@@ -140,7 +140,8 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   const int multiprocessors = current_multiprocessors();
   const HcProjectionConfig config = choose_hc_projection_config(args.tokens, args.hidden, multiprocessors, kPost);
   check(config.token_tiles <= 0x7FFFFFFF, op, ": ", args.tokens, " tokens exceed the supported tile count");
-  // The kernel indexes the workspace's words in 32 bits (about 300K tokens at the widest slicing).
+  // The kernel indexes the workspace's words in 32 bits: tiles × (slices + 1) × kTileWords < 2^31 (V4-Flash, 64
+  // slices of 64 dims: about 1.3M tokens per launch; V4-Pro, 112 slices: about 760K).
   check(size_t(config.token_tiles) * size_t(config.slices + 1) * kTileWords <= 0x7FFFFFFF, op, ": ", args.tokens,
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   args.slices = int(config.slices);

@@ -17,7 +17,7 @@
 //   buffer is reused without re-zeroing (graph-capturable). One workspace serves one launch at a time (not two
 //   streams concurrently). A workspace sized for T tokens serves any launch with fewer tokens, hc_pre, hc_head and
 //   hc_post_pre alike. The persistent kernel indexes the words in 32 bits: a launch needing more (V4-Flash: about
-//   1.3M tokens in one launch) is refused.
+//   1.3M tokens in one launch, V4-Pro about 760K) is refused.
 // - Single-cluster decode kernel (kernel = AUTO, the default; T ≤ kAutoClusterPerTileMaxTokens (hc_head:
 //   kAutoClusterPerTileMaxHeadTokens) and hidden a multiple of kHcSingleClusterHiddenQuantum up to
 //   kHcSingleClusterMaxHidden, or T = 1 and hidden a multiple of kHcSingleClusterWideHiddenQuantum up to
