@@ -821,6 +821,11 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
       expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
+      // The counters (moe.hpp: the workspace's first 1 KB; word 1 is the hash status, word 2 the work item count)
+      // are back to zero, or the next call would start from stale counts.
+      const std::vector<uint32_t> counters = download(workspace.as<uint32_t>(), 256);
+      for (size_t word = 0; word < counters.size(); ++word)
+        if (word != 1 && word != 2) EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
     cudaGraph_t graph;

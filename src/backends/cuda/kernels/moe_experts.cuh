@@ -31,6 +31,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <cstdio>
 
 #include "backends/cuda/kernels/moe_experts.hpp"
 #include "backends/cuda/kernels/moe_prefetch.cuh"
@@ -300,6 +301,31 @@ __device__ __forceinline__ int gemm_bands(const ExpertGemmArgs& a) {
   return (a.n_total + kCtaRows<G> - 1) / kCtaRows<G>;
 }
 
+// An item whose ready count has not reached its gate/up CTAs after this long means the gate/up → down pairing broke
+// (a gate/up CTA that never publishes, a wrong expected count): the kernel traps (a launch error) instead of hanging
+// the device.
+inline constexpr uint64_t kItemRowsTimeoutNs = 2'000'000'000;
+// Polls before the deadline is first read: a short wait reads no timer; a longer one moves to the out-of-line loop,
+// whose timer read per poll is small beside the poll's sleep.
+inline constexpr int kItemRowsQuickPolls = 64;
+
+// The rest of wait_for_item_rows once the quick polls failed: out of line, so the down kernel's wait stays short.
+static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* ready, int item_index,
+                                                              uint32_t gate_up_ctas) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  uint32_t seen;
+  while ((seen = load_acquire(ready)) < gate_up_ctas) {
+    __nanosleep(64);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > kItemRowsTimeoutNs) {
+      printf("MoE down: CTA (%d, %d) waited 2 s for work item %d's h rows: %u of %u gate/up CTAs published\n",
+             int(blockIdx.x), int(blockIdx.y), item_index, seen, gate_up_ctas);
+      __trap();
+    }
+  }
+}
+
 // Per-item counts in global memory ([2 · kMoeCountedItemsMax], zero between calls), for down CTAs that wait for
 // their own item's gate/up CTAs instead of the whole gate/up grid: each gate/up CTA adds one to its item's ready count
 // once its h rows are stored (publish_item_rows: a barrier, then one thread's fence and atomic; the fence is
@@ -317,7 +343,15 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
 __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
                                                    int down_ctas) {
   if (threadIdx.x == 0) {
-    while (load_acquire(item_counters + item_index) < uint32_t(gate_up_ctas)) __nanosleep(64);
+    const uint32_t* ready = item_counters + item_index;
+    int polls = 0;
+    while (load_acquire(ready) < uint32_t(gate_up_ctas)) {
+      if (++polls == kItemRowsQuickPolls) {
+        wait_for_item_rows_slowly(ready, item_index, uint32_t(gate_up_ctas));
+        break;
+      }
+      __nanosleep(64);
+    }
     uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
     if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
       item_counters[item_index] = 0;
