@@ -28,7 +28,6 @@
 #include "backends/cpu/rms_norm.hpp"
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
-#include "backends/cuda/kernels/quantized_linear.cuh"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/rms_norm.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
@@ -1015,109 +1014,6 @@ TEST(QuantizedLinear, WorkspaceSharedByCallsOfDifferentShapes) {
                       << " on a fresh one";
     EXPECT_EQ(failures, 0);
   }
-}
-
-// The side task of the hook's test: each extra CTA adds index + 1 to marks[index]; each CTA that stores final rows
-// copies them (every token) from y to `copy` and counts each of its rows in row_calls.
-struct RecordingSide {
-  struct Args {
-    int* marks;
-    int* row_calls;
-    float* copy;
-    const float* y;
-    int tokens;
-    int64_t rows, y_row_stride;
-  };
-  static __device__ void extra_cta(const Args& a, int64_t index) {
-    wait_for_prior_grids();  // marks were zeroed by an earlier copy
-    if (threadIdx.x == 0) atomicAdd(a.marks + index, int(index) + 1);
-  }
-  static __device__ void rows_stored(const Args& a, int64_t row0, int64_t row_end) {
-    __syncthreads();  // the CTA's stores of y before its reads
-    const int64_t count = row_end - row0;
-    for (int64_t i = threadIdx.x; i < count * a.tokens; i += blockDim.x) {
-      const int64_t token = i / count, row = row0 + i % count;
-      a.copy[token * a.rows + row] = a.y[token * a.y_row_stride + row];
-    }
-    for (int64_t row = row0 + threadIdx.x; row < row_end; row += blockDim.x) atomicAdd(a.row_calls + row, 1);
-  }
-};
-
-TEST(QuantizedLinear, SideTaskRidesInTheLaunch) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const int multiprocessors = list_devices().front().multiprocessors;
-  // K of one stage (never split) and V4-Flash [wq_a; wkv] (split K through the workspace); strided y.
-  const LinearCase cases[] = {{TestFormat::FP8_E8M0, 2048, 256}, {TestFormat::FP8_F32, 1536, 4096}};
-  bool unsplit = false, split = false;
-  uint32_t seed = 1700;
-  for (const LinearCase& c : cases)
-    for (const int tokens : {1, 5, 16}) {
-      SCOPED_TRACE(describe(c, tokens));
-      const RandomOperands o = random_operands(c.format, c.rows, c.cols, c.cols, tokens, seed++);
-      const DeviceMatrix weight(o.host.matrix, "side weight");
-      const DeviceBuffer x = to_device(o.x_bf16, "x");
-      const QuantizedLinearConfig config = choose_quantized_linear_config(
-          weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
-      (config.k_splits == 1 ? unsplit : split) = true;
-      DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16), "linear workspace");
-      workspace.fill_bytes(0);
-      const int64_t y_stride = c.rows + 24;
-      const size_t outputs = size_t(tokens) * size_t(c.rows), y_floats = size_t(tokens) * size_t(y_stride);
-      DeviceBuffer y_plain = poisoned(y_floats, "y plain"), y_side = poisoned(y_floats, "y side");
-      DeviceBuffer copy = poisoned(outputs, "copy");
-      constexpr int64_t kSideCtas = 3;
-      DeviceBuffer marks(kSideCtas * sizeof(int), "marks"), row_calls(size_t(c.rows) * sizeof(int), "row calls");
-      marks.fill_bytes(0);
-      row_calls.fill_bytes(0);
-      QuantizedLinearParams p{.weight = weight.view(),
-                              .x = x.as<__nv_bfloat16>(),
-                              .x_row_stride = c.cols,
-                              .y = y_plain.as<float>(),
-                              .y_row_stride = y_stride,
-                              .tokens = tokens,
-                              .workspace = workspace.data(),
-                              .workspace_bytes = workspace.bytes()};
-      run_quantized_linear(p, config);
-      p.y = y_side.as<float>();
-      run_quantized_linear_with<RecordingSide>(p,
-                                               {.marks = marks.as<int>(),
-                                                .row_calls = row_calls.as<int>(),
-                                                .copy = copy.as<float>(),
-                                                .y = y_side.as<float>(),
-                                                .tokens = tokens,
-                                                .rows = c.rows,
-                                                .y_row_stride = y_stride},
-                                               kSideCtas);
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      const std::vector<float> expected = download(y_plain, y_floats);
-      const std::vector<float> got = download(y_side, y_floats), copied = download(copy, outputs);
-      ASSERT_EQ(std::memcmp(expected.data(), got.data(), expected.size() * sizeof(float)), 0)
-          << "the side changed y (or its stride gap)";
-      int failures = 0;
-      for (size_t i = 0; i < outputs; ++i) {
-        const float value = got[i / size_t(c.rows) * size_t(y_stride) + i % size_t(c.rows)];
-        if ((!std::isfinite(value) || std::memcmp(&value, &copied[i], sizeof(float)) != 0) && ++failures <= 8)
-          ADD_FAILURE() << "rows_stored saw y[" << i / size_t(c.rows) << ", " << i % size_t(c.rows) << "] as "
-                        << copied[i] << ", y holds " << value;
-      }
-      EXPECT_EQ(failures, 0) << failures << " outputs not seen by rows_stored (" << config.k_splits << " splits)";
-      std::vector<int> marks_host(kSideCtas), calls_host(size_t(c.rows));
-      marks.download(marks_host.data(), marks.bytes());
-      row_calls.download(calls_host.data(), row_calls.bytes());
-      for (int64_t i = 0; i < kSideCtas; ++i) EXPECT_EQ(marks_host[size_t(i)], i + 1) << "extra CTA " << i;
-      for (int64_t r = 0; r < c.rows; ++r)
-        if (calls_host[size_t(r)] != 1) {
-          ADD_FAILURE() << "row " << r << " reported stored " << calls_host[size_t(r)] << " times";
-          break;
-        }
-    }
-  EXPECT_TRUE(unsplit && split) << "the cases must cover a call with and without split-K";
-
-  const RandomOperands o = random_operands(TestFormat::NVFP4, 256, 512, 512, 1, seed);
-  const DeviceMatrix nvfp4(o.host.matrix, "side nvfp4 weight");
-  const QuantizedLinearParams refused{.weight = nvfp4.view(), .y_row_stride = 256};
-  testing::expect_error([&] { run_quantized_linear_with<RecordingSide>(refused, {}, 1); },
-                        {"side task", "nvfp4", "it takes FP8_BLOCK128"});
 }
 
 }  // namespace

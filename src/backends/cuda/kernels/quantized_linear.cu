@@ -76,14 +76,37 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
+void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                            cudaStream_t stream) {
+  constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
+  // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
+  const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
+  check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
+        " bytes of shared memory per CTA exceed the device's ", limit);
+  if (kCluster && config.k_splits > 8) {  // beyond the portable cluster size (Hopper allows 16)
+    static PerDeviceCache<bool> non_portable;
+    non_portable.get(reinterpret_cast<const void*>(kernel), [&] {
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+      return true;
+    });
+  }
+  // A programmatic launch: the CTAs may start their weight streams while the previous kernel in the stream drains.
+  // With the cluster reduction, the splits of a row block (grid y) form one cluster.
+  launch_chained(kernel, dim3(unsigned(config.row_blocks), unsigned(config.k_splits)), dim3(linear::kThreadsPerCta),
+                 config.smem_bytes, stream, dim3(1, kCluster ? unsigned(config.k_splits) : 1u, 1),
+                 "quantized_linear_streamed_kernel", args);
+}
+
 template <TileFormat F, int NT, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
   else
-    linear::launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
@@ -419,19 +442,10 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
   return args;
 }
 
-}  // namespace
-
-linear::LinearKernelArgs linear::checked_kernel_args(const QuantizedLinearParams& params,
-                                                     const QuantizedLinearConfig& config) {
-  check_params_for_config(params, config);
-  return kernel_args(params, config);
-}
-
-namespace {
-
 // Launches with a config already known to belong to this call (checked by the callers).
 void launch_quantized_linear(const QuantizedLinearParams& params, const QuantizedLinearConfig& config) {
-  const linear::LinearKernelArgs args = linear::checked_kernel_args(params, config);
+  check_params_for_config(params, config);
+  const linear::LinearKernelArgs args = kernel_args(params, config);
   switch (tile_format_of(params.weight)) {
     case TileFormat::BF16: launch_for_format<TileFormat::BF16>(args, config, params.stream); break;
     case TileFormat::FP8_BLOCK128: launch_for_format<TileFormat::FP8_BLOCK128>(args, config, params.stream); break;

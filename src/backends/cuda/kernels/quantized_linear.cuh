@@ -13,16 +13,11 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <type_traits>
 
-#include "backends/cuda/cuda_check.hpp"
-#include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
-#include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
-#include "core/error.hpp"
 
 namespace dsv4::cuda::linear {
 
@@ -125,10 +120,9 @@ constexpr int min_ctas_per_sm(int token_tiles) { return token_tiles <= 2 ? 4 : t
 
 // Writes the warp's accumulators (rows row0..row0 + 15 of the CTA's [cta_row0, cta_row_end)): straight to y, or
 // as this split's partial sums, the CTA that draws the last ticket of its row block then adding every split in
-// split order. Returns whether this CTA stored the final rows [cta_row0, cta_row_end) of y (the same answer in every
-// thread). Called by the whole CTA (it synchronises).
+// split order. Called by the whole CTA (it synchronises).
 template <tile::TileFormat F, int NT, bool kStreamRows = false>
-__device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const float (&acc)[NT][4], int64_t row0,
+__device__ __forceinline__ void write_output(const LinearKernelArgs& args, const float (&acc)[NT][4], int64_t row0,
                                              int64_t cta_row0, int64_t cta_row_end, int64_t row_block, int split,
                                              bool* is_last_split) {
   const DeviceMatrixView& w = args.weight;
@@ -157,7 +151,7 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
 
   if (args.k_splits == 1) {
     for_each_fragment_element([&](int64_t row, int token, float value) { store(row, token, value * output_scale); });
-    return true;
+    return;
   }
 
   float* partial = args.partials + int64_t(split) * args.tokens * w.rows;
@@ -166,7 +160,7 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
   __syncthreads();
   if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
   __syncthreads();
-  if (!*is_last_split) return false;
+  if (!*is_last_split) return;
   __threadfence();
   const int cta_rows = int(cta_row_end - cta_row0);
   for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
@@ -184,7 +178,6 @@ __device__ __forceinline__ bool write_output(const LinearKernelArgs& args, const
     store(row, token, sum * output_scale);
   }
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
-  return true;
 }
 
 // How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster.
@@ -353,39 +346,13 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
           .x_tile = reinterpret_cast<__nv_bfloat16*>(smem + size_t(kWarpsPerCta) * slots * st::slot_bytes(F))};
 }
 
-// A side task riding in a streamed linear's launch (run_quantized_linear_with): a Side type provides
-//   struct Args;  trivially copyable, passed to the kernel as a __grid_constant__ parameter;
-//   static __device__ void extra_cta(const Args&, int64_t index);
-//     run by all 128 threads of each of the launch's side_ctas extra CTAs (index 0..side_ctas - 1) instead of any
-//     linear work; it calls wait_for_prior_grids() itself before reading anything an earlier kernel wrote;
-//   static __device__ void rows_stored(const Args&, int64_t row0, int64_t row_end);
-//     run by all 128 threads of the CTA that stored the final fp32 rows [row0, row_end) of y (without split-K every
-//     CTA; with it the last split's CTA), right after its plain stores: no barrier or fence is done for it.
-// NoLinearSide is the plain linear: nothing of a side is compiled in.
-struct NoLinearSide {
-  struct Args {};
-};
-
-template <class Side>
-inline constexpr bool kHasSide = !std::is_same_v<Side, NoLinearSide>;
-
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 // kTrace: a traced launch (QuantizedLinearParams::trace).
-// With a Side (kHasSide), grid x has side_ctas columns past the linear's row blocks (groups = 1): their split-0 CTAs
-// run Side::extra_cta, the others return.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, class Side = NoLinearSide>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
-    quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args,
-                                     const __grid_constant__ typename Side::Args side) {
-  if constexpr (kHasSide<Side>) {
-    static_assert(kReduce == StreamedReduce::WORKSPACE, "a side rides on the workspace reduction only");
-    if (int64_t(blockIdx.x) >= args.row_blocks_per_group) {
-      if (blockIdx.y == 0) Side::extra_cta(side, int64_t(blockIdx.x) - args.row_blocks_per_group);
-      return;
-    }
-  }
+    quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
@@ -425,71 +392,9 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 
   if constexpr (kReduce != StreamedReduce::WORKSPACE)
     write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
-  else if (write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split))
-    if constexpr (kHasSide<Side>) Side::rows_stored(side, work.row0, work.row_end);
+  else
+    write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
   trace_point<kTrace>(args, TRACE_END);
 }
 
-// The arguments of run_quantized_linear's kernels for a call and a config from choose_quantized_linear_config for it;
-// throws (as run_quantized_linear does) on what the call cannot run with.
-LinearKernelArgs checked_kernel_args(const QuantizedLinearParams& params, const QuantizedLinearConfig& config);
-
-// Launches the streamed kernel for args and config (grid: the config's row blocks + side_ctas × its K splits).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, class Side = NoLinearSide>
-void launch_streamed_kernel(const LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream,
-                            const typename Side::Args& side = {}, int64_t side_ctas = 0) {
-  constexpr bool kCluster = kReduce != StreamedReduce::WORKSPACE;
-  const auto kernel = quantized_linear_streamed_kernel<F, NT, kReduce, kTrace, Side>;
-  // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
-  const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
-  check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
-        " bytes of shared memory per CTA exceed the device's ", limit);
-  if (kCluster && config.k_splits > 8) {  // beyond the portable cluster size (Hopper allows 16)
-    static PerDeviceCache<bool> non_portable;
-    non_portable.get(reinterpret_cast<const void*>(kernel), [&] {
-      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-      return true;
-    });
-  }
-  // A programmatic launch: the CTAs may start their weight streams while the previous kernel in the stream drains.
-  // With the cluster reduction, the splits of a row block (grid y) form one cluster.
-  launch_chained(kernel, dim3(unsigned(config.row_blocks + side_ctas), unsigned(config.k_splits)),
-                 dim3(kThreadsPerCta), config.smem_bytes, stream, dim3(1, kCluster ? unsigned(config.k_splits) : 1u, 1),
-                 "quantized_linear_streamed_kernel", args, side);
-}
-
 }  // namespace dsv4::cuda::linear
-
-namespace dsv4::cuda {
-
-// run_quantized_linear with a side task in the same launch (see NoLinearSide for what Side provides): side_ctas
-// extra CTAs run Side::extra_cta, and the CTA that stores each final row block of y runs Side::rows_stored after its
-// stores. Takes FP8_BLOCK128 weights, groups = 1, fp32 y and up to kLinearMaxStreamedTokens tokens (the RMSNorm
-// prologue as run_quantized_linear), always on the STREAMED path with the workspace split-K reduction; anything else
-// is refused. Instantiated by the caller's translation unit, which defines Side.
-template <class Side>
-void run_quantized_linear_with(const QuantizedLinearParams& params, const typename Side::Args& side,
-                               int64_t side_ctas) {
-  const DeviceMatrixView& w = params.weight;
-  check(w.format == WeightFormat::FP8_BLOCK128 && params.groups == 1 && params.y != nullptr &&
-            params.tokens >= 1 && params.tokens <= kLinearMaxStreamedTokens && side_ctas >= 0 &&
-            params.trace == nullptr,
-        "quantized_linear with a side task: weight [", w.rows, ", ", w.cols, "] (", to_string(w.format), "), ",
-        params.groups, " group(s), ", params.y != nullptr ? "fp32" : "bf16", " y, ", params.tokens, " tokens, ",
-        side_ctas, " side CTAs; it takes FP8_BLOCK128, 1 group, fp32 y, 1 to ", kLinearMaxStreamedTokens,
-        " tokens, side_ctas >= 0 and no trace");
-  const QuantizedLinearConfig config =
-      choose_quantized_linear_config(w, params.tokens, 1, current_multiprocessors(), WeightLoadPath::STREAMED, 0,
-                                     SplitKReduce::WORKSPACE);
-  check(config.row_blocks + side_ctas <= 0x7FFFFFFF, "quantized_linear with a side task: ", config.row_blocks,
-        " row blocks and ", side_ctas, " side CTAs exceed the launch limit");
-  const linear::LinearKernelArgs args = linear::checked_kernel_args(params, config);
-  constexpr auto F = tile::TileFormat::FP8_BLOCK128;
-  constexpr auto kWorkspace = linear::StreamedReduce::WORKSPACE;
-  if (config.token_tiles == 2)
-    linear::launch_streamed_kernel<F, 2, kWorkspace, false, Side>(args, config, params.stream, side, side_ctas);
-  else
-    linear::launch_streamed_kernel<F, 1, kWorkspace, false, Side>(args, config, params.stream, side, side_ctas);
-}
-
-}  // namespace dsv4::cuda
