@@ -409,11 +409,11 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool auto_warpgroup =
       !auto_streamed && warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
   std::vector<float> streamed_scores;
-  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel, 2: the automatic
-  // choice (last: it must equal one of them).
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (bf16 keys only), 2:
+  // the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
-    if (warpgroup && !warpgroup_shape) continue;
+    if ((warpgroup && !warpgroup_shape) || (streamed && fp8)) continue;
     const std::string name = streamed    ? "streamed warpgroup MMA"
                              : warpgroup ? "warpgroup MMA"
                              : automatic ? "auto"
@@ -546,7 +546,7 @@ TEST(IndexerScores, LongContext) {
   // 16 queries × 65536 keys: 2^20 (query, key) pairs, where Auto takes the warpgroup kernel for bf16 keys too (8
   // heads keep the CPU's side short).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
-  // The same with fp8 keys: ≈ 16 tiles per warpgroup, so the streamed kernel's 8-stage ring wraps.
+  // The same with fp8 keys (the mma.sync and warpgroup kernels; the streamed one takes bf16 keys only).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Fp8, 10);
 }
 
@@ -843,14 +843,13 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
     check_fused_scores_top_k({8, 64, 128, 700, 512, 8, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
     check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
-  // The streamed warpgroup kernel's last CTA: several CTAs per query (tickets), one CTA, groups of several queries.
-  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
-    constexpr IndexerScoresKernel kStreamed = IndexerScoresKernel::WarpgroupStreamed;
-    check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, format, seed++);
-    check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, format, seed++);
-    check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, format, seed++);
-    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, format, seed++);
-  }
+  // The streamed warpgroup kernel's last CTA (bf16 keys only): several CTAs per query (tickets), one CTA, groups of
+  // several queries.
+  constexpr IndexerScoresKernel kStreamed = IndexerScoresKernel::WarpgroupStreamed;
+  check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
+  check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
+  check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
+  check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
 }
 
 TEST(IndexerScores, RefusesMismatchedOperands) {
@@ -887,9 +886,18 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   // The warpgroup kernels: head_dim 128, at most 64 heads, prepared queries; not in the fused scores + top-k.
   p = base;
   p.q = buffer.as<__nv_bfloat16>(), p.keys = buffer.as<__nv_bfloat16>(), p.kernel = IndexerScoresKernel::Warpgroup;
-  testing::expect_error([&] { run_indexer_scores(p); }, "Warpgroup kernel needs head_dim 128 (got 64)");
+  testing::expect_error([&] { run_indexer_scores(p); }, "the Warpgroup kernel needs head_dim 128 (got 64)");
+  p.kernel = IndexerScoresKernel::WarpgroupStreamed;
+  testing::expect_error([&] { run_indexer_scores(p); }, "the WarpgroupStreamed kernel needs head_dim 128 (got 64)");
+  p.kernel = IndexerScoresKernel::Warpgroup;
   p.head_dim = 128, p.heads = 65;
   testing::expect_error([&] { run_indexer_scores(p); }, "at most 64 heads (got 65)");
+  // The streamed kernel takes bf16 keys only.
+  IndexerScoresParams streamed_fp8 = base;
+  streamed_fp8.head_dim = 128, streamed_fp8.kernel = IndexerScoresKernel::WarpgroupStreamed;
+  streamed_fp8.q_fp8 = buffer.as<uint8_t>(), streamed_fp8.q_scales = buffer.as<float>();
+  streamed_fp8.keys_fp8 = buffer.as<uint8_t>(), streamed_fp8.key_scales = buffer.as<float>();
+  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "WarpgroupStreamed kernel takes bf16 keys only");
   p.heads = 64, p.top_k_method = IndexerTopKMethod::TopKKernel;
   int32_t* outputs = buffer.as<int32_t>() + 512;
   testing::expect_error(

@@ -20,9 +20,7 @@ constexpr int kMaxQueriesPerCta = 4;
 constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
 constexpr size_t kWgmmaSmemBytes =
     indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
-constexpr size_t kStreamedSmemBytes(bool fp8) {
-  return indexer::streamed_smem_layout(kMaxQueriesPerCta, fp8, true).bytes;
-}
+constexpr size_t kStreamedSmemBytes = indexer::streamed_smem_layout(kMaxQueriesPerCta, true).bytes;
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -76,12 +74,9 @@ DeviceLimits device_limits() {
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
     using indexer::indexer_scores_streamed_kernel;
-    for (auto* kernel : {indexer_scores_streamed_kernel<false, false>, indexer_scores_streamed_kernel<false, true>})
-      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(kStreamedSmemBytes(false))));
-    for (auto* kernel : {indexer_scores_streamed_kernel<true, false>, indexer_scores_streamed_kernel<true, true>})
-      DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(kStreamedSmemBytes(true))));
+    for (auto* kernel : {indexer_scores_streamed_kernel<false>, indexer_scores_streamed_kernel<true>})
+      DSV4_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStreamedSmemBytes)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -176,16 +171,12 @@ void launch_scores(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStr
                    smem, stream, args, kSelect ? "indexer_scores_kernel (top-k)" : "indexer_scores_kernel");
 }
 
-// The streamed warpgroup kernels: the warpgroup kernels' tiles, one CTA per SM.
+// The streamed warpgroup kernels (bf16 keys): the warpgroup kernels' tiles, one CTA per SM.
 template <bool kSelect>
-void launch_scores_streamed(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
-  const size_t smem = indexer::streamed_smem_layout(args.queries_per_cta, fp8, kSelect).bytes;
-  if (fp8)
-    launch_chained(indexer::indexer_scores_streamed_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
-                   stream, args, "indexer_scores_streamed_kernel (fp8)");
-  else
-    launch_chained(indexer::indexer_scores_streamed_kernel<false, kSelect>, grid, dim3(indexer::kScoreWarps * 32),
-                   smem, stream, args, "indexer_scores_streamed_kernel (bf16)");
+void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStream_t stream) {
+  const size_t smem = indexer::streamed_smem_layout(args.queries_per_cta, kSelect).bytes;
+  launch_chained(indexer::indexer_scores_streamed_kernel<kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                 args, "indexer_scores_streamed_kernel (bf16)");
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
@@ -223,9 +214,7 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
-                          !plan.streamed ? indexer::kScoreCtasPerSm
-                          : fp8           ? indexer::kStreamCtasPerSm<true>
-                                          : indexer::kStreamCtasPerSm<false>);
+                          plan.streamed ? indexer::kStreamCtasPerSm : indexer::kScoreCtasPerSm);
   return plan;
 }
 
@@ -233,9 +222,9 @@ void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const 
   const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
   if (plan.streamed) {
     if (select)
-      launch_scores_streamed<true>(args, fp8, plan.grid, p.stream);
+      launch_scores_streamed<true>(args, plan.grid, p.stream);
     else
-      launch_scores_streamed<false>(args, fp8, plan.grid, p.stream);
+      launch_scores_streamed<false>(args, plan.grid, p.stream);
     return;
   }
   if (plan.warpgroup) {
@@ -321,8 +310,11 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
         "indexer_scores: head_weights_row_stride ", p.head_weights_row_stride, " < heads ", p.heads);
   check((p.kernel != IndexerScoresKernel::Warpgroup && p.kernel != IndexerScoresKernel::WarpgroupStreamed) ||
             warpgroup_shape(p),
-        "indexer_scores: the Warpgroup kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim,
-        ") and at most ", indexer::kWgmmaHeads, " heads (got ", p.heads, ")");
+        "indexer_scores: the ", p.kernel == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "WarpgroupStreamed",
+        " kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim, ") and at most ", indexer::kWgmmaHeads,
+        " heads (got ", p.heads, ")");
+  check(p.kernel != IndexerScoresKernel::WarpgroupStreamed || !fp8_keys(p),
+        "indexer_scores: the WarpgroupStreamed kernel takes bf16 keys only (got fp8 keys_fp8); use Warpgroup for fp8");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr, "indexer_scores: no queries (q or q_fp8)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
@@ -419,7 +411,8 @@ void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t)
   }
 
   check(s.kernel != IndexerScoresKernel::Warpgroup && s.kernel != IndexerScoresKernel::WarpgroupStreamed,
-        "indexer_scores_top_k: the TopKKernel method scores on the mma.sync kernels only (not Warpgroup)");
+        "indexer_scores_top_k: the TopKKernel method scores on the mma.sync kernels only (not Warpgroup or "
+        "WarpgroupStreamed)");
   check(s.key_count < (int64_t(1) << 30), "indexer_scores_top_k: key_count ", s.key_count,
         " exceeds the 32-bit key arithmetic (2^30)");
   const bool fp8 = fp8_keys(s);

@@ -31,14 +31,14 @@
 //   tile (16 rows per warp) and keeps the next tile's keys in flight while its MMAs run. Measured (H200, T = 1):
 //   fp8 1.2-1.8× the mma.sync kernel (256K keys: 13.7 µs, 61 % of its byte floor), bf16 0.8-0.96× (its own key
 //   bytes bind there, and mma.sync was not far from them).
-// - Streamed warpgroup variant (indexer_scores_streamed_kernel, IndexerScoresKernel::WarpgroupStreamed): the
-//   register-fed kernel keeps only one (bf16) or two (fp8) tiles ahead per warpgroup, the registers' limit. Here each
+// - Streamed warpgroup variant (indexer_scores_streamed_kernel, IndexerScoresKernel::WarpgroupStreamed), bf16 keys
+//   only: the register-fed kernel keeps only one bf16 tile ahead per warpgroup, the registers' limit. Here each
 //   warpgroup streams its key tiles through a ring of shared-memory stages (cp.async, 16 bytes per copy, placed in the
 //   128-byte swizzle so that wgmma reads A from shared memory), kStreamStages − 1 tiles in flight; both operands use
-//   the natural dim order. bf16: one CTA per SM, 4 stages of 16 KB (H200, T = 1: 1M keys 21.4 µs = 75 % of the byte
-//   floor against 24.7 for mma.sync and 25.3 register-fed; 64K keys 4.5 against 6.1 / 7.2); fp8: two CTAs per SM of
-//   4 stages of 8 KB (one CTA of 8 stages lost at 1M, 16.2 against 13.7 µs register-fed: the per-tile epilogue of
-//   two warpgroups per SM binds where the tiles are half the bytes; it won at 64K, 3.7 against 4.7).
+//   the natural dim order. One CTA per SM, 4 stages of 16 KB (H200, T = 1: 1M keys 21.4 µs = 75 % of the byte floor
+//   against 24.7 for mma.sync and 25.3 register-fed; 64K keys 4.5 against 6.1 / 7.2). An fp8 variant lost at 1M
+//   (16.2 against 13.7 µs register-fed: the per-tile epilogue of two warpgroups per SM binds where the tiles are half
+//   the bytes) and was removed; fp8 keys use the register-fed kernel.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -876,140 +876,100 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
 
 // ---- Streamed warpgroup scores (head_dim 128, up to 64 heads; see NOTES) ----
 
-// Ring stages per warpgroup and CTAs per SM: bf16 tiles are 16 KB (one CTA's two rings and up to four query tiles
-// fill an SM's shared memory), fp8 8 KB (two such CTAs per SM).
-template <bool kFp8>
+// Ring stages per warpgroup and CTAs per SM: the bf16 tiles are 16 KB, so one CTA's two rings and up to four query
+// tiles fill an SM's shared memory.
 inline constexpr int kStreamStages = 4;
-template <bool kFp8>
-inline constexpr int kStreamCtasPerSm = kFp8 ? 2 : 1;
+inline constexpr int kStreamCtasPerSm = 1;
 
-__host__ __device__ constexpr size_t streamed_key_tile_bytes(bool fp8) {
-  return size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim * (fp8 ? 1 : 2);
-}
+inline constexpr size_t kStreamedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim * 2;
 
 // Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (wgmma_query_tile_bytes each), the two
-// warpgroups' rings of key tiles, the rings' key scales (fp8), the scaled head weights, the visible counts and with
-// the top-k in the launch its sort buffer. bytes: the allocation, the alignment's slack included.
+// warpgroups' rings of key tiles, the scaled head weights, the visible counts and with the top-k in the launch its
+// sort buffer. bytes: the allocation, the alignment's slack included.
 struct StreamedSmemLayout {
-  size_t ring_offset, scales_offset, weights_offset, visible_offset, selection_offset, bytes;
+  size_t ring_offset, weights_offset, visible_offset, selection_offset, bytes;
 };
 
-__host__ __device__ constexpr StreamedSmemLayout streamed_smem_layout(int queries, bool fp8, bool select) {
-  const size_t stages = size_t(fp8 ? kStreamStages<true> : kStreamStages<false>);
+__host__ __device__ constexpr StreamedSmemLayout streamed_smem_layout(int queries, bool select) {
   StreamedSmemLayout layout{};
-  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(fp8);
-  layout.scales_offset = layout.ring_offset + kWgmmaWarpgroups * stages * streamed_key_tile_bytes(fp8);
-  layout.weights_offset = layout.scales_offset + (fp8 ? kWgmmaWarpgroups * stages * kWgmmaKeysPerTile * 4 : 0);
+  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(false);
+  layout.weights_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStreamStages) * kStreamedKeyTileBytes;
   layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
   layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
   layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
   return layout;
 }
 
-// Byte offset of `byte` (of a 128-dim row: bf16 2·dim, fp8 dim) of row `row` in a K-major 128B-swizzled operand of 64
-// rows: bf16 rows span two 8 KB tiles (dims 0-63, 64-127), fp8 rows one.
+// Byte offset of `byte` (2·dim of a 128-dim bf16 row) of row `row` in a K-major 128B-swizzled operand of 64 rows:
+// the rows span two 8 KB tiles (dims 0-63, 64-127).
 __device__ __forceinline__ uint32_t streamed_operand_offset(int row, int byte) {
   return uint32_t((byte >> 7) * (kWgmmaKeysPerTile * 128) + row * 128 + ((((byte >> 4) & 7) ^ (row & 7)) << 4) +
                   (byte & 15));
 }
 
-// Copies `Bytes` = 4 global bytes to shared memory, or zero-fills them when !valid (a key scale).
-__device__ __forceinline__ void cp_async_4_or_zero(uint32_t shared_dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_dst), "l"(src), "r"(valid ? 4 : 0));
-}
-
 // A warpgroup's copies of key tile rows [key0, key0 + 64) into a ring stage (rows ≥ `rows` zero-filled), thread t of
 // the warpgroup taking 16-byte chunks t, t + 128, …: consecutive threads read consecutive chunks of a row.
-template <bool kFp8>
-__device__ __forceinline__ void issue_streamed_key_tile(unsigned char* stage, float* stage_scales, const void* keys,
-                                                        const float* scales, int key0, int rows, int t) {
-  constexpr int kRowBytes = kWgmmaHeadDim * (kFp8 ? 1 : 2);
+__device__ __forceinline__ void issue_streamed_key_tile(unsigned char* stage, const __nv_bfloat16* keys, int key0,
+                                                        int rows, int t) {
+  constexpr int kRowBytes = kWgmmaHeadDim * 2;
   constexpr int kRowChunks = kRowBytes / 16;
   const uint32_t base = sm90::shared_address(stage);
 #pragma unroll
   for (int i = 0; i < kWgmmaKeysPerTile * kRowChunks / 128; ++i) {
     const int chunk = t + 128 * i, row = chunk / kRowChunks, byte = 16 * (chunk % kRowChunks);
     const int key = key0 + row;
-    const auto* source = static_cast<const unsigned char*>(keys) + int64_t(key < rows ? key : 0) * kRowBytes + byte;
+    const auto* source =
+        reinterpret_cast<const unsigned char*>(keys) + int64_t(key < rows ? key : 0) * kRowBytes + byte;
     ptx::cp_async_or_zero<16>(base + streamed_operand_offset(row, byte), source, key < rows);
   }
-  if constexpr (kFp8)
-    if (t < kWgmmaKeysPerTile)
-      cp_async_4_or_zero(sm90::shared_address(stage_scales + t), scales + (key0 + t < rows ? key0 + t : 0),
-                         key0 + t < rows);
-}
-
-// D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
-                                                        int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
-      "%32, %33, p_acc, 1, 1;\n"
-      "}\n"
-      : DSV4_WGMMA_ACCUMULATORS_32
-      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
 }
 
 // One query's D[64 keys × 64 heads] of a ring stage: all k steps, committed (not waited for).
-template <bool kFp8>
 __device__ __forceinline__ void issue_streamed_scores(float (&d)[32], const unsigned char* stage,
                                                       const unsigned char* query_tile) {
-  constexpr int kSteps = kFp8 ? kWgmmaHeadDim / 32 : kWgmmaHeadDim / 16;  // 32 bytes of each row per step
+  constexpr int kSteps = kWgmmaHeadDim / 16;  // 32 bytes of each row per step
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     const uint32_t tile = uint32_t(s >> 2) * (kWgmmaKeysPerTile * 128), advance = 32 * uint32_t(s & 3);
     const uint64_t a = sm90::advance_descriptor(sm90::make_sw128_k_major_descriptor(stage + tile), advance);
     const uint64_t b = sm90::advance_descriptor(sm90::make_sw128_k_major_descriptor(query_tile + tile), advance);
-    if constexpr (kFp8)
-      wgmma_m64n64k32_e4m3_ss(d, a, b, s > 0);
-    else
-      sm90::wgmma_m64n64k16_bf16_ss(d, a, b, s > 0);
+    sm90::wgmma_m64n64k16_bf16_ss(d, a, b, s > 0);
   }
   sm90::wgmma_commit_group();
 }
 
 // The query operands in the natural dim order (streamed_operand_offset, head = row), heads past args.heads zero,
-// and the scaled head weights (fp8: times each head's q scale).
-template <bool kFp8>
+// and the scaled head weights.
 __device__ __forceinline__ void load_streamed_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                              unsigned char* tiles, float* weights) {
-  // Units of a head row: 16 bytes of bf16 q (16-byte aligned), 8 of fp8 q (8-byte aligned); either stays within
-  // one 16-byte chunk of the swizzle.
-  using Unit = std::conditional_t<kFp8, uint2, uint4>;
-  constexpr int kRowUnits = kWgmmaHeadDim * (kFp8 ? 1 : 2) / int(sizeof(Unit));
-  const auto* source = kFp8 ? reinterpret_cast<const Unit*>(args.q_fp8) : reinterpret_cast<const Unit*>(args.q);
+  // Units of a head row: 16 bytes of bf16 q (16-byte aligned), within one 16-byte chunk of the swizzle.
+  using Unit = uint4;
+  constexpr int kRowUnits = kWgmmaHeadDim * 2 / int(sizeof(Unit));
+  const auto* source = reinterpret_cast<const Unit*>(args.q);
   for (int e = threadIdx.x; e < queries * kWgmmaHeads * kRowUnits; e += blockDim.x) {
     const int unit = e % kRowUnits, head = e / kRowUnits % kWgmmaHeads, query = e / kRowUnits / kWgmmaHeads;
     const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kRowUnits + unit]
                                          : Unit{};
-    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) +
+    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(false) +
                              streamed_operand_offset(head, int(sizeof(Unit)) * unit)) = value;
   }
-  load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
+  load_head_weights<false>(args, first_query, queries, kWgmmaHeads, weights);
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
-// Scores on warpgroup MMAs with the keys streamed through shared memory (see NOTES). A programmatic dependent, as the
-// other score kernels.
-template <bool kFp8, bool kSelect>
-__global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
+// Scores on warpgroup MMAs with bf16 keys streamed through shared memory (see NOTES). A programmatic dependent, as
+// the other score kernels.
+template <bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
     indexer_scores_streamed_kernel(ScoresArgs args) {
-  constexpr int kStages = kStreamStages<kFp8>;
-  constexpr size_t kTileBytes = streamed_key_tile_bytes(kFp8);
+  constexpr int kStages = kStreamStages;
+  constexpr size_t kTileBytes = kStreamedKeyTileBytes;
   allow_dependents();
   wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   const int group_size = args.queries_per_cta;
-  const StreamedSmemLayout layout = streamed_smem_layout(group_size, kFp8, kSelect);
+  const StreamedSmemLayout layout = streamed_smem_layout(group_size, kSelect);
   unsigned char* query_tiles = smem;
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
@@ -1017,14 +977,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
   const int64_t first_query = int64_t(blockIdx.y) * group_size;
   const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
-  const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
-                          : static_cast<const void*>(args.keys + slot * args.keys_slot_stride);
-  const float* key_scales = kFp8 ? args.key_scales + slot * args.key_scales_slot_stride : nullptr;
+  const __nv_bfloat16* keys = args.keys + slot * args.keys_slot_stride;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   const int row_in_tile = 16 * (warp & 3);
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
-  float* ring_scales = reinterpret_cast<float*>(smem + layout.scales_offset) + warpgroup * kStages * kWgmmaKeysPerTile;
   // 32-bit key arithmetic (key_count < 2^30, checked by the launcher).
   const int key_count = int(args.key_count);
   const int step = int(gridDim.x) * kWgmmaWarpgroups;
@@ -1033,11 +990,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
   // past a query's visible keys only feeds outputs that are never written).
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    issue_streamed_key_tile<kFp8>(ring + i * kTileBytes, ring_scales + i * kWgmmaKeysPerTile, keys, key_scales,
-                                  (first_tile + i * step) * kWgmmaKeysPerTile, key_count, t);
+    issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, key_count, t);
     ptx::cp_async_commit();
   }
-  load_streamed_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
+  load_streamed_query_operands(args, first_query, queries, query_tiles, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
   __syncthreads();
@@ -1053,14 +1009,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<128>(1 + warpgroup);
     const int refill = stage == 0 ? kStages - 1 : stage - 1;
-    issue_streamed_key_tile<kFp8>(ring + refill * kTileBytes, ring_scales + refill * kWgmmaKeysPerTile, keys,
-                                  key_scales, (tile + (kStages - 1) * step) * kWgmmaKeysPerTile, max_visible, t);
+    issue_streamed_key_tile(ring + refill * kTileBytes, keys, (tile + (kStages - 1) * step) * kWgmmaKeysPerTile,
+                            max_visible, t);
     ptx::cp_async_commit();
     const unsigned char* current = ring + stage * kTileBytes;
     const int tile_key0 = tile * kWgmmaKeysPerTile;
     // Quad lanes 0 and 1 store the warp's rows group and 8 + group after the quad reduction.
     const int stored_row = row_in_tile + 8 * (quad & 1) + group, out_row = tile_key0 + stored_row;
-    const float key_scale = kFp8 ? ring_scales[stage * kWgmmaKeysPerTile + stored_row] : 1.0f;
     for (int query = 0; query < queries; ++query) {
       float* out = args.scores + (first_query + query) * args.score_stride;
       const int query_visible = int(visible[query]);
@@ -1068,7 +1023,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
       if (tile_key0 < query_visible) {  // warpgroup-uniform
         float d[32];
         sm90::wgmma_fence();
-        issue_streamed_scores<kFp8>(d, current, query_tiles + query * wgmma_query_tile_bytes(kFp8));
+        issue_streamed_scores(d, current, query_tiles + query * wgmma_query_tile_bytes(false));
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(d);
         // D's n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
@@ -1081,7 +1036,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm<kFp8>)
           sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
         }
         quad_reduce(sum);
-        if (out_row < query_visible) result = key_scale * ((quad & 1) ? sum[1] : sum[0]);
+        if (out_row < query_visible) result = (quad & 1) ? sum[1] : sum[0];
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
     }

@@ -22,8 +22,8 @@
 //   CTAs); without, every query reads `keys`.
 // - IndexerScoresParams::kernel: Warp, the mma.sync kernels (every shape); Warpgroup, the same scores on warpgroup
 //   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
-//   WarpgroupStreamed, the Warpgroup kernel's shapes and MMAs with the keys streamed through a ring of shared-memory
-//   stages (more key bytes in flight than registers hold; one CTA per SM);
+//   WarpgroupStreamed, bf16 keys only (fp8 keys refused), the Warpgroup kernel's shapes and MMAs with the keys
+//   streamed through a ring of shared-memory stages (more key bytes in flight than registers hold; one CTA per SM);
 //   Auto (the default), in those shapes: WarpgroupStreamed for bf16 keys of one query (no sequence_slots) over ≥ 16384
 //   keys; Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch scores ≥ 2^20 (query, key) pairs
 //   (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps about
