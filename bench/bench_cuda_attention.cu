@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--model-route]
+//                             [--sweep] [--bf16-kv] [--route]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -32,10 +32,6 @@
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context).
-//   --model-route does the same for the model's calls at batch 64/128/256 and contexts 512/4K/64K: every list padded
-//   to the model's slot bound with per-query counts (CSA: V4-Flash's 512 / V4-Pro's 1024 top-k, min(top-k, context /
-//   4) real; HCA: bounds of 64K and 1M context / 128, context / 128 real), live rows past the counts; routed+counts =
-//   the route with prefill_kernel_decode_counts.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -47,7 +43,6 @@
 #include <cstring>
 #include <random>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "backends/cpu/attention.hpp"
@@ -167,7 +162,7 @@ std::vector<float> read_entry(const KvCacheView& view, const std::vector<int32_t
 
 // Worst error of the device output `out` [T, H, D] (fp32) against cpu::sparse_attention on the queries `sample`,
 // each (query, head) over its largest |expected| (the kernel rounds q, P to bf16: errors ≈ 2^-8 of that). The call's
-// index lists are host copies (with per-query counts: −1 past each count, counted_compressed_index).
+// index lists are host copies; compressed counts are not used by the decode cases.
 double cpu_check(const SparseAttentionParams& p, const std::vector<int32_t>& window_index,
                  const std::vector<int32_t>& compressed_index, const std::vector<float>& q,
                  const std::vector<float>& sink, const std::vector<int64_t>& positions, const DeviceBuffer& out,
@@ -506,22 +501,19 @@ Result run_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat f
 // prefill_kernel off: the head-split path where it serves the call, else the head_dim 512 kernel with its
 // cluster-merged splits, chosen by the slot bound as the model does) against the prefill kernel
 // (run_sparse_attention_prefill, its default options), same inputs, both checked against the CPU; and whether
-// run_sparse_attention's defaults route the call there (prefill_kernel with prefill_kernel_decode; routed_counts:
-// also with prefill_kernel_decode_counts). `bound`: the model's lists (--model-route), else none.
+// run_sparse_attention's defaults route the call there (prefill_kernel with prefill_kernel_decode).
 struct RouteResult {
   std::string model, layout;
-  int heads, batch, slots, entries, splits;  // slots: the bound per query; entries: the real ones
+  int heads, batch, slots, splits;  // slots per query
   int64_t context;
-  bool head_split, routed, routed_counts;
+  bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
                            int64_t context, double copy_gbps, double cublas_tflops, int sms, void* flush,
-                           size_t flush_bytes, std::mt19937& rng, const DecodeListBound* bound = nullptr) {
-  const std::unique_ptr<SparseAttentionDecodeStep> step =
-      make_decode_step(format, heads, kind, batch, context, rng, bound);
-  const std::vector<int32_t> cpu_compressed_index = step->counted_compressed_index();
+                           size_t flush_bytes, std::mt19937& rng) {
+  const std::unique_ptr<SparseAttentionDecodeStep> step = make_decode_step(format, heads, kind, batch, context, rng);
   const size_t out_bytes = size_t(batch) * heads * kHeadDim * 4;
   DeviceBuffer out(out_bytes, "out");
   SparseAttentionParams decode = step->call;
@@ -532,12 +524,11 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
       std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, decode.splits)), "workspace");
   decode.workspace = workspace.data();
   decode.workspace_bytes = workspace.bytes();
-  // The first and last queries (the long HCA lists make the CPU reference the cost of a case); the last alone for the
-  // model's lists (--model-route's many cases; every query has the same count).
-  std::vector<int64_t> sample{bound == nullptr ? 0 : batch - 1, batch - 1};
+  // The first and last queries (the long HCA lists make the CPU reference the cost of a case).
+  std::vector<int64_t> sample{0, batch - 1};
   sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
   const auto check = [&](const SparseAttentionParams& call) {
-    return cpu_check(call, step->window_index, cpu_compressed_index, step->q, step->sink, step->positions, out,
+    return cpu_check(call, step->window_index, step->compressed_index, step->q, step->sink, step->positions, out,
                      sample);
   };
   RouteResult r;
@@ -546,7 +537,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.heads = heads;
   r.batch = batch;
   r.slots = step->slots_per_query();
-  r.entries = step->entries_per_query();
   r.context = context;
   r.head_split = sparse_attention_head_split_splits(decode) > 0;
   r.splits = r.head_split ? sparse_attention_head_split_splits(decode) : decode.splits;
@@ -565,8 +555,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   SparseAttentionParams routed = decode;
   routed.prefill_kernel = SparseAttentionParams{}.prefill_kernel;
   r.routed = sparse_attention_uses_prefill_kernel(routed);
-  routed.prefill_kernel_decode_counts = true;
-  r.routed_counts = sparse_attention_uses_prefill_kernel(routed);
   r.floor_us = std::max(step->kv_bytes() / (copy_gbps * 1e3), step->flops() / (cublas_tflops * 1e6));
   return r;
 }
@@ -639,7 +627,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   std::vector<std::string> only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false, model_route = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
@@ -660,12 +648,9 @@ int run(int argc, char** argv) {
       decode_format = KvEntryFormat::Bf16;
     else if (std::strcmp(argv[i], "--route") == 0)
       route = true;
-    else if (std::strcmp(argv[i], "--model-route") == 0)
-      route = model_route = true;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route] "
-           "[--model-route])");
+           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -690,14 +675,12 @@ int run(int argc, char** argv) {
   std::vector<Result> results;
   std::vector<RouteResult> routes;
   if (route)
-    std::printf("%s: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
-                "prefill kernel, bf16 q; slots = the bound per query, entries = the real ones; routed = "
-                "run_sparse_attention's defaults send the call to the prefill kernel, +counts = with "
-                "prefill_kernel_decode_counts\n"
-                "%-6s %-4s %5s %8s %6s %7s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s %7s\n",
-                model_route ? "--model-route" : "--route", "model", "kind", "batch", "context", "slots", "entries",
-                "splits", "decode us", "%floor", "cpu err", "prefill us", "%floor", "cpu err", "speedup", "routed",
-                "+counts");
+    std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
+                "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
+                "the prefill kernel\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
+                "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
+                "%floor", "cpu err", "speedup", "routed");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -713,11 +696,11 @@ int run(int argc, char** argv) {
   const auto record_route = [&](const RouteResult& r) {
     const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %7d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s %7s%s\n",
-                r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots, r.entries,
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
+                r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", r.routed_counts ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };
@@ -725,25 +708,11 @@ int run(int argc, char** argv) {
     return only.empty() ||
            std::any_of(only.begin(), only.end(), [&](const std::string& prefix) { return name.rfind(prefix, 0) == 0; });
   };
-  // --model-route: the model's lists (bounds with per-query counts), V4-Flash and V4-Pro with their own top-k.
-  for (const auto& [model, heads, top_k] : {std::tuple{"flash", 64, 512}, std::tuple{"pro", 128, 1024}})
-    for (const DecodeLayout kind : {DecodeLayout::Csa, DecodeLayout::Hca})
-      for (const int64_t max_context : {int64_t(65536), int64_t(1) << 20})
-        for (const int64_t context : {int64_t(512), int64_t(4096), int64_t(65536)})
-          for (const int batch : {64, 128, 256}) {
-            if (!model_route || (kind == DecodeLayout::Csa && max_context != 65536)) continue;
-            const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
-                                     std::to_string(context);
-            if (!selected(name)) continue;
-            const DecodeListBound bound{.top_k = top_k, .bound = int(max_context / 128)};
-            record_route(run_route_case(model, heads, kind, decode_format, batch, context, copy_gbps, cublas_tflops,
-                                        device.multiprocessors, flush.data(), flush_bytes, rng, &bound));
-          }
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 256}) {
-          if (model_route || prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
+          if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
           const std::string name = std::string(model) + ":" + to_string(kind) + ":" + std::to_string(batch) + ":" +
@@ -863,13 +832,12 @@ int run(int argc, char** argv) {
       const RouteResult& r = routes[i];
       std::fprintf(f,
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
-                   "\"slots\": %d, \"entries\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
+                   "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
                    "\"prefill_us\": %.2f, \"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, "
-                   "\"routed\": %s, \"routed_counts\": %s}%s\n",
+                   "\"routed\": %s}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
-                   r.entries, r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
+                   r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
                    r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false",
-                   r.routed_counts ? "true" : "false",
                    i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");

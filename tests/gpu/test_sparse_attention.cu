@@ -46,7 +46,6 @@ struct AttentionCase {
   bool early_entries = false;   // ... with head_split_early_entries (entries asked of L2 before the wait)
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
   bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
-  bool prefill_kernel_decode_counts = false;  // ... also with per-query counts (prefill_kernel_decode_counts)
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -63,7 +62,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
   call.prefill_kernel_decode = c.prefill_kernel_decode;
-  call.prefill_kernel_decode_counts = c.prefill_kernel_decode_counts;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -298,10 +296,9 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
 
 // Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave,
 // lists of at least kSparseAttentionPrefillDecodeSlots slots): a V4-Pro batch of just enough queries (two head blocks
-// each) and a V4-Flash one (one block each) with 512 slots, several sequences of different lengths, against the CPU,
-// Flash with per-query counts (prefill_kernel_decode_counts: counts of 0, the bound, past it, negative and random below
-// it, live rows past each count); then the routing decisions alone on the call's shape (one query short of the wave,
-// one slot short of the list, per-query counts with and without their option, fp8 entries, the option off).
+// each) and a V4-Flash one (one block each) with 512 slots, several sequences of different lengths, against the CPU;
+// then the routing decisions alone on the call's shape (one query short of the wave, one slot short of the list,
+// per-query counts, fp8 entries, the option off).
 TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int sms = list_devices()[0].multiprocessors;
@@ -313,10 +310,9 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   pro.prefill_kernel = pro.prefill_kernel_decode = true;
   check_attention(pro, 111);
   AttentionCase flash = pro;
-  flash.name = "flash csa decode wave counts";
+  flash.name = "flash csa decode wave";
   flash.heads = 64;
   flash.queries_per_sequence = (flash_queries + 1) / 2;
-  flash.counts = flash.prefill_kernel_decode_counts = true;
   check_attention(flash, 114);
 
   SparseAttentionCaseData data;
@@ -326,15 +322,13 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   small.queries_per_sequence = 1;
   ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(small, 112, data));
   // Only the decision is asked: the shape fields may exceed the index arrays.
-  const auto routed = [&](int heads, int64_t tokens, int64_t slots, bool counts, bool option,
-                          bool counts_option = false) {
+  const auto routed = [&](int heads, int64_t tokens, int64_t slots, bool counts, bool option) {
     SparseAttentionParams call = data.call;
     call.heads = heads;
     call.tokens = tokens;
     call.compressed_slots = int(slots) - call.window_slots;
     call.compressed_counts = counts ? data.counts.as<int32_t>() : nullptr;
     call.prefill_kernel_decode = option;
-    call.prefill_kernel_decode_counts = counts_option;
     return sparse_attention_uses_prefill_kernel(call);
   };
   const int64_t least = kSparseAttentionPrefillDecodeSlots;  // the shortest slot list routed
@@ -342,13 +336,9 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   EXPECT_FALSE(routed(128, pro_queries - 1, least, false, true)) << "one Pro query short of the wave";
   EXPECT_FALSE(routed(128, pro_queries, least - 1, false, true)) << "one slot short";
   EXPECT_FALSE(routed(128, pro_queries, least, true, true)) << "per-query counts";
-  EXPECT_TRUE(routed(128, pro_queries, least, true, true, true)) << "per-query counts with their option";
-  EXPECT_FALSE(routed(128, pro_queries, least - 1, true, true, true)) << "counts: one slot short";
-  EXPECT_FALSE(routed(128, pro_queries, least, true, false, true)) << "counts: prefill_kernel_decode off";
   EXPECT_FALSE(routed(128, pro_queries, least, false, false)) << "prefill_kernel_decode off";
   EXPECT_TRUE(routed(64, flash_queries, least, false, true));
-  EXPECT_TRUE(routed(64, flash_queries, least, true, true, true)) << "Flash, counts with their option";
-  EXPECT_FALSE(routed(64, flash_queries, least, true, true)) << "Flash, counts without their option";
+  EXPECT_FALSE(routed(64, flash_queries, least, true, true)) << "Flash, per-query counts";
   EXPECT_FALSE(routed(64, flash_queries - 1, least, false, true)) << "one Flash query short of the wave";
   EXPECT_TRUE(routed(64, 2 * sms, 128, true, false)) << "two waves go to the prefill kernel whatever the list";
   AttentionCase fp8 = small;

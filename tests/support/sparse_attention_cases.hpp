@@ -29,7 +29,6 @@
 #include "backends/cuda/kv_cache.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
-#include "core/error.hpp"
 #include "core/fp8_e4m3.hpp"
 
 namespace dsv4::cuda {
@@ -378,42 +377,21 @@ inline void fill_random_entries(const KvCacheView& view, int64_t entries, uint32
 // entries; window slots the 128 ring rows in order, compressed slots random rows (CSA) or all rows in order (HCA);
 // q normal (σ 1) in fp32 and bf16, every head's sink 0.5, the inverse RoPE's frequencies (base 160000). `call` reads
 // them with bf16 q and fp32 out (the engine's decode call; out, splits, workspace and routing left to the bench).
-// In the model's form (DecodeListBound): every query's list is padded to a shared slot bound with compressed_counts,
-// the slots past each query's count holding live rows (which a kernel that read them would pay for and get wrong).
 struct SparseAttentionDecodeStep {
   DecodeLayout layout = DecodeLayout::Swa;
-  int batch = 0, heads = 0;
-  int compressed_slots = 0;  // per query in the index arrays (the bound where counts are given)
-  int compressed_count = 0;  // the real ones, every query's count (compressed_slots without counts)
+  int batch = 0, heads = 0, compressed_slots = 0;
   int64_t context = 0;
   std::unique_ptr<KvCache> cache;
-  std::vector<int32_t> slots, window_index, compressed_index, counts;  // counts: empty without
+  std::vector<int32_t> slots, window_index, compressed_index;
   std::vector<int64_t> positions;
   std::vector<float> q, sink;  // host copies (q in fp32; the kernels round it to bf16)
-  DeviceBuffer d_slots, d_window_index, d_compressed_index, d_counts, d_positions, d_q, d_q_bf16, d_sink,
-      d_frequencies;
+  DeviceBuffer d_slots, d_window_index, d_compressed_index, d_positions, d_q, d_q_bf16, d_sink, d_frequencies;
   SparseAttentionParams call;
 
   int slots_per_query() const { return kDecodeWindow + compressed_slots; }
-  int entries_per_query() const { return kDecodeWindow + compressed_count; }
-  // The KV bytes the step reads (every real slot names an entry) and its flops (4·H·D per slot: QKᵀ and PV).
-  double kv_bytes() const { return double(batch) * entries_per_query() * cache->layout().entry_bytes; }
-  double flops() const { return 4.0 * heads * kDecodeHeadDim * double(batch) * entries_per_query(); }
-  // The compressed index as the CPU reference reads it: −1 past each query's count.
-  std::vector<int32_t> counted_compressed_index() const {
-    std::vector<int32_t> index = compressed_index;
-    for (int b = 0; b < batch && !counts.empty(); ++b)
-      std::fill(index.begin() + int64_t(b) * compressed_slots + counts[size_t(b)],
-                index.begin() + int64_t(b + 1) * compressed_slots, -1);
-    return index;
-  }
-};
-
-// The model's compressed lists: CSA's top_k selected rows (distinct; count min(top_k, context / 4)) in a slot array of
-// top_k, HCA's context / 128 visible rows in a slot array of bound (max_context / 128 in the model).
-struct DecodeListBound {
-  int top_k = kDecodeTopK;  // CSA
-  int bound = 0;            // HCA: slots per query (≥ context / 128)
+  // The KV bytes the step reads (every slot names an entry) and its flops (4·H·D per slot: QKᵀ and PV).
+  double kv_bytes() const { return double(batch) * slots_per_query() * cache->layout().entry_bytes; }
+  double flops() const { return 4.0 * heads * kDecodeHeadDim * double(batch) * slots_per_query(); }
 };
 
 inline const cpu::RopeTable& decode_rope_table() {
@@ -421,12 +399,9 @@ inline const cpu::RopeTable& decode_rope_table() {
   return table;
 }
 
-// `bound`: the model's form of the lists (slots past each count live); none: the lists without counts (CSA: kDecodeTopK
-// random rows, duplicates possible; HCA: every row).
 inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat format, int heads,
                                                                    DecodeLayout layout, int batch, int64_t context,
-                                                                   std::mt19937& rng,
-                                                                   const DecodeListBound* bound = nullptr) {
+                                                                   std::mt19937& rng) {
   auto step = std::make_unique<SparseAttentionDecodeStep>();
   SparseAttentionDecodeStep& s = *step;
   s.layout = layout;
@@ -434,13 +409,7 @@ inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat
   s.heads = heads;
   s.context = context;
   const int64_t compressed_rows = decode_compressed_rows(layout, context);
-  s.compressed_slots = s.compressed_count = decode_compressed_slots(layout, context);
-  if (bound != nullptr && layout != DecodeLayout::Swa) {
-    s.compressed_slots = layout == DecodeLayout::Csa ? bound->top_k : bound->bound;
-    s.compressed_count = int(std::min<int64_t>(s.compressed_slots, compressed_rows));
-    check(layout == DecodeLayout::Csa || s.compressed_count == compressed_rows, "make_decode_step: HCA bound ",
-          bound->bound, " below the ", compressed_rows, " visible rows");
-  }
+  s.compressed_slots = decode_compressed_slots(layout, context);
   s.cache = std::make_unique<KvCache>(KvCacheConfig{
       .format = format, .head_dim = kDecodeHeadDim, .rope_dim = kDecodeRopeDim, .layers = 1, .max_sequences = batch,
       .window_capacity = kDecodeWindow, .max_compressed_rows = compressed_rows, .page_rows = kDecodePageRows,
@@ -465,23 +434,10 @@ inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat
     s.slots[size_t(b)] = b;
     for (int w = 0; w < kDecodeWindow; ++w)
       s.window_index[size_t(b) * kDecodeWindow + w] = int32_t((context - kDecodeWindow + w) % kDecodeWindow);
-    int32_t* index = &s.compressed_index[size_t(b) * C];
-    if (bound == nullptr) {
-      for (int c = 0; c < C; ++c)
-        index[c] = layout == DecodeLayout::Csa ? int32_t(rng() % uint64_t(compressed_rows)) : c;
-      continue;
-    }
-    // The real rows: CSA a distinct random choice (a partial shuffle), HCA every row in order; then live rows.
-    std::vector<int32_t> rows(static_cast<size_t>(compressed_rows));
-    std::iota(rows.begin(), rows.end(), 0);
-    for (int c = 0; c < s.compressed_count && layout == DecodeLayout::Csa; ++c)
-      std::swap(rows[size_t(c)], rows[size_t(c + rng() % uint64_t(compressed_rows - c))]);
     for (int c = 0; c < C; ++c)
-      index[c] = c < s.compressed_count ? rows[size_t(c)]
-                 : compressed_rows > 0     ? int32_t(rng() % uint64_t(compressed_rows))
-                                           : -1;
+      s.compressed_index[size_t(b) * C + c] =
+          layout == DecodeLayout::Csa ? int32_t(rng() % uint64_t(compressed_rows)) : c;
   }
-  if (bound != nullptr && layout != DecodeLayout::Swa) s.counts.assign(size_t(batch), s.compressed_count);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   s.q.resize(size_t(batch) * heads * kDecodeHeadDim);
   for (float& v : s.q) v = normal(rng);
@@ -491,7 +447,6 @@ inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat
   s.d_slots = attention_case_upload(s.slots, "slots");
   s.d_window_index = attention_case_upload(s.window_index, "window index");
   s.d_compressed_index = attention_case_upload(s.compressed_index, "compressed index");
-  s.d_counts = attention_case_upload(s.counts, "compressed counts");
   s.d_positions = attention_case_upload(s.positions, "positions");
   s.d_q = attention_case_upload(s.q, "q");
   s.d_q_bf16 = attention_case_upload(q_bits, "q bf16");
@@ -504,7 +459,7 @@ inline std::unique_ptr<SparseAttentionDecodeStep> make_decode_step(KvEntryFormat
       .positions = s.d_positions.as<int64_t>(), .rope_frequencies = s.d_frequencies.as<float>(),
       .window_index = s.d_window_index.as<int32_t>(), .window_slots = kDecodeWindow,
       .compressed_index = s.d_compressed_index.as<int32_t>(), .compressed_slots = C,
-      .compressed_counts = s.counts.empty() ? nullptr : s.d_counts.as<int32_t>(), .out_dtype = AttentionDtype::F32};
+      .out_dtype = AttentionDtype::F32};
   return step;
 }
 

@@ -224,8 +224,7 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
 // measurement): at least two waves of (query, 64-head block) CTAs; with prefill_kernel_decode also decode-sized calls
-// from 15/16 of one wave whose lists are long by their slot bound and have no per-query counts, or counts with
-// prefill_kernel_decode_counts (see the options).
+// from 15/16 of one wave whose lists are long by their slot bound and have no per-query counts (see the option).
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
   if (!p.prefill_kernel || p.cache.layout.format != KvEntryFormat::Bf16 || !use_d512_kernel(p) ||
       !sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads))
@@ -233,8 +232,7 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
   const int64_t head_blocks = (p.heads + kD512Heads - 1) / kD512Heads, ctas = p.tokens * head_blocks,
                 sms = device_multiprocessors(), slots = int64_t(p.window_slots) + p.compressed_slots;
   if (ctas >= 2 * sms) return true;
-  return p.prefill_kernel_decode && 16 * ctas >= 15 * sms &&
-         (p.compressed_counts == nullptr || p.prefill_kernel_decode_counts) &&
+  return p.prefill_kernel_decode && p.compressed_counts == nullptr && 16 * ctas >= 15 * sms &&
          slots >= kSparseAttentionPrefillDecodeSlots;
 }
 

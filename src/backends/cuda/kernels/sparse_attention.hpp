@@ -87,7 +87,7 @@ struct SparseAttentionParams {
   int head_split_tiles = 0;  // 1..kSparseAttentionHeadSplitMaxTiles tiles per CTA; 0 = the launcher's choice
   // Head-split path: each split asks L2 for its entries before griddepcontrol.wait, through the index as it stands
   // then (in a decode step mostly the previous step's rows, which the new lists share) and the step's page table, so
-  // that its bulk copies after the wait find them in L2 rather than DRAM (the index itself is read after the wait).
+  // that its bulk copies after the wait find them in L2 rather than DRAM (the lists are read again after the wait).
   // H200, dsv4 bench e2e --config flash --layers 8 --format nvfp4 -p 0 -n 64 -b 1 -r 2, off / on interleaved in one
   // job (session 18): round 1 747.5, 754.2 / 751.5, 754.8 t/s; round 2 743.5, 744.1 / 752.0, 752.7; at -d 2048
   // level (729.8, 736.9 / 734.5, 730.0).
@@ -105,16 +105,6 @@ struct SparseAttentionParams {
   // 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6, 128 slots 37.4 → 39.0;
   // Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave.
   bool prefill_kernel_decode = true;
-  // With prefill_kernel_decode: calls with compressed_counts route by their slot bound as well. A decode step's CUDA
-  // graph fixes its launches for every later step of its batch size, so the route cannot follow the counts: set it
-  // where they usually fill the bound. H200, bench_cuda_attention --model-route (session 18, the model's lists, L2
-  // flushed, decode kernels → prefill kernel): CSA's top-k lists, full from 4 · top-k context tokens, gain (Flash
-  // batch 128 / 256 at 4K-64K context 47.1 → 44.2-44.7 / 86.7-87.1 → 80.8-82.0 µs; at 512 tokens 28.3 → 28.3 /
-  // 49.7 → 51.1; Pro batch 64 / 128, 1152 slots, 70.9 → 54.6-56.7 / 135.3 → 104.4-105.9, at 512 tokens
-  // 27.7 → 25.3 / 49.2 → 43.3); HCA's context / 128 visible entries stay short below about 32K context, where the
-  // prefill kernel loses (Flash 128 + 32 entries 40.4 → 47.1 µs at batch 256, Pro 40.6 → 42.8 at batch 128) what it
-  // gains at 64K (86.8-88.1 → 80.1-80.2, Pro 86.4-86.9 → 69.3-69.8).
-  bool prefill_kernel_decode_counts = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;

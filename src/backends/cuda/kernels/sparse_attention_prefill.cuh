@@ -640,6 +640,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   // copied out in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash prefill,
   // bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs).
   uint8_t* staging = smem + kKv;
+  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
   constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
 #pragma unroll
   for (int n = 0; n < 32; ++n) {
