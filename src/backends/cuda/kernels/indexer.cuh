@@ -707,6 +707,22 @@ __device__ __forceinline__ uint32_t wgmma_query_offset(int head, int dim) {
                   (byte & 15));
 }
 
+// Σ_h w_h·ReLU(D[row, h]) of a warpgroup tile's D[64 keys × 64 heads] (w: a query's 64 scaled head weights) for the
+// lane's two rows of the warp's 16, quad-reduced: sum[0] row group, sum[1] row 8 + group. D's n-tile j: d[4j],
+// d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
+__device__ __forceinline__ void weighted_relu_rows(float (&sum)[2], const float (&d)[32], const float* weights,
+                                                   int quad) {
+  const float* w = weights + 2 * quad;
+  sum[0] = sum[1] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kWgmmaHeads / 8; ++j) {
+    const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
+    sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
+    sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
+  }
+  quad_reduce(sum);
+}
+
 // A warp's key rows as wgmma A fragments: bf16 as load_key_tile's uint4s, fp8 as load_fp8_key_tile's words.
 template <bool kFp8>
 struct WgmmaKeyTile {
@@ -852,16 +868,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(d);
         fence_key_tile<kFp8>(current);
-        // D's n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
-        const float* w = weights + query * kWgmmaHeads + 2 * quad;
-        float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < kWgmmaHeads / 8; ++j) {
-          const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
-          sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
-          sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
-        }
-        quad_reduce(sum);
+        float sum[2];
+        weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
         if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
@@ -1026,16 +1034,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
         issue_streamed_scores(d, current, query_tiles + query * wgmma_query_tile_bytes(false));
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(d);
-        // D's n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
-        const float* w = weights + query * kWgmmaHeads + 2 * quad;
-        float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < kWgmmaHeads / 8; ++j) {
-          const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
-          sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
-          sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
-        }
-        quad_reduce(sum);
+        float sum[2];
+        weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
         if (out_row < query_visible) result = (quad & 1) ? sum[1] : sum[0];
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
