@@ -328,10 +328,11 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
+  std::vector<std::string> env_sweep;  // experiment: NAME=VALUE settings timed beside the default
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] | --trace [--iterations N]\n");
+                 "[--model TEXT] [--env-sweep NAME=VALUE;...] | --trace [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -354,6 +355,13 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
+    } else if (std::strcmp(argv[i], "--env-sweep") == 0 && i + 1 < argc) {
+      for (std::string_view list = argv[++i]; !list.empty();) {
+        const size_t end = std::min(list.find(';'), list.size());
+        env_sweep.emplace_back(list.substr(0, end));
+        if (env_sweep.back().find('=') == std::string::npos) return usage();
+        list.remove_prefix(std::min(end + 1, list.size()));
+      }
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else {
@@ -509,6 +517,17 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        // Experiment: the launches under each NAME=VALUE environment setting beside the default, in this run.
+        const auto sweep_env = [&](const char* name, const auto& body, double bytes) {
+          for (const std::string& setting : env_sweep) {
+            const size_t equals = setting.find('=');
+            const std::string variable = setting.substr(0, equals);
+            setenv(variable.c_str(), setting.c_str() + equals + 1, 1);
+            record((std::string(name) + " (" + setting + ")").c_str(), body, bytes, 0.0);
+            unsetenv(variable.c_str());
+          }
+        };
+        sweep_env("hc_pre", hc_pre, pre_bytes);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -587,6 +606,7 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
+        sweep_env("hc_post_pre", hc_post_pre, post_pre_bytes);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -645,6 +665,7 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        sweep_env("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -1,6 +1,8 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -118,6 +120,19 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
+  // Experiment (session 19): DSV4_MHC_LAGS="S,C" sets the sum and collapse lags of the shared-loop kernel.
+  constexpr int kStages = mhc::projection_stages(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
+  args.collapse_lag = kStages - 3;
+  args.sum_lag = (args.collapse_lag + 1) / 2;
+  if (const char* lags = std::getenv("DSV4_MHC_LAGS"); lags != nullptr && kVariant == mhc::ProjectionVariant::kShared) {
+    int sum = 0, collapse = 0;
+    check(std::sscanf(lags, "%d,%d", &sum, &collapse) == 2 && sum >= 1 && sum < collapse && collapse <= kStages - 2,
+          op, ": DSV4_MHC_LAGS=", lags, " must be S,C with 1 <= S < C <= ", kStages - 2);
+    args.sum_lag = sum;
+    args.collapse_lag = collapse;
+  }
+  const char* experiment = std::getenv("DSV4_MHC_EXPERIMENT");
+  args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   const int64_t capacity = int64_t(resident) * multiprocessors;
   check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
         resident, " per SM × ", multiprocessors, " SMs)");

@@ -175,6 +175,8 @@ struct ProjectionArgs : SiteArgs {
   int slices;   // S: CTAs per token tile
   int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
   int tiles;
+  int sum_lag, collapse_lag;  // experiment: iterations from a tile's projection to its sums / collapse
+  int experiment;             // experiment: DSV4_MHC_EXPERIMENT bits (wrong results: timing only)
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
@@ -617,8 +619,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
   // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
-  constexpr int kCollapseLag = kStages - 3;
-  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  // Experiment (session 19, DSV4_MHC_LAGS): the lags come from the launch (default: kCollapseLag = kStages − 3,
+  // kSumLag = (kCollapseLag + 1) / 2).
+  const int kCollapseLag = args.collapse_lag;
+  const int kSumLag = args.sum_lag;
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
@@ -626,7 +630,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
-  static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
@@ -754,6 +757,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int my_items = slice < kPartialFloats ? (kPartialFloats - slice + slices - 1) / slices : 0;
   const int my_passes = (my_items + items_per_pass - 1) / items_per_pass;
   const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (ltid >> lane_shift); };  // this CTA's m-th
+  // Experiment (session 19, DSV4_MHC_EXPERIMENT bit 0): the loop's cross-CTA words taken as read, never waited for
+  // (wrong results: timing only).
+  const bool no_hop_waits = (args.experiment & 1) != 0;
+  const auto hop_value = [&](unsigned long long word, const unsigned long long* address) {
+    return no_hop_waits ? __uint_as_float(unsigned(word)) : tagged_value(word, address, tag);
+  };
   const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
@@ -771,10 +780,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 #pragma unroll
       for (int w = 0; w < kMaxSliceWords; ++w) {
         const int s = part + w * lanes;
-        if (s < slices) sum += tagged_value(words[w], source + s * kPartialFloats, tag);
+        if (s < slices) sum += hop_value(words[w], source + s * kPartialFloats);
       }
       for (int s = part + kMaxSliceWords * lanes; s < slices; s += lanes)
-        sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
+        sum += hop_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats);
     }
     sum = butterfly_sum(sum, lanes);
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
@@ -816,8 +825,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
-                                  g, t4, mine);
+    // Experiment (DSV4_MHC_EXPERIMENT bit 1): no projection (wrong results: timing only).
+    if ((args.experiment & 2) == 0)
+      project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
+                                    SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -834,8 +845,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                        unsigned long long mix_word, auto sync, bool release) {
     const int valid = valid_of(jc);
     if (pre_reader) {
-      const float squares = tagged_value(squares_word, sums_of(jc) + pre_squares_word, tag);
-      const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
+      const float squares = hop_value(squares_word, sums_of(jc) + pre_squares_word);
+      const float mix = hop_value(mix_word, sums_of(jc) + pre_mix_word);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
       pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
