@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -91,11 +93,11 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8>
+template <bool kFp8, bool kDirect>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
-  DSV4_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect>;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       D512Layout<kFp8, kDirect>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
@@ -140,12 +142,14 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
-    set_d512_attributes<false>();
-    set_d512_attributes<true>();
-    constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
-    static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
+    set_d512_attributes<false, false>();
+    set_d512_attributes<false, true>();
+    set_d512_attributes<true, false>();
+    constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the largest of the entry paths'
+    static_assert(kBytes >= D512Layout<true>::kAllocationBytes && kBytes >= D512Layout<false, true>::kAllocationBytes,
+                  "the bf16 bulk-copy layout is the largest");
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -156,11 +160,11 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kDirect>
 void launch_d512(const SparseAttentionParams& p) {
-  constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
+  constexpr int kBytes = D512Layout<kFp8, kDirect>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -236,7 +240,23 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
          slots >= kSparseAttentionPrefillDecodeSlots;
 }
 
+// An A/B switch of the environment: on where `name` is "1".
+bool environment_switch(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 }  // namespace
+
+bool sparse_attention_direct_entries_default() {
+  static const bool on = environment_switch("DSV4_ATTENTION_DIRECT_ENTRIES");
+  return on;
+}
+
+bool sparse_attention_prefetch_entries_default() {
+  static const bool on = environment_switch("DSV4_ATTENTION_PREFETCH_ENTRIES");
+  return on;
+}
 
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 
@@ -334,9 +354,11 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   }
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true>(p);
+      launch_d512<true, false>(p);
+    else if (p.d512_direct_entries)
+      launch_d512<false, true>(p);
     else
-      launch_d512<false>(p);
+      launch_d512<false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

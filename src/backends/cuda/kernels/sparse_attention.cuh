@@ -230,6 +230,13 @@ __device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int 
   return work;
 }
 
+// The SMs of the device (%nsmid: one past the largest SM id, the SM count on a whole GPU).
+__device__ __forceinline__ int multiprocessor_count() {
+  int count;
+  asm("mov.u32 %0, %%nsmid;" : "=r"(count));
+  return count;
+}
+
 // ---- the attention kernel ----
 
 template <int kHeadDim, int kHeadTiles, bool kFp8>
@@ -589,21 +596,27 @@ inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeO
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
-template <bool kFp8>
+// kDirect (bf16 entries only, SparseAttentionParams::d512_direct_entries): the producer copies each entry straight
+// into its swizzled KV stage by 16-byte cp.async (no raw stages, no expansion pass), four KV stages deep.
+template <bool kFp8, bool kDirect = false>
 struct D512Layout {
-  static constexpr int kRawStages = kFp8 ? 3 : 2;
+  static_assert(!(kFp8 && kDirect), "fp8 entries are dequantised through registers");
+  static constexpr bool kFp8Entries = kFp8, kDirectEntries = kDirect;
+  static constexpr int kKvStages = kDirect ? 4 : 2;
+  static constexpr int kRawStages = kDirect ? 0 : kFp8 ? 3 : 2;
   static constexpr int kRawEntryBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
   static constexpr int kRawStageBytes = kTile * kRawEntryBytes;
   static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16;  // per buffer: [consumer][4][thread][4]
   static constexpr int kQ = 0;
   static constexpr int kKv = kQ + kDimBlocks * kQBlockBytes;
-  static constexpr int kRaw = kKv + 2 * kKvStageBytes;
+  static constexpr int kRaw = kKv + kKvStages * kKvStageBytes;
   static constexpr int kExchange = kRaw + kRawStages * kRawStageBytes;
   static constexpr int kPhys = kExchange + 2 * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
-  static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [2][kTile]
-  static constexpr int kResolved = kValid + 2 * kTile * 4;           // int32 [2][kD512ResolveSlots]: the chunk ring
-  static constexpr int kBarriers = kResolved + 2 * kD512ResolveSlots * 4;  // raw_full[R], kv_full[2], kv_empty[2]
-  static constexpr int kBytes = kBarriers + (kRawStages + 4) * 8;
+  static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [kKvStages][kTile]
+  static constexpr int kResolved = kValid + kKvStages * kTile * 4;   // int32 [2][kD512ResolveSlots]: the chunk ring
+  static constexpr int kBarriers = kResolved + (kDirect ? 0 : 2 * kD512ResolveSlots * 4);  // raw_full[R],
+                                                                     // kv_full[kKvStages], kv_empty[kKvStages]
+  static constexpr int kBytes = kBarriers + (kRawStages + 2 * kKvStages) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
   static_assert(kRawStageBytes % 16 == 0 && kBarriers % 8 == 0, "aligned regions");
   // Cluster merge: the partial output overlays Q, the KV stages and the raw stages; the merge's small tables live in
@@ -627,7 +640,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
   uint64_t* raw_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
   uint64_t* kv_full = raw_full + R;
-  uint64_t* kv_empty = kv_full + 2;
+  uint64_t* kv_empty = kv_full + L::kKvStages;
   int32_t* raw_phys = reinterpret_cast<int32_t*>(smem + L::kPhys);
   int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
   int32_t* resolved = reinterpret_cast<int32_t*>(smem + L::kResolved);
@@ -772,6 +785,107 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   }
 }
 
+// Asks L2 for the q rows and the index lines of the CTA `item` (a (query, head block, split) index as blockIdx.x),
+// spread over the 128 threads of a warpgroup (`thread`): the start of a CTA about one wave later.
+__device__ __forceinline__ void d512_prefetch_item(const SparseAttentionParams& p, int64_t item, int head_blocks,
+                                                   int thread) {
+  // 32-bit divisions (a launch holds < 2^31 CTAs).
+  const unsigned flat = unsigned(item) / unsigned(p.splits);
+  const int64_t t = int64_t(flat / unsigned(head_blocks));
+  const int head_base = int(flat % unsigned(head_blocks)) * kD512Heads;
+  const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+  const int64_t bytes = int64_t(min(kD512Heads, p.heads - head_base)) * kD512HeadDim * element_bytes;
+  const uint8_t* q = static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * element_bytes;
+  for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroupThreads) * 128)
+    ptx::prefetch_l2(q + offset);
+  const SlotRange range = split_slot_range(p, t, int(unsigned(item) % unsigned(p.splits)));
+  for (int64_t s = range.begin + int64_t(thread) * 32; s < range.end; s += int64_t(kWarpgroupThreads) * 32)
+    ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
+                                        : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
+}
+
+// The producer of the direct layout (bf16 entries; D512Layout<false, true>): thread (row0, chunk) = (thread / 8,
+// thread % 8) copies the 16-byte chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile
+// straight to its swizzled place in the tile's KV stage (an unused slot zero-filled, its source never read); the
+// copies arrive on the stage's kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
+// warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
+// copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
+// during chunk c's copies (index load at its start, page-table load after its first tile), so no copy waits on it.
+// With p.d512_prefetch_entries each thread also asks L2 for its resolved entry of chunk c + 1 as chunk c starts
+// (128 entries ahead of the copies), and after chunk 0 for the q rows and index lines of the item one wave later
+// (`ahead`, a (query, head block, split) CTA index; none where ≥ the grid's CTAs).
+__device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                    const SlotRange& range, int64_t ahead, int head_blocks) {
+  using L = D512Layout<false, true>;
+  constexpr int S = L::kKvStages;
+  constexpr int kChunkTiles = kD512ResolveSlots / kTile;
+  static_assert(kChunkTiles * kTile == kWarpgroupThreads && kTile == 32, "a lane per slot of a chunk, per warp");
+  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32, lane = thread % 32;
+  const int chunk = thread % 8, row0 = thread / 8;
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
+  uint64_t* kv_empty = kv_full + S;
+  int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
+  const int sequence_slot = p.sequence_slots[t];
+  const int chunks = (range.tiles + kChunkTiles - 1) / kChunkTiles;
+  const int64_t resolve_offset = int64_t(lane / 8) * kTile + 4 * warp + lane % 4 + 16 * ((lane / 4) % 2);
+  const auto slot_of = [&](int c) { return range.begin + int64_t(c) * kD512ResolveSlots + resolve_offset; };
+  const auto load_row = [&](int c) {
+    const int64_t s = slot_of(c);
+    return c < chunks && s < range.end ? slot_row(p, t, s) : -1;
+  };
+  const auto load_page = [&](int c, int32_t row) { return slot_page(p, sequence_slot, slot_of(c), row); };
+
+  // Chunks 0 and 1 before any copy: both index loads, then both page-table loads (two dependent round trips once).
+  int32_t current, next;
+  {
+    const int32_t rows[2] = {load_row(0), load_row(1)};
+    const int32_t pages[2] = {load_page(0, rows[0]), load_page(1, rows[1])};
+    current = slot_physical(p.cache, pages[0], rows[0]);
+    next = slot_physical(p.cache, pages[1], rows[1]);
+  }
+  const uint32_t kv_base = shared_address(smem + L::kKv);
+  for (int c = 0; c < chunks; ++c) {
+    const int32_t ahead_row = load_row(c + 2);
+    int32_t ahead_page = -1;
+    if (p.d512_prefetch_entries && next >= 0) {
+      const uint8_t* entry = p.cache.entry_address(next);
+#pragma unroll
+      for (int line = 0; line < kD512HeadDim * 2 / 128; ++line) ptx::prefetch_l2(entry + line * 128);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunkTiles; ++i) {
+      const int j = c * kChunkTiles + i;
+      if (j >= range.tiles) break;
+      const int stage = j % S;
+      int32_t phys[2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
+      sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
+      if (chunk == 0) {
+        tile_valid[stage * kTile + row0] = phys[0] >= 0;
+        tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
+      }
+      const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int n = row0 + 16 * k;
+        const uint32_t destination = stage_base + uint32_t(n * 128 + ((chunk ^ (n % 8)) * 16));
+        const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
+#pragma unroll
+        for (int b = 0; b < kDimBlocks; ++b)
+          ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
+      }
+      ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
+      sm90::mbarrier_arrive(&kv_full[stage]);
+      if (i == 0) ahead_page = load_page(c + 2, ahead_row);
+    }
+    current = next;
+    next = slot_physical(p.cache, ahead_page, ahead_row);
+    if (c == 0 && p.d512_prefetch_entries && ahead >= 0) d512_prefetch_item(p, ahead, head_blocks, thread);
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
 // Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`, as a
 // generic pointer, so that loads through it are plain 16-byte loads with immediate offsets (ld.shared::cluster on a
 // 32-bit mapa address made ptxas rebuild the window's generic address, an S2R and two moves, before every load).
@@ -797,10 +911,9 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 // loads are unrolled over kMaxSplits ≥ p.splits, the next power of two (2, 4, 8 or 16): predicated-off loads and
 // multiply-adds still issue, and this code is the tail of the batch-1 critical path. kBf16Partials: the partials
 // are bf16 (rows kMergeRowBf16 apart; p.cluster_merge_bf16_partials), fp32 otherwise (rows kMergeRowFloats apart).
-template <bool kFp8, int kMaxSplits, bool kBf16Partials>
+template <class L, int kMaxSplits, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
                                                    int head_base, int thread256, float merge_sink_log2) {
-  using L = D512Layout<kFp8>;
   static_assert(kMaxSplits == 2 || kMaxSplits == 4 || kMaxSplits == 8 || kMaxSplits == 16, "a power of two ≥ 2");
   static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
   using ScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
@@ -916,24 +1029,24 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 }
 
 // The merge's instantiation for p.splits (the next power of two) and the partials' type.
-template <bool kFp8, bool kBf16Partials>
+template <class L, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                                        int split, int head_base, int thread256,
                                                        float merge_sink_log2) {
   if (p.splits <= 2)
-    d512_cluster_merge<kFp8, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
   else if (p.splits <= 4)
-    d512_cluster_merge<kFp8, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
   else if (p.splits <= 8)
-    d512_cluster_merge<kFp8, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
   else
-    d512_cluster_merge<kFp8, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
-template <bool kFp8>
+// L: the CTA's D512Layout (its entry path).
+template <class L>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
-  using L = D512Layout<kFp8>;
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
   // in uniform registers instead of being rebuilt and moved there before every wgmma.
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroupThreads, 0) - 1;
@@ -955,7 +1068,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const int64_t position = rope ? p.positions[t] : 0;
   const SlotRange range = split_slot_range(p, t, split);
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
-  uint64_t* kv_empty = kv_full + 2;
+  uint64_t* kv_empty = kv_full + L::kKvStages;
   const int32_t* tile_valid = reinterpret_cast<const int32_t*>(smem + L::kValid);
   uint8_t* q_tile = smem + L::kQ;
   const int dim_base = consumer * (kD512HeadDim / 2);
@@ -1023,8 +1136,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
 
   for (int j = 0; j < range.tiles; ++j) {
-    const int stage = j % 2;
-    sm90::mbarrier_wait(&kv_full[stage], (j / 2) & 1);
+    const int stage = j % L::kKvStages;
+    sm90::mbarrier_wait(&kv_full[stage], (j / L::kKvStages) & 1);
+    if constexpr (L::kDirectEntries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
@@ -1042,28 +1156,28 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     if (j > 0) {
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o_acc);
-      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % 2]);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % L::kKvStages]);
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
-    // Sum the two consumers' partial scores, consumer 0's first in both (identical S in both warpgroups).
-    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + stage * L::kExchangeFloats;
+    // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
+    // both warpgroups hold identical S).
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % 2) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
+    const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
 #pragma unroll
     for (int e = 0; e < 4; ++e)
       mine[e * kWarpgroupThreads + thread] =
           make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-    const float4* part0 = reinterpret_cast<const float4*>(exchange);
-    const float4* part1 = reinterpret_cast<const float4*>(exchange + L::kExchangeFloats / 2);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float4 a = part0[e * kWarpgroupThreads + thread], b = part1[e * kWarpgroupThreads + thread];
-      s_acc[4 * e] = a.x + b.x;
-      s_acc[4 * e + 1] = a.y + b.y;
-      s_acc[4 * e + 2] = a.z + b.z;
-      s_acc[4 * e + 3] = a.w + b.w;
+      const float4 b = other[e * kWarpgroupThreads + thread];
+      s_acc[4 * e] += b.x;
+      s_acc[4 * e + 1] += b.y;
+      s_acc[4 * e + 2] += b.z;
+      s_acc[4 * e + 3] += b.w;
     }
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
@@ -1120,9 +1234,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
     cluster_sync();
     if (bf16_partials)
-      d512_cluster_merge_for<kFp8, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+      d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else
-      d512_cluster_merge_for<kFp8, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+      d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }
@@ -1197,11 +1311,11 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kDirect>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
-  using L = D512Layout<kFp8>;
+  using L = D512Layout<kFp8, kDirect>;
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1213,9 +1327,10 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   if (threadIdx.x == 0) {
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
     for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 4);  // raw_full: one per warp
-    for (int s = 0; s < 2; ++s) {
-      sm90::mbarrier_init(&barriers[L::kRawStages + s], kWarpgroupThreads);  // kv_full: every producer thread
-      sm90::mbarrier_init(&barriers[L::kRawStages + 2 + s], 2);              // kv_empty: one per consumer
+    for (int s = 0; s < L::kKvStages; ++s) {
+      // kv_full: every producer thread (direct: also its copies' arrival); kv_empty: one per consumer.
+      sm90::mbarrier_init(&barriers[L::kRawStages + s], (kDirect ? 2 : 1) * kWarpgroupThreads);
+      sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
     sm90::fence_mbarrier_init();
   }
@@ -1224,14 +1339,20 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     wait_for_prior_grids();
-    d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
+    if constexpr (kDirect) {
+      const int64_t ahead = int64_t(blockIdx.x) + multiprocessor_count();
+      d512_produce_direct(p, smem, work.t, split_slot_range(p, work.t, work.split),
+                          ahead < int64_t(gridDim.x) ? ahead : -1, head_blocks);
+    } else {
+      d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
+    }
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       cluster_sync();
       cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<kFp8>(p, smem, work, cluster_merge);
+    d512_consume<L>(p, smem, work, cluster_merge);
   }
 }
 

@@ -48,6 +48,12 @@ inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 // Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query).
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 
+// The default of SparseAttentionParams::d512_direct_entries: off, on where the environment sets
+// DSV4_ATTENTION_DIRECT_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
+bool sparse_attention_direct_entries_default();
+// The default of SparseAttentionParams::d512_prefetch_entries: off, on where DSV4_ATTENTION_PREFETCH_ENTRIES=1.
+bool sparse_attention_prefetch_entries_default();
+
 struct SparseAttentionParams {
   KvCacheView cache;
   int layer = 0;
@@ -92,6 +98,13 @@ struct SparseAttentionParams {
   // job (session 18): round 1 747.5, 754.2 / 751.5, 754.8 t/s; round 2 743.5, 744.1 / 752.0, 752.7; at -d 2048
   // level (729.8, 736.9 / 734.5, 730.0).
   bool head_split_early_entries = true;
+  // head_dim 512 kernel, bf16 entries: the producer copies each entry by 16-byte cp.async straight into its swizzled
+  // KV stage (four stages, no raw stages, no expansion pass through registers) instead of one bulk copy per entry
+  // into a raw stage that all producer threads then re-store swizzled (64 KB of shared-memory traffic per tile).
+  bool d512_direct_entries = sparse_attention_direct_entries_default();
+  // With d512_direct_entries: each producer thread asks L2 for its resolved entry a chunk (4 tiles) ahead of the copies,
+  // and each CTA for the q rows and index lines of the CTA one wave after it.
+  bool d512_prefetch_entries = sparse_attention_prefetch_entries_default();
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
