@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -76,11 +77,11 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kEarlyScales, bool kTrace>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kEarlyScales, kTrace>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -99,21 +100,49 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kTrace>
+// A/B switches for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_SUM=pull takes the cluster reduction
+// by two cluster barriers and remote reads (StreamedReduce::CLUSTER) instead of the pushed partials (CLUSTER_PUSH);
+// DSV4_LINEAR_SCALES=late loads stage 0's FP8 block scales after x is staged instead of before (kEarlyScales).
+bool env_is(const char* name, std::string_view value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string_view(set) == value;
+}
+bool cluster_sum_pulls() {
+  static const bool pull = env_is("DSV4_LINEAR_CLUSTER_SUM", "pull");
+  return pull;
+}
+bool early_scales() {
+  static const bool early = !env_is("DSV4_LINEAR_SCALES", "late");
+  return early;
+}
+
+template <TileFormat F, int NT, bool kEarlyScales, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
-  else
-    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
+    if (cluster_sum_pulls())
+      launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kEarlyScales, kTrace>(args, config, stream);
+    else
+      launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_PUSH, kEarlyScales, kTrace>(args, config, stream);
+  } else {
+    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kEarlyScales, kTrace>(args, config, stream);
+  }
+}
+
+template <TileFormat F, int NT, bool kTrace>
+void launch_streamed_scales(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                            cudaStream_t stream) {
+  if constexpr (F == TileFormat::FP8_BLOCK128)
+    if (early_scales()) return launch_streamed_variant<F, NT, true, kTrace>(args, config, stream);
+  launch_streamed_variant<F, NT, false, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (args.trace != nullptr) return launch_streamed_variant<F, NT, true>(args, config, stream);
-  launch_streamed_variant<F, NT, false>(args, config, stream);
+    if (args.trace != nullptr) return launch_streamed_scales<F, NT, true>(args, config, stream);
+  launch_streamed_scales<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -311,6 +340,13 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
         "streamed load path only");
   config.reduce =
       reduce == SplitKReduce::CLUSTER && config.k_splits > 1 ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
+  if (config.reduce == SplitKReduce::CLUSTER) {
+    // Rank 0's receive area for the other ranks' partial tiles (StreamedReduce::CLUSTER_PUSH).
+    config.smem_bytes += linear::cluster_receive_bytes(config.k_splits, tokens);
+    check(config.smem_bytes <= kSharedMemoryPerCta, "quantized_linear: the cluster reduction of weight [",
+          weight.rows, ", ", weight.cols, "] over ", config.k_splits, " splits at ", tokens, " tokens needs ",
+          config.smem_bytes, " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
+  }
   check(config.row_blocks <= 0x7FFFFFFF && config.k_splits <= 65535, "quantized_linear: weight [", weight.rows, ", ",
         weight.cols, "] needs a grid of ", config.row_blocks, " × ", config.k_splits,
         " CTAs, beyond the launch limits");
