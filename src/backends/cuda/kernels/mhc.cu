@@ -137,6 +137,9 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
         resident, " per SM × ", multiprocessors, " SMs)");
   args.groups = int(std::min<int64_t>(args.tiles, capacity / args.slices));
+  // Experiment (session 19): DSV4_MHC_GROUPS=G runs at most G groups (fewer CTAs per SM).
+  if (const char* groups = std::getenv("DSV4_MHC_GROUPS"); groups != nullptr)
+    args.groups = std::clamp(std::atoi(groups), 1, args.groups);
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
