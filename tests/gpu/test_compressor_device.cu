@@ -180,7 +180,15 @@ class CaseCheck {
   // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice.
   void force_slot_loads(CompressorSlotLoads loads) {
     slot_loads_ = loads;
-    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads" : ", register slot loads";
+    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads"
+             : loads == CompressorSlotLoads::Lean ? ", lean slot loads"
+                                                  : ", register slot loads";
+  }
+  // After finish(): every sequence's entries as read back, in sequence order.
+  std::vector<float> outputs() const {
+    std::vector<float> all;
+    for (const Sequence& sq : sequences_) all.insert(all.end(), sq.got.begin(), sq.got.end());
+    return all;
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -452,12 +460,7 @@ class CaseCheck {
 
 // One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice;
 // slot_loads: CompressorParams::slot_loads, Auto = the launcher's choice).
-void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false, int cluster_ctas = 0,
-                CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto) {
-  CaseCheck check(c, chunks, seed, to_cache, stacked);
-  if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
-  if (slot_loads != CompressorSlotLoads::Auto) check.force_slot_loads(slot_loads);
+void run_case(CaseCheck& check) {
   SCOPED_TRACE(check.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   CompressorParams p;
@@ -468,6 +471,15 @@ void check_case(const CompressorCase& c, const std::string& chunks, uint32_t see
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
   check.finish();
+}
+
+void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
+                bool stacked = false, int cluster_ctas = 0,
+                CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto) {
+  CaseCheck check(c, chunks, seed, to_cache, stacked);
+  if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
+  if (slot_loads != CompressorSlotLoads::Auto) check.force_slot_loads(slot_loads);
+  run_case(check);
 }
 
 // Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone. With
@@ -692,6 +704,72 @@ TEST(Compressor, ForcedSlotLoadsMatchTheCpuOnePass) {
         check_pair(a, b);
         ASSERT_FALSE(HasFatalFailure());
       }
+  }
+}
+
+// The cases the lean slot loads take: head_dim a multiple of 128 up to 512, windows of at most 8 slots (CSA ratio 4).
+// Not with the stacked projections here: their rows are 2·width + 6 floats apart, off 16-byte alignment.
+bool lean_case(const CompressorCase& c) {
+  return c.head_dim % 128 == 0 && c.head_dim <= 512 && (c.overlapping ? 2 : 1) * c.ratio <= 8;
+}
+
+// The lean slot loads forced on every case that takes them: decode steps and runs of different lengths (the state's
+// tickets and entries that read it), one pass; into the KV cache (bf16, fp8); pairs in one launch; with RoPE tables.
+TEST(Compressor, LeanSlotLoadsMatchTheCpuOnePass) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 3100;
+  for (const CompressorCase& c : kCases) {
+    if (!lean_case(c)) continue;
+    for (const char* chunks : {"one pass", "single tokens", "chunks of 3/7/13"}) {
+      check_case(c, chunks, seed++, false, false, 0, CompressorSlotLoads::Lean);
+      if (c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output)
+        check_case(c, chunks, seed++, true, false, 0, CompressorSlotLoads::Lean);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+  }
+  for (const auto& [first, second] : {std::pair{1, 3}, std::pair{11, 12}, std::pair{0, 18}})
+    for (const char* chunks : {"one pass", "chunks of 2/3"}) {
+      CaseCheck a(kCases[first], chunks, seed++, first == 1), b(kCases[second], chunks, seed++);
+      a.force_slot_loads(CompressorSlotLoads::Lean), b.force_slot_loads(CompressorSlotLoads::Lean);
+      a.use_rope_table(), b.use_rope_table();
+      check_pair(a, b);
+      ASSERT_FALSE(HasFatalFailure());
+    }
+}
+
+// The lean slot loads repeat the staged path's arithmetic: the same entries bit for bit (fp32, the KV cache's bytes
+// as decoded, bf16 and fp8 keys), prefill chunks and runs that read the state.
+TEST(Compressor, LeanSlotLoadsMatchStagedBitForBit) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 3300;
+  for (const CompressorCase& c : kCases) {
+    if (!lean_case(c)) continue;
+    for (const char* chunks : {"one pass", "chunks of 3/7/13"})
+      for (const bool to_cache : {false, true}) {
+        if (to_cache && (c.rounding == CompressorStoredRounding::IndexerFp4 || c.bf16_output || c.fp8_output))
+          continue;
+        CaseCheck staged(c, chunks, seed, to_cache), lean(c, chunks, seed, to_cache);
+        ++seed;
+        staged.force_slot_loads(CompressorSlotLoads::Staged), lean.force_slot_loads(CompressorSlotLoads::Lean);
+        run_case(staged);
+        run_case(lean);
+        ASSERT_FALSE(HasFatalFailure());
+        const std::vector<float> want = staged.outputs(), got = lean.outputs();
+        ASSERT_EQ(got.size(), want.size()) << lean.name();
+        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << lean.name() << ": not bit for bit";
+      }
+  }
+}
+
+// Lean slot loads refused where a pool cannot take them (no silent fallback).
+TEST(Compressor, LeanSlotLoadsRefuseWhatTheyCannotPool) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  for (const int index : {4, 6, 9}) {  // HCA 128 slots, c = 96, c = 32
+    CaseCheck check(kCases[index], "one pass", 3500);
+    check.force_slot_loads(CompressorSlotLoads::Lean);
+    CompressorParams p;
+    ASSERT_TRUE(check.next_step(p));
+    testing::expect_error([&] { run_compressor(p); }, "lean slot loads refused");
   }
 }
 

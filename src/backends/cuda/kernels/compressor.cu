@@ -36,6 +36,7 @@ const char* rounding_name(CompressorStoredRounding rounding) {
 }
 
 bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The indexer rounding and the fp8 output work on the whole vector in one warp: no split of an entry over CTAs.
 bool whole_vector_in_one_cta(const CompressorParams& p) {
@@ -136,21 +137,51 @@ int entry_split(const CompressorParams& p) {
   return cluster;
 }
 
-// Whether a launch stages its slot loads (CompressorSlotLoads; the compressors agree on the mode).
-bool stages_slot_loads(std::span<const CompressorParams> params) {
-  const CompressorSlotLoads mode = params[0].slot_loads;
-  if (mode != CompressorSlotLoads::Auto) return mode == CompressorSlotLoads::Staged;
-  bool several_entries = false;
-  for (const CompressorParams& p : params) {
-    if (p.run_count == 0) continue;
-    if (p.head_dim / entry_split(p) > 2 * compressor::kStagedThreads) return false;
-    several_entries = several_entries || entries_per_run_of(p) > 1;
-  }
-  return several_entries;
+// Why pool p cannot take the lean slot loads (CompressorSlotLoads::Lean), or null.
+const char* lean_refusal(const CompressorParams& p) {
+  const int64_t c = p.head_dim, slots = p.overlapping ? 2 * p.ratio : p.ratio;
+  const int64_t row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride;
+  const CompressorStateView& s = p.state;
+  if (c % 128 != 0 || c > 4 * compressor::kLeanThreads) return "head_dim is not a multiple of 128 up to 512";
+  if (slots > compressor::kLeanSlots) return "a window has more than 8 slots";
+  if (entry_split(p) != 1) return "entries are split over CTAs";
+  if (p.rope_dim % 4 != 0) return "rope_dim is not a multiple of 4";
+  if (row_stride % 4 != 0 || !aligned16(p.kv) || !aligned16(p.gate) || !aligned16(p.ape) ||
+      !aligned16(p.norm_weight) || !aligned16(s.window_kv) || !aligned16(s.window_score) ||
+      !aligned16(s.previous_kv) || !aligned16(s.previous_score))
+    return "kv, gate, ape, norm weights or the state are not 16-byte aligned rows";
+  if ((p.max_run_tokens + 1) * row_stride >= (int64_t(1) << 31)) return "a run's rows exceed 32-bit offsets";
+  if (!aligned16(p.entries) || !aligned8(p.slot_entries_bf16) ||
+      (p.slot_entries_bf16 != nullptr && p.slot_entry_stride % 4 != 0))
+    return "the entries output is not 16-byte (fp32) or 8-byte (bf16) aligned";
+  return nullptr;
 }
 
-// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout (staged: the launch's slot loads).
-compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
+// How a launch loads its slots (CompressorSlotLoads, never Auto; the compressors agree on the mode).
+CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
+  const CompressorSlotLoads mode = params[0].slot_loads;
+  if (mode == CompressorSlotLoads::Lean)
+    for (const CompressorParams& p : params) {
+      const char* refusal = p.run_count == 0 ? nullptr : lean_refusal(p);
+      check(refusal == nullptr, "compressor: lean slot loads refused: ", refusal == nullptr ? "" : refusal);
+    }
+  if (mode != CompressorSlotLoads::Auto) return mode;
+  bool several_entries = false, lean = true, staged = true;
+  for (const CompressorParams& p : params) {
+    if (p.run_count == 0) continue;
+    staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
+    lean = lean && lean_refusal(p) == nullptr;
+    several_entries = several_entries || entries_per_run_of(p) > 1;
+  }
+  if (!several_entries) return CompressorSlotLoads::Registers;
+  return lean ? CompressorSlotLoads::Lean : staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+}
+
+// One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
+// the staged path's slot groups, whose arithmetic it repeats, and teams of c / 4 threads).
+compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
+  const bool lean = loads == CompressorSlotLoads::Lean;
+  const bool staged = lean || loads == CompressorSlotLoads::Staged;
   const int64_t entries_per_run = entries_per_run_of(p);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
@@ -173,6 +204,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
   while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
     groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
+  const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
   return compressor::PoolArgs{.c = c,
@@ -206,7 +238,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
                               .cache_layer = p.cache_layer,
                               .entries_per_run = entries_per_run,
                               .first_cta = 0,
-                              .ctas = entries * cluster,
+                              .ctas = lean ? (entries + lean_teams - 1) / lean_teams : entries * cluster,
                               .cluster_ctas = cluster,
                               .channels_per_cta = channels,
                               .pairs_padded = pairs_padded,
@@ -217,7 +249,10 @@ compressor::PoolArgs pool_args(const CompressorParams& p, bool staged) {
                               .slice_pairs_div = compressor::FastDivisor::of(uint32_t(channels / 2)),
                               .slice_row_div = compressor::FastDivisor::of(uint32_t(halves * channels / 2)),
                               .whole_pairs_div = compressor::FastDivisor::of(uint32_t(c / 2)),
-                              .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2))};
+                              .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2)),
+                              .lean_teams = lean_teams,
+                              .rows = entries,
+                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -232,17 +267,18 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
-  const bool staged = stages_slot_loads(params);
+  const CompressorSlotLoads loads = slot_loads_of(params);
+  const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, staged);
+    const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
-    threads = std::max(threads, pool.pairs_padded * pool.groups);
-    smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
+    threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
+    if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
   if (launch.pool_count == 0 && !prepares) return;
@@ -268,10 +304,12 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
   if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
-  const auto kernel = slice_updates ? (staged ? compressor::compressor_kernel<true, true>
-                                              : compressor::compressor_kernel<true, false>)
-                                    : (staged ? compressor::compressor_kernel<false, true>
-                                              : compressor::compressor_kernel<false, false>);
+  using enum CompressorSlotLoads;
+  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+                      : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>
+                                                : compressor::compressor_kernel<true, Registers>)
+                                      : (staged ? compressor::compressor_kernel<false, Staged>
+                                                : compressor::compressor_kernel<false, Registers>);
   if (smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);

@@ -125,6 +125,11 @@ struct PoolArgs {
   // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
   FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
       whole_row_div;
+  // Lean slot loads (CompressorSlotLoads::Lean): entries per CTA (one team of c / 4 threads each), the entry rows
+  // (run_count · entries_per_run) and the team size's divisor.
+  int lean_teams;
+  int64_t rows;
+  FastDivisor team_div;
 };
 
 struct LaunchArgs {
@@ -266,6 +271,28 @@ struct OnlineSoftmax {
   }
 };
 
+// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
+template <class Part>
+__device__ __forceinline__ float merge_partials(int groups, Part part) {
+  float m = kNegativeInfinity;
+  for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
+  float den = 0.0f, num = 0.0f;
+  for (int g = 0; g < groups; ++g) {
+    const OnlineSoftmax p = part(g);
+    if (p.max == kNegativeInfinity) continue;
+    const float scale = expf(p.max - m);
+    den += p.denominator * scale;
+    num += p.numerator * scale;
+  }
+  return num / den;
+}
+
+// A channel pair's share of the RMSNorm's sum of squares, and the norm's factor from the entry's sum.
+__device__ __forceinline__ float pair_square(float x0, float x1) { return x0 * x0 + x1 * x1; }
+__device__ __forceinline__ float inverse_rms(float square_sum, int c, float eps) {
+  return 1.0f / sqrtf(square_sum / static_cast<float>(c) + eps);
+}
+
 // Adds a batch of slots to a channel pair's two softmaxes; invalid slots weigh 0.
 __device__ __forceinline__ void add_batch(OnlineSoftmax& channel0, OnlineSoftmax& channel1,
                                           const SlotValue (&slot)[kSlotBatch], const bool (&valid)[kSlotBatch]) {
@@ -401,6 +428,27 @@ __device__ __forceinline__ float2 e4m3_round_trip(float x0, float x1) {
   return __half22float2(*reinterpret_cast<const __half2*>(&halves));
 }
 
+// The fp8 KV block scale for a block's amax: s = 2^ceil(log2(max(amax, 1e-4) / 448)).
+__device__ __forceinline__ float kv_fp8_scale(float amax) {
+  return e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+}
+
+// round_kv_reference of a channel pair: e4m3 at the block's scale (nope channels), else bf16.
+__device__ __forceinline__ void kv_fp8_round_pair(float& x0, float& x1, float scale, bool nope) {
+  if (nope) {
+    // scale is a power of two ≥ 2^-22: its reciprocal is exact and x · (1/scale) is x / scale's value (the same
+    // bits) without a division.
+    const float inverse = 1.0f / scale;
+    const float2 rounded = e4m3_round_trip(x0 * inverse, x1 * inverse);
+    // An e4m3 value times a power of two ≥ 2^-22 is exact in bf16 (3 mantissa bits, no underflow).
+    x0 = rounded.x * scale;
+    x1 = rounded.y * scale;
+  } else {
+    x0 = round_to_bf16(x0);
+    x1 = round_to_bf16(x1);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, m);
@@ -415,12 +463,10 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // One warp's work on the whole entry `row` (c = 32·kPerLane, lane l holds channels kPerLane·l ..): the indexer
 // rounding (IndexerFp4) in place, and with fp8 output the e4m3 codes and scale of entry w of `slot` stored.
+// v: the lane's values, rounded in place; returns whether they were stored (fp8 output) or remain to be stored.
 template <int kPerLane>
-__device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* row, int lane, int64_t slot,
-                                                    int64_t w) {
-  float v[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) v[i] = row[kPerLane * lane + i];
+__device__ __forceinline__ bool finish_warp_vector(const PoolArgs& a, float (&v)[kPerLane], int lane, int64_t slot,
+                                                   int64_t w) {
   if (a.stored_rounding == CompressorStoredRounding::IndexerFp4)
     indexer::warp_round_indexer_reference<kPerLane>(v, lane);
   if (a.slot_entries_fp8 != nullptr) {
@@ -430,8 +476,18 @@ __device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* ro
       indexer::store_fragment_bytes(a.slot_entries_fp8 + slot * a.slot_entry_stride + w * a.c + kPerLane * lane, codes);
       if (lane == 0) a.slot_entry_scales[slot * a.slot_scale_stride + w] = scale;
     }
-    return;
+    return true;
   }
+  return false;
+}
+
+template <int kPerLane>
+__device__ __forceinline__ void finish_whole_vector(const PoolArgs& a, float* row, int lane, int64_t slot,
+                                                    int64_t w) {
+  float v[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) v[i] = row[kPerLane * lane + i];
+  if (finish_warp_vector<kPerLane>(a, v, lane, slot, w)) return;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) row[kPerLane * lane + i] = v[i];
 }
@@ -651,23 +707,16 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      float m = kNegativeInfinity;
-      for (int g = 0; g < a.groups; ++g) m = fmaxf(m, s.part_max[g * channels + local_channel]);
-      float den = 0.0f, num = 0.0f;
-      for (int g = 0; g < a.groups; ++g) {
-        const float gm = s.part_max[g * channels + local_channel];
-        if (gm == kNegativeInfinity) continue;
-        const float scale = expf(gm - m);
-        den += s.part_den[g * channels + local_channel] * scale;
-        num += s.part_num[g * channels + local_channel] * scale;
-      }
-      v[j] = num / den;
+      v[j] = merge_partials(a.groups, [&](int g) {
+        const int i = g * channels + local_channel;
+        return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
+      });
       if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
     }
   }
   // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the entry's CTAs.
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
-  const float warp_square_sum = warp_sum(v[0] * v[0] + v[1] * v[1]);
+  const float warp_square_sum = warp_sum(pair_square(v[0], v[1]));
   if (t.group == 0 && lane == 0) warp_partials[warp] = warp_square_sum;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -691,7 +740,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (!e.emitting) return;
 
   const int rope_begin = c - a.rope_dim;
-  const float inv_rms = 1.0f / sqrtf(total / static_cast<float>(c) + a.norm_eps);
+  const float inv_rms = inverse_rms(total, c, a.norm_eps);
   if (owner) {
     v[0] = v[0] * inv_rms * t.norm_weight.x;
     v[1] = v[1] * inv_rms * t.norm_weight.y;
@@ -700,20 +749,8 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
     // One fp8 block of 64 non-rope channels = one warp of group 0; rope channels stay bf16.
     const bool nope = owner && t.channel < c - a.rope_dim;
-    const float amax = warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f);
-    const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
-    // scale is a power of two ≥ 2^-22: its reciprocal is exact and x · (1/scale) is x / scale's value (the same
-    // bits) without a division.
-    const float inverse = 1.0f / scale;
-    if (nope) {
-      const float2 rounded = e4m3_round_trip(v[0] * inverse, v[1] * inverse);
-      // An e4m3 value times a power of two ≥ 2^-22 is exact in bf16 (3 mantissa bits, no underflow).
-      v[0] = rounded.x * scale;
-      v[1] = rounded.y * scale;
-    } else {
-      v[0] = round_to_bf16(v[0]);
-      v[1] = round_to_bf16(v[1]);
-    }
+    const float scale = kv_fp8_scale(warp_max(nope ? fmaxf(fabsf(v[0]), fabsf(v[1])) : 0.0f));
+    kv_fp8_round_pair(v[0], v[1], scale, nope);
   } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
     // The whole vector is in this CTA (no cluster split with this rounding or output): warp 0 finishes it.
     if (owner) {
@@ -860,6 +897,247 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   if (cluster_barriers) __cluster_barrier_wait();
 }
 
+// ---- Lean slot loads (CompressorSlotLoads::Lean) ----
+// A team of c / 4 threads pools one entry, thread i channels 4i .. 4i + 3 (two RoPE pairs; a 64-channel fp8 block is
+// 16 lanes); a 128-thread CTA holds 512 / c teams. Every slot of the window (at most kLeanSlots) is loaded at once
+// by 16-byte loads, from 32-bit offsets off the window's first row when the window lies in the run. The arithmetic is
+// the staged path's: the same slot groups (PoolArgs::groups, 1 or 2), batches of kSlotBatch in the same order, the
+// same merge, the RMSNorm's sums over the same 64-channel blocks in the same order (a 16-lane butterfly over pairs
+// is the staged path's 32-lane one). The state: tickets per entry as there; the run's last ticket-taking entry's
+// CTA updates the whole state.
+inline constexpr int kLeanThreads = 128;
+inline constexpr int kLeanSlots = 2 * kSlotBatch;
+inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
+
+struct Quad {
+  float v[4];
+};
+
+__device__ __forceinline__ Quad load_quad(const float* p) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  return {{x.x, x.y, x.z, x.w}};
+}
+
+// Channels channel .. channel + 3 of an entry in the cache's layout (kv_store_pair's rule for four channels: the
+// fp8 block's amax over its 16 lanes; the fp8 and rope parts never share a thread, rope_dim being a multiple of 4).
+__device__ __forceinline__ void lean_store_cache(const KvEntryLayout& layout, uint8_t* entry, int channel,
+                                                 const float (&x)[4]) {
+  const auto bf16_pairs = [&](uint8_t* to) {
+    uint2 packed;
+    packed.x = uint32_t(float_to_bf16(x[0])) | (uint32_t(float_to_bf16(x[1])) << 16);
+    packed.y = uint32_t(float_to_bf16(x[2])) | (uint32_t(float_to_bf16(x[3])) << 16);
+    *reinterpret_cast<uint2*>(to) = packed;
+  };
+  if (layout.format == KvEntryFormat::Bf16) {
+    bf16_pairs(entry + 2 * channel);
+    return;
+  }
+  const bool nope = channel < layout.nope_dim;
+  float amax = nope ? fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])), fmaxf(fabsf(x[2]), fabsf(x[3]))) : 0.0f;
+#pragma unroll
+  for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+  if (nope) {
+    const uint8_t scale_code = float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max));
+    // The scale is a power of two ≥ 2^-22: x · (1/scale) is x / scale exactly, and the hardware's saturating
+    // round-to-nearest-even e4m3 conversion is float_to_e4m3's.
+    const float inverse = 1.0f / e8m0_to_float(scale_code);
+    uint16_t low, high;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(low) : "f"(x[1] * inverse), "f"(x[0] * inverse));
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(high) : "f"(x[3] * inverse), "f"(x[2] * inverse));
+    *reinterpret_cast<uint32_t*>(entry + channel) = uint32_t(low) | (uint32_t(high) << 16);
+    if (channel % kKvFp8BlockSize == 0) entry[layout.scale_offset + channel / kKvFp8BlockSize] = scale_code;
+  } else {
+    bf16_pairs(entry + layout.rope_offset + 2 * (channel - layout.nope_dim));
+  }
+}
+
+// Slot of the thread's visit v (batch v / kSlotBatch): groups 1: slots in order; groups 2: group v / kSlotBatch takes
+// slots g, g + 2, … as the staged path's slot groups do.
+__device__ __forceinline__ int lean_slot(int v, int groups) {
+  return groups == 1 ? v : v / kSlotBatch + 2 * (v % kSlotBatch);
+}
+
+// The ape offset of slot s (its window position s mod ratio, second halves c columns on) for the thread's channel.
+__device__ __forceinline__ int lean_ape_offset(const PoolArgs& a, int s, int channel) {
+  const bool second = a.overlapping && s >= a.ratio;
+  return (second ? s - int(a.ratio) : s) * int(width_of(a)) + (second ? a.c : 0) + channel;
+}
+
+// CTA `local` of a lean pool: its teams' entries.
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
+  __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
+  __shared__ CompressorRun team_runs[kLeanMaxTeams];
+  __shared__ bool team_updates[kLeanMaxTeams];
+  const int team_threads = a.c / 4, blocks = a.c / 64;
+  const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
+  const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+  const int64_t row = local * a.lean_teams + team;
+  const bool real = row < a.rows;
+  const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
+  const int entry = real ? int(a.entries_div.mod(uint32_t(row))) : 0;
+
+  // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
+  const int rope_begin = a.c - a.rope_dim;
+  const bool rope_here = channel >= rope_begin;
+  const int rope_pair = (channel - rope_begin) / 2;
+  const Quad weight = load_quad(a.norm_weight + channel);
+  float frequency[2] = {0.0f, 0.0f};
+  if (rope_here && a.rope_table == nullptr)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
+
+  CompressorRun run{};
+  if (a.runs_before_wait && real) run = a.runs[run_index];
+  wait_for_prior_grids();
+  if (!a.runs_before_wait && real) run = a.runs[run_index];
+  const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
+  const RunView& r = e.r;
+  const bool in_run = in_run_entry(a, e);  // team-uniform
+  if (real && thread == 0) {
+    if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
+    if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
+  }
+
+  float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+  uint8_t* stored = nullptr;
+  if (e.emitting) {
+    Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
+    bool valid[kLeanSlots], from_run[kLeanSlots];
+    if (in_run) {
+      // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
+      const int row_stride = int(a.row_stride);
+      const int base = int(window_first_position(a, e.w) - r.start) * row_stride + channel;
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) {
+        const int s = lean_slot(v, a.groups);
+        valid[v] = s < slots, from_run[v] = true;
+        if (valid[v]) {
+          const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
+          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) {
+        const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
+        const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+        value[v] = load_quad(source.value), score[v] = load_quad(source.score);
+        valid[v] = p.valid, from_run[v] = source.in_run;
+      }
+    }
+    // ape behind the slots' loads (L1 hits after the first CTAs).
+    Quad ape[kLeanSlots] = {};
+#pragma unroll
+    for (int v = 0; v < kLeanSlots; ++v) {
+      const int s = lean_slot(v, a.groups);
+      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+    }
+    // The cache row's page and the RoPE factors while the slots load.
+    if (a.cache.pool != nullptr)
+      stored = a.cache.entry_address(
+          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // Batch b of kSlotBatch visits: group 0's batches in order (groups 1), or group b's only batch (groups 2).
+      OnlineSoftmax part[2];
+#pragma unroll
+      for (int b = 0; b < kLeanSlots / kSlotBatch; ++b) {
+        float values[kSlotBatch], scores[kSlotBatch];
+#pragma unroll
+        for (int k = 0; k < kSlotBatch; ++k) {
+          const int v = b * kSlotBatch + k;
+          const float sc = from_run[v] ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
+          values[k] = valid[v] ? value[v].v[i] : 0.0f;
+          scores[k] = valid[v] ? sc : kNegativeInfinity;
+        }
+        if (a.groups == 1)
+          part[0].add(values, scores);
+        else
+          part[b].add(values, scores);
+      }
+      pooled[i] = a.groups == 1 ? merge_partials(1, [&](int) { return part[0]; })
+                                : merge_partials(2, [&](int g) { return g == 0 ? part[0] : part[1]; });
+      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+    }
+  }
+
+  // RMSNorm: each 16 lanes' block sum as the staged path's warp sum, then the entry's blocks in order.
+  float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
+#pragma unroll
+  for (int m = 8; m > 0; m /= 2)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
+  if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
+  __syncthreads();  // also: every pooling read of the state is done (the ticket below)
+  float total = 0.0f;
+  for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
+
+  // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
+  const bool takes_ticket = real && !in_run;
+  if (thread == 0) {
+    bool last = false;
+    if (takes_ticket) {
+      __threadfence();
+      last = atomicAdd(r.state.finished_ctas, 1u) == ticket_ctas(a, r) - 1;
+    }
+    team_updates[team] = last;
+    team_runs[team] = run;
+  }
+
+  if (e.emitting) {
+    const float inv_rms = inverse_rms(total, a.c, a.norm_eps);
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
+    bool stored_already = false;
+    if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
+      const bool nope = !rope_here;
+      float amax = nope ? fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))) : 0.0f;
+#pragma unroll
+      for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+      const float scale = kv_fp8_scale(amax);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
+    } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
+      stored_already = finish_warp_vector<4>(a, v, lane, run.slot, e.w);  // c = 128: the team is one warp
+    }
+    if (a.cache.pool != nullptr) {
+      lean_store_cache(a.cache.layout, stored, channel, v);
+      kv_store_pad(a.cache.layout, stored, thread);
+    } else if (!stored_already) {
+      if (a.entries != nullptr) {
+        *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
+      } else if (e.w < a.slot_entry_capacity) {
+        const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
+        *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
+            packed;
+      }
+    }
+  }
+
+  // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
+  __syncthreads();
+  for (int i = 0; i < a.lean_teams; ++i) {
+    if (!team_updates[i]) continue;  // CTA-uniform
+    __threadfence();
+    const RunView u = run_view(a, team_runs[i]);
+    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    if (threadIdx.x == 0) *u.state.finished_ctas = 0;
+    __syncthreads();
+  }
+}
+
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
 __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
   wait_for_prior_grids();  // the queries and positions are earlier operations' outputs
@@ -874,9 +1152,15 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 }
 
 // The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
-// not registers, holds the loads in flight; the decode steps' early state loads need more).
-template <bool kSliceUpdates, bool kStaged>
-__global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStaged ? (kSliceUpdates ? 2 : 3) : 1)
+// not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
+// 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads>
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
+                                  : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
+                                                                          : kMaxThreads,
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
+                                                                          : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
@@ -886,7 +1170,11 @@ __global__ void __launch_bounds__(kStaged ? kStagedThreads : kMaxThreads, kStage
   }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
-  compress<kSliceUpdates, kStaged>(a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem);
+  if constexpr (kLoads == CompressorSlotLoads::Lean)
+    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+  else
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged>(a, int64_t(blockIdx.x) - a.first_cta,
+                                                                   launch.hardware_cluster, smem);
 }
 
 }  // namespace dsv4::cuda::compressor
