@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -204,6 +205,11 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
     groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
+  // Staged: every batch of a thread in flight at once where the ring holds them (HCA's 16 slots per thread: 4).
+  const int batches = (slots + compressor::kSlotBatch * groups - 1) / (compressor::kSlotBatch * groups);
+  int stages = std::clamp(batches, 2, compressor::kMaxStages);
+  if (const char* forced = std::getenv("DSV4_COMPRESSOR_STAGES"); forced != nullptr)  // round-2 A/B, to be removed
+    stages = std::clamp(std::atoi(forced), 2, compressor::kMaxStages);
   const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
@@ -243,6 +249,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .channels_per_cta = channels,
                               .pairs_padded = pairs_padded,
                               .groups = groups,
+                              .stages = stages,
                               .cluster_div = compressor::FastDivisor::of(uint32_t(cluster)),
                               .entries_div = compressor::FastDivisor::of(uint32_t(entries_per_run)),
                               .pairs_padded_div = compressor::FastDivisor::of(uint32_t(pairs_padded)),
@@ -270,13 +277,14 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   const CompressorSlotLoads loads = slot_loads_of(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
   compressor::LaunchArgs launch{};
-  int hardware_cluster = 1, threads = 0;
+  int hardware_cluster = 1, threads = 0, stages = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
+    stages = std::max(stages, pool.stages);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
@@ -303,7 +311,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads, stages);
   using enum CompressorSlotLoads;
   const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>

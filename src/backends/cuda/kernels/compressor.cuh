@@ -54,9 +54,10 @@ inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
 // Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
-// slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
+// slots copied by cp.async into a ring of PoolArgs::stages (2 to kMaxStages) batches in shared memory (value, score
+// and ape pairs).
 inline constexpr int kStagedThreads = 256;
-inline constexpr int kStages = 2;
+inline constexpr int kMaxStages = 4;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
@@ -121,6 +122,7 @@ struct PoolArgs {
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
   int groups;            // slot groups
+  int stages;            // staged slot loads: batches of a thread in flight (the ring's stages)
   // Divisors of the CTA and state-item arithmetic: cluster_ctas, entries_per_run, pairs_padded; the state's pairs and
   // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
   FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
@@ -149,7 +151,9 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 }
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
-inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
+inline size_t staging_smem_bytes(int threads, int stages) {
+  return size_t(stages) * kSlotBatch * 3 * threads * sizeof(float2);
+}
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -349,7 +353,18 @@ __device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int6
   return (w - (a.overlapping ? 1 : 0)) * a.ratio;
 }
 
-// Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
+// Waits until at most `pending` (< kMaxStages) of the thread's cp.async groups are in flight.
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+  static_assert(kMaxStages == 4, "one case per count of groups left in flight");
+  switch (pending) {
+    case 0: ptx::cp_async_wait<0>(); break;
+    case 1: ptx::cp_async_wait<1>(); break;
+    case 2: ptx::cp_async_wait<2>(); break;
+    default: ptx::cp_async_wait<3>(); break;
+  }
+}
+
+// Loads as cp.async copies into the thread's part of the ring (a.stages batches in flight, no registers held while
 // they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values.
 __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
                                                   float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
@@ -386,17 +401,13 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     }
     ptx::cp_async_commit();
   };
-  static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
-  issue(0, 0);
-  if (batches > 1) issue(1, 1);
+  const int stages = a.stages;
+  for (int b = 0; b < min(stages, batches); ++b) issue(b, b);
   if (t.rope_here) rope = window_rope(a, t);
-  for (int b = 0; b < batches; ++b) {
-    if (b + 1 < batches)
-      ptx::cp_async_wait<1>();
-    else
-      ptx::cp_async_wait<0>();
+  for (int b = 0, stage = 0; b < batches; ++b, stage = stage + 1 == stages ? 0 : stage + 1) {
+    // The batches issued after this one may stay in flight.
+    cp_async_wait_pending(min(batches, b + stages) - b - 1);
     compiler_memory_fence();
-    const int stage = b & 1;
     SlotValue slot[kSlotBatch];
     bool valid[kSlotBatch];
 #pragma unroll
@@ -414,7 +425,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
-    if (b + 2 < batches) issue(b + 2, stage);
+    if (b + stages < batches) issue(b + stages, stage);
   }
 }
 
