@@ -112,9 +112,10 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
+          bool kReread = false>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kReread>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
@@ -122,12 +123,14 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
   // Experiment (session 19): DSV4_MHC_LAGS="S,C" sets the sum and collapse lags of the shared-loop kernel.
   constexpr int kStages = mhc::projection_stages(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
-  args.collapse_lag = kStages - 3;
-  args.sum_lag = (args.collapse_lag + 1) / 2;
+  args.collapse_lag = kReread ? 4 : kStages - 3;
+  args.sum_lag = kReread ? 2 : (args.collapse_lag + 1) / 2;
+  const int max_collapse_lag = kReread ? 16 : kStages - 2;
   if (const char* lags = std::getenv("DSV4_MHC_LAGS"); lags != nullptr && kVariant == mhc::ProjectionVariant::kShared) {
     int sum = 0, collapse = 0;
-    check(std::sscanf(lags, "%d,%d", &sum, &collapse) == 2 && sum >= 1 && sum < collapse && collapse <= kStages - 2,
-          op, ": DSV4_MHC_LAGS=", lags, " must be S,C with 1 <= S < C <= ", kStages - 2);
+    check(std::sscanf(lags, "%d,%d", &sum, &collapse) == 2 && sum >= 1 && sum < collapse &&
+              collapse <= max_collapse_lag,
+          op, ": DSV4_MHC_LAGS=", lags, " must be S,C with 1 <= S < C <= ", max_collapse_lag);
     args.sum_lag = sum;
     args.collapse_lag = collapse;
   }
@@ -181,6 +184,16 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
+    }
+  }
+  // Experiment (session 19): DSV4_MHC_REREAD=1 runs hc_pre / hc_head with the collapse's tiles read again (kReread).
+  if constexpr (!kPost) {
+    if (const char* reread = std::getenv("DSV4_MHC_REREAD"); reread != nullptr && std::atoi(reread) != 0) {
+      if (config.slice_dims == 64)
+        return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kShared, true>(args, multiprocessors,
+                                                                                           stream, op);
+      return launch_projection<kHead, false, 32, mhc::ProjectionVariant::kShared, true>(args, multiprocessors, stream,
+                                                                                        op);
     }
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);

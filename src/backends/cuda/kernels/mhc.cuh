@@ -600,7 +600,11 @@ struct SplitOnUse {
   }
 };
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+// kReread (experiment, session 19; kShared without kPost): the collapse reads its tile again by TMA (from L2) into one
+// of kRereadStages stages instead of keeping it staged since its projection, so the lags are free of the ring.
+inline constexpr int kRereadStages = 2;
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          bool kReread = false>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -616,6 +620,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kBoxes = kSliceDims / kStagedBoxFloats;  // TMA boxes per stage
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
   constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
+  static_assert(!kReread || (kVariant == ProjectionVariant::kShared && !kPost), "the re-read runs hc_pre / hc_head");
+  constexpr int kRing = kReread ? kStages - kRereadStages : kStages;  // the stages the projected tiles cycle through
+  static_assert(kRing >= 2, "a tile loading while one is projected");
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
   // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
@@ -699,7 +706,15 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   if (tile_loader) sm90::prefetch_tensor_map(&args.x_map);
   const auto load_tile = [&](int j) {
     if (!tile_loader) return;
-    const int b = j % kStages;
+    const int b = j % kRing;
+    load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
+                        uint32_t(kStageFloats) * 4u);
+  };
+  // kReread: tile j again into its re-read stage for the collapse (the stage's earlier reads are done: the caller
+  // passed a barrier).
+  const auto reread_tile = [&](int j) {
+    if (!kReread || !tile_loader || j < 0 || j >= count) return;
+    const int b = kRing + j % kRereadStages;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
                         uint32_t(kStageFloats) * 4u);
   };
@@ -725,7 +740,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   allow_dependents();
   wait_for_prior_grids();
   // kRoles: the finisher group loads the X tiles, the projection group (which applies the update) its post inputs.
-  for (int j = 0; j < min(count, kStages); ++j) {
+  for (int j = 0; j < min(count, kRing); ++j) {
     load_tile(j);
     if constexpr (kPost)
       if (j < kPostSlots && !finisher) load_post_inputs(j);
@@ -838,11 +853,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     if (publication_sync) sync();  // warp_sums is free for the next projection
   };
-  // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
-  // `sync` is the barrier of the collapsing threads. `release`: then a barrier and the stage's refill (else the
-  // caller refills it past its next barrier, before which nothing writes pre_s).
-  const auto collapse_and_refill = [&](int jc, bool pre_reader, unsigned long long squares_word,
-                                       unsigned long long mix_word, auto sync, bool release) {
+  // Collapse the staged slice of tile jc at x_stage, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read
+  // earlier. `sync` is the barrier of the collapsing threads; after_sync() runs past it (kReread: waits for the
+  // re-read tile, issues the next one).
+  const auto collapse_from = [&](int jc, bool pre_reader, unsigned long long squares_word, unsigned long long mix_word,
+                                 auto sync, const float* x_stage, auto after_sync) {
     const int valid = valid_of(jc);
     if (pre_reader) {
       const float squares = hop_value(squares_word, sums_of(jc) + pre_squares_word);
@@ -851,14 +866,18 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
     sync();
+    after_sync();
     if (vt < valid && vi < width) {
-      const float* const x = stages + (jc % kStages) * kStageFloats;
       float4 streams[kStreams];
 #pragma unroll
-      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
+      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x_stage + staged[k]);
       const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
+  };
+  const auto collapse_and_refill = [&](int jc, bool pre_reader, unsigned long long squares_word,
+                                       unsigned long long mix_word, auto sync, bool release) {
+    collapse_from(jc, pre_reader, squares_word, mix_word, sync, stages + (jc % kStages) * kStageFloats, [] {});
     if (!release) return;
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
@@ -930,9 +949,14 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
       if (!kPost || j >= count) read_early();
 
+      // kReread: tile t's re-read stage held tile t − 2, collapsed in the previous iteration: it is issued past this
+      // iteration's first barrier (the projection's, else the collapse's), or at once where t − 2 was never staged.
+      const int reread = jc + 1;
+      if (kReread && j >= count && reread < 2) reread_tile(reread);
+
       if (j < count) {
-        const int b = j % kStages;
-        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
+        const int b = j % kRing;
+        wait_for_tile(&full[b], uint32_t(j / kRing) & 1u);
         if constexpr (kPost) {
           sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
           update_tile(j, b);
@@ -944,8 +968,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         // the previous iteration is refilled past this projection's barrier, and the publication needs its own only
         // where neither a collapse nor the fused update's barrier follows it.
         const int jc_before = jc - 1;
-        project_and_publish(j, b, block_sync, jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1,
-                            !kPost && jc < 0);
+        const int refill = kReread ? (j + kRing < count ? j + kRing : -1)
+                                   : (jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1);
+        project_and_publish(j, b, block_sync, refill, !kPost && jc < 0);
+        if constexpr (kReread) reread_tile(reread);
       }
 
       for (int pass = 0; pass < passes; ++pass) {
@@ -953,7 +979,17 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sum_slices(jr, pass, words);
       }
 
-      if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
+      if (jc >= 0) {
+        if constexpr (kReread) {
+          const int slot = kRing + jc % kRereadStages;
+          collapse_from(jc, pre_reader, squares_word, mix_word, block_sync, stages + slot * kStageFloats, [&] {
+            if (j >= count && reread >= 2) reread_tile(reread);
+            wait_for_tile(&full[slot], uint32_t(jc / kRereadStages) & 1u);
+          });
+        } else {
+          collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
+        }
+      }
     }
   }
 
