@@ -22,9 +22,9 @@
 //   launches; prepare + fused scores/top-k; with ≤ 2048 keys prepare + LastCta), both formats, the scores with the
 //   default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N]: --context runs batch 1 at a context of
-// N tokens only; --decode runs the decode chains' cases only, --short
-// those up to a 4K context.
+// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--scores]]: --context runs batch 1 at a
+// context of N tokens only (--scores: the score kernels' rows only); --decode runs the decode chains' cases only,
+// --short those up to a 4K context.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -148,7 +148,8 @@ void print_top_k_trace(const std::string& label, TopKParams p) {
 }
 
 void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, cudaStream_t stream,
-                             cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows) {
+                             cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows,
+                             bool scores_only = false) {
   constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
   constexpr int kTopK = 512;
   const int64_t keys = context / kRatio;
@@ -291,6 +292,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     score_flops,
                     "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
   }
+  if (scores_only) return;
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");
   workspace.fill_bytes(0);
@@ -522,19 +524,22 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   std::string json_path;
-  bool decode_only = false, short_contexts = false;
+  bool decode_only = false, short_contexts = false, scores_only = false;
   int64_t only_context = 0;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--context") == 0 && i + 1 < argc)
       only_context = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--scores") == 0)
+      scores_only = true;
     else if (std::strcmp(argv[i], "--decode") == 0)
       decode_only = true;
     else if (std::strcmp(argv[i], "--short") == 0)
       decode_only = short_contexts = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N])");
+      fail("unknown argument ", argv[i],
+           " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--scores]])");
   }
   check(only_context >= 0 && only_context % 4 == 0, "bench_cuda_indexer: --context ", only_context,
         " must be a multiple of 4");
@@ -555,8 +560,9 @@ int run(int argc, char** argv) {
   std::mt19937 rng(42);
   std::vector<Row> rows;
   bench_launch(stream, rows);
+  check(!scores_only || only_context > 0, "bench_cuda_indexer: --scores needs --context N");
   if (only_context > 0) {
-    bench_indexer_and_top_k(only_context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows);
+    bench_indexer_and_top_k(only_context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows, scores_only);
     decode_only = short_contexts = true;
   }
   // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -70,7 +72,8 @@ DeviceLimits device_limits() {
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemLimit)));
     for (auto* kernel : {indexer_scores_wgmma_kernel<false, false>, indexer_scores_wgmma_kernel<true, false>,
-                         indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>})
+                         indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>,
+                         indexer_scores_wgmma_kernel<true, false, false>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
     using indexer::indexer_scores_streamed_kernel;
@@ -179,10 +182,27 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
                  args, "indexer_scores_streamed_kernel (bf16)");
 }
 
+// A/B switch of the register-fed fp8 warpgroup kernel's key loop (temporary, GPU round s19-1): environment
+// DSV4_INDEXER_TILE_LOOP=queue copies the tiles down a queue (session 18's loop) instead of rotating the ring.
+bool fp8_tile_queue() {
+  static const bool queue = [] {
+    const char* v = std::getenv("DSV4_INDEXER_TILE_LOOP");
+    check(v == nullptr || *v == 0 || std::string_view(v) == "queue", "DSV4_INDEXER_TILE_LOOP=", v,
+          ": expected queue");
+    return v != nullptr && *v != 0;
+  }();
+  return queue;
+}
+
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 template <bool kSelect>
 void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
   const size_t smem = indexer::wgmma_smem_layout(args.queries_per_cta, fp8, kSelect).bytes;
+  if (!kSelect && fp8 && fp8_tile_queue()) {
+    launch_chained(indexer::indexer_scores_wgmma_kernel<true, false, false>, grid, dim3(indexer::kScoreWarps * 32),
+                   smem, stream, args, "indexer_scores_wgmma_kernel (fp8, queue)");
+    return;
+  }
   if (fp8)
     launch_chained(indexer::indexer_scores_wgmma_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
                    stream, args, "indexer_scores_wgmma_kernel (fp8)");
