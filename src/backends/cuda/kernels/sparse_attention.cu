@@ -93,11 +93,11 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kDirect>
+template <bool kFp8, bool kDirect, bool kWide>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect, kWide>;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       D512Layout<kFp8, kDirect>::kAllocationBytes));
+                                       D512Layout<kFp8, kDirect, kWide>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
@@ -142,14 +142,16 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
-    set_d512_attributes<false, false>();
-    set_d512_attributes<false, true>();
-    set_d512_attributes<true, false>();
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false, false>), [] {
+    set_d512_attributes<false, false, false>();
+    set_d512_attributes<false, true, false>();
+    set_d512_attributes<false, true, true>();
+    set_d512_attributes<true, false, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the largest of the entry paths'
-    static_assert(kBytes >= D512Layout<true>::kAllocationBytes && kBytes >= D512Layout<false, true>::kAllocationBytes,
+    static_assert(kBytes >= D512Layout<true>::kAllocationBytes && kBytes >= D512Layout<false, true>::kAllocationBytes &&
+                      kBytes >= D512Layout<false, true, true>::kAllocationBytes,
                   "the bf16 bulk-copy layout is the largest");
-    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -160,11 +162,11 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8, bool kDirect>
+template <bool kFp8, bool kDirect, bool kWide>
 void launch_d512(const SparseAttentionParams& p) {
-  constexpr int kBytes = D512Layout<kFp8, kDirect>::kAllocationBytes;
+  constexpr int kBytes = D512Layout<kFp8, kDirect, kWide>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect, kWide>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -250,6 +252,11 @@ bool environment_switch(const char* name) {
 
 bool sparse_attention_direct_entries_default() {
   static const bool on = environment_switch("DSV4_ATTENTION_DIRECT_ENTRIES");
+  return on;
+}
+
+bool sparse_attention_wide_tiles_default() {
+  static const bool on = environment_switch("DSV4_ATTENTION_WIDE_TILES");
   return on;
 }
 
@@ -354,11 +361,13 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   }
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true, false>(p);
+      launch_d512<true, false, false>(p);
+    else if (p.d512_wide_tiles)
+      launch_d512<false, true, true>(p);
     else if (p.d512_direct_entries)
-      launch_d512<false, true>(p);
+      launch_d512<false, true, false>(p);
     else
-      launch_d512<false, false>(p);
+      launch_d512<false, false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

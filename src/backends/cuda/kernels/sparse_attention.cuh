@@ -125,12 +125,14 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
 // score −inf. Updates the row's reference max (kRescaleLog2) and sum, gives the factor that rescales the old
 // accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is
 // rounded to bf16 once and the row sums add the rounded weights, so PV applies exactly the weights that are normalised.
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
+// kEntries: the tile's entries (32, or 64 for the head_dim 512 kernel's wide steps).
+template <int kEntries = kTile>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kEntries / 2], const int32_t* valid, int c,
                                                     float scale_log2, float (&row_max)[2], float (&row_sum)[2],
-                                                    float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
+                                                    float (&alpha)[2], uint32_t (&p_frag)[kEntries / 16][4]) {
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int n = 0; n < kTile / 8; ++n)
+  for (int n = 0; n < kEntries / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
@@ -151,7 +153,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const
   const float reference[2] = {row_max[0] == -INFINITY ? 0.0f : row_max[0],
                                row_max[1] == -INFINITY ? 0.0f : row_max[1]};
 #pragma unroll
-  for (int n = 0; n < kTile / 8; ++n) {
+  for (int n = 0; n < kEntries / 8; ++n) {
     // Each row's pair rounded to bf16 by one pack; the sums add the packed values (a bf16 is the high half of its
     // float).
 #pragma unroll
@@ -586,7 +588,8 @@ inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
 inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each producer warp issues per tile
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
-inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
+// Named barriers (kQBarrier and kReadDoneBarrier: + consumer).
+inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3, kReadDoneBarrier = 5;
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
 inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf16 partials (1040 bytes)
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
@@ -598,20 +601,34 @@ static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegi
 
 // kDirect (bf16 entries only, SparseAttentionParams::d512_direct_entries): the producer copies each entry straight
 // into its swizzled KV stage by 16-byte cp.async (no raw stages, no expansion pass), four KV stages deep.
-template <bool kFp8, bool kDirect = false>
+// kWide (direct only, SparseAttentionParams::d512_wide_tiles): the consumers take two stages (64 entries) per step,
+// QKᵀ as m64n64k16 (each Q byte read from shared memory once per 64 entries instead of 32), one score exchange
+// buffer per consumer, which its writer reuses once the reader has arrived on the buffer's read-done barrier.
+template <bool kFp8, bool kDirect = false, bool kWide = false>
 struct D512Layout {
   static_assert(!(kFp8 && kDirect), "fp8 entries are dequantised through registers");
+  static_assert(!kWide || kDirect, "64-entry steps on the direct path only");
   static constexpr bool kFp8Entries = kFp8, kDirectEntries = kDirect;
   static constexpr int kKvStages = kDirect ? 4 : 2;
+  // 32-entry stages per consumer step: a step's stages are adjacent rows of each 64-dim block (one K-major operand).
+  static constexpr int kUnitStages = kWide ? 2 : 1;
+  static constexpr int kUnitEntries = kUnitStages * kTile;
+  static constexpr int kUnitBlockBytes = kUnitStages * kKvBlockBytes;  // a step's 64-dim block
+  static_assert(kKvStages % kUnitStages == 0, "whole steps in the ring");
+  // Byte offset of KV stage `stage` from kKv (its block 0; block b is b · kUnitBlockBytes further).
+  __host__ __device__ static constexpr int stage_offset(int stage) {
+    return (stage / kUnitStages) * kKvStageBytes * kUnitStages + (stage % kUnitStages) * kKvBlockBytes;
+  }
   static constexpr int kRawStages = kDirect ? 0 : kFp8 ? 3 : 2;
   static constexpr int kRawEntryBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
   static constexpr int kRawStageBytes = kTile * kRawEntryBytes;
-  static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16;  // per buffer: [consumer][4][thread][4]
+  static constexpr int kExchangeBuffers = kWide ? 1 : 2;
+  static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16 * kUnitStages;  // [consumer][e][thread][4]
   static constexpr int kQ = 0;
   static constexpr int kKv = kQ + kDimBlocks * kQBlockBytes;
   static constexpr int kRaw = kKv + kKvStages * kKvStageBytes;
   static constexpr int kExchange = kRaw + kRawStages * kRawStageBytes;
-  static constexpr int kPhys = kExchange + 2 * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
+  static constexpr int kPhys = kExchange + kExchangeBuffers * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
   static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [kKvStages][kTile]
   static constexpr int kResolved = kValid + kKvStages * kTile * 4;   // int32 [2][kD512ResolveSlots]: the chunk ring
   static constexpr int kBarriers = kResolved + (kDirect ? 0 : 2 * kD512ResolveSlots * 4);  // raw_full[R],
@@ -625,7 +642,7 @@ struct D512Layout {
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
-                    kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
+                    kMergeRopeOffset + kD512HeadDim / 2 * 8 <= kExchangeBuffers * kExchangeFloats * 4,
                 "the merge tables fit the exchange region");
 };
 
@@ -814,9 +831,10 @@ __device__ __forceinline__ void d512_prefetch_item(const SparseAttentionParams& 
 // With p.d512_prefetch_entries each thread also asks L2 for its resolved entry of chunk c + 1 as chunk c starts
 // (128 entries ahead of the copies), and after chunk 0 for the q rows and index lines of the item one wave later
 // (`ahead`, a (query, head block, split) CTA index; none where ≥ the grid's CTAs).
+// The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid).
+template <class L>
 __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
                                                     const SlotRange& range, int64_t ahead, int head_blocks) {
-  using L = D512Layout<false, true>;
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
   static_assert(kChunkTiles * kTile == kWarpgroupThreads && kTile == 32, "a lane per slot of a chunk, per warp");
@@ -826,7 +844,8 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
   uint64_t* kv_empty = kv_full + S;
   int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
   const int sequence_slot = p.sequence_slots[t];
-  const int chunks = (range.tiles + kChunkTiles - 1) / kChunkTiles;
+  const int tiles = (range.tiles + L::kUnitStages - 1) / L::kUnitStages * L::kUnitStages;
+  const int chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
   const int64_t resolve_offset = int64_t(lane / 8) * kTile + 4 * warp + lane % 4 + 16 * ((lane / 4) % 2);
   const auto slot_of = [&](int c) { return range.begin + int64_t(c) * kD512ResolveSlots + resolve_offset; };
   const auto load_row = [&](int c) {
@@ -855,7 +874,7 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
 #pragma unroll
     for (int i = 0; i < kChunkTiles; ++i) {
       const int j = c * kChunkTiles + i;
-      if (j >= range.tiles) break;
+      if (j >= tiles) break;
       const int stage = j % S;
       int32_t phys[2];
 #pragma unroll
@@ -865,7 +884,7 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
         tile_valid[stage * kTile + row0] = phys[0] >= 0;
         tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
       }
-      const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
+      const uint32_t stage_base = kv_base + uint32_t(L::stage_offset(stage));
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int n = row0 + 16 * k;
@@ -873,7 +892,7 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
         const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
 #pragma unroll
         for (int b = 0; b < kDimBlocks; ++b)
-          ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
+          ptx::cp_async_or_zero<16>(destination + uint32_t(b * L::kUnitBlockBytes), source + b * 128, phys[k] >= 0);
       }
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
       sm90::mbarrier_arrive(&kv_full[stage]);
@@ -1133,70 +1152,84 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp's 16 heads, log2 domain
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
   const float scale_log2 = p.softmax_scale * kLog2e;
-  uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
+  // A step: kUnitStages KV stages (kEntries entries) whose rows are adjacent in each 64-dim block.
+  constexpr int U = L::kUnitStages, S = L::kKvStages, kEntries = L::kUnitEntries;
+  uint32_t p_frag[kEntries / 16][4];  // PV's A operand: read by the tensor cores until the next step's wait
+  const int steps = (range.tiles + U - 1) / U;
 
-  for (int j = 0; j < range.tiles; ++j) {
-    const int stage = j % L::kKvStages;
-    sm90::mbarrier_wait(&kv_full[stage], (j / L::kKvStages) & 1);
+  for (int j = 0; j < steps; ++j) {
+    const int first_stage = (j * U) % S;
+#pragma unroll
+    for (int h = 0; h < U; ++h) sm90::mbarrier_wait(&kv_full[first_stage + h], ((j * U) / S) & 1);
     if constexpr (L::kDirectEntries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
-    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
+    uint8_t* kv = smem + L::kKv + L::stage_offset(first_stage) + (dim_base / 64) * L::kUnitBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
-    float s_acc[16];
+    float s_acc[kEntries / 2];
     const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 16; ++kk)
-      sm90::wgmma_m64n32k16_bf16_ss(s_acc,
-                                    sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
-                                    sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
-                                    kk > 0);
+    for (int kk = 0; kk < 16; ++kk) {
+      const uint64_t a = sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32);
+      const uint64_t b = sm90::advance_descriptor(k_descriptor, (kk / 4) * L::kUnitBlockBytes + (kk % 4) * 32);
+      if constexpr (U == 1)
+        sm90::wgmma_m64n32k16_bf16_ss(s_acc, a, b, kk > 0);
+      else
+        sm90::wgmma_m64n64k16_bf16_ss(s_acc, a, b, kk > 0);
+    }
     sm90::wgmma_commit_group();
-    // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
+    // The previous step's PV ran on the tensor cores behind this QKᵀ; its stages go back to the producer now.
     if (j > 0) {
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o_acc);
-      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % L::kKvStages]);
+      if (thread == 0)
+#pragma unroll
+        for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((j - 1) * U) % S + h]);
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
-    // both warpgroups hold identical S).
-    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % 2) * L::kExchangeFloats;
+    // both warpgroups hold identical S). Two buffers alternate by step; with one (kWide), a consumer rewrites its half
+    // only after the other has read it (read-done barrier: the reader arrives, the writer waits).
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % L::kExchangeBuffers) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
     const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
+    if (L::kExchangeBuffers == 1 && j > 0)
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kReadDoneBarrier + consumer);
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
+    for (int e = 0; e < kEntries / 8; ++e)
       mine[e * kWarpgroupThreads + thread] =
           make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
+    for (int e = 0; e < kEntries / 8; ++e) {
       const float4 b = other[e * kWarpgroupThreads + thread];
       s_acc[4 * e] += b.x;
       s_acc[4 * e + 1] += b.y;
       s_acc[4 * e + 2] += b.z;
       s_acc[4 * e + 3] += b.w;
     }
+    if (L::kExchangeBuffers == 1 && j + 1 < steps)
+      sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kReadDoneBarrier + 1 - consumer);
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
-    online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
+    online_softmax_tile<kEntries>(s_acc, tile_valid + first_stage * kTile, c, scale_log2, row_max, row_sum, alpha,
+                                  p_frag);
     // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
-    // On the first tile the accumulators are still zero.
+    // On the first step the accumulators are still zero.
     if (j > 0 && __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
 
-    // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
+    // O_c += P V_c: V is the step's stages read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kTile / 16; ++ks)
-      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o_acc, p_frag[ks],
-                                               sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
-                                               1);
+    for (int ks = 0; ks < kEntries / 16; ++ks)
+      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(
+          o_acc, p_frag[ks], sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, L::kUnitBlockBytes), 1);
     sm90::wgmma_commit_group();
   }
   sm90::wgmma_wait_group<0>();
@@ -1311,11 +1344,11 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kDirect>
+template <bool kFp8, bool kDirect, bool kWide>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
-  using L = D512Layout<kFp8, kDirect>;
+  using L = D512Layout<kFp8, kDirect, kWide>;
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1341,7 +1374,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     wait_for_prior_grids();
     if constexpr (kDirect) {
       const int64_t ahead = int64_t(blockIdx.x) + multiprocessor_count();
-      d512_produce_direct(p, smem, work.t, split_slot_range(p, work.t, work.split),
+      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split),
                           ahead < int64_t(gridDim.x) ? ahead : -1, head_blocks);
     } else {
       d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));

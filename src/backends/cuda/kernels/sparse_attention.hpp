@@ -51,6 +51,8 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 // The default of SparseAttentionParams::d512_direct_entries: off, on where the environment sets
 // DSV4_ATTENTION_DIRECT_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
 bool sparse_attention_direct_entries_default();
+// The default of SparseAttentionParams::d512_wide_tiles: off, on where DSV4_ATTENTION_WIDE_TILES=1.
+bool sparse_attention_wide_tiles_default();
 // The default of SparseAttentionParams::d512_prefetch_entries: off, on where DSV4_ATTENTION_PREFETCH_ENTRIES=1.
 bool sparse_attention_prefetch_entries_default();
 
@@ -105,6 +107,9 @@ struct SparseAttentionParams {
   // With d512_direct_entries: each producer thread asks L2 for its resolved entry a chunk (4 tiles) ahead of the copies,
   // and each CTA for the q rows and index lines of the CTA one wave after it.
   bool d512_prefetch_entries = sparse_attention_prefetch_entries_default();
+  // head_dim 512 kernel, bf16 entries, on the direct path whatever d512_direct_entries says: the consumers take 64
+  // entries per step (QKᵀ as m64n64k16: Q read from shared memory once per 64 entries instead of per 32).
+  bool d512_wide_tiles = sparse_attention_wide_tiles_default();
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
