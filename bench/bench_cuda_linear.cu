@@ -21,7 +21,7 @@
 //   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
 //   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself;
 //   --trace: instead of timing, the timeline of one cold call of each FP8 default config on the STREAMED path at up to
-//   8 tokens, from QuantizedLinearParams::trace)
+//   8 tokens, from QuantizedLinearParams::trace, alone and launched behind a 5 µs kernel as in a model step)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -119,6 +119,18 @@ __global__ void read_floor_kernel(const uint4* data, size_t words, uint4* sink) 
   if (sum == 0x9E3779B9u) *sink = make_uint4(sum, 0, 0, 0);
 }
 
+// The previous kernel of a traced call "behind" another: one warp that lets its dependents launch at once and
+// spins for `ns` nanoseconds, so the linear's CTAs start (programmatic launch) and issue their first weight copies
+// while it runs, as in a model step, and the trace shows what follows the grid-dependency wait.
+__global__ void spin_then_exit_kernel(uint64_t ns) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
 // Rewrites the activations from pristine copies: their lines are then in L2, as after the kernel that produced them.
 struct Refresh {
   const uint4* source = nullptr;
@@ -214,7 +226,8 @@ class ColdTimer {
 // LinearTraceSlot point, over the warps that reached it, the minimum / median / maximum time since the first warp's
 // start, in µs.
 template <class Launch>
-void print_trace(const Shape& shape, int tokens, const QuantizedLinearConfig& config, Launch&& launch) {
+void print_trace(const Shape& shape, int tokens, const QuantizedLinearConfig& config, const char* setting,
+                 Launch&& launch) {
   const size_t warps = size_t(config.row_blocks) * size_t(config.k_splits) * 4;
   DeviceBuffer trace(warps * kLinearTraceSlots * sizeof(uint64_t), "trace");
   std::vector<uint64_t> host(warps * kLinearTraceSlots);
@@ -229,8 +242,8 @@ void print_trace(const Shape& shape, int tokens, const QuantizedLinearConfig& co
     t0 = std::min(t0, host[w * kLinearTraceSlots + TRACE_START]);
     if (w % 4 == 0) ++ctas_on_sm[std::min<size_t>(host[w * kLinearTraceSlots + TRACE_SM], 1023)];
   }
-  std::printf("trace %s %s T=%d: %lld x %d CTAs, %d slots, split_k %lld, %s; most CTAs on one SM %d\n", shape.model,
-              shape.name, tokens, (long long)config.row_blocks, config.k_splits, config.ring_slots,
+  std::printf("trace %s %s T=%d %s: %lld x %d CTAs, %d slots, split_k %lld, %s; most CTAs on one SM %d\n",
+              shape.model, shape.name, tokens, setting, (long long)config.row_blocks, config.k_splits, config.ring_slots,
               (long long)config.split_k, config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
               *std::max_element(ctas_on_sm.begin(), ctas_on_sm.end()));
   std::printf("| point | warps | min µs | median µs | max µs |\n|---|---|---|---|---|\n");
@@ -541,16 +554,23 @@ int main(int argc, char** argv) {
           if (trace) {
             if (config.load_path == WeightLoadPath::STREAMED && format == WeightFormat::FP8_BLOCK128 &&
                 config.token_tiles == 1)
-              print_trace(shape, tokens, config, [&](uint64_t* trace_buffer) {
-                DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16), "linear workspace");
-                workspace.fill_bytes(0);
-                QuantizedLinearParams p = linear_params(weight_view(0), workspace, nullptr);
-                p.trace = trace_buffer;
-                cold.once([&](cudaStream_t stream) {
-                  p.stream = stream;
-                  run_quantized_linear(p, config);
-                });
-              });
+              for (const bool behind : {false, true})
+                print_trace(shape, tokens, config, behind ? "behind a 5 µs kernel" : "alone",
+                            [&](uint64_t* trace_buffer) {
+                              DeviceBuffer workspace(std::max<size_t>(config.workspace_bytes, 16),
+                                                     "linear workspace");
+                              workspace.fill_bytes(0);
+                              QuantizedLinearParams p = linear_params(weight_view(0), workspace, nullptr);
+                              p.trace = trace_buffer;
+                              cold.once([&](cudaStream_t stream) {
+                                if (behind) {
+                                  spin_then_exit_kernel<<<1, 32, 0, stream>>>(5000);
+                                  DSV4_CUDA_CHECK_LAUNCH("spin_then_exit_kernel");
+                                }
+                                p.stream = stream;
+                                run_quantized_linear(p, config);
+                              });
+                            });
             continue;
           }
 

@@ -115,6 +115,12 @@ bool early_scales() {
   static const bool early = !env_is("DSV4_LINEAR_SCALES", "late");
   return early;
 }
+// DSV4_LINEAR_NORM_PREFETCH=1: the RMSNorm prologue asks for the norm weight's lines (L1) before its sums of squares
+// (LinearKernelArgs::prefetch_norm_weight).
+bool prefetch_norm_weight() {
+  static const bool prefetch = env_is("DSV4_LINEAR_NORM_PREFETCH", "1");
+  return prefetch;
+}
 
 template <TileFormat F, int NT, bool kEarlyScales, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
@@ -190,9 +196,16 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // and the grid is at most two CTAs per SM. Measured on an H200 in CUDA graphs: V4-Flash wq_a / wkv FP8 5.5 → 4.7 /
 // 4.5 → 3.9 µs at T = 1 and 18 → 10 / 17 → 8 µs at T = 16, fp4 experts 15 → 12 µs at T = 16; grids of 512 CTAs
 // (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too.
-bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_GRIDS=all takes the cluster reduction
+// for any grid at T <= 8 (the pushed sum, StreamedReduce::CLUSTER_PUSH, instead of the workspace's tickets).
+bool cluster_for_every_grid() {
+  static const bool all = env_is("DSV4_LINEAR_CLUSTER_GRIDS", "all");
+  return all;
+}
+bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int tokens, int multiprocessors) {
   return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
-         cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
+         (cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1)) ||
+          (cluster_for_every_grid() && tokens <= tile::kTokensPerMma));
 }
 // Small matrices (few row blocks, long K) at T <= 8 first try the cluster reduction with the K splits that keep the
 // grid within 2.5 CTAs per SM, taken when that still splits K at least kWideClusterMinSplits ways. Measured cold
@@ -268,7 +281,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
-    if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
+    if (auto_takes_cluster(format, cluster, tokens, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
@@ -471,6 +484,7 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
+      .prefetch_norm_weight = params.norm_x != nullptr && prefetch_norm_weight(),
       .trace = params.trace,
   };
   if (config.load_path == WeightLoadPath::STREAMED)
