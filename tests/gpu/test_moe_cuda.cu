@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -46,6 +47,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe.hpp"
 #include "backends/cuda/moe_weights.hpp"
 #include "core/bf16.hpp"
@@ -703,6 +705,66 @@ TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
   // Same inputs through both: bit-identical outputs (the kernels are deterministic).
   const std::vector<float> u = random_input(9, shape, 80);
   expect_identical_outputs(run_output(borrowed, u, 9, {}), run_output(own, u, 9, {}));
+}
+
+// The four bf16x2 pairs of each word: the checkpoint decode of `stored` ([8 i + J]) and the DEVICE decode of its
+// repack ([8 i + 4 + J]).
+__global__ void fp4_layout_pairs_kernel(const uint32_t* stored, int count, uint32_t* pairs) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    const uint32_t w = stored[i], d = tile::detail::fp4_device_word(w);
+    uint32_t* out = pairs + 8 * size_t(i);
+    out[0] = tile::detail::e2m1_pair_bits<0>(w), out[1] = tile::detail::e2m1_pair_bits<1>(w);
+    out[2] = tile::detail::e2m1_pair_bits<2>(w), out[3] = tile::detail::e2m1_pair_bits<3>(w);
+    out[4] = tile::detail::e2m1_device_pair_bits<0>(d), out[5] = tile::detail::e2m1_device_pair_bits<1>(d);
+    out[6] = tile::detail::e2m1_device_pair_bits<2>(d), out[7] = tile::detail::e2m1_device_pair_bits<3>(d);
+  }
+}
+
+// The upload's fp4 repack (weight_tile_mma.cuh Fp4Layout::DEVICE): every word decodes to the checkpoint decode's
+// pairs, on the device, for each single bit, every code in every place and random words.
+TEST(MoeFp4DeviceLayout, RepackedWordsDecodeToTheCheckpointPairs) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  std::vector<uint32_t> words;
+  for (int bit = 0; bit < 32; ++bit) words.push_back(1u << bit);
+  for (int place = 0; place < 8; ++place)
+    for (uint32_t code = 0; code < 16; ++code) words.push_back(code << (4 * place) | (0x96969696u & ~(0xFu << (4 * place))));
+  std::mt19937 rng(31);
+  for (int i = 0; i < 1 << 16; ++i) words.push_back(rng());
+  DeviceBuffer d_words(words.size() * 4, "words"), d_pairs(words.size() * 32, "pairs");
+  d_words.upload(words.data(), words.size() * 4);
+  d_pairs.fill_bytes(0xFF);
+  fp4_layout_pairs_kernel<<<64, 256>>>(d_words.as<uint32_t>(), int(words.size()), d_pairs.as<uint32_t>());
+  DSV4_CUDA_CHECK_LAUNCH("fp4_layout_pairs_kernel");
+  const std::vector<uint32_t> pairs = download(d_pairs.as<uint32_t>(), words.size() * 8);
+  for (size_t i = 0; i < words.size(); ++i)
+    for (int j = 0; j < 4; ++j)
+      ASSERT_EQ(pairs[8 * i + 4 + size_t(j)], pairs[8 * i + size_t(j)]) << "word " << std::hex << words[i] << " pair "
+                                                                         << j;
+}
+
+// The A/B switch DSV4_MOE_FP4_LAYOUT=stored (the checkpoint's layout on the device): the same bits as the default
+// repacked layout through every kernel set and decode.
+TEST(MoeFp4DeviceLayout, StoredAndRepackedLayoutsGiveTheSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  for (const WeightFormat format : {WeightFormat::MXFP4, WeightFormat::NVFP4}) {
+    SCOPED_TRACE(to_string(format));
+    const ExpertSet experts = make_experts(format, kFlashLike, 90 + uint64_t(format));
+    Layer layer;
+    make_layer(layer, experts, Routing::SCORED, 91, keep_routing);
+    ASSERT_EQ(setenv("DSV4_MOE_FP4_LAYOUT", "stored", 1), 0);
+    const DeviceMoeWeights stored(layer.model, test_config(kFlashLike), "stored layer");
+    ASSERT_EQ(unsetenv("DSV4_MOE_FP4_LAYOUT"), 0);
+    const DeviceMoeWeights repacked(layer.model, test_config(kFlashLike), "repacked layer");
+    ASSERT_FALSE(stored.fp4_repacked());
+    ASSERT_TRUE(repacked.fp4_repacked());
+    uint64_t seed = 92;
+    for (const int T : {1, 2, 8, 17})
+      for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode, kStreamedOtherColumns}) {
+        SCOPED_TRACE(kernels.name() + ", T = " + std::to_string(T));
+        const std::vector<float> u = random_input(T, kFlashLike, seed++);
+        expect_identical_outputs(run_output(repacked, u, T, kernels), run_output(stored, u, T, kernels));
+      }
+  }
 }
 
 TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {

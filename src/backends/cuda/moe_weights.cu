@@ -1,10 +1,13 @@
 #include "backends/cuda/moe_weights.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/shape_only_matrix.hpp"
 #include "core/bf16.hpp"
 #include "core/error.hpp"
@@ -146,6 +149,33 @@ __global__ void validate_layer_kernel(const MoeExpertView* views, int matrices, 
     for (size_t i = first; i < size_t(tid2eid_count); i += stride)
       if (tid2eid[i] < 0 || tid2eid[i] >= experts) atomicMin(&first_offender[1], static_cast<unsigned long long>(i));
   }
+}
+
+__host__ __device__ bool is_fp4(WeightFormat f) { return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4; }
+
+// Rewrites every 32-bit word of the fp4 matrices' data in the DEVICE layout (tile::detail::fp4_device_word), in
+// place: blockIdx.y picks the matrix (3 per expert view), rows of data_row_bytes / 4 words (moe_expert_k_granularity
+// makes them whole 16-byte loads; publish_views checks the 4-byte alignment).
+__global__ void repack_fp4_kernel(const MoeExpertView* views) {
+  const MoeExpertView& v = views[blockIdx.y / 3];
+  const int which = blockIdx.y % 3;
+  const DeviceMatrixView& w = which == 0 ? v.w1 : which == 1 ? v.w3 : v.w2;
+  if (!is_fp4(w.format)) return;
+  const size_t row_words = size_t(w.cols) / 8, pitch_words = w.data_row_bytes / 4;
+  auto* data = reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data));
+  const size_t count = size_t(w.rows) * row_words;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t* word = data + i / row_words * pitch_words + i % row_words;
+    *word = tile::detail::fp4_device_word(*word);
+  }
+}
+
+// DSV4_MOE_FP4_LAYOUT: "stored" keeps the checkpoint's layout on the device (A/B runs), unset or "device" repacks.
+bool repack_fp4_from_environment() {
+  const char* value = std::getenv("DSV4_MOE_FP4_LAYOUT");
+  if (value == nullptr || std::string_view(value) == "device") return true;
+  check(std::string_view(value) == "stored", "DSV4_MOE_FP4_LAYOUT=", value, ": expected stored or device");
+  return false;
 }
 
 struct ExpertPlacement {
@@ -390,10 +420,21 @@ void DeviceMoeWeights::publish_views(const std::string& what) {
   if (streamed_tiles_) stream_maps_ = encode_moe_stream_maps(host_views_, what);
   device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), what + " expert views");
   device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
+  const int matrices = 3 * int(host_views_.size());
+
+  fp4_repacked_ = repack_fp4_from_environment();
+  if (fp4_repacked_) {
+    for (const MoeExpertView& v : host_views_)
+      for (const DeviceMatrixView* w : {&v.w1, &v.w3, &v.w2})
+        check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ",
+              what, " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack ",
+              "rewrites whole 32-bit words");
+    repack_fp4_kernel<<<dim3(64, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
+    DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
+  }
 
   DeviceBuffer offenders(2 * sizeof(unsigned long long), what + " validation");
   offenders.fill_bytes(0xFF);
-  const int matrices = 3 * int(host_views_.size());
   const int64_t table = tid2eid_ != nullptr ? vocab_ * config_.top_k : 0;
   validate_layer_kernel<<<dim3(16, unsigned(matrices + 1)), 256>>>(device_views_.as<MoeExpertView>(), matrices,
                                                                     tid2eid_, table, int32_t(config_.experts),

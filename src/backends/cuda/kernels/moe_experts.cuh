@@ -214,7 +214,7 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
 }
 
 // One pass over up to 8·NT rows of an item starting at row_base.
-template <tile::TileFormat F, ExpertGemm G, int NT>
+template <tile::TileFormat F, ExpertGemm G, int NT, tile::Fp4Layout L>
 __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base,
                                          int tokens, uint8_t* smem) {
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
@@ -249,7 +249,8 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
       for (int sub = first; sub < last; ++sub) {
         prefetch_sub_range<F>(prefetch, sub + kPrefetchDistance);
         const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
-        tile::weight_tile_mma<F, NT>(w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
+        tile::weight_tile_mma<F, NT, 2, false, tile::detail::kChains<NT>, L>(
+            w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
       }
     }
   }
@@ -258,16 +259,17 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
       a, w, acc, row0, row_base, tokens, reinterpret_cast<float*>(smem + kXTileBudget));
 }
 
-template <tile::TileFormat F, ExpertGemm G>
+template <tile::TileFormat F, ExpertGemm G, tile::Fp4Layout L>
 __device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                               const MoeWorkItem& item, uint8_t* smem) {
   if (item.row_count <= kSmallTokenTiles * tile::kTokensPerMma) {
-    run_pass<F, G, kSmallTokenTiles>(a, expert, item.row_begin, item.row_count, smem);
+    run_pass<F, G, kSmallTokenTiles, L>(a, expert, item.row_begin, item.row_count, smem);
     return;
   }
   constexpr int kPassRows = kLargeTokenTiles * tile::kTokensPerMma;
   for (int first = 0; first < item.row_count; first += kPassRows)
-    run_pass<F, G, kLargeTokenTiles>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first), smem);
+    run_pass<F, G, kLargeTokenTiles, L>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first),
+                                        smem);
 }
 
 // Calls body.template operator()<F>() with the tile format F of a weight format; the formats refused on the host
@@ -390,7 +392,7 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
   if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
 }
 
-template <ExpertGemm G>
+template <ExpertGemm G, tile::Fp4Layout L>
 __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   if (blockIdx.y == 0) {
@@ -402,7 +404,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
-                   [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
+                   [&]<tile::TileFormat F>() { run_work_item<F, G, L>(a, expert, item, smem); });
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
 
@@ -565,9 +567,13 @@ __device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word, uint32_t word_
 }
 
 // One lane's 16 stored bytes of one row → bf16 pairs in MMA order (tile::detail::decode_row_bytes's pairs).
-template <tile::TileFormat F>
+template <tile::TileFormat F, tile::Fp4Layout L>
 __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, uint32_t factor1,
                                            uint32_t (&pairs)[16]) {
+  if constexpr (L == tile::Fp4Layout::DEVICE) {
+    tile::detail::decode_row_bytes<F, L>(raw, factor0, factor1, pairs);
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
@@ -580,7 +586,19 @@ __device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, u
 }
 
 // decode_row without the factors: the pairs' bits only (value × 2^-126), for stages that scale after the MMA.
+template <tile::Fp4Layout L>
 __device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pairs)[16]) {
+  if constexpr (L == tile::Fp4Layout::DEVICE) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t word = tile::detail::word_of(raw, i);
+      pairs[4 * i + 0] = tile::detail::e2m1_device_pair_bits<0>(word);
+      pairs[4 * i + 1] = tile::detail::e2m1_device_pair_bits<1>(word);
+      pairs[4 * i + 2] = tile::detail::e2m1_device_pair_bits<2>(word);
+      pairs[4 * i + 3] = tile::detail::e2m1_device_pair_bits<3>(word);
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
@@ -603,7 +621,7 @@ __device__ __forceinline__ uint4 lane_row_bytes(const uint8_t* slot, int u, int 
 // sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
 // step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
 // the stage's first input (a real token's row, see above).
-template <tile::TileFormat F, int NT, int C>
+template <tile::TileFormat F, int NT, int C, tile::Fp4Layout L>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
                                                float (&sums)[C][NT][4]) {
   namespace st = tile::stream;
@@ -626,7 +644,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
         const uint16_t codes = *reinterpret_cast<const uint16_t*>(scales + rows[r] * kScaleBytes + 2 * (4 * u + t));
         tile::detail::nvfp4_factors(codes, factor0, factor1);
       }
-      decode_row<F>(raw, factor0, factor1, pairs[r]);
+      decode_row<F, L>(raw, factor0, factor1, pairs[r]);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -739,7 +757,7 @@ __device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, 
 
 // acc += the fp4 stage in `slot` × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row g + 8.
 // `x`: the lane's B pointer at the stage's first step.
-template <tile::TileFormat F>
+template <tile::TileFormat F, tile::Fp4Layout L>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
@@ -754,7 +772,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX&
     float scale[2][2][2];  // [row][half][column]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      lean::decode_row_bits(lean::lane_row_bytes(slot, u, rows[r]), pairs[r]);
+      lean::decode_row_bits<L>(lean::lane_row_bytes(slot, u, rows[r]), pairs[r]);
       column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
     }
     float sums[2][4] = {};  // [half][D fragment]
@@ -802,8 +820,8 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
 // (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
-template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          bool kCoherentX = false>
+template <tile::TileFormat F, ExpertGemm G, tile::Fp4Layout L, int NT, bool kLean = false, int kParts = 1,
+          bool kColumns = false, bool kCoherentX = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -881,14 +899,14 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
-          columns::multiply_stage<F>(ring + slot * st::kSlotBytes, x_stage, column_sums);
+          columns::multiply_stage<F, L>(ring + slot * st::kSlotBytes, x_stage, column_sums);
         } else if constexpr (kLeanStages) {
           const __nv_bfloat16* x_stage[NT];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
-          lean::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_stage, sums);
+          lean::multiply_stage<F, NT, kC, L>(ring + slot * st::kSlotBytes, x_stage, sums);
         } else {
-          st::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
+          st::multiply_stage<F, NT, kC, L>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
                                         lane_tiles, block_scales, sums, acc);
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
@@ -921,8 +939,8 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
-template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false>
+template <ExpertGemm G, tile::Fp4Layout L, bool kMultiTile, bool kLean, bool kSplitShared = false,
+          bool kHeadStart = false, bool kColumns = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
@@ -966,15 +984,15 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full, true,
-                                                                            part);
+      run_streamed_item<F, G, L, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full,
+                                                                               true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, L, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
       else
-        run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, L, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)

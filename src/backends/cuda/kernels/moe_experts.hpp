@@ -102,6 +102,9 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
+  // The experts' fp4 words in the DEVICE layout (weight_tile_mma.cuh Fp4Layout; DeviceMoeWeights::fp4_repacked),
+  // else as stored in the checkpoint. The same bits either way.
+  bool fp4_repacked = true;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.

@@ -63,6 +63,13 @@ namespace dsv4::cuda::tile {
 
 enum class TileFormat { BF16, FP8_BLOCK128, MXFP4, NVFP4 };
 
+// How the e2m1 codes of fp4 weights lie in each little-endian 32-bit word of stored bytes (a 16-byte load is four
+// words of eight codes each): STORED as in the checkpoint (code n at bits 4n..4n+3: sign, E1, E0, M from the top),
+// or DEVICE, the MoE experts' layout on the GPU (moe_weights repacks each word once at upload: fp4_device_word): the
+// same codes with their bits moved so that each bf16 pair of the decode is one rotation and one mask (see
+// e2m1_device_pair_bits). Only the bits inside a word move: loads, scales and the MMA order are the same.
+enum class Fp4Layout { STORED, DEVICE };
+
 inline constexpr int kWarpSize = 32;
 inline constexpr int kTileRows = 16;          // weight rows per warp tile (the MMA's M)
 inline constexpr int kTokensPerMma = 8;       // tokens per token tile (the MMA's N)
@@ -145,6 +152,73 @@ __device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word) {
   return (magnitude & 0x01C001C0u) | ((word << kSignShift) & 0x80008000u);
 }
 
+// The bits of an e2m1 pair in a bf16x2 (value × 2^-126): per half the sign at 15, the magnitude E1 E0 M at 8..6.
+inline constexpr uint32_t kE2m1PairBits = 0x81C081C0u;
+
+// One SHF.L.W on the device (0 < shift < 32).
+__host__ __device__ constexpr uint32_t rotate_left(uint32_t word, int shift) {
+  return word << shift | word >> (32 - shift);
+}
+
+// Pair J of a DEVICE-layout word → bf16x2 (value × 2^-126), the bits e2m1_pair_bits<J> takes from a STORED word
+// (codes J and J + 4): pair 0 is the word's bits at kE2m1PairBits, pairs 1 and 2 those of the word rotated left by 13
+// and 26, pair 3 those of (word & 0x001B001B) × (2^2 + 2^7 + 2^12), whose three shifted copies of the eight masked
+// bits never overlap (no carries). These four bit sets partition the word; the checkpoint order needs ~3
+// instructions per pair (shifts, masks, a multiply), this one 1, 2, 2 and 3.
+template <int J>
+__host__ __device__ constexpr uint32_t e2m1_device_pair_bits(uint32_t word) {
+  static_assert(J >= 0 && J < 4, "four pairs per word");
+  if constexpr (J == 0)
+    return word & kE2m1PairBits;
+  else if constexpr (J < 3)
+    return rotate_left(word, 13 * J) & kE2m1PairBits;
+  else
+    return ((word & 0x001B001Bu) * 0x1084u) & kE2m1PairBits;
+}
+
+// The STORED bit that DEVICE bit `bit` carries: the decode above sends the bit to one pair bit, which
+// e2m1_pair_bits<J> fills from the code bit (M, E0, E1, sign at 6, 7, 8, 15 of a half) of code J or J + 4.
+__host__ __device__ constexpr int fp4_device_bit_source(int bit) {
+  const uint32_t unit = 1u << bit;
+  const uint32_t pairs[4] = {e2m1_device_pair_bits<0>(unit), e2m1_device_pair_bits<1>(unit),
+                             e2m1_device_pair_bits<2>(unit), e2m1_device_pair_bits<3>(unit)};
+  for (int j = 0; j < 4; ++j)
+    for (int p = 0; p < 32; ++p)
+      if (pairs[j] >> p & 1u) {
+        const int in_half = p % 16, code_bit = in_half == 15 ? 3 : in_half - 6;
+        return 4 * j + (p >= 16 ? 16 : 0) + code_bit;
+      }
+  return -1;
+}
+
+// The DEVICE word of a STORED word (the upload's repack): e2m1_device_pair_bits<J>(fp4_device_word(w)) ==
+// e2m1_pair_bits<J>(w) for every J and w.
+__host__ __device__ constexpr uint32_t fp4_device_word(uint32_t stored) {
+  uint32_t device = 0;
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int bit = 0; bit < 32; ++bit) device |= (stored >> fp4_device_bit_source(bit) & 1u) << bit;
+  return device;
+}
+
+// Every DEVICE bit reaches exactly one pair bit, and the 32 carry distinct STORED bits.
+static_assert([] {
+  uint32_t sources = 0;
+  for (int bit = 0; bit < 32; ++bit) {
+    const uint32_t unit = 1u << bit;
+    const uint32_t all[4] = {e2m1_device_pair_bits<0>(unit), e2m1_device_pair_bits<1>(unit),
+                             e2m1_device_pair_bits<2>(unit), e2m1_device_pair_bits<3>(unit)};
+    int hits = 0;
+    for (const uint32_t pair : all)
+      for (int p = 0; p < 32; ++p) hits += int(pair >> p & 1u);
+    const int source = fp4_device_bit_source(bit);
+    if (hits != 1 || source < 0 || (sources >> source & 1u)) return false;
+    sources |= 1u << source;
+  }
+  return sources == ~0u;
+}(), "the DEVICE fp4 layout is a permutation of each word's bits");
+
 // Bytes (0, 2) (H = 0) or (1, 3) (H = 1) of a word of e4m3 → bf16x2 (value × 2^-120): magnitude to 4..10, sign
 // to 15.
 template <int H>
@@ -174,7 +248,7 @@ __device__ __forceinline__ void nvfp4_factors(uint16_t codes, uint32_t& factor0,
 
 // One lane's 16 stored bytes of one row → bf16 pairs in MMA order: pairs[2m] is a0 (or a1) of MMA m of the step,
 // pairs[2m + 1] is a2 (or a3). `factors` are the bf16x2 scale factors (fp4: MXFP4 one, NVFP4 one per 16 values).
-template <TileFormat F>
+template <TileFormat F, Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t factor0, uint32_t factor1,
                                                  uint32_t (&pairs)[TileFormatTraits<F>::kValuesPerLoad / 2]) {
   if constexpr (F == TileFormat::BF16) {
@@ -192,10 +266,17 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
     for (int i = 0; i < 4; ++i) {
       const uint32_t word = word_of(raw, i);
       const uint32_t factor = (F == TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
-      pairs[4 * i + 0] = bf16x2_mul(e2m1_pair_bits<0>(word), factor);
-      pairs[4 * i + 1] = bf16x2_mul(e2m1_pair_bits<1>(word), factor);
-      pairs[4 * i + 2] = bf16x2_mul(e2m1_pair_bits<2>(word), factor);
-      pairs[4 * i + 3] = bf16x2_mul(e2m1_pair_bits<3>(word), factor);
+      if constexpr (L == Fp4Layout::DEVICE) {
+        pairs[4 * i + 0] = bf16x2_mul(e2m1_device_pair_bits<0>(word), factor);
+        pairs[4 * i + 1] = bf16x2_mul(e2m1_device_pair_bits<1>(word), factor);
+        pairs[4 * i + 2] = bf16x2_mul(e2m1_device_pair_bits<2>(word), factor);
+        pairs[4 * i + 3] = bf16x2_mul(e2m1_device_pair_bits<3>(word), factor);
+      } else {
+        pairs[4 * i + 0] = bf16x2_mul(e2m1_pair_bits<0>(word), factor);
+        pairs[4 * i + 1] = bf16x2_mul(e2m1_pair_bits<1>(word), factor);
+        pairs[4 * i + 2] = bf16x2_mul(e2m1_pair_bits<2>(word), factor);
+        pairs[4 * i + 3] = bf16x2_mul(e2m1_pair_bits<3>(word), factor);
+      }
     }
   }
 }
@@ -516,7 +597,7 @@ inline constexpr int kChains = NT >= 4 ? 1 : 4 / NT;
 // `ends_block`; other formats accumulate in `sums` (added to acc by finish_tile). The lane reads x only for its
 // first lane_tiles token tiles (token 8·nt + g exists) and feeds zeros for the others, so a tile staged without
 // padding rows is never read past its tokens.
-template <TileFormat F, int NT, int C>
+template <TileFormat F, int NT, int C, Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint32_t (&scale_codes)[2],
                                               const float (&block_scale)[2], bool ends_block,
                                               const __nv_bfloat16* x_step, int row_stride, int lane_tiles,
@@ -529,7 +610,7 @@ __device__ __forceinline__ void multiply_step(const uint4 (&raw)[2], const uint3
     uint32_t factor0 = 0, factor1 = 0;
     if constexpr (F == TileFormat::MXFP4) factor0 = mxfp4_factor(scale_codes[r]);
     if constexpr (F == TileFormat::NVFP4) nvfp4_factors(uint16_t(scale_codes[r]), factor0, factor1);
-    decode_row_bytes<F>(raw[r], factor0, factor1, pairs[r]);
+    decode_row_bytes<F, L>(raw[r], factor0, factor1, pairs[r]);
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -600,7 +681,8 @@ __device__ __forceinline__ bool step_ends_block(int64_t step_k, int64_t k_end) {
 // contract (the caller's promise of aligned rows and row0 % 16 == 0). C = independent accumulator chains: the
 // default hides the MMA latency at few token tiles; C = 1 saves 4·NT·(default - 1) registers for callers that are
 // register bound (e.g. two products per warp).
-template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false, int C = detail::kChains<NT>>
+template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false, int C = detail::kChains<NT>,
+          Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
                                                 int64_t k_end, const __nv_bfloat16* x_tile, float (&acc)[NT][4]) {
   static_assert(NT >= 1 && NT <= kMaxTokenTiles, "8 to 64 tokens per warp tile");
@@ -627,7 +709,7 @@ __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64
     for (int u = 0; u < S; ++u) {
       const int64_t step_k = k0 + u * kStepK;
       if (step_k >= k_end) break;
-      detail::multiply_step<F, NT, C>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
+      detail::multiply_step<F, NT, C, L>(batch.raw[u], batch.scale_codes[u], batch.block_scale[u],
                                    detail::step_ends_block<F>(step_k, k_end), x_lane + (step_k - k_begin), row_stride,
                                    NT, sums, acc);
     }
@@ -771,7 +853,7 @@ __device__ __forceinline__ void load_stage_block_scales(const DeviceMatrixView& 
 
 // acc/sums += the stage in `slot` × x (x_stage: the lane's x at the stage's first input, as weight_tile_mma's x_lane).
 // Accumulator rows follow stream_row (see NOTES).
-template <TileFormat F, int NT, int C>
+template <TileFormat F, int NT, int C, Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* x_stage, int row_stride,
                                                int lane_tiles, const float (&block_scales)[kMaxBlocksPerStage],
                                                float (&sums)[C][NT][4], float (&acc)[NT][4]) {
@@ -799,7 +881,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
     }
     const float block = F == TileFormat::FP8_BLOCK128 ? block_scales[(u * kStepK) / 128] : 1.0f;
     const float block_scale[2] = {block, block};
-    detail::multiply_step<F, NT, C>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
+    detail::multiply_step<F, NT, C, L>(raw, codes, block_scale, (u + 1) * kStepK % 128 == 0, x_stage + u * kStepK,
                                     row_stride, lane_tiles, sums, acc);
   }
 }
