@@ -805,11 +805,18 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
-  const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
+  // Experiment (DSV4_MHC_EXPERIMENT bit 2, hc_pre / hc_head): the first 4 threads of token t's collapsing threads
+  // instead, the others take pre by shuffles (no pre_s, no barrier before the collapse; the publication's barrier
+  // guards warp_sums).
+  const bool shuffle_pre = !kPost && !kRoles && (args.experiment & 4) != 0;
+  const int pre_t = shuffle_pre ? vt : ltid / kStreams;
+  const int pre_k = shuffle_pre ? ltid % kVectorsPerRow : ltid % kStreams;  // shuffle_pre: reads if < kStreams
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
-  const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
-  const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
-  const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
+  const float pre_scale = args.scale[0], pre_base = args.base[pre_k % kStreams];
+  const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k % kStreams) * kTileTokens + pre_t;
+  const auto is_pre_reader = [&](int jc) {
+    return jc >= 0 && (shuffle_pre ? pre_k < kStreams && pre_t < valid_of(jc) : ltid < kStreams * valid_of(jc));
+  };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -859,19 +866,30 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const auto collapse_from = [&](int jc, bool pre_reader, unsigned long long squares_word, unsigned long long mix_word,
                                  auto sync, const float* x_stage, auto after_sync) {
     const int valid = valid_of(jc);
+    float pre_value = 0.0f;
     if (pre_reader) {
       const float squares = hop_value(squares_word, sums_of(jc) + pre_squares_word);
       const float mix = hop_value(mix_word, sums_of(jc) + pre_mix_word);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+      pre_value = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+      if (!shuffle_pre) pre_s[pre_t][pre_k] = pre_value;
     }
-    sync();
+    float pre[kStreams];
+    if (shuffle_pre) {
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k)
+        pre[k] = __shfl_sync(kFullMask, pre_value, (lane & ~(kVectorsPerRow - 1)) + k);
+    } else {
+      sync();
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) pre[k] = pre_s[vt][k];
+    }
     after_sync();
     if (vt < valid && vi < width) {
       float4 streams[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x_stage + staged[k]);
-      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
+      const float4 value = collapse_streams(streams, pre, args.round_to_bf16);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
   };
@@ -970,7 +988,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         const int jc_before = jc - 1;
         const int refill = kReread ? (j + kRing < count ? j + kRing : -1)
                                    : (jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1);
-        project_and_publish(j, b, block_sync, refill, !kPost && jc < 0);
+        project_and_publish(j, b, block_sync, refill, (!kPost && jc < 0) || shuffle_pre);
         if constexpr (kReread) reread_tile(reread);
       }
 
@@ -983,6 +1001,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         if constexpr (kReread) {
           const int slot = kRing + jc % kRereadStages;
           collapse_from(jc, pre_reader, squares_word, mix_word, block_sync, stages + slot * kStageFloats, [&] {
+            if (shuffle_pre && j >= count) __syncthreads();  // the re-read stage's last collapse is done
             if (j >= count && reread >= 2) reread_tile(reread);
             wait_for_tile(&full[slot], uint32_t(jc / kRereadStages) & 1u);
           });
