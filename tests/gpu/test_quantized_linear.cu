@@ -742,10 +742,11 @@ TEST(QuantizedLinear, DispatchMatchesCpuWhicheverKernelRuns) {
 TEST(QuantizedLinear, ClusterReductionEqualsWorkspaceReduction) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int multiprocessors = list_devices().front().multiprocessors;
-  // Splits of 16 (V4-Flash wq_a, wkv), 8, 14 (V4-Pro wkv: a non-portable cluster size) and a BF16 matrix.
+  // Splits of 16 (V4-Flash wq_a, wkv), 8, 14 (V4-Pro wkv: a non-portable cluster size), a BF16 matrix and a grid of
+  // 4 CTAs per SM (64 clusters of 8 on 132 SMs).
   const LinearCase cases[] = {{TestFormat::FP8_E8M0, 1024, 4096}, {TestFormat::FP8_F32, 512, 4096},
                               {TestFormat::NVFP4, 512, 4096},     {TestFormat::MXFP4, 512, 7168},
-                              {TestFormat::BF16, 256, 2048}};
+                              {TestFormat::BF16, 256, 2048},      {TestFormat::FP8_E8M0, 4096, 2048}};
   uint32_t seed = 1100;
   for (const LinearCase& c : cases)
     for (const int tokens : {1, 5, 16}) {
