@@ -257,14 +257,28 @@ __device__ __forceinline__ void wait_for_tile(uint64_t* barrier, uint32_t parity
 
 // One X tile's TMA boxes (kBoxes boxes of 32 columns from `column`, the 64 rows from `row`) into `stage`, completing
 // on `barrier`: out of line, as only a CTA's loading thread runs it (in the per-tile loop every thread's code passes).
+// Experiment (session 19): `hint` 1 loads with an L2 evict_last policy, 2 with evict_first (0: none).
 template <int kBoxes>
 __device__ __noinline__ void load_x_tile(float* stage, uint64_t* barrier, const CUtensorMap* map, int column, int row,
-                                         uint32_t bytes) {
+                                         uint32_t bytes, int hint = 0) {
   sm90::mbarrier_arrive_expect_tx(barrier, bytes);
+  uint64_t policy = 0;
+  if (hint == 1) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  if (hint == 2) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
 #pragma unroll
-  for (int box = 0; box < kBoxes; ++box)
-    sm90::tma_load_2d(stage + box * kStagedBoxRows * kStagedBoxFloats, map, barrier, column + box * kStagedBoxFloats,
-                      row);
+  for (int box = 0; box < kBoxes; ++box) {
+    float* const dst = stage + box * kStagedBoxRows * kStagedBoxFloats;
+    if (hint == 0) {
+      sm90::tma_load_2d(dst, map, barrier, column + box * kStagedBoxFloats, row);
+    } else {
+      asm volatile(
+          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+          " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+          "l"(reinterpret_cast<uint64_t>(map)), "r"(column + box * kStagedBoxFloats), "r"(row),
+          "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier))), "l"(policy)
+          : "memory");
+    }
+  }
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -708,7 +722,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (!tile_loader) return;
     const int b = j % kRing;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
-                        uint32_t(kStageFloats) * 4u);
+                        uint32_t(kStageFloats) * 4u, kReread && (args.experiment & 8) != 0 ? 1 : 0);
   };
   // kReread: tile j again into its re-read stage for the collapse (the stage's earlier reads are done: the caller
   // passed a barrier).
@@ -716,7 +730,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (!kReread || !tile_loader || j < 0 || j >= count) return;
     const int b = kRing + j % kRereadStages;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
-                        uint32_t(kStageFloats) * 4u);
+                        uint32_t(kStageFloats) * 4u, (args.experiment & 8) != 0 ? 2 : 0);
   };
   // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
