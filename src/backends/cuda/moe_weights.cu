@@ -154,19 +154,17 @@ __global__ void validate_layer_kernel(const MoeExpertView* views, int matrices, 
 __host__ __device__ bool is_fp4(WeightFormat f) { return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4; }
 
 // Rewrites every 32-bit word of the fp4 matrices' data in the DEVICE layout (tile::detail::fp4_device_word), in
-// place: blockIdx.y picks the matrix (3 per expert view), rows of data_row_bytes / 4 words (moe_expert_k_granularity
-// makes them whole 16-byte loads; publish_views checks the 4-byte alignment).
+// place: blockIdx.y picks the matrix (3 per expert view), CTAs take rows, threads the row's cols / 8 words
+// (moe_expert_k_granularity makes them whole 16-byte loads; publish_views checks the 4-byte alignment).
 __global__ void repack_fp4_kernel(const MoeExpertView* views) {
   const MoeExpertView& v = views[blockIdx.y / 3];
   const int which = blockIdx.y % 3;
   const DeviceMatrixView& w = which == 0 ? v.w1 : which == 1 ? v.w3 : v.w2;
   if (!is_fp4(w.format)) return;
-  const size_t row_words = size_t(w.cols) / 8, pitch_words = w.data_row_bytes / 4;
-  auto* data = reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data));
-  const size_t count = size_t(w.rows) * row_words;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t* word = data + i / row_words * pitch_words + i % row_words;
-    *word = tile::detail::fp4_device_word(*word);
+  const int64_t row_words = w.cols / 8;
+  for (int64_t row = blockIdx.x; row < w.rows; row += gridDim.x) {
+    auto* words = reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data) + row * int64_t(w.data_row_bytes));
+    for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) words[i] = tile::detail::fp4_device_word(words[i]);
   }
 }
 
@@ -429,7 +427,7 @@ void DeviceMoeWeights::publish_views(const std::string& what) {
         check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ",
               what, " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack ",
               "rewrites whole 32-bit words");
-    repack_fp4_kernel<<<dim3(64, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
+    repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
     DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
   }
 
