@@ -46,6 +46,8 @@ struct AttentionCase {
   bool early_entries = false;   // ... with head_split_early_entries (entries asked of L2 before the wait)
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
   bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
+  // The head_dim 512 kernel's bf16 entry paths (SparseAttentionParams::d512_*): set = on (else the default).
+  bool direct = false, wide = false, prefetch = false, persistent = false;
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -62,6 +64,10 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
   call.prefill_kernel_decode = c.prefill_kernel_decode;
+  call.d512_direct_entries = call.d512_direct_entries || c.direct;
+  call.d512_wide_tiles = call.d512_wide_tiles || c.wide;
+  call.d512_prefetch_entries = call.d512_prefetch_entries || c.prefetch;
+  call.d512_persistent = call.d512_persistent || c.persistent;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -276,6 +282,36 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
     AttentionCase h40{"d512 h40 head split", format, 512, 64, 40, 128, 128, 100, {1000}, 1, 0};
     h40.head_split_tiles = 0;
     check_attention(h40, seed++);
+  }
+}
+
+// The head_dim 512 kernel's direct bf16 paths (entries by cp.async into the swizzled stages; 64-entry steps; entries
+// asked of L2 ahead; persistent CTAs): chunks of more (query, head block) items than SMs (a persistent CTA takes
+// several; Pro's two head blocks), per-query counts, 3 tiles per query (the wide steps' pad tile), a split call
+// merged by the combine kernel and in a cluster.
+TEST(SparseAttention, D512DirectPathsMatchCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 90;
+  for (int variant = 0; variant < 4; ++variant) {
+    const auto set = [&](AttentionCase& c) {
+      c.direct = true;
+      c.wide = variant >= 1;
+      c.prefetch = variant == 2 || variant == 3;
+      c.persistent = variant == 3 || variant == 0;
+    };
+    AttentionCase flash{"flash csa chunk", KvEntryFormat::Bf16, 512, 64, 64, 32, 192, 40, {600}, 140, 0,
+                        AttentionDtype::Bf16, AttentionDtype::Bf16};
+    flash.counts = true;
+    set(flash);
+    check_attention(flash, seed++);
+    AttentionCase pro{"pro csa chunk", KvEntryFormat::Bf16, 512, 64, 128, 32, 112, 40, {300, 900}, 40, 0};
+    set(pro);
+    check_attention(pro, seed++);
+    AttentionCase split{"flash csa decode 3 splits", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512,
+                        {300, 2100, 129}, 1, 3, AttentionDtype::F32, AttentionDtype::Bf16, true};
+    split.counts = variant % 2 == 1;
+    set(split);
+    check_attention(split, seed++);
   }
 }
 

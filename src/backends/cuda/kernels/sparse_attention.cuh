@@ -221,9 +221,9 @@ struct CtaWork {
   int head_block = 0, split = 0;
 };
 
-__device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks) {
+__device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks,
+                                            unsigned flat = blockIdx.x) {
   // 32-bit division: 64-bit ones are subroutine calls at the head of every CTA's critical path.
-  unsigned flat = blockIdx.x;
   CtaWork work;
   work.split = int(flat % unsigned(p.splits));
   flat /= unsigned(p.splits);
@@ -831,10 +831,13 @@ __device__ __forceinline__ void d512_prefetch_item(const SparseAttentionParams& 
 // With p.d512_prefetch_entries each thread also asks L2 for its resolved entry of chunk c + 1 as chunk c starts
 // (128 entries ahead of the copies), and after chunk 0 for the q rows and index lines of the item one wave later
 // (`ahead`, a (query, head block, split) CTA index; none where ≥ the grid's CTAs).
-// The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid).
+// The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid). One item
+// of the CTA: `tile_base` = the tiles of its earlier items (the ring runs on across a persistent CTA's items); returns
+// the count after it.
 template <class L>
-__device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                    const SlotRange& range, int64_t ahead, int head_blocks) {
+__device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                   const SlotRange& range, int64_t ahead, int head_blocks,
+                                                   int tile_base) {
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
   static_assert(kChunkTiles * kTile == kWarpgroupThreads && kTile == 32, "a lane per slot of a chunk, per warp");
@@ -875,11 +878,11 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
     for (int i = 0; i < kChunkTiles; ++i) {
       const int j = c * kChunkTiles + i;
       if (j >= tiles) break;
-      const int stage = j % S;
+      const int ring_tile = tile_base + j, stage = ring_tile % S;
       int32_t phys[2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
-      sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
+      sm90::mbarrier_wait(&kv_empty[stage], ((ring_tile / S) & 1) ^ 1);
       if (chunk == 0) {
         tile_valid[stage * kTile + row0] = phys[0] >= 0;
         tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
@@ -902,7 +905,7 @@ __device__ __forceinline__ void d512_produce_direct(const SparseAttentionParams&
     next = slot_physical(p.cache, ahead_page, ahead_row);
     if (c == 0 && p.d512_prefetch_entries && ahead >= 0) d512_prefetch_item(p, ahead, head_blocks, thread);
   }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  return tile_base + tiles;
 }
 
 // Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`, as a
@@ -1062,10 +1065,11 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
-// L: the CTA's D512Layout (its entry path).
+// L: the CTA's D512Layout (its entry path). One item (work) of the CTA: `step_base` = the consumer steps of its earlier
+// items (the KV ring and the exchange buffers run on across a persistent CTA's items); returns the count after it.
 template <class L>
-__device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
-                                             bool cluster_merge) {
+__device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
+                                            bool cluster_merge, int step_base) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
   // in uniform registers instead of being rebuilt and moved there before every wgmma.
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroupThreads, 0) - 1;
@@ -1158,9 +1162,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const int steps = (range.tiles + U - 1) / U;
 
   for (int j = 0; j < steps; ++j) {
-    const int first_stage = (j * U) % S;
+    const int step = step_base + j;  // of the CTA
+    const int first_stage = (step * U) % S;
 #pragma unroll
-    for (int h = 0; h < U; ++h) sm90::mbarrier_wait(&kv_full[first_stage + h], ((j * U) / S) & 1);
+    for (int h = 0; h < U; ++h) sm90::mbarrier_wait(&kv_full[first_stage + h], ((step * U) / S) & 1);
     if constexpr (L::kDirectEntries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
     uint8_t* kv = smem + L::kKv + L::stage_offset(first_stage) + (dim_base / 64) * L::kUnitBlockBytes;
 
@@ -1184,18 +1189,20 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       sm90::fence_operand(o_acc);
       if (thread == 0)
 #pragma unroll
-        for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((j - 1) * U) % S + h]);
+        for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((step - 1) * U) % S + h]);
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
     // both warpgroups hold identical S). Two buffers alternate by step; with one (kWide), a consumer rewrites its half
-    // only after the other has read it (read-done barrier: the reader arrives, the writer waits).
-    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % L::kExchangeBuffers) * L::kExchangeFloats;
+    // only after the other has read it (read-done barrier: the reader arrives after every read, the writer waits
+    // before every write but its first, and once more after its last step: d512_consumer_finish).
+    float* exchange =
+        reinterpret_cast<float*>(smem + L::kExchange) + (step % L::kExchangeBuffers) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
     const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
-    if (L::kExchangeBuffers == 1 && j > 0)
+    if (L::kExchangeBuffers == 1 && step > 0)
       sm90::named_barrier_sync<2 * kWarpgroupThreads>(kReadDoneBarrier + consumer);
 #pragma unroll
     for (int e = 0; e < kEntries / 8; ++e)
@@ -1210,8 +1217,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       s_acc[4 * e + 2] += b.z;
       s_acc[4 * e + 3] += b.w;
     }
-    if (L::kExchangeBuffers == 1 && j + 1 < steps)
-      sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kReadDoneBarrier + 1 - consumer);
+    if (L::kExchangeBuffers == 1) sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kReadDoneBarrier + 1 - consumer);
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
@@ -1234,6 +1240,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
+  // The last step's stages go back too (a persistent CTA's next item fills them while this one's epilogue runs).
+  if (steps > 0 && thread == 0)
+#pragma unroll
+    for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((step_base + steps - 1) * U) % S + h]);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -1271,7 +1281,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
-    return;
+    return step_base + steps;
   }
 
   if (p.splits > 1) {
@@ -1289,7 +1299,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
         *reinterpret_cast<float2*>(partial_out + row * kD512HeadDim + dim_base + 8 * n + 2 * c) =
             make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
     }
-    return;
+    return step_base + steps;
   }
 
   float inverse_denominator[2];
@@ -1310,6 +1320,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     store_output_fragment(p, t, head, kD512HeadDim, dim, acc, inverse_denominator, rope && dim >= layout.nope_dim,
                           [&] { return rope_table[(dim - layout.nope_dim) / 2]; });
   }
+  return step_base + steps;
 }
 
 // Before griddepcontrol.wait: asks L2 for the lines this CTA reads first (its query's sequence slot, position and
@@ -1344,11 +1355,12 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kDirect, bool kWide>
+template <bool kFp8, bool kDirect, bool kWide, bool kPersistent>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
   using L = D512Layout<kFp8, kDirect, kWide>;
+  static_assert(!kPersistent || kDirect, "persistent CTAs on the direct path only");
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1369,23 +1381,50 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   }
   __syncthreads();
 
+  // kPersistent (direct entries, no cluster merge; d512_persistent): the CTA runs items blockIdx.x, + gridDim.x, ...;
+  // other launches have a CTA per item. The direct producer prefetches the item about one wave later
+  // (d512_prefetch_entries): a persistent CTA's own next item.
+  const unsigned items = unsigned(p.tokens) * unsigned(head_blocks) * unsigned(p.splits);
+  const unsigned wave = min(gridDim.x, unsigned(multiprocessor_count()));
+  const auto ahead_of = [&](unsigned item) { return item + wave < items ? int64_t(item + wave) : int64_t(-1); };
+  const int consumer = int(threadIdx.x) / kWarpgroupThreads - 1;
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     wait_for_prior_grids();
-    if constexpr (kDirect) {
-      const int64_t ahead = int64_t(blockIdx.x) + multiprocessor_count();
-      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split),
-                          ahead < int64_t(gridDim.x) ? ahead : -1, head_blocks);
+    if constexpr (kPersistent) {
+      int tiles = 0;
+      for (unsigned item = blockIdx.x; item < items; item += gridDim.x) {
+        const CtaWork w = cta_work(p, head_blocks, item);
+        tiles = d512_produce_direct<L>(p, smem, w.t, split_slot_range(p, w.t, w.split), ahead_of(item), head_blocks,
+                                       tiles);
+      }
+    } else if constexpr (kDirect) {
+      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split), ahead_of(blockIdx.x),
+                             head_blocks, 0);
     } else {
       d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     }
+    if constexpr (kDirect) asm volatile("cp.async.wait_all;\n" ::: "memory");
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       cluster_sync();
       cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L>(p, smem, work, cluster_merge);
+    int steps = 0;
+    if constexpr (kPersistent) {
+      for (unsigned item = blockIdx.x; item < items; item += gridDim.x) {
+        // The epilogue's inverse-RoPE table sits in the exchange buffers: both consumers are past it before the next
+        // item's first exchange.
+        if (item != blockIdx.x) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+        steps = d512_consume<L>(p, smem, cta_work(p, head_blocks, item), false, steps);
+      }
+    } else {
+      steps = d512_consume<L>(p, smem, work, cluster_merge, 0);
+    }
+    // The read-done barrier's last phase: this consumer's buffer was read after its last write.
+    if (L::kExchangeBuffers == 1 && steps > 0)
+      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kReadDoneBarrier + consumer);
   }
 }
 
