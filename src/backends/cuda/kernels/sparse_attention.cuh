@@ -1197,7 +1197,7 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
     // both warpgroups hold identical S). Two buffers alternate by step; with one (kWide), a consumer rewrites its half
     // only after the other has read it (read-done barrier: the reader arrives after every read, the writer waits
-    // before every write but its first, and once more after its last step: d512_consumer_finish).
+    // before every write but its first, and once more after its last step, at the end of the kernel).
     float* exchange =
         reinterpret_cast<float*>(smem + L::kExchange) + (step % L::kExchangeBuffers) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
