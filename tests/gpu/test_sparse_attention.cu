@@ -47,7 +47,7 @@ struct AttentionCase {
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
   bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
   // The head_dim 512 kernel's bf16 entry paths (SparseAttentionParams::d512_*): set = on (else the default).
-  bool direct = false, wide = false, prefetch = false, persistent = false;
+  bool direct = false, wide = false, persistent = false;
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -66,7 +66,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.prefill_kernel_decode = c.prefill_kernel_decode;
   call.d512_direct_entries = call.d512_direct_entries || c.direct;
   call.d512_wide_tiles = call.d512_wide_tiles || c.wide;
-  call.d512_prefetch_entries = call.d512_prefetch_entries || c.prefetch;
   call.d512_persistent = call.d512_persistent || c.persistent;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
@@ -285,8 +284,8 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
   }
 }
 
-// The head_dim 512 kernel's direct bf16 paths (entries by cp.async into the swizzled stages; 64-entry steps; entries
-// asked of L2 ahead; persistent CTAs): chunks of more (query, head block) items than SMs (a persistent CTA takes
+// The head_dim 512 kernel's direct bf16 paths (entries by cp.async into the swizzled stages; 64-entry steps;
+// persistent CTAs): chunks of more (query, head block) items than SMs (a persistent CTA takes
 // several; Pro's two head blocks), per-query counts, 3 tiles per query (the wide steps' pad tile), a split call
 // merged by the combine kernel and in a cluster.
 TEST(SparseAttention, D512DirectPathsMatchCpu) {
@@ -295,9 +294,8 @@ TEST(SparseAttention, D512DirectPathsMatchCpu) {
   for (int variant = 0; variant < 4; ++variant) {
     const auto set = [&](AttentionCase& c) {
       c.direct = true;
-      c.wide = variant >= 1;
-      c.prefetch = variant == 2 || variant == 3;
-      c.persistent = variant == 3 || variant == 0;
+      c.wide = variant == 1 || variant == 2;
+      c.persistent = variant == 0 || variant == 2;
     };
     AttentionCase flash{"flash csa chunk", KvEntryFormat::Bf16, 512, 64, 64, 32, 192, 40, {600}, 140, 0,
                         AttentionDtype::Bf16, AttentionDtype::Bf16};

@@ -272,10 +272,6 @@ bool sparse_attention_persistent_default() {
   return on;
 }
 
-bool sparse_attention_prefetch_entries_default() {
-  static const bool on = environment_switch("DSV4_ATTENTION_PREFETCH_ENTRIES");
-  return on;
-}
 
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 

@@ -232,13 +232,6 @@ __device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int 
   return work;
 }
 
-// The SMs of the device (%nsmid: one past the largest SM id, the SM count on a whole GPU).
-__device__ __forceinline__ int multiprocessor_count() {
-  int count;
-  asm("mov.u32 %0, %%nsmid;" : "=r"(count));
-  return count;
-}
-
 // ---- the attention kernel ----
 
 template <int kHeadDim, int kHeadTiles, bool kFp8>
@@ -802,25 +795,6 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   }
 }
 
-// Asks L2 for the q rows and the index lines of the CTA `item` (a (query, head block, split) index as blockIdx.x),
-// spread over the 128 threads of a warpgroup (`thread`): the start of a CTA about one wave later.
-__device__ __forceinline__ void d512_prefetch_item(const SparseAttentionParams& p, int64_t item, int head_blocks,
-                                                   int thread) {
-  // 32-bit divisions (a launch holds < 2^31 CTAs).
-  const unsigned flat = unsigned(item) / unsigned(p.splits);
-  const int64_t t = int64_t(flat / unsigned(head_blocks));
-  const int head_base = int(flat % unsigned(head_blocks)) * kD512Heads;
-  const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
-  const int64_t bytes = int64_t(min(kD512Heads, p.heads - head_base)) * kD512HeadDim * element_bytes;
-  const uint8_t* q = static_cast<const uint8_t*>(p.q) + (t * p.heads + head_base) * kD512HeadDim * element_bytes;
-  for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroupThreads) * 128)
-    ptx::prefetch_l2(q + offset);
-  const SlotRange range = split_slot_range(p, t, int(unsigned(item) % unsigned(p.splits)));
-  for (int64_t s = range.begin + int64_t(thread) * 32; s < range.end; s += int64_t(kWarpgroupThreads) * 32)
-    ptx::prefetch_l2(s < p.window_slots ? p.window_index + t * p.window_slots + s
-                                        : p.compressed_index + t * p.compressed_slots + (s - p.window_slots));
-}
-
 // The producer of the direct layout (bf16 entries; D512Layout<false, true>): thread (row0, chunk) = (thread / 8,
 // thread % 8) copies the 16-byte chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile
 // straight to its swizzled place in the tile's KV stage (an unused slot zero-filled, its source never read); the
@@ -828,16 +802,12 @@ __device__ __forceinline__ void d512_prefetch_item(const SparseAttentionParams& 
 // warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
 // copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
 // during chunk c's copies (index load at its start, page-table load after its first tile), so no copy waits on it.
-// With p.d512_prefetch_entries each thread also asks L2 for its resolved entry of chunk c + 1 as chunk c starts
-// (128 entries ahead of the copies), and after chunk 0 for the q rows and index lines of the item one wave later
-// (`ahead`, a (query, head block, split) CTA index; none where ≥ the grid's CTAs).
 // The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid). One item
 // of the CTA: `tile_base` = the tiles of its earlier items (the ring runs on across a persistent CTA's items); returns
 // the count after it.
 template <class L>
 __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                   const SlotRange& range, int64_t ahead, int head_blocks,
-                                                   int tile_base) {
+                                                   const SlotRange& range, int tile_base) {
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
   static_assert(kChunkTiles * kTile == kWarpgroupThreads && kTile == 32, "a lane per slot of a chunk, per warp");
@@ -869,11 +839,6 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
   for (int c = 0; c < chunks; ++c) {
     const int32_t ahead_row = load_row(c + 2);
     int32_t ahead_page = -1;
-    if (p.d512_prefetch_entries && next >= 0) {
-      const uint8_t* entry = p.cache.entry_address(next);
-#pragma unroll
-      for (int line = 0; line < kD512HeadDim * 2 / 128; ++line) ptx::prefetch_l2(entry + line * 128);
-    }
 #pragma unroll
     for (int i = 0; i < kChunkTiles; ++i) {
       const int j = c * kChunkTiles + i;
@@ -903,7 +868,6 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
     }
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
-    if (c == 0 && p.d512_prefetch_entries && ahead >= 0) d512_prefetch_item(p, ahead, head_blocks, thread);
   }
   return tile_base + tiles;
 }
@@ -1382,11 +1346,8 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   __syncthreads();
 
   // kPersistent (direct entries, no cluster merge; d512_persistent): the CTA runs items blockIdx.x, + gridDim.x, ...;
-  // other launches have a CTA per item. The direct producer prefetches the item about one wave later
-  // (d512_prefetch_entries): a persistent CTA's own next item.
+  // other launches have a CTA per item.
   const unsigned items = unsigned(p.tokens) * unsigned(head_blocks) * unsigned(p.splits);
-  const unsigned wave = min(gridDim.x, unsigned(multiprocessor_count()));
-  const auto ahead_of = [&](unsigned item) { return item + wave < items ? int64_t(item + wave) : int64_t(-1); };
   const int consumer = int(threadIdx.x) / kWarpgroupThreads - 1;
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
@@ -1395,12 +1356,10 @@ __global__ void __launch_bounds__(kD512Threads, 1)
       int tiles = 0;
       for (unsigned item = blockIdx.x; item < items; item += gridDim.x) {
         const CtaWork w = cta_work(p, head_blocks, item);
-        tiles = d512_produce_direct<L>(p, smem, w.t, split_slot_range(p, w.t, w.split), ahead_of(item), head_blocks,
-                                       tiles);
+        tiles = d512_produce_direct<L>(p, smem, w.t, split_slot_range(p, w.t, w.split), tiles);
       }
     } else if constexpr (kDirect) {
-      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split), ahead_of(blockIdx.x),
-                             head_blocks, 0);
+      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split), 0);
     } else {
       d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     }

@@ -55,8 +55,6 @@ bool sparse_attention_direct_entries_default();
 bool sparse_attention_wide_tiles_default();
 // The default of SparseAttentionParams::d512_persistent: off, on where DSV4_ATTENTION_PERSISTENT=1.
 bool sparse_attention_persistent_default();
-// The default of SparseAttentionParams::d512_prefetch_entries: off, on where DSV4_ATTENTION_PREFETCH_ENTRIES=1.
-bool sparse_attention_prefetch_entries_default();
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -106,9 +104,6 @@ struct SparseAttentionParams {
   // KV stage (four stages, no raw stages, no expansion pass through registers) instead of one bulk copy per entry
   // into a raw stage that all producer threads then re-store swizzled (64 KB of shared-memory traffic per tile).
   bool d512_direct_entries = sparse_attention_direct_entries_default();
-  // With d512_direct_entries: each producer thread asks L2 for its resolved entry a chunk (4 tiles) ahead of the copies,
-  // and each CTA for the q rows and index lines of the CTA one wave after it.
-  bool d512_prefetch_entries = sparse_attention_prefetch_entries_default();
   // head_dim 512 kernel, bf16 entries, on the direct path whatever d512_direct_entries says: the consumers take 64
   // entries per step (QKᵀ as m64n64k16: Q read from shared memory once per 64 entries instead of per 32).
   bool d512_wide_tiles = sparse_attention_wide_tiles_default();
