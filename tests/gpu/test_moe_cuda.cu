@@ -743,25 +743,28 @@ TEST(MoeFp4DeviceLayout, RepackedWordsDecodeToTheCheckpointPairs) {
 }
 
 // The A/B switch DSV4_MOE_FP4_LAYOUT=stored (the checkpoint's layout on the device): the same bits as the default
-// repacked layout through every kernel set and decode.
+// repacked layout through every kernel set and decode (a small layer the streamed kernels take).
 TEST(MoeFp4DeviceLayout, StoredAndRepackedLayoutsGiveTheSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  const Shape shape{.hidden = 1024, .intermediate = 1024, .experts = 8, .top_k = 2, .vocab = 50};
   for (const WeightFormat format : {WeightFormat::MXFP4, WeightFormat::NVFP4}) {
     SCOPED_TRACE(to_string(format));
-    const ExpertSet experts = make_experts(format, kFlashLike, 90 + uint64_t(format));
+    const ExpertSet experts = make_experts(format, shape, 90 + uint64_t(format));
     Layer layer;
     make_layer(layer, experts, Routing::SCORED, 91, keep_routing);
     ASSERT_EQ(setenv("DSV4_MOE_FP4_LAYOUT", "stored", 1), 0);
-    const DeviceMoeWeights stored(layer.model, test_config(kFlashLike), "stored layer");
+    const DeviceMoeWeights stored(layer.model, test_config(shape), "stored layer");
     ASSERT_EQ(unsetenv("DSV4_MOE_FP4_LAYOUT"), 0);
-    const DeviceMoeWeights repacked(layer.model, test_config(kFlashLike), "repacked layer");
+    const DeviceMoeWeights repacked(layer.model, test_config(shape), "repacked layer");
     ASSERT_FALSE(stored.fp4_repacked());
     ASSERT_TRUE(repacked.fp4_repacked());
-    uint64_t seed = 92;
+    ASSERT_TRUE(repacked.streamed_tiles());
+    check_case(layer, experts, repacked, 2, 92, random_tokens(shape), kStreamedKernels);
+    uint64_t seed = 93;
     for (const int T : {1, 2, 8, 17})
       for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode, kStreamedOtherColumns}) {
         SCOPED_TRACE(kernels.name() + ", T = " + std::to_string(T));
-        const std::vector<float> u = random_input(T, kFlashLike, seed++);
+        const std::vector<float> u = random_input(T, shape, seed++);
         expect_identical_outputs(run_output(repacked, u, T, kernels), run_output(stored, u, T, kernels));
       }
   }
