@@ -267,6 +267,11 @@ bool sparse_attention_wide_tiles_default() {
   return on;
 }
 
+bool sparse_attention_compact_epilogue_default() {
+  static const bool on = environment_switch("DSV4_ATTENTION_COMPACT_EPILOGUE");
+  return on;
+}
+
 bool sparse_attention_persistent_default() {
   static const bool on = environment_switch("DSV4_ATTENTION_PERSISTENT");
   return on;

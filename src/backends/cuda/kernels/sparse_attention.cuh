@@ -1029,6 +1029,49 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
+// The single-split epilogue of a consumer thread (d512_compact_epilogue): its fragment rows (heads head[0], head[1])
+// times their 1 / denominator, dims dim0 + 8n, +1 (n < 32) rotated back where they are rope dims (factors from
+// rope_table), stored as Out (float or bf16); steps below kRopeFrom have no rope dims (24: rope_dim ≤ 64, the DSV4
+// layouts; 0: any). The row pointers and the output type are fixed before the unrolled loop and only the rope steps
+// carry the rotation, so a step is a few multiplies and two stores: the generic fragment store (the dtype test and
+// the rope test with its rotation in every step) made this ≈ 28 KB of straight-line code, a quarter of the kernel's
+// warp samples in ncu (round s19-1, Flash CSA 64K batch 256), mostly instruction-fetch stalls.
+template <class Out, int kRopeFrom>
+__device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p, int64_t t, const int (&head)[2],
+                                                  int dim0, const float (&o_acc)[128],
+                                                  const float (&inverse_denominator)[2], bool rope,
+                                                  const RopeFactors* rope_table) {
+  const int nope_dim = p.cache.layout.nope_dim;
+  Out* row[2];
+  bool live[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    live[r] = head[r] < p.heads;
+    row[r] = static_cast<Out*>(p.out) + (t * p.heads + (live[r] ? head[r] : 0)) * kD512HeadDim + dim0;
+  }
+  // Rope dims from step first_rope on (warp-uniform where nope_dim is a multiple of 8).
+  const int first_rope = rope ? nope_dim - dim0 : kD512HeadDim;
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o_acc[4 * n + e] * inverse_denominator[e / 2];
+    if (n >= kRopeFrom && 8 * n >= first_rope) {
+      const RopeFactors f = rope_table[(dim0 + 8 * n - nope_dim) / 2];
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (!live[r]) continue;
+      if constexpr (std::is_same_v<Out, float>)
+        *reinterpret_cast<float2*>(row[r] + 8 * n) = make_float2(v[2 * r], v[2 * r + 1]);
+      else
+        *reinterpret_cast<uint32_t*>(row[r] + 8 * n) = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+    }
+  }
+}
+
 // L: the CTA's D512Layout (its entry path). One item (work) of the CTA: `step_base` = the consumer steps of its earlier
 // items (the KV ring and the exchange buffers run on across a persistent CTA's items); returns the count after it.
 template <class L>
@@ -1276,6 +1319,22 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  }
+  if (p.d512_compact_epilogue) {
+    const int dim0 = dim_base + 2 * c;
+    const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
+    if (p.out_dtype == AttentionDtype::F32) {
+      if (last64)
+        d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+      else
+        d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    } else {
+      if (last64)
+        d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+      else
+        d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    }
+    return step_base + steps;
   }
 #pragma unroll
   for (int n = 0; n < 32; ++n) {

@@ -53,6 +53,8 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 bool sparse_attention_direct_entries_default();
 // The default of SparseAttentionParams::d512_wide_tiles: off, on where DSV4_ATTENTION_WIDE_TILES=1.
 bool sparse_attention_wide_tiles_default();
+// The default of SparseAttentionParams::d512_compact_epilogue: off, on where DSV4_ATTENTION_COMPACT_EPILOGUE=1.
+bool sparse_attention_compact_epilogue_default();
 // The default of SparseAttentionParams::d512_persistent: off, on where DSV4_ATTENTION_PERSISTENT=1.
 bool sparse_attention_persistent_default();
 
@@ -111,6 +113,9 @@ struct SparseAttentionParams {
   // one CTA per SM walks the (query, head block, split) items in turn, its KV ring running on from one item into the
   // next (the next item's entries load during this one's last steps and epilogue; no second wave of CTA start-ups).
   bool d512_persistent = sparse_attention_persistent_default();
+  // head_dim 512 kernel, one split: the consumers' epilogue with the row pointers and output type fixed before its
+  // unrolled store loop (a few multiplies and two stores per step instead of the generic fragment store).
+  bool d512_compact_epilogue = sparse_attention_compact_epilogue_default();
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
