@@ -313,7 +313,10 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
   if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads, stages);
   using enum CompressorSlotLoads;
-  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+  // Round-2 A/B (to be removed): DSV4_COMPRESSOR_LEAN_EXACT=1 pools lean entries with the staged path's arithmetic.
+  const bool lean_exact = std::getenv("DSV4_COMPRESSOR_LEAN_EXACT") != nullptr;
+  const auto kernel = lean            ? (lean_exact ? compressor::compressor_kernel<false, Lean, true>
+                                                    : compressor::compressor_kernel<false, Lean, false>)
                       : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>
                                                 : compressor::compressor_kernel<true, Registers>)
                                       : (staged ? compressor::compressor_kernel<false, Staged>

@@ -974,7 +974,30 @@ __device__ __forceinline__ int lean_ape_offset(const PoolArgs& a, int s, int cha
   return (second ? s - int(a.ratio) : s) * int(width_of(a)) + (second ? a.c : 0) + channel;
 }
 
-// CTA `local` of a lean pool: its teams' entries.
+// A window's softmax-weighted mean in one pass (its slots all in registers): the max, then each weight 2^(s·log2 e
+// − max·log2 e) by one FFMA and the MUFU's ex2.approx (2 ulp) instead of expf (≈ 9 instructions) and the online
+// rescales. A score of −∞ weighs 0.
+template <int kSlots>
+__device__ __forceinline__ float window_softmax(const float (&value)[kSlots], const float (&score)[kSlots]) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  float m = score[0];
+#pragma unroll
+  for (int k = 1; k < kSlots; ++k) m = fmaxf(m, score[k]);
+  const float offset = m * kLog2e;
+  float den = 0.0f, num = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kSlots; ++k) {
+    float weight;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(weight) : "f"(fmaf(score[k], kLog2e, -offset)));
+    den += weight;
+    num = fmaf(weight, value[k], num);
+  }
+  return num / den;
+}
+
+// CTA `local` of a lean pool: its teams' entries. kExact: the staged path's softmax arithmetic (slot groups, batches,
+// expf; the same bits), else window_softmax.
+template <bool kExact>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1055,25 +1078,32 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      // Batch b of kSlotBatch visits: group 0's batches in order (groups 1), or group b's only batch (groups 2).
-      OnlineSoftmax part[2];
+      float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
-      for (int b = 0; b < kLeanSlots / kSlotBatch; ++b) {
-        float values[kSlotBatch], scores[kSlotBatch];
-#pragma unroll
-        for (int k = 0; k < kSlotBatch; ++k) {
-          const int v = b * kSlotBatch + k;
-          const float sc = from_run[v] ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
-          values[k] = valid[v] ? value[v].v[i] : 0.0f;
-          scores[k] = valid[v] ? sc : kNegativeInfinity;
-        }
-        if (a.groups == 1)
-          part[0].add(values, scores);
-        else
-          part[b].add(values, scores);
+      for (int v = 0; v < kLeanSlots; ++v) {
+        const float sc = from_run[v] ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
+        values[v] = valid[v] ? value[v].v[i] : 0.0f;
+        scores[v] = valid[v] ? sc : kNegativeInfinity;
       }
-      pooled[i] = a.groups == 1 ? merge_partials(1, [&](int) { return part[0]; })
-                                : merge_partials(2, [&](int g) { return g == 0 ? part[0] : part[1]; });
+      if constexpr (kExact) {
+        // Batch b of kSlotBatch visits: group 0's batches in order (groups 1), or group b's only batch (groups 2).
+        OnlineSoftmax part[2];
+#pragma unroll
+        for (int b = 0; b < kLeanSlots / kSlotBatch; ++b) {
+          float batch_values[kSlotBatch], batch_scores[kSlotBatch];
+#pragma unroll
+          for (int k = 0; k < kSlotBatch; ++k)
+            batch_values[k] = values[b * kSlotBatch + k], batch_scores[k] = scores[b * kSlotBatch + k];
+          if (a.groups == 1)
+            part[0].add(batch_values, batch_scores);
+          else
+            part[b].add(batch_values, batch_scores);
+        }
+        pooled[i] = a.groups == 1 ? merge_partials(1, [&](int) { return part[0]; })
+                                  : merge_partials(2, [&](int g) { return g == 0 ? part[0] : part[1]; });
+      } else {
+        pooled[i] = window_softmax(values, scores);
+      }
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
   }
@@ -1165,7 +1195,7 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads>
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kLeanExact = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1182,7 +1212,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kLeanExact>(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged>(a, int64_t(blockIdx.x) - a.first_cta,
                                                                    launch.hardware_cluster, smem);
