@@ -77,11 +77,11 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kEarlyScales, bool kTrace>
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kEarlyScales, kTrace>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -100,55 +100,31 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-// A/B switches for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_SUM=pull takes the cluster reduction
-// by two cluster barriers and remote reads (StreamedReduce::CLUSTER) instead of the pushed partials (CLUSTER_PUSH);
-// DSV4_LINEAR_SCALES=late loads stage 0's FP8 block scales after x is staged instead of before (kEarlyScales).
-bool env_is(const char* name, std::string_view value) {
-  const char* set = std::getenv(name);
-  return set != nullptr && std::string_view(set) == value;
-}
-bool cluster_sum_pulls() {
-  static const bool pull = env_is("DSV4_LINEAR_CLUSTER_SUM", "pull");
-  return pull;
-}
-bool early_scales() {
-  static const bool early = !env_is("DSV4_LINEAR_SCALES", "late");
-  return early;
-}
-// DSV4_LINEAR_NORM_PREFETCH=1: the RMSNorm prologue asks for the norm weight's lines (L1) before its sums of squares
-// (LinearKernelArgs::prefetch_norm_weight).
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_NORM_PREFETCH=1: the RMSNorm prologue asks for
+// the norm weight's lines (L1) before its sums of squares (LinearKernelArgs::prefetch_norm_weight).
 bool prefetch_norm_weight() {
-  static const bool prefetch = env_is("DSV4_LINEAR_NORM_PREFETCH", "1");
+  static const bool prefetch = [] {
+    const char* value = std::getenv("DSV4_LINEAR_NORM_PREFETCH");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
   return prefetch;
 }
 
-template <TileFormat F, int NT, bool kEarlyScales, bool kTrace>
+template <TileFormat F, int NT, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
-  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER) {
-    if (cluster_sum_pulls())
-      launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kEarlyScales, kTrace>(args, config, stream);
-    else
-      launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER_PUSH, kEarlyScales, kTrace>(args, config, stream);
-  } else {
-    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kEarlyScales, kTrace>(args, config, stream);
-  }
-}
-
-template <TileFormat F, int NT, bool kTrace>
-void launch_streamed_scales(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
-                            cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128)
-    if (early_scales()) return launch_streamed_variant<F, NT, true, kTrace>(args, config, stream);
-  launch_streamed_variant<F, NT, false, kTrace>(args, config, stream);
+  if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
+    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
+  else
+    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (args.trace != nullptr) return launch_streamed_scales<F, NT, true>(args, config, stream);
-  launch_streamed_scales<F, NT, false>(args, config, stream);
+    if (args.trace != nullptr) return launch_streamed_variant<F, NT, true>(args, config, stream);
+  launch_streamed_variant<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -195,17 +171,11 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // AUTO takes the streamed path with the cluster reduction (up to kLinearMaxStreamedTokens tokens) where K splits
 // and the grid is at most two CTAs per SM. Measured on an H200 in CUDA graphs: V4-Flash wq_a / wkv FP8 5.5 → 4.7 /
 // 4.5 → 3.9 µs at T = 1 and 18 → 10 / 17 → 8 µs at T = 16, fp4 experts 15 → 12 µs at T = 16; grids of 512 CTAs
-// (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too.
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_CLUSTER_GRIDS=all takes the cluster reduction
-// for any grid at T <= 8 (the pushed sum, StreamedReduce::CLUSTER_PUSH, instead of the workspace's tickets).
-bool cluster_for_every_grid() {
-  static const bool all = env_is("DSV4_LINEAR_CLUSTER_GRIDS", "all");
-  return all;
-}
-bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int tokens, int multiprocessors) {
+// (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too. With the
+// partials pushed to rank 0 (session 19) still slower there: wo_b T = 1 cold 16.1 vs 14.1 µs (8 splits, H200).
+bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
   return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
-         (cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1)) ||
-          (cluster_for_every_grid() && tokens <= tile::kTokensPerMma));
+         cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
 }
 // Small matrices (few row blocks, long K) at T <= 8 first try the cluster reduction with the K splits that keep the
 // grid within 2.5 CTAs per SM, taken when that still splits K at least kWideClusterMinSplits ways. Measured cold
@@ -281,7 +251,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
-    if (auto_takes_cluster(format, cluster, tokens, multiprocessors)) return cluster;
+    if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
@@ -354,7 +324,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   config.reduce =
       reduce == SplitKReduce::CLUSTER && config.k_splits > 1 ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
   if (config.reduce == SplitKReduce::CLUSTER) {
-    // Rank 0's receive area for the other ranks' partial tiles (StreamedReduce::CLUSTER_PUSH).
+    // Rank 0's receive area for the other ranks' partial tiles (write_output_cluster).
     config.smem_bytes += linear::cluster_receive_bytes(config.k_splits, tokens);
     check(config.smem_bytes <= kSharedMemoryPerCta, "quantized_linear: the cluster reduction of weight [",
           weight.rows, ", ", weight.cols, "] over ", config.k_splits, " splits at ", tokens, " tokens needs ",

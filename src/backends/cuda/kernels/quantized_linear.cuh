@@ -188,65 +188,27 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
   if (threadIdx.x == 0) args.tickets[row_block] = 0;  // every split has arrived: ready for the next launch
 }
 
-// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster (CLUSTER: rank 0 reads
-// the ranks' partial tiles between two cluster barriers; CLUSTER_PUSH: the ranks store theirs into rank 0's receive
-// area, completing on an mbarrier there).
-enum class StreamedReduce { WORKSPACE, CLUSTER, CLUSTER_PUSH };
+// How the streamed kernel's split-K partial sums meet: through the workspace, or in a cluster
+// (write_output_cluster).
+enum class StreamedReduce { WORKSPACE, CLUSTER };
 
-// Bytes of the receive area CLUSTER_PUSH adds after the x tile: every split's partial tile [tokens][64 rows] fp32.
+// Bytes of the cluster reduction's receive area after the x tile: every split's partial tile [tokens][64 rows] fp32.
 __host__ __device__ constexpr size_t cluster_receive_bytes(int k_splits, int tokens) {
   return size_t(k_splits) * size_t(tokens) * kRowsPerCta * sizeof(float);
 }
 
 // The cluster split-K reduction (SplitKReduce::CLUSTER): the k_splits CTAs of a row block are one cluster, rank =
-// split. Each stores its unscaled partial tile [tokens][64 rows] in its own shared memory (`scratch`, the x tile,
-// no longer read), and rank 0 adds the ranks' tiles in rank order, as the workspace path adds the splits (bitwise
-// the same result). Called by the whole CTA after its last MMA.
+// split. Every rank but 0 stores its unscaled partial tile into slot `rank` of rank 0's receive area (st.async, each
+// store adding its bytes to rank 0's `arrived` barrier) and may exit at once; rank 0 writes its own into slot 0, waits
+// for the other ranks' bytes and adds the slots in rank order, as the workspace path adds the splits (bitwise the
+// same result). No cluster barrier after the MMAs: round s19-1 (H200) trace, last MMA to output [wq_a; wkv] 1.35 →
+// 0.64 µs, weights_proj 1.41 → 0.67 µs, against rank 0 reading the tiles between two cluster barriers. `arrived` was
+// initialised by rank 0 (prepare_cluster_reduce) and every thread of the cluster arrived on the cluster barrier after
+// that; the wait here pairs with it. Called by the whole CTA after its last MMA.
 template <tile::TileFormat F, int NT>
 __device__ __forceinline__ void write_output_cluster(const LinearKernelArgs& args, const float (&acc)[NT][4],
                                                      int64_t row0, int64_t cta_row0, int64_t cta_row_end,
-                                                     float* scratch) {
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int lane = int(threadIdx.x) % tile::kWarpSize, g = lane / 4, t = lane % 4;
-  const int cta_rows = int(cta_row_end - cta_row0);
-  __syncthreads();  // every warp is done with the x tile
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = row0 + tile::stream::stream_row(g + 8 * (i / 2));
-      const int token = nt * tile::kTokensPerMma + 2 * t + i % 2;
-      if (row < cta_row_end && token < args.tokens) scratch[token * kRowsPerCta + (row - cta_row0)] = acc[nt][i];
-    }
-  cluster.sync();  // every rank's partial tile is written and visible across the cluster
-  if (cluster.block_rank() == 0) {
-    const float output_scale = tile::weight_tile_output_scale<F>(args.weight);
-    for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
-      const int token = i / cta_rows, r = i % cta_rows;
-      float sum = 0.0f;
-      for (int s = 0; s < args.k_splits; ++s) sum += cluster.map_shared_rank(scratch, s)[token * kRowsPerCta + r];
-      const float value = sum * output_scale;
-      const int64_t offset = token * args.y_row_stride + cta_row0 + r;
-      if (args.y != nullptr)
-        args.y[offset] = value;
-      else
-        args.y_bf16[offset] = __float2bfloat16_rn(value);
-    }
-  }
-  cluster.sync();  // the other ranks keep their shared memory until rank 0 has read it
-}
-
-// The cluster split-K reduction by stores (StreamedReduce::CLUSTER_PUSH): every rank but 0 stores its unscaled
-// partial tile into slot `rank` of rank 0's receive area (st.async, each store adding its bytes to rank 0's
-// `arrived` barrier) and may exit at once; rank 0 writes its own into slot 0, waits for the other ranks' bytes and adds
-// the slots in rank order, as the workspace path adds the splits (bitwise the same result). `arrived` was
-// initialised by rank 0 expecting every other rank's bytes, and every thread of the cluster arrived on the cluster
-// barrier after that (cluster_arrive_relaxed); the wait here pairs with it. Called by the whole CTA after its last MMA.
-template <tile::TileFormat F, int NT>
-__device__ __forceinline__ void write_output_cluster_push(const LinearKernelArgs& args, const float (&acc)[NT][4],
-                                                          int64_t row0, int64_t cta_row0, int64_t cta_row_end,
-                                                          float* receive, uint64_t* arrived) {
+                                                     float* receive, uint64_t* arrived) {
   namespace cg = cooperative_groups;
   const uint32_t rank = cg::this_cluster().block_rank();
   const int lane = int(threadIdx.x) % tile::kWarpSize, g = lane / 4, t = lane % 4;
@@ -287,11 +249,11 @@ __device__ __forceinline__ void write_output_cluster_push(const LinearKernelArgs
   }
 }
 
-// CLUSTER_PUSH's set-up, before the CTA's first wait: rank 0's thread 0 initialises `arrived` to complete once the
-// other ranks' partial tiles (their valid rows and tokens) have landed, and every thread arrives on the cluster barrier
-// so the other ranks may store into rank 0 once they pass its wait (write_output_cluster_push).
-__device__ __forceinline__ void prepare_cluster_push(const LinearKernelArgs& args, const CtaWork& work,
-                                                     uint64_t* arrived) {
+// The cluster reduction's set-up, before the CTA's first wait: rank 0's thread 0 initialises `arrived` to complete
+// once the other ranks' partial tiles (their valid rows and tokens) have landed, and every thread arrives on the
+// cluster barrier so the other ranks may store into rank 0 once they pass its wait (write_output_cluster).
+__device__ __forceinline__ void prepare_cluster_reduce(const LinearKernelArgs& args, const CtaWork& work,
+                                                       uint64_t* arrived) {
   namespace cg = cooperative_groups;
   if (threadIdx.x == 0 && cg::this_cluster().block_rank() == 0) {
     sm90::mbarrier_init(arrived, 1);
@@ -361,8 +323,9 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
 }
 
 // FP8: the stored block scales of the stage at k0 (the words load_stage_block_scales reads), and their values. Split
-// so that stage 0's loads can go out before x is staged and be converted after (kEarlyScales), their latency
-// overlapping the staging's instead of following it.
+// so that stage 0's loads go out right after the grid-dependency wait and are converted after x is staged, their
+// latency overlapping the staging's instead of following it (round s19-1, H200 trace: wq_b x staged to stage 0's
+// data 0.80 → 0.42 µs).
 struct StageScaleWords {
   uint32_t words[tile::stream::kMaxBlocksPerStage];
 };
@@ -391,9 +354,9 @@ __device__ __forceinline__ void stage_scale_values(const DeviceMatrixView& w, co
 
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
-// refilling the ring. The first stages must have been issued (issue_first_stages). kEarlyScales: stage 0's FP8 block
-// scales are `first_scales` (load_stage_scale_words, loaded by the caller). Called by the whole CTA.
-template <tile::TileFormat F, int NT, bool kTrace, bool kEarlyScales, class StageX>
+// refilling the ring. The first stages must have been issued (issue_first_stages); stage 0's FP8 block scales are
+// `first_scales` (load_stage_scale_words, loaded by the caller). Called by the whole CTA.
+template <tile::TileFormat F, int NT, bool kTrace, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
@@ -423,10 +386,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      if constexpr (kEarlyScales)
-        stage_scale_values<F>(w, j == 0 ? first_scales : load_stage_scale_words<F>(w, row0, k0), block_scales);
-      else
-        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+      stage_scale_values<F>(w, j == 0 ? first_scales : load_stage_scale_words<F>(w, row0, k0), block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j));
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
@@ -464,13 +424,13 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 // kTrace: a traced launch (QuantizedLinearParams::trace).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kEarlyScales, bool kTrace = false>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
-  __shared__ uint64_t partials_arrived;  // CLUSTER_PUSH, rank 0
+  __shared__ uint64_t partials_arrived;  // StreamedReduce::CLUSTER, rank 0
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
   const DeviceMatrixView& w = args.weight;
@@ -491,33 +451,30 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
     __syncwarp();
     issue_first_stages<F>(args, work, row0, ring);
   }
-  if constexpr (kReduce == StreamedReduce::CLUSTER_PUSH) prepare_cluster_push(args, work, &partials_arrived);
+  if constexpr (kReduce == StreamedReduce::CLUSTER) prepare_cluster_reduce(args, work, &partials_arrived);
   trace_point<kTrace>(args, TRACE_ISSUED);
   wait_for_prior_grids();
   trace_point<kTrace>(args, TRACE_PRIOR_DONE);
   allow_dependents();
-  // kEarlyScales: stage 0's FP8 block scales go out here, ahead of the norm's and the staging's loads. (Loaded
-  // before the wait above, with their conversion, the warp stalled on them there: session 18.)
+  // Stage 0's FP8 block scales go out here, ahead of the norm's and the staging's loads. (Loaded before the wait
+  // above, with their conversion, the warp stalled on them there: session 18.)
   StageScaleWords first_scales{};
-  if constexpr (kEarlyScales)
-    if (has_rows) first_scales = load_stage_scale_words<F>(w, row0, work.split_begin);
+  if (has_rows) first_scales = load_stage_scale_words<F>(w, row0, work.split_begin);
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
-  multiply_streamed_item<F, NT, kTrace, kEarlyScales>(
+  multiply_streamed_item<F, NT, kTrace>(
       args, work, row0, has_rows, ring, x_tile,
       [&](int64_t chunk_begin, int64_t chunk_end) {
         stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
       },
       first_scales, acc);
 
-  if constexpr (kReduce == StreamedReduce::CLUSTER_PUSH)
-    write_output_cluster_push<F, NT>(
+  if constexpr (kReduce == StreamedReduce::CLUSTER)
+    write_output_cluster<F, NT>(
         args, acc, row0, work.row0, work.row_end,
         reinterpret_cast<float*>(x_tile + size_t(args.tokens) * tile::x_tile_row_stride(args.chunk_k)),
         &partials_arrived);
-  else if constexpr (kReduce == StreamedReduce::CLUSTER)
-    write_output_cluster<F, NT>(args, acc, row0, work.row0, work.row_end, reinterpret_cast<float*>(x_tile));
   else
     write_output<F, NT, true>(args, acc, row0, work.row0, work.row_end, row_block, split, &is_last_split);
   trace_point<kTrace>(args, TRACE_END);

@@ -19,9 +19,10 @@
 //   by any number of launches on one stream, of any shape (kLinearTicketAreaBytes), never by two launches running
 //   concurrently.
 // - Split-K on the STREAMED path may instead reduce inside a thread-block cluster (SplitKReduce::CLUSTER, up to
-//   kLinearMaxClusterSplits splits): the splits of a row block form one cluster, each CTA leaves its partial tile in
-//   shared memory and rank 0 adds them in split order through distributed shared memory: the same sums in the same
-//   order as the workspace (bitwise equal), without the global round trips; no workspace.
+//   kLinearMaxClusterSplits splits): the splits of a row block form one cluster, each CTA stores its partial tile
+//   into rank 0's shared memory (distributed shared memory stores completing on an mbarrier there) and rank 0 adds
+//   them in split order: the same sums in the same order as the workspace (bitwise equal), without the global round
+//   trips; no workspace.
 // - The STREAMED path is launched as a programmatic dependent launch: its CTAs may begin streaming weights while
 //   the previous kernel in the stream drains, and read x (and write y and the workspace) only once it has completed.
 // - RMSNorm prologue (optional, groups = 1, K <= kRmsNormMaxWidth): instead of x, norm_x holds fp32 rows (x_row_stride
