@@ -713,19 +713,24 @@ __device__ __forceinline__ uint32_t wgmma_query_offset(int head, int dim) {
                   (byte & 15));
 }
 
-// Σ_h w_h·ReLU(D[row, h]) of a warpgroup tile's D[64 keys × 64 heads] (w: a query's 64 scaled head weights) for the
-// lane's two rows of the warp's 16, quad-reduced: sum[0] row group, sum[1] row 8 + group. D's n-tile j: d[4j],
-// d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
-__device__ __forceinline__ void weighted_relu_rows(float (&sum)[2], const float (&d)[32], const float* weights,
-                                                   int quad) {
-  const float* w = weights + 2 * quad;
-  sum[0] = sum[1] = 0.0f;
+// Adds Σ_h w_h·ReLU(D[row, h]) over kHeads heads of a warpgroup tile's D[64 keys × kHeads heads] (w: those heads'
+// scaled weights + 2·quad) for the lane's two rows of the warp's 16: sum[0] row group, sum[1] row 8 + group. D's
+// n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
+template <int kHeads>
+__device__ __forceinline__ void add_weighted_relu_heads(float (&sum)[2], const float (&d)[kHeads / 2], const float* w) {
 #pragma unroll
-  for (int j = 0; j < kWgmmaHeads / 8; ++j) {
+  for (int j = 0; j < kHeads / 8; ++j) {
     const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
     sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
     sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
   }
+}
+
+// The whole row sum over the 64 heads (w: a query's scaled head weights), quad-reduced.
+__device__ __forceinline__ void weighted_relu_rows(float (&sum)[2], const float (&d)[32], const float* weights,
+                                                   int quad) {
+  sum[0] = sum[1] = 0.0f;
+  add_weighted_relu_heads<kWgmmaHeads>(sum, d, weights + 2 * quad);
   quad_reduce(sum);
 }
 
@@ -788,6 +793,37 @@ template <bool kFp8>
 __device__ __forceinline__ void fence_key_operands(WgmmaKeyOperands<kFp8>& operands) {
 #pragma unroll
   for (auto& step : operands.a) sm90::fence_operand(step);
+}
+
+// D[64 × 32] (+)= A[64 × 32] · B[32 × 32]ᵀ, e4m3 → fp32, A from registers (A/B experiment "deep", temporary).
+__device__ __forceinline__ void wgmma_m64n32k32_e4m3_rs(float (&d)[16], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint64_t b_desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_16 "}, "
+      "{%16, %17, %18, %19}, %20, p_acc, 1, 1;\n"
+      "}\n"
+      : DSV4_WGMMA_ACCUMULATORS_16
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// fp8 heads 32·pass .. +32 of one query's D for the warpgroup's key tile (B rows 32·pass.. of its tile: 4 KB on),
+// all k steps, committed (not waited for).
+__device__ __forceinline__ void issue_wgmma_scores_half(float (&d)[16], const WgmmaKeyOperands<true>& operands,
+                                                        const unsigned char* query_tile, int pass) {
+  const uint64_t descriptor = sm90::make_sw128_k_major_descriptor(query_tile + pass * (kWgmmaHeads / 2) * 128);
+#pragma unroll
+  for (int t = 0; t < kWgmmaHeadDim / 32; ++t)
+    wgmma_m64n32k32_e4m3_rs(d, operands.a[t][0], operands.a[t][1], operands.a[t][2], operands.a[t][3],
+                            sm90::advance_descriptor(descriptor, 32 * t), t > 0);
+  sm90::wgmma_commit_group();
 }
 
 // One query's D[64 keys × 64 heads] for the warpgroup's key tile: all k steps, committed (not waited for).
@@ -867,9 +903,12 @@ __device__ __forceinline__ void pipelined_key_tiles(Tile (&ring)[kAhead + 1], in
 // tile (64 bytes per lane) or two fp8 tiles in flight ahead of the one multiplied; fp8 rotates them in a ring
 // (pipelined_key_tiles), bf16 copies them down a queue: its ring with the operand copies of wgmma_key_operands needs
 // 32 more registers than two CTAs per SM leave.
-template <bool kFp8, bool kSelect, bool kRotate = kFp8>
+// kAhead 3 (fp8 only, A/B experiment "deep", temporary): three tiles ahead, the heads in two passes of 32 (half the
+// accumulator registers) to make room for the fourth tile.
+template <bool kFp8, bool kSelect, bool kRotate = kFp8, int kAhead = kFp8 ? 2 : 1>
 __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
     indexer_scores_wgmma_kernel(ScoresArgs args) {
+  static_assert(kAhead < 3 || (kFp8 && kRotate));
   allow_dependents();
   wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -893,7 +932,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int step = int(gridDim.x) * kWgmmaWarpgroups;
   const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
   // The first tiles' keys are in flight while the query operands are stored.
-  constexpr int kAhead = kFp8 ? 2 : 1;
   WgmmaKeyTile<kFp8> ring[kAhead + 1];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i)
@@ -925,14 +963,30 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
         // visible_count < 2^31: its upper word is the zero of wgmma_key_operands (only the ring needs one).
         WgmmaKeyOperands<kFp8> operands =
             wgmma_key_operands<kFp8>(current, kRotate ? uint32_t(visible_count >> 32) : 0u);
-        float d[32];
-        sm90::wgmma_fence();
-        issue_wgmma_scores<kFp8>(d, operands, query_tiles + query * wgmma_query_tile_bytes(kFp8));
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(d);
-        fence_key_operands<kFp8>(operands);
+        const unsigned char* query_tile = query_tiles + query * wgmma_query_tile_bytes(kFp8);
         float sum[2];
-        weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
+        if constexpr (kAhead == 3) {
+          sum[0] = sum[1] = 0.0f;
+#pragma unroll
+          for (int pass = 0; pass < 2; ++pass) {
+            float d[16];
+            sm90::wgmma_fence();
+            issue_wgmma_scores_half(d, operands, query_tile, pass);
+            sm90::wgmma_wait_group<0>();
+            sm90::fence_operand(d);
+            add_weighted_relu_heads<kWgmmaHeads / 2>(sum, d, weights + query * kWgmmaHeads + 32 * pass + 2 * quad);
+          }
+          fence_key_operands<kFp8>(operands);
+          quad_reduce(sum);
+        } else {
+          float d[32];
+          sm90::wgmma_fence();
+          issue_wgmma_scores<kFp8>(d, operands, query_tile);
+          sm90::wgmma_wait_group<0>();
+          sm90::fence_operand(d);
+          fence_key_operands<kFp8>(operands);
+          weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
+        }
         if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
