@@ -801,7 +801,8 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
 // copies arrive on the stage's kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
 // warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
 // copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
-// during chunk c's copies (index load at its start, page-table load after its first tile), so no copy waits on it.
+// during chunk c's copies (index load at its start, page-table load after its last tile, whose copies thus never wait
+// for the index load; at a CTA's start its first four tiles are issued back to back).
 // The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid). One item
 // of the CTA: `tile_base` = the tiles of its earlier items (the ring runs on across a persistent CTA's items); returns
 // the count after it.
@@ -864,7 +865,7 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
       }
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
       sm90::mbarrier_arrive(&kv_full[stage]);
-      if (i == 0) ahead_page = load_page(c + 2, ahead_row);
+      if (i == kChunkTiles - 1 || j + 1 == tiles) ahead_page = load_page(c + 2, ahead_row);
     }
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
