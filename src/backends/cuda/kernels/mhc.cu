@@ -123,10 +123,11 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
   // Experiment (session 19): DSV4_MHC_LAGS="S,C" sets the sum and collapse lags of the shared-loop kernel.
   constexpr int kStages = mhc::projection_stages(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
-  args.collapse_lag = kReread ? 4 : kStages - 3;
-  args.sum_lag = kReread ? 2 : (args.collapse_lag + 1) / 2;
-  const int max_collapse_lag = kReread ? 16 : kStages - 2;
-  if (const char* lags = std::getenv("DSV4_MHC_LAGS"); lags != nullptr && kVariant == mhc::ProjectionVariant::kShared) {
+  constexpr bool kRereads = kReread || kVariant == mhc::ProjectionVariant::kDense;
+  args.collapse_lag = kRereads ? 4 : kStages - 3;
+  args.sum_lag = kRereads ? 2 : (args.collapse_lag + 1) / 2;
+  const int max_collapse_lag = kRereads ? 16 : kStages - 2;
+  if (const char* lags = std::getenv("DSV4_MHC_LAGS"); lags != nullptr && kVariant != mhc::ProjectionVariant::kRoles) {
     int sum = 0, collapse = 0;
     check(std::sscanf(lags, "%d,%d", &sum, &collapse) == 2 && sum >= 1 && sum < collapse &&
               collapse <= max_collapse_lag,
@@ -188,6 +189,12 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   }
   // Experiment (session 19): DSV4_MHC_REREAD=1 runs hc_pre / hc_head with the collapse's tiles read again (kReread).
   if constexpr (!kPost) {
+    // Experiment (session 19): DSV4_MHC_DENSE=1 runs hc_pre / hc_head at 3/2 as many CTAs per SM (kDense).
+    if (const char* dense = std::getenv("DSV4_MHC_DENSE"); dense != nullptr && std::atoi(dense) != 0) {
+      if (config.slice_dims == 64)
+        return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kDense>(args, multiprocessors, stream, op);
+      return launch_projection<kHead, false, 32, mhc::ProjectionVariant::kDense>(args, multiprocessors, stream, op);
+    }
     if (const char* reread = std::getenv("DSV4_MHC_REREAD"); reread != nullptr && std::atoi(reread) != 0) {
       if (config.slice_dims == 64)
         return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kShared, true>(args, multiprocessors,

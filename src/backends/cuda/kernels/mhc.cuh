@@ -93,7 +93,9 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // barrier, so neither waits for the other's phase of a tile: the 12-deep ring is the only coupling. (A one-CTA-per-SM
 // variant of the plain loop, fn's tf32 pairs in registers and half its 12 stages loading, was slower at every size:
 // H200, Flash hc_pre T = 64 / 4096 13.5 / 377 µs against 13.1 / 298, session 15; removed.)
-enum class ProjectionVariant { kShared, kRoles };
+// kDense (experiment, session 19; hc_pre / hc_head): kShared's loop at 3/2 as many CTAs per SM (at most 80 registers),
+// the collapse re-reading its tile into a single stage (kReread's ring of one).
+enum class ProjectionVariant { kShared, kRoles, kDense };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
@@ -101,7 +103,10 @@ __host__ __device__ constexpr int projection_cta_threads(int slice_dims, Project
 }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post,
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
-  return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+  return variant == ProjectionVariant::kRoles   ? 1
+         : variant == ProjectionVariant::kDense ? 128 / slice_dims * 3 / 2
+         : post                                 ? (slice_dims >= 64 ? 1 : 2)
+                                                : 128 / slice_dims;
 }
 // The persistent kernel's staged tile: [slice_dims / 32 column blocks][64 rows][32 floats], row = 4·token + stream (the
 // TMA's boxes, 128-byte swizzled: see the notes), and where (token, stream, column) sits in it.
@@ -634,8 +639,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kBoxes = kSliceDims / kStagedBoxFloats;  // TMA boxes per stage
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
   constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
-  static_assert(!kReread || (kVariant == ProjectionVariant::kShared && !kPost), "the re-read runs hc_pre / hc_head");
-  constexpr int kRing = kReread ? kStages - kRereadStages : kStages;  // the stages the projected tiles cycle through
+  constexpr bool kRereads = kReread || kVariant == ProjectionVariant::kDense;
+  constexpr int kRereadSlots = kVariant == ProjectionVariant::kDense ? 1 : kRereadStages;
+  static_assert(!kRereads || (kVariant != ProjectionVariant::kRoles && !kPost), "the re-read runs hc_pre / hc_head");
+  constexpr int kRing = kRereads ? kStages - kRereadSlots : kStages;  // the stages the projected tiles cycle through
   static_assert(kRing >= 2, "a tile loading while one is projected");
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
@@ -649,8 +656,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
-  static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
+  static_assert(kVariant != ProjectionVariant::kRoles || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
+  static_assert(kVariant != ProjectionVariant::kRoles || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
@@ -722,13 +729,13 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     if (!tile_loader) return;
     const int b = j % kRing;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
-                        uint32_t(kStageFloats) * 4u, kReread && (args.experiment & 8) != 0 ? 1 : 0);
+                        uint32_t(kStageFloats) * 4u, kRereads && (args.experiment & 8) != 0 ? 1 : 0);
   };
   // kReread: tile j again into its re-read stage for the collapse (the stage's earlier reads are done: the caller
   // passed a barrier).
   const auto reread_tile = [&](int j) {
-    if (!kReread || !tile_loader || j < 0 || j >= count) return;
-    const int b = kRing + j % kRereadStages;
+    if (!kRereads || !tile_loader || j < 0 || j >= count) return;
+    const int b = kRing + j % kRereadSlots;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
                         uint32_t(kStageFloats) * 4u, (args.experiment & 8) != 0 ? 2 : 0);
   };
@@ -981,10 +988,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
       if (!kPost || j >= count) read_early();
 
-      // kReread: tile t's re-read stage held tile t − 2, collapsed in the previous iteration: it is issued past this
-      // iteration's first barrier (the projection's, else the collapse's), or at once where t − 2 was never staged.
-      const int reread = jc + 1;
-      if (kReread && j >= count && reread < 2) reread_tile(reread);
+      // kRereads: tile t's re-read stage held tile t − kRereadSlots, collapsed in the previous iteration: it is issued
+      // past this iteration's first barrier (the projection's, else the collapse's), or at once where that stage was
+      // never used.
+      const int reread = jc + kRereadSlots - 1;
+      if (kRereads && j >= count && reread < kRereadSlots) reread_tile(reread);
 
       if (j < count) {
         const int b = j % kRing;
@@ -1000,10 +1008,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         // the previous iteration is refilled past this projection's barrier, and the publication needs its own only
         // where neither a collapse nor the fused update's barrier follows it.
         const int jc_before = jc - 1;
-        const int refill = kReread ? (j + kRing < count ? j + kRing : -1)
+        const int refill = kRereads ? (j + kRing < count ? j + kRing : -1)
                                    : (jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1);
         project_and_publish(j, b, block_sync, refill, (!kPost && jc < 0) || shuffle_pre);
-        if constexpr (kReread) reread_tile(reread);
+        if constexpr (kRereads) reread_tile(reread);
       }
 
       for (int pass = 0; pass < passes; ++pass) {
@@ -1012,12 +1020,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       }
 
       if (jc >= 0) {
-        if constexpr (kReread) {
-          const int slot = kRing + jc % kRereadStages;
+        if constexpr (kRereads) {
+          const int slot = kRing + jc % kRereadSlots;
           collapse_from(jc, pre_reader, squares_word, mix_word, block_sync, stages + slot * kStageFloats, [&] {
             if (shuffle_pre && j >= count) __syncthreads();  // the re-read stage's last collapse is done
-            if (j >= count && reread >= 2) reread_tile(reread);
-            wait_for_tile(&full[slot], uint32_t(jc / kRereadStages) & 1u);
+            if (j >= count && reread >= kRereadSlots) reread_tile(reread);
+            wait_for_tile(&full[slot], uint32_t(jc / kRereadSlots) & 1u);
           });
         } else {
           collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
