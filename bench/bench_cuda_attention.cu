@@ -32,8 +32,8 @@
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context); the
-//   decode call also with d512_direct_entries, with d512_wide_tiles, with d512_compact_epilogue on top and with
-//   d512_persistent on top of that (bf16 entries), each checked too.
+//   decode call also with d512_compact_epilogue alone, then with d512_direct_entries, with d512_wide_tiles, with
+//   d512_compact_epilogue on top and with d512_persistent on top of that (bf16 entries), each checked too.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -514,6 +514,7 @@ struct RouteResult {
   // d512_persistent (bf16 entries on the head_dim 512 kernel; the same as decode_us where the head-split path serves
   // the call, and the persistent call the same as the one before where the items fit one wave).
   double direct_us, direct_cpu_error, wide_us, wide_cpu_error, compact_us, compact_cpu_error;
+  double bulk_compact_us, bulk_compact_cpu_error;  // the decode call (bulk copies) with d512_compact_epilogue
   double persistent_us, persistent_cpu_error;
 };
 
@@ -555,6 +556,12 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
+  SparseAttentionParams bulk_compact = decode;
+  bulk_compact.d512_compact_epilogue = true;
+  out.fill_bytes(0xFF);
+  r.bulk_compact_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bulk_compact); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  r.bulk_compact_cpu_error = check(bulk_compact);
   SparseAttentionParams direct = decode;
   direct.d512_direct_entries = true;
   out.fill_bytes(0xFF);
@@ -709,13 +716,14 @@ int run(int argc, char** argv) {
   if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
-                "the prefill kernel; direct = the decode call with d512_direct_entries, wide = with d512_wide_tiles, +epi = also "
-                "d512_compact_epilogue, +persist = also d512_persistent\n"
+                "the prefill kernel; epi = the decode call with d512_compact_epilogue; direct = the decode call with "
+                "d512_direct_entries, wide = with d512_wide_tiles, +epi = also d512_compact_epilogue, +persist = also "
+                "d512_persistent\n"
                 "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %9s %8s %9s | %9s %8s %9s | %9s %8s "
-                "%9s | %9s %8s %9s\n",
+                "%9s | %9s %8s %9s | %9s %8s %9s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed", "direct us", "%floor", "cpu err", "wide us", "%floor",
-                "cpu err", "+epi us", "%floor", "cpu err", "+persist", "%floor", "cpu err");
+                "%floor", "cpu err", "speedup", "routed", "epi us", "%floor", "cpu err", "direct us", "%floor", "cpu err",
+                "wide us", "%floor", "cpu err", "+epi us", "%floor", "cpu err", "+persist", "%floor", "cpu err");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -731,15 +739,17 @@ int run(int argc, char** argv) {
   const auto record_route = [&](const RouteResult& r) {
     const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
                           r.direct_cpu_error <= kCpuCheckLimit && r.wide_cpu_error <= kCpuCheckLimit &&
-                          r.compact_cpu_error <= kCpuCheckLimit &&
+                          r.bulk_compact_cpu_error <= kCpuCheckLimit && r.compact_cpu_error <= kCpuCheckLimit &&
                           r.persistent_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
     std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %9.1f "
-                "%7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e%s\n",
+                "%7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% "
+                "%9.1e%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", r.direct_us, 100.0 * r.floor_us / r.direct_us, r.direct_cpu_error,
+                r.routed ? "yes" : "no", r.bulk_compact_us, 100.0 * r.floor_us / r.bulk_compact_us,
+                r.bulk_compact_cpu_error, r.direct_us, 100.0 * r.floor_us / r.direct_us, r.direct_cpu_error,
                 r.wide_us, 100.0 * r.floor_us / r.wide_us, r.wide_cpu_error, r.compact_us,
                 100.0 * r.floor_us / r.compact_us, r.compact_cpu_error, r.persistent_us,
                 100.0 * r.floor_us / r.persistent_us, r.persistent_cpu_error, failed ? "  CPU CHECK FAILED" : "");
@@ -876,11 +886,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
                    "\"prefill_us\": %.2f, \"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, "
-                   "\"routed\": %s, \"direct_us\": %.2f, \"wide_us\": %.2f, \"compact_us\": %.2f, "
+                   "\"routed\": %s, \"bulk_compact_us\": %.2f, \"direct_us\": %.2f, \"wide_us\": %.2f, \"compact_us\": %.2f, "
                    "\"persistent_us\": %.2f}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
                    r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
-                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false", r.direct_us,
+                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false", r.bulk_compact_us, r.direct_us,
                    r.wide_us, r.compact_us, r.persistent_us, i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
