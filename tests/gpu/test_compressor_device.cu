@@ -707,10 +707,10 @@ TEST(Compressor, ForcedSlotLoadsMatchTheCpuOnePass) {
   }
 }
 
-// The cases the lean slot loads take: head_dim a multiple of 128 up to 512, windows of at most 8 slots (CSA ratio 4).
+// The cases the lean slot loads take: head_dim 128, 256 or 512, windows of at most 8 slots (CSA ratio 4).
 // Not with the stacked projections here: their rows are 2·width + 6 floats apart, off 16-byte alignment.
 bool lean_case(const CompressorCase& c) {
-  return c.head_dim % 128 == 0 && c.head_dim <= 512 && (c.overlapping ? 2 : 1) * c.ratio <= 8;
+  return (c.head_dim == 128 || c.head_dim == 256 || c.head_dim == 512) && (c.overlapping ? 2 : 1) * c.ratio <= 8;
 }
 
 // The lean slot loads forced on every case that takes them: decode steps and runs of different lengths (the state's

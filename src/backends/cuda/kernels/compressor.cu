@@ -143,7 +143,7 @@ const char* lean_refusal(const CompressorParams& p) {
   const int64_t c = p.head_dim, slots = p.overlapping ? 2 * p.ratio : p.ratio;
   const int64_t row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride;
   const CompressorStateView& s = p.state;
-  if (c % 128 != 0 || c > 4 * compressor::kLeanThreads) return "head_dim is not a multiple of 128 up to 512";
+  if (c != 128 && c != 256 && c != 512) return "head_dim is not 128, 256 or 512 (whole teams per CTA)";
   if (slots > compressor::kLeanSlots) return "a window has more than 8 slots";
   if (entry_split(p) != 1) return "entries are split over CTAs";
   if (p.rope_dim % 4 != 0) return "rope_dim is not a multiple of 4";
@@ -180,7 +180,7 @@ CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot groups, whose arithmetic it repeats, and teams of c / 4 threads).
-compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
+compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads, int lean_per) {
   const bool lean = loads == CompressorSlotLoads::Lean;
   const bool staged = lean || loads == CompressorSlotLoads::Staged;
   const int64_t entries_per_run = entries_per_run_of(p);
@@ -210,7 +210,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   int stages = std::clamp(batches, 2, compressor::kMaxStages);
   if (const char* forced = std::getenv("DSV4_COMPRESSOR_STAGES"); forced != nullptr)  // round-2 A/B, to be removed
     stages = std::clamp(std::atoi(forced), 2, compressor::kMaxStages);
-  const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
+  const int lean_teams = lean ? compressor::lean_threads(lean_per) / (c / lean_per) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
   return compressor::PoolArgs{.c = c,
@@ -259,7 +259,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2)),
                               .lean_teams = lean_teams,
                               .rows = entries,
-                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1))};
+                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / lean_per : 1))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -276,16 +276,18 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   }
   const CompressorSlotLoads loads = slot_loads_of(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
+  // Round-2 A/B (to be removed): DSV4_COMPRESSOR_LEAN_PAIRS=1 pools lean entries two channels per thread.
+  const int lean_per = std::getenv("DSV4_COMPRESSOR_LEAN_PAIRS") != nullptr ? 2 : 4;
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0, stages = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, loads);
+    const compressor::PoolArgs pool = pool_args(p, loads, lean_per);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     stages = std::max(stages, pool.stages);
-    threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
+    threads = lean ? compressor::lean_threads(lean_per) : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
@@ -315,8 +317,10 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   using enum CompressorSlotLoads;
   // Round-2 A/B (to be removed): DSV4_COMPRESSOR_LEAN_EXACT=1 pools lean entries with the staged path's arithmetic.
   const bool lean_exact = std::getenv("DSV4_COMPRESSOR_LEAN_EXACT") != nullptr;
-  const auto kernel = lean            ? (lean_exact ? compressor::compressor_kernel<false, Lean, true>
-                                                    : compressor::compressor_kernel<false, Lean, false>)
+  const auto kernel = lean ? (lean_per == 2 ? (lean_exact ? compressor::compressor_kernel<false, Lean, true, 2>
+                                                          : compressor::compressor_kernel<false, Lean, false, 2>)
+                                            : (lean_exact ? compressor::compressor_kernel<false, Lean, true, 4>
+                                                          : compressor::compressor_kernel<false, Lean, false, 4>))
                       : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>
                                                 : compressor::compressor_kernel<true, Registers>)
                                       : (staged ? compressor::compressor_kernel<false, Staged>

@@ -916,18 +916,31 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 // same merge, the RMSNorm's sums over the same 64-channel blocks in the same order (a 16-lane butterfly over pairs
 // is the staged path's 32-lane one). The state: tickets per entry as there; the run's last ticket-taking entry's
 // CTA updates the whole state.
-inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
-inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
+inline constexpr int kLeanMaxTeams = 4;  // head_dim ≥ 128
+// CTA threads for kPer channels per thread: an entry of up to 512 channels in one CTA.
+constexpr int lean_threads(int per) { return per == 4 ? 128 : 256; }
 
-struct Quad {
-  float v[4];
+// A thread's kPer consecutive channels, loaded and stored as one 16- or 8-byte access.
+template <int kPer>
+struct LeanFloats {
+  float v[kPer];
+  __device__ __forceinline__ static LeanFloats load(const float* p) {
+    if constexpr (kPer == 4) {
+      const float4 x = *reinterpret_cast<const float4*>(p);
+      return {{x.x, x.y, x.z, x.w}};
+    } else {
+      const float2 x = *reinterpret_cast<const float2*>(p);
+      return {{x.x, x.y}};
+    }
+  }
+  __device__ __forceinline__ static void store(float* p, const float (&x)[kPer]) {
+    if constexpr (kPer == 4)
+      *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+    else
+      *reinterpret_cast<float2*>(p) = make_float2(x[0], x[1]);
+  }
 };
-
-__device__ __forceinline__ Quad load_quad(const float* p) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  return {{x.x, x.y, x.z, x.w}};
-}
 
 // Channels channel .. channel + 3 of an entry in the cache's layout (kv_store_pair's rule for four channels: the
 // fp8 block's amax over its 16 lanes; the fp8 and rope parts never share a thread, rope_dim being a multiple of 4).
@@ -997,29 +1010,31 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
 
 // CTA `local` of a lean pool: its teams' entries. kExact: the staged path's softmax arithmetic (slot groups, batches,
 // expf; the same bits), else window_softmax.
-template <bool kExact>
+template <bool kExact, int kPer>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
-  __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
+  constexpr int kThreads = lean_threads(kPer), kBlockLanes = 64 / kPer;  // a 64-channel block's lanes
+  __shared__ float block_sums[kThreads / kBlockLanes];  // one 64-channel block's sum of squares each
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
-  const int team_threads = a.c / 4, blocks = a.c / 64;
+  const int team_threads = a.c / kPer, blocks = a.c / 64;
   const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
-  const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
+  const int channel = kPer * thread, lane = int(threadIdx.x) & 31;
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
   const int64_t row = local * a.lean_teams + team;
   const bool real = row < a.rows;
   const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
   const int entry = real ? int(a.entries_div.mod(uint32_t(row))) : 0;
+  using Lanes = LeanFloats<kPer>;
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
   const int rope_begin = a.c - a.rope_dim;
   const bool rope_here = channel >= rope_begin;
   const int rope_pair = (channel - rope_begin) / 2;
-  const Quad weight = load_quad(a.norm_weight + channel);
-  float frequency[2] = {0.0f, 0.0f};
+  const Lanes weight = Lanes::load(a.norm_weight + channel);
+  float frequency[kPer / 2] = {};
   if (rope_here && a.rope_table == nullptr)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
+    for (int j = 0; j < kPer / 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
@@ -1033,11 +1048,13 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
   }
 
-  float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+  float pooled[kPer] = {};
+  RopeFactors rope[kPer / 2];
+#pragma unroll
+  for (int j = 0; j < kPer / 2; ++j) rope[j] = {1.0f, 0.0f};
   uint8_t* stored = nullptr;
   if (e.emitting) {
-    Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
+    Lanes value[kLeanSlots] = {}, score[kLeanSlots] = {};
     bool valid[kLeanSlots], from_run[kLeanSlots];
     if (in_run) {
       // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
@@ -1049,7 +1066,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
         valid[v] = s < slots, from_run[v] = true;
         if (valid[v]) {
           const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
+          value[v] = Lanes::load(r.kv + offset), score[v] = Lanes::load(r.gate + offset);
         }
       }
     } else {
@@ -1057,16 +1074,16 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
       for (int v = 0; v < kLeanSlots; ++v) {
         const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
         const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-        value[v] = load_quad(source.value), score[v] = load_quad(source.score);
+        value[v] = Lanes::load(source.value), score[v] = Lanes::load(source.score);
         valid[v] = p.valid, from_run[v] = source.in_run;
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
-    Quad ape[kLeanSlots] = {};
+    Lanes ape[kLeanSlots] = {};
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+      if (s < slots) ape[v] = Lanes::load(a.ape + lean_ape_offset(a, s, channel));
     }
     // The cache row's page and the RoPE factors while the slots load.
     if (a.cache.pool != nullptr)
@@ -1074,10 +1091,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
           a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
     if (rope_here)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kPer / 2; ++j)
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kPer; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
@@ -1108,13 +1125,16 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     }
   }
 
-  // RMSNorm: each 16 lanes' block sum as the staged path's warp sum, then the entry's blocks in order.
-  float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
+  // RMSNorm: each 64-channel block's sum over its lanes as the staged path's warp sum (a butterfly over the pairs),
+  // then the entry's blocks in order.
+  float square[kPer / 2];
 #pragma unroll
-  for (int m = 8; m > 0; m /= 2)
+  for (int j = 0; j < kPer / 2; ++j) square[j] = pair_square(pooled[2 * j], pooled[2 * j + 1]);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
-  if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
+  for (int m = kBlockLanes / 2; m > 0; m /= 2)
+#pragma unroll
+    for (int j = 0; j < kPer / 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
+  if (lane % kBlockLanes == 0) block_sums[threadIdx.x / kBlockLanes] = kPer == 4 ? square[0] + square[kPer / 4] : square[0];
   __syncthreads();  // also: every pooling read of the state is done (the ticket below)
   float total = 0.0f;
   for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
@@ -1131,38 +1151,65 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     team_runs[team] = run;
   }
 
+  float v[kPer] = {};
   if (e.emitting) {
     const float inv_rms = inverse_rms(total, a.c, a.norm_eps);
-    float v[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
+    for (int i = 0; i < kPer; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
     if (rope_here)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
-    bool stored_already = false;
+      for (int j = 0; j < kPer / 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
     if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
       const bool nope = !rope_here;
-      float amax = nope ? fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))) : 0.0f;
+      float amax = 0.0f;
 #pragma unroll
-      for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+      for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
+#pragma unroll
+      for (int m = kBlockLanes / 2; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
       const float scale = kv_fp8_scale(amax);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
-    } else if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
-      stored_already = finish_warp_vector<4>(a, v, lane, run.slot, e.w);  // c = 128: the team is one warp
+      for (int j = 0; j < kPer / 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
     }
+  }
+  // The indexer rounding and fp8 keys (c = 128) on one warp holding 4 channels per lane: the team itself (kPer 4),
+  // or its first warp after an exchange through shared memory (kPer 2; barriers: every team takes part).
+  bool stored_already = a.slot_entries_fp8 != nullptr;
+  if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
+    if constexpr (kPer == 4) {
+      if (e.emitting) finish_warp_vector<4>(a, v, lane, run.slot, e.w);
+    } else {
+      __shared__ float team_vectors[kLeanMaxTeams][128];
+      if (e.emitting)
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) team_vectors[team][channel + i] = v[i];
+      __syncthreads();
+      if (e.emitting && thread < 32) finish_whole_vector<4>(a, team_vectors[team], thread, run.slot, e.w);
+      __syncthreads();
+      if (e.emitting)
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) v[i] = team_vectors[team][channel + i];
+    }
+  }
+  if (e.emitting) {
     if (a.cache.pool != nullptr) {
-      lean_store_cache(a.cache.layout, stored, channel, v);
+      if constexpr (kPer == 4)
+        lean_store_cache(a.cache.layout, stored, channel, v);
+      else
+        kv_store_pair(a.cache.layout, stored, channel, true, v[0], v[1]);
       kv_store_pad(a.cache.layout, stored, thread);
     } else if (!stored_already) {
       if (a.entries != nullptr) {
-        *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
+        Lanes::store(a.entries + row * a.c + channel, v);
       } else if (e.w < a.slot_entry_capacity) {
-        const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
-        uint2 packed;
-        packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
-        *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
-            packed;
+        __nv_bfloat16* out = a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel;
+        if constexpr (kPer == 4) {
+          const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
+          uint2 packed;
+          packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
+          *reinterpret_cast<uint2*>(out) = packed;
+        } else {
+          *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v[0], v[1]);
+        }
       }
     }
   }
@@ -1193,13 +1240,14 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 }
 
 // The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
-// not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
-// 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kLeanExact = false>
-__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
+// not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernels three
+// 128-thread CTAs per SM with four channels per thread (a window's slots and four softmaxes take ≈ 160 registers), two
+// 256-thread CTAs with two (116 registers; three spill).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kLeanExact = false, int kLeanPer = 4>
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? lean_threads(kLeanPer)
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  kLoads == CompressorSlotLoads::Lean     ? (kLeanPer == 4 ? 3 : 2)
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1212,7 +1260,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kLeanExact>(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kLeanExact, kLeanPer>(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged>(a, int64_t(blockIdx.x) - a.first_cta,
                                                                    launch.hardware_cluster, smem);

@@ -60,7 +60,7 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
 // (CTAs up to 256 threads, an entry's slice at most 512 channels). Lean: 128-thread CTAs, four channels per thread
 // and a window's slots (at most 8) in one round of 16-byte loads with 32-bit offsets, up to four entries per CTA
-// (head_dim a multiple of 128 up to 512, entries in one CTA each, kv, gate, ape and the outputs 16-byte aligned
+// (head_dim 128, 256 or 512, entries in one CTA each, kv, gate, ape and the outputs 16-byte aligned
 // with row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4; the same bits as
 // Staged). Auto: for launches whose runs complete several entries (prefill chunks) Lean where every pool takes it,
 // else Staged where every slice fits (1.2-2.1× faster than registers on an H200); Registers otherwise (decode
