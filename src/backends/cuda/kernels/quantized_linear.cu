@@ -173,8 +173,17 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // 4.5 → 3.9 µs at T = 1 and 18 → 10 / 17 → 8 µs at T = 16, fp4 experts 15 → 12 µs at T = 16; grids of 512 CTAs
 // (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too. With the
 // partials pushed to rank 0 (session 19) still slower there: wo_b T = 1 cold 16.1 vs 14.1 µs (8 splits, H200).
-bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
-  return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
+// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_BF16_CLUSTER=1 lets BF16 at T = 1 (where AUTO
+// streams it anyway) take the cluster reduction by the rules below too.
+bool clusters_take_format(TileFormat format, int tokens) {
+  static const bool bf16 = [] {
+    const char* value = std::getenv("DSV4_LINEAR_BF16_CLUSTER");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return format != TileFormat::BF16 || (bf16 && tokens == 1);
+}
+bool auto_takes_cluster(TileFormat format, int tokens, const QuantizedLinearConfig& cluster, int multiprocessors) {
+  return clusters_take_format(format, tokens) && cluster.reduce == SplitKReduce::CLUSTER &&
          cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
 }
 // Small matrices (few row blocks, long K) at T <= 8 first try the cluster reduction with the K splits that keep the
@@ -242,7 +251,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
-    if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
+    if (clusters_take_format(format, tokens) && tokens <= tile::kTokensPerMma &&
+        wide_splits >= kWideClusterMinSplits) {
       const QuantizedLinearConfig wide =
           choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
                                          ring_slots, SplitKReduce::CLUSTER, int(wide_splits));
@@ -251,7 +261,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
-    if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
+    if (auto_takes_cluster(format, tokens, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
