@@ -14,9 +14,7 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the fp4
-// experts in the checkpoint's layout instead of the repacked DEVICE one (DeviceMoeWeights::fp4_repacked: layers
-// built with DSV4_MOE_FP4_LAYOUT=stored): "stored-fp4".
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -180,7 +178,6 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  STORED_FP4,
   REGISTER
 };
 struct PathSpec {
@@ -191,9 +188,8 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool stored_fp4 = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || stored_fp4 ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -209,7 +205,6 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::STORED_FP4, "stored-fp4", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -247,17 +242,10 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
                                 WeightFormat routed_format, const Floors& floors, cublasHandle_t cublas,
                                 cudaStream_t stream) {
   const MoeConfig& c = model.config;
-  std::vector<DeviceMoeWeights> layers, stored_layers;
+  std::vector<DeviceMoeWeights> layers;
   for (int l = 0; l < model.layers; ++l)
     layers.push_back(
         DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{.routed_format = routed_format}, 1000 + uint64_t(l)));
-  if (paths.contains(Path::STORED_FP4)) {
-    check(setenv("DSV4_MOE_FP4_LAYOUT", "stored", 1) == 0, "bench_cuda_moe: setenv");
-    for (int l = 0; l < model.layers; ++l)
-      stored_layers.push_back(
-          DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{.routed_format = routed_format}, 1000 + uint64_t(l)));
-    check(unsetenv("DSV4_MOE_FP4_LAYOUT") == 0, "bench_cuda_moe: unsetenv");
-  }
   std::vector<Result> results;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -318,11 +306,10 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
           (spec.other_per_item && T > 8))
         continue;
       if (!paths.contains(path)) continue;
-      const std::vector<DeviceMoeWeights>& path_layers = spec.stored_fp4 ? stored_layers : layers;
       std::vector<cudaGraphExec_t> graphs;
       size_t launches = 0;
       for (Slot& slot : slots) {
-        const DeviceMoeWeights& weights = path_layers[size_t(slot.layer)];
+        const DeviceMoeWeights& weights = layers[size_t(slot.layer)];
         const MoeRunParams params = run_params(slot, path);
         run_moe(weights, params);  // once uncaptured: any one-time setup happens outside the capture
         cudaGraph_t graph;
@@ -353,7 +340,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
             DSV4_CUDA_CHECK_LAUNCH("hold_stream_kernel");
             MoeRunParams params = run_params(slot, path);
             params.stage_events = stage_events;
-            run_moe(path_layers[size_t(slot.layer)], params);
+            run_moe(layers[size_t(slot.layer)], params);
             DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
             for (int st = 0; st < kMoeStages; ++st) {
               float stage_ms = 0;
@@ -452,7 +439,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,stored-fp4,"
+                           "down-waits-grid|down-waits-item,"
                            "register]\n");
       return 2;
     }

@@ -34,7 +34,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -740,34 +739,6 @@ TEST(MoeFp4DeviceLayout, RepackedWordsDecodeToTheCheckpointPairs) {
     for (int j = 0; j < 4; ++j)
       ASSERT_EQ(pairs[8 * i + 4 + size_t(j)], pairs[8 * i + size_t(j)]) << "word " << std::hex << words[i] << " pair "
                                                                          << j;
-}
-
-// The A/B switch DSV4_MOE_FP4_LAYOUT=stored (the checkpoint's layout on the device): the same bits as the default
-// repacked layout through every kernel set and decode (a small layer the streamed kernels take).
-TEST(MoeFp4DeviceLayout, StoredAndRepackedLayoutsGiveTheSameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  const Shape shape{.hidden = 1024, .intermediate = 1024, .experts = 8, .top_k = 2, .vocab = 50};
-  for (const WeightFormat format : {WeightFormat::MXFP4, WeightFormat::NVFP4}) {
-    SCOPED_TRACE(to_string(format));
-    const ExpertSet experts = make_experts(format, shape, 90 + uint64_t(format));
-    Layer layer;
-    make_layer(layer, experts, Routing::SCORED, 91, keep_routing);
-    ASSERT_EQ(setenv("DSV4_MOE_FP4_LAYOUT", "stored", 1), 0);
-    const DeviceMoeWeights stored(layer.model, test_config(shape), "stored layer");
-    ASSERT_EQ(unsetenv("DSV4_MOE_FP4_LAYOUT"), 0);
-    const DeviceMoeWeights repacked(layer.model, test_config(shape), "repacked layer");
-    ASSERT_FALSE(stored.fp4_repacked());
-    ASSERT_TRUE(repacked.fp4_repacked());
-    ASSERT_TRUE(repacked.streamed_tiles());
-    check_case(layer, experts, repacked, 2, 92, random_tokens(shape), kStreamedKernels);
-    uint64_t seed = 93;
-    for (const int T : {1, 2, 8, 17})
-      for (const Kernels kernels : {kRegisterKernels, kStreamedKernels, kStreamedOtherDecode, kStreamedOtherColumns}) {
-        SCOPED_TRACE(kernels.name() + ", T = " + std::to_string(T));
-        const std::vector<float> u = random_input(T, shape, seed++);
-        expect_identical_outputs(run_output(repacked, u, T, kernels), run_output(stored, u, T, kernels));
-      }
-  }
 }
 
 TEST(MoeProShape, BothKernelSetsMatchTheCpuAndRepeatBitForBit) {

@@ -117,7 +117,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
-      .fp4_repacked = weights.fp4_repacked(),
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,

@@ -67,9 +67,10 @@ struct MoeRunParams {
   // At T <= 8 (kMoeFusedRoutingMaxTokens, kMoeFusedCombineMaxTokens): the routing in the router launch and the
   // combine in the down launch, three launches instead of five (false: the five, for comparisons).
   bool fused_small_batches = true;
-  // The streamed expert kernels' fp4 decode: the lean one (MoeExpertGemmParams::
-  // lean_decode) or weight_tile_mma's; the same bits. H200, bench_cuda_moe, MXFP4, lean against weight_tile_mma's at
-  // T <= 8: V4-Flash T = 1 66.6 vs 70.8 µs, T = 8 239.3 vs 256.7; V4-Pro T = 1 126.7 vs 131.8, T = 8 533.1 vs 571.7.
+  // The streamed expert kernels' fp4 stages: the lean ones (MoeExpertGemmParams::lean_decode) or weight_tile_mma's;
+  // the same bits. H200, bench_cuda_moe, MXFP4, lean against weight_tile_mma's at T <= 8 (session 14, when the lean
+  // stages also had their own e2m1 decode; both now decode the repacked DEVICE words): V4-Flash T = 1 66.6 vs 70.8 µs,
+  // T = 8 239.3 vs 256.7; V4-Pro T = 1 126.7 vs 131.8, T = 8 533.1 vs 571.7.
   bool lean_expert_decode = true;
   // MoeRoutingParams::decode_router (T <= 8 with fused_small_batches): the decode router (its default) or the fused
   // router kernel.

@@ -1,9 +1,7 @@
 #include "backends/cuda/moe_weights.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
-#include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -166,14 +164,6 @@ __global__ void repack_fp4_kernel(const MoeExpertView* views) {
     auto* words = reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data) + row * int64_t(w.data_row_bytes));
     for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) words[i] = tile::detail::fp4_device_word(words[i]);
   }
-}
-
-// DSV4_MOE_FP4_LAYOUT: "stored" keeps the checkpoint's layout on the device (A/B runs), unset or "device" repacks.
-bool repack_fp4_from_environment() {
-  const char* value = std::getenv("DSV4_MOE_FP4_LAYOUT");
-  if (value == nullptr || std::string_view(value) == "device") return true;
-  check(std::string_view(value) == "stored", "DSV4_MOE_FP4_LAYOUT=", value, ": expected stored or device");
-  return false;
 }
 
 struct ExpertPlacement {
@@ -420,16 +410,13 @@ void DeviceMoeWeights::publish_views(const std::string& what) {
   device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
   const int matrices = 3 * int(host_views_.size());
 
-  fp4_repacked_ = repack_fp4_from_environment();
-  if (fp4_repacked_) {
-    for (const MoeExpertView& v : host_views_)
-      for (const DeviceMatrixView* w : {&v.w1, &v.w3, &v.w2})
-        check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ",
-              what, " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack ",
-              "rewrites whole 32-bit words");
-    repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
-    DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
-  }
+  for (const MoeExpertView& v : host_views_)
+    for (const DeviceMatrixView* w : {&v.w1, &v.w3, &v.w2})
+      check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ", what,
+            " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack rewrites whole ",
+            "32-bit words");
+  repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
+  DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
 
   DeviceBuffer offenders(2 * sizeof(unsigned long long), what + " validation");
   offenders.fill_bytes(0xFF);

@@ -55,8 +55,8 @@ class DeviceMoeWeights {
                    DeviceAllocator* pool = nullptr);
 
   // Borrows a layer already on the device (upload_model_weights), with the same checks, and publishes only the
-  // table of views; `uploaded` must outlive this object. Its fp4 expert matrices are repacked in place (see
-  // fp4_repacked), so one DeviceMoeWeights per upload: a second one would repack them again.
+  // table of views; `uploaded` must outlive this object. Its fp4 expert matrices are repacked in place (below), so
+  // one DeviceMoeWeights per upload: a second one would repack them again.
   DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
 
   // A layer of random weights generated on the device (no host copy of the experts): valid codes of each format
@@ -75,10 +75,6 @@ class DeviceMoeWeights {
   const std::vector<MoeExpertView>& experts() const { return host_views_; }
   WeightFormat routed_format() const { return host_views_.front().w1.format; }
   WeightFormat shared_format() const { return host_views_.back().w1.format; }
-  // Whether the fp4 expert matrices (MXFP4, NVFP4) hold their words in the kernels' DEVICE layout
-  // (weight_tile_mma.cuh Fp4Layout): every constructor repacks them so on the device, unless the environment sets
-  // DSV4_MOE_FP4_LAYOUT=stored (A/B runs: the checkpoint's layout). The checkpoint and host bytes never change.
-  bool fp4_repacked() const { return fp4_repacked_; }
   // Whether the decode kernels may stream every expert matrix through shared memory (moe_streamed_tiles_apply).
   bool streamed_tiles() const { return streamed_tiles_; }
   // [E + 1][w1, w3, w2] tensor maps on the device for the decode kernels (null unless streamed_tiles()).
@@ -92,7 +88,8 @@ class DeviceMoeWeights {
  private:
   DeviceMoeWeights() = default;
   void check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries, const std::string& layer) const;
-  // Uploads the view table, repacks the fp4 expert matrices (fp4_repacked), then checks on the device what the
+  // Uploads the view table, rewrites every fp4 expert matrix (MXFP4, NVFP4) in the kernels' DEVICE layout
+  // (weight_tile_mma.cuh Fp4Layout; the checkpoint and host bytes never change), then checks on the device what the
   // kernels trust (MXFP4 scale range, hash-table entries); throws naming the first offender.
   void publish_views(const std::string& what);
 
@@ -106,7 +103,6 @@ class DeviceMoeWeights {
   int64_t vocab_ = 0;
   std::vector<MoeExpertView> host_views_;
   bool streamed_tiles_ = false;
-  bool fp4_repacked_ = false;
   DeviceBuffer stream_maps_;
 };
 

@@ -28,28 +28,19 @@ int max_dynamic_smem() {
 }
 
 // The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
-template <moe::ExpertGemm G, tile::Fp4Layout L, bool kLean, bool kSplit, bool kColumns = false>
+template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false>
 auto* one_tile_kernel(bool head_start) {
   if constexpr (G == moe::ExpertGemm::DOWN)
-    if (head_start) return moe::moe_expert_streamed_kernel<G, L, false, kLean, kSplit, true, kColumns>;
-  return moe::moe_expert_streamed_kernel<G, L, false, kLean, kSplit, false, kColumns>;
+    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
+  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
 }
 // The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
-template <moe::ExpertGemm G, tile::Fp4Layout L>
+template <moe::ExpertGemm G>
 auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
   if (columns)
-    return split ? one_tile_kernel<G, L, true, true, true>(head_start)
-                 : one_tile_kernel<G, L, true, false, true>(head_start);
-  return lean ? (split ? one_tile_kernel<G, L, true, true>(head_start) : one_tile_kernel<G, L, true, false>(head_start))
-              : (split ? one_tile_kernel<G, L, false, true>(head_start)
-                       : one_tile_kernel<G, L, false, false>(head_start));
-}
-template <moe::ExpertGemm G, tile::Fp4Layout L>
-auto* streamed_kernel(const MoeExpertGemmParams& p, bool multi_tile, bool split, bool columns) {
-  if (multi_tile)
-    return p.lean_decode ? moe::moe_expert_streamed_kernel<G, L, true, true>
-                         : moe::moe_expert_streamed_kernel<G, L, true, false>;
-  return one_tile_kernel<G, L>(p.lean_decode, split, p.down_head_start, columns);
+    return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
+  return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
+              : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
 // The x region of a streamed launch's GEMM of input size k_total: min(T, 16) rows of the whole K up to the cap, or
@@ -74,8 +65,9 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
   const bool split = moe_shared_expert_splits(p, device_multiprocessors());
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>),
                   unsigned(p.max_work_items + (split ? 1 : 0)));
-  auto* kernel = p.fp4_repacked ? streamed_kernel<G, tile::Fp4Layout::DEVICE>(p, multi_tile, split, columns)
-                                : streamed_kernel<G, tile::Fp4Layout::STORED>(p, multi_tile, split, columns);
+  auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
+                                             : moe::moe_expert_streamed_kernel<G, true, false>)
+                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -97,16 +89,15 @@ void launch(const MoeExpertGemmParams& p) {
   const char* name = gate_up ? "moe_expert_gemm_kernel<gate_up>" : "moe_expert_gemm_kernel<down>";
   const dim3 grid(unsigned((args.n_total + moe::kCtaRows<G> - 1) / moe::kCtaRows<G>), unsigned(p.max_work_items));
   const size_t smem = moe::kExpertGemmSmemBytes<G>;
-  auto* kernel = p.fp4_repacked ? moe::moe_expert_gemm_kernel<G, tile::Fp4Layout::DEVICE>
-                                : moe::moe_expert_gemm_kernel<G, tile::Fp4Layout::STORED>;
   static PerDeviceCache<bool> configured;
-  configured.get(reinterpret_cast<const void*>(kernel), [&] {
+  configured.get(reinterpret_cast<const void*>(moe::moe_expert_gemm_kernel<G>), [&] {
     check(smem <= size_t(max_dynamic_smem()), "moe ", name, ": K = ", args.k_total, " needs ", smem,
           " bytes of shared memory per CTA, beyond this device's limit");
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(moe::moe_expert_gemm_kernel<G>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     return true;
   });
-  launch_chained(kernel, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
+  launch_chained(moe::moe_expert_gemm_kernel<G>, grid, dim3(moe::kExpertThreads), smem, p.stream, args, name);
 }
 
 }  // namespace

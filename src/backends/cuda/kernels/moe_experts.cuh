@@ -51,6 +51,12 @@ inline constexpr int kLargeTokenTiles = 4;  // larger items, 32 rows per pass
 inline constexpr size_t kXTileBudget = 160 * 1024;  // x tiles of one chunk (one CTA per SM, see NOTES)
 inline constexpr int kSubRangeBytes = 512;         // stored bytes of one weight row per sub-range
 inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from L2 ahead of the MMAs
+// The fp4 experts' words on the device: repacked at upload (DeviceMoeWeights) so that each bf16 pair of the decode is
+// one rotation and one mask (weight_tile_mma.cuh Fp4Layout::DEVICE; 8 instructions per word of 8 values against 13
+// for the checkpoint order, the same pairs). SASS (sm_90a), one 16 × 512 stage of the T <= 8 gate/up loop, checkpoint
+// order → DEVICE: column stages NVFP4 679 → 519, MXFP4 660 → 500; lean stages 768 → 609, 727 → 567; weight_tile_mma's
+// stages 870 → 645, 826 → 602.
+inline constexpr tile::Fp4Layout kExpertFp4Layout = tile::Fp4Layout::DEVICE;
 
 // Weight rows one CTA covers.
 template <ExpertGemm G>
@@ -214,7 +220,7 @@ __device__ __forceinline__ void write_rows(const ExpertGemmArgs& a, const Device
 }
 
 // One pass over up to 8·NT rows of an item starting at row_base.
-template <tile::TileFormat F, ExpertGemm G, int NT, tile::Fp4Layout L>
+template <tile::TileFormat F, ExpertGemm G, int NT>
 __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExpertView& expert, int row_base,
                                          int tokens, uint8_t* smem) {
   constexpr bool kGateUp = G == ExpertGemm::GATE_UP;
@@ -249,7 +255,7 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
       for (int sub = first; sub < last; ++sub) {
         prefetch_sub_range<F>(prefetch, sub + kPrefetchDistance);
         const int k_begin = sub * kSubK<F>, k_end = min(a.k_total, k_begin + kSubK<F>);
-        tile::weight_tile_mma<F, NT, 2, false, tile::detail::kChains<NT>, L>(
+        tile::weight_tile_mma<F, NT, 2, false, tile::detail::kChains<NT>, kExpertFp4Layout>(
             w, row0, k_begin, k_end, x_tiles + (sub - first) * kTileElements, acc);
       }
     }
@@ -259,17 +265,16 @@ __device__ __forceinline__ void run_pass(const ExpertGemmArgs& a, const MoeExper
       a, w, acc, row0, row_base, tokens, reinterpret_cast<float*>(smem + kXTileBudget));
 }
 
-template <tile::TileFormat F, ExpertGemm G, tile::Fp4Layout L>
+template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void run_work_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                               const MoeWorkItem& item, uint8_t* smem) {
   if (item.row_count <= kSmallTokenTiles * tile::kTokensPerMma) {
-    run_pass<F, G, kSmallTokenTiles, L>(a, expert, item.row_begin, item.row_count, smem);
+    run_pass<F, G, kSmallTokenTiles>(a, expert, item.row_begin, item.row_count, smem);
     return;
   }
   constexpr int kPassRows = kLargeTokenTiles * tile::kTokensPerMma;
   for (int first = 0; first < item.row_count; first += kPassRows)
-    run_pass<F, G, kLargeTokenTiles, L>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first),
-                                        smem);
+    run_pass<F, G, kLargeTokenTiles>(a, expert, item.row_begin + first, min(kPassRows, item.row_count - first), smem);
 }
 
 // Calls body.template operator()<F>() with the tile format F of a weight format; the formats refused on the host
@@ -392,7 +397,7 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
   if (threadIdx.x == 0) c.band_tickets[band] = 0;  // every CTA of the band has arrived: ready for the next call
 }
 
-template <ExpertGemm G, tile::Fp4Layout L>
+template <ExpertGemm G>
 __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(const ExpertGemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem[];
   if (blockIdx.y == 0) {
@@ -404,7 +409,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeWorkItem item = a.work_items[blockIdx.y];
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
-                   [&]<tile::TileFormat F>() { run_work_item<F, G, L>(a, expert, item, smem); });
+                   [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
 
@@ -543,71 +548,11 @@ __device__ __forceinline__ void reduce_k_parts(const WarpSlice& slice, float (&a
 
 // ---------------------------------------------------------------------------------------------------------------
 // The lean fp4 stage product (MoeExpertGemmParams::lean_decode): the same MMAs on the same bf16 operands as
-// tile::stream::multiply_stage, in the same order (the same bits), with fewer instructions per weight:
-// - e2m1 → bf16 bits in 3 integer instructions per pair of values where weight_tile_mma spends ~4: the nibble pair
-//   (J, J + 4) of a word is isolated by one mask and copied to both its magnitude position (bits 6-8) and its sign
-//   position (bit 15) by one multiply by 2^a + 2^b (the two copies do not overlap, so the product has no carries),
-//   then a second mask keeps those bits; pairs 2 and 3 share one shifted word.
-// - Every lane reads x for every token tile of the pass (token min(8·nt + g, rows - 1)) instead of choosing between
-//   x and zeros per load: a column of absent tokens holds a copy of a real token, and mma keeps columns apart, so
-//   the columns that are stored are unchanged (and the others never stored).
-// SASS (sm_90a) of the T <= 8 gate/up loop, one stage of 16 rows × 512 inputs: NVFP4 870 → 768 instructions, MXFP4
-// 827 → 727.
+// tile::stream::multiply_stage, in the same order (the same bits), but every lane reads x for every token tile of
+// the pass (token min(8·nt + g, rows - 1)) instead of choosing between x and zeros per load: a column of absent
+// tokens holds a copy of a real token, and mma keeps columns apart, so the columns that are stored are unchanged
+// (and the others never stored). Both decode the experts' fp4 words in the DEVICE layout (kExpertFp4Layout).
 namespace lean {
-
-// Nibbles J and J + 4 of a word → bf16x2 (value × 2^-126): tile::detail::e2m1_pair_bits<J>'s bits. `word_high` is
-// word >> 8 (pairs 2 and 3 read nibbles 2, 3, 6, 7 from it at the places of 0, 1, 4, 5).
-template <int J>
-__device__ __forceinline__ uint32_t e2m1_pair_bits(uint32_t word, uint32_t word_high) {
-  const uint32_t source = J < 2 ? word : word_high;
-  constexpr uint32_t kNibbles = J % 2 == 0 ? 0x000F000Fu : 0x00F000F0u;
-  // Nibble at bits 0-3 (4-7): copies at +6 and +12 (+2 and +8), i.e. magnitude at 6-8 and sign at 15 of each half.
-  constexpr uint32_t kCopies = J % 2 == 0 ? 0x1040u : 0x0104u;
-  return ((source & kNibbles) * kCopies) & 0x81C081C0u;
-}
-
-// One lane's 16 stored bytes of one row → bf16 pairs in MMA order (tile::detail::decode_row_bytes's pairs).
-template <tile::TileFormat F, tile::Fp4Layout L>
-__device__ __forceinline__ void decode_row(const uint4& raw, uint32_t factor0, uint32_t factor1,
-                                           uint32_t (&pairs)[16]) {
-  if constexpr (L == tile::Fp4Layout::DEVICE) {
-    tile::detail::decode_row_bytes<F, L>(raw, factor0, factor1, pairs);
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
-    const uint32_t factor = (F == tile::TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
-    pairs[4 * i + 0] = tile::detail::bf16x2_mul(e2m1_pair_bits<0>(word, word_high), factor);
-    pairs[4 * i + 1] = tile::detail::bf16x2_mul(e2m1_pair_bits<1>(word, word_high), factor);
-    pairs[4 * i + 2] = tile::detail::bf16x2_mul(e2m1_pair_bits<2>(word, word_high), factor);
-    pairs[4 * i + 3] = tile::detail::bf16x2_mul(e2m1_pair_bits<3>(word, word_high), factor);
-  }
-}
-
-// decode_row without the factors: the pairs' bits only (value × 2^-126), for stages that scale after the MMA.
-template <tile::Fp4Layout L>
-__device__ __forceinline__ void decode_row_bits(const uint4& raw, uint32_t (&pairs)[16]) {
-  if constexpr (L == tile::Fp4Layout::DEVICE) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t word = tile::detail::word_of(raw, i);
-      pairs[4 * i + 0] = tile::detail::e2m1_device_pair_bits<0>(word);
-      pairs[4 * i + 1] = tile::detail::e2m1_device_pair_bits<1>(word);
-      pairs[4 * i + 2] = tile::detail::e2m1_device_pair_bits<2>(word);
-      pairs[4 * i + 3] = tile::detail::e2m1_device_pair_bits<3>(word);
-    }
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t word = tile::detail::word_of(raw, i), word_high = word >> 8;
-    pairs[4 * i + 0] = e2m1_pair_bits<0>(word, word_high);
-    pairs[4 * i + 1] = e2m1_pair_bits<1>(word, word_high);
-    pairs[4 * i + 2] = e2m1_pair_bits<2>(word, word_high);
-    pairs[4 * i + 3] = e2m1_pair_bits<3>(word, word_high);
-  }
-}
 
 // The lane's 16 stored bytes of tile row `row` at step u of the stage in `slot` (tile::stream::multiply_stage's
 // reads: 64 bytes of each row per step, half u / 2 of the stage, chunk 4·(u % 2) + t, swizzled by the row).
@@ -621,7 +566,7 @@ __device__ __forceinline__ uint4 lane_row_bytes(const uint8_t* slot, int u, int 
 // sums += the fp4 stage in `slot` × x, as tile::stream::multiply_stage<F, NT, C> (rows by stream_row, the MMAs of
 // step u, token tile nt, chunk c, half h into sums[(2c + h) % C][nt]). x_lane[nt]: the lane's x of token tile nt at
 // the stage's first input (a real token's row, see above).
-template <tile::TileFormat F, int NT, int C, tile::Fp4Layout L>
+template <tile::TileFormat F, int NT, int C>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* const (&x_lane)[NT],
                                                float (&sums)[C][NT][4]) {
   namespace st = tile::stream;
@@ -644,7 +589,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
         const uint16_t codes = *reinterpret_cast<const uint16_t*>(scales + rows[r] * kScaleBytes + 2 * (4 * u + t));
         tile::detail::nvfp4_factors(codes, factor0, factor1);
       }
-      decode_row<F, L>(raw, factor0, factor1, pairs[r]);
+      tile::detail::decode_row_bytes<F, kExpertFp4Layout>(raw, factor0, factor1, pairs[r]);
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
@@ -669,7 +614,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 // copies; here a column holds the partial sum of one scale block of one row instead, so the weights enter the MMA as
 // bare e2m1 bits and the block scales are applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2
 // factor multiplies and the per-row factor conversions go, 32 fp32 FMAs and 16 scale conversions come.
-// - Lane t decodes 32 values of rows g and g + 8 per step (lean::decode_row_bits): the first 16 (A half) feed four
+// - Lane t decodes 32 values of rows g and g + 8 per step (tile::detail::e2m1_row_bits): the first 16 (A half) feed four
 //   MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
 //   pairs t and t + 4. B column n <= 3 holds the item's row 0 on slot pairs n and n + 4 only, column n + 4 its row 1
 //   on the same pairs (lane (g, t) feeds row 0 where g == t, row 1 where g == t + 4, zeros elsewhere and for an absent
@@ -757,7 +702,7 @@ __device__ __forceinline__ void column_scales(const uint8_t* row_scales, int u, 
 
 // acc += the fp4 stage in `slot` × x by columns: acc[0..1] row g, columns 2t and 2t + 1; acc[2..3] row g + 8.
 // `x`: the lane's B pointer at the stage's first step.
-template <tile::TileFormat F, tile::Fp4Layout L>
+template <tile::TileFormat F>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX& x, float (&acc)[4]) {
   namespace st = tile::stream;
   static_assert(F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4, "fp4 stages only");
@@ -772,7 +717,7 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const LaneX&
     float scale[2][2][2];  // [row][half][column]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      lean::decode_row_bits<L>(lean::lane_row_bytes(slot, u, rows[r]), pairs[r]);
+      tile::detail::e2m1_row_bits<kExpertFp4Layout>(lean::lane_row_bytes(slot, u, rows[r]), pairs[r]);
       column_scales<F>(scales + rows[r] * kScaleBytes, u, t, scale[r]);
     }
     float sums[2][4] = {};  // [half][D fragment]
@@ -820,8 +765,8 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
 // (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
-template <tile::TileFormat F, ExpertGemm G, tile::Fp4Layout L, int NT, bool kLean = false, int kParts = 1,
-          bool kColumns = false, bool kCoherentX = false>
+template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
+          bool kCoherentX = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -899,15 +844,15 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
-          columns::multiply_stage<F, L>(ring + slot * st::kSlotBytes, x_stage, column_sums);
+          columns::multiply_stage<F>(ring + slot * st::kSlotBytes, x_stage, column_sums);
         } else if constexpr (kLeanStages) {
           const __nv_bfloat16* x_stage[NT];
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) x_stage[nt] = x_lanes[nt] + (k0 - chunk_begin);
-          lean::multiply_stage<F, NT, kC, L>(ring + slot * st::kSlotBytes, x_stage, sums);
+          lean::multiply_stage<F, NT, kC>(ring + slot * st::kSlotBytes, x_stage, sums);
         } else {
-          st::multiply_stage<F, NT, kC, L>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin), row_stride,
-                                        lane_tiles, block_scales, sums, acc);
+          st::multiply_stage<F, NT, kC, kExpertFp4Layout>(ring + slot * st::kSlotBytes, x_lane + (k0 - chunk_begin),
+                                                          row_stride, lane_tiles, block_scales, sums, acc);
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
         if (j + kStreamedSlots < stages) {
@@ -939,8 +884,8 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // (MoeExpertGemmParams::down_waits_per_item) the wait is for the item's own gate/up CTAs (wait_for_item_rows), which
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
-template <ExpertGemm G, tile::Fp4Layout L, bool kMultiTile, bool kLean, bool kSplitShared = false,
-          bool kHeadStart = false, bool kColumns = false>
+template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
+          bool kColumns = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
@@ -984,15 +929,15 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, L, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full,
-                                                                               true, part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full, true,
+                                                                            part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, L, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
       else
-        run_streamed_item<F, G, L, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)

@@ -80,9 +80,8 @@ struct MoeExpertGemmParams {
   // an item, so they suit items of few rows); every expert matrix must pass moe_streamed_tiles_apply.
   bool streamed = false;
   const tile::stream::StreamMaps* stream_maps = nullptr;  // device [E + 1][w1, w3, w2] (encode_moe_stream_maps)
-  // Streamed kernels: fp4 stages through the MoE's own leaner e2m1 decode (moe_experts.cuh, namespace lean: ~3
-  // integer instructions per value pair where weight_tile_mma's takes ~4, and no per-load choice between x and
-  // zeros). Same operands, same MMAs in the same order: the same bits.
+  // Streamed kernels: fp4 stages through the MoE's own lean stage product (moe_experts.cuh, namespace lean: no
+  // per-load choice between x and zeros). Same operands, same MMAs in the same order: the same bits.
   bool lean_decode = false;
   // Streamed kernels at T <= 8 where moe_shared_expert_splits: the shared expert's CTAs split in two per band, each
   // covering half the band's rows with two warps per 16 rows (even and odd stages, summed in shared memory), so a
@@ -102,9 +101,6 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // The experts' fp4 words in the DEVICE layout (weight_tile_mma.cuh Fp4Layout; DeviceMoeWeights::fp4_repacked),
-  // else as stored in the checkpoint. The same bits either way.
-  bool fp4_repacked = true;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.

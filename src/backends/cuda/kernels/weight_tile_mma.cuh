@@ -246,6 +246,27 @@ __device__ __forceinline__ void nvfp4_factors(uint16_t codes, uint32_t& factor0,
   factor1 = *reinterpret_cast<const uint32_t*>(&f1);
 }
 
+// Pair J of a word in layout L → bf16x2 (value × 2^-126).
+template <Fp4Layout L, int J>
+__device__ __forceinline__ uint32_t e2m1_word_pair(uint32_t word) {
+  if constexpr (L == Fp4Layout::DEVICE)
+    return e2m1_device_pair_bits<J>(word);
+  else
+    return e2m1_pair_bits<J>(word);
+}
+
+// One lane's 16 stored fp4 bytes of one row → the bf16 pairs' bits (value × 2^-126, no scale) in MMA order: bits[4i + J]
+// is pair J of word i (codes 8i + J and 8i + J + 4 of the checkpoint order).
+template <Fp4Layout L>
+__device__ __forceinline__ void e2m1_row_bits(const uint4& raw, uint32_t (&bits)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t word = word_of(raw, i);
+    bits[4 * i + 0] = e2m1_word_pair<L, 0>(word), bits[4 * i + 1] = e2m1_word_pair<L, 1>(word);
+    bits[4 * i + 2] = e2m1_word_pair<L, 2>(word), bits[4 * i + 3] = e2m1_word_pair<L, 3>(word);
+  }
+}
+
 // One lane's 16 stored bytes of one row → bf16 pairs in MMA order: pairs[2m] is a0 (or a1) of MMA m of the step,
 // pairs[2m + 1] is a2 (or a3). `factors` are the bf16x2 scale factors (fp4: MXFP4 one, NVFP4 one per 16 values).
 template <TileFormat F, Fp4Layout L = Fp4Layout::STORED>
@@ -266,17 +287,10 @@ __device__ __forceinline__ void decode_row_bytes(const uint4& raw, uint32_t fact
     for (int i = 0; i < 4; ++i) {
       const uint32_t word = word_of(raw, i);
       const uint32_t factor = (F == TileFormat::NVFP4 && i >= 2) ? factor1 : factor0;
-      if constexpr (L == Fp4Layout::DEVICE) {
-        pairs[4 * i + 0] = bf16x2_mul(e2m1_device_pair_bits<0>(word), factor);
-        pairs[4 * i + 1] = bf16x2_mul(e2m1_device_pair_bits<1>(word), factor);
-        pairs[4 * i + 2] = bf16x2_mul(e2m1_device_pair_bits<2>(word), factor);
-        pairs[4 * i + 3] = bf16x2_mul(e2m1_device_pair_bits<3>(word), factor);
-      } else {
-        pairs[4 * i + 0] = bf16x2_mul(e2m1_pair_bits<0>(word), factor);
-        pairs[4 * i + 1] = bf16x2_mul(e2m1_pair_bits<1>(word), factor);
-        pairs[4 * i + 2] = bf16x2_mul(e2m1_pair_bits<2>(word), factor);
-        pairs[4 * i + 3] = bf16x2_mul(e2m1_pair_bits<3>(word), factor);
-      }
+      pairs[4 * i + 0] = bf16x2_mul(e2m1_word_pair<L, 0>(word), factor);
+      pairs[4 * i + 1] = bf16x2_mul(e2m1_word_pair<L, 1>(word), factor);
+      pairs[4 * i + 2] = bf16x2_mul(e2m1_word_pair<L, 2>(word), factor);
+      pairs[4 * i + 3] = bf16x2_mul(e2m1_word_pair<L, 3>(word), factor);
     }
   }
 }
@@ -680,7 +694,8 @@ __device__ __forceinline__ bool step_ends_block(int64_t step_k, int64_t k_end) {
 // of 2 × 16 bytes in flight, in registers; 4 needs ~40 more registers per thread than 2. kAlignedTile: see the
 // contract (the caller's promise of aligned rows and row0 % 16 == 0). C = independent accumulator chains: the
 // default hides the MMA latency at few token tiles; C = 1 saves 4·NT·(default - 1) registers for callers that are
-// register bound (e.g. two products per warp).
+// register bound (e.g. two products per warp). L: the fp4 words' layout (Fp4Layout::DEVICE where the caller's
+// upload repacked them, as the MoE experts').
 template <TileFormat F, int NT, int S = 2, bool kAlignedTile = false, int C = detail::kChains<NT>,
           Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void weight_tile_mma(const DeviceMatrixView& w, int64_t row0, int64_t k_begin,
@@ -852,7 +867,7 @@ __device__ __forceinline__ void load_stage_block_scales(const DeviceMatrixView& 
 }
 
 // acc/sums += the stage in `slot` × x (x_stage: the lane's x at the stage's first input, as weight_tile_mma's x_lane).
-// Accumulator rows follow stream_row (see NOTES).
+// Accumulator rows follow stream_row (see NOTES); L as for weight_tile_mma.
 template <TileFormat F, int NT, int C, Fp4Layout L = Fp4Layout::STORED>
 __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_bfloat16* x_stage, int row_stride,
                                                int lane_tiles, const float (&block_scales)[kMaxBlocksPerStage],
