@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -100,16 +99,6 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_NORM_PREFETCH=1: the RMSNorm prologue asks for
-// the norm weight's lines (L1) before its sums of squares (LinearKernelArgs::prefetch_norm_weight).
-bool prefetch_norm_weight() {
-  static const bool prefetch = [] {
-    const char* value = std::getenv("DSV4_LINEAR_NORM_PREFETCH");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
-  return prefetch;
-}
-
 template <TileFormat F, int NT, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
@@ -172,18 +161,10 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // and the grid is at most two CTAs per SM. Measured on an H200 in CUDA graphs: V4-Flash wq_a / wkv FP8 5.5 → 4.7 /
 // 4.5 → 3.9 µs at T = 1 and 18 → 10 / 17 → 8 µs at T = 16, fp4 experts 15 → 12 µs at T = 16; grids of 512 CTAs
 // (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too. With the
-// partials pushed to rank 0 (session 19) still slower there: wo_b T = 1 cold 16.1 vs 14.1 µs (8 splits, H200).
-// A/B switch for the GPU rounds (environment, read once): DSV4_LINEAR_BF16_CLUSTER=1 lets BF16 at T = 1 (where AUTO
-// streams it anyway) take the cluster reduction by the rules below too.
-bool clusters_take_format(TileFormat format, int tokens) {
-  static const bool bf16 = [] {
-    const char* value = std::getenv("DSV4_LINEAR_BF16_CLUSTER");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
-  return format != TileFormat::BF16 || (bf16 && tokens == 1);
-}
-bool auto_takes_cluster(TileFormat format, int tokens, const QuantizedLinearConfig& cluster, int multiprocessors) {
-  return clusters_take_format(format, tokens) && cluster.reduce == SplitKReduce::CLUSTER &&
+// partials pushed to rank 0 (session 19) still slower there: wo_b T = 1 cold 16.1 vs 14.1 µs (8 splits, H200), and
+// the BF16 compressor stacks at T = 1 on it lost end to end (8 layers b1 770.7 vs 773.1 t/s, H200).
+bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
+  return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
          cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
 }
 // Small matrices (few row blocks, long K) at T <= 8 first try the cluster reduction with the K splits that keep the
@@ -251,8 +232,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
-    if (clusters_take_format(format, tokens) && tokens <= tile::kTokensPerMma &&
-        wide_splits >= kWideClusterMinSplits) {
+    if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
       const QuantizedLinearConfig wide =
           choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
                                          ring_slots, SplitKReduce::CLUSTER, int(wide_splits));
@@ -261,7 +241,7 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const QuantizedLinearConfig cluster =
         choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, ring_slots,
                                        SplitKReduce::CLUSTER, 0);
-    if (auto_takes_cluster(format, tokens, cluster, multiprocessors)) return cluster;
+    if (auto_takes_cluster(format, cluster, multiprocessors)) return cluster;
   }
   QuantizedLinearConfig config;
   config.rows_per_cta = linear::kRowsPerCta;
@@ -464,7 +444,6 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_x = params.norm_x,
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
-      .prefetch_norm_weight = params.norm_x != nullptr && prefetch_norm_weight(),
       .trace = params.trace,
   };
   if (config.load_path == WeightLoadPath::STREAMED)

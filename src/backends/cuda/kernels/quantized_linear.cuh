@@ -46,7 +46,6 @@ struct LinearKernelArgs {
   const float* norm_x;       // RMSNorm prologue: fp32 input rows (x_row_stride apart) instead of x, or null
   const float* norm_weight;  // [K]
   float norm_eps;
-  bool prefetch_norm_weight;  // RMSNorm prologue: norm_weight asked into L1 before the sums of squares
   uint64_t* trace;           // traced launches (QuantizedLinearParams::trace), or null
 };
 
@@ -111,15 +110,9 @@ __device__ __forceinline__ void stage_input(const LinearKernelArgs& args, const 
 // the whole CTA.
 template <int kLoads>
 __device__ __forceinline__ void prepare_norm(const LinearKernelArgs& args, void* x_tile, float* inv_rms) {
-  if (args.norm_x == nullptr) return;
-  // The staging reads the norm weight right after the reduction: its lines come in beside the sums' loads.
-  if (args.prefetch_norm_weight) {
-    constexpr int kLineFloats = 128 / sizeof(float);
-    for (int64_t k = int64_t(threadIdx.x) * kLineFloats; k < args.weight.cols; k += kThreadsPerCta * kLineFloats)
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(args.norm_weight + k));
-  }
-  tile::rms_norm_inverse_rms<kLoads>(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps,
-                                     args.tokens, static_cast<float*>(x_tile), inv_rms);
+  if (args.norm_x != nullptr)
+    tile::rms_norm_inverse_rms<kLoads>(args.norm_x, args.x_row_stride, int(args.weight.cols), args.norm_eps,
+                                       args.tokens, static_cast<float*>(x_tile), inv_rms);
 }
 
 // Register caps (65536 / (128 · CTAs)) that fit what NT token tiles need without spilling (from ptxas -v); stated
