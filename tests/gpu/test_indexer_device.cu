@@ -548,8 +548,8 @@ TEST(IndexerScores, LongContext) {
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
   // The same with fp8 keys (the mma.sync and warpgroup kernels; the streamed one takes bf16 keys only).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Fp8, 10);
-  // fp8 keys at a 1M context and at 200000 keys: each warpgroup of the register-fed kernel takes 5 to 8 tiles (one
-  // wave of CTAs on 132 SMs), so its ring of three tiles wraps and the loop ends at every position of the ring.
+  // fp8 keys at a 1M context and at 200000 keys: each warpgroup of the register-fed kernel loops over 5 to 8 tiles
+  // (one wave of CTAs on 132 SMs), its tiles in flight carried from iteration to iteration.
   check_scores({1, 8, 128, 262144, 4, true}, KeyFormat::Fp8, 11);
   check_scores({3, 8, 128, 200000, 4, false}, KeyFormat::Fp8, 12);
 }

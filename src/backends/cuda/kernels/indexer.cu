@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string_view>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -72,9 +70,7 @@ DeviceLimits device_limits() {
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kScoresSmemLimit)));
     for (auto* kernel : {indexer_scores_wgmma_kernel<false, false>, indexer_scores_wgmma_kernel<true, false>,
-                         indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>,
-                         indexer_scores_wgmma_kernel<true, false, false>,
-                         indexer_scores_wgmma_kernel<true, false, true, 3>})
+                         indexer_scores_wgmma_kernel<false, true>, indexer_scores_wgmma_kernel<true, true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kWgmmaSmemBytes)));
     using indexer::indexer_scores_streamed_kernel;
@@ -183,35 +179,10 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
                  args, "indexer_scores_streamed_kernel (bf16)");
 }
 
-// A/B switch of the register-fed fp8 warpgroup kernel's key loop (temporary, GPU round s19-2): environment
-// DSV4_INDEXER_TILE_LOOP=queue copies the tiles down a queue (session 18's loop) instead of rotating the ring; deep:
-// a ring of four tiles, the heads in two passes.
-enum class Fp8TileLoop { Ring, Queue, Deep };
-Fp8TileLoop fp8_tile_loop() {
-  static const Fp8TileLoop loop = [] {
-    const char* v = std::getenv("DSV4_INDEXER_TILE_LOOP");
-    if (v == nullptr || *v == 0) return Fp8TileLoop::Ring;
-    if (std::string_view(v) == "queue") return Fp8TileLoop::Queue;
-    check(std::string_view(v) == "deep", "DSV4_INDEXER_TILE_LOOP=", v, ": expected queue or deep");
-    return Fp8TileLoop::Deep;
-  }();
-  return loop;
-}
-
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 template <bool kSelect>
 void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
   const size_t smem = indexer::wgmma_smem_layout(args.queries_per_cta, fp8, kSelect).bytes;
-  if (!kSelect && fp8 && fp8_tile_loop() == Fp8TileLoop::Queue) {
-    launch_chained(indexer::indexer_scores_wgmma_kernel<true, false, false>, grid, dim3(indexer::kScoreWarps * 32),
-                   smem, stream, args, "indexer_scores_wgmma_kernel (fp8, queue)");
-    return;
-  }
-  if (!kSelect && fp8 && fp8_tile_loop() == Fp8TileLoop::Deep) {
-    launch_chained(indexer::indexer_scores_wgmma_kernel<true, false, true, 3>, grid, dim3(indexer::kScoreWarps * 32),
-                   smem, stream, args, "indexer_scores_wgmma_kernel (fp8, deep)");
-    return;
-  }
   if (fp8)
     launch_chained(indexer::indexer_scores_wgmma_kernel<true, kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem,
                    stream, args, "indexer_scores_wgmma_kernel (fp8)");

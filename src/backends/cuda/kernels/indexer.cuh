@@ -28,15 +28,13 @@
 //   N) takes each warp's key rows straight from the registers the key loads fill (the A fragment is mma.sync's, so
 //   the loads and their dim permutation are the warp kernel's) and the queries from shared memory: K-major in the
 //   128-byte swizzle, with head_dim permuted exactly as the keys' fragments permute it. A warpgroup owns a 64-key
-//   tile (16 rows per warp) and keeps the next tile's keys (fp8: the next two) in flight while its MMAs run.
-//   Measured (H200, T = 1): fp8 1.2-1.8× the mma.sync kernel (256K keys: 13.7 µs, 61 % of its byte floor), bf16
-//   0.8-0.96× (its own key bytes bind there, and mma.sync was not far from them).
-// - Tiles in flight in registers (pipelined_key_tiles): the SASS of session 18's kernel copied each tile's registers
-//   down a queue (`current = ahead`) at the top of the next iteration, and a register copy waits for the load that
-//   fills it: one fp8 tile per warp was in flight while another was multiplied, not two, about 32 KB per SM against
-//   the ≈ 32 KB per µs per SM the H200's bandwidth asks (the H100 asks 23). fp8 now rotates a ring of three tiles by
-//   unrolling, and the copies into the MMA's register quads (the loads' 16-byte groups differ from the quads) are
-//   forced next to the MMA (wgmma_key_operands).
+//   tile (16 rows per warp) and keeps the next tile's keys in flight while its MMAs run. Measured (H200, T = 1):
+//   fp8 1.2-1.8× the mma.sync kernel (256K keys: 13.7 µs, 61 % of its byte floor), bf16 0.8-0.96× (its own key
+//   bytes bind there, and mma.sync was not far from them). The SASS copies the fp8 tiles ahead down a queue at the
+//   top of each iteration, a copy that waits for the loads it reads, so a warp has about one tile in flight, not
+//   two. More in flight lost (session 19, H200, 256K keys): a ring of three tiles rotated by unrolling, the copies
+//   into the MMA's register quads placed at the MMA, 14.6 µs; four tiles (heads in two m64n32 passes) 15.7; the
+//   queue 13.5. Latency is not what binds it.
 // - Streamed warpgroup variant (indexer_scores_streamed_kernel, IndexerScoresKernel::WarpgroupStreamed), bf16 keys
 //   only: the register-fed kernel keeps only one bf16 tile ahead per warpgroup, the registers' limit. Here each
 //   warpgroup streams its key tiles through a ring of shared-memory stages (cp.async, 16 bytes per copy, placed in the
@@ -713,24 +711,19 @@ __device__ __forceinline__ uint32_t wgmma_query_offset(int head, int dim) {
                   (byte & 15));
 }
 
-// Adds Σ_h w_h·ReLU(D[row, h]) over kHeads heads of a warpgroup tile's D[64 keys × kHeads heads] (w: those heads'
-// scaled weights + 2·quad) for the lane's two rows of the warp's 16: sum[0] row group, sum[1] row 8 + group. D's
-// n-tile j: d[4j], d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
-template <int kHeads>
-__device__ __forceinline__ void add_weighted_relu_heads(float (&sum)[2], const float (&d)[kHeads / 2], const float* w) {
+// Σ_h w_h·ReLU(D[row, h]) of a warpgroup tile's D[64 keys × 64 heads] (w: a query's 64 scaled head weights) for the
+// lane's two rows of the warp's 16, quad-reduced: sum[0] row group, sum[1] row 8 + group. D's n-tile j: d[4j],
+// d[4j + 1] at row group, heads 8j + 2·quad, +1; d[4j + 2], d[4j + 3] at row 8 + group.
+__device__ __forceinline__ void weighted_relu_rows(float (&sum)[2], const float (&d)[32], const float* weights,
+                                                   int quad) {
+  const float* w = weights + 2 * quad;
+  sum[0] = sum[1] = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kHeads / 8; ++j) {
+  for (int j = 0; j < kWgmmaHeads / 8; ++j) {
     const float2 wj = *reinterpret_cast<const float2*>(w + 8 * j);
     sum[0] += wj.x * fmaxf(d[4 * j], 0.0f) + wj.y * fmaxf(d[4 * j + 1], 0.0f);
     sum[1] += wj.x * fmaxf(d[4 * j + 2], 0.0f) + wj.y * fmaxf(d[4 * j + 3], 0.0f);
   }
-}
-
-// The whole row sum over the 64 heads (w: a query's scaled head weights), quad-reduced.
-__device__ __forceinline__ void weighted_relu_rows(float (&sum)[2], const float (&d)[32], const float* weights,
-                                                   int quad) {
-  sum[0] = sum[1] = 0.0f;
-  add_weighted_relu_heads<kWgmmaHeads>(sum, d, weights + 2 * quad);
   quad_reduce(sum);
 }
 
@@ -766,83 +759,32 @@ __device__ __forceinline__ void load_wgmma_key_tile(WgmmaKeyTile<kFp8>& tile, co
   }
 }
 
-// The A registers of a tile's k steps (fp8: 4 of k32, bf16: 8 of k16), step s = words 2s and 2s + 1 of both halves
-// (bf16: pair s / 2, sub s % 2 of load_key_tile's uint4s), each word XOR `zero`: a zero the compiler cannot see
-// through, taken from shared memory at the multiply. The MMA wants each step's four words in consecutive registers,
-// grouped unlike the loads' 16-byte destinations, so the compiler must copy them somewhere: the XOR puts those
-// copies here, after the loads have landed. Left to itself it copies right behind each load, which waits for it
-// there and leaves no tile in flight while another one is multiplied.
+// The tile's registers belong to the tensor core until the wait: keeps the compiler from touching them earlier.
 template <bool kFp8>
-struct WgmmaKeyOperands {
-  uint32_t a[kFp8 ? kWgmmaHeadDim / 32 : kWgmmaHeadDim / 16][4];
-};
-
-template <bool kFp8>
-__device__ __forceinline__ WgmmaKeyOperands<kFp8> wgmma_key_operands(const WgmmaKeyTile<kFp8>& tile, uint32_t zero) {
-  WgmmaKeyOperands<kFp8> operands;
-#pragma unroll
-  for (int s = 0; s < int(sizeof(operands.a) / sizeof(operands.a[0])); ++s) {
-    operands.a[s][0] = tile.words[0][2 * s] ^ zero, operands.a[s][1] = tile.words[1][2 * s] ^ zero;
-    operands.a[s][2] = tile.words[0][2 * s + 1] ^ zero, operands.a[s][3] = tile.words[1][2 * s + 1] ^ zero;
-  }
-  return operands;
-}
-
-// The operands belong to the tensor core until the wait: keeps the compiler from touching them earlier.
-template <bool kFp8>
-__device__ __forceinline__ void fence_key_operands(WgmmaKeyOperands<kFp8>& operands) {
-#pragma unroll
-  for (auto& step : operands.a) sm90::fence_operand(step);
-}
-
-// D[64 × 32] (+)= A[64 × 32] · B[32 × 32]ᵀ, e4m3 → fp32, A from registers (A/B experiment "deep", temporary).
-__device__ __forceinline__ void wgmma_m64n32k32_e4m3_rs(float (&d)[16], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                        uint32_t a3, uint64_t b_desc, int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
-      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_16 "}, "
-      "{%16, %17, %18, %19}, %20, p_acc, 1, 1;\n"
-      "}\n"
-      : DSV4_WGMMA_ACCUMULATORS_16
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
-// fp8 heads 32·pass .. +32 of one query's D for the warpgroup's key tile (B rows 32·pass.. of its tile: 4 KB on),
-// all k steps, committed (not waited for).
-__device__ __forceinline__ void issue_wgmma_scores_half(float (&d)[16], const WgmmaKeyOperands<true>& operands,
-                                                        const unsigned char* query_tile, int pass) {
-  const uint64_t descriptor = sm90::make_sw128_k_major_descriptor(query_tile + pass * (kWgmmaHeads / 2) * 128);
-#pragma unroll
-  for (int t = 0; t < kWgmmaHeadDim / 32; ++t)
-    wgmma_m64n32k32_e4m3_rs(d, operands.a[t][0], operands.a[t][1], operands.a[t][2], operands.a[t][3],
-                            sm90::advance_descriptor(descriptor, 32 * t), t > 0);
-  sm90::wgmma_commit_group();
+__device__ __forceinline__ void fence_key_tile(WgmmaKeyTile<kFp8>& tile) {
+  sm90::fence_operand(tile.words[0]);
+  sm90::fence_operand(tile.words[1]);
 }
 
 // One query's D[64 keys × 64 heads] for the warpgroup's key tile: all k steps, committed (not waited for).
 template <bool kFp8>
-__device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKeyOperands<kFp8>& operands,
+__device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKeyTile<kFp8>& tile,
                                                    const unsigned char* query_tile) {
   if constexpr (kFp8) {
     const uint64_t descriptor = sm90::make_sw128_k_major_descriptor(query_tile);
 #pragma unroll
     for (int t = 0; t < kWgmmaHeadDim / 32; ++t)
-      sm90::wgmma_m64n64k32_e4m3_rs(d, operands.a[t][0], operands.a[t][1], operands.a[t][2], operands.a[t][3],
-                                    sm90::advance_descriptor(descriptor, 32 * t), t > 0);
+      sm90::wgmma_m64n64k32_e4m3_rs(d, tile.words[0][2 * t], tile.words[1][2 * t], tile.words[0][2 * t + 1],
+                                    tile.words[1][2 * t + 1], sm90::advance_descriptor(descriptor, 32 * t), t > 0);
   } else {
 #pragma unroll
     for (int s = 0; s < kWgmmaHeadDim / 16; ++s) {
       // Step s = 2·pair + sub: words 4·pair + 2·sub (dims .. +1, k 2·quad) and + 1 (dims +2, +3, k 8 + 2·quad).
+      const int pair = s >> 1, sub = s & 1;
       const uint64_t descriptor =
           sm90::make_sw128_k_major_descriptor(query_tile + (s >> 2) * (kWgmmaHeads * 128));
-      sm90::wgmma_m64n64k16_bf16_rs(d, operands.a[s][0], operands.a[s][1], operands.a[s][2], operands.a[s][3],
+      sm90::wgmma_m64n64k16_bf16_rs(d, tile.words[0][4 * pair + 2 * sub], tile.words[1][4 * pair + 2 * sub],
+                                    tile.words[0][4 * pair + 2 * sub + 1], tile.words[1][4 * pair + 2 * sub + 1],
                                     sm90::advance_descriptor(descriptor, 32 * (s & 3)), s > 0);
     }
   }
@@ -870,45 +812,10 @@ __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
-// The register-fed kernels' key loop: body(tile registers, tile) for tile = first, first + step, … below `count`,
-// the next kAhead tiles' loads in flight meanwhile. ring[i] holds tile first + i·step on entry (the caller's loads);
-// load(registers, tile) loads one. The unrolled loop rotates the ring instead of copying the tiles down a queue: a
-// copy waits for the loads it reads, so a queue keeps only the newest tile in flight per warp. kRotate false: the
-// queue (A/B switch, temporary).
-template <int kAhead, bool kRotate, class Tile, class Load, class Body>
-__device__ __forceinline__ void pipelined_key_tiles(Tile (&ring)[kAhead + 1], int first, int count, int step,
-                                                    Load&& load, Body&& body) {
-  constexpr int kRing = kAhead + 1;
-  if constexpr (!kRotate) {
-    for (int tile = first; tile < count; tile += step) {
-      load(ring[kAhead], tile + kAhead * step);
-      body(ring[0], tile);
-#pragma unroll
-      for (int i = 0; i < kAhead; ++i) ring[i] = ring[i + 1];
-    }
-  } else {
-    for (int tile = first; tile < count; tile += kRing * step) {
-#pragma unroll
-      for (int r = 0; r < kRing; ++r) {
-        const int current = tile + r * step;
-        if (current >= count) return;
-        load(ring[(r + kAhead) % kRing], current + kAhead * step);
-        body(ring[r], current);
-      }
-    }
-  }
-}
-
-// Scores on warpgroup MMAs (see NOTES). A programmatic dependent, as the warp kernels. A warpgroup keeps one bf16
-// tile (64 bytes per lane) or two fp8 tiles in flight ahead of the one multiplied; fp8 rotates them in a ring
-// (pipelined_key_tiles), bf16 copies them down a queue: its ring with the operand copies of wgmma_key_operands needs
-// 32 more registers than two CTAs per SM leave.
-// kAhead 3 (fp8 only, A/B experiment "deep", temporary): three tiles ahead, the heads in two passes of 32 (half the
-// accumulator registers) to make room for the fourth tile.
-template <bool kFp8, bool kSelect, bool kRotate = kFp8, int kAhead = kFp8 ? 2 : 1>
+// Scores on warpgroup MMAs (see NOTES). A programmatic dependent, as the warp kernels.
+template <bool kFp8, bool kSelect>
 __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
     indexer_scores_wgmma_kernel(ScoresArgs args) {
-  static_assert(kAhead < 3 || (kFp8 && kRotate));
   allow_dependents();
   wait_for_prior_grids();
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -930,13 +837,15 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   // 32-bit key arithmetic (key_count < 2^30, checked by the launcher).
   const int key_count = int(args.key_count);
   const int step = int(gridDim.x) * kWgmmaWarpgroups;
-  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
-  // The first tiles' keys are in flight while the query operands are stored.
-  WgmmaKeyTile<kFp8> ring[kAhead + 1];
-#pragma unroll
-  for (int i = 0; i < kAhead; ++i)
-    load_wgmma_key_tile<kFp8>(ring[i], keys, key_scales, (first_tile + i * step) * kWgmmaKeysPerTile + row_in_tile,
-                              key_count, group, quad);
+  int tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
+  // The first tiles' keys are in flight while the query operands are stored. A warp keeps one bf16 tile (64 bytes
+  // per lane) or two fp8 tiles ahead of the one multiplied.
+  WgmmaKeyTile<kFp8> current, ahead, after;
+  load_wgmma_key_tile<kFp8>(current, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, key_count, group,
+                            quad);
+  if constexpr (kFp8)
+    load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, key_count,
+                              group, quad);
   load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
   if (threadIdx.x < queries)
     visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
@@ -945,53 +854,33 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
-  const auto load = [&](WgmmaKeyTile<kFp8>& registers, int tile) {
-    load_wgmma_key_tile<kFp8>(registers, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, max_visible, group,
-                              quad);
-  };
-  // Warpgroup-uniform: every wgmma below has all 128 threads.
-  pipelined_key_tiles<kAhead, kRotate>(ring, first_tile, tiles, step, load, [&](WgmmaKeyTile<kFp8>& current, int tile) {
+  for (; tile < tiles; tile += step) {  // warpgroup-uniform: every wgmma below has all 128 threads
     const int tile_key0 = tile * kWgmmaKeysPerTile, key0 = tile_key0 + row_in_tile;
+    const int distance = kFp8 ? 2 : 1;
+    load_wgmma_key_tile<kFp8>(kFp8 ? after : ahead, keys, key_scales,
+                              (tile + distance * step) * kWgmmaKeysPerTile + row_in_tile, max_visible, group, quad);
     // Quad lanes 0 and 1 store rows key0 + group and key0 + 8 + group after the quad reduction.
     const int out_row = key0 + 8 * (quad & 1) + group;
     for (int query = 0; query < queries; ++query) {
       float* out = args.scores + (first_query + query) * args.score_stride;
-      const int64_t visible_count = visible[query];
-      const int query_visible = int(visible_count);
+      const int query_visible = int(visible[query]);
       float result = -std::numeric_limits<float>::infinity();
       if (tile_key0 < query_visible) {  // warpgroup-uniform
-        // visible_count < 2^31: its upper word is the zero of wgmma_key_operands (only the ring needs one).
-        WgmmaKeyOperands<kFp8> operands =
-            wgmma_key_operands<kFp8>(current, kRotate ? uint32_t(visible_count >> 32) : 0u);
-        const unsigned char* query_tile = query_tiles + query * wgmma_query_tile_bytes(kFp8);
+        float d[32];
+        sm90::wgmma_fence();
+        issue_wgmma_scores<kFp8>(d, current, query_tiles + query * wgmma_query_tile_bytes(kFp8));
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(d);
+        fence_key_tile<kFp8>(current);
         float sum[2];
-        if constexpr (kAhead == 3) {
-          sum[0] = sum[1] = 0.0f;
-#pragma unroll
-          for (int pass = 0; pass < 2; ++pass) {
-            float d[16];
-            sm90::wgmma_fence();
-            issue_wgmma_scores_half(d, operands, query_tile, pass);
-            sm90::wgmma_wait_group<0>();
-            sm90::fence_operand(d);
-            add_weighted_relu_heads<kWgmmaHeads / 2>(sum, d, weights + query * kWgmmaHeads + 32 * pass + 2 * quad);
-          }
-          fence_key_operands<kFp8>(operands);
-          quad_reduce(sum);
-        } else {
-          float d[32];
-          sm90::wgmma_fence();
-          issue_wgmma_scores<kFp8>(d, operands, query_tile);
-          sm90::wgmma_wait_group<0>();
-          sm90::fence_operand(d);
-          fence_key_operands<kFp8>(operands);
-          weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
-        }
+        weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
         if (out_row < query_visible) result = current.scale * ((quad & 1) ? sum[1] : sum[0]);
       }
       if (quad < 2 && out_row < key_count) out[out_row] = result;
     }
-  });
+    current = ahead;
+    if constexpr (kFp8) ahead = after;
+  }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
                              reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
