@@ -16,8 +16,9 @@
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
 //   a double-precision sincos);
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: lean for the CSA
-//   prefill chunks, staged for HCA's, registers for decode steps): staged for the CSA prefill chunks, registers for
-//   HCA's, staged for decode steps, against the default;
+//   indexer's and the CSA pair's prefill chunks, staged for the CSA main compressor's alone and HCA's, registers for
+//   decode steps): staged, lean for the CSA main compressor's chunk, registers for HCA's, staged for decode steps,
+//   against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -265,24 +266,27 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
                   "runs loaded before the wait; baseline: the same step with the runs after it"});
 }
 
-// The slot loads Auto does not pick for the step: staged for a CSA prefill chunk (lean by default), registers for an
-// HCA one (staged), staged for decode steps (registers).
-CompressorSlotLoads other_slot_loads(const Step& s, bool overlapping) {
+// The slot loads Auto does not pick for the step (auto_loads: its choice for the step's prefill chunk): staged for a
+// lean prefill chunk, lean for a staged CSA one, registers for HCA's; staged for decode steps (registers).
+CompressorSlotLoads other_slot_loads(const Step& s, bool overlapping, CompressorSlotLoads auto_loads) {
   if (s.start_in_window != -1) return CompressorSlotLoads::Staged;
-  return overlapping ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+  if (auto_loads == CompressorSlotLoads::Lean) return CompressorSlotLoads::Staged;
+  return overlapping ? CompressorSlotLoads::Lean : CompressorSlotLoads::Registers;
 }
 
 // Every step again with its slot loads forced to other_slot_loads: against the default (baseline column).
-void add_slot_loads_row(const Step& s, bool overlapping, const std::string& op, double default_us, double bytes,
-                        double copy_gbps, const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
-                        const std::function<void(cudaStream_t)>& body) {
-  const bool staged = other_slot_loads(s, overlapping) == CompressorSlotLoads::Staged;
-  const std::string variant = std::string(s.variant) + (staged ? ", staged slot loads" : ", register slot loads");
+void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::string& op, double default_us,
+                        double bytes, double copy_gbps, const std::string& only, cudaStream_t stream,
+                        std::vector<Row>& rows, const std::function<void(cudaStream_t)>& body) {
+  const bool prefill = s.start_in_window == -1;
+  const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
+                                                        : other == CompressorSlotLoads::Lean ? ", lean slot loads"
+                                                                                             : ", register slot loads");
   if (!selected(only, op, variant)) return;
-  const char* note = !staged ? "loads into registers; baseline: the default (staged loads)"
-                     : s.start_in_window == -1
-                         ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (lean loads)"
-                         : "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (register loads)";
+  const char* note = other == CompressorSlotLoads::Lean ? "lean loads, 128-thread CTAs; baseline: the default (staged)"
+                     : other == CompressorSlotLoads::Registers ? "loads into registers; baseline: the default (staged)"
+                     : prefill ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (lean loads)"
+                               : "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (registers)";
   rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes, note});
 }
 
@@ -315,10 +319,13 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                       }),
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
-    add_slot_loads_row(s, k.overlapping, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream,
-                       rows, [&](cudaStream_t on) {
+    // Auto's prefill choice for this compressor alone: lean where a lean CTA packs several entries (head_dim < 512).
+    const CompressorSlotLoads other = other_slot_loads(
+        s, k.overlapping, k.overlapping && k.c < 512 ? CompressorSlotLoads::Lean : CompressorSlotLoads::Staged);
+    add_slot_loads_row(s, other, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
                          CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
-                         p.slot_loads = other_slot_loads(s, k.overlapping);
+                         p.slot_loads = other;
                          run_compressor(p);
                        });
   }
@@ -410,11 +417,12 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    add_slot_loads_row(s, true, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream,
-                       rows, [&](cudaStream_t on) {
+    const CompressorSlotLoads other = other_slot_loads(s, true, CompressorSlotLoads::Lean);
+    add_slot_loads_row(s, other, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
+                       [&](cudaStream_t on) {
                          CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
                                                      index.params(runs, s.sequences, s.tokens, on)};
-                         both[0].slot_loads = both[1].slot_loads = other_slot_loads(s, true);
+                         both[0].slot_loads = both[1].slot_loads = other;
                          run_compressors(both);
                        });
     if (s.start_in_window != -1) bench_with_prepare(main, index, s, runs, fused_us, only, stream, rows);

@@ -12,7 +12,8 @@
 // output (then with the runs read before the kernel's wait, runs_ready_at_launch). Two compressors in one launch
 // (run_compressors), also with the indexer's query preparation, and every split of an entry over CTAs, forced; every
 // case again with the slot loads forced to shared-memory staging and to registers (CompressorParams::slot_loads; the
-// other tests run the default, Auto: staged prefill chunks, register decode steps), alone and in pairs.
+// other tests run the default, Auto: lean or staged prefill chunks, register decode steps), alone and in pairs, and
+// the lean slot loads forced on every case that takes them (one-pass softmax: the CPU's tolerance).
 #include <gtest/gtest.h>
 
 #include <cuda_bf16.h>
@@ -183,12 +184,6 @@ class CaseCheck {
     name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads"
              : loads == CompressorSlotLoads::Lean ? ", lean slot loads"
                                                   : ", register slot loads";
-  }
-  // After finish(): every sequence's entries as read back, in sequence order.
-  std::vector<float> outputs() const {
-    std::vector<float> all;
-    for (const Sequence& sq : sequences_) all.insert(all.end(), sq.got.begin(), sq.got.end());
-    return all;
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -460,7 +455,12 @@ class CaseCheck {
 
 // One case alone, one launch per step (cluster_ctas: CompressorParams::cluster_ctas, 0 = the launcher's choice;
 // slot_loads: CompressorParams::slot_loads, Auto = the launcher's choice).
-void run_case(CaseCheck& check) {
+void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
+                bool stacked = false, int cluster_ctas = 0,
+                CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto) {
+  CaseCheck check(c, chunks, seed, to_cache, stacked);
+  if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
+  if (slot_loads != CompressorSlotLoads::Auto) check.force_slot_loads(slot_loads);
   SCOPED_TRACE(check.name());
   ASSERT_FALSE(::testing::Test::HasFatalFailure());
   CompressorParams p;
@@ -471,15 +471,6 @@ void run_case(CaseCheck& check) {
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
   }
   check.finish();
-}
-
-void check_case(const CompressorCase& c, const std::string& chunks, uint32_t seed, bool to_cache = false,
-                bool stacked = false, int cluster_ctas = 0,
-                CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto) {
-  CaseCheck check(c, chunks, seed, to_cache, stacked);
-  if (cluster_ctas != 0) check.force_cluster(cluster_ctas);
-  if (slot_loads != CompressorSlotLoads::Auto) check.force_slot_loads(slot_loads);
-  run_case(check);
 }
 
 // Two cases sharing every launch (run_compressors) while both have steps left, then the longer one alone. With
@@ -735,30 +726,6 @@ TEST(Compressor, LeanSlotLoadsMatchTheCpuOnePass) {
       check_pair(a, b);
       ASSERT_FALSE(HasFatalFailure());
     }
-}
-
-// The lean slot loads repeat the staged path's arithmetic: the same entries bit for bit (fp32, the KV cache's bytes
-// as decoded, bf16 and fp8 keys), prefill chunks and runs that read the state.
-TEST(Compressor, LeanSlotLoadsMatchStagedBitForBit) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 3300;
-  for (const CompressorCase& c : kCases) {
-    if (!lean_case(c)) continue;
-    for (const char* chunks : {"one pass", "chunks of 3/7/13"})
-      for (const bool to_cache : {false, true}) {
-        if (to_cache && (c.rounding == CompressorStoredRounding::IndexerFp4 || c.bf16_output || c.fp8_output))
-          continue;
-        CaseCheck staged(c, chunks, seed, to_cache), lean(c, chunks, seed, to_cache);
-        ++seed;
-        staged.force_slot_loads(CompressorSlotLoads::Staged), lean.force_slot_loads(CompressorSlotLoads::Lean);
-        run_case(staged);
-        run_case(lean);
-        ASSERT_FALSE(HasFatalFailure());
-        const std::vector<float> want = staged.outputs(), got = lean.outputs();
-        ASSERT_EQ(got.size(), want.size()) << lean.name();
-        EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * 4), 0) << lean.name() << ": not bit for bit";
-      }
-  }
 }
 
 // Lean slot loads refused where a pool cannot take them (no silent fallback).

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -167,20 +166,25 @@ CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
       check(refusal == nullptr, "compressor: lean slot loads refused: ", refusal == nullptr ? "" : refusal);
     }
   if (mode != CompressorSlotLoads::Auto) return mode;
-  bool several_entries = false, lean = true, staged = true;
+  bool several_entries = false, lean = true, packs_entries = false, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
     lean = lean && lean_refusal(p) == nullptr;
+    packs_entries = packs_entries || p.head_dim < 4 * compressor::kLeanThreads;
     several_entries = several_entries || entries_per_run_of(p) > 1;
   }
   if (!several_entries) return CompressorSlotLoads::Registers;
-  return lean ? CompressorSlotLoads::Lean : staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+  // Lean where a pool packs several entries into a lean CTA (GPU round s19-2, H200, 4096 tokens: the CSA layer's pair
+  // 28.6 vs 40.0 µs staged, its indexer compressor alone 9.4 vs 13.4); a lone pool of 512-channel entries, one per
+  // lean CTA, stays staged (CSA main alone 24.6 vs 26.2 lean).
+  if (lean && packs_entries) return CompressorSlotLoads::Lean;
+  return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
 }
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot groups, whose arithmetic it repeats, and teams of c / 4 threads).
-compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads, int lean_per) {
+compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
   const bool lean = loads == CompressorSlotLoads::Lean;
   const bool staged = lean || loads == CompressorSlotLoads::Staged;
   const int64_t entries_per_run = entries_per_run_of(p);
@@ -205,12 +209,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
     groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
-  // Staged: every batch of a thread in flight at once where the ring holds them (HCA's 16 slots per thread: 4).
-  const int batches = (slots + compressor::kSlotBatch * groups - 1) / (compressor::kSlotBatch * groups);
-  int stages = std::clamp(batches, 2, compressor::kMaxStages);
-  if (const char* forced = std::getenv("DSV4_COMPRESSOR_STAGES"); forced != nullptr)  // round-2 A/B, to be removed
-    stages = std::clamp(std::atoi(forced), 2, compressor::kMaxStages);
-  const int lean_teams = lean ? compressor::lean_threads(lean_per) / (c / lean_per) : 0;
+  const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
   const int ratio_log2 = (p.ratio & (p.ratio - 1)) == 0 ? std::countr_zero(uint64_t(p.ratio)) : -1;
   return compressor::PoolArgs{.c = c,
@@ -249,7 +248,6 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .channels_per_cta = channels,
                               .pairs_padded = pairs_padded,
                               .groups = groups,
-                              .stages = stages,
                               .cluster_div = compressor::FastDivisor::of(uint32_t(cluster)),
                               .entries_div = compressor::FastDivisor::of(uint32_t(entries_per_run)),
                               .pairs_padded_div = compressor::FastDivisor::of(uint32_t(pairs_padded)),
@@ -259,7 +257,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2)),
                               .lean_teams = lean_teams,
                               .rows = entries,
-                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / lean_per : 1))};
+                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -276,18 +274,15 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   }
   const CompressorSlotLoads loads = slot_loads_of(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
-  // Round-2 A/B (to be removed): DSV4_COMPRESSOR_LEAN_PAIRS=1 pools lean entries two channels per thread.
-  const int lean_per = std::getenv("DSV4_COMPRESSOR_LEAN_PAIRS") != nullptr ? 2 : 4;
   compressor::LaunchArgs launch{};
-  int hardware_cluster = 1, threads = 0, stages = 0;
+  int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, loads, lean_per);
+    const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
-    stages = std::max(stages, pool.stages);
-    threads = lean ? compressor::lean_threads(lean_per) : std::max(threads, pool.pairs_padded * pool.groups);
+    threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
@@ -313,14 +308,9 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads, stages);
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
   using enum CompressorSlotLoads;
-  // Round-2 A/B (to be removed): DSV4_COMPRESSOR_LEAN_EXACT=1 pools lean entries with the staged path's arithmetic.
-  const bool lean_exact = std::getenv("DSV4_COMPRESSOR_LEAN_EXACT") != nullptr;
-  const auto kernel = lean ? (lean_per == 2 ? (lean_exact ? compressor::compressor_kernel<false, Lean, true, 2>
-                                                          : compressor::compressor_kernel<false, Lean, false, 2>)
-                                            : (lean_exact ? compressor::compressor_kernel<false, Lean, true, 4>
-                                                          : compressor::compressor_kernel<false, Lean, false, 4>))
+  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>
                                                 : compressor::compressor_kernel<true, Registers>)
                                       : (staged ? compressor::compressor_kernel<false, Staged>

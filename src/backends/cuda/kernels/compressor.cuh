@@ -54,10 +54,9 @@ inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
 // Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
-// slots copied by cp.async into a ring of PoolArgs::stages (2 to kMaxStages) batches in shared memory (value, score
-// and ape pairs).
+// slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
-inline constexpr int kMaxStages = 4;
+inline constexpr int kStages = 2;
 inline constexpr float kNegativeInfinity = -std::numeric_limits<float>::infinity();
 
 // x div d and x mod d for 0 ≤ x < 2^31 by a multiply-high, an add and a shift (Granlund and Montgomery's round-up
@@ -122,7 +121,6 @@ struct PoolArgs {
   int channels_per_cta;
   int pairs_padded;      // threads per slot group (channels_per_cta / 2 rounded up to 32)
   int groups;            // slot groups
-  int stages;            // staged slot loads: batches of a thread in flight (the ring's stages)
   // Divisors of the CTA and state-item arithmetic: cluster_ctas, entries_per_run, pairs_padded; the state's pairs and
   // rows of pairs (halves · pairs) for a channel slice (channels_per_cta) and for the whole entry (c).
   FastDivisor cluster_div, entries_div, pairs_padded_div, slice_pairs_div, slice_row_div, whole_pairs_div,
@@ -151,9 +149,7 @@ inline size_t pool_smem_bytes(int channels, int groups) {
 }
 
 // The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
-inline size_t staging_smem_bytes(int threads, int stages) {
-  return size_t(stages) * kSlotBatch * 3 * threads * sizeof(float2);
-}
+inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -353,18 +349,7 @@ __device__ __forceinline__ int64_t window_first_position(const PoolArgs& a, int6
   return (w - (a.overlapping ? 1 : 0)) * a.ratio;
 }
 
-// Waits until at most `pending` (< kMaxStages) of the thread's cp.async groups are in flight.
-__device__ __forceinline__ void cp_async_wait_pending(int pending) {
-  static_assert(kMaxStages == 4, "one case per count of groups left in flight");
-  switch (pending) {
-    case 0: ptx::cp_async_wait<0>(); break;
-    case 1: ptx::cp_async_wait<1>(); break;
-    case 2: ptx::cp_async_wait<2>(); break;
-    default: ptx::cp_async_wait<3>(); break;
-  }
-}
-
-// Loads as cp.async copies into the thread's part of the ring (a.stages batches in flight, no registers held while
+// Loads as cp.async copies into the thread's part of the ring (kStages batches in flight, no registers held while
 // they are): a prefill CTA keeps its window's bytes in flight with the registers of a few values.
 __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunView& r, const PoolingTask& t,
                                                   float2* ring, RopeFactors& rope, OnlineSoftmax& channel0,
@@ -401,13 +386,17 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     }
     ptx::cp_async_commit();
   };
-  const int stages = a.stages;
-  for (int b = 0; b < min(stages, batches); ++b) issue(b, b);
+  static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
+  issue(0, 0);
+  if (batches > 1) issue(1, 1);
   if (t.rope_here) rope = window_rope(a, t);
-  for (int b = 0, stage = 0; b < batches; ++b, stage = stage + 1 == stages ? 0 : stage + 1) {
-    // The batches issued after this one may stay in flight.
-    cp_async_wait_pending(min(batches, b + stages) - b - 1);
+  for (int b = 0; b < batches; ++b) {
+    if (b + 1 < batches)
+      ptx::cp_async_wait<1>();
+    else
+      ptx::cp_async_wait<0>();
     compiler_memory_fence();
+    const int stage = b & 1;
     SlotValue slot[kSlotBatch];
     bool valid[kSlotBatch];
 #pragma unroll
@@ -425,7 +414,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
-    if (b + stages < batches) issue(b + stages, stage);
+    if (b + 2 < batches) issue(b + 2, stage);
   }
 }
 
@@ -911,36 +900,24 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 // ---- Lean slot loads (CompressorSlotLoads::Lean) ----
 // A team of c / 4 threads pools one entry, thread i channels 4i .. 4i + 3 (two RoPE pairs; a 64-channel fp8 block is
 // 16 lanes); a 128-thread CTA holds 512 / c teams. Every slot of the window (at most kLeanSlots) is loaded at once
-// by 16-byte loads, from 32-bit offsets off the window's first row when the window lies in the run. The arithmetic is
-// the staged path's: the same slot groups (PoolArgs::groups, 1 or 2), batches of kSlotBatch in the same order, the
-// same merge, the RMSNorm's sums over the same 64-channel blocks in the same order (a 16-lane butterfly over pairs
-// is the staged path's 32-lane one). The state: tickets per entry as there; the run's last ticket-taking entry's
-// CTA updates the whole state.
+// by 16-byte loads, from 32-bit offsets off the window's first row when the window lies in the run, and pooled by
+// window_softmax (one pass; the staged path's expf batches with online rescales and group merges cost ≈ 400 more
+// instructions per thread: GPU round s19-2, H200, the CSA pair 33.4 vs 28.6 µs). The RMSNorm sums the same 64-channel
+// blocks in the same order as the staged path (a 16-lane butterfly over pairs is its 32-lane one). The state: tickets
+// per entry as there; the run's last ticket-taking entry's CTA updates the whole state.
+inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
-inline constexpr int kLeanMaxTeams = 4;  // head_dim ≥ 128
-// CTA threads for kPer channels per thread: an entry of up to 512 channels in one CTA.
-constexpr int lean_threads(int per) { return per == 4 ? 128 : 256; }
+inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
 
-// A thread's kPer consecutive channels, loaded and stored as one 16- or 8-byte access.
-template <int kPer>
-struct LeanFloats {
-  float v[kPer];
-  __device__ __forceinline__ static LeanFloats load(const float* p) {
-    if constexpr (kPer == 4) {
-      const float4 x = *reinterpret_cast<const float4*>(p);
-      return {{x.x, x.y, x.z, x.w}};
-    } else {
-      const float2 x = *reinterpret_cast<const float2*>(p);
-      return {{x.x, x.y}};
-    }
-  }
-  __device__ __forceinline__ static void store(float* p, const float (&x)[kPer]) {
-    if constexpr (kPer == 4)
-      *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
-    else
-      *reinterpret_cast<float2*>(p) = make_float2(x[0], x[1]);
-  }
+// A thread's four consecutive channels, loaded as one 16-byte access.
+struct Quad {
+  float v[4];
 };
+
+__device__ __forceinline__ Quad load_quad(const float* p) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  return {{x.x, x.y, x.z, x.w}};
+}
 
 // Channels channel .. channel + 3 of an entry in the cache's layout (kv_store_pair's rule for four channels: the
 // fp8 block's amax over its 16 lanes; the fp8 and rope parts never share a thread, rope_dim being a multiple of 4).
@@ -975,8 +952,8 @@ __device__ __forceinline__ void lean_store_cache(const KvEntryLayout& layout, ui
   }
 }
 
-// Slot of the thread's visit v (batch v / kSlotBatch): groups 1: slots in order; groups 2: group v / kSlotBatch takes
-// slots g, g + 2, … as the staged path's slot groups do.
+// Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
+// v / kSlotBatch = g take slots g, g + 2, …).
 __device__ __forceinline__ int lean_slot(int v, int groups) {
   return groups == 1 ? v : v / kSlotBatch + 2 * (v % kSlotBatch);
 }
@@ -1008,33 +985,29 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// CTA `local` of a lean pool: its teams' entries. kExact: the staged path's softmax arithmetic (slot groups, batches,
-// expf; the same bits), else window_softmax.
-template <bool kExact, int kPer>
+// CTA `local` of a lean pool: its teams' entries.
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
-  constexpr int kThreads = lean_threads(kPer), kBlockLanes = 64 / kPer;  // a 64-channel block's lanes
-  __shared__ float block_sums[kThreads / kBlockLanes];  // one 64-channel block's sum of squares each
+  __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
-  const int team_threads = a.c / kPer, blocks = a.c / 64;
+  const int team_threads = a.c / 4, blocks = a.c / 64;
   const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
-  const int channel = kPer * thread, lane = int(threadIdx.x) & 31;
+  const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
   const int64_t row = local * a.lean_teams + team;
   const bool real = row < a.rows;
   const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
   const int entry = real ? int(a.entries_div.mod(uint32_t(row))) : 0;
-  using Lanes = LeanFloats<kPer>;
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
   const int rope_begin = a.c - a.rope_dim;
   const bool rope_here = channel >= rope_begin;
   const int rope_pair = (channel - rope_begin) / 2;
-  const Lanes weight = Lanes::load(a.norm_weight + channel);
-  float frequency[kPer / 2] = {};
+  const Quad weight = load_quad(a.norm_weight + channel);
+  float frequency[2] = {0.0f, 0.0f};
   if (rope_here && a.rope_table == nullptr)
 #pragma unroll
-    for (int j = 0; j < kPer / 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
+    for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
@@ -1048,13 +1021,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
   }
 
-  float pooled[kPer] = {};
-  RopeFactors rope[kPer / 2];
-#pragma unroll
-  for (int j = 0; j < kPer / 2; ++j) rope[j] = {1.0f, 0.0f};
+  float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
   if (e.emitting) {
-    Lanes value[kLeanSlots] = {}, score[kLeanSlots] = {};
+    Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
     bool valid[kLeanSlots], from_run[kLeanSlots];
     if (in_run) {
       // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
@@ -1066,7 +1037,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
         valid[v] = s < slots, from_run[v] = true;
         if (valid[v]) {
           const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-          value[v] = Lanes::load(r.kv + offset), score[v] = Lanes::load(r.gate + offset);
+          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
         }
       }
     } else {
@@ -1074,16 +1045,16 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
       for (int v = 0; v < kLeanSlots; ++v) {
         const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
         const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-        value[v] = Lanes::load(source.value), score[v] = Lanes::load(source.score);
+        value[v] = load_quad(source.value), score[v] = load_quad(source.score);
         valid[v] = p.valid, from_run[v] = source.in_run;
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
-    Lanes ape[kLeanSlots] = {};
+    Quad ape[kLeanSlots] = {};
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = Lanes::load(a.ape + lean_ape_offset(a, s, channel));
+      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
     }
     // The cache row's page and the RoPE factors while the slots load.
     if (a.cache.pool != nullptr)
@@ -1091,10 +1062,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
           a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
     if (rope_here)
 #pragma unroll
-      for (int j = 0; j < kPer / 2; ++j)
+      for (int j = 0; j < 2; ++j)
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
+    for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
@@ -1102,39 +1073,19 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
         scores[v] = valid[v] ? sc : kNegativeInfinity;
       }
-      if constexpr (kExact) {
-        // Batch b of kSlotBatch visits: group 0's batches in order (groups 1), or group b's only batch (groups 2).
-        OnlineSoftmax part[2];
-#pragma unroll
-        for (int b = 0; b < kLeanSlots / kSlotBatch; ++b) {
-          float batch_values[kSlotBatch], batch_scores[kSlotBatch];
-#pragma unroll
-          for (int k = 0; k < kSlotBatch; ++k)
-            batch_values[k] = values[b * kSlotBatch + k], batch_scores[k] = scores[b * kSlotBatch + k];
-          if (a.groups == 1)
-            part[0].add(batch_values, batch_scores);
-          else
-            part[b].add(batch_values, batch_scores);
-        }
-        pooled[i] = a.groups == 1 ? merge_partials(1, [&](int) { return part[0]; })
-                                  : merge_partials(2, [&](int g) { return g == 0 ? part[0] : part[1]; });
-      } else {
-        pooled[i] = window_softmax(values, scores);
-      }
+      pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
   }
 
-  // RMSNorm: each 64-channel block's sum over its lanes as the staged path's warp sum (a butterfly over the pairs),
-  // then the entry's blocks in order.
-  float square[kPer / 2];
+  // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
+  // blocks in order.
+  float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
 #pragma unroll
-  for (int j = 0; j < kPer / 2; ++j) square[j] = pair_square(pooled[2 * j], pooled[2 * j + 1]);
+  for (int m = 8; m > 0; m /= 2)
 #pragma unroll
-  for (int m = kBlockLanes / 2; m > 0; m /= 2)
-#pragma unroll
-    for (int j = 0; j < kPer / 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
-  if (lane % kBlockLanes == 0) block_sums[threadIdx.x / kBlockLanes] = kPer == 4 ? square[0] + square[kPer / 4] : square[0];
+    for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
+  if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
   __syncthreads();  // also: every pooling read of the state is done (the ticket below)
   float total = 0.0f;
   for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
@@ -1151,65 +1102,40 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     team_runs[team] = run;
   }
 
-  float v[kPer] = {};
   if (e.emitting) {
     const float inv_rms = inverse_rms(total, a.c, a.norm_eps);
+    float v[4];
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
+    for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
     if (rope_here)
 #pragma unroll
-      for (int j = 0; j < kPer / 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
+      for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
     if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
       const bool nope = !rope_here;
       float amax = 0.0f;
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
+      for (int i = 0; i < 4; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
 #pragma unroll
-      for (int m = kBlockLanes / 2; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+      for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
       const float scale = kv_fp8_scale(amax);
 #pragma unroll
-      for (int j = 0; j < kPer / 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
+      for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
     }
-  }
-  // The indexer rounding and fp8 keys (c = 128) on one warp holding 4 channels per lane: the team itself (kPer 4),
-  // or its first warp after an exchange through shared memory (kPer 2; barriers: every team takes part).
-  bool stored_already = a.slot_entries_fp8 != nullptr;
-  if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr) {
-    if constexpr (kPer == 4) {
-      if (e.emitting) finish_warp_vector<4>(a, v, lane, run.slot, e.w);
-    } else {
-      __shared__ float team_vectors[kLeanMaxTeams][128];
-      if (e.emitting)
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) team_vectors[team][channel + i] = v[i];
-      __syncthreads();
-      if (e.emitting && thread < 32) finish_whole_vector<4>(a, team_vectors[team], thread, run.slot, e.w);
-      __syncthreads();
-      if (e.emitting)
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) v[i] = team_vectors[team][channel + i];
-    }
-  }
-  if (e.emitting) {
+    // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
+    if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
+      finish_warp_vector<4>(a, v, lane, run.slot, e.w);
     if (a.cache.pool != nullptr) {
-      if constexpr (kPer == 4)
-        lean_store_cache(a.cache.layout, stored, channel, v);
-      else
-        kv_store_pair(a.cache.layout, stored, channel, true, v[0], v[1]);
+      lean_store_cache(a.cache.layout, stored, channel, v);
       kv_store_pad(a.cache.layout, stored, thread);
-    } else if (!stored_already) {
+    } else if (a.slot_entries_fp8 == nullptr) {
       if (a.entries != nullptr) {
-        Lanes::store(a.entries + row * a.c + channel, v);
+        *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
       } else if (e.w < a.slot_entry_capacity) {
-        __nv_bfloat16* out = a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel;
-        if constexpr (kPer == 4) {
-          const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
-          uint2 packed;
-          packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
-          *reinterpret_cast<uint2*>(out) = packed;
-        } else {
-          *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(v[0], v[1]);
-        }
+        const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
+        *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
+            packed;
       }
     }
   }
@@ -1240,14 +1166,14 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 }
 
 // The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
-// not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernels three
-// 128-thread CTAs per SM with four channels per thread (a window's slots and four softmaxes take ≈ 160 registers), two
-// 256-thread CTAs with two (116 registers; three spill).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kLeanExact = false, int kLeanPer = 4>
-__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? lean_threads(kLeanPer)
+// not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
+// 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
+// thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads>
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? (kLeanPer == 4 ? 3 : 2)
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1260,7 +1186,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? lean
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kLeanExact, kLeanPer>(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged>(a, int64_t(blockIdx.x) - a.first_cta,
                                                                    launch.hardware_cluster, smem);

@@ -58,13 +58,14 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 
 // How the pooling loads a window's slots. Registers: each thread's batch of loads into registers (CTAs up to 512
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
-// (CTAs up to 256 threads, an entry's slice at most 512 channels). Lean: 128-thread CTAs, four channels per thread
-// and a window's slots (at most 8) in one round of 16-byte loads with 32-bit offsets, up to four entries per CTA
-// (head_dim 128, 256 or 512, entries in one CTA each, kv, gate, ape and the outputs 16-byte aligned
-// with row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4; the same bits as
-// Staged). Auto: for launches whose runs complete several entries (prefill chunks) Lean where every pool takes it,
-// else Staged where every slice fits (1.2-2.1× faster than registers on an H200); Registers otherwise (decode
-// steps, where Staged was 0.8-1.1×).
+// (CTAs up to 256 threads, an entry's slice at most 512 channels). Lean: 128-thread CTAs of up to four entries, four
+// channels per thread, a window's slots (at most 8) in one round of 16-byte loads from 32-bit offsets and a one-pass
+// softmax on the MUFU's 2^x (entries within ≈ 1e-6 of the other paths', not their bits); head_dim 128, 256 or 512,
+// entries in one CTA each, kv, gate, ape, norm weights, state and the outputs 16-byte aligned (bf16: 8) with
+// row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4. Auto: for launches whose
+// runs complete several entries (prefill chunks) Lean where every pool takes it and one packs several entries per CTA
+// (head_dim below 512: a CSA layer's pair or its indexer compressor), else Staged where every slice fits (1.2-2.1×
+// faster than registers on an H200); Registers otherwise (decode steps, where Staged was 0.8-1.1×).
 enum class CompressorSlotLoads { Registers, Staged, Lean, Auto };
 
 // One sequence's tokens in a launch (device memory).
