@@ -31,9 +31,7 @@
 //   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
-//   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context); the
-//   decode call also with d512_compact_epilogue alone, then with d512_direct_entries, with d512_wide_tiles, with
-//   d512_compact_epilogue on top and with d512_persistent on top of that (bf16 entries), each checked too.
+//   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -510,12 +508,6 @@ struct RouteResult {
   int64_t context;
   bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
-  // The decode call with d512_direct_entries, then with d512_wide_tiles, then also d512_compact_epilogue, then also
-  // d512_persistent (bf16 entries on the head_dim 512 kernel; the same as decode_us where the head-split path serves
-  // the call, and the persistent call the same as the one before where the items fit one wave).
-  double direct_us, direct_cpu_error, wide_us, wide_cpu_error, compact_us, compact_cpu_error;
-  double bulk_compact_us, bulk_compact_cpu_error;  // the decode call (bulk copies) with d512_compact_epilogue
-  double persistent_us, persistent_cpu_error;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -527,10 +519,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   SparseAttentionParams decode = step->call;
   decode.out = out.data();
   decode.prefill_kernel = false;
-  decode.d512_direct_entries = false;
-  decode.d512_wide_tiles = false;
-  decode.d512_persistent = false;
-  decode.d512_compact_epilogue = false;
   decode.splits = choose_sparse_attention_splits(batch, heads, kHeadDim, format, step->slots_per_query(), sms);
   DeviceBuffer workspace(
       std::max<size_t>(16, sparse_attention_workspace_bytes(batch, heads, kHeadDim, decode.splits)), "workspace");
@@ -556,33 +544,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
-  SparseAttentionParams bulk_compact = decode;
-  bulk_compact.d512_compact_epilogue = true;
-  out.fill_bytes(0xFF);
-  r.bulk_compact_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(bulk_compact); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  r.bulk_compact_cpu_error = check(bulk_compact);
-  SparseAttentionParams direct = decode;
-  direct.d512_direct_entries = true;
-  out.fill_bytes(0xFF);
-  r.direct_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(direct); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  r.direct_cpu_error = check(direct);
-  direct.d512_wide_tiles = true;
-  out.fill_bytes(0xFF);
-  r.wide_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(direct); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  r.wide_cpu_error = check(direct);
-  direct.d512_compact_epilogue = true;
-  out.fill_bytes(0xFF);
-  r.compact_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(direct); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  r.compact_cpu_error = check(direct);
-  direct.d512_persistent = true;
-  out.fill_bytes(0xFF);
-  r.persistent_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(direct); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  r.persistent_cpu_error = check(direct);
   SparseAttentionParams prefill = decode;
   prefill.splits = 1;
   prefill.workspace = nullptr;
@@ -716,14 +677,10 @@ int run(int argc, char** argv) {
   if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
-                "the prefill kernel; epi = the decode call with d512_compact_epilogue; direct = the decode call with "
-                "d512_direct_entries, wide = with d512_wide_tiles, +epi = also d512_compact_epilogue, +persist = also "
-                "d512_persistent\n"
-                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %9s %8s %9s | %9s %8s %9s | %9s %8s "
-                "%9s | %9s %8s %9s | %9s %8s %9s\n",
+                "the prefill kernel\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed", "epi us", "%floor", "cpu err", "direct us", "%floor", "cpu err",
-                "wide us", "%floor", "cpu err", "+epi us", "%floor", "cpu err", "+persist", "%floor", "cpu err");
+                "%floor", "cpu err", "speedup", "routed");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -737,22 +694,13 @@ int run(int argc, char** argv) {
               "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   const auto record_route = [&](const RouteResult& r) {
-    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
-                          r.direct_cpu_error <= kCpuCheckLimit && r.wide_cpu_error <= kCpuCheckLimit &&
-                          r.bulk_compact_cpu_error <= kCpuCheckLimit && r.compact_cpu_error <= kCpuCheckLimit &&
-                          r.persistent_cpu_error <= kCpuCheckLimit);
+    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %9.1f "
-                "%7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% %9.1e | %9.1f %7.1f%% "
-                "%9.1e%s\n",
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", r.bulk_compact_us, 100.0 * r.floor_us / r.bulk_compact_us,
-                r.bulk_compact_cpu_error, r.direct_us, 100.0 * r.floor_us / r.direct_us, r.direct_cpu_error,
-                r.wide_us, 100.0 * r.floor_us / r.wide_us, r.wide_cpu_error, r.compact_us,
-                100.0 * r.floor_us / r.compact_us, r.compact_cpu_error, r.persistent_us,
-                100.0 * r.floor_us / r.persistent_us, r.persistent_cpu_error, failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };
@@ -886,12 +834,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
                    "\"prefill_us\": %.2f, \"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, "
-                   "\"routed\": %s, \"bulk_compact_us\": %.2f, \"direct_us\": %.2f, \"wide_us\": %.2f, \"compact_us\": %.2f, "
-                   "\"persistent_us\": %.2f}%s\n",
+                   "\"routed\": %s}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
                    r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
-                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false", r.bulk_compact_us, r.direct_us,
-                   r.wide_us, r.compact_us, r.persistent_us, i + 1 < routes.size() ? "," : "");
+                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false",
+                   i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -46,8 +46,6 @@ struct AttentionCase {
   bool early_entries = false;   // ... with head_split_early_entries (entries asked of L2 before the wait)
   bool prefill_kernel = false;  // route prefill-sized calls to run_sparse_attention_prefill (which must serve it)
   bool prefill_kernel_decode = false;  // ... and decode-sized ones (SparseAttentionParams::prefill_kernel_decode)
-  // The head_dim 512 kernel's bf16 entry paths (SparseAttentionParams::d512_*): set = on (else the default).
-  bool direct = false, wide = false, persistent = false, compact_epilogue = false;
 };
 
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -64,10 +62,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   call.head_split = false;
   call.prefill_kernel = c.prefill_kernel;
   call.prefill_kernel_decode = c.prefill_kernel_decode;
-  call.d512_direct_entries = call.d512_direct_entries || c.direct;
-  call.d512_wide_tiles = call.d512_wide_tiles || c.wide;
-  call.d512_persistent = call.d512_persistent || c.persistent;
-  call.d512_compact_epilogue = call.d512_compact_epilogue || c.compact_epilogue;
   if (c.prefill_kernel) ASSERT_TRUE(sparse_attention_uses_prefill_kernel(call)) << "not routed to the prefill kernel";
   for (const bool cluster_merge : {false, true}) {
     SparseAttentionParams merged = call;
@@ -285,44 +279,29 @@ TEST(SparseAttention, HeadSplitMatchesCpu) {
   }
 }
 
-// The head_dim 512 kernel's direct bf16 paths (entries by cp.async into the swizzled stages; 64-entry steps;
-// persistent CTAs; the compact single-split epilogue, also for fp8 entries and with rope dims past the last 64):
-// chunks of more (query, head block) items than SMs (a persistent CTA takes
-// several; Pro's two head blocks), per-query counts, 3 tiles per query (the wide steps' pad tile), a split call
-// merged by the combine kernel and in a cluster.
-TEST(SparseAttention, D512DirectPathsMatchCpu) {
+// The head_dim 512 kernel on chunks of more (query, head block) items than SMs (two waves; Pro's two head blocks),
+// per-query counts, a split call merged by the combine kernel and in a cluster, and the single-split epilogue with
+// fp8 entries and with rope dims past the last 64 (rope_dim 128).
+TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 90;
-  for (int variant = 0; variant < 4; ++variant) {
-    const auto set = [&](AttentionCase& c) {
-      c.direct = true;
-      c.wide = variant == 1 || variant == 2;
-      c.persistent = variant == 0 || variant == 2;
-      c.compact_epilogue = variant >= 1;
-    };
-    AttentionCase flash{"flash csa chunk", KvEntryFormat::Bf16, 512, 64, 64, 32, 192, 40, {600}, 140, 0,
-                        AttentionDtype::Bf16, AttentionDtype::Bf16};
-    flash.counts = true;
-    set(flash);
-    check_attention(flash, seed++);
-    AttentionCase pro{"pro csa chunk", KvEntryFormat::Bf16, 512, 64, 128, 32, 112, 40, {300, 900}, 40, 0};
-    set(pro);
-    check_attention(pro, seed++);
+  AttentionCase flash{"flash csa chunk", KvEntryFormat::Bf16, 512, 64, 64, 32, 192, 40, {600}, 140, 0,
+                      AttentionDtype::Bf16, AttentionDtype::Bf16};
+  flash.counts = true;
+  check_attention(flash, seed++);
+  check_attention({"pro csa chunk", KvEntryFormat::Bf16, 512, 64, 128, 32, 112, 40, {300, 900}, 40, 0}, seed++);
+  for (const bool counts : {false, true}) {
     AttentionCase split{"flash csa decode 3 splits", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512,
                         {300, 2100, 129}, 1, 3, AttentionDtype::F32, AttentionDtype::Bf16, true};
-    split.counts = variant % 2 == 1;
-    set(split);
+    split.counts = counts;
     check_attention(split, seed++);
   }
-  AttentionCase fp8{"fp8 flash csa decode 1 split", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
-                    {300, 2100, 129}, 1, 1, AttentionDtype::Bf16, AttentionDtype::F32};
-  fp8.compact_epilogue = true;
-  check_attention(fp8, seed++);
-  AttentionCase rope128{"bf16 rope 128 1 split", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 1,
-                        AttentionDtype::Bf16, AttentionDtype::Bf16};
-  rope128.compact_epilogue = true;
-  rope128.wide = true;
-  check_attention(rope128, seed++);
+  check_attention({"fp8 flash csa decode 1 split", KvEntryFormat::Fp8Reference, 512, 64, 64, 128, 128, 512,
+                   {300, 2100, 129}, 1, 1, AttentionDtype::Bf16, AttentionDtype::F32},
+                  seed++);
+  check_attention({"bf16 rope 128 1 split", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 1,
+                   AttentionDtype::Bf16, AttentionDtype::Bf16},
+                  seed++);
 }
 
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk

@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -93,11 +91,11 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kDirect, bool kWide, bool kPersistent = false>
+template <bool kFp8>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kDirect, kWide, kPersistent>;
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       D512Layout<kFp8, kDirect, kWide>::kAllocationBytes));
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  DSV4_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
@@ -142,18 +140,12 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false, false, false>), [] {
-    set_d512_attributes<false, false, false>();
-    set_d512_attributes<false, true, false>();
-    set_d512_attributes<false, true, true>();
-    set_d512_attributes<false, true, false, true>();
-    set_d512_attributes<false, true, true, true>();
-    set_d512_attributes<true, false, false>();
-    constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the largest of the entry paths'
-    static_assert(kBytes >= D512Layout<true>::kAllocationBytes && kBytes >= D512Layout<false, true>::kAllocationBytes &&
-                      kBytes >= D512Layout<false, true, true>::kAllocationBytes,
-                  "the bf16 bulk-copy layout is the largest");
-    return query_cluster_limits(sparse_attention_d512_kernel<false, false, false, false>, kD512Threads, kBytes);
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
+    set_d512_attributes<false>();
+    set_d512_attributes<true>();
+    constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
+    static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
+    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
   });
 }
 
@@ -164,20 +156,15 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8, bool kDirect, bool kWide>
+template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
-  constexpr int kBytes = D512Layout<kFp8, kDirect, kWide>::kAllocationBytes;
+  constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  d512_device_limits();  // the kernels' attributes on this device
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
-  const int64_t items = p.tokens * head_blocks * p.splits;
-  // d512_persistent: one CTA per SM walks items blockIdx.x, + gridDim.x, ... (the direct path without clusters).
-  const bool persistent = kDirect && p.d512_persistent && !cluster && items > device_multiprocessors();
-  const auto kernel = persistent ? sparse_attention_d512_kernel<kFp8, kDirect, kWide, kDirect>
-                                 : sparse_attention_d512_kernel<kFp8, kDirect, kWide, false>;
-  const int64_t ctas = persistent ? int64_t(device_multiprocessors()) : items;
-  launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kD512Threads)),
+  launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
                  "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
@@ -249,34 +236,7 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
          slots >= kSparseAttentionPrefillDecodeSlots;
 }
 
-// An A/B switch of the environment: on where `name` is "1".
-bool environment_switch(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr && std::strcmp(value, "1") == 0;
-}
-
 }  // namespace
-
-bool sparse_attention_direct_entries_default() {
-  static const bool on = environment_switch("DSV4_ATTENTION_DIRECT_ENTRIES");
-  return on;
-}
-
-bool sparse_attention_wide_tiles_default() {
-  static const bool on = environment_switch("DSV4_ATTENTION_WIDE_TILES");
-  return on;
-}
-
-bool sparse_attention_compact_epilogue_default() {
-  static const bool on = environment_switch("DSV4_ATTENTION_COMPACT_EPILOGUE");
-  return on;
-}
-
-bool sparse_attention_persistent_default() {
-  static const bool on = environment_switch("DSV4_ATTENTION_PERSISTENT");
-  return on;
-}
-
 
 bool sparse_attention_uses_prefill_kernel(const SparseAttentionParams& params) { return uses_prefill_kernel(params); }
 
@@ -374,13 +334,9 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   }
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true, false, false>(p);
-    else if (p.d512_wide_tiles)
-      launch_d512<false, true, true>(p);
-    else if (p.d512_direct_entries)
-      launch_d512<false, true, false>(p);
+      launch_d512<true>(p);
     else
-      launch_d512<false, false, false>(p);
+      launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

@@ -125,14 +125,12 @@ __device__ __forceinline__ void inverse_softmax_denominators(const float (&sink_
 // score −inf. Updates the row's reference max (kRescaleLog2) and sum, gives the factor that rescales the old
 // accumulators of each row (exactly 1 while the reference stays), and P as the bf16 A fragments of the PV product. P is
 // rounded to bf16 once and the row sums add the rounded weights, so PV applies exactly the weights that are normalised.
-// kEntries: the tile's entries (32, or 64 for the head_dim 512 kernel's wide steps).
-template <int kEntries = kTile>
-__device__ __forceinline__ void online_softmax_tile(float (&s)[kEntries / 2], const int32_t* valid, int c,
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 2], const int32_t* valid, int c,
                                                     float scale_log2, float (&row_max)[2], float (&row_sum)[2],
-                                                    float (&alpha)[2], uint32_t (&p_frag)[kEntries / 16][4]) {
+                                                    float (&alpha)[2], uint32_t (&p_frag)[kTile / 16][4]) {
   float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-  for (int n = 0; n < kEntries / 8; ++n)
+  for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
@@ -153,7 +151,7 @@ __device__ __forceinline__ void online_softmax_tile(float (&s)[kEntries / 2], co
   const float reference[2] = {row_max[0] == -INFINITY ? 0.0f : row_max[0],
                                row_max[1] == -INFINITY ? 0.0f : row_max[1]};
 #pragma unroll
-  for (int n = 0; n < kEntries / 8; ++n) {
+  for (int n = 0; n < kTile / 8; ++n) {
     // Each row's pair rounded to bf16 by one pack; the sums add the packed values (a bf16 is the high half of its
     // float).
 #pragma unroll
@@ -221,9 +219,9 @@ struct CtaWork {
   int head_block = 0, split = 0;
 };
 
-__device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks,
-                                            unsigned flat = blockIdx.x) {
+__device__ __forceinline__ CtaWork cta_work(const SparseAttentionParams& p, int head_blocks) {
   // 32-bit division: 64-bit ones are subroutine calls at the head of every CTA's critical path.
+  unsigned flat = blockIdx.x;
   CtaWork work;
   work.split = int(flat % unsigned(p.splits));
   flat /= unsigned(p.splits);
@@ -505,6 +503,9 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   O_c += P V_c with wgmma m64n256k16 (P from registers, V = the same KV stage read N-major).
 // So every entry crosses the SM once, is dequantised once, and feeds all 64 heads per wgmma; the old kernel's
 // per-head-tile re-reads of K and V through ldmatrix are gone.
+// bf16 entries (session 19) skip the raw stages and the expansion pass: each producer thread copies its 16-byte chunks
+// of an entry straight to their swizzled places by cp.async (d512_produce_bf16), four KV stages deep; a single
+// split's epilogue fixes its row pointers and output type before its unrolled store loop (d512_store_output).
 //
 // NOTES:
 // - A 584-byte fp8 entry is only 8-byte aligned; the copy engine needs 16. Each entry is fetched as the 592-byte
@@ -581,8 +582,7 @@ inline constexpr int kFp8SpanBytes = 592;                    // a 584-byte entry
 inline constexpr int kFp8NopeDim = 448, kFp8RopeOffset = 448, kFp8ScaleOffset = 576, kFp8EntryBytes = 584;
 inline constexpr int kIssueSlotsPerWarp = kTile / 4;         // bulk copies each producer warp issues per tile
 inline constexpr int kD512ResolveSlots = kWarpgroupThreads;  // slots per resolved chunk (4 tiles), one per thread
-// Named barriers (kQBarrier and kReadDoneBarrier: + consumer).
-inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3, kReadDoneBarrier = 5;
+inline constexpr int kProducerBarrier = 1, kExchangeBarrier = 2, kQBarrier = 3;  // named barriers (+ consumer)
 inline constexpr int kMergeRowFloats = kD512HeadDim + 8;     // row stride of a CTA's partial output in a cluster merge
 inline constexpr int kMergeRowBf16 = kD512HeadDim + 8;       // the same for bf16 partials (1040 bytes)
 // Cluster merge: offsets in the exchange region (free after the loop) of the per-head (max, sum) pairs the peers
@@ -592,39 +592,25 @@ inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeO
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
-// kDirect (bf16 entries only, SparseAttentionParams::d512_direct_entries): the producer copies each entry straight
-// into its swizzled KV stage by 16-byte cp.async (no raw stages, no expansion pass), four KV stages deep.
-// kWide (direct only, SparseAttentionParams::d512_wide_tiles): the consumers take two stages (64 entries) per step,
-// QKᵀ as m64n64k16 (each Q byte read from shared memory once per 64 entries instead of 32), one score exchange
-// buffer per consumer, which its writer reuses once the reader has arrived on the buffer's read-done barrier.
-template <bool kFp8, bool kDirect = false, bool kWide = false>
+// fp8 entries: bulk copies of their 592-byte spans into kRawStages raw stages, dequantised by the producer into two
+// swizzled KV stages. bf16 entries: 16-byte cp.async copies straight into four swizzled KV stages (no raw stages, no
+// expansion pass).
+template <bool kFp8>
 struct D512Layout {
-  static_assert(!(kFp8 && kDirect), "fp8 entries are dequantised through registers");
-  static_assert(!kWide || kDirect, "64-entry steps on the direct path only");
-  static constexpr bool kFp8Entries = kFp8, kDirectEntries = kDirect;
-  static constexpr int kKvStages = kDirect ? 4 : 2;
-  // 32-entry stages per consumer step: a step's stages are adjacent rows of each 64-dim block (one K-major operand).
-  static constexpr int kUnitStages = kWide ? 2 : 1;
-  static constexpr int kUnitEntries = kUnitStages * kTile;
-  static constexpr int kUnitBlockBytes = kUnitStages * kKvBlockBytes;  // a step's 64-dim block
-  static_assert(kKvStages % kUnitStages == 0, "whole steps in the ring");
-  // Byte offset of KV stage `stage` from kKv (its block 0; block b is b · kUnitBlockBytes further).
-  __host__ __device__ static constexpr int stage_offset(int stage) {
-    return (stage / kUnitStages) * kKvStageBytes * kUnitStages + (stage % kUnitStages) * kKvBlockBytes;
-  }
-  static constexpr int kRawStages = kDirect ? 0 : kFp8 ? 3 : 2;
-  static constexpr int kRawEntryBytes = kFp8 ? kFp8SpanBytes : kD512HeadDim * 2;
+  static constexpr bool kFp8Entries = kFp8;
+  static constexpr int kKvStages = kFp8 ? 2 : 4;
+  static constexpr int kRawStages = kFp8 ? 3 : 0;
+  static constexpr int kRawEntryBytes = kFp8SpanBytes;
   static constexpr int kRawStageBytes = kTile * kRawEntryBytes;
-  static constexpr int kExchangeBuffers = kWide ? 1 : 2;
-  static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16 * kUnitStages;  // [consumer][e][thread][4]
+  static constexpr int kExchangeFloats = 2 * kWarpgroupThreads * 16;  // per buffer: [consumer][4][thread][4]
   static constexpr int kQ = 0;
   static constexpr int kKv = kQ + kDimBlocks * kQBlockBytes;
   static constexpr int kRaw = kKv + kKvStages * kKvStageBytes;
   static constexpr int kExchange = kRaw + kRawStages * kRawStageBytes;
-  static constexpr int kPhys = kExchange + kExchangeBuffers * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
+  static constexpr int kPhys = kExchange + 2 * kExchangeFloats * 4;  // int32 [kRawStages][kTile]
   static constexpr int kValid = kPhys + kRawStages * kTile * 4;      // int32 [kKvStages][kTile]
   static constexpr int kResolved = kValid + kKvStages * kTile * 4;   // int32 [2][kD512ResolveSlots]: the chunk ring
-  static constexpr int kBarriers = kResolved + (kDirect ? 0 : 2 * kD512ResolveSlots * 4);  // raw_full[R],
+  static constexpr int kBarriers = kResolved + (kFp8 ? 2 * kD512ResolveSlots * 4 : 0);  // raw_full[R],
                                                                      // kv_full[kKvStages], kv_empty[kKvStages]
   static constexpr int kBytes = kBarriers + (kRawStages + 2 * kKvStages) * 8;
   static constexpr int kAllocationBytes = kBytes + 1024;             // room to align the base to 1024
@@ -635,14 +621,14 @@ struct D512Layout {
   static_assert(kD512Heads * kMergeRowFloats * 4 <= kExchange, "the merge partial fits below the exchange region");
   static_assert(kMergeScaleOffset >= kD512Heads * 8 &&
                     kMergeRopeOffset >= kMergeScaleOffset + kSparseAttentionMaxClusterSplits * kD512Heads * 4 &&
-                    kMergeRopeOffset + kD512HeadDim / 2 * 8 <= kExchangeBuffers * kExchangeFloats * 4,
+                    kMergeRopeOffset + kD512HeadDim / 2 * 8 <= 2 * kExchangeFloats * 4,
                 "the merge tables fit the exchange region");
 };
 
-template <bool kFp8>
-__device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                             const SlotRange& range) {
-  using L = D512Layout<kFp8>;
+// The producer of fp8 entries (D512Layout<true>).
+__device__ __forceinline__ void d512_produce_fp8(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                 const SlotRange& range) {
+  using L = D512Layout<true>;
   constexpr int R = L::kRawStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
   constexpr int kSlotsPerThread = kD512ResolveSlots / kWarpgroupThreads;
@@ -694,7 +680,7 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
     __syncwarp();
     if (lane == 0) sm90::mbarrier_arrive_expect_tx(&raw_full[r], uint32_t(__popc(valid)) * L::kRawEntryBytes);
     if (phys >= 0) {
-      const uint8_t* src = p.cache.entry_address(phys) - (kFp8 ? (phys & 1) * 8 : 0);
+      const uint8_t* src = p.cache.entry_address(phys) - (phys & 1) * 8;
       ptx::cp_async_bulk_global_to_shared(
           shared_address(smem + L::kRaw + r * L::kRawStageBytes + slot * L::kRawEntryBytes), src, L::kRawEntryBytes,
           shared_address(&raw_full[r]));
@@ -743,30 +729,23 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
       const int n = n0 + 16 * e;
       const int32_t phys = raw_phys[r * kTile + n];
       uint4 out[kDimBlocks];
-      if constexpr (kFp8) {
-        const uint8_t* entry = raw + n * kFp8SpanBytes + (phys & 1) * 8;
-        uint2 codes[kFp8NopeDim / 64];
+      const uint8_t* entry = raw + n * kFp8SpanBytes + (phys & 1) * 8;
+      uint2 codes[kFp8NopeDim / 64];
 #pragma unroll
-        for (int b = 0; b < kFp8NopeDim / 64; ++b)
-          codes[b] = *reinterpret_cast<const uint2*>(entry + 64 * b + 8 * chunk);
-        // The bf16 rope dims are only 8-byte aligned in the span.
-        const uint2 rope_lo = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk);
-        const uint2 rope_hi = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk + 8);
-        const uint2 scales = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
+      for (int b = 0; b < kFp8NopeDim / 64; ++b) codes[b] = *reinterpret_cast<const uint2*>(entry + 64 * b + 8 * chunk);
+      // The bf16 rope dims are only 8-byte aligned in the span.
+      const uint2 rope_lo = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk);
+      const uint2 rope_hi = *reinterpret_cast<const uint2*>(entry + kFp8RopeOffset + 16 * chunk + 8);
+      const uint2 scales = *reinterpret_cast<const uint2*>(entry + kFp8ScaleOffset);
 #pragma unroll
-        for (int b = 0; b < kFp8NopeDim / 64; ++b) {
-          const float scale = e8m0_to_float(uint8_t((b < 4 ? scales.x >> (8 * b) : scales.y >> (8 * (b - 4))) & 0xFF));
-          out[b] = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes[b].x), scale),
-                              e4m3x2_to_bf16x2(uint16_t(codes[b].x >> 16), scale),
-                              e4m3x2_to_bf16x2(uint16_t(codes[b].y), scale),
-                              e4m3x2_to_bf16x2(uint16_t(codes[b].y >> 16), scale));
-        }
-        out[kDimBlocks - 1] = make_uint4(rope_lo.x, rope_lo.y, rope_hi.x, rope_hi.y);
-      } else {
-#pragma unroll
-        for (int b = 0; b < kDimBlocks; ++b)
-          out[b] = *reinterpret_cast<const uint4*>(raw + n * L::kRawEntryBytes + b * 128 + chunk * 16);
+      for (int b = 0; b < kFp8NopeDim / 64; ++b) {
+        const float scale = e8m0_to_float(uint8_t((b < 4 ? scales.x >> (8 * b) : scales.y >> (8 * (b - 4))) & 0xFF));
+        out[b] = make_uint4(e4m3x2_to_bf16x2(uint16_t(codes[b].x), scale),
+                            e4m3x2_to_bf16x2(uint16_t(codes[b].x >> 16), scale),
+                            e4m3x2_to_bf16x2(uint16_t(codes[b].y), scale),
+                            e4m3x2_to_bf16x2(uint16_t(codes[b].y >> 16), scale));
       }
+      out[kDimBlocks - 1] = make_uint4(rope_lo.x, rope_lo.y, rope_hi.x, rope_hi.y);
       // Unused slots are rare: a warp whose entries are all used skips the 32 selects.
       if (!__all_sync(0xFFFFFFFFu, phys >= 0) && phys < 0) {
 #pragma unroll
@@ -795,20 +774,17 @@ __device__ __forceinline__ void d512_produce(const SparseAttentionParams& p, uin
   }
 }
 
-// The producer of the direct layout (bf16 entries; D512Layout<false, true>): thread (row0, chunk) = (thread / 8,
-// thread % 8) copies the 16-byte chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile
-// straight to its swizzled place in the tile's KV stage (an unused slot zero-filled, its source never read); the
-// copies arrive on the stage's kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
+// The producer of bf16 entries (D512Layout<false>): thread (row0, chunk) = (thread / 8, thread % 8) copies the 16-byte
+// chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile straight to its swizzled place
+// in the tile's KV stage (an unused slot zero-filled, its source never read); the copies arrive on the stage's
+// kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
 // warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
 // copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
 // during chunk c's copies (index load at its start, page-table load after its last tile, whose copies thus never wait
 // for the index load; at a CTA's start its first four tiles are issued back to back).
-// The split's tiles are padded to whole consumer steps (the pad tile's slots unused: zero-filled, not valid). One item
-// of the CTA: `tile_base` = the tiles of its earlier items (the ring runs on across a persistent CTA's items); returns
-// the count after it.
-template <class L>
-__device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                   const SlotRange& range, int tile_base) {
+__device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                  const SlotRange& range) {
+  using L = D512Layout<false>;
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
   static_assert(kChunkTiles * kTile == kWarpgroupThreads && kTile == 32, "a lane per slot of a chunk, per warp");
@@ -818,8 +794,7 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
   uint64_t* kv_empty = kv_full + S;
   int32_t* tile_valid = reinterpret_cast<int32_t*>(smem + L::kValid);
   const int sequence_slot = p.sequence_slots[t];
-  const int tiles = (range.tiles + L::kUnitStages - 1) / L::kUnitStages * L::kUnitStages;
-  const int chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
+  const int tiles = range.tiles, chunks = (tiles + kChunkTiles - 1) / kChunkTiles;
   const int64_t resolve_offset = int64_t(lane / 8) * kTile + 4 * warp + lane % 4 + 16 * ((lane / 4) % 2);
   const auto slot_of = [&](int c) { return range.begin + int64_t(c) * kD512ResolveSlots + resolve_offset; };
   const auto load_row = [&](int c) {
@@ -844,16 +819,16 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
     for (int i = 0; i < kChunkTiles; ++i) {
       const int j = c * kChunkTiles + i;
       if (j >= tiles) break;
-      const int ring_tile = tile_base + j, stage = ring_tile % S;
+      const int stage = j % S;
       int32_t phys[2];
 #pragma unroll
       for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
-      sm90::mbarrier_wait(&kv_empty[stage], ((ring_tile / S) & 1) ^ 1);
+      sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
       if (chunk == 0) {
         tile_valid[stage * kTile + row0] = phys[0] >= 0;
         tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
       }
-      const uint32_t stage_base = kv_base + uint32_t(L::stage_offset(stage));
+      const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int n = row0 + 16 * k;
@@ -861,7 +836,7 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
         const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
 #pragma unroll
         for (int b = 0; b < kDimBlocks; ++b)
-          ptx::cp_async_or_zero<16>(destination + uint32_t(b * L::kUnitBlockBytes), source + b * 128, phys[k] >= 0);
+          ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
       }
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
       sm90::mbarrier_arrive(&kv_full[stage]);
@@ -870,7 +845,7 @@ __device__ __forceinline__ int d512_produce_direct(const SparseAttentionParams& 
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
   }
-  return tile_base + tiles;
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`, as a
@@ -1030,7 +1005,7 @@ __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionPara
     d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
 }
 
-// The single-split epilogue of a consumer thread (d512_compact_epilogue): its fragment rows (heads head[0], head[1])
+// The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
 // times their 1 / denominator, dims dim0 + 8n, +1 (n < 32) rotated back where they are rope dims (factors from
 // rope_table), stored as Out (float or bf16); steps below kRopeFrom have no rope dims (24: rope_dim ≤ 64, the DSV4
 // layouts; 0: any). The row pointers and the output type are fixed before the unrolled loop and only the rope steps
@@ -1073,11 +1048,10 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry path). One item (work) of the CTA: `step_base` = the consumer steps of its earlier
-// items (the KV ring and the exchange buffers run on across a persistent CTA's items); returns the count after it.
+// L: the CTA's D512Layout (its entry format).
 template <class L>
-__device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
-                                            bool cluster_merge, int step_base) {
+__device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
+                                             bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
   // in uniform registers instead of being rebuilt and moved there before every wgmma.
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroupThreads, 0) - 1;
@@ -1164,94 +1138,75 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp's 16 heads, log2 domain
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
   const float scale_log2 = p.softmax_scale * kLog2e;
-  // A step: kUnitStages KV stages (kEntries entries) whose rows are adjacent in each 64-dim block.
-  constexpr int U = L::kUnitStages, S = L::kKvStages, kEntries = L::kUnitEntries;
-  uint32_t p_frag[kEntries / 16][4];  // PV's A operand: read by the tensor cores until the next step's wait
-  const int steps = (range.tiles + U - 1) / U;
+  uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
+  constexpr int S = L::kKvStages;
 
-  for (int j = 0; j < steps; ++j) {
-    const int step = step_base + j;  // of the CTA
-    const int first_stage = (step * U) % S;
-#pragma unroll
-    for (int h = 0; h < U; ++h) sm90::mbarrier_wait(&kv_full[first_stage + h], ((step * U) / S) & 1);
-    if constexpr (L::kDirectEntries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
-    uint8_t* kv = smem + L::kKv + L::stage_offset(first_stage) + (dim_base / 64) * L::kUnitBlockBytes;
+  for (int j = 0; j < range.tiles; ++j) {
+    const int stage = j % S;
+    sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
+    if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
-    float s_acc[kEntries / 2];
+    float s_acc[16];
     const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 16; ++kk) {
-      const uint64_t a = sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32);
-      const uint64_t b = sm90::advance_descriptor(k_descriptor, (kk / 4) * L::kUnitBlockBytes + (kk % 4) * 32);
-      if constexpr (U == 1)
-        sm90::wgmma_m64n32k16_bf16_ss(s_acc, a, b, kk > 0);
-      else
-        sm90::wgmma_m64n64k16_bf16_ss(s_acc, a, b, kk > 0);
-    }
+    for (int kk = 0; kk < 16; ++kk)
+      sm90::wgmma_m64n32k16_bf16_ss(s_acc,
+                                    sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
+                                    sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
+                                    kk > 0);
     sm90::wgmma_commit_group();
-    // The previous step's PV ran on the tensor cores behind this QKᵀ; its stages go back to the producer now.
+    // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
     if (j > 0) {
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o_acc);
-      if (thread == 0)
-#pragma unroll
-        for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((step - 1) * U) % S + h]);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
 
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
-    // both warpgroups hold identical S). Two buffers alternate by step; with one (kWide), a consumer rewrites its half
-    // only after the other has read it (read-done barrier: the reader arrives after every read, the writer waits
-    // before every write but its first, and once more after its last step, at the end of the kernel).
-    float* exchange =
-        reinterpret_cast<float*>(smem + L::kExchange) + (step % L::kExchangeBuffers) * L::kExchangeFloats;
+    // both warpgroups hold identical S).
+    float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % 2) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
     const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
-    if (L::kExchangeBuffers == 1 && step > 0)
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kReadDoneBarrier + consumer);
 #pragma unroll
-    for (int e = 0; e < kEntries / 8; ++e)
+    for (int e = 0; e < 4; ++e)
       mine[e * kWarpgroupThreads + thread] =
           make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 #pragma unroll
-    for (int e = 0; e < kEntries / 8; ++e) {
+    for (int e = 0; e < 4; ++e) {
       const float4 b = other[e * kWarpgroupThreads + thread];
       s_acc[4 * e] += b.x;
       s_acc[4 * e + 1] += b.y;
       s_acc[4 * e + 2] += b.z;
       s_acc[4 * e + 3] += b.w;
     }
-    if (L::kExchangeBuffers == 1) sm90::named_barrier_arrive<2 * kWarpgroupThreads>(kReadDoneBarrier + 1 - consumer);
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
-    online_softmax_tile<kEntries>(s_acc, tile_valid + first_stage * kTile, c, scale_log2, row_max, row_sum, alpha,
-                                  p_frag);
+    online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
     // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
-    // On the first step the accumulators are still zero.
+    // On the first tile the accumulators are still zero.
     if (j > 0 && __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
 
-    // O_c += P V_c: V is the step's stages read N-major (entries = K, this consumer's 256 dims = N).
+    // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kEntries / 16; ++ks)
-      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(
-          o_acc, p_frag[ks], sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, L::kUnitBlockBytes), 1);
+    for (int ks = 0; ks < kTile / 16; ++ks)
+      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o_acc, p_frag[ks],
+                                               sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
+                                               1);
     sm90::wgmma_commit_group();
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
-  // The last step's stages go back too (a persistent CTA's next item fills them while this one's epilogue runs).
-  if (steps > 0 && thread == 0)
-#pragma unroll
-    for (int h = 0; h < U; ++h) sm90::mbarrier_arrive(&kv_empty[((step_base + steps - 1) * U) % S + h]);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -1289,7 +1244,7 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
-    return step_base + steps;
+    return;
   }
 
   if (p.splits > 1) {
@@ -1307,7 +1262,7 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
         *reinterpret_cast<float2*>(partial_out + row * kD512HeadDim + dim_base + 8 * n + 2 * c) =
             make_float2(o_acc[4 * n + 2 * r], o_acc[4 * n + 2 * r + 1]);
     }
-    return step_base + steps;
+    return;
   }
 
   float inverse_denominator[2];
@@ -1321,30 +1276,19 @@ __device__ __forceinline__ int d512_consume(const SparseAttentionParams& p, uint
     if (thread256 < layout.rope_dim / 2) rope_table[thread256] = rope_pair;
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
   }
-  if (p.d512_compact_epilogue) {
-    const int dim0 = dim_base + 2 * c;
-    const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
-    if (p.out_dtype == AttentionDtype::F32) {
-      if (last64)
-        d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-      else
-        d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    } else {
-      if (last64)
-        d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-      else
-        d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
-    }
-    return step_base + steps;
+  const int dim0 = dim_base + 2 * c;
+  const bool last64 = layout.nope_dim >= kD512HeadDim - 64;  // rope dims only in steps 24-31
+  if (p.out_dtype == AttentionDtype::F32) {
+    if (last64)
+      d512_store_output<float, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<float, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+  } else {
+    if (last64)
+      d512_store_output<__nv_bfloat16, 24>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
+    else
+      d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
   }
-#pragma unroll
-  for (int n = 0; n < 32; ++n) {
-    const int dim = dim_base + 8 * n + 2 * c;
-    const float acc[4] = {o_acc[4 * n], o_acc[4 * n + 1], o_acc[4 * n + 2], o_acc[4 * n + 3]};
-    store_output_fragment(p, t, head, kD512HeadDim, dim, acc, inverse_denominator, rope && dim >= layout.nope_dim,
-                          [&] { return rope_table[(dim - layout.nope_dim) / 2]; });
-  }
-  return step_base + steps;
 }
 
 // Before griddepcontrol.wait: asks L2 for the lines this CTA reads first (its query's sequence slot, position and
@@ -1379,12 +1323,11 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kDirect, bool kWide, bool kPersistent>
+template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
-  using L = D512Layout<kFp8, kDirect, kWide>;
-  static_assert(!kPersistent || kDirect, "persistent CTAs on the direct path only");
+  using L = D512Layout<kFp8>;
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1397,53 +1340,28 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
     for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 4);  // raw_full: one per warp
     for (int s = 0; s < L::kKvStages; ++s) {
-      // kv_full: every producer thread (direct: also its copies' arrival); kv_empty: one per consumer.
-      sm90::mbarrier_init(&barriers[L::kRawStages + s], (kDirect ? 2 : 1) * kWarpgroupThreads);
+      // kv_full: every producer thread (bf16: also its copies' arrival); kv_empty: one per consumer.
+      sm90::mbarrier_init(&barriers[L::kRawStages + s], (kFp8 ? 1 : 2) * kWarpgroupThreads);
       sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
 
-  // kPersistent (direct entries, no cluster merge; d512_persistent): the CTA runs items blockIdx.x, + gridDim.x, ...;
-  // other launches have a CTA per item.
-  const unsigned items = unsigned(p.tokens) * unsigned(head_blocks) * unsigned(p.splits);
-  const int consumer = int(threadIdx.x) / kWarpgroupThreads - 1;
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     wait_for_prior_grids();
-    if constexpr (kPersistent) {
-      int tiles = 0;
-      for (unsigned item = blockIdx.x; item < items; item += gridDim.x) {
-        const CtaWork w = cta_work(p, head_blocks, item);
-        tiles = d512_produce_direct<L>(p, smem, w.t, split_slot_range(p, w.t, w.split), tiles);
-      }
-    } else if constexpr (kDirect) {
-      d512_produce_direct<L>(p, smem, work.t, split_slot_range(p, work.t, work.split), 0);
-    } else {
-      d512_produce<kFp8>(p, smem, work.t, split_slot_range(p, work.t, work.split));
-    }
-    if constexpr (kDirect) asm volatile("cp.async.wait_all;\n" ::: "memory");
+    if constexpr (kFp8)
+      d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
+    else
+      d512_produce_bf16(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       cluster_sync();
       cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    int steps = 0;
-    if constexpr (kPersistent) {
-      for (unsigned item = blockIdx.x; item < items; item += gridDim.x) {
-        // The epilogue's inverse-RoPE table sits in the exchange buffers: both consumers are past it before the next
-        // item's first exchange.
-        if (item != blockIdx.x) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
-        steps = d512_consume<L>(p, smem, cta_work(p, head_blocks, item), false, steps);
-      }
-    } else {
-      steps = d512_consume<L>(p, smem, work, cluster_merge, 0);
-    }
-    // The read-done barrier's last phase: this consumer's buffer was read after its last write.
-    if (L::kExchangeBuffers == 1 && steps > 0)
-      sm90::named_barrier_sync<2 * kWarpgroupThreads>(kReadDoneBarrier + consumer);
+    d512_consume<L>(p, smem, work, cluster_merge);
   }
 }
 

@@ -48,16 +48,6 @@ inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 // Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query).
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 
-// The default of SparseAttentionParams::d512_direct_entries: off, on where the environment sets
-// DSV4_ATTENTION_DIRECT_ENTRIES=1 (read once; an A/B of the whole model until a round has measured it).
-bool sparse_attention_direct_entries_default();
-// The default of SparseAttentionParams::d512_wide_tiles: off, on where DSV4_ATTENTION_WIDE_TILES=1.
-bool sparse_attention_wide_tiles_default();
-// The default of SparseAttentionParams::d512_compact_epilogue: off, on where DSV4_ATTENTION_COMPACT_EPILOGUE=1.
-bool sparse_attention_compact_epilogue_default();
-// The default of SparseAttentionParams::d512_persistent: off, on where DSV4_ATTENTION_PERSISTENT=1.
-bool sparse_attention_persistent_default();
-
 struct SparseAttentionParams {
   KvCacheView cache;
   int layer = 0;
@@ -102,20 +92,6 @@ struct SparseAttentionParams {
   // job (session 18): round 1 747.5, 754.2 / 751.5, 754.8 t/s; round 2 743.5, 744.1 / 752.0, 752.7; at -d 2048
   // level (729.8, 736.9 / 734.5, 730.0).
   bool head_split_early_entries = true;
-  // head_dim 512 kernel, bf16 entries: the producer copies each entry by 16-byte cp.async straight into its swizzled
-  // KV stage (four stages, no raw stages, no expansion pass through registers) instead of one bulk copy per entry
-  // into a raw stage that all producer threads then re-store swizzled (64 KB of shared-memory traffic per tile).
-  bool d512_direct_entries = sparse_attention_direct_entries_default();
-  // head_dim 512 kernel, bf16 entries, on the direct path whatever d512_direct_entries says: the consumers take 64
-  // entries per step (QKᵀ as m64n64k16: Q read from shared memory once per 64 entries instead of per 32).
-  bool d512_wide_tiles = sparse_attention_wide_tiles_default();
-  // head_dim 512 kernel on the direct path (d512_direct_entries or d512_wide_tiles), splits not merged in a cluster:
-  // one CTA per SM walks the (query, head block, split) items in turn, its KV ring running on from one item into the
-  // next (the next item's entries load during this one's last steps and epilogue; no second wave of CTA start-ups).
-  bool d512_persistent = sparse_attention_persistent_default();
-  // head_dim 512 kernel, one split: the consumers' epilogue with the row pointers and output type fixed before its
-  // unrolled store loop (a few multiplies and two stores per step instead of the generic fragment store).
-  bool d512_compact_epilogue = sparse_attention_compact_epilogue_default();
   // Prefill-sized calls (head_dim 512, bf16 entries, more than 32 heads, tokens × 64-head blocks ≥ twice the SMs) go
   // to run_sparse_attention_prefill (sparse_attention_prefill.hpp; one CTA per query and head block over 64-entry
   // blocks, no split). H200, 4096-query CSA chunk: Flash 1278 → 1072 µs (8K), Pro 2498 → 2107. `splits` and the
