@@ -328,11 +328,10 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
-  std::vector<std::string> env_sweep;  // experiment: NAME=VALUE settings timed beside the default
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] [--env-sweep NAME=VALUE[+NAME=VALUE];...] | --trace [--iterations N]\n");
+                 "[--model TEXT] | --trace [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -355,13 +354,6 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
-    } else if (std::strcmp(argv[i], "--env-sweep") == 0 && i + 1 < argc) {
-      for (std::string_view list = argv[++i]; !list.empty();) {
-        const size_t end = std::min(list.find(';'), list.size());
-        env_sweep.emplace_back(list.substr(0, end));
-        if (env_sweep.back().find('=') == std::string::npos) return usage();
-        list.remove_prefix(std::min(end + 1, list.size()));
-      }
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else {
@@ -517,46 +509,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        // Experiment: the launches under each NAME=VALUE environment setting beside the default, in this run; with
-        // `compare` (not in place), set 0's y, post and comb against the default's, bit for bit.
-        const auto outputs_of = [&](const auto& body) {
-          body(0);
-          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-          Set& s = set(0);
-          std::vector<float> host(size_t(T * d) + size_t(T * (kN + kN * kN)));
-          s.y.download(host.data(), size_t(T * d) * 4);
-          s.post.download(host.data() + T * d, size_t(T * kN) * 4);
-          s.comb.download(host.data() + T * d + T * kN, size_t(T * kN * kN) * 4);
-          return host;
-        };
-        const auto sweep_env = [&](const char* name, const auto& body, double bytes, bool compare) {
-          if (env_sweep.empty() || std::string_view(name).find(only) == std::string_view::npos) return;
-          const std::vector<float> reference = compare ? outputs_of(body) : std::vector<float>();
-          for (const std::string& setting : env_sweep) {
-            // NAME=VALUE assignments joined by '+'.
-            std::vector<std::string> variables;
-            for (size_t start = 0; start < setting.size();) {
-              const size_t end = std::min(setting.find('+', start), setting.size());
-              const size_t equals = setting.find('=', start);
-              variables.push_back(setting.substr(start, equals - start));
-              setenv(variables.back().c_str(), setting.substr(equals + 1, end - equals - 1).c_str(), 1);
-              start = end + 1;
-            }
-            const std::string row = std::string(name) + " (" + setting + ")";
-            record(row.c_str(), body, bytes, 0.0);
-            if (compare) {
-              const std::vector<float> outputs = outputs_of(body);
-              size_t differ = 0;
-              if (std::memcmp(outputs.data(), reference.data(), outputs.size() * 4) != 0)
-                for (size_t e = 0; e < outputs.size(); ++e)
-                  differ += std::memcmp(&outputs[e], &reference[e], 4) != 0;
-              std::printf("bits: %s T=%lld: %zu of %zu outputs differ from the default's\n", row.c_str(),
-                          (long long)T, differ, outputs.size());
-            }
-            for (const std::string& variable : variables) unsetenv(variable.c_str());
-          }
-        };
-        sweep_env("hc_pre", hc_pre, pre_bytes, true);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -635,7 +587,6 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        sweep_env("hc_post_pre", hc_post_pre, post_pre_bytes, false);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -694,7 +645,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        sweep_env("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes, true);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

@@ -1,8 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -112,38 +110,18 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
   });
 }
 
-template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared,
-          bool kReread = false>
+template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, kReread>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);
   // The CTAs of one token tile wait for each other (each tile's reducer for every slice, every slice for the
   // reducer): all slices of a group must be resident at once, so the persistent grid never exceeds the card.
-  // Experiment (session 19): DSV4_MHC_LAGS="S,C" sets the sum and collapse lags of the shared-loop kernel.
-  constexpr int kStages = mhc::projection_stages(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
-  constexpr bool kRereads = kReread || kVariant == mhc::ProjectionVariant::kDense;
-  args.collapse_lag = kRereads ? 4 : kStages - 3;
-  args.sum_lag = kRereads ? 2 : (args.collapse_lag + 1) / 2;
-  const int max_collapse_lag = kRereads ? 16 : kStages - 2;
-  if (const char* lags = std::getenv("DSV4_MHC_LAGS"); lags != nullptr && kVariant != mhc::ProjectionVariant::kRoles) {
-    int sum = 0, collapse = 0;
-    check(std::sscanf(lags, "%d,%d", &sum, &collapse) == 2 && sum >= 1 && sum < collapse &&
-              collapse <= max_collapse_lag,
-          op, ": DSV4_MHC_LAGS=", lags, " must be S,C with 1 <= S < C <= ", max_collapse_lag);
-    args.sum_lag = sum;
-    args.collapse_lag = collapse;
-  }
-  const char* experiment = std::getenv("DSV4_MHC_EXPERIMENT");
-  args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   const int64_t capacity = int64_t(resident) * multiprocessors;
   check(capacity >= args.slices, op, ": ", args.slices, " CTAs per token tile cannot be resident together (",
         resident, " per SM × ", multiprocessors, " SMs)");
   args.groups = int(std::min<int64_t>(args.tiles, capacity / args.slices));
-  // Experiment (session 19): DSV4_MHC_GROUPS=G runs at most G groups (fewer CTAs per SM).
-  if (const char* groups = std::getenv("DSV4_MHC_GROUPS"); groups != nullptr)
-    args.groups = std::clamp(std::atoi(groups), 1, args.groups);
   launch_chained(kernel, dim3(unsigned(args.groups) * unsigned(args.slices)), dim3(kThreads), kSmem, stream, args, op);
 }
 
@@ -185,22 +163,6 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
-    }
-  }
-  // Experiment (session 19): DSV4_MHC_REREAD=1 runs hc_pre / hc_head with the collapse's tiles read again (kReread).
-  if constexpr (!kPost) {
-    // Experiment (session 19): DSV4_MHC_DENSE=1 runs hc_pre / hc_head at 3/2 as many CTAs per SM (kDense).
-    if (const char* dense = std::getenv("DSV4_MHC_DENSE"); dense != nullptr && std::atoi(dense) != 0) {
-      if (config.slice_dims == 64)
-        return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kDense>(args, multiprocessors, stream, op);
-      return launch_projection<kHead, false, 32, mhc::ProjectionVariant::kDense>(args, multiprocessors, stream, op);
-    }
-    if (const char* reread = std::getenv("DSV4_MHC_REREAD"); reread != nullptr && std::atoi(reread) != 0) {
-      if (config.slice_dims == 64)
-        return launch_projection<kHead, false, 64, mhc::ProjectionVariant::kShared, true>(args, multiprocessors,
-                                                                                           stream, op);
-      return launch_projection<kHead, false, 32, mhc::ProjectionVariant::kShared, true>(args, multiprocessors, stream,
-                                                                                        op);
     }
   }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);

@@ -24,7 +24,18 @@
 //   shared memory (they had been generic loads and stores with 64-bit address arithmetic), two barriers a tile
 //   instead of four, 32-bit workspace offsets: 4096 tokens hc_pre 256.4 → 212.5 µs (37 %), hc_post_pre 385.7 →
 //   353.9 (45 %), hc_head 172.4 → 156.6 (50 %) (H200). Still ≈ 500 instructions per thread and tile, and a tile
-//   ≈ 3.3 µs of a CTA: latency-bound (not profiled).
+//   ≈ 3.3 µs of a CTA: latency-bound.
+// - Profiled in session 19 (ncu, H200, V4-Flash hc_pre at 4096 tokens): 0.40 instructions issued per scheduler and
+//   cycle at 3.8 warps per scheduler, 9.4 cycles per instruction (barrier 2.1, fixed-latency dependencies 2.2, shared
+//   memory / MUFU 1.6, global 0.5); 17 % of the samples wait at the collapse's barrier. The time is linear in the tiles
+//   per CTA: at most 2 or 3 groups of CTAs (1 or 1.5 CTAs per SM) took 416.6 / 284.3 µs against 221.1 at 2 per SM, so
+//   each CTA's chain through a tile, not the SM or HBM, sets the pace; the cross-CTA words do not (taking them as
+//   read, never waited for: 237 µs), nor the projection's MMAs (skipped: 205 µs). Tried and removed (same bits, same
+//   runs, hc_pre / hc_head at 4096 tokens against 227.8 / 171.2 µs): the collapse reading its tile again by TMA into
+//   a 2-stage ring beside a 4-stage X ring, so the lags are free of the ring (259.4 / 197.2); that loop at 3 CTAs per
+//   SM, 80 registers, X ring of 2 and a one-stage re-read (315.5 / 180.2: register spills, the re-reads partly
+//   from HBM; with L2 evict_last / evict_first hints 295.4 / 181.8); pre by shuffles within each token's threads and
+//   no barrier before the collapse, the publication guarded by its own (282.0 / 228.5); V4-Pro alike.
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -93,9 +104,7 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // barrier, so neither waits for the other's phase of a tile: the 12-deep ring is the only coupling. (A one-CTA-per-SM
 // variant of the plain loop, fn's tf32 pairs in registers and half its 12 stages loading, was slower at every size:
 // H200, Flash hc_pre T = 64 / 4096 13.5 / 377 µs against 13.1 / 298, session 15; removed.)
-// kDense (experiment, session 19; hc_pre / hc_head): kShared's loop at 3/2 as many CTAs per SM (at most 80 registers),
-// the collapse re-reading its tile into a single stage (kReread's ring of one).
-enum class ProjectionVariant { kShared, kRoles, kDense };
+enum class ProjectionVariant { kShared, kRoles };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
@@ -103,10 +112,7 @@ __host__ __device__ constexpr int projection_cta_threads(int slice_dims, Project
 }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post,
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
-  return variant == ProjectionVariant::kRoles   ? 1
-         : variant == ProjectionVariant::kDense ? 128 / slice_dims * 3 / 2
-         : post                                 ? (slice_dims >= 64 ? 1 : 2)
-                                                : 128 / slice_dims;
+  return variant != ProjectionVariant::kShared ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
 // The persistent kernel's staged tile: [slice_dims / 32 column blocks][64 rows][32 floats], row = 4·token + stream (the
 // TMA's boxes, 128-byte swizzled: see the notes), and where (token, stream, column) sits in it.
@@ -180,8 +186,6 @@ struct ProjectionArgs : SiteArgs {
   int slices;   // S: CTAs per token tile
   int groups;   // G: CTAs per slice; group g takes tiles g, g + G, …
   int tiles;
-  int sum_lag, collapse_lag;  // experiment: iterations from a tile's projection to its sums / collapse
-  int experiment;             // experiment: DSV4_MHC_EXPERIMENT bits (wrong results: timing only)
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
@@ -262,28 +266,14 @@ __device__ __forceinline__ void wait_for_tile(uint64_t* barrier, uint32_t parity
 
 // One X tile's TMA boxes (kBoxes boxes of 32 columns from `column`, the 64 rows from `row`) into `stage`, completing
 // on `barrier`: out of line, as only a CTA's loading thread runs it (in the per-tile loop every thread's code passes).
-// Experiment (session 19): `hint` 1 loads with an L2 evict_last policy, 2 with evict_first (0: none).
 template <int kBoxes>
 __device__ __noinline__ void load_x_tile(float* stage, uint64_t* barrier, const CUtensorMap* map, int column, int row,
-                                         uint32_t bytes, int hint = 0) {
+                                         uint32_t bytes) {
   sm90::mbarrier_arrive_expect_tx(barrier, bytes);
-  uint64_t policy = 0;
-  if (hint == 1) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  if (hint == 2) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
 #pragma unroll
-  for (int box = 0; box < kBoxes; ++box) {
-    float* const dst = stage + box * kStagedBoxRows * kStagedBoxFloats;
-    if (hint == 0) {
-      sm90::tma_load_2d(dst, map, barrier, column + box * kStagedBoxFloats, row);
-    } else {
-      asm volatile(
-          "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-          " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-          "l"(reinterpret_cast<uint64_t>(map)), "r"(column + box * kStagedBoxFloats), "r"(row),
-          "r"(static_cast<uint32_t>(__cvta_generic_to_shared(barrier))), "l"(policy)
-          : "memory");
-    }
-  }
+  for (int box = 0; box < kBoxes; ++box)
+    sm90::tma_load_2d(stage + box * kStagedBoxRows * kStagedBoxFloats, map, barrier, column + box * kStagedBoxFloats,
+                      row);
 }
 
 // 16 bytes global → shared by cp.async (L2 only: X is streamed once).
@@ -619,11 +609,7 @@ struct SplitOnUse {
   }
 };
 
-// kReread (experiment, session 19; kShared without kPost): the collapse reads its tile again by TMA (from L2) into one
-// of kRereadStages stages instead of keeping it staged since its projection, so the lags are free of the ring.
-inline constexpr int kRereadStages = 2;
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          bool kReread = false>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -639,25 +625,22 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   constexpr int kBoxes = kSliceDims / kStagedBoxFloats;  // TMA boxes per stage
   constexpr int kPartialFloats = kPartial * kTileTokens;  // one slice's partial block of a tile
   constexpr int kStages = projection_stages(kSliceDims, kPartial, kPost, kVariant);
-  constexpr bool kRereads = kReread || kVariant == ProjectionVariant::kDense;
-  constexpr int kRereadSlots = kVariant == ProjectionVariant::kDense ? 1 : kRereadStages;
-  static_assert(!kRereads || (kVariant != ProjectionVariant::kRoles && !kPost), "the re-read runs hc_pre / hc_head");
-  constexpr int kRing = kRereads ? kStages - kRereadSlots : kStages;  // the stages the projected tiles cycle through
-  static_assert(kRing >= 2, "a tile loading while one is projected");
   constexpr int kVectorsPerRow = kSliceDims / 4;  // 16-byte vectors per (token, stream) row of the slice
   // Tile j is projected in iteration j, summed in j + kSumLag and collapsed in j + kCollapseLag: the stages hold the
-  // tiles from j − kCollapseLag on, two of them still loading. More stages, more slack for each cross-CTA hop.
-  // Experiment (session 19, DSV4_MHC_LAGS): the lags come from the launch (default: kCollapseLag = kStages − 3,
-  // kSumLag = (kCollapseLag + 1) / 2).
-  const int kCollapseLag = args.collapse_lag;
-  const int kSumLag = args.sum_lag;
+  // tiles from j − kCollapseLag on, the rest loading: one (hc_pre, hc_head: tile j + 1 is asked for past tile j's
+  // projection barrier) or two (the fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head
+  // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
+  // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
+  constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
+  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
   constexpr int kFinisherLag = 5;
   static_assert(!(kHead && kPost), "hc_head has no residual update in front of it");
-  static_assert(kVariant != ProjectionVariant::kRoles || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
-  static_assert(kVariant != ProjectionVariant::kRoles || kPost, "the warp-specialised variant runs hc_post_pre");
+  static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
+  static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
+  static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
@@ -727,17 +710,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   if (tile_loader) sm90::prefetch_tensor_map(&args.x_map);
   const auto load_tile = [&](int j) {
     if (!tile_loader) return;
-    const int b = j % kRing;
+    const int b = j % kStages;
     load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
-                        uint32_t(kStageFloats) * 4u, kRereads && (args.experiment & 8) != 0 ? 1 : 0);
-  };
-  // kReread: tile j again into its re-read stage for the collapse (the stage's earlier reads are done: the caller
-  // passed a barrier).
-  const auto reread_tile = [&](int j) {
-    if (!kRereads || !tile_loader || j < 0 || j >= count) return;
-    const int b = kRing + j % kRereadSlots;
-    load_x_tile<kBoxes>(stages + b * kStageFloats, &full[b], &args.x_map, i0, tile_of(j) * kStagedBoxRows,
-                        uint32_t(kStageFloats) * 4u, (args.experiment & 8) != 0 ? 2 : 0);
+                        uint32_t(kStageFloats) * 4u);
   };
   // The fused variant's out rows and post/comb of tile j, into ring slot j mod kPostSlots: one out vector per thread
   // (the update's thread → vector map), one post or comb-row vector for each of the first 16 × 5 threads.
@@ -761,7 +736,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   allow_dependents();
   wait_for_prior_grids();
   // kRoles: the finisher group loads the X tiles, the projection group (which applies the update) its post inputs.
-  for (int j = 0; j < min(count, kRing); ++j) {
+  for (int j = 0; j < min(count, kStages); ++j) {
     load_tile(j);
     if constexpr (kPost)
       if (j < kPostSlots && !finisher) load_post_inputs(j);
@@ -793,12 +768,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   const int my_items = slice < kPartialFloats ? (kPartialFloats - slice + slices - 1) / slices : 0;
   const int my_passes = (my_items + items_per_pass - 1) / items_per_pass;
   const auto sum_item_of = [&](int pass) { return pass * items_per_pass + (ltid >> lane_shift); };  // this CTA's m-th
-  // Experiment (session 19, DSV4_MHC_EXPERIMENT bit 0): the loop's cross-CTA words taken as read, never waited for
-  // (wrong results: timing only).
-  const bool no_hop_waits = (args.experiment & 1) != 0;
-  const auto hop_value = [&](unsigned long long word, const unsigned long long* address) {
-    return no_hop_waits ? __uint_as_float(unsigned(word)) : tagged_value(word, address, tag);
-  };
   const auto load_slice_words = [&](int j, int pass, unsigned long long (&words)[kMaxSliceWords]) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     if (m >= my_items || (item & (kTileTokens - 1)) >= valid_of(j)) return;
@@ -816,28 +785,21 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
 #pragma unroll
       for (int w = 0; w < kMaxSliceWords; ++w) {
         const int s = part + w * lanes;
-        if (s < slices) sum += hop_value(words[w], source + s * kPartialFloats);
+        if (s < slices) sum += tagged_value(words[w], source + s * kPartialFloats, tag);
       }
       for (int s = part + kMaxSliceWords * lanes; s < slices; s += lanes)
-        sum += hop_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats);
+        sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
     }
     sum = butterfly_sum(sum, lanes);
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
-  // Experiment (DSV4_MHC_EXPERIMENT bit 2, hc_pre / hc_head): the first 4 threads of token t's collapsing threads
-  // instead, the others take pre by shuffles (no pre_s, no barrier before the collapse; the publication's barrier
-  // guards warp_sums).
-  const bool shuffle_pre = !kPost && !kRoles && (args.experiment & 4) != 0;
-  const int pre_t = shuffle_pre ? vt : ltid / kStreams;
-  const int pre_k = shuffle_pre ? ltid % kVectorsPerRow : ltid % kStreams;  // shuffle_pre: reads if < kStreams
+  const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
-  const float pre_scale = args.scale[0], pre_base = args.base[pre_k % kStreams];
-  const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k % kStreams) * kTileTokens + pre_t;
-  const auto is_pre_reader = [&](int jc) {
-    return jc >= 0 && (shuffle_pre ? pre_k < kStreams && pre_t < valid_of(jc) : ltid < kStreams * valid_of(jc));
-  };
+  const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
+  const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
+  const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -868,10 +830,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    // Experiment (DSV4_MHC_EXPERIMENT bit 1): no projection (wrong results: timing only).
-    if ((args.experiment & 2) == 0)
-      project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
-                                    SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
+                                  g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -881,42 +841,27 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     }
     if (publication_sync) sync();  // warp_sums is free for the next projection
   };
-  // Collapse the staged slice of tile jc at x_stage, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read
-  // earlier. `sync` is the barrier of the collapsing threads; after_sync() runs past it (kReread: waits for the
-  // re-read tile, issues the next one).
-  const auto collapse_from = [&](int jc, bool pre_reader, unsigned long long squares_word, unsigned long long mix_word,
-                                 auto sync, const float* x_stage, auto after_sync) {
-    const int valid = valid_of(jc);
-    float pre_value = 0.0f;
-    if (pre_reader) {
-      const float squares = hop_value(squares_word, sums_of(jc) + pre_squares_word);
-      const float mix = hop_value(mix_word, sums_of(jc) + pre_mix_word);
-      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      pre_value = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
-      if (!shuffle_pre) pre_s[pre_t][pre_k] = pre_value;
-    }
-    float pre[kStreams];
-    if (shuffle_pre) {
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k)
-        pre[k] = __shfl_sync(kFullMask, pre_value, (lane & ~(kVectorsPerRow - 1)) + k);
-    } else {
-      sync();
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) pre[k] = pre_s[vt][k];
-    }
-    after_sync();
-    if (vt < valid && vi < width) {
-      float4 streams[kStreams];
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x_stage + staged[k]);
-      const float4 value = collapse_streams(streams, pre, args.round_to_bf16);
-      store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
-    }
-  };
+  // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
+  // `sync` is the barrier of the collapsing threads. `release`: then a barrier and the stage's refill (else the
+  // caller refills it past its next barrier, before which nothing writes pre_s).
   const auto collapse_and_refill = [&](int jc, bool pre_reader, unsigned long long squares_word,
                                        unsigned long long mix_word, auto sync, bool release) {
-    collapse_from(jc, pre_reader, squares_word, mix_word, sync, stages + (jc % kStages) * kStageFloats, [] {});
+    const int valid = valid_of(jc);
+    if (pre_reader) {
+      const float squares = tagged_value(squares_word, sums_of(jc) + pre_squares_word, tag);
+      const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
+      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+    }
+    sync();
+    if (vt < valid && vi < width) {
+      const float* const x = stages + (jc % kStages) * kStageFloats;
+      float4 streams[kStreams];
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
+      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
+      store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
+    }
     if (!release) return;
     sync();  // the stage and pre_s are free: refill the stage
     if (jc + kStages < count) load_tile(jc + kStages);
@@ -988,15 +933,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // The fused update holds a tile vector in registers: its reads start after it, within the 128-register cap.
       if (!kPost || j >= count) read_early();
 
-      // kRereads: tile t's re-read stage held tile t − kRereadSlots, collapsed in the previous iteration: it is issued
-      // past this iteration's first barrier (the projection's, else the collapse's), or at once where that stage was
-      // never used.
-      const int reread = jc + kRereadSlots - 1;
-      if (kRereads && j >= count && reread < kRereadSlots) reread_tile(reread);
-
       if (j < count) {
-        const int b = j % kRing;
-        wait_for_tile(&full[b], uint32_t(j / kRing) & 1u);
+        const int b = j % kStages;
+        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
         if constexpr (kPost) {
           sm90::mbarrier_wait(&post_full[j % kPostSlots], uint32_t(j / kPostSlots) & 1u);
           update_tile(j, b);
@@ -1008,10 +947,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         // the previous iteration is refilled past this projection's barrier, and the publication needs its own only
         // where neither a collapse nor the fused update's barrier follows it.
         const int jc_before = jc - 1;
-        const int refill = kRereads ? (j + kRing < count ? j + kRing : -1)
-                                   : (jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1);
-        project_and_publish(j, b, block_sync, refill, (!kPost && jc < 0) || shuffle_pre);
-        if constexpr (kRereads) reread_tile(reread);
+        project_and_publish(j, b, block_sync, jc_before >= 0 && jc_before + kStages < count ? jc_before + kStages : -1,
+                            !kPost && jc < 0);
       }
 
       for (int pass = 0; pass < passes; ++pass) {
@@ -1019,18 +956,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         sum_slices(jr, pass, words);
       }
 
-      if (jc >= 0) {
-        if constexpr (kRereads) {
-          const int slot = kRing + jc % kRereadSlots;
-          collapse_from(jc, pre_reader, squares_word, mix_word, block_sync, stages + slot * kStageFloats, [&] {
-            if (shuffle_pre && j >= count) __syncthreads();  // the re-read stage's last collapse is done
-            if (j >= count && reread >= kRereadSlots) reread_tile(reread);
-            wait_for_tile(&full[slot], uint32_t(jc / kRereadSlots) & 1u);
-          });
-        } else {
-          collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
-        }
-      }
+      if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
     }
   }
 
