@@ -243,7 +243,8 @@ void print_trace(const Shape& shape, int tokens, const QuantizedLinearConfig& co
     if (w % 4 == 0) ++ctas_on_sm[std::min<size_t>(host[w * kLinearTraceSlots + TRACE_SM], 1023)];
   }
   std::printf("trace %s %s T=%d %s: %lld x %d CTAs, %d slots, split_k %lld, %s; most CTAs on one SM %d\n",
-              shape.model, shape.name, tokens, setting, (long long)config.row_blocks, config.k_splits, config.ring_slots,
+              shape.model, shape.name, tokens, setting, (long long)config.row_blocks, config.k_splits,
+              config.ring_slots,
               (long long)config.split_k, config.reduce == SplitKReduce::CLUSTER ? "cluster" : "workspace",
               *std::max_element(ctas_on_sm.begin(), ctas_on_sm.end()));
   std::printf("| point | warps | min µs | median µs | max µs |\n|---|---|---|---|---|\n");

@@ -699,12 +699,17 @@ TEST(MoeBorrowedWeights, ALayerFromTheModelUploadMatchesItsOwnUpload) {
   for (const ExpertWeights& e : layer.model.experts) uploaded.experts.push_back(upload_expert(e));
   uploaded.shared = upload_expert(layer.model.shared);
   const DeviceMoeWeights borrowed(uploaded, test_config(shape), "borrowed layer");
+  EXPECT_TRUE(uploaded.fp4_device_layout);
   const DeviceMoeWeights own(layer.model, test_config(shape), "own layer");
   check_case(layer, experts, borrowed, 9, 79, random_tokens(shape));
 
-  // Same inputs through both: bit-identical outputs (the kernels are deterministic).
+  // Same inputs through both: bit-identical outputs (the kernels are deterministic). A second borrower of the same
+  // upload shares the repacked words (repacking them again would scramble them).
+  const DeviceMoeWeights again(uploaded, test_config(shape), "borrowed again");
   const std::vector<float> u = random_input(9, shape, 80);
-  expect_identical_outputs(run_output(borrowed, u, 9, {}), run_output(own, u, 9, {}));
+  const std::vector<float> want = run_output(own, u, 9, {});
+  expect_identical_outputs(run_output(borrowed, u, 9, {}), want);
+  expect_identical_outputs(run_output(again, u, 9, {}), want);
 }
 
 // The four bf16x2 pairs of each word: the checkpoint decode of `stored` ([8 i + J]) and the DEVICE decode of its

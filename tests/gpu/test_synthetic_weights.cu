@@ -158,7 +158,7 @@ TEST(SyntheticWeights, LayoutMatchesTheCheckpointSlotsInEveryExpertFormat) {
     DeviceAllocator pool(0);
     const SyntheticWeightsPlan plan = plan_synthetic_weights(config, format);
     ASSERT_EQ(plan.layer_bytes.size(), 4u);
-    const DeviceModelWeights w = make_synthetic_weights(config, format, pool, 11, nullptr);
+    DeviceModelWeights w = make_synthetic_weights(config, format, pool, 11, nullptr);  // DeviceMoeWeights below marks it
     EXPECT_EQ(pool.stats().in_use_bytes, plan.total_bytes());
     EXPECT_EQ(w.tensors, plan.tensors);
 

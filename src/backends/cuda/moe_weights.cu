@@ -320,7 +320,7 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
   publish_views(layer);
 }
 
-DeviceMoeWeights::DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config,
+DeviceMoeWeights::DeviceMoeWeights(device_weights::Moe& uploaded, const MoeConfig& config,
                                    std::string_view what)
     : config_(config) {
   const std::string layer(what);
@@ -342,7 +342,8 @@ DeviceMoeWeights::DeviceMoeWeights(const device_weights::Moe& uploaded, const Mo
     tid2eid_ = uploaded.tid2eid.data();
     vocab_ = uploaded.tid2eid.size() / config.top_k;
   }
-  publish_views(layer);
+  publish_views(layer, !uploaded.fp4_device_layout);
+  uploaded.fp4_device_layout = true;
 }
 
 void DeviceMoeWeights::check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries,
@@ -403,7 +404,7 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
   return w;
 }
 
-void DeviceMoeWeights::publish_views(const std::string& what) {
+void DeviceMoeWeights::publish_views(const std::string& what, bool repack) {
   streamed_tiles_ = moe_streamed_tiles_apply(host_views_);
   if (streamed_tiles_) stream_maps_ = encode_moe_stream_maps(host_views_, what);
   device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), what + " expert views");
@@ -415,9 +416,6 @@ void DeviceMoeWeights::publish_views(const std::string& what) {
       check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ", what,
             " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack rewrites whole ",
             "32-bit words");
-  repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
-  DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
-
   DeviceBuffer offenders(2 * sizeof(unsigned long long), what + " validation");
   offenders.fill_bytes(0xFF);
   const int64_t table = tid2eid_ != nullptr ? vocab_ * config_.top_k : 0;
@@ -445,6 +443,12 @@ void DeviceMoeWeights::publish_views(const std::string& what) {
     DSV4_CUDA_CHECK(cudaMemcpy(&id, tid2eid_ + first[1], sizeof id, cudaMemcpyDeviceToHost));
     fail("moe: ", what, " tid2eid[", first[1] / uint64_t(config_.top_k), "][", first[1] % uint64_t(config_.top_k),
          "] = ", id, " is not an expert index below ", config_.experts);
+  }
+  if (repack) {
+    repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
+    DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
+    // The model's streams do not wait for the legacy stream: the words are final before this returns.
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
 }
 

@@ -55,9 +55,9 @@ class DeviceMoeWeights {
                    DeviceAllocator* pool = nullptr);
 
   // Borrows a layer already on the device (upload_model_weights), with the same checks, and publishes only the
-  // table of views; `uploaded` must outlive this object. Its fp4 expert matrices are repacked in place (below), so
-  // one DeviceMoeWeights per upload: a second one would repack them again.
-  DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
+  // table of views; `uploaded` must outlive this object. Its fp4 expert matrices are repacked in place (below) once:
+  // `uploaded.fp4_device_layout` records it, so further borrowers of the same upload share the repacked words.
+  DeviceMoeWeights(device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
 
   // A layer of random weights generated on the device (no host copy of the experts): valid codes of each format
   // with scales that keep activations O(1); a random router and bias, or a random hash table. Deterministic in seed.
@@ -91,7 +91,8 @@ class DeviceMoeWeights {
   // Uploads the view table, rewrites every fp4 expert matrix (MXFP4, NVFP4) in the kernels' DEVICE layout
   // (weight_tile_mma.cuh Fp4Layout; the checkpoint and host bytes never change), then checks on the device what the
   // kernels trust (MXFP4 scale range, hash-table entries); throws naming the first offender.
-  void publish_views(const std::string& what);
+  // Uploads the views, validates the layer (before anything is rewritten), then repacks the fp4 experts if `repack`.
+  void publish_views(const std::string& what, bool repack = true);
 
   MoeConfig config_;
   DeviceBuffer arena_;         // owned storage: every matrix's data and scales, the bias, the hash table (empty when

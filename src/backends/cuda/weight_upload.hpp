@@ -131,6 +131,9 @@ struct Moe {
   DeviceArray<int32_t> tid2eid;   // [vocab, top_k]; empty on scored layers
   std::vector<Expert> experts;
   Expert shared;
+  // The fp4 experts' words are in the device layout (moe_weights.hpp): set by the first DeviceMoeWeights that
+  // borrows the layer, so a later one does not repack them again.
+  bool fp4_device_layout = false;
 };
 
 struct HyperConnection {

@@ -183,7 +183,7 @@ CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
 }
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
-// the staged path's slot groups, whose arithmetic it repeats, and teams of c / 4 threads).
+// the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
   const bool lean = loads == CompressorSlotLoads::Lean;
   const bool staged = lean || loads == CompressorSlotLoads::Staged;
@@ -297,7 +297,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     ctas += whole_clusters(launch.pools[i].ctas);
   }
   if (prepares) {
-    if (threads == 0) threads = indexer::kPrepareWarps * 32;
+    // Without runs the CTAs only prepare: as many warps as the chosen kernel's launch bounds allow.
+    if (threads == 0) threads = lean ? compressor::kLeanThreads : indexer::kPrepareWarps * 32;
     launch.prepare = indexer::prepare_args(*prepare);
     launch.prepare_head_dim = int(prepare->head_dim);
     launch.prepare_first_cta = ctas;

@@ -997,7 +997,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   const int64_t row = local * a.lean_teams + team;
   const bool real = row < a.rows;
   const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
-  const int entry = real ? int(a.entries_div.mod(uint32_t(row))) : 0;
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
   const int rope_begin = a.c - a.rope_dim;

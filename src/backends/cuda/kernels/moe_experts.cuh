@@ -614,8 +614,8 @@ __device__ __forceinline__ void multiply_stage(const uint8_t* slot, const __nv_b
 // copies; here a column holds the partial sum of one scale block of one row instead, so the weights enter the MMA as
 // bare e2m1 bits and the block scales are applied to fp32 column sums after it: per 16 × 512 stage the 128 bf16x2
 // factor multiplies and the per-row factor conversions go, 32 fp32 FMAs and 16 scale conversions come.
-// - Lane t decodes 32 values of rows g and g + 8 per step (tile::detail::e2m1_row_bits): the first 16 (A half) feed four
-//   MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
+// - Lane t decodes 32 values of rows g and g + 8 per step (tile::detail::e2m1_row_bits): the first 16 (A half) feed
+//   four MMAs into sums_a, the last 16 (B half) four into sums_b, each MMA taking two of the half's pairs as its k slot
 //   pairs t and t + 4. B column n <= 3 holds the item's row 0 on slot pairs n and n + 4 only, column n + 4 its row 1
 //   on the same pairs (lane (g, t) feeds row 0 where g == t, row 1 where g == t + 4, zeros elsewhere and for an absent
 //   row 1), so column n (n + 4) of sums_a / sums_b sums lane n's A / B half against row 0 (row 1): NVFP4 blocks 2n

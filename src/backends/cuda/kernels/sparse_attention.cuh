@@ -498,8 +498,8 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   entries dequantised exactly: e4m3 · 2^k needs ≤ 4 significant bits), zeros for unused slots so that their
 //   weight 0 never meets a NaN;
 // - warpgroups 1 and 2, the consumers: consumer c owns dims [256c, 256c + 256) of Q and of the output. Per tile:
-//   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), the two partial scores summed through shared
-//   memory in a fixed order (both consumers hold identical S), online softmax in registers, then
+//   S_c = Q_c K_cᵀ (wgmma m64n32k16, both operands in shared memory), each consumer adds the other's partial scores (read
+//   from shared memory) to its own (fp32 addition commutes: both consumers hold identical S), online softmax in registers, then
 //   O_c += P V_c with wgmma m64n256k16 (P from registers, V = the same KV stage read N-major).
 // So every entry crosses the SM once, is dequantised once, and feeds all 64 heads per wgmma; the old kernel's
 // per-head-tile re-reads of K and V through ldmatrix are gone.
@@ -516,10 +516,10 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   chunk c ^ (r % 8). Q: 8 blocks of 64 heads; a KV stage: 8 blocks of 32 entries. For PV the same bytes are the
 //   N-major B operand: K = entries (8-row groups 1024 bytes apart, the stride-dimension offset), N = dims (64-dim
 //   blocks kKvBlockBytes apart, the leading-dimension offset).
-// - Two KV stages: the producer fills stage (j + 1) % 2 while the consumers use stage j % 2. Exchange buffers
-//   alternate with the tile too, so one named barrier per tile orders the partial scores. A consumer issues tile j's
-//   QKᵀ before it waits for tile j − 1's PV (the two run back to back on the tensor cores), then releases stage
-//   (j − 1) % 2 to the producer.
+// - KV stages: the producer fills ahead while the consumers use stage j % kKvStages (two stages for fp8 entries, four
+//   for bf16). Exchange buffers alternate with the tile (j % 2), so one named barrier per tile orders the partial
+//   scores. A consumer issues tile j's QKᵀ before it waits for tile j − 1's PV (the two run back to back on the tensor
+//   cores), then releases tile j − 1's stage to the producer.
 // - Measured on an H200 (session 11, ncu PC sampling on Flash CSA, batch 256): the producer set the pace at ≈ 4.5 µs
 //   per 32-entry tile whether entries came from HBM or L2. Consumers spent a third of their samples waiting on
 //   kv_full; the producer half its time in the expansion loop (a branchy, dependent shared-load → convert → store

@@ -5,7 +5,8 @@
 // query's position. K = V is one shared head, so a CTA serves 16, 32 or 64 heads of one query from each entry it
 // loads (head_dim 512 with > 32 heads: a producer warpgroup gathers entries, fp8 ones by bulk copies expanded to bf16
 // once, bf16 ones by 16-byte copies straight into the MMA layout, two consumer warpgroups run wgmma over 64 heads;
-// other shapes: mma.sync; fp32 accumulation, online softmax); a query's slot list is split across CTAs when tokens × head blocks would not fill the GPU. The splits are
+// other shapes: mma.sync; fp32 accumulation, online softmax); a query's slot list is split across CTAs when tokens ×
+// head blocks would not fill the GPU. The splits are
 // merged with a log-sum-exp combine where the sink joins once: by a second kernel, or (cluster_merge, head_dim 512
 // kernel, 2-16 splits: 8 is the portable cluster size, up to 16 where the device holds such clusters) inside the one
 // launch, the splits of a (query, head block) being one thread-block cluster that merges its partial outputs through

@@ -255,8 +255,8 @@ __device__ __forceinline__ uint32_t e2m1_word_pair(uint32_t word) {
     return e2m1_pair_bits<J>(word);
 }
 
-// One lane's 16 stored fp4 bytes of one row → the bf16 pairs' bits (value × 2^-126, no scale) in MMA order: bits[4i + J]
-// is pair J of word i (codes 8i + J and 8i + J + 4 of the checkpoint order).
+// One lane's 16 stored fp4 bytes of one row → the bf16 pairs' bits (value × 2^-126, no scale) in MMA order:
+// bits[4i + J] is pair J of word i (codes 8i + J and 8i + J + 4 of the checkpoint order).
 template <Fp4Layout L>
 __device__ __forceinline__ void e2m1_row_bits(const uint4& raw, uint32_t (&bits)[16]) {
 #pragma unroll
