@@ -319,9 +319,8 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                       }),
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
-    // Auto's prefill choice for this compressor alone: lean where a lean CTA packs several entries (head_dim < 512).
-    const CompressorSlotLoads other = other_slot_loads(
-        s, k.overlapping, k.overlapping && k.c < 512 ? CompressorSlotLoads::Lean : CompressorSlotLoads::Staged);
+    const CompressorParams alone = k.params(runs, s.sequences, s.tokens, stream);
+    const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, compressor_slot_loads({&alone, 1}));
     add_slot_loads_row(s, other, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
@@ -417,7 +416,9 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                          both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = true;
                          run_compressors(both);
                        });
-    const CompressorSlotLoads other = other_slot_loads(s, true, CompressorSlotLoads::Lean);
+    const CompressorParams pair[2] = {main.params(runs, s.sequences, s.tokens, stream),
+                                      index.params(runs, s.sequences, s.tokens, stream)};
+    const CompressorSlotLoads other = other_slot_loads(s, true, compressor_slot_loads(pair));
     add_slot_loads_row(s, other, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),

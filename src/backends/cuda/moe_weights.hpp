@@ -88,10 +88,9 @@ class DeviceMoeWeights {
  private:
   DeviceMoeWeights() = default;
   void check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries, const std::string& layer) const;
-  // Uploads the view table, rewrites every fp4 expert matrix (MXFP4, NVFP4) in the kernels' DEVICE layout
-  // (weight_tile_mma.cuh Fp4Layout; the checkpoint and host bytes never change), then checks on the device what the
-  // kernels trust (MXFP4 scale range, hash-table entries); throws naming the first offender.
-  // Uploads the views, validates the layer (before anything is rewritten), then repacks the fp4 experts if `repack`.
+  // Uploads the view table, checks on the device what the kernels trust (MXFP4 scale range, hash-table entries;
+  // throws naming the first offender) and then, if `repack`, rewrites every fp4 expert matrix (MXFP4, NVFP4) in the
+  // kernels' DEVICE layout (weight_tile_mma.cuh Fp4Layout; the checkpoint and host bytes never change).
   void publish_views(const std::string& what, bool repack = true);
 
   MoeConfig config_;

@@ -157,30 +157,6 @@ const char* lean_refusal(const CompressorParams& p) {
   return nullptr;
 }
 
-// How a launch loads its slots (CompressorSlotLoads, never Auto; the compressors agree on the mode).
-CompressorSlotLoads slot_loads_of(std::span<const CompressorParams> params) {
-  const CompressorSlotLoads mode = params[0].slot_loads;
-  if (mode == CompressorSlotLoads::Lean)
-    for (const CompressorParams& p : params) {
-      const char* refusal = p.run_count == 0 ? nullptr : lean_refusal(p);
-      check(refusal == nullptr, "compressor: lean slot loads refused: ", refusal == nullptr ? "" : refusal);
-    }
-  if (mode != CompressorSlotLoads::Auto) return mode;
-  bool several_entries = false, lean = true, packs_entries = false, staged = true;
-  for (const CompressorParams& p : params) {
-    if (p.run_count == 0) continue;
-    staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
-    lean = lean && lean_refusal(p) == nullptr;
-    packs_entries = packs_entries || p.head_dim < 4 * compressor::kLeanThreads;
-    several_entries = several_entries || entries_per_run_of(p) > 1;
-  }
-  if (!several_entries) return CompressorSlotLoads::Registers;
-  // Lean where a pool packs several entries into a lean CTA (GPU round s19-2, H200, 4096 tokens: the CSA layer's pair
-  // 28.6 vs 40.0 µs staged, its indexer compressor alone 9.4 vs 13.4); a lone pool of 512-channel entries, one per
-  // lean CTA, stays staged (CSA main alone 24.6 vs 26.2 lean).
-  if (lean && packs_entries) return CompressorSlotLoads::Lean;
-  return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
-}
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
@@ -272,7 +248,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
   }
-  const CompressorSlotLoads loads = slot_loads_of(params);
+  const CompressorSlotLoads loads = compressor_slot_loads(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
@@ -327,6 +303,31 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
 }
 
 }  // namespace
+
+CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> params) {
+  const CompressorSlotLoads mode = params[0].slot_loads;
+  if (mode == CompressorSlotLoads::Lean)
+    for (const CompressorParams& p : params) {
+      const char* refusal = p.run_count == 0 ? nullptr : lean_refusal(p);
+      check(refusal == nullptr, "compressor: lean slot loads refused: ", refusal == nullptr ? "" : refusal);
+    }
+  if (mode != CompressorSlotLoads::Auto) return mode;
+  // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
+  const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
+  if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
+  bool lean = true, packs_entries = false, staged = true;
+  for (const CompressorParams& p : params) {
+    if (p.run_count == 0) continue;
+    staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
+    lean = lean && lean_refusal(p) == nullptr;
+    packs_entries = packs_entries || p.head_dim < 4 * compressor::kLeanThreads;
+  }
+  // Lean where a pool packs several entries into a lean CTA (GPU round s19-2, H200, 4096 tokens: the CSA layer's pair
+  // 28.6 vs 40.0 µs staged, its indexer compressor alone 9.4 vs 13.4); a lone pool of 512-channel entries, one per
+  // lean CTA, stays staged (CSA main alone 24.6 vs 26.2 lean).
+  if (lean && packs_entries) return CompressorSlotLoads::Lean;
+  return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
+}
 
 void run_compressor(const CompressorParams& params) { launch_compressors({&params, 1}, nullptr); }
 

@@ -136,6 +136,8 @@ inline int64_t compressor_max_entries(int64_t tokens, int64_t ratio) { return (t
 
 void check_compressor_params(const CompressorParams& params);
 void run_compressor(const CompressorParams& params);
+// The slot loads a launch of `params` takes (Auto resolved; refuses a Lean that cannot pool them, naming why).
+CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> params);  // 1 or 2
 void run_compressors(std::span<const CompressorParams> params);  // 1 or 2; params[0].stream
 
 // run_compressors and run_indexer_prepare in one launch (a CSA layer's indexer queries are ready when its compressors
