@@ -5,14 +5,12 @@
 
 #include <cstdint>
 
+#include "core/activation_block_scale.hpp"
 #include "core/e8m0.hpp"
 #include "core/host_device.hpp"
 #include "core/quantized_matrix.hpp"
 
 namespace dsv4 {
-
-// DeepSeek's floor on a block's amax, so an all-zero block still gets a finite scale.
-inline constexpr float kFp8AmaxFloor = 1e-4f;
 
 // e8m0 scale for a block with this amax: s = 2^ceil(log2(max(amax, 1e-4) / 448)), so that amax / s <= 448.
 DSV4_HD uint8_t fp8_e8m0_scale_for_amax(float amax) {

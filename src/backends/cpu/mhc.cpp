@@ -6,6 +6,7 @@
 
 #include "backends/cpu/vector_math.hpp"
 #include "core/error.hpp"
+#include "core/rms_norm_math.hpp"
 #include "core/thread_pool.hpp"
 
 namespace dsv4::cpu {
@@ -27,7 +28,7 @@ std::vector<float> stream_mixes(const float* fn, int64_t fn_rows, const float* X
   auto& pool = ThreadPool::global();
   pool.parallel_for(0, p.tokens, [&](int64_t t) {
     const float* xf = X + t * flat;
-    inv_rms[t] = 1.0f / std::sqrt(dot(xf, xf, flat) / static_cast<float>(flat) + p.norm_eps);
+    inv_rms[t] = inverse_rms(dot(xf, xf, flat), static_cast<float>(flat), p.norm_eps);
   });
   // One item per (token, row) so a single decode token still spreads over the threads.
   pool.parallel_for(0, p.tokens * fn_rows, [&](int64_t item) {

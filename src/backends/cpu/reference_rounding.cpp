@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "backends/cpu/bf16_rounding.hpp"
+#include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
@@ -23,11 +24,6 @@ float block_amax(const float* x, int64_t n) {
   return amax;
 }
 
-// DeepSeek's kernels form amax · (1/max) with the fp32 reciprocal and take the exact ceil(log2) of that fp32
-// product from its bits (float_to_e8m0_ceil), so the scale is a power of two.
-float ue8m0_scale(float amax, float floor, float reciprocal_of_max) {
-  return e8m0_to_float(float_to_e8m0_ceil(std::max(amax, floor) * reciprocal_of_max));
-}
 
 }  // namespace
 
@@ -36,7 +32,7 @@ void round_fp8_blocks_ue8m0(float* x, int64_t n, int64_t block) {
   for (int64_t begin = 0; begin < n; begin += block) {
     const int64_t len = std::min(block, n - begin);
     float* v = x + begin;
-    const float scale = ue8m0_scale(block_amax(v, len), 1e-4f, 1.0f / kE4m3Max);
+    const float scale = e8m0_to_float(e4m3_block_scale_code(block_amax(v, len)));
     for (int64_t i = 0; i < len; ++i) {
       // Dividing by a power of two is exact; float_to_e4m3 saturates, which is the clamp to ±448.
       const float q = e4m3_to_float(float_to_e4m3(v[i] / scale));
@@ -50,7 +46,7 @@ void round_fp4_blocks_ue8m0(float* x, int64_t n, int64_t block) {
   for (int64_t begin = 0; begin < n; begin += block) {
     const int64_t len = std::min(block, n - begin);
     float* v = x + begin;
-    const float scale = ue8m0_scale(block_amax(v, len), 6.0f * 0x1p-126f, 1.0f / kE2m1Max);
+    const float scale = e8m0_to_float(e2m1_block_scale_code(block_amax(v, len)));
     for (int64_t i = 0; i < len; ++i) {
       const float q = e2m1_to_float(float_to_e2m1(v[i] / scale));
       v[i] = round_to_bf16(q * scale);

@@ -4,6 +4,7 @@
 
 #include "backends/cpu/vector_math.hpp"
 #include "core/error.hpp"
+#include "core/rms_norm_math.hpp"
 #include "core/thread_pool.hpp"
 
 namespace dsv4::cpu {
@@ -14,8 +15,7 @@ void rms_norm(const float* x, const float* weight, float* y, const RmsNormParams
   ThreadPool::global().parallel_for(0, params.rows, [&](int64_t row) {
     const float* in = x + row * dim;
     float* out = y + row * dim;
-    const float mean_square = dot(in, in, dim) / static_cast<float>(dim);
-    const float inv_rms = 1.0f / std::sqrt(mean_square + params.eps);
+    const float inv_rms = inverse_rms(dot(in, in, dim), static_cast<float>(dim), params.eps);
     if (weight != nullptr) {
       for (int64_t i = 0; i < dim; ++i) out[i] = in[i] * inv_rms * weight[i];
     } else {

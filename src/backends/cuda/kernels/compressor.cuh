@@ -43,8 +43,10 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
+#include "core/rms_norm_math.hpp"
 #include "core/fp8_e4m3.hpp"
 
 namespace dsv4::cuda::compressor {
@@ -289,9 +291,6 @@ __device__ __forceinline__ float merge_partials(int groups, Part part) {
 
 // A channel pair's share of the RMSNorm's sum of squares, and the norm's factor from the entry's sum.
 __device__ __forceinline__ float pair_square(float x0, float x1) { return x0 * x0 + x1 * x1; }
-__device__ __forceinline__ float inverse_rms(float square_sum, int c, float eps) {
-  return 1.0f / sqrtf(square_sum / static_cast<float>(c) + eps);
-}
 
 // Adds a batch of slots to a channel pair's two softmaxes; invalid slots weigh 0.
 __device__ __forceinline__ void add_batch(OnlineSoftmax& channel0, OnlineSoftmax& channel1,
@@ -430,7 +429,7 @@ __device__ __forceinline__ float2 e4m3_round_trip(float x0, float x1) {
 
 // The fp8 KV block scale for a block's amax: s = 2^ceil(log2(max(amax, 1e-4) / 448)).
 __device__ __forceinline__ float kv_fp8_scale(float amax) {
-  return e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+  return e8m0_to_float(e4m3_block_scale_code(amax));
 }
 
 // round_kv_reference of a channel pair: e4m3 at the block's scale (nope channels), else bf16.
@@ -740,7 +739,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (!e.emitting) return;
 
   const int rope_begin = c - a.rope_dim;
-  const float inv_rms = inverse_rms(total, c, a.norm_eps);
+  const float inv_rms = inverse_rms(total, static_cast<float>(c), a.norm_eps);
   if (owner) {
     v[0] = v[0] * inv_rms * t.norm_weight.x;
     v[1] = v[1] * inv_rms * t.norm_weight.y;
@@ -938,7 +937,7 @@ __device__ __forceinline__ void lean_store_cache(const KvEntryLayout& layout, ui
 #pragma unroll
   for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
   if (nope) {
-    const uint8_t scale_code = float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max));
+    const uint8_t scale_code = e4m3_block_scale_code(amax);
     // The scale is a power of two ≥ 2^-22: x · (1/scale) is x / scale exactly, and the hardware's saturating
     // round-to-nearest-even e4m3 conversion is float_to_e4m3's.
     const float inverse = 1.0f / e8m0_to_float(scale_code);
@@ -1102,7 +1101,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   }
 
   if (e.emitting) {
-    const float inv_rms = inverse_rms(total, a.c, a.norm_eps);
+    const float inv_rms = inverse_rms(total, static_cast<float>(a.c), a.norm_eps);
     float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];

@@ -58,6 +58,7 @@
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
+#include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e2m1.hpp"
 #include "core/e8m0.hpp"
@@ -110,7 +111,7 @@ __device__ __forceinline__ void warp_round_indexer_reference(float (&v)[kPerLane
   }
 #pragma unroll
   for (int m = 1; m < kFp4Block / kPerLane; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
-  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 6.0f * 0x1p-126f) * (1.0f / kE2m1Max)));
+  const float scale = e8m0_to_float(e2m1_block_scale_code(amax));
   // scale is a power of two ≥ 2^-126: its reciprocal is exact, and x · (1/scale) is x / scale's correctly rounded
   // value (the same bits) without a division per value.
   const float inverse = 1.0f / scale;
@@ -133,7 +134,7 @@ __device__ __forceinline__ float warp_quantize_fp8(const float (&v)[kPerLane], u
   }
 #pragma unroll
   for (int m = 1; m < 32; m *= 2) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, m));
-  const float scale = e8m0_to_float(float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max)));
+  const float scale = e8m0_to_float(e4m3_block_scale_code(amax));
   const float inverse = 1.0f / scale;  // a power of two ≥ 2^-22: exact, as x · inverse = x / scale
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) codes[i] = float_to_e4m3(rounded[i] * inverse);

@@ -3,6 +3,7 @@
 #include "backends/cuda/kernels/rms_norm.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
+#include "core/rms_norm_math.hpp"
 
 namespace dsv4::cuda {
 
@@ -85,8 +86,7 @@ __device__ __forceinline__ void insert_row(const KvInsertArgs& a, const PairWeig
     x1 = round_to_bf16(x1);
   }
   if (p.norm_weight != nullptr) {  // uniform over the grid, so the block sum's barrier is reached by all or none
-    const float mean_square = kv_insert_block_sum(x0 * x0 + x1 * x1, partials) / float(layout.head_dim);
-    const float inv_rms = 1.0f / sqrtf(mean_square + p.eps);
+    const float inv_rms = inverse_rms(kv_insert_block_sum(x0 * x0 + x1 * x1, partials), float(layout.head_dim), p.eps);
     if (active) {
       x0 = x0 * inv_rms * weights.w0;
       x1 = x1 * inv_rms * weights.w1;

@@ -10,6 +10,7 @@
 
 #include "backends/cuda/kernels/kv_insert.hpp"
 #include "backends/cuda/kernels/rope.cuh"
+#include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
 #include "core/fp8_e4m3.hpp"
@@ -45,7 +46,7 @@ __device__ __forceinline__ void kv_store_pair(const KvEntryLayout& layout, uint8
   for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
   if (nope) {
     // round_kv_reference's rule: s = 2^ceil(log2(max(amax, 1e-4) / 448)), e4m3 of x / s (saturating).
-    const uint8_t scale_code = float_to_e8m0_ceil(fmaxf(amax, 1e-4f) * (1.0f / kE4m3Max));
+    const uint8_t scale_code = e4m3_block_scale_code(amax);
     const float scale = e8m0_to_float(scale_code);
     const uint16_t codes = uint16_t(float_to_e4m3(x0 / scale)) | uint16_t(uint16_t(float_to_e4m3(x1 / scale)) << 8);
     *reinterpret_cast<uint16_t*>(entry + dim) = codes;

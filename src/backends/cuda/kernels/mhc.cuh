@@ -66,12 +66,14 @@
 
 #include <cstdint>
 
+#include "backends/cuda/ptx/cluster.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/bf16.hpp"
+#include "core/rms_norm_math.hpp"
 
 namespace dsv4::cuda::mhc {
 
@@ -313,11 +315,6 @@ __device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t 
 // Each lane of v rounded to bf16 (kept as fp32).
 __device__ __forceinline__ float4 round4_to_bf16(float4 v) {
   return make_float4(round_to_bf16(v.x), round_to_bf16(v.y), round_to_bf16(v.z), round_to_bf16(v.w));
-}
-
-// 1 / rms of `count` values whose squares sum to `squares`: the CPU's operation order.
-__device__ __forceinline__ float inverse_rms(float squares, float count, float eps) {
-  return 1.0f / sqrtf(squares / count + eps);
 }
 
 // Token t's post (4 floats) then its comb rows (4 × 4) into mix, one 16-byte load each. `t` keeps its caller's
@@ -1108,11 +1105,6 @@ __device__ __forceinline__ float slice_squares(float4 value) {
   return squares;
 }
 
-// PTX ISA "barrier.cluster": a relaxed arrive (it only says the CTA has started: its exchange barriers are armed) and
-// the wait for every CTA's arrive.
-__device__ inline void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory"); }
-__device__ inline void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
-
 // The cluster steps (see the notes): the receiving CTA's mbarrier counts the bytes its peers store into it.
 // One thread arms `barrier` for `bytes` (its only arrival), then one fence_mbarrier_init for all of them, before the
 // CTA's first cluster arrive; every reader waits for phase 0; the stores (PTX st.async) complete their bytes on the
@@ -1215,7 +1207,7 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
     for (int l = 0; l < kStreams * kStreams; ++l) comb_base[l] = args.base[2 * kStreams + l];
   wait_for_prior_grids();
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
-  cluster_arrive_relaxed();  // this CTA has read the epoch
+  sm90::cluster_arrive_relaxed();  // this CTA has read the epoch
   // Item i: token rank + 8·(i / kMixItems), mix item i mod kMixItems (partial row 0, then rows 5..24).
   const auto row_of = [](int item) { return item == 0 ? 0 : kStreams + item; };
   sum_cluster_words(
@@ -1244,7 +1236,7 @@ __device__ inline void cluster_decode_mix(const ClusterDecodeArgs& args, unsigne
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
   }
-  cluster_wait();
+  sm90::cluster_wait_acquire();
   // Mix CTA 0 has read token 0's words from every slice cluster, and the barrier shows every mix CTA has read the
   // epoch: no CTA of this launch reads it any more.
   if (rank == 0 && tid == 0) args.header[0] = tag;
@@ -1327,7 +1319,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
     }
     sm90::fence_mbarrier_init();
   }
-  cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
+  sm90::cluster_arrive_relaxed();  // this CTA has started: its shared memory may be written once every peer's has
 
   wait_for_prior_grids();
   const unsigned tag = load_relaxed_u32(args.header) + 1u;
@@ -1346,7 +1338,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
   __syncthreads();
 
   // Cluster step: the slice's partial of item (row, t), warps summed in order, to CTA t mod 8.
-  cluster_wait();
+  sm90::cluster_wait_acquire();
   for (int item = tid; item < kPartialFloats; item += kDecodeThreads) {
     const int row = item / kTileTokens, t = item % kTileTokens;
     if (t >= T) continue;
@@ -1607,7 +1599,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
         args.fn + int64_t(r) * flat + int64_t(k) * d + i0, uint32_t(ds) * 4u,
         static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[0])));
   }
-  cluster_arrive_relaxed();  // this CTA's exchange barriers are armed: its peers may store into it
+  sm90::cluster_arrive_relaxed();  // this CTA's exchange barriers are armed: its peers may store into it
 
   const int g = lane >> 2, t4 = lane & 3;
   if (mixer) {
@@ -1615,7 +1607,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     const float mix_scale = lane < kStreams ? args.scale[1] : args.scale[2];
     const float mix_base = lane < kSingleMixItems ? args.base[kStreams + lane] : 0.0f;
     wait_for_prior_grids();
-    cluster_wait();
+    sm90::cluster_wait_acquire();
     if (int(rank) >= T) return;
     const int t = int(rank);
     wait_exchange(&barriers[1]);
@@ -1824,7 +1816,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
   // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
-  cluster_wait();
+  sm90::cluster_wait_acquire();
   const int broadcast_pairs = kCtas * kCollapseRows * T;
   const int pairs = broadcast_pairs + (kHead ? 0 : kSingleMixItems * T);
   for (int p = tid; p < pairs; p += projection_threads) {

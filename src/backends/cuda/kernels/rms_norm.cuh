@@ -20,6 +20,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/bf16.hpp"
+#include "core/rms_norm_math.hpp"
 
 namespace dsv4::cuda::rms {
 
@@ -125,7 +126,7 @@ __device__ __forceinline__ void rms_norm_rows(const RmsNormArgs& args, int64_t c
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) sum += warp_sums[w];
   }
-  const float inv_rms = 1.0f / sqrtf(sum / float(args.width) + args.eps);
+  const float inv_rms = inverse_rms(sum, float(args.width), args.eps);
   // With RoPE the row's last rope_dim values go through shared memory to the pair loop below (a pair's two values
   // sit in two threads of the group): the unrolled loop stays free of the rotation.
   const int rope_begin = kRope ? args.width - args.rope_dim : args.width;

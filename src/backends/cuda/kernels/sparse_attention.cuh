@@ -33,6 +33,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/kernels/sparse_attention.hpp"
 #include "backends/cuda/kernels/sparse_attention_math.cuh"
+#include "backends/cuda/ptx/cluster.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/ldmatrix.cuh"
@@ -848,25 +849,6 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
-// Distributed shared memory of a cluster: `local`'s counterpart in the shared memory of cluster CTA `rank`, as a
-// generic pointer, so that loads through it are plain 16-byte loads with immediate offsets (ld.shared::cluster on a
-// 32-bit mapa address made ptxas rebuild the window's generic address, an S2R and two moves, before every load).
-template <class T>
-__device__ __forceinline__ const T* cluster_peer(const T* local, int rank) {
-  return static_cast<const T*>(__cluster_map_shared_rank(const_cast<T*>(local), unsigned(rank)));
-}
-
-// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the peers after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
-// The same without ordering memory (the release costs a GPU-scope fence, which would wait for the output's global
-// stores): only to know that every peer has got past its reads of this CTA's shared memory.
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed;\nbarrier.cluster.wait;\n" ::: "memory");
-}
-
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
 // output from the partials and (max, sum) pairs of all `p.splits` CTAs of the cluster, normalised with the sink,
 // rotated back and stored. `merge_sink_log2` is head `thread256`'s sink for threads below kD512Heads. The peers'
@@ -889,7 +871,7 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
 
   const uint4* peer_partial[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = cluster_peer(partial, s < splits ? s : 0);
+  for (int s = 0; s < kMaxSplits; ++s) peer_partial[s] = sm90::cluster_peer(partial, s < splits ? s : 0);
   // This CTA's slice of the output's 16-byte vectors of partials (kVectorDims dims: 4 fp32 or 8 bf16);
   // consecutive threads read consecutive vectors of a row. A thread's vectors are kStride apart, a whole number of
   // rows: they share their dims (and inverse-RoPE factors) and step kHeadStep heads, so their addresses are immediate
@@ -925,7 +907,7 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
     float2 split_stats[kMaxSplits];
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
+      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[thread256] : make_float2(-INFINITY, 0.0f);
     float factor[kMaxSplits];
     merge_factors(split_stats, merge_sink_log2, factor);
     ScaleVector* row = reinterpret_cast<ScaleVector*>(merge_scale + thread256 * kMaxSplits);
@@ -1240,12 +1222,12 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       if (consumer == 0 && c == 0)
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
-    cluster_sync();
+    sm90::cluster_sync();
     if (bf16_partials)
       d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
-    cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
+    sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     return;
   }
 
@@ -1358,8 +1340,8 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     else
       d512_produce_bf16(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
-      cluster_sync();
-      cluster_sync_relaxed();
+      sm90::cluster_sync();
+      sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
@@ -1485,7 +1467,7 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
   const float4* partial = reinterpret_cast<const float4*>(smem + L::kPartial);
   const float4* peer[kMaxSplits];
 #pragma unroll
-  for (int s = 0; s < kMaxSplits; ++s) peer[s] = cluster_peer(partial, s < splits ? s : 0);
+  for (int s = 0; s < kMaxSplits; ++s) peer[s] = sm90::cluster_peer(partial, s < splits ? s : 0);
   float4 o[kThreadVectors][kMaxSplits];
 #pragma unroll
   for (int k = 0; k < kThreadVectors; ++k) {
@@ -1501,7 +1483,7 @@ __device__ __forceinline__ void head_split_cluster_merge(const SparseAttentionPa
     float2 split_stats[kMaxSplits];
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s)
-      split_stats[s] = s < splits ? cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
+      split_stats[s] = s < splits ? sm90::cluster_peer(stats, s)[tid] : make_float2(-INFINITY, 0.0f);
     float factor[kMaxSplits];
     merge_factors(split_stats, merge_sink_log2, factor);
 #pragma unroll
@@ -1782,7 +1764,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
       for (int r = 0; r < 2; ++r)
         *reinterpret_cast<float2*>(partial + (g + 8 * r) * kHeadSplitPartialStride + dim_base + 8 * j + 2 * c) =
             make_float2(o_acc[j][2 * r], o_acc[j][2 * r + 1]);
-    cluster_sync();
+    sm90::cluster_sync();
     if (p.splits <= 2)
       head_split_cluster_merge<2>(p, smem, t, split, head_base, merge_sink_log2);
     else if (p.splits <= 4)
@@ -1791,7 +1773,7 @@ __global__ void __launch_bounds__(kHeadSplitThreads, 1)
       head_split_cluster_merge<8>(p, smem, t, split, head_base, merge_sink_log2);
     else
       head_split_cluster_merge<16>(p, smem, t, split, head_base, merge_sink_log2);
-    cluster_sync_relaxed();  // the peers have read this CTA's partial and statistics
+    sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial and statistics
     return;
   }
   float inverse_denominator[2];

@@ -58,6 +58,7 @@
 #include "backends/cuda/ptx/mma.cuh"
 #include "backends/cuda/ptx/tma.cuh"
 #include "core/e8m0.hpp"
+#include "core/rms_norm_math.hpp"
 
 namespace dsv4::cuda::tile {
 
@@ -451,7 +452,7 @@ __device__ __forceinline__ void rms_norm_inverse_rms(const float* x, int64_t row
   for (int t = int(threadIdx.x); t < tokens; t += int(blockDim.x)) {
     float sum = 0.0f;
     for (int v = 0; v < owner_warps; ++v) sum += warp_sums[t * owner_warps + v];
-    inv_rms[t] = 1.0f / sqrtf(sum / float(width) + eps);
+    inv_rms[t] = inverse_rms(sum, float(width), eps);
   }
   __syncthreads();
 }
