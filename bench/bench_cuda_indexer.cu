@@ -292,6 +292,46 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     score_flops,
                     "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
   }
+  // At batch 1, short contexts in a key buffer of this capacity as the model launches them (key_count the buffer's
+  // bound, the grid sized by it, what a query sees from its position), and the whole context: the default kernel
+  // choice in both formats against the same-run kernels with their first key loads bounded by the capacity (the
+  // A/B switch DSV4_INDEXER_CAPACITY_LOADS=1, as before session 20); the note gives the same visible keys scored
+  // in a launch sized to them (key_count = visible).
+  if (tokens == 1) {
+    std::vector<int64_t> visible_counts;
+    for (const int64_t visible : {int64_t(1024), int64_t(16384)})
+      if (visible * 4 <= keys) visible_counts.push_back(visible);  // short in this capacity
+    visible_counts.push_back(keys);
+    for (const int64_t visible : visible_counts) {
+      const DeviceBuffer d_position = to_device(std::vector<int64_t>{visible * kRatio - 1}, "position");
+      for (const bool fp8 : {false, true}) {
+        const auto call = [&](int64_t key_count) {
+          return [&, key_count](cudaStream_t on) {
+            IndexerScoresParams p = scores_params(on, fp8, IndexerScoresKernel::Auto);
+            p.positions = d_position.as<int64_t>(), p.key_count = key_count;
+            run_indexer_scores(p);
+          };
+        };
+        const double us = graph_us(stream, 20, call(keys));
+        setenv("DSV4_INDEXER_CAPACITY_LOADS", "1", 1);
+        const double capacity_us = graph_us(stream, 20, call(keys));
+        unsetenv("DSV4_INDEXER_CAPACITY_LOADS");
+        const double sized_us = graph_us(stream, 20, call(visible));
+        const double bytes = double(visible) * (fp8 ? kHeadDim + 4 : 2 * kHeadDim) + double(visible) * 4 +
+                             double(fp8 ? q_fp8.bytes() + q_scales.bytes() : q.bytes());
+        const double flops = 2.0 * double(visible) * kHeads * kHeadDim;
+        const double floor_us = std::max(bytes / (copy_gbps * 1e3), flops / ((fp8 ? 2 : 1) * gemm_tflops * 1e6));
+        char note[160];
+        std::snprintf(note, sizeof note,
+                      "default kernel; baseline: first key loads bounded by the capacity; launch sized to the "
+                      "visible keys %.2f us",
+                      sized_us);
+        rows.push_back({"indexer scores, short context", shape + ", " + std::to_string(visible) + " visible" +
+                                                             (fp8 ? ", fp8" : ", bf16"),
+                        us, floor_us, capacity_us, bytes, flops, note});
+      }
+    }
+  }
   if (scores_only) return;
   // Top-k on the indexer's scores (now in `scores`), then on distinct random scores.
   DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");

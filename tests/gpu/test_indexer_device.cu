@@ -262,6 +262,7 @@ struct ScoresCase {
   int sequences = 1;  // > 1: queries of different sequences (slots) in one launch, each with its own keys
   bool strided = false;  // token rows of the unprepared q and the head weights padded (NaN in the gaps), as in stacked
                          // outputs
+  int64_t visible_limit = 0;  // > 0: positions see about this many keys at most (a short context in a large buffer)
 };
 
 // Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: the operands are the CPU's, so only the fp32 summation order differs. For fp8
@@ -323,11 +324,13 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
         keys[size_t(r * c.head_dim + d)] = e4m3_to_float(key_codes[size_t(r * c.head_dim + d)]) * key_scales[size_t(r)];
     }
   }
-  // Positions: the last query sees every key; the others fewer (including none and a window boundary ± 1).
+  // Positions: the last query sees every key (or visible_limit of them); the others fewer (including none and a
+  // window boundary ± 1).
   std::vector<int64_t> positions(static_cast<size_t>(c.tokens));
+  const int64_t seen = c.visible_limit > 0 ? c.visible_limit : c.key_count;
   for (int64_t t = 0; t < c.tokens; ++t) {
-    const int64_t full = c.key_count * c.ratio + int64_t(rng() % 7);
-    const int64_t options[] = {full, 0, c.ratio - 1, c.key_count / 2 * c.ratio, c.key_count / 2 * c.ratio - 1,
+    const int64_t full = seen * c.ratio + int64_t(rng() % 7);
+    const int64_t options[] = {full, 0, c.ratio - 1, seen / 2 * c.ratio, seen / 2 * c.ratio - 1,
                                int64_t(rng() % uint32_t(full + 1))};
     positions[size_t(t)] = t == c.tokens - 1 ? full : options[rng() % 6];
   }
@@ -383,6 +386,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   run.tolerance.resize(run.expected.size());
   for (int64_t t = 0; t < c.tokens; ++t)
     for (int64_t j = 0; j < c.key_count; ++j) {
+      if (std::isinf(run.expected[size_t(t * c.key_count + j)])) continue;  // invisible: no tolerance needed
       double magnitude = 0.0;
       for (int64_t h = 0; h < c.heads; ++h) {
         double dot = 0.0;
@@ -395,6 +399,19 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<uint16_t> keys_bf16(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) keys_bf16[i] = float_to_bf16(keys[i]);
+  if (c.visible_limit > 0) {
+    // The rows no query sees hold NaN on the device: a kernel that let one reach a visible score would show.
+    int64_t most_seen = 0;
+    for (const int64_t position : positions)
+      most_seen = std::max(most_seen, std::min(c.key_count, (position + 1) / c.ratio));
+    for (int64_t slot = 0; slot < c.sequences; ++slot)
+      for (int64_t j = most_seen; j < c.key_count; ++j) {
+        const size_t row = size_t(slot * slot_rows + j);
+        std::fill_n(keys_bf16.begin() + row * size_t(c.head_dim), c.head_dim, uint16_t(0xFFFF));
+        std::fill_n(key_codes.begin() + row * size_t(c.head_dim), c.head_dim, uint8_t(0xFF));
+        key_scales[row] = std::numeric_limits<float>::quiet_NaN();
+      }
+  }
   DeviceBuffer d_keys = fp8 ? to_device(key_codes, "fp8 keys") : to_device(keys_bf16, "keys");
   DeviceBuffer d_key_scales = to_device(key_scales, "key scales");
   DeviceBuffer d_w = to_device(w_rows, "head weights");
@@ -552,6 +569,20 @@ TEST(IndexerScores, LongContext) {
   // (one wave of CTAs on 132 SMs), its tiles in flight carried from iteration to iteration.
   check_scores({1, 8, 128, 262144, 4, true}, KeyFormat::Fp8, 11);
   check_scores({3, 8, 128, 200000, 4, false}, KeyFormat::Fp8, 12);
+}
+
+// A short context in a large key buffer, as the model launches its decode steps (key_count the buffer's capacity,
+// the grid sized by it): the kernels bound every key load by the visible keys, the first tiles' included; rows past
+// them stay −inf or untouched, and the rows no query sees (NaN on the device) reach no visible score.
+TEST(IndexerScores, ShortContextInALargeBuffer) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 400;
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
+    check_scores({1, 64, 128, 65536, 4, true, 1, false, 1000}, format, seed++);  // streamed (bf16) / warpgroup
+    check_scores({3, 8, 128, 262144, 4, false, 1, false, 3000}, format, seed++);  // one query group of 3
+    check_scores({4, 64, 128, 20000, 4, true, 4, false, 700}, format, seed++);    // sequence slots
+    check_scores({2, 8, 64, 5000, 4, false, 1, false, 100}, format, seed++);     // the mma.sync kernel alone
+  }
 }
 
 // fp8 scores then the device top-k against the CPU's top-k of the CPU scores. The two score sets differ by the

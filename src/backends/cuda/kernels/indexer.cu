@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -117,6 +119,14 @@ bool streams_by_default(const IndexerScoresParams& p) {
          p.tokens == 1 && p.key_count >= 16384;
 }
 
+// A/B switch of GPU round s20 (removed with the loser): environment DSV4_INDEXER_CAPACITY_LOADS=1 bounds the score
+// kernels' first key loads by key_count (the buffer's capacity) as before, instead of by the visible keys. Read at
+// every call, so one process can time both.
+bool capacity_first_loads() {
+  const char* v = std::getenv("DSV4_INDEXER_CAPACITY_LOADS");
+  return v != nullptr && std::string_view(v) == "1";
+}
+
 // The kernels' view of the parameters (strides resolved).
 indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_cta) {
   return indexer::ScoresArgs{
@@ -145,6 +155,7 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .counts = nullptr,
       .nan_flag = nullptr,
       .tickets = nullptr,
+      .capacity_first_loads = capacity_first_loads(),
   };
 }
 

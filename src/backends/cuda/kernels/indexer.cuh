@@ -263,6 +263,9 @@ struct ScoresArgs {
   int32_t* counts;
   int32_t* nan_flag;
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
+  // A/B switch (GPU round s20, removed with the loser): the first key loads bounded by key_count (the buffer's
+  // capacity), as before session 20, instead of by the CTA's visible keys.
+  bool capacity_first_loads;
 };
 
 inline constexpr int kScoreWarps = 8;
@@ -500,6 +503,21 @@ __device__ __forceinline__ int64_t key_slot_of(const ScoresArgs& args, int64_t f
   return args.sequence_slots != nullptr ? args.sequence_slots[first_query] : 0;
 }
 
+// The most keys any of a CTA's queries sees (each query's min(key_count, (position + 1) div ratio), kept in
+// `visible` by the first threads of warp 0): the bound of the CTA's key loads, its first tiles' included, so a short
+// context in a large key buffer reads only what its queries see. Each warp reduces it alone (no barrier), every
+// lane ending with the same value.
+__device__ __forceinline__ int cta_visible_keys(const ScoresArgs& args, int64_t first_query, int queries,
+                                                int64_t* visible) {
+  const int lane = threadIdx.x & 31;
+  int64_t count = 0;
+  if (lane < queries) {
+    count = min(args.key_count, (args.positions[first_query + lane] + 1) / args.ratio);
+    if (threadIdx.x < 32) visible[lane] = count;
+  }
+  return __reduce_max_sync(kFullMask, int(count));  // < 2^30: the launcher's bound on key_count
+}
+
 // fp8 keys: the 16 rows key0 + 8·half + group of an m-tile; per row the lane holds kHeadDim/4 bytes, loaded W/4 at a
 // time at dims u·W + quad·(W/4) (W = min(64, head_dim)), as words: step t's A registers are words 2t and 2t + 1.
 // Also the scale of the row the lane stores after the quad reduction, key0 + 8·(quad % 2) + group.
@@ -621,20 +639,19 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int key_count = int(args.key_count);
   const int step = int(gridDim.x) * kScoreWarps;
   int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
-  // The first tiles' keys are in flight while the query operands are stored (rows up to the capacity: a row past a
-  // query's visible keys only feeds outputs that are never written).
+  // The first tiles' keys are in flight while the query operands are stored (rows up to the most any query sees: a
+  // row past one query's visible keys only feeds outputs that are never written).
+  int max_visible = key_count;
+  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   constexpr int kAhead = kFp8 ? 2 : 1;
   WarpKeyTile<kHeadDim, kFp8> tiles[kAhead + 1];
 #pragma unroll
   for (int i = 0; i < kAhead; ++i)
-    tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, key_count, group, quad);
+    tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group, quad);
 
   load_query_operands<kHeadDim, kFp8>(args, first_query, queries, smem_raw, weights);
-  if (threadIdx.x < queries)
-    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
+  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
-  int max_visible = 0;
-  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
   const int tile_count = (max_visible + kKeysPerWarpTile - 1) / kKeysPerWarpTile;
@@ -841,18 +858,17 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   int tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
   // The first tiles' keys are in flight while the query operands are stored. A warp keeps one bf16 tile (64 bytes
   // per lane) or two fp8 tiles ahead of the one multiplied.
+  int max_visible = key_count;
+  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   WgmmaKeyTile<kFp8> current, ahead, after;
-  load_wgmma_key_tile<kFp8>(current, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, key_count, group,
+  load_wgmma_key_tile<kFp8>(current, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, max_visible, group,
                             quad);
   if constexpr (kFp8)
-    load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, key_count,
+    load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, max_visible,
                               group, quad);
   load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
-  if (threadIdx.x < queries)
-    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
+  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
-  int max_visible = 0;
-  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
   for (; tile < tiles; tile += step) {  // warpgroup-uniform: every wgmma below has all 128 threads
@@ -999,19 +1015,18 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
   const int key_count = int(args.key_count);
   const int step = int(gridDim.x) * kWgmmaWarpgroups;
   const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
-  // The first kStages − 1 tiles are in flight while the query operands are stored (rows up to the capacity: a row
-  // past a query's visible keys only feeds outputs that are never written).
+  // The first kStages − 1 tiles are in flight while the query operands are stored (rows up to the most any query
+  // sees: a row past one query's visible keys only feeds outputs that are never written).
+  int max_visible = key_count;
+  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, key_count, t);
+    issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, max_visible, t);
     ptx::cp_async_commit();
   }
   load_streamed_query_operands(args, first_query, queries, query_tiles, weights);
-  if (threadIdx.x < queries)
-    visible[threadIdx.x] = min(args.key_count, (args.positions[first_query + threadIdx.x] + 1) / args.ratio);
+  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
-  int max_visible = 0;
-  for (int query = 0; query < queries; ++query) max_visible = max(max_visible, int(visible[query]));
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
   int stage = 0;
