@@ -23,8 +23,13 @@
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
-// Usage: bench_cuda_compressor [--json PATH] [--only TEXT]: --only times just the rows whose "op, case" contains TEXT
-// (every compressor's state is still filled first: 64 launches each, CSA main, CSA indexer, then HCA).
+// Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace]: --only times just the rows whose "op, case"
+// contains TEXT (every compressor's state is still filled first: 64 launches each, CSA main, CSA indexer, then HCA).
+// --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
+// preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,
+// behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
+// them in L2), with the L2 hot (the same step just ran) or evicted first (weights and state cold, as in a model
+// step): per CTA its SM and points, in µs after that kernel's end, and when a dependent kernel's wait returned.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -43,6 +48,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
 #include "cuda_bench_support.hpp"
@@ -113,6 +119,44 @@ __global__ void straightforward_pool(const float* kv, const float* gate, const f
     v = channel % 2 == 0 ? x0 * cosine - x1 * sine : x0 * sine + x1 * cosine;
   }
   entries[blockIdx.x * int64_t(c) + channel] = v;
+}
+
+// --trace's neighbours. The previous kernel: one warp that lets its dependents launch at once, reads `touch` (the
+// step's inputs) and spins for `ns` nanoseconds, then stores its end time. The next kernel: one warp whose
+// grid-dependency wait returns when the traced launch has completed; it stores that time.
+struct Touch {
+  const uint4* range[8] = {};
+  int words[8] = {};
+};
+__global__ void prior_kernel(Touch touch, uint64_t ns, uint64_t* end, uint32_t* sink) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  uint32_t sum = 0;
+  for (int r = 0; r < 8; ++r)
+    for (int i = int(threadIdx.x); i < touch.words[r]; i += 32) sum ^= touch.range[r][i].x;
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+  if (sum == 0x9E3779B9u) *sink = sum;
+  if (threadIdx.x == 0) {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    *end = now;
+  }
+}
+__global__ void next_kernel(uint64_t* released) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (threadIdx.x == 0) {
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    *released = now;
+  }
+}
+__global__ void evict_l2_kernel(const uint4* data, size_t words, uint32_t* sink) {
+  uint32_t sum = 0;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += size_t(gridDim.x) * blockDim.x)
+    sum ^= __ldcs(data + i).x;
+  if (sum == 0x9E3779B9u) *sink = sum;
 }
 
 struct Row {
@@ -461,15 +505,126 @@ void bench_key_outputs(Compressor& index, double copy_gbps, const std::string& o
   }
 }
 
+// --trace: one traced launch `launch(on, trace)` between prior_kernel (touching `touch`) and next_kernel, after an L2
+// eviction when `cold`; kRepeats times, the last one's timeline printed per CTA (µs after the prior kernel's end),
+// and every repeat's release of the next kernel.
+template <class Launch>
+void print_trace(const std::string& title, const Touch& touch, bool cold, size_t l2_bytes, cudaStream_t stream,
+                 Launch&& launch) {
+  constexpr int kRepeats = 5;
+  constexpr int ctas = 64;  // at least the launch's CTAs (the CTAs that started are printed)
+  DeviceBuffer trace(size_t(ctas) * kCompressorTracePoints * 8, "trace"), times(16, "times"), sink(16, "sink");
+  DeviceBuffer flush(cold ? 2 * l2_bytes : 16, "L2 eviction buffer");
+  flush.fill_bytes(0x5A);
+  std::vector<uint64_t> host(size_t(ctas) * kCompressorTracePoints);
+  std::string released;
+  for (int repeat = 0; repeat < kRepeats; ++repeat) {
+    trace.fill_bytes(0);
+    if (cold) {
+      evict_l2_kernel<<<1024, 256, 0, stream>>>(flush.as<uint4>(), flush.bytes() / 16, sink.as<uint32_t>());
+      DSV4_CUDA_CHECK_LAUNCH("evict_l2_kernel");
+    }
+    prior_kernel<<<1, 32, 0, stream>>>(touch, 5000, times.as<uint64_t>(), sink.as<uint32_t>());
+    DSV4_CUDA_CHECK_LAUNCH("prior_kernel");
+    launch(stream, trace.as<uint64_t>());
+    launch_chained(next_kernel, dim3(1), dim3(32), 0, stream, times.as<uint64_t>() + 1, "next_kernel");
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+    uint64_t t[2];
+    times.download(t, 16);
+    trace.download(host.data(), trace.bytes());
+    char text[32];
+    std::snprintf(text, sizeof text, "%s%.2f", repeat == 0 ? "" : " / ", 1e-3 * double(int64_t(t[1] - t[0])));
+    released += text;
+    if (repeat + 1 < kRepeats) continue;
+    std::printf("trace %s, %s: next kernel released %s µs after the prior kernel's end\n", title.c_str(),
+                cold ? "L2 evicted" : "L2 hot", released.c_str());
+    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | finished | end |\n"
+                "|---|---|---|---|---|---|---|---|---|\n");
+    for (int c = 0; c < ctas; ++c) {
+      const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
+      if (r[COMPRESSOR_TRACE_START] == 0) continue;
+      std::printf("| %d | %llu |", c, (unsigned long long)r[COMPRESSOR_TRACE_SM]);
+      for (int point = COMPRESSOR_TRACE_START; point < kCompressorTracePoints; ++point) {
+        if (r[point] == 0)
+          std::printf(" - |");
+        else
+          std::printf(" %.2f |", 1e-3 * double(int64_t(r[point] - t[0])));
+      }
+      std::printf("\n");
+    }
+  }
+}
+
+// The step's row (row 0) of a compressor's first projection copy (the one traced calls read), for prior_kernel.
+void touch_row(Touch& touch, int& n, const Compressor& k) {
+  const int words = int(k.width() * 4 / 16);
+  touch.range[n] = k.kv[0].as<uint4>(), touch.words[n++] = words;
+  touch.range[n] = k.gate[0].as<uint4>(), touch.words[n++] = words;
+}
+
+void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l2_bytes, cudaStream_t stream) {
+  constexpr int64_t kHeads = 64, kHeadDim = 128;
+  std::mt19937 rng(7);
+  const DeviceBuffer q = to_device(normal_floats(size_t(kHeads * kHeadDim), 1.0f, rng), "raw q");
+  DeviceBuffer prepared(size_t(kHeads * kHeadDim) * 2, "prepared q");
+  for (const Step& s : {kSteps[0], kSteps[1]}) {
+    for (const bool cold : {false, true}) {
+      const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
+      const DeviceBuffer positions = to_device(std::vector<int64_t>(1, start_of(s, main)), "positions");
+      const auto csa = [&](cudaStream_t on, uint64_t* trace) {
+        main.rotation = index.rotation = 0;
+        CompressorParams both[2] = {main.params(runs, 1, 1, on), index.params(runs, 1, 1, on)};
+        both[0].trace = both[1].trace = trace;
+        run_compressors(both, IndexerPrepareParams{.input = q.as<float>(),
+                                                   .output = prepared.as<__nv_bfloat16>(),
+                                                   .tokens = 1,
+                                                   .heads = kHeads,
+                                                   .head_dim = kHeadDim,
+                                                   .positions = positions.as<int64_t>(),
+                                                   .rope_frequencies = main.frequencies.as<float>(),
+                                                   .rope_dim = 64,
+                                                   .reference_rounding = true,
+                                                   .stream = on});
+      };
+      Touch touch;
+      int n = 0;
+      touch_row(touch, n, main);
+      touch_row(touch, n, index);
+      touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
+      touch.range[n] = q.as<uint4>(), touch.words[n++] = int(kHeads * kHeadDim * 4 / 16);
+      touch.range[n] = positions.as<uint4>(), touch.words[n++] = 1;
+      print_trace(std::string("CSA layer main + indexer + indexer prepare, ") + s.variant, touch, cold, l2_bytes, stream,
+                  csa);
+    }
+    for (const bool cold : {false, true}) {
+      const DeviceBuffer runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
+      Touch touch;
+      int n = 0;
+      touch_row(touch, n, hca);
+      touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
+      print_trace(std::string("HCA, ") + s.variant, touch, cold, l2_bytes, stream,
+                  [&](cudaStream_t on, uint64_t* trace) {
+                    hca.rotation = 0;
+                    CompressorParams p = hca.params(runs, 1, 1, on);
+                    p.trace = trace;
+                    run_compressor(p);
+                  });
+    }
+  }
+}
+
 int run(int argc, char** argv) {
   std::string json_path, only;
+  bool trace = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc)
       only = argv[++i];
+    else if (std::strcmp(argv[i], "--trace") == 0)
+      trace = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH] [--only TEXT])");
+      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -484,6 +639,15 @@ int run(int argc, char** argv) {
   DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(42);
   std::vector<Row> rows;
+  if (trace) {
+    Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
+    Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
+    Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
+    for (Compressor* k : {&main, &index, &hca}) k->fill_state(stream);
+    trace_decode(main, index, hca, device.l2_bytes, stream);
+    DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+    return 0;
+  }
   {
     Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
     Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);

@@ -247,6 +247,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
           "compressor: the compressors of one launch need the same slot_loads");
     check(params[0].state.finished_ctas != params[1].state.finished_ctas,
           "compressor: the compressors of one launch need distinct states");
+    check(params[0].trace == params[1].trace, "compressor: the compressors of one launch need the same trace");
   }
   const CompressorSlotLoads loads = compressor_slot_loads(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
@@ -287,11 +288,16 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
   if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
   using enum CompressorSlotLoads;
+  launch.trace = params[0].trace;
+  const bool traced = launch.trace != nullptr;
+  check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
   const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
-                      : slice_updates ? (staged ? compressor::compressor_kernel<true, Staged>
-                                                : compressor::compressor_kernel<true, Registers>)
-                                      : (staged ? compressor::compressor_kernel<false, Staged>
-                                                : compressor::compressor_kernel<false, Registers>);
+                      : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
+                                         : traced ? compressor::compressor_kernel<true, Registers, true>
+                                                  : compressor::compressor_kernel<true, Registers>)
+                                      : (staged   ? compressor::compressor_kernel<false, Staged>
+                                         : traced ? compressor::compressor_kernel<false, Registers, true>
+                                                  : compressor::compressor_kernel<false, Registers>);
   if (smem > 48 * 1024) {
     const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
     check(smem <= size_t(limit), "compressor: ", smem, " bytes of shared memory per CTA exceed the device's ", limit);

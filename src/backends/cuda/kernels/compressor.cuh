@@ -143,7 +143,28 @@ struct LaunchArgs {
   indexer::PrepareArgs prepare;
   int prepare_head_dim;
   int64_t prepare_first_cta;
+  uint64_t* trace;  // CompressorParams::trace (traced kernels only)
 };
+
+// Records CompressorTracePoint `point` of the calling CTA (thread 0 stores) when kTrace; nothing otherwise. The time is
+// read behind a test of `dependency`, so a point given a loaded value is not reached before the value arrives (a
+// warp issues in order).
+template <bool kTrace>
+__device__ __forceinline__ void trace_point(uint64_t* trace, int point, uint32_t dependency = 0) {
+  if constexpr (kTrace) {
+    if (threadIdx.x == 0 && dependency != 0xFFFFFFFFu) {
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      uint64_t* record = trace + size_t(blockIdx.x) * kCompressorTracePoints;
+      record[point] = now;
+      if (point == COMPRESSOR_TRACE_START) {
+        uint32_t sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        record[COMPRESSOR_TRACE_SM] = sm;
+      }
+    }
+  }
+}
 
 // Shared memory: per group and channel the partial (max, denominator, numerator), then the CTA's channels of one entry.
 inline size_t pool_smem_bytes(int channels, int groups) {
@@ -818,8 +839,10 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
 // kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-template <bool kSliceUpdates, bool kStaged>
-__device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem) {
+// kTrace: a traced launch (trace_point).
+template <bool kSliceUpdates, bool kStaged, bool kTrace>
+__device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
+                                         uint64_t* trace) {
   const int channels = a.channels_per_cta;
   const PoolSmem s = pool_smem(a, smem);
   __shared__ float warp_partials[32];
@@ -836,7 +859,9 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   CompressorRun run{};
   if (a.runs_before_wait) run = a.runs[place.run_index];
   wait_for_prior_grids();
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait) run = a.runs[place.run_index];
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_RUN_LOADED, uint32_t(run.tokens));
   EntryItem e = entry_item(a, place, run);
   const RunView& r = e.r;
   const bool in_run = !kSliceUpdates && in_run_entry(a, e);  // CTA-uniform
@@ -845,6 +870,12 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   const StateUpdate slice = plan_state_update(a, r, place.rank * channels, false);
   EarlyUpdate early;
   if (kSliceUpdates && place.real) early = load_early_update(a, r, slice);
+  if constexpr (kTrace && kSliceUpdates) {
+    if (place.real && (slice.previous_items > 0 || slice.window_items > 0))
+      trace_point<kTrace>(trace, COMPRESSOR_TRACE_UPDATE_LOADED,
+                          __float_as_uint(slice.previous_items > 0 ? early.previous[0].value.x
+                                                                   : early.window[0].value.x));
+  }
   // The cache row's page, looked up while the slots load.
   prepare_entry_outputs(a, e, t.group);
 
@@ -872,6 +903,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     s.part_num[local_channel + 1] = channel1.numerator;
   }
   __syncthreads();  // every pooling read of the state is done
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED);
   // Ticket mode: this CTA's reads of the state are done, so it takes its ticket now (no output stores pending for the
   // fence to wait for); the answer is needed only at the end. In-run entries read no state and take none.
   const bool takes_ticket = !kSliceUpdates && place.real && !in_run;
@@ -886,6 +918,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   // entry is not emitted (most decode steps of an HCA layer).
   const bool cluster_barriers = hardware_cluster > 1 && (e.emitting || a.cluster_ctas != hardware_cluster);
   finish_entry(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true);
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
   if (place.real) {
     if (kSliceUpdates)
@@ -894,6 +927,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
       update_state_if_last(a, r, takes_ticket && ticket == ticket_ctas(a, r) - 1, &is_last_cta);
   }
   if (cluster_barriers) __cluster_barrier_wait();
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_END);
 }
 
 // ---- Lean slot loads (CompressorSlotLoads::Lean) ----
@@ -1151,8 +1185,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
 }
 
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
+template <bool kTrace>
 __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
   wait_for_prior_grids();  // the queries and positions are earlier operations' outputs
+  trace_point<kTrace>(launch.trace, COMPRESSOR_TRACE_PRIOR_DONE);
   const int64_t row = (int64_t(blockIdx.x) - launch.prepare_first_cta) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= launch.prepare.rows) return;  // warp-uniform
   const int lane = int(threadIdx.x & 31);
@@ -1161,13 +1197,15 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
     case 64: indexer::prepare_row<64>(launch.prepare, row, lane); break;
     default: indexer::prepare_row<128>(launch.prepare, row, lane); break;
   }
+  trace_point<kTrace>(launch.trace, COMPRESSOR_TRACE_END);
 }
 
 // The staged kernels run CTAs of at most kStagedThreads threads with registers for three per SM in prefill (the ring,
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads>
+// kTrace: a traced launch (CompressorParams::trace; Registers only).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
@@ -1176,9 +1214,10 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
+  trace_point<kTrace>(launch.trace, COMPRESSOR_TRACE_START);
   allow_dependents();  // the dependent's own wait still orders it after this grid's completion
   if (launch.prepare_head_dim != 0 && int64_t(blockIdx.x) >= launch.prepare_first_cta) {
-    prepare_vectors(launch);
+    prepare_vectors<kTrace>(launch);
     return;
   }
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
@@ -1186,8 +1225,8 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   if constexpr (kLoads == CompressorSlotLoads::Lean)
     compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
-    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged>(a, int64_t(blockIdx.x) - a.first_cta,
-                                                                   launch.hardware_cluster, smem);
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
+        a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 
 }  // namespace dsv4::cuda::compressor

@@ -118,9 +118,29 @@ struct CompressorParams {
   int cluster_ctas = 0;
   // See CompressorSlotLoads; the compressors of one launch agree on it.
   CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto;
+  // Diagnostic timeline (bench_cuda_compressor --trace; slot loads Registers, the decode steps'): thread 0 of every
+  // CTA of the launch stores its SM id and %globaltimer (ns) at the CompressorTracePoint points into
+  // trace[cta · kCompressorTracePoints + point] (points a CTA does not reach stay as they were). The compressors of
+  // one launch give the same pointer (or null).
+  uint64_t* trace = nullptr;
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }
+};
+
+// The points of a traced launch (CompressorParams::trace): the SM id, the CTA's start, its grid-dependency wait
+// passed, its run loaded, its first state-update loads arrived, the pooling's partials written (after the barrier),
+// the entry finished (stored), the state updated (the CTA's last stores issued). Preparation CTAs: start, wait, end.
+enum CompressorTracePoint : int {
+  COMPRESSOR_TRACE_SM,
+  COMPRESSOR_TRACE_START,
+  COMPRESSOR_TRACE_PRIOR_DONE,
+  COMPRESSOR_TRACE_RUN_LOADED,
+  COMPRESSOR_TRACE_UPDATE_LOADED,
+  COMPRESSOR_TRACE_POOLED,
+  COMPRESSOR_TRACE_FINISHED,
+  COMPRESSOR_TRACE_END,
+  kCompressorTracePoints
 };
 
 // Index of the first entry a chunk starting at start_position can complete.
