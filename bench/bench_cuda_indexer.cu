@@ -7,7 +7,10 @@
 //   twice the bf16 rate; and the scores + top-k in one launch (run_indexer_scores_top_k:
 //   TopKKernel, and LastCta where key_count ≤ 2048) against the two. The warpgroup-MMA kernels
 //   (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of that format, and their
-//   streamed variant (WarpgroupStreamed, bf16 keys only) against the bf16 one.
+//   streamed variants (WarpgroupStreamed: bf16 keys by cp.async, fp8 keys staged by TMA) against them.
+// - at batch 1, short contexts (1024 and 16384 visible keys) in the key buffer of the context's capacity, as the model
+//   launches them, and the whole context: the default kernel in both formats against its first key loads bounded
+//   by the capacity (A/B switch DSV4_INDEXER_CAPACITY_LOADS=1, same run).
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -22,9 +25,9 @@
 //   launches; prepare + fused scores/top-k; with ≤ 2048 keys prepare + LastCta), both formats, the scores with the
 //   default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--scores]]: --context runs batch 1 at a
-// context of N tokens only (--scores: the score kernels' rows only); --decode runs the decode chains' cases only,
-// --short those up to a 4K context.
+// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores]]: --context runs
+// batch T (default 1) at a context of N tokens only (--scores: the score kernels' rows only); --decode runs the
+// decode chains' cases only, --short those up to a 4K context.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -284,13 +287,18 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                     fp8 ? fp8_floor_us : score_floor_us, fp8 ? fp8_us : score_us,
                     fp8 ? fp8_score_bytes : score_bytes, score_flops,
                     "wgmma m64n64, keys as register A; baseline: the mma.sync kernel of the same format"});
-    if (fp8) continue;
     const double streamed_us = graph_us(stream, 20, [&](cudaStream_t on) {
-      run_indexer_scores(scores_params(on, false, IndexerScoresKernel::WarpgroupStreamed));
+      run_indexer_scores(scores_params(on, fp8, IndexerScoresKernel::WarpgroupStreamed));
     });
-    rows.push_back({"indexer scores, streamed warpgroup MMA", shape, streamed_us, score_floor_us, us, score_bytes,
-                    score_flops,
-                    "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
+    if (fp8)
+      rows.push_back({"indexer scores fp8, staged warpgroup MMA", shape, streamed_us, fp8_floor_us, us,
+                      fp8_score_bytes, score_flops,
+                      "wgmma m64n64k32, keys and queries from shared memory, key tiles by TMA in the 128B swizzle; "
+                      "baseline: the register-fed warpgroup kernel"});
+    else
+      rows.push_back({"indexer scores, streamed warpgroup MMA", shape, streamed_us, score_floor_us, us, score_bytes,
+                      score_flops,
+                      "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
   }
   // At batch 1, short contexts in a key buffer of this capacity as the model launches them (key_count the buffer's
   // bound, the grid sized by it, what a query sees from its position), and the whole context: the default kernel
@@ -566,11 +574,14 @@ int run(int argc, char** argv) {
   std::string json_path;
   bool decode_only = false, short_contexts = false, scores_only = false;
   int64_t only_context = 0;
+  int only_tokens = 1;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
     else if (std::strcmp(argv[i], "--context") == 0 && i + 1 < argc)
       only_context = std::atoll(argv[++i]);
+    else if (std::strcmp(argv[i], "--tokens") == 0 && i + 1 < argc)
+      only_tokens = std::atoi(argv[++i]);
     else if (std::strcmp(argv[i], "--scores") == 0)
       scores_only = true;
     else if (std::strcmp(argv[i], "--decode") == 0)
@@ -579,7 +590,7 @@ int run(int argc, char** argv) {
       decode_only = short_contexts = true;
     else
       fail("unknown argument ", argv[i],
-           " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--scores]])");
+           " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores]])");
   }
   check(only_context >= 0 && only_context % 4 == 0, "bench_cuda_indexer: --context ", only_context,
         " must be a multiple of 4");
@@ -601,8 +612,10 @@ int run(int argc, char** argv) {
   std::vector<Row> rows;
   bench_launch(stream, rows);
   check(!scores_only || only_context > 0, "bench_cuda_indexer: --scores needs --context N");
+  check(only_tokens >= 1 && (only_tokens == 1 || only_context > 0), "bench_cuda_indexer: --tokens ", only_tokens,
+        " needs --context N and must be positive");
   if (only_context > 0) {
-    bench_indexer_and_top_k(only_context, 1, copy_gbps, gemm_tflops, stream, cublas, rng, rows, scores_only);
+    bench_indexer_and_top_k(only_context, only_tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows, scores_only);
     decode_only = short_contexts = true;
   }
   // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the

@@ -426,11 +426,12 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool auto_warpgroup =
       !auto_streamed && warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
   std::vector<float> streamed_scores;
-  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (bf16 keys only), 2:
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (fp8 keys: of one
+  // sequence; the staged kernel), 2:
   // the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
-    if ((warpgroup && !warpgroup_shape) || (streamed && fp8)) continue;
+    if ((warpgroup && !warpgroup_shape) || (streamed && fp8 && c.sequences > 1)) continue;
     const std::string name = streamed    ? "streamed warpgroup MMA"
                              : warpgroup ? "warpgroup MMA"
                              : automatic ? "auto"
@@ -503,6 +504,14 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
       warpgroup_scores = got;
     } else if (variant == 3) {
       streamed_scores = got;
+      if (fp8 && warpgroup_shape) {
+        // Not asserted: the staged kernel sums head_dim in its natural order, the register-fed one in its fragments'
+        // permutation, so the e4m3 MMA's per-step rounding may differ (none where the sums are exact).
+        size_t differing = 0;
+        for (size_t i = 0; i < got.size(); ++i) differing += float_bits(got[i]) != float_bits(warpgroup_scores[i]);
+        std::printf("  staged vs register-fed warpgroup kernel: %zu of %zu scores' bits differ\n", differing,
+                    got.size());
+      }
     } else {
       // Auto: the bits of the kernel it must have picked.
       const std::vector<float>& same = auto_streamed    ? streamed_scores
@@ -563,7 +572,7 @@ TEST(IndexerScores, LongContext) {
   // 16 queries × 65536 keys: 2^20 (query, key) pairs, where Auto takes the warpgroup kernel for bf16 keys too (8
   // heads keep the CPU's side short).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Bf16, 9);
-  // The same with fp8 keys (the mma.sync and warpgroup kernels; the streamed one takes bf16 keys only).
+  // The same with fp8 keys (the mma.sync, warpgroup and staged kernels).
   check_scores({16, 8, 128, 65536, 4, false}, KeyFormat::Fp8, 10);
   // fp8 keys at a 1M context and at 200000 keys: each warpgroup of the register-fed kernel loops over 5 to 8 tiles
   // (one wave of CTAs on 132 SMs), its tiles in flight carried from iteration to iteration.
@@ -878,13 +887,15 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
     check_fused_scores_top_k({8, 64, 128, 700, 512, 8, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
     check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
-  // The streamed warpgroup kernel's last CTA (bf16 keys only): several CTAs per query (tickets), one CTA, groups of
-  // several queries.
+  // The streamed warpgroup kernels' last CTA: several CTAs per query (tickets), one CTA, groups of several queries;
+  // bf16 keys also through slots (fp8 keys: one sequence, the staged kernel).
   constexpr IndexerScoresKernel kStreamed = IndexerScoresKernel::WarpgroupStreamed;
-  check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
-  check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
+  for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
+    check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+  }
   check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
-  check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
 }
 
 TEST(IndexerScores, RefusesMismatchedOperands) {
@@ -927,12 +938,14 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   p.kernel = IndexerScoresKernel::Warpgroup;
   p.head_dim = 128, p.heads = 65;
   testing::expect_error([&] { run_indexer_scores(p); }, "at most 64 heads (got 65)");
-  // The streamed kernel takes bf16 keys only.
+  // The streamed kernel takes fp8 keys of one sequence only.
   IndexerScoresParams streamed_fp8 = base;
   streamed_fp8.head_dim = 128, streamed_fp8.kernel = IndexerScoresKernel::WarpgroupStreamed;
   streamed_fp8.q_fp8 = buffer.as<uint8_t>(), streamed_fp8.q_scales = buffer.as<float>();
   streamed_fp8.keys_fp8 = buffer.as<uint8_t>(), streamed_fp8.key_scales = buffer.as<float>();
-  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "WarpgroupStreamed kernel takes bf16 keys only");
+  streamed_fp8.sequence_slots = buffer.as<int32_t>(), streamed_fp8.keys_slot_stride = 1024;
+  streamed_fp8.key_scales_slot_stride = 8;
+  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "takes fp8 keys of one sequence only");
   p.heads = 64, p.top_k_method = IndexerTopKMethod::TopKKernel;
   int32_t* outputs = buffer.as<int32_t>() + 512;
   testing::expect_error(

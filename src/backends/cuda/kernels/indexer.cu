@@ -10,6 +10,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/per_device_cache.hpp"
+#include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
 
 namespace dsv4::cuda {
@@ -23,6 +24,7 @@ constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget)
 constexpr size_t kWgmmaSmemBytes =
     indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
 constexpr size_t kStreamedSmemBytes = indexer::streamed_smem_layout(kMaxQueriesPerCta, true).bytes;
+constexpr size_t kStagedSmemBytes = indexer::staged_smem_layout(kMaxQueriesPerCta, true).bytes;
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -79,6 +81,10 @@ DeviceLimits device_limits() {
     for (auto* kernel : {indexer_scores_streamed_kernel<false>, indexer_scores_streamed_kernel<true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStreamedSmemBytes)));
+    using indexer::indexer_scores_staged_kernel;
+    for (auto* kernel : {indexer_scores_staged_kernel<false>, indexer_scores_staged_kernel<true>})
+      DSV4_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmemBytes)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -190,6 +196,26 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
                  args, "indexer_scores_streamed_kernel (bf16)");
 }
 
+// The staged warpgroup kernels (fp8 keys of one sequence): the keys' tensor map over key_count rows of 128 bytes,
+// boxes of one 64-key tile in the 128B swizzle.
+template <bool kSelect>
+void launch_scores_staged(const indexer::ScoresArgs& args, dim3 grid, cudaStream_t stream) {
+  const indexer::StagedScoresArgs staged{
+      .keys = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                                          .base = args.keys_fp8,
+                                          .cols = uint64_t(indexer::kWgmmaHeadDim),
+                                          .rows = uint64_t(args.key_count),
+                                          .row_stride_bytes = uint64_t(indexer::kWgmmaHeadDim),
+                                          .box_cols = uint32_t(indexer::kWgmmaHeadDim),
+                                          .box_rows = uint32_t(indexer::kWgmmaKeysPerTile),
+                                          .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
+                                         "indexer fp8 keys"),
+      .scores = args};
+  const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
+  launch_chained(indexer::indexer_scores_staged_kernel<kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                 staged, "indexer_scores_staged_kernel (fp8)");
+}
+
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
 template <bool kSelect>
 void launch_scores_wgmma(const indexer::ScoresArgs& args, bool fp8, dim3 grid, cudaStream_t stream) {
@@ -224,13 +250,21 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
+  // fp8 keys stream through the staged kernel (two CTAs per SM), bf16 keys through the cp.async one (one).
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
-                          plan.streamed ? indexer::kStreamCtasPerSm : indexer::kScoreCtasPerSm);
+                          plan.streamed && !fp8 ? indexer::kStreamCtasPerSm : indexer::kScoreCtasPerSm);
   return plan;
 }
 
 void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const indexer::ScoresArgs& args) {
   const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
+  if (plan.streamed && fp8) {
+    if (select)
+      launch_scores_staged<true>(args, plan.grid, p.stream);
+    else
+      launch_scores_staged<false>(args, plan.grid, p.stream);
+    return;
+  }
   if (plan.streamed) {
     if (select)
       launch_scores_streamed<true>(args, plan.grid, p.stream);
@@ -324,8 +358,9 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
         "indexer_scores: the ", p.kernel == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "WarpgroupStreamed",
         " kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim, ") and at most ", indexer::kWgmmaHeads,
         " heads (got ", p.heads, ")");
-  check(p.kernel != IndexerScoresKernel::WarpgroupStreamed || !fp8_keys(p),
-        "indexer_scores: the WarpgroupStreamed kernel takes bf16 keys only (got fp8 keys_fp8); use Warpgroup for fp8");
+  check(p.kernel != IndexerScoresKernel::WarpgroupStreamed || !fp8_keys(p) || p.sequence_slots == nullptr,
+        "indexer_scores: the WarpgroupStreamed kernel takes fp8 keys of one sequence only (got sequence_slots); use "
+        "Warpgroup for fp8 keys through slots");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr, "indexer_scores: no queries (q or q_fp8)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");

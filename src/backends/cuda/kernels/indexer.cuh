@@ -43,6 +43,15 @@
 //   against 24.7 for mma.sync and 25.3 register-fed; 64K keys 4.5 against 6.1 / 7.2). An fp8 variant lost at 1M
 //   (16.2 against 13.7 µs register-fed: the per-tile epilogue of two warpgroups per SM binds where the tiles are half
 //   the bytes) and was removed; fp8 keys use the register-fed kernel.
+// - Staged fp8 variant (indexer_scores_staged_kernel, IndexerScoresKernel::WarpgroupStreamed with fp8 keys of one
+//   sequence): one thread per warpgroup brings each 64-key tile (8 KB) into a ring stage with one TMA load in the
+//   128B swizzle, completing on the stage's mbarrier, kStagedStages − 1 tiles ahead; the wgmma reads both operands
+//   from shared memory (m64n64k32, the queries in the natural dim order), so a tile costs no key loads, fragment
+//   copies or ldmatrix in the warps. Two CTAs per SM, as the register-fed kernel (the cp.async fp8 variant above had
+//   one). The key scales (one per stored row) are loaded a tile ahead.
+// - Every score kernel bounds its key loads, the first tiles' included, by the most keys its CTA's queries see
+//   (cta_visible_keys), not by key_count: the model passes the buffer's capacity, and a short context in a 1M
+//   buffer read about 12.7 MB of unseen keys per call before session 20.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -56,7 +65,9 @@
 #include "backends/cuda/kernels/top_k.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
@@ -1063,6 +1074,172 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
     stage = stage == kStages - 1 ? 0 : stage + 1;
   }
   ptx::cp_async_wait<0>();  // no copy may land in shared memory after the CTA's exit
+  if constexpr (kSelect)
+    select_top_k_in_last_cta(args, first_query, queries, visible,
+                             reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
+}
+
+// ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence; see NOTES) ----
+
+// Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB), so two CTAs per SM keep 2 · 2 · 3 tiles in
+// flight while each multiplies its current ones.
+inline constexpr int kStagedStages = 4;
+inline constexpr size_t kStagedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim;
+
+// Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (fp8, natural dim order), the two
+// warpgroups' rings of key tiles, their stages' full barriers, the scaled head weights, the visible counts and with
+// the top-k in the launch its sort buffer. bytes: the allocation, the alignment's slack included.
+struct StagedSmemLayout {
+  size_t ring_offset, barrier_offset, weights_offset, visible_offset, selection_offset, bytes;
+};
+
+__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select) {
+  StagedSmemLayout layout{};
+  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(true);
+  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStagedStages) * kStagedKeyTileBytes;
+  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(kStagedStages) * sizeof(uint64_t);
+  layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
+  layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
+  layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
+  return layout;
+}
+
+// The staged kernel's parameters: the fp8 keys' tensor map (key_count rows of 128 bytes, boxes of one 64-key tile
+// in the 128B swizzle; rows past key_count read as zero) and the scores' arguments.
+struct StagedScoresArgs {
+  CUtensorMap keys;
+  ScoresArgs scores;
+};
+
+// D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
+                                                        int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
+      "%32, %33, p_acc, 1, 1;\n"
+      "}\n"
+      : DSV4_WGMMA_ACCUMULATORS_32
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
+__device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
+                                                    const unsigned char* query_tile) {
+  const uint64_t a = sm90::make_sw128_k_major_descriptor(stage), b = sm90::make_sw128_k_major_descriptor(query_tile);
+#pragma unroll
+  for (int s = 0; s < kWgmmaHeadDim / 32; ++s)
+    wgmma_m64n64k32_e4m3_ss(d, sm90::advance_descriptor(a, 32 * s), sm90::advance_descriptor(b, 32 * s), s > 0);
+  sm90::wgmma_commit_group();
+}
+
+// The fp8 query operands in the natural dim order (the 128B swizzle of streamed_operand_offset, head = row), heads
+// past args.heads zero, and the scaled head weights times each head's q scale.
+__device__ __forceinline__ void load_staged_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
+                                                           unsigned char* tiles, float* weights) {
+  using Unit = uint2;  // 8 fp8 dims (q_fp8 is 8-byte aligned), within one 16-byte chunk of the swizzle
+  constexpr int kRowUnits = kWgmmaHeadDim / int(sizeof(Unit));
+  const auto* source = reinterpret_cast<const Unit*>(args.q_fp8);
+  for (int e = threadIdx.x; e < queries * kWgmmaHeads * kRowUnits; e += blockDim.x) {
+    const int unit = e % kRowUnits, head = e / kRowUnits % kWgmmaHeads, query = e / kRowUnits / kWgmmaHeads;
+    const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kRowUnits + unit]
+                                         : Unit{};
+    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(true) +
+                             streamed_operand_offset(head, int(sizeof(Unit)) * unit)) = value;
+  }
+  load_head_weights<true>(args, first_query, queries, kWgmmaHeads, weights);
+  sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
+}
+
+// Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
+// programmatic dependent, as the other score kernels.
+template <bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+    indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
+  constexpr int kStages = kStagedStages;
+  constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
+  const ScoresArgs& args = staged.scores;
+  allow_dependents();
+  if (threadIdx.x == 0) sm90::prefetch_tensor_map(&staged.keys);
+  wait_for_prior_grids();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
+  const int group_size = args.queries_per_cta;
+  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect);
+  unsigned char* query_tiles = smem;
+  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
+  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
+
+  const int64_t first_query = int64_t(blockIdx.y) * group_size;
+  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
+  const int warpgroup = warp >> 2, t = threadIdx.x & 127;
+  unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
+  const int max_visible = cta_visible_keys(args, first_query, queries, visible);
+  const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
+  // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
+  if (t == 0) {
+    for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
+    sm90::fence_mbarrier_init();
+    for (int i = 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
+      sm90::mbarrier_arrive_expect_tx(&full[i], kTileBytes);
+      sm90::tma_load_2d(ring + i * kTileBytes, &staged.keys, &full[i], 0, (first_tile + i * step) * kWgmmaKeysPerTile);
+    }
+  }
+  // The scale of the row the lane stores after the quad reduction, one tile ahead of its use.
+  const int stored_row = 16 * (warp & 3) + 8 * (quad & 1) + group;
+  const auto key_scale = [&](int tile) {
+    const int key = tile * kWgmmaKeysPerTile + stored_row;
+    return key < max_visible ? __ldg(args.key_scales + key) : 0.0f;
+  };
+  float scale = key_scale(first_tile);
+  load_staged_query_operands(args, first_query, queries, query_tiles, weights);
+  __syncthreads();  // the query operands, the visible counts and the barriers' initialisation
+
+  int stage = 0;
+  uint32_t parity = 0;
+  for (int tile = first_tile; tile < tiles; tile += step) {  // warpgroup-uniform: every wgmma has all 128 threads
+    // Every thread has finished the previous tile's MMAs: its stage takes the tile kStages − 1 ahead.
+    sm90::named_barrier_sync<128>(1 + warpgroup);
+    const int ahead = tile + (kStages - 1) * step;
+    if (t == 0 && ahead < tiles) {
+      const int refill = stage == 0 ? kStages - 1 : stage - 1;
+      sm90::mbarrier_arrive_expect_tx(&full[refill], kTileBytes);
+      sm90::tma_load_2d(ring + refill * kTileBytes, &staged.keys, &full[refill], 0, ahead * kWgmmaKeysPerTile);
+    }
+    const float next_scale = key_scale(tile + step);
+    sm90::mbarrier_wait(&full[stage], parity);
+    const unsigned char* current = ring + stage * kTileBytes;
+    const int out_row = tile * kWgmmaKeysPerTile + stored_row;
+    for (int query = 0; query < queries; ++query) {
+      float* out = args.scores + (first_query + query) * args.score_stride;
+      const int query_visible = int(visible[query]);
+      float result = -std::numeric_limits<float>::infinity();
+      if (tile * kWgmmaKeysPerTile < query_visible) {  // warpgroup-uniform
+        float d[32];
+        sm90::wgmma_fence();
+        issue_staged_scores(d, current, query_tiles + query * wgmma_query_tile_bytes(true));
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(d);
+        float sum[2];
+        weighted_relu_rows(sum, d, weights + query * kWgmmaHeads, quad);
+        if (out_row < query_visible) result = scale * ((quad & 1) ? sum[1] : sum[0]);
+      }
+      if (quad < 2 && out_row < int(args.key_count)) out[out_row] = result;
+    }
+    scale = next_scale;
+    if (++stage == kStages) stage = 0, parity ^= 1;
+  }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,
                              reinterpret_cast<uint64_t*>(smem + layout.selection_offset));

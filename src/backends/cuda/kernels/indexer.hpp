@@ -16,14 +16,16 @@
 //   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare.
 //   heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left unwritten (the top-k reads
 //   only the visible ones), so key_count may be a bound (the keys buffer's capacity) and the work follows the
-//   positions.
+//   positions: no kernel loads a key row past the most its CTA's queries see.
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.
 // - IndexerScoresParams::kernel: Warp, the mma.sync kernels (every shape); Warpgroup, the same scores on warpgroup
 //   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
-//   WarpgroupStreamed, bf16 keys only (fp8 keys refused), the Warpgroup kernel's shapes and MMAs with the keys
-//   streamed through a ring of shared-memory stages (more key bytes in flight than registers hold; one CTA per SM);
+//   WarpgroupStreamed, the Warpgroup kernel's shapes and MMAs with the keys streamed through a ring of shared-memory
+//   stages (more key bytes in flight than registers hold): bf16 keys by cp.async, one CTA per SM; fp8 keys of one
+//   sequence (sequence_slots refused) staged by TMA in the 128B swizzle, both operands from shared memory, two CTAs
+//   per SM (head_dim summed in its natural order, so its e4m3 per-step rounding may differ from Warpgroup's);
 //   Auto (the default), in those shapes: WarpgroupStreamed for bf16 keys of one query (no sequence_slots) over ≥ 16384
 //   keys; Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch scores ≥ 2^20 (query, key) pairs
 //   (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps about
