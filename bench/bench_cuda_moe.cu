@@ -14,7 +14,9 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and GPU round s20's
+// switches (T <= 8): "prefetch-down", "prefetch-both" (stages past the ring asked of L2 by the down launch, or both),
+// "combine-staged" (the fused combine's slots staged in shared memory).
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -178,6 +180,9 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
+  PREFETCH_DOWN,
+  PREFETCH_BOTH,
+  COMBINE_STAGED,
   REGISTER
 };
 struct PathSpec {
@@ -188,8 +193,10 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
+  bool prefetch_down = false, prefetch_gate_up = false, combine_staged = false;  // round s20 A/B (T <= 8)
+  bool round_switch() const { return prefetch_down || prefetch_gate_up || combine_staged; }
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || round_switch() ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -205,6 +212,11 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
+    {Path::PREFETCH_DOWN, "prefetch-down", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
+    {Path::PREFETCH_BOTH, "prefetch-both", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true,
+     true},
+    {Path::COMBINE_STAGED, "combine-staged", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
+     false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -224,6 +236,9 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
+  p.prefetch_down_stages = spec.prefetch_down;
+  p.prefetch_gate_up_stages = spec.prefetch_gate_up;
+  p.combine_staged_slots = spec.combine_staged;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -303,7 +318,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8))
+          ((spec.other_per_item || spec.round_switch()) && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -439,7 +454,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,"
+                           "down-waits-grid|down-waits-item,prefetch-down,prefetch-both,combine-staged,"
                            "register]\n");
       return 2;
     }

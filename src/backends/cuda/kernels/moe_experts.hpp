@@ -111,6 +111,12 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
+  // GPU round s20 A/B (the loser goes): streamed one-tile kernels (T <= 8) ask L2 for each warp's stages past its
+  // ring when its stream starts (the same boxes its later copies load), so the refills hit L2.
+  bool prefetch_pass_stages = false;
+  // GPU round s20 A/B (the loser goes): the fused combine's slot rows and weights read into shared memory before the
+  // band ticket, so the last CTA's sums wait for one round of loads instead of a chain. The same bits.
+  bool combine_staged_slots = false;
   cudaStream_t stream = nullptr;
 };
 
