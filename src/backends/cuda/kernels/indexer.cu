@@ -25,6 +25,18 @@ constexpr size_t kWgmmaSmemBytes =
     indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
 constexpr size_t kStreamedSmemBytes = indexer::streamed_smem_layout(kMaxQueriesPerCta, true).bytes;
 constexpr size_t kStagedSmemBytes = indexer::staged_smem_layout(kMaxQueriesPerCta, true).bytes;
+// A/B switch of GPU round s20 (removed after it): DSV4_INDEXER_STAGED_STAGES=3, 6 or 8 runs the staged fp8 kernel
+// (without the top-k) with that many ring stages per warpgroup instead of 4. Read at every call.
+constexpr int kStagedStageChoices[] = {3, 6, 8};
+int staged_stages() {
+  const char* v = std::getenv("DSV4_INDEXER_STAGED_STAGES");
+  if (v == nullptr || *v == 0) return indexer::kStagedStages;
+  const int stages = std::atoi(v);
+  check(stages == indexer::kStagedStages || std::find(std::begin(kStagedStageChoices), std::end(kStagedStageChoices),
+                                                      stages) != std::end(kStagedStageChoices),
+        "DSV4_INDEXER_STAGED_STAGES=", v, ": expected 3, 4, 6 or 8");
+  return stages;
+}
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -85,6 +97,15 @@ DeviceLimits device_limits() {
     for (auto* kernel : {indexer_scores_staged_kernel<false>, indexer_scores_staged_kernel<true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmemBytes)));
+    const auto staged_stage_smem = [](int stages) {
+      return int(indexer::staged_smem_layout(kMaxQueriesPerCta, false, stages).bytes);
+    };
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, 3>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, staged_stage_smem(3)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, 6>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, staged_stage_smem(6)));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, 8>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, staged_stage_smem(8)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -211,9 +232,18 @@ void launch_scores_staged(const indexer::ScoresArgs& args, dim3 grid, cudaStream
                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
                                          "indexer fp8 keys"),
       .scores = args};
-  const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
-  launch_chained(indexer::indexer_scores_staged_kernel<kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                 staged, "indexer_scores_staged_kernel (fp8)");
+  const int stages = kSelect ? indexer::kStagedStages : staged_stages();
+  const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect, stages).bytes;
+  const auto launch = [&](auto kernel) {
+    launch_chained(kernel, grid, dim3(indexer::kScoreWarps * 32), smem, stream, dim3(1, 1, 1),
+                   "indexer_scores_staged_kernel (fp8)", staged);
+  };
+  switch (kSelect ? indexer::kStagedStages : stages) {
+    case 3: launch(indexer::indexer_scores_staged_kernel<false, 3>); break;
+    case 6: launch(indexer::indexer_scores_staged_kernel<false, 6>); break;
+    case 8: launch(indexer::indexer_scores_staged_kernel<false, 8>); break;
+    default: launch(indexer::indexer_scores_staged_kernel<kSelect>); break;
+  }
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
@@ -250,9 +280,15 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
-  // fp8 keys stream through the staged kernel (two CTAs per SM), bf16 keys through the cp.async one (one).
+  // fp8 keys stream through the staged kernel (two CTAs per SM where its shared memory allows: the round's deeper
+  // rings may not), bf16 keys through the cp.async one (one).
+  const int staged_ctas = int(std::min<size_t>(
+      indexer::kScoreCtasPerSm,
+      size_t(228 * 1024) / (indexer::staged_smem_layout(plan.queries_per_cta, false, staged_stages()).bytes + 1024)));
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
-                          plan.streamed && !fp8 ? indexer::kStreamCtasPerSm : indexer::kScoreCtasPerSm);
+                          !plan.streamed ? indexer::kScoreCtasPerSm
+                          : fp8          ? staged_ctas
+                                         : indexer::kStreamCtasPerSm);
   return plan;
 }
 

@@ -1093,11 +1093,12 @@ struct StagedSmemLayout {
   size_t ring_offset, barrier_offset, weights_offset, visible_offset, selection_offset, bytes;
 };
 
-__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select) {
+__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select,
+                                                                  int stages = kStagedStages) {
   StagedSmemLayout layout{};
   layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(true);
-  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStagedStages) * kStagedKeyTileBytes;
-  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(kStagedStages) * sizeof(uint64_t);
+  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(stages) * kStagedKeyTileBytes;
+  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(stages) * sizeof(uint64_t);
   layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
   layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
   layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
@@ -1160,10 +1161,9 @@ __device__ __forceinline__ void load_staged_query_operands(const ScoresArgs& arg
 
 // Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
 // programmatic dependent, as the other score kernels.
-template <bool kSelect>
+template <bool kSelect, int kStages = kStagedStages>
 __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
     indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
-  constexpr int kStages = kStagedStages;
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
   allow_dependents();
@@ -1172,7 +1172,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   const int group_size = args.queries_per_cta;
-  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect);
+  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect, kStages);
   unsigned char* query_tiles = smem;
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
