@@ -48,6 +48,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/compressor.hpp"
+#include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "core/error.hpp"
 
@@ -562,21 +563,55 @@ void touch_row(Touch& touch, int& n, const Compressor& k) {
   touch.range[n] = k.gate[0].as<uint4>(), touch.words[n++] = words;
 }
 
+// The model's outputs for a traced decode launch (sequence slot 0): the main compressors' entries into a paged fp8
+// KV cache (layer 0 CSA, layer 1 HCA), the indexer's keys as e4m3 codes + a scale per key, RoPE factors from the
+// per-position table.
+struct ModelOutputs {
+  static constexpr int64_t kRows = Compressor::kPrefill / 4 + 2;
+  KvCache cache;
+  DeviceBuffer keys, scales;
+
+  ModelOutputs()
+      : cache(KvCacheConfig{.format = KvEntryFormat::Fp8Reference, .head_dim = 512, .rope_dim = 64, .layers = 2,
+                            .max_sequences = 1, .max_compressed_rows = kRows, .page_rows = 64, .pages = 64}),
+        keys(size_t(kRows * 128), "fp8 keys"), scales(size_t(kRows * 4), "key scales") {
+    check(cache.add_sequence() == 0, "bench_cuda_compressor: the trace's cache slot");
+    for (int layer = 0; layer < 2; ++layer) cache.ensure_rows(0, layer, KvArray::Compressed, kRows);
+    cache.upload_page_table(nullptr);
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  // k's params for the runs (one token of slot 0) with the model's output: the cache's `layer`, or the fp8 keys.
+  CompressorParams params(Compressor& k, const DeviceBuffer& runs, int layer, cudaStream_t on) {
+    k.rotation = 0;  // the first projection copy (touch_row)
+    CompressorParams p = k.params(runs, 1, 1, on);
+    p.entries = nullptr, p.rope_frequencies = nullptr, p.rope_table = k.rope_table.as<float2>();
+    if (k.rounding == CompressorStoredRounding::IndexerFp4) {
+      p.slot_entries_fp8 = keys.as<uint8_t>(), p.slot_entry_scales = scales.as<float>();
+      p.slot_entry_capacity = kRows, p.slot_entry_stride = kRows * k.c, p.slot_scale_stride = kRows;
+    } else {
+      p.stored_rounding = CompressorStoredRounding::None, p.cache = cache.view(), p.cache_layer = layer;
+    }
+    return p;
+  }
+};
+
 void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l2_bytes, cudaStream_t stream) {
   constexpr int64_t kHeads = 64, kHeadDim = 128;
   std::mt19937 rng(7);
   const DeviceBuffer q = to_device(normal_floats(size_t(kHeads * kHeadDim), 1.0f, rng), "raw q");
-  DeviceBuffer prepared(size_t(kHeads * kHeadDim) * 2, "prepared q");
+  DeviceBuffer prepared(size_t(kHeads * kHeadDim), "prepared fp8 q"), prepared_scales(size_t(kHeads) * 4, "q scales");
+  ModelOutputs out;
   for (const Step& s : {kSteps[0], kSteps[1]}) {
     for (const bool cold : {false, true}) {
       const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
       const DeviceBuffer positions = to_device(std::vector<int64_t>(1, start_of(s, main)), "positions");
       const auto csa = [&](cudaStream_t on, uint64_t* trace) {
-        main.rotation = index.rotation = 0;
-        CompressorParams both[2] = {main.params(runs, 1, 1, on), index.params(runs, 1, 1, on)};
+        CompressorParams both[2] = {out.params(main, runs, 0, on), out.params(index, runs, 0, on)};
         both[0].trace = both[1].trace = trace;
         run_compressors(both, IndexerPrepareParams{.input = q.as<float>(),
-                                                   .output = prepared.as<__nv_bfloat16>(),
+                                                   .output_fp8 = prepared.as<uint8_t>(),
+                                                   .output_scales = prepared_scales.as<float>(),
                                                    .tokens = 1,
                                                    .heads = kHeads,
                                                    .head_dim = kHeadDim,
@@ -604,8 +639,7 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
       touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
       print_trace(std::string("HCA, ") + s.variant, touch, cold, l2_bytes, stream,
                   [&](cudaStream_t on, uint64_t* trace) {
-                    hca.rotation = 0;
-                    CompressorParams p = hca.params(runs, 1, 1, on);
+                    CompressorParams p = out.params(hca, runs, 1, on);
                     p.trace = trace;
                     run_compressor(p);
                   });

@@ -1,10 +1,11 @@
 // The compressor state of every sequence slot for one compressor (one layer's main or indexer compressor) on the
-// device (dsv4::cpu::CompressorState's data, per slot): the tokens of the incomplete window (projected kv and gate
-// scores with ape added, [ratio, coff·c] each), for CSA the (A, ZA) halves of the last complete window ([ratio, c]
-// each), and the ticket counter that elects the CTA which updates a slot's state at the end of a step. Slots are
-// rows of one allocation, so a batched launch reaches any sequence's state from its slot number alone. The
-// sequence position is the caller's (the engine knows its sequence lengths), so the state holds no counter that the
-// host would have to read back.
+// device (dsv4::cpu::CompressorState's data, per slot, except that the scores are stored as projected and take
+// their ape when pooled: a decode step that completes no entry then reads only its token's projections): the
+// tokens of the incomplete window (projected kv and gate scores, [ratio, coff·c] each), for CSA the (A, ZA) halves
+// of the last complete window ([ratio, c] each), and the ticket counter that elects the CTA which updates a slot's
+// state at the end of a step. Slots are rows of one allocation, so a batched launch reaches any sequence's state from
+// its slot number alone. The sequence position is the caller's (the engine knows its sequence lengths), so the state
+// holds no counter that the host would have to read back.
 #pragma once
 
 #include <cstdint>

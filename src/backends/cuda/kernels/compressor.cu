@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -158,6 +159,15 @@ const char* lean_refusal(const CompressorParams& p) {
 }
 
 
+// A/B for GPU round s20-1: DSV4_COMPRESSOR_BIASED_STATE=1 keeps ape in the state's scores (the old layout).
+bool biased_state_scores() {
+  static const bool biased = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_BIASED_STATE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return biased;
+}
+
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -233,7 +243,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .whole_row_div = compressor::FastDivisor::of(uint32_t(halves * c / 2)),
                               .lean_teams = lean_teams,
                               .rows = entries,
-                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1))};
+                              .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
+                              .state_scores_biased = biased_state_scores()};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).

@@ -132,6 +132,9 @@ struct PoolArgs {
   int lean_teams;
   int64_t rows;
   FastDivisor team_div;
+  // A/B for GPU round s20-1 (DSV4_COMPRESSOR_BIASED_STATE=1): the state's window and previous scores with ape added
+  // (the old layout) instead of as projected, ape then added when pooled.
+  bool state_scores_biased;
 };
 
 struct LaunchArgs {
@@ -201,9 +204,8 @@ __device__ __forceinline__ int64_t ratio_mod(const PoolArgs& a, int64_t x) {
   return a.ratio_log2 >= 0 ? x & (a.ratio - 1) : x % a.ratio;
 }
 
-// Where channels (column, column + 1) of the token at position q ≥ 0 come from: the run's rows (then ape is added to
-// the score) or the state; the address is selected without branches, so that loads of several slots issue back to
-// back. kMayBePrevious: q may lie before the state's incomplete window (CSA's first halves, column < c, from the
+// Where channels (column, column + 1) of the token at position q ≥ 0 come from: the run's rows or the state, and its
+// ape; the address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious: q may lie before the state's incomplete window (CSA's first halves, column < c, from the
 // previous halves).
 struct SlotSource {
   const float* value;
@@ -228,15 +230,23 @@ __device__ __forceinline__ SlotSource slot_source(const PoolArgs& a, const RunVi
   return {value, score, a.ape + slot * width + column, in_run};
 }
 
-// The slot's value, and its score with ape added where it comes from the run.
-__device__ __forceinline__ SlotValue slot_value(float2 v, float2 s, float2 bias, bool in_run) {
-  return {v, in_run ? make_float2(s.x + bias.x, s.y + bias.y) : s};
+// The slot's value, and its score with ape added where add_bias.
+__device__ __forceinline__ SlotValue slot_value(float2 v, float2 s, float2 bias, bool add_bias) {
+  return {v, add_bias ? make_float2(s.x + bias.x, s.y + bias.y) : s};
 }
 
+// Whether a pooled slot's score takes ape: always where the state holds the scores as projected, else only the
+// run's.
+__device__ __forceinline__ bool pooled_adds_ape(const PoolArgs& a, bool in_run) {
+  return in_run || !a.state_scores_biased;
+}
+
+// A slot as pooled (its score with ape).
 template <bool kMayBePrevious>
 __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const SlotSource source = slot_source<kMayBePrevious>(a, r, q, column);
-  return slot_value(load_pair(source.value), load_pair(source.score), load_pair(source.ape), source.in_run);
+  return slot_value(load_pair(source.value), load_pair(source.score), load_pair(source.ape),
+                    pooled_adds_ape(a, source.in_run));
 }
 
 // Pooled slot s (unclamped) of entry w for the thread's pair at `channel`: CSA's slots [0, m) are window w−1's first
@@ -257,10 +267,11 @@ __device__ __forceinline__ PooledSlot pooled_slot(const PoolArgs& a, int64_t w, 
   return {max(q, int64_t(0)), channel + (a.overlapping && !first_half ? a.c : 0), s_unclamped < slots && q >= 0};
 }
 
-// Channels (column, column + 1) of the run's token at position q ≥ start, with ape added to the score.
+// Channels (column, column + 1) of the run's token at position q ≥ start as the state stores them.
 __device__ __forceinline__ SlotValue load_run_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t offset = (q - r.start) * a.row_stride + column;
   const float2 v = load_pair(r.kv + offset), s = load_pair(r.gate + offset);
+  if (!a.state_scores_biased) return {v, s};
   const float2 bias = load_pair(a.ape + ratio_mod(a, q) * width_of(a) + column);
   return {v, make_float2(s.x + bias.x, s.y + bias.y)};
 }
@@ -430,7 +441,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
         valid[k] = p.valid;
         from_run = p.q >= r.start;
       }
-      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), from_run);
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), pooled_adds_ape(a, from_run));
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
@@ -441,8 +452,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
 // at ±448 as float_to_e4m3 does): two instructions instead of ≈ 40.
 __device__ __forceinline__ float2 e4m3_round_trip(float x0, float x1) {
-  uint16_t codes;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(codes) : "f"(x1), "f"(x0));  // x0 in the low byte
+  const uint16_t codes = e4m3x2_codes(x0, x1);
   uint32_t halves;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(codes));
   return __half22float2(*reinterpret_cast<const __half2*>(&halves));
@@ -551,10 +561,15 @@ __device__ __forceinline__ int window_item_column(const PoolArgs& a, const State
 // Item i of the window's slots (kWindow) or of the previous halves: its source value, and its store into the state.
 template <bool kWindow>
 __device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView& r, const StateUpdate& u, int i) {
-  if constexpr (kWindow)
+  if constexpr (kWindow) {
     return load_run_slot(a, r, window_item_position(u, i), window_item_column(a, u, i));
-  else
-    return load_slot<false>(a, r, u.previous_base + u.pairs.div(i), u.first + 2 * int(u.pairs.mod(i)));
+  } else {
+    const SlotSource source =
+        slot_source<false>(a, r, u.previous_base + u.pairs.div(i), u.first + 2 * int(u.pairs.mod(i)));
+    const float2 v = load_pair(source.value), s = load_pair(source.score);
+    if (!a.state_scores_biased) return {v, s};
+    return slot_value(v, s, load_pair(source.ape), source.in_run);
+  }
 }
 
 template <bool kWindow>
@@ -794,7 +809,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   if (a.cache.pool != nullptr) {
     // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
     if (t.group == 0) {
-      kv_store_pair(a.cache.layout, e.stored, t.channel, owner, v[0], v[1]);
+      kv_store_dims<2>(a.cache.layout, e.stored, t.channel, owner, v);
       if (e.place.rank == 0) kv_store_pad(a.cache.layout, e.stored, t.pair);
     }
   } else if (owner && a.slot_entries_fp8 == nullptr) {
@@ -952,39 +967,6 @@ __device__ __forceinline__ Quad load_quad(const float* p) {
   return {{x.x, x.y, x.z, x.w}};
 }
 
-// Channels channel .. channel + 3 of an entry in the cache's layout (kv_store_pair's rule for four channels: the
-// fp8 block's amax over its 16 lanes; the fp8 and rope parts never share a thread, rope_dim being a multiple of 4).
-__device__ __forceinline__ void lean_store_cache(const KvEntryLayout& layout, uint8_t* entry, int channel,
-                                                 const float (&x)[4]) {
-  const auto bf16_pairs = [&](uint8_t* to) {
-    uint2 packed;
-    packed.x = uint32_t(float_to_bf16(x[0])) | (uint32_t(float_to_bf16(x[1])) << 16);
-    packed.y = uint32_t(float_to_bf16(x[2])) | (uint32_t(float_to_bf16(x[3])) << 16);
-    *reinterpret_cast<uint2*>(to) = packed;
-  };
-  if (layout.format == KvEntryFormat::Bf16) {
-    bf16_pairs(entry + 2 * channel);
-    return;
-  }
-  const bool nope = channel < layout.nope_dim;
-  float amax = nope ? fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])), fmaxf(fabsf(x[2]), fabsf(x[3]))) : 0.0f;
-#pragma unroll
-  for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-  if (nope) {
-    const uint8_t scale_code = e4m3_block_scale_code(amax);
-    // The scale is a power of two ≥ 2^-22: x · (1/scale) is x / scale exactly, and the hardware's saturating
-    // round-to-nearest-even e4m3 conversion is float_to_e4m3's.
-    const float inverse = 1.0f / e8m0_to_float(scale_code);
-    uint16_t low, high;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(low) : "f"(x[1] * inverse), "f"(x[0] * inverse));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(high) : "f"(x[3] * inverse), "f"(x[2] * inverse));
-    *reinterpret_cast<uint32_t*>(entry + channel) = uint32_t(low) | (uint32_t(high) << 16);
-    if (channel % kKvFp8BlockSize == 0) entry[layout.scale_offset + channel / kKvFp8BlockSize] = scale_code;
-  } else {
-    bf16_pairs(entry + layout.rope_offset + 2 * (channel - layout.nope_dim));
-  }
-}
-
 // Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
 // v / kSlotBatch = g take slots g, g + 2, …).
 __device__ __forceinline__ int lean_slot(int v, int groups) {
@@ -1101,7 +1083,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
-        const float sc = from_run[v] ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
+        const float sc = pooled_adds_ape(a, from_run[v]) ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
         scores[v] = valid[v] ? sc : kNegativeInfinity;
       }
@@ -1157,7 +1139,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
       finish_warp_vector<4>(a, v, lane, run.slot, e.w);
     if (a.cache.pool != nullptr) {
-      lean_store_cache(a.cache.layout, stored, channel, v);
+      kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
       kv_store_pad(a.cache.layout, stored, thread);
     } else if (a.slot_entries_fp8 == nullptr) {
       if (a.entries != nullptr) {

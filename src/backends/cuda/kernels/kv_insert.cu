@@ -93,7 +93,7 @@ __device__ __forceinline__ void insert_row(const KvInsertArgs& a, const PairWeig
     }
   }
   if (pair_rotates(p)) rope_rotate_pair(x0, x1, target.rope, false);
-  kv_store_pair(layout, target.entry, dim, active, x0, x1);
+  kv_store_dims<2>(layout, target.entry, dim, active, {x0, x1});
   kv_store_pad(layout, target.entry, threadIdx.x);
 }
 
