@@ -35,7 +35,7 @@
 // mix warp's lane 0 (its own) store the SM clock and the global timer of each mark, per CTA of the one cluster.
 namespace dsv4::cuda::mhc_trace {
 inline constexpr int kMaxPhases = 16;
-inline constexpr int kFirstMixPhase = 7;  // SingleClusterPhase::kMixExchanged (checked below)
+inline constexpr int kFirstMixPhase = 12;  // SingleClusterPhase::kMixExchanged (checked below)
 __device__ unsigned long long g_clock[16][kMaxPhases];
 __device__ unsigned long long g_timer[16][kMaxPhases];
 __device__ __forceinline__ void mark(int phase) {
@@ -48,10 +48,16 @@ __device__ __forceinline__ void mark(int phase) {
 }
 }  // namespace dsv4::cuda::mhc_trace
 #define DSV4_MHC_SINGLE_CLUSTER_MARK(phase) ::dsv4::cuda::mhc_trace::mark(int(phase))
+#define DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER(phase, value) \
+  do {                                                   \
+    asm volatile("" ::"f"(value));                       \
+    ::dsv4::cuda::mhc_trace::mark(int(phase));           \
+  } while (0)
 #define hc_single_cluster_kernel hc_single_cluster_kernel_traced  // the library's own copy stays unmarked
 #include "backends/cuda/kernels/mhc.cuh"
 #undef hc_single_cluster_kernel
 #undef DSV4_MHC_SINGLE_CLUSTER_MARK
+#undef DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -226,9 +232,10 @@ static_assert(mhc::kSingleClusterCtas == 16, "one 16-CTA cluster per token tile"
 void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
   constexpr int64_t d = 4096, flat = kN * d;
   constexpr int kPhases = int(mhc::SingleClusterPhase::kCount);
-  const char* const names[kPhases] = {"entry",          "grid wait",     "projected",          "exchange 1 in",
-                                      "pre ready",      "exchange 2 in", "outputs stored",     "mix: exchange 1 in",
-                                      "mix: first rows", "mix: comb stored"};
+  const char* const names[kPhases] = {"entry",           "fn copies issued", "grid wait",         "X loaded",
+                                      "fn loaded",       "projected",        "exchange 1 sent",   "exchange 1 in",
+                                      "pre ready",       "exchange 2 sent",  "exchange 2 in",     "outputs stored",
+                                      "mix: exchange 1 in", "mix: first rows", "mix: comb stored"};
   const DeviceBuffer X = random_buffer(size_t(flat), 1.0f, 0.0f, rng, "X");
   const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
   const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
@@ -268,11 +275,36 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     args.post = post.as<float>();
     args.comb = comb.as<float>();
     args.norm_weight = norm_weight.as<float>();
+    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
+    args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
     if (fused_post) {
       args.out = out.as<float>();
       args.post_in = post_in.as<float>();
       args.comb_in = comb_in.as<float>();
       args.X_out = X_out.as<float>();
+    }
+    if (args.experiment != 0) {
+      // Round experiment: the outputs of the variant against the default's, bit for bit.
+      const auto outputs = [&](int experiment) {
+        mhc::DecodeSiteArgs a = args;
+        a.experiment = experiment;
+        launch_chained(kernel, dim3(mhc::kSingleClusterCtas), dim3(unsigned(threads)), size_t(smem), stream,
+                       dim3(mhc::kSingleClusterCtas), "traced single-cluster kernel", a);
+        DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+        std::vector<uint32_t> host(size_t(flat + 2 * d + kN + kN * kN));
+        uint32_t* at = host.data();
+        for (const auto& [buffer, words] : {std::pair<const DeviceBuffer*, int64_t>{&X_out, flat}, {&y, d},
+                                            {&y_bf16, d / 2}, {&post, kN}, {&comb, kN * kN}}) {
+          buffer->download(at, size_t(words) * 4);
+          at += words;
+        }
+        return host;
+      };
+      const std::vector<uint32_t> reference = outputs(0), variant = outputs(args.experiment);
+      size_t differing = 0;
+      for (size_t i = 0; i < reference.size(); ++i) differing += reference[i] != variant[i];
+      std::printf("bits: %s T=1 DSV4_MHC_DECODE=%d against 0: %zu of %zu words differ\n",
+                  fused_post ? "hc_post_pre + norm" : "hc_pre + norm", args.experiment, differing, reference.size());
     }
     for (const bool behind_filler : {false, true}) {
       std::vector<std::vector<double>> slowest(kPhases), first(kPhases), cycles(kPhases);
@@ -304,9 +336,9 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
         std::sort(v.begin(), v.end());
         return v[v.size() / 2];
       };
-      std::printf("trace: V4-Flash T=1 %s (single-cluster kernel, %s), median of %d launches\n",
+      std::printf("trace: V4-Flash T=1 %s (single-cluster kernel, %s, DSV4_MHC_DECODE=%d), median of %d launches\n",
                   fused_post ? "hc_post_pre + norm" : "hc_pre + norm",
-                  behind_filler ? "behind the full-card filler" : "alone", runs);
+                  behind_filler ? "behind the full-card filler" : "alone", args.experiment, runs);
       std::printf("| mark | ns after the first CTA's start (slowest CTA) | ns (CTA 0) | CTA 0 cycles after its grid "
                   "wait |\n|---|---|---|---|\n");
       for (int p = 0; p < kPhases; ++p)
@@ -328,10 +360,11 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
+  std::vector<std::string> env_sweep;  // round experiment: NAME=VALUE settings timed beside the default
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] | --trace [--iterations N]\n");
+                 "[--model TEXT] [--env-sweep NAME=VALUE;...] | --trace [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -354,6 +387,13 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
+    } else if (std::strcmp(argv[i], "--env-sweep") == 0 && i + 1 < argc) {
+      for (std::string_view list = argv[++i]; !list.empty();) {
+        const size_t end = std::min(list.find(';'), list.size());
+        env_sweep.emplace_back(list.substr(0, end));
+        if (env_sweep.back().find('=') == std::string::npos) return usage();
+        list.remove_prefix(std::min(end + 1, list.size()));
+      }
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else {
@@ -447,6 +487,16 @@ int main(int argc, char** argv) {
           const double gbps = bytes / (graph_ms * 1e6);
           table.push_back({kernel, model, d, T, ms * 1e3, graph_ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps,
                            baseline_ms * 1e3});
+        };
+        // Round experiment: the launches under each NAME=VALUE environment setting beside the default, in this run.
+        const auto sweep_env = [&](const char* name, const auto& body, double bytes) {
+          for (const std::string& setting : env_sweep) {
+            const size_t equals = setting.find('=');
+            const std::string variable = setting.substr(0, equals);
+            setenv(variable.c_str(), setting.c_str() + equals + 1, 1);
+            record((std::string(name) + " (" + setting + ")").c_str(), body, bytes, 0.0);
+            unsetenv(variable.c_str());
+          }
         };
         const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
         const bool decode_sized = T <= kHcDecodeMaxTokens;
@@ -543,6 +593,7 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
+          sweep_env("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2);
           const auto async_kernel = [&](int i) {
             Set& s = set(i);
             run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC);
@@ -561,6 +612,7 @@ int main(int argc, char** argv) {
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
           record("filler + hc_pre + attn_norm (fused, default: single-cluster kernel)", after_filler(pre_fused_norm),
                  0.0, 0.0);
+          sweep_env("filler + hc_pre + attn_norm (fused)", after_filler(pre_fused_norm), 0.0);
           record("filler + hc_pre + attn_norm (fused, asynchronous cluster kernel)", after_filler(async_fused_norm),
                  0.0, 0.0);
         }
@@ -609,6 +661,7 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
+          sweep_env("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2);
           // The share of Sinkhorn's serial chain in the fused site (the model's second mHC site of every layer).
           const auto fused_norm_one_iteration = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true, 1); };
           record("hc_post_pre + norm (fused, 1 Sinkhorn iteration)", fused_norm_one_iteration,
@@ -618,6 +671,7 @@ int main(int argc, char** argv) {
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
           record("filler + hc_post_pre + norm (fused, default: single-cluster kernel)", after_filler(fused_norm), 0.0,
                  0.0);
+          sweep_env("filler + hc_post_pre + norm (fused)", after_filler(fused_norm), 0.0);
           record("filler + hc_post_pre + norm (fused, asynchronous cluster kernel)", after_filler(async_norm), 0.0,
                  0.0);
         }
@@ -658,6 +712,7 @@ int main(int argc, char** argv) {
           const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
           const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
+          sweep_env("hc_head + norm (fused)", fused_norm, head_norm_bytes);
           const auto async_kernel = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC); };
           record("hc_head (asynchronous cluster kernel)", async_kernel, x_bytes + double(kN * flat) * 4 + td_bytes,
                  0.0);

@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -342,10 +343,13 @@ void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t 
   }
   const int64_t clusters = ceil_div(args.tokens, mhc::kTileTokens);
   check(clusters <= 0x7FFFFFFF / mhc::kSingleClusterCtas, op, ": ", args.tokens, " tokens exceed the launch limit");
+  mhc::DecodeSiteArgs launch_args = args;
+  const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
+  launch_args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   launch_chained(kernel, dim3(unsigned(clusters * mhc::kSingleClusterCtas)),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
-                 op, args);
+                 op, launch_args);
 }
 
 template <bool kHead, bool kPost>

@@ -1051,6 +1051,9 @@ inline constexpr int kGatherPasses = 3;
 struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
+  // Round experiment (DSV4_MHC_DECODE, to be removed): bit 0 fn's copies one per warp's lane 0; bit 1 the
+  // one-token projection's fn columns into registers before the grid-dependency wait.
+  int experiment;
 };
 
 struct ClusterDecodeArgs : DecodeSiteArgs {
@@ -1457,10 +1460,15 @@ inline constexpr int kSingleClusterCtas = 16;
 // at link time). The projection warps' marks, then the mix warp's.
 enum class SingleClusterPhase : int {
   kEntry,            // started (its weights' copies not yet issued)
+  kCopiesIssued,     // its share of fn's copies issued
   kGridWait,         // past the grid-dependency wait
-  kProjected,        // X loaded (and updated), its partial sums in shared memory
+  kXLoaded,          // its X values in registers (updated by the fused hc_post)
+  kFnLoaded,         // its fn values landed (one token: in registers)
+  kProjected,        // its partial sums in shared memory, the CTA's warps synchronised
+  kExchangeSent,     // its exchange-1 stores issued
   kExchanged,        // exchange 1 received
   kPreReady,         // pre of every token in shared memory
+  kNormSent,         // its exchange-2 stores issued (fused output norm)
   kNormExchanged,    // exchange 2 received (fused output norm)
   kStored,           // outputs stored
   kMixExchanged,     // mix warp: exchange 1 received
@@ -1470,6 +1478,10 @@ enum class SingleClusterPhase : int {
 };
 #ifndef DSV4_MHC_SINGLE_CLUSTER_MARK
 #define DSV4_MHC_SINGLE_CLUSTER_MARK(phase)
+#endif
+// The same once `value` (a float register) is available: the mark waits for the loads behind it.
+#ifndef DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER
+#define DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER(phase, value)
 #endif
 inline constexpr int kSingleWarpDims = 16;  // dims per warp and vector (all 4 streams)
 inline constexpr int kSingleMaxWarps = 16;  // projection warps per CTA
@@ -1570,8 +1582,12 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __shared__ float squares_in[kCtas][kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
   __shared__ float warp_squares[kSingleMaxWarps][kTileTokens];
-  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2.
-  __shared__ uint64_t barriers[4];
+  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2; experiment bit 2: [4 + nt]
+  // fn's rows 8·nt .. 8·nt + 7 (one token).
+  constexpr bool kMayGroupFn = kSingleToken && kVectors == 1;
+  constexpr int kFnGroups = kMayGroupFn ? kNTiles : 1;
+  __shared__ uint64_t barriers[4 + kFnGroups];
+  const bool fn_groups = kMayGroupFn && (args.experiment & 4) != 0;
 
   allow_dependents();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kEntry);
@@ -1584,7 +1600,12 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   if (tid == 0) {
     const uint32_t fn_bytes = uint32_t(kRows * kStreams * ds) * 4u;
-    arm_exchange(&barriers[0], fn_bytes);
+    if (fn_groups) {
+      for (int nt = 0; nt < kFnGroups; ++nt)
+        arm_exchange(&barriers[4 + nt], uint32_t(min(8, kRows - 8 * nt) * kStreams * ds) * 4u);
+    } else {
+      arm_exchange(&barriers[0], fn_bytes);
+    }
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
     if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
@@ -1592,13 +1613,21 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
+  const auto copy_fn = [&](int c) {
     const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
         args.fn + int64_t(r) * flat + int64_t(k) * d + i0, uint32_t(ds) * 4u,
-        static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[0])));
+        static_cast<uint32_t>(__cvta_generic_to_shared(fn_groups ? &barriers[4 + r / 8] : &barriers[0])));
+  };
+  if (args.experiment & 1) {
+    const int cta_warps = int(blockDim.x) >> 5;
+    if (lane == 0)
+      for (int c = warp; c < kRows * kStreams; c += cta_warps) copy_fn(c);
+  } else {
+    for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) copy_fn(c);
   }
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kCopiesIssued);
   sm90::cluster_arrive_relaxed();  // this CTA's exchange barriers are armed: its peers may store into it
 
   const int g = lane >> 2, t4 = lane & 3;
@@ -1647,6 +1676,27 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
                          ? __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim0 + kSingleWarpDims * v))
                          : make_float4(0.f, 0.f, 0.f, 0.f);
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
+  // One token: the thread's fn values (rows 8·nt + g, its vectors, all streams) in registers, once they landed.
+  float4 fn_values[kSingleToken ? kNTiles : 1][kVectors][kStreams];
+  const auto load_fn_values = [&] {
+    if (!fn_groups) wait_exchange(&barriers[0]);
+    const float* const columns = fn_s + kWarpDims * warp + 4 * t4;
+#pragma unroll
+    for (int nt = 0; nt < (kSingleToken ? kNTiles : 1); ++nt) {
+      if (fn_groups) wait_exchange(&barriers[4 + min(nt, kFnGroups - 1)]);
+      if (8 * nt + g >= kRows) continue;
+#pragma unroll
+      for (int v = 0; v < kVectors; ++v)
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k)
+          fn_values[nt][v][k] =
+              *reinterpret_cast<const float4*>(columns + (8 * nt + g) * fn_stride + k * ds + kSingleWarpDims * v);
+    }
+  };
+  constexpr bool kMayPreloadFn = kSingleToken && kVectors == 1 && !kPost;
+  const bool preload_fn = kMayPreloadFn && (args.experiment & 2) != 0;
+  if constexpr (kMayPreloadFn)
+    if (preload_fn) load_fn_values();
   wait_for_prior_grids();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kGridWait);
 
@@ -1691,6 +1741,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     update_token(token_lo, loads_lo, has_lo, x_lo);
     update_token(g + 8, has_hi, has_hi, x_hi);
   }
+  DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER(SingleClusterPhase::kXLoaded, x_lo[kVectors - 1][kStreams - 1].w);
 
   float* const mine = warp_sums + warp * kPartial * kTileTokens;
   // fn's columns of this thread's first vector in row 0 (vector v 16 floats on, stream k ds on).
@@ -1700,7 +1751,8 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     // dims of each vector), then the quad (t4) sums its columns: row r of the warp's 64·V columns.
     float part[kNTiles] = {};
     float squares = 0.f;
-    wait_exchange(&barriers[0]);
+    if (!preload_fn) load_fn_values();
+    DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER(SingleClusterPhase::kFnLoaded, fn_values[0][kVectors - 1][kStreams - 1].w);
 #pragma unroll
     for (int v = 0; v < kVectors; ++v)
 #pragma unroll
@@ -1713,12 +1765,11 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       if (8 * nt + g >= kRows) continue;
-      const float* const fn_row = fn_thread + (8 * nt + g) * fn_stride;
 #pragma unroll
       for (int v = 0; v < kVectors; ++v)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
-          const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
+          const float4 f = fn_values[nt][v][k];
           part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
           part[nt] = fmaf(f.y, x_lo[v][k].y, part[nt]);
           part[nt] = fmaf(f.z, x_lo[v][k].z, part[nt]);
@@ -1745,6 +1796,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     float acc[kChains][kMTiles][kTokenTiles][4] = {};
     float squares_lo = 0.f, squares_hi = 0.f;
     wait_exchange(&barriers[0]);
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kFnLoaded);
 #pragma unroll
     for (int v = 0; v < kVectors; ++v)
 #pragma unroll
@@ -1834,6 +1886,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       send_to_cluster_cta(&mix_in[rank][m], &barriers[2], unsigned(t), sum);
     }
   }
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchangeSent);
   wait_exchange(&barriers[1]);
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchanged);
   // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
@@ -1892,6 +1945,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       send_to_cluster_cta(&squares_in[rank][t], &barriers[3], unsigned(destination),
                           sum_in_order<kSingleMaxWarps>(&warp_squares[0][t], warps, kTileTokens));
     }
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormSent);
     wait_exchange(&barriers[3]);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormExchanged);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
