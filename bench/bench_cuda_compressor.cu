@@ -24,7 +24,8 @@
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
 // Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace]: --only times just the rows whose "op, case"
-// contains TEXT (every compressor's state is still filled first: 64 launches each, CSA main, CSA indexer, then HCA).
+// contains TEXT, or one of TEXT's '|'-separated parts (every compressor's state is still filled first: 64 launches
+// each, CSA main, CSA indexer, then HCA).
 // --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
 // preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,
 // behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
@@ -295,9 +296,15 @@ double bytes_of(const Step& s, const Compressor& k) {
   return s.sequences * (window_bytes + slot_bytes + entry_bytes);  // the stored window in, one entry out
 }
 
-// Whether the row "op, variant" is timed: `only` is empty or a part of it (--only).
+// Whether the row "op, variant" is timed: `only` is empty or one of its '|'-separated texts is a part of it (--only).
 bool selected(const std::string& only, const std::string& op, const std::string& variant) {
-  return (op + ", " + variant).find(only) != std::string::npos;
+  const std::string row = op + ", " + variant;
+  for (size_t begin = 0;;) {
+    const size_t end = only.find('|', begin);
+    if (row.find(only.substr(begin, end - begin)) != std::string::npos) return true;
+    if (end == std::string::npos) return false;
+    begin = end + 1;
+  }
 }
 
 // The decode steps again with the runs loaded before the kernel's wait (runs_ready_at_launch, as the model's step
@@ -511,7 +518,7 @@ void bench_key_outputs(Compressor& index, double copy_gbps, const std::string& o
 // and every repeat's release of the next kernel.
 template <class Launch>
 void print_trace(const std::string& title, const Touch& touch, bool cold, size_t l2_bytes, cudaStream_t stream,
-                 Launch&& launch) {
+                 bool table, Launch&& launch) {
   constexpr int kRepeats = 5;
   constexpr int ctas = 64;  // at least the launch's CTAs (the CTAs that started are printed)
   DeviceBuffer trace(size_t(ctas) * kCompressorTracePoints * 8, "trace"), times(16, "times"), sink(16, "sink");
@@ -539,6 +546,7 @@ void print_trace(const std::string& title, const Touch& touch, bool cold, size_t
     if (repeat + 1 < kRepeats) continue;
     std::printf("trace %s, %s: next kernel released %s µs after the prior kernel's end\n", title.c_str(),
                 cold ? "L2 evicted" : "L2 hot", released.c_str());
+    if (!table) return;
     std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | finished | end |\n"
                 "|---|---|---|---|---|---|---|---|---|\n");
     for (int c = 0; c < ctas; ++c) {
@@ -606,9 +614,11 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
     for (const bool cold : {false, true}) {
       const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
       const DeviceBuffer positions = to_device(std::vector<int64_t>(1, start_of(s, main)), "positions");
+      bool runs_at_launch = false;
       const auto csa = [&](cudaStream_t on, uint64_t* trace) {
         CompressorParams both[2] = {out.params(main, runs, 0, on), out.params(index, runs, 0, on)};
         both[0].trace = both[1].trace = trace;
+        both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = runs_at_launch;
         run_compressors(both, IndexerPrepareParams{.input = q.as<float>(),
                                                    .output_fp8 = prepared.as<uint8_t>(),
                                                    .output_scales = prepared_scales.as<float>(),
@@ -628,8 +638,10 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
       touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
       touch.range[n] = q.as<uint4>(), touch.words[n++] = int(kHeads * kHeadDim * 4 / 16);
       touch.range[n] = positions.as<uint4>(), touch.words[n++] = 1;
-      print_trace(std::string("CSA layer main + indexer + indexer prepare, ") + s.variant, touch, cold, l2_bytes, stream,
-                  csa);
+      const std::string title = std::string("CSA layer main + indexer + indexer prepare, ") + s.variant;
+      print_trace(title, touch, cold, l2_bytes, stream, true, csa);
+      runs_at_launch = true;
+      print_trace(title + ", runs ready at launch", touch, cold, l2_bytes, stream, false, csa);
     }
     for (const bool cold : {false, true}) {
       const DeviceBuffer runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
@@ -637,7 +649,7 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
       int n = 0;
       touch_row(touch, n, hca);
       touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
-      print_trace(std::string("HCA, ") + s.variant, touch, cold, l2_bytes, stream,
+      print_trace(std::string("HCA, ") + s.variant, touch, cold, l2_bytes, stream, true,
                   [&](cudaStream_t on, uint64_t* trace) {
                     CompressorParams p = out.params(hca, runs, 1, on);
                     p.trace = trace;
