@@ -1051,8 +1051,8 @@ inline constexpr int kGatherPasses = 3;
 struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
-  // Round experiment (DSV4_MHC_DECODE, to be removed): bit 0 fn's copies one per warp's lane 0; bit 1 the
-  // one-token projection's fn columns into registers before the grid-dependency wait.
+  // Round experiment (DSV4_MHC_DECODE, to be removed): 1 fn's copies by each warp's lane 0; 2 the one-token
+  // projection's fn values into registers before the grid-dependency wait; 4 fn's copies on a barrier per 8 rows.
   int experiment;
 };
 
@@ -1582,7 +1582,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __shared__ float squares_in[kCtas][kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
   __shared__ float warp_squares[kSingleMaxWarps][kTileTokens];
-  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2; experiment bit 2: [4 + nt]
+  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2; experiment 4: [4 + nt]
   // fn's rows 8·nt .. 8·nt + 7 (one token).
   constexpr bool kMayGroupFn = kSingleToken && kVectors == 1;
   constexpr int kFnGroups = kMayGroupFn ? kNTiles : 1;
