@@ -16,7 +16,8 @@
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and GPU round s20's
 // switches (T <= 8): "prefetch-down", "prefetch-both" (stages past the ring asked of L2 by the down launch, or both),
-// "combine-staged" (the fused combine's slots staged in shared memory).
+// "combine-staged" (the fused combine's slots staged in shared memory), "seen-late" (down CTAs counted seen by their
+// item after their rows).
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -183,6 +184,7 @@ enum class Path {
   PREFETCH_DOWN,
   PREFETCH_BOTH,
   COMBINE_STAGED,
+  SEEN_LATE,
   REGISTER
 };
 struct PathSpec {
@@ -193,8 +195,8 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool prefetch_down = false, prefetch_gate_up = false, combine_staged = false;  // round s20 A/B (T <= 8)
-  bool round_switch() const { return prefetch_down || prefetch_gate_up || combine_staged; }
+  bool prefetch_down = false, prefetch_gate_up = false, combine_staged = false, seen_late = false;  // round s20 A/B
+  bool round_switch() const { return prefetch_down || prefetch_gate_up || combine_staged || seen_late; }
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || round_switch() ||
            split != MoeRunParams{}.shared_expert_split;
@@ -216,6 +218,8 @@ constexpr PathSpec kPaths[] = {
     {Path::PREFETCH_BOTH, "prefetch-both", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true,
      true},
     {Path::COMBINE_STAGED, "combine-staged", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
+     false, false, true},
+    {Path::SEEN_LATE, "seen-late", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, true},
     {Path::REGISTER, "register"},
 };
@@ -239,6 +243,7 @@ MoeRunParams path_params(Path path) {
   p.prefetch_down_stages = spec.prefetch_down;
   p.prefetch_gate_up_stages = spec.prefetch_gate_up;
   p.combine_staged_slots = spec.combine_staged;
+  p.item_seen_late = spec.seen_late;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -455,6 +460,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,prefetch-down,prefetch-both,combine-staged,"
+                           "seen-late,"
                            "register]\n");
       return 2;
     }

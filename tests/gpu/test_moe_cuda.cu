@@ -299,7 +299,7 @@ struct Kernels {
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.prefetch_down_stages = p.prefetch_gate_up_stages = p.combine_staged_slots = round_switches;
+    p.prefetch_down_stages = p.prefetch_gate_up_stages = p.combine_staged_slots = p.item_seen_late = round_switches;
     return p;
   }
 };

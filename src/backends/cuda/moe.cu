@@ -78,6 +78,7 @@ MoeRunParams with_round_switches(MoeRunParams p) {
   if (names.find(",prefetch-down,") != std::string::npos) p.prefetch_down_stages = true;
   if (names.find(",prefetch-gate-up,") != std::string::npos) p.prefetch_gate_up_stages = true;
   if (names.find(",combine-staged,") != std::string::npos) p.combine_staged_slots = true;
+  if (names.find(",seen-late,") != std::string::npos) p.item_seen_late = true;
   return p;
 }
 
@@ -136,6 +137,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
       .combine_staged_slots = p.combine_staged_slots,
+      .item_seen_late = p.item_seen_late,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

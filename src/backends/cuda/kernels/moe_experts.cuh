@@ -101,6 +101,7 @@ struct ExpertGemmArgs {
   uint32_t* item_counters;
   bool prefetch_pass_stages;   // MoeExpertGemmParams::prefetch_pass_stages (one-tile streamed kernels)
   bool combine_staged_slots;   // MoeExpertGemmParams::combine_staged_slots
+  bool item_seen_late;         // MoeExpertGemmParams::item_seen_late
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -349,8 +350,22 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
     atomicAdd(item_counters + item_index, 1u);
   }
 }
-__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
+// count_seen false (ExpertGemmArgs::item_seen_late): the CTA adds itself to the seen count after its rows
+// (arrive_item_seen, then reset_item_if_last once its combine ticket is taken: the last arrival still comes after
+// every wait of the item), so the atomic's round trip leaves the path to the first stage and overlaps the combine's
+// fence. arrive_item_seen: the seen count before this CTA (thread 0; 0 elsewhere).
+__device__ __forceinline__ uint32_t arrive_item_seen(uint32_t* item_counters, int item_index) {
+  return threadIdx.x == 0 ? atomicAdd(item_counters + kMoeCountedItemsMax + item_index, 1u) : 0u;
+}
+__device__ __forceinline__ void reset_item_if_last(uint32_t* item_counters, int item_index, uint32_t seen_before,
                                                    int down_ctas) {
+  if (threadIdx.x == 0 && seen_before == uint32_t(down_ctas) - 1) {
+    item_counters[item_index] = 0;
+    item_counters[kMoeCountedItemsMax + item_index] = 0;
+  }
+}
+__device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
+                                                   int down_ctas, bool count_seen = true) {
   if (threadIdx.x == 0) {
     const uint32_t* ready = item_counters + item_index;
     int polls = 0;
@@ -361,12 +376,8 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
       }
       __nanosleep(64);
     }
-    uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
-    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
-      item_counters[item_index] = 0;
-      *seen = 0;
-    }
   }
+  if (count_seen) reset_item_if_last(item_counters, item_index, arrive_item_seen(item_counters, item_index), down_ctas);
   __syncthreads();
 }
 
@@ -961,7 +972,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     const int parts = shared_item ? kSharedParts : 1;
     wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
                                                         kCtaRows<ExpertGemm::GATE_UP> * parts,
-                       gemm_bands<G>(a) * parts);
+                       gemm_bands<G>(a) * parts, !a.item_seen_late);
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
   }
@@ -986,10 +997,15 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
+  const bool seen_late = kHeadStart && a.item_counters != nullptr && a.item_seen_late;
+  const uint32_t seen_before = seen_late ? arrive_item_seen(a.item_counters, item_index) : 0u;
   // The staged slots take the exchange's first bands (the down GEMM's write_rows does not use them; the split
   // CTAs' reduction lies past them).
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
     combine_band_if_last(a, band, kSharedParts - 1, smem + kStreamedRingBytes + a.streamed_x_bytes);
+  if (seen_late)
+    reset_item_if_last(a.item_counters, item_index, seen_before,
+                       gemm_bands<G>(a) * (shared_item ? kSharedParts : 1));
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

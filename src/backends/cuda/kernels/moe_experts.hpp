@@ -117,6 +117,10 @@ struct MoeExpertGemmParams {
   // GPU round s20 A/B (the loser goes): the fused combine's slot rows and weights read into shared memory before the
   // band ticket, so the last CTA's sums wait for one round of loads instead of a chain. The same bits.
   bool combine_staged_slots = false;
+  // GPU round s20 A/B (the loser goes): with down_waits_per_item, each down CTA counts itself seen by its item after
+  // its rows instead of right after its wait (the count's atomic round trip off the path to the first stage). The
+  // same bits.
+  bool item_seen_late = false;
   cudaStream_t stream = nullptr;
 };
 
