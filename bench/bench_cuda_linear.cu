@@ -20,8 +20,8 @@
 //   --formats: these weight formats; --sweep: instead of the table, the cold time of every STREAMED config by ring
 //   slots × K splits × split-K reduction; --profile: instead of timing, one launch each of the default config and
 //   the STREAMED configs at 1-4 ring slots, for a profiler such as ncu, which flushes the L2 per kernel itself;
-//   --trace: instead of timing, the timeline of one cold call of each FP8 default config on the STREAMED path at up to
-//   8 tokens, from QuantizedLinearParams::trace, alone and launched behind a 5 µs kernel as in a model step)
+//   --trace: instead of timing, the timeline of one cold call of each FP8 or BF16 default config on the STREAMED path
+//   at up to 8 tokens, from QuantizedLinearParams::trace, alone and launched behind a 5 µs kernel as in a model step)
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -431,6 +431,8 @@ int main(int argc, char** argv) {
         // indexer's wq_b and weights_proj, and a CSA layer's [wq_b; indexer wq_b].
         {"flash", "wq_a_wkv", 1536, 4096, 1}, {"flash", "wq_b_indexer", 40960, 1024, 1},
         {"flash", "compressors_csa", 2560, 4096, 1},
+        // The CSA stack as the model runs it by default (stack_indexer_projections: weights_proj's 64 rows under it).
+        {"flash", "compressors_csa_wp", 2624, 4096, 1},
         {"flash", "compressors_hca", 1024, 4096, 1}, {"flash", "indexer_wq_b", 8192, 1024, 1},
         {"flash", "weights_proj", 64, 4096, 1}, {"pro", "wq_a", 1536, 7168, 1},       {"pro", "wq_b", 65536, 1536, 1},
         {"pro", "wkv", 512, 7168, 1},         {"pro", "wo_a", 16384, 4096, 16},      {"pro", "wo_b", 7168, 16384, 1},
@@ -553,8 +555,8 @@ int main(int argc, char** argv) {
           };
 
           if (trace) {
-            if (config.load_path == WeightLoadPath::STREAMED && format == WeightFormat::FP8_BLOCK128 &&
-                config.token_tiles == 1)
+            if (config.load_path == WeightLoadPath::STREAMED &&
+                (format == WeightFormat::FP8_BLOCK128 || format == WeightFormat::BF16) && config.token_tiles == 1)
               for (const bool behind : {false, true})
                 print_trace(shape, tokens, config, behind ? "behind a 5 µs kernel" : "alone",
                             [&](uint64_t* trace_buffer) {

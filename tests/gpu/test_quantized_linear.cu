@@ -754,11 +754,18 @@ TEST(QuantizedLinear, ClusterReductionEqualsWorkspaceReduction) {
       const RandomOperands o = random_operands(c.format, c.rows, c.cols, c.cols, tokens, seed++);
       const DeviceMatrix weight(o.host.matrix, "cluster weight");
       const DeviceBuffer x = to_device(o.x_bf16, "x");
-      const QuantizedLinearConfig tickets = choose_quantized_linear_config(
-          weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::WORKSPACE);
+      // The cluster config first: its receive area may leave fewer CTAs per SM, hence fewer splits; the workspace
+      // config is then asked for the same split count.
       const QuantizedLinearConfig cluster = choose_quantized_linear_config(
           weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0, SplitKReduce::CLUSTER);
+      const QuantizedLinearConfig tickets =
+          choose_quantized_linear_config(weight.view(), tokens, 1, multiprocessors, WeightLoadPath::STREAMED, 0,
+                                         SplitKReduce::WORKSPACE, cluster.k_splits);
       ASSERT_EQ(cluster.reduce, SplitKReduce::CLUSTER) << "the case must exercise the cluster reduction";
+      // The CTAs per SM the split count assumed fit the SM's shared memory, receive area included (228 KiB per SM,
+      // 1 KiB reserved per CTA, up to 512 bytes of the kernel's static barriers).
+      EXPECT_LE(size_t(cluster.ctas_per_sm) * (cluster.smem_bytes + 1024 + 512), size_t(228 * 1024))
+          << cluster.ctas_per_sm << " CTAs of " << cluster.smem_bytes << " bytes";
       ASSERT_EQ(cluster.k_splits, tickets.k_splits) << "the case must split K the same way on both reductions";
       ASSERT_EQ(cluster.workspace_bytes, 0u);
       DeviceBuffer workspace(tickets.workspace_bytes, "linear workspace");

@@ -1,7 +1,11 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <string_view>
+#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -76,11 +80,56 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
+// Round s20-1 A/B switches (environment, read once; removed with the loser after the round).
+bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
+}
+// DSV4_LINEAR_PREFETCH_MAPS=1: the streamed kernels prefetch their tensor maps first thing (kPrefetchMaps).
+bool prefetch_maps() {
+  static const bool prefetch = env_is("DSV4_LINEAR_PREFETCH_MAPS", "1");
+  return prefetch;
+}
+// DSV4_LINEAR_TICKET=release: the split-K ticket in acquire-release order by thread 0 (LinearKernelArgs).
+bool release_ticket() {
+  static const bool release = env_is("DSV4_LINEAR_TICKET", "release");
+  return release;
+}
+// DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
+// splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (the rounds' end-to-end A/B of
+// launch shapes; every other call keeps its default).
+struct ConfigOverride {
+  int64_t rows, cols;
+  int tokens, slots, k_splits;
+  SplitKReduce reduce;
+};
+const std::vector<ConfigOverride>& config_overrides() {
+  static const std::vector<ConfigOverride> overrides = [] {
+    std::vector<ConfigOverride> list;
+    const char* env = std::getenv("DSV4_LINEAR_CONFIG");
+    for (const char* p = env; p != nullptr && *p != '\0';) {
+      long long rows = 0, cols = 0;
+      int tokens = 0, slots = 0, splits = 0, used = 0;
+      char reduce = 0;
+      check(std::sscanf(p, "%lldx%lld@%d=%d/%d/%c%n", &rows, &cols, &tokens, &slots, &splits, &reduce, &used) == 6 &&
+                (reduce == 'w' || reduce == 'c'),
+            "DSV4_LINEAR_CONFIG: cannot read '", p, "' (NxK@T=slots/splits/w|c;...)");
+      list.push_back({rows, cols, tokens, slots, splits, reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE});
+      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n", rows,
+                   cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
+      p += used;
+      if (*p == ';') ++p;
+    }
+    return list;
+  }();
+  return overrides;
+}
+
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace, bool kPrefetchMaps>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace, kPrefetchMaps>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -99,21 +148,30 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kTrace>
+template <TileFormat F, int NT, bool kTrace, bool kPrefetchMaps>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace, kPrefetchMaps>(args, config, stream);
   else
-    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, kPrefetchMaps>(args, config, stream);
+}
+
+template <TileFormat F, int NT, bool kTrace>
+void launch_streamed_prefetch(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
+                              cudaStream_t stream) {
+  if (prefetch_maps())
+    launch_streamed_variant<F, NT, kTrace, true>(args, config, stream);
+  else
+    launch_streamed_variant<F, NT, kTrace, false>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
-  if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1)
-    if (args.trace != nullptr) return launch_streamed_variant<F, NT, true>(args, config, stream);
-  launch_streamed_variant<F, NT, false>(args, config, stream);
+  if constexpr ((F == TileFormat::FP8_BLOCK128 || F == TileFormat::BF16) && NT == 1)
+    if (args.trace != nullptr) return launch_streamed_prefetch<F, NT, true>(args, config, stream);
+  launch_streamed_prefetch<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -230,6 +288,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
+    for (const ConfigOverride& o : config_overrides())
+      if (o.rows == weight.rows && o.cols == weight.cols && o.tokens == tokens)
+        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
+                                              o.slots, o.reduce, o.k_splits);
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
@@ -268,18 +330,32 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     check(min_cta_bytes <= kSharedMemoryPerCta, "quantized_linear: ", config.ring_slots, " ring slots of ",
           to_string(weight.format), " stages at ", tokens, " tokens need ", min_cta_bytes,
           " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
-    config.ctas_per_sm =
-        int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
-    const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
+    // With the cluster reduction, rank 0's receive area (one partial tile per split) counts too; it depends on the
+    // split count, which depends on the CTAs per SM: fewer CTAs per SM until the CTA with its area fits that many.
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
-    const int64_t wanted = k_splits > 0 ? int64_t(k_splits) : slots / config.row_blocks;
-    const int64_t splits = std::max<int64_t>(1, std::min({wanted, weight.cols / stage_k, max_splits}));
-    config.split_k = round_up(ceil_div(weight.cols, splits), stage_k);
-    config.k_splits = int(ceil_div(weight.cols, config.split_k));
-    // The x tile takes what the resident CTAs leave, within the budget, in whole stages.
+    size_t receive = 0;
+    for (config.ctas_per_sm =
+             int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
+         ; --config.ctas_per_sm) {
+      const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
+      const int64_t wanted = k_splits > 0 ? int64_t(k_splits) : slots / config.row_blocks;
+      const int64_t splits = std::max<int64_t>(1, std::min({wanted, weight.cols / stage_k, max_splits}));
+      config.split_k = round_up(ceil_div(weight.cols, splits), stage_k);
+      config.k_splits = int(ceil_div(weight.cols, config.split_k));
+      receive = reduce == SplitKReduce::CLUSTER && config.k_splits > 1
+                    ? linear::cluster_receive_bytes(config.k_splits, tokens)
+                    : 0;
+      if (config.ctas_per_sm == 1 ||
+          size_t(config.ctas_per_sm) * (min_cta_bytes + receive + kSharedMemoryReservedPerCta) <= kSharedMemoryPerSm)
+        break;
+    }
+    // The x tile takes what the resident CTAs and their receive areas leave, within the budget, in whole stages.
     const size_t per_cta = kSharedMemoryPerSm / size_t(config.ctas_per_sm) - kSharedMemoryReservedPerCta;
-    const size_t x_budget = std::max(std::min({kStreamedXTileBudget, per_cta - rings, kSharedMemoryPerCta - rings}),
-                                     x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k)));
+    const size_t x_budget =
+        std::max(per_cta >= rings + receive && kSharedMemoryPerCta >= rings + receive
+                     ? std::min({kStreamedXTileBudget, per_cta - rings - receive, kSharedMemoryPerCta - rings - receive})
+                     : size_t(0),
+                 x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k)));
     const int64_t max_chunk_k =
         std::max<int64_t>(stage_k, (int64_t(x_budget / x_row_bytes_per_k) - 32) / stage_k * stage_k);
     const int64_t chunks = ceil_div(config.split_k, max_chunk_k);
@@ -383,9 +459,10 @@ void check_params_for_config(const QuantizedLinearParams& params, const Quantize
   }
   check((params.y == nullptr) != (params.y_bf16 == nullptr),
         "quantized_linear: exactly one of y (fp32) and y_bf16 must be set");
-  check(params.trace == nullptr || (config.load_path == WeightLoadPath::STREAMED &&
-                                    w.format == WeightFormat::FP8_BLOCK128 && config.token_tiles == 1),
-        "quantized_linear: a traced launch runs FP8_BLOCK128 weights on the streamed load path at up to ",
+  check(params.trace == nullptr ||
+            (config.load_path == WeightLoadPath::STREAMED &&
+             (w.format == WeightFormat::FP8_BLOCK128 || w.format == WeightFormat::BF16) && config.token_tiles == 1),
+        "quantized_linear: a traced launch runs FP8_BLOCK128 or BF16 weights on the streamed load path at up to ",
         tile::kTokensPerMma, " tokens only");
   const size_t y_element = params.y != nullptr ? sizeof(float) : sizeof(__nv_bfloat16);
   const void* y = params.y != nullptr ? static_cast<const void*>(params.y) : static_cast<const void*>(params.y_bf16);
@@ -445,6 +522,7 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
       .trace = params.trace,
+      .release_ticket = release_ticket(),
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cooperative_groups.h>
+#include <cuda/atomic>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/cluster.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -47,6 +49,9 @@ struct LinearKernelArgs {
   const float* norm_weight;  // [K]
   float norm_eps;
   uint64_t* trace;           // traced launches (QuantizedLinearParams::trace), or null
+  // Round s20-1 A/B (DSV4_LINEAR_TICKET=release): the split-K ticket taken by thread 0 alone with acquire-release
+  // order after the CTA's barrier, instead of a sequentially consistent fence by every thread before it and after.
+  bool release_ticket;
 };
 
 // Records a LinearTraceSlot point of the calling warp (lane 0 stores) when kTrace; nothing otherwise.
@@ -157,12 +162,24 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
 
   float* partial = args.partials + int64_t(split) * args.tokens * w.rows;
   for_each_fragment_element([&](int64_t row, int token, float value) { partial[token * w.rows + row] = value; });
-  __threadfence();  // partials visible device-wide before the ticket says so
-  __syncthreads();
-  if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
-  __syncthreads();
-  if (!*is_last_split) return;
-  __threadfence();
+  if (args.release_ticket) {
+    // The barrier orders every thread's partial stores before thread 0's release (cumulative), and thread 0's acquire
+    // before every thread's loads of the other splits' partials (L2 loads, which no stale L1 line can serve).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      ::cuda::atomic_ref<uint32_t, ::cuda::thread_scope_device> ticket(args.tickets[row_block]);
+      *is_last_split = ticket.fetch_add(1u, ::cuda::memory_order_acq_rel) == uint32_t(args.k_splits - 1);
+    }
+    __syncthreads();
+    if (!*is_last_split) return;
+  } else {
+    __threadfence();  // partials visible device-wide before the ticket says so
+    __syncthreads();
+    if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
+    __syncthreads();
+    if (!*is_last_split) return;
+    __threadfence();
+  }
   const int cta_rows = int(cta_row_end - cta_row0);
   for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
     const int token = i / cta_rows;
@@ -418,9 +435,16 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 // kTrace: a traced launch (QuantizedLinearParams::trace).
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false>
+// kPrefetchMaps (round s20-1 A/B, DSV4_LINEAR_PREFETCH_MAPS=1): thread 0 asks the copy engine for the weight's tensor
+// maps first thing, ahead of the argument loads that the first copies wait for.
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, bool kPrefetchMaps = false>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
+  if constexpr (kPrefetchMaps) {
+    // Every warp (a uniform instruction each): a branch on the thread index let ptxas schedule it after the loads.
+    sm90::prefetch_tensor_map(&args.maps.data);
+    if constexpr (tile::stream::stage_scale_bytes(F) > 0) sm90::prefetch_tensor_map(&args.maps.scales);
+  }
   trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
