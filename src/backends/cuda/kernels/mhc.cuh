@@ -1052,7 +1052,8 @@ struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
   // Round experiment (DSV4_MHC_DECODE, to be removed): 1 fn's copies by each warp's lane 0; 2 the one-token
-  // projection's fn values into registers before the grid-dependency wait; 4 fn's copies on a barrier per 8 rows.
+  // projection's fn values into registers before the grid-dependency wait; 4 fn's copies on a barrier per 8 rows;
+  // 8 the mix warp's sums side by side and post's sigmoid in every lane; 16 Sinkhorn's reciprocals one per lane.
   int experiment;
 };
 
@@ -1642,13 +1643,62 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     wait_exchange(&barriers[1]);
     wait_exchange(&barriers[2]);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixExchanged);
+    float first_rows;
+    if (args.experiment & 8) {
+      // Every lane sums a mix item (lanes past the items repeat some: unused) beside Σx², and computes post's sigmoid
+      // (stored by lanes 0..3) beside comb's first rows: no divergent branch on the chain.
+      const float mix = sum_in_order<kCtas>(&mix_in[0][lane % kSingleMixItems], kCtas, kSingleMixItems);
+      const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+      const float logit = (lane < kSingleMixItems ? mix * inv_rms : 0.0f) * mix_scale + mix_base;
+      const float post = 2.0f * sigmoid(logit);
+      if (lane < kStreams) args.post[t * kStreams + lane] = post;
+      first_rows = softmax_row_plus_eps_lanes(logit, args.hc_eps);
+    } else {
     const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
     const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
     float value = 0.0f;
     if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
     if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
     // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in lane 0.
-    const float first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
+    first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
+    }
+    if (args.experiment & 16) {
+      // Sinkhorn with each reciprocal in its own lane: lane q (of every quad) holds row q and column q of A and
+      // normalises them, all four scales gathered by shuffles after each step; sinkhorn_4x4_scaled_iterations's
+      // arithmetic, operation for operation.
+      const int q = lane & 3, quad = lane & ~3;
+      float row[kStreams], column[kStreams], u[kStreams], v[kStreams];
+#pragma unroll
+      for (int m = 0; m < kStreams; ++m) {
+        row[m] = __shfl_sync(kFullMask, first_rows, kStreams + kStreams * q + m);
+        column[m] = __shfl_sync(kFullMask, first_rows, kStreams + kStreams * m + q);
+        u[m] = 1.0f;
+      }
+      DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixFirstRows);
+      const float eps = args.hc_eps;
+      float row_d = 1.0f, column_d = 1.0f;
+      const auto normalise = [&](const float (&a)[kStreams], const float (&scales)[kStreams], float& denominator,
+                                 float (&gathered)[kStreams]) {
+        const float even = fmaf(a[0], scales[0], eps * denominator);
+        const float odd = a[1] * scales[1];
+        denominator = fmaf(a[2], scales[2], even) + fmaf(a[3], scales[3], odd);
+        const float scale = fast_reciprocal(denominator);
+#pragma unroll
+        for (int m = 0; m < kStreams; ++m) gathered[m] = __shfl_sync(kFullMask, scale, quad + m);
+      };
+      normalise(column, u, column_d, v);
+#pragma unroll 1
+      for (int it = 1; it < args.sinkhorn_iters; ++it) {
+        normalise(row, v, row_d, u);
+        normalise(column, u, column_d, v);
+      }
+      if (lane < kStreams)
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) args.comb[(t * kStreams + q) * kStreams + k] = row[k] * u[q] * v[k];
+      DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixStored);
+      return;
+    }
     float c[kStreams * kStreams];
 #pragma unroll
     for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
