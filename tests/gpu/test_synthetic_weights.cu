@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <numeric>
@@ -22,6 +23,7 @@
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/cuda_model.hpp"
 #include "backends/cuda/kernels/argmax.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/synthetic_weights.hpp"
 #include "core/dequantize.hpp"
@@ -117,11 +119,25 @@ WeightFormat expected_format(ReleaseStorage storage, WeightFormat expert_format)
   return WeightFormat::F32;
 }
 
-// The first `rows` rows of a device matrix as a host matrix (rows a multiple of 128 or all of them for FP8 bands).
-OwnedQuantizedMatrix download_rows(const DeviceMatrixView& v, int64_t rows) {
+// Whether a tensor is an MoE expert matrix (its fp4 words in the kernels' DEVICE layout on the device).
+bool is_expert(const std::string& name) {
+  return name.find(".ffn.experts.") != std::string::npos || name.find(".ffn.shared_experts.") != std::string::npos;
+}
+
+// The first `rows` rows of a device matrix as a host matrix (rows a multiple of 128 or all of them for FP8 bands);
+// an fp4 expert matrix's words back in the checkpoint layout (the inverse of tile::detail::fp4_device_word).
+OwnedQuantizedMatrix download_rows(const DeviceMatrixView& v, int64_t rows, bool expert) {
   rows = std::min(rows, v.rows);
   OwnedQuantizedMatrix m = allocate_quantized_matrix(v.format, rows, v.cols, v.scale_type, v.global_scale);
   DSV4_CUDA_CHECK(cudaMemcpy(m.storage->data.data(), v.data, m.storage->data.size(), cudaMemcpyDeviceToHost));
+  if (expert && (v.format == WeightFormat::MXFP4 || v.format == WeightFormat::NVFP4))
+    for (size_t i = 0; i + 4 <= m.storage->data.size(); i += 4) {
+      uint32_t device, stored = 0;
+      std::memcpy(&device, m.storage->data.data() + i, 4);
+      for (int bit = 0; bit < 32; ++bit)
+        stored |= (device >> bit & 1u) << tile::detail::fp4_device_bit_source(bit);
+      std::memcpy(m.storage->data.data() + i, &stored, 4);
+    }
   if (!m.storage->scales.empty())
     DSV4_CUDA_CHECK(
         cudaMemcpy(m.storage->scales.data(), v.scales, m.storage->scales.size(), cudaMemcpyDeviceToHost));
@@ -136,7 +152,7 @@ std::vector<float> download_floats(const Tensor& t) {
 
 // Element std of the first rows of a matrix, after checking every value is finite.
 double element_std(const DeviceMatrixView& v, int64_t rows, const std::string& name) {
-  const std::vector<float> values = dequantize(download_rows(v, rows).matrix);
+  const std::vector<float> values = dequantize(download_rows(v, rows, is_expert(name)).matrix);
   double sum = 0, squares = 0;
   for (size_t i = 0; i < values.size(); ++i) {
     if (!std::isfinite(values[i])) {
@@ -158,7 +174,7 @@ TEST(SyntheticWeights, LayoutMatchesTheCheckpointSlotsInEveryExpertFormat) {
     DeviceAllocator pool(0);
     const SyntheticWeightsPlan plan = plan_synthetic_weights(config, format);
     ASSERT_EQ(plan.layer_bytes.size(), 4u);
-    DeviceModelWeights w = make_synthetic_weights(config, format, pool, 11, nullptr);  // DeviceMoeWeights below marks it
+    const DeviceModelWeights w = make_synthetic_weights(config, format, pool, 11, nullptr);
     EXPECT_EQ(pool.stats().in_use_bytes, plan.total_bytes());
     EXPECT_EQ(w.tensors, plan.tensors);
 
@@ -294,7 +310,7 @@ TEST(SyntheticWeights, DeterministicPerSeed) {
     const std::map<std::string, Tensor> t = tensors_of(w);
     std::vector<std::vector<uint8_t>> bytes;
     for (const char* name : samples) {
-      const OwnedQuantizedMatrix m = download_rows(*t.at(name).matrix, 512);
+      const OwnedQuantizedMatrix m = download_rows(*t.at(name).matrix, 512, is_expert(name));
       bytes.push_back(m.storage->data);
       bytes.push_back(m.storage->scales);
     }

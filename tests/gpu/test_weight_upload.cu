@@ -1,6 +1,7 @@
 // Weight upload: tiny checkpoints (release FP8/MXFP4 and ModelOpt NVFP4 layouts) loaded by the checkpoint loader,
 // uploaded through the pinned double-buffered path with staging buffers small enough that tensors span many buffer
-// turns, then every matrix and vector downloaded and compared byte for byte, walked field by field here (not with
+// turns, then every matrix and vector downloaded and compared byte for byte (the fp4 experts' words in the MoE
+// kernels' DEVICE layout, the upload's last step), walked field by field here (not with
 // the uploader's own walk, so a slot it skipped would show). Also the StagedUploader alone, progress reports, the
 // refusal when the weights do not fit, malformed matrices, and the progress bar's output.
 #include <gtest/gtest.h>
@@ -20,6 +21,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_allocator.hpp"
 #include "backends/cuda/device_context.hpp"
+#include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/upload_progress.hpp"
 #include "backends/cuda/weight_upload.hpp"
 #include "model/checkpoint_loader.hpp"
@@ -44,11 +46,25 @@ bool same_bytes(const std::vector<uint8_t>& device, const void* host, size_t byt
   return device.size() == bytes && (bytes == 0 || std::memcmp(device.data(), host, bytes) == 0);
 }
 
+// The data bytes an upload of `h` holds: the checkpoint's, or for an fp4 expert matrix every 32-bit word in the MoE
+// kernels' DEVICE layout (tile::detail::fp4_device_word).
+std::vector<uint8_t> uploaded_data(const QuantizedMatrix& h, bool expert) {
+  std::vector<uint8_t> bytes(h.data, h.data + h.data_bytes());
+  if (!expert || (h.format != WeightFormat::MXFP4 && h.format != WeightFormat::NVFP4)) return bytes;
+  for (size_t i = 0; i + 4 <= bytes.size(); i += 4) {
+    uint32_t word;
+    std::memcpy(&word, bytes.data() + i, 4);
+    word = tile::detail::fp4_device_word(word);
+    std::memcpy(bytes.data() + i, &word, 4);
+  }
+  return bytes;
+}
+
 // Compares a host model with its device copy, field by field; counts what it compared.
 struct Comparer {
   int64_t tensors = 0;
 
-  void matrix(const QuantizedMatrix& h, const DeviceMatrix& d, const std::string& name) {
+  void matrix(const QuantizedMatrix& h, const DeviceMatrix& d, const std::string& name, bool expert = false) {
     SCOPED_TRACE(name);
     ++tensors;
     const DeviceMatrixView& v = d.view();
@@ -61,7 +77,8 @@ struct Comparer {
     EXPECT_EQ(v.data_row_bytes, h.data_row_bytes());
     EXPECT_EQ(v.scales_per_row, h.scales_per_row());
     EXPECT_EQ(reinterpret_cast<uintptr_t>(v.data) % DeviceAllocator::kAlignment, 0u);
-    EXPECT_TRUE(same_bytes(download(v.data, h.data_bytes()), h.data, h.data_bytes())) << "data differs";
+    const std::vector<uint8_t> want = uploaded_data(h, expert);
+    EXPECT_TRUE(same_bytes(download(v.data, h.data_bytes()), want.data(), want.size())) << "data differs";
     if (h.scale_bytes() > 0) {
       ASSERT_NE(v.scales, nullptr);
       EXPECT_TRUE(same_bytes(download(v.scales, h.scale_bytes()), h.scales, h.scale_bytes())) << "scales differ";
@@ -95,9 +112,9 @@ struct Comparer {
   }
 
   void expert(const ExpertWeights& h, const device_weights::Expert& d, const std::string& p) {
-    matrix(h.w1, d.w1, p + " w1");
-    matrix(h.w2, d.w2, p + " w2");
-    matrix(h.w3, d.w3, p + " w3");
+    matrix(h.w1, d.w1, p + " w1", true);
+    matrix(h.w2, d.w2, p + " w2", true);
+    matrix(h.w3, d.w3, p + " w3", true);
   }
 
   void block(const BlockWeights& h, const device_weights::Block& d, const std::string& p) {

@@ -151,18 +151,12 @@ __global__ void validate_layer_kernel(const MoeExpertView* views, int matrices, 
 
 __host__ __device__ bool is_fp4(WeightFormat f) { return f == WeightFormat::MXFP4 || f == WeightFormat::NVFP4; }
 
-// Rewrites every 32-bit word of the fp4 matrices' data in the DEVICE layout (tile::detail::fp4_device_word), in
-// place: blockIdx.y picks the matrix (3 per expert view), CTAs take rows, threads the row's cols / 8 words
-// (moe_expert_k_granularity makes them whole 16-byte loads; publish_views checks the 4-byte alignment).
-__global__ void repack_fp4_kernel(const MoeExpertView* views) {
-  const MoeExpertView& v = views[blockIdx.y / 3];
-  const int which = blockIdx.y % 3;
-  const DeviceMatrixView& w = which == 0 ? v.w1 : which == 1 ? v.w3 : v.w2;
-  if (!is_fp4(w.format)) return;
-  const int64_t row_words = w.cols / 8;
-  for (int64_t row = blockIdx.x; row < w.rows; row += gridDim.x) {
-    auto* words = reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data) + row * int64_t(w.data_row_bytes));
-    for (int64_t i = threadIdx.x; i < row_words; i += blockDim.x) words[i] = tile::detail::fp4_device_word(words[i]);
+// Rewrites `count` 32-bit words of fp4 data, rows of row_words words every row_stride words, in the DEVICE layout
+// (tile::detail::fp4_device_word), in place.
+__global__ void fp4_device_layout_kernel(uint32_t* words, int64_t count, int64_t row_words, int64_t row_stride) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t& word = words[i / row_words * row_stride + i % row_words];
+    word = tile::detail::fp4_device_word(word);
   }
 }
 
@@ -307,6 +301,9 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
     upload(p.w3, x.w3, name + " w3");
     upload(p.w2, x.w2, name + " w2");
     host_views_[size_t(e)] = {make_view(p.w1, base), make_view(p.w3, base), make_view(p.w2, base)};
+    for (const DeviceMatrixView* w : {&host_views_[size_t(e)].w1, &host_views_[size_t(e)].w3,
+                                      &host_views_[size_t(e)].w2})
+      write_fp4_device_layout(*w, nullptr, name);
   }
   if (has_bias) {
     copy_to(base, bias_offset, host.gate_bias.data(), host.gate_bias.size() * sizeof(float), layer + " gate bias");
@@ -320,7 +317,7 @@ DeviceMoeWeights::DeviceMoeWeights(const MoeWeights& host, const MoeConfig& conf
   publish_views(layer);
 }
 
-DeviceMoeWeights::DeviceMoeWeights(device_weights::Moe& uploaded, const MoeConfig& config,
+DeviceMoeWeights::DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config,
                                    std::string_view what)
     : config_(config) {
   const std::string layer(what);
@@ -342,8 +339,7 @@ DeviceMoeWeights::DeviceMoeWeights(device_weights::Moe& uploaded, const MoeConfi
     tid2eid_ = uploaded.tid2eid.data();
     vocab_ = uploaded.tid2eid.size() / config.top_k;
   }
-  publish_views(layer, !uploaded.fp4_device_layout);
-  uploaded.fp4_device_layout = true;
+  publish_views(layer);
 }
 
 void DeviceMoeWeights::check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries,
@@ -390,6 +386,8 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
     fill_random_matrix(w.host_views_.back().w1, expert_seed, config);
     fill_random_matrix(w.host_views_.back().w3, expert_seed + 4, config);
     fill_random_matrix(w.host_views_.back().w2, expert_seed + 8, config);
+    for (const DeviceMatrixView* m : {&w.host_views_.back().w1, &w.host_views_.back().w3, &w.host_views_.back().w2})
+      write_fp4_device_layout(*m, nullptr, "synthetic moe expert");
   }
   if (spec.hashed) {
     w.vocab_ = spec.vocab;
@@ -404,18 +402,25 @@ DeviceMoeWeights DeviceMoeWeights::synthetic(const MoeConfig& config, const MoeS
   return w;
 }
 
-void DeviceMoeWeights::publish_views(const std::string& what, bool repack) {
+void write_fp4_device_layout(const DeviceMatrixView& w, cudaStream_t stream, std::string_view what) {
+  if (!is_fp4(w.format) || w.rows == 0) return;
+  check((reinterpret_cast<uintptr_t>(w.data) | uintptr_t(w.data_row_bytes)) % 4 == 0 && w.cols % 8 == 0, what, ": ",
+        to_string(w.format), " expert data with rows of ", w.cols, " values at ", w.data_row_bytes,
+        "-byte strides is not in whole 4-byte words (the MoE kernels' fp4 layout rewrites whole 32-bit words)");
+  const int64_t row_words = w.cols / 8, count = w.rows * row_words;
+  const unsigned blocks = unsigned(std::min<int64_t>((count + 255) / 256, 1024));
+  fp4_device_layout_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<uint32_t*>(const_cast<uint8_t*>(w.data)),
+                                                       count, row_words, int64_t(w.data_row_bytes) / 4);
+  DSV4_CUDA_CHECK_LAUNCH("moe fp4_device_layout_kernel");
+}
+
+void DeviceMoeWeights::publish_views(const std::string& what) {
   streamed_tiles_ = moe_streamed_tiles_apply(host_views_);
   if (streamed_tiles_) stream_maps_ = encode_moe_stream_maps(host_views_, what);
   device_views_ = DeviceBuffer(host_views_.size() * sizeof(MoeExpertView), what + " expert views");
   device_views_.upload(host_views_.data(), host_views_.size() * sizeof(MoeExpertView));
   const int matrices = 3 * int(host_views_.size());
 
-  for (const MoeExpertView& v : host_views_)
-    for (const DeviceMatrixView* w : {&v.w1, &v.w3, &v.w2})
-      check(!is_fp4(w->format) || (reinterpret_cast<uintptr_t>(w->data) | w->data_row_bytes) % 4 == 0, "moe: ", what,
-            " has ", to_string(w->format), " expert data that is not 4-byte aligned; the fp4 repack rewrites whole ",
-            "32-bit words");
   DeviceBuffer offenders(2 * sizeof(unsigned long long), what + " validation");
   offenders.fill_bytes(0xFF);
   const int64_t table = tid2eid_ != nullptr ? vocab_ * config_.top_k : 0;
@@ -443,12 +448,6 @@ void DeviceMoeWeights::publish_views(const std::string& what, bool repack) {
     DSV4_CUDA_CHECK(cudaMemcpy(&id, tid2eid_ + first[1], sizeof id, cudaMemcpyDeviceToHost));
     fail("moe: ", what, " tid2eid[", first[1] / uint64_t(config_.top_k), "][", first[1] % uint64_t(config_.top_k),
          "] = ", id, " is not an expert index below ", config_.experts);
-  }
-  if (repack) {
-    repack_fp4_kernel<<<dim3(128, unsigned(matrices)), 256>>>(device_views_.as<MoeExpertView>());
-    DSV4_CUDA_CHECK_LAUNCH("moe repack_fp4_kernel");
-    // The model's streams do not wait for the legacy stream: the words are final before this returns.
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   }
 }
 

@@ -37,6 +37,14 @@ struct MoeExpertView {
   DeviceMatrixView w2;  // down [d, I]
 };
 
+// Rewrites the data of an fp4 expert matrix (MXFP4, NVFP4; other formats are left alone) in place into the MoE
+// kernels' DEVICE layout (weight_tile_mma.cuh Fp4Layout: each 32-bit word's bits moved so that every bf16 pair of
+// the decode is one rotation and one mask), asynchronously on `stream`. Every expert upload does it once:
+// upload_model_weights and make_synthetic_weights (write_expert_device_layout), DeviceMoeWeights' own uploads; the
+// kernels read only that layout (the checkpoint and host bytes never change). Throws naming `what` unless the rows
+// are whole, 4-byte aligned words.
+void write_fp4_device_layout(const DeviceMatrixView& w, cudaStream_t stream, std::string_view what);
+
 // What a synthetic layer is made of (benchmarks): formats only, the bytes are random valid codes.
 struct MoeSyntheticSpec {
   WeightFormat router_format = WeightFormat::BF16;  // BF16 or F32
@@ -54,10 +62,9 @@ class DeviceMoeWeights {
   DeviceMoeWeights(const MoeWeights& host, const MoeConfig& config, std::string_view what,
                    DeviceAllocator* pool = nullptr);
 
-  // Borrows a layer already on the device (upload_model_weights), with the same checks, and publishes only the
-  // table of views; `uploaded` must outlive this object. Its fp4 expert matrices are repacked in place (below) once:
-  // `uploaded.fp4_device_layout` records it, so further borrowers of the same upload share the repacked words.
-  DeviceMoeWeights(device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
+  // Borrows a layer already on the device (upload_model_weights, make_synthetic_weights: its fp4 experts in the
+  // DEVICE layout), with the same checks, and publishes only the table of views; `uploaded` must outlive this object.
+  DeviceMoeWeights(const device_weights::Moe& uploaded, const MoeConfig& config, std::string_view what);
 
   // A layer of random weights generated on the device (no host copy of the experts): valid codes of each format
   // with scales that keep activations O(1); a random router and bias, or a random hash table. Deterministic in seed.
@@ -88,10 +95,9 @@ class DeviceMoeWeights {
  private:
   DeviceMoeWeights() = default;
   void check_routing_tables(int64_t tid2eid_entries, int64_t bias_entries, const std::string& layer) const;
-  // Uploads the view table, checks on the device what the kernels trust (MXFP4 scale range, hash-table entries;
-  // throws naming the first offender) and then, if `repack`, rewrites every fp4 expert matrix (MXFP4, NVFP4) in the
-  // kernels' DEVICE layout (weight_tile_mma.cuh Fp4Layout; the checkpoint and host bytes never change).
-  void publish_views(const std::string& what, bool repack = true);
+  // Uploads the view table and checks on the device what the kernels trust (MXFP4 scale range, hash-table entries;
+  // throws naming the first offender).
+  void publish_views(const std::string& what);
 
   MoeConfig config_;
   DeviceBuffer arena_;         // owned storage: every matrix's data and scales, the bias, the hash table (empty when

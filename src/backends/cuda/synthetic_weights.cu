@@ -350,6 +350,8 @@ DeviceModelWeights make_synthetic_weights(const ModelConfig& config, WeightForma
   DeviceModelWeights weights;
   GenerateSink sink{config, pool, stream, seed};
   walk_model(config, expert_format, weights, sink);
+  for (size_t i = 0; i < weights.layers.size(); ++i)
+    write_expert_device_layout(weights.layers[i].ffn, stream, "layers." + std::to_string(i) + ".ffn");
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   weights.tensors = sink.tensors;
   weights.bytes = sink.bytes;

@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device_context.hpp"
+#include "backends/cuda/moe_weights.hpp"
 #include "core/error.hpp"
 #include "core/thread_pool.hpp"
 
@@ -269,6 +270,17 @@ void StagedUploader::finish() {
   if (total_bytes_ == 0 && progress_) progress_(0, 0);
 }
 
+void write_expert_device_layout(const device_weights::Moe& moe, cudaStream_t stream, std::string_view what) {
+  const std::string layer(what);
+  for (size_t e = 0; e <= moe.experts.size(); ++e) {
+    const device_weights::Expert& x = e < moe.experts.size() ? moe.experts[e] : moe.shared;
+    const std::string name = layer + (e < moe.experts.size() ? ".experts." + std::to_string(e) : ".shared_experts");
+    write_fp4_device_layout(x.w1.view(), stream, name + ".w1");
+    write_fp4_device_layout(x.w2.view(), stream, name + ".w2");
+    write_fp4_device_layout(x.w3.view(), stream, name + ".w3");
+  }
+}
+
 WeightUploadPlan plan_weight_upload(const ModelWeights& host) {
   PlanVisitor visitor;
   DeviceModelWeights scratch;  // the walker's mirror; nothing is allocated in it
@@ -300,6 +312,11 @@ DeviceModelWeights upload_model_weights(const ModelWeights& host, DeviceAllocato
   UploadVisitor visitor{pool, uploader};
   WeightWalker(visitor).model(host, device);
   uploader.finish();
+  for (size_t i = 0; i < device.layers.size(); ++i)
+    write_expert_device_layout(device.layers[i].ffn, stream, "layers." + std::to_string(i) + ".ffn");
+  for (size_t i = 0; i < device.mtp.size(); ++i)
+    write_expert_device_layout(device.mtp[i].block.ffn, stream, "mtp." + std::to_string(i) + ".ffn");
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
   device.tensors = visitor.tensors;
   device.bytes = uploader.bytes_done();
   return device;

@@ -129,11 +129,10 @@ struct Moe {
   DeviceMatrix gate;
   DeviceArray<float> gate_bias;   // empty on hash-routed layers
   DeviceArray<int32_t> tid2eid;   // [vocab, top_k]; empty on scored layers
+  // fp4 (MXFP4, NVFP4) expert matrices hold their data in the MoE kernels' DEVICE layout (moe_weights.hpp
+  // write_fp4_device_layout), not the checkpoint's: write_expert_device_layout, by whoever fills them.
   std::vector<Expert> experts;
   Expert shared;
-  // The fp4 experts' words are in the device layout (moe_weights.hpp): set by the first DeviceMoeWeights that
-  // borrows the layer, so a later one does not repack them again.
-  bool fp4_device_layout = false;
 };
 
 struct HyperConnection {
@@ -176,14 +175,19 @@ struct WeightUploadPlan {
 
 WeightUploadPlan plan_weight_upload(const ModelWeights& host);
 
+// Rewrites every fp4 routed and shared expert matrix of `moe` (uploaded in the checkpoint's layout) into the MoE
+// kernels' DEVICE layout, asynchronously on `stream` (the last step of upload_model_weights and
+// make_synthetic_weights for each MoE layer).
+void write_expert_device_layout(const device_weights::Moe& moe, cudaStream_t stream, std::string_view what);
+
 struct WeightUploadOptions {
   size_t staging_bytes = StagedUploader::kDefaultStagingBytes;  // per staging buffer (two are used)
   size_t keep_free_bytes = 0;  // device memory to leave free after the upload (KV cache, workspaces)
   UploadProgress progress;     // optional
 };
 
-// Copies every weight of `host` into `pool` (one slab reserved for the plan's device_bytes) and returns when all
-// transfers have completed. Before allocating anything, throws naming the bytes needed and the device's free memory
+// Copies every weight of `host` into `pool` (one slab reserved for the plan's device_bytes; the MoE layers' fp4
+// experts in the kernels' DEVICE layout) and returns when all transfers have completed. Before allocating anything, throws naming the bytes needed and the device's free memory
 // when the weights plus keep_free_bytes do not fit; malformed matrices throw naming the tensor.
 DeviceModelWeights upload_model_weights(const ModelWeights& host, DeviceAllocator& pool, cudaStream_t stream,
                                         const WeightUploadOptions& options = {});

@@ -51,10 +51,10 @@ inline constexpr int kLargeTokenTiles = 4;  // larger items, 32 rows per pass
 inline constexpr size_t kXTileBudget = 160 * 1024;  // x tiles of one chunk (one CTA per SM, see NOTES)
 inline constexpr int kSubRangeBytes = 512;         // stored bytes of one weight row per sub-range
 inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from L2 ahead of the MMAs
-// The fp4 experts' words on the device: repacked at upload (DeviceMoeWeights) so that each bf16 pair of the decode is
-// one rotation and one mask (weight_tile_mma.cuh Fp4Layout::DEVICE; 8 instructions per word of 8 values against 13
-// for the checkpoint order, the same pairs). SASS (sm_90a), one 16 × 512 stage of the T <= 8 gate/up loop, checkpoint
-// order → DEVICE: column stages NVFP4 679 → 519, MXFP4 660 → 500; lean stages 768 → 609, 727 → 567; weight_tile_mma's
+// The fp4 experts' words on the device: repacked at upload (write_fp4_device_layout) so that each bf16 pair of the
+// decode is one rotation and one mask (weight_tile_mma.cuh Fp4Layout::DEVICE; 8 instructions per word of 8 values
+// against 13 for the checkpoint order, the same pairs). SASS (sm_90a), one 16 × 512 stage of the T <= 8 gate/up loop,
+// checkpoint order → DEVICE: column stages NVFP4 679 → 519, MXFP4 660 → 500; lean stages 768 → 609, 727 → 567; weight_tile_mma's
 // stages 870 → 645, 826 → 602.
 inline constexpr tile::Fp4Layout kExpertFp4Layout = tile::Fp4Layout::DEVICE;
 
