@@ -16,6 +16,7 @@
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and GPU round s20's
 // switches (T <= 8): "prefetch-down", "prefetch-both" (stages past the ring asked of L2 by the down launch, or both),
+// "prefetch-ahead-2" (both launches, two stages past the ring),
 // "combine-staged" (the fused combine's slots staged in shared memory), "seen-late" (down CTAs counted seen by their
 // item after their rows).
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
@@ -183,6 +184,7 @@ enum class Path {
   PER_ITEM,
   PREFETCH_DOWN,
   PREFETCH_BOTH,
+  PREFETCH_AHEAD_2,
   COMBINE_STAGED,
   SEEN_LATE,
   REGISTER
@@ -195,7 +197,8 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool prefetch_down = false, prefetch_gate_up = false, combine_staged = false, seen_late = false;  // round s20 A/B
+  int prefetch_down = 0, prefetch_gate_up = 0;  // round s20 A/B (T <= 8), as MoeRunParams
+  bool combine_staged = false, seen_late = false;
   bool round_switch() const { return prefetch_down || prefetch_gate_up || combine_staged || seen_late; }
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || round_switch() ||
@@ -214,13 +217,16 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::PREFETCH_DOWN, "prefetch-down", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
-    {Path::PREFETCH_BOTH, "prefetch-both", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true,
-     true},
+    {Path::PREFETCH_DOWN, "prefetch-down", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
+     kMoePrefetchAllStages},
+    {Path::PREFETCH_BOTH, "prefetch-both", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
+     kMoePrefetchAllStages, kMoePrefetchAllStages},
+    {Path::PREFETCH_AHEAD_2, "prefetch-ahead-2", false, false, MoeRunParams{}.shared_expert_split, false, false,
+     false, 2, 2},
     {Path::COMBINE_STAGED, "combine-staged", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
-     false, false, true},
-    {Path::SEEN_LATE, "seen-late", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
-     false, false, true},
+     0, 0, true},
+    {Path::SEEN_LATE, "seen-late", false, false, MoeRunParams{}.shared_expert_split, false, false, false, 0, 0, false,
+     true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -459,7 +465,8 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,prefetch-down,prefetch-both,combine-staged,"
+                           "down-waits-grid|down-waits-item,prefetch-down,prefetch-both,prefetch-ahead-2,"
+                           "combine-staged,"
                            "seen-late,"
                            "register]\n");
       return 2;

@@ -281,7 +281,7 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool round_switches = false;  // GPU round s20's A/B switches, all on
+  bool round_switches = false;  // GPU round s20's A/B switches, all on (prefetch: down every stage, gate/up 2 ahead)
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -299,7 +299,9 @@ struct Kernels {
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.prefetch_down_stages = p.prefetch_gate_up_stages = p.combine_staged_slots = p.item_seen_late = round_switches;
+    p.combine_staged_slots = p.item_seen_late = round_switches;
+    p.prefetch_down_stages = round_switches ? kMoePrefetchAllStages : 0;  // at the start
+    p.prefetch_gate_up_stages = round_switches ? 2 : 0;                   // rolling, with the refills
     return p;
   }
 };

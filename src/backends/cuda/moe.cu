@@ -75,8 +75,9 @@ MoeRunParams with_round_switches(MoeRunParams p) {
     const char* v = std::getenv("DSV4_MOE_S20");
     return v == nullptr ? std::string() : "," + std::string(v) + ",";
   }();
-  if (names.find(",prefetch-down,") != std::string::npos) p.prefetch_down_stages = true;
-  if (names.find(",prefetch-gate-up,") != std::string::npos) p.prefetch_gate_up_stages = true;
+  if (names.find(",prefetch-ahead-2,") != std::string::npos) p.prefetch_down_stages = p.prefetch_gate_up_stages = 2;
+  if (names.find(",prefetch-down,") != std::string::npos) p.prefetch_down_stages = kMoePrefetchAllStages;
+  if (names.find(",prefetch-gate-up,") != std::string::npos) p.prefetch_gate_up_stages = kMoePrefetchAllStages;
   if (names.find(",combine-staged,") != std::string::npos) p.combine_staged_slots = true;
   if (names.find(",seen-late,") != std::string::npos) p.item_seen_late = true;
   return p;
@@ -213,10 +214,10 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& params) {
   MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
   run_moe_routing(routing_params);
   mark_stage();
-  gemm.prefetch_pass_stages = p.prefetch_gate_up_stages;
+  gemm.prefetch_stages_ahead = p.prefetch_gate_up_stages;
   run_moe_gate_up(gemm);
   mark_stage();
-  gemm.prefetch_pass_stages = p.prefetch_down_stages;
+  gemm.prefetch_stages_ahead = p.prefetch_down_stages;
   run_moe_down(gemm);
   mark_stage();
   if (fuses_combine(p)) {

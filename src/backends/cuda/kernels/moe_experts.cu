@@ -124,7 +124,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
-      .prefetch_pass_stages = p.prefetch_pass_stages && p.streamed && p.tokens <= tile::kTokensPerMma,
+      .prefetch_stages_ahead = p.streamed && p.tokens <= tile::kTokensPerMma ? p.prefetch_stages_ahead : 0,
       .combine_staged_slots = p.combine_staged_slots && !gate_up,
       .item_seen_late = p.item_seen_late,
   };

@@ -99,7 +99,7 @@ struct ExpertGemmArgs {
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
-  bool prefetch_pass_stages;   // MoeExpertGemmParams::prefetch_pass_stages (one-tile streamed kernels)
+  int prefetch_stages_ahead;   // MoeExpertGemmParams::prefetch_stages_ahead (one-tile streamed kernels; else 0)
   bool combine_staged_slots;   // MoeExpertGemmParams::combine_staged_slots
   bool item_seen_late;         // MoeExpertGemmParams::item_seen_late
 };
@@ -543,7 +543,7 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
 }
 
 // Asks L2 for the boxes tile::stream::issue_stage<F> copies for the stage at k0 of rows row0..row0 + 15, without
-// waiting (MoeExpertGemmParams::prefetch_pass_stages); called by the whole warp (lane 0 issues).
+// waiting (MoeExpertGemmParams::prefetch_stages_ahead); called by the whole warp (lane 0 issues).
 template <tile::TileFormat F>
 __device__ __forceinline__ void prefetch_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0) {
   namespace st = tile::stream;
@@ -568,9 +568,9 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
     st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
                        ring + j * st::kSlotBytes, full + j);
-  if (a.prefetch_pass_stages)
+  const int prefetched = min(stages, kStreamedSlots + a.prefetch_stages_ahead);
 #pragma unroll 1
-    for (int j = kStreamedSlots; j < stages; ++j)
+  for (int j = kStreamedSlots; j < prefetched; ++j)
       prefetch_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F));
 }
 template <tile::TileFormat F, ExpertGemm G>
@@ -913,6 +913,9 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
+          // One-tile kernels: one pass, whose first stages past the ring start_stream asked for.
+          if (a.prefetch_stages_ahead > 0 && refill + a.prefetch_stages_ahead < pass_stages)
+            prefetch_stage<F>(maps, row0, (slice.k_part + (refill + a.prefetch_stages_ahead) * kParts) * kStageK);
           if (++refill == pass_stages) refill = 0;
         }
       }
