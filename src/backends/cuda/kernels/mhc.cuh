@@ -1053,7 +1053,8 @@ struct DecodeSiteArgs : SiteArgs {
   bool norm_round_to_bf16;
   // Round experiment (DSV4_MHC_DECODE, to be removed): 1 fn's copies by each warp's lane 0; 2 the one-token
   // projection's fn values into registers before the grid-dependency wait; 4 fn's copies on a barrier per 8 rows;
-  // 8 the mix warp's sums side by side and post's sigmoid in every lane; 16 Sinkhorn's reciprocals one per lane.
+  // 8 the mix warp's sums side by side and post's sigmoid in every lane; 16 Sinkhorn's reciprocals one per lane;
+  // 32 the output norm's Σy² formed in every CTA from the staged token instead of exchange 2.
   int experiment;
 };
 
@@ -1513,7 +1514,9 @@ __host__ __device__ constexpr int single_cluster_fn_stride(int hidden) {
 __host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head) {
   const int rows = head ? kProjectionRows<true> : kProjectionRows<false>;
   const int partial = head ? kPartialRows<true> : kPartialRows<false>;
-  return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens);
+  // Round experiment 32 (one vector per thread): the token's whole X and out staged for the local Σy².
+  const int staged = single_cluster_vectors(hidden) == 1 ? (kStreams + 1) * hidden : 0;
+  return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens + staged);
 }
 
 // Sums `count` ≤ kMax floats at `values`, `stride` apart, in order: all loads issued before the first add (a loop over
@@ -1576,6 +1579,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const int fn_stride = single_cluster_fn_stride(d);
   float* const fn_s = reinterpret_cast<float*>(dynamic_smem);  // [kRows][fn_stride]
   float* const warp_sums = fn_s + kRows * fn_stride;           // [warps][kPartial][16]
+  float* const x_all = warp_sums + warps * kPartial * kTileTokens;  // experiment 32: [4][d] X, then [d] out
   // Written by the cluster's CTAs: [source rank][row][token] of the collapse rows, [source rank][item] of this CTA's
   // token's mix rows, [source rank][token] of Σy².
   __shared__ float collapse_in[kCtas][kCollapseRows][kTileTokens];
@@ -1587,8 +1591,12 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   // fn's rows 8·nt .. 8·nt + 7 (one token).
   constexpr bool kMayGroupFn = kSingleToken && kVectors == 1;
   constexpr int kFnGroups = kMayGroupFn ? kNTiles : 1;
-  __shared__ uint64_t barriers[4 + kFnGroups];
+  constexpr int kXAllBarrier = 4 + kFnGroups;  // experiment 32: the staged X (and out)
+  __shared__ uint64_t barriers[5 + kFnGroups];
   const bool fn_groups = kMayGroupFn && (args.experiment & 4) != 0;
+  // Experiment 32: one token, one vector: every CTA stages the token's whole X (and out) and forms the slices' Σy²
+  // itself, in the exchange's order, instead of exchange 2.
+  const bool local_norm = kMayGroupFn && (args.experiment & 32) != 0 && args.norm_weight != nullptr;
 
   allow_dependents();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kEntry);
@@ -1609,7 +1617,8 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     }
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
-    if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
+    if (args.norm_weight != nullptr && !local_norm) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
+    if (local_norm) arm_exchange(&barriers[kXAllBarrier], uint32_t((kStreams + (kPost ? 1 : 0)) * d) * 4u);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
@@ -1749,6 +1758,16 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     if (preload_fn) load_fn_values();
   wait_for_prior_grids();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kGridWait);
+  if (local_norm && tid == 0) {
+    for (int k = 0; k < kStreams; ++k)
+      ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(x_all + k * d)),
+                                          args.X + int64_t(k) * d, uint32_t(d) * 4u,
+                                          static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[kXAllBarrier])));
+    if constexpr (kPost)
+      ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(x_all + kStreams * d)),
+                                          args.out, uint32_t(d) * 4u,
+                                          static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[kXAllBarrier])));
+  }
 
   using TokenVectors = float4[kVectors][kStreams];
   TokenVectors x_lo, x_hi;
@@ -1784,7 +1803,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
           x[v][k] = updated[k];
-          if (owner) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+          if (owner && !local_norm) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
         }
       }
     };
@@ -1919,6 +1938,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
   // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
   sm90::cluster_wait_acquire();
+  if (local_norm) wait_exchange(&barriers[kXAllBarrier]);  // X_out may be X: every CTA staged X before any writes it
   const int broadcast_pairs = kCtas * kCollapseRows * T;
   const int pairs = broadcast_pairs + (kHead ? 0 : kSingleMixItems * T);
   for (int p = tid; p < pairs; p += projection_threads) {
@@ -1939,6 +1959,11 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchangeSent);
   wait_exchange(&barriers[1]);
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchanged);
+  if constexpr (kPost && kSingleToken)
+    if (local_norm && has_lo)
+#pragma unroll
+      for (int k = 0; k < kStreams; ++k)
+        *reinterpret_cast<float4*>(args.X_out + int64_t(k) * d + dim0) = x_lo[0][k];
   // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
   for (int i = tid; i < kStreams * T; i += projection_threads) {
     const int t = i / kStreams, k = i % kStreams;
@@ -1984,6 +2009,39 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       s += __shfl_xor_sync(kFullMask, s, 1);
       return s + __shfl_xor_sync(kFullMask, s, 2);
     };
+    if (local_norm) {
+      // Lane (g, t4) forms, for CTAs 2g and 2g + 1, what their lane (0, t4) of this warp forms (update, collapse,
+      // squares, quad sums); warp_squares[r][w] then holds CTA r's warp w partial, summed as CTA r sums it.
+      float mix[kMixFloats];
+      if constexpr (kPost) load_mix(args.post_in, args.comb_in, 0, mix);
+      float pair_squares[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int dim = (2 * g + e) * ds + kWarpDims * warp + 4 * t4;
+        TokenVectors x;
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k) x[0][k] = *reinterpret_cast<const float4*>(x_all + k * d + dim);
+        if constexpr (kPost) {
+          const float4 o = *reinterpret_cast<const float4*>(x_all + kStreams * d + dim);
+          float4 updated[kStreams];
+#pragma unroll
+          for (int k = 0; k < kStreams; ++k)
+            updated[k] = residual_update(k, o, x[0], mix, mix + kStreams, args.round_to_bf16);
+#pragma unroll
+          for (int k = 0; k < kStreams; ++k) x[0][k] = updated[k];
+        }
+        OutputVectors y = {};
+        collapse(0, x, y);
+        pair_squares[e] = token_squares(y);
+      }
+      if (t4 == 0) {
+        warp_squares[2 * g][warp] = pair_squares[0];
+        warp_squares[2 * g + 1][warp] = pair_squares[1];
+      }
+      sync_projection_warps();
+      if (tid < kCtas) squares_in[tid][0] = sum_in_order<kSingleMaxWarps>(&warp_squares[tid][0], warps, 1);
+      sync_projection_warps();
+    } else {
     const float sq_lo = token_squares(y_lo), sq_hi = token_squares(y_hi);
     if (t4 == 0) {
       warp_squares[warp][g] = sq_lo;
@@ -1997,6 +2055,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     }
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormSent);
     wait_exchange(&barriers[3]);
+    }
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormExchanged);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
     const auto normalise = [&](int t, OutputVectors& y) {
