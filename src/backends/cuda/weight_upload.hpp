@@ -187,8 +187,9 @@ struct WeightUploadOptions {
 };
 
 // Copies every weight of `host` into `pool` (one slab reserved for the plan's device_bytes; the MoE layers' fp4
-// experts in the kernels' DEVICE layout) and returns when all transfers have completed. Before allocating anything, throws naming the bytes needed and the device's free memory
-// when the weights plus keep_free_bytes do not fit; malformed matrices throw naming the tensor.
+// experts in the kernels' DEVICE layout) and returns when all transfers have completed. Before allocating anything,
+// throws naming the bytes needed and the device's free memory when the weights plus keep_free_bytes do not fit;
+// malformed matrices throw naming the tensor.
 DeviceModelWeights upload_model_weights(const ModelWeights& host, DeviceAllocator& pool, cudaStream_t stream,
                                         const WeightUploadOptions& options = {});
 

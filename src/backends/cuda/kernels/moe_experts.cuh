@@ -54,8 +54,8 @@ inline constexpr int kPrefetchDistance = 2;        // sub-ranges requested from 
 // The fp4 experts' words on the device: repacked at upload (write_fp4_device_layout) so that each bf16 pair of the
 // decode is one rotation and one mask (weight_tile_mma.cuh Fp4Layout::DEVICE; 8 instructions per word of 8 values
 // against 13 for the checkpoint order, the same pairs). SASS (sm_90a), one 16 × 512 stage of the T <= 8 gate/up loop,
-// checkpoint order → DEVICE: column stages NVFP4 679 → 519, MXFP4 660 → 500; lean stages 768 → 609, 727 → 567; weight_tile_mma's
-// stages 870 → 645, 826 → 602.
+// checkpoint order → DEVICE: column stages NVFP4 679 → 519, MXFP4 660 → 500; lean stages 768 → 609, 727 → 567;
+// weight_tile_mma's stages 870 → 645, 826 → 602.
 inline constexpr tile::Fp4Layout kExpertFp4Layout = tile::Fp4Layout::DEVICE;
 
 // Weight rows one CTA covers.
@@ -571,7 +571,7 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   const int prefetched = min(stages, kStreamedSlots + a.prefetch_stages_ahead);
 #pragma unroll 1
   for (int j = kStreamedSlots; j < prefetched; ++j)
-      prefetch_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F));
+    prefetch_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F));
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
