@@ -257,7 +257,8 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     const auto kernel = fused_post ? mhc::hc_single_cluster_kernel_traced<false, true, 0, 1>
                                    : mhc::hc_single_cluster_kernel_traced<false, false, 0, 1>;
     const int threads = mhc::single_cluster_threads(int(d), false);
-    const int smem = mhc::single_cluster_smem_bytes(int(d), false);
+    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
+    const int smem = mhc::single_cluster_smem_bytes(int(d), false, true);
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     mhc::DecodeSiteArgs args{};
@@ -275,7 +276,6 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     args.post = post.as<float>();
     args.comb = comb.as<float>();
     args.norm_weight = norm_weight.as<float>();
-    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
     args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
     if (fused_post) {
       args.out = out.as<float>();

@@ -293,7 +293,7 @@ bool single_cluster_fits() {
     const int widest =
         mhc::kSingleClusterCtas * mhc::kSingleWarpDims * kVectors * mhc::single_cluster_max_warps(kVectors);
     const int threads = mhc::single_cluster_threads(widest, kHead);
-    const int smem = mhc::single_cluster_smem_bytes(widest, kHead);
+    const int smem = mhc::single_cluster_smem_bytes(widest, kHead, true);
     const auto allow = [&](auto variant) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -348,8 +348,8 @@ void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t 
   launch_args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   launch_chained(kernel, dim3(unsigned(clusters * mhc::kSingleClusterCtas)),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
-                 size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
-                 op, launch_args);
+                 size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead, (launch_args.experiment & 32) != 0)), stream,
+                 dim3(mhc::kSingleClusterCtas), op, launch_args);
 }
 
 template <bool kHead, bool kPost>

@@ -1511,11 +1511,11 @@ __host__ __device__ constexpr int single_cluster_threads(int hidden, bool head) 
 __host__ __device__ constexpr int single_cluster_fn_stride(int hidden) {
   return kStreams * (hidden / kSingleClusterCtas) + kSingleFnPad;
 }
-__host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head) {
+__host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head, bool staged_token = false) {
   const int rows = head ? kProjectionRows<true> : kProjectionRows<false>;
   const int partial = head ? kPartialRows<true> : kPartialRows<false>;
   // Round experiment 32 (one vector per thread): the token's whole X and out staged for the local Σy².
-  const int staged = single_cluster_vectors(hidden) == 1 ? (kStreams + 1) * hidden : 0;
+  const int staged = staged_token && single_cluster_vectors(hidden) == 1 ? (kStreams + 1) * hidden : 0;
   return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens + staged);
 }
 
