@@ -185,15 +185,20 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
         2 * compressor::kStagedThreads, " channels per CTA; head_dim ", c, " over ", cluster, " CTAs per entry has ",
         channels);
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
-  const int max_threads = staged                                   ? compressor::kStagedThreads
-                          : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
-                                                                   : compressor::kMaxThreads;
   // Staged: every thread keeps at least a whole batch of slots in flight (a CSA window of 8 slots: two groups, so the
   // indexer compressor's CTAs are 128 threads and more of them fit an SM), not batches of clamped repeats.
-  const int min_slots_per_group = staged ? compressor::kSlotBatch : 1;
-  int groups = 1;
-  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
-    groups *= 2;
+  const auto slot_groups = [&](bool staged_rule) {
+    const int max_threads = staged_rule                              ? compressor::kStagedThreads
+                            : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
+                                                                     : compressor::kMaxThreads;
+    const int min_slots_per_group = staged_rule ? compressor::kSlotBatch : 1;
+    int groups = 1;
+    while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots &&
+           groups < kMaxGroups)
+      groups *= 2;
+    return groups;
+  };
+  const int groups = slot_groups(staged);
   const int halves = p.overlapping ? 2 : 1;
   const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
@@ -244,6 +249,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
+                              .registers_groups = slot_groups(false),
                               .state_scores_biased = biased_state_scores()};
 }
 
@@ -301,8 +307,13 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   using enum CompressorSlotLoads;
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
-  check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
-  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+  check(!traced || loads == Registers || (lean && slice_updates),
+        "compressor: a traced launch needs the registers slot loads or lean decode steps");
+  check(!(lean && slice_updates && biased_state_scores()),
+        "compressor: lean decode steps need the state's scores as projected (DSV4_COMPRESSOR_BIASED_STATE is set)");
+  const auto kernel = lean            ? (slice_updates ? (traced ? compressor::compressor_kernel<true, Lean, true>
+                                                                 : compressor::compressor_kernel<true, Lean>)
+                                                       : compressor::compressor_kernel<false, Lean>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)
@@ -330,8 +341,19 @@ CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> para
     }
   if (mode != CompressorSlotLoads::Auto) return mode;
   // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
+  // A/B for GPU round s20-2: DSV4_COMPRESSOR_LEAN_DECODE=1 takes lean where every pool does.
   const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
-  if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
+  if (std::none_of(params.begin(), params.end(), several_entries)) {
+    static const bool lean_decode = [] {
+      const char* v = std::getenv("DSV4_COMPRESSOR_LEAN_DECODE");
+      return v != nullptr && v[0] == '1';
+    }();
+    const bool all_lean = std::all_of(params.begin(), params.end(), [](const CompressorParams& p) {
+      return p.run_count == 0 || lean_refusal(p) == nullptr;
+    });
+    return lean_decode && all_lean && !biased_state_scores() ? CompressorSlotLoads::Lean
+                                                             : CompressorSlotLoads::Registers;
+  }
   bool lean = true, packs_entries = false, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;

@@ -132,6 +132,8 @@ struct PoolArgs {
   int lean_teams;
   int64_t rows;
   FastDivisor team_div;
+  // Lean decode steps: the slot groups the registers slot loads would take (their softmax order, kept bit for bit).
+  int registers_groups;
   // A/B for GPU round s20-1 (DSV4_COMPRESSOR_BIASED_STATE=1): the state's window and previous scores with ape added
   // (the old layout) instead of as projected, ape then added when pooled.
   bool state_scores_biased;
@@ -952,7 +954,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 // window_softmax (one pass; the staged path's expf batches with online rescales and group merges cost ≈ 400 more
 // instructions per thread: GPU round s19-2, H200, the CSA pair 33.4 vs 28.6 µs). The RMSNorm sums the same 64-channel
 // blocks in the same order as the staged path (a 16-lane butterfly over pairs is its 32-lane one). The state: tickets
-// per entry as there; the run's last ticket-taking entry's CTA updates the whole state.
+// per entry as there; the run's last ticket-taking entry's CTA updates the whole state. Decode steps (runs of at most
+// `ratio` tokens) instead pool in the registers slot loads' order (their bits) and update per thread (LeanUpdate).
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
@@ -1000,8 +1003,102 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// CTA `local` of a lean pool: its teams' entries.
-__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
+// A channel's pooled value as the registers slot loads make it with kGroups slot groups (bit for bit): group g's
+// online softmax over slots g, g + kGroups, … in batches of kSlotBatch (past the window: weight 0), then the groups'
+// partials merged in order. value / score: the window's slots in order, valid: slot s lies in the sequence.
+template <int kGroups>
+__device__ __forceinline__ float grouped_window_softmax(const float (&value)[kLeanSlots],
+                                                        const float (&score)[kLeanSlots],
+                                                        const bool (&valid)[kLeanSlots], int slots) {
+  OnlineSoftmax part[kGroups];
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+    for (int s0 = g; s0 < kLeanSlots; s0 += kSlotBatch * kGroups) {
+      if (s0 >= slots) break;
+      float v[kSlotBatch], sc[kSlotBatch];
+#pragma unroll
+      for (int k = 0; k < kSlotBatch; ++k) {
+        const int slot = s0 + k * kGroups;
+        const bool ok = slot < kLeanSlots && slot < slots && valid[slot < kLeanSlots ? slot : 0];
+        v[k] = ok ? value[slot < kLeanSlots ? slot : 0] : 0.0f;
+        sc[k] = ok ? score[slot < kLeanSlots ? slot : 0] : kNegativeInfinity;
+      }
+      part[g].add(v, sc);
+    }
+  return merge_partials(kGroups, [&](int g) { return part[g]; });
+}
+
+// A lean decode step's state update for the thread's channels (channel .. channel + 3 of each half). The run has at
+// most `ratio` tokens, so what the thread reads of the state (its pooling's slots and these sources) holds every
+// value its stores overwrite, in its own columns: loads before stores in one thread, no ticket, no barrier. Loaded
+// before the pooling: CSA's new previous halves (the completed window's first halves) and the incomplete window's
+// first token; a run's further tokens load after.
+struct LeanUpdate {
+  Quad previous_value[kLeanSlots / 2], previous_score[kLeanSlots / 2];
+  Quad window_value[2], window_score[2];
+  int64_t previous_base, window_from, end;
+  bool completes;
+};
+
+__device__ __forceinline__ LeanUpdate load_lean_update(const PoolArgs& a, const RunView& r, int channel) {
+  LeanUpdate u;
+  u.end = r.start + r.tokens;
+  const int64_t end_window = ratio_div(a, u.end);
+  u.completes = a.overlapping && end_window > ratio_div(a, r.start);
+  u.previous_base = (end_window - 1) * a.ratio;
+  u.window_from = max(r.start, end_window * a.ratio);
+  if (u.completes)
+#pragma unroll
+    for (int s = 0; s < kLeanSlots / 2; ++s)
+      if (s < a.ratio) {
+        const SlotSource source = slot_source<false>(a, r, u.previous_base + s, channel);
+        u.previous_value[s] = load_quad(source.value), u.previous_score[s] = load_quad(source.score);
+      }
+  if (u.window_from < u.end)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (h == 0 || a.overlapping) {
+        const int64_t offset = (u.window_from - r.start) * a.row_stride + h * a.c + channel;
+        u.window_value[h] = load_quad(r.kv + offset), u.window_score[h] = load_quad(r.gate + offset);
+      }
+  return u;
+}
+
+__device__ __forceinline__ void store_quad(float* p, const Quad& q) {
+  *reinterpret_cast<float4*>(p) = make_float4(q.v[0], q.v[1], q.v[2], q.v[3]);
+}
+
+__device__ __forceinline__ void store_lean_update(const PoolArgs& a, const RunView& r, const LeanUpdate& u,
+                                                  int channel) {
+  if (u.completes)
+#pragma unroll
+    for (int s = 0; s < kLeanSlots / 2; ++s)
+      if (s < a.ratio) {
+        store_quad(r.state.previous_kv + s * a.c + channel, u.previous_value[s]);
+        store_quad(r.state.previous_score + s * a.c + channel, u.previous_score[s]);
+      }
+  const int64_t width = width_of(a);
+  for (int64_t q = u.window_from; q < u.end; ++q)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (h == 0 || a.overlapping) {
+        Quad value = u.window_value[h], score = u.window_score[h];
+        if (q > u.window_from) {
+          const int64_t offset = (q - r.start) * a.row_stride + h * a.c + channel;
+          value = load_quad(r.kv + offset), score = load_quad(r.gate + offset);
+        }
+        const int64_t at = ratio_mod(a, q) * width + h * a.c + channel;
+        store_quad(r.state.window_kv + at, value);
+        store_quad(r.state.window_score + at, score);
+      }
+}
+
+// CTA `local` of a lean pool: its teams' entries. kDecode: every run of the launch has at most `ratio` tokens (one
+// entry row each); the pooling then takes the registers slot loads' softmax order (the same bits as that path), and
+// each thread updates its own columns of its run's state (LeanUpdate). kTrace: a traced launch (trace_point).
+template <bool kDecode, bool kTrace>
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
@@ -1026,10 +1123,21 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait && real) run = a.runs[run_index];
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_RUN_LOADED, uint32_t(run.tokens));
   const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
   const RunView& r = e.r;
-  const bool in_run = in_run_entry(a, e);  // team-uniform
+  const bool in_run = !kDecode && in_run_entry(a, e);  // team-uniform
+  LeanUpdate update;
+  if constexpr (kDecode) {
+    if (real) update = load_lean_update(a, r, channel);
+    if constexpr (kTrace)
+      if (real && (update.completes || update.window_from < update.end))
+        trace_point<kTrace>(trace, COMPRESSOR_TRACE_UPDATE_LOADED,
+                            __float_as_uint(update.completes ? update.previous_value[0].v[0]
+                                                             : update.window_value[0].v[0]));
+  }
   if (real && thread == 0) {
     if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
@@ -1038,7 +1146,41 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
-  if (e.emitting) {
+  if (kDecode && e.emitting) {
+    // The window's slots in order, each with its ape (the state holds scores as projected).
+    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
+    bool valid[kLeanSlots];
+#pragma unroll
+    for (int v = 0; v < kLeanSlots; ++v) {
+      const PooledSlot p = pooled_slot(a, e.w, v, slots, channel);
+      const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+      value[v] = load_quad(source.value), score[v] = load_quad(source.score), ape[v] = load_quad(source.ape);
+      valid[v] = p.valid;
+    }
+    if (a.cache.pool != nullptr)
+      stored = a.cache.entry_address(
+          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) {
+        values[v] = value[v].v[i];
+        scores[v] = score[v].v[i] + ape[v].v[i];
+      }
+      switch (a.registers_groups) {
+        case 1: pooled[i] = grouped_window_softmax<1>(values, scores, valid, slots); break;
+        case 2: pooled[i] = grouped_window_softmax<2>(values, scores, valid, slots); break;
+        case 4: pooled[i] = grouped_window_softmax<4>(values, scores, valid, slots); break;
+        default: pooled[i] = grouped_window_softmax<8>(values, scores, valid, slots); break;
+      }
+      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+    }
+  } else if (!kDecode && e.emitting) {
     Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
     bool valid[kLeanSlots], from_run[kLeanSlots];
     if (in_run) {
@@ -1101,12 +1243,13 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
   if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
   __syncthreads();  // also: every pooling read of the state is done (the ticket below)
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED);
   float total = 0.0f;
   for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
 
   // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
-  const bool takes_ticket = real && !in_run;
-  if (thread == 0) {
+  const bool takes_ticket = !kDecode && real && !in_run;
+  if (!kDecode && thread == 0) {
     bool last = false;
     if (takes_ticket) {
       __threadfence();
@@ -1154,6 +1297,12 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     }
   }
 
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
+  if constexpr (kDecode) {
+    if (real) store_lean_update(a, r, update, channel);
+    trace_point<kTrace>(trace, COMPRESSOR_TRACE_END);
+    return;
+  }
   // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
   __syncthreads();
   for (int i = 0; i < a.lean_teams; ++i) {
@@ -1191,7 +1340,7 @@ template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  kLoads == CompressorSlotLoads::Lean     ? (kSliceUpdates ? 2 : 3)
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1205,7 +1354,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kSliceUpdates, kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
