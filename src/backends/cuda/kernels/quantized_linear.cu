@@ -95,6 +95,11 @@ bool release_ticket() {
   static const bool release = env_is("DSV4_LINEAR_TICKET", "release");
   return release;
 }
+// DSV4_LINEAR_SCALES=copy: stage 0's FP8 block scales by a bulk copy with the first stages (LinearKernelArgs).
+bool scales_by_copy() {
+  static const bool copy = env_is("DSV4_LINEAR_SCALES", "copy");
+  return copy;
+}
 // DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
 // splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (the rounds' end-to-end A/B of
 // launch shapes; every other call keeps its default).
@@ -114,9 +119,10 @@ const std::vector<ConfigOverride>& config_overrides() {
       check(std::sscanf(p, "%lldx%lld@%d=%d/%d/%c%n", &rows, &cols, &tokens, &slots, &splits, &reduce, &used) == 6 &&
                 (reduce == 'w' || reduce == 'c'),
             "DSV4_LINEAR_CONFIG: cannot read '", p, "' (NxK@T=slots/splits/w|c;...)");
-      list.push_back({rows, cols, tokens, slots, splits, reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE});
-      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n", rows,
-                   cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
+      const SplitKReduce how = reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
+      list.push_back({rows, cols, tokens, slots, splits, how});
+      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n",
+                   rows, cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
       p += used;
       if (*p == ';') ++p;
     }
@@ -351,9 +357,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     }
     // The x tile takes what the resident CTAs and their receive areas leave, within the budget, in whole stages.
     const size_t per_cta = kSharedMemoryPerSm / size_t(config.ctas_per_sm) - kSharedMemoryReservedPerCta;
+    const size_t taken = rings + receive;
     const size_t x_budget =
-        std::max(per_cta >= rings + receive && kSharedMemoryPerCta >= rings + receive
-                     ? std::min({kStreamedXTileBudget, per_cta - rings - receive, kSharedMemoryPerCta - rings - receive})
+        std::max(per_cta >= taken && kSharedMemoryPerCta >= taken
+                     ? std::min({kStreamedXTileBudget, per_cta - taken, kSharedMemoryPerCta - taken})
                      : size_t(0),
                  x_row_bytes_per_k * size_t(tile::x_tile_row_stride(stage_k)));
     const int64_t max_chunk_k =
@@ -523,6 +530,7 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_eps = params.norm_eps,
       .trace = params.trace,
       .release_ticket = release_ticket(),
+      .scales_by_copy = scales_by_copy(),
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");
