@@ -147,6 +147,8 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   args.slices = int(config.slices);
   args.tiles = int(config.token_tiles);
+  const char* experiment = std::getenv("DSV4_MHC_PERSISTENT");  // round experiment, to be removed
+  args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);

@@ -191,6 +191,7 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
+  int experiment;  // round experiment (DSV4_MHC_PERSISTENT, to be removed): 1 pre by the group's last threads
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -792,11 +793,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
-  const int pre_t = ltid / kStreams, pre_k = ltid % kStreams;
+  const int pre_index = (args.experiment & 1) ? kThreads - 1 - ltid : ltid;
+  const int pre_t = pre_index / kStreams, pre_k = pre_index % kStreams;
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
   const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
-  const auto is_pre_reader = [&](int jc) { return jc >= 0 && ltid < kStreams * valid_of(jc); };
+  const auto is_pre_reader = [&](int jc) { return jc >= 0 && pre_index < kStreams * valid_of(jc); };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
