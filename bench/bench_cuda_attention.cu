@@ -31,7 +31,9 @@
 //   decode case at every split count (cluster merge and combine kernel). --bf16-kv runs the decode cases on bf16
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
-//   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context).
+//   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context, and
+//   batch 128), and times the decode call once more with d512_overlap (round s20-1's A/B; its CPU check, and whether
+//   its output has the decode call's bytes).
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -508,6 +510,10 @@ struct RouteResult {
   int64_t context;
   bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
+  // The decode call with d512_overlap (GPU round s20-1's A/B): its time, CPU check and whether its output has the
+  // decode call's bytes.
+  double overlap_us, overlap_cpu_error;
+  bool overlap_same_bits;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -544,6 +550,16 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
+  std::vector<uint8_t> decode_bytes(out_bytes), overlap_bytes(out_bytes);
+  out.download(decode_bytes.data(), out_bytes);
+  SparseAttentionParams overlap = decode;
+  overlap.d512_overlap = true;
+  out.fill_bytes(0xFF);
+  r.overlap_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(overlap); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  out.download(overlap_bytes.data(), out_bytes);
+  r.overlap_same_bits = overlap_bytes == decode_bytes;
+  r.overlap_cpu_error = check(overlap);
   SparseAttentionParams prefill = decode;
   prefill.splits = 1;
   prefill.workspace = nullptr;
@@ -678,9 +694,10 @@ int run(int argc, char** argv) {
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
                 "the prefill kernel\n"
-                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
+                "ovl = the decode call with d512_overlap (bits: its output's bytes equal the decode call's)\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %8s %8s %9s %5s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed");
+                "%floor", "cpu err", "speedup", "routed", "ovl us", "%floor", "cpu err", "bits");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -694,13 +711,16 @@ int run(int argc, char** argv) {
               "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   const auto record_route = [&](const RouteResult& r) {
-    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
+    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
+                          r.overlap_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %8.1f "
+                "%7.1f%% %9.1e %5s%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", r.overlap_us, 100.0 * r.floor_us / r.overlap_us, r.overlap_cpu_error,
+                r.overlap_same_bits ? "same" : "DIFF", failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };
@@ -711,7 +731,9 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
-        for (const int batch : {1, 8, 64, 256}) {
+        for (const int batch : {1, 8, 64, 128, 256}) {
+          // 128: between a wave of one-block CTAs and two, for the routing threshold of --route.
+          if (batch == 128 && !route) continue;
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
@@ -834,11 +856,12 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
                    "\"prefill_us\": %.2f, \"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, "
-                   "\"routed\": %s}%s\n",
+                   "\"routed\": %s, \"overlap_us\": %.2f, \"overlap_cpu_error\": %.3g, "
+                   "\"overlap_same_bits\": %s}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
                    r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
-                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false",
-                   i + 1 < routes.size() ? "," : "");
+                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false", r.overlap_us,
+                   r.overlap_cpu_error, r.overlap_same_bits ? "true" : "false", i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -93,10 +94,11 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 // cannot hold still get 0 from the occupancy query).
 template <bool kFp8>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
-  DSV4_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  for (const auto kernel : {sparse_attention_d512_kernel<kFp8, false>, sparse_attention_d512_kernel<kFp8, true>}) {
+    DSV4_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
 }
 
 // What the head_dim 512 kernels need from the device, set up once per device (function attributes belong to a
@@ -140,12 +142,12 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
     set_d512_attributes<false>();
     set_d512_attributes<true>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -160,7 +162,12 @@ template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  static const bool overlap_by_environment = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_OVERLAP");
+    return value != nullptr && value[0] == '1';
+  }();
+  const auto kernel = p.d512_overlap || overlap_by_environment ? sparse_attention_d512_kernel<kFp8, true>
+                                                               : sparse_attention_d512_kernel<kFp8, false>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);

@@ -106,6 +106,10 @@ struct SparseAttentionParams {
   // 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6, 128 slots 37.4 → 39.0;
   // Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave.
   bool prefill_kernel_decode = true;
+  // A/B for GPU round s20-1 (removed with the loser): the head_dim 512 kernel's consumers issue tile j's QKᵀ ahead
+  // of tile j − 1's PV and run tile j's exchange and softmax while that PV is on the tensor cores (same bits).
+  // DSV4_ATTENTION_OVERLAP=1 in the environment turns it on for every call.
+  bool d512_overlap = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
