@@ -168,6 +168,15 @@ bool biased_state_scores() {
   return biased;
 }
 
+// A/B for GPU round s20-2: DSV4_COMPRESSOR_LEAN_GENERIC=1 keeps CSA windows in the run on lean's generic loads.
+bool lean_generic_windows() {
+  static const bool generic = [] {
+    const char* v = std::getenv("DSV4_COMPRESSOR_LEAN_GENERIC");
+    return v != nullptr && v[0] == '1';
+  }();
+  return generic;
+}
+
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -250,6 +259,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .registers_groups = slot_groups(false),
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2 &&
+                                                  !lean_generic_windows(),
                               .state_scores_biased = biased_state_scores()};
 }
 

@@ -134,6 +134,9 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean decode steps: the slot groups the registers slot loads would take (their softmax order, kept bit for bit).
   int registers_groups;
+  // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window). A/B for GPU round
+  // s20-2: DSV4_COMPRESSOR_LEAN_GENERIC=1 keeps them on the generic path.
+  bool lean_csa_windows;
   // A/B for GPU round s20-1 (DSV4_COMPRESSOR_BIASED_STATE=1): the state's window and previous scores with ape added
   // (the old layout) instead of as projected, ape then added when pooled.
   bool state_scores_biased;
@@ -1029,6 +1032,27 @@ __device__ __forceinline__ float grouped_window_softmax(const float (&value)[kLe
   return merge_partials(kGroups, [&](int g) { return part[g]; });
 }
 
+// A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
+// window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
+// channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
+template <int kGroups>
+__device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
+                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
+                                                Quad (&bias)[kLeanSlots]) {
+  constexpr int kRatio = kLeanSlots / 2;
+#pragma unroll
+  for (int v = 0; v < kLeanSlots; ++v) {
+    const int s = lean_slot(v, kGroups);
+    const int offset = s * row_stride + (s >= kRatio ? c : 0);
+    value[v] = load_quad(kv + offset), score[v] = load_quad(gate + offset);
+  }
+#pragma unroll
+  for (int v = 0; v < kLeanSlots; ++v) {
+    const int s = lean_slot(v, kGroups);
+    bias[v] = load_quad(ape + (s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c));
+  }
+}
+
 // A lean decode step's state update for the thread's channels (channel .. channel + 3 of each half). The run has at
 // most `ratio` tokens, so what the thread reads of the state (its pooling's slots and these sources) holds every
 // value its stores overwrite, in its own columns: loads before stores in one thread, no ticket, no barrier. Loaded
@@ -1146,6 +1170,16 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
+  // The cache row's page and the RoPE factors, looked up while the slots load.
+  const auto look_up_entry = [&] {
+    if (a.cache.pool != nullptr)
+      stored = a.cache.entry_address(
+          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+  };
   if (kDecode && e.emitting) {
     // The window's slots in order, each with its ape (the state holds scores as projected).
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
@@ -1157,13 +1191,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       value[v] = load_quad(source.value), score[v] = load_quad(source.score), ape[v] = load_quad(source.ape);
       valid[v] = p.valid;
     }
-    if (a.cache.pool != nullptr)
-      stored = a.cache.entry_address(
-          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
-    if (rope_here)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+    look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
@@ -1178,6 +1206,23 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
         case 4: pooled[i] = grouped_window_softmax<4>(values, scores, valid, slots); break;
         default: pooled[i] = grouped_window_softmax<8>(values, scores, valid, slots); break;
       }
+      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+    }
+  } else if (!kDecode && e.emitting && in_run && a.lean_csa_windows) {
+    const int row_stride = int(a.row_stride);
+    const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
+    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
+    if (a.groups == 1)
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+    else
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+    look_up_entry();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i] + ape[v].v[i];
+      pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
   } else if (!kDecode && e.emitting) {
@@ -1212,14 +1257,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       const int s = lean_slot(v, a.groups);
       if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
     }
-    // The cache row's page and the RoPE factors while the slots load.
-    if (a.cache.pool != nullptr)
-      stored = a.cache.entry_address(
-          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
-    if (rope_here)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+    look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
