@@ -14,11 +14,7 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and GPU round s20's
-// switches (T <= 8): "prefetch-down", "prefetch-both" (stages past the ring asked of L2 by the down launch, or both),
-// "prefetch-ahead-2" (both launches, two stages past the ring),
-// "combine-staged" (the fused combine's slots staged in shared memory), "seen-late" (down CTAs counted seen by their
-// item after their rows).
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -182,11 +178,6 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  PREFETCH_DOWN,
-  PREFETCH_BOTH,
-  PREFETCH_AHEAD_2,
-  COMBINE_STAGED,
-  SEEN_LATE,
   REGISTER
 };
 struct PathSpec {
@@ -197,11 +188,8 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  int prefetch_down = 0, prefetch_gate_up = 0;  // round s20 A/B (T <= 8), as MoeRunParams
-  bool combine_staged = false, seen_late = false;
-  bool round_switch() const { return prefetch_down || prefetch_gate_up || combine_staged || seen_late; }
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || round_switch() ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -217,16 +205,6 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::PREFETCH_DOWN, "prefetch-down", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
-     kMoePrefetchAllStages},
-    {Path::PREFETCH_BOTH, "prefetch-both", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
-     kMoePrefetchAllStages, kMoePrefetchAllStages},
-    {Path::PREFETCH_AHEAD_2, "prefetch-ahead-2", false, false, MoeRunParams{}.shared_expert_split, false, false,
-     false, 2, 2},
-    {Path::COMBINE_STAGED, "combine-staged", false, false, MoeRunParams{}.shared_expert_split, false, false, false,
-     0, 0, true},
-    {Path::SEEN_LATE, "seen-late", false, false, MoeRunParams{}.shared_expert_split, false, false, false, 0, 0, false,
-     true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -246,10 +224,6 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
-  p.prefetch_down_stages = spec.prefetch_down;
-  p.prefetch_gate_up_stages = spec.prefetch_gate_up;
-  p.combine_staged_slots = spec.combine_staged;
-  p.item_seen_late = spec.seen_late;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -329,7 +303,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          ((spec.other_per_item || spec.round_switch()) && T > 8))
+          (spec.other_per_item && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -465,9 +439,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,prefetch-down,prefetch-both,prefetch-ahead-2,"
-                           "combine-staged,"
-                           "seen-late,"
+                           "down-waits-grid|down-waits-item,"
                            "register]\n");
       return 2;
     }

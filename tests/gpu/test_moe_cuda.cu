@@ -281,7 +281,6 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool round_switches = false;  // GPU round s20's A/B switches, all on (prefetch: down every stage, gate/up 2 ahead)
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -292,16 +291,13 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") + (round_switches ? ", round s20 switches" : "");
+           (per_item ? ", down waits per item" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.combine_staged_slots = p.item_seen_late = round_switches;
-    p.prefetch_down_stages = round_switches ? kMoePrefetchAllStages : 0;  // at the start
-    p.prefetch_gate_up_stages = round_switches ? 2 : 0;                   // rolling, with the refills
     return p;
   }
 };
@@ -344,12 +340,6 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// Round s20's switches (MoeRunParams: stages past the ring asked of L2, the fused combine's slots staged): the same
-// bits.
-constexpr Kernels kStreamedRoundSwitches{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                         .round_switches = true};
-constexpr Kernels kStreamedSplitAllRoundSwitches{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                 .split = MoeSharedExpertSplit::ALWAYS, .round_switches = true};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -622,10 +612,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    check_case(layer, experts, device_weights, 3, seed++, random_tokens(kFlashLike), kStreamedRoundSwitches);
-    for (const int T : {1, 2, 8}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedRoundSwitches,
-                                                   kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllRoundSwitches, kStreamedSplitAll);
 
   }
 }
@@ -691,7 +677,6 @@ TEST(MoeTinyShapes, TestModelSizesWithKTailsAndPartialRowBands) {
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape));
           check_case(layer, experts, device_weights, T, seed++, random_tokens(shape), kStreamedKernels);
         }
-        check_case(layer, experts, device_weights, 5, seed++, random_tokens(shape), kStreamedRoundSwitches);
       }
     }
 }

@@ -1,8 +1,5 @@
 #include "backends/cuda/moe.hpp"
 
-#include <cstdlib>
-#include <string>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -69,20 +66,6 @@ bool moe_streams_experts(const MoeConfig& config, int64_t tokens) {
 
 namespace {
 
-// The round's A/B switches named in DSV4_MOE_S20 turned on (MoeRunParams).
-MoeRunParams with_round_switches(MoeRunParams p) {
-  static const std::string names = [] {
-    const char* v = std::getenv("DSV4_MOE_S20");
-    return v == nullptr ? std::string() : "," + std::string(v) + ",";
-  }();
-  if (names.find(",prefetch-ahead-2,") != std::string::npos) p.prefetch_down_stages = p.prefetch_gate_up_stages = 2;
-  if (names.find(",prefetch-down,") != std::string::npos) p.prefetch_down_stages = kMoePrefetchAllStages;
-  if (names.find(",prefetch-gate-up,") != std::string::npos) p.prefetch_gate_up_stages = kMoePrefetchAllStages;
-  if (names.find(",combine-staged,") != std::string::npos) p.combine_staged_slots = true;
-  if (names.find(",seen-late,") != std::string::npos) p.item_seen_late = true;
-  return p;
-}
-
 bool fuses_combine(const MoeRunParams& p) { return p.fused_small_batches && p.tokens <= kMoeFusedCombineMaxTokens; }
 
 bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
@@ -137,8 +120,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
-      .combine_staged_slots = p.combine_staged_slots,
-      .item_seen_late = p.item_seen_late,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {
@@ -180,8 +161,7 @@ void check_moe_params(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   check(out + out_bytes <= ws || ws + l.total <= out, "moe: out must not alias the workspace");
 }
 
-void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& params) {
-  const MoeRunParams p = with_round_switches(params);
+void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   check_moe_params(weights, p);
   const MoeConfig& c = weights.config();
   const WorkspaceLayout l = workspace_layout(c, p.tokens);
@@ -211,13 +191,11 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& params) {
       .decode_router = p.decode_router,
   };
 
-  MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
+  const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
   run_moe_routing(routing_params);
   mark_stage();
-  gemm.prefetch_stages_ahead = p.prefetch_gate_up_stages;
   run_moe_gate_up(gemm);
   mark_stage();
-  gemm.prefetch_stages_ahead = p.prefetch_down_stages;
   run_moe_down(gemm);
   mark_stage();
   if (fuses_combine(p)) {

@@ -100,14 +100,6 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // GPU round s20 A/B switches (the losers go with their code; DSV4_MOE_S20, a comma list of prefetch-down,
-  // prefetch-gate-up (every stage), prefetch-ahead-2 (both launches), combine-staged and seen-late, turns them on for
-  // end-to-end runs): MoeExpertGemmParams::prefetch_stages_ahead for the down or the gate/up launch,
-  // MoeExpertGemmParams::combine_staged_slots and item_seen_late.
-  int prefetch_down_stages = 0;
-  int prefetch_gate_up_stages = 0;
-  bool combine_staged_slots = false;
-  bool item_seen_late = false;
 };
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).

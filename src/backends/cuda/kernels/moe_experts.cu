@@ -124,9 +124,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
-      .prefetch_stages_ahead = p.streamed && p.tokens <= tile::kTokensPerMma ? p.prefetch_stages_ahead : 0,
-      .combine_staged_slots = p.combine_staged_slots && !gate_up,
-      .item_seen_late = p.item_seen_late,
   };
 }
 
@@ -231,8 +228,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
           ")");
     check(f.expert_weights && f.slot_rows && f.band_tickets, "moe expert GEMM: the fused combine needs the expert ",
           "weights, the slot rows and the band tickets");
-    check(f.tokens * f.top_k <= moe::kMoeCombineStagedSlots, "moe expert GEMM: the fused combine takes at most ",
-          moe::kMoeCombineStagedSlots, " slots (T · top_k; got ", f.tokens * f.top_k, ")");
     check(bands <= f.band_ticket_capacity, "moe expert GEMM: hidden size ", p.hidden, " needs ", bands, " band ",
           "tickets for the fused combine; the workspace holds ", f.band_ticket_capacity);
   }

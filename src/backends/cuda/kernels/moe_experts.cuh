@@ -99,9 +99,6 @@ struct ExpertGemmArgs {
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
-  int prefetch_stages_ahead;   // MoeExpertGemmParams::prefetch_stages_ahead (one-tile streamed kernels; else 0)
-  bool combine_staged_slots;   // MoeExpertGemmParams::combine_staged_slots
-  bool item_seen_late;         // MoeExpertGemmParams::item_seen_late
 };
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
@@ -350,22 +347,8 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
     atomicAdd(item_counters + item_index, 1u);
   }
 }
-// count_seen false (ExpertGemmArgs::item_seen_late): the CTA adds itself to the seen count after its rows
-// (arrive_item_seen, then reset_item_if_last once its combine ticket is taken: the last arrival still comes after
-// every wait of the item), so the atomic's round trip leaves the path to the first stage and overlaps the combine's
-// fence. arrive_item_seen: the seen count before this CTA (thread 0; 0 elsewhere).
-__device__ __forceinline__ uint32_t arrive_item_seen(uint32_t* item_counters, int item_index) {
-  return threadIdx.x == 0 ? atomicAdd(item_counters + kMoeCountedItemsMax + item_index, 1u) : 0u;
-}
-__device__ __forceinline__ void reset_item_if_last(uint32_t* item_counters, int item_index, uint32_t seen_before,
-                                                   int down_ctas) {
-  if (threadIdx.x == 0 && seen_before == uint32_t(down_ctas) - 1) {
-    item_counters[item_index] = 0;
-    item_counters[kMoeCountedItemsMax + item_index] = 0;
-  }
-}
 __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
-                                                   int down_ctas, bool count_seen = true) {
+                                                   int down_ctas) {
   if (threadIdx.x == 0) {
     const uint32_t* ready = item_counters + item_index;
     int polls = 0;
@@ -376,28 +359,20 @@ __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int 
       }
       __nanosleep(64);
     }
+    uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
+    if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
+      item_counters[item_index] = 0;
+      *seen = 0;
+    }
   }
-  if (count_seen) reset_item_if_last(item_counters, item_index, arrive_item_seen(item_counters, item_index), down_ctas);
   __syncthreads();
 }
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA). slots: shared memory
-// for kMoeCombineStagedSlots (int32 row, fp32 weight) pairs that no warp of the CTA reads or writes any more (the
-// staged slots of MoeExpertGemmParams::combine_staged_slots).
-inline constexpr int kMoeCombineStagedSlots = kMoeFusedCombineMaxTokens * 32;  // T · top_k (top_k <= 32)
-inline constexpr size_t kMoeCombineStagedBytes = size_t(kMoeCombineStagedSlots) * 8;
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas,
-                                                     uint8_t* slots) {
+// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA).
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0) {
   const MoeFusedCombine& c = a.combine;
-  auto* slot_rows = reinterpret_cast<int32_t*>(slots);
-  auto* slot_weights = reinterpret_cast<float*>(slots) + kMoeCombineStagedSlots;
-  if (a.combine_staged_slots)  // written by the routing (a previous grid): their loads overlap the fence below
-    for (int i = threadIdx.x; i < c.tokens * c.top_k; i += blockDim.x) {
-      slot_rows[i] = __ldcg(c.slot_rows + i);
-      slot_weights[i] = __ldcg(c.expert_weights + i);
-    }
   __threadfence();  // this CTA's down rows, before its ticket
   __syncthreads();
   __shared__ bool is_last;
@@ -413,16 +388,9 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
     const int t = i / band_rows;
     const int64_t n = n0 + i % band_rows;
     float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
-    if (a.combine_staged_slots) {
-      for (int j = 0; j < c.top_k; ++j) {
-        const int64_t row = slot_rows[t * c.top_k + j];
-        acc = fmaf(slot_weights[t * c.top_k + j], __ldcg(a.down + row * a.n_total + n), acc);
-      }
-    } else {
-      for (int j = 0; j < c.top_k; ++j) {
-        const int64_t row = __ldcg(c.slot_rows + t * c.top_k + j);
-        acc = fmaf(__ldcg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
-      }
+    for (int j = 0; j < c.top_k; ++j) {
+      const int64_t row = __ldcg(c.slot_rows + t * c.top_k + j);
+      acc = fmaf(__ldcg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
     }
     c.out[int64_t(t) * a.n_total + n] = acc;
   }
@@ -442,10 +410,7 @@ __global__ void __launch_bounds__(kExpertThreads, 1) moe_expert_gemm_kernel(cons
   const MoeExpertView expert = a.experts[item.expert];
   with_tile_format(G == ExpertGemm::GATE_UP ? expert.w1.format : expert.w2.format,
                    [&]<tile::TileFormat F>() { run_work_item<F, G>(a, expert, item, smem); });
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) {
-    __syncthreads();  // every warp is done with the x tiles, which take the staged slots
-    combine_band_if_last(a, int(blockIdx.x), 0, smem);
-  }
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, int(blockIdx.x));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -478,8 +443,6 @@ inline constexpr size_t kStreamedExchangeBytes =
 // Split CTAs (one token tile): write_rows's exchange takes [4 bands][16 rows][8 tokens] fp32, reduce_k_parts's
 // area (4 pairs × 32 lanes × 4 fp32) follows it in the exchange region.
 inline constexpr int kStreamedReduceOffset = (kExpertWarps / 2) * tile::kTileRows * tile::kTokensPerMma;
-static_assert(kMoeCombineStagedBytes <= kStreamedReduceOffset * sizeof(float), "the staged combine slots fit before "
-              "the split CTAs' reduction");
 static_assert((kStreamedReduceOffset + 4 * tile::kWarpSize * 4) * sizeof(float) <= kStreamedExchangeBytes,
               "the split CTAs' reduction fits the exchange region");
 // Two CTAs per SM: 228 KiB per SM, 1 KiB reserved per CTA, the ring barriers static.
@@ -542,20 +505,6 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// Asks L2 for the boxes tile::stream::issue_stage<F> copies for the stage at k0 of rows row0..row0 + 15, without
-// waiting (MoeExpertGemmParams::prefetch_stages_ahead); called by the whole warp (lane 0 issues).
-template <tile::TileFormat F>
-__device__ __forceinline__ void prefetch_stage(const tile::stream::StreamMaps* maps, int64_t row0, int64_t k0) {
-  namespace st = tile::stream;
-  constexpr int kScaleBytes = st::stage_scale_bytes(F);
-  if (threadIdx.x % tile::kWarpSize != 0) return;
-  const int32_t byte0 = int32_t(k0 * 16 / st::values_per_load(F)), row = int32_t(row0);
-  prefetch_l2_box_2d(&maps->data, byte0, row);
-  prefetch_l2_box_2d(&maps->data, byte0 + st::kBoxBytes, row);
-  if constexpr (kScaleBytes > 0)
-    prefetch_l2_box_2d(&maps->scales, int32_t(k0 / (st::stage_k(F) / kScaleBytes)), row);
-}
-
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G, int kParts>
@@ -568,10 +517,6 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
     st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
                        ring + j * st::kSlotBytes, full + j);
-  const int prefetched = min(stages, kStreamedSlots + a.prefetch_stages_ahead);
-#pragma unroll 1
-  for (int j = kStreamedSlots; j < prefetched; ++j)
-    prefetch_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F));
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -913,9 +858,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
-          // One-tile kernels: one pass, whose first stages past the ring start_stream asked for.
-          if (a.prefetch_stages_ahead > 0 && refill + a.prefetch_stages_ahead < pass_stages)
-            prefetch_stage<F>(maps, row0, (slice.k_part + (refill + a.prefetch_stages_ahead) * kParts) * kStageK);
           if (++refill == pass_stages) refill = 0;
         }
       }
@@ -975,7 +917,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     const int parts = shared_item ? kSharedParts : 1;
     wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
                                                         kCtaRows<ExpertGemm::GATE_UP> * parts,
-                       gemm_bands<G>(a) * parts, !a.item_seen_late);
+                       gemm_bands<G>(a) * parts);
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
   }
@@ -1000,15 +942,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
-  const bool seen_late = kHeadStart && a.item_counters != nullptr && a.item_seen_late;
-  const uint32_t seen_before = seen_late ? arrive_item_seen(a.item_counters, item_index) : 0u;
-  // The staged slots take the exchange's first bands (the down GEMM's write_rows does not use them; the split
-  // CTAs' reduction lies past them).
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
-    combine_band_if_last(a, band, kSharedParts - 1, smem + kStreamedRingBytes + a.streamed_x_bytes);
-  if (seen_late)
-    reset_item_if_last(a.item_counters, item_index, seen_before,
-                       gemm_bands<G>(a) * (shared_item ? kSharedParts : 1));
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

@@ -38,8 +38,6 @@ inline constexpr int kMoeRowsPerWorkItem = 64;
 inline constexpr int kMoeDownBandRows = 128;
 // The most tokens the fused combine serves (its last CTA per band sums T · band rows outputs).
 inline constexpr int kMoeFusedCombineMaxTokens = 8;
-// MoeExpertGemmParams::prefetch_stages_ahead for every stage.
-inline constexpr int kMoePrefetchAllStages = 1 << 20;
 // The most work items MoeExpertGemmParams::down_waits_per_item serves (its per-item counters).
 inline constexpr int kMoeCountedItemsMax = 64;
 
@@ -113,17 +111,6 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
-  // GPU round s20 A/B (the loser goes): streamed one-tile kernels (T <= 8) ask L2 for each warp's stages up to this
-  // many past its ring (the same boxes its later copies load; the first ones when its stream starts, then one with
-  // each refill), so the refills hit L2. 0: none; kMoePrefetchAllStages: every stage of the pass at the start.
-  int prefetch_stages_ahead = 0;
-  // GPU round s20 A/B (the loser goes): the fused combine's slot rows and weights read into shared memory before the
-  // band ticket, so the last CTA's sums wait for one round of loads instead of a chain. The same bits.
-  bool combine_staged_slots = false;
-  // GPU round s20 A/B (the loser goes): with down_waits_per_item, each down CTA counts itself seen by its item after
-  // its rows instead of right after its wait (the count's atomic round trip off the path to the first stage). The
-  // same bits.
-  bool item_seen_late = false;
   cudaStream_t stream = nullptr;
 };
 

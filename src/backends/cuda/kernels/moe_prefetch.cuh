@@ -18,10 +18,4 @@ __device__ __forceinline__ void prefetch_l2_line(const void* address) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
 }
 
-// PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for the box at (col, row) of a 2D tensor map without waiting.
-__device__ __forceinline__ void prefetch_l2_box_2d(const void* tensor_map, int32_t col, int32_t row) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(tensor_map), "r"(col), "r"(row)
-               : "memory");
-}
-
 }  // namespace dsv4::cuda::moe
