@@ -257,8 +257,8 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     const auto kernel = fused_post ? mhc::hc_single_cluster_kernel_traced<false, true, 0, 1>
                                    : mhc::hc_single_cluster_kernel_traced<false, false, 0, 1>;
     const int threads = mhc::single_cluster_threads(int(d), false);
-    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
-    const int smem = mhc::single_cluster_smem_bytes(int(d), false, true);
+    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round A/B, to be removed
+    const int smem = mhc::single_cluster_smem_bytes(int(d), false);
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     mhc::DecodeSiteArgs args{};
@@ -284,7 +284,7 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
       args.X_out = X_out.as<float>();
     }
     if (args.experiment != 0) {
-      // Round experiment: the outputs of the variant against the default's, bit for bit.
+      // Round A/B: the outputs of the variant against the default's, bit for bit.
       const auto outputs = [&](int experiment) {
         mhc::DecodeSiteArgs a = args;
         a.experiment = experiment;
@@ -360,7 +360,7 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
-  std::vector<std::string> env_sweep;  // round experiment: NAME=VALUE settings timed beside the default
+  std::vector<std::string> env_sweep;  // round A/B: NAME=VALUE settings timed beside the default
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
@@ -488,7 +488,7 @@ int main(int argc, char** argv) {
           table.push_back({kernel, model, d, T, ms * 1e3, graph_ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps,
                            baseline_ms * 1e3});
         };
-        // Round experiment: the launches under each NAME=VALUE environment setting beside the default, in this run.
+        // Round A/B: the launches under each NAME=VALUE environment setting beside the default, in this run.
         const auto sweep_env = [&](const char* name, const auto& body, double bytes) {
           for (const std::string& setting : env_sweep) {
             const size_t equals = setting.find('=');

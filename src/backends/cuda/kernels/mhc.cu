@@ -147,7 +147,7 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   args.slices = int(config.slices);
   args.tiles = int(config.token_tiles);
-  const char* experiment = std::getenv("DSV4_MHC_PERSISTENT");  // round experiment, to be removed
+  const char* experiment = std::getenv("DSV4_MHC_PERSISTENT");  // round A/B, to be removed
   args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
@@ -295,7 +295,7 @@ bool single_cluster_fits() {
     const int widest =
         mhc::kSingleClusterCtas * mhc::kSingleWarpDims * kVectors * mhc::single_cluster_max_warps(kVectors);
     const int threads = mhc::single_cluster_threads(widest, kHead);
-    const int smem = mhc::single_cluster_smem_bytes(widest, kHead, true);
+    const int smem = mhc::single_cluster_smem_bytes(widest, kHead);
     const auto allow = [&](auto variant) {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -346,12 +346,12 @@ void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t 
   const int64_t clusters = ceil_div(args.tokens, mhc::kTileTokens);
   check(clusters <= 0x7FFFFFFF / mhc::kSingleClusterCtas, op, ": ", args.tokens, " tokens exceed the launch limit");
   mhc::DecodeSiteArgs launch_args = args;
-  const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round experiment, to be removed
+  const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round A/B, to be removed
   launch_args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   launch_chained(kernel, dim3(unsigned(clusters * mhc::kSingleClusterCtas)),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
-                 size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead, (launch_args.experiment & 32) != 0)), stream,
-                 dim3(mhc::kSingleClusterCtas), op, launch_args);
+                 size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
+                 op, launch_args);
 }
 
 template <bool kHead, bool kPost>

@@ -191,7 +191,7 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
-  int experiment;  // round experiment (DSV4_MHC_PERSISTENT, to be removed): 1 pre by the group's last threads
+  int experiment;  // round A/B (DSV4_MHC_PERSISTENT, to be removed): 1 pre by the group's first threads (the old map)
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -793,7 +793,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
-  const int pre_index = (args.experiment & 1) ? kThreads - 1 - ltid : ltid;
+  const int pre_index = (args.experiment & 1) ? ltid : kThreads - 1 - ltid;
   const int pre_t = pre_index / kStreams, pre_k = pre_index % kStreams;
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
@@ -1053,10 +1053,8 @@ inline constexpr int kGatherPasses = 3;
 struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
-  // Round experiment (DSV4_MHC_DECODE, to be removed): 1 fn's copies by each warp's lane 0; 2 the one-token
-  // projection's fn values into registers before the grid-dependency wait; 4 fn's copies on a barrier per 8 rows;
-  // 8 the mix warp's sums side by side and post's sigmoid in every lane; 16 Sinkhorn's reciprocals one per lane;
-  // 32 the output norm's Σy² formed in every CTA from the staged token instead of exchange 2.
+  // Round A/B (DSV4_MHC_DECODE, to be removed): 1 the projection warps' cluster wait right after the grid-dependency
+  // wait; 8 the mix warp's old sums (Σx² first, the mix sums after, post's sigmoid in a branch).
   int experiment;
 };
 
@@ -1513,12 +1511,10 @@ __host__ __device__ constexpr int single_cluster_threads(int hidden, bool head) 
 __host__ __device__ constexpr int single_cluster_fn_stride(int hidden) {
   return kStreams * (hidden / kSingleClusterCtas) + kSingleFnPad;
 }
-__host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head, bool staged_token = false) {
+__host__ __device__ constexpr int single_cluster_smem_bytes(int hidden, bool head) {
   const int rows = head ? kProjectionRows<true> : kProjectionRows<false>;
   const int partial = head ? kPartialRows<true> : kPartialRows<false>;
-  // Round experiment 32 (one vector per thread): the token's whole X and out staged for the local Σy².
-  const int staged = staged_token && single_cluster_vectors(hidden) == 1 ? (kStreams + 1) * hidden : 0;
-  return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens + staged);
+  return 4 * (rows * single_cluster_fn_stride(hidden) + single_cluster_warps(hidden) * partial * kTileTokens);
 }
 
 // Sums `count` ≤ kMax floats at `values`, `stride` apart, in order: all loads issued before the first add (a loop over
@@ -1581,7 +1577,6 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const int fn_stride = single_cluster_fn_stride(d);
   float* const fn_s = reinterpret_cast<float*>(dynamic_smem);  // [kRows][fn_stride]
   float* const warp_sums = fn_s + kRows * fn_stride;           // [warps][kPartial][16]
-  float* const x_all = warp_sums + warps * kPartial * kTileTokens;  // experiment 32: [4][d] X, then [d] out
   // Written by the cluster's CTAs: [source rank][row][token] of the collapse rows, [source rank][item] of this CTA's
   // token's mix rows, [source rank][token] of Σy².
   __shared__ float collapse_in[kCtas][kCollapseRows][kTileTokens];
@@ -1589,16 +1584,8 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __shared__ float squares_in[kCtas][kTileTokens];
   __shared__ float pre_s[kTileTokens][kStreams];
   __shared__ float warp_squares[kSingleMaxWarps][kTileTokens];
-  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2; experiment 4: [4 + nt]
-  // fn's rows 8·nt .. 8·nt + 7 (one token).
-  constexpr bool kMayGroupFn = kSingleToken && kVectors == 1;
-  constexpr int kFnGroups = kMayGroupFn ? kNTiles : 1;
-  constexpr int kXAllBarrier = 4 + kFnGroups;  // experiment 32: the staged X (and out)
-  __shared__ uint64_t barriers[5 + kFnGroups];
-  const bool fn_groups = kMayGroupFn && (args.experiment & 4) != 0;
-  // Experiment 32: one token, one vector: every CTA stages the token's whole X (and out) and forms the slices' Σy²
-  // itself, in the exchange's order, instead of exchange 2.
-  const bool local_norm = kMayGroupFn && (args.experiment & 32) != 0 && args.norm_weight != nullptr;
+  // [0] fn's bulk copies, [1] exchange 1's collapse rows, [2] its mix rows, [3] exchange 2.
+  __shared__ uint64_t barriers[4];
 
   allow_dependents();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kEntry);
@@ -1611,33 +1598,20 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   if (tid == 0) {
     const uint32_t fn_bytes = uint32_t(kRows * kStreams * ds) * 4u;
-    if (fn_groups) {
-      for (int nt = 0; nt < kFnGroups; ++nt)
-        arm_exchange(&barriers[4 + nt], uint32_t(min(8, kRows - 8 * nt) * kStreams * ds) * 4u);
-    } else {
-      arm_exchange(&barriers[0], fn_bytes);
-    }
+    arm_exchange(&barriers[0], fn_bytes);
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
-    if (args.norm_weight != nullptr && !local_norm) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
-    if (local_norm) arm_exchange(&barriers[kXAllBarrier], uint32_t((kStreams + (kPost ? 1 : 0)) * d) * 4u);
+    if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  const auto copy_fn = [&](int c) {
+  for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
     const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
         args.fn + int64_t(r) * flat + int64_t(k) * d + i0, uint32_t(ds) * 4u,
-        static_cast<uint32_t>(__cvta_generic_to_shared(fn_groups ? &barriers[4 + r / 8] : &barriers[0])));
-  };
-  if (args.experiment & 1) {
-    const int cta_warps = int(blockDim.x) >> 5;
-    if (lane == 0)
-      for (int c = warp; c < kRows * kStreams; c += cta_warps) copy_fn(c);
-  } else {
-    for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) copy_fn(c);
+        static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[0])));
   }
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kCopiesIssued);
   sm90::cluster_arrive_relaxed();  // this CTA's exchange barriers are armed: its peers may store into it
@@ -1655,7 +1629,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     wait_exchange(&barriers[2]);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixExchanged);
     float first_rows;
-    if (args.experiment & 8) {
+    if ((args.experiment & 8) == 0) {
       // Every lane sums a mix item (lanes past the items repeat some: unused) beside Σx², and computes post's sigmoid
       // (stored by lanes 0..3) beside comb's first rows: no divergent branch on the chain.
       const float mix = sum_in_order<kCtas>(&mix_in[0][lane % kSingleMixItems], kCtas, kSingleMixItems);
@@ -1664,51 +1638,16 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       const float logit = (lane < kSingleMixItems ? mix * inv_rms : 0.0f) * mix_scale + mix_base;
       const float post = 2.0f * sigmoid(logit);
       if (lane < kStreams) args.post[t * kStreams + lane] = post;
+      // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in
+      // lane 0.
       first_rows = softmax_row_plus_eps_lanes(logit, args.hc_eps);
     } else {
-    const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
-    const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-    float value = 0.0f;
-    if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
-    if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
-    // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in lane 0.
-    first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
-    }
-    if (args.experiment & 16) {
-      // Sinkhorn with each reciprocal in its own lane: lane q (of every quad) holds row q and column q of A and
-      // normalises them, all four scales gathered by shuffles after each step; sinkhorn_4x4_scaled_iterations's
-      // arithmetic, operation for operation.
-      const int q = lane & 3, quad = lane & ~3;
-      float row[kStreams], column[kStreams], u[kStreams], v[kStreams];
-#pragma unroll
-      for (int m = 0; m < kStreams; ++m) {
-        row[m] = __shfl_sync(kFullMask, first_rows, kStreams + kStreams * q + m);
-        column[m] = __shfl_sync(kFullMask, first_rows, kStreams + kStreams * m + q);
-        u[m] = 1.0f;
-      }
-      DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixFirstRows);
-      const float eps = args.hc_eps;
-      float row_d = 1.0f, column_d = 1.0f;
-      const auto normalise = [&](const float (&a)[kStreams], const float (&scales)[kStreams], float& denominator,
-                                 float (&gathered)[kStreams]) {
-        const float even = fmaf(a[0], scales[0], eps * denominator);
-        const float odd = a[1] * scales[1];
-        denominator = fmaf(a[2], scales[2], even) + fmaf(a[3], scales[3], odd);
-        const float scale = fast_reciprocal(denominator);
-#pragma unroll
-        for (int m = 0; m < kStreams; ++m) gathered[m] = __shfl_sync(kFullMask, scale, quad + m);
-      };
-      normalise(column, u, column_d, v);
-#pragma unroll 1
-      for (int it = 1; it < args.sinkhorn_iters; ++it) {
-        normalise(row, v, row_d, u);
-        normalise(column, u, column_d, v);
-      }
-      if (lane < kStreams)
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) args.comb[(t * kStreams + q) * kStreams + k] = row[k] * u[q] * v[k];
-      DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixStored);
-      return;
+      const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+      float value = 0.0f;
+      if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
+      if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
+      first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
     }
     float c[kStreams * kStreams];
 #pragma unroll
@@ -1737,39 +1676,9 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
                          ? __ldg(reinterpret_cast<const float4*>(args.norm_weight + dim0 + kSingleWarpDims * v))
                          : make_float4(0.f, 0.f, 0.f, 0.f);
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
-  // One token: the thread's fn values (rows 8·nt + g, its vectors, all streams) in registers, once they landed.
-  float4 fn_values[kSingleToken ? kNTiles : 1][kVectors][kStreams];
-  const auto load_fn_values = [&] {
-    if (!fn_groups) wait_exchange(&barriers[0]);
-    const float* const columns = fn_s + kWarpDims * warp + 4 * t4;
-#pragma unroll
-    for (int nt = 0; nt < (kSingleToken ? kNTiles : 1); ++nt) {
-      if (fn_groups) wait_exchange(&barriers[4 + min(nt, kFnGroups - 1)]);
-      if (8 * nt + g >= kRows) continue;
-#pragma unroll
-      for (int v = 0; v < kVectors; ++v)
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k)
-          fn_values[nt][v][k] =
-              *reinterpret_cast<const float4*>(columns + (8 * nt + g) * fn_stride + k * ds + kSingleWarpDims * v);
-    }
-  };
-  constexpr bool kMayPreloadFn = kSingleToken && kVectors == 1 && !kPost;
-  const bool preload_fn = kMayPreloadFn && (args.experiment & 2) != 0;
-  if constexpr (kMayPreloadFn)
-    if (preload_fn) load_fn_values();
   wait_for_prior_grids();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kGridWait);
-  if (local_norm && tid == 0) {
-    for (int k = 0; k < kStreams; ++k)
-      ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(x_all + k * d)),
-                                          args.X + int64_t(k) * d, uint32_t(d) * 4u,
-                                          static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[kXAllBarrier])));
-    if constexpr (kPost)
-      ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(x_all + kStreams * d)),
-                                          args.out, uint32_t(d) * 4u,
-                                          static_cast<uint32_t>(__cvta_generic_to_shared(&barriers[kXAllBarrier])));
-  }
+  if (args.experiment & 1) sm90::cluster_wait_acquire();
 
   using TokenVectors = float4[kVectors][kStreams];
   TokenVectors x_lo, x_hi;
@@ -1805,7 +1714,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
           x[v][k] = updated[k];
-          if (owner && !local_norm) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
+          if (owner) *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated[k];
         }
       }
     };
@@ -1822,8 +1731,8 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     // dims of each vector), then the quad (t4) sums its columns: row r of the warp's 64·V columns.
     float part[kNTiles] = {};
     float squares = 0.f;
-    if (!preload_fn) load_fn_values();
-    DSV4_MHC_SINGLE_CLUSTER_MARK_AFTER(SingleClusterPhase::kFnLoaded, fn_values[0][kVectors - 1][kStreams - 1].w);
+    wait_exchange(&barriers[0]);
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kFnLoaded);
 #pragma unroll
     for (int v = 0; v < kVectors; ++v)
 #pragma unroll
@@ -1836,11 +1745,12 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       if (8 * nt + g >= kRows) continue;
+      const float* const fn_row = fn_thread + (8 * nt + g) * fn_stride;
 #pragma unroll
       for (int v = 0; v < kVectors; ++v)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
-          const float4 f = fn_values[nt][v][k];
+          const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
           part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
           part[nt] = fmaf(f.y, x_lo[v][k].y, part[nt]);
           part[nt] = fmaf(f.z, x_lo[v][k].z, part[nt]);
@@ -1939,8 +1849,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
   // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
-  sm90::cluster_wait_acquire();
-  if (local_norm) wait_exchange(&barriers[kXAllBarrier]);  // X_out may be X: every CTA staged X before any writes it
+  if ((args.experiment & 1) == 0) sm90::cluster_wait_acquire();
   const int broadcast_pairs = kCtas * kCollapseRows * T;
   const int pairs = broadcast_pairs + (kHead ? 0 : kSingleMixItems * T);
   for (int p = tid; p < pairs; p += projection_threads) {
@@ -1961,11 +1870,6 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchangeSent);
   wait_exchange(&barriers[1]);
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kExchanged);
-  if constexpr (kPost && kSingleToken)
-    if (local_norm && has_lo)
-#pragma unroll
-      for (int k = 0; k < kStreams; ++k)
-        *reinterpret_cast<float4*>(args.X_out + int64_t(k) * d + dim0) = x_lo[0][k];
   // k = tid mod 4 in every pass (the stride is a multiple of 4): pre_base is this thread's.
   for (int i = tid; i < kStreams * T; i += projection_threads) {
     const int t = i / kStreams, k = i % kStreams;
@@ -2011,39 +1915,6 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       s += __shfl_xor_sync(kFullMask, s, 1);
       return s + __shfl_xor_sync(kFullMask, s, 2);
     };
-    if (local_norm) {
-      // Lane (g, t4) forms, for CTAs 2g and 2g + 1, what their lane (0, t4) of this warp forms (update, collapse,
-      // squares, quad sums); warp_squares[r][w] then holds CTA r's warp w partial, summed as CTA r sums it.
-      float mix[kMixFloats];
-      if constexpr (kPost) load_mix(args.post_in, args.comb_in, 0, mix);
-      float pair_squares[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int dim = (2 * g + e) * ds + kWarpDims * warp + 4 * t4;
-        TokenVectors x;
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k) x[0][k] = *reinterpret_cast<const float4*>(x_all + k * d + dim);
-        if constexpr (kPost) {
-          const float4 o = *reinterpret_cast<const float4*>(x_all + kStreams * d + dim);
-          float4 updated[kStreams];
-#pragma unroll
-          for (int k = 0; k < kStreams; ++k)
-            updated[k] = residual_update(k, o, x[0], mix, mix + kStreams, args.round_to_bf16);
-#pragma unroll
-          for (int k = 0; k < kStreams; ++k) x[0][k] = updated[k];
-        }
-        OutputVectors y = {};
-        collapse(0, x, y);
-        pair_squares[e] = token_squares(y);
-      }
-      if (t4 == 0) {
-        warp_squares[2 * g][warp] = pair_squares[0];
-        warp_squares[2 * g + 1][warp] = pair_squares[1];
-      }
-      sync_projection_warps();
-      if (tid < kCtas) squares_in[tid][0] = sum_in_order<kSingleMaxWarps>(&warp_squares[tid][0], warps, 1);
-      sync_projection_warps();
-    } else {
     const float sq_lo = token_squares(y_lo), sq_hi = token_squares(y_hi);
     if (t4 == 0) {
       warp_squares[warp][g] = sq_lo;
@@ -2057,7 +1928,6 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     }
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormSent);
     wait_exchange(&barriers[3]);
-    }
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kNormExchanged);
     // rms_norm's arithmetic: (y · inv_rms) · w, then the optional rounding.
     const auto normalise = [&](int t, OutputVectors& y) {
