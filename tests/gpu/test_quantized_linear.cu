@@ -5,8 +5,9 @@
 // each run, every element checked. Also: every e2m1 / e4m3 code × scale dequantises exactly through the MMA path,
 // split-K is bitwise deterministic and leaves its tickets zero, and unsupported calls are refused with a message naming
 // the problem. Every comparison runs through every load path the layout and token count allow (generic; aligned;
-// streamed through shared memory). The bf16 output is the fp32 output rounded, bit for bit; run_linear
-// (linear_dispatch) gives the CPU's results whichever kernel gemm_from_tokens picks (grouped, bf16 output included).
+// streamed through shared memory), and AUTO's own config where it is none of theirs (the cluster rules). The bf16
+// output is the fp32 output rounded, bit for bit; run_linear (linear_dispatch) gives the CPU's results whichever kernel
+// gemm_from_tokens picks (grouped, bf16 output included).
 // The RMSNorm prologue equals run_rms_norm (bf16 output) followed by the op bit for bit, and the CPU's rms_norm +
 // linear within rounding. The cluster split-K reduction gives the workspace reduction's results bit for bit. Every
 // STREAMED config (ring slots 1-4 × K splits × reduction) of the decode shapes matches the CPU, and ring depth never
@@ -242,8 +243,20 @@ void check_against_cpu(const LinearCase& c, const std::vector<int>& token_counts
       std::optional<QuantizedLinearConfig> config;
     };
     std::vector<Run> runs;
-    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens))
+    const int multiprocessors = list_devices().front().multiprocessors;
+    const QuantizedLinearConfig automatic = choose_quantized_linear_config(weight.view(), tokens, c.groups,
+                                                                           multiprocessors);
+    bool automatic_covered = false;
+    for (const WeightLoadPath path : load_paths_for(weight.view(), c.groups, tokens)) {
       runs.push_back({path_name(path), path, std::nullopt});
+      const QuantizedLinearConfig explicit_path =
+          choose_quantized_linear_config(weight.view(), tokens, c.groups, multiprocessors, path);
+      automatic_covered |= explicit_path.load_path == automatic.load_path &&
+                           explicit_path.ring_slots == automatic.ring_slots &&
+                           explicit_path.k_splits == automatic.k_splits && explicit_path.reduce == automatic.reduce;
+    }
+    // AUTO's own choice where no path's default is it (the cluster rules).
+    if (!automatic_covered) runs.push_back({path_name(WeightLoadPath::AUTO), WeightLoadPath::AUTO, std::nullopt});
     if (every_streamed)
       for (const QuantizedLinearConfig& config : every_streamed_config(weight.view(), tokens, c.groups))
         runs.push_back({"streamed, " + std::to_string(config.ring_slots) + " slots, " +
@@ -372,6 +385,18 @@ TEST(QuantizedLinear, ProShapes) {
     check_against_cpu({TestFormat::MXFP4, rows, cols}, tokens, seed++);
     check_against_cpu({TestFormat::NVFP4, rows, cols}, tokens, seed++);
   }
+}
+
+TEST(QuantizedLinear, ModelCallsAtOneToken) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  // The V4-Flash calls whose T = 1 launch shapes AUTO picks by rule: the CSA and HCA compressor stacks (BF16, the
+  // CSA one with weights_proj), the indexer's wq_b and the grouped wo_a (FP8), [wq_a; wkv].
+  uint32_t seed = 1500;
+  check_against_cpu({TestFormat::BF16, 2624, 4096}, {1}, seed++);
+  check_against_cpu({TestFormat::BF16, 1024, 4096}, {1}, seed++);
+  check_against_cpu({TestFormat::FP8_E8M0, 8192, 1024}, {1}, seed++);
+  check_against_cpu({TestFormat::FP8_E8M0, 8 * 1024, 4096, 8}, {1}, seed++);
+  check_against_cpu({TestFormat::FP8_E8M0, 1536, 4096}, {1, 16}, seed++);
 }
 
 TEST(QuantizedLinear, GroupedOutputProjection) {

@@ -80,25 +80,15 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
 }
 
-// Round s20-1 A/B switches (environment, read once; removed with the loser after the round).
+// Round s20-2 A/B switches (environment, read once; removed with the loser after the round).
 bool env_is(const char* name, const char* value) {
   const char* set = std::getenv(name);
   return set != nullptr && std::strcmp(set, value) == 0;
 }
-// DSV4_LINEAR_PREFETCH_MAPS=1: the streamed kernels prefetch their tensor maps first thing (kPrefetchMaps).
-bool prefetch_maps() {
-  static const bool prefetch = env_is("DSV4_LINEAR_PREFETCH_MAPS", "1");
-  return prefetch;
-}
-// DSV4_LINEAR_TICKET=release: the split-K ticket in acquire-release order by thread 0 (LinearKernelArgs).
-bool release_ticket() {
-  static const bool release = env_is("DSV4_LINEAR_TICKET", "release");
-  return release;
-}
-// DSV4_LINEAR_SCALES=copy: stage 0's FP8 block scales by a bulk copy with the first stages (LinearKernelArgs).
-bool scales_by_copy() {
-  static const bool copy = env_is("DSV4_LINEAR_SCALES", "copy");
-  return copy;
+// DSV4_LINEAR_RULES=s20: AUTO's T = 1 launch shapes of round s20-1's sweep (s20_one_token_config).
+bool s20_rules() {
+  static const bool on = env_is("DSV4_LINEAR_RULES", "s20");
+  return on;
 }
 // DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
 // splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (the rounds' end-to-end A/B of
@@ -131,11 +121,11 @@ const std::vector<ConfigOverride>& config_overrides() {
   return overrides;
 }
 
-template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace, bool kPrefetchMaps>
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace, kPrefetchMaps>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -154,30 +144,21 @@ void launch_streamed_kernel(const linear::LinearKernelArgs& args, const Quantize
                  "quantized_linear_streamed_kernel", args);
 }
 
-template <TileFormat F, int NT, bool kTrace, bool kPrefetchMaps>
+template <TileFormat F, int NT, bool kTrace>
 void launch_streamed_variant(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                              cudaStream_t stream) {
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
-    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace, kPrefetchMaps>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
   else
-    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, kPrefetchMaps>(args, config, stream);
-}
-
-template <TileFormat F, int NT, bool kTrace>
-void launch_streamed_prefetch(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
-                              cudaStream_t stream) {
-  if (prefetch_maps())
-    launch_streamed_variant<F, NT, kTrace, true>(args, config, stream);
-  else
-    launch_streamed_variant<F, NT, kTrace, false>(args, config, stream);
+    launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
 }
 
 template <TileFormat F, int NT>
 void launch_streamed(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config, cudaStream_t stream) {
   if constexpr ((F == TileFormat::FP8_BLOCK128 || F == TileFormat::BF16) && NT == 1)
-    if (args.trace != nullptr) return launch_streamed_prefetch<F, NT, true>(args, config, stream);
-  launch_streamed_prefetch<F, NT, false>(args, config, stream);
+    if (args.trace != nullptr) return launch_streamed_variant<F, NT, true>(args, config, stream);
+  launch_streamed_variant<F, NT, false>(args, config, stream);
 }
 
 template <TileFormat F>
@@ -298,6 +279,23 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
       if (o.rows == weight.rows && o.cols == weight.cols && o.tokens == tokens)
         return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
                                               o.slots, o.reduce, o.k_splits);
+    if (s20_rules() && tokens == 1) {
+      const int64_t row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);
+      const int64_t sms = std::max(multiprocessors, 1);
+      // BF16: two ring slots, K in splits of four stages (at most 2.5 CTAs per SM), partial sums in a cluster.
+      if (format == TileFormat::BF16) {
+        const int64_t four_stages = 4 * tile::stream::stage_k(format);
+        const int64_t splits =
+            std::min({int64_t(kLinearMaxClusterSplits), weight.cols / four_stages, 5 * sms / (2 * row_blocks)});
+        if (splits >= 2)
+          return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
+                                                SplitKReduce::CLUSTER, int(splits));
+      }
+      // FP8 with one to two row blocks per SM (K up to 4096): two ring slots, K in two splits, a cluster pair.
+      if (format == TileFormat::FP8_BLOCK128 && 2 * row_blocks > sms && row_blocks <= sms && weight.cols <= 4096)
+        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
+                                              SplitKReduce::CLUSTER, 2);
+    }
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
@@ -340,9 +338,12 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     // split count, which depends on the CTAs per SM: fewer CTAs per SM until the CTA with its area fits that many.
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
     size_t receive = 0;
-    for (config.ctas_per_sm =
-             int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
-         ; --config.ctas_per_sm) {
+    const int max_ctas_per_sm =
+        int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
+    const auto fits = [&](int ctas) {
+      return ctas == 1 || size_t(ctas) * (min_cta_bytes + receive + kSharedMemoryReservedPerCta) <= kSharedMemoryPerSm;
+    };
+    for (config.ctas_per_sm = max_ctas_per_sm;; --config.ctas_per_sm) {
       const int64_t slots = int64_t(std::max(multiprocessors, 1)) * config.ctas_per_sm;
       const int64_t wanted = k_splits > 0 ? int64_t(k_splits) : slots / config.row_blocks;
       const int64_t splits = std::max<int64_t>(1, std::min({wanted, weight.cols / stage_k, max_splits}));
@@ -351,10 +352,11 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
       receive = reduce == SplitKReduce::CLUSTER && config.k_splits > 1
                     ? linear::cluster_receive_bytes(config.k_splits, tokens)
                     : 0;
-      if (config.ctas_per_sm == 1 ||
-          size_t(config.ctas_per_sm) * (min_cta_bytes + receive + kSharedMemoryReservedPerCta) <= kSharedMemoryPerSm)
-        break;
+      if (fits(config.ctas_per_sm)) break;
     }
+    // As many CTAs per SM as fit with the final receive area: asking again for this split count (k_splits) gives this
+    // config back.
+    while (config.ctas_per_sm < max_ctas_per_sm && fits(config.ctas_per_sm + 1)) ++config.ctas_per_sm;
     // The x tile takes what the resident CTAs and their receive areas leave, within the budget, in whole stages.
     const size_t per_cta = kSharedMemoryPerSm / size_t(config.ctas_per_sm) - kSharedMemoryReservedPerCta;
     const size_t taken = rings + receive;
@@ -529,8 +531,6 @@ linear::LinearKernelArgs kernel_args(const QuantizedLinearParams& params, const 
       .norm_weight = params.norm_weight,
       .norm_eps = params.norm_eps,
       .trace = params.trace,
-      .release_ticket = release_ticket(),
-      .scales_by_copy = scales_by_copy(),
   };
   if (config.load_path == WeightLoadPath::STREAMED)
     args.maps = tile::stream::encode_stream_maps(w, tile_format_of(w), "quantized_linear weight");

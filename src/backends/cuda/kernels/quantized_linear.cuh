@@ -10,7 +10,6 @@
 #pragma once
 
 #include <cooperative_groups.h>
-#include <cuda/atomic>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -19,9 +18,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/cluster.cuh"
-#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
-#include "backends/cuda/ptx/tma.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -50,12 +47,6 @@ struct LinearKernelArgs {
   const float* norm_weight;  // [K]
   float norm_eps;
   uint64_t* trace;           // traced launches (QuantizedLinearParams::trace), or null
-  // Round s20-1 A/B (DSV4_LINEAR_TICKET=release): the split-K ticket taken by thread 0 alone with acquire-release
-  // order after the CTA's barrier, instead of a sequentially consistent fence by every thread before it and after.
-  bool release_ticket;
-  // Round s20-1 A/B (DSV4_LINEAR_SCALES=copy): stage 0's FP8 block scales come by a bulk copy issued with the first
-  // weight stages (before the grid-dependency wait) instead of loads after it.
-  bool scales_by_copy;
 };
 
 // Records a LinearTraceSlot point of the calling warp (lane 0 stores) when kTrace; nothing otherwise.
@@ -166,24 +157,12 @@ __device__ __forceinline__ void write_output(const LinearKernelArgs& args, const
 
   float* partial = args.partials + int64_t(split) * args.tokens * w.rows;
   for_each_fragment_element([&](int64_t row, int token, float value) { partial[token * w.rows + row] = value; });
-  if (args.release_ticket) {
-    // The barrier orders every thread's partial stores before thread 0's release (cumulative), and thread 0's acquire
-    // before every thread's loads of the other splits' partials (L2 loads, which no stale L1 line can serve).
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      ::cuda::atomic_ref<uint32_t, ::cuda::thread_scope_device> ticket(args.tickets[row_block]);
-      *is_last_split = ticket.fetch_add(1u, ::cuda::memory_order_acq_rel) == uint32_t(args.k_splits - 1);
-    }
-    __syncthreads();
-    if (!*is_last_split) return;
-  } else {
-    __threadfence();  // partials visible device-wide before the ticket says so
-    __syncthreads();
-    if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
-    __syncthreads();
-    if (!*is_last_split) return;
-    __threadfence();
-  }
+  __threadfence();  // partials visible device-wide before the ticket says so
+  __syncthreads();
+  if (threadIdx.x == 0) *is_last_split = atomicAdd(args.tickets + row_block, 1u) == uint32_t(args.k_splits - 1);
+  __syncthreads();
+  if (!*is_last_split) return;
+  __threadfence();
   const int cta_rows = int(cta_row_end - cta_row0);
   for (int i = int(threadIdx.x); i < cta_rows * args.tokens; i += kThreadsPerCta) {
     const int token = i / cta_rows;
@@ -367,52 +346,15 @@ __device__ __forceinline__ void stage_scale_values(const DeviceMatrixView& w, co
   }
 }
 
-// FP8, LinearKernelArgs::scales_by_copy: the 16-byte aligned bytes holding the block scales of the stage at k0 (two
-// entries), copied into the warp's `chunk` (32 bytes, 16-byte aligned) completing on `arrived` (initialised for one
-// arrival). Called by lane 0; reads only weights, so it may run before wait_for_prior_grids.
-struct FirstScaleCopy {
-  uint4* chunk;   // [2]
-  uint64_t* arrived;
-};
-__device__ __forceinline__ uint32_t stage_scale_entry_bytes(const DeviceMatrixView& w) {
-  return w.scale_type == ScaleType::F32 ? 4u : 1u;
-}
-__device__ __forceinline__ void copy_stage_scales(const DeviceMatrixView& w, int64_t row0, int64_t k0,
-                                                  const FirstScaleCopy& copy) {
-  const uint32_t entry = stage_scale_entry_bytes(w);
-  const uintptr_t first =
-      reinterpret_cast<uintptr_t>(w.scales) + uintptr_t((row0 / 128) * w.scales_per_row + k0 / 128) * entry;
-  const uintptr_t aligned = first & ~uintptr_t(15);
-  const uint32_t bytes = first + tile::stream::kMaxBlocksPerStage * entry - aligned <= 16 ? 16u : 32u;
-  sm90::mbarrier_arrive_expect_tx(copy.arrived, bytes);
-  ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(copy.chunk)),
-                                      reinterpret_cast<const void*>(aligned), bytes,
-                                      static_cast<uint32_t>(__cvta_generic_to_shared(copy.arrived)));
-}
-// The copied scales' words, as load_stage_scale_words gives them (after the copy has landed).
-__device__ __forceinline__ StageScaleWords copied_stage_scale_words(const DeviceMatrixView& w, int64_t row0,
-                                                                   int64_t k0, const FirstScaleCopy& copy) {
-  sm90::mbarrier_wait(copy.arrived, 0);
-  const uint32_t entry = stage_scale_entry_bytes(w);
-  const uintptr_t first =
-      reinterpret_cast<uintptr_t>(w.scales) + uintptr_t((row0 / 128) * w.scales_per_row + k0 / 128) * entry;
-  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(copy.chunk) + (first & 15);
-  StageScaleWords s{};
-#pragma unroll
-  for (int b = 0; b < tile::stream::kMaxBlocksPerStage; ++b)
-    s.words[b] = entry == 4 ? *reinterpret_cast<const uint32_t*>(bytes + 4 * b) : uint32_t(bytes[b]);
-  return s;
-}
-
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages); stage 0's FP8 block scales are
-// first_scales() (their words, loaded or copied by the caller). Called by the whole CTA.
-template <tile::TileFormat F, int NT, bool kTrace, class StageX, class FirstScales>
+// `first_scales` (load_stage_scale_words, loaded by the caller). Called by the whole CTA.
+template <tile::TileFormat F, int NT, bool kTrace, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
-                                                       FirstScales&& first_scales, float (&acc)[NT][4]) {
+                                                       const StageScaleWords& first_scales, float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   constexpr int C = tile::detail::kChains<NT>;
@@ -438,7 +380,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      stage_scale_values<F>(w, j == 0 ? first_scales() : load_stage_scale_words<F>(w, row0, k0), block_scales);
+      stage_scale_values<F>(w, j == 0 ? first_scales : load_stage_scale_words<F>(w, row0, k0), block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j));
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
@@ -476,22 +418,13 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
 // kTrace: a traced launch (QuantizedLinearParams::trace).
-// kPrefetchMaps (round s20-1 A/B, DSV4_LINEAR_PREFETCH_MAPS=1): thread 0 asks the copy engine for the weight's tensor
-// maps first thing, ahead of the argument loads that the first copies wait for.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, bool kPrefetchMaps = false>
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false>
 __global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
-  if constexpr (kPrefetchMaps) {
-    // Every warp (a uniform instruction each): a branch on the thread index let ptxas schedule it after the loads.
-    sm90::prefetch_tensor_map(&args.maps.data);
-    if constexpr (tile::stream::stage_scale_bytes(F) > 0) sm90::prefetch_tensor_map(&args.maps.scales);
-  }
   trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
   __shared__ uint64_t full_barriers[kWarpsPerCta * tile::stream::kMaxSlots];
   __shared__ uint64_t partials_arrived;  // StreamedReduce::CLUSTER, rank 0
-  __shared__ uint4 first_scale_chunks[kWarpsPerCta][2];  // LinearKernelArgs::scales_by_copy
-  __shared__ uint64_t first_scales_arrived[kWarpsPerCta];
   __shared__ bool is_last_split;
   __shared__ float inv_rms[kLinearMaxTokens];
   const DeviceMatrixView& w = args.weight;
@@ -507,16 +440,10 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
 
   // The first stages start streaming before x is staged, and before the previous kernel in the stream has finished
   // (programmatic dependent launch: they read only weights); x, y and the workspace only after it has.
-  const int warp_idx = int(threadIdx.x) / tile::kWarpSize;
-  const FirstScaleCopy scale_copy{first_scale_chunks[warp_idx], &first_scales_arrived[warp_idx]};
-  const bool scales_by_copy = F == tile::TileFormat::FP8_BLOCK128 && args.scales_by_copy;
   if (has_rows) {
-    if (scales_by_copy && threadIdx.x % tile::kWarpSize == 0) sm90::mbarrier_init(scale_copy.arrived, 1);
-    tile::stream::init_ring(ring.full, ring.slots);  // its fence covers the barrier above
+    tile::stream::init_ring(ring.full, ring.slots);
     __syncwarp();
     issue_first_stages<F>(args, work, row0, ring);
-    if (scales_by_copy && threadIdx.x % tile::kWarpSize == 0)
-      copy_stage_scales(w, row0, work.split_begin, scale_copy);
   }
   if constexpr (kReduce == StreamedReduce::CLUSTER) prepare_cluster_reduce(args, work, &partials_arrived);
   trace_point<kTrace>(args, TRACE_ISSUED);
@@ -526,7 +453,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   // Stage 0's FP8 block scales go out here, ahead of the norm's and the staging's loads. (Loaded before the wait
   // above, with their conversion, the warp stalled on them there: session 18.)
   StageScaleWords first_scales{};
-  if (has_rows && !scales_by_copy) first_scales = load_stage_scale_words<F>(w, row0, work.split_begin);
+  if (has_rows) first_scales = load_stage_scale_words<F>(w, row0, work.split_begin);
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
@@ -535,10 +462,7 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
       [&](int64_t chunk_begin, int64_t chunk_end) {
         stage_input<F>(args, x_group, inv_rms, chunk_begin, chunk_end, args.tokens, x_tile);
       },
-      [&] {
-        return scales_by_copy ? copied_stage_scale_words(w, row0, work.split_begin, scale_copy) : first_scales;
-      },
-      acc);
+      first_scales, acc);
 
   if constexpr (kReduce == StreamedReduce::CLUSTER)
     write_output_cluster<F, NT>(
