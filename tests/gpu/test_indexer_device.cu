@@ -287,9 +287,9 @@ struct ScoresRun {
 // rounding, bf16 or fp8): the CPU's scores of the prepared operands (every element, visibility, −inf). Where the
 // shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup and
 // WarpgroupStreamed) too: the CPU's scores within the same tolerance (their tensor-core summation order is their own);
-// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (WarpgroupStreamed there for bf16 keys of one
-// query over ≥ 16384 keys, Warpgroup for fp8 keys and for bf16 keys from 2^20 (query, key) pairs of one sequence,
-// else Warp).
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (WarpgroupStreamed there over ≥ 16384 keys of
+// one sequence for fp8 keys and for bf16 keys of one query, else Warpgroup for fp8 keys and for bf16 keys from 2^20
+// (query, key) pairs of one sequence, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
   SCOPED_TRACE("scores T=" + std::to_string(c.tokens) + " heads=" + std::to_string(c.heads) + " head_dim=" +
@@ -422,7 +422,8 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
-  const bool auto_streamed = warpgroup_shape && !fp8 && c.sequences == 1 && c.tokens == 1 && c.key_count >= 16384;
+  const bool auto_streamed =
+      warpgroup_shape && c.sequences == 1 && (fp8 || c.tokens == 1) && c.key_count >= 16384;
   const bool auto_warpgroup =
       !auto_streamed && warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
   std::vector<float> streamed_scores;
@@ -458,7 +459,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
     run_indexer_scores(p);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const std::vector<float> got = from_device<float>(d_scores, size_t(c.tokens * stride));
-    const bool warpgroup_fp8 = fp8 && (warpgroup || (automatic && auto_warpgroup));
+    const bool warpgroup_fp8 = fp8 && (warpgroup || (automatic && (auto_warpgroup || auto_streamed)));
     const double tolerance_scale = warpgroup_fp8 ? kWarpgroupFp8Tolerance / kScoreTolerance : 1.0;
 
     int failures = 0;

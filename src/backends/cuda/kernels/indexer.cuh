@@ -1081,9 +1081,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
 
 // ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence; see NOTES) ----
 
-// Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB), so two CTAs per SM keep 2 · 2 · 3 tiles in
-// flight while each multiplies its current ones.
-inline constexpr int kStagedStages = 4;
+// Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB); two tiles ahead of the one multiplied. Deeper
+// rings were slower (H200, session 20 round 1, 1M context T = 1: 3 stages 12.98 µs, 4 13.54, 6 15.09, 8 17.33).
+inline constexpr int kStagedStages = 3;
 inline constexpr size_t kStagedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim;
 
 // Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (fp8, natural dim order), the two
@@ -1110,6 +1110,9 @@ __host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, b
 struct StagedScoresArgs {
   CUtensorMap keys;
   ScoresArgs scores;
+  // A/B switch (GPU round s20-2, removed after it): each warpgroup takes a contiguous run of tiles instead of every
+  // (grid's warpgroups)-th tile.
+  bool contiguous_tiles;
 };
 
 // D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
@@ -1161,8 +1164,8 @@ __device__ __forceinline__ void load_staged_query_operands(const ScoresArgs& arg
 
 // Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
 // programmatic dependent, as the other score kernels.
-template <bool kSelect, int kStages = kStagedStages>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
+template <bool kSelect, int kStages = kStagedStages, int kCtasPerSm = kScoreCtasPerSm>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kCtasPerSm)
     indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
@@ -1183,10 +1186,16 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
-  const int step = int(gridDim.x) * kWgmmaWarpgroups;
-  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
-  const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
+  int step = int(gridDim.x) * kWgmmaWarpgroups;
+  int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
+  int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
+  if (staged.contiguous_tiles) {
+    const int per_warpgroup = (tiles + step - 1) / step;
+    first_tile *= per_warpgroup;
+    tiles = min(tiles, first_tile + per_warpgroup);
+    step = 1;
+  }
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
     for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);

@@ -26,11 +26,12 @@
 //   stages (more key bytes in flight than registers hold): bf16 keys by cp.async, one CTA per SM; fp8 keys of one
 //   sequence (sequence_slots refused) staged by TMA in the 128B swizzle, both operands from shared memory, two CTAs
 //   per SM (head_dim summed in its natural order, so its e4m3 per-step rounding may differ from Warpgroup's);
-//   Auto (the default), in those shapes: WarpgroupStreamed for bf16 keys of one query (no sequence_slots) over ≥ 16384
-//   keys; Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch scores ≥ 2^20 (query, key) pairs
-//   (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps about
-//   14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
-//   exactly, plain e4m3 ones within ~5e-5 of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
+//   Auto (the default), in those shapes: WarpgroupStreamed over ≥ 16384 keys of one sequence (no sequence_slots) for
+//   fp8 keys and for bf16 keys of one query; else Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch
+//   scores ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps
+//   about 14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
+//   exactly (the staged and register-fed kernels then agree bit for bit), plain e4m3 ones within ~1e-4 of
+//   Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
 // - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp, in one launch where IndexerTopKMethod allows.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
