@@ -34,8 +34,8 @@
 // The phase marks of the traced copy of the single-cluster kernel: CTA thread 0 (the projection warps' marks) and the
 // mix warp's lane 0 (its own) store the SM clock and the global timer of each mark, per CTA of the one cluster.
 namespace dsv4::cuda::mhc_trace {
-inline constexpr int kMaxPhases = 16;
-inline constexpr int kFirstMixPhase = 12;  // SingleClusterPhase::kMixExchanged (checked below)
+inline constexpr int kMaxPhases = 20;
+inline constexpr int kFirstMixPhase = 14;  // SingleClusterPhase::kMixExchanged (checked below)
 __device__ unsigned long long g_clock[16][kMaxPhases];
 __device__ unsigned long long g_timer[16][kMaxPhases];
 __device__ __forceinline__ void mark(int phase) {
@@ -232,7 +232,8 @@ static_assert(mhc::kSingleClusterCtas == 16, "one 16-CTA cluster per token tile"
 void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
   constexpr int64_t d = 4096, flat = kN * d;
   constexpr int kPhases = int(mhc::SingleClusterPhase::kCount);
-  const char* const names[kPhases] = {"entry",           "fn copies issued", "grid wait",         "X loaded",
+  const char* const names[kPhases] = {"entry",           "barriers armed",   "CTA barrier passed", "fn copies issued",
+                                      "grid wait",       "X loaded",
                                       "fn loaded",       "projected",        "exchange 1 sent",   "exchange 1 in",
                                       "pre ready",       "exchange 2 sent",  "exchange 2 in",     "outputs stored",
                                       "mix: exchange 1 in", "mix: first rows", "mix: comb stored"};

@@ -1462,6 +1462,8 @@ inline constexpr int kSingleClusterCtas = 16;
 // at link time). The projection warps' marks, then the mix warp's.
 enum class SingleClusterPhase : int {
   kEntry,            // started (its weights' copies not yet issued)
+  kArmed,            // thread 0: the CTA's barriers armed
+  kStarted,          // past the CTA barrier after the arming
   kCopiesIssued,     // its share of fn's copies issued
   kGridWait,         // past the grid-dependency wait
   kXLoaded,          // its X values in registers (updated by the fused hc_post)
@@ -1603,8 +1605,10 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
     if (args.norm_weight != nullptr) arm_exchange(&barriers[3], uint32_t(kCtas * T) * 4u);
     sm90::fence_mbarrier_init();
+    DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kArmed);
   }
   __syncthreads();  // fn's barrier is armed before any copy completes on it
+  DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kStarted);
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
   for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
     const int r = c / kStreams, k = c % kStreams;
