@@ -9,8 +9,8 @@
 //   (IndexerScoresKernel::Warpgroup) in both formats against the same-run mma.sync kernel of that format, and their
 //   streamed variants (WarpgroupStreamed: bf16 keys by cp.async, fp8 keys staged by TMA) against them.
 // - at batch 1, short contexts (1024 and 16384 visible keys) in the key buffer of the context's capacity, as the model
-//   launches them, and the whole context: the default kernel in both formats against its first key loads bounded
-//   by the capacity (A/B switch DSV4_INDEXER_CAPACITY_LOADS=1, same run).
+//   launches them, and the whole context: the default kernel in both formats against a launch sized to the visible
+//   keys.
 // - top-k (run_top_k, k = 512) over the same key counts on the indexer's own scores (fp4-rounded inputs: many ties) and
 //   on distinct random scores; target ≤ 20 µs over 262,144 candidates at batch 1; baseline = a full CUB segmented radix
 //   sort of (score, index) pairs. Scores are L2-resident, as right after the indexer. At batch 1 also diagnostics: the
@@ -302,9 +302,8 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   }
   // At batch 1, short contexts in a key buffer of this capacity as the model launches them (key_count the buffer's
   // bound, the grid sized by it, what a query sees from its position), and the whole context: the default kernel
-  // choice in both formats against the same-run kernels with their first key loads bounded by the capacity (the
-  // A/B switch DSV4_INDEXER_CAPACITY_LOADS=1, as before session 20); the note gives the same visible keys scored
-  // in a launch sized to them (key_count = visible).
+  // choice in both formats against the same visible keys scored in a launch sized to them (key_count = visible; the
+  // default kernel there may be another).
   if (tokens == 1) {
     std::vector<int64_t> visible_counts;
     for (const int64_t visible : {int64_t(1024), int64_t(16384)})
@@ -321,22 +320,15 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
           };
         };
         const double us = graph_us(stream, 20, call(keys));
-        setenv("DSV4_INDEXER_CAPACITY_LOADS", "1", 1);
-        const double capacity_us = graph_us(stream, 20, call(keys));
-        unsetenv("DSV4_INDEXER_CAPACITY_LOADS");
         const double sized_us = graph_us(stream, 20, call(visible));
         const double bytes = double(visible) * (fp8 ? kHeadDim + 4 : 2 * kHeadDim) + double(visible) * 4 +
                              double(fp8 ? q_fp8.bytes() + q_scales.bytes() : q.bytes());
         const double flops = 2.0 * double(visible) * kHeads * kHeadDim;
         const double floor_us = std::max(bytes / (copy_gbps * 1e3), flops / ((fp8 ? 2 : 1) * gemm_tflops * 1e6));
-        char note[160];
-        std::snprintf(note, sizeof note,
-                      "default kernel; baseline: first key loads bounded by the capacity; launch sized to the "
-                      "visible keys %.2f us",
-                      sized_us);
         rows.push_back({"indexer scores, short context", shape + ", " + std::to_string(visible) + " visible" +
                                                              (fp8 ? ", fp8" : ", bf16"),
-                        us, floor_us, capacity_us, bytes, flops, note});
+                        us, floor_us, sized_us, bytes, flops,
+                        "default kernel in the capacity's grid; baseline: a launch sized to the visible keys"});
       }
     }
   }

@@ -159,14 +159,6 @@ bool streams_by_default(const IndexerScoresParams& p) {
          (fp8_keys(p) || p.tokens == 1) && p.key_count >= 16384;
 }
 
-// A/B switch of GPU round s20 (removed with the loser): environment DSV4_INDEXER_CAPACITY_LOADS=1 bounds the score
-// kernels' first key loads by key_count (the buffer's capacity) as before, instead of by the visible keys. Read at
-// every call, so one process can time both.
-bool capacity_first_loads() {
-  const char* v = std::getenv("DSV4_INDEXER_CAPACITY_LOADS");
-  return v != nullptr && std::string_view(v) == "1";
-}
-
 // The kernels' view of the parameters (strides resolved).
 indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_cta) {
   return indexer::ScoresArgs{
@@ -195,7 +187,6 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .counts = nullptr,
       .nan_flag = nullptr,
       .tickets = nullptr,
-      .capacity_first_loads = capacity_first_loads(),
   };
 }
 

@@ -274,9 +274,6 @@ struct ScoresArgs {
   int32_t* counts;
   int32_t* nan_flag;
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
-  // A/B switch (GPU round s20, removed with the loser): the first key loads bounded by key_count (the buffer's
-  // capacity), as before session 20, instead of by the CTA's visible keys.
-  bool capacity_first_loads;
 };
 
 inline constexpr int kScoreWarps = 8;
@@ -652,8 +649,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   int tile = int(blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
   // The first tiles' keys are in flight while the query operands are stored (rows up to the most any query sees: a
   // row past one query's visible keys only feeds outputs that are never written).
-  int max_visible = key_count;
-  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
+  const int max_visible = cta_visible_keys(args, first_query, queries, visible);
   constexpr int kAhead = kFp8 ? 2 : 1;
   WarpKeyTile<kHeadDim, kFp8> tiles[kAhead + 1];
 #pragma unroll
@@ -661,7 +657,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     tiles[i].load(keys, key_scales, (tile + i * step) * kKeysPerWarpTile, max_visible, group, quad);
 
   load_query_operands<kHeadDim, kFp8>(args, first_query, queries, smem_raw, weights);
-  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
 
   // Tiles past every query's visible keys hold nothing to write (the contract leaves those columns unwritten).
@@ -869,8 +864,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   int tile = int(blockIdx.x) * kWgmmaWarpgroups + (warp >> 2);
   // The first tiles' keys are in flight while the query operands are stored. A warp keeps one bf16 tile (64 bytes
   // per lane) or two fp8 tiles ahead of the one multiplied.
-  int max_visible = key_count;
-  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
+  const int max_visible = cta_visible_keys(args, first_query, queries, visible);
   WgmmaKeyTile<kFp8> current, ahead, after;
   load_wgmma_key_tile<kFp8>(current, keys, key_scales, tile * kWgmmaKeysPerTile + row_in_tile, max_visible, group,
                             quad);
@@ -878,7 +872,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     load_wgmma_key_tile<kFp8>(ahead, keys, key_scales, (tile + step) * kWgmmaKeysPerTile + row_in_tile, max_visible,
                               group, quad);
   load_wgmma_query_operands<kFp8>(args, first_query, queries, query_tiles, weights);
-  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
@@ -1028,15 +1021,13 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
   const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
   // The first kStages − 1 tiles are in flight while the query operands are stored (rows up to the most any query
   // sees: a row past one query's visible keys only feeds outputs that are never written).
-  int max_visible = key_count;
-  if (!args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
+  const int max_visible = cta_visible_keys(args, first_query, queries, visible);
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, max_visible, t);
     ptx::cp_async_commit();
   }
   load_streamed_query_operands(args, first_query, queries, query_tiles, weights);
-  if (args.capacity_first_loads) max_visible = cta_visible_keys(args, first_query, queries, visible);
   __syncthreads();
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
