@@ -1054,7 +1054,8 @@ struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
   // Round A/B (DSV4_MHC_DECODE, to be removed): 1 the projection warps' cluster wait right after the grid-dependency
-  // wait; 8 the mix warp's old sums (Σx² first, the mix sums after, post's sigmoid in a branch).
+  // wait; 2 one token's fn straight into registers (no bulk copies); 8 the mix warp's old sums (Σx² first, the mix
+  // sums after, post's sigmoid in a branch).
   int experiment;
 };
 
@@ -1597,9 +1598,27 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const int64_t flat = int64_t(kStreams) * d;
   const bool mixer = !kHead && warp == warps;  // hc_pre / hc_post_pre: the last warp runs token `rank`'s mix
   const int projection_threads = 32 * warps;
+  // Round A/B 2 (one token, one vector per thread): the thread's fn values (rows 8·nt + g of its 16 columns, all
+  // streams) loaded from global memory into registers at the start, no bulk copies into shared memory.
+  constexpr bool kMayLoadFnDirect = kSingleToken && kVectors == 1;
+  const bool fn_direct = kMayLoadFnDirect && (args.experiment & 2) != 0;
+  float4 fn_direct_values[kMayLoadFnDirect ? kNTiles : 1][kStreams];
+  if constexpr (kMayLoadFnDirect) {
+    if (fn_direct && !mixer) {
+      const int g = lane >> 2, t4 = lane & 3;
+      const float* const columns = args.fn + i0 + kSingleWarpDims * warp + 4 * t4;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int k = 0; k < kStreams; ++k)
+          if (8 * nt + g < kRows)
+            fn_direct_values[nt][k] =
+                __ldg(reinterpret_cast<const float4*>(columns + (8 * nt + g) * flat + int64_t(k) * d));
+    }
+  }
 
   if (tid == 0) {
-    const uint32_t fn_bytes = uint32_t(kRows * kStreams * ds) * 4u;
+    const uint32_t fn_bytes = fn_direct ? 0u : uint32_t(kRows * kStreams * ds) * 4u;
     arm_exchange(&barriers[0], fn_bytes);
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
@@ -1610,7 +1629,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kStarted);
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
+  for (int c = fn_direct ? kRows * kStreams : tid; c < kRows * kStreams; c += int(blockDim.x)) {
     const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
@@ -1754,7 +1773,11 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       for (int v = 0; v < kVectors; ++v)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
-          const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
+          float4 f;
+          if constexpr (kMayLoadFnDirect)
+            f = fn_direct ? fn_direct_values[nt][k] : *reinterpret_cast<const float4*>(fn_row + k * ds);
+          else
+            f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
           part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
           part[nt] = fmaf(f.y, x_lo[v][k].y, part[nt]);
           part[nt] = fmaf(f.z, x_lo[v][k].z, part[nt]);
