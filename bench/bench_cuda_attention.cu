@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -32,8 +32,8 @@
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context, and
-//   batch 128), and times the decode call once more with d512_overlap (round s20-1's A/B; its CPU check, and whether
-//   its output has the decode call's bytes).
+//   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile alone (mma_rate_kernel) and
+//   nothing else.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -56,6 +56,7 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.hpp"
 #include "backends/cuda/kv_cache.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/wgmma.cuh"
 #include "backends/cuda/stream_timing.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -132,6 +133,80 @@ __global__ void __launch_bounds__(kBaselineThreads) baseline_attention(const __g
 
 // Nothing: timed with the head-split call's grid, block and cluster shape, the floor of a call's launch and completion.
 __global__ void empty_kernel(int) {}
+
+// --mma-rates: the tensor-core work of one 32-entry tile of the head_dim 512 kernel's consumers, alone: a CTA per SM,
+// two warpgroups (the consumers, dims [256c, 256c + 256) each) issuing from shared memory laid out as the kernel's Q
+// (64 heads × 512 dims, 128B-swizzled 64-dim blocks) and KV stages, each group waited for before the next as the
+// kernel's dependences make it: MmaRate::Tile = QKᵀ (16 × m64n32k16, both operands in shared memory) then PV
+// (2 × m64n256k16, P from registers); QkOnly / PvOnly either alone; Qk64 = the QKᵀ of 64 entries as 16 ×
+// m64n64k16 (reported per 32 entries). Zeros throughout (the rate does not depend on the values).
+enum class MmaRate { Tile, QkOnly, PvOnly, Qk64 };
+constexpr int kMmaRateThreads = 256, kMmaRateQBytes = 64 * 1024, kMmaRateKvBytes = 64 * 1024;
+constexpr int kMmaRateSmemBytes = kMmaRateQBytes + kMmaRateKvBytes + 1024;
+
+template <MmaRate kMode>
+__global__ void __launch_bounds__(kMmaRateThreads, 1) mma_rate_kernel(int tiles, float* sink) {
+  extern __shared__ uint8_t mma_smem_raw[];
+  uint8_t* smem = mma_smem_raw + (1024 - sm90::shared_address(mma_smem_raw) % 1024) % 1024;
+  for (int i = threadIdx.x; i < (kMmaRateQBytes + kMmaRateKvBytes) / 16; i += kMmaRateThreads)
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  sm90::fence_proxy_async_shared();
+  __syncthreads();
+  const int consumer = threadIdx.x / 128;
+  constexpr int kQBlock = 64 * 128, kKvBlock32 = 32 * 128, kKvBlock64 = 64 * 128;  // one 64-dim block's bytes
+  const uint64_t q = sm90::make_sw128_k_major_descriptor(smem + consumer * 4 * kQBlock);
+  uint8_t* kv = smem + kMmaRateQBytes;
+  const uint64_t k32 = sm90::make_sw128_k_major_descriptor(kv + consumer * 4 * kKvBlock32);
+  const uint64_t k64 = sm90::make_sw128_k_major_descriptor(kv + consumer * 4 * kKvBlock64);
+  float o[128], s32[16], s64[32];
+  for (float& x : o) x = 0.0f;
+  for (float& x : s32) x = 0.0f;
+  for (float& x : s64) x = 0.0f;
+  const uint32_t p[4] = {0, 0, 0, 0};
+  for (int t = 0; t < tiles; ++t) {
+    if constexpr (kMode == MmaRate::Tile || kMode == MmaRate::QkOnly || kMode == MmaRate::Qk64) {
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 16; ++kk) {
+        const uint64_t a = sm90::advance_descriptor(q, (kk / 4) * kQBlock + (kk % 4) * 32);
+        if constexpr (kMode == MmaRate::Qk64)
+          sm90::wgmma_m64n64k16_bf16_ss(s64, a, sm90::advance_descriptor(k64, (kk / 4) * kKvBlock64 + (kk % 4) * 32),
+                                        kk > 0);
+        else
+          sm90::wgmma_m64n32k16_bf16_ss(s32, a, sm90::advance_descriptor(k32, (kk / 4) * kKvBlock32 + (kk % 4) * 32),
+                                        kk > 0);
+      }
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(s32);
+      sm90::fence_operand(s64);
+    }
+    if constexpr (kMode == MmaRate::Tile || kMode == MmaRate::PvOnly) {
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 2; ++ks)
+        sm90::wgmma_m64n256k16_bf16_rs_n_major_b(
+            o, p, sm90::make_sw128_n_major_descriptor(kv + consumer * 4 * kKvBlock32 + ks * 16 * 128, kKvBlock32), 1);
+      sm90::wgmma_commit_group();
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+    }
+  }
+  if (threadIdx.x == 0) sink[blockIdx.x] = o[0] + s32[0] + s64[0];
+}
+
+// µs per tile (per 32 entries for Qk64) of mma_rate_kernel<kMode> on every SM, the median of 5 launches.
+template <MmaRate kMode>
+double mma_rate_us(int sms, float* sink) {
+  constexpr int kTiles = 2000;
+  const auto kernel = mma_rate_kernel<kMode>;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaRateSmemBytes));
+  const double ms = median_ms(5, nullptr, 0, [&] {
+    kernel<<<sms, kMmaRateThreads, kMmaRateSmemBytes>>>(kTiles, sink);
+    DSV4_CUDA_CHECK(cudaGetLastError());
+  });
+  return 1e3 * ms / kTiles / (kMode == MmaRate::Qk64 ? 2 : 1);
+}
 constexpr int kLaunchFloorShapes = 3;  // the head-split grid in clusters, without clusters, a CTA per head group
 
 // Entry `row` of `array` of sequence `slot` (layer 0) as floats, read back from the device through a host copy of
@@ -510,10 +585,6 @@ struct RouteResult {
   int64_t context;
   bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
-  // The decode call with d512_overlap (GPU round s20-1's A/B): its time, CPU check and whether its output has the
-  // decode call's bytes.
-  double overlap_us, overlap_cpu_error;
-  bool overlap_same_bits;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -550,16 +621,6 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
-  std::vector<uint8_t> decode_bytes(out_bytes), overlap_bytes(out_bytes);
-  out.download(decode_bytes.data(), out_bytes);
-  SparseAttentionParams overlap = decode;
-  overlap.d512_overlap = true;
-  out.fill_bytes(0xFF);
-  r.overlap_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(overlap); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  out.download(overlap_bytes.data(), out_bytes);
-  r.overlap_same_bits = overlap_bytes == decode_bytes;
-  r.overlap_cpu_error = check(overlap);
   SparseAttentionParams prefill = decode;
   prefill.splits = 1;
   prefill.workspace = nullptr;
@@ -643,7 +704,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   std::vector<std::string> only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
@@ -664,9 +725,11 @@ int run(int argc, char** argv) {
       decode_format = KvEntryFormat::Bf16;
     else if (std::strcmp(argv[i], "--route") == 0)
       route = true;
+    else if (std::strcmp(argv[i], "--mma-rates") == 0)
+      mma_rates = true;
     else
       fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route])");
+           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -677,6 +740,18 @@ int run(int argc, char** argv) {
   const double copy_gbps = copy_bandwidth_gbps();
   std::printf("%s, %d SMs; device copy bandwidth (read + write) %.0f GB/s\n", device.name.c_str(),
               device.multiprocessors, copy_gbps);
+  if (mma_rates) {
+    DeviceBuffer sink(size_t(device.multiprocessors) * 4, "sink");
+    float* out = sink.as<float>();
+    const int sms = device.multiprocessors;
+    std::printf("--mma-rates: the head_dim 512 kernel's tensor-core work per 32-entry tile, a CTA per SM and two "
+                "consumer warpgroups issuing back to back, us per tile: QK+PV (as the kernel: 16 m64n32k16 SS, wait, "
+                "2 m64n256k16 RS, wait) %.3f; QK alone %.3f; PV alone %.3f; QK as 16 m64n64k16 SS per 64 entries "
+                "%.3f per 32\n",
+                mma_rate_us<MmaRate::Tile>(sms, out), mma_rate_us<MmaRate::QkOnly>(sms, out),
+                mma_rate_us<MmaRate::PvOnly>(sms, out), mma_rate_us<MmaRate::Qk64>(sms, out));
+    return 0;
+  }
   const size_t flush_buffer_bytes = size_t(256) << 20;
   DeviceBuffer flush(flush_buffer_bytes, "L2 flush");
   const size_t flush_bytes = warm ? 0 : flush_buffer_bytes;  // a memset of 0 bytes flushes nothing
@@ -694,10 +769,9 @@ int run(int argc, char** argv) {
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
                 "the prefill kernel\n"
-                "ovl = the decode call with d512_overlap (bits: its output's bytes equal the decode call's)\n"
-                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %8s %8s %9s %5s\n",
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed", "ovl us", "%floor", "cpu err", "bits");
+                "%floor", "cpu err", "speedup", "routed");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -711,16 +785,13 @@ int run(int argc, char** argv) {
               "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   const auto record_route = [&](const RouteResult& r) {
-    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
-                          r.overlap_cpu_error <= kCpuCheckLimit);
+    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %8.1f "
-                "%7.1f%% %9.1e %5s%s\n",
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", r.overlap_us, 100.0 * r.floor_us / r.overlap_us, r.overlap_cpu_error,
-                r.overlap_same_bits ? "same" : "DIFF", failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };
@@ -856,12 +927,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"layout\": \"%s\", \"heads\": %d, \"batch\": %d, \"context\": %lld, "
                    "\"slots\": %d, \"head_split\": %s, \"splits\": %d, \"decode_us\": %.2f, "
                    "\"prefill_us\": %.2f, \"floor_us\": %.2f, \"decode_cpu_error\": %.3g, \"prefill_cpu_error\": %.3g, "
-                   "\"routed\": %s, \"overlap_us\": %.2f, \"overlap_cpu_error\": %.3g, "
-                   "\"overlap_same_bits\": %s}%s\n",
+                   "\"routed\": %s}%s\n",
                    r.model.c_str(), r.layout.c_str(), r.heads, r.batch, static_cast<long long>(r.context), r.slots,
                    r.head_split ? "true" : "false", r.splits, r.decode_us, r.prefill_us, r.floor_us,
-                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false", r.overlap_us,
-                   r.overlap_cpu_error, r.overlap_same_bits ? "true" : "false", i + 1 < routes.size() ? "," : "");
+                   r.decode_cpu_error, r.prefill_cpu_error, r.routed ? "true" : "false",
+                   i + 1 < routes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -51,8 +51,6 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
-constexpr size_t kGuardBytes = 256;  // past the output, must stay 0xFF
-
 void check_attention(const AttentionCase& c, uint32_t seed) {
   SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed));
   SparseAttentionCaseData data;
@@ -80,30 +78,6 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   }
 }
 
-// Runs `call` with c's splits (0: choose_sparse_attention_splits for the merge mode) into an output poisoned with
-// 0xFF and followed by a guard region; returns the output and guard bytes.
-std::vector<uint8_t> run_call(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call, int& splits) {
-  const int64_t T = call.tokens;
-  const int H = call.heads, D = c.head_dim;
-  splits = c.splits > 0 ? c.splits
-                        : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
-                                                         list_devices()[0].multiprocessors, cluster_merge);
-  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
-  workspace.fill_bytes(0xFF);
-  const size_t out_bytes = size_t(T * H * D) * (c.out_dtype == AttentionDtype::F32 ? 4 : 2);
-  DeviceBuffer d_out(out_bytes + kGuardBytes, "out");
-  d_out.fill_bytes(0xFF);
-  call.out = d_out.data();
-  call.splits = splits;
-  call.workspace = workspace.data();
-  call.workspace_bytes = workspace.bytes();
-  run_sparse_attention(call);
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> raw(out_bytes + kGuardBytes);
-  d_out.download(raw.data(), raw.size());
-  return raw;
-}
-
 // One run of `call` (its splits, workspace and output filled in here; poisoned first) against the CPU's `expected`,
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -111,10 +85,23 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
+  const int splits = c.splits > 0 ? c.splits
+                                  : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
+                                                                   list_devices()[0].multiprocessors, cluster_merge);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
+  workspace.fill_bytes(0xFF);
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
-  int splits = 0;
-  const std::vector<uint8_t> raw = run_call(c, cluster_merge, call, splits);
-  ASSERT_FALSE(::testing::Test::HasFailure());
+  constexpr size_t kGuardBytes = 256;
+  DeviceBuffer d_out(out_elements * element_bytes + kGuardBytes, "out");
+  d_out.fill_bytes(0xFF);
+  call.out = d_out.data();
+  call.splits = splits;
+  call.workspace = workspace.data();
+  call.workspace_bytes = workspace.bytes();
+  run_sparse_attention(call);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
+  d_out.download(raw.data(), raw.size());
 
   const AttentionOutputCheck checked =
       check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, c.bf16_partials && cluster_merge);
@@ -317,49 +304,6 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// The head_dim 512 kernel with its consumers' overlapped steps (SparseAttentionParams::d512_overlap) gives the same
-// bytes as without, over both merges: bf16 and fp8 entries, 1-3 splits and the chosen ones, per-query counts (splits
-// past a query's count: no tiles), single-tile lists, Pro's two head blocks with bf16 q and output.
-TEST(SparseAttention, D512OverlapSameBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 130;
-  std::vector<AttentionCase> cases;
-  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference}) {
-    cases.push_back({"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0});
-    cases.push_back({"flash csa decode 1 split", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1});
-    AttentionCase counts{"flash csa 3 splits counts", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 3,
-                         AttentionDtype::F32, AttentionDtype::Bf16, true};
-    counts.counts = true;
-    cases.push_back(counts);
-    cases.push_back({"flash one tile", format, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1});
-  }
-  cases.push_back({"pro csa bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16});
-  for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format));
-    SparseAttentionCaseData data;
-    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
-    SparseAttentionParams call = data.call;
-    call.head_split = false;
-    call.prefill_kernel = false;
-    for (const bool cluster_merge : {false, true}) {
-      call.cluster_merge = cluster_merge;
-      int splits = 0;
-      call.d512_overlap = false;
-      const std::vector<uint8_t> sequential = run_call(c, cluster_merge, call, splits);
-      call.d512_overlap = true;
-      const std::vector<uint8_t> overlapped = run_call(c, cluster_merge, call, splits);
-      ASSERT_EQ(sequential.size(), overlapped.size());
-      size_t differing = 0;
-      for (size_t b = 0; b < sequential.size(); ++b) differing += sequential[b] != overlapped[b];
-      EXPECT_EQ(differing, 0u) << "bytes differ (" << (cluster_merge ? "cluster merge" : "combine kernel")
-                               << ", splits " << splits << ")";
-      std::printf("  %-28s %-13s splits=%d %s: %zu of %zu bytes differ\n", c.name, to_string(c.format), splits,
-                  cluster_merge ? "cluster" : "combine", differing, sequential.size());
-    }
-  }
-}
-
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk
 // of 280 queries and a Pro chunk of 140 queries (two head blocks) with per-query counts; small windows and slot
 // counts, since the CPU reference is the cost.
@@ -376,10 +320,11 @@ TEST(SparseAttention, PrefillCallsRoutedToThePrefillKernel) {
 }
 
 // Decode batches routed by prefill_kernel_decode (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave,
-// lists of at least kSparseAttentionPrefillDecodeSlots slots): a V4-Pro batch of just enough queries (two head blocks
-// each) and a V4-Flash one (one block each) with 512 slots, several sequences of different lengths, against the CPU;
-// then the routing decisions alone on the call's shape (one query short of the wave, one slot short of the list,
-// per-query counts, fp8 entries, the option off).
+// lists of at least kSparseAttentionPrefillDecodeSlots slots, kSparseAttentionPrefillDecodeSlotsOneBlock with one
+// head block per query): a V4-Pro batch of just enough queries (two head blocks each) with 512 slots, several
+// sequences of different lengths, against the CPU; then the routing decisions alone on the call's shape (one query
+// short of the wave, one slot short of the list, V4-Flash's one head block, per-query counts, fp8 entries, the option
+// off).
 TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   const int sms = list_devices()[0].multiprocessors;
@@ -390,11 +335,6 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
                     AttentionDtype::Bf16, AttentionDtype::Bf16};
   pro.prefill_kernel = pro.prefill_kernel_decode = true;
   check_attention(pro, 111);
-  AttentionCase flash = pro;
-  flash.name = "flash csa decode wave";
-  flash.heads = 64;
-  flash.queries_per_sequence = (flash_queries + 1) / 2;
-  check_attention(flash, 114);
 
   SparseAttentionCaseData data;
   AttentionCase small = pro;
@@ -418,9 +358,12 @@ TEST(SparseAttention, DecodeBatchesRoutedToThePrefillKernel) {
   EXPECT_FALSE(routed(128, pro_queries, least - 1, false, true)) << "one slot short";
   EXPECT_FALSE(routed(128, pro_queries, least, true, true)) << "per-query counts";
   EXPECT_FALSE(routed(128, pro_queries, least, false, false)) << "prefill_kernel_decode off";
-  EXPECT_TRUE(routed(64, flash_queries, least, false, true));
-  EXPECT_FALSE(routed(64, flash_queries, least, true, true)) << "Flash, per-query counts";
-  EXPECT_FALSE(routed(64, flash_queries - 1, least, false, true)) << "one Flash query short of the wave";
+  const int64_t least_one_block = kSparseAttentionPrefillDecodeSlotsOneBlock;  // ... with one head block per query
+  EXPECT_TRUE(routed(64, flash_queries, least_one_block, false, true));
+  EXPECT_FALSE(routed(64, flash_queries, least_one_block - 1, false, true)) << "Flash, one slot short";
+  EXPECT_FALSE(routed(64, 2 * flash_queries, least, false, true)) << "Flash, a list that routes Pro";
+  EXPECT_FALSE(routed(64, flash_queries, least_one_block, true, true)) << "Flash, per-query counts";
+  EXPECT_FALSE(routed(64, flash_queries - 1, least_one_block, false, true)) << "one Flash query short of the wave";
   EXPECT_TRUE(routed(64, 2 * sms, 128, true, false)) << "two waves go to the prefill kernel whatever the list";
   AttentionCase fp8 = small;
   fp8.format = KvEntryFormat::Fp8Reference;

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -94,11 +93,10 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 // cannot hold still get 0 from the occupancy query).
 template <bool kFp8>
 void set_d512_attributes() {
-  for (const auto kernel : {sparse_attention_d512_kernel<kFp8, false>, sparse_attention_d512_kernel<kFp8, true>}) {
-    DSV4_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  }
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  DSV4_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
 }
 
 // What the head_dim 512 kernels need from the device, set up once per device (function attributes belong to a
@@ -142,12 +140,12 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
     set_d512_attributes<false>();
     set_d512_attributes<true>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
   });
 }
 
@@ -162,12 +160,7 @@ template <bool kFp8>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  static const bool overlap_by_environment = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_OVERLAP");
-    return value != nullptr && value[0] == '1';
-  }();
-  const auto kernel = p.d512_overlap || overlap_by_environment ? sparse_attention_d512_kernel<kFp8, true>
-                                                               : sparse_attention_d512_kernel<kFp8, false>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -231,7 +224,8 @@ void launch_head_split(const SparseAttentionParams& p, int splits) {
 
 // Prefill-sized calls on bf16 entries (the prefill kernel's fp8 path was slower than the kernels here in its first
 // measurement): at least two waves of (query, 64-head block) CTAs; with prefill_kernel_decode also decode-sized calls
-// from 15/16 of one wave whose lists are long by their slot bound and have no per-query counts (see the option).
+// from 15/16 of one wave whose lists are long by their slot bound (longer with one head block per query) and have no
+// per-query counts (see the option).
 bool uses_prefill_kernel(const SparseAttentionParams& p) {
   if (!p.prefill_kernel || p.cache.layout.format != KvEntryFormat::Bf16 || !use_d512_kernel(p) ||
       !sparse_attention_prefill_supports(p.cache.layout, p.cache.page_shift, p.heads))
@@ -239,8 +233,9 @@ bool uses_prefill_kernel(const SparseAttentionParams& p) {
   const int64_t head_blocks = (p.heads + kD512Heads - 1) / kD512Heads, ctas = p.tokens * head_blocks,
                 sms = device_multiprocessors(), slots = int64_t(p.window_slots) + p.compressed_slots;
   if (ctas >= 2 * sms) return true;
-  return p.prefill_kernel_decode && p.compressed_counts == nullptr && 16 * ctas >= 15 * sms &&
-         slots >= kSparseAttentionPrefillDecodeSlots;
+  const int64_t least_slots =
+      head_blocks > 1 ? kSparseAttentionPrefillDecodeSlots : kSparseAttentionPrefillDecodeSlotsOneBlock;
+  return p.prefill_kernel_decode && p.compressed_counts == nullptr && 16 * ctas >= 15 * sms && slots >= least_slots;
 }
 
 }  // namespace

@@ -1032,8 +1032,8 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry format). kOverlap: tile j + 1's exchange and softmax overlap tile j's PV.
-template <class L, bool kOverlap>
+// L: the CTA's D512Layout (its entry format).
+template <class L>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1122,144 +1122,72 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of this warp's 16 heads, log2 domain
   float row_sum[2] = {0.0f, 0.0f};            // this thread's columns only until the end
   const float scale_log2 = p.softmax_scale * kLog2e;
+  uint32_t p_frag[kTile / 16][4];             // PV's A operand: read by the tensor cores until the next tile's wait
   constexpr int S = L::kKvStages;
-  const auto kv_of = [&](int j) {
-    return smem + L::kKv + (j % S) * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
-  };
-  // S_c = Q_c K_cᵀ of tile j over this consumer's 256 dims (4 blocks × 4 k16 steps) into s, one commit group.
-  const auto issue_scores = [&](int j, float (&s)[16]) {
-    if constexpr (kOverlap) {
-      // The spin loop inside one asm statement: as a loop of the function, ptxas serializes every wgmma of the
-      // overlapped steps below (C7513).
-      asm volatile(
-          "{\n"
-          ".reg .pred ready;\n"
-          "WAIT_%=:\n"
-          "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
-          "@!ready bra WAIT_%=;\n"
-          "}\n" ::"r"(shared_address(&kv_full[j % S])),
-          "r"(uint32_t((j / S) & 1))
-          : "memory");
-    } else {
-      sm90::mbarrier_wait(&kv_full[j % S], (j / S) & 1);
-    }
+
+  for (int j = 0; j < range.tiles; ++j) {
+    const int stage = j % S;
+    sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
-    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv_of(j));
+    uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
+
+    // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
+    float s_acc[16];
+    const uint64_t k_descriptor = sm90::make_sw128_k_major_descriptor(kv);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk)
-      sm90::wgmma_m64n32k16_bf16_ss(s,
+      sm90::wgmma_m64n32k16_bf16_ss(s_acc,
                                     sm90::advance_descriptor(q_descriptor, (kk / 4) * kQBlockBytes + (kk % 4) * 32),
                                     sm90::advance_descriptor(k_descriptor, (kk / 4) * kKvBlockBytes + (kk % 4) * 32),
                                     kk > 0);
     sm90::wgmma_commit_group();
-  };
-  // Both consumers' partial scores of tile j summed (each adds the other's to its own: one fp32 addition,
-  // commutative, so both warpgroups hold identical S), then the online softmax (log2 domain; unused slots score
-  // −inf; s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2) into P and the rescale factors.
-  const auto softmax = [&](int j, const float (&s_in)[16], uint32_t (&p_out)[kTile / 16][4], float (&alpha)[2]) {
-    // A copy: ptxas serializes the wgmmas where other instructions write a wgmma accumulator while one is in flight
-    // (C7515).
-    float s[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) s[i] = s_in[i];
+    // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
+    if (j > 0) {
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o_acc);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
+    }
+    sm90::wgmma_wait_group<0>();
+    sm90::fence_operand(s_acc);
+
+    // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
+    // both warpgroups hold identical S).
     float* exchange = reinterpret_cast<float*>(smem + L::kExchange) + (j % 2) * L::kExchangeFloats;
     float4* mine = reinterpret_cast<float4*>(exchange + consumer * (L::kExchangeFloats / 2));
     const float4* other = reinterpret_cast<const float4*>(exchange + (1 - consumer) * (L::kExchangeFloats / 2));
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      mine[e * kWarpgroupThreads + thread] = make_float4(s[4 * e], s[4 * e + 1], s[4 * e + 2], s[4 * e + 3]);
+      mine[e * kWarpgroupThreads + thread] =
+          make_float4(s_acc[4 * e], s_acc[4 * e + 1], s_acc[4 * e + 2], s_acc[4 * e + 3]);
     sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float4 b = other[e * kWarpgroupThreads + thread];
-      s[4 * e] += b.x;
-      s[4 * e + 1] += b.y;
-      s[4 * e + 2] += b.z;
-      s[4 * e + 3] += b.w;
+      s_acc[4 * e] += b.x;
+      s_acc[4 * e + 1] += b.y;
+      s_acc[4 * e + 2] += b.z;
+      s_acc[4 * e + 3] += b.w;
     }
-    online_softmax_tile(s, tile_valid + (j % S) * kTile, c, scale_log2, row_max, row_sum, alpha, p_out);
-  };
-  // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
-  const auto rescale = [&](const float (&alpha)[2]) {
-    if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+
+    // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
+    float alpha[2];
+    online_softmax_tile(s_acc, tile_valid + stage * kTile, c, scale_log2, row_max, row_sum, alpha, p_frag);
+    // Once the running maxima settle the factors are exactly 1; a warp skips the 128 multiplications then.
+    // On the first tile the accumulators are still zero.
+    if (j > 0 && __any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
-  };
-  // O_c += P V_c of tile j: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
-  const auto issue_pv = [&](int j, uint32_t (&p_in)[kTile / 16][4]) {
+
+    // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kTile / 16; ++ks)
-      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(
-          o_acc, p_in[ks], sm90::make_sw128_n_major_descriptor(kv_of(j) + ks * 16 * 128, kKvBlockBytes), 1);
+      sm90::wgmma_m64n256k16_bf16_rs_n_major_b(o_acc, p_frag[ks],
+                                               sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
+                                               1);
     sm90::wgmma_commit_group();
-  };
-
-  float s_acc[16];
-  uint32_t p_frag[kTile / 16][4];  // PV's A operand: read by the tensor cores until the wait that covers its PV
-  if constexpr (kOverlap) {
-    // Step j issues tile j's QKᵀ and then tile j − 1's PV (the tensor cores run them in that order) and waits for the
-    // QKᵀ alone, so that tile j's exchange and softmax run while tile j − 1's PV does; P goes to p_next meanwhile and
-    // moves to p_frag once that PV is done. No wgmma is in flight across a step: ptxas serializes every wgmma of the
-    // kernel where one may be (C7514).
-    sm90::fence_operand(o_acc);  // zeroed before any wgmma is in flight
-    if (range.tiles > 0) {
-      issue_scores(0, s_acc);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(s_acc);
-      float alpha[2];
-      softmax(0, s_acc, p_frag, alpha);  // the accumulators are still zero: no rescale
-    }
-    // Step range.tiles issues the last PV beside a repeat of the last tile's QKᵀ whose softmax is discarded: one PV
-    // issue site and the same waits in every step (ptxas serializes every wgmma of the kernel where P is written
-    // while another PV site may read those registers, C7513, or where a QKᵀ is issued under a condition, C7514).
-    uint32_t p_next[kTile / 16][4];
-    for (int j = 1; j <= range.tiles; ++j) {
-      const bool last = j == range.tiles;
-      issue_scores(last ? j - 1 : j, s_acc);  // tile j − 1's stage is still held: its kv_full wait passes at once
-      issue_pv(j - 1, p_frag);
-      sm90::wgmma_wait_group<1>();
-      sm90::fence_operand(s_acc);
-      const float kept_max[2] = {row_max[0], row_max[1]}, kept_sum[2] = {row_sum[0], row_sum[1]};
-      float alpha[2];
-      softmax(j, s_acc, p_next, alpha);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o_acc);
-#pragma unroll
-      for (int ks = 0; ks < kTile / 16; ++ks) sm90::fence_operand(p_frag[ks]);
-      if (last) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          row_max[r] = kept_max[r];
-          row_sum[r] = kept_sum[r];
-        }
-        break;
-      }
-      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
-      rescale(alpha);
-#pragma unroll
-      for (int ks = 0; ks < kTile / 16; ++ks)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p_frag[ks][e] = p_next[ks][e];
-    }
-  } else {
-    for (int j = 0; j < range.tiles; ++j) {
-      issue_scores(j, s_acc);
-      // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
-      if (j > 0) {
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o_acc);
-        if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
-      }
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(s_acc);
-      float alpha[2];
-      softmax(j, s_acc, p_frag, alpha);
-      if (j > 0) rescale(alpha);  // on the first tile the accumulators are still zero
-      issue_pv(j, p_frag);
-    }
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
@@ -1379,7 +1307,7 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8, bool kOverlap>
+template <bool kFp8>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1417,7 +1345,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kOverlap>(p, smem, work, cluster_merge);
+    d512_consume<L>(p, smem, work, cluster_merge);
   }
 }
 

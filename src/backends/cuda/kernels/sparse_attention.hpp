@@ -46,8 +46,10 @@ inline constexpr int kSparseAttentionMaxSplits = 64;
 inline constexpr int kSparseAttentionMaxClusterSplits = 16;
 // Tiles of 32 entries one CTA of the head-split path holds (all resident in shared memory).
 inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
-// Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query).
+// Slot lists that SparseAttentionParams::prefill_kernel_decode routes (at least this many slots per query): with
+// several 64-head blocks per query, and with one.
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
+inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 struct SparseAttentionParams {
   KvCacheView cache;
@@ -100,16 +102,14 @@ struct SparseAttentionParams {
   bool prefill_kernel = true;
   // With prefill_kernel: decode-sized calls (bf16 entries, (query, 64-head block) CTAs from 15/16 of one wave up to
   // the two waves above) with long slot lists known on the host (no compressed_counts: with counts the bound says
-  // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots. H200, L2 flushed, bf16 q,
-  // the decode kernels → the prefill kernel (session 17, bench_cuda_attention --route and
-  // bench_cuda_attention_prefill --part decode): Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots 120.2 → 98.7,
-  // 8320 415.5 → 325.6; Flash batch 256, 2176 slots 235.6 → 203.3, 640 slots 87.3 → 80.6, 128 slots 37.4 → 39.0;
-  // Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave.
+  // nothing of the work) go there too: at least kSparseAttentionPrefillDecodeSlots slots with several head blocks
+  // per query, kSparseAttentionPrefillDecodeSlotsOneBlock with one. H200, L2 flushed, bf16 q, the decode kernels →
+  // the prefill kernel (session 17, bench_cuda_attention --route and bench_cuda_attention_prefill --part decode):
+  // Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots 120.2 → 98.7, 8320 415.5 → 325.6; Flash batch 256, 2176 slots
+  // 235.6 → 203.3; Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave. Since the decode kernel's
+  // session-19 entries (round s20-1, 640 slots): Flash batch 128 43.0 → 44.9 and 256 78.2 → 83.0 lose (one head
+  // block: no longer routed at 640 slots), Pro batch 64 41.0 → 39.5 and 128 75.8 → 72.7 still win.
   bool prefill_kernel_decode = true;
-  // A/B for GPU round s20-1 (removed with the loser): the head_dim 512 kernel's consumers issue tile j's QKᵀ ahead
-  // of tile j − 1's PV and run tile j's exchange and softmax while that PV is on the tensor cores (same bits).
-  // DSV4_ATTENTION_OVERLAP=1 in the environment turns it on for every call.
-  bool d512_overlap = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
