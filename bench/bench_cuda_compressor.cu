@@ -16,9 +16,8 @@
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
 //   a double-precision sincos);
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: lean for the CSA
-//   indexer's and the CSA pair's prefill chunks, staged for the CSA main compressor's alone and HCA's, registers for
-//   decode steps): staged, lean for the CSA main compressor's chunk, registers for HCA's, staged for decode steps,
-//   against the default;
+//   compressors' prefill chunks, staged for HCA's, registers for decode steps): staged for the CSA chunks and decode
+//   steps, registers for HCA's, against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;

@@ -26,6 +26,9 @@ constexpr int64_t kMinCtaWork = 8 * 1024;
 // Slot groups per channel: enough loads in flight for a 128-slot window, few enough partials to merge.
 constexpr int kMaxGroups = 16;
 constexpr int kManyEntriesThreads = 256;
+// The indexer's query preparation in the pools' launch: vectors per CTA at least this, CTAs at most about this.
+constexpr int64_t kPrepareMinRows = 4;
+constexpr int64_t kPrepareWave = 128;
 
 const char* rounding_name(CompressorStoredRounding rounding) {
   switch (rounding) {
@@ -159,22 +162,20 @@ const char* lean_refusal(const CompressorParams& p) {
 }
 
 
-// A/B for GPU round s20-1: DSV4_COMPRESSOR_BIASED_STATE=1 keeps ape in the state's scores (the old layout).
-bool biased_state_scores() {
-  static const bool biased = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_BIASED_STATE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return biased;
+// A/B for GPU round s20-2: DSV4_COMPRESSOR_DECODE_FULL=1 runs a decode CTA that completes no entry through the
+// pooling's barrier and the finish; DSV4_COMPRESSOR_PREPARE_PACKED=1 puts a preparation vector on every warp of its
+// CTAs.
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1';
 }
-
-// A/B for GPU round s20-2: DSV4_COMPRESSOR_LEAN_GENERIC=1 keeps CSA windows in the run on lean's generic loads.
-bool lean_generic_windows() {
-  static const bool generic = [] {
-    const char* v = std::getenv("DSV4_COMPRESSOR_LEAN_GENERIC");
-    return v != nullptr && v[0] == '1';
-  }();
-  return generic;
+bool full_idle_decode() {
+  static const bool full = env_flag("DSV4_COMPRESSOR_DECODE_FULL");
+  return full;
+}
+bool packed_prepare() {
+  static const bool packed = env_flag("DSV4_COMPRESSOR_PREPARE_PACKED");
+  return packed;
 }
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
@@ -196,18 +197,13 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   // Many entries (CSA prefill) fill the GPU with CTAs already: small CTAs then schedule better than wide ones.
   // Staged: every thread keeps at least a whole batch of slots in flight (a CSA window of 8 slots: two groups, so the
   // indexer compressor's CTAs are 128 threads and more of them fit an SM), not batches of clamped repeats.
-  const auto slot_groups = [&](bool staged_rule) {
-    const int max_threads = staged_rule                              ? compressor::kStagedThreads
-                            : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
-                                                                     : compressor::kMaxThreads;
-    const int min_slots_per_group = staged_rule ? compressor::kSlotBatch : 1;
-    int groups = 1;
-    while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots &&
-           groups < kMaxGroups)
-      groups *= 2;
-    return groups;
-  };
-  const int groups = slot_groups(staged);
+  const int max_threads = staged                                   ? compressor::kStagedThreads
+                          : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
+                                                                   : compressor::kMaxThreads;
+  const int min_slots_per_group = staged ? compressor::kSlotBatch : 1;
+  int groups = 1;
+  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
+    groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
   const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
   // A power-of-two ratio divides by shifts in the kernel.
@@ -258,10 +254,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .registers_groups = slot_groups(false),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2 &&
-                                                  !lean_generic_windows(),
-                              .state_scores_biased = biased_state_scores()};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
+                              .idle_decode_exits = !full_idle_decode()};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -307,7 +301,13 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     launch.prepare = indexer::prepare_args(*prepare);
     launch.prepare_head_dim = int(prepare->head_dim);
     launch.prepare_first_cta = ctas;
-    ctas += whole_clusters((launch.prepare.rows + threads / 32 - 1) / (threads / 32));
+    // Vectors spread to about one wave of CTAs, at least kPrepareMinRows each: sixteen warps of one SM take 1.2 µs
+    // longer than four (the decode pair's trace, GPU round s20-1, H200: a vector is a chain of shuffles and roundings).
+    const int64_t warps = threads / 32;
+    const int64_t spread = std::max(kPrepareMinRows, (launch.prepare.rows + kPrepareWave - 1) / kPrepareWave);
+    const int64_t rows_per_cta = packed_prepare() ? warps : std::min(warps, spread);
+    launch.prepare_rows_per_cta = int(rows_per_cta);
+    ctas += whole_clusters((launch.prepare.rows + rows_per_cta - 1) / rows_per_cta);
   }
   check(ctas < (int64_t(1) << 31), "compressor: ", ctas, " CTAs exceed the grid limit");
   launch.hardware_cluster = hardware_cluster;
@@ -318,13 +318,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   using enum CompressorSlotLoads;
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
-  check(!traced || loads == Registers || (lean && slice_updates),
-        "compressor: a traced launch needs the registers slot loads or lean decode steps");
-  check(!(lean && slice_updates && biased_state_scores()),
-        "compressor: lean decode steps need the state's scores as projected (DSV4_COMPRESSOR_BIASED_STATE is set)");
-  const auto kernel = lean            ? (slice_updates ? (traced ? compressor::compressor_kernel<true, Lean, true>
-                                                                 : compressor::compressor_kernel<true, Lean>)
-                                                       : compressor::compressor_kernel<false, Lean>)
+  check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
+  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)
@@ -352,30 +347,18 @@ CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> para
     }
   if (mode != CompressorSlotLoads::Auto) return mode;
   // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
-  // A/B for GPU round s20-2: DSV4_COMPRESSOR_LEAN_DECODE=1 takes lean where every pool does.
   const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
-  if (std::none_of(params.begin(), params.end(), several_entries)) {
-    static const bool lean_decode = [] {
-      const char* v = std::getenv("DSV4_COMPRESSOR_LEAN_DECODE");
-      return v != nullptr && v[0] == '1';
-    }();
-    const bool all_lean = std::all_of(params.begin(), params.end(), [](const CompressorParams& p) {
-      return p.run_count == 0 || lean_refusal(p) == nullptr;
-    });
-    return lean_decode && all_lean && !biased_state_scores() ? CompressorSlotLoads::Lean
-                                                             : CompressorSlotLoads::Registers;
-  }
-  bool lean = true, packs_entries = false, staged = true;
+  if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
+  bool lean = true, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
     lean = lean && lean_refusal(p) == nullptr;
-    packs_entries = packs_entries || p.head_dim < 4 * compressor::kLeanThreads;
   }
-  // Lean where a pool packs several entries into a lean CTA (GPU round s19-2, H200, 4096 tokens: the CSA layer's pair
-  // 28.6 vs 40.0 µs staged, its indexer compressor alone 9.4 vs 13.4); a lone pool of 512-channel entries, one per
-  // lean CTA, stays staged (CSA main alone 24.6 vs 26.2 lean).
-  if (lean && packs_entries) return CompressorSlotLoads::Lean;
+  // Lean where every pool takes it (GPU round s20-1, H200, 4096 tokens, with CSA windows in straight-line loads: the
+  // CSA layer's pair 24.4 vs 39.8 µs staged, its indexer compressor alone 10.0 vs 13.3, its main compressor alone 23.9
+  // vs 24.9).
+  if (lean) return CompressorSlotLoads::Lean;
   return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
 }
 

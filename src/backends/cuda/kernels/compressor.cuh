@@ -132,14 +132,11 @@ struct PoolArgs {
   int lean_teams;
   int64_t rows;
   FastDivisor team_div;
-  // Lean decode steps: the slot groups the registers slot loads would take (their softmax order, kept bit for bit).
-  int registers_groups;
-  // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window). A/B for GPU round
-  // s20-2: DSV4_COMPRESSOR_LEAN_GENERIC=1 keeps them on the generic path.
+  // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // A/B for GPU round s20-1 (DSV4_COMPRESSOR_BIASED_STATE=1): the state's window and previous scores with ape added
-  // (the old layout) instead of as projected, ape then added when pooled.
-  bool state_scores_biased;
+  // A decode step's CTA that completes no entry and takes no cluster barrier only moves its token into the state (no
+  // pooling barrier, no finish). A/B for GPU round s20-2: DSV4_COMPRESSOR_DECODE_FULL=1 turns this off.
+  bool idle_decode_exits;
 };
 
 struct LaunchArgs {
@@ -151,6 +148,7 @@ struct LaunchArgs {
   indexer::PrepareArgs prepare;
   int prepare_head_dim;
   int64_t prepare_first_cta;
+  int prepare_rows_per_cta;  // warps of a preparation CTA that take a vector (the others exit)
   uint64_t* trace;  // CompressorParams::trace (traced kernels only)
 };
 
@@ -210,13 +208,12 @@ __device__ __forceinline__ int64_t ratio_mod(const PoolArgs& a, int64_t x) {
 }
 
 // Where channels (column, column + 1) of the token at position q ≥ 0 come from: the run's rows or the state, and its
-// ape; the address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious: q may lie before the state's incomplete window (CSA's first halves, column < c, from the
-// previous halves).
+// ape; the address is selected without branches, so that loads of several slots issue back to back. kMayBePrevious:
+// q may lie before the state's incomplete window (CSA's first halves, column < c, from the previous halves).
 struct SlotSource {
   const float* value;
   const float* score;
   const float* ape;
-  bool in_run;
 };
 
 template <bool kMayBePrevious>
@@ -232,26 +229,19 @@ __device__ __forceinline__ SlotSource slot_source(const PoolArgs& a, const RunVi
   const float* score = in_run      ? r.gate + run_offset
                        : in_window ? r.state.window_score + slot * width + column
                                    : r.state.previous_score + slot * a.c + column;
-  return {value, score, a.ape + slot * width + column, in_run};
+  return {value, score, a.ape + slot * width + column};
 }
 
-// The slot's value, and its score with ape added where add_bias.
-__device__ __forceinline__ SlotValue slot_value(float2 v, float2 s, float2 bias, bool add_bias) {
-  return {v, add_bias ? make_float2(s.x + bias.x, s.y + bias.y) : s};
+// The slot's value, and its score with ape added (the state holds scores as projected).
+__device__ __forceinline__ SlotValue slot_value(float2 v, float2 s, float2 bias) {
+  return {v, make_float2(s.x + bias.x, s.y + bias.y)};
 }
 
-// Whether a pooled slot's score takes ape: always where the state holds the scores as projected, else only the
-// run's.
-__device__ __forceinline__ bool pooled_adds_ape(const PoolArgs& a, bool in_run) {
-  return in_run || !a.state_scores_biased;
-}
-
-// A slot as pooled (its score with ape).
+// A slot as pooled.
 template <bool kMayBePrevious>
 __device__ __forceinline__ SlotValue load_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const SlotSource source = slot_source<kMayBePrevious>(a, r, q, column);
-  return slot_value(load_pair(source.value), load_pair(source.score), load_pair(source.ape),
-                    pooled_adds_ape(a, source.in_run));
+  return slot_value(load_pair(source.value), load_pair(source.score), load_pair(source.ape));
 }
 
 // Pooled slot s (unclamped) of entry w for the thread's pair at `channel`: CSA's slots [0, m) are window w−1's first
@@ -275,10 +265,7 @@ __device__ __forceinline__ PooledSlot pooled_slot(const PoolArgs& a, int64_t w, 
 // Channels (column, column + 1) of the run's token at position q ≥ start as the state stores them.
 __device__ __forceinline__ SlotValue load_run_slot(const PoolArgs& a, const RunView& r, int64_t q, int column) {
   const int64_t offset = (q - r.start) * a.row_stride + column;
-  const float2 v = load_pair(r.kv + offset), s = load_pair(r.gate + offset);
-  if (!a.state_scores_biased) return {v, s};
-  const float2 bias = load_pair(a.ape + ratio_mod(a, q) * width_of(a) + column);
-  return {v, make_float2(s.x + bias.x, s.y + bias.y)};
+  return {load_pair(r.kv + offset), load_pair(r.gate + offset)};
 }
 
 // Keeps the compiler from moving shared-memory accesses across a cp.async issue or wait (their asm statements have
@@ -411,7 +398,7 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
         const bool second = a.overlapping && s >= a.ratio;
         const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
         source = {r.kv + offset, r.gate + offset,
-                  a.ape + (second ? s - a.ratio : s) * width_of(a) + t.channel + (second ? a.c : 0), true};
+                  a.ape + (second ? s - a.ratio : s) * width_of(a) + t.channel + (second ? a.c : 0)};
       } else {
         const PooledSlot p = pooled_slot(a, t.w, slot, t.slots, t.channel);
         source = slot_source<true>(a, r, p.q, p.column);
@@ -438,15 +425,9 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
       const int slot_index = t.group + b * step + k * a.groups;
-      bool from_run = true;
-      if (window_in_run) {  // every position of the window is ≥ 0 and in the run
-        valid[k] = slot_index < t.slots;
-      } else {
-        const PooledSlot p = pooled_slot(a, t.w, slot_index, t.slots, t.channel);
-        valid[k] = p.valid;
-        from_run = p.q >= r.start;
-      }
-      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2), pooled_adds_ape(a, from_run));
+      // Every position of a window in the run is ≥ 0.
+      valid[k] = window_in_run ? slot_index < t.slots : pooled_slot(a, t.w, slot_index, t.slots, t.channel).valid;
+      slot[k] = slot_value(*at(stage, k, 0), *at(stage, k, 1), *at(stage, k, 2));
     }
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
@@ -571,9 +552,7 @@ __device__ __forceinline__ SlotValue load_item(const PoolArgs& a, const RunView&
   } else {
     const SlotSource source =
         slot_source<false>(a, r, u.previous_base + u.pairs.div(i), u.first + 2 * int(u.pairs.mod(i)));
-    const float2 v = load_pair(source.value), s = load_pair(source.score);
-    if (!a.state_scores_biased) return {v, s};
-    return slot_value(v, s, load_pair(source.ape), source.in_run);
+    return {load_pair(source.value), load_pair(source.score)};
   }
 }
 
@@ -898,6 +877,18 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
   // The cache row's page, looked up while the slots load.
   prepare_entry_outputs(a, e, t.group);
+  // The cluster barriers: every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second
+  // arrival says this CTA has read the others' sums, and each waits for it before leaving (freeing its shared
+  // memory). A hardware cluster that is one entry's split decides alike in all its CTAs, so it skips them when the
+  // entry is not emitted (most decode steps of an HCA layer).
+  const bool cluster_barriers = hardware_cluster > 1 && (e.emitting || a.cluster_ctas != hardware_cluster);
+  // A decode step's CTA that completes no entry (CTA-uniform; most steps) reads no state: its threads store the
+  // token's row they loaded (no previous halves: those come with a completed window) and leave.
+  if (kSliceUpdates && a.idle_decode_exits && !e.emitting && !cluster_barriers) {
+    if (place.real) update_state<true>(a, r, slice, early);
+    trace_point<kTrace>(trace, COMPRESSOR_TRACE_END);
+    return;
+  }
 
   RopeFactors rope{1.0f, 0.0f};
   if (e.emitting && t.active) {
@@ -932,11 +923,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
-  // The cluster barriers: every CTA of the hardware cluster arrives (padding and non-emitting ones too); the second
-  // arrival says this CTA has read the others' sums, and each waits for it before leaving (freeing its shared
-  // memory). A hardware cluster that is one entry's split decides alike in all its CTAs, so it skips them when the
-  // entry is not emitted (most decode steps of an HCA layer).
-  const bool cluster_barriers = hardware_cluster > 1 && (e.emitting || a.cluster_ctas != hardware_cluster);
   finish_entry(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
@@ -957,8 +943,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 // window_softmax (one pass; the staged path's expf batches with online rescales and group merges cost ≈ 400 more
 // instructions per thread: GPU round s19-2, H200, the CSA pair 33.4 vs 28.6 µs). The RMSNorm sums the same 64-channel
 // blocks in the same order as the staged path (a 16-lane butterfly over pairs is its 32-lane one). The state: tickets
-// per entry as there; the run's last ticket-taking entry's CTA updates the whole state. Decode steps (runs of at most
-// `ratio` tokens) instead pool in the registers slot loads' order (their bits) and update per thread (LeanUpdate).
+// per entry as there; the run's last ticket-taking entry's CTA updates the whole state.
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
@@ -1006,32 +991,6 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// A channel's pooled value as the registers slot loads make it with kGroups slot groups (bit for bit): group g's
-// online softmax over slots g, g + kGroups, … in batches of kSlotBatch (past the window: weight 0), then the groups'
-// partials merged in order. value / score: the window's slots in order, valid: slot s lies in the sequence.
-template <int kGroups>
-__device__ __forceinline__ float grouped_window_softmax(const float (&value)[kLeanSlots],
-                                                        const float (&score)[kLeanSlots],
-                                                        const bool (&valid)[kLeanSlots], int slots) {
-  OnlineSoftmax part[kGroups];
-#pragma unroll
-  for (int g = 0; g < kGroups; ++g)
-#pragma unroll
-    for (int s0 = g; s0 < kLeanSlots; s0 += kSlotBatch * kGroups) {
-      if (s0 >= slots) break;
-      float v[kSlotBatch], sc[kSlotBatch];
-#pragma unroll
-      for (int k = 0; k < kSlotBatch; ++k) {
-        const int slot = s0 + k * kGroups;
-        const bool ok = slot < kLeanSlots && slot < slots && valid[slot < kLeanSlots ? slot : 0];
-        v[k] = ok ? value[slot < kLeanSlots ? slot : 0] : 0.0f;
-        sc[k] = ok ? score[slot < kLeanSlots ? slot : 0] : kNegativeInfinity;
-      }
-      part[g].add(v, sc);
-    }
-  return merge_partials(kGroups, [&](int g) { return part[g]; });
-}
-
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
 // window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
 // channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
@@ -1053,76 +1012,8 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
   }
 }
 
-// A lean decode step's state update for the thread's channels (channel .. channel + 3 of each half). The run has at
-// most `ratio` tokens, so what the thread reads of the state (its pooling's slots and these sources) holds every
-// value its stores overwrite, in its own columns: loads before stores in one thread, no ticket, no barrier. Loaded
-// before the pooling: CSA's new previous halves (the completed window's first halves) and the incomplete window's
-// first token; a run's further tokens load after.
-struct LeanUpdate {
-  Quad previous_value[kLeanSlots / 2], previous_score[kLeanSlots / 2];
-  Quad window_value[2], window_score[2];
-  int64_t previous_base, window_from, end;
-  bool completes;
-};
-
-__device__ __forceinline__ LeanUpdate load_lean_update(const PoolArgs& a, const RunView& r, int channel) {
-  LeanUpdate u;
-  u.end = r.start + r.tokens;
-  const int64_t end_window = ratio_div(a, u.end);
-  u.completes = a.overlapping && end_window > ratio_div(a, r.start);
-  u.previous_base = (end_window - 1) * a.ratio;
-  u.window_from = max(r.start, end_window * a.ratio);
-  if (u.completes)
-#pragma unroll
-    for (int s = 0; s < kLeanSlots / 2; ++s)
-      if (s < a.ratio) {
-        const SlotSource source = slot_source<false>(a, r, u.previous_base + s, channel);
-        u.previous_value[s] = load_quad(source.value), u.previous_score[s] = load_quad(source.score);
-      }
-  if (u.window_from < u.end)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (h == 0 || a.overlapping) {
-        const int64_t offset = (u.window_from - r.start) * a.row_stride + h * a.c + channel;
-        u.window_value[h] = load_quad(r.kv + offset), u.window_score[h] = load_quad(r.gate + offset);
-      }
-  return u;
-}
-
-__device__ __forceinline__ void store_quad(float* p, const Quad& q) {
-  *reinterpret_cast<float4*>(p) = make_float4(q.v[0], q.v[1], q.v[2], q.v[3]);
-}
-
-__device__ __forceinline__ void store_lean_update(const PoolArgs& a, const RunView& r, const LeanUpdate& u,
-                                                  int channel) {
-  if (u.completes)
-#pragma unroll
-    for (int s = 0; s < kLeanSlots / 2; ++s)
-      if (s < a.ratio) {
-        store_quad(r.state.previous_kv + s * a.c + channel, u.previous_value[s]);
-        store_quad(r.state.previous_score + s * a.c + channel, u.previous_score[s]);
-      }
-  const int64_t width = width_of(a);
-  for (int64_t q = u.window_from; q < u.end; ++q)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (h == 0 || a.overlapping) {
-        Quad value = u.window_value[h], score = u.window_score[h];
-        if (q > u.window_from) {
-          const int64_t offset = (q - r.start) * a.row_stride + h * a.c + channel;
-          value = load_quad(r.kv + offset), score = load_quad(r.gate + offset);
-        }
-        const int64_t at = ratio_mod(a, q) * width + h * a.c + channel;
-        store_quad(r.state.window_kv + at, value);
-        store_quad(r.state.window_score + at, score);
-      }
-}
-
-// CTA `local` of a lean pool: its teams' entries. kDecode: every run of the launch has at most `ratio` tokens (one
-// entry row each); the pooling then takes the registers slot loads' softmax order (the same bits as that path), and
-// each thread updates its own columns of its run's state (LeanUpdate). kTrace: a traced launch (trace_point).
-template <bool kDecode, bool kTrace>
-__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
+// CTA `local` of a lean pool: its teams' entries.
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
@@ -1147,21 +1038,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
-  trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait && real) run = a.runs[run_index];
-  trace_point<kTrace>(trace, COMPRESSOR_TRACE_RUN_LOADED, uint32_t(run.tokens));
   const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
   const RunView& r = e.r;
-  const bool in_run = !kDecode && in_run_entry(a, e);  // team-uniform
-  LeanUpdate update;
-  if constexpr (kDecode) {
-    if (real) update = load_lean_update(a, r, channel);
-    if constexpr (kTrace)
-      if (real && (update.completes || update.window_from < update.end))
-        trace_point<kTrace>(trace, COMPRESSOR_TRACE_UPDATE_LOADED,
-                            __float_as_uint(update.completes ? update.previous_value[0].v[0]
-                                                             : update.window_value[0].v[0]));
-  }
+  const bool in_run = in_run_entry(a, e);  // team-uniform
   if (real && thread == 0) {
     if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
@@ -1180,35 +1060,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       for (int j = 0; j < 2; ++j)
         rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
-  if (kDecode && e.emitting) {
-    // The window's slots in order, each with its ape (the state holds scores as projected).
-    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
-    bool valid[kLeanSlots];
-#pragma unroll
-    for (int v = 0; v < kLeanSlots; ++v) {
-      const PooledSlot p = pooled_slot(a, e.w, v, slots, channel);
-      const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-      value[v] = load_quad(source.value), score[v] = load_quad(source.score), ape[v] = load_quad(source.ape);
-      valid[v] = p.valid;
-    }
-    look_up_entry();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float values[kLeanSlots], scores[kLeanSlots];
-#pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) {
-        values[v] = value[v].v[i];
-        scores[v] = score[v].v[i] + ape[v].v[i];
-      }
-      switch (a.registers_groups) {
-        case 1: pooled[i] = grouped_window_softmax<1>(values, scores, valid, slots); break;
-        case 2: pooled[i] = grouped_window_softmax<2>(values, scores, valid, slots); break;
-        case 4: pooled[i] = grouped_window_softmax<4>(values, scores, valid, slots); break;
-        default: pooled[i] = grouped_window_softmax<8>(values, scores, valid, slots); break;
-      }
-      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
-    }
-  } else if (!kDecode && e.emitting && in_run && a.lean_csa_windows) {
+  if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
@@ -1225,9 +1077,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
-  } else if (!kDecode && e.emitting) {
+  } else if (e.emitting) {
     Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
-    bool valid[kLeanSlots], from_run[kLeanSlots];
+    bool valid[kLeanSlots];
     if (in_run) {
       // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
       const int row_stride = int(a.row_stride);
@@ -1235,7 +1087,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         const int s = lean_slot(v, a.groups);
-        valid[v] = s < slots, from_run[v] = true;
+        valid[v] = s < slots;
         if (valid[v]) {
           const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
           value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
@@ -1247,7 +1099,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
         const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
         const SlotSource source = slot_source<true>(a, r, p.q, p.column);
         value[v] = load_quad(source.value), score[v] = load_quad(source.score);
-        valid[v] = p.valid, from_run[v] = source.in_run;
+        valid[v] = p.valid;
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
@@ -1263,9 +1115,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
-        const float sc = pooled_adds_ape(a, from_run[v]) ? score[v].v[i] + ape[v].v[i] : score[v].v[i];
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
-        scores[v] = valid[v] ? sc : kNegativeInfinity;
+        scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
       }
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
@@ -1281,13 +1132,12 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
   if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
   __syncthreads();  // also: every pooling read of the state is done (the ticket below)
-  trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED);
   float total = 0.0f;
   for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
 
   // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
-  const bool takes_ticket = !kDecode && real && !in_run;
-  if (!kDecode && thread == 0) {
+  const bool takes_ticket = real && !in_run;
+  if (thread == 0) {
     bool last = false;
     if (takes_ticket) {
       __threadfence();
@@ -1335,12 +1185,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     }
   }
 
-  trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
-  if constexpr (kDecode) {
-    if (real) store_lean_update(a, r, update, channel);
-    trace_point<kTrace>(trace, COMPRESSOR_TRACE_END);
-    return;
-  }
   // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
   __syncthreads();
   for (int i = 0; i < a.lean_teams; ++i) {
@@ -1356,9 +1200,11 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
 template <bool kTrace>
 __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
+  const int warp = int(threadIdx.x >> 5);
+  if (warp >= launch.prepare_rows_per_cta) return;  // warp-uniform
   wait_for_prior_grids();  // the queries and positions are earlier operations' outputs
   trace_point<kTrace>(launch.trace, COMPRESSOR_TRACE_PRIOR_DONE);
-  const int64_t row = (int64_t(blockIdx.x) - launch.prepare_first_cta) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t row = (int64_t(blockIdx.x) - launch.prepare_first_cta) * launch.prepare_rows_per_cta + warp;
   if (row >= launch.prepare.rows) return;  // warp-uniform
   const int lane = int(threadIdx.x & 31);
   switch (launch.prepare_head_dim) {
@@ -1378,7 +1224,7 @@ template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? (kSliceUpdates ? 2 : 3)
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1392,7 +1238,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kSliceUpdates, kTrace>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
+    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);

@@ -60,14 +60,12 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 // threads). Staged: cp.async copies into a shared-memory ring, several batches in flight without registers held
 // (CTAs up to 256 threads, an entry's slice at most 512 channels). Lean: 128-thread CTAs of up to four entries, four
 // channels per thread, a window's slots (at most 8) in one round of 16-byte loads from 32-bit offsets and a one-pass
-// softmax on the MUFU's 2^x (entries within ≈ 1e-6 of the other paths', not their bits; decode steps, runs of at most
-// `ratio` tokens, in the registers path's softmax order, its bits, each thread updating its own state columns
-// without tickets); head_dim 128, 256 or 512,
+// softmax on the MUFU's 2^x (entries within ≈ 1e-6 of the other paths', not their bits); head_dim 128, 256 or 512,
 // entries in one CTA each, kv, gate, ape, norm weights, state and the outputs 16-byte aligned (bf16: 8) with
 // row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4. Auto: for launches whose
-// runs complete several entries (prefill chunks) Lean where every pool takes it and one packs several entries per CTA
-// (head_dim below 512: a CSA layer's pair or its indexer compressor), else Staged where every slice fits (1.2-2.1×
-// faster than registers on an H200); Registers otherwise (decode steps, where Staged was 0.8-1.1×).
+// runs complete several entries (prefill chunks) Lean where every pool takes it (a CSA layer's compressors), else
+// Staged where every slice fits (1.2-2.1× faster than registers on an H200); Registers otherwise (decode steps, where
+// Staged was 0.8-1.1×).
 enum class CompressorSlotLoads { Registers, Staged, Lean, Auto };
 
 // One sequence's tokens in a launch (device memory).
