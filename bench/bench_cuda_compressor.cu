@@ -546,8 +546,8 @@ void print_trace(const std::string& title, const Touch& touch, bool cold, size_t
     std::printf("trace %s, %s: next kernel released %s µs after the prior kernel's end\n", title.c_str(),
                 cold ? "L2 evicted" : "L2 hot", released.c_str());
     if (!table) return;
-    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | finished | end |\n"
-                "|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | merged | normed | rounded | finished | "
+                "end |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (int c = 0; c < ctas; ++c) {
       const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
       if (r[COMPRESSOR_TRACE_START] == 0) continue;

@@ -716,9 +716,12 @@ __device__ __forceinline__ PoolSmem pool_smem(const PoolArgs& a, float* smem) {
 // group 0 merges its pair's partials, RMSNorm over the entry (square_sum: this CTA's sum, which the other CTAs of a
 // split read through distributed shared memory after the cluster barrier when cluster_sync; arrive_after_read: this
 // CTA's arrival on the next cluster barrier follows its reads), RoPE, the stored rounding and the output stores.
+// kTrace: a traced launch (trace_point).
+template <bool kTrace>
 __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem& e, const FinishThread& t,
                                              const RopeFactors& rope, const PoolSmem& s, float* warp_partials,
-                                             float* square_sum, bool cluster_sync, bool arrive_after_read) {
+                                             float* square_sum, bool cluster_sync, bool arrive_after_read,
+                                             uint64_t* trace) {
   const int c = a.c, channels = a.channels_per_cta;
   const bool owner = e.emitting && t.group == 0 && t.active;
   float v[2] = {0.0f, 0.0f};
@@ -733,6 +736,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
       if (a.round_pooled_to_bf16) v[j] = round_to_bf16(v[j]);
     }
   }
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_MERGED, __float_as_uint(v[0] + v[1]));
   // RMSNorm over all c channels: group 0's warps (0 .. pairs_padded / 32 − 1), then the entry's CTAs.
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const float warp_square_sum = warp_sum(pair_square(v[0], v[1]));
@@ -757,6 +761,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
     total = *square_sum;
   }
   if (!e.emitting) return;
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_NORMED, __float_as_uint(total));
 
   const int rope_begin = c - a.rope_dim;
   const float inv_rms = inverse_rms(total, static_cast<float>(c), a.norm_eps);
@@ -790,6 +795,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
       v[1] = s.entry_vector[2 * t.pair + 1];
     }
   }
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_ROUNDED, __float_as_uint(v[0] + v[1]));
   if (a.cache.pool != nullptr) {
     // Group 0's warps, each one 64-channel block of the entry (warp-uniform: every lane takes part).
     if (t.group == 0) {
@@ -923,7 +929,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     __threadfence();
     ticket = atomicAdd(r.state.finished_ctas, 1u);
   }
-  finish_entry(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true);
+  finish_entry<kTrace>(a, e, t, rope, s, warp_partials, &cta_square_sum, cluster_barriers, true, trace);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
 
   if (place.real) {

@@ -130,7 +130,8 @@ struct CompressorParams {
 
 // The points of a traced launch (CompressorParams::trace): the SM id, the CTA's start, its grid-dependency wait
 // passed, its run loaded, its first state-update loads arrived, the pooling's partials written (after the barrier),
-// the entry finished (stored), the state updated (the CTA's last stores issued). Preparation CTAs: start, wait, end.
+// thread 0's channels merged, the RMSNorm's sum known, the stored rounding done, the entry finished (stored), the
+// state updated (the CTA's last stores issued). Preparation CTAs: start, wait, end.
 enum CompressorTracePoint : int {
   COMPRESSOR_TRACE_SM,
   COMPRESSOR_TRACE_START,
@@ -138,6 +139,9 @@ enum CompressorTracePoint : int {
   COMPRESSOR_TRACE_RUN_LOADED,
   COMPRESSOR_TRACE_UPDATE_LOADED,
   COMPRESSOR_TRACE_POOLED,
+  COMPRESSOR_TRACE_MERGED,
+  COMPRESSOR_TRACE_NORMED,
+  COMPRESSOR_TRACE_ROUNDED,
   COMPRESSOR_TRACE_FINISHED,
   COMPRESSOR_TRACE_END,
   kCompressorTracePoints
