@@ -25,8 +25,9 @@
 // of the same shapes (a pool of 8 experts used in turn, 0.4-1 GB, so every GEMM reads its weights from HBM; no
 // routing, SwiGLU or combine). Reported: its time, and "x baseline" = baseline time / run_moe time.
 // Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--format mxfp4|nvfp4]
-//                       [--paths streamed,...]
-// (--paths: only those paths, e.g. to profile one kernel set).
+//                       [--paths streamed,...] [--trace]
+// (--paths: only those paths, e.g. to profile one kernel set; --trace: instead of timing, the expert launches'
+// timeline of one cold call at each T <= 8, see print_trace).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -382,6 +383,94 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   return results;
 }
 
+// --trace: the timeline of one cold call at T <= 8 (default streamed parameters, plain stream launches chained as in
+// a model step): both expert launches traced (MoeRunParams::trace_gate_up / trace_down), each point's median and
+// latest time over the launch's working warps, in µs from the gate/up launch's first CTA start; the shared
+// expert's CTAs (grid row 0) apart from the routed ones.
+void print_trace(const Model& model, int T, WeightFormat routed_format, cudaStream_t stream) {
+  const MoeConfig& c = model.config;
+  std::vector<DeviceMoeWeights> layers;
+  for (int l = 0; l < model.layers; ++l)
+    layers.push_back(
+        DeviceMoeWeights::synthetic(c, MoeSyntheticSpec{.routed_format = routed_format}, 1000 + uint64_t(l)));
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> host_u(size_t(T) * size_t(c.hidden));
+  for (float& v : host_u) v = normal(rng);
+  DeviceBuffer u(host_u.size() * sizeof(float), "u"), out(host_u.size() * sizeof(float), "out");
+  u.upload(host_u.data(), u.bytes());
+  const size_t workspace_bytes = moe_workspace_bytes(c, T);
+  DeviceBuffer workspace(workspace_bytes, "moe workspace");
+  prepare_moe_workspace(workspace.data(), workspace_bytes, stream);
+  const size_t words[2] = {moe_expert_trace_words(c, T, true), moe_expert_trace_words(c, T, false)};
+  DeviceBuffer traces[2] = {DeviceBuffer(words[0] * 8, "gate/up trace"), DeviceBuffer(words[1] * 8, "down trace")};
+  auto call = [&](int layer, bool traced) {
+    MoeRunParams p;
+    p.u = u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
+    p.workspace = workspace.data(), p.workspace_bytes = workspace_bytes;
+    if (traced) p.trace_gate_up = traces[0].as<uint64_t>(), p.trace_down = traces[1].as<uint64_t>();
+    run_moe(layers[size_t(layer)], p);
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+  };
+  for (int round = 0; round < 2; ++round) {  // the second round's traced call: warm code, cold weights
+    for (int l = 1; l < model.layers; ++l) call(l, false);
+    for (DeviceBuffer& t : traces) t.fill_bytes(0);
+    call(0, true);
+  }
+  std::vector<uint64_t> host[2];
+  for (int g = 0; g < 2; ++g) {
+    host[g].resize(words[g]);
+    traces[g].download(host[g].data(), words[g] * 8);
+  }
+  uint64_t t0 = ~0ull;
+  for (size_t w = 0; w < words[0] / kMoeTraceSlots; ++w)
+    if (host[0][w * kMoeTraceSlots + MOE_TRACE_START] != 0)
+      t0 = std::min(t0, host[0][w * kMoeTraceSlots + MOE_TRACE_START]);
+  const char* names[kMoeTraceSlots] = {};
+  names[MOE_TRACE_START] = "CTA start", names[MOE_TRACE_ISSUED] = "first copies issued";
+  names[MOE_TRACE_READY] = "inputs ready (wait passed)", names[MOE_TRACE_X_STAGED] = "x staged";
+  names[MOE_TRACE_WRITTEN] = "rows written", names[MOE_TRACE_END] = "end (after the combine)";
+  static const char* kStageNames[2 * kMoeTraceStages] = {
+      "stage 0 arrived", "stage 0 multiplied", "stage 1 arrived", "stage 1 multiplied", "stage 2 arrived",
+      "stage 2 multiplied", "stage 3 arrived", "stage 3 multiplied", "stage 4 arrived", "stage 4 multiplied",
+      "stage 5 arrived", "stage 5 multiplied", "stage 6 arrived", "stage 6 multiplied", "stage 7 arrived",
+      "stage 7 multiplied"};
+  for (int j = 0; j < 2 * kMoeTraceStages; ++j) names[MOE_TRACE_STAGE + j] = kStageNames[j];
+  const int64_t gate_up_bands = (c.intermediate + kMoeDownBandRows / 2 - 1) / (kMoeDownBandRows / 2);
+  const int64_t down_bands = (c.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+  std::printf("trace %s T=%d (%s routed experts), µs from the gate/up launch's first CTA start: median / latest over "
+              "the working warps, shared expert (grid row 0) | routed\n",
+              model.name, T, routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
+  for (int g = 0; g < 2; ++g) {
+    const int64_t bands = g == 0 ? gate_up_bands : down_bands;
+    std::set<uint64_t> sms;
+    int ctas = 0;
+    std::printf("| %s | shared median | shared latest | routed median | routed latest |\n|---|---|---|---|---|\n",
+                g == 0 ? "gate/up" : "down");
+    for (int slot = MOE_TRACE_START; slot < kMoeTraceSlots; ++slot) {
+      std::vector<double> times[2];
+      for (size_t w = 0; w < words[g] / kMoeTraceSlots; ++w) {
+        const uint64_t* r = host[g].data() + w * kMoeTraceSlots;
+        if (r[MOE_TRACE_READY] == 0 || r[slot] == 0) continue;  // CTAs without an item; points not reached
+        if (slot == MOE_TRACE_START && w % kMoeTraceWarpsPerCta == 0) ++ctas, sms.insert(r[MOE_TRACE_SM]);
+        const bool shared = int64_t(w / kMoeTraceWarpsPerCta) < bands;
+        times[shared ? 0 : 1].push_back(double(int64_t(r[slot] - t0)) * 1e-3);
+      }
+      if (times[0].empty() && times[1].empty()) continue;
+      std::printf("| %s |", names[slot]);
+      for (std::vector<double>& t : times) {
+        std::sort(t.begin(), t.end());
+        if (t.empty())
+          std::printf(" - | - |");
+        else
+          std::printf(" %.2f | %.2f |", t[t.size() / 2], t.back());
+      }
+      std::printf("\n");
+    }
+    std::printf("(%s: %d working CTAs on %zu SMs)\n", g == 0 ? "gate/up" : "down", ctas, sms.size());
+  }
+}
+
 }  // namespace
 }  // namespace dsv4::cuda
 
@@ -393,8 +482,11 @@ int main(int argc, char** argv) {
   std::set<Path> paths;
   for (const PathSpec& spec : kPaths) paths.insert(spec.path);
   WeightFormat routed_format = WeightFormat::MXFP4;
+  bool trace = false;
   for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
+    if (std::strcmp(argv[i], "--trace") == 0) {
+      trace = true;
+    } else if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
       json_path = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       model_filter = argv[++i];
@@ -436,7 +528,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] "
-                           "[--format mxfp4|nvfp4] "
+                           "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,"
@@ -453,6 +545,22 @@ int main(int argc, char** argv) {
     const DeviceInfo& device = devices.front();
     cudaStream_t stream;
     DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const Model models[] = {
+        {"flash", MoeConfig{.hidden = 4096, .intermediate = 2048, .experts = 256, .top_k = 6,
+                            .routed_scaling_factor = 1.5f, .swiglu_limit = 10.0f}, 4},
+        {"pro", MoeConfig{.hidden = 7168, .intermediate = 3072, .experts = 384, .top_k = 6,
+                          .routed_scaling_factor = 2.5f, .swiglu_limit = 10.0f}, 2},
+    };
+    if (trace) {
+      std::printf("device: %s (%d SMs)\n", device.name.c_str(), device.multiprocessors);
+      for (const Model& model : models) {
+        if (!model_filter.empty() && model_filter != model.name) continue;
+        for (const int T : token_counts)
+          if (T <= kMoeFusedCombineMaxTokens) print_trace(model, T, routed_format, stream);
+      }
+      DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
+      return 0;
+    }
     cublasHandle_t cublas = nullptr;
     BENCH_CUBLAS_CHECK(cublasCreate(&cublas));
     BENCH_CUBLAS_CHECK(cublasSetStream(cublas, stream));  // (resets the workspace: set it after)
@@ -463,12 +571,6 @@ int main(int argc, char** argv) {
                 "8192^3: %.0f TFLOP/s\n",
                 device.name.c_str(), device.multiprocessors, device.l2_bytes >> 20, floors.copy_gbps,
                 floors.tensor_tflops);
-    const Model models[] = {
-        {"flash", MoeConfig{.hidden = 4096, .intermediate = 2048, .experts = 256, .top_k = 6,
-                            .routed_scaling_factor = 1.5f, .swiglu_limit = 10.0f}, 4},
-        {"pro", MoeConfig{.hidden = 7168, .intermediate = 3072, .experts = 384, .top_k = 6,
-                          .routed_scaling_factor = 2.5f, .swiglu_limit = 10.0f}, 2},
-    };
     std::vector<Result> results;
     for (const Model& model : models) {
       if (!model_filter.empty() && model_filter != model.name) continue;

@@ -60,6 +60,15 @@ T* at(void* base, size_t offset) {
 
 size_t moe_workspace_bytes(const MoeConfig& config, int64_t tokens) { return workspace_layout(config, tokens).total; }
 
+size_t moe_expert_trace_words(const MoeConfig& config, int64_t tokens, bool gate_up) {
+  // The streamed launches' grid: bands × (work items + the split shared expert's second CTAs, at most one row).
+  const int64_t rows = gate_up ? config.intermediate : config.hidden;
+  const int64_t band_rows = gate_up ? kMoeDownBandRows / 2 : kMoeDownBandRows;
+  const int64_t bands = (rows + band_rows - 1) / band_rows;
+  const int64_t items = moe_max_work_items(tokens, config.experts, config.top_k, kMoeRowsPerWorkItem) + 1;
+  return size_t(bands * items) * kMoeTraceWarpsPerCta * kMoeTraceSlots;
+}
+
 bool moe_streams_experts(const MoeConfig& config, int64_t tokens) {
   return tokens * config.top_k <= kMoeStreamedRowsPerExpert * config.experts;
 }
@@ -191,11 +200,13 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .decode_router = p.decode_router,
   };
 
-  const MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
+  MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
   run_moe_routing(routing_params);
   mark_stage();
+  gemm.trace = p.trace_gate_up;
   run_moe_gate_up(gemm);
   mark_stage();
+  gemm.trace = p.trace_down;
   run_moe_down(gemm);
   mark_stage();
   if (fuses_combine(p)) {

@@ -100,7 +100,15 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
+  // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
+  // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
+  uint64_t* trace_gate_up = nullptr;
+  uint64_t* trace_down = nullptr;
 };
+
+// Entries of a traced expert launch's buffer (MoeRunParams::trace_gate_up / trace_down): kMoeTraceSlots per warp of
+// the launch's grid.
+size_t moe_expert_trace_words(const MoeConfig& config, int64_t tokens, bool gate_up);
 
 // Kernel launches run_moe makes for these parameters (a CUDA graph of the call has as many kernel nodes).
 int moe_launches(const DeviceMoeWeights& weights, const MoeRunParams& params);

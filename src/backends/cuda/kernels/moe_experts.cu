@@ -27,20 +27,26 @@ int max_dynamic_smem() {
   return bytes;
 }
 
-// The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only).
-template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false>
+// The one-tile (T <= 8) streamed kernel of these options (the head start exists for the down GEMM only; traced
+// launches, MoeExpertGemmParams::trace, with the lean decode only).
+template <moe::ExpertGemm G, bool kLean, bool kSplit, bool kColumns = false, bool kTrace = false>
 auto* one_tile_kernel(bool head_start) {
   if constexpr (G == moe::ExpertGemm::DOWN)
-    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns>;
-  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns>;
+    if (head_start) return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, true, kColumns, kTrace>;
+  return moe::moe_expert_streamed_kernel<G, false, kLean, kSplit, false, kColumns, kTrace>;
 }
 // The column stages replace every fp4 stage, so they come with the lean kernels only (the other stages are the same).
-template <moe::ExpertGemm G>
+template <moe::ExpertGemm G, bool kTrace = false>
 auto* one_tile_kernel(bool lean, bool split, bool head_start, bool columns) {
   if (columns)
-    return split ? one_tile_kernel<G, true, true, true>(head_start) : one_tile_kernel<G, true, false, true>(head_start);
-  return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
-              : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
+    return split ? one_tile_kernel<G, true, true, true, kTrace>(head_start)
+                 : one_tile_kernel<G, true, false, true, kTrace>(head_start);
+  if constexpr (kTrace)
+    return split ? one_tile_kernel<G, true, true, false, true>(head_start)
+                 : one_tile_kernel<G, true, false, false, true>(head_start);
+  else
+    return lean ? (split ? one_tile_kernel<G, true, true>(head_start) : one_tile_kernel<G, true, false>(head_start))
+                : (split ? one_tile_kernel<G, false, true>(head_start) : one_tile_kernel<G, false, false>(head_start));
 }
 
 // The x region of a streamed launch's GEMM of input size k_total: min(T, 16) rows of the whole K up to the cap, or
@@ -67,7 +73,8 @@ void launch_streamed(const MoeExpertGemmParams& p, moe::ExpertGemmArgs args, con
                   unsigned(p.max_work_items + (split ? 1 : 0)));
   auto* kernel = multi_tile ? (p.lean_decode ? moe::moe_expert_streamed_kernel<G, true, true>
                                              : moe::moe_expert_streamed_kernel<G, true, false>)
-                            : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
+                            : p.trace != nullptr ? one_tile_kernel<G, true>(true, split, p.down_head_start, columns)
+                                                 : one_tile_kernel<G>(p.lean_decode, split, p.down_head_start, columns);
   static PerDeviceCache<bool> configured;
   configured.get(reinterpret_cast<const void*>(kernel), [&] {
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -124,6 +131,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .combine = gate_up ? MoeFusedCombine{} : p.combine,
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
+      .trace = p.trace,
   };
 }
 
@@ -220,6 +228,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
   check(!p.down_head_start || p.streamed, "moe expert GEMM: the down head start is a streamed-kernel option");
   check(!p.column_stages || p.streamed, "moe expert GEMM: the column stages are a ",
         "streamed-kernel option");
+  check(p.trace == nullptr || (p.streamed && p.lean_decode && p.tokens <= tile::kTokensPerMma), "moe expert GEMM: ",
+        "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

@@ -99,7 +99,28 @@ struct ExpertGemmArgs {
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
+  uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
 };
+
+static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
+
+// A traced launch's point `slot` (MoeExpertGemmParams::trace): lane 0 of the warp stores the time.
+template <bool kTrace>
+__device__ __forceinline__ void trace_point(const ExpertGemmArgs& a, int slot) {
+  if constexpr (kTrace) {
+    if (threadIdx.x % tile::kWarpSize != 0) return;
+    uint64_t now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kExpertWarps + threadIdx.x / tile::kWarpSize;
+    uint64_t* record = a.trace + warp * kMoeTraceSlots;
+    if (slot == MOE_TRACE_START) {
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      record[MOE_TRACE_SM] = sm;
+    }
+    record[slot] = now;
+  }
+}
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per
 // sub-range; k ranges are multiples of the load granularity, so byte counts are multiples of 16), lanes 16..31 the
@@ -766,7 +787,7 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
 // (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
-          bool kCoherentX = false>
+          bool kCoherentX = false, bool kTrace = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
                                                   bool started, int part = 0) {
@@ -787,7 +808,10 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  if (!started) start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
+  if (!started) {
+    start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
+    trace_point<kTrace>(a, MOE_TRACE_ISSUED);
+  }
 
   int j = 0;                                                    // stages consumed by this warp over the item
   int refill = pass_stages == kStreamedSlots ? 0 : kStreamedSlots;  // stage within its pass of stage j + slots
@@ -821,6 +845,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       }
       __syncthreads();
+      if (pass == 0 && chunk_begin == 0) trace_point<kTrace>(a, MOE_TRACE_X_STAGED);
       [[maybe_unused]] const columns::LaneX column_x = columns::lane_x(x_tile, rows, chunk_end - chunk_begin);
       const int row_stride = tile::x_tile_row_stride(chunk_end - chunk_begin);
       const __nv_bfloat16* x_lane = x_tile + g * row_stride + (threadIdx.x % 4) * tile::kXChunk;
@@ -841,6 +866,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
+        if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j);
         if constexpr (kColumnStages) {
           const int step = (k0 - chunk_begin) / columns::kStepElements;
           const columns::LaneX x_stage{column_x.x + step * column_x.stride, column_x.stride};
@@ -855,6 +881,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
                                                           row_stride, lane_tiles, block_scales, sums, acc);
         }
         __syncwarp();  // every lane's reads of the slot precede the copy that refills it
+        if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j + 1);
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
                              full + slot);
@@ -871,6 +898,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     // no warp reads there).
     write_rows<F, G, NT, kPassRows, true>(a, w, acc, row0, row_begin, slice.k_part == 0 ? rows : 0, exchange);
   }
+  trace_point<kTrace>(a, MOE_TRACE_WRITTEN);
 }
 
 // kMultiTile: items may have more than 8 rows (T > 8); without it the kernel holds only the one-tile path, the
@@ -885,11 +913,13 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
 // the one-tile gate/up kernel then publishes. kColumns (one-tile kernels of T <= 2 launches;
 // MoeExpertGemmParams::column_stages): fp4 items by columns::multiply_stage.
 template <ExpertGemm G, bool kMultiTile, bool kLean, bool kSplitShared = false, bool kHeadStart = false,
-          bool kColumns = false>
+          bool kColumns = false, bool kTrace = false>
 __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(const ExpertGemmArgs a) {
   static_assert(!(kSplitShared && kMultiTile), "the split shared expert is a one-tile kernel");
   static_assert(!(kColumns && kMultiTile), "the column stages serve items of at most two rows");
   static_assert(!kHeadStart || (G == ExpertGemm::DOWN && !kMultiTile), "the head start is a one-tile down kernel");
+  static_assert(!(kTrace && kMultiTile), "traced launches are one-tile kernels");
+  trace_point<kTrace>(a, MOE_TRACE_START);
   constexpr int kSharedParts = kSplitShared ? 2 : 1;
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ uint64_t full_barriers[kExpertWarps][kStreamedSlots];
@@ -909,6 +939,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     const int expert = __ldcg(&a.work_items[item_index].expert);
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
+  if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
@@ -921,6 +952,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   } else if (!has_work_item_after_prior_grids(a, item_index)) {
     return;
   }
+  trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
   const MoeWorkItem item = a.work_items[item_index];
@@ -929,13 +961,14 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
-      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart>(a, expert, item, band, smem, full, true,
-                                                                            part);
+      run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                                    true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
-        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart>(a, expert, item, band, smem, full, started);
+        run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
+                                                                           started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });
@@ -943,6 +976,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
     publish_item_rows(a.item_counters, item_index);
   if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
+  trace_point<kTrace>(a, MOE_TRACE_END);
 }
 
 // Host side (moe_experts.cu): the kernel arguments of one grouped GEMM (streamed_x_bytes left 0), as the launchers

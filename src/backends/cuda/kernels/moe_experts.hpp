@@ -111,8 +111,30 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
+  // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
+  // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
+  // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
+  uint64_t* trace = nullptr;
   cudaStream_t stream = nullptr;
 };
+
+// The points of a traced launch (MoeExpertGemmParams::trace): the SM id, the CTA's start, its first weight copies
+// issued (0 where the CTA has no item), its item's inputs ready (the prior grids' wait or the item's gate/up CTAs
+// passed), x staged, for each of the first kMoeTraceStages stages its data in shared memory and its MMAs done, the
+// rows written, and the end (after the fused combine).
+inline constexpr int kMoeTraceStages = 8;
+enum MoeTraceSlot : int {
+  MOE_TRACE_SM = 0,
+  MOE_TRACE_START,
+  MOE_TRACE_ISSUED,
+  MOE_TRACE_READY,
+  MOE_TRACE_X_STAGED,
+  MOE_TRACE_STAGE,  // + 2·j: stage j's data arrived; + 2·j + 1: stage j multiplied
+  MOE_TRACE_WRITTEN = MOE_TRACE_STAGE + 2 * kMoeTraceStages,
+  MOE_TRACE_END,
+  kMoeTraceSlots
+};
+inline constexpr int kMoeTraceWarpsPerCta = 8;
 
 // Whether every matrix of these experts can be streamed through shared memory (16-byte aligned rows and scales, d
 // and I multiples of the formats' stages: 512 fp4, 256 FP8, 128 BF16 inputs, and at least two stages).
