@@ -1600,15 +1600,18 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const int projection_threads = 32 * warps;
   // Round A/B 2 (one token, one vector per thread): the thread's fn values (rows 8·nt + g of its 16 columns, all
   // streams) loaded from global memory into registers at the start, no bulk copies into shared memory.
+  // The fused hc_post (its update's registers) takes only the first two 8-row groups so, the third by bulk copy.
   constexpr bool kMayLoadFnDirect = kSingleToken && kVectors == 1;
+  constexpr int kDirectTiles = kPost ? 2 : kNTiles;
   const bool fn_direct = kMayLoadFnDirect && (args.experiment & 2) != 0;
-  float4 fn_direct_values[kMayLoadFnDirect ? kNTiles : 1][kStreams];
+  const int copied_rows_from = fn_direct ? 8 * kDirectTiles : 0;  // fn rows past the direct ones: by bulk copy
+  float4 fn_direct_values[kMayLoadFnDirect ? kDirectTiles : 1][kStreams];
   if constexpr (kMayLoadFnDirect) {
     if (fn_direct && !mixer) {
       const int g = lane >> 2, t4 = lane & 3;
       const float* const columns = args.fn + i0 + kSingleWarpDims * warp + 4 * t4;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt)
+      for (int nt = 0; nt < kDirectTiles; ++nt)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k)
           if (8 * nt + g < kRows)
@@ -1618,7 +1621,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   }
 
   if (tid == 0) {
-    const uint32_t fn_bytes = fn_direct ? 0u : uint32_t(kRows * kStreams * ds) * 4u;
+    const uint32_t fn_bytes = uint32_t(max(0, kRows - copied_rows_from) * kStreams * ds) * 4u;
     arm_exchange(&barriers[0], fn_bytes);
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
@@ -1629,7 +1632,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kStarted);
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  for (int c = fn_direct ? kRows * kStreams : tid; c < kRows * kStreams; c += int(blockDim.x)) {
+  for (int c = copied_rows_from * kStreams + tid; c < kRows * kStreams; c += int(blockDim.x)) {
     const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
@@ -1775,7 +1778,8 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
         for (int k = 0; k < kStreams; ++k) {
           float4 f;
           if constexpr (kMayLoadFnDirect)
-            f = fn_direct ? fn_direct_values[nt][k] : *reinterpret_cast<const float4*>(fn_row + k * ds);
+            f = fn_direct && nt < kDirectTiles ? fn_direct_values[min(nt, kDirectTiles - 1)][k]
+                                               : *reinterpret_cast<const float4*>(fn_row + k * ds);
           else
             f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
           part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
