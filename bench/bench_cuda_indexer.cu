@@ -47,6 +47,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
+#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/top_k.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/stream_timing.hpp"
@@ -209,6 +210,45 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   prepare_q(stream, false);
   prepare_q(stream, true);
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  // The queries' preparation with its RoPE factors read from a table of the context's positions (as the model's
+  // layers hold one) against the double sincos per pair, both formats; the same bits (checked here).
+  if (context <= 65536 && tokens <= 8) {
+    DeviceBuffer table(rope_table_bytes(kHeadDim / 4, context), "RoPE table");
+    run_rope_table({.table = table.as<float2>(),
+                    .frequencies = d_frequencies.as<float>(),
+                    .pairs = kHeadDim / 4,
+                    .positions = context,
+                    .stream = stream});
+    for (const bool fp8 : {false, true}) {
+      const size_t bytes = fp8 ? q_fp8.bytes() : q.bytes();
+      DeviceBuffer out(bytes, "prepared q (table)"), out_scales(q_scales.bytes(), "q scales (table)");
+      const auto prepare_with_table = [&](cudaStream_t on) {
+        run_indexer_prepare({.input = q_raw.as<float>(),
+                             .output = fp8 ? nullptr : out.as<__nv_bfloat16>(),
+                             .output_fp8 = fp8 ? out.as<uint8_t>() : nullptr,
+                             .output_scales = fp8 ? out_scales.as<float>() : nullptr,
+                             .tokens = tokens,
+                             .heads = kHeads,
+                             .head_dim = kHeadDim,
+                             .positions = d_positions.as<int64_t>(),
+                             .rope_table = table.as<float2>(),
+                             .rope_dim = kHeadDim / 2,
+                             .reference_rounding = reference_q,
+                             .stream = on});
+      };
+      const double table_us = graph_us(stream, 20, prepare_with_table);
+      const double sincos_us = graph_us(stream, 20, [&](cudaStream_t on) { prepare_q(on, fp8); });
+      DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<uint8_t> a(bytes), b(bytes);
+      out.download(a.data(), bytes);
+      (fp8 ? q_fp8 : q).download(b.data(), bytes);
+      check(a == b, "bench: the RoPE table's prepared queries differ from the sincos ones");
+      const double prepare_bytes = double(tokens) * kHeads * kHeadDim * (4 + (fp8 ? 1 : 2));
+      rows.push_back({"indexer_prepare, RoPE table", shape + (fp8 ? ", fp8" : ", bf16"), table_us,
+                      prepare_bytes / (copy_gbps * 1e3), sincos_us, prepare_bytes, 0.0,
+                      "64 heads, rope 64; baseline: a double sincos per pair (same bits, checked)"});
+    }
+  }
 
   // Keys rotate over copies beyond the L2 (bf16 and fp8 alike), so every call streams them from HBM; at most 2048
   // copies (a context of a few hundred tokens stays in L2, as the compressor that just wrote them leaves it).

@@ -28,6 +28,7 @@
 #include "backends/cuda/device.hpp"
 #include "backends/cuda/device_matrix.hpp"
 #include "backends/cuda/kernels/indexer.hpp"
+#include "backends/cuda/kernels/rope.hpp"
 #include "backends/cuda/kernels/top_k.cuh"
 #include "backends/cuda/kernels/top_k.hpp"
 #include "core/bf16.hpp"
@@ -98,6 +99,33 @@ void check_prepare(int64_t tokens, int64_t heads, int64_t head_dim, int64_t rope
                        .reference_rounding = reference});
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = bf16_to_floats(from_device<uint16_t>(d_out, x.size()));
+  if (rope_dim > 0) {
+    // The factors from a RoPE table (rope.hpp) give the sincos path's bits, at positions below its rows.
+    constexpr int64_t kTableRows = 8192;
+    std::vector<int64_t> near = positions;
+    for (auto& p : near) p %= kTableRows;
+    const DeviceBuffer d_near = to_device(near, "positions below the table's rows");
+    DeviceBuffer table(rope_table_bytes(rope_dim / 2, kTableRows), "RoPE table");
+    run_rope_table({.table = table.as<float2>(), .frequencies = d_freq.as<float>(), .pairs = rope_dim / 2,
+                    .positions = kTableRows});
+    std::vector<uint16_t> outputs[2];
+    for (const bool use_table : {false, true}) {
+      d_out.fill_bytes(0xFF);
+      run_indexer_prepare({.input = d_x.as<float>(),
+                           .output = d_out.as<__nv_bfloat16>(),
+                           .tokens = tokens,
+                           .heads = heads,
+                           .head_dim = head_dim,
+                           .positions = d_near.as<int64_t>(),
+                           .rope_frequencies = use_table ? nullptr : d_freq.as<float>(),
+                           .rope_table = use_table ? table.as<float2>() : nullptr,
+                           .rope_dim = rope_dim,
+                           .reference_rounding = reference});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      outputs[use_table] = from_device<uint16_t>(d_out, x.size());
+    }
+    EXPECT_EQ(outputs[0], outputs[1]) << "the RoPE table's prepared vectors differ from the sincos ones";
+  }
   int failures = 0;
   for (size_t i = 0; i < got.size() && failures < 10; ++i) {
     // Reference rounding leaves bf16 values (exact); exact mode is the bf16 of the CPU's fp32 result.

@@ -1040,7 +1040,7 @@ struct CudaModel::Impl {
     else
       prepare.output = scratch.qi_bf16;
     prepare.tokens = shape.tokens, prepare.heads = c.indexer.num_heads, prepare.head_dim = c.indexer.head_dim;
-    prepare.positions = in.positions, prepare.rope_frequencies = frequencies[size_t(layer)].as<float>();
+    prepare.positions = in.positions, prepare.rope_table = layer_rope_table[size_t(layer)];
     prepare.rope_dim = c.rope_head_dim, prepare.reference_rounding = reference(), prepare.stream = lane.stream;
     return prepare;
   }

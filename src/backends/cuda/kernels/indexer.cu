@@ -349,7 +349,9 @@ void check_indexer_prepare_params(const IndexerPrepareParams& p) {
   check(p.input != nullptr, "indexer_prepare: null input");
   check(p.input_row_stride == 0 || p.input_row_stride >= p.heads * p.head_dim, "indexer_prepare: input_row_stride ",
         p.input_row_stride, " < heads · head_dim = ", p.heads * p.head_dim);
-  if (p.rope_frequencies != nullptr) {
+  check(p.rope_frequencies == nullptr || p.rope_table == nullptr,
+        "indexer_prepare: give rope_frequencies or rope_table, not both");
+  if (p.rope_frequencies != nullptr || p.rope_table != nullptr) {
     check(p.positions != nullptr, "indexer_prepare: RoPE needs positions");
     check(p.rope_dim > 0 && p.rope_dim % 2 == 0 && p.rope_dim <= p.head_dim, "indexer_prepare: rope_dim ", p.rope_dim,
           " must be even and within head_dim ", p.head_dim);

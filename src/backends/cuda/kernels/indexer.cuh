@@ -185,6 +185,7 @@ struct PrepareArgs {
   int64_t heads;
   const int64_t* positions;
   const float* rope_frequencies;
+  const float2* rope_table;
   int rope_dim;
   bool reference_rounding;
 };
@@ -203,12 +204,13 @@ inline PrepareArgs prepare_args(const IndexerPrepareParams& p) {
                      .heads = p.heads,
                      .positions = p.positions,
                      .rope_frequencies = p.rope_frequencies,
+                     .rope_table = p.rope_table,
                      .rope_dim = int(p.rope_dim),
                      .reference_rounding = p.reference_rounding};
 }
 
-// One vector (row < rows) by one warp: RoPE on the last rope_dim dims, then the rounding, then bf16 (or fp8 + scale)
-// out. Its input and positions are earlier kernels' outputs: call after wait_for_prior_grids.
+// One vector (row < rows) by one warp: RoPE on the last rope_dim dims (factors from the table, else by sincos), then
+// the rounding, then bf16 (or fp8 + scale) out. Its input and positions are earlier kernels' outputs: call after wait_for_prior_grids.
 template <int kHeadDim>
 __device__ __forceinline__ void prepare_row(const PrepareArgs& args, int64_t row, int lane) {
   constexpr int kPerLane = kHeadDim / 32;
@@ -217,7 +219,12 @@ __device__ __forceinline__ void prepare_row(const PrepareArgs& args, int64_t row
   float v[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) v[i] = in[i];
-  if (args.rope_frequencies != nullptr) {
+  if (args.rope_table != nullptr) {
+    const int64_t position = args.positions[row / args.heads];
+    warp_apply_rope<kPerLane>(v, lane, kHeadDim, args.rope_dim, [&](int pair) {
+      return rope_table_factors(args.rope_table, args.rope_dim / 2, position, pair);
+    });
+  } else if (args.rope_frequencies != nullptr) {
     const int64_t position = args.positions[row / args.heads];
     warp_apply_rope<kPerLane>(v, lane, kHeadDim, args.rope_dim,
                               [&](int pair) { return rope_factors(position, args.rope_frequencies[pair]); });

@@ -54,8 +54,10 @@ struct IndexerPrepareParams {
   int64_t tokens = 0;                  // rows = tokens · heads
   int64_t heads = 1;                   // vectors per token (index heads for q, 1 for keys)
   int64_t head_dim = 128;
-  const int64_t* positions = nullptr;  // device [tokens]; needed with rope_frequencies
-  const float* rope_frequencies = nullptr;  // device [rope_dim / 2] (RopeTable::frequencies()); null: no RoPE
+  const int64_t* positions = nullptr;  // device [tokens]; needed with RoPE
+  const float* rope_frequencies = nullptr;  // device [rope_dim / 2] (RopeTable::frequencies()), or
+  const float2* rope_table = nullptr;  // device [positions, rope_dim / 2]: their factors (rope.hpp; rows past every
+                                       // position); the same bits without a double sincos per pair. Neither: no RoPE
   int64_t rope_dim = 0;
   bool reference_rounding = false;     // Hadamard + bf16 + fp4/32 (reference numerics) instead of plain bf16
   cudaStream_t stream = nullptr;
