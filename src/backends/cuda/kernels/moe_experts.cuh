@@ -863,6 +863,11 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
+        // FP8 (the shared expert): global loads at the loaded HBM latency on each stage's path, the likely cause of
+        // round s20-2's trace (bench_cuda_moe --trace, H200, V4-Flash T = 1): the shared CTAs' stage 0 took 5.3 µs
+        // (gate/up) and 2.8 µs (down) from its data's arrival to its MMAs' end against 1.4 and 0.9 µs for the routed
+        // fp4 CTAs, and the shared down CTAs ended the launch (latest 41.5 µs against 39.9). Next: the scales with
+        // the stage's copies, or all of a warp's before its wait.
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
