@@ -258,7 +258,6 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     const auto kernel = fused_post ? mhc::hc_single_cluster_kernel_traced<false, true, 0, 1>
                                    : mhc::hc_single_cluster_kernel_traced<false, false, 0, 1>;
     const int threads = mhc::single_cluster_threads(int(d), false);
-    const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round A/B, to be removed
     const int smem = mhc::single_cluster_smem_bytes(int(d), false);
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -277,35 +276,11 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
     args.post = post.as<float>();
     args.comb = comb.as<float>();
     args.norm_weight = norm_weight.as<float>();
-    args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
     if (fused_post) {
       args.out = out.as<float>();
       args.post_in = post_in.as<float>();
       args.comb_in = comb_in.as<float>();
       args.X_out = X_out.as<float>();
-    }
-    if (args.experiment != 0) {
-      // Round A/B: the outputs of the variant against the default's, bit for bit.
-      const auto outputs = [&](int experiment) {
-        mhc::DecodeSiteArgs a = args;
-        a.experiment = experiment;
-        launch_chained(kernel, dim3(mhc::kSingleClusterCtas), dim3(unsigned(threads)), size_t(smem), stream,
-                       dim3(mhc::kSingleClusterCtas), "traced single-cluster kernel", a);
-        DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-        std::vector<uint32_t> host(size_t(flat + 2 * d + kN + kN * kN));
-        uint32_t* at = host.data();
-        for (const auto& [buffer, words] : {std::pair<const DeviceBuffer*, int64_t>{&X_out, flat}, {&y, d},
-                                            {&y_bf16, d / 2}, {&post, kN}, {&comb, kN * kN}}) {
-          buffer->download(at, size_t(words) * 4);
-          at += words;
-        }
-        return host;
-      };
-      const std::vector<uint32_t> reference = outputs(0), variant = outputs(args.experiment);
-      size_t differing = 0;
-      for (size_t i = 0; i < reference.size(); ++i) differing += reference[i] != variant[i];
-      std::printf("bits: %s T=1 DSV4_MHC_DECODE=%d against 0: %zu of %zu words differ\n",
-                  fused_post ? "hc_post_pre + norm" : "hc_pre + norm", args.experiment, differing, reference.size());
     }
     for (const bool behind_filler : {false, true}) {
       std::vector<std::vector<double>> slowest(kPhases), first(kPhases), cycles(kPhases);
@@ -337,9 +312,9 @@ void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
         std::sort(v.begin(), v.end());
         return v[v.size() / 2];
       };
-      std::printf("trace: V4-Flash T=1 %s (single-cluster kernel, %s, DSV4_MHC_DECODE=%d), median of %d launches\n",
+      std::printf("trace: V4-Flash T=1 %s (single-cluster kernel, %s), median of %d launches\n",
                   fused_post ? "hc_post_pre + norm" : "hc_pre + norm",
-                  behind_filler ? "behind the full-card filler" : "alone", args.experiment, runs);
+                  behind_filler ? "behind the full-card filler" : "alone", runs);
       std::printf("| mark | ns after the first CTA's start (slowest CTA) | ns (CTA 0) | CTA 0 cycles after its grid "
                   "wait |\n|---|---|---|---|\n");
       for (int p = 0; p < kPhases; ++p)
@@ -361,11 +336,10 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
-  std::vector<std::string> env_sweep;  // round A/B: NAME=VALUE settings timed beside the default
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
-                 "[--model TEXT] [--env-sweep NAME=VALUE;...] | --trace [--iterations N]\n");
+                 "[--model TEXT] | --trace [--iterations N]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -388,13 +362,6 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
-    } else if (std::strcmp(argv[i], "--env-sweep") == 0 && i + 1 < argc) {
-      for (std::string_view list = argv[++i]; !list.empty();) {
-        const size_t end = std::min(list.find(';'), list.size());
-        env_sweep.emplace_back(list.substr(0, end));
-        if (env_sweep.back().find('=') == std::string::npos) return usage();
-        list.remove_prefix(std::min(end + 1, list.size()));
-      }
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else {
@@ -489,16 +456,6 @@ int main(int argc, char** argv) {
           table.push_back({kernel, model, d, T, ms * 1e3, graph_ms * 1e3, bytes, gbps, 100.0 * gbps / copy_gbps,
                            baseline_ms * 1e3});
         };
-        // Round A/B: the launches under each NAME=VALUE environment setting beside the default, in this run.
-        const auto sweep_env = [&](const char* name, const auto& body, double bytes) {
-          for (const std::string& setting : env_sweep) {
-            const size_t equals = setting.find('=');
-            const std::string variable = setting.substr(0, equals);
-            setenv(variable.c_str(), setting.c_str() + equals + 1, 1);
-            record((std::string(name) + " (" + setting + ")").c_str(), body, bytes, 0.0);
-            unsetenv(variable.c_str());
-          }
-        };
         const double x_bytes = double(T * flat) * 4, td_bytes = double(T * d) * 4;
         const bool decode_sized = T <= kHcDecodeMaxTokens;
         // The full-card filler over its own 8 MB per set (cold, as the rotation evicts it); decode sizes only.
@@ -560,7 +517,6 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
-        sweep_env("hc_pre", hc_pre, pre_bytes);
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -595,7 +551,6 @@ int main(int argc, char** argv) {
           };
           record("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, pre_then_norm));
-          sweep_env("hc_pre + attn_norm (fused)", pre_fused_norm, pre_bytes + double(d) * 4 + double(T * d) * 2);
           const auto async_kernel = [&](int i) {
             Set& s = set(i);
             run_pre(s, s.post, s.comb, HcKernelChoice::CLUSTER_ASYNC);
@@ -614,7 +569,6 @@ int main(int argc, char** argv) {
                  pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, pre_then_norm));
           record("filler + hc_pre + attn_norm (fused, default: single-cluster kernel)", after_filler(pre_fused_norm),
                  0.0, 0.0);
-          sweep_env("filler + hc_pre + attn_norm (fused)", after_filler(pre_fused_norm), 0.0);
           record("filler + hc_pre + attn_norm (fused, asynchronous cluster kernel)", after_filler(async_fused_norm),
                  0.0, 0.0);
         }
@@ -641,7 +595,6 @@ int main(int argc, char** argv) {
         const double mix_bytes = double(T * (kN + kN * kN)) * 4;
         const double post_pre_bytes = td_bytes + 2 * x_bytes + double(kSiteRows * flat) * 4 + td_bytes + 2 * mix_bytes;
         record("hc_post_pre (in place)", hc_post_pre, post_pre_bytes, time_ms(stream, iterations, hc_post_then_pre));
-        sweep_env("hc_post_pre (in place)", hc_post_pre, post_pre_bytes);
         const auto roles_post_pre = [&](int i) {
           run_post_pre(set(i), HcKernelChoice::PERSISTENT_WARP_SPECIALIZED, false);
         };
@@ -664,7 +617,6 @@ int main(int argc, char** argv) {
           const auto fused_norm = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true); };
           record("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2,
                  time_ms(stream, iterations, then_norm));
-          sweep_env("hc_post_pre + norm (fused)", fused_norm, post_pre_bytes + double(d) * 4 + double(T * d) * 2);
           // The share of Sinkhorn's serial chain in the fused site (the model's second mHC site of every layer).
           const auto fused_norm_one_iteration = [&](int i) { run_post_pre(set(i), HcKernelChoice::AUTO, true, 1); };
           record("hc_post_pre + norm (fused, 1 Sinkhorn iteration)", fused_norm_one_iteration,
@@ -674,7 +626,6 @@ int main(int argc, char** argv) {
                  post_pre_bytes + double(d) * 4 + double(T * d) * 2, time_ms(stream, iterations, then_norm));
           record("filler + hc_post_pre + norm (fused, default: single-cluster kernel)", after_filler(fused_norm), 0.0,
                  0.0);
-          sweep_env("filler + hc_post_pre + norm (fused)", after_filler(fused_norm), 0.0);
           record("filler + hc_post_pre + norm (fused, asynchronous cluster kernel)", after_filler(async_norm), 0.0,
                  0.0);
         }
@@ -702,7 +653,6 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
-        sweep_env("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes);
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
@@ -716,7 +666,6 @@ int main(int argc, char** argv) {
           const double head_norm_bytes = x_bytes + double(kN * flat) * 4 + td_bytes + double(d) * 4 + double(T * d) * 2;
           const auto fused_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };
           record("hc_head + norm (fused)", fused_norm, head_norm_bytes, 0.0);
-          sweep_env("hc_head + norm (fused)", fused_norm, head_norm_bytes);
           const auto async_kernel = [&](int i) { run_head(set(i), HcKernelChoice::CLUSTER_ASYNC); };
           record("hc_head (asynchronous cluster kernel)", async_kernel, x_bytes + double(kN * flat) * 4 + td_bytes,
                  0.0);

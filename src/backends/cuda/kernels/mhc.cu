@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -147,8 +146,6 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
         " tokens × ", config.slices, " slices exceed the workspace words a launch can index");
   args.slices = int(config.slices);
   args.tiles = int(config.token_tiles);
-  const char* experiment = std::getenv("DSV4_MHC_PERSISTENT");  // round A/B, to be removed
-  args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   auto* base = static_cast<unsigned char*>(workspace);
   args.header = reinterpret_cast<unsigned*>(base);
   args.sums = reinterpret_cast<unsigned long long*>(base + mhc::kHeaderBytes);
@@ -345,13 +342,10 @@ void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t 
   }
   const int64_t clusters = ceil_div(args.tokens, mhc::kTileTokens);
   check(clusters <= 0x7FFFFFFF / mhc::kSingleClusterCtas, op, ": ", args.tokens, " tokens exceed the launch limit");
-  mhc::DecodeSiteArgs launch_args = args;
-  const char* experiment = std::getenv("DSV4_MHC_DECODE");  // round A/B, to be removed
-  launch_args.experiment = experiment != nullptr ? std::atoi(experiment) : 0;
   launch_chained(kernel, dim3(unsigned(clusters * mhc::kSingleClusterCtas)),
                  dim3(unsigned(mhc::single_cluster_threads(args.hidden, kHead))),
                  size_t(mhc::single_cluster_smem_bytes(args.hidden, kHead)), stream, dim3(mhc::kSingleClusterCtas),
-                 op, launch_args);
+                 op, args);
 }
 
 template <bool kHead, bool kPost>

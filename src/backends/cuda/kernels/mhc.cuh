@@ -191,7 +191,6 @@ struct ProjectionArgs : SiteArgs {
   unsigned* header;                // [0] launch epoch, [1] finished CTAs
   unsigned long long* sums;        // [tiles][partial rows][16] tagged: Σ over the slices
   unsigned long long* partials;    // [tiles][S][partial rows][16] tagged
-  int experiment;  // round A/B (DSV4_MHC_PERSISTENT, to be removed): 1 pre by the group's first threads (the old map)
 };
 
 __device__ inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -793,7 +792,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   };
 
   // The collapse's Σx² and pre sums: thread 4·t + k of the collapsing threads reads token t's Σx² and row 1 + k.
-  const int pre_index = (args.experiment & 1) ? ltid : kThreads - 1 - ltid;
+  // Counted from the group's last thread: the last warps have the fewest publication items and slice sums (against the
+  // first 64 threads, session 20, H200, V4-Flash 4096 tokens, same run: hc_pre 214.4 -> 208.5 µs, hc_post_pre 359.2 ->
+  // 347.4, hc_head 147.4 -> 130.9; same bits).
+  const int pre_index = kThreads - 1 - ltid;
   const int pre_t = pre_index / kStreams, pre_k = pre_index % kStreams;
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
@@ -1053,10 +1055,6 @@ inline constexpr int kGatherPasses = 3;
 struct DecodeSiteArgs : SiteArgs {
   const float* norm_weight;
   bool norm_round_to_bf16;
-  // Round A/B (DSV4_MHC_DECODE, to be removed): 1 the projection warps' cluster wait right after the grid-dependency
-  // wait; 2 one token's fn straight into registers (no bulk copies); 8 the mix warp's old sums (Σx² first, the mix
-  // sums after, post's sigmoid in a branch).
-  int experiment;
 };
 
 struct ClusterDecodeArgs : DecodeSiteArgs {
@@ -1455,6 +1453,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) hc_cluster_decode_kernel(co
 //   cluster reads all of fn, from L2 after the first), in as many waves as the card needs; no cross-tile hop, unlike
 //   the persistent kernel's two global hops per tile (V4-Flash 64 tokens with the output norm: 9.7 µs against
 //   17.4 for the persistent kernel + rms_norm, H200, session 17).
+// - Session 20 (H200, bench_cuda_mhc --trace, V4-Flash T = 1 hc_post_pre + norm, CTA 0's cycles after the
+//   grid-dependency wait): the CTA starts ≈ 2,900 cycles before it (its fn copies issued ≈ 2,700 after its start,
+//   however many warps issue them), X loaded and updated +1,100, fn landed +1,300, projected +2,100, exchange 1 in
+//   +3,500, pre +4,300, exchange 2 in +5,900, outputs +7,000; the mix warp's first rows +4,800, comb +7,700 (the tail).
+//   A cluster exchange itself takes 100-300 ns; the phases between them the rest. ncu (caches flushed): 12.8 cycles per
+//   issued instruction, of them long scoreboard 4.0, wait 1.5, barrier 1.5, short scoreboard 1.2, no instruction 0.8,
+//   constant cache misses 0.7. Tried and removed (same bits; bench T = 1 graph µs, hc_pre + norm / hc_post_pre + norm,
+//   alone and behind a full-card kernel, against 4.4 / 4.9 and 9.5 / 9.8): fn's copies by one lane of every warp (4.4 /
+//   5.0, 9.5 / 10.2), fn into registers from shared memory before the grid-dependency wait (4.0 alone, 9.9 behind), fn
+//   straight from global memory into registers with no bulk copies (3.9 / 4.5 alone but 11.1 / 11.2 behind), a barrier
+//   per 8 fn rows (level), the cluster wait right after the grid-dependency wait (level; behind: 10.1, Pro 11.5 vs
+//   10.7), Sinkhorn's reciprocals one per lane with shuffles (4.5 / 5.1), Σy² formed by every CTA from the whole token
+//   staged by TMA instead of exchange 2 (5.1 / 5.9: 16 SMs read the same 64 KB).
 inline constexpr int kSingleClusterCtas = 16;
 
 // Where the single-cluster kernel marks its phases for bench_cuda_mhc --trace, which defines
@@ -1468,7 +1479,7 @@ enum class SingleClusterPhase : int {
   kCopiesIssued,     // its share of fn's copies issued
   kGridWait,         // past the grid-dependency wait
   kXLoaded,          // its X values in registers (updated by the fused hc_post)
-  kFnLoaded,         // its fn values landed (one token: in registers)
+  kFnLoaded,         // fn's copies landed
   kProjected,        // its partial sums in shared memory, the CTA's warps synchronised
   kExchangeSent,     // its exchange-1 stores issued
   kExchanged,        // exchange 1 received
@@ -1598,30 +1609,9 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const int64_t flat = int64_t(kStreams) * d;
   const bool mixer = !kHead && warp == warps;  // hc_pre / hc_post_pre: the last warp runs token `rank`'s mix
   const int projection_threads = 32 * warps;
-  // Round A/B 2 (one token, one vector per thread): the thread's fn values (rows 8·nt + g of its 16 columns, all
-  // streams) loaded from global memory into registers at the start, no bulk copies into shared memory.
-  // The fused hc_post (its update's registers) takes only the first two 8-row groups so, the third by bulk copy.
-  constexpr bool kMayLoadFnDirect = kSingleToken && kVectors == 1;
-  constexpr int kDirectTiles = kPost ? 2 : kNTiles;
-  const bool fn_direct = kMayLoadFnDirect && (args.experiment & 2) != 0;
-  const int copied_rows_from = fn_direct ? 8 * kDirectTiles : 0;  // fn rows past the direct ones: by bulk copy
-  float4 fn_direct_values[kMayLoadFnDirect ? kDirectTiles : 1][kStreams];
-  if constexpr (kMayLoadFnDirect) {
-    if (fn_direct && !mixer) {
-      const int g = lane >> 2, t4 = lane & 3;
-      const float* const columns = args.fn + i0 + kSingleWarpDims * warp + 4 * t4;
-#pragma unroll
-      for (int nt = 0; nt < kDirectTiles; ++nt)
-#pragma unroll
-        for (int k = 0; k < kStreams; ++k)
-          if (8 * nt + g < kRows)
-            fn_direct_values[nt][k] =
-                __ldg(reinterpret_cast<const float4*>(columns + (8 * nt + g) * flat + int64_t(k) * d));
-    }
-  }
 
   if (tid == 0) {
-    const uint32_t fn_bytes = uint32_t(max(0, kRows - copied_rows_from) * kStreams * ds) * 4u;
+    const uint32_t fn_bytes = uint32_t(kRows * kStreams * ds) * 4u;
     arm_exchange(&barriers[0], fn_bytes);
     arm_exchange(&barriers[1], uint32_t(kCtas * kCollapseRows * T) * 4u);
     if (!kHead && int(rank) < T) arm_exchange(&barriers[2], uint32_t(kCtas * kSingleMixItems) * 4u);
@@ -1632,7 +1622,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   __syncthreads();  // fn's barrier is armed before any copy completes on it
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kStarted);
   // fn's slice: row r, stream k is ds contiguous floats; one bulk copy each (weights: before the wait).
-  for (int c = copied_rows_from * kStreams + tid; c < kRows * kStreams; c += int(blockDim.x)) {
+  for (int c = tid; c < kRows * kStreams; c += int(blockDim.x)) {
     const int r = c / kStreams, k = c % kStreams;
     ptx::cp_async_bulk_global_to_shared(
         static_cast<uint32_t>(__cvta_generic_to_shared(fn_s + r * fn_stride + k * ds)),
@@ -1654,27 +1644,17 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     wait_exchange(&barriers[1]);
     wait_exchange(&barriers[2]);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixExchanged);
-    float first_rows;
-    if ((args.experiment & 8) == 0) {
-      // Every lane sums a mix item (lanes past the items repeat some: unused) beside Σx², and computes post's sigmoid
-      // (stored by lanes 0..3) beside comb's first rows: no divergent branch on the chain.
-      const float mix = sum_in_order<kCtas>(&mix_in[0][lane % kSingleMixItems], kCtas, kSingleMixItems);
-      const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
-      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      const float logit = (lane < kSingleMixItems ? mix * inv_rms : 0.0f) * mix_scale + mix_base;
-      const float post = 2.0f * sigmoid(logit);
-      if (lane < kStreams) args.post[t * kStreams + lane] = post;
-      // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in
-      // lane 0.
-      first_rows = softmax_row_plus_eps_lanes(logit, args.hc_eps);
-    } else {
-      const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
-      const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      float value = 0.0f;
-      if (lane < kSingleMixItems) value = sum_in_order<kCtas>(&mix_in[0][lane], kCtas, kSingleMixItems) * inv_rms;
-      if (lane < kStreams) args.post[t * kStreams + lane] = 2.0f * sigmoid(value * mix_scale + mix_base);
-      first_rows = softmax_row_plus_eps_lanes(value * mix_scale + mix_base, args.hc_eps);
-    }
+    // Every lane sums a mix item (lanes past the items repeat some: unused) beside Σx², and computes post's sigmoid
+    // (stored by lanes 0..3) beside comb's first rows: no divergent branch on the chain (Σx², then the mix sums, then
+    // post in a branch until session 20).
+    const float mix = sum_in_order<kCtas>(&mix_in[0][lane % kSingleMixItems], kCtas, kSingleMixItems);
+    const float squares = sum_in_order<kCtas>(&collapse_in[0][0][t], kCtas, kCollapseRows * kTileTokens);
+    const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+    const float logit = (lane < kSingleMixItems ? mix * inv_rms : 0.0f) * mix_scale + mix_base;
+    const float post = 2.0f * sigmoid(logit);
+    if (lane < kStreams) args.post[t * kStreams + lane] = post;
+    // Lanes 4..19 hold comb's logits (row j at lanes 4 + 4j ..): the first row normalisation there, the rest in lane 0.
+    const float first_rows = softmax_row_plus_eps_lanes(logit, args.hc_eps);
     float c[kStreams * kStreams];
 #pragma unroll
     for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
@@ -1704,7 +1684,6 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
   const float pre_scale = args.scale[0], pre_base = args.base[tid % kStreams];
   wait_for_prior_grids();
   DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kGridWait);
-  if (args.experiment & 1) sm90::cluster_wait_acquire();
 
   using TokenVectors = float4[kVectors][kStreams];
   TokenVectors x_lo, x_hi;
@@ -1776,12 +1755,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
       for (int v = 0; v < kVectors; ++v)
 #pragma unroll
         for (int k = 0; k < kStreams; ++k) {
-          float4 f;
-          if constexpr (kMayLoadFnDirect)
-            f = fn_direct && nt < kDirectTiles ? fn_direct_values[min(nt, kDirectTiles - 1)][k]
-                                               : *reinterpret_cast<const float4*>(fn_row + k * ds);
-          else
-            f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
+          const float4 f = *reinterpret_cast<const float4*>(fn_row + k * ds + kSingleWarpDims * v);
           part[nt] = fmaf(f.x, x_lo[v][k].x, part[nt]);
           part[nt] = fmaf(f.y, x_lo[v][k].y, part[nt]);
           part[nt] = fmaf(f.z, x_lo[v][k].z, part[nt]);
@@ -1880,7 +1854,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
 
   // Exchange 1: pair p < 16·5·T sends collapse item (row, t) to CTA p mod 16; the next 20·T pairs send mix item
   // (row, t) to CTA t. Each pair sums the warps' partials of its item in warp order.
-  if ((args.experiment & 1) == 0) sm90::cluster_wait_acquire();
+  sm90::cluster_wait_acquire();
   const int broadcast_pairs = kCtas * kCollapseRows * T;
   const int pairs = broadcast_pairs + (kHead ? 0 : kSingleMixItems * T);
   for (int p = tid; p < pairs; p += projection_threads) {
