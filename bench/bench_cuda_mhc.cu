@@ -232,11 +232,11 @@ static_assert(mhc::kSingleClusterCtas == 16, "one 16-CTA cluster per token tile"
 void run_trace(cudaStream_t stream, int runs, std::mt19937& rng) {
   constexpr int64_t d = 4096, flat = kN * d;
   constexpr int kPhases = int(mhc::SingleClusterPhase::kCount);
-  const char* const names[kPhases] = {"entry",           "barriers armed",   "CTA barrier passed", "fn copies issued",
-                                      "grid wait",       "X loaded",
-                                      "fn loaded",       "projected",        "exchange 1 sent",   "exchange 1 in",
-                                      "pre ready",       "exchange 2 sent",  "exchange 2 in",     "outputs stored",
-                                      "mix: exchange 1 in", "mix: first rows", "mix: comb stored"};
+  const char* const names[kPhases] = {
+      "entry",           "barriers armed",  "CTA barrier passed", "fn copies issued", "grid wait",
+      "X loaded",        "fn loaded",       "projected",          "exchange 1 sent",  "exchange 1 in",
+      "pre ready",       "exchange 2 sent", "exchange 2 in",      "outputs stored",   "mix: exchange 1 in",
+      "mix: first rows", "mix: comb stored"};
   const DeviceBuffer X = random_buffer(size_t(flat), 1.0f, 0.0f, rng, "X");
   const DeviceBuffer fn = random_buffer(size_t(kSiteRows * flat), 2.0f / std::sqrt(float(flat)), 0.0f, rng, "fn");
   const DeviceBuffer base = random_buffer(kSiteRows, 0.5f, 0.0f, rng, "base");
