@@ -2,9 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string_view>
 #include <type_traits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -25,28 +23,6 @@ constexpr size_t kWgmmaSmemBytes =
     indexer::wgmma_smem_layout(kMaxQueriesPerCta, false, true).bytes;
 constexpr size_t kStreamedSmemBytes = indexer::streamed_smem_layout(kMaxQueriesPerCta, true).bytes;
 constexpr size_t kStagedSmemBytes = indexer::staged_smem_layout(kMaxQueriesPerCta, true).bytes;
-// A/B switch of GPU round s20-2 (removed after it): DSV4_INDEXER_STAGED_STAGES=2 or 4 runs the staged fp8 kernel
-// (without the top-k) with that many ring stages per warpgroup instead of 3. Read at every call.
-constexpr int kStagedStageChoices[] = {2, 4};
-// DSV4_INDEXER_STAGED_ORDER=contiguous: each warpgroup takes a contiguous run of tiles; DSV4_INDEXER_STAGED_CTAS=3:
-// three CTAs per SM where shared memory allows (registers bounded for it).
-bool staged_contiguous() {
-  const char* v = std::getenv("DSV4_INDEXER_STAGED_ORDER");
-  return v != nullptr && std::string_view(v) == "contiguous";
-}
-int staged_ctas_per_sm() {
-  const char* v = std::getenv("DSV4_INDEXER_STAGED_CTAS");
-  return v != nullptr && std::string_view(v) == "3" ? 3 : indexer::kScoreCtasPerSm;
-}
-int staged_stages() {
-  const char* v = std::getenv("DSV4_INDEXER_STAGED_STAGES");
-  if (v == nullptr || *v == 0) return indexer::kStagedStages;
-  const int stages = std::atoi(v);
-  check(stages == indexer::kStagedStages || std::find(std::begin(kStagedStageChoices), std::end(kStagedStageChoices),
-                                                      stages) != std::end(kStagedStageChoices),
-        "DSV4_INDEXER_STAGED_STAGES=", v, ": expected 2, 3 or 4");
-  return stages;
-}
 
 bool supported_head_dim(int64_t head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -107,16 +83,6 @@ DeviceLimits device_limits() {
     for (auto* kernel : {indexer_scores_staged_kernel<false>, indexer_scores_staged_kernel<true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmemBytes)));
-    const auto staged_stage_smem = [](int stages) {
-      return int(indexer::staged_smem_layout(kMaxQueriesPerCta, false, stages).bytes);
-    };
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, 2>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, staged_stage_smem(2)));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, 4>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, staged_stage_smem(4)));
-    DSV4_CUDA_CHECK(cudaFuncSetAttribute(indexer_scores_staged_kernel<false, indexer::kStagedStages, 3>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         staged_stage_smem(indexer::kStagedStages)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
     limits.fused_ctas_per_sm = std::min(
         {prepare_fused_kernels<32, false>(device), prepare_fused_kernels<64, false>(device),
@@ -152,8 +118,10 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
 
 // Auto's streamed warpgroup kernels, over ≥ 16K keys of one sequence where they were measured: bf16 keys of one
 // query (H200, session 18: 64K and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there); fp8 keys, the
-// staged kernel, at any batch (H200, session 20 round 1, against the register-fed warpgroup kernel: T = 1 64K 1.32×,
-// 1M 1.03-1.07×; T = 8 64K 1.42×, 1M 1.03×).
+// staged kernel, at any batch (H200, session 20 round 2, against the register-fed warpgroup kernel: T = 1 64K 4.78 →
+// 3.72 µs, 1M 13.74 → 12.27; T = 8 64K 12.38 → 8.81 (3 stages), 1M 59.47 → 56.56). Also faster at 1024 keys (T = 1
+// 3.94 → 3.10, T = 8 10.17 → 6.99, 3 stages), not taken there: the top-k in its last CTA (LastCta, ≤ 2048 keys) was
+// not measured on it.
 bool streams_by_default(const IndexerScoresParams& p) {
   return p.kernel == IndexerScoresKernel::Auto && warpgroup_shape(p) && p.sequence_slots == nullptr &&
          (fp8_keys(p) || p.tokens == 1) && p.key_count >= 16384;
@@ -235,23 +203,10 @@ void launch_scores_staged(const indexer::ScoresArgs& args, dim3 grid, cudaStream
                                           .box_rows = uint32_t(indexer::kWgmmaKeysPerTile),
                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
                                          "indexer fp8 keys"),
-      .scores = args,
-      .contiguous_tiles = staged_contiguous()};
-  const int stages = kSelect ? indexer::kStagedStages : staged_stages();
-  const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect, stages).bytes;
-  const auto launch = [&](auto kernel) {
-    launch_chained(kernel, grid, dim3(indexer::kScoreWarps * 32), smem, stream, dim3(1, 1, 1),
-                   "indexer_scores_staged_kernel (fp8)", staged);
-  };
-  if (!kSelect && staged_ctas_per_sm() == 3) {
-    launch(indexer::indexer_scores_staged_kernel<false, indexer::kStagedStages, 3>);
-    return;
-  }
-  switch (kSelect ? indexer::kStagedStages : stages) {
-    case 2: launch(indexer::indexer_scores_staged_kernel<false, 2>); break;
-    case 4: launch(indexer::indexer_scores_staged_kernel<false, 4>); break;
-    default: launch(indexer::indexer_scores_staged_kernel<kSelect>); break;
-  }
+      .scores = args};
+  const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
+  launch_chained(indexer::indexer_scores_staged_kernel<kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
+                 dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
@@ -288,15 +243,9 @@ ScoresPlan plan_scores(const IndexerScoresParams& p) {
   plan.query_groups = int((p.tokens + plan.queries_per_cta - 1) / plan.queries_per_cta);
   const int64_t keys_per_cta = plan.warpgroup ? int64_t(indexer::kWgmmaKeysPerTile) * indexer::kWgmmaWarpgroups
                                               : int64_t(indexer::kKeysPerWarpTile) * indexer::kScoreWarps;
-  // fp8 keys stream through the staged kernel (two CTAs per SM where its shared memory allows: the round's deeper
-  // rings may not), bf16 keys through the cp.async one (one).
-  const int staged_ctas = int(std::min<size_t>(
-      size_t(staged_ctas_per_sm()),
-      size_t(228 * 1024) / (indexer::staged_smem_layout(plan.queries_per_cta, false, staged_stages()).bytes + 1024)));
+  // fp8 keys stream through the staged kernel (two CTAs per SM), bf16 keys through the cp.async one (one).
   plan.grid = scores_grid(scores_args(p, plan.queries_per_cta), keys_per_cta, plan.query_groups,
-                          !plan.streamed ? indexer::kScoreCtasPerSm
-                          : fp8          ? staged_ctas
-                                         : indexer::kStreamCtasPerSm);
+                          plan.streamed && !fp8 ? indexer::kStreamCtasPerSm : indexer::kScoreCtasPerSm);
   return plan;
 }
 

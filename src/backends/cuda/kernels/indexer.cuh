@@ -48,7 +48,11 @@
 //   128B swizzle, completing on the stage's mbarrier, kStagedStages − 1 tiles ahead; the wgmma reads both operands
 //   from shared memory (m64n64k32, the queries in the natural dim order), so a tile costs no key loads, fragment
 //   copies or ldmatrix in the warps. Two CTAs per SM, as the register-fed kernel (the cp.async fp8 variant above had
-//   one). The key scales (one per stored row) are loaded a tile ahead.
+//   one). The key scales (one per stored row) are loaded a tile ahead. Measured (H200, session 20): 1M keys T = 1
+//   12.27 µs = 69 % of the byte floor against 13.74 register-fed; 64K 3.72 against 4.78. Lost: deeper rings (again:
+//   one tile ahead is best), each warpgroup on a contiguous run of tiles (1M 13.14 against 12.94 interleaved at 3
+//   stages), three CTAs per SM (13.03). In exact e4m3 numerics its per-step rounding may differ from the register-fed
+//   kernel's (head_dim in another order); in reference numerics (exact sums) the two agree bit for bit.
 // - Every score kernel bounds its key loads, the first tiles' included, by the most keys its CTA's queries see
 //   (cta_visible_keys), not by key_count: the model passes the buffer's capacity, and a short context in a 1M
 //   buffer read about 12.7 MB of unseen keys per call before session 20.
@@ -1079,9 +1083,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
 
 // ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence; see NOTES) ----
 
-// Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB); two tiles ahead of the one multiplied. Deeper
-// rings were slower (H200, session 20 round 1, 1M context T = 1: 3 stages 12.98 µs, 4 13.54, 6 15.09, 8 17.33).
-inline constexpr int kStagedStages = 3;
+// Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB); one tile ahead of the one multiplied. Deeper
+// rings were slower (H200, session 20, 1M context T = 1: round 2 2 stages 12.27 µs, 3 12.94, 4 13.55; round 1 6
+// 15.09, 8 17.33; 64K 3.72 / 3.78 / 3.76; 1M T = 8 56.56 / 57.19 / 57.16).
+inline constexpr int kStagedStages = 2;
 inline constexpr size_t kStagedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim;
 
 // Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (fp8, natural dim order), the two
@@ -1091,12 +1096,11 @@ struct StagedSmemLayout {
   size_t ring_offset, barrier_offset, weights_offset, visible_offset, selection_offset, bytes;
 };
 
-__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select,
-                                                                  int stages = kStagedStages) {
+__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select) {
   StagedSmemLayout layout{};
   layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(true);
-  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(stages) * kStagedKeyTileBytes;
-  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(stages) * sizeof(uint64_t);
+  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStagedStages) * kStagedKeyTileBytes;
+  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(kStagedStages) * sizeof(uint64_t);
   layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
   layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
   layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
@@ -1108,9 +1112,6 @@ __host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, b
 struct StagedScoresArgs {
   CUtensorMap keys;
   ScoresArgs scores;
-  // A/B switch (GPU round s20-2, removed after it): each warpgroup takes a contiguous run of tiles instead of every
-  // (grid's warpgroups)-th tile.
-  bool contiguous_tiles;
 };
 
 // D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
@@ -1162,9 +1163,10 @@ __device__ __forceinline__ void load_staged_query_operands(const ScoresArgs& arg
 
 // Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
 // programmatic dependent, as the other score kernels.
-template <bool kSelect, int kStages = kStagedStages, int kCtasPerSm = kScoreCtasPerSm>
-__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kCtasPerSm)
+template <bool kSelect>
+__global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
     indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
+  constexpr int kStages = kStagedStages;
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
   allow_dependents();
@@ -1173,7 +1175,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kCtasPerSm)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
   const int group_size = args.queries_per_cta;
-  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect, kStages);
+  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect);
   unsigned char* query_tiles = smem;
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
@@ -1184,16 +1186,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kCtasPerSm)
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
-  int step = int(gridDim.x) * kWgmmaWarpgroups;
-  int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
-  int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
-  if (staged.contiguous_tiles) {
-    const int per_warpgroup = (tiles + step - 1) / step;
-    first_tile *= per_warpgroup;
-    tiles = min(tiles, first_tile + per_warpgroup);
-    step = 1;
-  }
+  const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
     for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
