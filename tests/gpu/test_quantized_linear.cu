@@ -389,8 +389,8 @@ TEST(QuantizedLinear, ProShapes) {
 
 TEST(QuantizedLinear, ModelCallsAtOneToken) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  // The V4-Flash calls whose T = 1 launch shapes AUTO picks by rule: the CSA and HCA compressor stacks (BF16, the
-  // CSA one with weights_proj), the indexer's wq_b and the grouped wo_a (FP8), [wq_a; wkv].
+  // V4-Flash calls at T = 1 through AUTO's own config: the CSA and HCA compressor stacks (BF16, the CSA one with
+  // weights_proj), the indexer's wq_b and the grouped wo_a (FP8), and [wq_a; wkv] (also at T = 16, in clusters).
   uint32_t seed = 1500;
   check_against_cpu({TestFormat::BF16, 2624, 4096}, {1}, seed++);
   check_against_cpu({TestFormat::BF16, 1024, 4096}, {1}, seed++);

@@ -1,11 +1,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <string_view>
-#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -78,47 +74,6 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
-}
-
-// Round s20-2 A/B switches (environment, read once; removed with the loser after the round).
-bool env_is(const char* name, const char* value) {
-  const char* set = std::getenv(name);
-  return set != nullptr && std::strcmp(set, value) == 0;
-}
-// DSV4_LINEAR_RULES=s20: AUTO's T = 1 launch shapes of round s20-1's sweep (s20_one_token_config).
-bool s20_rules() {
-  static const bool on = env_is("DSV4_LINEAR_RULES", "s20");
-  return on;
-}
-// DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
-// splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (the rounds' end-to-end A/B of
-// launch shapes; every other call keeps its default).
-struct ConfigOverride {
-  int64_t rows, cols;
-  int tokens, slots, k_splits;
-  SplitKReduce reduce;
-};
-const std::vector<ConfigOverride>& config_overrides() {
-  static const std::vector<ConfigOverride> overrides = [] {
-    std::vector<ConfigOverride> list;
-    const char* env = std::getenv("DSV4_LINEAR_CONFIG");
-    for (const char* p = env; p != nullptr && *p != '\0';) {
-      long long rows = 0, cols = 0;
-      int tokens = 0, slots = 0, splits = 0, used = 0;
-      char reduce = 0;
-      check(std::sscanf(p, "%lldx%lld@%d=%d/%d/%c%n", &rows, &cols, &tokens, &slots, &splits, &reduce, &used) == 6 &&
-                (reduce == 'w' || reduce == 'c'),
-            "DSV4_LINEAR_CONFIG: cannot read '", p, "' (NxK@T=slots/splits/w|c;...)");
-      const SplitKReduce how = reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
-      list.push_back({rows, cols, tokens, slots, splits, how});
-      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n",
-                   rows, cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
-      p += used;
-      if (*p == ';') ++p;
-    }
-    return list;
-  }();
-  return overrides;
 }
 
 template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
@@ -207,7 +162,10 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // 4.5 → 3.9 µs at T = 1 and 18 → 10 / 17 → 8 µs at T = 16, fp4 experts 15 → 12 µs at T = 16; grids of 512 CTAs
 // (wo_a, wo_b, FP8 experts) ran 30 % slower with clusters, and BF16 (4-slot rings, fewer CTAs per SM) too. With the
 // partials pushed to rank 0 (session 19) still slower there: wo_b T = 1 cold 16.1 vs 14.1 µs (8 splits, H200), and
-// the BF16 compressor stacks at T = 1 on it lost end to end (8 layers b1 770.7 vs 773.1 t/s, H200).
+// the BF16 compressor stacks at T = 1 on it lost end to end (8 layers b1 770.7 vs 773.1 t/s, H200). Session 20: the
+// T = 1 clusters that won cold (BF16 stacks with two-slot rings and 4-stage splits: CSA 10.77 → 8.30 µs, HCA 7.29 →
+// 5.22; FP8 cluster pairs at one to two row blocks per SM: indexer wq_b 8.31 → 6.73, wo_a 13.39 → 12.21) lost end to
+// end, all together: 8 layers b1 739.3 vs 763.7 t/s (H200, same job).
 bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
   return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
          cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
@@ -275,27 +233,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
-    for (const ConfigOverride& o : config_overrides())
-      if (o.rows == weight.rows && o.cols == weight.cols && o.tokens == tokens)
-        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                              o.slots, o.reduce, o.k_splits);
-    if (s20_rules() && tokens == 1) {
-      const int64_t row_blocks = groups * ceil_div(weight.rows / groups, linear::kRowsPerCta);
-      const int64_t sms = std::max(multiprocessors, 1);
-      // BF16: two ring slots, K in splits of four stages (at most 2.5 CTAs per SM), partial sums in a cluster.
-      if (format == TileFormat::BF16) {
-        const int64_t four_stages = 4 * tile::stream::stage_k(format);
-        const int64_t splits =
-            std::min({int64_t(kLinearMaxClusterSplits), weight.cols / four_stages, 5 * sms / (2 * row_blocks)});
-        if (splits >= 2)
-          return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
-                                                SplitKReduce::CLUSTER, int(splits));
-      }
-      // FP8 with one to two row blocks per SM (K up to 4096): two ring slots, K in two splits, a cluster pair.
-      if (format == TileFormat::FP8_BLOCK128 && 2 * row_blocks > sms && row_blocks <= sms && weight.cols <= 4096)
-        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED, 2,
-                                              SplitKReduce::CLUSTER, 2);
-    }
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
