@@ -273,6 +273,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
           " bytes of shared memory per CTA, beyond the ", kSharedMemoryPerCta, " one CTA may use");
     // With the cluster reduction, rank 0's receive area (one partial tile per split) counts too; it depends on the
     // split count, which depends on the CTAs per SM: fewer CTAs per SM until the CTA with its area fits that many.
+    // (Counted after the choice before session 20; since, V4-Flash [wq_a; wkv] at T = 16 splits 8 ways within two CTAs
+    // per SM and AUTO takes the cluster there: 11.4 µs cold against 12.4 on the aligned path it took, H200.)
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
     size_t receive = 0;
     const int max_ctas_per_sm =

@@ -88,9 +88,10 @@ struct QuantizedLinearParams {
   const float* norm_x = nullptr;       // RMSNorm prologue: device fp32 [tokens, K] instead of x (x must be null)
   const float* norm_weight = nullptr;  // device fp32 [K], with norm_x
   float norm_eps = 0.0f;               // rms_norm_eps, with norm_x
-  // Benchmarks: the kernel's timeline (FP8 or BF16 on the STREAMED path only; another kernel instantiation, the default ones
-  // carry nothing of it): lane 0 of every warp stores the SM id and %globaltimer (ns) at the LinearTraceSlot points
-  // into trace[warp · kLinearTraceSlots + slot], warp = (blockIdx.y · gridDim.x + blockIdx.x) · 4 + warp in the CTA.
+  // Benchmarks: the kernel's timeline (FP8 or BF16 on the STREAMED path at up to 8 tokens only; another kernel
+  // instantiation, the default ones carry nothing of it): lane 0 of every warp stores the SM id and %globaltimer (ns)
+  // at the LinearTraceSlot points into trace[warp · kLinearTraceSlots + slot], warp = (blockIdx.y · gridDim.x +
+  // blockIdx.x) · 4 + warp in the CTA.
   uint64_t* trace = nullptr;
 };
 
