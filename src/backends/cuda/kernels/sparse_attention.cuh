@@ -568,6 +568,15 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 // - Session 15 (H200, bench, L2 flushed, bf16 q, fp8 entries): each consumer scoring all 512 dims itself (32 wgmma
 //   k-steps, no exchange buffer or barrier per tile) was slower at every batch: Flash SWA batch 1 15.7 vs 15.5 µs,
 //   CSA 64K batch 64 34.5 vs 31.8, batch 256 102.2 vs 92.8; dropped. Batch 1-8 now takes the head-split kernel below.
+// - Session 20 (H200, bf16 entries): the consumers' tensor-core work alone (bench_cuda_attention --mma-rates, a CTA per
+//   SM, both consumers) is 0.52 µs per tile (QKᵀ 0.24, PV 0.29; QKᵀ as m64n64k16 over 64 entries 0.155 per 32),
+//   against ≈ 1.3-1.9 µs per tile in the kernel (Flash CSA 64K: batch 128, one wave of 20-tile CTAs, 43 µs; batch 64,
+//   10 tiles, 30 µs). ncu (Flash CSA 4K batch 256): tensor pipe 32 % of its cycles, shared pipe 32 %, LSU data pipe
+//   50 %, issue 25 %; stalls per issue: long scoreboard 2.2, wait 1.6, barrier 1.5, MIO throttle 1.0, gmma 0.07. So
+//   the tiles wait on their entries' arrival (the producer's copies and the four stages' depth), not on the tensor
+//   cores: issuing tile j's QKᵀ ahead of tile j − 1's PV, so that tile j's exchange and softmax ran beside that PV
+//   (same bits; no wgmma in flight across a step, else ptxas serializes them all), was 3-5 % slower (the stage held
+//   through the softmax: Flash CSA 64K batch 256 78.2 → 81.1 µs, Pro batch 128 75.8 → 79.4); removed.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M

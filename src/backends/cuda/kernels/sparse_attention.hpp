@@ -106,9 +106,10 @@ struct SparseAttentionParams {
   // per query, kSparseAttentionPrefillDecodeSlotsOneBlock with one. H200, L2 flushed, bf16 q, the decode kernels →
   // the prefill kernel (session 17, bench_cuda_attention --route and bench_cuda_attention_prefill --part decode):
   // Pro batch 64, 640 slots 46.6 → 39.1 µs, 2176 slots 120.2 → 98.7, 8320 415.5 → 325.6; Flash batch 256, 2176 slots
-  // 235.6 → 203.3; Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave. Since the decode kernel's
-  // session-19 entries (round s20-1, 640 slots): Flash batch 128 43.0 → 44.9 and 256 78.2 → 83.0 lose (one head
-  // block: no longer routed at 640 slots), Pro batch 64 41.0 → 39.5 and 128 75.8 → 72.7 still win.
+  // 235.6 → 203.3; Flash batch 64 loses (640 slots 30.6 → 36.4) and stays below the wave. With the decode kernel's
+  // session-19 copies (session 20, both rounds): one head block (Flash) loses at 640 slots (batch 128 43.1 → 45.3,
+  // 256 78.4 → 83.8: not routed) and wins from 2176 (batch 128 105.2 → 98.6, 256 202.0 → 187.6; 8320 slots batch 128
+  // 351.6 → 312.2); two (Pro) win from 640 (batch 64 41.4 → 39.2, 128 76.1 → 72.4; 2176 slots batch 64 103.2 → 90.0).
   bool prefill_kernel_decode = true;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
