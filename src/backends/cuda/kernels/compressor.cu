@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -162,22 +161,6 @@ const char* lean_refusal(const CompressorParams& p) {
 }
 
 
-// A/B for GPU round s20-2: DSV4_COMPRESSOR_DECODE_FULL=1 runs a decode CTA that completes no entry through the
-// pooling's barrier and the finish; DSV4_COMPRESSOR_PREPARE_PACKED=1 puts a preparation vector on every warp of its
-// CTAs.
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '1';
-}
-bool full_idle_decode() {
-  static const bool full = env_flag("DSV4_COMPRESSOR_DECODE_FULL");
-  return full;
-}
-bool packed_prepare() {
-  static const bool packed = env_flag("DSV4_COMPRESSOR_PREPARE_PACKED");
-  return packed;
-}
-
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
@@ -254,8 +237,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .idle_decode_exits = !full_idle_decode()};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -302,10 +284,11 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     launch.prepare_head_dim = int(prepare->head_dim);
     launch.prepare_first_cta = ctas;
     // Vectors spread to about one wave of CTAs, at least kPrepareMinRows each: sixteen warps of one SM take 1.2 µs
-    // longer than four (the decode pair's trace, GPU round s20-1, H200: a vector is a chain of shuffles and roundings).
+    // longer than four (GPU round s20-2, H200, the decode pair storing its token: the next kernel released 4.5 ->
+    // 3.6 µs after the previous one's end).
     const int64_t warps = threads / 32;
     const int64_t spread = std::max(kPrepareMinRows, (launch.prepare.rows + kPrepareWave - 1) / kPrepareWave);
-    const int64_t rows_per_cta = packed_prepare() ? warps : std::min(warps, spread);
+    const int64_t rows_per_cta = std::min(warps, spread);
     launch.prepare_rows_per_cta = int(rows_per_cta);
     ctas += whole_clusters((launch.prepare.rows + rows_per_cta - 1) / rows_per_cta);
   }
