@@ -728,8 +728,9 @@ int run(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--mma-rates") == 0)
       mma_rates = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_attention [--json PATH] [--only "
-           "MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates])");
+      fail("unknown argument ", argv[i],
+           " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {

@@ -519,7 +519,7 @@ template <class Launch>
 void print_trace(const std::string& title, const Touch& touch, bool cold, size_t l2_bytes, cudaStream_t stream,
                  bool table, Launch&& launch) {
   constexpr int kRepeats = 5;
-  constexpr int ctas = 64;  // at least the launch's CTAs (the CTAs that started are printed)
+  constexpr int ctas = 64;  // the trace's room (the launcher refuses a launch of more CTAs; those that started print)
   DeviceBuffer trace(size_t(ctas) * kCompressorTracePoints * 8, "trace"), times(16, "times"), sink(16, "sink");
   DeviceBuffer flush(cold ? 2 * l2_bytes : 16, "L2 eviction buffer");
   flush.fill_bytes(0x5A);
@@ -533,7 +533,7 @@ void print_trace(const std::string& title, const Touch& touch, bool cold, size_t
     }
     prior_kernel<<<1, 32, 0, stream>>>(touch, 5000, times.as<uint64_t>(), sink.as<uint32_t>());
     DSV4_CUDA_CHECK_LAUNCH("prior_kernel");
-    launch(stream, trace.as<uint64_t>());
+    launch(stream, trace.as<uint64_t>(), ctas);
     launch_chained(next_kernel, dim3(1), dim3(32), 0, stream, times.as<uint64_t>() + 1, "next_kernel");
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
     uint64_t t[2];
@@ -546,8 +546,8 @@ void print_trace(const std::string& title, const Touch& touch, bool cold, size_t
     std::printf("trace %s, %s: next kernel released %s µs after the prior kernel's end\n", title.c_str(),
                 cold ? "L2 evicted" : "L2 hot", released.c_str());
     if (!table) return;
-    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | merged | normed | rounded | finished | "
-                "end |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("| CTA | SM | start | wait passed | run | update loads | pooled | merged | normed | rounded | finished "
+                "| end |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (int c = 0; c < ctas; ++c) {
       const uint64_t* r = host.data() + size_t(c) * kCompressorTracePoints;
       if (r[COMPRESSOR_TRACE_START] == 0) continue;
@@ -614,9 +614,10 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
       const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
       const DeviceBuffer positions = to_device(std::vector<int64_t>(1, start_of(s, main)), "positions");
       bool runs_at_launch = false;
-      const auto csa = [&](cudaStream_t on, uint64_t* trace) {
+      const auto csa = [&](cudaStream_t on, uint64_t* trace, int64_t trace_ctas) {
         CompressorParams both[2] = {out.params(main, runs, 0, on), out.params(index, runs, 0, on)};
         both[0].trace = both[1].trace = trace;
+        both[0].trace_ctas = both[1].trace_ctas = trace_ctas;
         both[0].runs_ready_at_launch = both[1].runs_ready_at_launch = runs_at_launch;
         run_compressors(both, IndexerPrepareParams{.input = q.as<float>(),
                                                    .output_fp8 = prepared.as<uint8_t>(),
@@ -649,9 +650,10 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
       touch_row(touch, n, hca);
       touch.range[n] = runs.as<uint4>(), touch.words[n++] = 1;  // the run's 32-byte sector
       print_trace(std::string("HCA, ") + s.variant, touch, cold, l2_bytes, stream, true,
-                  [&](cudaStream_t on, uint64_t* trace) {
+                  [&](cudaStream_t on, uint64_t* trace, int64_t trace_ctas) {
                     CompressorParams p = out.params(hca, runs, 1, on);
                     p.trace = trace;
+                    p.trace_ctas = trace_ctas;
                     run_compressor(p);
                   });
     }

@@ -14,7 +14,7 @@ namespace dsv4 {
 
 // DeepSeek's floor on an fp8 block's amax, so an all-zero block still gets a finite scale.
 inline constexpr float kFp8AmaxFloor = 1e-4f;
-// The fp4 floor: the smallest amax whose scale stays a normal float.
+// DeepSeek's fp4 floor (activations and MXFP4 weights): the scale never goes below 2^-126.
 inline constexpr float kFp4AmaxFloor = kE2m1Max * 0x1p-126f;
 
 // 2^ceil(log2(max(amax, floor) · (1 / max))) as an e8m0 code: the product with the fp32 reciprocal, as those kernels

@@ -5,18 +5,16 @@
 
 #include <cstdint>
 
+#include "core/activation_block_scale.hpp"
 #include "core/e8m0.hpp"
 #include "core/host_device.hpp"
 #include "core/quantized_matrix.hpp"
 
 namespace dsv4 {
 
-// DeepSeek's floor on a block's amax: the scale never goes below 2^-126.
-inline constexpr float kMxfp4AmaxFloor = 6.0f * 0x1p-126f;
-
 // DeepSeek's e8m0 scale: s = 2^ceil(log2(max(amax, 6·2^-126) / 6)), the smallest power of two with amax / s <= 6.
 DSV4_HD uint8_t mxfp4_scale_for_amax(float amax) {
-  return float_to_e8m0_ceil((amax > kMxfp4AmaxFloor ? amax : kMxfp4AmaxFloor) / 6.0f);
+  return float_to_e8m0_ceil((amax > kFp4AmaxFloor ? amax : kFp4AmaxFloor) / 6.0f);
 }
 
 // Quantizes float [rows, cols] (row-major): each element is e2m1(x / s), rounded to nearest even (no saturation

@@ -24,7 +24,6 @@ float block_amax(const float* x, int64_t n) {
   return amax;
 }
 
-
 }  // namespace
 
 void round_fp8_blocks_ue8m0(float* x, int64_t n, int64_t block) {

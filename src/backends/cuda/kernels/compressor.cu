@@ -302,6 +302,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
   check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
+  check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
+        params[0].trace_ctas);
   const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>

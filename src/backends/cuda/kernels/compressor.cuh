@@ -46,8 +46,8 @@
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
-#include "core/rms_norm_math.hpp"
 #include "core/fp8_e4m3.hpp"
+#include "core/rms_norm_math.hpp"
 
 namespace dsv4::cuda::compressor {
 

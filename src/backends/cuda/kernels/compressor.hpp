@@ -121,8 +121,9 @@ struct CompressorParams {
   // Diagnostic timeline (bench_cuda_compressor --trace; slot loads Registers, the decode steps'): thread 0 of every
   // CTA of the launch stores its SM id and %globaltimer (ns) at the CompressorTracePoint points into
   // trace[cta · kCompressorTracePoints + point] (points a CTA does not reach stay as they were). The compressors of
-  // one launch give the same pointer (or null).
+  // one launch give the same pointer (or null); trace_ctas: the CTAs it has room for (a launch of more is refused).
   uint64_t* trace = nullptr;
+  int64_t trace_ctas = 0;
   cudaStream_t stream = nullptr;
 
   int64_t projection_width() const { return overlapping ? 2 * head_dim : head_dim; }

@@ -17,6 +17,7 @@ namespace {
 // Query groups share one CTA's key loads; the group's fragments stay within this much shared memory.
 constexpr size_t kScoresSmemBudget = 64 * 1024;
 constexpr int kMaxQueriesPerCta = 4;
+static_assert(kMaxQueriesPerCta <= 32, "cta_visible_keys reduces one query per lane of a warp");
 // The kernels' shared-memory limits: the largest layout any launch asks for (the top-k's sort buffer included).
 constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
 constexpr size_t kWgmmaSmemBytes =

@@ -214,7 +214,8 @@ inline PrepareArgs prepare_args(const IndexerPrepareParams& p) {
 }
 
 // One vector (row < rows) by one warp: RoPE on the last rope_dim dims (factors from the table, else by sincos), then
-// the rounding, then bf16 (or fp8 + scale) out. Its input and positions are earlier kernels' outputs: call after wait_for_prior_grids.
+// the rounding, then bf16 (or fp8 + scale) out. Its input and positions are earlier kernels' outputs: call after
+// wait_for_prior_grids.
 template <int kHeadDim>
 __device__ __forceinline__ void prepare_row(const PrepareArgs& args, int64_t row, int lane) {
   constexpr int kPerLane = kHeadDim / 32;
@@ -826,25 +827,32 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
   sm90::wgmma_commit_group();
 }
 
-// The query operands for the warpgroup kernel: prepared bf16 or fp8 rows into each query's B tile (heads past
-// args.heads zero), and the scaled head weights (fp8: times each head's q scale).
-template <bool kFp8>
-__device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                          unsigned char* tiles, float* weights) {
-  // 4-byte units: two bf16 dims or four fp8 dims, adjacent in the tile.
-  constexpr int kDimsPerUnit = kFp8 ? 4 : 2;
-  constexpr int kUnits = kWgmmaHeadDim / kDimsPerUnit;
-  const uint32_t* source = kFp8 ? reinterpret_cast<const uint32_t*>(args.q_fp8)
-                                : reinterpret_cast<const uint32_t*>(args.q);
+// The query operands of the warpgroup kernels: prepared bf16 or fp8 rows (heads past args.heads zero) into each
+// query's operand tile, `Unit`s at a time (a unit never straddles a 16-byte chunk of the tile's layout), unit u of
+// a head's row at unit_offset(head, u) in the tile; and the scaled head weights (fp8: times each head's q scale).
+template <bool kFp8, class Unit, class UnitOffset>
+__device__ __forceinline__ void load_query_operand_tiles(const ScoresArgs& args, int64_t first_query, int queries,
+                                                         unsigned char* tiles, float* weights, UnitOffset unit_offset) {
+  constexpr int kUnits = kWgmmaHeadDim * (kFp8 ? 1 : 2) / int(sizeof(Unit));
+  const auto* source = reinterpret_cast<const Unit*>(kFp8 ? static_cast<const void*>(args.q_fp8) : args.q);
   for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
     const int unit = e % kUnits, head = e / kUnits % kWgmmaHeads, query = e / kUnits / kWgmmaHeads;
-    const uint32_t value =
-        head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit] : 0u;
-    *reinterpret_cast<uint32_t*>(tiles + query * wgmma_query_tile_bytes(kFp8) +
-                                 wgmma_query_offset<kFp8>(head, kDimsPerUnit * unit)) = value;
+    const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit]
+                                         : Unit{};
+    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = value;
   }
   load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
+}
+
+// The register-fed warpgroup kernel's query tiles: 4-byte units (two bf16 dims or four fp8 dims, adjacent in the
+// tile) at wgmma_query_offset.
+template <bool kFp8>
+__device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
+                                                          unsigned char* tiles, float* weights) {
+  load_query_operand_tiles<kFp8, uint32_t>(args, first_query, queries, tiles, weights, [](int head, int unit) {
+    return wgmma_query_offset<kFp8>(head, (kFp8 ? 4 : 2) * unit);
+  });
 }
 
 // Scores on warpgroup MMAs (see NOTES). A programmatic dependent, as the warp kernels.
@@ -982,25 +990,6 @@ __device__ __forceinline__ void issue_streamed_scores(float (&d)[32], const unsi
   sm90::wgmma_commit_group();
 }
 
-// The query operands in the natural dim order (streamed_operand_offset, head = row), heads past args.heads zero,
-// and the scaled head weights.
-__device__ __forceinline__ void load_streamed_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                             unsigned char* tiles, float* weights) {
-  // Units of a head row: 16 bytes of bf16 q (16-byte aligned), within one 16-byte chunk of the swizzle.
-  using Unit = uint4;
-  constexpr int kRowUnits = kWgmmaHeadDim * 2 / int(sizeof(Unit));
-  const auto* source = reinterpret_cast<const Unit*>(args.q);
-  for (int e = threadIdx.x; e < queries * kWgmmaHeads * kRowUnits; e += blockDim.x) {
-    const int unit = e % kRowUnits, head = e / kRowUnits % kWgmmaHeads, query = e / kRowUnits / kWgmmaHeads;
-    const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kRowUnits + unit]
-                                         : Unit{};
-    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(false) +
-                             streamed_operand_offset(head, int(sizeof(Unit)) * unit)) = value;
-  }
-  load_head_weights<false>(args, first_query, queries, kWgmmaHeads, weights);
-  sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
-}
-
 // Scores on warpgroup MMAs with bf16 keys streamed through shared memory (see NOTES). A programmatic dependent, as
 // the other score kernels.
 template <bool kSelect>
@@ -1038,7 +1027,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
     issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, max_visible, t);
     ptx::cp_async_commit();
   }
-  load_streamed_query_operands(args, first_query, queries, query_tiles, weights);
+  load_query_operand_tiles<false, uint4>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
+    return streamed_operand_offset(head, int(sizeof(uint4)) * unit);  // natural dim order, 16-byte units
+  });
   __syncthreads();
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
@@ -1114,51 +1105,15 @@ struct StagedScoresArgs {
   ScoresArgs scores;
 };
 
-// D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
-                                                        int accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n"
-      ".reg .pred p_acc;\n"
-      "setp.ne.b32 p_acc, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
-      "%32, %33, p_acc, 1, 1;\n"
-      "}\n"
-      : DSV4_WGMMA_ACCUMULATORS_32
-      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-#else
-  __trap();
-#endif
-}
-
 // One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
 __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
                                                     const unsigned char* query_tile) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(stage), b = sm90::make_sw128_k_major_descriptor(query_tile);
 #pragma unroll
   for (int s = 0; s < kWgmmaHeadDim / 32; ++s)
-    wgmma_m64n64k32_e4m3_ss(d, sm90::advance_descriptor(a, 32 * s), sm90::advance_descriptor(b, 32 * s), s > 0);
+    sm90::wgmma_m64n64k32_e4m3_ss(d, sm90::advance_descriptor(a, 32 * s), sm90::advance_descriptor(b, 32 * s),
+                                  s > 0);
   sm90::wgmma_commit_group();
-}
-
-// The fp8 query operands in the natural dim order (the 128B swizzle of streamed_operand_offset, head = row), heads
-// past args.heads zero, and the scaled head weights times each head's q scale.
-__device__ __forceinline__ void load_staged_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
-                                                           unsigned char* tiles, float* weights) {
-  using Unit = uint2;  // 8 fp8 dims (q_fp8 is 8-byte aligned), within one 16-byte chunk of the swizzle
-  constexpr int kRowUnits = kWgmmaHeadDim / int(sizeof(Unit));
-  const auto* source = reinterpret_cast<const Unit*>(args.q_fp8);
-  for (int e = threadIdx.x; e < queries * kWgmmaHeads * kRowUnits; e += blockDim.x) {
-    const int unit = e % kRowUnits, head = e / kRowUnits % kWgmmaHeads, query = e / kRowUnits / kWgmmaHeads;
-    const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kRowUnits + unit]
-                                         : Unit{};
-    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(true) +
-                             streamed_operand_offset(head, int(sizeof(Unit)) * unit)) = value;
-  }
-  load_head_weights<true>(args, first_query, queries, kWgmmaHeads, weights);
-  sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
 // Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
@@ -1206,7 +1161,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     return key < max_visible ? __ldg(args.key_scales + key) : 0.0f;
   };
   float scale = key_scale(first_tile);
-  load_staged_query_operands(args, first_query, queries, query_tiles, weights);
+  load_query_operand_tiles<true, uint2>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
+    return streamed_operand_offset(head, int(sizeof(uint2)) * unit);  // natural dim order, 8-byte units (q_fp8)
+  });
   __syncthreads();  // the query operands, the visible counts and the barriers' initialisation
 
   int stage = 0;

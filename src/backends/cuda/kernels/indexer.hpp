@@ -16,7 +16,7 @@
 //   factored out of the ReLU). The queries come in the keys' format from run_indexer_prepare.
 //   heads 1 to 128, head_dim 32/64/128. Columns from visible_t on hold −inf or are left unwritten (the top-k reads
 //   only the visible ones), so key_count may be a bound (the keys buffer's capacity) and the work follows the
-//   positions: no kernel loads a key row past the most its CTA's queries see.
+//   positions: no kernel loads a key row past the last 64-key tile its CTA's queries see.
 // - Several sequences in one launch: with sequence_slots, query t reads the keys of slot sequence_slots[t] at
 //   keys + slot·keys_slot_stride (fp8: scales at key_scales + slot·key_scales_slot_stride; each query then has its own
 //   CTAs); without, every query reads `keys`.

@@ -39,6 +39,7 @@
 #include "backends/cuda/moe_weights.hpp"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/memory_order.cuh"
+#include "backends/cuda/ptx/warp_trace.cuh"
 
 namespace dsv4::cuda::moe {
 
@@ -107,19 +108,8 @@ static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA")
 // A traced launch's point `slot` (MoeExpertGemmParams::trace): lane 0 of the warp stores the time.
 template <bool kTrace>
 __device__ __forceinline__ void trace_point(const ExpertGemmArgs& a, int slot) {
-  if constexpr (kTrace) {
-    if (threadIdx.x % tile::kWarpSize != 0) return;
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kExpertWarps + threadIdx.x / tile::kWarpSize;
-    uint64_t* record = a.trace + warp * kMoeTraceSlots;
-    if (slot == MOE_TRACE_START) {
-      uint32_t sm;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-      record[MOE_TRACE_SM] = sm;
-    }
-    record[slot] = now;
-  }
+  if constexpr (kTrace)
+    sm90::record_warp_trace_point(a.trace, kExpertWarps, kMoeTraceSlots, slot, MOE_TRACE_START, MOE_TRACE_SM);
 }
 
 // What one lane asks L2 for, sub-range by sub-range: lanes 0..15 the data of row row0 + lane (one bulk request per

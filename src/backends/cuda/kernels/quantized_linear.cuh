@@ -19,6 +19,7 @@
 #include "backends/cuda/kernels/weight_tile_mma.cuh"
 #include "backends/cuda/ptx/cluster.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/warp_trace.cuh"
 
 namespace dsv4::cuda::linear {
 
@@ -52,19 +53,8 @@ struct LinearKernelArgs {
 // Records a LinearTraceSlot point of the calling warp (lane 0 stores) when kTrace; nothing otherwise.
 template <bool kTrace>
 __device__ __forceinline__ void trace_point(const LinearKernelArgs& args, int slot) {
-  if constexpr (kTrace) {
-    if (threadIdx.x % tile::kWarpSize != 0) return;
-    uint64_t now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kWarpsPerCta + threadIdx.x / tile::kWarpSize;
-    uint64_t* record = args.trace + warp * kLinearTraceSlots;
-    if (slot == TRACE_START) {
-      uint32_t sm;
-      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-      record[TRACE_SM] = sm;
-    }
-    record[slot] = now;
-  }
+  if constexpr (kTrace)
+    sm90::record_warp_trace_point(args.trace, kWarpsPerCta, kLinearTraceSlots, slot, TRACE_START, TRACE_SM);
 }
 
 // What one CTA computes (both load paths): up to 64 rows [row0, row_end) of one group, whose x columns start at

@@ -316,6 +316,25 @@ __device__ __forceinline__ void wgmma_m64n32k16_bf16_ss(float (&d)[16], uint64_t
 #endif
 }
 
+// D[64 × 64] (+)= A[64 × 32] · B[64 × 32]ᵀ, e4m3 → fp32, A and B K-major in shared memory (128B swizzle).
+__device__ __forceinline__ void wgmma_m64n64k32_e4m3_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
+                                                        int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n"
+      ".reg .pred p_acc;\n"
+      "setp.ne.b32 p_acc, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{" DSV4_WGMMA_ACCUMULATOR_REGISTERS_32 "}, "
+      "%32, %33, p_acc, 1, 1;\n"
+      "}\n"
+      : DSV4_WGMMA_ACCUMULATORS_32
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
 // D[64 × 64] (+)= A[64 × 16] · B[64 × 16]ᵀ, bf16 → fp32, A and B K-major in shared memory (128B swizzle).
 __device__ __forceinline__ void wgmma_m64n64k16_bf16_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
                                                         int accumulate) {
