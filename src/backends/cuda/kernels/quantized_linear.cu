@@ -1,7 +1,10 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <string_view>
+#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -74,6 +77,38 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
+}
+
+// Round s21 A/B switch (environment, read once; removed with the loser after the rounds).
+// DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
+// splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (end-to-end A/B of launch shapes
+// as they run in a model step; every other call keeps its default).
+struct ConfigOverride {
+  int64_t rows, cols;
+  int tokens, slots, k_splits;
+  SplitKReduce reduce;
+};
+const std::vector<ConfigOverride>& config_overrides() {
+  static const std::vector<ConfigOverride> overrides = [] {
+    std::vector<ConfigOverride> list;
+    const char* env = std::getenv("DSV4_LINEAR_CONFIG");
+    for (const char* p = env; p != nullptr && *p != '\0';) {
+      long long rows = 0, cols = 0;
+      int tokens = 0, slots = 0, splits = 0, used = 0;
+      char reduce = 0;
+      check(std::sscanf(p, "%lldx%lld@%d=%d/%d/%c%n", &rows, &cols, &tokens, &slots, &splits, &reduce, &used) == 6 &&
+                (reduce == 'w' || reduce == 'c'),
+            "DSV4_LINEAR_CONFIG: cannot read '", p, "' (NxK@T=slots/splits/w|c;...)");
+      const SplitKReduce how = reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
+      list.push_back({rows, cols, tokens, slots, splits, how});
+      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n",
+                   rows, cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
+      p += used;
+      if (*p == ';') ++p;
+    }
+    return list;
+  }();
+  return overrides;
 }
 
 template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
@@ -233,6 +268,10 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
+    for (const ConfigOverride& o : config_overrides())
+      if (o.rows == weight.rows && o.cols == weight.cols && o.tokens == tokens)
+        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
+                                              o.slots, o.reduce, o.k_splits);
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
