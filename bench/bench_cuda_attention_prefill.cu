@@ -17,8 +17,11 @@
 // copy bandwidth, flops at the cuBLAS bf16 rate), with the same output comparison (the larger of the two). The decode
 // step is make_decode_step's (tests/support/sparse_attention_cases.hpp, as bench_cuda_attention's).
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
-// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]. --part runs one part;
-// --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
+// --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
+// L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
+// first scores, each pair, the epilogue) and of the gap between consecutive CTAs on one SM.
+// Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace]. --part runs one
+// part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192, pro:fp8-reference:65536;
 // decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1 when outputs disagree.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -103,6 +106,65 @@ double relative_difference(const std::vector<float>& expected, const std::vector
   return largest > 0 ? worst / largest : worst;
 }
 
+double median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
+// One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
+void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
+  using namespace prefill_trace;
+  const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
+  DeviceBuffer trace(words * 8, "trace");
+  trace.fill_bytes(0);
+  DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
+  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+  synchronize_or_exit("sparse_attention_prefill (traced)");
+  std::vector<uint64_t> w(words);
+  trace.download(w.data(), words * 8);
+  const auto record = [&](int64_t cta, int warp) {
+    return &w[(size_t(cta) * kPrefillTraceWarps + warp) * kPrefillTraceSlots];
+  };
+  const auto us = [](uint64_t from, uint64_t to) { return (double(to) - double(from)) * 1e-3; };
+  std::vector<double> q, resolved, issued, first_data, first_scores, epilogue, tail, total, gap;
+  std::vector<std::vector<double>> pair(std::min(pairs, kTracePairs));
+  struct Span { uint64_t start, end; };
+  std::vector<std::vector<Span>> per_sm(1024);
+  uint64_t first = UINT64_MAX, last = 0;
+  for (int64_t c = 0; c < ctas; ++c) {
+    const uint64_t *c0 = record(c, 0), *c1 = record(c, 4), *pr = record(c, 8);
+    const uint64_t start = std::min({c0[kTraceStart], c1[kTraceStart], pr[kTraceStart]});
+    const uint64_t end = std::max({c0[kTraceEnd], c1[kTraceEnd], pr[kTraceEnd]});
+    q.push_back(us(start, c0[kTraceQStaged]));
+    resolved.push_back(us(start, pr[kTraceResolved]));
+    issued.push_back(us(start, pr[kTraceFirstIssued]));
+    first_data.push_back(us(start, c0[kTraceFirstData]));
+    first_scores.push_back(us(start, c0[kTraceFirstScores]));
+    uint64_t previous = c0[kTraceFirstScores];
+    for (size_t i = 0; i < pair.size(); ++i) {
+      pair[i].push_back(us(previous, c0[kTracePairEnd + i]));
+      previous = c0[kTracePairEnd + i];
+    }
+    epilogue.push_back(us(previous, c0[kTraceEpilogue]));
+    tail.push_back(us(c0[kTraceEpilogue], end));
+    total.push_back(us(start, end));
+    per_sm[c0[kTraceSm] % 1024].push_back({start, end});
+    first = std::min(first, start);
+    last = std::max(last, end);
+  }
+  for (auto& spans : per_sm) {
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
+    for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
+  }
+  std::printf("  trace (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, first "
+              "data %.2f, first scores %.2f\n  pairs:",
+              median(q), median(resolved), median(issued), median(first_data), median(first_scores));
+  for (const auto& p : pair) std::printf(" %.2f", median(p));
+  std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
+              median(epilogue), median(tail), median(total), median(gap), us(first, last));
+}
+
 struct Case {
   std::string model, format;
   int heads;
@@ -114,7 +176,7 @@ struct Case {
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
-              double peak_tflops, int sms, void* flush, size_t flush_bytes, std::mt19937& rng) {
+              double peak_tflops, int sms, void* flush, size_t flush_bytes, bool trace, std::mt19937& rng) {
   const int64_t capacity = 8192;  // ring rows: the window plus the chunk
   const std::unique_ptr<KvCache> cache =
       prefill_chunk_cache(format, kHeadDim, kRopeDim, kPageRows, context, capacity);
@@ -173,6 +235,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
   const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
 
@@ -272,6 +335,7 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
 
 int run(int argc, char** argv) {
   std::string json_path, only, part;
+  bool trace = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -279,8 +343,10 @@ int run(int argc, char** argv) {
       only = argv[++i];
     else if (std::strcmp(argv[i], "--part") == 0 && i + 1 < argc)
       part = argv[++i];
+    else if (std::strcmp(argv[i], "--trace") == 0)
+      trace = true;
     else
-      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE]");
+      fail("usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace]");
   }
   check(part.empty() || part == "prefill" || part == "decode", "--part ", part, ": expected prefill or decode");
   const std::vector<DeviceInfo> devices = list_devices();
@@ -317,7 +383,7 @@ int run(int argc, char** argv) {
             (!only.empty() && only != std::string(model) + ":" + to_string(format) + ":" + std::to_string(context)))
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
-                                flush.data(), flush_bytes, rng);
+                                flush.data(), flush_bytes, trace, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf(

@@ -169,6 +169,29 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
+// A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
+TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  using namespace prefill_trace;
+  constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
+  constexpr size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
+  DeviceBuffer trace(kWords * 8, "trace");
+  trace.fill_bytes(0);
+  check_attention({"flash csa chunk traced", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, 500,
+                  {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+  std::vector<uint64_t> words(kWords);
+  trace.download(words.data(), kWords * 8);
+  for (int64_t cta = 0; cta < kCtas; ++cta) {
+    const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
+    const int marks[] = {kTraceStart,       kTraceQStaged,     kTraceFirstData,   kTraceFirstScores,
+                         kTracePairEnd + 0, kTracePairEnd + 1, kTracePairEnd + 2, kTracePairEnd + 3,
+                         kTracePairEnd + 4, kTraceEpilogue,    kTraceEnd};
+    EXPECT_GT(c0[kTraceStart], 0u) << "CTA " << cta;
+    for (size_t i = 1; i < std::size(marks); ++i)
+      EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];
+  }
+}
+
 TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache small_cache({.format = KvEntryFormat::Bf16, .head_dim = 256, .rope_dim = 64, .layers = 1,

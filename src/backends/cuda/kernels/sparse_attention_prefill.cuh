@@ -36,6 +36,7 @@
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/warp_trace.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/e8m0.hpp"
 
@@ -115,6 +116,17 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
 };
 
+// Traced launches (SparseAttentionPrefillOptions::trace): lane 0 of warp 0 of each warpgroup (consumer 0, consumer 1,
+// producer) stores %globaltimer at its marks (TraceSlot) in its record of kTraceSlots words; the SM id in kTraceSm.
+using namespace prefill_trace;
+static_assert(kPrefillTraceWarps == kThreads / 32, "one trace record per warp");
+template <bool kTrace>
+__device__ __forceinline__ void trace_point(uint64_t* trace, int slot) {
+  if constexpr (kTrace)
+    if (threadIdx.x % kWarpgroup < 32)
+      sm90::record_warp_trace_point(trace, kPrefillTraceWarps, kPrefillTraceSlots, slot, kTraceStart, kTraceSm);
+}
+
 // Pairs of 64-entry blocks that cover query t's slots.
 __device__ __forceinline__ int query_pairs(const SparseAttentionParams& p, int64_t t) {
   return int((query_slot_count(p, t) + 2 * kBlock - 1) / (2 * kBlock));
@@ -134,10 +146,10 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
                                         bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
-                                        int ahead_head_base) {
+                                        int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -264,6 +276,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     load_rows(0);
     resolve_pages(0);
     if (pairs > 1) load_rows(1);
+    trace_point<kTrace>(trace, kTraceResolved);
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
@@ -286,6 +299,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     publish_valid(0);
     load_half(0, 0);
     publish_half(0, 0);
+    if (i == 0) trace_point<kTrace>(trace, kTraceFirstIssued);
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
     publish_valid(1);
     load_half(1, 1);
@@ -311,6 +325,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.rope_ready());
   }
   if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  trace_point<kTrace>(trace, kTraceEnd);
 }
 
 // ---- consumers ----
@@ -449,9 +464,9 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers& barriers) {
+                                        const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -493,6 +508,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     }
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+    trace_point<kTrace>(trace, kTraceQStaged);
   }
 
   float o[128];
@@ -510,6 +526,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   if (consumer == 0) {
     if (pairs > 0) {
       wait_full<kFp8>(barriers.full(0, 0), 0);
+      trace_point<kTrace>(trace, kTraceFirstData);
       sm90::wgmma_fence();
       qk_half(s, smem, 0, 0, true);
       wait_full<kFp8>(barriers.full(0, 1), 0);
@@ -517,6 +534,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
+      trace_point<kTrace>(trace, kTraceFirstScores);
     }
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
@@ -567,6 +585,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
         sm90::fence_operand(o);
         sm90::mbarrier_arrive(barriers.empty(1, 0));
       }
+      if (i < kTracePairs) trace_point<kTrace>(trace, kTracePairEnd + i);
     }
   } else {
     for (int i = 0; i < pairs; ++i) {
@@ -622,6 +641,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   for (int r = 0; r < 2; ++r)
     inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
   if (rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
+  trace_point<kTrace>(trace, kTraceEpilogue);
 
   const int dim_base = consumer * (kHeadDim / 2);
   if (p.out_dtype == AttentionDtype::F32) {
@@ -633,6 +653,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
                             [&] { return rope_table[(dim - nope_dim) / 2]; });
     }
+    trace_point<kTrace>(trace, kTraceEnd);
     return;
   }
   // bf16 rows staged (a quad's 4-byte fragment stores would fill half a sector): 64 heads × 512 dims into the KV
@@ -675,12 +696,13 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
     }
   }
+  trace_point<kTrace>(trace, kTraceEnd);
 }
 
-template <bool kFp8>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved) {
+                                    const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -695,17 +717,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
+  trace_point<kTrace>(trace, kTraceStart);
   if (threadIdx.x >= 2 * kWarpgroup) {
     sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers, ahead_exists ? ahead / head_blocks : -1,
-                  int(ahead % head_blocks) * kHeads);
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8>(p, smem, t, head_block * kHeads, barriers);
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

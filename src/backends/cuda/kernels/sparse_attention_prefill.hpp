@@ -36,9 +36,25 @@ void check_sparse_attention_prefill_params(const SparseAttentionParams& params);
 enum class PrefetchResolved : uint8_t { Auto, Off, On };
 inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
+// Traced launches (bench_cuda_attention_prefill --trace): each CTA owns kPrefillTraceWarps records of
+// kPrefillTraceSlots words (one per warp; warps 0, 4 and 8, the first of consumer 0, consumer 1 and the producer, fill
+// theirs): %globaltimer (ns) at the marks below, the SM id in kTraceSm; unreached marks keep what was there.
+inline constexpr int kPrefillTraceWarps = 12, kPrefillTraceSlots = 16;
+namespace prefill_trace {
+inline constexpr int kTraceStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
+// consumers: Q staged in shared memory; consumer 0: its first data (buffer 0, half 0) arrived, its first scores done
+inline constexpr int kTraceQStaged = 1, kTraceFirstData = 2, kTraceFirstScores = 3;
+// producer: the first pair's entries resolved, its first half's copies issued
+inline constexpr int kTraceResolved = 1, kTraceFirstIssued = 2;
+inline constexpr int kTracePairEnd = 4, kTracePairs = 8;  // consumer 0: pair i < kTracePairs done (its last wait)
+inline constexpr int kTraceEpilogue = 12, kTraceEnd = 13, kTraceSm = 15;
+}  // namespace prefill_trace
+
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
+  // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
+  uint64_t* trace = nullptr;
 };
 
 void run_sparse_attention_prefill(const SparseAttentionParams& params,
