@@ -606,7 +606,21 @@ struct SplitOnUse {
   }
 };
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
+// Σ over slices part, part + lanes, … < slices of the tagged words at source (kPartialFloats apart), each waited for
+// until it carries `tag`, summed in that order from 0: sum_slices' value when a word it read early was stale (out of
+// line, so the per-tile loop stays short).
+static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long long* source, int part, int lanes,
+                                                            int slices, int stride, unsigned tag) {
+  float sum = 0.f;
+  for (int s = part; s < slices; s += lanes) {
+    const unsigned long long* const address = source + s * stride;
+    sum += tagged_value(load_relaxed_u64(address), address, tag);
+  }
+  return sum;
+}
+
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
+          int kLean = 0>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -778,7 +792,23 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
     const unsigned long long* source = partials_of(j) + item;
     float sum = 0.f;
-    if (active) {
+    if constexpr (kLean > 0) {
+      // Every tag checked at once, summed in the same order; a stale word (or more slices than were read early)
+      // takes the whole sum out of line.
+      if (active) {
+        bool fresh = slices <= kMaxSliceWords * lanes;
+#pragma unroll
+        for (int w = 0; w < kMaxSliceWords; ++w)
+          if (part + w * lanes < slices) fresh &= unsigned(words[w] >> 32) == tag;
+        if (fresh) {
+#pragma unroll
+          for (int w = 0; w < kMaxSliceWords; ++w)
+            if (part + w * lanes < slices) sum += __uint_as_float(unsigned(words[w]));
+        } else {
+          sum = sum_slice_words_slowly(source, part, lanes, slices, kPartialFloats, tag);
+        }
+      }
+    } else if (active) {
 #pragma unroll
       for (int w = 0; w < kMaxSliceWords; ++w) {
         const int s = part + w * lanes;
@@ -831,14 +861,28 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
-                                  g, t4, mine);
+    project_tile_3xtf32<kRows, kLean >= 2 ? 2 : 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
+                                              SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
-    for (int item = ltid; item < kPartialFloats; item += kThreads) {
-      const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-      store_relaxed_u64(out + item, tagged(sum, tag));
+    if constexpr (kLean > 0) {
+      // Every item's loads before the first sum's adds.
+      constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
+      float sums[kItemsPerThread];
+#pragma unroll
+      for (int p = 0; p < kItemsPerThread; ++p) {
+        const int item = ltid + p * kThreads;
+        sums[p] = item < kPartialFloats ? sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats) : 0.f;
+      }
+#pragma unroll
+      for (int p = 0; p < kItemsPerThread; ++p)
+        if (ltid + p * kThreads < kPartialFloats) store_relaxed_u64(out + ltid + p * kThreads, tagged(sums[p], tag));
+    } else {
+      for (int item = ltid; item < kPartialFloats; item += kThreads) {
+        const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
+        store_relaxed_u64(out + item, tagged(sum, tag));
+      }
     }
     if (publication_sync) sync();  // warp_sums is free for the next projection
   };
