@@ -32,8 +32,9 @@
 //   entries (1024 bytes, the engine's KV format outside reference numerics) instead of fp8. --route times each decode
 //   case on the decode kernels and on the prefill kernel (run_sparse_attention_prefill), both checked against the CPU,
 //   and says whether run_sparse_attention's defaults route it there (no prefill part; HCA also at 256K context, and
-//   batch 128). --mma-rates times the head_dim 512 kernel's tensor-core work per tile alone (mma_rate_kernel) and
-//   nothing else.
+//   batch 128); bf16 entries on the head_dim 512 kernel are timed once more with d512_entry_tma (the A/B of GPU round
+//   s21-1; its output compared byte for byte). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
+//   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -141,6 +142,7 @@ __global__ void empty_kernel(int) {}
 // (2 × m64n256k16, P from registers); QkOnly / PvOnly either alone; Qk64 = the QKᵀ of 64 entries as 16 ×
 // m64n64k16 (reported per 32 entries). Zeros throughout (the rate does not depend on the values).
 enum class MmaRate { Tile, QkOnly, PvOnly, Qk64 };
+constexpr int kD512TileHeads = 64;  // the heads of one CTA's wgmma M
 constexpr int kMmaRateThreads = 256, kMmaRateQBytes = 64 * 1024, kMmaRateKvBytes = 64 * 1024;
 constexpr int kMmaRateSmemBytes = kMmaRateQBytes + kMmaRateKvBytes + 1024;
 
@@ -585,6 +587,10 @@ struct RouteResult {
   int64_t context;
   bool head_split, routed;
   double decode_us, prefill_us, floor_us, decode_cpu_error, prefill_cpu_error;
+  // The decode call with d512_entry_tma (bf16 entries on the head_dim 512 kernel; 0 = not run): µs, CPU check, and
+  // the bytes of its output that differ from the decode call's.
+  double tma_us = 0, tma_cpu_error = 0;
+  size_t tma_differing = 0;
 };
 
 RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEntryFormat format, int batch,
@@ -621,6 +627,18 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   r.decode_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(decode); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   r.decode_cpu_error = check(decode);
+  if (format == KvEntryFormat::Bf16 && !r.head_split) {
+    std::vector<uint8_t> copied(out_bytes), fetched(out_bytes);
+    out.download(copied.data(), out_bytes);
+    SparseAttentionParams tma = decode;
+    tma.d512_entry_tma = true;
+    out.fill_bytes(0xFF);
+    r.tma_us = 1e3 * median_ms(20, flush, flush_bytes, [&] { run_sparse_attention(tma); });
+    DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+    r.tma_cpu_error = check(tma);
+    out.download(fetched.data(), out_bytes);
+    for (size_t b = 0; b < out_bytes; ++b) r.tma_differing += copied[b] != fetched[b];
+  }
   SparseAttentionParams prefill = decode;
   prefill.splits = 1;
   prefill.workspace = nullptr;
@@ -741,18 +759,6 @@ int run(int argc, char** argv) {
   const double copy_gbps = copy_bandwidth_gbps();
   std::printf("%s, %d SMs; device copy bandwidth (read + write) %.0f GB/s\n", device.name.c_str(),
               device.multiprocessors, copy_gbps);
-  if (mma_rates) {
-    DeviceBuffer sink(size_t(device.multiprocessors) * 4, "sink");
-    float* out = sink.as<float>();
-    const int sms = device.multiprocessors;
-    std::printf("--mma-rates: the head_dim 512 kernel's tensor-core work per 32-entry tile, a CTA per SM and two "
-                "consumer warpgroups issuing back to back, us per tile: QK+PV (as the kernel: 16 m64n32k16 SS, wait, "
-                "2 m64n256k16 RS, wait) %.3f; QK alone %.3f; PV alone %.3f; QK as 16 m64n64k16 SS per 64 entries "
-                "%.3f per 32\n",
-                mma_rate_us<MmaRate::Tile>(sms, out), mma_rate_us<MmaRate::QkOnly>(sms, out),
-                mma_rate_us<MmaRate::PvOnly>(sms, out), mma_rate_us<MmaRate::Qk64>(sms, out));
-    return 0;
-  }
   const size_t flush_buffer_bytes = size_t(256) << 20;
   DeviceBuffer flush(flush_buffer_bytes, "L2 flush");
   const size_t flush_bytes = warm ? 0 : flush_buffer_bytes;  // a memset of 0 bytes flushes nothing
@@ -764,15 +770,37 @@ int run(int argc, char** argv) {
   const double cublas_tflops = cublas_bf16_tflops(flush.data(), flush_bytes);
   std::printf("cuBLAS bf16 GEMM %.0f TFLOP/s, nominal peak %.0f TFLOP/s (%d MHz)\n", cublas_tflops, peak_tflops,
               clock_khz / 1000);
+  if (mma_rates) {
+    DeviceBuffer sink(size_t(device.multiprocessors) * 4, "sink");
+    float* out = sink.as<float>();
+    const int sms = device.multiprocessors;
+    // A tile's flops on one SM (QKᵀ and PV over 64 heads × 32 entries × 512 dims) at the same-run cuBLAS rate and at
+    // the nominal peak, shared by the SMs: the tensor-rate floor of a tile.
+    constexpr double kTileFlops = 4.0 * kD512TileHeads * kSparseAttentionTileEntries * kHeadDim;
+    const double cublas_floor_us = kTileFlops * sms / (cublas_tflops * 1e6),
+                 peak_floor_us = kTileFlops * sms / (peak_tflops * 1e6);
+    const double tile_us = mma_rate_us<MmaRate::Tile>(sms, out);
+    std::printf("--mma-rates: the head_dim 512 kernel's tensor-core work per 32-entry tile, a CTA per SM and two "
+                "consumer warpgroups issuing back to back, us per tile: QK+PV (as the kernel: 16 m64n32k16 SS, wait, "
+                "2 m64n256k16 RS, wait) %.3f; QK alone %.3f; PV alone %.3f; QK as 16 m64n64k16 SS per 64 entries "
+                "%.3f per 32\n"
+                "  a tile's %.2f MFLOP per SM: floor %.3f us at the cuBLAS rate (QK+PV at %.0f%% of it), %.3f us at the "
+                "nominal peak (%.0f%%)\n",
+                tile_us, mma_rate_us<MmaRate::QkOnly>(sms, out), mma_rate_us<MmaRate::PvOnly>(sms, out),
+                mma_rate_us<MmaRate::Qk64>(sms, out), kTileFlops / 1e6, cublas_floor_us,
+                100.0 * cublas_floor_us / tile_us, peak_floor_us, 100.0 * peak_floor_us / tile_us);
+    return 0;
+  }
   std::vector<Result> results;
   std::vector<RouteResult> routes;
   if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
-                "the prefill kernel\n"
-                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s\n",
+                "the prefill kernel; tma = the decode call with d512_entry_tma (bytes: its output's bytes against the "
+                "decode call's)\n"
+                "%-6s %-4s %5s %8s %6s %8s %10s %8s %9s | %10s %8s %9s | %8s %7s | %8s %8s %9s %6s\n",
                 "model", "kind", "batch", "context", "slots", "splits", "decode us", "%floor", "cpu err", "prefill us",
-                "%floor", "cpu err", "speedup", "routed");
+                "%floor", "cpu err", "speedup", "routed", "tma us", "%floor", "cpu err", "bytes");
   else
     std::printf("GB/s and %%copy count KV bytes (combine-kernel merge); %%total adds q read, output written and split "
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
@@ -786,13 +814,16 @@ int run(int argc, char** argv) {
               "bf16q us", "cpu err", "cl.err", "bf16q err", "cl16p us", "cl16p err");
   bool check_failed = false;
   const auto record_route = [&](const RouteResult& r) {
-    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit);
+    const bool failed = !(r.decode_cpu_error <= kCpuCheckLimit && r.prefill_cpu_error <= kCpuCheckLimit &&
+                          r.tma_cpu_error <= kCpuCheckLimit && r.tma_differing == 0);
     check_failed = check_failed || failed;
-    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s%s\n",
+    std::printf("%-6s %-4s %5d %8lld %6d %5s%3d %10.1f %7.1f%% %9.1e | %10.1f %7.1f%% %9.1e | %7.2fx %7s | %8.1f "
+                "%7.1f%% %9.1e %6zu%s\n",
                 r.model.c_str(), r.layout.c_str(), r.batch, static_cast<long long>(r.context), r.slots,
                 r.head_split ? "hs" : "", r.splits, r.decode_us, 100.0 * r.floor_us / r.decode_us, r.decode_cpu_error,
                 r.prefill_us, 100.0 * r.floor_us / r.prefill_us, r.prefill_cpu_error, r.decode_us / r.prefill_us,
-                r.routed ? "yes" : "no", failed ? "  CPU CHECK FAILED" : "");
+                r.routed ? "yes" : "no", r.tma_us, r.tma_us > 0 ? 100.0 * r.floor_us / r.tma_us : 0.0,
+                r.tma_cpu_error, r.tma_differing, failed ? "  CPU CHECK FAILED" : "");
     std::fflush(stdout);
     routes.push_back(r);
   };

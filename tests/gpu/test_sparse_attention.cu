@@ -51,6 +51,8 @@ struct AttentionCase {
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
                       const std::vector<float>& expected, const std::vector<double>& magnitude);
 
+constexpr size_t kGuardBytes = 256;  // past the output, must stay 0xFF
+
 void check_attention(const AttentionCase& c, uint32_t seed) {
   SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format) + " seed " + std::to_string(seed));
   SparseAttentionCaseData data;
@@ -78,6 +80,30 @@ void check_attention(const AttentionCase& c, uint32_t seed) {
   }
 }
 
+// Runs `call` with c's splits (0: choose_sparse_attention_splits for the merge mode) into an output poisoned with
+// 0xFF and followed by a guard region; returns the output and guard bytes.
+std::vector<uint8_t> run_call(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call, int& splits) {
+  const int64_t T = call.tokens;
+  const int H = call.heads, D = c.head_dim;
+  splits = c.splits > 0 ? c.splits
+                        : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
+                                                         list_devices()[0].multiprocessors, cluster_merge);
+  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
+  workspace.fill_bytes(0xFF);
+  const size_t out_bytes = size_t(T * H * D) * (c.out_dtype == AttentionDtype::F32 ? 4 : 2);
+  DeviceBuffer d_out(out_bytes + kGuardBytes, "out");
+  d_out.fill_bytes(0xFF);
+  call.out = d_out.data();
+  call.splits = splits;
+  call.workspace = workspace.data();
+  call.workspace_bytes = workspace.bytes();
+  run_sparse_attention(call);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<uint8_t> raw(out_bytes + kGuardBytes);
+  d_out.download(raw.data(), raw.size());
+  return raw;
+}
+
 // One run of `call` (its splits, workspace and output filled in here; poisoned first) against the CPU's `expected`,
 // within the tolerance that `magnitude` scales.
 void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentionParams call,
@@ -85,23 +111,10 @@ void compare_with_cpu(const AttentionCase& c, bool cluster_merge, SparseAttentio
   SCOPED_TRACE(call.head_split ? "head split" : cluster_merge ? "cluster merge" : "combine kernel");
   const int64_t T = call.tokens;
   const int H = call.heads, D = c.head_dim;
-  const int splits = c.splits > 0 ? c.splits
-                                  : choose_sparse_attention_splits(T, H, D, c.format, c.window + c.compressed_slots,
-                                                                   list_devices()[0].multiprocessors, cluster_merge);
-  DeviceBuffer workspace(std::max<size_t>(16, sparse_attention_workspace_bytes(T, H, D, splits)), "workspace");
-  workspace.fill_bytes(0xFF);
   const size_t out_elements = size_t(T * H * D), element_bytes = c.out_dtype == AttentionDtype::F32 ? 4 : 2;
-  constexpr size_t kGuardBytes = 256;
-  DeviceBuffer d_out(out_elements * element_bytes + kGuardBytes, "out");
-  d_out.fill_bytes(0xFF);
-  call.out = d_out.data();
-  call.splits = splits;
-  call.workspace = workspace.data();
-  call.workspace_bytes = workspace.bytes();
-  run_sparse_attention(call);
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  std::vector<uint8_t> raw(out_elements * element_bytes + kGuardBytes);
-  d_out.download(raw.data(), raw.size());
+  int splits = 0;
+  const std::vector<uint8_t> raw = run_call(c, cluster_merge, call, splits);
+  ASSERT_FALSE(::testing::Test::HasFailure());
 
   const AttentionOutputCheck checked =
       check_attention_output(raw, c.out_dtype, H, D, expected, magnitude, c.bf16_partials && cluster_merge);
@@ -302,6 +315,53 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
   check_attention({"bf16 rope 128 1 split", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1, 1,
                    AttentionDtype::Bf16, AttentionDtype::Bf16},
                   seed++);
+}
+
+// The head_dim 512 kernel with bf16 entries fetched by TMA (SparseAttentionParams::d512_entry_tma: eight 128B-swizzled
+// boxes per entry) gives the same bytes as with its 16-byte cp.async copies (the same KV stage layout), over both
+// merges: the chosen splits and one, per-query counts (splits past a query's count: no tiles), single-tile lists with
+// unused slots (rows outside the map, zero-filled), a query with no entries, Pro's two head blocks with bf16 q and
+// output.
+TEST(SparseAttention, D512EntryTmaSameBits) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 140;
+  constexpr KvEntryFormat kBf16 = KvEntryFormat::Bf16;
+  std::vector<AttentionCase> cases;
+  cases.push_back({"flash csa decode", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0});
+  cases.push_back({"flash csa decode 1 split", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1});
+  AttentionCase counts{"flash csa 3 splits counts", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 3,
+                       AttentionDtype::F32, AttentionDtype::Bf16, true};
+  counts.counts = true;
+  cases.push_back(counts);
+  cases.push_back({"flash one tile", kBf16, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1});
+  AttentionCase empty{"flash empty query", kBf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 0};
+  empty.empty_query = true;
+  cases.push_back(empty);
+  cases.push_back({"pro csa bf16 io", kBf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0, AttentionDtype::Bf16,
+                   AttentionDtype::Bf16});
+  for (const AttentionCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    SparseAttentionCaseData data;
+    ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
+    SparseAttentionParams call = data.call;
+    call.head_split = false;
+    call.prefill_kernel = false;
+    for (const bool cluster_merge : {false, true}) {
+      call.cluster_merge = cluster_merge;
+      int splits = 0;
+      call.d512_entry_tma = false;
+      const std::vector<uint8_t> copied = run_call(c, cluster_merge, call, splits);
+      call.d512_entry_tma = true;
+      const std::vector<uint8_t> tma = run_call(c, cluster_merge, call, splits);
+      ASSERT_EQ(copied.size(), tma.size());
+      size_t differing = 0;
+      for (size_t b = 0; b < copied.size(); ++b) differing += copied[b] != tma[b];
+      EXPECT_EQ(differing, 0u) << "bytes differ (" << (cluster_merge ? "cluster merge" : "combine kernel")
+                               << ", splits " << splits << ")";
+      std::printf("  %-28s splits=%d %s: %zu of %zu bytes differ\n", c.name, splits,
+                  cluster_merge ? "cluster" : "combine", differing, copied.size());
+    }
+  }
 }
 
 // Prefill-sized calls (≥ two waves of CTAs, bf16 entries) routed to run_sparse_attention_prefill: a window-only chunk

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -91,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8>
+template <bool kFp8, bool kTmaEntries>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -140,12 +141,13 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false>), [] {
-    set_d512_attributes<false>();
-    set_d512_attributes<true>();
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
+    set_d512_attributes<false, false>();
+    set_d512_attributes<false, true>();
+    set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -156,17 +158,43 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8>
+// Whether the head_dim 512 kernel fetches bf16 entries by TMA (SparseAttentionParams::d512_entry_tma, or
+// DSV4_ATTENTION_ENTRY_TMA=1 in the environment for every call).
+bool d512_entry_tma(const SparseAttentionParams& p) {
+  static const bool by_environment = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_ENTRY_TMA");
+    return value != nullptr && value[0] == '1';
+  }();
+  return p.cache.layout.format == KvEntryFormat::Bf16 && (p.d512_entry_tma || by_environment);
+}
+
+// The pool as [entries, 512] bf16 rows for the TMA producer: boxes of one row's 64-dim block (128 bytes) in the 128B
+// swizzle. Physical entries are int32 and the kernel reads only rows on allocated pages, so the map's extent is the
+// int32 range rather than the pool's size (which the view does not carry).
+CUtensorMap d512_entry_map(const KvCacheView& cache) {
+  return sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                                     .base = cache.pool,
+                                     .cols = uint64_t(kD512HeadDim),
+                                     .rows = uint64_t(std::numeric_limits<int32_t>::max()),
+                                     .row_stride_bytes = uint64_t(cache.layout.entry_bytes),
+                                     .box_cols = 64,
+                                     .box_rows = 1,
+                                     .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
+                                    "sparse_attention KV pool");
+}
+
+template <bool kFp8, bool kTmaEntries>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
+  const CUtensorMap entry_map = kTmaEntries ? d512_entry_map(p.cache) : CUtensorMap{};
   launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
-                 "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
+                 "sparse_attention (head_dim 512, wgmma)", p, entry_map, head_blocks, cluster);
 }
 
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.
@@ -336,9 +364,11 @@ void run_sparse_attention(const SparseAttentionParams& p) {
   }
   if (use_d512_kernel(p)) {
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true>(p);
+      launch_d512<true, false>(p);
+    else if (d512_entry_tma(p))
+      launch_d512<false, true>(p);
     else
-      launch_d512<false>(p);
+      launch_d512<false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

@@ -39,6 +39,7 @@
 #include "backends/cuda/ptx/ldmatrix.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
+#include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/e8m0.hpp"
 
@@ -784,16 +785,23 @@ __device__ __forceinline__ void d512_produce_fp8(const SparseAttentionParams& p,
   }
 }
 
-// The producer of bf16 entries (D512Layout<false>): thread (row0, chunk) = (thread / 8, thread % 8) copies the 16-byte
-// chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile straight to its swizzled place
-// in the tile's KV stage (an unused slot zero-filled, its source never read); the copies arrive on the stage's
-// kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
-// warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
-// copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
-// during chunk c's copies (index load at its start, page-table load after its last tile, whose copies thus never wait
-// for the index load; at a CTA's start its first four tiles are issued back to back).
-__device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                  const SlotRange& range) {
+// The producer of bf16 entries (D512Layout<false>). Lane l of warp w resolves (index → page table → entry) the one
+// slot of each 4-tile chunk that its own warp copies: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to the
+// copying lanes by a shuffle; chunk c + 2's resolve runs during chunk c's copies (index load at its start, page-table
+// load after its last tile, whose copies thus never wait for the index load; at a CTA's start its first four tiles are
+// issued back to back). The copies of a tile into its KV stage, an unused slot zero-filled (its source never read):
+// - kTma = false: thread (row0, chunk) = (thread / 8, thread % 8) copies the 16-byte chunk `chunk` of all eight
+//   64-dim blocks of entries row0 and row0 + 16 by cp.async straight to their swizzled places (16 per thread and
+//   tile); the copies arrive on the stage's kv_full as they land, the valid flags by a plain arrive after their stores;
+// - kTma = true (SparseAttentionParams::d512_entry_tma): lane e < 8 of warp w fetches entry 4w + e % 4 + 16 · (e / 4)
+//   as eight TMA boxes of one 128-byte row each (entry_map: the pool as [entries, 512] bf16, 128B swizzle, which the
+//   TMA unit applies from the shared address: a row at n · 128 of a 1024-aligned block lands with chunk c at
+//   c ^ (n % 8), the layout above), 256 copy instructions per tile instead of 2048; an unused slot is row −1, outside
+//   the map, which the TMA unit fills with zeros. Each of the 32 lanes arrives on kv_full once with its entry's
+//   1024 bytes expected, after storing its valid flag.
+template <bool kTma>
+__device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, const CUtensorMap* entry_map,
+                                                  uint8_t* smem, int64_t t, const SlotRange& range) {
   using L = D512Layout<false>;
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
@@ -830,32 +838,47 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
       const int j = c * kChunkTiles + i;
       if (j >= tiles) break;
       const int stage = j % S;
-      int32_t phys[2];
+      if constexpr (kTma) {
+        // Lane e < 8: entry n of the stage, resolved by lane 8i + e.
+        const int32_t phys = __shfl_sync(0xFFFFFFFFu, current, 8 * i + lane % 8);
+        const int n = 4 * warp + lane % 4 + 16 * ((lane / 4) % 2);
+        sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
+        if (lane < 8) {
+          tile_valid[stage * kTile + n] = phys >= 0;
+          sm90::mbarrier_arrive_expect_tx(&kv_full[stage], kD512HeadDim * 2);
+          uint8_t* destination = smem + L::kKv + stage * kKvStageBytes + n * 128;
 #pragma unroll
-      for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
-      sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
-      if (chunk == 0) {
-        tile_valid[stage * kTile + row0] = phys[0] >= 0;
-        tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
+          for (int b = 0; b < kDimBlocks; ++b)
+            sm90::tma_load_2d(destination + b * kKvBlockBytes, entry_map, &kv_full[stage], 64 * b, phys);
+        }
+      } else {
+        int32_t phys[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
+        sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
+        if (chunk == 0) {
+          tile_valid[stage * kTile + row0] = phys[0] >= 0;
+          tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
+        }
+        const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int n = row0 + 16 * k;
+          const uint32_t destination = stage_base + uint32_t(n * 128 + ((chunk ^ (n % 8)) * 16));
+          const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
+#pragma unroll
+          for (int b = 0; b < kDimBlocks; ++b)
+            ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
+        }
+        ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
+        sm90::mbarrier_arrive(&kv_full[stage]);
       }
-      const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int n = row0 + 16 * k;
-        const uint32_t destination = stage_base + uint32_t(n * 128 + ((chunk ^ (n % 8)) * 16));
-        const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
-#pragma unroll
-        for (int b = 0; b < kDimBlocks; ++b)
-          ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
-      }
-      ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
-      sm90::mbarrier_arrive(&kv_full[stage]);
       if (i == kChunkTiles - 1 || j + 1 == tiles) ahead_page = load_page(c + 2, ahead_row);
     }
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
   }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if constexpr (!kTma) asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
@@ -1041,8 +1064,8 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry format).
-template <class L>
+// L: the CTA's D512Layout (its entry format); kTmaEntries: the entries arrive by TMA (d512_produce_bf16).
+template <class L, bool kTmaEntries>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1137,7 +1160,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % S;
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
-    if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
+    // cp.async data, then wgmma reads it (TMA and the fp8 expansion's fence need none here).
+    if constexpr (!L::kFp8Entries && !kTmaEntries) sm90::fence_proxy_async_shared();
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
@@ -1316,10 +1340,13 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-template <bool kFp8>
+// kTmaEntries (bf16 entries only): the producer's copies by TMA over entry_map (see d512_produce_bf16).
+template <bool kFp8, bool kTmaEntries>
 __global__ void __launch_bounds__(kD512Threads, 1)
-    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p,
+                                 const __grid_constant__ CUtensorMap entry_map, const int head_blocks,
                                  const bool cluster_merge) {
+  static_assert(!(kFp8 && kTmaEntries), "TMA entries are bf16 entries");
   using L = D512Layout<kFp8>;
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
@@ -1333,8 +1360,9 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
     for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 4);  // raw_full: one per warp
     for (int s = 0; s < L::kKvStages; ++s) {
-      // kv_full: every producer thread (bf16: also its copies' arrival); kv_empty: one per consumer.
-      sm90::mbarrier_init(&barriers[L::kRawStages + s], (kFp8 ? 1 : 2) * kWarpgroupThreads);
+      // kv_full: every producer thread (bf16 by cp.async: also its copies' arrival; by TMA: the 32 issuing lanes);
+      // kv_empty: one per consumer.
+      sm90::mbarrier_init(&barriers[L::kRawStages + s], kTmaEntries ? 32 : (kFp8 ? 1 : 2) * kWarpgroupThreads);
       sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
     sm90::fence_mbarrier_init();
@@ -1343,18 +1371,19 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
+    if (kTmaEntries && threadIdx.x == 0) sm90::prefetch_tensor_map(&entry_map);
     wait_for_prior_grids();
     if constexpr (kFp8)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
-      d512_produce_bf16(p, smem, work.t, split_slot_range(p, work.t, work.split));
+      d512_produce_bf16<kTmaEntries>(p, &entry_map, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
       sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L>(p, smem, work, cluster_merge);
+    d512_consume<L, kTmaEntries>(p, smem, work, cluster_merge);
   }
 }
 

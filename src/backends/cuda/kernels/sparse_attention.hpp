@@ -111,6 +111,10 @@ struct SparseAttentionParams {
   // 256 78.4 → 83.8: not routed) and wins from 2176 (batch 128 105.2 → 98.6, 256 202.0 → 187.6; 8320 slots batch 128
   // 351.6 → 312.2); two (Pro) win from 640 (batch 64 41.4 → 39.2, 128 76.1 → 72.4; 2176 slots batch 64 103.2 → 90.0).
   bool prefill_kernel_decode = true;
+  // A/B for GPU round s21-1 (removed with the loser): the head_dim 512 kernel fetches bf16 entries by TMA, eight
+  // 128-byte boxes per entry into the swizzled KV stage (256 copy instructions per 32-entry tile instead of 2048
+  // 16-byte cp.async); same bits. DSV4_ATTENTION_ENTRY_TMA=1 in the environment turns it on for every call.
+  bool d512_entry_tma = false;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
