@@ -14,7 +14,9 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
+// staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
+// stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -27,7 +29,8 @@
 // Usage: bench_cuda_moe [--json PATH] [--tokens 1,4,...] [--model flash|pro] [--format mxfp4|nvfp4]
 //                       [--paths streamed,...] [--trace]
 // (--paths: only those paths, e.g. to profile one kernel set; --trace: instead of timing, the expert launches'
-// timeline of one cold call at each T <= 8, see print_trace).
+// timeline of one cold call at each T <= 8, see print_trace: the default streamed path, or each streamed path that
+// --paths names).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -179,6 +182,8 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
+  LATE_X,
+  FP8_PER_STAGE,
   REGISTER
 };
 struct PathSpec {
@@ -189,9 +194,11 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
+  bool late_x = false;
+  bool fp8_per_stage = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
-           split != MoeRunParams{}.shared_expert_split;
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
+           fp8_per_stage || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -206,6 +213,9 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
+    {Path::LATE_X, "late-x", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
+    {Path::FP8_PER_STAGE, "fp8-scales-per-stage", false, false, MoeRunParams{}.shared_expert_split, false, false,
+     false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -225,6 +235,8 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
+  if (spec.late_x) p.early_x = false;
+  if (spec.fp8_per_stage) p.fp8_scale_table = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -304,7 +316,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8))
+          (spec.other_per_item && T > 8) || (spec.late_x && T > 1))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -383,11 +395,11 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   return results;
 }
 
-// --trace: the timeline of one cold call at T <= 8 (default streamed parameters, plain stream launches chained as in
+// --trace: the timeline of one cold call at T <= 8 (a streamed path's parameters, plain stream launches chained as in
 // a model step): both expert launches traced (MoeRunParams::trace_gate_up / trace_down), each point's median and
 // latest time over the launch's working warps, in µs from the gate/up launch's first CTA start; the shared
 // expert's CTAs (grid row 0) apart from the routed ones.
-void print_trace(const Model& model, int T, WeightFormat routed_format, cudaStream_t stream) {
+void print_trace(const Model& model, int T, WeightFormat routed_format, Path path, cudaStream_t stream) {
   const MoeConfig& c = model.config;
   std::vector<DeviceMoeWeights> layers;
   for (int l = 0; l < model.layers; ++l)
@@ -405,7 +417,7 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, cudaStre
   const size_t words[2] = {moe_expert_trace_words(c, T, true), moe_expert_trace_words(c, T, false)};
   DeviceBuffer traces[2] = {DeviceBuffer(words[0] * 8, "gate/up trace"), DeviceBuffer(words[1] * 8, "down trace")};
   auto call = [&](int layer, bool traced) {
-    MoeRunParams p;
+    MoeRunParams p = path_params(path);
     p.u = u.as<float>(), p.out = out.as<float>(), p.tokens = T, p.stream = stream;
     p.workspace = workspace.data(), p.workspace_bytes = workspace_bytes;
     if (traced) p.trace_gate_up = traces[0].as<uint64_t>(), p.trace_down = traces[1].as<uint64_t>();
@@ -438,9 +450,9 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, cudaStre
   for (int j = 0; j < 2 * kMoeTraceStages; ++j) names[MOE_TRACE_STAGE + j] = kStageNames[j];
   const int64_t gate_up_bands = (c.intermediate + kMoeDownBandRows / 2 - 1) / (kMoeDownBandRows / 2);
   const int64_t down_bands = (c.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
-  std::printf("trace %s T=%d (%s routed experts), µs from the gate/up launch's first CTA start: median / latest over "
-              "the working warps, shared expert (grid row 0) | routed\n",
-              model.name, T, routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
+  std::printf("trace %s T=%d %s (%s routed experts), µs from the gate/up launch's first CTA start: median / latest "
+              "over the working warps, shared expert (grid row 0) | routed\n",
+              model.name, T, kPaths[int(path)].name, routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
   for (int g = 0; g < 2; ++g) {
     const int64_t bands = g == 0 ? gate_up_bands : down_bands;
     std::set<uint64_t> sms;
@@ -482,7 +494,7 @@ int main(int argc, char** argv) {
   std::set<Path> paths;
   for (const PathSpec& spec : kPaths) paths.insert(spec.path);
   WeightFormat routed_format = WeightFormat::MXFP4;
-  bool trace = false;
+  bool trace = false, paths_named = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
@@ -511,6 +523,7 @@ int main(int argc, char** argv) {
       }
     } else if (std::strcmp(argv[i], "--paths") == 0 && i + 1 < argc) {
       paths.clear();
+      paths_named = true;
       const std::string list = argv[++i];
       for (size_t begin = 0; begin <= list.size();) {
         const size_t end = std::min(list.find(',', begin), list.size());
@@ -531,7 +544,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,"
+                           "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
                            "register]\n");
       return 2;
     }
@@ -552,11 +565,16 @@ int main(int argc, char** argv) {
                           .routed_scaling_factor = 2.5f, .swiglu_limit = 10.0f}, 2},
     };
     if (trace) {
+      // The streamed kernels' default, or the streamed paths named by --paths (the options' A/B in one run).
+      std::vector<Path> trace_paths;
+      for (const Path path : paths)
+        if (path != Path::REGISTER && (paths_named || path == Path::STREAMED)) trace_paths.push_back(path);
       std::printf("device: %s (%d SMs)\n", device.name.c_str(), device.multiprocessors);
       for (const Model& model : models) {
         if (!model_filter.empty() && model_filter != model.name) continue;
         for (const int T : token_counts)
-          if (T <= kMoeFusedCombineMaxTokens) print_trace(model, T, routed_format, stream);
+          for (const Path path : trace_paths)
+            if (T <= kMoeFusedCombineMaxTokens) print_trace(model, T, routed_format, path, stream);
       }
       DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
       return 0;

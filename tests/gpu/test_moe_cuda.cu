@@ -11,7 +11,9 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the T = 1
+// gate/up x from u before the wait and the FP8 block-scale table other than the defaults (MoeRunParams::early_x,
+// fp8_scale_table: the same bits, u not bf16-representable there); a V4-Pro-width
 // layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
 // (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
@@ -281,6 +283,8 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
+  bool early_x = MoeRunParams{}.early_x;
+  bool fp8_table = MoeRunParams{}.fp8_scale_table;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -291,13 +295,15 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "");
+           (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
+           (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
+    p.early_x = early_x, p.fp8_scale_table = fp8_table;
     return p;
   }
 };
@@ -340,6 +346,19 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
+// The gate/up x at T = 1 from u before the wait other than the default (MoeRunParams::early_x), and the FP8 block
+// scales per stage or from the warp's table other than the default (MoeRunParams::fp8_scale_table): the same bits,
+// also with the shared expert never split and split at every T <= 8.
+constexpr Kernels kStreamedOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                  .early_x = !MoeRunParams{}.early_x};
+constexpr Kernels kStreamedUnsplitOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                         .split = MoeSharedExpertSplit::NEVER, .columns = false,
+                                         .early_x = !MoeRunParams{}.early_x};
+constexpr Kernels kStreamedOtherFp8{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                    .fp8_table = !MoeRunParams{}.fp8_scale_table};
+constexpr Kernels kStreamedSplitAllOtherFp8{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                            .split = MoeSharedExpertSplit::ALWAYS,
+                                            .fp8_table = !MoeRunParams{}.fp8_scale_table};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -612,6 +631,14 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
+    // x before the wait and the FP8 scale table against their other variants (the same bits).
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherX);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherX, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherX, kStreamedUnsplit);
+    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherFp8);
+    for (const int T : {1, 2, 8, 17})
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherFp8, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherFp8, kStreamedSplitAll);
 
   }
 }

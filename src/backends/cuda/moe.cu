@@ -1,5 +1,8 @@
 #include "backends/cuda/moe.hpp"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -99,6 +102,24 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
+// Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=late-x | fp8-per-stage | both turns those defaults
+// (MoeRunParams::early_x, fp8_scale_table) off in every call, the model's included.
+struct MoeAbSwitch {
+  bool late_x = false, fp8_per_stage = false;
+};
+const MoeAbSwitch& moe_ab_switch() {
+  static const MoeAbSwitch value = [] {
+    MoeAbSwitch v;
+    const char* env = std::getenv("DSV4_MOE_AB");
+    if (env == nullptr) return v;
+    v.late_x = std::strcmp(env, "late-x") == 0 || std::strcmp(env, "both") == 0;
+    v.fp8_per_stage = std::strcmp(env, "fp8-per-stage") == 0 || std::strcmp(env, "both") == 0;
+    check(v.late_x || v.fp8_per_stage, "DSV4_MOE_AB=", env, ": late-x, fp8-per-stage or both expected");
+    return v;
+  }();
+  return value;
+}
+
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -126,6 +147,8 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
+      .u_early = p.early_x && !moe_ab_switch().late_x && streamed && p.tokens == 1 ? p.u : nullptr,
+      .fp8_scale_table = p.fp8_scale_table && !moe_ab_switch().fp8_per_stage && streamed,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,

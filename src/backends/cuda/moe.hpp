@@ -100,6 +100,12 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
+  // MoeExpertGemmParams::u_early at T = 1 (streamed one-tile kernels): the gate/up CTAs stage x from u before waiting
+  // for the routing. The same bits. Round s21-1 A/B (bench_cuda_moe path "late-x").
+  bool early_x = true;
+  // MoeExpertGemmParams::fp8_scale_table (streamed kernels): FP8 experts' block scales loaded once per warp, not per
+  // stage. The same bits. Round s21-1 A/B (bench_cuda_moe path "fp8-scales-per-stage").
+  bool fp8_scale_table = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

@@ -132,6 +132,8 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
+      .u_early = gate_up ? p.u_early : nullptr,
+      .fp8_scale_table = p.fp8_scale_table,
   };
 }
 
@@ -230,6 +232,15 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "streamed-kernel option");
   check(p.trace == nullptr || (p.streamed && p.lean_decode && p.tokens <= tile::kTokensPerMma), "moe expert GEMM: ",
         "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
+  check(p.u_early == nullptr ||
+            (p.streamed && p.tokens == 1 && moe::streamed_x_bytes(1, p.hidden) <= int(moe::kStreamedXBytes)),
+        "moe expert GEMM: x staged from u before the wait (u_early) serves streamed launches of one token whose x ",
+        "row fits the x region (hidden ", p.hidden, ")");
+  if (p.fp8_scale_table)
+    for (const WeightFormat f : {p.routed_format, p.shared_format})
+      check(f != WeightFormat::FP8_BLOCK128 || std::max(p.hidden, p.intermediate) / 128 <= moe::kScaleTableMaxBlocks,
+            "moe expert GEMM: the FP8 scale table holds ", moe::kScaleTableMaxBlocks, " blocks per row; hidden ",
+            p.hidden, " / intermediate ", p.intermediate, " need more");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

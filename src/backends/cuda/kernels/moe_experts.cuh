@@ -101,6 +101,8 @@ struct ExpertGemmArgs {
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
+  const float* u_early;  // gate/up at T = 1: x staged from fp32 u before the wait (MoeExpertGemmParams::u_early)
+  bool fp8_scale_table;  // MoeExpertGemmParams::fp8_scale_table
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -516,6 +518,37 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
+// FP8 experts (MoeExpertGemmParams::fp8_scale_table): the warp's row of 128 × 128 block scales (its 16 rows lie in
+// one 128-row band) as fp32 in its ring's first slot, past the 4 KB an FP8 stage fills (the slot's last kilobyte
+// takes fp4 scales only), read by the stages from there instead of two global loads on each stage's path (round
+// s20-2's trace: the shared CTAs' first stage took 5.3 µs from its data to its MMAs, the loads queued behind the
+// launch's first copies). The conversion of st::load_stage_block_scales: the same bits.
+inline constexpr int kScaleTableOffset = 2 * tile::stream::kHalfBytes;
+inline constexpr int kScaleTableMaxBlocks = (tile::stream::kSlotBytes - kScaleTableOffset) / int(sizeof(float));
+template <tile::TileFormat F>
+__device__ __forceinline__ void stage_scale_table(const DeviceMatrixView& w, int64_t row0, int k_total,
+                                                  uint8_t* ring) {
+  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
+    auto* table = reinterpret_cast<float*>(ring + kScaleTableOffset);
+    const int64_t offset = (row0 / 128) * w.scales_per_row;
+    for (int b = threadIdx.x % tile::kWarpSize; b < k_total / 128; b += tile::kWarpSize)
+      table[b] = w.scale_type == ScaleType::F32 ? __ldg(reinterpret_cast<const float*>(w.scales) + offset + b)
+                                                : e8m0_to_float(__ldg(w.scales + offset + b));
+    __syncwarp();
+  }
+}
+
+// 8 inputs of fp32 u from k, rounded to bf16 as the routing rounds u_bf16 (convert_u_slice), read through L2.
+__device__ __forceinline__ uint4 u_chunk_bf16(const float* u, int64_t k) {
+  const float4* source = reinterpret_cast<const float4*>(u + k);
+  const float4 lo = __ldcg(source), hi = __ldcg(source + 1);
+  auto bits = [](float a, float b) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  };
+  return make_uint4(bits(lo.x, lo.y), bits(lo.z, lo.w), bits(hi.x, hi.y), bits(hi.z, hi.w));
+}
+
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G, int kParts>
@@ -528,6 +561,7 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
     st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
                        ring + j * st::kSlotBytes, full + j);
+  if (a.fp8_scale_table) stage_scale_table<F>(warp_matrix<G>(a.experts[expert]), slice.row0, a.k_total, ring);
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -657,20 +691,19 @@ __host__ __device__ constexpr int x_bytes(int k_count, int rows) {
   return (zero_block_offset(k_count, rows) + kZeroChunks * tile::kXChunk) * int(sizeof(__nv_bfloat16));
 }
 
-// Stages x[0, k_count) of the item's rows (row_of(r), 16-byte aligned, r < rows <= kMaxRows) and the zero block;
-// called by thread_count threads of the CTA with distinct thread_idx (the caller synchronises before and after).
-// kCoherent: read through L2 (rows written by other CTAs of the running grid).
-template <bool kCoherent = false, class RowOf>
-__device__ __forceinline__ void stage_x(RowOf row_of, int rows, int k_count, __nv_bfloat16* x_tile, int thread_idx,
-                                        int thread_count) {
+// Stages x[0, k_count) of the item's rows (chunk_of(r, k): the 8 bf16 of row r < rows <= kMaxRows at inputs k ..
+// k + 7, in input order) and the zero block; called by thread_count threads of the CTA with distinct thread_idx (the
+// caller synchronises before and after).
+template <class ChunkOf>
+__device__ __forceinline__ void stage_x(ChunkOf chunk_of, int rows, int k_count, __nv_bfloat16* x_tile,
+                                        int thread_idx, int thread_count) {
   const int chunks = k_count / tile::kXChunk;
   for (int i = thread_idx; i < rows * chunks + kZeroChunks; i += thread_count) {
     uint4 v = make_uint4(0, 0, 0, 0);
     int at = zero_block_offset(k_count, rows) + (i - rows * chunks) * tile::kXChunk;
     if (i < rows * chunks) {
       const int r = i / chunks, c = i % chunks;
-      const uint4* source = reinterpret_cast<const uint4*>(row_of(r)) + c;
-      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(kCoherent ? __ldcg(source) : __ldg(source));
+      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(chunk_of(r, int64_t(c) * tile::kXChunk));
       v = make_uint4(tile::detail::bf16x2_mul(v.x, kXFactor), tile::detail::bf16x2_mul(v.y, kXFactor),
                      tile::detail::bf16x2_mul(v.z, kXFactor), tile::detail::bf16x2_mul(v.w, kXFactor));
       at = i * tile::kXChunk;
@@ -772,15 +805,28 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 }  // namespace columns
 
+// Stages a pass's x for `rows` rows of k_count inputs in the layout of its stages (the column stages' for fp4 items
+// with kColumns, else stage_x_chunks' of F): chunk_of(r, k) returns the 8 bf16 of row r at inputs k .. k + 7 (rows
+// and chunks whole: the streamed kernels' x rows are 16-byte aligned, their chunks whole stages). Called by the whole
+// CTA; the caller synchronises before and after.
+template <tile::TileFormat F, bool kColumns, class ChunkOf>
+__device__ __forceinline__ void stage_pass_x(ChunkOf chunk_of, int rows, int k_count, __nv_bfloat16* x_tile) {
+  if constexpr (kColumns && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4))
+    columns::stage_x(chunk_of, rows, k_count, x_tile, threadIdx.x, kExpertThreads);
+  else
+    tile::stage_x_chunks<F>(chunk_of, rows, rows, k_count, x_tile, threadIdx.x, kExpertThreads);
+}
+
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
-// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
+// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item). x_staged: the first
+// pass's x is in the x region already, its whole K (MoeExpertGemmParams::u_early).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
           bool kCoherentX = false, bool kTrace = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part = 0) {
+                                                  bool started, int part = 0, bool x_staged = false) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -820,19 +866,13 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     for (int chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
-      auto row_of = [&](int t) {
-        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
-        return a.x + source_row * a.k_total + chunk_begin;
-      };
-      if constexpr (kColumnStages) {
-        columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-      } else if constexpr (kCoherentX) {
-        // Whole 16-byte chunks: x rows and chunks start at multiples of 8 inputs, and chunks are whole stages.
-        tile::stage_x_chunks<F>(
-            [&](int t, int64_t k) { return __ldcg(reinterpret_cast<const uint4*>(row_of(t) + k)); }, rows, rows,
-            chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
-      } else {
-        tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      if (!x_staged || pass != 0 || chunk_begin != 0) {
+        auto chunk_of = [&](int t, int64_t k) {
+          const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+          const uint4* source = reinterpret_cast<const uint4*>(a.x + source_row * a.k_total + chunk_begin + k);
+          return kCoherentX ? __ldcg(source) : __ldg(source);
+        };
+        stage_pass_x<F, kColumns>(chunk_of, rows, chunk_end - chunk_begin, x_tile);
       }
       __syncthreads();
       if (pass == 0 && chunk_begin == 0) trace_point<kTrace>(a, MOE_TRACE_X_STAGED);
@@ -853,13 +893,15 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
-        // FP8 (the shared expert): global loads at the loaded HBM latency on each stage's path, the likely cause of
-        // round s20-2's trace (bench_cuda_moe --trace, H200, V4-Flash T = 1): the shared CTAs' stage 0 took 5.3 µs
-        // (gate/up) and 2.8 µs (down) from its data's arrival to its MMAs' end against 1.4 and 0.9 µs for the routed
-        // fp4 CTAs, and the shared down CTAs ended the launch (latest 41.5 µs against 39.9). Next: the scales with
-        // the stage's copies, or all of a warp's before its wait.
+        // FP8 (the shared expert): the block scales from the warp's table (stage_scale_table) or two global loads.
         float block_scales[st::kMaxBlocksPerStage];
-        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+        if (F == tile::TileFormat::FP8_BLOCK128 && a.fp8_scale_table) {
+          const float* table = reinterpret_cast<const float*>(ring + kScaleTableOffset) + k0 / 128;
+#pragma unroll
+          for (int b = 0; b < st::kMaxBlocksPerStage; ++b) block_scales[b] = table[b];
+        } else {
+          st::load_stage_block_scales<F>(w, row0, k0, block_scales);
+        }
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
         if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j);
         if constexpr (kColumnStages) {
@@ -935,6 +977,17 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
+  // T = 1 gate/up (MoeExpertGemmParams::u_early): every item's one row is token 0, staged from u before the wait.
+  bool x_staged = false;
+  if constexpr (G == ExpertGemm::GATE_UP && !kMultiTile) {
+    if (a.u_early != nullptr) {
+      with_tile_format(shared_item ? a.shared_format : a.routed_format, [&]<tile::TileFormat F>() {
+        stage_pass_x<F, kColumns>([&](int, int64_t k) { return u_chunk_bf16(a.u_early, k); }, 1, a.k_total,
+                                  reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes));
+      });
+      x_staged = true;
+    }
+  }
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
@@ -957,13 +1010,13 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                                    true, part);
+                                                                                    true, part, x_staged);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
         run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                           started);
+                                                                           started, 0, x_staged);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

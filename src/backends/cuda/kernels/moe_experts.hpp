@@ -101,6 +101,16 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
+  // run_moe_gate_up at T = 1, one-tile streamed kernels: u in fp32 [1, d] (the routing's input); every CTA stages x
+  // from it (rounded to bf16 as the routing rounds u_bf16: the same bits) before waiting for the previous launch, so
+  // x is in shared memory before the routing ends. Only valid where the previous launch on the stream is the routing
+  // of this u (run_moe's order): its CTAs let this launch start only after their own wait, so u is complete and
+  // visible (read through L2). Null: x from u_bf16 after the wait. Round s21-1 A/B (MoeRunParams::early_x).
+  const float* u_early = nullptr;
+  // Streamed kernels: an FP8 expert's warp loads its band's row of 128 × 128 block scales once, when its stream
+  // starts (the shared expert's CTAs: before the wait), into the unused kilobyte of its first ring slot, instead of
+  // two global loads on each stage's path. The same bits. Round s21-1 A/B (MoeRunParams::fp8_scale_table).
+  bool fp8_scale_table = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
