@@ -55,6 +55,8 @@ inline constexpr int kMaxThreads = 512;
 inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
+// Slot groups per channel at most: enough loads in flight for a 128-slot window, few enough partials to merge.
+inline constexpr int kMaxGroups = 16;
 // Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
 // slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
@@ -134,6 +136,10 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
+  // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4) and its divisor.
+  int quads;
+  FastDivisor quads_div;
+  bool serial_merge;  // round s21-1 A/B (DSV4_COMPRESSOR_SERIAL_MERGE=1): the old merge loop
 };
 
 struct LaunchArgs {
@@ -294,9 +300,13 @@ struct OnlineSoftmax {
   }
 };
 
-// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
+// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups: 1, 2, 4, 8 or 16), merged
+// in group order. The partials load kMergeChunk groups at a time: a loop of one group per pass was a chain of
+// dependent shared-memory loads and expf per group (the completing decode step's finish).
+inline constexpr int kMergeChunk = 4;
 template <class Part>
-__device__ __forceinline__ float merge_partials(int groups, Part part) {
+__device__ __forceinline__ float merge_partials(int groups, bool serial, Part part) {
+  if (serial) {
   float m = kNegativeInfinity;
   for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
@@ -306,6 +316,30 @@ __device__ __forceinline__ float merge_partials(int groups, Part part) {
     const float scale = expf(p.max - m);
     den += p.denominator * scale;
     num += p.numerator * scale;
+  }
+  return num / den;
+  }
+  float m = kNegativeInfinity;
+  for (int g0 = 0; g0 < groups; g0 += kMergeChunk) {
+    float chunk[kMergeChunk];
+#pragma unroll
+    for (int k = 0; k < kMergeChunk; ++k) chunk[k] = g0 + k < groups ? part(g0 + k).max : kNegativeInfinity;
+#pragma unroll
+    for (int k = 0; k < kMergeChunk; ++k) m = fmaxf(m, chunk[k]);
+  }
+  float den = 0.0f, num = 0.0f;
+  for (int g0 = 0; g0 < groups; g0 += kMergeChunk) {
+    OnlineSoftmax chunk[kMergeChunk];
+#pragma unroll
+    for (int k = 0; k < kMergeChunk; ++k)
+      if (g0 + k < groups) chunk[k] = part(g0 + k);
+#pragma unroll
+    for (int k = 0; k < kMergeChunk; ++k) {
+      if (chunk[k].max == kNegativeInfinity) continue;  // also the groups past `groups`
+      const float scale = expf(chunk[k].max - m);
+      den += chunk[k].denominator * scale;
+      num += chunk[k].numerator * scale;
+    }
   }
   return num / den;
 }
@@ -430,6 +464,82 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     compiler_memory_fence();  // this stage's reads come before its refill
     if (b + 2 < batches) issue(b + 2, stage);
   }
+}
+
+// A thread's four consecutive channels, loaded as one 16-byte access.
+struct Quad {
+  float v[4];
+};
+
+__device__ __forceinline__ Quad load_quad(const float* p) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  return {{x.x, x.y, x.z, x.w}};
+}
+
+// One batch of a thread's quad slot loads (pool_quads).
+struct QuadBatch {
+  Quad value[kSlotBatch], score[kSlotBatch], bias[kSlotBatch];
+};
+
+// kInRun: the window lies wholly in the run (every entry of a prefill chunk but its first one or two): slot s's row is
+// the window's first plus s (CSA's second halves: plus s − ratio, c columns on), with no per-slot source selection.
+template <bool kInRun, class AfterFirstIssue>
+__device__ __forceinline__ void pool_quads_from(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
+                                                int slots, OnlineSoftmax (&softmax)[4],
+                                                AfterFirstIssue after_first_issue) {
+  const int step = kSlotBatch * a.groups;
+  const int64_t window_offset = (window_first_position(a, w) - r.start) * a.row_stride + channel;
+  const auto issue = [&](int s0, QuadBatch& b) {
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k) {
+      const int slot = s0 + k * a.groups;
+      if constexpr (kInRun) {
+        const int s = min(slot, slots - 1);  // past the window: a valid address, its value dropped
+        const bool second = a.overlapping && s >= a.ratio;
+        const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
+        b.value[k] = load_quad(r.kv + offset), b.score[k] = load_quad(r.gate + offset);
+        b.bias[k] = load_quad(a.ape + (second ? s - a.ratio : s) * width_of(a) + channel + (second ? a.c : 0));
+      } else {
+        const PooledSlot p = pooled_slot(a, w, slot, slots, channel);
+        const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+        b.value[k] = load_quad(source.value), b.score[k] = load_quad(source.score), b.bias[k] = load_quad(source.ape);
+      }
+    }
+  };
+  QuadBatch current, next;
+  issue(group, current);
+  after_first_issue();
+  for (int s0 = group; s0 < slots; s0 += step) {
+    if (s0 + step < slots) issue(s0 + step, next);
+    bool valid[kSlotBatch];
+#pragma unroll
+    for (int k = 0; k < kSlotBatch; ++k)  // every position of a window in the run is ≥ 0
+      valid[k] = kInRun ? s0 + k * a.groups < slots : pooled_slot(a, w, s0 + k * a.groups, slots, channel).valid;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float value[kSlotBatch], score[kSlotBatch];
+#pragma unroll
+      for (int k = 0; k < kSlotBatch; ++k) {
+        value[k] = valid[k] ? current.value[k].v[j] : 0.0f;
+        score[k] = valid[k] ? current.score[k].v[j] + current.bias[k].v[j] : kNegativeInfinity;
+      }
+      softmax[j].add(value, score);
+    }
+    current = next;
+  }
+}
+
+// Quad slot loads: thread (group, quad) pools the four channels from `channel` over slots group, group + groups, …,
+// kSlotBatch at a time as the other paths do (the same sums in the same order), each slot's value, score and ape by
+// one 16-byte load apiece, the next batch's loads issued before the current batch is pooled. after_first_issue runs
+// once the first batch's loads are out (the thread's RoPE factors).
+template <class AfterFirstIssue>
+__device__ __forceinline__ void pool_quads(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
+                                           int slots, OnlineSoftmax (&softmax)[4], AfterFirstIssue after_first_issue) {
+  if (window_first_position(a, w) >= r.start)  // CTA-uniform
+    pool_quads_from<true>(a, r, w, group, channel, slots, softmax, after_first_issue);
+  else
+    pool_quads_from<false>(a, r, w, group, channel, slots, softmax, after_first_issue);
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -726,7 +836,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, [&](int g) {
+      v[j] = merge_partials(a.groups, a.serial_merge, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -840,9 +950,9 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // CTA `local` of pool `a`: one entry slice.
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
-// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
-// kTrace: a traced launch (trace_point).
-template <bool kSliceUpdates, bool kStaged, bool kTrace>
+// kLoads: Registers (pool_from_registers), Staged (the shared-memory ring after the entry vector: pool_from_staging)
+// or Quads (pool_quads). kTrace: a traced launch (trace_point).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
                                          uint64_t* trace) {
   const int channels = a.channels_per_cta;
@@ -895,17 +1005,36 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
 
   RopeFactors rope{1.0f, 0.0f};
-  if (e.emitting && t.active) {
-    // The RoPE factors are made (or loaded) while the first loads are in flight.
-    const PoolingTask task{.w = e.w,
-                           .group = t.group,
-                           .channel = t.channel,
-                           .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
-                           .rope_here = t.group == 0 && t.channel >= a.c - a.rope_dim,
-                           .rope_pair = rope_pair,
-                           .frequency = frequency};
+  // The RoPE factors are made (or loaded) while the first loads are in flight.
+  const PoolingTask task{.w = e.w,
+                         .group = t.group,
+                         .channel = t.channel,
+                         .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
+                         .rope_here = t.active && t.group == 0 && t.channel >= a.c - a.rope_dim,
+                         .rope_pair = rope_pair,
+                         .frequency = frequency};
+  if constexpr (kLoads == CompressorSlotLoads::Quads) {
+    // The pooling's threads (group, quad) are not the finish's (group, pair): the partials meet in shared memory.
+    const int quad = int(a.quads_div.mod(threadIdx.x)), group = int(a.quads_div.div(threadIdx.x));
+    const auto make_rope = [&] {
+      if (task.rope_here) rope = window_rope(a, task);
+    };
+    if (e.emitting && group < a.groups) {
+      OnlineSoftmax softmax[4];
+      pool_quads(a, r, e.w, group, place.rank * channels + 4 * quad, task.slots, softmax, make_rope);
+      const int local_channel = group * channels + 4 * quad;
+      *reinterpret_cast<float4*>(s.part_max + local_channel) =
+          make_float4(softmax[0].max, softmax[1].max, softmax[2].max, softmax[3].max);
+      *reinterpret_cast<float4*>(s.part_den + local_channel) = make_float4(
+          softmax[0].denominator, softmax[1].denominator, softmax[2].denominator, softmax[3].denominator);
+      *reinterpret_cast<float4*>(s.part_num + local_channel) =
+          make_float4(softmax[0].numerator, softmax[1].numerator, softmax[2].numerator, softmax[3].numerator);
+    } else if (e.emitting) {
+      make_rope();
+    }
+  } else if (e.emitting && t.active) {
     OnlineSoftmax channel0, channel1;
-    if constexpr (kStaged)
+    if constexpr (kLoads == CompressorSlotLoads::Staged)
       pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
@@ -951,16 +1080,6 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
-
-// A thread's four consecutive channels, loaded as one 16-byte access.
-struct Quad {
-  float v[4];
-};
-
-__device__ __forceinline__ Quad load_quad(const float* p) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  return {{x.x, x.y, x.z, x.w}};
-}
 
 // Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
 // v / kSlotBatch = g take slots g, g + 2, …).
@@ -1225,9 +1344,9 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
 template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
-__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
-                                  : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
-                                                                          : kMaxThreads,
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean                                             ? kLeanThreads
+                                  : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads ? kStagedThreads
+                                                                                                                  : kMaxThreads,
                                   kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
@@ -1244,7 +1363,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   if constexpr (kLoads == CompressorSlotLoads::Lean)
     compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
-    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
+    compress<kSliceUpdates, kLoads, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 
