@@ -25,9 +25,11 @@
 //   launches; prepare + fused scores/top-k; with ≤ 2048 keys prepare + LastCta), both formats, the scores with the
 //   default kernel choice
 //   (IndexerScoresKernel::Auto: the warpgroup kernel for fp8 keys); the top-k's trace at 16 visible.
-// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores]]: --context runs
-// batch T (default 1) at a context of N tokens only (--scores: the score kernels' rows only); --decode runs the
-// decode chains' cases only, --short those up to a 4K context.
+// - with --slots: a batched decode step of T sequences, each in its own slot (bench_slots).
+// Usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores | --slots]
+// [--trace]]: --context runs batch T (default 1) at a context of N tokens only (--scores: the score kernels' rows
+// only; --slots: T sequences through sequence_slots; --trace: also the staged kernel's timeline, print_staged_trace);
+// --decode runs the decode chains' cases only, --short those up to a 4K context.
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -39,6 +41,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -151,9 +155,82 @@ void print_top_k_trace(const std::string& label, TopKParams p) {
   }
 }
 
+// --trace: the staged kernel's timeline in the last of 20 calls replayed in a graph (each call overlaps its start
+// with the previous one's end, as in the benchmark rows): per warpgroup (thread 0) µs from the earliest CTA start to
+// each IndexerTracePoint, printed as median / max over the warpgroups, the end times' spread by tiles per warpgroup,
+// and tiles per SM.
+void print_staged_trace(const std::string& label, const std::function<void(cudaStream_t, uint64_t*)>& call,
+                        int64_t warps, cudaStream_t stream) {
+  DeviceBuffer trace(size_t(warps) * kIndexerTracePoints * 8, "trace");
+  trace.fill_bytes(0);
+  graph_us(stream, 20, [&](cudaStream_t on) { call(on, trace.as<uint64_t>()); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint64_t> words(size_t(warps) * kIndexerTracePoints);
+  trace.download(words.data(), trace.bytes());
+  std::vector<const uint64_t*> records;
+  uint64_t t0 = ~uint64_t(0);
+  for (int64_t w = 0; w < warps; w += 4) {
+    const uint64_t* r = words.data() + size_t(w) * kIndexerTracePoints;
+    if (r[kIndexerTraceStart] == 0) continue;
+    records.push_back(r);
+    t0 = std::min(t0, r[kIndexerTraceStart]);
+  }
+  const auto stats = [&](auto&& value) {
+    std::vector<double> v;
+    for (const uint64_t* r : records)
+      if (const double x = value(r); x >= 0) v.push_back(x);
+    if (v.empty()) return std::string("-");
+    std::sort(v.begin(), v.end());
+    char text[64];
+    std::snprintf(text, sizeof(text), "%.2f / %.2f", v[v.size() / 2], v.back());
+    return std::string(text);
+  };
+  const auto at = [&](int point) {
+    return [&, point](const uint64_t* r) { return r[point] == 0 ? -1.0 : double(r[point] - t0) * 1e-3; };
+  };
+  const auto between = [&](int from, int to) {
+    return [&, from, to](const uint64_t* r) {
+      return r[from] == 0 || r[to] == 0 ? -1.0 : double(int64_t(r[to] - r[from])) * 1e-3;
+    };
+  };
+  std::printf("staged trace %s: %zu warpgroups, µs median / max: start %s, waited %s, ready %s, first tile %s, last "
+              "tile %s, end %s; wait %s, ready after wait %s, first tile after ready %s, per tile after the first "
+              "%s, end after the last %s\n",
+              label.c_str(), records.size(), stats(at(kIndexerTraceStart)).c_str(),
+              stats(at(kIndexerTraceWaited)).c_str(), stats(at(kIndexerTraceReady)).c_str(),
+              stats(at(kIndexerTraceFirst)).c_str(), stats(at(kIndexerTraceLast)).c_str(),
+              stats(at(kIndexerTraceEnd)).c_str(), stats(between(kIndexerTraceStart, kIndexerTraceWaited)).c_str(),
+              stats(between(kIndexerTraceWaited, kIndexerTraceReady)).c_str(),
+              stats(between(kIndexerTraceReady, kIndexerTraceFirst)).c_str(),
+              stats([&](const uint64_t* r) {
+                return r[kIndexerTraceTiles] < 2 ? -1.0
+                                                 : double(r[kIndexerTraceLast] - r[kIndexerTraceFirst]) * 1e-3 /
+                                                       double(r[kIndexerTraceTiles] - 1);
+              }).c_str(),
+              stats(between(kIndexerTraceLast, kIndexerTraceEnd)).c_str());
+  std::map<uint64_t, std::vector<const uint64_t*>> by_tiles;
+  std::map<uint64_t, uint64_t> sm_tiles;
+  for (const uint64_t* r : records) {
+    by_tiles[r[kIndexerTraceTiles]].push_back(r);
+    sm_tiles[r[kIndexerTraceSm]] += r[kIndexerTraceTiles];
+  }
+  for (const auto& [tiles, group] : by_tiles) {
+    std::vector<double> ends;
+    for (const uint64_t* r : group) ends.push_back(double(r[kIndexerTraceEnd] - t0) * 1e-3);
+    std::sort(ends.begin(), ends.end());
+    std::printf("  %llu tiles: %zu warpgroups, end µs min %.2f median %.2f max %.2f\n", (unsigned long long)tiles,
+                group.size(), ends.front(), ends[ends.size() / 2], ends.back());
+  }
+  std::map<uint64_t, int> sms_with;
+  for (const auto& [sm, tiles] : sm_tiles) ++sms_with[tiles];
+  std::string line = "  tiles per SM (SMs):";
+  for (const auto& [tiles, sms] : sms_with) line += " " + std::to_string(tiles) + " (" + std::to_string(sms) + ")";
+  std::printf("%s\n", line.c_str());
+}
+
 void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, double gemm_tflops, cudaStream_t stream,
                              cublasHandle_t cublas, std::mt19937& rng, std::vector<Row>& rows,
-                             bool scores_only = false) {
+                             bool scores_only = false, bool trace = false) {
   constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
   constexpr int kTopK = 512;
   const int64_t keys = context / kRatio;
@@ -335,6 +412,14 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       fp8_score_bytes, score_flops,
                       "wgmma m64n64k32, keys and queries from shared memory, key tiles by TMA in the 128B swizzle; "
                       "baseline: the register-fed warpgroup kernel"});
+    if (fp8 && trace) {
+      const int64_t warps = int64_t(current_multiprocessors()) * 2 * tokens * 8;  // ≥ the grid's warps
+      print_staged_trace(shape, [&](cudaStream_t on, uint64_t* words) {
+        IndexerScoresParams p = scores_params(on, true, IndexerScoresKernel::WarpgroupStreamed);
+        p.trace = words;
+        run_indexer_scores(p);
+      }, warps, stream);
+    }
     else
       rows.push_back({"indexer scores, streamed warpgroup MMA", shape, streamed_us, score_floor_us, us, score_bytes,
                       score_flops,
@@ -463,6 +548,20 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
     rows.push_back({"indexer scores + top-k 512, one launch (LastCta)", shape + (fp8 ? ", fp8" : ", bf16"),
                     last_cta_us, fp8 ? fp8_floor_us : score_floor_us, auto_two_us, 0.0, score_flops,
                     "floor: the scores'; baseline: scores + top-k, two launches (default kernel choice)"});
+    if (fp8) {
+      const auto last_cta_on = [&](IndexerScoresKernel kernel) {
+        return graph_us(stream, 20, [&, kernel](cudaStream_t on) {
+          IndexerScoresParams p = scores_params(on, true, kernel);
+          p.top_k_method = IndexerTopKMethod::LastCta;
+          run_indexer_scores_top_k(p, top_k_params(on, 0));
+        });
+      };
+      const double register_fed_us = last_cta_on(IndexerScoresKernel::Warpgroup);
+      rows.push_back({"indexer scores + top-k 512, one launch (LastCta), staged", shape + ", fp8",
+                      last_cta_on(IndexerScoresKernel::WarpgroupStreamed), fp8_floor_us, register_fed_us, 0.0,
+                      score_flops, "the staged kernel's last CTA selecting; baseline: the register-fed warpgroup "
+                                   "kernel's"});
+    }
   }
   // The decode step's chain at batch 1, every way the model can run it (in both formats): the pieces alone, then
   // indexer_prepare + scores + top-k (three launches), prepare + the fused scores + top-k (two), prepare + the
@@ -578,6 +677,107 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   check(flag == 0, "bench: top-k saw a NaN score");
 }
 
+// A batched decode step of `tokens` sequences, each query in its own slot at the full context (fp8 keys, reference
+// numerics, keys rotating over copies beyond the L2): the staged kernel through sequence_slots against the
+// register-fed warpgroup kernel, and with the top-k in the last CTA where key_count ≤ 2048.
+void bench_slots(int64_t context, int tokens, double copy_gbps, double gemm_tflops, cudaStream_t stream,
+                 std::mt19937& rng, std::vector<Row>& rows) {
+  constexpr int64_t kHeads = 64, kHeadDim = 128, kRatio = 4;
+  constexpr int kTopK = 512;
+  const int64_t keys = context / kRatio;
+  const std::string shape = std::to_string(context / 1024) + "K context (" + std::to_string(keys) +
+                            " keys) in each of " + std::to_string(tokens) + " slots, T=" + std::to_string(tokens);
+  const int64_t slot_keys = int64_t(tokens) * keys;
+  const size_t code_bytes = size_t(slot_keys * kHeadDim), bytes = code_bytes + size_t(slot_keys) * 4;
+  DeviceBuffer key_values = to_device(normal_floats(size_t(slot_keys * kHeadDim), 1.0f, rng), "key values");
+  DeviceBuffer source(bytes, "fp8 keys");
+  run_indexer_prepare({.input = key_values.as<float>(),
+                       .output_fp8 = source.as<uint8_t>(),
+                       .output_scales = reinterpret_cast<float*>(source.as<uint8_t>() + code_bytes),
+                       .tokens = slot_keys,
+                       .heads = 1,
+                       .head_dim = kHeadDim,
+                       .reference_rounding = true});
+  const int copies = int(std::clamp<size_t>((size_t(200) << 20) / bytes + 1, 2, 64));
+  std::vector<DeviceBuffer> key_copies;
+  for (int i = 0; i < copies; ++i) {
+    key_copies.emplace_back(bytes, "fp8 keys");
+    DSV4_CUDA_CHECK(cudaMemcpy(key_copies.back().data(), source.data(), bytes, cudaMemcpyDeviceToDevice));
+  }
+  std::vector<int64_t> positions(static_cast<size_t>(tokens), context - 1);
+  std::vector<int32_t> slots(static_cast<size_t>(tokens));
+  for (int t = 0; t < tokens; ++t) slots[size_t(t)] = t;
+  DeviceBuffer d_positions = to_device(positions, "positions"), d_slots = to_device(slots, "slots");
+  DeviceBuffer q_raw = to_device(normal_floats(size_t(tokens * kHeads * kHeadDim), 1.0f, rng), "raw q");
+  DeviceBuffer q_fp8(size_t(tokens * kHeads * kHeadDim), "fp8 q"), q_scales(size_t(tokens * kHeads) * 4, "q scales");
+  run_indexer_prepare({.input = q_raw.as<float>(),
+                       .output_fp8 = q_fp8.as<uint8_t>(),
+                       .output_scales = q_scales.as<float>(),
+                       .tokens = tokens,
+                       .heads = kHeads,
+                       .head_dim = kHeadDim,
+                       .reference_rounding = true});
+  DeviceBuffer weights = to_device(normal_floats(size_t(tokens * kHeads), 1.0f, rng), "w");
+  DeviceBuffer scores(size_t(tokens) * size_t(keys) * 4, "scores");
+  DeviceBuffer workspace(std::max<size_t>(top_k_workspace_bytes(tokens), 16), "top-k workspace");
+  workspace.fill_bytes(0);
+  DeviceBuffer selected(size_t(tokens) * kTopK * 4, "selected"), counts(size_t(tokens) * 4, "counts");
+  DeviceBuffer nan_flag(4, "nan flag");
+  nan_flag.fill_bytes(0);
+  int rotation = 0;
+  const auto params = [&](cudaStream_t on, IndexerScoresKernel kernel) {
+    const DeviceBuffer& copy = key_copies[size_t(rotation++ % copies)];
+    return IndexerScoresParams{.q_fp8 = q_fp8.as<uint8_t>(),
+                               .q_scales = q_scales.as<float>(),
+                               .head_weights = weights.as<float>(),
+                               .keys_fp8 = copy.as<uint8_t>(),
+                               .key_scales = reinterpret_cast<const float*>(copy.as<uint8_t>() + code_bytes),
+                               .key_scales_slot_stride = keys,
+                               .key_count = keys,
+                               .sequence_slots = d_slots.as<int32_t>(),
+                               .keys_slot_stride = keys * kHeadDim,
+                               .slot_count = tokens,
+                               .positions = d_positions.as<int64_t>(),
+                               .tokens = tokens,
+                               .heads = kHeads,
+                               .head_dim = kHeadDim,
+                               .ratio = kRatio,
+                               .scores = scores.as<float>(),
+                               .score_stride = keys,
+                               .kernel = kernel,
+                               .stream = on};
+  };
+  const double score_bytes = double(bytes) + double(slot_keys) * 4 + double(q_fp8.bytes() + q_scales.bytes());
+  const double flops = 2.0 * double(slot_keys) * kHeads * kHeadDim;
+  const double floor_us = std::max(score_bytes / (copy_gbps * 1e3), flops / (2 * gemm_tflops * 1e6));
+  const auto scores_us = [&](IndexerScoresKernel kernel) {
+    return graph_us(stream, 20, [&, kernel](cudaStream_t on) { run_indexer_scores(params(on, kernel)); });
+  };
+  const double register_fed_us = scores_us(IndexerScoresKernel::Warpgroup);
+  rows.push_back({"indexer scores fp8 through slots, staged", shape, scores_us(IndexerScoresKernel::WarpgroupStreamed),
+                  floor_us, register_fed_us, score_bytes, flops,
+                  "one query per CTA; baseline: the register-fed warpgroup kernel"});
+  rows.push_back({"indexer scores fp8 through slots, Auto", shape, scores_us(IndexerScoresKernel::Auto), floor_us,
+                  register_fed_us, score_bytes, flops, "the default choice; baseline: the register-fed kernel"});
+  if (keys > kIndexerLastCtaMaxKeys || tokens > kTopKMaxSplitQueries) return;
+  const auto last_cta_us = [&](IndexerScoresKernel kernel) {
+    return graph_us(stream, 20, [&, kernel](cudaStream_t on) {
+      IndexerScoresParams p = params(on, kernel);
+      p.top_k_method = IndexerTopKMethod::LastCta;
+      run_indexer_scores_top_k(p, TopKParams{.k = kTopK,
+                                             .selected = selected.as<int32_t>(),
+                                             .counts = counts.as<int32_t>(),
+                                             .nan_flag = nan_flag.as<int32_t>(),
+                                             .workspace = workspace.data(),
+                                             .workspace_bytes = workspace.bytes()});
+    });
+  };
+  const double register_fed_last_us = last_cta_us(IndexerScoresKernel::Warpgroup);
+  rows.push_back({"indexer scores + top-k 512 fp8 through slots (LastCta), staged", shape,
+                  last_cta_us(IndexerScoresKernel::WarpgroupStreamed), floor_us, register_fed_last_us, 0.0, flops,
+                  "the last CTA of each query selecting; baseline: the register-fed kernel's"});
+}
+
 // Waits for the previous grid as every kernel of a step does (a no-op after an ordinary launch).
 __global__ void empty_kernel(int* sink) {
   allow_dependents();
@@ -604,7 +804,7 @@ void bench_launch(cudaStream_t stream, std::vector<Row>& rows) {
 
 int run(int argc, char** argv) {
   std::string json_path;
-  bool decode_only = false, short_contexts = false, scores_only = false;
+  bool decode_only = false, short_contexts = false, scores_only = false, slots_only = false, trace = false;
   int64_t only_context = 0;
   int only_tokens = 1;
   for (int i = 1; i < argc; ++i) {
@@ -616,13 +816,18 @@ int run(int argc, char** argv) {
       only_tokens = std::atoi(argv[++i]);
     else if (std::strcmp(argv[i], "--scores") == 0)
       scores_only = true;
+    else if (std::strcmp(argv[i], "--slots") == 0)
+      slots_only = true;
+    else if (std::strcmp(argv[i], "--trace") == 0)
+      trace = true;
     else if (std::strcmp(argv[i], "--decode") == 0)
       decode_only = true;
     else if (std::strcmp(argv[i], "--short") == 0)
       decode_only = short_contexts = true;
     else
       fail("unknown argument ", argv[i],
-           " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores]])");
+           " (usage: bench_cuda_indexer [--json PATH] [--decode | --short | --context N [--tokens T] [--scores | "
+           "--slots] [--trace]])");
   }
   check(only_context >= 0 && only_context % 4 == 0, "bench_cuda_indexer: --context ", only_context,
         " must be a multiple of 4");
@@ -646,8 +851,13 @@ int run(int argc, char** argv) {
   check(!scores_only || only_context > 0, "bench_cuda_indexer: --scores needs --context N");
   check(only_tokens >= 1 && (only_tokens == 1 || only_context > 0), "bench_cuda_indexer: --tokens ", only_tokens,
         " needs --context N and must be positive");
+  check(!slots_only || only_context > 0, "bench_cuda_indexer: --slots needs --context N");
   if (only_context > 0) {
-    bench_indexer_and_top_k(only_context, only_tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows, scores_only);
+    if (slots_only)
+      bench_slots(only_context, only_tokens, copy_gbps, gemm_tflops, stream, rng, rows);
+    else
+      bench_indexer_and_top_k(only_context, only_tokens, copy_gbps, gemm_tflops, stream, cublas, rng, rows,
+                              scores_only, trace);
     decode_only = short_contexts = true;
   }
   // The decode chain's cases: batch 1 at the e2e bench's bound (64 tokens: 16 keys), a short, a long and the

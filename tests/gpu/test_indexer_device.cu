@@ -460,7 +460,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   // the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
-    if ((warpgroup && !warpgroup_shape) || (streamed && fp8 && c.sequences > 1)) continue;
+    if (warpgroup && !warpgroup_shape) continue;
     const std::string name = streamed    ? "streamed warpgroup MMA"
                              : warpgroup ? "warpgroup MMA"
                              : automatic ? "auto"
@@ -472,6 +472,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .key_count = c.key_count,
                           .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
                           .keys_slot_stride = slot_rows * c.head_dim,
+                          .slot_count = c.sequences > 1 ? c.sequences : 0,
                           .positions = d_pos.as<int64_t>(),
                           .tokens = c.tokens,
                           .heads = c.heads,
@@ -542,6 +543,27 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
         std::printf("  staged vs register-fed warpgroup kernel: %zu of %zu scores' bits differ\n", differing,
                     got.size());
         if (c.reference) EXPECT_EQ(differing, 0u) << "staged and register-fed kernels in reference numerics";
+        // The traced launch (bench --trace): the same bits, and each warpgroup's marks in order.
+        const size_t warps = size_t(c.tokens) * 16 * 132 * 8;
+        DeviceBuffer trace(warps * kIndexerTracePoints * 8, "trace");
+        trace.fill_bytes(0);
+        d_scores.fill_bytes(0xFF);
+        p.trace = trace.as<uint64_t>();
+        run_indexer_scores(p);
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> traced = from_device<float>(d_scores, size_t(c.tokens * stride));
+        EXPECT_EQ(std::memcmp(traced.data(), got.data(), got.size() * 4), 0) << "traced staged kernel's scores";
+        const std::vector<uint64_t> marks = from_device<uint64_t>(trace, warps * kIndexerTracePoints);
+        int recorded = 0;
+        for (size_t w = 0; w < warps; ++w) {
+          const uint64_t* r = marks.data() + w * kIndexerTracePoints;
+          if (r[kIndexerTraceStart] == 0) continue;
+          ++recorded;
+          EXPECT_TRUE(r[kIndexerTraceStart] <= r[kIndexerTraceWaited] &&
+                      r[kIndexerTraceWaited] <= r[kIndexerTraceReady] && r[kIndexerTraceReady] <= r[kIndexerTraceEnd])
+              << "warp " << w << "'s marks out of order";
+        }
+        EXPECT_GT(recorded, 0) << "no warpgroup marked the trace";
       }
     } else {
       // Auto: the bits of the kernel it must have picked.
@@ -773,6 +795,7 @@ void check_fused_scores_top_k(const FusedCase& c, KeyFormat format, uint32_t see
                         .key_count = c.key_count,
                         .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
                         .keys_slot_stride = slot_rows * c.head_dim,
+                        .slot_count = c.sequences,
                         .positions = d_pos.as<int64_t>(),
                         .tokens = c.tokens,
                         .heads = c.heads,
@@ -919,14 +942,14 @@ TEST(IndexerScoresTopK, LastCtaEqualsScoresThenTopK) {
     check_fused_scores_top_k({1, 64, 128, 5000, 512, 1, 0, Auto, IndexerScoresKernel::Auto}, format, seed++);
   }
   // The streamed warpgroup kernels' last CTA: several CTAs per query (tickets), one CTA, groups of several queries;
-  // bf16 keys also through slots (fp8 keys: one sequence, the staged kernel).
+  // both formats also through slots (fp8 keys: the staged kernel).
   constexpr IndexerScoresKernel kStreamed = IndexerScoresKernel::WarpgroupStreamed;
   for (const KeyFormat format : {KeyFormat::Bf16, KeyFormat::Fp8}) {
     check_fused_scores_top_k({1, 64, 128, 1024, 512, 1, 0, LastCta, kStreamed}, format, seed++);
     check_fused_scores_top_k({1, 64, 128, 16, 512, 1, 0, LastCta, kStreamed}, format, seed++);
     check_fused_scores_top_k({8, 64, 128, 700, 512, 1, 0, LastCta, kStreamed}, format, seed++);
+    check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, format, seed++);
   }
-  check_fused_scores_top_k({8, 64, 128, 1500, 512, 8, 0, LastCta, kStreamed}, KeyFormat::Bf16, seed++);
 }
 
 TEST(IndexerScores, RefusesMismatchedOperands) {
@@ -969,14 +992,16 @@ TEST(IndexerScores, RefusesMismatchedOperands) {
   p.kernel = IndexerScoresKernel::Warpgroup;
   p.head_dim = 128, p.heads = 65;
   testing::expect_error([&] { run_indexer_scores(p); }, "at most 64 heads (got 65)");
-  // The streamed kernel takes fp8 keys of one sequence only.
+  // The staged kernel takes fp8 keys through slots only with their count and whole 128-byte rows between slots.
   IndexerScoresParams streamed_fp8 = base;
   streamed_fp8.head_dim = 128, streamed_fp8.kernel = IndexerScoresKernel::WarpgroupStreamed;
   streamed_fp8.q_fp8 = buffer.as<uint8_t>(), streamed_fp8.q_scales = buffer.as<float>();
   streamed_fp8.keys_fp8 = buffer.as<uint8_t>(), streamed_fp8.key_scales = buffer.as<float>();
   streamed_fp8.sequence_slots = buffer.as<int32_t>(), streamed_fp8.keys_slot_stride = 1024;
   streamed_fp8.key_scales_slot_stride = 8;
-  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "takes fp8 keys of one sequence only");
+  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "with slot_count > 0 (got 0)");
+  streamed_fp8.slot_count = 2, streamed_fp8.keys_slot_stride = 1040;
+  testing::expect_error([&] { run_indexer_scores(streamed_fp8); }, "a multiple of 128 (got 1040)");
   p.heads = 64, p.top_k_method = IndexerTopKMethod::TopKKernel;
   int32_t* outputs = buffer.as<int32_t>() + 512;
   testing::expect_error(

@@ -1133,7 +1133,8 @@ struct CudaModel::Impl {
     // The keys of the step's one sequence (a prefill chunk: queries share key loads), or each query's through its slot.
     const DeviceBuffer& key_buffer = layers[size_t(layer)].index_keys;
     const int64_t first_slot = shape.single_slot >= 0 ? shape.single_slot : 0;
-    if (shape.single_slot < 0) scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID;
+    if (shape.single_slot < 0)
+      scores.sequence_slots = in.slots, scores.keys_slot_stride = keys * ID, scores.slot_count = options.max_sequences;
     if (fp8_index_keys()) {
       const auto* scales = reinterpret_cast<const float*>(key_buffer.as<uint8_t>() + index_key_scales_offset(layer));
       scores.keys_fp8 = key_buffer.as<uint8_t>() + size_t(first_slot) * size_t(keys * ID);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -81,7 +82,8 @@ DeviceLimits device_limits() {
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStreamedSmemBytes)));
     using indexer::indexer_scores_staged_kernel;
-    for (auto* kernel : {indexer_scores_staged_kernel<false>, indexer_scores_staged_kernel<true>})
+    for (auto* kernel : {indexer_scores_staged_kernel<false>, indexer_scores_staged_kernel<true>,
+                         indexer_scores_staged_kernel<false, true>})
       DSV4_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmemBytes)));
     // Every instantiation has the same launch bounds and shared memory: the smallest residency bounds them all.
@@ -123,9 +125,31 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
 // 3.72 µs, 1M 13.74 → 12.27; T = 8 64K 12.38 → 8.81 (3 stages), 1M 59.47 → 56.56). Also faster at 1024 keys (T = 1
 // 3.94 → 3.10, T = 8 10.17 → 6.99, 3 stages), not taken there: the top-k in its last CTA (LastCta, ≤ 2048 keys) was
 // not measured on it.
+// A/B switches of round s21-1 (read once): DSV4_INDEXER_STAGED_PREFETCH=N (tiles asked of L2 before the wait),
+// DSV4_INDEXER_STAGED_EARLY=1, DSV4_INDEXER_STAGED_MIN_KEYS=N (Auto's staged bound, default 16384),
+// DSV4_INDEXER_STAGED_SLOTS=1 (Auto stages fp8 keys through sequence_slots).
+int env_switch(const char* name, int fallback) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
+}
+const int kStagedPrefetch = env_switch("DSV4_INDEXER_STAGED_PREFETCH", 0);
+const bool kStagedEarly = env_switch("DSV4_INDEXER_STAGED_EARLY", 0) != 0;
+const int kStagedMinKeys = env_switch("DSV4_INDEXER_STAGED_MIN_KEYS", 16384);
+const bool kStagedSlots = env_switch("DSV4_INDEXER_STAGED_SLOTS", 0) != 0;
+
+// The staged kernel takes these fp8 keys: of one sequence, or through sequence_slots with the slot count known and
+// each slot's keys a whole number of 128-byte map rows apart, every row within the map's int32 coordinates.
+bool stageable(const IndexerScoresParams& p) {
+  if (p.sequence_slots == nullptr) return true;
+  return p.slot_count > 0 && p.keys_slot_stride % indexer::kWgmmaHeadDim == 0 &&
+         p.slot_count * (p.keys_slot_stride / indexer::kWgmmaHeadDim) <= std::numeric_limits<int32_t>::max();
+}
+
 bool streams_by_default(const IndexerScoresParams& p) {
-  return p.kernel == IndexerScoresKernel::Auto && warpgroup_shape(p) && p.sequence_slots == nullptr &&
-         (fp8_keys(p) || p.tokens == 1) && p.key_count >= 16384;
+  if (p.kernel != IndexerScoresKernel::Auto || !warpgroup_shape(p)) return false;
+  if (fp8_keys(p))
+    return (p.sequence_slots == nullptr || (kStagedSlots && stageable(p))) && p.key_count >= kStagedMinKeys;
+  return p.sequence_slots == nullptr && p.tokens == 1 && p.key_count >= 16384;
 }
 
 // The kernels' view of the parameters (strides resolved).
@@ -192,22 +216,28 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
 
 // The staged warpgroup kernels (fp8 keys of one sequence): the keys' tensor map over key_count rows of 128 bytes,
 // boxes of one 64-key tile in the 128B swizzle.
-template <bool kSelect>
-void launch_scores_staged(const indexer::ScoresArgs& args, dim3 grid, cudaStream_t stream) {
+template <bool kSelect, bool kTrace = false>
+void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
+                          cudaStream_t stream) {
+  const int64_t slot_rows = args.sequence_slots != nullptr ? args.keys_slot_stride / indexer::kWgmmaHeadDim : 0;
   const indexer::StagedScoresArgs staged{
       .keys = sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_UINT8,
                                           .base = args.keys_fp8,
                                           .cols = uint64_t(indexer::kWgmmaHeadDim),
-                                          .rows = uint64_t(args.key_count),
+                                          .rows = uint64_t(slot_rows > 0 ? slot_count * slot_rows : args.key_count),
                                           .row_stride_bytes = uint64_t(indexer::kWgmmaHeadDim),
                                           .box_cols = uint32_t(indexer::kWgmmaHeadDim),
                                           .box_rows = uint32_t(indexer::kWgmmaKeysPerTile),
                                           .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
                                          "indexer fp8 keys"),
-      .scores = args};
+      .scores = args,
+      .slot_rows = int(slot_rows),
+      .trace = trace,
+      .prefetch_tiles = kStagedPrefetch,
+      .early_first = kStagedEarly};
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
-  launch_chained(indexer::indexer_scores_staged_kernel<kSelect>, grid, dim3(indexer::kScoreWarps * 32), smem, stream,
-                 dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);
+  launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
+                 stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);
 }
 
 // The warpgroup kernels: 64-key tiles per warpgroup, the same one wave of resident CTAs over the query groups.
@@ -254,9 +284,11 @@ void launch_planned(const IndexerScoresParams& p, const ScoresPlan& plan, const 
   const bool fp8 = fp8_keys(p), select = args.top_k >= 0;
   if (plan.streamed && fp8) {
     if (select)
-      launch_scores_staged<true>(args, plan.grid, p.stream);
+      launch_scores_staged<true>(args, p.slot_count, nullptr, plan.grid, p.stream);
+    else if (p.trace != nullptr)
+      launch_scores_staged<false, true>(args, p.slot_count, p.trace, plan.grid, p.stream);
     else
-      launch_scores_staged<false>(args, plan.grid, p.stream);
+      launch_scores_staged<false>(args, p.slot_count, nullptr, plan.grid, p.stream);
     return;
   }
   if (plan.streamed) {
@@ -354,9 +386,10 @@ void check_indexer_scores_params(const IndexerScoresParams& p) {
         "indexer_scores: the ", p.kernel == IndexerScoresKernel::Warpgroup ? "Warpgroup" : "WarpgroupStreamed",
         " kernel needs head_dim ", indexer::kWgmmaHeadDim, " (got ", p.head_dim, ") and at most ", indexer::kWgmmaHeads,
         " heads (got ", p.heads, ")");
-  check(p.kernel != IndexerScoresKernel::WarpgroupStreamed || !fp8_keys(p) || p.sequence_slots == nullptr,
-        "indexer_scores: the WarpgroupStreamed kernel takes fp8 keys of one sequence only (got sequence_slots); use "
-        "Warpgroup for fp8 keys through slots");
+  check(p.kernel != IndexerScoresKernel::WarpgroupStreamed || !fp8_keys(p) || stageable(p),
+        "indexer_scores: the WarpgroupStreamed kernel takes fp8 keys through sequence_slots with slot_count > 0 (got ",
+        p.slot_count, "), keys_slot_stride a multiple of ", indexer::kWgmmaHeadDim, " (got ", p.keys_slot_stride,
+        ") and at most 2^31 - 1 rows in all slots; use Warpgroup otherwise");
   if (p.tokens == 0 || p.key_count == 0) return;
   check(p.q != nullptr || p.q_fp8 != nullptr, "indexer_scores: no queries (q or q_fp8)");
   check(p.keys != nullptr || p.keys_fp8 != nullptr, "indexer_scores: no keys (keys or keys_fp8)");
@@ -391,6 +424,8 @@ void run_indexer_scores(const IndexerScoresParams& p) {
   check_indexer_scores_params(p);
   if (p.tokens == 0 || p.key_count == 0) return;
   const ScoresPlan plan = plan_scores(p);
+  check(p.trace == nullptr || (plan.streamed && fp8_keys(p)),
+        "indexer_scores: a trace is the staged kernel's only (fp8 keys on WarpgroupStreamed)");
   launch_planned(p, plan, scores_args(p, plan.queries_per_cta));
 }
 
@@ -411,6 +446,7 @@ void launch_scores_top_k(const indexer::ScoresArgs& scores, topk::TopKArgs top, 
 
 void run_indexer_scores_top_k(const IndexerScoresParams& s, const TopKParams& t) {
   check_indexer_scores_params(s);
+  check(s.trace == nullptr, "indexer_scores_top_k: a trace is run_indexer_scores' only");
   TopKParams top = t;
   top.scores = s.scores, top.row_stride = s.score_stride, top.candidates = s.key_count;
   check(s.tokens <= std::numeric_limits<int>::max(), "indexer_scores_top_k: ", s.tokens, " queries");

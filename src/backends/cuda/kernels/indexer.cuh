@@ -72,6 +72,7 @@
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
 #include "backends/cuda/ptx/tma.cuh"
+#include "backends/cuda/ptx/warp_trace.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
@@ -1098,12 +1099,36 @@ __host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, b
   return layout;
 }
 
-// The staged kernel's parameters: the fp8 keys' tensor map (key_count rows of 128 bytes, boxes of one 64-key tile
-// in the 128B swizzle; rows past key_count read as zero) and the scores' arguments.
+// The staged kernel's parameters: the fp8 keys' tensor map (rows of 128 bytes, boxes of one 64-key tile in the 128B
+// swizzle; rows past the map read as zero): one sequence's key_count rows, or with sequence_slots every slot's rows,
+// slot s's key j at row s · slot_rows + j (rows past a slot's key_count are the next slot's: no query sees them).
 struct StagedScoresArgs {
   CUtensorMap keys;
   ScoresArgs scores;
+  int slot_rows;       // map rows from one slot's first key to the next (0: one sequence)
+  uint64_t* trace;     // kTrace: IndexerScoresParams::trace
+  int prefetch_tiles;  // A/B (round s21-1): each warpgroup's first tiles asked of L2 before the grid-dependency wait
+  bool early_first;    // A/B (round s21-1): the first tile's load issued right after the wait from the hint
 };
+
+// PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for the box at (col, row) of a 2D tensor map, without waiting.
+__device__ __forceinline__ void prefetch_tensor_2d_l2(const CUtensorMap* map, int32_t col, int32_t row) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(reinterpret_cast<uint64_t>(map)),
+               "r"(col), "r"(row)
+               : "memory");
+}
+
+// The most keys a CTA's queries see and their slot's first map row, from the step inputs as they stand before the
+// grid-dependency wait (positions and slots are copied in before the step; read past L1 so that the loads after the
+// wait cannot meet a stale line): a hint for loads whose data is read after the wait.
+__device__ __forceinline__ int2 staged_hint(const StagedScoresArgs& staged, int64_t first_query, int queries) {
+  const ScoresArgs& args = staged.scores;
+  int64_t visible = 0;
+  for (int q = 0; q < queries; ++q)
+    visible = max(visible, min(args.key_count, (__ldcg(args.positions + first_query + q) + 1) / args.ratio));
+  const int row0 = args.sequence_slots != nullptr ? __ldcg(args.sequence_slots + first_query) * staged.slot_rows : 0;
+  return make_int2(int(visible), row0);
+}
 
 // One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
 __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
@@ -1118,53 +1143,82 @@ __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsign
 
 // Scores of fp8 keys on warpgroup MMAs with A in shared memory, the key tiles staged by TMA (see NOTES). A
 // programmatic dependent, as the other score kernels.
-template <bool kSelect>
+template <bool kSelect, bool kTrace = false>
 __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerSm)
     indexer_scores_staged_kernel(const __grid_constant__ StagedScoresArgs staged) {
   constexpr int kStages = kStagedStages;
   constexpr uint32_t kTileBytes = uint32_t(kStagedKeyTileBytes);
   const ScoresArgs& args = staged.scores;
+  // kTrace: thread 0 of each warpgroup marks its timeline (IndexerTracePoint).
+  const auto mark = [&](int point) {
+    if constexpr (kTrace)
+      if ((threadIdx.x & 127) == 0)
+        sm90::record_warp_trace_point(staged.trace, kScoreWarps, kIndexerTracePoints, point, kIndexerTraceStart,
+                                      kIndexerTraceSm);
+  };
+  mark(kIndexerTraceStart);
   allow_dependents();
-  if (threadIdx.x == 0) sm90::prefetch_tensor_map(&staged.keys);
+  const int64_t first_query = int64_t(blockIdx.y) * args.queries_per_cta;
+  const int queries = int(min(int64_t(args.queries_per_cta), args.tokens - first_query));
+  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
+  const int warpgroup = warp >> 2, t = threadIdx.x & 127;
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
+  int2 hint = make_int2(0, 0);
+  if (t == 0) {
+    sm90::prefetch_tensor_map(&staged.keys);
+    if (staged.prefetch_tiles > 0 || staged.early_first) hint = staged_hint(staged, first_query, queries);
+    for (int i = 0; i < staged.prefetch_tiles && (first_tile + i * step) * kWgmmaKeysPerTile < hint.x; ++i)
+      prefetch_tensor_2d_l2(&staged.keys, 0, hint.y + (first_tile + i * step) * kWgmmaKeysPerTile);
+  }
   wait_for_prior_grids();
+  mark(kIndexerTraceWaited);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
-  const int group_size = args.queries_per_cta;
-  const StagedSmemLayout layout = staged_smem_layout(group_size, kSelect);
+  const StagedSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
   unsigned char* query_tiles = smem;
   float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
   int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
 
-  const int64_t first_query = int64_t(blockIdx.y) * group_size;
-  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
-  const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
-  const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
-  const int step = int(gridDim.x) * kWgmmaWarpgroups;
-  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
+  // One sequence: the first tile's load from the hint, before this step's positions arrive (its data is read after
+  // the wait; a tile the positions then show unseen is waited for at the end and not used).
+  const bool early =
+      staged.early_first && args.sequence_slots == nullptr && t == 0 && first_tile * kWgmmaKeysPerTile < hint.x;
+  if (t == 0) {
+    for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
+    sm90::fence_mbarrier_init();
+    if (early) {
+      sm90::mbarrier_arrive_expect_tx(&full[0], kTileBytes);
+      sm90::tma_load_2d(ring, &staged.keys, &full[0], 0, hint.y + first_tile * kWgmmaKeysPerTile);
+    }
+  }
+  const int64_t slot = key_slot_of(args, first_query);
+  const int slot_row0 = int(slot) * staged.slot_rows;
+  const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
   const int max_visible = cta_visible_keys(args, first_query, queries, visible);
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
-    for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
-    sm90::fence_mbarrier_init();
-    for (int i = 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
+    for (int i = early ? 1 : 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
       sm90::mbarrier_arrive_expect_tx(&full[i], kTileBytes);
-      sm90::tma_load_2d(ring + i * kTileBytes, &staged.keys, &full[i], 0, (first_tile + i * step) * kWgmmaKeysPerTile);
+      sm90::tma_load_2d(ring + i * kTileBytes, &staged.keys, &full[i], 0,
+                        slot_row0 + (first_tile + i * step) * kWgmmaKeysPerTile);
     }
   }
   // The scale of the row the lane stores after the quad reduction, one tile ahead of its use.
   const int stored_row = 16 * (warp & 3) + 8 * (quad & 1) + group;
   const auto key_scale = [&](int tile) {
     const int key = tile * kWgmmaKeysPerTile + stored_row;
-    return key < max_visible ? __ldg(args.key_scales + key) : 0.0f;
+    return key < max_visible ? __ldg(key_scales + key) : 0.0f;
   };
   float scale = key_scale(first_tile);
   load_query_operand_tiles<true, uint2>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
     return streamed_operand_offset(head, int(sizeof(uint2)) * unit);  // natural dim order, 8-byte units (q_fp8)
   });
   __syncthreads();  // the query operands, the visible counts and the barriers' initialisation
+  mark(kIndexerTraceReady);
 
   int stage = 0;
   uint32_t parity = 0;
@@ -1175,10 +1229,15 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     if (t == 0 && ahead < tiles) {
       const int refill = stage == 0 ? kStages - 1 : stage - 1;
       sm90::mbarrier_arrive_expect_tx(&full[refill], kTileBytes);
-      sm90::tma_load_2d(ring + refill * kTileBytes, &staged.keys, &full[refill], 0, ahead * kWgmmaKeysPerTile);
+      sm90::tma_load_2d(ring + refill * kTileBytes, &staged.keys, &full[refill], 0,
+                        slot_row0 + ahead * kWgmmaKeysPerTile);
     }
     const float next_scale = key_scale(tile + step);
     sm90::mbarrier_wait(&full[stage], parity);
+    if constexpr (kTrace) {
+      if (tile == first_tile) mark(kIndexerTraceFirst);
+      if (tile + step >= tiles) mark(kIndexerTraceLast);
+    }
     const unsigned char* current = ring + stage * kTileBytes;
     const int out_row = tile * kWgmmaKeysPerTile + stored_row;
     for (int query = 0; query < queries; ++query) {
@@ -1199,6 +1258,16 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     }
     scale = next_scale;
     if (++stage == kStages) stage = 0, parity ^= 1;
+  }
+  // An early load of a tile the positions showed unseen lands before the CTA's shared memory is released.
+  if (early && first_tile >= tiles) sm90::mbarrier_wait(&full[0], 0);
+  if constexpr (kTrace) {
+    mark(kIndexerTraceEnd);
+    if (t == 0) {
+      const uint64_t warp = (uint64_t(blockIdx.y) * gridDim.x + blockIdx.x) * kScoreWarps + (threadIdx.x >> 5);
+      staged.trace[warp * kIndexerTracePoints + kIndexerTraceTiles] =
+          first_tile < tiles ? uint64_t((tiles - 1 - first_tile) / step + 1) : 0;
+    }
   }
   if constexpr (kSelect)
     select_top_k_in_last_cta(args, first_query, queries, visible,

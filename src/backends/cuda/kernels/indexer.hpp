@@ -95,6 +95,8 @@ struct IndexerScoresParams {
   int64_t key_count = 0;                 // keys per sequence (or a bound: see the contract)
   const int32_t* sequence_slots = nullptr;  // device [tokens] or null (one sequence)
   int64_t keys_slot_stride = 0;          // elements (bf16 or fp8) from one slot's keys to the next
+  int64_t slot_count = 0;                // with sequence_slots: the slots the keys buffer holds (every slot below
+                                         // it); the staged kernel's bound (0: unknown, not staged)
   const int64_t* positions = nullptr;    // device [tokens] absolute positions
   int64_t tokens = 0;
   int64_t heads = 64;
@@ -104,7 +106,23 @@ struct IndexerScoresParams {
   int64_t score_stride = 0;              // ≥ key_count
   IndexerScoresKernel kernel = IndexerScoresKernel::Auto;  // see the contract
   IndexerTopKMethod top_k_method = IndexerTopKMethod::Auto;  // run_indexer_scores_top_k only
+  // The staged kernel's timeline (bench --trace; run_indexer_scores with fp8 keys on WarpgroupStreamed only): thread
+  // 0 of each warpgroup stores %globaltimer at the IndexerTracePoint points, kIndexerTracePoints words per warp of
+  // the grid (warps 0 and 4 of each CTA written; blockIdx.y-major).
+  uint64_t* trace = nullptr;
   cudaStream_t stream = nullptr;
+};
+
+enum IndexerTracePoint {
+  kIndexerTraceStart,     // CTA entry
+  kIndexerTraceWaited,    // past the grid-dependency wait
+  kIndexerTraceReady,     // query operands stored, first loads issued (past the CTA barrier)
+  kIndexerTraceFirst,     // the first key tile landed
+  kIndexerTraceLast,      // the last key tile landed
+  kIndexerTraceEnd,       // scores stored
+  kIndexerTraceSm,        // the SM id (not a time)
+  kIndexerTraceTiles,     // tiles scored (not a time)
+  kIndexerTracePoints
 };
 
 void check_indexer_scores_params(const IndexerScoresParams& params);
