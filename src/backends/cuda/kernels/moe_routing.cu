@@ -90,6 +90,7 @@ RouteArgs route_args(const MoeRoutingParams& p) {
       .rows_per_item = p.rows_per_item,
       .routed_scaling_factor = p.routed_scaling_factor,
       .out = p.out,
+      .bias_to_l2 = p.bias_to_l2,
   };
 }
 

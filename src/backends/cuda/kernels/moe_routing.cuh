@@ -106,6 +106,7 @@ struct RouteArgs {
   int tokens, experts, top_k, rows_per_item;
   float routed_scaling_factor;
   MoeRoutingBuffers out;
+  bool bias_to_l2;  // the decode router (MoeRoutingParams::bias_to_l2)
 };
 
 __device__ __forceinline__ float sqrt_softplus(float v) {
@@ -634,6 +635,11 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(staged_rows)),
                                         a.router + size_t(row_begin) * row_bytes, bytes,
                                         static_cast<uint32_t>(__cvta_generic_to_shared(&rows_landed)));
+  }
+  if (route.bias_to_l2 && blockIdx.x == 0 && route.bias != nullptr) {
+    constexpr int kSectorFloats = 8;  // 32 bytes
+    for (int e = int(threadIdx.x) * kSectorFloats; e < route.experts; e += int(blockDim.x) * kSectorFloats)
+      prefetch_l2_line(route.bias + e);
   }
   __syncthreads();  // the barrier's initialisation
   wait_for_prior_grids();  // u and the token ids come from earlier operations

@@ -76,6 +76,10 @@ struct MoeRoutingParams {
   // same bits, 2-2.6× faster at T = 1; each CTA stages its router rows in shared memory before waiting for u, and the
   // routing CTA keeps scores, choices and slots on chip; moe_routing.cuh). Needs a 16-byte aligned router.
   bool decode_router = true;
+  // The decode router: its first CTA asks L2 for the bias before the wait, so the routing CTA's bias loads hit L2
+  // beside the scores' instead of reading HBM after the ticket (a step streams far more than L2 between two uses of
+  // a layer's bias). The same bits. Round s21-1 A/B (bench_cuda_moe_router path "decode-late-bias").
+  bool bias_to_l2 = true;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
