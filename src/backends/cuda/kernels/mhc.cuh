@@ -643,7 +643,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
   // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
   constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
-  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
+  // The slack split between the two hops (kEarlyPre: the second one ends an iteration before the collapse).
+  constexpr int kSumLag = kLean > 0 && kVariant == ProjectionVariant::kShared ? kCollapseLag / 2 : (kCollapseLag + 1) / 2;
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
@@ -652,6 +653,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
+  static_assert(kLean == 0 || kVariant != ProjectionVariant::kShared || kCollapseLag >= 3,
+                "the early pre needs an iteration of slack after the slice sums");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
@@ -670,7 +673,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
   // kRoles: the projection group has updated stage b's tile (the finisher collapses the updated values).
   __shared__ uint64_t updated_stage[kRoles ? kStages : 1];
-  __shared__ float pre_s[kTileTokens][kStreams];
+  // kEarlyPre: the collapse's pre of tile jc is formed in the iteration before by the last warp, two parities.
+  constexpr bool kEarlyPre = kLean > 0 && !kRoles;
+  __shared__ float pre_s[kEarlyPre ? 2 : 1][kTileTokens][kStreams];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // kRoles: threads from kThreads on are the finisher group; `ltid` numbers the threads within their group.
@@ -830,7 +835,40 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
   const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
-  const auto is_pre_reader = [&](int jc) { return jc >= 0 && pre_index < kStreams * valid_of(jc); };
+  const auto is_pre_reader = [&](int jc) {
+    return !kEarlyPre && jc >= 0 && pre_index < kStreams * valid_of(jc);
+  };
+  // kEarlyPre: lane l of the last warp forms pre of tokens l / 4 and l / 4 + 8, stream l % 4, of tile jn (one
+  // iteration ahead of its collapse), from its Σx² and pre row words read at the top of the iteration.
+  const bool early_pre_warp = kEarlyPre && warp == kWarps - 1;
+  const float early_pre_base = args.base[lane % kStreams];
+  const auto early_pre_word = [&](int h, bool mix) {
+    const int t = lane / kStreams + h * (kTileTokens / 2);
+    return mix ? unsigned((1 + lane % kStreams) * kTileTokens + t) : unsigned(t);
+  };
+  const auto load_early_pre_words = [&](int jn, unsigned long long (&words)[4]) {
+    if (early_pre_warp && jn >= 0 && jn < count) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (lane / kStreams + h * (kTileTokens / 2) < valid_of(jn)) {
+          words[2 * h] = load_relaxed_u64(sums_of(jn) + early_pre_word(h, false));
+          words[2 * h + 1] = load_relaxed_u64(sums_of(jn) + early_pre_word(h, true));
+        }
+    }
+  };
+  const auto form_early_pre = [&](int jn, const unsigned long long (&words)[4]) {
+    if (early_pre_warp && jn >= 0 && jn < count) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (lane / kStreams + h * (kTileTokens / 2) < valid_of(jn)) {
+          const float squares = tagged_value(words[2 * h], sums_of(jn) + early_pre_word(h, false), tag);
+          const float mix = tagged_value(words[2 * h + 1], sums_of(jn) + early_pre_word(h, true), tag);
+          const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
+          pre_s[jn & 1][lane / kStreams + h * (kTileTokens / 2)][lane % kStreams] =
+              sigmoid(mix * inv_rms * pre_scale + early_pre_base) + args.hc_eps;
+        }
+    }
+  };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -896,7 +934,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const float squares = tagged_value(squares_word, sums_of(jc) + pre_squares_word, tag);
       const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+      pre_s[0][pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
     sync();
     if (vt < valid && vi < width) {
@@ -904,7 +942,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float4 streams[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
+      const float4 value = collapse_streams(streams, pre_s[kEarlyPre ? jc & 1 : 0][vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
     if (!release) return;
@@ -968,8 +1006,11 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const bool pre_reader = is_pre_reader(jc);
       unsigned long long words[kMaxSliceWords] = {};
       unsigned long long squares_word = 0, mix_word = 0;
+      unsigned long long early_pre_words[4] = {};
+      const int jn = jc + 1;  // kEarlyPre: the tile whose pre this iteration forms
       const auto read_early = [&] {
         if (passes > 0) load_slice_words(jr, 0, words);
+        if constexpr (kEarlyPre) load_early_pre_words(jn, early_pre_words);
         if (pre_reader) {
           squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
           mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
@@ -1000,6 +1041,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         if (pass > 0) load_slice_words(jr, pass, words);
         sum_slices(jr, pass, words);
       }
+      // Past this iteration's first barrier (or the previous one's release): the collapse of jn − 2, which read the
+      // same pre_s parity, is done.
+      if constexpr (kEarlyPre) form_early_pre(jn, early_pre_words);
 
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
     }
