@@ -43,6 +43,7 @@
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
+#include "backends/cuda/ptx/warp_trace.cuh"
 #include "core/activation_block_scale.hpp"
 #include "core/bf16.hpp"
 #include "core/e8m0.hpp"
@@ -155,23 +156,15 @@ struct LaunchArgs {
   uint64_t* trace;  // CompressorParams::trace (traced kernels only)
 };
 
-// Records CompressorTracePoint `point` of the calling CTA (thread 0 stores) when kTrace; nothing otherwise. The time is
-// read behind a test of `dependency`, so a point given a loaded value is not reached before the value arrives (a
-// warp issues in order).
+// Records CompressorTracePoint `point` of the calling CTA (thread 0 stores) when kTrace; nothing otherwise: the
+// per-warp records of ptx/warp_trace.cuh with one record per CTA, warp 0's. The time is read behind a test of
+// `dependency`, so a point given a loaded value is not reached before the value arrives (a warp issues in order).
 template <bool kTrace>
 __device__ __forceinline__ void trace_point(uint64_t* trace, int point, uint32_t dependency = 0) {
   if constexpr (kTrace) {
-    if (threadIdx.x == 0 && dependency != 0xFFFFFFFFu) {
-      uint64_t now;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-      uint64_t* record = trace + size_t(blockIdx.x) * kCompressorTracePoints;
-      record[point] = now;
-      if (point == COMPRESSOR_TRACE_START) {
-        uint32_t sm;
-        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-        record[COMPRESSOR_TRACE_SM] = sm;
-      }
-    }
+    if (threadIdx.x == 0 && dependency != 0xFFFFFFFFu)
+      sm90::record_warp_trace_point(trace, 1, kCompressorTracePoints, point, COMPRESSOR_TRACE_START,
+                                    COMPRESSOR_TRACE_SM);
   }
 }
 
