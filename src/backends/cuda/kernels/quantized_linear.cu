@@ -111,15 +111,19 @@ const std::vector<ConfigOverride>& config_overrides() {
   return overrides;
 }
 
-// Round s21 A/B switch: DSV4_LINEAR_CTAS=5: the FP8 one-token-tile kernel through the workspace at 5 resident CTAs per
-// SM (registers capped at 96) instead of 4, so that a 512-CTA grid leaves SM slots to the kernels beside it.
-constexpr int kFiveCtasPerSm = 5;
-bool five_ctas_per_sm() {
-  static const bool on = [] {
+// Round s21 A/B switch: DSV4_LINEAR_CTAS=5 or 6: the FP8 one-token-tile kernel through the workspace at that many
+// resident CTAs per SM (registers capped at 96 / 80) instead of 4, so that a 512-CTA grid leaves SM slots to the
+// kernels beside it in a model step.
+int fp8_register_ctas() {
+  static const int ctas = [] {
     const char* set = std::getenv("DSV4_LINEAR_CTAS");
-    return set != nullptr && set[0] == '5' && set[1] == '\0';
+    if (set == nullptr) return 4;
+    const int n = std::atoi(set);
+    check(n >= 4 && n <= 6, "DSV4_LINEAR_CTAS: ", set, " (4, 5 or 6)");
+    std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CTAS %d\n", n);
+    return n;
   }();
-  return on;
+  return ctas;
 }
 
 template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace, int kMinCtas = 4>
@@ -152,8 +156,10 @@ void launch_streamed_variant(const linear::LinearKernelArgs& args, const Quantiz
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
     launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
   else if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
-    if (config.ctas_per_sm == kFiveCtasPerSm)
-      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, kFiveCtasPerSm>(args, config, stream);
+    if (config.ctas_per_sm == 6)
+      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, 6>(args, config, stream);
+    else if (config.ctas_per_sm == 5)
+      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, 5>(args, config, stream);
     else
       launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
   } else
@@ -333,8 +339,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
     size_t receive = 0;
     const int register_ctas = format == TileFormat::FP8_BLOCK128 && config.token_tiles == 1 &&
-                                      reduce != SplitKReduce::CLUSTER && five_ctas_per_sm()
-                                  ? kFiveCtasPerSm
+                                      reduce != SplitKReduce::CLUSTER
+                                  ? fp8_register_ctas()
                                   : 4;
     const int max_ctas_per_sm = int(std::clamp<size_t>(
         kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, size_t(register_ctas)));
