@@ -255,7 +255,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .quads = channels / 4,
                               .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1)),
-                              .serial_merge = std::getenv("DSV4_COMPRESSOR_SERIAL_MERGE") != nullptr};
+                              .old_finish = std::getenv("DSV4_COMPRESSOR_OLD_FINISH") != nullptr};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).

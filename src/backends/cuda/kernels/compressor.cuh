@@ -140,7 +140,7 @@ struct PoolArgs {
   // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4) and its divisor.
   int quads;
   FastDivisor quads_div;
-  bool serial_merge;  // round s21-1 A/B (DSV4_COMPRESSOR_SERIAL_MERGE=1): the old merge loop
+  bool old_finish;  // round s21-1 A/B (DSV4_COMPRESSOR_OLD_FINISH=1): the old merge loop and norm sum
 };
 
 struct LaunchArgs {
@@ -829,7 +829,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, a.serial_merge, [&](int g) {
+      v[j] = merge_partials(a.groups, a.old_finish, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -842,13 +842,24 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   const float warp_square_sum = warp_sum(pair_square(v[0], v[1]));
   if (t.group == 0 && lane == 0) warp_partials[warp] = warp_square_sum;
   __syncthreads();
+  if (a.old_finish) {
   if (threadIdx.x == 0) {
     float cta_sum = 0.0f;
     for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
     *square_sum = cta_sum;
   }
+  }
+  // Every thread sums the CTA's warp partials in order (thread 0's sum is the one the other CTAs of a split read),
+  // so a CTA alone needs no second barrier.
+  float cta_sum = 0.0f;
+  if (!a.old_finish) {
+  for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
+  if (cluster_sync && threadIdx.x == 0) *square_sum = cta_sum;
+  }
   float total = 0.0f;
-  if (cluster_sync) {
+  if (!cluster_sync && !a.old_finish) {
+    total = cta_sum;
+  } else if (cluster_sync) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
     if (e.emitting) {
