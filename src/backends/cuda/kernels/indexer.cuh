@@ -705,23 +705,53 @@ inline constexpr int kWgmmaHeads = 64;        // N: heads padded to 64
 inline constexpr int kWgmmaKeysPerTile = 64;  // M: a warpgroup's key tile, 16 rows per warp
 inline constexpr int kWgmmaWarpgroups = kScoreWarps / 4;
 
-// Shared memory per CTA (from a 1024-byte aligned base): each query's B tile (bf16: two 8 KB swizzle tiles for dims
-// 0-63 and 64-127 in fragment order; fp8: one 8 KB tile), then the scaled head weights [query][64], the visible key
-// counts, and with the top-k in the launch its sort buffer. bytes: the allocation, the alignment's slack included.
-struct WgmmaSmemLayout {
-  size_t weights_offset, visible_offset, selection_offset, bytes;
+// Shared memory per CTA of the warpgroup kernels (from a 1024-byte aligned base): each query's B tile
+// (wgmma_query_tile_bytes), the two warpgroups' rings of key tiles (streamed and staged kernels), their stages' full
+// barriers (staged), the scaled head weights [query][64], the visible key counts, and with the top-k in the launch its
+// sort buffer. bytes: the allocation, the alignment's slack included.
+struct WarpgroupSmemLayout {
+  size_t ring_offset, barrier_offset, weights_offset, visible_offset, selection_offset, bytes;
 };
 
+// bf16: two 8 KB swizzle tiles for dims 0-63 and 64-127; fp8: one 8 KB tile.
 __host__ __device__ constexpr size_t wgmma_query_tile_bytes(bool fp8) {
   return size_t(kWgmmaHeads) * kWgmmaHeadDim * (fp8 ? 1 : 2);
 }
-__host__ __device__ constexpr WgmmaSmemLayout wgmma_smem_layout(int queries, bool fp8, bool select) {
-  WgmmaSmemLayout layout{};
-  layout.weights_offset = size_t(queries) * wgmma_query_tile_bytes(fp8);
+__host__ __device__ constexpr WarpgroupSmemLayout warpgroup_smem_layout(int queries, bool fp8, size_t ring_bytes,
+                                                                         size_t barrier_bytes, bool select) {
+  WarpgroupSmemLayout layout{};
+  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(fp8);
+  layout.barrier_offset = layout.ring_offset + ring_bytes;
+  layout.weights_offset = layout.barrier_offset + barrier_bytes;
   layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
   layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
   layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
   return layout;
+}
+// The register-fed kernel's: query tiles in fragment order, no ring.
+__host__ __device__ constexpr WarpgroupSmemLayout wgmma_smem_layout(int queries, bool fp8, bool select) {
+  return warpgroup_smem_layout(queries, fp8, 0, 0, select);
+}
+
+// A warpgroup kernel's CTA: its shared memory from the 1024-byte aligned base (query tiles first, then the layout's
+// regions) and its group of queries.
+struct WarpgroupCta {
+  unsigned char* smem;
+  float* weights;
+  int64_t* visible;
+  int64_t first_query;
+  int queries;
+};
+
+__device__ __forceinline__ WarpgroupCta warpgroup_cta(const ScoresArgs& args, const WarpgroupSmemLayout& layout) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
+  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
+  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
+  const int64_t first_query = int64_t(blockIdx.y) * args.queries_per_cta;
+  const int queries = int(min(int64_t(args.queries_per_cta), args.tokens - first_query));
+  return WarpgroupCta{
+      .smem = smem, .weights = weights, .visible = visible, .first_query = first_query, .queries = queries};
 }
 
 // Where dim `dim` of head `head` sits in the query's B tile: logical k is the position the keys' A fragments give
@@ -862,16 +892,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     indexer_scores_wgmma_kernel(ScoresArgs args) {
   allow_dependents();
   wait_for_prior_grids();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
-  const int group_size = args.queries_per_cta;
-  const WgmmaSmemLayout layout = wgmma_smem_layout(group_size, kFp8, kSelect);
+  const WarpgroupSmemLayout layout = wgmma_smem_layout(args.queries_per_cta, kFp8, kSelect);
+  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
   unsigned char* query_tiles = smem;
-  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
-  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
-
-  const int64_t first_query = int64_t(blockIdx.y) * group_size;
-  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
   const void* keys = kFp8 ? static_cast<const void*>(args.keys_fp8 + slot * args.keys_slot_stride)
                           : static_cast<const void*>(args.keys + slot * args.keys_slot_stride);
@@ -936,21 +959,10 @@ inline constexpr int kStreamCtasPerSm = 1;
 
 inline constexpr size_t kStreamedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim * 2;
 
-// Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (wgmma_query_tile_bytes each), the two
-// warpgroups' rings of key tiles, the scaled head weights, the visible counts and with the top-k in the launch its
-// sort buffer. bytes: the allocation, the alignment's slack included.
-struct StreamedSmemLayout {
-  size_t ring_offset, weights_offset, visible_offset, selection_offset, bytes;
-};
-
-__host__ __device__ constexpr StreamedSmemLayout streamed_smem_layout(int queries, bool select) {
-  StreamedSmemLayout layout{};
-  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(false);
-  layout.weights_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStreamStages) * kStreamedKeyTileBytes;
-  layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
-  layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
-  layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
-  return layout;
+// The streamed kernel's shared memory: bf16 query tiles, the two warpgroups' rings of key tiles.
+__host__ __device__ constexpr WarpgroupSmemLayout streamed_smem_layout(int queries, bool select) {
+  return warpgroup_smem_layout(queries, false, kWgmmaWarpgroups * size_t(kStreamStages) * kStreamedKeyTileBytes, 0,
+                               select);
 }
 
 // Byte offset of `byte` (2·dim of a 128-dim bf16 row) of row `row` in a K-major 128B-swizzled operand of 64 rows:
@@ -1000,16 +1012,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
   constexpr size_t kTileBytes = kStreamedKeyTileBytes;
   allow_dependents();
   wait_for_prior_grids();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
-  const int group_size = args.queries_per_cta;
-  const StreamedSmemLayout layout = streamed_smem_layout(group_size, kSelect);
+  const WarpgroupSmemLayout layout = streamed_smem_layout(args.queries_per_cta, kSelect);
+  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
   unsigned char* query_tiles = smem;
-  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
-  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
-
-  const int64_t first_query = int64_t(blockIdx.y) * group_size;
-  const int queries = int(min(int64_t(group_size), args.tokens - first_query));
   const int64_t slot = key_slot_of(args, first_query);
   const __nv_bfloat16* keys = args.keys + slot * args.keys_slot_stride;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
@@ -1081,22 +1086,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
 inline constexpr int kStagedStages = 2;
 inline constexpr size_t kStagedKeyTileBytes = size_t(kWgmmaKeysPerTile) * kWgmmaHeadDim;
 
-// Shared memory per CTA (from a 1024-byte aligned base): the queries' B tiles (fp8, natural dim order), the two
-// warpgroups' rings of key tiles, their stages' full barriers, the scaled head weights, the visible counts and with
-// the top-k in the launch its sort buffer. bytes: the allocation, the alignment's slack included.
-struct StagedSmemLayout {
-  size_t ring_offset, barrier_offset, weights_offset, visible_offset, selection_offset, bytes;
-};
-
-__host__ __device__ constexpr StagedSmemLayout staged_smem_layout(int queries, bool select) {
-  StagedSmemLayout layout{};
-  layout.ring_offset = size_t(queries) * wgmma_query_tile_bytes(true);
-  layout.barrier_offset = layout.ring_offset + kWgmmaWarpgroups * size_t(kStagedStages) * kStagedKeyTileBytes;
-  layout.weights_offset = layout.barrier_offset + kWgmmaWarpgroups * size_t(kStagedStages) * sizeof(uint64_t);
-  layout.visible_offset = layout.weights_offset + size_t(queries) * kWgmmaHeads * 4;
-  layout.selection_offset = selection_offset(layout.visible_offset + size_t(queries) * 8);
-  layout.bytes = 1024 + layout.selection_offset + (select ? kSelectionSmemBytes : 0);
-  return layout;
+// The staged kernel's shared memory: fp8 query tiles (natural dim order), the two warpgroups' rings of key tiles and
+// their stages' full barriers.
+__host__ __device__ constexpr WarpgroupSmemLayout staged_smem_layout(int queries, bool select) {
+  constexpr size_t kStages = size_t(kWgmmaWarpgroups) * kStagedStages;
+  return warpgroup_smem_layout(queries, true, kStages * kStagedKeyTileBytes, kStages * sizeof(uint64_t), select);
 }
 
 // The staged kernel's parameters: the fp8 keys' tensor map (rows of 128 bytes, boxes of one 64-key tile in the 128B
@@ -1158,8 +1152,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   };
   mark(kIndexerTraceStart);
   allow_dependents();
-  const int64_t first_query = int64_t(blockIdx.y) * args.queries_per_cta;
-  const int queries = int(min(int64_t(args.queries_per_cta), args.tokens - first_query));
+  const WarpgroupSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
+  const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
+  unsigned char* query_tiles = smem;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
   const int step = int(gridDim.x) * kWgmmaWarpgroups;
@@ -1173,13 +1168,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   }
   wait_for_prior_grids();
   mark(kIndexerTraceWaited);
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - sm90::shared_address(smem_raw) % 1024) % 1024);
-  const StagedSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
-  unsigned char* query_tiles = smem;
-  float* weights = reinterpret_cast<float*>(smem + layout.weights_offset);
-  int64_t* visible = reinterpret_cast<int64_t*>(smem + layout.visible_offset);
-
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
   // One sequence: the first tile's load from the hint, before this step's positions arrive (its data is read after
