@@ -127,7 +127,7 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
 // not measured on it.
 // A/B switches of round s21-1 (read once): DSV4_INDEXER_STAGED_PREFETCH=N (tiles asked of L2 before the wait),
 // DSV4_INDEXER_STAGED_EARLY=1, DSV4_INDEXER_STAGED_MIN_KEYS=N (Auto's staged bound, default 16384),
-// DSV4_INDEXER_STAGED_SLOTS=1 (Auto stages fp8 keys through sequence_slots).
+// DSV4_INDEXER_STAGED_SLOTS=1 (Auto stages fp8 keys through sequence_slots), DSV4_INDEXER_STAGED_L2_AHEAD=1.
 int env_switch(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
@@ -136,6 +136,7 @@ const int kStagedPrefetch = env_switch("DSV4_INDEXER_STAGED_PREFETCH", 0);
 const bool kStagedEarly = env_switch("DSV4_INDEXER_STAGED_EARLY", 0) != 0;
 const int kStagedMinKeys = env_switch("DSV4_INDEXER_STAGED_MIN_KEYS", 16384);
 const bool kStagedSlots = env_switch("DSV4_INDEXER_STAGED_SLOTS", 0) != 0;
+const bool kStagedL2Ahead = env_switch("DSV4_INDEXER_STAGED_L2_AHEAD", 0) != 0;
 
 // The staged kernel takes these fp8 keys: of one sequence, or through sequence_slots with the slot count known and
 // each slot's keys a whole number of 128-byte map rows apart, every row within the map's int32 coordinates.
@@ -234,7 +235,8 @@ void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, u
       .slot_rows = int(slot_rows),
       .trace = trace,
       .prefetch_tiles = kStagedPrefetch,
-      .early_first = kStagedEarly};
+      .early_first = kStagedEarly,
+      .l2_ahead = kStagedL2Ahead};
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
   launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
                  stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);

@@ -1103,6 +1103,7 @@ struct StagedScoresArgs {
   uint64_t* trace;     // kTrace: IndexerScoresParams::trace
   int prefetch_tiles;  // A/B (round s21-1): each warpgroup's first tiles asked of L2 before the grid-dependency wait
   bool early_first;    // A/B (round s21-1): the first tile's load issued right after the wait from the hint
+  bool l2_ahead;       // A/B (round s21-1): each refill also asks L2 for the tile after the one it loads
 };
 
 // PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for the box at (col, row) of a 2D tensor map, without waiting.
@@ -1219,6 +1220,8 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
       sm90::mbarrier_arrive_expect_tx(&full[refill], kTileBytes);
       sm90::tma_load_2d(ring + refill * kTileBytes, &staged.keys, &full[refill], 0,
                         slot_row0 + ahead * kWgmmaKeysPerTile);
+      if (staged.l2_ahead && ahead + step < tiles)
+        prefetch_tensor_2d_l2(&staged.keys, 0, slot_row0 + (ahead + step) * kWgmmaKeysPerTile);
     }
     const float next_scale = key_scale(tile + step);
     sm90::mbarrier_wait(&full[stage], parity);
