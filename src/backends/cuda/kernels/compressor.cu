@@ -277,7 +277,10 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  for (const CompressorParams& p : params) {
+  // Round s21-1 A/B (DSV4_COMPRESSOR_LAST_POOL_FIRST=1): the last pool's CTAs first (a CSA layer's indexer).
+  const bool reversed = std::getenv("DSV4_COMPRESSOR_LAST_POOL_FIRST") != nullptr;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const CompressorParams& p = params[reversed ? params.size() - 1 - i : i];
     if (p.run_count == 0) continue;
     const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
