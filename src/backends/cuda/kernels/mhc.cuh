@@ -676,6 +676,10 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // kEarlyPre: the collapse's pre of tile jc is formed in the iteration before by the last warp, two parities.
   constexpr bool kEarlyPre = kLean > 0 && !kRoles;
   __shared__ float pre_s[kEarlyPre ? 2 : 1][kTileTokens][kStreams];
+  // kEarlyCollapse (hc_pre, hc_head): tile jc is collapsed at the top of its iteration, and its stage refilled as
+  // soon as every thread has read it (empty[b]), two iterations ahead of the tile's projection.
+  constexpr bool kEarlyCollapse = kLean >= 3 && !kRoles && !kPost;
+  __shared__ uint64_t empty[kEarlyCollapse ? kStages : 1];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // kRoles: threads from kThreads on are the finisher group; `ltid` numbers the threads within their group.
@@ -709,6 +713,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     if constexpr (kRoles)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
+    if constexpr (kEarlyCollapse)
+      for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&empty[b], kThreads);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -899,7 +905,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    project_tile_3xtf32<kRows, kLean >= 2 ? 2 : 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
+    project_tile_3xtf32<kRows, kLean == 2 ? 2 : 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
                                               SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
@@ -997,6 +1003,45 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                               [] { sm90::named_barrier_sync<kThreads>(2); }, true);
         }
       }
+    }
+  } else if constexpr (kEarlyCollapse) {
+    // Iteration j: collapse tile j − kCollapseLag (its pre formed in the iteration before) and refill its stage with
+    // tile j + kStages − kCollapseLag, project tile j, sum this CTA's items of tile j − kSumLag, form the pre of the
+    // next tile to collapse. One barrier after the projection, one at the end (pre_s, warp_sums).
+    for (int j = 0; j < count + kCollapseLag; ++j) {
+      const int jr = j - kSumLag, jc = j - kCollapseLag, jn = jc + 1;
+      const int passes = jr >= 0 && jr < count ? my_passes : 0;
+      unsigned long long words[kMaxSliceWords] = {};
+      unsigned long long early_pre_words[4] = {};
+      if (passes > 0) load_slice_words(jr, 0, words);
+      load_early_pre_words(jn, early_pre_words);
+      if (jc >= 0) {
+        const int b = jc % kStages;
+        if (vt < valid_of(jc) && vi < width) {
+          const float* const x = stages + b * kStageFloats;
+          float4 streams[kStreams];
+#pragma unroll
+          for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
+          const float4 value = collapse_streams(streams, pre_s[jc & 1][vt], args.round_to_bf16);
+          store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
+        }
+        sm90::mbarrier_arrive(&empty[b]);
+        if (tile_loader && jc + kStages < count) {
+          sm90::mbarrier_wait(&empty[b], uint32_t(jc / kStages) & 1u);
+          load_tile(jc + kStages);
+        }
+      }
+      if (j < count) {
+        const int b = j % kStages;
+        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
+        project_and_publish(j, b, block_sync, -1, false);
+      }
+      for (int pass = 0; pass < passes; ++pass) {
+        if (pass > 0) load_slice_words(jr, pass, words);
+        sum_slices(jr, pass, words);
+      }
+      form_early_pre(jn, early_pre_words);
+      __syncthreads();  // pre_s of tile jn is complete, and warp_sums free for the next projection
     }
   } else {
     // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
