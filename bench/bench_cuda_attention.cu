@@ -24,7 +24,7 @@
 // empty kernel on the same grid in its clusters, without clusters and as one CTA per (query, head group) (a call's
 // launch floor in each shape). The decode cases' set-up is make_decode_step (tests/support/sparse_attention_cases.hpp).
 // Usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] [--warm]
-//                             [--sweep] [--bf16-kv] [--route] [--mma-rates]
+//                             [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace]
 //   --only runs the decode cases whose name starts with one of the given comma-separated prefixes (flash, pro:hca,
 //   flash:swa:1,pro:csa:1:65536; flash:csa:256:65536 for one case under a profiler) and no prefill; --prefill-only
 //   skips the decode cases. --warm times without the L2 flush (what is left is not memory latency). --sweep times every
@@ -35,6 +35,8 @@
 //   batch 128); bf16 entries on the head_dim 512 kernel are timed once more with d512_entry_tma (the A/B of GPU round
 //   s21-1; its output compared byte for byte). --mma-rates times the head_dim 512 kernel's tensor-core work per tile
 //   alone (mma_rate_kernel) against a tile's flops at the same-run cuBLAS rate and at the nominal peak, nothing else.
+//   --trace times one cold traced call of each selected decode case on the head_dim 512 kernel (bf16 entries), with
+//   the cp.async producer and with TMA entries, and prints its CTAs' phases per wave (run_trace_case); no prefill.
 //   Exit status 1 when a CPU check fails.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -654,6 +656,97 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
   return r;
 }
 
+// --trace: the route's decode call on the head_dim 512 kernel (bf16 entries, cluster-merged splits as the model
+// chooses them), one cold call (L2 flushed) traced with the cp.async producer and one with TMA entries
+// (d512_entry_tma). Each CTA's wave is its rank among the CTAs its SM ran; per wave, the medians over its CTAs of each
+// mark (SparseAttentionTraceMark) in µs from the launch's first CTA start, the median µs per tile between tile 0's and
+// the last tile's arrival, and from the last tile's arrival to the CTA's end.
+void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas, int tiles) {
+  constexpr int kSlots = kSparseAttentionTraceSlots;
+  uint64_t first = ~uint64_t(0);
+  for (int c = 0; c < ctas; ++c) first = std::min(first, trace[size_t(c) * kSlots + kTraceStart]);
+  std::vector<std::vector<int>> by_sm;
+  for (int c = 0; c < ctas; ++c) {
+    const size_t sm = size_t(trace[size_t(c) * kSlots + kTraceSm]);
+    if (sm >= by_sm.size()) by_sm.resize(sm + 1);
+    by_sm[sm].push_back(c);
+  }
+  std::vector<std::vector<int>> waves;
+  for (std::vector<int>& list : by_sm) {
+    std::sort(list.begin(), list.end(), [&](int a, int b) {
+      return trace[size_t(a) * kSlots + kTraceStart] < trace[size_t(b) * kSlots + kTraceStart];
+    });
+    for (size_t rank = 0; rank < list.size(); ++rank) {
+      if (rank >= waves.size()) waves.resize(rank + 1);
+      waves[rank].push_back(list[rank]);
+    }
+  }
+  const auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  static const char* const kNames[] = {"start", "p.wait", "issued0", "issuedN", "c.wait", "q", "tile0", "tile1",
+                                       "tileN", "loop", "end"};
+  std::printf("  %-8s %5s %5s", label, "wave", "ctas");
+  for (const char* name : kNames) std::printf(" %7s", name);
+  std::printf(" %8s %8s\n", "us/tile", "N->end");
+  for (size_t w = 0; w < waves.size(); ++w) {
+    std::printf("  %-8s %5zu %5zu", label, w, waves[w].size());
+    for (int mark = 0; mark < kTraceSm; ++mark) {
+      std::vector<double> at;
+      for (const int c : waves[w]) {
+        const uint64_t v = trace[size_t(c) * kSlots + mark];
+        if (v != 0) at.push_back(double(v - first) * 1e-3);
+      }
+      std::printf(" %7.2f", median(at));
+    }
+    std::vector<double> per_tile, tail;
+    for (const int c : waves[w]) {
+      const uint64_t* r = &trace[size_t(c) * kSlots];
+      if (tiles > 1 && r[kTraceTile0] != 0 && r[kTraceLastTile] != 0)
+        per_tile.push_back(double(r[kTraceLastTile] - r[kTraceTile0]) * 1e-3 / (tiles - 1));
+      if (r[kTraceLastTile] != 0 && r[kTraceEnd] != 0) tail.push_back(double(r[kTraceEnd] - r[kTraceLastTile]) * 1e-3);
+    }
+    std::printf(" %8.3f %8.2f\n", median(per_tile), median(tail));
+  }
+}
+
+void run_trace_case(const char* model, int heads, DecodeLayout kind, int batch, int64_t context, int sms, void* flush,
+                    size_t flush_bytes, std::mt19937& rng) {
+  const std::unique_ptr<SparseAttentionDecodeStep> step =
+      make_decode_step(KvEntryFormat::Bf16, heads, kind, batch, context, rng);
+  DeviceBuffer out(size_t(batch) * heads * kHeadDim * 4, "out");
+  SparseAttentionParams call = step->call;
+  call.out = out.data();
+  call.prefill_kernel = false;
+  call.head_split = false;
+  call.splits =
+      choose_sparse_attention_splits(batch, heads, kHeadDim, KvEntryFormat::Bf16, step->slots_per_query(), sms);
+  const int tiles_total = (step->slots_per_query() + kSparseAttentionTileEntries - 1) / kSparseAttentionTileEntries;
+  const int tiles = (tiles_total + call.splits - 1) / call.splits;
+  const int ctas = batch * ((heads + 63) / 64) * call.splits;
+  DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
+  std::printf("%s %s batch %d context %lld: %d slots, %d splits, %d tiles per CTA, %d CTAs\n", model,
+              to_string(kind), batch, static_cast<long long>(context), step->slots_per_query(), call.splits, tiles,
+              ctas);
+  for (const bool tma : {false, true}) {
+    SparseAttentionParams traced = call;
+    traced.d512_entry_tma = tma;
+    run_sparse_attention(traced);  // warm-up, untraced
+    traced.d512_trace = d_trace.as<uint64_t>();
+    d_trace.fill_bytes(0);
+    DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x11, flush_bytes));
+    StreamTimer timer;
+    const double ms = timer.elapsed_ms(nullptr, [&] { run_sparse_attention(traced); });
+    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+    d_trace.download(trace.data(), trace.size() * 8);
+    std::printf("  %s: %.1f us (events)\n", tma ? "tma" : "cp.async", ms * 1e3);
+    print_trace(tma ? "tma" : "cp.async", trace, ctas, tiles);
+  }
+  std::fflush(stdout);
+}
+
 struct PrefillResult {
   std::string model, format;
   int heads;
@@ -722,7 +815,7 @@ PrefillResult run_prefill_case(const char* model, int heads, KvEntryFormat forma
 int run(int argc, char** argv) {
   std::string json_path;
   std::vector<std::string> only;  // --only's comma-separated prefixes
-  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false;
+  bool prefill_only = false, warm = false, sweep = false, route = false, mma_rates = false, trace = false;
   KvEntryFormat decode_format = KvEntryFormat::Fp8Reference;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
@@ -745,10 +838,12 @@ int run(int argc, char** argv) {
       route = true;
     else if (std::strcmp(argv[i], "--mma-rates") == 0)
       mma_rates = true;
+    else if (std::strcmp(argv[i], "--trace") == 0)
+      trace = true;
     else
       fail("unknown argument ", argv[i],
            " (usage: bench_cuda_attention [--json PATH] [--only MODEL:LAYOUT:BATCH:CONTEXT[,...]] [--prefill-only] "
-           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates])");
+           "[--warm] [--sweep] [--bf16-kv] [--route] [--mma-rates] [--trace])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -793,7 +888,12 @@ int run(int argc, char** argv) {
   }
   std::vector<Result> results;
   std::vector<RouteResult> routes;
-  if (route)
+  if (trace)
+    std::printf("--trace: marks in us from the launch's first CTA start, medians per wave (a CTA's rank on its SM): "
+                "start, producer / consumer 0 past the grid wait, first / last tile's copies issued, Q stored, tiles "
+                "0, 1, last arrived, loop's last MMAs done, end; us/tile between tile 0 and the last; N->end from the "
+                "last tile to the end\n");
+  else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "
                 "the prefill kernel; tma = the decode call with d512_entry_tma (bytes: its output's bytes against the "
@@ -806,7 +906,7 @@ int run(int argc, char** argv) {
               "partials; floor = max(KV bytes at copy rate, flops at cuBLAS rate); bound us = HCA under the 1M slot "
               "bound + counts; cl = the cluster merge; cpu err = worst |error| / max |output| over sampled queries and "
               "heads\n");
-  if (!route)
+  if (!route && !trace)
     std::printf("%-6s %-4s %5s %8s %6s %6s %10s %10s %8s %8s %9s %8s %12s %8s %10s %12s %9s %9s %9s %9s %9s %9s "
               "%9s %9s %9s\n",
               "model", "kind", "batch", "context", "slots", "splits", "us", "GB/s", "%copy", "%total", "floor us",
@@ -836,7 +936,7 @@ int run(int argc, char** argv) {
       for (const int64_t context : {int64_t(4096), int64_t(65536), int64_t(262144), int64_t(1) << 20})
         for (const int batch : {1, 8, 64, 128, 256}) {
           // 128: between a wave of one-block CTAs and two, for the routing threshold of --route.
-          if (batch == 128 && !route) continue;
+          if (batch == 128 && !route && !trace) continue;
           if (prefill_only || (kind == DecodeLayout::Swa && context != 4096)) continue;
           // 256K: an HCA list between 64K's and 1M's (2176 slots), for the routing threshold of --route.
           if (context == 262144 && !(route && kind == DecodeLayout::Hca)) continue;
@@ -847,6 +947,10 @@ int run(int argc, char** argv) {
           if (cache_bytes > 24.0 * (1u << 30)) {
             std::printf("%-6s %-4s %5d %8lld  skipped: %.1f GiB of cache\n", model, to_string(kind), batch,
                         static_cast<long long>(context), cache_bytes / (1u << 30));
+            continue;
+          }
+          if (trace) {
+            run_trace_case(model, heads, kind, batch, context, device.multiprocessors, flush.data(), flush_bytes, rng);
             continue;
           }
           if (route) {
@@ -884,7 +988,7 @@ int run(int argc, char** argv) {
           std::fflush(stdout);
           results.push_back(r);
         }
-  if (!route && only.empty()) {
+  if (!route && !trace && only.empty()) {
     std::printf("\nprefill (4096 queries, CSA 128 + 512 slots)\n");
     std::printf("%-6s %-13s %8s %6s %10s %8s %8s %8s %10s %9s\n", "model", "entries", "context", "splits", "us",
                 "TFLOP/s", "%cublas", "%peak", "bf16q us", "bf16q TF/s");
@@ -893,7 +997,7 @@ int run(int argc, char** argv) {
   for (const auto& [model, heads] : {std::pair{"flash", 64}, std::pair{"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
       for (const int64_t context : {int64_t(8192), int64_t(65536)}) {
-        if (!only.empty() || route) continue;
+        if (!only.empty() || route || trace) continue;
         const PrefillResult r = run_prefill_case(model, heads, format, context, cublas_tflops, peak_tflops,
                                                  device.multiprocessors, flush.data(), flush_bytes, rng);
         std::printf("%-6s %-13s %8lld %6d %10.1f %8.1f %7.1f%% %7.1f%% %10.1f %9.1f\n", r.model.c_str(),

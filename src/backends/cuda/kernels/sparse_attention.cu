@@ -92,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTmaEntries>
+template <bool kFp8, bool kTmaEntries, bool kTrace>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries, kTrace>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -141,13 +141,15 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
-    set_d512_attributes<false, false>();
-    set_d512_attributes<false, true>();
-    set_d512_attributes<true, false>();
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false, false>), [] {
+    set_d512_attributes<false, false, false>();
+    set_d512_attributes<false, true, false>();
+    set_d512_attributes<false, false, true>();
+    set_d512_attributes<false, true, true>();
+    set_d512_attributes<true, false, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -183,11 +185,11 @@ CUtensorMap d512_entry_map(const KvCacheView& cache) {
                                     "sparse_attention KV pool");
 }
 
-template <bool kFp8, bool kTmaEntries>
+template <bool kFp8, bool kTmaEntries, bool kTrace = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -341,6 +343,10 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
         "sparse_attention: too many CTAs for one launch (tokens ", p.tokens, ")");
   if (p.tokens == 0) return;
   check_sparse_attention_inputs(p, "sparse_attention");
+  check(p.d512_trace == nullptr || (use_d512_kernel(p) && p.cache.layout.format == KvEntryFormat::Bf16 &&
+                                    head_split_splits(p) == 0 && !uses_prefill_kernel(p)),
+        "sparse_attention: a traced launch (d512_trace) needs a call that the head_dim 512 kernel serves on bf16 "
+        "entries");
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
@@ -363,12 +369,13 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
+    const bool tma = d512_entry_tma(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true, false>(p);
-    else if (d512_entry_tma(p))
-      launch_d512<false, true>(p);
+    else if (p.d512_trace != nullptr)
+      tma ? launch_d512<false, true, true>(p) : launch_d512<false, false, true>(p);
     else
-      launch_d512<false, false>(p);
+      tma ? launch_d512<false, true>(p) : launch_d512<false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

@@ -603,6 +603,20 @@ inline constexpr int kMergeStatsOffset = 0, kMergeScaleOffset = 512, kMergeRopeO
 static_assert(kD512ProducerRegisters * kWarpgroupThreads + 2 * kD512ConsumerRegisters * kWarpgroupThreads <= 65536,
               "register budget of one SM");
 
+// Traced launches (SparseAttentionParams::d512_trace): the calling thread stores %globaltimer (ns) in slot `mark` of
+// its CTA's record (SparseAttentionTraceMark); at the start also the SM id.
+__device__ __forceinline__ void d512_trace_mark(const SparseAttentionParams& p, int mark) {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  uint64_t* record = p.d512_trace + uint64_t(blockIdx.x) * kSparseAttentionTraceSlots;
+  if (mark == kTraceStart) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    record[kTraceSm] = sm;
+  }
+  record[mark] = now;
+}
+
 // fp8 entries: bulk copies of their 592-byte spans into kRawStages raw stages, dequantised by the producer into two
 // swizzled KV stages. bf16 entries: 16-byte cp.async copies straight into four swizzled KV stages (no raw stages, no
 // expansion pass).
@@ -799,7 +813,8 @@ __device__ __forceinline__ void d512_produce_fp8(const SparseAttentionParams& p,
 //   c ^ (n % 8), the layout above), 256 copy instructions per tile instead of 2048; an unused slot is row −1, outside
 //   the map, which the TMA unit fills with zeros. Each of the 32 lanes arrives on kv_full once with its entry's
 //   1024 bytes expected, after storing its valid flag.
-template <bool kTma>
+// kTrace: thread 0 marks the first and the last tile's copies issued.
+template <bool kTma, bool kTrace>
 __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, const CUtensorMap* entry_map,
                                                   uint8_t* smem, int64_t t, const SlotRange& range) {
   using L = D512Layout<false>;
@@ -873,6 +888,8 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
         ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
         sm90::mbarrier_arrive(&kv_full[stage]);
       }
+      if (kTrace && thread == 0 && (j == 0 || j + 1 == tiles))
+        d512_trace_mark(p, j == 0 ? kTraceFirstIssued : kTraceLastIssued);
       if (i == kChunkTiles - 1 || j + 1 == tiles) ahead_page = load_page(c + 2, ahead_row);
     }
     current = next;
@@ -1064,8 +1081,9 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry format); kTmaEntries: the entries arrive by TMA (d512_produce_bf16).
-template <class L, bool kTmaEntries>
+// L: the CTA's D512Layout (its entry format); kTmaEntries: the entries arrive by TMA (d512_produce_bf16); kTrace:
+// consumer 0's thread 0 marks its phases (SparseAttentionTraceMark).
+template <class L, bool kTmaEntries, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1086,6 +1104,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
   const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
+  const bool tracer = kTrace && thread256 == 0;
+  if (tracer) d512_trace_mark(p, kTraceConsumerWaited);
   const int64_t position = rope ? p.positions[t] : 0;
   const SlotRange range = split_slot_range(p, t, split);
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
@@ -1145,6 +1165,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       *reinterpret_cast<uint4*>(slot + i * kHeadsPerPass * 128 + swizzled[i % 2]) = packed[i];
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
+    if (tracer) d512_trace_mark(p, kTraceQReady);
   }
   const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
 
@@ -1160,6 +1181,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % S;
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
+    if (tracer && (j <= 1 || j + 1 == range.tiles))
+      d512_trace_mark(p, j + 1 == range.tiles ? kTraceLastTile : j == 0 ? kTraceTile0 : kTraceTile1);
     // cp.async data, then wgmma reads it (TMA and the fp8 expansion's fence need none here).
     if constexpr (!L::kFp8Entries && !kTmaEntries) sm90::fence_proxy_async_shared();
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
@@ -1224,6 +1247,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
+  if (tracer) d512_trace_mark(p, kTraceLoopEnd);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -1261,6 +1285,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
+    if (tracer) d512_trace_mark(p, kTraceEnd);
     return;
   }
 
@@ -1306,6 +1331,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     else
       d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
   }
+  if (tracer) d512_trace_mark(p, kTraceEnd);
 }
 
 // Before griddepcontrol.wait: asks L2 for the lines this CTA reads first (its query's sequence slot, position and
@@ -1340,14 +1366,16 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// kTmaEntries (bf16 entries only): the producer's copies by TMA over entry_map (see d512_produce_bf16).
-template <bool kFp8, bool kTmaEntries>
+// kTmaEntries (bf16 entries only): the producer's copies by TMA over entry_map (see d512_produce_bf16). kTrace (bf16
+// entries only): the CTA's phases marked in p.d512_trace.
+template <bool kFp8, bool kTmaEntries, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p,
                                  const __grid_constant__ CUtensorMap entry_map, const int head_blocks,
                                  const bool cluster_merge) {
-  static_assert(!(kFp8 && kTmaEntries), "TMA entries are bf16 entries");
+  static_assert(!(kFp8 && (kTmaEntries || kTrace)), "TMA entries and traces are bf16 entries'");
   using L = D512Layout<kFp8>;
+  if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceStart);
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1373,17 +1401,18 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     if (kTmaEntries && threadIdx.x == 0) sm90::prefetch_tensor_map(&entry_map);
     wait_for_prior_grids();
+    if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceProducerWaited);
     if constexpr (kFp8)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
-      d512_produce_bf16<kTmaEntries>(p, &entry_map, smem, work.t, split_slot_range(p, work.t, work.split));
+      d512_produce_bf16<kTmaEntries, kTrace>(p, &entry_map, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
       sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kTmaEntries>(p, smem, work, cluster_merge);
+    d512_consume<L, kTmaEntries, kTrace>(p, smem, work, cluster_merge);
   }
 }
 

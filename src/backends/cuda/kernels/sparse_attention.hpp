@@ -51,6 +51,26 @@ inline constexpr int kSparseAttentionHeadSplitMaxTiles = 4;
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlots = 512;
 inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
+// The marks of a traced head_dim 512 launch (SparseAttentionParams::d512_trace), per CTA: its start (thread 0), the
+// producer's and consumer 0's grid-dependency waits returned, the producer's first and last tile's copies issued,
+// consumer 0's Q stored, its tiles 0, 1 and last arrived, its loop's last MMAs done, its end (output stored or merged);
+// kTraceSm holds the SM id.
+enum SparseAttentionTraceMark : int {
+  kTraceStart,
+  kTraceProducerWaited,
+  kTraceFirstIssued,
+  kTraceLastIssued,
+  kTraceConsumerWaited,
+  kTraceQReady,
+  kTraceTile0,
+  kTraceTile1,
+  kTraceLastTile,
+  kTraceLoopEnd,
+  kTraceEnd,
+  kTraceSm,
+  kSparseAttentionTraceSlots
+};
+
 struct SparseAttentionParams {
   KvCacheView cache;
   int layer = 0;
@@ -115,6 +135,9 @@ struct SparseAttentionParams {
   // 128-byte boxes per entry into the swizzled KV stage (256 copy instructions per 32-entry tile instead of 2048
   // 16-byte cp.async); same bits. DSV4_ATTENTION_ENTRY_TMA=1 in the environment turns it on for every call.
   bool d512_entry_tma = false;
+  // Traced launch (bench_cuda_attention --trace; bf16 entries on the head_dim 512 kernel, else refused): each CTA
+  // stores %globaltimer marks of its phases (SparseAttentionTraceMark) in its kSparseAttentionTraceSlots words here.
+  uint64_t* d512_trace = nullptr;
   void* workspace = nullptr;                // device scratch for splits > 1 merged by the combine kernel
   size_t workspace_bytes = 0;
   cudaStream_t stream = nullptr;
