@@ -329,7 +329,14 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_APE_SHARED=1): lean pools read ape from shared memory, four CTAs per SM.
+  const bool ape_shared = lean && std::getenv("DSV4_COMPRESSOR_LEAN_APE_SHARED") != nullptr;
+  if (ape_shared)
+    for (int i = 0; i < launch.pool_count; ++i)
+      smem = std::max(smem, size_t(launch.pools[i].ratio * (launch.pools[i].overlapping ? 2 : 1) *
+                                   launch.pools[i].c * sizeof(float)));
+  const auto kernel = ape_shared      ? compressor::compressor_kernel<false, Lean, false, true>
+                      : lean          ? compressor::compressor_kernel<false, Lean>
                       : quads         ? (slice_updates ? compressor::compressor_kernel<true, Quads>
                                                        : compressor::compressor_kernel<false, Quads>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>

@@ -1140,7 +1140,10 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 }
 
 // CTA `local` of a lean pool: its teams' entries.
-__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
+// kApeShared (round s21-2 A/B): the pool's ape copied into shared memory (cp.async before the grid wait) and read
+// from there, so that no registers hold its loads in flight (four CTAs per SM).
+template <bool kApeShared>
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, float* smem) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
@@ -1162,6 +1165,14 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
 #pragma unroll
     for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
+  if constexpr (kApeShared) {
+    const int quads = int(a.ratio) * int(width_of(a)) / 4;
+    for (int i = int(threadIdx.x); i < quads; i += kLeanThreads)
+      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(smem + 4 * i)), a.ape + 4 * i, true);
+    ptx::cp_async_commit();
+  }
+  const float* const ape_rows = kApeShared ? smem : a.ape;
+
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
@@ -1169,6 +1180,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
   const RunView& r = e.r;
   const bool in_run = in_run_entry(a, e);  // team-uniform
+  if constexpr (kApeShared) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
   if (real && thread == 0) {
     if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
@@ -1192,9 +1207,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1>(r.kv + base, r.gate + base, ape_rows + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<2>(r.kv + base, r.gate + base, ape_rows + channel, row_stride, a.c, value, score, ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1234,7 +1249,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+      if (s < slots) ape[v] = load_quad(ape_rows + lean_ape_offset(a, s, channel));
     }
     look_up_entry();
 #pragma unroll
@@ -1347,11 +1362,11 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kApeShared = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean                                             ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads ? kStagedThreads
                                                                                                                   : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  kLoads == CompressorSlotLoads::Lean     ? (kApeShared ? 4 : 3)
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1365,7 +1380,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean           
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kApeShared>(a, int64_t(blockIdx.x) - a.first_cta, smem);
   else
     compress<kSliceUpdates, kLoads, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
