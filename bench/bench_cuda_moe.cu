@@ -16,7 +16,8 @@
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
 // staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
-// stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage".
+// stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage", each CTA's work item read after the count
+// (MoeRunParams::item_with_count off): "item-after-count".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -184,6 +185,7 @@ enum class Path {
   PER_ITEM,
   LATE_X,
   FP8_PER_STAGE,
+  ITEM_AFTER_COUNT,
   REGISTER
 };
 struct PathSpec {
@@ -196,9 +198,10 @@ struct PathSpec {
   bool other_per_item = false;
   bool late_x = false;
   bool fp8_per_stage = false;
+  bool item_after_count = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           fp8_per_stage || split != MoeRunParams{}.shared_expert_split;
+           fp8_per_stage || item_after_count || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -216,6 +219,8 @@ constexpr PathSpec kPaths[] = {
     {Path::LATE_X, "late-x", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::FP8_PER_STAGE, "fp8-scales-per-stage", false, false, MoeRunParams{}.shared_expert_split, false, false,
      false, false, true},
+    {Path::ITEM_AFTER_COUNT, "item-after-count", false, false, MoeRunParams{}.shared_expert_split, false, false,
+     false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -237,6 +242,7 @@ MoeRunParams path_params(Path path) {
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   if (spec.late_x) p.early_x = false;
   if (spec.fp8_per_stage) p.fp8_scale_table = false;
+  if (spec.item_after_count) p.item_with_count = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -545,6 +551,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
+                           "item-after-count,"
                            "register]\n");
       return 2;
     }

@@ -13,7 +13,8 @@
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
 // own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the T = 1
 // gate/up x from u before the wait and the FP8 block-scale table other than the defaults (MoeRunParams::early_x,
-// fp8_scale_table: the same bits, u not bf16-representable there); a V4-Pro-width
+// fp8_scale_table: the same bits, u not bf16-representable there) and each CTA's work item read after the count
+// (MoeRunParams::item_with_count off: the same bits); a V4-Pro-width
 // layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
 // (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
@@ -285,6 +286,7 @@ struct Kernels {
   bool per_item = MoeRunParams{}.down_waits_per_item;
   bool early_x = MoeRunParams{}.early_x;
   bool fp8_table = MoeRunParams{}.fp8_scale_table;
+  bool item_with_count = MoeRunParams{}.item_with_count;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -296,14 +298,15 @@ struct Kernels {
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
            (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
-           (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage");
+           (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage") +
+           (item_with_count ? ", item with the count" : ", item after the count");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.early_x = early_x, p.fp8_scale_table = fp8_table;
+    p.early_x = early_x, p.fp8_scale_table = fp8_table, p.item_with_count = item_with_count;
     return p;
   }
 };
@@ -359,6 +362,9 @@ constexpr Kernels kStreamedOtherFp8{.experts = MoeExpertKernels::STREAMED, .fuse
 constexpr Kernels kStreamedSplitAllOtherFp8{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                             .split = MoeSharedExpertSplit::ALWAYS,
                                             .fp8_table = !MoeRunParams{}.fp8_scale_table};
+// Each CTA's work item read after the count other than the default (MoeRunParams::item_with_count: the same bits).
+constexpr Kernels kStreamedOtherItemRead{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                         .item_with_count = !MoeRunParams{}.item_with_count};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -639,6 +645,8 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2, 8, 17})
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherFp8, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherFp8, kStreamedSplitAll);
+    for (const int T : {1, 17})
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemRead, kStreamedKernels);
 
   }
 }

@@ -102,20 +102,14 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
-// Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=late-x | fp8-per-stage | both turns those defaults
-// (MoeRunParams::early_x, fp8_scale_table) off in every call, the model's included.
-struct MoeAbSwitch {
-  bool late_x = false, fp8_per_stage = false;
-};
-const MoeAbSwitch& moe_ab_switch() {
-  static const MoeAbSwitch value = [] {
-    MoeAbSwitch v;
+// Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
+// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count; MoeRoutingParams::bias_to_l2).
+bool moe_ab_old() {
+  static const bool value = [] {
     const char* env = std::getenv("DSV4_MOE_AB");
-    if (env == nullptr) return v;
-    v.late_x = std::strcmp(env, "late-x") == 0 || std::strcmp(env, "both") == 0;
-    v.fp8_per_stage = std::strcmp(env, "fp8-per-stage") == 0 || std::strcmp(env, "both") == 0;
-    check(v.late_x || v.fp8_per_stage, "DSV4_MOE_AB=", env, ": late-x, fp8-per-stage or both expected");
-    return v;
+    if (env == nullptr) return false;
+    check(std::strcmp(env, "old") == 0, "DSV4_MOE_AB=", env, ": old expected");
+    return true;
   }();
   return value;
 }
@@ -147,8 +141,9 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
-      .u_early = p.early_x && !moe_ab_switch().late_x && streamed && p.tokens == 1 ? p.u : nullptr,
-      .fp8_scale_table = p.fp8_scale_table && !moe_ab_switch().fp8_per_stage && streamed,
+      .u_early = p.early_x && !moe_ab_old() && streamed && p.tokens == 1 ? p.u : nullptr,
+      .fp8_scale_table = p.fp8_scale_table && !moe_ab_old() && streamed,
+      .item_with_count = p.item_with_count && !moe_ab_old(),
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
@@ -221,6 +216,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
       .fused_routing = p.fused_small_batches,
       .decode_router = p.decode_router,
+      .bias_to_l2 = !moe_ab_old(),
   };
 
   MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);

@@ -106,6 +106,9 @@ struct MoeRunParams {
   // MoeExpertGemmParams::fp8_scale_table (streamed kernels): FP8 experts' block scales loaded once per warp, not per
   // stage. The same bits. Round s21-1 A/B (bench_cuda_moe path "fp8-scales-per-stage").
   bool fp8_scale_table = true;
+  // MoeExpertGemmParams::item_with_count (streamed kernels): each CTA's work item read with the item count. The same
+  // bits. Round s21-2 A/B (bench_cuda_moe path "item-after-count").
+  bool item_with_count = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

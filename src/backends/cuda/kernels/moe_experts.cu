@@ -134,6 +134,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .trace = p.trace,
       .u_early = gate_up ? p.u_early : nullptr,
       .fp8_scale_table = p.fp8_scale_table,
+      .item_with_count = p.item_with_count,
   };
 }
 

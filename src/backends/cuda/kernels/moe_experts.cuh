@@ -103,6 +103,7 @@ struct ExpertGemmArgs {
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
   const float* u_early;  // gate/up at T = 1: x staged from fp32 u before the wait (MoeExpertGemmParams::u_early)
   bool fp8_scale_table;  // MoeExpertGemmParams::fp8_scale_table
+  bool item_with_count;  // MoeExpertGemmParams::item_with_count
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -988,6 +989,7 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
       x_staged = true;
     }
   }
+  MoeWorkItem item;
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
@@ -997,13 +999,21 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
                                                         kCtaRows<ExpertGemm::GATE_UP> * parts,
                        gemm_bands<G>(a) * parts);
-  } else if (!has_work_item_after_prior_grids(a, item_index)) {
-    return;
+    item = a.work_items[item_index];
+  } else if (a.item_with_count) {
+    wait_for_prior_grids();
+    allow_dependents();
+    // The item with the count, one round trip instead of two (the grid covers the worst case, so the slot exists; a
+    // CTA past the count drops what it read).
+    item = a.work_items[item_index];
+    if (item_index >= __ldg(a.work_item_count)) return;
+  } else {
+    if (!has_work_item_after_prior_grids(a, item_index)) return;
+    item = a.work_items[item_index];
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
   const bool started = kHeadStart || shared_item;
-  const MoeWorkItem item = a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
   const MoeExpertView expert = a.experts[item.expert];

@@ -111,6 +111,10 @@ struct MoeExpertGemmParams {
   // starts (the shared expert's CTAs: before the wait), into the unused kilobyte of its first ring slot, instead of
   // two global loads on each stage's path. The same bits. Round s21-1 A/B (MoeRunParams::fp8_scale_table).
   bool fp8_scale_table = false;
+  // Streamed kernels (but the down CTAs that wait per item): a CTA reads its work item with the item count after the
+  // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it). The same bits. Round
+  // s21-2 A/B (MoeRunParams::item_with_count).
+  bool item_with_count = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
