@@ -8,7 +8,7 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf).
+// (+pf) and on the persistent grid (pers: PrefillGrid::Persistent; bits: its output against the per-item grid's).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -114,8 +114,7 @@ double median(std::vector<double> values) {
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
 void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
-  using namespace prefill_trace;
-  const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
+    const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
@@ -128,28 +127,28 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
   };
   const auto us = [](uint64_t from, uint64_t to) { return (double(to) - double(from)) * 1e-3; };
   std::vector<double> q, resolved, issued, first_data, first_scores, epilogue, tail, total, gap;
-  std::vector<std::vector<double>> pair(std::min(pairs, kTracePairs));
+  std::vector<std::vector<double>> pair(std::min(pairs, prefill_trace::kPairs));
   struct Span { uint64_t start, end; };
   std::vector<std::vector<Span>> per_sm(1024);
   uint64_t first = UINT64_MAX, last = 0;
   for (int64_t c = 0; c < ctas; ++c) {
     const uint64_t *c0 = record(c, 0), *c1 = record(c, 4), *pr = record(c, 8);
-    const uint64_t start = std::min({c0[kTraceStart], c1[kTraceStart], pr[kTraceStart]});
-    const uint64_t end = std::max({c0[kTraceEnd], c1[kTraceEnd], pr[kTraceEnd]});
-    q.push_back(us(start, c0[kTraceQStaged]));
-    resolved.push_back(us(start, pr[kTraceResolved]));
-    issued.push_back(us(start, pr[kTraceFirstIssued]));
-    first_data.push_back(us(start, c0[kTraceFirstData]));
-    first_scores.push_back(us(start, c0[kTraceFirstScores]));
-    uint64_t previous = c0[kTraceFirstScores];
+    const uint64_t start = std::min({c0[prefill_trace::kStart], c1[prefill_trace::kStart], pr[prefill_trace::kStart]});
+    const uint64_t end = std::max({c0[prefill_trace::kEnd], c1[prefill_trace::kEnd], pr[prefill_trace::kEnd]});
+    q.push_back(us(start, c0[prefill_trace::kQStaged]));
+    resolved.push_back(us(start, pr[prefill_trace::kResolved]));
+    issued.push_back(us(start, pr[prefill_trace::kFirstIssued]));
+    first_data.push_back(us(start, c0[prefill_trace::kFirstData]));
+    first_scores.push_back(us(start, c0[prefill_trace::kFirstScores]));
+    uint64_t previous = c0[prefill_trace::kFirstScores];
     for (size_t i = 0; i < pair.size(); ++i) {
-      pair[i].push_back(us(previous, c0[kTracePairEnd + i]));
-      previous = c0[kTracePairEnd + i];
+      pair[i].push_back(us(previous, c0[prefill_trace::kPairEnd + i]));
+      previous = c0[prefill_trace::kPairEnd + i];
     }
-    epilogue.push_back(us(previous, c0[kTraceEpilogue]));
-    tail.push_back(us(c0[kTraceEpilogue], end));
+    epilogue.push_back(us(previous, c0[prefill_trace::kEpilogue]));
+    tail.push_back(us(c0[prefill_trace::kEpilogue], end));
     total.push_back(us(start, end));
-    per_sm[c0[kTraceSm] % 1024].push_back({start, end});
+    per_sm[c0[prefill_trace::kSm] % 1024].push_back({start, end});
     first = std::min(first, start);
     last = std::max(last, end);
   }
@@ -173,6 +172,8 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
+  double bf16_q_persistent_us;      // the same on the persistent grid (PrefillGrid::Persistent)
+  bool persistent_same_bits;        // its output bit-identical to the per-item grid's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -235,6 +236,18 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  const SparseAttentionPrefillOptions persistent{.prefetch_resolved = PrefetchResolved::Off,
+                                                 .grid = PrefillGrid::Persistent};
+  DeviceBuffer persistent_out(outputs * 2, "prefill kernel out, bf16 q, persistent grid");
+  SparseAttentionParams prefill_persistent = prefill_bf16_q;
+  prefill_persistent.out = persistent_out.data();
+  persistent_out.fill_bytes(0xFF);
+  const double bf16_q_persistent_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_persistent, persistent); });
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint8_t> per_item_bits(outputs * 2), persistent_bits(outputs * 2);
+  bf16_q_out.download(per_item_bits.data(), outputs * 2);
+  persistent_out.download(persistent_bits.data(), outputs * 2);
   if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
   const std::vector<float> expected = bf16_output(old_out, outputs), got = bf16_output(new_out, outputs);
@@ -253,6 +266,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
+  r.bf16_q_persistent_us = bf16_q_persistent_ms * 1e3;
+  r.persistent_same_bits = per_item_bits == persistent_bits;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -372,9 +387,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s\n", "model", "format",
-                "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak", "speedup",
-                "rel diff", "bf16q us", "TFLOP/s", "+pf us");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s | %8s %8s %5s\n",
+                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "+pf us", "pers us", "%cublas", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -386,11 +401,15 @@ int run(int argc, char** argv) {
                                 flush.data(), flush_bytes, trace, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
-        std::printf(
-            "%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %8.1f%s\n",
-            r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits, r.old_us,
-            r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak, r.old_us / r.new_us,
-            r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, r.bf16_q_prefetch_us, agrees ? "" : " FAIL");
+        const double persistent_percent = 100.0 * r.bf16_q_tflops * r.bf16_q_us / r.bf16_q_persistent_us / cublas_tflops;
+        ok = ok && r.persistent_same_bits;
+        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %8.1f | "
+                    "%8.1f %7.1f%% %5s%s\n",
+                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
+                    r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
+                    r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, r.bf16_q_prefetch_us,
+                    r.bf16_q_persistent_us, persistent_percent, r.persistent_same_bits ? "same" : "DIFF",
+                    agrees ? "" : " FAIL");
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
@@ -432,11 +451,12 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"context\": %lld, \"tokens\": %lld, "
                    "\"today_splits\": %d, \"today_us\": %.1f, \"today_tflops\": %.1f, \"us\": %.1f, \"tflops\": %.1f, "
                    "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e, "
-                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f, \"bf16_q_prefetch_us\": %.1f}%s\n",
+                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f, \"bf16_q_prefetch_us\": %.1f, "
+                   "\"bf16_q_persistent_us\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
                    r.percent_of_cublas, r.percent_of_peak, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                   r.bf16_q_prefetch_us, i + 1 < cases.size() ? "," : "");
+                   r.bf16_q_prefetch_us, r.bf16_q_persistent_us, i + 1 < cases.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"decode\": [\n");
     for (size_t i = 0; i < decode_cases.size(); ++i) {

@@ -88,9 +88,10 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s: worst error/tolerance %.3f\n", c.name,
+              to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
+              options.grid == PrefillGrid::Persistent ? " persistent" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -169,11 +170,42 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
+// The persistent grid (PrefillGrid::Persistent) with a few CTAs, so that each serves several items in turn (their
+// pairs continue the buffers' barrier phases; Q tiles, rope tables and row sums reused): chunks, a query without
+// entries, padded and multiple head blocks, fp32 / bf16 q and out, 128 rope dims, decode batches with prefetch.
+TEST(SparseAttentionPrefill, PersistentGridMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 600;
+  const auto persistent = [](int ctas, PrefetchResolved prefetch = PrefetchResolved::Off) {
+    return SparseAttentionPrefillOptions{.prefetch_resolved = prefetch, .grid = PrefillGrid::Persistent,
+                                         .persistent_ctas = ctas};
+  };
+  for (const KvEntryFormat format : kFormats) {
+    check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, persistent(5));
+    AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
+    hca.counts = true;
+    check_attention(hca, seed++, persistent(3));
+    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, persistent(2));
+    check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16},
+                    seed++, persistent(7));
+    check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, persistent(1, PrefetchResolved::On));
+    check_attention({"window 5", format, 512, 64, 64, 5, 8, 0, {30, 3}, 4}, seed++, persistent(3));
+  }
+  check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++, persistent(2));
+  check_attention({"flash swa long chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 160, 0, {400}, 400,
+                   AttentionDtype::Bf16, AttentionDtype::Bf16},
+                  seed++, persistent(0));
+}
+
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  using namespace prefill_trace;
-  constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
+    constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
   constexpr size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(kWords * 8, "trace");
   trace.fill_bytes(0);
@@ -183,10 +215,10 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   trace.download(words.data(), kWords * 8);
   for (int64_t cta = 0; cta < kCtas; ++cta) {
     const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
-    const int marks[] = {kTraceStart,       kTraceQStaged,     kTraceFirstData,   kTraceFirstScores,
-                         kTracePairEnd + 0, kTracePairEnd + 1, kTracePairEnd + 2, kTracePairEnd + 3,
-                         kTracePairEnd + 4, kTraceEpilogue,    kTraceEnd};
-    EXPECT_GT(c0[kTraceStart], 0u) << "CTA " << cta;
+    const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,   prefill_trace::kFirstScores,
+                         prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1, prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3,
+                         prefill_trace::kPairEnd + 4, prefill_trace::kEpilogue,    prefill_trace::kEnd};
+    EXPECT_GT(c0[prefill_trace::kStart], 0u) << "CTA " << cta;
     for (size_t i = 1; i < std::size(marks); ++i)
       EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];
   }

@@ -38,22 +38,30 @@ inline constexpr int kSparseAttentionPrefillPrefetchWaves = 4;
 
 // Traced launches (bench_cuda_attention_prefill --trace): each CTA owns kPrefillTraceWarps records of
 // kPrefillTraceSlots words (one per warp; warps 0, 4 and 8, the first of consumer 0, consumer 1 and the producer, fill
-// theirs): %globaltimer (ns) at the marks below, the SM id in kTraceSm; unreached marks keep what was there.
+// theirs): %globaltimer (ns) at the marks below, the SM id in kSm; unreached marks keep what was there.
 inline constexpr int kPrefillTraceWarps = 12, kPrefillTraceSlots = 16;
 namespace prefill_trace {
-inline constexpr int kTraceStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
+inline constexpr int kStart = 0;  // every warpgroup: its first instruction after the barrier initialisation
 // consumers: Q staged in shared memory; consumer 0: its first data (buffer 0, half 0) arrived, its first scores done
-inline constexpr int kTraceQStaged = 1, kTraceFirstData = 2, kTraceFirstScores = 3;
+inline constexpr int kQStaged = 1, kFirstData = 2, kFirstScores = 3;
 // producer: the first pair's entries resolved, its first half's copies issued
-inline constexpr int kTraceResolved = 1, kTraceFirstIssued = 2;
-inline constexpr int kTracePairEnd = 4, kTracePairs = 8;  // consumer 0: pair i < kTracePairs done (its last wait)
-inline constexpr int kTraceEpilogue = 12, kTraceEnd = 13, kTraceSm = 15;
+inline constexpr int kResolved = 1, kFirstIssued = 2;
+inline constexpr int kPairEnd = 4, kPairs = 8;  // consumer 0: pair i < kPairs done (its last wait)
+inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 }  // namespace prefill_trace
+
+// PerItem: one CTA per (query, 64-head block) item. Persistent: one CTA per SM serving items blockIdx.x + k·gridDim.x
+// in turn, its producer loading the next item's Q (after the consumers' last scores of the current one) and first
+// entries while the consumers finish the current item; bf16 output rows staged through the consumers' P tiles.
+enum class PrefillGrid : uint8_t { PerItem, Persistent };
 
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
+  PrefillGrid grid = PrefillGrid::PerItem;
+  int persistent_ctas = 0;  // the persistent grid's CTAs (0: one per SM; tests give fewer to loop over more items)
+  // Traced launch (PerItem only): tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr:
+  // untraced kernel).
   uint64_t* trace = nullptr;
 };
 
