@@ -484,6 +484,7 @@ __device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
 // three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps. (The reciprocals by
 // three Newton steps on the FMA pipe instead, session 18, were slower: 48 instructions a normalisation, ≈ 88 cycles
 // in the trace against ≈ 60; Sinkhorn's share of Flash T = 1 hc_pre 1.4 µs against 1.2, H200.)
+template <bool kOneReciprocal = false>
 __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStreams], int iters, float eps) {
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
@@ -493,16 +494,30 @@ __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStr
     const float even = fmaf(c[first], s[0], eps * denominator);
     const float odd = c[first + stride] * s[1];
     denominator = fmaf(c[first + 2 * stride], s[2], even) + fmaf(c[first + 3 * stride], s[3], odd);
-    scale = fast_reciprocal(denominator);
+    if constexpr (!kOneReciprocal) scale = fast_reciprocal(denominator);
+  };
+  // kOneReciprocal (round experiment): the four scales from one MUFU reciprocal of the denominators' product.
+  const auto scales_of = [&](const float (&denominator)[kStreams], float (&scale)[kStreams]) {
+    if constexpr (kOneReciprocal) {
+      const float p01 = denominator[0] * denominator[1], p23 = denominator[2] * denominator[3];
+      const float r = fast_reciprocal(p01 * p23);
+      scale[0] = r * (denominator[1] * p23);
+      scale[1] = r * (denominator[0] * p23);
+      scale[2] = r * (p01 * denominator[3]);
+      scale[3] = r * (p01 * denominator[2]);
+    }
   };
 #pragma unroll
   for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
+  scales_of(column_d, v);
 #pragma unroll 1
   for (int it = 1; it < iters; ++it) {
 #pragma unroll
     for (int j = 0; j < kStreams; ++j) normalise(4 * j, 1, v, row_d[j], u[j]);
+    scales_of(row_d, u);
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
+    scales_of(column_d, v);
   }
 #pragma unroll
   for (int j = 0; j < kStreams; ++j)
@@ -1702,7 +1717,7 @@ __device__ inline DecodeSiteArgs cluster_tile_args(const DecodeSiteArgs& site, i
 // kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T; kVectors: per thread, stream
 // and token (see the notes). A launch of more than 16 tokens runs a cluster per 16-token tile (kTokenTiles = 2), each
 // on its own (cluster_tile_args).
-template <bool kHead, bool kPost, int kTokenTiles, int kVectors>
+template <bool kHead, bool kPost, int kTokenTiles, int kVectors, bool kOneReciprocal = false>
 __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     hc_single_cluster_kernel(const DecodeSiteArgs site) {
   constexpr int kRows = kProjectionRows<kHead>;
@@ -1793,7 +1808,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixFirstRows);
     if (lane == 0) {
-      sinkhorn_4x4_scaled_iterations(c, args.sinkhorn_iters, args.hc_eps);
+      sinkhorn_4x4_scaled_iterations<kOneReciprocal>(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
