@@ -344,10 +344,11 @@ void add_slot_loads_row(const Step& s, CompressorSlotLoads other, CompressorSlot
                         const std::string& op, double default_us, double bytes, double copy_gbps,
                         const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
                         const std::function<void(cudaStream_t)>& body) {
-  const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged  ? ", staged slot loads"
-                                                        : other == CompressorSlotLoads::Lean  ? ", lean slot loads"
-                                                        : other == CompressorSlotLoads::Quads ? ", quad slot loads"
-                                                                                              : ", register slot loads");
+  const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
+                                                        : other == CompressorSlotLoads::Lean ? ", lean slot loads"
+                                                        : other == CompressorSlotLoads::Quads
+                                                            ? ", quad slot loads"
+                                                            : ", register slot loads");
   if (!selected(only, op, variant)) return;
   const char* how = other == CompressorSlotLoads::Lean    ? "lean loads, 128-thread CTAs"
                     : other == CompressorSlotLoads::Quads ? "16-byte loads of four channels per thread into registers"

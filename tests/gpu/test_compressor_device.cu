@@ -766,7 +766,8 @@ TEST(Compressor, QuadSlotLoadsMatchTheCpuOnePassAndTheirPathsBits) {
     ASSERT_FALSE(HasFatalFailure());
   }
   for (const int c : {1, 5})
-    for (const int ctas : {1, 8}) check_case(kCases[c], "chunks of 2/3", seed++, true, false, ctas, CompressorSlotLoads::Quads);
+    for (const int ctas : {1, 8})
+      check_case(kCases[c], "chunks of 2/3", seed++, true, false, ctas, CompressorSlotLoads::Quads);
   for (const auto& [first, second] : {std::pair{1, 3}, std::pair{5, 9}, std::pair{7, 13}})
     for (const char* chunks : {"one pass", "chunks of 2/3"}) {
       CaseCheck a(kCases[first], chunks, seed++), b(kCases[second], chunks, seed++);

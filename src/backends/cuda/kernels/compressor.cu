@@ -200,7 +200,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                                                                    : compressor::kMaxThreads;
   const int min_slots_per_group = staged ? compressor::kSlotBatch : 1;
   int groups = 1;
-  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < compressor::kMaxGroups)
+  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots &&
+         groups < compressor::kMaxGroups)
     groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
   const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;

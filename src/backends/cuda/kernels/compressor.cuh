@@ -137,7 +137,7 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4) and its divisor.
+  // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4), divisor.
   int quads;
   FastDivisor quads_div;
   bool old_finish;  // round s21-1 A/B (DSV4_COMPRESSOR_OLD_FINISH=1): the old merge loop and norm sum
@@ -1363,9 +1363,10 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
 template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kApeShared = false>
-__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean                                             ? kLeanThreads
-                                  : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads ? kStagedThreads
-                                                                                                                  : kMaxThreads,
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThreads
+                                  : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads
+                                      ? kStagedThreads
+                                      : kMaxThreads,
                                   kLoads == CompressorSlotLoads::Lean     ? (kApeShared ? 4 : 3)
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
