@@ -370,13 +370,17 @@ CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> para
   if (mode != CompressorSlotLoads::Auto) return mode;
   // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
   const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
-  if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
   bool lean = true, quads = true, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
     lean = lean && lean_refusal(p) == nullptr;
     quads = quads && quads_refusal(p) == nullptr;
+  }
+  if (std::none_of(params.begin(), params.end(), several_entries)) {
+    // Round s21-2 A/B (DSV4_COMPRESSOR_DECODE_QUADS=1): decode steps by quads where every pool takes them.
+    const bool decode_quads = quads && params[0].trace == nullptr && std::getenv("DSV4_COMPRESSOR_DECODE_QUADS");
+    return decode_quads ? CompressorSlotLoads::Quads : CompressorSlotLoads::Registers;
   }
   // Lean where every pool takes it (GPU round s20-1, H200, 4096 tokens, with CSA windows in straight-line loads: the
   // CSA layer's pair 24.4 vs 39.8 µs staged, its indexer compressor alone 10.0 vs 13.3, its main compressor alone 23.9
