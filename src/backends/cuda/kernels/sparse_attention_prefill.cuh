@@ -740,13 +740,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   const float scale_log2 = p.softmax_scale * kLog2e;
   const int items = int(p.tokens) * head_blocks;  // < 2^31 (the launcher's check)
   const int item_stride = kPersistent ? int(gridDim.x) : items;
-  // The first item's weights before the wait (nothing an earlier kernel writes).
+  // The sink weights: one item's before the wait (nothing an earlier kernel writes); on the persistent grid each
+  // item's in its epilogue (L1 hits; no registers held across the pairs).
   float sink_log2[2];
   const auto load_sinks = [&](int head_base) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) sink_log2[r] = head_sink_log2(p, head_base + 16 * warp + g + 8 * r);
   };
-  load_sinks(item_head_base(blockIdx.x, head_blocks));
+  if constexpr (!kPersistent) load_sinks(item_head_base(blockIdx.x, head_blocks));
   wait_for_prior_grids();
 
   // Little state lives across an item's pairs (the persistent grid's loop): the item, its ordinal k and the pairs'
@@ -755,7 +756,6 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   int k = 0;
   for (int item = int(blockIdx.x); item < items; item += item_stride, ++k) {
     if (!kPersistent && k > 0) break;
-    if (k > 0) load_sinks(item_head_base(item, head_blocks));
     const int pairs = query_pairs(p, item_query(item, head_blocks));
     if constexpr (kPersistent) {
       // The producer's Q tiles (cp.async data for bf16 q: fenced for the wgmma reads).
@@ -807,6 +807,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     const int64_t t = item_query(item, head_blocks);
     const int head_base = item_head_base(item, head_blocks);
     const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
+    if constexpr (kPersistent) load_sinks(head_base);
     const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope) + (k & 1) * kMaxRopePairs;
 
     // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up. By item parity: a
