@@ -220,7 +220,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int items = int(p.tokens) * head_blocks;  // < 2^31 (the launcher's check)
-  int64_t t = 0, slots = 0;
+  int64_t t = 0;
+  int slots = 0;  // 32-bit slot arithmetic: fewer registers (a query has fewer than 2^31 slots)
   int sequence_slot = 0;
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
   // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
@@ -242,7 +243,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        const int s = (2 * pair + b) * kBlock + row0 + 16 * k;
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
   };
@@ -251,7 +252,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
+        const int s = (2 * pair + b) * kBlock + row0 + 16 * k;
         const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
         physical_entries[(b * 4 + k) * kWarpgroup] = entry;
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
@@ -381,7 +382,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   for (int item = int(blockIdx.x); item < items; item += item_stride, ++k) {
     if (!kPersistent && k > 0) break;
     t = item_query(item, head_blocks);
-    slots = query_slot_count(p, t);
+    slots = int(query_slot_count(p, t));
     sequence_slot = p.sequence_slots[t];
     const int pairs = query_pairs(p, t);
     if (k == 0) prefetch_index_lines(t);  // later items' lines came with the look-ahead below
