@@ -694,7 +694,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // kEarlyCollapse (hc_pre, hc_head): tile jc is collapsed at the top of its iteration, and its stage refilled as
   // soon as every thread has read it (empty[b]), two iterations ahead of the tile's projection.
   constexpr bool kEarlyCollapse = kLean >= 3 && !kRoles && !kPost;
-  __shared__ uint64_t empty[kEarlyCollapse ? kStages : 1];
+  // kLean 4: the stage is refilled past the projection's barrier instead (no empty barriers).
+  constexpr bool kEmptyBarriers = kEarlyCollapse && kLean == 3;
+  __shared__ uint64_t empty[kEmptyBarriers ? kStages : 1];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // kRoles: threads from kThreads on are the finisher group; `ltid` numbers the threads within their group.
@@ -728,7 +730,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     if constexpr (kRoles)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
-    if constexpr (kEarlyCollapse)
+    if constexpr (kEmptyBarriers)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&empty[b], kThreads);
     sm90::fence_mbarrier_init();
   }
@@ -1040,16 +1042,19 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
           const float4 value = collapse_streams(streams, pre_s[jc & 1][vt], args.round_to_bf16);
           store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
         }
-        sm90::mbarrier_arrive(&empty[b]);
-        if (tile_loader && jc + kStages < count) {
-          sm90::mbarrier_wait(&empty[b], uint32_t(jc / kStages) & 1u);
-          load_tile(jc + kStages);
+        if constexpr (kEmptyBarriers) {
+          sm90::mbarrier_arrive(&empty[b]);
+          if (tile_loader && jc + kStages < count) {
+            sm90::mbarrier_wait(&empty[b], uint32_t(jc / kStages) & 1u);
+            load_tile(jc + kStages);
+          }
         }
       }
       if (j < count) {
         const int b = j % kStages;
         wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
-        project_and_publish(j, b, block_sync, -1, false);
+        project_and_publish(j, b, block_sync, !kEmptyBarriers && jc >= 0 && jc + kStages < count ? jc + kStages : -1,
+                            false);
       }
       for (int pass = 0; pass < passes; ++pass) {
         if (pass > 0) load_slice_words(jr, pass, words);
