@@ -17,7 +17,8 @@
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
 // staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
 // stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage", each CTA's work item read after the count
-// (MoeRunParams::item_with_count off): "item-after-count".
+// (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the routing
+// (MoeRunParams::shared_without_wait off): "shared-waits".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -186,6 +187,7 @@ enum class Path {
   LATE_X,
   FP8_PER_STAGE,
   ITEM_AFTER_COUNT,
+  SHARED_WAITS,
   REGISTER
 };
 struct PathSpec {
@@ -199,9 +201,10 @@ struct PathSpec {
   bool late_x = false;
   bool fp8_per_stage = false;
   bool item_after_count = false;
+  bool shared_waits = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           fp8_per_stage || item_after_count || split != MoeRunParams{}.shared_expert_split;
+           fp8_per_stage || item_after_count || shared_waits || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -221,6 +224,8 @@ constexpr PathSpec kPaths[] = {
      false, false, true},
     {Path::ITEM_AFTER_COUNT, "item-after-count", false, false, MoeRunParams{}.shared_expert_split, false, false,
      false, false, false, true},
+    {Path::SHARED_WAITS, "shared-waits", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
+     false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -243,6 +248,7 @@ MoeRunParams path_params(Path path) {
   if (spec.late_x) p.early_x = false;
   if (spec.fp8_per_stage) p.fp8_scale_table = false;
   if (spec.item_after_count) p.item_with_count = false;
+  if (spec.shared_waits) p.shared_without_wait = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -322,7 +328,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8) || (spec.late_x && T > 1))
+          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits) && T > 1))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -551,7 +557,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
-                           "item-after-count,"
+                           "item-after-count,shared-waits,"
                            "register]\n");
       return 2;
     }

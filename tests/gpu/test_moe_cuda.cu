@@ -287,6 +287,7 @@ struct Kernels {
   bool early_x = MoeRunParams{}.early_x;
   bool fp8_table = MoeRunParams{}.fp8_scale_table;
   bool item_with_count = MoeRunParams{}.item_with_count;
+  bool shared_without_wait = MoeRunParams{}.shared_without_wait;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -299,7 +300,8 @@ struct Kernels {
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
            (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
            (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage") +
-           (item_with_count ? ", item with the count" : ", item after the count");
+           (item_with_count ? ", item with the count" : ", item after the count") +
+           (shared_without_wait ? ", shared gate/up without the wait at T = 1" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
@@ -307,6 +309,7 @@ struct Kernels {
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
     p.early_x = early_x, p.fp8_scale_table = fp8_table, p.item_with_count = item_with_count;
+    p.shared_without_wait = shared_without_wait;
     return p;
   }
 };
@@ -365,6 +368,13 @@ constexpr Kernels kStreamedSplitAllOtherFp8{.experts = MoeExpertKernels::STREAME
 // Each CTA's work item read after the count other than the default (MoeRunParams::item_with_count: the same bits).
 constexpr Kernels kStreamedOtherItemRead{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                          .item_with_count = !MoeRunParams{}.item_with_count};
+// The T = 1 shared gate/up CTAs' routing wait other than the default (MoeRunParams::shared_without_wait: the same
+// bits), also with the shared expert never split.
+constexpr Kernels kStreamedOtherSharedWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                           .shared_without_wait = !MoeRunParams{}.shared_without_wait};
+constexpr Kernels kStreamedUnsplitOtherSharedWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                                  .split = MoeSharedExpertSplit::NEVER, .columns = false,
+                                                  .shared_without_wait = !MoeRunParams{}.shared_without_wait};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -647,6 +657,8 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherFp8, kStreamedSplitAll);
     for (const int T : {1, 17})
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemRead, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherSharedWait, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherSharedWait, kStreamedUnsplit);
 
   }
 }

@@ -103,7 +103,8 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
 }
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
-// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count; MoeRoutingParams::bias_to_l2).
+// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count, shared_without_wait;
+// MoeRoutingParams::bias_to_l2).
 bool moe_ab_old() {
   static const bool value = [] {
     const char* env = std::getenv("DSV4_MOE_AB");
@@ -120,6 +121,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
   const MoeConfig& c = weights.config();
   void* ws = p.workspace;
   const bool streamed = streams_experts(weights, p);
+  const bool u_early = p.early_x && !moe_ab_old() && streamed && p.tokens == 1;
   MoeExpertGemmParams gemm{
       .experts = weights.device_experts(),
       .routed_format = weights.routed_format(),
@@ -141,9 +143,11 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
-      .u_early = p.early_x && !moe_ab_old() && streamed && p.tokens == 1 ? p.u : nullptr,
+      .u_early = u_early ? p.u : nullptr,
       .fp8_scale_table = p.fp8_scale_table && !moe_ab_old() && streamed,
       .item_with_count = p.item_with_count && !moe_ab_old(),
+      .shared_without_wait = u_early && p.shared_without_wait,
+      .top_k = int(c.top_k),
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,

@@ -109,6 +109,9 @@ struct MoeRunParams {
   // MoeExpertGemmParams::item_with_count (streamed kernels): each CTA's work item read with the item count. The same
   // bits. Round s21-2 A/B (bench_cuda_moe path "item-after-count").
   bool item_with_count = true;
+  // MoeExpertGemmParams::shared_without_wait with early_x (T = 1): the shared expert's gate/up CTAs do not wait for the
+  // routing. The same bits. Round s21-2 A/B (bench_cuda_moe path "shared-waits").
+  bool shared_without_wait = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

@@ -135,6 +135,8 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .u_early = gate_up ? p.u_early : nullptr,
       .fp8_scale_table = p.fp8_scale_table,
       .item_with_count = p.item_with_count,
+      .shared_without_wait = gate_up && p.shared_without_wait,
+      .shared_row_begin = p.tokens * p.top_k,
   };
 }
 
@@ -237,6 +239,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
             (p.streamed && p.tokens == 1 && moe::streamed_x_bytes(1, p.hidden) <= int(moe::kStreamedXBytes)),
         "moe expert GEMM: x staged from u before the wait (u_early) serves streamed launches of one token whose x ",
         "row fits the x region (hidden ", p.hidden, ")");
+  check(!p.shared_without_wait || (p.u_early != nullptr && p.top_k >= 1), "moe expert GEMM: the shared expert's ",
+        "CTAs skip the routing wait only with x staged from u before it (u_early, T = 1) and top_k");
   if (p.fp8_scale_table)
     for (const WeightFormat f : {p.routed_format, p.shared_format})
       check(f != WeightFormat::FP8_BLOCK128 || std::max(p.hidden, p.intermediate) / 128 <= moe::kScaleTableMaxBlocks,

@@ -104,6 +104,8 @@ struct ExpertGemmArgs {
   const float* u_early;  // gate/up at T = 1: x staged from fp32 u before the wait (MoeExpertGemmParams::u_early)
   bool fp8_scale_table;  // MoeExpertGemmParams::fp8_scale_table
   bool item_with_count;  // MoeExpertGemmParams::item_with_count
+  bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
+  int shared_row_begin;      // T·top_k: the shared expert's first row
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -1000,6 +1002,9 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
                                                         kCtaRows<ExpertGemm::GATE_UP> * parts,
                        gemm_bands<G>(a) * parts);
     item = a.work_items[item_index];
+  } else if (G == ExpertGemm::GATE_UP && !kMultiTile && shared_item && a.shared_without_wait) {
+    allow_dependents();  // no wait (MoeExpertGemmParams::shared_without_wait): the routed CTAs hold the dependents
+    item = MoeWorkItem{.expert = a.shared_expert, .row_begin = a.shared_row_begin, .row_count = 1};
   } else if (a.item_with_count) {
     wait_for_prior_grids();
     allow_dependents();

@@ -115,6 +115,12 @@ struct MoeExpertGemmParams {
   // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it). The same bits. Round
   // s21-2 A/B (MoeRunParams::item_with_count).
   bool item_with_count = false;
+  // With u_early (T = 1): the shared expert's gate/up CTAs take their item as the routing lays it out ({E, top_k, 1})
+  // and do not wait for the routing at all (x, the weights and the scales need nothing of it), so they stream beside
+  // the router. The launch's dependents still start only after the routing: the routed CTAs trigger them only once
+  // past their wait. The same bits. Round s21-2 A/B (MoeRunParams::shared_without_wait).
+  bool shared_without_wait = false;
+  int top_k = 0;  // routed experts per token (the shared expert's first row is T·top_k)
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
