@@ -18,7 +18,8 @@
 // staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
 // stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage", each CTA's work item read after the count
 // (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the routing
-// (MoeRunParams::shared_without_wait off): "shared-waits".
+// (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2 (MoeRunParams::maps_to_l2
+// off): "maps-cold".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -188,6 +189,7 @@ enum class Path {
   FP8_PER_STAGE,
   ITEM_AFTER_COUNT,
   SHARED_WAITS,
+  MAPS_COLD,
   REGISTER
 };
 struct PathSpec {
@@ -202,9 +204,11 @@ struct PathSpec {
   bool fp8_per_stage = false;
   bool item_after_count = false;
   bool shared_waits = false;
+  bool maps_cold = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           fp8_per_stage || item_after_count || shared_waits || split != MoeRunParams{}.shared_expert_split;
+           fp8_per_stage || item_after_count || shared_waits || maps_cold ||
+           split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -226,6 +230,8 @@ constexpr PathSpec kPaths[] = {
      false, false, false, true},
     {Path::SHARED_WAITS, "shared-waits", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, true},
+    {Path::MAPS_COLD, "maps-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
+     false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -249,6 +255,7 @@ MoeRunParams path_params(Path path) {
   if (spec.fp8_per_stage) p.fp8_scale_table = false;
   if (spec.item_after_count) p.item_with_count = false;
   if (spec.shared_waits) p.shared_without_wait = false;
+  if (spec.maps_cold) p.maps_to_l2 = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -557,7 +564,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
-                           "item-after-count,shared-waits,"
+                           "item-after-count,shared-waits,maps-cold,"
                            "register]\n");
       return 2;
     }

@@ -103,7 +103,7 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
 }
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
-// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count, shared_without_wait;
+// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count, shared_without_wait, maps_to_l2;
 // MoeRoutingParams::bias_to_l2).
 bool moe_ab_old() {
   static const bool value = [] {
@@ -148,6 +148,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_with_count = p.item_with_count && !moe_ab_old(),
       .shared_without_wait = u_early && p.shared_without_wait,
       .top_k = int(c.top_k),
+      .maps_to_l2 = p.maps_to_l2 && !moe_ab_old(),
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,

@@ -112,6 +112,9 @@ struct MoeRunParams {
   // MoeExpertGemmParams::shared_without_wait with early_x (T = 1): the shared expert's gate/up CTAs do not wait for the
   // routing. The same bits. Round s21-2 A/B (bench_cuda_moe path "shared-waits").
   bool shared_without_wait = true;
+  // MoeExpertGemmParams::maps_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps before the
+  // wait. The same bits. Round s21-2 A/B (bench_cuda_moe path "maps-cold").
+  bool maps_to_l2 = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

@@ -106,6 +106,7 @@ struct ExpertGemmArgs {
   bool item_with_count;  // MoeExpertGemmParams::item_with_count
   bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
   int shared_row_begin;      // T·top_k: the shared expert's first row
+  uint32_t maps_bytes_to_l2;  // gate/up: bytes of stream_maps to ask L2 for (MoeExpertGemmParams::maps_to_l2), or 0
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -980,6 +981,15 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
+  if (G == ExpertGemm::GATE_UP && a.maps_bytes_to_l2 != 0 && threadIdx.x == 0) {
+    // This CTA's slice of the tensor-map table, in whole StreamMaps (MoeExpertGemmParams::maps_to_l2).
+    constexpr uint32_t kMaps = sizeof(tile::stream::StreamMaps);
+    const uint32_t ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
+    const uint32_t slice = (a.maps_bytes_to_l2 / kMaps + ctas - 1) / ctas * kMaps, begin = cta * slice;
+    if (begin < a.maps_bytes_to_l2)
+      prefetch_l2_bulk(reinterpret_cast<const uint8_t*>(a.stream_maps) + begin,
+                       min(slice, a.maps_bytes_to_l2 - begin));
+  }
   // T = 1 gate/up (MoeExpertGemmParams::u_early): every item's one row is token 0, staged from u before the wait.
   bool x_staged = false;
   if constexpr (G == ExpertGemm::GATE_UP && !kMultiTile) {

@@ -121,6 +121,11 @@ struct MoeExpertGemmParams {
   // past their wait. The same bits. Round s21-2 A/B (MoeRunParams::shared_without_wait).
   bool shared_without_wait = false;
   int top_k = 0;  // routed experts per token (the shared expert's first row is T·top_k)
+  // run_moe_gate_up, streamed kernels: before the wait each CTA asks L2 for its slice of the experts' tensor-map table
+  // (stream_maps, 768 bytes per expert), so the copy engine's descriptor fetches for the routed experts' first copies
+  // (gate/up and down) hit L2 instead of HBM (a step streams far more than L2 between two uses of a layer's maps).
+  // The same bits. Round s21-2 A/B (MoeRunParams::maps_to_l2).
+  bool maps_to_l2 = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.
