@@ -19,7 +19,8 @@
 // stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage", each CTA's work item read after the count
 // (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the routing
 // (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2 (MoeRunParams::maps_to_l2
-// off): "maps-cold".
+// off): "maps-cold", the gate/up CTAs waiting for the routing CTA's flag at T = 1 (MoeRunParams::routing_flag on):
+// "routing-flag".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -190,6 +191,7 @@ enum class Path {
   ITEM_AFTER_COUNT,
   SHARED_WAITS,
   MAPS_COLD,
+  ROUTING_FLAG,
   REGISTER
 };
 struct PathSpec {
@@ -205,9 +207,10 @@ struct PathSpec {
   bool item_after_count = false;
   bool shared_waits = false;
   bool maps_cold = false;
+  bool routing_flag = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           fp8_per_stage || item_after_count || shared_waits || maps_cold ||
+           fp8_per_stage || item_after_count || shared_waits || maps_cold || routing_flag ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -232,6 +235,8 @@ constexpr PathSpec kPaths[] = {
      false, false, true},
     {Path::MAPS_COLD, "maps-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, false, true},
+    {Path::ROUTING_FLAG, "routing-flag", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
+     false, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -256,6 +261,7 @@ MoeRunParams path_params(Path path) {
   if (spec.item_after_count) p.item_with_count = false;
   if (spec.shared_waits) p.shared_without_wait = false;
   if (spec.maps_cold) p.maps_to_l2 = false;
+  if (spec.routing_flag) p.routing_flag = true;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -335,7 +341,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits) && T > 1))
+          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits || spec.routing_flag) && T > 1))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -564,7 +570,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
-                           "item-after-count,shared-waits,maps-cold,"
+                           "item-after-count,shared-waits,maps-cold,routing-flag,"
                            "register]\n");
       return 2;
     }

@@ -288,6 +288,7 @@ struct Kernels {
   bool fp8_table = MoeRunParams{}.fp8_scale_table;
   bool item_with_count = MoeRunParams{}.item_with_count;
   bool shared_without_wait = MoeRunParams{}.shared_without_wait;
+  bool routing_flag = MoeRunParams{}.routing_flag;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -301,7 +302,8 @@ struct Kernels {
            (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
            (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage") +
            (item_with_count ? ", item with the count" : ", item after the count") +
-           (shared_without_wait ? ", shared gate/up without the wait at T = 1" : "");
+           (shared_without_wait ? ", shared gate/up without the wait at T = 1" : "") +
+           (routing_flag ? ", gate/up after the routing's flag at T = 1" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
@@ -309,7 +311,7 @@ struct Kernels {
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
     p.early_x = early_x, p.fp8_scale_table = fp8_table, p.item_with_count = item_with_count;
-    p.shared_without_wait = shared_without_wait;
+    p.shared_without_wait = shared_without_wait, p.routing_flag = routing_flag;
     return p;
   }
 };
@@ -375,6 +377,10 @@ constexpr Kernels kStreamedOtherSharedWait{.experts = MoeExpertKernels::STREAMED
 constexpr Kernels kStreamedUnsplitOtherSharedWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                                   .split = MoeSharedExpertSplit::NEVER, .columns = false,
                                                   .shared_without_wait = !MoeRunParams{}.shared_without_wait};
+// The T = 1 gate/up CTAs waiting for the routing CTA's flag other than the default (MoeRunParams::routing_flag: the
+// same bits; also in CallsRepeatThroughOneWorkspaceAndGraphReplays).
+constexpr Kernels kStreamedOtherRoutingFlag{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                            .routing_flag = !MoeRunParams{}.routing_flag};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -659,6 +665,8 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemRead, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherSharedWait, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherSharedWait, kStreamedUnsplit);
+    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherRoutingFlag);
+    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherRoutingFlag, kStreamedKernels);
 
   }
 }
@@ -880,9 +888,10 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the per-item counts
 // of the down CTAs' waits) come back to zero after every call: calls through one workspace, with new inputs (a new
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
-// on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
+// on the same workspace, each equal to a run on a fresh workspace; with the defaults, the other down wait and the
+// other routing wait at T = 1 (the routing's flag, cleared and set by each call).
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait, kStreamedOtherRoutingFlag}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;
@@ -910,11 +919,13 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
       expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
-      // The counters (moe.hpp: the workspace's first 1 KB; word 1 is the hash status, word 2 the work item count)
-      // are back to zero, or the next call would start from stale counts.
+      // The counters (moe.hpp: the workspace's first 1 KB; word 1 is the hash status, word 2 the work item count,
+      // word 3 the routing's flag, cleared by each call that uses it) are back to zero, or the next call would start
+      // from stale counts.
       const std::vector<uint32_t> counters = download(workspace.as<uint32_t>(), 256);
       for (size_t word = 0; word < counters.size(); ++word)
-        if (word != 1 && word != 2) EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
+        if (word > 3) EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
+      EXPECT_EQ(counters[0], 0u) << "T = " << T << ", the decode router's finished CTAs";
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
     cudaGraph_t graph;

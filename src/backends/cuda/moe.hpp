@@ -19,8 +19,9 @@
 //   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
 // - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 1024 bytes hold
-//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one
-//   workspace serves any number of calls and any T up to the one it was sized for.
+//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero (but the
+//   routing's flag, MoeRunParams::routing_flag, which each call clears itself), so one workspace serves any number of
+//   calls and any T up to the one it was sized for.
 // - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
 #pragma once
 
@@ -115,6 +116,10 @@ struct MoeRunParams {
   // MoeExpertGemmParams::maps_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps before the
   // wait. The same bits. Round s21-2 A/B (bench_cuda_moe path "maps-cold").
   bool maps_to_l2 = true;
+  // MoeExpertGemmParams::routing_done with early_x (T = 1) after the decode router: the gate/up CTAs wait for the
+  // routing CTA's flag instead of the router grid's end. The same bits. Round s21-2 A/B (bench_cuda_moe path
+  // "routing-flag"; off by default until measured).
+  bool routing_flag = false;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

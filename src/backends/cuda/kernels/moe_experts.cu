@@ -140,6 +140,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .maps_bytes_to_l2 = gate_up && p.maps_to_l2 && p.streamed
                               ? uint32_t(3 * (p.experts_count + 1) * sizeof(tile::stream::StreamMaps))
                               : 0u,
+      .routing_done = gate_up ? p.routing_done : nullptr,
   };
 }
 
@@ -244,6 +245,8 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "row fits the x region (hidden ", p.hidden, ")");
   check(!p.shared_without_wait || (p.u_early != nullptr && p.top_k >= 1), "moe expert GEMM: the shared expert's ",
         "CTAs skip the routing wait only with x staged from u before it (u_early, T = 1) and top_k");
+  check(p.routing_done == nullptr || p.u_early != nullptr, "moe expert GEMM: the routing's flag (routing_done) serves ",
+        "launches with x staged from u before the wait (u_early, T = 1)");
   if (p.fp8_scale_table)
     for (const WeightFormat f : {p.routed_format, p.shared_format})
       check(f != WeightFormat::FP8_BLOCK128 || std::max(p.hidden, p.intermediate) / 128 <= moe::kScaleTableMaxBlocks,

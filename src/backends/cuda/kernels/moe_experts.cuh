@@ -107,6 +107,7 @@ struct ExpertGemmArgs {
   bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
   int shared_row_begin;      // T·top_k: the shared expert's first row
   uint32_t maps_bytes_to_l2;  // gate/up: bytes of stream_maps to ask L2 for (MoeExpertGemmParams::maps_to_l2), or 0
+  const uint32_t* routing_done;  // gate/up: MoeExpertGemmParams::routing_done
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -333,20 +334,34 @@ inline constexpr uint64_t kItemRowsTimeoutNs = 2'000'000'000;
 // whose timer read per poll is small beside the poll's sleep.
 inline constexpr int kItemRowsQuickPolls = 64;
 
-// The rest of wait_for_item_rows once the quick polls failed: out of line, so the down kernel's wait stays short.
-static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* ready, int item_index,
-                                                              uint32_t gate_up_ctas) {
+// The rest of wait_until_at_least once the quick polls failed: out of line, so the kernels' waits stay short. `what`
+// names the wait in the trap's message (item_index: the work item, or -1).
+static __device__ __noinline__ void wait_until_at_least_slowly(const uint32_t* word, uint32_t target,
+                                                               const char* what, int item_index) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   uint32_t seen;
-  while ((seen = load_acquire(ready)) < gate_up_ctas) {
+  while ((seen = load_acquire(word)) < target) {
     __nanosleep(64);
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     if (now - start > kItemRowsTimeoutNs) {
-      printf("MoE down: CTA (%d, %d) waited 2 s for work item %d's h rows: %u of %u gate/up CTAs published\n",
-             int(blockIdx.x), int(blockIdx.y), item_index, seen, gate_up_ctas);
+      printf("MoE %s: CTA (%d, %d) waited 2 s (work item %d): %u of %u\n", what, int(blockIdx.x), int(blockIdx.y),
+             item_index, seen, target);
       __trap();
     }
+  }
+}
+
+// Thread-level wait (acquire) until *word >= target: quick polls, then the timed loop above.
+__device__ __forceinline__ void wait_until_at_least(const uint32_t* word, uint32_t target, const char* what,
+                                                    int item_index) {
+  int polls = 0;
+  while (load_acquire(word) < target) {
+    if (++polls == kItemRowsQuickPolls) {
+      wait_until_at_least_slowly(word, target, what, item_index);
+      return;
+    }
+    __nanosleep(64);
   }
 }
 
@@ -367,15 +382,8 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
 __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
                                                    int down_ctas) {
   if (threadIdx.x == 0) {
-    const uint32_t* ready = item_counters + item_index;
-    int polls = 0;
-    while (load_acquire(ready) < uint32_t(gate_up_ctas)) {
-      if (++polls == kItemRowsQuickPolls) {
-        wait_for_item_rows_slowly(ready, item_index, uint32_t(gate_up_ctas));
-        break;
-      }
-      __nanosleep(64);
-    }
+    wait_until_at_least(item_counters + item_index, uint32_t(gate_up_ctas), "down: h rows published by gate/up CTAs",
+                        item_index);
     uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
     if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
       item_counters[item_index] = 0;
@@ -1015,6 +1023,16 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   } else if (G == ExpertGemm::GATE_UP && !kMultiTile && shared_item && a.shared_without_wait) {
     allow_dependents();  // no wait (MoeExpertGemmParams::shared_without_wait): the routed CTAs hold the dependents
     item = MoeWorkItem{.expert = a.shared_expert, .row_begin = a.shared_row_begin, .row_count = 1};
+  } else if (G == ExpertGemm::GATE_UP && a.routing_done != nullptr) {
+    // The routing CTA's flag instead of the routing grid's end (MoeExpertGemmParams::routing_done); the items and the
+    // count through L2 (written while this grid runs).
+    if (threadIdx.x == 0) wait_until_at_least(a.routing_done, 1u, "gate/up: the routing's flag", item_index);
+    __syncthreads();
+    allow_dependents();
+    const MoeWorkItem* slot = a.work_items + item_index;
+    item = MoeWorkItem{.expert = __ldcg(&slot->expert), .row_begin = __ldcg(&slot->row_begin),
+                       .row_count = __ldcg(&slot->row_count)};
+    if (item_index >= __ldcg(a.work_item_count)) return;
   } else if (a.item_with_count) {
     wait_for_prior_grids();
     allow_dependents();

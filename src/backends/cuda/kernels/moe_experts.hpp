@@ -126,6 +126,11 @@ struct MoeExpertGemmParams {
   // (gate/up and down) hit L2 instead of HBM (a step streams far more than L2 between two uses of a layer's maps).
   // The same bits. Round s21-2 A/B (MoeRunParams::maps_to_l2).
   bool maps_to_l2 = false;
+  // run_moe_gate_up with u_early (T = 1) after the decode router: its routing CTA's flag (MoeRoutingBuffers::
+  // routing_done); the CTAs wait for it (acquire) instead of the routing grid's end, and read the item count and
+  // their items through L2. The launch's dependents still start only after the routing's outputs are complete. Null:
+  // the grid's end. The same bits. Round s21-2 A/B (MoeRunParams::routing_flag).
+  const uint32_t* routing_done = nullptr;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.

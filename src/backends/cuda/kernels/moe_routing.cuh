@@ -604,6 +604,15 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
     *a.out.work_item_count = items;
     *a.out.finished_ctas = 0;  // every other CTA has counted itself already
   }
+  if (a.out.routing_done != nullptr) {
+    // Every output above, then the flag (the fence is cumulative over the CTA's stores the barrier ordered before it;
+    // u_bf16 and the scores of the other CTAs came in through the ticket's acquire).
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a.out.routing_done), "r"(1u) : "memory");
+    }
+  }
 }
 
 // u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's CTAs share the
@@ -635,6 +644,11 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(staged_rows)),
                                         a.router + size_t(row_begin) * row_bytes, bytes,
                                         static_cast<uint32_t>(__cvta_generic_to_shared(&rows_landed)));
+  }
+  if (route.out.routing_done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    // Cleared before this CTA lets the next launch start (MoeRoutingBuffers::routing_done).
+    *route.out.routing_done = 0;
+    __threadfence();
   }
   if (route.bias_to_l2 && blockIdx.x == 0 && route.bias != nullptr) {
     constexpr int kSectorFloats = 8;  // 32 bytes

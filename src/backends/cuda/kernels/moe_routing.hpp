@@ -55,6 +55,10 @@ struct MoeRoutingBuffers {
   int32_t* work_item_count = nullptr;    // [1]
   uint32_t* finished_ctas = nullptr;     // [1]: zero before the first call; the last CTA resets it
   int32_t* status = nullptr;             // [1]: zero before the first call; see the contract above
+  // [1], optional (the decode router): 1 once the routing's outputs are complete (stored with release order by the
+  // routing CTA, its last write), 0 from the launch's start until then (its CTA 0 clears it before letting the next
+  // launch start), so the next launch may wait for it instead of this grid's end (MoeExpertGemmParams::routing_done).
+  uint32_t* routing_done = nullptr;
 };
 
 struct MoeRoutingParams {
