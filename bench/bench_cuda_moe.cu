@@ -16,7 +16,7 @@
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
 // staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
-// stage (MoeRunParams::fp8_scale_table off): "fp8-scales-per-stage", each CTA's work item read after the count
+// weight copies without the L2 evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", each CTA's work item read after the count
 // (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the routing
 // (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2 (MoeRunParams::maps_to_l2
 // off): "maps-cold", the gate/up CTAs waiting for the routing CTA's flag at T = 1 (MoeRunParams::routing_flag on):
@@ -187,7 +187,7 @@ enum class Path {
   OTHER_COLUMNS,
   PER_ITEM,
   LATE_X,
-  FP8_PER_STAGE,
+  WEIGHTS_EVICT_NORMAL,
   ITEM_AFTER_COUNT,
   SHARED_WAITS,
   MAPS_COLD,
@@ -203,14 +203,14 @@ struct PathSpec {
   bool other_columns = false;
   bool other_per_item = false;
   bool late_x = false;
-  bool fp8_per_stage = false;
+  bool evict_normal = false;
   bool item_after_count = false;
   bool shared_waits = false;
   bool maps_cold = false;
   bool routing_flag = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           fp8_per_stage || item_after_count || shared_waits || maps_cold || routing_flag ||
+           evict_normal || item_after_count || shared_waits || maps_cold || routing_flag ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -227,7 +227,7 @@ constexpr PathSpec kPaths[] = {
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::LATE_X, "late-x", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
-    {Path::FP8_PER_STAGE, "fp8-scales-per-stage", false, false, MoeRunParams{}.shared_expert_split, false, false,
+    {Path::WEIGHTS_EVICT_NORMAL, "weights-evict-normal", false, false, MoeRunParams{}.shared_expert_split, false, false,
      false, false, true},
     {Path::ITEM_AFTER_COUNT, "item-after-count", false, false, MoeRunParams{}.shared_expert_split, false, false,
      false, false, false, true},
@@ -257,7 +257,7 @@ MoeRunParams path_params(Path path) {
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   if (spec.late_x) p.early_x = false;
-  if (spec.fp8_per_stage) p.fp8_scale_table = false;
+  if (spec.evict_normal) p.weights_evict_first = false;
   if (spec.item_after_count) p.item_with_count = false;
   if (spec.shared_waits) p.shared_without_wait = false;
   if (spec.maps_cold) p.maps_to_l2 = false;
@@ -569,7 +569,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,late-x,fp8-scales-per-stage,"
+                           "down-waits-grid|down-waits-item,late-x,weights-evict-normal,"
                            "item-after-count,shared-waits,maps-cold,routing-flag,"
                            "register]\n");
       return 2;

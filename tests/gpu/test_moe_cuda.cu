@@ -13,7 +13,7 @@
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
 // own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the T = 1
 // gate/up x from u before the wait and the FP8 block-scale table other than the defaults (MoeRunParams::early_x,
-// fp8_scale_table: the same bits, u not bf16-representable there) and each CTA's work item read after the count
+// weights_evict_first: the same bits, u not bf16-representable there) and each CTA's work item read after the count
 // (MoeRunParams::item_with_count off: the same bits); a V4-Pro-width
 // layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
@@ -285,7 +285,7 @@ struct Kernels {
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
   bool early_x = MoeRunParams{}.early_x;
-  bool fp8_table = MoeRunParams{}.fp8_scale_table;
+  bool evict_first = MoeRunParams{}.weights_evict_first;
   bool item_with_count = MoeRunParams{}.item_with_count;
   bool shared_without_wait = MoeRunParams{}.shared_without_wait;
   bool routing_flag = MoeRunParams{}.routing_flag;
@@ -300,7 +300,7 @@ struct Kernels {
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
            (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
-           (fp8_table ? ", FP8 scale table" : ", FP8 scales per stage") +
+           (evict_first ? ", weights evict first" : ", weights evict normally") +
            (item_with_count ? ", item with the count" : ", item after the count") +
            (shared_without_wait ? ", shared gate/up without the wait at T = 1" : "") +
            (routing_flag ? ", gate/up after the routing's flag at T = 1" : "");
@@ -310,7 +310,7 @@ struct Kernels {
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.early_x = early_x, p.fp8_scale_table = fp8_table, p.item_with_count = item_with_count;
+    p.early_x = early_x, p.weights_evict_first = evict_first, p.item_with_count = item_with_count;
     p.shared_without_wait = shared_without_wait, p.routing_flag = routing_flag;
     return p;
   }
@@ -354,19 +354,19 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// The gate/up x at T = 1 from u before the wait other than the default (MoeRunParams::early_x), and the FP8 block
-// scales per stage or from the warp's table other than the default (MoeRunParams::fp8_scale_table): the same bits,
-// also with the shared expert never split and split at every T <= 8.
+// The gate/up x at T = 1 from u before the wait other than the default (MoeRunParams::early_x), and the weight
+// copies' L2 policy other than the default (MoeRunParams::weights_evict_first): the same bits, also with the shared
+// expert never split and split at every T <= 8.
 constexpr Kernels kStreamedOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                   .early_x = !MoeRunParams{}.early_x};
 constexpr Kernels kStreamedUnsplitOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                          .split = MoeSharedExpertSplit::NEVER, .columns = false,
                                          .early_x = !MoeRunParams{}.early_x};
-constexpr Kernels kStreamedOtherFp8{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                    .fp8_table = !MoeRunParams{}.fp8_scale_table};
-constexpr Kernels kStreamedSplitAllOtherFp8{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                            .split = MoeSharedExpertSplit::ALWAYS,
-                                            .fp8_table = !MoeRunParams{}.fp8_scale_table};
+constexpr Kernels kStreamedOtherEvict{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                      .evict_first = !MoeRunParams{}.weights_evict_first};
+constexpr Kernels kStreamedSplitAllOtherEvict{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                              .split = MoeSharedExpertSplit::ALWAYS,
+                                              .evict_first = !MoeRunParams{}.weights_evict_first};
 // Each CTA's work item read after the count other than the default (MoeRunParams::item_with_count: the same bits).
 constexpr Kernels kStreamedOtherItemRead{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                          .item_with_count = !MoeRunParams{}.item_with_count};
@@ -653,14 +653,14 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    // x before the wait and the FP8 scale table against their other variants (the same bits).
+    // x before the wait and the weight copies' L2 policy against their other variants (the same bits).
     check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherX);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherX, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherX, kStreamedUnsplit);
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherFp8);
+    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherEvict);
     for (const int T : {1, 2, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherFp8, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherFp8, kStreamedSplitAll);
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherEvict, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherEvict, kStreamedSplitAll);
     for (const int T : {1, 17})
       expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemRead, kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherSharedWait, kStreamedKernels);

@@ -87,7 +87,7 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
 }
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
-// the model's included (MoeRunParams::early_x, fp8_scale_table, item_with_count, shared_without_wait, maps_to_l2;
+// the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, maps_to_l2;
 // MoeRoutingParams::bias_to_l2).
 bool moe_ab_old() {
   static const bool value = [] {
@@ -154,7 +154,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
       .u_early = u_early ? p.u : nullptr,
-      .fp8_scale_table = p.fp8_scale_table && !moe_ab_old() && streamed,
+      .weights_evict_first = p.weights_evict_first && !moe_ab_old() && streamed,
       .item_with_count = p.item_with_count && !moe_ab_old(),
       .shared_without_wait = u_early && p.shared_without_wait,
       .top_k = int(c.top_k),

@@ -104,9 +104,9 @@ struct MoeRunParams {
   // MoeExpertGemmParams::u_early at T = 1 (streamed one-tile kernels): the gate/up CTAs stage x from u before waiting
   // for the routing. The same bits. Round s21-1 A/B (bench_cuda_moe path "late-x").
   bool early_x = true;
-  // MoeExpertGemmParams::fp8_scale_table (streamed kernels): FP8 experts' block scales loaded once per warp, not per
-  // stage. The same bits. Round s21-1 A/B (bench_cuda_moe path "fp8-scales-per-stage").
-  bool fp8_scale_table = true;
+  // MoeExpertGemmParams::weights_evict_first (streamed kernels): the weight copies evict first from L2. The same
+  // bits. Round s21-2 A/B (bench_cuda_moe path "weights-evict-normal").
+  bool weights_evict_first = true;
   // MoeExpertGemmParams::item_with_count (streamed kernels): each CTA's work item read with the item count. The same
   // bits. Round s21-2 A/B (bench_cuda_moe path "item-after-count").
   bool item_with_count = true;

@@ -133,7 +133,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
       .u_early = gate_up ? p.u_early : nullptr,
-      .fp8_scale_table = p.fp8_scale_table,
+      .weights_evict_first = p.weights_evict_first,
       .item_with_count = p.item_with_count,
       .shared_without_wait = gate_up && p.shared_without_wait,
       .shared_row_begin = p.tokens * p.top_k,
@@ -247,11 +247,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "CTAs skip the routing wait only with x staged from u before it (u_early, T = 1) and top_k");
   check(p.routing_done == nullptr || p.u_early != nullptr, "moe expert GEMM: the routing's flag (routing_done) serves ",
         "launches with x staged from u before the wait (u_early, T = 1)");
-  if (p.fp8_scale_table)
-    for (const WeightFormat f : {p.routed_format, p.shared_format})
-      check(f != WeightFormat::FP8_BLOCK128 || std::max(p.hidden, p.intermediate) / 128 <= moe::kScaleTableMaxBlocks,
-            "moe expert GEMM: the FP8 scale table holds ", moe::kScaleTableMaxBlocks, " blocks per row; hidden ",
-            p.hidden, " / intermediate ", p.intermediate, " need more");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

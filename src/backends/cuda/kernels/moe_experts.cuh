@@ -102,7 +102,7 @@ struct ExpertGemmArgs {
   uint32_t* item_counters;
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
   const float* u_early;  // gate/up at T = 1: x staged from fp32 u before the wait (MoeExpertGemmParams::u_early)
-  bool fp8_scale_table;  // MoeExpertGemmParams::fp8_scale_table
+  bool weights_evict_first;  // MoeExpertGemmParams::weights_evict_first
   bool item_with_count;  // MoeExpertGemmParams::item_with_count
   bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
   int shared_row_begin;      // T·top_k: the shared expert's first row
@@ -530,24 +530,15 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// FP8 experts (MoeExpertGemmParams::fp8_scale_table): the warp's row of 128 × 128 block scales (its 16 rows lie in
-// one 128-row band) as fp32 in its ring's first slot, past the 4 KB an FP8 stage fills (the slot's last kilobyte
-// takes fp4 scales only), read by the stages from there instead of two global loads on each stage's path (round
-// s20-2's trace: the shared CTAs' first stage took 5.3 µs from its data to its MMAs, the loads queued behind the
-// launch's first copies). The conversion of st::load_stage_block_scales: the same bits.
-inline constexpr int kScaleTableOffset = 2 * tile::stream::kHalfBytes;
-inline constexpr int kScaleTableMaxBlocks = (tile::stream::kSlotBytes - kScaleTableOffset) / int(sizeof(float));
-template <tile::TileFormat F>
-__device__ __forceinline__ void stage_scale_table(const DeviceMatrixView& w, int64_t row0, int k_total,
-                                                  uint8_t* ring) {
-  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
-    auto* table = reinterpret_cast<float*>(ring + kScaleTableOffset);
-    const int64_t offset = (row0 / 128) * w.scales_per_row;
-    for (int b = threadIdx.x % tile::kWarpSize; b < k_total / 128; b += tile::kWarpSize)
-      table[b] = w.scale_type == ScaleType::F32 ? __ldg(reinterpret_cast<const float*>(w.scales) + offset + b)
-                                                : e8m0_to_float(__ldg(w.scales + offset + b));
-    __syncwarp();
-  }
+// The L2 policy of the weight copies (MoeExpertGemmParams::weights_evict_first): evict first (every expert weight is
+// read once per call) or the copies' default.
+__device__ __forceinline__ uint64_t weights_l2_policy(const ExpertGemmArgs& a) {
+  uint64_t policy;
+  if (a.weights_evict_first)
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  else
+    asm volatile("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
 }
 
 // 8 inputs of fp32 u from k, rounded to bf16 as the routing rounds u_bf16 (convert_u_slice), read through L2.
@@ -570,10 +561,10 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
+  const uint64_t policy = weights_l2_policy(a);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
     st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                       ring + j * st::kSlotBytes, full + j);
-  if (a.fp8_scale_table) stage_scale_table<F>(warp_matrix<G>(a.experts[expert]), slice.row0, a.k_total, ring);
+                       ring + j * st::kSlotBytes, full + j, policy);
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -856,6 +847,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
+  const uint64_t policy = weights_l2_policy(a);
   if (!started) {
     start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
     trace_point<kTrace>(a, MOE_TRACE_ISSUED);
@@ -905,15 +897,12 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       }
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
-        // FP8 (the shared expert): the block scales from the warp's table (stage_scale_table) or two global loads.
+        // FP8 (the shared expert): two global loads per stage. The band's scales loaded once per warp into its ring
+        // slot's free kilobyte measured level (round s21-1, H200, V4-Flash NVFP4 T = 1 48.3 vs 48.2 µs, T = 8 206.3 vs
+        // 206.0): the shared CTAs' first stage still took ~4 µs from its data to its MMAs in the trace, as the routed
+        // CTAs' (its code's first run, not its scales).
         float block_scales[st::kMaxBlocksPerStage];
-        if (F == tile::TileFormat::FP8_BLOCK128 && a.fp8_scale_table) {
-          const float* table = reinterpret_cast<const float*>(ring + kScaleTableOffset) + k0 / 128;
-#pragma unroll
-          for (int b = 0; b < st::kMaxBlocksPerStage; ++b) block_scales[b] = table[b];
-        } else {
-          st::load_stage_block_scales<F>(w, row0, k0, block_scales);
-        }
+        st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
         if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j);
         if constexpr (kColumnStages) {
@@ -933,7 +922,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j + 1);
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
-                             full + slot);
+                             full + slot, policy);
           if (++refill == pass_stages) refill = 0;
         }
       }

@@ -107,10 +107,10 @@ struct MoeExpertGemmParams {
   // of this u (run_moe's order): its CTAs let this launch start only after their own wait, so u is complete and
   // visible (read through L2). Null: x from u_bf16 after the wait. Round s21-1 A/B (MoeRunParams::early_x).
   const float* u_early = nullptr;
-  // Streamed kernels: an FP8 expert's warp loads its band's row of 128 × 128 block scales once, when its stream
-  // starts (the shared expert's CTAs: before the wait), into the unused kilobyte of its first ring slot, instead of
-  // two global loads on each stage's path. The same bits. Round s21-1 A/B (MoeRunParams::fp8_scale_table).
-  bool fp8_scale_table = false;
+  // Streamed kernels: the weight copies carry an L2 evict-first policy (each expert weight is read once per call), so
+  // they displace less of what L2 holds for the other kernels and this one's (code, tensor maps, activations). The
+  // same bits. Round s21-2 A/B (MoeRunParams::weights_evict_first).
+  bool weights_evict_first = false;
   // Streamed kernels (but the down CTAs that wait per item): a CTA reads its work item with the item count after the
   // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it). The same bits. Round
   // s21-2 A/B (MoeRunParams::item_with_count).
