@@ -15,12 +15,12 @@
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
-// staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the FP8 block scales loaded per
-// weight copies without the L2 evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", each CTA's work item read after the count
-// (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the routing
-// (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2 (MoeRunParams::maps_to_l2
-// off): "maps-cold", the gate/up CTAs waiting for the routing CTA's flag at T = 1 (MoeRunParams::routing_flag on):
-// "routing-flag".
+// staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the weight copies without the L2
+// evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", each CTA's work item read after
+// the count (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the
+// routing (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2
+// (MoeRunParams::maps_to_l2 off): "maps-cold", the gate/up CTAs waiting for the router grid's end at T = 1
+// (MoeRunParams::routing_flag off): "routing-grid-wait".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -191,7 +191,7 @@ enum class Path {
   ITEM_AFTER_COUNT,
   SHARED_WAITS,
   MAPS_COLD,
-  ROUTING_FLAG,
+  ROUTING_GRID_WAIT,
   REGISTER
 };
 struct PathSpec {
@@ -207,10 +207,10 @@ struct PathSpec {
   bool item_after_count = false;
   bool shared_waits = false;
   bool maps_cold = false;
-  bool routing_flag = false;
+  bool grid_wait = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           evict_normal || item_after_count || shared_waits || maps_cold || routing_flag ||
+           evict_normal || item_after_count || shared_waits || maps_cold || grid_wait ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -235,8 +235,8 @@ constexpr PathSpec kPaths[] = {
      false, false, true},
     {Path::MAPS_COLD, "maps-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, false, true},
-    {Path::ROUTING_FLAG, "routing-flag", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
-     false, false, false, false, true},
+    {Path::ROUTING_GRID_WAIT, "routing-grid-wait", false, false, MoeRunParams{}.shared_expert_split, false, false,
+     false, false, false, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -261,7 +261,7 @@ MoeRunParams path_params(Path path) {
   if (spec.item_after_count) p.item_with_count = false;
   if (spec.shared_waits) p.shared_without_wait = false;
   if (spec.maps_cold) p.maps_to_l2 = false;
-  if (spec.routing_flag) p.routing_flag = true;
+  if (spec.grid_wait) p.routing_flag = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -341,7 +341,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits || spec.routing_flag) && T > 1))
+          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits || spec.grid_wait) && T > 1))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -570,7 +570,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,weights-evict-normal,"
-                           "item-after-count,shared-waits,maps-cold,routing-flag,"
+                           "item-after-count,shared-waits,maps-cold,routing-grid-wait,"
                            "register]\n");
       return 2;
     }

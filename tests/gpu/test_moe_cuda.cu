@@ -889,7 +889,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // of the down CTAs' waits) come back to zero after every call: calls through one workspace, with new inputs (a new
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
 // on the same workspace, each equal to a run on a fresh workspace; with the defaults, the other down wait and the
-// other routing wait at T = 1 (the routing's flag, cleared and set by each call).
+// other routing wait at T = 1 (MoeRunParams::routing_flag: the flag is cleared and set by each call that uses it).
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
   for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait, kStreamedOtherRoutingFlag}) {
     SCOPED_TRACE(kernels.name());

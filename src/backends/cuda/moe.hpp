@@ -118,8 +118,8 @@ struct MoeRunParams {
   bool maps_to_l2 = true;
   // MoeExpertGemmParams::routing_done with early_x (T = 1) after the decode router: the gate/up CTAs wait for the
   // routing CTA's flag instead of the router grid's end. The same bits. Round s21-2 A/B (bench_cuda_moe path
-  // "routing-flag"; off by default until measured).
-  bool routing_flag = false;
+  // "routing-grid-wait").
+  bool routing_flag = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;
