@@ -88,8 +88,7 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
 // the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, maps_to_l2,
-// routing_flag;
-// MoeRoutingParams::bias_to_l2).
+// routing_flag; MoeRoutingParams::bias_to_l2).
 bool moe_ab_old() {
   static const bool value = [] {
     const char* env = std::getenv("DSV4_MOE_AB");
