@@ -197,9 +197,14 @@ TEST(SparseAttentionPrefill, PersistentGridMatchesCpu) {
     check_attention({"window 5", format, 512, 64, 64, 5, 8, 0, {30, 3}, 4}, seed++, persistent(3));
   }
   check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++, persistent(2));
+}
+
+// The persistent grid at its default size (one CTA per SM) over a chunk of 400 queries: about three items per CTA.
+TEST(SparseAttentionPrefill, PersistentGridLongChunkMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
   check_attention({"flash swa long chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 160, 0, {400}, 400,
                    AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  seed++, persistent(0));
+                  700, {.prefetch_resolved = PrefetchResolved::Off, .grid = PrefillGrid::Persistent});
 }
 
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.

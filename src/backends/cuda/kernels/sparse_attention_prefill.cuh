@@ -80,13 +80,16 @@ inline constexpr int kBlock = 64;          // entries per KV block
 inline constexpr int kWarpgroup = 128;
 inline constexpr int kThreads = 3 * kWarpgroup;
 // Registers per thread: producer, consumers; the persistent grid's consumers hold the item loop's state as well.
+// setmaxnreg moves registers within the CTA's launch allocation (168 per thread: 65536 / 384 rounded down to a
+// multiple of 8); an increase beyond what the decreases freed never completes.
 template <bool kPersistent>
-inline constexpr int kProducerRegisters = kPersistent ? 64 : 72;
+inline constexpr int kProducerRegisters = kPersistent ? 56 : 72;
 template <bool kPersistent>
 inline constexpr int kConsumerRegisters = kPersistent ? 224 : 216;
-static_assert(kProducerRegisters<false> * kWarpgroup + 2 * kConsumerRegisters<false> * kWarpgroup <= 65536 &&
-                  kProducerRegisters<true> * kWarpgroup + 2 * kConsumerRegisters<true> * kWarpgroup <= 65536,
-              "one SM's registers");
+inline constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+static_assert(kProducerRegisters<false> + 2 * kConsumerRegisters<false> <= 3 * kLaunchRegisters &&
+                  kProducerRegisters<true> + 2 * kConsumerRegisters<true> <= 3 * kLaunchRegisters,
+              "the CTA's launch registers");
 inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled tile (Q, KV or P)
 inline constexpr int kDimTiles = kHeadDim / 64;
 inline constexpr int kHalfTiles = kDimTiles / 2;
