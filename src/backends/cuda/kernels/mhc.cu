@@ -115,12 +115,10 @@ template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVarian
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
   static const int lean = [] {  // round experiment, to be removed
     const char* value = std::getenv("DSV4_MHC_LEAN");
-    return value != nullptr ? std::atoi(value) : 0;
+    return value != nullptr ? std::atoi(value) : 1;
   }();
   auto kernel = lean == 1   ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 1>
                 : lean == 2 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 2>
-                : lean == 3 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 3>
-                : lean == 4 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 4>
                             : mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
@@ -307,12 +305,9 @@ bool single_cluster_fits() {
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(variant, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     };
     allow(kernel);
-    allow(mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors, true>);
     if constexpr (single_cluster_max_tokens(kVectors) > 1) {
       allow(mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>);
       allow(mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>);
-      allow(mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors, true>);
-      allow(mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors, true>);
     }
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
@@ -347,19 +342,10 @@ template <bool kHead, bool kPost, int kVectors>
 void launch_single_cluster_kernel(const mhc::DecodeSiteArgs& args, cudaStream_t stream, const char* op) {
   // One token: the FMA projection; else the MMA's 8-token tiles (same shared memory and threads); past 16 tokens a
   // cluster per 16-token tile.
-  static const bool one_reciprocal = [] {  // round experiment, to be removed
-    const char* value = std::getenv("DSV4_MHC_SINKHORN");
-    return value != nullptr && std::atoi(value) != 0;
-  }();
-  auto kernel = one_reciprocal ? mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors, true>
-                               : mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>;
+  auto kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 0, kVectors>;
   if constexpr (single_cluster_max_tokens(kVectors) > 1) {
-    if (args.tokens > 8)
-      kernel = one_reciprocal ? mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors, true>
-                              : mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>;
-    else if (args.tokens > 1)
-      kernel = one_reciprocal ? mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors, true>
-                              : mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
+    if (args.tokens > 8) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 2, kVectors>;
+    else if (args.tokens > 1) kernel = mhc::hc_single_cluster_kernel<kHead, kPost, 1, kVectors>;
   }
   const int64_t clusters = ceil_div(args.tokens, mhc::kTileTokens);
   check(clusters <= 0x7FFFFFFF / mhc::kSingleClusterCtas, op, ": ", args.tokens, " tokens exceed the launch limit");

@@ -484,7 +484,6 @@ __device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
 // three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps. (The reciprocals by
 // three Newton steps on the FMA pipe instead, session 18, were slower: 48 instructions a normalisation, ≈ 88 cycles
 // in the trace against ≈ 60; Sinkhorn's share of Flash T = 1 hc_pre 1.4 µs against 1.2, H200.)
-template <bool kOneReciprocal = false>
 __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStreams], int iters, float eps) {
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
@@ -494,30 +493,16 @@ __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStr
     const float even = fmaf(c[first], s[0], eps * denominator);
     const float odd = c[first + stride] * s[1];
     denominator = fmaf(c[first + 2 * stride], s[2], even) + fmaf(c[first + 3 * stride], s[3], odd);
-    if constexpr (!kOneReciprocal) scale = fast_reciprocal(denominator);
-  };
-  // kOneReciprocal (round experiment): the four scales from one MUFU reciprocal of the denominators' product.
-  const auto scales_of = [&](const float (&denominator)[kStreams], float (&scale)[kStreams]) {
-    if constexpr (kOneReciprocal) {
-      const float p01 = denominator[0] * denominator[1], p23 = denominator[2] * denominator[3];
-      const float r = fast_reciprocal(p01 * p23);
-      scale[0] = r * (denominator[1] * p23);
-      scale[1] = r * (denominator[0] * p23);
-      scale[2] = r * (p01 * denominator[3]);
-      scale[3] = r * (p01 * denominator[2]);
-    }
+    scale = fast_reciprocal(denominator);
   };
 #pragma unroll
   for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
-  scales_of(column_d, v);
 #pragma unroll 1
   for (int it = 1; it < iters; ++it) {
 #pragma unroll
     for (int j = 0; j < kStreams; ++j) normalise(4 * j, 1, v, row_d[j], u[j]);
-    scales_of(row_d, u);
 #pragma unroll
     for (int k = 0; k < kStreams; ++k) normalise(k, 4, u, column_d[k], v[k]);
-    scales_of(column_d, v);
   }
 #pragma unroll
   for (int j = 0; j < kStreams; ++j)
@@ -658,8 +643,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
   // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
   constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
-  // The slack split between the two hops (kEarlyPre: the second one ends an iteration before the collapse).
-  constexpr int kSumLag = kLean > 0 && kVariant == ProjectionVariant::kShared ? kCollapseLag / 2 : (kCollapseLag + 1) / 2;
+  constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
   // Flash 4096: 27 % of the stall samples in the projection group waiting for stages, the finisher at 2.7 µs a tile).
@@ -668,8 +652,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   static_assert(kVariant == ProjectionVariant::kShared || kSliceDims == 64, "one CTA per SM runs 64-dim slices");
   static_assert(kVariant == ProjectionVariant::kShared || kPost, "the warp-specialised variant runs hc_post_pre");
   static_assert(kCollapseLag >= 2, "a cross-CTA hop needs an iteration of slack each");
-  static_assert(kLean == 0 || kVariant != ProjectionVariant::kShared || kCollapseLag >= 3,
-                "the early pre needs an iteration of slack after the slice sums");
   static_assert(kSliceDims == 32 || kSliceDims == 64, "a warp covers 32 columns of one stream");
   static_assert(kThreads == kTileTokens * kVectorsPerRow, "the update and the collapse give each thread one vector");
 
@@ -688,15 +670,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   __shared__ uint64_t post_full[kPost ? kPostSlots : 1];
   // kRoles: the projection group has updated stage b's tile (the finisher collapses the updated values).
   __shared__ uint64_t updated_stage[kRoles ? kStages : 1];
-  // kEarlyPre: the collapse's pre of tile jc is formed in the iteration before by the last warp, two parities.
-  constexpr bool kEarlyPre = kLean > 0 && !kRoles;
-  __shared__ float pre_s[kEarlyPre ? 2 : 1][kTileTokens][kStreams];
-  // kEarlyCollapse (hc_pre, hc_head): tile jc is collapsed at the top of its iteration, and its stage refilled as
-  // soon as every thread has read it (empty[b]), two iterations ahead of the tile's projection.
-  constexpr bool kEarlyCollapse = kLean >= 3 && !kRoles && !kPost;
-  // kLean 4: the stage is refilled past the projection's barrier instead (no empty barriers).
-  constexpr bool kEmptyBarriers = kEarlyCollapse && kLean == 3;
-  __shared__ uint64_t empty[kEmptyBarriers ? kStages : 1];
+  __shared__ float pre_s[kTileTokens][kStreams];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // kRoles: threads from kThreads on are the finisher group; `ltid` numbers the threads within their group.
@@ -730,8 +704,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       for (int b = 0; b < kPostSlots; ++b) sm90::mbarrier_init(&post_full[b], kThreads);
     if constexpr (kRoles)
       for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&updated_stage[b], kThreads);
-    if constexpr (kEmptyBarriers)
-      for (int b = 0; b < kStages; ++b) sm90::mbarrier_init(&empty[b], kThreads);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -858,40 +830,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // Read once: loaded per tile they were a dependent global load on every collapse's chain.
   const float pre_scale = args.scale[0], pre_base = args.base[pre_k];
   const unsigned pre_squares_word = pre_t, pre_mix_word = (1 + pre_k) * kTileTokens + pre_t;  // in a tile's sums
-  const auto is_pre_reader = [&](int jc) {
-    return !kEarlyPre && jc >= 0 && pre_index < kStreams * valid_of(jc);
-  };
-  // kEarlyPre: lane l of the last warp forms pre of tokens l / 4 and l / 4 + 8, stream l % 4, of tile jn (one
-  // iteration ahead of its collapse), from its Σx² and pre row words read at the top of the iteration.
-  const bool early_pre_warp = kEarlyPre && warp == kWarps - 1;
-  const float early_pre_base = args.base[lane % kStreams];
-  const auto early_pre_word = [&](int h, bool mix) {
-    const int t = lane / kStreams + h * (kTileTokens / 2);
-    return mix ? unsigned((1 + lane % kStreams) * kTileTokens + t) : unsigned(t);
-  };
-  const auto load_early_pre_words = [&](int jn, unsigned long long (&words)[4]) {
-    if (early_pre_warp && jn >= 0 && jn < count) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (lane / kStreams + h * (kTileTokens / 2) < valid_of(jn)) {
-          words[2 * h] = load_relaxed_u64(sums_of(jn) + early_pre_word(h, false));
-          words[2 * h + 1] = load_relaxed_u64(sums_of(jn) + early_pre_word(h, true));
-        }
-    }
-  };
-  const auto form_early_pre = [&](int jn, const unsigned long long (&words)[4]) {
-    if (early_pre_warp && jn >= 0 && jn < count) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (lane / kStreams + h * (kTileTokens / 2) < valid_of(jn)) {
-          const float squares = tagged_value(words[2 * h], sums_of(jn) + early_pre_word(h, false), tag);
-          const float mix = tagged_value(words[2 * h + 1], sums_of(jn) + early_pre_word(h, true), tag);
-          const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-          pre_s[jn & 1][lane / kStreams + h * (kTileTokens / 2)][lane % kStreams] =
-              sigmoid(mix * inv_rms * pre_scale + early_pre_base) + args.hc_eps;
-        }
-    }
-  };
+  const auto is_pre_reader = [&](int jc) { return jc >= 0 && pre_index < kStreams * valid_of(jc); };
 
   // kPost: X ← post·out + combᵀ·X on tile j's staged slice (stage b), written back to X_out; the projection then sees
   // the update.
@@ -922,8 +861,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     const float* const stage = stages + b * kStageFloats;
     const float* const x_lo[2] = {stage + projected[0], stage + projected[1]};
     float* const mine = warp_sums + warp * kPartialFloats;
-    project_tile_3xtf32<kRows, kLean == 2 ? 2 : 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats,
-                                              SplitOnUse<kNTiles>{fn_frag}, g, t4, mine);
+    project_tile_3xtf32<kRows, 1>(x_lo, kTileTokens / 2 * kStreams * kStagedBoxFloats, SplitOnUse<kNTiles>{fn_frag},
+                                  g, t4, mine);
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
@@ -957,7 +896,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const float squares = tagged_value(squares_word, sums_of(jc) + pre_squares_word, tag);
       const float mix = tagged_value(mix_word, sums_of(jc) + pre_mix_word, tag);
       const float inv_rms = inverse_rms(squares, float(flat), args.norm_eps);
-      pre_s[0][pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
+      pre_s[pre_t][pre_k] = sigmoid(mix * inv_rms * pre_scale + pre_base) + args.hc_eps;
     }
     sync();
     if (vt < valid && vi < width) {
@@ -965,7 +904,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float4 streams[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-      const float4 value = collapse_streams(streams, pre_s[kEarlyPre ? jc & 1 : 0][vt], args.round_to_bf16);
+      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
     if (!release) return;
@@ -1021,48 +960,6 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         }
       }
     }
-  } else if constexpr (kEarlyCollapse) {
-    // Iteration j: collapse tile j − kCollapseLag (its pre formed in the iteration before) and refill its stage with
-    // tile j + kStages − kCollapseLag, project tile j, sum this CTA's items of tile j − kSumLag, form the pre of the
-    // next tile to collapse. One barrier after the projection, one at the end (pre_s, warp_sums).
-    for (int j = 0; j < count + kCollapseLag; ++j) {
-      const int jr = j - kSumLag, jc = j - kCollapseLag, jn = jc + 1;
-      const int passes = jr >= 0 && jr < count ? my_passes : 0;
-      unsigned long long words[kMaxSliceWords] = {};
-      unsigned long long early_pre_words[4] = {};
-      if (passes > 0) load_slice_words(jr, 0, words);
-      load_early_pre_words(jn, early_pre_words);
-      if (jc >= 0) {
-        const int b = jc % kStages;
-        if (vt < valid_of(jc) && vi < width) {
-          const float* const x = stages + b * kStageFloats;
-          float4 streams[kStreams];
-#pragma unroll
-          for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-          const float4 value = collapse_streams(streams, pre_s[jc & 1][vt], args.round_to_bf16);
-          store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
-        }
-        if constexpr (kEmptyBarriers) {
-          sm90::mbarrier_arrive(&empty[b]);
-          if (tile_loader && jc + kStages < count) {
-            sm90::mbarrier_wait(&empty[b], uint32_t(jc / kStages) & 1u);
-            load_tile(jc + kStages);
-          }
-        }
-      }
-      if (j < count) {
-        const int b = j % kStages;
-        wait_for_tile(&full[b], uint32_t(j / kStages) & 1u);
-        project_and_publish(j, b, block_sync, !kEmptyBarriers && jc >= 0 && jc + kStages < count ? jc + kStages : -1,
-                            false);
-      }
-      for (int pass = 0; pass < passes; ++pass) {
-        if (pass > 0) load_slice_words(jr, pass, words);
-        sum_slices(jr, pass, words);
-      }
-      form_early_pre(jn, early_pre_words);
-      __syncthreads();  // pre_s of tile jn is complete, and warp_sums free for the next projection
-    }
   } else {
     // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
     for (int j = 0; j < count + kCollapseLag; ++j) {
@@ -1071,11 +968,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       const bool pre_reader = is_pre_reader(jc);
       unsigned long long words[kMaxSliceWords] = {};
       unsigned long long squares_word = 0, mix_word = 0;
-      unsigned long long early_pre_words[4] = {};
-      const int jn = jc + 1;  // kEarlyPre: the tile whose pre this iteration forms
       const auto read_early = [&] {
         if (passes > 0) load_slice_words(jr, 0, words);
-        if constexpr (kEarlyPre) load_early_pre_words(jn, early_pre_words);
         if (pre_reader) {
           squares_word = load_relaxed_u64(sums_of(jc) + pre_squares_word);
           mix_word = load_relaxed_u64(sums_of(jc) + pre_mix_word);
@@ -1102,15 +996,18 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                             !kPost && jc < 0);
       }
 
-      for (int pass = 0; pass < passes; ++pass) {
-        if (pass > 0) load_slice_words(jr, pass, words);
-        sum_slices(jr, pass, words);
-      }
-      // Past this iteration's first barrier (or the previous one's release): the collapse of jn − 2, which read the
-      // same pre_s parity, is done.
-      if constexpr (kEarlyPre) form_early_pre(jn, early_pre_words);
+      // kLean 2 (round experiment): the slice sums after the collapse, half an iteration later (more slack for the
+      // partials' hop; the sums' own hop keeps its two iterations).
+      const auto slice_sums = [&] {
+        for (int pass = 0; pass < passes; ++pass) {
+          if (pass > 0) load_slice_words(jr, pass, words);
+          sum_slices(jr, pass, words);
+        }
+      };
+      if constexpr (kLean < 2) slice_sums();
 
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
+      if constexpr (kLean >= 2) slice_sums();
     }
   }
 
@@ -1722,7 +1619,7 @@ __device__ inline DecodeSiteArgs cluster_tile_args(const DecodeSiteArgs& site, i
 // kTokenTiles: 0 for T = 1 (projected by FMAs), else the MMA's 8-token tiles covering T; kVectors: per thread, stream
 // and token (see the notes). A launch of more than 16 tokens runs a cluster per 16-token tile (kTokenTiles = 2), each
 // on its own (cluster_tile_args).
-template <bool kHead, bool kPost, int kTokenTiles, int kVectors, bool kOneReciprocal = false>
+template <bool kHead, bool kPost, int kTokenTiles, int kVectors>
 __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     hc_single_cluster_kernel(const DecodeSiteArgs site) {
   constexpr int kRows = kProjectionRows<kHead>;
@@ -1813,7 +1710,7 @@ __global__ void __launch_bounds__(32 * single_cluster_max_warps(kVectors) + 32)
     for (int l = 0; l < kStreams * kStreams; ++l) c[l] = __shfl_sync(kFullMask, first_rows, kStreams + l);
     DSV4_MHC_SINGLE_CLUSTER_MARK(SingleClusterPhase::kMixFirstRows);
     if (lane == 0) {
-      sinkhorn_4x4_scaled_iterations<kOneReciprocal>(c, args.sinkhorn_iters, args.hc_eps);
+      sinkhorn_4x4_scaled_iterations(c, args.sinkhorn_iters, args.hc_eps);
 #pragma unroll
       for (int l = 0; l < kStreams * kStreams; ++l) args.comb[t * kStreams * kStreams + l] = c[l];
     }
