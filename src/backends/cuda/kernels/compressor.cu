@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -180,8 +179,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   const int64_t entries_per_run = entries_per_run_of(p);
   // Quads keep the slot groups (hence the sums) of the path Auto took before them: Staged for prefill chunks,
   // Registers for decode steps.
-  const bool staged = lean || loads == CompressorSlotLoads::Staged ||
-                      (quads && entries_per_run > 1 && std::getenv("DSV4_COMPRESSOR_QUADS_REGISTER_GROUPS") == nullptr);
+  const bool staged = lean || loads == CompressorSlotLoads::Staged || (quads && entries_per_run > 1);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
   const int c = int(p.head_dim);
@@ -255,8 +253,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .quads = channels / 4,
-                              .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1)),
-                              .old_finish = std::getenv("DSV4_COMPRESSOR_OLD_FINISH") != nullptr};
+                              .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1))};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -278,10 +275,7 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
-  // Round s21-1 A/B (DSV4_COMPRESSOR_LAST_POOL_FIRST=1): the last pool's CTAs first (a CSA layer's indexer).
-  const bool reversed = std::getenv("DSV4_COMPRESSOR_LAST_POOL_FIRST") != nullptr;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const CompressorParams& p = params[reversed ? params.size() - 1 - i : i];
+  for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
@@ -323,21 +317,14 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
+  if ((staged || quads) && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads, quads);
   using enum CompressorSlotLoads;
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
   check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_APE_SHARED=1): lean pools read ape from shared memory, four CTAs per SM.
-  const bool ape_shared = lean && std::getenv("DSV4_COMPRESSOR_LEAN_APE_SHARED") != nullptr;
-  if (ape_shared)
-    for (int i = 0; i < launch.pool_count; ++i)
-      smem = std::max(smem, size_t(launch.pools[i].ratio * (launch.pools[i].overlapping ? 2 : 1) *
-                                   launch.pools[i].c * sizeof(float)));
-  const auto kernel = ape_shared      ? compressor::compressor_kernel<false, Lean, false, true>
-                      : lean          ? compressor::compressor_kernel<false, Lean>
+  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : quads         ? (slice_updates ? compressor::compressor_kernel<true, Quads>
                                                        : compressor::compressor_kernel<false, Quads>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
@@ -370,17 +357,13 @@ CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> para
   if (mode != CompressorSlotLoads::Auto) return mode;
   // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
   const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
+  if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
   bool lean = true, quads = true, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
     lean = lean && lean_refusal(p) == nullptr;
     quads = quads && quads_refusal(p) == nullptr;
-  }
-  if (std::none_of(params.begin(), params.end(), several_entries)) {
-    // Round s21-2 A/B (DSV4_COMPRESSOR_DECODE_QUADS=1): decode steps by quads where every pool takes them.
-    const bool decode_quads = quads && params[0].trace == nullptr && std::getenv("DSV4_COMPRESSOR_DECODE_QUADS");
-    return decode_quads ? CompressorSlotLoads::Quads : CompressorSlotLoads::Registers;
   }
   // Lean where every pool takes it (GPU round s20-1, H200, 4096 tokens, with CSA windows in straight-line loads: the
   // CSA layer's pair 24.4 vs 39.8 µs staged, its indexer compressor alone 10.0 vs 13.3, its main compressor alone 23.9

@@ -140,7 +140,6 @@ struct PoolArgs {
   // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4), divisor.
   int quads;
   FastDivisor quads_div;
-  bool old_finish;  // round s21-1 A/B (DSV4_COMPRESSOR_OLD_FINISH=1): the old merge loop and norm sum
 };
 
 struct LaunchArgs {
@@ -173,8 +172,11 @@ inline size_t pool_smem_bytes(int channels, int groups) {
   return (size_t(3) * groups * channels + channels) * sizeof(float);
 }
 
-// The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
-inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
+// The staged (quad) slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2
+// (float4).
+inline size_t staging_smem_bytes(int threads, bool quads) {
+  return size_t(kStages) * kSlotBatch * 3 * threads * (quads ? sizeof(float4) : sizeof(float2));
+}
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -293,13 +295,9 @@ struct OnlineSoftmax {
   }
 };
 
-// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups: 1, 2, 4, 8 or 16), merged
-// in group order. The partials load kMergeChunk groups at a time: a loop of one group per pass was a chain of
-// dependent shared-memory loads and expf per group (the completing decode step's finish).
-inline constexpr int kMergeChunk = 4;
+// A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
 template <class Part>
-__device__ __forceinline__ float merge_partials(int groups, bool serial, Part part) {
-  if (serial) {
+__device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
   for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
@@ -309,30 +307,6 @@ __device__ __forceinline__ float merge_partials(int groups, bool serial, Part pa
     const float scale = expf(p.max - m);
     den += p.denominator * scale;
     num += p.numerator * scale;
-  }
-  return num / den;
-  }
-  float m = kNegativeInfinity;
-  for (int g0 = 0; g0 < groups; g0 += kMergeChunk) {
-    float chunk[kMergeChunk];
-#pragma unroll
-    for (int k = 0; k < kMergeChunk; ++k) chunk[k] = g0 + k < groups ? part(g0 + k).max : kNegativeInfinity;
-#pragma unroll
-    for (int k = 0; k < kMergeChunk; ++k) m = fmaxf(m, chunk[k]);
-  }
-  float den = 0.0f, num = 0.0f;
-  for (int g0 = 0; g0 < groups; g0 += kMergeChunk) {
-    OnlineSoftmax chunk[kMergeChunk];
-#pragma unroll
-    for (int k = 0; k < kMergeChunk; ++k)
-      if (g0 + k < groups) chunk[k] = part(g0 + k);
-#pragma unroll
-    for (int k = 0; k < kMergeChunk; ++k) {
-      if (chunk[k].max == kNegativeInfinity) continue;  // also the groups past `groups`
-      const float scale = expf(chunk[k].max - m);
-      den += chunk[k].denominator * scale;
-      num += chunk[k].numerator * scale;
-    }
   }
   return num / den;
 }
@@ -469,70 +443,89 @@ __device__ __forceinline__ Quad load_quad(const float* p) {
   return {{x.x, x.y, x.z, x.w}};
 }
 
-// One batch of a thread's quad slot loads (pool_quads).
-struct QuadBatch {
-  Quad value[kSlotBatch], score[kSlotBatch], bias[kSlotBatch];
-};
-
 // kInRun: the window lies wholly in the run (every entry of a prefill chunk but its first one or two): slot s's row is
 // the window's first plus s (CSA's second halves: plus s − ratio, c columns on), with no per-slot source selection.
 template <bool kInRun, class AfterFirstIssue>
 __device__ __forceinline__ void pool_quads_from(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
-                                                int slots, OnlineSoftmax (&softmax)[4],
+                                                int slots, float4* ring, OnlineSoftmax (&softmax)[4],
                                                 AfterFirstIssue after_first_issue) {
   const int step = kSlotBatch * a.groups;
+  const int batches = (slots - group + step - 1) / step;  // group < groups ≤ slots
+  const int threads = int(blockDim.x);
+  float4* const mine = ring + threadIdx.x;
+  // Kind 0: value, 1: score, 2: ape, of batch slot k in stage `stage`.
+  const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
   const int64_t window_offset = (window_first_position(a, w) - r.start) * a.row_stride + channel;
-  const auto issue = [&](int s0, QuadBatch& b) {
+  const auto issue = [&](int batch, int stage) {
 #pragma unroll
     for (int k = 0; k < kSlotBatch; ++k) {
-      const int slot = s0 + k * a.groups;
+      const int slot = group + batch * step + k * a.groups;
+      SlotSource source;
       if constexpr (kInRun) {
         const int s = min(slot, slots - 1);  // past the window: a valid address, its value dropped
         const bool second = a.overlapping && s >= a.ratio;
         const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
-        b.value[k] = load_quad(r.kv + offset), b.score[k] = load_quad(r.gate + offset);
-        b.bias[k] = load_quad(a.ape + (second ? s - a.ratio : s) * width_of(a) + channel + (second ? a.c : 0));
+        source = {r.kv + offset, r.gate + offset,
+                  a.ape + (second ? s - a.ratio : s) * width_of(a) + channel + (second ? a.c : 0)};
       } else {
         const PooledSlot p = pooled_slot(a, w, slot, slots, channel);
-        const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-        b.value[k] = load_quad(source.value), b.score[k] = load_quad(source.score), b.bias[k] = load_quad(source.ape);
+        source = slot_source<true>(a, r, p.q, p.column);
       }
+      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
+      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
+      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
     }
+    ptx::cp_async_commit();
   };
-  QuadBatch current, next;
-  issue(group, current);
+  static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
+  issue(0, 0);
+  if (batches > 1) issue(1, 1);
   after_first_issue();
-  for (int s0 = group; s0 < slots; s0 += step) {
-    if (s0 + step < slots) issue(s0 + step, next);
+  for (int b = 0; b < batches; ++b) {
+    if (b + 1 < batches)
+      ptx::cp_async_wait<1>();
+    else
+      ptx::cp_async_wait<0>();
+    compiler_memory_fence();
+    const int stage = b & 1;
+    const int s0 = group + b * step;
     bool valid[kSlotBatch];
+    float4 value[kSlotBatch], score[kSlotBatch];
 #pragma unroll
-    for (int k = 0; k < kSlotBatch; ++k)  // every position of a window in the run is ≥ 0
+    for (int k = 0; k < kSlotBatch; ++k) {  // every position of a window in the run is ≥ 0
       valid[k] = kInRun ? s0 + k * a.groups < slots : pooled_slot(a, w, s0 + k * a.groups, slots, channel).valid;
+      const float4 bias = *at(stage, k, 2);
+      value[k] = *at(stage, k, 0), score[k] = *at(stage, k, 1);
+      score[k] = make_float4(score[k].x + bias.x, score[k].y + bias.y, score[k].z + bias.z, score[k].w + bias.w);
+    }
+    compiler_memory_fence();  // this stage's reads come before its refill
+    if (b + 2 < batches) issue(b + 2, stage);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float value[kSlotBatch], score[kSlotBatch];
+      float v[kSlotBatch], sc[kSlotBatch];
 #pragma unroll
       for (int k = 0; k < kSlotBatch; ++k) {
-        value[k] = valid[k] ? current.value[k].v[j] : 0.0f;
-        score[k] = valid[k] ? current.score[k].v[j] + current.bias[k].v[j] : kNegativeInfinity;
+        v[k] = valid[k] ? reinterpret_cast<const float*>(&value[k])[j] : 0.0f;
+        sc[k] = valid[k] ? reinterpret_cast<const float*>(&score[k])[j] : kNegativeInfinity;
       }
-      softmax[j].add(value, score);
+      softmax[j].add(v, sc);
     }
-    current = next;
   }
 }
 
 // Quad slot loads: thread (group, quad) pools the four channels from `channel` over slots group, group + groups, …,
-// kSlotBatch at a time as the other paths do (the same sums in the same order), each slot's value, score and ape by
-// one 16-byte load apiece, the next batch's loads issued before the current batch is pooled. after_first_issue runs
-// once the first batch's loads are out (the thread's RoPE factors).
+// kSlotBatch at a time as the other paths do (the same sums in the same order), each slot's value, score and ape
+// copied by one 16-byte cp.async apiece into the thread's part of a shared-memory ring of kStages batches (the
+// staged path's, with four channels per thread). after_first_issue runs once the first batches are in flight (the
+// thread's RoPE factors).
 template <class AfterFirstIssue>
 __device__ __forceinline__ void pool_quads(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
-                                           int slots, OnlineSoftmax (&softmax)[4], AfterFirstIssue after_first_issue) {
+                                           int slots, float4* ring, OnlineSoftmax (&softmax)[4],
+                                           AfterFirstIssue after_first_issue) {
   if (window_first_position(a, w) >= r.start)  // CTA-uniform
-    pool_quads_from<true>(a, r, w, group, channel, slots, softmax, after_first_issue);
+    pool_quads_from<true>(a, r, w, group, channel, slots, ring, softmax, after_first_issue);
   else
-    pool_quads_from<false>(a, r, w, group, channel, slots, softmax, after_first_issue);
+    pool_quads_from<false>(a, r, w, group, channel, slots, ring, softmax, after_first_issue);
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -829,7 +822,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, a.old_finish, [&](int g) {
+      v[j] = merge_partials(a.groups, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -842,24 +835,13 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
   const float warp_square_sum = warp_sum(pair_square(v[0], v[1]));
   if (t.group == 0 && lane == 0) warp_partials[warp] = warp_square_sum;
   __syncthreads();
-  if (a.old_finish) {
   if (threadIdx.x == 0) {
     float cta_sum = 0.0f;
     for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
     *square_sum = cta_sum;
   }
-  }
-  // Every thread sums the CTA's warp partials in order (thread 0's sum is the one the other CTAs of a split read),
-  // so a CTA alone needs no second barrier.
-  float cta_sum = 0.0f;
-  if (!a.old_finish) {
-  for (int i = 0; i < a.pairs_padded / 32; ++i) cta_sum += warp_partials[i];
-  if (cluster_sync && threadIdx.x == 0) *square_sum = cta_sum;
-  }
   float total = 0.0f;
-  if (!cluster_sync && !a.old_finish) {
-    total = cta_sum;
-  } else if (cluster_sync) {
+  if (cluster_sync) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     cluster.sync();
     if (e.emitting) {
@@ -1025,7 +1007,8 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
     };
     if (e.emitting && group < a.groups) {
       OnlineSoftmax softmax[4];
-      pool_quads(a, r, e.w, group, place.rank * channels + 4 * quad, task.slots, softmax, make_rope);
+      pool_quads(a, r, e.w, group, place.rank * channels + 4 * quad, task.slots,
+                 reinterpret_cast<float4*>(s.entry_vector + channels), softmax, make_rope);
       const int local_channel = group * channels + 4 * quad;
       *reinterpret_cast<float4*>(s.part_max + local_channel) =
           make_float4(softmax[0].max, softmax[1].max, softmax[2].max, softmax[3].max);
@@ -1140,10 +1123,7 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 }
 
 // CTA `local` of a lean pool: its teams' entries.
-// kApeShared (round s21-2 A/B): the pool's ape copied into shared memory (cp.async before the grid wait) and read
-// from there, so that no registers hold its loads in flight (four CTAs per SM).
-template <bool kApeShared>
-__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, float* smem) {
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
@@ -1165,14 +1145,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
     for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
-  if constexpr (kApeShared) {
-    const int quads = int(a.ratio) * int(width_of(a)) / 4;
-    for (int i = int(threadIdx.x); i < quads; i += kLeanThreads)
-      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(smem + 4 * i)), a.ape + 4 * i, true);
-    ptx::cp_async_commit();
-  }
-  const float* const ape_rows = kApeShared ? smem : a.ape;
-
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
@@ -1180,10 +1152,6 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
   const RunView& r = e.r;
   const bool in_run = in_run_entry(a, e);  // team-uniform
-  if constexpr (kApeShared) {
-    ptx::cp_async_wait<0>();
-    __syncthreads();
-  }
   if (real && thread == 0) {
     if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
     if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
@@ -1207,9 +1175,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, ape_rows + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, ape_rows + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1249,7 +1217,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = load_quad(ape_rows + lean_ape_offset(a, s, channel));
+      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
     }
     look_up_entry();
 #pragma unroll
@@ -1362,13 +1330,14 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, bool kApeShared = false>
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads
                                       ? kStagedThreads
                                       : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? (kApeShared ? 4 : 3)
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
+                                  : kLoads == CompressorSlotLoads::Quads  ? 2
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
@@ -1381,7 +1350,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThr
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kApeShared>(a, int64_t(blockIdx.x) - a.first_cta, smem);
+    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);

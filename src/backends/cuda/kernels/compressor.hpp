@@ -65,11 +65,10 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 // row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4. Auto: for launches whose
 // runs complete several entries (prefill chunks) Lean where every pool takes it (a CSA layer's compressors), else
 // Staged where every slice fits (1.2-2.1× faster than registers on an H200); Registers otherwise (decode steps, where
-// Staged was 0.8-1.1×). Quads: Staged's slot groups (Registers' in decode steps) and sums, four channels per thread
-// by 16-byte loads into registers, each batch's loads issued before the previous batch is pooled (CTAs of up to 256
-// threads, a CTA's channels a multiple of 4 up to 512, kv, gate, ape and the state 16-byte aligned with row_stride a
-// multiple of 4; the same bits as the path whose groups it keeps); Auto takes it for prefill chunks that Lean refuses
-// (HCA's).
+// Staged was 0.8-1.1×). Quads: Staged's ring and slot groups (Registers' in decode steps), so their sums and bits,
+// with four channels per thread and 16-byte copies (CTAs of up to 256 threads, a CTA's channels a multiple of 4 up
+// to 512, kv, gate, ape and the state 16-byte aligned with row_stride a multiple of 4); Auto takes it for prefill
+// chunks that Lean refuses (HCA's).
 enum class CompressorSlotLoads { Registers, Staged, Lean, Quads, Auto };
 
 // One sequence's tokens in a launch (device memory).
