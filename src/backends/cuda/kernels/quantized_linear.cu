@@ -111,26 +111,11 @@ const std::vector<ConfigOverride>& config_overrides() {
   return overrides;
 }
 
-// Round s21 A/B switch: DSV4_LINEAR_CTAS=5 or 6: the FP8 one-token-tile kernel through the workspace at that many
-// resident CTAs per SM (registers capped at 96 / 80) instead of 4, so that a 512-CTA grid leaves SM slots to the
-// kernels beside it in a model step.
-int fp8_register_ctas() {
-  static const int ctas = [] {
-    const char* set = std::getenv("DSV4_LINEAR_CTAS");
-    if (set == nullptr) return 4;
-    const int n = std::atoi(set);
-    check(n >= 4 && n <= 6, "DSV4_LINEAR_CTAS: ", set, " (4, 5 or 6)");
-    std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CTAS %d\n", n);
-    return n;
-  }();
-  return ctas;
-}
-
-template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace, int kMinCtas = 4>
+template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
 void launch_streamed_kernel(const linear::LinearKernelArgs& args, const QuantizedLinearConfig& config,
                             cudaStream_t stream) {
   constexpr bool kCluster = kReduce != linear::StreamedReduce::WORKSPACE;
-  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace, kMinCtas>;
+  const auto kernel = linear::quantized_linear_streamed_kernel<F, NT, kReduce, kTrace>;
   // Above 48 KiB of dynamic shared memory a kernel must opt in: set once per device, to the device's limit.
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(config.smem_bytes <= size_t(limit), "quantized_linear: ", config.smem_bytes,
@@ -155,14 +140,7 @@ void launch_streamed_variant(const linear::LinearKernelArgs& args, const Quantiz
   using linear::StreamedReduce;
   if (config.k_splits > 1 && config.reduce == SplitKReduce::CLUSTER)
     launch_streamed_kernel<F, NT, StreamedReduce::CLUSTER, kTrace>(args, config, stream);
-  else if constexpr (F == TileFormat::FP8_BLOCK128 && NT == 1) {
-    if (config.ctas_per_sm == 6)
-      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, 6>(args, config, stream);
-    else if (config.ctas_per_sm == 5)
-      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace, 5>(args, config, stream);
-    else
-      launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
-  } else
+  else
     launch_streamed_kernel<F, NT, StreamedReduce::WORKSPACE, kTrace>(args, config, stream);
 }
 
@@ -338,12 +316,8 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
     // per SM and AUTO takes the cluster there: 11.4 µs cold against 12.4 on the aligned path it took, H200.)
     const int64_t max_splits = reduce == SplitKReduce::CLUSTER ? kLinearMaxClusterSplits : weight.cols / stage_k;
     size_t receive = 0;
-    const int register_ctas = format == TileFormat::FP8_BLOCK128 && config.token_tiles == 1 &&
-                                      reduce != SplitKReduce::CLUSTER
-                                  ? fp8_register_ctas()
-                                  : 4;
-    const int max_ctas_per_sm = int(std::clamp<size_t>(
-        kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, size_t(register_ctas)));
+    const int max_ctas_per_sm =
+        int(std::clamp<size_t>(kSharedMemoryPerSm / (min_cta_bytes + kSharedMemoryReservedPerCta), 1, 4));
     const auto fits = [&](int ctas) {
       return ctas == 1 || size_t(ctas) * (min_cta_bytes + receive + kSharedMemoryReservedPerCta) <= kSharedMemoryPerSm;
     };

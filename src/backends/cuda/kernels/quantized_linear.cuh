@@ -407,9 +407,9 @@ __device__ __forceinline__ StreamedSmem streamed_smem(uint8_t* storage, int slot
 // The STREAMED load path (weight_tile_mma.cuh, namespace stream): the same CTA shape, split-K and output, with each
 // warp's weight tile streamed through its own ring of shared-memory stages by the tensor copy engine. Dynamic shared
 // memory: up to 1 KB of alignment, 4 rings of args.ring_slots slots, then the x tile of the real tokens only.
-// kTrace: a traced launch (QuantizedLinearParams::trace). kMinCtas: resident CTAs per SM the registers must allow.
-template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false, int kMinCtas = 4>
-__global__ void __launch_bounds__(kThreadsPerCta, kMinCtas)
+// kTrace: a traced launch (QuantizedLinearParams::trace).
+template <tile::TileFormat F, int NT, StreamedReduce kReduce, bool kTrace = false>
+__global__ void __launch_bounds__(kThreadsPerCta, 4)
     quantized_linear_streamed_kernel(const __grid_constant__ LinearKernelArgs args) {
   trace_point<kTrace>(args, TRACE_START);
   extern __shared__ uint4 smem_storage[];
