@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -253,7 +254,8 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .quads = channels / 4,
-                              .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1))};
+                              .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1)),
+                              .merge_branches = std::getenv("DSV4_COMPRESSOR_MERGE_BRANCHES") != nullptr};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).

@@ -140,6 +140,7 @@ struct PoolArgs {
   // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4), divisor.
   int quads;
   FastDivisor quads_div;
+  bool merge_branches;  // round s21-2 A/B (DSV4_COMPRESSOR_MERGE_BRANCHES=1): the merge's branch per group
 };
 
 struct LaunchArgs {
@@ -296,14 +297,27 @@ struct OnlineSoftmax {
 };
 
 // A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
+// Without a branch per group: a group that pooled nothing (max −∞, sums 0) adds 0 · expf(−∞) = +0 to each sum, which
+// leaves it as skipping the group would (the sums are never −0), so every group's loads and expf may issue together
+// (with a branch, each group's chain of loads, expf and sums ran after the previous one's: the completing decode
+// step's finish).
 template <class Part>
-__device__ __forceinline__ float merge_partials(int groups, Part part) {
+__device__ __forceinline__ float merge_partials(int groups, bool branches, Part part) {
   float m = kNegativeInfinity;
   for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
+  if (branches) {
   for (int g = 0; g < groups; ++g) {
     const OnlineSoftmax p = part(g);
     if (p.max == kNegativeInfinity) continue;
+    const float scale = expf(p.max - m);
+    den += p.denominator * scale;
+    num += p.numerator * scale;
+  }
+  return num / den;
+  }
+  for (int g = 0; g < groups; ++g) {
+    const OnlineSoftmax p = part(g);
     const float scale = expf(p.max - m);
     den += p.denominator * scale;
     num += p.numerator * scale;
@@ -822,7 +836,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, [&](int g) {
+      v[j] = merge_partials(a.groups, a.merge_branches, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
