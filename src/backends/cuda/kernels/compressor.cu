@@ -197,7 +197,10 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
   const int max_threads = staged                                   ? compressor::kStagedThreads
                           : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
                                                                    : compressor::kMaxThreads;
-  const int min_slots_per_group = staged ? compressor::kSlotBatch : 1;
+  // Decode steps too: a group of clamped repeats costs its loads, expf and merge (a CSA indexer entry took 8 groups of
+  // one slot each).
+  const bool decode = entries_per_run == 1 && std::getenv("DSV4_COMPRESSOR_DECODE_ONE_SLOT_GROUPS") == nullptr;
+  const int min_slots_per_group = staged || decode ? compressor::kSlotBatch : 1;
   int groups = 1;
   while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots &&
          groups < compressor::kMaxGroups)
