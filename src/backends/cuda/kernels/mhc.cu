@@ -119,6 +119,7 @@ void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream
   }();
   auto kernel = lean == 1   ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 1>
                 : lean == 2 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 2>
+                : lean == 3 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 3>
                             : mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);

@@ -317,6 +317,9 @@ __device__ __forceinline__ float4 round4_to_bf16(float4 v) {
   return make_float4(round_to_bf16(v.x), round_to_bf16(v.y), round_to_bf16(v.z), round_to_bf16(v.w));
 }
 
+// round4_to_bf16 out of line (lean 3, round experiment): Reference numerics only, off the persistent loop's code.
+static __device__ __noinline__ float4 round4_to_bf16_call(float4 v) { return round4_to_bf16(v); }
+
 // Token t's post (4 floats) then its comb rows (4 × 4) into mix, one 16-byte load each. `t` keeps its caller's
 // integer type (the index arithmetic is the caller's).
 __device__ __forceinline__ void load_mix(const float* post, const float* comb, auto t, float (&mix)[kMixFloats]) {
@@ -787,16 +790,16 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     for (int w = 0; w < kMaxSliceWords; ++w)
       if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
   };
-  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords]) {
+  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early = true) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
     const unsigned long long* source = partials_of(j) + item;
     float sum = 0.f;
     if constexpr (kLean > 0) {
-      // Every tag checked at once, summed in the same order; a stale word (or more slices than were read early)
-      // takes the whole sum out of line.
+      // Every tag checked at once, summed in the same order; a stale word (or more slices than were read early, or
+      // none read: `early` false) takes the whole sum out of line.
       if (active) {
-        bool fresh = slices <= kMaxSliceWords * lanes;
+        bool fresh = early && slices <= kMaxSliceWords * lanes;
 #pragma unroll
         for (int w = 0; w < kMaxSliceWords; ++w)
           if (part + w * lanes < slices) fresh &= unsigned(words[w] >> 32) == tag;
@@ -846,7 +849,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float* const x_out = args.X_out + (first_token_of(j) + vt) * flat + i0 + vi;
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) {
-        const float4 updated = residual_update(k, o, xs, mix, mix + kStreams, args.round_to_bf16);
+        float4 updated = residual_update(k, o, xs, mix, mix + kStreams, kLean < 3 && args.round_to_bf16);
+        if constexpr (kLean >= 3)
+          if (args.round_to_bf16) updated = round4_to_bf16_call(updated);
         *reinterpret_cast<float4*>(x + staged[k]) = updated;
         *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
       }
@@ -904,7 +909,9 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float4 streams[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-      const float4 value = collapse_streams(streams, pre_s[vt], args.round_to_bf16);
+      float4 value = collapse_streams(streams, pre_s[vt], kLean < 3 && args.round_to_bf16);
+      if constexpr (kLean >= 3)
+        if (args.round_to_bf16) value = round4_to_bf16_call(value);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
     if (!release) return;
@@ -950,8 +957,12 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         const int jc = i - kFinisherLag;
         const int passes = i < count ? my_passes : 0;
         for (int pass = 0; pass < passes; ++pass) {
-          if (pass > 0) load_slice_words(i, pass, now.slices);
-          sum_slices(i, pass, now.slices);
+          if constexpr (kLean >= 3) {
+            sum_slices(i, pass, now.slices, pass == 0);
+          } else {
+            if (pass > 0) load_slice_words(i, pass, now.slices);
+            sum_slices(i, pass, now.slices);
+          }
         }
         if (jc >= 0) {
           sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
@@ -999,15 +1010,19 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // kLean 2 (round experiment): the slice sums after the collapse, half an iteration later (more slack for the
       // partials' hop; the sums' own hop keeps its two iterations).
       const auto slice_sums = [&] {
-        for (int pass = 0; pass < passes; ++pass) {
-          if (pass > 0) load_slice_words(jr, pass, words);
-          sum_slices(jr, pass, words);
+        if constexpr (kLean >= 3) {  // passes past the first read their words out of line
+          for (int pass = 0; pass < passes; ++pass) sum_slices(jr, pass, words, pass == 0);
+        } else {
+          for (int pass = 0; pass < passes; ++pass) {
+            if (pass > 0) load_slice_words(jr, pass, words);
+            sum_slices(jr, pass, words);
+          }
         }
       };
-      if constexpr (kLean < 2) slice_sums();
+      if constexpr (kLean != 2) slice_sums();
 
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
-      if constexpr (kLean >= 2) slice_sums();
+      if constexpr (kLean == 2) slice_sums();
     }
   }
 
