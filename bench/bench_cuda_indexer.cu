@@ -193,11 +193,12 @@ void print_staged_trace(const std::string& label, const std::function<void(cudaS
       return r[from] == 0 || r[to] == 0 ? -1.0 : double(int64_t(r[to] - r[from])) * 1e-3;
     };
   };
-  std::printf("staged trace %s: %zu warpgroups, µs median / max: start %s, waited %s, ready %s, first tile %s, last "
-              "tile %s, end %s; wait %s, ready after wait %s, first tile after ready %s, per tile after the first "
-              "%s, end after the last %s\n",
+  std::printf("staged trace %s: %zu warpgroups, µs median / max: start %s, waited %s, visible %s, ready %s, first "
+              "tile %s, last tile %s, end %s; wait %s, ready after wait %s, first tile after ready %s, per tile after "
+              "the first %s, end after the last %s\n",
               label.c_str(), records.size(), stats(at(kIndexerTraceStart)).c_str(),
-              stats(at(kIndexerTraceWaited)).c_str(), stats(at(kIndexerTraceReady)).c_str(),
+              stats(at(kIndexerTraceWaited)).c_str(), stats(at(kIndexerTraceVisible)).c_str(),
+              stats(at(kIndexerTraceReady)).c_str(),
               stats(at(kIndexerTraceFirst)).c_str(), stats(at(kIndexerTraceLast)).c_str(),
               stats(at(kIndexerTraceEnd)).c_str(), stats(between(kIndexerTraceStart, kIndexerTraceWaited)).c_str(),
               stats(between(kIndexerTraceWaited, kIndexerTraceReady)).c_str(),

@@ -315,8 +315,8 @@ struct ScoresRun {
 // rounding, bf16 or fp8): the CPU's scores of the prepared operands (every element, visibility, −inf). Where the
 // shape allows it (head_dim 128, ≤ 64 heads), the warpgroup-MMA kernels (IndexerScoresKernel::Warpgroup and
 // WarpgroupStreamed) too: the CPU's scores within the same tolerance (their tensor-core summation order is their own);
-// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (WarpgroupStreamed there over ≥ 16384 keys of
-// one sequence for fp8 keys and for bf16 keys of one query, else Warpgroup for fp8 keys and for bf16 keys from 2^20
+// and IndexerScoresKernel::Auto, bit for bit the kernel it should pick (WarpgroupStreamed there for fp8 keys, through
+// slots too, and for bf16 keys of one query over ≥ 16384 keys of one sequence, else Warpgroup for bf16 keys from 2^20
 // (query, key) pairs of one sequence, else Warp).
 ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   const bool fp8 = format == KeyFormat::Fp8;
@@ -451,12 +451,12 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
   const bool auto_streamed =
-      warpgroup_shape && c.sequences == 1 && (fp8 || c.tokens == 1) && c.key_count >= 16384;
+      warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens == 1 && c.key_count >= 16384));
   const bool auto_warpgroup =
-      !auto_streamed && warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
+      !auto_streamed && warpgroup_shape && c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20);
   std::vector<float> streamed_scores;
-  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (fp8 keys: of one
-  // sequence; the staged kernel), 2:
+  // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (fp8 keys: the staged
+  // kernel), 2:
   // the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;

@@ -17,7 +17,7 @@ namespace {
 
 // Query groups share one CTA's key loads; the group's fragments stay within this much shared memory.
 constexpr size_t kScoresSmemBudget = 64 * 1024;
-constexpr int kMaxQueriesPerCta = 4;
+using indexer::kMaxQueriesPerCta;
 static_assert(kMaxQueriesPerCta <= 32, "cta_visible_keys reduces one query per lane of a warp");
 // The kernels' shared-memory limits: the largest layout any launch asks for (the top-k's sort buffer included).
 constexpr size_t kScoresSmemLimit = indexer::selection_offset(kScoresSmemBudget) + indexer::kSelectionSmemBytes;
@@ -119,24 +119,26 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
-// Auto's streamed warpgroup kernels, over ≥ 16K keys of one sequence where they were measured: bf16 keys of one
-// query (H200, session 18: 64K and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there); fp8 keys, the
-// staged kernel, at any batch (H200, session 20 round 2, against the register-fed warpgroup kernel: T = 1 64K 4.78 →
-// 3.72 µs, 1M 13.74 → 12.27; T = 8 64K 12.38 → 8.81 (3 stages), 1M 59.47 → 56.56). Also faster at 1024 keys (T = 1
-// 3.94 → 3.10, T = 8 10.17 → 6.99, 3 stages), not taken there: the top-k in its last CTA (LastCta, ≤ 2048 keys) was
-// not measured on it.
-// A/B switches of round s21-1 (read once): DSV4_INDEXER_STAGED_PREFETCH=N (tiles asked of L2 before the wait),
-// DSV4_INDEXER_STAGED_EARLY=1, DSV4_INDEXER_STAGED_MIN_KEYS=N (Auto's staged bound, default 16384),
-// DSV4_INDEXER_STAGED_SLOTS=1 (Auto stages fp8 keys through sequence_slots), DSV4_INDEXER_STAGED_L2_AHEAD=1.
+// Auto's streamed warpgroup kernels: bf16 keys of one query over ≥ 16K keys of one sequence (H200, session 18: 64K
+// and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there); fp8 keys, the staged kernel, everywhere it
+// takes them (H200, against the register-fed warpgroup kernel; session 20 round 2: T = 1 64K 4.78 → 3.72 µs, 1M
+// 13.74 → 12.27; T = 8 of one sequence 64K 12.38 → 8.81, 1M 59.47 → 56.56; round s21-1: 1024 keys T = 1 3.94 → 2.96,
+// with the top-k in the last CTA 12.65 → 11.62, T = 8 10.09 → 6.77; through slots, a sequence each: 1024 keys T = 8
+// 4.51 → 3.30, T = 64 7.55 → 5.70, 16K keys T = 8 9.74 → 7.75, T = 64 39.4 → 39.8 (84 % of the byte floor, level),
+// with the top-k in the last CTA T = 8 13.89 → 12.75, T = 64 19.44 → 17.83).
+// A/B switches of rounds s21-1/2 (read once): DSV4_INDEXER_STAGED_PREFETCH=N (tiles asked of L2 before the wait),
+// DSV4_INDEXER_STAGED_EARLY=1, DSV4_INDEXER_STAGED_MIN_KEYS=N (Auto's staged bound for fp8 keys, now 0; was 16384),
+// DSV4_INDEXER_STAGED_SLOTS=0 (Auto stages fp8 keys through sequence_slots: now on),
+// DSV4_INDEXER_SERIAL_QUERY_LOADS=1 (the warpgroup kernels' query operands loaded as before).
 int env_switch(const char* name, int fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
 }
 const int kStagedPrefetch = env_switch("DSV4_INDEXER_STAGED_PREFETCH", 0);
 const bool kStagedEarly = env_switch("DSV4_INDEXER_STAGED_EARLY", 0) != 0;
-const int kStagedMinKeys = env_switch("DSV4_INDEXER_STAGED_MIN_KEYS", 16384);
-const bool kStagedSlots = env_switch("DSV4_INDEXER_STAGED_SLOTS", 0) != 0;
-const bool kStagedL2Ahead = env_switch("DSV4_INDEXER_STAGED_L2_AHEAD", 0) != 0;
+const int kStagedMinKeys = env_switch("DSV4_INDEXER_STAGED_MIN_KEYS", 0);
+const bool kStagedSlots = env_switch("DSV4_INDEXER_STAGED_SLOTS", 1) != 0;
+const bool kSerialQueryLoads = env_switch("DSV4_INDEXER_SERIAL_QUERY_LOADS", 0) != 0;
 
 // The staged kernel takes these fp8 keys: of one sequence, or through sequence_slots with the slot count known and
 // each slot's keys a whole number of 128-byte map rows apart, every row within the map's int32 coordinates.
@@ -181,6 +183,7 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .counts = nullptr,
       .nan_flag = nullptr,
       .tickets = nullptr,
+      .serial_query_loads = kSerialQueryLoads,
   };
 }
 
@@ -235,8 +238,7 @@ void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, u
       .slot_rows = int(slot_rows),
       .trace = trace,
       .prefetch_tiles = kStagedPrefetch,
-      .early_first = kStagedEarly,
-      .l2_ahead = kStagedL2Ahead};
+      .early_first = kStagedEarly};
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
   launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
                  stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);

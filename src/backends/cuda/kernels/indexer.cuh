@@ -287,7 +287,11 @@ struct ScoresArgs {
   int32_t* counts;
   int32_t* nan_flag;
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
+  bool serial_query_loads;        // A/B (round s21-2): the warpgroup kernels' query operands loaded as before
 };
+
+// Queries sharing one CTA's key loads (of one sequence); the warpgroup kernels' shared memory holds this many.
+inline constexpr int kMaxQueriesPerCta = 4;
 
 inline constexpr int kScoreWarps = 8;
 // The register budget of __launch_bounds__ below. The kernels that select the top-k (kSelect) run at ≤ 2048 keys,
@@ -861,18 +865,52 @@ __device__ __forceinline__ void issue_wgmma_scores(float (&d)[32], const WgmmaKe
 // The query operands of the warpgroup kernels: prepared bf16 or fp8 rows (heads past args.heads zero) into each
 // query's operand tile, `Unit`s at a time (a unit never straddles a 16-byte chunk of the tile's layout), unit u of
 // a head's row at unit_offset(head, u) in the tile; and the scaled head weights (fp8: times each head's q scale).
-template <bool kFp8, class Unit, class UnitOffset>
+// kBatched: a query's units are all loaded before the first is stored, and each thread's head weight before them:
+// one round trip to L2 per query (a loop of load-then-store waits for every load before its store: round s21-1's
+// trace, 2.7 µs from the grid-dependency wait to the CTA barrier at 1M keys). The register-fed kernel keeps the loop:
+// its first key tiles hold the registers the batch would need (it spills).
+template <bool kFp8, class Unit, bool kBatched, class UnitOffset>
 __device__ __forceinline__ void load_query_operand_tiles(const ScoresArgs& args, int64_t first_query, int queries,
                                                          unsigned char* tiles, float* weights, UnitOffset unit_offset) {
+  constexpr int kThreads = kScoreWarps * 32;
   constexpr int kUnits = kWgmmaHeadDim * (kFp8 ? 1 : 2) / int(sizeof(Unit));
+  constexpr int kPerThread = kWgmmaHeads * kUnits / kThreads;  // a query's units per thread
+  static_assert(kWgmmaHeads * kUnits % kThreads == 0 && kMaxQueriesPerCta * kWgmmaHeads <= kThreads,
+                "a query's units spread evenly over the threads, at most one head weight each");
   const auto* source = reinterpret_cast<const Unit*>(kFp8 ? static_cast<const void*>(args.q_fp8) : args.q);
-  for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
-    const int unit = e % kUnits, head = e / kUnits % kWgmmaHeads, query = e / kUnits / kWgmmaHeads;
-    const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit]
-                                         : Unit{};
-    *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = value;
+  if (!kBatched || args.serial_query_loads) {
+    for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
+      const int unit = e % kUnits, head = e / kUnits % kWgmmaHeads, query = e / kUnits / kWgmmaHeads;
+      const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit]
+                                           : Unit{};
+      *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = value;
+    }
+    load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
+    sm90::fence_proxy_async_shared();
+    return;
   }
-  load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
+  // weights[query][head], query · 64 + head = the thread (zero past args.heads).
+  const int weight_query = int(threadIdx.x) / kWgmmaHeads, weight_head = int(threadIdx.x) % kWgmmaHeads;
+  float weight = 0.0f;
+  if (weight_query < queries && weight_head < args.heads) {
+    const int64_t t = first_query + weight_query;
+    weight = args.head_weights[t * args.head_weights_row_stride + weight_head] * args.weight_scale;
+    if constexpr (kFp8) weight *= args.q_scales[t * args.heads + weight_head];
+  }
+  for (int query = 0; query < queries; ++query) {
+    Unit values[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
+      values[i] = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit] : Unit{};
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
+      *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = values[i];
+    }
+  }
+  if (weight_query < queries) weights[threadIdx.x] = weight;
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
@@ -881,7 +919,7 @@ __device__ __forceinline__ void load_query_operand_tiles(const ScoresArgs& args,
 template <bool kFp8>
 __device__ __forceinline__ void load_wgmma_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                           unsigned char* tiles, float* weights) {
-  load_query_operand_tiles<kFp8, uint32_t>(args, first_query, queries, tiles, weights, [](int head, int unit) {
+  load_query_operand_tiles<kFp8, uint32_t, false>(args, first_query, queries, tiles, weights, [](int head, int unit) {
     return wgmma_query_offset<kFp8>(head, (kFp8 ? 4 : 2) * unit);
   });
 }
@@ -1033,9 +1071,11 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
     issue_streamed_key_tile(ring + i * kTileBytes, keys, (first_tile + i * step) * kWgmmaKeysPerTile, max_visible, t);
     ptx::cp_async_commit();
   }
-  load_query_operand_tiles<false, uint4>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
-    return streamed_operand_offset(head, int(sizeof(uint4)) * unit);  // natural dim order, 16-byte units
-  });
+  load_query_operand_tiles<false, uint4, true>(args, first_query, queries, query_tiles, weights,
+                                               [](int head, int unit) {
+                                                 // natural dim order, 16-byte units
+                                                 return streamed_operand_offset(head, int(sizeof(uint4)) * unit);
+                                               });
   __syncthreads();
 
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
@@ -1103,7 +1143,6 @@ struct StagedScoresArgs {
   uint64_t* trace;     // kTrace: IndexerScoresParams::trace
   int prefetch_tiles;  // A/B (round s21-1): each warpgroup's first tiles asked of L2 before the grid-dependency wait
   bool early_first;    // A/B (round s21-1): the first tile's load issued right after the wait from the hint
-  bool l2_ahead;       // A/B (round s21-1): each refill also asks L2 for the tile after the one it loads
 };
 
 // PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for the box at (col, row) of a 2D tensor map, without waiting.
@@ -1196,6 +1235,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
                         slot_row0 + (first_tile + i * step) * kWgmmaKeysPerTile);
     }
   }
+  mark(kIndexerTraceVisible);
   // The scale of the row the lane stores after the quad reduction, one tile ahead of its use.
   const int stored_row = 16 * (warp & 3) + 8 * (quad & 1) + group;
   const auto key_scale = [&](int tile) {
@@ -1203,7 +1243,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     return key < max_visible ? __ldg(key_scales + key) : 0.0f;
   };
   float scale = key_scale(first_tile);
-  load_query_operand_tiles<true, uint2>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
+  load_query_operand_tiles<true, uint2, true>(args, first_query, queries, query_tiles, weights, [](int head, int unit) {
     return streamed_operand_offset(head, int(sizeof(uint2)) * unit);  // natural dim order, 8-byte units (q_fp8)
   });
   __syncthreads();  // the query operands, the visible counts and the barriers' initialisation
@@ -1220,8 +1260,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
       sm90::mbarrier_arrive_expect_tx(&full[refill], kTileBytes);
       sm90::tma_load_2d(ring + refill * kTileBytes, &staged.keys, &full[refill], 0,
                         slot_row0 + ahead * kWgmmaKeysPerTile);
-      if (staged.l2_ahead && ahead + step < tiles)
-        prefetch_tensor_2d_l2(&staged.keys, 0, slot_row0 + (ahead + step) * kWgmmaKeysPerTile);
     }
     const float next_scale = key_scale(tile + step);
     sm90::mbarrier_wait(&full[stage], parity);

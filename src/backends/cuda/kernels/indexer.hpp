@@ -23,15 +23,16 @@
 // - IndexerScoresParams::kernel: Warp, the mma.sync kernels (every shape); Warpgroup, the same scores on warpgroup
 //   MMAs (sm_90a; bf16, or e4m3 at twice the bf16 rate) for head_dim 128 and up to 64 heads, refused otherwise;
 //   WarpgroupStreamed, the Warpgroup kernel's shapes and MMAs with the keys streamed through a ring of shared-memory
-//   stages (more key bytes in flight than registers hold): bf16 keys by cp.async, one CTA per SM; fp8 keys of one
-//   sequence (sequence_slots refused) staged by TMA in the 128B swizzle, both operands from shared memory, two CTAs
-//   per SM (head_dim summed in its natural order, so its e4m3 per-step rounding may differ from Warpgroup's);
-//   Auto (the default), in those shapes: WarpgroupStreamed over ≥ 16384 keys of one sequence (no sequence_slots) for
-//   fp8 keys and for bf16 keys of one query; else Warpgroup for fp8 keys, and for bf16 keys where one sequence's launch
-//   scores ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup MMA keeps
-//   about 14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics (fp4-rounded) sum
-//   exactly (the staged and register-fed kernels then agree bit for bit), plain e4m3 ones within ~1e-4 of
-//   Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
+//   stages (more key bytes in flight than registers hold): bf16 keys by cp.async, one CTA per SM; fp8 keys staged by
+//   TMA in the 128B swizzle, both operands from shared memory, two CTAs per SM (head_dim summed in its natural order,
+//   so its e4m3 per-step rounding may differ from Warpgroup's), through sequence_slots only with slot_count given and
+//   keys_slot_stride a multiple of 128 (one tensor map over every slot's rows), refused otherwise;
+//   Auto (the default), in those shapes: WarpgroupStreamed for fp8 keys (Warpgroup through slots it cannot take), and
+//   for bf16 keys of one query over ≥ 16384 keys of one sequence; else Warpgroup for bf16 keys where one sequence's
+//   launch scores ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup
+//   MMA keeps about 14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics
+//   (fp4-rounded) sum exactly (the staged and register-fed kernels then agree bit for bit), plain e4m3 ones within
+//   ~1e-4 of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
 // - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp, in one launch where IndexerTopKMethod allows.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
@@ -116,6 +117,7 @@ struct IndexerScoresParams {
 enum IndexerTracePoint {
   kIndexerTraceStart,     // CTA entry
   kIndexerTraceWaited,    // past the grid-dependency wait
+  kIndexerTraceVisible,   // the CTA's visible keys known (its positions loaded), first key loads issued
   kIndexerTraceReady,     // query operands stored, first loads issued (past the CTA barrier)
   kIndexerTraceFirst,     // the first key tile landed
   kIndexerTraceLast,      // the last key tile landed
