@@ -1035,9 +1035,16 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
-  const bool started = kHeadStart || shared_item;
+  bool started = kHeadStart || shared_item;
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
+  if (!started && a.item_with_count) {
+    // The first copies before the view is read at all: its fields (w1 or w3 by warp) would otherwise be selected
+    // before the copies, a dependent round trip on their path.
+    with_tile_format(format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, item.expert, band, ring, full); });
+    trace_point<kTrace>(a, MOE_TRACE_ISSUED);
+    started = true;
+  }
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {

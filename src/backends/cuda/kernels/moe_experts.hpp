@@ -112,8 +112,8 @@ struct MoeExpertGemmParams {
   // same bits. Round s21-2 A/B (MoeRunParams::weights_evict_first).
   bool weights_evict_first = false;
   // Streamed kernels (but the down CTAs that wait per item): a CTA reads its work item with the item count after the
-  // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it). The same bits. Round
-  // s21-2 A/B (MoeRunParams::item_with_count).
+  // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it), and issues the item's
+  // first copies before reading the expert's view. The same bits. Round s21-2 A/B (MoeRunParams::item_with_count).
   bool item_with_count = false;
   // With u_early (T = 1): the shared expert's gate/up CTAs take their item as the routing lays it out ({E, top_k, 1})
   // and do not wait for the routing at all (x, the weights and the scales need nothing of it), so they stream beside
