@@ -255,6 +255,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
+                              .lean_units = lean ? (entries + lean_teams - 1) / lean_teams : 0,
                               .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
                               .quads = channels / 4,
                               .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1)),
@@ -290,6 +291,20 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
               : quads ? std::max({threads, pool.quads * pool.groups, pool.pairs_padded})
                       : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
+  }
+  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_ONE_UNIT=1): one unit per CTA, no prefetch (the old lean kernel).
+  const bool persistent = lean && std::getenv("DSV4_COMPRESSOR_LEAN_ONE_UNIT") == nullptr;
+  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_TWO_PER_SM=1): persistent lean CTAs at two per SM (no spills).
+  const bool two_per_sm = persistent && std::getenv("DSV4_COMPRESSOR_LEAN_TWO_PER_SM") != nullptr;
+  if (persistent) {
+    // Lean CTAs loop over units (each next unit's windows load during the current one's finish): as many rounds of
+    // units as a wave of resident CTAs needs, each pool's CTAs taking an equal share of the rounds.
+    int64_t units = 0;
+    for (int i = 0; i < launch.pool_count; ++i) units += launch.pools[i].lean_units;
+    const int64_t resident = int64_t(two_per_sm ? 2 : compressor::kLeanCtasPerSm) * device_multiprocessors();
+    const int64_t rounds = std::max<int64_t>(1, (units + resident - 1) / resident);
+    for (int i = 0; i < launch.pool_count; ++i)
+      launch.pools[i].ctas = (launch.pools[i].lean_units + rounds - 1) / rounds;
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
   if (launch.pool_count == 0 && !prepares) return;
@@ -329,7 +344,9 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+  const auto kernel = two_per_sm      ? compressor::compressor_kernel<false, Lean, false, 2>
+                      : persistent    ? compressor::compressor_kernel<false, Lean, false, compressor::kLeanCtasPerSm>
+                      : lean          ? compressor::compressor_kernel<false, Lean>
                       : quads         ? (slice_updates ? compressor::compressor_kernel<true, Quads>
                                                        : compressor::compressor_kernel<false, Quads>)
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>

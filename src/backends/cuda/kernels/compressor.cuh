@@ -135,6 +135,7 @@ struct PoolArgs {
   int lean_teams;
   int64_t rows;
   FastDivisor team_div;
+  int64_t lean_units;  // units of lean_teams entries (one per team); the pool's CTAs take every ctas-th
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
   // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4), divisor.
@@ -1081,6 +1082,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
+inline constexpr int kLeanCtasPerSm = 3;  // the lean kernel's launch bounds (≈ 160 registers)
 
 // Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
 // v / kSlotBatch = g take slots g, g + 2, …).
@@ -1116,12 +1118,11 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
 }
 
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
-// window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
-// channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
+// window's first row at the thread's channel; second halves c columns on), in the visit order lean_slot(·, kGroups):
+// offsets known at compile time but for the row stride and c.
 template <int kGroups>
-__device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
-                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
-                                                Quad (&bias)[kLeanSlots]) {
+__device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, int row_stride, int c,
+                                                Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1129,6 +1130,12 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
     const int offset = s * row_stride + (s >= kRatio ? c : 0);
     value[v] = load_quad(kv + offset), score[v] = load_quad(gate + offset);
   }
+}
+
+// The window's ape rows for the thread's channels (`ape`: row 0 at the channel) in the same order.
+template <int kGroups>
+__device__ __forceinline__ void load_csa_ape(const float* ape, int c, Quad (&bias)[kLeanSlots]) {
+  constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
@@ -1136,7 +1143,16 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
   }
 }
 
-// CTA `local` of a lean pool: its teams' entries.
+// A team's loads of an in-run CSA window (lean_csa_windows), issued before they are pooled: the CTA's next unit's
+// are issued while the current unit finishes.
+struct LeanWindow {
+  Quad value[kLeanSlots], score[kLeanSlots];
+};
+
+// CTA `local` of a lean pool: units local, local + a.ctas, … (a unit: one entry per team). A unit's in-run CSA windows
+// are loaded before the previous unit's finish (norm, rounding, stores, tickets), which then overlaps their flight.
+// kPersistent (round s21-2 A/B; else one unit per CTA, no prefetch).
+template <bool kPersistent>
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1145,9 +1161,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
   const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  const int64_t row = local * a.lean_teams + team;
-  const bool real = row < a.rows;
-  const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
+  const auto row_of = [&](int64_t unit) { return unit * a.lean_teams + team; };
+  const auto run_index_of = [&](int64_t row) { return row < a.rows ? int(a.entries_div.div(uint32_t(row))) : 0; };
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
   const int rope_begin = a.c - a.rope_dim;
@@ -1160,164 +1175,198 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
   CompressorRun run{};
-  if (a.runs_before_wait && real) run = a.runs[run_index];
+  if (a.runs_before_wait && row_of(local) < a.rows) run = a.runs[run_index_of(row_of(local))];
   wait_for_prior_grids();
-  if (!a.runs_before_wait && real) run = a.runs[run_index];
-  const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
-  const RunView& r = e.r;
-  const bool in_run = in_run_entry(a, e);  // team-uniform
-  if (real && thread == 0) {
-    if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
-    if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
-  }
+  if (!a.runs_before_wait && row_of(local) < a.rows) run = a.runs[run_index_of(row_of(local))];
 
-  float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
-  uint8_t* stored = nullptr;
-  // The cache row's page and the RoPE factors, looked up while the slots load.
-  const auto look_up_entry = [&] {
+  // The cache row's page and the RoPE factors of entry w of `slot`, looked up while the slots load.
+  const auto look_up_entry = [&](int32_t slot, int64_t w, uint8_t*& stored, RopeFactors (&rope)[2]) {
     if (a.cache.pool != nullptr)
       stored = a.cache.entry_address(
-          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
+          a.cache.physical_entry(a.cache.pages_of(slot, a.cache_layer, KvArray::Compressed), w));
     if (rope_here)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+        rope[j] = window_rope(a, PoolingTask{.w = w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
-  if (e.emitting && in_run && a.lean_csa_windows) {
+  // Entry e's in-run CSA window, issued into `window` (with its look-up) when it has one: whether it did.
+  const auto issue_window = [&](const EntryItem& e, LeanWindow& window, uint8_t*& stored, RopeFactors (&rope)[2]) {
+    if (!(e.emitting && in_run_entry(a, e) && a.lean_csa_windows)) return false;
     const int row_stride = int(a.row_stride);
-    const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
-    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
+    const int64_t base = (window_first_position(a, e.w) - e.r.start) * row_stride + channel;
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1>(e.r.kv + base, e.r.gate + base, row_stride, a.c, window.value, window.score);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
-    look_up_entry();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float values[kLeanSlots], scores[kLeanSlots];
-#pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i] + ape[v].v[i];
-      pooled[i] = window_softmax(values, scores);
-      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+      load_csa_window<2>(e.r.kv + base, e.r.gate + base, row_stride, a.c, window.value, window.score);
+    look_up_entry(e.run.slot, e.w, stored, rope);
+    return true;
+  };
+
+  LeanWindow window;
+  uint8_t* stored = nullptr;
+  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+  bool issued = false;  // this unit's window is in `window` (issued during the previous unit)
+  for (int64_t unit = local; unit < (kPersistent ? a.lean_units : local + 1); unit += a.ctas) {  // CTA-uniform
+    const int64_t row = row_of(unit);
+    const bool real = row < a.rows;
+    const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index_of(row), real}, run);
+    const RunView& r = e.r;
+    const bool in_run = in_run_entry(a, e);  // team-uniform
+    if (real && thread == 0) {
+      if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
+      if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
     }
-  } else if (e.emitting) {
-    Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
-    bool valid[kLeanSlots];
-    if (in_run) {
-      // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
-      const int row_stride = int(a.row_stride);
-      const int base = int(window_first_position(a, e.w) - r.start) * row_stride + channel;
+    // The next unit's run, loaded while this unit's slots are.
+    const int64_t next_unit = unit + a.ctas, next_row = row_of(next_unit);
+    CompressorRun next_run{};
+    if (kPersistent && next_unit < a.lean_units && next_row < a.rows) next_run = a.runs[run_index_of(next_row)];
+
+    float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (!issued && e.emitting) issued = issue_window(e, window, stored, rope);
+    if (issued) {
+      // ape loaded at its use (L1 hits): the window's registers are all a prefetch holds.
+      Quad ape[kLeanSlots];
+      if (a.groups == 1)
+        load_csa_ape<1>(a.ape + channel, a.c, ape);
+      else
+        load_csa_ape<2>(a.ape + channel, a.c, ape);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+        for (int v = 0; v < kLeanSlots; ++v)
+          values[v] = window.value[v].v[i], scores[v] = window.score[v].v[i] + ape[v].v[i];
+        pooled[i] = window_softmax(values, scores);
+        if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+      }
+    } else if (e.emitting) {
+      Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
+      bool valid[kLeanSlots];
+      if (in_run) {
+        // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
+        const int row_stride = int(a.row_stride);
+        const int base = int(window_first_position(a, e.w) - r.start) * row_stride + channel;
+#pragma unroll
+        for (int v = 0; v < kLeanSlots; ++v) {
+          const int s = lean_slot(v, a.groups);
+          valid[v] = s < slots;
+          if (valid[v]) {
+            const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
+            value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kLeanSlots; ++v) {
+          const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
+          const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+          value[v] = load_quad(source.value), score[v] = load_quad(source.score);
+          valid[v] = p.valid;
+        }
+      }
+      // ape behind the slots' loads (L1 hits after the first CTAs).
+      Quad ape[kLeanSlots] = {};
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         const int s = lean_slot(v, a.groups);
-        valid[v] = s < slots;
-        if (valid[v]) {
-          const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
+        if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+      }
+      look_up_entry(run.slot, e.w, stored, rope);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+        for (int v = 0; v < kLeanSlots; ++v) {
+          values[v] = valid[v] ? value[v].v[i] : 0.0f;
+          scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
+        }
+        pooled[i] = window_softmax(values, scores);
+        if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+      }
+    }
+    // This unit's finish below runs while the next unit's window loads (its look-up into the next_ variables).
+    uint8_t* next_stored = nullptr;
+    RopeFactors next_rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+    issued = false;
+    if (kPersistent && next_unit < a.lean_units && next_row < a.rows) {
+      const EntryItem next = entry_item(a, ItemPlace{int(next_row), 0, run_index_of(next_row), true}, next_run);
+      issued = issue_window(next, window, next_stored, next_rope);
+    }
+    if (kPersistent && !issued) window = LeanWindow{};  // dead until the next issue (else live in the whole loop)
+
+    // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
+    // blocks in order.
+    float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
+#pragma unroll
+    for (int m = 8; m > 0; m /= 2)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
+    if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
+    __syncthreads();  // also: every pooling read of the state is done (the ticket below)
+    float total = 0.0f;
+    for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
+
+    // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
+    const bool takes_ticket = real && !in_run;
+    if (thread == 0) {
+      bool last = false;
+      if (takes_ticket) {
+        __threadfence();
+        last = atomicAdd(r.state.finished_ctas, 1u) == ticket_ctas(a, r) - 1;
+      }
+      team_updates[team] = last;
+      team_runs[team] = run;
+    }
+
+    if (e.emitting) {
+      const float inv_rms = inverse_rms(total, static_cast<float>(a.c), a.norm_eps);
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
+      if (rope_here)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
+      if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
+        const bool nope = !rope_here;
+        float amax = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
+#pragma unroll
+        for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+        const float scale = kv_fp8_scale(amax);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
+      }
+      // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
+      if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
+        finish_warp_vector<4>(a, v, lane, run.slot, e.w);
+      if (a.cache.pool != nullptr) {
+        kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
+        kv_store_pad(a.cache.layout, stored, thread);
+      } else if (a.slot_entries_fp8 == nullptr) {
+        if (a.entries != nullptr) {
+          *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
+        } else if (e.w < a.slot_entry_capacity) {
+          const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
+          uint2 packed;
+          packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
+          *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
+              packed;
         }
       }
-    } else {
-#pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) {
-        const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
-        const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-        value[v] = load_quad(source.value), score[v] = load_quad(source.score);
-        valid[v] = p.valid;
-      }
     }
-    // ape behind the slots' loads (L1 hits after the first CTAs).
-    Quad ape[kLeanSlots] = {};
-#pragma unroll
-    for (int v = 0; v < kLeanSlots; ++v) {
-      const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
-    }
-    look_up_entry();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float values[kLeanSlots], scores[kLeanSlots];
-#pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) {
-        values[v] = valid[v] ? value[v].v[i] : 0.0f;
-        scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
-      }
-      pooled[i] = window_softmax(values, scores);
-      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
-    }
-  }
 
-  // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
-  // blocks in order.
-  float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
-#pragma unroll
-  for (int m = 8; m > 0; m /= 2)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
-  if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
-  __syncthreads();  // also: every pooling read of the state is done (the ticket below)
-  float total = 0.0f;
-  for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
-
-  // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
-  const bool takes_ticket = real && !in_run;
-  if (thread == 0) {
-    bool last = false;
-    if (takes_ticket) {
-      __threadfence();
-      last = atomicAdd(r.state.finished_ctas, 1u) == ticket_ctas(a, r) - 1;
-    }
-    team_updates[team] = last;
-    team_runs[team] = run;
-  }
-
-  if (e.emitting) {
-    const float inv_rms = inverse_rms(total, static_cast<float>(a.c), a.norm_eps);
-    float v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
-    if (rope_here)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
-    if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
-      const bool nope = !rope_here;
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
-#pragma unroll
-      for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-      const float scale = kv_fp8_scale(amax);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
-    }
-    // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
-    if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
-      finish_warp_vector<4>(a, v, lane, run.slot, e.w);
-    if (a.cache.pool != nullptr) {
-      kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
-      kv_store_pad(a.cache.layout, stored, thread);
-    } else if (a.slot_entries_fp8 == nullptr) {
-      if (a.entries != nullptr) {
-        *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
-      } else if (e.w < a.slot_entry_capacity) {
-        const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
-        uint2 packed;
-        packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
-        *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
-            packed;
-      }
-    }
-  }
-
-  // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
-  __syncthreads();
-  for (int i = 0; i < a.lean_teams; ++i) {
-    if (!team_updates[i]) continue;  // CTA-uniform
-    __threadfence();
-    const RunView u = run_view(a, team_runs[i]);
-    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
-    if (threadIdx.x == 0) *u.state.finished_ctas = 0;
+    // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
     __syncthreads();
+    for (int i = 0; i < a.lean_teams; ++i) {
+      if (!team_updates[i]) continue;  // CTA-uniform
+      __threadfence();
+      const RunView u = run_view(a, team_runs[i]);
+      update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+      if (threadIdx.x == 0) *u.state.finished_ctas = 0;
+      __syncthreads();
+    }
+    run = next_run, stored = next_stored, rope[0] = next_rope[0], rope[1] = next_rope[1];
   }
 }
 
@@ -1344,12 +1393,13 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+// kLeanCtas (round s21-2 A/B): 0 one unit per lean CTA, else persistent lean CTAs, kLeanCtas per SM.
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, int kLeanCtas = 0>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads
                                       ? kStagedThreads
                                       : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  kLoads == CompressorSlotLoads::Lean ? (kLeanCtas == 0 ? kLeanCtasPerSm : kLeanCtas)
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                   : kLoads == CompressorSlotLoads::Quads  ? 2
                                                                           : 1)
@@ -1364,7 +1414,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThr
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kLeanCtas != 0>(a, int64_t(blockIdx.x) - a.first_cta);
   else
     compress<kSliceUpdates, kLoads, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
