@@ -88,10 +88,11 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s: worst error/tolerance %.3f\n", c.name,
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
               options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
-              options.grid == PrefillGrid::Persistent ? " persistent" : "", checked.worst);
+              options.grid == PrefillGrid::Persistent ? " persistent" : "", options.release_rows ? " rows" : "",
+              checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -197,6 +198,26 @@ TEST(SparseAttentionPrefill, PersistentGridMatchesCpu) {
     check_attention({"window 5", format, 512, 64, 64, 5, 8, 0, {30, 3}, 4}, seed++, persistent(3));
   }
   check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++, persistent(2));
+}
+
+// Row-group release (SparseAttentionPrefillOptions::release_rows) on both grids: chunks with partial blocks, a query
+// without entries, padded heads, decode batches.
+TEST(SparseAttentionPrefill, RowGroupReleaseMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 800;
+  for (const PrefillGrid grid : {PrefillGrid::PerItem, PrefillGrid::Persistent}) {
+    const SparseAttentionPrefillOptions options{
+        .prefetch_resolved = PrefetchResolved::Off, .grid = grid, .persistent_ctas = 3, .release_rows = true};
+    for (const KvEntryFormat format : kFormats) {
+      check_attention({"flash csa chunk rows", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, options);
+      check_attention({"h48 padded rows", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                       AttentionDtype::Bf16, true},
+                      seed++, options);
+      check_attention({"pro csa decode rows", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1,
+                       AttentionDtype::Bf16},
+                      seed++, options);
+    }
+  }
 }
 
 // The persistent grid at its default size (one CTA per SM) over a chunk of 400 queries: about three items per CTA.

@@ -14,9 +14,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kPersistent, bool kTrace>
+template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kPersistent, kTrace>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kPersistent, kRowGroups, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -32,13 +32,17 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
 
 template <bool kFp8>
 void launch_grid(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  if (options.grid == PrefillGrid::Persistent) {
-    check(options.trace == nullptr, "sparse_attention_prefill: a traced launch takes the per-item grid");
-    launch<kFp8, true, false>(p, head_blocks, options);
-  } else if (options.trace != nullptr) {
-    launch<kFp8, false, true>(p, head_blocks, options);
+  const bool persistent = options.grid == PrefillGrid::Persistent;
+  if (options.trace != nullptr) {
+    check(!persistent && !options.release_rows,
+          "sparse_attention_prefill: a traced launch takes the per-item grid without row-group release");
+    launch<kFp8, false, false, true>(p, head_blocks, options);
+  } else if (persistent) {
+    options.release_rows ? launch<kFp8, true, true, false>(p, head_blocks, options)
+                         : launch<kFp8, true, false, false>(p, head_blocks, options);
   } else {
-    launch<kFp8, false, false>(p, head_blocks, options);
+    options.release_rows ? launch<kFp8, false, true, false>(p, head_blocks, options)
+                         : launch<kFp8, false, false, false>(p, head_blocks, options);
   }
 }
 

@@ -108,7 +108,7 @@ inline constexpr int kSum = kMax + 32 * 8;                   // float2 [2][64]: 
 inline constexpr int kRope = kSum + 2 * 64 * 8;              // RopeFactors [2][kMaxRopePairs], by item
 inline constexpr int kPhysical = kRope + 2 * kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the kBarrierCount mbarriers of Barriers
-inline constexpr int kBarrierCount = 16;
+inline constexpr int kBarrierCount = 32;
 inline constexpr int kBytes = kBarriers + kBarrierCount * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
@@ -130,7 +130,32 @@ struct Barriers {
   __device__ __forceinline__ uint64_t* q_full() const { return base + 12; }
   __device__ __forceinline__ uint64_t* q_free() const { return base + 13; }
   __device__ __forceinline__ uint64_t* rope_free(int table) const { return base + 14 + table; }
+  // Row-group release: a buffer half's rows [16 group, +16) released by their last reader.
+  __device__ __forceinline__ uint64_t* empty_rows(int buffer, int half, int group) const {
+    return base + 16 + (buffer * 2 + half) * 4 + group;
+  }
 };
+
+// A buffer half's release: its empty barrier, or with row groups each group's.
+template <bool kRowGroups>
+__device__ __forceinline__ void release_half(const Barriers& barriers, int buffer, int half) {
+  if constexpr (kRowGroups) {
+#pragma unroll
+    for (int group = 0; group < 4; ++group) sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, group));
+  } else {
+    sm90::mbarrier_arrive(barriers.empty(buffer, half));
+  }
+}
+
+template <bool kRowGroups>
+__device__ __forceinline__ void wait_half_released(const Barriers& barriers, int buffer, int half, uint32_t parity) {
+  if constexpr (kRowGroups) {
+#pragma unroll
+    for (int group = 0; group < 4; ++group) sm90::mbarrier_wait(barriers.empty_rows(buffer, half, group), parity);
+  } else {
+    sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
+  }
+}
 
 // Work item i: query i / head_blocks, heads [64 (i % head_blocks), +64). A CTA serves item blockIdx.x, or on the
 // persistent grid items blockIdx.x + k·gridDim.x in turn.
@@ -216,7 +241,7 @@ __device__ __forceinline__ void load_q_tiles(const SparseAttentionParams& p, uin
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row. Per item it
 // also writes the inverse RoPE's factors (table k % 2 for the CTA's item k) and, on the persistent grid, the item's Q
 // once the consumers have released the previous item's.
-template <bool kFp8, bool kPersistent, bool kTrace>
+template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
                                         int resident_ctas, bool prefetch_resolved, const Barriers& barriers,
                                         uint64_t* trace) {
@@ -261,11 +286,13 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  const auto load_half = [&](int buffer, int half) {
+  // before_group(k) runs before the bf16 copies of rows [16k, +16) (row-group release: their wait).
+  const auto load_half = [&](int buffer, int half, const auto& before_group) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
+        before_group(k);
         const int32_t entry_index = physical(buffer, k);
         uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
         // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
@@ -355,21 +382,30 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
       // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
       // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
       const uint32_t parity = phase ^ uint32_t(i & 1) ^ 1;
-      sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+      const auto no_wait = [](int) {};
+      wait_half_released<kRowGroups>(barriers, 0, 0, parity);
       publish_valid(0);
-      load_half(0, 0);
+      load_half(0, 0, no_wait);
       publish_half(0, 0);
       if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-      sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+      wait_half_released<kRowGroups>(barriers, 1, 1, parity);
       publish_valid(1);
-      load_half(1, 1);
+      load_half(1, 1, no_wait);
       publish_half(1, 1);
-      sm90::mbarrier_wait(barriers.empty(0, 1), parity);
-      load_half(0, 1);
-      publish_half(0, 1);
-      sm90::mbarrier_wait(barriers.empty(1, 0), parity);
-      load_half(1, 0);
-      publish_half(1, 0);
+      // The halves the other consumer's PV reads last: with row groups (bf16 entries) each group of rows is copied as
+      // soon as its k16 step of that PV is done.
+#pragma unroll
+      for (int buffer = 0; buffer < 2; ++buffer) {
+        const int half = buffer ^ 1;
+        if constexpr (kRowGroups && !kFp8) {
+          load_half(buffer, half,
+                    [&](int k) { sm90::mbarrier_wait(barriers.empty_rows(buffer, half, k), parity); });
+        } else {
+          wait_half_released<kRowGroups>(barriers, buffer, half, parity);
+          load_half(buffer, half, no_wait);
+        }
+        publish_half(buffer, half);
+      }
       if (i + 1 < pairs) {
         resolve_pages(i + 1);
         if (i + 2 < pairs) load_rows(i + 2);
@@ -478,16 +514,34 @@ __device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&p
   sm90::wgmma_commit_group();
 }
 
-// o += P V_buffer[:, half] with P from the other consumer's shared tile.
+// o += P V_buffer[:, half] with P from the other consumer's shared tile: one commit group, or with row groups one per
+// k16 step (rows [16 ks, +16) of the half are then released as their step completes).
+template <bool kRowGroups>
 __device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
                                           int half) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
   sm90::wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks)
+  for (int ks = 0; ks < kBlock / 16; ++ks) {
     sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
                                           v_descriptor(smem, buffer, half, ks), 1);
-  sm90::wgmma_commit_group();
+    if (kRowGroups) sm90::wgmma_commit_group();
+  }
+  if (!kRowGroups) sm90::wgmma_commit_group();
+}
+
+// Row-group release of the half the last pv_shared read, its k16 steps the oldest of `pending` + 4 commit groups:
+// rows [16 ks, +16) once step ks is done (the rest of the half and `pending` later groups may still run).
+template <int kPending>
+__device__ __forceinline__ void release_rows_as_done(const Barriers& barriers, int buffer, int half) {
+  sm90::wgmma_wait_group<kPending + 3>();
+  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 0));
+  sm90::wgmma_wait_group<kPending + 2>();
+  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 1));
+  sm90::wgmma_wait_group<kPending + 1>();
+  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 2));
+  sm90::wgmma_wait_group<kPending>();
+  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 3));
 }
 
 __device__ __forceinline__ void fence_fragments(uint32_t (&pf)[4][4]) {
@@ -571,7 +625,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
 // Consumer w's pairs of one item (phase: the parity of the CTA's earlier pairs, the buffers' barrier phases): o accumulates the
 // output dims [256w, +256), row_max / row_sum the rows' online softmax. release_q() runs once this consumer's last
 // scores of the item are done (its last read of the Q tiles).
-template <bool kFp8, bool kTrace, typename ReleaseQ>
+template <bool kFp8, bool kRowGroups, bool kTrace, typename ReleaseQ>
 __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& barriers, int consumer, int pairs,
                                               uint32_t phase, float scale_log2, float (&o)[128],
                                               float (&row_max)[2], float (&row_sum)[2], const ReleaseQ& release_q,
@@ -609,7 +663,7 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(0, 0));
+      release_half<kRowGroups>(barriers, 0, 0);
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
       const float2 pair_max = *shared_max;
@@ -626,22 +680,30 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
-      pv_shared(o, other_p, smem, 1, 0);
+      pv_shared<kRowGroups>(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
         wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(1, 0));
+        if constexpr (kRowGroups) {
+          release_rows_as_done<1>(barriers, 1, 0);
+          sm90::fence_operand(o);
+        } else {
+          sm90::wgmma_wait_group<1>();
+          sm90::fence_operand(o);
+          sm90::mbarrier_arrive(barriers.empty(1, 0));
+        }
         wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
+        sm90::fence_operand(o);
+      } else if constexpr (kRowGroups) {
+        release_rows_as_done<0>(barriers, 1, 0);
         sm90::fence_operand(o);
       } else {
         sm90::wgmma_wait_group<0>();
@@ -676,15 +738,23 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       wait_full<kFp8>(barriers.full(0, 1), parity);
-      pv_shared(o, other_p, smem, 0, 1);
+      pv_shared<kRowGroups>(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      sm90::wgmma_wait_group<1>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(1, 1));
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o);
-      sm90::mbarrier_arrive(barriers.empty(0, 1));
+      if constexpr (kRowGroups) {
+        sm90::wgmma_wait_group<4>();
+        fence_fragments(pf);
+        release_half<true>(barriers, 1, 1);
+        release_rows_as_done<0>(barriers, 0, 1);
+        sm90::fence_operand(o);
+      } else {
+        sm90::wgmma_wait_group<1>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(0, 1));
+      }
     }
   }
 }
@@ -731,7 +801,7 @@ __device__ __forceinline__ void store_rows_through_p_tile(const SparseAttentionP
   }
 }
 
-template <bool kFp8, bool kPersistent, bool kTrace>
+template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -805,7 +875,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     const auto release_q = [&] {
       if constexpr (kPersistent) sm90::mbarrier_arrive(barriers.q_free());
     };
-    consume_pairs<kFp8, kTrace>(smem, barriers, consumer, pairs, phase, scale_log2, o, row_max, row_sum, release_q,
+    consume_pairs<kFp8, kRowGroups, kTrace>(smem, barriers, consumer, pairs, phase, scale_log2, o, row_max, row_sum, release_q,
                                 trace);
     phase ^= uint32_t(pairs & 1);
     const int64_t t = item_query(item, head_blocks);
@@ -908,7 +978,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kPersistent, bool kTrace>
+template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -921,6 +991,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
     // valid, rope_ready, q_full: every producer thread; q_free, rope_free: both consumers' threads.
     for (int i = 0; i < 12; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
+    if constexpr (kRowGroups)
+      for (int i = 16; i < kBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::mbarrier_init(barriers.q_full(), kWarpgroup);
     sm90::mbarrier_init(barriers.q_free(), 2 * kWarpgroup);
     for (int table = 0; table < 2; ++table) sm90::mbarrier_init(barriers.rope_free(table), 2 * kWarpgroup);
@@ -931,10 +1003,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= 2 * kWarpgroup) {
     sm90::setmaxnreg_decrease<kProducerRegisters<kPersistent>>();
     wait_for_prior_grids();
-    produce<kFp8, kPersistent, kTrace>(p, smem, head_blocks, resident_ctas, prefetch_resolved, barriers, trace);
+    produce<kFp8, kPersistent, kRowGroups, kTrace>(p, smem, head_blocks, resident_ctas, prefetch_resolved, barriers,
+                                                   trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters<kPersistent>>();
-    consume<kFp8, kPersistent, kTrace>(p, smem, head_blocks, barriers, trace);
+    consume<kFp8, kPersistent, kRowGroups, kTrace>(p, smem, head_blocks, barriers, trace);
   }
 }
 

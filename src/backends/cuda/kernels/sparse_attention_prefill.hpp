@@ -60,6 +60,10 @@ struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
   PrefillGrid grid = PrefillGrid::PerItem;
   int persistent_ctas = 0;  // the persistent grid's CTAs (0: one per SM; tests give fewer to loop over more items)
+  // Row-group release: the halves a consumer's PV reads last (the other consumer's weights) are released in four
+  // groups of 16 rows as that PV's k16 steps complete, and the producer refills each group as soon as it is free (bf16
+  // entries), instead of the whole half after the whole PV.
+  bool release_rows = false;
   // Traced launch (PerItem only): tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr:
   // untraced kernel).
   uint64_t* trace = nullptr;
