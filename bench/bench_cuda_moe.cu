@@ -18,8 +18,8 @@
 // staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the weight copies without the L2
 // evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", each CTA's work item read after
 // the count (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the
-// routing (MoeRunParams::shared_without_wait off): "shared-waits", the tensor maps not asked of L2
-// (MoeRunParams::maps_to_l2 off): "maps-cold", the gate/up CTAs waiting for the router grid's end at T = 1
+// routing (MoeRunParams::shared_without_wait off): "shared-waits", the experts' tables not asked of L2
+// (MoeRunParams::tables_to_l2 off): "tables-cold", the gate/up CTAs waiting for the router grid's end at T = 1
 // (MoeRunParams::routing_flag off): "routing-grid-wait".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
@@ -190,7 +190,7 @@ enum class Path {
   WEIGHTS_EVICT_NORMAL,
   ITEM_AFTER_COUNT,
   SHARED_WAITS,
-  MAPS_COLD,
+  TABLES_COLD,
   ROUTING_GRID_WAIT,
   REGISTER
 };
@@ -206,11 +206,11 @@ struct PathSpec {
   bool evict_normal = false;
   bool item_after_count = false;
   bool shared_waits = false;
-  bool maps_cold = false;
+  bool tables_cold = false;
   bool grid_wait = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           evict_normal || item_after_count || shared_waits || maps_cold || grid_wait ||
+           evict_normal || item_after_count || shared_waits || tables_cold || grid_wait ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -233,7 +233,7 @@ constexpr PathSpec kPaths[] = {
      false, false, false, true},
     {Path::SHARED_WAITS, "shared-waits", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, true},
-    {Path::MAPS_COLD, "maps-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
+    {Path::TABLES_COLD, "tables-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
      false, false, false, true},
     {Path::ROUTING_GRID_WAIT, "routing-grid-wait", false, false, MoeRunParams{}.shared_expert_split, false, false,
      false, false, false, false, false, false, true},
@@ -260,7 +260,7 @@ MoeRunParams path_params(Path path) {
   if (spec.evict_normal) p.weights_evict_first = false;
   if (spec.item_after_count) p.item_with_count = false;
   if (spec.shared_waits) p.shared_without_wait = false;
-  if (spec.maps_cold) p.maps_to_l2 = false;
+  if (spec.tables_cold) p.tables_to_l2 = false;
   if (spec.grid_wait) p.routing_flag = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
@@ -570,7 +570,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,late-x,weights-evict-normal,"
-                           "item-after-count,shared-waits,maps-cold,routing-grid-wait,"
+                           "item-after-count,shared-waits,tables-cold,routing-grid-wait,"
                            "register]\n");
       return 2;
     }

@@ -87,7 +87,7 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
 }
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
-// the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, maps_to_l2,
+// the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, tables_to_l2,
 // routing_flag; MoeRoutingParams::bias_to_l2).
 bool moe_ab_old() {
   static const bool value = [] {
@@ -158,7 +158,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .item_with_count = p.item_with_count && !moe_ab_old(),
       .shared_without_wait = u_early && p.shared_without_wait,
       .top_k = int(c.top_k),
-      .maps_to_l2 = p.maps_to_l2 && !moe_ab_old(),
+      .tables_to_l2 = p.tables_to_l2 && !moe_ab_old(),
       .routing_done = routing.routing_done,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),

@@ -113,9 +113,9 @@ struct MoeRunParams {
   // MoeExpertGemmParams::shared_without_wait with early_x (T = 1): the shared expert's gate/up CTAs do not wait for the
   // routing. The same bits. Round s21-2 A/B (bench_cuda_moe path "shared-waits").
   bool shared_without_wait = true;
-  // MoeExpertGemmParams::maps_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps before the
-  // wait. The same bits. Round s21-2 A/B (bench_cuda_moe path "maps-cold").
-  bool maps_to_l2 = true;
+  // MoeExpertGemmParams::tables_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps and
+  // views before the wait. The same bits. Round s21-2 A/B (bench_cuda_moe path "tables-cold").
+  bool tables_to_l2 = true;
   // MoeExpertGemmParams::routing_done with early_x (T = 1) after the decode router: the gate/up CTAs wait for the
   // routing CTA's flag instead of the router grid's end. The same bits. Round s21-2 A/B (bench_cuda_moe path
   // "routing-grid-wait").

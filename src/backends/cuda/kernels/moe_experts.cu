@@ -137,9 +137,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .item_with_count = p.item_with_count,
       .shared_without_wait = gate_up && p.shared_without_wait,
       .shared_row_begin = p.tokens * p.top_k,
-      .maps_bytes_to_l2 = gate_up && p.maps_to_l2 && p.streamed
-                              ? uint32_t(3 * (p.experts_count + 1) * sizeof(tile::stream::StreamMaps))
-                              : 0u,
+      .tables_to_l2 = gate_up && p.tables_to_l2 && p.streamed,
       .routing_done = gate_up ? p.routing_done : nullptr,
   };
 }

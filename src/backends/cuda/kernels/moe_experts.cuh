@@ -106,7 +106,7 @@ struct ExpertGemmArgs {
   bool item_with_count;  // MoeExpertGemmParams::item_with_count
   bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
   int shared_row_begin;      // T·top_k: the shared expert's first row
-  uint32_t maps_bytes_to_l2;  // gate/up: bytes of stream_maps to ask L2 for (MoeExpertGemmParams::maps_to_l2), or 0
+  bool tables_to_l2;         // gate/up: MoeExpertGemmParams::tables_to_l2
   const uint32_t* routing_done;  // gate/up: MoeExpertGemmParams::routing_done
 };
 
@@ -539,6 +539,14 @@ __device__ __forceinline__ uint64_t weights_l2_policy(const ExpertGemmArgs& a) {
   else
     asm volatile("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
   return policy;
+}
+
+// MoeExpertGemmParams::tables_to_l2: this CTA's slice of a table of `bytes` bytes (16-byte aligned), asked of L2 in
+// one bulk request (the slices cover the table's whole 16-byte units over the grid's CTAs).
+__device__ __forceinline__ void prefetch_table_slice_l2(const void* table, uint32_t bytes) {
+  const uint32_t units = bytes / 16, ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
+  const uint32_t slice = (units + ctas - 1) / ctas, begin = cta * slice;
+  if (begin < units) prefetch_l2_bulk(static_cast<const uint8_t*>(table) + 16 * begin, 16 * min(slice, units - begin));
 }
 
 // 8 inputs of fp32 u from k, rounded to bf16 as the routing rounds u_bf16 (convert_u_slice), read through L2.
@@ -978,14 +986,10 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
-  if (G == ExpertGemm::GATE_UP && a.maps_bytes_to_l2 != 0 && threadIdx.x == 0) {
-    // This CTA's slice of the tensor-map table, in whole StreamMaps (MoeExpertGemmParams::maps_to_l2).
-    constexpr uint32_t kMaps = sizeof(tile::stream::StreamMaps);
-    const uint32_t ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
-    const uint32_t slice = (a.maps_bytes_to_l2 / kMaps + ctas - 1) / ctas * kMaps, begin = cta * slice;
-    if (begin < a.maps_bytes_to_l2)
-      prefetch_l2_bulk(reinterpret_cast<const uint8_t*>(a.stream_maps) + begin,
-                       min(slice, a.maps_bytes_to_l2 - begin));
+  if (G == ExpertGemm::GATE_UP && a.tables_to_l2 && threadIdx.x == 0) {
+    const uint32_t experts = uint32_t(a.shared_expert) + 1;
+    prefetch_table_slice_l2(a.stream_maps, experts * 3 * uint32_t(sizeof(tile::stream::StreamMaps)));
+    prefetch_table_slice_l2(a.experts, experts * uint32_t(sizeof(MoeExpertView)));
   }
   // T = 1 gate/up (MoeExpertGemmParams::u_early): every item's one row is token 0, staged from u before the wait.
   bool x_staged = false;

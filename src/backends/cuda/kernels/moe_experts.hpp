@@ -121,11 +121,11 @@ struct MoeExpertGemmParams {
   // past their wait. The same bits. Round s21-2 A/B (MoeRunParams::shared_without_wait).
   bool shared_without_wait = false;
   int top_k = 0;  // routed experts per token (the shared expert's first row is T·top_k)
-  // run_moe_gate_up, streamed kernels: before the wait each CTA asks L2 for its slice of the experts' tensor-map table
-  // (stream_maps, 768 bytes per expert), so the copy engine's descriptor fetches for the routed experts' first copies
-  // (gate/up and down) hit L2 instead of HBM (a step streams far more than L2 between two uses of a layer's maps).
-  // The same bits. Round s21-2 A/B (MoeRunParams::maps_to_l2).
-  bool maps_to_l2 = false;
+  // run_moe_gate_up, streamed kernels: before the wait each CTA asks L2 for its slice of the experts' tables (the
+  // tensor maps, 768 bytes per expert, and the views, 216), so the copy engine's descriptor fetches for the routed
+  // experts' first copies (gate/up and down) and the CTAs' view loads hit L2 instead of HBM (a step streams far more
+  // than L2 between two uses of a layer's tables). The same bits. Round s21-2 A/B (MoeRunParams::tables_to_l2).
+  bool tables_to_l2 = false;
   // run_moe_gate_up with u_early (T = 1) after the decode router: its routing CTA's flag (MoeRoutingBuffers::
   // routing_done); the CTAs wait for it (acquire) instead of the routing grid's end, and read the item count and
   // their items through L2. The launch's dependents still start only after the routing's outputs are complete. Null:
