@@ -305,37 +305,6 @@ __device__ __forceinline__ void issue_first_stages(const LinearKernelArgs& a, co
   }
 }
 
-// FP8: the stored block scales of the stage at k0 (the words load_stage_block_scales reads), and their values. Split
-// so that stage 0's loads go out right after the grid-dependency wait and are converted after x is staged, their
-// latency overlapping the staging's instead of following it (round s19-1, H200 trace: wq_b x staged to stage 0's
-// data 0.80 → 0.42 µs). Kept apart from tile::stream::load_stage_block_scales on purpose: folding that one into these
-// two changed 44 of 48 MoE kernels' SASS (selects became branches), unmeasured.
-struct StageScaleWords {
-  uint32_t words[tile::stream::kMaxBlocksPerStage];
-};
-template <tile::TileFormat F>
-__device__ __forceinline__ StageScaleWords load_stage_scale_words(const DeviceMatrixView& w, int64_t row0,
-                                                                  int64_t k0) {
-  StageScaleWords s{};
-  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
-    const int64_t offset = (row0 / 128) * w.scales_per_row + k0 / 128;
-#pragma unroll
-    for (int b = 0; b < tile::stream::kMaxBlocksPerStage; ++b)
-      s.words[b] = w.scale_type == ScaleType::F32 ? __ldg(reinterpret_cast<const uint32_t*>(w.scales) + offset + b)
-                                                  : uint32_t(__ldg(w.scales + offset + b));
-  }
-  return s;
-}
-template <tile::TileFormat F>
-__device__ __forceinline__ void stage_scale_values(const DeviceMatrixView& w, const StageScaleWords& s,
-                                                   float (&scales)[tile::stream::kMaxBlocksPerStage]) {
-  if constexpr (F == tile::TileFormat::FP8_BLOCK128) {
-#pragma unroll
-    for (int b = 0; b < tile::stream::kMaxBlocksPerStage; ++b)
-      scales[b] = w.scale_type == ScaleType::F32 ? __uint_as_float(s.words[b]) : e8m0_to_float(uint8_t(s.words[b]));
-  }
-}
-
 // acc = the warp's tile of the work: for each chunk of its k range, stage_x(chunk_begin, chunk_end) stages x into
 // x_tile (called by the whole CTA between barriers), then the warp multiplies the chunk's stages as they arrive,
 // refilling the ring. The first stages must have been issued (issue_first_stages); stage 0's FP8 block scales are
@@ -344,7 +313,8 @@ template <tile::TileFormat F, int NT, bool kTrace, class StageX>
 __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& args, const CtaWork& work,
                                                        int64_t row0, bool has_rows, const WarpRing& ring,
                                                        const __nv_bfloat16* x_tile, StageX&& stage_x,
-                                                       const StageScaleWords& first_scales, float (&acc)[NT][4]) {
+                                                       const tile::stream::StageScaleWords& first_scales,
+                                                       float (&acc)[NT][4]) {
   namespace st = tile::stream;
   constexpr int64_t kStageK = st::stage_k(F);
   constexpr int C = tile::detail::kChains<NT>;
@@ -370,7 +340,7 @@ __device__ __forceinline__ void multiply_streamed_item(const LinearKernelArgs& a
       const uint32_t stage = uint32_t(j);
       const int slot = int(stage % uint32_t(ring.slots));
       float block_scales[st::kMaxBlocksPerStage];
-      stage_scale_values<F>(w, j == 0 ? first_scales : load_stage_scale_words<F>(w, row0, k0), block_scales);
+      st::stage_scale_values<F>(w, j == 0 ? first_scales : st::load_stage_scale_words<F>(w, row0, k0), block_scales);
       sm90::mbarrier_wait(ring.full + slot, (stage / uint32_t(ring.slots)) & 1u);
       if (j < kLinearTraceStages) trace_point<kTrace>(args, TRACE_STAGE_READY + 2 * int(j));
       st::multiply_stage<F, NT, C>(ring.stages + slot * st::slot_bytes(F), x_lane + (k0 - chunk_begin), row_stride,
@@ -442,8 +412,8 @@ __global__ void __launch_bounds__(kThreadsPerCta, 4)
   allow_dependents();
   // Stage 0's FP8 block scales go out here, ahead of the norm's and the staging's loads. (Loaded before the wait
   // above, with their conversion, the warp stalled on them there: session 18.)
-  StageScaleWords first_scales{};
-  if (has_rows) first_scales = load_stage_scale_words<F>(w, row0, work.split_begin);
+  tile::stream::StageScaleWords first_scales{};
+  if (has_rows) first_scales = tile::stream::load_stage_scale_words<F>(w, row0, work.split_begin);
   prepare_norm<32>(args, x_tile, inv_rms);
 
   float acc[NT][4];
