@@ -317,30 +317,30 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// The head_dim 512 kernel with bf16 entries fetched by TMA (SparseAttentionParams::d512_entry_tma: eight 128B-swizzled
-// boxes per entry) gives the same bytes as with its 16-byte cp.async copies (the same KV stage layout), over both
-// merges: the chosen splits and one, per-query counts (splits past a query's count: no tiles), single-tile lists with
-// unused slots (rows outside the map, zero-filled), a query with no entries, Pro's two head blocks with bf16 q and
-// output.
-TEST(SparseAttention, D512EntryTmaSameBits) {
+// The head_dim 512 kernel with its consumers releasing each stage before waiting for the next tile
+// (SparseAttentionParams::d512_early_release) gives the same bytes as without, over both merges: bf16 and fp8 entries,
+// the chosen splits and one, per-query counts (splits past a query's count: no tiles), single-tile lists, a query with
+// no entries, Pro's two head blocks with bf16 q and output.
+TEST(SparseAttention, D512EarlyReleaseSameBits) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 140;
-  constexpr KvEntryFormat kBf16 = KvEntryFormat::Bf16;
   std::vector<AttentionCase> cases;
-  cases.push_back({"flash csa decode", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0});
-  cases.push_back({"flash csa decode 1 split", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1});
-  AttentionCase counts{"flash csa 3 splits counts", kBf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 3,
-                       AttentionDtype::F32, AttentionDtype::Bf16, true};
-  counts.counts = true;
-  cases.push_back(counts);
-  cases.push_back({"flash one tile", kBf16, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1});
-  AttentionCase empty{"flash empty query", kBf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 0};
+  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference}) {
+    cases.push_back({"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0});
+    cases.push_back({"flash csa decode 1 split", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1});
+    AttentionCase counts{"flash csa 3 splits counts", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 3,
+                         AttentionDtype::F32, AttentionDtype::Bf16, true};
+    counts.counts = true;
+    cases.push_back(counts);
+    cases.push_back({"flash one tile", format, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1});
+  }
+  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 0};
   empty.empty_query = true;
   cases.push_back(empty);
-  cases.push_back({"pro csa bf16 io", kBf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0, AttentionDtype::Bf16,
-                   AttentionDtype::Bf16});
+  cases.push_back({"pro csa bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0,
+                   AttentionDtype::Bf16, AttentionDtype::Bf16});
   for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(c.name);
+    SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format));
     SparseAttentionCaseData data;
     ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
     SparseAttentionParams call = data.call;
@@ -349,17 +349,17 @@ TEST(SparseAttention, D512EntryTmaSameBits) {
     for (const bool cluster_merge : {false, true}) {
       call.cluster_merge = cluster_merge;
       int splits = 0;
-      call.d512_entry_tma = false;
-      const std::vector<uint8_t> copied = run_call(c, cluster_merge, call, splits);
-      call.d512_entry_tma = true;
-      const std::vector<uint8_t> tma = run_call(c, cluster_merge, call, splits);
-      ASSERT_EQ(copied.size(), tma.size());
+      call.d512_early_release = false;
+      const std::vector<uint8_t> held = run_call(c, cluster_merge, call, splits);
+      call.d512_early_release = true;
+      const std::vector<uint8_t> released = run_call(c, cluster_merge, call, splits);
+      ASSERT_EQ(held.size(), released.size());
       size_t differing = 0;
-      for (size_t b = 0; b < copied.size(); ++b) differing += copied[b] != tma[b];
+      for (size_t b = 0; b < held.size(); ++b) differing += held[b] != released[b];
       EXPECT_EQ(differing, 0u) << "bytes differ (" << (cluster_merge ? "cluster merge" : "combine kernel")
                                << ", splits " << splits << ")";
-      std::printf("  %-28s splits=%d %s: %zu of %zu bytes differ\n", c.name, splits,
-                  cluster_merge ? "cluster" : "combine", differing, copied.size());
+      std::printf("  %-28s %-13s splits=%d %s: %zu of %zu bytes differ\n", c.name, to_string(c.format), splits,
+                  cluster_merge ? "cluster" : "combine", differing, held.size());
     }
   }
 }

@@ -92,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTmaEntries, bool kTrace>
+template <bool kFp8, bool kEarlyRelease, bool kTrace>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kEarlyRelease, kTrace>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -147,6 +147,7 @@ ClusterLimits d512_device_limits() {
     set_d512_attributes<false, false, true>();
     set_d512_attributes<false, true, true>();
     set_d512_attributes<true, false, false>();
+    set_d512_attributes<true, true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
     return query_cluster_limits(sparse_attention_d512_kernel<false, false, false>, kD512Threads, kBytes);
@@ -160,43 +161,27 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-// Whether the head_dim 512 kernel fetches bf16 entries by TMA (SparseAttentionParams::d512_entry_tma, or
-// DSV4_ATTENTION_ENTRY_TMA=1 in the environment for every call).
-bool d512_entry_tma(const SparseAttentionParams& p) {
+// Whether the head_dim 512 kernel's consumers release each stage before waiting for the next tile
+// (SparseAttentionParams::d512_early_release, or DSV4_ATTENTION_EARLY_RELEASE=1 in the environment for every call).
+bool d512_early_release(const SparseAttentionParams& p) {
   static const bool by_environment = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_ENTRY_TMA");
+    const char* value = std::getenv("DSV4_ATTENTION_EARLY_RELEASE");
     return value != nullptr && value[0] == '1';
   }();
-  return p.cache.layout.format == KvEntryFormat::Bf16 && (p.d512_entry_tma || by_environment);
+  return p.d512_early_release || by_environment;
 }
 
-// The pool as [entries, 512] bf16 rows for the TMA producer: boxes of one row's 64-dim block (128 bytes) in the 128B
-// swizzle. Physical entries are int32 and the kernel reads only rows on allocated pages, so the map's extent is the
-// int32 range rather than the pool's size (which the view does not carry).
-CUtensorMap d512_entry_map(const KvCacheView& cache) {
-  return sm90::encode_tensor_map_2d({.type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                                     .base = cache.pool,
-                                     .cols = uint64_t(kD512HeadDim),
-                                     .rows = uint64_t(std::numeric_limits<int32_t>::max()),
-                                     .row_stride_bytes = uint64_t(cache.layout.entry_bytes),
-                                     .box_cols = 64,
-                                     .box_rows = 1,
-                                     .swizzle = CU_TENSOR_MAP_SWIZZLE_128B},
-                                    "sparse_attention KV pool");
-}
-
-template <bool kFp8, bool kTmaEntries, bool kTrace = false>
+template <bool kFp8, bool kEarlyRelease, bool kTrace = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTmaEntries, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kEarlyRelease, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
-  const CUtensorMap entry_map = kTmaEntries ? d512_entry_map(p.cache) : CUtensorMap{};
   launch_chained(kernel, dim3(unsigned(p.tokens * head_blocks * p.splits)), dim3(unsigned(kD512Threads)),
                  size_t(kBytes), p.stream, dim3(unsigned(cluster ? p.splits : 1), 1, 1),
-                 "sparse_attention (head_dim 512, wgmma)", p, entry_map, head_blocks, cluster);
+                 "sparse_attention (head_dim 512, wgmma)", p, head_blocks, cluster);
 }
 
 // The head-split kernel's attributes and cluster limits on the current device, set up once per device.
@@ -369,13 +354,13 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
-    const bool tma = d512_entry_tma(p);
+    const bool early = d512_early_release(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      launch_d512<true, false>(p);
+      early ? launch_d512<true, true>(p) : launch_d512<true, false>(p);
     else if (p.d512_trace != nullptr)
-      tma ? launch_d512<false, true, true>(p) : launch_d512<false, false, true>(p);
+      early ? launch_d512<false, true, true>(p) : launch_d512<false, false, true>(p);
     else
-      tma ? launch_d512<false, true>(p) : launch_d512<false, false>(p);
+      early ? launch_d512<false, true>(p) : launch_d512<false, false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

@@ -39,7 +39,6 @@
 #include "backends/cuda/ptx/ldmatrix.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 #include "backends/cuda/ptx/mma.cuh"
-#include "backends/cuda/ptx/tma.cuh"
 #include "backends/cuda/ptx/wgmma.cuh"
 #include "core/e8m0.hpp"
 
@@ -799,24 +798,22 @@ __device__ __forceinline__ void d512_produce_fp8(const SparseAttentionParams& p,
   }
 }
 
-// The producer of bf16 entries (D512Layout<false>). Lane l of warp w resolves (index → page table → entry) the one
-// slot of each 4-tile chunk that its own warp copies: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to the
-// copying lanes by a shuffle; chunk c + 2's resolve runs during chunk c's copies (index load at its start, page-table
-// load after its last tile, whose copies thus never wait for the index load; at a CTA's start its first four tiles are
-// issued back to back). The copies of a tile into its KV stage, an unused slot zero-filled (its source never read):
-// - kTma = false: thread (row0, chunk) = (thread / 8, thread % 8) copies the 16-byte chunk `chunk` of all eight
-//   64-dim blocks of entries row0 and row0 + 16 by cp.async straight to their swizzled places (16 per thread and
-//   tile); the copies arrive on the stage's kv_full as they land, the valid flags by a plain arrive after their stores;
-// - kTma = true (SparseAttentionParams::d512_entry_tma): lane e < 8 of warp w fetches entry 4w + e % 4 + 16 · (e / 4)
-//   as eight TMA boxes of one 128-byte row each (entry_map: the pool as [entries, 512] bf16, 128B swizzle, which the
-//   TMA unit applies from the shared address: a row at n · 128 of a 1024-aligned block lands with chunk c at
-//   c ^ (n % 8), the layout above), 256 copy instructions per tile instead of 2048; an unused slot is row −1, outside
-//   the map, which the TMA unit fills with zeros. Each of the 32 lanes arrives on kv_full once with its entry's
-//   1024 bytes expected, after storing its valid flag.
-// kTrace: thread 0 marks the first and the last tile's copies issued.
-template <bool kTma, bool kTrace>
-__device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, const CUtensorMap* entry_map,
-                                                  uint8_t* smem, int64_t t, const SlotRange& range) {
+// The producer of bf16 entries (D512Layout<false>): thread (row0, chunk) = (thread / 8, thread % 8) copies the 16-byte
+// chunk `chunk` of all eight 64-dim blocks of entries row0 and row0 + 16 of every tile straight to its swizzled place
+// in the tile's KV stage (an unused slot zero-filled, its source never read); the copies arrive on the stage's
+// kv_full as they land, the valid flags by a plain arrive after their stores. Lane l of
+// warp w resolves (index → page table → entry) the one slot of each 4-tile chunk whose entry lanes of its own warp
+// copy: tile l / 8, entry 4w + l % 4 + 16 · ((l / 4) % 2), handed to them by a shuffle; chunk c + 2's resolve runs
+// during chunk c's copies (index load at its start, page-table load after its last tile, whose copies thus never wait
+// for the index load; at a CTA's start its first four tiles are issued back to back). Session 21 (round 1, H200,
+// bench --route --bf16-kv): the copies as TMA boxes instead (the pool as a [entries, 512] bf16 tensor map, eight
+// 128-byte boxes per entry in the 128B swizzle, 256 copy instructions per tile instead of 2048; same bits) were
+// slower everywhere: Flash CSA 64K b256 78.7 → 110.8 µs, b64 30.5 → 35.5, Pro b64 41.2 → 57.8; the trace: 2.15 µs
+// per tile against 1.43 (the TMA unit's rate for 128-byte boxes, ≈ 15 cycles each per SM). kTrace: thread 0 marks the
+// first and the last tile's copies issued.
+template <bool kTrace>
+__device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
+                                                  const SlotRange& range) {
   using L = D512Layout<false>;
   constexpr int S = L::kKvStages;
   constexpr int kChunkTiles = kD512ResolveSlots / kTile;
@@ -853,41 +850,26 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
       const int j = c * kChunkTiles + i;
       if (j >= tiles) break;
       const int stage = j % S;
-      if constexpr (kTma) {
-        // Lane e < 8: entry n of the stage, resolved by lane 8i + e.
-        const int32_t phys = __shfl_sync(0xFFFFFFFFu, current, 8 * i + lane % 8);
-        const int n = 4 * warp + lane % 4 + 16 * ((lane / 4) % 2);
-        sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
-        if (lane < 8) {
-          tile_valid[stage * kTile + n] = phys >= 0;
-          sm90::mbarrier_arrive_expect_tx(&kv_full[stage], kD512HeadDim * 2);
-          uint8_t* destination = smem + L::kKv + stage * kKvStageBytes + n * 128;
+      int32_t phys[2];
 #pragma unroll
-          for (int b = 0; b < kDimBlocks; ++b)
-            sm90::tma_load_2d(destination + b * kKvBlockBytes, entry_map, &kv_full[stage], 64 * b, phys);
-        }
-      } else {
-        int32_t phys[2];
-#pragma unroll
-        for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
-        sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
-        if (chunk == 0) {
-          tile_valid[stage * kTile + row0] = phys[0] >= 0;
-          tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
-        }
-        const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
-#pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const int n = row0 + 16 * k;
-          const uint32_t destination = stage_base + uint32_t(n * 128 + ((chunk ^ (n % 8)) * 16));
-          const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
-#pragma unroll
-          for (int b = 0; b < kDimBlocks; ++b)
-            ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
-        }
-        ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
-        sm90::mbarrier_arrive(&kv_full[stage]);
+      for (int k = 0; k < 2; ++k) phys[k] = __shfl_sync(0xFFFFFFFFu, current, 8 * i + 4 * k + row0 % 4);
+      sm90::mbarrier_wait(&kv_empty[stage], ((j / S) & 1) ^ 1);
+      if (chunk == 0) {
+        tile_valid[stage * kTile + row0] = phys[0] >= 0;
+        tile_valid[stage * kTile + row0 + 16] = phys[1] >= 0;
       }
+      const uint32_t stage_base = kv_base + uint32_t(stage * kKvStageBytes);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int n = row0 + 16 * k;
+        const uint32_t destination = stage_base + uint32_t(n * 128 + ((chunk ^ (n % 8)) * 16));
+        const uint8_t* source = phys[k] >= 0 ? p.cache.entry_address(phys[k]) + chunk * 16 : p.cache.pool;
+#pragma unroll
+        for (int b = 0; b < kDimBlocks; ++b)
+          ptx::cp_async_or_zero<16>(destination + uint32_t(b * kKvBlockBytes), source + b * 128, phys[k] >= 0);
+      }
+      ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
+      sm90::mbarrier_arrive(&kv_full[stage]);
       if (kTrace && thread == 0 && (j == 0 || j + 1 == tiles))
         d512_trace_mark(p, j == 0 ? kTraceFirstIssued : kTraceLastIssued);
       if (i == kChunkTiles - 1 || j + 1 == tiles) ahead_page = load_page(c + 2, ahead_row);
@@ -895,7 +877,7 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
     current = next;
     next = slot_physical(p.cache, ahead_page, ahead_row);
   }
-  if constexpr (!kTma) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // The cluster merge of the consumers (256 threads; see the notes above): this CTA's slice of the (query, head block)
@@ -1081,9 +1063,11 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry format); kTmaEntries: the entries arrive by TMA (d512_produce_bf16); kTrace:
-// consumer 0's thread 0 marks its phases (SparseAttentionTraceMark).
-template <class L, bool kTmaEntries, bool kTrace>
+// L: the CTA's D512Layout (its entry format); kEarlyRelease (SparseAttentionParams::d512_early_release): each step
+// first waits for the previous tile's PV and hands its stage back, then waits for its own tile (one more stage in
+// flight while the consumers wait for entries; the QKᵀ no longer runs behind the previous PV); kTrace: consumer 0's
+// thread 0 marks its phases (SparseAttentionTraceMark).
+template <class L, bool kEarlyRelease, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1180,11 +1164,15 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % S;
+    if (kEarlyRelease && j > 0) {
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o_acc);
+      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
+    }
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if (tracer && (j <= 1 || j + 1 == range.tiles))
       d512_trace_mark(p, j + 1 == range.tiles ? kTraceLastTile : j == 0 ? kTraceTile0 : kTraceTile1);
-    // cp.async data, then wgmma reads it (TMA and the fp8 expansion's fence need none here).
-    if constexpr (!L::kFp8Entries && !kTmaEntries) sm90::fence_proxy_async_shared();
+    if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
     // S_c = Q_c K_cᵀ over this consumer's 256 dims: 4 blocks × 4 k16 steps.
@@ -1199,7 +1187,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                     kk > 0);
     sm90::wgmma_commit_group();
     // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
-    if (j > 0) {
+    if (!kEarlyRelease && j > 0) {
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o_acc);
       if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
@@ -1366,14 +1354,12 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// kTmaEntries (bf16 entries only): the producer's copies by TMA over entry_map (see d512_produce_bf16). kTrace (bf16
-// entries only): the CTA's phases marked in p.d512_trace.
-template <bool kFp8, bool kTmaEntries, bool kTrace>
+// kEarlyRelease: see d512_consume. kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
+template <bool kFp8, bool kEarlyRelease, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
-    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p,
-                                 const __grid_constant__ CUtensorMap entry_map, const int head_blocks,
+    sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
-  static_assert(!(kFp8 && (kTmaEntries || kTrace)), "TMA entries and traces are bf16 entries'");
+  static_assert(!(kFp8 && kTrace), "traces are bf16 entries'");
   using L = D512Layout<kFp8>;
   if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceStart);
   allow_dependents();
@@ -1388,9 +1374,8 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + L::kBarriers);
     for (int r = 0; r < L::kRawStages; ++r) sm90::mbarrier_init(&barriers[r], 4);  // raw_full: one per warp
     for (int s = 0; s < L::kKvStages; ++s) {
-      // kv_full: every producer thread (bf16 by cp.async: also its copies' arrival; by TMA: the 32 issuing lanes);
-      // kv_empty: one per consumer.
-      sm90::mbarrier_init(&barriers[L::kRawStages + s], kTmaEntries ? 32 : (kFp8 ? 1 : 2) * kWarpgroupThreads);
+      // kv_full: every producer thread (bf16: also its copies' arrival); kv_empty: one per consumer.
+      sm90::mbarrier_init(&barriers[L::kRawStages + s], (kFp8 ? 1 : 2) * kWarpgroupThreads);
       sm90::mbarrier_init(&barriers[L::kRawStages + L::kKvStages + s], 2);
     }
     sm90::fence_mbarrier_init();
@@ -1399,20 +1384,19 @@ __global__ void __launch_bounds__(kD512Threads, 1)
 
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
-    if (kTmaEntries && threadIdx.x == 0) sm90::prefetch_tensor_map(&entry_map);
     wait_for_prior_grids();
     if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceProducerWaited);
     if constexpr (kFp8)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
-      d512_produce_bf16<kTmaEntries, kTrace>(p, &entry_map, smem, work.t, split_slot_range(p, work.t, work.split));
+      d512_produce_bf16<kTrace>(p, smem, work.t, split_slot_range(p, work.t, work.split));
     if (cluster_merge) {  // the producer warps take part in the consumers' two cluster barriers
       sm90::cluster_sync();
       sm90::cluster_sync_relaxed();
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kTmaEntries, kTrace>(p, smem, work, cluster_merge);
+    d512_consume<L, kEarlyRelease, kTrace>(p, smem, work, cluster_merge);
   }
 }
 
