@@ -1172,6 +1172,8 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if (tracer && (j <= 1 || j + 1 == range.tiles))
       d512_trace_mark(p, j + 1 == range.tiles ? kTraceLastTile : j == 0 ? kTraceTile0 : kTraceTile1);
+    const bool mid = tracer && j == range.tiles / 2;
+    if (mid) d512_trace_mark(p, kTraceMidTile);
     if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
@@ -1194,6 +1196,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
+    if (mid) d512_trace_mark(p, kTraceMidScored);
 
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
     // both warpgroups hold identical S).
@@ -1213,6 +1216,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       s_acc[4 * e + 2] += b.z;
       s_acc[4 * e + 3] += b.w;
     }
+    if (mid) d512_trace_mark(p, kTraceMidExchanged);
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
@@ -1223,6 +1227,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
+    if (mid) d512_trace_mark(p, kTraceMidWeighted);
 
     // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
@@ -1232,6 +1237,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                                sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
                                                1);
     sm90::wgmma_commit_group();
+    if (mid) d512_trace_mark(p, kTraceMidMultiplied);
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
@@ -1268,6 +1274,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
     sm90::cluster_sync();
+    if (tracer) d512_trace_mark(p, kTraceMergeSynced);
     if (bf16_partials)
       d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else

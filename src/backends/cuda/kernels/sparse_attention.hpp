@@ -53,7 +53,9 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 
 // The marks of a traced head_dim 512 launch (SparseAttentionParams::d512_trace), per CTA: its start (thread 0), the
 // producer's and consumer 0's grid-dependency waits returned, the producer's first and last tile's copies issued,
-// consumer 0's Q stored, its tiles 0, 1 and last arrived, its loop's last MMAs done, its end (output stored or merged);
+// consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived, scored (QKᵀ done),
+// exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's last MMAs done,
+// with a cluster merge its partial published (first cluster barrier passed), its end (output stored or merged);
 // kTraceSm holds the SM id.
 enum SparseAttentionTraceMark : int {
   kTraceStart,
@@ -65,7 +67,13 @@ enum SparseAttentionTraceMark : int {
   kTraceTile0,
   kTraceTile1,
   kTraceLastTile,
+  kTraceMidTile,
+  kTraceMidScored,
+  kTraceMidExchanged,
+  kTraceMidWeighted,
+  kTraceMidMultiplied,
   kTraceLoopEnd,
+  kTraceMergeSynced,
   kTraceEnd,
   kTraceSm,
   kSparseAttentionTraceSlots
