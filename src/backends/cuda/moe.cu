@@ -88,7 +88,7 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
 
 // Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
 // the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, tables_to_l2,
-// routing_flag; MoeRoutingParams::bias_to_l2).
+// routing_flag; MoeRoutingParams::bias_to_l2, rows_evict_first).
 bool moe_ab_old() {
   static const bool value = [] {
     const char* env = std::getenv("DSV4_MOE_AB");
@@ -233,6 +233,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .fused_routing = p.fused_small_batches,
       .decode_router = p.decode_router,
       .bias_to_l2 = !moe_ab_old(),
+      .rows_evict_first = !moe_ab_old(),
   };
 
   MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);

@@ -84,6 +84,10 @@ struct MoeRoutingParams {
   // beside the scores' instead of reading HBM after the ticket (a step streams far more than L2 between two uses of
   // a layer's bias). The same bits. Round s21-1 A/B (bench_cuda_moe_router path "decode-late-bias").
   bool bias_to_l2 = true;
+  // The decode router: its rows' bulk copies carry an L2 evict-first policy (each router row is read once per call),
+  // so they displace less of what L2 holds (the routing CTA's code, the experts' tables). The same bits. Round s21-2
+  // A/B (bench_cuda_moe_router path "decode-rows-evict-normal").
+  bool rows_evict_first = true;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
