@@ -1,8 +1,5 @@
 #include "backends/cuda/moe.hpp"
 
-#include <cstdlib>
-#include <cstring>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -86,23 +83,10 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-// Round s21 A/B switch (removed after the rounds): DSV4_MOE_AB=old turns the session's new defaults off in every call,
-// the model's included (MoeRunParams::early_x, weights_evict_first, item_with_count, shared_without_wait, tables_to_l2,
-// routing_flag; MoeRoutingParams::bias_to_l2, rows_evict_first).
-bool moe_ab_old() {
-  static const bool value = [] {
-    const char* env = std::getenv("DSV4_MOE_AB");
-    if (env == nullptr) return false;
-    check(std::strcmp(env, "old") == 0, "DSV4_MOE_AB=", env, ": old expected");
-    return true;
-  }();
-  return value;
-}
-
 // Whether the gate/up CTAs stage x from u before the wait (MoeExpertGemmParams::u_early), and whether they then
 // wait for the decode router's flag (MoeExpertGemmParams::routing_done).
 bool stages_x_early(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  return p.early_x && !moe_ab_old() && streams_experts(weights, p) && p.tokens == 1;
+  return p.early_x && streams_experts(weights, p) && p.tokens == 1;
 }
 bool waits_for_routing_flag(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   return stages_x_early(weights, p) && p.routing_flag && p.fused_small_batches && p.decode_router;
@@ -154,11 +138,11 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
       .u_early = u_early ? p.u : nullptr,
-      .weights_evict_first = p.weights_evict_first && !moe_ab_old() && streamed,
-      .item_with_count = p.item_with_count && !moe_ab_old(),
+      .weights_evict_first = p.weights_evict_first && streamed,
+      .item_with_count = p.item_with_count,
       .shared_without_wait = u_early && p.shared_without_wait,
       .top_k = int(c.top_k),
-      .tables_to_l2 = p.tables_to_l2 && !moe_ab_old(),
+      .tables_to_l2 = p.tables_to_l2,
       .routing_done = routing.routing_done,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
@@ -232,8 +216,6 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
       .after_logits = p.stage_events != nullptr ? p.stage_events[stage++] : nullptr,
       .fused_routing = p.fused_small_batches,
       .decode_router = p.decode_router,
-      .bias_to_l2 = !moe_ab_old(),
-      .rows_evict_first = !moe_ab_old(),
   };
 
   MoeExpertGemmParams gemm = expert_gemm_params(weights, p, l, routing);
