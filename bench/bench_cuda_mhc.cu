@@ -336,7 +336,6 @@ int main(int argc, char** argv) {
   std::string only;         // empty: every row
   std::string only_model;   // empty: every model
   bool trace = false;
-  std::string dump_path;    // round experiment, to be removed: hc_pre / hc_head outputs of the first set
   const auto usage = [] {
     std::fprintf(stderr,
                  "usage: bench_cuda_mhc [--json PATH] [--tokens T,T,...] [--iterations N] [--only TEXT] "
@@ -363,8 +362,6 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
       only_model = argv[++i];
-    } else if (std::strcmp(argv[i], "--dump") == 0 && i + 1 < argc) {
-      dump_path = argv[++i];
     } else if (std::strcmp(argv[i], "--trace") == 0) {
       trace = true;
     } else {
@@ -518,24 +515,6 @@ int main(int argc, char** argv) {
               s.post.as<float>(), s.comb.as<float>());
           DSV4_CUDA_CHECK_LAUNCH("baseline_finish_kernel");
         };
-        if (!dump_path.empty()) {
-          Set& s = set(0);
-          run_pre(s, s.post, s.comb, HcKernelChoice::AUTO);
-          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-          std::vector<float> host(size_t(T * d) + size_t(T * (kN + kN * kN)) + size_t(T * d));
-          s.y.download(host.data(), size_t(T * d) * 4);
-          s.post.download(host.data() + T * d, size_t(T * kN) * 4);
-          s.comb.download(host.data() + T * d + T * kN, size_t(T * kN * kN) * 4);
-          run_hc_head({.X = s.X.as<float>(), .fn = s.head_fn.as<float>(), .base = base.as<float>(),
-                       .scale = scale.as<float>(), .tokens = T, .hidden = d, .h = s.y.as<float>(),
-                       .workspace = workspace.data(), .workspace_bytes = workspace_bytes, .stream = stream});
-          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-          s.y.download(host.data() + T * d + T * (kN + kN * kN), size_t(T * d) * 4);
-          FILE* f = std::fopen(dump_path.c_str(), "ab");
-          check(f != nullptr, "bench_cuda_mhc: cannot write ", dump_path);
-          std::fwrite(host.data(), 4, host.size(), f);
-          std::fclose(f);
-        }
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
         const bool tile_clusters_sized = !decode_sized && T <= 1024;

@@ -1,7 +1,6 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -113,14 +112,7 @@ int prepare_resident_ctas(const void* kernel, int threads, size_t smem_bytes) {
 
 template <bool kHead, bool kPost, int kSliceDims, mhc::ProjectionVariant kVariant = mhc::ProjectionVariant::kShared>
 void launch_projection(mhc::ProjectionArgs args, int multiprocessors, cudaStream_t stream, const char* op) {
-  static const int lean = [] {  // round experiment, to be removed
-    const char* value = std::getenv("DSV4_MHC_LEAN");
-    return value != nullptr ? std::atoi(value) : 1;
-  }();
-  auto kernel = lean == 1   ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 1>
-                : lean == 2 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 2>
-                : lean == 3 ? mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant, 3>
-                            : mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
+  const auto kernel = mhc::hc_projection_kernel<kHead, kPost, kSliceDims, kVariant>;
   constexpr int kThreads = mhc::projection_cta_threads(kSliceDims, kVariant);
   constexpr size_t kSmem = mhc::projection_smem_bytes(kSliceDims, mhc::kPartialRows<kHead>, kPost, kVariant);
   const int resident = prepare_resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, kSmem);

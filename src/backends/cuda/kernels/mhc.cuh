@@ -36,6 +36,19 @@
 //   SM, 80 registers, X ring of 2 and a one-stage re-read (315.5 / 180.2: register spills, the re-reads partly
 //   from HBM; with L2 evict_last / evict_first hints 295.4 / 181.8); pre by shuffles within each token's threads and
 //   no barrier before the collapse, the publication guarded by its own (282.0 / 228.5); V4-Pro alike.
+// - Session 21 (H200, V4-Flash 4096 tokens, graph µs, same jobs, same bits): the slice sums check the tags of the
+//   words they read early all at once (a stale word takes the whole sum out of line) and the publication issues all
+//   its loads before adding; in kShared the slice sums run after the collapse (the partials' hop gets half an
+//   iteration more); in kRoles the bf16 rounding of Reference numerics and the slice sums' later passes are out of
+//   line (its code 2816 -> 2648 instructions). hc_pre 204.1 -> 193.4 (39 -> 41 % of copy), hc_head 129.7 -> 126.7
+//   (61 -> 62 %), the warp-specialised hc_post_pre 343.3 / 341.4 -> 312.8 (46 -> 50 %). kShared with the rounding
+//   out of line instead (the slice sums before the collapse): hc_pre 206.5 (at its 128-register cap), hc_head 124.7;
+//   the two together were not measured. Tried and removed: the collapse's pre formed an iteration early by the last
+//   warp (the sums' hop then had one iteration of slack: hc_pre 247, hc_head 204; a stale word costs a round trip
+//   through L2, so both hops keep two iterations); with it the collapse at the top of its iteration and its stage
+//   refilled at once, so X tiles are asked for two iterations ahead (an empty mbarrier per stage: 260 / 200; the
+//   refill past the projection's barrier: 249 / 212; the X tiles' lead is not what binds); two MMA accumulator
+//   chains (other bits; hc_post_pre 322).
 // - The fused hc_post + hc_pre (kPost) also stages the tile's `out` rows and its 16 tokens' post/comb in a ring of
 //   kPostSlots (they die at the update, the X stage lives on until the collapse), applies the residual update to the
 //   staged X in place, writes it to X_out, and projects and collapses the updated X: X is read once.
@@ -317,7 +330,9 @@ __device__ __forceinline__ float4 round4_to_bf16(float4 v) {
   return make_float4(round_to_bf16(v.x), round_to_bf16(v.y), round_to_bf16(v.z), round_to_bf16(v.w));
 }
 
-// round4_to_bf16 out of line (lean 3, round experiment): Reference numerics only, off the persistent loop's code.
+// round4_to_bf16 out of line (Reference numerics only): the warp-specialised kernel's per-tile code stays shorter
+// (with its later slice-sum passes out of line: hc_post_pre at 4096 tokens 329.7 -> 312.8 µs, H200, session 21; the
+// plain persistent kernel keeps it inline: hc_pre at its register cap 199.8 -> 206.5).
 static __device__ __noinline__ float4 round4_to_bf16_call(float4 v) { return round4_to_bf16(v); }
 
 // Token t's post (4 floats) then its comb rows (4 × 4) into mix, one 16-byte load each. `t` keeps its caller's
@@ -486,7 +501,9 @@ __device__ inline float softmax_row_plus_eps_lanes(float logit, float eps) {
 // entries: 28 instructions and a chain of three FMAs and the MUFU, against 36 instructions and a chain of a multiply,
 // three adds and the MUFU. The CPU's rounding after every step is not reproduced: a few ulps. (The reciprocals by
 // three Newton steps on the FMA pipe instead, session 18, were slower: 48 instructions a normalisation, ≈ 88 cycles
-// in the trace against ≈ 60; Sinkhorn's share of Flash T = 1 hc_pre 1.4 µs against 1.2, H200.)
+// in the trace against ≈ 60; Sinkhorn's share of Flash T = 1 hc_pre 1.4 µs against 1.2, H200. The four scales from
+// one reciprocal of the denominators' product, session 21, were slower too: hc_pre + norm 4.0 → 4.2 µs, hc_post_pre +
+// norm 4.5 → 4.7, behind a full-card kernel 9.0 → 9.2 / 9.3 → 9.5.)
 __device__ inline void sinkhorn_4x4_scaled_iterations(float (&c)[kStreams * kStreams], int iters, float eps) {
   float u[kStreams], v[kStreams], row_d[kStreams], column_d[kStreams];
 #pragma unroll
@@ -622,8 +639,7 @@ static __device__ __noinline__ float sum_slice_words_slowly(const unsigned long 
   return sum;
 }
 
-template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared,
-          int kLean = 0>
+template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = ProjectionVariant::kShared>
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
@@ -790,35 +806,25 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     for (int w = 0; w < kMaxSliceWords; ++w)
       if (part + w * lanes < slices) words[w] = load_relaxed_u64(source + (part + w * lanes) * kPartialFloats);
   };
-  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early = true) {
+  const auto sum_slices = [&](int j, int pass, const unsigned long long (&words)[kMaxSliceWords], bool early) {
     const int m = sum_item_of(pass), item = slice + m * slices;
     const bool active = m < my_items && (item & (kTileTokens - 1)) < valid_of(j);
     const unsigned long long* source = partials_of(j) + item;
+    // Every tag checked at once, summed in slice order; a stale word (more slices than were read early, or none read:
+    // `early` false) takes the whole sum out of line. (A branch and a call site per word until session 21.)
     float sum = 0.f;
-    if constexpr (kLean > 0) {
-      // Every tag checked at once, summed in the same order; a stale word (or more slices than were read early, or
-      // none read: `early` false) takes the whole sum out of line.
-      if (active) {
-        bool fresh = early && slices <= kMaxSliceWords * lanes;
+    if (active) {
+      bool fresh = early && slices <= kMaxSliceWords * lanes;
+#pragma unroll
+      for (int w = 0; w < kMaxSliceWords; ++w)
+        if (part + w * lanes < slices) fresh &= unsigned(words[w] >> 32) == tag;
+      if (fresh) {
 #pragma unroll
         for (int w = 0; w < kMaxSliceWords; ++w)
-          if (part + w * lanes < slices) fresh &= unsigned(words[w] >> 32) == tag;
-        if (fresh) {
-#pragma unroll
-          for (int w = 0; w < kMaxSliceWords; ++w)
-            if (part + w * lanes < slices) sum += __uint_as_float(unsigned(words[w]));
-        } else {
-          sum = sum_slice_words_slowly(source, part, lanes, slices, kPartialFloats, tag);
-        }
+          if (part + w * lanes < slices) sum += __uint_as_float(unsigned(words[w]));
+      } else {
+        sum = sum_slice_words_slowly(source, part, lanes, slices, kPartialFloats, tag);
       }
-    } else if (active) {
-#pragma unroll
-      for (int w = 0; w < kMaxSliceWords; ++w) {
-        const int s = part + w * lanes;
-        if (s < slices) sum += tagged_value(words[w], source + s * kPartialFloats, tag);
-      }
-      for (int s = part + kMaxSliceWords * lanes; s < slices; s += lanes)
-        sum += tagged_value(load_relaxed_u64(source + s * kPartialFloats), source + s * kPartialFloats, tag);
     }
     sum = butterfly_sum(sum, lanes);
     if (active && part == 0) store_relaxed_u64(sums_of(j) + item, tagged(sum, tag));
@@ -849,8 +855,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float* const x_out = args.X_out + (first_token_of(j) + vt) * flat + i0 + vi;
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) {
-        float4 updated = residual_update(k, o, xs, mix, mix + kStreams, kLean < 3 && args.round_to_bf16);
-        if constexpr (kLean >= 3)
+        float4 updated = residual_update(k, o, xs, mix, mix + kStreams, !kRoles && args.round_to_bf16);
+        if constexpr (kRoles)
           if (args.round_to_bf16) updated = round4_to_bf16_call(updated);
         *reinterpret_cast<float4*>(x + staged[k]) = updated;
         *reinterpret_cast<float4*>(x_out + int64_t(k) * d) = updated;
@@ -871,24 +877,17 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
     sync();
     if (refill >= 0) load_tile(refill);
     unsigned long long* const out = partials_of(j) + slice * kPartialFloats;
-    if constexpr (kLean > 0) {
-      // Every item's loads before the first sum's adds.
-      constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
-      float sums[kItemsPerThread];
+    // Every item's loads before the first sum's adds (a loop over the items waited for each item's loads).
+    constexpr int kItemsPerThread = (kPartialFloats + kThreads - 1) / kThreads;
+    float sums[kItemsPerThread];
 #pragma unroll
-      for (int p = 0; p < kItemsPerThread; ++p) {
-        const int item = ltid + p * kThreads;
-        sums[p] = item < kPartialFloats ? sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats) : 0.f;
-      }
-#pragma unroll
-      for (int p = 0; p < kItemsPerThread; ++p)
-        if (ltid + p * kThreads < kPartialFloats) store_relaxed_u64(out + ltid + p * kThreads, tagged(sums[p], tag));
-    } else {
-      for (int item = ltid; item < kPartialFloats; item += kThreads) {
-        const float sum = sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats);
-        store_relaxed_u64(out + item, tagged(sum, tag));
-      }
+    for (int p = 0; p < kItemsPerThread; ++p) {
+      const int item = ltid + p * kThreads;
+      sums[p] = item < kPartialFloats ? sum_warp_partials<kWarps>(warp_sums, item, kPartialFloats) : 0.f;
     }
+#pragma unroll
+    for (int p = 0; p < kItemsPerThread; ++p)
+      if (ltid + p * kThreads < kPartialFloats) store_relaxed_u64(out + ltid + p * kThreads, tagged(sums[p], tag));
     if (publication_sync) sync();  // warp_sums is free for the next projection
   };
   // Collapse the staged slice of tile jc, y[t][i0 + i] = Σ_k pre_k·X_k[i0 + i], from the sums' words read earlier.
@@ -909,8 +908,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       float4 streams[kStreams];
 #pragma unroll
       for (int k = 0; k < kStreams; ++k) streams[k] = *reinterpret_cast<const float4*>(x + staged[k]);
-      float4 value = collapse_streams(streams, pre_s[vt], kLean < 3 && args.round_to_bf16);
-      if constexpr (kLean >= 3)
+      float4 value = collapse_streams(streams, pre_s[vt], !kRoles && args.round_to_bf16);
+      if constexpr (kRoles)
         if (args.round_to_bf16) value = round4_to_bf16_call(value);
       store_output(args.y, args.y_bf16, (first_token_of(jc) + vt) * d + i0 + vi, value);
     }
@@ -956,14 +955,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         read_words(i + 1, next);
         const int jc = i - kFinisherLag;
         const int passes = i < count ? my_passes : 0;
-        for (int pass = 0; pass < passes; ++pass) {
-          if constexpr (kLean >= 3) {
-            sum_slices(i, pass, now.slices, pass == 0);
-          } else {
-            if (pass > 0) load_slice_words(i, pass, now.slices);
-            sum_slices(i, pass, now.slices);
-          }
-        }
+        for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.slices, pass == 0);
         if (jc >= 0) {
           sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
           collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
@@ -1007,22 +999,13 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                             !kPost && jc < 0);
       }
 
-      // kLean 2 (round experiment): the slice sums after the collapse, half an iteration later (more slack for the
-      // partials' hop; the sums' own hop keeps its two iterations).
-      const auto slice_sums = [&] {
-        if constexpr (kLean >= 3) {  // passes past the first read their words out of line
-          for (int pass = 0; pass < passes; ++pass) sum_slices(jr, pass, words, pass == 0);
-        } else {
-          for (int pass = 0; pass < passes; ++pass) {
-            if (pass > 0) load_slice_words(jr, pass, words);
-            sum_slices(jr, pass, words);
-          }
-        }
-      };
-      if constexpr (kLean != 2) slice_sums();
-
+      // The collapse, then the slice sums: half an iteration more for the partials' hop (session 21: hc_pre 199.8 ->
+      // 193.4 µs, hc_head 128.8 -> 126.7, H200).
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
-      if constexpr (kLean == 2) slice_sums();
+      for (int pass = 0; pass < passes; ++pass) {
+        if (pass > 0) load_slice_words(jr, pass, words);
+        sum_slices(jr, pass, words, true);
+      }
     }
   }
 
