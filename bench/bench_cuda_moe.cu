@@ -14,13 +14,9 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the T = 1 gate/up x
-// staged after the wait from u_bf16 (MoeRunParams::early_x off; T = 1): "late-x", the weight copies without the L2
-// evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", each CTA's work item read after
-// the count (MoeRunParams::item_with_count off): "item-after-count", the T = 1 shared gate/up CTAs waiting for the
-// routing (MoeRunParams::shared_without_wait off): "shared-waits", the experts' tables not asked of L2
-// (MoeRunParams::tables_to_l2 off): "tables-cold", the gate/up CTAs waiting for the router grid's end at T = 1
-// (MoeRunParams::routing_flag off): "routing-grid-wait".
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the weight copies
+// without the L2 evict-first policy (MoeRunParams::weights_evict_first off): "weights-evict-normal", the experts'
+// tables not asked of L2 before the gate/up wait (MoeRunParams::tables_to_l2 off): "tables-cold".
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -186,12 +182,8 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  LATE_X,
   WEIGHTS_EVICT_NORMAL,
-  ITEM_AFTER_COUNT,
-  SHARED_WAITS,
   TABLES_COLD,
-  ROUTING_GRID_WAIT,
   REGISTER
 };
 struct PathSpec {
@@ -202,16 +194,11 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool late_x = false;
   bool evict_normal = false;
-  bool item_after_count = false;
-  bool shared_waits = false;
   bool tables_cold = false;
-  bool grid_wait = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || late_x ||
-           evict_normal || item_after_count || shared_waits || tables_cold || grid_wait ||
-           split != MoeRunParams{}.shared_expert_split;
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || evict_normal ||
+           tables_cold || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -226,17 +213,10 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::LATE_X, "late-x", false, false, MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::WEIGHTS_EVICT_NORMAL, "weights-evict-normal", false, false, MoeRunParams{}.shared_expert_split, false, false,
-     false, false, true},
-    {Path::ITEM_AFTER_COUNT, "item-after-count", false, false, MoeRunParams{}.shared_expert_split, false, false,
-     false, false, false, true},
-    {Path::SHARED_WAITS, "shared-waits", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
-     false, false, true},
+     false, true},
     {Path::TABLES_COLD, "tables-cold", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
-     false, false, false, true},
-    {Path::ROUTING_GRID_WAIT, "routing-grid-wait", false, false, MoeRunParams{}.shared_expert_split, false, false,
-     false, false, false, false, false, false, true},
+     true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -256,12 +236,8 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
-  if (spec.late_x) p.early_x = false;
   if (spec.evict_normal) p.weights_evict_first = false;
-  if (spec.item_after_count) p.item_with_count = false;
-  if (spec.shared_waits) p.shared_without_wait = false;
   if (spec.tables_cold) p.tables_to_l2 = false;
-  if (spec.grid_wait) p.routing_flag = false;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -341,7 +317,7 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
       const Path path = spec.path;
       if ((path == Path::STREAMED && T > 1024) || (spec.option() && T > kOptionsMaxTokens) ||
           (spec.other_columns && T > 2) ||
-          (spec.other_per_item && T > 8) || ((spec.late_x || spec.shared_waits || spec.grid_wait) && T > 1))
+          (spec.other_per_item && T > 8))
         continue;
       if (!paths.contains(path)) continue;
       std::vector<cudaGraphExec_t> graphs;
@@ -569,8 +545,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,late-x,weights-evict-normal,"
-                           "item-after-count,shared-waits,tables-cold,routing-grid-wait,"
+                           "down-waits-grid|down-waits-item,weights-evict-normal,tables-cold,"
                            "register]\n");
       return 2;
     }

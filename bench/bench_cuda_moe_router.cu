@@ -1,9 +1,7 @@
 // The MoE router stage alone on the GPU (run_moe_routing at T <= 8 with fused_routing: logits of E experts from an
 // fp32 u over the router, scoring with a bias, top 6, weights and the bucketing of work items, one launch) for
 // V4-Flash (E 256, d 4096) and V4-Pro (E 384, d 7168) routers in F32 and BF16, T ∈ {1, 2, 4, 8}, through two paths:
-// "fused" (moe_router_logits_kernel with the routing in its last CTA), "decode" (MoeRoutingParams::decode_router) and
-// "decode-late-bias" (the decode router without MoeRoutingParams::bias_to_l2) and "decode-rows-evict-normal" (without
-// MoeRoutingParams::rows_evict_first).
+// "fused" (moe_router_logits_kernel with the routing in its last CTA) and "decode" (MoeRoutingParams::decode_router).
 // Each timing is a CUDA graph of back-to-back calls, chained by programmatic dependent launch as in a decode step,
 // that rotates over enough router layers (fresh random weights each) for every call to read its router from HBM;
 // reported: µs per call, the byte floor (router bytes / same-run copy bandwidth, read + write counted, as every
@@ -131,8 +129,8 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
   for (const int T : token_counts) {
     // The routing outputs and scratch (shared by every call, as the model's workspace is).
     MoeRoutingRunBuffers workspace(m.experts, m.hidden, m.top_k, kMoeRowsPerWorkItem, T);
-    const char* const paths[] = {"fused", "decode", "decode-late-bias", "decode-rows-evict-normal"};
-    for (int path = 0; path < 4; ++path) {
+    const char* const paths[] = {"fused", "decode"};
+    for (int path = 0; path < 2; ++path) {
       auto call = [&](cudaStream_t s, int layer) {
         run_moe_routing(MoeRoutingParams{
             .router = DeviceMatrixView{.format = format,
@@ -148,9 +146,7 @@ void bench_model(const RouterModel& m, WeightFormat format, const std::vector<in
             .out = workspace.view(),
             .stream = s,
             .fused_routing = true,
-            .decode_router = path >= 1,
-            .bias_to_l2 = path != 2,
-            .rows_evict_first = path != 3,
+            .decode_router = path == 1,
         });
         if (follower != nullptr) follower->launch(s);
       };

@@ -11,10 +11,9 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the T = 1
-// gate/up x from u before the wait and the FP8 block-scale table other than the defaults (MoeRunParams::early_x,
-// weights_evict_first: the same bits, u not bf16-representable there) and each CTA's work item read after the count
-// (MoeRunParams::item_with_count off: the same bits); a V4-Pro-width
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the weight
+// copies' L2 policy and the tables' L2 prefetch other than the defaults (MoeRunParams::weights_evict_first,
+// tables_to_l2: the same bits); a V4-Pro-width
 // layer
 // (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
 // (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
@@ -284,11 +283,8 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool early_x = MoeRunParams{}.early_x;
   bool evict_first = MoeRunParams{}.weights_evict_first;
-  bool item_with_count = MoeRunParams{}.item_with_count;
-  bool shared_without_wait = MoeRunParams{}.shared_without_wait;
-  bool routing_flag = MoeRunParams{}.routing_flag;
+  bool tables_to_l2 = MoeRunParams{}.tables_to_l2;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -299,19 +295,15 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") + (early_x ? ", x before the wait at T = 1" : "") +
-           (evict_first ? ", weights evict first" : ", weights evict normally") +
-           (item_with_count ? ", item with the count" : ", item after the count") +
-           (shared_without_wait ? ", shared gate/up without the wait at T = 1" : "") +
-           (routing_flag ? ", gate/up after the routing's flag at T = 1" : "");
+           (per_item ? ", down waits per item" : "") + (evict_first ? ", weights evict first" : "") +
+           (tables_to_l2 ? ", tables to L2" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.early_x = early_x, p.weights_evict_first = evict_first, p.item_with_count = item_with_count;
-    p.shared_without_wait = shared_without_wait, p.routing_flag = routing_flag;
+    p.weights_evict_first = evict_first, p.tables_to_l2 = tables_to_l2;
     return p;
   }
 };
@@ -354,33 +346,15 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// The gate/up x at T = 1 from u before the wait other than the default (MoeRunParams::early_x), and the weight
-// copies' L2 policy other than the default (MoeRunParams::weights_evict_first): the same bits, also with the shared
-// expert never split and split at every T <= 8.
-constexpr Kernels kStreamedOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                  .early_x = !MoeRunParams{}.early_x};
-constexpr Kernels kStreamedUnsplitOtherX{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                         .split = MoeSharedExpertSplit::NEVER, .columns = false,
-                                         .early_x = !MoeRunParams{}.early_x};
-constexpr Kernels kStreamedOtherEvict{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                      .evict_first = !MoeRunParams{}.weights_evict_first};
-constexpr Kernels kStreamedSplitAllOtherEvict{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                              .split = MoeSharedExpertSplit::ALWAYS,
-                                              .evict_first = !MoeRunParams{}.weights_evict_first};
-// Each CTA's work item read after the count other than the default (MoeRunParams::item_with_count: the same bits).
-constexpr Kernels kStreamedOtherItemRead{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                         .item_with_count = !MoeRunParams{}.item_with_count};
-// The T = 1 shared gate/up CTAs' routing wait other than the default (MoeRunParams::shared_without_wait: the same
-// bits), also with the shared expert never split.
-constexpr Kernels kStreamedOtherSharedWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                           .shared_without_wait = !MoeRunParams{}.shared_without_wait};
-constexpr Kernels kStreamedUnsplitOtherSharedWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                                  .split = MoeSharedExpertSplit::NEVER, .columns = false,
-                                                  .shared_without_wait = !MoeRunParams{}.shared_without_wait};
-// The T = 1 gate/up CTAs waiting for the routing CTA's flag other than the default (MoeRunParams::routing_flag: the
-// same bits; also in CallsRepeatThroughOneWorkspaceAndGraphReplays).
-constexpr Kernels kStreamedOtherRoutingFlag{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                            .routing_flag = !MoeRunParams{}.routing_flag};
+// The weight copies' L2 policy and the tables' L2 prefetch other than the defaults (MoeRunParams::weights_evict_first,
+// tables_to_l2: the same bits), also with the shared expert split at every T <= 8.
+constexpr Kernels kStreamedOtherL2{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                   .evict_first = !MoeRunParams{}.weights_evict_first,
+                                   .tables_to_l2 = !MoeRunParams{}.tables_to_l2};
+constexpr Kernels kStreamedSplitAllOtherL2{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                           .split = MoeSharedExpertSplit::ALWAYS,
+                                           .evict_first = !MoeRunParams{}.weights_evict_first,
+                                           .tables_to_l2 = !MoeRunParams{}.tables_to_l2};
 
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
@@ -653,20 +627,11 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    // x before the wait and the weight copies' L2 policy against their other variants (the same bits).
-    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherX);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherX, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherX, kStreamedUnsplit);
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherEvict);
-    for (const int T : {1, 2, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherEvict, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherEvict, kStreamedSplitAll);
-    for (const int T : {1, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemRead, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherSharedWait, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedUnsplitOtherSharedWait, kStreamedUnsplit);
-    check_case(layer, experts, device_weights, 1, seed++, random_tokens(kFlashLike), kStreamedOtherRoutingFlag);
-    expect_same_bits(device_weights, kFlashLike, 1, seed++, kStreamedOtherRoutingFlag, kStreamedKernels);
+    // The weight copies' L2 policy and the tables' prefetch (the same bits).
+    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherL2);
+    for (const int T : {1, 8, 17})
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherL2, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherL2, kStreamedSplitAll);
 
   }
 }
@@ -888,10 +853,9 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // The workspace's counters (the decode router's finished CTAs, the fused combine's band tickets, the per-item counts
 // of the down CTAs' waits) come back to zero after every call: calls through one workspace, with new inputs (a new
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
-// on the same workspace, each equal to a run on a fresh workspace; with the defaults, the other down wait and the
-// other routing wait at T = 1 (MoeRunParams::routing_flag: the flag is cleared and set by each call that uses it).
+// on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait, kStreamedOtherRoutingFlag}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;
@@ -919,13 +883,11 @@ TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
       call();
       DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
       expect_identical_outputs(download(out.as<float>(), u.size()), run_output(weights, u, T, kStreamedKernels));
-      // The counters (moe.hpp: the workspace's first 1 KB; word 1 is the hash status, word 2 the work item count,
-      // word 3 the routing's flag, cleared by each call that uses it) are back to zero, or the next call would start
-      // from stale counts.
+      // The counters (moe.hpp: the workspace's first 1 KB; word 1 is the hash status, word 2 the work item count)
+      // are back to zero, or the next call would start from stale counts.
       const std::vector<uint32_t> counters = download(workspace.as<uint32_t>(), 256);
       for (size_t word = 0; word < counters.size(); ++word)
-        if (word > 3) EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
-      EXPECT_EQ(counters[0], 0u) << "T = " << T << ", the decode router's finished CTAs";
+        if (word != 1 && word != 2) EXPECT_EQ(counters[word], 0u) << "T = " << T << ", counter word " << word;
     };
     for (int i = 0; i < 3; ++i) check_call(graph_tokens, [&] { run_moe(weights, params_for(graph_tokens)); });
     cudaGraph_t graph;

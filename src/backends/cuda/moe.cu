@@ -14,8 +14,8 @@ constexpr size_t kWorkspaceAlignment = 256;
 // Byte offsets of every buffer in the workspace. The counters come first at a fixed place, so a workspace sized
 // for a larger T keeps them where prepare_moe_workspace zeroed them.
 struct WorkspaceLayout {
-  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, routing_done = 12, band_tickets = 16,
-                          item_counters = 512, counters_end = 1024;
+  static constexpr size_t finished_ctas = 0, status = 4, work_item_count = 8, band_tickets = 16, item_counters = 512,
+                          counters_end = 1024;
   static constexpr int band_ticket_capacity = int((item_counters - band_tickets) / sizeof(uint32_t));
   static_assert(item_counters + 2 * kMoeCountedItemsMax * sizeof(uint32_t) <= counters_end,
                 "the per-item counters fit the counters");
@@ -83,16 +83,7 @@ bool streams_experts(const DeviceMoeWeights& weights, const MoeRunParams& p) {
           (p.expert_kernels == MoeExpertKernels::AUTO && moe_streams_experts(weights.config(), p.tokens)));
 }
 
-// Whether the gate/up CTAs stage x from u before the wait (MoeExpertGemmParams::u_early), and whether they then
-// wait for the decode router's flag (MoeExpertGemmParams::routing_done).
-bool stages_x_early(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  return p.early_x && streams_experts(weights, p) && p.tokens == 1;
-}
-bool waits_for_routing_flag(const DeviceMoeWeights& weights, const MoeRunParams& p) {
-  return stages_x_early(weights, p) && p.routing_flag && p.fused_small_batches && p.decode_router;
-}
-
-MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws, bool routing_flag) {
+MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   return MoeRoutingBuffers{
       .logits = at<float>(ws, l.logits),
       .u_bf16 = at<__nv_bfloat16>(ws, l.u_bf16),
@@ -105,7 +96,6 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws, bool routi
       .work_item_count = at<int32_t>(ws, WorkspaceLayout::work_item_count),
       .finished_ctas = at<uint32_t>(ws, WorkspaceLayout::finished_ctas),
       .status = at<int32_t>(ws, WorkspaceLayout::status),
-      .routing_done = routing_flag ? at<uint32_t>(ws, WorkspaceLayout::routing_done) : nullptr,
   };
 }
 
@@ -115,7 +105,6 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
   const MoeConfig& c = weights.config();
   void* ws = p.workspace;
   const bool streamed = streams_experts(weights, p);
-  const bool u_early = stages_x_early(weights, p);
   MoeExpertGemmParams gemm{
       .experts = weights.device_experts(),
       .routed_format = weights.routed_format(),
@@ -137,13 +126,8 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .shared_expert_split = p.shared_expert_split,
       .down_head_start = p.down_head_start && streamed,
       .column_stages = p.column_stages && streamed,
-      .u_early = u_early ? p.u : nullptr,
       .weights_evict_first = p.weights_evict_first && streamed,
-      .item_with_count = p.item_with_count,
-      .shared_without_wait = u_early && p.shared_without_wait,
-      .top_k = int(c.top_k),
-      .tables_to_l2 = p.tables_to_l2,
-      .routing_done = routing.routing_done,
+      .tables_to_l2 = p.tables_to_l2 && streamed,
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
@@ -199,7 +183,7 @@ void run_moe(const DeviceMoeWeights& weights, const MoeRunParams& p) {
   };
   mark_stage();
 
-  const MoeRoutingBuffers routing = routing_buffers(l, ws, waits_for_routing_flag(weights, p));
+  const MoeRoutingBuffers routing = routing_buffers(l, ws);
   const MoeRoutingParams routing_params{
       .router = weights.router(),
       .bias = weights.bias(),

@@ -19,9 +19,8 @@
 //   format. d and I: multiples of 32 for fp4 experts (16 FP8, 8 BF16), from the tiny test models to V4-Pro.
 // - Any T >= 1, experts with no token included.
 // - Workspace: moe_workspace_bytes(config, T) bytes, 256-byte aligned, from the caller. Its first 1024 bytes hold
-//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero (but the
-//   routing's flag, MoeRunParams::routing_flag, which each call clears itself), so one workspace serves any number of
-//   calls and any T up to the one it was sized for.
+//   counters that must be zero before the first call (prepare_moe_workspace); every call leaves them zero, so one
+//   workspace serves any number of calls and any T up to the one it was sized for.
 // - Hash layers: a token id outside the table is routed like token 0 and recorded; check_moe_status reports it.
 #pragma once
 
@@ -101,25 +100,12 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // MoeExpertGemmParams::u_early at T = 1 (streamed one-tile kernels): the gate/up CTAs stage x from u before waiting
-  // for the routing. The same bits. Round s21-1 A/B (bench_cuda_moe path "late-x").
-  bool early_x = true;
   // MoeExpertGemmParams::weights_evict_first (streamed kernels): the weight copies evict first from L2. The same
-  // bits. Round s21-2 A/B (bench_cuda_moe path "weights-evict-normal").
+  // bits. bench_cuda_moe path "weights-evict-normal" turns it off.
   bool weights_evict_first = true;
-  // MoeExpertGemmParams::item_with_count (streamed kernels): each CTA's work item read with the item count. The same
-  // bits. Round s21-2 A/B (bench_cuda_moe path "item-after-count").
-  bool item_with_count = true;
-  // MoeExpertGemmParams::shared_without_wait with early_x (T = 1): the shared expert's gate/up CTAs do not wait for the
-  // routing. The same bits. Round s21-2 A/B (bench_cuda_moe path "shared-waits").
-  bool shared_without_wait = true;
   // MoeExpertGemmParams::tables_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps and
-  // views before the wait. The same bits. Round s21-2 A/B (bench_cuda_moe path "tables-cold").
+  // views before the wait. The same bits. bench_cuda_moe path "tables-cold" turns it off.
   bool tables_to_l2 = true;
-  // MoeExpertGemmParams::routing_done with early_x (T = 1) after the decode router: the gate/up CTAs wait for the
-  // routing CTA's flag instead of the router grid's end. The same bits. Round s21-2 A/B (bench_cuda_moe path
-  // "routing-grid-wait").
-  bool routing_flag = true;
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

@@ -132,13 +132,8 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
-      .u_early = gate_up ? p.u_early : nullptr,
       .weights_evict_first = p.weights_evict_first,
-      .item_with_count = p.item_with_count,
-      .shared_without_wait = gate_up && p.shared_without_wait,
-      .shared_row_begin = p.tokens * p.top_k,
       .tables_to_l2 = gate_up && p.tables_to_l2 && p.streamed,
-      .routing_done = gate_up ? p.routing_done : nullptr,
   };
 }
 
@@ -237,14 +232,6 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "streamed-kernel option");
   check(p.trace == nullptr || (p.streamed && p.lean_decode && p.tokens <= tile::kTokensPerMma), "moe expert GEMM: ",
         "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
-  check(p.u_early == nullptr ||
-            (p.streamed && p.tokens == 1 && moe::streamed_x_bytes(1, p.hidden) <= int(moe::kStreamedXBytes)),
-        "moe expert GEMM: x staged from u before the wait (u_early) serves streamed launches of one token whose x ",
-        "row fits the x region (hidden ", p.hidden, ")");
-  check(!p.shared_without_wait || (p.u_early != nullptr && p.top_k >= 1), "moe expert GEMM: the shared expert's ",
-        "CTAs skip the routing wait only with x staged from u before it (u_early, T = 1) and top_k");
-  check(p.routing_done == nullptr || p.u_early != nullptr, "moe expert GEMM: the routing's flag (routing_done) serves ",
-        "launches with x staged from u before the wait (u_early, T = 1)");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;

@@ -100,14 +100,9 @@ struct ExpertGemmArgs {
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
-  uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
-  const float* u_early;  // gate/up at T = 1: x staged from fp32 u before the wait (MoeExpertGemmParams::u_early)
+  uint64_t* trace;           // traced launches (MoeExpertGemmParams::trace), or null
   bool weights_evict_first;  // MoeExpertGemmParams::weights_evict_first
-  bool item_with_count;  // MoeExpertGemmParams::item_with_count
-  bool shared_without_wait;  // gate/up: MoeExpertGemmParams::shared_without_wait
-  int shared_row_begin;      // T·top_k: the shared expert's first row
   bool tables_to_l2;         // gate/up: MoeExpertGemmParams::tables_to_l2
-  const uint32_t* routing_done;  // gate/up: MoeExpertGemmParams::routing_done
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -334,34 +329,20 @@ inline constexpr uint64_t kItemRowsTimeoutNs = 2'000'000'000;
 // whose timer read per poll is small beside the poll's sleep.
 inline constexpr int kItemRowsQuickPolls = 64;
 
-// The rest of wait_until_at_least once the quick polls failed: out of line, so the kernels' waits stay short. `what`
-// names the wait in the trap's message (item_index: the work item, or -1).
-static __device__ __noinline__ void wait_until_at_least_slowly(const uint32_t* word, uint32_t target,
-                                                               const char* what, int item_index) {
+// The rest of wait_for_item_rows once the quick polls failed: out of line, so the down kernel's wait stays short.
+static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* ready, int item_index,
+                                                              uint32_t gate_up_ctas) {
   uint64_t start, now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
   uint32_t seen;
-  while ((seen = load_acquire(word)) < target) {
+  while ((seen = load_acquire(ready)) < gate_up_ctas) {
     __nanosleep(64);
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     if (now - start > kItemRowsTimeoutNs) {
-      printf("MoE %s: CTA (%d, %d) waited 2 s (work item %d): %u of %u\n", what, int(blockIdx.x), int(blockIdx.y),
-             item_index, seen, target);
+      printf("MoE down: CTA (%d, %d) waited 2 s for work item %d's h rows: %u of %u gate/up CTAs published\n",
+             int(blockIdx.x), int(blockIdx.y), item_index, seen, gate_up_ctas);
       __trap();
     }
-  }
-}
-
-// Thread-level wait (acquire) until *word >= target: quick polls, then the timed loop above.
-__device__ __forceinline__ void wait_until_at_least(const uint32_t* word, uint32_t target, const char* what,
-                                                    int item_index) {
-  int polls = 0;
-  while (load_acquire(word) < target) {
-    if (++polls == kItemRowsQuickPolls) {
-      wait_until_at_least_slowly(word, target, what, item_index);
-      return;
-    }
-    __nanosleep(64);
   }
 }
 
@@ -382,8 +363,15 @@ __device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int i
 __device__ __forceinline__ void wait_for_item_rows(uint32_t* item_counters, int item_index, int gate_up_ctas,
                                                    int down_ctas) {
   if (threadIdx.x == 0) {
-    wait_until_at_least(item_counters + item_index, uint32_t(gate_up_ctas), "down: h rows published by gate/up CTAs",
-                        item_index);
+    const uint32_t* ready = item_counters + item_index;
+    int polls = 0;
+    while (load_acquire(ready) < uint32_t(gate_up_ctas)) {
+      if (++polls == kItemRowsQuickPolls) {
+        wait_for_item_rows_slowly(ready, item_index, uint32_t(gate_up_ctas));
+        break;
+      }
+      __nanosleep(64);
+    }
     uint32_t* seen = item_counters + kMoeCountedItemsMax + item_index;
     if (atomicAdd(seen, 1u) == uint32_t(down_ctas) - 1) {
       item_counters[item_index] = 0;
@@ -549,17 +537,6 @@ __device__ __forceinline__ void prefetch_table_slice_l2(const void* table, uint3
   if (begin < units) prefetch_l2_bulk(static_cast<const uint8_t*>(table) + 16 * begin, 16 * min(slice, units - begin));
 }
 
-// 8 inputs of fp32 u from k, rounded to bf16 as the routing rounds u_bf16 (convert_u_slice), read through L2.
-__device__ __forceinline__ uint4 u_chunk_bf16(const float* u, int64_t k) {
-  const float4* source = reinterpret_cast<const float4*>(u + k);
-  const float4 lo = __ldcg(source), hi = __ldcg(source + 1);
-  auto bits = [](float a, float b) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  };
-  return make_uint4(bits(lo.x, lo.y), bits(lo.z, lo.w), bits(hi.x, hi.y), bits(hi.z, hi.w));
-}
-
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G, int kParts>
@@ -702,19 +679,20 @@ __host__ __device__ constexpr int x_bytes(int k_count, int rows) {
   return (zero_block_offset(k_count, rows) + kZeroChunks * tile::kXChunk) * int(sizeof(__nv_bfloat16));
 }
 
-// Stages x[0, k_count) of the item's rows (chunk_of(r, k): the 8 bf16 of row r < rows <= kMaxRows at inputs k ..
-// k + 7, in input order) and the zero block; called by thread_count threads of the CTA with distinct thread_idx (the
-// caller synchronises before and after).
-template <class ChunkOf>
-__device__ __forceinline__ void stage_x(ChunkOf chunk_of, int rows, int k_count, __nv_bfloat16* x_tile,
-                                        int thread_idx, int thread_count) {
+// Stages x[0, k_count) of the item's rows (row_of(r), 16-byte aligned, r < rows <= kMaxRows) and the zero block;
+// called by thread_count threads of the CTA with distinct thread_idx (the caller synchronises before and after).
+// kCoherent: read through L2 (rows written by other CTAs of the running grid).
+template <bool kCoherent = false, class RowOf>
+__device__ __forceinline__ void stage_x(RowOf row_of, int rows, int k_count, __nv_bfloat16* x_tile, int thread_idx,
+                                        int thread_count) {
   const int chunks = k_count / tile::kXChunk;
   for (int i = thread_idx; i < rows * chunks + kZeroChunks; i += thread_count) {
     uint4 v = make_uint4(0, 0, 0, 0);
     int at = zero_block_offset(k_count, rows) + (i - rows * chunks) * tile::kXChunk;
     if (i < rows * chunks) {
       const int r = i / chunks, c = i % chunks;
-      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(chunk_of(r, int64_t(c) * tile::kXChunk));
+      const uint4* source = reinterpret_cast<const uint4*>(row_of(r)) + c;
+      v = tile::detail::permute_chunk<tile::TileFormat::MXFP4>(kCoherent ? __ldcg(source) : __ldg(source));
       v = make_uint4(tile::detail::bf16x2_mul(v.x, kXFactor), tile::detail::bf16x2_mul(v.y, kXFactor),
                      tile::detail::bf16x2_mul(v.z, kXFactor), tile::detail::bf16x2_mul(v.w, kXFactor));
       at = i * tile::kXChunk;
@@ -816,28 +794,15 @@ __device__ __forceinline__ void finish(const float (&columns)[4], float (&acc)[1
 
 }  // namespace columns
 
-// Stages a pass's x for `rows` rows of k_count inputs in the layout of its stages (the column stages' for fp4 items
-// with kColumns, else stage_x_chunks' of F): chunk_of(r, k) returns the 8 bf16 of row r at inputs k .. k + 7 (rows
-// and chunks whole: the streamed kernels' x rows are 16-byte aligned, their chunks whole stages). Called by the whole
-// CTA; the caller synchronises before and after.
-template <tile::TileFormat F, bool kColumns, class ChunkOf>
-__device__ __forceinline__ void stage_pass_x(ChunkOf chunk_of, int rows, int k_count, __nv_bfloat16* x_tile) {
-  if constexpr (kColumns && (F == tile::TileFormat::MXFP4 || F == tile::TileFormat::NVFP4))
-    columns::stage_x(chunk_of, rows, k_count, x_tile, threadIdx.x, kExpertThreads);
-  else
-    tile::stage_x_chunks<F>(chunk_of, rows, rows, k_count, x_tile, threadIdx.x, kExpertThreads);
-}
-
 // One work item in passes of 8·NT rows (see above); kLean: fp4 stages by lean::multiply_stage; kColumns (items of
 // at most columns::kMaxRows rows): fp4 stages by columns::multiply_stage instead. kParts = 2: the warp's slice of CTA
 // part `part` (warp_slice; one pass only, its stages >= kStreamedSlots per warp). kCoherentX: x is read through L2
-// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item). x_staged: the first
-// pass's x is in the x region already, its whole K (MoeExpertGemmParams::u_early).
+// (h written by gate/up CTAs that may still run: MoeExpertGemmParams::down_waits_per_item).
 template <tile::TileFormat F, ExpertGemm G, int NT, bool kLean = false, int kParts = 1, bool kColumns = false,
           bool kCoherentX = false, bool kTrace = false>
 __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const MoeExpertView& expert,
                                                   const MoeWorkItem& item, int band, uint8_t* smem, uint64_t* full,
-                                                  bool started, int part = 0, bool x_staged = false) {
+                                                  bool started, int part = 0) {
   namespace st = tile::stream;
   static_assert(kParts == 1 || NT == 1, "split CTAs serve items of one token tile");
   static_assert(!kColumns || NT == 1, "the column stages serve items of one token tile");
@@ -878,13 +843,19 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
     for (int chunk_begin = 0; chunk_begin < a.k_total; chunk_begin += chunk_k) {
       const int chunk_end = min(a.k_total, chunk_begin + chunk_k);
       if (pass != 0 || chunk_begin != 0) __syncthreads();  // the previous chunk's x (and exchange) are read
-      if (!x_staged || pass != 0 || chunk_begin != 0) {
-        auto chunk_of = [&](int t, int64_t k) {
-          const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
-          const uint4* source = reinterpret_cast<const uint4*>(a.x + source_row * a.k_total + chunk_begin + k);
-          return kCoherentX ? __ldcg(source) : __ldg(source);
-        };
-        stage_pass_x<F, kColumns>(chunk_of, rows, chunk_end - chunk_begin, x_tile);
+      auto row_of = [&](int t) {
+        const int64_t source_row = G == ExpertGemm::GATE_UP ? __ldg(a.row_tokens + row_begin + t) : row_begin + t;
+        return a.x + source_row * a.k_total + chunk_begin;
+      };
+      if constexpr (kColumnStages) {
+        columns::stage_x<kCoherentX>(row_of, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      } else if constexpr (kCoherentX) {
+        // Whole 16-byte chunks: x rows and chunks start at multiples of 8 inputs, and chunks are whole stages.
+        tile::stage_x_chunks<F>(
+            [&](int t, int64_t k) { return __ldcg(reinterpret_cast<const uint4*>(row_of(t) + k)); }, rows, rows,
+            chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
+      } else {
+        tile::stage_x_tile<F>(row_of, rows, rows, chunk_end - chunk_begin, x_tile, threadIdx.x, kExpertThreads);
       }
       __syncthreads();
       if (pass == 0 && chunk_begin == 0) trace_point<kTrace>(a, MOE_TRACE_X_STAGED);
@@ -906,9 +877,9 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
       for (int k0 = first_k; k0 < chunk_end; k0 += kParts * int(kStageK), ++j) {
         const int slot = j % kStreamedSlots;
         // FP8 (the shared expert): two global loads per stage. The band's scales loaded once per warp into its ring
-        // slot's free kilobyte measured level (round s21-1, H200, V4-Flash NVFP4 T = 1 48.3 vs 48.2 µs, T = 8 206.3 vs
-        // 206.0): the shared CTAs' first stage still took ~4 µs from its data to its MMAs in the trace, as the routed
-        // CTAs' (its code's first run, not its scales).
+        // slot's free kilobyte (the shared CTAs' before the wait) measured level (round s21-1, H200, V4-Flash NVFP4
+        // T = 1 48.3 vs 48.2 µs, T = 8 206.3 vs 206.0): the shared CTAs' first stage still took ~4 µs from its data
+        // to its MMAs in the trace, as the routed CTAs' (the code's first run, not the scales).
         float block_scales[st::kMaxBlocksPerStage];
         st::load_stage_block_scales<F>(w, row0, k0, block_scales);
         sm90::mbarrier_wait(full + slot, uint32_t(j / kStreamedSlots) & 1u);
@@ -991,18 +962,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     prefetch_table_slice_l2(a.stream_maps, experts * 3 * uint32_t(sizeof(tile::stream::StreamMaps)));
     prefetch_table_slice_l2(a.experts, experts * uint32_t(sizeof(MoeExpertView)));
   }
-  // T = 1 gate/up (MoeExpertGemmParams::u_early): every item's one row is token 0, staged from u before the wait.
-  bool x_staged = false;
-  if constexpr (G == ExpertGemm::GATE_UP && !kMultiTile) {
-    if (a.u_early != nullptr) {
-      with_tile_format(shared_item ? a.shared_format : a.routed_format, [&]<tile::TileFormat F>() {
-        stage_pass_x<F, kColumns>([&](int, int64_t k) { return u_chunk_bf16(a.u_early, k); }, 1, a.k_total,
-                                  reinterpret_cast<__nv_bfloat16*>(smem + kStreamedRingBytes));
-      });
-      x_staged = true;
-    }
-  }
-  MoeWorkItem item;
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).
@@ -1012,54 +971,26 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     wait_for_item_rows(a.item_counters, item_index, (a.k_total + kCtaRows<ExpertGemm::GATE_UP> - 1) /
                                                         kCtaRows<ExpertGemm::GATE_UP> * parts,
                        gemm_bands<G>(a) * parts);
-    item = a.work_items[item_index];
-  } else if (G == ExpertGemm::GATE_UP && !kMultiTile && shared_item && a.shared_without_wait) {
-    allow_dependents();  // no wait (MoeExpertGemmParams::shared_without_wait): the routed CTAs hold the dependents
-    item = MoeWorkItem{.expert = a.shared_expert, .row_begin = a.shared_row_begin, .row_count = 1};
-  } else if (G == ExpertGemm::GATE_UP && a.routing_done != nullptr) {
-    // The routing CTA's flag instead of the routing grid's end (MoeExpertGemmParams::routing_done); the items and the
-    // count through L2 (written while this grid runs).
-    if (threadIdx.x == 0) wait_until_at_least(a.routing_done, 1u, "gate/up: the routing's flag", item_index);
-    __syncthreads();
-    allow_dependents();
-    const MoeWorkItem* slot = a.work_items + item_index;
-    item = MoeWorkItem{.expert = __ldcg(&slot->expert), .row_begin = __ldcg(&slot->row_begin),
-                       .row_count = __ldcg(&slot->row_count)};
-    if (item_index >= __ldcg(a.work_item_count)) return;
-  } else if (a.item_with_count) {
-    wait_for_prior_grids();
-    allow_dependents();
-    // The item with the count, one round trip instead of two (the grid covers the worst case, so the slot exists; a
-    // CTA past the count drops what it read).
-    item = a.work_items[item_index];
-    if (item_index >= __ldg(a.work_item_count)) return;
-  } else {
-    if (!has_work_item_after_prior_grids(a, item_index)) return;
-    item = a.work_items[item_index];
+  } else if (!has_work_item_after_prior_grids(a, item_index)) {
+    return;
   }
   trace_point<kTrace>(a, MOE_TRACE_READY);
   // Every CTA with an item has started its stream with the head start (the item count read above is the same).
-  bool started = kHeadStart || shared_item;
+  const bool started = kHeadStart || shared_item;
+  const MoeWorkItem item = a.work_items[item_index];
   // The format from the arguments, not the view, so the item's first copies start while its view is still loading.
   const WeightFormat format = item.expert == a.shared_expert ? a.shared_format : a.routed_format;
-  if (!started && a.item_with_count) {
-    // The first copies before the view is read at all: its fields (w1 or w3 by warp) would otherwise be selected
-    // before the copies, a dependent round trip on their path.
-    with_tile_format(format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, item.expert, band, ring, full); });
-    trace_point<kTrace>(a, MOE_TRACE_ISSUED);
-    started = true;
-  }
   const MoeExpertView expert = a.experts[item.expert];
   if (kSplitShared && shared_item) {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       run_streamed_item<F, G, 1, kLean, kSharedParts, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                                    true, part, x_staged);
+                                                                                    true, part);
     });
   } else {
     with_tile_format(format, [&]<tile::TileFormat F>() {
       if (!kMultiTile || item.row_count <= tile::kTokensPerMma)
         run_streamed_item<F, G, 1, kLean, 1, kColumns, kHeadStart, kTrace>(a, expert, item, band, smem, full,
-                                                                           started, 0, x_staged);
+                                                                           started);
       else
         run_streamed_item<F, G, kStreamedMaxTokenTiles, kLean>(a, expert, item, band, smem, full, started);
     });

@@ -101,36 +101,17 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // run_moe_gate_up at T = 1, one-tile streamed kernels: u in fp32 [1, d] (the routing's input); every CTA stages x
-  // from it (rounded to bf16 as the routing rounds u_bf16: the same bits) before waiting for the previous launch, so
-  // x is in shared memory before the routing ends. Only valid where the previous launch on the stream is the routing
-  // of this u (run_moe's order): its CTAs let this launch start only after their own wait, so u is complete and
-  // visible (read through L2). Null: x from u_bf16 after the wait. Round s21-1 A/B (MoeRunParams::early_x).
-  const float* u_early = nullptr;
   // Streamed kernels: the weight copies carry an L2 evict-first policy (each expert weight is read once per call), so
-  // they displace less of what L2 holds for the other kernels and this one's (code, tensor maps, activations). The
-  // same bits. Round s21-2 A/B (MoeRunParams::weights_evict_first).
+  // they displace less of what L2 holds for this kernel and the others (code, tensor maps, activations). The same bits.
+  // Round s21-2 (H200, bench_cuda_moe, V4-Flash NVFP4, same run, evict-first vs the copies' default policy): T = 1
+  // 46.8 vs 49.4 µs, T = 8 201.5 vs 207.9, T = 64 852.4 vs 874.1.
   bool weights_evict_first = false;
-  // Streamed kernels (but the down CTAs that wait per item): a CTA reads its work item with the item count after the
-  // wait, one round trip instead of two (the item's slot exists; a CTA past the count drops it), and issues the item's
-  // first copies before reading the expert's view. The same bits. Round s21-2 A/B (MoeRunParams::item_with_count).
-  bool item_with_count = false;
-  // With u_early (T = 1): the shared expert's gate/up CTAs take their item as the routing lays it out ({E, top_k, 1})
-  // and do not wait for the routing at all (x, the weights and the scales need nothing of it), so they stream beside
-  // the router. The launch's dependents still start only after the routing: the routed CTAs trigger them only once
-  // past their wait. The same bits. Round s21-2 A/B (MoeRunParams::shared_without_wait).
-  bool shared_without_wait = false;
-  int top_k = 0;  // routed experts per token (the shared expert's first row is T·top_k)
   // run_moe_gate_up, streamed kernels: before the wait each CTA asks L2 for its slice of the experts' tables (the
   // tensor maps, 768 bytes per expert, and the views, 216), so the copy engine's descriptor fetches for the routed
   // experts' first copies (gate/up and down) and the CTAs' view loads hit L2 instead of HBM (a step streams far more
-  // than L2 between two uses of a layer's tables). The same bits. Round s21-2 A/B (MoeRunParams::tables_to_l2).
+  // than L2 between two uses of a layer's tables). The same bits. Round s21-2 (same run as above): T = 64 852.4 vs
+  // 916.9 µs, T = 1 and 8 level (46.8 / 201.5 vs 46.8 / 201.8).
   bool tables_to_l2 = false;
-  // run_moe_gate_up with u_early (T = 1) after the decode router: its routing CTA's flag (MoeRoutingBuffers::
-  // routing_done); the CTAs wait for it (acquire) instead of the routing grid's end, and read the item count and
-  // their items through L2. The launch's dependents still start only after the routing's outputs are complete. Null:
-  // the grid's end. The same bits. Round s21-2 A/B (MoeRunParams::routing_flag).
-  const uint32_t* routing_done = nullptr;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.

@@ -90,8 +90,6 @@ RouteArgs route_args(const MoeRoutingParams& p) {
       .rows_per_item = p.rows_per_item,
       .routed_scaling_factor = p.routed_scaling_factor,
       .out = p.out,
-      .bias_to_l2 = p.bias_to_l2,
-      .rows_evict_first = p.rows_evict_first,
   };
 }
 

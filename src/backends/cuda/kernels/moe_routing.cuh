@@ -25,6 +25,7 @@
 
 #include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/moe_routing.hpp"
+#include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
 
@@ -105,8 +106,6 @@ struct RouteArgs {
   int tokens, experts, top_k, rows_per_item;
   float routed_scaling_factor;
   MoeRoutingBuffers out;
-  bool bias_to_l2;        // the decode router (MoeRoutingParams::bias_to_l2)
-  bool rows_evict_first;  // the decode router (MoeRoutingParams::rows_evict_first)
 };
 
 __device__ __forceinline__ float sqrt_softplus(float v) {
@@ -604,15 +603,6 @@ __device__ __forceinline__ void route_decode_tokens(const RouteArgs& a, DecodeRo
     *a.out.work_item_count = items;
     *a.out.finished_ctas = 0;  // every other CTA has counted itself already
   }
-  if (a.out.routing_done != nullptr) {
-    // Every output above, then the flag (the fence is cumulative over the CTA's stores the barrier ordered before it;
-    // u_bf16 and the scores of the other CTAs came in through the ticket's acquire).
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a.out.routing_done), "r"(1u) : "memory");
-    }
-  }
 }
 
 // u rounded to bf16 (the expert GEMMs' input), a grid-strided slice per CTA: the decode router's CTAs share the
@@ -641,27 +631,9 @@ __global__ void __launch_bounds__(kDecodeRouterThreads, 1) moe_router_decode_ker
     sm90::fence_mbarrier_init();
     const uint32_t bytes = uint32_t(size_t(rows) * row_bytes);
     sm90::mbarrier_arrive_expect_tx(&rows_landed, bytes);
-    uint64_t policy;  // MoeRoutingParams::rows_evict_first
-    if (route.rows_evict_first)
-      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    else
-      asm volatile("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
-            "r"(static_cast<uint32_t>(__cvta_generic_to_shared(staged_rows))),
-        "l"(a.router + size_t(row_begin) * row_bytes), "r"(bytes),
-        "r"(static_cast<uint32_t>(__cvta_generic_to_shared(&rows_landed))), "l"(policy)
-        : "memory");
-  }
-  if (route.out.routing_done != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-    // Cleared before this CTA lets the next launch start (MoeRoutingBuffers::routing_done).
-    *route.out.routing_done = 0;
-    __threadfence();
-  }
-  if (route.bias_to_l2 && blockIdx.x == 0 && route.bias != nullptr) {
-    constexpr int kSectorFloats = 8;  // 32 bytes
-    for (int e = int(threadIdx.x) * kSectorFloats; e < route.experts; e += int(blockDim.x) * kSectorFloats)
-      prefetch_l2_line(route.bias + e);
+    ptx::cp_async_bulk_global_to_shared(static_cast<uint32_t>(__cvta_generic_to_shared(staged_rows)),
+                                        a.router + size_t(row_begin) * row_bytes, bytes,
+                                        static_cast<uint32_t>(__cvta_generic_to_shared(&rows_landed)));
   }
   __syncthreads();  // the barrier's initialisation
   wait_for_prior_grids();  // u and the token ids come from earlier operations

@@ -55,10 +55,6 @@ struct MoeRoutingBuffers {
   int32_t* work_item_count = nullptr;    // [1]
   uint32_t* finished_ctas = nullptr;     // [1]: zero before the first call; the last CTA resets it
   int32_t* status = nullptr;             // [1]: zero before the first call; see the contract above
-  // [1], optional (the decode router): 1 once the routing's outputs are complete (stored with release order by the
-  // routing CTA, its last write), 0 from the launch's start until then (its CTA 0 clears it before letting the next
-  // launch start), so the next launch may wait for it instead of this grid's end (MoeExpertGemmParams::routing_done).
-  uint32_t* routing_done = nullptr;
 };
 
 struct MoeRoutingParams {
@@ -80,14 +76,6 @@ struct MoeRoutingParams {
   // same bits, 2-2.6× faster at T = 1; each CTA stages its router rows in shared memory before waiting for u, and the
   // routing CTA keeps scores, choices and slots on chip; moe_routing.cuh). Needs a 16-byte aligned router.
   bool decode_router = true;
-  // The decode router: its first CTA asks L2 for the bias before the wait, so the routing CTA's bias loads hit L2
-  // beside the scores' instead of reading HBM after the ticket (a step streams far more than L2 between two uses of
-  // a layer's bias). The same bits. Round s21-1 A/B (bench_cuda_moe_router path "decode-late-bias").
-  bool bias_to_l2 = true;
-  // The decode router: its rows' bulk copies carry an L2 evict-first policy (each router row is read once per call),
-  // so they displace less of what L2 holds (the routing CTA's code, the experts' tables). The same bits. Round s21-2
-  // A/B (bench_cuda_moe_router path "decode-rows-evict-normal").
-  bool rows_evict_first = true;
 };
 
 // Kernel launches run_moe_routing makes for these parameters.
