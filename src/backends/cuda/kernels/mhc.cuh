@@ -964,7 +964,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       }
     }
   } else {
-    // Iteration j: project tile j, sum this CTA's items of tile j − kSumLag, collapse tile j − kCollapseLag.
+    // Iteration j: project tile j, collapse tile j − kCollapseLag, sum this CTA's items of tile j − kSumLag.
     for (int j = 0; j < count + kCollapseLag; ++j) {
       const int jr = j - kSumLag, jc = j - kCollapseLag;
       const int passes = jr >= 0 && jr < count ? my_passes : 0;
@@ -1000,7 +1000,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       }
 
       // The collapse, then the slice sums: half an iteration more for the partials' hop (session 21: hc_pre 199.8 ->
-      // 193.4 µs, hc_head 128.8 -> 126.7, H200).
+      // 193.4 µs, hc_head 128.8 -> 126.7, H200). Later passes reload their words here (out of line, as in kRoles, was
+      // measured only beside the out-of-line rounding).
       if (jc >= 0) collapse_and_refill(jc, pre_reader, squares_word, mix_word, block_sync, j + 1 >= count);
       for (int pass = 0; pass < passes; ++pass) {
         if (pass > 0) load_slice_words(jr, pass, words);
