@@ -16,8 +16,8 @@
 // - every step with the RoPE factors read from a per-position table (rope_table) against the default (frequencies and
 //   a double-precision sincos);
 // - every step with the slot loads forced the other way than the default (CompressorSlotLoads::Auto: lean for the CSA
-//   compressors' prefill chunks, quads for HCA's, registers for decode steps): staged for the prefill chunks, quads
-//   for decode steps, against the default;
+//   compressors' prefill chunks, staged for HCA's, registers for decode steps): staged for the CSA chunks and decode
+//   steps, registers for HCA's, against the default;
 // - a CSA layer's decode pair with the indexer's query preparation in its launch against the two launches.
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
@@ -318,44 +318,27 @@ void add_runs_ready_row(const Step& s, const std::string& op, double default_us,
 }
 
 // The slot loads Auto does not pick for the step (auto_loads: its choice for the step's prefill chunk): staged for a
-// lean or quad prefill chunk (HCA's), lean for a staged CSA one, registers for a staged HCA one; quads for decode
-// steps (registers).
+// lean prefill chunk, lean for a staged CSA one, registers for HCA's; staged for decode steps (registers).
 CompressorSlotLoads other_slot_loads(const Step& s, bool overlapping, CompressorSlotLoads auto_loads) {
-  if (s.start_in_window != -1) return CompressorSlotLoads::Quads;
-  if (auto_loads == CompressorSlotLoads::Lean || auto_loads == CompressorSlotLoads::Quads)
-    return CompressorSlotLoads::Staged;
+  if (s.start_in_window != -1) return CompressorSlotLoads::Staged;
+  if (auto_loads == CompressorSlotLoads::Lean) return CompressorSlotLoads::Staged;
   return overlapping ? CompressorSlotLoads::Lean : CompressorSlotLoads::Registers;
 }
 
-const char* slot_loads_name(CompressorSlotLoads loads) {
-  switch (loads) {
-    case CompressorSlotLoads::Registers: return "registers";
-    case CompressorSlotLoads::Staged: return "staged";
-    case CompressorSlotLoads::Lean: return "lean";
-    case CompressorSlotLoads::Quads: return "quads";
-    case CompressorSlotLoads::Auto: return "auto";
-  }
-  return "?";
-}
-
-// Every step again with its slot loads forced to other_slot_loads: against the default (Auto's `auto_loads`,
-// baseline column).
-void add_slot_loads_row(const Step& s, CompressorSlotLoads other, CompressorSlotLoads auto_loads,
-                        const std::string& op, double default_us, double bytes, double copy_gbps,
-                        const std::string& only, cudaStream_t stream, std::vector<Row>& rows,
-                        const std::function<void(cudaStream_t)>& body) {
+// Every step again with its slot loads forced to other_slot_loads: against the default (baseline column).
+void add_slot_loads_row(const Step& s, CompressorSlotLoads other, const std::string& op, double default_us,
+                        double bytes, double copy_gbps, const std::string& only, cudaStream_t stream,
+                        std::vector<Row>& rows, const std::function<void(cudaStream_t)>& body) {
+  const bool prefill = s.start_in_window == -1;
   const std::string variant = std::string(s.variant) + (other == CompressorSlotLoads::Staged ? ", staged slot loads"
                                                         : other == CompressorSlotLoads::Lean ? ", lean slot loads"
-                                                        : other == CompressorSlotLoads::Quads
-                                                            ? ", quad slot loads"
-                                                            : ", register slot loads");
+                                                                                             : ", register slot loads");
   if (!selected(only, op, variant)) return;
-  const char* how = other == CompressorSlotLoads::Lean    ? "lean loads, 128-thread CTAs"
-                    : other == CompressorSlotLoads::Quads ? "16-byte loads of four channels per thread into registers"
-                    : other == CompressorSlotLoads::Registers ? "loads into registers"
-                                                              : "cp.async ring in shared memory, 256-thread CTAs";
-  rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes,
-                  std::string(how) + "; baseline: the default (" + slot_loads_name(auto_loads) + ")"});
+  const char* note = other == CompressorSlotLoads::Lean ? "lean loads, 128-thread CTAs; baseline: the default (staged)"
+                     : other == CompressorSlotLoads::Registers ? "loads into registers; baseline: the default (staged)"
+                     : prefill ? "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (lean loads)"
+                               : "cp.async ring in shared memory, 256-thread CTAs; baseline: the default (registers)";
+  rows.push_back({op, variant, graph_us(stream, 20, body), bytes / (copy_gbps * 1e3), default_us, bytes, note});
 }
 
 void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, cudaStream_t stream,
@@ -388,10 +371,8 @@ void bench_compressor(Compressor& k, double copy_gbps, const std::string& only, 
                       bytes / (copy_gbps * 1e3), us, bytes,
                       "factors loaded from a per-position table; baseline: the default (double sincos)"});
     const CompressorParams alone = k.params(runs, s.sequences, s.tokens, stream);
-    const CompressorSlotLoads auto_loads = compressor_slot_loads({&alone, 1});
-    const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, auto_loads);
-    add_slot_loads_row(s, other, auto_loads, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream,
-                       rows,
+    const CompressorSlotLoads other = other_slot_loads(s, k.overlapping, compressor_slot_loads({&alone, 1}));
+    add_slot_loads_row(s, other, std::string("compressor ") + k.name, us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams p = k.params(runs, s.sequences, s.tokens, on);
                          p.slot_loads = other;
@@ -488,10 +469,8 @@ void bench_csa_layer(Compressor& main, Compressor& index, double copy_gbps, cons
                        });
     const CompressorParams pair[2] = {main.params(runs, s.sequences, s.tokens, stream),
                                       index.params(runs, s.sequences, s.tokens, stream)};
-    const CompressorSlotLoads auto_loads = compressor_slot_loads(pair);
-    const CompressorSlotLoads other = other_slot_loads(s, true, auto_loads);
-    add_slot_loads_row(s, other, auto_loads, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only,
-                       stream, rows,
+    const CompressorSlotLoads other = other_slot_loads(s, true, compressor_slot_loads(pair));
+    add_slot_loads_row(s, other, "compressor CSA layer main + indexer", fused_us, bytes, copy_gbps, only, stream, rows,
                        [&](cudaStream_t on) {
                          CompressorParams both[2] = {main.params(runs, s.sequences, s.tokens, on),
                                                      index.params(runs, s.sequences, s.tokens, on)};

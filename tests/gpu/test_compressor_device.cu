@@ -157,8 +157,6 @@ class CaseCheck {
   }
 
   const std::string& name() const { return name_; }
-  // Sequence q's entries as the GPU gave them (after finish()), in entry order.
-  const std::vector<float>& got(int q) const { return sequences_[size_t(q)].got; }
   // Every launch splits an entry over `ctas` CTAs (CompressorParams::cluster_ctas) instead of the launcher's choice.
   void force_cluster(int ctas) {
     cluster_ctas_ = ctas;
@@ -183,10 +181,9 @@ class CaseCheck {
   // Every launch loads its slots the given way (CompressorParams::slot_loads) instead of the launcher's choice.
   void force_slot_loads(CompressorSlotLoads loads) {
     slot_loads_ = loads;
-    name_ += loads == CompressorSlotLoads::Staged  ? ", staged slot loads"
-             : loads == CompressorSlotLoads::Lean  ? ", lean slot loads"
-             : loads == CompressorSlotLoads::Quads ? ", quad slot loads"
-                                                   : ", register slot loads";
+    name_ += loads == CompressorSlotLoads::Staged ? ", staged slot loads"
+             : loads == CompressorSlotLoads::Lean ? ", lean slot loads"
+                                                  : ", register slot loads";
   }
 
   // The next step's launch parameters (its runs and projections uploaded, its outputs poisoned): the next chunk of
@@ -729,63 +726,6 @@ TEST(Compressor, LeanSlotLoadsMatchTheCpuOnePass) {
       check_pair(a, b);
       ASSERT_FALSE(HasFatalFailure());
     }
-}
-
-// The quad slot loads forced on every case: decode steps, runs of different lengths and one pass, into the KV cache,
-// forced splits, pairs in one launch, RoPE tables; and bit for bit the entries of the path whose slot groups they
-// keep: Staged for one pass (prefill chunks), Registers for single tokens (decode steps).
-TEST(Compressor, QuadSlotLoadsMatchTheCpuOnePassAndTheirPathsBits) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 3700;
-  for (const CompressorCase& c : kCases) {
-    for (const auto& [chunks, same_bits] : {std::pair{"one pass", CompressorSlotLoads::Staged},
-                                            std::pair{"single tokens", CompressorSlotLoads::Registers}}) {
-      const bool to_cache = c.rounding != CompressorStoredRounding::IndexerFp4 && !c.bf16_output && !c.fp8_output;
-      CaseCheck quads(c, chunks, seed, to_cache), other(c, chunks, seed, to_cache);
-      ++seed;
-      quads.force_slot_loads(CompressorSlotLoads::Quads), other.force_slot_loads(same_bits);
-      for (CaseCheck* check : {&quads, &other}) {
-        SCOPED_TRACE(check->name());
-        CompressorParams p;
-        while (check->next_step(p)) {
-          run_compressor(p);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          check->check_step();
-          ASSERT_FALSE(HasFatalFailure());
-        }
-        check->finish();
-        ASSERT_FALSE(HasFatalFailure());
-      }
-      for (int q = 0; q < kSequences; ++q) {
-        ASSERT_EQ(quads.got(q).size(), other.got(q).size());
-        EXPECT_EQ(std::memcmp(quads.got(q).data(), other.got(q).data(), quads.got(q).size() * 4), 0)
-            << quads.name() << ": sequence " << q << " differs from " << other.name();
-      }
-    }
-    check_case(c, "chunks of 3/7/13", seed++, false, false, 0, CompressorSlotLoads::Quads);
-    ASSERT_FALSE(HasFatalFailure());
-  }
-  for (const int c : {1, 5})
-    for (const int ctas : {1, 8})
-      check_case(kCases[c], "chunks of 2/3", seed++, true, false, ctas, CompressorSlotLoads::Quads);
-  for (const auto& [first, second] : {std::pair{1, 3}, std::pair{5, 9}, std::pair{7, 13}})
-    for (const char* chunks : {"one pass", "chunks of 2/3"}) {
-      CaseCheck a(kCases[first], chunks, seed++), b(kCases[second], chunks, seed++);
-      a.force_slot_loads(CompressorSlotLoads::Quads), b.force_slot_loads(CompressorSlotLoads::Quads);
-      a.use_rope_table(), b.use_rope_table();
-      check_pair(a, b);
-      ASSERT_FALSE(HasFatalFailure());
-    }
-}
-
-// Quad slot loads refused where a pool cannot take them: the stacked projections' rows (2·width + 6 floats apart).
-TEST(Compressor, QuadSlotLoadsRefuseWhatTheyCannotPool) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  CaseCheck check(kCases[4], "one pass", 3900, false, true);
-  check.force_slot_loads(CompressorSlotLoads::Quads);
-  CompressorParams p;
-  ASSERT_TRUE(check.next_step(p));
-  testing::expect_error([&] { run_compressor(p); }, "quad slot loads refused");
 }
 
 // Lean slot loads refused where a pool cannot take them (no silent fallback).

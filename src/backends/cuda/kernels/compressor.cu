@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -23,6 +22,8 @@ constexpr int64_t kWantedDecodeCtas = 128;
 // Slot-channel values an entry's CTA pools at least: a CSA window (8 slots × 512 channels) stays in one CTA, where
 // a cluster barrier would cost more than its loads; an HCA window (128 × 512) is split 8 ways.
 constexpr int64_t kMinCtaWork = 8 * 1024;
+// Slot groups per channel: enough loads in flight for a 128-slot window, few enough partials to merge.
+constexpr int kMaxGroups = 16;
 constexpr int kManyEntriesThreads = 256;
 // The indexer's query preparation in the pools' launch: vectors per CTA at least this, CTAs at most about this.
 constexpr int64_t kPrepareMinRows = 4;
@@ -159,28 +160,13 @@ const char* lean_refusal(const CompressorParams& p) {
   return nullptr;
 }
 
-// Why pool p cannot take the quad slot loads (CompressorSlotLoads::Quads), or null.
-const char* quads_refusal(const CompressorParams& p) {
-  const int64_t channels = p.head_dim / entry_split(p);
-  const int64_t row_stride = p.row_stride == 0 ? p.projection_width() : p.row_stride;
-  const CompressorStateView& s = p.state;
-  if (channels % 4 != 0 || channels > 2 * compressor::kStagedThreads)
-    return "a CTA's channels are not a multiple of 4 up to 512";
-  if (row_stride % 4 != 0 || !aligned16(p.kv) || !aligned16(p.gate) || !aligned16(p.ape) ||
-      !aligned16(s.window_kv) || !aligned16(s.window_score) || !aligned16(s.previous_kv) ||
-      !aligned16(s.previous_score))
-    return "kv, gate, ape or the state are not 16-byte aligned rows";
-  return nullptr;
-}
 
 // One pool's launch shape: the entries' split over CTAs and the CTA's thread layout for the launch's slot loads (lean:
 // the staged path's slot-group order of visits, which fixes its summation order, and teams of c / 4 threads).
 compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads loads) {
-  const bool lean = loads == CompressorSlotLoads::Lean, quads = loads == CompressorSlotLoads::Quads;
+  const bool lean = loads == CompressorSlotLoads::Lean;
+  const bool staged = lean || loads == CompressorSlotLoads::Staged;
   const int64_t entries_per_run = entries_per_run_of(p);
-  // Quads keep the slot groups (hence the sums) of the path Auto took before them: Staged for prefill chunks,
-  // Registers for decode steps.
-  const bool staged = lean || loads == CompressorSlotLoads::Staged || (quads && entries_per_run > 1);
   const int64_t entries = p.run_count * entries_per_run;
   check(entries * kMaxClusterCtas < (int64_t(1) << 31), "compressor: ", entries, " entries exceed the grid limit");
   const int c = int(p.head_dim);
@@ -198,12 +184,11 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                           : cluster == 1 && entries >= kWantedCtas ? kManyEntriesThreads
                                                                    : compressor::kMaxThreads;
   // Decode steps too: a group of clamped repeats costs its loads, expf and merge (a CSA indexer entry took 8 groups of
-  // one slot each).
-  const bool decode = entries_per_run == 1 && std::getenv("DSV4_COMPRESSOR_DECODE_ONE_SLOT_GROUPS") == nullptr;
-  const int min_slots_per_group = staged || decode ? compressor::kSlotBatch : 1;
+  // one slot: GPU round s21-2, H200, with 2 groups of 4 its completing step 7.07 -> 5.89 µs, storing 1.71 -> 1.37, the
+  // CSA pair's completing step 6.93 -> 6.08 with the merge below; bits change for c = 128 / 96 / 32 CSA decode).
+  const int min_slots_per_group = staged || entries_per_run == 1 ? compressor::kSlotBatch : 1;
   int groups = 1;
-  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots &&
-         groups < compressor::kMaxGroups)
+  while (2 * groups * pairs_padded <= max_threads && 2 * groups * min_slots_per_group <= slots && groups < kMaxGroups)
     groups *= 2;
   const int halves = p.overlapping ? 2 : 1;
   const int lean_teams = lean ? compressor::kLeanThreads / (c / 4) : 0;
@@ -255,11 +240,7 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_units = lean ? (entries + lean_teams - 1) / lean_teams : 0,
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
-                              .quads = channels / 4,
-                              .quads_div = compressor::FastDivisor::of(uint32_t(quads ? channels / 4 : 1)),
-                              .merge_branches = std::getenv("DSV4_COMPRESSOR_MERGE_BRANCHES") != nullptr};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -277,7 +258,6 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   }
   const CompressorSlotLoads loads = compressor_slot_loads(params);
   const bool lean = loads == CompressorSlotLoads::Lean, staged = loads == CompressorSlotLoads::Staged;
-  const bool quads = loads == CompressorSlotLoads::Quads;
   compressor::LaunchArgs launch{};
   int hardware_cluster = 1, threads = 0;
   size_t smem = 0;
@@ -286,25 +266,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
     const compressor::PoolArgs pool = pool_args(p, loads);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
-    // Quads: the pooling's threads, at least the finish's pairs.
-    threads = lean    ? compressor::kLeanThreads
-              : quads ? std::max({threads, pool.quads * pool.groups, pool.pairs_padded})
-                      : std::max(threads, pool.pairs_padded * pool.groups);
+    threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);
     if (!lean) smem = std::max(smem, compressor::pool_smem_bytes(pool.channels_per_cta, pool.groups));
-  }
-  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_ONE_UNIT=1): one unit per CTA, no prefetch (the old lean kernel).
-  const bool persistent = lean && std::getenv("DSV4_COMPRESSOR_LEAN_ONE_UNIT") == nullptr;
-  // Round s21-2 A/B (DSV4_COMPRESSOR_LEAN_TWO_PER_SM=1): persistent lean CTAs at two per SM (no spills).
-  const bool two_per_sm = persistent && std::getenv("DSV4_COMPRESSOR_LEAN_TWO_PER_SM") != nullptr;
-  if (persistent) {
-    // Lean CTAs loop over units (each next unit's windows load during the current one's finish): as many rounds of
-    // units as a wave of resident CTAs needs, each pool's CTAs taking an equal share of the rounds.
-    int64_t units = 0;
-    for (int i = 0; i < launch.pool_count; ++i) units += launch.pools[i].lean_units;
-    const int64_t resident = int64_t(two_per_sm ? 2 : compressor::kLeanCtasPerSm) * device_multiprocessors();
-    const int64_t rounds = std::max<int64_t>(1, (units + resident - 1) / resident);
-    for (int i = 0; i < launch.pool_count; ++i)
-      launch.pools[i].ctas = (launch.pools[i].lean_units + rounds - 1) / rounds;
   }
   const bool prepares = prepare != nullptr && prepare->tokens > 0;
   if (launch.pool_count == 0 && !prepares) return;
@@ -337,18 +300,14 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   // Decode steps (every run within one window's worth of tokens) update their states per channel slice.
   bool slice_updates = true;
   for (int i = 0; i < launch.pool_count; ++i) slice_updates = slice_updates && launch.pools[i].entries_per_run == 1;
-  if ((staged || quads) && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads, quads);
+  if (staged && launch.pool_count > 0) smem += compressor::staging_smem_bytes(threads);
   using enum CompressorSlotLoads;
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
   check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  const auto kernel = two_per_sm      ? compressor::compressor_kernel<false, Lean, false, 2>
-                      : persistent    ? compressor::compressor_kernel<false, Lean, false, compressor::kLeanCtasPerSm>
-                      : lean          ? compressor::compressor_kernel<false, Lean>
-                      : quads         ? (slice_updates ? compressor::compressor_kernel<true, Quads>
-                                                       : compressor::compressor_kernel<false, Quads>)
+  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)
@@ -369,29 +328,25 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
 
 CompressorSlotLoads compressor_slot_loads(std::span<const CompressorParams> params) {
   const CompressorSlotLoads mode = params[0].slot_loads;
-  if (mode == CompressorSlotLoads::Lean || mode == CompressorSlotLoads::Quads)
+  if (mode == CompressorSlotLoads::Lean)
     for (const CompressorParams& p : params) {
-      const bool lean = mode == CompressorSlotLoads::Lean;
-      const char* refusal = p.run_count == 0 ? nullptr : lean ? lean_refusal(p) : quads_refusal(p);
-      check(refusal == nullptr, "compressor: ", lean ? "lean" : "quad", " slot loads refused: ",
-            refusal == nullptr ? "" : refusal);
+      const char* refusal = p.run_count == 0 ? nullptr : lean_refusal(p);
+      check(refusal == nullptr, "compressor: lean slot loads refused: ", refusal == nullptr ? "" : refusal);
     }
   if (mode != CompressorSlotLoads::Auto) return mode;
   // Decode steps (at most one entry per run) load into registers; only prefill chunks weigh the other modes.
   const auto several_entries = [](const CompressorParams& p) { return p.run_count > 0 && entries_per_run_of(p) > 1; };
   if (std::none_of(params.begin(), params.end(), several_entries)) return CompressorSlotLoads::Registers;
-  bool lean = true, quads = true, staged = true;
+  bool lean = true, staged = true;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
     staged = staged && p.head_dim / entry_split(p) <= 2 * compressor::kStagedThreads;
     lean = lean && lean_refusal(p) == nullptr;
-    quads = quads && quads_refusal(p) == nullptr;
   }
   // Lean where every pool takes it (GPU round s20-1, H200, 4096 tokens, with CSA windows in straight-line loads: the
   // CSA layer's pair 24.4 vs 39.8 µs staged, its indexer compressor alone 10.0 vs 13.3, its main compressor alone 23.9
   // vs 24.9).
   if (lean) return CompressorSlotLoads::Lean;
-  if (quads) return CompressorSlotLoads::Quads;
   return staged ? CompressorSlotLoads::Staged : CompressorSlotLoads::Registers;
 }
 

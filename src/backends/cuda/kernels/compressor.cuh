@@ -56,8 +56,6 @@ inline constexpr int kMaxThreads = 512;
 inline constexpr int kMaxPools = 2;
 inline constexpr int kSlotBatch = 4;    // slots whose loads a thread issues before using any
 inline constexpr int kUpdateBatch = 4;  // state values a thread loads before storing any
-// Slot groups per channel at most: enough loads in flight for a 128-slot window, few enough partials to merge.
-inline constexpr int kMaxGroups = 16;
 // Staged slot loads (CompressorSlotLoads::Staged): CTAs of at most kStagedThreads threads, each thread's
 // slots copied by cp.async into a ring of kStages batches in shared memory (value, score and ape pairs).
 inline constexpr int kStagedThreads = 256;
@@ -135,13 +133,8 @@ struct PoolArgs {
   int lean_teams;
   int64_t rows;
   FastDivisor team_div;
-  int64_t lean_units;  // units of lean_teams entries (one per team); the pool's CTAs take every ctas-th
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
-  // Quad slot loads (CompressorSlotLoads::Quads): pooling threads per slot group (channels_per_cta / 4), divisor.
-  int quads;
-  FastDivisor quads_div;
-  bool merge_branches;  // round s21-2 A/B (DSV4_COMPRESSOR_MERGE_BRANCHES=1): the merge's branch per group
 };
 
 struct LaunchArgs {
@@ -174,11 +167,8 @@ inline size_t pool_smem_bytes(int channels, int groups) {
   return (size_t(3) * groups * channels + channels) * sizeof(float);
 }
 
-// The staged (quad) slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2
-// (float4).
-inline size_t staging_smem_bytes(int threads, bool quads) {
-  return size_t(kStages) * kSlotBatch * 3 * threads * (quads ? sizeof(float4) : sizeof(float2));
-}
+// The staged slot loads' ring after a pool's partials: [stage][batch slot][value, score, ape][thread] float2.
+inline size_t staging_smem_bytes(int threads) { return size_t(kStages) * kSlotBatch * 3 * threads * sizeof(float2); }
 
 // One run as a CTA sees it: its rows, positions and state slot.
 struct RunView {
@@ -299,24 +289,14 @@ struct OnlineSoftmax {
 
 // A channel's pooled value from its slot groups' partial softmaxes (part(g), g < groups), merged in group order.
 // Without a branch per group: a group that pooled nothing (max −∞, sums 0) adds 0 · expf(−∞) = +0 to each sum, which
-// leaves it as skipping the group would (the sums are never −0), so every group's loads and expf may issue together
-// (with a branch, each group's chain of loads, expf and sums ran after the previous one's: the completing decode
-// step's finish).
+// leaves it as skipping the group did (the sums are never −0), so every group's loads and expf issue together (with
+// the branch each group's chain of loads, expf and sums waited for the previous one's: GPU round s21-2, H200, a
+// completing decode step of the CSA pair 6.29 -> 6.08 µs, of HCA 9.65 -> 9.04; the same bits).
 template <class Part>
-__device__ __forceinline__ float merge_partials(int groups, bool branches, Part part) {
+__device__ __forceinline__ float merge_partials(int groups, Part part) {
   float m = kNegativeInfinity;
   for (int g = 0; g < groups; ++g) m = fmaxf(m, part(g).max);
   float den = 0.0f, num = 0.0f;
-  if (branches) {
-  for (int g = 0; g < groups; ++g) {
-    const OnlineSoftmax p = part(g);
-    if (p.max == kNegativeInfinity) continue;
-    const float scale = expf(p.max - m);
-    den += p.denominator * scale;
-    num += p.numerator * scale;
-  }
-  return num / den;
-  }
   for (int g = 0; g < groups; ++g) {
     const OnlineSoftmax p = part(g);
     const float scale = expf(p.max - m);
@@ -446,101 +426,6 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     compiler_memory_fence();  // this stage's reads come before its refill
     if (b + 2 < batches) issue(b + 2, stage);
   }
-}
-
-// A thread's four consecutive channels, loaded as one 16-byte access.
-struct Quad {
-  float v[4];
-};
-
-__device__ __forceinline__ Quad load_quad(const float* p) {
-  const float4 x = *reinterpret_cast<const float4*>(p);
-  return {{x.x, x.y, x.z, x.w}};
-}
-
-// kInRun: the window lies wholly in the run (every entry of a prefill chunk but its first one or two): slot s's row is
-// the window's first plus s (CSA's second halves: plus s − ratio, c columns on), with no per-slot source selection.
-template <bool kInRun, class AfterFirstIssue>
-__device__ __forceinline__ void pool_quads_from(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
-                                                int slots, float4* ring, OnlineSoftmax (&softmax)[4],
-                                                AfterFirstIssue after_first_issue) {
-  const int step = kSlotBatch * a.groups;
-  const int batches = (slots - group + step - 1) / step;  // group < groups ≤ slots
-  const int threads = int(blockDim.x);
-  float4* const mine = ring + threadIdx.x;
-  // Kind 0: value, 1: score, 2: ape, of batch slot k in stage `stage`.
-  const auto at = [&](int stage, int k, int kind) { return mine + ((stage * kSlotBatch + k) * 3 + kind) * threads; };
-  const int64_t window_offset = (window_first_position(a, w) - r.start) * a.row_stride + channel;
-  const auto issue = [&](int batch, int stage) {
-#pragma unroll
-    for (int k = 0; k < kSlotBatch; ++k) {
-      const int slot = group + batch * step + k * a.groups;
-      SlotSource source;
-      if constexpr (kInRun) {
-        const int s = min(slot, slots - 1);  // past the window: a valid address, its value dropped
-        const bool second = a.overlapping && s >= a.ratio;
-        const int64_t offset = window_offset + int64_t(s) * a.row_stride + (second ? a.c : 0);
-        source = {r.kv + offset, r.gate + offset,
-                  a.ape + (second ? s - a.ratio : s) * width_of(a) + channel + (second ? a.c : 0)};
-      } else {
-        const PooledSlot p = pooled_slot(a, w, slot, slots, channel);
-        source = slot_source<true>(a, r, p.q, p.column);
-      }
-      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 0))), source.value, true);
-      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 1))), source.score, true);
-      ptx::cp_async_or_zero<16>(uint32_t(__cvta_generic_to_shared(at(stage, k, 2))), source.ape, true);
-    }
-    ptx::cp_async_commit();
-  };
-  static_assert(kStages == 2, "the waits below keep one batch in flight behind the one used");
-  issue(0, 0);
-  if (batches > 1) issue(1, 1);
-  after_first_issue();
-  for (int b = 0; b < batches; ++b) {
-    if (b + 1 < batches)
-      ptx::cp_async_wait<1>();
-    else
-      ptx::cp_async_wait<0>();
-    compiler_memory_fence();
-    const int stage = b & 1;
-    const int s0 = group + b * step;
-    bool valid[kSlotBatch];
-    float4 value[kSlotBatch], score[kSlotBatch];
-#pragma unroll
-    for (int k = 0; k < kSlotBatch; ++k) {  // every position of a window in the run is ≥ 0
-      valid[k] = kInRun ? s0 + k * a.groups < slots : pooled_slot(a, w, s0 + k * a.groups, slots, channel).valid;
-      const float4 bias = *at(stage, k, 2);
-      value[k] = *at(stage, k, 0), score[k] = *at(stage, k, 1);
-      score[k] = make_float4(score[k].x + bias.x, score[k].y + bias.y, score[k].z + bias.z, score[k].w + bias.w);
-    }
-    compiler_memory_fence();  // this stage's reads come before its refill
-    if (b + 2 < batches) issue(b + 2, stage);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float v[kSlotBatch], sc[kSlotBatch];
-#pragma unroll
-      for (int k = 0; k < kSlotBatch; ++k) {
-        v[k] = valid[k] ? reinterpret_cast<const float*>(&value[k])[j] : 0.0f;
-        sc[k] = valid[k] ? reinterpret_cast<const float*>(&score[k])[j] : kNegativeInfinity;
-      }
-      softmax[j].add(v, sc);
-    }
-  }
-}
-
-// Quad slot loads: thread (group, quad) pools the four channels from `channel` over slots group, group + groups, …,
-// kSlotBatch at a time as the other paths do (the same sums in the same order), each slot's value, score and ape
-// copied by one 16-byte cp.async apiece into the thread's part of a shared-memory ring of kStages batches (the
-// staged path's, with four channels per thread). after_first_issue runs once the first batches are in flight (the
-// thread's RoPE factors).
-template <class AfterFirstIssue>
-__device__ __forceinline__ void pool_quads(const PoolArgs& a, const RunView& r, int64_t w, int group, int channel,
-                                           int slots, float4* ring, OnlineSoftmax (&softmax)[4],
-                                           AfterFirstIssue after_first_issue) {
-  if (window_first_position(a, w) >= r.start)  // CTA-uniform
-    pool_quads_from<true>(a, r, w, group, channel, slots, ring, softmax, after_first_issue);
-  else
-    pool_quads_from<false>(a, r, w, group, channel, slots, ring, softmax, after_first_issue);
 }
 
 // float_to_e4m3 then e4m3_to_float of both values by the hardware conversions (round to nearest even, saturating
@@ -837,7 +722,7 @@ __device__ __forceinline__ void finish_entry(const PoolArgs& a, const EntryItem&
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int local_channel = 2 * t.pair + j;
-      v[j] = merge_partials(a.groups, a.merge_branches, [&](int g) {
+      v[j] = merge_partials(a.groups, [&](int g) {
         const int i = g * channels + local_channel;
         return OnlineSoftmax{s.part_max[i], s.part_den[i], s.part_num[i]};
       });
@@ -951,9 +836,9 @@ __device__ __forceinline__ void update_state_if_last(const PoolArgs& a, const Ru
 // CTA `local` of pool `a`: one entry slice.
 // kSliceUpdates: every run of the launch has at most `ratio` tokens (entries_per_run = 1), and each CTA updates its
 // channel slice of its run's state; otherwise the run's last ticket-taking CTA updates all of it.
-// kLoads: Registers (pool_from_registers), Staged (the shared-memory ring after the entry vector: pool_from_staging)
-// or Quads (pool_quads). kTrace: a traced launch (trace_point).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace>
+// kStaged: the pooling's slot loads go through the shared-memory ring (pool_from_staging), after the entry vector.
+// kTrace: a traced launch (trace_point).
+template <bool kSliceUpdates, bool kStaged, bool kTrace>
 __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int hardware_cluster, float* smem,
                                          uint64_t* trace) {
   const int channels = a.channels_per_cta;
@@ -1006,37 +891,17 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
   }
 
   RopeFactors rope{1.0f, 0.0f};
-  // The RoPE factors are made (or loaded) while the first loads are in flight.
-  const PoolingTask task{.w = e.w,
-                         .group = t.group,
-                         .channel = t.channel,
-                         .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
-                         .rope_here = t.active && t.group == 0 && t.channel >= a.c - a.rope_dim,
-                         .rope_pair = rope_pair,
-                         .frequency = frequency};
-  if constexpr (kLoads == CompressorSlotLoads::Quads) {
-    // The pooling's threads (group, quad) are not the finish's (group, pair): the partials meet in shared memory.
-    const int quad = int(a.quads_div.mod(threadIdx.x)), group = int(a.quads_div.div(threadIdx.x));
-    const auto make_rope = [&] {
-      if (task.rope_here) rope = window_rope(a, task);
-    };
-    if (e.emitting && group < a.groups) {
-      OnlineSoftmax softmax[4];
-      pool_quads(a, r, e.w, group, place.rank * channels + 4 * quad, task.slots,
-                 reinterpret_cast<float4*>(s.entry_vector + channels), softmax, make_rope);
-      const int local_channel = group * channels + 4 * quad;
-      *reinterpret_cast<float4*>(s.part_max + local_channel) =
-          make_float4(softmax[0].max, softmax[1].max, softmax[2].max, softmax[3].max);
-      *reinterpret_cast<float4*>(s.part_den + local_channel) = make_float4(
-          softmax[0].denominator, softmax[1].denominator, softmax[2].denominator, softmax[3].denominator);
-      *reinterpret_cast<float4*>(s.part_num + local_channel) =
-          make_float4(softmax[0].numerator, softmax[1].numerator, softmax[2].numerator, softmax[3].numerator);
-    } else if (e.emitting) {
-      make_rope();
-    }
-  } else if (e.emitting && t.active) {
+  if (e.emitting && t.active) {
+    // The RoPE factors are made (or loaded) while the first loads are in flight.
+    const PoolingTask task{.w = e.w,
+                           .group = t.group,
+                           .channel = t.channel,
+                           .slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio),
+                           .rope_here = t.group == 0 && t.channel >= a.c - a.rope_dim,
+                           .rope_pair = rope_pair,
+                           .frequency = frequency};
     OnlineSoftmax channel0, channel1;
-    if constexpr (kLoads == CompressorSlotLoads::Staged)
+    if constexpr (kStaged)
       pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
     else
       pool_from_registers(a, r, task, rope, channel0, channel1);
@@ -1082,7 +947,16 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
 inline constexpr int kLeanThreads = 128;
 inline constexpr int kLeanSlots = 2 * kSlotBatch;
 inline constexpr int kLeanMaxTeams = kLeanThreads / 32;
-inline constexpr int kLeanCtasPerSm = 3;  // the lean kernel's launch bounds (≈ 160 registers)
+
+// A thread's four consecutive channels, loaded as one 16-byte access.
+struct Quad {
+  float v[4];
+};
+
+__device__ __forceinline__ Quad load_quad(const float* p) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  return {{x.x, x.y, x.z, x.w}};
+}
 
 // Slot of the thread's visit v, in the staged path's slot-group order (groups 1: slots in order; groups 2: visits
 // v / kSlotBatch = g take slots g, g + 2, …).
@@ -1118,11 +992,12 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
 }
 
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
-// window's first row at the thread's channel; second halves c columns on), in the visit order lean_slot(·, kGroups):
-// offsets known at compile time but for the row stride and c.
+// window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
+// channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
 template <int kGroups>
-__device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, int row_stride, int c,
-                                                Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots]) {
+__device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
+                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
+                                                Quad (&bias)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1130,12 +1005,6 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
     const int offset = s * row_stride + (s >= kRatio ? c : 0);
     value[v] = load_quad(kv + offset), score[v] = load_quad(gate + offset);
   }
-}
-
-// The window's ape rows for the thread's channels (`ape`: row 0 at the channel) in the same order.
-template <int kGroups>
-__device__ __forceinline__ void load_csa_ape(const float* ape, int c, Quad (&bias)[kLeanSlots]) {
-  constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
@@ -1143,16 +1012,7 @@ __device__ __forceinline__ void load_csa_ape(const float* ape, int c, Quad (&bia
   }
 }
 
-// A team's loads of an in-run CSA window (lean_csa_windows), issued before they are pooled: the CTA's next unit's
-// are issued while the current unit finishes.
-struct LeanWindow {
-  Quad value[kLeanSlots], score[kLeanSlots];
-};
-
-// CTA `local` of a lean pool: units local, local + a.ctas, … (a unit: one entry per team). A unit's in-run CSA windows
-// are loaded before the previous unit's finish (norm, rounding, stores, tickets), which then overlaps their flight.
-// kPersistent (round s21-2 A/B; else one unit per CTA, no prefetch).
-template <bool kPersistent>
+// CTA `local` of a lean pool: its teams' entries.
 __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
@@ -1161,8 +1021,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   const int team = int(a.team_div.div(threadIdx.x)), thread = int(threadIdx.x) - team * team_threads;
   const int channel = 4 * thread, lane = int(threadIdx.x) & 31;
   const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
-  const auto row_of = [&](int64_t unit) { return unit * a.lean_teams + team; };
-  const auto run_index_of = [&](int64_t row) { return row < a.rows ? int(a.entries_div.div(uint32_t(row))) : 0; };
+  const int64_t row = local * a.lean_teams + team;
+  const bool real = row < a.rows;
+  const int run_index = real ? int(a.entries_div.div(uint32_t(row))) : 0;
 
   // What depends on no earlier kernel loads while it drains: the norm weights and RoPE frequencies.
   const int rope_begin = a.c - a.rope_dim;
@@ -1175,198 +1036,164 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     for (int j = 0; j < 2; ++j) frequency[j] = a.rope_frequencies[rope_pair + j];
 
   CompressorRun run{};
-  if (a.runs_before_wait && row_of(local) < a.rows) run = a.runs[run_index_of(row_of(local))];
+  if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
-  if (!a.runs_before_wait && row_of(local) < a.rows) run = a.runs[run_index_of(row_of(local))];
+  if (!a.runs_before_wait && real) run = a.runs[run_index];
+  const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
+  const RunView& r = e.r;
+  const bool in_run = in_run_entry(a, e);  // team-uniform
+  if (real && thread == 0) {
+    if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
+    if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
+  }
 
-  // The cache row's page and the RoPE factors of entry w of `slot`, looked up while the slots load.
-  const auto look_up_entry = [&](int32_t slot, int64_t w, uint8_t*& stored, RopeFactors (&rope)[2]) {
+  float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
+  uint8_t* stored = nullptr;
+  // The cache row's page and the RoPE factors, looked up while the slots load.
+  const auto look_up_entry = [&] {
     if (a.cache.pool != nullptr)
       stored = a.cache.entry_address(
-          a.cache.physical_entry(a.cache.pages_of(slot, a.cache_layer, KvArray::Compressed), w));
+          a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
     if (rope_here)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        rope[j] = window_rope(a, PoolingTask{.w = w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
-  // Entry e's in-run CSA window, issued into `window` (with its look-up) when it has one: whether it did.
-  const auto issue_window = [&](const EntryItem& e, LeanWindow& window, uint8_t*& stored, RopeFactors (&rope)[2]) {
-    if (!(e.emitting && in_run_entry(a, e) && a.lean_csa_windows)) return false;
+  if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
-    const int64_t base = (window_first_position(a, e.w) - e.r.start) * row_stride + channel;
+    const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
+    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(e.r.kv + base, e.r.gate + base, row_stride, a.c, window.value, window.score);
+      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2>(e.r.kv + base, e.r.gate + base, row_stride, a.c, window.value, window.score);
-    look_up_entry(e.run.slot, e.w, stored, rope);
-    return true;
-  };
-
-  LeanWindow window;
-  uint8_t* stored = nullptr;
-  RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
-  bool issued = false;  // this unit's window is in `window` (issued during the previous unit)
-  for (int64_t unit = local; unit < (kPersistent ? a.lean_units : local + 1); unit += a.ctas) {  // CTA-uniform
-    const int64_t row = row_of(unit);
-    const bool real = row < a.rows;
-    const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index_of(row), real}, run);
-    const RunView& r = e.r;
-    const bool in_run = in_run_entry(a, e);  // team-uniform
-    if (real && thread == 0) {
-      if (a.entry_rows != nullptr) a.entry_rows[row] = e.emitting ? int32_t(e.w) : -1;
-      if (a.entry_slots != nullptr) a.entry_slots[row] = run.slot;
+      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+    look_up_entry();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i] + ape[v].v[i];
+      pooled[i] = window_softmax(values, scores);
+      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
-    // The next unit's run, loaded while this unit's slots are.
-    const int64_t next_unit = unit + a.ctas, next_row = row_of(next_unit);
-    CompressorRun next_run{};
-    if (kPersistent && next_unit < a.lean_units && next_row < a.rows) next_run = a.runs[run_index_of(next_row)];
-
-    float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (!issued && e.emitting) issued = issue_window(e, window, stored, rope);
-    if (issued) {
-      // ape loaded at its use (L1 hits): the window's registers are all a prefetch holds.
-      Quad ape[kLeanSlots];
-      if (a.groups == 1)
-        load_csa_ape<1>(a.ape + channel, a.c, ape);
-      else
-        load_csa_ape<2>(a.ape + channel, a.c, ape);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float values[kLeanSlots], scores[kLeanSlots];
-#pragma unroll
-        for (int v = 0; v < kLeanSlots; ++v)
-          values[v] = window.value[v].v[i], scores[v] = window.score[v].v[i] + ape[v].v[i];
-        pooled[i] = window_softmax(values, scores);
-        if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
-      }
-    } else if (e.emitting) {
-      Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
-      bool valid[kLeanSlots];
-      if (in_run) {
-        // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
-        const int row_stride = int(a.row_stride);
-        const int base = int(window_first_position(a, e.w) - r.start) * row_stride + channel;
-#pragma unroll
-        for (int v = 0; v < kLeanSlots; ++v) {
-          const int s = lean_slot(v, a.groups);
-          valid[v] = s < slots;
-          if (valid[v]) {
-            const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
-            value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int v = 0; v < kLeanSlots; ++v) {
-          const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
-          const SlotSource source = slot_source<true>(a, r, p.q, p.column);
-          value[v] = load_quad(source.value), score[v] = load_quad(source.score);
-          valid[v] = p.valid;
-        }
-      }
-      // ape behind the slots' loads (L1 hits after the first CTAs).
-      Quad ape[kLeanSlots] = {};
+  } else if (e.emitting) {
+    Quad value[kLeanSlots] = {}, score[kLeanSlots] = {};
+    bool valid[kLeanSlots];
+    if (in_run) {
+      // Slot s of a window in the run: row first_q − start + s (CSA's second halves c columns on).
+      const int row_stride = int(a.row_stride);
+      const int base = int(window_first_position(a, e.w) - r.start) * row_stride + channel;
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         const int s = lean_slot(v, a.groups);
-        if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
-      }
-      look_up_entry(run.slot, e.w, stored, rope);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float values[kLeanSlots], scores[kLeanSlots];
-#pragma unroll
-        for (int v = 0; v < kLeanSlots; ++v) {
-          values[v] = valid[v] ? value[v].v[i] : 0.0f;
-          scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
-        }
-        pooled[i] = window_softmax(values, scores);
-        if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
-      }
-    }
-    // This unit's finish below runs while the next unit's window loads (its look-up into the next_ variables).
-    uint8_t* next_stored = nullptr;
-    RopeFactors next_rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
-    issued = false;
-    if (kPersistent && next_unit < a.lean_units && next_row < a.rows) {
-      const EntryItem next = entry_item(a, ItemPlace{int(next_row), 0, run_index_of(next_row), true}, next_run);
-      issued = issue_window(next, window, next_stored, next_rope);
-    }
-    if (kPersistent && !issued) window = LeanWindow{};  // dead until the next issue (else live in the whole loop)
-
-    // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
-    // blocks in order.
-    float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
-#pragma unroll
-    for (int m = 8; m > 0; m /= 2)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
-    if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
-    __syncthreads();  // also: every pooling read of the state is done (the ticket below)
-    float total = 0.0f;
-    for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
-
-    // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
-    const bool takes_ticket = real && !in_run;
-    if (thread == 0) {
-      bool last = false;
-      if (takes_ticket) {
-        __threadfence();
-        last = atomicAdd(r.state.finished_ctas, 1u) == ticket_ctas(a, r) - 1;
-      }
-      team_updates[team] = last;
-      team_runs[team] = run;
-    }
-
-    if (e.emitting) {
-      const float inv_rms = inverse_rms(total, static_cast<float>(a.c), a.norm_eps);
-      float v[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
-      if (rope_here)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
-      if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
-        const bool nope = !rope_here;
-        float amax = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
-#pragma unroll
-        for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-        const float scale = kv_fp8_scale(amax);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
-      }
-      // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
-      if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
-        finish_warp_vector<4>(a, v, lane, run.slot, e.w);
-      if (a.cache.pool != nullptr) {
-        kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
-        kv_store_pad(a.cache.layout, stored, thread);
-      } else if (a.slot_entries_fp8 == nullptr) {
-        if (a.entries != nullptr) {
-          *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
-        } else if (e.w < a.slot_entry_capacity) {
-          const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
-          uint2 packed;
-          packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
-          *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
-              packed;
+        valid[v] = s < slots;
+        if (valid[v]) {
+          const int offset = base + s * row_stride + (a.overlapping && s >= a.ratio ? a.c : 0);
+          value[v] = load_quad(r.kv + offset), score[v] = load_quad(r.gate + offset);
         }
       }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) {
+        const PooledSlot p = pooled_slot(a, e.w, lean_slot(v, a.groups), slots, channel);
+        const SlotSource source = slot_source<true>(a, r, p.q, p.column);
+        value[v] = load_quad(source.value), score[v] = load_quad(source.score);
+        valid[v] = p.valid;
+      }
     }
+    // ape behind the slots' loads (L1 hits after the first CTAs).
+    Quad ape[kLeanSlots] = {};
+#pragma unroll
+    for (int v = 0; v < kLeanSlots; ++v) {
+      const int s = lean_slot(v, a.groups);
+      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+    }
+    look_up_entry();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float values[kLeanSlots], scores[kLeanSlots];
+#pragma unroll
+      for (int v = 0; v < kLeanSlots; ++v) {
+        values[v] = valid[v] ? value[v].v[i] : 0.0f;
+        scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
+      }
+      pooled[i] = window_softmax(values, scores);
+      if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
+    }
+  }
 
-    // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
-    __syncthreads();
-    for (int i = 0; i < a.lean_teams; ++i) {
-      if (!team_updates[i]) continue;  // CTA-uniform
+  // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
+  // blocks in order.
+  float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
+#pragma unroll
+  for (int m = 8; m > 0; m /= 2)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) square[j] += __shfl_xor_sync(0xFFFFFFFFu, square[j], m);
+  if ((lane & 15) == 0) block_sums[threadIdx.x / 16] = square[0] + square[1];
+  __syncthreads();  // also: every pooling read of the state is done (the ticket below)
+  float total = 0.0f;
+  for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
+
+  // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
+  const bool takes_ticket = real && !in_run;
+  if (thread == 0) {
+    bool last = false;
+    if (takes_ticket) {
       __threadfence();
-      const RunView u = run_view(a, team_runs[i]);
-      update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
-      if (threadIdx.x == 0) *u.state.finished_ctas = 0;
-      __syncthreads();
+      last = atomicAdd(r.state.finished_ctas, 1u) == ticket_ctas(a, r) - 1;
     }
-    run = next_run, stored = next_stored, rope[0] = next_rope[0], rope[1] = next_rope[1];
+    team_updates[team] = last;
+    team_runs[team] = run;
+  }
+
+  if (e.emitting) {
+    const float inv_rms = inverse_rms(total, static_cast<float>(a.c), a.norm_eps);
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = pooled[i] * inv_rms * weight.v[i];
+    if (rope_here)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) rope_rotate_pair(v[2 * j], v[2 * j + 1], rope[j], false);
+    if (a.stored_rounding == CompressorStoredRounding::KvFp8) {
+      const bool nope = !rope_here;
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) amax = fmaxf(amax, nope ? fabsf(v[i]) : 0.0f);
+#pragma unroll
+      for (int m = 8; m > 0; m /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+      const float scale = kv_fp8_scale(amax);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) kv_fp8_round_pair(v[2 * j], v[2 * j + 1], scale, nope);
+    }
+    // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
+    if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
+      finish_warp_vector<4>(a, v, lane, run.slot, e.w);
+    if (a.cache.pool != nullptr) {
+      kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
+      kv_store_pad(a.cache.layout, stored, thread);
+    } else if (a.slot_entries_fp8 == nullptr) {
+      if (a.entries != nullptr) {
+        *reinterpret_cast<float4*>(a.entries + row * a.c + channel) = make_float4(v[0], v[1], v[2], v[3]);
+      } else if (e.w < a.slot_entry_capacity) {
+        const __nv_bfloat162 low = __floats2bfloat162_rn(v[0], v[1]), high = __floats2bfloat162_rn(v[2], v[3]);
+        uint2 packed;
+        packed.x = *reinterpret_cast<const uint32_t*>(&low), packed.y = *reinterpret_cast<const uint32_t*>(&high);
+        *reinterpret_cast<uint2*>(a.slot_entries_bf16 + run.slot * a.slot_entry_stride + e.w * a.c + channel) =
+            packed;
+      }
+    }
+  }
+
+  // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
+  __syncthreads();
+  for (int i = 0; i < a.lean_teams; ++i) {
+    if (!team_updates[i]) continue;  // CTA-uniform
+    __threadfence();
+    const RunView u = run_view(a, team_runs[i]);
+    update_state<false>(a, u, plan_state_update(a, u, 0, true), EarlyUpdate{});
+    if (threadIdx.x == 0) *u.state.finished_ctas = 0;
+    __syncthreads();
   }
 }
 
@@ -1393,15 +1220,12 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
 // kTrace: a traced launch (CompressorParams::trace; Registers only).
-// kLeanCtas (round s21-2 A/B): 0 one unit per lean CTA, else persistent lean CTAs, kLeanCtas per SM.
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, int kLeanCtas = 0>
-__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThreads
-                                  : kLoads == CompressorSlotLoads::Staged || kLoads == CompressorSlotLoads::Quads
-                                      ? kStagedThreads
-                                      : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean ? (kLeanCtas == 0 ? kLeanCtasPerSm : kLeanCtas)
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+__global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
+                                  : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
+                                                                          : kMaxThreads,
+                                  kLoads == CompressorSlotLoads::Lean     ? 3
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
-                                  : kLoads == CompressorSlotLoads::Quads  ? 2
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
   extern __shared__ __align__(16) float smem[];
@@ -1414,9 +1238,9 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean ? kLeanThr
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean<kLeanCtas != 0>(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
   else
-    compress<kSliceUpdates, kLoads, kTrace>(
+    compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);
 }
 

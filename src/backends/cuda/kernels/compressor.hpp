@@ -65,11 +65,8 @@ enum class CompressorStoredRounding { None, KvFp8, IndexerFp4 };
 // row_stride a multiple of 4, runs' rows within 32-bit offsets, rope_dim a multiple of 4. Auto: for launches whose
 // runs complete several entries (prefill chunks) Lean where every pool takes it (a CSA layer's compressors), else
 // Staged where every slice fits (1.2-2.1× faster than registers on an H200); Registers otherwise (decode steps, where
-// Staged was 0.8-1.1×). Quads: Staged's ring and slot groups (Registers' in decode steps), so their sums and bits,
-// with four channels per thread and 16-byte copies (CTAs of up to 256 threads, a CTA's channels a multiple of 4 up
-// to 512, kv, gate, ape and the state 16-byte aligned with row_stride a multiple of 4); Auto takes it for prefill
-// chunks that Lean refuses (HCA's).
-enum class CompressorSlotLoads { Registers, Staged, Lean, Quads, Auto };
+// Staged was 0.8-1.1×).
+enum class CompressorSlotLoads { Registers, Staged, Lean, Auto };
 
 // One sequence's tokens in a launch (device memory).
 struct CompressorRun {
