@@ -8,8 +8,7 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf), on the persistent grid (pers: PrefillGrid::Persistent; bits: its output against the per-item grid's) and
-// with row-group release on both grids (rows, pers+rows: release_rows; bits: both against the per-item grid's).
+// (+pf).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -175,10 +174,6 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
-  double bf16_q_persistent_us;      // the same on the persistent grid (PrefillGrid::Persistent)
-  bool persistent_same_bits;        // its output bit-identical to the per-item grid's
-  double bf16_q_rows_us, bf16_q_persistent_rows_us;  // both grids with row-group release (release_rows)
-  bool rows_same_bits;                               // both outputs bit-identical to the per-item grid's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -242,36 +237,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  const SparseAttentionPrefillOptions persistent{.prefetch_resolved = PrefetchResolved::Off,
-                                                 .grid = PrefillGrid::Persistent};
-  DeviceBuffer persistent_out(outputs * 2, "prefill kernel out, bf16 q, persistent grid");
-  SparseAttentionParams prefill_persistent = prefill_bf16_q;
-  prefill_persistent.out = persistent_out.data();
-  persistent_out.fill_bytes(0xFF);
-  run_sparse_attention_prefill(prefill_persistent, persistent);
-  synchronize_or_exit("sparse_attention_prefill (persistent grid)");
-  const double bf16_q_persistent_ms =
-      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_persistent, persistent); });
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint8_t> per_item_bits(outputs * 2), persistent_bits(outputs * 2);
-  bf16_q_out.download(per_item_bits.data(), outputs * 2);
-  persistent_out.download(persistent_bits.data(), outputs * 2);
-  // Row-group release on both grids, into persistent_out (checked after each).
-  double rows_ms[2];
-  bool rows_same = true;
-  for (int persistent_grid = 0; persistent_grid < 2; ++persistent_grid) {
-    const SparseAttentionPrefillOptions rows{.prefetch_resolved = PrefetchResolved::Off,
-                                             .grid = persistent_grid ? PrefillGrid::Persistent : PrefillGrid::PerItem,
-                                             .release_rows = true};
-    persistent_out.fill_bytes(0xFF);
-    run_sparse_attention_prefill(prefill_persistent, rows);
-    synchronize_or_exit("sparse_attention_prefill (row-group release)");
-    rows_ms[persistent_grid] =
-        median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_persistent, rows); });
-    std::vector<uint8_t> bits(outputs * 2);
-    persistent_out.download(bits.data(), outputs * 2);
-    rows_same = rows_same && bits == per_item_bits;
-  }
   if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
@@ -289,11 +254,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
-  r.bf16_q_persistent_us = bf16_q_persistent_ms * 1e3;
-  r.persistent_same_bits = per_item_bits == persistent_bits;
-  r.bf16_q_rows_us = rows_ms[0] * 1e3;
-  r.bf16_q_persistent_rows_us = rows_ms[1] * 1e3;
-  r.rows_same_bits = rows_same;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -418,11 +378,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s | %8s %8s %5s | %8s %9s "
-                "%5s\n",
-                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "+pf us", "pers us", "%cublas", "bits",
-                "rows us", "pers+rows", "bits");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s\n", "model",
+                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
+                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -434,16 +392,12 @@ int run(int argc, char** argv) {
                                 flush.data(), flush_bytes, trace, quick, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
-        const double persistent_percent = 100.0 * r.bf16_q_tflops * r.bf16_q_us / r.bf16_q_persistent_us / cublas_tflops;
-        ok = ok && r.persistent_same_bits && r.rows_same_bits;
-        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %8.1f | "
-                    "%8.1f %7.1f%% %5s | %8.1f %9.1f %5s%s\n",
+        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %7.1f%% "
+                    "%8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
-                    r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops, r.bf16_q_prefetch_us,
-                    r.bf16_q_persistent_us, persistent_percent, r.persistent_same_bits ? "same" : "DIFF",
-                    r.bf16_q_rows_us, r.bf16_q_persistent_rows_us, r.rows_same_bits ? "same" : "DIFF",
-                    agrees ? "" : " FAIL");
+                    r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
+                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
@@ -486,12 +440,11 @@ int run(int argc, char** argv) {
                    "    {\"model\": \"%s\", \"format\": \"%s\", \"heads\": %d, \"context\": %lld, \"tokens\": %lld, "
                    "\"today_splits\": %d, \"today_us\": %.1f, \"today_tflops\": %.1f, \"us\": %.1f, \"tflops\": %.1f, "
                    "\"percent_of_cublas\": %.1f, \"percent_of_peak\": %.1f, \"relative_difference\": %.3e, "
-                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f, \"bf16_q_prefetch_us\": %.1f, "
-                   "\"bf16_q_persistent_us\": %.1f}%s\n",
+                   "\"bf16_q_us\": %.1f, \"bf16_q_tflops\": %.1f, \"bf16_q_prefetch_us\": %.1f}%s\n",
                    r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context),
                    static_cast<long long>(kTokens), r.old_splits, r.old_us, r.old_tflops, r.new_us, r.new_tflops,
                    r.percent_of_cublas, r.percent_of_peak, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                   r.bf16_q_prefetch_us, r.bf16_q_persistent_us, i + 1 < cases.size() ? "," : "");
+                   r.bf16_q_prefetch_us, i + 1 < cases.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"decode\": [\n");
     for (size_t i = 0; i < decode_cases.size(); ++i) {

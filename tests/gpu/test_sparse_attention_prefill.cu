@@ -88,11 +88,9 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
-              to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
-              options.grid == PrefillGrid::Persistent ? " persistent" : "", options.release_rows ? " rows" : "",
-              checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
+              static_cast<long long>(T), H, D, offset_bytes,
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -169,63 +167,6 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
   }
   check_attention({"bf16 rope 128 decode", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 200, {500, 77}, 1}, seed++,
                   prefetch);
-}
-
-// The persistent grid (PrefillGrid::Persistent) with a few CTAs, so that each serves several items in turn (their
-// pairs continue the buffers' barrier phases; Q tiles, rope tables and row sums reused): chunks, a query without
-// entries, padded and multiple head blocks, fp32 / bf16 q and out, 128 rope dims, decode batches with prefetch.
-TEST(SparseAttentionPrefill, PersistentGridMatchesCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 600;
-  const auto persistent = [](int ctas, PrefetchResolved prefetch = PrefetchResolved::Off) {
-    return SparseAttentionPrefillOptions{.prefetch_resolved = prefetch, .grid = PrefillGrid::Persistent,
-                                         .persistent_ctas = ctas};
-  };
-  for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, persistent(5));
-    AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
-    hca.counts = true;
-    check_attention(hca, seed++, persistent(3));
-    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, persistent(2));
-    check_attention({"pro csa chunk bf16 io", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 6, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16},
-                    seed++, persistent(7));
-    check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, persistent(1, PrefetchResolved::On));
-    check_attention({"window 5", format, 512, 64, 64, 5, 8, 0, {30, 3}, 4}, seed++, persistent(3));
-  }
-  check_attention({"bf16 rope 128", KvEntryFormat::Bf16, 512, 128, 64, 32, 40, 96, {500}, 3}, seed++, persistent(2));
-}
-
-// Row-group release (SparseAttentionPrefillOptions::release_rows) on both grids: chunks with partial blocks, a query
-// without entries, padded heads, decode batches.
-TEST(SparseAttentionPrefill, RowGroupReleaseMatchesCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 800;
-  for (const PrefillGrid grid : {PrefillGrid::PerItem, PrefillGrid::Persistent}) {
-    const SparseAttentionPrefillOptions options{
-        .prefetch_resolved = PrefetchResolved::Off, .grid = grid, .persistent_ctas = 3, .release_rows = true};
-    for (const KvEntryFormat format : kFormats) {
-      check_attention({"flash csa chunk rows", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12}, seed++, options);
-      check_attention({"h48 padded rows", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                       AttentionDtype::Bf16, true},
-                      seed++, options);
-      check_attention({"pro csa decode rows", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1,
-                       AttentionDtype::Bf16},
-                      seed++, options);
-    }
-  }
-}
-
-// The persistent grid at its default size (one CTA per SM) over a chunk of 400 queries: about three items per CTA.
-TEST(SparseAttentionPrefill, PersistentGridLongChunkMatchesCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  check_attention({"flash swa long chunk", KvEntryFormat::Bf16, 512, 64, 64, 128, 160, 0, {400}, 400,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16},
-                  700, {.prefetch_resolved = PrefetchResolved::Off, .grid = PrefillGrid::Persistent});
 }
 
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.

@@ -1,7 +1,5 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
-#include <algorithm>
-
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -14,36 +12,18 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
+template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kPersistent, kRowGroups, kTrace>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
-  const int64_t items = p.tokens * head_blocks, sms = device_multiprocessors();
-  const int64_t ctas =
-      kPersistent ? std::min(items, options.persistent_ctas > 0 ? int64_t(options.persistent_ctas) : sms) : items;
+  const int64_t ctas = p.tokens * head_blocks, sms = device_multiprocessors();
   const bool prefetch = options.prefetch_resolved == PrefetchResolved::On ||
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
-                         items <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
+                         ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
-}
-
-template <bool kFp8>
-void launch_grid(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const bool persistent = options.grid == PrefillGrid::Persistent;
-  if (options.trace != nullptr) {
-    check(!persistent && !options.release_rows,
-          "sparse_attention_prefill: a traced launch takes the per-item grid without row-group release");
-    launch<kFp8, false, false, true>(p, head_blocks, options);
-  } else if (persistent) {
-    options.release_rows ? launch<kFp8, true, true, false>(p, head_blocks, options)
-                         : launch<kFp8, true, false, false>(p, head_blocks, options);
-  } else {
-    options.release_rows ? launch<kFp8, false, true, false>(p, head_blocks, options)
-                         : launch<kFp8, false, false, false>(p, head_blocks, options);
-  }
 }
 
 }  // namespace
@@ -81,10 +61,11 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch_grid<true>(p, head_blocks, options);
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  if (options.trace != nullptr)
+    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else
-    launch_grid<false>(p, head_blocks, options);
+    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

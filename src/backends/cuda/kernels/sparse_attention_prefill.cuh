@@ -79,17 +79,8 @@ inline constexpr int kHeads = 64;          // heads per CTA: one wgmma M
 inline constexpr int kBlock = 64;          // entries per KV block
 inline constexpr int kWarpgroup = 128;
 inline constexpr int kThreads = 3 * kWarpgroup;
-// Registers per thread: producer, consumers; the persistent grid's consumers hold the item loop's state as well.
-// setmaxnreg moves registers within the CTA's launch allocation (168 per thread: 65536 / 384 rounded down to a
-// multiple of 8); an increase beyond what the decreases freed never completes.
-template <bool kPersistent>
-inline constexpr int kProducerRegisters = kPersistent ? 56 : 72;
-template <bool kPersistent>
-inline constexpr int kConsumerRegisters = kPersistent ? 224 : 216;
-inline constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
-static_assert(kProducerRegisters<false> + 2 * kConsumerRegisters<false> <= 3 * kLaunchRegisters &&
-                  kProducerRegisters<true> + 2 * kConsumerRegisters<true> <= 3 * kLaunchRegisters,
-              "the CTA's launch registers");
+inline constexpr int kProducerRegisters = 72, kConsumerRegisters = 216;
+static_assert(kProducerRegisters * kWarpgroup + 2 * kConsumerRegisters * kWarpgroup <= 65536, "one SM's registers");
 inline constexpr int kTileBytes = 64 * 128;  // 64 rows × 64 bf16: one 128B-swizzled tile (Q, KV or P)
 inline constexpr int kDimTiles = kHeadDim / 64;
 inline constexpr int kHalfTiles = kDimTiles / 2;
@@ -104,65 +95,26 @@ inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 
 inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
 inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
-inline constexpr int kSum = kMax + 32 * 8;                   // float2 [2][64]: the consumers' row sums, by item
-inline constexpr int kRope = kSum + 2 * 64 * 8;              // RopeFactors [2][kMaxRopePairs], by item
-inline constexpr int kPhysical = kRope + 2 * kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
-inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // the kBarrierCount mbarriers of Barriers
-inline constexpr int kBarrierCount = 32;
-inline constexpr int kBytes = kBarriers + kBarrierCount * 8;
+inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
+inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
+inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
+inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2], rope
+inline constexpr int kBytes = kBarriers + 11 * 8;
 inline constexpr int kAllocationBytes = kBytes + 1024;       // room to align the base to 1024
 static_assert(kAllocationBytes <= 227 * 1024, "one SM's shared memory");
 
 // Named barriers of the consumers (0 is __syncthreads).
 inline constexpr int kBarrierMax0 = 1, kBarrierMax1 = 2, kBarrierP0 = 3, kBarrierP1 = 4, kBarrierConsumers = 5;
-// Persistent grid: consumer w's own barrier (its output rows staged through its P tile).
-inline constexpr int kBarrierStaged0 = 6;
 
-// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer; by item parity the inverse RoPE factors'
-// table ready / free; the persistent grid's Q full (the producer's copies landed) and free (the consumers' last scores
-// of the item are done).
+// The CTA's mbarriers: full and empty per (buffer, half), valid per buffer.
 struct Barriers {
   uint64_t* base;
   __device__ __forceinline__ uint64_t* full(int buffer, int half) const { return base + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* empty(int buffer, int half) const { return base + 4 + buffer * 2 + half; }
   __device__ __forceinline__ uint64_t* valid(int buffer) const { return base + 8 + buffer; }
-  __device__ __forceinline__ uint64_t* rope_ready(int table) const { return base + 10 + table; }
-  __device__ __forceinline__ uint64_t* q_full() const { return base + 12; }
-  __device__ __forceinline__ uint64_t* q_free() const { return base + 13; }
-  __device__ __forceinline__ uint64_t* rope_free(int table) const { return base + 14 + table; }
-  // Row-group release: a buffer half's rows [16 group, +16) released by their last reader.
-  __device__ __forceinline__ uint64_t* empty_rows(int buffer, int half, int group) const {
-    return base + 16 + (buffer * 2 + half) * 4 + group;
-  }
+  // The producer's inverse RoPE factors are in place.
+  __device__ __forceinline__ uint64_t* rope_ready() const { return base + 10; }
 };
-
-// A buffer half's release: its empty barrier, or with row groups each group's.
-template <bool kRowGroups>
-__device__ __forceinline__ void release_half(const Barriers& barriers, int buffer, int half) {
-  if constexpr (kRowGroups) {
-#pragma unroll
-    for (int group = 0; group < 4; ++group) sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, group));
-  } else {
-    sm90::mbarrier_arrive(barriers.empty(buffer, half));
-  }
-}
-
-template <bool kRowGroups>
-__device__ __forceinline__ void wait_half_released(const Barriers& barriers, int buffer, int half, uint32_t parity) {
-  if constexpr (kRowGroups) {
-#pragma unroll
-    for (int group = 0; group < 4; ++group) sm90::mbarrier_wait(barriers.empty_rows(buffer, half, group), parity);
-  } else {
-    sm90::mbarrier_wait(barriers.empty(buffer, half), parity);
-  }
-}
-
-// Work item i: query i / head_blocks, heads [64 (i % head_blocks), +64). A CTA serves item blockIdx.x, or on the
-// persistent grid items blockIdx.x + k·gridDim.x in turn.
-__device__ __forceinline__ int64_t item_query(int64_t item, int head_blocks) { return item / head_blocks; }
-__device__ __forceinline__ int item_head_base(int64_t item, int head_blocks) {
-  return int(item % head_blocks) * kHeads;
-}
 
 // Traced launches (SparseAttentionPrefillOptions::trace): lane 0 of warp 0 of each warpgroup (consumer 0, consumer 1,
 // producer) stores %globaltimer at its marks (TraceSlot) in its record of kTraceSlots words; the SM id in prefill_trace::kSm.
@@ -191,66 +143,16 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
                : "memory");
 }
 
-// Persistent grid: the producer's copy of item (t, head_base)'s Q into the Q tiles (64 heads × 512 dims as bf16,
-// swizzled; heads past H zero), 32 16-byte chunks per thread, arriving on q_full: bf16 q by cp.async, fp32 q rounded
-// through registers four chunks at a time (the producer's register budget).
-__device__ __forceinline__ void load_q_tiles(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                             int thread, const Barriers& barriers) {
-  constexpr int kChunks = kHeads * kHeadDim / 8 / kWarpgroup;
-  const auto destination = [&](int index) {
-    const int h = index / 64, dim = (index % 64) * 8;
-    return shared_address(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8));
-  };
-  if (p.q_dtype == AttentionDtype::Bf16) {
-    const auto* q = static_cast<const __nv_bfloat16*>(p.q);
-#pragma unroll 4
-    for (int i = 0; i < kChunks; ++i) {
-      const int index = thread + kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
-      const bool exists = head_base + h < p.heads;
-      const __nv_bfloat16* source = exists ? q + (t * p.heads + head_base + h) * kHeadDim + dim : q;
-      ptx::cp_async_or_zero<16>(destination(index), source, exists);
-    }
-    ptx::cp_async_mbarrier_arrive_noinc(shared_address(barriers.q_full()));
-    return;
-  }
-  const auto* q = static_cast<const float*>(p.q);
-#pragma unroll 1
-  for (int i0 = 0; i0 < kChunks; i0 += 4) {
-    float4 lo[4], hi[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int index = thread + kWarpgroup * (i0 + j), h = index / 64, dim = (index % 64) * 8;
-      lo[j] = hi[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (head_base + h < p.heads) {
-        const float* source = q + (t * p.heads + head_base + h) * kHeadDim + dim;
-        lo[j] = *reinterpret_cast<const float4*>(source);
-        hi[j] = *reinterpret_cast<const float4*>(source + 4);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      store_shared(destination(thread + kWarpgroup * (i0 + j)),
-                   make_uint4(pack_bf16x2(lo[j].x, lo[j].y), pack_bf16x2(lo[j].z, lo[j].w),
-                              pack_bf16x2(hi[j].x, hi[j].y), pack_bf16x2(hi[j].z, hi[j].w)));
-  }
-  sm90::fence_proxy_async_shared();  // the consumers' wgmma reads these generic stores
-  sm90::mbarrier_arrive(barriers.q_full());
-}
-
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
-// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row. Per item it
-// also writes the inverse RoPE's factors (table k % 2 for the CTA's item k) and, on the persistent grid, the item's Q
-// once the consumers have released the previous item's.
-template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
-__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
-                                        int resident_ctas, bool prefetch_resolved, const Barriers& barriers,
-                                        uint64_t* trace) {
+// entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
+template <bool kFp8, bool kTrace>
+__device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
+                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
+                                        int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
-  const int items = int(p.tokens) * head_blocks;  // < 2^31 (the launcher's check)
-  int64_t t = 0;
-  int slots = 0;  // 32-bit slot arithmetic: fewer registers (a query has fewer than 2^31 slots)
-  int sequence_slot = 0;
+  const int64_t slots = query_slot_count(p, t);
+  const int sequence_slot = p.sequence_slots[t];
   int32_t* valid = reinterpret_cast<int32_t*>(smem + kValid);
   // The physical entries of this thread's slots of the current pair, [buffer][k], in shared memory (thread-major
   // columns, conflict-free): in registers they pushed the fp8 path's loads past the producer's register budget.
@@ -271,7 +173,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int s = (2 * pair + b) * kBlock + row0 + 16 * k;
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
         rows[b][k] = s < slots ? slot_row(p, t, s) : -1;
       }
   };
@@ -280,19 +182,17 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     for (int b = 0; b < 2; ++b)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const int s = (2 * pair + b) * kBlock + row0 + 16 * k;
+        const int64_t s = int64_t(2 * pair + b) * kBlock + row0 + 16 * k;
         const int32_t entry = slot_entry(p, t, sequence_slot, s, rows[b][k]);
         physical_entries[(b * 4 + k) * kWarpgroup] = entry;
         if (prefetches_line && entry >= 0) ptx::prefetch_l2(p.cache.entry_address(entry) + line_offset);
       }
   };
-  // before_group(k) runs before the bf16 copies of rows [16k, +16) (row-group release: their wait).
-  const auto load_half = [&](int buffer, int half, const auto& before_group) {
+  const auto load_half = [&](int buffer, int half) {
     uint8_t* tiles = smem + kKv + buffer * kBufferBytes;
     if constexpr (!kFp8) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        before_group(k);
         const int32_t entry_index = physical(buffer, k);
         uint8_t* destination = tiles + swizzled(row0 + 16 * k, chunk);
         // An unused slot is zero-filled (its weight 0 must not meet a NaN); the source is then never read.
@@ -367,104 +267,63 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     sm90::mbarrier_arrive(barriers.valid(buffer));
   };
 
-  // A query's index lines into L2, one 128-byte line (32 slots) per thread and step: each later pair's resolve then
-  // waits for L2 only, not for DRAM, before its page-table loads.
-  const auto prefetch_index_lines = [&](int64_t query) {
-    const int64_t query_slots = query_slot_count(p, query);
-    for (int64_t s = int64_t(thread) * 32; s < query_slots; s += int64_t(kWarpgroup) * 32)
-      ptx::prefetch_l2(&slot_row_ref(p, query, s));
-  };
-
-  // The pairs of an item (phase: the parity of the CTA's earlier pairs); its first pair's rows resolved and its second
-  // pair's rows loaded.
-  const auto produce_pairs = [&](int pairs, uint32_t phase) {
-    for (int i = 0; i < pairs; ++i) {
-      // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
-      // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
-      const uint32_t parity = phase ^ uint32_t(i & 1) ^ 1;
-      const auto no_wait = [](int) {};
-      wait_half_released<kRowGroups>(barriers, 0, 0, parity);
-      publish_valid(0);
-      load_half(0, 0, no_wait);
-      publish_half(0, 0);
-      if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-      wait_half_released<kRowGroups>(barriers, 1, 1, parity);
-      publish_valid(1);
-      load_half(1, 1, no_wait);
-      publish_half(1, 1);
-      // The halves the other consumer's PV reads last: with row groups (bf16 entries) each group of rows is copied as
-      // soon as its k16 step of that PV is done.
-#pragma unroll
-      for (int buffer = 0; buffer < 2; ++buffer) {
-        const int half = buffer ^ 1;
-        if constexpr (kRowGroups && !kFp8) {
-          load_half(buffer, half,
-                    [&](int k) { sm90::mbarrier_wait(barriers.empty_rows(buffer, half, k), parity); });
-        } else {
-          wait_half_released<kRowGroups>(barriers, buffer, half, parity);
-          load_half(buffer, half, no_wait);
-        }
-        publish_half(buffer, half);
-      }
-      if (i + 1 < pairs) {
-        resolve_pages(i + 1);
-        if (i + 2 < pairs) load_rows(i + 2);
-      }
-    }
-  };
-
-  // One item per CTA, or on the persistent grid this CTA's items in turn (phase: the parity of its earlier items'
-  // pairs, which sets the buffers' barrier phases).
-  const int item_stride = kPersistent ? int(gridDim.x) : items;
-  uint32_t phase = 0;
-  int k = 0;
-  for (int item = int(blockIdx.x); item < items; item += item_stride, ++k) {
-    if (!kPersistent && k > 0) break;
-    t = item_query(item, head_blocks);
-    slots = int(query_slot_count(p, t));
-    sequence_slot = p.sequence_slots[t];
-    const int pairs = query_pairs(p, t);
-    if (k == 0) prefetch_index_lines(t);  // later items' lines came with the look-ahead below
-    if (pairs > 0) {
-      load_rows(0);
-      resolve_pages(0);
-      if (pairs > 1) load_rows(1);
-      trace_point<kTrace>(trace, prefill_trace::kResolved);
-    }
-    if constexpr (kPersistent) {
-      // The consumers' last scores of the previous item are done: its Q tiles are free.
-      sm90::mbarrier_wait(barriers.q_free(), uint32_t(k & 1) ^ 1);
-      load_q_tiles(p, smem, t, item_head_base(item, head_blocks), thread, barriers);
-    }
-    // The item about one wave later (this CTA's next on the persistent grid, else the CTA that starts about when this
-    // one ends: one per SM is resident, launched in order): its q rows and index lines into L2 while this item runs,
-    // so that its start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
-    const int64_t ahead = int64_t(item) + (kPersistent ? item_stride : resident_ctas);
-    if (ahead < items) {
-      const int64_t ahead_t = item_query(ahead, head_blocks);
-      const int ahead_head_base = item_head_base(ahead, head_blocks);
-      const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
-      const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
-      const uint8_t* q =
-          static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
-      for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
-        ptx::prefetch_l2(q + offset);
-      prefetch_index_lines(ahead_t);
-    }
-    produce_pairs(pairs, phase);
-    phase ^= uint32_t(pairs & 1);
-    // The inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the consumers' path
-    // to their first scores; only their epilogue waits for them (table k % 2, once its item k − 2 is done with it).
-    if (p.rope_frequencies != nullptr) {
-      if constexpr (kPersistent) sm90::mbarrier_wait(barriers.rope_free(k & 1), uint32_t((k >> 1) & 1) ^ 1);
-      RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope) + (k & 1) * kMaxRopePairs;
-      const int64_t position = p.positions[t];
-      for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
-        rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
-      sm90::mbarrier_arrive(barriers.rope_ready(k & 1));
+  // The query's index lines into L2 first, one 128-byte line (32 slots) per thread and step: each later pair's
+  // resolve then waits for L2 only, not for DRAM, before its page-table loads.
+  for (int64_t s = int64_t(thread) * 32; s < slots; s += int64_t(kWarpgroup) * 32)
+    ptx::prefetch_l2(&slot_row_ref(p, t, s));
+  if (pairs > 0) {
+    load_rows(0);
+    resolve_pages(0);
+    if (pairs > 1) load_rows(1);
+    trace_point<kTrace>(trace, prefill_trace::kResolved);
+  }
+  // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
+  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
+  if (ahead_t >= 0) {
+    const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
+    const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
+    const uint8_t* q =
+        static_cast<const uint8_t*>(p.q) + (ahead_t * p.heads + ahead_head_base) * kHeadDim * element_bytes;
+    for (int64_t offset = int64_t(thread) * 128; offset < bytes; offset += int64_t(kWarpgroup) * 128)
+      ptx::prefetch_l2(q + offset);
+    const int64_t ahead_slots = query_slot_count(p, ahead_t);
+    for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
+      ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
+  }
+  for (int i = 0; i < pairs; ++i) {
+    // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
+    // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
+    const uint32_t parity = (i & 1) ^ 1;
+    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
+    if (i + 1 < pairs) {
+      resolve_pages(i + 1);
+      if (i + 2 < pairs) load_rows(i + 2);
     }
   }
-  if constexpr (!kFp8 || kPersistent) asm volatile("cp.async.wait_all;\n" ::: "memory");
+  // The inverse RoPE's factors (a double-precision sincos each) once every copy is issued, off the consumers' path to
+  // their first scores; only their epilogue waits for them.
+  if (p.rope_frequencies != nullptr) {
+    RopeFactors* rope_table = reinterpret_cast<RopeFactors*>(smem + kRope);
+    const int64_t position = p.positions[t];
+    for (int pair = thread; pair < p.cache.layout.rope_dim / 2; pair += kWarpgroup)
+      rope_table[pair] = rope_factors(position, p.rope_frequencies[pair]);
+    sm90::mbarrier_arrive(barriers.rope_ready());
+  }
+  if constexpr (!kFp8) asm volatile("cp.async.wait_all;\n" ::: "memory");
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
@@ -514,34 +373,16 @@ __device__ __forceinline__ void pv_registers(float (&o)[128], const uint32_t (&p
   sm90::wgmma_commit_group();
 }
 
-// o += P V_buffer[:, half] with P from the other consumer's shared tile: one commit group, or with row groups one per
-// k16 step (rows [16 ks, +16) of the half are then released as their step completes).
-template <bool kRowGroups>
+// o += P V_buffer[:, half] with P from the other consumer's shared tile.
 __device__ __forceinline__ void pv_shared(float (&o)[128], const uint8_t* p_tile, const uint8_t* smem, int buffer,
                                           int half) {
   const uint64_t a = sm90::make_sw128_k_major_descriptor(p_tile);
   sm90::wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < kBlock / 16; ++ks) {
+  for (int ks = 0; ks < kBlock / 16; ++ks)
     sm90::wgmma_m64n256k16_bf16_n_major_b(o, sm90::advance_descriptor(a, uint32_t(ks * 32)),
                                           v_descriptor(smem, buffer, half, ks), 1);
-    if (kRowGroups) sm90::wgmma_commit_group();
-  }
-  if (!kRowGroups) sm90::wgmma_commit_group();
-}
-
-// Row-group release of the half the last pv_shared read, its k16 steps the oldest of `pending` + 4 commit groups:
-// rows [16 ks, +16) once step ks is done (the rest of the half and `pending` later groups may still run).
-template <int kPending>
-__device__ __forceinline__ void release_rows_as_done(const Barriers& barriers, int buffer, int half) {
-  sm90::wgmma_wait_group<kPending + 3>();
-  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 0));
-  sm90::wgmma_wait_group<kPending + 2>();
-  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 1));
-  sm90::wgmma_wait_group<kPending + 1>();
-  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 2));
-  sm90::wgmma_wait_group<kPending>();
-  sm90::mbarrier_arrive(barriers.empty_rows(buffer, half, 3));
+  sm90::wgmma_commit_group();
 }
 
 __device__ __forceinline__ void fence_fragments(uint32_t (&pf)[4][4]) {
@@ -622,30 +463,72 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-// Consumer w's pairs of one item (phase: the parity of the CTA's earlier pairs, the buffers' barrier phases): o accumulates the
-// output dims [256w, +256), row_max / row_sum the rows' online softmax. release_q() runs once this consumer's last
-// scores of the item are done (its last read of the Q tiles).
-template <bool kFp8, bool kRowGroups, bool kTrace, typename ReleaseQ>
-__device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& barriers, int consumer, int pairs,
-                                              uint32_t phase, float scale_log2, float (&o)[128],
-                                              float (&row_max)[2], float (&row_sum)[2], const ReleaseQ& release_q,
-                                              uint64_t* trace) {
-  const int thread = int(threadIdx.x) % kWarpgroup, warp = thread / 32, lane = thread % 32, g = lane / 4, c = lane % 4;
+template <bool kFp8, bool kTrace>
+__device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
+                                        const Barriers& barriers, uint64_t* trace) {
+  // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
+  const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
+  const int thread256 = int(threadIdx.x);
+  const int thread = thread256 % kWarpgroup, warp = thread / 32, lane = thread % 32, g = lane / 4, c = lane % 4;
+  const KvEntryLayout& layout = p.cache.layout;
+  const int nope_dim = layout.head_dim - layout.rope_dim;
+  const bool rope = p.rope_frequencies != nullptr;
+  // Weights first (nothing an earlier kernel writes).
+  const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
+  const float sink_log2[2] = {head_sink_log2(p, head[0]), head_sink_log2(p, head[1])};
+  wait_for_prior_grids();
+  const int pairs = query_pairs(p, t);
+
+  // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
+  const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope);
+  {
+    constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
+    uint4 packed[kChunks];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      const int64_t element = (t * p.heads + head_base + h) * kHeadDim + dim;
+      packed[i] = make_uint4(0, 0, 0, 0);
+      if (head_base + h < p.heads) {
+        if (p.q_dtype == AttentionDtype::Bf16) {
+          packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + element);
+        } else {
+          const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element);
+          const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element + 4);
+          packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
+                                 pack_bf16x2(hi.z, hi.w));
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
+      *reinterpret_cast<uint4*>(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
+    }
+    sm90::fence_proxy_async_shared();
+    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+    trace_point<kTrace>(trace, prefill_trace::kQStaged);
+  }
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
   float s[32];
   uint32_t pf[4][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const float scale_log2 = p.softmax_scale * kLog2e;
   float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
   const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
   uint8_t* own_p = smem + kP + consumer * kTileBytes;
   const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
-  if (pairs == 0) release_q();
 
   if (consumer == 0) {
     if (pairs > 0) {
-      wait_full<kFp8>(barriers.full(0, 0), phase);
+      wait_full<kFp8>(barriers.full(0, 0), 0);
       trace_point<kTrace>(trace, prefill_trace::kFirstData);
       sm90::wgmma_fence();
       qk_half(s, smem, 0, 0, true);
-      wait_full<kFp8>(barriers.full(0, 1), phase);
+      wait_full<kFp8>(barriers.full(0, 1), 0);
       qk_half(s, smem, 0, 1, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -653,8 +536,7 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       trace_point<kTrace>(trace, prefill_trace::kFirstScores);
     }
     for (int i = 0; i < pairs; ++i) {
-      const uint32_t parity = phase ^ uint32_t(i & 1);
-      if (i + 1 == pairs) release_q();
+      const uint32_t parity = i & 1;
       sm90::mbarrier_wait(barriers.valid(0), parity);
       block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
       if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
@@ -663,7 +545,7 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       fence_fragments(pf);
-      release_half<kRowGroups>(barriers, 0, 0);
+      sm90::mbarrier_arrive(barriers.empty(0, 0));
       // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
       const float2 pair_max = *shared_max;
@@ -680,30 +562,22 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
       if (rescale) scale_rows(o, factor);
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
-      pv_shared<kRowGroups>(o, other_p, smem, 1, 0);
+      pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
         // The next pair's scores run on the tensor cores behind this PV.
         wait_full<kFp8>(barriers.full(0, 0), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 0, true);
         sm90::wgmma_commit_group();
-        if constexpr (kRowGroups) {
-          release_rows_as_done<1>(barriers, 1, 0);
-          sm90::fence_operand(o);
-        } else {
-          sm90::wgmma_wait_group<1>();
-          sm90::fence_operand(o);
-          sm90::mbarrier_arrive(barriers.empty(1, 0));
-        }
+        sm90::wgmma_wait_group<1>();
+        sm90::fence_operand(o);
+        sm90::mbarrier_arrive(barriers.empty(1, 0));
         wait_full<kFp8>(barriers.full(0, 1), parity ^ 1);
         sm90::wgmma_fence();
         qk_half(s, smem, 0, 1, false);
         sm90::wgmma_commit_group();
         sm90::wgmma_wait_group<0>();
         sm90::fence_operand(s);
-        sm90::fence_operand(o);
-      } else if constexpr (kRowGroups) {
-        release_rows_as_done<0>(barriers, 1, 0);
         sm90::fence_operand(o);
       } else {
         sm90::wgmma_wait_group<0>();
@@ -714,7 +588,7 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
     }
   } else {
     for (int i = 0; i < pairs; ++i) {
-      const uint32_t parity = phase ^ uint32_t(i & 1);
+      const uint32_t parity = i & 1;
       wait_full<kFp8>(barriers.full(1, 1), parity);
       sm90::wgmma_fence();
       qk_half(s, smem, 1, 1, true);
@@ -723,7 +597,6 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
-      if (i + 1 == pairs) release_q();
       sm90::mbarrier_wait(barriers.valid(1), parity);
       // Consumer 0's running max, folded with this block's: the pair's max, handed back.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
@@ -738,247 +611,94 @@ __device__ __forceinline__ void consume_pairs(uint8_t* smem, const Barriers& bar
       sm90::fence_proxy_async_shared();
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       wait_full<kFp8>(barriers.full(0, 1), parity);
-      pv_shared<kRowGroups>(o, other_p, smem, 0, 1);
+      pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      if constexpr (kRowGroups) {
-        sm90::wgmma_wait_group<4>();
-        fence_fragments(pf);
-        release_half<true>(barriers, 1, 1);
-        release_rows_as_done<0>(barriers, 0, 1);
-        sm90::fence_operand(o);
-      } else {
-        sm90::wgmma_wait_group<1>();
-        sm90::fence_operand(o);
-        fence_fragments(pf);
-        sm90::mbarrier_arrive(barriers.empty(1, 1));
-        sm90::wgmma_wait_group<0>();
-        sm90::fence_operand(o);
-        sm90::mbarrier_arrive(barriers.empty(0, 1));
-      }
+      sm90::wgmma_wait_group<1>();
+      sm90::fence_operand(o);
+      fence_fragments(pf);
+      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      sm90::wgmma_wait_group<0>();
+      sm90::fence_operand(o);
+      sm90::mbarrier_arrive(barriers.empty(0, 1));
     }
   }
-}
 
-// Output rows (bf16) of consumer w staged 64 dims at a time through its own P tile (free once both consumers passed
-// the row-sum barrier after their last MMAs) and copied out in 16-byte chunks: the persistent grid's KV buffers are
-// already filling for the next item. scaled(n, v) gives the thread's fragment n as output values.
-template <typename Scaled>
-__device__ __forceinline__ void store_rows_through_p_tile(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                          int head_base, int consumer, const Scaled& scaled) {
-  const int thread = int(threadIdx.x) % kWarpgroup, warp = thread / 32, lane = thread % 32, g = lane / 4, c = lane % 4;
-  uint8_t* tile = smem + kP + consumer * kTileBytes;
-  constexpr int row_bytes = kHeadDim * 2;
-  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
-  const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
-  const int rows = min(kHeads, p.heads - head_base);
+  // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up.
 #pragma unroll
-  for (int round = 0; round < 4; ++round) {
-#pragma unroll
-    for (int n8 = 0; n8 < 8; ++n8) {
-      float v[4];
-      scaled(round * 8 + n8, v);
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        *reinterpret_cast<uint32_t*>(tile + swizzled(16 * warp + g + 8 * r, n8) + 4 * c) =
-            pack_bf16x2(v[2 * r], v[2 * r + 1]);
-    }
-    sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
-#pragma unroll
-    for (int i = 0; i < kHeads * 8 / kWarpgroup; ++i) {
-      const int chunk_index = thread + kWarpgroup * i, row = chunk_index / 8, chunk = chunk_index % 8;
-      if (row < rows) {
-        const uint4 v = *reinterpret_cast<const uint4*>(tile + swizzled(row, chunk));
-        uint8_t* destination = out + int64_t(row) * row_bytes + consumer * (row_bytes / 2) + round * 128 + chunk * 16;
-        if (aligned16) {
-          *reinterpret_cast<uint4*>(destination) = v;
-        } else {  // out is at least 8-byte aligned (the call's contract)
-          reinterpret_cast<uint2*>(destination)[0] = make_uint2(v.x, v.y);
-          reinterpret_cast<uint2*>(destination)[1] = make_uint2(v.z, v.w);
-        }
-      }
-    }
-    if (round < 3) sm90::named_barrier_sync<kWarpgroup>(kBarrierStaged0 + consumer);
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
   }
-}
+  float2* shared_sum = reinterpret_cast<float2*>(smem + kSum);
+  if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
+  row_sum[0] += peer.x;
+  row_sum[1] += peer.y;
+  float inverse_denominator[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
+  if (rope) sm90::mbarrier_wait(barriers.rope_ready(), 0);
+  trace_point<kTrace>(trace, prefill_trace::kEpilogue);
 
-template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
-__device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int head_blocks,
-                                        const Barriers& barriers, uint64_t* trace) {
-  // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
-  const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
-  const int thread256 = int(threadIdx.x);
-  const int thread = thread256 % kWarpgroup, warp = thread / 32, lane = thread % 32, g = lane / 4, c = lane % 4;
-  const KvEntryLayout& layout = p.cache.layout;
-  const int nope_dim = layout.head_dim - layout.rope_dim;
-  const bool rope = p.rope_frequencies != nullptr;
-  const float scale_log2 = p.softmax_scale * kLog2e;
-  const int items = int(p.tokens) * head_blocks;  // < 2^31 (the launcher's check)
-  const int item_stride = kPersistent ? int(gridDim.x) : items;
-  // The sink weights: one item's before the wait (nothing an earlier kernel writes); on the persistent grid each
-  // item's in its epilogue (L1 hits; no registers held across the pairs).
-  float sink_log2[2];
-  const auto load_sinks = [&](int head_base) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) sink_log2[r] = head_sink_log2(p, head_base + 16 * warp + g + 8 * r);
-  };
-  if constexpr (!kPersistent) load_sinks(item_head_base(blockIdx.x, head_blocks));
-  wait_for_prior_grids();
-
-  // Little state lives across an item's pairs (the persistent grid's loop): the item, its ordinal k and the pairs'
-  // barrier phase; the rest is derived again for the epilogue.
-  uint32_t phase = 0;
-  int k = 0;
-  for (int item = int(blockIdx.x); item < items; item += item_stride, ++k) {
-    if (!kPersistent && k > 0) break;
-    const int pairs = query_pairs(p, item_query(item, head_blocks));
-    if constexpr (kPersistent) {
-      // The producer's Q tiles (cp.async data for bf16 q: fenced for the wgmma reads).
-      sm90::mbarrier_wait(barriers.q_full(), uint32_t(k & 1));
-      sm90::fence_proxy_async_shared();
-    } else {
-      // Q (64 heads × 512 dims as bf16, swizzled; heads past H zero), by both consumers.
-      const int64_t t = item_query(item, head_blocks);
-      const int head_base = item_head_base(item, head_blocks);
-      constexpr int kChunks = kHeads * kHeadDim / 8 / (2 * kWarpgroup);
-      uint4 packed[kChunks];
-#pragma unroll
-      for (int i = 0; i < kChunks; ++i) {
-        const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
-        const int64_t element = (t * p.heads + head_base + h) * kHeadDim + dim;
-        packed[i] = make_uint4(0, 0, 0, 0);
-        if (head_base + h < p.heads) {
-          if (p.q_dtype == AttentionDtype::Bf16) {
-            packed[i] = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p.q) + element);
-          } else {
-            const float4 lo = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element);
-            const float4 hi = *reinterpret_cast<const float4*>(static_cast<const float*>(p.q) + element + 4);
-            packed[i] = make_uint4(pack_bf16x2(lo.x, lo.y), pack_bf16x2(lo.z, lo.w), pack_bf16x2(hi.x, hi.y),
-                                   pack_bf16x2(hi.z, hi.w));
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kChunks; ++i) {
-        const int index = thread256 + 2 * kWarpgroup * i, h = index / 64, dim = (index % 64) * 8;
-        *reinterpret_cast<uint4*>(smem + kQ + (dim / 64) * kTileBytes + swizzled(h, (dim % 64) / 8)) = packed[i];
-      }
-      sm90::fence_proxy_async_shared();
-      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
-    }
-    trace_point<kTrace>(trace, prefill_trace::kQStaged);
-
-    float o[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-    // This consumer's last scores of the item are done: the producer may load the next item's Q.
-    const auto release_q = [&] {
-      if constexpr (kPersistent) sm90::mbarrier_arrive(barriers.q_free());
-    };
-    consume_pairs<kFp8, kRowGroups, kTrace>(smem, barriers, consumer, pairs, phase, scale_log2, o, row_max, row_sum, release_q,
-                                trace);
-    phase ^= uint32_t(pairs & 1);
-    const int64_t t = item_query(item, head_blocks);
-    const int head_base = item_head_base(item, head_blocks);
-    const int head[2] = {head_base + 16 * warp + g, head_base + 16 * warp + g + 8};
-    if constexpr (kPersistent) load_sinks(head_base);
-    const RopeFactors* rope_table = reinterpret_cast<const RopeFactors*>(smem + kRope) + (k & 1) * kMaxRopePairs;
-
-    // Both consumers end on the last pair's max; their row sums (each over its own blocks) add up. By item parity: a
-    // consumer writes item k + 2's sums only after the barrier of item k + 1, which its peer reaches after reading
-    // item k's.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 1);
-      row_sum[r] += __shfl_xor_sync(0xFFFFFFFFu, row_sum[r], 2);
-    }
-    float2* shared_sum = reinterpret_cast<float2*>(smem + kSum) + (k & 1) * 64;
-    if (c == 0) shared_sum[consumer * 32 + warp * 8 + g] = make_float2(row_sum[0], row_sum[1]);
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
-    const float2 peer = shared_sum[(consumer ^ 1) * 32 + warp * 8 + g];
-    row_sum[0] += peer.x;
-    row_sum[1] += peer.y;
-    float inverse_denominator[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      inverse_denominator[r] = inverse_softmax_denominator(sink_log2[r], row_max[r], row_sum[r]);
-    if (rope) sm90::mbarrier_wait(barriers.rope_ready(k & 1), uint32_t((k >> 1) & 1));
-    trace_point<kTrace>(trace, prefill_trace::kEpilogue);
-    // The table is read (rope_free) once every store below has its factors.
-    const auto release_rope = [&] {
-      if constexpr (kPersistent)
-        if (rope) sm90::mbarrier_arrive(barriers.rope_free(k & 1));
-    };
-
-    const int dim_base = consumer * (kHeadDim / 2);
-    if (p.out_dtype == AttentionDtype::F32) {
-      // fp32 rows straight from the fragments: a quad's four 8-byte stores fill a 32-byte sector.
-#pragma unroll
-      for (int n = 0; n < 32; ++n) {
-        const int dim = dim_base + 8 * n + 2 * c;
-        const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
-        store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
-                              [&] { return rope_table[(dim - nope_dim) / 2]; });
-      }
-      release_rope();
-      continue;
-    }
-    // bf16 rows: fragment n's four values scaled and rotated (inverse RoPE), staged in shared memory (a quad's 4-byte
-    // fragment stores would fill half a sector) and copied out in 16-byte chunks, consecutive threads on consecutive
-    // chunks of a row (H200, 4096 × 640 Flash prefill, bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on
-    // decode batches, 84.0 → 86.1 µs).
-    const auto scaled = [&](int n, float (&v)[4]) {
-      const int dim = dim_base + 8 * n + 2 * c;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) v[e] = o[4 * n + e] * inverse_denominator[e / 2];
-      if (rope && dim >= nope_dim) {
-        const RopeFactors f = rope_table[(dim - nope_dim) / 2];
-        rope_rotate_pair(v[0], v[1], f, true);
-        rope_rotate_pair(v[2], v[3], f, true);
-      }
-    };
-    if constexpr (kPersistent) {
-      store_rows_through_p_tile(p, smem, t, head_base, consumer, scaled);
-      release_rope();
-      continue;
-    }
-    // One item per CTA: 64 heads × 512 dims staged in the KV buffers, which no wgmma reads any more (both consumers
-    // passed the barrier above after their last wait).
-    uint8_t* staging = smem + kKv;
-    static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
-    constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
+  const int dim_base = consumer * (kHeadDim / 2);
+  if (p.out_dtype == AttentionDtype::F32) {
+    // fp32 rows straight from the fragments: a quad's four 8-byte stores fill a 32-byte sector.
 #pragma unroll
     for (int n = 0; n < 32; ++n) {
       const int dim = dim_base + 8 * n + 2 * c;
-      float v[4];
-      scaled(n, v);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = 16 * warp + g + 8 * r;
-        const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
-        *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
-      }
+      const float acc[4] = {o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3]};
+      store_output_fragment(p, t, head, kHeadDim, dim, acc, inverse_denominator, rope && dim >= nope_dim,
+                            [&] { return rope_table[(dim - nope_dim) / 2]; });
     }
-    sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
-    uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
-    const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
-    const int rows = min(kHeads, p.heads - head_base);
-    for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
-      const int row = i / row_chunks, byte = (i % row_chunks) * 16;
-      const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
-      uint8_t* destination = out + int64_t(row) * row_bytes + byte;
-      if (aligned16) {
-        *reinterpret_cast<uint4*>(destination) = value;
-      } else {  // out is at least 8-byte aligned (the call's contract)
-        reinterpret_cast<uint2*>(destination)[0] = make_uint2(value.x, value.y);
-        reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
-      }
+    trace_point<kTrace>(trace, prefill_trace::kEnd);
+    return;
+  }
+  // bf16 rows staged (a quad's 4-byte fragment stores would fill half a sector): 64 heads × 512 dims into the KV
+  // buffers, which no wgmma reads any more (both consumers passed the barrier above after their last wait), then
+  // copied out in 16-byte chunks, consecutive threads on consecutive chunks of a row (H200, 4096 × 640 Flash prefill,
+  // bf16 q and out: 976 → 935 µs; staging fp32 rows was slower on decode batches, 84.0 → 86.1 µs).
+  uint8_t* staging = smem + kKv;
+  static_assert(kHeads * kHeadDim * 2 <= 2 * kBufferBytes, "bf16 output rows fit the two KV buffers");
+  constexpr int row_bytes = kHeadDim * 2, row_chunks = row_bytes / 16;
+#pragma unroll
+  for (int n = 0; n < 32; ++n) {
+    const int dim = dim_base + 8 * n + 2 * c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = o[4 * n + e] * inverse_denominator[e / 2];
+    if (rope && dim >= nope_dim) {
+      const RopeFactors f = rope_table[(dim - nope_dim) / 2];
+      rope_rotate_pair(v[0], v[1], f, true);
+      rope_rotate_pair(v[2], v[3], f, true);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * warp + g + 8 * r;
+      const uint32_t packed = pack_bf16x2(v[2 * r], v[2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(staging + staged_offset(row, row_bytes, dim * 2)) = packed;
+    }
+  }
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
+  const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
+  const int rows = min(kHeads, p.heads - head_base);
+  for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
+    const int row = i / row_chunks, byte = (i % row_chunks) * 16;
+    const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
+    uint8_t* destination = out + int64_t(row) * row_bytes + byte;
+    if (aligned16) {
+      *reinterpret_cast<uint4*>(destination) = value;
+    } else {  // out is at least 8-byte aligned (the call's contract)
+      reinterpret_cast<uint2*>(destination)[0] = make_uint2(value.x, value.y);
+      reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
     }
   }
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kPersistent, bool kRowGroups, bool kTrace>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -986,28 +706,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
   uint8_t* smem = smem_unaligned + ((1024 - shared_address(smem_unaligned) % 1024) % 1024);
+  const int head_block = int(blockIdx.x % unsigned(head_blocks));
+  const int64_t t = int64_t(blockIdx.x / unsigned(head_blocks));
   const Barriers barriers{reinterpret_cast<uint64_t*>(smem + kBarriers)};
   if (threadIdx.x == 0) {
     // full: every producer thread (its cp.async arrival or its stores); empty: the releasing consumer's threads;
-    // valid, rope_ready, q_full: every producer thread; q_free, rope_free: both consumers' threads.
-    for (int i = 0; i < 12; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
-    if constexpr (kRowGroups)
-      for (int i = 16; i < kBarrierCount; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
-    sm90::mbarrier_init(barriers.q_full(), kWarpgroup);
-    sm90::mbarrier_init(barriers.q_free(), 2 * kWarpgroup);
-    for (int table = 0; table < 2; ++table) sm90::mbarrier_init(barriers.rope_free(table), 2 * kWarpgroup);
+    // valid, rope_ready: every producer thread.
+    for (int i = 0; i < 11; ++i) sm90::mbarrier_init(barriers.base + i, kWarpgroup);
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
   trace_point<kTrace>(trace, prefill_trace::kStart);
   if (threadIdx.x >= 2 * kWarpgroup) {
-    sm90::setmaxnreg_decrease<kProducerRegisters<kPersistent>>();
+    sm90::setmaxnreg_decrease<kProducerRegisters>();
     wait_for_prior_grids();
-    produce<kFp8, kPersistent, kRowGroups, kTrace>(p, smem, head_blocks, resident_ctas, prefetch_resolved, barriers,
-                                                   trace);
+    // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
+    const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
+    const bool ahead_exists = ahead < p.tokens * head_blocks;
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+                          ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
-    sm90::setmaxnreg_increase<kConsumerRegisters<kPersistent>>();
-    consume<kFp8, kPersistent, kRowGroups, kTrace>(p, smem, head_blocks, barriers, trace);
+    sm90::setmaxnreg_increase<kConsumerRegisters>();
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

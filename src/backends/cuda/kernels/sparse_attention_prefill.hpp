@@ -50,22 +50,10 @@ inline constexpr int kPairEnd = 4, kPairs = 8;  // consumer 0: pair i < kPairs d
 inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 }  // namespace prefill_trace
 
-// PerItem: one CTA per (query, 64-head block) item. Persistent: one CTA per SM serving items blockIdx.x + k·gridDim.x
-// in turn, its producer loading the next item's Q (after the consumers' last scores of the current one) and first
-// entries while the consumers finish the current item; bf16 output rows staged through the consumers' P tiles.
-enum class PrefillGrid : uint8_t { PerItem, Persistent };
-
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  PrefillGrid grid = PrefillGrid::PerItem;
-  int persistent_ctas = 0;  // the persistent grid's CTAs (0: one per SM; tests give fewer to loop over more items)
-  // Row-group release: the halves a consumer's PV reads last (the other consumer's weights) are released in four
-  // groups of 16 rows as that PV's k16 steps complete, and the producer refills each group as soon as it is free (bf16
-  // entries), instead of the whole half after the whole PV.
-  bool release_rows = false;
-  // Traced launch (PerItem only): tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr:
-  // untraced kernel).
+  // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
 
