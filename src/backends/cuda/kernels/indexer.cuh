@@ -397,10 +397,6 @@ __device__ __forceinline__ void load_head_weights(const ScoresArgs& args, int64_
 // The query operands of a CTA's queries in shared memory: fragments and the scaled head weights (fp8: times each
 // head's q scale). 8 consecutive dims of a head row (16 bytes bf16, 8 fp8) are one whole fragment word pair at
 // query_fragment_offset of their first dim; consecutive threads read consecutive chunks of the rows.
-// Batched: kQueryLoadBatch chunks per thread loaded before the first is stored (one L2 round trip per batch instead of
-// one per chunk; round s21-2).
-inline constexpr int kQueryLoadBatch = 4;
-
 template <int kHeadDim, bool kFp8>
 __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int64_t first_query, int queries,
                                                     unsigned char* q_frag, float* weights) {
@@ -409,32 +405,14 @@ __device__ __forceinline__ void load_query_operands(const ScoresArgs& args, int6
   constexpr int kChunks = kHeadDim / 8;
   const unsigned char* source = kFp8 ? args.q_fp8 : reinterpret_cast<const unsigned char*>(args.q);
   constexpr int64_t kElementBytes = sizeof(Chunk) / 8;
-  const auto load = [&](int e) {
+  for (int e = threadIdx.x; e < queries * heads * kChunks; e += blockDim.x) {
     const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
     Chunk value{};
     if (head < args.heads)
       value = *reinterpret_cast<const Chunk*>(
           source + (((first_query + query) * args.heads + head) * kHeadDim + 8 * chunk) * kElementBytes);
-    return value;
-  };
-  const auto store = [&](int e, const Chunk& value) {
-    const int chunk = e % kChunks, head = e / kChunks % heads, query = e / kChunks / heads;
     *reinterpret_cast<Chunk*>(q_frag + query_fragment_offset<kHeadDim, kFp8>(query, n_tiles, head, 8 * chunk)) =
         value;
-  };
-  const int count = queries * heads * kChunks;
-  if (args.serial_query_loads) {
-    for (int e = threadIdx.x; e < count; e += blockDim.x) store(e, load(e));
-  } else {
-    for (int base = threadIdx.x; base < count; base += kQueryLoadBatch * blockDim.x) {
-      Chunk values[kQueryLoadBatch];
-#pragma unroll
-      for (int i = 0; i < kQueryLoadBatch; ++i)
-        if (base + i * int(blockDim.x) < count) values[i] = load(base + i * int(blockDim.x));
-#pragma unroll
-      for (int i = 0; i < kQueryLoadBatch; ++i)
-        if (base + i * int(blockDim.x) < count) store(base + i * int(blockDim.x), values[i]);
-    }
   }
   load_head_weights<kFp8>(args, first_query, queries, heads, weights);
 }
