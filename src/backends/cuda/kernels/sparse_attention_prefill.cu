@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kEagerStart, bool kBatchedStores>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kEagerStart, kBatchedStores>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -24,6 +24,22 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
+}
+
+// The round's A/B switches one at a time; a traced launch takes neither.
+template <bool kFp8>
+void launch_variant(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
+  check(!(options.eager_start && options.batched_stores) &&
+            (options.trace == nullptr || !(options.eager_start || options.batched_stores)),
+        "sparse_attention_prefill: eager_start, batched_stores and trace one at a time");
+  if (options.trace != nullptr)
+    launch<kFp8, true, false, false>(p, head_blocks, options);
+  else if (options.eager_start)
+    launch<kFp8, false, true, false>(p, head_blocks, options);
+  else if (options.batched_stores)
+    launch<kFp8, false, false, true>(p, head_blocks, options);
+  else
+    launch<kFp8, false, false, false>(p, head_blocks, options);
 }
 
 }  // namespace
@@ -61,11 +77,10 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  if (options.trace != nullptr)
-    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
+  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
+    launch_variant<true>(p, head_blocks, options);
   else
-    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
+    launch_variant<false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda
