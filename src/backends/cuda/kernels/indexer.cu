@@ -119,26 +119,12 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
-// Auto's streamed warpgroup kernels: bf16 keys of one query over ≥ 16K keys of one sequence (H200, session 18: 64K
-// and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there); fp8 keys, the staged kernel, everywhere it
-// takes them (H200, against the register-fed warpgroup kernel; session 20 round 2: T = 1 64K 4.78 → 3.72 µs, 1M
-// 13.74 → 12.27; T = 8 of one sequence 64K 12.38 → 8.81, 1M 59.47 → 56.56; round s21-1: 1024 keys T = 1 3.94 → 2.96,
-// with the top-k in the last CTA 12.65 → 11.62, T = 8 10.09 → 6.77; through slots, a sequence each: 1024 keys T = 8
-// 4.51 → 3.30, T = 64 7.55 → 5.70, 16K keys T = 8 9.74 → 7.75, T = 64 39.4 → 39.8 (84 % of the byte floor, level),
-// with the top-k in the last CTA T = 8 13.89 → 12.75, T = 64 19.44 → 17.83).
-// A/B switches of rounds s21-1/2 (read once): DSV4_INDEXER_STAGED_PREFETCH=N (tiles asked of L2 before the wait),
-// DSV4_INDEXER_STAGED_EARLY=1, DSV4_INDEXER_STAGED_MIN_KEYS=N (Auto's staged bound for fp8 keys, now 0; was 16384),
-// DSV4_INDEXER_STAGED_SLOTS=0 (Auto stages fp8 keys through sequence_slots: now on),
-// DSV4_INDEXER_SERIAL_QUERY_LOADS=1 (the warpgroup kernels' query operands loaded as before).
-int env_switch(const char* name, int fallback) {
-  const char* value = std::getenv(name);
-  return value != nullptr && *value != '\0' ? std::atoi(value) : fallback;
-}
-const int kStagedPrefetch = env_switch("DSV4_INDEXER_STAGED_PREFETCH", 0);
-const bool kStagedEarly = env_switch("DSV4_INDEXER_STAGED_EARLY", 0) != 0;
-const int kStagedMinKeys = env_switch("DSV4_INDEXER_STAGED_MIN_KEYS", 0);
-const bool kStagedSlots = env_switch("DSV4_INDEXER_STAGED_SLOTS", 1) != 0;
-const bool kSerialQueryLoads = env_switch("DSV4_INDEXER_SERIAL_QUERY_LOADS", 0) != 0;
+// A/B switch of round s21-3 (read once): DSV4_INDEXER_SERIAL_QUERY_LOADS=1, the staged and streamed kernels' query
+// operands loaded as at the session start.
+const bool kSerialQueryLoads = [] {
+  const char* value = std::getenv("DSV4_INDEXER_SERIAL_QUERY_LOADS");
+  return value != nullptr && std::atoi(value) != 0;
+}();
 
 // The staged kernel takes these fp8 keys: of one sequence, or through sequence_slots with the slot count known and
 // each slot's keys a whole number of 128-byte map rows apart, every row within the map's int32 coordinates.
@@ -148,10 +134,16 @@ bool stageable(const IndexerScoresParams& p) {
          p.slot_count * (p.keys_slot_stride / indexer::kWgmmaHeadDim) <= std::numeric_limits<int32_t>::max();
 }
 
+// Auto's streamed warpgroup kernels: bf16 keys of one query over ≥ 16K keys of one sequence (H200, session 18: 64K
+// and 1M contexts 1.35× and 1.15× the mma.sync kernel Auto took there); fp8 keys, the staged kernel, everywhere it
+// takes them (H200, against the register-fed warpgroup kernel; session 20 round 2: T = 1 64K 4.78 → 3.72 µs, 1M
+// 13.74 → 12.27; T = 8 of one sequence 64K 12.38 → 8.81, 1M 59.47 → 56.56; round s21-1: 1024 keys T = 1 3.94 → 2.96,
+// with the top-k in the last CTA 12.65 → 11.62, T = 8 10.09 → 6.77; through slots, a sequence each: 1024 keys T = 8
+// 4.51 → 3.30, T = 64 7.55 → 5.70, 16K keys T = 8 9.74 → 7.75, T = 64 39.4 → 39.8 (84 % of the byte floor, level),
+// with the top-k in the last CTA T = 8 13.89 → 12.75, T = 64 19.44 → 17.83).
 bool streams_by_default(const IndexerScoresParams& p) {
   if (p.kernel != IndexerScoresKernel::Auto || !warpgroup_shape(p)) return false;
-  if (fp8_keys(p))
-    return (p.sequence_slots == nullptr || (kStagedSlots && stageable(p))) && p.key_count >= kStagedMinKeys;
+  if (fp8_keys(p)) return stageable(p);
   return p.sequence_slots == nullptr && p.tokens == 1 && p.key_count >= 16384;
 }
 
@@ -236,9 +228,7 @@ void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, u
                                          "indexer fp8 keys"),
       .scores = args,
       .slot_rows = int(slot_rows),
-      .trace = trace,
-      .prefetch_tiles = kStagedPrefetch,
-      .early_first = kStagedEarly};
+      .trace = trace};
   const size_t smem = indexer::staged_smem_layout(args.queries_per_cta, kSelect).bytes;
   launch_chained(indexer::indexer_scores_staged_kernel<kSelect, kTrace>, grid, dim3(indexer::kScoreWarps * 32), smem,
                  stream, dim3(1, 1, 1), "indexer_scores_staged_kernel (fp8)", staged);

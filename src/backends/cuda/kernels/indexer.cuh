@@ -48,11 +48,21 @@
 //   128B swizzle, completing on the stage's mbarrier, kStagedStages − 1 tiles ahead; the wgmma reads both operands
 //   from shared memory (m64n64k32, the queries in the natural dim order), so a tile costs no key loads, fragment
 //   copies or ldmatrix in the warps. Two CTAs per SM, as the register-fed kernel (the cp.async fp8 variant above had
-//   one). The key scales (one per stored row) are loaded a tile ahead. Measured (H200, session 20): 1M keys T = 1
-//   12.27 µs = 69 % of the byte floor against 13.74 register-fed; 64K 3.72 against 4.78. Lost: deeper rings (again:
-//   one tile ahead is best), each warpgroup on a contiguous run of tiles (1M 13.14 against 12.94 interleaved at 3
-//   stages), three CTAs per SM (13.03). In exact e4m3 numerics its per-step rounding may differ from the register-fed
-//   kernel's (head_dim in another order); in reference numerics (exact sums) the two agree bit for bit.
+//   one). The key scales (one per stored row) are loaded a tile ahead. Through sequence_slots one tensor map spans
+//   every slot's rows (IndexerScoresParams::slot_count). Measured (H200, session 20): 1M keys T = 1 12.27 µs = 69 %
+//   of the byte floor against 13.74 register-fed; 64K 3.72 against 4.78. Lost: deeper rings (again: one tile ahead is
+//   best), each warpgroup on a contiguous run of tiles (1M 13.14 against 12.94 interleaved at 3 stages), three CTAs
+//   per SM (13.03). In exact e4m3 numerics its per-step rounding may differ from the register-fed kernel's (head_dim
+//   in another order); in reference numerics (exact sums) the two agree bit for bit.
+//   Session 21 (bench --trace: each warpgroup's timeline, 1M T = 1): the prologue took 2.7 µs from the grid wait to
+//   the CTA barrier (a load-then-store loop over the query operands: one L2 round trip per 8-byte unit), the first
+//   tile then landing 0.3 µs later, each next one 1.07 µs (its 8 KB, ~95 % of the copy rate over 528 warpgroups), the
+//   end 0.6 µs after the last; with each query's units loaded before any is stored (load_query_operand_tiles):
+//   1M 12.35 → 11.80 µs = 71 % (the streamed bf16 kernel 21.19 → 20.24 = 79 %), 64K 3.56 → 3.06, 1M T = 8 56.40 →
+//   52.54. Lost or level: the first tiles asked of L2 before the grid wait from the positions as they stand (1M 11.97
+//   against 11.80; two tiles 13.09), the first load issued from that hint before this step's positions (11.81), an
+//   L2 prefetch one tile past each refill (13.90 against 12.41). The tail: 8-tile warpgroups end 0.6 µs after 7-tile
+//   ones (4096 tiles over 528), SMs hold 28-32 tiles.
 // - Every score kernel bounds its key loads, the first tiles' included, by the most keys its CTA's queries see
 //   (cta_visible_keys), not by key_count: the model passes the buffer's capacity, and a short context in a 1M
 //   buffer read about 12.7 MB of unseen keys per call before session 20.
@@ -1141,28 +1151,7 @@ struct StagedScoresArgs {
   ScoresArgs scores;
   int slot_rows;       // map rows from one slot's first key to the next (0: one sequence)
   uint64_t* trace;     // kTrace: IndexerScoresParams::trace
-  int prefetch_tiles;  // A/B (round s21-1): each warpgroup's first tiles asked of L2 before the grid-dependency wait
-  bool early_first;    // A/B (round s21-1): the first tile's load issued right after the wait from the hint
 };
-
-// PTX ISA "cp.async.bulk.prefetch.tensor": asks L2 for the box at (col, row) of a 2D tensor map, without waiting.
-__device__ __forceinline__ void prefetch_tensor_2d_l2(const CUtensorMap* map, int32_t col, int32_t row) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(reinterpret_cast<uint64_t>(map)),
-               "r"(col), "r"(row)
-               : "memory");
-}
-
-// The most keys a CTA's queries see and their slot's first map row, from the step inputs as they stand before the
-// grid-dependency wait (positions and slots are copied in before the step; read past L1 so that the loads after the
-// wait cannot meet a stale line): a hint for loads whose data is read after the wait.
-__device__ __forceinline__ int2 staged_hint(const StagedScoresArgs& staged, int64_t first_query, int queries) {
-  const ScoresArgs& args = staged.scores;
-  int64_t visible = 0;
-  for (int q = 0; q < queries; ++q)
-    visible = max(visible, min(args.key_count, (__ldcg(args.positions + first_query + q) + 1) / args.ratio));
-  const int row0 = args.sequence_slots != nullptr ? __ldcg(args.sequence_slots + first_query) * staged.slot_rows : 0;
-  return make_int2(int(visible), row0);
-}
 
 // One query's D[64 keys × 64 heads] of a staged fp8 key tile: four k32 steps of 32 bytes, committed (not waited for).
 __device__ __forceinline__ void issue_staged_scores(float (&d)[32], const unsigned char* stage,
@@ -1192,36 +1181,18 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   };
   mark(kIndexerTraceStart);
   allow_dependents();
+  if (threadIdx.x == 0) sm90::prefetch_tensor_map(&staged.keys);
+  wait_for_prior_grids();
+  mark(kIndexerTraceWaited);
   const WarpgroupSmemLayout layout = staged_smem_layout(args.queries_per_cta, kSelect);
   const auto [smem, weights, visible, first_query, queries] = warpgroup_cta(args, layout);
   unsigned char* query_tiles = smem;
   const int lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3, warp = threadIdx.x >> 5;
   const int warpgroup = warp >> 2, t = threadIdx.x & 127;
-  const int step = int(gridDim.x) * kWgmmaWarpgroups;
-  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
-  int2 hint = make_int2(0, 0);
-  if (t == 0) {
-    sm90::prefetch_tensor_map(&staged.keys);
-    if (staged.prefetch_tiles > 0 || staged.early_first) hint = staged_hint(staged, first_query, queries);
-    for (int i = 0; i < staged.prefetch_tiles && (first_tile + i * step) * kWgmmaKeysPerTile < hint.x; ++i)
-      prefetch_tensor_2d_l2(&staged.keys, 0, hint.y + (first_tile + i * step) * kWgmmaKeysPerTile);
-  }
-  wait_for_prior_grids();
-  mark(kIndexerTraceWaited);
   unsigned char* ring = smem + layout.ring_offset + warpgroup * kStages * kTileBytes;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + layout.barrier_offset) + warpgroup * kStages;
-  // One sequence: the first tile's load from the hint, before this step's positions arrive (its data is read after
-  // the wait; a tile the positions then show unseen is waited for at the end and not used).
-  const bool early =
-      staged.early_first && args.sequence_slots == nullptr && t == 0 && first_tile * kWgmmaKeysPerTile < hint.x;
-  if (t == 0) {
-    for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
-    sm90::fence_mbarrier_init();
-    if (early) {
-      sm90::mbarrier_arrive_expect_tx(&full[0], kTileBytes);
-      sm90::tma_load_2d(ring, &staged.keys, &full[0], 0, hint.y + first_tile * kWgmmaKeysPerTile);
-    }
-  }
+  const int step = int(gridDim.x) * kWgmmaWarpgroups;
+  const int first_tile = int(blockIdx.x) * kWgmmaWarpgroups + warpgroup;
   const int64_t slot = key_slot_of(args, first_query);
   const int slot_row0 = int(slot) * staged.slot_rows;
   const float* key_scales = args.key_scales + slot * args.key_scales_slot_stride;
@@ -1229,7 +1200,9 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
   const int tiles = (max_visible + kWgmmaKeysPerTile - 1) / kWgmmaKeysPerTile;
   // The warpgroup's first kStages − 1 tiles are in flight while the query operands are stored.
   if (t == 0) {
-    for (int i = early ? 1 : 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
+    for (int i = 0; i < kStages; ++i) sm90::mbarrier_init(&full[i], 1);
+    sm90::fence_mbarrier_init();
+    for (int i = 0; i < kStages - 1 && first_tile + i * step < tiles; ++i) {
       sm90::mbarrier_arrive_expect_tx(&full[i], kTileBytes);
       sm90::tma_load_2d(ring + i * kTileBytes, &staged.keys, &full[i], 0,
                         slot_row0 + (first_tile + i * step) * kWgmmaKeysPerTile);
@@ -1288,8 +1261,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kSelect ? 1 : kScoreCtasPerS
     scale = next_scale;
     if (++stage == kStages) stage = 0, parity ^= 1;
   }
-  // An early load of a tile the positions showed unseen lands before the CTA's shared memory is released.
-  if (early && first_tile >= tiles) sm90::mbarrier_wait(&full[0], 0);
   if constexpr (kTrace) {
     mark(kIndexerTraceEnd);
     if (t == 0) {
