@@ -317,49 +317,59 @@ TEST(SparseAttention, D512TwoWavesSplitsAndEpilogues) {
                   seed++);
 }
 
-// The head_dim 512 kernel with its consumers releasing each stage before waiting for the next tile
-// (SparseAttentionParams::d512_early_release) gives the same bytes as without, over both merges: bf16 and fp8 entries,
-// the chosen splits and one, per-query counts (splits past a query's count: no tiles), single-tile lists, a query with
-// no entries, Pro's two head blocks with bf16 q and output.
-TEST(SparseAttention, D512EarlyReleaseSameBits) {
+// A traced head_dim 512 launch (SparseAttentionParams::d512_trace, bench_cuda_attention --trace) matches the CPU and
+// leaves each CTA's marks in order: one split and a 3-split cluster merge with per-query counts (a split past a
+// query's count has no tiles), Pro's two head blocks.
+TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 140;
-  std::vector<AttentionCase> cases;
-  for (const KvEntryFormat format : {KvEntryFormat::Bf16, KvEntryFormat::Fp8Reference}) {
-    cases.push_back({"flash csa decode", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 0});
-    cases.push_back({"flash csa decode 1 split", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1});
-    AttentionCase counts{"flash csa 3 splits counts", format, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 3,
-                         AttentionDtype::F32, AttentionDtype::Bf16, true};
-    counts.counts = true;
-    cases.push_back(counts);
-    cases.push_back({"flash one tile", format, 512, 64, 64, 32, 40, 0, {500, 77}, 2, 1});
-  }
-  AttentionCase empty{"flash empty query", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 64, {20, 900}, 1, 0};
-  empty.empty_query = true;
-  cases.push_back(empty);
-  cases.push_back({"pro csa bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 0,
-                   AttentionDtype::Bf16, AttentionDtype::Bf16});
+  uint32_t seed = 150;
+  AttentionCase counts{"flash csa 3 splits counts", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129},
+                       1, 3};
+  counts.counts = true;
+  const std::vector<AttentionCase> cases = {
+      {"flash csa decode 1 split", KvEntryFormat::Bf16, 512, 64, 64, 128, 128, 512, {300, 2100, 129}, 1, 1},
+      counts,
+      {"pro csa 1 split bf16 io", KvEntryFormat::Bf16, 512, 64, 128, 128, 128, 512, {5000}, 2, 1,
+       AttentionDtype::Bf16, AttentionDtype::Bf16}};
   for (const AttentionCase& c : cases) {
-    SCOPED_TRACE(std::string(c.name) + " " + to_string(c.format));
+    SCOPED_TRACE(c.name);
     SparseAttentionCaseData data;
     ASSERT_NO_FATAL_FAILURE(prepare_sparse_attention_case(c, seed++, data));
     SparseAttentionParams call = data.call;
     call.head_split = false;
     call.prefill_kernel = false;
-    for (const bool cluster_merge : {false, true}) {
-      call.cluster_merge = cluster_merge;
-      int splits = 0;
-      call.d512_early_release = false;
-      const std::vector<uint8_t> held = run_call(c, cluster_merge, call, splits);
-      call.d512_early_release = true;
-      const std::vector<uint8_t> released = run_call(c, cluster_merge, call, splits);
-      ASSERT_EQ(held.size(), released.size());
-      size_t differing = 0;
-      for (size_t b = 0; b < held.size(); ++b) differing += held[b] != released[b];
-      EXPECT_EQ(differing, 0u) << "bytes differ (" << (cluster_merge ? "cluster merge" : "combine kernel")
-                               << ", splits " << splits << ")";
-      std::printf("  %-28s %-13s splits=%d %s: %zu of %zu bytes differ\n", c.name, to_string(c.format), splits,
-                  cluster_merge ? "cluster" : "combine", differing, held.size());
+    const bool cluster_merge = c.splits > 1;
+    call.cluster_merge = cluster_merge;
+    const int64_t ctas = call.tokens * ((c.heads + 63) / 64) * c.splits;
+    DeviceBuffer d_trace(size_t(ctas) * kSparseAttentionTraceSlots * 8, "trace");
+    d_trace.fill_bytes(0);
+    call.d512_trace = d_trace.as<uint64_t>();
+    compare_with_cpu(c, cluster_merge, call, data.expected, data.magnitude);
+    std::vector<uint64_t> trace(size_t(ctas) * kSparseAttentionTraceSlots);
+    d_trace.download(trace.data(), trace.size() * 8);
+    for (int64_t cta = 0; cta < ctas; ++cta) {
+      const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
+      SCOPED_TRACE("CTA " + std::to_string(cta));
+      for (const int mark : {kTraceStart, kTraceProducerWaited, kTraceConsumerWaited, kTraceQReady, kTraceLoopEnd,
+                             kTraceEnd})
+        ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
+      EXPECT_LE(m[kTraceStart], m[kTraceProducerWaited]);
+      EXPECT_LE(m[kTraceStart], m[kTraceConsumerWaited]);
+      EXPECT_LE(m[kTraceConsumerWaited], m[kTraceQReady]);
+      EXPECT_LE(m[kTraceQReady], m[kTraceLoopEnd]);
+      EXPECT_LE(m[kTraceLoopEnd], m[kTraceEnd]);
+      if (m[kTraceFirstIssued] != 0) EXPECT_LE(m[kTraceFirstIssued], m[kTraceLastIssued]);
+      if (m[kTraceLastTile] != 0) EXPECT_LE(m[kTraceLastTile], m[kTraceLoopEnd]);
+      if (m[kTraceMidTile] != 0) {
+        EXPECT_LE(m[kTraceMidTile], m[kTraceMidScored]);
+        EXPECT_LE(m[kTraceMidScored], m[kTraceMidExchanged]);
+        EXPECT_LE(m[kTraceMidExchanged], m[kTraceMidWeighted]);
+        EXPECT_LE(m[kTraceMidWeighted], m[kTraceMidMultiplied]);
+      }
+      if (cluster_merge) {
+        EXPECT_LE(m[kTraceLoopEnd], m[kTraceMergeSynced]);
+        EXPECT_LE(m[kTraceMergeSynced], m[kTraceEnd]);
+      }
     }
   }
 }

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -92,9 +91,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kEarlyRelease, bool kTrace>
+template <bool kFp8, bool kTrace>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kEarlyRelease, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -141,16 +140,13 @@ ClusterLimits query_cluster_limits(void (*kernel)(KernelArgs...), int threads, i
 
 ClusterLimits d512_device_limits() {
   static PerDeviceCache<ClusterLimits> cache;
-  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false, false>), [] {
-    set_d512_attributes<false, false, false>();
-    set_d512_attributes<false, true, false>();
-    set_d512_attributes<false, false, true>();
-    set_d512_attributes<false, true, true>();
-    set_d512_attributes<true, false, false>();
-    set_d512_attributes<true, true, false>();
+  return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
+    set_d512_attributes<false, false>();
+    set_d512_attributes<false, true>();
+    set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
-    return query_cluster_limits(sparse_attention_d512_kernel<false, false, false>, kD512Threads, kBytes);
+    return query_cluster_limits(sparse_attention_d512_kernel<false, false>, kD512Threads, kBytes);
   });
 }
 
@@ -161,21 +157,11 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-// Whether the head_dim 512 kernel's consumers release each stage before waiting for the next tile
-// (SparseAttentionParams::d512_early_release, or DSV4_ATTENTION_EARLY_RELEASE=1 in the environment for every call).
-bool d512_early_release(const SparseAttentionParams& p) {
-  static const bool by_environment = [] {
-    const char* value = std::getenv("DSV4_ATTENTION_EARLY_RELEASE");
-    return value != nullptr && value[0] == '1';
-  }();
-  return p.d512_early_release || by_environment;
-}
-
-template <bool kFp8, bool kEarlyRelease, bool kTrace = false>
+template <bool kFp8, bool kTrace = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kEarlyRelease, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -354,13 +340,12 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
-    const bool early = d512_early_release(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-      early ? launch_d512<true, true>(p) : launch_d512<true, false>(p);
+      launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
-      early ? launch_d512<false, true, true>(p) : launch_d512<false, false, true>(p);
+      launch_d512<false, true>(p);
     else
-      early ? launch_d512<false, true>(p) : launch_d512<false, false>(p);
+      launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }

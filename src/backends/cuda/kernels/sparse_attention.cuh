@@ -577,6 +577,19 @@ __global__ void __launch_bounds__(TileConfig<kHeadDim, kHeadTiles>::kThreads, 1)
 //   cores: issuing tile j's QKᵀ ahead of tile j − 1's PV, so that tile j's exchange and softmax ran beside that PV
 //   (same bits; no wgmma in flight across a step, else ptxas serializes them all), was 3-5 % slower (the stage held
 //   through the softmax: Flash CSA 64K batch 256 78.2 → 81.1 µs, Pro batch 128 75.8 → 79.4); removed.
+// - Session 21 (H200, bf16 entries, bench_cuda_attention --trace: one cold call, medians per wave; Flash CSA 64K
+//   batch 128, one wave of 20-tile CTAs, 47 µs by events): the grid wait returns at 2.5 µs (behind the bench's L2
+//   flush), the first tile's copies are issued at 6.7 (index → page table → copies) and it arrives at 8.0; tiles then
+//   arrive 1.44 µs apart; the middle tile from its arrival: QKᵀ done (behind the previous PV) 0.61 µs, scores
+//   exchanged 0.22, softmax 0.39, PV issued 0.03, so the consumers' chain is ≈ 1.25 of the 1.44 µs and the tensor
+//   cores idle through the exchange and softmax; the last tile arrives at 35.4, the loop ends at 36.9, the fp32 output
+//   is stored by 41.4. With two splits (batch 64) the cluster merge takes 8-9 µs from its first barrier to the end
+//   (Flash CSA 64K: loop end 22.1, barrier 23.4, end 31.5; Flash HCA 4K: 11.5, 12.7, 21.4): the largest fixed cost
+//   at batch 64. Measured and removed: entries by TMA (see d512_produce_bf16), and each consumer step waiting for the
+//   previous PV and releasing its stage before waiting for its tile (one more stage in flight; same bits): slower
+//   everywhere (bench --route --bf16-kv, same process: Flash CSA 64K b64 30.5 → 30.9 µs, b128 43.3 → 43.9, b256 78.3
+//   → 80.3, Flash HCA 4K b64 18.7 → 19.0, b256 38.4 → 39.0, Pro CSA 64K b64 41.1 → 41.9, b128 75.9 → 77.3): the
+//   consumers, not the ring, set the pace.
 
 inline constexpr int kD512HeadDim = 512;
 inline constexpr int kD512Heads = 64;  // one wgmma M
@@ -1063,11 +1076,9 @@ __device__ __forceinline__ void d512_store_output(const SparseAttentionParams& p
   }
 }
 
-// L: the CTA's D512Layout (its entry format); kEarlyRelease (SparseAttentionParams::d512_early_release): each step
-// first waits for the previous tile's PV and hands its stage back, then waits for its own tile (one more stage in
-// flight while the consumers wait for entries; the QKᵀ no longer runs behind the previous PV); kTrace: consumer 0's
-// thread 0 marks its phases (SparseAttentionTraceMark).
-template <class L, bool kEarlyRelease, bool kTrace>
+// L: the CTA's D512Layout (its entry format); kTrace: consumer 0's thread 0 marks its phases
+// (SparseAttentionTraceMark).
+template <class L, bool kTrace>
 __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uint8_t* smem, const CtaWork& work,
                                              bool cluster_merge) {
   // Read through a shuffle so the compiler knows it is warp-uniform: the wgmma descriptors derived from it then stay
@@ -1164,11 +1175,6 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 
   for (int j = 0; j < range.tiles; ++j) {
     const int stage = j % S;
-    if (kEarlyRelease && j > 0) {
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o_acc);
-      if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
-    }
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if (tracer && (j <= 1 || j + 1 == range.tiles))
       d512_trace_mark(p, j + 1 == range.tiles ? kTraceLastTile : j == 0 ? kTraceTile0 : kTraceTile1);
@@ -1189,7 +1195,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                     kk > 0);
     sm90::wgmma_commit_group();
     // The previous tile's PV ran on the tensor cores behind this QKᵀ; its stage goes back to the producer now.
-    if (!kEarlyRelease && j > 0) {
+    if (j > 0) {
       sm90::wgmma_wait_group<1>();
       sm90::fence_operand(o_acc);
       if (thread == 0) sm90::mbarrier_arrive(&kv_empty[(j - 1) % S]);
@@ -1361,8 +1367,8 @@ __device__ __forceinline__ void d512_prefetch_inputs(const SparseAttentionParams
   }
 }
 
-// kEarlyRelease: see d512_consume. kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
-template <bool kFp8, bool kEarlyRelease, bool kTrace>
+// kTrace (bf16 entries only): the CTA's phases marked in p.d512_trace.
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kD512Threads, 1)
     sparse_attention_d512_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                  const bool cluster_merge) {
@@ -1403,7 +1409,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
     }
   } else {
     sm90::setmaxnreg_increase<kD512ConsumerRegisters>();
-    d512_consume<L, kEarlyRelease, kTrace>(p, smem, work, cluster_merge);
+    d512_consume<L, kTrace>(p, smem, work, cluster_merge);
   }
 }
 

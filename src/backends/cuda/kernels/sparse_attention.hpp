@@ -139,11 +139,6 @@ struct SparseAttentionParams {
   // 256 78.4 → 83.8: not routed) and wins from 2176 (batch 128 105.2 → 98.6, 256 202.0 → 187.6; 8320 slots batch 128
   // 351.6 → 312.2); two (Pro) win from 640 (batch 64 41.4 → 39.2, 128 76.1 → 72.4; 2176 slots batch 64 103.2 → 90.0).
   bool prefill_kernel_decode = true;
-  // A/B for GPU round s21-2 (removed with the loser): the head_dim 512 kernel's consumers wait for the previous tile's
-  // PV and hand its KV stage back before they wait for the next tile (one more stage in flight while they wait for
-  // entries), instead of issuing the next QKᵀ behind that PV; same bits. DSV4_ATTENTION_EARLY_RELEASE=1 in the
-  // environment turns it on for every call.
-  bool d512_early_release = false;
   // Traced launch (bench_cuda_attention --trace; bf16 entries on the head_dim 512 kernel, else refused): each CTA
   // stores %globaltimer marks of its phases (SparseAttentionTraceMark) in its kSparseAttentionTraceSlots words here.
   uint64_t* d512_trace = nullptr;
