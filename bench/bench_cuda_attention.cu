@@ -640,23 +640,23 @@ RouteResult run_route_case(const char* model, int heads, DecodeLayout kind, KvEn
 }
 
 // --trace: the route's decode call on the head_dim 512 kernel (bf16 entries, cluster-merged splits as the model
-// chooses them), one cold call (L2 flushed), traced. Each CTA's wave is its rank among the CTAs its SM ran; per wave, the medians over its CTAs of each
-// mark (SparseAttentionTraceMark) in µs from the launch's first CTA start, the median µs per tile between tile 0's and
-// the last tile's arrival, and from the last tile's arrival to the CTA's end.
+// chooses them), one cold call (L2 flushed), traced. Each CTA's wave is its rank among the CTAs its SM ran; per wave,
+// the medians over its CTAs of each mark (SparseAttentionTraceMark) in µs from the launch's first CTA start, the
+// median µs per tile between tile 0's and the last tile's arrival, and from the last tile's arrival to the CTA's end.
 void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas, int tiles) {
   constexpr int kSlots = kSparseAttentionTraceSlots;
   uint64_t first = ~uint64_t(0);
-  for (int c = 0; c < ctas; ++c) first = std::min(first, trace[size_t(c) * kSlots + kTraceStart]);
+  for (int c = 0; c < ctas; ++c) first = std::min(first, trace[size_t(c) * kSlots + kD512TraceStart]);
   std::vector<std::vector<int>> by_sm;
   for (int c = 0; c < ctas; ++c) {
-    const size_t sm = size_t(trace[size_t(c) * kSlots + kTraceSm]);
+    const size_t sm = size_t(trace[size_t(c) * kSlots + kD512TraceSm]);
     if (sm >= by_sm.size()) by_sm.resize(sm + 1);
     by_sm[sm].push_back(c);
   }
   std::vector<std::vector<int>> waves;
   for (std::vector<int>& list : by_sm) {
     std::sort(list.begin(), list.end(), [&](int a, int b) {
-      return trace[size_t(a) * kSlots + kTraceStart] < trace[size_t(b) * kSlots + kTraceStart];
+      return trace[size_t(a) * kSlots + kD512TraceStart] < trace[size_t(b) * kSlots + kD512TraceStart];
     });
     for (size_t rank = 0; rank < list.size(); ++rank) {
       if (rank >= waves.size()) waves.resize(rank + 1);
@@ -671,13 +671,13 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   static const char* const kNames[] = {"start", "p.wait", "issued0", "issuedN", "c.wait", "q",     "tile0",
                                        "tile1", "tileN",  "mid",     "m.qk",    "m.exch", "m.soft", "m.pv",
                                        "loop",  "synced", "end"};
-  static_assert(sizeof(kNames) / sizeof(kNames[0]) == kTraceSm, "a name per mark");
+  static_assert(sizeof(kNames) / sizeof(kNames[0]) == kD512TraceSm, "a name per mark");
   std::printf("  %-8s %5s %5s", label, "wave", "ctas");
   for (const char* name : kNames) std::printf(" %7s", name);
   std::printf(" %8s %8s\n", "us/tile", "N->end");
   for (size_t w = 0; w < waves.size(); ++w) {
     std::printf("  %-8s %5zu %5zu", label, w, waves[w].size());
-    for (int mark = 0; mark < kTraceSm; ++mark) {
+    for (int mark = 0; mark < kD512TraceSm; ++mark) {
       std::vector<double> at;
       for (const int c : waves[w]) {
         const uint64_t v = trace[size_t(c) * kSlots + mark];
@@ -688,9 +688,10 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
     std::vector<double> per_tile, tail;
     for (const int c : waves[w]) {
       const uint64_t* r = &trace[size_t(c) * kSlots];
-      if (tiles > 1 && r[kTraceTile0] != 0 && r[kTraceLastTile] != 0)
-        per_tile.push_back(double(r[kTraceLastTile] - r[kTraceTile0]) * 1e-3 / (tiles - 1));
-      if (r[kTraceLastTile] != 0 && r[kTraceEnd] != 0) tail.push_back(double(r[kTraceEnd] - r[kTraceLastTile]) * 1e-3);
+      if (tiles > 1 && r[kD512TraceTile0] != 0 && r[kD512TraceLastTile] != 0)
+        per_tile.push_back(double(r[kD512TraceLastTile] - r[kD512TraceTile0]) * 1e-3 / (tiles - 1));
+      if (r[kD512TraceLastTile] != 0 && r[kD512TraceEnd] != 0)
+        tail.push_back(double(r[kD512TraceEnd] - r[kD512TraceLastTile]) * 1e-3);
     }
     std::printf(" %8.3f %8.2f\n", median(per_tile), median(tail));
   }
@@ -859,8 +860,8 @@ int run(int argc, char** argv) {
                 "consumer warpgroups issuing back to back, us per tile: QK+PV (as the kernel: 16 m64n32k16 SS, wait, "
                 "2 m64n256k16 RS, wait) %.3f; QK alone %.3f; PV alone %.3f; QK as 16 m64n64k16 SS per 64 entries "
                 "%.3f per 32\n"
-                "  a tile's %.2f MFLOP per SM: floor %.3f us at the cuBLAS rate (QK+PV at %.0f%% of it), %.3f us at the "
-                "nominal peak (%.0f%%)\n",
+                "  a tile's %.2f MFLOP per SM: floor %.3f us at the cuBLAS rate (QK+PV at %.0f%% of it), %.3f us at "
+                "the nominal peak (%.0f%%)\n",
                 tile_us, mma_rate_us<MmaRate::QkOnly>(sms, out), mma_rate_us<MmaRate::PvOnly>(sms, out),
                 mma_rate_us<MmaRate::Qk64>(sms, out), kTileFlops / 1e6, cublas_floor_us,
                 100.0 * cublas_floor_us / tile_us, peak_floor_us, 100.0 * peak_floor_us / tile_us);

@@ -350,25 +350,25 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
     for (int64_t cta = 0; cta < ctas; ++cta) {
       const uint64_t* m = &trace[size_t(cta) * kSparseAttentionTraceSlots];
       SCOPED_TRACE("CTA " + std::to_string(cta));
-      for (const int mark : {kTraceStart, kTraceProducerWaited, kTraceConsumerWaited, kTraceQReady, kTraceLoopEnd,
-                             kTraceEnd})
+      for (const int mark : {kD512TraceStart, kD512TraceProducerWaited, kD512TraceConsumerWaited, kD512TraceQReady,
+                             kD512TraceLoopEnd, kD512TraceEnd})
         ASSERT_NE(m[mark], 0u) << "mark " << mark << " missing";
-      EXPECT_LE(m[kTraceStart], m[kTraceProducerWaited]);
-      EXPECT_LE(m[kTraceStart], m[kTraceConsumerWaited]);
-      EXPECT_LE(m[kTraceConsumerWaited], m[kTraceQReady]);
-      EXPECT_LE(m[kTraceQReady], m[kTraceLoopEnd]);
-      EXPECT_LE(m[kTraceLoopEnd], m[kTraceEnd]);
-      if (m[kTraceFirstIssued] != 0) EXPECT_LE(m[kTraceFirstIssued], m[kTraceLastIssued]);
-      if (m[kTraceLastTile] != 0) EXPECT_LE(m[kTraceLastTile], m[kTraceLoopEnd]);
-      if (m[kTraceMidTile] != 0) {
-        EXPECT_LE(m[kTraceMidTile], m[kTraceMidScored]);
-        EXPECT_LE(m[kTraceMidScored], m[kTraceMidExchanged]);
-        EXPECT_LE(m[kTraceMidExchanged], m[kTraceMidWeighted]);
-        EXPECT_LE(m[kTraceMidWeighted], m[kTraceMidMultiplied]);
+      EXPECT_LE(m[kD512TraceStart], m[kD512TraceProducerWaited]);
+      EXPECT_LE(m[kD512TraceStart], m[kD512TraceConsumerWaited]);
+      EXPECT_LE(m[kD512TraceConsumerWaited], m[kD512TraceQReady]);
+      EXPECT_LE(m[kD512TraceQReady], m[kD512TraceLoopEnd]);
+      EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceEnd]);
+      if (m[kD512TraceFirstIssued] != 0) EXPECT_LE(m[kD512TraceFirstIssued], m[kD512TraceLastIssued]);
+      if (m[kD512TraceLastTile] != 0) EXPECT_LE(m[kD512TraceLastTile], m[kD512TraceLoopEnd]);
+      if (m[kD512TraceMidTile] != 0) {
+        EXPECT_LE(m[kD512TraceMidTile], m[kD512TraceMidScored]);
+        EXPECT_LE(m[kD512TraceMidScored], m[kD512TraceMidExchanged]);
+        EXPECT_LE(m[kD512TraceMidExchanged], m[kD512TraceMidWeighted]);
+        EXPECT_LE(m[kD512TraceMidWeighted], m[kD512TraceMidMultiplied]);
       }
       if (cluster_merge) {
-        EXPECT_LE(m[kTraceLoopEnd], m[kTraceMergeSynced]);
-        EXPECT_LE(m[kTraceMergeSynced], m[kTraceEnd]);
+        EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceMergeSynced]);
+        EXPECT_LE(m[kD512TraceMergeSynced], m[kD512TraceEnd]);
       }
     }
   }

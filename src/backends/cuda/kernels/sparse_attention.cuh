@@ -621,10 +621,10 @@ __device__ __forceinline__ void d512_trace_mark(const SparseAttentionParams& p, 
   uint64_t now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   uint64_t* record = p.d512_trace + uint64_t(blockIdx.x) * kSparseAttentionTraceSlots;
-  if (mark == kTraceStart) {
+  if (mark == kD512TraceStart) {
     uint32_t sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    record[kTraceSm] = sm;
+    record[kD512TraceSm] = sm;
   }
   record[mark] = now;
 }
@@ -884,7 +884,7 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
       ptx::cp_async_mbarrier_arrive_noinc(shared_address(&kv_full[stage]));
       sm90::mbarrier_arrive(&kv_full[stage]);
       if (kTrace && thread == 0 && (j == 0 || j + 1 == tiles))
-        d512_trace_mark(p, j == 0 ? kTraceFirstIssued : kTraceLastIssued);
+        d512_trace_mark(p, j == 0 ? kD512TraceFirstIssued : kD512TraceLastIssued);
       if (i == kChunkTiles - 1 || j + 1 == tiles) ahead_page = load_page(c + 2, ahead_row);
     }
     current = next;
@@ -1100,7 +1100,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
   const float merge_sink_log2 = thread256 < kD512Heads ? head_sink_log2(p, head_base + thread256) : -INFINITY;
   wait_for_prior_grids();
   const bool tracer = kTrace && thread256 == 0;
-  if (tracer) d512_trace_mark(p, kTraceConsumerWaited);
+  if (tracer) d512_trace_mark(p, kD512TraceConsumerWaited);
   const int64_t position = rope ? p.positions[t] : 0;
   const SlotRange range = split_slot_range(p, t, split);
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + L::kBarriers) + L::kRawStages;
@@ -1160,7 +1160,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       *reinterpret_cast<uint4*>(slot + i * kHeadsPerPass * 128 + swizzled[i % 2]) = packed[i];
     sm90::fence_proxy_async_shared();
     sm90::named_barrier_sync<kWarpgroupThreads>(kQBarrier + consumer);
-    if (tracer) d512_trace_mark(p, kTraceQReady);
+    if (tracer) d512_trace_mark(p, kD512TraceQReady);
   }
   const uint64_t q_descriptor = sm90::make_sw128_k_major_descriptor(q_tile + (dim_base / 64) * kQBlockBytes);
 
@@ -1177,9 +1177,9 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     const int stage = j % S;
     sm90::mbarrier_wait(&kv_full[stage], (j / S) & 1);
     if (tracer && (j <= 1 || j + 1 == range.tiles))
-      d512_trace_mark(p, j + 1 == range.tiles ? kTraceLastTile : j == 0 ? kTraceTile0 : kTraceTile1);
+      d512_trace_mark(p, j + 1 == range.tiles ? kD512TraceLastTile : j == 0 ? kD512TraceTile0 : kD512TraceTile1);
     const bool mid = tracer && j == range.tiles / 2;
-    if (mid) d512_trace_mark(p, kTraceMidTile);
+    if (mid) d512_trace_mark(p, kD512TraceMidTile);
     if constexpr (!L::kFp8Entries) sm90::fence_proxy_async_shared();  // cp.async data, then wgmma reads it
     uint8_t* kv = smem + L::kKv + stage * kKvStageBytes + (dim_base / 64) * kKvBlockBytes;
 
@@ -1202,7 +1202,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
     sm90::wgmma_wait_group<0>();
     sm90::fence_operand(s_acc);
-    if (mid) d512_trace_mark(p, kTraceMidScored);
+    if (mid) d512_trace_mark(p, kD512TraceMidScored);
 
     // Sum the two consumers' partial scores: each adds the other's to its own (one fp32 addition, commutative, so
     // both warpgroups hold identical S).
@@ -1222,7 +1222,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       s_acc[4 * e + 2] += b.z;
       s_acc[4 * e + 3] += b.w;
     }
-    if (mid) d512_trace_mark(p, kTraceMidExchanged);
+    if (mid) d512_trace_mark(p, kD512TraceMidExchanged);
 
     // Online softmax (log2 domain); unused slots score −inf. s_acc[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2.
     float alpha[2];
@@ -1233,7 +1233,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
 #pragma unroll
       for (int i = 0; i < 128; ++i) o_acc[i] *= alpha[(i % 4) / 2];
     }
-    if (mid) d512_trace_mark(p, kTraceMidWeighted);
+    if (mid) d512_trace_mark(p, kD512TraceMidWeighted);
 
     // O_c += P V_c: V is the stage read N-major (entries = K, this consumer's 256 dims = N).
     sm90::wgmma_fence();
@@ -1243,11 +1243,11 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
                                                sm90::make_sw128_n_major_descriptor(kv + ks * 16 * 128, kKvBlockBytes),
                                                1);
     sm90::wgmma_commit_group();
-    if (mid) d512_trace_mark(p, kTraceMidMultiplied);
+    if (mid) d512_trace_mark(p, kD512TraceMidMultiplied);
   }
   sm90::wgmma_wait_group<0>();
   sm90::fence_operand(o_acc);
-  if (tracer) d512_trace_mark(p, kTraceLoopEnd);
+  if (tracer) d512_trace_mark(p, kD512TraceLoopEnd);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -1280,13 +1280,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
     sm90::cluster_sync();
-    if (tracer) d512_trace_mark(p, kTraceMergeSynced);
+    if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
     if (bf16_partials)
       d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     else
       d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
     sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
-    if (tracer) d512_trace_mark(p, kTraceEnd);
+    if (tracer) d512_trace_mark(p, kD512TraceEnd);
     return;
   }
 
@@ -1332,7 +1332,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     else
       d512_store_output<__nv_bfloat16, 0>(p, t, head, dim0, o_acc, inverse_denominator, rope, rope_table);
   }
-  if (tracer) d512_trace_mark(p, kTraceEnd);
+  if (tracer) d512_trace_mark(p, kD512TraceEnd);
 }
 
 // Before griddepcontrol.wait: asks L2 for the lines this CTA reads first (its query's sequence slot, position and
@@ -1374,7 +1374,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
                                  const bool cluster_merge) {
   static_assert(!(kFp8 && kTrace), "traces are bf16 entries'");
   using L = D512Layout<kFp8>;
-  if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceStart);
+  if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceStart);
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // wgmma's swizzled tiles and the descriptors' zero base offset need 1024-byte aligned stages; the offset is the
@@ -1398,7 +1398,7 @@ __global__ void __launch_bounds__(kD512Threads, 1)
   if (threadIdx.x < kWarpgroupThreads) {
     sm90::setmaxnreg_decrease<kD512ProducerRegisters>();
     wait_for_prior_grids();
-    if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kTraceProducerWaited);
+    if (kTrace && threadIdx.x == 0) d512_trace_mark(p, kD512TraceProducerWaited);
     if constexpr (kFp8)
       d512_produce_fp8(p, smem, work.t, split_slot_range(p, work.t, work.split));
     else
