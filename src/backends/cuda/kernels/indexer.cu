@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -119,13 +118,6 @@ bool uses_warpgroup_kernel(const IndexerScoresParams& p) {
   return fp8_keys(p) || (p.sequence_slots == nullptr && p.tokens * p.key_count >= (int64_t(1) << 20));
 }
 
-// A/B switch of round s21-3 (read once): DSV4_INDEXER_SERIAL_QUERY_LOADS=1, the staged and streamed kernels' query
-// operands loaded as at the session start.
-const bool kSerialQueryLoads = [] {
-  const char* value = std::getenv("DSV4_INDEXER_SERIAL_QUERY_LOADS");
-  return value != nullptr && std::atoi(value) != 0;
-}();
-
 // The staged kernel takes these fp8 keys: of one sequence, or through sequence_slots with the slot count known and
 // each slot's keys a whole number of 128-byte map rows apart, every row within the map's int32 coordinates.
 bool stageable(const IndexerScoresParams& p) {
@@ -175,7 +167,6 @@ indexer::ScoresArgs scores_args(const IndexerScoresParams& p, int queries_per_ct
       .counts = nullptr,
       .nan_flag = nullptr,
       .tickets = nullptr,
-      .serial_query_loads = kSerialQueryLoads,
   };
 }
 

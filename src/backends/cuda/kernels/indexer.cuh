@@ -297,7 +297,6 @@ struct ScoresArgs {
   int32_t* counts;
   int32_t* nan_flag;
   topk::QueryWorkspace* tickets;  // the top-k's workspace: query group g's ticket is tickets[g].finished_ctas
-  bool serial_query_loads;        // A/B (round s21-2): the warpgroup kernels' query operands loaded as before
 };
 
 // Queries sharing one CTA's key loads (of one sequence); the warpgroup kernels' shared memory holds this many.
@@ -888,7 +887,7 @@ __device__ __forceinline__ void load_query_operand_tiles(const ScoresArgs& args,
   static_assert(kWgmmaHeads * kUnits % kThreads == 0 && kMaxQueriesPerCta * kWgmmaHeads <= kThreads,
                 "a query's units spread evenly over the threads, at most one head weight each");
   const auto* source = reinterpret_cast<const Unit*>(kFp8 ? static_cast<const void*>(args.q_fp8) : args.q);
-  if (!kBatched || args.serial_query_loads) {
+  if constexpr (!kBatched) {
     for (int e = threadIdx.x; e < queries * kWgmmaHeads * kUnits; e += blockDim.x) {
       const int unit = e % kUnits, head = e / kUnits % kWgmmaHeads, query = e / kUnits / kWgmmaHeads;
       const Unit value = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit]
@@ -896,31 +895,30 @@ __device__ __forceinline__ void load_query_operand_tiles(const ScoresArgs& args,
       *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = value;
     }
     load_head_weights<kFp8>(args, first_query, queries, kWgmmaHeads, weights);
-    sm90::fence_proxy_async_shared();
-    return;
-  }
-  // weights[query][head], query · 64 + head = the thread (zero past args.heads).
-  const int weight_query = int(threadIdx.x) / kWgmmaHeads, weight_head = int(threadIdx.x) % kWgmmaHeads;
-  float weight = 0.0f;
-  if (weight_query < queries && weight_head < args.heads) {
-    const int64_t t = first_query + weight_query;
-    weight = args.head_weights[t * args.head_weights_row_stride + weight_head] * args.weight_scale;
-    if constexpr (kFp8) weight *= args.q_scales[t * args.heads + weight_head];
-  }
-  for (int query = 0; query < queries; ++query) {
-    Unit values[kPerThread];
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
-      values[i] = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit] : Unit{};
+  } else {
+    // weights[query][head], query · 64 + head = the thread (zero past args.heads).
+    const int weight_query = int(threadIdx.x) / kWgmmaHeads, weight_head = int(threadIdx.x) % kWgmmaHeads;
+    float weight = 0.0f;
+    if (weight_query < queries && weight_head < args.heads) {
+      const int64_t t = first_query + weight_query;
+      weight = args.head_weights[t * args.head_weights_row_stride + weight_head] * args.weight_scale;
+      if constexpr (kFp8) weight *= args.q_scales[t * args.heads + weight_head];
     }
+    for (int query = 0; query < queries; ++query) {
+      Unit values[kPerThread];
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
-      *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = values[i];
+      for (int i = 0; i < kPerThread; ++i) {
+        const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
+        values[i] = head < args.heads ? source[((first_query + query) * args.heads + head) * kUnits + unit] : Unit{};
+      }
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const int e = int(threadIdx.x) + i * kThreads, unit = e % kUnits, head = e / kUnits;
+        *reinterpret_cast<Unit*>(tiles + query * wgmma_query_tile_bytes(kFp8) + unit_offset(head, unit)) = values[i];
+      }
     }
+    if (weight_query < queries) weights[threadIdx.x] = weight;
   }
-  if (weight_query < queries) weights[threadIdx.x] = weight;
   sm90::fence_proxy_async_shared();  // the tiles are read next by wgmma (the async proxy)
 }
 
