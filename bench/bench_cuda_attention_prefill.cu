@@ -8,8 +8,7 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf), and the round's A/B switches on it (eager: SparseAttentionPrefillOptions::eager_start; batched:
-// batched_stores; bits: each output against the plain call's).
+// (+pf).
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -175,8 +174,6 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
-  double bf16_q_eager_us, bf16_q_batched_us;  // the same with eager_start, with batched_stores
-  bool variants_same_bits;                    // both outputs bit-identical to the plain call's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -240,20 +237,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint8_t> plain_bits(outputs * 2), variant_bits(outputs * 2);
-  bf16_q_out.download(plain_bits.data(), outputs * 2);
-  double variant_ms[2];
-  bool variants_same = true;
-  for (int v = 0; v < 2; ++v) {
-    const SparseAttentionPrefillOptions variant{
-        .prefetch_resolved = PrefetchResolved::Off, .eager_start = v == 0, .batched_stores = v == 1};
-    bf16_q_out.fill_bytes(0xFF);
-    run_sparse_attention_prefill(prefill_bf16_q, variant);
-    synchronize_or_exit("sparse_attention_prefill (variant)");
-    bf16_q_out.download(variant_bits.data(), outputs * 2);
-    variants_same = variants_same && variant_bits == plain_bits;
-    variant_ms[v] = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, variant); });
-  }
   if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
@@ -271,9 +254,6 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_us = bf16_q_ms * 1e3;
   r.bf16_q_tflops = flops / (bf16_q_ms * 1e9);
   r.bf16_q_prefetch_us = bf16_q_prefetch_ms * 1e3;
-  r.bf16_q_eager_us = variant_ms[0] * 1e3;
-  r.bf16_q_batched_us = variant_ms[1] * 1e3;
-  r.variants_same_bits = variants_same;
   r.percent_of_cublas = 100.0 * r.new_tflops / cublas_tflops;
   r.percent_of_peak = 100.0 * r.new_tflops / peak_tflops;
   r.relative_difference =
@@ -284,13 +264,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 }
 
 // The prefill kernel's variants timed on decode cases: without and with
-// SparseAttentionPrefillOptions::prefetch_resolved, and with it and eager_start (the round's A/B).
-constexpr int kDecodeVariants = 3;
-constexpr bool decode_variant_prefetch(int variant) { return variant >= 1; }
-constexpr bool decode_variant_eager(int variant) { return variant == 2; }
-constexpr const char* decode_variant_name(int variant) {
-  return variant == 0 ? "-" : variant == 1 ? "+pf" : "eager";
-}
+// SparseAttentionPrefillOptions::prefetch_resolved.
+constexpr int kDecodeVariants = 2;
+constexpr bool decode_variant_prefetch(int variant) { return variant == 1; }
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -334,13 +310,12 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     prefill.workspace = nullptr;
     prefill.workspace_bytes = 0;
     const SparseAttentionPrefillOptions options{
-        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off,
-        .eager_start = decode_variant_eager(v)};
+        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    const std::string name = std::string(model) + " " + to_string(kind) + " " + decode_variant_name(v);
+    const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -403,10 +378,9 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s\n",
-                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "eager", "batched",
-                "bits");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s\n", "model",
+                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
+                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -418,23 +392,21 @@ int run(int argc, char** argv) {
                                 flush.data(), flush_bytes, trace, quick, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
-        ok = ok && r.variants_same_bits;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %7.1f%% "
-                    "%8.1f | %8.1f %8.1f %5s%s\n",
+                    "%8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_eager_us,
-                    r.bf16_q_batched_us, r.variants_same_bits ? "same" : "DIFF", agrees ? "" : " FAIL");
+                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s | %5s %7s %8s | %9s\n", "model", "kind",
-                "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "eager us", "best",
-                "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s | %4s %7s %8s | %9s\n", "model", "kind", "batch",
+                "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "best", "%floor", "speedup",
+                "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -449,10 +421,10 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f | %5s %7.1f %8.2f | %9.2e%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2],
-                      decode_variant_name(r.best), 100.0 * r.floor_us / best_us,
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1],
+                      decode_variant_prefetch(r.best) ? "+pf" : "-", 100.0 * r.floor_us / best_us,
                       r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }

@@ -169,28 +169,6 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
                   prefetch);
 }
 
-// The round's A/B switches (eager_start, batched_stores): chunks with partial blocks and a query without entries,
-// padded heads (batched stores take the plain path), bf16 out at 8- and 16-byte alignment, decode batches.
-TEST(SparseAttentionPrefill, StartAndStoreVariantsMatchCpu) {
-  if (!has_device()) GTEST_SKIP() << "no CUDA device";
-  uint32_t seed = 900;
-  for (const bool eager : {true, false}) {
-    const SparseAttentionPrefillOptions options{
-        .prefetch_resolved = PrefetchResolved::Off, .eager_start = eager, .batched_stores = !eager};
-    for (const KvEntryFormat format : kFormats) {
-      check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                       AttentionDtype::Bf16, AttentionDtype::Bf16},
-                      seed++, options);
-      check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                       AttentionDtype::Bf16, true},
-                      seed++, options);
-      check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16,
-                       AttentionDtype::Bf16},
-                      seed++, options);
-    }
-  }
-}
-
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";

@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kEagerStart, bool kBatchedStores>
+template <bool kFp8, bool kTrace>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kEagerStart, kBatchedStores>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -24,22 +24,6 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
-}
-
-// The round's A/B switches one at a time; a traced launch takes neither.
-template <bool kFp8>
-void launch_variant(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  check(!(options.eager_start && options.batched_stores) &&
-            (options.trace == nullptr || !(options.eager_start || options.batched_stores)),
-        "sparse_attention_prefill: eager_start, batched_stores and trace one at a time");
-  if (options.trace != nullptr)
-    launch<kFp8, true, false, false>(p, head_blocks, options);
-  else if (options.eager_start)
-    launch<kFp8, false, true, false>(p, head_blocks, options);
-  else if (options.batched_stores)
-    launch<kFp8, false, false, true>(p, head_blocks, options);
-  else
-    launch<kFp8, false, false, false>(p, head_blocks, options);
 }
 
 }  // namespace
@@ -77,10 +61,11 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
-    launch_variant<true>(p, head_blocks, options);
+  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
+  if (options.trace != nullptr)
+    fp8 ? launch<true, true>(p, head_blocks, options) : launch<false, true>(p, head_blocks, options);
   else
-    launch_variant<false>(p, head_blocks, options);
+    fp8 ? launch<true, false>(p, head_blocks, options) : launch<false, false>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

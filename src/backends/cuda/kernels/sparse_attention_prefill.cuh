@@ -21,6 +21,11 @@
 // bf16 output through the free KV buffers in whole rows.
 // Numerics: q rounded to bf16; scores, softmax and accumulation fp32; P rounded to bf16 once (the row sums add the
 // rounded weights), rounded again only where a later block raises the row's maximum.
+// Where a CTA's time goes (H200, 4096 × 640 Flash, bf16 q and out, bench_cuda_attention_prefill --trace): its first
+// scores 5.9 µs after its start (entries resolved 3.1, Q staged 2.8, first data 4.35), pairs 4.1-4.35 µs (the last
+// 2.6), epilogue 3.3, 28.7 per CTA. Lost (session 21, same runs): a persistent grid overlapping the next item's Q and
+// entries with the current tail (907 → 1013 µs), 16-row release of the late halves (935), the first pair in
+// consumer 0's order with the look-ahead after it (927 → 949), four staged chunks per global-store batch (918: level).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -145,10 +150,10 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 
 // Thread (row0, chunk) of the producer warpgroup moves the 16-byte chunk `chunk` (8 dims) of every 64-dim tile of
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
-template <bool kFp8, bool kTrace, bool kEagerStart>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
-                                        bool prefetch_resolved, const Barriers& barriers,
-                                        int64_t ahead_t, int ahead_head_base, uint64_t* trace) {
+                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
+                                        int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -278,10 +283,8 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     trace_point<kTrace>(trace, prefill_trace::kResolved);
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
-  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores). eager_start:
-  // after the first pair's copies instead of before them.
-  const auto prefetch_ahead = [&] {
-    if (ahead_t < 0) return;
+  // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
+  if (ahead_t >= 0) {
     const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
     const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
     const uint8_t* q =
@@ -291,8 +294,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     const int64_t ahead_slots = query_slot_count(p, ahead_t);
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
-  };
-  if (!kEagerStart) prefetch_ahead();
+  }
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
@@ -302,29 +304,16 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     load_half(0, 0);
     publish_half(0, 0);
     if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
-    if (kEagerStart && i == 0) {
-      // The first pair (every buffer free): consumer 0's second half next, whose scores gate the first softmax, then
-      // consumer 1's halves; the look-ahead prefetches after them.
-      load_half(0, 1);
-      publish_half(0, 1);
-      publish_valid(1);
-      load_half(1, 1);
-      publish_half(1, 1);
-      load_half(1, 0);
-      publish_half(1, 0);
-      prefetch_ahead();
-    } else {
-      sm90::mbarrier_wait(barriers.empty(1, 1), parity);
-      publish_valid(1);
-      load_half(1, 1);
-      publish_half(1, 1);
-      sm90::mbarrier_wait(barriers.empty(0, 1), parity);
-      load_half(0, 1);
-      publish_half(0, 1);
-      sm90::mbarrier_wait(barriers.empty(1, 0), parity);
-      load_half(1, 0);
-      publish_half(1, 0);
-    }
+    sm90::mbarrier_wait(barriers.empty(1, 1), parity);
+    publish_valid(1);
+    load_half(1, 1);
+    publish_half(1, 1);
+    sm90::mbarrier_wait(barriers.empty(0, 1), parity);
+    load_half(0, 1);
+    publish_half(0, 1);
+    sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    load_half(1, 0);
+    publish_half(1, 0);
     if (i + 1 < pairs) {
       resolve_pages(i + 1);
       if (i + 2 < pairs) load_rows(i + 2);
@@ -479,7 +468,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kBatchedStores>
+template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -700,27 +689,6 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);
-  if (kBatchedStores && rows == kHeads && aligned16) {
-    // A full block: four chunks read from shared memory before their four global stores, unrolled.
-    constexpr int kSteps = kHeads * row_chunks / (2 * kWarpgroup);
-#pragma unroll
-    for (int j = 0; j < kSteps; j += 4) {
-      uint4 value[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int i = thread256 + 2 * kWarpgroup * (j + u);
-        value[u] = *reinterpret_cast<const uint4*>(staging + staged_offset(i / row_chunks, row_bytes,
-                                                                           (i % row_chunks) * 16));
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int i = thread256 + 2 * kWarpgroup * (j + u);
-        *reinterpret_cast<uint4*>(out + int64_t(i / row_chunks) * row_bytes + (i % row_chunks) * 16) = value[u];
-      }
-    }
-    trace_point<kTrace>(trace, prefill_trace::kEnd);
-    return;
-  }
   for (int i = thread256; i < rows * row_chunks; i += 2 * kWarpgroup) {
     const int row = i / row_chunks, byte = (i % row_chunks) * 16;
     const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
@@ -735,7 +703,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kEagerStart, bool kBatchedStores>
+template <bool kFp8, bool kTrace>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -760,11 +728,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace, kEagerStart>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kBatchedStores>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

@@ -53,11 +53,6 @@ inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  // A/B switches (round s21-3): eager_start: the first pair's halves in consumer 0's order (its second half before
-  // consumer 1's), the look-ahead prefetch after them; batched_stores: the bf16 epilogue reads four staged chunks
-  // before their four global stores (full 64-head blocks, 16-byte aligned out).
-  bool eager_start = false;
-  bool batched_stores = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
