@@ -413,6 +413,10 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
                       fp8_score_bytes, score_flops,
                       "wgmma m64n64k32, keys and queries from shared memory, key tiles by TMA in the 128B swizzle; "
                       "baseline: the register-fed warpgroup kernel"});
+    else
+      rows.push_back({"indexer scores, streamed warpgroup MMA", shape, streamed_us, score_floor_us, us, score_bytes,
+                      score_flops,
+                      "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
     if (fp8 && trace) {
       const int64_t warps = int64_t(current_multiprocessors()) * 2 * tokens * 8;  // ≥ the grid's warps
       print_staged_trace(shape, [&](cudaStream_t on, uint64_t* words) {
@@ -421,10 +425,6 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
         run_indexer_scores(p);
       }, warps, stream);
     }
-    else
-      rows.push_back({"indexer scores, streamed warpgroup MMA", shape, streamed_us, score_floor_us, us, score_bytes,
-                      score_flops,
-                      "wgmma m64n64, keys through a shared-memory ring; baseline: the register-fed warpgroup kernel"});
   }
   // At batch 1, short contexts in a key buffer of this capacity as the model launches them (key_count the buffer's
   // bound, the grid sized by it, what a query sees from its position), and the whole context: the default kernel
