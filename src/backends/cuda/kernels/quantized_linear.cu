@@ -1,10 +1,7 @@
 #include "backends/cuda/kernels/quantized_linear.hpp"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <string_view>
-#include <vector>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -77,38 +74,6 @@ void launch_for_token_tiles(const linear::LinearKernelArgs& args, const Quantize
     default: fail("quantized_linear: ", config.token_tiles, " token tiles per warp is not instantiated");
   }
   DSV4_CUDA_CHECK_LAUNCH("quantized_linear_kernel");
-}
-
-// Round s21 A/B switch (environment, read once; removed with the loser after the rounds).
-// DSV4_LINEAR_CONFIG="NxK@T=slots/splits/r;...": AUTO takes the STREAMED config of that many ring slots and asked K
-// splits with reduction r (w: workspace, c: cluster) for an N × K weight at T tokens (end-to-end A/B of launch shapes
-// as they run in a model step; every other call keeps its default).
-struct ConfigOverride {
-  int64_t rows, cols;
-  int tokens, slots, k_splits;
-  SplitKReduce reduce;
-};
-const std::vector<ConfigOverride>& config_overrides() {
-  static const std::vector<ConfigOverride> overrides = [] {
-    std::vector<ConfigOverride> list;
-    const char* env = std::getenv("DSV4_LINEAR_CONFIG");
-    for (const char* p = env; p != nullptr && *p != '\0';) {
-      long long rows = 0, cols = 0;
-      int tokens = 0, slots = 0, splits = 0, used = 0;
-      char reduce = 0;
-      check(std::sscanf(p, "%lldx%lld@%d=%d/%d/%c%n", &rows, &cols, &tokens, &slots, &splits, &reduce, &used) == 6 &&
-                (reduce == 'w' || reduce == 'c'),
-            "DSV4_LINEAR_CONFIG: cannot read '", p, "' (NxK@T=slots/splits/w|c;...)");
-      const SplitKReduce how = reduce == 'c' ? SplitKReduce::CLUSTER : SplitKReduce::WORKSPACE;
-      list.push_back({rows, cols, tokens, slots, splits, how});
-      std::fprintf(stderr, "quantized_linear: DSV4_LINEAR_CONFIG %lld x %lld at T = %d: %d slots, %d splits, %s\n",
-                   rows, cols, tokens, slots, splits, reduce == 'c' ? "cluster" : "workspace");
-      p += used;
-      if (*p == ';') ++p;
-    }
-    return list;
-  }();
-  return overrides;
 }
 
 template <TileFormat F, int NT, linear::StreamedReduce kReduce, bool kTrace>
@@ -200,7 +165,13 @@ bool auto_takes_streamed(TileFormat format, int tokens) {
 // the BF16 compressor stacks at T = 1 on it lost end to end (8 layers b1 770.7 vs 773.1 t/s, H200). Session 20: the
 // T = 1 clusters that won cold (BF16 stacks with two-slot rings and 4-stage splits: CSA 10.77 → 8.30 µs, HCA 7.29 →
 // 5.22; FP8 cluster pairs at one to two row blocks per SM: indexer wq_b 8.31 → 6.73, wo_a 13.39 → 12.21) lost end to
-// end, all together: 8 layers b1 739.3 vs 763.7 t/s (H200, same job).
+// end, all together: 8 layers b1 739.3 vs 763.7 t/s (H200, same job). Session 21, each shape alone in the model step
+// (8 layers b1, H200, same jobs, defaults 762-769 t/s): every other T = 1 launch shape tried lost or tied. Lost: wo_b
+// in 256 / 384 / 1024 CTAs (2/4/w 734.9, 1/6/w 746.5, 1/16/w 756.2), wo_a in 256 / 384 / 1024 (750.7, 758.6, 757.1)
+// or cluster pairs (735.6), wq_b with 2 slots (760.1) or in 1024 CTAs (739.2), the FP8 one-token-tile kernel at 5
+// CTAs per SM (launch bound 5: 762.4 vs 772.9). Level: the indexer's wq_b in 128 CTAs (2/1/w 772.8 vs 772.9), the
+// BF16 stacks in fewer CTAs (773.1) or at one slot (769.8 vs 767-768), [wq_a; wkv] in 16-CTA clusters or with 2
+// slots, the BF16 head at 1-2 slots (763-766 vs 755-768).
 bool auto_takes_cluster(TileFormat format, const QuantizedLinearConfig& cluster, int multiprocessors) {
   return format != TileFormat::BF16 && cluster.reduce == SplitKReduce::CLUSTER &&
          cluster.row_blocks * cluster.k_splits <= 2 * int64_t(std::max(multiprocessors, 1));
@@ -268,10 +239,6 @@ QuantizedLinearConfig choose_quantized_linear_config(const DeviceMatrixView& wei
   check(k_splits >= 0 && (k_splits == 0 || load_path == WeightLoadPath::STREAMED), "quantized_linear: ", k_splits,
         " K splits asked for; a split count is taken on the streamed load path only (0: the default)");
   if (load_path == WeightLoadPath::AUTO && reduce == SplitKReduce::AUTO && streamed_possible) {
-    for (const ConfigOverride& o : config_overrides())
-      if (o.rows == weight.rows && o.cols == weight.cols && o.tokens == tokens)
-        return choose_quantized_linear_config(weight, tokens, groups, multiprocessors, WeightLoadPath::STREAMED,
-                                              o.slots, o.reduce, o.k_splits);
     const int64_t wide_splits =
         wide_cluster_splits(groups * ceil_div(weight.rows / groups, linear::kRowsPerCta), multiprocessors);
     if (format != TileFormat::BF16 && tokens <= tile::kTokensPerMma && wide_splits >= kWideClusterMinSplits) {
