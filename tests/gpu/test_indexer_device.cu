@@ -456,8 +456,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
       !auto_streamed && warpgroup_shape && c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20);
   std::vector<float> streamed_scores;
   // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (fp8 keys: the staged
-  // kernel), 2:
-  // the automatic choice (last: it must equal one of them).
+  // kernel), 2: the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
     if (warpgroup && !warpgroup_shape) continue;

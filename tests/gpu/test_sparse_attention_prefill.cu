@@ -172,7 +172,7 @@ TEST(SparseAttentionPrefill, DecodeBatchesMatchCpu) {
 // A traced launch (bench_cuda_attention_prefill --trace) computes the same and fills consumer 0's marks in order.
 TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
-    constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
+  constexpr int64_t kCtas = 24;  // 2 sequences × 12 queries, one head block
   constexpr size_t kWords = size_t(kCtas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(kWords * 8, "trace");
   trace.fill_bytes(0);
@@ -182,9 +182,10 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   trace.download(words.data(), kWords * 8);
   for (int64_t cta = 0; cta < kCtas; ++cta) {
     const uint64_t* c0 = &words[size_t(cta) * kPrefillTraceWarps * kPrefillTraceSlots];
-    const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,   prefill_trace::kFirstScores,
-                         prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1, prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3,
-                         prefill_trace::kPairEnd + 4, prefill_trace::kEpilogue,    prefill_trace::kEnd};
+    const int marks[] = {prefill_trace::kStart,       prefill_trace::kQStaged,     prefill_trace::kFirstData,
+                         prefill_trace::kFirstScores, prefill_trace::kPairEnd + 0, prefill_trace::kPairEnd + 1,
+                         prefill_trace::kPairEnd + 2, prefill_trace::kPairEnd + 3, prefill_trace::kPairEnd + 4,
+                         prefill_trace::kEpilogue,    prefill_trace::kEnd};
     EXPECT_GT(c0[prefill_trace::kStart], 0u) << "CTA " << cta;
     for (size_t i = 1; i < std::size(marks); ++i)
       EXPECT_LE(c0[marks[i - 1]], c0[marks[i]]) << "CTA " << cta << " mark " << marks[i];

@@ -101,8 +101,8 @@ struct MoeRunParams {
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
   // MoeExpertGemmParams::weights_evict_first (streamed kernels): the weight copies evict first from L2. The same
-  // bits. Off: faster alone (H200, V4-Flash NVFP4 T = 1 44.7 vs 48.3 µs, T = 8 202 vs 205) but not in a model step
-  // (session 21's last job, 8 layers b1 interleaved, with tables_to_l2 as below: 761.8 / 767.1 / 759.0 t/s on
+  // bits. Off: on is faster alone (H200, V4-Flash NVFP4 T = 1 44.7 vs 48.3 µs, T = 8 202 vs 205) but not in a model
+  // step (session 21's last job, 8 layers b1 interleaved, with tables_to_l2 as below: 761.8 / 767.1 / 759.0 t/s on
   // against 767.8 / 767.9 / 768.4 off). bench_cuda_moe path "weights-evict-first" turns it on.
   bool weights_evict_first = false;
   // MoeExpertGemmParams::tables_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps and

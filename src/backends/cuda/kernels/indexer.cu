@@ -201,8 +201,8 @@ void launch_scores_streamed(const indexer::ScoresArgs& args, dim3 grid, cudaStre
                  args, "indexer_scores_streamed_kernel (bf16)");
 }
 
-// The staged warpgroup kernels (fp8 keys of one sequence): the keys' tensor map over key_count rows of 128 bytes,
-// boxes of one 64-key tile in the 128B swizzle.
+// The staged warpgroup kernels (fp8 keys): the keys' tensor map over key_count rows of 128 bytes (slot_count ·
+// the slot stride's rows through sequence_slots), boxes of one 64-key tile in the 128B swizzle.
 template <bool kSelect, bool kTrace = false>
 void launch_scores_staged(const indexer::ScoresArgs& args, int64_t slot_count, uint64_t* trace, dim3 grid,
                           cudaStream_t stream) {

@@ -43,26 +43,26 @@
 //   against 24.7 for mma.sync and 25.3 register-fed; 64K keys 4.5 against 6.1 / 7.2). An fp8 variant lost at 1M
 //   (16.2 against 13.7 µs register-fed: the per-tile epilogue of two warpgroups per SM binds where the tiles are half
 //   the bytes) and was removed; fp8 keys use the register-fed kernel.
-// - Staged fp8 variant (indexer_scores_staged_kernel, IndexerScoresKernel::WarpgroupStreamed with fp8 keys of one
-//   sequence): one thread per warpgroup brings each 64-key tile (8 KB) into a ring stage with one TMA load in the
-//   128B swizzle, completing on the stage's mbarrier, kStagedStages − 1 tiles ahead; the wgmma reads both operands
-//   from shared memory (m64n64k32, the queries in the natural dim order), so a tile costs no key loads, fragment
-//   copies or ldmatrix in the warps. Two CTAs per SM, as the register-fed kernel (the cp.async fp8 variant above had
-//   one). The key scales (one per stored row) are loaded a tile ahead. Through sequence_slots one tensor map spans
-//   every slot's rows (IndexerScoresParams::slot_count). Measured (H200, session 20): 1M keys T = 1 12.27 µs = 69 %
-//   of the byte floor against 13.74 register-fed; 64K 3.72 against 4.78. Lost: deeper rings (again: one tile ahead is
-//   best), each warpgroup on a contiguous run of tiles (1M 13.14 against 12.94 interleaved at 3 stages), three CTAs
-//   per SM (13.03). In exact e4m3 numerics its per-step rounding may differ from the register-fed kernel's (head_dim
-//   in another order); in reference numerics (exact sums) the two agree bit for bit.
-//   Session 21 (bench --trace: each warpgroup's timeline, 1M T = 1): the prologue took 2.7 µs from the grid wait to
-//   the CTA barrier (a load-then-store loop over the query operands: one L2 round trip per 8-byte unit), the first
-//   tile then landing 0.3 µs later, each next one 1.07 µs (its 8 KB, ~95 % of the copy rate over 528 warpgroups), the
-//   end 0.6 µs after the last; with each query's units loaded before any is stored (load_query_operand_tiles):
-//   1M 12.35 → 11.80 µs = 71 % (the streamed bf16 kernel 21.19 → 20.24 = 79 %), 64K 3.56 → 3.06, 1M T = 8 56.40 →
-//   52.54. Lost or level: the first tiles asked of L2 before the grid wait from the positions as they stand (1M 11.97
-//   against 11.80; two tiles 13.09), the first load issued from that hint before this step's positions (11.81), an
-//   L2 prefetch one tile past each refill (13.90 against 12.41). The tail: 8-tile warpgroups end 0.6 µs after 7-tile
-//   ones (4096 tiles over 528), SMs hold 28-32 tiles.
+// - Staged fp8 variant (indexer_scores_staged_kernel, IndexerScoresKernel::WarpgroupStreamed with fp8 keys, of one
+//   sequence or through sequence_slots): one thread per warpgroup brings each 64-key tile (8 KB) into a ring stage with
+//   one TMA load in the 128B swizzle, completing on the stage's mbarrier, kStagedStages − 1 tiles ahead; the wgmma
+//   reads both operands from shared memory (m64n64k32, the queries in the natural dim order), so a tile costs no key
+//   loads, fragment copies or ldmatrix in the warps. Two CTAs per SM, as the register-fed kernel (the cp.async fp8
+//   variant above had one). The key scales (one per stored row) are loaded a tile ahead. Through sequence_slots one
+//   tensor map spans every slot's rows (IndexerScoresParams::slot_count). Measured (H200, session 20): 1M keys T = 1
+//   12.27 µs = 69 % of the byte floor against 13.74 register-fed; 64K 3.72 against 4.78. Lost: deeper rings (again: one
+//   tile ahead is best), each warpgroup on a contiguous run of tiles (1M 13.14 against 12.94 interleaved at 3 stages),
+//   three CTAs per SM (13.03). In exact e4m3 numerics its per-step rounding may differ from the register-fed kernel's
+//   (head_dim in another order); in reference numerics (exact sums) the two agree bit for bit. Session 21 (bench
+//   --trace: each warpgroup's timeline, 1M T = 1): the prologue took 2.7 µs from the grid wait to the CTA barrier (a
+//   load-then-store loop over the query operands: one L2 round trip per 8-byte unit), the first tile then landing 0.3
+//   µs later, each next one 1.07 µs (its 8 KB, ~95 % of the copy rate over 528 warpgroups), the end 0.6 µs after the
+//   last; with each query's units loaded before any is stored (load_query_operand_tiles): 1M 12.35 → 11.80 µs = 71 %
+//   (the streamed bf16 kernel 21.19 → 20.24 = 79 %), 64K 3.56 → 3.06, 1M T = 8 56.40 → 52.54. Lost or level: the first
+//   tiles asked of L2 before the grid wait from the positions as they stand (1M 11.97 against 11.80; two tiles 13.09),
+//   the first load issued from that hint before this step's positions (11.81), an L2 prefetch one tile past each refill
+//   (13.90 against 12.41). The tail: 8-tile warpgroups end 0.6 µs after 7-tile ones (4096 tiles over 528), SMs hold
+//   28-32 tiles.
 // - Every score kernel bounds its key loads, the first tiles' included, by the most keys its CTA's queries see
 //   (cta_visible_keys), not by key_count: the model passes the buffer's capacity, and a short context in a 1M
 //   buffer read about 12.7 MB of unseen keys per call before session 20.
@@ -1126,7 +1126,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32, kStreamCtasPerSm)
                              reinterpret_cast<uint64_t*>(smem + layout.selection_offset));
 }
 
-// ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence; see NOTES) ----
+// ---- Staged fp8 warpgroup scores (head_dim 128, up to 64 heads, one sequence or slots; see NOTES) ----
 
 // Ring stages per warpgroup: a stage is one 64-key fp8 tile (8 KB); one tile ahead of the one multiplied. Deeper
 // rings were slower (H200, session 20, 1M context T = 1: round 2 2 stages 12.27 µs, 3 12.94, 4 13.55; round 1 6

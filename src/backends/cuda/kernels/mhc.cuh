@@ -56,7 +56,7 @@
 //   [Σx², m_0 … m_{R-1}] × 16 tokens; the sums over the slices are spread over the tile's CTAs (item i of the tile's
 //   rows × tokens by slice i mod S, one warp per item, slices in a fixed order then a butterfly: deterministic); every
 //   CTA then reads the Σx² and pre rows of its tile and collapses its still-staged slice. Software pipelining over
-//   the tiles: projection of tile j, sums of tile j − kSumLag, collapse of tile j − kCollapseLag, as deep as the
+//   the tiles: projection of tile j, collapse of tile j − kCollapseLag, sums of tile j − kSumLag, as deep as the
 //   staged tiles allow, so no CTA waits for another's work of the same or the previous iteration.
 // - Every value one CTA hands another is a 64-bit word (value, launch tag) written and read with single-copy-atomic
 //   relaxed accesses: a reader checks the tag and needs no counter, fence or flag, and nothing has to be reset. The

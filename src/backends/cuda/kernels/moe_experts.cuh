@@ -519,7 +519,7 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
 }
 
 // The L2 policy of the weight copies (MoeExpertGemmParams::weights_evict_first): evict first (every expert weight is
-// read once per call) or the copies' default.
+// read once per call) or evict-unchanged (the policy the off setting was measured with in session 21's last job).
 __device__ __forceinline__ uint64_t weights_l2_policy(const ExpertGemmArgs& a) {
   uint64_t policy;
   if (a.weights_evict_first)

@@ -122,13 +122,15 @@ struct Barriers {
 };
 
 // Traced launches (SparseAttentionPrefillOptions::trace): lane 0 of warp 0 of each warpgroup (consumer 0, consumer 1,
-// producer) stores %globaltimer at its marks (TraceSlot) in its record of kTraceSlots words; the SM id in prefill_trace::kSm.
+// producer) stores %globaltimer at its marks (the prefill_trace constants) in its record of kPrefillTraceSlots words;
+// the SM id in prefill_trace::kSm.
 static_assert(kPrefillTraceWarps == kThreads / 32, "one trace record per warp");
 template <bool kTrace>
 __device__ __forceinline__ void trace_point(uint64_t* trace, int slot) {
   if constexpr (kTrace)
     if (threadIdx.x % kWarpgroup < 32)
-      sm90::record_warp_trace_point(trace, kPrefillTraceWarps, kPrefillTraceSlots, slot, prefill_trace::kStart, prefill_trace::kSm);
+      sm90::record_warp_trace_point(trace, kPrefillTraceWarps, kPrefillTraceSlots, slot, prefill_trace::kStart,
+                                    prefill_trace::kSm);
 }
 
 // Pairs of 64-entry blocks that cover query t's slots.
