@@ -271,20 +271,24 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
   // Reference numerics for the queries' preparation (Hadamard + fp4 rounding), as the model in --mode reference;
   // false: exact numerics (RoPE and bf16 only: the e2e bench's mode).
   bool reference_q = true;
-  auto prepare_q = [&](cudaStream_t on, bool fp8) {
+  // Into `out` / `out_scales` (the fp8 scales), RoPE by sincos or, given one, from `table`.
+  auto prepare_q_into = [&](cudaStream_t on, bool fp8, DeviceBuffer& out, DeviceBuffer& out_scales,
+                            const float2* table) {
     run_indexer_prepare({.input = q_raw.as<float>(),
-                         .output = fp8 ? nullptr : q.as<__nv_bfloat16>(),
-                         .output_fp8 = fp8 ? q_fp8.as<uint8_t>() : nullptr,
-                         .output_scales = fp8 ? q_scales.as<float>() : nullptr,
+                         .output = fp8 ? nullptr : out.as<__nv_bfloat16>(),
+                         .output_fp8 = fp8 ? out.as<uint8_t>() : nullptr,
+                         .output_scales = fp8 ? out_scales.as<float>() : nullptr,
                          .tokens = tokens,
                          .heads = kHeads,
                          .head_dim = kHeadDim,
                          .positions = d_positions.as<int64_t>(),
-                         .rope_frequencies = d_frequencies.as<float>(),
+                         .rope_frequencies = table ? nullptr : d_frequencies.as<float>(),
+                         .rope_table = table,
                          .rope_dim = kHeadDim / 2,
                          .reference_rounding = reference_q,
                          .stream = on});
   };
+  auto prepare_q = [&](cudaStream_t on, bool fp8) { prepare_q_into(on, fp8, fp8 ? q_fp8 : q, q_scales, nullptr); };
   prepare_q(stream, false);
   prepare_q(stream, true);
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -301,18 +305,7 @@ void bench_indexer_and_top_k(int64_t context, int tokens, double copy_gbps, doub
       const size_t bytes = fp8 ? q_fp8.bytes() : q.bytes();
       DeviceBuffer out(bytes, "prepared q (table)"), out_scales(q_scales.bytes(), "q scales (table)");
       const auto prepare_with_table = [&](cudaStream_t on) {
-        run_indexer_prepare({.input = q_raw.as<float>(),
-                             .output = fp8 ? nullptr : out.as<__nv_bfloat16>(),
-                             .output_fp8 = fp8 ? out.as<uint8_t>() : nullptr,
-                             .output_scales = fp8 ? out_scales.as<float>() : nullptr,
-                             .tokens = tokens,
-                             .heads = kHeads,
-                             .head_dim = kHeadDim,
-                             .positions = d_positions.as<int64_t>(),
-                             .rope_table = table.as<float2>(),
-                             .rope_dim = kHeadDim / 2,
-                             .reference_rounding = reference_q,
-                             .stream = on});
+        prepare_q_into(on, fp8, out, out_scales, table.as<float2>());
       };
       const double table_us = graph_us(stream, 20, prepare_with_table);
       const double sincos_us = graph_us(stream, 20, [&](cudaStream_t on) { prepare_q(on, fp8); });

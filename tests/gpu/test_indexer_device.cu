@@ -87,16 +87,21 @@ void check_prepare(int64_t tokens, int64_t heads, int64_t head_dim, int64_t rope
   DeviceBuffer d_x = to_device(x, "x"), d_positions = to_device(positions, "positions");
   DeviceBuffer d_freq = to_device(rope.frequencies(), "frequencies");
   DeviceBuffer d_out(x.size() * 2, "prepared");
-  d_out.fill_bytes(0xFF);
-  run_indexer_prepare({.input = d_x.as<float>(),
-                       .output = d_out.as<__nv_bfloat16>(),
-                       .tokens = tokens,
-                       .heads = heads,
-                       .head_dim = head_dim,
-                       .positions = d_positions.as<int64_t>(),
-                       .rope_frequencies = rope_dim > 0 ? d_freq.as<float>() : nullptr,
-                       .rope_dim = rope_dim,
-                       .reference_rounding = reference});
+  // Into d_out (poisoned first), RoPE by sincos or, given one, from `table`.
+  const auto prepare = [&](const DeviceBuffer& at, const float2* table) {
+    d_out.fill_bytes(0xFF);
+    run_indexer_prepare({.input = d_x.as<float>(),
+                         .output = d_out.as<__nv_bfloat16>(),
+                         .tokens = tokens,
+                         .heads = heads,
+                         .head_dim = head_dim,
+                         .positions = at.as<int64_t>(),
+                         .rope_frequencies = rope_dim > 0 && !table ? d_freq.as<float>() : nullptr,
+                         .rope_table = table,
+                         .rope_dim = rope_dim,
+                         .reference_rounding = reference});
+  };
+  prepare(d_positions, nullptr);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = bf16_to_floats(from_device<uint16_t>(d_out, x.size()));
   if (rope_dim > 0) {
@@ -110,17 +115,7 @@ void check_prepare(int64_t tokens, int64_t heads, int64_t head_dim, int64_t rope
                     .positions = kTableRows});
     std::vector<uint16_t> outputs[2];
     for (const bool use_table : {false, true}) {
-      d_out.fill_bytes(0xFF);
-      run_indexer_prepare({.input = d_x.as<float>(),
-                           .output = d_out.as<__nv_bfloat16>(),
-                           .tokens = tokens,
-                           .heads = heads,
-                           .head_dim = head_dim,
-                           .positions = d_near.as<int64_t>(),
-                           .rope_frequencies = use_table ? nullptr : d_freq.as<float>(),
-                           .rope_table = use_table ? table.as<float2>() : nullptr,
-                           .rope_dim = rope_dim,
-                           .reference_rounding = reference});
+      prepare(d_near, use_table ? table.as<float2>() : nullptr);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       outputs[use_table] = from_device<uint16_t>(d_out, x.size());
     }
