@@ -286,6 +286,8 @@ struct ScoresCase {
   bool strided = false;  // token rows of the unprepared q and the head weights padded (NaN in the gaps), as in stacked
                          // outputs
   int64_t visible_limit = 0;  // > 0: positions see about this many keys at most (a short context in a large buffer)
+  bool slot_count_unknown = false;  // with sequences > 1: slot_count 0 (Auto's fp8 keys then take the register-fed
+                                    // kernel, with a warning; the staged kernel refuses them)
 };
 
 // Relative to Σ_h |w_h|·Σ_d |q_hd·K_jd|: the operands are the CPU's, so only the fp32 summation order differs. For fp8
@@ -445,16 +447,17 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
 
   std::vector<float> prepared_scores, warpgroup_scores;
   const bool warpgroup_shape = c.head_dim == 128 && c.heads <= 64;
+  const bool slots_staged = c.sequences == 1 || !c.slot_count_unknown;
   const bool auto_streamed =
-      warpgroup_shape && (fp8 || (c.sequences == 1 && c.tokens == 1 && c.key_count >= 16384));
-  const bool auto_warpgroup =
-      !auto_streamed && warpgroup_shape && c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20);
+      warpgroup_shape && ((fp8 && slots_staged) || (c.sequences == 1 && c.tokens == 1 && c.key_count >= 16384));
+  const bool auto_warpgroup = !auto_streamed && warpgroup_shape &&
+                              (fp8 || (c.sequences == 1 && c.tokens * c.key_count >= (int64_t(1) << 20)));
   std::vector<float> streamed_scores;
   // Variant 0: the mma.sync kernel, 1: the warpgroup kernel, 3: the streamed warpgroup kernel (fp8 keys: the staged
   // kernel), 2: the automatic choice (last: it must equal one of them).
   for (const int variant : {0, 1, 3, 2}) {
     const bool streamed = variant == 3, warpgroup = variant == 1 || streamed, automatic = variant == 2;
-    if (warpgroup && !warpgroup_shape) continue;
+    if ((warpgroup && !warpgroup_shape) || (streamed && fp8 && !slots_staged)) continue;
     const std::string name = streamed    ? "streamed warpgroup MMA"
                              : warpgroup ? "warpgroup MMA"
                              : automatic ? "auto"
@@ -466,7 +469,7 @@ ScoresRun check_scores(const ScoresCase& c, KeyFormat format, uint32_t seed) {
                           .key_count = c.key_count,
                           .sequence_slots = c.sequences > 1 ? d_slots.as<int32_t>() : nullptr,
                           .keys_slot_stride = slot_rows * c.head_dim,
-                          .slot_count = c.sequences > 1 ? c.sequences : 0,
+                          .slot_count = c.sequences > 1 && !c.slot_count_unknown ? c.sequences : 0,
                           .positions = d_pos.as<int64_t>(),
                           .tokens = c.tokens,
                           .heads = c.heads,
@@ -610,6 +613,17 @@ TEST(IndexerScores, SequencesOfDifferentLengthsInOneLaunch) {
       check_scores({6, 64, 128, 300, 128, reference, 4}, format, seed++);  // HCA-like ratio
       check_scores({4, 64, 128, 200, 4, reference, 4, true}, format, seed++);  // strided q and head weights
     }
+}
+
+// Auto's fp8 keys through slots the staged kernel cannot take: the register-fed kernel's bits, and a warning naming
+// the case (no silent slow path).
+TEST(IndexerScores, AutoWarnsWhenSlotsCannotBeStaged) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  ::testing::internal::CaptureStderr();
+  check_scores({8, 64, 128, 1000, 4, true, 8, false, 0, true}, KeyFormat::Fp8, 320);
+  const std::string warnings = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(warnings.find("fp8 keys through sequence_slots with slot_count 0"), std::string::npos) << warnings;
+  EXPECT_NE(warnings.find("register-fed warpgroup kernel (slower)"), std::string::npos) << warnings;
 }
 
 TEST(IndexerScores, LongContext) {

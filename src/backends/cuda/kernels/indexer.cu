@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/indexer.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -10,6 +11,7 @@
 #include "backends/cuda/per_device_cache.hpp"
 #include "backends/cuda/ptx/tma.cuh"
 #include "core/error.hpp"
+#include "core/log.hpp"
 
 namespace dsv4::cuda {
 namespace {
@@ -246,9 +248,21 @@ struct ScoresPlan {
   dim3 grid;
 };
 
+// Auto's one fp8 case that the staged kernel cannot take (slots without their count, or slots not whole 128-byte
+// map rows apart) runs on the slower register-fed kernel: said once per process, not silently.
+void warn_if_unstaged(const IndexerScoresParams& p) {
+  static std::atomic<bool> warned{false};
+  if (p.kernel != IndexerScoresKernel::Auto || !fp8_keys(p) || !warpgroup_shape(p) || stageable(p)) return;
+  if (!warned.exchange(true))
+    log_warning("indexer_scores: fp8 keys through sequence_slots with slot_count ", p.slot_count,
+                " and keys_slot_stride ", p.keys_slot_stride, " run on the register-fed warpgroup kernel (slower): ",
+                "the staged kernel needs slot_count > 0 and a stride that is a multiple of ", indexer::kWgmmaHeadDim);
+}
+
 ScoresPlan plan_scores(const IndexerScoresParams& p) {
   ScoresPlan plan;
   const bool fp8 = fp8_keys(p);
+  warn_if_unstaged(p);
   plan.streamed = p.kernel == IndexerScoresKernel::WarpgroupStreamed || streams_by_default(p);
   plan.warpgroup = plan.streamed || uses_warpgroup_kernel(p);
   const size_t per_query = indexer::scores_smem_layout(1, int(p.heads), int(p.head_dim), fp8).bytes;

@@ -27,12 +27,12 @@
 //   TMA in the 128B swizzle, both operands from shared memory, two CTAs per SM (head_dim summed in its natural order,
 //   so its e4m3 per-step rounding may differ from Warpgroup's), through sequence_slots only with slot_count given and
 //   keys_slot_stride a multiple of 128 (one tensor map over every slot's rows), refused otherwise;
-//   Auto (the default), in those shapes: WarpgroupStreamed for fp8 keys (Warpgroup through slots it cannot take), and
-//   for bf16 keys of one query over ≥ 16384 keys of one sequence; else Warpgroup for bf16 keys where one sequence's
-//   launch scores ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots); else Warp. The e4m3 warpgroup
-//   MMA keeps about 14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics
-//   (fp4-rounded) sum exactly (the staged and register-fed kernels then agree bit for bit), plain e4m3 ones within
-//   ~1e-4 of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
+//   Auto (the default), in those shapes: WarpgroupStreamed for fp8 keys (Warpgroup, with a warning, through slots it
+//   cannot take), and for bf16 keys of one query over ≥ 16384 keys of one sequence; else Warpgroup for bf16 keys where
+//   one sequence's launch scores ≥ 2^20 (query, key) pairs (tokens · key_count, no sequence_slots); else Warp. The e4m3
+//   warpgroup MMA keeps about 14 bits of each k32 step's sum before the fp32 accumulate: operands of reference numerics
+//   (fp4-rounded) sum exactly (the staged and register-fed kernels then agree bit for bit), plain e4m3 ones within ~1e-4
+//   of Σ|w·q·k| (H200), against ~1e-8 for the mma.sync kernels.
 // - run_indexer_scores_top_k: the scores and the top-k of top_k.hpp, in one launch where IndexerTopKMethod allows.
 // - Asynchronous on `stream`, no allocation, no synchronisation (graph-capturable); unsupported shapes throw.
 #pragma once
@@ -97,7 +97,7 @@ struct IndexerScoresParams {
   const int32_t* sequence_slots = nullptr;  // device [tokens] or null (one sequence)
   int64_t keys_slot_stride = 0;          // elements (bf16 or fp8) from one slot's keys to the next
   int64_t slot_count = 0;                // with sequence_slots: the slots the keys buffer holds (every slot below
-                                         // it); the staged kernel's bound (0: unknown, not staged)
+                                         // it); the staged kernel's bound (0: unknown, not staged: a warning)
   const int64_t* positions = nullptr;    // device [tokens] absolute positions
   int64_t tokens = 0;
   int64_t heads = 64;
