@@ -14,9 +14,7 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), the weight copies
-// with the L2 evict-first policy (MoeRunParams::weights_evict_first on): "weights-evict-first", the experts' tables
-// asked of L2 before the gate/up wait (MoeRunParams::tables_to_l2 on): "tables-to-l2".
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -182,8 +180,6 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
-  WEIGHTS_EVICT_FIRST,
-  TABLES_TO_L2,
   REGISTER
 };
 struct PathSpec {
@@ -194,11 +190,9 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
-  bool evict_first = false;
-  bool tables_to_l2 = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || evict_first ||
-           tables_to_l2 || split != MoeRunParams{}.shared_expert_split;
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
+           split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -213,10 +207,6 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
-    {Path::WEIGHTS_EVICT_FIRST, "weights-evict-first", false, false, MoeRunParams{}.shared_expert_split, false, false,
-     false, true},
-    {Path::TABLES_TO_L2, "tables-to-l2", false, false, MoeRunParams{}.shared_expert_split, false, false, false, false,
-     true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -236,8 +226,6 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
-  if (spec.evict_first) p.weights_evict_first = true;
-  if (spec.tables_to_l2) p.tables_to_l2 = true;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -545,7 +533,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,weights-evict-first,tables-to-l2,"
+                           "down-waits-grid|down-waits-item,"
                            "register]\n");
       return 2;
     }

@@ -11,11 +11,8 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the weight
-// copies' L2 policy and the tables' L2 prefetch other than the defaults (MoeRunParams::weights_evict_first,
-// tables_to_l2: the same bits); a V4-Pro-width
-// layer
-// (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
+// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
 // (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
@@ -283,8 +280,6 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
-  bool evict_first = MoeRunParams{}.weights_evict_first;
-  bool tables_to_l2 = MoeRunParams{}.tables_to_l2;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -295,15 +290,13 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "") + (evict_first ? ", weights evict first" : "") +
-           (tables_to_l2 ? ", tables to L2" : "");
+           (per_item ? ", down waits per item" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
-    p.weights_evict_first = evict_first, p.tables_to_l2 = tables_to_l2;
     return p;
   }
 };
@@ -346,16 +339,6 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
-// The weight copies' L2 policy and the tables' L2 prefetch other than the defaults (MoeRunParams::weights_evict_first,
-// tables_to_l2: the same bits), also with the shared expert split at every T <= 8.
-constexpr Kernels kStreamedOtherL2{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                   .evict_first = !MoeRunParams{}.weights_evict_first,
-                                   .tables_to_l2 = !MoeRunParams{}.tables_to_l2};
-constexpr Kernels kStreamedSplitAllOtherL2{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
-                                           .split = MoeSharedExpertSplit::ALWAYS,
-                                           .evict_first = !MoeRunParams{}.weights_evict_first,
-                                           .tables_to_l2 = !MoeRunParams{}.tables_to_l2};
-
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
                 uint64_t seed, const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of,
@@ -627,12 +610,6 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
-    // The weight copies' L2 policy and the tables' prefetch (the same bits).
-    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherL2);
-    for (const int T : {1, 8, 17})
-      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherL2, kStreamedKernels);
-    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherL2, kStreamedSplitAll);
-
   }
 }
 

@@ -100,15 +100,9 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
-  // MoeExpertGemmParams::weights_evict_first (streamed kernels): the weight copies evict first from L2. The same
-  // bits. Off: on is faster alone (H200, V4-Flash NVFP4 T = 1 44.7 vs 48.3 µs, T = 8 202 vs 205) but not in a model
-  // step (session 21's last job, 8 layers b1 interleaved, with tables_to_l2 as below: 761.8 / 767.1 / 759.0 t/s on
-  // against 767.8 / 767.9 / 768.4 off). bench_cuda_moe path "weights-evict-first" turns it on.
-  bool weights_evict_first = false;
-  // MoeExpertGemmParams::tables_to_l2 (streamed kernels): the gate/up CTAs ask L2 for the experts' tensor maps and
-  // views before the wait. The same bits. Off: level alone at T <= 8, measured with weights_evict_first in the model
-  // step above. bench_cuda_moe path "tables-to-l2" turns it on.
-  bool tables_to_l2 = false;
+  // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
+  // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
+  // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)
   // Optional (benchmarks): traced expert launches (MoeExpertGemmParams::trace; the streamed one-tile kernels with the
   // lean decode, T <= 8), each buffer moe_expert_trace_words(...) entries.
   uint64_t* trace_gate_up = nullptr;

@@ -132,8 +132,6 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .streamed_x_bytes = 0,
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
-      .weights_evict_first = p.weights_evict_first,
-      .tables_to_l2 = gate_up && p.tables_to_l2 && p.streamed,
   };
 }
 

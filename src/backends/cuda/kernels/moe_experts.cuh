@@ -100,9 +100,7 @@ struct ExpertGemmArgs {
   // Per-item counts (null: none): one-tile streamed kernels whose down CTAs wait for their own item's gate/up CTAs
   // (MoeExpertGemmParams::down_waits_per_item; see wait_for_item_rows).
   uint32_t* item_counters;
-  uint64_t* trace;           // traced launches (MoeExpertGemmParams::trace), or null
-  bool weights_evict_first;  // MoeExpertGemmParams::weights_evict_first
-  bool tables_to_l2;         // gate/up: MoeExpertGemmParams::tables_to_l2
+  uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -518,25 +516,6 @@ __device__ __forceinline__ int slice_pass_stages(int pass_stages, int k_part) {
   return (pass_stages - k_part + kParts - 1) / kParts;
 }
 
-// The L2 policy of the weight copies (MoeExpertGemmParams::weights_evict_first): evict first (every expert weight is
-// read once per call) or evict-unchanged (the policy the off setting was measured with in session 21's last job).
-__device__ __forceinline__ uint64_t weights_l2_policy(const ExpertGemmArgs& a) {
-  uint64_t policy;
-  if (a.weights_evict_first)
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  else
-    asm volatile("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
-// MoeExpertGemmParams::tables_to_l2: this CTA's slice of a table of `bytes` bytes (16-byte aligned), asked of L2 in
-// one bulk request (the slices cover the table's whole 16-byte units over the grid's CTAs).
-__device__ __forceinline__ void prefetch_table_slice_l2(const void* table, uint32_t bytes) {
-  const uint32_t units = bytes / 16, ctas = gridDim.x * gridDim.y, cta = blockIdx.y * gridDim.x + blockIdx.x;
-  const uint32_t slice = (units + ctas - 1) / ctas, begin = cta * slice;
-  if (begin < units) prefetch_l2_bulk(static_cast<const uint8_t*>(table) + 16 * begin, 16 * min(slice, units - begin));
-}
-
 // The warp's first stages of its matrix: before the routing is known for the shared expert's CTAs (their item is
 // always the first), else once the item is read.
 template <tile::TileFormat F, ExpertGemm G, int kParts>
@@ -546,10 +525,9 @@ __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert
   st::init_ring(full, kStreamedSlots);
   __syncwarp();
   const int stages = slice_pass_stages<kParts>(int(a.k_total / st::stage_k(F)), slice.k_part);
-  const uint64_t policy = weights_l2_policy(a);
   for (int j = 0; j < kStreamedSlots && j < stages; ++j)
     st::issue_stage<F>(warp_maps<G>(a, expert), slice.row0, (slice.k_part + j * kParts) * st::stage_k(F),
-                       ring + j * st::kSlotBytes, full + j, policy);
+                       ring + j * st::kSlotBytes, full + j);
 }
 template <tile::TileFormat F, ExpertGemm G>
 __device__ __forceinline__ void start_stream(const ExpertGemmArgs& a, int expert, int band, uint8_t* ring,
@@ -820,7 +798,6 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
   const int passes = (item.row_count + kPassRows - 1) / kPassRows;
   const int stages = pass_stages * passes;
   const tile::stream::StreamMaps* maps = warp_maps<G>(a, item.expert);
-  const uint64_t policy = weights_l2_policy(a);
   if (!started) {
     start_stream<F, G, kParts>(a, item.expert, slice, ring, full);
     trace_point<kTrace>(a, MOE_TRACE_ISSUED);
@@ -901,7 +878,7 @@ __device__ __forceinline__ void run_streamed_item(const ExpertGemmArgs& a, const
         if (j < kMoeTraceStages) trace_point<kTrace>(a, MOE_TRACE_STAGE + 2 * j + 1);
         if (j + kStreamedSlots < stages) {
           st::issue_stage<F>(maps, row0, (slice.k_part + refill * kParts) * kStageK, ring + slot * st::kSlotBytes,
-                             full + slot, policy);
+                             full + slot);
           if (++refill == pass_stages) refill = 0;
         }
       }
@@ -957,11 +934,6 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     with_tile_format(a.routed_format, [&]<tile::TileFormat F>() { start_stream<F, G>(a, expert, band, ring, full); });
   }
   if (shared_item || kHeadStart) trace_point<kTrace>(a, MOE_TRACE_ISSUED);
-  if (G == ExpertGemm::GATE_UP && a.tables_to_l2 && threadIdx.x == 0) {
-    const uint32_t experts = uint32_t(a.shared_expert) + 1;
-    prefetch_table_slice_l2(a.stream_maps, experts * 3 * uint32_t(sizeof(tile::stream::StreamMaps)));
-    prefetch_table_slice_l2(a.experts, experts * uint32_t(sizeof(MoeExpertView)));
-  }
   if (kHeadStart && a.item_counters != nullptr) {
     // Only this item's gate/up CTAs, not the whole grid (all of them are resident or done: this launch started after
     // each had passed its own wait; the routing and everything before it are complete).

@@ -101,19 +101,6 @@ struct MoeExpertGemmParams {
   // instructions). The block sums in another fp32 order: as exact, not the same bits. x is staged × 2^64 (|x| must
   // stay below 2^64).
   bool column_stages = false;
-  // Streamed kernels: the weight copies carry an L2 evict-first policy (each expert weight is read once per call), so
-  // they displace less of what L2 holds for this kernel and the others (code, tensor maps, activations). The same bits.
-  // H200, bench_cuda_moe, V4-Flash NVFP4, same runs, evict-first vs the copies' default policy: round s21-2 T = 1
-  // 46.8 vs 49.4 µs, T = 8 201.5 vs 207.9, T = 64 852.4 vs 874.1; round s21-3 T = 1 44.8 / 44.6 vs 48.3 / 48.0, T = 2
-  // 70.0 vs 71.6, T = 8 202.2 / 202.2 vs 205.9 / 205.1, T = 64 881.3 / 834.4 vs 869.0 / 868.9 (T = 64 noisy).
-  bool weights_evict_first = false;
-  // run_moe_gate_up, streamed kernels: before the wait each CTA asks L2 for its slice of the experts' tables (the
-  // tensor maps, 768 bytes per expert, and the views, 216), so the copy engine's descriptor fetches for the routed
-  // experts' first copies (gate/up and down) and the CTAs' view loads hit L2 instead of HBM (a step streams far more
-  // than L2 between two uses of a layer's tables). The same bits. Same runs as above, with vs without: T = 64 852.4
-  // vs 916.9 µs (s21-2), 881.3 / 834.4 vs 868.8 / 878.8 (s21-3: noisy), T = 1, 2 and 8 level (44.8 vs 45.0, 70.0 vs
-  // 70.0, 202.2 / 202.2 vs 204.6 / 201.3).
-  bool tables_to_l2 = false;
   MoeFusedCombine combine;  // run_moe_down only
   int tokens = 0;           // T (the streamed kernels size their x region by it)
   // down_waits_per_item: [2 · kMoeCountedItemsMax] device counters, zero before the call; left zero.

@@ -853,29 +853,6 @@ __device__ __forceinline__ void issue_stage(const StreamMaps* maps, int64_t row0
     sm90::tma_load_2d(slot + 2 * kHalfBytes, &maps->scales, full, int32_t(k0 / (stage_k(F) / kScaleBytes)), row);
 }
 
-// issue_stage with an L2 cache policy on the copies (l2_policy from createpolicy, e.g. evict-first for weights read
-// once per call).
-template <TileFormat F>
-__device__ __forceinline__ void issue_stage(const StreamMaps* maps, int64_t row0, int64_t k0, uint8_t* slot,
-                                            uint64_t* full, uint64_t l2_policy) {
-  constexpr int kScaleBytes = stage_scale_bytes(F);
-  if (threadIdx.x % kWarpSize != 0) return;
-  sm90::mbarrier_arrive_expect_tx(full, kTileRows * (kRowBytes + kScaleBytes));
-  const uint32_t barrier = static_cast<uint32_t>(__cvta_generic_to_shared(full));
-  auto load = [&](uint8_t* dst, const CUtensorMap* map, int32_t col, int32_t row) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, "
-        "{%2, %3}], [%4], %5;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(col), "r"(row), "r"(barrier), "l"(l2_policy)
-        : "memory");
-  };
-  const int32_t byte0 = int32_t(k0 * 16 / values_per_load(F)), row = int32_t(row0);
-  load(slot, &maps->data, byte0, row);
-  load(slot + kHalfBytes, &maps->data, byte0 + kBoxBytes, row);
-  if constexpr (kScaleBytes > 0)
-    load(slot + 2 * kHalfBytes, &maps->scales, int32_t(k0 / (stage_k(F) / kScaleBytes)), row);
-}
-
 // FP8: the stored words of the stage at k0's block scales (the 128-wide blocks of the tile's 128-row band: fp32 bits
 // or e8m0 codes), and their values. Apart so that a caller may issue the loads early and convert them later, where its
 // warp would otherwise stall on them (the linear's stage 0, quantized_linear.cuh: round s19-1, H200 trace, wq_b x
