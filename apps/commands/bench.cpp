@@ -207,6 +207,7 @@ struct BenchReport {
   int layers = 0;
   int full_layers = 0;      // the model's depth (synthetic runs measure `layers` of them)
   std::string format;       // expert format (synthetic) or "checkpoint"
+  std::string numerics;     // the numerics mode's name (exact, reference, gpu-bf16)
   std::string layer_kinds;  // describe_layer_kinds of the measured layers
   std::vector<TestResult> results;
   nlohmann::json extra = nlohmann::json::object();  // GPU figures: bandwidth floor, memory, launches
@@ -218,14 +219,14 @@ struct BenchReport {
 void print_header(const BenchReport& r) {
   std::printf("device: %s\n", r.device.c_str());
   std::printf("model: %s, %s\n\n", r.model.c_str(), r.layer_kinds.c_str());
-  std::printf("| model | layers | format | test | t/s |%s\n", r.extrapolated ? " extrapolated t/s |" : "");
-  std::printf("| ----- | -----: | ------ | ---: | --: |%s\n", r.extrapolated ? " --: |" : "");
+  std::printf("| model | layers | format | numerics | test | t/s |%s\n", r.extrapolated ? " extrapolated t/s |" : "");
+  std::printf("| ----- | -----: | ------ | -------- | ---: | --: |%s\n", r.extrapolated ? " --: |" : "");
   std::fflush(stdout);
 }
 
 void print_row(const BenchReport& r, const TestResult& t) {
-  std::printf("| %s | %d | %s | %s | %.2f ± %.2f |", r.model.c_str(), r.layers, r.format.c_str(), t.test.c_str(),
-              t.mean_tps(), t.stddev_tps());
+  std::printf("| %s | %d | %s | %s | %s | %.2f ± %.2f |", r.model.c_str(), r.layers, r.format.c_str(),
+              r.numerics.c_str(), t.test.c_str(), t.mean_tps(), t.stddev_tps());
   if (r.extrapolated) {
     if (t.extrapolated_tps)
       std::printf(" %.2f (%d layers) |", *t.extrapolated_tps, r.full_layers);
@@ -259,7 +260,7 @@ void write_json(const BenchReport& r, const BenchPlan& plan, const std::string& 
     results.push_back(row);
   }
   nlohmann::json out = {{"model", r.model},   {"device", r.device_json}, {"layers", r.layers},
-                        {"full_layers", r.full_layers}, {"format", r.format},
+                        {"full_layers", r.full_layers}, {"format", r.format}, {"numerics", r.numerics},
                         {"layer_kinds", r.layer_kinds}, {"results", results}};
   out["plan"] = {{"prompts", plan.prompts}, {"generate", plan.generate}, {"batches", plan.batches},
                  {"repetitions", plan.reps}, {"ubatch", plan.ubatch}, {"seed", plan.seed}};
@@ -283,6 +284,14 @@ WeightFormat parse_expert_format(const std::string& name) {
   if (name == "mxfp4") return WeightFormat::MXFP4;
   if (name == "fp8") return WeightFormat::FP8_BLOCK128;
   fail("--format: '", name, "' is not an expert format (nvfp4, mxfp4 or fp8)");
+}
+
+// bench e2e --numerics: the engine's mode names; gpu-bf16 is the CUDA backend's exact mode under a CPU-side name.
+NumericsMode parse_e2e_numerics(const std::string& text) {
+  const std::optional<NumericsMode> mode = parse_numerics_mode(text);
+  check(mode.has_value() && *mode != NumericsMode::GpuBf16, "--numerics: '", text,
+        "' is not a numerics mode of bench e2e (exact or reference)");
+  return *mode;
 }
 
 // One --fusion setting of bench e2e (the name is checked against the model's switches where they exist).
@@ -539,6 +548,7 @@ struct E2eOptions {
   int layers = 0;  // 0 = as many as fit
   std::string format = "nvfp4";
   std::string device = "cuda";
+  NumericsMode numerics = NumericsMode::Exact;
   std::vector<FusionSetting> fusions;  // CudaModelOptions switches away from their defaults
   bool list_launches = false;          // notes naming the kernels of one decode layer of each kind
   int64_t depth = 0;                   // tokens each decode sequence holds before its tgN test
@@ -635,6 +645,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
   report.layers = layers;
   report.full_layers = full.num_layers;
   report.format = o.format;
+  report.numerics = std::string(to_string(o.numerics));
   report.layer_kinds = describe_layer_kinds(config);
   report.extrapolated = true;
   report.extra["copy_bandwidth_gbps"] = copy_gbps;
@@ -645,6 +656,14 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
     report.extra["fusions"] = fusions;
     report.notes.push_back("CudaModelOptions changed from their defaults: " + fusions);
   }
+  // What the numerics mode stores (CudaModel: KV entries by numerics, indexer keys by fp8_indexer_keys too).
+  const bool fp8_keys = o.numerics == NumericsMode::Reference && checked.fp8_indexer_keys;
+  report.extra["kv_entries"] = o.numerics == NumericsMode::Reference ? "fp8" : "bf16";
+  report.extra["indexer_keys"] = fp8_keys ? "fp8" : "bf16";
+  report.notes.push_back("numerics " + report.numerics + ": KV cache entries " +
+                         (o.numerics == NumericsMode::Reference ? "fp8 (ue8m0 scale per 64 dims, rope dims bf16)"
+                                                                : "bf16") +
+                         ", indexer keys " + (fp8_keys ? "fp8 e4m3 + an fp32 scale per key" : "bf16"));
   report.extra["extrapolation"] =
       "per-layer cost of the measured layers x the full layer count + the cost outside the layers (decode: head "
       "linear and argmax timed alone); an estimate, not a measurement";
@@ -658,7 +677,7 @@ int run_e2e(const E2eOptions& o, const BenchPlan& plan) {
         cuda::make_synthetic_weights(config, format, pool, plan.seed, context.compute_stream());
     const cuda::DecodeStepWeightBytes step_bytes = cuda::decode_step_weight_bytes(config, weights);
     const double fixed = shape.batch > 0 ? head_seconds(weights.head.view(), shape.batch, context.compute_stream()) : 0;
-    cuda::CudaModelOptions options = model_options(device, NumericsMode::Exact, shape);
+    cuda::CudaModelOptions options = model_options(device, o.numerics, shape);
     for (const FusionSetting& f : o.fusions) apply_fusion(options, f);
     cuda::CudaModel model(config, std::move(weights), options);
     CudaModelRunner runner(model);
@@ -764,6 +783,7 @@ int run_checkpoint(const EngineCli& cli, const BenchPlan& plan) {
   report.model = std::filesystem::path(cli.engine.model_dir).filename().string();
   if (report.model.empty()) report.model = cli.engine.model_dir;
   report.format = "checkpoint";
+  report.numerics = std::string(to_string(cli.options().numerics));
   if (device == "cpu") {
     EngineOptions options = cli.options();
     options.device = "cpu";
@@ -808,6 +828,7 @@ struct BenchOptions {
   int layers = 0;
   std::string format = "nvfp4";
   std::string e2e_device = "cuda";
+  std::string e2e_numerics = "exact";
   bool list_launches = false;
   int64_t depth = 0;
 };
@@ -835,6 +856,10 @@ const CommandRegistration registration{{
       e2e->add_option("--layers", o->layers, "Main layers to build (0 = as many as fit)")->capture_default_str();
       e2e->add_option("--format", o->format, "Routed expert format: nvfp4, mxfp4 or fp8")->capture_default_str();
       e2e->add_option("--device", o->e2e_device, "cuda or cuda:N")->capture_default_str();
+      e2e->add_option("--numerics", o->e2e_numerics,
+                      "exact (bf16 KV cache entries and indexer keys) or reference (DeepSeek's fp8 KV cache entries "
+                      "and, with fp8_indexer_keys, fp8 indexer keys)")
+          ->capture_default_str();
       e2e->add_option("--fusion", o->fusions,
                       "NAME=on|off: set a CudaModelOptions switch (fuse_projections, stack_indexer_projections, "
                       "fuse_compressor_pools, indexer_top_k_in_scores, norms_in_mhc, bf16_wo_a, q_norm_prologue, "
@@ -855,11 +880,13 @@ const CommandRegistration registration{{
         check(o->engine.engine.model_dir.empty(), "bench e2e builds synthetic weights; -m does not apply");
         check(o->layers >= 0, "--layers: ", o->layers, " must not be negative (0 = as many as fit)");
         check(o->depth >= 0, "-d: decode depth ", o->depth, " must not be negative");
+        [[maybe_unused]] const NumericsMode numerics = parse_e2e_numerics(o->e2e_numerics);  // also without CUDA
         std::vector<FusionSetting> fusions;
         for (const std::string& text : o->fusions) fusions.push_back(parse_fusion(text));
 #if DSV4_HAVE_CUDA
-        return run_e2e({o->config, o->layers, o->format, o->e2e_device, fusions, o->list_launches, o->depth},
-                       o->e2e_plan);
+        return run_e2e(
+            {o->config, o->layers, o->format, o->e2e_device, numerics, fusions, o->list_launches, o->depth},
+            o->e2e_plan);
 #else
         // Check what can be checked without a GPU first, so a typo is reported as such.
         const ModelConfig full = resolve_model_config(o->config);

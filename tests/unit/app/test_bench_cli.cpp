@@ -1,6 +1,7 @@
 // `dsv4 bench` end to end: on the tiny checkpoint (CPU) the llama-bench style table and the JSON hold one row per
 // test with positive rates and one timing per repetition; bad options fail with a message naming the option; `bench
-// e2e` without a GPU says what it needs, and (where a GPU is present) runs on a small config's synthetic weights.
+// e2e` without a GPU says what it needs, and (where a GPU is present) runs on a small config's synthetic weights in
+// either numerics mode, naming the mode in the table and the JSON.
 #include "support/cli_runner.hpp"
 
 #include <gtest/gtest.h>
@@ -36,8 +37,8 @@ void expect_failure(const std::string& args, const std::string& message) {
 TEST(BenchCli, PrintsATableOfPrefillAndDecodeRates) {
   const CliResult r = run_cli("bench -m " + kTiny.string() + " -p 16 -n 8 -r 1 --device cpu");
   ASSERT_EQ(r.exit_code, 0) << r.text();
-  EXPECT_NE(r.out.find("| model | layers | format | test | t/s |"), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("| tiny-fortunes | 4 | checkpoint | pp16 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| model | layers | format | numerics | test | t/s |"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| tiny-fortunes | 4 | checkpoint | exact | pp16 | "), std::string::npos) << r.out;
   EXPECT_GT(row_rate(r.out, "pp16"), 0.0) << r.out;
   EXPECT_GT(row_rate(r.out, "tg8"), 0.0) << r.out;
   EXPECT_NE(r.out.find("1 SWA, 2 CSA, 1 HCA"), std::string::npos) << r.out;
@@ -53,6 +54,7 @@ TEST(BenchCli, WritesOneJsonRowPerTestWithEveryRepetition) {
   fs::remove(out);
   EXPECT_EQ(j["model"], "tiny-fortunes");
   EXPECT_EQ(j["layers"], 4);
+  EXPECT_EQ(j["numerics"], "exact");
   EXPECT_EQ(j["device"]["name"], "cpu");
   EXPECT_EQ(j["plan"]["prompts"], nlohmann::json({8, 24}));
   EXPECT_EQ(j["plan"]["repetitions"], 2);
@@ -81,6 +83,9 @@ TEST(BenchCli, RejectsBadOptions) {
   expect_failure("bench e2e --layers -1", "--layers: -1 must not be negative");
   expect_failure("bench e2e --fusion fused_wo", "--fusion 'fused_wo': expected NAME=on or NAME=off");
   expect_failure("bench e2e --fusion fused_wo=yes", "--fusion 'fused_wo=yes': the value must be on or off, not 'yes'");
+  expect_failure("bench e2e --numerics fp8",
+                 "--numerics: 'fp8' is not a numerics mode of bench e2e (exact or reference)");
+  expect_failure("bench e2e --numerics gpu-bf16", "--numerics: 'gpu-bf16' is not a numerics mode of bench e2e");
 #if DSV4_HAVE_CUDA
   // The switch names are the CUDA model's: checked before any GPU work, so with or without a device.
   expect_failure("bench e2e --fusion fused_w=on", "--fusion fused_w: no such switch (fuse_projections, ");
@@ -110,6 +115,36 @@ TEST(BenchCli, E2eRunsOnSyntheticWeights) {
   EXPECT_NE(r.out.find("kernel launches per decode step"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("kernel launches per layer kind"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("b2 "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("| nvfp4 | exact | tg4 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("numerics exact: KV cache entries bf16, indexer keys bf16"), std::string::npos) << r.out;
+}
+
+// Reference numerics: the fp8 KV cache entries and (fp8_indexer_keys, on by default) fp8 indexer keys, named in the
+// table, the notes and the JSON; with the switch off the keys are bf16.
+TEST(BenchCli, E2eRunsInReferenceNumerics) {
+  if (!gpu_present()) GTEST_SKIP() << "no GPU";
+  const fs::path out = fs::temp_directory_path() / ("dsv4-bench-e2e-" + std::to_string(::getpid()) + ".json");
+  const std::string args =
+      "bench e2e --config " + kTiny.string() + " --layers 4 --format nvfp4 -n 4 -b 1,2 -r 1 --numerics reference";
+  const CliResult r = run_cli(args + " -p 16 --json " + out.string());
+  ASSERT_EQ(r.exit_code, 0) << r.text();
+  EXPECT_GT(row_rate(r.out, "pp16"), 0.0) << r.out;
+  EXPECT_GT(row_rate(r.out, "tg4 @ b2"), 0.0) << r.out;
+  EXPECT_NE(r.out.find("| nvfp4 | reference | tg4 | "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("numerics reference: KV cache entries fp8"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("indexer keys fp8 e4m3"), std::string::npos) << r.out;
+  std::ifstream file(out);
+  const nlohmann::json j = nlohmann::json::parse(file);
+  fs::remove(out);
+  EXPECT_EQ(j["numerics"], "reference");
+  EXPECT_EQ(j["kv_entries"], "fp8");
+  EXPECT_EQ(j["indexer_keys"], "fp8");
+  EXPECT_EQ(j["results"].size(), 3u) << j.dump(2);
+
+  const CliResult bf16_keys = run_cli(args + " -p 0 --fusion fp8_indexer_keys=off");
+  ASSERT_EQ(bf16_keys.exit_code, 0) << bf16_keys.text();
+  EXPECT_NE(bf16_keys.out.find("numerics reference: KV cache entries fp8"), std::string::npos) << bf16_keys.out;
+  EXPECT_NE(bf16_keys.out.find("indexer keys bf16"), std::string::npos) << bf16_keys.out;
 }
 
 }  // namespace
