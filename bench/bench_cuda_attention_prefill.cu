@@ -164,6 +164,21 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
               median(epilogue), median(tail), median(total), median(gap), us(first, last));
+  // Pair i ≥ 1's late half (buffer 1, dims 0-255): consumer 0's end of pair i − 1 to its release, the release to
+  // consumer 1 having it, consumer 1 having it to consumer 0's max received.
+  std::printf("  late half by pair (end of pair i-1 -> released / released -> consumer 1 has it / has it -> max "
+              "received):");
+  for (int i = 1; i < std::min(pairs, prefill_trace::kConsumer1Pairs); ++i) {
+    std::vector<double> released, arrived, max_received;
+    for (int64_t c = 0; c < ctas; ++c) {
+      const uint64_t *c0 = record(c, 0), *c1 = record(c, 4), *pr = record(c, 8);
+      released.push_back(us(c0[prefill_trace::kPairEnd + i - 1], pr[prefill_trace::kLastHalfReleased + i]));
+      arrived.push_back(us(pr[prefill_trace::kLastHalfReleased + i], c1[prefill_trace::kLastHalfArrived + i]));
+      max_received.push_back(us(c1[prefill_trace::kLastHalfArrived + i], c1[prefill_trace::kMaxReceived + i]));
+    }
+    std::printf(" %d: %.2f / %.2f / %.2f", i, median(released), median(arrived), median(max_received));
+  }
+  std::printf("\n");
 }
 
 struct Case {
@@ -174,6 +189,9 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
+  double bf16_q_streaming_us;       // the same with SparseAttentionPrefillOptions::streaming_output
+  bool streaming_same;              // its output bit for bit the plain one's
+  double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -234,13 +252,41 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
+  bool streaming_same = false;
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
+  DeviceBuffer streaming_out(outputs * 2, "prefill kernel out, streaming stores");
+  SparseAttentionParams streaming_call = prefill_bf16_q;
+  streaming_call.out = streaming_out.data();
+  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off, .streaming_output = true};
+  const double streaming_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(streaming_call, streaming); });
+  // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
+  DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
+      no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
+      no_entries_out(outputs * 2, "prefill kernel out, no entries");
+  no_window.fill_bytes(0xFF);
+  no_compressed.fill_bytes(0xFF);
+  SparseAttentionParams no_entries = prefill_bf16_q;
+  no_entries.window_index = no_window.as<int32_t>();
+  no_entries.compressed_index = no_compressed.as<int32_t>();
+  no_entries.out = no_entries_out.data();
+  const double no_entries_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  {
+    std::vector<uint16_t> a(outputs), b(outputs);
+    bf16_q_out.download(a.data(), outputs * 2);
+    streaming_out.download(b.data(), outputs * 2);
+    streaming_same = a == b;
+  }
   if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
 
 
   Case r;
+  r.bf16_q_streaming_us = streaming_ms * 1e3;
+  r.streaming_same = streaming_same;
+  r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.model = model;
   r.format = to_string(format);
   r.heads = heads;
@@ -378,9 +424,10 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s\n", "model",
-                "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas", "%peak",
-                "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us");
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s\n",
+                "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bits",
+                "noKV us");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -390,14 +437,15 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.streaming_same;
         ok = ok && agrees;
-        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f %7.1f%% "
-                    "%8.1f%s\n",
+        std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
+                    "%7.1f%% %8.1f | %8.1f %5s %8.1f%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
-                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, agrees ? "" : " FAIL");
+                    100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
+                    r.streaming_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }

@@ -192,6 +192,21 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   }
 }
 
+// Round s22-1's A/B: bf16 rows stored with the streaming policy (both alignments of out, fp8 and bf16 entries).
+TEST(SparseAttentionPrefill, StreamingOutputMatchesCpu) {
+  if (!has_device()) GTEST_SKIP() << "no CUDA device";
+  uint32_t seed = 600;
+  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off, .streaming_output = true};
+  for (const KvEntryFormat format : kFormats) {
+    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
+                     AttentionDtype::Bf16, AttentionDtype::Bf16},
+                    seed++, streaming);
+    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                     AttentionDtype::Bf16, true},
+                    seed++, streaming);
+  }
+}
+
 TEST(SparseAttentionPrefill, RefusesUnsupportedCalls) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   KvCache small_cache({.format = KvEntryFormat::Bf16, .head_dim = 256, .rope_dim = 64, .layers = 1,

@@ -314,6 +314,7 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     load_half(0, 1);
     publish_half(0, 1);
     sm90::mbarrier_wait(barriers.empty(1, 0), parity);
+    if (i < prefill_trace::kPairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfReleased + i);
     load_half(1, 0);
     publish_half(1, 0);
     if (i + 1 < pairs) {
@@ -470,7 +471,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kStreamingOutput>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -600,6 +601,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::wgmma_fence();
       qk_half(s, smem, 1, 1, true);
       wait_full<kFp8>(barriers.full(1, 0), parity);
+      if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kLastHalfArrived + i);
       qk_half(s, smem, 1, 0, false);
       sm90::wgmma_commit_group();
       sm90::wgmma_wait_group<0>();
@@ -607,6 +609,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::mbarrier_wait(barriers.valid(1), parity);
       // Consumer 0's running max, folded with this block's: the pair's max, handed back.
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+      if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
       const float2 base = *shared_max;
       const float base_max[2] = {base.x, base.y};
       __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
@@ -696,8 +699,14 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     const uint4 value = *reinterpret_cast<const uint4*>(staging + staged_offset(row, row_bytes, byte));
     uint8_t* destination = out + int64_t(row) * row_bytes + byte;
     if (aligned16) {
-      *reinterpret_cast<uint4*>(destination) = value;
-    } else {  // out is at least 8-byte aligned (the call's contract)
+      if constexpr (kStreamingOutput)
+        __stcs(reinterpret_cast<uint4*>(destination), value);
+      else
+        *reinterpret_cast<uint4*>(destination) = value;
+    } else if constexpr (kStreamingOutput) {  // out is at least 8-byte aligned (the call's contract)
+      __stcs(reinterpret_cast<uint2*>(destination), make_uint2(value.x, value.y));
+      __stcs(reinterpret_cast<uint2*>(destination) + 1, make_uint2(value.z, value.w));
+    } else {
       reinterpret_cast<uint2*>(destination)[0] = make_uint2(value.x, value.y);
       reinterpret_cast<uint2*>(destination)[1] = make_uint2(value.z, value.w);
     }
@@ -705,7 +714,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kStreamingOutput>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -734,7 +743,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kStreamingOutput>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

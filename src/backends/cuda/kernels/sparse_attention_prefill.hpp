@@ -47,12 +47,19 @@ inline constexpr int kQStaged = 1, kFirstData = 2, kFirstScores = 3;
 // producer: the first pair's entries resolved, its first half's copies issued
 inline constexpr int kResolved = 1, kFirstIssued = 2;
 inline constexpr int kPairEnd = 4, kPairs = 8;  // consumer 0: pair i < kPairs done (its last wait)
+// producer: pair i < kPairs's last half (buffer 1, dims 0-255) released to it by consumer 0's PV of the pair before
+inline constexpr int kLastHalfReleased = 4;
+// consumer 1, pair i < kConsumer1Pairs: that half arrived (its second QKᵀ half may start), consumer 0's max received
+inline constexpr int kLastHalfArrived = 4, kMaxReceived = 8, kConsumer1Pairs = 4;
 inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 }  // namespace prefill_trace
 
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
+  // A/B (round s22-1): bf16 output rows stored with the streaming (evict-first) policy, so that the 64 KB a CTA
+  // writes does not push the entries and q rows that later CTAs read out of L2.
+  bool streaming_output = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
