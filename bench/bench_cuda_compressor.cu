@@ -22,14 +22,16 @@
 // Projections rotate over copies beyond the L2, so the prefill chunk streams them from HBM. Times are GPU time per
 // call inside a CUDA graph (20 calls captured, the graph replayed), as a decode step runs them: no host launch cost;
 // the compressor is a programmatic dependent launch, so one call's start overlaps the previous one's end.
-// Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace]: --only times just the rows whose "op, case"
-// contains TEXT, or one of TEXT's '|'-separated parts (every compressor's state is still filled first: 64 launches
-// each, CSA main, CSA indexer, then HCA).
+// Usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace] [--trace-prefill]: --only times just the rows
+// whose "op, case" contains TEXT, or one of TEXT's '|'-separated parts (every compressor's state is still filled
+// first: 64 launches each, CSA main, CSA indexer, then HCA).
 // --trace: instead of timing, the timeline of one batch-1 decode launch (a CSA layer's pair with the indexer's query
 // preparation, and HCA; a step that stores its token and one that completes a window) from CompressorParams::trace,
 // behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
 // them in L2), with the L2 hot (the same step just ran) or evicted first (weights and state cold, as in a model
 // step): per CTA its SM and points, in µs after that kernel's end, and when a dependent kernel's wait returned.
+// --trace-prefill: instead of timing, a traced prefill chunk of 4096 tokens (the CSA layer's pair, HCA) summarised per
+// pool (trace_prefill).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -39,6 +41,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -660,9 +663,109 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
   }
 }
 
+// --trace-prefill: a prefill chunk of 4096 tokens traced (the CSA layer's pair, lean; HCA, staged), launched
+// right behind an untraced launch of the same chunk (as a graph replays it); per pool a summary of its CTAs' points:
+// when they start and end (µs after the launch's first CTA started), the lifetimes and each phase between points
+// (median / p90 over the CTAs), and the CTAs resident per SM (time-averaged over the launch, and the most).
+void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& host,
+                         const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>>& pools) {
+  const auto at = [&](int64_t cta, int point) { return host[size_t(cta) * kCompressorTracePoints + size_t(point)]; };
+  uint64_t origin = ~uint64_t(0), last = 0;
+  for (const auto& pool : pools)
+    for (int64_t c = pool.second.first; c < pool.second.second; ++c)
+      if (at(c, COMPRESSOR_TRACE_START) != 0) {
+        origin = std::min(origin, at(c, COMPRESSOR_TRACE_START));
+        last = std::max(last, at(c, COMPRESSOR_TRACE_END));
+      }
+  const auto us = [&](uint64_t t) { return 1e-3 * double(int64_t(t - origin)); };
+  std::printf("trace prefill %s: launch span %.2f µs (first CTA start to last CTA end)\n", title.c_str(),
+              us(last));
+  const auto percentile = [](std::vector<double> v, double q) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, size_t(q * double(v.size())))];
+  };
+  static const char* kNames[] = {"sm", "start", "wait passed", "run", "update loads", "pooled", "merged", "normed",
+                                 "rounded", "finished", "end"};
+  for (const auto& pool : pools) {
+    std::vector<double> starts, ends, lifetimes;
+    std::vector<std::vector<double>> phases(kCompressorTracePoints);
+    std::map<uint64_t, std::vector<std::pair<uint64_t, int>>> sm_events;
+    for (int64_t c = pool.second.first; c < pool.second.second; ++c) {
+      if (at(c, COMPRESSOR_TRACE_START) == 0 || at(c, COMPRESSOR_TRACE_END) == 0) continue;
+      starts.push_back(us(at(c, COMPRESSOR_TRACE_START)));
+      ends.push_back(us(at(c, COMPRESSOR_TRACE_END)));
+      lifetimes.push_back(ends.back() - starts.back());
+      int previous = COMPRESSOR_TRACE_START;
+      for (int point = COMPRESSOR_TRACE_START + 1; point < kCompressorTracePoints; ++point) {
+        if (at(c, point) == 0) continue;
+        phases[size_t(point)].push_back(1e-3 * double(int64_t(at(c, point) - at(c, previous))));
+        previous = point;
+      }
+      sm_events[at(c, COMPRESSOR_TRACE_SM)].push_back({at(c, COMPRESSOR_TRACE_START), 1});
+      sm_events[at(c, COMPRESSOR_TRACE_SM)].push_back({at(c, COMPRESSOR_TRACE_END), -1});
+    }
+    int most = 0;
+    double resident_ns = 0;
+    for (auto& [sm, events] : sm_events) {
+      std::sort(events.begin(), events.end());
+      int now = 0;
+      for (size_t i = 0; i < events.size(); ++i) {
+        if (i > 0) resident_ns += double(now) * double(events[i].first - events[i - 1].first);
+        now += events[i].second;
+        most = std::max(most, now);
+      }
+    }
+    std::printf("  %s: %zu CTAs on %zu SMs; start p0/p50/p100 %.2f / %.2f / %.2f µs, end %.2f / %.2f / %.2f; "
+                "lifetime p50 %.2f p90 %.2f; resident per SM %.2f (time-averaged over the span), most %d\n",
+                pool.first.c_str(), starts.size(), sm_events.size(), percentile(starts, 0), percentile(starts, 0.5),
+                percentile(starts, 1), percentile(ends, 0), percentile(ends, 0.5), percentile(ends, 1),
+                percentile(lifetimes, 0.5), percentile(lifetimes, 0.9),
+                resident_ns / (1e3 * us(last)) / double(std::max<size_t>(sm_events.size(), 1)), most);
+    std::printf("   phases (µs from the previous point, p50 / p90):");
+    for (int point = COMPRESSOR_TRACE_START + 1; point < kCompressorTracePoints; ++point)
+      if (!phases[size_t(point)].empty())
+        std::printf(" %s %.2f / %.2f;", kNames[point], percentile(phases[size_t(point)], 0.5),
+                    percentile(phases[size_t(point)], 0.9));
+    std::printf("\n");
+  }
+}
+
+void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, cudaStream_t stream) {
+  constexpr int64_t kRoom = 4096;
+  DeviceBuffer trace(size_t(kRoom) * kCompressorTracePoints * 8, "trace");
+  std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
+  const Step& s = kSteps[3];
+  const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
+  const auto traced = [&](const std::function<void(uint64_t*)>& launch) {
+    launch(nullptr);
+    trace.fill_bytes(0);
+    launch(nullptr);
+    launch(trace.as<uint64_t>());
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+    trace.download(host.data(), trace.bytes());
+  };
+  const int64_t main_ctas = s.tokens / main.ratio, index_ctas = s.tokens / index.ratio / 4;
+  traced([&](uint64_t* t) {
+    CompressorParams both[2] = {main.params(runs, 1, s.tokens, stream), index.params(runs, 1, s.tokens, stream)};
+    both[0].trace = both[1].trace = t;
+    both[0].trace_ctas = both[1].trace_ctas = kRoom;
+    run_compressors(both);
+  });
+  print_prefill_trace("CSA layer main + indexer (lean)", host,
+                      {{"main", {0, main_ctas}}, {"indexer", {main_ctas, main_ctas + index_ctas}}});
+  const DeviceBuffer hca_runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
+  traced([&](uint64_t* t) {
+    CompressorParams p = hca.params(hca_runs, 1, s.tokens, stream);
+    p.trace = t, p.trace_ctas = kRoom;
+    run_compressor(p);
+  });
+  print_prefill_trace("HCA (staged)", host, {{"HCA", {0, s.tokens / hca.ratio * 8}}});
+}
+
 int run(int argc, char** argv) {
   std::string json_path, only;
-  bool trace = false;
+  bool trace = false, trace_chunk = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--json") == 0 && i + 1 < argc)
       json_path = argv[++i];
@@ -670,8 +773,11 @@ int run(int argc, char** argv) {
       only = argv[++i];
     else if (std::strcmp(argv[i], "--trace") == 0)
       trace = true;
+    else if (std::strcmp(argv[i], "--trace-prefill") == 0)
+      trace_chunk = true;
     else
-      fail("unknown argument ", argv[i], " (usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace])");
+      fail("unknown argument ", argv[i],
+           " (usage: bench_cuda_compressor [--json PATH] [--only TEXT] [--trace] [--trace-prefill])");
   }
   const std::vector<DeviceInfo> devices = list_devices();
   if (devices.empty()) {
@@ -686,12 +792,13 @@ int run(int argc, char** argv) {
   DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   std::mt19937 rng(42);
   std::vector<Row> rows;
-  if (trace) {
+  if (trace || trace_chunk) {
     Compressor main("CSA main c=512 m=4", 512, 4, true, CompressorStoredRounding::KvFp8, rng);
     Compressor index("CSA indexer c=128 m=4", 128, 4, true, CompressorStoredRounding::IndexerFp4, rng);
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
     for (Compressor* k : {&main, &index, &hca}) k->fill_state(stream);
-    trace_decode(main, index, hca, device.l2_bytes, stream);
+    if (trace) trace_decode(main, index, hca, device.l2_bytes, stream);
+    if (trace_chunk) trace_prefill(main, index, hca, stream);
     DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
     return 0;
   }

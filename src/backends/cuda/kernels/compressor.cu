@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdlib>
+#include <string_view>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/compressor.cuh"
@@ -304,14 +306,28 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   using enum CompressorSlotLoads;
   launch.trace = params[0].trace;
   const bool traced = launch.trace != nullptr;
-  check(!traced || loads == Registers, "compressor: a traced launch needs the registers slot loads");
+  check(!traced || loads == Registers || !slice_updates,
+        "compressor: a traced decode launch needs the registers slot loads");
   check(!traced || ctas <= params[0].trace_ctas, "compressor: a traced launch of ", ctas, " CTAs, its trace holds ",
         params[0].trace_ctas);
-  const auto kernel = lean            ? compressor::compressor_kernel<false, Lean>
+  // Round s22-1's A/B switches: the lean kernel at four CTAs per SM, ape loaded behind the scores.
+  static const auto switch_on = [](const char* name, const char* value) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::string_view(v) == value;
+  };
+  static const bool lean_four = switch_on("DSV4_COMPRESSOR_LEAN_CTAS", "4");
+  static const bool late_ape = switch_on("DSV4_COMPRESSOR_LEAN_LATE_APE", "1");
+  const auto lean_kernel = traced                  ? compressor::compressor_kernel<false, Lean, true>
+                           : lean_four && late_ape ? compressor::compressor_kernel<false, Lean, false, 4, true>
+                           : lean_four             ? compressor::compressor_kernel<false, Lean, false, 4>
+                           : late_ape              ? compressor::compressor_kernel<false, Lean, false, 3, true>
+                                                   : compressor::compressor_kernel<false, Lean>;
+  const auto kernel = lean            ? lean_kernel
                       : slice_updates ? (staged   ? compressor::compressor_kernel<true, Staged>
                                          : traced ? compressor::compressor_kernel<true, Registers, true>
                                                   : compressor::compressor_kernel<true, Registers>)
-                                      : (staged   ? compressor::compressor_kernel<false, Staged>
+                                      : (staged   ? (traced ? compressor::compressor_kernel<false, Staged, true>
+                                                            : compressor::compressor_kernel<false, Staged>)
                                          : traced ? compressor::compressor_kernel<false, Registers, true>
                                                   : compressor::compressor_kernel<false, Registers>);
   if (smem > 48 * 1024) {

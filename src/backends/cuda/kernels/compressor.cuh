@@ -991,10 +991,20 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
+// An ape offset that depends on the slot's loaded scores, so that its load issues after they arrive: another offset
+// only where all four scores are the NaN 0xFFFFFFFF, whose sums with any ape are NaN.
+__device__ __forceinline__ int late_ape_offset(int offset, const Quad& score) {
+  const uint32_t all = __float_as_uint(score.v[0]) & __float_as_uint(score.v[1]) & __float_as_uint(score.v[2]) &
+                       __float_as_uint(score.v[3]);
+  return all == 0xFFFFFFFFu ? 0 : offset;
+}
+
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
 // window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
 // channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
-template <int kGroups>
+// kLateApe: each slot's ape load waits for its score (late_ape_offset): ape is an L1 hit then, and its 32 registers
+// are not held while the window loads.
+template <int kGroups, bool kLateApe>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
                                                 int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
                                                 Quad (&bias)[kLeanSlots]) {
@@ -1008,12 +1018,15 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
-    bias[v] = load_quad(ape + (s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c));
+    const int offset = s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c;
+    bias[v] = load_quad(ape + (kLateApe ? late_ape_offset(offset, score[v]) : offset));
   }
 }
 
-// CTA `local` of a lean pool: its teams' entries.
-__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) {
+// CTA `local` of a lean pool: its teams' entries. kTrace: a traced launch (trace_point; thread 0 is team 0's: its
+// entry's points, "pooled" when its window's softmaxes are done).
+template <bool kTrace, bool kLateApe>
+__device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, uint64_t* trace) {
   __shared__ float block_sums[kLeanThreads / 16];  // per 16 lanes: one 64-channel block's sum of squares
   __shared__ CompressorRun team_runs[kLeanMaxTeams];
   __shared__ bool team_updates[kLeanMaxTeams];
@@ -1038,7 +1051,9 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   CompressorRun run{};
   if (a.runs_before_wait && real) run = a.runs[run_index];
   wait_for_prior_grids();
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_PRIOR_DONE);
   if (!a.runs_before_wait && real) run = a.runs[run_index];
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_RUN_LOADED, uint32_t(run.tokens));
   const EntryItem e = entry_item(a, ItemPlace{int(row), 0, run_index, real}, run);
   const RunView& r = e.r;
   const bool in_run = in_run_entry(a, e);  // team-uniform
@@ -1050,24 +1065,28 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   float pooled[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
-  // The cache row's page and the RoPE factors, looked up while the slots load.
+  // The cache row's page and the RoPE factors, looked up while the slots load (kLateApe: a sincos after the
+  // pooling, whose registers are then free).
+  const bool early_rope = rope_here && (!kLateApe || a.rope_table != nullptr);
+  const auto make_rope = [&] {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+  };
   const auto look_up_entry = [&] {
     if (a.cache.pool != nullptr)
       stored = a.cache.entry_address(
           a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
-    if (rope_here)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+    if (early_rope) make_rope();
   };
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
     Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     else
-      load_csa_window<2>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<2, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1107,7 +1126,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      if (s < slots) ape[v] = load_quad(a.ape + lean_ape_offset(a, s, channel));
+      const int offset = lean_ape_offset(a, s, channel);
+      if (s < slots) ape[v] = load_quad(a.ape + (kLateApe ? late_ape_offset(offset, score[v]) : offset));
     }
     look_up_entry();
 #pragma unroll
@@ -1123,6 +1143,8 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     }
   }
 
+  if (e.emitting && rope_here && !early_rope) make_rope();
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED, __float_as_uint(pooled[0]));
   // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
   // blocks in order.
   float square[2] = {pair_square(pooled[0], pooled[1]), pair_square(pooled[2], pooled[3])};
@@ -1134,6 +1156,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
   __syncthreads();  // also: every pooling read of the state is done (the ticket below)
   float total = 0.0f;
   for (int i = 0; i < blocks; ++i) total += block_sums[team * blocks + i];
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_NORMED, __float_as_uint(total));
 
   // The ticket of an entry that read the state (or may update it), taken now; the answer is used at the end.
   const bool takes_ticket = real && !in_run;
@@ -1169,6 +1192,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     // The indexer rounding and fp8 keys (c = 128): the team is one warp holding 4 channels per lane.
     if (a.stored_rounding == CompressorStoredRounding::IndexerFp4 || a.slot_entries_fp8 != nullptr)
       finish_warp_vector<4>(a, v, lane, run.slot, e.w);
+    trace_point<kTrace>(trace, COMPRESSOR_TRACE_ROUNDED, __float_as_uint(v[0] + v[1]));
     if (a.cache.pool != nullptr) {
       kv_store_dims<4>(a.cache.layout, stored, channel, true, v);
       kv_store_pad(a.cache.layout, stored, thread);
@@ -1185,6 +1209,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     }
   }
 
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_FINISHED);
   // The runs whose last ticket an entry of this CTA took: their whole state, by every thread of the CTA.
   __syncthreads();
   for (int i = 0; i < a.lean_teams; ++i) {
@@ -1195,6 +1220,7 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local) 
     if (threadIdx.x == 0) *u.state.finished_ctas = 0;
     __syncthreads();
   }
+  trace_point<kTrace>(trace, COMPRESSOR_TRACE_END);
 }
 
 // A preparation CTA: its warps' vectors (indexer::prepare_row, as indexer_prepare_kernel).
@@ -1219,12 +1245,14 @@ __device__ __forceinline__ void prepare_vectors(const LaunchArgs& launch) {
 // not registers, holds the loads in flight; the decode steps' early state loads need more); the lean kernel three
 // 128-thread CTAs per SM (a window's slots and the softmaxes of four channels take ≈ 160 registers; two channels per
 // thread in 256-thread CTAs at 116 registers were slower for a CSA layer's pair: 31.3 vs 28.6 µs, H200).
-// kTrace: a traced launch (CompressorParams::trace; Registers only).
-template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false>
+// kTrace: a traced launch (CompressorParams::trace). kLeanCtas: the lean kernel's CTAs per SM (A/B of round s22-1:
+// 4 at 128 registers, DSV4_COMPRESSOR_LEAN_CTAS=4), kLateApe: load_csa_window's (DSV4_COMPRESSOR_LEAN_LATE_APE=1).
+template <bool kSliceUpdates, CompressorSlotLoads kLoads, bool kTrace = false, int kLeanCtas = 3,
+          bool kLateApe = false>
 __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLeanThreads
                                   : kLoads == CompressorSlotLoads::Staged ? kStagedThreads
                                                                           : kMaxThreads,
-                                  kLoads == CompressorSlotLoads::Lean     ? 3
+                                  kLoads == CompressorSlotLoads::Lean     ? kLeanCtas
                                   : kLoads == CompressorSlotLoads::Staged ? (kSliceUpdates ? 2 : 3)
                                                                           : 1)
     compressor_kernel(const __grid_constant__ LaunchArgs launch) {
@@ -1238,7 +1266,7 @@ __global__ void __launch_bounds__(kLoads == CompressorSlotLoads::Lean     ? kLea
   const int pool = launch.pool_count > 1 && int64_t(blockIdx.x) >= launch.pools[1].first_cta ? 1 : 0;
   const PoolArgs& a = launch.pools[pool];
   if constexpr (kLoads == CompressorSlotLoads::Lean)
-    compress_lean(a, int64_t(blockIdx.x) - a.first_cta);
+    compress_lean<kTrace, kLateApe>(a, int64_t(blockIdx.x) - a.first_cta, launch.trace);
   else
     compress<kSliceUpdates, kLoads == CompressorSlotLoads::Staged, kTrace>(
         a, int64_t(blockIdx.x) - a.first_cta, launch.hardware_cluster, smem, launch.trace);

@@ -118,7 +118,8 @@ struct CompressorParams {
   int cluster_ctas = 0;
   // See CompressorSlotLoads; the compressors of one launch agree on it.
   CompressorSlotLoads slot_loads = CompressorSlotLoads::Auto;
-  // Diagnostic timeline (bench_cuda_compressor --trace; slot loads Registers, the decode steps'): thread 0 of every
+  // Diagnostic timeline (bench_cuda_compressor --trace / --trace-prefill; decode steps with slot loads Registers,
+  // prefill chunks with any; lean CTAs record their first entry's points): thread 0 of every
   // CTA of the launch stores its SM id and %globaltimer (ns) at the CompressorTracePoint points into
   // trace[cta · kCompressorTracePoints + point] (points a CTA does not reach stay as they were). The compressors of
   // one launch give the same pointer (or null); trace_ctas: the CTAs it has room for (a launch of more is refused).
