@@ -8,7 +8,10 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf).
+// (+pf). Round s22-1's A/B columns on the bf16-q call: cs (SparseAttentionPrefillOptions::streaming_output, bits
+// checked against the plain call), sym (symmetric_max, its difference from the plain call) and noKV (every slot unused:
+// the producer zero-fills its buffers without reading an entry, the kernel's time without KV traffic); decode rows add
+// +pf sym.
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -19,8 +22,9 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush): medians over the CTAs of each phase of a CTA's timeline (start to Q staged, entries resolved, first data,
-// first scores, each pair, the epilogue) and of the gap between consecutive CTAs on one SM.
+// L2 flush), plain and with symmetric_max: medians over the CTAs of each phase of a CTA's timeline (start to Q staged,
+// entries resolved, first data, first scores, each pair, the epilogue), of the gap between consecutive CTAs on one SM,
+// and per pair of the late half's release and arrival and consumer 1's wait for the max.
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
@@ -115,12 +119,14 @@ double median(std::vector<double> values) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
+void print_trace(const SparseAttentionParams& call, bool symmetric_max, int64_t ctas, int pairs, void* flush,
+                 size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .trace = trace.as<uint64_t>()});
+  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = symmetric_max,
+                                      .trace = trace.as<uint64_t>()});
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -158,9 +164,10 @@ void print_trace(const SparseAttentionParams& call, int64_t ctas, int pairs, voi
     std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
     for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
   }
-  std::printf("  trace (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, first "
+  std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, first "
               "data %.2f, first scores %.2f\n  pairs:",
-              median(q), median(resolved), median(issued), median(first_data), median(first_scores));
+              symmetric_max ? " sym" : "", median(q), median(resolved), median(issued), median(first_data),
+              median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
               median(epilogue), median(tail), median(total), median(gap), us(first, last));
@@ -192,6 +199,8 @@ struct Case {
   double bf16_q_streaming_us;       // the same with SparseAttentionPrefillOptions::streaming_output
   bool streaming_same;              // its output bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
+  double bf16_q_symmetric_us;       // the same with SparseAttentionPrefillOptions::symmetric_max
+  double symmetric_difference;      // its output against the plain one's (relative_difference)
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -271,6 +280,12 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   no_entries.window_index = no_window.as<int32_t>();
   no_entries.compressed_index = no_compressed.as<int32_t>();
   no_entries.out = no_entries_out.data();
+  DeviceBuffer symmetric_out(outputs * 2, "prefill kernel out, symmetric max");
+  SparseAttentionParams symmetric_call = prefill_bf16_q;
+  symmetric_call.out = symmetric_out.data();
+  const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
+  const double symmetric_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(symmetric_call, symmetric); });
   const double no_entries_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -280,13 +295,19 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     streaming_out.download(b.data(), outputs * 2);
     streaming_same = a == b;
   }
-  if (trace) print_trace(prefill_bf16_q, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush, flush_bytes);
+  if (trace)
+    for (const bool symmetric_max : {false, true})
+      print_trace(prefill_bf16_q, symmetric_max, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
+                  flush_bytes);
 
 
   Case r;
   r.bf16_q_streaming_us = streaming_ms * 1e3;
   r.streaming_same = streaming_same;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
+  r.bf16_q_symmetric_us = symmetric_ms * 1e3;
+  r.symmetric_difference = relative_difference(bf16_output(bf16_q_out, outputs), bf16_output(symmetric_out, outputs),
+                                               heads, std::string(model) + " symmetric max");
   r.model = model;
   r.format = to_string(format);
   r.heads = heads;
@@ -311,8 +332,9 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 
 // The prefill kernel's variants timed on decode cases: without and with
 // SparseAttentionPrefillOptions::prefetch_resolved.
-constexpr int kDecodeVariants = 2;
-constexpr bool decode_variant_prefetch(int variant) { return variant == 1; }
+constexpr int kDecodeVariants = 3;
+constexpr bool decode_variant_prefetch(int variant) { return variant >= 1; }
+constexpr bool decode_variant_symmetric(int variant) { return variant == 2; }  // round s22-1's A/B
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -356,12 +378,14 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     prefill.workspace = nullptr;
     prefill.workspace_bytes = 0;
     const SparseAttentionPrefillOptions options{
-        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off};
+        .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off,
+        .symmetric_max = decode_variant_symmetric(v)};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
-    const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "");
+    const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "") +
+                             (decode_variant_symmetric(v) ? " sym" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -424,10 +448,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s | "
+                "%8s %9s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bits",
-                "noKV us");
+                "noKV us", "sym us", "sym diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -437,24 +462,26 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.streaming_same;
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.streaming_same &&
+                            r.symmetric_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %5s %8.1f%s\n",
+                    "%7.1f%% %8.1f | %8.1f %5s %8.1f | %8.1f %9.2e%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
-                    r.streaming_same ? "same" : "DIFF", r.bf16_q_no_entries_us, agrees ? "" : " FAIL");
+                    r.streaming_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
+                    r.symmetric_difference, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s | %4s %7s %8s | %9s\n", "model", "kind", "batch",
-                "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "best", "%floor", "speedup",
-                "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s | %4s %7s %8s | %9s\n", "model", "kind",
+                "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf sym", "best",
+                "%floor", "speedup", "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -469,10 +496,11 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1],
-                      decode_variant_prefetch(r.best) ? "+pf" : "-", 100.0 * r.floor_us / best_us,
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2],
+                      decode_variant_symmetric(r.best) ? "sym" : decode_variant_prefetch(r.best) ? "+pf" : "-",
+                      100.0 * r.floor_us / best_us,
                       r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);
         }

@@ -88,9 +88,10 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s: worst error/tolerance %.3f\n", c.name, to_string(c.format),
-              static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", checked.worst);
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
+              to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", options.streaming_output ? " cs" : "",
+              options.symmetric_max ? " sym" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -192,18 +193,27 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   }
 }
 
-// Round s22-1's A/B: bf16 rows stored with the streaming policy (both alignments of out, fp8 and bf16 entries).
-TEST(SparseAttentionPrefill, StreamingOutputMatchesCpu) {
+// Round s22-1's A/B variants: bf16 rows stored with the streaming policy; the symmetric max exchange (chunks, per-query
+// counts, padded heads with a query without entries, decode with the L2 prefetch).
+TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
   const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off, .streaming_output = true};
+  const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
   for (const KvEntryFormat format : kFormats) {
-    check_attention({"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
-                     AttentionDtype::Bf16, AttentionDtype::Bf16},
-                    seed++, streaming);
-    check_attention({"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
-                     AttentionDtype::Bf16, true},
-                    seed++, streaming);
+    const AttentionCase chunk{"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
+                              AttentionDtype::Bf16, AttentionDtype::Bf16};
+    const AttentionCase padded{"h48 padded", format, 512, 64, 48, 24, 24, 77, {90, 400, 7}, 2, AttentionDtype::Bf16,
+                               AttentionDtype::Bf16, true};
+    check_attention(chunk, seed++, streaming);
+    check_attention(padded, seed++, streaming);
+    check_attention(chunk, seed++, symmetric);
+    check_attention(padded, seed++, symmetric);
+    AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};
+    hca.counts = true;
+    check_attention(hca, seed++, symmetric);
+    check_attention({"pro csa decode", format, 512, 64, 128, 128, 128, 512, {5000, 90}, 1, AttentionDtype::Bf16},
+                    seed++, {.prefetch_resolved = PrefetchResolved::On, .symmetric_max = true});
   }
 }
 

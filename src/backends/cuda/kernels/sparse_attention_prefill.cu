@@ -12,9 +12,9 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kStreamingOutput>
+template <bool kFp8, bool kTrace, bool kStreamingOutput, bool kSymmetricMax>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kStreamingOutput>;
+  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kStreamingOutput, kSymmetricMax>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -24,6 +24,21 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
+}
+
+// The kernel of the call's entry format and the options' flags: flag i of {fp8 entries, traced, streaming output,
+// symmetric max} chosen after the i before it.
+template <bool... kChosen>
+void dispatch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
+  constexpr size_t kCount = sizeof...(kChosen);
+  if constexpr (kCount == 4) {
+    launch<kChosen...>(p, head_blocks, options);
+  } else {
+    const bool flags[4] = {p.cache.layout.format == KvEntryFormat::Fp8Reference, options.trace != nullptr,
+                           options.streaming_output, options.symmetric_max};
+    flags[kCount] ? dispatch<kChosen..., true>(p, head_blocks, options)
+                  : dispatch<kChosen..., false>(p, head_blocks, options);
+  }
 }
 
 }  // namespace
@@ -61,21 +76,7 @@ void run_sparse_attention_prefill(const SparseAttentionParams& p, const SparseAt
   check_sparse_attention_prefill_params(p);
   if (p.tokens == 0) return;
   const int head_blocks = (p.heads + kHeads - 1) / kHeads;
-  const bool fp8 = p.cache.layout.format == KvEntryFormat::Fp8Reference;
-  const auto launch_traced = [&]<bool kTrace, bool kStreamingOutput>() {
-    fp8 ? launch<true, kTrace, kStreamingOutput>(p, head_blocks, options)
-        : launch<false, kTrace, kStreamingOutput>(p, head_blocks, options);
-  };
-  const auto launch_streaming = [&]<bool kStreamingOutput>() {
-    if (options.trace != nullptr)
-      launch_traced.template operator()<true, kStreamingOutput>();
-    else
-      launch_traced.template operator()<false, kStreamingOutput>();
-  };
-  if (options.streaming_output)
-    launch_streaming.template operator()<true>();
-  else
-    launch_streaming.template operator()<false>();
+  dispatch<>(p, head_blocks, options);
 }
 
 }  // namespace dsv4::cuda

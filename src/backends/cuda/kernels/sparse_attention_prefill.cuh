@@ -99,8 +99,8 @@ inline constexpr int kQ = 0;                                 // Q: 8 tiles of [6
 inline constexpr int kKv = kQ + kBufferBytes;                // 2 KV buffers of 8 tiles of [64 entries][64 dims]
 inline constexpr int kP = kKv + 2 * kBufferBytes;            // P of consumer w: [64 heads][64 entries]
 inline constexpr int kValid = kP + 2 * kTileBytes;           // int32 [2][kBlock]: the buffers' used slots
-inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [32]: the row maxima handed round
-inline constexpr int kSum = kMax + 32 * 8;                   // float2 [64]: the consumers' row sums
+inline constexpr int kMax = kValid + 2 * kBlock * 4;         // float2 [2][32]: the row maxima handed round
+inline constexpr int kSum = kMax + 2 * 32 * 8;               // float2 [64]: the consumers' row sums
 inline constexpr int kRope = kSum + 64 * 8;                  // RopeFactors [kMaxRopePairs]
 inline constexpr int kPhysical = kRope + kMaxRopePairs * 8;  // int32 [2 × 4][producer thread]: its slots' entries
 inline constexpr int kBarriers = kPhysical + 2 * 4 * kWarpgroup * 4;  // full[2][2], empty[2][2], valid[2], rope
@@ -403,14 +403,11 @@ __device__ __forceinline__ void scale_rows(float (&o)[128], const float (&factor
   for (int i = 0; i < 128; ++i) o[i] *= factor[(i % 4) / 2];
 }
 
-// One block's online softmax for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2): unused
-// entries score −inf; the rows' reference becomes max(base_max, the block's maxima) (log2 units), o and row_sum are
-// rescaled from row_max to it; s becomes the fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds
-// the rounded weights.
-__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
-                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
-                                              float (&o)[128], uint32_t (&pf)[4][4]) {
-  float block_max[2] = {-INFINITY, -INFINITY};
+// A block's scores for a thread's fragment (s[4n + e]: row g + 8(e / 2), entry 8n + 2c + e % 2) in log2 units, unused
+// entries −inf, and the block's maxima of the thread's two rows.
+__device__ __forceinline__ void block_scores_max(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+                                                 float (&block_max)[2]) {
+  block_max[0] = block_max[1] = -INFINITY;
 #pragma unroll
   for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -418,17 +415,25 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
       s[4 * n + e] = valid[8 * n + 2 * c + (e % 2)] != 0 ? s[4 * n + e] * scale_log2 : -INFINITY;
       block_max[e / 2] = fmaxf(block_max[e / 2], s[4 * n + e]);
     }
-  float alpha[2], reference[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 1));
     block_max[r] = fmaxf(block_max[r], __shfl_xor_sync(0xFFFFFFFFu, block_max[r], 2));
-    const float new_max = fmaxf(base_max[r], block_max[r]);
-    alpha[r] = rescale_factor(row_max[r], new_max);
-    row_max[r] = new_max;
+  }
+}
+
+// The rows' reference moves from row_max to new_max (≥ row_max): o and row_sum are rescaled; the scores s become the
+// fp32 weights and pf their bf16 A fragments (PV's k16 steps); row_sum adds the rounded weights.
+__device__ __forceinline__ void block_weights(float (&s)[32], const float (&new_max)[2], float (&row_max)[2],
+                                              float (&row_sum)[2], float (&o)[128], uint32_t (&pf)[4][4]) {
+  float alpha[2], reference[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    alpha[r] = rescale_factor(row_max[r], new_max[r]);
+    row_max[r] = new_max[r];
     row_sum[r] *= alpha[r];
     // A row without a used entry yet keeps −inf; subtracting 0 keeps exp2(−inf) = 0 instead of NaN.
-    reference[r] = new_max == -INFINITY ? 0.0f : new_max;
+    reference[r] = new_max[r] == -INFINITY ? 0.0f : new_max[r];
   }
   if (__any_sync(0xFFFFFFFFu, alpha[0] != 1.0f || alpha[1] != 1.0f)) scale_rows(o, alpha);
 #pragma unroll
@@ -442,6 +447,30 @@ __device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* val
       row_sum[r] += __uint_as_float(packed << 16) + __uint_as_float(packed & 0xFFFF0000u);
       pf[n / 2][(n % 2) * 2 + r] = packed;
     }
+}
+
+// One block's online softmax: the rows' reference becomes max(base_max, the block's maxima) (block_scores_max,
+// block_weights).
+__device__ __forceinline__ void block_softmax(float (&s)[32], const int32_t* valid, int c, float scale_log2,
+                                              const float (&base_max)[2], float (&row_max)[2], float (&row_sum)[2],
+                                              float (&o)[128], uint32_t (&pf)[4][4]) {
+  float new_max[2];
+  block_scores_max(s, valid, c, scale_log2, new_max);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) new_max[r] = fmaxf(base_max[r], new_max[r]);
+  block_weights(s, new_max, row_max, row_sum, o, pf);
+}
+
+// Symmetric exchange (SparseAttentionPrefillOptions::symmetric_max): this consumer's block maxima to the other and the
+// other's back, both at once; the pair's reference max(row_max, both blocks' maxima) is then the same in both.
+__device__ __forceinline__ void exchange_block_max(const float (&block_max)[2], float2* own_slot,
+                                                   const float2* other_slot, int c, const float (&row_max)[2],
+                                                   float (&pair_max)[2]) {
+  if (c == 0) *own_slot = make_float2(block_max[0], block_max[1]);
+  sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+  const float2 other = *other_slot;
+  pair_max[0] = fmaxf(row_max[0], fmaxf(block_max[0], other.x));
+  pair_max[1] = fmaxf(row_max[1], fmaxf(block_max[1], other.y));
 }
 
 // Consumer 0's weights, computed against its own running max, rescaled to the pair's max: rounded to bf16 again.
@@ -471,7 +500,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
   return row * row_bytes + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-template <bool kFp8, bool kTrace, bool kStreamingOutput>
+template <bool kFp8, bool kTrace, bool kStreamingOutput, bool kSymmetricMax>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
                                         const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
@@ -526,6 +555,9 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = p.softmax_scale * kLog2e;
   float2* shared_max = reinterpret_cast<float2*>(smem + kMax) + warp * 8 + g;
+  // Symmetric exchange: consumer w's block maxima at shared_max[32 w].
+  float2* own_max = shared_max + 32 * consumer;
+  const float2* other_max = shared_max + 32 * (consumer ^ 1);
   const int32_t* valid = reinterpret_cast<const int32_t*>(smem + kValid) + consumer * kBlock;
   uint8_t* own_p = smem + kP + consumer * kTileBytes;
   const uint8_t* other_p = smem + kP + (consumer ^ 1) * kTileBytes;
@@ -546,29 +578,45 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     for (int i = 0; i < pairs; ++i) {
       const uint32_t parity = i & 1;
       sm90::mbarrier_wait(barriers.valid(0), parity);
-      block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
-      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
-      pv_registers(o, pf, smem, 0, 0);
-      sm90::wgmma_wait_group<0>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(0, 0));
-      // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
-      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
-      const float2 pair_max = *shared_max;
-      const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
-      row_max[0] = pair_max.x;
-      row_max[1] = pair_max.y;
-      row_sum[0] *= factor[0];
-      row_sum[1] *= factor[1];
-      const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
-      if (rescale) rescale_weights(s, factor, pf);
-      store_weights(own_p, pf, warp, g, c);
-      sm90::fence_proxy_async_shared();
-      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
-      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
-      if (rescale) scale_rows(o, factor);
+      if constexpr (kSymmetricMax) {
+        float block_max[2], pair_max[2];
+        block_scores_max(s, valid, c, scale_log2, block_max);
+        exchange_block_max(block_max, own_max, other_max, c, row_max, pair_max);
+        block_weights(s, pair_max, row_max, row_sum, o, pf);
+        pv_registers(o, pf, smem, 0, 0);
+        store_weights(own_p, pf, warp, g, c);
+        sm90::fence_proxy_async_shared();
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(0, 0));
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+      } else {
+        block_softmax(s, valid, c, scale_log2, row_max, row_max, row_sum, o, pf);
+        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax0);
+        pv_registers(o, pf, smem, 0, 0);
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(0, 0));
+        // The pair's max from consumer 1; this block's weights and everything accumulated so far move to it.
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax1);
+        const float2 pair_max = *shared_max;
+        const float factor[2] = {rescale_factor(row_max[0], pair_max.x), rescale_factor(row_max[1], pair_max.y)};
+        row_max[0] = pair_max.x;
+        row_max[1] = pair_max.y;
+        row_sum[0] *= factor[0];
+        row_sum[1] *= factor[1];
+        const bool rescale = __any_sync(0xFFFFFFFFu, factor[0] != 1.0f || factor[1] != 1.0f);
+        if (rescale) rescale_weights(s, factor, pf);
+        store_weights(own_p, pf, warp, g, c);
+        sm90::fence_proxy_async_shared();
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP0);
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP1);
+        if (rescale) scale_rows(o, factor);
+      }
       wait_full<kFp8>(barriers.full(1, 0), parity);  // consumer 1 waited for it too; this orders the data for our reads
       pv_shared(o, other_p, smem, 1, 0);
       if (i + 1 < pairs) {
@@ -607,15 +655,23 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(s);
       sm90::mbarrier_wait(barriers.valid(1), parity);
-      // Consumer 0's running max, folded with this block's: the pair's max, handed back.
-      sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
-      if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
-      const float2 base = *shared_max;
-      const float base_max[2] = {base.x, base.y};
-      __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
-      block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
-      if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
-      sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
+      if constexpr (kSymmetricMax) {
+        float block_max[2], pair_max[2];
+        block_scores_max(s, valid, c, scale_log2, block_max);
+        exchange_block_max(block_max, own_max, other_max, c, row_max, pair_max);
+        if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
+        block_weights(s, pair_max, row_max, row_sum, o, pf);
+      } else {
+        // Consumer 0's running max, folded with this block's: the pair's max, handed back.
+        sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierMax0);
+        if (i < prefill_trace::kConsumer1Pairs) trace_point<kTrace>(trace, prefill_trace::kMaxReceived + i);
+        const float2 base = *shared_max;
+        const float base_max[2] = {base.x, base.y};
+        __syncwarp();  // every lane of the row's quad has read it before lane c = 0 overwrites it
+        block_softmax(s, valid, c, scale_log2, base_max, row_max, row_sum, o, pf);
+        if (c == 0) *shared_max = make_float2(row_max[0], row_max[1]);
+        sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierMax1);
+      }
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
@@ -714,7 +770,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
   trace_point<kTrace>(trace, prefill_trace::kEnd);
 }
 
-template <bool kFp8, bool kTrace, bool kStreamingOutput>
+template <bool kFp8, bool kTrace, bool kStreamingOutput, bool kSymmetricMax>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
@@ -743,7 +799,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kStreamingOutput>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kStreamingOutput, kSymmetricMax>(p, smem, t, head_block * kHeads, barriers, trace);
   }
 }
 

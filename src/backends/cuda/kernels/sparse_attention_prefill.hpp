@@ -60,6 +60,10 @@ struct SparseAttentionPrefillOptions {
   // A/B (round s22-1): bf16 output rows stored with the streaming (evict-first) policy, so that the 64 KB a CTA
   // writes does not push the entries and q rows that later CTAs read out of L2.
   bool streaming_output = false;
+  // A/B (round s22-1): the consumers hand each other their block's row maxima at once and both weight their block
+  // against the pair's max, instead of consumer 1 waiting for consumer 0's softmax and consumer 0 re-weighting its
+  // block where consumer 1's raised the max (its weights then rounded to bf16 once, not twice).
+  bool symmetric_max = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
