@@ -991,23 +991,36 @@ __device__ __forceinline__ float window_softmax(const float (&value)[kSlots], co
   return num / den;
 }
 
-// An ape offset that depends on the slot's loaded scores, so that its load issues after they arrive: another offset
-// only where all four scores are the NaN 0xFFFFFFFF, whose sums with any ape are NaN.
-__device__ __forceinline__ int late_ape_offset(int offset, const Quad& score) {
-  const uint32_t all = __float_as_uint(score.v[0]) & __float_as_uint(score.v[1]) & __float_as_uint(score.v[2]) &
-                       __float_as_uint(score.v[3]);
+// An offset that depends on loaded values, so that a load from it issues after they arrive: 0 instead only where all
+// four values are the NaN 0xFFFFFFFF, whose entry is NaN whatever else it adds.
+__device__ __forceinline__ int offset_after(int offset, const Quad& q) {
+  const uint32_t all =
+      __float_as_uint(q.v[0]) & __float_as_uint(q.v[1]) & __float_as_uint(q.v[2]) & __float_as_uint(q.v[3]);
   return all == 0xFFFFFFFFu ? 0 : offset;
 }
 
+// Adds slot v's ape (at `offset` from `ape`) to its scores. kLateApe: the load waits for the slot's scores and for slot
+// v − 2's sums (two chains of L1 hits after the window's loads), so that no more than two ape quads are live;
+// before_valid: slot v − 2 is pooled (a dropped slot's values may not decide).
+template <bool kLateApe>
+__device__ __forceinline__ void add_ape(const float* ape, int offset, Quad (&score)[kLeanSlots], int v,
+                                        bool before_valid = true) {
+  if constexpr (kLateApe) {
+    offset = offset_after(offset, score[v]);
+    if (v >= 2) offset = before_valid ? offset_after(offset, score[v - 2]) : offset;
+  }
+  const Quad bias = load_quad(ape + offset);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) score[v].v[i] += bias.v[i];
+}
+
 // A CSA window of ratio 4 wholly in the run, for the thread's channels: its 8 consecutive rows from `kv` / `gate` (the
-// window's first row at the thread's channel; second halves c columns on) and their ape from `ape` (row 0 at the
-// channel), in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row stride and c.
-// kLateApe: each slot's ape load waits for its score (late_ape_offset): ape is an L1 hit then, and its 32 registers
-// are not held while the window loads.
+// window's first row at the thread's channel; second halves c columns on), the scores with their ape from `ape` (row
+// 0 at the channel) added, in the visit order lean_slot(·, kGroups): offsets known at compile time but for the row
+// stride and c.
 template <int kGroups, bool kLateApe>
 __device__ __forceinline__ void load_csa_window(const float* kv, const float* gate, const float* ape, int row_stride,
-                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots],
-                                                Quad (&bias)[kLeanSlots]) {
+                                                int c, Quad (&value)[kLeanSlots], Quad (&score)[kLeanSlots]) {
   constexpr int kRatio = kLeanSlots / 2;
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
@@ -1018,8 +1031,7 @@ __device__ __forceinline__ void load_csa_window(const float* kv, const float* ga
 #pragma unroll
   for (int v = 0; v < kLeanSlots; ++v) {
     const int s = lean_slot(v, kGroups);
-    const int offset = s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c;
-    bias[v] = load_quad(ape + (kLateApe ? late_ape_offset(offset, score[v]) : offset));
+    add_ape<kLateApe>(ape, s >= kRatio ? (s - kRatio) * 2 * c + c : s * 2 * c, score, v);
   }
 }
 
@@ -1066,33 +1078,33 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
   RopeFactors rope[2] = {{1.0f, 0.0f}, {1.0f, 0.0f}};
   uint8_t* stored = nullptr;
   // The cache row's page and the RoPE factors, looked up while the slots load (kLateApe: a sincos after the
-  // pooling, whose registers are then free).
+  // pooling, whose registers are then free: its window position waits for the pooled value as offset_after does).
   const bool early_rope = rope_here && (!kLateApe || a.rope_table != nullptr);
-  const auto make_rope = [&] {
+  const auto make_rope = [&](int64_t w) {
 #pragma unroll
     for (int j = 0; j < 2; ++j)
-      rope[j] = window_rope(a, PoolingTask{.w = e.w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
+      rope[j] = window_rope(a, PoolingTask{.w = w, .rope_pair = rope_pair + j, .frequency = frequency[j]});
   };
   const auto look_up_entry = [&] {
     if (a.cache.pool != nullptr)
       stored = a.cache.entry_address(
           a.cache.physical_entry(a.cache.pages_of(run.slot, a.cache_layer, KvArray::Compressed), e.w));
-    if (early_rope) make_rope();
+    if (early_rope) make_rope(e.w);
   };
   if (e.emitting && in_run && a.lean_csa_windows) {
     const int row_stride = int(a.row_stride);
     const int64_t base = (window_first_position(a, e.w) - r.start) * row_stride + channel;
-    Quad value[kLeanSlots], score[kLeanSlots], ape[kLeanSlots];
+    Quad value[kLeanSlots], score[kLeanSlots];
     if (a.groups == 1)
-      load_csa_window<1, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<1, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
     else
-      load_csa_window<2, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score, ape);
+      load_csa_window<2, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       float values[kLeanSlots], scores[kLeanSlots];
 #pragma unroll
-      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i] + ape[v].v[i];
+      for (int v = 0; v < kLeanSlots; ++v) values[v] = value[v].v[i], scores[v] = score[v].v[i];
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
@@ -1122,12 +1134,10 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       }
     }
     // ape behind the slots' loads (L1 hits after the first CTAs).
-    Quad ape[kLeanSlots] = {};
 #pragma unroll
     for (int v = 0; v < kLeanSlots; ++v) {
       const int s = lean_slot(v, a.groups);
-      const int offset = lean_ape_offset(a, s, channel);
-      if (s < slots) ape[v] = load_quad(a.ape + (kLateApe ? late_ape_offset(offset, score[v]) : offset));
+      if (s < slots) add_ape<kLateApe>(a.ape, lean_ape_offset(a, s, channel), score, v, v < 2 || valid[v - 2]);
     }
     look_up_entry();
 #pragma unroll
@@ -1136,14 +1146,14 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
 #pragma unroll
       for (int v = 0; v < kLeanSlots; ++v) {
         values[v] = valid[v] ? value[v].v[i] : 0.0f;
-        scores[v] = valid[v] ? score[v].v[i] + ape[v].v[i] : kNegativeInfinity;
+        scores[v] = valid[v] ? score[v].v[i] : kNegativeInfinity;
       }
       pooled[i] = window_softmax(values, scores);
       if (a.round_pooled_to_bf16) pooled[i] = round_to_bf16(pooled[i]);
     }
   }
 
-  if (e.emitting && rope_here && !early_rope) make_rope();
+  if (e.emitting && rope_here && !early_rope) make_rope(__float_as_uint(pooled[0]) == 0xFFFFFFFFu ? 0 : e.w);
   trace_point<kTrace>(trace, COMPRESSOR_TRACE_POOLED, __float_as_uint(pooled[0]));
   // RMSNorm: each 16 lanes' block sum as the staged path's warp sum (a butterfly over the pairs), then the entry's
   // blocks in order.
