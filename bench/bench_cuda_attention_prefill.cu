@@ -186,6 +186,13 @@ void print_trace(const SparseAttentionParams& call, bool symmetric_max, int64_t 
     std::printf(" %d: %.2f / %.2f / %.2f", i, median(released), median(arrived), median(max_received));
   }
   std::printf("\n");
+  std::vector<double> staging, stores;
+  for (int64_t c = 0; c < ctas; ++c) {
+    const uint64_t* c0 = record(c, 0);
+    staging.push_back(us(c0[prefill_trace::kEpilogue], c0[prefill_trace::kStaged]));
+    stores.push_back(us(c0[prefill_trace::kStaged], c0[prefill_trace::kEnd]));
+  }
+  std::printf("  epilogue: normalise and stage %.2f, stores issued %.2f\n", median(staging), median(stores));
 }
 
 struct Case {

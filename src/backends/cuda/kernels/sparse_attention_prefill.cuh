@@ -747,6 +747,7 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
     }
   }
   sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierConsumers);
+  trace_point<kTrace>(trace, prefill_trace::kStaged);
   uint8_t* out = static_cast<uint8_t*>(p.out) + (t * p.heads + head_base) * int64_t(row_bytes);
   const bool aligned16 = (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
   const int rows = min(kHeads, p.heads - head_base);

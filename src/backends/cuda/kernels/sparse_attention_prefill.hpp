@@ -52,6 +52,7 @@ inline constexpr int kLastHalfReleased = 4;
 // consumer 1, pair i < kConsumer1Pairs: that half arrived (its second QKᵀ half may start), consumer 0's max received
 inline constexpr int kLastHalfArrived = 4, kMaxReceived = 8, kConsumer1Pairs = 4;
 inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
+inline constexpr int kStaged = 14;  // consumers, bf16 output: the rows staged in shared memory (before their stores)
 }  // namespace prefill_trace
 
 // Variants of the kernel that a benchmark compares on the same call.
