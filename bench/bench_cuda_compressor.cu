@@ -30,8 +30,8 @@
 // behind a 5 µs kernel that lets it launch at once and reads the step's inputs (as the kernels that wrote them leave
 // them in L2), with the L2 hot (the same step just ran) or evicted first (weights and state cold, as in a model
 // step): per CTA its SM and points, in µs after that kernel's end, and when a dependent kernel's wait returned.
-// --trace-prefill: instead of timing, a traced prefill chunk of 4096 tokens (the CSA layer's pair, HCA) summarised per
-// pool (trace_prefill).
+// --trace-prefill: instead of timing, a traced prefill chunk of 4096 and of 512 tokens (the model's default prefill
+// step) from position 0 (the CSA layer's pair, HCA) summarised per pool (trace_prefill).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -663,10 +663,11 @@ void trace_decode(Compressor& main, Compressor& index, Compressor& hca, size_t l
   }
 }
 
-// --trace-prefill: a prefill chunk of 4096 tokens traced (the CSA layer's pair, lean; HCA, staged), launched
+// --trace-prefill: a prefill chunk traced (the CSA layer's pair, lean; HCA, staged), launched
 // right behind an untraced launch of the same chunk (as a graph replays it); per pool a summary of its CTAs' points:
 // when they start and end (µs after the launch's first CTA started), the lifetimes and each phase between points
-// (median / p90 over the CTAs), and the CTAs resident per SM (time-averaged over the launch, and the most).
+// (median / p90 / max over the CTAs), the CTAs resident per SM (time-averaged over the launch, and the most), and the
+// points of the CTA that ended last.
 void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& host,
                          const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>>& pools) {
   const auto at = [&](int64_t cta, int point) { return host[size_t(cta) * kCompressorTracePoints + size_t(point)]; };
@@ -722,20 +723,32 @@ void print_prefill_trace(const std::string& title, const std::vector<uint64_t>& 
                 percentile(starts, 1), percentile(ends, 0), percentile(ends, 0.5), percentile(ends, 1),
                 percentile(lifetimes, 0.5), percentile(lifetimes, 0.9),
                 resident_ns / (1e3 * us(last)) / double(std::max<size_t>(sm_events.size(), 1)), most);
-    std::printf("   phases (µs from the previous point, p50 / p90):");
+    std::printf("   phases (µs from the previous point, p50 / p90 / max):");
     for (int point = COMPRESSOR_TRACE_START + 1; point < kCompressorTracePoints; ++point)
       if (!phases[size_t(point)].empty())
-        std::printf(" %s %.2f / %.2f;", kNames[point], percentile(phases[size_t(point)], 0.5),
-                    percentile(phases[size_t(point)], 0.9));
+        std::printf(" %s %.2f / %.2f / %.2f;", kNames[point], percentile(phases[size_t(point)], 0.5),
+                    percentile(phases[size_t(point)], 0.9), percentile(phases[size_t(point)], 1.0));
+    std::printf("\n");
+    // The CTA that ended last: its points (µs after the launch's first start).
+    int64_t last_cta = -1;
+    for (int64_t c = pool.second.first; c < pool.second.second; ++c)
+      if (at(c, COMPRESSOR_TRACE_END) != 0 &&
+          (last_cta < 0 || at(c, COMPRESSOR_TRACE_END) > at(last_cta, COMPRESSOR_TRACE_END)))
+        last_cta = c;
+    if (last_cta < 0) continue;
+    std::printf("   last to end: CTA %lld on SM %llu:", (long long)last_cta,
+                (unsigned long long)at(last_cta, COMPRESSOR_TRACE_SM));
+    for (int point = COMPRESSOR_TRACE_START; point < kCompressorTracePoints; ++point)
+      if (at(last_cta, point) != 0) std::printf(" %s %.2f;", kNames[point], us(at(last_cta, point)));
     std::printf("\n");
   }
 }
 
-void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, cudaStream_t stream) {
+void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, int64_t tokens, cudaStream_t stream) {
   constexpr int64_t kRoom = 4096;
   DeviceBuffer trace(size_t(kRoom) * kCompressorTracePoints * 8, "trace");
   std::vector<uint64_t> host(size_t(kRoom) * kCompressorTracePoints);
-  const Step& s = kSteps[3];
+  const Step s{"prefill chunk", -1, tokens, 1};
   const DeviceBuffer runs = runs_of(start_of(s, main), s.tokens, s.sequences);
   const auto traced = [&](const std::function<void(uint64_t*)>& launch) {
     launch(nullptr);
@@ -752,7 +765,8 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, cudaStr
     both[0].trace_ctas = both[1].trace_ctas = kRoom;
     run_compressors(both);
   });
-  print_prefill_trace("CSA layer main + indexer (lean)", host,
+  const std::string chunk = ", chunk of " + std::to_string(tokens);
+  print_prefill_trace("CSA layer main + indexer (lean)" + chunk, host,
                       {{"main", {0, main_ctas}}, {"indexer", {main_ctas, main_ctas + index_ctas}}});
   const DeviceBuffer hca_runs = runs_of(start_of(s, hca), s.tokens, s.sequences);
   traced([&](uint64_t* t) {
@@ -760,7 +774,7 @@ void trace_prefill(Compressor& main, Compressor& index, Compressor& hca, cudaStr
     p.trace = t, p.trace_ctas = kRoom;
     run_compressor(p);
   });
-  print_prefill_trace("HCA (staged)", host, {{"HCA", {0, s.tokens / hca.ratio * 8}}});
+  print_prefill_trace("HCA (staged)" + chunk, host, {{"HCA", {0, s.tokens / hca.ratio * 8}}});
 }
 
 int run(int argc, char** argv) {
@@ -798,7 +812,8 @@ int run(int argc, char** argv) {
     Compressor hca("HCA c=512 m=128", 512, 128, false, CompressorStoredRounding::KvFp8, rng);
     for (Compressor* k : {&main, &index, &hca}) k->fill_state(stream);
     if (trace) trace_decode(main, index, hca, device.l2_bytes, stream);
-    if (trace_chunk) trace_prefill(main, index, hca, stream);
+    if (trace_chunk)
+      for (const int64_t tokens : {Compressor::kPrefill, int64_t(512)}) trace_prefill(main, index, hca, tokens, stream);
     DSV4_CUDA_CHECK(cudaStreamDestroy(stream));
     return 0;
   }
