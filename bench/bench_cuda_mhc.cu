@@ -517,6 +517,37 @@ int main(int argc, char** argv) {
         };
         const double pre_bytes = x_bytes + double(kSiteRows * flat) * 4 + td_bytes + double(T * (kN + kN * kN)) * 4;
         record("hc_pre", hc_pre, pre_bytes, time_ms(stream, iterations, pre_baseline));
+        // The persistent kernel's variants at its sizes (above the decode kernels'), outputs byte-compared on set 0.
+        const auto output_bytes = [&](const auto& launch, std::initializer_list<const DeviceBuffer*> buffers) {
+          launch(0);
+          DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+          std::vector<unsigned char> bytes;
+          for (const DeviceBuffer* buffer : buffers) {
+            const size_t at = bytes.size();
+            bytes.resize(at + buffer->bytes());
+            buffer->download(bytes.data() + at, buffer->bytes());
+          }
+          return bytes;
+        };
+        const auto report_bits = [&](const char* what, const auto& old_launch, const auto& new_launch,
+                                     std::initializer_list<const DeviceBuffer*> buffers) {
+          const bool same = output_bytes(old_launch, buffers) == output_bytes(new_launch, buffers);
+          std::printf("%s T=%lld: %s %s\n", model, (long long)T, what,
+                      same ? "byte-identical to the persistent kernel's" : "DIFFERS from the persistent kernel's");
+        };
+        const auto hc_pre_pipelined = [&](int i) {
+          Set& s = set(i);
+          run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT_PIPELINED);
+        };
+        if (!decode_sized) {
+          record("hc_pre (pipelined persistent kernel)", hc_pre_pipelined, pre_bytes, 0.0);
+          const auto hc_pre_plain = [&](int i) {
+            Set& s = set(i);
+            run_pre(s, s.post, s.comb, HcKernelChoice::PERSISTENT);
+          };
+          report_bits("pipelined hc_pre y/post/comb", hc_pre_plain, hc_pre_pipelined,
+                      {&set(0).y, &set(0).post, &set(0).comb});
+        }
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
           record("hc_pre (persistent kernel)", hc_pre_persistent, pre_bytes, 0.0);
@@ -653,6 +684,13 @@ int main(int argc, char** argv) {
         };
         record("hc_head", hc_head, x_bytes + double(kN * flat) * 4 + td_bytes,
                time_ms(stream, iterations, head_baseline));
+        if (!decode_sized) {
+          const auto head_pipelined = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT_PIPELINED); };
+          record("hc_head (pipelined persistent kernel)", head_pipelined, x_bytes + double(kN * flat) * 4 + td_bytes,
+                 0.0);
+          const auto head_plain = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
+          report_bits("pipelined hc_head h", head_plain, head_pipelined, {&set(0).y});
+        }
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };
           const auto default_norm = [&](int i) { run_head(set(i), HcKernelChoice::AUTO, true); };

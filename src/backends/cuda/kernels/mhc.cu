@@ -165,6 +165,14 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }
+  if constexpr (!kPost) {
+    if (choice == HcKernelChoice::PERSISTENT_PIPELINED) {
+      constexpr auto kPipelined = mhc::ProjectionVariant::kPipelined;
+      if (config.slice_dims == 64)
+        return launch_projection<kHead, false, 64, kPipelined>(args, multiprocessors, stream, op);
+      return launch_projection<kHead, false, 32, kPipelined>(args, multiprocessors, stream, op);
+    }
+  }
   if (config.slice_dims == 64) return launch_projection<kHead, kPost, 64>(args, multiprocessors, stream, op);
   launch_projection<kHead, kPost, 32>(args, multiprocessors, stream, op);
 }
