@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <limits>
 
 #include "backends/cuda/cuda_check.hpp"
@@ -91,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTrace>
+template <bool kFp8, bool kTrace, bool kScoresAhead = false>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -143,6 +144,8 @@ ClusterLimits d512_device_limits() {
   return cache.get(reinterpret_cast<const void*>(sparse_attention_d512_kernel<false, false>), [] {
     set_d512_attributes<false, false>();
     set_d512_attributes<false, true>();
+    set_d512_attributes<false, false, true>();
+    set_d512_attributes<false, true, true>();
     set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
@@ -157,11 +160,21 @@ bool merges_in_cluster(const SparseAttentionParams& p) {
   return p.cluster_merge && p.splits > 1 && p.splits <= largest_d512_cluster() && use_d512_kernel(p);
 }
 
-template <bool kFp8, bool kTrace = false>
+// Whether the head_dim 512 kernel's consumers score a tile ahead (SparseAttentionParams::d512_scores_ahead, or
+// DSV4_ATTENTION_SCORES_AHEAD=1 in the environment for every call on bf16 entries).
+bool d512_scores_ahead(const SparseAttentionParams& p) {
+  static const bool by_environment = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_SCORES_AHEAD");
+    return value != nullptr && value[0] == '1';
+  }();
+  return p.d512_scores_ahead || (by_environment && p.cache.layout.format == KvEntryFormat::Bf16);
+}
+
+template <bool kFp8, bool kTrace = false, bool kScoresAhead = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -318,6 +331,8 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
                                     head_split_splits(p) == 0 && !uses_prefill_kernel(p)),
         "sparse_attention: a traced launch (d512_trace) needs a call that the head_dim 512 kernel serves on bf16 "
         "entries");
+  check(!p.d512_scores_ahead || p.cache.layout.format == KvEntryFormat::Bf16,
+        "sparse_attention: d512_scores_ahead needs bf16 entries (fp8 entries' two KV stages cannot hold a tile ahead)");
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
@@ -340,12 +355,13 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
+    const bool ahead = d512_scores_ahead(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
-      launch_d512<false, true>(p);
+      ahead ? launch_d512<false, true, true>(p) : launch_d512<false, true>(p);
     else
-      launch_d512<false>(p);
+      ahead ? launch_d512<false, false, true>(p) : launch_d512<false>(p);
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }
