@@ -242,7 +242,23 @@ compressor::PoolArgs pool_args(const CompressorParams& p, CompressorSlotLoads lo
                               .lean_teams = lean_teams,
                               .rows = entries,
                               .team_div = compressor::FastDivisor::of(uint32_t(lean ? c / 4 : 1)),
-                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2};
+                              .lean_csa_windows = p.overlapping && p.ratio == compressor::kLeanSlots / 2,
+                              .prefetch_ahead = 0,
+                              .prefetch_window = false};
+}
+
+// Round s22-1's A/B switches: DSV4_COMPRESSOR_LEAN_PREFETCH=N (CTAs ahead), DSV4_COMPRESSOR_STAGED_PREFETCH=1.
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
+void set_prefetch_switches(compressor::PoolArgs& pool, const CompressorParams& p) {
+  static const int ahead = env_int("DSV4_COMPRESSOR_LEAN_PREFETCH");
+  static const bool window = env_int("DSV4_COMPRESSOR_STAGED_PREFETCH") == 1;
+  const bool aligned = aligned16(p.kv) && aligned16(p.gate) && pool.row_stride % 4 == 0 && pool.c % 4 == 0;
+  pool.prefetch_ahead = aligned ? ahead : 0;
+  pool.prefetch_window = aligned && window && pool.channels_per_cta % 4 == 0;
 }
 
 // The pools' launch, with the indexer's query preparation when `prepare` is given (checked by the caller).
@@ -265,7 +281,8 @@ void launch_compressors(std::span<const CompressorParams> params, const IndexerP
   size_t smem = 0;
   for (const CompressorParams& p : params) {
     if (p.run_count == 0) continue;
-    const compressor::PoolArgs pool = pool_args(p, loads);
+    compressor::PoolArgs pool = pool_args(p, loads);
+    set_prefetch_switches(pool, p);
     launch.pools[launch.pool_count++] = pool;
     hardware_cluster = std::max(hardware_cluster, pool.cluster_ctas);
     threads = lean ? compressor::kLeanThreads : std::max(threads, pool.pairs_padded * pool.groups);

@@ -40,6 +40,7 @@
 #include "backends/cuda/kernels/compressor.hpp"
 #include "backends/cuda/kernels/indexer.cuh"
 #include "backends/cuda/kernels/kv_insert.cuh"
+#include "backends/cuda/kernels/moe_prefetch.cuh"
 #include "backends/cuda/kernels/rope.cuh"
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
@@ -135,6 +136,10 @@ struct PoolArgs {
   FastDivisor team_div;
   // Lean CSA windows of ratio 4 wholly in the run take straight-line loads (load_csa_window).
   bool lean_csa_windows;
+  // Round s22-1's A/B switches (kv, gate 16-byte aligned rows, else 0 / false): a lean CTA asks L2 for the window of
+  // the entry prefetch_ahead CTAs on (0: none); a staged CTA asks L2 for its whole window slice before its first batch.
+  int prefetch_ahead;
+  bool prefetch_window;
 };
 
 struct LaunchArgs {
@@ -425,6 +430,19 @@ __device__ __forceinline__ void pool_from_staging(const PoolArgs& a, const RunVi
     add_batch(channel0, channel1, slot, valid);
     compiler_memory_fence();  // this stage's reads come before its refill
     if (b + 2 < batches) issue(b + 2, stage);
+  }
+}
+
+// The CTA's slice [first, first + channels_per_cta) of entry w's window rows asked of L2 (one bulk prefetch per row
+// of kv and of gate, spread over the CTA's threads) when the window lies in the run: its later batches then hit L2.
+__device__ __forceinline__ void prefetch_window_slice(const PoolArgs& a, const RunView& r, int64_t w, int first) {
+  const int64_t first_q = window_first_position(a, w);
+  if (first_q < r.start) return;  // CTA-uniform
+  const int slots = a.overlapping ? 2 * int(a.ratio) : int(a.ratio);
+  for (int i = int(threadIdx.x); i < 2 * slots; i += int(blockDim.x)) {
+    const int s = i >> 1;
+    const int64_t offset = (first_q - r.start + s) * a.row_stride + first + (a.overlapping && s >= a.ratio ? a.c : 0);
+    moe::prefetch_l2_bulk(((i & 1) != 0 ? r.gate : r.kv) + offset, uint32_t(a.channels_per_cta) * 4);
   }
 }
 
@@ -901,6 +919,7 @@ __device__ __forceinline__ void compress(const PoolArgs& a, int64_t local, int h
                            .rope_pair = rope_pair,
                            .frequency = frequency};
     OnlineSoftmax channel0, channel1;
+    if (kStaged && a.prefetch_window) prefetch_window_slice(a, r, e.w, place.rank * channels);
     if constexpr (kStaged)
       pool_from_staging(a, r, task, reinterpret_cast<float2*>(s.entry_vector + channels), rope, channel0, channel1);
     else
@@ -1099,6 +1118,17 @@ __device__ __forceinline__ void compress_lean(const PoolArgs& a, int64_t local, 
       load_csa_window<1, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
     else
       load_csa_window<2, kLateApe>(r.kv + base, r.gate + base, a.ape + channel, row_stride, a.c, value, score);
+    if (a.prefetch_ahead > 0 && thread < 2 * kLeanSlots) {
+      // The entry a.prefetch_ahead CTAs on, where it is an in-run entry of this run: its window's rows (slot
+      // thread / 2, kv or gate) over the team's channels.
+      const int64_t ahead = int64_t(a.prefetch_ahead) * a.lean_teams;
+      if (e.entry + ahead < a.entries_per_run - 1 && e.w + ahead < ratio_div(a, r.start + r.tokens)) {
+        const int s = thread >> 1;
+        const int64_t offset = (window_first_position(a, e.w + ahead) - r.start + s) * row_stride +
+                               (s >= kLeanSlots / 2 ? a.c : 0);
+        moe::prefetch_l2_bulk(((thread & 1) != 0 ? r.gate : r.kv) + offset, uint32_t(a.c) * 4);
+      }
+    }
     look_up_entry();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
