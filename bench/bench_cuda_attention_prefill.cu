@@ -8,8 +8,8 @@
 // per clock), the speed-up over today's path, and the largest difference between the two outputs over the largest
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
-// (+pf). Round s22-1's A/B columns on the bf16-q call: cs (SparseAttentionPrefillOptions::streaming_output, bits
-// checked against the plain call), sym (symmetric_max, its difference from the plain call) and noKV (every slot unused:
+// (+pf). Round s22-1's A/B columns on the bf16-q call: cs and bulk (SparseAttentionPrefillOptions::output_stores
+// Streaming and Bulk, bits checked against the plain call), sym (symmetric_max, its difference from the plain call) and noKV (every slot unused:
 // the producer zero-fills its buffers without reading an entry, the kernel's time without KV traffic); decode rows add
 // +pf sym.
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
@@ -203,8 +203,9 @@ struct Case {
   double old_us, new_us, old_tflops, new_tflops, percent_of_cublas, percent_of_peak, relative_difference;
   double bf16_q_us, bf16_q_tflops;  // the prefill kernel with q in bf16 (its MMA input: same result, half the bytes)
   double bf16_q_prefetch_us;        // the same with SparseAttentionPrefillOptions::prefetch_resolved
-  double bf16_q_streaming_us;       // the same with SparseAttentionPrefillOptions::streaming_output
-  bool streaming_same;              // its output bit for bit the plain one's
+  double bf16_q_streaming_us;       // the same with PrefillOutputStores::Streaming
+  double bf16_q_bulk_us;            // the same with PrefillOutputStores::Bulk
+  bool stores_same;                 // both outputs bit for bit the plain one's
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
   double bf16_q_symmetric_us;       // the same with SparseAttentionPrefillOptions::symmetric_max
   double symmetric_difference;      // its output against the plain one's (relative_difference)
@@ -268,15 +269,22 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
-  bool streaming_same = false;
+  bool stores_same = false;
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DeviceBuffer streaming_out(outputs * 2, "prefill kernel out, streaming stores");
   SparseAttentionParams streaming_call = prefill_bf16_q;
   streaming_call.out = streaming_out.data();
-  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off, .streaming_output = true};
+  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off,
+                                                .output_stores = PrefillOutputStores::Streaming};
   const double streaming_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(streaming_call, streaming); });
+  DeviceBuffer bulk_out(outputs * 2, "prefill kernel out, bulk stores");
+  SparseAttentionParams bulk_call = prefill_bf16_q;
+  bulk_call.out = bulk_out.data();
+  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off,
+                                           .output_stores = PrefillOutputStores::Bulk};
+  const double bulk_ms = median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(bulk_call, bulk); });
   // Every slot −1: the producer zero-fills its buffers without reading an entry (the diagnostic's floor).
   DeviceBuffer no_window(chunk.window_index.size() * 4, "no window index"),
       no_compressed(chunk.compressed_index.size() * 4, "no compressed index"),
@@ -297,10 +305,11 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
   {
-    std::vector<uint16_t> a(outputs), b(outputs);
+    std::vector<uint16_t> a(outputs), b(outputs), c(outputs);
     bf16_q_out.download(a.data(), outputs * 2);
     streaming_out.download(b.data(), outputs * 2);
-    streaming_same = a == b;
+    bulk_out.download(c.data(), outputs * 2);
+    stores_same = a == b && a == c;
   }
   if (trace)
     for (const bool symmetric_max : {false, true})
@@ -310,7 +319,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 
   Case r;
   r.bf16_q_streaming_us = streaming_ms * 1e3;
-  r.streaming_same = streaming_same;
+  r.bf16_q_bulk_us = bulk_ms * 1e3;
+  r.stores_same = stores_same;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.bf16_q_symmetric_us = symmetric_ms * 1e3;
   r.symmetric_difference = relative_difference(bf16_output(bf16_q_out, outputs), bf16_output(symmetric_out, outputs),
@@ -455,11 +465,11 @@ int run(int argc, char** argv) {
     std::printf("prefill: %lld queries, CSA %d window + %d top-k slots, fp32 q, bf16 out; today = "
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
-    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %5s %8s | "
-                "%8s %9s\n",
+    std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
+                "%8s | %8s %9s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
-                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bits",
-                "noKV us", "sym us", "sym diff");
+                "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bulk us",
+                "bits", "noKV us", "sym us", "sym diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -469,16 +479,16 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.streaming_same &&
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.stores_same &&
                             r.symmetric_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %5s %8.1f | %8.1f %9.2e%s\n",
+                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
-                    r.streaming_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
+                    r.bf16_q_bulk_us, r.stores_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
                     r.symmetric_difference, agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);

@@ -90,7 +90,10 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
   std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
-              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "", options.streaming_output ? " cs" : "",
+              options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
+              options.output_stores == PrefillOutputStores::Streaming ? " cs"
+              : options.output_stores == PrefillOutputStores::Bulk    ? " bulk"
+                                                                      : "",
               options.symmetric_max ? " sym" : "", checked.worst);
 }
 
@@ -193,12 +196,16 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
   }
 }
 
-// Round s22-1's A/B variants: bf16 rows stored with the streaming policy; the symmetric max exchange (chunks, per-query
-// counts, padded heads with a query without entries, decode with the L2 prefetch).
+// Round s22-1's A/B variants: bf16 rows stored with the streaming policy or by bulk copies (out on a 16-byte boundary;
+// 8 bytes past one: the threads' stores); the symmetric max exchange (chunks, per-query counts, padded heads with a
+// query without entries, decode with the L2 prefetch).
 TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
-  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off, .streaming_output = true};
+  const SparseAttentionPrefillOptions streaming{.prefetch_resolved = PrefetchResolved::Off,
+                                                .output_stores = PrefillOutputStores::Streaming};
+  const SparseAttentionPrefillOptions bulk{.prefetch_resolved = PrefetchResolved::Off,
+                                           .output_stores = PrefillOutputStores::Bulk};
   const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
   for (const KvEntryFormat format : kFormats) {
     const AttentionCase chunk{"flash csa chunk bf16 io", format, 512, 64, 64, 128, 128, 512, {300, 2100}, 12,
@@ -207,6 +214,8 @@ TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
                                AttentionDtype::Bf16, true};
     check_attention(chunk, seed++, streaming);
     check_attention(padded, seed++, streaming);
+    check_attention(chunk, seed++, bulk);
+    check_attention(padded, seed++, bulk);
     check_attention(chunk, seed++, symmetric);
     check_attention(padded, seed++, symmetric);
     AttentionCase hca{"flash hca chunk counts", format, 512, 64, 64, 128, 128, 100, {3000, 700}, 8};

@@ -1,5 +1,7 @@
 #include "backends/cuda/kernels/sparse_attention_prefill.cuh"
 
+#include <utility>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/sparse_attention_input_checks.hpp"
 #include "backends/cuda/per_device_cache.hpp"
@@ -12,9 +14,10 @@ namespace {
 
 using namespace sparse_attention_prefill_detail;
 
-template <bool kFp8, bool kTrace, bool kStreamingOutput, bool kSymmetricMax>
+template <int kFp8, int kTrace, int kStores, int kSymmetricMax>
 void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
-  const auto kernel = sparse_attention_prefill_kernel<kFp8, kTrace, kStreamingOutput, kSymmetricMax>;
+  const auto kernel =
+      sparse_attention_prefill_kernel<kFp8 != 0, kTrace != 0, PrefillOutputStores(kStores), kSymmetricMax != 0>;
   const int limit = max_dynamic_shared_memory(reinterpret_cast<const void*>(kernel));
   check(kAllocationBytes <= limit, "sparse_attention_prefill: ", kAllocationBytes,
         " bytes of shared memory per CTA exceed the device's ", limit);
@@ -26,18 +29,20 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                  "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.trace);
 }
 
-// The kernel of the call's entry format and the options' flags: flag i of {fp8 entries, traced, streaming output,
-// symmetric max} chosen after the i before it.
-template <bool... kChosen>
+// The kernel of the call's entry format and the options: choice i of {fp8 entries, traced, output stores, symmetric
+// max} made after the i before it.
+template <int... kChosen>
 void dispatch(const SparseAttentionParams& p, int head_blocks, const SparseAttentionPrefillOptions& options) {
   constexpr size_t kCount = sizeof...(kChosen);
   if constexpr (kCount == 4) {
     launch<kChosen...>(p, head_blocks, options);
   } else {
-    const bool flags[4] = {p.cache.layout.format == KvEntryFormat::Fp8Reference, options.trace != nullptr,
-                           options.streaming_output, options.symmetric_max};
-    flags[kCount] ? dispatch<kChosen..., true>(p, head_blocks, options)
-                  : dispatch<kChosen..., false>(p, head_blocks, options);
+    const int choice[4] = {p.cache.layout.format == KvEntryFormat::Fp8Reference, options.trace != nullptr,
+                           int(options.output_stores), options.symmetric_max};
+    constexpr int kChoices[4] = {2, 2, 3, 2};
+    [&]<int... kValues>(std::integer_sequence<int, kValues...>) {
+      ((choice[kCount] == kValues ? dispatch<kChosen..., kValues>(p, head_blocks, options) : void()), ...);
+    }(std::make_integer_sequence<int, kChoices[kCount]>{});
   }
 }
 

@@ -55,12 +55,16 @@ inline constexpr int kEpilogue = 12, kEnd = 13, kSm = 15;
 inline constexpr int kStaged = 14;  // consumers, bf16 output: the rows staged in shared memory (before their stores)
 }  // namespace prefill_trace
 
+// How the bf16 output rows, staged in shared memory, leave (A/B, round s22-1): 16-byte stores by the consumer threads;
+// the same with the streaming (evict-first) policy, so that the 64 KB a CTA writes does not push the entries and q
+// rows that later CTAs read out of L2; one bulk copy (TMA) per row, the threads free once it has read the row (out
+// 16-byte aligned; else the threads' stores).
+enum class PrefillOutputStores : uint8_t { Threads, Streaming, Bulk };
+
 // Variants of the kernel that a benchmark compares on the same call.
 struct SparseAttentionPrefillOptions {
   PrefetchResolved prefetch_resolved = PrefetchResolved::Auto;
-  // A/B (round s22-1): bf16 output rows stored with the streaming (evict-first) policy, so that the 64 KB a CTA
-  // writes does not push the entries and q rows that later CTAs read out of L2.
-  bool streaming_output = false;
+  PrefillOutputStores output_stores = PrefillOutputStores::Threads;
   // A/B (round s22-1): the consumers hand each other their block's row maxima at once and both weight their block
   // against the pair's max, instead of consumer 1 waiting for consumer 0's softmax and consumer 0 re-weighting its
   // block where consumer 1's raised the max (its weights then rounded to bf16 once, not twice).
