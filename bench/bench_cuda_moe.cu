@@ -14,7 +14,9 @@
 // shared_expert_split; within one wave by default): "unsplit-shared", "split-shared-to-8", and without the down head
 // start (MoeRunParams::down_head_start): "no-down-head-start", and the fp4 column stages other than the default
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
-// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item").
+// default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the down
+// CTAs' work item read with the count before the wait (MoeRunParams::down_item_early other than the default):
+// "down-item-early" (or "down-item-after-wait").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -180,6 +182,7 @@ enum class Path {
   NO_DOWN_HEAD_START,
   OTHER_COLUMNS,
   PER_ITEM,
+  DOWN_ITEM_EARLY,
   REGISTER
 };
 struct PathSpec {
@@ -190,8 +193,9 @@ struct PathSpec {
   bool no_down_head_start = false;
   bool other_columns = false;
   bool other_per_item = false;
+  bool other_item_early = false;
   bool option() const {
-    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item ||
+    return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_item_early ||
            split != MoeRunParams{}.shared_expert_split;
   }
 };
@@ -207,6 +211,8 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, true},
     {Path::PER_ITEM, MoeRunParams{}.down_waits_per_item ? "down-waits-grid" : "down-waits-item", false, false,
      MoeRunParams{}.shared_expert_split, false, false, true},
+    {Path::DOWN_ITEM_EARLY, MoeRunParams{}.down_item_early ? "down-item-after-wait" : "down-item-early", false, false,
+     MoeRunParams{}.shared_expert_split, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -226,6 +232,7 @@ MoeRunParams path_params(Path path) {
   if (spec.no_down_head_start) p.down_head_start = false;
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
+  if (spec.other_item_early) p.down_item_early = !p.down_item_early;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -384,10 +391,92 @@ std::vector<Result> bench_model(const Model& model, const std::vector<int>& toke
   return results;
 }
 
+// --trace, per work item: when each chunk of the down GEMM's K (kTraceDownChunk inputs of I: the down's fp4 stage,
+// gate/up bands of 64 rows) is complete (the latest end of its gate/up CTAs; the item is complete at the latest
+// chunk), and when the item's down CTAs start, pass their wait, have x staged and end (median / latest over the
+// item's warps). Then the SM hand-over: each down CTA's start after the latest gate/up CTA end on its SM before it.
+// host[0] / host[1]: the gate/up / down records; grid row r >= shared_rows serves work item r - shared_rows + 1.
+constexpr int64_t kTraceDownChunk = 512;
+void print_trace_items(const std::vector<uint64_t> (&host)[2], uint64_t t0, int64_t gate_up_bands,
+                       int64_t down_bands, int64_t intermediate, int shared_rows) {
+  auto us = [&](uint64_t t) { return double(int64_t(t - t0)) * 1e-3; };
+  auto cta_point = [&](int g, int64_t cta, int slot, bool latest) {  // over the CTA's warps; 0 if not reached
+    uint64_t v = latest ? 0 : ~0ull;
+    for (int w = 0; w < kMoeTraceWarpsPerCta; ++w) {
+      const uint64_t* r = host[g].data() + (cta * kMoeTraceWarpsPerCta + w) * kMoeTraceSlots;
+      if (r[MOE_TRACE_READY] == 0 || r[slot] == 0) return uint64_t(0);
+      v = latest ? std::max(v, r[slot]) : std::min(v, r[slot]);
+    }
+    return v;
+  };
+  const int64_t rows = int64_t(host[1].size()) / (down_bands * kMoeTraceWarpsPerCta * kMoeTraceSlots);
+  const int64_t bands_per_chunk = kTraceDownChunk / (kMoeDownBandRows / 2);
+  const int64_t chunks = (intermediate + kTraceDownChunk - 1) / kTraceDownChunk;
+  std::printf("| item | gate/up chunk ends (latest CTA each) | down start med / last | wait passed med / last | x "
+              "staged med / last | down end med / last |\n|---|---|---|---|---|---|\n");
+  for (int64_t row = 0; row < rows; ++row) {
+    if (row > 0 && row < shared_rows) continue;
+    std::string ends;
+    bool any = false;
+    for (int64_t c = 0; c < chunks; ++c) {
+      uint64_t end = 0;
+      for (int64_t part = 0; part < (row == 0 ? shared_rows : 1); ++part)
+        for (int64_t b = c * bands_per_chunk; b < std::min(gate_up_bands, (c + 1) * bands_per_chunk); ++b)
+          end = std::max(end, cta_point(0, (row + part) * gate_up_bands + b, MOE_TRACE_END, true));
+      any = any || end != 0;
+      char text[32];
+      std::snprintf(text, sizeof(text), "%s%.2f", c == 0 ? "" : " ", us(end));
+      ends += text;
+    }
+    if (!any) continue;
+    std::string down;
+    for (const int slot : {int(MOE_TRACE_START), int(MOE_TRACE_READY), int(MOE_TRACE_X_STAGED), int(MOE_TRACE_END)}) {
+      std::vector<double> t;
+      for (int64_t part = 0; part < (row == 0 ? shared_rows : 1); ++part)
+        for (int64_t b = 0; b < down_bands; ++b) {
+          const uint64_t v = cta_point(1, (row + part) * down_bands + b, slot, slot == MOE_TRACE_END);
+          if (v != 0) t.push_back(us(v));
+        }
+      std::sort(t.begin(), t.end());
+      char text[48];
+      const double median = t.empty() ? 0.0 : t[t.size() / 2], last = t.empty() ? 0.0 : t.back();
+      std::snprintf(text, sizeof(text), " %.2f / %.2f |", median, last);
+      down += text;
+    }
+    std::printf("| %s | %s |%s\n", row == 0 ? "shared" : std::to_string(row - shared_rows + 1).c_str(), ends.c_str(),
+                down.c_str());
+  }
+  // The SM hand-over: the gate/up CTA ends per SM, then each down CTA's start after the latest of them before it.
+  std::vector<std::pair<uint64_t, uint64_t>> ends;  // (SM, end)
+  for (int64_t cta = 0; cta < int64_t(host[0].size()) / (kMoeTraceWarpsPerCta * kMoeTraceSlots); ++cta) {
+    const uint64_t end = cta_point(0, cta, MOE_TRACE_END, true);
+    if (end != 0) ends.emplace_back(host[0][cta * kMoeTraceWarpsPerCta * kMoeTraceSlots + MOE_TRACE_SM], end);
+  }
+  std::vector<double> gaps;
+  int early = 0;
+  for (int64_t cta = 0; cta < rows * down_bands; ++cta) {
+    const uint64_t start = cta_point(1, cta, MOE_TRACE_START, false);
+    if (start == 0) continue;
+    const uint64_t sm = host[1][cta * kMoeTraceWarpsPerCta * kMoeTraceSlots + MOE_TRACE_SM];
+    uint64_t before = 0;
+    for (const auto& [s, end] : ends)
+      if (s == sm && end <= start) before = std::max(before, end);
+    if (before == 0)
+      ++early;
+    else
+      gaps.push_back(double(start - before) * 1e-3);
+  }
+  std::sort(gaps.begin(), gaps.end());
+  if (!gaps.empty())
+    std::printf("down CTA start after the SM's last gate/up CTA end before it: median %.2f, p90 %.2f, max %.2f us "
+                "(%zu CTAs); %d down CTAs started before any gate/up CTA of their SM ended\n",
+                gaps[gaps.size() / 2], gaps[gaps.size() * 9 / 10], gaps.back(), gaps.size(), early);
+}
+
 // --trace: the timeline of one cold call at T <= 8 (a streamed path's parameters, plain stream launches chained as in
 // a model step): both expert launches traced (MoeRunParams::trace_gate_up / trace_down), each point's median and
 // latest time over the launch's working warps, in µs from the gate/up launch's first CTA start; the shared
-// expert's CTAs (grid row 0) apart from the routed ones.
+// expert's CTAs (its grid rows) apart from the routed ones; then print_trace_items.
 void print_trace(const Model& model, int T, WeightFormat routed_format, Path path, cudaStream_t stream) {
   const MoeConfig& c = model.config;
   std::vector<DeviceMoeWeights> layers;
@@ -439,8 +528,17 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
   for (int j = 0; j < 2 * kMoeTraceStages; ++j) names[MOE_TRACE_STAGE + j] = kStageNames[j];
   const int64_t gate_up_bands = (c.intermediate + kMoeDownBandRows / 2 - 1) / (kMoeDownBandRows / 2);
   const int64_t down_bands = (c.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
+  MoeExpertGemmParams split_query;  // the launches' split of the shared expert (moe_shared_expert_splits)
+  split_query.routed_format = routed_format, split_query.shared_format = WeightFormat::FP8_BLOCK128;
+  split_query.experts_count = int(c.experts), split_query.hidden = int(c.hidden);
+  split_query.intermediate = int(c.intermediate), split_query.tokens = T, split_query.streamed = true;
+  split_query.max_work_items = int(moe_max_work_items(T, c.experts, c.top_k, kMoeRowsPerWorkItem));
+  split_query.shared_expert_split = path_params(path).shared_expert_split;
+  int sms = 0;
+  DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int shared_rows = moe_shared_expert_splits(split_query, sms) ? 2 : 1;
   std::printf("trace %s T=%d %s (%s routed experts), µs from the gate/up launch's first CTA start: median / latest "
-              "over the working warps, shared expert (grid row 0) | routed\n",
+              "over the working warps, shared expert (its grid rows) | routed\n",
               model.name, T, kPaths[int(path)].name, routed_format == WeightFormat::NVFP4 ? "NVFP4" : "MXFP4");
   for (int g = 0; g < 2; ++g) {
     const int64_t bands = g == 0 ? gate_up_bands : down_bands;
@@ -454,7 +552,7 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
         const uint64_t* r = host[g].data() + w * kMoeTraceSlots;
         if (r[MOE_TRACE_READY] == 0 || r[slot] == 0) continue;  // CTAs without an item; points not reached
         if (slot == MOE_TRACE_START && w % kMoeTraceWarpsPerCta == 0) ++ctas, sms.insert(r[MOE_TRACE_SM]);
-        const bool shared = int64_t(w / kMoeTraceWarpsPerCta) < bands;
+        const bool shared = int64_t(w / kMoeTraceWarpsPerCta) < bands * shared_rows;
         times[shared ? 0 : 1].push_back(double(int64_t(r[slot] - t0)) * 1e-3);
       }
       if (times[0].empty() && times[1].empty()) continue;
@@ -470,6 +568,8 @@ void print_trace(const Model& model, int T, WeightFormat routed_format, Path pat
     }
     std::printf("(%s: %d working CTAs on %zu SMs)\n", g == 0 ? "gate/up" : "down", ctas, sms.size());
   }
+  print_trace_items(host, t0, gate_up_bands, down_bands, c.intermediate,
+                    shared_rows);
 }
 
 }  // namespace
@@ -533,7 +633,7 @@ int main(int argc, char** argv) {
                            "[--format mxfp4|nvfp4] [--trace] "
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
-                           "down-waits-grid|down-waits-item,"
+                           "down-waits-grid|down-waits-item,down-item-early|down-item-after-wait,"
                            "register]\n");
       return 2;
     }

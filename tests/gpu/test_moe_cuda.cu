@@ -11,9 +11,10 @@
 // (MoeRunParams::down_head_start: the same bits, alone and with the split); at T <= 2 the fp4 column stages other
 // than the default (MoeRunParams::column_stages: fp4 block sums in another order, checked against the CPU and run
 // to run; the same bits as without them at T > 2); the down CTAs waiting for the whole gate/up grid instead of their
-// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); a V4-Pro-width
-// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's fp4 repack
-// (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
+// own item's gate/up CTAs (MoeRunParams::down_waits_per_item other than the default: the same bits); the down CTAs'
+// item read before the wait (MoeRunParams::down_item_early other than the default: the same bits); a V4-Pro-width
+// layer (d 7168, I 3072); experts with no token, every token on one expert; run-to-run bit equality; the upload's
+// fp4 repack (weight_tile_mma.cuh Fp4Layout::DEVICE) decoding to the checkpoint order's pairs.
 // Fresh random weights and inputs (fixed seeds), the output and the workspace poisoned with NaN (plus a guard region
 // past the output) before each run, every element checked, NaN never passes.
 //
@@ -280,6 +281,7 @@ struct Kernels {
   bool down_head_start = MoeRunParams{}.down_head_start;
   bool columns = MoeRunParams{}.column_stages;
   bool per_item = MoeRunParams{}.down_waits_per_item;
+  bool item_early = MoeRunParams{}.down_item_early;
   std::string name() const {
     const char* path = experts == MoeExpertKernels::STREAMED   ? "streamed"
                        : experts == MoeExpertKernels::REGISTER ? "register"
@@ -290,13 +292,14 @@ struct Kernels {
             : split == MoeSharedExpertSplit::ALWAYS ? ", shared expert always split"
                                                      : ", shared expert split within one wave") +
            (down_head_start ? ", down head start" : "") + (columns ? ", column stages" : "") +
-           (per_item ? ", down waits per item" : "");
+           (per_item ? ", down waits per item" : "") + (item_early ? ", down item early" : "");
   }
   MoeRunParams params() const {
     MoeRunParams p;
     p.expert_kernels = experts, p.fused_small_batches = fused_small_batches;
     p.lean_expert_decode = lean, p.shared_expert_split = split;
     p.down_head_start = down_head_start, p.column_stages = columns, p.down_waits_per_item = per_item;
+    p.down_item_early = item_early;
     return p;
   }
 };
@@ -339,6 +342,14 @@ constexpr Kernels kStreamedOtherWait{.experts = MoeExpertKernels::STREAMED, .fus
 constexpr Kernels kStreamedSplitAllOtherWait{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
                                              .split = MoeSharedExpertSplit::ALWAYS,
                                              .per_item = !MoeRunParams{}.down_waits_per_item};
+// The down CTAs' item read before the wait other than the default (MoeRunParams::down_item_early: the same bits),
+// also with the shared expert split at every T <= 8.
+constexpr Kernels kStreamedOtherItemEarly{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                          .item_early = !MoeRunParams{}.down_item_early};
+constexpr Kernels kStreamedSplitAllOtherItemEarly{.experts = MoeExpertKernels::STREAMED, .fused_small_batches = true,
+                                                  .split = MoeSharedExpertSplit::ALWAYS,
+                                                  .item_early = !MoeRunParams{}.down_item_early};
+
 // Runs one case and checks every stage; `failures` caps the messages per case.
 void check_case(const Layer& layer, const ExpertSet& experts, const DeviceMoeWeights& device_weights, int64_t T,
                 uint64_t seed, const std::function<int32_t(int64_t t, std::mt19937_64&)>& token_of,
@@ -610,6 +621,11 @@ TEST_P(MoeFormats, ScoredAndHashRoutingMatchTheCpuForEveryTokenCount) {
     for (const int T : {1, 2}) expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherWait,
                                                 kStreamedKernels);
     expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherWait, kStreamedSplitAll);
+    // The down CTAs' item read before the wait (the same bits).
+    check_case(layer, experts, device_weights, 2, seed++, random_tokens(kFlashLike), kStreamedOtherItemEarly);
+    for (const int T : {1, 3, 8, 17})
+      expect_same_bits(device_weights, kFlashLike, T, seed++, kStreamedOtherItemEarly, kStreamedKernels);
+    expect_same_bits(device_weights, kFlashLike, 8, seed++, kStreamedSplitAllOtherItemEarly, kStreamedSplitAll);
   }
 }
 
@@ -832,7 +848,7 @@ TEST_F(MoeRoutingExtremes, EveryTokenOnOneExpert) {
 // routing) each time, eagerly and as replays of one CUDA graph, at T = 8 and then T = 1, 9 (no fused combine) and 3
 // on the same workspace, each equal to a run on a fresh workspace; with the defaults and the other down wait.
 TEST_F(MoeRoutingExtremes, CallsRepeatThroughOneWorkspaceAndGraphReplays) {
-  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait}) {
+  for (const Kernels kernels : {kStreamedKernels, kStreamedOtherWait, kStreamedOtherItemEarly}) {
     SCOPED_TRACE(kernels.name());
     constexpr int graph_tokens = 8;
     const Shape& S = kFlashLike;

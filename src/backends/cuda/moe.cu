@@ -1,5 +1,8 @@
 #include "backends/cuda/moe.hpp"
 
+#include <cstdlib>
+#include <string_view>
+
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/kernels/moe_combine.hpp"
 #include "backends/cuda/kernels/moe_experts.hpp"
@@ -99,6 +102,16 @@ MoeRoutingBuffers routing_buffers(const WorkspaceLayout& l, void* ws) {
   };
 }
 
+// Round s22 A/B switch (removed after the rounds): DSV4_MOE_DOWN_ITEM_EARLY=on turns MoeRunParams::down_item_early
+// on in every call, the model's included.
+bool down_item_early_forced() {
+  static const bool value = [] {
+    const char* v = std::getenv("DSV4_MOE_DOWN_ITEM_EARLY");
+    return v != nullptr && std::string_view(v) == "on";
+  }();
+  return value;
+}
+
 // The expert GEMMs' parameters of a call (workspace buffers at layout l, the routing's outputs in `routing`).
 MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const MoeRunParams& p,
                                        const WorkspaceLayout& l, const MoeRoutingBuffers& routing) {
@@ -129,6 +142,7 @@ MoeExpertGemmParams expert_gemm_params(const DeviceMoeWeights& weights, const Mo
       .tokens = p.tokens,
       .item_counters = at<uint32_t>(ws, WorkspaceLayout::item_counters),
       .down_waits_per_item = p.down_waits_per_item,
+      .down_item_early = (p.down_item_early || down_item_early_forced()) && streamed,
       .stream = p.stream,
   };
   if (fuses_combine(p)) {

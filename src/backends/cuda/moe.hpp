@@ -100,6 +100,10 @@ struct MoeRunParams {
   // CTAs split in two per band where the launches pass one wave, round s18-3, H100: Flash T = 2 86.5 -> 94.0 us,
   // T = 8 252.4 -> 293.2, Pro T = 1 125.1 -> 125.8, e2e b8 2363.6 -> 2155.5 t/s; removed.)
   bool down_waits_per_item = true;
+  // MoeExpertGemmParams::down_item_early (down_waits_per_item): the down CTAs read their work item with the count
+  // before the wait and reset the item counters at their end. The same bits. Round s22-1 A/B (bench_cuda_moe path
+  // "down-item-early"; DSV4_MOE_DOWN_ITEM_EARLY=on turns it on in every call, the model's included).
+  bool down_item_early = false;
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
   // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)

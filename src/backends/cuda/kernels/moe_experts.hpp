@@ -111,6 +111,12 @@ struct MoeExpertGemmParams {
   // T = 2-8) run beside the last gate/up CTAs. Only where the previous launch on the stream is run_moe_gate_up of the
   // same parameters (run_moe's order). The same bits.
   bool down_waits_per_item = false;
+  // run_moe_down where moe_down_waits_per_item_apply: each CTA reads the item count and its whole work item in one
+  // round trip before the wait (the slot exists; past the count it is dropped) and keeps the item past the wait,
+  // and checks its seen ticket (wait_for_item_rows) at its end: two dependent round trips fewer between a down CTA's
+  // start and its first copies and one between its wait and x. The same bits. Round s22-1 A/B
+  // (MoeRunParams::down_item_early).
+  bool down_item_early = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).
