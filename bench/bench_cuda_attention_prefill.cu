@@ -9,9 +9,9 @@
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
 // (+pf). Round s22-1's A/B columns on the bf16-q call: cs and bulk (SparseAttentionPrefillOptions::output_stores
-// Streaming and Bulk, bits checked against the plain call), sym (symmetric_max, its difference from the plain call) and noKV (every slot unused:
-// the producer zero-fills its buffers without reading an entry, the kernel's time without KV traffic); decode rows add
-// +pf sym.
+// Streaming and Bulk, bits checked against the plain call), sym (symmetric_max, its difference from the plain call)
+// and noKV (every slot unused: the producer zero-fills its buffers without reading an entry, the kernel's time without
+// KV traffic); decode rows add +pf sym.
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -164,8 +164,8 @@ void print_trace(const SparseAttentionParams& call, bool symmetric_max, int64_t 
     std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
     for (size_t i = 1; i < spans.size(); ++i) gap.push_back(us(spans[i - 1].end, spans[i].start));
   }
-  std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, first "
-              "data %.2f, first scores %.2f\n  pairs:",
+  std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
+              "first data %.2f, first scores %.2f\n  pairs:",
               symmetric_max ? " sym" : "", median(q), median(resolved), median(issued), median(first_data),
               median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
