@@ -22,9 +22,10 @@
 // Entries are fill_random_entries' (finite, no NaN codes); prefill q is a hash of its positions.
 // --quick: the prefill cases without today's path and the comparison with it (the kernel's variants only).
 // --trace: each prefill case's bf16-q call once more as a traced launch (SparseAttentionPrefillOptions::trace, after an
-// L2 flush), plain and with symmetric_max: medians over the CTAs of each phase of a CTA's timeline (start to Q staged,
-// entries resolved, first data, first scores, each pair, the epilogue), of the gap between consecutive CTAs on one SM,
-// and per pair of the late half's release and arrival and consumer 1's wait for the max.
+// L2 flush), plain, with symmetric_max and with bulk output stores: medians over the CTAs of each phase of a CTA's
+// timeline (start to Q staged, entries resolved, first data, first scores, each pair, the epilogue's staging and
+// stores), of the gap between consecutive CTAs on one SM, and per pair of the late half's release and arrival and
+// consumer 1's wait for the max.
 // Usage: bench_cuda_attention_prefill [--json PATH] [--part prefill|decode] [--only CASE] [--trace] [--quick]. --part
 // runs one part; --only runs the one case named (prefill MODEL:FORMAT:CONTEXT, e.g. flash:bf16:8192,
 // pro:fp8-reference:65536; decode MODEL:LAYOUT:BATCH:FORMAT, e.g. flash:csa:256:bf16; for a profiler). Exit status 1
@@ -119,14 +120,14 @@ double median(std::vector<double> values) {
 }
 
 // One traced launch of `call` (L2 flushed first): medians of its CTAs' phases in µs.
-void print_trace(const SparseAttentionParams& call, bool symmetric_max, int64_t ctas, int pairs, void* flush,
-                 size_t flush_bytes) {
+void print_trace(const SparseAttentionParams& call, SparseAttentionPrefillOptions options, const char* label,
+                 int64_t ctas, int pairs, void* flush, size_t flush_bytes) {
     const size_t words = size_t(ctas) * kPrefillTraceWarps * kPrefillTraceSlots;
   DeviceBuffer trace(words * 8, "trace");
   trace.fill_bytes(0);
   DSV4_CUDA_CHECK(cudaMemsetAsync(flush, 0x5A, flush_bytes));
-  run_sparse_attention_prefill(call, {.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = symmetric_max,
-                                      .trace = trace.as<uint64_t>()});
+  options.trace = trace.as<uint64_t>();
+  run_sparse_attention_prefill(call, options);
   synchronize_or_exit("sparse_attention_prefill (traced)");
   std::vector<uint64_t> w(words);
   trace.download(w.data(), words * 8);
@@ -166,7 +167,7 @@ void print_trace(const SparseAttentionParams& call, bool symmetric_max, int64_t 
   }
   std::printf("  trace%s (median µs from the CTA's start): Q staged %.2f, resolved %.2f, first copies issued %.2f, "
               "first data %.2f, first scores %.2f\n  pairs:",
-              symmetric_max ? " sym" : "", median(q), median(resolved), median(issued), median(first_data),
+              label, median(q), median(resolved), median(issued), median(first_data),
               median(first_scores));
   for (const auto& p : pair) std::printf(" %.2f", median(p));
   std::printf("; last pair to epilogue %.2f, epilogue %.2f; CTA %.2f, gap to the SM's next CTA %.2f; span %.1f us\n",
@@ -312,8 +313,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     stores_same = a == b && a == c;
   }
   if (trace)
-    for (const bool symmetric_max : {false, true})
-      print_trace(prefill_bf16_q, symmetric_max, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
+    for (const auto& [options, label] : {std::pair{plain, ""}, {symmetric, " sym"}, {bulk, " bulk"}})
+      print_trace(prefill_bf16_q, options, label, T * ((heads + 63) / 64), (kWindow + kTopK + 127) / 128, flush,
                   flush_bytes);
 
 
