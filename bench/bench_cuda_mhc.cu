@@ -547,6 +547,11 @@ int main(int argc, char** argv) {
           };
           report_bits("pipelined hc_pre y/post/comb", hc_pre_plain, hc_pre_pipelined,
                       {&set(0).y, &set(0).post, &set(0).comb});
+          setenv("DSV4_MHC_PIPELINE_LATE", "1", 1);  // round s22-1 A/B: the collapse one iteration later
+          record("hc_pre (pipelined persistent kernel, late collapse)", hc_pre_pipelined, pre_bytes, 0.0);
+          report_bits("pipelined hc_pre (late collapse) y/post/comb", hc_pre_plain, hc_pre_pipelined,
+                      {&set(0).y, &set(0).post, &set(0).comb});
+          unsetenv("DSV4_MHC_PIPELINE_LATE");
         }
         const bool tile_clusters_sized = !decode_sized && T <= 1024;
         if (tile_clusters_sized) {
@@ -690,6 +695,11 @@ int main(int argc, char** argv) {
                  0.0);
           const auto head_plain = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT); };
           report_bits("pipelined hc_head h", head_plain, head_pipelined, {&set(0).y});
+          setenv("DSV4_MHC_PIPELINE_LATE", "1", 1);
+          record("hc_head (pipelined persistent kernel, late collapse)", head_pipelined,
+                 x_bytes + double(kN * flat) * 4 + td_bytes, 0.0);
+          report_bits("pipelined hc_head (late collapse) h", head_plain, head_pipelined, {&set(0).y});
+          unsetenv("DSV4_MHC_PIPELINE_LATE");
         }
         if (tile_clusters_sized) {
           const auto persistent_norm = [&](int i) { run_head(set(i), HcKernelChoice::PERSISTENT, true); };

@@ -1,6 +1,7 @@
 #include "backends/cuda/kernels/mhc.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "backends/cuda/cuda_check.hpp"
 #include "backends/cuda/device.hpp"
@@ -167,6 +168,13 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   }
   if constexpr (!kPost) {
     if (choice == HcKernelChoice::PERSISTENT_PIPELINED) {
+      // A/B switch for GPU round s22-1 (read per launch): the collapse one iteration later.
+      if (std::getenv("DSV4_MHC_PIPELINE_LATE") != nullptr) {
+        constexpr auto kLate = mhc::ProjectionVariant::kPipelinedLate;
+        if (config.slice_dims == 64)
+          return launch_projection<kHead, false, 64, kLate>(args, multiprocessors, stream, op);
+        return launch_projection<kHead, false, 32, kLate>(args, multiprocessors, stream, op);
+      }
       constexpr auto kPipelined = mhc::ProjectionVariant::kPipelined;
       if (config.slice_dims == 64)
         return launch_projection<kHead, false, 64, kPipelined>(args, multiprocessors, stream, op);

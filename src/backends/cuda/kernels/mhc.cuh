@@ -123,8 +123,9 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // pre row's item also sums its token's Σx² item and publishes pre itself (no CTA forms it again), so each thread
 // collapses its vector from its token's four pre words, between its projection and the projection's barrier (no
 // barrier of its own), and the collapsed stage is refilled past that barrier; warp_sums is released by an mbarrier
-// the next projection's stores wait for.
-enum class ProjectionVariant { kShared, kRoles, kPipelined };
+// the next projection's stores wait for. kPipelinedLate: the same with the collapse one iteration later (tile j + 1
+// asked for past iteration j's barrier, each cross-CTA hop half an iteration more).
+enum class ProjectionVariant { kShared, kRoles, kPipelined, kPipelinedLate };
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
@@ -666,7 +667,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
   constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
-  constexpr bool kPipelined = kVariant == ProjectionVariant::kPipelined;
+  constexpr bool kPipelined =
+      kVariant == ProjectionVariant::kPipelined || kVariant == ProjectionVariant::kPipelinedLate;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -684,7 +686,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // projection barrier) or two (the fused variant). More stages, more slack for each cross-CTA hop. (hc_pre / hc_head
   // with two loading, lags 2 and 3: H200, V4-Flash, session 19, same runs: hc_head 4096 tokens 161.6 / 171.2 µs
   // against 150.6 / 163.9, 1000 tokens 49.2 vs 47.1, 256 16.7 vs 15.6; hc_pre 4096 221.1 / 227.8 vs 218.6 / 225.7.)
-  constexpr int kCollapseLag = kStages - (kPost ? 3 : 2);
+  constexpr int kCollapseLag =
+      kVariant == ProjectionVariant::kPipelinedLate ? kStages - 1 : kStages - (kPost ? 3 : 2);
   constexpr int kSumLag = (kCollapseLag + 1) / 2;  // the slack split between the two hops
   // kRoles: the finisher sums tile i and collapses tile i − kFinisherLag in its iteration i; the projection group runs
   // ahead as far as the loaded stages allow. At a lag of 2 the finishers waited for each other's sums (ncu, H200,
@@ -1060,7 +1063,8 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   } else if constexpr (kPipelined) {
     // Iteration j: project tile j and collapse tile j − kCollapseLag (no barrier between them: the compiler may
     // interleave the two), one barrier, the collapsed stage refilled with tile j + kStages − kCollapseLag (asked 1.5
-    // iterations ahead), tile j published, this CTA's items of tile j − kSumLag summed (pre formed for its pre rows).
+    // iterations ahead; kPipelinedLate: 0.5), tile j published, this CTA's items of tile j − kSumLag summed (pre
+    // formed for its pre rows).
     for (int j = 0; j < count + kCollapseLag; ++j) {
       const int jr = j - kSumLag, jc = j - kCollapseLag;
       const int passes = jr >= 0 && jr < count ? my_passes : 0;
