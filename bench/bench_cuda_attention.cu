@@ -687,7 +687,7 @@ void print_trace(const char* label, const std::vector<uint64_t>& trace, int ctas
   };
   static const char* const kNames[] = {"start", "p.wait", "issued0", "issuedN", "c.wait", "q",     "tile0",
                                        "tile1", "tileN",  "mid",     "m.qk",    "m.exch", "m.soft", "m.pv",
-                                       "loop",  "synced", "end"};
+                                       "loop",  "written", "synced", "factors", "stored", "end"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == kD512TraceSm, "a name per mark");
   std::printf("  %-8s %5s %5s", label, "wave", "ctas");
   for (const char* name : kNames) std::printf(" %7s", name);
@@ -894,8 +894,8 @@ int run(int argc, char** argv) {
     std::printf("--trace: marks in us from the launch's first CTA start, medians per wave (a CTA's rank on its SM): "
                 "start, producer / consumer 0 past the grid wait, first / last tile's copies issued, Q stored, tiles "
                 "0, 1, last arrived, the middle tile arrived / scored / exchanged / softmax done / PV issued, loop's "
-                "last MMAs done, cluster merge's partials published, end; us/tile between tile 0 and the last; N->end "
-                "from the last tile to the end\n");
+                "last MMAs done, cluster merge's partial written / published / factors ready / output stored, end; "
+                "us/tile between tile 0 and the last; N->end from the last tile to the end\n");
   else if (route)
     std::printf("--route: the decode kernels (hs = head split, else the head_dim 512 kernel's splits) against the "
                 "prefill kernel, bf16 q; slots per query; routed = run_sparse_attention's defaults send the call to "

@@ -415,8 +415,11 @@ TEST(SparseAttention, D512TracedLaunchMatchesCpu) {
           EXPECT_LE(m[kD512TraceMidWeighted], m[kD512TraceMidMultiplied]);
         }
         if (cluster_merge) {
-          EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceMergeSynced]);
-          EXPECT_LE(m[kD512TraceMergeSynced], m[kD512TraceEnd]);
+          EXPECT_LE(m[kD512TraceLoopEnd], m[kD512TraceMergeWritten]);
+          EXPECT_LE(m[kD512TraceMergeWritten], m[kD512TraceMergeSynced]);
+          EXPECT_LE(m[kD512TraceMergeSynced], m[kD512TraceMergeFactors]);
+          EXPECT_LE(m[kD512TraceMergeFactors], m[kD512TraceMergeStored]);
+          EXPECT_LE(m[kD512TraceMergeStored], m[kD512TraceEnd]);
         }
       }
     }

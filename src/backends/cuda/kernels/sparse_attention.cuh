@@ -913,7 +913,7 @@ __device__ __forceinline__ void d512_produce_bf16(const SparseAttentionParams& p
 // are bf16 (rows kMergeRowBf16 apart; p.cluster_merge_bf16_partials), fp32 otherwise (rows kMergeRowFloats apart).
 template <class L, int kMaxSplits, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int split,
-                                                   int head_base, int thread256, float merge_sink_log2) {
+                                                   int head_base, int thread256, float merge_sink_log2, bool tracer) {
   static_assert(kMaxSplits == 2 || kMaxSplits == 4 || kMaxSplits == 8 || kMaxSplits == 16, "a power of two ≥ 2");
   static_assert(kMaxSplits <= kSparseAttentionMaxClusterSplits, "the merge tables hold that many splits");
   using ScaleVector = std::conditional_t<kMaxSplits == 2, float2, float4>;
@@ -979,6 +979,7 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
     }
   }
   sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
+  if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
 
   const KvEntryLayout& layout = p.cache.layout;
   constexpr int kPairs = kVectorDims / 2;
@@ -1026,21 +1027,22 @@ __device__ __forceinline__ void d512_cluster_merge(const SparseAttentionParams& 
       }
     }
   }
+  if (tracer) d512_trace_mark(p, kD512TraceMergeStored);
 }
 
 // The merge's instantiation for p.splits (the next power of two) and the partials' type.
 template <class L, bool kBf16Partials>
 __device__ __forceinline__ void d512_cluster_merge_for(const SparseAttentionParams& p, uint8_t* smem, int64_t t,
-                                                       int split, int head_base, int thread256,
-                                                       float merge_sink_log2) {
+                                                       int split, int head_base, int thread256, float merge_sink_log2,
+                                                       bool tracer) {
   if (p.splits <= 2)
-    d512_cluster_merge<L, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 2, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
   else if (p.splits <= 4)
-    d512_cluster_merge<L, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 4, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
   else if (p.splits <= 8)
-    d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 8, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
   else
-    d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+    d512_cluster_merge<L, 16, kBf16Partials>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
 }
 
 // The single-split epilogue of a consumer thread: its fragment rows (heads head[0], head[1])
@@ -1349,12 +1351,13 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
       if (consumer == 0 && c == 0)
         reinterpret_cast<float2*>(smem + L::kExchange + kMergeStatsOffset)[row] = make_float2(row_max[r], row_sum[r]);
     }
+    if (tracer) d512_trace_mark(p, kD512TraceMergeWritten);
     sm90::cluster_sync();
     if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
     if (bf16_partials)
-      d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+      d512_cluster_merge_for<L, true>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
     else
-      d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2);
+      d512_cluster_merge_for<L, false>(p, smem, t, split, head_base, thread256, merge_sink_log2, tracer);
     sm90::cluster_sync_relaxed();  // the peers have read this CTA's partial (their loads returned before their arrive)
     if (tracer) d512_trace_mark(p, kD512TraceEnd);
     return;

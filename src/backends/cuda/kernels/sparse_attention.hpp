@@ -55,7 +55,9 @@ inline constexpr int64_t kSparseAttentionPrefillDecodeSlotsOneBlock = 2048;
 // producer's and consumer 0's grid-dependency waits returned, the producer's first and last tile's copies issued,
 // consumer 0's Q stored, its tiles 0, 1 and last arrived, its middle tile (tiles / 2) arrived, scored (QKᵀ done),
 // exchanged (partial scores summed), weighted (softmax done) and multiplied (PV issued), its loop's last MMAs done,
-// with a cluster merge its partial published (first cluster barrier passed), its end (output stored or merged);
+// with a cluster merge its partial written, its partial published (first cluster barrier passed), the merge factors
+// ready (first peer loads issued, factors barrier passed), the merged output stored (before the last cluster
+// barrier), its end (output stored or merged);
 // kD512TraceSm holds the SM id.
 enum SparseAttentionTraceMark : int {
   kD512TraceStart,
@@ -73,7 +75,10 @@ enum SparseAttentionTraceMark : int {
   kD512TraceMidWeighted,
   kD512TraceMidMultiplied,
   kD512TraceLoopEnd,
+  kD512TraceMergeWritten,
   kD512TraceMergeSynced,
+  kD512TraceMergeFactors,
+  kD512TraceMergeStored,
   kD512TraceEnd,
   kD512TraceSm,
   kSparseAttentionTraceSlots
