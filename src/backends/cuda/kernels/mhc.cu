@@ -163,6 +163,10 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
   if constexpr (kPost) {
     if (warp_specialized_serves(choice, args.hidden, multiprocessors)) {
       args.slices = int(ceil_div(args.hidden, 64));
+      // A/B switch for GPU round s22-1 (read per launch): the finisher collapsing from pre words.
+      if (std::getenv("DSV4_MHC_ROLES_PRE_WORDS") != nullptr)
+        return launch_projection<false, true, 64, mhc::ProjectionVariant::kRolesPreWords>(args, multiprocessors,
+                                                                                          stream, op);
       return launch_projection<false, true, 64, mhc::ProjectionVariant::kRoles>(args, multiprocessors, stream, op);
     }
   }

@@ -124,16 +124,20 @@ inline constexpr int kPartialRows = kProjectionRows<kHead> + 1;  // row 0: Σx²
 // collapses its vector from its token's four pre words, between its projection and the projection's barrier (no
 // barrier of its own), and the collapsed stage is refilled past that barrier; warp_sums is released by an mbarrier
 // the next projection's stores wait for. kPipelinedLate: the same with the collapse one iteration later (tile j + 1
-// asked for past iteration j's barrier, each cross-CTA hop half an iteration more).
-enum class ProjectionVariant { kShared, kRoles, kPipelined, kPipelinedLate };
+// asked for past iteration j's barrier, each cross-CTA hop half an iteration more). kRolesPreWords: kRoles with
+// kPipelined's pre words (the finisher's collapse without the pre barrier).
+enum class ProjectionVariant { kShared, kRoles, kPipelined, kPipelinedLate, kRolesPreWords };
+__host__ __device__ constexpr bool is_roles(ProjectionVariant variant) {
+  return variant == ProjectionVariant::kRoles || variant == ProjectionVariant::kRolesPreWords;
+}
 
 __host__ __device__ constexpr int projection_threads(int slice_dims) { return kStreams * slice_dims; }
 __host__ __device__ constexpr int projection_cta_threads(int slice_dims, ProjectionVariant variant) {
-  return projection_threads(slice_dims) * (variant == ProjectionVariant::kRoles ? 2 : 1);
+  return projection_threads(slice_dims) * (is_roles(variant) ? 2 : 1);
 }
 __host__ __device__ constexpr int projection_ctas_per_sm(int slice_dims, bool post,
                                                         ProjectionVariant variant = ProjectionVariant::kShared) {
-  return variant == ProjectionVariant::kRoles ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
+  return is_roles(variant) ? 1 : post ? (slice_dims >= 64 ? 1 : 2) : 128 / slice_dims;
 }
 // The persistent kernel's staged tile: [slice_dims / 32 column blocks][64 rows][32 floats], row = 4·token + stream (the
 // TMA's boxes, 128-byte swizzled: see the notes), and where (token, stream, column) sits in it.
@@ -666,9 +670,11 @@ template <bool kHead, bool kPost, int kSliceDims, ProjectionVariant kVariant = P
 __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
                                   projection_ctas_per_sm(kSliceDims, kPost, kVariant))
     hc_projection_kernel(const __grid_constant__ ProjectionArgs args) {
-  constexpr bool kRoles = kVariant == ProjectionVariant::kRoles;
+  constexpr bool kRoles = is_roles(kVariant);
   constexpr bool kPipelined =
       kVariant == ProjectionVariant::kPipelined || kVariant == ProjectionVariant::kPipelinedLate;
+  // The sums' pre rows carry pre itself, and the collapse reads its token's pre words.
+  constexpr bool kPreWords = kPipelined || kVariant == ProjectionVariant::kRolesPreWords;
   constexpr int kThreads = projection_threads(kSliceDims);  // kRoles: per warp group
   constexpr int kWarps = kThreads / 32;
   constexpr int kCtaThreads = projection_cta_threads(kSliceDims, kVariant);
@@ -830,7 +836,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
   // kPipelined: an item of the pre rows 1..kStreams is summed together with its token's Σx² item (item t: the same
   // lanes and order, so the same bits as that item's own word), and its word carries pre itself.
   const auto is_pre_item = [&](int item) {
-    return kPipelined && item >= kTileTokens && item < (1 + kStreams) * kTileTokens;
+    return kPreWords && item >= kTileTokens && item < (1 + kStreams) * kTileTokens;
   };
   struct ItemWords {
     unsigned long long slices[kMaxSliceWords], token_squares[kMaxSliceWords];  // the latter: kPipelined pre items
@@ -880,7 +886,7 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       }
     }
     sum = butterfly_sum(sum, lanes);
-    if constexpr (kPipelined)
+    if constexpr (kPreWords)
       if (__any_sync(kFullMask, pre_item)) token_squares = butterfly_sum(token_squares, lanes);
     if (active && part == 0) {
       // The collapse's pre as the other variants form it from the Σx² and mix words.
@@ -1034,13 +1040,15 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
       // an iteration ahead (the projection group runs ahead, so they are normally there; a stale one is re-read).
       struct Words {
         ItemWords items;
-        unsigned long long squares, mix;
+        unsigned long long squares, mix, pre[kStreams];  // pre: kRolesPreWords
       };
       const auto read_words = [&](int i, Words& w) {
         const int jc = i - kFinisherLag;
         w = Words{};
         if (i < count && my_passes > 0) load_slice_words(i, 0, w.items);
-        if (is_pre_reader(jc)) {
+        if constexpr (kPreWords) {
+          load_pre_words(jc, w.pre);
+        } else if (is_pre_reader(jc)) {
           w.squares = load_relaxed_u64(sums_of(jc) + pre_squares_word);
           w.mix = load_relaxed_u64(sums_of(jc) + pre_mix_word);
         }
@@ -1055,8 +1063,14 @@ __global__ void __launch_bounds__(projection_cta_threads(kSliceDims, kVariant),
         for (int pass = 0; pass < passes; ++pass) sum_slices(i, pass, now.items, pass == 0);
         if (jc >= 0) {
           sm90::mbarrier_wait(&updated_stage[jc % kStages], uint32_t(jc / kStages) & 1u);
-          collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
-                              [] { sm90::named_barrier_sync<kThreads>(2); }, true);
+          if constexpr (kPreWords) {
+            collapse_with_pre_words(jc, now.pre);
+            sm90::named_barrier_sync<kThreads>(2);  // the stage is free: refill it
+            if (jc + kStages < count) load_tile(jc + kStages);
+          } else {
+            collapse_and_refill(jc, is_pre_reader(jc), now.squares, now.mix,
+                                [] { sm90::named_barrier_sync<kThreads>(2); }, true);
+          }
         }
       }
     }
