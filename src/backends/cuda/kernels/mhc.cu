@@ -171,6 +171,9 @@ void run_projection(mhc::ProjectionArgs args, void* workspace, cudaStream_t stre
     }
   }
   if constexpr (!kPost) {
+    // A/B switch for GPU round s22-1's end-to-end lines (read per launch): AUTO's persistent launches pipelined.
+    if (choice == HcKernelChoice::AUTO && std::getenv("DSV4_MHC_AUTO_PIPELINED") != nullptr)
+      choice = HcKernelChoice::PERSISTENT_PIPELINED;
     if (choice == HcKernelChoice::PERSISTENT_PIPELINED) {
       // A/B switch for GPU round s22-1 (read per launch): the collapse one iteration later.
       if (std::getenv("DSV4_MHC_PIPELINE_LATE") != nullptr) {
