@@ -10,8 +10,8 @@
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
 // (+pf). Round s22-1's A/B columns on the bf16-q call: cs and bulk (SparseAttentionPrefillOptions::output_stores
 // Streaming and Bulk, bits checked against the plain call), sym (symmetric_max, its difference from the plain call)
-// and noKV (every slot unused: the producer zero-fills its buffers without reading an entry, the kernel's time without
-// KV traffic); decode rows add +pf sym.
+// cf (copies_first), and noKV (every slot unused: the producer zero-fills its buffers without reading an entry, the
+// kernel's time without KV traffic); decode rows add +pf sym and +pf cf.
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -210,6 +210,8 @@ struct Case {
   double bf16_q_no_entries_us;      // the same call with every slot unused: no entry reads (the kernel's own floor)
   double bf16_q_symmetric_us;       // the same with SparseAttentionPrefillOptions::symmetric_max
   double symmetric_difference;      // its output against the plain one's (relative_difference)
+  double bf16_q_copies_first_us;    // the same with SparseAttentionPrefillOptions::copies_first
+  bool copies_first_same;           // its output bit for bit the plain one's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -270,7 +272,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
-  bool stores_same = false;
+  bool stores_same = false, copies_first_same = false;
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DeviceBuffer streaming_out(outputs * 2, "prefill kernel out, streaming stores");
@@ -302,6 +304,12 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const SparseAttentionPrefillOptions symmetric{.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true};
   const double symmetric_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(symmetric_call, symmetric); });
+  DeviceBuffer copies_first_out(outputs * 2, "prefill kernel out, copies first");
+  SparseAttentionParams copies_first_call = prefill_bf16_q;
+  copies_first_call.out = copies_first_out.data();
+  const SparseAttentionPrefillOptions copies_first{.prefetch_resolved = PrefetchResolved::Off, .copies_first = true};
+  const double copies_first_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(copies_first_call, copies_first); });
   const double no_entries_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -311,6 +319,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     streaming_out.download(b.data(), outputs * 2);
     bulk_out.download(c.data(), outputs * 2);
     stores_same = a == b && a == c;
+    copies_first_out.download(b.data(), outputs * 2);
+    copies_first_same = a == b;
   }
   if (trace)
     for (const auto& [options, label] : {std::pair{plain, ""}, {symmetric, " sym"}, {bulk, " bulk"}})
@@ -322,6 +332,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.bf16_q_streaming_us = streaming_ms * 1e3;
   r.bf16_q_bulk_us = bulk_ms * 1e3;
   r.stores_same = stores_same;
+  r.bf16_q_copies_first_us = copies_first_ms * 1e3;
+  r.copies_first_same = copies_first_same;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.bf16_q_symmetric_us = symmetric_ms * 1e3;
   r.symmetric_difference = relative_difference(bf16_output(bf16_q_out, outputs), bf16_output(symmetric_out, outputs),
@@ -350,9 +362,10 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
 
 // The prefill kernel's variants timed on decode cases: without and with
 // SparseAttentionPrefillOptions::prefetch_resolved.
-constexpr int kDecodeVariants = 3;
+constexpr int kDecodeVariants = 4;
 constexpr bool decode_variant_prefetch(int variant) { return variant >= 1; }
-constexpr bool decode_variant_symmetric(int variant) { return variant == 2; }  // round s22-1's A/B
+constexpr bool decode_variant_symmetric(int variant) { return variant == 2; }     // round s22-1's A/B
+constexpr bool decode_variant_copies_first(int variant) { return variant == 3; }  // round s22-1's A/B
 
 struct DecodeCase {
   std::string model, layout, format;
@@ -397,13 +410,15 @@ DecodeCase run_decode_case(const char* model, int heads, DecodeLayout kind, KvEn
     prefill.workspace_bytes = 0;
     const SparseAttentionPrefillOptions options{
         .prefetch_resolved = decode_variant_prefetch(v) ? PrefetchResolved::On : PrefetchResolved::Off,
-        .symmetric_max = decode_variant_symmetric(v)};
+        .symmetric_max = decode_variant_symmetric(v),
+        .copies_first = decode_variant_copies_first(v)};
     new_out.fill_bytes(0xFF);
     run_sparse_attention_prefill(prefill, options);
     synchronize_or_exit("sparse_attention_prefill (decode)");
     new_out.download(got.data(), outputs * 4);
     const std::string name = std::string(model) + " " + to_string(kind) + (decode_variant_prefetch(v) ? " +pf" : "") +
-                             (decode_variant_symmetric(v) ? " sym" : "");
+                             (decode_variant_symmetric(v) ? " sym" : "") +
+                             (decode_variant_copies_first(v) ? " cf" : "");
     r.relative_difference = std::max(r.relative_difference, relative_difference(expected, got, heads, name));
     r.us[v] = 1e3 * median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill, options); });
     if (r.us[v] < r.us[r.best]) r.best = v;
@@ -467,10 +482,10 @@ int run(int argc, char** argv) {
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
     std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
-                "%8s | %8s %9s\n",
+                "%8s | %8s %9s | %8s %5s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bulk us",
-                "bits", "noKV us", "sym us", "sym diff");
+                "bits", "noKV us", "sym us", "sym diff", "cf us", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -480,26 +495,27 @@ int run(int argc, char** argv) {
           continue;
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
-        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.stores_same &&
+        const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.stores_same && r.copies_first_same &&
                             r.symmetric_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e%s\n",
+                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e | %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
                     r.bf16_q_bulk_us, r.stores_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
-                    r.symmetric_difference, agrees ? "" : " FAIL");
+                    r.symmetric_difference, r.bf16_q_copies_first_us, r.copies_first_same ? "same" : "DIFF",
+                    agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }
   std::vector<DecodeCase> decode_cases;
   if (decode_part) {
     std::printf("decode: one query per sequence, bf16 q, fp32 out; today = run_sparse_attention (decode kernels)\n");
-    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s | %4s %7s %8s | %9s\n", "model", "kind",
-                "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf sym", "best",
-                "%floor", "speedup", "rel diff");
+    std::printf("%-6s %-4s %5s %-13s %5s | %6s %9s %7s | %8s %8s %8s %8s | %4s %7s %8s | %9s\n", "model",
+                "kind", "batch", "format", "slots", "splits", "today us", "%floor", "new us", "+pf us", "+pf sym",
+                "+pf cf", "best", "%floor", "speedup", "rel diff");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const DecodeLayout kind : {DecodeLayout::Swa, DecodeLayout::Csa, DecodeLayout::Hca})
@@ -514,10 +530,14 @@ int run(int argc, char** argv) {
           const bool agrees = r.relative_difference <= std::ldexp(1.0, -6);
           ok = ok && agrees;
           const double best_us = r.us[r.best];
-          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f | %4s %7.1f %8.2f | %9.2e%s\n",
+          std::printf("%-6s %-4s %5d %-13s %5d | %6d %9.1f %7.1f | %8.1f %8.1f %8.1f %8.1f | %4s %7.1f %8.2f | "
+                      "%9.2e%s\n",
                       r.model.c_str(), r.layout.c_str(), r.batch, r.format.c_str(), r.slots, r.today_splits,
-                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2],
-                      decode_variant_symmetric(r.best) ? "sym" : decode_variant_prefetch(r.best) ? "+pf" : "-",
+                      r.today_us, r.today_percent_of_floor, r.us[0], r.us[1], r.us[2], r.us[3],
+                      decode_variant_symmetric(r.best)      ? "sym"
+                      : decode_variant_copies_first(r.best) ? "cf"
+                      : decode_variant_prefetch(r.best)     ? "+pf"
+                                                            : "-",
                       100.0 * r.floor_us / best_us,
                       r.today_us / best_us, r.relative_difference, agrees ? "" : " FAIL");
           decode_cases.push_back(r);

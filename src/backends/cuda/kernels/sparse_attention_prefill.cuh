@@ -154,8 +154,8 @@ __device__ __forceinline__ void store_shared(uint32_t address, uint4 value) {
 // entries row0 + 16k, k < 4, of each block: a group of eight threads covers an entry's 128-byte tile row.
 template <bool kFp8, bool kTrace>
 __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int pairs,
-                                        bool prefetch_resolved, const Barriers& barriers, int64_t ahead_t,
-                                        int ahead_head_base, uint64_t* trace) {
+                                        bool prefetch_resolved, bool copies_first, const Barriers& barriers,
+                                        int64_t ahead_t, int ahead_head_base, uint64_t* trace) {
   const int thread = int(threadIdx.x) - 2 * kWarpgroup;
   const int chunk = thread % 8, row0 = thread / 8;
   const int64_t slots = query_slot_count(p, t);
@@ -281,12 +281,13 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
   if (pairs > 0) {
     load_rows(0);
     resolve_pages(0);
-    if (pairs > 1) load_rows(1);
+    if (pairs > 1 && !copies_first) load_rows(1);
     trace_point<kTrace>(trace, prefill_trace::kResolved);
   }
   // The item about one wave later (ahead_t ≥ 0): its q rows and index lines into L2 while this CTA runs, so that its
   // start waits for L2 instead of DRAM (64 heads of fp32 q are 128 KB, loaded before its first scores).
-  if (ahead_t >= 0) {
+  const auto prefetch_ahead = [&] {
+    if (ahead_t < 0) return;
     const int64_t element_bytes = p.q_dtype == AttentionDtype::F32 ? 4 : 2;
     const int64_t bytes = int64_t(min(kHeads, p.heads - ahead_head_base)) * kHeadDim * element_bytes;
     const uint8_t* q =
@@ -296,16 +297,28 @@ __device__ __forceinline__ void produce(const SparseAttentionParams& p, uint8_t*
     const int64_t ahead_slots = query_slot_count(p, ahead_t);
     for (int64_t s = int64_t(thread) * 32; s < ahead_slots; s += int64_t(kWarpgroup) * 32)
       ptx::prefetch_l2(&slot_row_ref(p, ahead_t, s));
+  };
+  // copies_first: the first half's copies before the next pair's index loads and the look-ahead.
+  const bool first_half_early = copies_first && pairs > 0;
+  if (first_half_early) {
+    publish_valid(0);
+    load_half(0, 0);
+    publish_half(0, 0);
+    trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
+    if (pairs > 1) load_rows(1);
   }
+  prefetch_ahead();
   for (int i = 0; i < pairs; ++i) {
     // A buffer half is refilled once its readers of the previous pair released it; a buffer's valid flags once its
     // block's consumer has masked its scores (it releases half 0 of buffer 0, half 1 of buffer 1 after that).
     const uint32_t parity = (i & 1) ^ 1;
-    sm90::mbarrier_wait(barriers.empty(0, 0), parity);
-    publish_valid(0);
-    load_half(0, 0);
-    publish_half(0, 0);
-    if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
+    if (i > 0 || !first_half_early) {
+      sm90::mbarrier_wait(barriers.empty(0, 0), parity);
+      publish_valid(0);
+      load_half(0, 0);
+      publish_half(0, 0);
+      if (i == 0) trace_point<kTrace>(trace, prefill_trace::kFirstIssued);
+    }
     sm90::mbarrier_wait(barriers.empty(1, 1), parity);
     publish_valid(1);
     load_half(1, 1);
@@ -794,7 +807,8 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
 template <bool kFp8, bool kTrace, PrefillOutputStores kStores, bool kSymmetricMax>
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
-                                    const int resident_ctas, const bool prefetch_resolved, uint64_t* trace) {
+                                    const int resident_ctas, const bool prefetch_resolved, const bool copies_first,
+                                    uint64_t* trace) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -816,7 +830,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The CTA that starts about when this one ends: one per SM is resident (resident_ctas), launched in order.
     const int64_t ahead = int64_t(blockIdx.x) + resident_ctas;
     const bool ahead_exists = ahead < p.tokens * head_blocks;
-    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, barriers,
+    produce<kFp8, kTrace>(p, smem, t, query_pairs(p, t), prefetch_resolved, copies_first, barriers,
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();

@@ -69,6 +69,10 @@ struct SparseAttentionPrefillOptions {
   // against the pair's max, instead of consumer 1 waiting for consumer 0's softmax and consumer 0 re-weighting its
   // block where consumer 1's raised the max (its weights then rounded to bf16 once, not twice).
   bool symmetric_max = false;
+  // A/B (round s22-1): the producer issues the first half's copies right after resolving the first pair, before the
+  // second pair's index loads and the look-ahead L2 prefetches for the CTA one wave later (trace: 1.0 µs from the
+  // first pair resolved to its first copies issued).
+  bool copies_first = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
