@@ -16,7 +16,8 @@
 // (MoeRunParams::column_stages; T <= 2 only): "no-columns" (or "columns"), and the down CTAs' wait other than the
 // default (MoeRunParams::down_waits_per_item; T <= 8): "down-waits-grid" (or "down-waits-item"), and the down
 // CTAs' work item read with the count before the wait (MoeRunParams::down_item_early other than the default):
-// "down-item-early" (or "down-item-after-wait").
+// "down-item-early" (or "down-item-after-wait"), and the acq_rel counter adds (MoeRunParams::acq_rel_tickets other
+// than the default): "acq-rel-tickets" (or "sc-fence-tickets").
 // Reported per T and path: time per call, the bytes of the experts actually touched (routed, counted from the
 // routing of each input, plus the shared expert) / time, that rate as a share of the same-run device copy bandwidth
 // (cudaMemcpy D2D of 1 GiB, read + write), TFLOP/s of the expert GEMMs and their share of the same-run cuBLAS bf16
@@ -183,6 +184,7 @@ enum class Path {
   OTHER_COLUMNS,
   PER_ITEM,
   DOWN_ITEM_EARLY,
+  ACQ_REL_TICKETS,
   REGISTER
 };
 struct PathSpec {
@@ -194,9 +196,10 @@ struct PathSpec {
   bool other_columns = false;
   bool other_per_item = false;
   bool other_item_early = false;
+  bool other_tickets = false;
   bool option() const {
     return tile_decode || fused_router || no_down_head_start || other_columns || other_per_item || other_item_early ||
-           split != MoeRunParams{}.shared_expert_split;
+           other_tickets || split != MoeRunParams{}.shared_expert_split;
   }
 };
 constexpr PathSpec kPaths[] = {
@@ -213,6 +216,8 @@ constexpr PathSpec kPaths[] = {
      MoeRunParams{}.shared_expert_split, false, false, true},
     {Path::DOWN_ITEM_EARLY, MoeRunParams{}.down_item_early ? "down-item-after-wait" : "down-item-early", false, false,
      MoeRunParams{}.shared_expert_split, false, false, false, true},
+    {Path::ACQ_REL_TICKETS, MoeRunParams{}.acq_rel_tickets ? "sc-fence-tickets" : "acq-rel-tickets", false, false,
+     MoeRunParams{}.shared_expert_split, false, false, false, false, true},
     {Path::REGISTER, "register"},
 };
 static_assert([] {
@@ -233,6 +238,7 @@ MoeRunParams path_params(Path path) {
   if (spec.other_columns) p.column_stages = !p.column_stages;
   if (spec.other_per_item) p.down_waits_per_item = !p.down_waits_per_item;
   if (spec.other_item_early) p.down_item_early = !p.down_item_early;
+  if (spec.other_tickets) p.acq_rel_tickets = !p.acq_rel_tickets;
   p.fused_small_batches = path != Path::REGISTER;
   return p;
 }
@@ -634,6 +640,7 @@ int main(int argc, char** argv) {
                            "[--paths streamed,tile-decode,fused-router,fused-router+tile-decode,"
                            "unsplit-shared,split-shared-to-8,no-down-head-start,no-columns|columns,"
                            "down-waits-grid|down-waits-item,down-item-early|down-item-after-wait,"
+                           "acq-rel-tickets|sc-fence-tickets,"
                            "register]\n");
       return 2;
     }

@@ -104,6 +104,10 @@ struct MoeRunParams {
   // before the wait and reset the item counters at their end. The same bits. Round s22-1 A/B (bench_cuda_moe path
   // "down-item-early"; DSV4_MOE_DOWN_ITEM_EARLY=on turns it on in every call, the model's included).
   bool down_item_early = false;
+  // MoeExpertGemmParams::acq_rel_tickets (streamed kernels): release / acq_rel counter adds instead of sequentially
+  // consistent fences, the combine's slot reads before its ticket. The same bits. Round s22-2 A/B (bench_cuda_moe
+  // path "acq-rel-tickets"; DSV4_MOE_ACQ_REL_TICKETS=on turns it on in every call, the model's included).
+  bool acq_rel_tickets = false;
   // (Session 21: the expert weight copies with an L2 evict-first policy and the gate/up CTAs' L2 prefetch of the
   // experts' tables were faster alone (T = 1 44.7 vs 48.3 µs) but slower in a model step (8 layers b1 761.8 / 767.1 /
   // 759.0 t/s against 767.8 / 767.9 / 768.4): removed in session 22, the copies without a cache hint.)

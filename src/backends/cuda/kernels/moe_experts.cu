@@ -133,6 +133,7 @@ ExpertGemmArgs expert_gemm_args(const MoeExpertGemmParams& p, ExpertGemm gemm) {
       .item_counters = moe_down_waits_per_item_apply(p) ? p.item_counters : nullptr,
       .trace = p.trace,
       .down_item_early = !gate_up && p.down_item_early,
+      .acq_rel_tickets = p.acq_rel_tickets && p.streamed,
   };
 }
 
@@ -233,6 +234,9 @@ void check_moe_expert_gemm_params(const MoeExpertGemmParams& p) {
         "traced launches are the streamed one-tile kernels with the lean decode (T <= 8)");
   const MoeFusedCombine& f = p.combine;
   if (f.out != nullptr) {
+    check(!p.acq_rel_tickets || f.tokens * f.top_k <= moe::kExpertThreads, "moe expert GEMM: the fused combine ",
+          "with acq_rel_tickets reads one slot per thread: ", f.tokens, " tokens × top ", f.top_k, " exceed ",
+          moe::kExpertThreads);
     const int bands = (p.hidden + kMoeDownBandRows - 1) / kMoeDownBandRows;
     check(f.tokens >= 1 && f.tokens <= kMoeFusedCombineMaxTokens && f.top_k >= 1, "moe expert GEMM: the fused ",
           "combine takes 1 to ", kMoeFusedCombineMaxTokens, " tokens and top_k >= 1 (got ", f.tokens, ", ", f.top_k,

@@ -102,6 +102,7 @@ struct ExpertGemmArgs {
   uint32_t* item_counters;
   uint64_t* trace;  // traced launches (MoeExpertGemmParams::trace), or null
   bool down_item_early;  // down with item_counters: MoeExpertGemmParams::down_item_early
+  bool acq_rel_tickets;  // streamed kernels: MoeExpertGemmParams::acq_rel_tickets
 };
 
 static_assert(kMoeTraceWarpsPerCta == kExpertWarps, "the trace's warps per CTA");
@@ -352,11 +353,17 @@ static __device__ __noinline__ void wait_for_item_rows_slowly(const uint32_t* re
 // loads until the count reaches the item's gate/up CTAs, then adds one to the item's seen count, whose last arrival
 // sets both back to zero (every down CTA of the item is past its wait by then; the next call's CTAs start after this
 // call's grids end). The waiting down CTAs read h through L2.
-__device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index) {
+// release (MoeExpertGemmParams::acq_rel_tickets): one release reduction instead of the sequentially consistent
+// fence and a relaxed add.
+__device__ __forceinline__ void publish_item_rows(uint32_t* item_counters, int item_index, bool release = false) {
   __syncthreads();  // every h row of this CTA is stored
   if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(item_counters + item_index, 1u);
+    if (release) {
+      add_release(item_counters + item_index, 1u);
+    } else {
+      __threadfence();
+      atomicAdd(item_counters + item_index, 1u);
+    }
   }
 }
 // defer_reset (MoeExpertGemmParams::down_item_early): the seen count's ticket is returned (thread 0) for
@@ -394,17 +401,40 @@ __device__ __forceinline__ void reset_item_counters_if_last(uint32_t* item_count
 
 // The fused combine (moe_experts.hpp MoeFusedCombine), called by every CTA of the down kernel that had a work item,
 // once its rows are written: the band's last CTA to arrive (its ticket counts the work items) sums the band.
-// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA).
-__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0) {
+// extra_ctas: CTAs per band beyond one per work item (the split shared expert's second CTA). With
+// a.acq_rel_tickets (streamed kernels): thread 0's acq_rel ticket after the barrier instead of every thread's
+// sequentially consistent fences, and the slots' rows and weights read before the ticket, then handed over through
+// `scratch` (shared memory no warp reads once the CTA is past its barrier): the same sums in the same order.
+__device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, int band, int extra_ctas = 0,
+                                                     uint8_t* scratch = nullptr) {
   const MoeFusedCombine& c = a.combine;
-  __threadfence();  // this CTA's down rows, before its ticket
-  __syncthreads();
   __shared__ bool is_last;
-  if (threadIdx.x == 0)
-    is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  const int slots = c.tokens * c.top_k;  // <= kExpertThreads with acq_rel_tickets (check_moe_expert_gemm_params)
+  int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
+  float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
+  if (a.acq_rel_tickets) {
+    int32_t row = 0;
+    float weight = 0.0f;
+    if (int(threadIdx.x) < slots) {
+      row = __ldcg(c.slot_rows + threadIdx.x);
+      weight = __ldcg(c.expert_weights + threadIdx.x);
+    }
+    __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
+    if (threadIdx.x == 0)
+      is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
+    __syncthreads();
+    if (!is_last) return;
+    if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
+    __syncthreads();
+  } else {
+    __threadfence();  // this CTA's down rows, before its ticket
+    __syncthreads();
+    if (threadIdx.x == 0)
+      is_last = atomicAdd(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+  }
   const int64_t n0 = int64_t(band) * kMoeDownBandRows;
   const int band_rows = int(min(int64_t(kMoeDownBandRows), a.n_total - n0));
   const int64_t shared_rows = int64_t(c.tokens) * c.top_k;
@@ -413,8 +443,10 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
     const int64_t n = n0 + i % band_rows;
     float acc = __ldcg(a.down + (shared_rows + t) * a.n_total + n);  // written by other CTAs of this grid
     for (int j = 0; j < c.top_k; ++j) {
-      const int64_t row = __ldcg(c.slot_rows + t * c.top_k + j);
-      acc = fmaf(__ldcg(c.expert_weights + t * c.top_k + j), __ldcg(a.down + row * a.n_total + n), acc);
+      const int s = t * c.top_k + j;
+      const int64_t row = a.acq_rel_tickets ? slot_rows[s] : __ldcg(c.slot_rows + s);
+      const float weight = a.acq_rel_tickets ? slot_weights[s] : __ldcg(c.expert_weights + s);
+      acc = fmaf(weight, __ldcg(a.down + row * a.n_total + n), acc);
     }
     c.out[int64_t(t) * a.n_total + n] = acc;
   }
@@ -992,11 +1024,12 @@ __global__ void __launch_bounds__(kExpertThreads, 2) moe_expert_streamed_kernel(
     });
   }
   if (G == ExpertGemm::GATE_UP && !kMultiTile && a.item_counters != nullptr)
-    publish_item_rows(a.item_counters, item_index);
+    publish_item_rows(a.item_counters, item_index, a.acq_rel_tickets);
   if (item_early)
     reset_item_counters_if_last(a.item_counters, item_index, seen_ticket,
                                 gemm_bands<G>(a) * (shared_item ? kSharedParts : 1));
-  if (G == ExpertGemm::DOWN && a.combine.out != nullptr) combine_band_if_last(a, band, kSharedParts - 1);
+  if (G == ExpertGemm::DOWN && a.combine.out != nullptr)
+    combine_band_if_last(a, band, kSharedParts - 1, tile::stream::align_slots(smem));
   trace_point<kTrace>(a, MOE_TRACE_END);
 }
 

@@ -117,6 +117,11 @@ struct MoeExpertGemmParams {
   // start and its first copies and one between its wait and x. The same bits. Round s22-1 A/B
   // (MoeRunParams::down_item_early).
   bool down_item_early = false;
+  // Streamed kernels: the gate/up CTAs publish their item's rows (down_waits_per_item) by one release reduction
+  // instead of a sequentially consistent fence and an add, and the fused combine's ticket is thread 0's acq_rel add
+  // after the CTA barrier instead of every thread's sequentially consistent fences, with the slots' rows and weights
+  // read before the ticket. The same bits. Round s22-2 A/B (MoeRunParams::acq_rel_tickets).
+  bool acq_rel_tickets = false;
   // Traced launch (benchmarks; the one-tile streamed kernels with the lean decode, T <= 8): lane 0 of every warp stores
   // %globaltimer (ns) at the MoeTraceSlot points into trace[warp · kMoeTraceSlots + slot], warp = (blockIdx.y ·
   // gridDim.x + blockIdx.x) · 8 + warp in the CTA (null: not traced; the untraced kernels carry nothing of it).

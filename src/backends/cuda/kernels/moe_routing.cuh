@@ -28,6 +28,7 @@
 #include "backends/cuda/ptx/cp_async.cuh"
 #include "backends/cuda/ptx/dependent_launch.cuh"
 #include "backends/cuda/ptx/mbarrier.cuh"
+#include "backends/cuda/ptx/memory_order.cuh"
 
 namespace dsv4::cuda::moe {
 
@@ -456,14 +457,6 @@ struct DecodeRouteScratch {
   int32_t row_starts_item[kDecodeMaxSlots];
   int32_t warp_items[kDecodeRouterWarps];
 };
-
-// PTX ISA "atom.acq_rel.gpu": an arrival counter's add that both publishes this thread's earlier writes (and those
-// ordered before it by a CTA barrier) and acquires those of the threads that added before.
-__device__ __forceinline__ uint32_t fetch_add_acq_rel(uint32_t* counter, uint32_t value) {
-  uint32_t old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(value) : "memory");
-  return old;
-}
 
 // Maps a non-NaN float to an unsigned key of the same order; -0 and +0 (equal floats) get one key.
 __device__ __forceinline__ uint32_t ordered_key(float v) {

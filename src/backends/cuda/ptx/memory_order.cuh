@@ -1,5 +1,5 @@
 // Ordered global-memory accesses for CTAs that wait on counters other CTAs of the same grid publish (the top-k's
-// arrival barrier).
+// arrival barrier, the MoE router's and expert kernels' counters).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +12,20 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* address) {
   uint32_t value;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
   return value;
+}
+
+// PTX ISA "atom.acq_rel.gpu": an arrival counter's add that both publishes this thread's earlier writes (and those
+// ordered before it by a CTA barrier) and acquires those of the threads that added before.
+__device__ __forceinline__ uint32_t fetch_add_acq_rel(uint32_t* counter, uint32_t value) {
+  uint32_t old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(value) : "memory");
+  return old;
+}
+
+// PTX ISA "red.release.gpu": a count's add that publishes this thread's earlier writes (and those ordered before it
+// by a CTA barrier) to the threads that acquire the count; no value comes back.
+__device__ __forceinline__ void add_release(uint32_t* counter, uint32_t value) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counter), "r"(value) : "memory");
 }
 
 }  // namespace dsv4::cuda
