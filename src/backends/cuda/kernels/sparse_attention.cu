@@ -92,9 +92,9 @@ bool use_d512_kernel(const SparseAttentionParams& p) {
 
 // Lets a head_dim 512 kernel take its shared memory and launch clusters above the portable 8 CTAs (sizes the device
 // cannot hold still get 0 from the occupancy query).
-template <bool kFp8, bool kTrace, bool kScoresAhead = false>
+template <bool kFp8, bool kTrace, bool kScoresAhead = false, bool kPairMergeL2 = false>
 void set_d512_attributes() {
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead, kPairMergeL2>;
   DSV4_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D512Layout<kFp8>::kAllocationBytes));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -146,6 +146,10 @@ ClusterLimits d512_device_limits() {
     set_d512_attributes<false, true>();
     set_d512_attributes<false, false, true>();
     set_d512_attributes<false, true, true>();
+    set_d512_attributes<false, false, false, true>();
+    set_d512_attributes<false, true, false, true>();
+    set_d512_attributes<false, false, true, true>();
+    set_d512_attributes<false, true, true, true>();
     set_d512_attributes<true, false>();
     constexpr int kBytes = D512Layout<false>::kAllocationBytes;  // the larger of the two entry formats'
     static_assert(kBytes >= D512Layout<true>::kAllocationBytes, "the bf16 layout is the larger");
@@ -170,11 +174,27 @@ bool d512_scores_ahead(const SparseAttentionParams& p) {
   return p.d512_scores_ahead || (by_environment && p.cache.layout.format == KvEntryFormat::Bf16);
 }
 
-template <bool kFp8, bool kTrace = false, bool kScoresAhead = false>
+// Whether a call's two cluster-merged splits hand their partials over through L2 (SparseAttentionParams::
+// d512_pair_merge_l2, or DSV4_ATTENTION_PAIR_MERGE_L2=1 in the environment for every call on bf16 entries).
+bool d512_pair_merge_l2(const SparseAttentionParams& p) {
+  static const bool by_environment = [] {
+    const char* value = std::getenv("DSV4_ATTENTION_PAIR_MERGE_L2");
+    return value != nullptr && value[0] == '1';
+  }();
+  return (p.d512_pair_merge_l2 || (by_environment && p.cache.layout.format == KvEntryFormat::Bf16)) &&
+         merges_in_cluster(p) && p.splits == 2;
+}
+
+// The L2 pair merge's workspace: a region per CTA (kPairRegionVectors float4).
+size_t pair_merge_workspace_bytes(const SparseAttentionParams& p) {
+  return size_t(p.tokens) * size_t((p.heads + kD512Heads - 1) / kD512Heads) * 2 * kPairRegionVectors * 16;
+}
+
+template <bool kFp8, bool kTrace = false, bool kScoresAhead = false, bool kPairMergeL2 = false>
 void launch_d512(const SparseAttentionParams& p) {
   constexpr int kBytes = D512Layout<kFp8>::kAllocationBytes;
   static_assert(kBytes <= kSharedMemoryPerSm, "the head_dim 512 kernel's shared memory fits one SM");
-  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead>;
+  const auto kernel = sparse_attention_d512_kernel<kFp8, kTrace, kScoresAhead, kPairMergeL2>;
   d512_device_limits();  // the kernel's attributes on this device
   const int head_blocks = (p.heads + kD512Heads - 1) / kD512Heads;
   const bool cluster = merges_in_cluster(p);
@@ -333,6 +353,13 @@ void check_sparse_attention_params(const SparseAttentionParams& p) {
         "entries");
   check(!p.d512_scores_ahead || p.cache.layout.format == KvEntryFormat::Bf16,
         "sparse_attention: d512_scores_ahead needs bf16 entries (fp8 entries' two KV stages cannot hold a tile ahead)");
+  check(!p.d512_pair_merge_l2 || p.cache.layout.format == KvEntryFormat::Bf16,
+        "sparse_attention: d512_pair_merge_l2 needs bf16 entries");
+  check(!d512_pair_merge_l2(p) || head_split_splits(p) > 0 || uses_prefill_kernel(p) ||
+            (p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0 &&
+             p.workspace_bytes >= pair_merge_workspace_bytes(p)),
+        "sparse_attention: d512_pair_merge_l2 needs a 16-byte aligned workspace of ", pair_merge_workspace_bytes(p),
+        " bytes (has ", p.workspace_bytes, ")");
   check(p.head_split_tiles >= 0 && p.head_split_tiles <= kSparseAttentionHeadSplitMaxTiles,
         "sparse_attention: head_split_tiles ", p.head_split_tiles, " outside [0, ", kSparseAttentionHeadSplitMaxTiles,
         "]");
@@ -355,13 +382,15 @@ void run_sparse_attention(const SparseAttentionParams& p) {
     return run_sparse_attention_prefill(call);
   }
   if (use_d512_kernel(p)) {
-    const bool ahead = d512_scores_ahead(p);
+    const bool ahead = d512_scores_ahead(p), pair = d512_pair_merge_l2(p);
     if (p.cache.layout.format == KvEntryFormat::Fp8Reference)
       launch_d512<true>(p);
     else if (p.d512_trace != nullptr)
-      ahead ? launch_d512<false, true, true>(p) : launch_d512<false, true>(p);
+      ahead ? (pair ? launch_d512<false, true, true, true>(p) : launch_d512<false, true, true>(p))
+            : (pair ? launch_d512<false, true, false, true>(p) : launch_d512<false, true>(p));
     else
-      ahead ? launch_d512<false, false, true>(p) : launch_d512<false>(p);
+      ahead ? (pair ? launch_d512<false, false, true, true>(p) : launch_d512<false, false, true>(p))
+            : (pair ? launch_d512<false, false, false, true>(p) : launch_d512<false>(p));
     if (!merges_in_cluster(p)) launch_combine(p);
     return;
   }
