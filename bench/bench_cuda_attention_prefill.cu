@@ -9,9 +9,9 @@
 // |output| (FAIL above 2^-6: both round q and P to bf16, in other orders); and the prefill kernel once more with q in
 // bf16 (bf16q: the same MMA input, half the q bytes), also with SparseAttentionPrefillOptions::prefetch_resolved
 // (+pf). Round s22-1's A/B columns on the bf16-q call: cs and bulk (SparseAttentionPrefillOptions::output_stores
-// Streaming and Bulk, bits checked against the plain call), sym (symmetric_max, its difference from the plain call)
-// cf (copies_first), and noKV (every slot unused: the producer zero-fills its buffers without reading an entry, the
-// kernel's time without KV traffic); decode rows add +pf sym and +pf cf.
+// Streaming and Bulk), cf (copies_first) and eor (early_own_release), bits checked against the plain call; sym
+// (symmetric_max, its difference from the plain call); noKV (every slot unused: the producer zero-fills its buffers
+// without reading an entry, the kernel's time without KV traffic); decode rows add +pf sym and +pf cf.
 // Decode: batch 64 and 256 (one query per sequence, each sequence its own pages) in the SWA (128 window slots, 4K
 // context), CSA (128 + 512 random compressed rows of 64K / 4) and HCA (128 + all 512 compressed rows of 64K / 128)
 // layouts, both models, both entry formats, q in bf16 and fp32 out (the engine's decode call): the kernel without and
@@ -212,6 +212,8 @@ struct Case {
   double symmetric_difference;      // its output against the plain one's (relative_difference)
   double bf16_q_copies_first_us;    // the same with SparseAttentionPrefillOptions::copies_first
   bool copies_first_same;           // its output bit for bit the plain one's
+  double bf16_q_early_release_us;   // the same with SparseAttentionPrefillOptions::early_own_release
+  bool early_release_same;          // its output bit for bit the plain one's
 };
 
 Case run_case(const char* model, int heads, KvEntryFormat format, int64_t context, double cublas_tflops,
@@ -272,7 +274,7 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   prefill_bf16_q.out = bf16_q_out.data();
   const double bf16_q_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, plain); });
-  bool stores_same = false, copies_first_same = false;
+  bool stores_same = false, copies_first_same = false, early_release_same = false;
   const double bf16_q_prefetch_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(prefill_bf16_q, prefetch); });
   DeviceBuffer streaming_out(outputs * 2, "prefill kernel out, streaming stores");
@@ -310,6 +312,13 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   const SparseAttentionPrefillOptions copies_first{.prefetch_resolved = PrefetchResolved::Off, .copies_first = true};
   const double copies_first_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(copies_first_call, copies_first); });
+  DeviceBuffer early_release_out(outputs * 2, "prefill kernel out, early own release");
+  SparseAttentionParams early_release_call = prefill_bf16_q;
+  early_release_call.out = early_release_out.data();
+  const SparseAttentionPrefillOptions early_release{.prefetch_resolved = PrefetchResolved::Off,
+                                                    .early_own_release = true};
+  const double early_release_ms =
+      median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(early_release_call, early_release); });
   const double no_entries_ms =
       median_ms(10, flush, flush_bytes, [&] { run_sparse_attention_prefill(no_entries, plain); });
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
@@ -321,6 +330,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
     stores_same = a == b && a == c;
     copies_first_out.download(b.data(), outputs * 2);
     copies_first_same = a == b;
+    early_release_out.download(b.data(), outputs * 2);
+    early_release_same = a == b;
   }
   if (trace)
     for (const auto& [options, label] : {std::pair{plain, ""}, {symmetric, " sym"}, {bulk, " bulk"}})
@@ -334,6 +345,8 @@ Case run_case(const char* model, int heads, KvEntryFormat format, int64_t contex
   r.stores_same = stores_same;
   r.bf16_q_copies_first_us = copies_first_ms * 1e3;
   r.copies_first_same = copies_first_same;
+  r.bf16_q_early_release_us = early_release_ms * 1e3;
+  r.early_release_same = early_release_same;
   r.bf16_q_no_entries_us = no_entries_ms * 1e3;
   r.bf16_q_symmetric_us = symmetric_ms * 1e3;
   r.symmetric_difference = relative_difference(bf16_output(bf16_q_out, outputs), bf16_output(symmetric_out, outputs),
@@ -482,10 +495,10 @@ int run(int argc, char** argv) {
                 "run_sparse_attention\n",
                 static_cast<long long>(kTokens), kWindow, kTopK);
     std::printf("%-6s %-13s %4s %7s | %6s %9s %8s | %9s %8s %8s %6s | %8s %9s | %9s %8s %8s %8s | %8s %8s %5s "
-                "%8s | %8s %9s | %8s %5s\n",
+                "%8s | %8s %9s | %8s %5s | %8s %5s\n",
                 "model", "format", "H", "context", "splits", "today us", "TFLOP/s", "new us", "TFLOP/s", "%cublas",
                 "%peak", "speedup", "rel diff", "bf16q us", "TFLOP/s", "%cublas", "+pf us", "cs us", "bulk us",
-                "bits", "noKV us", "sym us", "sym diff", "cf us", "bits");
+                "bits", "noKV us", "sym us", "sym diff", "cf us", "bits", "eor us", "bits");
   }
   for (const auto& [model, heads] : {std::pair<const char*, int>{"flash", 64}, {"pro", 128}})
     for (const KvEntryFormat format : {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16})
@@ -496,17 +509,18 @@ int run(int argc, char** argv) {
         const Case r = run_case(model, heads, format, context, cublas_tflops, peak_tflops, device.multiprocessors,
                                 flush.data(), flush_bytes, trace, quick, rng);
         const bool agrees = r.relative_difference <= std::ldexp(1.0, -6) && r.stores_same && r.copies_first_same &&
+                            r.early_release_same &&
                             r.symmetric_difference <= std::ldexp(1.0, -6);
         ok = ok && agrees;
         std::printf("%-6s %-13s %4d %7lld | %6d %9.1f %8.1f | %9.1f %8.1f %8.1f %6.1f | %8.2f %9.2e | %9.1f %8.1f "
-                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e | %8.1f %5s%s\n",
+                    "%7.1f%% %8.1f | %8.1f %8.1f %5s %8.1f | %8.1f %9.2e | %8.1f %5s | %8.1f %5s%s\n",
                     r.model.c_str(), r.format.c_str(), r.heads, static_cast<long long>(r.context), r.old_splits,
                     r.old_us, r.old_tflops, r.new_us, r.new_tflops, r.percent_of_cublas, r.percent_of_peak,
                     r.old_us / r.new_us, r.relative_difference, r.bf16_q_us, r.bf16_q_tflops,
                     100.0 * r.bf16_q_tflops / cublas_tflops, r.bf16_q_prefetch_us, r.bf16_q_streaming_us,
                     r.bf16_q_bulk_us, r.stores_same ? "same" : "DIFF", r.bf16_q_no_entries_us, r.bf16_q_symmetric_us,
                     r.symmetric_difference, r.bf16_q_copies_first_us, r.copies_first_same ? "same" : "DIFF",
-                    agrees ? "" : " FAIL");
+                    r.bf16_q_early_release_us, r.early_release_same ? "same" : "DIFF", agrees ? "" : " FAIL");
         std::fflush(stdout);
         cases.push_back(r);
       }

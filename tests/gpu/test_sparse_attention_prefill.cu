@@ -88,13 +88,14 @@ void compare_with_cpu(const AttentionCase& c, SparseAttentionParams call, const 
   EXPECT_EQ(checked.failures, 0) << checked.failures << " mismatches of " << out_elements;
   for (size_t b = out_elements * element_bytes; b < raw.size(); ++b)
     ASSERT_EQ(raw[b], 0xFF) << "write past the end of out at byte " << b;
-  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s%s: worst error/tolerance %.3f\n", c.name,
+  std::printf("  %-28s %-13s T=%lld H=%d D=%d out+%zu%s%s%s%s%s: worst error/tolerance %.3f\n", c.name,
               to_string(c.format), static_cast<long long>(T), H, D, offset_bytes,
               options.prefetch_resolved == PrefetchResolved::On ? " +pf" : "",
               options.output_stores == PrefillOutputStores::Streaming ? " cs"
               : options.output_stores == PrefillOutputStores::Bulk    ? " bulk"
                                                                       : "",
-              options.symmetric_max ? " sym" : "", options.copies_first ? " cf" : "", checked.worst);
+              options.symmetric_max ? " sym" : "", options.copies_first ? " cf" : "",
+              options.early_own_release ? " eor" : "", checked.worst);
 }
 
 constexpr KvEntryFormat kFormats[] = {KvEntryFormat::Fp8Reference, KvEntryFormat::Bf16};
@@ -197,8 +198,9 @@ TEST(SparseAttentionPrefill, TracedLaunchMatchesCpu) {
 }
 
 // Round s22-1's A/B variants: bf16 rows stored with the streaming policy or by bulk copies (out on a 16-byte boundary;
-// 8 bytes past one: the threads' stores); the symmetric max exchange and the first copies before the look-ahead
-// (chunks, per-query counts, padded heads with a query without entries, decode with the L2 prefetch).
+// 8 bytes past one: the threads' stores); the symmetric max exchange, the first copies before the look-ahead and
+// consumer 1's early release (chunks, per-query counts, padded heads with a query without entries, decode with the L2
+// prefetch).
 TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
   if (!has_device()) GTEST_SKIP() << "no CUDA device";
   uint32_t seed = 600;
@@ -230,6 +232,12 @@ TEST(SparseAttentionPrefill, RoundVariantsMatchCpu) {
     check_attention({"flash swa decode", format, 512, 64, 64, 128, 128, 0, {40, 150, 1000}, 1, AttentionDtype::Bf16,
                      AttentionDtype::Bf16, true},
                     seed++, {.prefetch_resolved = PrefetchResolved::On, .copies_first = true});
+    const SparseAttentionPrefillOptions early_release{.prefetch_resolved = PrefetchResolved::Off,
+                                                      .early_own_release = true};
+    check_attention(chunk, seed++, early_release);
+    check_attention(padded, seed++, early_release);
+    check_attention(hca, seed++, {.prefetch_resolved = PrefetchResolved::Off, .symmetric_max = true,
+                                  .early_own_release = true});
   }
 }
 

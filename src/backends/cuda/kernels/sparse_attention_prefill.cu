@@ -26,7 +26,8 @@ void launch(const SparseAttentionParams& p, int head_blocks, const SparseAttenti
                         (options.prefetch_resolved == PrefetchResolved::Auto &&
                          ctas <= int64_t(kSparseAttentionPrefillPrefetchWaves) * sms);
   launch_chained(kernel, dim3(unsigned(ctas)), dim3(unsigned(kThreads)), kAllocationBytes, p.stream, dim3(1, 1, 1),
-                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.copies_first, options.trace);
+                 "sparse_attention_prefill", p, head_blocks, int(sms), prefetch, options.copies_first,
+                 options.early_own_release, options.trace);
 }
 
 // The kernel of the call's entry format and the options: choice i of {fp8 entries, traced, output stores, symmetric

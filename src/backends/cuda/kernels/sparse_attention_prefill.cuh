@@ -515,7 +515,7 @@ __device__ __forceinline__ int staged_offset(int row, int row_bytes, int byte) {
 
 template <bool kFp8, bool kTrace, PrefillOutputStores kStores, bool kSymmetricMax>
 __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t* smem, int64_t t, int head_base,
-                                        const Barriers& barriers, uint64_t* trace) {
+                                        bool early_own_release, const Barriers& barriers, uint64_t* trace) {
   // Read through a shuffle so the compiler knows it is warp-uniform (the descriptors stay in uniform registers).
   const int consumer = __shfl_sync(0xFFFFFFFFu, int(threadIdx.x) / kWarpgroup, 0);
   const int thread256 = int(threadIdx.x);
@@ -688,14 +688,22 @@ __device__ __forceinline__ void consume(const SparseAttentionParams& p, uint8_t*
       pv_registers(o, pf, smem, 1, 1);
       store_weights(own_p, pf, warp, g, c);
       sm90::fence_proxy_async_shared();
+      if (early_own_release) {
+        sm90::wgmma_wait_group<0>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+      }
       sm90::named_barrier_sync<2 * kWarpgroup>(kBarrierP0);
       wait_full<kFp8>(barriers.full(0, 1), parity);
       pv_shared(o, other_p, smem, 0, 1);
       sm90::named_barrier_arrive<2 * kWarpgroup>(kBarrierP1);
-      sm90::wgmma_wait_group<1>();
-      sm90::fence_operand(o);
-      fence_fragments(pf);
-      sm90::mbarrier_arrive(barriers.empty(1, 1));
+      if (!early_own_release) {
+        sm90::wgmma_wait_group<1>();
+        sm90::fence_operand(o);
+        fence_fragments(pf);
+        sm90::mbarrier_arrive(barriers.empty(1, 1));
+      }
       sm90::wgmma_wait_group<0>();
       sm90::fence_operand(o);
       sm90::mbarrier_arrive(barriers.empty(0, 1));
@@ -808,7 +816,7 @@ template <bool kFp8, bool kTrace, PrefillOutputStores kStores, bool kSymmetricMa
 __global__ void __launch_bounds__(kThreads, 1)
     sparse_attention_prefill_kernel(const __grid_constant__ SparseAttentionParams p, const int head_blocks,
                                     const int resident_ctas, const bool prefetch_resolved, const bool copies_first,
-                                    uint64_t* trace) {
+                                    const bool early_own_release, uint64_t* trace) {
   allow_dependents();
   extern __shared__ uint8_t smem_unaligned[];
   // The swizzled tiles and the descriptors' zero base offset need a 1024-byte aligned base.
@@ -834,7 +842,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                           ahead_exists ? ahead / head_blocks : -1, int(ahead % head_blocks) * kHeads, trace);
   } else {
     sm90::setmaxnreg_increase<kConsumerRegisters>();
-    consume<kFp8, kTrace, kStores, kSymmetricMax>(p, smem, t, head_block * kHeads, barriers, trace);
+    consume<kFp8, kTrace, kStores, kSymmetricMax>(p, smem, t, head_block * kHeads, early_own_release, barriers,
+                                                  trace);
   }
 }
 

@@ -73,6 +73,9 @@ struct SparseAttentionPrefillOptions {
   // second pair's index loads and the look-ahead L2 prefetches for the CTA one wave later (trace: 1.0 µs from the
   // first pair resolved to its first copies issued).
   bool copies_first = false;
+  // A/B (round s22-1): consumer 1 releases its own block's half (buffer 1, dims 256-511) once its PV of it is done,
+  // before the P exchange (as consumer 0 does), instead of after issuing its second PV.
+  bool early_own_release = false;
   // Traced launch: tokens × head blocks × kPrefillTraceWarps × kPrefillTraceSlots words (nullptr: untraced kernel).
   uint64_t* trace = nullptr;
 };
