@@ -413,6 +413,8 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
   int32_t* slot_rows = reinterpret_cast<int32_t*>(scratch);
   float* slot_weights = reinterpret_cast<float*>(scratch) + slots;
   if (a.acq_rel_tickets) {
+    // Read before the ticket: the acquire orders every later load after its round trip.
+    const uint32_t ctas = uint32_t(__ldcg(a.work_item_count) + extra_ctas);
     int32_t row = 0;
     float weight = 0.0f;
     if (int(threadIdx.x) < slots) {
@@ -420,8 +422,7 @@ __device__ __forceinline__ void combine_band_if_last(const ExpertGemmArgs& a, in
       weight = __ldcg(c.expert_weights + threadIdx.x);
     }
     __syncthreads();  // every down row of this CTA is stored, every warp is past its stages
-    if (threadIdx.x == 0)
-      is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == uint32_t(__ldcg(a.work_item_count) + extra_ctas) - 1;
+    if (threadIdx.x == 0) is_last = fetch_add_acq_rel(c.band_tickets + band, 1u) == ctas - 1;
     __syncthreads();
     if (!is_last) return;
     if (int(threadIdx.x) < slots) slot_rows[threadIdx.x] = row, slot_weights[threadIdx.x] = weight;
