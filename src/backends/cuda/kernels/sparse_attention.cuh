@@ -1425,6 +1425,10 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     // global writes) and merges it with its own registers as the distributed shared-memory merge does (the factors of
     // merge_factors, summed in split order: same bits), then stores like the single-split epilogue. No partial
     // crosses shared memory and no CTA waits for its peer's reads.
+    static_assert(33 * kPairFragments * 16 <= L::kKvStages * kKvStageBytes, "the peer's fragments fit the KV stages");
+    // Both consumers are past their last MMA before the KV stages are overwritten (the rope table's barriers
+    // order that otherwise).
+    if (!rope) sm90::named_barrier_sync<2 * kWarpgroupThreads>(kExchangeBarrier);
     const bool own_rows = warp / 2 == split;
     const int fragment = consumer * 64 + (warp % 2) * 32 + lane;
     float4* region = static_cast<float4*>(p.workspace) +
@@ -1442,7 +1446,16 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     d512_cluster_arrive_release();
     sm90::cluster_wait_acquire();
     if (tracer) d512_trace_mark(p, kD512TraceMergeSynced);
-    const float4 peer_stats = region[32 * kPairFragments];
+    // The peer's fragment into the KV stages (free after the loop) by cp.async.cg: all 33 loads in flight at once
+    // without registers (the accumulators hold 128), read at L2 (no L1 line of an earlier launch can answer); a
+    // thread reads back only what it copied.
+    const float4* staged = reinterpret_cast<const float4*>(smem + L::kKv) + fragment;
+#pragma unroll
+    for (int n = 0; n <= 32; ++n)
+      ptx::cp_async_or_zero<16>(shared_address(staged + n * kPairFragments), region + n * kPairFragments, true);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    const float4 peer_stats = staged[32 * kPairFragments];
     float factor[2][2];  // [row][split]
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -1453,7 +1466,7 @@ __device__ __forceinline__ void d512_consume(const SparseAttentionParams& p, uin
     }
     if (tracer) d512_trace_mark(p, kD512TraceMergeFactors);
     store_output([&](int n, float (&v)[4]) {
-      const float4 q = region[n * kPairFragments];
+      const float4 q = staged[n * kPairFragments];
       const float peer[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
